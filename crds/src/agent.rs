@@ -1,0 +1,350 @@
+//! The Agent kind: which model drives the run, which tools it may call (each typed by risk and
+//! kind), which ContextPack, Policies and SandboxProfile govern it, and its run budget.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{
+    Approvers, KeyRef, LocalRef, RunBudget, SafetyMode, ToolKind, ToolRisk, free_form_object,
+};
+
+/// Desired state of an Agent.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "contextos.dev",
+    version = "v1alpha1",
+    kind = "Agent",
+    doc = "An AI agent: a model, a set of typed tools, and the context, policies and sandbox that govern every run. Runs are started by creating a Session that references the Agent.",
+    namespaced,
+    cel,
+    status = "AgentStatus",
+    shortname = "agent",
+    category = "contextos",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.model"),
+    printcolumn(name = "Tools", type_ = "integer", json_path = ".status.toolCount"),
+    printcolumn(name = "Safety", type_ = "string", json_path = ".spec.safetyMode"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// The model that plans and writes answers.
+    pub model: ModelSpec,
+    /// The ContextPack whose promoted revision supplies instructions and sources.
+    pub context_pack_ref: LocalRef,
+    /// Policies checked for every tool call, in order; the first rule that matches decides.
+    #[x_kube(validation = Rule::new("self.map(p, p.name).all(n, self.exists_one(p, p.name == n))").message("policyRefs lists the same Policy twice; remove the duplicate"))]
+    #[schemars(length(min = 1, max = 16))]
+    pub policy_refs: Vec<LocalRef>,
+    /// The SandboxProfile every runner pod of this Agent runs under.
+    pub sandbox_profile_ref: LocalRef,
+    /// The tools this agent may request. Names are unique; each declares its risk and kind.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    #[schemars(length(max = 64))]
+    pub tools: Vec<Tool>,
+    /// Hard limits for every run of this agent (a Session may only lower them).
+    pub budget: RunBudget,
+    /// Autonomy of runs: `read_only` allows only read-only tools, `supervised` (default) asks
+    /// for approval above `local_write`, `autonomous` leaves it to the policies.
+    #[serde(default)]
+    pub safety_mode: SafetyMode,
+    /// How the critic reviews each step.
+    #[serde(default)]
+    pub critic: CriticSpec,
+    /// Checks the final output must pass before a run may succeed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    #[schemars(length(max = 16))]
+    pub validators: Vec<OutputValidator>,
+    /// Who may approve this agent's tool calls when a policy requires approval and the rule
+    /// names no approvers of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<Approvers>,
+}
+
+/// Which model API the runner speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelProvider {
+    /// Any OpenAI-compatible chat-completions endpoint with tool calling (OpenAI, vLLM,
+    /// Ollama, llama.cpp server, …).
+    OpenaiCompatible,
+    /// Responses read in order from a script (a ConfigMap key); for demos and tests.
+    Scripted,
+}
+
+/// The model behind an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.provider != 'openai_compatible' || has(self.endpoint)").message("model.endpoint is required when model.provider is openai_compatible (for example https://api.openai.com/v1)").reason(Reason::FieldValueRequired),
+    validation = Rule::new("self.provider != 'scripted' || has(self.scriptRef)").message("model.scriptRef is required when model.provider is scripted (a ConfigMap key holding the scripted responses)").reason(Reason::FieldValueRequired)
+)]
+pub struct ModelSpec {
+    /// Which API to speak: `openai_compatible` or `scripted`.
+    pub provider: ModelProvider,
+    /// Base URL of the chat-completions API, e.g. `https://api.openai.com/v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub endpoint: Option<String>,
+    /// Model name as the endpoint knows it, e.g. `gpt-4o-mini` or `llama3.1:8b`.
+    #[schemars(length(min = 1, max = 253))]
+    pub model: String,
+    /// Secret key holding the API key, sent as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<KeyRef>,
+    /// ConfigMap key holding scripted responses (provider `scripted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script_ref: Option<KeyRef>,
+    /// Upper bound on tokens the model may produce per turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_output_tokens: Option<u32>,
+}
+
+/// A capability the agent may request. Every call goes through the Tool Gateway, which checks
+/// the declared risk and kind against the policies before anything happens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.retry) || self.retry.maxAttempts <= 1 || self.idempotent || self.risk == 'read_only'").message("retry.maxAttempts > 1 is only allowed for idempotent or read_only tools: set idempotent: true or retry.maxAttempts: 1"))]
+pub struct Tool {
+    /// Unique name the model uses to call the tool (lowercase letters, digits, `_` and `-`).
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z][a-z0-9_-]*$"))]
+    pub name: String,
+    /// What the tool does, shown to the model.
+    #[serde(default)]
+    #[schemars(length(max = 2048))]
+    pub description: String,
+    /// How much harm a call can do: read_only, local_write, network, delegated or destructive.
+    pub risk: ToolRisk,
+    /// What the tool is for: observe, recall, think_support, act or verify.
+    pub kind: ToolKind,
+    /// How the gateway reaches the tool. Exactly one adapter is set.
+    pub adapter: ToolAdapter,
+    /// JSON Schema the call's arguments must satisfy; checked by the gateway before sending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub input_schema: Option<serde_json::Value>,
+    /// Seconds one attempt may take.
+    #[serde(default = "default_timeout_seconds")]
+    #[schemars(range(min = 1, max = 600))]
+    pub timeout_seconds: u32,
+    /// Retries after failed attempts (only for idempotent or read_only tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+    /// Whether repeating a call with the same arguments has no further effect. The gateway
+    /// always sends an idempotency key; this flag allows retries.
+    #[serde(default)]
+    pub idempotent: bool,
+}
+
+fn default_timeout_seconds() -> u32 {
+    30
+}
+
+/// Retry behaviour for one tool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Attempts in total, including the first.
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles each time, with jitter.
+    #[serde(default = "default_backoff_millis")]
+    #[schemars(range(min = 10, max = 60_000))]
+    pub initial_backoff_millis: u32,
+}
+
+fn default_backoff_millis() -> u32 {
+    200
+}
+
+/// How the gateway reaches a tool. Set exactly one field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.http) ? 1 : 0) + (has(self.mcp) ? 1 : 0) + (has(self.webhook) ? 1 : 0) + (has(self.a2a) ? 1 : 0) == 1").message("set exactly one of adapter.http, adapter.mcp, adapter.webhook or adapter.a2a"))]
+pub struct ToolAdapter {
+    /// A plain HTTP/OpenAPI endpoint; arguments are sent as the JSON body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpAdapter>,
+    /// A tool served by an MCP server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpAdapter>,
+    /// A webhook receiving the call signed with HMAC-SHA256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookAdapter>,
+    /// Another agent reached over the A2A protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a2a: Option<A2aAdapter>,
+}
+
+/// HTTP method of an HTTP tool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    Get,
+    #[default]
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+/// An HTTP/OpenAPI tool endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpAdapter {
+    /// Full URL of the operation.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub url: String,
+    /// HTTP method; arguments go in the query string for GET and DELETE, in the body otherwise.
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// Largest response body accepted; longer responses are cut and the cut is recorded.
+    #[serde(default = "default_max_response_bytes")]
+    #[schemars(range(min = 1, max = 16_777_216))]
+    pub max_response_bytes: u32,
+    /// Secret key whose value is sent as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<KeyRef>,
+}
+
+fn default_max_response_bytes() -> u32 {
+    1_048_576
+}
+
+/// A tool on an MCP server, reached over streamable HTTP (`url`) or stdio (`command`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.command)").message("set exactly one of adapter.mcp.url (streamable HTTP) or adapter.mcp.command (stdio)"))]
+pub struct McpAdapter {
+    /// Streamable-HTTP endpoint of the MCP server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub url: Option<String>,
+    /// Command (and arguments) that starts the MCP server on stdio inside the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 1024)))]
+    pub command: Option<Vec<String>>,
+    /// Tool name on the MCP server, when it differs from the ContextOS tool name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub tool: Option<String>,
+}
+
+/// A webhook: the call is POSTed as JSON with an HMAC-SHA256 signature header.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookAdapter {
+    /// URL receiving the signed POST.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub url: String,
+    /// Secret key holding the HMAC signing key.
+    pub secret_ref: KeyRef,
+}
+
+/// Another agent reached over A2A.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct A2aAdapter {
+    /// Base URL of the remote agent.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub url: String,
+    /// Skill to invoke on the remote agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub skill: Option<String>,
+}
+
+/// A Functional State signal: a deterministic per-step pressure measure read by the critic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FunctionalSignal {
+    /// The run is close to a budget limit.
+    Budget,
+    /// The agent repeats the same call or plan.
+    Loop,
+    /// The answer lacks supporting tool results.
+    Evidence,
+    /// A call was denied or is waiting for approval.
+    Gate,
+    /// Tool results contradict each other or the plan.
+    Conflict,
+}
+
+/// How the critic reviews each step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CriticSpec {
+    /// Times the critic may send a step back for revision before it halts the run.
+    #[serde(default = "default_max_revisions")]
+    #[schemars(range(min = 0, max = 10))]
+    pub max_revisions: u32,
+    /// Signals that make the critic escalate to a human instead of continuing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 5))]
+    pub escalate_on: Vec<FunctionalSignal>,
+}
+
+impl Default for CriticSpec {
+    fn default() -> Self {
+        Self {
+            max_revisions: default_max_revisions(),
+            escalate_on: Vec::new(),
+        }
+    }
+}
+
+fn default_max_revisions() -> u32 {
+    2
+}
+
+/// A check the final output must pass. Set exactly one of `jsonSchema` or `cel`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.jsonSchema) != has(self.cel)").message("set exactly one of validators[].jsonSchema or validators[].cel"))]
+pub struct OutputValidator {
+    /// Unique name, shown when the check fails.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z][a-z0-9_-]*$"))]
+    pub name: String,
+    /// JSON Schema the output (parsed as JSON) must satisfy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub json_schema: Option<serde_json::Value>,
+    /// CEL expression over `output` (string) and `json` (parsed output, if JSON) that must be true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub cel: Option<String>,
+    /// Message recorded when the check fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub message: Option<String>,
+}
+
+/// Observed state of an Agent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// `Ready` is True when every reference resolves and every policy compiles.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The generation the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Number of tools declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_count: Option<u32>,
+    /// Digest of the promoted ContextPack revision new Sessions will pin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_pack_digest: Option<String>,
+    /// Digests of the promoted Policy revisions new Sessions will pin, in `policyRefs` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_digests: Vec<String>,
+}

@@ -1,0 +1,331 @@
+//! Value types shared by several kinds: references, the tool taxonomy, budgets, safety modes,
+//! approvers and the promotion spec of ContextPacks and Policies.
+
+use kube::KubeSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+/// A reference to another ContextOS object by name. References never cross namespaces: the
+/// object must live in the same namespace (tenant) as the referrer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalRef {
+    /// Name of the object in the same namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+}
+
+/// A key in a Secret or ConfigMap in the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRef {
+    /// Name of the Secret or ConfigMap in the same namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Key within its data.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// How much harm a tool can do. Every tool declares one; policies and safety modes match on it.
+/// Ordered from least to most dangerous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolRisk {
+    /// Reads data; changes nothing anywhere.
+    ReadOnly,
+    /// Writes only inside the run's own sandbox (scratch files, local state).
+    LocalWrite,
+    /// Talks to other systems over the network in ways that may change them.
+    Network,
+    /// Acts on behalf of the delegating user with their credentials.
+    Delegated,
+    /// Deletes or irreversibly changes something outside the sandbox.
+    Destructive,
+}
+
+impl ToolRisk {
+    /// All risks, least dangerous first.
+    pub const ALL: [ToolRisk; 5] = [
+        Self::ReadOnly,
+        Self::LocalWrite,
+        Self::Network,
+        Self::Delegated,
+        Self::Destructive,
+    ];
+
+    /// The wire name (`read_only`, …) used in YAML, CEL and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadOnly => "read_only",
+            Self::LocalWrite => "local_write",
+            Self::Network => "network",
+            Self::Delegated => "delegated",
+            Self::Destructive => "destructive",
+        }
+    }
+}
+
+/// What a tool is for in the decision loop. Every tool declares one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolKind {
+    /// Looks at the world (search, get, list).
+    Observe,
+    /// Reads the agent's own memory.
+    Recall,
+    /// Helps reasoning without touching the world (calculators, formatters).
+    ThinkSupport,
+    /// Changes the world.
+    Act,
+    /// Checks that an action had the intended effect.
+    Verify,
+}
+
+impl ToolKind {
+    /// The wire name (`observe`, …) used in YAML, CEL and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Observe => "observe",
+            Self::Recall => "recall",
+            Self::ThinkSupport => "think_support",
+            Self::Act => "act",
+            Self::Verify => "verify",
+        }
+    }
+}
+
+/// How much autonomy a run has. Ordered from most to least restrictive; a Session may only move
+/// towards `read_only`.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum SafetyMode {
+    /// Only `read_only` tools may run; every other call is denied.
+    ReadOnly,
+    /// Calls above `local_write` need an approval even where a policy would allow them.
+    #[default]
+    Supervised,
+    /// Policies alone decide.
+    Autonomous,
+}
+
+impl SafetyMode {
+    /// The wire name (`read_only`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadOnly => "read_only",
+            Self::Supervised => "supervised",
+            Self::Autonomous => "autonomous",
+        }
+    }
+}
+
+/// Hard limits on one run. The loop stops (and the Session fails with reason `BudgetExhausted`)
+/// when any of them is reached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunBudget {
+    /// Maximum plan/execute/critic iterations.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_steps: u32,
+    /// Maximum model tokens (prompt + completion) over the whole run.
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub max_tokens: u64,
+    /// Maximum tool calls (allowed or not) over the whole run.
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_tool_calls: u32,
+    /// Maximum wall-clock seconds, including time spent waiting for approvals.
+    #[schemars(range(min = 1, max = 604_800))]
+    pub max_wall_seconds: u32,
+}
+
+/// A partial budget used by Sessions to tighten their Agent's budget. Each field, when set, must
+/// not exceed the Agent's value (the operator rejects a loosening override with `Ready=False`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetOverride {
+    /// Lower `maxSteps` for this Session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_steps: Option<u32>,
+    /// Lower `maxTokens` for this Session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub max_tokens: Option<u64>,
+    /// Lower `maxToolCalls` for this Session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_tool_calls: Option<u32>,
+    /// Lower `maxWallSeconds` for this Session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604_800))]
+    pub max_wall_seconds: Option<u32>,
+}
+
+/// People allowed to approve something, by Kubernetes user name or group (as the API server
+/// authenticates them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Approvers {
+    /// User names, e.g. `alice@example.com` or `system:serviceaccount:ops:release-bot`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 253)))]
+    pub users: Vec<String>,
+    /// Group names, e.g. `sre-oncall`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 253)))]
+    pub groups: Vec<String>,
+}
+
+impl Approvers {
+    /// True when nobody is listed.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.groups.is_empty()
+    }
+}
+
+/// How a candidate revision of a ContextPack or Policy is promoted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PromotionMode {
+    /// Promote as soon as the replay gate passes.
+    #[default]
+    Automatic,
+    /// After the replay gate passes, wait for one of `approvers` (condition `AwaitingPromotion`).
+    Manual,
+}
+
+/// Which recorded sessions a replay gate re-runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplaySelector {
+    /// Only sessions of these Agents (by name). Empty means every Agent using this object.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
+    pub agents: Vec<String>,
+    /// Only sessions whose labels contain all of these.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub match_labels: std::collections::BTreeMap<String, String>,
+}
+
+/// The replay gate: how many recorded sessions to re-run and how much divergence is tolerated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplaySpec {
+    /// How many recorded sessions to re-run (the most recent first).
+    #[serde(default = "default_sample_size")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub sample_size: u32,
+    /// Only sessions recorded within this many hours.
+    #[serde(default = "default_window_hours")]
+    #[schemars(range(min = 1, max = 8760))]
+    pub window_hours: u32,
+    /// Which sessions qualify.
+    #[serde(default)]
+    pub selector: ReplaySelector,
+    /// The gate fails when more than this percentage of replayed decisions diverge.
+    /// 0 means any divergence fails the gate.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_divergence_percent: u32,
+}
+
+impl Default for ReplaySpec {
+    fn default() -> Self {
+        Self {
+            sample_size: default_sample_size(),
+            window_hours: default_window_hours(),
+            selector: ReplaySelector::default(),
+            max_divergence_percent: 0,
+        }
+    }
+}
+
+fn default_sample_size() -> u32 {
+    20
+}
+
+fn default_window_hours() -> u32 {
+    168
+}
+
+/// Promotion of new revisions of a ContextPack or Policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    cel,
+    validation = Rule::new("self.mode != 'manual' || (has(self.approvers) && ((has(self.approvers.users) && size(self.approvers.users) > 0) || (has(self.approvers.groups) && size(self.approvers.groups) > 0)))")
+        .message("promotion.mode 'manual' needs at least one entry in promotion.approvers.users or promotion.approvers.groups")
+        .reason(Reason::FieldValueRequired)
+)]
+pub struct PromotionSpec {
+    /// `automatic` promotes when replay passes; `manual` also waits for an approver.
+    #[serde(default)]
+    pub mode: PromotionMode,
+    /// The replay gate every candidate revision must pass.
+    #[serde(default)]
+    pub replay: ReplaySpec,
+    /// Who may approve a promotion when `mode` is `manual`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<Approvers>,
+}
+
+/// A free-form JSON object (kept verbatim by the API server).
+pub fn free_form_object(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// Optional variant of [`free_form_object`].
+pub fn optional_free_form_object(generator: &mut SchemaGenerator) -> Schema {
+    free_form_object(generator)
+}
+
+/// Revision bookkeeping of a ContextPack or Policy: which spec digest is the candidate, which is
+/// promoted (the one Agents and new Sessions use), and what the last replay gate found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionStatus {
+    /// `sha256:<hex>` of the canonical JSON of the current spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
+    /// Digest of the revision in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted: Option<String>,
+    /// Name of the ControllerRevision holding the promoted snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_snapshot: Option<String>,
+    /// Result of the replay gate for `candidate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplaySummary>,
+}
+
+/// Summary of one replay gate run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplaySummary {
+    /// Name of the batch/v1 Job that ran the replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Recorded sessions re-run.
+    pub sessions: u32,
+    /// Decisions compared.
+    pub decisions: u32,
+    /// Decisions that came out differently.
+    pub divergences: u32,
+    /// Whether the divergence stayed within the threshold.
+    pub passed: bool,
+    /// The most significant divergences, one line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_divergences: Vec<String>,
+}

@@ -1,0 +1,46 @@
+//! Condition types and reasons written to `status.conditions` of ContextOS objects.
+//!
+//! Types follow the kstatus conventions that Argo CD, Flux and `kubectl wait` understand: `Ready`
+//! is the summary condition on every kind, `True` when the object is fully usable.
+
+/// Summary condition on every kind.
+pub const READY: &str = "Ready";
+/// A ContextPack or Policy revision passed its replay gate (or was promoted directly).
+pub const PROMOTED: &str = "Promoted";
+/// The replay Job for the current candidate revision finished without exceeding its threshold.
+pub const REPLAY_PASSED: &str = "ReplayPassed";
+/// A revision passed replay and waits for a listed approver.
+pub const AWAITING_PROMOTION: &str = "AwaitingPromotion";
+
+/// Reasons (CamelCase, stable: automation may match on them).
+pub mod reason {
+    /// Every reference resolved and the spec is valid.
+    pub const RESOLVED: &str = "Resolved";
+    /// A `*Ref` names an object that does not exist in this namespace.
+    pub const REFERENCE_NOT_FOUND: &str = "ReferenceNotFound";
+    /// A referenced object exists but is not Ready itself.
+    pub const REFERENCE_NOT_READY: &str = "ReferenceNotReady";
+    /// A field is syntactically valid but semantically wrong (the message names the field).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// A CEL condition or validator does not compile.
+    pub const INVALID_EXPRESSION: &str = "InvalidExpression";
+    /// A Session override would loosen the Agent's budget or safety mode.
+    pub const OVERRIDE_LOOSENS: &str = "OverrideLoosens";
+    /// A revision was promoted.
+    pub const PROMOTED: &str = "Promoted";
+    /// Replay results are not known yet.
+    pub const REPLAY_PENDING: &str = "ReplayPending";
+    /// Replay stayed within the divergence threshold.
+    pub const REPLAY_PASSED: &str = "ReplayPassed";
+    /// Replay exceeded the divergence threshold.
+    pub const REPLAY_FAILED: &str = "ReplayFailed";
+    /// There are no recorded sessions to replay against yet.
+    pub const NO_RECORDED_HISTORY: &str = "NoRecordedHistory";
+}
+
+/// Condition status values.
+pub mod status {
+    pub const TRUE: &str = "True";
+    pub const FALSE: &str = "False";
+    pub const UNKNOWN: &str = "Unknown";
+}

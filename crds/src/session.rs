@@ -1,0 +1,268 @@
+//! The Session kind: one durable invokeAgent request — input, user delegation, tightening
+//! overrides and approvals — and its observed run: phase, pinned revisions, budget used, the
+//! pending approval and the record head.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Approvers, BudgetOverride, LocalRef, SafetyMode, ToolRisk, free_form_object};
+
+/// Desired state of a Session.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "contextos.dev",
+    version = "v1alpha1",
+    kind = "Session",
+    doc = "One run of an Agent. The spec is immutable once created, except that approvers append to `approvals` and anyone allowed to update the Session may set `cancel: true`.",
+    namespaced,
+    cel,
+    status = "SessionStatus",
+    shortname = "sess",
+    category = "contextos",
+    printcolumn(name = "Agent", type_ = "string", json_path = ".spec.agentRef.name"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Steps", type_ = "integer", json_path = ".status.steps"),
+    printcolumn(
+        name = "Attempt",
+        type_ = "integer",
+        json_path = ".status.attempt",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        priority = 1
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.agentRef == oldSelf.agentRef && self.input == oldSelf.input && has(self.user) == has(oldSelf.user) && (!has(self.user) || self.user == oldSelf.user) && has(self.overrides) == has(oldSelf.overrides) && (!has(self.overrides) || self.overrides == oldSelf.overrides)").message("a Session's spec cannot change after creation (only spec.approvals and spec.cancel may); create a new Session instead").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("!has(oldSelf.approvals) || (has(self.approvals) && oldSelf.approvals.all(a, a in self.approvals))").message("spec.approvals is append-only: a recorded approval cannot be changed or removed").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)").message("spec.cancel cannot be unset once a Session is cancelled").reason(Reason::FieldValueForbidden)
+)]
+pub struct SessionSpec {
+    /// The Agent to run, in this namespace.
+    pub agent_ref: LocalRef,
+    /// The request.
+    pub input: SessionInput,
+    /// The user on whose behalf the agent acts (carried in the signed RunContext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserDelegation>,
+    /// Tighter limits than the Agent's for this Session only; loosening is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<SessionOverrides>,
+    /// Decisions on calls that needed approval, each bound to one call's hash.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["callHash".into()]))]
+    #[schemars(length(max = 64))]
+    pub approvals: Vec<Approval>,
+    /// Set to true to stop the run; the Session ends `Cancelled`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
+}
+
+/// The request an agent works on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInput {
+    /// The task, in natural language.
+    #[schemars(length(min = 1, max = 65536))]
+    pub prompt: String,
+    /// Structured input available to tools and policies as `run.input`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub data: Option<serde_json::Value>,
+}
+
+/// The delegating user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserDelegation {
+    /// Stable user identifier, e.g. `alice@example.com`.
+    #[schemars(length(min = 1, max = 253))]
+    pub subject: String,
+    /// Groups of the user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 253)))]
+    pub groups: Vec<String>,
+    /// Scopes delegated to the agent, e.g. `tickets:write`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 128)))]
+    pub scopes: Vec<String>,
+}
+
+/// Per-Session tightening of the Agent's limits.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionOverrides {
+    /// Lower budget limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetOverride>,
+    /// A safety mode at least as strict as the Agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety_mode: Option<SafetyMode>,
+}
+
+/// A human decision on one pending call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Approval {
+    /// `status.pendingApproval.callHash` of the call decided on (sha256 hex of the exact call
+    /// envelope and policy digest). An approval never applies to any other call.
+    #[schemars(length(min = 64, max = 64), regex(pattern = r"^[a-f0-9]{64}$"))]
+    pub call_hash: String,
+    /// approve or reject.
+    pub decision: ApprovalDecision,
+    /// Who decided; must be the user making the change (checked at admission).
+    #[schemars(length(min = 1, max = 253))]
+    pub approver: String,
+    /// Optional note recorded with the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub reason: Option<String>,
+}
+
+/// An approver's decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalDecision {
+    Approve,
+    Reject,
+}
+
+/// Lifecycle phase of a Session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum SessionPhase {
+    /// Accepted; no runner pod yet.
+    Pending,
+    /// A runner pod is working on it.
+    Running,
+    /// Paused until `status.pendingApproval` is approved or rejected.
+    AwaitingApproval,
+    /// Completed and its output passed validation.
+    Succeeded,
+    /// Ended without an accepted output; see the Ready condition's reason.
+    Failed,
+    /// Stopped by `spec.cancel`.
+    Cancelled,
+}
+
+impl SessionPhase {
+    /// Whether the Session can no longer change.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// Digests a Session pinned when it started; resumes use the same ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PinnedRevisions {
+    /// Generation of the Agent when the Session started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_generation: Option<i64>,
+    /// Promoted ContextPack revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_pack: Option<String>,
+    /// Promoted Policy revisions, in the Agent's `policyRefs` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// SandboxProfile digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_profile: Option<String>,
+}
+
+/// Budget consumed so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetUsage {
+    pub steps: u32,
+    pub tokens: u64,
+    pub tool_calls: u32,
+    pub wall_seconds: u32,
+}
+
+/// The call a paused Session waits on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingApproval {
+    /// Put this value in `spec.approvals[].callHash` to decide.
+    pub call_hash: String,
+    /// Tool requested.
+    pub tool: String,
+    /// Its declared risk.
+    pub risk: ToolRisk,
+    /// Arguments, as compact JSON (cut at 4 KiB).
+    pub arguments: String,
+    /// Policy and rule that required approval, as `policy/rule`.
+    pub rule: String,
+    /// The rule's reason.
+    pub reason: String,
+    /// Who may decide.
+    pub approvers: Approvers,
+    /// When the call was paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<Time>,
+}
+
+/// Where a resumed run starts from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointRef {
+    /// Step the checkpoint was taken after.
+    pub step: u32,
+    /// Hash of the record entry holding the checkpoint.
+    pub entry_hash: String,
+}
+
+/// Observed state of a Session.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionStatus {
+    /// Pending, Running, AwaitingApproval, Succeeded, Failed or Cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<SessionPhase>,
+    /// `Ready` summarises the Session (True once Succeeded; False with a reason otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Identifier of the run in the record store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// Runner pod attempt (1 for the first pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Revisions pinned at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<PinnedRevisions>,
+    /// Steps completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    /// Budget used so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_used: Option<BudgetUsage>,
+    /// The call waiting for approval, while phase is AwaitingApproval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_approval: Option<PendingApproval>,
+    /// The last checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<CheckpointRef>,
+    /// Hash of the newest DecisionRecord entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_head: Option<String>,
+    /// The accepted output (cut at 32 KiB; the full output is in the record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// When the first runner pod started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the Session reached a terminal phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+}

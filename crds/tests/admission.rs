@@ -1,0 +1,181 @@
+//! Client-side admission: every row of the shared case table is checked against the generated
+//! CRD schemas (OpenAPI constraints, list-map keys) and their CEL rules, evaluated with the
+//! Kubernetes CEL library. The same table runs against a real API server in kind-tests.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use contextos_crds::{all_crds, kube::core::cel::Validator};
+use serde_json::Value;
+use support::cases::{Expect, build, load_cases};
+
+/// Why admission refused an object.
+#[derive(Debug)]
+enum Refusal {
+    Schema { pointer: String, message: String },
+    Cel { field: String, message: String },
+}
+
+impl Refusal {
+    fn describe(&self) -> String {
+        match self {
+            Self::Schema { pointer, message } => format!("schema {pointer}: {message}"),
+            Self::Cel { field, message } => format!("cel {field}: {message}"),
+        }
+    }
+}
+
+/// Emulates what the API server checks for a custom resource: structural schema, list-map
+/// uniqueness, and CEL rules (with `oldSelf` on update).
+fn admit(object: &Value, old: Option<&Value>) -> Vec<Refusal> {
+    let kind = object["kind"].as_str().expect("object has a kind");
+    let crd = all_crds()
+        .into_iter()
+        .find(|c| c.spec.names.kind == kind)
+        .expect("known kind");
+    let schema = serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("schema"),
+    )
+    .expect("schema serializes");
+
+    let mut refusals = Vec::new();
+    let validator = jsonschema::validator_for(&schema).expect("CRD schema is a valid JSON schema");
+    for error in validator.iter_errors(object) {
+        // The API server reports a missing field at the field itself, not at its parent.
+        let mut pointer = error.instance_path().to_string();
+        if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind() {
+            pointer = format!("{pointer}/{}", property.as_str().unwrap_or_default());
+        }
+        refusals.push(Refusal::Schema {
+            pointer,
+            message: error.to_string(),
+        });
+    }
+    list_map_duplicates(&schema, object, String::new(), &mut refusals);
+    if refusals.is_empty()
+        && let Err(errors) = Validator::new().validate(&schema, object, old)
+    {
+        for error in errors.iter() {
+            refusals.push(Refusal::Cel {
+                field: error.field_path.clone(),
+                message: error.message.clone(),
+            });
+        }
+    }
+    refusals
+}
+
+/// `x-kubernetes-list-type: map` lists must not repeat a key (the API server reports the
+/// duplicate entry's path).
+fn list_map_duplicates(schema: &Value, value: &Value, pointer: String, out: &mut Vec<Refusal>) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                if let Some(child_schema) = schema.get("properties").and_then(|p| p.get(key)) {
+                    list_map_duplicates(child_schema, child, format!("{pointer}/{key}"), out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            let keys: Vec<&str> = schema
+                .get("x-kubernetes-list-map-keys")
+                .and_then(Value::as_array)
+                .map(|keys| keys.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let mut seen = BTreeMap::new();
+            for (index, item) in items.iter().enumerate() {
+                if !keys.is_empty() {
+                    let key: Vec<String> = keys.iter().map(|k| item[*k].to_string()).collect();
+                    if seen.insert(key, index).is_some() {
+                        out.push(Refusal::Schema {
+                            pointer: format!("{pointer}/{index}"),
+                            message: "Duplicate value".into(),
+                        });
+                    }
+                }
+                if let Some(item_schema) = schema.get("items") {
+                    list_map_duplicates(item_schema, item, format!("{pointer}/{index}"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_admission_case_gets_the_expected_answer() {
+    let cases = load_cases();
+    assert!(cases.len() >= 40, "the table lost cases: {}", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let (old, new) = build(case);
+        if let Some(old) = &old {
+            let refusals = admit(old, None);
+            if !refusals.is_empty() {
+                failures.push(format!(
+                    "{}: the object before the update is refused: {refusals:?}",
+                    case.name
+                ));
+                continue;
+            }
+        }
+        let refusals = admit(&new, old.as_ref());
+        let ok = match &case.expect {
+            Expect::Accept(_) => refusals.is_empty(),
+            Expect::Cel { cel } => refusals
+                .iter()
+                .any(|r| matches!(r, Refusal::Cel { message, .. } if message.contains(cel.as_str()))),
+            Expect::Schema { schema } => refusals
+                .iter()
+                .any(|r| matches!(r, Refusal::Schema { pointer, .. } if pointer == schema)),
+        };
+        if !ok {
+            let got: Vec<String> = refusals.iter().map(Refusal::describe).collect();
+            failures.push(format!("{}: expected {:?}, got {got:?}", case.name, case.expect));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} admission cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn every_quickstart_object_is_admitted_unchanged() {
+    for file in [
+        "sandboxprofile.yaml",
+        "contextpack.yaml",
+        "policy.yaml",
+        "agent.yaml",
+        "session.yaml",
+    ] {
+        let object = support::cases::quickstart_object(file);
+        let refusals = admit(&object, None);
+        assert!(refusals.is_empty(), "{file} is refused: {refusals:?}");
+        // An unchanged update passes every transition rule.
+        let refusals = admit(&object, Some(&object));
+        assert!(
+            refusals.is_empty(),
+            "{file} refused on a no-op update: {refusals:?}"
+        );
+    }
+}
+
+#[test]
+fn a_refused_cel_rule_names_the_field() {
+    let mut agent = support::cases::quickstart_object("agent.yaml");
+    agent["spec"]["tools"][4]["retry"] = serde_json::json!({"maxAttempts": 3});
+    let refusals = admit(&agent, None);
+    let field = refusals.iter().find_map(|r| match r {
+        Refusal::Cel { field, .. } => Some(field.clone()),
+        Refusal::Schema { .. } => None,
+    });
+    assert_eq!(field.as_deref(), Some("spec.tools[4]"), "{refusals:?}");
+}

@@ -1,0 +1,195 @@
+//! Ed25519 signing keys: generated once, kept in a file, identified by a short key id.
+//!
+//! The same key type signs record chain heads and RunContexts. Locally the key lives in the data
+//! directory; in a cluster it comes from a Secret mounted into the pod.
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use sha2::{Digest as _, Sha256};
+
+/// Errors loading or creating a key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read signing key {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write signing key {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("signing key {path} is not 64 hex characters (an ed25519 seed); delete it to generate a new one")]
+    Malformed { path: PathBuf },
+    #[error("public key {0:?} is not 64 hex characters of a valid ed25519 key")]
+    BadPublicKey(String),
+    #[error("the operating system's random source failed: {0}")]
+    Random(String),
+}
+
+/// A signing key and its id.
+#[derive(Clone)]
+pub struct KeyPair {
+    signing: SigningKey,
+}
+
+impl std::fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPair")
+            .field("key_id", &self.key_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyPair {
+    /// A fresh random key.
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
+        Ok(Self::from_seed(seed))
+    }
+
+    /// The key for a 32-byte seed (deterministic; for tests and key files).
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self {
+            signing: SigningKey::from_bytes(&seed),
+        }
+    }
+
+    /// Parses a key file's content: the seed as 64 hex characters.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut seed).ok()?;
+        Some(Self::from_seed(seed))
+    }
+
+    /// Loads the key at `path`, creating it (mode 0600) if it does not exist.
+    pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
+        match fs::read_to_string(path) {
+            Ok(text) => Self::from_hex(&text).ok_or_else(|| KeyError::Malformed {
+                path: path.to_owned(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = Self::generate()?;
+                write_private(path, hex::encode(key.signing.to_bytes()).as_bytes()).map_err(|source| {
+                    KeyError::Write {
+                        path: path.to_owned(),
+                        source,
+                    }
+                })?;
+                Ok(key)
+            }
+            Err(source) => Err(KeyError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// The seed as hex (what a key file or Secret holds).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.signing.to_bytes())
+    }
+
+    /// The public half.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.signing.verifying_key())
+    }
+
+    /// Short id of the public key, recorded next to signatures.
+    pub fn key_id(&self) -> String {
+        self.public().key_id()
+    }
+
+    /// Signs `message`, returning the signature as hex.
+    pub fn sign_hex(&self, message: &[u8]) -> String {
+        hex::encode(self.signing.sign(message).to_bytes())
+    }
+}
+
+/// A public key that verifies signatures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublicKey(VerifyingKey);
+
+impl PublicKey {
+    /// Parses 64 hex characters.
+    pub fn from_hex(text: &str) -> Result<Self, KeyError> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| KeyError::BadPublicKey(text.into()))?;
+        VerifyingKey::from_bytes(&bytes)
+            .map(Self)
+            .map_err(|_| KeyError::BadPublicKey(text.into()))
+    }
+
+    /// The key as hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0.to_bytes())
+    }
+
+    /// First 16 hex characters of the SHA-256 of the key.
+    pub fn key_id(&self) -> String {
+        hex::encode(&Sha256::digest(self.0.to_bytes())[..8])
+    }
+
+    /// Whether `signature_hex` is this key's signature of `message`.
+    pub fn verify_hex(&self, message: &[u8], signature_hex: &str) -> bool {
+        let mut bytes = [0u8; 64];
+        if hex::decode_to_slice(signature_hex, &mut bytes).is_err() {
+            return false;
+        }
+        self.0.verify(message, &Signature::from_bytes(&bytes)).is_ok()
+    }
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_verify_only_for_the_signed_message_and_key() {
+        let key = KeyPair::from_seed([7; 32]);
+        let other = KeyPair::from_seed([8; 32]);
+        let sig = key.sign_hex(b"hello");
+        assert!(key.public().verify_hex(b"hello", &sig));
+        assert!(!key.public().verify_hex(b"hellO", &sig));
+        assert!(!other.public().verify_hex(b"hello", &sig));
+        assert!(!key.public().verify_hex(b"hello", "zz"));
+    }
+
+    #[test]
+    fn key_file_is_created_once_and_reloaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keys/signing.key");
+        let first = KeyPair::load_or_create(&path).expect("created");
+        let second = KeyPair::load_or_create(&path).expect("loaded");
+        assert_eq!(first.key_id(), second.key_id());
+        fs::write(&path, "garbage").expect("overwrite");
+        assert!(matches!(
+            KeyPair::load_or_create(&path),
+            Err(KeyError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn public_key_round_trips_through_hex() {
+        let key = KeyPair::from_seed([1; 32]);
+        assert_eq!(
+            PublicKey::from_hex(&key.public().to_hex()).expect("parses"),
+            key.public()
+        );
+        assert!(PublicKey::from_hex("abc").is_err());
+    }
+}

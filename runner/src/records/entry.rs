@@ -1,0 +1,349 @@
+//! The typed entries of a DecisionRecord and their hashing.
+//!
+//! A record is an append-only chain per run: entry `n` carries the hash of entry `n-1`, so
+//! changing or removing any entry breaks every later link. Each entry's hash is the SHA-256 of
+//! its canonical JSON encoding.
+
+use std::fmt;
+
+use contextos_crds::{
+    common::{ToolKind, ToolRisk},
+    policy::PolicyEffect,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use super::canonical::to_canonical_bytes;
+
+/// A SHA-256 hash (of an entry or a blob).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    /// SHA-256 of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+
+    /// Lowercase hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hex characters, optionally prefixed with `sha256:`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.strip_prefix("sha256:").unwrap_or(text);
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text, &mut out).ok()?;
+        Some(Self(out))
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({})", &self.to_hex()[..12])
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for Hash {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Hash::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("not a sha256 hash: {text:?}")))
+    }
+}
+
+/// Digests a run was pinned to when it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinnedDigests {
+    pub context_pack: String,
+    pub policies: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_profile: Option<String>,
+}
+
+/// One source's fate in context compilation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceNote {
+    pub source: String,
+    pub tokens: u64,
+    /// Why it was cut or dropped; `None` when included in full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<String>,
+}
+
+/// A tool call requested by the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallRecord {
+    pub call_id: String,
+    pub tool: String,
+    pub risk: ToolRisk,
+    pub kind: ToolKind,
+    pub arguments: Value,
+    pub idempotency_key: String,
+    /// Hash of the exact call envelope and policy digest; approvals bind to it.
+    pub call_hash: String,
+}
+
+/// The gateway's decision on a call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDecisionRecord {
+    pub call_id: String,
+    /// What the policy decided.
+    pub effect: PolicyEffect,
+    /// What was applied (differs from `effect` in dryRun mode or when a safety mode tightens).
+    pub enforced: PolicyEffect,
+    /// `policy/rule`, or `policy/<default>` when no rule matched, or a built-in check name.
+    pub rule: String,
+    pub reason: String,
+    pub dry_run: bool,
+}
+
+/// The outcome of executing a call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolResultRecord {
+    pub call_id: String,
+    pub ok: bool,
+    pub output: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub attempts: u32,
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// The critic's verdict after a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Continue,
+    Revise,
+    Halt,
+    Escalate,
+}
+
+/// What one entry says. Every variant is a fact about the run at that point.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EntryBody {
+    /// The run began under this signed RunContext and these pinned revisions.
+    RunStarted {
+        session_id: String,
+        agent: String,
+        run_context: Value,
+        pinned: PinnedDigests,
+    },
+    /// The context the model saw: its digest, size, and what was cut.
+    ContextCompiled {
+        digest: String,
+        tokens: u64,
+        budget: u64,
+        sources: Vec<SourceNote>,
+    },
+    /// One model request/response.
+    ModelTurn {
+        step: u32,
+        model: String,
+        response: Value,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    },
+    /// The model asked for a tool call.
+    ToolCallRequested(ToolCallRecord),
+    /// The gateway decided on it.
+    PolicyDecision(PolicyDecisionRecord),
+    /// A human must approve the call first.
+    ApprovalRequested {
+        call_id: String,
+        call_hash: String,
+        approvers: Vec<String>,
+    },
+    /// A human approved it.
+    ApprovalGranted {
+        call_id: String,
+        call_hash: String,
+        approver: String,
+    },
+    /// A human refused it, or an approval did not match the call.
+    ApprovalRefused {
+        call_id: String,
+        call_hash: String,
+        approver: String,
+        reason: String,
+    },
+    /// What the tool returned.
+    ToolResult(ToolResultRecord),
+    /// The critic's verdict and the Functional State it read.
+    CriticVerdict {
+        step: u32,
+        verdict: Verdict,
+        reason: String,
+        functional_state: Value,
+    },
+    /// Enough state to resume after this step.
+    Checkpoint { step: u32, state: Value },
+    /// The run produced an accepted output.
+    Completed { output: String, validators: Vec<String> },
+    /// The run ended without an accepted output.
+    Failed { reason: String, message: String },
+    /// The body was larger than the inline threshold and is stored as a blob.
+    Blob {
+        blob: Hash,
+        size: u64,
+        body_type: String,
+    },
+}
+
+impl EntryBody {
+    /// The `type` tag, e.g. `tool_result`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::RunStarted { .. } => "run_started",
+            Self::ContextCompiled { .. } => "context_compiled",
+            Self::ModelTurn { .. } => "model_turn",
+            Self::ToolCallRequested(_) => "tool_call_requested",
+            Self::PolicyDecision(_) => "policy_decision",
+            Self::ApprovalRequested { .. } => "approval_requested",
+            Self::ApprovalGranted { .. } => "approval_granted",
+            Self::ApprovalRefused { .. } => "approval_refused",
+            Self::ToolResult(_) => "tool_result",
+            Self::CriticVerdict { .. } => "critic_verdict",
+            Self::Checkpoint { .. } => "checkpoint",
+            Self::Completed { .. } => "completed",
+            Self::Failed { .. } => "failed",
+            Self::Blob { .. } => "blob",
+        }
+    }
+}
+
+/// One link of a run's chain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordEntry {
+    pub run_id: String,
+    /// Position in the chain, from 0.
+    pub seq: u64,
+    /// Hash of entry `seq - 1`; absent for the first entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<Hash>,
+    /// Milliseconds since the Unix epoch when the entry was written.
+    pub at_ms: i64,
+    pub body: EntryBody,
+}
+
+impl RecordEntry {
+    /// The canonical bytes that are stored and hashed.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing these plain data types cannot fail (no maps with non-string keys).
+        let value = serde_json::to_value(self).unwrap_or(Value::Null);
+        to_canonical_bytes(&value)
+    }
+
+    /// Decodes stored bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// An entry as stored: its canonical bytes and the hash recorded for them at write time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEntry {
+    pub seq: u64,
+    pub hash: Hash,
+    pub bytes: Vec<u8>,
+}
+
+impl StoredEntry {
+    /// Seals an entry: encodes it and computes its hash.
+    pub fn seal(entry: &RecordEntry) -> Self {
+        let bytes = entry.encode();
+        Self {
+            seq: entry.seq,
+            hash: Hash::of(&bytes),
+            bytes,
+        }
+    }
+
+    /// The on-disk value: 32 hash bytes followed by the canonical entry.
+    pub fn to_value_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.bytes.len());
+        out.extend_from_slice(&self.hash.0);
+        out.extend_from_slice(&self.bytes);
+        out
+    }
+
+    /// Splits an on-disk value; `None` when it is too short to hold a hash.
+    pub fn from_value_bytes(seq: u64, value: &[u8]) -> Option<Self> {
+        if value.len() < 32 {
+            return None;
+        }
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&value[..32]);
+        Some(Self {
+            seq,
+            hash: Hash(hash),
+            bytes: value[32..].to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64, prev: Option<Hash>) -> RecordEntry {
+        RecordEntry {
+            run_id: "run-1".into(),
+            seq,
+            prev,
+            at_ms: 1_700_000_000_000,
+            body: EntryBody::Failed {
+                reason: "Test".into(),
+                message: "m".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn encoding_round_trips_and_is_stable() {
+        let e = entry(1, Some(Hash::of(b"x")));
+        let bytes = e.encode();
+        assert_eq!(RecordEntry::decode(&bytes).expect("decodes"), e);
+        assert_eq!(bytes, RecordEntry::decode(&bytes).expect("decodes").encode());
+    }
+
+    #[test]
+    fn any_field_change_changes_the_hash() {
+        let a = StoredEntry::seal(&entry(1, None));
+        let mut changed = entry(1, None);
+        changed.at_ms += 1;
+        assert_ne!(a.hash, StoredEntry::seal(&changed).hash);
+    }
+
+    #[test]
+    fn value_bytes_round_trip() {
+        let sealed = StoredEntry::seal(&entry(0, None));
+        let back = StoredEntry::from_value_bytes(0, &sealed.to_value_bytes()).expect("long enough");
+        assert_eq!(back, sealed);
+        assert!(StoredEntry::from_value_bytes(0, &[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn hash_parses_with_and_without_prefix() {
+        let h = Hash::of(b"abc");
+        assert_eq!(Hash::parse(&h.to_hex()), Some(h));
+        assert_eq!(Hash::parse(&format!("sha256:{h}")), Some(h));
+        assert_eq!(Hash::parse("nothex"), None);
+    }
+}

@@ -1,0 +1,15 @@
+//! DecisionRecords: typed, hash-chained, signed entries per run, the stores that keep them, and
+//! their verification.
+
+pub mod canonical;
+pub mod entry;
+pub mod recorder;
+pub mod store;
+pub mod verify;
+
+pub use entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry};
+pub use recorder::{RecordError, Recorder, RunStart};
+pub use store::{
+    RecordStore, RunFilter, RunSummary, SignedHead, StoreError, TenantId, embedded::EmbeddedStore,
+};
+pub use verify::{VerifiedChain, VerifyError, verify_entries, verify_run};

@@ -1,0 +1,352 @@
+//! The writer side of a DecisionRecord: stages typed entries for one run, chains and seals
+//! them, moves large bodies to blobs, signs the head and appends in batches.
+//!
+//! If another writer extended the run in the meantime (the gateway and the runner may both
+//! write to one run), the store refuses the batch; the recorder then re-reads the head and
+//! re-chains its staged entries on top of it. It never retries the refused batch as it was.
+
+use serde_json::Value;
+
+use super::{
+    canonical::to_canonical_bytes,
+    entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry},
+    store::{
+        AppendBatch, Checkpoint, RecordStore, RunSummary, SignedHead, StoreError, TenantId, validate_id,
+    },
+};
+use crate::keys::KeyPair;
+
+/// Bodies whose canonical encoding exceeds this many bytes are stored once as a blob and
+/// referenced by hash.
+pub const DEFAULT_BLOB_THRESHOLD: usize = 16 * 1024;
+
+/// How many times a batch is re-chained after other writers moved the head.
+const MAX_RECHAINS: usize = 32;
+
+/// Errors writing a record.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("run {run_id} does not exist in tenant {tenant}; start it before resuming")]
+    UnknownRun { tenant: String, run_id: String },
+    #[error("run {run_id}: entry {seq} cannot be decoded: {problem}")]
+    Undecodable {
+        run_id: String,
+        seq: u64,
+        problem: String,
+    },
+    #[error("run {run_id}: other writers kept moving the head; gave up after {attempts} re-chains")]
+    Contended { run_id: String, attempts: usize },
+}
+
+/// What starts a run.
+#[derive(Clone, Debug)]
+pub struct RunStart {
+    pub run_id: String,
+    pub session_id: String,
+    pub agent: String,
+    pub run_context: Value,
+    pub pinned: PinnedDigests,
+}
+
+/// Appends entries to one run.
+#[derive(Debug)]
+pub struct Recorder<'s, S> {
+    store: &'s S,
+    tenant: TenantId,
+    key: KeyPair,
+    summary: RunSummary,
+    /// Seq and hash of the last entry known to be stored.
+    head: Option<(u64, Hash)>,
+    /// Bodies waiting for `flush`, in order.
+    staged: Vec<(i64, EntryBody)>,
+    blob_threshold: usize,
+    clock: fn() -> i64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+impl<'s, S: RecordStore> Recorder<'s, S> {
+    /// Starts a new run and writes its `run_started` entry.
+    pub async fn start(
+        store: &'s S,
+        tenant: TenantId,
+        key: KeyPair,
+        start: RunStart,
+    ) -> Result<Self, RecordError> {
+        validate_id("run", &start.run_id)?;
+        validate_id("session", &start.session_id)?;
+        let clock: fn() -> i64 = now_ms;
+        let summary = RunSummary {
+            run_id: start.run_id.clone(),
+            session_id: start.session_id.clone(),
+            agent: start.agent.clone(),
+            started_at_ms: clock(),
+            outcome: "running".into(),
+            entries: 0,
+            head: Hash([0; 32]),
+        };
+        let mut recorder = Self {
+            store,
+            tenant,
+            key,
+            summary,
+            head: None,
+            staged: Vec::new(),
+            blob_threshold: DEFAULT_BLOB_THRESHOLD,
+            clock,
+        };
+        recorder.stage(EntryBody::RunStarted {
+            session_id: start.session_id,
+            agent: start.agent,
+            run_context: start.run_context,
+            pinned: start.pinned,
+        });
+        recorder.flush().await?;
+        Ok(recorder)
+    }
+
+    /// Continues an existing run (after a restart), reading its head and first entry.
+    pub async fn resume(
+        store: &'s S,
+        tenant: TenantId,
+        key: KeyPair,
+        run_id: &str,
+    ) -> Result<Self, RecordError> {
+        let unknown = || RecordError::UnknownRun {
+            tenant: tenant.to_string(),
+            run_id: run_id.to_owned(),
+        };
+        let head = store.head(&tenant, run_id).await?.ok_or_else(unknown)?;
+        let chain = store.read_chain(&tenant, run_id, 0).await?;
+        let first = chain.first().ok_or_else(unknown)?;
+        let decoded = RecordEntry::decode(&first.bytes).map_err(|e| RecordError::Undecodable {
+            run_id: run_id.into(),
+            seq: 0,
+            problem: e.to_string(),
+        })?;
+        let EntryBody::RunStarted {
+            session_id, agent, ..
+        } = decoded.body
+        else {
+            return Err(RecordError::Undecodable {
+                run_id: run_id.into(),
+                seq: 0,
+                problem: "the first entry is not run_started".into(),
+            });
+        };
+        let mut summary = RunSummary {
+            run_id: run_id.into(),
+            session_id,
+            agent,
+            started_at_ms: decoded.at_ms,
+            outcome: "running".into(),
+            entries: head.seq + 1,
+            head: head.hash,
+        };
+        for entry in &chain {
+            if let Ok(e) = RecordEntry::decode(&entry.bytes) {
+                update_outcome(&mut summary, &e.body);
+            }
+        }
+        Ok(Self {
+            store,
+            tenant,
+            key,
+            summary,
+            head: Some((head.seq, head.hash)),
+            staged: Vec::new(),
+            blob_threshold: DEFAULT_BLOB_THRESHOLD,
+            clock: now_ms,
+        })
+    }
+
+    /// Uses a fixed clock (for byte-identical records in tests and replays).
+    pub fn with_clock(mut self, clock: fn() -> i64) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Changes the inline size limit for bodies.
+    pub fn with_blob_threshold(mut self, bytes: usize) -> Self {
+        self.blob_threshold = bytes;
+        self
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.summary.run_id
+    }
+
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    /// Seq and hash of the newest stored entry.
+    pub fn head(&self) -> Option<(u64, Hash)> {
+        self.head
+    }
+
+    /// Queues an entry for the next flush.
+    pub fn stage(&mut self, body: EntryBody) {
+        self.staged.push(((self.clock)(), body));
+    }
+
+    /// Writes one entry now and returns its hash.
+    pub async fn record(&mut self, body: EntryBody) -> Result<Hash, RecordError> {
+        self.stage(body);
+        Ok(self.flush().await?.hash)
+    }
+
+    /// Appends everything staged in one atomic batch and returns the new signed head.
+    pub async fn flush(&mut self) -> Result<SignedHead, RecordError> {
+        let staged = std::mem::take(&mut self.staged);
+        let bodies = self.offload_blobs(staged).await?;
+        for attempt in 0..MAX_RECHAINS {
+            let batch = self.build_batch(&bodies);
+            let head = batch.head.clone();
+            match self.store.append(&self.tenant, batch).await {
+                Ok(()) => {
+                    self.head = Some((head.seq, head.hash));
+                    self.summary.entries = head.seq + 1;
+                    self.summary.head = head.hash;
+                    return Ok(head);
+                }
+                Err(StoreError::HeadMoved { .. }) => {
+                    self.catch_up().await?;
+                    // Writers that collided would collide again in lockstep; a random pause
+                    // lets one of them through.
+                    tokio::time::sleep(rechain_pause(attempt)).await;
+                }
+                Err(e) => {
+                    // Keep the bodies so a caller that retries after a transient error loses nothing.
+                    self.staged = bodies;
+                    return Err(e.into());
+                }
+            }
+        }
+        self.staged = bodies;
+        Err(RecordError::Contended {
+            run_id: self.summary.run_id.clone(),
+            attempts: MAX_RECHAINS,
+        })
+    }
+
+    /// Re-reads the head after another writer appended, folding what it wrote into the summary.
+    async fn catch_up(&mut self) -> Result<(), RecordError> {
+        let run_id = self.summary.run_id.clone();
+        let Some(head) = self.store.head(&self.tenant, &run_id).await? else {
+            return Err(RecordError::UnknownRun {
+                tenant: self.tenant.to_string(),
+                run_id,
+            });
+        };
+        let from = self.head.map_or(0, |(seq, _)| seq + 1);
+        for entry in self.store.read_chain(&self.tenant, &run_id, from).await? {
+            if let Ok(e) = RecordEntry::decode(&entry.bytes) {
+                update_outcome(&mut self.summary, &e.body);
+            }
+        }
+        self.head = Some((head.seq, head.hash));
+        Ok(())
+    }
+
+    /// Replaces bodies above the threshold with blob references.
+    async fn offload_blobs(
+        &self,
+        staged: Vec<(i64, EntryBody)>,
+    ) -> Result<Vec<(i64, EntryBody)>, RecordError> {
+        let mut out = Vec::with_capacity(staged.len());
+        for (at, body) in staged {
+            let bytes = to_canonical_bytes(&serde_json::to_value(&body).unwrap_or(Value::Null));
+            if bytes.len() <= self.blob_threshold {
+                out.push((at, body));
+                continue;
+            }
+            let size = bytes.len() as u64;
+            let body_type = body.type_name().to_owned();
+            let blob = self.store.put_blob(&self.tenant, bytes).await?;
+            out.push((
+                at,
+                EntryBody::Blob {
+                    blob,
+                    size,
+                    body_type,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Chains `bodies` onto the current head, seals them and signs the new head.
+    fn build_batch(&self, bodies: &[(i64, EntryBody)]) -> AppendBatch {
+        let mut prev = self.head;
+        let mut entries = Vec::with_capacity(bodies.len());
+        let mut summary = self.summary.clone();
+        let mut checkpoint = None;
+        for (at_ms, body) in bodies {
+            let seq = prev.map_or(0, |(s, _)| s + 1);
+            let entry = RecordEntry {
+                run_id: summary.run_id.clone(),
+                seq,
+                prev: prev.map(|(_, h)| h),
+                at_ms: *at_ms,
+                body: body.clone(),
+            };
+            let sealed = StoredEntry::seal(&entry);
+            update_outcome(&mut summary, body);
+            if let EntryBody::Checkpoint { step, .. } = body {
+                checkpoint = Some(Checkpoint {
+                    session_id: summary.session_id.clone(),
+                    run_id: summary.run_id.clone(),
+                    seq,
+                    entry_hash: sealed.hash,
+                    step: *step,
+                });
+            }
+            prev = Some((seq, sealed.hash));
+            entries.push(sealed);
+        }
+        let (seq, hash) = prev.unwrap_or((0, Hash([0; 32])));
+        summary.entries = seq + 1;
+        summary.head = hash;
+        let message = SignedHead::message(&self.tenant, &summary.run_id, seq, &hash);
+        let head = SignedHead {
+            seq,
+            hash,
+            key_id: self.key.key_id(),
+            signature: self.key.sign_hex(&message),
+        };
+        AppendBatch {
+            run_id: summary.run_id.clone(),
+            expected_head: self.head.map(|(_, h)| h),
+            entries,
+            head,
+            summary,
+            checkpoint,
+        }
+    }
+}
+
+/// A random pause of up to `100µs × 2^attempt` (capped at ~50 ms).
+fn rechain_pause(attempt: usize) -> std::time::Duration {
+    let mut bytes = [0u8; 4];
+    let random = getrandom::fill(&mut bytes)
+        .map(|()| u32::from_le_bytes(bytes))
+        .unwrap_or(0);
+    let ceiling = 100u32 << attempt.min(9);
+    std::time::Duration::from_micros(u64::from(random % ceiling.max(1)))
+}
+
+fn update_outcome(summary: &mut RunSummary, body: &EntryBody) {
+    match body {
+        EntryBody::Completed { .. } => summary.outcome = "completed".into(),
+        EntryBody::Failed { .. } => summary.outcome = "failed".into(),
+        EntryBody::Blob { body_type, .. } if body_type == "completed" => summary.outcome = "completed".into(),
+        EntryBody::Blob { body_type, .. } if body_type == "failed" => summary.outcome = "failed".into(),
+        _ => {}
+    }
+}

@@ -1,0 +1,265 @@
+//! The `RecordStore` trait: durable, tenant-scoped storage of record chains, signed heads,
+//! content-addressed blobs, run summaries and session checkpoints — and its two backends.
+//!
+//! Every call takes a [`TenantId`]; there is deliberately no call that reads across tenants.
+//! Appends are optimistic: a batch names the head it extends and is refused if the chain has
+//! moved, so two writers can never fork a run.
+
+pub mod embedded;
+#[cfg(feature = "tikv")]
+pub mod tikv;
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use super::entry::{Hash, StoredEntry};
+
+/// A tenant: the Kubernetes namespace a run belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TenantId(String);
+
+impl TenantId {
+    /// Accepts a DNS label (what a namespace name is): 1–63 of `a-z`, `0-9`, `-`.
+    pub fn new(name: impl Into<String>) -> Result<Self, StoreError> {
+        let name = name.into();
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if valid {
+            Ok(Self(name))
+        } else {
+            Err(StoreError::InvalidName { what: "tenant", name })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TenantId {
+    type Error = StoreError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::new(value)
+    }
+}
+
+impl From<TenantId> for String {
+    fn from(value: TenantId) -> Self {
+        value.0
+    }
+}
+
+impl std::fmt::Display for TenantId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Checks a run or session id: 1–128 of letters, digits, `-`, `_`, `.` (they appear in keys).
+pub fn validate_id(what: &'static str, id: &str) -> Result<(), StoreError> {
+    let valid = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName {
+            what,
+            name: id.to_owned(),
+        })
+    }
+}
+
+/// The newest entry of a chain and the signature over it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedHead {
+    pub seq: u64,
+    pub hash: Hash,
+    /// Id of the key that signed (see `keys::PublicKey::key_id`).
+    pub key_id: String,
+    /// Ed25519 signature (hex) of [`SignedHead::message`].
+    pub signature: String,
+}
+
+impl SignedHead {
+    /// The bytes a head signature covers: tenant, run, position and hash, so a signature cannot
+    /// be moved to another run, tenant or point in the chain.
+    pub fn message(tenant: &TenantId, run_id: &str, seq: u64, hash: &Hash) -> Vec<u8> {
+        format!("contextos-record-head/v1\n{tenant}\n{run_id}\n{seq}\n{hash}").into_bytes()
+    }
+}
+
+/// What a run is, for listing without reading its chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub session_id: String,
+    pub agent: String,
+    pub started_at_ms: i64,
+    /// `running`, `completed`, `failed`.
+    pub outcome: String,
+    pub entries: u64,
+    pub head: Hash,
+}
+
+/// Which runs to list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    pub agent: Option<String>,
+    pub session_id: Option<String>,
+    /// Started at or after (ms since epoch).
+    pub since_ms: Option<i64>,
+    /// Started before (ms since epoch).
+    pub until_ms: Option<i64>,
+    /// At most this many, newest first.
+    pub limit: Option<usize>,
+}
+
+impl RunFilter {
+    /// Whether `run` passes the non-time criteria.
+    pub fn matches(&self, run: &RunSummary) -> bool {
+        self.agent.as_ref().is_none_or(|a| *a == run.agent)
+            && self.session_id.as_ref().is_none_or(|s| *s == run.session_id)
+    }
+}
+
+/// The latest resumable point of a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub session_id: String,
+    pub run_id: String,
+    /// Sequence number of the checkpoint entry in the run's chain.
+    pub seq: u64,
+    pub entry_hash: Hash,
+    pub step: u32,
+}
+
+/// One atomic append: entries that extend `expected_head`, the head signature over the last
+/// one, and index updates that must land in the same transaction.
+#[derive(Clone, Debug)]
+pub struct AppendBatch {
+    pub run_id: String,
+    /// Hash of the entry this batch extends; `None` to start a new chain.
+    pub expected_head: Option<Hash>,
+    pub entries: Vec<StoredEntry>,
+    pub head: SignedHead,
+    /// The run's summary after this batch.
+    pub summary: RunSummary,
+    /// Set when the batch contains a checkpoint entry.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Errors of every backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "run {run_id}: the chain head moved (expected {expected}, found {actual}); another writer appended — re-read the head before writing again"
+    )]
+    HeadMoved {
+        run_id: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("run {run_id}: batch does not link up: {problem}")]
+    BadBatch { run_id: String, problem: String },
+    #[error("{what} name {name:?} is invalid: use 1–63 lowercase letters, digits and '-'")]
+    InvalidName { what: &'static str, name: String },
+    #[error("run {run_id} not found in tenant {tenant}")]
+    RunNotFound { tenant: String, run_id: String },
+    #[error("record store backend error: {0}")]
+    Backend(String),
+    #[error("record store holds a corrupt value at {key}: {problem}")]
+    Corrupt { key: String, problem: String },
+}
+
+/// Result alias for store calls.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Durable storage of DecisionRecords. Implementations must make `append` atomic (all of a
+/// batch or nothing) and durable when it returns.
+pub trait RecordStore: Send + Sync {
+    /// Appends a batch if the run's head is still `batch.expected_head`.
+    fn append(&self, tenant: &TenantId, batch: AppendBatch) -> impl Future<Output = Result<()>> + Send;
+
+    /// The signed head of a run, if it exists.
+    fn head(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+    ) -> impl Future<Output = Result<Option<SignedHead>>> + Send;
+
+    /// Entries of a run from `from_seq` on, in order.
+    fn read_chain(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+    ) -> impl Future<Output = Result<Vec<StoredEntry>>> + Send;
+
+    /// Summaries of runs matching `filter`, newest first.
+    fn list_runs(
+        &self,
+        tenant: &TenantId,
+        filter: &RunFilter,
+    ) -> impl Future<Output = Result<Vec<RunSummary>>> + Send;
+
+    /// Stores `bytes` under their SHA-256 (idempotent) and returns the hash.
+    fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> impl Future<Output = Result<Hash>> + Send;
+
+    /// The blob with this hash, if present.
+    fn get_blob(
+        &self,
+        tenant: &TenantId,
+        hash: &Hash,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
+
+    /// The latest checkpoint of a session.
+    fn latest_checkpoint(
+        &self,
+        tenant: &TenantId,
+        session_id: &str,
+    ) -> impl Future<Output = Result<Option<Checkpoint>>> + Send;
+}
+
+/// Checks that a batch links up internally and to its expected head before any backend writes
+/// it. Shared by every backend so they refuse the same batches.
+pub fn check_batch(batch: &AppendBatch, current: Option<&SignedHead>) -> Result<()> {
+    validate_id("run", &batch.run_id)?;
+    let current_hash = current.map(|h| h.hash);
+    if current_hash != batch.expected_head {
+        return Err(StoreError::HeadMoved {
+            run_id: batch.run_id.clone(),
+            expected: batch.expected_head.map_or("<new run>".into(), |h| h.to_hex()),
+            actual: current_hash.map_or("<no run>".into(), |h| h.to_hex()),
+        });
+    }
+    let bad = |problem: String| StoreError::BadBatch {
+        run_id: batch.run_id.clone(),
+        problem,
+    };
+    let Some(last) = batch.entries.last() else {
+        return Err(bad("the batch is empty".into()));
+    };
+    let first_seq = current.map_or(0, |h| h.seq + 1);
+    for (expected_seq, entry) in (first_seq..).zip(&batch.entries) {
+        if entry.seq != expected_seq {
+            return Err(bad(format!("entry has seq {} where {expected_seq} was expected", entry.seq)));
+        }
+        if entry.hash != Hash::of(&entry.bytes) {
+            return Err(bad(format!("entry {} bytes do not match its hash", entry.seq)));
+        }
+    }
+    if batch.head.seq != last.seq || batch.head.hash != last.hash {
+        return Err(bad("the signed head is not the batch's last entry".into()));
+    }
+    Ok(())
+}

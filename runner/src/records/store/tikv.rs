@@ -1,0 +1,372 @@
+//! The TiKV record store: the same model as the embedded store on TiKV's transactional API.
+//!
+//! Every key starts with `cx/<tenant>/`, so a tenant's data is one contiguous key range and no
+//! scan can reach another tenant. An append is one optimistic transaction that reads the head
+//! and writes entries, head and indexes; if the commit conflicts, the head is re-read and the
+//! caller is told it moved — the batch is never blindly retried.
+
+use std::time::Duration;
+
+use tikv_client::{BoundRange, CheckLevel, Key, TransactionClient, TransactionOptions};
+
+use super::{
+    AppendBatch, Checkpoint, RecordStore, Result, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
+    check_batch, validate_id,
+};
+use crate::records::entry::{Hash, StoredEntry};
+
+/// How long connecting to PD may take before the store reports it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Page size of chain and index scans.
+const SCAN_PAGE: u32 = 1024;
+
+/// A record store on a TiKV cluster.
+pub struct TikvStore {
+    client: TransactionClient,
+    pd: Vec<String>,
+}
+
+impl std::fmt::Debug for TikvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TikvStore")
+            .field("pd", &self.pd)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("tikv: {e}"))
+}
+
+/// Key builders. Ids are validated (no `/`), so `/` separates components unambiguously.
+mod keys {
+    use super::Hash;
+
+    #[cfg(test)]
+    pub fn tenant_prefix(tenant: &str) -> Vec<u8> {
+        format!("cx/{tenant}/").into_bytes()
+    }
+    pub fn head(tenant: &str, run: &str) -> Vec<u8> {
+        format!("cx/{tenant}/h/{run}").into_bytes()
+    }
+    pub fn summary(tenant: &str, run: &str) -> Vec<u8> {
+        format!("cx/{tenant}/r/{run}").into_bytes()
+    }
+    pub fn entries_prefix(tenant: &str, run: &str) -> Vec<u8> {
+        format!("cx/{tenant}/e/{run}/").into_bytes()
+    }
+    pub fn entry(tenant: &str, run: &str, seq: u64) -> Vec<u8> {
+        let mut key = entries_prefix(tenant, run);
+        key.extend_from_slice(&seq.to_be_bytes());
+        key
+    }
+    pub fn by_time_prefix(tenant: &str) -> Vec<u8> {
+        format!("cx/{tenant}/t/").into_bytes()
+    }
+    /// Start times are offset so that byte order equals numeric order for negative values too.
+    pub fn by_time(tenant: &str, started_at_ms: i64, run: &str) -> Vec<u8> {
+        let mut key = by_time_prefix(tenant);
+        key.extend_from_slice(&((started_at_ms as u64) ^ (1 << 63)).to_be_bytes());
+        key.extend_from_slice(run.as_bytes());
+        key
+    }
+    pub fn blob(tenant: &str, hash: &Hash) -> Vec<u8> {
+        let mut key = format!("cx/{tenant}/b/").into_bytes();
+        key.extend_from_slice(&hash.0);
+        key
+    }
+    pub fn checkpoint(tenant: &str, session: &str) -> Vec<u8> {
+        format!("cx/{tenant}/c/{session}").into_bytes()
+    }
+    /// The smallest key greater than every key starting with `prefix`.
+    pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+        let mut end = prefix.to_vec();
+        while let Some(last) = end.pop() {
+            if last < 0xff {
+                end.push(last + 1);
+                return end;
+            }
+        }
+        Vec::new()
+    }
+}
+
+fn range(start: Vec<u8>, end: Vec<u8>) -> BoundRange {
+    BoundRange::from(Key::from(start)..Key::from(end))
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8], key: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        problem: e.to_string(),
+    })
+}
+
+fn encode_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+impl TikvStore {
+    /// Connects to the PD endpoints (comma-separated `host:port` list).
+    pub async fn connect(pd_endpoints: &str) -> Result<Self> {
+        let pd: Vec<String> = pd_endpoints
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if pd.is_empty() {
+            return Err(StoreError::Backend(
+                "no PD endpoint given (expected host:port[,host:port…])".into(),
+            ));
+        }
+        let client = tokio::time::timeout(CONNECT_TIMEOUT, TransactionClient::new(pd.clone()))
+            .await
+            .map_err(|_| {
+                StoreError::Backend(format!(
+                    "tikv: PD at {pd:?} did not answer within {CONNECT_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| StoreError::Backend(format!("tikv: cannot connect to PD at {pd:?}: {e}")))?;
+        Ok(Self { client, pd })
+    }
+
+    fn options() -> TransactionOptions {
+        // Every path commits or rolls back explicitly; a dropped transaction is a bug to log,
+        // not a reason to abort the process.
+        TransactionOptions::new_optimistic().drop_check(CheckLevel::Warn)
+    }
+
+    async fn begin(&self) -> Result<tikv_client::Transaction> {
+        self.client
+            .begin_with_options(Self::options())
+            .await
+            .map_err(backend)
+    }
+
+    /// Reads one key in its own transaction.
+    async fn get(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        let mut txn = self.begin().await?;
+        let value = txn.get(key).await;
+        txn.rollback().await.map_err(backend)?;
+        value.map_err(backend)
+    }
+
+    /// Scans `[start, end)` in pages, forwards.
+    async fn scan_all(&self, start: Vec<u8>, end: Vec<u8>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut txn = self.begin().await?;
+        let mut out = Vec::new();
+        let mut from = start;
+        loop {
+            let page = match txn.scan(range(from.clone(), end.clone()), SCAN_PAGE).await {
+                Ok(page) => page.map(|kv| (Vec::from(kv.0), kv.1)).collect::<Vec<_>>(),
+                Err(e) => {
+                    txn.rollback().await.map_err(backend)?;
+                    return Err(backend(e));
+                }
+            };
+            let full = page.len() == SCAN_PAGE as usize;
+            if let Some((last, _)) = page.last() {
+                from = last.clone();
+                from.push(0);
+            }
+            out.extend(page);
+            if !full {
+                break;
+            }
+        }
+        txn.rollback().await.map_err(backend)?;
+        Ok(out)
+    }
+
+    async fn current_head(&self, tenant: &str, run: &str) -> Result<Option<SignedHead>> {
+        let key = keys::head(tenant, run);
+        match self.get(key.clone()).await? {
+            Some(v) => Ok(Some(decode_json(&v, &key)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn try_append(&self, tenant: &str, batch: &AppendBatch) -> Result<()> {
+        let run = batch.run_id.as_str();
+        let mut txn = self.begin().await?;
+        let written: Result<()> = async {
+            let head_key = keys::head(tenant, run);
+            let current = match txn.get(head_key.clone()).await.map_err(backend)? {
+                Some(v) => Some(decode_json::<SignedHead>(&v, &head_key)?),
+                None => None,
+            };
+            check_batch(batch, current.as_ref())?;
+            for entry in &batch.entries {
+                txn.put(keys::entry(tenant, run, entry.seq), entry.to_value_bytes())
+                    .await
+                    .map_err(backend)?;
+            }
+            txn.put(head_key, encode_json(&batch.head))
+                .await
+                .map_err(backend)?;
+            txn.put(keys::summary(tenant, run), encode_json(&batch.summary))
+                .await
+                .map_err(backend)?;
+            if batch.expected_head.is_none() {
+                let key = keys::by_time(tenant, batch.summary.started_at_ms, run);
+                txn.put(key, b"1".to_vec()).await.map_err(backend)?;
+            }
+            if let Some(checkpoint) = &batch.checkpoint {
+                let key = keys::checkpoint(tenant, &checkpoint.session_id);
+                txn.put(key, encode_json(checkpoint)).await.map_err(backend)?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = written {
+            txn.rollback().await.map_err(backend)?;
+            return Err(e);
+        }
+        match txn.commit().await {
+            Ok(_) => Ok(()),
+            Err(commit_error) => {
+                // A conflicting commit means another writer got there first. Re-read the head to
+                // tell the caller what happened; never resubmit the same batch.
+                let current = self.current_head(tenant, run).await?;
+                if current.as_ref().map(|h| h.hash) == Some(batch.head.hash) {
+                    // The commit landed even though its acknowledgement was lost.
+                    return Ok(());
+                }
+                check_batch(batch, current.as_ref())?;
+                Err(backend(format!("commit of run {run} failed: {commit_error}")))
+            }
+        }
+    }
+}
+
+impl RecordStore for TikvStore {
+    async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
+        self.try_append(tenant.as_str(), &batch).await
+    }
+
+    async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>> {
+        validate_id("run", run_id)?;
+        self.current_head(tenant.as_str(), run_id).await
+    }
+
+    async fn read_chain(&self, tenant: &TenantId, run_id: &str, from_seq: u64) -> Result<Vec<StoredEntry>> {
+        validate_id("run", run_id)?;
+        let t = tenant.as_str();
+        let prefix = keys::entries_prefix(t, run_id);
+        let pairs = self
+            .scan_all(keys::entry(t, run_id, from_seq), keys::prefix_end(&prefix))
+            .await?;
+        pairs
+            .into_iter()
+            .map(|(key, value)| {
+                let seq_bytes: [u8; 8] = key[prefix.len()..].try_into().map_err(|_| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    problem: "entry key has no 8-byte sequence number".into(),
+                })?;
+                let seq = u64::from_be_bytes(seq_bytes);
+                StoredEntry::from_value_bytes(seq, &value).ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    problem: "value shorter than a hash".into(),
+                })
+            })
+            .collect()
+    }
+
+    async fn list_runs(&self, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        let t = tenant.as_str();
+        let start = keys::by_time(t, filter.since_ms.unwrap_or(i64::MIN), "");
+        let end = match filter.until_ms {
+            Some(until) => keys::by_time(t, until, ""),
+            None => keys::prefix_end(&keys::by_time_prefix(t)),
+        };
+        let index = self.scan_all(start, end).await?;
+        let time_prefix_len = keys::by_time_prefix(t).len() + 8;
+        let mut out = Vec::new();
+        for (key, _) in index.into_iter().rev() {
+            let run = String::from_utf8_lossy(&key[time_prefix_len..]).into_owned();
+            let summary_key = keys::summary(t, &run);
+            let Some(value) = self.get(summary_key.clone()).await? else {
+                continue;
+            };
+            let summary: RunSummary = decode_json(&value, &summary_key)?;
+            if filter.matches(&summary) {
+                out.push(summary);
+                if filter.limit.is_some_and(|limit| out.len() >= limit) {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> Result<Hash> {
+        let hash = Hash::of(&bytes);
+        let key = keys::blob(tenant.as_str(), &hash);
+        let mut txn = self.begin().await?;
+        let exists = match txn.key_exists(key.clone()).await {
+            Ok(exists) => exists,
+            Err(e) => {
+                txn.rollback().await.map_err(backend)?;
+                return Err(backend(e));
+            }
+        };
+        if exists {
+            txn.rollback().await.map_err(backend)?;
+            return Ok(hash);
+        }
+        if let Err(e) = txn.put(key.clone(), bytes).await {
+            txn.rollback().await.map_err(backend)?;
+            return Err(backend(e));
+        }
+        if let Err(e) = txn.commit().await {
+            // Content-addressed: a concurrent writer of the same blob wrote the same bytes.
+            if self.get(key).await?.is_some() {
+                return Ok(hash);
+            }
+            return Err(backend(e));
+        }
+        Ok(hash)
+    }
+
+    async fn get_blob(&self, tenant: &TenantId, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        self.get(keys::blob(tenant.as_str(), hash)).await
+    }
+
+    async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {
+        validate_id("session", session_id)?;
+        let key = keys::checkpoint(tenant.as_str(), session_id);
+        match self.get(key.clone()).await? {
+            Some(v) => Ok(Some(decode_json(&v, &key)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys;
+
+    #[test]
+    fn time_keys_sort_numerically() {
+        let a = keys::by_time("t", -5, "r");
+        let b = keys::by_time("t", 3, "r");
+        let c = keys::by_time("t", 1_700_000_000_000, "r");
+        assert!(a < b && b < c);
+    }
+
+    #[test]
+    fn tenant_ranges_do_not_overlap() {
+        let end = keys::prefix_end(&keys::tenant_prefix("team-a"));
+        assert!(keys::head("team-a", "run") < end);
+        assert!(
+            keys::head("team-ab", "run") >= end
+                || keys::head("team-ab", "run") < keys::tenant_prefix("team-a")
+        );
+    }
+
+    #[test]
+    fn entry_keys_of_prefix_runs_do_not_mix() {
+        let p = keys::entries_prefix("t", "run-1");
+        assert!(!keys::entry("t", "run-10", 0).starts_with(&p));
+    }
+}

@@ -1,0 +1,569 @@
+//! RecordStore conformance: one suite, generic over the backend, run on the embedded store
+//! always and on TiKV when `CONTEXTOS_TEST_TIKV_PD` names a PD endpoint. Covers append/read/
+//! list, fork refusal under racing writers, tenant isolation, checkpoints, blobs, and crash
+//! safety (a child process appending in a loop is killed with SIGKILL).
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use contextos_runner::{
+    keys::KeyPair,
+    records::{
+        EmbeddedStore, EntryBody, Hash, PinnedDigests, RecordStore, Recorder, RunFilter, RunStart,
+        StoreError, StoredEntry, TenantId,
+        entry::{RecordEntry, Verdict},
+        store::{AppendBatch, SignedHead},
+        verify_run,
+    },
+};
+use serde_json::json;
+
+const TIKV_ENV: &str = "CONTEXTOS_TEST_TIKV_PD";
+const CHILD_STORE_ENV: &str = "CONTEXTOS_CRASH_CHILD_STORE";
+const CHILD_RUN_ENV: &str = "CONTEXTOS_CRASH_CHILD_RUN";
+
+fn key() -> KeyPair {
+    KeyPair::from_seed([42; 32])
+}
+
+/// Ids unique per test run, so a shared TiKV cluster can be reused.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{:x}-{}", nanos, std::process::id())
+}
+
+fn tenant(prefix: &str) -> TenantId {
+    TenantId::new(unique(prefix)).expect("valid tenant")
+}
+
+fn start(run_id: &str, session: &str, agent: &str) -> RunStart {
+    RunStart {
+        run_id: run_id.into(),
+        session_id: session.into(),
+        agent: agent.into(),
+        run_context: json!({"run_id": run_id, "tenant": "t"}),
+        pinned: PinnedDigests {
+            context_pack: "sha256:pack".into(),
+            policies: vec!["sha256:pol".into()],
+            sandbox_profile: None,
+        },
+    }
+}
+
+fn verdict(step: u32) -> EntryBody {
+    EntryBody::CriticVerdict {
+        step,
+        verdict: Verdict::Continue,
+        reason: format!("step {step} ok"),
+        functional_state: json!({"budget": 0.1}),
+    }
+}
+
+// ---------------------------------------------------------------- the suite
+
+async fn append_read_and_list<S: RecordStore>(store: &S) {
+    let t = tenant("arl");
+    let run = unique("run");
+    let mut rec = Recorder::start(store, t.clone(), key(), start(&run, "sess-1", "agent-a"))
+        .await
+        .expect("start");
+    for step in 0..5 {
+        rec.stage(verdict(step));
+    }
+    rec.flush().await.expect("batched flush");
+    rec.record(EntryBody::Completed {
+        output: "done".into(),
+        validators: vec!["shape".into()],
+    })
+    .await
+    .expect("complete");
+
+    let chain = store.read_chain(&t, &run, 0).await.expect("read");
+    assert_eq!(chain.len(), 7, "run_started + 5 verdicts + completed");
+    let decoded: Vec<RecordEntry> = chain
+        .iter()
+        .map(|e| RecordEntry::decode(&e.bytes).expect("decodes"))
+        .collect();
+    assert!(matches!(decoded[0].body, EntryBody::RunStarted { .. }));
+    assert!(matches!(decoded[6].body, EntryBody::Completed { .. }));
+    assert_eq!(store.read_chain(&t, &run, 5).await.expect("tail").len(), 2);
+    let verified = verify_run(store, &t, &run, &key().public())
+        .await
+        .expect("verifies");
+    assert_eq!(verified.entries, 7);
+
+    // A second run of another agent, started later.
+    let run2 = unique("run");
+    tokio::time::sleep(Duration::from_millis(3)).await; // distinct start timestamps, not synchronization
+    Recorder::start(store, t.clone(), key(), start(&run2, "sess-2", "agent-b"))
+        .await
+        .expect("start 2");
+    let all = store.list_runs(&t, &RunFilter::default()).await.expect("list");
+    assert_eq!(
+        all.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(),
+        vec![run2.as_str(), run.as_str()],
+        "newest first"
+    );
+    assert_eq!(all[1].outcome, "completed");
+    assert_eq!(all[1].entries, 7);
+    let by_agent = store
+        .list_runs(
+            &t,
+            &RunFilter {
+                agent: Some("agent-a".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(by_agent.len(), 1);
+    let limited = store
+        .list_runs(
+            &t,
+            &RunFilter {
+                limit: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(limited[0].run_id, run2);
+    let future = store
+        .list_runs(
+            &t,
+            &RunFilter {
+                since_ms: Some(all[0].started_at_ms + 1),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert!(future.is_empty());
+    let window = RunFilter {
+        since_ms: Some(all[1].started_at_ms),
+        until_ms: Some(all[0].started_at_ms),
+        ..Default::default()
+    };
+    assert_eq!(store.list_runs(&t, &window).await.expect("list").len(), 1);
+}
+
+fn raw_batch(t: &TenantId, run: &str, prev: &SignedHead, marker: &str) -> AppendBatch {
+    let entry = RecordEntry {
+        run_id: run.into(),
+        seq: prev.seq + 1,
+        prev: Some(prev.hash),
+        at_ms: 1,
+        body: EntryBody::Failed {
+            reason: marker.into(),
+            message: String::new(),
+        },
+    };
+    let sealed = StoredEntry::seal(&entry);
+    let k = key();
+    let message = SignedHead::message(t, run, sealed.seq, &sealed.hash);
+    let head = SignedHead {
+        seq: sealed.seq,
+        hash: sealed.hash,
+        key_id: k.key_id(),
+        signature: k.sign_hex(&message),
+    };
+    let summary = contextos_runner::records::RunSummary {
+        run_id: run.into(),
+        session_id: "s".into(),
+        agent: "a".into(),
+        started_at_ms: 0,
+        outcome: "failed".into(),
+        entries: sealed.seq + 1,
+        head: sealed.hash,
+    };
+    AppendBatch {
+        run_id: run.into(),
+        expected_head: Some(prev.hash),
+        entries: vec![sealed],
+        head,
+        summary,
+        checkpoint: None,
+    }
+}
+
+async fn fork_refusal<S: RecordStore>(store: &S) {
+    let t = tenant("fork");
+    let run = unique("run");
+    Recorder::start(store, t.clone(), key(), start(&run, "s", "a"))
+        .await
+        .expect("start");
+    let head = store.head(&t, &run).await.expect("head").expect("exists");
+    for _ in 0..5 {
+        let current = store.head(&t, &run).await.expect("head").expect("exists");
+        let (a, b) = tokio::join!(
+            store.append(&t, raw_batch(&t, &run, &current, "writer-a")),
+            store.append(&t, raw_batch(&t, &run, &current, "writer-b")),
+        );
+        let wins = [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count();
+        assert_eq!(
+            wins, 1,
+            "exactly one racing writer may extend the head: {a:?} / {b:?}"
+        );
+        let loser = if a.is_err() { a } else { b };
+        assert!(
+            matches!(loser, Err(StoreError::HeadMoved { .. })),
+            "the loser is told the head moved: {loser:?}"
+        );
+    }
+    // A stale writer is refused too.
+    assert!(matches!(
+        store.append(&t, raw_batch(&t, &run, &head, "stale")).await,
+        Err(StoreError::HeadMoved { .. })
+    ));
+    verify_run(store, &t, &run, &key().public())
+        .await
+        .expect("chain still verifies");
+
+    // Two recorders on one run (runner and gateway) interleave into one linear chain.
+    let mut one = Recorder::resume(store, t.clone(), key(), &run)
+        .await
+        .expect("resume");
+    let mut two = Recorder::resume(store, t.clone(), key(), &run)
+        .await
+        .expect("resume");
+    let before = store.head(&t, &run).await.expect("head").expect("exists").seq;
+    let (r1, r2) = tokio::join!(
+        async {
+            for step in 0..20 {
+                one.record(verdict(step)).await?;
+            }
+            Ok::<_, contextos_runner::records::RecordError>(())
+        },
+        async {
+            for step in 100..120 {
+                two.record(verdict(step)).await?;
+            }
+            Ok::<_, contextos_runner::records::RecordError>(())
+        },
+    );
+    r1.expect("writer one");
+    r2.expect("writer two");
+    let after = store.head(&t, &run).await.expect("head").expect("exists").seq;
+    assert_eq!(
+        after - before,
+        40,
+        "every entry of both writers landed exactly once"
+    );
+    verify_run(store, &t, &run, &key().public())
+        .await
+        .expect("interleaved chain verifies");
+}
+
+async fn tenant_isolation<S: RecordStore>(store: &S) {
+    let a = tenant("team-a");
+    let b = tenant("team-b");
+    let run = unique("run");
+    let mut rec = Recorder::start(store, a.clone(), key(), start(&run, "shared-session", "agent"))
+        .await
+        .expect("start");
+    rec.record(EntryBody::Checkpoint {
+        step: 1,
+        state: json!({}),
+    })
+    .await
+    .expect("checkpoint");
+    let blob = store
+        .put_blob(&a, b"secret of team a".to_vec())
+        .await
+        .expect("blob");
+
+    assert!(
+        store.head(&b, &run).await.expect("head").is_none(),
+        "another tenant cannot see the head"
+    );
+    assert!(
+        store.read_chain(&b, &run, 0).await.expect("read").is_empty(),
+        "nor the entries"
+    );
+    assert!(
+        store
+            .list_runs(&b, &RunFilter::default())
+            .await
+            .expect("list")
+            .is_empty(),
+        "nor the run list"
+    );
+    assert!(
+        store.get_blob(&b, &blob).await.expect("get").is_none(),
+        "nor blobs"
+    );
+    assert!(
+        store
+            .latest_checkpoint(&b, "shared-session")
+            .await
+            .expect("cp")
+            .is_none(),
+        "nor checkpoints"
+    );
+    assert!(verify_run(store, &b, &run, &key().public()).await.is_err());
+    // A signature made for tenant a does not verify if the chain is presented as tenant b's.
+    let head = store.head(&a, &run).await.expect("head").expect("exists");
+    let chain = store.read_chain(&a, &run, 0).await.expect("read");
+    assert!(contextos_runner::records::verify_entries(&b, &run, &chain, &head, &key().public()).is_err());
+    assert!(TenantId::new("../etc").is_err() && TenantId::new("A").is_err() && TenantId::new("").is_err());
+}
+
+async fn checkpoints<S: RecordStore>(store: &S) {
+    let t = tenant("cp");
+    let run = unique("run");
+    let mut rec = Recorder::start(store, t.clone(), key(), start(&run, "sess-cp", "agent"))
+        .await
+        .expect("start");
+    assert!(
+        store
+            .latest_checkpoint(&t, "sess-cp")
+            .await
+            .expect("cp")
+            .is_none()
+    );
+    for step in 1..=3 {
+        rec.record(verdict(step)).await.expect("verdict");
+        rec.record(EntryBody::Checkpoint {
+            step,
+            state: json!({"step": step}),
+        })
+        .await
+        .expect("checkpoint");
+    }
+    let cp = store
+        .latest_checkpoint(&t, "sess-cp")
+        .await
+        .expect("cp")
+        .expect("exists");
+    assert_eq!((cp.step, cp.run_id.as_str(), cp.seq), (3, run.as_str(), 6));
+    let chain = store.read_chain(&t, &run, cp.seq).await.expect("read");
+    assert_eq!(chain[0].hash, cp.entry_hash, "the checkpoint points at its entry");
+    // A resumed run (second attempt) of the same session moves the checkpoint.
+    let run2 = unique("run");
+    let mut rec2 = Recorder::start(store, t.clone(), key(), start(&run2, "sess-cp", "agent"))
+        .await
+        .expect("start 2");
+    rec2.record(EntryBody::Checkpoint {
+        step: 4,
+        state: json!({}),
+    })
+    .await
+    .expect("checkpoint");
+    let cp = store
+        .latest_checkpoint(&t, "sess-cp")
+        .await
+        .expect("cp")
+        .expect("exists");
+    assert_eq!((cp.step, cp.run_id.as_str()), (4, run2.as_str()));
+}
+
+async fn blobs<S: RecordStore>(store: &S) {
+    let t = tenant("blob");
+    let run = unique("run");
+    let mut rec = Recorder::start(store, t.clone(), key(), start(&run, "s", "a"))
+        .await
+        .expect("start")
+        .with_blob_threshold(1024);
+    let big = "x".repeat(50_000);
+    rec.record(EntryBody::Completed {
+        output: big.clone(),
+        validators: vec![],
+    })
+    .await
+    .expect("big entry");
+    let chain = store.read_chain(&t, &run, 1).await.expect("read");
+    assert!(
+        chain[0].bytes.len() < 1024,
+        "the large body is stored out of line"
+    );
+    let EntryBody::Blob {
+        blob,
+        size,
+        body_type,
+    } = RecordEntry::decode(&chain[0].bytes).expect("decodes").body
+    else {
+        panic!("expected a blob reference");
+    };
+    assert_eq!(body_type, "completed");
+    let bytes = store.get_blob(&t, &blob).await.expect("get").expect("present");
+    assert_eq!(bytes.len() as u64, size);
+    assert!(String::from_utf8_lossy(&bytes).contains(&big));
+    assert_eq!(
+        store.put_blob(&t, bytes.clone()).await.expect("again"),
+        blob,
+        "content addressed and idempotent"
+    );
+    verify_run(store, &t, &run, &key().public())
+        .await
+        .expect("verifies with its blob");
+    assert!(store.list_runs(&t, &RunFilter::default()).await.expect("list")[0].outcome == "completed");
+    assert_eq!(
+        store.get_blob(&t, &Hash::of(b"never stored")).await.expect("get"),
+        None
+    );
+}
+
+/// Runs the child appender against `store_spec`, kills it with SIGKILL after `kill_after`
+/// acknowledged entries, and returns what it acknowledged as (seq, hash).
+fn run_child_until_killed(store_spec: &str, run_id: &str, kill_after: usize) -> Vec<(u64, String)> {
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            "crash_child_appends_until_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_STORE_ENV, store_spec)
+        .env(CHILD_RUN_ENV, run_id)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut acked = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("child output");
+        if let Some(rest) = line.strip_prefix("ACK ") {
+            let (seq, hash) = rest.split_once(' ').expect("ACK <seq> <hash>");
+            acked.push((seq.parse().expect("seq"), hash.to_owned()));
+            if acked.len() >= kill_after {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .expect("kill");
+                break;
+            }
+        }
+    }
+    let status = child.wait().expect("wait");
+    assert!(
+        !status.success(),
+        "the child was killed, not finished: {status:?}"
+    );
+    acked
+}
+
+async fn crash_safety<S: RecordStore>(store_spec: &str, reopen: impl AsyncFn() -> S) {
+    let run = unique("crash");
+    let t = TenantId::new("crash-tests").expect("tenant");
+    let mut all_acked = Vec::new();
+    for kill_after in [37, 121, 260] {
+        all_acked.extend(run_child_until_killed(store_spec, &run, kill_after));
+        let store = reopen().await;
+        let chain = store.read_chain(&t, &run, 0).await.expect("read after crash");
+        for (seq, hash) in &all_acked {
+            let entry = chain
+                .get(*seq as usize)
+                .unwrap_or_else(|| panic!("acknowledged entry {seq} lost in the crash"));
+            assert_eq!(&entry.hash.to_hex(), hash, "acknowledged entry {seq} changed");
+        }
+        verify_run(&store, &t, &run, &key().public())
+            .await
+            .expect("after SIGKILL the chain verifies: nothing partial");
+    }
+}
+
+/// The crash-safety child: appends to a run in small batches forever, printing each acknowledged
+/// entry. Only meaningful when started by `crash_safety`; ignored in normal runs.
+#[tokio::test]
+#[ignore = "child process of the crash-safety tests; started by them with --ignored --exact"]
+async fn crash_child_appends_until_killed() {
+    let (Ok(spec), Ok(run)) = (std::env::var(CHILD_STORE_ENV), std::env::var(CHILD_RUN_ENV)) else {
+        panic!("run only by the crash-safety tests ({CHILD_STORE_ENV} unset)");
+    };
+    let t = TenantId::new("crash-tests").expect("tenant");
+    if let Some(path) = spec.strip_prefix("embedded:") {
+        let store = EmbeddedStore::open(std::path::Path::new(path)).expect("open");
+        child_loop(&store, t, &run).await;
+    } else if let Some(pd) = spec.strip_prefix("tikv:") {
+        #[cfg(feature = "tikv")]
+        {
+            let store = contextos_runner::records::store::tikv::TikvStore::connect(pd)
+                .await
+                .expect("connect");
+            child_loop(&store, t, &run).await;
+        }
+        #[cfg(not(feature = "tikv"))]
+        panic!("built without the tikv feature; cannot reach {pd}");
+    }
+}
+
+async fn child_loop<S: RecordStore>(store: &S, t: TenantId, run: &str) {
+    let mut rec = match Recorder::resume(store, t.clone(), key(), run).await {
+        Ok(rec) => rec,
+        Err(_) => Recorder::start(store, t, key(), start(run, "crash-session", "agent"))
+            .await
+            .expect("start"),
+    };
+    let mut step = 0u32;
+    loop {
+        let batch = 1 + (step % 4);
+        for _ in 0..batch {
+            step += 1;
+            rec.stage(verdict(step));
+        }
+        let head = rec.flush().await.expect("append");
+        // Acknowledge every entry of the batch that just became durable.
+        let chain = store
+            .read_chain(rec.tenant(), run, head.seq + 1 - u64::from(batch))
+            .await
+            .expect("read back");
+        for entry in chain {
+            println!("ACK {} {}", entry.seq, entry.hash.to_hex());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- backends
+
+#[tokio::test]
+async fn embedded_store_passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("open");
+    append_read_and_list(&store).await;
+    fork_refusal(&store).await;
+    tenant_isolation(&store).await;
+    checkpoints(&store).await;
+    blobs(&store).await;
+}
+
+#[tokio::test]
+async fn embedded_store_survives_sigkill_mid_append() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("records.redb");
+    let spec = format!("embedded:{}", path.display());
+    crash_safety(&spec, async || {
+        EmbeddedStore::open(&path).expect("reopen after crash")
+    })
+    .await;
+}
+
+#[cfg(feature = "tikv")]
+#[tokio::test]
+async fn tikv_store_passes_the_conformance_suite() {
+    use contextos_runner::records::store::tikv::TikvStore;
+    let Ok(pd) = std::env::var(TIKV_ENV) else {
+        // Written past the test harness's output capture so the skip is visible in every run.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP tikv_store_passes_the_conformance_suite: {TIKV_ENV} is not set (set it to a PD address, host:port, to run the RecordStore suite against TiKV)"
+        );
+        return;
+    };
+    let store = TikvStore::connect(&pd).await.expect("connect to PD");
+    append_read_and_list(&store).await;
+    fork_refusal(&store).await;
+    tenant_isolation(&store).await;
+    checkpoints(&store).await;
+    blobs(&store).await;
+    let spec = format!("tikv:{pd}");
+    crash_safety(&spec, async || TikvStore::connect(&pd).await.expect("reconnect")).await;
+}

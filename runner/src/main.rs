@@ -1,13 +1,25 @@
 //! The `contextos` command line: local runs, records, replay, and the runner-pod entrypoint.
 
+mod cli;
+
+use std::process::ExitCode;
+
 use clap::Parser;
 
-/// Run AI agents with replayable decisions.
-#[derive(Debug, Parser)]
-#[command(name = "contextos", version, about)]
-struct Cli {}
-
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("contextos: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli.run()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("contextos: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -56,15 +56,20 @@ fn write_value(value: &Value, out: &mut Vec<u8>) {
             out.push(b']');
         }
         Value::String(s) => write_string(s, out),
-        // Numbers, booleans and null have a single serde_json rendering already.
-        other => out.extend_from_slice(other.to_string().as_bytes()),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Null => out.extend_from_slice(b"null"),
+        // serde_json renders a number one way only (integers as is, floats shortest round-trip).
+        Value::Number(n) => {
+            let _ = serde_json::to_writer(&mut *out, n);
+        }
     }
 }
 
 fn write_string(s: &str, out: &mut Vec<u8>) {
     // serde_json's string escaping is deterministic; reuse it rather than re-implementing JSON
-    // escapes.
-    out.extend_from_slice(Value::String(s.to_owned()).to_string().as_bytes());
+    // escapes. Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 #[cfg(test)]

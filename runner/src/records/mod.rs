@@ -5,11 +5,14 @@ pub mod canonical;
 pub mod entry;
 pub mod recorder;
 pub mod store;
+pub mod timeline;
 pub mod verify;
 
 pub use entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry};
 pub use recorder::{RecordError, Recorder, RunStart};
 pub use store::{
-    RecordStore, RunFilter, RunSummary, SignedHead, StoreError, TenantId, embedded::EmbeddedStore,
+    RecordStore, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
+    any::{AnyStore, StoreLocation},
+    embedded::EmbeddedStore,
 };
 pub use verify::{VerifiedChain, VerifyError, verify_entries, verify_run};

@@ -8,8 +8,7 @@
 use serde_json::Value;
 
 use super::{
-    canonical::to_canonical_bytes,
-    entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry},
+    entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry, encode_parts},
     store::{
         AppendBatch, Checkpoint, RecordStore, RunSummary, SignedHead, StoreError, TenantId, validate_id,
     },
@@ -59,10 +58,46 @@ pub struct Recorder<'s, S> {
     summary: RunSummary,
     /// Seq and hash of the last entry known to be stored.
     head: Option<(u64, Hash)>,
-    /// Bodies waiting for `flush`, in order.
-    staged: Vec<(i64, EntryBody)>,
+    /// Bodies waiting for `flush`, in order, already encoded.
+    staged: Vec<Staged>,
     blob_threshold: usize,
     clock: fn() -> i64,
+}
+
+/// A body waiting to be chained: encoded once, at staging time.
+#[derive(Clone, Debug)]
+struct Staged {
+    at_ms: i64,
+    body: Vec<u8>,
+    effect: SummaryEffect,
+}
+
+/// What a body changes in the run summary.
+#[derive(Clone, Copy, Debug)]
+enum SummaryEffect {
+    None,
+    Completed,
+    Failed,
+    Checkpoint(u32),
+}
+
+impl SummaryEffect {
+    fn of(body: &EntryBody) -> Self {
+        match body {
+            EntryBody::Completed { .. } => Self::Completed,
+            EntryBody::Failed { .. } => Self::Failed,
+            EntryBody::Checkpoint { step, .. } => Self::Checkpoint(*step),
+            _ => Self::None,
+        }
+    }
+
+    fn apply(self, summary: &mut RunSummary) {
+        match self {
+            Self::Completed => summary.outcome = "completed".into(),
+            Self::Failed => summary.outcome = "failed".into(),
+            Self::None | Self::Checkpoint(_) => {}
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -192,7 +227,12 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
 
     /// Queues an entry for the next flush.
     pub fn stage(&mut self, body: EntryBody) {
-        self.staged.push(((self.clock)(), body));
+        let effect = SummaryEffect::of(&body);
+        self.staged.push(Staged {
+            at_ms: (self.clock)(),
+            body: body.encode(),
+            effect,
+        });
     }
 
     /// Writes one entry now and returns its hash.
@@ -255,56 +295,54 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     }
 
     /// Replaces bodies above the threshold with blob references.
-    async fn offload_blobs(
-        &self,
-        staged: Vec<(i64, EntryBody)>,
-    ) -> Result<Vec<(i64, EntryBody)>, RecordError> {
+    async fn offload_blobs(&self, staged: Vec<Staged>) -> Result<Vec<Staged>, RecordError> {
         let mut out = Vec::with_capacity(staged.len());
-        for (at, body) in staged {
-            let bytes = to_canonical_bytes(&serde_json::to_value(&body).unwrap_or(Value::Null));
-            if bytes.len() <= self.blob_threshold {
-                out.push((at, body));
+        for item in staged {
+            if item.body.len() <= self.blob_threshold {
+                out.push(item);
                 continue;
             }
-            let size = bytes.len() as u64;
-            let body_type = body.type_name().to_owned();
-            let blob = self.store.put_blob(&self.tenant, bytes).await?;
-            out.push((
-                at,
-                EntryBody::Blob {
-                    blob,
-                    size,
-                    body_type,
-                },
-            ));
+            let size = item.body.len() as u64;
+            let body_type = body_type_of(&item.body);
+            let blob = self.store.put_blob(&self.tenant, item.body).await?;
+            let reference = EntryBody::Blob {
+                blob,
+                size,
+                body_type,
+            };
+            out.push(Staged {
+                at_ms: item.at_ms,
+                body: reference.encode(),
+                effect: item.effect,
+            });
         }
         Ok(out)
     }
 
     /// Chains `bodies` onto the current head, seals them and signs the new head.
-    fn build_batch(&self, bodies: &[(i64, EntryBody)]) -> AppendBatch {
+    fn build_batch(&self, bodies: &[Staged]) -> AppendBatch {
         let mut prev = self.head;
         let mut entries = Vec::with_capacity(bodies.len());
         let mut summary = self.summary.clone();
         let mut checkpoint = None;
-        for (at_ms, body) in bodies {
+        for item in bodies {
             let seq = prev.map_or(0, |(s, _)| s + 1);
-            let entry = RecordEntry {
-                run_id: summary.run_id.clone(),
+            let bytes = encode_parts(
+                &summary.run_id,
                 seq,
-                prev: prev.map(|(_, h)| h),
-                at_ms: *at_ms,
-                body: body.clone(),
-            };
-            let sealed = StoredEntry::seal(&entry);
-            update_outcome(&mut summary, body);
-            if let EntryBody::Checkpoint { step, .. } = body {
+                prev.map(|(_, h)| h).as_ref(),
+                item.at_ms,
+                &item.body,
+            );
+            let sealed = StoredEntry::from_bytes(seq, bytes);
+            item.effect.apply(&mut summary);
+            if let SummaryEffect::Checkpoint(step) = item.effect {
                 checkpoint = Some(Checkpoint {
                     session_id: summary.session_id.clone(),
                     run_id: summary.run_id.clone(),
                     seq,
                     entry_hash: sealed.hash,
-                    step: *step,
+                    step,
                 });
             }
             prev = Some((seq, sealed.hash));
@@ -339,6 +377,17 @@ fn rechain_pause(attempt: usize) -> std::time::Duration {
         .unwrap_or(0);
     let ceiling = 100u32 << attempt.min(9);
     std::time::Duration::from_micros(u64::from(random % ceiling.max(1)))
+}
+
+/// The `type` tag of an encoded body (canonical JSON: `"type"` is a top-level key).
+fn body_type_of(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Tag {
+        r#type: String,
+    }
+    serde_json::from_slice::<Tag>(body)
+        .map(|t| t.r#type)
+        .unwrap_or_default()
 }
 
 fn update_outcome(summary: &mut RunSummary, body: &EntryBody) {

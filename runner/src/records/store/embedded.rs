@@ -12,18 +12,25 @@ use super::{
 };
 use crate::records::entry::{Hash, StoredEntry};
 
-/// (tenant, run, seq) → 32-byte hash ‖ canonical entry.
+/// (tenant, run, seq) → 32-byte hash ‖ canonical entry, and (tenant, run, [`RUN_ROW`]) → the
+/// run's RunRow JSON (signed head and summary). Keeping the run row in the entries table means
+/// an append modifies a single B-tree, which is most of the cost of a redb commit after fsync.
 const ENTRIES: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("entries");
-/// (tenant, run) → SignedHead JSON.
-const HEADS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("heads");
-/// (tenant, run) → RunSummary JSON.
-const RUNS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("runs");
+/// The sequence number under which a run's row is kept (never a real entry's).
+const RUN_ROW: u64 = u64::MAX;
 /// (tenant, started_at_ms, run) → nothing; orders runs by start time.
 const RUNS_BY_TIME: TableDefinition<(&str, i64, &str), ()> = TableDefinition::new("runs_by_time");
 /// (tenant, sha256) → bytes.
 const BLOBS: TableDefinition<(&str, &[u8; 32]), &[u8]> = TableDefinition::new("blobs");
 /// (tenant, session) → Checkpoint JSON.
 const CHECKPOINTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("checkpoints");
+
+/// One row of the runs table.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunRow {
+    head: SignedHead,
+    summary: RunSummary,
+}
 
 /// A record store in one local file.
 #[derive(Clone, Debug)]
@@ -54,8 +61,6 @@ impl EmbeddedStore {
         let txn = db.begin_write().map_err(backend)?;
         {
             txn.open_table(ENTRIES).map_err(backend)?;
-            txn.open_table(HEADS).map_err(backend)?;
-            txn.open_table(RUNS).map_err(backend)?;
             txn.open_table(RUNS_BY_TIME).map_err(backend)?;
             txn.open_table(BLOBS).map_err(backend)?;
             txn.open_table(CHECKPOINTS).map_err(backend)?;
@@ -80,23 +85,23 @@ impl EmbeddedStore {
         let run = batch.run_id.as_str();
         let txn = db.begin_write().map_err(backend)?;
         {
-            let mut heads = txn.open_table(HEADS).map_err(backend)?;
-            let current = match heads.get((t, run)).map_err(backend)? {
-                Some(v) => Some(decode_json::<SignedHead>(v.value(), format!("heads/{t}/{run}"))?),
+            let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
+            let current = match entries.get((t, run, RUN_ROW)).map_err(backend)? {
+                Some(v) => Some(decode_json::<RunRow>(v.value(), format!("runs/{t}/{run}"))?.head),
                 None => None,
             };
             check_batch(batch, current.as_ref())?;
-            let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
             for entry in &batch.entries {
                 entries
                     .insert((t, run, entry.seq), entry.to_value_bytes().as_slice())
                     .map_err(backend)?;
             }
-            heads
-                .insert((t, run), encode_json(&batch.head).as_slice())
-                .map_err(backend)?;
-            let mut runs = txn.open_table(RUNS).map_err(backend)?;
-            runs.insert((t, run), encode_json(&batch.summary).as_slice())
+            let row = RunRow {
+                head: batch.head.clone(),
+                summary: batch.summary.clone(),
+            };
+            entries
+                .insert((t, run, RUN_ROW), encode_json(&row).as_slice())
                 .map_err(backend)?;
             if batch.expected_head.is_none() {
                 let mut by_time = txn.open_table(RUNS_BY_TIME).map_err(backend)?;
@@ -121,7 +126,7 @@ impl EmbeddedStore {
         let t = tenant.as_str();
         let txn = db.begin_read().map_err(backend)?;
         let by_time = txn.open_table(RUNS_BY_TIME).map_err(backend)?;
-        let runs = txn.open_table(RUNS).map_err(backend)?;
+        let entries = txn.open_table(ENTRIES).map_err(backend)?;
         let since = filter.since_ms.unwrap_or(i64::MIN);
         let until = filter.until_ms.unwrap_or(i64::MAX);
         let mut out = Vec::new();
@@ -129,10 +134,10 @@ impl EmbeddedStore {
         for item in range.rev() {
             let (key, _) = item.map_err(backend)?;
             let (_, _, run) = key.value();
-            let Some(value) = runs.get((t, run)).map_err(backend)? else {
+            let Some(value) = entries.get((t, run, RUN_ROW)).map_err(backend)? else {
                 continue;
             };
-            let summary: RunSummary = decode_json(value.value(), format!("runs/{t}/{run}"))?;
+            let summary = decode_json::<RunRow>(value.value(), format!("runs/{t}/{run}"))?.summary;
             if filter.matches(&summary) {
                 out.push(summary);
                 if filter.limit.is_some_and(|limit| out.len() >= limit) {
@@ -165,10 +170,13 @@ impl RecordStore for EmbeddedStore {
         let (tenant, run_id) = (tenant.clone(), run_id.to_owned());
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
-            let heads = txn.open_table(HEADS).map_err(backend)?;
-            let key = format!("heads/{tenant}/{run_id}");
-            match heads.get((tenant.as_str(), run_id.as_str())).map_err(backend)? {
-                Some(v) => Ok(Some(decode_json(v.value(), key)?)),
+            let entries = txn.open_table(ENTRIES).map_err(backend)?;
+            let key = format!("runs/{tenant}/{run_id}");
+            match entries
+                .get((tenant.as_str(), run_id.as_str(), RUN_ROW))
+                .map_err(backend)?
+            {
+                Some(v) => Ok(Some(decode_json::<RunRow>(v.value(), key)?.head)),
                 None => Ok(None),
             }
         })
@@ -184,7 +192,7 @@ impl RecordStore for EmbeddedStore {
             let entries = txn.open_table(ENTRIES).map_err(backend)?;
             let mut out = Vec::new();
             for item in entries
-                .range((t, run, from_seq)..=(t, run, u64::MAX))
+                .range((t, run, from_seq)..(t, run, RUN_ROW))
                 .map_err(backend)?
             {
                 let (key, value) = item.map_err(backend)?;

@@ -1,0 +1,94 @@
+//! Command-line structure shared by every subcommand: where data lives and which tenant.
+
+mod records;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use contextos_runner::{
+    keys::{KeyPair, PublicKey},
+    records::{AnyStore, StoreLocation, TenantId},
+};
+
+/// Run AI agents with replayable decisions.
+#[derive(Debug, Parser)]
+#[command(name = "contextos", version)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand understands.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Directory holding the embedded record store and the local signing key.
+    #[arg(long, global = true, env = "CONTEXTOS_DATA_DIR", default_value = ".contextos")]
+    data_dir: PathBuf,
+    /// Tenant (Kubernetes namespace) whose records to use.
+    #[arg(long, global = true, env = "CONTEXTOS_TENANT", default_value = "default")]
+    tenant: String,
+    /// Record store: `tikv://<pd host:port>[,…]` or `embedded:<file>`; default: the data dir's store.
+    #[arg(long, global = true, env = "CONTEXTOS_STORE")]
+    store: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect, verify and export DecisionRecords.
+    #[command(subcommand)]
+    Records(records::RecordsCommand),
+}
+
+impl Cli {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Records(command) => records::run(&self.global, command).await,
+        }
+    }
+}
+
+impl GlobalArgs {
+    fn tenant(&self) -> anyhow::Result<TenantId> {
+        TenantId::new(&self.tenant).with_context(|| format!("--tenant {:?}", self.tenant))
+    }
+
+    fn store_location(&self) -> anyhow::Result<StoreLocation> {
+        match &self.store {
+            Some(url) => StoreLocation::parse(url).with_context(|| format!("--store {url:?}")),
+            None => Ok(StoreLocation::in_data_dir(&self.data_dir)),
+        }
+    }
+
+    async fn open_store(&self) -> anyhow::Result<AnyStore> {
+        let location = self.store_location()?;
+        AnyStore::open(&location)
+            .await
+            .with_context(|| format!("opening the record store {location:?}"))
+    }
+
+    fn key_path(&self) -> PathBuf {
+        self.data_dir.join("keys").join("signing.key")
+    }
+
+    /// The key record heads are verified with: `explicit` hex, else the data dir's key.
+    fn verifying_key(&self, explicit: Option<&str>) -> anyhow::Result<PublicKey> {
+        match explicit {
+            Some(hex) => Ok(PublicKey::from_hex(hex)?),
+            None => {
+                let path = self.key_path();
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "no verifying key: {} does not exist; pass --public-key <hex> (the public key of the signer)",
+                        path.display()
+                    )
+                })?;
+                let key = KeyPair::from_hex(&text)
+                    .with_context(|| format!("{} is not an ed25519 key file", path.display()))?;
+                Ok(key.public())
+            }
+        }
+    }
+}

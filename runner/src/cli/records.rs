@@ -1,0 +1,212 @@
+//! `contextos records list|show|verify|export`.
+
+use std::{
+    io::{BufWriter, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use contextos_runner::records::{
+    AnyStore, EntryBody, RecordEntry, RecordStore, RunFilter, RunSummary, TenantId, timeline, verify_run,
+};
+
+use super::GlobalArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum RecordsCommand {
+    /// List runs, newest first.
+    List {
+        /// Only runs of this Agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only runs of this Session.
+        #[arg(long)]
+        session: Option<String>,
+        /// Only runs started within this long ago: e.g. 30m, 12h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Print a run's timeline: who did what and why, step by step.
+    Show {
+        /// Run id (see `records list`).
+        run: String,
+    },
+    /// Check a run's hash chain, blobs and head signature (or every run with --all).
+    Verify {
+        /// Run id.
+        #[arg(required_unless_present = "all")]
+        run: Option<String>,
+        /// Verify every run of the tenant.
+        #[arg(long, conflicts_with = "run")]
+        all: bool,
+        /// Public key (hex) of the signer; default: the data directory's key.
+        #[arg(long, env = "CONTEXTOS_RECORD_PUBLIC_KEY")]
+        public_key: Option<String>,
+    },
+    /// Write a run as JSON Lines: one entry per line with its hash, blobs inlined.
+    Export {
+        /// Run id.
+        run: String,
+        /// Output file (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+pub async fn run(global: &GlobalArgs, command: RecordsCommand) -> anyhow::Result<ExitCode> {
+    let tenant = global.tenant()?;
+    let store = global.open_store().await?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match command {
+        RecordsCommand::List {
+            agent,
+            session,
+            since,
+            limit,
+        } => {
+            let since_ms = since.as_deref().map(parse_since).transpose()?;
+            let filter = RunFilter {
+                agent,
+                session_id: session,
+                since_ms,
+                until_ms: None,
+                limit: Some(limit),
+            };
+            let runs = store.list_runs(&tenant, &filter).await?;
+            print_runs(&mut out, &tenant, &runs)?;
+        }
+        RecordsCommand::Show { run } => show(&store, &tenant, &run, &mut out).await?,
+        RecordsCommand::Verify { run, all, public_key } => {
+            let key = global.verifying_key(public_key.as_deref())?;
+            let runs = match (run, all) {
+                (Some(run), _) => vec![run],
+                (None, _) => store
+                    .list_runs(&tenant, &RunFilter::default())
+                    .await?
+                    .into_iter()
+                    .map(|r| r.run_id)
+                    .collect(),
+            };
+            let mut failed = 0;
+            for run in &runs {
+                match verify_run(&store, &tenant, run, &key).await {
+                    Ok(v) => writeln!(
+                        out,
+                        "run {run}: OK — {} entries, {} bytes, head {} signed by key {}",
+                        v.entries,
+                        v.bytes,
+                        &v.head.to_hex()[..16],
+                        v.key_id
+                    )?,
+                    Err(e) => {
+                        failed += 1;
+                        writeln!(out, "run {run}: FAILED — {e}")?;
+                    }
+                }
+            }
+            if failed > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        RecordsCommand::Export { run, output } => {
+            let entries = resolved_entries(&store, &tenant, &run).await?;
+            let mut sink: Box<dyn Write> = match &output {
+                Some(path) => Box::new(BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => Box::new(&mut out),
+            };
+            for (hash, entry) in &entries {
+                let line = serde_json::json!({"hash": hash, "entry": entry});
+                writeln!(sink, "{line}")?;
+            }
+            sink.flush()?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Entries of a run with blob references replaced by the bodies they stand for.
+async fn resolved_entries(
+    store: &AnyStore,
+    tenant: &TenantId,
+    run: &str,
+) -> anyhow::Result<Vec<(String, RecordEntry)>> {
+    let chain = store.read_chain(tenant, run, 0).await?;
+    if chain.is_empty() {
+        bail!("run {run} not found in tenant {tenant} (see `contextos records list --tenant {tenant}`)");
+    }
+    let mut out = Vec::with_capacity(chain.len());
+    for stored in chain {
+        let mut entry = RecordEntry::decode(&stored.bytes).with_context(|| {
+            format!(
+                "run {run}: entry {} is unreadable; run `contextos records verify {run}`",
+                stored.seq
+            )
+        })?;
+        if let EntryBody::Blob { blob, .. } = &entry.body {
+            let bytes = store
+                .get_blob(tenant, blob)
+                .await?
+                .with_context(|| format!("run {run}: entry {} references missing blob {blob}", stored.seq))?;
+            entry.body = serde_json::from_slice(&bytes)
+                .with_context(|| format!("run {run}: blob {blob} of entry {} is unreadable", stored.seq))?;
+        }
+        out.push((stored.hash.to_hex(), entry));
+    }
+    Ok(out)
+}
+
+async fn show(store: &AnyStore, tenant: &TenantId, run: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let entries = resolved_entries(store, tenant, run).await?;
+    writeln!(out, "run {run} (tenant {tenant}), {} entries", entries.len())?;
+    for (_, entry) in &entries {
+        writeln!(out, "{}", timeline::line(entry))?;
+    }
+    Ok(())
+}
+
+fn print_runs(out: &mut impl Write, tenant: &TenantId, runs: &[RunSummary]) -> anyhow::Result<()> {
+    if runs.is_empty() {
+        writeln!(out, "no runs recorded in tenant {tenant}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<36} {:<24} {:<20} {:<20} {:<10} {:>7}",
+        "RUN", "SESSION", "AGENT", "STARTED", "OUTCOME", "ENTRIES"
+    )?;
+    for r in runs {
+        let started = jiff::Timestamp::from_millisecond(r.started_at_ms)
+            .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "{:<36} {:<24} {:<20} {:<20} {:<10} {:>7}",
+            r.run_id, r.session_id, r.agent, started, r.outcome, r.entries
+        )?;
+    }
+    Ok(())
+}
+
+/// `30m`, `12h`, `7d` → the start of that window in ms since the epoch.
+fn parse_since(text: &str) -> anyhow::Result<i64> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: i64 = number
+        .parse()
+        .with_context(|| format!("--since {text:?}: expected a number and a unit, e.g. 12h"))?;
+    let ms = match unit {
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => bail!("--since {text:?}: unit must be m, h or d"),
+    };
+    Ok(contextos_runner::records::recorder::now_ms() - ms)
+}

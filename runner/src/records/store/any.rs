@@ -1,0 +1,118 @@
+//! Chooses a backend at run time from a store URL: `embedded:<path>` (or a bare path) or
+//! `tikv://<pd>[,<pd>…]`.
+
+use std::path::{Path, PathBuf};
+
+use super::{
+    AppendBatch, Checkpoint, RecordStore, Result, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
+    embedded::EmbeddedStore,
+};
+use crate::records::entry::{Hash, StoredEntry};
+
+/// Where records are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    Embedded(PathBuf),
+    Tikv(String),
+}
+
+impl StoreLocation {
+    /// Parses `tikv://pd1:2379,pd2:2379`, `embedded:/path/records.redb` or a plain path.
+    pub fn parse(text: &str) -> Result<Self> {
+        if let Some(pd) = text.strip_prefix("tikv://") {
+            if pd.trim().is_empty() {
+                return Err(StoreError::Backend(
+                    "store URL tikv:// names no PD endpoint; use tikv://host:2379".into(),
+                ));
+            }
+            return Ok(Self::Tikv(pd.to_owned()));
+        }
+        let path = text.strip_prefix("embedded:").unwrap_or(text);
+        Ok(Self::Embedded(PathBuf::from(path)))
+    }
+
+    /// The embedded store file inside a data directory.
+    pub fn in_data_dir(data_dir: &Path) -> Self {
+        Self::Embedded(data_dir.join("records.redb"))
+    }
+}
+
+/// Either backend behind one type.
+#[derive(Debug)]
+pub enum AnyStore {
+    Embedded(EmbeddedStore),
+    #[cfg(feature = "tikv")]
+    Tikv(super::tikv::TikvStore),
+}
+
+impl AnyStore {
+    /// Opens the store at `location`.
+    pub async fn open(location: &StoreLocation) -> Result<Self> {
+        match location {
+            StoreLocation::Embedded(path) => Ok(Self::Embedded(EmbeddedStore::open(path)?)),
+            #[cfg(feature = "tikv")]
+            StoreLocation::Tikv(pd) => Ok(Self::Tikv(super::tikv::TikvStore::connect(pd).await?)),
+            #[cfg(not(feature = "tikv"))]
+            StoreLocation::Tikv(_) => Err(StoreError::Backend(
+                "this build has no TiKV support (feature `tikv`)".into(),
+            )),
+        }
+    }
+}
+
+/// Forwards a call to whichever backend is open.
+macro_rules! forward {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            AnyStore::Embedded($store) => $call.await,
+            #[cfg(feature = "tikv")]
+            AnyStore::Tikv($store) => $call.await,
+        }
+    };
+}
+
+impl RecordStore for AnyStore {
+    async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
+        forward!(self, s => s.append(tenant, batch))
+    }
+    async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>> {
+        forward!(self, s => s.head(tenant, run_id))
+    }
+    async fn read_chain(&self, tenant: &TenantId, run_id: &str, from_seq: u64) -> Result<Vec<StoredEntry>> {
+        forward!(self, s => s.read_chain(tenant, run_id, from_seq))
+    }
+    async fn list_runs(&self, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        forward!(self, s => s.list_runs(tenant, filter))
+    }
+    async fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> Result<Hash> {
+        forward!(self, s => s.put_blob(tenant, bytes))
+    }
+    async fn get_blob(&self, tenant: &TenantId, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        forward!(self, s => s.get_blob(tenant, hash))
+    }
+    async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {
+        forward!(self, s => s.latest_checkpoint(tenant, session_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_parse() {
+        assert_eq!(
+            StoreLocation::parse("tikv://a:1,b:2").expect("ok"),
+            StoreLocation::Tikv("a:1,b:2".into())
+        );
+        assert_eq!(
+            StoreLocation::parse("embedded:/x.redb").expect("ok"),
+            StoreLocation::Embedded("/x.redb".into())
+        );
+        assert_eq!(
+            StoreLocation::parse("rel/x.redb").expect("ok"),
+            StoreLocation::Embedded("rel/x.redb".into())
+        );
+        assert!(StoreLocation::parse("tikv://").is_err());
+    }
+}

@@ -1,0 +1,221 @@
+//! Renders record entries for people: one line per entry saying who did what and why.
+
+use serde_json::Value;
+
+use super::entry::{EntryBody, RecordEntry};
+
+/// Longest argument/output excerpt shown on a timeline line.
+const EXCERPT: usize = 160;
+
+/// `(actor, what happened)` for one entry.
+pub fn describe(body: &EntryBody) -> (&'static str, String) {
+    match body {
+        EntryBody::RunStarted {
+            session_id,
+            agent,
+            pinned,
+            ..
+        } => (
+            "operator",
+            format!(
+                "run started for session {session_id}, agent {agent}; pinned pack {} and {} polic{}",
+                short(&pinned.context_pack),
+                pinned.policies.len(),
+                if pinned.policies.len() == 1 { "y" } else { "ies" }
+            ),
+        ),
+        EntryBody::ContextCompiled {
+            digest,
+            tokens,
+            budget,
+            sources,
+        } => {
+            let cut: Vec<String> = sources
+                .iter()
+                .filter_map(|s| s.cut.as_ref().map(|why| format!("{} ({why})", s.source)))
+                .collect();
+            let cut = if cut.is_empty() {
+                "nothing cut".to_owned()
+            } else {
+                format!("cut: {}", cut.join(", "))
+            };
+            (
+                "compiler",
+                format!(
+                    "context {} compiled: {tokens}/{budget} tokens, {cut}",
+                    short(digest)
+                ),
+            )
+        }
+        EntryBody::ModelTurn {
+            step,
+            model,
+            response,
+            prompt_tokens,
+            completion_tokens,
+        } => (
+            "model",
+            format!(
+                "step {step}: {model} answered ({prompt_tokens}+{completion_tokens} tokens): {}",
+                excerpt(response)
+            ),
+        ),
+        EntryBody::ToolCallRequested(call) => (
+            "model",
+            format!(
+                "asked to call {} [{}/{}] with {}",
+                call.tool,
+                call.risk.as_str(),
+                call.kind.as_str(),
+                excerpt(&call.arguments)
+            ),
+        ),
+        EntryBody::PolicyDecision(d) => {
+            let mode = if d.dry_run { " (dry run: not enforced)" } else { "" };
+            (
+                "gateway",
+                format!("{} by {}{mode}: {}", d.effect.as_str(), d.rule, d.reason),
+            )
+        }
+        EntryBody::ApprovalRequested {
+            approvers, call_hash, ..
+        } => (
+            "gateway",
+            format!(
+                "approval requested from {} for call {}",
+                approvers.join(", "),
+                short(call_hash)
+            ),
+        ),
+        EntryBody::ApprovalGranted {
+            approver, call_hash, ..
+        } => (
+            approver_actor(),
+            format!("{approver} approved call {}", short(call_hash)),
+        ),
+        EntryBody::ApprovalRefused {
+            approver,
+            reason,
+            call_hash,
+            ..
+        } => (
+            approver_actor(),
+            format!(
+                "approval of call {} refused ({approver}): {reason}",
+                short(call_hash)
+            ),
+        ),
+        EntryBody::ToolResult(r) => {
+            let status = if r.ok { "ok" } else { "failed" };
+            let error = r.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default();
+            let cut = if r.truncated { " [response truncated]" } else { "" };
+            (
+                "tool",
+                format!(
+                    "{status} after {} attempt(s){cut}: {}{error}",
+                    r.attempts,
+                    excerpt(&r.output)
+                ),
+            )
+        }
+        EntryBody::CriticVerdict {
+            step,
+            verdict,
+            reason,
+            ..
+        } => (
+            "critic",
+            format!("step {step}: {verdict:?} — {reason}").to_lowercase(),
+        ),
+        EntryBody::Checkpoint { step, .. } => ("runner", format!("checkpoint after step {step}")),
+        EntryBody::Completed { output, validators } => (
+            "runner",
+            format!(
+                "completed; validators passed: [{}]; output: {}",
+                validators.join(", "),
+                cut_text(output)
+            ),
+        ),
+        EntryBody::Failed { reason, message } => ("runner", format!("failed ({reason}): {message}")),
+        EntryBody::Blob {
+            blob,
+            size,
+            body_type,
+        } => (
+            "store",
+            format!(
+                "{body_type} stored out of line ({size} bytes, blob {})",
+                short(&blob.to_hex())
+            ),
+        ),
+    }
+}
+
+/// One timeline line: `#seq  HH:MM:SS.mmm  actor  type  text`.
+pub fn line(entry: &RecordEntry) -> String {
+    let (actor, text) = describe(&entry.body);
+    let time = jiff::Timestamp::from_millisecond(entry.at_ms)
+        .map(|t| t.strftime("%H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|_| entry.at_ms.to_string());
+    format!(
+        "#{:<4} {time}  {actor:<8} {:<20} {text}",
+        entry.seq,
+        entry.body.type_name()
+    )
+}
+
+fn approver_actor() -> &'static str {
+    "approver"
+}
+
+fn short(digest: &str) -> String {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    hex.chars().take(12).collect()
+}
+
+fn excerpt(value: &Value) -> String {
+    cut_text(&value.to_string())
+}
+
+fn cut_text(text: &str) -> String {
+    if text.chars().count() <= EXCERPT {
+        return text.to_owned();
+    }
+    let head: String = text.chars().take(EXCERPT).collect();
+    format!("{head}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use contextos_crds::policy::PolicyEffect;
+
+    use super::*;
+    use crate::records::entry::PolicyDecisionRecord;
+
+    #[test]
+    fn a_policy_decision_says_which_rule_decided_and_why() {
+        let body = EntryBody::PolicyDecision(PolicyDecisionRecord {
+            call_id: "c1".into(),
+            effect: PolicyEffect::Deny,
+            enforced: PolicyEffect::Deny,
+            rule: "oncall-guardrails/no-namespace-deletion".into(),
+            reason: "never delete namespaces".into(),
+            dry_run: false,
+        });
+        let (actor, text) = describe(&body);
+        assert_eq!(actor, "gateway");
+        assert_eq!(
+            text,
+            "deny by oncall-guardrails/no-namespace-deletion: never delete namespaces"
+        );
+    }
+
+    #[test]
+    fn long_outputs_are_cut() {
+        let body = EntryBody::Completed {
+            output: "y".repeat(1000),
+            validators: vec![],
+        };
+        assert!(describe(&body).1.chars().count() < 300);
+    }
+}

@@ -5,4 +5,6 @@
 pub use contextos_crds as crds;
 
 pub mod keys;
+pub mod policy;
 pub mod records;
+pub mod run_context;

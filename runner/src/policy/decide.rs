@@ -1,0 +1,532 @@
+//! Deterministic decisions: given the compiled policies of an agent and the facts of one call,
+//! which effect applies, which rule decided it, and why. Pure: no IO, no clock.
+
+use contextos_crds::{
+    common::{Approvers, SafetyMode, ToolKind, ToolRisk},
+    policy::{PolicyEffect, PolicyMode},
+};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::compile::CompiledPolicy;
+
+/// The call being decided.
+#[derive(Clone, Copy, Debug)]
+pub struct CallFacts<'a> {
+    pub tool: &'a str,
+    pub risk: ToolRisk,
+    pub kind: ToolKind,
+    pub args: &'a Value,
+}
+
+/// What the run has done so far and who it acts for (CEL: `run`).
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunFacts {
+    pub tenant: String,
+    pub agent: String,
+    pub user: String,
+    pub groups: Vec<String>,
+    pub safety_mode: String,
+    /// Calls decided before this one.
+    pub tool_calls: u32,
+    /// Calls of this tool decided before this one.
+    pub calls_of_tool: u32,
+    /// Destructive calls allowed before this one.
+    pub destructive_calls: u32,
+    pub steps: u32,
+    pub tokens: u64,
+    pub input: Value,
+}
+
+/// Functional State signals, 0.0 (no pressure) to 1.0 (CEL: `state`).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct StateFacts {
+    pub budget: f64,
+    #[serde(rename = "loop")]
+    pub loop_: f64,
+    pub evidence: f64,
+    pub gate: f64,
+    pub conflict: f64,
+}
+
+/// The outcome for one call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The effect applied.
+    pub effect: PolicyEffect,
+    /// `policy/rule`, `policy/default`, `policy/budget.<limit>`, or `safety/<mode>`.
+    pub rule: String,
+    pub reason: String,
+    /// Who may approve, when `effect` is require_approval.
+    pub approvers: Approvers,
+    /// Decisions of dryRun policies: recorded, never applied.
+    pub dry_run: Vec<ShadowDecision>,
+}
+
+/// What a dryRun policy would have decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShadowDecision {
+    pub effect: PolicyEffect,
+    pub rule: String,
+    pub reason: String,
+}
+
+/// An agent's policies in `policyRefs` order.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    pub policies: Vec<CompiledPolicy>,
+}
+
+fn strictness(effect: PolicyEffect) -> u8 {
+    match effect {
+        PolicyEffect::Allow => 0,
+        PolicyEffect::RequireApproval => 1,
+        PolicyEffect::Deny => 2,
+    }
+}
+
+/// Variables for CEL conditions, built once per decision and only when a condition runs.
+struct CelScope {
+    context: cel::Context<'static>,
+}
+
+impl CelScope {
+    fn new(call: &CallFacts<'_>, run: &RunFacts, state: &StateFacts) -> Self {
+        let mut context = cel::Context::default();
+        let call_value = serde_json::json!({
+            "tool": call.tool,
+            "risk": call.risk.as_str(),
+            "kind": call.kind.as_str(),
+            "args": call.args,
+        });
+        for (name, value) in [
+            ("call", call_value),
+            ("run", serde_json::to_value(run).unwrap_or(Value::Null)),
+            ("state", serde_json::to_value(state).unwrap_or(Value::Null)),
+        ] {
+            // JSON always converts to a CEL value.
+            if let Ok(v) = cel::to_value(value) {
+                context.add_variable_from_value(name, v);
+            }
+        }
+        Self { context }
+    }
+}
+
+/// One policy's own verdict.
+struct Verdict {
+    effect: PolicyEffect,
+    rule: String,
+    reason: String,
+    approvers: Option<Approvers>,
+}
+
+impl PolicySet {
+    /// Decides one call. `fallback_approvers` are the Agent's, used when a rule names none.
+    pub fn decide(
+        &self,
+        call: &CallFacts<'_>,
+        run: &RunFacts,
+        state: &StateFacts,
+        safety: SafetyMode,
+        fallback_approvers: &Approvers,
+    ) -> Decision {
+        let mut scope: Option<CelScope> = None;
+        let mut enforced: Option<Verdict> = None;
+        let mut dry_run = Vec::new();
+        for policy in &self.policies {
+            let verdict = budget_verdict(policy, call, run)
+                .unwrap_or_else(|| rule_verdict(policy, call, run, state, &mut scope));
+            match policy.mode {
+                PolicyMode::DryRun => dry_run.push(ShadowDecision {
+                    effect: verdict.effect,
+                    rule: verdict.rule,
+                    reason: verdict.reason,
+                }),
+                PolicyMode::Enforce => {
+                    if enforced
+                        .as_ref()
+                        .is_none_or(|e| strictness(verdict.effect) > strictness(e.effect))
+                    {
+                        enforced = Some(verdict);
+                    }
+                }
+            }
+        }
+        let verdict = enforced.unwrap_or_else(|| Verdict {
+            effect: PolicyEffect::Allow,
+            rule: "dry-run/no-enforcing-policy".into(),
+            reason: "every policy of this agent is in dryRun mode; decisions are recorded, not enforced"
+                .into(),
+            approvers: None,
+        });
+        let verdict = apply_safety_mode(verdict, call.risk, safety);
+        Decision {
+            effect: verdict.effect,
+            rule: verdict.rule,
+            reason: verdict.reason,
+            approvers: verdict.approvers.unwrap_or_else(|| fallback_approvers.clone()),
+            dry_run,
+        }
+    }
+}
+
+fn budget_verdict(policy: &CompiledPolicy, call: &CallFacts<'_>, run: &RunFacts) -> Option<Verdict> {
+    let budget = policy.budget.as_ref()?;
+    let exceeded = |limit: &str, max: u32, used: u32| Verdict {
+        effect: PolicyEffect::Deny,
+        rule: format!("{}/budget.{limit}", policy.name),
+        reason: format!("{limit} is {max} per run and {used} were already used"),
+        approvers: None,
+    };
+    if let Some(max) = budget.max_calls.filter(|max| run.tool_calls >= *max) {
+        return Some(exceeded("maxCalls", max, run.tool_calls));
+    }
+    if let Some(max) = budget.max_calls_per_tool.filter(|max| run.calls_of_tool >= *max) {
+        return Some(exceeded("maxCallsPerTool", max, run.calls_of_tool));
+    }
+    if call.risk == ToolRisk::Destructive
+        && let Some(max) = budget
+            .max_destructive_calls
+            .filter(|max| run.destructive_calls >= *max)
+    {
+        return Some(exceeded("maxDestructiveCalls", max, run.destructive_calls));
+    }
+    None
+}
+
+fn rule_verdict(
+    policy: &CompiledPolicy,
+    call: &CallFacts<'_>,
+    run: &RunFacts,
+    state: &StateFacts,
+    scope: &mut Option<CelScope>,
+) -> Verdict {
+    for rule in &policy.rules {
+        if !rule.matches(call.tool, call.risk, call.kind) {
+            continue;
+        }
+        if let Some(condition) = &rule.condition {
+            let scope = scope.get_or_insert_with(|| CelScope::new(call, run, state));
+            match condition.program.execute(&scope.context) {
+                Ok(cel::Value::Bool(true)) => {}
+                Ok(cel::Value::Bool(false)) => continue,
+                // Fail closed: a condition that cannot be evaluated denies, and says why.
+                Ok(other) => {
+                    return condition_failure(policy, &rule.name, format!("returned {other:?}, not a bool"));
+                }
+                Err(e) => return condition_failure(policy, &rule.name, e.to_string()),
+            }
+        }
+        return Verdict {
+            effect: rule.effect,
+            rule: format!("{}/{}", policy.name, rule.name),
+            reason: rule.reason.clone(),
+            approvers: rule.approvers.clone(),
+        };
+    }
+    Verdict {
+        effect: policy.default_effect,
+        rule: format!("{}/default", policy.name),
+        reason: format!(
+            "no rule of policy {} matched; its defaultEffect applies",
+            policy.name
+        ),
+        approvers: None,
+    }
+}
+
+fn condition_failure(policy: &CompiledPolicy, rule: &str, problem: String) -> Verdict {
+    Verdict {
+        effect: PolicyEffect::Deny,
+        rule: format!("{}/{rule}", policy.name),
+        reason: format!(
+            "the condition of rule {rule} could not be evaluated ({problem}); denied to fail closed"
+        ),
+        approvers: None,
+    }
+}
+
+fn apply_safety_mode(verdict: Verdict, risk: ToolRisk, safety: SafetyMode) -> Verdict {
+    match safety {
+        SafetyMode::ReadOnly if risk > ToolRisk::ReadOnly && verdict.effect != PolicyEffect::Deny => {
+            Verdict {
+                effect: PolicyEffect::Deny,
+                rule: "safety/read_only".into(),
+                reason: format!(
+                    "the run's safety mode is read_only and this tool's risk is {}; {} would otherwise have applied ({})",
+                    risk.as_str(),
+                    verdict.effect.as_str(),
+                    verdict.rule
+                ),
+                approvers: None,
+            }
+        }
+        SafetyMode::Supervised if risk > ToolRisk::LocalWrite && verdict.effect == PolicyEffect::Allow => {
+            Verdict {
+                effect: PolicyEffect::RequireApproval,
+                rule: "safety/supervised".into(),
+                reason: format!(
+                    "the run is supervised and this tool's risk is {}; {} allowed it, a human must confirm",
+                    risk.as_str(),
+                    verdict.rule
+                ),
+                approvers: verdict.approvers,
+            }
+        }
+        _ => verdict,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use contextos_crds::{Agent, Policy};
+    use serde_json::json;
+
+    use super::*;
+    use crate::policy::compile_policy;
+
+    fn quickstart() -> (PolicySet, Agent) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let policy: Policy =
+            serde_yaml::from_str(&std::fs::read_to_string(root.join("policy.yaml")).expect("policy"))
+                .expect("parses");
+        let agent: Agent =
+            serde_yaml::from_str(&std::fs::read_to_string(root.join("agent.yaml")).expect("agent"))
+                .expect("parses");
+        let compiled = compile_policy("oncall-guardrails", &policy.spec).expect("compiles");
+        (
+            PolicySet {
+                policies: vec![compiled],
+            },
+            agent,
+        )
+    }
+
+    fn decide(
+        set: &PolicySet,
+        agent: &Agent,
+        tool: &str,
+        args: Value,
+        run: &RunFacts,
+        safety: SafetyMode,
+    ) -> Decision {
+        let spec = agent
+            .spec
+            .tools
+            .iter()
+            .find(|t| t.name == tool)
+            .expect("tool exists");
+        let call = CallFacts {
+            tool,
+            risk: spec.risk,
+            kind: spec.kind,
+            args: &args,
+        };
+        set.decide(
+            &call,
+            run,
+            &StateFacts::default(),
+            safety,
+            &agent.spec.approvers.clone().unwrap_or_default(),
+        )
+    }
+
+    #[test]
+    fn the_quickstart_policy_allows_reads_gates_destructive_calls_and_denies_deletion() {
+        let (set, agent) = quickstart();
+        let run = RunFacts::default();
+        let auto = SafetyMode::Autonomous;
+        let read = decide(
+            &set,
+            &agent,
+            "search_runbooks",
+            json!({"query": "5xx"}),
+            &run,
+            auto,
+        );
+        assert_eq!(
+            (read.effect, read.rule.as_str()),
+            (PolicyEffect::Allow, "oncall-guardrails/allow-reads")
+        );
+        let restart = decide(&set, &agent, "restart_deployment", json!({}), &run, auto);
+        assert_eq!(restart.effect, PolicyEffect::RequireApproval);
+        assert_eq!(restart.rule, "oncall-guardrails/destructive-needs-oncall");
+        assert_eq!(restart.approvers.groups, vec!["sre-oncall".to_owned()]);
+        let delete = decide(
+            &set,
+            &agent,
+            "delete_namespace",
+            json!({"namespace": "x"}),
+            &run,
+            auto,
+        );
+        assert_eq!(
+            (delete.effect, delete.rule.as_str()),
+            (PolicyEffect::Deny, "oncall-guardrails/no-namespace-deletion")
+        );
+        assert!(delete.reason.contains("never done by an agent"));
+    }
+
+    #[test]
+    fn cel_conditions_read_the_call_arguments() {
+        let (set, agent) = quickstart();
+        let run = RunFacts::default();
+        let auto = SafetyMode::Autonomous;
+        let sev2 = decide(
+            &set,
+            &agent,
+            "post_status_update",
+            json!({"severity": "sev2"}),
+            &run,
+            auto,
+        );
+        assert_eq!(sev2.rule, "oncall-guardrails/allow-status-updates");
+        let sev1 = decide(
+            &set,
+            &agent,
+            "post_status_update",
+            json!({"severity": "sev1"}),
+            &run,
+            auto,
+        );
+        assert_eq!(
+            (sev1.effect, sev1.rule.as_str()),
+            (
+                PolicyEffect::RequireApproval,
+                "oncall-guardrails/sev1-updates-need-a-human"
+            )
+        );
+        assert_eq!(sev1.approvers.groups, vec!["incident-commanders".to_owned()]);
+    }
+
+    #[test]
+    fn safety_modes_tighten_but_never_loosen() {
+        let (set, agent) = quickstart();
+        let run = RunFacts::default();
+        let ro = decide(
+            &set,
+            &agent,
+            "post_status_update",
+            json!({"severity": "sev3"}),
+            &run,
+            SafetyMode::ReadOnly,
+        );
+        assert_eq!(
+            (ro.effect, ro.rule.as_str()),
+            (PolicyEffect::Deny, "safety/read_only")
+        );
+        let read = decide(
+            &set,
+            &agent,
+            "search_runbooks",
+            json!({}),
+            &run,
+            SafetyMode::ReadOnly,
+        );
+        assert_eq!(read.effect, PolicyEffect::Allow);
+        let sup = decide(
+            &set,
+            &agent,
+            "post_status_update",
+            json!({"severity": "sev3"}),
+            &run,
+            SafetyMode::Supervised,
+        );
+        assert_eq!(
+            (sup.effect, sup.rule.as_str()),
+            (PolicyEffect::RequireApproval, "safety/supervised")
+        );
+        let denied = decide(
+            &set,
+            &agent,
+            "delete_namespace",
+            json!({}),
+            &run,
+            SafetyMode::Supervised,
+        );
+        assert_eq!(
+            denied.rule, "oncall-guardrails/no-namespace-deletion",
+            "a deny stays a deny"
+        );
+    }
+
+    #[test]
+    fn budgets_deny_once_used_up() {
+        let (set, agent) = quickstart();
+        let run = RunFacts {
+            tool_calls: 20,
+            ..Default::default()
+        };
+        let d = decide(
+            &set,
+            &agent,
+            "search_runbooks",
+            json!({}),
+            &run,
+            SafetyMode::Autonomous,
+        );
+        assert_eq!(
+            (d.effect, d.rule.as_str()),
+            (PolicyEffect::Deny, "oncall-guardrails/budget.maxCalls")
+        );
+        let run = RunFacts {
+            destructive_calls: 1,
+            ..Default::default()
+        };
+        let d = decide(
+            &set,
+            &agent,
+            "restart_deployment",
+            json!({}),
+            &run,
+            SafetyMode::Autonomous,
+        );
+        assert_eq!(d.rule, "oncall-guardrails/budget.maxDestructiveCalls");
+    }
+
+    #[test]
+    fn dry_run_policies_are_recorded_not_enforced() {
+        let (mut set, agent) = quickstart();
+        set.policies[0].mode = PolicyMode::DryRun;
+        let d = decide(
+            &set,
+            &agent,
+            "delete_namespace",
+            json!({}),
+            &RunFacts::default(),
+            SafetyMode::Autonomous,
+        );
+        assert_eq!(d.effect, PolicyEffect::Allow);
+        assert_eq!(d.dry_run[0].effect, PolicyEffect::Deny);
+        assert_eq!(d.dry_run[0].rule, "oncall-guardrails/no-namespace-deletion");
+    }
+
+    #[test]
+    fn a_condition_that_fails_at_runtime_denies() {
+        let spec: contextos_crds::PolicySpec = serde_yaml::from_str(
+            "rules: [{name: r, condition: \"call.args.amount > 'x'\", effect: allow, reason: r}]\ndefaultEffect: allow",
+        )
+        .expect("spec");
+        let set = PolicySet {
+            policies: vec![compile_policy("p", &spec).expect("compiles")],
+        };
+        let args = json!({"amount": 5});
+        let call = CallFacts {
+            tool: "t",
+            risk: ToolRisk::ReadOnly,
+            kind: ToolKind::Observe,
+            args: &args,
+        };
+        let d = set.decide(
+            &call,
+            &RunFacts::default(),
+            &StateFacts::default(),
+            SafetyMode::Autonomous,
+            &Approvers::default(),
+        );
+        assert_eq!(d.effect, PolicyEffect::Deny);
+        assert!(d.reason.contains("could not be evaluated"), "{}", d.reason);
+    }
+}

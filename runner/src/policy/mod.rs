@@ -1,0 +1,8 @@
+//! The policy engine: Policy specs compiled once, then deterministic decisions per tool call.
+
+pub mod compile;
+pub mod decide;
+pub mod glob;
+
+pub use compile::{CompiledPolicy, PolicyCompileError, compile_condition, compile_policy};
+pub use decide::{CallFacts, Decision, PolicySet, RunFacts, ShadowDecision, StateFacts};

@@ -1,0 +1,263 @@
+//! The signed RunContext: the one execution vocabulary (run, trace, session, tenant, user
+//! delegation, agent identity, safety mode, budget, pinned revisions, allowed tools) that travels
+//! with every call, and its verification.
+//!
+//! The operator (or `contextos run` locally) signs it; the Tool Gateway refuses any call whose
+//! context is forged, tampered with, expired, issued for another tenant or agent, or that asks
+//! for a tool the context does not list.
+
+use contextos_crds::common::{RunBudget, SafetyMode};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    keys::{KeyPair, PublicKey},
+    records::{PinnedDigests, canonical::canonical_bytes_of},
+};
+
+/// The delegating user.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDelegation {
+    pub subject: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// The agent's workload identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentIdentity {
+    /// Agent object name.
+    pub name: String,
+    /// SPIFFE-style id: `spiffe://contextos.dev/ns/<tenant>/agent/<name>`.
+    pub spiffe_id: String,
+}
+
+impl AgentIdentity {
+    pub fn new(tenant: &str, name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            spiffe_id: format!("spiffe://contextos.dev/ns/{tenant}/agent/{name}"),
+        }
+    }
+}
+
+/// Everything a run is allowed to be, fixed when it starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunContext {
+    pub run_id: String,
+    /// W3C trace id (32 hex characters) shared by every span of the run.
+    pub trace_id: String,
+    pub session_id: String,
+    pub tenant_id: String,
+    #[serde(default)]
+    pub user: Option<UserDelegation>,
+    pub agent: AgentIdentity,
+    pub safety_mode: SafetyMode,
+    pub budget: RunBudget,
+    pub pinned: PinnedDigests,
+    /// Tool names this run may call.
+    pub allowed_tools: Vec<String>,
+    pub issued_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// A RunContext with the signature over its canonical JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRunContext {
+    pub context: RunContext,
+    pub key_id: String,
+    pub signature: String,
+}
+
+/// Why a RunContext was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RunContextError {
+    #[error(
+        "RunContext of run {run_id} is signed by key {found}, which this gateway does not trust (expected {expected})"
+    )]
+    UntrustedKey {
+        run_id: String,
+        found: String,
+        expected: String,
+    },
+    #[error("RunContext of run {run_id} has an invalid signature: it was forged or altered after signing")]
+    BadSignature { run_id: String },
+    #[error("RunContext of run {run_id} expired at {expired_at_ms} (now {now_ms}); start a new attempt")]
+    Expired {
+        run_id: String,
+        expired_at_ms: i64,
+        now_ms: i64,
+    },
+    #[error("RunContext of run {run_id} was issued for tenant {found}, not {expected}")]
+    WrongTenant {
+        run_id: String,
+        expected: String,
+        found: String,
+    },
+    #[error("RunContext of run {run_id} was issued for agent {found}, not {expected}")]
+    WrongAgent {
+        run_id: String,
+        expected: String,
+        found: String,
+    },
+    #[error("tool {tool} is not among the tools RunContext of run {run_id} allows")]
+    ToolNotAllowed { run_id: String, tool: String },
+}
+
+impl SignedRunContext {
+    /// Signs `context` with `key`.
+    pub fn sign(context: RunContext, key: &KeyPair) -> Self {
+        let signature = key.sign_hex(&signing_bytes(&context));
+        Self {
+            context,
+            key_id: key.key_id(),
+            signature,
+        }
+    }
+
+    /// Checks signature, expiry and tenant; returns the context when all hold.
+    pub fn verify(&self, key: &PublicKey, tenant: &str, now_ms: i64) -> Result<&RunContext, RunContextError> {
+        let run_id = self.context.run_id.clone();
+        if self.key_id != key.key_id() {
+            return Err(RunContextError::UntrustedKey {
+                run_id,
+                found: self.key_id.clone(),
+                expected: key.key_id(),
+            });
+        }
+        if !key.verify_hex(&signing_bytes(&self.context), &self.signature) {
+            return Err(RunContextError::BadSignature { run_id });
+        }
+        if now_ms >= self.context.expires_at_ms {
+            return Err(RunContextError::Expired {
+                run_id,
+                expired_at_ms: self.context.expires_at_ms,
+                now_ms,
+            });
+        }
+        if self.context.tenant_id != tenant {
+            return Err(RunContextError::WrongTenant {
+                run_id,
+                expected: tenant.into(),
+                found: self.context.tenant_id.clone(),
+            });
+        }
+        Ok(&self.context)
+    }
+}
+
+impl RunContext {
+    /// Refuses tools the context does not list.
+    pub fn check_tool(&self, tool: &str) -> Result<(), RunContextError> {
+        if self.allowed_tools.iter().any(|t| t == tool) {
+            Ok(())
+        } else {
+            Err(RunContextError::ToolNotAllowed {
+                run_id: self.run_id.clone(),
+                tool: tool.into(),
+            })
+        }
+    }
+
+    /// Refuses a context issued for another agent.
+    pub fn check_agent(&self, agent: &str) -> Result<(), RunContextError> {
+        if self.agent.name == agent {
+            Ok(())
+        } else {
+            Err(RunContextError::WrongAgent {
+                run_id: self.run_id.clone(),
+                expected: agent.into(),
+                found: self.agent.name.clone(),
+            })
+        }
+    }
+}
+
+fn signing_bytes(context: &RunContext) -> Vec<u8> {
+    let mut out = b"contextos-run-context/v1\n".to_vec();
+    // Plain data: serialization cannot fail.
+    out.extend(canonical_bytes_of(context).unwrap_or_default());
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn context(tenant: &str) -> RunContext {
+        RunContext {
+            run_id: "run-1".into(),
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+            session_id: "sess-1".into(),
+            tenant_id: tenant.into(),
+            user: Some(UserDelegation {
+                subject: "dana@example.com".into(),
+                groups: vec!["sre".into()],
+                scopes: vec![],
+            }),
+            agent: AgentIdentity::new(tenant, "oncall"),
+            safety_mode: SafetyMode::Autonomous,
+            budget: RunBudget {
+                max_steps: 10,
+                max_tokens: 1000,
+                max_tool_calls: 5,
+                max_wall_seconds: 60,
+            },
+            pinned: PinnedDigests::default(),
+            allowed_tools: vec!["search".into(), "restart".into()],
+            issued_at_ms: 1_000,
+            expires_at_ms: 61_000,
+        }
+    }
+
+    #[test]
+    fn a_signed_context_verifies_for_its_tenant_until_it_expires() {
+        let key = KeyPair::from_seed([5; 32]);
+        let signed = SignedRunContext::sign(context("shop"), &key);
+        assert!(signed.verify(&key.public(), "shop", 2_000).is_ok());
+        assert!(matches!(
+            signed.verify(&key.public(), "shop", 61_000),
+            Err(RunContextError::Expired { .. })
+        ));
+        assert!(matches!(
+            signed.verify(&key.public(), "bank", 2_000),
+            Err(RunContextError::WrongTenant { .. })
+        ));
+    }
+
+    #[test]
+    fn tampered_forged_and_foreign_contexts_are_refused() {
+        let key = KeyPair::from_seed([5; 32]);
+        let mut tampered = SignedRunContext::sign(context("shop"), &key);
+        tampered.context.allowed_tools.push("delete_namespace".into());
+        assert!(matches!(
+            tampered.verify(&key.public(), "shop", 2_000),
+            Err(RunContextError::BadSignature { .. })
+        ));
+
+        let attacker = KeyPair::from_seed([6; 32]);
+        let mut forged = SignedRunContext::sign(context("shop"), &attacker);
+        assert!(matches!(
+            forged.verify(&key.public(), "shop", 2_000),
+            Err(RunContextError::UntrustedKey { .. })
+        ));
+        forged.key_id = key.key_id();
+        assert!(matches!(
+            forged.verify(&key.public(), "shop", 2_000),
+            Err(RunContextError::BadSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn only_listed_tools_and_the_issued_agent_pass() {
+        let ctx = context("shop");
+        assert!(ctx.check_tool("search").is_ok());
+        assert!(matches!(
+            ctx.check_tool("delete_namespace"),
+            Err(RunContextError::ToolNotAllowed { .. })
+        ));
+        assert!(ctx.check_agent("oncall").is_ok());
+        assert!(ctx.check_agent("other").is_err());
+    }
+}

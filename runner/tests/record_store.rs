@@ -1,7 +1,9 @@
 //! RecordStore conformance: one suite, generic over the backend, run on the embedded store
-//! always and on TiKV when `CONTEXTOS_TEST_TIKV_PD` names a PD endpoint. Covers append/read/
-//! list, fork refusal under racing writers, tenant isolation, checkpoints, blobs, and crash
-//! safety (a child process appending in a loop is killed with SIGKILL).
+//! always and on TiKV when `CONTEXTOS_TEST_TIKV_PD` names a PD endpoint, or, failing that, on
+//! `kind-tests/tikv-testserver` (the TiKV project's mock TiKV behind the real PD and TiKV gRPC
+//! services) when `CONTEXTOS_TIKV_TESTSERVER_BIN` names its binary, as `make test` does. Covers
+//! append/read/list, fork refusal under racing writers, tenant isolation, checkpoints, blobs,
+//! and crash safety (a child process appending in a loop is killed with SIGKILL).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -20,6 +22,10 @@ use contextos_runner::{
     },
 };
 use serde_json::json;
+
+#[cfg(feature = "tikv")]
+#[path = "support/tikv_testserver.rs"]
+mod tikv_testserver;
 
 const TIKV_ENV: &str = "CONTEXTOS_TEST_TIKV_PD";
 const CHILD_STORE_ENV: &str = "CONTEXTOS_CRASH_CHILD_STORE";
@@ -550,13 +556,23 @@ async fn embedded_store_survives_sigkill_mid_append() {
 #[tokio::test]
 async fn tikv_store_passes_the_conformance_suite() {
     use contextos_runner::records::store::tikv::TikvStore;
-    let Ok(pd) = std::env::var(TIKV_ENV) else {
-        // Written past the test harness's output capture so the skip is visible in every run.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP tikv_store_passes_the_conformance_suite: {TIKV_ENV} is not set (set it to a PD address, host:port, to run the RecordStore suite against TiKV)"
-        );
-        return;
+    use tikv_testserver::{TESTSERVER_ENV, TestServer};
+    // A real cluster if one is named; otherwise the test server if it was built. The server
+    // lives until the end of the test (dropping it stops it).
+    let (pd, _server) = match (std::env::var(TIKV_ENV), std::env::var(TESTSERVER_ENV)) {
+        (Ok(pd), _) => (pd, None),
+        (Err(_), Ok(bin)) => {
+            let server = TestServer::start(&bin);
+            (server.pd.clone(), Some(server))
+        }
+        (Err(_), Err(_)) => {
+            // Written past the test harness's output capture so the skip is visible in every run.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP tikv_store_passes_the_conformance_suite: neither {TIKV_ENV} (a PD address, host:port, of a TiKV cluster) nor {TESTSERVER_ENV} (a built kind-tests/tikv-testserver; `make test` sets it) is set"
+            );
+            return;
+        }
     };
     let store = TikvStore::connect(&pd).await.expect("connect to PD");
     append_read_and_list(&store).await;

@@ -185,6 +185,14 @@ pub enum EntryBody {
     },
     /// What the tool returned.
     ToolResult(ToolResultRecord),
+    /// A call exhausted its retries (or could not be attempted) and was set aside for a human.
+    DeadLettered {
+        call_id: String,
+        tool: String,
+        idempotency_key: String,
+        attempts: u32,
+        error: String,
+    },
     /// The critic's verdict and the Functional State it read.
     CriticVerdict {
         step: u32,
@@ -219,6 +227,7 @@ impl EntryBody {
             Self::ApprovalGranted { .. } => "approval_granted",
             Self::ApprovalRefused { .. } => "approval_refused",
             Self::ToolResult(_) => "tool_result",
+            Self::DeadLettered { .. } => "dead_lettered",
             Self::CriticVerdict { .. } => "critic_verdict",
             Self::Checkpoint { .. } => "checkpoint",
             Self::Completed { .. } => "completed",

@@ -118,6 +118,18 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
                 ),
             )
         }
+        EntryBody::DeadLettered {
+            tool,
+            attempts,
+            error,
+            idempotency_key,
+            ..
+        } => (
+            "gateway",
+            format!(
+                "dead-lettered {tool} after {attempts} attempt(s) (idempotency key {idempotency_key}): {error}"
+            ),
+        ),
         EntryBody::CriticVerdict {
             step,
             verdict,

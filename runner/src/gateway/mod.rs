@@ -1,0 +1,556 @@
+//! The Tool Gateway: the one place a tool call can become an effect. For every envelope it
+//! verifies the signed RunContext, checks the tool and its arguments, asks the policies,
+//! handles approvals, and only then executes — once per idempotency key, with retries,
+//! timeouts and a circuit breaker — recording each step in the run's DecisionRecord.
+
+pub mod adapters;
+pub mod approvals;
+pub mod envelope;
+pub mod reliability;
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use contextos_crds::{
+    agent::Tool,
+    common::{Approvers, ToolRisk},
+    policy::PolicyEffect,
+    session::ApprovalDecision,
+};
+use serde_json::Value;
+
+use self::{
+    adapters::{AdapterError, AdapterResponse, CallContext},
+    approvals::ApprovalBook,
+    envelope::CallEnvelope,
+    reliability::{CircuitBreakers, backoff},
+};
+use crate::{
+    keys::PublicKey,
+    policy::{CallFacts, PolicySet, RunFacts, StateFacts},
+    records::{
+        EntryBody, RecordError, RecordStore, Recorder,
+        entry::{PolicyDecisionRecord, ToolCallRecord, ToolResultRecord},
+        recorder::now_ms,
+    },
+};
+
+/// What happened to a call.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CallOutcome {
+    /// The tool ran; its result.
+    Executed(ToolResultRecord),
+    /// Refused; the reason names the rule or check.
+    Denied { rule: String, reason: String },
+    /// Waits for one of `approvers` to approve `call_hash`.
+    NeedsApproval {
+        call_hash: String,
+        rule: String,
+        reason: String,
+        approvers: Approvers,
+    },
+}
+
+/// Errors that stop the gateway from deciding at all (the call is not executed).
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("recording the call failed: {0}")]
+    Record(#[from] RecordError),
+}
+
+/// A tool as the gateway knows it: the Agent's declaration plus resolved secrets.
+#[derive(Debug)]
+pub struct CatalogTool {
+    pub spec: Tool,
+    schema: Option<jsonschema::Validator>,
+    pub bearer_token: Option<String>,
+    pub hmac_key: Option<Vec<u8>>,
+}
+
+impl CatalogTool {
+    /// Compiles the tool's input schema; an invalid schema is an error naming the tool.
+    pub fn new(spec: Tool) -> Result<Self, String> {
+        let schema =
+            match &spec.input_schema {
+                Some(s) => Some(jsonschema::validator_for(s).map_err(|e| {
+                    format!("tool {}: inputSchema is not a valid JSON Schema: {e}", spec.name)
+                })?),
+                None => None,
+            };
+        Ok(Self {
+            spec,
+            schema,
+            bearer_token: None,
+            hmac_key: None,
+        })
+    }
+}
+
+/// Per-run counters the policies' budgets read.
+#[derive(Clone, Debug, Default)]
+struct RunCounters {
+    calls: u32,
+    per_tool: HashMap<String, u32>,
+    destructive: u32,
+}
+
+/// The gateway for one agent in one tenant.
+#[derive(Debug)]
+pub struct ToolGateway {
+    tenant: String,
+    agent: String,
+    trusted_key: PublicKey,
+    tools: HashMap<String, CatalogTool>,
+    policies: PolicySet,
+    agent_approvers: Approvers,
+    http: reqwest::Client,
+    breakers: CircuitBreakers,
+    approvals: ApprovalBook,
+    /// Results by idempotency key: a resubmitted call returns its first result.
+    completed: Mutex<HashMap<String, ToolResultRecord>>,
+    counters: Mutex<HashMap<String, RunCounters>>,
+}
+
+impl ToolGateway {
+    pub fn new(
+        tenant: &str,
+        agent: &str,
+        trusted_key: PublicKey,
+        tools: Vec<CatalogTool>,
+        policies: PolicySet,
+        agent_approvers: Approvers,
+    ) -> Self {
+        Self {
+            tenant: tenant.into(),
+            agent: agent.into(),
+            trusted_key,
+            tools: tools.into_iter().map(|t| (t.spec.name.clone(), t)).collect(),
+            policies,
+            agent_approvers,
+            http: reqwest::Client::new(),
+            breakers: CircuitBreakers::new(5, Duration::from_secs(30)),
+            approvals: ApprovalBook::default(),
+            completed: Mutex::new(HashMap::new()),
+            counters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Replaces the circuit-breaker settings (threshold failures, cooldown).
+    pub fn with_breakers(mut self, threshold: u32, cooldown: Duration) -> Self {
+        self.breakers = CircuitBreakers::new(threshold, cooldown);
+        self
+    }
+
+    /// Digests of the policies deciding calls, in order.
+    pub fn policy_digests(&self) -> Vec<String> {
+        self.policies.policies.iter().map(|p| p.digest.clone()).collect()
+    }
+
+    /// Decides and, if allowed, executes one call, recording every step.
+    pub async fn handle<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        recorder: &mut Recorder<'_, S>,
+        state: &StateFacts,
+    ) -> Result<CallOutcome, GatewayError> {
+        if let Some(refusal) = self.admit(call) {
+            return self.refuse(call, recorder, refusal.0, refusal.1).await;
+        }
+        let Some(tool) = self.tools.get(&call.tool) else {
+            let reason = format!("tool {} is not declared by agent {}", call.tool, self.agent);
+            return self
+                .refuse(call, recorder, "catalog/unknown-tool".into(), reason)
+                .await;
+        };
+        let call_hash = call.call_hash(&self.policy_digests());
+        recorder.stage(EntryBody::ToolCallRequested(ToolCallRecord {
+            call_id: call.call_id.clone(),
+            tool: call.tool.clone(),
+            risk: tool.spec.risk,
+            kind: tool.spec.kind,
+            arguments: call.arguments.clone(),
+            idempotency_key: call.idempotency_key.clone(),
+            call_hash: call_hash.clone(),
+        }));
+        if let Some(problem) = schema_problem(tool, &call.arguments) {
+            return self
+                .refuse(call, recorder, format!("schema/{}", call.tool), problem)
+                .await;
+        }
+        let decision = self.decide(call, tool, state);
+        for shadow in &decision.dry_run {
+            recorder.stage(decision_entry(
+                call,
+                shadow.effect,
+                PolicyEffect::Allow,
+                &shadow.rule,
+                &shadow.reason,
+                true,
+            ));
+        }
+        recorder.stage(decision_entry(
+            call,
+            decision.effect,
+            decision.effect,
+            &decision.rule,
+            &decision.reason,
+            false,
+        ));
+        if decision.effect != PolicyEffect::Deny
+            && let Some(done) = self.completed_result(&call.idempotency_key)
+        {
+            // The same call was executed before (a resubmission after a crash or a retry by the
+            // runner): answer from the first execution instead of acting twice.
+            recorder.flush().await?;
+            return Ok(CallOutcome::Executed(done));
+        }
+        match decision.effect {
+            PolicyEffect::Deny => {
+                recorder.flush().await?;
+                return Ok(CallOutcome::Denied {
+                    rule: decision.rule,
+                    reason: decision.reason,
+                });
+            }
+            PolicyEffect::RequireApproval => {
+                if let Some(outcome) = self.check_approval(call, &call_hash, &decision, recorder).await? {
+                    return Ok(outcome);
+                }
+            }
+            PolicyEffect::Allow => {}
+        }
+        let result = self.execute(call, tool, recorder).await;
+        recorder.flush().await?;
+        Ok(CallOutcome::Executed(result))
+    }
+
+    /// RunContext and catalog checks that come before any policy.
+    fn admit(&self, call: &CallEnvelope) -> Option<(String, String)> {
+        let signed = &call.run_context;
+        let context = match signed.verify(&self.trusted_key, &self.tenant, now_ms()) {
+            Ok(context) => context,
+            Err(e) => return Some(("runcontext/invalid".into(), e.to_string())),
+        };
+        if let Err(e) = context
+            .check_agent(&self.agent)
+            .and_then(|()| context.check_tool(&call.tool))
+        {
+            return Some(("runcontext/scope".into(), e.to_string()));
+        }
+        let tool = self.tools.get(&call.tool)?;
+        if tool.spec.risk != call.risk || tool.spec.kind != call.kind {
+            return Some((
+                "catalog/declared-type".into(),
+                format!(
+                    "the call declares {} {} but tool {} is {} {}",
+                    call.risk.as_str(),
+                    call.kind.as_str(),
+                    call.tool,
+                    tool.spec.risk.as_str(),
+                    tool.spec.kind.as_str()
+                ),
+            ));
+        }
+        None
+    }
+
+    fn decide(&self, call: &CallEnvelope, tool: &CatalogTool, state: &StateFacts) -> crate::policy::Decision {
+        let context = &call.run_context.context;
+        let counters = self.counters_for(&context.run_id);
+        let run = RunFacts {
+            tenant: context.tenant_id.clone(),
+            agent: context.agent.name.clone(),
+            user: context
+                .user
+                .as_ref()
+                .map(|u| u.subject.clone())
+                .unwrap_or_default(),
+            groups: context
+                .user
+                .as_ref()
+                .map(|u| u.groups.clone())
+                .unwrap_or_default(),
+            safety_mode: context.safety_mode.as_str().into(),
+            tool_calls: counters.calls,
+            calls_of_tool: counters.per_tool.get(&call.tool).copied().unwrap_or(0),
+            destructive_calls: counters.destructive,
+            ..RunFacts::default()
+        };
+        let facts = CallFacts {
+            tool: &call.tool,
+            risk: tool.spec.risk,
+            kind: tool.spec.kind,
+            args: &call.arguments,
+        };
+        self.policies
+            .decide(&facts, &run, state, context.safety_mode, &self.agent_approvers)
+    }
+
+    fn completed_result(&self, idempotency_key: &str) -> Option<ToolResultRecord> {
+        self.completed
+            .lock()
+            .ok()
+            .and_then(|c| c.get(idempotency_key).cloned())
+    }
+
+    fn counters_for(&self, run_id: &str) -> RunCounters {
+        self.counters
+            .lock()
+            .ok()
+            .and_then(|c| c.get(run_id).cloned())
+            .unwrap_or_default()
+    }
+
+    fn count(&self, call: &CallEnvelope, risk: ToolRisk) {
+        if let Ok(mut counters) = self.counters.lock() {
+            let run = counters
+                .entry(call.run_context.context.run_id.clone())
+                .or_default();
+            run.calls += 1;
+            *run.per_tool.entry(call.tool.clone()).or_default() += 1;
+            if risk == ToolRisk::Destructive {
+                run.destructive += 1;
+            }
+        }
+    }
+
+    /// `None` when an approval lets the call proceed; otherwise the outcome to return.
+    async fn check_approval<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        call_hash: &str,
+        decision: &crate::policy::Decision,
+        recorder: &mut Recorder<'_, S>,
+    ) -> Result<Option<CallOutcome>, GatewayError> {
+        let needs = CallOutcome::NeedsApproval {
+            call_hash: call_hash.to_owned(),
+            rule: decision.rule.clone(),
+            reason: decision.reason.clone(),
+            approvers: decision.approvers.clone(),
+        };
+        let Some(grant) = &call.approval else {
+            let mut approvers: Vec<String> = decision.approvers.users.clone();
+            approvers.extend(decision.approvers.groups.iter().map(|g| format!("group:{g}")));
+            recorder.stage(EntryBody::ApprovalRequested {
+                call_id: call.call_id.clone(),
+                call_hash: call_hash.to_owned(),
+                approvers,
+            });
+            recorder.flush().await?;
+            return Ok(Some(needs));
+        };
+        let refusal = if grant.call_hash != call_hash {
+            Some(format!(
+                "the approval is for call {}, not this call ({call_hash})",
+                grant.call_hash
+            ))
+        } else if grant.decision == ApprovalDecision::Reject {
+            Some(
+                grant
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "rejected by the approver".into()),
+            )
+        } else if !self.approvals.consume(call_hash) {
+            Some("this approval was already used once; approvals are single-use".into())
+        } else {
+            None
+        };
+        match refusal {
+            None => {
+                recorder.stage(EntryBody::ApprovalGranted {
+                    call_id: call.call_id.clone(),
+                    call_hash: call_hash.to_owned(),
+                    approver: grant.approver.clone(),
+                });
+                Ok(None)
+            }
+            Some(reason) => {
+                recorder.stage(EntryBody::ApprovalRefused {
+                    call_id: call.call_id.clone(),
+                    call_hash: call_hash.to_owned(),
+                    approver: grant.approver.clone(),
+                    reason: reason.clone(),
+                });
+                recorder.flush().await?;
+                if grant.decision == ApprovalDecision::Reject && grant.call_hash == call_hash {
+                    return Ok(Some(CallOutcome::Denied {
+                        rule: "approval/rejected".into(),
+                        reason,
+                    }));
+                }
+                Ok(Some(needs))
+            }
+        }
+    }
+
+    /// Runs the call once per idempotency key, retrying where that is safe.
+    async fn execute<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        tool: &CatalogTool,
+        recorder: &mut Recorder<'_, S>,
+    ) -> ToolResultRecord {
+        self.count(call, tool.spec.risk);
+        let retries_allowed = tool.spec.idempotent || tool.spec.risk == ToolRisk::ReadOnly;
+        let max_attempts = match (&tool.spec.retry, retries_allowed) {
+            (Some(retry), true) => retry.max_attempts.max(1),
+            _ => 1,
+        };
+        let initial = Duration::from_millis(
+            tool.spec
+                .retry
+                .as_ref()
+                .map_or(200, |r| u64::from(r.initial_backoff_millis)),
+        );
+        let mut attempts = 0;
+        let outcome = loop {
+            attempts += 1;
+            let outcome = self.attempt(call, tool).await;
+            match &outcome {
+                Err(e) if e.is_retryable() && attempts < max_attempts => {
+                    tokio::time::sleep(backoff(initial, attempts)).await;
+                }
+                _ => break outcome,
+            }
+        };
+        let result = match outcome {
+            Ok(response) => ToolResultRecord {
+                call_id: call.call_id.clone(),
+                ok: true,
+                output: response.body,
+                error: None,
+                attempts,
+                truncated: response.truncated,
+            },
+            Err(error) => {
+                recorder.stage(EntryBody::DeadLettered {
+                    call_id: call.call_id.clone(),
+                    tool: call.tool.clone(),
+                    idempotency_key: call.idempotency_key.clone(),
+                    attempts,
+                    error: error.to_string(),
+                });
+                ToolResultRecord {
+                    call_id: call.call_id.clone(),
+                    ok: false,
+                    output: Value::Null,
+                    error: Some(error.to_string()),
+                    attempts,
+                    truncated: false,
+                }
+            }
+        };
+        recorder.stage(EntryBody::ToolResult(result.clone()));
+        if result.ok
+            && let Ok(mut completed) = self.completed.lock()
+        {
+            completed.insert(call.idempotency_key.clone(), result.clone());
+        }
+        result
+    }
+
+    async fn attempt(
+        &self,
+        call: &CallEnvelope,
+        tool: &CatalogTool,
+    ) -> Result<AdapterResponse, AdapterError> {
+        let adapter = &tool.spec.adapter;
+        let (url, method, cap, signed) = if let Some(http) = &adapter.http {
+            (
+                http.url.as_str(),
+                http.method,
+                http.max_response_bytes as usize,
+                false,
+            )
+        } else if let Some(hook) = &adapter.webhook {
+            (
+                hook.url.as_str(),
+                contextos_crds::agent::HttpMethod::Post,
+                1 << 20,
+                true,
+            )
+        } else {
+            return Err(AdapterError::Unsupported(format!(
+                "tool {} uses an adapter this gateway build does not run yet (MCP and A2A)",
+                call.tool
+            )));
+        };
+        let endpoint = adapters::http::endpoint_of(url);
+        if !self.breakers.allow(&endpoint, Instant::now()) {
+            return Err(AdapterError::CircuitOpen(endpoint));
+        }
+        let ctx = CallContext {
+            idempotency_key: call.idempotency_key.clone(),
+            traceparent: envelope::traceparent(&call.run_context.context.trace_id, &call.call_id),
+            timeout: Duration::from_secs(u64::from(tool.spec.timeout_seconds)),
+            max_response_bytes: cap,
+            bearer_token: tool.bearer_token.clone(),
+            hmac_key: tool.hmac_key.clone(),
+        };
+        let result = adapters::http::call(&self.http, url, method, &call.arguments, &ctx, signed).await;
+        // Only failures that say something about the endpoint's health count against it.
+        let healthy = match &result {
+            Ok(_) => true,
+            Err(e) => !e.is_retryable(),
+        };
+        self.breakers.report(&endpoint, healthy, Instant::now());
+        result
+    }
+
+    async fn refuse<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        recorder: &mut Recorder<'_, S>,
+        rule: String,
+        reason: String,
+    ) -> Result<CallOutcome, GatewayError> {
+        recorder.stage(decision_entry(
+            call,
+            PolicyEffect::Deny,
+            PolicyEffect::Deny,
+            &rule,
+            &reason,
+            false,
+        ));
+        recorder.flush().await?;
+        Ok(CallOutcome::Denied { rule, reason })
+    }
+}
+
+fn decision_entry(
+    call: &CallEnvelope,
+    effect: PolicyEffect,
+    enforced: PolicyEffect,
+    rule: &str,
+    reason: &str,
+    dry_run: bool,
+) -> EntryBody {
+    EntryBody::PolicyDecision(PolicyDecisionRecord {
+        call_id: call.call_id.clone(),
+        effect,
+        enforced,
+        rule: rule.to_owned(),
+        reason: reason.to_owned(),
+        dry_run,
+    })
+}
+
+/// The first schema violation of `args`, naming the field and the fix.
+fn schema_problem(tool: &CatalogTool, args: &Value) -> Option<String> {
+    let validator = tool.schema.as_ref()?;
+    let error = validator.iter_errors(args).next()?;
+    let path = error.instance_path().to_string();
+    let field = if path.is_empty() {
+        "the arguments".to_owned()
+    } else {
+        format!("argument {path}")
+    };
+    Some(format!(
+        "{field} of tool {} violates its inputSchema: {error}",
+        tool.spec.name
+    ))
+}

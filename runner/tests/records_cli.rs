@@ -64,6 +64,13 @@ async fn write_run(data_dir: &Path) {
         attempts: 1,
         truncated: false,
     }));
+    rec.stage(EntryBody::DeadLettered {
+        call_id: "c3".into(),
+        tool: "post_status_update".into(),
+        idempotency_key: "k3".into(),
+        attempts: 3,
+        error: "the tool answered HTTP 503: overloaded".into(),
+    });
     rec.stage(EntryBody::Completed {
         output: "{\"resolved\": true}".into(),
         validators: vec!["summary-shape".into()],
@@ -114,7 +121,14 @@ async fn records_cli_lists_shows_verifies_and_exports() {
 
     let (ok, out, err) = contextos(dir.path(), &["records", "verify", "run-checkout"]);
     assert!(ok, "{out}{err}");
-    assert!(out.contains("run run-checkout: OK — 5 entries"), "{out}");
+    assert!(out.contains("run run-checkout: OK — 6 entries"), "{out}");
+
+    let (ok, out, err) = contextos(dir.path(), &["records", "dead-letters"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("run run-checkout entry #4: post_status_update (call c3, idempotency key k3) failed after 3 attempt(s)"),
+        "{out}"
+    );
 
     let export = dir.path().join("run.jsonl");
     let (ok, _, err) = contextos(
@@ -133,7 +147,7 @@ async fn records_cli_lists_shows_verifies_and_exports() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect();
-    assert_eq!(lines.len(), 5);
+    assert_eq!(lines.len(), 6);
     assert_eq!(
         lines[3]["entry"]["body"]["type"], "tool_result",
         "blobs are inlined on export"

@@ -48,6 +48,15 @@ pub enum RecordsCommand {
         #[arg(long, env = "CONTEXTOS_RECORD_PUBLIC_KEY")]
         public_key: Option<String>,
     },
+    /// List calls that exhausted their retries (or met an open circuit), newest runs first.
+    DeadLetters {
+        /// Only this run.
+        #[arg(long)]
+        run: Option<String>,
+        /// Look at this many recent runs.
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+    },
     /// Write a run as JSON Lines: one entry per line with its hash, blobs inlined.
     Export {
         /// Run id.
@@ -112,6 +121,50 @@ pub async fn run(global: &GlobalArgs, command: RecordsCommand) -> anyhow::Result
             }
             if failed > 0 {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        RecordsCommand::DeadLetters { run, runs } => {
+            let run_ids = match run {
+                Some(run) => vec![run],
+                None => {
+                    let filter = RunFilter {
+                        limit: Some(runs),
+                        ..RunFilter::default()
+                    };
+                    store
+                        .list_runs(&tenant, &filter)
+                        .await?
+                        .into_iter()
+                        .map(|r| r.run_id)
+                        .collect()
+                }
+            };
+            let mut found = 0;
+            for run in &run_ids {
+                for (_, entry) in resolved_entries(&store, &tenant, run).await? {
+                    if let EntryBody::DeadLettered {
+                        call_id,
+                        tool,
+                        idempotency_key,
+                        attempts,
+                        error,
+                    } = &entry.body
+                    {
+                        found += 1;
+                        writeln!(
+                            out,
+                            "run {run} entry #{}: {tool} (call {call_id}, idempotency key {idempotency_key}) failed after {attempts} attempt(s): {error}",
+                            entry.seq
+                        )?;
+                    }
+                }
+            }
+            if found == 0 {
+                writeln!(
+                    out,
+                    "no dead-lettered calls in {} run(s) of tenant {tenant}",
+                    run_ids.len()
+                )?;
             }
         }
         RecordsCommand::Export { run, output } => {

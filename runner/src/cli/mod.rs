@@ -1,5 +1,6 @@
 //! Command-line structure shared by every subcommand: where data lives and which tenant.
 
+mod gateway;
 mod records;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -26,7 +27,7 @@ pub struct Cli {
 pub struct GlobalArgs {
     /// Directory holding the embedded record store and the local signing key.
     #[arg(long, global = true, env = "CONTEXTOS_DATA_DIR", default_value = ".contextos")]
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// Tenant (Kubernetes namespace) whose records to use.
     #[arg(long, global = true, env = "CONTEXTOS_TENANT", default_value = "default")]
     tenant: String,
@@ -40,12 +41,15 @@ enum Command {
     /// Inspect, verify and export DecisionRecords.
     #[command(subcommand)]
     Records(records::RecordsCommand),
+    /// Serve the Tool Gateway over HTTP for runner pods.
+    Gateway(gateway::GatewayArgs),
 }
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Records(command) => records::run(&self.global, command).await,
+            Command::Gateway(args) => gateway::run(&self.global, args).await,
         }
     }
 }

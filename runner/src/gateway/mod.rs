@@ -5,8 +5,10 @@
 
 pub mod adapters;
 pub mod approvals;
+pub mod bundle;
 pub mod envelope;
 pub mod reliability;
+pub mod service;
 
 use std::{
     collections::HashMap,
@@ -39,7 +41,8 @@ use crate::{
 };
 
 /// What happened to a call.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum CallOutcome {
     /// The tool ran; its result.
     Executed(ToolResultRecord),
@@ -100,8 +103,8 @@ struct RunCounters {
 /// The gateway for one agent in one tenant.
 #[derive(Debug)]
 pub struct ToolGateway {
-    tenant: String,
-    agent: String,
+    pub(crate) tenant: String,
+    pub(crate) agent: String,
     trusted_key: PublicKey,
     tools: HashMap<String, CatalogTool>,
     policies: PolicySet,

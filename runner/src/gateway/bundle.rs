@@ -1,0 +1,72 @@
+//! A gateway bundle: everything needed to govern one agent's calls — its tools, its policies in
+//! order, and the secret values its adapters use — loaded from one YAML or JSON document.
+
+use std::collections::BTreeMap;
+
+use contextos_crds::{AgentSpec, PolicySpec, common::KeyRef};
+use serde::{Deserialize, Serialize};
+
+use super::{CatalogTool, ToolGateway};
+use crate::{
+    keys::PublicKey,
+    policy::{PolicySet, compile_policy},
+};
+
+/// One agent's gateway configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayBundle {
+    pub tenant: String,
+    pub agent: String,
+    pub spec: AgentSpec,
+    /// The agent's policies, in `policyRefs` order (the promoted revisions).
+    pub policies: Vec<NamedPolicy>,
+    /// Secret values by `<secret name>/<key>`, for bearer tokens and webhook signing keys.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+}
+
+/// A policy spec and the name its rules are reported under.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NamedPolicy {
+    pub name: String,
+    pub spec: PolicySpec,
+}
+
+impl GatewayBundle {
+    /// Builds the gateway, reporting the first policy or tool that cannot be compiled.
+    pub fn build(&self, trusted_key: PublicKey) -> Result<ToolGateway, String> {
+        let policies = self
+            .policies
+            .iter()
+            .map(|p| compile_policy(&p.name, &p.spec).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut tools = Vec::with_capacity(self.spec.tools.len());
+        for spec in &self.spec.tools {
+            let mut tool = CatalogTool::new(spec.clone())?;
+            let adapter = &spec.adapter;
+            if let Some(secret) = adapter.http.as_ref().and_then(|h| h.secret_ref.as_ref()) {
+                tool.bearer_token = Some(self.secret(&spec.name, secret)?);
+            }
+            if let Some(hook) = &adapter.webhook {
+                tool.hmac_key = Some(self.secret(&spec.name, &hook.secret_ref)?.into_bytes());
+            }
+            tools.push(tool);
+        }
+        Ok(ToolGateway::new(
+            &self.tenant,
+            &self.agent,
+            trusted_key,
+            tools,
+            PolicySet { policies },
+            self.spec.approvers.clone().unwrap_or_default(),
+        ))
+    }
+
+    fn secret(&self, tool: &str, key: &KeyRef) -> Result<String, String> {
+        let id = format!("{}/{}", key.name, key.key);
+        self.secrets.get(&id).cloned().ok_or_else(|| {
+            format!("tool {tool} needs secret {id}, which the bundle does not provide (add it under secrets)")
+        })
+    }
+}

@@ -4,13 +4,19 @@
 //!
 //! Run: `cargo bench -p contextos-runner --bench records`. Targets: ≥ 10k entries/s batched,
 //! overhead ≤ 1.5× raw, verification ≥ 100 MB/s.
+//!
+//! With `CONTEXTOS_TIKV_TESTSERVER_BIN` set (to the path `kind-tests/tikv-testserver/build.sh`
+//! prints) it adds a row for the TiKV backend against tikv-testserver: the same batched appends
+//! through tikv-client, gRPC and the TiKV project's in-memory mock store. That measures our client
+//! path and protocol overhead only, not TiKV performance (no Raft, no RocksDB, no network).
 
 use std::time::{Duration, Instant};
 
 use contextos_runner::{
     keys::KeyPair,
     records::{
-        EmbeddedStore, EntryBody, PinnedDigests, RecordEntry, Recorder, RunStart, StoredEntry, TenantId,
+        EmbeddedStore, EntryBody, PinnedDigests, RecordEntry, RecordStore, Recorder, RunStart, StoredEntry,
+        TenantId,
         entry::{Hash, ToolResultRecord},
         store::SignedHead,
         verify_entries,
@@ -19,10 +25,17 @@ use contextos_runner::{
 use redb::{Database, TableDefinition};
 use serde_json::json;
 
+#[cfg(feature = "tikv")]
+#[path = "../tests/support/tikv_testserver.rs"]
+mod tikv_testserver;
+
 const RAW: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("raw_entries");
 const SINGLE_ENTRIES: u64 = 300;
 const BATCHED_ENTRIES: u64 = 20_000;
 const BATCH: u64 = 100;
+/// Entries appended to the TiKV backend (in batches of `BATCH`).
+#[cfg(feature = "tikv")]
+const TIKV_ENTRIES: u64 = 5_000;
 
 fn body(i: u64) -> EntryBody {
     EntryBody::ToolResult(ToolResultRecord {
@@ -99,7 +112,7 @@ fn raw_inserts(db: &Database, values: &[Vec<u8>], batch: u64) -> Measured {
     }
 }
 
-async fn recorder_appends(store: &EmbeddedStore, run: &str, n: u64, batch: u64) -> Measured {
+async fn recorder_appends<S: RecordStore>(store: &S, run: &str, n: u64, batch: u64) -> Measured {
     let tenant = TenantId::new("bench").expect("tenant");
     let start = RunStart {
         run_id: run.into(),
@@ -212,4 +225,33 @@ fn main() {
     );
     let (mb_per_s, entries_per_s) = verification(BATCHED_ENTRIES);
     println!("  chain verification: {mb_per_s:.0} MB/s ({entries_per_s:.0} entries/s)   (target ≥ 100 MB/s)");
+    #[cfg(feature = "tikv")]
+    tikv_testserver_row(&runtime, &ours_batched);
+}
+
+/// The TiKV backend against tikv-testserver, next to the embedded store's batched row.
+#[cfg(feature = "tikv")]
+fn tikv_testserver_row(runtime: &tokio::runtime::Runtime, embedded_batched: &Measured) {
+    use contextos_runner::records::store::tikv::TikvStore;
+    use tikv_testserver::{TESTSERVER_ENV, TestServer};
+    let label = "tikv backend via tikv-testserver (protocol overhead only, not TiKV performance)";
+    let Ok(bin) = std::env::var(TESTSERVER_ENV) else {
+        println!(
+            "  {label}: skipped; set {TESTSERVER_ENV}=\"$(bash kind-tests/tikv-testserver/build.sh | tail -n1)\" to add it"
+        );
+        return;
+    };
+    let server = TestServer::start(&bin, &[]);
+    let measured = runtime.block_on(async {
+        let store = TikvStore::connect(&server.pd)
+            .await
+            .expect("connect to tikv-testserver");
+        recorder_appends(&store, "tikv-batched", TIKV_ENTRIES, BATCH).await
+    });
+    println!("  {label}:");
+    row(&format!("recorder append, {BATCH} per txn"), &measured);
+    println!(
+        "  time per entry vs the embedded store, {BATCH} per txn: {:.1}x",
+        embedded_batched.per_second() / measured.per_second()
+    );
 }

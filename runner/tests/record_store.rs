@@ -6,7 +6,7 @@
 //! and crash safety (a child process appending in a loop is killed with SIGKILL).
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -27,6 +27,7 @@ use serde_json::json;
 #[path = "support/tikv_testserver.rs"]
 mod tikv_testserver;
 
+#[cfg(feature = "tikv")]
 const TIKV_ENV: &str = "CONTEXTOS_TEST_TIKV_PD";
 const CHILD_STORE_ENV: &str = "CONTEXTOS_CRASH_CHILD_STORE";
 const CHILD_RUN_ENV: &str = "CONTEXTOS_CRASH_CHILD_RUN";
@@ -556,13 +557,17 @@ async fn embedded_store_survives_sigkill_mid_append() {
 #[tokio::test]
 async fn tikv_store_passes_the_conformance_suite() {
     use contextos_runner::records::store::tikv::TikvStore;
+    use std::io::Write as _;
     use tikv_testserver::{TESTSERVER_ENV, TestServer};
     // A real cluster if one is named; otherwise the test server if it was built. The server
     // lives until the end of the test (dropping it stops it).
     let (pd, _server) = match (std::env::var(TIKV_ENV), std::env::var(TESTSERVER_ENV)) {
         (Ok(pd), _) => (pd, None),
         (Err(_), Ok(bin)) => {
-            let server = TestServer::start(&bin);
+            // Two regions, split inside the crash-safety tenant between the entries (`e/`) and
+            // the head, summary and time index (`h/`, `r/`, `t/`): every crash-child append is
+            // then a two-region transaction, and the locks a SIGKILL leaves behind span regions.
+            let server = TestServer::start(&bin, &["-split".into(), "cx/crash-tests/f".into()]);
             (server.pd.clone(), Some(server))
         }
         (Err(_), Err(_)) => {
@@ -582,4 +587,79 @@ async fn tikv_store_passes_the_conformance_suite() {
     blobs(&store).await;
     let spec = format!("tikv:{pd}");
     crash_safety(&spec, async || TikvStore::connect(&pd).await.expect("reconnect")).await;
+}
+
+/// Region boundaries inside one run's chain and between a tenant's entries and its head: appends
+/// become multi-region transactions and chain reads cross regions. Runs on tikv-testserver only,
+/// which can be told where to split (on a real cluster, regions split by size).
+#[cfg(feature = "tikv")]
+#[tokio::test]
+async fn tikv_store_works_across_region_boundaries() {
+    use contextos_runner::records::store::tikv::TikvStore;
+    use std::io::Write as _;
+    use tikv_testserver::{TESTSERVER_ENV, TestServer};
+    let Ok(bin) = std::env::var(TESTSERVER_ENV) else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP tikv_store_works_across_region_boundaries: {TESTSERVER_ENV} (a built kind-tests/tikv-testserver; `make test` sets it) is not set"
+        );
+        return;
+    };
+    let (tenant_id, run) = ("regions", "run-1");
+    // The backend's key layout: entries are `cx/<tenant>/e/<run>/<seq as 8 big-endian bytes>`,
+    // heads `cx/<tenant>/h/<run>`.
+    let entry_key = |seq: u64| {
+        let mut key = format!("cx/{tenant_id}/e/{run}/").into_bytes();
+        key.extend_from_slice(&seq.to_be_bytes());
+        key
+    };
+    let splits = [
+        entry_key(100),
+        entry_key(200),
+        format!("cx/{tenant_id}/f").into_bytes(),
+    ];
+    let mut args = Vec::new();
+    for split in &splits {
+        // The server takes split keys with Go string escapes.
+        let escaped: String = split.iter().map(|b| format!("\\x{b:02x}")).collect();
+        args.extend(["-split".to_owned(), escaped]);
+    }
+    let server = TestServer::start(&bin, &args);
+    for split in &splits {
+        let line = format!("region boundary at raw key {}", hex::encode(split));
+        assert!(
+            server.wait_for_stderr(&line, Duration::from_secs(5)),
+            "the server split the key space at {split:?}: {}",
+            server.stderr_text()
+        );
+    }
+    let store = TikvStore::connect(&server.pd).await.expect("connect to PD");
+    let t = TenantId::new(tenant_id).expect("tenant");
+    let mut rec = Recorder::start(&store, t.clone(), key(), start(run, "sess", "agent"))
+        .await
+        .expect("start");
+    // Batches of 32 from seq 1: several batches straddle seq 100 and 200.
+    for chunk in (1..=300u32).collect::<Vec<_>>().chunks(32) {
+        for step in chunk {
+            rec.stage(verdict(*step));
+        }
+        rec.flush().await.expect("multi-region append");
+    }
+    let chain = store.read_chain(&t, run, 0).await.expect("read across regions");
+    assert_eq!(
+        chain.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (0..=300).collect::<Vec<_>>(),
+        "one scan over three regions returns every entry once, in order"
+    );
+    let tail = store
+        .read_chain(&t, run, 150)
+        .await
+        .expect("read from the middle");
+    assert_eq!((tail.len(), tail[0].seq), (151, 150));
+    let verified = verify_run(&store, &t, run, &key().public())
+        .await
+        .expect("verifies");
+    assert_eq!(verified.entries, 301);
+    let runs = store.list_runs(&t, &RunFilter::default()).await.expect("list");
+    assert_eq!((runs.len(), runs[0].entries), (1, 301));
 }

@@ -29,10 +29,11 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts `bin` and waits for its `READY <pd>` line. Panics, with the server's stderr,
-    /// if it does not come up.
-    pub fn start(bin: &str) -> Self {
+    /// Starts `bin` with `args` (for example `-split KEY`) and waits for its `READY <pd>`
+    /// line. Panics, with the server's stderr, if it does not come up.
+    pub fn start(bin: &str, args: &[String]) -> Self {
         let mut child = Command::new(bin)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -96,6 +97,22 @@ impl TestServer {
     /// Everything the server wrote to stderr so far.
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for `needle` to appear on the server's stderr (read on another
+    /// thread, so a line written before `READY` may arrive after it).
+    #[allow(dead_code, reason = "not every target that includes this file uses it")]
+    pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stderr_text().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn stop(&mut self) {

@@ -39,6 +39,9 @@ pub struct CompiledRule {
 pub struct Condition {
     pub source: String,
     pub program: cel::Program,
+    /// Which of `call`, `run`, `state` it reads (bit i = `CONDITION_VARIABLES[i]`), so a
+    /// decision converts only those into CEL values.
+    pub variables: u8,
 }
 
 impl std::fmt::Debug for Condition {
@@ -59,6 +62,8 @@ pub struct CompiledPolicy {
     pub default_effect: PolicyEffect,
     pub rules: Vec<CompiledRule>,
     pub budget: Option<ToolCallBudget>,
+    /// Union of the variables its conditions read.
+    pub condition_variables: u8,
 }
 
 pub(crate) fn risk_bit(risk: ToolRisk) -> u8 {
@@ -110,7 +115,12 @@ pub fn compile_policy(name: &str, spec: &PolicySpec) -> Result<CompiledPolicy, P
             approvers: rule.approvers.clone(),
         });
     }
+    let condition_variables = rules
+        .iter()
+        .filter_map(|r| r.condition.as_ref())
+        .fold(0, |acc, c| acc | c.variables);
     Ok(CompiledPolicy {
+        condition_variables,
         name: name.into(),
         digest,
         mode: spec.mode,
@@ -137,9 +147,15 @@ pub fn compile_condition(source: &str) -> Result<Condition, String> {
             unknown.join(", ")
         ));
     }
+    let variables = CONDITION_VARIABLES
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| references.has_variable(name))
+        .fold(0, |acc, (i, _)| acc | (1 << i));
     Ok(Condition {
         source: source.to_owned(),
         program,
+        variables,
     })
 }
 

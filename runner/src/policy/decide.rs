@@ -92,25 +92,41 @@ struct CelScope {
 }
 
 impl CelScope {
-    fn new(call: &CallFacts<'_>, run: &RunFacts, state: &StateFacts) -> Self {
+    /// Converts only the variables some condition reads (`variables`: bits of `call`, `run`,
+    /// `state`); the conversion is most of a decision's cost.
+    fn new(call: &CallFacts<'_>, run: &RunFacts, state: &StateFacts, variables: u8) -> Self {
         let mut context = cel::Context::default();
-        let call_value = serde_json::json!({
-            "tool": call.tool,
-            "risk": call.risk.as_str(),
-            "kind": call.kind.as_str(),
-            "args": call.args,
-        });
-        for (name, value) in [
-            ("call", call_value),
-            ("run", serde_json::to_value(run).unwrap_or(Value::Null)),
-            ("state", serde_json::to_value(state).unwrap_or(Value::Null)),
-        ] {
-            // JSON always converts to a CEL value.
-            if let Ok(v) = cel::to_value(value) {
-                context.add_variable_from_value(name, v);
-            }
+        if variables & 0b001 != 0 {
+            let call_value = serde_json::json!({
+                "tool": call.tool,
+                "risk": call.risk.as_str(),
+                "kind": call.kind.as_str(),
+                "args": call.args,
+            });
+            add(&mut context, "call", call_value);
+        }
+        if variables & 0b010 != 0 {
+            add(
+                &mut context,
+                "run",
+                serde_json::to_value(run).unwrap_or(Value::Null),
+            );
+        }
+        if variables & 0b100 != 0 {
+            add(
+                &mut context,
+                "state",
+                serde_json::to_value(state).unwrap_or(Value::Null),
+            );
         }
         Self { context }
+    }
+}
+
+fn add(context: &mut cel::Context<'static>, name: &str, value: Value) {
+    // JSON always converts to a CEL value.
+    if let Ok(v) = cel::to_value(value) {
+        context.add_variable_from_value(name.to_owned(), v);
     }
 }
 
@@ -133,11 +149,12 @@ impl PolicySet {
         fallback_approvers: &Approvers,
     ) -> Decision {
         let mut scope: Option<CelScope> = None;
+        let variables = self.policies.iter().fold(0, |acc, p| acc | p.condition_variables);
         let mut enforced: Option<Verdict> = None;
         let mut dry_run = Vec::new();
         for policy in &self.policies {
             let verdict = budget_verdict(policy, call, run)
-                .unwrap_or_else(|| rule_verdict(policy, call, run, state, &mut scope));
+                .unwrap_or_else(|| rule_verdict(policy, call, run, state, variables, &mut scope));
             match policy.mode {
                 PolicyMode::DryRun => dry_run.push(ShadowDecision {
                     effect: verdict.effect,
@@ -201,6 +218,7 @@ fn rule_verdict(
     call: &CallFacts<'_>,
     run: &RunFacts,
     state: &StateFacts,
+    variables: u8,
     scope: &mut Option<CelScope>,
 ) -> Verdict {
     for rule in &policy.rules {
@@ -208,7 +226,7 @@ fn rule_verdict(
             continue;
         }
         if let Some(condition) = &rule.condition {
-            let scope = scope.get_or_insert_with(|| CelScope::new(call, run, state));
+            let scope = scope.get_or_insert_with(|| CelScope::new(call, run, state, variables));
             match condition.program.execute(&scope.context) {
                 Ok(cel::Value::Bool(true)) => {}
                 Ok(cel::Value::Bool(false)) => continue,

@@ -1,2 +1,28 @@
 //! Test harness for running ContextOS against a real Kubernetes API server: the local control
-//! plane (`testenv/`), the process node, and per-test namespaces.
+//! plane (`testenv/`), the process node that runs pods as local processes, per-test namespaces,
+//! and waits that explain themselves.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use contextos_kind_tests::{TestEnv, TestNamespace};
+//! let env = TestEnv::shared().await?; // KUBECONFIG, or testenv + process node
+//! let ns = TestNamespace::new(env, "my-test").await?;
+//! // ... create objects in ns.name(), wait_for(...) on them ...
+//! ns.pass();
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod describe;
+pub mod dump;
+pub mod env;
+pub mod namespace;
+pub mod process_node;
+pub mod wait;
+
+pub use env::{EnvError, TestEnv};
+pub use namespace::TestNamespace;
+pub use wait::{Check, WaitError, wait_for, wait_for_deletion, wait_for_object};
+
+/// Field manager of the harness's server-side applies.
+pub const FIELD_MANAGER: &str = "contextos.dev/kind-tests";

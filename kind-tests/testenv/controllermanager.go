@@ -22,7 +22,10 @@ import (
 	kcmoptions "k8s.io/kubernetes/cmd/kube-controller-manager/app/options"
 )
 
-// controllers run by the controller manager. Left out on purpose:
+// controllers run by the controller manager. root-ca-certificate-publisher
+// writes the kube-root-ca.crt ConfigMap into every namespace: the
+// kube-api-access-* volume the ServiceAccount admission plugin adds to every
+// pod needs it, so without it no pod could start. Left out on purpose:
 // pod-garbage-collector-controller and node-lifecycle-controller, which
 // would delete or evict pods bound to a node whose kubelet they do not see.
 var controllers = []string{
@@ -32,6 +35,7 @@ var controllers = []string{
 	"serviceaccount-controller",
 	"serviceaccount-token-controller",
 	"ttl-after-finished-controller",
+	"root-ca-certificate-publisher-controller",
 }
 
 func startControllerManager(ctx context.Context, kubeconfig string, p *pkiFiles) (*component, error) {

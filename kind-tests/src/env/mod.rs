@@ -1,0 +1,309 @@
+//! The cluster a test binary runs against, started once per test process: an existing cluster
+//! when `KUBECONFIG` is set, otherwise the local control plane (`testenv`) plus an in-process
+//! process node. Either way the project's CRDs are installed first.
+
+pub mod control_plane;
+pub mod crds;
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, Config,
+    api::LogParams,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use thiserror::Error;
+use tokio::runtime::Runtime;
+
+use crate::process_node::{NodeError, ProcessNode, ProcessNodeConfig};
+
+/// Name of the Node the process node registers.
+pub const PROCESS_NODE_NAME: &str = "contextos-process-node";
+
+/// The test environment could not start.
+#[derive(Debug, Error)]
+pub enum EnvError {
+    #[error("testenv binary: {0}")]
+    Build(String),
+    #[error(
+        "the local control plane did not start: {reason}\n--- last lines of {} ---\n{stderr_tail}",
+        stderr_path.display()
+    )]
+    NotReady {
+        reason: String,
+        stderr_path: PathBuf,
+        stderr_tail: String,
+    },
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build a client for {cluster}: {reason}")]
+    Client { cluster: String, reason: String },
+    #[error("CRD {file}: {reason}")]
+    Crd { file: String, reason: String },
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("the test environment failed to start (first attempt in this test binary): {0}")]
+    Earlier(String),
+}
+
+/// Where the tests run.
+#[derive(Debug)]
+enum Backend {
+    /// testenv + the process node, owned by this test process.
+    Local {
+        plane: control_plane::ControlPlane,
+        node: ProcessNode,
+    },
+    /// A cluster from `KUBECONFIG`; nothing is started.
+    External { server: String },
+}
+
+/// How long start-up took, for the record.
+#[derive(Clone, Copy, Debug)]
+pub struct StartupTimings {
+    /// Spawning testenv until its READY line (zero for an external cluster).
+    pub control_plane: Duration,
+    pub crds: Duration,
+    pub total: Duration,
+}
+
+/// A cluster shared by every test of one test binary.
+pub struct TestEnv {
+    /// The client of the environment's own runtime (process node, reports, cleanup).
+    client: Client,
+    config: Config,
+    /// One client per test runtime: hyper binds a pooled connection to the runtime that opened
+    /// it, and each `#[tokio::test]` has its own runtime, which ends with the test; sharing one
+    /// client across tests hands later tests connections whose runtime is gone.
+    clients: Mutex<Vec<(tokio::runtime::Id, Client)>>,
+    backend: Backend,
+    timings: StartupTimings,
+    /// Runs the process node and the client's connections; lives as long as the process, so
+    /// every test's own runtime can use the client.
+    runtime: Runtime,
+}
+
+impl std::fmt::Debug for TestEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestEnv")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+static SHARED: OnceLock<Result<TestEnv, String>> = OnceLock::new();
+
+impl TestEnv {
+    /// The environment of this test binary, started by the first caller.
+    pub async fn shared() -> Result<&'static TestEnv, EnvError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // Start-up blocks (and may build testenv), so it runs on its own thread.
+        std::thread::Builder::new()
+            .name("kind-tests-env-start".to_owned())
+            .spawn(move || {
+                let _ = tx.send(SHARED.get_or_init(|| Self::start().map_err(|e| error_chain(&e))));
+            })
+            .map_err(|source| EnvError::Io {
+                what: "spawn the start-up thread".to_owned(),
+                source,
+            })?;
+        let started = rx
+            .await
+            .map_err(|_| EnvError::Earlier("the start-up thread panicked".to_owned()))?;
+        started.as_ref().map_err(|e| EnvError::Earlier(e.clone()))
+    }
+
+    fn start() -> Result<Self, EnvError> {
+        init_tracing();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kind-tests-env")
+            .enable_all()
+            .build()
+            .map_err(|source| EnvError::Io {
+                what: "start the background runtime".to_owned(),
+                source,
+            })?;
+        let started = Instant::now();
+        let (config, client, backend, control_plane) = runtime.block_on(connect())?;
+        let crds_started = Instant::now();
+        runtime.block_on(crds::install_crds(&client, &repo_root().join("manifests/crds")))?;
+        let timings = StartupTimings {
+            control_plane,
+            crds: crds_started.elapsed(),
+            total: started.elapsed(),
+        };
+        let env = Self {
+            client,
+            config,
+            clients: Mutex::new(Vec::new()),
+            backend,
+            timings,
+            runtime,
+        };
+        eprintln!("kind-tests: {}", env.describe());
+        Ok(env)
+    }
+
+    /// A client for the cluster, bound to the calling runtime (see `clients`).
+    pub fn client(&self) -> Client {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return self.client.clone();
+        };
+        let id = handle.id();
+        if id == self.runtime.handle().id() {
+            return self.client.clone();
+        }
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, client)) = clients.iter().find(|(runtime, _)| *runtime == id) {
+            return client.clone();
+        }
+        // The same config already made a client once, so this conversion cannot fail in practice.
+        let client = Client::try_from(self.config.clone()).unwrap_or_else(|_| self.client.clone());
+        clients.push((id, client.clone()));
+        client
+    }
+
+    /// Whether this is the local control plane with the process node (not a `KUBECONFIG`).
+    pub fn is_local(&self) -> bool {
+        matches!(self.backend, Backend::Local { .. })
+    }
+
+    pub fn timings(&self) -> StartupTimings {
+        self.timings
+    }
+
+    /// The process node's directory (local environment only).
+    pub fn node_dir(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Local { node, .. } => Some(node.dir()),
+            Backend::External { .. } => None,
+        }
+    }
+
+    /// One line about where the tests run.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Local { plane, node } => format!(
+                "local control plane (testenv pid {}) ready in {:.1?}, CRDs established in {:.1?}, \
+                 process node {:?}; files in {}",
+                plane.pid,
+                self.timings.control_plane,
+                self.timings.crds,
+                node.name(),
+                plane.dir.display()
+            ),
+            Backend::External { server } => format!(
+                "cluster from KUBECONFIG ({server}), CRDs established in {:.1?}",
+                self.timings.crds
+            ),
+        }
+    }
+
+    /// What a container printed: the process node's log file locally, the `pods/log` API on a
+    /// real cluster. A container that has not started yet has an empty log.
+    pub async fn container_log(&self, namespace: &str, pod: &str, container: &str) -> Result<String, String> {
+        match &self.backend {
+            Backend::Local { node, .. } => {
+                let path = node.log_file(namespace, pod, container);
+                match tokio::fs::read_to_string(&path).await {
+                    Ok(text) => Ok(text),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+                    Err(err) => Err(format!("read {}: {err}", path.display())),
+                }
+            }
+            Backend::External { .. } => {
+                let pods: Api<Pod> = Api::namespaced(self.client(), namespace);
+                let params = LogParams {
+                    container: Some(container.to_owned()),
+                    ..Default::default()
+                };
+                pods.logs(pod, &params).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Runs `future` on the environment's runtime and waits for it from any thread, even one
+    /// inside another runtime (a `Drop`), for at most `timeout`.
+    pub fn block_on<F>(&self, timeout: Duration, future: F) -> Option<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.runtime.spawn(async move {
+            let _ = tx.send(future.await);
+        });
+        rx.recv_timeout(timeout).ok()
+    }
+}
+
+/// Connects to `KUBECONFIG` or starts the local control plane and the process node.
+async fn connect() -> Result<(Config, Client, Backend, Duration), EnvError> {
+    if std::env::var_os("KUBECONFIG").is_some_and(|k| !k.is_empty()) {
+        let client_error = |reason: String| EnvError::Client {
+            cluster: "KUBECONFIG".to_owned(),
+            reason,
+        };
+        let config = Config::infer().await.map_err(|e| client_error(e.to_string()))?;
+        let server = config.cluster_url.to_string();
+        let client = Client::try_from(config.clone()).map_err(|e| client_error(e.to_string()))?;
+        return Ok((config, client, Backend::External { server }, Duration::ZERO));
+    }
+    let bin = control_plane::testenv_binary(&repo_root())?;
+    let dir = control_plane::fresh_dir()?;
+    let plane = tokio::task::spawn_blocking(move || control_plane::start(&bin, &dir))
+        .await
+        .map_err(|e| EnvError::Build(format!("start-up task failed: {e}")))??;
+    let client_error = |reason: String| EnvError::Client {
+        cluster: plane.kubeconfig.display().to_string(),
+        reason,
+    };
+    let kubeconfig = Kubeconfig::read_from(&plane.kubeconfig).map_err(|e| client_error(e.to_string()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| client_error(e.to_string()))?;
+    let client = Client::try_from(config.clone()).map_err(|e| client_error(e.to_string()))?;
+    let node_config = ProcessNodeConfig::new(PROCESS_NODE_NAME, &plane.dir.join("node"))?;
+    let node = ProcessNode::start(client.clone(), node_config).await?;
+    let startup = plane.startup;
+    Ok((config, client, Backend::Local { plane, node }, startup))
+}
+
+/// Root of the repository (this crate lives in `kind-tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// `RUST_LOG` controls the harness's and the process node's logs (default: warnings).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}

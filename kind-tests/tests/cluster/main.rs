@@ -1,0 +1,19 @@
+//! Cluster tests: the ContextOS API and the Kubernetes behaviour it relies on, against a real
+//! API server — the local control plane with the process node, or any cluster in `KUBECONFIG`.
+//! Every test works in its own namespace and passes unchanged on both.
+
+// The shared admission table; some of its helpers are only used by crds/tests.
+#[path = "../../../crds/tests/support/cases.rs"]
+#[allow(dead_code)]
+mod cases;
+
+mod admission;
+mod crds;
+mod jobs;
+mod objects;
+mod pod_lifecycle;
+mod pod_security;
+mod printer_columns;
+mod process_node;
+mod quickstart;
+mod workloads;

@@ -1,10 +1,10 @@
-# Entry points. `make test` is what CI runs (.ci/run); `make quickstart` is the main job.
+# Entry points. `make test` is what CI runs (.ci/run).
 SHELL := /bin/bash
 CARGO ?= cargo
 # Stable cache locations so repeated runs on one machine reuse earlier work.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: test lint unit crds quickstart kind-tests
+.PHONY: test lint unit crds kind-tests
 
 ## test: everything CI checks — formatting, clippy, generated CRDs, unit and integration tests.
 test: lint unit kind-tests

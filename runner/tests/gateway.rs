@@ -342,6 +342,28 @@ impl Harness {
     }
 }
 
+/// Submits `call`, expects it to need approval, and resubmits it approved by "lee".
+async fn approve_and_handle(
+    h: &Harness,
+    rec: &mut Recorder<'_, EmbeddedStore>,
+    call: &CallEnvelope,
+) -> CallOutcome {
+    let state = StateFacts::default();
+    let CallOutcome::NeedsApproval { call_hash, .. } =
+        h.gateway.handle(call, rec, &state).await.expect("handled")
+    else {
+        panic!("{} should need approval", call.tool)
+    };
+    let mut approved = call.clone();
+    approved.approval = Some(ApprovalGrant {
+        call_hash,
+        decision: ApprovalDecision::Approve,
+        approver: "lee".into(),
+        reason: None,
+    });
+    h.gateway.handle(&approved, rec, &state).await.expect("handled")
+}
+
 fn executed(outcome: &CallOutcome) -> &contextos_runner::records::entry::ToolResultRecord {
     match outcome {
         CallOutcome::Executed(result) => result,
@@ -636,25 +658,7 @@ async fn retries_only_where_safe_then_dead_letter_and_open_the_circuit() {
 
     // scale_down is destructive and not idempotent: needs approval, then exactly one attempt.
     let call = h.envelope("r2", "scale_down", json!({}));
-    let CallOutcome::NeedsApproval { call_hash, .. } =
-        h.gateway.handle(&call, &mut rec, &state).await.expect("handled")
-    else {
-        panic!()
-    };
-    let mut approved = call.clone();
-    approved.approval = Some(ApprovalGrant {
-        call_hash,
-        decision: ApprovalDecision::Approve,
-        approver: "lee".into(),
-        reason: None,
-    });
-    let failed = executed(
-        &h.gateway
-            .handle(&approved, &mut rec, &state)
-            .await
-            .expect("handled"),
-    )
-    .clone();
+    let failed = executed(&approve_and_handle(&h, &mut rec, &call).await).clone();
     assert!(
         !failed.ok && failed.attempts == 1,
         "no retry for a non-idempotent tool: {failed:?}"
@@ -664,23 +668,7 @@ async fn retries_only_where_safe_then_dead_letter_and_open_the_circuit() {
     // The endpoint's third consecutive failure opens its breaker (threshold 3; the flaky
     // route's 503s were reset by its success); the fourth call fails fast.
     for id in ["r3", "r4", "r5"] {
-        let call = h.envelope(id, "scale_down", json!({}));
-        let CallOutcome::NeedsApproval { call_hash, .. } =
-            h.gateway.handle(&call, &mut rec, &state).await.expect("handled")
-        else {
-            panic!()
-        };
-        let mut approved = call.clone();
-        approved.approval = Some(ApprovalGrant {
-            call_hash,
-            decision: ApprovalDecision::Approve,
-            approver: "lee".into(),
-            reason: None,
-        });
-        h.gateway
-            .handle(&approved, &mut rec, &state)
-            .await
-            .expect("handled");
+        approve_and_handle(&h, &mut rec, &h.envelope(id, "scale_down", json!({}))).await;
     }
     assert_eq!(
         h.requests("/down"),

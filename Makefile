@@ -22,7 +22,7 @@ unit:
 	bin="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_TIKV_TESTSERVER_BIN="$$bin"; \
 	(cd kind-tests/tikv-testserver && CGO_ENABLED=0 nice -n 10 go test -trimpath -count=1 ./...) || exit 1; \
-	$(CARGO) test --workspace --exclude contextos-kind-tests --locked
+	$(CARGO) test --workspace --exclude contextos-kind-tests --locked --tests
 
 ## kind-tests: the cluster tests in kind-tests/ against a real kube-apiserver. Without KUBECONFIG
 ## they start the local control plane (testenv, built and cached by build.sh; a cold build takes
@@ -33,7 +33,7 @@ kind-tests:
 		bin="$$(bash kind-tests/testenv/build.sh | tail -n1)" || exit 1; \
 		export CONTEXTOS_TESTENV_BIN="$$bin"; \
 	fi; \
-	$(CARGO) test -p contextos-kind-tests --locked
+	$(CARGO) test -p contextos-kind-tests --locked --tests
 
 ## crds: regenerate manifests/crds from the types in crds/src.
 crds:

@@ -22,6 +22,7 @@ unit:
 	bin="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_TIKV_TESTSERVER_BIN="$$bin"; \
 	(cd kind-tests/tikv-testserver && CGO_ENABLED=0 nice -n 10 go test -trimpath -count=1 ./...) || exit 1; \
+	$(CARGO) build -p contextos-runner --examples --locked || exit 1; \
 	$(CARGO) test --workspace --exclude contextos-kind-tests --locked --tests
 
 ## kind-tests: the cluster tests in kind-tests/ against a real kube-apiserver. Without KUBECONFIG

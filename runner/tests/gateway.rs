@@ -852,3 +852,124 @@ async fn the_gateway_service_governs_calls_over_http() {
             .any(|e| matches!(&e.body, EntryBody::PolicyDecision(d) if d.rule == "runcontext/invalid"))
     );
 }
+
+#[path = "support/mcp_server.rs"]
+mod mcp_server;
+
+/// A gateway whose tools live on MCP servers: one over streamable HTTP, one over stdio.
+fn mcp_gateway(key: &KeyPair, http_url: &str, stdio_server: &str) -> ToolGateway {
+    let tools: Vec<contextos_crds::agent::Tool> = serde_yaml::from_str(&format!(
+        r#"
+- {{name: get_service_status, risk: read_only, kind: observe, adapter: {{mcp: {{url: "{http_url}", tool: service_status}}}}}}
+- {{name: restart_deployment, risk: destructive, kind: act, adapter: {{mcp: {{url: "{http_url}", tool: restart}}}}}}
+- {{name: search_runbooks, risk: read_only, kind: observe, adapter: {{mcp: {{command: ["{stdio_server}"], tool: service_status}}}}}}
+- {{name: delete_namespace, risk: destructive, kind: act, adapter: {{mcp: {{command: ["{stdio_server}"], tool: fail}}}}}}
+"#
+    ))
+    .expect("tools");
+    let spec: contextos_crds::PolicySpec = serde_yaml::from_str("defaultEffect: allow").expect("policy");
+    let policies = PolicySet {
+        policies: vec![compile_policy("open", &spec).expect("compiles")],
+    };
+    let catalog = tools
+        .into_iter()
+        .map(|t| CatalogTool::new(t).expect("tool"))
+        .collect();
+    ToolGateway::new(
+        "shop",
+        "oncall-assistant",
+        key.public(),
+        catalog,
+        policies,
+        Default::default(),
+    )
+}
+
+#[tokio::test]
+async fn mcp_tools_run_over_streamable_http_and_stdio() {
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    };
+    let h = Harness::new().await;
+    let mut rec = h.recorder().await;
+    let state = StateFacts::default();
+
+    let tools = mcp_server::OpsTools::default();
+    let seen = tools.seen.clone();
+    let service = StreamableHttpService::new(
+        move || Ok(tools.clone()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let http_url = format!("http://{}/mcp", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, Router::new().nest_service("/mcp", service)).await });
+    let deps = std::env::current_exe().expect("test binary");
+    let stdio_server = deps
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("examples/mcp_stdio_server");
+    assert!(
+        stdio_server.exists(),
+        "{} is missing: plain `cargo test` builds it; with --tests run `cargo build -p contextos-runner --examples` first",
+        stdio_server.display()
+    );
+    let gateway = mcp_gateway(&h.key, &http_url, &stdio_server.display().to_string());
+
+    let status = gateway
+        .handle(
+            &h.envelope("m1", "get_service_status", json!({"service": "checkout-api"})),
+            &mut rec,
+            &state,
+        )
+        .await
+        .expect("handled");
+    let status = executed(&status).clone();
+    assert!(status.ok, "{status:?}");
+    assert_eq!(status.output["service"], "checkout-api");
+    let restart = h.envelope("m2", "restart_deployment", json!({"deployment": "checkout-api"}));
+    assert!(executed(&gateway.handle(&restart, &mut rec, &state).await.expect("handled")).ok);
+    assert!(executed(&gateway.handle(&restart, &mut rec, &state).await.expect("handled")).ok);
+    {
+        let seen = seen.lock().expect("lock");
+        assert_eq!(seen.effects, 1, "one effect for one idempotency key");
+        assert!(
+            seen.traceparents
+                .iter()
+                .all(|tp| tp.starts_with(&format!("00-{TRACE_ID}-"))),
+            "{:?}",
+            seen.traceparents
+        );
+        assert_eq!(
+            seen.traceparents.len(),
+            2,
+            "trace context reached the MCP server on every call"
+        );
+    }
+
+    let stdio = gateway
+        .handle(
+            &h.envelope("m3", "search_runbooks", json!({"service": "cart"})),
+            &mut rec,
+            &state,
+        )
+        .await
+        .expect("handled");
+    let stdio = executed(&stdio).clone();
+    assert!(stdio.ok && stdio.output["service"] == "cart", "{stdio:?}");
+    let failed = gateway
+        .handle(&h.envelope("m4", "delete_namespace", json!({})), &mut rec, &state)
+        .await
+        .expect("handled");
+    let failed = executed(&failed).clone();
+    assert!(
+        !failed.ok
+            && failed
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("deployment not found")),
+        "{failed:?}"
+    );
+    h.entries().await;
+}

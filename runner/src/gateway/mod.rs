@@ -110,6 +110,7 @@ pub struct ToolGateway {
     policies: PolicySet,
     agent_approvers: Approvers,
     http: reqwest::Client,
+    mcp: adapters::mcp::McpClients,
     breakers: CircuitBreakers,
     approvals: ApprovalBook,
     /// Results by idempotency key: a resubmitted call returns its first result.
@@ -134,6 +135,7 @@ impl ToolGateway {
             policies,
             agent_approvers,
             http: reqwest::Client::new(),
+            mcp: adapters::mcp::McpClients::default(),
             breakers: CircuitBreakers::new(5, Duration::from_secs(30)),
             approvals: ApprovalBook::default(),
             completed: Mutex::new(HashMap::new()),
@@ -462,39 +464,47 @@ impl ToolGateway {
         tool: &CatalogTool,
     ) -> Result<AdapterResponse, AdapterError> {
         let adapter = &tool.spec.adapter;
-        let (url, method, cap, signed) = if let Some(http) = &adapter.http {
-            (
-                http.url.as_str(),
-                http.method,
-                http.max_response_bytes as usize,
-                false,
-            )
-        } else if let Some(hook) = &adapter.webhook {
-            (
-                hook.url.as_str(),
-                contextos_crds::agent::HttpMethod::Post,
-                1 << 20,
-                true,
-            )
-        } else {
-            return Err(AdapterError::Unsupported(format!(
-                "tool {} uses an adapter this gateway build does not run yet (MCP and A2A)",
-                call.tool
-            )));
-        };
-        let endpoint = adapters::http::endpoint_of(url);
-        if !self.breakers.allow(&endpoint, Instant::now()) {
-            return Err(AdapterError::CircuitOpen(endpoint));
-        }
         let ctx = CallContext {
             idempotency_key: call.idempotency_key.clone(),
             traceparent: envelope::traceparent(&call.run_context.context.trace_id, &call.call_id),
             timeout: Duration::from_secs(u64::from(tool.spec.timeout_seconds)),
-            max_response_bytes: cap,
+            max_response_bytes: adapter
+                .http
+                .as_ref()
+                .map_or(1 << 20, |h| h.max_response_bytes as usize),
             bearer_token: tool.bearer_token.clone(),
             hmac_key: tool.hmac_key.clone(),
         };
-        let result = adapters::http::call(&self.http, url, method, &call.arguments, &ctx, signed).await;
+        let route = match (&adapter.http, &adapter.webhook, &adapter.mcp) {
+            (Some(http), _, _) => Route::Http(http),
+            (None, Some(hook), _) => Route::Webhook(hook),
+            (None, None, Some(mcp)) => Route::Mcp(mcp),
+            (None, None, None) => {
+                return Err(AdapterError::Unsupported(format!(
+                    "tool {} uses the A2A adapter, which this gateway does not run yet",
+                    call.tool
+                )));
+            }
+        };
+        let endpoint = match route {
+            Route::Http(http) => adapters::http::endpoint_of(&http.url),
+            Route::Webhook(hook) => adapters::http::endpoint_of(&hook.url),
+            Route::Mcp(mcp) => adapters::mcp::server_of(mcp),
+        };
+        if !self.breakers.allow(&endpoint, Instant::now()) {
+            return Err(AdapterError::CircuitOpen(endpoint));
+        }
+        let args = &call.arguments;
+        let result = match route {
+            Route::Http(http) => {
+                adapters::http::call(&self.http, &http.url, http.method, args, &ctx, false).await
+            }
+            Route::Webhook(hook) => {
+                let post = contextos_crds::agent::HttpMethod::Post;
+                adapters::http::call(&self.http, &hook.url, post, args, &ctx, true).await
+            }
+            Route::Mcp(mcp) => self.mcp.call(&call.tool, mcp, args, &ctx).await,
+        };
         // Only failures that say something about the endpoint's health count against it.
         let healthy = match &result {
             Ok(_) => true,
@@ -522,6 +532,14 @@ impl ToolGateway {
         recorder.flush().await?;
         Ok(CallOutcome::Denied { rule, reason })
     }
+}
+
+/// Which adapter a call goes through.
+#[derive(Clone, Copy)]
+enum Route<'a> {
+    Http(&'a contextos_crds::agent::HttpAdapter),
+    Webhook(&'a contextos_crds::agent::WebhookAdapter),
+    Mcp(&'a contextos_crds::agent::McpAdapter),
 }
 
 fn decision_entry(

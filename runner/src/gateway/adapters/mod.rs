@@ -2,6 +2,7 @@
 //! misbehaving server.
 
 pub mod http;
+pub mod mcp;
 
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ pub enum AdapterError {
     Status { status: u16, body: String },
     #[error("circuit open for {0}: too many recent failures; the next probe is allowed after the cooldown")]
     CircuitOpen(String),
+    #[error("the tool reported an error: {0}")]
+    ToolFailed(String),
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("this adapter is not available here: {0}")]
@@ -52,7 +55,7 @@ impl AdapterError {
         match self {
             Self::Timeout(_) | Self::Unreachable { .. } => true,
             Self::Status { status, .. } => *status == 429 || *status >= 500,
-            Self::CircuitOpen(_) | Self::Protocol(_) | Self::Unsupported(_) => false,
+            Self::CircuitOpen(_) | Self::ToolFailed(_) | Self::Protocol(_) | Self::Unsupported(_) => false,
         }
     }
 }

@@ -183,6 +183,7 @@ fn policies() -> PolicySet {
 
 struct Harness {
     gateway: ToolGateway,
+    addr: SocketAddr,
     key: KeyPair,
     seen: Shared,
     store: EmbeddedStore,
@@ -254,6 +255,7 @@ impl Harness {
         let store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("store");
         Self {
             gateway,
+            addr,
             key,
             seen,
             store,
@@ -972,4 +974,47 @@ async fn mcp_tools_run_over_streamable_http_and_stdio() {
         "{failed:?}"
     );
     h.entries().await;
+}
+
+#[tokio::test]
+async fn a_restarted_gateway_answers_resubmitted_calls_from_the_record() {
+    let h = Harness::new().await;
+    let mut rec = h.recorder().await;
+    let state = StateFacts::default();
+    let call = h.envelope(
+        "x1",
+        "restart_deployment",
+        json!({"namespace": "shop", "deployment": "checkout-api"}),
+    );
+    assert!(executed(&approve_and_handle(&h, &mut rec, &call).await).ok);
+    assert_eq!(h.effects("/restart"), 1);
+
+    // A new gateway process, same catalog and policies, restores from the run's record; the
+    // runner (also restarted) resubmits the call with the approval it holds.
+    let restarted = ToolGateway::new(
+        "shop",
+        "oncall-assistant",
+        h.key.public(),
+        catalog(h.addr),
+        policies(),
+        Default::default(),
+    );
+    restarted.restore(&h.entries().await);
+    let mut resubmitted = call.clone();
+    resubmitted.approval = Some(ApprovalGrant {
+        call_hash: call.call_hash(&restarted.policy_digests()),
+        decision: ApprovalDecision::Approve,
+        approver: "lee".into(),
+        reason: None,
+    });
+    let out = restarted
+        .handle(&resubmitted, &mut rec, &state)
+        .await
+        .expect("handled");
+    assert!(executed(&out).ok);
+    assert_eq!(
+        h.requests("/restart"),
+        1,
+        "the resubmitted call did not reach the tool again"
+    );
 }

@@ -149,6 +149,38 @@ impl ToolGateway {
         self
     }
 
+    /// Restores what a previous gateway process learned about a run from its record: results by
+    /// idempotency key (so a call resubmitted after a crash answers from the first execution
+    /// instead of acting twice), used approvals, and the budget counters.
+    pub fn restore(&self, entries: &[crate::records::RecordEntry]) {
+        let mut keys: HashMap<&str, (&str, &str, ToolRisk)> = HashMap::new();
+        for entry in entries {
+            match &entry.body {
+                EntryBody::ToolCallRequested(call) => {
+                    keys.insert(&call.call_id, (&call.idempotency_key, &call.tool, call.risk));
+                }
+                EntryBody::ApprovalGranted { call_hash, .. } => self.approvals.restore([call_hash.clone()]),
+                EntryBody::ToolResult(result) => {
+                    let Some((key, tool, risk)) = keys.get(result.call_id.as_str()).copied() else {
+                        continue;
+                    };
+                    if let Ok(mut counters) = self.counters.lock() {
+                        let run = counters.entry(entry.run_id.clone()).or_default();
+                        run.calls += 1;
+                        *run.per_tool.entry(tool.to_owned()).or_default() += 1;
+                        run.destructive += u32::from(risk == ToolRisk::Destructive);
+                    }
+                    if result.ok
+                        && let Ok(mut completed) = self.completed.lock()
+                    {
+                        completed.insert(key.to_owned(), result.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Digests of the policies deciding calls, in order.
     pub fn policy_digests(&self) -> Vec<String> {
         self.policies.policies.iter().map(|p| p.digest.clone()).collect()

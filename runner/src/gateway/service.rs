@@ -18,7 +18,7 @@ use super::{ToolGateway, envelope::CallEnvelope};
 use crate::{
     keys::KeyPair,
     policy::StateFacts,
-    records::{RecordStore, Recorder, TenantId},
+    records::{RecordEntry, RecordStore, Recorder, TenantId},
 };
 
 /// Gateways by (tenant, agent), plus the store they record into.
@@ -64,6 +64,18 @@ impl<S: RecordStore + 'static> GatewayService<S> {
             Ok(t) => t,
             Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
         };
+        // Another gateway replica (or this one before a restart) may have handled calls of this
+        // run: what the record says wins over what this process remembers.
+        match service.store.read_chain(&tenant, &context.run_id, 0).await {
+            Ok(chain) => {
+                let entries: Vec<RecordEntry> = chain
+                    .iter()
+                    .filter_map(|e| RecordEntry::decode(&e.bytes).ok())
+                    .collect();
+                gateway.restore(&entries);
+            }
+            Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
         let mut recorder = match Recorder::resume(
             &service.store,
             tenant,

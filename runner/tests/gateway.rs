@@ -309,6 +309,21 @@ impl Harness {
         }
     }
 
+    /// Sends a fresh envelope for `tool` through the harness's gateway.
+    async fn call(
+        &self,
+        rec: &mut Recorder<'_, EmbeddedStore>,
+        call_id: &str,
+        tool: &str,
+        args: Value,
+    ) -> CallOutcome {
+        let envelope = self.envelope(call_id, tool, args);
+        self.gateway
+            .handle(&envelope, rec, &StateFacts::default())
+            .await
+            .expect("handled")
+    }
+
     fn effects(&self, path: &str) -> u32 {
         self.seen
             .lock()
@@ -645,14 +660,7 @@ async fn forged_expired_foreign_and_out_of_scope_contexts_are_refused_and_record
 async fn retries_only_where_safe_then_dead_letter_and_open_the_circuit() {
     let h = Harness::new().await;
     let mut rec = h.recorder().await;
-    let state = StateFacts::default();
-    let flaky = executed(
-        &h.gateway
-            .handle(&h.envelope("r1", "flaky_status", json!({})), &mut rec, &state)
-            .await
-            .expect("handled"),
-    )
-    .clone();
+    let flaky = executed(&h.call(&mut rec, "r1", "flaky_status", json!({})).await).clone();
     assert!(
         flaky.ok && flaky.attempts == 3,
         "read-only tool retried through two 503s: {flaky:?}"
@@ -693,23 +701,10 @@ async fn retries_only_where_safe_then_dead_letter_and_open_the_circuit() {
 async fn oversized_and_slow_responses_are_bounded() {
     let h = Harness::new().await;
     let mut rec = h.recorder().await;
-    let state = StateFacts::default();
-    let big = executed(
-        &h.gateway
-            .handle(&h.envelope("b1", "fetch_logs", json!({})), &mut rec, &state)
-            .await
-            .expect("handled"),
-    )
-    .clone();
+    let big = executed(&h.call(&mut rec, "b1", "fetch_logs", json!({})).await).clone();
     assert!(big.ok && big.truncated);
     assert_eq!(big.output.as_str().map(str::len), Some(4096));
-    let slow = executed(
-        &h.gateway
-            .handle(&h.envelope("b2", "slow_probe", json!({})), &mut rec, &state)
-            .await
-            .expect("handled"),
-    )
-    .clone();
+    let slow = executed(&h.call(&mut rec, "b2", "slow_probe", json!({})).await).clone();
     assert!(
         !slow.ok
             && slow
@@ -733,30 +728,19 @@ async fn webhooks_are_signed_and_a_tool_result_cannot_talk_its_way_past_policy()
     let mut rec = h.recorder().await;
     let state = StateFacts::default();
     let posted = executed(
-        &h.gateway
-            .handle(
-                &h.envelope(
-                    "w1",
-                    "post_status_update",
-                    json!({"channel": "#inc", "severity": "sev2", "text": "restarting"}),
-                ),
-                &mut rec,
-                &state,
-            )
-            .await
-            .expect("handled"),
+        &h.call(
+            &mut rec,
+            "w1",
+            "post_status_update",
+            json!({"channel": "#inc", "severity": "sev2", "text": "restarting"}),
+        )
+        .await,
     )
     .clone();
     assert!(posted.ok, "the server accepted the HMAC signature: {posted:?}");
     assert_eq!(h.effects("/hook"), 1);
 
-    let injected = executed(
-        &h.gateway
-            .handle(&h.envelope("i1", "read_ticket", json!({})), &mut rec, &state)
-            .await
-            .expect("handled"),
-    )
-    .clone();
+    let injected = executed(&h.call(&mut rec, "i1", "read_ticket", json!({})).await).clone();
     assert!(injected.output.to_string().contains("delete_namespace"));
     // The model obeys the injected text; the gateway does not care what a tool said.
     let out = h

@@ -7,6 +7,7 @@ pub use contextos_crds as crds;
 pub mod context;
 pub mod gateway;
 pub mod keys;
+pub mod model;
 pub mod policy;
 pub mod records;
 pub mod run_context;

@@ -1,0 +1,103 @@
+//! Model providers: the one interface the decision loop asks for a turn, and its backends —
+//! any OpenAI-compatible chat-completions endpoint, and a scripted model for demos and tests.
+
+pub mod openai;
+pub mod scripted;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Who said a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+/// One message of the conversation sent to the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+    /// Tool calls the assistant made in this message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallRequest>,
+    /// For `tool` messages: the call this result answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A tool the model may call, as the model sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments.
+    pub parameters: Value,
+}
+
+/// A tool call the model asked for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallRequest {
+    pub id: String,
+    pub tool: String,
+    pub arguments: Value,
+}
+
+/// What the loop asks the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub tools: Vec<ToolSpec>,
+    pub max_output_tokens: Option<u32>,
+}
+
+/// One answer of the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelTurn {
+    pub content: String,
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCallRequest>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// Why a model turn could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model endpoint {endpoint} cannot be reached: {detail}")]
+    Unreachable { endpoint: String, detail: String },
+    #[error("model endpoint {endpoint} answered HTTP {status}: {body}")]
+    Status {
+        endpoint: String,
+        status: u16,
+        body: String,
+    },
+    #[error("model endpoint {endpoint} sent an answer that is not a chat completion: {detail}")]
+    Malformed { endpoint: String, detail: String },
+    #[error(
+        "the model script {script} has no turn {turn} (it has {available}); add turns or lower the step budget"
+    )]
+    ScriptExhausted {
+        script: String,
+        turn: usize,
+        available: usize,
+    },
+    #[error("the model script {script} is not valid: {detail}")]
+    BadScript { script: String, detail: String },
+}

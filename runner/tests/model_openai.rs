@@ -1,0 +1,132 @@
+//! The OpenAI-compatible provider against a local HTTP server that checks the request shape
+//! the way OpenAI, vLLM, Ollama and llama.cpp's server read it.
+
+use std::sync::{Arc, Mutex};
+
+use axum::{Json, Router, http::HeaderMap, routing::post};
+use contextos_runner::model::{
+    Message, ModelError, ModelRequest, Role, ToolCallRequest, ToolSpec, openai::OpenAiCompatible,
+};
+use serde_json::{Value, json};
+
+async fn server(reply: Value, status: u16) -> (String, Arc<Mutex<Vec<(HeaderMap, Value)>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app = Router::new().route(
+        "/v1/chat/completions",
+        post(move |headers: HeaderMap, Json(body): Json<Value>| {
+            let log = log.clone();
+            let reply = reply.clone();
+            async move {
+                log.lock().expect("lock").push((headers, body));
+                (
+                    axum::http::StatusCode::from_u16(status).expect("status"),
+                    Json(reply),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+fn request() -> ModelRequest {
+    let mut assistant = Message::new(Role::Assistant, "Looking up the runbook.");
+    assistant.tool_calls = vec![ToolCallRequest {
+        id: "call-1".into(),
+        tool: "search_runbooks".into(),
+        arguments: json!({"query": "5xx"}),
+    }];
+    let mut tool = Message::new(Role::Tool, "{\"results\": [\"restart\"]}");
+    tool.tool_call_id = Some("call-1".into());
+    ModelRequest {
+        model: "llama3.1:8b".into(),
+        messages: vec![
+            Message::new(Role::System, "You are on call."),
+            Message::new(Role::User, "checkout 5xx"),
+            assistant,
+            tool,
+        ],
+        tools: vec![ToolSpec {
+            name: "restart_deployment".into(),
+            description: "Rolling restart".into(),
+            parameters: json!({"type": "object", "required": ["deployment"], "properties": {"deployment": {"type": "string"}}}),
+        }],
+        max_output_tokens: Some(512),
+    }
+}
+
+#[tokio::test]
+async fn a_tool_call_round_trip_has_the_openai_shape() {
+    let reply = json!({
+        "id": "chatcmpl-1", "object": "chat.completion",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+            "tool_calls": [{"id": "call_9", "type": "function", "function": {"name": "restart_deployment", "arguments": "{\"deployment\":\"checkout-api\"}"}}]}}],
+        "usage": {"prompt_tokens": 321, "completion_tokens": 17, "total_tokens": 338}
+    });
+    let (url, seen) = server(reply, 200).await;
+    let model = OpenAiCompatible::new(&url, Some("sk-test".into()), std::time::Duration::from_secs(5));
+    let turn = model.complete(&request()).await.expect("turn");
+    assert_eq!(
+        turn.tool_calls,
+        vec![ToolCallRequest {
+            id: "call_9".into(),
+            tool: "restart_deployment".into(),
+            arguments: json!({"deployment": "checkout-api"})
+        }]
+    );
+    assert_eq!((turn.prompt_tokens, turn.completion_tokens), (321, 17));
+
+    let (headers, body) = seen.lock().expect("lock")[0].clone();
+    assert_eq!(
+        headers.get("authorization").and_then(|v| v.to_str().ok()),
+        Some("Bearer sk-test")
+    );
+    assert_eq!(body["model"], "llama3.1:8b");
+    assert_eq!(body["max_tokens"], 512);
+    assert_eq!(body["tools"][0]["type"], "function");
+    assert_eq!(body["tools"][0]["function"]["name"], "restart_deployment");
+    assert_eq!(
+        body["tools"][0]["function"]["parameters"]["required"][0],
+        "deployment"
+    );
+    let messages = body["messages"].as_array().expect("messages");
+    assert_eq!(
+        messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap_or(""))
+            .collect::<Vec<_>>(),
+        ["system", "user", "assistant", "tool"]
+    );
+    assert_eq!(
+        messages[2]["tool_calls"][0]["function"]["arguments"], "{\"query\":\"5xx\"}",
+        "arguments are a JSON string"
+    );
+    assert_eq!(messages[3]["tool_call_id"], "call-1");
+}
+
+#[tokio::test]
+async fn errors_name_the_endpoint_and_the_problem() {
+    let (url, _) = server(json!({"error": {"message": "model not found"}}), 404).await;
+    let model = OpenAiCompatible::new(&url, None, std::time::Duration::from_secs(5));
+    let err = model.complete(&request()).await.expect_err("404");
+    assert!(
+        matches!(err, ModelError::Status { status: 404, .. }) && err.to_string().contains("model not found"),
+        "{err}"
+    );
+
+    let (url, _) = server(json!({"unexpected": true}), 200).await;
+    let err = OpenAiCompatible::new(&url, None, std::time::Duration::from_secs(5))
+        .complete(&request())
+        .await
+        .expect_err("malformed");
+    assert!(err.to_string().contains("no choices[0].message"), "{err}");
+
+    let err = OpenAiCompatible::new("http://127.0.0.1:9", None, std::time::Duration::from_secs(2))
+        .complete(&request())
+        .await
+        .expect_err("unreachable");
+    assert!(matches!(err, ModelError::Unreachable { .. }), "{err}");
+}

@@ -261,3 +261,172 @@ pub(crate) mod tests {
         assert!(ctx.check_agent("other").is_err());
     }
 }
+
+/// A Session override that would loosen the Agent's limits.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{field} ({requested}) would loosen the Agent's {limit} ({allowed}); a Session may only tighten it: use a value at most as permissive, or remove the override"
+)]
+pub struct OverrideError {
+    /// Path of the offending Session field, e.g. `spec.overrides.budget.maxSteps`.
+    pub field: &'static str,
+    pub limit: &'static str,
+    pub requested: String,
+    pub allowed: String,
+}
+
+/// The budget and safety mode a Session runs under: the Agent's, tightened by the Session's
+/// overrides. Pure; the operator uses it to report `Ready=False` (OverrideLoosens) and the
+/// runner to issue the RunContext.
+pub fn effective_limits(
+    agent_budget: &RunBudget,
+    agent_safety: SafetyMode,
+    overrides: Option<&contextos_crds::session::SessionOverrides>,
+) -> Result<(RunBudget, SafetyMode), OverrideError> {
+    let mut budget = agent_budget.clone();
+    let mut safety = agent_safety;
+    let Some(overrides) = overrides else {
+        return Ok((budget, safety));
+    };
+    if let Some(b) = &overrides.budget {
+        tighten(
+            &mut budget.max_steps,
+            b.max_steps,
+            "spec.overrides.budget.maxSteps",
+            "maxSteps",
+        )?;
+        tighten(
+            &mut budget.max_tokens,
+            b.max_tokens,
+            "spec.overrides.budget.maxTokens",
+            "maxTokens",
+        )?;
+        tighten(
+            &mut budget.max_tool_calls,
+            b.max_tool_calls,
+            "spec.overrides.budget.maxToolCalls",
+            "maxToolCalls",
+        )?;
+        tighten(
+            &mut budget.max_wall_seconds,
+            b.max_wall_seconds,
+            "spec.overrides.budget.maxWallSeconds",
+            "maxWallSeconds",
+        )?;
+    }
+    if let Some(requested) = overrides.safety_mode {
+        // Modes are ordered strictest first.
+        if requested > agent_safety {
+            return Err(OverrideError {
+                field: "spec.overrides.safetyMode",
+                limit: "safetyMode",
+                requested: requested.as_str().into(),
+                allowed: agent_safety.as_str().into(),
+            });
+        }
+        safety = requested;
+    }
+    Ok((budget, safety))
+}
+
+fn tighten<T: PartialOrd + Copy + std::fmt::Display>(
+    current: &mut T,
+    requested: Option<T>,
+    field: &'static str,
+    limit: &'static str,
+) -> Result<(), OverrideError> {
+    match requested {
+        Some(value) if value > *current => Err(OverrideError {
+            field,
+            limit,
+            requested: value.to_string(),
+            allowed: current.to_string(),
+        }),
+        Some(value) => {
+            *current = value;
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+/// A random id of `bytes` random bytes, as hex (run ids, W3C trace ids).
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    // The OS random source does not fail on supported platforms; a zeroed id would still be
+    // unique enough to surface in tests rather than silently collide in production.
+    let _ = getrandom::fill(&mut buf);
+    hex::encode(buf)
+}
+
+#[cfg(test)]
+mod override_tests {
+    use contextos_crds::{common::BudgetOverride, session::SessionOverrides};
+
+    use super::*;
+
+    fn agent_budget() -> RunBudget {
+        RunBudget {
+            max_steps: 12,
+            max_tokens: 60_000,
+            max_tool_calls: 10,
+            max_wall_seconds: 900,
+        }
+    }
+
+    #[test]
+    fn overrides_may_tighten() {
+        let overrides = SessionOverrides {
+            budget: Some(BudgetOverride {
+                max_steps: Some(5),
+                ..Default::default()
+            }),
+            safety_mode: Some(SafetyMode::ReadOnly),
+        };
+        let (budget, safety) =
+            effective_limits(&agent_budget(), SafetyMode::Supervised, Some(&overrides)).expect("tighter");
+        assert_eq!(
+            (budget.max_steps, budget.max_tokens, safety),
+            (5, 60_000, SafetyMode::ReadOnly)
+        );
+        assert_eq!(
+            effective_limits(&agent_budget(), SafetyMode::Supervised, None)
+                .expect("none")
+                .0,
+            agent_budget()
+        );
+    }
+
+    #[test]
+    fn loosening_is_refused_naming_the_field() {
+        let overrides = SessionOverrides {
+            budget: Some(BudgetOverride {
+                max_tool_calls: Some(50),
+                ..Default::default()
+            }),
+            safety_mode: None,
+        };
+        let err =
+            effective_limits(&agent_budget(), SafetyMode::Supervised, Some(&overrides)).expect_err("looser");
+        assert_eq!(err.field, "spec.overrides.budget.maxToolCalls");
+        assert!(
+            err.to_string().starts_with(
+                "spec.overrides.budget.maxToolCalls (50) would loosen the Agent's maxToolCalls (10)"
+            ),
+            "{err}"
+        );
+        let overrides = SessionOverrides {
+            budget: None,
+            safety_mode: Some(SafetyMode::Autonomous),
+        };
+        let err =
+            effective_limits(&agent_budget(), SafetyMode::Supervised, Some(&overrides)).expect_err("looser");
+        assert_eq!(err.field, "spec.overrides.safetyMode");
+    }
+
+    #[test]
+    fn random_ids_have_the_requested_size() {
+        assert_eq!(random_hex(16).len(), 32);
+        assert_ne!(random_hex(16), random_hex(16));
+    }
+}

@@ -25,7 +25,7 @@ pub struct GatewayArgs {
 }
 
 pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitCode> {
-    let record_key = KeyPair::load_or_create(&global.data_dir.join("keys/signing.key"))?;
+    let record_key = KeyPair::load_or_create(&global.key_path())?;
     let trusted = match &args.trust_key {
         Some(hex) => PublicKey::from_hex(hex)?,
         None => record_key.public(),

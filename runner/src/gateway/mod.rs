@@ -164,12 +164,7 @@ impl ToolGateway {
                     let Some((key, tool, risk)) = keys.get(result.call_id.as_str()).copied() else {
                         continue;
                     };
-                    if let Ok(mut counters) = self.counters.lock() {
-                        let run = counters.entry(entry.run_id.clone()).or_default();
-                        run.calls += 1;
-                        *run.per_tool.entry(tool.to_owned()).or_default() += 1;
-                        run.destructive += u32::from(risk == ToolRisk::Destructive);
-                    }
+                    self.count(&entry.run_id, tool, risk);
                     if result.ok
                         && let Ok(mut completed) = self.completed.lock()
                     {
@@ -341,16 +336,12 @@ impl ToolGateway {
             .unwrap_or_default()
     }
 
-    fn count(&self, call: &CallEnvelope, risk: ToolRisk) {
+    fn count(&self, run_id: &str, tool: &str, risk: ToolRisk) {
         if let Ok(mut counters) = self.counters.lock() {
-            let run = counters
-                .entry(call.run_context.context.run_id.clone())
-                .or_default();
+            let run = counters.entry(run_id.to_owned()).or_default();
             run.calls += 1;
-            *run.per_tool.entry(call.tool.clone()).or_default() += 1;
-            if risk == ToolRisk::Destructive {
-                run.destructive += 1;
-            }
+            *run.per_tool.entry(tool.to_owned()).or_default() += 1;
+            run.destructive += u32::from(risk == ToolRisk::Destructive);
         }
     }
 
@@ -431,7 +422,7 @@ impl ToolGateway {
         tool: &CatalogTool,
         recorder: &mut Recorder<'_, S>,
     ) -> ToolResultRecord {
-        self.count(call, tool.spec.risk);
+        self.count(&call.run_context.context.run_id, &call.tool, tool.spec.risk);
         let retries_allowed = tool.spec.idempotent || tool.spec.risk == ToolRisk::ReadOnly;
         let max_attempts = match (&tool.spec.retry, retries_allowed) {
             (Some(retry), true) => retry.max_attempts.max(1),

@@ -87,6 +87,9 @@ impl SummaryEffect {
             EntryBody::Completed { .. } => Self::Completed,
             EntryBody::Failed { .. } => Self::Failed,
             EntryBody::Checkpoint { step, .. } => Self::Checkpoint(*step),
+            // A completion large enough to be stored as a blob still ends the run.
+            EntryBody::Blob { body_type, .. } if body_type == "completed" => Self::Completed,
+            EntryBody::Blob { body_type, .. } if body_type == "failed" => Self::Failed,
             _ => Self::None,
         }
     }
@@ -185,7 +188,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         };
         for entry in &chain {
             if let Ok(e) = RecordEntry::decode(&entry.bytes) {
-                update_outcome(&mut summary, &e.body);
+                SummaryEffect::of(&e.body).apply(&mut summary);
             }
         }
         Ok(Self {
@@ -287,7 +290,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         let from = self.head.map_or(0, |(seq, _)| seq + 1);
         for entry in self.store.read_chain(&self.tenant, &run_id, from).await? {
             if let Ok(e) = RecordEntry::decode(&entry.bytes) {
-                update_outcome(&mut self.summary, &e.body);
+                SummaryEffect::of(&e.body).apply(&mut self.summary);
             }
         }
         self.head = Some((head.seq, head.hash));
@@ -388,14 +391,4 @@ fn body_type_of(body: &[u8]) -> String {
     serde_json::from_slice::<Tag>(body)
         .map(|t| t.r#type)
         .unwrap_or_default()
-}
-
-fn update_outcome(summary: &mut RunSummary, body: &EntryBody) {
-    match body {
-        EntryBody::Completed { .. } => summary.outcome = "completed".into(),
-        EntryBody::Failed { .. } => summary.outcome = "failed".into(),
-        EntryBody::Blob { body_type, .. } if body_type == "completed" => summary.outcome = "completed".into(),
-        EntryBody::Blob { body_type, .. } if body_type == "failed" => summary.outcome = "failed".into(),
-        _ => {}
-    }
 }

@@ -110,6 +110,7 @@ fn main() {
             agent: "agent".into(),
             run_context: json!({}),
             pinned: PinnedDigests::default(),
+            bundle: None,
         };
         let tenant = TenantId::new("bench").expect("tenant");
         let mut recorder = Recorder::start(&store, tenant, key.clone(), start).await.expect("recorder");

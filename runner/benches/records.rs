@@ -120,6 +120,7 @@ async fn recorder_appends<S: RecordStore>(store: &S, run: &str, n: u64, batch: u
         agent: "bench".into(),
         run_context: json!({}),
         pinned: PinnedDigests::default(),
+        bundle: None,
     };
     let mut rec = Recorder::start(store, tenant, KeyPair::from_seed([1; 32]), start)
         .await

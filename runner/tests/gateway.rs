@@ -270,6 +270,7 @@ impl Harness {
             agent: "oncall-assistant".into(),
             run_context: json!({}),
             pinned: PinnedDigests::default(),
+            bundle: None,
         };
         Recorder::start(
             &self.store,

@@ -60,6 +60,7 @@ fn start(run_id: &str, session: &str, agent: &str) -> RunStart {
             policies: vec!["sha256:pol".into()],
             sandbox_profile: None,
         },
+        bundle: None,
     }
 }
 
@@ -535,6 +536,16 @@ async fn child_loop<S: RecordStore>(store: &S, t: TenantId, run: &str) {
 async fn embedded_store_passes_the_conformance_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("open");
+    append_read_and_list(&store).await;
+    fork_refusal(&store).await;
+    tenant_isolation(&store).await;
+    checkpoints(&store).await;
+    blobs(&store).await;
+}
+
+#[tokio::test]
+async fn memory_store_passes_the_conformance_suite() {
+    let store = contextos_runner::records::MemoryStore::new();
     append_read_and_list(&store).await;
     fork_refusal(&store).await;
     tenant_isolation(&store).await;

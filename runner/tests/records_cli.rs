@@ -34,6 +34,7 @@ async fn write_run(data_dir: &Path) {
             policies: vec!["sha256:bbbb".into()],
             sandbox_profile: None,
         },
+        bundle: None,
     };
     let mut rec = Recorder::start(&store, tenant, key, start)
         .await

@@ -2,6 +2,8 @@
 
 mod gateway;
 mod records;
+mod replay;
+mod run;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -38,6 +40,15 @@ pub struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a Session from manifest files: governed, recorded, resumable.
+    Run(run::RunArgs),
+    /// Continue a Session's run from its latest checkpoint (after a crash or an approval).
+    Resume(run::ResumeArgs),
+    /// Approve (or reject) the call a Session's run waits on.
+    Approve(run::ApproveArgs),
+    /// Re-run recorded sessions under the same or candidate Policy/ContextPack files and report
+    /// every divergence; exits 3 above the threshold.
+    Replay(replay::ReplayArgs),
     /// Inspect, verify and export DecisionRecords.
     #[command(subcommand)]
     Records(records::RecordsCommand),
@@ -48,6 +59,10 @@ enum Command {
 impl Cli {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
+            Command::Run(args) => run::run(&self.global, args).await,
+            Command::Resume(args) => run::resume(&self.global, args).await,
+            Command::Approve(args) => run::approve(&self.global, args).await,
+            Command::Replay(args) => replay::run(&self.global, args).await,
             Command::Records(command) => records::run(&self.global, command).await,
             Command::Gateway(args) => gateway::run(&self.global, args).await,
         }

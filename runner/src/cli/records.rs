@@ -9,7 +9,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use contextos_runner::records::{
-    AnyStore, EntryBody, RecordEntry, RecordStore, RunFilter, RunSummary, TenantId, timeline, verify_run,
+    AnyStore, EntryBody, RecordEntry, RecordStore, RunFilter, RunSummary, TenantId, read_run, timeline,
+    verify_run,
 };
 
 use super::GlobalArgs;
@@ -192,29 +193,11 @@ async fn resolved_entries(
     tenant: &TenantId,
     run: &str,
 ) -> anyhow::Result<Vec<(String, RecordEntry)>> {
-    let chain = store.read_chain(tenant, run, 0).await?;
-    if chain.is_empty() {
-        bail!("run {run} not found in tenant {tenant} (see `contextos records list --tenant {tenant}`)");
-    }
-    let mut out = Vec::with_capacity(chain.len());
-    for stored in chain {
-        let mut entry = RecordEntry::decode(&stored.bytes).with_context(|| {
-            format!(
-                "run {run}: entry {} is unreadable; run `contextos records verify {run}`",
-                stored.seq
-            )
-        })?;
-        if let EntryBody::Blob { blob, .. } = &entry.body {
-            let bytes = store
-                .get_blob(tenant, blob)
-                .await?
-                .with_context(|| format!("run {run}: entry {} references missing blob {blob}", stored.seq))?;
-            entry.body = serde_json::from_slice(&bytes)
-                .with_context(|| format!("run {run}: blob {blob} of entry {} is unreadable", stored.seq))?;
-        }
-        out.push((stored.hash.to_hex(), entry));
-    }
-    Ok(out)
+    let entries = read_run(store, tenant, run).await?;
+    Ok(entries
+        .into_iter()
+        .map(|(hash, entry)| (hash.to_hex(), entry))
+        .collect())
 }
 
 async fn show(store: &AnyStore, tenant: &TenantId, run: &str, out: &mut impl Write) -> anyhow::Result<()> {
@@ -250,7 +233,7 @@ fn print_runs(out: &mut impl Write, tenant: &TenantId, runs: &[RunSummary]) -> a
 }
 
 /// `30m`, `12h`, `7d` → the start of that window in ms since the epoch.
-fn parse_since(text: &str) -> anyhow::Result<i64> {
+pub(super) fn parse_since(text: &str) -> anyhow::Result<i64> {
     let (number, unit) = text.split_at(text.len().saturating_sub(1));
     let n: i64 = number
         .parse()

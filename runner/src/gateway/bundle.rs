@@ -27,7 +27,7 @@ pub struct GatewayBundle {
 }
 
 /// A policy spec and the name its rules are reported under.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NamedPolicy {
     pub name: String,
     pub spec: PolicySpec,
@@ -36,6 +36,16 @@ pub struct NamedPolicy {
 impl GatewayBundle {
     /// Builds the gateway, reporting the first policy or tool that cannot be compiled.
     pub fn build(&self, trusted_key: PublicKey) -> Result<ToolGateway, String> {
+        self.assemble(trusted_key, true)
+    }
+
+    /// Builds an offline gateway for replays: nothing is sent to a tool, so adapters need no
+    /// secrets (and a replay never sees them).
+    pub fn build_offline(&self, trusted_key: PublicKey) -> Result<ToolGateway, String> {
+        Ok(self.assemble(trusted_key, false)?.offline())
+    }
+
+    fn assemble(&self, trusted_key: PublicKey, with_secrets: bool) -> Result<ToolGateway, String> {
         let policies = self
             .policies
             .iter()
@@ -44,6 +54,10 @@ impl GatewayBundle {
         let mut tools = Vec::with_capacity(self.spec.tools.len());
         for spec in &self.spec.tools {
             let mut tool = CatalogTool::new(spec.clone())?;
+            if !with_secrets {
+                tools.push(tool);
+                continue;
+            }
             let adapter = &spec.adapter;
             if let Some(secret) = adapter.http.as_ref().and_then(|h| h.secret_ref.as_ref()) {
                 tool.bearer_token = Some(self.secret(&spec.name, secret)?);

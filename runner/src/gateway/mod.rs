@@ -116,6 +116,18 @@ pub struct ToolGateway {
     /// Results by idempotency key: a resubmitted call returns its first result.
     completed: Mutex<HashMap<String, ToolResultRecord>>,
     counters: Mutex<HashMap<String, RunCounters>>,
+    /// Replay mode: never reach a tool; answer only from preloaded results.
+    offline: bool,
+    /// URL prefix rewrites (`from`, `to`) applied before a tool is reached.
+    endpoint_overrides: Vec<(String, String)>,
+}
+
+/// Where the run stands when a call is decided (CEL: `run.steps`, `run.tokens`, `run.input`).
+#[derive(Clone, Debug, Default)]
+pub struct RunProgress {
+    pub steps: u32,
+    pub tokens: u64,
+    pub input: Value,
 }
 
 impl ToolGateway {
@@ -140,6 +152,55 @@ impl ToolGateway {
             approvals: ApprovalBook::default(),
             completed: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
+            offline: false,
+            endpoint_overrides: Vec::new(),
+        }
+    }
+
+    /// Sends calls for URLs starting with `from` to `to` instead (same path after the prefix):
+    /// runs an agent on a workstation against local stand-ins of its in-cluster tool services.
+    pub fn with_endpoint_overrides(mut self, overrides: Vec<(String, String)>) -> Self {
+        self.endpoint_overrides = overrides;
+        self
+    }
+
+    fn effective_url(&self, url: &str) -> String {
+        for (from, to) in &self.endpoint_overrides {
+            if let Some(rest) = url.strip_prefix(from.as_str()) {
+                return format!("{to}{rest}");
+            }
+        }
+        url.to_owned()
+    }
+
+    /// Replay mode: calls are decided as usual, but an allowed call is answered only from the
+    /// results preloaded with [`ToolGateway::preload_results`]; no tool is ever reached.
+    pub fn offline(mut self) -> Self {
+        self.offline = true;
+        self
+    }
+
+    /// Loads the results a recorded run got, by idempotency key, without the budget counters
+    /// or used approvals (a replay recounts those itself).
+    pub fn preload_results(&self, entries: &[crate::records::RecordEntry]) {
+        let mut keys: HashMap<&str, &str> = HashMap::new();
+        let Ok(mut completed) = self.completed.lock() else {
+            return;
+        };
+        for entry in entries {
+            match &entry.body {
+                EntryBody::ToolCallRequested(call) => {
+                    keys.insert(&call.call_id, &call.idempotency_key);
+                }
+                EntryBody::ToolResult(result) => {
+                    if let Some(key) = keys.get(result.call_id.as_str()) {
+                        completed
+                            .entry((*key).to_owned())
+                            .or_insert_with(|| result.clone());
+                    }
+                }
+                _ => {}
+            }
         }
     }
 
@@ -188,6 +249,18 @@ impl ToolGateway {
         recorder: &mut Recorder<'_, S>,
         state: &StateFacts,
     ) -> Result<CallOutcome, GatewayError> {
+        self.handle_in_run(call, recorder, state, &RunProgress::default())
+            .await
+    }
+
+    /// [`ToolGateway::handle`] for a call made by the run loop, which knows the run's progress.
+    pub async fn handle_in_run<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        recorder: &mut Recorder<'_, S>,
+        state: &StateFacts,
+        progress: &RunProgress,
+    ) -> Result<CallOutcome, GatewayError> {
         if let Some(refusal) = self.admit(call) {
             return self.refuse(call, recorder, refusal.0, refusal.1).await;
         }
@@ -212,7 +285,7 @@ impl ToolGateway {
                 .refuse(call, recorder, format!("schema/{}", call.tool), problem)
                 .await;
         }
-        let decision = self.decide(call, tool, state);
+        let decision = self.decide(call, tool, state, progress);
         for shadow in &decision.dry_run {
             recorder.stage(decision_entry(
                 call,
@@ -232,10 +305,16 @@ impl ToolGateway {
             false,
         ));
         if decision.effect != PolicyEffect::Deny
+            && !self.offline
             && let Some(done) = self.completed_result(&call.idempotency_key)
         {
             // The same call was executed before (a resubmission after a crash or a retry by the
             // runner): answer from the first execution instead of acting twice.
+            let done = ToolResultRecord {
+                call_id: call.call_id.clone(),
+                ..done
+            };
+            recorder.stage(EntryBody::ToolResult(done.clone()));
             recorder.flush().await?;
             return Ok(CallOutcome::Executed(done));
         }
@@ -289,7 +368,13 @@ impl ToolGateway {
         None
     }
 
-    fn decide(&self, call: &CallEnvelope, tool: &CatalogTool, state: &StateFacts) -> crate::policy::Decision {
+    fn decide(
+        &self,
+        call: &CallEnvelope,
+        tool: &CatalogTool,
+        state: &StateFacts,
+        progress: &RunProgress,
+    ) -> crate::policy::Decision {
         let context = &call.run_context.context;
         let counters = self.counters_for(&context.run_id);
         let run = RunFacts {
@@ -309,7 +394,9 @@ impl ToolGateway {
             tool_calls: counters.calls,
             calls_of_tool: counters.per_tool.get(&call.tool).copied().unwrap_or(0),
             destructive_calls: counters.destructive,
-            ..RunFacts::default()
+            steps: progress.steps,
+            tokens: progress.tokens,
+            input: progress.input.clone(),
         };
         let facts = CallFacts {
             tool: &call.tool,
@@ -434,6 +521,9 @@ impl ToolGateway {
                 .as_ref()
                 .map_or(200, |r| u64::from(r.initial_backoff_millis)),
         );
+        if self.offline {
+            return self.recorded_result(call, recorder);
+        }
         let mut attempts = 0;
         let outcome = loop {
             attempts += 1;
@@ -481,6 +571,36 @@ impl ToolGateway {
         result
     }
 
+    /// In replay, the result the original run got; a call it never executed has none to serve.
+    fn recorded_result<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        recorder: &mut Recorder<'_, S>,
+    ) -> ToolResultRecord {
+        let result = match self.completed_result(&call.idempotency_key) {
+            Some(done) => ToolResultRecord {
+                call_id: call.call_id.clone(),
+                ..done
+            },
+            None => self.unrecorded_result(call),
+        };
+        recorder.stage(EntryBody::ToolResult(result.clone()));
+        result
+    }
+
+    fn unrecorded_result(&self, call: &CallEnvelope) -> ToolResultRecord {
+        ToolResultRecord {
+            call_id: call.call_id.clone(),
+            ok: false,
+            output: Value::Null,
+            error: Some(
+                "replay: the original run has no result for this call (it was not executed then)".into(),
+            ),
+            attempts: 0,
+            truncated: false,
+        }
+    }
+
     async fn attempt(
         &self,
         call: &CallEnvelope,
@@ -520,13 +640,19 @@ impl ToolGateway {
         let args = &call.arguments;
         let result = match route {
             Route::Http(http) => {
-                adapters::http::call(&self.http, &http.url, http.method, args, &ctx, false).await
+                let url = self.effective_url(&http.url);
+                adapters::http::call(&self.http, &url, http.method, args, &ctx, false).await
             }
             Route::Webhook(hook) => {
                 let post = contextos_crds::agent::HttpMethod::Post;
-                adapters::http::call(&self.http, &hook.url, post, args, &ctx, true).await
+                let url = self.effective_url(&hook.url);
+                adapters::http::call(&self.http, &url, post, args, &ctx, true).await
             }
-            Route::Mcp(mcp) => self.mcp.call(&call.tool, mcp, args, &ctx).await,
+            Route::Mcp(mcp) => {
+                let mut mcp = mcp.clone();
+                mcp.url = mcp.url.map(|url| self.effective_url(&url));
+                self.mcp.call(&call.tool, &mcp, args, &ctx).await
+            }
         };
         // Only failures that say something about the endpoint's health count against it.
         let healthy = match &result {

@@ -1,7 +1,9 @@
 //! Model providers: the one interface the decision loop asks for a turn, and its backends —
-//! any OpenAI-compatible chat-completions endpoint, and a scripted model for demos and tests.
+//! any OpenAI-compatible chat-completions endpoint, a scripted model for demos and tests, and
+//! the replay model that serves a recorded run's turns.
 
 pub mod openai;
+pub mod replay;
 pub mod scripted;
 
 use serde::{Deserialize, Serialize};
@@ -100,4 +102,31 @@ pub enum ModelError {
     },
     #[error("the model script {script} is not valid: {detail}")]
     BadScript { script: String, detail: String },
+    #[error(
+        "run {run_id} recorded no model turn for step {step} (it recorded {recorded}); the replay went further than the original run"
+    )]
+    NotRecorded {
+        run_id: String,
+        step: u32,
+        recorded: usize,
+    },
+}
+
+/// The model a run asks.
+#[derive(Clone, Debug)]
+pub enum Model {
+    OpenAi(openai::OpenAiCompatible),
+    Scripted(scripted::ScriptedModel),
+    Replay(replay::ReplayModel),
+}
+
+impl Model {
+    /// One turn for `request`, the `step`-th of the run (1-based).
+    pub async fn complete(&self, request: &ModelRequest, step: u32) -> Result<ModelTurn, ModelError> {
+        match self {
+            Self::OpenAi(model) => model.complete(request).await,
+            Self::Scripted(model) => model.complete(request),
+            Self::Replay(model) => model.complete(step),
+        }
+    }
 }

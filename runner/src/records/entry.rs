@@ -144,6 +144,9 @@ pub enum EntryBody {
         agent: String,
         run_context: Value,
         pinned: PinnedDigests,
+        /// Blob holding the run bundle (every pinned spec), so the run can be replayed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bundle: Option<Hash>,
     },
     /// The context the model saw: its digest, size, and what was cut.
     ContextCompiled {

@@ -3,16 +3,19 @@
 
 pub mod canonical;
 pub mod entry;
+pub mod read;
 pub mod recorder;
 pub mod store;
 pub mod timeline;
 pub mod verify;
 
 pub use entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry};
+pub use read::{ReadError, read_run};
 pub use recorder::{RecordError, Recorder, RunStart};
 pub use store::{
     RecordStore, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
     any::{AnyStore, StoreLocation},
     embedded::EmbeddedStore,
+    memory::MemoryStore,
 };
 pub use verify::{VerifiedChain, VerifyError, verify_entries, verify_run};

@@ -47,6 +47,8 @@ pub struct RunStart {
     pub agent: String,
     pub run_context: Value,
     pub pinned: PinnedDigests,
+    /// Blob of the run bundle (see `run::bundle`), stored before the run starts.
+    pub bundle: Option<Hash>,
 }
 
 /// Appends entries to one run.
@@ -143,6 +145,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             agent: start.agent,
             run_context: start.run_context,
             pinned: start.pinned,
+            bundle: start.bundle,
         });
         recorder.flush().await?;
         Ok(recorder)

@@ -7,6 +7,7 @@
 
 pub mod any;
 pub mod embedded;
+pub mod memory;
 #[cfg(feature = "tikv")]
 pub mod tikv;
 

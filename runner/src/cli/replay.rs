@@ -1,0 +1,129 @@
+//! `contextos replay`: re-run recorded sessions under the same or candidate Policy/ContextPack
+//! files and gate on the divergence.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+use contextos_runner::{
+    manifests::ManifestSet,
+    records::RunFilter,
+    run::{
+        bundle::Candidate,
+        replay::{ReplaySummary, replay_run, replay_runs},
+    },
+};
+
+use super::GlobalArgs;
+
+/// Exit code when the divergence is above the threshold: the gate a pipeline checks.
+pub const EXIT_DIVERGED: u8 = 3;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Replay this run.
+    #[arg(long, conflicts_with_all = ["session", "sample"])]
+    run: Option<String>,
+    /// Replay the latest finished run of this Session.
+    #[arg(long, conflicts_with = "sample")]
+    session: Option<String>,
+    /// Replay up to this many recent finished runs (newest first).
+    #[arg(long)]
+    sample: Option<usize>,
+    /// With --sample: only runs of this Agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// With --sample: only runs started within this long ago: e.g. 30m, 12h, 7d.
+    #[arg(long)]
+    since: Option<String>,
+    /// Candidate Policy / ContextPack files (or directories); each replaces the recorded
+    /// revision of the same name. None: replay under the recorded versions.
+    #[arg(long = "candidate")]
+    candidates: Vec<PathBuf>,
+    /// Fail (exit 3) when more than this percentage of replayed steps diverge.
+    #[arg(long, default_value_t = 0.0)]
+    max_divergence_percent: f64,
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let tenant = global.tenant()?;
+    let store = global.open_store().await?;
+    let candidate = candidate(&args.candidates)?;
+    let summary = if let Some(run_id) = &args.run {
+        let replay = replay_run(&store, &tenant, run_id, &candidate).await?;
+        ReplaySummary::new(vec![replay], Vec::new(), args.max_divergence_percent)
+    } else {
+        let since_ms = match &args.since {
+            Some(text) => Some(super::records::parse_since(text)?),
+            None => None,
+        };
+        let filter = RunFilter {
+            agent: args.agent.clone(),
+            session_id: args.session.clone(),
+            since_ms,
+            limit: Some(args.sample.unwrap_or(1)),
+            ..RunFilter::default()
+        };
+        if args.session.is_none() && args.sample.is_none() {
+            bail!("say what to replay: --run <id>, --session <name> or --sample <n>");
+        }
+        replay_runs(&store, &tenant, &filter, &candidate, args.max_divergence_percent).await?
+    };
+    if summary.runs == 0 {
+        bail!(
+            "no finished run matched in tenant {tenant}{}",
+            if summary.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", summary.skipped.join("; "))
+            }
+        );
+    }
+    let json = serde_json::to_string_pretty(&summary)?;
+    if let Some(path) = &args.report {
+        std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    match args.output {
+        Output::Text => print!("{}", summary.text()),
+        Output::Json => println!("{json}"),
+    }
+    Ok(if summary.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DIVERGED)
+    })
+}
+
+fn candidate(paths: &[PathBuf]) -> anyhow::Result<Candidate> {
+    if paths.is_empty() {
+        return Ok(Candidate::default());
+    }
+    let set = ManifestSet::load(paths)?;
+    let policies = set.policies()?;
+    let mut packs = set.context_packs()?;
+    if packs.len() > 1 {
+        bail!(
+            "the candidate files hold {} ContextPacks; replay one at a time",
+            packs.len()
+        );
+    }
+    if policies.is_empty() && packs.is_empty() {
+        bail!("the candidate files hold no Policy or ContextPack");
+    }
+    Ok(Candidate {
+        policies,
+        context_pack: packs.pop(),
+    })
+}

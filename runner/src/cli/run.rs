@@ -1,0 +1,510 @@
+//! `contextos run | resume | approve`: a governed session on this machine — the gateway in
+//! process, records in the data directory's embedded store (or `--store`), and approvals kept
+//! beside them the way a Session's `spec.approvals` keeps them in a cluster.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use contextos_crds::{agent::ModelProvider, session::ApprovalDecision};
+use contextos_runner::{
+    gateway::{CallOutcome, envelope::ApprovalGrant},
+    keys::KeyPair,
+    manifests::ManifestSet,
+    model::{Model, openai::OpenAiCompatible, scripted::ScriptedModel},
+    records::{AnyStore, EntryBody, RecordStore, RunFilter, TenantId, read_run},
+    run::{Harness, Progress, RunOutcome, RunReport, bundle::RunBundle, engine::AwaitingApproval},
+    run_context::random_hex,
+};
+
+use super::GlobalArgs;
+
+/// Exit code of a run that waits for a human's approval.
+pub const EXIT_AWAITING_APPROVAL: u8 = 4;
+/// Exit code of a run that ended without an accepted output (recorded as failed).
+pub const EXIT_RUN_FAILED: u8 = 5;
+
+/// How calls reach tools and models from this machine.
+#[derive(Debug, Args)]
+pub struct ToolAccess {
+    /// Secret value for `<secret>/<key>` (as a Secret would hold it), e.g.
+    /// `ops-tools-webhook/hmac-key=...`; `=@file` reads the value from a file. Secrets found
+    /// in the `-f` files are used too.
+    #[arg(long = "secret", value_name = "SECRET/KEY=VALUE")]
+    secrets: Vec<String>,
+    /// Send calls for URLs starting with FROM to TO instead, e.g.
+    /// `http://ops-tools.shop-platform.svc:8080=http://127.0.0.1:8080`, to run against local
+    /// stand-ins of in-cluster services.
+    #[arg(long = "endpoint-override", value_name = "FROM=TO")]
+    endpoint_overrides: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Manifest files or directories: the Session and the Agent, ContextPack, Policies,
+    /// SandboxProfile and ConfigMaps it references.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// Which Session to run, when the files hold several.
+    #[arg(long)]
+    session: Option<String>,
+    #[command(flatten)]
+    access: ToolAccess,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The Session whose run continues from its latest checkpoint (under the specs it was
+    /// pinned to when it started).
+    session: String,
+    /// Files to read Secrets from (the run's specs come from its record, not from these).
+    #[arg(short = 'f', long = "filename")]
+    files: Vec<PathBuf>,
+    #[command(flatten)]
+    access: ToolAccess,
+}
+
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    /// The Session whose pending call to decide.
+    session: String,
+    /// The call hash printed when the run paused (a prefix of at least 12 characters is enough).
+    #[arg(long = "call")]
+    call_hash: String,
+    /// Who decides: a user the rule lists, or a member of a group it lists (see --group).
+    #[arg(long = "as")]
+    approver: String,
+    /// Groups the approver belongs to.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Refuse the call instead of approving it.
+    #[arg(long)]
+    reject: bool,
+    /// Why (recorded with the decision).
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let tenant = global.tenant()?;
+    let set = ManifestSet::load(&args.files)?;
+    let bundle = set.bundle(tenant.as_str(), args.session.as_deref())?;
+    let store = global.open_store().await?;
+    if let Some(run) = store
+        .list_runs(
+            &tenant,
+            &RunFilter {
+                session_id: Some(bundle.session.clone()),
+                limit: Some(1),
+                ..RunFilter::default()
+            },
+        )
+        .await?
+        .into_iter()
+        .find(|r| r.outcome == "running")
+    {
+        bail!(
+            "session {} already has an unfinished run {} (paused for approval or interrupted); continue it with `contextos resume {}`",
+            bundle.session,
+            run.run_id,
+            bundle.session
+        );
+    }
+    let key = KeyPair::load_or_create(&global.key_path())?;
+    let secrets = secrets(&set, &args.access)?;
+    let harness = harness(&store, key, bundle, secrets, &args.access)?;
+    let run_id = format!("{}-{}", harness.bundle().session, random_hex(4));
+    let mut observer = Terminal::default();
+    let report = harness
+        .start(&run_id, &random_hex(16), &mut |p| observer.show(p))
+        .await?;
+    finish(global, &tenant, &report)
+}
+
+pub async fn resume(global: &GlobalArgs, args: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let tenant = global.tenant()?;
+    let store = global.open_store().await?;
+    let bundle = recorded_bundle(&store, &tenant, &args.session).await?;
+    let set = ManifestSet::load(&args.files)?;
+    let key = KeyPair::load_or_create(&global.key_path())?;
+    let secrets = secrets(&set, &args.access)?;
+    let approvals = read_approvals(&approvals_path(global, &tenant, &args.session))?;
+    let harness = harness(&store, key, bundle, secrets, &args.access)?;
+    let mut observer = Terminal::default();
+    let report = harness.resume(&approvals, &mut |p| observer.show(p)).await?;
+    finish(global, &tenant, &report)
+}
+
+pub async fn approve(global: &GlobalArgs, args: ApproveArgs) -> anyhow::Result<ExitCode> {
+    let tenant = global.tenant()?;
+    let store = global.open_store().await?;
+    let Some(awaiting) = pending_approval(&store, &tenant, &args.session).await? else {
+        bail!("session {} has no call waiting for approval", args.session);
+    };
+    if args.call_hash.len() < 12 || !awaiting.call_hash.starts_with(&args.call_hash) {
+        bail!(
+            "session {} waits for approval of call {} ({}), not {}",
+            args.session,
+            awaiting.call_hash,
+            awaiting.tool,
+            args.call_hash
+        );
+    }
+    let approvers = &awaiting.approvers;
+    let allowed =
+        approvers.users.contains(&args.approver) || args.groups.iter().any(|g| approvers.groups.contains(g));
+    if !allowed {
+        bail!(
+            "{} may not decide this call: rule {} lets users [{}] and groups [{}] approve (pass --group if the approver is in one)",
+            args.approver,
+            awaiting.rule,
+            approvers.users.join(", "),
+            approvers.groups.join(", ")
+        );
+    }
+    let path = approvals_path(global, &tenant, &args.session);
+    let mut approvals = read_approvals(&path)?;
+    approvals.push(ApprovalGrant {
+        call_hash: awaiting.call_hash.clone(),
+        decision: if args.reject {
+            ApprovalDecision::Reject
+        } else {
+            ApprovalDecision::Approve
+        },
+        approver: args.approver.clone(),
+        reason: args.reason.clone(),
+    });
+    write_approvals(&path, &approvals)?;
+    println!(
+        "{} {} of {} {} (call {}); continue with `contextos resume {}`",
+        args.approver,
+        if args.reject { "rejected" } else { "approved" },
+        awaiting.tool,
+        awaiting.arguments,
+        &awaiting.call_hash[..12],
+        args.session
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn harness<'s>(
+    store: &'s AnyStore,
+    key: KeyPair,
+    bundle: RunBundle,
+    secrets: BTreeMap<String, String>,
+    access: &ToolAccess,
+) -> anyhow::Result<Harness<'s, AnyStore>> {
+    let gateway = bundle
+        .gateway_bundle(secrets.clone())
+        .build(key.public())
+        .map_err(|e| anyhow::anyhow!("agent {}: {e}", bundle.agent))?
+        .with_endpoint_overrides(parse_overrides(&access.endpoint_overrides)?);
+    let model = model_of(&bundle, &secrets)?;
+    Ok(Harness::new(store, key, bundle, gateway, model)?)
+}
+
+fn model_of(bundle: &RunBundle, secrets: &BTreeMap<String, String>) -> anyhow::Result<Model> {
+    let spec = &bundle.agent_spec.model;
+    match spec.provider {
+        ModelProvider::Scripted => {
+            let script = bundle
+                .model_script
+                .as_deref()
+                .with_context(|| format!("agent {}: spec.model.scriptRef was not resolved", bundle.agent))?;
+            Ok(Model::Scripted(ScriptedModel::parse(&spec.model, script)?))
+        }
+        ModelProvider::OpenaiCompatible => {
+            let endpoint = spec
+                .endpoint
+                .as_deref()
+                .with_context(|| format!("agent {}: spec.model.endpoint is required", bundle.agent))?;
+            let api_key = match &spec.secret_ref {
+                Some(key) => {
+                    let id = format!("{}/{}", key.name, key.key);
+                    Some(secrets.get(&id).cloned().with_context(|| {
+                        format!(
+                            "agent {}: spec.model.secretRef needs secret {id}; pass --secret {id}=...",
+                            bundle.agent
+                        )
+                    })?)
+                }
+                None => None,
+            };
+            let timeout = std::time::Duration::from_secs(120);
+            Ok(Model::OpenAi(OpenAiCompatible::new(endpoint, api_key, timeout)))
+        }
+    }
+}
+
+fn secrets(set: &ManifestSet, access: &ToolAccess) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = set.secrets()?;
+    for item in &access.secrets {
+        let (id, value) = item
+            .split_once('=')
+            .with_context(|| format!("--secret {item:?}: expected SECRET/KEY=VALUE"))?;
+        if !id.contains('/') {
+            bail!("--secret {item:?}: name the key as <secret>/<key>, e.g. ops-tools-webhook/hmac-key");
+        }
+        let value = match value.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("--secret {id}: cannot read {path}"))?
+                .trim_end()
+                .to_owned(),
+            None => value.to_owned(),
+        };
+        out.insert(id.to_owned(), value);
+    }
+    Ok(out)
+}
+
+fn parse_overrides(items: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|item| {
+            let (from, to) = item
+                .split_once('=')
+                .with_context(|| format!("--endpoint-override {item:?}: expected FROM=TO"))?;
+            Ok((from.to_owned(), to.to_owned()))
+        })
+        .collect()
+}
+
+/// The bundle a session's latest run was pinned to, from its record.
+async fn recorded_bundle(store: &AnyStore, tenant: &TenantId, session: &str) -> anyhow::Result<RunBundle> {
+    let checkpoint = store.latest_checkpoint(tenant, session).await?.with_context(|| {
+        format!("session {session} has no run in tenant {tenant}; start it with `contextos run -f <files>`")
+    })?;
+    let entries = read_run(store, tenant, &checkpoint.run_id).await?;
+    let Some(EntryBody::RunStarted {
+        bundle: Some(hash), ..
+    }) = entries.first().map(|(_, e)| &e.body)
+    else {
+        bail!(
+            "run {} has no recorded bundle; it cannot be resumed",
+            checkpoint.run_id
+        );
+    };
+    let bytes = store
+        .get_blob(tenant, hash)
+        .await?
+        .with_context(|| format!("run {}: its bundle blob {hash} is missing", checkpoint.run_id))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("run {}: its bundle is unreadable", checkpoint.run_id))
+}
+
+/// The call a session's run waits on, from its latest checkpoint.
+async fn pending_approval(
+    store: &AnyStore,
+    tenant: &TenantId,
+    session: &str,
+) -> anyhow::Result<Option<AwaitingApproval>> {
+    let Some(checkpoint) = store.latest_checkpoint(tenant, session).await? else {
+        bail!("session {session} has no run in tenant {tenant}");
+    };
+    let entries = read_run(store, tenant, &checkpoint.run_id).await?;
+    let state = entries.iter().find_map(|(_, e)| match &e.body {
+        EntryBody::Checkpoint { state, .. } if e.seq == checkpoint.seq => Some(state.clone()),
+        _ => None,
+    });
+    Ok(state
+        .and_then(|s| s.get("awaiting").cloned())
+        .and_then(|a| serde_json::from_value(a).ok()))
+}
+
+fn approvals_path(global: &GlobalArgs, tenant: &TenantId, session: &str) -> PathBuf {
+    global
+        .data_dir
+        .join("approvals")
+        .join(tenant.as_str())
+        .join(format!("{session}.json"))
+}
+
+fn read_approvals(path: &Path) -> anyhow::Result<Vec<ApprovalGrant>> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).with_context(|| format!("{} is unreadable", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Writes atomically (temp file + rename) so a crash never leaves half a file.
+fn write_approvals(path: &Path, approvals: &[ApprovalGrant]) -> anyhow::Result<()> {
+    let dir = path.parent().context("approvals path has no directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(approvals)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Prints the outcome and picks the exit code.
+fn finish(global: &GlobalArgs, tenant: &TenantId, report: &RunReport) -> anyhow::Result<ExitCode> {
+    let usage = &report.usage;
+    let totals = format!(
+        "{} step(s), {} tool call(s), {} tokens, {:.1}s",
+        usage.steps,
+        usage.tool_calls,
+        usage.tokens,
+        usage.wall_ms as f64 / 1000.0
+    );
+    let tenant_flag = if tenant.as_str() == "default" {
+        String::new()
+    } else {
+        format!(" --tenant {tenant}")
+    };
+    let data_flag = if global.data_dir == Path::new(".contextos") {
+        String::new()
+    } else {
+        format!(" --data-dir {}", global.data_dir.display())
+    };
+    match &report.outcome {
+        RunOutcome::Completed { output, validators } => {
+            println!(
+                "completed: {totals}; validators passed: {}",
+                validators.join(", ")
+            );
+            println!("output: {output}");
+            println!(
+                "record: run {} — inspect with `contextos{data_flag}{tenant_flag} records show {}`",
+                report.run_id, report.run_id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        RunOutcome::Failed { reason, message } => {
+            println!("failed ({reason}): {message}");
+            println!("record: run {} ({totals})", report.run_id);
+            Ok(ExitCode::from(EXIT_RUN_FAILED))
+        }
+        RunOutcome::AwaitingApproval(awaiting) => {
+            let mut approvers: Vec<String> = awaiting.approvers.users.clone();
+            approvers.extend(awaiting.approvers.groups.iter().map(|g| format!("group {g}")));
+            println!(
+                "paused: {} {} needs approval ({}: {})",
+                awaiting.tool, awaiting.arguments, awaiting.rule, awaiting.reason
+            );
+            println!("  approvers: {}", approvers.join(", "));
+            println!("  call hash: {}", awaiting.call_hash);
+            println!(
+                "  approve with `contextos{data_flag}{tenant_flag} approve {} --call {} --as <user> [--group <group>]`, then `contextos{data_flag}{tenant_flag} resume {}`",
+                report.session,
+                &awaiting.call_hash[..16.min(awaiting.call_hash.len())],
+                report.session
+            );
+            Ok(ExitCode::from(EXIT_AWAITING_APPROVAL))
+        }
+    }
+}
+
+/// Progress lines on the terminal; also the fault-injection point the crash tests use.
+#[derive(Default)]
+struct Terminal {
+    boundaries: u32,
+}
+
+/// Test hook: pause for good at the N-th durable boundary (the test then SIGKILLs the process).
+const PAUSE_AT_BOUNDARY_ENV: &str = "CONTEXTOS_FAULT_PAUSE_AT_BOUNDARY";
+
+impl Terminal {
+    fn show(&mut self, progress: &Progress<'_>) {
+        let line = match progress {
+            Progress::Started {
+                run_id,
+                session,
+                resumed,
+            } => format!(
+                "{} run {run_id} of session {session}",
+                if *resumed { "resuming" } else { "started" }
+            ),
+            Progress::Context { tokens, budget, cut } => {
+                format!("context: {tokens} of {budget} tokens, {cut} source(s) cut")
+            }
+            Progress::Turn {
+                step,
+                content,
+                calls,
+                reused,
+            } => format!(
+                "step {step} model{}: {}{}",
+                if *reused {
+                    " (recorded before the restart)"
+                } else {
+                    ""
+                },
+                one_line(content, 100),
+                if *calls > 0 {
+                    format!(" → {calls} call(s)")
+                } else {
+                    String::new()
+                }
+            ),
+            Progress::Call { step, tool, outcome } => {
+                format!("step {step}   {tool}: {}", outcome_text(outcome))
+            }
+            Progress::Verdict {
+                step,
+                verdict,
+                reason,
+            } => {
+                format!(
+                    "step {step} critic: {} — {reason}",
+                    serde_json::to_value(verdict)
+                        .unwrap_or_default()
+                        .as_str()
+                        .unwrap_or("?")
+                )
+            }
+            Progress::Boundary { step, after } => {
+                self.boundaries += 1;
+                if std::env::var(PAUSE_AT_BOUNDARY_ENV)
+                    .ok()
+                    .and_then(|v| v.parse::<u32>().ok())
+                    == Some(self.boundaries)
+                {
+                    println!(
+                        "fault: paused at boundary {} (step {step}, after {after})",
+                        self.boundaries
+                    );
+                    let _ = std::io::stdout().flush();
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                    }
+                }
+                return;
+            }
+        };
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn outcome_text(outcome: &CallOutcome) -> String {
+    match outcome {
+        CallOutcome::Executed(result) if result.ok => {
+            format!("executed → {}", one_line(&result.output.to_string(), 90))
+        }
+        CallOutcome::Executed(result) => format!(
+            "failed after {} attempt(s): {}",
+            result.attempts,
+            result.error.as_deref().unwrap_or("unknown error")
+        ),
+        CallOutcome::Denied { rule, reason } => format!("DENIED by {rule}: {reason}"),
+        CallOutcome::NeedsApproval { rule, .. } => format!("needs approval ({rule})"),
+    }
+}
+
+fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > max {
+        format!("{}…", flat.chars().take(max).collect::<String>())
+    } else {
+        flat
+    }
+}

@@ -1,0 +1,396 @@
+//! Local manifests: the YAML a GitOps repository holds (Agents, ContextPacks, Policies,
+//! SandboxProfiles, Sessions, ConfigMaps, Secrets), read from files and directories and resolved
+//! into a run bundle the way the operator resolves them in a cluster. Every error names the
+//! file, the object and the field.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use base64::Engine as _;
+use contextos_crds::{AgentSpec, ContextPackSpec, PolicySpec, SessionSpec, agent::ModelProvider};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::{
+    gateway::bundle::NamedPolicy,
+    run::bundle::{NamedPack, RunBundle, spec_digest},
+};
+
+/// One object read from a file.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub file: PathBuf,
+    pub kind: String,
+    pub name: String,
+    pub value: Value,
+}
+
+impl Manifest {
+    fn location(&self) -> String {
+        format!("{}: {} {}", self.file.display(), self.kind, self.name)
+    }
+
+    /// The typed `spec`, or an error naming the offending field.
+    fn spec<T: DeserializeOwned>(&self) -> Result<T, ManifestError> {
+        let spec = self.value.get("spec").cloned().unwrap_or(Value::Null);
+        serde_path_to_error::deserialize(spec).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." {
+                "spec".to_owned()
+            } else {
+                format!("spec.{path}")
+            };
+            self.error(field, e.into_inner().to_string())
+        })
+    }
+
+    fn error(&self, field: impl Into<String>, problem: impl Into<String>) -> ManifestError {
+        ManifestError {
+            location: self.location(),
+            field: Some(field.into()),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A manifest problem: where, which field, what to do.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    /// `file: Kind name`, or the file alone.
+    pub location: String,
+    pub field: Option<String>,
+    pub problem: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{}: {field}: {}", self.location, self.problem),
+            None => write!(f, "{}: {}", self.location, self.problem),
+        }
+    }
+}
+
+/// Every object of the given files.
+#[derive(Clone, Debug, Default)]
+pub struct ManifestSet {
+    pub objects: Vec<Manifest>,
+}
+
+impl ManifestSet {
+    /// Reads `.yaml`, `.yml` and `.json` files, and such files directly inside directories
+    /// (kustomization files are skipped: they hold no objects).
+    pub fn load(paths: &[PathBuf]) -> Result<Self, ManifestError> {
+        let mut set = Self::default();
+        for path in paths {
+            for file in files_of(path)? {
+                set.read_file(&file)?;
+            }
+        }
+        Ok(set)
+    }
+
+    fn read_file(&mut self, file: &Path) -> Result<(), ManifestError> {
+        let at_file = |problem: String| ManifestError {
+            location: file.display().to_string(),
+            field: None,
+            problem,
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| at_file(format!("cannot be read: {e}")))?;
+        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let yaml = serde_yaml::Value::deserialize(document)
+                .map_err(|e| at_file(format!("document {} is not valid YAML: {e}", index + 1)))?;
+            if yaml.is_null() {
+                continue;
+            }
+            let value: Value = serde_json::to_value(&yaml)
+                .map_err(|e| at_file(format!("document {} cannot be read as JSON: {e}", index + 1)))?;
+            let text_of = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_owned);
+            let kind =
+                text_of("kind").ok_or_else(|| at_file(format!("document {} has no kind", index + 1)))?;
+            let name = value
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| at_file(format!("document {} ({kind}) has no metadata.name", index + 1)))?;
+            self.objects.push(Manifest {
+                file: file.to_owned(),
+                kind,
+                name,
+                value,
+            });
+        }
+        Ok(())
+    }
+
+    /// The object of `kind` named `name`; `referrer` explains who asked, for the error.
+    pub fn find(&self, kind: &str, name: &str) -> Option<&Manifest> {
+        self.objects.iter().find(|m| m.kind == kind && m.name == name)
+    }
+
+    /// Names of every object of `kind`.
+    pub fn names(&self, kind: &str) -> Vec<&str> {
+        self.objects
+            .iter()
+            .filter(|m| m.kind == kind)
+            .map(|m| m.name.as_str())
+            .collect()
+    }
+
+    /// Every Policy, typed (for candidate files).
+    pub fn policies(&self) -> Result<Vec<NamedPolicy>, ManifestError> {
+        self.objects
+            .iter()
+            .filter(|m| m.kind == "Policy")
+            .map(|m| {
+                Ok(NamedPolicy {
+                    name: m.name.clone(),
+                    spec: m.spec()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every ContextPack, typed (for candidate files).
+    pub fn context_packs(&self) -> Result<Vec<NamedPack>, ManifestError> {
+        self.objects
+            .iter()
+            .filter(|m| m.kind == "ContextPack")
+            .map(|m| {
+                Ok(NamedPack {
+                    name: m.name.clone(),
+                    spec: m.spec()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Secret values by `<secret>/<key>` from the Secrets among the files (`stringData` and
+    /// base64 `data`).
+    pub fn secrets(&self) -> Result<BTreeMap<String, String>, ManifestError> {
+        let mut out = BTreeMap::new();
+        for secret in self.objects.iter().filter(|m| m.kind == "Secret") {
+            if let Some(data) = secret.value.get("stringData").and_then(Value::as_object) {
+                for (key, value) in data {
+                    let text = value.as_str().unwrap_or_default().to_owned();
+                    out.insert(format!("{}/{key}", secret.name), text);
+                }
+            }
+            if let Some(data) = secret.value.get("data").and_then(Value::as_object) {
+                for (key, value) in data {
+                    let field = format!("data.{key}");
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(value.as_str().unwrap_or_default())
+                        .map_err(|e| secret.error(&field, format!("is not base64: {e}")))?;
+                    let text =
+                        String::from_utf8(bytes).map_err(|_| secret.error(&field, "is not UTF-8 text"))?;
+                    out.insert(format!("{}/{key}", secret.name), text);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolves Session `session` (or the only Session in the files) into a run bundle, as the
+    /// operator would in namespace `tenant`.
+    pub fn bundle(&self, tenant: &str, session: Option<&str>) -> Result<RunBundle, ManifestError> {
+        let session = self.session(session)?;
+        let session_spec: SessionSpec = session.spec()?;
+        let agent_name = &session_spec.agent_ref.name;
+        let agent = self.referenced(session, "spec.agentRef.name", "Agent", agent_name)?;
+        let agent_spec: AgentSpec = agent.spec()?;
+        let pack_name = &agent_spec.context_pack_ref.name;
+        let pack = self.referenced(agent, "spec.contextPackRef.name", "ContextPack", pack_name)?;
+        let pack_spec: ContextPackSpec = pack.spec()?;
+        let mut sources = BTreeMap::new();
+        for (i, source) in pack_spec.sources.iter().enumerate() {
+            if let Some(key) = &source.config_map_ref {
+                let field = format!("spec.sources[{i}].configMapRef");
+                sources.insert(source.name.clone(), self.config_map_key(pack, &field, key)?);
+            }
+        }
+        let mut policies = Vec::new();
+        for (i, reference) in agent_spec.policy_refs.iter().enumerate() {
+            let field = format!("spec.policyRefs[{i}].name");
+            let policy = self.referenced(agent, &field, "Policy", &reference.name)?;
+            policies.push(NamedPolicy {
+                name: policy.name.clone(),
+                spec: policy.spec::<PolicySpec>()?,
+            });
+        }
+        let sandbox_name = &agent_spec.sandbox_profile_ref.name;
+        let sandbox = self.referenced(
+            agent,
+            "spec.sandboxProfileRef.name",
+            "SandboxProfile",
+            sandbox_name,
+        )?;
+        let sandbox_spec: contextos_crds::SandboxProfileSpec = sandbox.spec()?;
+        let model_script = match (&agent_spec.model.provider, &agent_spec.model.script_ref) {
+            (ModelProvider::Scripted, Some(key)) => {
+                Some(self.config_map_key(agent, "spec.model.scriptRef", key)?)
+            }
+            _ => None,
+        };
+        Ok(RunBundle {
+            tenant: tenant.to_owned(),
+            session: session.name.clone(),
+            session_spec,
+            agent: agent.name.clone(),
+            agent_spec,
+            context_pack: NamedPack {
+                name: pack.name.clone(),
+                spec: pack_spec,
+            },
+            sources,
+            policies,
+            sandbox_profile_digest: Some(spec_digest(&sandbox_spec)),
+            model_script,
+        })
+    }
+
+    fn session(&self, name: Option<&str>) -> Result<&Manifest, ManifestError> {
+        let sessions: Vec<&Manifest> = self.objects.iter().filter(|m| m.kind == "Session").collect();
+        let nowhere = |problem: String| ManifestError {
+            location: "the given files".into(),
+            field: None,
+            problem,
+        };
+        match (name, sessions.as_slice()) {
+            (Some(name), _) => sessions.iter().copied().find(|m| m.name == name).ok_or_else(|| {
+                nowhere(format!(
+                    "have no Session named {name} (Sessions found: {})",
+                    self.names("Session").join(", ")
+                ))
+            }),
+            (None, [only]) => Ok(only),
+            (None, []) => Err(nowhere(
+                "have no Session; add one (see examples/quickstart/session.yaml)".into(),
+            )),
+            (None, _) => Err(nowhere(format!(
+                "have several Sessions ({}); choose one with --session",
+                self.names("Session").join(", ")
+            ))),
+        }
+    }
+
+    fn referenced(
+        &self,
+        from: &Manifest,
+        field: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<&Manifest, ManifestError> {
+        self.find(kind, name).ok_or_else(|| {
+            from.error(
+                field,
+                format!("{kind} {name} is not among the given files; add it or fix the reference"),
+            )
+        })
+    }
+
+    fn config_map_key(
+        &self,
+        from: &Manifest,
+        field: &str,
+        key: &contextos_crds::common::KeyRef,
+    ) -> Result<String, ManifestError> {
+        let config_map = self.referenced(from, &format!("{field}.name"), "ConfigMap", &key.name)?;
+        config_map
+            .value
+            .pointer(&format!(
+                "/data/{}",
+                key.key.replace('~', "~0").replace('/', "~1")
+            ))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                from.error(
+                    format!("{field}.key"),
+                    format!("ConfigMap {} has no key {}", key.name, key.key),
+                )
+            })
+    }
+}
+
+/// The manifest files a path stands for, in name order.
+fn files_of(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let error = |problem: String| ManifestError {
+        location: path.display().to_string(),
+        field: None,
+        problem,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| error(format!("cannot be read: {e}")))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| error(format!("cannot be listed: {e}")))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_manifest(p))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let kustomization = matches!(name, "kustomization.yaml" | "kustomization.yml" | "Kustomization");
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    !kustomization && matches!(extension, "yaml" | "yml" | "json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quickstart() -> ManifestSet {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        ManifestSet::load(&[dir]).expect("quickstart loads")
+    }
+
+    #[test]
+    fn the_quickstart_resolves_into_a_bundle() {
+        let bundle = quickstart().bundle("shop", None).expect("resolves");
+        assert_eq!(bundle.session, "checkout-5xx");
+        assert_eq!(bundle.agent, "oncall-assistant");
+        assert_eq!(bundle.policies.len(), 1);
+        assert!(bundle.sources["checkout-runbook"].contains("elevated 5xx"));
+        assert!(
+            bundle
+                .model_script
+                .as_deref()
+                .is_some_and(|s| s.contains("turns"))
+        );
+        assert!(bundle.pinned().context_pack.starts_with("sha256:"));
+    }
+
+    #[test]
+    fn a_dangling_reference_names_file_object_and_field() {
+        let mut set = quickstart();
+        set.objects.retain(|m| m.kind != "Policy");
+        let err = set.bundle("shop", None).expect_err("policy missing");
+        assert!(
+            err.location.ends_with("agent.yaml: Agent oncall-assistant"),
+            "{err}"
+        );
+        assert_eq!(err.field.as_deref(), Some("spec.policyRefs[0].name"));
+        assert!(err.problem.contains("Policy oncall-guardrails"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_field_value_is_named_with_its_path() {
+        let mut set = quickstart();
+        for m in &mut set.objects {
+            if m.kind == "Agent" {
+                m.value["spec"]["tools"][1]["risk"] = Value::String("harmless".into());
+            }
+        }
+        let err = set.bundle("shop", None).expect_err("bad risk");
+        assert_eq!(err.field.as_deref(), Some("spec.tools[1].risk"), "{err}");
+        assert!(err.problem.contains("harmless"), "{err}");
+    }
+}

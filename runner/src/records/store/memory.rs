@@ -1,0 +1,131 @@
+//! An in-memory `RecordStore`: the scratch store replays write their re-executed record to.
+//! Same semantics as the durable backends (head checks, tenant scoping, checkpoints) — it runs
+//! the same conformance suite — but nothing survives the process.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+};
+
+use super::{
+    AppendBatch, Checkpoint, RecordStore, Result, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
+    check_batch, validate_id,
+};
+use crate::records::entry::{Hash, StoredEntry};
+
+/// One run's chain and index rows.
+#[derive(Debug)]
+struct Run {
+    head: SignedHead,
+    summary: RunSummary,
+    entries: Vec<StoredEntry>,
+}
+
+#[derive(Debug, Default)]
+struct Tenant {
+    runs: HashMap<String, Run>,
+    blobs: HashMap<Hash, Vec<u8>>,
+    checkpoints: HashMap<String, Checkpoint>,
+}
+
+/// Records kept in process memory.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    tenants: Mutex<BTreeMap<TenantId, Tenant>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, tenant: &TenantId, f: impl FnOnce(&mut Tenant) -> Result<T>) -> Result<T> {
+        let mut tenants = self
+            .tenants
+            .lock()
+            .map_err(|_| StoreError::Backend("the in-memory store was poisoned by a panic".into()))?;
+        f(tenants.entry(tenant.clone()).or_default())
+    }
+}
+
+impl RecordStore for MemoryStore {
+    async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
+        self.with(tenant, |t| {
+            let current = t.runs.get(&batch.run_id).map(|r| &r.head);
+            check_batch(&batch, current)?;
+            if let Some(checkpoint) = batch.checkpoint {
+                t.checkpoints.insert(checkpoint.session_id.clone(), checkpoint);
+            }
+            match t.runs.get_mut(&batch.run_id) {
+                Some(run) => {
+                    run.entries.extend(batch.entries);
+                    run.head = batch.head;
+                    run.summary = batch.summary;
+                }
+                None => {
+                    t.runs.insert(
+                        batch.run_id,
+                        Run {
+                            head: batch.head,
+                            summary: batch.summary,
+                            entries: batch.entries,
+                        },
+                    );
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>> {
+        validate_id("run", run_id)?;
+        self.with(tenant, |t| Ok(t.runs.get(run_id).map(|r| r.head.clone())))
+    }
+
+    async fn read_chain(&self, tenant: &TenantId, run_id: &str, from_seq: u64) -> Result<Vec<StoredEntry>> {
+        validate_id("run", run_id)?;
+        self.with(tenant, |t| {
+            Ok(t.runs.get(run_id).map_or_else(Vec::new, |r| {
+                r.entries.iter().filter(|e| e.seq >= from_seq).cloned().collect()
+            }))
+        })
+    }
+
+    async fn list_runs(&self, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        self.with(tenant, |t| {
+            let since = filter.since_ms.unwrap_or(i64::MIN);
+            let until = filter.until_ms.unwrap_or(i64::MAX);
+            let mut runs: Vec<&RunSummary> = t
+                .runs
+                .values()
+                .map(|r| &r.summary)
+                .filter(|s| s.started_at_ms >= since && s.started_at_ms < until && filter.matches(s))
+                .collect();
+            // Newest first; ties by run id descending, as the durable backends' time index orders them.
+            runs.sort_by(|a, b| {
+                b.started_at_ms
+                    .cmp(&a.started_at_ms)
+                    .then_with(|| b.run_id.cmp(&a.run_id))
+            });
+            let limit = filter.limit.unwrap_or(usize::MAX);
+            Ok(runs.into_iter().take(limit).cloned().collect())
+        })
+    }
+
+    async fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> Result<Hash> {
+        self.with(tenant, |t| {
+            let hash = Hash::of(&bytes);
+            t.blobs.entry(hash).or_insert(bytes);
+            Ok(hash)
+        })
+    }
+
+    async fn get_blob(&self, tenant: &TenantId, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        self.with(tenant, |t| Ok(t.blobs.get(hash).cloned()))
+    }
+
+    async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {
+        validate_id("session", session_id)?;
+        self.with(tenant, |t| Ok(t.checkpoints.get(session_id).cloned()))
+    }
+}

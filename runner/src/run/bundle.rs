@@ -1,0 +1,152 @@
+//! The run bundle: every spec one Session runs under, pinned — the Session, its Agent, the
+//! ContextPack with its sources resolved, the Policies in order, and the model script. The
+//! operator writes it (immutable) for a runner pod; `contextos run` builds it from local YAML.
+//! It is stored with the record, so a replay can re-run a session under exactly these versions.
+//!
+//! Secret values are never part of a bundle: they are resolved separately and never recorded.
+
+use std::collections::BTreeMap;
+
+use contextos_crds::{AgentSpec, ContextPackSpec, SessionSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    context::ResolvedSource,
+    gateway::bundle::{GatewayBundle, NamedPolicy},
+    records::{PinnedDigests, canonical::digest_of},
+};
+
+/// One Session's pinned specs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunBundle {
+    /// The namespace: the tenant every record and call belongs to.
+    pub tenant: String,
+    /// Session name; also the session id records and checkpoints are keyed by.
+    pub session: String,
+    pub session_spec: SessionSpec,
+    pub agent: String,
+    pub agent_spec: AgentSpec,
+    pub context_pack: NamedPack,
+    /// Contents of the pack's ConfigMap-backed sources, by source name.
+    #[serde(default)]
+    pub sources: BTreeMap<String, String>,
+    /// The agent's policies in `policyRefs` order.
+    pub policies: Vec<NamedPolicy>,
+    /// Digest of the SandboxProfile spec the run is confined by (none for local runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_profile_digest: Option<String>,
+    /// The scripted model's script, when the agent uses `provider: scripted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_script: Option<String>,
+}
+
+/// A ContextPack spec and its name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamedPack {
+    pub name: String,
+    pub spec: ContextPackSpec,
+}
+
+/// A candidate revision to replay a bundle under.
+#[derive(Clone, Debug, Default)]
+pub struct Candidate {
+    pub policies: Vec<NamedPolicy>,
+    pub context_pack: Option<NamedPack>,
+}
+
+/// A candidate that does not fit the bundle.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CandidateError {
+    #[error(
+        "candidate Policy {name} is not used by agent {agent} (its spec.policyRefs: {refs}); rename the candidate or replay another agent's sessions"
+    )]
+    PolicyNotReferenced {
+        name: String,
+        agent: String,
+        refs: String,
+    },
+    #[error(
+        "candidate ContextPack {name} is not the pack of agent {agent} (spec.contextPackRef is {expected})"
+    )]
+    PackNotReferenced {
+        name: String,
+        agent: String,
+        expected: String,
+    },
+}
+
+/// `sha256:` digest of a spec (canonical JSON): the revision identity of packs and policies.
+pub fn spec_digest<T: Serialize>(spec: &T) -> String {
+    // Plain data with string keys: serialization cannot fail.
+    digest_of(spec).unwrap_or_default()
+}
+
+impl RunBundle {
+    /// The digests this run is pinned to.
+    pub fn pinned(&self) -> PinnedDigests {
+        PinnedDigests {
+            context_pack: spec_digest(&self.context_pack.spec),
+            policies: self.policies.iter().map(|p| spec_digest(&p.spec)).collect(),
+            sandbox_profile: self.sandbox_profile_digest.clone(),
+        }
+    }
+
+    /// `sha256:` digest of the whole bundle.
+    pub fn digest(&self) -> String {
+        spec_digest(self)
+    }
+
+    /// The pack's ConfigMap sources as the context compiler takes them.
+    pub fn resolved_sources(&self) -> Vec<ResolvedSource> {
+        self.sources
+            .iter()
+            .map(|(name, content)| ResolvedSource {
+                name: name.clone(),
+                content: content.clone(),
+            })
+            .collect()
+    }
+
+    /// The gateway's view: tools, policies, and the secret values adapters need.
+    pub fn gateway_bundle(&self, secrets: BTreeMap<String, String>) -> GatewayBundle {
+        GatewayBundle {
+            tenant: self.tenant.clone(),
+            agent: self.agent.clone(),
+            spec: self.agent_spec.clone(),
+            policies: self.policies.clone(),
+            secrets,
+        }
+    }
+
+    /// This bundle with candidate revisions swapped in (same names; a candidate must replace
+    /// something the agent uses).
+    pub fn with_candidate(mut self, candidate: &Candidate) -> Result<Self, CandidateError> {
+        for policy in &candidate.policies {
+            let Some(slot) = self.policies.iter_mut().find(|p| p.name == policy.name) else {
+                return Err(CandidateError::PolicyNotReferenced {
+                    name: policy.name.clone(),
+                    agent: self.agent.clone(),
+                    refs: self
+                        .policies
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            };
+            slot.spec = policy.spec.clone();
+        }
+        if let Some(pack) = &candidate.context_pack {
+            if pack.name != self.context_pack.name {
+                return Err(CandidateError::PackNotReferenced {
+                    name: pack.name.clone(),
+                    agent: self.agent.clone(),
+                    expected: self.context_pack.name.clone(),
+                });
+            }
+            self.context_pack.spec = pack.spec.clone();
+        }
+        Ok(self)
+    }
+}

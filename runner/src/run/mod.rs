@@ -1,0 +1,100 @@
+//! The run loop: a Session's bundle becomes a governed, recorded, resumable run — context
+//! compiled under budget, model turns, every effect through the Tool Gateway, a critic verdict
+//! and a checkpoint after every step — and the replay that re-executes a recorded run under the
+//! same or a candidate Policy/ContextPack.
+
+pub mod bundle;
+pub mod critic;
+pub mod engine;
+pub mod replay;
+pub mod state;
+pub mod validate;
+
+use contextos_crds::session::SessionSpec;
+use serde_json::Value;
+
+use self::bundle::RunBundle;
+use crate::{
+    keys::KeyPair,
+    run_context::{
+        AgentIdentity, OverrideError, RunContext, SignedRunContext, UserDelegation, effective_limits,
+    },
+};
+
+pub use engine::{Harness, Progress, RunError, RunOutcome, RunReport};
+
+/// How long a RunContext stays valid beyond the run's wall-time budget: room for a resumed
+/// attempt after a crash. A run paused for approval gets a fresh context when it resumes.
+const CONTEXT_GRACE_MS: i64 = 5 * 60 * 1000;
+
+/// Issues the RunContext of a new run of `bundle`'s Session: the effective budget and safety
+/// mode (the Session may only tighten the Agent's), the delegating user, the agent's identity,
+/// the pinned digests and the tools it may call, signed with `key`.
+pub fn issue_run_context(
+    bundle: &RunBundle,
+    run_id: &str,
+    trace_id: &str,
+    key: &KeyPair,
+    now_ms: i64,
+) -> Result<SignedRunContext, OverrideError> {
+    let agent = &bundle.agent_spec;
+    let (budget, safety_mode) = effective_limits(
+        &agent.budget,
+        agent.safety_mode,
+        bundle.session_spec.overrides.as_ref(),
+    )?;
+    let expires_at_ms = now_ms + i64::from(budget.max_wall_seconds) * 1000 + CONTEXT_GRACE_MS;
+    let context = RunContext {
+        run_id: run_id.to_owned(),
+        trace_id: trace_id.to_owned(),
+        session_id: bundle.session.clone(),
+        tenant_id: bundle.tenant.clone(),
+        user: user_of(&bundle.session_spec),
+        agent: AgentIdentity::new(&bundle.tenant, &bundle.agent),
+        safety_mode,
+        budget,
+        pinned: bundle.pinned(),
+        allowed_tools: agent.tools.iter().map(|t| t.name.clone()).collect(),
+        issued_at_ms: now_ms,
+        expires_at_ms,
+    };
+    Ok(SignedRunContext::sign(context, key))
+}
+
+/// A recorded RunContext re-signed for a new attempt (after a crash or an approval): same run,
+/// trace, limits and pins; a fresh validity window.
+pub fn reissue_run_context(recorded: &RunContext, key: &KeyPair, now_ms: i64) -> SignedRunContext {
+    let mut context = recorded.clone();
+    let window = recorded.expires_at_ms - recorded.issued_at_ms;
+    context.issued_at_ms = now_ms;
+    context.expires_at_ms = now_ms + window.max(CONTEXT_GRACE_MS);
+    SignedRunContext::sign(context, key)
+}
+
+fn user_of(session: &SessionSpec) -> Option<UserDelegation> {
+    session.user.as_ref().map(|u| UserDelegation {
+        subject: u.subject.clone(),
+        groups: u.groups.clone(),
+        scopes: u.scopes.clone(),
+    })
+}
+
+/// The request the model is given: the Session's prompt, and its structured input if any.
+pub fn request_text(session: &SessionSpec) -> String {
+    match &session.input.data {
+        Some(data) if !data.is_null() => format!(
+            "{}\n\nInput data (JSON): {}",
+            session.input.prompt.trim_end(),
+            String::from_utf8_lossy(&crate::records::canonical::to_canonical_bytes(data))
+        ),
+        _ => session.input.prompt.clone(),
+    }
+}
+
+/// The Session input as policy conditions read it (`run.input`).
+pub fn input_value(session: &SessionSpec) -> Value {
+    serde_json::json!({
+        "prompt": session.input.prompt,
+        "data": session.input.data.clone().unwrap_or(Value::Null),
+    })
+}

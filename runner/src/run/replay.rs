@@ -1,0 +1,641 @@
+//! Replay: re-executes a recorded run with its model turns and tool results taken from the
+//! record, under the same or a candidate Policy/ContextPack, and reports every divergence — a
+//! decision that changes, a call newly denied or needing approval, a budget overrun, a context
+//! that no longer fits, a different verdict or outcome. Under the same versions the replayed
+//! decisions are byte-identical to the recorded ones.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use contextos_crds::policy::PolicyEffect;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    bundle::{Candidate, CandidateError, RunBundle},
+    engine::{Harness, LoopState, Mode, RunError},
+};
+use crate::{
+    keys::KeyPair,
+    model::{Model, ModelError, replay::ReplayModel},
+    records::{
+        EntryBody, MemoryStore, ReadError, RecordEntry, RecordStore, RunFilter, StoreError, TenantId,
+        canonical::to_canonical_bytes, entry::Verdict, read_run,
+    },
+    run_context::SignedRunContext,
+};
+
+/// Why a run could not be replayed at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("run {run_id} was recorded without its bundle (an older record); it cannot be replayed")]
+    NoBundle { run_id: String },
+    #[error("run {run_id}: {problem}")]
+    Unreadable { run_id: String, problem: String },
+    #[error("run {run_id}: {source}")]
+    Candidate {
+        run_id: String,
+        #[source]
+        source: CandidateError,
+    },
+    #[error("run {run_id}: the candidate cannot be used: {problem}")]
+    BadCandidate { run_id: String, problem: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+/// The decisions of a run, in a form two runs can be compared by (and byte-compared).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecisionTrace {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<ContextPoint>,
+    pub calls: Vec<CallPoint>,
+    pub verdicts: Vec<VerdictPoint>,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextPoint {
+    pub digest: String,
+    pub tokens: u64,
+    pub budget: u64,
+}
+
+/// The final decision on one call (a call resubmitted after a crash or an approval is one
+/// call).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallPoint {
+    pub call_id: String,
+    pub step: u32,
+    pub tool: String,
+    pub arguments: String,
+    pub effect: PolicyEffect,
+    pub rule: String,
+    /// What dryRun policies would have decided: `rule=effect`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow: Vec<String>,
+    pub approved: bool,
+    pub executed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictPoint {
+    pub step: u32,
+    pub verdict: Verdict,
+    pub reason: String,
+}
+
+impl DecisionTrace {
+    /// Reads the decisions out of a run's entries.
+    pub fn of(entries: &[RecordEntry]) -> Self {
+        let mut trace = Self {
+            outcome: "running".into(),
+            ..Self::default()
+        };
+        let mut verdicts: BTreeMap<u32, VerdictPoint> = BTreeMap::new();
+        for entry in entries {
+            match &entry.body {
+                EntryBody::ContextCompiled {
+                    digest,
+                    tokens,
+                    budget,
+                    ..
+                } => {
+                    trace.context = Some(ContextPoint {
+                        digest: digest.clone(),
+                        tokens: *tokens,
+                        budget: *budget,
+                    });
+                }
+                EntryBody::CriticVerdict {
+                    step,
+                    verdict,
+                    reason,
+                    ..
+                } => {
+                    let point = VerdictPoint {
+                        step: *step,
+                        verdict: *verdict,
+                        reason: reason.clone(),
+                    };
+                    verdicts.insert(*step, point);
+                }
+                EntryBody::Completed { output, .. } => trace.outcome = format!("completed: {output}"),
+                EntryBody::Failed { reason, message } => {
+                    trace.outcome = format!("failed ({reason}): {message}")
+                }
+                body => trace.note_call(body),
+            }
+        }
+        trace.verdicts = verdicts.into_values().collect();
+        trace
+    }
+
+    /// Folds a call-related entry into the call's final decision.
+    fn note_call(&mut self, body: &EntryBody) {
+        match body {
+            EntryBody::ToolCallRequested(call) if self.call(&call.call_id).is_none() => {
+                self.calls.push(CallPoint {
+                    call_id: call.call_id.clone(),
+                    step: step_of(&call.call_id),
+                    tool: call.tool.clone(),
+                    arguments: String::from_utf8_lossy(&to_canonical_bytes(&call.arguments)).into(),
+                    effect: PolicyEffect::Deny,
+                    rule: String::new(),
+                    shadow: Vec::new(),
+                    approved: false,
+                    executed: false,
+                });
+            }
+            EntryBody::PolicyDecision(decision) => {
+                let Some(call) = self.call(&decision.call_id) else {
+                    return;
+                };
+                if decision.dry_run {
+                    let shadow = format!("{}={}", decision.rule, effect_name(decision.effect));
+                    if !call.shadow.contains(&shadow) {
+                        call.shadow.push(shadow);
+                    }
+                } else {
+                    call.effect = decision.enforced;
+                    call.rule = decision.rule.clone();
+                }
+            }
+            EntryBody::ApprovalGranted { call_id, .. } => {
+                if let Some(call) = self.call(call_id) {
+                    call.approved = true;
+                }
+            }
+            EntryBody::ToolResult(result) => {
+                if let Some(call) = self.call(&result.call_id) {
+                    call.executed = result.ok;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn call(&mut self, call_id: &str) -> Option<&mut CallPoint> {
+        self.calls.iter_mut().find(|c| c.call_id == call_id)
+    }
+
+    /// The canonical bytes two traces are compared by.
+    pub fn bytes(&self) -> Vec<u8> {
+        to_canonical_bytes(&serde_json::to_value(self).unwrap_or_default())
+    }
+
+    fn steps(&self) -> u32 {
+        self.verdicts.iter().map(|v| v.step).max().unwrap_or(0)
+    }
+}
+
+/// Call ids are `<step>.<index>`.
+fn step_of(call_id: &str) -> u32 {
+    call_id
+        .split('.')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn effect_name(effect: PolicyEffect) -> &'static str {
+    match effect {
+        PolicyEffect::Allow => "allow",
+        PolicyEffect::Deny => "deny",
+        PolicyEffect::RequireApproval => "require_approval",
+    }
+}
+
+/// What kind of difference a divergence is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DivergenceKind {
+    NewlyDenied,
+    NewlyNeedsApproval,
+    NewlyAllowed,
+    DecisionChanged,
+    BudgetOverrun,
+    ContextNoLongerFits,
+    CallNotReached,
+    NewCall,
+    VerdictChanged,
+    OutcomeChanged,
+}
+
+/// One difference between the recorded run and its replay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Divergence {
+    pub kind: DivergenceKind,
+    /// The step it happened in (0: the run as a whole).
+    pub step: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    pub recorded: String,
+    pub replayed: String,
+    pub detail: String,
+}
+
+/// The replay of one run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunReplay {
+    pub run_id: String,
+    pub session: String,
+    pub agent: String,
+    /// Whether the replayed decisions are byte-identical to the recorded ones.
+    pub identical: bool,
+    pub steps: u32,
+    pub divergent_steps: u32,
+    pub divergences: Vec<Divergence>,
+    /// Context digest change (expected under a candidate pack; not a divergence by itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_change: Option<String>,
+    /// Both decision traces, so a pipeline can show exactly what changed.
+    pub recorded: DecisionTrace,
+    pub replayed: DecisionTrace,
+}
+
+/// Compares a recorded trace with its replay (pure).
+pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Divergence> {
+    let mut out = Vec::new();
+    if let (Some(_), None) = (&recorded.context, &replayed.context) {
+        out.push(Divergence {
+            kind: DivergenceKind::ContextNoLongerFits,
+            step: 0,
+            tool: None,
+            recorded: "compiled".into(),
+            replayed: "does not compile".into(),
+            detail: replayed.outcome.clone(),
+        });
+    }
+    let replayed_calls: HashMap<&str, &CallPoint> =
+        replayed.calls.iter().map(|c| (c.call_id.as_str(), c)).collect();
+    for call in &recorded.calls {
+        match replayed_calls.get(call.call_id.as_str()) {
+            None => out.push(Divergence {
+                kind: DivergenceKind::CallNotReached,
+                step: call.step,
+                tool: Some(call.tool.clone()),
+                recorded: effect_name(call.effect).into(),
+                replayed: "not made".into(),
+                detail: "the replayed run ended or went another way before this call".into(),
+            }),
+            Some(again) if again.effect != call.effect || (again.tool != call.tool) => {
+                out.push(call_divergence(call, again));
+            }
+            Some(_) => {}
+        }
+    }
+    let recorded_ids: BTreeSet<&str> = recorded.calls.iter().map(|c| c.call_id.as_str()).collect();
+    for call in replayed
+        .calls
+        .iter()
+        .filter(|c| !recorded_ids.contains(c.call_id.as_str()))
+    {
+        out.push(Divergence {
+            kind: DivergenceKind::NewCall,
+            step: call.step,
+            tool: Some(call.tool.clone()),
+            recorded: "not made".into(),
+            replayed: effect_name(call.effect).into(),
+            detail: format!("decided by {}", call.rule),
+        });
+    }
+    let replayed_verdicts: HashMap<u32, &VerdictPoint> =
+        replayed.verdicts.iter().map(|v| (v.step, v)).collect();
+    for verdict in &recorded.verdicts {
+        let again = replayed_verdicts.get(&verdict.step);
+        if again.is_none_or(|v| v.verdict != verdict.verdict) {
+            out.push(Divergence {
+                kind: DivergenceKind::VerdictChanged,
+                step: verdict.step,
+                tool: None,
+                recorded: verdict_name(verdict.verdict).into(),
+                replayed: again.map_or("no step".into(), |v| verdict_name(v.verdict).into()),
+                detail: again.map_or_else(|| "the replayed run ended earlier".into(), |v| v.reason.clone()),
+            });
+        }
+    }
+    if recorded.outcome != replayed.outcome {
+        out.push(Divergence {
+            kind: DivergenceKind::OutcomeChanged,
+            step: 0,
+            tool: None,
+            recorded: recorded.outcome.clone(),
+            replayed: replayed.outcome.clone(),
+            detail: "the run would end differently".into(),
+        });
+    }
+    out.sort_by(|a, b| a.step.cmp(&b.step).then(a.kind.cmp(&b.kind)));
+    out
+}
+
+fn call_divergence(call: &CallPoint, again: &CallPoint) -> Divergence {
+    let kind = if again.rule.contains("budget.") && !call.rule.contains("budget.") {
+        DivergenceKind::BudgetOverrun
+    } else {
+        match (call.effect, again.effect) {
+            (_, PolicyEffect::Deny) => DivergenceKind::NewlyDenied,
+            (PolicyEffect::Allow, PolicyEffect::RequireApproval) => DivergenceKind::NewlyNeedsApproval,
+            (_, PolicyEffect::Allow) => DivergenceKind::NewlyAllowed,
+            _ => DivergenceKind::DecisionChanged,
+        }
+    };
+    Divergence {
+        kind,
+        step: call.step,
+        tool: Some(call.tool.clone()),
+        recorded: format!("{} ({})", effect_name(call.effect), call.rule),
+        replayed: format!("{} ({})", effect_name(again.effect), again.rule),
+        detail: format!("arguments {}", call.arguments),
+    }
+}
+
+fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Continue => "continue",
+        Verdict::Revise => "revise",
+        Verdict::Halt => "halt",
+        Verdict::Escalate => "escalate",
+    }
+}
+
+/// Replays run `run_id` of `tenant` from `store` under `candidate`.
+pub async fn replay_run<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    run_id: &str,
+    candidate: &Candidate,
+) -> Result<RunReplay, ReplayError> {
+    let entries: Vec<RecordEntry> = read_run(store, tenant, run_id)
+        .await?
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    let original = RecordedRun::read(store, tenant, run_id, &entries).await?;
+    let bundle = original
+        .bundle
+        .clone()
+        .with_candidate(candidate)
+        .map_err(|source| ReplayError::Candidate {
+            run_id: run_id.to_owned(),
+            source,
+        })?;
+    // An ephemeral key: the replayed record lives only in memory.
+    let key = KeyPair::generate().map_err(|e| ReplayError::Unreadable {
+        run_id: run_id.to_owned(),
+        problem: format!("no signing key for the replay: {e}"),
+    })?;
+    let gateway = bundle
+        .gateway_bundle(BTreeMap::new())
+        .build_offline(key.public())
+        .map_err(|problem| ReplayError::BadCandidate {
+            run_id: run_id.to_owned(),
+            problem,
+        })?;
+    gateway.preload_results(&entries);
+    let model = Model::Replay(ReplayModel::from_entries(run_id, &entries)?);
+    let scratch = MemoryStore::new();
+    let harness = Harness::new(&scratch, key, bundle, gateway, model)?.replaying(original.mode(&entries));
+    let trace_id = original.run_context.context.trace_id.clone();
+    harness.start(run_id, &trace_id, &mut |_| {}).await?;
+    let replayed_entries: Vec<RecordEntry> = read_run(&scratch, tenant, run_id)
+        .await?
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    let recorded = DecisionTrace::of(&entries);
+    let replayed = DecisionTrace::of(&replayed_entries);
+    let divergences = compare(&recorded, &replayed);
+    let divergent_steps = divergences
+        .iter()
+        .map(|d| d.step.max(1))
+        .collect::<BTreeSet<_>>()
+        .len() as u32;
+    let context_change = match (&recorded.context, &replayed.context) {
+        (Some(a), Some(b)) if a.digest != b.digest => Some(format!(
+            "context {} ({} tokens) → {} ({} tokens)",
+            short(&a.digest),
+            a.tokens,
+            short(&b.digest),
+            b.tokens
+        )),
+        _ => None,
+    };
+    Ok(RunReplay {
+        run_id: run_id.to_owned(),
+        session: original.bundle.session.clone(),
+        agent: original.bundle.agent.clone(),
+        identical: recorded.bytes() == replayed.bytes(),
+        steps: recorded.steps().max(1),
+        divergent_steps,
+        divergences,
+        context_change,
+        recorded,
+        replayed,
+    })
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
+}
+
+/// What a replay needs from the recorded run besides its entries.
+struct RecordedRun {
+    bundle: RunBundle,
+    run_context: SignedRunContext,
+}
+
+impl RecordedRun {
+    async fn read<S: RecordStore>(
+        store: &S,
+        tenant: &TenantId,
+        run_id: &str,
+        entries: &[RecordEntry],
+    ) -> Result<Self, ReplayError> {
+        let unreadable = |problem: String| ReplayError::Unreadable {
+            run_id: run_id.to_owned(),
+            problem,
+        };
+        let Some(EntryBody::RunStarted {
+            run_context, bundle, ..
+        }) = entries.first().map(|e| &e.body)
+        else {
+            return Err(unreadable("its first entry is not run_started".into()));
+        };
+        let hash = bundle.ok_or_else(|| ReplayError::NoBundle {
+            run_id: run_id.to_owned(),
+        })?;
+        let bytes = store
+            .get_blob(tenant, &hash)
+            .await?
+            .ok_or_else(|| unreadable(format!("its bundle blob {hash} is missing")))?;
+        let bundle: RunBundle = serde_json::from_slice(&bytes)
+            .map_err(|e| unreadable(format!("its bundle cannot be read: {e}")))?;
+        let run_context: SignedRunContext = serde_json::from_value(run_context.clone())
+            .map_err(|e| unreadable(format!("its RunContext cannot be read: {e}")))?;
+        Ok(Self { bundle, run_context })
+    }
+
+    /// Approvals the original got and the wall time it had used, by step.
+    fn mode(&self, entries: &[RecordEntry]) -> Mode {
+        let mut approvals = HashMap::new();
+        let mut wall_ms = HashMap::new();
+        for entry in entries {
+            match &entry.body {
+                EntryBody::ApprovalGranted {
+                    call_id, approver, ..
+                } => {
+                    approvals.insert(call_id.clone(), approver.clone());
+                }
+                EntryBody::Checkpoint { step, state } => {
+                    if let Ok(state) = serde_json::from_value::<LoopState>(state.clone()) {
+                        wall_ms.insert(*step, state.usage.wall_ms);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Mode::Replay { approvals, wall_ms }
+    }
+}
+
+/// Replays of several runs against one threshold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplaySummary {
+    pub runs: usize,
+    pub identical_runs: usize,
+    pub diverged_runs: usize,
+    pub steps: u32,
+    pub divergent_steps: u32,
+    /// Divergent steps as a percentage of all replayed steps.
+    pub divergence_percent: f64,
+    pub max_divergence_percent: f64,
+    pub passed: bool,
+    /// Runs that could not be replayed, with why.
+    pub skipped: Vec<String>,
+    pub replays: Vec<RunReplay>,
+}
+
+impl ReplaySummary {
+    pub fn new(replays: Vec<RunReplay>, skipped: Vec<String>, max_divergence_percent: f64) -> Self {
+        let steps: u32 = replays.iter().map(|r| r.steps).sum();
+        let divergent_steps: u32 = replays.iter().map(|r| r.divergent_steps).sum();
+        let divergence_percent = if steps == 0 {
+            0.0
+        } else {
+            f64::from(divergent_steps) * 100.0 / f64::from(steps)
+        };
+        Self {
+            runs: replays.len(),
+            identical_runs: replays.iter().filter(|r| r.identical).count(),
+            diverged_runs: replays.iter().filter(|r| !r.divergences.is_empty()).count(),
+            steps,
+            divergent_steps,
+            divergence_percent,
+            max_divergence_percent,
+            passed: divergence_percent <= max_divergence_percent,
+            skipped,
+            replays,
+        }
+    }
+
+    /// The report as a person reads it.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for replay in &self.replays {
+            out.push_str(&format!(
+                "run {} (session {}, agent {}): {}\n",
+                replay.run_id,
+                replay.session,
+                replay.agent,
+                if replay.identical {
+                    "decisions identical".to_owned()
+                } else if replay.divergences.is_empty() {
+                    "same decisions (reasons differ)".to_owned()
+                } else {
+                    format!("{} of {} steps diverge", replay.divergent_steps, replay.steps)
+                }
+            ));
+            if let Some(change) = &replay.context_change {
+                out.push_str(&format!("  {change}\n"));
+            }
+            for d in &replay.divergences {
+                let at = if d.step == 0 {
+                    "run".to_owned()
+                } else {
+                    format!("step {}", d.step)
+                };
+                let tool = d.tool.as_deref().map(|t| format!(" {t}")).unwrap_or_default();
+                out.push_str(&format!(
+                    "  {at}{tool}: {} — recorded {} → replayed {}",
+                    kind_text(d.kind),
+                    d.recorded,
+                    d.replayed
+                ));
+                out.push_str(&format!(" ({})\n", d.detail));
+            }
+        }
+        for skipped in &self.skipped {
+            out.push_str(&format!("skipped: {skipped}\n"));
+        }
+        out.push_str(&format!(
+            "replayed {} run(s), {} step(s): {} identical, {} diverged; {} divergent step(s) = {:.1}% (threshold {:.1}%) → {}\n",
+            self.runs,
+            self.steps,
+            self.identical_runs,
+            self.diverged_runs,
+            self.divergent_steps,
+            self.divergence_percent,
+            self.max_divergence_percent,
+            if self.passed { "PASS" } else { "FAIL" }
+        ));
+        out
+    }
+}
+
+fn kind_text(kind: DivergenceKind) -> &'static str {
+    match kind {
+        DivergenceKind::NewlyDenied => "newly denied",
+        DivergenceKind::NewlyNeedsApproval => "newly needs approval",
+        DivergenceKind::NewlyAllowed => "newly allowed",
+        DivergenceKind::DecisionChanged => "decision changed",
+        DivergenceKind::BudgetOverrun => "budget overrun",
+        DivergenceKind::ContextNoLongerFits => "context no longer fits",
+        DivergenceKind::CallNotReached => "call not reached",
+        DivergenceKind::NewCall => "new call",
+        DivergenceKind::VerdictChanged => "verdict changed",
+        DivergenceKind::OutcomeChanged => "outcome changed",
+    }
+}
+
+/// Replays the runs `filter` selects (finished runs only; a running run has nothing final to
+/// compare), skipping those the candidate does not apply to.
+pub async fn replay_runs<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    filter: &RunFilter,
+    candidate: &Candidate,
+    max_divergence_percent: f64,
+) -> Result<ReplaySummary, ReplayError> {
+    let mut replays = Vec::new();
+    let mut skipped = Vec::new();
+    for run in store.list_runs(tenant, filter).await? {
+        if run.outcome == "running" {
+            skipped.push(format!("run {} is still running", run.run_id));
+            continue;
+        }
+        match replay_run(store, tenant, &run.run_id, candidate).await {
+            Ok(replay) => replays.push(replay),
+            Err(e @ (ReplayError::Candidate { .. } | ReplayError::NoBundle { .. })) => {
+                skipped.push(e.to_string());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(ReplaySummary::new(replays, skipped, max_divergence_percent))
+}

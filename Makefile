@@ -4,7 +4,12 @@ CARGO ?= cargo
 # Stable cache locations so repeated runs on one machine reuse earlier work.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: test lint unit crds kind-tests
+.PHONY: quickstart test lint unit crds kind-tests
+
+## quickstart: the main job on one machine — a governed, recorded session from examples/quickstart
+## with the scripted model, approved, verified and replayed (see examples/quickstart/local.sh).
+quickstart:
+	bash examples/quickstart/local.sh
 
 ## test: everything CI checks — formatting, clippy, generated CRDs, unit and integration tests.
 test: lint unit kind-tests

@@ -404,12 +404,24 @@ fn finish(global: &GlobalArgs, tenant: &TenantId, report: &RunReport) -> anyhow:
 }
 
 /// Progress lines on the terminal; also the fault-injection point the crash tests use.
-#[derive(Default)]
 struct Terminal {
     boundaries: u32,
+    /// Test hook: pause for good at this durable boundary (the test then SIGKILLs the process).
+    pause_at: Option<u32>,
 }
 
-/// Test hook: pause for good at the N-th durable boundary (the test then SIGKILLs the process).
+impl Default for Terminal {
+    fn default() -> Self {
+        Self {
+            boundaries: 0,
+            pause_at: std::env::var(PAUSE_AT_BOUNDARY_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
+/// Test hook: report durable boundaries and pause for good at the N-th.
 const PAUSE_AT_BOUNDARY_ENV: &str = "CONTEXTOS_FAULT_PAUSE_AT_BOUNDARY";
 
 impl Terminal {
@@ -462,16 +474,14 @@ impl Terminal {
                 )
             }
             Progress::Boundary { step, after } => {
+                let Some(pause_at) = self.pause_at else {
+                    return;
+                };
                 self.boundaries += 1;
-                if std::env::var(PAUSE_AT_BOUNDARY_ENV)
-                    .ok()
-                    .and_then(|v| v.parse::<u32>().ok())
-                    == Some(self.boundaries)
-                {
-                    println!(
-                        "fault: paused at boundary {} (step {step}, after {after})",
-                        self.boundaries
-                    );
+                println!("fault: boundary {} (step {step}, after {after})", self.boundaries);
+                let _ = std::io::stdout().flush();
+                if pause_at == self.boundaries {
+                    println!("fault: paused at boundary {}", self.boundaries);
                     let _ = std::io::stdout().flush();
                     loop {
                         std::thread::sleep(std::time::Duration::from_secs(3600));

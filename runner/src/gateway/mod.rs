@@ -280,6 +280,20 @@ impl ToolGateway {
             idempotency_key: call.idempotency_key.clone(),
             call_hash: call_hash.clone(),
         }));
+        if !self.offline
+            && let Some(done) = self.completed_result(&call.idempotency_key)
+        {
+            // The same call was decided and executed before (a resubmission after a crash):
+            // answer from that execution. Deciding it again would count it twice against the
+            // budgets and ask for an approval that was already used.
+            let done = ToolResultRecord {
+                call_id: call.call_id.clone(),
+                ..done
+            };
+            recorder.stage(EntryBody::ToolResult(done.clone()));
+            recorder.flush().await?;
+            return Ok(CallOutcome::Executed(done));
+        }
         if let Some(problem) = schema_problem(tool, &call.arguments) {
             return self
                 .refuse(call, recorder, format!("schema/{}", call.tool), problem)
@@ -304,20 +318,6 @@ impl ToolGateway {
             &decision.reason,
             false,
         ));
-        if decision.effect != PolicyEffect::Deny
-            && !self.offline
-            && let Some(done) = self.completed_result(&call.idempotency_key)
-        {
-            // The same call was executed before (a resubmission after a crash or a retry by the
-            // runner): answer from the first execution instead of acting twice.
-            let done = ToolResultRecord {
-                call_id: call.call_id.clone(),
-                ..done
-            };
-            recorder.stage(EntryBody::ToolResult(done.clone()));
-            recorder.flush().await?;
-            return Ok(CallOutcome::Executed(done));
-        }
         match decision.effect {
             PolicyEffect::Deny => {
                 recorder.flush().await?;

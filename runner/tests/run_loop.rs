@@ -1,0 +1,237 @@
+//! The run loop end to end through the `contextos` binary against the real ops-tools server:
+//! the quickstart session (read, denied call, approval, completion), validation of the record,
+//! same-version replay (byte-identical decisions), replay under a stricter candidate (the gate
+//! fails), and SIGKILL at every durable boundary with no duplicate tool effects.
+
+#[path = "support/quickstart.rs"]
+mod quickstart;
+
+use quickstart::{HMAC_KEY, Quickstart, kill};
+use serde_json::Value;
+
+/// The effects an uninterrupted quickstart has: one restart and one status update, each once.
+fn assert_effects_once(q: &Quickstart, context: &str) {
+    let keys = q.tools.effect_keys();
+    let paths: Vec<&str> = keys.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/deployments/restart", "/hooks/status"],
+        "{context}: effects {keys:?}"
+    );
+}
+
+#[test]
+fn the_quickstart_pauses_for_approval_completes_and_replays() {
+    let q = Quickstart::new(&[]);
+    let first = q.step(false, None);
+    assert_eq!(
+        first.code,
+        Some(4),
+        "pauses for approval:\n{}\n{}",
+        first.stdout,
+        first.stderr
+    );
+    assert!(
+        first.stdout.contains("search_runbooks: executed"),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first
+            .stdout
+            .contains("delete_namespace: DENIED by oncall-guardrails/no-namespace-deletion")
+    );
+    assert!(
+        first.stdout.contains("paused: restart_deployment"),
+        "{}",
+        first.stdout
+    );
+    assert!(q.tools.effect_keys().is_empty(), "nothing acts before approval");
+
+    let hash = q.pending_hash();
+    let stranger = q.cli(&[
+        "approve",
+        "checkout-5xx",
+        "--call",
+        &hash,
+        "--as",
+        "mallory@example.com",
+    ]);
+    assert_eq!(stranger.code, Some(1));
+    assert!(
+        stranger.stderr.contains("may not decide this call"),
+        "{}",
+        stranger.stderr
+    );
+    let early = q.step(true, None);
+    assert_eq!(
+        early.code,
+        Some(4),
+        "still waiting without an approval: {}",
+        early.stdout
+    );
+
+    q.approve();
+    let done = q.step(true, None);
+    assert_eq!(done.code, Some(0), "completes:\n{}\n{}", done.stdout, done.stderr);
+    assert!(
+        done.stdout
+            .contains("validators passed: summary-shape, mentions-a-cause"),
+        "{}",
+        done.stdout
+    );
+    assert_effects_once(&q, "uninterrupted");
+
+    let verify = q.cli(&["records", "verify", "--all"]);
+    assert_eq!(verify.code, Some(0), "{}{}", verify.stdout, verify.stderr);
+
+    // Same versions: byte-identical decisions.
+    let same = q.cli(&["replay", "--session", "checkout-5xx", "--output", "json"]);
+    let report: Value = serde_json::from_str(&same.stdout).expect("json");
+    assert_eq!(same.code, Some(0), "{}", same.stdout);
+    assert_eq!(report["identical_runs"], 1, "{report:#}");
+
+    // A finished session can run again (a new run); an unfinished one must be resumed instead.
+    assert_eq!(
+        q.step(false, None).code,
+        Some(4),
+        "a second run pauses at the restart again"
+    );
+    let twice = q.step(false, None);
+    assert_eq!(twice.code, Some(1));
+    assert!(
+        twice.stderr.contains("already has an unfinished run"),
+        "{}",
+        twice.stderr
+    );
+}
+
+#[test]
+fn a_stricter_candidate_policy_fails_the_replay_gate_and_names_the_divergence() {
+    let q = Quickstart::new(&[]);
+    q.drive(None);
+    let run_id = {
+        let list = q.cli(&["records", "list", "--session", "checkout-5xx"]);
+        list.stdout
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().next())
+            .expect("run listed")
+            .to_owned()
+    };
+    let strict = Quickstart::examples().join("candidates/policy-no-restarts.yaml");
+    let out = q.cli(&[
+        "replay",
+        "--run",
+        &run_id,
+        "--candidate",
+        &strict.display().to_string(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.code, Some(3), "the gate fails: {}{}", out.stdout, out.stderr);
+    let report: Value = serde_json::from_str(&out.stdout).expect("json");
+    let divergences = report["replays"][0]["divergences"].as_array().expect("list");
+    let restart = divergences
+        .iter()
+        .find(|d| d["tool"] == "restart_deployment")
+        .expect("the restart diverges");
+    assert_eq!(restart["kind"], "newly_denied", "{restart:#}");
+    assert_eq!(restart["step"], 4);
+    assert_eq!(report["passed"], false);
+
+    let text = q.cli(&[
+        "replay",
+        "--run",
+        &run_id,
+        "--candidate",
+        &strict.display().to_string(),
+    ]);
+    assert!(
+        text.stdout.contains("step 4 restart_deployment: newly denied"),
+        "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("→ FAIL"), "{}", text.stdout);
+    let lenient = q.cli(&[
+        "replay",
+        "--run",
+        &run_id,
+        "--candidate",
+        &strict.display().to_string(),
+        "--max-divergence-percent",
+        "50",
+    ]);
+    assert_eq!(
+        lenient.code,
+        Some(0),
+        "under the threshold the gate passes: {}",
+        lenient.stdout
+    );
+}
+
+#[test]
+fn a_run_killed_at_every_boundary_resumes_to_the_same_decisions_without_duplicate_effects() {
+    let reference = Quickstart::new(&[]);
+    let (boundaries, _) = reference.drive(None);
+    assert!(
+        boundaries >= 15,
+        "the quickstart passes {boundaries} durable boundaries"
+    );
+    let expected = reference.recorded_trace();
+    assert_effects_once(&reference, "reference");
+
+    for kill_at in 1..=boundaries {
+        let q = Quickstart::new(&[]);
+        let (_, killed) = q.drive(Some(kill_at));
+        assert!(killed, "boundary {kill_at} was reached and killed");
+        let trace = q.recorded_trace();
+        assert_eq!(
+            trace, expected,
+            "killed at boundary {kill_at}: the decisions differ from an uninterrupted run"
+        );
+        assert_effects_once(&q, &format!("killed at boundary {kill_at}"));
+    }
+}
+
+#[test]
+fn a_run_killed_while_a_tool_acts_resends_with_the_same_key_and_the_effect_happens_once() {
+    let q = Quickstart::new(&["--slow", "/deployments/restart=4000"]);
+    assert_eq!(q.step(false, None).code, Some(4));
+    q.approve();
+    // Resume, and kill it while the restart's response is still on its way.
+    let mut resume = std::process::Command::new(env!("CARGO_BIN_EXE_contextos"));
+    resume
+        .arg("--data-dir")
+        .arg(q.data.path())
+        .args(["--tenant", "shop", "resume", "checkout-5xx"])
+        .args([
+            "--secret",
+            &format!("ops-tools-webhook/hmac-key={}", HMAC_KEY),
+            "--endpoint-override",
+            &format!("http://ops-tools.shop-platform.svc:8080={}", q.tools.url),
+            "--endpoint-override",
+            &format!("http://ops-tools.shop-platform.svc:8081={}", q.tools.url),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = resume.spawn().expect("resume");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while q.tools.effect_keys().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restart never reached the tool"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    kill(&child);
+    let _ = child.wait();
+    let done = q.step(true, None);
+    assert_eq!(done.code, Some(0), "{}\n{}", done.stdout, done.stderr);
+    assert_effects_once(&q, "killed mid-call");
+    let requests = q.tools.effects()["requests"].as_u64().expect("requests");
+    assert_eq!(
+        requests, 3,
+        "the restart was sent twice with one key (plus the status update)"
+    );
+}

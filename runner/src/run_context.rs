@@ -118,17 +118,40 @@ impl SignedRunContext {
 
     /// Checks signature, expiry and tenant; returns the context when all hold.
     pub fn verify(&self, key: &PublicKey, tenant: &str, now_ms: i64) -> Result<&RunContext, RunContextError> {
-        let run_id = self.context.run_id.clone();
+        self.check_signer(key)?;
+        if !key.verify_hex(&signing_bytes(&self.context), &self.signature) {
+            return Err(RunContextError::BadSignature {
+                run_id: self.context.run_id.clone(),
+            });
+        }
+        self.check_validity(tenant, now_ms)
+    }
+
+    /// [`SignedRunContext::verify`] for a context whose signature was verified before (the
+    /// caller compared it with that exact context): signer, expiry and tenant only.
+    pub fn verify_known(
+        &self,
+        key: &PublicKey,
+        tenant: &str,
+        now_ms: i64,
+    ) -> Result<&RunContext, RunContextError> {
+        self.check_signer(key)?;
+        self.check_validity(tenant, now_ms)
+    }
+
+    fn check_signer(&self, key: &PublicKey) -> Result<(), RunContextError> {
         if self.key_id != key.key_id() {
             return Err(RunContextError::UntrustedKey {
-                run_id,
+                run_id: self.context.run_id.clone(),
                 found: self.key_id.clone(),
                 expected: key.key_id(),
             });
         }
-        if !key.verify_hex(&signing_bytes(&self.context), &self.signature) {
-            return Err(RunContextError::BadSignature { run_id });
-        }
+        Ok(())
+    }
+
+    fn check_validity(&self, tenant: &str, now_ms: i64) -> Result<&RunContext, RunContextError> {
+        let run_id = self.context.run_id.clone();
         if now_ms >= self.context.expires_at_ms {
             return Err(RunContextError::Expired {
                 run_id,

@@ -174,8 +174,9 @@ fn a_stricter_candidate_policy_fails_the_replay_gate_and_names_the_divergence() 
 fn a_run_killed_at_every_boundary_resumes_to_the_same_decisions_without_duplicate_effects() {
     let reference = Quickstart::new(&[]);
     let (boundaries, _) = reference.drive(None);
+    // The start, each model turn that asks for tools, each call, the approval pause, the end.
     assert!(
-        boundaries >= 15,
+        boundaries >= 12,
         "the quickstart passes {boundaries} durable boundaries"
     );
     let expected = reference.recorded_trace();

@@ -18,7 +18,7 @@ use contextos_runner::{
     manifests::ManifestSet,
     model::{Model, openai::OpenAiCompatible, scripted::ScriptedModel},
     records::{AnyStore, EntryBody, RecordStore, RunFilter, TenantId, read_run},
-    run::{Harness, Progress, RunOutcome, RunReport, bundle::RunBundle, engine::AwaitingApproval},
+    run::{Harness, Progress, RunOutcome, RunReport, bundle::RunBundle, checkpoint::AwaitingApproval},
     run_context::random_hex,
 };
 

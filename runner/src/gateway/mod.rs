@@ -38,6 +38,7 @@ use crate::{
         entry::{PolicyDecisionRecord, ToolCallRecord, ToolResultRecord},
         recorder::now_ms,
     },
+    run_context::{RunContext, RunContextError, SignedRunContext},
 };
 
 /// What happened to a call.
@@ -120,7 +121,13 @@ pub struct ToolGateway {
     offline: bool,
     /// URL prefix rewrites (`from`, `to`) applied before a tool is reached.
     endpoint_overrides: Vec<(String, String)>,
+    /// The last RunContext whose signature verified, per run: a run sends the same context
+    /// with every call, and an equal context need not be verified again.
+    verified: Mutex<HashMap<String, SignedRunContext>>,
 }
+
+/// Runs whose verified RunContext is remembered at most (then the memory starts over).
+const VERIFIED_CONTEXTS: usize = 1024;
 
 /// Where the run stands when a call is decided (CEL: `run.steps`, `run.tokens`, `run.input`).
 #[derive(Clone, Debug, Default)]
@@ -146,7 +153,7 @@ impl ToolGateway {
             tools: tools.into_iter().map(|t| (t.spec.name.clone(), t)).collect(),
             policies,
             agent_approvers,
-            http: reqwest::Client::new(),
+            http: shared_http_client(),
             mcp: adapters::mcp::McpClients::default(),
             breakers: CircuitBreakers::new(5, Duration::from_secs(30)),
             approvals: ApprovalBook::default(),
@@ -154,6 +161,7 @@ impl ToolGateway {
             counters: Mutex::new(HashMap::new()),
             offline: false,
             endpoint_overrides: Vec::new(),
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -340,8 +348,7 @@ impl ToolGateway {
 
     /// RunContext and catalog checks that come before any policy.
     fn admit(&self, call: &CallEnvelope) -> Option<(String, String)> {
-        let signed = &call.run_context;
-        let context = match signed.verify(&self.trusted_key, &self.tenant, now_ms()) {
+        let context = match self.verify_context(&call.run_context) {
             Ok(context) => context,
             Err(e) => return Some(("runcontext/invalid".into(), e.to_string())),
         };
@@ -366,6 +373,26 @@ impl ToolGateway {
             ));
         }
         None
+    }
+
+    fn verify_context<'c>(&self, signed: &'c SignedRunContext) -> Result<&'c RunContext, RunContextError> {
+        let now = now_ms();
+        let known = self
+            .verified
+            .lock()
+            .ok()
+            .is_some_and(|v| v.get(&signed.context.run_id) == Some(signed));
+        if known {
+            return signed.verify_known(&self.trusted_key, &self.tenant, now);
+        }
+        let context = signed.verify(&self.trusted_key, &self.tenant, now)?;
+        if let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= VERIFIED_CONTEXTS {
+                verified.clear();
+            }
+            verified.insert(signed.context.run_id.clone(), signed.clone());
+        }
+        Ok(context)
     }
 
     fn decide(
@@ -681,6 +708,13 @@ impl ToolGateway {
         recorder.flush().await?;
         Ok(CallOutcome::Denied { rule, reason })
     }
+}
+
+/// One HTTP client for every gateway in the process: building one loads the system's root
+/// certificates, which costs milliseconds, and clones share one connection pool.
+fn shared_http_client() -> reqwest::Client {
+    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(reqwest::Client::new);
+    CLIENT.clone()
 }
 
 /// Which adapter a call goes through.

@@ -64,6 +64,10 @@ pub struct Recorder<'s, S> {
     staged: Vec<Staged>,
     blob_threshold: usize,
     clock: fn() -> i64,
+    /// Whether heads are signed (always, except for a replay's throw-away record).
+    sign_heads: bool,
+    /// Copies of staged bodies, kept when asked for (a replay reads its decisions from them).
+    tap: Option<Vec<EntryBody>>,
 }
 
 /// A body waiting to be chained: encoded once, at staging time.
@@ -139,6 +143,8 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             staged: Vec::new(),
             blob_threshold: DEFAULT_BLOB_THRESHOLD,
             clock,
+            sign_heads: true,
+            tap: None,
         };
         recorder.stage(EntryBody::RunStarted {
             session_id: start.session_id,
@@ -203,6 +209,8 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             staged: Vec::new(),
             blob_threshold: DEFAULT_BLOB_THRESHOLD,
             clock: now_ms,
+            sign_heads: true,
+            tap: None,
         })
     }
 
@@ -231,9 +239,30 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         self.head
     }
 
+    /// For a replay's throw-away record: heads from now on are not signed, and every staged
+    /// body is also kept in memory for [`Recorder::take_tapped`].
+    pub fn for_replay(mut self) -> Self {
+        self.sign_heads = false;
+        self.tap = Some(Vec::new());
+        self
+    }
+
+    /// The bodies staged since [`Recorder::for_replay`], in order.
+    pub fn take_tapped(&mut self) -> Vec<EntryBody> {
+        self.tap.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Whether entries wait for the next flush.
+    pub fn has_staged(&self) -> bool {
+        !self.staged.is_empty()
+    }
+
     /// Queues an entry for the next flush.
     pub fn stage(&mut self, body: EntryBody) {
         let effect = SummaryEffect::of(&body);
+        if let Some(tap) = &mut self.tap {
+            tap.push(body.clone());
+        }
         self.staged.push(Staged {
             at_ms: (self.clock)(),
             body: body.encode(),
@@ -362,7 +391,11 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             seq,
             hash,
             key_id: self.key.key_id(),
-            signature: self.key.sign_hex(&message),
+            signature: if self.sign_heads {
+                self.key.sign_hex(&message)
+            } else {
+                String::new()
+            },
         };
         AppendBatch {
             run_id: summary.run_id.clone(),

@@ -5,81 +5,36 @@
 //! Crash safety: a model turn that asked for tools is written before any of them runs, and a
 //! resumed run reuses it; calls carry idempotency keys derived from the run, step and call, and
 //! the gateway answers calls it already executed from the record. So a run killed at any point
-//! and resumed ends with the same decisions and no duplicate effects.
+//! and resumed ends with the same decisions and no duplicate effects. Because of that, a step's
+//! verdict and checkpoint need not be written on their own: they travel with the next write
+//! (the next model turn), and only pauses and endings are written at once. A crash in between
+//! resumes one checkpoint earlier and re-derives the same verdict from the record.
 
 use std::{collections::HashMap, time::Instant};
 
-use contextos_crds::{
-    common::{Approvers, ToolKind, ToolRisk},
-    policy::PolicyEffect,
-    session::ApprovalDecision,
-};
+use contextos_crds::common::ToolKind;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest as _, Sha256};
 
 use super::{
     bundle::RunBundle,
+    checkpoint::{AwaitingApproval, LoopState, PendingCall, Recorded},
     critic::{self, Ending, Judgement, Review, StepResult},
-    input_value, issue_run_context, reissue_run_context, request_text,
-    state::{CallFate, CallSeen, Usage, assess},
+    issue_run_context, reissue_run_context, request_text,
+    state::{Usage, assess},
     validate::{self, CompiledValidator, ValidatorError},
 };
 use crate::{
     context::{self, CompileError, CompiledContext},
-    gateway::{
-        CallOutcome, GatewayError, RunProgress, ToolGateway,
-        envelope::{ApprovalGrant, CallEnvelope, traceparent},
-    },
+    gateway::{CallOutcome, GatewayError, ToolGateway, envelope::ApprovalGrant},
     keys::KeyPair,
-    model::{Message, Model, ModelError, ModelRequest, ModelTurn, Role, ToolCallRequest, ToolSpec},
+    model::{Message, Model, ModelError, ModelRequest, ModelTurn, Role, ToolSpec},
     records::{
         EntryBody, Hash, ReadError, RecordEntry, RecordError, RecordStore, Recorder, RunStart, StoreError,
-        TenantId,
-        canonical::{canonical_bytes_of, to_canonical_bytes},
-        entry::{PolicyDecisionRecord, Verdict},
-        read_run,
-        recorder::now_ms,
+        TenantId, canonical::canonical_bytes_of, entry::Verdict, read_run, recorder::now_ms,
     },
     run_context::{OverrideError, SignedRunContext},
 };
-
-/// A call the run waits on a human for.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AwaitingApproval {
-    pub call_id: String,
-    pub call_hash: String,
-    pub tool: String,
-    pub arguments: Value,
-    pub rule: String,
-    pub reason: String,
-    pub approvers: Approvers,
-}
-
-/// A call of the current step not handled yet.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PendingCall {
-    /// Position in the model turn.
-    pub index: usize,
-    pub call: ToolCallRequest,
-}
-
-/// What a checkpoint holds: enough to continue the run exactly where it was.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LoopState {
-    /// The step in progress or last completed (1-based; 0 before the first).
-    pub step: u32,
-    /// The conversation after the compiled context.
-    pub messages: Vec<Message>,
-    pub usage: Usage,
-    pub revisions: u32,
-    pub calls: Vec<CallSeen>,
-    /// Calls of step `step` still to handle; the first may be awaiting approval.
-    #[serde(default)]
-    pub pending: Vec<PendingCall>,
-    #[serde(default)]
-    pub awaiting: Option<AwaitingApproval>,
-}
 
 /// How a run ended (or paused).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -100,6 +55,8 @@ pub struct RunReport {
     pub usage: Usage,
     /// Hash of the newest record entry.
     pub head: Option<Hash>,
+    /// In a replay: every body the replayed run recorded (after `run_started`), in order.
+    pub replayed: Vec<EntryBody>,
 }
 
 /// What the loop reports as it goes (for terminals, logs and fault-injection tests).
@@ -186,19 +143,19 @@ pub enum Mode {
 /// Runs one Session's bundle.
 #[derive(Debug)]
 pub struct Harness<'s, S> {
-    store: &'s S,
-    tenant: TenantId,
-    key: KeyPair,
-    bundle: RunBundle,
-    gateway: ToolGateway,
-    model: Model,
-    validators: Vec<CompiledValidator>,
-    tools: Vec<ToolSpec>,
-    mode: Mode,
-    clock: fn() -> i64,
+    pub(super) store: &'s S,
+    pub(super) tenant: TenantId,
+    pub(super) key: KeyPair,
+    pub(super) bundle: RunBundle,
+    pub(super) gateway: ToolGateway,
+    pub(super) model: Model,
+    pub(super) validators: Vec<CompiledValidator>,
+    pub(super) tools: Vec<ToolSpec>,
+    pub(super) mode: Mode,
+    pub(super) clock: fn() -> i64,
 }
 
-type Observer<'o> = &'o mut (dyn FnMut(&Progress<'_>) + Send);
+pub(super) type Observer<'o> = &'o mut (dyn FnMut(&Progress<'_>) + Send);
 
 impl<'s, S: RecordStore> Harness<'s, S> {
     /// A harness for `bundle` whose calls go through `gateway` (which must trust `key`).
@@ -276,6 +233,9 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         let mut recorder = Recorder::start(self.store, self.tenant.clone(), self.key.clone(), start)
             .await?
             .with_clock(self.clock);
+        if self.replay() {
+            recorder = recorder.for_replay();
+        }
         observe(&Progress::Started {
             run_id,
             session: &self.bundle.session,
@@ -293,7 +253,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                     message: e.to_string(),
                 });
                 recorder.flush().await?;
-                return Ok(self.report(&recorder, outcome, &initial_state(&self.bundle)));
+                return Ok(self.report(&mut recorder, outcome, &LoopState::initial(&self.bundle)));
             }
         };
         recorder.stage(EntryBody::ContextCompiled {
@@ -307,8 +267,10 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             budget: compiled.budget,
             cut: compiled.sources.iter().filter(|s| s.cut.is_some()).count(),
         });
-        let state = initial_state(&self.bundle);
-        recorder.stage(checkpoint(&state));
+        let state = LoopState::initial(&self.bundle);
+        if !self.replay() {
+            recorder.stage(state.checkpoint(0));
+        }
         recorder.flush().await?;
         observe(&Progress::Boundary {
             step: 0,
@@ -346,7 +308,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             .await?
             .with_clock(self.clock);
         if let Some(outcome) = recorded.outcome.clone() {
-            return Ok(self.report(&recorder, outcome, &recorded.state));
+            return Ok(self.report(&mut recorder, outcome, &recorded.state));
         }
         let compiled = self.compile().map_err(|e| RunError::Corrupt {
             run_id: run_id.clone(),
@@ -365,7 +327,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 Some(approval) => grant = Some(approval.clone()),
                 None => {
                     let outcome = RunOutcome::AwaitingApproval(awaiting.clone());
-                    return Ok(self.report(&recorder, outcome, &recorded.state));
+                    return Ok(self.report(&mut recorder, outcome, &recorded.state));
                 }
             }
         }
@@ -411,6 +373,8 @@ impl<'s, S: RecordStore> Harness<'s, S> {
     ) -> Result<RunReport, RunError> {
         let started = Instant::now();
         let wall_base = state.usage.wall_ms;
+        // Messages already in a checkpoint (written or staged).
+        let mut recorded_messages = state.messages.len();
         loop {
             let result = if state.pending.is_empty() {
                 state.step += 1;
@@ -457,7 +421,11 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 ))
                 .unwrap_or(Value::Null),
             });
-            recorder.stage(checkpoint(&state));
+            // A replay is never resumed: it needs no checkpoints.
+            if !self.replay() {
+                recorder.stage(state.checkpoint(recorded_messages));
+                recorded_messages = state.messages.len();
+            }
             let outcome = ending_outcome(&judgement, &state);
             match &outcome {
                 Some(RunOutcome::Completed { output, validators }) => recorder.stage(EntryBody::Completed {
@@ -470,12 +438,12 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 }),
                 _ => {}
             }
-            recorder.flush().await?;
-            observe(&Progress::Boundary {
-                step: state.step,
-                after: "checkpoint",
-            });
             if let Some(outcome) = outcome {
+                recorder.flush().await?;
+                observe(&Progress::Boundary {
+                    step: state.step,
+                    after: "checkpoint",
+                });
                 return Ok(self.report(recorder, outcome, &state));
             }
         }
@@ -510,7 +478,13 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => "ModelScriptExhausted",
             ModelError::NotRecorded { .. } => "ReplayExhausted",
             _ if matches!(self.mode, Mode::Replay { .. }) => "ReplayExhausted",
-            _ => return Err(error.into()),
+            _ => {
+                // Keep the last step's checkpoint: the attempt is retried from it.
+                if recorder.has_staged() {
+                    recorder.flush().await?;
+                }
+                return Err(error.into());
+            }
         };
         recorder.stage(EntryBody::Failed {
             reason: reason.into(),
@@ -542,7 +516,9 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 prompt_tokens: turn.prompt_tokens,
                 completion_tokens: turn.completion_tokens,
             });
-            if !turn.tool_calls.is_empty() {
+            // Live, the turn (and the previous step's checkpoint with it) is written before any
+            // of its calls can act; a replay acts on nothing and writes with its calls.
+            if !turn.tool_calls.is_empty() && matches!(self.mode, Mode::Live) {
                 recorder.flush().await?;
             }
         }
@@ -572,151 +548,6 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             .map(|(index, call)| PendingCall { index, call })
             .collect();
         Ok(Owned::Calls)
-    }
-
-    /// Sends the step's pending calls through the gateway, in order.
-    async fn handle_calls(
-        &self,
-        recorder: &mut Recorder<'_, S>,
-        signed: &SignedRunContext,
-        state: &mut LoopState,
-        mut grant: Option<ApprovalGrant>,
-        observe: Observer<'_>,
-    ) -> Result<Owned, RunError> {
-        while let Some(pending) = state.pending.first().cloned() {
-            let call_id = format!("{}.{}", state.step, pending.index);
-            let envelope = self.envelope(signed, &call_id, &pending.call, &mut grant, state);
-            state.awaiting = None;
-            let outcome = if state.usage.tool_calls >= signed.context.budget.max_tool_calls {
-                self.refuse_over_budget(recorder, &envelope, signed).await?
-            } else {
-                let facts = assess(state.step, &state.usage, &signed.context.budget, &state.calls).facts();
-                let progress = RunProgress {
-                    steps: state.step,
-                    tokens: state.usage.tokens,
-                    input: input_value(&self.bundle.session_spec),
-                };
-                self.gateway
-                    .handle_in_run(&envelope, recorder, &facts, &progress)
-                    .await?
-            };
-            observe(&Progress::Call {
-                step: state.step,
-                tool: &envelope.tool,
-                outcome: &outcome,
-            });
-            let (fate, reply) = match &outcome {
-                CallOutcome::Executed(result) => {
-                    state.usage.tool_calls += 1;
-                    let fate = if result.ok {
-                        CallFate::Succeeded
-                    } else {
-                        CallFate::Failed
-                    };
-                    (fate, result_message(result))
-                }
-                CallOutcome::Denied { rule, reason } => {
-                    (CallFate::Denied, format!("denied by policy ({rule}): {reason}"))
-                }
-                CallOutcome::NeedsApproval {
-                    call_hash,
-                    rule,
-                    reason,
-                    approvers,
-                } => {
-                    if matches!(self.mode, Mode::Live) {
-                        note_call(state, &call_id, &envelope, CallFate::AwaitingApproval);
-                        let awaiting = AwaitingApproval {
-                            call_id: call_id.clone(),
-                            call_hash: call_hash.clone(),
-                            tool: envelope.tool.clone(),
-                            arguments: envelope.arguments.clone(),
-                            rule: rule.clone(),
-                            reason: reason.clone(),
-                            approvers: approvers.clone(),
-                        };
-                        state.awaiting = Some(awaiting);
-                        return Ok(Owned::AwaitingApproval(envelope.tool));
-                    }
-                    (
-                        CallFate::AwaitingApproval,
-                        format!("needs approval ({rule}): {reason}; the original run had no approval for it"),
-                    )
-                }
-            };
-            note_call(state, &call_id, &envelope, fate);
-            let mut message = Message::new(Role::Tool, reply);
-            message.tool_call_id = Some(pending.call.id.clone());
-            state.messages.push(message);
-            state.pending.remove(0);
-            observe(&Progress::Boundary {
-                step: state.step,
-                after: "tool-call",
-            });
-        }
-        Ok(Owned::Calls)
-    }
-
-    fn envelope(
-        &self,
-        signed: &SignedRunContext,
-        call_id: &str,
-        call: &ToolCallRequest,
-        grant: &mut Option<ApprovalGrant>,
-        state: &LoopState,
-    ) -> CallEnvelope {
-        let declared = self.bundle.agent_spec.tools.iter().find(|t| t.name == call.tool);
-        // An undeclared tool still travels as an envelope: the gateway refuses and records it.
-        let (risk, kind) = declared.map_or((ToolRisk::ReadOnly, ToolKind::Observe), |t| (t.risk, t.kind));
-        let mut envelope = CallEnvelope {
-            call_id: call_id.to_owned(),
-            tool: call.tool.clone(),
-            arguments: call.arguments.clone(),
-            risk,
-            kind,
-            idempotency_key: idempotency_key(&signed.context.run_id, call_id, call),
-            traceparent: traceparent(&signed.context.trace_id, call_id),
-            run_context: signed.clone(),
-            approval: None,
-        };
-        envelope.approval = match &self.mode {
-            Mode::Live => grant
-                .take()
-                .filter(|_| state.awaiting.as_ref().is_some_and(|a| a.call_id == call_id)),
-            // The human approved this call in the original run; under a candidate policy the
-            // call hash changes, so the approval is re-bound to it.
-            Mode::Replay { approvals, .. } => approvals.get(call_id).map(|approver| ApprovalGrant {
-                call_hash: envelope.call_hash(&self.gateway.policy_digests()),
-                decision: ApprovalDecision::Approve,
-                approver: approver.clone(),
-                reason: None,
-            }),
-        };
-        envelope
-    }
-
-    /// The run's own tool-call budget is a hard bound, enforced before the gateway.
-    async fn refuse_over_budget(
-        &self,
-        recorder: &mut Recorder<'_, S>,
-        envelope: &CallEnvelope,
-        signed: &SignedRunContext,
-    ) -> Result<CallOutcome, RunError> {
-        let rule = "run/budget.maxToolCalls".to_owned();
-        let reason = format!(
-            "the run may make {} tool calls and has made them all",
-            signed.context.budget.max_tool_calls
-        );
-        recorder.stage(EntryBody::PolicyDecision(PolicyDecisionRecord {
-            call_id: envelope.call_id.clone(),
-            effect: PolicyEffect::Deny,
-            enforced: PolicyEffect::Deny,
-            rule: rule.clone(),
-            reason: reason.clone(),
-            dry_run: false,
-        }));
-        recorder.flush().await?;
-        Ok(CallOutcome::Denied { rule, reason })
     }
 
     fn judge(&self, state: &LoopState, result: &Owned) -> Judgement {
@@ -759,6 +590,10 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         .unwrap_or_else(|_| agent.budget.clone())
     }
 
+    fn replay(&self) -> bool {
+        matches!(self.mode, Mode::Replay { .. })
+    }
+
     fn wall_ms(&self, step: u32, base: u64, started: Instant) -> u64 {
         match &self.mode {
             Mode::Live => base + started.elapsed().as_millis() as u64,
@@ -766,8 +601,9 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         }
     }
 
-    fn report(&self, recorder: &Recorder<'_, S>, outcome: RunOutcome, state: &LoopState) -> RunReport {
+    fn report(&self, recorder: &mut Recorder<'_, S>, outcome: RunOutcome, state: &LoopState) -> RunReport {
         RunReport {
+            replayed: recorder.take_tapped(),
             run_id: recorder.run_id().to_owned(),
             session: self.bundle.session.clone(),
             outcome,
@@ -780,29 +616,10 @@ impl<'s, S: RecordStore> Harness<'s, S> {
 
 /// A step's result before the critic reads it.
 #[derive(Debug)]
-enum Owned {
+pub(super) enum Owned {
     Calls,
     AwaitingApproval(String),
     Answer(String),
-}
-
-fn initial_state(bundle: &RunBundle) -> LoopState {
-    LoopState {
-        step: 0,
-        messages: vec![Message::new(Role::User, request_text(&bundle.session_spec))],
-        usage: Usage::default(),
-        revisions: 0,
-        calls: Vec::new(),
-        pending: Vec::new(),
-        awaiting: None,
-    }
-}
-
-fn checkpoint(state: &LoopState) -> EntryBody {
-    EntryBody::Checkpoint {
-        step: state.step,
-        state: serde_json::to_value(state).unwrap_or(Value::Null),
-    }
 }
 
 fn ending_outcome(judgement: &Judgement, state: &LoopState) -> Option<RunOutcome> {
@@ -816,123 +633,5 @@ fn ending_outcome(judgement: &Judgement, state: &LoopState) -> Option<RunOutcome
             message: message.clone(),
         }),
         Ending::Paused => state.awaiting.clone().map(RunOutcome::AwaitingApproval),
-    }
-}
-
-/// Records the fate of a call, replacing an earlier fate of the same call (an approved call
-/// was first seen waiting).
-fn note_call(state: &mut LoopState, call_id: &str, envelope: &CallEnvelope, fate: CallFate) {
-    let seen = CallSeen {
-        call_id: call_id.to_owned(),
-        step: state.step,
-        tool: envelope.tool.clone(),
-        kind: envelope.kind,
-        args: args_digest(&envelope.arguments),
-        fate,
-    };
-    match state.calls.iter_mut().find(|c| c.call_id == call_id) {
-        Some(existing) => *existing = seen,
-        None => state.calls.push(seen),
-    }
-}
-
-fn args_digest(args: &Value) -> String {
-    hex::encode(&Sha256::digest(to_canonical_bytes(args))[..12])
-}
-
-/// Stable across restarts of the same run: run, call position, tool and arguments.
-fn idempotency_key(run_id: &str, call_id: &str, call: &ToolCallRequest) -> String {
-    let mut hasher = Sha256::new();
-    for part in [run_id.as_bytes(), call_id.as_bytes(), call.tool.as_bytes()] {
-        hasher.update(part);
-        hasher.update([0]);
-    }
-    hasher.update(to_canonical_bytes(&call.arguments));
-    format!("ctxos-{}", hex::encode(&hasher.finalize()[..16]))
-}
-
-/// What the model sees of a call's result.
-fn result_message(result: &crate::records::entry::ToolResultRecord) -> String {
-    if !result.ok {
-        return format!("error: {}", result.error.as_deref().unwrap_or("the call failed"));
-    }
-    let body = String::from_utf8_lossy(&to_canonical_bytes(&result.output)).into_owned();
-    if result.truncated {
-        format!("{body}\n(truncated: the response exceeded the tool's size limit)")
-    } else {
-        body
-    }
-}
-
-/// What resuming needs from a run's record.
-struct Recorded {
-    run_context: SignedRunContext,
-    context_digest: String,
-    state: LoopState,
-    outcome: Option<RunOutcome>,
-    /// A model turn written after the checkpoint whose calls had not all been handled.
-    turn_in_progress: Option<ModelTurn>,
-}
-
-impl Recorded {
-    fn read(run_id: &str, entries: &[RecordEntry], checkpoint_seq: u64) -> Result<Self, RunError> {
-        let corrupt = |problem: String| RunError::Corrupt {
-            run_id: run_id.to_owned(),
-            problem,
-        };
-        let mut run_context = None;
-        let mut context_digest = None;
-        let mut state = None;
-        let mut outcome = None;
-        let mut turn_in_progress = None;
-        for entry in entries {
-            match &entry.body {
-                EntryBody::RunStarted {
-                    run_context: value, ..
-                } => {
-                    run_context = Some(
-                        serde_json::from_value::<SignedRunContext>(value.clone())
-                            .map_err(|e| corrupt(format!("its RunContext cannot be read: {e}")))?,
-                    );
-                }
-                EntryBody::ContextCompiled { digest, .. } => context_digest = Some(digest.clone()),
-                EntryBody::Checkpoint { state: value, .. } if entry.seq == checkpoint_seq => {
-                    state =
-                        Some(serde_json::from_value::<LoopState>(value.clone()).map_err(|e| {
-                            corrupt(format!("checkpoint {checkpoint_seq} cannot be read: {e}"))
-                        })?);
-                }
-                EntryBody::ModelTurn { step, response, .. } if entry.seq > checkpoint_seq => {
-                    let turn = serde_json::from_value::<ModelTurn>(response.clone())
-                        .map_err(|e| corrupt(format!("the model turn of step {step} cannot be read: {e}")))?;
-                    turn_in_progress = Some((*step, turn));
-                }
-                EntryBody::Completed { output, validators } => {
-                    outcome = Some(RunOutcome::Completed {
-                        output: output.clone(),
-                        validators: validators.clone(),
-                    });
-                }
-                EntryBody::Failed { reason, message } => {
-                    outcome = Some(RunOutcome::Failed {
-                        reason: reason.clone(),
-                        message: message.clone(),
-                    });
-                }
-                _ => {}
-            }
-        }
-        let state = state.ok_or_else(|| corrupt(format!("entry {checkpoint_seq} is not a checkpoint")))?;
-        let next_step = state.step + 1;
-        Ok(Self {
-            run_context: run_context.ok_or_else(|| corrupt("it has no run_started entry".into()))?,
-            context_digest: context_digest
-                .ok_or_else(|| corrupt("it has no context_compiled entry".into()))?,
-            turn_in_progress: turn_in_progress
-                .filter(|(step, _)| state.pending.is_empty() && *step == next_step)
-                .map(|(_, turn)| turn),
-            state,
-            outcome,
-        })
     }
 }

@@ -4,6 +4,8 @@
 //! same or a candidate Policy/ContextPack.
 
 pub mod bundle;
+mod calls;
+pub mod checkpoint;
 pub mod critic;
 pub mod engine;
 pub mod replay;

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     bundle::{Candidate, CandidateError, RunBundle},
-    engine::{Harness, LoopState, Mode, RunError},
+    checkpoint::CheckpointState,
+    engine::{Harness, Mode, RunError},
 };
 use crate::{
     keys::KeyPair,
@@ -92,13 +93,18 @@ pub struct VerdictPoint {
 impl DecisionTrace {
     /// Reads the decisions out of a run's entries.
     pub fn of(entries: &[RecordEntry]) -> Self {
+        Self::of_bodies(entries.iter().map(|e| &e.body))
+    }
+
+    /// Reads the decisions out of entry bodies, in chain order.
+    pub fn of_bodies<'b>(bodies: impl IntoIterator<Item = &'b EntryBody>) -> Self {
         let mut trace = Self {
             outcome: "running".into(),
             ..Self::default()
         };
         let mut verdicts: BTreeMap<u32, VerdictPoint> = BTreeMap::new();
-        for entry in entries {
-            match &entry.body {
+        for body in bodies {
+            match body {
                 EntryBody::ContextCompiled {
                     digest,
                     tokens,
@@ -401,14 +407,9 @@ pub async fn replay_run<S: RecordStore>(
     let scratch = MemoryStore::new();
     let harness = Harness::new(&scratch, key, bundle, gateway, model)?.replaying(original.mode(&entries));
     let trace_id = original.run_context.context.trace_id.clone();
-    harness.start(run_id, &trace_id, &mut |_| {}).await?;
-    let replayed_entries: Vec<RecordEntry> = read_run(&scratch, tenant, run_id)
-        .await?
-        .into_iter()
-        .map(|(_, e)| e)
-        .collect();
+    let report = harness.start(run_id, &trace_id, &mut |_| {}).await?;
     let recorded = DecisionTrace::of(&entries);
-    let replayed = DecisionTrace::of(&replayed_entries);
+    let replayed = DecisionTrace::of_bodies(&report.replayed);
     let divergences = compare(&recorded, &replayed);
     let divergent_steps = divergences
         .iter()
@@ -493,7 +494,7 @@ impl RecordedRun {
                     approvals.insert(call_id.clone(), approver.clone());
                 }
                 EntryBody::Checkpoint { step, state } => {
-                    if let Ok(state) = serde_json::from_value::<LoopState>(state.clone()) {
+                    if let Ok(state) = serde_json::from_value::<CheckpointState>(state.clone()) {
                         wall_ms.insert(*step, state.usage.wall_ms);
                     }
                 }

@@ -1,0 +1,210 @@
+//! The run loop's own cost, measured in one run against baselines:
+//! - harness overhead per step: a live run (scripted model, one read-only HTTP call per step to
+//!   a local tool server) minus the same number of direct HTTP calls to that server — on the
+//!   in-memory store and on the durable embedded store (fsync per write);
+//! - replay throughput: recorded runs replayed under the same versions, in steps per second,
+//!   next to just reading those records back.
+//!
+//! Run: `cargo bench -p contextos-runner --bench run_loop`. Targets: overhead < 1 ms per step,
+//! replay ≥ 5,000 steps/s.
+
+use std::{path::Path, time::Instant};
+
+use axum::{Json, Router, routing::get};
+use contextos_runner::{
+    gateway::bundle::NamedPolicy,
+    keys::KeyPair,
+    manifests::ManifestSet,
+    model::{Model, scripted::ScriptedModel},
+    records::{EmbeddedStore, MemoryStore, RecordStore, TenantId, read_run},
+    run::{
+        Harness, RunOutcome,
+        bundle::{Candidate, RunBundle},
+        replay::replay_run,
+    },
+};
+use serde_json::json;
+
+const STEPS: usize = 40;
+const RUNS: usize = 10;
+
+async fn tool_server() -> String {
+    let app = Router::new().route(
+        "/search",
+        get(|| async { Json(json!({"results": ["runbook-7"], "score": 0.93})) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/search", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// The quickstart's session and pack, with one read-only tool, an allow-reads policy, a budget
+/// that fits `STEPS` steps, and a script of `STEPS - 1` searches then an answer.
+fn bundle(url: &str) -> RunBundle {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+    let mut bundle = ManifestSet::load(&[examples])
+        .expect("quickstart")
+        .bundle("bench", None)
+        .expect("bundle");
+    let agent = &mut bundle.agent_spec;
+    agent.tools = vec![
+        serde_yaml::from_str(&format!(
+            "{{name: search, description: search, risk: read_only, kind: observe, idempotent: true, \
+             adapter: {{http: {{url: \"{url}\", method: GET}}}}, \
+             inputSchema: {{type: object, required: [query], properties: {{query: {{type: string}}}}}}}}"
+        ))
+        .expect("tool"),
+    ];
+    agent.budget.max_steps = STEPS as u32 + 5;
+    agent.budget.max_tool_calls = STEPS as u32 + 5;
+    agent.budget.max_tokens = 10_000_000;
+    agent.validators.clear();
+    bundle.session_spec.overrides = None;
+    bundle.policies = vec![NamedPolicy {
+        name: "reads".into(),
+        spec: serde_yaml::from_str(
+            "rules: [{name: reads, match: {risks: [read_only]}, effect: allow, reason: reads are safe}]",
+        )
+        .expect("policy"),
+    }];
+    let mut turns: Vec<_> = (1..STEPS)
+        .map(|i| json!({"content": format!("search {i}"), "toolCalls": [{"tool": "search", "arguments": {"query": format!("q{i}")}}]}))
+        .collect();
+    turns.push(json!({"content": "{\"summary\": \"done\"}"}));
+    bundle.model_script = Some(json!({ "turns": turns }).to_string());
+    bundle
+}
+
+async fn live_runs<S: RecordStore>(store: &S, bundle: &RunBundle, key: &KeyPair, label: &str) -> f64 {
+    let started = Instant::now();
+    for run in 0..RUNS {
+        let gateway = bundle
+            .gateway_bundle(Default::default())
+            .build(key.public())
+            .expect("gateway");
+        let model = Model::Scripted(
+            ScriptedModel::parse("bench", bundle.model_script.as_deref().unwrap_or("")).expect("script"),
+        );
+        let harness = Harness::new(store, key.clone(), bundle.clone(), gateway, model).expect("harness");
+        let report = harness
+            .start(
+                &format!("{label}-{run}"),
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                &mut |_| {},
+            )
+            .await
+            .expect("run");
+        assert!(
+            matches!(report.outcome, RunOutcome::Completed { .. }),
+            "{:?}",
+            report.outcome
+        );
+        assert_eq!(report.steps as usize, STEPS);
+    }
+    started.elapsed().as_secs_f64() * 1e6 / (RUNS * STEPS) as f64
+}
+
+async fn direct_calls(url: &str) -> f64 {
+    let client = reqwest::Client::new();
+    let calls = RUNS * (STEPS - 1);
+    let started = Instant::now();
+    for i in 0..calls {
+        let body: serde_json::Value = client
+            .get(url)
+            .query(&[("query", format!("q{i}"))])
+            .header("idempotency-key", format!("k{i}"))
+            .send()
+            .await
+            .expect("call")
+            .json()
+            .await
+            .expect("json");
+        std::hint::black_box(body);
+    }
+    started.elapsed().as_secs_f64() * 1e6 / (RUNS * STEPS) as f64
+}
+
+/// Mean latency of one durable write (a redb commit of a small row), the floor of every
+/// durable step: a live step writes twice (its model turn before any call acts, and each call's
+/// result).
+fn durable_commit_micros(dir: &Path) -> f64 {
+    const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("rows");
+    let db = redb::Database::create(dir.join("baseline.redb")).expect("db");
+    let commits = 200;
+    let started = Instant::now();
+    for i in 0..commits {
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(TABLE)
+            .expect("table")
+            .insert(i, [7u8; 512].as_slice())
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+    started.elapsed().as_secs_f64() * 1e6 / commits as f64
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let url = tool_server().await;
+        let bundle = bundle(&url);
+        let key = KeyPair::from_seed([4; 32]);
+        let tenant = TenantId::new("bench").expect("tenant");
+        // Warm-up: tokenizer, connection pool, page cache.
+        live_runs(&MemoryStore::new(), &bundle, &key, "warm").await;
+        direct_calls(&url).await;
+
+        let direct = direct_calls(&url).await;
+        let memory = MemoryStore::new();
+        let in_memory = live_runs(&memory, &bundle, &key, "mem").await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let durable_store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("store");
+        let durable = live_runs(&durable_store, &bundle, &key, "disk").await;
+        println!("run loop — {RUNS} runs × {STEPS} steps (scripted model, one local HTTP read per step)");
+        println!("  direct HTTP calls only (baseline)    {direct:>8.0} µs per step");
+        println!(
+            "  live run, in-memory store            {in_memory:>8.0} µs per step → harness overhead {:>6.0} µs",
+            in_memory - direct
+        );
+        let commit = durable_commit_micros(dir.path());
+        println!(
+            "  live run, embedded store (fsync)     {durable:>8.0} µs per step → harness overhead {:>6.0} µs   (target < 1000 µs)",
+            durable - direct
+        );
+        println!(
+            "  of which durable writes              {:>8.0} µs per step (2 commits × {commit:.0} µs, measured on this disk)",
+            2.0 * commit
+        );
+        println!(
+            "  → overhead without the disk's commit latency {:>5.0} µs",
+            durable - direct - 2.0 * commit
+        );
+
+        let runs: Vec<String> = (0..RUNS).map(|r| format!("disk-{r}")).collect();
+        let started = Instant::now();
+        for run in &runs {
+            std::hint::black_box(read_run(&durable_store, &tenant, run).await.expect("read"));
+        }
+        let read_secs = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let mut steps = 0;
+        for run in &runs {
+            let replay = replay_run(&durable_store, &tenant, run, &Candidate::default())
+                .await
+                .expect("replay");
+            assert!(replay.identical, "same-version replay must be identical");
+            steps += replay.steps as usize;
+        }
+        let replay_secs = started.elapsed().as_secs_f64();
+        println!("replay — {} recorded runs, {steps} steps, same versions, all identical", runs.len());
+        println!(
+            "  reading the records back (baseline)  {:>8.0} steps/s",
+            steps as f64 / read_secs
+        );
+        println!(
+            "  replay (re-decide, re-judge, diff)   {:>8.0} steps/s   (target ≥ 5,000)",
+            steps as f64 / replay_secs
+        );
+    });
+}

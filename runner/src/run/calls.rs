@@ -1,0 +1,201 @@
+//! The execute phase of a step: the model's calls, in order, each as an envelope through the
+//! Tool Gateway — with the run's own tool-call bound, approvals (from a human, or in a replay
+//! from the recorded run), and what the model is told of each outcome.
+
+use contextos_crds::{
+    common::{ToolKind, ToolRisk},
+    policy::PolicyEffect,
+    session::ApprovalDecision,
+};
+use sha2::{Digest as _, Sha256};
+
+use super::{
+    checkpoint::{AwaitingApproval, LoopState},
+    engine::{Harness, Mode, Observer, Owned, Progress, RunError},
+    input_value,
+    state::{CallFate, assess},
+};
+use crate::{
+    gateway::{
+        CallOutcome, RunProgress,
+        envelope::{ApprovalGrant, CallEnvelope, traceparent},
+    },
+    model::{Message, Role, ToolCallRequest},
+    records::{
+        EntryBody, RecordStore, Recorder,
+        canonical::to_canonical_bytes,
+        entry::{PolicyDecisionRecord, ToolResultRecord},
+    },
+    run_context::SignedRunContext,
+};
+
+impl<S: RecordStore> Harness<'_, S> {
+    /// Sends the step's pending calls through the gateway, in order.
+    pub(super) async fn handle_calls(
+        &self,
+        recorder: &mut Recorder<'_, S>,
+        signed: &SignedRunContext,
+        state: &mut LoopState,
+        mut grant: Option<ApprovalGrant>,
+        observe: Observer<'_>,
+    ) -> Result<Owned, RunError> {
+        while let Some(pending) = state.pending.first().cloned() {
+            let call_id = format!("{}.{}", state.step, pending.index);
+            let envelope = self.envelope(signed, &call_id, &pending.call, &mut grant, state);
+            state.awaiting = None;
+            let outcome = if state.usage.tool_calls >= signed.context.budget.max_tool_calls {
+                self.refuse_over_budget(recorder, &envelope, signed).await?
+            } else {
+                let facts = assess(state.step, &state.usage, &signed.context.budget, &state.calls).facts();
+                let progress = RunProgress {
+                    steps: state.step,
+                    tokens: state.usage.tokens,
+                    input: input_value(&self.bundle.session_spec),
+                };
+                self.gateway
+                    .handle_in_run(&envelope, recorder, &facts, &progress)
+                    .await?
+            };
+            observe(&Progress::Call {
+                step: state.step,
+                tool: &envelope.tool,
+                outcome: &outcome,
+            });
+            let (fate, reply) = match &outcome {
+                CallOutcome::Executed(result) => {
+                    state.usage.tool_calls += 1;
+                    let fate = if result.ok {
+                        CallFate::Succeeded
+                    } else {
+                        CallFate::Failed
+                    };
+                    (fate, result_message(result))
+                }
+                CallOutcome::Denied { rule, reason } => {
+                    (CallFate::Denied, format!("denied by policy ({rule}): {reason}"))
+                }
+                CallOutcome::NeedsApproval {
+                    call_hash,
+                    rule,
+                    reason,
+                    approvers,
+                } => {
+                    if matches!(self.mode, Mode::Live) {
+                        state.note_call(&call_id, &envelope, CallFate::AwaitingApproval);
+                        let awaiting = AwaitingApproval {
+                            call_id: call_id.clone(),
+                            call_hash: call_hash.clone(),
+                            tool: envelope.tool.clone(),
+                            arguments: envelope.arguments.clone(),
+                            rule: rule.clone(),
+                            reason: reason.clone(),
+                            approvers: approvers.clone(),
+                        };
+                        state.awaiting = Some(awaiting);
+                        return Ok(Owned::AwaitingApproval(envelope.tool));
+                    }
+                    (
+                        CallFate::AwaitingApproval,
+                        format!("needs approval ({rule}): {reason}; the original run had no approval for it"),
+                    )
+                }
+            };
+            state.note_call(&call_id, &envelope, fate);
+            let mut message = Message::new(Role::Tool, reply);
+            message.tool_call_id = Some(pending.call.id.clone());
+            state.messages.push(message);
+            state.pending.remove(0);
+            observe(&Progress::Boundary {
+                step: state.step,
+                after: "tool-call",
+            });
+        }
+        Ok(Owned::Calls)
+    }
+
+    fn envelope(
+        &self,
+        signed: &SignedRunContext,
+        call_id: &str,
+        call: &ToolCallRequest,
+        grant: &mut Option<ApprovalGrant>,
+        state: &LoopState,
+    ) -> CallEnvelope {
+        let declared = self.bundle.agent_spec.tools.iter().find(|t| t.name == call.tool);
+        // An undeclared tool still travels as an envelope: the gateway refuses and records it.
+        let (risk, kind) = declared.map_or((ToolRisk::ReadOnly, ToolKind::Observe), |t| (t.risk, t.kind));
+        let mut envelope = CallEnvelope {
+            call_id: call_id.to_owned(),
+            tool: call.tool.clone(),
+            arguments: call.arguments.clone(),
+            risk,
+            kind,
+            idempotency_key: idempotency_key(&signed.context.run_id, call_id, call),
+            traceparent: traceparent(&signed.context.trace_id, call_id),
+            run_context: signed.clone(),
+            approval: None,
+        };
+        envelope.approval = match &self.mode {
+            Mode::Live => grant
+                .take()
+                .filter(|_| state.awaiting.as_ref().is_some_and(|a| a.call_id == call_id)),
+            // The human approved this call in the original run; under a candidate policy the
+            // call hash changes, so the approval is re-bound to it.
+            Mode::Replay { approvals, .. } => approvals.get(call_id).map(|approver| ApprovalGrant {
+                call_hash: envelope.call_hash(&self.gateway.policy_digests()),
+                decision: ApprovalDecision::Approve,
+                approver: approver.clone(),
+                reason: None,
+            }),
+        };
+        envelope
+    }
+
+    /// The run's own tool-call budget is a hard bound, enforced before the gateway.
+    async fn refuse_over_budget(
+        &self,
+        recorder: &mut Recorder<'_, S>,
+        envelope: &CallEnvelope,
+        signed: &SignedRunContext,
+    ) -> Result<CallOutcome, RunError> {
+        let rule = "run/budget.maxToolCalls".to_owned();
+        let reason = format!(
+            "the run may make {} tool calls and has made them all",
+            signed.context.budget.max_tool_calls
+        );
+        recorder.stage(EntryBody::PolicyDecision(PolicyDecisionRecord {
+            call_id: envelope.call_id.clone(),
+            effect: PolicyEffect::Deny,
+            enforced: PolicyEffect::Deny,
+            rule: rule.clone(),
+            reason: reason.clone(),
+            dry_run: false,
+        }));
+        recorder.flush().await?;
+        Ok(CallOutcome::Denied { rule, reason })
+    }
+}
+
+/// Stable across restarts of the same run: run, call position, tool and arguments.
+fn idempotency_key(run_id: &str, call_id: &str, call: &ToolCallRequest) -> String {
+    let mut hasher = Sha256::new();
+    for part in [run_id.as_bytes(), call_id.as_bytes(), call.tool.as_bytes()] {
+        hasher.update(part);
+        hasher.update([0]);
+    }
+    hasher.update(to_canonical_bytes(&call.arguments));
+    format!("ctxos-{}", hex::encode(&hasher.finalize()[..16]))
+}
+
+/// What the model sees of a call's result.
+fn result_message(result: &ToolResultRecord) -> String {
+    if !result.ok {
+        return format!("error: {}", result.error.as_deref().unwrap_or("the call failed"));
+    }
+    let body = String::from_utf8_lossy(&to_canonical_bytes(&result.output)).into_owned();
+    if result.truncated {
+        format!("{body}\n(truncated: the response exceeded the tool's size limit)")
+    } else {
+        body
+    }
+}

@@ -36,6 +36,18 @@ pub mod reason {
     pub const REPLAY_FAILED: &str = "ReplayFailed";
     /// There are no recorded sessions to replay against yet.
     pub const NO_RECORDED_HISTORY: &str = "NoRecordedHistory";
+    /// A Session waits for its runner pod or is being run.
+    pub const RUNNING: &str = "Running";
+    /// A Session's run waits for a human to approve a call.
+    pub const AWAITING_APPROVAL: &str = "AwaitingApproval";
+    /// A Session's run completed with an accepted output.
+    pub const SUCCEEDED: &str = "Succeeded";
+    /// A Session's run ended without an accepted output (the message says why).
+    pub const RUN_FAILED: &str = "RunFailed";
+    /// Every runner attempt of a Session crashed; no more are made.
+    pub const ATTEMPTS_EXHAUSTED: &str = "AttemptsExhausted";
+    /// A Session was stopped by `spec.cancel`.
+    pub const CANCELLED: &str = "Cancelled";
 }
 
 /// Condition status values.

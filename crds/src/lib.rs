@@ -37,6 +37,18 @@ pub const CATEGORY: &str = "contextos";
 /// The field manager used for every server-side apply the project makes.
 pub const FIELD_MANAGER: &str = "contextos.dev/operator";
 
+/// Labels the operator puts on what it creates.
+pub mod labels {
+    /// The Session a runner pod, bundle or NetworkPolicy belongs to.
+    pub const SESSION: &str = "contextos.dev/session";
+    /// The runner attempt number of a pod.
+    pub const ATTEMPT: &str = "contextos.dev/attempt";
+    /// `runner` on runner pods (NetworkPolicies select on it).
+    pub const ROLE: &str = "contextos.dev/role";
+    /// The kind and name a ControllerRevision snapshots, e.g. `policy.oncall-guardrails`.
+    pub const REVISION_OF: &str = "contextos.dev/revision-of";
+}
+
 /// Every CustomResourceDefinition of the API, in a stable order (used by `crdgen` and tests).
 pub fn all_crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {

@@ -1,9 +1,98 @@
-//! The ContextOS operator binary. Controllers arrive with the operator issue; until then the
-//! binary only reports the API it serves.
+//! The operator binary: flags, logging, health and metrics endpoints, graceful shutdown.
 
-fn main() -> anyhow::Result<()> {
-    for crd in contextos_crds::all_crds() {
-        println!("{}", crd.metadata.name.unwrap_or_default());
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{Router, routing::get};
+use clap::Parser;
+use contextos_operator::{OperatorConfig, metrics::Metrics, session_children::RunnerSettings};
+
+/// Runs the ContextOS controllers against the cluster in the current kubeconfig or service
+/// account.
+#[derive(Debug, Parser)]
+#[command(name = "contextos-operator", version)]
+struct Args {
+    /// Namespace of the operator's own objects (its signing-key Secret).
+    #[arg(long, env = "CONTEXTOS_NAMESPACE", default_value = "contextos-system")]
+    namespace: String,
+    /// Record store runner pods write to: `tikv://<pd host:port>`.
+    #[arg(
+        long,
+        env = "CONTEXTOS_RUNNER_STORE",
+        default_value = "tikv://contextos-pd.contextos-system.svc:2379"
+    )]
+    runner_store: String,
+    /// Egress every runner pod is allowed besides its SandboxProfile's (the record store), as
+    /// `cidr:port`; repeatable.
+    #[arg(long = "runner-egress", value_parser = parse_egress)]
+    runner_egress: Vec<(String, u16)>,
+    /// Runner attempts a Session may make after crashes.
+    #[arg(long, default_value_t = 3)]
+    max_crash_attempts: u32,
+    /// Objects reconciled at once per kind.
+    #[arg(long, default_value_t = 8)]
+    concurrency: u16,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+}
+
+fn parse_egress(text: &str) -> Result<(String, u16), String> {
+    let (cidr, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?}: expected cidr:port, e.g. 10.96.0.0/12:2379"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{text:?}: {port} is not a port"))?;
+    Ok((cidr.to_owned(), port))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let client = kube::Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let served = metrics.clone();
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route("/metrics", get(move || async move { served.render() }));
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let config = OperatorConfig {
+        namespace: args.namespace,
+        runner: RunnerSettings {
+            store: args.runner_store,
+            egress: args.runner_egress,
+        },
+        max_crash_attempts: args.max_crash_attempts,
+        concurrency: args.concurrency,
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    contextos_operator::run(client, config, metrics, stopped).await
+}
+
+/// SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
     }
-    Ok(())
 }

@@ -4,6 +4,7 @@ mod gateway;
 mod records;
 mod replay;
 mod run;
+mod session_run;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -49,6 +50,8 @@ enum Command {
     /// Re-run recorded sessions under the same or candidate Policy/ContextPack files and report
     /// every divergence; exits 3 above the threshold.
     Replay(replay::ReplayArgs),
+    /// Runner pod entrypoint: run or resume the Session the operator mounted into the pod.
+    SessionRun(session_run::SessionRunArgs),
     /// Inspect, verify and export DecisionRecords.
     #[command(subcommand)]
     Records(records::RecordsCommand),
@@ -63,6 +66,7 @@ impl Cli {
             Command::Resume(args) => run::resume(&self.global, args).await,
             Command::Approve(args) => run::approve(&self.global, args).await,
             Command::Replay(args) => replay::run(&self.global, args).await,
+            Command::SessionRun(args) => session_run::run(&self.global, args).await,
             Command::Records(command) => records::run(&self.global, command).await,
             Command::Gateway(args) => gateway::run(&self.global, args).await,
         }

@@ -208,7 +208,7 @@ fn harness<'s>(
     Ok(Harness::new(store, key, bundle, gateway, model)?)
 }
 
-fn model_of(bundle: &RunBundle, secrets: &BTreeMap<String, String>) -> anyhow::Result<Model> {
+pub(super) fn model_of(bundle: &RunBundle, secrets: &BTreeMap<String, String>) -> anyhow::Result<Model> {
     let spec = &bundle.agent_spec.model;
     match spec.provider {
         ModelProvider::Scripted => {
@@ -404,7 +404,7 @@ fn finish(global: &GlobalArgs, tenant: &TenantId, report: &RunReport) -> anyhow:
 }
 
 /// Progress lines on the terminal; also the fault-injection point the crash tests use.
-struct Terminal {
+pub(super) struct Terminal {
     boundaries: u32,
     /// Test hook: pause for good at this durable boundary (the test then SIGKILLs the process).
     pause_at: Option<u32>,
@@ -425,7 +425,7 @@ impl Default for Terminal {
 const PAUSE_AT_BOUNDARY_ENV: &str = "CONTEXTOS_FAULT_PAUSE_AT_BOUNDARY";
 
 impl Terminal {
-    fn show(&mut self, progress: &Progress<'_>) {
+    pub(super) fn show(&mut self, progress: &Progress<'_>) {
         let line = match progress {
             Progress::Started {
                 run_id,

@@ -152,6 +152,8 @@ pub struct Harness<'s, S> {
     pub(super) validators: Vec<CompiledValidator>,
     pub(super) tools: Vec<ToolSpec>,
     pub(super) mode: Mode,
+    /// A RunContext issued by someone else (the operator), used instead of issuing one.
+    pub(super) issued: Option<SignedRunContext>,
     pub(super) clock: fn() -> i64,
 }
 
@@ -191,8 +193,16 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             validators,
             tools,
             mode: Mode::Live,
+            issued: None,
             clock: now_ms,
         })
+    }
+
+    /// Runs under a RunContext the operator issued (a runner pod) instead of issuing one with
+    /// this harness's key, which then only signs record heads.
+    pub fn with_run_context(mut self, signed: SignedRunContext) -> Self {
+        self.issued = Some(signed);
+        self
     }
 
     /// Replay mode (see [`Mode::Replay`]).
@@ -218,8 +228,11 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         trace_id: &str,
         observe: Observer<'_>,
     ) -> Result<RunReport, RunError> {
-        let signed = issue_run_context(&self.bundle, run_id, trace_id, &self.key, (self.clock)())
-            .map_err(|e| RunError::Override(e, self.bundle.session.clone()))?;
+        let signed = match &self.issued {
+            Some(issued) => issued.clone(),
+            None => issue_run_context(&self.bundle, run_id, trace_id, &self.key, (self.clock)())
+                .map_err(|e| RunError::Override(e, self.bundle.session.clone()))?,
+        };
         let bundle_bytes = canonical_bytes_of(&self.bundle).unwrap_or_default();
         let bundle_blob = self.store.put_blob(&self.tenant, bundle_bytes).await?;
         let start = RunStart {
@@ -332,7 +345,10 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             }
         }
         self.gateway.restore(&entries);
-        let signed = reissue_run_context(&recorded.run_context.context, &self.key, (self.clock)());
+        let signed = match &self.issued {
+            Some(issued) => issued.clone(),
+            None => reissue_run_context(&recorded.run_context.context, &self.key, (self.clock)()),
+        };
         observe(&Progress::Started {
             run_id: &run_id,
             session: &self.bundle.session,

@@ -1,0 +1,150 @@
+//! The controllers: one per kind, sharing one [`Context`]. Each reconcile follows the same
+//! steps — fetch (IO), validate and build (pure), apply with server-side apply (IO), write
+//! status — and an invalid object gets `Ready=False` with the field and the fix, and waits for
+//! a change instead of being retried in a loop.
+
+pub mod agent;
+pub mod revisions;
+pub mod session;
+
+use std::{sync::Arc, time::Duration};
+
+use contextos_crds::{FIELD_MANAGER, conditions};
+use contextos_runner::keys::KeyPair;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{
+    Api, Client, Resource,
+    api::{Patch, PatchParams},
+    runtime::controller::Action,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::json;
+
+use crate::{metrics::Metrics, session_children::RunnerSettings};
+
+/// What every reconcile gets.
+#[derive(Clone)]
+pub struct Context {
+    pub client: Client,
+    /// Signs RunContexts; runner pods trust only its public key.
+    pub key: KeyPair,
+    pub runner: RunnerSettings,
+    /// Runner attempts a Session may make after crashes (approvals start new attempts too, and
+    /// do not count against this).
+    pub max_crash_attempts: u32,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("runner", &self.runner)
+            .field("max_crash_attempts", &self.max_crash_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a reconcile failed (transient: retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot build {what}: {source}")]
+    Build {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Run(String),
+}
+
+impl Error {
+    /// A low-cardinality label for the failure metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Build { .. } => "build",
+            Self::Run(_) => "run",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Transient failures are retried with a short backoff; each is counted.
+pub fn error_policy<K>(_object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failure(error.metric_label());
+    tracing::warn!(%error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// A problem with an object that only a change to it (or what it references) can fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Writes `status` of `K` named `name` with server-side apply (one field manager, forced).
+pub async fn apply_status<K>(api: &Api<K>, name: &str, status: impl Serialize) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Applies a child object with server-side apply.
+pub async fn apply<K>(api: &Api<K>, object: &K) -> Result<K>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await?)
+}
+
+/// Whether an object's `Ready` condition is True.
+pub fn is_ready(conditions: &[Condition]) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == conditions::READY && c.status == conditions::status::TRUE)
+}
+
+/// The Ready condition's message, for "not ready" explanations.
+pub fn ready_message(conditions: &[Condition]) -> String {
+    conditions
+        .iter()
+        .find(|c| c.type_ == conditions::READY)
+        .map_or_else(|| "it has not been reconciled yet".into(), |c| c.message.clone())
+}
+
+/// The time now, as status conditions record it.
+pub fn now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}

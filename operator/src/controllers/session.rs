@@ -1,0 +1,626 @@
+//! Sessions: resolve the Agent and pin its revisions into an immutable run bundle, then run it
+//! in one sandboxed pod per attempt (deterministic names, owned by the Session), read each
+//! attempt's outcome from its termination message, pause for approvals, and retry crashed
+//! attempts — resuming from the last checkpoint — up to a bound.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use contextos_crds::{
+    Agent, ContextPack, Policy, SandboxProfile, SandboxProfileSpec, Session,
+    conditions::{self, reason},
+    session::SessionPhase,
+};
+use contextos_runner::{
+    gateway::bundle::NamedPolicy,
+    run::{
+        bundle::{NamedPack, RunBundle, spec_digest},
+        issue_run_context,
+        pod::{BUNDLE_KEY, PodBundle, PodReport},
+    },
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::{
+    Api, ResourceExt as _,
+    api::{DeleteParams, PostParams},
+    runtime::controller::Action,
+};
+use serde_json::{Value, json};
+
+use super::{Context, Error, Invalid, Result, apply, apply_status, is_ready, now, ready_message};
+use crate::{
+    conditions::{Wanted, merge},
+    session_children as children,
+};
+
+/// Reconciles a Session.
+pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconcile("Session");
+    let phase = session.status.as_ref().and_then(|s| s.phase);
+    if phase.is_some_and(SessionPhase::is_terminal) {
+        return Ok(Action::await_change());
+    }
+    let namespace = session.namespace().unwrap_or_default();
+    let (pod_bundle, sandbox) = match pinned(&ctx, &session).await? {
+        Ok(pinned) => pinned,
+        Err(invalid) => {
+            // An override that loosens the agent's limits can never become valid: the spec is
+            // immutable. Anything else (a missing or unready reference) may be fixed later.
+            let terminal = invalid.reason == reason::OVERRIDE_LOOSENS;
+            let phase = if terminal {
+                SessionPhase::Failed
+            } else {
+                SessionPhase::Pending
+            };
+            write_status(
+                &ctx,
+                &session,
+                Update::phase(phase, invalid.reason, invalid.message),
+            )
+            .await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let name = session.name_any();
+    ensure_keys(&ctx, &session).await?;
+    let policy =
+        children::network_policy(&session, &sandbox, &ctx.runner).map_err(|source| Error::Build {
+            what: "NetworkPolicy",
+            source,
+        })?;
+    apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
+
+    let attempt = session.status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
+    let pod = pods.get_opt(&children::pod_name(&name, attempt)).await?;
+    if session.spec.cancel {
+        if let Some(pod) = &pod
+            && pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|p| p == "Running" || p == "Pending")
+        {
+            pods.delete(&pod.name_any(), &DeleteParams::default()).await?;
+        }
+        write_status(
+            &ctx,
+            &session,
+            Update::phase(
+                SessionPhase::Cancelled,
+                reason::CANCELLED,
+                "cancelled by spec.cancel",
+            ),
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
+    let Some(pod) = pod else {
+        start_attempt(&ctx, &session, &pod_bundle, &sandbox, attempt).await?;
+        return Ok(Action::await_change());
+    };
+    let pod_phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
+    match pod_phase.as_str() {
+        "Succeeded" | "Failed" => finished(&ctx, &session, &pod_bundle, &sandbox, attempt, &pod).await,
+        _ => {
+            let update = Update::phase(
+                SessionPhase::Running,
+                reason::RUNNING,
+                format!("runner pod {} is {pod_phase}", pod.name_any()),
+            )
+            .attempt(attempt);
+            write_status(&ctx, &session, update).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// An attempt's pod has ended: read what it reported and decide what comes next.
+async fn finished(
+    ctx: &Context,
+    session: &Session,
+    pod_bundle: &PodBundle,
+    sandbox: &SandboxProfileSpec,
+    attempt: u32,
+    pod: &Pod,
+) -> Result<Action> {
+    let report = termination_report(pod);
+    let mut update = Update::default().attempt(attempt);
+    if let Some(report) = &report {
+        update = update.report(report);
+    }
+    match report.as_ref().map(|r| r.outcome.as_str()) {
+        Some("completed") => {
+            let update = update.with_phase(
+                SessionPhase::Succeeded,
+                reason::SUCCEEDED,
+                "the run completed and its output passed validation",
+            );
+            write_status(ctx, session, update.completed()).await?;
+            Ok(Action::await_change())
+        }
+        Some("failed") => {
+            let why = report
+                .as_ref()
+                .map(|r| {
+                    format!(
+                        "{}: {}",
+                        r.reason.clone().unwrap_or_default(),
+                        r.message.clone().unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default();
+            write_status(
+                ctx,
+                session,
+                update
+                    .with_phase(SessionPhase::Failed, reason::RUN_FAILED, why)
+                    .completed(),
+            )
+            .await?;
+            Ok(Action::await_change())
+        }
+        Some("awaiting_approval") => {
+            let awaiting = report.as_ref().and_then(|r| r.awaiting.clone());
+            let decided = awaiting.as_ref().is_some_and(|a| {
+                session
+                    .spec
+                    .approvals
+                    .iter()
+                    .any(|d| d.call_hash == a.call_hash && approver_allowed(&d.approver, &a.approvers))
+            });
+            if decided {
+                start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1).await?;
+                return Ok(Action::await_change());
+            }
+            let message = awaiting.as_ref().map_or_else(String::new, |a| {
+                format!(
+                    "{} needs approval ({}): {}; add {{callHash: {}, decision: approve|reject, approver: <you>}} to spec.approvals",
+                    a.tool, a.rule, a.reason, a.call_hash
+                )
+            });
+            let update = update
+                .with_phase(SessionPhase::AwaitingApproval, reason::AWAITING_APPROVAL, message)
+                .pending(awaiting.map(|a| pending_approval(&pod_bundle.bundle, a)));
+            write_status(ctx, session, update).await?;
+            Ok(Action::await_change())
+        }
+        _ => {
+            // The attempt crashed (killed, evicted, out of memory, past its deadline) before it
+            // could report: retry from the last checkpoint, with backoff, up to the bound.
+            let crashes = attempt.saturating_sub(approved_attempts(session));
+            if crashes >= ctx.max_crash_attempts {
+                let message = format!(
+                    "{crashes} runner attempts ended without a result (last: pod {}); see its events and logs",
+                    pod.name_any()
+                );
+                write_status(
+                    ctx,
+                    session,
+                    update
+                        .with_phase(SessionPhase::Failed, reason::ATTEMPTS_EXHAUSTED, message)
+                        .completed(),
+                )
+                .await?;
+                return Ok(Action::await_change());
+            }
+            let backoff = Duration::from_secs(2u64.saturating_pow(crashes.min(6)));
+            let finished_at = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .and_then(|c| c.state.as_ref())
+                .and_then(|s| s.terminated.as_ref())
+                .and_then(|t| t.finished_at.clone());
+            let waited =
+                finished_at.is_none_or(|t| now().duration_since(t.0).as_secs() >= backoff.as_secs() as i64);
+            if !waited {
+                return Ok(Action::requeue(backoff));
+            }
+            start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Attempts that were started because an approval arrived (they are not crash retries).
+fn approved_attempts(session: &Session) -> u32 {
+    session.spec.approvals.len() as u32
+}
+
+/// Whether `approver` may decide (a listed user; group membership is checked by who may patch
+/// the Session, and admission checks the approver is the user making the change).
+fn approver_allowed(approver: &str, approvers: &contextos_crds::common::Approvers) -> bool {
+    approvers.users.iter().any(|u| u == approver) || !approvers.groups.is_empty()
+}
+
+/// Issues a fresh RunContext and applies the attempt's pod.
+async fn start_attempt(
+    ctx: &Context,
+    session: &Session,
+    pod_bundle: &PodBundle,
+    sandbox: &SandboxProfileSpec,
+    attempt: u32,
+) -> Result<()> {
+    let namespace = session.namespace().unwrap_or_default();
+    let signed = issue_run_context(
+        &pod_bundle.bundle,
+        &children::run_id(session),
+        &children::trace_id(session),
+        &ctx.key,
+        now().as_millisecond(),
+    )
+    .map_err(|e| Error::Run(e.to_string()))?;
+    let run_context = serde_json::to_string(&signed).map_err(|source| Error::Build {
+        what: "RunContext",
+        source,
+    })?;
+    let secrets = children::referenced_secrets(&pod_bundle.bundle.agent_spec);
+    let pod = children::runner_pod(session, sandbox, &secrets, attempt, &run_context, &ctx.runner).map_err(
+        |source| Error::Build {
+            what: "runner Pod",
+            source,
+        },
+    )?;
+    apply(&Api::<Pod>::namespaced(ctx.client.clone(), &namespace), &pod).await?;
+    ctx.metrics.runner_pod_created();
+    let pinned = json!({
+        "contextPack": pod_bundle.bundle.pinned().context_pack,
+        "policies": pod_bundle.bundle.pinned().policies,
+        "sandboxProfile": pod_bundle.bundle.sandbox_profile_digest,
+    });
+    let update = Update::phase(
+        SessionPhase::Running,
+        reason::RUNNING,
+        format!("runner pod {} started", pod.name_any()),
+    )
+    .attempt(attempt)
+    .pinned(pinned)
+    .run_id(children::run_id(session))
+    .clear_pending();
+    write_status(ctx, session, update).await
+}
+
+/// The Session's pinned bundle: read from its ConfigMap when the run already started (pins
+/// never change), otherwise resolved now and written once.
+async fn pinned(
+    ctx: &Context,
+    session: &Session,
+) -> Result<Result<(PodBundle, SandboxProfileSpec), Invalid>> {
+    let namespace = session.namespace().unwrap_or_default();
+    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace);
+    let agents = Api::<Agent>::namespaced(ctx.client.clone(), &namespace);
+    let agent_name = &session.spec.agent_ref.name;
+    let Some(agent) = agents.get_opt(agent_name).await? else {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_FOUND,
+            format!(
+                "spec.agentRef.name: Agent {agent_name} does not exist in namespace {namespace}; create it or fix the reference"
+            ),
+        )));
+    };
+    let sandbox = Api::<SandboxProfile>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&agent.spec.sandbox_profile_ref.name)
+        .await?;
+    let existing = config_maps
+        .get_opt(&children::bundle_name(&session.name_any()))
+        .await?;
+    if let (Some(existing), Some(sandbox)) = (&existing, &sandbox)
+        && let Some(text) = existing.data.as_ref().and_then(|d| d.get(BUNDLE_KEY))
+        && let Ok(bundle) = serde_json::from_str::<PodBundle>(text)
+    {
+        return Ok(Ok((bundle, sandbox.spec.clone())));
+    }
+    let agent_conditions = agent
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    if !is_ready(&agent_conditions) {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            format!(
+                "spec.agentRef.name: Agent {agent_name} is not Ready: {}",
+                ready_message(&agent_conditions)
+            ),
+        )));
+    }
+    if let Err(e) = contextos_runner::run_context::effective_limits(
+        &agent.spec.budget,
+        agent.spec.safety_mode,
+        session.spec.overrides.as_ref(),
+    ) {
+        return Ok(Err(Invalid::new(reason::OVERRIDE_LOOSENS, e.to_string())));
+    }
+    let Some(sandbox) = sandbox else {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            "the Agent's SandboxProfile is gone",
+        )));
+    };
+    let bundle = match resolve_bundle(ctx, session, &agent, &sandbox).await? {
+        Ok(bundle) => bundle,
+        Err(invalid) => return Ok(Err(invalid)),
+    };
+    let pod_bundle = PodBundle {
+        bundle,
+        trust_key: ctx.key.public().to_hex(),
+    };
+    let config_map = children::bundle_config_map(session, &pod_bundle).map_err(|source| Error::Build {
+        what: "bundle ConfigMap",
+        source,
+    })?;
+    // Created once and immutable: a concurrent reconcile that created it first wins, and the
+    // run keeps the pins it started with.
+    match config_maps.create(&PostParams::default(), &config_map).await {
+        Ok(_) => Ok(Ok((pod_bundle, sandbox.spec))),
+        Err(kube::Error::Api(e)) if e.code == 409 => Box::pin(pinned(ctx, session)).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Everything the Agent references, read now.
+async fn resolve_bundle(
+    ctx: &Context,
+    session: &Session,
+    agent: &Agent,
+    sandbox: &SandboxProfile,
+) -> Result<Result<RunBundle, Invalid>> {
+    let namespace = session.namespace().unwrap_or_default();
+    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace);
+    let pack_name = &agent.spec.context_pack_ref.name;
+    let Some(pack) = Api::<ContextPack>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(pack_name)
+        .await?
+    else {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            format!("ContextPack {pack_name} is gone"),
+        )));
+    };
+    let mut sources = BTreeMap::new();
+    for source in &pack.spec.sources {
+        if let Some(key) = &source.config_map_ref {
+            match config_map_key(&config_maps, &key.name, &key.key).await? {
+                Some(content) => {
+                    sources.insert(source.name.clone(), content);
+                }
+                None => {
+                    return Ok(Err(Invalid::new(
+                        reason::REFERENCE_NOT_READY,
+                        format!(
+                            "ContextPack {pack_name}: ConfigMap {} has no key {}",
+                            key.name, key.key
+                        ),
+                    )));
+                }
+            }
+        }
+    }
+    let mut policies = Vec::new();
+    let policy_api = Api::<Policy>::namespaced(ctx.client.clone(), &namespace);
+    for reference in &agent.spec.policy_refs {
+        let Some(policy) = policy_api.get_opt(&reference.name).await? else {
+            return Ok(Err(Invalid::new(
+                reason::REFERENCE_NOT_READY,
+                format!("Policy {} is gone", reference.name),
+            )));
+        };
+        policies.push(NamedPolicy {
+            name: reference.name.clone(),
+            spec: policy.spec,
+        });
+    }
+    let model_script = match &agent.spec.model.script_ref {
+        Some(key) => config_map_key(&config_maps, &key.name, &key.key).await?,
+        None => None,
+    };
+    Ok(Ok(RunBundle {
+        tenant: namespace,
+        session: session.name_any(),
+        session_spec: session.spec.clone(),
+        agent: agent.name_any(),
+        agent_spec: agent.spec.clone(),
+        context_pack: NamedPack {
+            name: pack_name.clone(),
+            spec: pack.spec,
+        },
+        sources,
+        policies,
+        sandbox_profile_digest: Some(spec_digest(&sandbox.spec)),
+        model_script,
+    }))
+}
+
+async fn config_map_key(api: &Api<ConfigMap>, name: &str, key: &str) -> Result<Option<String>> {
+    Ok(api
+        .get_opt(name)
+        .await?
+        .and_then(|cm| cm.data)
+        .and_then(|d| d.get(key).cloned()))
+}
+
+/// The Session's record-signing key: generated once, never replaced.
+async fn ensure_keys(ctx: &Context, session: &Session) -> Result<()> {
+    let namespace = session.namespace().unwrap_or_default();
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
+    if secrets
+        .get_opt(&children::keys_name(&session.name_any()))
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let key = contextos_runner::keys::KeyPair::generate().map_err(|e| Error::Run(e.to_string()))?;
+    let secret = children::keys_secret(session, &key.to_hex()).map_err(|source| Error::Build {
+        what: "record key Secret",
+        source,
+    })?;
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn termination_report(pod: &Pod) -> Option<PodReport> {
+    let message = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == "runner")?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .message
+        .clone()?;
+    // With FallbackToLogsOnError the message may be log lines; the report is the last line.
+    message
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str::<PodReport>(line.trim()).ok())
+}
+
+fn pending_approval(
+    bundle: &RunBundle,
+    awaiting: contextos_runner::run::checkpoint::AwaitingApproval,
+) -> Value {
+    let risk = bundle
+        .agent_spec
+        .tools
+        .iter()
+        .find(|t| t.name == awaiting.tool)
+        .map(|t| t.risk.as_str())
+        .unwrap_or("read_only");
+    let mut arguments = awaiting.arguments.to_string();
+    arguments.truncate(4096);
+    json!({
+        "callHash": awaiting.call_hash,
+        "tool": awaiting.tool,
+        "risk": risk,
+        "arguments": arguments,
+        "rule": awaiting.rule,
+        "reason": awaiting.reason,
+        "approvers": awaiting.approvers,
+    })
+}
+
+/// A status change for a Session, applied over what is there.
+#[derive(Debug, Default)]
+struct Update {
+    phase: Option<(SessionPhase, &'static str, String)>,
+    fields: serde_json::Map<String, Value>,
+    completed: bool,
+}
+
+impl Update {
+    fn phase(phase: SessionPhase, reason: &'static str, message: impl Into<String>) -> Self {
+        Self::default().with_phase(phase, reason, message)
+    }
+
+    fn with_phase(mut self, phase: SessionPhase, reason: &'static str, message: impl Into<String>) -> Self {
+        self.phase = Some((phase, reason, message.into()));
+        self
+    }
+
+    fn attempt(mut self, attempt: u32) -> Self {
+        self.fields.insert("attempt".into(), json!(attempt));
+        self
+    }
+
+    fn pinned(mut self, pinned: Value) -> Self {
+        self.fields.insert("pinned".into(), pinned);
+        self
+    }
+
+    fn run_id(mut self, run_id: String) -> Self {
+        self.fields.insert("runId".into(), json!(run_id));
+        self
+    }
+
+    fn pending(mut self, pending: Option<Value>) -> Self {
+        if let Some(pending) = pending {
+            self.fields.insert("pendingApproval".into(), pending);
+        }
+        self
+    }
+
+    fn clear_pending(mut self) -> Self {
+        self.fields.insert("pendingApproval".into(), Value::Null);
+        self
+    }
+
+    fn completed(mut self) -> Self {
+        self.completed = true;
+        self
+    }
+
+    fn report(mut self, report: &PodReport) -> Self {
+        self.fields.insert("runId".into(), json!(report.run_id));
+        self.fields.insert("steps".into(), json!(report.steps));
+        self.fields.insert(
+            "budgetUsed".into(),
+            json!({
+                "steps": report.usage.steps,
+                "tokens": report.usage.tokens,
+                "toolCalls": report.usage.tool_calls,
+                "wallSeconds": report.usage.wall_ms / 1000,
+            }),
+        );
+        if let Some(head) = &report.head {
+            self.fields.insert("recordHead".into(), json!(head));
+        }
+        if let Some(output) = &report.output {
+            self.fields.insert("output".into(), json!(output));
+        }
+        self
+    }
+}
+
+/// Applies `update` to the Session's status: phase, the Ready condition, timestamps set once.
+async fn write_status(ctx: &Context, session: &Session, update: Update) -> Result<()> {
+    let current = session.status.clone().unwrap_or_default();
+    let mut status = serde_json::to_value(&current).map_err(|source| Error::Build {
+        what: "Session status",
+        source,
+    })?;
+    let object = status
+        .as_object_mut()
+        .ok_or_else(|| Error::Run("Session status is not an object".into()))?;
+    for (key, value) in update.fields {
+        if value.is_null() {
+            object.remove(&key);
+        } else {
+            object.insert(key, value);
+        }
+    }
+    if let Some((phase, why, message)) = update.phase {
+        let ready = Wanted::new(conditions::READY, phase == SessionPhase::Succeeded, why, message);
+        object.insert("phase".into(), json!(phase));
+        object.insert(
+            "conditions".into(),
+            json!(merge(
+                &current.conditions,
+                &[ready],
+                session.metadata.generation,
+                now()
+            )),
+        );
+    }
+    if current.start_time.is_none() {
+        object.insert("startTime".into(), json!(now()));
+    }
+    if update.completed && current.completion_time.is_none() {
+        object.insert("completionTime".into(), json!(now()));
+    }
+    object.insert("observedGeneration".into(), json!(session.metadata.generation));
+    let api = Api::<Session>::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    apply_status(&api, &session.name_any(), status).await
+}

@@ -1,0 +1,174 @@
+//! The ContextOS operator: controllers for Agents, ContextPacks, Policies, SandboxProfiles and
+//! Sessions. It resolves and validates what users apply (a `Ready` condition that names the
+//! field and the fix), snapshots revisions, and runs each Session in sandboxed runner pods.
+
+pub mod conditions;
+pub mod controllers;
+pub mod metrics;
+pub mod session_children;
+pub mod signing;
+
+use std::sync::Arc;
+
+use contextos_crds::{Agent, ContextPack, Policy, SandboxProfile, Session};
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::{
+    Api, Client, ResourceExt as _,
+    runtime::{Controller, reflector::ObjectRef, watcher},
+};
+
+use crate::{
+    controllers::{Context, agent, error_policy, revisions, session},
+    metrics::Metrics,
+    session_children::RunnerSettings,
+};
+
+/// How the operator is set up.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Namespace of the operator's own objects (the signing-key Secret).
+    pub namespace: String,
+    pub runner: RunnerSettings,
+    pub max_crash_attempts: u32,
+    /// Sessions reconciled at once.
+    pub concurrency: u16,
+}
+
+/// Runs every controller until `shutdown` turns true (in-flight reconciles finish first).
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    metrics: Arc<Metrics>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let shutdown = move || {
+        let mut rx = shutdown.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let key = signing::ensure_key(&client, &config.namespace).await?;
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        key,
+        runner: config.runner.clone(),
+        max_crash_attempts: config.max_crash_attempts,
+        metrics,
+    });
+    let watch = watcher::Config::default;
+    let controller_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
+
+    let packs = Controller::new(Api::<ContextPack>::all(client.clone()), watch());
+    let pack_store = packs.store();
+    let packs = packs
+        .with_config(controller_config.clone())
+        .watches(
+            Api::<ConfigMap>::all(client.clone()),
+            watch(),
+            move |cm: ConfigMap| {
+                let (namespace, name) = (cm.namespace(), cm.name_any());
+                pack_store
+                    .state()
+                    .into_iter()
+                    .filter(|p| p.namespace() == namespace)
+                    .filter(|p| {
+                        p.spec
+                            .sources
+                            .iter()
+                            .any(|s| s.config_map_ref.as_ref().is_some_and(|r| r.name == name))
+                    })
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown())
+        .run(revisions::reconcile_context_pack, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    let policies = Controller::new(Api::<Policy>::all(client.clone()), watch())
+        .with_config(controller_config.clone())
+        .graceful_shutdown_on(shutdown())
+        .run(revisions::reconcile_policy, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    let profiles = Controller::new(Api::<SandboxProfile>::all(client.clone()), watch())
+        .with_config(controller_config.clone())
+        .graceful_shutdown_on(shutdown())
+        .run(revisions::reconcile_sandbox_profile, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    let agents = Controller::new(Api::<Agent>::all(client.clone()), watch());
+    let (by_pack, by_policy, by_profile) = (agents.store(), agents.store(), agents.store());
+    let agents = agents
+        .with_config(controller_config.clone())
+        .watches(
+            Api::<ContextPack>::all(client.clone()),
+            watch(),
+            move |p: ContextPack| {
+                referring_agents(&by_pack, &p, |a| a.spec.context_pack_ref.name == p.name_any())
+            },
+        )
+        .watches(Api::<Policy>::all(client.clone()), watch(), move |p: Policy| {
+            referring_agents(&by_policy, &p, |a| {
+                a.spec.policy_refs.iter().any(|r| r.name == p.name_any())
+            })
+        })
+        .watches(
+            Api::<SandboxProfile>::all(client.clone()),
+            watch(),
+            move |p: SandboxProfile| {
+                referring_agents(&by_profile, &p, |a| {
+                    a.spec.sandbox_profile_ref.name == p.name_any()
+                })
+            },
+        )
+        .graceful_shutdown_on(shutdown())
+        .run(agent::reconcile_agent, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    let sessions = Controller::new(Api::<Session>::all(client.clone()), watch());
+    let session_store = sessions.store();
+    let sessions = sessions
+        .with_config(controller_config)
+        .owns(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().labels(contextos_crds::labels::SESSION),
+        )
+        .watches(Api::<Agent>::all(client.clone()), watch(), move |a: Agent| {
+            let (namespace, name) = (a.namespace(), a.name_any());
+            session_store
+                .state()
+                .into_iter()
+                .filter(|s| s.namespace() == namespace && s.spec.agent_ref.name == name)
+                .filter(|s| {
+                    !s.status
+                        .as_ref()
+                        .and_then(|st| st.phase)
+                        .is_some_and(|p| p.is_terminal())
+                })
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown())
+        .run(session::reconcile_session, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    futures::join!(packs, policies, profiles, agents, sessions);
+    Ok(())
+}
+
+/// Agents in `object`'s namespace that `refers` to it.
+fn referring_agents<K: kube::Resource>(
+    store: &kube::runtime::reflector::Store<Agent>,
+    object: &K,
+    refers: impl Fn(&Agent) -> bool,
+) -> Vec<ObjectRef<Agent>> {
+    let namespace = object.meta().namespace.clone();
+    store
+        .state()
+        .into_iter()
+        .filter(|a| a.namespace() == namespace && refers(a))
+        .map(|a| ObjectRef::from_obj(a.as_ref()))
+        .collect()
+}

@@ -1,0 +1,124 @@
+//! The contract between the operator and a runner pod: what the pod is handed (the pinned
+//! bundle, the signed RunContext and the key it is signed with) and what it hands back in its
+//! termination message (how the attempt ended), so the pod needs no API access at all.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    bundle::RunBundle,
+    checkpoint::AwaitingApproval,
+    engine::{RunOutcome, RunReport},
+    state::Usage,
+};
+use crate::run_context::SignedRunContext;
+
+/// Where a runner pod finds what it is given (volume mounts the operator sets up).
+pub mod paths {
+    /// The run's bundle ConfigMap, key [`super::BUNDLE_KEY`].
+    pub const BUNDLE_DIR: &str = "/var/run/contextos/bundle";
+    /// The Session's record-signing key Secret, key [`super::RECORD_KEY`].
+    pub const KEYS_DIR: &str = "/var/run/contextos/keys";
+    /// Secrets the agent's tools and model reference, one directory per Secret.
+    pub const SECRETS_DIR: &str = "/var/run/contextos/secrets";
+    /// Where the pod's outcome is written for the operator.
+    pub const TERMINATION_LOG: &str = "/dev/termination-log";
+}
+
+/// Key of the bundle in its ConfigMap.
+pub const BUNDLE_KEY: &str = "bundle.json";
+/// Key of the record-signing key in the Session's key Secret.
+pub const RECORD_KEY: &str = "record.key";
+/// Environment variable with the Session's approvals (JSON list), set per attempt.
+pub const APPROVALS_ENV: &str = "CONTEXTOS_APPROVALS";
+/// Environment variable with the signed RunContext (JSON) the operator issued for the attempt:
+/// the specs are pinned once per run, the RunContext is fresh per attempt (an attempt may start
+/// hours later, after an approval).
+pub const RUN_CONTEXT_ENV: &str = "CONTEXTOS_RUN_CONTEXT";
+
+/// What the operator pins for one run (an immutable ConfigMap).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodBundle {
+    pub bundle: RunBundle,
+    /// Public key (hex) of the operator: the only key the pod's gateway trusts.
+    pub trust_key: String,
+}
+
+/// Reads the RunContext an attempt runs under.
+pub fn run_context_from(text: &str) -> Result<SignedRunContext, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+/// How an attempt ended, as the pod's termination message (at most 4 KiB).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodReport {
+    /// `completed`, `failed` or `awaiting_approval`.
+    pub outcome: String,
+    pub run_id: String,
+    pub steps: u32,
+    pub usage: Usage,
+    /// Hash of the newest record entry.
+    #[serde(default)]
+    pub head: Option<String>,
+    /// The accepted output (cut to fit the message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting: Option<AwaitingApproval>,
+}
+
+/// Bytes of output and messages kept so the report fits a termination message.
+const TEXT_LIMIT: usize = 1024;
+
+impl PodReport {
+    pub fn of(report: &RunReport) -> Self {
+        let mut out = Self {
+            outcome: String::new(),
+            run_id: report.run_id.clone(),
+            steps: report.steps,
+            usage: report.usage.clone(),
+            head: report.head.map(|h| h.to_hex()),
+            output: None,
+            reason: None,
+            message: None,
+            awaiting: None,
+        };
+        match &report.outcome {
+            RunOutcome::Completed { output, .. } => {
+                out.outcome = "completed".into();
+                out.output = Some(cut(output));
+            }
+            RunOutcome::Failed { reason, message } => {
+                out.outcome = "failed".into();
+                out.reason = Some(reason.clone());
+                out.message = Some(cut(message));
+            }
+            RunOutcome::AwaitingApproval(awaiting) => {
+                out.outcome = "awaiting_approval".into();
+                let mut awaiting = awaiting.clone();
+                let arguments = awaiting.arguments.to_string();
+                if arguments.len() > TEXT_LIMIT {
+                    awaiting.arguments = serde_json::Value::String(cut(&arguments));
+                }
+                out.awaiting = Some(awaiting);
+            }
+        }
+        out
+    }
+}
+
+fn cut(text: &str) -> String {
+    if text.len() <= TEXT_LIMIT {
+        return text.to_owned();
+    }
+    let mut end = TEXT_LIMIT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}

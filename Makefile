@@ -32,13 +32,18 @@ unit:
 
 ## kind-tests: the cluster tests in kind-tests/ against a real kube-apiserver. Without KUBECONFIG
 ## they start the local control plane (testenv, built and cached by build.sh; a cold build takes
-## ~8 min) and the in-process process node; with KUBECONFIG they use that cluster instead.
+## ~8 min) and the in-process process node, on which runner pods run the workspace's own
+## `contextos` binary with a TiKV test server as their record store; with KUBECONFIG they use
+## that cluster instead (the operator e2e tests then skip: they need the process node).
 kind-tests:
 	set -o pipefail; \
 	if [ -z "$${KUBECONFIG:-}" ]; then \
 		bin="$$(bash kind-tests/testenv/build.sh | tail -n1)" || exit 1; \
 		export CONTEXTOS_TESTENV_BIN="$$bin"; \
+		tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
+		export CONTEXTOS_TIKV_TESTSERVER_BIN="$$tikv"; \
 	fi; \
+	$(CARGO) build -p contextos-runner --bin contextos --examples --locked || exit 1; \
 	$(CARGO) test -p contextos-kind-tests --locked --tests
 
 ## crds: regenerate manifests/crds from the types in crds/src.

@@ -118,7 +118,7 @@ pub fn runner_pod(
     let approvals = serde_json::to_string(&session.spec.approvals)?;
     let mut volumes = vec![
         json!({"name": "bundle", "configMap": {"name": bundle_name(name)}}),
-        json!({"name": "keys", "secret": {"secretName": keys_name(name), "defaultMode": 0o400}}),
+        json!({"name": "keys", "secret": {"secretName": keys_name(name), "defaultMode": 0o440}}),
         json!({"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}),
     ];
     let mut mounts = vec![
@@ -128,7 +128,7 @@ pub fn runner_pod(
     ];
     for (i, secret) in secrets.iter().enumerate() {
         let volume = format!("secret-{i}");
-        volumes.push(json!({"name": volume, "secret": {"secretName": secret, "defaultMode": 0o400}}));
+        volumes.push(json!({"name": volume, "secret": {"secretName": secret, "defaultMode": 0o440}}));
         mounts.push(json!({"name": volume, "mountPath": format!("{}/{secret}", paths::SECRETS_DIR), "readOnly": true}));
     }
     let mut limits = json!({"cpu": sandbox.resources.cpu, "memory": sandbox.resources.memory});
@@ -150,6 +150,9 @@ pub fn runner_pod(
             "runAsNonRoot": true,
             "runAsUser": sandbox.run_as_user,
             "runAsGroup": sandbox.run_as_user,
+            // Secret volumes are group-readable by this group, so the non-root runner can read
+            // its keys and credentials (mode 0440).
+            "fsGroup": sandbox.run_as_user,
             "seccompProfile": seccomp,
         },
         "containers": [{

@@ -39,6 +39,8 @@ rm -rf "$2"
 /// A running testenv.
 #[derive(Debug)]
 pub struct ControlPlane {
+    /// The testenv binary, which is also `kubectl` (`testenv kubectl ARGS...`).
+    pub bin: PathBuf,
     pub dir: PathBuf,
     pub kubeconfig: PathBuf,
     /// From spawning testenv to its READY line.
@@ -116,6 +118,7 @@ pub fn start(bin: &Path, dir: &Path) -> Result<ControlPlane, EnvError> {
         .ok_or_else(|| EnvError::Build("testenv stdout not captured".into()))?;
     match wait_ready(stdout, &mut child) {
         Ok(kubeconfig) => Ok(ControlPlane {
+            bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
             kubeconfig,
             startup: started.elapsed(),

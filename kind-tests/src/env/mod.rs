@@ -210,6 +210,21 @@ impl TestEnv {
         }
     }
 
+    /// `kubectl` for this cluster: testenv's own kubectl with the control plane's kubeconfig, or
+    /// `kubectl` from `PATH` with the inherited `KUBECONFIG`. Killed if the test drops it.
+    pub fn kubectl(&self) -> tokio::process::Command {
+        let mut command = match &self.backend {
+            Backend::Local { plane, .. } => {
+                let mut command = tokio::process::Command::new(&plane.bin);
+                command.arg("kubectl").arg("--kubeconfig").arg(&plane.kubeconfig);
+                command
+            }
+            Backend::External { .. } => tokio::process::Command::new("kubectl"),
+        };
+        command.stdin(std::process::Stdio::null()).kill_on_drop(true);
+        command
+    }
+
     /// What a container printed: the process node's log file locally, the `pods/log` API on a
     /// real cluster. A container that has not started yet has an empty log.
     pub async fn container_log(&self, namespace: &str, pod: &str, container: &str) -> Result<String, String> {

@@ -10,6 +10,19 @@ use thiserror::Error;
 /// e.g. `ghcr.io/contextos/runner:dev=/work/target/debug/contextos`.
 pub const IMAGE_MAP_ENV: &str = "CONTEXTOS_PROCESS_NODE_IMAGES";
 
+/// The runner image the examples and the e2e tests pin (`examples/quickstart/sandboxprofile.yaml`).
+pub const RUNNER_IMAGE: &str =
+    "ghcr.io/contextos/runner:0.1.0@sha256:8efb2271583453e455faacdc1941d214c2a8e6c6beb667cbc5b69589baf7d3b2";
+
+/// A binary of this workspace in the target directory the running test binary was built in
+/// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
+pub fn workspace_binary(name: &str) -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let profile_dir = exe.parent()?.parent()?;
+    let candidate = profile_dir.join(name);
+    candidate.is_file().then_some(candidate)
+}
+
 /// What an image provides when it runs as a local process: the equivalent of its OCI `Entrypoint`
 /// and `Cmd`. Kubernetes rules apply: a container's `command` replaces `entrypoint` (and drops
 /// `cmd`), its `args` replace `cmd`. A program name without a `/` is looked up in `PATH`.
@@ -69,8 +82,14 @@ impl ImageMap {
     /// `busybox` (any of `1.36`, `1.37`, `latest`) behaves like its image: no entrypoint, `cmd`
     /// is `sh`, and tests give an explicit command such as `["sh", "-c", "..."]`, which runs with
     /// the host's `sh` and tools from the host's `PATH`.
+    ///
+    /// The ContextOS runner image the examples pin ([`RUNNER_IMAGE`]) runs the workspace's own
+    /// `contextos` binary, when it has been built next to the test binary.
     pub fn with_defaults() -> Self {
         let mut map = Self::empty();
+        if let Some(contextos) = workspace_binary("contextos") {
+            map.insert(RUNNER_IMAGE, ImageEntry::program(contextos.display().to_string()));
+        }
         for tag in ["1.36", "1.37", "latest"] {
             map.insert(
                 &format!("busybox:{tag}"),

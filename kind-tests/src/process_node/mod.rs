@@ -50,7 +50,7 @@ use std::{
     time::Duration,
 };
 
-pub use images::{ImageEntry, ImageMap};
+pub use images::{ImageEntry, ImageMap, RUNNER_IMAGE, workspace_binary};
 use kube::{
     Client,
     runtime::events::{Recorder, Reporter},

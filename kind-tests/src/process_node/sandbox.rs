@@ -120,8 +120,10 @@ impl PodSandbox {
         }
     }
 
-    /// Writes every volume; ConfigMap/Secret-like volumes are rewritten from scratch.
-    pub fn write_volumes(&self, volumes: &[VolumePlan]) -> io::Result<()> {
+    /// Writes every volume; ConfigMap/Secret-like volumes are rewritten from scratch. With a
+    /// pod `fsGroup` (honoured when the node runs as root), files belong to that group and are
+    /// group-readable, as the kubelet does, so a non-root container can read its Secrets.
+    pub fn write_volumes(&self, volumes: &[VolumePlan], fs_group: Option<u32>) -> io::Result<()> {
         for volume in volumes {
             let dir = self.volume_dir(volume);
             match &volume.content {
@@ -142,7 +144,13 @@ impl PodSandbox {
                             fs::create_dir_all(parent)?;
                         }
                         fs::write(&path, &file.data)?;
-                        set_mode(&path, file.mode)?;
+                        match fs_group {
+                            Some(gid) => {
+                                chown(&path, None, Some(gid))?;
+                                set_mode(&path, file.mode | 0o040)?;
+                            }
+                            None => set_mode(&path, file.mode)?,
+                        }
                     }
                 }
             }
@@ -316,7 +324,7 @@ mod tests {
                 content: VolumeContent::EmptyDir,
             },
         ];
-        sandbox.write_volumes(&volumes).expect("volumes");
+        sandbox.write_volumes(&volumes, None).expect("volumes");
         let mounts = vec![
             MountPlan {
                 mount_path: PathBuf::from("/etc/app"),

@@ -327,7 +327,15 @@ impl Supervisor {
                 return;
             }
         }
-        if let Err(err) = self.sandbox.write_volumes(&self.volumes) {
+        let fs_group = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|c| c.fs_group)
+            .and_then(|g| u32::try_from(g).ok())
+            .filter(|_| nix::unistd::geteuid().is_root());
+        if let Err(err) = self.sandbox.write_volumes(&self.volumes, fs_group) {
             self.fail_pod(
                 "ProcessNodeError",
                 &format!("cannot write the pod's volumes: {err}"),

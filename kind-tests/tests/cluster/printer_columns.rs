@@ -42,8 +42,10 @@ async fn session_and_agent_show_their_printer_columns() -> Result<()> {
 }
 
 async fn get_table(client: &Client, namespace: &str, plural: &str) -> Result<Value> {
+    // Each row carries the object it was rendered from, so the cells are checked against that
+    // object even while the operator updates statuses concurrently.
     let path = format!(
-        "/apis/{}/{}/namespaces/{namespace}/{plural}",
+        "/apis/{}/{}/namespaces/{namespace}/{plural}?includeObject=Object",
         contextos_crds::GROUP,
         contextos_crds::VERSION
     );
@@ -83,6 +85,7 @@ fn check_table(
     let Some(row) = rows.iter().find(|r| r["cells"][0] == name) else {
         bail!("{kind}: no row for {name} in {rows:?}");
     };
+    let object = &row["object"];
     for (index, column) in columns.iter().enumerate() {
         let cell = &row["cells"][index + 1];
         if column.type_ == "date" {

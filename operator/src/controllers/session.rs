@@ -266,8 +266,17 @@ async fn start_attempt(
             source,
         },
     )?;
-    apply(&Api::<Pod>::namespaced(ctx.client.clone(), &namespace), &pod).await?;
-    ctx.metrics.runner_pod_created();
+    // A pod's spec is immutable and each attempt's RunContext is fresh, so the pod is created
+    // once: if a concurrent reconcile (or an earlier pass whose status write was lost) created
+    // it, that pod is the attempt.
+    match Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+        .create(&PostParams::default(), &pod)
+        .await
+    {
+        Ok(_) => ctx.metrics.runner_pod_created(),
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
     let pinned = json!({
         "contextPack": pod_bundle.bundle.pinned().context_pack,
         "policies": pod_bundle.bundle.pinned().policies,

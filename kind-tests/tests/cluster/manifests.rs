@@ -1,0 +1,616 @@
+//! The deployable `manifests/` base: `kubectl apply -k manifests --server-side` installs every
+//! object, applying it again changes nothing, the TiKV overlay renders, and the approvals
+//! admission policy stops anyone approving a Session in someone else's name.
+//!
+//! The base installs cluster-scoped objects (the `contextos-system` namespace, RBAC, the admission
+//! policy), so the tests here take turns, and each removes what it installed, except the CRDs,
+//! which the environment installed before and every other test uses.
+
+use std::{
+    collections::BTreeMap,
+    path::{Component, Path, PathBuf},
+    process::Output,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use contextos_kind_tests::{
+    Check, TestEnv, TestNamespace, env::repo_root, wait::wait_for, wait_for_deletion,
+};
+use k8s_openapi::api::{
+    admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
+    apps::v1::Deployment,
+    core::v1::{Namespace, PersistentVolumeClaim, Service, ServiceAccount},
+    networking::v1::NetworkPolicy,
+    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject},
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::objects::{api_for, apply, yaml_documents};
+
+const SYSTEM_NAMESPACE: &str = "contextos-system";
+const APPROVALS_POLICY: &str = "contextos-session-approvals";
+/// What the policy's refusal says (its messageExpression).
+const REFUSAL: &str = "a new approval's approver must be the user making the change";
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One installation of the base at a time.
+static INSTALL: Mutex<()> = Mutex::const_new(());
+
+#[tokio::test]
+async fn base_applies_server_side_and_reapplying_changes_nothing() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let _turn = INSTALL.lock().await;
+    if already_installed(env).await? {
+        return Ok(());
+    }
+    // The approvals policy is bound to contextos-system only, where no test creates Sessions.
+    let install = Install::apply(env, SYSTEM_NAMESPACE).await?;
+    let checked = check_base(env, &install).await;
+    let removed = install.remove().await;
+    first_error(checked, removed)
+}
+
+async fn check_base(env: &'static TestEnv, install: &Install) -> Result<()> {
+    let client = env.client();
+    let namespace = Api::<Namespace>::all(client.clone())
+        .get(SYSTEM_NAMESPACE)
+        .await?;
+    let enforce = namespace
+        .metadata
+        .labels
+        .unwrap_or_default()
+        .remove("pod-security.kubernetes.io/enforce");
+    ensure!(
+        enforce.as_deref() == Some("restricted"),
+        "{SYSTEM_NAMESPACE} enforces Pod Security {enforce:?}, want restricted"
+    );
+    Api::<ServiceAccount>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .get("contextos-operator")
+        .await?;
+    Api::<ClusterRole>::all(client.clone())
+        .get("contextos-operator")
+        .await?;
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .get("contextos-operator")
+        .await?;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    for name in ["contextos-operator", "contextos-gateway"] {
+        deployments
+            .get(name)
+            .await
+            .with_context(|| format!("Deployment {name}"))?;
+    }
+    let services = Api::<Service>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    for name in ["contextos-operator-metrics", "contextos-gateway"] {
+        services
+            .get(name)
+            .await
+            .with_context(|| format!("Service {name}"))?;
+    }
+    let policies = Api::<NetworkPolicy>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    for name in ["contextos-operator", "contextos-gateway"] {
+        policies
+            .get(name)
+            .await
+            .with_context(|| format!("NetworkPolicy {name}"))?;
+    }
+    Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .get(APPROVALS_POLICY)
+        .await?;
+    Api::<ValidatingAdmissionPolicyBinding>::all(client)
+        .get(APPROVALS_POLICY)
+        .await?;
+    check_operator_rbac(env).await?;
+
+    // A GitOps tool re-applies on every sync: that must succeed and change nothing.
+    let first = install.resource_versions().await?;
+    install.apply_again().await?;
+    let second = install.resource_versions().await?;
+    // The API server rewrites a PersistentVolumeClaim on its first update of any kind: it
+    // stores the claim's defaulted status.phase only then. That is one write, not churn, so the
+    // claim is held to the next apply.
+    let changed: Vec<&String> = first
+        .iter()
+        .filter(|(key, version)| second.get(*key) != Some(*version))
+        .map(|(key, _)| key)
+        .collect();
+    ensure!(
+        changed
+            .iter()
+            .all(|key| key.starts_with("PersistentVolumeClaim ")),
+        "re-applying the base changed {changed:?}"
+    );
+    install.apply_again().await?;
+    let third = install.resource_versions().await?;
+    ensure!(
+        second == third,
+        "applying the base a third time changed objects (resourceVersions before {second:?}, after {third:?})"
+    );
+    check_tikv_overlay(env).await
+}
+
+/// The operator's account may do what its controllers need and nothing broader.
+async fn check_operator_rbac(env: &TestEnv) -> Result<()> {
+    let operator = format!("system:serviceaccount:{SYSTEM_NAMESPACE}:contextos-operator");
+    let expectations: &[(&[&str], bool)] = &[
+        (
+            &["patch", "sessions.contextos.dev", "--subresource=status", "-A"],
+            true,
+        ),
+        (&["update", "sessions.contextos.dev", "-A"], true),
+        (&["create", "pods", "-A"], true),
+        (&["delete", "jobs.batch", "-A"], true),
+        (
+            &["create", "leases.coordination.k8s.io", "-n", SYSTEM_NAMESPACE],
+            true,
+        ),
+        (&["create", "leases.coordination.k8s.io", "-n", "default"], false),
+        (&["delete", "sessions.contextos.dev", "-A"], false),
+        (&["update", "agents.contextos.dev", "-A"], false),
+        (&["get", "nodes"], false),
+    ];
+    for (request, allowed) in expectations {
+        let mut args = vec!["auth", "can-i", "--as", operator.as_str()];
+        args.extend_from_slice(request);
+        let answer = run(env, &args).await?;
+        let yes = String::from_utf8_lossy(&answer.stdout).trim() == "yes";
+        ensure!(
+            yes == *allowed,
+            "the operator {} `{}` (kubectl {}: {})",
+            if yes { "may" } else { "may not" },
+            request.join(" "),
+            args.join(" "),
+            String::from_utf8_lossy(&answer.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The TiKV overlay renders: the gateway points at the PD Service it deploys, no claim is left,
+/// and it keeps every other object of the base.
+async fn check_tikv_overlay(env: &TestEnv) -> Result<()> {
+    let overlay = render(env, &repo_root().join("manifests/overlays/tikv")).await?;
+    let base = render(env, &repo_root().join("manifests")).await?;
+    let key = |o: &Value| {
+        format!(
+            "{} {}/{}",
+            o["kind"].as_str().unwrap_or_default(),
+            o["metadata"]["namespace"].as_str().unwrap_or_default(),
+            o["metadata"]["name"].as_str().unwrap_or_default()
+        )
+    };
+    let rendered: Vec<String> = overlay.iter().map(key).collect();
+    for object in &base {
+        let kind = object["kind"].as_str().unwrap_or_default();
+        if kind != "CustomResourceDefinition" && kind != "PersistentVolumeClaim" {
+            ensure!(
+                rendered.contains(&key(object)),
+                "the TiKV overlay lacks {} of the base",
+                key(object)
+            );
+        }
+    }
+    ensure!(
+        !rendered.iter().any(|k| k.starts_with("PersistentVolumeClaim ")),
+        "the TiKV overlay still has a claim: {rendered:?}"
+    );
+    ensure!(
+        rendered.contains(&"Service contextos-records/pd".to_owned()),
+        "the TiKV overlay has no PD Service contextos-records/pd: {rendered:?}"
+    );
+    let gateway = overlay
+        .iter()
+        .find(|o| key(o) == format!("Deployment {SYSTEM_NAMESPACE}/contextos-gateway"))
+        .context("the TiKV overlay has no gateway Deployment")?;
+    let pod = &gateway["spec"]["template"]["spec"];
+    let args = &pod["containers"][0]["args"];
+    ensure!(
+        args.as_array()
+            .is_some_and(|a| a.contains(&json!("--store=tikv://pd.contextos-records.svc:2379"))),
+        "the gateway's args do not name the PD Service: {args}"
+    );
+    let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        volumes.iter().all(|v| v.get("persistentVolumeClaim").is_none()),
+        "the gateway still mounts a claim: {volumes:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn approvals_can_only_be_given_in_the_approvers_own_name() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let ns = TestNamespace::new(env, "manifests-approvals").await?;
+    let _turn = INSTALL.lock().await;
+    if already_installed(env).await? {
+        ns.pass();
+        return Ok(());
+    }
+    let install = Install::apply(env, ns.name()).await?;
+    let checked = check_approvals(env, ns.name()).await;
+    let removed = install.remove().await;
+    first_error(checked, removed)?;
+    ns.pass();
+    Ok(())
+}
+
+async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    let client = env.client();
+    let session = yaml_documents(&repo_root().join("examples/quickstart/session.yaml"))?.remove(0);
+    apply(&client, namespace, &session).await?;
+    allow_to_approve(&client, namespace, &["alice@example.com", "bob@example.com"]).await?;
+    let session = SessionPatches {
+        env,
+        namespace,
+        name: session["metadata"]["name"].as_str().unwrap_or_default(),
+    };
+    let approval =
+        |hash: &str, approver: &str| json!({"callHash": hash, "decision": "approve", "approver": approver});
+    let first = "9f2c6a41d3b8e7f0c5a2d9e4b1f8c3a6d0e7b4f1a8c5d2e9b6f3a0c7d4e1b8f5";
+    let second = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
+    let add_first = |approver: &str| json!([{"op": "add", "path": "/spec/approvals", "value": [approval(first, approver)]}]);
+
+    let in_bobs_name = add_first("bob@example.com");
+    session
+        .wait_until_refused("alice@example.com", &in_bobs_name)
+        .await?;
+    let refusal = session
+        .patch("alice@example.com", &in_bobs_name, false)
+        .await?
+        .err()
+        .context("alice recorded an approval in bob's name")?;
+    ensure!(
+        refusal.contains(REFUSAL) && refusal.contains("(alice@example.com), not bob@example.com"),
+        "unexpected refusal: {refusal}"
+    );
+    ensure!(session.approvers(&client).await?.is_empty());
+
+    session
+        .patch("alice@example.com", &add_first("alice@example.com"), false)
+        .await?
+        .map_err(|refusal| anyhow::anyhow!("alice's own approval was refused: {refusal}"))?;
+
+    // A new approval put ahead of the recorded ones is still a new approval.
+    let insert =
+        json!([{"op": "add", "path": "/spec/approvals/0", "value": approval(second, "alice@example.com")}]);
+    let refusal = session
+        .patch("bob@example.com", &insert, false)
+        .await?
+        .err()
+        .context("bob recorded an approval in alice's name by inserting it first")?;
+    ensure!(refusal.contains(REFUSAL), "unexpected refusal: {refusal}");
+
+    // Approvals others recorded earlier do not stand in the way of one's own.
+    let append =
+        json!([{"op": "add", "path": "/spec/approvals/-", "value": approval(second, "bob@example.com")}]);
+    session
+        .patch("bob@example.com", &append, false)
+        .await?
+        .map_err(|refusal| anyhow::anyhow!("bob's own approval was refused: {refusal}"))?;
+    let recorded = session.approvers(&client).await?;
+    ensure!(
+        recorded == ["alice@example.com", "bob@example.com"],
+        "recorded approvers: {recorded:?}"
+    );
+    Ok(())
+}
+
+/// JSON patches of one Session, made as an impersonated user with kubectl.
+struct SessionPatches<'a> {
+    env: &'a TestEnv,
+    namespace: &'a str,
+    name: &'a str,
+}
+
+impl SessionPatches<'_> {
+    /// `Ok(Err(stderr))` when the API server refused the patch.
+    async fn patch(&self, user: &str, patch: &Value, dry_run: bool) -> Result<Result<(), String>> {
+        let patch = patch.to_string();
+        let mut args = vec![
+            "patch",
+            "sessions.contextos.dev",
+            self.name,
+            "-n",
+            self.namespace,
+            "--as",
+            user,
+            "--type=json",
+            "-p",
+            &patch,
+        ];
+        if dry_run {
+            args.push("--dry-run=server");
+        }
+        let output = run(self.env, &args).await?;
+        Ok(if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        })
+    }
+
+    /// Waits until the approvals policy refuses `patch` by `user`: the binding and the RBAC
+    /// grants take a moment to reach the API server's caches. Dry runs change nothing meanwhile.
+    async fn wait_until_refused(&self, user: &str, patch: &Value) -> Result<()> {
+        wait_for("the approvals policy to refuse the patch", TIMEOUT, || async {
+            match self.patch(user, patch, true).await {
+                Ok(Err(refusal)) if refusal.contains(APPROVALS_POLICY) => Check::Done(()),
+                Ok(Err(refusal)) => Check::NotYet(refusal),
+                Ok(Ok(())) => Check::NotYet("accepted".to_owned()),
+                Err(err) => Check::NotYet(format!("{err:#}")),
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn approvers(&self, client: &Client) -> Result<Vec<String>> {
+        let kind = json!({"apiVersion": "contextos.dev/v1alpha1", "kind": "Session"});
+        let session = api_for(client, self.namespace, &kind)
+            .await?
+            .get(self.name)
+            .await?;
+        Ok(session.data["spec"]["approvals"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| a["approver"].as_str().unwrap_or_default().to_owned())
+            .collect())
+    }
+}
+
+/// A Role letting `users` read and patch Sessions in `namespace`.
+async fn allow_to_approve(client: &Client, namespace: &str, users: &[&str]) -> Result<()> {
+    let meta = ObjectMeta {
+        name: Some("session-approvers".to_owned()),
+        ..Default::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["contextos.dev".to_owned()]),
+            resources: Some(vec!["sessions".to_owned()]),
+            verbs: vec!["get".to_owned(), "patch".to_owned()],
+            ..Default::default()
+        }]),
+    };
+    Api::<Role>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &role)
+        .await?;
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "Role".to_owned(),
+            name: "session-approvers".to_owned(),
+        },
+        subjects: Some(
+            users
+                .iter()
+                .map(|user| Subject {
+                    api_group: Some("rbac.authorization.k8s.io".to_owned()),
+                    kind: "User".to_owned(),
+                    name: (*user).to_owned(),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    };
+    Api::<RoleBinding>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &binding)
+        .await?;
+    Ok(())
+}
+
+/// On a cluster where ContextOS is installed for real, the tests only dry-run the base: applying
+/// it would rebind the live policy, and cleaning up would uninstall it.
+async fn already_installed(env: &TestEnv) -> Result<bool> {
+    if Api::<Namespace>::all(env.client())
+        .get_opt(SYSTEM_NAMESPACE)
+        .await?
+        .is_none()
+    {
+        return Ok(false);
+    }
+    let manifests = repo_root().join("manifests");
+    let manifests = manifests.to_string_lossy();
+    succeed(
+        env,
+        &["apply", "--server-side", "--dry-run=server", "-k", &manifests],
+    )
+    .await?;
+    eprintln!(
+        "manifests: {SYSTEM_NAMESPACE} exists (ContextOS is installed on this cluster); the base was \
+         only dry-run, nothing was changed"
+    );
+    Ok(true)
+}
+
+/// The base, applied through a throwaway overlay that binds the approvals policy to one
+/// namespace: other tests in this binary append approvals as the admin user, which the policy
+/// (rightly) refuses.
+struct Install {
+    env: &'static TestEnv,
+    overlay: tempfile::TempDir,
+}
+
+impl Install {
+    async fn apply(env: &'static TestEnv, sessions_namespace: &str) -> Result<Self> {
+        let overlay = tempfile::tempdir().context("create the overlay directory")?;
+        let bind_to_namespace = json!([{
+            "op": "add",
+            "path": "/spec/matchResources",
+            "value": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": sessions_namespace}}}
+        }]);
+        let kustomization = json!({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            // kustomize takes only relative paths.
+            "resources": [relative_path(overlay.path(), &repo_root().join("manifests"))?],
+            "patches": [{
+                "target": {"kind": "ValidatingAdmissionPolicyBinding", "name": APPROVALS_POLICY},
+                "patch": bind_to_namespace.to_string(),
+            }],
+        });
+        std::fs::write(
+            overlay.path().join("kustomization.yaml"),
+            kustomization.to_string(),
+        )
+        .context("write the overlay")?;
+        let install = Self { env, overlay };
+        match install.apply_again().await {
+            Ok(()) => Ok(install),
+            Err(err) => {
+                let removed = install.remove().await;
+                first_error(Err(err), removed)
+            }
+        }
+    }
+
+    /// `kubectl apply -k --server-side`. The environment installed the CRDs with its own field
+    /// manager; kubectl's apply of the same values shares their ownership without a conflict, so
+    /// no `--force-conflicts` is needed (a conflict would mean the CRDs differ from the files).
+    async fn apply_again(&self) -> Result<()> {
+        succeed(self.env, &["apply", "--server-side", "-k", &self.dir()]).await?;
+        Ok(())
+    }
+
+    fn dir(&self) -> String {
+        self.overlay.path().to_string_lossy().into_owned()
+    }
+
+    /// `kind namespace/name` → resourceVersion of every object of the base.
+    async fn resource_versions(&self) -> Result<BTreeMap<String, String>> {
+        let output = succeed(self.env, &["get", "-k", &self.dir(), "-o", "json"]).await?;
+        let list: Value = serde_json::from_slice(&output.stdout).context("kubectl get -o json")?;
+        Ok(list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|o| {
+                let meta = &o["metadata"];
+                (
+                    format!(
+                        "{} {}/{}",
+                        o["kind"].as_str().unwrap_or_default(),
+                        meta["namespace"].as_str().unwrap_or_default(),
+                        meta["name"].as_str().unwrap_or_default()
+                    ),
+                    meta["resourceVersion"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect())
+    }
+
+    /// Deletes everything the base installed except the CRDs, and waits for the namespace to go.
+    async fn remove(self) -> Result<()> {
+        let rendered = render(self.env, self.overlay.path()).await?;
+        let installed: Vec<Value> = rendered
+            .into_iter()
+            .filter(|o| o["kind"] != "CustomResourceDefinition")
+            .collect();
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": installed});
+        let file = self.overlay.path().join("installed.json");
+        std::fs::write(&file, list.to_string()).context("write the list of installed objects")?;
+        let file = file.to_string_lossy();
+        succeed(
+            self.env,
+            &["delete", "--ignore-not-found", "--wait=false", "-f", &file],
+        )
+        .await?;
+        // testenv runs no pvc-protection controller to lift the claim's finalizer (on a real
+        // cluster it does, once no pod uses the claim); without this the namespace never goes.
+        let client = self.env.client();
+        let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), SYSTEM_NAMESPACE);
+        for claim in claims.list(&Default::default()).await? {
+            let name = claim.metadata.name.unwrap_or_default();
+            let lift = json!({"metadata": {"finalizers": null}});
+            claims
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&lift))
+                .await
+                .with_context(|| format!("lift the finalizers of claim {name}"))?;
+        }
+        wait_for_deletion(
+            &Api::<Namespace>::all(client),
+            SYSTEM_NAMESPACE,
+            None,
+            TIMEOUT,
+            |ns| format!("{:?}", ns.status),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// `first`'s error if it failed (reporting `second`'s too), else `second`.
+fn first_error<T>(first: Result<T>, second: Result<()>) -> Result<T> {
+    match (first, second) {
+        (Err(err), Err(also)) => {
+            eprintln!("manifests: cleaning up failed too: {also:#}");
+            Err(err)
+        }
+        (first, second) => second.and(first),
+    }
+}
+
+/// The objects `kubectl kustomize dir` renders.
+async fn render(env: &TestEnv, dir: &Path) -> Result<Vec<Value>> {
+    let dir = dir.to_string_lossy();
+    let output = succeed(env, &["kustomize", &dir]).await?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut objects = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let object: Value = serde::Deserialize::deserialize(document).context("kubectl kustomize output")?;
+        if !object.is_null() {
+            objects.push(object);
+        }
+    }
+    Ok(objects)
+}
+
+async fn run(env: &TestEnv, args: &[&str]) -> Result<Output> {
+    env.kubectl()
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("run kubectl {}", args.join(" ")))
+}
+
+/// Runs kubectl; a non-zero exit is an error carrying its stderr.
+async fn succeed(env: &TestEnv, args: &[&str]) -> Result<Output> {
+    let output = run(env, args).await?;
+    if !output.status.success() {
+        bail!(
+            "kubectl {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
+/// `to` relative to the directory `from` (both absolute).
+fn relative_path(from: &Path, to: &Path) -> Result<String> {
+    let from = from
+        .canonicalize()
+        .with_context(|| format!("resolve {}", from.display()))?;
+    let to = to
+        .canonicalize()
+        .with_context(|| format!("resolve {}", to.display()))?;
+    let from: Vec<Component> = from.components().collect();
+    let to: Vec<Component> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut path = PathBuf::new();
+    for _ in common..from.len() {
+        path.push("..");
+    }
+    path.extend(&to[common..]);
+    Ok(path.to_string_lossy().into_owned())
+}

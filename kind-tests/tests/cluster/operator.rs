@@ -1,0 +1,265 @@
+//! The operator end to end against the real API server: the quickstart becomes Ready, a
+//! Session runs in a sandboxed runner pod (the real `contextos` binary on the process node, in a
+//! namespace enforcing Pod Security "restricted"), pauses for approval, resumes when an
+//! approver patches `spec.approvals`, succeeds with a verifiable record in the store and each
+//! tool effect once; and invalid objects get `Ready=False` naming the field.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use contextos_crds::{Agent, Policy, Session, session::SessionPhase};
+use contextos_kind_tests::{Check, TestEnv, TestNamespace, wait_for_object};
+use contextos_runner::{
+    keys::KeyPair,
+    records::{TenantId, store::tikv::TikvStore, verify_run},
+};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use serde_json::{Value, json};
+
+use crate::{
+    objects::{apply, quickstart_objects},
+    operator_env::{self, HMAC_KEY, OperatorEnv},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The quickstart, with the agent's tools pointed at the test's ops-tools server and the
+/// webhook key in a Secret; the Session is left out.
+fn objects(op: &OperatorEnv) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for (_, object) in quickstart_objects()? {
+        if object["kind"] == "Session" {
+            continue;
+        }
+        let text = serde_json::to_string(&object)?
+            .replace("http://ops-tools.shop-platform.svc:8080", &op.tools_url)
+            .replace("http://ops-tools.shop-platform.svc:8081", &op.tools_url);
+        out.push(serde_json::from_str(&text)?);
+    }
+    out.push(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "ops-tools-webhook"},
+        "stringData": {"hmac-key": HMAC_KEY},
+    }));
+    Ok(out)
+}
+
+fn session(name: &str) -> Result<Value> {
+    let path = contextos_kind_tests::env::repo_root().join("examples/quickstart/session.yaml");
+    let mut session: Value = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
+    session["metadata"]["name"] = json!(name);
+    Ok(session)
+}
+
+fn condition(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> String {
+    conditions.iter().find(|c| c.type_ == type_).map_or_else(
+        || "none".into(),
+        |c| format!("{} {} {}", c.status, c.reason, c.message),
+    )
+}
+
+async fn phase_is(api: &Api<Session>, name: &str, wanted: SessionPhase) -> Result<Session> {
+    Ok(
+        wait_for_object(api, name, &format!("phase {wanted:?}"), TIMEOUT, |s: &Session| {
+            let status = s.status.clone().unwrap_or_default();
+            Check::when(status.phase == Some(wanted), || {
+                format!(
+                    "phase {:?}, Ready: {}",
+                    status.phase,
+                    condition(&status.conditions, "Ready")
+                )
+            })
+        })
+        .await?,
+    )
+}
+
+#[tokio::test]
+async fn a_session_runs_in_a_restricted_pod_pauses_for_approval_and_succeeds_with_its_record() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner pods need the local process node");
+        return Ok(());
+    };
+    let ns = TestNamespace::with_labels(
+        env,
+        "operator-session",
+        &[("pod-security.kubernetes.io/enforce", "restricted")],
+    )
+    .await?;
+    let client = env.client();
+    for object in objects(op)? {
+        apply(&client, ns.name(), &object).await?;
+    }
+    let agents: Api<Agent> = ns.api();
+    wait_for_object(&agents, "oncall-assistant", "Ready", TIMEOUT, |a: &Agent| {
+        let conditions = a.status.clone().unwrap_or_default().conditions;
+        Check::when(contextos_operator::controllers::is_ready(&conditions), || {
+            condition(&conditions, "Ready")
+        })
+    })
+    .await?;
+
+    apply(&client, ns.name(), &session("checkout")?).await?;
+    let sessions: Api<Session> = ns.api();
+    let paused = phase_is(&sessions, "checkout", SessionPhase::AwaitingApproval).await?;
+    let pending = paused
+        .status
+        .clone()
+        .and_then(|s| s.pending_approval)
+        .context("AwaitingApproval shows the pending call")?;
+    ensure!(pending.tool == "restart_deployment", "pending {pending:?}");
+    let pods: Api<Pod> = ns.api();
+    let first = pods.get("checkout-run-1").await?;
+    let spec = first.spec.clone().unwrap_or_default();
+    ensure!(
+        spec.automount_service_account_token == Some(false),
+        "no service-account token"
+    );
+    ensure!(
+        first
+            .metadata
+            .owner_references
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|r| r.kind == "Session")),
+        "the pod is owned by its Session"
+    );
+
+    let approval = json!({"spec": {"approvals": [{
+        "callHash": pending.call_hash,
+        "decision": "approve",
+        "approver": "dana@example.com",
+    }]}});
+    sessions
+        .patch("checkout", &PatchParams::default(), &Patch::Merge(&approval))
+        .await?;
+    let done = phase_is(&sessions, "checkout", SessionPhase::Succeeded).await?;
+    let status = done.status.clone().unwrap_or_default();
+    ensure!(
+        status.attempt == Some(2),
+        "the approval started attempt 2: {:?}",
+        status.attempt
+    );
+    ensure!(
+        status
+            .output
+            .as_deref()
+            .is_some_and(|o| o.contains("checkout-api")),
+        "output {:?}",
+        status.output
+    );
+    ensure!(
+        pods.get_opt("checkout-run-2").await?.is_some(),
+        "one pod per attempt"
+    );
+
+    // The record is in the store, verifies with the Session's key, and ends at the reported head.
+    let keys: Api<Secret> = ns.api();
+    let secret = keys.get("checkout-keys").await?;
+    let key_hex = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("record.key"))
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+        .context("record key")?;
+    let key = KeyPair::from_hex(&key_hex).context("record key parses")?;
+    let store = TikvStore::connect(op.store.trim_start_matches("tikv://")).await?;
+    let run_id = status.run_id.clone().context("runId")?;
+    let verified = verify_run(&store, &TenantId::new(ns.name())?, &run_id, &key.public()).await?;
+    ensure!(
+        Some(verified.head.to_hex()) == status.record_head,
+        "recordHead {:?} is the verified head {}",
+        status.record_head,
+        verified.head
+    );
+    ns.pass();
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: needs the local process node");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "operator-invalid").await?;
+    let client = env.client();
+    for object in objects(op)? {
+        let mut object = object;
+        if object["kind"] == "Agent" {
+            object["spec"]["contextPackRef"]["name"] = json!("no-such-pack");
+        }
+        if object["kind"] == "Policy" {
+            object["spec"]["rules"][2]["condition"] = json!("call.args.severity ==");
+        }
+        apply(&client, ns.name(), &object).await?;
+    }
+    let agents: Api<Agent> = ns.api();
+    wait_for_object(
+        &agents,
+        "oncall-assistant",
+        "Ready=False naming the reference",
+        TIMEOUT,
+        |a: &Agent| {
+            let text = condition(&a.status.clone().unwrap_or_default().conditions, "Ready");
+            Check::when(
+                text.starts_with(
+                    "False ReferenceNotFound spec.contextPackRef.name: ContextPack no-such-pack",
+                ),
+                || text.clone(),
+            )
+        },
+    )
+    .await?;
+    let policies: Api<Policy> = ns.api();
+    wait_for_object(
+        &policies,
+        "oncall-guardrails",
+        "Ready=False naming the rule",
+        TIMEOUT,
+        |p: &Policy| {
+            let text = condition(&p.status.clone().unwrap_or_default().conditions, "Ready");
+            Check::when(
+                text.starts_with("False InvalidExpression policy oncall-guardrails: spec.rules[2]"),
+                || text.clone(),
+            )
+        },
+    )
+    .await?;
+    apply(&client, ns.name(), &session("waiting")?).await?;
+    let sessions: Api<Session> = ns.api();
+    wait_for_object(
+        &sessions,
+        "waiting",
+        "Pending on its agent",
+        TIMEOUT,
+        |s: &Session| {
+            let status = s.status.clone().unwrap_or_default();
+            let text = condition(&status.conditions, "Ready");
+            Check::when(
+                status.phase == Some(SessionPhase::Pending) && text.contains("ReferenceNotReady"),
+                || format!("{:?} {text}", status.phase),
+            )
+        },
+    )
+    .await?;
+    ensure!(
+        Api::<Pod>::namespaced(client.clone(), ns.name())
+            .list(&Default::default())
+            .await?
+            .items
+            .is_empty(),
+        "no runner pod for a Session whose agent is not Ready"
+    );
+    ns.pass();
+    Ok(())
+}

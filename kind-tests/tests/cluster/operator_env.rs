@@ -1,0 +1,139 @@
+//! What the operator e2e tests run against, started once per test binary: the operator's
+//! controllers (in process, on their own runtime), a TiKV test server as the runner pods'
+//! record store, and the ops-tools server the test agent's tools call. Runner pods run the
+//! workspace's real `contextos` binary on the process node (the image the quickstart's
+//! SandboxProfile pins, mapped by the process node's default image map).
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{Arc, OnceLock},
+};
+
+use contextos_kind_tests::{TestEnv, process_node::workspace_binary};
+use contextos_operator::{OperatorConfig, metrics::Metrics, session_children::RunnerSettings};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+
+#[path = "../../../runner/tests/support/tikv_testserver.rs"]
+#[allow(dead_code)]
+mod tikv_testserver;
+
+/// Namespace of the operator's signing key in these tests.
+pub const OPERATOR_NAMESPACE: &str = "contextos-e2e-operator";
+/// The webhook key the ops-tools server checks and the test Secret holds.
+pub const HMAC_KEY: &str = "e2e-webhook-key";
+
+/// The running operator and its dependencies.
+pub struct OperatorEnv {
+    /// `tikv://<pd>`: where runner pods write records.
+    pub store: String,
+    /// Base URL of the ops-tools server.
+    pub tools_url: String,
+    _tikv: tikv_testserver::TestServer,
+    _tools: Child,
+    _runtime: tokio::runtime::Runtime,
+}
+
+static SHARED: OnceLock<Result<OperatorEnv, String>> = OnceLock::new();
+
+/// The shared operator environment, or why it cannot run here (on a `KUBECONFIG` cluster the
+/// runner pods cannot reach the test's loopback services, so these tests need the local node).
+pub async fn shared(env: &'static TestEnv) -> Result<Option<&'static OperatorEnv>, String> {
+    if !env.is_local() {
+        return Ok(None);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(SHARED.get_or_init(|| start(env)));
+    });
+    let started = rx
+        .await
+        .map_err(|_| "the operator start-up thread panicked".to_owned())?;
+    started.as_ref().map(Some).map_err(Clone::clone)
+}
+
+fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
+    let tikv_bin = std::env::var(tikv_testserver::TESTSERVER_ENV).map_err(|_| {
+        format!(
+            "{} is not set: `make kind-tests` builds the TiKV test server and sets it",
+            tikv_testserver::TESTSERVER_ENV
+        )
+    })?;
+    if workspace_binary("contextos").is_none() {
+        return Err("target/<profile>/contextos is missing: `make kind-tests` builds it".into());
+    }
+    let tikv = tikv_testserver::TestServer::start(&tikv_bin, &[]);
+    let (tools, tools_url) = start_tools()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("e2e-operator")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("operator runtime: {e}"))?;
+    let metrics = Arc::new(Metrics::default());
+    let store = format!("tikv://{}", tikv.pd);
+    let config = OperatorConfig {
+        namespace: OPERATOR_NAMESPACE.into(),
+        runner: RunnerSettings {
+            store: store.clone(),
+            egress: Vec::new(),
+        },
+        max_crash_attempts: 3,
+        concurrency: 8,
+    };
+    runtime.block_on(async {
+        let client = env.client();
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": OPERATOR_NAMESPACE}
+        }))
+        .map_err(|e| e.to_string())?;
+        match Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(format!("create namespace {OPERATOR_NAMESPACE}: {e}")),
+        }
+        // The operator runs for the life of the test binary: the stop signal is never sent.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _keep = stop;
+            if let Err(e) = contextos_operator::run(client, config, metrics, stopped).await {
+                eprintln!("e2e operator stopped: {e:#}");
+            }
+        });
+        Ok::<(), String>(())
+    })?;
+    Ok(OperatorEnv {
+        store,
+        tools_url,
+        _tikv: tikv,
+        _tools: tools,
+        _runtime: runtime,
+    })
+}
+
+fn start_tools() -> Result<(Child, String), String> {
+    let binary = workspace_binary("examples/ops_tools")
+        .ok_or("target/<profile>/examples/ops_tools is missing: `make kind-tests` builds it")?;
+    let mut child = Command::new(binary)
+        .args(["--hmac-key", HMAC_KEY, "--exit-on-stdin-eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start ops-tools: {e}"))?;
+    let stdout = child.stdout.take().ok_or("ops-tools stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| format!("read the ops-tools banner: {e}"))?;
+    let url = line
+        .trim()
+        .strip_prefix("ops-tools listening on ")
+        .ok_or_else(|| format!("unexpected ops-tools banner {line:?}"))?
+        .to_owned();
+    Ok((child, url))
+}

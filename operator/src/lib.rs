@@ -4,6 +4,7 @@
 
 pub mod conditions;
 pub mod controllers;
+pub mod leader;
 pub mod metrics;
 pub mod session_children;
 pub mod signing;
@@ -31,8 +32,11 @@ pub struct OperatorConfig {
     pub namespace: String,
     pub runner: RunnerSettings,
     pub max_crash_attempts: u32,
-    /// Sessions reconciled at once.
+    /// Objects reconciled at once per kind.
     pub concurrency: u16,
+    /// Only ContextOS objects matching this label selector are reconciled (for running several
+    /// operators side by side, e.g. in tests); `None`: all.
+    pub selector: Option<String>,
 }
 
 /// Runs every controller until `shutdown` turns true (in-flight reconciles finish first).
@@ -49,14 +53,23 @@ pub async fn run(
         }
     };
     let key = signing::ensure_key(&client, &config.namespace).await?;
+    let reporter = kube::runtime::events::Reporter {
+        controller: "contextos-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         key,
         runner: config.runner.clone(),
         max_crash_attempts: config.max_crash_attempts,
         metrics,
+        recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
     });
-    let watch = watcher::Config::default;
+    let selector = config.selector.clone();
+    let watch = move || match &selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
     let controller_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
 
     let packs = Controller::new(Api::<ContextPack>::all(client.clone()), watch());

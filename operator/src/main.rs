@@ -1,10 +1,12 @@
 //! The operator binary: flags, logging, health and metrics endpoints, graceful shutdown.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, routing::get};
 use clap::Parser;
-use contextos_operator::{OperatorConfig, metrics::Metrics, session_children::RunnerSettings};
+use contextos_operator::{
+    OperatorConfig, leader::LeaderElection, metrics::Metrics, session_children::RunnerSettings,
+};
 
 /// Runs the ContextOS controllers against the cluster in the current kubeconfig or service
 /// account.
@@ -34,6 +36,13 @@ struct Args {
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
+    /// Compete for a Lease so only one replica reconciles (turn off only for a single replica
+    /// outside a cluster).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// This replica's name in the Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 fn parse_egress(text: &str) -> Result<(String, u16), String> {
@@ -72,13 +81,47 @@ async fn main() -> anyhow::Result<()> {
         },
         max_crash_attempts: args.max_crash_attempts,
         concurrency: args.concurrency,
+        selector: None,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = std::sync::Arc::new(stop);
+    let on_signal = stop.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
-        let _ = stop.send(true);
+        let _ = on_signal.send(true);
     });
-    contextos_operator::run(client, config, metrics, stopped).await
+    if !args.leader_election {
+        return contextos_operator::run(client, config, metrics, stopped).await;
+    }
+    let election = LeaderElection {
+        namespace: config.namespace.clone(),
+        lease: "contextos-operator".into(),
+        identity: args.identity.unwrap_or_else(|| {
+            format!(
+                "contextos-operator-{}",
+                contextos_runner::run_context::random_hex(4)
+            )
+        }),
+        duration: Duration::from_secs(15),
+        renew: Duration::from_secs(5),
+    };
+    let mut waiting = stopped.clone();
+    tokio::select! {
+        () = election.acquire(&client) => {}
+        _ = waiting.wait_for(|stop| *stop) => return Ok(()),
+    }
+    tracing::info!(identity = %election.identity, "leading");
+    let holder = {
+        let (election, client) = (election.clone(), client.clone());
+        tokio::spawn(async move { election.hold(&client).await })
+    };
+    tokio::select! {
+        result = contextos_operator::run(client, config, metrics, stopped) => result,
+        _ = holder => {
+            let _ = stop.send(true);
+            anyhow::bail!("leadership lost; exiting so this replica starts over as a follower")
+        }
+    }
 }
 
 /// SIGTERM (what Kubernetes sends) or Ctrl-C.

@@ -14,6 +14,7 @@ mod manifests;
 mod objects;
 mod operator;
 mod operator_env;
+mod operator_resilience;
 mod pod_lifecycle;
 mod pod_security;
 mod printer_columns;

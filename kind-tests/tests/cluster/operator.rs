@@ -25,19 +25,24 @@ use crate::{
     operator_env::{self, HMAC_KEY, OperatorEnv},
 };
 
-const TIMEOUT: Duration = Duration::from_secs(120);
+pub const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The quickstart, with the agent's tools pointed at the test's ops-tools server and the
 /// webhook key in a Secret; the Session is left out.
 fn objects(op: &OperatorEnv) -> Result<Vec<Value>> {
+    objects_for(&op.tools_url)
+}
+
+/// [`objects`] for the ops-tools server at `tools_url`.
+pub fn objects_for(tools_url: &str) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for (_, object) in quickstart_objects()? {
         if object["kind"] == "Session" {
             continue;
         }
         let text = serde_json::to_string(&object)?
-            .replace("http://ops-tools.shop-platform.svc:8080", &op.tools_url)
-            .replace("http://ops-tools.shop-platform.svc:8081", &op.tools_url);
+            .replace("http://ops-tools.shop-platform.svc:8080", tools_url)
+            .replace("http://ops-tools.shop-platform.svc:8081", tools_url);
         out.push(serde_json::from_str(&text)?);
     }
     out.push(json!({
@@ -49,14 +54,14 @@ fn objects(op: &OperatorEnv) -> Result<Vec<Value>> {
     Ok(out)
 }
 
-fn session(name: &str) -> Result<Value> {
+pub fn session(name: &str) -> Result<Value> {
     let path = contextos_kind_tests::env::repo_root().join("examples/quickstart/session.yaml");
     let mut session: Value = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
     session["metadata"]["name"] = json!(name);
     Ok(session)
 }
 
-fn condition(
+pub fn condition(
     conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     type_: &str,
 ) -> String {
@@ -66,7 +71,7 @@ fn condition(
     )
 }
 
-async fn phase_is(api: &Api<Session>, name: &str, wanted: SessionPhase) -> Result<Session> {
+pub async fn phase_is(api: &Api<Session>, name: &str, wanted: SessionPhase) -> Result<Session> {
     Ok(
         wait_for_object(api, name, &format!("phase {wanted:?}"), TIMEOUT, |s: &Session| {
             let status = s.status.clone().unwrap_or_default();

@@ -21,6 +21,9 @@ mod tikv_testserver;
 
 /// Namespace of the operator's signing key in these tests.
 pub const OPERATOR_NAMESPACE: &str = "contextos-e2e-operator";
+/// Label of the objects the operator-restart test reconciles with its own operator.
+pub const CHAOS_LABEL: &str = "contextos.dev/operator-test";
+
 /// The webhook key the ops-tools server checks and the test Secret holds.
 pub const HMAC_KEY: &str = "e2e-webhook-key";
 
@@ -64,7 +67,7 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
         return Err("target/<profile>/contextos is missing: `make kind-tests` builds it".into());
     }
     let tikv = tikv_testserver::TestServer::start(&tikv_bin, &[]);
-    let (tools, tools_url) = start_tools()?;
+    let (tools, tools_url) = start_tools_with(&[])?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("e2e-operator")
@@ -81,6 +84,8 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
         },
         max_crash_attempts: 3,
         concurrency: 8,
+        // Objects of the restart test belong to that test's own operator.
+        selector: Some(format!("!{CHAOS_LABEL}")),
     };
     runtime.block_on(async {
         let client = env.client();
@@ -115,11 +120,13 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
     })
 }
 
-fn start_tools() -> Result<(Child, String), String> {
+/// Starts an ops-tools server (`extra` e.g. `--slow PATH=MILLIS`); killed on drop of the child.
+pub fn start_tools_with(extra: &[&str]) -> Result<(Child, String), String> {
     let binary = workspace_binary("examples/ops_tools")
         .ok_or("target/<profile>/examples/ops_tools is missing: `make kind-tests` builds it")?;
     let mut child = Command::new(binary)
         .args(["--hmac-key", HMAC_KEY, "--exit-on-stdin-eof"])
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

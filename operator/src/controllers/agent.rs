@@ -52,7 +52,7 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let status = json!({
-        "conditions": merge(&previous, &[ready], agent.metadata.generation, now()),
+        "conditions": merge(&previous, std::slice::from_ref(&ready), agent.metadata.generation, now()),
         "observedGeneration": agent.metadata.generation,
         "toolCount": agent.spec.tools.len(),
         "contextPackDigest": resolved.context_pack_digest,
@@ -64,6 +64,7 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
         status,
     )
     .await?;
+    super::announce(&ctx, agent.as_ref(), &previous, &ready).await;
     Ok(Action::await_change())
 }
 

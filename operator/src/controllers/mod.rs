@@ -33,6 +33,8 @@ pub struct Context {
     /// do not count against this).
     pub max_crash_attempts: u32,
     pub metrics: Arc<Metrics>,
+    /// Publishes Events (`kubectl describe`, `kubectl events`).
+    pub recorder: kube::runtime::events::Recorder,
 }
 
 impl std::fmt::Debug for Context {
@@ -60,6 +62,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// The API server refused because the object's namespace is being deleted.
+    pub fn namespace_terminating(&self) -> bool {
+        matches!(self, Self::Kube(kube::Error::Api(e)) if e.code == 403 && e.message.contains("being terminated"))
+    }
+
     /// A low-cardinality label for the failure metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -72,8 +79,13 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Transient failures are retried with a short backoff; each is counted.
+/// Transient failures are retried with a short backoff; each is counted. A namespace being
+/// deleted refuses new objects for good: its objects are going away, so nothing is retried.
 pub fn error_policy<K>(_object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.namespace_terminating() {
+        tracing::debug!(%error, "namespace is being deleted; not retrying");
+        return Action::await_change();
+    }
     ctx.metrics.failure(error.metric_label());
     tracing::warn!(%error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
@@ -142,6 +154,40 @@ pub fn ready_message(conditions: &[Condition]) -> String {
         .iter()
         .find(|c| c.type_ == conditions::READY)
         .map_or_else(|| "it has not been reconciled yet".into(), |c| c.message.clone())
+}
+
+/// Publishes an Event on `object` when its `Ready` condition changes: Normal when it becomes
+/// True, Warning (with the reason and message naming the fix) when it becomes False.
+pub async fn announce<K>(ctx: &Context, object: &K, before: &[Condition], ready: &crate::conditions::Wanted)
+where
+    K: Resource<DynamicType = ()>,
+{
+    let status = if ready.status {
+        conditions::status::TRUE
+    } else {
+        conditions::status::FALSE
+    };
+    let unchanged = before
+        .iter()
+        .any(|c| c.type_ == conditions::READY && c.status == status && c.reason == ready.reason);
+    if unchanged {
+        return;
+    }
+    let event = kube::runtime::events::Event {
+        type_: if ready.status {
+            kube::runtime::events::EventType::Normal
+        } else {
+            kube::runtime::events::EventType::Warning
+        },
+        reason: ready.reason.to_owned(),
+        note: Some(ready.message.chars().take(1024).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+        // Events are best effort (the namespace may be going away); the status says it all.
+        tracing::debug!(%error, "cannot publish an Event");
+    }
 }
 
 /// The time now, as status conditions record it.

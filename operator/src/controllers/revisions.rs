@@ -147,6 +147,13 @@ pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -
         status,
     )
     .await?;
+    super::announce(
+        &ctx,
+        pack.as_ref(),
+        &previous,
+        &revision_conditions(problem.as_ref(), &digest)[0],
+    )
+    .await;
     Ok(Action::await_change())
 }
 
@@ -194,6 +201,13 @@ pub async fn reconcile_policy(policy: Arc<Policy>, ctx: Arc<Context>) -> Result<
         status,
     )
     .await?;
+    super::announce(
+        &ctx,
+        policy.as_ref(),
+        &previous,
+        &revision_conditions(problem.as_ref(), &digest)[0],
+    )
+    .await;
     Ok(Action::await_change())
 }
 

@@ -610,8 +610,10 @@ async fn write_status(ctx: &Context, session: &Session, update: Update) -> Resul
             object.insert(key, value);
         }
     }
+    let mut announced = None;
     if let Some((phase, why, message)) = update.phase {
         let ready = Wanted::new(conditions::READY, phase == SessionPhase::Succeeded, why, message);
+        announced = Some(ready.clone());
         object.insert("phase".into(), json!(phase));
         object.insert(
             "conditions".into(),
@@ -631,5 +633,9 @@ async fn write_status(ctx: &Context, session: &Session, update: Update) -> Resul
     }
     object.insert("observedGeneration".into(), json!(session.metadata.generation));
     let api = Api::<Session>::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
-    apply_status(&api, &session.name_any(), status).await
+    apply_status(&api, &session.name_any(), status).await?;
+    if let Some(ready) = announced {
+        super::announce(ctx, session, &current.conditions, &ready).await;
+    }
+    Ok(())
 }

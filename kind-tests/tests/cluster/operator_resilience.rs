@@ -1,0 +1,314 @@
+//! The operator under faults and between tenants: leader election hands over only after the
+//! holder stops renewing; a runner pod killed while a tool acts is replaced and resumes without
+//! a second effect; an operator killed and restarted 20 times mid-reconcile leaves exactly one
+//! pod per attempt and no orphans; and a namespace cannot resolve another namespace's objects
+//! nor read its records.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use contextos_crds::{Agent, Session, session::SessionPhase};
+use contextos_kind_tests::{Check, TestEnv, TestNamespace, wait_for, wait_for_object};
+use contextos_operator::{
+    OperatorConfig,
+    leader::{LeaderElection, Standing},
+    session_children::RunnerSettings,
+};
+use contextos_runner::records::{RecordStore as _, TenantId, store::tikv::TikvStore};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use serde_json::{Value, json};
+
+use crate::{
+    objects::apply,
+    operator::{TIMEOUT, condition, objects_for, phase_is, session},
+    operator_env::{self, CHAOS_LABEL, OPERATOR_NAMESPACE},
+};
+
+#[tokio::test]
+async fn leadership_moves_only_when_the_holder_stops_renewing() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let ns = TestNamespace::new(env, "leader-election").await?;
+    let client = env.client();
+    let replica = |identity: &str| LeaderElection {
+        namespace: ns.name().to_owned(),
+        lease: "contextos-operator".into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(2),
+        renew: Duration::from_millis(300),
+    };
+    let (a, b) = (replica("replica-a"), replica("replica-b"));
+    ensure!(
+        a.try_acquire(&client).await? == Standing::Leader,
+        "the first replica leads"
+    );
+    for _ in 0..3 {
+        ensure!(
+            b.try_acquire(&client).await?
+                == Standing::Follower {
+                    holder: "replica-a".into()
+                },
+            "the second follows while the first renews"
+        );
+        ensure!(
+            a.try_acquire(&client).await? == Standing::Leader,
+            "the holder renews"
+        );
+    }
+    // The holder stops renewing; after the lease duration the follower takes over.
+    let taken = wait_for(
+        "replica-b takes the expired lease",
+        Duration::from_secs(10),
+        || async {
+            match b.try_acquire(&client).await {
+                Ok(Standing::Leader) => Check::Done(()),
+                other => Check::NotYet(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    taken?;
+    ensure!(
+        a.try_acquire(&client).await?
+            == Standing::Follower {
+                holder: "replica-b".into()
+            },
+        "the old holder now follows"
+    );
+    ns.pass();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_runner_killed_while_a_tool_acts_is_replaced_and_the_effect_happens_once() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    if operator_env::shared(env)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .is_none()
+    {
+        eprintln!("skipped: runner pods need the local process node");
+        return Ok(());
+    }
+    let (mut tools, tools_url) = operator_env::start_tools_with(&["--slow", "/deployments/restart=4000"])
+        .map_err(anyhow::Error::msg)?;
+    let result = async {
+        let ns = TestNamespace::new(env, "operator-runner-killed").await?;
+        let client = env.client();
+        for object in objects_for(&tools_url)? {
+            apply(&client, ns.name(), &object).await?;
+        }
+        apply(&client, ns.name(), &session("killed")?).await?;
+        let sessions: Api<Session> = ns.api();
+        let paused = phase_is(&sessions, "killed", SessionPhase::AwaitingApproval).await?;
+        let hash = paused.status.and_then(|s| s.pending_approval).context("pending")?.call_hash;
+        let approval = json!({"spec": {"approvals": [{"callHash": hash, "decision": "approve", "approver": "dana@example.com"}]}});
+        sessions.patch("killed", &PatchParams::default(), &Patch::Merge(&approval)).await?;
+        // Wait until the restart has acted (its answer is held back 4 s), then kill the pod.
+        wait_for("the restart reaches the tool", TIMEOUT, || async {
+            let effects = effects(&tools_url).await;
+            Check::when(effects.iter().any(|e| e["path"] == "/deployments/restart"), || format!("{effects:?}"))
+        })
+        .await?;
+        let pods: Api<Pod> = ns.api();
+        pods.delete("killed-run-2", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+            .await?;
+        phase_is(&sessions, "killed", SessionPhase::Succeeded).await?;
+        let effects = effects(&tools_url).await;
+        let restarts = effects.iter().filter(|e| e["path"] == "/deployments/restart").count();
+        ensure!(restarts == 1, "one restart despite the kill: {effects:?}");
+        let requests = reqwest_json(&format!("{tools_url}/effects")).await["requests"].as_u64().unwrap_or(0);
+        ensure!(requests >= 3, "the restart was sent again with its key and answered from the first: {requests}");
+        ns.pass();
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    let _ = tools.kill();
+    result
+}
+
+#[tokio::test]
+async fn an_operator_killed_twenty_times_mid_reconcile_leaves_one_pod_per_attempt() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner pods need the local process node");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "operator-restarts").await?;
+    let client = env.client();
+    let label = json!({CHAOS_LABEL: "restarts"});
+    for mut object in objects_for(&op.tools_url)? {
+        if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
+            // Two reads and an answer: no approval, so every Session can finish on its own.
+            object["data"]["script.json"] = json!(QUICK_SCRIPT);
+        }
+        object["metadata"]["labels"] = label.clone();
+        apply(&client, ns.name(), &object).await?;
+    }
+    let names: Vec<String> = (0..6).map(|i| format!("restarts-{i}")).collect();
+    for name in &names {
+        let mut session = session(name)?;
+        session["metadata"]["labels"] = label.clone();
+        apply(&client, ns.name(), &session).await?;
+    }
+    let config = OperatorConfig {
+        namespace: OPERATOR_NAMESPACE.into(),
+        runner: RunnerSettings {
+            store: op.store.clone(),
+            egress: Vec::new(),
+        },
+        max_crash_attempts: 3,
+        concurrency: 8,
+        selector: Some(format!("{CHAOS_LABEL}=restarts")),
+    };
+    let start = |config: OperatorConfig| {
+        let client = env.client();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let _ = contextos_operator::run(client, config, Default::default(), stopped).await;
+        });
+        (task, stop)
+    };
+    // Kill it at varied points: mid-resolution, mid-pod-creation, mid-status-write.
+    for round in 0u64..20 {
+        let (task, _stop) = start(config.clone());
+        tokio::time::sleep(Duration::from_millis(60 + (round * 37) % 300)).await;
+        task.abort();
+        let _ = task.await;
+    }
+    let (task, stop) = start(config);
+    let sessions: Api<Session> = ns.api();
+    for name in &names {
+        phase_is(&sessions, name, SessionPhase::Succeeded).await?;
+    }
+    let _ = stop.send(true);
+    let _ = task.await;
+    let pods: Api<Pod> = ns.api();
+    let mut pod_names: Vec<String> = pods
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|p| {
+            ensure!(
+                p.metadata
+                    .owner_references
+                    .as_ref()
+                    .is_some_and(|o| o.iter().any(|r| r.kind == "Session")),
+                "pod {:?} has no owning Session",
+                p.metadata.name
+            );
+            Ok(p.metadata.name.unwrap_or_default())
+        })
+        .collect::<Result<_>>()?;
+    pod_names.sort();
+    let expected: Vec<String> = names.iter().map(|n| format!("{n}-run-1")).collect();
+    ensure!(
+        pod_names == expected,
+        "exactly one pod per attempt: {pod_names:?}"
+    );
+    for name in &names {
+        let status = sessions.get(name).await?.status.unwrap_or_default();
+        ensure!(status.attempt == Some(1), "{name}: attempt {:?}", status.attempt);
+    }
+    let bundles = Api::<ConfigMap>::namespaced(client.clone(), ns.name())
+        .list(&ListParams::default().labels(contextos_crds::labels::SESSION))
+        .await?;
+    ensure!(
+        bundles.items.len() == names.len(),
+        "one bundle per Session: {}",
+        bundles.items.len()
+    );
+    let keys = Api::<Secret>::namespaced(client.clone(), ns.name())
+        .list(&ListParams::default().labels(contextos_crds::labels::SESSION))
+        .await?;
+    ensure!(
+        keys.items.len() == names.len(),
+        "one key Secret per Session: {}",
+        keys.items.len()
+    );
+    ns.pass();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_namespace_cannot_use_another_namespaces_objects_or_read_its_records() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: needs the local process node");
+        return Ok(());
+    };
+    let shop = TestNamespace::new(env, "tenant-shop").await?;
+    let bank = TestNamespace::new(env, "tenant-bank").await?;
+    let client = env.client();
+    for object in objects_for(&op.tools_url)? {
+        apply(&client, shop.name(), &object).await?;
+        // The bank tenant gets only the Agent: its references name objects that exist in shop.
+        if object["kind"] == "Agent" {
+            apply(&client, bank.name(), &object).await?;
+        }
+    }
+    let bank_agents: Api<Agent> = bank.api();
+    wait_for_object(
+        &bank_agents,
+        "oncall-assistant",
+        "Ready=False: nothing resolves across namespaces",
+        TIMEOUT,
+        |a: &Agent| {
+            let text = condition(&a.status.clone().unwrap_or_default().conditions, "Ready");
+            Check::when(text.starts_with("False ReferenceNotFound"), || text.clone())
+        },
+    )
+    .await?;
+    // A shop session's record is invisible to the bank tenant, even by its exact run id.
+    let mut quick = session("isolated")?;
+    quick["spec"]["input"]["prompt"] = json!("checkout-api 5xx");
+    apply(&client, shop.name(), &quick).await?;
+    let sessions: Api<Session> = shop.api();
+    let paused = phase_is(&sessions, "isolated", SessionPhase::AwaitingApproval).await?;
+    let run_id = paused.status.and_then(|s| s.run_id).context("runId")?;
+    let store = TikvStore::connect(op.store.trim_start_matches("tikv://")).await?;
+    ensure!(
+        store.head(&TenantId::new(shop.name())?, &run_id).await?.is_some(),
+        "the shop tenant sees its run"
+    );
+    ensure!(
+        store.head(&TenantId::new(bank.name())?, &run_id).await?.is_none()
+            && store
+                .read_chain(&TenantId::new(bank.name())?, &run_id, 0)
+                .await?
+                .is_empty(),
+        "the bank tenant cannot read the shop's run"
+    );
+    shop.pass();
+    bank.pass();
+    Ok(())
+}
+
+/// Two reads and a validated answer.
+const QUICK_SCRIPT: &str = r#"{"turns": [
+  {"content": "Runbook first.", "toolCalls": [{"tool": "search_runbooks", "arguments": {"query": "checkout-api 5xx"}}]},
+  {"content": "Live status.", "toolCalls": [{"tool": "get_service_status", "arguments": {"service": "checkout-api"}}]},
+  {"content": "{\"summary\": \"checkout-api 5xx is elevated after the 14:02 deploy; escalating to on-call.\", \"actions\": [], \"resolved\": false}"}
+]}"#;
+
+async fn effects(tools_url: &str) -> Vec<Value> {
+    reqwest_json(&format!("{tools_url}/effects")).await["effects"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn reqwest_json(url: &str) -> Value {
+    let output = tokio::process::Command::new("curl")
+        .args(["-sf", url])
+        .output()
+        .await;
+    output
+        .ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+        .unwrap_or(Value::Null)
+}

@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Stable cache locations so repeated runs on one machine reuse earlier work.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: quickstart test lint unit crds kind-tests
+.PHONY: quickstart test lint unit crds kind-tests kind-bench
 
 ## quickstart: the main job on one machine — a governed, recorded session from examples/quickstart
 ## with the scripted model, approved, verified and replayed (see examples/quickstart/local.sh).
@@ -45,6 +45,18 @@ kind-tests:
 	fi; \
 	$(CARGO) build -p contextos-runner --bin contextos --examples --locked || exit 1; \
 	$(CARGO) test -p contextos-kind-tests --locked --tests
+
+## kind-bench: the scale benchmark on the local control plane (200 Sessions at once, operator
+## memory with ~1,000 objects); prints figures. Debug builds, like the cluster tests.
+kind-bench:
+	set -o pipefail; \
+	bin="$$(bash kind-tests/testenv/build.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_TESTENV_BIN="$$bin"; \
+	tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_TIKV_TESTSERVER_BIN="$$tikv"; \
+	$(CARGO) build -p contextos-runner --bin contextos --examples --locked || exit 1; \
+	$(CARGO) build -p contextos-operator --locked || exit 1; \
+	$(CARGO) bench -p contextos-kind-tests --bench scale --profile dev --locked
 
 ## crds: regenerate manifests/crds from the types in crds/src.
 crds:

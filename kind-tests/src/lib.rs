@@ -17,6 +17,7 @@ pub mod describe;
 pub mod dump;
 pub mod env;
 pub mod namespace;
+pub mod operator_env;
 pub mod process_node;
 pub mod wait;
 

@@ -40,6 +40,9 @@ struct Args {
     /// outside a cluster).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
+    /// Reconcile only ContextOS objects matching this label selector (default: all).
+    #[arg(long)]
+    selector: Option<String>,
     /// This replica's name in the Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -81,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
         },
         max_crash_attempts: args.max_crash_attempts,
         concurrency: args.concurrency,
-        selector: None,
+        selector: args.selector.clone(),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let stop = std::sync::Arc::new(stop);

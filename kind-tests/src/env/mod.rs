@@ -174,6 +174,14 @@ impl TestEnv {
         client
     }
 
+    /// The local control plane's kubeconfig (for programs started by a test or benchmark).
+    pub fn kubeconfig(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Local { plane, .. } => Some(&plane.kubeconfig),
+            Backend::External { .. } => None,
+        }
+    }
+
     /// Whether this is the local control plane with the process node (not a `KUBECONFIG`).
     pub fn is_local(&self) -> bool {
         matches!(self.backend, Backend::Local { .. })

@@ -13,7 +13,6 @@ mod jobs;
 mod manifests;
 mod objects;
 mod operator;
-mod operator_env;
 mod operator_resilience;
 mod pod_lifecycle;
 mod pod_security;

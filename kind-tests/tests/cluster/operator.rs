@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use contextos_crds::{Agent, Policy, Session, session::SessionPhase};
-use contextos_kind_tests::{Check, TestEnv, TestNamespace, wait_for_object};
+use contextos_kind_tests::{
+    Check, TestEnv, TestNamespace,
+    operator_env::{self, OperatorEnv},
+    wait_for_object,
+};
 use contextos_runner::{
     keys::KeyPair,
     records::{TenantId, store::tikv::TikvStore, verify_run},
@@ -20,10 +24,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::{
-    objects::{apply, quickstart_objects},
-    operator_env::{self, HMAC_KEY, OperatorEnv},
-};
+use crate::objects::apply;
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -35,23 +36,7 @@ fn objects(op: &OperatorEnv) -> Result<Vec<Value>> {
 
 /// [`objects`] for the ops-tools server at `tools_url`.
 pub fn objects_for(tools_url: &str) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for (_, object) in quickstart_objects()? {
-        if object["kind"] == "Session" {
-            continue;
-        }
-        let text = serde_json::to_string(&object)?
-            .replace("http://ops-tools.shop-platform.svc:8080", tools_url)
-            .replace("http://ops-tools.shop-platform.svc:8081", tools_url);
-        out.push(serde_json::from_str(&text)?);
-    }
-    out.push(json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "ops-tools-webhook"},
-        "stringData": {"hmac-key": HMAC_KEY},
-    }));
-    Ok(out)
+    operator_env::quickstart_for(tools_url).map_err(anyhow::Error::msg)
 }
 
 pub fn session(name: &str) -> Result<Value> {

@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use contextos_crds::{Agent, Session, session::SessionPhase};
-use contextos_kind_tests::{Check, TestEnv, TestNamespace, wait_for, wait_for_object};
+use contextos_kind_tests::{
+    Check, TestEnv, TestNamespace,
+    operator_env::{self, CHAOS_LABEL, OPERATOR_NAMESPACE, QUICK_SCRIPT},
+    wait_for, wait_for_object,
+};
 use contextos_operator::{
     OperatorConfig,
     leader::{LeaderElection, Standing},
@@ -25,7 +29,6 @@ use serde_json::{Value, json};
 use crate::{
     objects::apply,
     operator::{TIMEOUT, condition, objects_for, phase_is, session},
-    operator_env::{self, CHAOS_LABEL, OPERATOR_NAMESPACE},
 };
 
 #[tokio::test]
@@ -287,13 +290,6 @@ async fn a_namespace_cannot_use_another_namespaces_objects_or_read_its_records()
     bank.pass();
     Ok(())
 }
-
-/// Two reads and a validated answer.
-const QUICK_SCRIPT: &str = r#"{"turns": [
-  {"content": "Runbook first.", "toolCalls": [{"tool": "search_runbooks", "arguments": {"query": "checkout-api 5xx"}}]},
-  {"content": "Live status.", "toolCalls": [{"tool": "get_service_status", "arguments": {"service": "checkout-api"}}]},
-  {"content": "{\"summary\": \"checkout-api 5xx is elevated after the 14:02 deploy; escalating to on-call.\", \"actions\": [], \"resolved\": false}"}
-]}"#;
 
 async fn effects(tools_url: &str) -> Vec<Value> {
     reqwest_json(&format!("{tools_url}/effects")).await["effects"]

@@ -10,14 +10,14 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use contextos_kind_tests::{TestEnv, process_node::workspace_binary};
+use crate::{TestEnv, process_node::workspace_binary};
 use contextos_operator::{OperatorConfig, metrics::Metrics, session_children::RunnerSettings};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
 
-#[path = "../../../runner/tests/support/tikv_testserver.rs"]
-#[allow(dead_code)]
-mod tikv_testserver;
+#[path = "../../runner/tests/support/tikv_testserver.rs"]
+#[allow(dead_code, missing_debug_implementations)]
+pub mod tikv_testserver;
 
 /// Namespace of the operator's signing key in these tests.
 pub const OPERATOR_NAMESPACE: &str = "contextos-e2e-operator";
@@ -36,6 +36,15 @@ pub struct OperatorEnv {
     _tikv: tikv_testserver::TestServer,
     _tools: Child,
     _runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for OperatorEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorEnv")
+            .field("store", &self.store)
+            .field("tools_url", &self.tools_url)
+            .finish_non_exhaustive()
+    }
 }
 
 static SHARED: OnceLock<Result<OperatorEnv, String>> = OnceLock::new();
@@ -143,4 +152,44 @@ pub fn start_tools_with(extra: &[&str]) -> Result<(Child, String), String> {
         .ok_or_else(|| format!("unexpected ops-tools banner {line:?}"))?
         .to_owned();
     Ok((child, url))
+}
+
+/// Two reads and a validated answer: a quickstart Session that finishes without approval.
+pub const QUICK_SCRIPT: &str = r#"{"turns": [
+  {"content": "Runbook first.", "toolCalls": [{"tool": "search_runbooks", "arguments": {"query": "checkout-api 5xx"}}]},
+  {"content": "Live status.", "toolCalls": [{"tool": "get_service_status", "arguments": {"service": "checkout-api"}}]},
+  {"content": "{\"summary\": \"checkout-api 5xx is elevated after the 14:02 deploy; escalating to on-call.\", \"actions\": [], \"resolved\": false}"}
+]}"#;
+
+/// The quickstart's objects (Session left out), with the agent's tools pointed at the
+/// ops-tools server at `tools_url` and the webhook key in a Secret.
+pub fn quickstart_for(tools_url: &str) -> Result<Vec<serde_json::Value>, String> {
+    let dir = crate::env::repo_root().join("examples/quickstart");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("read {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| format!("read {}: {e}", file.display()))?
+            .replace("http://ops-tools.shop-platform.svc:8080", tools_url)
+            .replace("http://ops-tools.shop-platform.svc:8081", tools_url);
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(document)
+                .map_err(|e| format!("parse {}: {e}", file.display()))?;
+            if !value.is_null() && value["kind"] != "Session" {
+                out.push(value);
+            }
+        }
+    }
+    out.push(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "ops-tools-webhook"},
+        "stringData": {"hmac-key": HMAC_KEY},
+    }));
+    Ok(out)
 }

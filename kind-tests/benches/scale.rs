@@ -1,0 +1,259 @@
+//! Scale on the local control plane: 200 Sessions created at once → time until every runner
+//! pod exists and until every Session succeeded; then the operator's memory with ≈ 1,000
+//! ContextOS objects. The operator runs as its own process (the workspace's
+//! `contextos-operator` binary), so its memory is measured alone; runner pods run the real
+//! `contextos` binary on the process node.
+//!
+//! Run: `make kind-bench` (builds what it needs). Figures, not assertions.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use contextos_crds::{Agent, Policy, Session, session::SessionPhase};
+use contextos_kind_tests::{
+    Check, TestEnv, TestNamespace,
+    operator_env::{QUICK_SCRIPT, quickstart_for, start_tools_with, tikv_testserver::TestServer},
+    process_node::workspace_binary,
+    wait_for, wait_for_object,
+};
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    Api, Client,
+    api::{DynamicObject, ListParams, Patch, PatchParams, PostParams},
+    discovery::pinned_kind,
+};
+use serde_json::{Value, json};
+
+const SESSIONS: usize = 200;
+const EXTRA_POLICIES: usize = 800;
+const LABEL: &str = "contextos.dev/operator-test";
+const OPERATOR_NAMESPACE: &str = "contextos-scale-operator";
+
+fn main() -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run())
+}
+
+async fn run() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let kubeconfig = env
+        .kubeconfig()
+        .context("the scale benchmark runs on the local control plane (unset KUBECONFIG)")?
+        .to_owned();
+    let tikv_bin = std::env::var("CONTEXTOS_TIKV_TESTSERVER_BIN").context("CONTEXTOS_TIKV_TESTSERVER_BIN")?;
+    let tikv = TestServer::start(&tikv_bin, &[]);
+    let (mut tools, tools_url) = start_tools_with(&[]).map_err(anyhow::Error::msg)?;
+    let client = env.client();
+    let namespaces = Api::<Namespace>::all(client.clone());
+    let _ = namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": OPERATOR_NAMESPACE}}))?,
+        )
+        .await;
+    let operator_bin = workspace_binary("contextos-operator").context("build contextos-operator first")?;
+    let mut operator = Command::new(operator_bin)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "warn")
+        .args([
+            "--leader-election=false",
+            "--namespace",
+            OPERATOR_NAMESPACE,
+            "--runner-store",
+            &format!("tikv://{}", tikv.pd),
+            "--listen",
+            "127.0.0.1:0",
+            "--selector",
+            &format!("{LABEL}=scale"),
+            "--concurrency",
+            "16",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(stderr) = operator.stderr.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("operator: {line}");
+            }
+        });
+    }
+    let pid = operator.id();
+    let result = measure(env, &client, &tools_url, pid).await;
+    let _ = operator.kill();
+    let _ = operator.wait();
+    let _ = tools.kill();
+    result
+}
+
+async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pid: u32) -> Result<()> {
+    let ns = TestNamespace::new(env, "scale").await?;
+    let label = json!({LABEL: "scale"});
+    for mut object in quickstart_for(tools_url).map_err(anyhow::Error::msg)? {
+        if object["metadata"]["name"] == "quickstart-script" {
+            object["data"]["script.json"] = json!(QUICK_SCRIPT);
+        }
+        object["metadata"]["labels"] = label.clone();
+        apply(client, ns.name(), &object).await?;
+    }
+    let agents: Api<Agent> = ns.api();
+    wait_for_object(
+        &agents,
+        "oncall-assistant",
+        "Ready",
+        Duration::from_secs(60),
+        |a: &Agent| {
+            let ready = a.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            Check::when(ready, || format!("{:?}", a.status))
+        },
+    )
+    .await?;
+    let idle_rss = rss_kib(pid)?;
+
+    let session_text = std::fs::read_to_string(
+        contextos_kind_tests::env::repo_root().join("examples/quickstart/session.yaml"),
+    )?;
+    let template: Value = serde_yaml::from_str(&session_text)?;
+    let started = Instant::now();
+    futures::stream::iter(0..SESSIONS)
+        .map(|i| {
+            let mut session = template.clone();
+            session["metadata"]["name"] = json!(format!("scale-{i:03}"));
+            session["metadata"]["labels"] = label.clone();
+            let client = client.clone();
+            let namespace = ns.name().to_owned();
+            async move { apply(&client, &namespace, &session).await }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let created = started.elapsed();
+    let pods: Api<Pod> = ns.api();
+    wait_for("every runner pod exists", Duration::from_secs(600), || async {
+        let count = pods
+            .list(&ListParams::default().labels(contextos_crds::labels::SESSION))
+            .await
+            .map(|l| l.items.len());
+        Check::when(count.as_ref().is_ok_and(|n| *n >= SESSIONS), || {
+            format!("{count:?} pods")
+        })
+    })
+    .await?;
+    let pods_at = started.elapsed();
+    let sessions: Api<Session> = ns.api();
+    wait_for("every Session succeeded", Duration::from_secs(1800), || async {
+        let list = sessions.list(&ListParams::default()).await;
+        let done = list.as_ref().map(|l| {
+            l.items
+                .iter()
+                .filter(|s| s.status.as_ref().and_then(|st| st.phase) == Some(SessionPhase::Succeeded))
+                .count()
+        });
+        let failed = list.as_ref().map(|l| {
+            l.items
+                .iter()
+                .filter(|s| s.status.as_ref().and_then(|st| st.phase) == Some(SessionPhase::Failed))
+                .count()
+        });
+        Check::when(done.as_ref().is_ok_and(|n| *n >= SESSIONS), || {
+            format!("{done:?} succeeded, {failed:?} failed")
+        })
+    })
+    .await?;
+    let done_at = started.elapsed();
+    let sessions_rss = rss_kib(pid)?;
+
+    let policy_template: Value = serde_yaml::from_str(&std::fs::read_to_string(
+        contextos_kind_tests::env::repo_root().join("examples/quickstart/policy.yaml"),
+    )?)?;
+    futures::stream::iter(0..EXTRA_POLICIES)
+        .map(|i| {
+            let mut policy = policy_template.clone();
+            policy["metadata"]["name"] = json!(format!("policy-{i:03}"));
+            policy["metadata"]["labels"] = label.clone();
+            let client = client.clone();
+            let namespace = ns.name().to_owned();
+            async move { apply(&client, &namespace, &policy).await }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let policies: Api<Policy> = ns.api();
+    wait_for("every Policy reconciled", Duration::from_secs(600), || async {
+        let list = policies.list(&ListParams::default()).await;
+        let ready = list
+            .as_ref()
+            .map(|l| l.items.iter().filter(|p| p.status.is_some()).count());
+        Check::when(ready.as_ref().is_ok_and(|n| *n > EXTRA_POLICIES), || {
+            format!("{ready:?} reconciled")
+        })
+    })
+    .await?;
+    let objects = SESSIONS + EXTRA_POLICIES + 5;
+    let full_rss = rss_kib(pid)?;
+    println!("scale — {SESSIONS} Sessions created at once on the local control plane (2 cores)");
+    println!(
+        "  Sessions created (API writes)          {:>8.1} s",
+        created.as_secs_f64()
+    );
+    println!(
+        "  every runner pod exists                {:>8.1} s",
+        pods_at.as_secs_f64()
+    );
+    println!(
+        "  every Session succeeded                {:>8.1} s",
+        done_at.as_secs_f64()
+    );
+    println!("operator memory (RSS of the contextos-operator process)");
+    println!(
+        "  idle, quickstart objects only          {:>8.1} MiB   (baseline)",
+        idle_rss as f64 / 1024.0
+    );
+    println!(
+        "  with {SESSIONS} finished Sessions              {:>8.1} MiB",
+        sessions_rss as f64 / 1024.0
+    );
+    println!(
+        "  with ≈ {objects} ContextOS objects          {:>8.1} MiB",
+        full_rss as f64 / 1024.0
+    );
+    ns.pass();
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    for line in status.lines() {
+        if let Some(rest) = line.strip_prefix("VmRSS:") {
+            return Ok(rest.trim().trim_end_matches("kB").trim().parse()?);
+        }
+    }
+    bail!("no VmRSS for process {pid}")
+}
+
+async fn apply(client: &Client, namespace: &str, object: &Value) -> Result<DynamicObject> {
+    let mut object = object.clone();
+    object["metadata"]["namespace"] = json!(namespace);
+    let api_version = object["apiVersion"].as_str().context("apiVersion")?;
+    let kind = object["kind"].as_str().context("kind")?;
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let (resource, _) = pinned_kind(client, &kube::api::GroupVersionKind::gvk(group, version, kind)).await?;
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    let name = object["metadata"]["name"].as_str().context("name")?.to_owned();
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply("contextos.dev/scale-bench"),
+            &Patch::Apply(&object),
+        )
+        .await?)
+}

@@ -244,7 +244,12 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
     let client = env.client();
     let session = yaml_documents(&repo_root().join("examples/quickstart/session.yaml"))?.remove(0);
     apply(&client, namespace, &session).await?;
-    allow_to_approve(&client, namespace, &["alice@example.com", "bob@example.com"]).await?;
+    allow_to_approve(
+        &client,
+        namespace,
+        &["alice@example.com", "bob@example.com", "carol@example.com"],
+    )
+    .await?;
     let session = SessionPatches {
         env,
         namespace,
@@ -298,6 +303,36 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         recorded == ["alice@example.com", "bob@example.com"],
         "recorded approvers: {recorded:?}"
     );
+
+    // The call the Session waits for can only be decided by one of its approvers.
+    let pending = "7c4b9e2f1a8d3c6b5e0f9a2d7c4b1e8f3a6d9c2b5e8f1a4d7c0b3e6f9a2d5c8b";
+    let status = json!({"status": {"pendingApproval": {
+        "callHash": pending, "tool": "restart_deployment", "risk": "destructive",
+        "arguments": "{}", "rule": "oncall-guardrails/destructive-needs-oncall",
+        "reason": "on-call must agree", "approvers": {"groups": ["sre-oncall"]},
+    }}});
+    Api::<contextos_crds::Session>::namespaced(client.clone(), namespace)
+        .patch_status(
+            session.name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&status),
+        )
+        .await?;
+    let decide =
+        json!([{"op": "add", "path": "/spec/approvals/-", "value": approval(pending, "carol@example.com")}]);
+    let refusal = session
+        .patch_in_groups("carol@example.com", &[], &decide)
+        .await?
+        .err()
+        .context("carol, in no approver group, decided the pending call")?;
+    ensure!(
+        refusal.contains("is not an approver of the pending call"),
+        "unexpected refusal: {refusal}"
+    );
+    session
+        .patch_in_groups("carol@example.com", &["sre-oncall"], &decide)
+        .await?
+        .map_err(|refusal| anyhow::anyhow!("carol, in sre-oncall, was refused: {refusal}"))?;
     Ok(())
 }
 
@@ -326,6 +361,38 @@ impl SessionPatches<'_> {
         ];
         if dry_run {
             args.push("--dry-run=server");
+        }
+        let output = run(self.env, &args).await?;
+        Ok(if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        })
+    }
+
+    /// Like `patch`, as `user` in `groups` (impersonated).
+    async fn patch_in_groups(
+        &self,
+        user: &str,
+        groups: &[&str],
+        patch: &Value,
+    ) -> Result<Result<(), String>> {
+        let patch = patch.to_string();
+        let mut args = vec![
+            "patch",
+            "sessions.contextos.dev",
+            self.name,
+            "-n",
+            self.namespace,
+            "--as",
+            user,
+            "--type=json",
+            "-p",
+            &patch,
+        ];
+        for group in groups {
+            args.push("--as-group");
+            args.push(group);
         }
         let output = run(self.env, &args).await?;
         Ok(if output.status.success() {

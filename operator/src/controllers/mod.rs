@@ -62,6 +62,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// The object was deleted while it was being reconciled.
+    pub fn gone(&self) -> bool {
+        matches!(self, Self::Kube(kube::Error::Api(e)) if e.code == 404)
+    }
+
     /// The API server refused because the object's namespace is being deleted.
     pub fn namespace_terminating(&self) -> bool {
         matches!(self, Self::Kube(kube::Error::Api(e)) if e.code == 403 && e.message.contains("being terminated"))
@@ -82,8 +87,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Transient failures are retried with a short backoff; each is counted. A namespace being
 /// deleted refuses new objects for good: its objects are going away, so nothing is retried.
 pub fn error_policy<K>(_object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
-    if error.namespace_terminating() {
-        tracing::debug!(%error, "namespace is being deleted; not retrying");
+    if error.namespace_terminating() || error.gone() {
+        tracing::debug!(%error, "the object or its namespace is being deleted; not retrying");
         return Action::await_change();
     }
     ctx.metrics.failure(error.metric_label());

@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use contextos_crds::{
-    Agent, ContextPack, Policy, SandboxProfile, SandboxProfileSpec, Session,
+    Agent, ContextPack, ContextPackSpec, Policy, SandboxProfile, SandboxProfileSpec, Session,
     conditions::{self, reason},
     session::SessionPhase,
 };
@@ -391,8 +391,15 @@ async fn resolve_bundle(
             format!("ContextPack {pack_name} is gone"),
         )));
     };
+    let revisions = pack.status.as_ref().and_then(|s| s.revisions.clone());
+    let Some(pack_spec) = promoted_spec::<ContextPackSpec>(ctx, &namespace, revisions.as_ref()).await? else {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            format!("ContextPack {pack_name} has no promoted revision yet"),
+        )));
+    };
     let mut sources = BTreeMap::new();
-    for source in &pack.spec.sources {
+    for source in &pack_spec.sources {
         if let Some(key) = &source.config_map_ref {
             match config_map_key(&config_maps, &key.name, &key.key).await? {
                 Some(content) => {
@@ -419,9 +426,16 @@ async fn resolve_bundle(
                 format!("Policy {} is gone", reference.name),
             )));
         };
+        let revisions = policy.status.as_ref().and_then(|s| s.revisions.clone());
+        let Some(spec) = promoted_spec(ctx, &namespace, revisions.as_ref()).await? else {
+            return Ok(Err(Invalid::new(
+                reason::REFERENCE_NOT_READY,
+                format!("Policy {} has no promoted revision yet", reference.name),
+            )));
+        };
         policies.push(NamedPolicy {
             name: reference.name.clone(),
-            spec: policy.spec,
+            spec,
         });
     }
     let model_script = match &agent.spec.model.script_ref {
@@ -436,13 +450,32 @@ async fn resolve_bundle(
         agent_spec: agent.spec.clone(),
         context_pack: NamedPack {
             name: pack_name.clone(),
-            spec: pack.spec,
+            spec: pack_spec,
         },
         sources,
         policies,
         sandbox_profile_digest: Some(spec_digest(&sandbox.spec)),
         model_script,
     }))
+}
+
+/// The spec of the promoted revision, from its ControllerRevision snapshot: Sessions run the
+/// promoted revision even while a newer candidate waits for its replay gate.
+async fn promoted_spec<T: serde::de::DeserializeOwned>(
+    ctx: &Context,
+    namespace: &str,
+    revisions: Option<&contextos_crds::common::RevisionStatus>,
+) -> Result<Option<T>> {
+    let Some(snapshot) = revisions.and_then(|r| r.promoted_snapshot.as_deref()) else {
+        return Ok(None);
+    };
+    let api =
+        Api::<k8s_openapi::api::apps::v1::ControllerRevision>::namespaced(ctx.client.clone(), namespace);
+    let Some(revision) = api.get_opt(snapshot).await? else {
+        return Ok(None);
+    };
+    let spec = revision.data.map(|d| d.0["spec"].clone()).unwrap_or(Value::Null);
+    Ok(serde_json::from_value(spec).ok())
 }
 
 async fn config_map_key(api: &Api<ConfigMap>, name: &str, key: &str) -> Result<Option<String>> {

@@ -93,6 +93,7 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
         },
         max_crash_attempts: 3,
         concurrency: 8,
+        replay_image: crate::process_node::RUNNER_IMAGE.to_owned(),
         // Objects of the restart test belong to that test's own operator.
         selector: Some(format!("!{CHAOS_LABEL}")),
     };

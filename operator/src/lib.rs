@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod controllers;
 pub mod leader;
 pub mod metrics;
+pub mod replay_job;
 pub mod session_children;
 pub mod signing;
 
@@ -13,7 +14,10 @@ use std::sync::Arc;
 
 use contextos_crds::{Agent, ContextPack, Policy, SandboxProfile, Session};
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::{
+    batch::v1::Job,
+    core::v1::{ConfigMap, Pod},
+};
 use kube::{
     Api, Client, ResourceExt as _,
     runtime::{Controller, reflector::ObjectRef, watcher},
@@ -34,6 +38,8 @@ pub struct OperatorConfig {
     pub max_crash_attempts: u32,
     /// Objects reconciled at once per kind.
     pub concurrency: u16,
+    /// Image of replay Jobs (the runner image).
+    pub replay_image: String,
     /// Only ContextOS objects matching this label selector are reconciled (for running several
     /// operators side by side, e.g. in tests); `None`: all.
     pub selector: Option<String>,
@@ -64,6 +70,7 @@ pub async fn run(
         max_crash_attempts: config.max_crash_attempts,
         metrics,
         recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
+        replay_image: config.replay_image.clone(),
     });
     let selector = config.selector.clone();
     let watch = move || match &selector {
@@ -95,12 +102,20 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
+        .owns(
+            Api::<Job>::all(client.clone()),
+            watcher::Config::default().labels(contextos_crds::labels::REVISION_OF),
+        )
         .graceful_shutdown_on(shutdown())
         .run(revisions::reconcile_context_pack, error_policy, ctx.clone())
         .for_each(|_| async {});
 
     let policies = Controller::new(Api::<Policy>::all(client.clone()), watch())
         .with_config(controller_config.clone())
+        .owns(
+            Api::<Job>::all(client.clone()),
+            watcher::Config::default().labels(contextos_crds::labels::REVISION_OF),
+        )
         .graceful_shutdown_on(shutdown())
         .run(revisions::reconcile_policy, error_policy, ctx.clone())
         .for_each(|_| async {});

@@ -40,6 +40,13 @@ struct Args {
     /// outside a cluster).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
+    /// Image of replay Jobs: the runner image (its entrypoint is `contextos`).
+    #[arg(
+        long,
+        env = "CONTEXTOS_REPLAY_IMAGE",
+        default_value = "ghcr.io/contextos/runner:0.1.0@sha256:8efb2271583453e455faacdc1941d214c2a8e6c6beb667cbc5b69589baf7d3b2"
+    )]
+    replay_image: String,
     /// Reconcile only ContextOS objects matching this label selector (default: all).
     #[arg(long)]
     selector: Option<String>,
@@ -84,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         },
         max_crash_attempts: args.max_crash_attempts,
         concurrency: args.concurrency,
+        replay_image: args.replay_image.clone(),
         selector: args.selector.clone(),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);

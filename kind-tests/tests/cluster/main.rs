@@ -18,5 +18,6 @@ mod pod_lifecycle;
 mod pod_security;
 mod printer_columns;
 mod process_node;
+mod promotion;
 mod quickstart;
 mod workloads;

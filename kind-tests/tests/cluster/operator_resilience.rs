@@ -165,6 +165,7 @@ async fn an_operator_killed_twenty_times_mid_reconcile_leaves_one_pod_per_attemp
         },
         max_crash_attempts: 3,
         concurrency: 8,
+        replay_image: contextos_kind_tests::process_node::RUNNER_IMAGE.to_owned(),
         selector: Some(format!("{CHAOS_LABEL}=restarts")),
     };
     let start = |config: OperatorConfig| {

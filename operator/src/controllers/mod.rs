@@ -35,6 +35,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Publishes Events (`kubectl describe`, `kubectl events`).
     pub recorder: kube::runtime::events::Recorder,
+    /// Image of replay Jobs (the runner image: its entrypoint is `contextos`).
+    pub replay_image: String,
 }
 
 impl std::fmt::Debug for Context {
@@ -191,6 +193,48 @@ where
     };
     if let Err(error) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
         // Events are best effort (the namespace may be going away); the status says it all.
+        tracing::debug!(%error, "cannot publish an Event");
+    }
+}
+
+/// Publishes an Event when a condition other than `Ready` changes (a promotion, a replay
+/// verdict): Normal when True, Warning when False.
+pub async fn announce_condition<K>(
+    ctx: &Context,
+    object: &K,
+    before: &[Condition],
+    wanted: &crate::conditions::Wanted,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    let status = if wanted.status {
+        conditions::status::TRUE
+    } else {
+        conditions::status::FALSE
+    };
+    if before
+        .iter()
+        .any(|c| c.type_ == wanted.type_ && c.status == status && c.reason == wanted.reason)
+    {
+        return;
+    }
+    let event = kube::runtime::events::Event {
+        type_: if wanted.status {
+            kube::runtime::events::EventType::Normal
+        } else {
+            kube::runtime::events::EventType::Warning
+        },
+        reason: wanted.reason.to_owned(),
+        note: Some(
+            format!("{}: {}", wanted.type_, wanted.message)
+                .chars()
+                .take(1024)
+                .collect(),
+        ),
+        action: "Promote".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
         tracing::debug!(%error, "cannot publish an Event");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use contextos_crds::{
     ContextPack, ContextPackSpec, Policy, SandboxProfile,
-    common::RevisionStatus,
+    common::{PromotionMode, PromotionSpec, ReplaySummary, RevisionStatus},
     conditions::{self, reason},
     labels,
 };
@@ -17,12 +17,26 @@ use contextos_runner::{
     policy::compile_policy,
     run::bundle::spec_digest,
 };
-use k8s_openapi::api::{apps::v1::ControllerRevision, core::v1::ConfigMap};
-use kube::{Api, ResourceExt as _, runtime::controller::Action};
+use k8s_openapi::{
+    api::{
+        apps::v1::ControllerRevision,
+        batch::v1::Job,
+        core::v1::{ConfigMap, Pod},
+    },
+    apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::{
+    Api, ResourceExt as _,
+    api::{ListParams, PostParams},
+    runtime::controller::Action,
+};
 use serde_json::json;
 
 use super::{Context, Error, Invalid, Result, apply, apply_status, now};
-use crate::conditions::{Wanted, merge};
+use crate::{
+    conditions::{Wanted, merge},
+    replay_job::{self, GateTarget, JobOutcome},
+};
 
 /// The ControllerRevision holding a snapshot of `kind`/`name` at `digest`.
 pub fn snapshot_name(kind: &str, name: &str, digest: &str) -> String {
@@ -67,21 +81,6 @@ where
     Ok(name)
 }
 
-fn revision_conditions(problem: Option<&Invalid>, digest: &str) -> Vec<Wanted> {
-    match problem {
-        Some(p) => vec![Wanted::new(conditions::READY, false, p.reason, p.message.clone())],
-        None => vec![
-            Wanted::new(conditions::READY, true, reason::RESOLVED, "the spec is valid"),
-            Wanted::new(
-                conditions::PROMOTED,
-                true,
-                reason::PROMOTED,
-                format!("revision {digest} is in force"),
-            ),
-        ],
-    }
-}
-
 /// Reconciles a ContextPack.
 pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile("ContextPack");
@@ -117,44 +116,24 @@ pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -
     if problem.is_none() {
         problem = fits(&pack.spec, &resolved);
     }
-    let digest = spec_digest(&pack.spec);
-    let mut revisions = RevisionStatus {
-        candidate: Some(digest.clone()),
-        ..pack
+    let gate = Gated {
+        kind: "contextpack",
+        api_version: "contextos.dev/v1alpha1",
+        api_kind: "ContextPack",
+        promotion: pack.spec.promotion.as_ref(),
+        revisions: pack
             .status
             .as_ref()
             .and_then(|s| s.revisions.clone())
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        conditions: pack
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default(),
     };
-    if problem.is_none() {
-        revisions.promoted_snapshot =
-            Some(snapshot(&ctx, pack.as_ref(), "contextpack", &pack.spec, &digest).await?);
-        revisions.promoted = Some(digest.clone());
-    }
-    let previous = pack
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let status = json!({
-        "conditions": merge(&previous, &revision_conditions(problem.as_ref(), &digest), pack.metadata.generation, now()),
-        "observedGeneration": pack.metadata.generation,
-        "revisions": revisions,
-    });
-    apply_status(
-        &Api::<ContextPack>::namespaced(ctx.client.clone(), &namespace),
-        &pack.name_any(),
-        status,
-    )
-    .await?;
-    super::announce(
-        &ctx,
-        pack.as_ref(),
-        &previous,
-        &revision_conditions(problem.as_ref(), &digest)[0],
-    )
-    .await;
-    Ok(Action::await_change())
+    let api = Api::<ContextPack>::namespaced(ctx.client.clone(), &namespace);
+    finish(&ctx, &api, pack.as_ref(), &pack.spec, gate, problem).await
 }
 
 /// Required sources must fit the budget with the instructions (an empty request stands in).
@@ -171,44 +150,24 @@ pub async fn reconcile_policy(policy: Arc<Policy>, ctx: Arc<Context>) -> Result<
     let problem = compile_policy(&policy.name_any(), &policy.spec)
         .err()
         .map(|e| Invalid::new(reason::INVALID_EXPRESSION, e.to_string()));
-    let digest = spec_digest(&policy.spec);
-    let mut revisions = RevisionStatus {
-        candidate: Some(digest.clone()),
-        ..policy
+    let gate = Gated {
+        kind: "policy",
+        api_version: "contextos.dev/v1alpha1",
+        api_kind: "Policy",
+        promotion: policy.spec.promotion.as_ref(),
+        revisions: policy
             .status
             .as_ref()
             .and_then(|s| s.revisions.clone())
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        conditions: policy
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default(),
     };
-    if problem.is_none() {
-        revisions.promoted_snapshot =
-            Some(snapshot(&ctx, policy.as_ref(), "policy", &policy.spec, &digest).await?);
-        revisions.promoted = Some(digest.clone());
-    }
-    let previous = policy
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let status = json!({
-        "conditions": merge(&previous, &revision_conditions(problem.as_ref(), &digest), policy.metadata.generation, now()),
-        "observedGeneration": policy.metadata.generation,
-        "revisions": revisions,
-    });
-    apply_status(
-        &Api::<Policy>::namespaced(ctx.client.clone(), &namespace),
-        &policy.name_any(),
-        status,
-    )
-    .await?;
-    super::announce(
-        &ctx,
-        policy.as_ref(),
-        &previous,
-        &revision_conditions(problem.as_ref(), &digest)[0],
-    )
-    .await;
-    Ok(Action::await_change())
+    let api = Api::<Policy>::namespaced(ctx.client.clone(), &namespace);
+    finish(&ctx, &api, policy.as_ref(), &policy.spec, gate, problem).await
 }
 
 /// Reconciles a SandboxProfile: its digest, and Ready (admission already checked the spec).
@@ -238,4 +197,354 @@ pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Co
     )
     .await?;
     Ok(Action::await_change())
+}
+
+/// Annotation an approver sets to the candidate's digest to promote it without a replay (no
+/// recorded history yet); the promotion is announced with a Warning Event.
+pub const PROMOTE_WITHOUT_REPLAY: &str = "contextos.dev/promote-without-replay";
+/// Annotation an approver sets to the candidate's digest to promote it after its replay passed
+/// (promotion mode `manual`).
+pub const APPROVE_PROMOTION: &str = "contextos.dev/approve-promotion";
+
+/// What the promotion gate of one object needs.
+struct Gated<'a> {
+    kind: &'static str,
+    api_version: &'static str,
+    api_kind: &'static str,
+    promotion: Option<&'a PromotionSpec>,
+    revisions: RevisionStatus,
+    conditions: Vec<Condition>,
+}
+
+/// Where a candidate stands after this pass.
+struct Verdict {
+    promote: bool,
+    promoted: Wanted,
+    replay: Option<Wanted>,
+    awaiting: Option<Wanted>,
+    summary: Option<ReplaySummary>,
+}
+
+/// Validity, the promotion gate, status and Events for a ContextPack or Policy.
+async fn finish<K, S>(
+    ctx: &Context,
+    api: &Api<K>,
+    object: &K,
+    spec: &S,
+    gate: Gated<'_>,
+    problem: Option<Invalid>,
+) -> Result<Action>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize,
+{
+    let digest = spec_digest(spec);
+    let mut revisions = RevisionStatus {
+        candidate: Some(digest.clone()),
+        ..gate.revisions.clone()
+    };
+    let mut wanted = Vec::new();
+    let ready = match &problem {
+        Some(p) => Wanted::new(conditions::READY, false, p.reason, p.message.clone()),
+        None => Wanted::new(conditions::READY, true, reason::RESOLVED, "the spec is valid"),
+    };
+    wanted.push(ready.clone());
+    if problem.is_none() {
+        let verdict = gate_candidate(ctx, object, spec, &gate, &digest).await?;
+        if verdict.promote {
+            revisions.promoted_snapshot = Some(snapshot(ctx, object, gate.kind, spec, &digest).await?);
+            revisions.promoted = Some(digest.clone());
+        }
+        if verdict.summary.is_some() {
+            revisions.replay = verdict.summary;
+        }
+        super::announce_condition(ctx, object, &gate.conditions, &verdict.promoted).await;
+        wanted.push(verdict.promoted);
+        if let Some(replay) = verdict.replay {
+            super::announce_condition(ctx, object, &gate.conditions, &replay).await;
+            wanted.push(replay);
+        }
+        wanted.push(verdict.awaiting.unwrap_or_else(|| {
+            Wanted::new(
+                conditions::AWAITING_PROMOTION,
+                false,
+                reason::PROMOTED,
+                "nothing waits for a human",
+            )
+        }));
+    }
+    let status = json!({
+        "conditions": merge(&gate.conditions, &wanted, object.meta().generation, now()),
+        "observedGeneration": object.meta().generation,
+        "revisions": revisions,
+    });
+    apply_status(api, &object.name_any(), status).await?;
+    super::announce(ctx, object, &gate.conditions, &ready).await;
+    Ok(Action::await_change())
+}
+
+/// The promotion decision for the object's current spec (digest `digest`).
+async fn gate_candidate<K, S>(
+    ctx: &Context,
+    object: &K,
+    spec: &S,
+    gate: &Gated<'_>,
+    digest: &str,
+) -> Result<Verdict>
+where
+    K: kube::Resource<DynamicType = ()>,
+    S: serde::Serialize,
+{
+    let promoted_digest = gate.revisions.promoted.clone();
+    let in_force = |message: String| Wanted::new(conditions::PROMOTED, true, reason::PROMOTED, message);
+    let direct = |why: &str| Verdict {
+        promote: true,
+        promoted: in_force(format!("revision {digest} is in force ({why})")),
+        replay: None,
+        awaiting: None,
+        summary: None,
+    };
+    let (promotion, old) = match (gate.promotion, promoted_digest) {
+        (_, Some(old)) if old == digest => {
+            return Ok(Verdict {
+                promote: false,
+                promoted: in_force(format!("revision {digest} is in force")),
+                replay: None,
+                awaiting: None,
+                summary: None,
+            });
+        }
+        (None, _) => return Ok(direct("no promotion gate")),
+        (Some(_), None) => {
+            return Ok(direct(
+                "first revision: nothing recorded ran under an earlier one",
+            ));
+        }
+        (Some(promotion), Some(old)) => (promotion, old),
+    };
+    let annotation = |key: &str| {
+        object
+            .meta()
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key).cloned())
+    };
+    if annotation(PROMOTE_WITHOUT_REPLAY).as_deref() == Some(digest) {
+        return Ok(direct(
+            "promoted without replay by the contextos.dev/promote-without-replay annotation",
+        ));
+    }
+    let namespace = object.meta().namespace.clone().unwrap_or_default();
+    let name = object.name_any();
+    let target = GateTarget {
+        kind: gate.kind,
+        name: &name,
+        namespace: &namespace,
+        digest,
+        owner: object.controller_owner_ref(&()),
+    };
+    let job_name = replay_job::job_name(&target);
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
+    let held =
+        |reason: &'static str, message: String| Wanted::new(conditions::PROMOTED, false, reason, message);
+    let Some(job) = jobs.get_opt(&job_name).await? else {
+        start_replay(ctx, object, gate, spec, &target, &promotion.replay).await?;
+        return Ok(Verdict {
+            promote: false,
+            promoted: held(
+                reason::REPLAY_PENDING,
+                format!("candidate {digest} is being replayed by Job {job_name}; {old} stays in force"),
+            ),
+            replay: Some(Wanted::new(
+                conditions::REPLAY_PASSED,
+                false,
+                reason::REPLAY_PENDING,
+                format!("Job {job_name} is replaying recorded sessions"),
+            )),
+            awaiting: None,
+            summary: None,
+        });
+    };
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+        .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+        .await?
+        .items;
+    let (gate_result, exit_code) = match replay_job::outcome(&job, &pods) {
+        JobOutcome::Running => {
+            return Ok(Verdict {
+                promote: false,
+                promoted: held(
+                    reason::REPLAY_PENDING,
+                    format!("candidate {digest} is being replayed by Job {job_name}; {old} stays in force"),
+                ),
+                replay: Some(Wanted::new(
+                    conditions::REPLAY_PASSED,
+                    false,
+                    reason::REPLAY_PENDING,
+                    format!("Job {job_name} is replaying recorded sessions"),
+                )),
+                awaiting: None,
+                summary: None,
+            });
+        }
+        JobOutcome::Finished { gate, exit_code } => (gate, exit_code),
+    };
+    let summary = gate_result.as_ref().map(|g| ReplaySummary {
+        job: Some(job_name.clone()),
+        sessions: g.runs as u32,
+        decisions: g.steps,
+        divergences: g.divergent_steps,
+        passed: g.passed,
+        top_divergences: g.top.clone(),
+    });
+    let verdict = |promote, promoted, replay, awaiting| Verdict {
+        promote,
+        promoted,
+        replay: Some(replay),
+        awaiting,
+        summary: summary.clone(),
+    };
+    Ok(match gate_result {
+        Some(g) if g.passed => {
+            let passed = Wanted::new(
+                conditions::REPLAY_PASSED,
+                true,
+                reason::REPLAY_PASSED,
+                format!(
+                    "{} recorded session(s), {} step(s): {:.1}% diverged (at most {:.1}%)",
+                    g.runs, g.steps, g.divergence_percent, g.max_divergence_percent
+                ),
+            );
+            let approved = annotation(APPROVE_PROMOTION).as_deref() == Some(digest);
+            if promotion.mode == PromotionMode::Automatic || approved {
+                verdict(
+                    true,
+                    in_force(format!("revision {digest} is in force (replay passed)")),
+                    passed,
+                    None,
+                )
+            } else {
+                let waiting = Wanted::new(
+                    conditions::AWAITING_PROMOTION,
+                    true,
+                    reason::REPLAY_PASSED,
+                    format!(
+                        "replay passed; an approver promotes it by setting annotation {APPROVE_PROMOTION}={digest}"
+                    ),
+                );
+                verdict(
+                    false,
+                    held(
+                        reason::REPLAY_PASSED,
+                        format!("candidate {digest} waits for approval; {old} stays in force"),
+                    ),
+                    passed,
+                    Some(waiting),
+                )
+            }
+        }
+        Some(g) if g.no_history => verdict(
+            false,
+            held(
+                reason::NO_RECORDED_HISTORY,
+                format!(
+                    "candidate {digest} cannot be replayed: no recorded sessions yet; {old} stays in force"
+                ),
+            ),
+            Wanted::new(
+                conditions::REPLAY_PASSED,
+                false,
+                reason::NO_RECORDED_HISTORY,
+                format!(
+                    "no finished session to replay; to promote anyway set annotation {PROMOTE_WITHOUT_REPLAY}={digest}"
+                ),
+            ),
+            None,
+        ),
+        Some(g) => verdict(
+            false,
+            held(
+                reason::REPLAY_FAILED,
+                format!("candidate {digest} failed its replay gate; {old} stays in force"),
+            ),
+            Wanted::new(
+                conditions::REPLAY_PASSED,
+                false,
+                reason::REPLAY_FAILED,
+                format!(
+                    "{} of {} step(s) diverged ({:.1}% > {:.1}%): {}",
+                    g.divergent_steps,
+                    g.steps,
+                    g.divergence_percent,
+                    g.max_divergence_percent,
+                    g.top.join("; ")
+                ),
+            ),
+            None,
+        ),
+        None => verdict(
+            false,
+            held(
+                reason::REPLAY_FAILED,
+                format!("candidate {digest} was not promoted; {old} stays in force"),
+            ),
+            Wanted::new(
+                conditions::REPLAY_PASSED,
+                false,
+                reason::REPLAY_FAILED,
+                format!(
+                    "replay Job {job_name} ended without a report (exit code {exit_code:?}); see its pod's log"
+                ),
+            ),
+            None,
+        ),
+    })
+}
+
+/// Creates the candidate ConfigMap and the replay Job (each once).
+async fn start_replay<K, S>(
+    ctx: &Context,
+    object: &K,
+    gate: &Gated<'_>,
+    spec: &S,
+    target: &GateTarget<'_>,
+    replay: &contextos_crds::common::ReplaySpec,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()>,
+    S: serde::Serialize,
+{
+    let candidate = json!({
+        "apiVersion": gate.api_version,
+        "kind": gate.api_kind,
+        "metadata": {"name": object.name_any()},
+        "spec": spec,
+    });
+    let build = |what: &'static str| move |source| Error::Build { what, source };
+    let config_map =
+        replay_job::candidate_config_map(target, &candidate).map_err(build("candidate ConfigMap"))?;
+    let job =
+        replay_job::job(target, replay, &ctx.replay_image, &ctx.runner.store).map_err(build("replay Job"))?;
+    create_once(
+        &Api::<ConfigMap>::namespaced(ctx.client.clone(), target.namespace),
+        &config_map,
+    )
+    .await?;
+    create_once(
+        &Api::<Job>::namespaced(ctx.client.clone(), target.namespace),
+        &job,
+    )
+    .await
+}
+
+/// Creates `object` unless it exists (its content is fixed by its name).
+async fn create_once<K>(api: &Api<K>, object: &K) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -10,11 +10,11 @@ use contextos_runner::{
     records::RunFilter,
     run::{
         bundle::Candidate,
-        replay::{ReplaySummary, replay_run, replay_runs},
+        replay::{ReplayGate, ReplaySummary, replay_run, replay_runs},
     },
 };
 
-use super::GlobalArgs;
+use super::{GlobalArgs, session_run::in_pod};
 
 /// Exit code when the divergence is above the threshold: the gate a pipeline checks.
 pub const EXIT_DIVERGED: u8 = 3;
@@ -55,7 +55,13 @@ pub struct ReplayArgs {
     /// Also write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Write a short JSON summary here (at most 4 KiB: a replay Job's termination message).
+    #[arg(long)]
+    summary: Option<PathBuf>,
 }
+
+/// Exit code when there is no finished run to replay (a gate cannot pass or fail on nothing).
+pub const EXIT_NO_HISTORY: u8 = 4;
 
 pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let tenant = global.tenant()?;
@@ -82,6 +88,11 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
         replay_runs(&store, &tenant, &filter, &candidate, args.max_divergence_percent).await?
     };
     if summary.runs == 0 {
+        if let Some(path) = &args.summary {
+            write_summary(path, &ReplayGate::no_history(&summary.skipped))?;
+            eprintln!("no finished run matched in tenant {tenant}: nothing to replay");
+            return Ok(ExitCode::from(EXIT_NO_HISTORY));
+        }
         bail!(
             "no finished run matched in tenant {tenant}{}",
             if summary.skipped.is_empty() {
@@ -90,6 +101,9 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
                 format!(" ({})", summary.skipped.join("; "))
             }
         );
+    }
+    if let Some(path) = &args.summary {
+        write_summary(path, &ReplayGate::of(&summary))?;
     }
     let json = serde_json::to_string_pretty(&summary)?;
     if let Some(path) = &args.report {
@@ -110,7 +124,8 @@ fn candidate(paths: &[PathBuf]) -> anyhow::Result<Candidate> {
     if paths.is_empty() {
         return Ok(Candidate::default());
     }
-    let set = ManifestSet::load(paths)?;
+    let paths: Vec<PathBuf> = paths.iter().map(|p| in_pod(p)).collect();
+    let set = ManifestSet::load(&paths)?;
     let policies = set.policies()?;
     let mut packs = set.context_packs()?;
     if packs.len() > 1 {
@@ -126,4 +141,10 @@ fn candidate(paths: &[PathBuf]) -> anyhow::Result<Candidate> {
         policies,
         context_pack: packs.pop(),
     })
+}
+
+fn write_summary(path: &std::path::Path, gate: &ReplayGate) -> anyhow::Result<()> {
+    let path = in_pod(path);
+    std::fs::write(&path, serde_json::to_vec(gate)?)
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -104,7 +104,7 @@ pub async fn run(global: &GlobalArgs, args: SessionRunArgs) -> anyhow::Result<Ex
 
 /// A path inside the pod. Sandboxes that mount a pod's volumes under a root directory instead
 /// of at `/` (the test process node) say so with `CONTEXTOS_ROOT`; in a real pod it is unset.
-fn in_pod(path: &Path) -> PathBuf {
+pub(super) fn in_pod(path: &Path) -> PathBuf {
     match std::env::var_os("CONTEXTOS_ROOT") {
         Some(root) if !root.is_empty() => {
             let mut rooted = PathBuf::from(root);

@@ -640,3 +640,73 @@ pub async fn replay_runs<S: RecordStore>(
     }
     Ok(ReplaySummary::new(replays, skipped, max_divergence_percent))
 }
+
+/// The few lines a replay gate's outcome needs (a replay Job's termination message, at most
+/// 4 KiB; the full report is the JSON of [`ReplaySummary`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayGate {
+    pub runs: usize,
+    pub steps: u32,
+    pub divergent_steps: u32,
+    pub divergence_percent: f64,
+    pub max_divergence_percent: f64,
+    pub passed: bool,
+    /// There was no finished run to replay.
+    #[serde(default)]
+    pub no_history: bool,
+    /// The most significant divergences, one line each (at most five).
+    #[serde(default)]
+    pub top: Vec<String>,
+}
+
+impl ReplayGate {
+    pub fn of(summary: &ReplaySummary) -> Self {
+        let top = summary
+            .replays
+            .iter()
+            .flat_map(|r| {
+                r.divergences.iter().map(move |d| {
+                    let tool = d.tool.as_deref().map(|t| format!(" {t}")).unwrap_or_default();
+                    let line = format!(
+                        "{} step {}{tool}: {} ({} → {})",
+                        r.session,
+                        d.step,
+                        kind_text(d.kind),
+                        d.recorded,
+                        d.replayed
+                    );
+                    line.chars().take(300).collect::<String>()
+                })
+            })
+            .take(5)
+            .collect();
+        Self {
+            runs: summary.runs,
+            steps: summary.steps,
+            divergent_steps: summary.divergent_steps,
+            divergence_percent: summary.divergence_percent,
+            max_divergence_percent: summary.max_divergence_percent,
+            passed: summary.passed,
+            no_history: false,
+            top,
+        }
+    }
+
+    pub fn no_history(skipped: &[String]) -> Self {
+        Self {
+            runs: 0,
+            steps: 0,
+            divergent_steps: 0,
+            divergence_percent: 0.0,
+            max_divergence_percent: 0.0,
+            passed: false,
+            no_history: true,
+            top: skipped
+                .iter()
+                .take(5)
+                .map(|s| s.chars().take(300).collect())
+                .collect(),
+        }
+    }
+}

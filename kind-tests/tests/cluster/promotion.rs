@@ -1,0 +1,154 @@
+//! Replay-gated promotion against the real API server: recorded sessions gate a Policy change.
+//! A change that denies tools the sessions used fails its replay Job and is not promoted — a new
+//! Session still runs under the old revision — while a change that decides everything the same
+//! way passes and is promoted.
+
+use anyhow::{Context as _, Result, ensure};
+use contextos_crds::{Policy, Session, session::SessionPhase};
+use contextos_kind_tests::{
+    Check, TestEnv, TestNamespace,
+    operator_env::{self, QUICK_SCRIPT},
+    wait_for_object,
+};
+use k8s_openapi::api::batch::v1::Job;
+use kube::Api;
+use serde_json::{Value, json};
+
+use crate::{
+    objects::apply,
+    operator::{TIMEOUT, condition, objects_for, phase_is, session},
+};
+
+fn gated_policy(objects: &[Value]) -> Result<Value> {
+    let mut policy = objects
+        .iter()
+        .find(|o| o["kind"] == "Policy")
+        .cloned()
+        .context("the quickstart has a Policy")?;
+    policy["spec"]["promotion"] = json!({
+        "mode": "automatic",
+        "replay": {"sampleSize": 10, "windowHours": 24, "maxDivergencePercent": 0},
+    });
+    Ok(policy)
+}
+
+async fn revisions(api: &Api<Policy>) -> Result<contextos_crds::common::RevisionStatus> {
+    api.get("oncall-guardrails")
+        .await?
+        .status
+        .and_then(|s| s.revisions)
+        .context("revisions")
+}
+
+#[tokio::test]
+async fn a_policy_change_is_promoted_only_if_replaying_recorded_sessions_passes() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner and replay pods need the local process node");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "promotion").await?;
+    let client = env.client();
+    let mut objects = objects_for(&op.tools_url)?;
+    let policy = gated_policy(&objects)?;
+    for object in &mut objects {
+        if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
+            object["data"]["script.json"] = json!(QUICK_SCRIPT);
+        }
+        if object["kind"] == "Policy" {
+            *object = policy.clone();
+        }
+        apply(&client, ns.name(), object).await?;
+    }
+    let sessions: Api<Session> = ns.api();
+    for name in ["recorded-1", "recorded-2"] {
+        apply(&client, ns.name(), &session(name)?).await?;
+        phase_is(&sessions, name, SessionPhase::Succeeded).await?;
+    }
+    let policies: Api<Policy> = ns.api();
+    let first = revisions(&policies)
+        .await?
+        .promoted
+        .context("the first revision is promoted")?;
+
+    // Deny the reads every recorded session made: the replay gate must fail.
+    let mut strict = policy.clone();
+    strict["spec"]["rules"][1]["effect"] = json!("deny");
+    apply(&client, ns.name(), &strict).await?;
+    let failed = wait_for_object(
+        &policies,
+        "oncall-guardrails",
+        "ReplayPassed=False ReplayFailed",
+        TIMEOUT,
+        |p: &Policy| {
+            let text = condition(&p.status.clone().unwrap_or_default().conditions, "ReplayPassed");
+            Check::when(text.starts_with("False ReplayFailed"), || text.clone())
+        },
+    )
+    .await?;
+    let status = failed.status.clone().unwrap_or_default();
+    let kept = status.revisions.clone().unwrap_or_default();
+    ensure!(
+        kept.promoted.as_deref() == Some(first.as_str()),
+        "the old revision stays in force: {kept:?}"
+    );
+    let summary = kept.replay.clone().context("the replay summary is in status")?;
+    ensure!(summary.divergences > 0 && !summary.passed, "{summary:?}");
+    ensure!(
+        condition(&status.conditions, "Promoted").starts_with("False ReplayFailed"),
+        "Promoted says why: {}",
+        condition(&status.conditions, "Promoted")
+    );
+    let job = summary.job.clone().context("the Job is named")?;
+    ensure!(
+        Api::<Job>::namespaced(client.clone(), ns.name())
+            .get_opt(&job)
+            .await?
+            .is_some()
+    );
+
+    // A new Session still runs under the promoted (old) revision.
+    apply(&client, ns.name(), &session("after-strict")?).await?;
+    let after = phase_is(&sessions, "after-strict", SessionPhase::Succeeded).await?;
+    let pinned = after.status.and_then(|s| s.pinned).context("pinned")?;
+    ensure!(
+        pinned.policies == [first.clone()],
+        "pinned {pinned:?}, promoted {first}"
+    );
+
+    // A change that decides every recorded call the same way passes and is promoted.
+    let mut benign = policy.clone();
+    benign["spec"]["rules"][1]["reason"] = json!("Read-only tools change nothing; reads are always fine.");
+    apply(&client, ns.name(), &benign).await?;
+    let promoted = wait_for_object(
+        &policies,
+        "oncall-guardrails",
+        "Promoted=True after replay",
+        TIMEOUT,
+        |p: &Policy| {
+            let status = p.status.clone().unwrap_or_default();
+            let revisions = status.revisions.clone().unwrap_or_default();
+            let text = condition(&status.conditions, "Promoted");
+            Check::when(
+                text.starts_with("True")
+                    && revisions.promoted != Some(first.clone())
+                    && revisions.promoted == revisions.candidate,
+                || format!("{text}; {revisions:?}"),
+            )
+        },
+    )
+    .await?;
+    let status = promoted.status.unwrap_or_default();
+    ensure!(
+        condition(&status.conditions, "ReplayPassed").starts_with("True ReplayPassed"),
+        "{}",
+        condition(&status.conditions, "ReplayPassed")
+    );
+    let summary = status.revisions.and_then(|r| r.replay).context("summary")?;
+    ensure!(
+        summary.divergences == 0 && summary.sessions >= 3,
+        "same decisions: {summary:?}"
+    );
+    ns.pass();
+    Ok(())
+}

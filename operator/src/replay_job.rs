@@ -1,0 +1,175 @@
+//! The replay gate's Job (pure builders): a batch/v1 Job, named after the candidate's digest so
+//! it is created once per candidate, that runs `contextos replay` over recorded sessions of the
+//! tenant against the candidate spec (mounted from a ConfigMap), sandboxed like a runner pod, and
+//! reports its [`ReplayGate`] summary in its termination message. Its exit code is the gate:
+//! 0 passed, 3 diverged past the threshold, 4 nothing recorded to replay.
+
+use contextos_crds::{common::ReplaySpec, labels};
+use contextos_runner::run::replay::ReplayGate;
+use k8s_openapi::{
+    api::{
+        batch::v1::Job,
+        core::v1::{ConfigMap, Pod},
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use serde_json::{Value, json};
+
+/// Where the candidate is mounted in the Job's pod.
+const CANDIDATE_DIR: &str = "/var/run/contextos/candidate";
+const CANDIDATE_KEY: &str = "candidate.yaml";
+
+/// What identifies one gate run.
+#[derive(Clone, Debug)]
+pub struct GateTarget<'a> {
+    /// `contextpack` or `policy`.
+    pub kind: &'a str,
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub digest: &'a str,
+    pub owner: Option<OwnerReference>,
+}
+
+/// Deterministic Job (and candidate ConfigMap) name for a candidate digest.
+pub fn job_name(target: &GateTarget<'_>) -> String {
+    let hex = target.digest.strip_prefix("sha256:").unwrap_or(target.digest);
+    let mut name = format!("replay-{}-{}", target.kind, target.name);
+    name.truncate(52);
+    format!("{name}-{}", &hex[..hex.len().min(10)])
+}
+
+fn metadata(target: &GateTarget<'_>) -> Value {
+    json!({
+        "name": job_name(target),
+        "namespace": target.namespace,
+        "labels": {labels::REVISION_OF: format!("{}.{}", target.kind, target.name)},
+        "annotations": {"contextos.dev/digest": target.digest},
+        "ownerReferences": target.owner.iter().collect::<Vec<_>>(),
+    })
+}
+
+/// The candidate object, as `contextos replay --candidate` reads it.
+pub fn candidate_config_map(target: &GateTarget<'_>, object: &Value) -> Result<ConfigMap, serde_json::Error> {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(target),
+        "immutable": true,
+        "data": {CANDIDATE_KEY: serde_json::to_string(object)?},
+    }))
+}
+
+/// The replay Job.
+pub fn job(
+    target: &GateTarget<'_>,
+    replay: &ReplaySpec,
+    image: &str,
+    store: &str,
+) -> Result<Job, serde_json::Error> {
+    let name = job_name(target);
+    let mut args = vec![
+        "replay".to_owned(),
+        "--sample".into(),
+        replay.sample_size.to_string(),
+        "--since".into(),
+        format!("{}h", replay.window_hours),
+        "--candidate".into(),
+        format!("{CANDIDATE_DIR}/{CANDIDATE_KEY}"),
+        "--max-divergence-percent".into(),
+        replay.max_divergence_percent.to_string(),
+        "--summary".into(),
+        "/dev/termination-log".into(),
+    ];
+    if let [agent] = replay.selector.agents.as_slice() {
+        args.extend(["--agent".to_owned(), agent.clone()]);
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(target),
+        "spec": {
+            // The exit code is the verdict: never retried.
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": 1800,
+            "template": {
+                "metadata": {"labels": {labels::ROLE: "replay"}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": false,
+                    "enableServiceLinks": false,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [{
+                        "name": "replay",
+                        "image": image,
+                        "args": args,
+                        "env": [
+                            {"name": "CONTEXTOS_STORE", "value": store},
+                            {"name": "CONTEXTOS_TENANT", "value": target.namespace},
+                        ],
+                        "resources": {"limits": {"cpu": "1", "memory": "512Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "runAsNonRoot": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
+                        "volumeMounts": [{"name": "candidate", "mountPath": CANDIDATE_DIR, "readOnly": true}],
+                    }],
+                    "volumes": [{"name": "candidate", "configMap": {"name": name}}],
+                },
+            },
+        },
+    }))
+}
+
+/// How a replay Job stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobOutcome {
+    Running,
+    /// Finished; its summary (when the pod reported one) and exit code.
+    Finished {
+        gate: Option<ReplayGate>,
+        exit_code: Option<i32>,
+    },
+}
+
+/// Reads a Job and its pod.
+pub fn outcome(job: &Job, pods: &[Pod]) -> JobOutcome {
+    let status = job.status.clone().unwrap_or_default();
+    let finished = status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0;
+    if !finished {
+        return JobOutcome::Running;
+    }
+    let terminated = pods
+        .iter()
+        .filter_map(|p| {
+            p.status
+                .as_ref()?
+                .container_statuses
+                .as_ref()?
+                .first()?
+                .state
+                .as_ref()?
+                .terminated
+                .clone()
+        })
+        .next();
+    let gate = terminated
+        .as_ref()
+        .and_then(|t| t.message.as_deref())
+        .and_then(|m| {
+            m.lines()
+                .rev()
+                .find_map(|l| serde_json::from_str::<ReplayGate>(l.trim()).ok())
+        });
+    JobOutcome::Finished {
+        gate,
+        exit_code: terminated.map(|t| t.exit_code),
+    }
+}

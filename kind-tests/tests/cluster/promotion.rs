@@ -99,6 +99,11 @@ async fn a_policy_change_is_promoted_only_if_replaying_recorded_sessions_passes(
         "Promoted says why: {}",
         condition(&status.conditions, "Promoted")
     );
+    let (code, text) = promote_status(env, ns.name()).await?;
+    ensure!(
+        code == Some(3) && text.contains("→ FAIL"),
+        "promote status gates: {code:?}\n{text}"
+    );
     let job = summary.job.clone().context("the Job is named")?;
     ensure!(
         Api::<Job>::namespaced(client.clone(), ns.name())
@@ -149,6 +154,31 @@ async fn a_policy_change_is_promoted_only_if_replaying_recorded_sessions_passes(
         summary.divergences == 0 && summary.sessions >= 3,
         "same decisions: {summary:?}"
     );
+    let (code, text) = promote_status(env, ns.name()).await?;
+    ensure!(
+        code == Some(0) && text.contains("→ PASS"),
+        "promote status passes: {code:?}\n{text}"
+    );
     ns.pass();
     Ok(())
+}
+
+/// `contextos promote status policy/oncall-guardrails` against the test cluster.
+async fn promote_status(env: &TestEnv, namespace: &str) -> Result<(Option<i32>, String)> {
+    let kubeconfig = env.kubeconfig().context("the local control plane's kubeconfig")?;
+    let contextos =
+        contextos_kind_tests::process_node::workspace_binary("contextos").context("contextos binary")?;
+    let output = tokio::process::Command::new(contextos)
+        .env("KUBECONFIG", kubeconfig)
+        .args(["promote", "status", "policy/oncall-guardrails", "-n", namespace])
+        .output()
+        .await?;
+    Ok((
+        output.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    ))
 }

@@ -1,6 +1,7 @@
 //! Command-line structure shared by every subcommand: where data lives and which tenant.
 
 mod gateway;
+mod promote;
 mod records;
 mod replay;
 mod run;
@@ -52,6 +53,9 @@ enum Command {
     Replay(replay::ReplayArgs),
     /// Runner pod entrypoint: run or resume the Session the operator mounted into the pod.
     SessionRun(session_run::SessionRunArgs),
+    /// Where a ContextPack or Policy revision stands on its replay gate (reads the cluster).
+    #[command(subcommand)]
+    Promote(promote::PromoteCommand),
     /// Inspect, verify and export DecisionRecords.
     #[command(subcommand)]
     Records(records::RecordsCommand),
@@ -67,6 +71,7 @@ impl Cli {
             Command::Approve(args) => run::approve(&self.global, args).await,
             Command::Replay(args) => replay::run(&self.global, args).await,
             Command::SessionRun(args) => session_run::run(&self.global, args).await,
+            Command::Promote(command) => promote::run(command).await,
             Command::Records(command) => records::run(&self.global, command).await,
             Command::Gateway(args) => gateway::run(&self.global, args).await,
         }

@@ -230,6 +230,16 @@ pub enum DivergenceKind {
     NewCall,
     VerdictChanged,
     OutcomeChanged,
+    /// A dryRun policy would decide a call differently than what was enforced (a report; it
+    /// does not count against the gate, since dryRun enforces nothing).
+    WouldChange,
+}
+
+impl DivergenceKind {
+    /// Whether it counts against a replay gate.
+    pub fn counts(self) -> bool {
+        self != Self::WouldChange
+    }
 }
 
 /// One difference between the recorded run and its replay.
@@ -293,6 +303,24 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                 out.push(call_divergence(call, again));
             }
             Some(_) => {}
+        }
+    }
+    for call in &recorded.calls {
+        let Some(again) = replayed_calls.get(call.call_id.as_str()) else {
+            continue;
+        };
+        for shadow in again.shadow.iter().filter(|s| !call.shadow.contains(s)) {
+            let effect = shadow.rsplit_once('=').map_or("", |(_, e)| e);
+            if effect != effect_name(again.effect) {
+                out.push(Divergence {
+                    kind: DivergenceKind::WouldChange,
+                    step: call.step,
+                    tool: Some(call.tool.clone()),
+                    recorded: effect_name(call.effect).into(),
+                    replayed: format!("dryRun {shadow}"),
+                    detail: "a dryRun policy would decide this call differently; nothing is enforced".into(),
+                });
+            }
         }
     }
     let recorded_ids: BTreeSet<&str> = recorded.calls.iter().map(|c| c.call_id.as_str()).collect();
@@ -413,6 +441,7 @@ pub async fn replay_run<S: RecordStore>(
     let divergences = compare(&recorded, &replayed);
     let divergent_steps = divergences
         .iter()
+        .filter(|d| d.kind.counts())
         .map(|d| d.step.max(1))
         .collect::<BTreeSet<_>>()
         .len() as u32;
@@ -534,7 +563,10 @@ impl ReplaySummary {
         Self {
             runs: replays.len(),
             identical_runs: replays.iter().filter(|r| r.identical).count(),
-            diverged_runs: replays.iter().filter(|r| !r.divergences.is_empty()).count(),
+            diverged_runs: replays
+                .iter()
+                .filter(|r| r.divergences.iter().any(|d| d.kind.counts()))
+                .count(),
             steps,
             divergent_steps,
             divergence_percent,
@@ -556,7 +588,7 @@ impl ReplaySummary {
                 replay.agent,
                 if replay.identical {
                     "decisions identical".to_owned()
-                } else if replay.divergences.is_empty() {
+                } else if !replay.divergences.iter().any(|d| d.kind.counts()) {
                     "same decisions (reasons differ)".to_owned()
                 } else {
                     format!("{} of {} steps diverge", replay.divergent_steps, replay.steps)
@@ -611,6 +643,7 @@ fn kind_text(kind: DivergenceKind) -> &'static str {
         DivergenceKind::NewCall => "new call",
         DivergenceKind::VerdictChanged => "verdict changed",
         DivergenceKind::OutcomeChanged => "outcome changed",
+        DivergenceKind::WouldChange => "a dryRun policy would change it",
     }
 }
 
@@ -708,5 +741,54 @@ impl ReplayGate {
                 .map(|s| s.chars().take(300).collect())
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(id: &str, effect: PolicyEffect, rule: &str, shadow: &[&str]) -> CallPoint {
+        CallPoint {
+            call_id: id.into(),
+            step: step_of(id),
+            tool: "restart".into(),
+            arguments: "{}".into(),
+            effect,
+            rule: rule.into(),
+            shadow: shadow.iter().map(|s| (*s).to_owned()).collect(),
+            approved: false,
+            executed: effect == PolicyEffect::Allow,
+        }
+    }
+
+    fn trace(calls: Vec<CallPoint>) -> DecisionTrace {
+        DecisionTrace {
+            context: None,
+            calls,
+            verdicts: vec![],
+            outcome: "completed: ok".into(),
+        }
+    }
+
+    #[test]
+    fn a_newly_denied_call_diverges_and_an_identical_trace_does_not() {
+        let recorded = trace(vec![call("1.0", PolicyEffect::Allow, "p/allow", &[])]);
+        assert!(compare(&recorded, &recorded).is_empty());
+        let replayed = trace(vec![call("1.0", PolicyEffect::Deny, "p/deny", &[])]);
+        let divergences = compare(&recorded, &replayed);
+        assert_eq!(divergences.len(), 1);
+        assert_eq!(divergences[0].kind, DivergenceKind::NewlyDenied);
+        assert!(divergences[0].kind.counts());
+    }
+
+    #[test]
+    fn a_dry_run_policy_reports_what_it_would_change_without_counting_it() {
+        let recorded = trace(vec![call("2.0", PolicyEffect::Allow, "p/allow", &[])]);
+        let replayed = trace(vec![call("2.0", PolicyEffect::Allow, "p/allow", &["freeze/no-restarts=deny"])]);
+        let divergences = compare(&recorded, &replayed);
+        assert_eq!(divergences.len(), 1, "{divergences:?}");
+        assert_eq!(divergences[0].kind, DivergenceKind::WouldChange);
+        assert!(!divergences[0].kind.counts());
     }
 }

@@ -333,6 +333,69 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         .patch_in_groups("carol@example.com", &["sre-oncall"], &decide)
         .await?
         .map_err(|refusal| anyhow::anyhow!("carol, in sre-oncall, was refused: {refusal}"))?;
+    check_promotion_approvals(env, namespace).await
+}
+
+/// Only a Policy's promotion approvers may approve its candidate (the quickstart Policy lists
+/// group sre-leads).
+async fn check_promotion_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    let client = env.client();
+    let policy = yaml_documents(&repo_root().join("examples/quickstart/policy.yaml"))?.remove(0);
+    apply(&client, namespace, &policy).await?;
+    let approve =
+        json!({"metadata": {"annotations": {"contextos.dev/approve-promotion": "sha256:0123"}}}).to_string();
+    // Probes are server-side dry runs, so nothing is recorded while the policy is not in force yet.
+    let annotate = |groups: &'static [&'static str], dry_run: bool| {
+        let approve = approve.clone();
+        async move {
+            let mut args = vec![
+                "patch",
+                "policies.contextos.dev",
+                "oncall-guardrails",
+                "-n",
+                namespace,
+                "--as",
+                "carol@example.com",
+                "--type=merge",
+                "-p",
+                &approve,
+            ];
+            for group in groups {
+                args.push("--as-group");
+                args.push(group);
+            }
+            if dry_run {
+                args.push("--dry-run=server");
+            }
+            run(env, &args).await
+        }
+    };
+    let refused = wait_for(
+        "the promotion policy to refuse a non-approver",
+        TIMEOUT,
+        || async {
+            match annotate(&[], true).await {
+                Ok(out) if !out.status.success() => {
+                    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                    Check::when(stderr.contains("is not one of spec.promotion.approvers"), || {
+                        stderr.clone()
+                    })
+                }
+                Ok(_) => Check::NotYet("accepted".to_owned()),
+                Err(err) => Check::NotYet(format!("{err:#}")),
+            }
+        },
+    )
+    .await;
+    refused?;
+    let refused = annotate(&[], false).await?;
+    ensure!(!refused.status.success(), "a non-approver approved the promotion");
+    let allowed = annotate(&["sre-leads"], false).await?;
+    ensure!(
+        allowed.status.success(),
+        "a member of sre-leads was refused: {}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
     Ok(())
 }
 
@@ -442,7 +505,7 @@ async fn allow_to_approve(client: &Client, namespace: &str, users: &[&str]) -> R
         metadata: meta.clone(),
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec!["contextos.dev".to_owned()]),
-            resources: Some(vec!["sessions".to_owned()]),
+            resources: Some(vec!["sessions".to_owned(), "policies".to_owned()]),
             verbs: vec!["get".to_owned(), "patch".to_owned()],
             ..Default::default()
         }]),

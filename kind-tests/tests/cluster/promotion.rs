@@ -112,6 +112,40 @@ async fn a_policy_change_is_promoted_only_if_replaying_recorded_sessions_passes(
             .is_some()
     );
 
+    // The replay Job is idempotent: deleted, it is recreated under the same name, runs again
+    // and stores the same result.
+    let jobs = Api::<Job>::namespaced(client.clone(), ns.name());
+    let first_uid = jobs.get(&job).await?.metadata.uid;
+    jobs.delete(&job, &kube::api::DeleteParams::background()).await?;
+    wait_for_object(&jobs, &job, "recreated and finished", TIMEOUT, |j: &Job| {
+        let status = j.status.clone().unwrap_or_default();
+        let finished = status.succeeded.unwrap_or(0) + status.failed.unwrap_or(0) > 0;
+        Check::when(j.metadata.uid != first_uid && finished, || format!("{status:?}"))
+    })
+    .await?;
+    let again = wait_for_object(
+        &policies,
+        "oncall-guardrails",
+        "the same replay result",
+        TIMEOUT,
+        |p: &Policy| {
+            let replay = p.status.clone().and_then(|s| s.revisions).and_then(|r| r.replay);
+            Check::when(replay.as_ref() == Some(&summary), || {
+                format!("{replay:?} vs {summary:?}")
+            })
+        },
+    )
+    .await?;
+    ensure!(
+        again
+            .status
+            .and_then(|s| s.revisions)
+            .and_then(|r| r.promoted)
+            .as_deref()
+            == Some(first.as_str()),
+        "still not promoted after the rerun"
+    );
+
     // A new Session still runs under the promoted (old) revision.
     apply(&client, ns.name(), &session("after-strict")?).await?;
     let after = phase_is(&sessions, "after-strict", SessionPhase::Succeeded).await?;

@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
     let stop = std::sync::Arc::new(stop);
     let on_signal = stop.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        contextos_runner::signals::shutdown().await;
         let _ = on_signal.send(true);
     });
     if !args.leader_election {
@@ -132,21 +132,5 @@ async fn main() -> anyhow::Result<()> {
             let _ = stop.send(true);
             anyhow::bail!("leadership lost; exiting so this replica starts over as a follower")
         }
-    }
-}
-
-/// SIGTERM (what Kubernetes sends) or Ctrl-C.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
     }
 }

@@ -13,3 +13,4 @@ pub mod policy;
 pub mod records;
 pub mod run;
 pub mod run_context;
+pub mod signals;

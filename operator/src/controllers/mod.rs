@@ -163,48 +163,11 @@ pub fn ready_message(conditions: &[Condition]) -> String {
         .map_or_else(|| "it has not been reconciled yet".into(), |c| c.message.clone())
 }
 
-/// Publishes an Event on `object` when its `Ready` condition changes: Normal when it becomes
-/// True, Warning (with the reason and message naming the fix) when it becomes False.
-pub async fn announce<K>(ctx: &Context, object: &K, before: &[Condition], ready: &crate::conditions::Wanted)
+/// Publishes an Event on `object` when one of its conditions changes: Normal when it becomes
+/// True, Warning (with the reason and the message naming the fix) when it becomes False.
+/// Events are best effort (the namespace may be going away); the status says it all.
+pub async fn announce<K>(ctx: &Context, object: &K, before: &[Condition], wanted: &crate::conditions::Wanted)
 where
-    K: Resource<DynamicType = ()>,
-{
-    let status = if ready.status {
-        conditions::status::TRUE
-    } else {
-        conditions::status::FALSE
-    };
-    let unchanged = before
-        .iter()
-        .any(|c| c.type_ == conditions::READY && c.status == status && c.reason == ready.reason);
-    if unchanged {
-        return;
-    }
-    let event = kube::runtime::events::Event {
-        type_: if ready.status {
-            kube::runtime::events::EventType::Normal
-        } else {
-            kube::runtime::events::EventType::Warning
-        },
-        reason: ready.reason.to_owned(),
-        note: Some(ready.message.chars().take(1024).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
-        // Events are best effort (the namespace may be going away); the status says it all.
-        tracing::debug!(%error, "cannot publish an Event");
-    }
-}
-
-/// Publishes an Event when a condition other than `Ready` changes (a promotion, a replay
-/// verdict): Normal when True, Warning when False.
-pub async fn announce_condition<K>(
-    ctx: &Context,
-    object: &K,
-    before: &[Condition],
-    wanted: &crate::conditions::Wanted,
-) where
     K: Resource<DynamicType = ()>,
 {
     let status = if wanted.status {
@@ -218,6 +181,11 @@ pub async fn announce_condition<K>(
     {
         return;
     }
+    let note = if wanted.type_ == conditions::READY {
+        wanted.message.clone()
+    } else {
+        format!("{}: {}", wanted.type_, wanted.message)
+    };
     let event = kube::runtime::events::Event {
         type_: if wanted.status {
             kube::runtime::events::EventType::Normal
@@ -225,13 +193,8 @@ pub async fn announce_condition<K>(
             kube::runtime::events::EventType::Warning
         },
         reason: wanted.reason.to_owned(),
-        note: Some(
-            format!("{}: {}", wanted.type_, wanted.message)
-                .chars()
-                .take(1024)
-                .collect(),
-        ),
-        action: "Promote".into(),
+        note: Some(note.chars().take(1024).collect()),
+        action: "Reconcile".into(),
         secondary: None,
     };
     if let Err(error) = ctx.recorder.publish(&event, &object.object_ref(&())).await {

@@ -258,10 +258,10 @@ where
         if verdict.summary.is_some() {
             revisions.replay = verdict.summary;
         }
-        super::announce_condition(ctx, object, &gate.conditions, &verdict.promoted).await;
+        super::announce(ctx, object, &gate.conditions, &verdict.promoted).await;
         wanted.push(verdict.promoted);
         if let Some(replay) = verdict.replay {
-            super::announce_condition(ctx, object, &gate.conditions, &replay).await;
+            super::announce(ctx, object, &gate.conditions, &replay).await;
             wanted.push(replay);
         }
         wanted.push(verdict.awaiting.unwrap_or_else(|| {
@@ -347,46 +347,31 @@ where
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
     let held =
         |reason: &'static str, message: String| Wanted::new(conditions::PROMOTED, false, reason, message);
+    let replaying = || Verdict {
+        promote: false,
+        promoted: held(
+            reason::REPLAY_PENDING,
+            format!("candidate {digest} is being replayed by Job {job_name}; {old} stays in force"),
+        ),
+        replay: Some(Wanted::new(
+            conditions::REPLAY_PASSED,
+            false,
+            reason::REPLAY_PENDING,
+            format!("Job {job_name} is replaying recorded sessions"),
+        )),
+        awaiting: None,
+        summary: None,
+    };
     let Some(job) = jobs.get_opt(&job_name).await? else {
         start_replay(ctx, object, gate, spec, &target, &promotion.replay).await?;
-        return Ok(Verdict {
-            promote: false,
-            promoted: held(
-                reason::REPLAY_PENDING,
-                format!("candidate {digest} is being replayed by Job {job_name}; {old} stays in force"),
-            ),
-            replay: Some(Wanted::new(
-                conditions::REPLAY_PASSED,
-                false,
-                reason::REPLAY_PENDING,
-                format!("Job {job_name} is replaying recorded sessions"),
-            )),
-            awaiting: None,
-            summary: None,
-        });
+        return Ok(replaying());
     };
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
         .list(&ListParams::default().labels(&format!("job-name={job_name}")))
         .await?
         .items;
     let (gate_result, exit_code) = match replay_job::outcome(&job, &pods) {
-        JobOutcome::Running => {
-            return Ok(Verdict {
-                promote: false,
-                promoted: held(
-                    reason::REPLAY_PENDING,
-                    format!("candidate {digest} is being replayed by Job {job_name}; {old} stays in force"),
-                ),
-                replay: Some(Wanted::new(
-                    conditions::REPLAY_PASSED,
-                    false,
-                    reason::REPLAY_PENDING,
-                    format!("Job {job_name} is replaying recorded sessions"),
-                )),
-                awaiting: None,
-                summary: None,
-            });
-        }
+        JobOutcome::Running => return Ok(replaying()),
         JobOutcome::Finished { gate, exit_code } => (gate, exit_code),
     };
     let summary = gate_result.as_ref().map(|g| ReplaySummary {

@@ -56,24 +56,8 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         listener.local_addr()?
     );
     axum::serve(listener, service.router())
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(contextos_runner::signals::shutdown())
         .await
         .context("gateway server failed")?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C; in-flight calls then finish.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }

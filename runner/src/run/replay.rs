@@ -785,7 +785,12 @@ mod tests {
     #[test]
     fn a_dry_run_policy_reports_what_it_would_change_without_counting_it() {
         let recorded = trace(vec![call("2.0", PolicyEffect::Allow, "p/allow", &[])]);
-        let replayed = trace(vec![call("2.0", PolicyEffect::Allow, "p/allow", &["freeze/no-restarts=deny"])]);
+        let replayed = trace(vec![call(
+            "2.0",
+            PolicyEffect::Allow,
+            "p/allow",
+            &["freeze/no-restarts=deny"],
+        )]);
         let divergences = compare(&recorded, &replayed);
         assert_eq!(divergences.len(), 1, "{divergences:?}");
         assert_eq!(divergences[0].kind, DivergenceKind::WouldChange);

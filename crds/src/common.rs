@@ -328,4 +328,8 @@ pub struct ReplaySummary {
     /// The most significant divergences, one line each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top_divergences: Vec<String>,
+    /// SHA-256 of the full replay report (JSON), kept with the records in the tenant's record
+    /// store: `contextos records blob <hash>` prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
 }

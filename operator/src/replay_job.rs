@@ -128,6 +128,31 @@ pub fn job(
     }))
 }
 
+/// The replay pod's NetworkPolicy: no ingress; egress only to DNS and `egress` (the record
+/// store). A replay calls no tool and no model.
+pub fn network_policy(
+    target: &GateTarget<'_>,
+    egress: &[(String, u16)],
+) -> Result<k8s_openapi::api::networking::v1::NetworkPolicy, serde_json::Error> {
+    let mut rules =
+        vec![json!({"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]})];
+    for (cidr, port) in egress {
+        rules
+            .push(json!({"to": [{"ipBlock": {"cidr": cidr}}], "ports": [{"protocol": "TCP", "port": port}]}));
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(target),
+        "spec": {
+            "podSelector": {"matchLabels": {"job-name": job_name(target)}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [],
+            "egress": rules,
+        },
+    }))
+}
+
 /// How a replay Job stands.
 #[derive(Clone, Debug, PartialEq)]
 pub enum JobOutcome {

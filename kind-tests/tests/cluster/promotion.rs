@@ -104,6 +104,19 @@ async fn a_policy_change_is_promoted_only_if_replaying_recorded_sessions_passes(
         code == Some(3) && text.contains("→ FAIL"),
         "promote status gates: {code:?}\n{text}"
     );
+    // The full report is kept with the records, and the gate's summary names it.
+    let report = summary.report.clone().context("the report is stored")?;
+    let (code, text) = contextos(&op.store, ns.name(), &["records", "blob", &report]).await?;
+    ensure!(
+        code == Some(0) && text.contains("newly_denied"),
+        "the stored report: {code:?}\n{text}"
+    );
+    // Replaying the recorded sessions under the versions they ran with changes nothing.
+    let (code, text) = contextos(&op.store, ns.name(), &["replay", "--sample", "10"]).await?;
+    ensure!(
+        code == Some(0) && text.contains("0 diverged") && text.contains("→ PASS"),
+        "same-version replay: {code:?}\n{text}"
+    );
     let job = summary.job.clone().context("the Job is named")?;
     ensure!(
         Api::<Job>::namespaced(client.clone(), ns.name())
@@ -205,6 +218,28 @@ async fn promote_status(env: &TestEnv, namespace: &str) -> Result<(Option<i32>, 
     let output = tokio::process::Command::new(contextos)
         .env("KUBECONFIG", kubeconfig)
         .args(["promote", "status", "policy/oncall-guardrails", "-n", namespace])
+        .output()
+        .await?;
+    Ok((
+        output.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    ))
+}
+
+/// `contextos --store <store> --tenant <namespace> ARGS` against the e2e record store.
+async fn contextos(store: &str, namespace: &str, args: &[&str]) -> Result<(Option<i32>, String)> {
+    let contextos =
+        contextos_kind_tests::process_node::workspace_binary("contextos").context("contextos binary")?;
+    let data = tempfile::tempdir()?;
+    let output = tokio::process::Command::new(contextos)
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--store", store, "--tenant", namespace])
+        .args(args)
         .output()
         .await?;
     Ok((

@@ -381,6 +381,7 @@ where
         divergences: g.divergent_steps,
         passed: g.passed,
         top_divergences: g.top.clone(),
+        report: g.report.clone(),
     });
     let verdict = |promote, promoted, replay, awaiting| Verdict {
         promote,
@@ -513,6 +514,16 @@ where
     create_once(
         &Api::<ConfigMap>::namespaced(ctx.client.clone(), target.namespace),
         &config_map,
+    )
+    .await?;
+    let policy =
+        replay_job::network_policy(target, &ctx.runner.egress).map_err(build("replay NetworkPolicy"))?;
+    create_once(
+        &Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(
+            ctx.client.clone(),
+            target.namespace,
+        ),
+        &policy,
     )
     .await?;
     create_once(

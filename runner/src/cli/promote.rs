@@ -162,6 +162,11 @@ fn report(
         for line in &replay.top_divergences {
             out.push_str(&format!("    - {line}\n"));
         }
+        if let Some(report) = &replay.report {
+            out.push_str(&format!(
+                "  full report: contextos --tenant {namespace} --store <record store> records blob {report}\n"
+            ));
+        }
     }
     out
 }

@@ -49,6 +49,11 @@ pub enum RecordsCommand {
         #[arg(long, env = "CONTEXTOS_RECORD_PUBLIC_KEY")]
         public_key: Option<String>,
     },
+    /// Print a blob of the tenant's store (a large entry body, a replay report) by its hash.
+    Blob {
+        /// SHA-256 (hex) of the blob.
+        hash: String,
+    },
     /// List calls that exhausted their retries (or met an open circuit), newest runs first.
     DeadLetters {
         /// Only this run.
@@ -123,6 +128,16 @@ pub async fn run(global: &GlobalArgs, command: RecordsCommand) -> anyhow::Result
             if failed > 0 {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        RecordsCommand::Blob { hash } => {
+            let parsed = contextos_runner::records::Hash::parse(&hash)
+                .with_context(|| format!("{hash:?} is not a SHA-256 hash (64 hex characters)"))?;
+            let bytes = store
+                .get_blob(&tenant, &parsed)
+                .await?
+                .with_context(|| format!("no blob {hash} in tenant {tenant}"))?;
+            out.write_all(&bytes)?;
+            writeln!(out)?;
         }
         RecordsCommand::DeadLetters { run, runs } => {
             let run_ids = match run {

@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use contextos_runner::{
     manifests::ManifestSet,
-    records::RunFilter,
+    records::{RecordStore as _, RunFilter},
     run::{
         bundle::Candidate,
         replay::{ReplayGate, ReplaySummary, replay_run, replay_runs},
@@ -102,10 +102,14 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
             }
         );
     }
-    if let Some(path) = &args.summary {
-        write_summary(path, &ReplayGate::of(&summary))?;
-    }
     let json = serde_json::to_string_pretty(&summary)?;
+    if let Some(path) = &args.summary {
+        // The full report stays with the records; the summary names it.
+        let mut gate = ReplayGate::of(&summary);
+        let hash = store.put_blob(&tenant, json.clone().into_bytes()).await?;
+        gate.report = Some(hash.to_hex());
+        write_summary(path, &gate)?;
+    }
     if let Some(path) = &args.report {
         std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
     }

@@ -691,6 +691,9 @@ pub struct ReplayGate {
     /// The most significant divergences, one line each (at most five).
     #[serde(default)]
     pub top: Vec<String>,
+    /// SHA-256 of the full report, stored as a blob with the tenant's records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
 }
 
 impl ReplayGate {
@@ -723,6 +726,7 @@ impl ReplayGate {
             passed: summary.passed,
             no_history: false,
             top,
+            report: None,
         }
     }
 
@@ -740,6 +744,7 @@ impl ReplayGate {
                 .take(5)
                 .map(|s| s.chars().take(300).collect())
                 .collect(),
+            report: None,
         }
     }
 }

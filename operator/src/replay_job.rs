@@ -83,6 +83,15 @@ pub fn job(
     if let [agent] = replay.selector.agents.as_slice() {
         args.extend(["--agent".to_owned(), agent.clone()]);
     }
+    if !replay.selector.match_labels.is_empty() {
+        let selector: Vec<String> = replay
+            .selector
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        args.extend(["--selector".to_owned(), selector.join(",")]);
+    }
     serde_json::from_value(json!({
         "apiVersion": "batch/v1",
         "kind": "Job",

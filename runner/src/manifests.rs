@@ -249,6 +249,11 @@ impl ManifestSet {
             policies,
             sandbox_profile_digest: Some(spec_digest(&sandbox_spec)),
             model_script,
+            session_labels: session
+                .value
+                .pointer("/metadata/labels")
+                .and_then(|l| serde_json::from_value(l.clone()).ok())
+                .unwrap_or_default(),
         })
     }
 

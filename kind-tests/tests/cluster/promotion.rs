@@ -27,7 +27,13 @@ fn gated_policy(objects: &[Value]) -> Result<Value> {
         .context("the quickstart has a Policy")?;
     policy["spec"]["promotion"] = json!({
         "mode": "automatic",
-        "replay": {"sampleSize": 10, "windowHours": 24, "maxDivergencePercent": 0},
+        "replay": {
+            "sampleSize": 10,
+            "windowHours": 24,
+            "maxDivergencePercent": 0,
+            // The quickstart Session carries this label; sessions without it are not sampled.
+            "selector": {"matchLabels": {"contextos.dev/scenario": "quickstart"}},
+        },
     });
     Ok(policy)
 }

@@ -456,6 +456,7 @@ async fn resolve_bundle(
         policies,
         sandbox_profile_digest: Some(spec_digest(&sandbox.spec)),
         model_script,
+        session_labels: session.labels().clone(),
     }))
 }
 

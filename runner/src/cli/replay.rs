@@ -42,6 +42,9 @@ pub struct ReplayArgs {
     /// With --sample: only runs started within this long ago: e.g. 30m, 12h, 7d.
     #[arg(long)]
     since: Option<String>,
+    /// With --sample or --session: only runs whose Session had these labels, `key=value[,…]`.
+    #[arg(long)]
+    selector: Option<String>,
     /// Candidate Policy / ContextPack files (or directories); each replaces the recorded
     /// revision of the same name. None: replay under the recorded versions.
     #[arg(long = "candidate")]
@@ -85,7 +88,16 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
         if args.session.is_none() && args.sample.is_none() {
             bail!("say what to replay: --run <id>, --session <name> or --sample <n>");
         }
-        replay_runs(&store, &tenant, &filter, &candidate, args.max_divergence_percent).await?
+        let labels = parse_labels(args.selector.as_deref())?;
+        replay_runs(
+            &store,
+            &tenant,
+            &filter,
+            &labels,
+            &candidate,
+            args.max_divergence_percent,
+        )
+        .await?
     };
     if summary.runs == 0 {
         if let Some(path) = &args.summary {
@@ -151,4 +163,19 @@ fn write_summary(path: &std::path::Path, gate: &ReplayGate) -> anyhow::Result<()
     let path = in_pod(path);
     std::fs::write(&path, serde_json::to_vec(gate)?)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn parse_labels(text: Option<&str>) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for pair in text
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+    {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--selector {pair:?}: expected key=value"))?;
+        out.insert(key.trim().to_owned(), value.trim().to_owned());
+    }
+    Ok(out)
 }

@@ -39,6 +39,9 @@ pub struct RunBundle {
     /// The scripted model's script, when the agent uses `provider: scripted`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_script: Option<String>,
+    /// The Session's labels (replay gates select recorded sessions by them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub session_labels: BTreeMap<String, String>,
 }
 
 /// A ContextPack spec and its name.

@@ -653,14 +653,27 @@ pub async fn replay_runs<S: RecordStore>(
     store: &S,
     tenant: &TenantId,
     filter: &RunFilter,
+    labels: &BTreeMap<String, String>,
     candidate: &Candidate,
     max_divergence_percent: f64,
 ) -> Result<ReplaySummary, ReplayError> {
     let mut replays = Vec::new();
     let mut skipped = Vec::new();
-    for run in store.list_runs(tenant, filter).await? {
+    // With a label selector the sample is the newest runs that match it.
+    let listing = RunFilter {
+        limit: if labels.is_empty() { filter.limit } else { None },
+        ..filter.clone()
+    };
+    let wanted = filter.limit.unwrap_or(usize::MAX);
+    for run in store.list_runs(tenant, &listing).await? {
+        if replays.len() >= wanted {
+            break;
+        }
         if run.outcome == "running" {
             skipped.push(format!("run {} is still running", run.run_id));
+            continue;
+        }
+        if !labels.is_empty() && !session_matches(store, tenant, &run.run_id, labels).await? {
             continue;
         }
         match replay_run(store, tenant, &run.run_id, candidate).await {
@@ -672,6 +685,28 @@ pub async fn replay_runs<S: RecordStore>(
         }
     }
     Ok(ReplaySummary::new(replays, skipped, max_divergence_percent))
+}
+
+/// Whether a recorded run's Session carried every label of `labels`.
+async fn session_matches<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    run_id: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, ReplayError> {
+    let entries: Vec<RecordEntry> = store
+        .read_chain(tenant, run_id, 0)
+        .await?
+        .into_iter()
+        .take(1)
+        .filter_map(|e| RecordEntry::decode(&e.bytes).ok())
+        .collect();
+    match RecordedRun::read(store, tenant, run_id, &entries).await {
+        Ok(run) => Ok(labels
+            .iter()
+            .all(|(k, v)| run.bundle.session_labels.get(k) == Some(v))),
+        Err(_) => Ok(false),
+    }
 }
 
 /// The few lines a replay gate's outcome needs (a replay Job's termination message, at most

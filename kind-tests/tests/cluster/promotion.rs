@@ -257,3 +257,78 @@ async fn contextos(store: &str, namespace: &str, args: &[&str]) -> Result<(Optio
         ),
     ))
 }
+
+#[tokio::test]
+async fn a_dry_run_policy_change_reports_what_it_would_change_and_is_promoted() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner and replay pods need the local process node");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "promotion-dryrun").await?;
+    let client = env.client();
+    let freeze = |effect: &str| {
+        json!({
+            "apiVersion": "contextos.dev/v1alpha1",
+            "kind": "Policy",
+            "metadata": {"name": "freeze"},
+            "spec": {
+                "mode": "dryRun",
+                "defaultEffect": "allow",
+                "rules": [{
+                    "name": "no-status-reads",
+                    "match": {"tools": ["get_service_status"]},
+                    "effect": effect,
+                    "reason": "Trying out a freeze on live status reads.",
+                }],
+                "promotion": {"mode": "automatic", "replay": {"sampleSize": 10, "windowHours": 24, "maxDivergencePercent": 0}},
+            },
+        })
+    };
+    apply(&client, ns.name(), &freeze("allow")).await?;
+    for mut object in objects_for(&op.tools_url)? {
+        if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
+            object["data"]["script.json"] = json!(QUICK_SCRIPT);
+        }
+        if object["kind"] == "Agent" {
+            object["spec"]["policyRefs"] = json!([{"name": "oncall-guardrails"}, {"name": "freeze"}]);
+        }
+        apply(&client, ns.name(), &object).await?;
+    }
+    let sessions: Api<Session> = ns.api();
+    apply(&client, ns.name(), &session("shadowed")?).await?;
+    phase_is(&sessions, "shadowed", SessionPhase::Succeeded).await?;
+
+    // In dryRun the change enforces nothing: the gate passes, and the report says what it would do.
+    apply(&client, ns.name(), &freeze("deny")).await?;
+    let policies: Api<Policy> = ns.api();
+    let promoted = wait_for_object(
+        &policies,
+        "freeze",
+        "promoted after its replay report",
+        TIMEOUT,
+        |p: &Policy| {
+            let revisions = p.status.clone().and_then(|s| s.revisions).unwrap_or_default();
+            Check::when(
+                revisions.replay.is_some() && revisions.promoted == revisions.candidate,
+                || format!("{revisions:?}"),
+            )
+        },
+    )
+    .await?;
+    let summary = promoted
+        .status
+        .and_then(|s| s.revisions)
+        .and_then(|r| r.replay)
+        .context("summary")?;
+    ensure!(summary.passed && summary.divergences == 0, "{summary:?}");
+    ensure!(
+        summary
+            .top_divergences
+            .iter()
+            .any(|l| l.contains("get_service_status") && l.contains("dryRun")),
+        "the report names what the dryRun policy would change: {summary:?}"
+    );
+    ns.pass();
+    Ok(())
+}

@@ -332,3 +332,141 @@ async fn a_dry_run_policy_change_reports_what_it_would_change_and_is_promoted() 
     ns.pass();
     Ok(())
 }
+
+#[tokio::test]
+async fn without_history_a_candidate_waits_for_an_explicit_bypass_and_manual_mode_for_an_approver()
+-> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner and replay pods need the local process node");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "promotion-manual").await?;
+    let client = env.client();
+    let mut objects = objects_for(&op.tools_url)?;
+    let mut policy = gated_policy(&objects)?;
+    policy["spec"]["promotion"]["mode"] = json!("manual");
+    policy["spec"]["promotion"]["approvers"] = json!({"groups": ["sre-leads"]});
+    for object in &mut objects {
+        if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
+            object["data"]["script.json"] = json!(QUICK_SCRIPT);
+        }
+        if object["kind"] == "Policy" {
+            *object = policy.clone();
+        }
+        apply(&client, ns.name(), object).await?;
+    }
+    let policies: Api<Policy> = ns.api();
+    let first = wait_for_object(
+        &policies,
+        "oncall-guardrails",
+        "first revision promoted",
+        TIMEOUT,
+        |p: &Policy| {
+            let promoted = p
+                .status
+                .clone()
+                .and_then(|s| s.revisions)
+                .and_then(|r| r.promoted);
+            Check::when(promoted.is_some(), || "not yet".to_owned())
+        },
+    )
+    .await?
+    .status
+    .and_then(|s| s.revisions)
+    .and_then(|r| r.promoted)
+    .context("promoted")?;
+
+    // Nothing recorded yet: the gate cannot decide, and says how to proceed.
+    let mut second = policy.clone();
+    second["spec"]["rules"][1]["reason"] = json!("Reads are safe (second revision).");
+    apply(&client, ns.name(), &second).await?;
+    let waiting = wait_for_object(
+        &policies,
+        "oncall-guardrails",
+        "NoRecordedHistory",
+        TIMEOUT,
+        |p: &Policy| {
+            let text = condition(&p.status.clone().unwrap_or_default().conditions, "ReplayPassed");
+            Check::when(text.starts_with("False NoRecordedHistory"), || text.clone())
+        },
+    )
+    .await?;
+    let candidate = waiting
+        .status
+        .and_then(|s| s.revisions)
+        .and_then(|r| r.candidate)
+        .context("candidate")?;
+    let mut bypass = second.clone();
+    bypass["metadata"]["annotations"] = json!({"contextos.dev/promote-without-replay": candidate});
+    apply(&client, ns.name(), &bypass).await?;
+    wait_for_object(
+        &policies,
+        "oncall-guardrails",
+        "promoted by the explicit bypass",
+        TIMEOUT,
+        |p: &Policy| {
+            let revisions = p.status.clone().and_then(|s| s.revisions).unwrap_or_default();
+            Check::when(revisions.promoted.as_deref() == Some(candidate.as_str()), || {
+                format!("{revisions:?}")
+            })
+        },
+    )
+    .await?;
+    ensure!(candidate != first, "a new revision");
+
+    // With history, a passing replay in manual mode waits for an approver.
+    let sessions: Api<Session> = ns.api();
+    apply(&client, ns.name(), &session("recorded")?).await?;
+    phase_is(&sessions, "recorded", SessionPhase::Succeeded).await?;
+    let mut third = bypass.clone();
+    third["spec"]["rules"][1]["reason"] = json!("Reads are safe (third revision).");
+    apply(&client, ns.name(), &third).await?;
+    let awaiting = wait_for_object(
+        &policies,
+        "oncall-guardrails",
+        "AwaitingPromotion",
+        TIMEOUT,
+        |p: &Policy| {
+            let text = condition(
+                &p.status.clone().unwrap_or_default().conditions,
+                "AwaitingPromotion",
+            );
+            Check::when(text.starts_with("True"), || text.clone())
+        },
+    )
+    .await?;
+    let third_digest = awaiting
+        .status
+        .and_then(|s| s.revisions)
+        .and_then(|r| r.candidate)
+        .context("candidate")?;
+    ensure!(
+        policies
+            .get("oncall-guardrails")
+            .await?
+            .status
+            .and_then(|s| s.revisions)
+            .and_then(|r| r.promoted)
+            == Some(candidate.clone()),
+        "the approved-by-bypass revision stays in force until an approver decides"
+    );
+    third["metadata"]["annotations"]["contextos.dev/approve-promotion"] = json!(third_digest);
+    apply(&client, ns.name(), &third).await?;
+    wait_for_object(
+        &policies,
+        "oncall-guardrails",
+        "promoted by an approver",
+        TIMEOUT,
+        |p: &Policy| {
+            let revisions = p.status.clone().and_then(|s| s.revisions).unwrap_or_default();
+            Check::when(
+                revisions.promoted.as_deref() == Some(third_digest.as_str()),
+                || format!("{revisions:?}"),
+            )
+        },
+    )
+    .await?;
+    ns.pass();
+    Ok(())
+}

@@ -38,6 +38,33 @@ fn gated_policy(objects: &[Value]) -> Result<Value> {
     Ok(policy)
 }
 
+/// Applies the quickstart with a script that needs no approval and a replay-gated Policy
+/// (`adjust` may change any object first); returns the Policy as applied.
+async fn install(
+    client: &kube::Client,
+    namespace: &str,
+    tools_url: &str,
+    adjust: impl Fn(&mut Value),
+) -> Result<Value> {
+    let mut objects = objects_for(tools_url)?;
+    let gated = gated_policy(&objects)?;
+    let mut policy = Value::Null;
+    for object in &mut objects {
+        if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
+            object["data"]["script.json"] = json!(QUICK_SCRIPT);
+        }
+        if object["kind"] == "Policy" {
+            *object = gated.clone();
+        }
+        adjust(object);
+        if object["kind"] == "Policy" {
+            policy = object.clone();
+        }
+        apply(client, namespace, object).await?;
+    }
+    Ok(policy)
+}
+
 async fn revisions(api: &Api<Policy>) -> Result<contextos_crds::common::RevisionStatus> {
     api.get("oncall-guardrails")
         .await?
@@ -55,17 +82,7 @@ async fn a_policy_change_is_promoted_only_if_replaying_recorded_sessions_passes(
     };
     let ns = TestNamespace::new(env, "promotion").await?;
     let client = env.client();
-    let mut objects = objects_for(&op.tools_url)?;
-    let policy = gated_policy(&objects)?;
-    for object in &mut objects {
-        if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
-            object["data"]["script.json"] = json!(QUICK_SCRIPT);
-        }
-        if object["kind"] == "Policy" {
-            *object = policy.clone();
-        }
-        apply(&client, ns.name(), object).await?;
-    }
+    let policy = install(&client, ns.name(), &op.tools_url, |_| {}).await?;
     let sessions: Api<Session> = ns.api();
     for name in ["recorded-1", "recorded-2"] {
         apply(&client, ns.name(), &session(name)?).await?;
@@ -286,15 +303,12 @@ async fn a_dry_run_policy_change_reports_what_it_would_change_and_is_promoted() 
         })
     };
     apply(&client, ns.name(), &freeze("allow")).await?;
-    for mut object in objects_for(&op.tools_url)? {
-        if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
-            object["data"]["script.json"] = json!(QUICK_SCRIPT);
-        }
+    install(&client, ns.name(), &op.tools_url, |object| {
         if object["kind"] == "Agent" {
             object["spec"]["policyRefs"] = json!([{"name": "oncall-guardrails"}, {"name": "freeze"}]);
         }
-        apply(&client, ns.name(), &object).await?;
-    }
+    })
+    .await?;
     let sessions: Api<Session> = ns.api();
     apply(&client, ns.name(), &session("shadowed")?).await?;
     phase_is(&sessions, "shadowed", SessionPhase::Succeeded).await?;
@@ -343,19 +357,13 @@ async fn without_history_a_candidate_waits_for_an_explicit_bypass_and_manual_mod
     };
     let ns = TestNamespace::new(env, "promotion-manual").await?;
     let client = env.client();
-    let mut objects = objects_for(&op.tools_url)?;
-    let mut policy = gated_policy(&objects)?;
-    policy["spec"]["promotion"]["mode"] = json!("manual");
-    policy["spec"]["promotion"]["approvers"] = json!({"groups": ["sre-leads"]});
-    for object in &mut objects {
-        if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
-            object["data"]["script.json"] = json!(QUICK_SCRIPT);
-        }
+    let policy = install(&client, ns.name(), &op.tools_url, |object| {
         if object["kind"] == "Policy" {
-            *object = policy.clone();
+            object["spec"]["promotion"]["mode"] = json!("manual");
+            object["spec"]["promotion"]["approvers"] = json!({"groups": ["sre-leads"]});
         }
-        apply(&client, ns.name(), object).await?;
-    }
+    })
+    .await?;
     let policies: Api<Policy> = ns.api();
     let first = wait_for_object(
         &policies,

@@ -150,6 +150,12 @@ async fn a_session_runs_in_a_restricted_pod_pauses_for_approval_and_succeeds_wit
         pods.get_opt("checkout-run-2").await?.is_some(),
         "one pod per attempt"
     );
+    // The answer came at step 6; its checkpoint is the last one.
+    let checkpoint = status.last_checkpoint.clone().context("lastCheckpoint")?;
+    ensure!(
+        checkpoint.step == 6 && checkpoint.entry_hash.len() == 64,
+        "{checkpoint:?}"
+    );
 
     // The record is in the store, verifies with the Session's key, and ends at the reported head.
     let keys: Api<Secret> = ns.api();

@@ -623,6 +623,12 @@ impl Update {
         if let Some(output) = &report.output {
             self.fields.insert("output".into(), json!(output));
         }
+        if let Some((step, entry_hash)) = &report.checkpoint {
+            self.fields.insert(
+                "lastCheckpoint".into(),
+                json!({"step": step, "entryHash": entry_hash}),
+            );
+        }
         self
     }
 }

@@ -86,7 +86,11 @@ pub async fn run(global: &GlobalArgs, args: SessionRunArgs) -> anyhow::Result<Ex
             .start(&context.run_id, &context.trace_id, &mut |p| terminal.show(p))
             .await?
     };
-    let message = serde_json::to_vec(&PodReport::of(&report))?;
+    let mut pod_report = PodReport::of(&report);
+    if let Some(checkpoint) = store.latest_checkpoint(&tenant, &context.session_id).await? {
+        pod_report.checkpoint = Some((checkpoint.step, checkpoint.entry_hash.to_hex()));
+    }
+    let message = serde_json::to_vec(&pod_report)?;
     let log = in_pod(&args.termination_log);
     if let Err(e) = std::fs::write(&log, &message) {
         eprintln!(

@@ -70,6 +70,9 @@ pub struct PodReport {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub awaiting: Option<AwaitingApproval>,
+    /// The latest checkpoint the next attempt would resume from: (step, entry hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<(u32, String)>,
 }
 
 /// Bytes of output and messages kept so the report fits a termination message.
@@ -87,6 +90,7 @@ impl PodReport {
             reason: None,
             message: None,
             awaiting: None,
+            checkpoint: None,
         };
         match &report.outcome {
             RunOutcome::Completed { output, .. } => {

@@ -25,6 +25,12 @@ fn committed_crd_yaml_is_current() {
         );
         expected_files.insert(file);
     }
+    let kustomization = fs::read_to_string(dir.join("kustomization.yaml")).unwrap_or_default();
+    assert!(
+        kustomization == contextos_crds::crds_kustomization(),
+        "manifests/crds/kustomization.yaml is stale: run `cargo run -p contextos-crds --bin crdgen` and commit the result"
+    );
+    expected_files.insert("kustomization.yaml".to_owned());
     let present: BTreeSet<String> = fs::read_dir(&dir)
         .expect("manifests/crds exists")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())

@@ -1,4 +1,5 @@
-//! Writes the CustomResourceDefinitions of every ContextOS kind as YAML, one file per kind.
+//! Writes the CustomResourceDefinitions of every ContextOS kind as YAML, one file per kind, and a
+//! kustomization listing them (so the base and its overlays can include the CRDs).
 //!
 //! Usage: `crdgen [DIR]` (default `manifests/crds`). The output is committed; a test fails when
 //! it no longer matches the types.
@@ -13,6 +14,11 @@ fn main() -> ExitCode {
     );
     if let Err(err) = fs::create_dir_all(&dir) {
         eprintln!("crdgen: cannot create {}: {err}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    let kustomization = dir.join("kustomization.yaml");
+    if let Err(err) = fs::write(&kustomization, contextos_crds::crds_kustomization()) {
+        eprintln!("crdgen: cannot write {}: {err}", kustomization.display());
         return ExitCode::FAILURE;
     }
     for crd in contextos_crds::all_crds() {

@@ -26,6 +26,7 @@ pub async fn install_crds(client: &Client, dir: &Path) -> Result<Vec<String>, En
         })?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .filter(|path| !path.ends_with("kustomization.yaml"))
         .collect();
     files.sort();
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());

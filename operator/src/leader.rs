@@ -104,21 +104,25 @@ impl LeaderElection {
     /// Keeps renewing while leader; returns when leadership is lost (the Lease was taken, or
     /// could not be renewed within its duration), so the caller stops reconciling.
     pub async fn hold(&self, client: &Client) {
+        // Step down well before another replica may take over (two thirds of the duration), and
+        // never wait on a hung API call past that deadline.
+        let deadline = self.duration * 2 / 3;
         let mut last_renewed = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.renew).await;
-            match self.try_acquire(client).await {
-                Ok(Standing::Leader) => last_renewed = tokio::time::Instant::now(),
-                Ok(Standing::Follower { holder }) => {
+            let attempt = tokio::time::timeout(self.renew, self.try_acquire(client)).await;
+            match attempt {
+                Ok(Ok(Standing::Leader)) => last_renewed = tokio::time::Instant::now(),
+                Ok(Ok(Standing::Follower { holder })) => {
                     tracing::warn!(%holder, "leadership lost");
                     return;
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot renew the leader Lease");
-                    if last_renewed.elapsed() >= self.duration {
-                        return;
-                    }
-                }
+                Ok(Err(error)) => tracing::warn!(%error, "cannot renew the leader Lease"),
+                Err(_) => tracing::warn!("renewing the leader Lease timed out"),
+            }
+            if last_renewed.elapsed() >= deadline {
+                tracing::warn!("the leader Lease was not renewed in time; stepping down");
+                return;
             }
         }
     }

@@ -80,7 +80,7 @@ pub fn job(
         "--summary".into(),
         "/dev/termination-log".into(),
     ];
-    if let [agent] = replay.selector.agents.as_slice() {
+    for agent in &replay.selector.agents {
         args.extend(["--agent".to_owned(), agent.clone()]);
     }
     if !replay.selector.match_labels.is_empty() {

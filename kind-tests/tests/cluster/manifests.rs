@@ -390,6 +390,31 @@ async fn check_promotion_approvals(env: &'static TestEnv, namespace: &str) -> Re
     refused?;
     let refused = annotate(&[], false).await?;
     ensure!(!refused.status.success(), "a non-approver approved the promotion");
+    // Nor can they first make themselves an approver.
+    let widen = json!({"spec": {"promotion": {"approvers": {"users": ["carol@example.com"], "groups": ["sre-leads"]}}}})
+        .to_string();
+    let widened = run(
+        env,
+        &[
+            "patch",
+            "policies.contextos.dev",
+            "oncall-guardrails",
+            "-n",
+            namespace,
+            "--as",
+            "carol@example.com",
+            "--type=merge",
+            "-p",
+            &widen,
+        ],
+    )
+    .await?;
+    ensure!(
+        !widened.status.success()
+            && String::from_utf8_lossy(&widened.stderr).contains("may change the promotion gate"),
+        "a non-approver widened the approvers: {}",
+        String::from_utf8_lossy(&widened.stderr)
+    );
     let allowed = annotate(&["sre-leads"], false).await?;
     ensure!(
         allowed.status.success(),

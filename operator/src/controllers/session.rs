@@ -40,6 +40,11 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         return Ok(Action::await_change());
     }
     let namespace = session.namespace().unwrap_or_default();
+    let attempt = session.status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
+    if session.spec.cancel {
+        return cancel(&ctx, &session, &pods, attempt).await;
+    }
     let (pod_bundle, sandbox) = match pinned(&ctx, &session).await? {
         Ok(pinned) => pinned,
         Err(invalid) => {
@@ -69,30 +74,15 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         })?;
     apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
 
-    let attempt = session.status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
     let pod = pods.get_opt(&children::pod_name(&name, attempt)).await?;
-    if session.spec.cancel {
-        if let Some(pod) = &pod
-            && pod
-                .status
-                .as_ref()
-                .and_then(|s| s.phase.as_deref())
-                .is_some_and(|p| p == "Running" || p == "Pending")
-        {
-            pods.delete(&pod.name_any(), &DeleteParams::default()).await?;
-        }
-        write_status(
-            &ctx,
-            &session,
-            Update::phase(
-                SessionPhase::Cancelled,
-                reason::CANCELLED,
-                "cancelled by spec.cancel",
-            ),
-        )
-        .await?;
-        return Ok(Action::await_change());
+    if let Some(pod) = &pod
+        && !owned_by(pod.metadata.owner_references.as_deref(), &session)
+    {
+        // A pod of an earlier Session with this name, not yet garbage-collected.
+        return Err(Error::Run(format!(
+            "pod {} belongs to an earlier Session named {name}; waiting for it to be removed",
+            pod.name_any()
+        )));
     }
     let Some(pod) = pod else {
         start_attempt(&ctx, &session, &pod_bundle, &sandbox, attempt).await?;
@@ -302,28 +292,39 @@ async fn pinned(
 ) -> Result<Result<(PodBundle, SandboxProfileSpec), Invalid>> {
     let namespace = session.namespace().unwrap_or_default();
     let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace);
+    // Once the run started, its bundle is the truth: the Agent, its revisions and its sandbox
+    // may change or go away without changing what this Session runs.
+    if let Some(existing) = config_maps
+        .get_opt(&children::bundle_name(&session.name_any()))
+        .await?
+    {
+        if !owned_by(existing.metadata.owner_references.as_deref(), session) {
+            return Err(Error::Run(format!(
+                "ConfigMap {} belongs to an earlier Session named {}; waiting for it to be removed",
+                existing.name_any(),
+                session.name_any()
+            )));
+        }
+        if let Some(text) = existing.data.as_ref().and_then(|d| d.get(BUNDLE_KEY))
+            && let Ok(bundle) = serde_json::from_str::<PodBundle>(text)
+            && let Some(sandbox) = bundle.sandbox.clone()
+        {
+            return Ok(Ok((bundle, sandbox)));
+        }
+    }
     let agents = Api::<Agent>::namespaced(ctx.client.clone(), &namespace);
     let agent_name = &session.spec.agent_ref.name;
     let Some(agent) = agents.get_opt(agent_name).await? else {
         return Ok(Err(Invalid::new(
             reason::REFERENCE_NOT_FOUND,
             format!(
-                "spec.agentRef.name: Agent {agent_name} does not exist in namespace {namespace}; create it or fix the reference"
+                "spec.agentRef.name: Agent {agent_name} does not exist in namespace {namespace}; create it (spec.agentRef cannot be changed)"
             ),
         )));
     };
     let sandbox = Api::<SandboxProfile>::namespaced(ctx.client.clone(), &namespace)
         .get_opt(&agent.spec.sandbox_profile_ref.name)
         .await?;
-    let existing = config_maps
-        .get_opt(&children::bundle_name(&session.name_any()))
-        .await?;
-    if let (Some(existing), Some(sandbox)) = (&existing, &sandbox)
-        && let Some(text) = existing.data.as_ref().and_then(|d| d.get(BUNDLE_KEY))
-        && let Ok(bundle) = serde_json::from_str::<PodBundle>(text)
-    {
-        return Ok(Ok((bundle, sandbox.spec.clone())));
-    }
     let agent_conditions = agent
         .status
         .as_ref()
@@ -357,6 +358,7 @@ async fn pinned(
     };
     let pod_bundle = PodBundle {
         bundle,
+        sandbox: Some(sandbox.spec.clone()),
         trust_key: ctx.key.public().to_hex(),
     };
     let config_map = children::bundle_config_map(session, &pod_bundle).map_err(|source| Error::Build {
@@ -370,6 +372,41 @@ async fn pinned(
         Err(kube::Error::Api(e)) if e.code == 409 => Box::pin(pinned(ctx, session)).await,
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether `owners` names this very Session (by uid, not just by name).
+fn owned_by(
+    owners: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]>,
+    session: &Session,
+) -> bool {
+    let uid = session.metadata.uid.as_deref();
+    owners
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.kind == "Session" && Some(o.uid.as_str()) == uid)
+}
+
+/// Stops the Session: its running attempt is deleted and it ends `Cancelled`.
+async fn cancel(ctx: &Context, session: &Session, pods: &Api<Pod>, attempt: u32) -> Result<Action> {
+    if let Some(pod) = pods
+        .get_opt(&children::pod_name(&session.name_any(), attempt))
+        .await?
+        && owned_by(pod.metadata.owner_references.as_deref(), session)
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Running" || p == "Pending")
+    {
+        pods.delete(&pod.name_any(), &DeleteParams::default()).await?;
+    }
+    let update = Update::phase(
+        SessionPhase::Cancelled,
+        reason::CANCELLED,
+        "cancelled by spec.cancel",
+    );
+    write_status(ctx, session, update.completed()).await?;
+    Ok(Action::await_change())
 }
 
 /// Everything the Agent references, read now.

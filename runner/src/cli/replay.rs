@@ -36,9 +36,9 @@ pub struct ReplayArgs {
     /// Replay up to this many recent finished runs (newest first).
     #[arg(long)]
     sample: Option<usize>,
-    /// With --sample: only runs of this Agent.
-    #[arg(long)]
-    agent: Option<String>,
+    /// With --sample: only runs of these Agents (repeatable).
+    #[arg(long = "agent")]
+    agents: Vec<String>,
     /// With --sample: only runs started within this long ago: e.g. 30m, 12h, 7d.
     #[arg(long)]
     since: Option<String>,
@@ -79,7 +79,6 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
             None => None,
         };
         let filter = RunFilter {
-            agent: args.agent.clone(),
             session_id: args.session.clone(),
             since_ms,
             limit: Some(args.sample.unwrap_or(1)),
@@ -93,6 +92,7 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
             &store,
             &tenant,
             &filter,
+            &args.agents,
             &labels,
             &candidate,
             args.max_divergence_percent,

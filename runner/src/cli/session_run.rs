@@ -75,7 +75,12 @@ pub async fn run(global: &GlobalArgs, args: SessionRunArgs) -> anyhow::Result<Ex
     let model = model_of(&bundle, &secrets)?;
     let store = global.open_store().await?;
     let tenant = TenantId::new(bundle.tenant.clone())?;
-    let resuming = store.latest_checkpoint(&tenant, &bundle.session).await?.is_some();
+    // Resume only this run: a Session deleted and created again under the same name is a new
+    // run (a new uid, so a new run id) and must not continue the old one's checkpoint.
+    let resuming = store
+        .latest_checkpoint(&tenant, &bundle.session)
+        .await?
+        .is_some_and(|c| c.run_id == run_context.context.run_id);
     let context = run_context.context.clone();
     let harness = Harness::new(&store, record_key, bundle, gateway, model)?.with_run_context(run_context);
     let mut terminal = Terminal::default();

@@ -40,6 +40,10 @@ pub const RUN_CONTEXT_ENV: &str = "CONTEXTOS_RUN_CONTEXT";
 #[serde(rename_all = "camelCase")]
 pub struct PodBundle {
     pub bundle: RunBundle,
+    /// The SandboxProfile the run is confined by, pinned with the rest: retries run in the same
+    /// sandbox even if the profile is edited or deleted meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<contextos_crds::SandboxProfileSpec>,
     /// Public key (hex) of the operator: the only key the pod's gateway trusts.
     pub trust_key: String,
 }
@@ -77,6 +81,8 @@ pub struct PodReport {
 
 /// Bytes of output and messages kept so the report fits a termination message.
 const TEXT_LIMIT: usize = 1024;
+/// The kubelet keeps at most 4096 bytes of a termination message; the report stays below.
+const MESSAGE_LIMIT: usize = 3800;
 
 impl PodReport {
     pub fn of(report: &RunReport) -> Self {
@@ -112,7 +118,35 @@ impl PodReport {
                 out.awaiting = Some(awaiting);
             }
         }
+        out.fit();
         out
+    }
+
+    /// Shrinks the free-text parts until the JSON fits a termination message (escaping can
+    /// make text several times longer than its characters).
+    fn fit(&mut self) {
+        let size = |r: &Self| serde_json::to_vec(r).map_or(usize::MAX, |v| v.len());
+        let short = |text: &mut Option<String>| {
+            if let Some(t) = text {
+                *t = t.chars().take(160).collect::<String>() + "…";
+            }
+        };
+        if size(self) <= MESSAGE_LIMIT {
+            return;
+        }
+        short(&mut self.output);
+        short(&mut self.message);
+        short(&mut self.reason);
+        if let Some(awaiting) = &mut self.awaiting {
+            awaiting.arguments = serde_json::Value::String("(cut; see the record)".into());
+            awaiting.reason = awaiting.reason.chars().take(160).collect();
+            awaiting.approvers.users.truncate(8);
+            awaiting.approvers.groups.truncate(8);
+        }
+        if size(self) > MESSAGE_LIMIT {
+            self.output = Some("(cut; see the record)".into());
+            self.message = None;
+        }
     }
 }
 
@@ -125,4 +159,28 @@ fn cut(text: &str) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::engine::RunOutcome;
+
+    #[test]
+    fn a_report_always_fits_a_termination_message() {
+        let report = RunReport {
+            run_id: "r".into(),
+            session: "s".into(),
+            outcome: RunOutcome::Completed {
+                output: "\"\u{1}".repeat(5000),
+                validators: vec![],
+            },
+            steps: 3,
+            usage: Usage::default(),
+            head: None,
+            replayed: vec![],
+        };
+        let json = serde_json::to_vec(&PodReport::of(&report)).expect("json");
+        assert!(json.len() <= MESSAGE_LIMIT, "{} bytes", json.len());
+    }
 }

@@ -653,21 +653,27 @@ pub async fn replay_runs<S: RecordStore>(
     store: &S,
     tenant: &TenantId,
     filter: &RunFilter,
+    agents: &[String],
     labels: &BTreeMap<String, String>,
     candidate: &Candidate,
     max_divergence_percent: f64,
 ) -> Result<ReplaySummary, ReplayError> {
     let mut replays = Vec::new();
     let mut skipped = Vec::new();
-    // With a label selector the sample is the newest runs that match it.
+    // The sample is the newest `limit` runs that can be replayed: running runs, runs of other
+    // Agents or Sessions with other labels, and runs the candidate does not apply to do not
+    // take places in it.
     let listing = RunFilter {
-        limit: if labels.is_empty() { filter.limit } else { None },
+        limit: None,
         ..filter.clone()
     };
     let wanted = filter.limit.unwrap_or(usize::MAX);
     for run in store.list_runs(tenant, &listing).await? {
         if replays.len() >= wanted {
             break;
+        }
+        if !agents.is_empty() && !agents.contains(&run.agent) {
+            continue;
         }
         if run.outcome == "running" {
             skipped.push(format!("run {} is still running", run.run_id));

@@ -35,6 +35,7 @@ use crate::objects::{api_for, apply, yaml_documents};
 
 const SYSTEM_NAMESPACE: &str = "contextos-system";
 const APPROVALS_POLICY: &str = "contextos-session-approvals";
+const IMAGES_POLICY: &str = "contextos-sandbox-images";
 /// What the policy's refusal says (its messageExpression).
 const REFUSAL: &str = "a new approval's approver must be the user making the change";
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -333,7 +334,32 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         .patch_in_groups("carol@example.com", &["sre-oncall"], &decide)
         .await?
         .map_err(|refusal| anyhow::anyhow!("carol, in sre-oncall, was refused: {refusal}"))?;
-    check_promotion_approvals(env, namespace).await
+    check_promotion_approvals(env, namespace).await?;
+    check_sandbox_images(env, namespace).await
+}
+
+/// A SandboxProfile may only name the ContextOS runner image.
+async fn check_sandbox_images(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    let client = env.client();
+    let mut profile = yaml_documents(&repo_root().join("examples/quickstart/sandboxprofile.yaml"))?.remove(0);
+    apply(&client, namespace, &profile).await?;
+    profile["spec"]["image"] = json!(
+        "registry.example.com/tenant/runner@sha256:8efb2271583453e455faacdc1941d214c2a8e6c6beb667cbc5b69589baf7d3b2"
+    );
+    let refused = wait_for("the image policy to refuse another image", TIMEOUT, || async {
+        match apply(&client, namespace, &profile).await {
+            Err(err) => {
+                let text = format!("{err:#}");
+                Check::when(text.contains("is not the ContextOS runner image"), || {
+                    text.clone()
+                })
+            }
+            Ok(_) => Check::NotYet("accepted".to_owned()),
+        }
+    })
+    .await;
+    refused?;
+    Ok(())
 }
 
 /// Only a Policy's promotion approvers may approve its candidate (the quickstart Policy lists
@@ -608,10 +634,17 @@ impl Install {
             "kind": "Kustomization",
             // kustomize takes only relative paths.
             "resources": [relative_path(overlay.path(), &repo_root().join("manifests"))?],
-            "patches": [{
-                "target": {"kind": "ValidatingAdmissionPolicyBinding", "name": APPROVALS_POLICY},
-                "patch": bind_to_namespace.to_string(),
-            }],
+            // Bound to the test's namespace only, so other tests running meanwhile are unaffected.
+            "patches": [
+                {
+                    "target": {"kind": "ValidatingAdmissionPolicyBinding", "name": APPROVALS_POLICY},
+                    "patch": bind_to_namespace.to_string(),
+                },
+                {
+                    "target": {"kind": "ValidatingAdmissionPolicyBinding", "name": IMAGES_POLICY},
+                    "patch": bind_to_namespace.to_string(),
+                },
+            ],
         });
         std::fs::write(
             overlay.path().join("kustomization.yaml"),

@@ -309,3 +309,53 @@ async fn reqwest_json(url: &str) -> Value {
         .and_then(|o| serde_json::from_slice(&o.stdout).ok())
         .unwrap_or(Value::Null)
 }
+
+#[tokio::test]
+async fn runner_attempts_that_crash_are_retried_up_to_the_bound() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    if operator_env::shared(env)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .is_none()
+    {
+        eprintln!("skipped: runner pods need the local process node");
+        return Ok(());
+    }
+    // The agent's model endpoint refuses connections: every attempt errors out before it can
+    // report, which the operator treats like a crash.
+    let (mut tools, tools_url) = operator_env::start_tools_with(&[]).map_err(anyhow::Error::msg)?;
+    let result = async {
+        let ns = TestNamespace::new(env, "operator-crashes").await?;
+        let client = env.client();
+        for mut object in objects_for(&tools_url)? {
+            if object["kind"] == "Agent" {
+                object["spec"]["model"] =
+                    json!({"provider": "openai_compatible", "endpoint": "http://127.0.0.1:9/v1", "model": "gpt-test"});
+            }
+            apply(&client, ns.name(), &object).await?;
+        }
+        apply(&client, ns.name(), &session("crashing")?).await?;
+        let sessions: Api<Session> = ns.api();
+        let failed = phase_is(&sessions, "crashing", SessionPhase::Failed).await?;
+        let status = failed.status.unwrap_or_default();
+        let ready = condition(&status.conditions, "Ready");
+        ensure!(
+            ready.starts_with("False AttemptsExhausted 3 runner attempts"),
+            "{ready}"
+        );
+        let pods: Api<Pod> = ns.api();
+        let names: Vec<String> = pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        ensure!(names.len() == 3, "one pod per attempt, three attempts: {names:?}");
+        ns.pass();
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    let _ = tools.kill();
+    result
+}

@@ -479,7 +479,7 @@ where
                 false,
                 reason::REPLAY_FAILED,
                 format!(
-                    "replay Job {job_name} ended without a report (exit code {exit_code:?}); see its pod's log"
+                    "replay Job {job_name} ended without a report (exit code {exit_code:?}); see its pod's log, then delete the Job to replay again"
                 ),
             ),
             None,

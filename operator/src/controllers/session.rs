@@ -181,7 +181,7 @@ async fn finished(
         _ => {
             // The attempt crashed (killed, evicted, out of memory, past its deadline) before it
             // could report: retry from the last checkpoint, with backoff, up to the bound.
-            let crashes = attempt.saturating_sub(approved_attempts(session));
+            let crashes = crashed_attempts(ctx, session).await?;
             if crashes >= ctx.max_crash_attempts {
                 let message = format!(
                     "{crashes} runner attempts ended without a result (last: pod {}); see its events and logs",
@@ -217,9 +217,26 @@ async fn finished(
     }
 }
 
-/// Attempts that were started because an approval arrived (they are not crash retries).
-fn approved_attempts(session: &Session) -> u32 {
-    session.spec.approvals.len() as u32
+/// Attempts of this Session whose pod ended without a report: the crashes the retry bound
+/// counts (attempts started by approvals, and attempts that reported, do not count).
+async fn crashed_attempts(ctx: &Context, session: &Session) -> Result<u32> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default())
+        .list(&kube::api::ListParams::default().labels(&format!(
+            "{}={}",
+            contextos_crds::labels::SESSION,
+            session.name_any()
+        )))
+        .await?;
+    let crashed = pods
+        .items
+        .iter()
+        .filter(|p| owned_by(p.metadata.owner_references.as_deref(), session))
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            matches!(phase, Some("Failed" | "Succeeded")) && termination_report(p).is_none()
+        })
+        .count();
+    Ok(u32::try_from(crashed).unwrap_or(u32::MAX))
 }
 
 /// Whether `approver` may decide (a listed user; group membership is checked by who may patch

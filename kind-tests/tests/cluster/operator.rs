@@ -56,6 +56,18 @@ pub fn condition(
     )
 }
 
+/// Waits until the Policy's condition `type_` reads `<status> <reason> <message>` starting with
+/// `prefix`.
+pub async fn policy_condition(api: &Api<Policy>, name: &str, type_: &str, prefix: &str) -> Result<Policy> {
+    Ok(
+        wait_for_object(api, name, &format!("{type_}: {prefix}"), TIMEOUT, |p: &Policy| {
+            let text = condition(&p.status.clone().unwrap_or_default().conditions, type_);
+            Check::when(text.starts_with(prefix), || text.clone())
+        })
+        .await?,
+    )
+}
+
 pub async fn phase_is(api: &Api<Session>, name: &str, wanted: SessionPhase) -> Result<Session> {
     Ok(
         wait_for_object(api, name, &format!("phase {wanted:?}"), TIMEOUT, |s: &Session| {
@@ -217,18 +229,11 @@ async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()
     )
     .await?;
     let policies: Api<Policy> = ns.api();
-    wait_for_object(
+    policy_condition(
         &policies,
         "oncall-guardrails",
-        "Ready=False naming the rule",
-        TIMEOUT,
-        |p: &Policy| {
-            let text = condition(&p.status.clone().unwrap_or_default().conditions, "Ready");
-            Check::when(
-                text.starts_with("False InvalidExpression policy oncall-guardrails: spec.rules[2]"),
-                || text.clone(),
-            )
-        },
+        "Ready",
+        "False InvalidExpression policy oncall-guardrails: spec.rules[2]",
     )
     .await?;
     apply(&client, ns.name(), &session("waiting")?).await?;

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::{
     objects::apply,
-    operator::{TIMEOUT, condition, objects_for, phase_is, session},
+    operator::{TIMEOUT, condition, objects_for, phase_is, policy_condition, session},
 };
 
 fn gated_policy(objects: &[Value]) -> Result<Value> {
@@ -98,15 +98,11 @@ async fn a_policy_change_is_promoted_only_if_replaying_recorded_sessions_passes(
     let mut strict = policy.clone();
     strict["spec"]["rules"][1]["effect"] = json!("deny");
     apply(&client, ns.name(), &strict).await?;
-    let failed = wait_for_object(
+    let failed = policy_condition(
         &policies,
         "oncall-guardrails",
-        "ReplayPassed=False ReplayFailed",
-        TIMEOUT,
-        |p: &Policy| {
-            let text = condition(&p.status.clone().unwrap_or_default().conditions, "ReplayPassed");
-            Check::when(text.starts_with("False ReplayFailed"), || text.clone())
-        },
+        "ReplayPassed",
+        "False ReplayFailed",
     )
     .await?;
     let status = failed.status.clone().unwrap_or_default();
@@ -389,15 +385,11 @@ async fn without_history_a_candidate_waits_for_an_explicit_bypass_and_manual_mod
     let mut second = policy.clone();
     second["spec"]["rules"][1]["reason"] = json!("Reads are safe (second revision).");
     apply(&client, ns.name(), &second).await?;
-    let waiting = wait_for_object(
+    let waiting = policy_condition(
         &policies,
         "oncall-guardrails",
-        "NoRecordedHistory",
-        TIMEOUT,
-        |p: &Policy| {
-            let text = condition(&p.status.clone().unwrap_or_default().conditions, "ReplayPassed");
-            Check::when(text.starts_with("False NoRecordedHistory"), || text.clone())
-        },
+        "ReplayPassed",
+        "False NoRecordedHistory",
     )
     .await?;
     let candidate = waiting
@@ -430,20 +422,7 @@ async fn without_history_a_candidate_waits_for_an_explicit_bypass_and_manual_mod
     let mut third = bypass.clone();
     third["spec"]["rules"][1]["reason"] = json!("Reads are safe (third revision).");
     apply(&client, ns.name(), &third).await?;
-    let awaiting = wait_for_object(
-        &policies,
-        "oncall-guardrails",
-        "AwaitingPromotion",
-        TIMEOUT,
-        |p: &Policy| {
-            let text = condition(
-                &p.status.clone().unwrap_or_default().conditions,
-                "AwaitingPromotion",
-            );
-            Check::when(text.starts_with("True"), || text.clone())
-        },
-    )
-    .await?;
+    let awaiting = policy_condition(&policies, "oncall-guardrails", "AwaitingPromotion", "True").await?;
     let third_digest = awaiting
         .status
         .and_then(|s| s.revisions)

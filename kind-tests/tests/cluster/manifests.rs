@@ -460,28 +460,7 @@ struct SessionPatches<'a> {
 impl SessionPatches<'_> {
     /// `Ok(Err(stderr))` when the API server refused the patch.
     async fn patch(&self, user: &str, patch: &Value, dry_run: bool) -> Result<Result<(), String>> {
-        let patch = patch.to_string();
-        let mut args = vec![
-            "patch",
-            "sessions.contextos.dev",
-            self.name,
-            "-n",
-            self.namespace,
-            "--as",
-            user,
-            "--type=json",
-            "-p",
-            &patch,
-        ];
-        if dry_run {
-            args.push("--dry-run=server");
-        }
-        let output = run(self.env, &args).await?;
-        Ok(if output.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
-        })
+        self.patch_as(user, &[], patch, dry_run).await
     }
 
     /// Like `patch`, as `user` in `groups` (impersonated).
@@ -490,6 +469,16 @@ impl SessionPatches<'_> {
         user: &str,
         groups: &[&str],
         patch: &Value,
+    ) -> Result<Result<(), String>> {
+        self.patch_as(user, groups, patch, false).await
+    }
+
+    async fn patch_as(
+        &self,
+        user: &str,
+        groups: &[&str],
+        patch: &Value,
+        dry_run: bool,
     ) -> Result<Result<(), String>> {
         let patch = patch.to_string();
         let mut args = vec![
@@ -507,6 +496,9 @@ impl SessionPatches<'_> {
         for group in groups {
             args.push("--as-group");
             args.push(group);
+        }
+        if dry_run {
+            args.push("--dry-run=server");
         }
         let output = run(self.env, &args).await?;
         Ok(if output.status.success() {

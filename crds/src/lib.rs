@@ -49,6 +49,13 @@ pub mod labels {
     pub const REVISION_OF: &str = "contextos.dev/revision-of";
 }
 
+/// Annotations the operator puts on what it creates.
+pub mod annotations {
+    /// On a runner pod started because a decision was added to `spec.approvals`: the call hash
+    /// it was started for (an attempt that ends waiting for the same call again is not retried).
+    pub const RESUMED_FOR: &str = "contextos.dev/resumed-for";
+}
+
 /// Every CustomResourceDefinition of the API, in a stable order (used by `crdgen` and tests).
 pub fn all_crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {

@@ -1,8 +1,10 @@
 //! What the operator e2e tests run against, started once per test binary: the operator's
-//! controllers (in process, on their own runtime), a TiKV test server as the runner pods'
-//! record store, and the ops-tools server the test agent's tools call. Runner pods run the
-//! workspace's real `contextos` binary on the process node (the image the quickstart's
-//! SandboxProfile pins, mapped by the process node's default image map).
+//! controllers and the gateway service (both in process, on their own runtime; the gateway
+//! authenticates runner pods with the API server's real TokenReview and reads tenants' Secrets
+//! and Sessions through it), a TiKV test server as the record store, and the ops-tools server
+//! the test agent's tools call. Runner pods run the workspace's real `contextos` binary on the
+//! process node (the image the quickstart's SandboxProfile pins, mapped by the process node's
+//! default image map) and reach only the gateway.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -12,6 +14,12 @@ use std::{
 
 use crate::{TestEnv, process_node::workspace_binary};
 use contextos_operator::{OperatorConfig, metrics::Metrics, session_children::RunnerSettings};
+use contextos_runner::{
+    gateway::{identity::TokenReviewer, service::GatewayService, tenancy::KubeTenants},
+    key_secrets,
+    keys::{KeyPair, TenantKeys},
+    records::store::tikv::TikvStore,
+};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
 
@@ -29,8 +37,12 @@ pub const HMAC_KEY: &str = "e2e-webhook-key";
 
 /// The running operator and its dependencies.
 pub struct OperatorEnv {
-    /// `tikv://<pd>`: where runner pods write records.
+    /// `tikv://<pd>`: the record store (the gateway writes it; replay Jobs read it).
     pub store: String,
+    /// Base URL of the gateway service runner pods send every effect to.
+    pub gateway: String,
+    /// The gateway's tenant record keys (a chain verifies with `for_tenant(ns).public()`).
+    pub record_keys: TenantKeys,
     /// Base URL of the ops-tools server.
     pub tools_url: String,
     _tikv: tikv_testserver::TestServer,
@@ -42,6 +54,7 @@ impl std::fmt::Debug for OperatorEnv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OperatorEnv")
             .field("store", &self.store)
+            .field("gateway", &self.gateway)
             .field("tools_url", &self.tools_url)
             .finish_non_exhaustive()
     }
@@ -85,12 +98,19 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
         .map_err(|e| format!("operator runtime: {e}"))?;
     let metrics = Arc::new(Metrics::default());
     let store = format!("tikv://{}", tikv.pd);
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .map_err(|e| format!("gateway listener: {e}"))?;
+    let gateway = format!(
+        "http://{}",
+        listener
+            .local_addr()
+            .map_err(|e| format!("gateway address: {e}"))?
+    );
+    let record_keys = TenantKeys::new(&KeyPair::generate().map_err(|e| e.to_string())?);
     let config = OperatorConfig {
         namespace: OPERATOR_NAMESPACE.into(),
-        runner: RunnerSettings {
-            store: store.clone(),
-            egress: Vec::new(),
-        },
+        runner: runner_settings(&store, &gateway),
         max_crash_attempts: 3,
         concurrency: 8,
         replay_image: crate::process_node::RUNNER_IMAGE.to_owned(),
@@ -119,15 +139,62 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
                 eprintln!("e2e operator stopped: {e:#}");
             }
         });
+        // The gateway trusts the RunContext key the operator publishes when it starts.
+        let trust = wait_for_operator_key(&env.client()).await?;
+        let records = TikvStore::connect(&tikv.pd)
+            .await
+            .map_err(|e| format!("store: {e}"))?;
+        let service = GatewayService::new(
+            records,
+            TokenReviewer::new(env.client()),
+            KubeTenants::new(env.client()),
+            record_keys.clone(),
+            trust,
+        );
+        let router = Arc::new(service).router();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                eprintln!("e2e gateway stopped: {e}");
+            }
+        });
         Ok::<(), String>(())
     })?;
     Ok(OperatorEnv {
         store,
+        gateway,
+        record_keys,
         tools_url,
         _tikv: tikv,
         _tools: tools,
         _runtime: runtime,
     })
+}
+
+/// How the e2e operators configure runner pods: every effect through the gateway at `gateway`
+/// (on loopback: the process node runs pods as host processes).
+pub fn runner_settings(store: &str, gateway: &str) -> RunnerSettings {
+    RunnerSettings {
+        gateway: gateway.to_owned(),
+        gateway_namespace: OPERATOR_NAMESPACE.to_owned(),
+        store: store.to_owned(),
+        egress: vec![("127.0.0.1/32".to_owned(), port_of(gateway))],
+    }
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(80)
+}
+
+async fn wait_for_operator_key(client: &kube::Client) -> Result<contextos_runner::keys::PublicKey, String> {
+    for _ in 0..300 {
+        match key_secrets::published_run_context_key(client, OPERATOR_NAMESPACE).await {
+            Ok(Some(key)) => return Ok(key),
+            Ok(None) => {}
+            Err(e) => return Err(format!("reading the operator's published key: {e}")),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    Err("the operator did not publish its RunContext key within 60 s".into())
 }
 
 /// Starts an ops-tools server (`extra` e.g. `--slow PATH=MILLIS`); killed on drop of the child.

@@ -8,11 +8,11 @@ pub mod leader;
 pub mod metrics;
 pub mod replay_job;
 pub mod session_children;
-pub mod signing;
 
 use std::sync::Arc;
 
 use contextos_crds::{Agent, ContextPack, Policy, SandboxProfile, Session};
+use contextos_runner::key_secrets;
 use futures::StreamExt as _;
 use k8s_openapi::api::{
     batch::v1::Job,
@@ -58,7 +58,9 @@ pub async fn run(
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let key = signing::ensure_key(&client, &config.namespace).await?;
+    let key = key_secrets::ensure_key(&client, &config.namespace, key_secrets::RUN_CONTEXT_KEY).await?;
+    // The gateway service verifies RunContexts with the public half.
+    key_secrets::publish_run_context_key(&client, &config.namespace, &key).await?;
     let reporter = kube::runtime::events::Reporter {
         controller: "contextos-operator".into(),
         instance: std::env::var("POD_NAME").ok(),

@@ -16,15 +16,25 @@ struct Args {
     /// Namespace of the operator's own objects (its signing-key Secret).
     #[arg(long, env = "CONTEXTOS_NAMESPACE", default_value = "contextos-system")]
     namespace: String,
-    /// Record store runner pods write to: `tikv://<pd host:port>`.
+    /// The gateway service runner pods send every effect to.
+    #[arg(
+        long,
+        env = "CONTEXTOS_RUNNER_GATEWAY",
+        default_value = "http://contextos-gateway.contextos-system.svc:8480"
+    )]
+    runner_gateway: String,
+    /// Namespace of the gateway service's pods (runner pods may reach only them, and DNS).
+    #[arg(long, env = "CONTEXTOS_GATEWAY_NAMESPACE", default_value = "contextos-system")]
+    gateway_namespace: String,
+    /// Record store replay Jobs read: `tikv://<pd host:port>`.
     #[arg(
         long,
         env = "CONTEXTOS_RUNNER_STORE",
         default_value = "tikv://contextos-pd.contextos-system.svc:2379"
     )]
     runner_store: String,
-    /// Egress every runner pod is allowed besides its SandboxProfile's (the record store), as
-    /// `cidr:port`; repeatable.
+    /// Egress every runner pod is allowed besides the gateway's pods and DNS, as `cidr:port`;
+    /// repeatable (for a gateway outside the pod network).
     #[arg(long = "runner-egress", value_parser = parse_egress)]
     runner_egress: Vec<(String, u16)>,
     /// Runner attempts a Session may make after crashes.
@@ -86,6 +96,8 @@ async fn main() -> anyhow::Result<()> {
     let config = OperatorConfig {
         namespace: args.namespace,
         runner: RunnerSettings {
+            gateway: args.runner_gateway,
+            gateway_namespace: args.gateway_namespace,
             store: args.runner_store,
             egress: args.runner_egress,
         },

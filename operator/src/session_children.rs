@@ -1,17 +1,19 @@
 //! What a Session owns, built from pinned specs (pure; the Session controller applies them):
-//! the immutable run bundle ConfigMap, the record-key Secret, one runner Pod per attempt with
-//! its SandboxProfile applied, and the NetworkPolicy that confines it.
-
-use std::collections::BTreeSet;
+//! the immutable run bundle ConfigMap, one runner Pod per attempt with its SandboxProfile
+//! applied, and the NetworkPolicy that confines it. A runner pod holds no credential, key or
+//! store address: it reaches the gateway service with a projected token, and nothing else.
 
 use contextos_crds::{
     FIELD_MANAGER, Session, SessionSpec, labels,
     sandbox_profile::{EgressProtocol, SandboxProfileSpec, SeccompType},
 };
-use contextos_runner::run::pod::{APPROVALS_ENV, BUNDLE_KEY, PodBundle, RECORD_KEY, RUN_CONTEXT_ENV, paths};
+use contextos_runner::{
+    gateway::identity::GATEWAY_AUDIENCE,
+    run::pod::{APPROVALS_ENV, BUNDLE_KEY, GATEWAY_ENV, PodBundle, RUN_CONTEXT_ENV, paths},
+};
 use k8s_openapi::{
     api::{
-        core::v1::{ConfigMap, Pod, Secret},
+        core::v1::{ConfigMap, Pod},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
@@ -22,19 +24,27 @@ use serde_json::{Value, json};
 /// Settings that come from the operator's configuration rather than the Session.
 #[derive(Clone, Debug, Default)]
 pub struct RunnerSettings {
-    /// Record store URL runner pods write to (e.g. `tikv://pd.contextos-system.svc:2379`).
+    /// The gateway service runner pods send every effect to (its base URL).
+    pub gateway: String,
+    /// Namespace of the gateway pods (the NetworkPolicy lets runners reach only them).
+    pub gateway_namespace: String,
+    /// Record store URL replay Jobs read (e.g. `tikv://contextos-pd.contextos-system.svc:2379`).
     pub store: String,
-    /// Extra egress every runner needs (the record store), as `cidr:port`.
+    /// Extra egress every runner needs, as `cidr:port` (a gateway outside the cluster's pod
+    /// network, e.g. in tests).
     pub egress: Vec<(String, u16)>,
 }
+
+/// Label of the gateway service's pods (the runner NetworkPolicy's only destination besides DNS).
+pub const GATEWAY_POD_LABEL: (&str, &str) = ("app.kubernetes.io/name", "contextos-gateway");
+/// Port of the gateway service's pods.
+pub const GATEWAY_PORT: u16 = 8480;
+/// Lifetime asked for the runner's projected token (the kubelet refreshes it at 80 %).
+const TOKEN_SECONDS: i64 = 600;
 
 /// Names of a Session's children.
 pub fn bundle_name(session: &str) -> String {
     format!("{session}-bundle")
-}
-
-pub fn keys_name(session: &str) -> String {
-    format!("{session}-keys")
 }
 
 pub fn pod_name(session: &str, attempt: u32) -> String {
@@ -87,26 +97,12 @@ pub fn bundle_config_map(session: &Session, pod_bundle: &PodBundle) -> Result<Co
     }))
 }
 
-/// The Secret holding the key a Session's runner signs its record heads with.
-pub fn keys_secret(session: &Session, record_key_hex: &str) -> Result<Secret, serde_json::Error> {
-    let name = keys_name(session.metadata.name.as_deref().unwrap_or_default());
-    serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": metadata(session, name),
-        "immutable": true,
-        "type": "Opaque",
-        "stringData": {RECORD_KEY: record_key_hex},
-    }))
-}
-
 /// The runner pod of one attempt, confined by the SandboxProfile: Pod Security "restricted",
-/// no service-account token, no host mounts, hard resource caps, a deadline, the digest-pinned
-/// image, the Secrets its tools reference mounted read-only.
+/// no service-account token but a projected one for the gateway's audience only, no Secret, no
+/// host mounts, hard resource caps, a deadline, the digest-pinned image.
 pub fn runner_pod(
     session: &Session,
     sandbox: &SandboxProfileSpec,
-    secrets: &BTreeSet<String>,
     attempt: u32,
     run_context_json: &str,
     settings: &RunnerSettings,
@@ -116,21 +112,20 @@ pub fn runner_pod(
     meta["labels"][labels::ATTEMPT] = json!(attempt.to_string());
     meta["labels"][labels::ROLE] = json!("runner");
     let approvals = serde_json::to_string(&session.spec.approvals)?;
-    let mut volumes = vec![
+    let volumes = vec![
         json!({"name": "bundle", "configMap": {"name": bundle_name(name)}}),
-        json!({"name": "keys", "secret": {"secretName": keys_name(name), "defaultMode": 0o440}}),
+        json!({"name": "gateway-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": GATEWAY_AUDIENCE,
+            "expirationSeconds": TOKEN_SECONDS,
+            "path": paths::TOKEN_FILE,
+        }}]}}),
         json!({"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}),
     ];
-    let mut mounts = vec![
+    let mounts = vec![
         json!({"name": "bundle", "mountPath": paths::BUNDLE_DIR, "readOnly": true}),
-        json!({"name": "keys", "mountPath": paths::KEYS_DIR, "readOnly": true}),
+        json!({"name": "gateway-token", "mountPath": paths::TOKEN_DIR, "readOnly": true}),
         json!({"name": "tmp", "mountPath": "/tmp"}),
     ];
-    for (i, secret) in secrets.iter().enumerate() {
-        let volume = format!("secret-{i}");
-        volumes.push(json!({"name": volume, "secret": {"secretName": secret, "defaultMode": 0o440}}));
-        mounts.push(json!({"name": volume, "mountPath": format!("{}/{secret}", paths::SECRETS_DIR), "readOnly": true}));
-    }
     let mut limits = json!({"cpu": sandbox.resources.cpu, "memory": sandbox.resources.memory});
     if let Some(storage) = &sandbox.resources.ephemeral_storage {
         limits["ephemeral-storage"] = json!(storage);
@@ -150,8 +145,7 @@ pub fn runner_pod(
             "runAsNonRoot": true,
             "runAsUser": sandbox.run_as_user,
             "runAsGroup": sandbox.run_as_user,
-            // Secret volumes are group-readable by this group, so the non-root runner can read
-            // its keys and credentials (mode 0440).
+            // The projected token is readable by this group only.
             "fsGroup": sandbox.run_as_user,
             "seccompProfile": seccomp,
         },
@@ -161,8 +155,7 @@ pub fn runner_pod(
             // The image's entrypoint is `contextos`.
             "args": ["session-run"],
             "env": [
-                {"name": "CONTEXTOS_STORE", "value": settings.store},
-                {"name": "CONTEXTOS_TENANT", "value": session.metadata.namespace},
+                {"name": GATEWAY_ENV, "value": settings.gateway},
                 {"name": RUN_CONTEXT_ENV, "value": run_context_json},
                 {"name": APPROVALS_ENV, "value": approvals},
             ],
@@ -174,7 +167,8 @@ pub fn runner_pod(
                 "capabilities": {"drop": ["ALL"]},
             },
             "terminationMessagePath": paths::TERMINATION_LOG,
-            "terminationMessagePolicy": "FallbackToLogsOnError",
+            // Only the file counts: logs may hold a hostile tool's text.
+            "terminationMessagePolicy": "File",
             "volumeMounts": mounts,
         }],
         "volumes": volumes,
@@ -185,17 +179,32 @@ pub fn runner_pod(
     serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}))
 }
 
-/// No ingress at all; egress only to DNS, the record store and the profile's allowlist (which
-/// must name the model endpoint and the tool services).
+/// No ingress at all; egress only to the cluster DNS pods, the gateway service's pods and the
+/// profile's allowlist (which capability pods will take over; until then it applies here).
 pub fn network_policy(
     session: &Session,
     sandbox: &SandboxProfileSpec,
     settings: &RunnerSettings,
 ) -> Result<NetworkPolicy, serde_json::Error> {
     let name = session.metadata.name.as_deref().unwrap_or_default();
-    let mut egress = vec![json!({
-        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
-    })];
+    let mut egress = vec![
+        json!({
+            "to": [{
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            }],
+            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+        }),
+        json!({
+            "to": [{
+                // The namespace's name label is set by the API server: a tenant cannot give it
+                // to its own namespace.
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.gateway_namespace}},
+                "podSelector": {"matchLabels": {GATEWAY_POD_LABEL.0: GATEWAY_POD_LABEL.1}},
+            }],
+            "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}],
+        }),
+    ];
     for rule in &sandbox.egress {
         let ports: Vec<Value> = rule
             .ports
@@ -227,23 +236,6 @@ pub fn network_policy(
     }))
 }
 
-/// The Secrets an agent's tools and model reference (mounted into the runner pod).
-pub fn referenced_secrets(agent: &contextos_crds::AgentSpec) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    if let Some(key) = &agent.model.secret_ref {
-        out.insert(key.name.clone());
-    }
-    for tool in &agent.tools {
-        if let Some(key) = tool.adapter.http.as_ref().and_then(|h| h.secret_ref.as_ref()) {
-            out.insert(key.name.clone());
-        }
-        if let Some(hook) = &tool.adapter.webhook {
-            out.insert(hook.secret_ref.name.clone());
-        }
-    }
-    out
-}
-
 /// Whether `spec` asks to stop.
 pub fn cancelled(spec: &SessionSpec) -> bool {
     spec.cancel
@@ -271,17 +263,18 @@ mod tests {
         serde_json::from_value(value["spec"].clone()).expect("sandbox spec")
     }
 
+    fn settings() -> RunnerSettings {
+        RunnerSettings {
+            gateway: "http://contextos-gateway.contextos-system.svc:8480".into(),
+            gateway_namespace: "contextos-system".into(),
+            store: "tikv://pd:2379".into(),
+            egress: vec![("10.0.0.5/32".into(), 8480)],
+        }
+    }
+
     #[test]
-    fn the_runner_pod_meets_pod_security_restricted_and_carries_no_token() {
-        let pod = runner_pod(
-            &session(),
-            &sandbox(),
-            &BTreeSet::from(["ops-tools-webhook".to_owned()]),
-            2,
-            "{}",
-            &RunnerSettings::default(),
-        )
-        .expect("pod");
+    fn the_runner_pod_meets_pod_security_restricted_and_carries_no_credential() {
+        let pod = runner_pod(&session(), &sandbox(), 2, "{}", &settings()).expect("pod");
         assert_eq!(pod.metadata.name.as_deref(), Some("checkout-5xx-run-2"));
         let spec = pod.spec.expect("spec");
         assert_eq!(spec.automount_service_account_token, Some(false));
@@ -293,21 +286,47 @@ mod tests {
             security.capabilities.as_ref().and_then(|c| c.drop.clone()),
             Some(vec!["ALL".to_owned()])
         );
-        assert!(spec.volumes.iter().flatten().all(|v| v.host_path.is_none()));
+        assert_eq!(container.termination_message_policy.as_deref(), Some("File"));
+        let volumes = spec.volumes.clone().unwrap_or_default();
+        assert!(
+            volumes
+                .iter()
+                .all(|v| v.host_path.is_none() && v.secret.is_none())
+        );
+        // The only token is projected for the gateway's audience.
+        let tokens: Vec<_> = volumes
+            .iter()
+            .filter_map(|v| v.projected.as_ref())
+            .flat_map(|p| p.sources.clone().unwrap_or_default())
+            .filter_map(|s| s.service_account_token)
+            .collect();
+        assert_eq!(tokens.len(), 1);
+        assert_eq!(tokens[0].audience.as_deref(), Some(GATEWAY_AUDIENCE));
+        let env: Vec<String> = container.env.iter().flatten().map(|e| e.name.clone()).collect();
+        assert_eq!(env, [GATEWAY_ENV, RUN_CONTEXT_ENV, APPROVALS_ENV]);
+        assert!(container.env_from.is_none());
         assert!(container.image.as_deref().is_some_and(|i| i.contains("@sha256:")));
         assert_eq!(pod.metadata.owner_references.map(|o| o.len()), Some(1));
     }
 
     #[test]
-    fn the_network_policy_denies_ingress_and_allows_only_listed_egress() {
-        let settings = RunnerSettings {
-            store: "tikv://pd:2379".into(),
-            egress: vec![("10.0.0.5/32".into(), 2379)],
-        };
-        let policy = network_policy(&session(), &sandbox(), &settings).expect("policy");
+    fn the_network_policy_denies_ingress_and_allows_only_dns_pods_the_gateway_and_listed_egress() {
+        let policy = network_policy(&session(), &sandbox(), &settings()).expect("policy");
         let spec = policy.spec.expect("spec");
         assert_eq!(spec.ingress, Some(vec![]));
         let egress = spec.egress.expect("egress");
-        assert_eq!(egress.len(), 3, "DNS, the profile's rule, the store");
+        assert_eq!(
+            egress.len(),
+            4,
+            "DNS pods, gateway pods, the profile's rule, the extra"
+        );
+        for rule in &egress[..2] {
+            let peers = rule.to.as_ref().expect("a destination");
+            assert!(
+                peers
+                    .iter()
+                    .all(|p| p.ip_block.is_none() && p.namespace_selector.is_some())
+            );
+        }
     }
 }

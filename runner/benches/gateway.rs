@@ -82,6 +82,8 @@ fn envelope(key: &KeyPair, i: usize) -> CallEnvelope {
         allowed_tools: vec!["search".into()],
         issued_at_ms: now,
         expires_at_ms: now + 3_600_000,
+        pod: None,
+        bundle_digest: None,
     };
     CallEnvelope {
         call_id: format!("c{i}"),

@@ -141,6 +141,45 @@ impl PublicKey {
     }
 }
 
+/// The record-signing keys of every tenant, derived from one master secret held by the gateway
+/// service (in `contextos-system`). Every gateway replica derives the same key for a tenant
+/// without sharing state, no tenant key is ever stored in a tenant's namespace, and one tenant's
+/// key says nothing about another's (HMAC-SHA256 of the tenant name under the master secret).
+#[derive(Clone)]
+pub struct TenantKeys {
+    master: [u8; 32],
+}
+
+impl std::fmt::Debug for TenantKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantKeys").finish_non_exhaustive()
+    }
+}
+
+impl TenantKeys {
+    /// Keys derived from `master` (the 32-byte seed of a key file or Secret).
+    pub fn new(master: &KeyPair) -> Self {
+        Self {
+            master: master.signing.to_bytes(),
+        }
+    }
+
+    /// The key that signs `tenant`'s record heads.
+    pub fn for_tenant(&self, tenant: &str) -> KeyPair {
+        use hmac::{KeyInit as _, Mac as _};
+        let mut mac = match hmac::Hmac::<Sha256>::new_from_slice(&self.master) {
+            Ok(mac) => mac,
+            // HMAC takes keys of any length; a 32-byte key cannot be refused.
+            Err(_) => return KeyPair::from_seed(self.master),
+        };
+        mac.update(b"contextos-tenant-record-key/v1\n");
+        mac.update(tenant.as_bytes());
+        let mut seed = [0u8; 32];
+        seed.copy_from_slice(&mac.finalize().into_bytes()[..32]);
+        KeyPair::from_seed(seed)
+    }
+}
+
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
@@ -181,6 +220,22 @@ mod tests {
             KeyPair::load_or_create(&path),
             Err(KeyError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn tenant_keys_are_stable_per_tenant_and_distinct_across_tenants() {
+        let keys = TenantKeys::new(&KeyPair::from_seed([3; 32]));
+        let again = TenantKeys::new(&KeyPair::from_seed([3; 32]));
+        let other_master = TenantKeys::new(&KeyPair::from_seed([4; 32]));
+        assert_eq!(
+            keys.for_tenant("shop").key_id(),
+            again.for_tenant("shop").key_id()
+        );
+        assert_ne!(keys.for_tenant("shop").key_id(), keys.for_tenant("bank").key_id());
+        assert_ne!(
+            keys.for_tenant("shop").key_id(),
+            other_master.for_tenant("shop").key_id()
+        );
     }
 
     #[test]

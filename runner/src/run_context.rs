@@ -60,6 +60,14 @@ pub struct RunContext {
     pub allowed_tools: Vec<String>,
     pub issued_at_ms: i64,
     pub expires_at_ms: i64,
+    /// The runner pod this context was issued to (in a cluster): the gateway serves it only to a
+    /// caller whose verified workload identity is that pod in `tenant_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Content hash (hex SHA-256 of its canonical JSON) of the run bundle the issuer pinned: the
+    /// gateway governs the run by that bundle and no other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_digest: Option<String>,
 }
 
 /// A RunContext with the signature over its canonical JSON.
@@ -231,6 +239,8 @@ pub(crate) mod tests {
             allowed_tools: vec!["search".into(), "restart".into()],
             issued_at_ms: 1_000,
             expires_at_ms: 61_000,
+            pod: None,
+            bundle_digest: None,
         }
     }
 

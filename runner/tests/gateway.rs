@@ -233,6 +233,8 @@ fn run_context(key: &KeyPair, tenant: &str, tools: &[&str], expires_in_ms: i64) 
             allowed_tools: allowed,
             issued_at_ms: now,
             expires_at_ms: now + expires_in_ms,
+            pod: None,
+            bundle_digest: None,
         },
         key,
     )
@@ -771,73 +773,6 @@ async fn webhooks_are_signed_and_a_tool_result_cannot_talk_its_way_past_policy()
         .expect("handled");
     assert!(matches!(out, CallOutcome::NeedsApproval { .. }));
     assert_eq!(h.requests("/restart"), 0);
-}
-
-#[tokio::test]
-async fn the_gateway_service_governs_calls_over_http() {
-    use contextos_runner::gateway::service::GatewayService;
-    let h = Harness::new().await;
-    // The runner starts the run; the service appends to it.
-    drop(h.recorder().await);
-    let (addr, _) = tool_server().await;
-    let gateway = ToolGateway::new(
-        "shop",
-        "oncall-assistant",
-        h.key.public(),
-        catalog(addr),
-        policies(),
-        Default::default(),
-    );
-    let service = std::sync::Arc::new(GatewayService::new(h.store.clone(), h.key.clone(), vec![gateway]));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}/v1/calls", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, service.router()).await });
-    let client = reqwest::Client::new();
-
-    let allowed = h.envelope("s1", "search_runbooks", json!({"query": "5xx"}));
-    let out: CallOutcome = client
-        .post(&url)
-        .json(&allowed)
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("outcome");
-    assert!(executed(&out).ok);
-
-    let mut forged = h.envelope("s2", "search_runbooks", json!({"query": "5xx"}));
-    forged.run_context = run_context(&KeyPair::from_seed([99; 32]), "shop", &[], 600_000);
-    let out: CallOutcome = client
-        .post(&url)
-        .json(&forged)
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("outcome");
-    assert!(
-        matches!(out, CallOutcome::Denied { ref rule, .. } if rule == "runcontext/invalid"),
-        "{out:?}"
-    );
-
-    let mut elsewhere = h.envelope("s3", "search_runbooks", json!({}));
-    elsewhere.run_context = run_context(&h.key, "bank", &[], 600_000);
-    let response = client.post(&url).json(&elsewhere).send().await.expect("sent");
-    assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND);
-
-    let mut unstarted = h.envelope("s4", "search_runbooks", json!({}));
-    unstarted.run_context.context.run_id = "never-started".into();
-    unstarted.run_context = SignedRunContext::sign(unstarted.run_context.context.clone(), &h.key);
-    let response = client.post(&url).json(&unstarted).send().await.expect("sent");
-    assert_eq!(response.status(), reqwest::StatusCode::CONFLICT);
-    let entries = h.entries().await;
-    assert!(
-        entries
-            .iter()
-            .any(|e| matches!(&e.body, EntryBody::PolicyDecision(d) if d.rule == "runcontext/invalid"))
-    );
 }
 
 #[path = "support/mcp_server.rs"]

@@ -13,11 +13,8 @@ use contextos_kind_tests::{
     operator_env::{self, OperatorEnv},
     wait_for_object,
 };
-use contextos_runner::{
-    keys::KeyPair,
-    records::{TenantId, store::tikv::TikvStore, verify_run},
-};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use contextos_runner::records::{TenantId, store::tikv::TikvStore, verify_run};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api,
     api::{Patch, PatchParams},
@@ -169,19 +166,12 @@ async fn a_session_runs_in_a_restricted_pod_pauses_for_approval_and_succeeds_wit
         "{checkpoint:?}"
     );
 
-    // The record is in the store, verifies with the Session's key, and ends at the reported head.
-    let keys: Api<Secret> = ns.api();
-    let secret = keys.get("checkout-keys").await?;
-    let key_hex = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("record.key"))
-        .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
-        .context("record key")?;
-    let key = KeyPair::from_hex(&key_hex).context("record key parses")?;
+    // The record is in the store, verifies with the tenant's published key (the gateway's), and
+    // ends at the reported head.
+    let key = op.record_keys.for_tenant(ns.name()).public();
     let store = TikvStore::connect(op.store.trim_start_matches("tikv://")).await?;
     let run_id = status.run_id.clone().context("runId")?;
-    let verified = verify_run(&store, &TenantId::new(ns.name())?, &run_id, &key.public()).await?;
+    let verified = verify_run(&store, &TenantId::new(ns.name())?, &run_id, &key).await?;
     ensure!(
         Some(verified.head.to_hex()) == status.record_head,
         "recordHead {:?} is the verified head {}",

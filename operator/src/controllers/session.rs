@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use contextos_crds::{
-    Agent, ContextPack, ContextPackSpec, Policy, SandboxProfile, SandboxProfileSpec, Session,
+    Agent, ContextPack, ContextPackSpec, Policy, SandboxProfile, SandboxProfileSpec, Session, annotations,
     conditions::{self, reason},
     session::SessionPhase,
 };
@@ -18,7 +18,7 @@ use contextos_runner::{
         pod::{BUNDLE_KEY, PodBundle, PodReport},
     },
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::{
     Api, ResourceExt as _,
     api::{DeleteParams, PostParams},
@@ -66,7 +66,6 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         }
     };
     let name = session.name_any();
-    ensure_keys(&ctx, &session).await?;
     let policy =
         children::network_policy(&session, &sandbox, &ctx.runner).map_err(|source| Error::Build {
             what: "NetworkPolicy",
@@ -85,7 +84,7 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         )));
     }
     let Some(pod) = pod else {
-        start_attempt(&ctx, &session, &pod_bundle, &sandbox, attempt).await?;
+        start_attempt(&ctx, &session, &pod_bundle, &sandbox, attempt, None).await?;
         return Ok(Action::await_change());
     };
     let pod_phase = pod
@@ -162,13 +161,25 @@ async fn finished(
                     .iter()
                     .any(|d| d.call_hash == a.call_hash && approver_allowed(&d.approver, &a.approvers))
             });
-            if decided {
-                start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1).await?;
+            // An attempt started for this very decision that waits for it again: the gateway
+            // did not accept the decision (see the record). Starting yet another attempt would
+            // loop; a new decision is needed.
+            let refused = awaiting
+                .as_ref()
+                .is_some_and(|a| pod.annotations().get(annotations::RESUMED_FOR) == Some(&a.call_hash));
+            if decided && !refused {
+                let hash = awaiting.as_ref().map(|a| a.call_hash.as_str());
+                start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1, hash).await?;
                 return Ok(Action::await_change());
             }
             let message = awaiting.as_ref().map_or_else(String::new, |a| {
+                let refusal = if refused {
+                    "the decision in spec.approvals was not accepted by the gateway (see the run's record); "
+                } else {
+                    ""
+                };
                 format!(
-                    "{} needs approval ({}): {}; add {{callHash: {}, decision: approve|reject, approver: <you>}} to spec.approvals",
+                    "{refusal}{} needs approval ({}): {}; add {{callHash: {}, decision: approve|reject, approver: <you>}} to spec.approvals",
                     a.tool, a.rule, a.reason, a.call_hash
                 )
             });
@@ -211,7 +222,7 @@ async fn finished(
             if !waited {
                 return Ok(Action::requeue(backoff));
             }
-            start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1).await?;
+            start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1, None).await?;
             Ok(Action::await_change())
         }
     }
@@ -252,12 +263,15 @@ async fn start_attempt(
     pod_bundle: &PodBundle,
     sandbox: &SandboxProfileSpec,
     attempt: u32,
+    resumed_for: Option<&str>,
 ) -> Result<()> {
     let namespace = session.namespace().unwrap_or_default();
+    let pod_name = children::pod_name(&session.name_any(), attempt);
     let signed = issue_run_context(
         &pod_bundle.bundle,
         &children::run_id(session),
         &children::trace_id(session),
+        Some(&pod_name),
         &ctx.key,
         now().as_millisecond(),
     )
@@ -266,13 +280,17 @@ async fn start_attempt(
         what: "RunContext",
         source,
     })?;
-    let secrets = children::referenced_secrets(&pod_bundle.bundle.agent_spec);
-    let pod = children::runner_pod(session, sandbox, &secrets, attempt, &run_context, &ctx.runner).map_err(
-        |source| Error::Build {
-            what: "runner Pod",
-            source,
-        },
-    )?;
+    let mut pod =
+        children::runner_pod(session, sandbox, attempt, &run_context, &ctx.runner).map_err(|source| {
+            Error::Build {
+                what: "runner Pod",
+                source,
+            }
+        })?;
+    if let Some(hash) = resumed_for {
+        pod.annotations_mut()
+            .insert(annotations::RESUMED_FOR.to_owned(), hash.to_owned());
+    }
     // A pod's spec is immutable and each attempt's RunContext is fresh, so the pod is created
     // once: if a concurrent reconcile (or an earlier pass whose status write was lost) created
     // it, that pod is the attempt.
@@ -376,7 +394,6 @@ async fn pinned(
     let pod_bundle = PodBundle {
         bundle,
         sandbox: Some(sandbox.spec.clone()),
-        trust_key: ctx.key.public().to_hex(),
     };
     let config_map = children::bundle_config_map(session, &pod_bundle).map_err(|source| Error::Build {
         what: "bundle ConfigMap",
@@ -539,29 +556,6 @@ async fn config_map_key(api: &Api<ConfigMap>, name: &str, key: &str) -> Result<O
         .await?
         .and_then(|cm| cm.data)
         .and_then(|d| d.get(key).cloned()))
-}
-
-/// The Session's record-signing key: generated once, never replaced.
-async fn ensure_keys(ctx: &Context, session: &Session) -> Result<()> {
-    let namespace = session.namespace().unwrap_or_default();
-    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
-    if secrets
-        .get_opt(&children::keys_name(&session.name_any()))
-        .await?
-        .is_some()
-    {
-        return Ok(());
-    }
-    let key = contextos_runner::keys::KeyPair::generate().map_err(|e| Error::Run(e.to_string()))?;
-    let secret = children::keys_secret(session, &key.to_hex()).map_err(|source| Error::Build {
-        what: "record key Secret",
-        source,
-    })?;
-    match secrets.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn termination_report(pod: &Pod) -> Option<PodReport> {

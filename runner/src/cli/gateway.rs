@@ -1,12 +1,16 @@
-//! `contextos gateway`: serve the Tool Gateway over HTTP for runner pods.
+//! `contextos gateway`: the gateway service runner pods send every effect to (in a cluster,
+//! the Deployment in `contextos-system`). It needs the API server (TokenReview for callers,
+//! the tenants' Secrets and Sessions, its own key Secret and the operator's published key) and
+//! the record store (`--store`).
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
 use contextos_runner::{
-    gateway::{bundle::GatewayBundle, service::GatewayService},
-    keys::{KeyPair, PublicKey},
+    gateway::{identity::TokenReviewer, service::GatewayService, tenancy::KubeTenants},
+    key_secrets::{self, RECORD_MASTER_KEY},
+    keys::{PublicKey, TenantKeys},
 };
 
 use super::GlobalArgs;
@@ -16,48 +20,63 @@ pub struct GatewayArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8480", env = "CONTEXTOS_GATEWAY_LISTEN")]
     listen: SocketAddr,
-    /// Gateway bundle files (YAML or JSON), one per agent: tenant, agent, spec, policies, secrets.
-    #[arg(long = "bundle", required = true)]
-    bundles: Vec<PathBuf>,
-    /// Public key (hex) that signs RunContexts; default: the data directory's key.
+    /// Namespace of ContextOS's own objects: the gateway's master record key Secret and the
+    /// operator's published RunContext key.
+    #[arg(long, env = "CONTEXTOS_NAMESPACE", default_value = "contextos-system")]
+    namespace: String,
+    /// Public key (hex) that signs RunContexts; default: the one the operator publishes in
+    /// ConfigMap `contextos-public-keys` (waited for at start).
     #[arg(long, env = "CONTEXTOS_TRUST_KEY")]
     trust_key: Option<String>,
 }
 
 pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitCode> {
-    let record_key = KeyPair::load_or_create(&global.key_path())?;
-    let trusted = match &args.trust_key {
+    let client = kube::Client::try_default()
+        .await
+        .context("the gateway service needs the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let master = key_secrets::ensure_key(&client, &args.namespace, RECORD_MASTER_KEY).await?;
+    let trust = match &args.trust_key {
         Some(hex) => PublicKey::from_hex(hex)?,
-        None => record_key.public(),
+        None => wait_for_operator_key(&client, &args.namespace).await?,
     };
-    let mut gateways = Vec::new();
-    for path in &args.bundles {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let bundle: GatewayBundle = serde_yaml::from_str(&text).with_context(|| {
-            format!(
-                "{}: not a gateway bundle (tenant, agent, spec, policies)",
-                path.display()
-            )
-        })?;
-        let gateway = bundle
-            .build(trusted)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        gateways.push(gateway);
-    }
     let store = global.open_store().await?;
-    let service = Arc::new(GatewayService::new(store, record_key, gateways));
+    let service = Arc::new(GatewayService::new(
+        store,
+        TokenReviewer::new(client.clone()),
+        KubeTenants::new(client),
+        TenantKeys::new(&master),
+        trust,
+    ));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    eprintln!(
-        "contextos gateway: serving {} bundle(s) on http://{}",
-        args.bundles.len(),
-        listener.local_addr()?
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        trust_key = %trust.key_id(),
+        "contextos gateway: serving runner pods"
     );
+    eprintln!("contextos gateway: serving on http://{}", listener.local_addr()?);
     axum::serve(listener, service.router())
         .with_graceful_shutdown(contextos_runner::signals::shutdown())
         .await
         .context("gateway server failed")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The operator publishes its key when it starts; a gateway started first waits for it.
+async fn wait_for_operator_key(client: &kube::Client, namespace: &str) -> anyhow::Result<PublicKey> {
+    let mut announced = false;
+    loop {
+        if let Some(key) = key_secrets::published_run_context_key(client, namespace).await? {
+            return Ok(key);
+        }
+        if !announced {
+            eprintln!(
+                "contextos gateway: waiting for the operator to publish its RunContext key in ConfigMap {namespace}/{}",
+                key_secrets::PUBLIC_KEYS_CONFIG_MAP
+            );
+            announced = true;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }

@@ -70,7 +70,7 @@ impl Cli {
             Command::Resume(args) => run::resume(&self.global, args).await,
             Command::Approve(args) => run::approve(&self.global, args).await,
             Command::Replay(args) => replay::run(&self.global, args).await,
-            Command::SessionRun(args) => session_run::run(&self.global, args).await,
+            Command::SessionRun(args) => session_run::run(args).await,
             Command::Promote(command) => promote::run(command).await,
             Command::Records(command) => records::run(&self.global, command).await,
             Command::Gateway(args) => gateway::run(&self.global, args).await,

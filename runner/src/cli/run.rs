@@ -11,12 +11,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use contextos_crds::{agent::ModelProvider, session::ApprovalDecision};
+use contextos_crds::session::ApprovalDecision;
 use contextos_runner::{
     gateway::{CallOutcome, envelope::ApprovalGrant},
     keys::KeyPair,
     manifests::ManifestSet,
-    model::{Model, openai::OpenAiCompatible, scripted::ScriptedModel},
+    model::Model,
     records::{AnyStore, EntryBody, RecordStore, RunFilter, TenantId, read_run},
     run::{Harness, Progress, RunOutcome, RunReport, bundle::RunBundle, checkpoint::AwaitingApproval},
     run_context::random_hex,
@@ -209,36 +209,8 @@ fn harness<'s>(
 }
 
 pub(super) fn model_of(bundle: &RunBundle, secrets: &BTreeMap<String, String>) -> anyhow::Result<Model> {
-    let spec = &bundle.agent_spec.model;
-    match spec.provider {
-        ModelProvider::Scripted => {
-            let script = bundle
-                .model_script
-                .as_deref()
-                .with_context(|| format!("agent {}: spec.model.scriptRef was not resolved", bundle.agent))?;
-            Ok(Model::Scripted(ScriptedModel::parse(&spec.model, script)?))
-        }
-        ModelProvider::OpenaiCompatible => {
-            let endpoint = spec
-                .endpoint
-                .as_deref()
-                .with_context(|| format!("agent {}: spec.model.endpoint is required", bundle.agent))?;
-            let api_key = match &spec.secret_ref {
-                Some(key) => {
-                    let id = format!("{}/{}", key.name, key.key);
-                    Some(secrets.get(&id).cloned().with_context(|| {
-                        format!(
-                            "agent {}: spec.model.secretRef needs secret {id}; pass --secret {id}=...",
-                            bundle.agent
-                        )
-                    })?)
-                }
-                None => None,
-            };
-            let timeout = std::time::Duration::from_secs(120);
-            Ok(Model::OpenAi(OpenAiCompatible::new(endpoint, api_key, timeout)))
-        }
-    }
+    Model::for_bundle(bundle, secrets)
+        .map_err(|e| anyhow::anyhow!("{e}; pass --secret <secret>/<key>=... for a model key"))
 }
 
 fn secrets(set: &ManifestSet, access: &ToolAccess) -> anyhow::Result<BTreeMap<String, String>> {

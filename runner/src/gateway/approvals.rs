@@ -17,6 +17,13 @@ impl ApprovalBook {
             .unwrap_or(false)
     }
 
+    /// Forgets every used approval (before they are restored from a record again).
+    pub fn clear(&self) {
+        if let Ok(mut used) = self.used.lock() {
+            used.clear();
+        }
+    }
+
     /// Restores used approvals (e.g. read back from a run's record after a restart).
     pub fn restore(&self, hashes: impl IntoIterator<Item = String>) {
         if let Ok(mut used) = self.used.lock() {

@@ -7,8 +7,11 @@ pub mod adapters;
 pub mod approvals;
 pub mod bundle;
 pub mod envelope;
+pub mod identity;
 pub mod reliability;
+pub mod remote;
 pub mod service;
+pub mod tenancy;
 
 use std::{
     collections::HashMap,
@@ -243,6 +246,40 @@ impl ToolGateway {
                 _ => {}
             }
         }
+    }
+
+    /// Forgets what this gateway remembers of `run_id` — budget counters, used approvals,
+    /// results — before [`ToolGateway::restore`] reads them from the record again, so that the
+    /// record alone decides (another replica may have handled calls meanwhile) and nothing is
+    /// counted twice. For a gateway that serves one run (the gateway service keeps one per run).
+    pub fn forget_run(&self, run_id: &str) {
+        if let Ok(mut counters) = self.counters.lock() {
+            counters.remove(run_id);
+        }
+        self.approvals.clear();
+        if let Ok(mut completed) = self.completed.lock() {
+            completed.clear();
+        }
+    }
+
+    /// Calls of `run_id` that were executed.
+    pub fn calls_made(&self, run_id: &str) -> u32 {
+        self.counters_for(run_id).calls
+    }
+
+    /// Refuses a call because the run made every tool call its budget allows (the run's own
+    /// bound, checked before any policy).
+    pub async fn refuse_over_budget<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        recorder: &mut Recorder<'_, S>,
+    ) -> Result<CallOutcome, GatewayError> {
+        let reason = format!(
+            "the run may make {} tool calls and has made them all",
+            call.run_context.context.budget.max_tool_calls
+        );
+        self.refuse(call, recorder, "run/budget.maxToolCalls".into(), reason)
+            .await
     }
 
     /// Digests of the policies deciding calls, in order.

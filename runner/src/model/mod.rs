@@ -100,6 +100,8 @@ pub enum ModelError {
         turn: usize,
         available: usize,
     },
+    #[error("the run's token budget is spent: {detail}")]
+    TokenBudget { detail: String },
     #[error("the model script {script} is not valid: {detail}")]
     BadScript { script: String, detail: String },
     #[error(
@@ -121,6 +123,45 @@ pub enum Model {
 }
 
 impl Model {
+    /// The model `bundle`'s Agent names, with its API key from `secrets` (`<secret>/<key>` →
+    /// value); errors name the field to fix.
+    pub fn for_bundle(
+        bundle: &crate::run::bundle::RunBundle,
+        secrets: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        use contextos_crds::agent::ModelProvider;
+        let spec = &bundle.agent_spec.model;
+        match spec.provider {
+            ModelProvider::Scripted => {
+                let script = bundle.model_script.as_deref().ok_or_else(|| {
+                    format!("agent {}: spec.model.scriptRef was not resolved", bundle.agent)
+                })?;
+                scripted::ScriptedModel::parse(&spec.model, script)
+                    .map(Self::Scripted)
+                    .map_err(|e| e.to_string())
+            }
+            ModelProvider::OpenaiCompatible => {
+                let endpoint = spec
+                    .endpoint
+                    .as_deref()
+                    .ok_or_else(|| format!("agent {}: spec.model.endpoint is required", bundle.agent))?;
+                let api_key = match &spec.secret_ref {
+                    Some(key) => {
+                        let id = format!("{}/{}", key.name, key.key);
+                        Some(secrets.get(&id).cloned().ok_or_else(|| {
+                            format!("agent {}: spec.model.secretRef needs secret {id}", bundle.agent)
+                        })?)
+                    }
+                    None => None,
+                };
+                let timeout = std::time::Duration::from_secs(120);
+                Ok(Self::OpenAi(openai::OpenAiCompatible::new(
+                    endpoint, api_key, timeout,
+                )))
+            }
+        }
+    }
+
     /// One turn for `request`, the `step`-th of the run (1-based).
     pub async fn complete(&self, request: &ModelRequest, step: u32) -> Result<ModelTurn, ModelError> {
         match self {

@@ -40,7 +40,7 @@ pub struct RunFacts {
 }
 
 /// Functional State signals, 0.0 (no pressure) to 1.0 (CEL: `state`).
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct StateFacts {
     pub budget: f64,
     #[serde(rename = "loop")]

@@ -157,6 +157,47 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         Ok(recorder)
     }
 
+    /// A recorder for a run that does not exist yet, whose `run_started` entry someone else
+    /// chained (see [`Recorder::append_chained`]): the summary is taken from that entry.
+    pub fn for_new_run(
+        store: &'s S,
+        tenant: TenantId,
+        key: KeyPair,
+        run_started: &RecordEntry,
+    ) -> Result<Self, RecordError> {
+        let EntryBody::RunStarted {
+            session_id, agent, ..
+        } = &run_started.body
+        else {
+            return Err(RecordError::Store(StoreError::BadBatch {
+                run_id: run_started.run_id.clone(),
+                problem: "a run must start with run_started".into(),
+            }));
+        };
+        validate_id("run", &run_started.run_id)?;
+        validate_id("session", session_id)?;
+        Ok(Self {
+            store,
+            tenant,
+            key,
+            summary: RunSummary {
+                run_id: run_started.run_id.clone(),
+                session_id: session_id.clone(),
+                agent: agent.clone(),
+                started_at_ms: run_started.at_ms,
+                outcome: "running".into(),
+                entries: 0,
+                head: Hash([0; 32]),
+            },
+            head: None,
+            staged: Vec::new(),
+            blob_threshold: DEFAULT_BLOB_THRESHOLD,
+            clock: now_ms,
+            sign_heads: true,
+            tap: None,
+        })
+    }
+
     /// Continues an existing run (after a restart), reading its head and first entry.
     pub async fn resume(
         store: &'s S,
@@ -283,15 +324,22 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         for attempt in 0..MAX_RECHAINS {
             let batch = self.build_batch(&bodies);
             let head = batch.head.clone();
+            let written: Vec<Hash> = batch.entries.iter().map(|e| e.hash).collect();
             match self.store.append(&self.tenant, batch).await {
                 Ok(()) => {
-                    self.head = Some((head.seq, head.hash));
-                    self.summary.entries = head.seq + 1;
-                    self.summary.head = head.hash;
+                    self.advance(&head);
                     return Ok(head);
                 }
                 Err(StoreError::HeadMoved { .. }) => {
-                    self.catch_up().await?;
+                    let appended = self.catch_up().await?;
+                    // A remote store may have written the batch and lost its answer: when the
+                    // chain now continues with exactly this batch, it is written — re-chaining
+                    // it would record everything twice.
+                    if appended == written
+                        && let Some(stored) = self.store.head(&self.tenant, &self.summary.run_id).await?
+                    {
+                        return Ok(stored);
+                    }
                     // Writers that collided would collide again in lockstep; a random pause
                     // lets one of them through.
                     tokio::time::sleep(rechain_pause(attempt)).await;
@@ -310,8 +358,21 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         })
     }
 
-    /// Re-reads the head after another writer appended, folding what it wrote into the summary.
-    async fn catch_up(&mut self) -> Result<(), RecordError> {
+    fn advance(&mut self, head: &SignedHead) {
+        self.head = Some((head.seq, head.hash));
+        self.summary.entries = head.seq + 1;
+        self.summary.head = head.hash;
+    }
+
+    /// Reads what other writers appended to the run since this recorder last wrote (the gateway
+    /// service writes decisions and model turns between a runner's own entries).
+    pub async fn sync(&mut self) -> Result<(), RecordError> {
+        self.catch_up().await.map(|_| ())
+    }
+
+    /// Re-reads the head after another writer appended, folding what it wrote into the summary;
+    /// returns the hashes of the entries it found.
+    async fn catch_up(&mut self) -> Result<Vec<Hash>, RecordError> {
         let run_id = self.summary.run_id.clone();
         let Some(head) = self.store.head(&self.tenant, &run_id).await? else {
             return Err(RecordError::UnknownRun {
@@ -320,13 +381,86 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             });
         };
         let from = self.head.map_or(0, |(seq, _)| seq + 1);
+        let mut appended = Vec::new();
         for entry in self.store.read_chain(&self.tenant, &run_id, from).await? {
+            appended.push(entry.hash);
             if let Ok(e) = RecordEntry::decode(&entry.bytes) {
                 SummaryEffect::of(&e.body).apply(&mut self.summary);
             }
         }
-        self.head = Some((head.seq, head.hash));
-        Ok(())
+        self.advance(&head);
+        Ok(appended)
+    }
+
+    /// Appends entries someone else chained (a runner submitting its own entries to the gateway
+    /// service): they must extend this recorder's head exactly, link up entry by entry and
+    /// belong to this run; the batch is sealed with this recorder's key. The caller decides which
+    /// bodies it accepts from that writer.
+    pub async fn append_chained(&mut self, entries: Vec<StoredEntry>) -> Result<SignedHead, RecordError> {
+        let run_id = self.summary.run_id.clone();
+        let refuse = |problem: String| {
+            RecordError::Store(StoreError::BadBatch {
+                run_id: run_id.clone(),
+                problem,
+            })
+        };
+        if entries.is_empty() {
+            return Err(refuse("the batch is empty".into()));
+        }
+        let mut prev = self.head;
+        let mut summary = self.summary.clone();
+        let mut checkpoint = None;
+        for stored in &entries {
+            let entry = RecordEntry::decode(&stored.bytes)
+                .map_err(|e| refuse(format!("entry {} cannot be decoded: {e}", stored.seq)))?;
+            let expected_seq = prev.map_or(0, |(s, _)| s + 1);
+            if entry.run_id != run_id || entry.seq != expected_seq || stored.seq != expected_seq {
+                return Err(refuse(format!(
+                    "entry {} of run {} does not continue run {run_id} at seq {expected_seq}",
+                    entry.seq, entry.run_id
+                )));
+            }
+            if entry.prev != prev.map(|(_, h)| h) {
+                return Err(refuse(format!(
+                    "entry {} does not link to the entry before it",
+                    entry.seq
+                )));
+            }
+            let effect = SummaryEffect::of(&entry.body);
+            effect.apply(&mut summary);
+            if let SummaryEffect::Checkpoint(step) = effect {
+                checkpoint = Some(Checkpoint {
+                    session_id: summary.session_id.clone(),
+                    run_id: run_id.clone(),
+                    seq: stored.seq,
+                    entry_hash: stored.hash,
+                    step,
+                });
+            }
+            prev = Some((stored.seq, stored.hash));
+        }
+        let (seq, hash) = prev.unwrap_or((0, Hash([0; 32])));
+        summary.entries = seq + 1;
+        summary.head = hash;
+        let message = SignedHead::message(&self.tenant, &run_id, seq, &hash);
+        let head = SignedHead {
+            seq,
+            hash,
+            key_id: self.key.key_id(),
+            signature: self.key.sign_hex(&message),
+        };
+        let batch = AppendBatch {
+            run_id,
+            expected_head: self.head.map(|(_, h)| h),
+            entries,
+            head: head.clone(),
+            summary: summary.clone(),
+            checkpoint,
+        };
+        self.store.append(&self.tenant, batch).await?;
+        self.summary = summary;
+        self.advance(&head);
+        Ok(head)
     }
 
     /// Replaces bodies above the threshold with blob references.

@@ -86,6 +86,17 @@ pub fn spec_digest<T: Serialize>(spec: &T) -> String {
 }
 
 impl RunBundle {
+    /// The bundle's canonical JSON: what is stored (as a blob) with the record.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        crate::records::canonical::canonical_bytes_of(self).unwrap_or_default()
+    }
+
+    /// Content hash of [`RunBundle::canonical_bytes`]: the blob id the record stores the bundle
+    /// under, and what a RunContext pins (`bundle_digest`).
+    pub fn content_digest(&self) -> crate::records::Hash {
+        crate::records::Hash::of(&self.canonical_bytes())
+    }
+
     /// The digests this run is pinned to.
     pub fn pinned(&self) -> PinnedDigests {
         PinnedDigests {

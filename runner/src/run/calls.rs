@@ -43,7 +43,17 @@ impl<S: RecordStore> Harness<'_, S> {
             let call_id = format!("{}.{}", state.step, pending.index);
             let envelope = self.envelope(signed, &call_id, &pending.call, &mut grant, state);
             state.awaiting = None;
-            let outcome = if state.usage.tool_calls >= signed.context.budget.max_tool_calls {
+            let outcome = if let Some(remote) = self.remote {
+                // The service decides, enforces the run's call budget and records; the runner
+                // then reads what it recorded.
+                if recorder.has_staged() {
+                    recorder.flush().await?;
+                }
+                let facts = assess(state.step, &state.usage, &signed.context.budget, &state.calls).facts();
+                let outcome = remote.call(&envelope, &facts).await.map_err(RunError::Remote)?;
+                recorder.sync().await?;
+                outcome
+            } else if state.usage.tool_calls >= signed.context.budget.max_tool_calls {
                 self.refuse_over_budget(recorder, &envelope, signed).await?
             } else {
                 let facts = assess(state.step, &state.usage, &signed.context.budget, &state.calls).facts();

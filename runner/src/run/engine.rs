@@ -26,12 +26,12 @@ use super::{
 };
 use crate::{
     context::{self, CompileError, CompiledContext},
-    gateway::{CallOutcome, GatewayError, ToolGateway, envelope::ApprovalGrant},
+    gateway::{CallOutcome, GatewayError, ToolGateway, envelope::ApprovalGrant, remote::GatewayClient},
     keys::KeyPair,
     model::{Message, Model, ModelError, ModelRequest, ModelTurn, Role, ToolSpec},
     records::{
         EntryBody, Hash, ReadError, RecordEntry, RecordError, RecordStore, Recorder, RunStart, StoreError,
-        TenantId, canonical::canonical_bytes_of, entry::Verdict, read_run, recorder::now_ms,
+        TenantId, entry::Verdict, read_run, recorder::now_ms,
     },
     run_context::{OverrideError, SignedRunContext},
 };
@@ -109,6 +109,8 @@ pub enum RunError {
     Gateway(#[from] GatewayError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Remote(crate::gateway::remote::RemoteError),
     #[error("Session {session}: {0}", session = .1)]
     Override(OverrideError, String),
     #[error(transparent)]
@@ -148,7 +150,11 @@ pub struct Harness<'s, S> {
     pub(super) key: KeyPair,
     pub(super) bundle: RunBundle,
     pub(super) gateway: ToolGateway,
-    pub(super) model: Model,
+    /// The model asked for turns; `None` when they come through the gateway service.
+    pub(super) model: Option<Model>,
+    /// In a cluster: the gateway service that makes every call, model turn and record write
+    /// for this run (see [`Harness::through_gateway`]).
+    pub(super) remote: Option<&'s GatewayClient>,
     pub(super) validators: Vec<CompiledValidator>,
     pub(super) tools: Vec<ToolSpec>,
     pub(super) mode: Mode,
@@ -189,7 +195,8 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             key,
             bundle,
             gateway,
-            model,
+            model: Some(model),
+            remote: None,
             validators,
             tools,
             mode: Mode::Live,
@@ -230,10 +237,10 @@ impl<'s, S: RecordStore> Harness<'s, S> {
     ) -> Result<RunReport, RunError> {
         let signed = match &self.issued {
             Some(issued) => issued.clone(),
-            None => issue_run_context(&self.bundle, run_id, trace_id, &self.key, (self.clock)())
+            None => issue_run_context(&self.bundle, run_id, trace_id, None, &self.key, (self.clock)())
                 .map_err(|e| RunError::Override(e, self.bundle.session.clone()))?,
         };
-        let bundle_bytes = canonical_bytes_of(&self.bundle).unwrap_or_default();
+        let bundle_bytes = self.bundle.canonical_bytes();
         let bundle_blob = self.store.put_blob(&self.tenant, bundle_bytes).await?;
         let start = RunStart {
             run_id: run_id.to_owned(),
@@ -397,7 +404,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 let reused = turn_in_progress.is_some();
                 let turn = match turn_in_progress.take() {
                     Some(turn) => turn,
-                    None => match self.ask_model(compiled, &state).await {
+                    None => match self.next_turn(recorder, compiled, &state).await? {
                         Ok(turn) => turn,
                         Err(e) => return self.model_failed(recorder, e, &state).await,
                     },
@@ -465,6 +472,27 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         }
     }
 
+    /// The model's next turn. Through the gateway service, what is staged is written first
+    /// (the service records the turn on top of it), and the turn it recorded is read back.
+    async fn next_turn(
+        &self,
+        recorder: &mut Recorder<'_, S>,
+        compiled: &CompiledContext,
+        state: &LoopState,
+    ) -> Result<Result<ModelTurn, ModelError>, RunError> {
+        if self.remote.is_none() {
+            return Ok(self.ask_model(compiled, state).await);
+        }
+        if recorder.has_staged() {
+            recorder.flush().await?;
+        }
+        let turn = self.ask_model(compiled, state).await;
+        if turn.is_ok() {
+            recorder.sync().await?;
+        }
+        Ok(turn)
+    }
+
     async fn ask_model(
         &self,
         compiled: &CompiledContext,
@@ -479,7 +507,14 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             tools: self.tools.clone(),
             max_output_tokens: self.bundle.agent_spec.model.max_output_tokens,
         };
-        self.model.complete(&request, state.step).await
+        match (self.remote, &self.model) {
+            (Some(remote), _) => remote.model(&request, state.step).await,
+            (None, Some(model)) => model.complete(&request, state.step).await,
+            (None, None) => Err(ModelError::Unreachable {
+                endpoint: "(none)".into(),
+                detail: "this harness has no model".into(),
+            }),
+        }
     }
 
     /// A model that cannot answer for good (a script or a replay that ran out) ends the run; an
@@ -493,6 +528,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         let reason = match &error {
             ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => "ModelScriptExhausted",
             ModelError::NotRecorded { .. } => "ReplayExhausted",
+            ModelError::TokenBudget { .. } => "TokenBudgetExhausted",
             _ if matches!(self.mode, Mode::Replay { .. }) => "ReplayExhausted",
             _ => {
                 // Keep the last step's checkpoint: the attempt is retried from it.
@@ -524,7 +560,8 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         reused: bool,
         observe: Observer<'_>,
     ) -> Result<Owned, RunError> {
-        if !reused {
+        // Through the gateway service the turn is already recorded (by the service).
+        if !reused && self.remote.is_none() {
             recorder.stage(EntryBody::ModelTurn {
                 step: state.step,
                 model: self.bundle.agent_spec.model.model.clone(),
@@ -627,6 +664,32 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             usage: state.usage.clone(),
             head: recorder.head().map(|(_, hash)| hash),
         }
+    }
+}
+
+impl<'s> Harness<'s, GatewayClient> {
+    /// A harness whose every effect goes through the gateway service (a runner pod): records
+    /// are appended through `client` (the service chains and signs them with the tenant's key,
+    /// so `key` here only seals batches in transit), calls and model turns are requests to it,
+    /// and no credential or secret is held in this process.
+    pub fn through_gateway(
+        client: &'s GatewayClient,
+        key: KeyPair,
+        bundle: RunBundle,
+        signed: SignedRunContext,
+    ) -> Result<Self, RunError> {
+        // Only for call hashes and catalog facts: this gateway never executes anything.
+        let local = bundle
+            .gateway_bundle(Default::default())
+            .build_offline(key.public())
+            .map_err(|e| RunError::Corrupt {
+                run_id: signed.context.run_id.clone(),
+                problem: format!("its pinned policies do not compile: {e}"),
+            })?;
+        let mut harness = Self::new(client, key, bundle, local, Model::Replay(Default::default()))?;
+        harness.model = None;
+        harness.remote = Some(client);
+        Ok(harness.with_run_context(signed))
     }
 }
 

@@ -32,11 +32,13 @@ const CONTEXT_GRACE_MS: i64 = 5 * 60 * 1000;
 
 /// Issues the RunContext of a new run of `bundle`'s Session: the effective budget and safety
 /// mode (the Session may only tighten the Agent's), the delegating user, the agent's identity,
-/// the pinned digests and the tools it may call, signed with `key`.
+/// the pinned digests, the bundle's content digest, the tools it may call and — in a cluster —
+/// the runner pod it is issued to, signed with `key`.
 pub fn issue_run_context(
     bundle: &RunBundle,
     run_id: &str,
     trace_id: &str,
+    pod: Option<&str>,
     key: &KeyPair,
     now_ms: i64,
 ) -> Result<SignedRunContext, OverrideError> {
@@ -60,6 +62,8 @@ pub fn issue_run_context(
         allowed_tools: agent.tools.iter().map(|t| t.name.clone()).collect(),
         issued_at_ms: now_ms,
         expires_at_ms,
+        pod: pod.map(str::to_owned),
+        bundle_digest: Some(bundle.content_digest().to_hex()),
     };
     Ok(SignedRunContext::sign(context, key))
 }

@@ -1,6 +1,7 @@
 //! The contract between the operator and a runner pod: what the pod is handed (the pinned
-//! bundle, the signed RunContext and the key it is signed with) and what it hands back in its
-//! termination message (how the attempt ended), so the pod needs no API access at all.
+//! bundle, the signed RunContext, a projected token for the gateway service, the service's
+//! address) and what it hands back in its termination message (how the attempt ended). The pod
+//! needs no API access, and holds no credential, key or store address.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,24 +17,25 @@ use crate::run_context::SignedRunContext;
 pub mod paths {
     /// The run's bundle ConfigMap, key [`super::BUNDLE_KEY`].
     pub const BUNDLE_DIR: &str = "/var/run/contextos/bundle";
-    /// The Session's record-signing key Secret, key [`super::RECORD_KEY`].
-    pub const KEYS_DIR: &str = "/var/run/contextos/keys";
-    /// Secrets the agent's tools and model reference, one directory per Secret.
-    pub const SECRETS_DIR: &str = "/var/run/contextos/secrets";
+    /// The projected service-account token for the gateway's audience (file [`TOKEN_FILE`]).
+    pub const TOKEN_DIR: &str = "/var/run/secrets/contextos";
+    /// File name of the token in [`TOKEN_DIR`].
+    pub const TOKEN_FILE: &str = "gateway-token";
     /// Where the pod's outcome is written for the operator.
     pub const TERMINATION_LOG: &str = "/dev/termination-log";
 }
 
 /// Key of the bundle in its ConfigMap.
 pub const BUNDLE_KEY: &str = "bundle.json";
-/// Key of the record-signing key in the Session's key Secret.
-pub const RECORD_KEY: &str = "record.key";
-/// Environment variable with the Session's approvals (JSON list), set per attempt.
+/// Environment variable with the Session's approvals (JSON list), set per attempt. The gateway
+/// service honours an approval only if the Session holds it too.
 pub const APPROVALS_ENV: &str = "CONTEXTOS_APPROVALS";
 /// Environment variable with the signed RunContext (JSON) the operator issued for the attempt:
 /// the specs are pinned once per run, the RunContext is fresh per attempt (an attempt may start
 /// hours later, after an approval).
 pub const RUN_CONTEXT_ENV: &str = "CONTEXTOS_RUN_CONTEXT";
+/// Environment variable with the gateway service's base URL.
+pub const GATEWAY_ENV: &str = "CONTEXTOS_GATEWAY";
 
 /// What the operator pins for one run (an immutable ConfigMap).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,8 +46,6 @@ pub struct PodBundle {
     /// sandbox even if the profile is edited or deleted meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<contextos_crds::SandboxProfileSpec>,
-    /// Public key (hex) of the operator: the only key the pod's gateway trusts.
-    pub trust_key: String,
 }
 
 /// Reads the RunContext an attempt runs under.

@@ -265,3 +265,55 @@ pub fn check_batch(batch: &AppendBatch, current: Option<&SignedHead>) -> Result<
     }
     Ok(())
 }
+
+/// A shared store is a store (the gateway service and its tests hold one store in several places).
+impl<S: RecordStore> RecordStore for std::sync::Arc<S> {
+    fn append(&self, tenant: &TenantId, batch: AppendBatch) -> impl Future<Output = Result<()>> + Send {
+        (**self).append(tenant, batch)
+    }
+
+    fn head(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+    ) -> impl Future<Output = Result<Option<SignedHead>>> + Send {
+        (**self).head(tenant, run_id)
+    }
+
+    fn read_chain(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+    ) -> impl Future<Output = Result<Vec<StoredEntry>>> + Send {
+        (**self).read_chain(tenant, run_id, from_seq)
+    }
+
+    fn list_runs(
+        &self,
+        tenant: &TenantId,
+        filter: &RunFilter,
+    ) -> impl Future<Output = Result<Vec<RunSummary>>> + Send {
+        (**self).list_runs(tenant, filter)
+    }
+
+    fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> impl Future<Output = Result<Hash>> + Send {
+        (**self).put_blob(tenant, bytes)
+    }
+
+    fn get_blob(
+        &self,
+        tenant: &TenantId,
+        hash: &Hash,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send {
+        (**self).get_blob(tenant, hash)
+    }
+
+    fn latest_checkpoint(
+        &self,
+        tenant: &TenantId,
+        session_id: &str,
+    ) -> impl Future<Output = Result<Option<Checkpoint>>> + Send {
+        (**self).latest_checkpoint(tenant, session_id)
+    }
+}

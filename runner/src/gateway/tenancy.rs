@@ -1,0 +1,116 @@
+//! What the gateway service reads from the cluster on a run's behalf, always inside the run's
+//! own namespace (the tenant its caller was verified to be): the Secrets its tools and model
+//! reference, read when the run's gateway is built (never handed to the runner), and the
+//! Session's approvals, which admission checked when a human wrote them.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex},
+};
+
+use contextos_crds::{Session, session::Approval};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+
+/// Reads a tenant's Secrets and Session approvals.
+pub trait TenantView: Send + Sync {
+    /// The value of `key` in Secret `name` of `namespace`; `None` if the Secret or key is absent.
+    fn secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<String>, String>> + Send;
+
+    /// The approvals in Session `session`'s spec (empty when the Session is gone).
+    fn approvals(
+        &self,
+        namespace: &str,
+        session: &str,
+    ) -> impl Future<Output = Result<Vec<Approval>, String>> + Send;
+}
+
+/// The API server, with the gateway's own service account (`get` on Secrets and Sessions).
+#[derive(Clone)]
+pub struct KubeTenants {
+    client: Client,
+}
+
+impl std::fmt::Debug for KubeTenants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeTenants").finish_non_exhaustive()
+    }
+}
+
+impl KubeTenants {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+}
+
+impl TenantView for KubeTenants {
+    async fn secret(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, String> {
+        let secret = Api::<Secret>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))?;
+        Ok(secret
+            .and_then(|s| s.data)
+            .and_then(|mut d| d.remove(key))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned()))
+    }
+
+    async fn approvals(&self, namespace: &str, session: &str) -> Result<Vec<Approval>, String> {
+        let found = Api::<Session>::namespaced(self.client.clone(), namespace)
+            .get_opt(session)
+            .await
+            .map_err(|e| format!("reading Session {namespace}/{session}: {e}"))?;
+        Ok(found.map(|s| s.spec.approvals).unwrap_or_default())
+    }
+}
+
+/// Fixed Secrets and approvals per namespace: a test double of the API server (the real one is
+/// exercised by the cluster tests), also what `contextos gateway --secret` serves locally.
+#[derive(Clone, Debug, Default)]
+pub struct StaticTenants {
+    /// `<namespace>/<secret>/<key>` → value.
+    pub secrets: HashMap<String, String>,
+    /// `<namespace>/<session>` → approvals (shared by clones, so a test can approve later).
+    approvals: Arc<Mutex<HashMap<String, Vec<Approval>>>>,
+}
+
+impl StaticTenants {
+    /// Adds a Secret value.
+    pub fn with_secret(mut self, namespace: &str, name: &str, key: &str, value: &str) -> Self {
+        self.secrets
+            .insert(format!("{namespace}/{name}/{key}"), value.to_owned());
+        self
+    }
+
+    /// Appends an approval to a Session's spec.
+    pub fn approve(&self, namespace: &str, session: &str, approval: Approval) {
+        if let Ok(mut approvals) = self.approvals.lock() {
+            approvals
+                .entry(format!("{namespace}/{session}"))
+                .or_default()
+                .push(approval);
+        }
+    }
+}
+
+impl TenantView for StaticTenants {
+    async fn secret(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, String> {
+        Ok(self.secrets.get(&format!("{namespace}/{name}/{key}")).cloned())
+    }
+
+    async fn approvals(&self, namespace: &str, session: &str) -> Result<Vec<Approval>, String> {
+        Ok(self
+            .approvals
+            .lock()
+            .map_err(|_| "the approvals lock is poisoned".to_owned())?
+            .get(&format!("{namespace}/{session}"))
+            .cloned()
+            .unwrap_or_default())
+    }
+}

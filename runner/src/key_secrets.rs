@@ -1,0 +1,140 @@
+//! Keys kept in Secrets of `contextos-system`: the operator's RunContext-signing key and the
+//! gateway service's master record key. Each is generated once, if absent, and never replaced
+//! (replacing one would invalidate every RunContext in flight, or every tenant's published
+//! record key); a second replica racing to create it reads the winner's.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client, api::PostParams};
+use serde_json::json;
+
+use crate::keys::KeyPair;
+
+/// A key's Secret: its name and the data key holding the hex seed.
+#[derive(Clone, Copy, Debug)]
+pub struct KeySecret {
+    pub name: &'static str,
+    pub key: &'static str,
+}
+
+/// The operator's RunContext-signing key.
+pub const RUN_CONTEXT_KEY: KeySecret = KeySecret {
+    name: "contextos-signing-key",
+    key: "signing.key",
+};
+
+/// The gateway service's master key, from which every tenant's record key is derived.
+pub const RECORD_MASTER_KEY: KeySecret = KeySecret {
+    name: "contextos-record-keys",
+    key: "master.key",
+};
+
+/// ConfigMap (in the operator's namespace) where the operator publishes the public half of its
+/// RunContext key, for the gateway service and auditors.
+pub const PUBLIC_KEYS_CONFIG_MAP: &str = "contextos-public-keys";
+/// Key of the RunContext public key (hex) in [`PUBLIC_KEYS_CONFIG_MAP`].
+pub const RUN_CONTEXT_PUBLIC_KEY: &str = "run-context.pub";
+
+/// Why the key could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SigningKeyError {
+    #[error("reading or creating Secret {namespace}/{name}: {source}")]
+    Kube {
+        namespace: String,
+        name: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("Secret {namespace}/{name} has no valid `{key}`; delete it to have a new key generated")]
+    Invalid {
+        namespace: String,
+        name: &'static str,
+        key: &'static str,
+    },
+    #[error("cannot generate a key: {0}")]
+    Generate(String),
+}
+
+/// Loads the key from its Secret, creating the Secret first if it does not exist.
+pub async fn ensure_key(
+    client: &Client,
+    namespace: &str,
+    which: KeySecret,
+) -> Result<KeyPair, SigningKeyError> {
+    let api = Api::<Secret>::namespaced(client.clone(), namespace);
+    let kube_error = |source| SigningKeyError::Kube {
+        namespace: namespace.to_owned(),
+        name: which.name,
+        source,
+    };
+    let invalid = || SigningKeyError::Invalid {
+        namespace: namespace.to_owned(),
+        name: which.name,
+        key: which.key,
+    };
+    for _ in 0..2 {
+        if let Some(secret) = api.get_opt(which.name).await.map_err(kube_error)? {
+            let text = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(which.key))
+                .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned());
+            return text.as_deref().and_then(KeyPair::from_hex).ok_or_else(invalid);
+        }
+        let key = KeyPair::generate().map_err(|e| SigningKeyError::Generate(e.to_string()))?;
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": which.name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "contextos"}},
+            "type": "Opaque",
+            "stringData": {which.key: key.to_hex()},
+        }))
+        .map_err(|e| SigningKeyError::Generate(e.to_string()))?;
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => return Ok(key),
+            // Another replica created it first: read theirs.
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(kube_error(e)),
+        }
+    }
+    Err(invalid())
+}
+
+/// Publishes the operator's RunContext public key in [`PUBLIC_KEYS_CONFIG_MAP`].
+pub async fn publish_run_context_key(
+    client: &Client,
+    namespace: &str,
+    key: &KeyPair,
+) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let config_map: ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": PUBLIC_KEYS_CONFIG_MAP, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/part-of": "contextos"}},
+        "data": {RUN_CONTEXT_PUBLIC_KEY: key.public().to_hex()},
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .patch(
+            PUBLIC_KEYS_CONFIG_MAP,
+            &kube::api::PatchParams::apply(contextos_crds::FIELD_MANAGER).force(),
+            &kube::api::Patch::Apply(&config_map),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// The operator's published RunContext public key, if it has published one.
+pub async fn published_run_context_key(
+    client: &Client,
+    namespace: &str,
+) -> Result<Option<crate::keys::PublicKey>, kube::Error> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let found = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get_opt(PUBLIC_KEYS_CONFIG_MAP)
+        .await?;
+    Ok(found
+        .and_then(|c| c.data)
+        .and_then(|d| d.get(RUN_CONTEXT_PUBLIC_KEY).cloned())
+        .and_then(|hex| crate::keys::PublicKey::from_hex(&hex).ok()))
+}

@@ -1,0 +1,423 @@
+//! The gateway service as the one effect path of a runner (over loopback HTTP, with the real
+//! ops-tools server as the agent's tools): the quickstart Session runs through it, pauses for
+//! an approval that only counts once the Session holds it, resumes in a second attempt and
+//! completes, and its record verifies with the tenant's published key. Then the attacks a
+//! hostile sandbox would try — none of which may work.
+//!
+//! Pod identities come from a fixed token table here (`StaticTokens`, a test double of the
+//! API server's TokenReview); the cluster tests use the real TokenReview.
+
+#[path = "support/quickstart.rs"]
+#[allow(dead_code)]
+mod quickstart;
+
+use std::{path::PathBuf, sync::Arc};
+
+use contextos_crds::session::{Approval, ApprovalDecision};
+use contextos_runner::{
+    gateway::{
+        CallOutcome,
+        envelope::ApprovalGrant,
+        identity::{PodIdentity, StaticTokens},
+        remote::{GatewayClient, RUN_CONTEXT_HEADER, TokenSource},
+        service::GatewayService,
+        tenancy::StaticTenants,
+    },
+    keys::{KeyPair, TenantKeys},
+    manifests::ManifestSet,
+    model::{Message, ModelError, ModelRequest, Role},
+    records::{EntryBody, RecordStore, Recorder, TenantId, read_run, store::memory::MemoryStore, verify_run},
+    run::{Harness, RunOutcome, bundle::RunBundle, issue_run_context},
+    run_context::SignedRunContext,
+};
+use quickstart::{HMAC_KEY, OpsTools};
+
+const RUN: &str = "checkout-5xx-r1";
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+/// A gateway service on loopback with its store, tenants and the operator's key.
+struct Rig {
+    store: Arc<MemoryStore>,
+    tenants: StaticTenants,
+    operator: KeyPair,
+    keys: TenantKeys,
+    url: String,
+    tools: OpsTools,
+    bundle: RunBundle,
+}
+
+fn pod(namespace: &str, name: &str) -> PodIdentity {
+    PodIdentity {
+        namespace: namespace.into(),
+        pod: name.into(),
+        pod_uid: format!("uid-{name}"),
+        username: format!("system:serviceaccount:{namespace}:default"),
+    }
+}
+
+async fn rig() -> Rig {
+    let tools = OpsTools::start(&[]);
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+    let bundle = ManifestSet::load(&[examples])
+        .expect("quickstart manifests")
+        .bundle("shop", None)
+        .expect("bundle");
+    let store = Arc::new(MemoryStore::default());
+    let tenants = StaticTenants::default().with_secret("shop", "ops-tools-webhook", "hmac-key", HMAC_KEY);
+    let tokens = StaticTokens::default()
+        .with("token-run-1", pod("shop", "checkout-5xx-run-1"))
+        .with("token-run-2", pod("shop", "checkout-5xx-run-2"))
+        .with("token-bank", pod("bank", "checkout-5xx-run-1"));
+    let operator = KeyPair::from_seed([11; 32]);
+    let keys = TenantKeys::new(&KeyPair::from_seed([12; 32]));
+    let service = GatewayService::new(
+        store.clone(),
+        tokens,
+        tenants.clone(),
+        keys.clone(),
+        operator.public(),
+    )
+    .with_endpoint_overrides(vec![
+        (
+            "http://ops-tools.shop-platform.svc:8080".into(),
+            tools.url.clone(),
+        ),
+        (
+            "http://ops-tools.shop-platform.svc:8081".into(),
+            tools.url.clone(),
+        ),
+    ]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let router = Arc::new(service).router();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Rig {
+        store,
+        tenants,
+        operator,
+        keys,
+        url,
+        tools,
+        bundle,
+    }
+}
+
+impl Rig {
+    fn context(&self, bundle: &RunBundle, pod: &str) -> SignedRunContext {
+        let now = contextos_runner::records::recorder::now_ms();
+        issue_run_context(bundle, RUN, TRACE, Some(pod), &self.operator, now).expect("context")
+    }
+
+    fn client(&self, token: &str, context: &SignedRunContext) -> GatewayClient {
+        GatewayClient::new(&self.url, TokenSource::Fixed(token.into()), context).expect("client")
+    }
+
+    fn tenant(&self) -> TenantId {
+        TenantId::new("shop").expect("tenant")
+    }
+
+    /// Runs the first attempt until it pauses for the restart's approval; its call hash.
+    async fn run_until_approval(&self) -> String {
+        let context = self.context(&self.bundle, "checkout-5xx-run-1");
+        let client = self.client("token-run-1", &context);
+        let harness =
+            Harness::through_gateway(&client, transit(), self.bundle.clone(), context).expect("harness");
+        let report = harness
+            .start(RUN, TRACE, &mut |_| {})
+            .await
+            .expect("first attempt");
+        match report.outcome {
+            RunOutcome::AwaitingApproval(awaiting) => {
+                assert_eq!(awaiting.tool, "restart_deployment");
+                awaiting.call_hash
+            }
+            other => panic!("expected a pause for approval, got {other:?}"),
+        }
+    }
+
+    /// Resumes in attempt 2 (pod run-2) with `grants` as the runner presents them.
+    async fn resume(&self, grants: &[ApprovalGrant]) -> RunOutcome {
+        let context = self.context(&self.bundle, "checkout-5xx-run-2");
+        let client = self.client("token-run-2", &context);
+        let harness =
+            Harness::through_gateway(&client, transit(), self.bundle.clone(), context).expect("harness");
+        harness
+            .resume(grants, &mut |_| {})
+            .await
+            .expect("second attempt")
+            .outcome
+    }
+
+    async fn bodies(&self) -> Vec<EntryBody> {
+        read_run(&*self.store, &self.tenant(), RUN)
+            .await
+            .expect("record")
+            .into_iter()
+            .map(|(_, e)| e.body)
+            .collect()
+    }
+}
+
+fn transit() -> KeyPair {
+    KeyPair::generate().expect("key")
+}
+
+fn grant(call_hash: &str, approver: &str) -> ApprovalGrant {
+    ApprovalGrant {
+        call_hash: call_hash.into(),
+        decision: ApprovalDecision::Approve,
+        approver: approver.into(),
+        reason: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_runs_through_the_gateway_service_and_verifies_with_the_tenant_key() {
+    let rig = rig().await;
+    let call_hash = rig.run_until_approval().await;
+    // A human approves on the Session; the runner's attempt 2 presents the same decision.
+    rig.tenants.approve(
+        "shop",
+        "checkout-5xx",
+        Approval {
+            call_hash: call_hash.clone(),
+            decision: ApprovalDecision::Approve,
+            approver: "dana@example.com".into(),
+            reason: None,
+        },
+    );
+    let outcome = rig.resume(&[grant(&call_hash, "dana@example.com")]).await;
+    assert!(matches!(outcome, RunOutcome::Completed { .. }), "{outcome:?}");
+
+    let shop_key = rig.keys.for_tenant("shop").public();
+    let verified = verify_run(&*rig.store, &rig.tenant(), RUN, &shop_key)
+        .await
+        .expect("verifies");
+    assert!(verified.entries > 10, "{} entries", verified.entries);
+    for wrong in [rig.keys.for_tenant("bank").public(), rig.operator.public()] {
+        assert!(verify_run(&*rig.store, &rig.tenant(), RUN, &wrong).await.is_err());
+    }
+    let bodies = rig.bodies().await;
+    let approved = bodies
+        .iter()
+        .any(|b| matches!(b, EntryBody::ApprovalGranted { approver, .. } if approver == "dana@example.com"));
+    assert!(approved, "the approval is recorded with its approver");
+    let turns = bodies
+        .iter()
+        .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
+        .count();
+    assert!(turns >= 4, "model turns are recorded by the gateway: {turns}");
+    let paths: Vec<String> = rig.tools.effect_keys().into_iter().map(|(p, _)| p).collect();
+    assert_eq!(
+        paths,
+        ["/deployments/restart", "/hooks/status"],
+        "each effect once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_the_session_does_not_hold_is_ignored() {
+    let rig = rig().await;
+    let call_hash = rig.run_until_approval().await;
+    // The runner forges an approval (right hash, a plausible approver) that no human gave.
+    let outcome = rig.resume(&[grant(&call_hash, "dana@example.com")]).await;
+    assert!(matches!(outcome, RunOutcome::AwaitingApproval(_)), "{outcome:?}");
+    let paths: Vec<String> = rig.tools.effect_keys().into_iter().map(|(p, _)| p).collect();
+    assert!(
+        !paths.iter().any(|p| p == "/deployments/restart"),
+        "no restart: {paths:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_cannot_write_decisions_results_approvals_or_model_turns() {
+    let rig = rig().await;
+    rig.run_until_approval().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    let forged = [
+        EntryBody::ApprovalGranted {
+            call_id: "4.0".into(),
+            call_hash: "0".repeat(64),
+            approver: "dana@example.com".into(),
+        },
+        EntryBody::ModelTurn {
+            step: 9,
+            model: "quickstart-script".into(),
+            response: serde_json::json!({"content": "done", "prompt_tokens": 0, "completion_tokens": 0}),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        },
+        EntryBody::DeadLettered {
+            call_id: "4.0".into(),
+            tool: "restart_deployment".into(),
+            idempotency_key: "k".into(),
+            attempts: 1,
+            error: "forged".into(),
+        },
+    ];
+    let before = rig.bodies().await.len();
+    for body in forged {
+        let mut recorder = Recorder::resume(&client, rig.tenant(), transit(), RUN)
+            .await
+            .expect("resume");
+        let kind = body.type_name();
+        recorder.stage(body);
+        let refused = recorder.flush().await.expect_err("refused");
+        assert!(refused.to_string().contains("may not write"), "{kind}: {refused}");
+    }
+    assert_eq!(rig.bodies().await.len(), before, "nothing was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_pod_a_run_context_was_issued_to_may_use_it() {
+    let rig = rig().await;
+    rig.run_until_approval().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let http = reqwest::Client::new();
+    let header = |c: &SignedRunContext| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(c).expect("json"))
+    };
+    let head = |token: Option<&str>, c: &SignedRunContext, run: &str| {
+        let mut request = http
+            .get(format!("{}/v1/run/head?run={run}", rig.url))
+            .header(RUN_CONTEXT_HEADER, header(c));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        status(head(Some("token-run-1"), &context, RUN).await.expect("send")),
+        200
+    );
+    assert_eq!(
+        status(head(None, &context, RUN).await.expect("send")),
+        401,
+        "no token"
+    );
+    assert_eq!(
+        status(head(Some("forged"), &context, RUN).await.expect("send")),
+        401,
+        "unknown token"
+    );
+    assert_eq!(
+        status(head(Some("token-run-2"), &context, RUN).await.expect("send")),
+        403,
+        "a RunContext issued to another pod (e.g. copied from a record)"
+    );
+    assert_eq!(
+        status(head(Some("token-bank"), &context, RUN).await.expect("send")),
+        403,
+        "a pod of another tenant presenting this tenant's RunContext"
+    );
+    let mut expired = context.context.clone();
+    expired.expires_at_ms = 1;
+    let expired = SignedRunContext::sign(expired, &rig.operator);
+    assert_eq!(
+        status(head(Some("token-run-1"), &expired, RUN).await.expect("send")),
+        403,
+        "expired"
+    );
+    let self_signed = SignedRunContext::sign(context.context.clone(), &transit());
+    assert_eq!(
+        status(head(Some("token-run-1"), &self_signed, RUN).await.expect("send")),
+        403,
+        "signed by anyone but the operator"
+    );
+    assert_eq!(
+        status(
+            head(Some("token-run-1"), &context, "another-run")
+                .await
+                .expect("send")
+        ),
+        403,
+        "another run of the same tenant"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_starts_only_with_the_bundle_its_context_pins() {
+    let rig = rig().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    // The sandbox swaps in a bundle without the guardrail policy.
+    let mut loosened = rig.bundle.clone();
+    loosened.policies.clear();
+    let harness = Harness::through_gateway(&client, transit(), loosened, context).expect("harness");
+    let refused = harness.start(RUN, TRACE, &mut |_| {}).await.expect_err("refused");
+    assert!(refused.to_string().contains("run_started"), "{refused}");
+    assert!(rig.store.head(&rig.tenant(), RUN).await.expect("head").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_counts_model_tokens_and_asks_once_per_step() {
+    let rig = rig().await;
+    let mut bundle = rig.bundle.clone();
+    bundle.agent_spec.budget.max_tokens = 50;
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    let harness =
+        Harness::through_gateway(&client, transit(), bundle.clone(), context.clone()).expect("harness");
+    let report = harness.start(RUN, TRACE, &mut |_| {}).await.expect("run");
+    match &report.outcome {
+        RunOutcome::Failed { reason, .. } => {
+            assert!(reason.contains("Budget"), "{reason}");
+        }
+        other => panic!("a run past its token budget fails, got {other:?}"),
+    }
+    // Asking the gateway directly does not get around it.
+    let request = ModelRequest {
+        model: "something-bigger".into(),
+        messages: vec![Message::new(Role::User, "more")],
+        tools: vec![],
+        max_output_tokens: Some(100_000),
+    };
+    let bodies = rig.bodies().await;
+    let steps = bodies
+        .iter()
+        .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
+        .count() as u32;
+    let next = client.model(&request, steps + 1).await;
+    assert!(matches!(next, Err(ModelError::TokenBudget { .. })), "{next:?}");
+    // A step already answered is answered from the record.
+    let again = client.model(&request, 1).await.expect("recorded turn");
+    let turns = rig
+        .bodies()
+        .await
+        .iter()
+        .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
+        .count() as u32;
+    assert_eq!(turns, steps, "no new turn for {again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_runs_under_the_callers_context_whatever_the_envelope_says() {
+    let rig = rig().await;
+    rig.run_until_approval().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    // An envelope carrying a context that allows an extra tool, signed by the sandbox itself.
+    let mut widened = context.context.clone();
+    widened.allowed_tools.push("drop_database".into());
+    let envelope = contextos_runner::gateway::envelope::CallEnvelope {
+        call_id: "9.0".into(),
+        tool: "drop_database".into(),
+        arguments: serde_json::json!({}),
+        risk: contextos_crds::common::ToolRisk::Destructive,
+        kind: contextos_crds::common::ToolKind::Act,
+        idempotency_key: "k-9".into(),
+        traceparent: format!("00-{TRACE}-0000000000000001-01"),
+        run_context: SignedRunContext::sign(widened, &transit()),
+        approval: None,
+    };
+    let outcome = client
+        .call(&envelope, &Default::default())
+        .await
+        .expect("answered");
+    assert!(matches!(outcome, CallOutcome::Denied { .. }), "{outcome:?}");
+}

@@ -110,7 +110,7 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
     let record_keys = TenantKeys::new(&KeyPair::generate().map_err(|e| e.to_string())?);
     let config = OperatorConfig {
         namespace: OPERATOR_NAMESPACE.into(),
-        runner: runner_settings(&store, &gateway),
+        runner: runner_settings(&gateway),
         max_crash_attempts: 3,
         concurrency: 8,
         replay_image: crate::process_node::RUNNER_IMAGE.to_owned(),
@@ -172,11 +172,10 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
 
 /// How the e2e operators configure runner pods: every effect through the gateway at `gateway`
 /// (on loopback: the process node runs pods as host processes).
-pub fn runner_settings(store: &str, gateway: &str) -> RunnerSettings {
+pub fn runner_settings(gateway: &str) -> RunnerSettings {
     RunnerSettings {
         gateway: gateway.to_owned(),
         gateway_namespace: OPERATOR_NAMESPACE.to_owned(),
-        store: store.to_owned(),
         egress: vec![("127.0.0.1/32".to_owned(), port_of(gateway))],
     }
 }

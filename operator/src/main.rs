@@ -26,13 +26,6 @@ struct Args {
     /// Namespace of the gateway service's pods (runner pods may reach only them, and DNS).
     #[arg(long, env = "CONTEXTOS_GATEWAY_NAMESPACE", default_value = "contextos-system")]
     gateway_namespace: String,
-    /// Record store replay Jobs read: `tikv://<pd host:port>`.
-    #[arg(
-        long,
-        env = "CONTEXTOS_RUNNER_STORE",
-        default_value = "tikv://contextos-pd.contextos-system.svc:2379"
-    )]
-    runner_store: String,
     /// Egress every runner pod is allowed besides the gateway's pods and DNS, as `cidr:port`;
     /// repeatable (for a gateway outside the pod network).
     #[arg(long = "runner-egress", value_parser = parse_egress)]
@@ -98,7 +91,6 @@ async fn main() -> anyhow::Result<()> {
         runner: RunnerSettings {
             gateway: args.runner_gateway,
             gateway_namespace: args.gateway_namespace,
-            store: args.runner_store,
             egress: args.runner_egress,
         },
         max_crash_attempts: args.max_crash_attempts,

@@ -1,11 +1,18 @@
 //! The replay gate's Job (pure builders): a batch/v1 Job, named after the candidate's digest so
 //! it is created once per candidate, that runs `contextos replay` over recorded sessions of the
-//! tenant against the candidate spec (mounted from a ConfigMap), sandboxed like a runner pod, and
-//! reports its [`ReplayGate`] summary in its termination message. Its exit code is the gate:
+//! tenant against the candidate spec (mounted from a ConfigMap), sandboxed like a runner pod and,
+//! like it, reaching nothing but the gateway service (which lets it read its tenant's records
+//! with the operator's read grant), and reports its [`ReplayGate`] summary in its termination
+//! message. Its exit code is the gate:
 //! 0 passed, 3 diverged past the threshold, 4 nothing recorded to replay.
 
 use contextos_crds::{common::ReplaySpec, labels};
-use contextos_runner::run::replay::ReplayGate;
+use contextos_runner::{
+    keys::KeyPair,
+    read_grant::{READ_GRANT_ENV, ReadGrant, SignedReadGrant},
+    records::store::remote::TOKEN_FILE_ENV,
+    run::{pod::paths, replay::ReplayGate},
+};
 use k8s_openapi::{
     api::{
         batch::v1::Job,
@@ -14,6 +21,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 use serde_json::{Value, json};
+
+use crate::session_children::{RunnerSettings, gateway_egress, gateway_token_volume};
 
 /// Where the candidate is mounted in the Job's pod.
 const CANDIDATE_DIR: &str = "/var/run/contextos/candidate";
@@ -59,12 +68,31 @@ pub fn candidate_config_map(target: &GateTarget<'_>, object: &Value) -> Result<C
     }))
 }
 
-/// The replay Job.
+/// How long a replay Job's read grant is valid (beyond the Job's deadline: it starts late when
+/// the cluster is busy).
+const GRANT_SECONDS: i64 = 3 * 3600;
+
+/// The read grant of a replay Job: its tenant's records, for its own pods only.
+pub fn read_grant(target: &GateTarget<'_>, key: &KeyPair, now_ms: i64) -> SignedReadGrant {
+    SignedReadGrant::sign(
+        ReadGrant {
+            tenant_id: target.namespace.to_owned(),
+            job: job_name(target),
+            issued_at_ms: now_ms,
+            expires_at_ms: now_ms + GRANT_SECONDS * 1000,
+        },
+        key,
+    )
+}
+
+/// The replay Job: it reads the tenant's records through the gateway service with its pod's
+/// projected token and the operator's read grant, and holds nothing else.
 pub fn job(
     target: &GateTarget<'_>,
     replay: &ReplaySpec,
     image: &str,
-    store: &str,
+    settings: &RunnerSettings,
+    grant: &SignedReadGrant,
 ) -> Result<Job, serde_json::Error> {
     let name = job_name(target);
     let mut args = vec![
@@ -117,8 +145,10 @@ pub fn job(
                         "image": image,
                         "args": args,
                         "env": [
-                            {"name": "CONTEXTOS_STORE", "value": store},
+                            {"name": "CONTEXTOS_STORE", "value": format!("gateway+{}", settings.gateway)},
                             {"name": "CONTEXTOS_TENANT", "value": target.namespace},
+                            {"name": READ_GRANT_ENV, "value": serde_json::to_string(grant)?},
+                            {"name": TOKEN_FILE_ENV, "value": format!("{}/{}", paths::TOKEN_DIR, paths::TOKEN_FILE)},
                         ],
                         "resources": {"limits": {"cpu": "1", "memory": "512Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
                         "securityContext": {
@@ -127,28 +157,27 @@ pub fn job(
                             "runAsNonRoot": true,
                             "capabilities": {"drop": ["ALL"]},
                         },
-                        "terminationMessagePolicy": "FallbackToLogsOnError",
-                        "volumeMounts": [{"name": "candidate", "mountPath": CANDIDATE_DIR, "readOnly": true}],
+                        // Only the file counts: logs may hold recorded (hostile) tool text.
+                        "terminationMessagePolicy": "File",
+                        "volumeMounts": [
+                            {"name": "candidate", "mountPath": CANDIDATE_DIR, "readOnly": true},
+                            {"name": "gateway-token", "mountPath": paths::TOKEN_DIR, "readOnly": true},
+                        ],
                     }],
-                    "volumes": [{"name": "candidate", "configMap": {"name": name}}],
+                    "volumes": [{"name": "candidate", "configMap": {"name": name}}, gateway_token_volume()],
                 },
             },
         },
     }))
 }
 
-/// The replay pod's NetworkPolicy: no ingress; egress only to DNS and `egress` (the record
-/// store). A replay calls no tool and no model.
+/// The replay pod's NetworkPolicy: no ingress; egress only to the cluster DNS pods and the
+/// gateway service's pods. A replay calls no tool and no model.
 pub fn network_policy(
     target: &GateTarget<'_>,
-    egress: &[(String, u16)],
+    settings: &RunnerSettings,
 ) -> Result<k8s_openapi::api::networking::v1::NetworkPolicy, serde_json::Error> {
-    let mut rules =
-        vec![json!({"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]})];
-    for (cidr, port) in egress {
-        rules
-            .push(json!({"to": [{"ipBlock": {"cidr": cidr}}], "ports": [{"protocol": "TCP", "port": port}]}));
-    }
+    let rules = gateway_egress(settings);
     serde_json::from_value(json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

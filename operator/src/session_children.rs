@@ -28,8 +28,6 @@ pub struct RunnerSettings {
     pub gateway: String,
     /// Namespace of the gateway pods (the NetworkPolicy lets runners reach only them).
     pub gateway_namespace: String,
-    /// Record store URL replay Jobs read (e.g. `tikv://contextos-pd.contextos-system.svc:2379`).
-    pub store: String,
     /// Extra egress every runner needs, as `cidr:port` (a gateway outside the cluster's pod
     /// network, e.g. in tests).
     pub egress: Vec<(String, u16)>,
@@ -114,11 +112,7 @@ pub fn runner_pod(
     let approvals = serde_json::to_string(&session.spec.approvals)?;
     let volumes = vec![
         json!({"name": "bundle", "configMap": {"name": bundle_name(name)}}),
-        json!({"name": "gateway-token", "projected": {"sources": [{"serviceAccountToken": {
-            "audience": GATEWAY_AUDIENCE,
-            "expirationSeconds": TOKEN_SECONDS,
-            "path": paths::TOKEN_FILE,
-        }}]}}),
+        gateway_token_volume(),
         json!({"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}),
     ];
     let mounts = vec![
@@ -179,14 +173,9 @@ pub fn runner_pod(
     serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}))
 }
 
-/// No ingress at all; egress only to the cluster DNS pods, the gateway service's pods and the
-/// profile's allowlist (which capability pods will take over; until then it applies here).
-pub fn network_policy(
-    session: &Session,
-    sandbox: &SandboxProfileSpec,
-    settings: &RunnerSettings,
-) -> Result<NetworkPolicy, serde_json::Error> {
-    let name = session.metadata.name.as_deref().unwrap_or_default();
+/// Egress every sandboxed ContextOS pod (runner, replay) has: the cluster DNS pods, the gateway
+/// service's pods, and the operator's extra `cidr:port` rules — nothing else.
+pub fn gateway_egress(settings: &RunnerSettings) -> Vec<Value> {
     let mut egress = vec![
         json!({
             "to": [{
@@ -205,6 +194,31 @@ pub fn network_policy(
             "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}],
         }),
     ];
+    for (cidr, port) in &settings.egress {
+        egress
+            .push(json!({"to": [{"ipBlock": {"cidr": cidr}}], "ports": [{"protocol": "TCP", "port": port}]}));
+    }
+    egress
+}
+
+/// The projected token volume every sandboxed pod authenticates to the gateway with.
+pub fn gateway_token_volume() -> Value {
+    json!({"name": "gateway-token", "projected": {"sources": [{"serviceAccountToken": {
+        "audience": GATEWAY_AUDIENCE,
+        "expirationSeconds": TOKEN_SECONDS,
+        "path": paths::TOKEN_FILE,
+    }}]}})
+}
+
+/// No ingress at all; egress only to the cluster DNS pods, the gateway service's pods and the
+/// profile's allowlist (which capability pods will take over; until then it applies here).
+pub fn network_policy(
+    session: &Session,
+    sandbox: &SandboxProfileSpec,
+    settings: &RunnerSettings,
+) -> Result<NetworkPolicy, serde_json::Error> {
+    let name = session.metadata.name.as_deref().unwrap_or_default();
+    let mut egress = gateway_egress(settings);
     for rule in &sandbox.egress {
         let ports: Vec<Value> = rule
             .ports
@@ -218,10 +232,6 @@ pub fn network_policy(
             })
             .collect();
         egress.push(json!({"to": [{"ipBlock": {"cidr": rule.cidr}}], "ports": ports}));
-    }
-    for (cidr, port) in &settings.egress {
-        egress
-            .push(json!({"to": [{"ipBlock": {"cidr": cidr}}], "ports": [{"protocol": "TCP", "port": port}]}));
     }
     serde_json::from_value(json!({
         "apiVersion": "networking.k8s.io/v1",
@@ -267,7 +277,6 @@ mod tests {
         RunnerSettings {
             gateway: "http://contextos-gateway.contextos-system.svc:8480".into(),
             gateway_namespace: "contextos-system".into(),
-            store: "tikv://pd:2379".into(),
             egress: vec![("10.0.0.5/32".into(), 8480)],
         }
     }

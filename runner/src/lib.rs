@@ -11,6 +11,7 @@ pub mod keys;
 pub mod manifests;
 pub mod model;
 pub mod policy;
+pub mod read_grant;
 pub mod records;
 pub mod run;
 pub mod run_context;

@@ -63,11 +63,23 @@ async fn rig() -> Rig {
         .bundle("shop", None)
         .expect("bundle");
     let store = Arc::new(MemoryStore::default());
-    let tenants = StaticTenants::default().with_secret("shop", "ops-tools-webhook", "hmac-key", HMAC_KEY);
+    let tenants = StaticTenants::default()
+        .with_secret("shop", "ops-tools-webhook", "hmac-key", HMAC_KEY)
+        .with_controller("shop", "checkout-5xx-run-1", "Session", "checkout-5xx")
+        .with_controller(
+            "shop",
+            "replay-policy-guardrails-0123456789-x7k2p",
+            "Job",
+            "replay-policy-guardrails-0123456789",
+        );
     let tokens = StaticTokens::default()
         .with("token-run-1", pod("shop", "checkout-5xx-run-1"))
         .with("token-run-2", pod("shop", "checkout-5xx-run-2"))
-        .with("token-bank", pod("bank", "checkout-5xx-run-1"));
+        .with("token-bank", pod("bank", "checkout-5xx-run-1"))
+        .with(
+            "token-replay",
+            pod("shop", "replay-policy-guardrails-0123456789-x7k2p"),
+        );
     let operator = KeyPair::from_seed([11; 32]);
     let keys = TenantKeys::new(&KeyPair::from_seed([12; 32]));
     let service = GatewayService::new(
@@ -260,7 +272,7 @@ async fn a_runner_cannot_write_decisions_results_approvals_or_model_turns() {
     ];
     let before = rig.bodies().await.len();
     for body in forged {
-        let mut recorder = Recorder::resume(&client, rig.tenant(), transit(), RUN)
+        let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
             .await
             .expect("resume");
         let kind = body.type_name();
@@ -420,4 +432,57 @@ async fn a_call_runs_under_the_callers_context_whatever_the_envelope_says() {
         .await
         .expect("answered");
     assert!(matches!(outcome, CallOutcome::Denied { .. }), "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_replay_jobs_own_pods_read_the_tenants_records_with_its_grant() {
+    use contextos_runner::{
+        read_grant::{ReadGrant, SignedReadGrant},
+        records::store::remote::{Credential, RemoteStore},
+    };
+    let rig = rig().await;
+    rig.run_until_approval().await;
+    let now = contextos_runner::records::recorder::now_ms();
+    let grant = |tenant: &str, key: &KeyPair| {
+        let grant = ReadGrant {
+            tenant_id: tenant.into(),
+            job: "replay-policy-guardrails-0123456789".into(),
+            issued_at_ms: now,
+            expires_at_ms: now + 60_000,
+        };
+        serde_json::to_vec(&SignedReadGrant::sign(grant, key)).expect("json")
+    };
+    let reader = |token: &str, grant: Vec<u8>| {
+        RemoteStore::new(
+            &rig.url,
+            TokenSource::Fixed(token.into()),
+            Credential::Read(grant),
+            "shop",
+        )
+        .expect("store")
+    };
+    let filter = contextos_runner::records::RunFilter::default();
+    // The replay Job's own pod reads the tenant's runs and stores its report.
+    let job = reader("token-replay", grant("shop", &rig.operator));
+    let runs = job.list_runs(&rig.tenant(), &filter).await.expect("listed");
+    assert_eq!(runs.len(), 1);
+    let chain = job.read_chain(&rig.tenant(), RUN, 0).await.expect("chain");
+    assert!(!chain.is_empty());
+    job.put_blob(&rig.tenant(), b"report".to_vec())
+        .await
+        .expect("report stored");
+    // A grant for another tenant, presented by this tenant's Job pod.
+    let elsewhere = reader("token-replay", grant("bank", &rig.operator));
+    assert!(elsewhere.list_runs(&rig.tenant(), &filter).await.is_err());
+    // The runner pod (controlled by its Session, not the Job) presenting a genuine grant.
+    let runner = reader("token-run-1", grant("shop", &rig.operator));
+    let refused = runner
+        .list_runs(&rig.tenant(), &filter)
+        .await
+        .expect_err("refused");
+    assert!(refused.to_string().contains("not one"), "{refused}");
+    // A grant the sandbox signed itself.
+    let forged = reader("token-run-1", grant("shop", &transit()));
+    assert!(forged.list_runs(&rig.tenant(), &filter).await.is_err());
+    assert!(runner.put_blob(&rig.tenant(), b"x".to_vec()).await.is_err());
 }

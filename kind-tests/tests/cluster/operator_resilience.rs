@@ -160,7 +160,7 @@ async fn an_operator_killed_twenty_times_mid_reconcile_leaves_one_pod_per_attemp
     }
     let config = OperatorConfig {
         namespace: OPERATOR_NAMESPACE.into(),
-        runner: operator_env::runner_settings(&op.store, &op.gateway),
+        runner: operator_env::runner_settings(&op.gateway),
         max_crash_attempts: 3,
         concurrency: 8,
         replay_image: contextos_kind_tests::process_node::RUNNER_IMAGE.to_owned(),

@@ -509,15 +509,15 @@ where
     let build = |what: &'static str| move |source| Error::Build { what, source };
     let config_map =
         replay_job::candidate_config_map(target, &candidate).map_err(build("candidate ConfigMap"))?;
-    let job =
-        replay_job::job(target, replay, &ctx.replay_image, &ctx.runner.store).map_err(build("replay Job"))?;
+    let grant = replay_job::read_grant(target, &ctx.key, super::now().as_millisecond());
+    let job = replay_job::job(target, replay, &ctx.replay_image, &ctx.runner, &grant)
+        .map_err(build("replay Job"))?;
     create_once(
         &Api::<ConfigMap>::namespaced(ctx.client.clone(), target.namespace),
         &config_map,
     )
     .await?;
-    let policy =
-        replay_job::network_policy(target, &ctx.runner.egress).map_err(build("replay NetworkPolicy"))?;
+    let policy = replay_job::network_policy(target, &ctx.runner).map_err(build("replay NetworkPolicy"))?;
     create_once(
         &Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(
             ctx.client.clone(),

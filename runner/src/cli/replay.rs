@@ -14,7 +14,9 @@ use contextos_runner::{
     },
 };
 
-use super::{GlobalArgs, session_run::in_pod};
+use contextos_runner::run::pod::in_pod;
+
+use super::GlobalArgs;
 
 /// Exit code when the divergence is above the threshold: the gate a pipeline checks.
 pub const EXIT_DIVERGED: u8 = 3;

@@ -20,6 +20,7 @@ use contextos_runner::{
     },
     keys::KeyPair,
     records::{RecordStore, TenantId},
+    run::pod::in_pod,
     run::{
         Harness, RunOutcome,
         pod::{
@@ -67,6 +68,7 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
     // Resume only this run: a Session deleted and created again under the same name is a new
     // run (a new uid, so a new run id) and must not continue the old one's checkpoint.
     let resuming = client
+        .records()
         .latest_checkpoint(&tenant, &bundle.session)
         .await?
         .is_some_and(|c| c.run_id == run_context.context.run_id);
@@ -84,7 +86,11 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
             .await?
     };
     let mut pod_report = PodReport::of(&report);
-    if let Some(checkpoint) = client.latest_checkpoint(&tenant, &context.session_id).await? {
+    if let Some(checkpoint) = client
+        .records()
+        .latest_checkpoint(&tenant, &context.session_id)
+        .await?
+    {
         pod_report.checkpoint = Some((checkpoint.step, checkpoint.entry_hash.to_hex()));
     }
     let message = serde_json::to_vec(&pod_report)?;
@@ -100,19 +106,6 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
         RunOutcome::AwaitingApproval(_) => ExitCode::from(EXIT_AWAITING_APPROVAL),
         RunOutcome::Failed { .. } => ExitCode::from(EXIT_RUN_FAILED),
     })
-}
-
-/// A path inside the pod. Sandboxes that mount a pod's volumes under a root directory instead
-/// of at `/` (the test process node) say so with `CONTEXTOS_ROOT`; in a real pod it is unset.
-pub(super) fn in_pod(path: &Path) -> PathBuf {
-    match std::env::var_os("CONTEXTOS_ROOT") {
-        Some(root) if !root.is_empty() => {
-            let mut rooted = PathBuf::from(root);
-            rooted.push(path.strip_prefix("/").unwrap_or(path));
-            rooted
-        }
-        _ => path.to_owned(),
-    }
 }
 
 fn approvals_from_env() -> anyhow::Result<Vec<ApprovalGrant>> {

@@ -30,15 +30,17 @@ use serde_json::json;
 use super::{
     ToolGateway,
     identity::{AuthError, Authenticator, PodIdentity},
-    remote::{AppendRequest, CallRequest, ModelCall, Problem, RUN_CONTEXT_HEADER, WireEntry},
+    remote::{CallRequest, ModelCall},
     tenancy::TenantView,
 };
 use crate::{
     keys::{PublicKey, TenantKeys},
     model::{Model, ModelError, ModelTurn},
+    read_grant::SignedReadGrant,
     records::{
         EntryBody, Hash, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId, read_run,
         recorder::now_ms,
+        store::remote::{AppendRequest, Problem, READ_GRANT_HEADER, RUN_CONTEXT_HEADER, WireEntry},
     },
     run::bundle::RunBundle,
     run_context::SignedRunContext,
@@ -138,6 +140,18 @@ struct SessionQuery {
     session: String,
 }
 
+#[derive(Debug, Deserialize)]
+struct RunsQuery {
+    agent: Option<String>,
+    session: Option<String>,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// The most runs one listing returns.
+const MAX_LISTED_RUNS: usize = 10_000;
+
 impl<S, A, T> GatewayService<S, A, T>
 where
     S: RecordStore + 'static,
@@ -178,23 +192,34 @@ where
             .route("/v1/run/blobs/{hash}", get(Self::get_blob))
             .route("/v1/run/calls", post(Self::call))
             .route("/v1/run/model", post(Self::model))
+            .route("/v1/records/runs", get(Self::reader_runs))
+            .route("/v1/records/head", get(Self::reader_head))
+            .route("/v1/records/chain", get(Self::reader_chain))
+            .route("/v1/records/checkpoint", get(Self::reader_checkpoint))
+            .route("/v1/records/blobs", post(Self::reader_put_blob))
+            .route("/v1/records/blobs/{hash}", get(Self::reader_get_blob))
             .route("/v1/tenants/{tenant}/record-key", get(Self::record_key))
             .route("/healthz", get(|| async { "ok" }))
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
             .with_state(self)
     }
 
-    /// Authenticates the pod, then checks the RunContext was issued to it.
-    async fn caller(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
+    /// The calling pod, as the API server vouches for it.
+    async fn identify(&self, headers: &HeaderMap) -> Result<PodIdentity, Refusal> {
         let token = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
-        let identity = self.auth.authenticate(token).await.map_err(|e| match e {
+        self.auth.authenticate(token).await.map_err(|e| match e {
             AuthError::Unavailable(_) => unavailable(&e),
             _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
-        })?;
+        })
+    }
+
+    /// Authenticates the pod, then checks the RunContext was issued to it.
+    async fn caller(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
+        let identity = self.identify(headers).await?;
         let context = headers
             .get(RUN_CONTEXT_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -429,6 +454,130 @@ where
         match service
             .store
             .get_blob(&caller.tenant, &hash)
+            .await
+            .map_err(unavailable)?
+        {
+            Some(bytes) => Ok(bytes.into_response()),
+            None => Err(Refusal(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no blob {hash}"),
+            )),
+        }
+    }
+
+    /// A replay Job's pod: its token, and an operator-signed ReadGrant for its own Job and
+    /// namespace. Reads the tenant's records and stores reports; nothing else.
+    async fn reader(&self, headers: &HeaderMap) -> Result<TenantId, Refusal> {
+        let identity = self.identify(headers).await?;
+        let grant = headers
+            .get(READ_GRANT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            .and_then(|bytes| serde_json::from_slice::<SignedReadGrant>(&bytes).ok())
+            .ok_or_else(|| {
+                bad(format!(
+                    "header {READ_GRANT_HEADER} does not hold a signed read grant"
+                ))
+            })?;
+        let grant = grant
+            .verify(&self.trust, &identity.namespace, now_ms())
+            .map_err(|e| forbidden(e.to_string()))?;
+        let controller = self
+            .tenants
+            .pod_controller(&identity.namespace, &identity.pod)
+            .await
+            .map_err(unavailable)?;
+        if controller != Some(("Job".to_owned(), grant.job.clone())) {
+            tracing::warn!(namespace = %identity.namespace, pod = %identity.pod, job = %grant.job,
+                "refused a read grant presented by a pod its Job does not own");
+            return Err(forbidden(format!(
+                "the read grant is for the pods of Job {}, and pod {}/{} is not one",
+                grant.job, identity.namespace, identity.pod
+            )));
+        }
+        TenantId::new(identity.namespace).map_err(|e| bad(e.to_string()))
+    }
+
+    async fn reader_runs(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<RunsQuery>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let filter = crate::records::RunFilter {
+            agent: q.agent,
+            session_id: q.session,
+            since_ms: q.since_ms,
+            until_ms: q.until_ms,
+            limit: Some(q.limit.unwrap_or(MAX_LISTED_RUNS).min(MAX_LISTED_RUNS)),
+        };
+        let runs = service
+            .store
+            .list_runs(&tenant, &filter)
+            .await
+            .map_err(unavailable)?;
+        Ok(Json(runs).into_response())
+    }
+
+    async fn reader_head(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<RunQuery>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let head = service.store.head(&tenant, &q.run).await.map_err(unavailable)?;
+        Ok(Json(head).into_response())
+    }
+
+    async fn reader_chain(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<RunQuery>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let chain = service
+            .store
+            .read_chain(&tenant, &q.run, q.from)
+            .await
+            .map_err(unavailable)?;
+        Ok(Json(chain.iter().map(WireEntry::of).collect::<Vec<_>>()).into_response())
+    }
+
+    async fn reader_checkpoint(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<SessionQuery>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let checkpoint = service
+            .store
+            .latest_checkpoint(&tenant, &q.session)
+            .await
+            .map_err(unavailable)?;
+        Ok(Json(checkpoint).into_response())
+    }
+
+    async fn reader_put_blob(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let hash = service
+            .store
+            .put_blob(&tenant, body.to_vec())
+            .await
+            .map_err(unavailable)?;
+        Ok(Json(hash.to_hex()).into_response())
+    }
+
+    async fn reader_get_blob(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Path(hash): Path<String>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let hash = Hash::parse(&hash).ok_or_else(|| bad("not a blob hash"))?;
+        match service
+            .store
+            .get_blob(&tenant, &hash)
             .await
             .map_err(unavailable)?
         {

@@ -1,7 +1,8 @@
-//! What the gateway service reads from the cluster on a run's behalf, always inside the run's
-//! own namespace (the tenant its caller was verified to be): the Secrets its tools and model
-//! reference, read when the run's gateway is built (never handed to the runner), and the
-//! Session's approvals, which admission checked when a human wrote them.
+//! What the gateway service reads from the cluster on a caller's behalf, always inside the
+//! caller's own namespace (the tenant it was verified to be): the Secrets a run's tools and
+//! model reference, read when the run's gateway is built (never handed to the runner), the
+//! Session's approvals, which admission checked when a human wrote them, and which controller
+//! owns a calling pod (a replay Job's pods read records, nothing else does).
 
 use std::{
     collections::HashMap,
@@ -10,7 +11,7 @@ use std::{
 };
 
 use contextos_crds::{Session, session::Approval};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{Api, Client};
 
 /// Reads a tenant's Secrets and Session approvals.
@@ -22,6 +23,13 @@ pub trait TenantView: Send + Sync {
         name: &str,
         key: &str,
     ) -> impl Future<Output = Result<Option<String>, String>> + Send;
+
+    /// The controller (kind, name) owning pod `pod` of `namespace`, if the pod exists.
+    fn pod_controller(
+        &self,
+        namespace: &str,
+        pod: &str,
+    ) -> impl Future<Output = Result<Option<(String, String)>, String>> + Send;
 
     /// The approvals in Session `session`'s spec (empty when the Session is gone).
     fn approvals(
@@ -61,6 +69,20 @@ impl TenantView for KubeTenants {
             .map(|v| String::from_utf8_lossy(&v.0).into_owned()))
     }
 
+    async fn pod_controller(&self, namespace: &str, pod: &str) -> Result<Option<(String, String)>, String> {
+        let found = Api::<Pod>::namespaced(self.client.clone(), namespace)
+            .get_opt(pod)
+            .await
+            .map_err(|e| format!("reading Pod {namespace}/{pod}: {e}"))?;
+        Ok(found.and_then(|p| {
+            p.metadata
+                .owner_references?
+                .into_iter()
+                .find(|o| o.controller == Some(true))
+                .map(|o| (o.kind, o.name))
+        }))
+    }
+
     async fn approvals(&self, namespace: &str, session: &str) -> Result<Vec<Approval>, String> {
         let found = Api::<Session>::namespaced(self.client.clone(), namespace)
             .get_opt(session)
@@ -76,6 +98,8 @@ impl TenantView for KubeTenants {
 pub struct StaticTenants {
     /// `<namespace>/<secret>/<key>` → value.
     pub secrets: HashMap<String, String>,
+    /// `<namespace>/<pod>` → (controller kind, name).
+    pub controllers: HashMap<String, (String, String)>,
     /// `<namespace>/<session>` → approvals (shared by clones, so a test can approve later).
     approvals: Arc<Mutex<HashMap<String, Vec<Approval>>>>,
 }
@@ -85,6 +109,13 @@ impl StaticTenants {
     pub fn with_secret(mut self, namespace: &str, name: &str, key: &str, value: &str) -> Self {
         self.secrets
             .insert(format!("{namespace}/{name}/{key}"), value.to_owned());
+        self
+    }
+
+    /// Records that `pod` of `namespace` is controlled by `kind`/`name`.
+    pub fn with_controller(mut self, namespace: &str, pod: &str, kind: &str, name: &str) -> Self {
+        self.controllers
+            .insert(format!("{namespace}/{pod}"), (kind.to_owned(), name.to_owned()));
         self
     }
 
@@ -102,6 +133,10 @@ impl StaticTenants {
 impl TenantView for StaticTenants {
     async fn secret(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, String> {
         Ok(self.secrets.get(&format!("{namespace}/{name}/{key}")).cloned())
+    }
+
+    async fn pod_controller(&self, namespace: &str, pod: &str) -> Result<Option<(String, String)>, String> {
+        Ok(self.controllers.get(&format!("{namespace}/{pod}")).cloned())
     }
 
     async fn approvals(&self, namespace: &str, session: &str) -> Result<Vec<Approval>, String> {

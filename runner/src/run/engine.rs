@@ -31,7 +31,7 @@ use crate::{
     model::{Message, Model, ModelError, ModelRequest, ModelTurn, Role, ToolSpec},
     records::{
         EntryBody, Hash, ReadError, RecordEntry, RecordError, RecordStore, Recorder, RunStart, StoreError,
-        TenantId, entry::Verdict, read_run, recorder::now_ms,
+        TenantId, entry::Verdict, read_run, recorder::now_ms, store::remote::RemoteStore,
     },
     run_context::{OverrideError, SignedRunContext},
 };
@@ -667,7 +667,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
     }
 }
 
-impl<'s> Harness<'s, GatewayClient> {
+impl<'s> Harness<'s, RemoteStore> {
     /// A harness whose every effect goes through the gateway service (a runner pod): records
     /// are appended through `client` (the service chains and signs them with the tenant's key,
     /// so `key` here only seals batches in transit), calls and model turns are requests to it,
@@ -686,7 +686,13 @@ impl<'s> Harness<'s, GatewayClient> {
                 run_id: signed.context.run_id.clone(),
                 problem: format!("its pinned policies do not compile: {e}"),
             })?;
-        let mut harness = Self::new(client, key, bundle, local, Model::Replay(Default::default()))?;
+        let mut harness = Self::new(
+            client.records(),
+            key,
+            bundle,
+            local,
+            Model::Replay(Default::default()),
+        )?;
         harness.model = None;
         harness.remote = Some(client);
         Ok(harness.with_run_context(signed))

@@ -48,6 +48,19 @@ pub struct PodBundle {
     pub sandbox: Option<contextos_crds::SandboxProfileSpec>,
 }
 
+/// A path inside the pod. Sandboxes that mount a pod's volumes under a root directory instead
+/// of at `/` (the test process node) say so with `CONTEXTOS_ROOT`; in a real pod it is unset.
+pub fn in_pod(path: &std::path::Path) -> std::path::PathBuf {
+    match std::env::var_os("CONTEXTOS_ROOT") {
+        Some(root) if !root.is_empty() => {
+            let mut rooted = std::path::PathBuf::from(root);
+            rooted.push(path.strip_prefix("/").unwrap_or(path));
+            rooted
+        }
+        _ => path.to_owned(),
+    }
+}
+
 /// Reads the RunContext an attempt runs under.
 pub fn run_context_from(text: &str) -> Result<SignedRunContext, serde_json::Error> {
     serde_json::from_str(text)

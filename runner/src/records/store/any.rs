@@ -1,5 +1,6 @@
-//! Chooses a backend at run time from a store URL: `embedded:<path>` (or a bare path) or
-//! `tikv://<pd>[,<pd>…]`.
+//! Chooses a backend at run time from a store URL: `embedded:<path>` (or a bare path),
+//! `tikv://<pd>[,<pd>…]`, or `gateway+http://<host>:<port>` (records read through the gateway
+//! service, with the pod's projected token and a ReadGrant from the environment: replay Jobs).
 
 use std::path::{Path, PathBuf};
 
@@ -14,11 +15,21 @@ use crate::records::entry::{Hash, StoredEntry};
 pub enum StoreLocation {
     Embedded(PathBuf),
     Tikv(String),
+    /// The gateway service's base URL (`http://…`).
+    Gateway(String),
 }
 
 impl StoreLocation {
     /// Parses `tikv://pd1:2379,pd2:2379`, `embedded:/path/records.redb` or a plain path.
     pub fn parse(text: &str) -> Result<Self> {
+        if let Some(url) = text.strip_prefix("gateway+") {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(StoreError::Backend(format!(
+                    "store URL {text}: expected gateway+http://<host>:<port>"
+                )));
+            }
+            return Ok(Self::Gateway(url.to_owned()));
+        }
         if let Some(pd) = text.strip_prefix("tikv://") {
             if pd.trim().is_empty() {
                 return Err(StoreError::Backend(
@@ -43,6 +54,7 @@ pub enum AnyStore {
     Embedded(EmbeddedStore),
     #[cfg(feature = "tikv")]
     Tikv(super::tikv::TikvStore),
+    Gateway(super::remote::RemoteStore),
 }
 
 impl AnyStore {
@@ -56,7 +68,32 @@ impl AnyStore {
             StoreLocation::Tikv(_) => Err(StoreError::Backend(
                 "this build has no TiKV support (feature `tikv`)".into(),
             )),
+            StoreLocation::Gateway(url) => Self::through_gateway(url).map(Self::Gateway),
         }
+    }
+
+    /// A replay Job's view of its tenant's records: the grant the operator put in its
+    /// environment, the pod's projected token.
+    fn through_gateway(url: &str) -> Result<super::remote::RemoteStore> {
+        use super::remote::{Credential, DEFAULT_TOKEN_FILE, RemoteStore, TOKEN_FILE_ENV, TokenSource};
+        let env = crate::read_grant::READ_GRANT_ENV;
+        let grant = std::env::var(env).map_err(|_| {
+            StoreError::Backend(format!(
+                "reading records through the gateway needs a read grant in {env} (the operator sets it on replay Jobs)"
+            ))
+        })?;
+        let tenant = serde_json::from_str::<serde_json::Value>(&grant)
+            .ok()
+            .and_then(|g| g["grant"]["tenant_id"].as_str().map(str::to_owned))
+            .ok_or_else(|| StoreError::Backend(format!("{env} is not a signed read grant")))?;
+        let token = std::env::var(TOKEN_FILE_ENV).unwrap_or_else(|_| DEFAULT_TOKEN_FILE.to_owned());
+        RemoteStore::new(
+            url,
+            TokenSource::File(crate::run::pod::in_pod(std::path::Path::new(&token))),
+            Credential::Read(grant.into_bytes()),
+            &tenant,
+        )
+        .map_err(|e| StoreError::Backend(e.to_string()))
     }
 }
 
@@ -67,6 +104,7 @@ macro_rules! forward {
             AnyStore::Embedded($store) => $call.await,
             #[cfg(feature = "tikv")]
             AnyStore::Tikv($store) => $call.await,
+            AnyStore::Gateway($store) => $call.await,
         }
     };
 }
@@ -114,5 +152,10 @@ mod tests {
             StoreLocation::Embedded("rel/x.redb".into())
         );
         assert!(StoreLocation::parse("tikv://").is_err());
+        assert_eq!(
+            StoreLocation::parse("gateway+http://gw:8480").expect("ok"),
+            StoreLocation::Gateway("http://gw:8480".into())
+        );
+        assert!(StoreLocation::parse("gateway+ftp://gw").is_err());
     }
 }

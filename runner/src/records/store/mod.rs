@@ -8,6 +8,7 @@
 pub mod any;
 pub mod embedded;
 pub mod memory;
+pub mod remote;
 #[cfg(feature = "tikv")]
 pub mod tikv;
 

@@ -1,0 +1,398 @@
+//! A record store reached through the gateway service, for processes that may not touch the
+//! store themselves: a runner pod (its own run only, with its RunContext) and a replay Job (its
+//! tenant's runs, read-only but for its report, with an operator-signed ReadGrant). Both prove
+//! their pod identity with a projected service-account token; the service decides what each may
+//! see. Store URL: `gateway+http://<host>:<port>`.
+
+use std::{path::PathBuf, time::Duration};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use super::{AppendBatch, Checkpoint, RecordStore, RunFilter, RunSummary, SignedHead, StoreError, TenantId};
+use crate::records::{Hash, StoredEntry};
+
+/// Header carrying a runner's signed RunContext (base64 of its JSON).
+pub const RUN_CONTEXT_HEADER: &str = "x-contextos-run-context";
+/// Header carrying a replay Job's signed ReadGrant (base64 of its JSON).
+pub const READ_GRANT_HEADER: &str = "x-contextos-read-grant";
+/// Environment variable naming the projected token file (default: the runner pod's path).
+pub const TOKEN_FILE_ENV: &str = "CONTEXTOS_GATEWAY_TOKEN_FILE";
+/// Where pods find their projected token for the gateway's audience.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/contextos/gateway-token";
+/// Largest response read (a long run's chain); larger answers are refused.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// Attempts per request when the service cannot be reached (another replica may answer).
+const ATTEMPTS: u32 = 6;
+
+/// One sealed entry on the wire.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WireEntry {
+    pub seq: u64,
+    /// The entry's canonical bytes, base64.
+    pub bytes: String,
+}
+
+impl WireEntry {
+    pub fn of(entry: &StoredEntry) -> Self {
+        Self {
+            seq: entry.seq,
+            bytes: base64::engine::general_purpose::STANDARD.encode(&entry.bytes),
+        }
+    }
+
+    /// The stored entry (its hash recomputed from the bytes, never taken from the sender).
+    pub fn decode(&self) -> Result<StoredEntry, String> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.bytes)
+            .map_err(|e| format!("entry {}: not base64: {e}", self.seq))?;
+        Ok(StoredEntry::from_bytes(self.seq, bytes))
+    }
+}
+
+/// `POST /v1/run/append`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppendRequest {
+    /// Hex hash of the entry the batch extends; `None` for the first batch of a run.
+    pub expected_head: Option<String>,
+    pub entries: Vec<WireEntry>,
+}
+
+/// An error answer of the service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Problem {
+    pub error: String,
+    /// Machine-readable kind: `head_moved`, `token_budget`, `model_script`, `forbidden`,
+    /// `unauthenticated`, `bad_request`, `unavailable`, `not_found`.
+    pub code: String,
+}
+
+/// Where the pod's projected token is read from (re-read per request: the kubelet rotates it).
+#[derive(Clone, Debug)]
+pub enum TokenSource {
+    File(PathBuf),
+    Fixed(String),
+}
+
+impl TokenSource {
+    fn read(&self) -> Result<String, String> {
+        match self {
+            Self::Fixed(token) => Ok(token.clone()),
+            Self::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_owned())
+                .map_err(|e| format!("cannot read the pod's gateway token {}: {e}", path.display())),
+        }
+    }
+}
+
+/// What a caller presents besides its token.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// A runner: its signed RunContext (JSON); reads and writes its own run.
+    Run(Vec<u8>),
+    /// A replay Job: its signed ReadGrant (JSON); reads its tenant's runs.
+    Read(Vec<u8>),
+}
+
+impl Credential {
+    fn header(&self) -> (&'static str, String) {
+        let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        match self {
+            Self::Run(json) => (RUN_CONTEXT_HEADER, encode(json)),
+            Self::Read(json) => (READ_GRANT_HEADER, encode(json)),
+        }
+    }
+
+    fn prefix(&self) -> &'static str {
+        match self {
+            Self::Run(_) => "/v1/run",
+            Self::Read(_) => "/v1/records",
+        }
+    }
+}
+
+/// Why a request to the service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("the gateway service at {url} cannot be reached: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("the gateway service refused the request ({code}): {error}")]
+    Refused {
+        code: String,
+        error: String,
+        status: u16,
+    },
+    #[error("the gateway service sent an answer that cannot be read: {0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Token(String),
+}
+
+/// The record store behind the gateway service, for one caller.
+#[derive(Clone, Debug)]
+pub struct RemoteStore {
+    base: String,
+    http: reqwest::Client,
+    token: TokenSource,
+    credential: Credential,
+    header: (&'static str, String),
+    tenant: String,
+}
+
+impl RemoteStore {
+    /// A store at the service `base` (e.g. `http://contextos-gateway.contextos-system.svc:8480`)
+    /// for a caller of `tenant` presenting `credential`.
+    pub fn new(
+        base: &str,
+        token: TokenSource,
+        credential: Credential,
+        tenant: &str,
+    ) -> Result<Self, RemoteError> {
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(300))
+                .build()
+                .map_err(|e| RemoteError::Malformed(e.to_string()))?,
+            token,
+            header: credential.header(),
+            credential,
+            tenant: tenant.to_owned(),
+        })
+    }
+
+    /// The service's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// POSTs JSON to `path` (under the service root) and reads a JSON answer.
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, RemoteError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| RemoteError::Malformed(e.to_string()))?;
+        let answer = self.send(reqwest::Method::POST, path, Some(bytes)).await?;
+        serde_json::from_slice(&answer).map_err(|e| RemoteError::Malformed(format!("{path}: {e}")))
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, RemoteError> {
+        let answer = self.send(reqwest::Method::GET, path, None).await?;
+        serde_json::from_slice(&answer).map_err(|e| RemoteError::Malformed(format!("{path}: {e}")))
+    }
+
+    fn path(&self, rest: &str) -> String {
+        format!("{}{rest}", self.credential.prefix())
+    }
+
+    /// One request, retried while no replica answers; answers are read up to a bound.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, RemoteError> {
+        let url = format!("{}{path}", self.base);
+        let mut last = None;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
+            }
+            let token = self.token.read().map_err(RemoteError::Token)?;
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(token)
+                .header(self.header.0, &self.header.1);
+            if let Some(body) = &body {
+                request = request
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) => {
+                    last = Some(e.to_string());
+                    continue;
+                }
+            };
+            let status = response.status();
+            let bytes = match read_bounded(response).await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            if status.is_success() {
+                return Ok(bytes);
+            }
+            // A replica going away answers 502/503 through the Service; try another.
+            if matches!(status.as_u16(), 502..=504) {
+                last = Some(format!("HTTP {status}"));
+                continue;
+            }
+            let problem: Problem = serde_json::from_slice(&bytes).unwrap_or(Problem {
+                error: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
+                code: "unknown".into(),
+            });
+            return Err(RemoteError::Refused {
+                code: problem.code,
+                error: problem.error,
+                status: status.as_u16(),
+            });
+        }
+        Err(RemoteError::Unreachable {
+            url,
+            detail: last.unwrap_or_default(),
+        })
+    }
+
+    fn check_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        if tenant.as_str() == self.tenant {
+            Ok(())
+        } else {
+            Err(StoreError::Backend(format!(
+                "this caller acts for tenant {} only, not {tenant}",
+                self.tenant
+            )))
+        }
+    }
+}
+
+/// Reads a response body, refusing it once it passes [`MAX_RESPONSE_BYTES`].
+async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if out.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(format!("the answer is larger than {MAX_RESPONSE_BYTES} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn store_error(e: RemoteError, run_id: &str) -> StoreError {
+    match e {
+        RemoteError::Refused { code, error, .. } if code == "head_moved" => StoreError::HeadMoved {
+            run_id: run_id.to_owned(),
+            expected: "(this writer's head)".into(),
+            actual: error,
+        },
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+/// Query strings are built from ids the store already validated; escape anyway.
+fn q(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl RecordStore for RemoteStore {
+    async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<(), StoreError> {
+        self.check_tenant(tenant)?;
+        if matches!(self.credential, Credential::Read(_)) {
+            return Err(StoreError::Backend(
+                "a read grant does not allow writing records".into(),
+            ));
+        }
+        let request = AppendRequest {
+            expected_head: batch.expected_head.map(|h| h.to_hex()),
+            entries: batch.entries.iter().map(WireEntry::of).collect(),
+        };
+        self.post_json::<_, SignedHead>(&self.path("/append"), &request)
+            .await
+            .map(|_| ())
+            .map_err(|e| store_error(e, &batch.run_id))
+    }
+
+    async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>, StoreError> {
+        self.check_tenant(tenant)?;
+        self.get_json(&self.path(&format!("/head?run={}", q(run_id))))
+            .await
+            .map_err(|e| store_error(e, run_id))
+    }
+
+    async fn read_chain(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        self.check_tenant(tenant)?;
+        let wire: Vec<WireEntry> = self
+            .get_json(&self.path(&format!("/chain?run={}&from={from_seq}", q(run_id))))
+            .await
+            .map_err(|e| store_error(e, run_id))?;
+        wire.iter()
+            .map(|e| e.decode().map_err(StoreError::Backend))
+            .collect()
+    }
+
+    async fn list_runs(&self, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
+        self.check_tenant(tenant)?;
+        let mut query = Vec::new();
+        if let Some(agent) = &filter.agent {
+            query.push(format!("agent={}", q(agent)));
+        }
+        if let Some(session) = &filter.session_id {
+            query.push(format!("session={}", q(session)));
+        }
+        if let Some(since) = filter.since_ms {
+            query.push(format!("since_ms={since}"));
+        }
+        if let Some(until) = filter.until_ms {
+            query.push(format!("until_ms={until}"));
+        }
+        if let Some(limit) = filter.limit {
+            query.push(format!("limit={limit}"));
+        }
+        self.get_json(&self.path(&format!("/runs?{}", query.join("&"))))
+            .await
+            .map_err(|e| store_error(e, "-"))
+    }
+
+    async fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> Result<Hash, StoreError> {
+        self.check_tenant(tenant)?;
+        let answer = self
+            .send(reqwest::Method::POST, &self.path("/blobs"), Some(bytes))
+            .await
+            .map_err(|e| store_error(e, "-"))?;
+        let text: String = serde_json::from_slice(&answer).map_err(|e| StoreError::Backend(e.to_string()))?;
+        Hash::parse(&text).ok_or_else(|| StoreError::Backend(format!("{text:?} is not a blob hash")))
+    }
+
+    async fn get_blob(&self, tenant: &TenantId, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check_tenant(tenant)?;
+        match self
+            .send(reqwest::Method::GET, &self.path(&format!("/blobs/{hash}")), None)
+            .await
+        {
+            Ok(bytes) if Hash::of(&bytes) == *hash => Ok(Some(bytes)),
+            Ok(_) => Err(StoreError::Corrupt {
+                key: format!("blob {hash}"),
+                problem: "the gateway returned bytes with another hash".into(),
+            }),
+            Err(RemoteError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(store_error(e, "-")),
+        }
+    }
+
+    async fn latest_checkpoint(
+        &self,
+        tenant: &TenantId,
+        session_id: &str,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        self.check_tenant(tenant)?;
+        self.get_json(&self.path(&format!("/checkpoint?session={}", q(session_id))))
+            .await
+            .map_err(|e| store_error(e, "-"))
+    }
+}

@@ -107,7 +107,7 @@ async fn check_base(env: &'static TestEnv, install: &Install) -> Result<()> {
     Api::<ValidatingAdmissionPolicyBinding>::all(client)
         .get(APPROVALS_POLICY)
         .await?;
-    check_operator_rbac(env).await?;
+    check_rbac(env).await?;
 
     // A GitOps tool re-applies on every sync: that must succeed and change nothing.
     let first = install.resource_versions().await?;
@@ -136,9 +136,21 @@ async fn check_base(env: &'static TestEnv, install: &Install) -> Result<()> {
     check_tikv_overlay(env).await
 }
 
-/// The operator's account may do what its controllers need and nothing broader.
-async fn check_operator_rbac(env: &TestEnv) -> Result<()> {
+/// The operator's and the gateway's accounts may do what they need and nothing broader.
+async fn check_rbac(env: &TestEnv) -> Result<()> {
     let operator = format!("system:serviceaccount:{SYSTEM_NAMESPACE}:contextos-operator");
+    let gateway = format!("system:serviceaccount:{SYSTEM_NAMESPACE}:contextos-gateway");
+    let gateway_expectations: &[(&[&str], bool)] = &[
+        (&["create", "tokenreviews.authentication.k8s.io"], true),
+        (&["get", "secrets", "-n", "default"], true),
+        (&["list", "secrets", "-A"], false),
+        (&["create", "secrets", "-n", "default"], false),
+        (&["create", "secrets", "-n", SYSTEM_NAMESPACE], true),
+        (&["get", "sessions.contextos.dev", "-n", "default"], true),
+        (&["patch", "sessions.contextos.dev", "-A"], false),
+        (&["create", "pods", "-A"], false),
+    ];
+    check_can_i(env, &gateway, gateway_expectations).await?;
     let expectations: &[(&[&str], bool)] = &[
         (
             &["patch", "sessions.contextos.dev", "--subresource=status", "-A"],
@@ -155,15 +167,23 @@ async fn check_operator_rbac(env: &TestEnv) -> Result<()> {
         (&["delete", "sessions.contextos.dev", "-A"], false),
         (&["update", "agents.contextos.dev", "-A"], false),
         (&["get", "nodes"], false),
+        // Tenants' Secrets are the gateway's to read, never the operator's.
+        (&["get", "secrets", "-n", "default"], false),
+        (&["create", "secrets", "-n", SYSTEM_NAMESPACE], true),
     ];
+    check_can_i(env, &operator, expectations).await
+}
+
+/// Asks the API server, as `account`, about each request and compares with what is expected.
+async fn check_can_i(env: &TestEnv, account: &str, expectations: &[(&[&str], bool)]) -> Result<()> {
     for (request, allowed) in expectations {
-        let mut args = vec!["auth", "can-i", "--as", operator.as_str()];
+        let mut args = vec!["auth", "can-i", "--as", account];
         args.extend_from_slice(request);
         let answer = run(env, &args).await?;
         let yes = String::from_utf8_lossy(&answer.stdout).trim() == "yes";
         ensure!(
             yes == *allowed,
-            "the operator {} `{}` (kubectl {}: {})",
+            "{account} {} `{}` (kubectl {}: {})",
             if yes { "may" } else { "may not" },
             request.join(" "),
             args.join(" "),
@@ -173,8 +193,8 @@ async fn check_operator_rbac(env: &TestEnv) -> Result<()> {
     Ok(())
 }
 
-/// The TiKV overlay renders: the gateway points at the PD Service it deploys, no claim is left,
-/// and it keeps every other object of the base.
+/// The TiKV overlay renders: two gateway replicas point at the PD Service it deploys, no claim
+/// is left, it keeps every other object of the base, and only the gateway's pods reach PD/TiKV.
 async fn check_tikv_overlay(env: &TestEnv) -> Result<()> {
     let overlay = render(env, &repo_root().join("manifests/overlays/tikv")).await?;
     let base = render(env, &repo_root().join("manifests")).await?;
@@ -221,6 +241,27 @@ async fn check_tikv_overlay(env: &TestEnv) -> Result<()> {
         volumes.iter().all(|v| v.get("persistentVolumeClaim").is_none()),
         "the gateway still mounts a claim: {volumes:?}"
     );
+    ensure!(
+        gateway["spec"]["replicas"] == json!(2),
+        "the TiKV overlay runs two gateway replicas"
+    );
+    let store_policy = overlay
+        .iter()
+        .find(|o| key(o) == "NetworkPolicy contextos-records/records-clients-only")
+        .context("the TiKV overlay has no NetworkPolicy for the store")?;
+    let peers = store_policy["spec"]["ingress"][0]["from"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for peer in peers.iter().filter(|p| p.get("namespaceSelector").is_some()) {
+        ensure!(
+            peer["namespaceSelector"]["matchLabels"]
+                == json!({"kubernetes.io/metadata.name": SYSTEM_NAMESPACE})
+                && peer["podSelector"]["matchLabels"]
+                    == json!({"app.kubernetes.io/name": "contextos-gateway"}),
+            "the store admits more than the gateway's pods: {peer}"
+        );
+    }
     Ok(())
 }
 

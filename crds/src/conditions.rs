@@ -24,6 +24,10 @@ pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// A CEL condition or validator does not compile.
     pub const INVALID_EXPRESSION: &str = "InvalidExpression";
+    /// A tool would execute code (a stdio MCP server) that the SandboxProfile does not allow.
+    pub const EXECUTION_NOT_ALLOWED: &str = "ExecutionNotAllowed";
+    /// A tool needs a capability sandbox (a stdio MCP server) and the cluster runs none yet.
+    pub const CAPABILITY_SANDBOX_UNAVAILABLE: &str = "CapabilitySandboxUnavailable";
     /// A Session override would loosen the Agent's budget or safety mode.
     pub const OVERRIDE_LOOSENS: &str = "OverrideLoosens";
     /// A revision was promoted.

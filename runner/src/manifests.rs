@@ -229,6 +229,11 @@ impl ManifestSet {
             sandbox_name,
         )?;
         let sandbox_spec: contextos_crds::SandboxProfileSpec = sandbox.spec()?;
+        if let Some(problem) =
+            crate::run::execution::execution_refused(&agent_spec.tools, &sandbox_spec.execution, sandbox_name)
+        {
+            return Err(agent.error("spec.tools", problem));
+        }
         let model_script = match (&agent_spec.model.provider, &agent_spec.model.script_ref) {
             (ModelProvider::Scripted, Some(key)) => {
                 Some(self.config_map_key(agent, "spec.model.scriptRef", key)?)

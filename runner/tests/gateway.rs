@@ -786,6 +786,7 @@ fn mcp_gateway(key: &KeyPair, http_url: &str, stdio_server: &str) -> ToolGateway
 - {{name: restart_deployment, risk: destructive, kind: act, adapter: {{mcp: {{url: "{http_url}", tool: restart}}}}}}
 - {{name: search_runbooks, risk: read_only, kind: observe, adapter: {{mcp: {{command: ["{stdio_server}"], tool: service_status}}}}}}
 - {{name: delete_namespace, risk: destructive, kind: act, adapter: {{mcp: {{command: ["{stdio_server}"], tool: fail}}}}}}
+- {{name: read_ticket, risk: read_only, kind: observe, adapter: {{mcp: {{command: ["{stdio_server}"], tool: environment}}}}}}
 "#
     ))
     .expect("tools");
@@ -892,6 +893,17 @@ async fn mcp_tools_run_over_streamable_http_and_stdio() {
                 .as_deref()
                 .is_some_and(|e| e.contains("deployment not found")),
         "{failed:?}"
+    );
+    // A stdio server starts with a clean environment: nothing of the gateway's process.
+    let environment = gateway
+        .handle(&h.envelope("m5", "read_ticket", json!({})), &mut rec, &state)
+        .await
+        .expect("handled");
+    let environment = executed(&environment).clone();
+    assert_eq!(
+        environment.output["variables"],
+        json!(["PATH"]),
+        "{environment:?}"
     );
     h.entries().await;
 }

@@ -251,6 +251,28 @@ async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()
             .is_empty(),
         "no runner pod for a Session whose agent is not Ready"
     );
+    // An Agent whose tool would start code from a command: no profile allows it, and nothing
+    // in the cluster would run it outside the gateway's or the runner's reach.
+    let mut stdio = objects(op)?
+        .into_iter()
+        .find(|o| o["kind"] == "Agent")
+        .context("the quickstart's Agent")?;
+    stdio["metadata"]["name"] = json!("stdio-agent");
+    stdio["spec"]["tools"][1]["adapter"] = json!({"mcp": {"command": ["/bin/sh", "-c", "env"]}});
+    apply(&client, ns.name(), &stdio).await?;
+    wait_for_object(
+        &agents,
+        "stdio-agent",
+        "Ready=False for a command-started tool",
+        TIMEOUT,
+        |a: &Agent| {
+            let text = condition(&a.status.clone().unwrap_or_default().conditions, "Ready");
+            Check::when(text.contains("spec.tools[1] (get_service_status)"), || {
+                text.clone()
+            })
+        },
+    )
+    .await?;
     ns.pass();
     Ok(())
 }

@@ -9,7 +9,13 @@ use contextos_crds::{
     Agent, AgentSpec, ContextPack, Policy, SandboxProfile,
     conditions::{self, reason},
 };
-use contextos_runner::{gateway::CatalogTool, run::validate};
+use contextos_runner::{
+    gateway::CatalogTool,
+    run::{
+        execution::{executes_code, execution_refused},
+        validate,
+    },
+};
 use kube::{Api, ResourceExt as _, runtime::controller::Action};
 use serde_json::json;
 
@@ -27,8 +33,9 @@ pub struct Resolved {
 pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile("Agent");
     let namespace = agent.namespace().unwrap_or_default();
-    let outcome = match resolve(&ctx, &namespace, &agent.spec).await? {
-        Ok(resolved) => check_spec(&agent.name_any(), &agent.spec).map(|()| resolved),
+    // What is wrong in the spec itself is reported before anything it references.
+    let outcome = match check_spec(&agent.name_any(), &agent.spec) {
+        Ok(()) => resolve(&ctx, &namespace, &agent.spec).await?,
         Err(invalid) => Err(invalid),
     };
     let (ready, resolved) = match &outcome {
@@ -127,14 +134,29 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
             &sandbox_conditions,
         )));
     }
+    if let Some(problem) = execution_refused(&spec.tools, &sandbox.spec.execution, sandbox_name) {
+        return Ok(Err(Invalid::new(reason::EXECUTION_NOT_ALLOWED, problem)));
+    }
     Ok(Ok(Resolved {
         context_pack_digest: pack_status.revisions.and_then(|r| r.promoted),
         policy_digests,
     }))
 }
 
-/// Tool schemas and output validators must compile (pure).
+/// Tool schemas and output validators must compile, and no tool may need a capability sandbox
+/// (pure).
 pub fn check_spec(agent: &str, spec: &AgentSpec) -> Result<(), Invalid> {
+    // Code-executing tools run in capability sandboxes, which this operator does not create
+    // yet; running them anywhere else (the gateway, the runner) would hand them credentials.
+    if let Some((i, tool)) = spec.tools.iter().enumerate().find(|(_, t)| executes_code(t)) {
+        return Err(Invalid::new(
+            reason::CAPABILITY_SANDBOX_UNAVAILABLE,
+            format!(
+                "spec.tools[{i}] ({}): MCP servers started from a command (adapter.mcp.command) need a capability sandbox, which this cluster does not run yet; serve the MCP server over streamable HTTP (adapter.mcp.url) instead",
+                tool.name
+            ),
+        ));
+    }
     for (i, tool) in spec.tools.iter().enumerate() {
         CatalogTool::new(tool.clone())
             .map_err(|e| Invalid::new(reason::INVALID_SPEC, format!("spec.tools[{i}].inputSchema: {e}")))?;

@@ -653,6 +653,19 @@ where
                 "the pinned bundle is for another tenant, Session or Agent",
             ));
         }
+        // A command-started MCP server would run inside this service, next to every tenant's
+        // credentials: never. (Such tools need a capability sandbox; the operator refuses them.)
+        if let Some(tool) = bundle
+            .agent_spec
+            .tools
+            .iter()
+            .find(|t| crate::run::execution::executes_code(t))
+        {
+            return Err(forbidden(format!(
+                "tool {} starts an MCP server from a command; the gateway service runs no code an Agent names",
+                tool.name
+            )));
+        }
         let secrets = self.secrets_of(caller, &bundle).await?;
         let gateway = bundle
             .gateway_bundle(secrets.clone())

@@ -8,6 +8,7 @@ mod calls;
 pub mod checkpoint;
 pub mod critic;
 pub mod engine;
+pub mod execution;
 pub mod pod;
 pub mod replay;
 pub mod state;

@@ -91,6 +91,14 @@ impl ServerHandler for OpsTools {
                     answer
                 }
             }
+            // What a hostile capability would look for: the names of its environment variables.
+            "environment" => {
+                let mut names: Vec<String> = std::env::vars_os()
+                    .map(|(k, _)| k.to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                json!({"variables": names})
+            }
             "fail" => {
                 let mut result = CallToolResult::success(vec![ContentBlock::text("deployment not found")]);
                 result.is_error = Some(true);

@@ -61,7 +61,16 @@ impl McpClients {
                     return Err(AdapterError::Protocol("adapter.mcp.command is empty".into()));
                 };
                 let mut cmd = tokio::process::Command::new(program);
-                cmd.args(args);
+                // A clean environment: the server gets nothing of this process's (credentials,
+                // store addresses, tokens), only a search path; its stderr goes nowhere near the
+                // caller's output.
+                cmd.args(args)
+                    .env_clear()
+                    .env(
+                        "PATH",
+                        std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+                    )
+                    .stderr(std::process::Stdio::null());
                 let transport = TokioChildProcess::new(cmd)
                     .map_err(|e| unreachable(format!("cannot start {program}: {e}")))?;
                 ().serve(transport).await

@@ -42,6 +42,8 @@ struct Rig {
     operator: KeyPair,
     keys: TenantKeys,
     url: String,
+    /// A second replica of the service, over the same store.
+    replica: String,
     tools: OpsTools,
     bundle: RunBundle,
 }
@@ -82,35 +84,41 @@ async fn rig() -> Rig {
         );
     let operator = KeyPair::from_seed([11; 32]);
     let keys = TenantKeys::new(&KeyPair::from_seed([12; 32]));
-    let service = GatewayService::new(
-        store.clone(),
-        tokens,
-        tenants.clone(),
-        keys.clone(),
-        operator.public(),
-    )
-    .with_endpoint_overrides(vec![
-        (
-            "http://ops-tools.shop-platform.svc:8080".into(),
-            tools.url.clone(),
-        ),
-        (
-            "http://ops-tools.shop-platform.svc:8081".into(),
-            tools.url.clone(),
-        ),
-    ]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let router = Arc::new(service).router();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    // Two replicas of the service over one store, as in a cluster.
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let service = GatewayService::new(
+            store.clone(),
+            tokens.clone(),
+            tenants.clone(),
+            keys.clone(),
+            operator.public(),
+        )
+        .with_endpoint_overrides(vec![
+            (
+                "http://ops-tools.shop-platform.svc:8080".into(),
+                tools.url.clone(),
+            ),
+            (
+                "http://ops-tools.shop-platform.svc:8081".into(),
+                tools.url.clone(),
+            ),
+        ]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        urls.push(format!("http://{}", listener.local_addr().expect("addr")));
+        let router = Arc::new(service).router();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+    }
+    let replica = urls.pop().expect("second replica");
     Rig {
         store,
         tenants,
         operator,
         keys,
-        url,
+        url: urls.pop().expect("first replica"),
+        replica,
         tools,
         bundle,
     }
@@ -485,4 +493,87 @@ async fn only_a_replay_jobs_own_pods_read_the_tenants_records_with_its_grant() {
     let forged = reader("token-run-1", grant("shop", &transit()));
     assert!(forged.list_runs(&rig.tenant(), &filter).await.is_err());
     assert!(runner.put_blob(&rig.tenant(), b"x".to_vec()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_budgets_and_results_through_the_record() {
+    let rig = rig().await;
+    let mut bundle = rig.bundle.clone();
+    bundle.agent_spec.budget.max_tool_calls = 3;
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let first = rig.client("token-run-1", &context);
+    let second =
+        GatewayClient::new(&rig.replica, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
+    // The runner starts the run through the first replica.
+    let tenant = rig.tenant();
+    let blob = first
+        .records()
+        .put_blob(&tenant, bundle.canonical_bytes())
+        .await
+        .expect("bundle");
+    let start = contextos_runner::records::RunStart {
+        run_id: RUN.into(),
+        session_id: bundle.session.clone(),
+        agent: bundle.agent.clone(),
+        run_context: serde_json::to_value(&context).expect("json"),
+        pinned: bundle.pinned(),
+        bundle: Some(blob),
+    };
+    Recorder::start(first.records(), tenant.clone(), transit(), start)
+        .await
+        .expect("started");
+    let status = |i: usize| contextos_runner::gateway::envelope::CallEnvelope {
+        call_id: format!("{i}.0"),
+        tool: "post_status_update".into(),
+        arguments: serde_json::json!({"channel": "#incidents", "severity": "sev2", "text": format!("update {i}")}),
+        risk: contextos_crds::common::ToolRisk::Network,
+        kind: contextos_crds::common::ToolKind::Act,
+        idempotency_key: format!("status-{i}"),
+        traceparent: format!("00-{TRACE}-000000000000000{i}-01"),
+        run_context: context.clone(),
+        approval: None,
+    };
+    let mut outcomes = Vec::new();
+    for i in 1..=5 {
+        // Alternate replicas; call 1 is sent again to the other replica (a retried request).
+        let client = if i % 2 == 0 { &second } else { &first };
+        outcomes.push(
+            client
+                .call(&status(i), &Default::default())
+                .await
+                .expect("answered"),
+        );
+        if i == 1 {
+            let again = second
+                .call(&status(1), &Default::default())
+                .await
+                .expect("answered");
+            assert!(matches!(again, CallOutcome::Executed(ref r) if r.ok), "{again:?}");
+        }
+    }
+    // Calls 1–3 act (the resent call 1 is not a new call), 4 and 5 are over the budget.
+    let fates: Vec<&str> = outcomes
+        .iter()
+        .map(|o| match o {
+            CallOutcome::Executed(_) => "executed",
+            CallOutcome::Denied { rule, .. } if rule == "run/budget.maxToolCalls" => "over budget",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        fates,
+        ["executed", "executed", "executed", "over budget", "over budget"],
+        "{outcomes:?}"
+    );
+    let posts = rig
+        .tools
+        .effect_keys()
+        .into_iter()
+        .filter(|(p, _)| p == "/hooks/status")
+        .count();
+    assert_eq!(posts, 3, "the resent call acted once");
+    let shop_key = rig.keys.for_tenant("shop").public();
+    verify_run(&*rig.store, &tenant, RUN, &shop_key)
+        .await
+        .expect("one chain, both replicas' entries");
 }

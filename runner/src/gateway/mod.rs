@@ -10,6 +10,7 @@ pub mod envelope;
 pub mod identity;
 pub mod reliability;
 pub mod remote;
+pub mod run_log;
 pub mod service;
 pub mod tenancy;
 
@@ -224,7 +225,7 @@ impl ToolGateway {
     /// Restores what a previous gateway process learned about a run from its record: results by
     /// idempotency key (so a call resubmitted after a crash answers from the first execution
     /// instead of acting twice), used approvals, and the budget counters.
-    pub fn restore(&self, entries: &[crate::records::RecordEntry]) {
+    pub fn restore<'e>(&self, entries: impl IntoIterator<Item = &'e crate::records::RecordEntry>) {
         let mut keys: HashMap<&str, (&str, &str, ToolRisk)> = HashMap::new();
         for entry in entries {
             match &entry.body {
@@ -236,6 +237,11 @@ impl ToolGateway {
                     let Some((key, tool, risk)) = keys.get(result.call_id.as_str()).copied() else {
                         continue;
                     };
+                    // A call answered again from its first result (resent after a crash or to
+                    // another replica) is one call, counted once.
+                    if self.completed_result(key).is_some() {
+                        continue;
+                    }
                     self.count(&entry.run_id, tool, risk);
                     if result.ok
                         && let Ok(mut completed) = self.completed.lock()

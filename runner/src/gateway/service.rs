@@ -31,14 +31,15 @@ use super::{
     ToolGateway,
     identity::{AuthError, Authenticator, PodIdentity},
     remote::{CallRequest, ModelCall},
+    run_log::RunLog,
     tenancy::TenantView,
 };
 use crate::{
     keys::{PublicKey, TenantKeys},
-    model::{Model, ModelError, ModelTurn},
+    model::{Model, ModelError},
     read_grant::SignedReadGrant,
     records::{
-        EntryBody, Hash, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId, read_run,
+        EntryBody, Hash, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId,
         recorder::now_ms,
         store::remote::{AppendRequest, Problem, READ_GRANT_HEADER, RUN_CONTEXT_HEADER, WireEntry},
     },
@@ -79,8 +80,9 @@ struct RunSlot {
     bundle: RunBundle,
     gateway: ToolGateway,
     model: Model,
-    /// Requests of one run are handled one at a time in a replica (a run is sequential).
-    turn: tokio::sync::Mutex<()>,
+    /// What this replica has read of the run's record. Requests of one run are handled one at
+    /// a time in a replica (a run is sequential), holding this lock.
+    log: tokio::sync::Mutex<RunLog>,
 }
 
 /// A verified caller: a runner pod and the RunContext issued to it.
@@ -293,37 +295,42 @@ where
             }
             service.check_runner_body(&caller, entry).await?;
         }
-        let key = service.keys.for_tenant(caller.tenant.as_str());
         let expected = match &request.expected_head {
             None => None,
             Some(text) => Some(Hash::parse(text).ok_or_else(|| bad("expected_head is not a hash"))?),
         };
-        let mut recorder = match expected {
+        let slot = service.slot(&caller).await?;
+        let mut log = slot.log.lock().await;
+        log.refresh(&service.store, &caller.tenant, caller.run_id(), &slot.gateway)
+            .await
+            .map_err(unavailable)?;
+        if log.head().map(|(_, h)| h) != expected {
+            return Err(head_moved(caller.run_id()));
+        }
+        let key = service.keys.for_tenant(caller.tenant.as_str());
+        let mut recorder = match log.recorder(&service.store, &caller.tenant, key.clone()) {
+            Some(recorder) => recorder,
             None => {
                 let first = decoded.first().ok_or_else(|| bad("the batch is empty"))?;
                 Recorder::for_new_run(&service.store, caller.tenant.clone(), key, first)
                     .map_err(|e| bad(e.to_string()))?
             }
-            Some(expected) => {
-                let recorder = Recorder::resume(&service.store, caller.tenant.clone(), key, caller.run_id())
-                    .await
-                    .map_err(unavailable)?;
-                if recorder.head().map(|(_, h)| h) != Some(expected) {
-                    return Err(head_moved(caller.run_id()));
-                }
-                recorder
-            }
         };
-        match recorder.append_chained(entries).await {
-            Ok(head) => Ok(Json(head).into_response()),
+        let head = match recorder.append_chained(entries).await {
+            Ok(head) => head,
             Err(crate::records::RecordError::Store(crate::records::StoreError::HeadMoved { .. })) => {
-                Err(head_moved(caller.run_id()))
+                return Err(head_moved(caller.run_id()));
             }
             Err(crate::records::RecordError::Store(e @ crate::records::StoreError::BadBatch { .. })) => {
-                Err(bad(e.to_string()))
+                return Err(bad(e.to_string()));
             }
-            Err(e) => Err(unavailable(e)),
-        }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let appended = recorder.appended();
+        log.after_write(&service.store, &caller.tenant, caller.run_id(), appended)
+            .await
+            .map_err(unavailable)?;
+        Ok(Json(head).into_response())
     }
 
     /// Which entries a runner may write: only what the runner alone can know. A run's start must
@@ -677,7 +684,7 @@ where
             bundle,
             gateway,
             model,
-            turn: tokio::sync::Mutex::new(()),
+            log: tokio::sync::Mutex::new(RunLog::default()),
         })
     }
 
@@ -736,22 +743,16 @@ where
         slot: &RunSlot,
         request: CallRequest,
     ) -> Result<super::CallOutcome, Refusal> {
-        let _turn = slot.turn.lock().await;
-        let key = self.keys.for_tenant(caller.tenant.as_str());
-        let entries: Vec<RecordEntry> = read_run(&self.store, &caller.tenant, caller.run_id())
-            .await
-            .map_err(unavailable)?
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect();
+        let mut log = slot.log.lock().await;
         // What the record says wins over what this replica remembers: another replica (or this
         // one before a restart) may have handled calls of this run.
-        slot.gateway.forget_run(caller.run_id());
-        slot.gateway.restore(&entries);
-        let ledger = Ledger::of(&entries);
-        let mut recorder = Recorder::resume(&self.store, caller.tenant.clone(), key, caller.run_id())
+        log.refresh(&self.store, &caller.tenant, caller.run_id(), &slot.gateway)
             .await
             .map_err(unavailable)?;
+        let key = self.keys.for_tenant(caller.tenant.as_str());
+        let mut recorder = log
+            .recorder(&self.store, &caller.tenant, key)
+            .ok_or_else(|| bad("the run has not started; its runner writes run_started first"))?;
         let outcome =
             if slot.gateway.calls_made(caller.run_id()) >= caller.context.context.budget.max_tool_calls {
                 slot.gateway
@@ -759,14 +760,18 @@ where
                     .await
             } else {
                 let progress = super::RunProgress {
-                    steps: ledger.steps,
-                    tokens: ledger.tokens,
+                    steps: log.ledger.steps,
+                    tokens: log.ledger.tokens,
                     input: crate::run::input_value(&slot.bundle.session_spec),
                 };
                 slot.gateway
                     .handle_in_run(&request.envelope, &mut recorder, &request.state, &progress)
                     .await
             };
+        let appended = recorder.appended();
+        log.after_write(&self.store, &caller.tenant, caller.run_id(), appended)
+            .await
+            .map_err(unavailable)?;
         outcome.map_err(unavailable)
     }
 
@@ -795,14 +800,11 @@ where
         let caller = service.caller(&headers).await?;
         let request: ModelCall = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
         let slot = service.slot(&caller).await?;
-        let _turn = slot.turn.lock().await;
-        let entries: Vec<RecordEntry> = read_run(&service.store, &caller.tenant, caller.run_id())
+        let mut log = slot.log.lock().await;
+        log.refresh(&service.store, &caller.tenant, caller.run_id(), &slot.gateway)
             .await
-            .map_err(unavailable)?
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect();
-        let ledger = Ledger::of(&entries);
+            .map_err(unavailable)?;
+        let ledger = &log.ledger;
         // A turn already recorded for this step (the runner crashed before reading the answer)
         // is answered from the record: the model is never asked twice for one step.
         if let Some(turn) = ledger.turns.get(&request.step) {
@@ -850,9 +852,9 @@ where
                 other => Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", other.to_string()),
             })?;
         let key = service.keys.for_tenant(caller.tenant.as_str());
-        let mut recorder = Recorder::resume(&service.store, caller.tenant.clone(), key, caller.run_id())
-            .await
-            .map_err(unavailable)?;
+        let mut recorder = log
+            .recorder(&service.store, &caller.tenant, key)
+            .ok_or_else(|| bad("the run has not started; its runner writes run_started first"))?;
         recorder.stage(EntryBody::ModelTurn {
             step: request.step,
             model: model_request.model.clone(),
@@ -861,6 +863,10 @@ where
             completion_tokens: turn.completion_tokens,
         });
         recorder.flush().await.map_err(unavailable)?;
+        let appended = recorder.appended();
+        log.after_write(&service.store, &caller.tenant, caller.run_id(), appended)
+            .await
+            .map_err(unavailable)?;
         Ok(Json(turn).into_response())
     }
 }
@@ -871,42 +877,4 @@ fn head_moved(run_id: &str) -> Refusal {
         "head_moved",
         format!("run {run_id}: the chain moved on; re-read the head and chain again"),
     )
-}
-
-/// What the record says a run has used: model steps and tokens (counted from the model turns
-/// the gateway itself recorded), and each step's turn.
-struct Ledger {
-    steps: u32,
-    tokens: u64,
-    turns: HashMap<u32, ModelTurn>,
-}
-
-impl Ledger {
-    fn of(entries: &[RecordEntry]) -> Self {
-        let mut ledger = Self {
-            steps: 0,
-            tokens: 0,
-            turns: HashMap::new(),
-        };
-        for entry in entries {
-            if let EntryBody::ModelTurn {
-                step,
-                response,
-                prompt_tokens,
-                completion_tokens,
-                ..
-            } = &entry.body
-            {
-                ledger.steps = ledger.steps.max(*step);
-                ledger.tokens = ledger
-                    .tokens
-                    .saturating_add(*prompt_tokens)
-                    .saturating_add(*completion_tokens);
-                if let Ok(turn) = serde_json::from_value(response.clone()) {
-                    ledger.turns.insert(*step, turn);
-                }
-            }
-        }
-        ledger
-    }
 }

@@ -10,7 +10,7 @@ pub mod timeline;
 pub mod verify;
 
 pub use entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry};
-pub use read::{ReadError, read_run};
+pub use read::{ReadError, read_run, read_run_from};
 pub use recorder::{RecordError, Recorder, RunStart};
 pub use store::{
     RecordStore, RunFilter, RunSummary, SignedHead, StoreError, TenantId,

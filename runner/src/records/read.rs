@@ -29,13 +29,24 @@ pub async fn read_run<S: RecordStore>(
     tenant: &TenantId,
     run_id: &str,
 ) -> Result<Vec<(Hash, RecordEntry)>, ReadError> {
-    let chain = store.read_chain(tenant, run_id, 0).await?;
-    if chain.is_empty() {
+    let entries = read_run_from(store, tenant, run_id, 0).await?;
+    if entries.is_empty() {
         return Err(ReadError::NotFound {
             tenant: tenant.to_string(),
             run_id: run_id.to_owned(),
         });
     }
+    Ok(entries)
+}
+
+/// The entries of `run_id` from `from_seq` on (none if there are none yet), blobs resolved.
+pub async fn read_run_from<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    run_id: &str,
+    from_seq: u64,
+) -> Result<Vec<(Hash, RecordEntry)>, ReadError> {
+    let chain = store.read_chain(tenant, run_id, from_seq).await?;
     let unreadable = |seq: u64, problem: String| ReadError::Unreadable {
         run_id: run_id.to_owned(),
         seq,

@@ -68,6 +68,8 @@ pub struct Recorder<'s, S> {
     sign_heads: bool,
     /// Copies of staged bodies, kept when asked for (a replay reads its decisions from them).
     tap: Option<Vec<EntryBody>>,
+    /// Entries this recorder appended (its own, not other writers').
+    appended: u64,
 }
 
 /// A body waiting to be chained: encoded once, at staging time.
@@ -145,6 +147,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             clock,
             sign_heads: true,
             tap: None,
+            appended: 0,
         };
         recorder.stage(EntryBody::RunStarted {
             session_id: start.session_id,
@@ -195,7 +198,32 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             clock: now_ms,
             sign_heads: true,
             tap: None,
+            appended: 0,
         })
+    }
+
+    /// Continues a run whose summary and head the caller already knows (it read them before,
+    /// see [`fold_into_summary`]): no read of the chain. An append that finds the head moved is
+    /// re-chained as usual.
+    pub fn at(store: &'s S, tenant: TenantId, key: KeyPair, summary: RunSummary, head: (u64, Hash)) -> Self {
+        Self {
+            store,
+            tenant,
+            key,
+            summary,
+            head: Some(head),
+            staged: Vec::new(),
+            blob_threshold: DEFAULT_BLOB_THRESHOLD,
+            clock: now_ms,
+            sign_heads: true,
+            tap: None,
+            appended: 0,
+        }
+    }
+
+    /// How many entries this recorder appended so far.
+    pub fn appended(&self) -> u64 {
+        self.appended
     }
 
     /// Continues an existing run (after a restart), reading its head and first entry.
@@ -252,6 +280,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             clock: now_ms,
             sign_heads: true,
             tap: None,
+            appended: 0,
         })
     }
 
@@ -328,6 +357,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             match self.store.append(&self.tenant, batch).await {
                 Ok(()) => {
                     self.advance(&head);
+                    self.appended += bodies.len() as u64;
                     return Ok(head);
                 }
                 Err(StoreError::HeadMoved { .. }) => {
@@ -338,6 +368,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                     if appended == written
                         && let Some(stored) = self.store.head(&self.tenant, &self.summary.run_id).await?
                     {
+                        self.appended += bodies.len() as u64;
                         return Ok(stored);
                     }
                     // Writers that collided would collide again in lockstep; a random pause
@@ -457,9 +488,11 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             summary: summary.clone(),
             checkpoint,
         };
+        let count = batch.entries.len() as u64;
         self.store.append(&self.tenant, batch).await?;
         self.summary = summary;
         self.advance(&head);
+        self.appended += count;
         Ok(head)
     }
 
@@ -539,6 +572,30 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             summary,
             checkpoint,
         }
+    }
+}
+
+/// Folds one entry into a run's summary (what a reader that follows a chain keeps, to continue
+/// it with [`Recorder::at`]). The first entry (`run_started`) starts the summary.
+pub fn fold_into_summary(summary: &mut Option<RunSummary>, hash: Hash, entry: &RecordEntry) {
+    if let EntryBody::RunStarted {
+        session_id, agent, ..
+    } = &entry.body
+    {
+        *summary = Some(RunSummary {
+            run_id: entry.run_id.clone(),
+            session_id: session_id.clone(),
+            agent: agent.clone(),
+            started_at_ms: entry.at_ms,
+            outcome: "running".into(),
+            entries: 0,
+            head: hash,
+        });
+    }
+    if let Some(summary) = summary {
+        SummaryEffect::of(&entry.body).apply(summary);
+        summary.entries = entry.seq + 1;
+        summary.head = hash;
     }
 }
 

@@ -1,0 +1,152 @@
+//! What the gateway service knows of one run's record, kept in step with the store by reading
+//! only what was appended since it last looked: the chain's head and summary (to append without
+//! reading the chain), the model ledger (steps and tokens the run has used), and whether the
+//! run's Tool Gateway remembers exactly what the record says (results, used approvals, budget
+//! counters). Another replica, or the runner, may append between two requests; their entries are
+//! read and folded in. Anything unexpected (a tail that does not link up) starts over from the
+//! whole chain.
+
+use std::collections::HashMap;
+
+use super::ToolGateway;
+use crate::{
+    keys::KeyPair,
+    model::ModelTurn,
+    records::{
+        EntryBody, Hash, ReadError, RecordEntry, RecordStore, Recorder, TenantId, read_run_from,
+        recorder::fold_into_summary, store::RunSummary,
+    },
+};
+
+/// What the record says a run has used: model steps and tokens (counted from the model turns
+/// the gateway itself recorded), and the turn of the latest step.
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    pub steps: u32,
+    pub tokens: u64,
+    pub turns: HashMap<u32, ModelTurn>,
+}
+
+impl Ledger {
+    fn fold(&mut self, entry: &RecordEntry) {
+        if let EntryBody::ModelTurn {
+            step,
+            response,
+            prompt_tokens,
+            completion_tokens,
+            ..
+        } = &entry.body
+        {
+            self.steps = self.steps.max(*step);
+            self.tokens = self
+                .tokens
+                .saturating_add(*prompt_tokens)
+                .saturating_add(*completion_tokens);
+            if let Ok(turn) = serde_json::from_value(response.clone()) {
+                self.turns.insert(*step, turn);
+            }
+        }
+    }
+}
+
+/// One run's record as far as this replica has read it.
+#[derive(Debug, Default)]
+pub struct RunLog {
+    summary: Option<RunSummary>,
+    head: Option<(u64, Hash)>,
+    pub ledger: Ledger,
+    /// Whether the run's gateway has folded in every entry up to `head`.
+    gateway_in_step: bool,
+}
+
+impl RunLog {
+    /// The chain's head as last read.
+    pub fn head(&self) -> Option<(u64, Hash)> {
+        self.head
+    }
+
+    /// Reads what was appended since the last look and folds it into the summary, the ledger
+    /// and `gateway`.
+    pub async fn refresh<S: RecordStore>(
+        &mut self,
+        store: &S,
+        tenant: &TenantId,
+        run_id: &str,
+        gateway: &ToolGateway,
+    ) -> Result<(), ReadError> {
+        if !self.gateway_in_step {
+            self.start_over(gateway, run_id);
+        }
+        let tail = self.read_tail(store, tenant, run_id).await?;
+        let tail = match tail {
+            Some(tail) => tail,
+            None => {
+                // The tail does not link to what was read before: read everything again.
+                self.start_over(gateway, run_id);
+                self.read_tail(store, tenant, run_id).await?.unwrap_or_default()
+            }
+        };
+        gateway.restore(tail.iter().map(|(_, e)| e));
+        self.fold(&tail);
+        self.gateway_in_step = true;
+        Ok(())
+    }
+
+    /// Folds in the `appended` entries this replica just wrote on top of the refreshed head
+    /// (its gateway already remembers their effects). If anyone else wrote in between, the
+    /// gateway is rebuilt from the whole chain at the next refresh.
+    pub async fn after_write<S: RecordStore>(
+        &mut self,
+        store: &S,
+        tenant: &TenantId,
+        run_id: &str,
+        appended: u64,
+    ) -> Result<(), ReadError> {
+        match self.read_tail(store, tenant, run_id).await? {
+            Some(tail) if tail.len() as u64 == appended => self.fold(&tail),
+            _ => self.gateway_in_step = false,
+        }
+        Ok(())
+    }
+
+    /// A recorder continuing the run at the head read last (none before the run started).
+    pub fn recorder<'s, S: RecordStore>(
+        &self,
+        store: &'s S,
+        tenant: &TenantId,
+        key: KeyPair,
+    ) -> Option<Recorder<'s, S>> {
+        let summary = self.summary.clone()?;
+        let head = self.head?;
+        Some(Recorder::at(store, tenant.clone(), key, summary, head))
+    }
+
+    fn start_over(&mut self, gateway: &ToolGateway, run_id: &str) {
+        *self = Self::default();
+        gateway.forget_run(run_id);
+    }
+
+    /// The entries after the head read last; `None` if they do not link to it.
+    async fn read_tail<S: RecordStore>(
+        &self,
+        store: &S,
+        tenant: &TenantId,
+        run_id: &str,
+    ) -> Result<Option<Vec<(Hash, RecordEntry)>>, ReadError> {
+        let from = self.head.map_or(0, |(seq, _)| seq + 1);
+        let tail = read_run_from(store, tenant, run_id, from).await?;
+        let links = match (self.head, tail.first()) {
+            (Some((_, hash)), Some((_, first))) => first.prev == Some(hash),
+            _ => true,
+        };
+        Ok(links.then_some(tail))
+    }
+
+    fn fold(&mut self, tail: &[(Hash, RecordEntry)]) {
+        for (hash, entry) in tail {
+            fold_into_summary(&mut self.summary, *hash, entry);
+            self.ledger.fold(entry);
+            self.head = Some((entry.seq, *hash));
+        }
+    }
+}

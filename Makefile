@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Stable cache locations so repeated runs on one machine reuse earlier work.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: quickstart test lint unit crds kind-tests kind-bench
+.PHONY: quickstart test lint unit crds kind-tests kind-bench realnode-check
 
 ## quickstart: the main job on one machine — a governed, recorded session from examples/quickstart
 ## with the scripted model, approved, verified and replayed (see examples/quickstart/local.sh).
@@ -61,3 +61,9 @@ kind-bench:
 ## crds: regenerate manifests/crds from the types in crds/src.
 crds:
 	$(CARGO) run --locked -q -p contextos-crds --bin crdgen
+
+## realnode-check: the real-node prototype (kubelet + containerd + runc + CNI + kube-proxy +
+## kube-router, no Docker) started against the local control plane and checked end to end;
+## needs root; see kind-tests/realnode/README.md. Not yet part of `make test`.
+realnode-check:
+	bash kind-tests/realnode/selftest.sh

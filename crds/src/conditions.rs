@@ -5,12 +5,36 @@
 
 /// Summary condition on every kind.
 pub const READY: &str = "Ready";
+/// kstatus: the controller is still working toward the spec (or waits on something that will
+/// come: a reference being created, a runner, an approval). `True` exactly when `Ready` is False
+/// and the object is not stalled.
+pub const RECONCILING: &str = "Reconciling";
+/// kstatus: the object cannot become Ready without someone changing something (an invalid spec,
+/// a failed or cancelled Session). Health tools show it as failed, not as progressing.
+pub const STALLED: &str = "Stalled";
 /// A ContextPack or Policy revision passed its replay gate (or was promoted directly).
 pub const PROMOTED: &str = "Promoted";
 /// The replay Job for the current candidate revision finished without exceeding its threshold.
 pub const REPLAY_PASSED: &str = "ReplayPassed";
 /// A revision passed replay and waits for a listed approver.
 pub const AWAITING_PROMOTION: &str = "AwaitingPromotion";
+
+/// Whether a `Ready=False` reason means the object is stuck until a person acts (kstatus
+/// `Stalled`) rather than on its way (`Reconciling`).
+pub fn is_stalled(reason: &str) -> bool {
+    use reason::*;
+    [
+        INVALID_SPEC,
+        INVALID_EXPRESSION,
+        EXECUTION_NOT_ALLOWED,
+        CAPABILITY_SANDBOX_UNAVAILABLE,
+        OVERRIDE_LOOSENS,
+        RUN_FAILED,
+        ATTEMPTS_EXHAUSTED,
+        CANCELLED,
+    ]
+    .contains(&reason)
+}
 
 /// Reasons (CamelCase, stable: automation may match on them).
 pub mod reason {

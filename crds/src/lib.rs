@@ -67,6 +67,51 @@ pub fn all_crds()
         SandboxProfile::crd(),
         Session::crd(),
     ]
+    .into_iter()
+    .map(tidy)
+    .collect()
+}
+
+/// What the API server expects of a schema that the derive does not give: no integer formats
+/// it does not know (it warns about `uint32` & co. on every apply; the `minimum: 0` the derive
+/// writes already keeps values unsigned), and descriptions as flowing text (`///` comments are
+/// wrapped in the source; `kubectl explain` would print each source line break).
+fn tidy(
+    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map.get("format").and_then(|f| f.as_str()).is_some_and(|f| {
+                    matches!(
+                        f,
+                        "uint" | "uint8" | "uint16" | "uint32" | "uint64" | "int8" | "int16"
+                    )
+                }) {
+                    map.remove("format");
+                }
+                if let Some(serde_json::Value::String(text)) = map.get_mut("description") {
+                    *text = flowing(text);
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    walk(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
+}
+
+/// Joins wrapped lines into one; blank lines stay paragraph breaks.
+fn flowing(text: &str) -> String {
+    text.split("\n\n")
+        .map(|paragraph| paragraph.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 /// The kustomization crdgen writes beside the CRD files, listing them in a stable order.

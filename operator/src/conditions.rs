@@ -2,6 +2,7 @@
 //! status changes (so a reconcile that finds nothing new writes nothing new), and the
 //! generation they describe.
 
+use contextos_crds::conditions;
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
@@ -27,14 +28,36 @@ impl Wanted {
     }
 }
 
+/// The kstatus conditions that go with a `Ready` condition: `Reconciling` while the object is on
+/// its way, `Stalled` when it cannot get there without someone acting, both False once Ready.
+pub fn kstatus_of(ready: &Wanted) -> [Wanted; 2] {
+    let stalled = !ready.status && conditions::is_stalled(ready.reason);
+    let reconciling = !ready.status && !stalled;
+    [
+        Wanted::new(
+            conditions::RECONCILING,
+            reconciling,
+            ready.reason,
+            ready.message.clone(),
+        ),
+        Wanted::new(conditions::STALLED, stalled, ready.reason, ready.message.clone()),
+    ]
+}
+
 /// `previous` with every `wanted` condition set, for `generation`, at `now` where a status
-/// changes. Conditions of other types are kept as they were.
+/// changes. Conditions of other types are kept as they were. A `Ready` condition brings its
+/// kstatus companions (`Reconciling`, `Stalled`) along.
 pub fn merge(
     previous: &[Condition],
     wanted: &[Wanted],
     generation: Option<i64>,
     now: Timestamp,
 ) -> Vec<Condition> {
+    let mut wanted = wanted.to_vec();
+    if let Some(ready) = wanted.iter().find(|w| w.type_ == conditions::READY).cloned() {
+        wanted.extend(kstatus_of(&ready));
+    }
+    let wanted = wanted.as_slice();
     let mut out: Vec<Condition> = previous
         .iter()
         .filter(|c| !wanted.iter().any(|w| w.type_ == c.type_))
@@ -75,5 +98,31 @@ mod tests {
         assert_eq!(same[0].observed_generation, Some(2));
         let flipped = merge(&same, &ready(true), Some(2), t1);
         assert_eq!(flipped[0].last_transition_time, Time(t1));
+    }
+
+    fn status_of(conditions: &[Condition], type_: &str) -> String {
+        conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| c.status.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn ready_brings_reconciling_and_stalled_the_way_health_tools_read_them() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().expect("time");
+        let cases = [
+            (true, "Resolved", "False", "False"),
+            (false, "ReferenceNotReady", "True", "False"),
+            (false, "Running", "True", "False"),
+            (false, "AwaitingApproval", "True", "False"),
+            (false, "InvalidExpression", "False", "True"),
+            (false, "RunFailed", "False", "True"),
+        ];
+        for (ready, reason, reconciling, stalled) in cases {
+            let merged = merge(&[], &[Wanted::new("Ready", ready, reason, "m")], Some(1), t0);
+            assert_eq!(status_of(&merged, "Reconciling"), reconciling, "{reason}");
+            assert_eq!(status_of(&merged, "Stalled"), stalled, "{reason}");
+        }
     }
 }

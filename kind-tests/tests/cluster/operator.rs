@@ -226,6 +226,22 @@ async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()
         "False InvalidExpression policy oncall-guardrails: spec.rules[2]",
     )
     .await?;
+    // Health tools that follow kstatus (Argo CD, Flux, kubectl wait pipelines) see it failed, not
+    // forever progressing; the Agent waiting on it is still on its way.
+    policy_condition(
+        &policies,
+        "oncall-guardrails",
+        "Stalled",
+        "True InvalidExpression policy oncall-guardrails: spec.rules[2]",
+    )
+    .await?;
+    policy_condition(
+        &policies,
+        "oncall-guardrails",
+        "Reconciling",
+        "False InvalidExpression",
+    )
+    .await?;
     apply(&client, ns.name(), &session("waiting")?).await?;
     let sessions: Api<Session> = ns.api();
     wait_for_object(

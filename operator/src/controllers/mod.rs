@@ -88,13 +88,19 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Transient failures are retried with a short backoff; each is counted. A namespace being
 /// deleted refuses new objects for good: its objects are going away, so nothing is retried.
-pub fn error_policy<K>(_object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource<DynamicType = ()>,
+{
+    let kind = K::kind(&());
+    let namespace = object.meta().namespace.clone().unwrap_or_default();
+    let name = object.meta().name.clone().unwrap_or_default();
     if error.namespace_terminating() || error.gone() {
-        tracing::debug!(%error, "the object or its namespace is being deleted; not retrying");
+        tracing::debug!(%kind, %namespace, %name, %error, "the object or its namespace is being deleted; not retrying");
         return Action::await_change();
     }
     ctx.metrics.failure(error.metric_label());
-    tracing::warn!(%error, "reconcile failed; retrying");
+    tracing::warn!(%kind, %namespace, %name, %error, "reconcile failed; retrying in 5 s");
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -186,11 +192,21 @@ where
     } else {
         format!("{}: {}", wanted.type_, wanted.message)
     };
+    // A Warning is for what someone should look at; progress (a runner started, an approval
+    // awaited, a replay pending) is Normal.
+    let warning = !wanted.status
+        && (conditions::is_stalled(wanted.reason)
+            || [
+                conditions::reason::REFERENCE_NOT_FOUND,
+                conditions::reason::REFERENCE_NOT_READY,
+                conditions::reason::REPLAY_FAILED,
+            ]
+            .contains(&wanted.reason));
     let event = kube::runtime::events::Event {
-        type_: if wanted.status {
-            kube::runtime::events::EventType::Normal
-        } else {
+        type_: if warning {
             kube::runtime::events::EventType::Warning
+        } else {
+            kube::runtime::events::EventType::Normal
         },
         reason: wanted.reason.to_owned(),
         note: Some(note.chars().take(1024).collect()),

@@ -26,6 +26,7 @@ use base64::Engine as _;
 use contextos_crds::session::Approval;
 use serde::Deserialize;
 use serde_json::json;
+use sha2::Digest as _;
 
 use super::{
     ToolGateway,
@@ -49,6 +50,8 @@ use crate::{
 
 /// Largest request body (a batch of entries or a blob).
 const MAX_REQUEST_BYTES: usize = 8 << 20;
+/// Verified RunContext signatures remembered at most (then the memory starts over).
+const VERIFIED_CONTEXTS: usize = 4096;
 /// Runs whose gateway is kept built at most; the least recently used is dropped first.
 const MAX_CACHED_RUNS: usize = 256;
 
@@ -61,6 +64,8 @@ pub struct GatewayService<S, A, T> {
     /// The operator's key: the only signer of RunContexts this service accepts.
     trust: PublicKey,
     runs: Mutex<RunSlots>,
+    /// Fingerprints of RunContexts whose signature verified.
+    verified: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// URL prefix rewrites for tools (single-machine setups and tests).
     endpoint_overrides: Vec<(String, String)>,
 }
@@ -168,6 +173,7 @@ where
             keys,
             trust,
             runs: Mutex::new(HashMap::new()),
+            verified: Mutex::new(Default::default()),
             endpoint_overrides: Vec::new(),
         }
     }
@@ -239,10 +245,24 @@ where
             );
             forbidden(why)
         };
-        // Signature, expiry, and that it was issued for the caller's own namespace.
-        context
-            .verify(&self.trust, &identity.namespace, now_ms())
-            .map_err(|e| refuse(e.to_string()))?;
+        // Signature, expiry, and that it was issued for the caller's own namespace. A context
+        // whose signature verified before (the same bytes: a runner sends its context with every
+        // request) is not verified again; expiry and tenant are checked every time.
+        let fingerprint: [u8; 32] =
+            sha2::Sha256::digest(serde_json::to_vec(&context).unwrap_or_default()).into();
+        let known = self.verified.lock().is_ok_and(|v| v.contains(&fingerprint));
+        let checked = if known {
+            context.verify_known(&self.trust, &identity.namespace, now_ms())
+        } else {
+            context.verify(&self.trust, &identity.namespace, now_ms())
+        };
+        checked.map_err(|e| refuse(e.to_string()))?;
+        if !known && let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= VERIFIED_CONTEXTS {
+                verified.clear();
+            }
+            verified.insert(fingerprint);
+        }
         if context.context.pod.as_deref() != Some(identity.pod.as_str()) {
             return Err(refuse(format!(
                 "RunContext of run {} was issued to pod {}, not to the caller {}/{}",

@@ -1,8 +1,9 @@
 //! Scale on the local control plane: 200 Sessions created at once → time until every runner
 //! pod exists and until every Session succeeded; then the operator's memory with ≈ 1,000
-//! ContextOS objects. The operator runs as its own process (the workspace's
-//! `contextos-operator` binary), so its memory is measured alone; runner pods run the real
-//! `contextos` binary on the process node.
+//! ContextOS objects and 1,000 unrelated ConfigMaps and Secrets of 4 KiB each. The operator
+//! and the gateway service run as their own processes (the workspace's `contextos-operator` and
+//! `contextos gateway`), so their memory is measured alone; runner pods run the real
+//! `contextos` binary on the process node and send everything to that gateway.
 //!
 //! Run: `make kind-bench` (builds what it needs). Figures, not assertions.
 
@@ -33,6 +34,7 @@ const SESSIONS: usize = 200;
 const EXTRA_POLICIES: usize = 800;
 const LABEL: &str = "contextos.dev/operator-test";
 const OPERATOR_NAMESPACE: &str = "contextos-scale-operator";
+const UNRELATED: usize = 1_000;
 
 fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
@@ -57,6 +59,23 @@ async fn run() -> Result<()> {
         )
         .await;
     let operator_bin = workspace_binary("contextos-operator").context("build contextos-operator first")?;
+    let gateway_port = free_port()?;
+    let gateway_url = format!("http://127.0.0.1:{gateway_port}");
+    let mut gateway = Command::new(workspace_binary("contextos").context("build contextos first")?)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "warn")
+        .args([
+            "--store",
+            &format!("tikv://{}", tikv.pd),
+            "gateway",
+            "--namespace",
+            OPERATOR_NAMESPACE,
+            "--listen",
+            &format!("127.0.0.1:{gateway_port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
     let mut operator = Command::new(operator_bin)
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "warn")
@@ -64,8 +83,12 @@ async fn run() -> Result<()> {
             "--leader-election=false",
             "--namespace",
             OPERATOR_NAMESPACE,
-            "--runner-store",
-            &format!("tikv://{}", tikv.pd),
+            "--runner-gateway",
+            &gateway_url,
+            "--gateway-namespace",
+            OPERATOR_NAMESPACE,
+            "--runner-egress",
+            &format!("127.0.0.1/32:{gateway_port}"),
             "--listen",
             "127.0.0.1:0",
             "--selector",
@@ -83,15 +106,18 @@ async fn run() -> Result<()> {
             }
         });
     }
-    let pid = operator.id();
-    let result = measure(env, &client, &tools_url, pid).await;
+    let pids = (operator.id(), gateway.id());
+    let result = measure(env, &client, &tools_url, pids).await;
     let _ = operator.kill();
     let _ = operator.wait();
+    let _ = gateway.kill();
+    let _ = gateway.wait();
     let _ = tools.kill();
     result
 }
 
-async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pid: u32) -> Result<()> {
+async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: (u32, u32)) -> Result<()> {
+    let (pid, gateway_pid) = pids;
     let ns = TestNamespace::new(env, "scale").await?;
     let label = json!({LABEL: "scale"});
     for mut object in quickstart_for(tools_url).map_err(anyhow::Error::msg)? {
@@ -200,6 +226,27 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pid: u
     .await?;
     let objects = SESSIONS + EXTRA_POLICIES + 5;
     let full_rss = rss_kib(pid)?;
+    // Objects the operator has no business with: 1,000 ConfigMaps and Secrets of 4 KiB each.
+    let filler = "x".repeat(4096);
+    futures::stream::iter(0..UNRELATED)
+        .map(|i| {
+            let kind = if i % 2 == 0 { "ConfigMap" } else { "Secret" };
+            let object = json!({
+                "apiVersion": "v1", "kind": kind,
+                "metadata": {"name": format!("unrelated-{i:04}")},
+                "data": {"payload": if kind == "Secret" { json!(base64_of(&filler)) } else { json!(filler) }},
+            });
+            let client = client.clone();
+            let namespace = ns.name().to_owned();
+            async move { apply(&client, &namespace, &object).await }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    // Let the watches deliver them.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let unrelated_rss = rss_kib(pid)?;
+    let gateway_rss = rss_kib(gateway_pid)?;
     println!("scale — {SESSIONS} Sessions created at once on the local control plane (2 cores)");
     println!(
         "  Sessions created (API writes)          {:>8.1} s",
@@ -226,8 +273,25 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pid: u
         "  with ≈ {objects} ContextOS objects          {:>8.1} MiB",
         full_rss as f64 / 1024.0
     );
+    println!(
+        "  … and {UNRELATED} unrelated ConfigMaps/Secrets   {:>8.1} MiB   (target ≤ 64 MiB)",
+        unrelated_rss as f64 / 1024.0
+    );
+    println!(
+        "gateway service RSS after {SESSIONS} runs          {:>8.1} MiB",
+        gateway_rss as f64 / 1024.0
+    );
     ns.pass();
     Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {

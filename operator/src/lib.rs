@@ -20,6 +20,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt as _,
+    core::PartialObjectMeta,
     runtime::{Controller, reflector::ObjectRef, watcher},
 };
 
@@ -85,10 +86,12 @@ pub async fn run(
     let pack_store = packs.store();
     let packs = packs
         .with_config(controller_config.clone())
+        // Every ConfigMap in the cluster may be a pack's source: watch their metadata only (the
+        // content is read when a pack is reconciled), so memory does not grow with their data.
         .watches(
-            Api::<ConfigMap>::all(client.clone()),
+            Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
             watch(),
-            move |cm: ConfigMap| {
+            move |cm: PartialObjectMeta<ConfigMap>| {
                 let (namespace, name) = (cm.namespace(), cm.name_any());
                 pack_store
                     .state()
@@ -105,7 +108,7 @@ pub async fn run(
             },
         )
         .owns(
-            Api::<Job>::all(client.clone()),
+            Api::<PartialObjectMeta<Job>>::all(client.clone()),
             watcher::Config::default().labels(contextos_crds::labels::REVISION_OF),
         )
         .graceful_shutdown_on(shutdown())
@@ -115,7 +118,7 @@ pub async fn run(
     let policies = Controller::new(Api::<Policy>::all(client.clone()), watch())
         .with_config(controller_config.clone())
         .owns(
-            Api::<Job>::all(client.clone()),
+            Api::<PartialObjectMeta<Job>>::all(client.clone()),
             watcher::Config::default().labels(contextos_crds::labels::REVISION_OF),
         )
         .graceful_shutdown_on(shutdown())
@@ -162,7 +165,7 @@ pub async fn run(
     let sessions = sessions
         .with_config(controller_config)
         .owns(
-            Api::<Pod>::all(client.clone()),
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
             watcher::Config::default().labels(contextos_crds::labels::SESSION),
         )
         .watches(Api::<Agent>::all(client.clone()), watch(), move |a: Agent| {

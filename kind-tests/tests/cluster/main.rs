@@ -20,4 +20,5 @@ mod printer_columns;
 mod process_node;
 mod promotion;
 mod quickstart;
+mod sandbox_attacks;
 mod workloads;

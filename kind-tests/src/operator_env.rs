@@ -150,7 +150,8 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
             KubeTenants::new(env.client()),
             record_keys.clone(),
             trust,
-        );
+        )
+        .with_system_namespace(OPERATOR_NAMESPACE);
         let router = Arc::new(service).router();
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
@@ -255,7 +256,7 @@ pub fn quickstart_for(tools_url: &str) -> Result<Vec<serde_json::Value>, String>
     out.push(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": "ops-tools-webhook"},
+        "metadata": {"name": "ops-tools-webhook", "labels": {"contextos.dev/agent-secret": "true"}},
         "stringData": {"hmac-key": HMAC_KEY},
     }));
     Ok(out)

@@ -78,6 +78,7 @@ async fn rig() -> Rig {
         .with("token-run-1", pod("shop", "checkout-5xx-run-1"))
         .with("token-run-2", pod("shop", "checkout-5xx-run-2"))
         .with("token-bank", pod("bank", "checkout-5xx-run-1"))
+        .with("token-system", pod("contextos-system", "checkout-5xx-run-1"))
         .with(
             "token-replay",
             pod("shop", "replay-policy-guardrails-0123456789-x7k2p"),
@@ -358,6 +359,19 @@ async fn only_the_pod_a_run_context_was_issued_to_may_use_it() {
         403,
         "another run of the same tenant"
     );
+    // ContextOS's own namespace is never a tenant, even with a context issued for it.
+    let mut system = rig.bundle.clone();
+    system.tenant = "contextos-system".into();
+    let system_context = rig.context(&system, "checkout-5xx-run-1");
+    assert_eq!(
+        status(
+            head(Some("token-system"), &system_context, RUN)
+                .await
+                .expect("send")
+        ),
+        403,
+        "a pod of the system namespace"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,41 +392,117 @@ async fn a_run_starts_only_with_the_bundle_its_context_pins() {
 async fn the_gateway_counts_model_tokens_and_asks_once_per_step() {
     let rig = rig().await;
     let mut bundle = rig.bundle.clone();
-    bundle.agent_spec.budget.max_tokens = 50;
+    bundle.agent_spec.budget.max_tokens = 1_500;
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    let request = ModelRequest {
+        model: "something-bigger".into(),
+        messages: vec![Message::new(Role::User, "what is wrong with checkout-api?")],
+        tools: vec![],
+        max_output_tokens: Some(100_000),
+    };
+    // Before the run has started, the model is not asked at all.
+    let early = client.model(&request, 1).await;
+    assert!(early.is_err(), "{early:?}");
+    let tenant = rig.tenant();
+    let blob = client
+        .records()
+        .put_blob(&tenant, bundle.canonical_bytes())
+        .await
+        .expect("bundle");
+    let start = contextos_runner::records::RunStart {
+        run_id: RUN.into(),
+        session_id: bundle.session.clone(),
+        agent: bundle.agent.clone(),
+        run_context: serde_json::to_value(&context).expect("json"),
+        pinned: bundle.pinned(),
+        bundle: Some(blob),
+    };
+    Recorder::start(client.records(), tenant, transit(), start)
+        .await
+        .expect("started");
+    let turns = || async {
+        rig.bodies()
+            .await
+            .iter()
+            .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
+            .count()
+    };
+    let first = client.model(&request, 1).await.expect("step 1");
+    // Asked again for step 1 (a runner that crashed before reading the answer): the same turn,
+    // from the record; the model is not asked twice.
+    let again = client.model(&request, 1).await.expect("step 1 again");
+    assert_eq!(first, again);
+    assert_eq!(turns().await, 1);
+    // A step that skips ahead is refused; steps go on until the tokens are spent.
+    assert!(client.model(&request, 3).await.is_err());
+    let mut step = 2;
+    let spent = loop {
+        match client.model(&request, step).await {
+            Ok(_) => step += 1,
+            Err(e) => break e,
+        }
+        assert!(step < 50, "the budget never ran out");
+    };
+    assert!(matches!(spent, ModelError::TokenBudget { .. }), "{spent:?}");
+    let recorded: u64 = rig
+        .bodies()
+        .await
+        .iter()
+        .map(|b| match b {
+            EntryBody::ModelTurn {
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => prompt_tokens + completion_tokens,
+            _ => 0,
+        })
+        .sum();
+    assert!(
+        recorded <= 1_500,
+        "{recorded} tokens recorded for a budget of 1,500"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_past_its_token_budget_fails_and_then_acts_no_more() {
+    let rig = rig().await;
+    let mut bundle = rig.bundle.clone();
+    bundle.agent_spec.budget.max_tokens = 1_500;
     let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     let harness =
         Harness::through_gateway(&client, transit(), bundle.clone(), context.clone()).expect("harness");
     let report = harness.start(RUN, TRACE, &mut |_| {}).await.expect("run");
     match &report.outcome {
-        RunOutcome::Failed { reason, .. } => {
-            assert!(reason.contains("Budget"), "{reason}");
-        }
+        RunOutcome::Failed { reason, .. } => assert!(reason.contains("Budget"), "{reason}"),
         other => panic!("a run past its token budget fails, got {other:?}"),
     }
-    // Asking the gateway directly does not get around it.
     let request = ModelRequest {
-        model: "something-bigger".into(),
+        model: "m".into(),
         messages: vec![Message::new(Role::User, "more")],
         tools: vec![],
-        max_output_tokens: Some(100_000),
+        max_output_tokens: None,
     };
-    let bodies = rig.bodies().await;
-    let steps = bodies
-        .iter()
-        .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
-        .count() as u32;
-    let next = client.model(&request, steps + 1).await;
-    assert!(matches!(next, Err(ModelError::TokenBudget { .. })), "{next:?}");
-    // A step already answered is answered from the record.
-    let again = client.model(&request, 1).await.expect("recorded turn");
-    let turns = rig
-        .bodies()
-        .await
-        .iter()
-        .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
-        .count() as u32;
-    assert_eq!(turns, steps, "no new turn for {again:?}");
+    assert!(
+        client.model(&request, report.steps + 1).await.is_err(),
+        "no model turn after the end"
+    );
+    let envelope = contextos_runner::gateway::envelope::CallEnvelope {
+        call_id: "99.0".into(),
+        tool: "search_runbooks".into(),
+        arguments: serde_json::json!({"query": "x"}),
+        risk: contextos_crds::common::ToolRisk::ReadOnly,
+        kind: contextos_crds::common::ToolKind::Observe,
+        idempotency_key: "after-the-end".into(),
+        traceparent: format!("00-{TRACE}-0000000000000099-01"),
+        run_context: context,
+        approval: None,
+    };
+    assert!(
+        client.call(&envelope, &Default::default()).await.is_err(),
+        "no call after the end"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -576,4 +666,51 @@ async fn replicas_share_budgets_and_results_through_the_record() {
     verify_run(&*rig.store, &tenant, RUN, &shop_key)
         .await
         .expect("one chain, both replicas' entries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_listed_approver_can_approve_a_call_whose_rule_names_users() {
+    let mut rig = rig().await;
+    for policy in &mut rig.bundle.policies {
+        for rule in &mut policy.spec.rules {
+            if let Some(approvers) = &mut rule.approvers {
+                approvers.users = vec!["dana@example.com".into()];
+                approvers.groups.clear();
+            }
+        }
+    }
+    let call_hash = rig.run_until_approval().await;
+    // Mallory is on record in the Session (say, admission was misled), but not in the rule.
+    let mallory = |decision| Approval {
+        call_hash: call_hash.clone(),
+        decision,
+        approver: "mallory@example.com".into(),
+        reason: None,
+    };
+    rig.tenants
+        .approve("shop", "checkout-5xx", mallory(ApprovalDecision::Approve));
+    let outcome = rig.resume(&[grant(&call_hash, "mallory@example.com")]).await;
+    assert!(matches!(outcome, RunOutcome::AwaitingApproval(_)), "{outcome:?}");
+    let paths: Vec<String> = rig.tools.effect_keys().into_iter().map(|(p, _)| p).collect();
+    assert!(
+        !paths.iter().any(|p| p == "/deployments/restart"),
+        "no restart: {paths:?}"
+    );
+    let refused = rig.bodies().await.iter().any(
+        |b| matches!(b, EntryBody::ApprovalRefused { approver, .. } if approver == "mallory@example.com"),
+    );
+    assert!(refused, "the refusal is recorded");
+    // The listed approver still can.
+    rig.tenants.approve(
+        "shop",
+        "checkout-5xx",
+        Approval {
+            call_hash: call_hash.clone(),
+            decision: ApprovalDecision::Approve,
+            approver: "dana@example.com".into(),
+            reason: None,
+        },
+    );
+    let outcome = rig.resume(&[grant(&call_hash, "dana@example.com")]).await;
+    assert!(matches!(outcome, RunOutcome::Completed { .. }), "{outcome:?}");
 }

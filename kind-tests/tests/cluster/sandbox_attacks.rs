@@ -52,17 +52,25 @@ async fn a_tenants_own_pod_cannot_use_a_runners_context_or_read_records() -> Res
     let runner = pods.get("victim-run-1").await?;
     let spec = runner.spec.clone().context("spec")?;
     ensure!(
-        spec.volumes.iter().flatten().all(|v| v.secret.is_none() && v.host_path.is_none()),
+        spec.volumes
+            .iter()
+            .flatten()
+            .all(|v| v.secret.is_none() && v.host_path.is_none()),
         "the runner pod mounts a Secret or host path: {:?}",
         spec.volumes
     );
     let container = &spec.containers[0];
     let env_names: Vec<String> = container.env.iter().flatten().map(|e| e.name.clone()).collect();
     ensure!(
-        env_names.iter().all(|n| !n.contains("STORE") && !n.contains("KEY") && !n.contains("SECRET")),
+        env_names
+            .iter()
+            .all(|n| !n.contains("STORE") && !n.contains("KEY") && !n.contains("SECRET")),
         "the runner's environment names a store, key or secret: {env_names:?}"
     );
-    ensure!(container.env_from.is_none(), "the runner pod imports an env source");
+    ensure!(
+        container.env_from.is_none(),
+        "the runner pod imports an env source"
+    );
     let value_of = |name: &str| {
         container
             .env
@@ -106,7 +114,9 @@ async fn a_tenants_own_pod_cannot_use_a_runners_context_or_read_records() -> Res
             .and_then(|c| c.state.as_ref())
             .and_then(|s| s.terminated.as_ref())
             .and_then(|t| t.message.clone());
-        Check::when(message.is_some(), || format!("{:?}", p.status.as_ref().and_then(|s| s.phase.clone())))
+        Check::when(message.is_some(), || {
+            format!("{:?}", p.status.as_ref().and_then(|s| s.phase.clone()))
+        })
     })
     .await?;
     let message = done

@@ -40,13 +40,16 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         None => wait_for_operator_key(&client, &args.namespace).await?,
     };
     let store = global.open_store().await?;
-    let service = Arc::new(GatewayService::new(
-        store,
-        TokenReviewer::new(client.clone()),
-        KubeTenants::new(client),
-        TenantKeys::new(&master),
-        trust,
-    ));
+    let service = Arc::new(
+        GatewayService::new(
+            store,
+            TokenReviewer::new(client.clone()),
+            KubeTenants::new(client),
+            TenantKeys::new(&master),
+            trust,
+        )
+        .with_system_namespace(&args.namespace),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -527,10 +527,21 @@ impl ToolGateway {
             recorder.flush().await?;
             return Ok(Some(needs));
         };
+        // Group membership is the API server's word, checked by admission when the decision was
+        // written; a rule that names only users is checked here as well.
+        let unlisted =
+            decision.approvers.groups.is_empty() && !decision.approvers.users.contains(&grant.approver);
         let refusal = if grant.call_hash != call_hash {
             Some(format!(
                 "the approval is for call {}, not this call ({call_hash})",
                 grant.call_hash
+            ))
+        } else if unlisted {
+            Some(format!(
+                "{} is not among the approvers of rule {} ({}); only they can decide this call",
+                grant.approver,
+                decision.rule,
+                decision.approvers.users.join(", ")
             ))
         } else if grant.decision == ApprovalDecision::Reject {
             Some(
@@ -561,7 +572,7 @@ impl ToolGateway {
                     reason: reason.clone(),
                 });
                 recorder.flush().await?;
-                if grant.decision == ApprovalDecision::Reject && grant.call_hash == call_hash {
+                if grant.decision == ApprovalDecision::Reject && grant.call_hash == call_hash && !unlisted {
                     return Ok(Some(CallOutcome::Denied {
                         rule: "approval/rejected".into(),
                         reason,

@@ -77,7 +77,9 @@ impl GatewayClient {
             .post_json("/v1/run/model", &body)
             .await
             .map_err(|e| match e {
-                RemoteError::Refused { code, error, .. } if code == "token_budget" => {
+                RemoteError::Refused { code, error, .. }
+                    if code == "token_budget" || code == "step_budget" =>
+                {
                     ModelError::TokenBudget { detail: error }
                 }
                 RemoteError::Refused { code, error, .. } if code == "model_script" => ModelError::BadScript {

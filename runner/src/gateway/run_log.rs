@@ -60,6 +60,11 @@ pub struct RunLog {
 }
 
 impl RunLog {
+    /// Whether the run recorded its outcome (completed or failed): it acts no more.
+    pub fn finished(&self) -> bool {
+        self.summary.as_ref().is_some_and(|s| s.outcome != "running")
+    }
+
     /// The chain's head as last read.
     pub fn head(&self) -> Option<(u64, Hash)> {
         self.head

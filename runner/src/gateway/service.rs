@@ -68,6 +68,8 @@ pub struct GatewayService<S, A, T> {
     verified: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// URL prefix rewrites for tools (single-machine setups and tests).
     endpoint_overrides: Vec<(String, String)>,
+    /// ContextOS's own namespace: its keys live there, and no caller from it is served.
+    system_namespace: String,
 }
 
 impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
@@ -175,7 +177,14 @@ where
             runs: Mutex::new(HashMap::new()),
             verified: Mutex::new(Default::default()),
             endpoint_overrides: Vec::new(),
+            system_namespace: "contextos-system".into(),
         }
+    }
+
+    /// ContextOS's own namespace (default `contextos-system`): pods there are never callers.
+    pub fn with_system_namespace(mut self, namespace: &str) -> Self {
+        self.system_namespace = namespace.to_owned();
+        self
     }
 
     /// Sends tool calls for URLs starting with `from` to `to` instead.
@@ -219,10 +228,19 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
-        self.auth.authenticate(token).await.map_err(|e| match e {
+        let identity = self.auth.authenticate(token).await.map_err(|e| match e {
             AuthError::Unavailable(_) => unavailable(&e),
             _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
-        })
+        })?;
+        // Runs never live in ContextOS's own namespace, where its keys are: nothing there is
+        // served as a tenant.
+        if identity.namespace == self.system_namespace {
+            return Err(forbidden(format!(
+                "namespace {} is ContextOS's own; it is not a tenant",
+                identity.namespace
+            )));
+        }
+        Ok(identity)
     }
 
     /// Authenticates the pod, then checks the RunContext was issued to it.
@@ -769,6 +787,9 @@ where
         log.refresh(&self.store, &caller.tenant, caller.run_id(), &slot.gateway)
             .await
             .map_err(unavailable)?;
+        if log.finished() {
+            return Err(forbidden("the run has ended; it makes no more calls"));
+        }
         let key = self.keys.for_tenant(caller.tenant.as_str());
         let mut recorder = log
             .recorder(&self.store, &caller.tenant, key)
@@ -824,6 +845,14 @@ where
         log.refresh(&service.store, &caller.tenant, caller.run_id(), &slot.gateway)
             .await
             .map_err(unavailable)?;
+        if log.finished() {
+            return Err(forbidden("the run has ended; it asks the model nothing more"));
+        }
+        let key = service.keys.for_tenant(caller.tenant.as_str());
+        // The turn is recorded on the run: a model is asked only once the run has started.
+        let mut recorder = log
+            .recorder(&service.store, &caller.tenant, key)
+            .ok_or_else(|| bad("the run has not started; its runner writes run_started first"))?;
         let ledger = &log.ledger;
         // A turn already recorded for this step (the runner crashed before reading the answer)
         // is answered from the record: the model is never asked twice for one step.
@@ -837,12 +866,23 @@ where
             )));
         }
         let budget = &caller.context.context.budget;
-        if ledger.tokens >= budget.max_tokens {
+        if request.step > budget.max_steps {
+            return Err(Refusal(
+                StatusCode::TOO_MANY_REQUESTS,
+                "step_budget",
+                format!("run {} may take {} steps", caller.run_id(), budget.max_steps),
+            ));
+        }
+        // What the prompt will cost, estimated before asking (≈ 4 bytes a token), so one request
+        // cannot overshoot the budget by the size of its prompt.
+        let prompt_estimate = estimated_tokens(&request.request);
+        let spent = ledger.tokens.saturating_add(prompt_estimate);
+        if spent >= budget.max_tokens {
             return Err(Refusal(
                 StatusCode::TOO_MANY_REQUESTS,
                 "token_budget",
                 format!(
-                    "run {} has used {} of its {} tokens",
+                    "run {} has used {} of its {} tokens and this prompt needs about {prompt_estimate} more",
                     caller.run_id(),
                     ledger.tokens,
                     budget.max_tokens
@@ -852,7 +892,7 @@ where
         let mut model_request = request.request;
         // The model, its limits and its credentials are the Agent's, not the runner's to choose.
         model_request.model = slot.bundle.agent_spec.model.model.clone();
-        let remaining = u32::try_from(budget.max_tokens - ledger.tokens).unwrap_or(u32::MAX);
+        let remaining = u32::try_from(budget.max_tokens - spent).unwrap_or(u32::MAX);
         model_request.max_output_tokens = Some(
             slot.bundle
                 .agent_spec
@@ -861,7 +901,7 @@ where
                 .unwrap_or(remaining)
                 .min(remaining),
         );
-        let turn = slot
+        let mut turn = slot
             .model
             .complete(&model_request, request.step)
             .await
@@ -871,10 +911,11 @@ where
                 }
                 other => Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", other.to_string()),
             })?;
-        let key = service.keys.for_tenant(caller.tenant.as_str());
-        let mut recorder = log
-            .recorder(&service.store, &caller.tenant, key)
-            .ok_or_else(|| bad("the run has not started; its runner writes run_started first"))?;
+        // A model that reports no usage is charged the estimate, never nothing.
+        if turn.prompt_tokens == 0 && turn.completion_tokens == 0 {
+            turn.prompt_tokens = prompt_estimate;
+            turn.completion_tokens = (turn.content.len() as u64).div_ceil(4);
+        }
         recorder.stage(EntryBody::ModelTurn {
             step: request.step,
             model: model_request.model.clone(),
@@ -889,6 +930,27 @@ where
             .map_err(unavailable)?;
         Ok(Json(turn).into_response())
     }
+}
+
+/// A rough token count of a request (≈ 4 bytes a token), for budgeting before the model answers.
+fn estimated_tokens(request: &crate::model::ModelRequest) -> u64 {
+    let bytes: usize = request
+        .messages
+        .iter()
+        .map(|m| {
+            m.content.len()
+                + m.tool_calls
+                    .iter()
+                    .map(|c| c.arguments.to_string().len())
+                    .sum::<usize>()
+        })
+        .sum::<usize>()
+        + request
+            .tools
+            .iter()
+            .map(|t| t.description.len() + t.parameters.to_string().len())
+            .sum::<usize>();
+    (bytes as u64).div_ceil(4)
 }
 
 fn head_moved(run_id: &str) -> Refusal {

@@ -14,6 +14,31 @@ use contextos_crds::{Session, session::Approval};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{Api, Client};
 
+/// The label a Secret carries when its owner lets Agents use it: an Agent may name any Secret of
+/// its namespace, and the gateway sends what it names to the tool or model endpoint the Agent
+/// chooses — so only Secrets meant for that are ever read.
+pub const AGENT_SECRET_LABEL: &str = "contextos.dev/agent-secret";
+
+/// Whether a Secret may be used by Agents: labelled for it, and not a service-account token.
+pub fn usable_by_agents(secret: &Secret) -> Result<(), String> {
+    if secret.type_.as_deref() == Some("kubernetes.io/service-account-token") {
+        return Err("service-account tokens are never handed to tools or models".into());
+    }
+    let labelled = secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(AGENT_SECRET_LABEL))
+        .is_some_and(|v| v == "true");
+    if labelled {
+        Ok(())
+    } else {
+        Err(format!(
+            "not labelled {AGENT_SECRET_LABEL}=true; label it if Agents may send it to their tools and models"
+        ))
+    }
+}
+
 /// Reads a tenant's Secrets and Session approvals.
 pub trait TenantView: Send + Sync {
     /// The value of `key` in Secret `name` of `namespace`; `None` if the Secret or key is absent.
@@ -63,8 +88,12 @@ impl TenantView for KubeTenants {
             .get_opt(name)
             .await
             .map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))?;
+        let Some(secret) = secret else {
+            return Ok(None);
+        };
+        usable_by_agents(&secret).map_err(|why| format!("Secret {namespace}/{name}: {why}"))?;
         Ok(secret
-            .and_then(|s| s.data)
+            .data
             .and_then(|mut d| d.remove(key))
             .map(|v| String::from_utf8_lossy(&v.0).into_owned()))
     }
@@ -147,5 +176,38 @@ impl TenantView for StaticTenants {
             .get(&format!("{namespace}/{session}"))
             .cloned()
             .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(labels: &[(&str, &str)], type_: Option<&str>) -> Secret {
+        Secret {
+            type_: type_.map(str::to_owned),
+            metadata: kube::api::ObjectMeta {
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_secrets_labelled_for_agents_and_no_service_account_tokens_are_used() {
+        assert!(usable_by_agents(&secret(&[(AGENT_SECRET_LABEL, "true")], None)).is_ok());
+        assert!(usable_by_agents(&secret(&[], None)).is_err());
+        assert!(usable_by_agents(&secret(&[(AGENT_SECRET_LABEL, "yes")], None)).is_err());
+        let token = secret(
+            &[(AGENT_SECRET_LABEL, "true")],
+            Some("kubernetes.io/service-account-token"),
+        );
+        assert!(usable_by_agents(&token).is_err());
     }
 }

@@ -249,10 +249,14 @@ async fn check_tikv_overlay(env: &TestEnv) -> Result<()> {
         .iter()
         .find(|o| key(o) == "NetworkPolicy contextos-records/records-clients-only")
         .context("the TiKV overlay has no NetworkPolicy for the store")?;
-    let peers = store_policy["spec"]["ingress"][0]["from"]
+    let peers: Vec<Value> = store_policy["spec"]["ingress"]
         .as_array()
         .cloned()
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|rule| rule["from"].as_array().cloned().unwrap_or_default())
+        .collect();
+    ensure!(peers.len() == 2, "the store's peers: {peers:?}");
     for peer in peers.iter().filter(|p| p.get("namespaceSelector").is_some()) {
         ensure!(
             peer["namespaceSelector"]["matchLabels"]

@@ -305,12 +305,47 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         |hash: &str, approver: &str| json!({"callHash": hash, "decision": "approve", "approver": approver});
     let first = "9f2c6a41d3b8e7f0c5a2d9e4b1f8c3a6d0e7b4f1a8c5d2e9b6f3a0c7d4e1b8f5";
     let second = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
+    let waits_for = |hash: &str, approvers: Value| {
+        json!({"status": {"pendingApproval": {
+            "callHash": hash, "tool": "restart_deployment", "risk": "destructive",
+            "arguments": "{}", "rule": "oncall-guardrails/destructive-needs-oncall",
+            "reason": "on-call must agree", "approvers": approvers,
+        }}})
+    };
+    let set_pending = |status: Value| {
+        let client = client.clone();
+        async move {
+            Api::<contextos_crds::Session>::namespaced(client, namespace)
+                .patch_status(
+                    session.name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&status),
+                )
+                .await
+        }
+    };
+    // Nothing is pending yet: an approval decided in advance (the call hash is predictable) is
+    // refused, even in the approver's own name.
     let add_first = |approver: &str| json!([{"op": "add", "path": "/spec/approvals", "value": [approval(first, approver)]}]);
+    session
+        .wait_until_refused("alice@example.com", &add_first("alice@example.com"))
+        .await?;
+    let refusal = session
+        .patch("alice@example.com", &add_first("alice@example.com"), false)
+        .await?
+        .err()
+        .context("alice approved a call nothing waits for")?;
+    ensure!(
+        refusal.contains("only the call the Session waits for"),
+        "unexpected refusal: {refusal}"
+    );
+    set_pending(waits_for(
+        first,
+        json!({"users": ["alice@example.com", "bob@example.com"]}),
+    ))
+    .await?;
 
     let in_bobs_name = add_first("bob@example.com");
-    session
-        .wait_until_refused("alice@example.com", &in_bobs_name)
-        .await?;
     let refusal = session
         .patch("alice@example.com", &in_bobs_name, false)
         .await?
@@ -327,7 +362,25 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         .await?
         .map_err(|refusal| anyhow::anyhow!("alice's own approval was refused: {refusal}"))?;
 
-    // A new approval put ahead of the recorded ones is still a new approval.
+    // A call other than the pending one cannot be decided, whoever asks.
+    let other =
+        json!([{"op": "add", "path": "/spec/approvals/-", "value": approval(second, "bob@example.com")}]);
+    let refusal = session
+        .patch("bob@example.com", &other, false)
+        .await?
+        .err()
+        .context("bob decided a call nothing waits for")?;
+    ensure!(
+        refusal.contains("only the call the Session waits for"),
+        "unexpected refusal: {refusal}"
+    );
+
+    // The next call waits: a new approval put ahead of the recorded ones is still a new approval.
+    set_pending(waits_for(
+        second,
+        json!({"users": ["alice@example.com", "bob@example.com"]}),
+    ))
+    .await?;
     let insert =
         json!([{"op": "add", "path": "/spec/approvals/0", "value": approval(second, "alice@example.com")}]);
     let refusal = session
@@ -337,11 +390,9 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         .context("bob recorded an approval in alice's name by inserting it first")?;
     ensure!(refusal.contains(REFUSAL), "unexpected refusal: {refusal}");
 
-    // Approvals others recorded earlier do not stand in the way of one's own.
-    let append =
-        json!([{"op": "add", "path": "/spec/approvals/-", "value": approval(second, "bob@example.com")}]);
+    // Approvals recorded earlier do not stand in the way of one's own.
     session
-        .patch("bob@example.com", &append, false)
+        .patch("bob@example.com", &other, false)
         .await?
         .map_err(|refusal| anyhow::anyhow!("bob's own approval was refused: {refusal}"))?;
     let recorded = session.approvers(&client).await?;
@@ -352,18 +403,7 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
 
     // The call the Session waits for can only be decided by one of its approvers.
     let pending = "7c4b9e2f1a8d3c6b5e0f9a2d7c4b1e8f3a6d9c2b5e8f1a4d7c0b3e6f9a2d5c8b";
-    let status = json!({"status": {"pendingApproval": {
-        "callHash": pending, "tool": "restart_deployment", "risk": "destructive",
-        "arguments": "{}", "rule": "oncall-guardrails/destructive-needs-oncall",
-        "reason": "on-call must agree", "approvers": {"groups": ["sre-oncall"]},
-    }}});
-    Api::<contextos_crds::Session>::namespaced(client.clone(), namespace)
-        .patch_status(
-            session.name,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&status),
-        )
-        .await?;
+    set_pending(waits_for(pending, json!({"groups": ["sre-oncall"]}))).await?;
     let decide =
         json!([{"op": "add", "path": "/spec/approvals/-", "value": approval(pending, "carol@example.com")}]);
     let refusal = session

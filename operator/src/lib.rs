@@ -8,6 +8,7 @@ pub mod leader;
 pub mod metrics;
 pub mod replay_job;
 pub mod session_children;
+pub mod tenant_keys;
 
 use std::sync::Arc;
 
@@ -74,6 +75,7 @@ pub async fn run(
         metrics,
         recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
         replay_image: config.replay_image.clone(),
+        tenant_keys: Default::default(),
     });
     let selector = config.selector.clone();
     let watch = move || match &selector {

@@ -152,6 +152,20 @@ impl Rig {
         match report.outcome {
             RunOutcome::AwaitingApproval(awaiting) => {
                 assert_eq!(awaiting.tool, "restart_deployment");
+                // The gateway signed the request with the tenant's key (the operator checks it).
+                let request = contextos_runner::gateway::approvals::ApprovalRequest {
+                    run_id: RUN,
+                    call_id: &awaiting.call_id,
+                    call_hash: &awaiting.call_hash,
+                    tool: &awaiting.tool,
+                    arguments_digest: contextos_runner::gateway::approvals::ApprovalRequest::digest_of(
+                        &awaiting.arguments,
+                    ),
+                    rule: &awaiting.rule,
+                    approvers: &awaiting.approvers,
+                };
+                let signature = awaiting.attestation.as_deref().expect("attested");
+                assert!(request.verify(&self.keys.for_tenant("shop").public(), signature));
                 awaiting.call_hash
             }
             other => panic!("expected a pause for approval, got {other:?}"),

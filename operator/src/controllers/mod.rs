@@ -37,6 +37,8 @@ pub struct Context {
     pub recorder: kube::runtime::events::Recorder,
     /// Image of replay Jobs (the runner image: its entrypoint is `contextos`).
     pub replay_image: String,
+    /// Tenants' public record keys, fetched from the gateway service.
+    pub tenant_keys: Arc<crate::tenant_keys::TenantKeys>,
 }
 
 impl std::fmt::Debug for Context {

@@ -11,7 +11,7 @@ use contextos_crds::{
     session::SessionPhase,
 };
 use contextos_runner::{
-    gateway::bundle::NamedPolicy,
+    gateway::{approvals::ApprovalRequest, bundle::NamedPolicy},
     run::{
         bundle::{NamedPack, RunBundle, spec_digest},
         issue_run_context,
@@ -153,7 +153,25 @@ async fn finished(
             Ok(Action::await_change())
         }
         Some("awaiting_approval") => {
+            let run_id = report.as_ref().map(|r| r.run_id.clone()).unwrap_or_default();
             let awaiting = report.as_ref().and_then(|r| r.awaiting.clone());
+            // What the runner relays is shown to approvers (and checked by admission) only if the
+            // gateway signed it: a runner cannot choose who may approve which call.
+            let awaiting = match awaiting {
+                Some(a) => match attested(ctx, session, &run_id, &a).await {
+                    Ok(()) => Some(a),
+                    Err(why) => {
+                        let update = update.with_phase(
+                            SessionPhase::AwaitingApproval,
+                            reason::AWAITING_APPROVAL,
+                            format!("a call waits for approval, but its request cannot be shown: {why}"),
+                        );
+                        write_status(ctx, session, update.clear_pending()).await?;
+                        return Ok(Action::requeue(Duration::from_secs(30)));
+                    }
+                },
+                None => None,
+            };
             let decided = awaiting.as_ref().is_some_and(|a| {
                 session
                     .spec
@@ -579,6 +597,41 @@ fn termination_report(pod: &Pod) -> Option<PodReport> {
         .find_map(|line| serde_json::from_str::<PodReport>(line.trim()).ok())
 }
 
+/// Checks the gateway's signature over a relayed approval request, with the tenant's key.
+async fn attested(
+    ctx: &Context,
+    session: &Session,
+    run_id: &str,
+    awaiting: &contextos_runner::run::checkpoint::AwaitingApproval,
+) -> std::result::Result<(), String> {
+    let signature = awaiting
+        .attestation
+        .as_deref()
+        .ok_or("the gateway service did not sign it")?;
+    let key = ctx
+        .tenant_keys
+        .get(&ctx.runner.gateway, &session.namespace().unwrap_or_default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = ApprovalRequest {
+        run_id,
+        call_id: &awaiting.call_id,
+        call_hash: &awaiting.call_hash,
+        tool: &awaiting.tool,
+        arguments_digest: awaiting
+            .arguments_digest
+            .clone()
+            .unwrap_or_else(|| ApprovalRequest::digest_of(&awaiting.arguments)),
+        rule: &awaiting.rule,
+        approvers: &awaiting.approvers,
+    };
+    if request.verify(&key, signature) {
+        Ok(())
+    } else {
+        Err("its signature does not match what the runner reported".into())
+    }
+}
+
 fn pending_approval(
     bundle: &RunBundle,
     awaiting: contextos_runner::run::checkpoint::AwaitingApproval,
@@ -590,8 +643,8 @@ fn pending_approval(
         .find(|t| t.name == awaiting.tool)
         .map(|t| t.risk.as_str())
         .unwrap_or("read_only");
-    let mut arguments = awaiting.arguments.to_string();
-    arguments.truncate(4096);
+    // Cut on a character boundary: the arguments are untrusted text.
+    let arguments: String = awaiting.arguments.to_string().chars().take(4096).collect();
     json!({
         "callHash": awaiting.call_hash,
         "tool": awaiting.tool,

@@ -34,7 +34,44 @@ impl ApprovalBook {
 
 #[cfg(test)]
 mod tests {
-    use super::ApprovalBook;
+    use super::{ApprovalBook, ApprovalRequest};
+    use crate::keys::KeyPair;
+
+    #[test]
+    fn an_approval_request_verifies_only_as_the_gateway_signed_it() {
+        let key = KeyPair::from_seed([4; 32]);
+        let approvers = contextos_crds::common::Approvers {
+            users: vec![],
+            groups: vec!["sre-oncall".into()],
+        };
+        let request = ApprovalRequest {
+            run_id: "r",
+            call_id: "4.0",
+            call_hash: "h",
+            tool: "restart_deployment",
+            arguments_digest: ApprovalRequest::digest_of(&serde_json::json!({"deployment": "api"})),
+            rule: "guardrails/destructive",
+            approvers: &approvers,
+        };
+        let signature = request.sign(&key);
+        assert!(request.verify(&key.public(), &signature));
+        // A runner that names itself an approver, or shows harmless arguments, is caught.
+        let mallory = contextos_crds::common::Approvers {
+            users: vec!["mallory@example.com".into()],
+            groups: vec!["sre-oncall".into()],
+        };
+        let widened = ApprovalRequest {
+            approvers: &mallory,
+            ..request.clone()
+        };
+        assert!(!widened.verify(&key.public(), &signature));
+        let harmless = ApprovalRequest {
+            arguments_digest: ApprovalRequest::digest_of(&serde_json::json!({"deployment": "test"})),
+            ..request.clone()
+        };
+        assert!(!harmless.verify(&key.public(), &signature));
+        assert!(!request.verify(&KeyPair::from_seed([5; 32]).public(), &signature));
+    }
 
     #[test]
     fn an_approval_is_used_once() {
@@ -43,5 +80,45 @@ mod tests {
         assert!(!book.consume("h"));
         book.restore(["g".to_owned()]);
         assert!(!book.consume("g"));
+    }
+}
+
+/// A call waiting for approval, as the gateway attests it: the runner relays it to the operator
+/// (in its termination report), and the operator shows it in the Session's status only if the
+/// tenant's key signed it — so a runner cannot choose who may approve, or present a harmless
+/// call under a destructive call's hash.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ApprovalRequest<'a> {
+    pub run_id: &'a str,
+    pub call_id: &'a str,
+    pub call_hash: &'a str,
+    pub tool: &'a str,
+    /// SHA-256 (hex) of the call's arguments in canonical JSON (the arguments themselves may be
+    /// cut to fit a report).
+    pub arguments_digest: String,
+    pub rule: &'a str,
+    pub approvers: &'a contextos_crds::common::Approvers,
+}
+
+impl ApprovalRequest<'_> {
+    /// The digest of `arguments` as [`ApprovalRequest::arguments_digest`] holds it.
+    pub fn digest_of(arguments: &serde_json::Value) -> String {
+        crate::records::Hash::of(&crate::records::canonical::to_canonical_bytes(arguments)).to_hex()
+    }
+
+    fn message(&self) -> Vec<u8> {
+        let mut out = b"contextos-approval-request/v1\n".to_vec();
+        out.extend(crate::records::canonical::canonical_bytes_of(self).unwrap_or_default());
+        out
+    }
+
+    /// The signature (hex) of `key` over this request.
+    pub fn sign(&self, key: &crate::keys::KeyPair) -> String {
+        key.sign_hex(&self.message())
+    }
+
+    /// Whether `signature` is `key`'s over this request.
+    pub fn verify(&self, key: &crate::keys::PublicKey, signature: &str) -> bool {
+        key.verify_hex(&self.message(), signature)
     }
 }

@@ -59,6 +59,10 @@ pub enum CallOutcome {
         rule: String,
         reason: String,
         approvers: Approvers,
+        /// The gateway service's signature (tenant key) over the request (see
+        /// [`approvals::ApprovalRequest`]); none in process.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attestation: Option<String>,
     },
 }
 
@@ -128,6 +132,8 @@ pub struct ToolGateway {
     /// The last RunContext whose signature verified, per run: a run sends the same context
     /// with every call, and an equal context need not be verified again.
     verified: Mutex<HashMap<String, SignedRunContext>>,
+    /// Signs the approval requests this gateway hands out (the gateway service: the tenant's key).
+    attesting_key: Option<crate::keys::KeyPair>,
 }
 
 /// Runs whose verified RunContext is remembered at most (then the memory starts over).
@@ -166,7 +172,14 @@ impl ToolGateway {
             offline: false,
             endpoint_overrides: Vec::new(),
             verified: Mutex::new(HashMap::new()),
+            attesting_key: None,
         }
+    }
+
+    /// Signs every approval request with `key`, so whoever relays it can be checked.
+    pub fn with_attesting_key(mut self, key: crate::keys::KeyPair) -> Self {
+        self.attesting_key = Some(key);
+        self
     }
 
     /// Sends calls for URLs starting with `from` to `to` instead (same path after the prefix):
@@ -510,11 +523,24 @@ impl ToolGateway {
         decision: &crate::policy::Decision,
         recorder: &mut Recorder<'_, S>,
     ) -> Result<Option<CallOutcome>, GatewayError> {
+        let attestation = self.attesting_key.as_ref().map(|key| {
+            approvals::ApprovalRequest {
+                run_id: &call.run_context.context.run_id,
+                call_id: &call.call_id,
+                call_hash,
+                tool: &call.tool,
+                arguments_digest: approvals::ApprovalRequest::digest_of(&call.arguments),
+                rule: &decision.rule,
+                approvers: &decision.approvers,
+            }
+            .sign(key)
+        });
         let needs = CallOutcome::NeedsApproval {
             call_hash: call_hash.to_owned(),
             rule: decision.rule.clone(),
             reason: decision.reason.clone(),
             approvers: decision.approvers.clone(),
+            attestation,
         };
         let Some(grant) = &call.approval else {
             let mut approvers: Vec<String> = decision.approvers.users.clone();

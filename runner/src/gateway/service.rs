@@ -716,7 +716,8 @@ where
             .gateway_bundle(secrets.clone())
             .build(self.trust)
             .map_err(|e| bad(format!("agent {}: {e}", bundle.agent)))?
-            .with_endpoint_overrides(self.endpoint_overrides.clone());
+            .with_endpoint_overrides(self.endpoint_overrides.clone())
+            .with_attesting_key(self.keys.for_tenant(caller.tenant.as_str()));
         let model = Model::for_bundle(&bundle, &secrets).map_err(bad)?;
         Ok(RunSlot {
             bundle,

@@ -89,6 +89,7 @@ impl<S: RecordStore> Harness<'_, S> {
                     rule,
                     reason,
                     approvers,
+                    attestation,
                 } => {
                     if matches!(self.mode, Mode::Live) {
                         state.note_call(&call_id, &envelope, CallFate::AwaitingApproval);
@@ -100,6 +101,8 @@ impl<S: RecordStore> Harness<'_, S> {
                             rule: rule.clone(),
                             reason: reason.clone(),
                             approvers: approvers.clone(),
+                            attestation: attestation.clone(),
+                            arguments_digest: None,
                         };
                         state.awaiting = Some(awaiting);
                         return Ok(Owned::AwaitingApproval(envelope.tool));

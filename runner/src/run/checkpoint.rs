@@ -30,6 +30,12 @@ pub struct AwaitingApproval {
     pub rule: String,
     pub reason: String,
     pub approvers: Approvers,
+    /// The gateway service's signature over the request (see `gateway::approvals`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<String>,
+    /// Digest of the full arguments, when a report had to cut them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments_digest: Option<String>,
 }
 
 /// A call of the current step not handled yet.

@@ -39,6 +39,8 @@ use crate::{
 /// How a run ended (or paused).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
+// One outcome is made per run, so the size of its largest variant costs nothing worth boxing.
+#[allow(clippy::large_enum_variant)]
 pub enum RunOutcome {
     Completed { output: String, validators: Vec<String> },
     Failed { reason: String, message: String },

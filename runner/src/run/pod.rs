@@ -11,7 +11,7 @@ use super::{
     engine::{RunOutcome, RunReport},
     state::Usage,
 };
-use crate::run_context::SignedRunContext;
+use crate::{gateway::approvals::ApprovalRequest, run_context::SignedRunContext};
 
 /// Where a runner pod finds what it is given (volume mounts the operator sets up).
 pub mod paths {
@@ -126,6 +126,7 @@ impl PodReport {
                 let mut awaiting = awaiting.clone();
                 let arguments = awaiting.arguments.to_string();
                 if arguments.len() > TEXT_LIMIT {
+                    awaiting.arguments_digest = Some(ApprovalRequest::digest_of(&awaiting.arguments));
                     awaiting.arguments = serde_json::Value::String(cut(&arguments));
                 }
                 out.awaiting = Some(awaiting);
@@ -151,6 +152,9 @@ impl PodReport {
         short(&mut self.message);
         short(&mut self.reason);
         if let Some(awaiting) = &mut self.awaiting {
+            if awaiting.arguments_digest.is_none() {
+                awaiting.arguments_digest = Some(ApprovalRequest::digest_of(&awaiting.arguments));
+            }
             awaiting.arguments = serde_json::Value::String("(cut; see the record)".into());
             awaiting.reason = awaiting.reason.chars().take(160).collect();
             awaiting.approvers.users.truncate(8);

@@ -124,7 +124,17 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         if object["metadata"]["name"] == "quickstart-script" {
             object["data"]["script.json"] = json!(QUICK_SCRIPT);
         }
-        object["metadata"]["labels"] = label.clone();
+        // Added to the object's own labels (the webhook Secret's agent-secret label stays).
+        if let (Some(labels), Some(extra)) = (
+            object["metadata"]["labels"].as_object().cloned(),
+            label.as_object(),
+        ) {
+            let mut merged = labels;
+            merged.extend(extra.clone());
+            object["metadata"]["labels"] = serde_json::Value::Object(merged);
+        } else {
+            object["metadata"]["labels"] = label.clone();
+        }
         apply(client, ns.name(), &object).await?;
     }
     let agents: Api<Agent> = ns.api();

@@ -139,3 +139,34 @@ async fn a_tenants_own_pod_cannot_use_a_runners_context_or_read_records() -> Res
     ns.pass();
     Ok(())
 }
+
+#[tokio::test]
+async fn an_agent_cannot_send_a_secret_that_was_not_given_to_agents() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner pods need the local process node");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "sandbox-secrets").await?;
+    let client = env.client();
+    for mut object in objects_for(&op.tools_url)? {
+        // The webhook key is an ordinary Secret of the namespace, not labelled for Agents.
+        if object["kind"] == "Secret" {
+            object["metadata"]["labels"] = json!({});
+        }
+        apply(&client, ns.name(), &object).await?;
+    }
+    apply(&client, ns.name(), &session("leaky")?).await?;
+    let sessions: Api<Session> = ns.api();
+    let failed = phase_is(&sessions, "leaky", SessionPhase::Failed).await?;
+    let ready = failed
+        .status
+        .map(|s| crate::operator::condition(&s.conditions, "Ready"))
+        .unwrap_or_default();
+    ensure!(
+        ready.contains("GatewayRefused") && ready.contains("contextos.dev/agent-secret=true"),
+        "the Session says which Secret and how to fix it: {ready}"
+    );
+    ns.pass();
+    Ok(())
+}

@@ -22,7 +22,7 @@ use contextos_runner::{
     records::{RecordStore, TenantId},
     run::pod::in_pod,
     run::{
-        Harness, RunOutcome,
+        Harness, RunError, RunOutcome, RunReport,
         pod::{
             APPROVALS_ENV, BUNDLE_KEY, GATEWAY_ENV, PodBundle, PodReport, RUN_CONTEXT_ENV, paths,
             run_context_from,
@@ -78,12 +78,30 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
     let transit = KeyPair::generate()?;
     let harness = Harness::through_gateway(&client, transit, bundle, run_context)?;
     let mut terminal = Terminal::default();
-    let report = if resuming {
-        harness.resume(&approvals, &mut |p| terminal.show(p)).await?
+    let outcome = if resuming {
+        harness.resume(&approvals, &mut |p| terminal.show(p)).await
     } else {
         harness
             .start(&context.run_id, &context.trace_id, &mut |p| terminal.show(p))
-            .await?
+            .await
+    };
+    let report = match outcome {
+        Ok(report) => report,
+        // The gateway refused the run for good (e.g. a Secret the Agent may not use): say so
+        // in the report, so the Session fails with the reason instead of being retried.
+        Err(e) if refused(&e) => RunReport {
+            run_id: context.run_id.clone(),
+            session: context.session_id.clone(),
+            outcome: RunOutcome::Failed {
+                reason: "GatewayRefused".into(),
+                message: e.to_string(),
+            },
+            steps: 0,
+            usage: Default::default(),
+            head: None,
+            replayed: Vec::new(),
+        },
+        Err(e) => return Err(e.into()),
     };
     let mut pod_report = PodReport::of(&report);
     if let Some(checkpoint) = client
@@ -106,6 +124,16 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
         RunOutcome::AwaitingApproval(_) => ExitCode::from(EXIT_AWAITING_APPROVAL),
         RunOutcome::Failed { .. } => ExitCode::from(EXIT_RUN_FAILED),
     })
+}
+
+/// Whether the gateway service refused the run for good (retrying would change nothing).
+fn refused(error: &RunError) -> bool {
+    use contextos_runner::records::{RecordError, StoreError};
+    matches!(
+        error,
+        RunError::Store(StoreError::Refused(_))
+            | RunError::Record(RecordError::Store(StoreError::Refused(_)))
+    )
 }
 
 fn approvals_from_env() -> anyhow::Result<Vec<ApprovalGrant>> {

@@ -33,7 +33,7 @@ use super::{
     identity::{AuthError, Authenticator, PodIdentity},
     remote::{CallRequest, ModelCall},
     run_log::RunLog,
-    tenancy::TenantView,
+    tenancy::{TenantError, TenantView},
 };
 use crate::{
     keys::{PublicKey, TenantKeys},
@@ -749,7 +749,10 @@ where
                 .tenants
                 .secret(caller.tenant.as_str(), &key.name, &key.key)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| match e {
+                    TenantError::Refused(why) => forbidden(why),
+                    TenantError::Unavailable(why) => unavailable(why),
+                })?;
             if let Some(value) = value {
                 out.insert(format!("{}/{}", key.name, key.key), value);
             }

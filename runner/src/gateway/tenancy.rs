@@ -39,6 +39,17 @@ pub fn usable_by_agents(secret: &Secret) -> Result<(), String> {
     }
 }
 
+/// Why a tenant's object could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    /// The API server could not be asked (worth retrying).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The object exists but may not be used this way (retrying changes nothing).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Reads a tenant's Secrets and Session approvals.
 pub trait TenantView: Send + Sync {
     /// The value of `key` in Secret `name` of `namespace`; `None` if the Secret or key is absent.
@@ -47,7 +58,7 @@ pub trait TenantView: Send + Sync {
         namespace: &str,
         name: &str,
         key: &str,
-    ) -> impl Future<Output = Result<Option<String>, String>> + Send;
+    ) -> impl Future<Output = Result<Option<String>, TenantError>> + Send;
 
     /// The controller (kind, name) owning pod `pod` of `namespace`, if the pod exists.
     fn pod_controller(
@@ -83,15 +94,16 @@ impl KubeTenants {
 }
 
 impl TenantView for KubeTenants {
-    async fn secret(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, String> {
+    async fn secret(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, TenantError> {
         let secret = Api::<Secret>::namespaced(self.client.clone(), namespace)
             .get_opt(name)
             .await
-            .map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))?;
+            .map_err(|e| TenantError::Unavailable(format!("reading Secret {namespace}/{name}: {e}")))?;
         let Some(secret) = secret else {
             return Ok(None);
         };
-        usable_by_agents(&secret).map_err(|why| format!("Secret {namespace}/{name}: {why}"))?;
+        usable_by_agents(&secret)
+            .map_err(|why| TenantError::Refused(format!("Secret {namespace}/{name}: {why}")))?;
         Ok(secret
             .data
             .and_then(|mut d| d.remove(key))
@@ -160,7 +172,7 @@ impl StaticTenants {
 }
 
 impl TenantView for StaticTenants {
-    async fn secret(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, String> {
+    async fn secret(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, TenantError> {
         Ok(self.secrets.get(&format!("{namespace}/{name}/{key}")).cloned())
     }
 

@@ -180,6 +180,9 @@ pub enum StoreError {
     RunNotFound { tenant: String, run_id: String },
     #[error("record store backend error: {0}")]
     Backend(String),
+    /// The store (the gateway service) refused the request for good: retrying changes nothing.
+    #[error("{0}")]
+    Refused(String),
     #[error("record store holds a corrupt value at {key}: {problem}")]
     Corrupt { key: String, problem: String },
 }

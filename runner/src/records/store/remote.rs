@@ -274,13 +274,17 @@ async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, String
 }
 
 fn store_error(e: RemoteError, run_id: &str) -> StoreError {
-    match e {
+    match &e {
         RemoteError::Refused { code, error, .. } if code == "head_moved" => StoreError::HeadMoved {
             run_id: run_id.to_owned(),
             expected: "(this writer's head)".into(),
-            actual: error,
+            actual: error.clone(),
         },
-        other => StoreError::Backend(other.to_string()),
+        RemoteError::Refused {
+            status: 400 | 401 | 403,
+            ..
+        } => StoreError::Refused(e.to_string()),
+        _ => StoreError::Backend(e.to_string()),
     }
 }
 

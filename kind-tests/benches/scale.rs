@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use contextos_crds::{Agent, Policy, Session, session::SessionPhase};
 use contextos_kind_tests::{
     Check, TestEnv, TestNamespace,
-    operator_env::{QUICK_SCRIPT, quickstart_for, start_tools_with, tikv_testserver::TestServer},
+    operator_env::{self, QUICK_SCRIPT, quickstart_for, start_tools_with, tikv_testserver::TestServer},
     process_node::workspace_binary,
     wait_for, wait_for_object,
 };
@@ -124,17 +124,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         if object["metadata"]["name"] == "quickstart-script" {
             object["data"]["script.json"] = json!(QUICK_SCRIPT);
         }
-        // Added to the object's own labels (the webhook Secret's agent-secret label stays).
-        if let (Some(labels), Some(extra)) = (
-            object["metadata"]["labels"].as_object().cloned(),
-            label.as_object(),
-        ) {
-            let mut merged = labels;
-            merged.extend(extra.clone());
-            object["metadata"]["labels"] = serde_json::Value::Object(merged);
-        } else {
-            object["metadata"]["labels"] = label.clone();
-        }
+        operator_env::add_labels(&mut object, &label);
         apply(client, ns.name(), &object).await?;
     }
     let agents: Api<Agent> = ns.api();

@@ -197,6 +197,18 @@ async fn wait_for_operator_key(client: &kube::Client) -> Result<contextos_runner
     Err("the operator did not publish its RunContext key within 60 s".into())
 }
 
+/// Adds `extra` labels to an object's own (the webhook Secret keeps its agent-secret label).
+pub fn add_labels(object: &mut serde_json::Value, extra: &serde_json::Value) {
+    let mut labels = object["metadata"]["labels"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    if let Some(extra) = extra.as_object() {
+        labels.extend(extra.clone());
+    }
+    object["metadata"]["labels"] = serde_json::Value::Object(labels);
+}
+
 /// Starts an ops-tools server (`extra` e.g. `--slow PATH=MILLIS`); killed on drop of the child.
 pub fn start_tools_with(extra: &[&str]) -> Result<(Child, String), String> {
     let binary = workspace_binary("examples/ops_tools")

@@ -195,6 +195,30 @@ impl Rig {
     }
 }
 
+/// Starts run [`RUN`] as its runner would: the bundle uploaded, then `run_started`.
+async fn start_run(
+    records: &contextos_runner::records::store::remote::RemoteStore,
+    bundle: &RunBundle,
+    context: &SignedRunContext,
+) {
+    let tenant = TenantId::new("shop").expect("tenant");
+    let blob = records
+        .put_blob(&tenant, bundle.canonical_bytes())
+        .await
+        .expect("bundle");
+    let start = contextos_runner::records::RunStart {
+        run_id: RUN.into(),
+        session_id: bundle.session.clone(),
+        agent: bundle.agent.clone(),
+        run_context: serde_json::to_value(context).expect("json"),
+        pinned: bundle.pinned(),
+        bundle: Some(blob),
+    };
+    Recorder::start(records, tenant, transit(), start)
+        .await
+        .expect("started");
+}
+
 fn transit() -> KeyPair {
     KeyPair::generate().expect("key")
 }
@@ -418,23 +442,7 @@ async fn the_gateway_counts_model_tokens_and_asks_once_per_step() {
     // Before the run has started, the model is not asked at all.
     let early = client.model(&request, 1).await;
     assert!(early.is_err(), "{early:?}");
-    let tenant = rig.tenant();
-    let blob = client
-        .records()
-        .put_blob(&tenant, bundle.canonical_bytes())
-        .await
-        .expect("bundle");
-    let start = contextos_runner::records::RunStart {
-        run_id: RUN.into(),
-        session_id: bundle.session.clone(),
-        agent: bundle.agent.clone(),
-        run_context: serde_json::to_value(&context).expect("json"),
-        pinned: bundle.pinned(),
-        bundle: Some(blob),
-    };
-    Recorder::start(client.records(), tenant, transit(), start)
-        .await
-        .expect("started");
+    start_run(client.records(), &bundle, &context).await;
     let turns = || async {
         rig.bodies()
             .await
@@ -610,22 +618,7 @@ async fn replicas_share_budgets_and_results_through_the_record() {
         GatewayClient::new(&rig.replica, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
     // The runner starts the run through the first replica.
     let tenant = rig.tenant();
-    let blob = first
-        .records()
-        .put_blob(&tenant, bundle.canonical_bytes())
-        .await
-        .expect("bundle");
-    let start = contextos_runner::records::RunStart {
-        run_id: RUN.into(),
-        session_id: bundle.session.clone(),
-        agent: bundle.agent.clone(),
-        run_context: serde_json::to_value(&context).expect("json"),
-        pinned: bundle.pinned(),
-        bundle: Some(blob),
-    };
-    Recorder::start(first.records(), tenant.clone(), transit(), start)
-        .await
-        .expect("started");
+    start_run(first.records(), &bundle, &context).await;
     let status = |i: usize| contextos_runner::gateway::envelope::CallEnvelope {
         call_id: format!("{i}.0"),
         tool: "post_status_update".into(),

@@ -149,17 +149,7 @@ async fn an_operator_killed_twenty_times_mid_reconcile_leaves_one_pod_per_attemp
             // Two reads and an answer: no approval, so every Session can finish on its own.
             object["data"]["script.json"] = json!(QUICK_SCRIPT);
         }
-        // Added to the object's own labels (the webhook Secret's agent-secret label stays).
-        if let (Some(labels), Some(extra)) = (
-            object["metadata"]["labels"].as_object().cloned(),
-            label.as_object(),
-        ) {
-            let mut merged = labels;
-            merged.extend(extra.clone());
-            object["metadata"]["labels"] = serde_json::Value::Object(merged);
-        } else {
-            object["metadata"]["labels"] = label.clone();
-        }
+        operator_env::add_labels(&mut object, &label);
         apply(&client, ns.name(), &object).await?;
     }
     let names: Vec<String> = (0..6).map(|i| format!("restarts-{i}")).collect();

@@ -779,6 +779,28 @@ where
         }
     }
 
+    /// Brings `log` up to the record and a recorder to continue the run with; a run that has
+    /// not started, or has ended (`ended` says what it no longer does), is refused.
+    async fn continue_run<'s>(
+        &'s self,
+        caller: &Caller,
+        slot: &RunSlot,
+        log: &mut RunLog,
+        ended: &str,
+    ) -> Result<Recorder<'s, S>, Refusal> {
+        // What the record says wins over what this replica remembers: another replica (or this
+        // one before a restart) may have handled calls of this run.
+        log.refresh(&self.store, &caller.tenant, caller.run_id(), &slot.gateway)
+            .await
+            .map_err(unavailable)?;
+        if log.finished() {
+            return Err(forbidden(format!("the run has ended; {ended}")));
+        }
+        let key = self.keys.for_tenant(caller.tenant.as_str());
+        log.recorder(&self.store, &caller.tenant, key)
+            .ok_or_else(|| bad("the run has not started; its runner writes run_started first"))
+    }
+
     async fn decide_and_execute(
         &self,
         caller: &Caller,
@@ -786,18 +808,9 @@ where
         request: CallRequest,
     ) -> Result<super::CallOutcome, Refusal> {
         let mut log = slot.log.lock().await;
-        // What the record says wins over what this replica remembers: another replica (or this
-        // one before a restart) may have handled calls of this run.
-        log.refresh(&self.store, &caller.tenant, caller.run_id(), &slot.gateway)
-            .await
-            .map_err(unavailable)?;
-        if log.finished() {
-            return Err(forbidden("the run has ended; it makes no more calls"));
-        }
-        let key = self.keys.for_tenant(caller.tenant.as_str());
-        let mut recorder = log
-            .recorder(&self.store, &caller.tenant, key)
-            .ok_or_else(|| bad("the run has not started; its runner writes run_started first"))?;
+        let mut recorder = self
+            .continue_run(caller, slot, &mut log, "it makes no more calls")
+            .await?;
         let outcome =
             if slot.gateway.calls_made(caller.run_id()) >= caller.context.context.budget.max_tool_calls {
                 slot.gateway
@@ -846,17 +859,10 @@ where
         let request: ModelCall = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
         let slot = service.slot(&caller).await?;
         let mut log = slot.log.lock().await;
-        log.refresh(&service.store, &caller.tenant, caller.run_id(), &slot.gateway)
-            .await
-            .map_err(unavailable)?;
-        if log.finished() {
-            return Err(forbidden("the run has ended; it asks the model nothing more"));
-        }
-        let key = service.keys.for_tenant(caller.tenant.as_str());
         // The turn is recorded on the run: a model is asked only once the run has started.
-        let mut recorder = log
-            .recorder(&service.store, &caller.tenant, key)
-            .ok_or_else(|| bad("the run has not started; its runner writes run_started first"))?;
+        let mut recorder = service
+            .continue_run(&caller, &slot, &mut log, "it asks the model nothing more")
+            .await?;
         let ledger = &log.ledger;
         // A turn already recorded for this step (the runner crashed before reading the answer)
         // is answered from the record: the model is never asked twice for one step.

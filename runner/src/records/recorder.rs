@@ -136,19 +136,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             entries: 0,
             head: Hash([0; 32]),
         };
-        let mut recorder = Self {
-            store,
-            tenant,
-            key,
-            summary,
-            head: None,
-            staged: Vec::new(),
-            blob_threshold: DEFAULT_BLOB_THRESHOLD,
-            clock,
-            sign_heads: true,
-            tap: None,
-            appended: 0,
-        };
+        let mut recorder = Self::with_state(store, tenant, key, summary, None);
         recorder.stage(EntryBody::RunStarted {
             session_id: start.session_id,
             agent: start.agent,
@@ -179,39 +167,39 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         };
         validate_id("run", &run_started.run_id)?;
         validate_id("session", session_id)?;
-        Ok(Self {
-            store,
-            tenant,
-            key,
-            summary: RunSummary {
-                run_id: run_started.run_id.clone(),
-                session_id: session_id.clone(),
-                agent: agent.clone(),
-                started_at_ms: run_started.at_ms,
-                outcome: "running".into(),
-                entries: 0,
-                head: Hash([0; 32]),
-            },
-            head: None,
-            staged: Vec::new(),
-            blob_threshold: DEFAULT_BLOB_THRESHOLD,
-            clock: now_ms,
-            sign_heads: true,
-            tap: None,
-            appended: 0,
-        })
+        let summary = RunSummary {
+            run_id: run_started.run_id.clone(),
+            session_id: session_id.clone(),
+            agent: agent.clone(),
+            started_at_ms: run_started.at_ms,
+            outcome: "running".into(),
+            entries: 0,
+            head: Hash([0; 32]),
+        };
+        Ok(Self::with_state(store, tenant, key, summary, None))
     }
 
     /// Continues a run whose summary and head the caller already knows (it read them before,
     /// see [`fold_into_summary`]): no read of the chain. An append that finds the head moved is
     /// re-chained as usual.
     pub fn at(store: &'s S, tenant: TenantId, key: KeyPair, summary: RunSummary, head: (u64, Hash)) -> Self {
+        Self::with_state(store, tenant, key, summary, Some(head))
+    }
+
+    /// A recorder over a known summary and head, with nothing staged.
+    fn with_state(
+        store: &'s S,
+        tenant: TenantId,
+        key: KeyPair,
+        summary: RunSummary,
+        head: Option<(u64, Hash)>,
+    ) -> Self {
         Self {
             store,
             tenant,
             key,
             summary,
-            head: Some(head),
+            head,
             staged: Vec::new(),
             blob_threshold: DEFAULT_BLOB_THRESHOLD,
             clock: now_ms,
@@ -269,19 +257,13 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                 SummaryEffect::of(&e.body).apply(&mut summary);
             }
         }
-        Ok(Self {
+        Ok(Self::with_state(
             store,
             tenant,
             key,
             summary,
-            head: Some((head.seq, head.hash)),
-            staged: Vec::new(),
-            blob_threshold: DEFAULT_BLOB_THRESHOLD,
-            clock: now_ms,
-            sign_heads: true,
-            tap: None,
-            appended: 0,
-        })
+            Some((head.seq, head.hash)),
+        ))
     }
 
     /// Uses a fixed clock (for byte-identical records in tests and replays).

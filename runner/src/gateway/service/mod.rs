@@ -1,0 +1,471 @@
+//! `contextos gateway`: the Tool Gateway as the cluster's one effect path. Runner pods hold no
+//! credential, signing key or store address; every record append and read, tool call and model
+//! turn of a run is a request here. Each request is authenticated twice: the pod's projected
+//! token (TokenReview → namespace and pod) and the signed RunContext, which must have been
+//! issued to that very pod in that namespace. The tenant is the verified namespace.
+//!
+//! What a runner may write is limited to its own run and to the entries only it can know (its
+//! context compilation, critic verdicts, checkpoints, outcome). Decisions, results, approvals
+//! and model turns are written by the gateway itself, and the gateway alone signs heads — with
+//! the tenant's key, which never leaves this service.
+
+mod read_api;
+mod run_api;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use base64::Engine as _;
+use contextos_crds::session::Approval;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::Digest as _;
+
+use super::{
+    ToolGateway,
+    identity::{AuthError, Authenticator, PodIdentity},
+    remote::{CallRequest, ModelCall},
+    run_log::RunLog,
+    tenancy::{TenantError, TenantView},
+};
+use crate::{
+    keys::{PublicKey, TenantKeys},
+    model::{Model, ModelError},
+    read_grant::SignedReadGrant,
+    records::{
+        EntryBody, Hash, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId,
+        recorder::now_ms,
+        store::remote::{AppendRequest, Problem, READ_GRANT_HEADER, RUN_CONTEXT_HEADER, WireEntry},
+    },
+    run::bundle::RunBundle,
+    run_context::SignedRunContext,
+};
+
+/// Largest request body (a batch of entries or a blob).
+const MAX_REQUEST_BYTES: usize = 8 << 20;
+/// Verified RunContext signatures remembered at most (then the memory starts over).
+const VERIFIED_CONTEXTS: usize = 4096;
+/// Runs whose gateway is kept built at most; the least recently used is dropped first.
+const MAX_CACHED_RUNS: usize = 256;
+
+/// The service's shared state.
+pub struct GatewayService<S, A, T> {
+    store: S,
+    auth: A,
+    tenants: T,
+    keys: TenantKeys,
+    /// The operator's key: the only signer of RunContexts this service accepts.
+    trust: PublicKey,
+    runs: Mutex<RunSlots>,
+    /// Fingerprints of RunContexts whose signature verified.
+    verified: Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// URL prefix rewrites for tools (single-machine setups and tests).
+    endpoint_overrides: Vec<(String, String)>,
+    /// ContextOS's own namespace: its keys live there, and no caller from it is served.
+    system_namespace: String,
+}
+
+impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayService").finish_non_exhaustive()
+    }
+}
+
+/// Built runs by (tenant, run id), with when each was last used.
+type RunSlots = HashMap<(String, String), (Arc<RunSlot>, i64)>;
+
+/// A run the service governs: its pinned bundle, its gateway (tools with credentials, compiled
+/// policies) and its model.
+struct RunSlot {
+    bundle: RunBundle,
+    gateway: ToolGateway,
+    model: Model,
+    /// What this replica has read of the run's record. Requests of one run are handled one at
+    /// a time in a replica (a run is sequential), holding this lock.
+    log: tokio::sync::Mutex<RunLog>,
+}
+
+/// A verified caller: a runner pod and the RunContext issued to it.
+struct Caller {
+    identity: PodIdentity,
+    context: SignedRunContext,
+    tenant: TenantId,
+}
+
+impl Caller {
+    fn run_id(&self) -> &str {
+        &self.context.context.run_id
+    }
+}
+
+/// A refused request: status, machine-readable code, message for a human.
+#[derive(Debug)]
+struct Refusal(StatusCode, &'static str, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let problem = Problem {
+            error: self.2,
+            code: self.1.to_owned(),
+        };
+        (self.0, Json(problem)).into_response()
+    }
+}
+
+fn bad(message: impl Into<String>) -> Refusal {
+    Refusal(StatusCode::BAD_REQUEST, "bad_request", message.into())
+}
+
+fn forbidden(message: impl Into<String>) -> Refusal {
+    Refusal(StatusCode::FORBIDDEN, "forbidden", message.into())
+}
+
+fn unavailable(message: impl std::fmt::Display) -> Refusal {
+    Refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        message.to_string(),
+    )
+}
+
+type Reply = Result<Response, Refusal>;
+
+#[derive(Debug, Deserialize)]
+struct RunQuery {
+    run: String,
+    #[serde(default)]
+    from: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct SessionQuery {
+    session: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RunsQuery {
+    agent: Option<String>,
+    session: Option<String>,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    limit: Option<usize>,
+}
+
+/// The most runs one listing returns.
+const MAX_LISTED_RUNS: usize = 10_000;
+
+impl<S, A, T> GatewayService<S, A, T>
+where
+    S: RecordStore + 'static,
+    A: Authenticator + 'static,
+    T: TenantView + 'static,
+{
+    pub fn new(store: S, auth: A, tenants: T, keys: TenantKeys, trust: PublicKey) -> Self {
+        Self {
+            store,
+            auth,
+            tenants,
+            keys,
+            trust,
+            runs: Mutex::new(HashMap::new()),
+            verified: Mutex::new(Default::default()),
+            endpoint_overrides: Vec::new(),
+            system_namespace: "contextos-system".into(),
+        }
+    }
+
+    /// ContextOS's own namespace (default `contextos-system`): pods there are never callers.
+    pub fn with_system_namespace(mut self, namespace: &str) -> Self {
+        self.system_namespace = namespace.to_owned();
+        self
+    }
+
+    /// Sends tool calls for URLs starting with `from` to `to` instead.
+    pub fn with_endpoint_overrides(mut self, overrides: Vec<(String, String)>) -> Self {
+        self.endpoint_overrides = overrides;
+        self
+    }
+
+    /// The public key a tenant's records are signed with (auditors verify chains with it).
+    pub fn tenant_public_key(&self, tenant: &str) -> PublicKey {
+        self.keys.for_tenant(tenant).public()
+    }
+
+    /// The routes: the run API under `/v1/run/`, tenant public keys, `/healthz`.
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/run/append", post(Self::append))
+            .route("/v1/run/head", get(Self::head))
+            .route("/v1/run/chain", get(Self::chain))
+            .route("/v1/run/checkpoint", get(Self::checkpoint))
+            .route("/v1/run/blobs", post(Self::put_blob))
+            .route("/v1/run/blobs/{hash}", get(Self::get_blob))
+            .route("/v1/run/calls", post(Self::call))
+            .route("/v1/run/model", post(Self::model))
+            .route("/v1/records/runs", get(Self::reader_runs))
+            .route("/v1/records/head", get(Self::reader_head))
+            .route("/v1/records/chain", get(Self::reader_chain))
+            .route("/v1/records/checkpoint", get(Self::reader_checkpoint))
+            .route("/v1/records/blobs", post(Self::reader_put_blob))
+            .route("/v1/records/blobs/{hash}", get(Self::reader_get_blob))
+            .route("/v1/tenants/{tenant}/record-key", get(Self::record_key))
+            .route("/healthz", get(|| async { "ok" }))
+            .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+            .with_state(self)
+    }
+
+    /// The calling pod, as the API server vouches for it.
+    async fn identify(&self, headers: &HeaderMap) -> Result<PodIdentity, Refusal> {
+        let token = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let identity = self.auth.authenticate(token).await.map_err(|e| match e {
+            AuthError::Unavailable(_) => unavailable(&e),
+            _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
+        })?;
+        // Runs never live in ContextOS's own namespace, where its keys are: nothing there is
+        // served as a tenant.
+        if identity.namespace == self.system_namespace {
+            return Err(forbidden(format!(
+                "namespace {} is ContextOS's own; it is not a tenant",
+                identity.namespace
+            )));
+        }
+        Ok(identity)
+    }
+
+    /// Authenticates the pod, then checks the RunContext was issued to it.
+    async fn caller(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
+        let identity = self.identify(headers).await?;
+        let context = headers
+            .get(RUN_CONTEXT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            .and_then(|bytes| serde_json::from_slice::<SignedRunContext>(&bytes).ok())
+            .ok_or_else(|| {
+                bad(format!(
+                    "header {RUN_CONTEXT_HEADER} does not hold a signed RunContext"
+                ))
+            })?;
+        let refuse = |why: String| {
+            tracing::warn!(
+                namespace = %identity.namespace, pod = %identity.pod, run_id = %context.context.run_id,
+                "refused a RunContext: {why}"
+            );
+            forbidden(why)
+        };
+        // Signature, expiry, and that it was issued for the caller's own namespace. A context
+        // whose signature verified before (the same bytes: a runner sends its context with every
+        // request) is not verified again; expiry and tenant are checked every time.
+        let fingerprint: [u8; 32] =
+            sha2::Sha256::digest(serde_json::to_vec(&context).unwrap_or_default()).into();
+        let known = self.verified.lock().is_ok_and(|v| v.contains(&fingerprint));
+        let checked = if known {
+            context.verify_known(&self.trust, &identity.namespace, now_ms())
+        } else {
+            context.verify(&self.trust, &identity.namespace, now_ms())
+        };
+        checked.map_err(|e| refuse(e.to_string()))?;
+        if !known && let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= VERIFIED_CONTEXTS {
+                verified.clear();
+            }
+            verified.insert(fingerprint);
+        }
+        if context.context.pod.as_deref() != Some(identity.pod.as_str()) {
+            return Err(refuse(format!(
+                "RunContext of run {} was issued to pod {}, not to the caller {}/{}",
+                context.context.run_id,
+                context.context.pod.as_deref().unwrap_or("(none)"),
+                identity.namespace,
+                identity.pod
+            )));
+        }
+        let tenant = TenantId::new(identity.namespace.clone()).map_err(|e| bad(e.to_string()))?;
+        Ok(Caller {
+            identity,
+            context,
+            tenant,
+        })
+    }
+
+    /// A runner reads and writes only the run its RunContext names.
+    fn own_run(caller: &Caller, run: &str) -> Result<(), Refusal> {
+        if run == caller.run_id() {
+            Ok(())
+        } else {
+            Err(forbidden(format!(
+                "pod {}/{} acts for run {}, not run {run}",
+                caller.identity.namespace,
+                caller.identity.pod,
+                caller.run_id()
+            )))
+        }
+    }
+
+    async fn record_key(State(service): State<Arc<Self>>, Path(tenant): Path<String>) -> Reply {
+        let tenant = TenantId::new(tenant).map_err(|e| bad(e.to_string()))?;
+        let key = service.tenant_public_key(tenant.as_str());
+        Ok(Json(json!({"tenant": tenant, "publicKey": key.to_hex(), "keyId": key.key_id()})).into_response())
+    }
+
+    /// The run's governed state, built once per replica from the bundle its RunContext pins.
+    async fn slot(&self, caller: &Caller) -> Result<Arc<RunSlot>, Refusal> {
+        let key = (caller.tenant.to_string(), caller.run_id().to_owned());
+        let now = now_ms();
+        if let Ok(mut runs) = self.runs.lock()
+            && let Some((slot, used)) = runs.get_mut(&key)
+        {
+            *used = now;
+            return Ok(slot.clone());
+        }
+        let slot = Arc::new(self.build_slot(caller).await?);
+        if let Ok(mut runs) = self.runs.lock() {
+            if runs.len() >= MAX_CACHED_RUNS
+                && let Some(oldest) = runs
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| k.clone())
+            {
+                runs.remove(&oldest);
+            }
+            runs.insert(key, (slot.clone(), now));
+        }
+        Ok(slot)
+    }
+
+    async fn build_slot(&self, caller: &Caller) -> Result<RunSlot, Refusal> {
+        let context = &caller.context.context;
+        let digest = context
+            .bundle_digest
+            .as_deref()
+            .and_then(Hash::parse)
+            .ok_or_else(|| forbidden("the RunContext pins no bundle"))?;
+        let bytes = self
+            .store
+            .get_blob(&caller.tenant, &digest)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| {
+                bad(format!(
+                    "the run's bundle {digest} was not uploaded; start the run first"
+                ))
+            })?;
+        if Hash::of(&bytes) != digest {
+            return Err(unavailable(format!(
+                "the store returned a different bundle for {digest}"
+            )));
+        }
+        let bundle: RunBundle = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(format!("bundle {digest} does not decode: {e}")))?;
+        if bundle.tenant != caller.tenant.as_str()
+            || bundle.session != context.session_id
+            || bundle.agent != context.agent.name
+        {
+            return Err(forbidden(
+                "the pinned bundle is for another tenant, Session or Agent",
+            ));
+        }
+        // A command-started MCP server would run inside this service, next to every tenant's
+        // credentials: never. (Such tools need a capability sandbox; the operator refuses them.)
+        if let Some(tool) = bundle
+            .agent_spec
+            .tools
+            .iter()
+            .find(|t| crate::run::execution::executes_code(t))
+        {
+            return Err(forbidden(format!(
+                "tool {} starts an MCP server from a command; the gateway service runs no code an Agent names",
+                tool.name
+            )));
+        }
+        let secrets = self.secrets_of(caller, &bundle).await?;
+        let gateway = bundle
+            .gateway_bundle(secrets.clone())
+            .build(self.trust)
+            .map_err(|e| bad(format!("agent {}: {e}", bundle.agent)))?
+            .with_endpoint_overrides(self.endpoint_overrides.clone())
+            .with_attesting_key(self.keys.for_tenant(caller.tenant.as_str()));
+        let model = Model::for_bundle(&bundle, &secrets).map_err(bad)?;
+        Ok(RunSlot {
+            bundle,
+            gateway,
+            model,
+            log: tokio::sync::Mutex::new(RunLog::default()),
+        })
+    }
+
+    /// The Secret values the run's tools and model reference, read from its own namespace.
+    async fn secrets_of(
+        &self,
+        caller: &Caller,
+        bundle: &RunBundle,
+    ) -> Result<BTreeMap<String, String>, Refusal> {
+        let mut out = BTreeMap::new();
+        let agent = &bundle.agent_spec;
+        let refs = agent
+            .tools
+            .iter()
+            .flat_map(|t| {
+                let http = t.adapter.http.as_ref().and_then(|h| h.secret_ref.clone());
+                let hook = t.adapter.webhook.as_ref().map(|w| w.secret_ref.clone());
+                http.into_iter().chain(hook)
+            })
+            .chain(agent.model.secret_ref.clone());
+        for key in refs {
+            let value = self
+                .tenants
+                .secret(caller.tenant.as_str(), &key.name, &key.key)
+                .await
+                .map_err(|e| match e {
+                    TenantError::Refused(why) => forbidden(why),
+                    TenantError::Unavailable(why) => unavailable(why),
+                })?;
+            if let Some(value) = value {
+                out.insert(format!("{}/{}", key.name, key.key), value);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Brings `log` up to the record and a recorder to continue the run with; a run that has
+    /// not started, or has ended (`ended` says what it no longer does), is refused.
+    async fn continue_run<'s>(
+        &'s self,
+        caller: &Caller,
+        slot: &RunSlot,
+        log: &mut RunLog,
+        ended: &str,
+    ) -> Result<Recorder<'s, S>, Refusal> {
+        // What the record says wins over what this replica remembers: another replica (or this
+        // one before a restart) may have handled calls of this run.
+        log.refresh(&self.store, &caller.tenant, caller.run_id(), &slot.gateway)
+            .await
+            .map_err(unavailable)?;
+        if log.finished() {
+            return Err(forbidden(format!("the run has ended; {ended}")));
+        }
+        let key = self.keys.for_tenant(caller.tenant.as_str());
+        log.recorder(&self.store, &caller.tenant, key)
+            .ok_or_else(|| bad("the run has not started; its runner writes run_started first"))
+    }
+}
+
+fn head_moved(run_id: &str) -> Refusal {
+    Refusal(
+        StatusCode::CONFLICT,
+        "head_moved",
+        format!("run {run_id}: the chain moved on; re-read the head and chain again"),
+    )
+}

@@ -1,0 +1,150 @@
+//! The read API (`/v1/records/…`): a replay Job's pods read their tenant's runs and store their
+//! report, with the operator's read grant for their own Job; nothing else.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+};
+use base64::Engine as _;
+
+use super::*;
+
+impl<S, A, T> GatewayService<S, A, T>
+where
+    S: RecordStore + 'static,
+    A: Authenticator + 'static,
+    T: TenantView + 'static,
+{
+    /// A replay Job's pod: its token, and an operator-signed ReadGrant for its own Job and
+    /// namespace. Reads the tenant's records and stores reports; nothing else.
+    pub(super) async fn reader(&self, headers: &HeaderMap) -> Result<TenantId, Refusal> {
+        let identity = self.identify(headers).await?;
+        let grant = headers
+            .get(READ_GRANT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            .and_then(|bytes| serde_json::from_slice::<SignedReadGrant>(&bytes).ok())
+            .ok_or_else(|| {
+                bad(format!(
+                    "header {READ_GRANT_HEADER} does not hold a signed read grant"
+                ))
+            })?;
+        let grant = grant
+            .verify(&self.trust, &identity.namespace, now_ms())
+            .map_err(|e| forbidden(e.to_string()))?;
+        let controller = self
+            .tenants
+            .pod_controller(&identity.namespace, &identity.pod)
+            .await
+            .map_err(unavailable)?;
+        if controller != Some(("Job".to_owned(), grant.job.clone())) {
+            tracing::warn!(namespace = %identity.namespace, pod = %identity.pod, job = %grant.job,
+                "refused a read grant presented by a pod its Job does not own");
+            return Err(forbidden(format!(
+                "the read grant is for the pods of Job {}, and pod {}/{} is not one",
+                grant.job, identity.namespace, identity.pod
+            )));
+        }
+        TenantId::new(identity.namespace).map_err(|e| bad(e.to_string()))
+    }
+
+    pub(super) async fn reader_runs(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<RunsQuery>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let filter = crate::records::RunFilter {
+            agent: q.agent,
+            session_id: q.session,
+            since_ms: q.since_ms,
+            until_ms: q.until_ms,
+            limit: Some(q.limit.unwrap_or(MAX_LISTED_RUNS).min(MAX_LISTED_RUNS)),
+        };
+        let runs = service
+            .store
+            .list_runs(&tenant, &filter)
+            .await
+            .map_err(unavailable)?;
+        Ok(Json(runs).into_response())
+    }
+
+    pub(super) async fn reader_head(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<RunQuery>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let head = service.store.head(&tenant, &q.run).await.map_err(unavailable)?;
+        Ok(Json(head).into_response())
+    }
+
+    pub(super) async fn reader_chain(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<RunQuery>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let chain = service
+            .store
+            .read_chain(&tenant, &q.run, q.from)
+            .await
+            .map_err(unavailable)?;
+        Ok(Json(chain.iter().map(WireEntry::of).collect::<Vec<_>>()).into_response())
+    }
+
+    pub(super) async fn reader_checkpoint(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<SessionQuery>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let checkpoint = service
+            .store
+            .latest_checkpoint(&tenant, &q.session)
+            .await
+            .map_err(unavailable)?;
+        Ok(Json(checkpoint).into_response())
+    }
+
+    pub(super) async fn reader_put_blob(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let hash = service
+            .store
+            .put_blob(&tenant, body.to_vec())
+            .await
+            .map_err(unavailable)?;
+        Ok(Json(hash.to_hex()).into_response())
+    }
+
+    pub(super) async fn reader_get_blob(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Path(hash): Path<String>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let hash = Hash::parse(&hash).ok_or_else(|| bad("not a blob hash"))?;
+        match service
+            .store
+            .get_blob(&tenant, &hash)
+            .await
+            .map_err(unavailable)?
+        {
+            Some(bytes) => Ok(bytes.into_response()),
+            None => Err(Refusal(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no blob {hash}"),
+            )),
+        }
+    }
+}

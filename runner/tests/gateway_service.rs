@@ -46,7 +46,11 @@ struct Rig {
     replica: String,
     tools: OpsTools,
     bundle: RunBundle,
+    /// The services behind `url` and `replica`.
+    services: Vec<Arc<Service>>,
 }
+
+type Service = GatewayService<Arc<MemoryStore>, StaticTokens, StaticTenants>;
 
 fn pod(namespace: &str, name: &str) -> PodIdentity {
     PodIdentity {
@@ -86,7 +90,7 @@ async fn rig() -> Rig {
     let operator = KeyPair::from_seed([11; 32]);
     let keys = TenantKeys::new(&KeyPair::from_seed([12; 32]));
     // Two replicas of the service over one store, as in a cluster.
-    let mut urls = Vec::new();
+    let (mut urls, mut services) = (Vec::new(), Vec::new());
     for _ in 0..2 {
         let service = GatewayService::new(
             store.clone(),
@@ -107,7 +111,9 @@ async fn rig() -> Rig {
         ]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         urls.push(format!("http://{}", listener.local_addr().expect("addr")));
-        let router = Arc::new(service).router();
+        let service = Arc::new(service);
+        services.push(service.clone());
+        let router = service.router();
         tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
@@ -122,6 +128,7 @@ async fn rig() -> Rig {
         replica,
         tools,
         bundle,
+        services,
     }
 }
 
@@ -249,6 +256,8 @@ async fn a_session_runs_through_the_gateway_service_and_verifies_with_the_tenant
     );
     let outcome = rig.resume(&[grant(&call_hash, "dana@example.com")]).await;
     assert!(matches!(outcome, RunOutcome::Completed { .. }), "{outcome:?}");
+    // The run ended: no replica keeps its gateway built.
+    assert!(rig.services.iter().all(|s| s.cached_runs() == 0));
 
     let shop_key = rig.keys.for_tenant("shop").public();
     let verified = verify_run(&*rig.store, &rig.tenant(), RUN, &shop_key)

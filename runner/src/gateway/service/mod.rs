@@ -345,6 +345,18 @@ where
         Ok(slot)
     }
 
+    /// Drops the run's built gateway (its run ended; another request would rebuild it).
+    fn forget_slot(&self, caller: &Caller) {
+        if let Ok(mut runs) = self.runs.lock() {
+            runs.remove(&(caller.tenant.to_string(), caller.run_id().to_owned()));
+        }
+    }
+
+    /// Runs whose gateway is built in this replica (bounded; ended runs are dropped).
+    pub fn cached_runs(&self) -> usize {
+        self.runs.lock().map_or(0, |r| r.len())
+    }
+
     async fn build_slot(&self, caller: &Caller) -> Result<RunSlot, Refusal> {
         let context = &caller.context.context;
         let digest = context

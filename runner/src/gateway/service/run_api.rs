@@ -75,6 +75,10 @@ where
         log.after_write(&service.store, &caller.tenant, caller.run_id(), appended)
             .await
             .map_err(unavailable)?;
+        if log.finished() {
+            // An ended run is served nothing more: its built gateway need not be kept.
+            service.forget_slot(&caller);
+        }
         Ok(Json(head).into_response())
     }
 

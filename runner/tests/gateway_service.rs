@@ -17,6 +17,7 @@ use contextos_crds::session::{Approval, ApprovalDecision};
 use contextos_runner::{
     gateway::{
         CallOutcome,
+        egress::EgressGuard,
         envelope::ApprovalGrant,
         identity::{PodIdentity, StaticTokens},
         remote::{GatewayClient, RUN_CONTEXT_HEADER, TokenSource},
@@ -62,6 +63,10 @@ fn pod(namespace: &str, name: &str) -> PodIdentity {
 }
 
 async fn rig() -> Rig {
+    rig_with(EgressGuard::default()).await
+}
+
+async fn rig_with(egress: EgressGuard) -> Rig {
     let tools = OpsTools::start(&[]);
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
     let bundle = ManifestSet::load(&[examples])
@@ -99,6 +104,7 @@ async fn rig() -> Rig {
             keys.clone(),
             operator.public(),
         )
+        .with_egress(egress.clone())
         .with_endpoint_overrides(vec![
             (
                 "http://ops-tools.shop-platform.svc:8080".into(),
@@ -729,4 +735,42 @@ async fn only_a_listed_approver_can_approve_a_call_whose_rule_names_users() {
     );
     let outcome = rig.resume(&[grant(&call_hash, "dana@example.com")]).await;
     assert!(matches!(outcome, RunOutcome::Completed { .. }), "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_pointed_at_a_denied_network_is_never_reached() {
+    // The platform denies the network the tools live on (say, the store's): the gateway sends
+    // nothing there, whether the URL names the address or a name that resolves to it.
+    let rig = rig_with(EgressGuard::new(vec![
+        "127.0.0.1/32".parse().expect("net"),
+        "::1/128".parse().expect("net"),
+    ]))
+    .await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &rig.bundle, &context).await;
+    let status = contextos_runner::gateway::envelope::CallEnvelope {
+        call_id: "1.0".into(),
+        tool: "post_status_update".into(),
+        arguments: serde_json::json!({"channel": "#incidents", "severity": "sev2", "text": "hello"}),
+        risk: contextos_crds::common::ToolRisk::Network,
+        kind: contextos_crds::common::ToolKind::Act,
+        idempotency_key: "status-1".into(),
+        traceparent: format!("00-{TRACE}-0000000000000001-01"),
+        run_context: context.clone(),
+        approval: None,
+    };
+    let outcome = client.call(&status, &Default::default()).await.expect("answered");
+    match &outcome {
+        CallOutcome::Executed(result) => assert!(
+            !result.ok
+                && result
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("destination refused")),
+            "{result:?}"
+        ),
+        other => panic!("the call is refused at its destination, got {other:?}"),
+    }
+    assert!(rig.tools.effect_keys().is_empty(), "nothing reached the tool");
 }

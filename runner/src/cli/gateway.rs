@@ -8,9 +8,10 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::Args;
 use contextos_runner::{
-    gateway::{identity::TokenReviewer, service::GatewayService, tenancy::KubeTenants},
+    gateway::{egress::EgressGuard, identity::TokenReviewer, service::GatewayService, tenancy::KubeTenants},
     key_secrets::{self, RECORD_MASTER_KEY},
     keys::{PublicKey, TenantKeys},
+    records::StoreLocation,
 };
 
 use super::GlobalArgs;
@@ -28,6 +29,10 @@ pub struct GatewayArgs {
     /// ConfigMap `contextos-public-keys` (waited for at start).
     #[arg(long, env = "CONTEXTOS_TRUST_KEY")]
     trust_key: Option<String>,
+    /// A network tool and model calls may never reach (CIDR), e.g. the cluster's pod or service
+    /// range; repeatable. Link-local addresses and the record store's endpoints are always denied.
+    #[arg(long = "deny-destination", value_name = "CIDR")]
+    deny_destinations: Vec<ipnet::IpNet>,
 }
 
 pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitCode> {
@@ -39,6 +44,18 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         Some(hex) => PublicKey::from_hex(hex)?,
         None => wait_for_operator_key(&client, &args.namespace).await?,
     };
+    let egress = EgressGuard::new(args.deny_destinations.clone());
+    // The store's own endpoints: an Agent's tool must never be pointed at them.
+    if let Ok(StoreLocation::Tikv(endpoints)) = global.store_location() {
+        for endpoint in endpoints.split(',') {
+            let (host, port) = endpoint.rsplit_once(':').unwrap_or((endpoint, "2379"));
+            let port = port.parse().unwrap_or(2379);
+            egress
+                .deny_host(host, port)
+                .await
+                .map_err(|e| anyhow::anyhow!("the record store's endpoint {endpoint}: {e}"))?;
+        }
+    }
     let store = global.open_store().await?;
     let service = Arc::new(
         GatewayService::new(
@@ -48,7 +65,8 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
             TenantKeys::new(&master),
             trust,
         )
-        .with_system_namespace(&args.namespace),
+        .with_system_namespace(&args.namespace)
+        .with_egress(egress),
     );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

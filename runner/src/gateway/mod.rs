@@ -6,6 +6,7 @@
 pub mod adapters;
 pub mod approvals;
 pub mod bundle;
+pub mod egress;
 pub mod envelope;
 pub mod identity;
 pub mod reliability;
@@ -134,6 +135,8 @@ pub struct ToolGateway {
     verified: Mutex<HashMap<String, SignedRunContext>>,
     /// Signs the approval requests this gateway hands out (the gateway service: the tenant's key).
     attesting_key: Option<crate::keys::KeyPair>,
+    /// Where calls may go (the gateway service); `None`: anywhere (a local run).
+    egress: Option<egress::EgressGuard>,
 }
 
 /// Runs whose verified RunContext is remembered at most (then the memory starts over).
@@ -173,7 +176,15 @@ impl ToolGateway {
             endpoint_overrides: Vec::new(),
             verified: Mutex::new(HashMap::new()),
             attesting_key: None,
+            egress: None,
         }
+    }
+
+    /// Sends calls only where `guard` allows (resolved addresses, IP literals, no redirects).
+    pub fn with_egress(mut self, guard: egress::EgressGuard) -> Self {
+        self.http = guard.client();
+        self.egress = Some(guard);
+        self
     }
 
     /// Signs every approval request with `key`, so whoever relays it can be checked.
@@ -743,6 +754,16 @@ impl ToolGateway {
         };
         if !self.breakers.allow(&endpoint, Instant::now()) {
             return Err(AdapterError::CircuitOpen(endpoint));
+        }
+        if let Some(guard) = &self.egress {
+            let destination = match route {
+                Route::Http(http) => Some(self.effective_url(&http.url)),
+                Route::Webhook(hook) => Some(self.effective_url(&hook.url)),
+                Route::Mcp(mcp) => mcp.url.as_ref().map(|u| self.effective_url(u)),
+            };
+            if let Some(url) = destination {
+                guard.check_resolved(&url).await.map_err(AdapterError::Refused)?;
+            }
         }
         let args = &call.arguments;
         let result = match route {

@@ -27,6 +27,12 @@ impl OpenAiCompatible {
         }
     }
 
+    /// Sends requests with `client` (the gateway service's, which checks destinations).
+    pub fn with_client(mut self, client: reqwest::Client) -> Self {
+        self.http = client;
+        self
+    }
+
     /// The request body for `request`.
     pub fn body(request: &ModelRequest) -> Value {
         let messages: Vec<Value> = request.messages.iter().map(message_json).collect();

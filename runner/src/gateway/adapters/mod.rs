@@ -47,6 +47,8 @@ pub enum AdapterError {
     Protocol(String),
     #[error("this adapter is not available here: {0}")]
     Unsupported(String),
+    #[error("destination refused: {0}")]
+    Refused(String),
 }
 
 impl AdapterError {
@@ -55,7 +57,11 @@ impl AdapterError {
         match self {
             Self::Timeout(_) | Self::Unreachable { .. } => true,
             Self::Status { status, .. } => *status == 429 || *status >= 500,
-            Self::CircuitOpen(_) | Self::ToolFailed(_) | Self::Protocol(_) | Self::Unsupported(_) => false,
+            Self::CircuitOpen(_)
+            | Self::ToolFailed(_)
+            | Self::Protocol(_)
+            | Self::Unsupported(_)
+            | Self::Refused(_) => false,
         }
     }
 }

@@ -32,6 +32,7 @@ use sha2::Digest as _;
 
 use super::{
     ToolGateway,
+    egress::EgressGuard,
     identity::{AuthError, Authenticator, PodIdentity},
     remote::{CallRequest, ModelCall},
     run_log::RunLog,
@@ -72,6 +73,8 @@ pub struct GatewayService<S, A, T> {
     endpoint_overrides: Vec<(String, String)>,
     /// ContextOS's own namespace: its keys live there, and no caller from it is served.
     system_namespace: String,
+    /// Where tool and model calls may go.
+    egress: EgressGuard,
 }
 
 impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
@@ -180,7 +183,14 @@ where
             verified: Mutex::new(Default::default()),
             endpoint_overrides: Vec::new(),
             system_namespace: "contextos-system".into(),
+            egress: EgressGuard::default(),
         }
+    }
+
+    /// Where tool and model calls may go (default: anywhere but link-local addresses).
+    pub fn with_egress(mut self, guard: EgressGuard) -> Self {
+        self.egress = guard;
+        self
     }
 
     /// ContextOS's own namespace (default `contextos-system`): pods there are never callers.
@@ -408,8 +418,17 @@ where
             .build(self.trust)
             .map_err(|e| bad(format!("agent {}: {e}", bundle.agent)))?
             .with_endpoint_overrides(self.endpoint_overrides.clone())
-            .with_attesting_key(self.keys.for_tenant(caller.tenant.as_str()));
-        let model = Model::for_bundle(&bundle, &secrets).map_err(bad)?;
+            .with_attesting_key(self.keys.for_tenant(caller.tenant.as_str()))
+            .with_egress(self.egress.clone());
+        let model = match Model::for_bundle(&bundle, &secrets).map_err(bad)? {
+            Model::OpenAi(model) => {
+                if let Some(endpoint) = &bundle.agent_spec.model.endpoint {
+                    self.egress.check_url(endpoint).map_err(forbidden)?;
+                }
+                Model::OpenAi(model.with_client(self.egress.client()))
+            }
+            other => other,
+        };
         Ok(RunSlot {
             bundle,
             gateway,

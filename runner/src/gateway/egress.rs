@@ -1,0 +1,169 @@
+//! Where the gateway service's tool and model calls may go. An Agent chooses its endpoints, and
+//! the gateway sends them requests from the one place that reaches the record store, cloud
+//! metadata and the cluster's internals — so every destination is checked when it is connected
+//! to: the addresses a name resolves to are filtered by a resolver the HTTP client uses (so a
+//! name that resolves elsewhere on the next lookup gains nothing), IP literals are checked before
+//! sending, and redirects are not followed. Denied always: link-local addresses (instance
+//! metadata); denied by configuration: the record store's addresses and any listed network.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, RwLock},
+};
+
+use ipnet::IpNet;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+/// Networks no tool or model is reached in, whatever the configuration.
+const ALWAYS_DENIED: [&str; 2] = ["169.254.0.0/16", "fe80::/10"];
+
+/// The denied destinations.
+#[derive(Clone, Debug)]
+pub struct EgressGuard {
+    denied: Arc<RwLock<Vec<IpNet>>>,
+}
+
+impl Default for EgressGuard {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+impl EgressGuard {
+    /// A guard denying `networks` besides the always-denied ones.
+    pub fn new(networks: Vec<IpNet>) -> Self {
+        let mut denied: Vec<IpNet> = ALWAYS_DENIED.iter().filter_map(|n| n.parse().ok()).collect();
+        denied.extend(networks);
+        Self {
+            denied: Arc::new(RwLock::new(denied)),
+        }
+    }
+
+    /// Denies every address `host` resolves to now (e.g. the record store's PD endpoints).
+    pub async fn deny_host(&self, host: &str, port: u16) -> Result<(), String> {
+        let addresses = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+        // A store on loopback is a single-machine setup (the gateway's own host): denying it would
+        // deny every local tool, and nothing outside the machine can be pointed there anyway.
+        if let Ok(mut denied) = self.denied.write() {
+            denied.extend(
+                addresses
+                    .filter(|a| !a.ip().is_loopback())
+                    .map(|a| IpNet::from(a.ip())),
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether `ip` may be connected to.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        self.denied
+            .read()
+            .map(|denied| !denied.iter().any(|net| net.contains(&ip)))
+            .unwrap_or(false)
+    }
+
+    /// Refuses a URL whose host is a denied IP literal (names are checked when resolved).
+    pub fn check_url(&self, url: &str) -> Result<(), String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url} is not a URL: {e}"))?;
+        let literal = match parsed.host() {
+            Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+            _ => None,
+        };
+        match literal {
+            Some(ip) if !self.allows(ip) => Err(refusal(url, ip)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a URL whose host is, or now resolves to, a denied address (for clients that do
+    /// not resolve through [`EgressGuard::client`], such as the MCP transport's).
+    pub async fn check_resolved(&self, url: &str) -> Result<(), String> {
+        self.check_url(url)?;
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url} is not a URL: {e}"))?;
+        let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
+            return Ok(());
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(addresses) = tokio::net::lookup_host((host, port)).await {
+            for address in addresses {
+                if !self.allows(address.ip()) {
+                    return Err(refusal(url, address.ip()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An HTTP client whose connections go only where this guard allows, following no redirects.
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .dns_resolver(Arc::new(GuardedResolver { guard: self.clone() }))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default()
+    }
+}
+
+fn refusal(what: &str, ip: IpAddr) -> String {
+    format!(
+        "{what} leads to {ip}, where the gateway sends nothing (the record store, instance metadata or a network the platform denied)"
+    )
+}
+
+/// Resolves names and keeps only the addresses the guard allows.
+#[derive(Debug)]
+struct GuardedResolver {
+    guard: EgressGuard,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = found.iter().copied().filter(|a| guard.allows(a.ip())).collect();
+            if allowed.is_empty() {
+                let ip = found.first().map(SocketAddr::ip);
+                let message = match ip {
+                    Some(ip) => refusal(&host, ip),
+                    None => format!("{host} resolves to nothing"),
+                };
+                return Err(message.into());
+            }
+            let addrs: Addrs = Box::new(allowed.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_local_and_listed_networks_are_denied_wherever_they_hide() {
+        let guard = EgressGuard::new(vec!["10.96.0.0/12".parse().expect("net")]);
+        assert!(!guard.allows("169.254.169.254".parse().expect("ip")));
+        assert!(!guard.allows("10.96.0.10".parse().expect("ip")));
+        assert!(
+            !guard.allows("::ffff:169.254.169.254".parse().expect("ip")),
+            "v4-mapped v6"
+        );
+        assert!(guard.allows("93.184.216.34".parse().expect("ip")));
+        assert!(
+            guard
+                .check_url("http://169.254.169.254/latest/meta-data")
+                .is_err()
+        );
+        assert!(guard.check_url("http://[::ffff:a9fe:a9fe]/").is_err());
+        assert!(guard.check_url("http://tools.example.com/x").is_ok());
+    }
+}

@@ -412,6 +412,15 @@ async fn only_the_pod_a_run_context_was_issued_to_may_use_it() {
         403,
         "another run of the same tenant"
     );
+    // An unidentified caller is turned away before its body is read (an oversized body would
+    // otherwise be answered 413 after reading 8 MiB of it).
+    let flood = http
+        .post(format!("{}/v1/run/append", rig.url))
+        .body(vec![b'x'; 9 << 20])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(flood.status().as_u16(), 401, "refused before the body");
     // ContextOS's own namespace is never a tenant, even with a context issued for it.
     let mut system = rig.bundle.clone();
     system.tenant = "contextos-system".into();

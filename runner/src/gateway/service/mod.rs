@@ -51,6 +51,8 @@ use crate::{
     run_context::SignedRunContext,
 };
 
+/// Requests handled at once by one replica (more wait in line).
+const MAX_IN_FLIGHT: usize = 256;
 /// Largest request body (a batch of entries or a blob).
 const MAX_REQUEST_BYTES: usize = 8 << 20;
 /// Verified RunContext signatures remembered at most (then the memory starts over).
@@ -212,7 +214,9 @@ where
 
     /// The routes: the run API under `/v1/run/`, tenant public keys, `/healthz`.
     pub fn router(self: Arc<Self>) -> Router {
-        Router::new()
+        // Callers are identified from their headers before any body is read, and requests in
+        // flight are bounded: an unauthenticated or flooding caller costs little.
+        let authenticated = Router::new()
             .route("/v1/run/append", post(Self::append))
             .route("/v1/run/head", get(Self::head))
             .route("/v1/run/chain", get(Self::chain))
@@ -227,10 +231,30 @@ where
             .route("/v1/records/checkpoint", get(Self::reader_checkpoint))
             .route("/v1/records/blobs", post(Self::reader_put_blob))
             .route("/v1/records/blobs/{hash}", get(Self::reader_get_blob))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                Self::identified_first,
+            ));
+        Router::new()
+            .merge(authenticated)
             .route("/v1/tenants/{tenant}/record-key", get(Self::record_key))
             .route("/healthz", get(|| async { "ok" }))
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+            .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
             .with_state(self)
+    }
+
+    /// Refuses a request whose token does not identify a pod before its body is read (the
+    /// handler then identifies the caller fully; reviews are cached, so this costs one lookup).
+    async fn identified_first(
+        State(service): State<Arc<Self>>,
+        request: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> Response {
+        match service.identify(request.headers()).await {
+            Ok(_) => next.run(request).await,
+            Err(refusal) => refusal.into_response(),
+        }
     }
 
     /// The calling pod, as the API server vouches for it.

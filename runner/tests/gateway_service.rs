@@ -332,6 +332,34 @@ async fn a_runner_cannot_write_decisions_results_approvals_or_model_turns() {
             error: "forged".into(),
         },
     ];
+    // Blobs: its own bundle, yes; any other hash of the tenant (another run's bundle, say), no.
+    let own = context
+        .context
+        .bundle_digest
+        .as_deref()
+        .and_then(contextos_runner::records::Hash::parse);
+    let own = own.expect("pinned bundle");
+    assert!(
+        client
+            .records()
+            .get_blob(&rig.tenant(), &own)
+            .await
+            .expect("read")
+            .is_some()
+    );
+    let foreign = rig
+        .store
+        .put_blob(&rig.tenant(), b"another run's tool output".to_vec())
+        .await
+        .expect("stored");
+    assert!(
+        client
+            .records()
+            .get_blob(&rig.tenant(), &foreign)
+            .await
+            .expect("answered")
+            .is_none()
+    );
     let before = rig.bodies().await.len();
     for body in forged {
         let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)

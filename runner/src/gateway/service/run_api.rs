@@ -219,6 +219,22 @@ where
     ) -> Reply {
         let caller = service.caller(&headers).await?;
         let hash = Hash::parse(&hash).ok_or_else(|| bad("not a blob hash"))?;
+        // Only the run's own blobs: its pinned bundle and what its chain refers to. Blobs are
+        // content-addressed per tenant, so any other hash would let a runner probe other runs.
+        let pinned = caller
+            .context
+            .context
+            .bundle_digest
+            .as_deref()
+            .and_then(Hash::parse);
+        let own = pinned == Some(hash) || service.chain_refers_to(&caller, &hash).await?;
+        if !own {
+            return Err(Refusal(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("run {} has no blob {hash}", caller.run_id()),
+            ));
+        }
         match service
             .store
             .get_blob(&caller.tenant, &hash)
@@ -232,6 +248,19 @@ where
                 format!("no blob {hash}"),
             )),
         }
+    }
+
+    /// Whether the caller's own chain refers to blob `hash`.
+    async fn chain_refers_to(&self, caller: &Caller, hash: &Hash) -> Result<bool, Refusal> {
+        let chain = self
+            .store
+            .read_chain(&caller.tenant, caller.run_id(), 0)
+            .await
+            .map_err(unavailable)?;
+        Ok(chain.iter().any(|stored| {
+            RecordEntry::decode(&stored.bytes)
+                .is_ok_and(|e| matches!(e.body, EntryBody::Blob { blob, .. } if blob == *hash))
+        }))
     }
 
     pub(super) async fn call(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {

@@ -67,7 +67,12 @@ async fn rig() -> Rig {
 }
 
 async fn rig_with(egress: EgressGuard) -> Rig {
-    let tools = OpsTools::start(&[]);
+    rig_with_tools(egress, &[]).await
+}
+
+/// A rig whose ops-tools server runs with `tool_args` (e.g. `--slow PATH=MILLIS`).
+async fn rig_with_tools(egress: EgressGuard, tool_args: &[&str]) -> Rig {
+    let tools = OpsTools::start(tool_args);
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
     let bundle = ManifestSet::load(&[examples])
         .expect("quickstart manifests")
@@ -810,4 +815,38 @@ async fn a_tool_pointed_at_a_denied_network_is_never_reached() {
         other => panic!("the call is refused at its destination, got {other:?}"),
     }
     assert!(rig.tools.effect_keys().is_empty(), "nothing reached the tool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_resent_to_another_replica_while_it_acts_is_not_executed_twice() {
+    let rig = rig_with_tools(EgressGuard::default(), &["--slow", "/hooks/status=1500"]).await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let first = rig.client("token-run-1", &context);
+    let second =
+        GatewayClient::new(&rig.replica, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
+    start_run(first.records(), &rig.bundle, &context).await;
+    let status = contextos_runner::gateway::envelope::CallEnvelope {
+        call_id: "1.0".into(),
+        tool: "post_status_update".into(),
+        arguments: serde_json::json!({"channel": "#incidents", "severity": "sev2", "text": "hello"}),
+        risk: contextos_crds::common::ToolRisk::Network,
+        kind: contextos_crds::common::ToolKind::Act,
+        idempotency_key: "status-1".into(),
+        traceparent: format!("00-{TRACE}-0000000000000001-01"),
+        run_context: context.clone(),
+        approval: None,
+    };
+    // The first replica takes the call; the runner, impatient, sends it to the second too.
+    let taken = {
+        let (client, status) = (first.clone(), status.clone());
+        tokio::spawn(async move { client.call(&status, &Default::default()).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let resent = second.call(&status, &Default::default()).await.expect("answered");
+    let taken = taken.await.expect("joined").expect("answered");
+    for outcome in [&taken, &resent] {
+        assert!(matches!(outcome, CallOutcome::Executed(r) if r.ok), "{outcome:?}");
+    }
+    let requests = rig.tools.effects()["requests"].as_u64().expect("requests");
+    assert_eq!(requests, 1, "one request reached the tool");
 }

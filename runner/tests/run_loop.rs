@@ -195,9 +195,8 @@ fn a_run_killed_at_every_boundary_resumes_to_the_same_decisions_without_duplicat
     }
 }
 
-#[test]
-fn a_run_killed_while_a_tool_acts_resends_with_the_same_key_and_the_effect_happens_once() {
-    let q = Quickstart::new(&["--slow", "/deployments/restart=4000"]);
+/// Starts the approved restart (held back 4 s by the tool) and kills the run while it acts.
+fn kill_while_restarting(q: &Quickstart) {
     assert_eq!(q.step(false, None).code, Some(4));
     q.approve();
     // Resume, and kill it while the restart's response is still on its way.
@@ -227,6 +226,12 @@ fn a_run_killed_while_a_tool_acts_resends_with_the_same_key_and_the_effect_happe
     }
     kill(&child);
     let _ = child.wait();
+}
+
+#[test]
+fn a_run_killed_while_an_idempotent_tool_acts_resends_with_the_same_key_and_the_effect_happens_once() {
+    let q = Quickstart::new(&["--slow", "/deployments/restart=4000"]);
+    kill_while_restarting(&q);
     let done = q.step(true, None);
     assert_eq!(done.code, Some(0), "{}\n{}", done.stdout, done.stderr);
     assert_effects_once(&q, "killed mid-call");
@@ -235,4 +240,35 @@ fn a_run_killed_while_a_tool_acts_resends_with_the_same_key_and_the_effect_happe
         requests, 3,
         "the restart was sent twice with one key (plus the status update)"
     );
+}
+
+#[test]
+fn a_tool_that_cannot_dedupe_is_never_sent_twice_and_the_run_stops_for_a_human() {
+    // The quickstart with a restart tool that does not honour idempotency keys.
+    let files = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(Quickstart::examples())
+        .expect("examples")
+        .flatten()
+    {
+        let path = entry.path();
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).expect("read");
+            let text = text.replace(
+                "      idempotent: true\n      timeoutSeconds: 60",
+                "      timeoutSeconds: 60",
+            );
+            std::fs::write(files.path().join(entry.file_name()), text).expect("write");
+        }
+    }
+    let q = Quickstart::with_files(&["--slow", "/deployments/restart=4000"], files.path().to_owned());
+    kill_while_restarting(&q);
+    let stopped = q.step(true, None);
+    assert_eq!(stopped.code, Some(5), "{}\n{}", stopped.stdout, stopped.stderr);
+    assert!(
+        stopped.stdout.contains("OutcomeUnknown") && stopped.stdout.contains("restart_deployment"),
+        "the run says which call is in doubt:\n{}",
+        stopped.stdout
+    );
+    let requests = q.tools.effects()["requests"].as_u64().expect("requests");
+    assert_eq!(requests, 1, "the restart was sent once and never again");
 }

@@ -479,6 +479,8 @@ fn outcome_text(outcome: &CallOutcome) -> String {
         ),
         CallOutcome::Denied { rule, reason } => format!("DENIED by {rule}: {reason}"),
         CallOutcome::NeedsApproval { rule, .. } => format!("needs approval ({rule})"),
+        CallOutcome::OutcomeUnknown { reason, .. } => format!("OUTCOME UNKNOWN: {reason}"),
+        CallOutcome::InProgress { call_id } => format!("still in progress ({call_id})"),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod egress;
 pub mod envelope;
 pub mod identity;
+pub mod intents;
 pub mod reliability;
 pub mod remote;
 pub mod run_log;
@@ -55,6 +56,11 @@ pub enum CallOutcome {
     /// Refused; the reason names the rule or check.
     Denied { rule: String, reason: String },
     /// Waits for one of `approvers` to approve `call_hash`.
+    /// Started before an interruption, with no recorded result, and not safe to send again:
+    /// a human must find out whether it acted.
+    OutcomeUnknown { call_id: String, reason: String },
+    /// Started moments ago by another executor (a gateway replica) and not finished yet.
+    InProgress { call_id: String },
     NeedsApproval {
         call_hash: String,
         rule: String,
@@ -102,6 +108,9 @@ impl CatalogTool {
     }
 }
 
+/// A call as its request was recorded: idempotency key, tool, risk.
+type RequestedCall = (String, String, ToolRisk);
+
 /// Per-run counters the policies' budgets read.
 #[derive(Clone, Debug, Default)]
 struct RunCounters {
@@ -125,6 +134,9 @@ pub struct ToolGateway {
     approvals: ApprovalBook,
     /// Results by idempotency key: a resubmitted call returns its first result.
     completed: Mutex<HashMap<String, ToolResultRecord>>,
+    /// Calls read from records, by (run, call id): idempotency key, tool, risk (a result may be
+    /// read in a later slice of a record than its request).
+    calls: Mutex<HashMap<(String, String), RequestedCall>>,
     counters: Mutex<HashMap<String, RunCounters>>,
     /// Replay mode: never reach a tool; answer only from preloaded results.
     offline: bool,
@@ -137,6 +149,10 @@ pub struct ToolGateway {
     attesting_key: Option<crate::keys::KeyPair>,
     /// Where calls may go (the gateway service); `None`: anywhere (a local run).
     egress: Option<egress::EgressGuard>,
+    /// Calls started without a recorded result (see [`intents`]).
+    intents: intents::Intents,
+    /// Whether other executors (gateway replicas) may be carrying calls of the same run.
+    shared: bool,
 }
 
 /// Runs whose verified RunContext is remembered at most (then the memory starts over).
@@ -171,13 +187,23 @@ impl ToolGateway {
             breakers: CircuitBreakers::new(5, Duration::from_secs(30)),
             approvals: ApprovalBook::default(),
             completed: Mutex::new(HashMap::new()),
+            calls: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
             offline: false,
             endpoint_overrides: Vec::new(),
             verified: Mutex::new(HashMap::new()),
             attesting_key: None,
             egress: None,
+            intents: intents::Intents::default(),
+            shared: false,
         }
+    }
+
+    /// Other executors (gateway replicas) may carry calls of the runs this gateway serves: a
+    /// recent started call is theirs to finish, not to be judged.
+    pub fn shared_with_replicas(mut self) -> Self {
+        self.shared = true;
+        self
     }
 
     /// Sends calls only where `guard` allows (resolved addresses, IP literals, no redirects).
@@ -250,27 +276,37 @@ impl ToolGateway {
     /// idempotency key (so a call resubmitted after a crash answers from the first execution
     /// instead of acting twice), used approvals, and the budget counters.
     pub fn restore<'e>(&self, entries: impl IntoIterator<Item = &'e crate::records::RecordEntry>) {
-        let mut keys: HashMap<&str, (&str, &str, ToolRisk)> = HashMap::new();
+        let entries: Vec<&crate::records::RecordEntry> = entries.into_iter().collect();
+        self.intents.fold(entries.iter().copied());
         for entry in entries {
             match &entry.body {
                 EntryBody::ToolCallRequested(call) => {
-                    keys.insert(&call.call_id, (&call.idempotency_key, &call.tool, call.risk));
+                    if let Ok(mut calls) = self.calls.lock() {
+                        let requested = (call.idempotency_key.clone(), call.tool.clone(), call.risk);
+                        calls.insert((entry.run_id.clone(), call.call_id.clone()), requested);
+                    }
                 }
                 EntryBody::ApprovalGranted { call_hash, .. } => self.approvals.restore([call_hash.clone()]),
                 EntryBody::ToolResult(result) => {
-                    let Some((key, tool, risk)) = keys.get(result.call_id.as_str()).copied() else {
+                    // The request may have been read in an earlier slice of the record.
+                    let requested = self
+                        .calls
+                        .lock()
+                        .ok()
+                        .and_then(|c| c.get(&(entry.run_id.clone(), result.call_id.clone())).cloned());
+                    let Some((key, tool, risk)) = requested else {
                         continue;
                     };
                     // A call answered again from its first result (resent after a crash or to
                     // another replica) is one call, counted once.
-                    if self.completed_result(key).is_some() {
+                    if self.completed_result(&key).is_some() {
                         continue;
                     }
-                    self.count(&entry.run_id, tool, risk);
+                    self.count(&entry.run_id, &tool, risk);
                     if result.ok
                         && let Ok(mut completed) = self.completed.lock()
                     {
-                        completed.insert(key.to_owned(), result.clone());
+                        completed.insert(key, result.clone());
                     }
                 }
                 _ => {}
@@ -287,6 +323,10 @@ impl ToolGateway {
             counters.remove(run_id);
         }
         self.approvals.clear();
+        self.intents.clear();
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.clear();
+        }
         if let Ok(mut completed) = self.completed.lock() {
             completed.clear();
         }
@@ -369,6 +409,11 @@ impl ToolGateway {
             recorder.flush().await?;
             return Ok(CallOutcome::Executed(done));
         }
+        if !self.offline
+            && let Some(started) = self.intents.started(&call.idempotency_key)
+        {
+            return self.resume_started(call, tool, &started, recorder).await;
+        }
         if let Some(problem) = schema_problem(tool, &call.arguments) {
             return self
                 .refuse(call, recorder, format!("schema/{}", call.tool), problem)
@@ -408,9 +453,54 @@ impl ToolGateway {
             }
             PolicyEffect::Allow => {}
         }
+        // The go-ahead (and the approval it used) is durable before the tool acts: after a
+        // crash the record shows the call may have acted, and it is never decided again. Written
+        // only on top of what was read — if anyone else wrote meanwhile, nothing is executed.
+        if !self.offline {
+            recorder.flush_exclusive().await?;
+        }
         let result = self.execute(call, tool, recorder).await;
         recorder.flush().await?;
         Ok(CallOutcome::Executed(result))
+    }
+
+    /// A call whose go-ahead is on record without a result (see [`intents`]).
+    async fn resume_started<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        tool: &CatalogTool,
+        started: &intents::Started,
+        recorder: &mut Recorder<'_, S>,
+    ) -> Result<CallOutcome, GatewayError> {
+        match intents::resumption(&tool.spec, started, now_ms(), self.shared) {
+            intents::Resumption::Retry => {
+                let result = self.execute(call, tool, recorder).await;
+                recorder.flush().await?;
+                Ok(CallOutcome::Executed(result))
+            }
+            intents::Resumption::InProgress => {
+                recorder.discard_staged();
+                Ok(CallOutcome::InProgress {
+                    call_id: started.call_id.clone(),
+                })
+            }
+            intents::Resumption::Unknown(reason) => {
+                let rule = "gateway/outcome-unknown";
+                recorder.stage(decision_entry(
+                    call,
+                    PolicyEffect::Deny,
+                    PolicyEffect::Deny,
+                    rule,
+                    &reason,
+                    false,
+                ));
+                recorder.flush().await?;
+                Ok(CallOutcome::OutcomeUnknown {
+                    call_id: started.call_id.clone(),
+                    reason,
+                })
+            }
+        }
     }
 
     /// RunContext and catalog checks that come before any policy.

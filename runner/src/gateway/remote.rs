@@ -16,6 +16,10 @@ use crate::{
     run_context::SignedRunContext,
 };
 
+/// How long a runner keeps asking for a call the service cannot answer yet (longer than a
+/// tool's timeout, so a replica carrying it can finish).
+const CALL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// `POST /v1/run/calls`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CallRequest {
@@ -63,7 +67,17 @@ impl GatewayClient {
             envelope: envelope.clone(),
             state: state.clone(),
         };
-        self.records.post_json("/v1/run/calls", &request).await
+        // A call another replica is still carrying (or a replica going away) is answered
+        // "unavailable" for a while; the same call, with its key, is asked again until a bound.
+        let give_up = std::time::Instant::now() + CALL_PATIENCE;
+        loop {
+            match self.records.post_json("/v1/run/calls", &request).await {
+                Err(RemoteError::Unreachable { .. }) if std::time::Instant::now() < give_up => {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                answer => return answer,
+            }
+        }
     }
 
     /// Asks the agent's model for the turn of `step`, through the service (which holds the model

@@ -371,6 +371,25 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         })
     }
 
+    /// Appends everything staged on top of the head this recorder knows, or nothing: if another
+    /// writer moved the head, the staged entries are dropped and the error returned (what they
+    /// said was decided on a state that is gone).
+    pub async fn flush_exclusive(&mut self) -> Result<SignedHead, RecordError> {
+        let staged = std::mem::take(&mut self.staged);
+        let bodies = self.offload_blobs(staged).await?;
+        let batch = self.build_batch(&bodies);
+        let head = batch.head.clone();
+        self.store.append(&self.tenant, batch).await?;
+        self.advance(&head);
+        self.appended += bodies.len() as u64;
+        Ok(head)
+    }
+
+    /// Drops what is staged (a decision that will not be written).
+    pub fn discard_staged(&mut self) {
+        self.staged.clear();
+    }
+
     fn advance(&mut self, head: &SignedHead) {
         self.head = Some((head.seq, head.hash));
         self.summary.entries = head.seq + 1;

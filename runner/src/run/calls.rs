@@ -81,6 +81,18 @@ impl<S: RecordStore> Harness<'_, S> {
                     };
                     (fate, result_message(result))
                 }
+                CallOutcome::OutcomeUnknown { call_id, reason } => {
+                    state.note_call(call_id, &envelope, CallFate::Failed);
+                    return Ok(Owned::OutcomeUnknown(format!(
+                        "{} ({call_id}): {reason}",
+                        envelope.tool
+                    )));
+                }
+                CallOutcome::InProgress { call_id } => {
+                    return Err(RunError::CallInProgress {
+                        call_id: call_id.clone(),
+                    });
+                }
                 CallOutcome::Denied { rule, reason } => {
                     (CallFate::Denied, format!("denied by policy ({rule}): {reason}"))
                 }

@@ -121,6 +121,8 @@ pub enum RunError {
     NoRun { tenant: String, session: String },
     #[error("run {run_id}: {problem}")]
     Corrupt { run_id: String, problem: String },
+    #[error("call {call_id} is still being carried out by another gateway replica; try again shortly")]
+    CallInProgress { call_id: String },
     #[error(
         "run {run_id} was compiled to context {recorded} but the bundle now compiles to {now}; a run resumes only under the specs it was pinned to"
     )]
@@ -424,6 +426,9 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 answer => answer,
             };
             state.usage.wall_ms = self.wall_ms(state.step, wall_base, started);
+            if let Owned::OutcomeUnknown(message) = &result {
+                return self.stop_for_unknown_outcome(recorder, message, &state).await;
+            }
             let judgement = self.judge(&state, &result);
             observe(&Progress::Verdict {
                 step: state.step,
@@ -519,6 +524,26 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         }
     }
 
+    /// Ends the run because a call's outcome is unknown (see `gateway::intents`).
+    async fn stop_for_unknown_outcome(
+        &self,
+        recorder: &mut Recorder<'_, S>,
+        message: &str,
+        state: &LoopState,
+    ) -> Result<RunReport, RunError> {
+        let reason = "OutcomeUnknown";
+        recorder.stage(EntryBody::Failed {
+            reason: reason.into(),
+            message: message.to_owned(),
+        });
+        recorder.flush().await?;
+        let outcome = RunOutcome::Failed {
+            reason: reason.into(),
+            message: message.to_owned(),
+        };
+        Ok(self.report(recorder, outcome, state))
+    }
+
     /// A model that cannot answer for good (a script or a replay that ran out) ends the run; an
     /// unreachable endpoint is an error, so the attempt can be retried and resume.
     async fn model_failed(
@@ -612,6 +637,8 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         let step_result = match result {
             Owned::Calls => StepResult::Calls,
             Owned::AwaitingApproval(tool) => StepResult::AwaitingApproval { tool },
+            // Ends the run before the critic is asked.
+            Owned::OutcomeUnknown(_) => StepResult::Calls,
             Owned::Answer(output) => {
                 validation = validate::check(&self.validators, output);
                 StepResult::Answer {
@@ -707,6 +734,9 @@ pub(super) enum Owned {
     Calls,
     AwaitingApproval(String),
     Answer(String),
+    /// A call may have acted before an interruption and cannot be sent again: the run stops
+    /// for a human (the message names the call).
+    OutcomeUnknown(String),
 }
 
 fn ending_outcome(judgement: &Judgement, state: &LoopState) -> Option<RunOutcome> {

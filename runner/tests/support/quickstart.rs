@@ -98,13 +98,21 @@ pub struct Invocation {
 pub struct Quickstart {
     pub data: tempfile::TempDir,
     pub tools: OpsTools,
+    /// The manifests run (the quickstart's, or a changed copy).
+    pub files: PathBuf,
 }
 
 impl Quickstart {
     pub fn new(tool_args: &[&str]) -> Self {
+        Self::with_files(tool_args, Self::examples())
+    }
+
+    /// The quickstart's flow over other manifests.
+    pub fn with_files(tool_args: &[&str], files: PathBuf) -> Self {
         Self {
             data: tempfile::tempdir().expect("tempdir"),
             tools: OpsTools::start(tool_args),
+            files,
         }
     }
 
@@ -148,11 +156,10 @@ impl Quickstart {
 
     /// `contextos run -f examples/quickstart` (or `resume`), SIGKILLed at boundary `kill_at`.
     pub fn step(&self, resume: bool, kill_at: Option<u32>) -> Invocation {
-        let examples = Self::examples();
         let mut args: Vec<String> = if resume {
             vec!["resume".into(), "checkout-5xx".into()]
         } else {
-            vec!["run".into(), "-f".into(), examples.display().to_string()]
+            vec!["run".into(), "-f".into(), self.files.display().to_string()]
         };
         args.extend(self.access());
         let mut command = self.command(&args.iter().map(String::as_str).collect::<Vec<_>>());

@@ -443,7 +443,8 @@ where
             .map_err(|e| bad(format!("agent {}: {e}", bundle.agent)))?
             .with_endpoint_overrides(self.endpoint_overrides.clone())
             .with_attesting_key(self.keys.for_tenant(caller.tenant.as_str()))
-            .with_egress(self.egress.clone());
+            .with_egress(self.egress.clone())
+            .shared_with_replicas();
         let model = match Model::for_bundle(&bundle, &secrets).map_err(bad)? {
             Model::OpenAi(model) => {
                 if let Some(endpoint) = &bundle.agent_spec.model.endpoint {

@@ -288,6 +288,7 @@ where
         slot: &RunSlot,
         request: CallRequest,
     ) -> Result<crate::gateway::CallOutcome, Refusal> {
+        let request_call_id = request.envelope.call_id.clone();
         let mut log = slot.log.lock().await;
         let mut recorder = self
             .continue_run(caller, slot, &mut log, "it makes no more calls")
@@ -311,7 +312,23 @@ where
         log.after_write(&self.store, &caller.tenant, caller.run_id(), appended)
             .await
             .map_err(unavailable)?;
-        outcome.map_err(unavailable)
+        let in_progress = |call: &str| {
+            Refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "call_in_progress",
+                format!("call {call} is being carried out by another replica; ask again shortly"),
+            )
+        };
+        match outcome {
+            Ok(crate::gateway::CallOutcome::InProgress { call_id }) => Err(in_progress(&call_id)),
+            Ok(outcome) => Ok(outcome),
+            // Someone wrote to the run between reading it and recording this call's go-ahead
+            // (another replica taking the same call): nothing was executed; the runner asks again.
+            Err(crate::gateway::GatewayError::Record(crate::records::RecordError::Store(
+                crate::records::StoreError::HeadMoved { .. },
+            ))) => Err(in_progress(&request_call_id)),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// An approval attached to a call counts only if the Session holds the same decision (written

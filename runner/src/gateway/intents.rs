@@ -1,0 +1,167 @@
+//! Calls that were decided and started but have no recorded result: the gateway makes a call's
+//! decision (and the approval it used) durable *before* the tool acts, so after a crash the
+//! record says which calls may have acted. Such a call is never decided again; what happens to
+//! it depends on the tool: one that is read-only or idempotent is sent again with the same
+//! idempotency key, any other is not re-executed — its outcome is unknown and a human decides.
+//! In the gateway service another replica may still be carrying the call, so a recent one is
+//! reported as in progress.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use contextos_crds::{agent::Tool, common::ToolRisk, policy::PolicyEffect};
+
+use crate::records::{EntryBody, RecordEntry};
+
+/// Extra time, beyond the tool's own timeout, an execution is assumed to be alive.
+const GRACE_MS: i64 = 5_000;
+
+/// A call that started without a recorded result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Started {
+    pub call_id: String,
+    /// When its go-ahead was recorded (ms since the epoch).
+    pub at_ms: i64,
+}
+
+/// What to do with a call that started before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resumption {
+    /// Send it again with the same idempotency key (the tool dedupes, or the call reads only).
+    Retry,
+    /// Another executor may still be carrying it: answer later.
+    InProgress,
+    /// Do not execute it again; why, for the human who resolves it.
+    Unknown(String),
+}
+
+/// Decides what to do with `started`, a call of `tool` (pure).
+pub fn resumption(tool: &Tool, started: &Started, now_ms: i64, others_may_run: bool) -> Resumption {
+    let deadline = started
+        .at_ms
+        .saturating_add(i64::from(tool.timeout_seconds).saturating_mul(1000))
+        .saturating_add(GRACE_MS);
+    if others_may_run && now_ms < deadline {
+        return Resumption::InProgress;
+    }
+    if tool.idempotent || tool.risk == ToolRisk::ReadOnly {
+        return Resumption::Retry;
+    }
+    Resumption::Unknown(format!(
+        "call {} of {} was started before an interruption and has no recorded result; {} is neither idempotent nor read-only, so it is not sent again — check whether it acted, then resolve the Session",
+        started.call_id, tool.name, tool.name
+    ))
+}
+
+/// The started calls of the runs a gateway serves, by idempotency key.
+#[derive(Debug, Default)]
+pub struct Intents {
+    started: Mutex<HashMap<String, Started>>,
+    /// Idempotency keys by (run, call id): a decision or result may be read in a later slice
+    /// of a record than its request.
+    keys: Mutex<HashMap<(String, String), String>>,
+}
+
+impl Intents {
+    /// Folds recorded entries in, in order: a call starts when its allow decision (or the
+    /// approval it used) is recorded, and ends with its result.
+    pub fn fold<'e>(&self, entries: impl IntoIterator<Item = &'e RecordEntry>) {
+        let (Ok(mut started), Ok(mut keys)) = (self.started.lock(), self.keys.lock()) else {
+            return;
+        };
+        for entry in entries {
+            let key_of = |call_id: &str| keys.get(&(entry.run_id.clone(), call_id.to_owned())).cloned();
+            match &entry.body {
+                EntryBody::ToolCallRequested(call) => {
+                    keys.insert(
+                        (entry.run_id.clone(), call.call_id.clone()),
+                        call.idempotency_key.clone(),
+                    );
+                }
+                EntryBody::PolicyDecision(decision)
+                    if !decision.dry_run && decision.enforced == PolicyEffect::Allow =>
+                {
+                    if let Some(key) = key_of(&decision.call_id) {
+                        started.insert(key, go(&decision.call_id, entry.at_ms));
+                    }
+                }
+                EntryBody::ApprovalGranted { call_id, .. } => {
+                    if let Some(key) = key_of(call_id) {
+                        started.insert(key, go(call_id, entry.at_ms));
+                    }
+                }
+                EntryBody::ToolResult(result) => {
+                    if let Some(key) = key_of(&result.call_id) {
+                        started.remove(&key);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The started call with this idempotency key, if it has no result yet.
+    pub fn started(&self, idempotency_key: &str) -> Option<Started> {
+        self.started.lock().ok()?.get(idempotency_key).cloned()
+    }
+
+    /// Forgets everything (before folding a whole record in again).
+    pub fn clear(&self) {
+        if let Ok(mut started) = self.started.lock() {
+            started.clear();
+        }
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.clear();
+        }
+    }
+}
+
+fn go(call_id: &str, at_ms: i64) -> Started {
+    Started {
+        call_id: call_id.to_owned(),
+        at_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tool(risk: &str, idempotent: bool) -> Tool {
+        serde_json::from_value(serde_json::json!({
+            "name": "restart", "description": "d", "risk": risk, "kind": "act",
+            "idempotent": idempotent, "timeoutSeconds": 10,
+            "adapter": {"http": {"url": "http://tools/restart"}},
+        }))
+        .expect("tool")
+    }
+
+    #[test]
+    fn a_started_call_is_retried_only_if_it_cannot_act_twice() {
+        let started = Started {
+            call_id: "4.0".into(),
+            at_ms: 1_000,
+        };
+        let late = 1_000 + 10_000 + GRACE_MS;
+        assert_eq!(
+            resumption(&tool("read_only", false), &started, late, false),
+            Resumption::Retry
+        );
+        assert_eq!(
+            resumption(&tool("destructive", true), &started, late, false),
+            Resumption::Retry
+        );
+        assert!(matches!(
+            resumption(&tool("destructive", false), &started, late, false),
+            Resumption::Unknown(why) if why.contains("not sent again")
+        ));
+        // Another replica may still be carrying a recent call; a single process knows it is not.
+        assert_eq!(
+            resumption(&tool("destructive", false), &started, 2_000, true),
+            Resumption::InProgress
+        );
+        assert!(matches!(
+            resumption(&tool("destructive", false), &started, 2_000, false),
+            Resumption::Unknown(_)
+        ));
+    }
+}

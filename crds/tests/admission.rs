@@ -171,6 +171,7 @@ fn every_quickstart_object_is_admitted_unchanged() {
 #[test]
 fn a_refused_cel_rule_names_the_field() {
     let mut agent = support::cases::quickstart_object("agent.yaml");
+    agent["spec"]["tools"][4]["idempotent"] = serde_json::json!(false);
     agent["spec"]["tools"][4]["retry"] = serde_json::json!({"maxAttempts": 3});
     let refusals = admit(&agent, None);
     let field = refusals.iter().find_map(|r| match r {

@@ -237,6 +237,35 @@ async fn start_run(
         .expect("started");
 }
 
+/// A status update (the network tool the replica tests send), call `i` of step `i`.
+fn status_update(context: &SignedRunContext, i: usize) -> contextos_runner::gateway::envelope::CallEnvelope {
+    contextos_runner::gateway::envelope::CallEnvelope {
+        call_id: format!("{i}.0"),
+        tool: "post_status_update".into(),
+        arguments: serde_json::json!({"channel": "#incidents", "severity": "sev2", "text": format!("update {i}")}),
+        risk: contextos_crds::common::ToolRisk::Network,
+        kind: contextos_crds::common::ToolKind::Act,
+        idempotency_key: format!("status-{i}"),
+        traceparent: format!("00-{TRACE}-{i:016x}-01"),
+        run_context: context.clone(),
+        approval: None,
+    }
+}
+
+/// A human's approval of `call_hash`, as the Session would hold it.
+fn approve_on_session(rig: &Rig, call_hash: &str, approver: &str) {
+    rig.tenants.approve(
+        "shop",
+        "checkout-5xx",
+        Approval {
+            call_hash: call_hash.to_owned(),
+            decision: ApprovalDecision::Approve,
+            approver: approver.to_owned(),
+            reason: None,
+        },
+    );
+}
+
 fn transit() -> KeyPair {
     KeyPair::generate().expect("key")
 }
@@ -255,16 +284,7 @@ async fn a_session_runs_through_the_gateway_service_and_verifies_with_the_tenant
     let rig = rig().await;
     let call_hash = rig.run_until_approval().await;
     // A human approves on the Session; the runner's attempt 2 presents the same decision.
-    rig.tenants.approve(
-        "shop",
-        "checkout-5xx",
-        Approval {
-            call_hash: call_hash.clone(),
-            decision: ApprovalDecision::Approve,
-            approver: "dana@example.com".into(),
-            reason: None,
-        },
-    );
+    approve_on_session(&rig, &call_hash, "dana@example.com");
     let outcome = rig.resume(&[grant(&call_hash, "dana@example.com")]).await;
     assert!(matches!(outcome, RunOutcome::Completed { .. }), "{outcome:?}");
     // The run ended: no replica keeps its gateway built.
@@ -676,17 +696,7 @@ async fn replicas_share_budgets_and_results_through_the_record() {
     // The runner starts the run through the first replica.
     let tenant = rig.tenant();
     start_run(first.records(), &bundle, &context).await;
-    let status = |i: usize| contextos_runner::gateway::envelope::CallEnvelope {
-        call_id: format!("{i}.0"),
-        tool: "post_status_update".into(),
-        arguments: serde_json::json!({"channel": "#incidents", "severity": "sev2", "text": format!("update {i}")}),
-        risk: contextos_crds::common::ToolRisk::Network,
-        kind: contextos_crds::common::ToolKind::Act,
-        idempotency_key: format!("status-{i}"),
-        traceparent: format!("00-{TRACE}-000000000000000{i}-01"),
-        run_context: context.clone(),
-        approval: None,
-    };
+    let status = |i: usize| status_update(&context, i);
     let mut outcomes = Vec::new();
     for i in 1..=5 {
         // Alternate replicas; call 1 is sent again to the other replica (a retried request).
@@ -765,16 +775,7 @@ async fn only_a_listed_approver_can_approve_a_call_whose_rule_names_users() {
     );
     assert!(refused, "the refusal is recorded");
     // The listed approver still can.
-    rig.tenants.approve(
-        "shop",
-        "checkout-5xx",
-        Approval {
-            call_hash: call_hash.clone(),
-            decision: ApprovalDecision::Approve,
-            approver: "dana@example.com".into(),
-            reason: None,
-        },
-    );
+    approve_on_session(&rig, &call_hash, "dana@example.com");
     let outcome = rig.resume(&[grant(&call_hash, "dana@example.com")]).await;
     assert!(matches!(outcome, RunOutcome::Completed { .. }), "{outcome:?}");
 }
@@ -791,17 +792,7 @@ async fn a_tool_pointed_at_a_denied_network_is_never_reached() {
     let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     start_run(client.records(), &rig.bundle, &context).await;
-    let status = contextos_runner::gateway::envelope::CallEnvelope {
-        call_id: "1.0".into(),
-        tool: "post_status_update".into(),
-        arguments: serde_json::json!({"channel": "#incidents", "severity": "sev2", "text": "hello"}),
-        risk: contextos_crds::common::ToolRisk::Network,
-        kind: contextos_crds::common::ToolKind::Act,
-        idempotency_key: "status-1".into(),
-        traceparent: format!("00-{TRACE}-0000000000000001-01"),
-        run_context: context.clone(),
-        approval: None,
-    };
+    let status = status_update(&context, 1);
     let outcome = client.call(&status, &Default::default()).await.expect("answered");
     match &outcome {
         CallOutcome::Executed(result) => assert!(
@@ -825,17 +816,7 @@ async fn a_call_resent_to_another_replica_while_it_acts_is_not_executed_twice() 
     let second =
         GatewayClient::new(&rig.replica, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
     start_run(first.records(), &rig.bundle, &context).await;
-    let status = contextos_runner::gateway::envelope::CallEnvelope {
-        call_id: "1.0".into(),
-        tool: "post_status_update".into(),
-        arguments: serde_json::json!({"channel": "#incidents", "severity": "sev2", "text": "hello"}),
-        risk: contextos_crds::common::ToolRisk::Network,
-        kind: contextos_crds::common::ToolKind::Act,
-        idempotency_key: "status-1".into(),
-        traceparent: format!("00-{TRACE}-0000000000000001-01"),
-        run_context: context.clone(),
-        approval: None,
-    };
+    let status = status_update(&context, 1);
     // The first replica takes the call; the runner, impatient, sends it to the second too.
     let taken = {
         let (client, status) = (first.clone(), status.clone());

@@ -823,6 +823,14 @@ async fn a_call_resent_to_another_replica_while_it_acts_is_not_executed_twice() 
         tokio::spawn(async move { client.call(&status, &Default::default()).await })
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Another call presented under the started call's key is refused, never run on its credit.
+    let mut other = status.clone();
+    other.arguments = serde_json::json!({"channel": "#general", "severity": "sev3", "text": "unrelated"});
+    let refused = second.call(&other, &Default::default()).await.expect("answered");
+    assert!(
+        matches!(&refused, CallOutcome::Denied { rule, .. } if rule == "gateway/idempotency-key-reused"),
+        "{refused:?}"
+    );
     let resent = second.call(&status, &Default::default()).await.expect("answered");
     let taken = taken.await.expect("joined").expect("answered");
     for outcome in [&taken, &resent] {

@@ -643,8 +643,13 @@ fn pending_approval(
         .find(|t| t.name == awaiting.tool)
         .map(|t| t.risk.as_str())
         .unwrap_or("read_only");
-    // Cut on a character boundary: the arguments are untrusted text.
-    let arguments: String = awaiting.arguments.to_string().chars().take(4096).collect();
+    // Arguments the report had to cut were signed only as a digest: show none of them rather
+    // than text the signature does not cover. Otherwise cut on a character boundary.
+    let arguments: String = if awaiting.arguments_digest.is_some() {
+        "(too long for the report; see the run's record)".into()
+    } else {
+        awaiting.arguments.to_string().chars().take(4096).collect()
+    };
     json!({
         "callHash": awaiting.call_hash,
         "tool": awaiting.tool,

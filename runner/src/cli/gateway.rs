@@ -49,6 +49,7 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
     if let Ok(StoreLocation::Tikv(endpoints)) = global.store_location() {
         for endpoint in endpoints.split(',') {
             let (host, port) = endpoint.rsplit_once(':').unwrap_or((endpoint, "2379"));
+            let host = host.trim_start_matches('[').trim_end_matches(']');
             let port = port.parse().unwrap_or(2379);
             egress
                 .deny_host(host, port)

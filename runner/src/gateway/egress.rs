@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// Networks no tool or model is reached in, whatever the configuration.
-const ALWAYS_DENIED: [&str; 2] = ["169.254.0.0/16", "fe80::/10"];
+const ALWAYS_DENIED: [&str; 3] = ["169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128"];
 
 /// The denied destinations.
 #[derive(Clone, Debug)]

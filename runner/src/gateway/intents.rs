@@ -19,6 +19,9 @@ const GRACE_MS: i64 = 5_000;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Started {
     pub call_id: String,
+    /// The recorded call's hash (run, call, tool, arguments): a call presented later under the
+    /// same idempotency key must be this very call.
+    pub call_hash: String,
     /// When its go-ahead was recorded (ms since the epoch).
     pub at_ms: i64,
 }
@@ -58,7 +61,7 @@ pub struct Intents {
     started: Mutex<HashMap<String, Started>>,
     /// Idempotency keys by (run, call id): a decision or result may be read in a later slice
     /// of a record than its request.
-    keys: Mutex<HashMap<(String, String), String>>,
+    keys: Mutex<HashMap<(String, String), (String, String)>>,
 }
 
 impl Intents {
@@ -70,27 +73,39 @@ impl Intents {
         };
         for entry in entries {
             let key_of = |call_id: &str| keys.get(&(entry.run_id.clone(), call_id.to_owned())).cloned();
+            let go = |call_id: &str, (key, hash): (String, String)| {
+                (
+                    key,
+                    Started {
+                        call_id: call_id.to_owned(),
+                        call_hash: hash,
+                        at_ms: entry.at_ms,
+                    },
+                )
+            };
             match &entry.body {
                 EntryBody::ToolCallRequested(call) => {
                     keys.insert(
                         (entry.run_id.clone(), call.call_id.clone()),
-                        call.idempotency_key.clone(),
+                        (call.idempotency_key.clone(), call.call_hash.clone()),
                     );
                 }
                 EntryBody::PolicyDecision(decision)
                     if !decision.dry_run && decision.enforced == PolicyEffect::Allow =>
                 {
-                    if let Some(key) = key_of(&decision.call_id) {
-                        started.insert(key, go(&decision.call_id, entry.at_ms));
+                    if let Some(known) = key_of(&decision.call_id) {
+                        let (key, call) = go(&decision.call_id, known);
+                        started.insert(key, call);
                     }
                 }
                 EntryBody::ApprovalGranted { call_id, .. } => {
-                    if let Some(key) = key_of(call_id) {
-                        started.insert(key, go(call_id, entry.at_ms));
+                    if let Some(known) = key_of(call_id) {
+                        let (key, call) = go(call_id, known);
+                        started.insert(key, call);
                     }
                 }
                 EntryBody::ToolResult(result) => {
-                    if let Some(key) = key_of(&result.call_id) {
+                    if let Some((key, _)) = key_of(&result.call_id) {
                         started.remove(&key);
                     }
                 }
@@ -115,13 +130,6 @@ impl Intents {
     }
 }
 
-fn go(call_id: &str, at_ms: i64) -> Started {
-    Started {
-        call_id: call_id.to_owned(),
-        at_ms,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +147,7 @@ mod tests {
     fn a_started_call_is_retried_only_if_it_cannot_act_twice() {
         let started = Started {
             call_id: "4.0".into(),
+            call_hash: "h".into(),
             at_ms: 1_000,
         };
         let late = 1_000 + 10_000 + GRACE_MS;

@@ -412,6 +412,16 @@ impl ToolGateway {
         if !self.offline
             && let Some(started) = self.intents.started(&call.idempotency_key)
         {
+            if started.call_hash != call_hash {
+                // Another call under a started call's key: never a way around the decision.
+                let reason = format!(
+                    "idempotency key {} belongs to call {}, which started with other arguments",
+                    call.idempotency_key, started.call_id
+                );
+                return self
+                    .refuse(call, recorder, "gateway/idempotency-key-reused".into(), reason)
+                    .await;
+            }
             return self.resume_started(call, tool, &started, recorder).await;
         }
         if let Some(problem) = schema_problem(tool, &call.arguments) {

@@ -18,7 +18,7 @@ use crate::{
 
 /// How long a runner keeps asking for a call the service cannot answer yet (longer than a
 /// tool's timeout, so a replica carrying it can finish).
-const CALL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+const CALL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// `POST /v1/run/calls`.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -60,6 +60,12 @@ pub struct RunLog {
 }
 
 impl RunLog {
+    /// Forgets that the run's gateway matches the record (after a write that failed half-way):
+    /// the next refresh rebuilds it from the whole chain.
+    pub fn mark_stale(&mut self) {
+        self.gateway_in_step = false;
+    }
+
     /// Whether the run recorded its outcome (completed or failed): it acts no more.
     pub fn finished(&self) -> bool {
         self.summary.as_ref().is_some_and(|s| s.outcome != "running")

@@ -157,8 +157,6 @@ impl PodReport {
             }
             awaiting.arguments = serde_json::Value::String("(cut; see the record)".into());
             awaiting.reason = awaiting.reason.chars().take(160).collect();
-            awaiting.approvers.users.truncate(8);
-            awaiting.approvers.groups.truncate(8);
         }
         if size(self) > MESSAGE_LIMIT {
             self.output = Some("(cut; see the record)".into());

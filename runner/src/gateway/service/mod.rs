@@ -234,13 +234,15 @@ where
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 Self::identified_first,
-            ));
+            ))
+            // One bound shared by every route (health checks are outside it, so a busy replica
+            // still answers its probes).
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_IN_FLIGHT));
         Router::new()
             .merge(authenticated)
             .route("/v1/tenants/{tenant}/record-key", get(Self::record_key))
             .route("/healthz", get(|| async { "ok" }))
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-            .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_IN_FLIGHT))
             .with_state(self)
     }
 

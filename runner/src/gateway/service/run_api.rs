@@ -312,6 +312,11 @@ where
         log.after_write(&self.store, &caller.tenant, caller.run_id(), appended)
             .await
             .map_err(unavailable)?;
+        if outcome.is_err() {
+            // What this replica remembers may be ahead of the record (an approval used, a call
+            // counted, with nothing written): the record decides again next time.
+            log.mark_stale();
+        }
         let in_progress = |call: &str| {
             Refusal(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -203,6 +203,14 @@ impl Rig {
             .outcome
     }
 
+    /// The run's bodies, or none while it has not started.
+    async fn bodies_if_started(&self) -> Vec<EntryBody> {
+        read_run(&*self.store, &self.tenant(), RUN)
+            .await
+            .map(|entries| entries.into_iter().map(|(_, e)| e.body).collect())
+            .unwrap_or_default()
+    }
+
     async fn bodies(&self) -> Vec<EntryBody> {
         read_run(&*self.store, &self.tenant(), RUN)
             .await
@@ -822,7 +830,20 @@ async fn a_call_resent_to_another_replica_while_it_acts_is_not_executed_twice() 
         let (client, status) = (first.clone(), status.clone());
         tokio::spawn(async move { client.call(&status, &Default::default()).await })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Wait until the first replica's go-ahead is on record (the tool is then held back 1.5 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !rig
+        .bodies_if_started()
+        .await
+        .iter()
+        .any(|b| matches!(b, EntryBody::PolicyDecision(d) if d.call_id == "1.0"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first replica never took the call"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     // Another call presented under the started call's key is refused, never run on its credit.
     let mut other = status.clone();
     other.arguments = serde_json::json!({"channel": "#general", "severity": "sev3", "text": "unrelated"});

@@ -590,11 +590,9 @@ fn termination_report(pod: &Pod) -> Option<PodReport> {
         .as_ref()?
         .message
         .clone()?;
-    // With FallbackToLogsOnError the message may be log lines; the report is the last line.
-    message
-        .lines()
-        .rev()
-        .find_map(|line| serde_json::from_str::<PodReport>(line.trim()).ok())
+    // The pod writes its report to the termination file only (terminationMessagePolicy: File),
+    // so the message is the report as a whole: text around it is not a report.
+    serde_json::from_str::<PodReport>(message.trim()).ok()
 }
 
 /// Checks the gateway's signature over a relayed approval request, with the tenant's key.
@@ -784,4 +782,30 @@ async fn write_status(ctx: &Context, session: &Session, update: Update) -> Resul
         super::announce(ctx, session, &current.conditions, &ready).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_with_message(message: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "s-run-1"},
+            "status": {"containerStatuses": [{
+                "name": "runner", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "message": message}},
+            }]},
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn only_a_whole_report_is_a_report() {
+        let report = r#"{"outcome":"completed","runId":"r","steps":1,"usage":{"steps":1,"tokens":1,"tool_calls":0,"wall_ms":1},"head":null}"#;
+        assert!(termination_report(&pod_with_message(report)).is_some());
+        // A hostile tool's text around (or instead of) a report is not one.
+        let injected = format!("tool said:\n{report}");
+        assert!(termination_report(&pod_with_message(&injected)).is_none());
+        assert!(termination_report(&pod_with_message("garbage")).is_none());
+    }
 }

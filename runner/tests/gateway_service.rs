@@ -82,6 +82,7 @@ async fn rig_with_tools(egress: EgressGuard, tool_args: &[&str]) -> Rig {
     let tenants = StaticTenants::default()
         .with_secret("shop", "ops-tools-webhook", "hmac-key", HMAC_KEY)
         .with_controller("shop", "checkout-5xx-run-1", "Session", "checkout-5xx")
+        .with_controller("shop", "checkout-5xx-run-2", "Session", "checkout-5xx")
         .with_controller(
             "shop",
             "replay-policy-guardrails-0123456789-x7k2p",
@@ -445,11 +446,31 @@ async fn only_the_pod_a_run_context_was_issued_to_may_use_it() {
         403,
         "a RunContext issued to another pod (e.g. copied from a record)"
     );
+    // The refusal is recorded in the caller's own run (pod run-2 belongs to this Session) …
+    let refusals = |bodies: Vec<EntryBody>| {
+        bodies
+            .iter()
+            .filter(|b| matches!(b, EntryBody::AccessRefused { caller, .. } if caller.contains("checkout-5xx-run-2")))
+            .count()
+    };
+    assert_eq!(
+        refusals(rig.bodies().await),
+        1,
+        "recorded in the caller's own run"
+    );
     assert_eq!(
         status(head(Some("token-bank"), &context, RUN).await.expect("send")),
         403,
         "a pod of another tenant presenting this tenant's RunContext"
     );
+    // … and a pod of another tenant leaves nothing in the run it named.
+    let foreign = rig
+        .bodies()
+        .await
+        .iter()
+        .filter(|b| matches!(b, EntryBody::AccessRefused { caller, .. } if caller.starts_with("pod bank/")))
+        .count();
+    assert_eq!(foreign, 0, "never recorded in the run it names");
     let mut expired = context.context.clone();
     expired.expires_at_ms = 1;
     let expired = SignedRunContext::sign(expired, &rig.operator);

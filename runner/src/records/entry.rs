@@ -209,6 +209,9 @@ pub enum EntryBody {
     Completed { output: String, validators: Vec<String> },
     /// The run ended without an accepted output.
     Failed { reason: String, message: String },
+    /// The gateway service refused a request from this run's pod (e.g. a RunContext it was not
+    /// issued, or another run's records): who asked, and why it was refused.
+    AccessRefused { caller: String, reason: String },
     /// The body was larger than the inline threshold and is stored as a blob.
     Blob {
         blob: Hash,
@@ -235,6 +238,7 @@ impl EntryBody {
             Self::Checkpoint { .. } => "checkpoint",
             Self::Completed { .. } => "completed",
             Self::Failed { .. } => "failed",
+            Self::AccessRefused { .. } => "access_refused",
             Self::Blob { .. } => "blob",
         }
     }

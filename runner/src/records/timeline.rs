@@ -149,6 +149,7 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
             ),
         ),
         EntryBody::Failed { reason, message } => ("runner", format!("failed ({reason}): {message}")),
+        EntryBody::AccessRefused { caller, reason } => ("gateway", format!("refused {caller}: {reason}")),
         EntryBody::Blob {
             blob,
             size,

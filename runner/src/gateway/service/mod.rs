@@ -284,6 +284,51 @@ where
     /// Authenticates the pod, then checks the RunContext was issued to it.
     async fn caller(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
         let identity = self.identify(headers).await?;
+        match self.check_context(headers, &identity) {
+            Ok(caller) => Ok(caller),
+            Err(refusal) => {
+                if refusal.0 == StatusCode::FORBIDDEN {
+                    self.record_refusal(&identity, &refusal.2).await;
+                }
+                Err(refusal)
+            }
+        }
+    }
+
+    /// Records a refusal in the caller's own run — the latest run of the Session whose pod it
+    /// is — never in the run it named. Best effort: a pod that is no Session's has no run.
+    pub(super) async fn record_refusal(&self, identity: &PodIdentity, why: &str) {
+        let Ok(tenant) = TenantId::new(identity.namespace.clone()) else {
+            return;
+        };
+        let Ok(Some((kind, session))) = self
+            .tenants
+            .pod_controller(&identity.namespace, &identity.pod)
+            .await
+        else {
+            return;
+        };
+        if kind != "Session" {
+            return;
+        }
+        let Ok(Some(checkpoint)) = self.store.latest_checkpoint(&tenant, &session).await else {
+            return;
+        };
+        let key = self.keys.for_tenant(tenant.as_str());
+        let Ok(mut recorder) = Recorder::resume(&self.store, tenant, key, &checkpoint.run_id).await else {
+            return;
+        };
+        recorder.stage(EntryBody::AccessRefused {
+            caller: format!("pod {}/{}", identity.namespace, identity.pod),
+            reason: why.chars().take(1024).collect(),
+        });
+        if let Err(error) = recorder.flush().await {
+            tracing::warn!(%error, run_id = %checkpoint.run_id, "cannot record a refusal");
+        }
+    }
+
+    /// Checks that the RunContext in `headers` was issued to `identity`.
+    fn check_context(&self, headers: &HeaderMap, identity: &PodIdentity) -> Result<Caller, Refusal> {
         let context = headers
             .get(RUN_CONTEXT_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -330,7 +375,7 @@ where
         }
         let tenant = TenantId::new(identity.namespace.clone()).map_err(|e| bad(e.to_string()))?;
         Ok(Caller {
-            identity,
+            identity: identity.clone(),
             context,
             tenant,
         })

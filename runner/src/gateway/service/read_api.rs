@@ -34,9 +34,13 @@ where
                     "header {READ_GRANT_HEADER} does not hold a signed read grant"
                 ))
             })?;
-        let grant = grant
-            .verify(&self.trust, &identity.namespace, now_ms())
-            .map_err(|e| forbidden(e.to_string()))?;
+        let grant = match grant.verify(&self.trust, &identity.namespace, now_ms()) {
+            Ok(grant) => grant,
+            Err(e) => {
+                self.record_refusal(&identity, &e.to_string()).await;
+                return Err(forbidden(e.to_string()));
+            }
+        };
         let controller = self
             .tenants
             .pod_controller(&identity.namespace, &identity.pod)
@@ -45,10 +49,12 @@ where
         if controller != Some(("Job".to_owned(), grant.job.clone())) {
             tracing::warn!(namespace = %identity.namespace, pod = %identity.pod, job = %grant.job,
                 "refused a read grant presented by a pod its Job does not own");
-            return Err(forbidden(format!(
+            let why = format!(
                 "the read grant is for the pods of Job {}, and pod {}/{} is not one",
                 grant.job, identity.namespace, identity.pod
-            )));
+            );
+            self.record_refusal(&identity, &why).await;
+            return Err(forbidden(why));
         }
         TenantId::new(identity.namespace).map_err(|e| bad(e.to_string()))
     }

@@ -28,6 +28,7 @@ pub fn is_stalled(reason: &str) -> bool {
         INVALID_EXPRESSION,
         EXECUTION_NOT_ALLOWED,
         CAPABILITY_SANDBOX_UNAVAILABLE,
+        ADAPTER_UNAVAILABLE,
         OVERRIDE_LOOSENS,
         RUN_FAILED,
         ATTEMPTS_EXHAUSTED,
@@ -50,6 +51,8 @@ pub mod reason {
     pub const INVALID_EXPRESSION: &str = "InvalidExpression";
     /// A tool would execute code (a stdio MCP server) that the SandboxProfile does not allow.
     pub const EXECUTION_NOT_ALLOWED: &str = "ExecutionNotAllowed";
+    /// A tool uses an adapter this release cannot run (A2A).
+    pub const ADAPTER_UNAVAILABLE: &str = "AdapterUnavailable";
     /// A tool needs a capability sandbox (a stdio MCP server) and the cluster runs none yet.
     pub const CAPABILITY_SANDBOX_UNAVAILABLE: &str = "CapabilitySandboxUnavailable";
     /// A Session override would loosen the Agent's budget or safety mode.

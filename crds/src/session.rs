@@ -161,9 +161,6 @@ impl SessionPhase {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PinnedRevisions {
-    /// Generation of the Agent when the Session started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_generation: Option<i64>,
     /// Promoted ContextPack revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_pack: Option<String>,
@@ -203,9 +200,6 @@ pub struct PendingApproval {
     pub reason: String,
     /// Who may decide.
     pub approvers: Approvers,
-    /// When the call was paused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub requested_at: Option<Time>,
 }
 
 /// Where a resumed run starts from.

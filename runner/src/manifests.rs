@@ -229,6 +229,9 @@ impl ManifestSet {
             sandbox_name,
         )?;
         let sandbox_spec: contextos_crds::SandboxProfileSpec = sandbox.spec()?;
+        if let Some(problem) = crate::gateway::adapters::unavailable_adapter(&agent_spec.tools) {
+            return Err(agent.error("spec.tools", problem));
+        }
         if let Some(problem) =
             crate::run::execution::execution_refused(&agent_spec.tools, &sandbox_spec.execution, sandbox_name)
         {

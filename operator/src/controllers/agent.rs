@@ -10,7 +10,7 @@ use contextos_crds::{
     conditions::{self, reason},
 };
 use contextos_runner::{
-    gateway::CatalogTool,
+    gateway::{CatalogTool, adapters::unavailable_adapter},
     run::{
         execution::{executes_code, execution_refused},
         validate,
@@ -146,6 +146,9 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
 /// Tool schemas and output validators must compile, and no tool may need a capability sandbox
 /// (pure).
 pub fn check_spec(agent: &str, spec: &AgentSpec) -> Result<(), Invalid> {
+    if let Some(problem) = unavailable_adapter(&spec.tools) {
+        return Err(Invalid::new(reason::ADAPTER_UNAVAILABLE, problem));
+    }
     // Code-executing tools run in capability sandboxes, which this operator does not create
     // yet; running them anywhere else (the gateway, the runner) would hand them credentials.
     if let Some((i, tool)) = spec.tools.iter().enumerate().find(|(_, t)| executes_code(t)) {

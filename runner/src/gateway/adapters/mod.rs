@@ -51,6 +51,19 @@ pub enum AdapterError {
     Refused(String),
 }
 
+/// The first tool whose adapter this release cannot run (A2A), as a message naming the field
+/// and what to do instead. Refused where an Agent is admitted to run, never at call time.
+pub fn unavailable_adapter(tools: &[contextos_crds::agent::Tool]) -> Option<String> {
+    tools.iter().enumerate().find_map(|(i, tool)| {
+        tool.adapter.a2a.as_ref().map(|_| {
+            format!(
+                "spec.tools[{i}].adapter.a2a ({}): the A2A adapter is not available in this release; reach the remote agent through an HTTP or MCP endpoint instead",
+                tool.name
+            )
+        })
+    })
+}
+
 impl AdapterError {
     /// Whether trying again may help (network trouble, overload, server errors).
     pub fn is_retryable(&self) -> bool {
@@ -63,5 +76,27 @@ impl AdapterError {
             | Self::Unsupported(_)
             | Self::Refused(_) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unavailable_adapter;
+
+    #[test]
+    fn an_a2a_tool_is_refused_naming_its_field() {
+        let tools: Vec<contextos_crds::agent::Tool> = serde_json::from_value(serde_json::json!([
+            {"name": "search", "description": "d", "risk": "read_only", "kind": "observe",
+             "adapter": {"http": {"url": "http://tools/search"}}},
+            {"name": "ask_billing", "description": "d", "risk": "delegated", "kind": "act",
+             "adapter": {"a2a": {"url": "http://billing-agent", "skill": "refund"}}},
+        ]))
+        .expect("tools");
+        let problem = unavailable_adapter(&tools).expect("refused");
+        assert!(
+            problem.starts_with("spec.tools[1].adapter.a2a (ask_billing)"),
+            "{problem}"
+        );
+        assert_eq!(unavailable_adapter(&tools[..1]), None);
     }
 }

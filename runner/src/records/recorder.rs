@@ -334,15 +334,10 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         let bodies = self.offload_blobs(staged).await?;
         for attempt in 0..MAX_RECHAINS {
             let batch = self.build_batch(&bodies);
-            let head = batch.head.clone();
             let written: Vec<Hash> = batch.entries.iter().map(|e| e.hash).collect();
-            match self.store.append(&self.tenant, batch).await {
-                Ok(()) => {
-                    self.advance(&head);
-                    self.appended += bodies.len() as u64;
-                    return Ok(head);
-                }
-                Err(StoreError::HeadMoved { .. }) => {
+            match self.append_sealed(batch).await {
+                Ok(head) => return Ok(head),
+                Err(RecordError::Store(StoreError::HeadMoved { .. })) => {
                     let appended = self.catch_up().await?;
                     // A remote store may have written the batch and lost its answer: when the
                     // chain now continues with exactly this batch, it is written — re-chaining
@@ -360,7 +355,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                 Err(e) => {
                     // Keep the bodies so a caller that retries after a transient error loses nothing.
                     self.staged = bodies;
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
@@ -378,11 +373,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         let staged = std::mem::take(&mut self.staged);
         let bodies = self.offload_blobs(staged).await?;
         let batch = self.build_batch(&bodies);
-        let head = batch.head.clone();
-        self.store.append(&self.tenant, batch).await?;
-        self.advance(&head);
-        self.appended += bodies.len() as u64;
-        Ok(head)
+        self.append_sealed(batch).await
     }
 
     /// Drops what is staged (a decision that will not be written).
@@ -440,9 +431,8 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             return Err(refuse("the batch is empty".into()));
         }
         let mut prev = self.head;
-        let mut summary = self.summary.clone();
-        let mut checkpoint = None;
-        for stored in &entries {
+        let mut sealed = Vec::with_capacity(entries.len());
+        for stored in entries {
             let entry = RecordEntry::decode(&stored.bytes)
                 .map_err(|e| refuse(format!("entry {} cannot be decoded: {e}", stored.seq)))?;
             let expected_seq = prev.map_or(0, |(s, _)| s + 1);
@@ -458,37 +448,17 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                     entry.seq
                 )));
             }
-            let effect = SummaryEffect::of(&entry.body);
-            effect.apply(&mut summary);
-            if let SummaryEffect::Checkpoint(step) = effect {
-                checkpoint = Some(Checkpoint {
-                    session_id: summary.session_id.clone(),
-                    run_id: run_id.clone(),
-                    seq: stored.seq,
-                    entry_hash: stored.hash,
-                    step,
-                });
-            }
             prev = Some((stored.seq, stored.hash));
+            sealed.push((stored, SummaryEffect::of(&entry.body)));
         }
-        let (seq, hash) = prev.unwrap_or((0, Hash([0; 32])));
-        summary.entries = seq + 1;
-        summary.head = hash;
-        let message = SignedHead::message(&self.tenant, &run_id, seq, &hash);
-        let head = SignedHead {
-            seq,
-            hash,
-            key_id: self.key.key_id(),
-            signature: self.key.sign_hex(&message),
-        };
-        let batch = AppendBatch {
-            run_id,
-            expected_head: self.head.map(|(_, h)| h),
-            entries,
-            head: head.clone(),
-            summary: summary.clone(),
-            checkpoint,
-        };
+        let batch = self.seal(sealed);
+        self.append_sealed(batch).await
+    }
+
+    /// Appends a sealed batch and moves this recorder past it.
+    async fn append_sealed(&mut self, batch: AppendBatch) -> Result<SignedHead, RecordError> {
+        let head = batch.head.clone();
+        let summary = batch.summary.clone();
         let count = batch.entries.len() as u64;
         self.store.append(&self.tenant, batch).await?;
         self.summary = summary;
@@ -525,33 +495,45 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// Chains `bodies` onto the current head, seals them and signs the new head.
     fn build_batch(&self, bodies: &[Staged]) -> AppendBatch {
         let mut prev = self.head;
-        let mut entries = Vec::with_capacity(bodies.len());
-        let mut summary = self.summary.clone();
-        let mut checkpoint = None;
+        let mut sealed = Vec::with_capacity(bodies.len());
         for item in bodies {
             let seq = prev.map_or(0, |(s, _)| s + 1);
             let bytes = encode_parts(
-                &summary.run_id,
+                &self.summary.run_id,
                 seq,
                 prev.map(|(_, h)| h).as_ref(),
                 item.at_ms,
                 &item.body,
             );
-            let sealed = StoredEntry::from_bytes(seq, bytes);
-            item.effect.apply(&mut summary);
-            if let SummaryEffect::Checkpoint(step) = item.effect {
+            let entry = StoredEntry::from_bytes(seq, bytes);
+            prev = Some((seq, entry.hash));
+            sealed.push((entry, item.effect));
+        }
+        self.seal(sealed)
+    }
+
+    /// The batch appending `entries` (already chained onto this recorder's head): the summary
+    /// they lead to, the checkpoint among them, and the head signature.
+    fn seal(&self, entries: Vec<(StoredEntry, SummaryEffect)>) -> AppendBatch {
+        let mut summary = self.summary.clone();
+        let mut checkpoint = None;
+        let mut last = self.head;
+        let mut stored = Vec::with_capacity(entries.len());
+        for (entry, effect) in entries {
+            effect.apply(&mut summary);
+            if let SummaryEffect::Checkpoint(step) = effect {
                 checkpoint = Some(Checkpoint {
                     session_id: summary.session_id.clone(),
                     run_id: summary.run_id.clone(),
-                    seq,
-                    entry_hash: sealed.hash,
+                    seq: entry.seq,
+                    entry_hash: entry.hash,
                     step,
                 });
             }
-            prev = Some((seq, sealed.hash));
-            entries.push(sealed);
+            last = Some((entry.seq, entry.hash));
+            stored.push(entry);
         }
-        let (seq, hash) = prev.unwrap_or((0, Hash([0; 32])));
+        let (seq, hash) = last.unwrap_or((0, Hash([0; 32])));
         summary.entries = seq + 1;
         summary.head = hash;
         let message = SignedHead::message(&self.tenant, &summary.run_id, seq, &hash);
@@ -568,7 +550,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         AppendBatch {
             run_id: summary.run_id.clone(),
             expected_head: self.head.map(|(_, h)| h),
-            entries,
+            entries: stored,
             head,
             summary,
             checkpoint,

@@ -36,6 +36,7 @@ use crate::objects::{api_for, apply, yaml_documents};
 const SYSTEM_NAMESPACE: &str = "contextos-system";
 const APPROVALS_POLICY: &str = "contextos-session-approvals";
 const IMAGES_POLICY: &str = "contextos-sandbox-images";
+const IDENTITY_POLICY: &str = "contextos-session-identity";
 /// What the policy's refusal says (its messageExpression).
 const REFUSAL: &str = "a new approval's approver must be the user making the change";
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -420,7 +421,211 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         .await?
         .map_err(|refusal| anyhow::anyhow!("carol, in sre-oncall, was refused: {refusal}"))?;
     check_promotion_approvals(env, namespace).await?;
-    check_sandbox_images(env, namespace).await
+    check_sandbox_images(env, namespace).await?;
+    check_session_identity(env, namespace).await
+}
+
+/// A Session acts for the user who creates it: nobody starts one in someone else's name, in
+/// groups they are not in or with scopes they were not granted — unless they hold the
+/// delegation right — and no Session is born with approvals.
+async fn check_session_identity(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    let client = env.client();
+    let mut session = yaml_documents(&repo_root().join("examples/quickstart/session.yaml"))?.remove(0);
+    session["metadata"]["namespace"] = json!(namespace);
+    let dir = tempfile::tempdir().context("create a directory for the Sessions")?;
+    let create = |name: &str, user: Value, approvals: Value, as_user: &str, groups: &[&str]| {
+        let mut session = session.clone();
+        session["metadata"]["name"] = json!(name);
+        session["spec"]["user"] = user;
+        if !approvals.is_null() {
+            session["spec"]["approvals"] = approvals;
+        }
+        let file = dir.path().join(format!("{name}.json"));
+        let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+        let as_user = as_user.to_owned();
+        async move {
+            std::fs::write(&file, session.to_string())?;
+            let file = file.to_string_lossy().into_owned();
+            let mut args = vec!["create", "-f", &file, "--as", &as_user];
+            for group in &groups {
+                args.push("--as-group");
+                args.push(group);
+            }
+            let output = run(env, &args).await?;
+            anyhow::Ok(if output.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+            })
+        }
+    };
+    let dana =
+        || json!({"subject": "dana@example.com", "groups": ["sre-oncall"], "scopes": ["incidents:write"]});
+    // In someone else's name: refused (waiting until the binding reaches the API server).
+    let refusal = wait_for(
+        "the identity policy to refuse a Session for another user",
+        TIMEOUT,
+        || async {
+            match create("for-dana", dana(), Value::Null, "alice@example.com", &[]).await {
+                Ok(Err(refusal)) if refusal.contains(IDENTITY_POLICY) => Check::Done(refusal),
+                Ok(Err(refusal)) => Check::NotYet(refusal),
+                Ok(Ok(())) => Check::NotYet("accepted".to_owned()),
+                Err(err) => Check::NotYet(format!("{err:#}")),
+            }
+        },
+    )
+    .await?;
+    ensure!(
+        refusal.contains("spec.user.subject: dana@example.com is not you (alice@example.com)"),
+        "unexpected refusal: {refusal}"
+    );
+    // In her own name but claiming a group she is not in: refused; in it: the scope is next.
+    let alice = |groups: Value, scopes: Value| json!({"subject": "alice@example.com", "groups": groups, "scopes": scopes});
+    let refusal = create(
+        "alice-1",
+        alice(json!(["sre-oncall"]), json!([])),
+        Value::Null,
+        "alice@example.com",
+        &[],
+    )
+    .await?
+    .err()
+    .context("alice claimed a group she is not in")?;
+    ensure!(
+        refusal.contains("spec.user.groups: you (alice@example.com) are not in sre-oncall"),
+        "unexpected refusal: {refusal}"
+    );
+    let with_scope = alice(json!(["sre-oncall"]), json!(["incidents:write"]));
+    let refusal = create(
+        "alice-2",
+        with_scope.clone(),
+        Value::Null,
+        "alice@example.com",
+        &["sre-oncall"],
+    )
+    .await?
+    .err()
+    .context("alice claimed a scope nobody granted her")?;
+    ensure!(
+        refusal.contains("spec.user.scopes: you (alice@example.com) may not use all of incidents:write"),
+        "unexpected refusal: {refusal}"
+    );
+    grant(
+        &client,
+        namespace,
+        "scope-incidents-write",
+        PolicyRule {
+            api_groups: Some(vec!["contextos.dev".to_owned()]),
+            resources: Some(vec!["scopes".to_owned()]),
+            resource_names: Some(vec!["incidents:write".to_owned()]),
+            verbs: vec!["use".to_owned()],
+            ..Default::default()
+        },
+        &["alice@example.com"],
+    )
+    .await?;
+    wait_for(
+        "alice's own Session with her granted scope to be admitted",
+        TIMEOUT,
+        || async {
+            match create(
+                "alice-3",
+                with_scope.clone(),
+                Value::Null,
+                "alice@example.com",
+                &["sre-oncall"],
+            )
+            .await
+            {
+                Ok(Ok(())) => Check::Done(()),
+                Ok(Err(refusal)) => Check::NotYet(refusal),
+                Err(err) => Check::NotYet(format!("{err:#}")),
+            }
+        },
+    )
+    .await?;
+    // Nothing is decided before the Session exists, whoever creates it.
+    let approval = json!([{"callHash": "9f2c6a41d3b8e7f0c5a2d9e4b1f8c3a6d0e7b4f1a8c5d2e9b6f3a0c7d4e1b8f5",
+        "decision": "approve", "approver": "alice@example.com"}]);
+    let refusal = create(
+        "alice-4",
+        alice(json!([]), json!([])),
+        approval,
+        "alice@example.com",
+        &[],
+    )
+    .await?
+    .err()
+    .context("a Session was created with an approval in it")?;
+    ensure!(
+        refusal.contains("a new Session cannot carry approvals"),
+        "unexpected refusal: {refusal}"
+    );
+    // A pipeline granted the delegation right starts Sessions for others.
+    grant(
+        &client,
+        namespace,
+        "pipeline-delegates",
+        PolicyRule {
+            api_groups: Some(vec!["contextos.dev".to_owned()]),
+            resources: Some(vec!["sessions".to_owned()]),
+            verbs: vec!["delegate".to_owned()],
+            ..Default::default()
+        },
+        &["bob@example.com"],
+    )
+    .await?;
+    wait_for(
+        "a delegating pipeline's Session for dana to be admitted",
+        TIMEOUT,
+        || async {
+            match create("pipeline-for-dana", dana(), Value::Null, "bob@example.com", &[]).await {
+                Ok(Ok(())) => Check::Done(()),
+                Ok(Err(refusal)) => Check::NotYet(refusal),
+                Err(err) => Check::NotYet(format!("{err:#}")),
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// A Role with `rule`, bound to `users`, in `namespace`.
+async fn grant(client: &Client, namespace: &str, name: &str, rule: PolicyRule, users: &[&str]) -> Result<()> {
+    let meta = ObjectMeta {
+        name: Some(name.to_owned()),
+        ..Default::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(vec![rule]),
+    };
+    Api::<Role>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &role)
+        .await?;
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "Role".to_owned(),
+            name: name.to_owned(),
+        },
+        subjects: Some(
+            users
+                .iter()
+                .map(|user| Subject {
+                    api_group: Some("rbac.authorization.k8s.io".to_owned()),
+                    kind: "User".to_owned(),
+                    name: (*user).to_owned(),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    };
+    Api::<RoleBinding>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &binding)
+        .await?;
+    Ok(())
 }
 
 /// A SandboxProfile may only name the ContextOS runner image.
@@ -623,47 +828,15 @@ impl SessionPatches<'_> {
     }
 }
 
-/// A Role letting `users` read and patch Sessions in `namespace`.
+/// A Role letting `users` read, create and patch Sessions (and Policies) in `namespace`.
 async fn allow_to_approve(client: &Client, namespace: &str, users: &[&str]) -> Result<()> {
-    let meta = ObjectMeta {
-        name: Some("session-approvers".to_owned()),
+    let rule = PolicyRule {
+        api_groups: Some(vec!["contextos.dev".to_owned()]),
+        resources: Some(vec!["sessions".to_owned(), "policies".to_owned()]),
+        verbs: vec!["get".to_owned(), "patch".to_owned(), "create".to_owned()],
         ..Default::default()
     };
-    let role = Role {
-        metadata: meta.clone(),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec!["contextos.dev".to_owned()]),
-            resources: Some(vec!["sessions".to_owned(), "policies".to_owned()]),
-            verbs: vec!["get".to_owned(), "patch".to_owned()],
-            ..Default::default()
-        }]),
-    };
-    Api::<Role>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &role)
-        .await?;
-    let binding = RoleBinding {
-        metadata: meta,
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".to_owned()),
-            kind: "Role".to_owned(),
-            name: "session-approvers".to_owned(),
-        },
-        subjects: Some(
-            users
-                .iter()
-                .map(|user| Subject {
-                    api_group: Some("rbac.authorization.k8s.io".to_owned()),
-                    kind: "User".to_owned(),
-                    name: (*user).to_owned(),
-                    ..Default::default()
-                })
-                .collect(),
-        ),
-    };
-    Api::<RoleBinding>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &binding)
-        .await?;
-    Ok(())
+    grant(client, namespace, "session-approvers", rule, users).await
 }
 
 /// On a cluster where ContextOS is installed for real, the tests only dry-run the base: applying
@@ -706,22 +879,19 @@ impl Install {
             "path": "/spec/matchResources",
             "value": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": sessions_namespace}}}
         }]);
+        let patches = [APPROVALS_POLICY, IMAGES_POLICY, IDENTITY_POLICY].map(|name| {
+            json!({
+                "target": {"kind": "ValidatingAdmissionPolicyBinding", "name": name},
+                "patch": bind_to_namespace.to_string(),
+            })
+        });
         let kustomization = json!({
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
             // kustomize takes only relative paths.
             "resources": [relative_path(overlay.path(), &repo_root().join("manifests"))?],
             // Bound to the test's namespace only, so other tests running meanwhile are unaffected.
-            "patches": [
-                {
-                    "target": {"kind": "ValidatingAdmissionPolicyBinding", "name": APPROVALS_POLICY},
-                    "patch": bind_to_namespace.to_string(),
-                },
-                {
-                    "target": {"kind": "ValidatingAdmissionPolicyBinding", "name": IMAGES_POLICY},
-                    "patch": bind_to_namespace.to_string(),
-                },
-            ],
+            "patches": patches,
         });
         std::fs::write(
             overlay.path().join("kustomization.yaml"),

@@ -67,6 +67,12 @@ pub mod reason {
     pub const REPLAY_FAILED: &str = "ReplayFailed";
     /// There are no recorded sessions to replay against yet.
     pub const NO_RECORDED_HISTORY: &str = "NoRecordedHistory";
+    /// A replay ended without a verdict the gateway vouches for (evicted, past its deadline,
+    /// no report): neither a pass nor a failure.
+    pub const REPLAY_INCONCLUSIVE: &str = "ReplayInconclusive";
+    /// An object at a name the operator uses for its own children was not made by the operator
+    /// (a planted or altered child); it is never used.
+    pub const UNTRUSTED_CHILD: &str = "UntrustedChild";
     /// A Session waits for its runner pod or is being run.
     pub const RUNNING: &str = "Running";
     /// A Session's run waits for a human to approve a call.

@@ -54,6 +54,9 @@ pub mod annotations {
     /// On a runner pod started because a decision was added to `spec.approvals`: the call hash
     /// it was started for (an attempt that ends waiting for the same call again is not retried).
     pub const RESUMED_FOR: &str = "contextos.dev/resumed-for";
+    /// On a child the operator made from content it must be able to trust later (a Session's
+    /// run bundle): the operator's signature over the owner's uid and that content.
+    pub const SEAL: &str = "contextos.dev/seal";
 }
 
 /// Every CustomResourceDefinition of the API, in a stable order (used by `crdgen` and tests).

@@ -4,11 +4,12 @@
 //! store address: it reaches the gateway service with a projected token, and nothing else.
 
 use contextos_crds::{
-    FIELD_MANAGER, Session, SessionSpec, labels,
+    FIELD_MANAGER, Session, SessionSpec, annotations, labels,
     sandbox_profile::{EgressProtocol, SandboxProfileSpec, SeccompType},
 };
 use contextos_runner::{
     gateway::identity::GATEWAY_AUDIENCE,
+    keys::{KeyPair, PublicKey},
     run::pod::{APPROVALS_ENV, BUNDLE_KEY, GATEWAY_ENV, PodBundle, RUN_CONTEXT_ENV, paths},
 };
 use k8s_openapi::{
@@ -83,16 +84,66 @@ fn metadata(session: &Session, name: String) -> Value {
     })
 }
 
-/// The immutable bundle: pinned specs and the key the pod's gateway trusts.
-pub fn bundle_config_map(session: &Session, pod_bundle: &PodBundle) -> Result<ConfigMap, serde_json::Error> {
+/// The immutable bundle: the pinned specs the Session runs, sealed by the operator.
+pub fn bundle_config_map(
+    session: &Session,
+    pod_bundle: &PodBundle,
+    key: &KeyPair,
+) -> Result<ConfigMap, serde_json::Error> {
     let name = bundle_name(session.metadata.name.as_deref().unwrap_or_default());
+    let text = serde_json::to_string(pod_bundle)?;
+    let mut meta = metadata(session, name);
+    meta["annotations"] = json!({annotations::SEAL: seal(session, &text, key)});
     serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(session, name),
+        "metadata": meta,
         "immutable": true,
-        "data": {BUNDLE_KEY: serde_json::to_string(pod_bundle)?},
+        "data": {BUNDLE_KEY: text},
     }))
+}
+
+/// Why a ConfigMap at a Session's bundle name is not the bundle the operator wrote for it.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unsealed {
+    #[error("it carries no {} annotation", annotations::SEAL)]
+    NoSeal,
+    #[error("its {} annotation is not the operator's signature over this Session and content", annotations::SEAL)]
+    BadSeal,
+    #[error("its {BUNDLE_KEY} is not a run bundle: {0}")]
+    NotABundle(String),
+}
+
+/// The bundle in `config_map`, if the operator sealed it for this very Session (its uid):
+/// ownerReferences and labels are the tenant's to write, a seal is not.
+pub fn sealed_bundle(session: &Session, config_map: &ConfigMap, key: &PublicKey) -> Result<PodBundle, Unsealed> {
+    let text = config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get(BUNDLE_KEY))
+        .map(String::as_str)
+        .unwrap_or_default();
+    let signature = config_map
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::SEAL))
+        .ok_or(Unsealed::NoSeal)?;
+    if !key.verify_hex(&seal_bytes(session, text), signature) {
+        return Err(Unsealed::BadSeal);
+    }
+    serde_json::from_str(text).map_err(|e| Unsealed::NotABundle(e.to_string()))
+}
+
+fn seal(session: &Session, text: &str, key: &KeyPair) -> String {
+    key.sign_hex(&seal_bytes(session, text))
+}
+
+fn seal_bytes(session: &Session, text: &str) -> Vec<u8> {
+    let uid = session.metadata.uid.as_deref().unwrap_or_default();
+    let mut bytes = format!("contextos-bundle-seal/v1\n{uid}\n").into_bytes();
+    bytes.extend_from_slice(text.as_bytes());
+    bytes
 }
 
 /// The runner pod of one attempt, confined by the SandboxProfile: Pod Security "restricted",
@@ -316,6 +367,63 @@ mod tests {
         assert!(container.env_from.is_none());
         assert!(container.image.as_deref().is_some_and(|i| i.contains("@sha256:")));
         assert_eq!(pod.metadata.owner_references.map(|o| o.len()), Some(1));
+    }
+
+    fn spec_of<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
+        let value: Value = serde_yaml::from_str(yaml).expect("yaml");
+        serde_json::from_value(value["spec"].clone()).expect("spec")
+    }
+
+    fn pod_bundle(session: &Session) -> PodBundle {
+        use contextos_runner::run::bundle::{NamedPack, RunBundle};
+        PodBundle {
+            bundle: RunBundle {
+                tenant: "shop".into(),
+                session: "checkout-5xx".into(),
+                session_spec: session.spec.clone(),
+                agent: "sre-triage".into(),
+                agent_spec: spec_of(include_str!("../../examples/quickstart/agent.yaml")),
+                context_pack: NamedPack {
+                    name: "sre-runbooks".into(),
+                    spec: spec_of(include_str!("../../examples/quickstart/contextpack.yaml")),
+                },
+                sources: Default::default(),
+                policies: Vec::new(),
+                sandbox_profile_digest: None,
+                model_script: None,
+                session_labels: Default::default(),
+            },
+            sandbox: Some(sandbox()),
+        }
+    }
+
+    #[test]
+    fn only_a_bundle_the_operator_sealed_for_this_very_session_is_trusted() {
+        let key = KeyPair::from_seed([7; 32]);
+        let session = session();
+        let bundle = pod_bundle(&session);
+        let sealed = bundle_config_map(&session, &bundle, &key).expect("bundle");
+        assert_eq!(sealed_bundle(&session, &sealed, &key.public()), Ok(bundle.clone()));
+
+        // Planted by a tenant: owner reference and labels copied, no seal.
+        let mut planted = sealed.clone();
+        planted.metadata.annotations = None;
+        assert_eq!(sealed_bundle(&session, &planted, &key.public()), Err(Unsealed::NoSeal));
+        // A genuine seal over other content (another image, wider egress, no policies).
+        let mut altered = bundle.clone();
+        if let Some(sandbox) = altered.sandbox.as_mut() {
+            sandbox.image = "registry.example.com/evil@sha256:0".into();
+        }
+        let mut swapped = sealed.clone();
+        swapped.data = bundle_config_map(&session, &altered, &KeyPair::from_seed([9; 32]))
+            .expect("bundle")
+            .data;
+        assert_eq!(sealed_bundle(&session, &swapped, &key.public()), Err(Unsealed::BadSeal));
+        // The operator's own seal of another Session's bundle.
+        let mut other = session.clone();
+        other.metadata.uid = Some("11111111-2222-3333-4444-555555555555".into());
+        let elsewhere = bundle_config_map(&other, &bundle, &key).expect("bundle");
+        assert_eq!(sealed_bundle(&session, &elsewhere, &key.public()), Err(Unsealed::BadSeal));
     }
 
     #[test]

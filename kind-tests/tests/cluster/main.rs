@@ -21,4 +21,5 @@ mod process_node;
 mod promotion;
 mod quickstart;
 mod sandbox_attacks;
+mod tenant_attacks;
 mod workloads;

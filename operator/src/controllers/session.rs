@@ -15,7 +15,7 @@ use contextos_runner::{
     run::{
         bundle::{NamedPack, RunBundle, spec_digest},
         issue_run_context,
-        pod::{BUNDLE_KEY, PodBundle, PodReport},
+        pod::{PodBundle, PodReport},
     },
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -56,13 +56,19 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
             } else {
                 SessionPhase::Pending
             };
+            let untrusted = invalid.reason == reason::UNTRUSTED_CHILD;
             write_status(
                 &ctx,
                 &session,
                 Update::phase(phase, invalid.reason, invalid.message),
             )
             .await?;
-            return Ok(Action::await_change());
+            // Sessions do not watch ConfigMaps: look again for the planted one's removal.
+            return Ok(if untrusted {
+                Action::requeue(Duration::from_secs(15))
+            } else {
+                Action::await_change()
+            });
         }
     };
     let name = session.name_any();
@@ -358,12 +364,30 @@ async fn pinned(
                 session.name_any()
             )));
         }
-        if let Some(text) = existing.data.as_ref().and_then(|d| d.get(BUNDLE_KEY))
-            && let Ok(bundle) = serde_json::from_str::<PodBundle>(text)
-            && let Some(sandbox) = bundle.sandbox.clone()
-        {
-            return Ok(Ok((bundle, sandbox)));
-        }
+        // Owner references are anyone's to write: only the operator's seal says this is the
+        // bundle it pinned for this Session, and not one planted before the Agent existed.
+        return Ok(
+            match children::sealed_bundle(session, &existing, &ctx.key.public()) {
+                Ok(bundle) => match bundle.sandbox.clone() {
+                    Some(sandbox) => Ok((bundle, sandbox)),
+                    None => Err(Invalid::new(
+                        reason::UNTRUSTED_CHILD,
+                        format!("ConfigMap {} holds a bundle without its sandbox", existing.name_any()),
+                    )),
+                },
+                Err(why) => {
+                    tracing::warn!(namespace = %namespace, configmap = %existing.name_any(), %why,
+                        "refused a run bundle the operator did not write");
+                    Err(Invalid::new(
+                        reason::UNTRUSTED_CHILD,
+                        format!(
+                            "ConfigMap {} is not the run bundle the operator wrote for this Session ({why}); it is not used. Delete it and the operator pins the Agent's revisions again",
+                            existing.name_any()
+                        ),
+                    ))
+                }
+            },
+        );
     }
     let agents = Api::<Agent>::namespaced(ctx.client.clone(), &namespace);
     let agent_name = &session.spec.agent_ref.name;
@@ -413,7 +437,7 @@ async fn pinned(
         bundle,
         sandbox: Some(sandbox.spec.clone()),
     };
-    let config_map = children::bundle_config_map(session, &pod_bundle).map_err(|source| Error::Build {
+    let config_map = children::bundle_config_map(session, &pod_bundle, &ctx.key).map_err(|source| Error::Build {
         what: "bundle ConfigMap",
         source,
     })?;

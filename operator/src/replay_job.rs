@@ -1,17 +1,21 @@
-//! The replay gate's Job (pure builders): a batch/v1 Job, named after the candidate's digest so
-//! it is created once per candidate, that runs `contextos replay` over recorded sessions of the
-//! tenant against the candidate spec (mounted from a ConfigMap), sandboxed like a runner pod and,
-//! like it, reaching nothing but the gateway service (which lets it read its tenant's records
-//! with the operator's read grant), and reports its [`ReplayGate`] summary in its termination
-//! message. Its exit code is the gate:
-//! 0 passed, 3 diverged past the threshold, 4 nothing recorded to replay.
+//! The replay gate's Jobs (pure builders and readers): a batch/v1 Job per attempt, named after
+//! the candidate's digest, that runs `contextos replay-gate` sandboxed like a runner pod and,
+//! like it, reaching nothing but the gateway service. Its read grant orders the gate — which
+//! candidate (by digest) and how to sample — and the gateway replays the tenant's recorded
+//! runs itself and signs the verdict with the tenant's key; the pod only carries that verdict
+//! to its termination file. A verdict without the gateway's signature is no verdict: the
+//! attempt is inconclusive, and the gate retries a bounded number of times.
 
 use contextos_crds::{common::ReplaySpec, labels};
 use contextos_runner::{
-    keys::KeyPair,
+    keys::{KeyPair, PublicKey},
     read_grant::{READ_GRANT_ENV, ReadGrant, SignedReadGrant},
     records::store::remote::TOKEN_FILE_ENV,
-    run::{pod::paths, replay::ReplayGate},
+    run::{
+        gate::{GateOrder, GatedKind, SignedGateVerdict},
+        pod::paths,
+        replay::ReplayGate,
+    },
 };
 use k8s_openapi::{
     api::{
@@ -31,27 +35,56 @@ const CANDIDATE_KEY: &str = "candidate.yaml";
 /// What identifies one gate run.
 #[derive(Clone, Debug)]
 pub struct GateTarget<'a> {
-    /// `contextpack` or `policy`.
-    pub kind: &'a str,
+    pub kind: GatedKind,
     pub name: &'a str,
     pub namespace: &'a str,
     pub digest: &'a str,
     pub owner: Option<OwnerReference>,
 }
 
-/// Deterministic Job (and candidate ConfigMap) name for a candidate digest.
+/// Automatic attempts at one candidate's gate: an attempt that ends without a verdict
+/// (evicted, past its deadline, no report) is retried until this many were made.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// The label value naming the object a gate is for (`policy.<name>`).
+pub fn revision_of(target: &GateTarget<'_>) -> String {
+    format!("{}.{}", kind_label(target.kind), target.name)
+}
+
+/// The lowercase kind used in names and labels.
+pub fn kind_label(kind: GatedKind) -> &'static str {
+    match kind {
+        GatedKind::Policy => "policy",
+        GatedKind::ContextPack => "contextpack",
+    }
+}
+
+/// Deterministic name of the candidate's ConfigMap and of its first Job; later attempts add
+/// `-a<n>`.
 pub fn job_name(target: &GateTarget<'_>) -> String {
     let hex = target.digest.strip_prefix("sha256:").unwrap_or(target.digest);
-    let mut name = format!("replay-{}-{}", target.kind, target.name);
-    name.truncate(52);
+    let mut name = format!("replay-{}-{}", kind_label(target.kind), target.name);
+    name.truncate(48);
     format!("{name}-{}", &hex[..hex.len().min(10)])
 }
 
+/// The Job of attempt `attempt` (from 1).
+pub fn attempt_job_name(target: &GateTarget<'_>, attempt: u32) -> String {
+    match attempt {
+        0 | 1 => job_name(target),
+        n => format!("{}-a{n}", job_name(target)),
+    }
+}
+
 fn metadata(target: &GateTarget<'_>) -> Value {
+    metadata_named(target, job_name(target))
+}
+
+fn metadata_named(target: &GateTarget<'_>, name: String) -> Value {
     json!({
-        "name": job_name(target),
+        "name": name,
         "namespace": target.namespace,
-        "labels": {labels::REVISION_OF: format!("{}.{}", target.kind, target.name)},
+        "labels": {labels::REVISION_OF: revision_of(target)},
         "annotations": {"contextos.dev/digest": target.digest},
         "ownerReferences": target.owner.iter().collect::<Vec<_>>(),
     })
@@ -72,14 +105,27 @@ pub fn candidate_config_map(target: &GateTarget<'_>, object: &Value) -> Result<C
 /// the cluster is busy).
 const GRANT_SECONDS: i64 = 3 * 3600;
 
-/// The read grant of a replay Job: its tenant's records, for its own pods only.
-pub fn read_grant(target: &GateTarget<'_>, key: &KeyPair, now_ms: i64) -> SignedReadGrant {
+/// The read grant of a replay Job: its tenant's records, for its own pods only, and the gate
+/// it orders.
+pub fn read_grant(
+    target: &GateTarget<'_>,
+    replay: &ReplaySpec,
+    attempt: u32,
+    key: &KeyPair,
+    now_ms: i64,
+) -> SignedReadGrant {
     SignedReadGrant::sign(
         ReadGrant {
             tenant_id: target.namespace.to_owned(),
-            job: job_name(target),
+            job: attempt_job_name(target, attempt),
             issued_at_ms: now_ms,
             expires_at_ms: now_ms + GRANT_SECONDS * 1000,
+            gate: Some(GateOrder {
+                kind: target.kind,
+                name: target.name.to_owned(),
+                candidate_digest: target.digest.to_owned(),
+                replay: replay.clone(),
+            }),
         },
         key,
     )
@@ -89,47 +135,30 @@ pub fn read_grant(target: &GateTarget<'_>, key: &KeyPair, now_ms: i64) -> Signed
 /// projected token and the operator's read grant, and holds nothing else.
 pub fn job(
     target: &GateTarget<'_>,
-    replay: &ReplaySpec,
+    attempt: u32,
     image: &str,
     settings: &RunnerSettings,
     grant: &SignedReadGrant,
 ) -> Result<Job, serde_json::Error> {
     let name = job_name(target);
-    let mut args = vec![
-        "replay".to_owned(),
-        "--sample".into(),
-        replay.sample_size.to_string(),
-        "--since".into(),
-        format!("{}h", replay.window_hours),
+    let args = [
+        "replay-gate".to_owned(),
         "--candidate".into(),
         format!("{CANDIDATE_DIR}/{CANDIDATE_KEY}"),
-        "--max-divergence-percent".into(),
-        replay.max_divergence_percent.to_string(),
         "--summary".into(),
         "/dev/termination-log".into(),
     ];
-    for agent in &replay.selector.agents {
-        args.extend(["--agent".to_owned(), agent.clone()]);
-    }
-    if !replay.selector.match_labels.is_empty() {
-        let selector: Vec<String> = replay
-            .selector
-            .match_labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        args.extend(["--selector".to_owned(), selector.join(",")]);
-    }
     serde_json::from_value(json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": metadata(target),
+        "metadata": metadata_named(target, attempt_job_name(target, attempt)),
         "spec": {
-            // The exit code is the verdict: never retried.
+            // The verdict is the gateway's; a failed pod is retried as a new attempt (a new
+            // Job), never by the Job itself.
             "backoffLimit": 0,
             "activeDeadlineSeconds": 1800,
             "template": {
-                "metadata": {"labels": {labels::ROLE: "replay"}},
+                "metadata": {"labels": {labels::ROLE: "replay", labels::REVISION_OF: revision_of(target)}},
                 "spec": {
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": false,
@@ -183,7 +212,7 @@ pub fn network_policy(
         "kind": "NetworkPolicy",
         "metadata": metadata(target),
         "spec": {
-            "podSelector": {"matchLabels": {"job-name": job_name(target)}},
+            "podSelector": {"matchLabels": {labels::ROLE: "replay", labels::REVISION_OF: revision_of(target)}},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [],
             "egress": rules,
@@ -195,24 +224,46 @@ pub fn network_policy(
 #[derive(Clone, Debug, PartialEq)]
 pub enum JobOutcome {
     Running,
-    /// Finished; its summary (when the pod reported one) and exit code.
-    Finished {
-        gate: Option<ReplayGate>,
-        exit_code: Option<i32>,
+    /// Finished with the gateway's verdict for this very Job and candidate.
+    Verdict(ReplayGate),
+    /// Finished without one: why, and when it finished (RFC 3339), for the retry's backoff.
+    Inconclusive {
+        why: String,
+        finished_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     },
 }
 
-/// Reads a Job and its pod.
-pub fn outcome(job: &Job, pods: &[Pod]) -> JobOutcome {
+/// Reads a Job of `target`'s gate and its pods. Only pods the Job controls (by uid) count, and
+/// only a termination message that is the gateway's verdict, signed with the tenant's `key`,
+/// for this Job and candidate: labels, owner references and messages are the tenant's to
+/// write.
+pub fn outcome(target: &GateTarget<'_>, job: &Job, pods: &[Pod], key: &PublicKey) -> JobOutcome {
     let status = job.status.clone().unwrap_or_default();
     let finished = status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0;
-    if !finished {
+    let ended_at = status
+        .conditions
+        .iter()
+        .flatten()
+        .filter(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+        .filter_map(|c| c.last_transition_time.clone())
+        .max_by_key(|t| t.0);
+    if !finished && ended_at.is_none() {
         return JobOutcome::Running;
     }
-    let terminated = pods
+    let job_name = job.metadata.name.clone().unwrap_or_default();
+    let uid = job.metadata.uid.as_deref();
+    let messages: Vec<(String, i32)> = pods
         .iter()
+        .filter(|p| {
+            p.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && o.kind == "Job" && Some(o.uid.as_str()) == uid)
+        })
         .filter_map(|p| {
-            p.status
+            let terminated = p
+                .status
                 .as_ref()?
                 .container_statuses
                 .as_ref()?
@@ -220,19 +271,137 @@ pub fn outcome(job: &Job, pods: &[Pod]) -> JobOutcome {
                 .state
                 .as_ref()?
                 .terminated
-                .clone()
+                .clone()?;
+            Some((terminated.message.unwrap_or_default(), terminated.exit_code))
         })
-        .next();
-    let gate = terminated
-        .as_ref()
-        .and_then(|t| t.message.as_deref())
-        .and_then(|m| {
-            m.lines()
-                .rev()
-                .find_map(|l| serde_json::from_str::<ReplayGate>(l.trim()).ok())
-        });
-    JobOutcome::Finished {
-        gate,
-        exit_code: terminated.map(|t| t.exit_code),
+        .collect();
+    let inconclusive = |why: String| JobOutcome::Inconclusive {
+        why,
+        finished_at: ended_at.clone(),
+    };
+    let Some((message, exit_code)) = messages.first() else {
+        return inconclusive(format!("Job {job_name} ended without a pod that reported"));
+    };
+    let Ok(signed) = serde_json::from_str::<SignedGateVerdict>(message.trim()) else {
+        return inconclusive(format!(
+            "Job {job_name}'s pod ended (exit code {exit_code}) without the gateway's verdict; see its log"
+        ));
+    };
+    match signed.verify(key) {
+        Some(v)
+            if v.job == job_name
+                && v.kind == target.kind
+                && v.name == target.name
+                && v.candidate_digest == target.digest =>
+        {
+            JobOutcome::Verdict(v.gate.clone())
+        }
+        Some(_) => inconclusive(format!(
+            "Job {job_name} reported a verdict of another Job or candidate; it is ignored"
+        )),
+        None => inconclusive(format!(
+            "Job {job_name} reported a verdict the gateway did not sign; it is ignored"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use contextos_runner::run::gate::GateVerdict;
+
+    use super::*;
+
+    const DIGEST: &str = "sha256:0123456789abcdef";
+
+    fn target() -> GateTarget<'static> {
+        GateTarget {
+            kind: GatedKind::Policy,
+            name: "guardrails",
+            namespace: "shop",
+            digest: DIGEST,
+            owner: None,
+        }
+    }
+
+    fn finished_job(uid: &str) -> Job {
+        serde_json::from_value(json!({
+            "metadata": {"name": job_name(&target()), "uid": uid},
+            "status": {"succeeded": 1},
+        }))
+        .expect("job")
+    }
+
+    fn pod(owner_uid: &str, message: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "ownerReferences": [{
+                "apiVersion": "batch/v1", "kind": "Job", "name": job_name(&target()),
+                "uid": owner_uid, "controller": true}]},
+            "status": {"containerStatuses": [{
+                "name": "replay", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "message": message}},
+            }]},
+        }))
+        .expect("pod")
+    }
+
+    fn signed(job: &str, passed: bool, key: &KeyPair) -> String {
+        let mut gate = ReplayGate::no_history(&[]);
+        gate.no_history = false;
+        gate.passed = passed;
+        let verdict = GateVerdict {
+            job: job.into(),
+            kind: GatedKind::Policy,
+            name: "guardrails".into(),
+            candidate_digest: DIGEST.into(),
+            gate,
+        };
+        serde_json::to_string(&SignedGateVerdict::sign(verdict, key)).expect("json")
+    }
+
+    #[test]
+    fn only_the_gateways_verdict_from_the_jobs_own_pod_counts() {
+        let tenant = KeyPair::from_seed([5; 32]);
+        let key = tenant.public();
+        let job = finished_job("job-uid");
+        let genuine = signed(&job_name(&target()), false, &tenant);
+        assert!(matches!(
+            outcome(&target(), &job, &[pod("job-uid", &genuine)], &key),
+            JobOutcome::Verdict(ref g) if !g.passed
+        ));
+        // A tenant's pod labelled like the Job's but not controlled by it.
+        let forged = signed(&job_name(&target()), true, &KeyPair::from_seed([6; 32]));
+        assert!(matches!(
+            outcome(&target(), &job, &[pod("other-uid", &genuine)], &key),
+            JobOutcome::Inconclusive { .. }
+        ));
+        // A verdict not signed by the gateway with the tenant's key.
+        assert!(matches!(
+            outcome(&target(), &job, &[pod("job-uid", &forged)], &key),
+            JobOutcome::Inconclusive { .. }
+        ));
+        // A genuine verdict carried over from another Job (an earlier attempt, another gate).
+        let elsewhere = signed("replay-policy-guardrails-other", true, &tenant);
+        assert!(matches!(
+            outcome(&target(), &job, &[pod("job-uid", &elsewhere)], &key),
+            JobOutcome::Inconclusive { .. }
+        ));
+        // A plain report, as an older runner wrote, is no verdict either.
+        assert!(matches!(
+            outcome(&target(), &job, &[pod("job-uid", r#"{"passed":true}"#)], &key),
+            JobOutcome::Inconclusive { .. }
+        ));
+    }
+
+    #[test]
+    fn later_attempts_have_names_of_their_own_within_the_limit() {
+        let long = GateTarget {
+            name: "a-policy-with-a-name-that-is-as-long-as-kubernetes-allows-for-names",
+            ..target()
+        };
+        let first = attempt_job_name(&long, 1);
+        let third = attempt_job_name(&long, MAX_ATTEMPTS);
+        assert_ne!(first, third);
+        assert!(third.len() <= 63, "{third}");
+        assert!(third.starts_with(&first));
     }
 }

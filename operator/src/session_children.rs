@@ -108,7 +108,10 @@ pub fn bundle_config_map(
 pub enum Unsealed {
     #[error("it carries no {} annotation", annotations::SEAL)]
     NoSeal,
-    #[error("its {} annotation is not the operator's signature over this Session and content", annotations::SEAL)]
+    #[error(
+        "its {} annotation is not the operator's signature over this Session and content",
+        annotations::SEAL
+    )]
     BadSeal,
     #[error("its {BUNDLE_KEY} is not a run bundle: {0}")]
     NotABundle(String),
@@ -116,7 +119,11 @@ pub enum Unsealed {
 
 /// The bundle in `config_map`, if the operator sealed it for this very Session (its uid):
 /// ownerReferences and labels are the tenant's to write, a seal is not.
-pub fn sealed_bundle(session: &Session, config_map: &ConfigMap, key: &PublicKey) -> Result<PodBundle, Unsealed> {
+pub fn sealed_bundle(
+    session: &Session,
+    config_map: &ConfigMap,
+    key: &PublicKey,
+) -> Result<PodBundle, Unsealed> {
     let text = config_map
         .data
         .as_ref()
@@ -403,12 +410,18 @@ mod tests {
         let session = session();
         let bundle = pod_bundle(&session);
         let sealed = bundle_config_map(&session, &bundle, &key).expect("bundle");
-        assert_eq!(sealed_bundle(&session, &sealed, &key.public()), Ok(bundle.clone()));
+        assert_eq!(
+            sealed_bundle(&session, &sealed, &key.public()),
+            Ok(bundle.clone())
+        );
 
         // Planted by a tenant: owner reference and labels copied, no seal.
         let mut planted = sealed.clone();
         planted.metadata.annotations = None;
-        assert_eq!(sealed_bundle(&session, &planted, &key.public()), Err(Unsealed::NoSeal));
+        assert_eq!(
+            sealed_bundle(&session, &planted, &key.public()),
+            Err(Unsealed::NoSeal)
+        );
         // A genuine seal over other content (another image, wider egress, no policies).
         let mut altered = bundle.clone();
         if let Some(sandbox) = altered.sandbox.as_mut() {
@@ -418,12 +431,18 @@ mod tests {
         swapped.data = bundle_config_map(&session, &altered, &KeyPair::from_seed([9; 32]))
             .expect("bundle")
             .data;
-        assert_eq!(sealed_bundle(&session, &swapped, &key.public()), Err(Unsealed::BadSeal));
+        assert_eq!(
+            sealed_bundle(&session, &swapped, &key.public()),
+            Err(Unsealed::BadSeal)
+        );
         // The operator's own seal of another Session's bundle.
         let mut other = session.clone();
         other.metadata.uid = Some("11111111-2222-3333-4444-555555555555".into());
         let elsewhere = bundle_config_map(&other, &bundle, &key).expect("bundle");
-        assert_eq!(sealed_bundle(&session, &elsewhere, &key.public()), Err(Unsealed::BadSeal));
+        assert_eq!(
+            sealed_bundle(&session, &elsewhere, &key.public()),
+            Err(Unsealed::BadSeal)
+        );
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub struct ReadGrant {
     pub job: String,
     pub issued_at_ms: i64,
     pub expires_at_ms: i64,
+    /// The replay gate the Job runs: the gateway replays exactly this candidate and signs the
+    /// verdict (see [`crate::run::gate`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<crate::run::gate::GateOrder>,
 }
 
 /// A ReadGrant and the operator's signature over it.
@@ -87,6 +91,7 @@ mod tests {
             job: "replay-policy-guardrails-0123456789".into(),
             issued_at_ms: 1_000,
             expires_at_ms: 2_000,
+            gate: None,
         }
     }
 

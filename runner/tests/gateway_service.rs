@@ -688,6 +688,7 @@ async fn only_a_replay_jobs_own_pods_read_the_tenants_records_with_its_grant() {
             job: "replay-policy-guardrails-0123456789".into(),
             issued_at_ms: now,
             expires_at_ms: now + 60_000,
+            gate: None,
         };
         serde_json::to_vec(&SignedReadGrant::sign(grant, key)).expect("json")
     };
@@ -724,6 +725,85 @@ async fn only_a_replay_jobs_own_pods_read_the_tenants_records_with_its_grant() {
     let forged = reader("token-run-1", grant("shop", &transit()));
     assert!(forged.list_runs(&rig.tenant(), &filter).await.is_err());
     assert!(runner.put_blob(&rig.tenant(), b"x".to_vec()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_candidate() {
+    use contextos_runner::{
+        read_grant::{ReadGrant, SignedReadGrant},
+        records::store::remote::{Credential, RemoteStore},
+        run::{
+            bundle::spec_digest,
+            gate::{GATE_PATH, GateOrder, GatedKind, SignedGateVerdict},
+        },
+    };
+    let rig = rig().await;
+    rig.run_until_approval().await;
+    let policy = rig.bundle.policies[0].clone();
+    let candidate = serde_json::json!({
+        "apiVersion": "contextos.dev/v1alpha1", "kind": "Policy",
+        "metadata": {"name": policy.name}, "spec": policy.spec,
+    });
+    let job = "replay-policy-guardrails-0123456789";
+    let now = contextos_runner::records::recorder::now_ms();
+    let order = GateOrder {
+        kind: GatedKind::Policy,
+        name: policy.name.clone(),
+        candidate_digest: spec_digest(&policy.spec),
+        replay: Default::default(),
+    };
+    let reader = |gate: Option<GateOrder>| {
+        let grant = ReadGrant {
+            tenant_id: "shop".into(),
+            job: job.into(),
+            issued_at_ms: now,
+            expires_at_ms: now + 60_000,
+            gate,
+        };
+        let grant = serde_json::to_vec(&SignedReadGrant::sign(grant, &rig.operator)).expect("json");
+        RemoteStore::new(
+            &rig.url,
+            TokenSource::Fixed("token-replay".into()),
+            Credential::Read(grant),
+            "shop",
+        )
+        .expect("store")
+    };
+    let gated = reader(Some(order.clone()));
+    let signed: SignedGateVerdict = gated.post_json(GATE_PATH, &candidate).await.expect("a verdict");
+    let verdict = signed
+        .verify(&rig.keys.for_tenant("shop").public())
+        .expect("signed with the tenant's key");
+    assert_eq!(
+        (verdict.job.as_str(), verdict.candidate_digest.as_str()),
+        (job, order.candidate_digest.as_str())
+    );
+    // The run still waits for approval: nothing finished to replay, and the verdict says so.
+    assert!(verdict.gate.no_history, "{verdict:?}");
+    // A verdict the pod edits is no longer the gateway's.
+    let mut edited = signed.clone();
+    edited.verdict.gate.passed = true;
+    edited.verdict.gate.no_history = false;
+    assert!(edited.verify(&rig.keys.for_tenant("shop").public()).is_none());
+
+    // Another candidate than the ordered one (say, a planted ConfigMap with the old spec).
+    let mut other = candidate.clone();
+    other["spec"]["rules"] = serde_json::json!([]);
+    let refused = gated
+        .post_json::<_, SignedGateVerdict>(GATE_PATH, &other)
+        .await
+        .expect_err("refused");
+    assert!(
+        refused.to_string().contains("the gate was ordered for"),
+        "{refused}"
+    );
+    // A grant that orders no gate reads records but gets no verdict.
+    let plain = reader(None);
+    let refused = plain
+        .post_json::<_, SignedGateVerdict>(GATE_PATH, &candidate)
+        .await
+        .expect_err("refused");
+    assert!(refused.to_string().contains("orders no replay gate"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,7 +40,7 @@ fn gated_policy(objects: &[Value]) -> Result<Value> {
 
 /// Applies the quickstart with a script that needs no approval and a replay-gated Policy
 /// (`adjust` may change any object first); returns the Policy as applied.
-async fn install(
+pub async fn install(
     client: &kube::Client,
     namespace: &str,
     tools_url: &str,

@@ -78,7 +78,9 @@ async fn a_tenant_cannot_plant_a_sessions_run_bundle() -> Result<()> {
 
     // Removing the planted object lets the operator pin the Agent's revisions itself.
     let config_maps: Api<ConfigMap> = ns.api();
-    config_maps.delete("planted-bundle", &DeleteParams::default()).await?;
+    config_maps
+        .delete("planted-bundle", &DeleteParams::default())
+        .await?;
     phase_is(&sessions, "planted", SessionPhase::AwaitingApproval).await?;
     let bundle = config_maps.get("planted-bundle").await?;
     ensure!(
@@ -88,6 +90,112 @@ async fn a_tenant_cannot_plant_a_sessions_run_bundle() -> Result<()> {
             .unwrap_or_default()
             .contains_key("contextos.dev/seal"),
         "the operator's bundle carries no seal"
+    );
+    ns.pass();
+    Ok(())
+}
+
+/// The tenant plants the replay Job the operator will create for a candidate (its name follows
+/// from the candidate's digest), whose pod reports a passing verdict, then commits a Policy
+/// change that the recorded sessions would fail. The forged report must not promote it: the
+/// attempt is inconclusive, the operator's next attempt gets the gateway's verdict, and the
+/// gate fails as it should.
+#[tokio::test]
+async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
+    use contextos_crds::Policy;
+    use contextos_operator::replay_job::{GateTarget, attempt_job_name, job_name};
+    use contextos_runner::run::{bundle::spec_digest, gate::GatedKind};
+    use k8s_openapi::api::batch::v1::Job;
+    use kube::api::{Patch, PatchParams};
+
+    use crate::operator::policy_condition;
+
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner and replay pods need the local process node");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "tenant-plants-job").await?;
+    let client = env.client();
+    let policy = crate::promotion::install(&client, ns.name(), &op.tools_url, |_| {}).await?;
+    let sessions: Api<Session> = ns.api();
+    apply(&client, ns.name(), &session("recorded")?).await?;
+    phase_is(&sessions, "recorded", SessionPhase::Succeeded).await?;
+    let policies: Api<Policy> = ns.api();
+    let first = policies
+        .get("oncall-guardrails")
+        .await?
+        .status
+        .and_then(|s| s.revisions)
+        .and_then(|r| r.promoted)
+        .context("the first revision is promoted")?;
+
+    // The change denies the reads the recorded session made. Its digest, as the operator will
+    // compute it, from a server-side dry run.
+    let mut strict = policy.clone();
+    strict["spec"]["rules"][1]["effect"] = json!("deny");
+    let dry = policies
+        .patch(
+            "oncall-guardrails",
+            &PatchParams::apply("tenant").force().dry_run(),
+            &Patch::Apply(&strict),
+        )
+        .await?;
+    let digest = spec_digest(&dry.spec);
+    let target = GateTarget {
+        kind: GatedKind::Policy,
+        name: "oncall-guardrails",
+        namespace: ns.name(),
+        digest: &digest,
+        owner: None,
+    };
+    let planted_name = job_name(&target);
+    let forged = json!({
+        "verdict": {
+            "job": planted_name, "kind": "policy", "name": "oncall-guardrails",
+            "candidateDigest": digest,
+            "gate": {"runs": 1, "steps": 3, "divergentSteps": 0, "divergencePercent": 0.0,
+                     "maxDivergencePercent": 0.0, "passed": true},
+        },
+        "signature": "00",
+    });
+    let planted = json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": planted_name},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "replay", "image": "busybox:1.36",
+                "command": ["sh", "-c", "printf %s \"$VERDICT\" > \"${CONTEXTOS_ROOT:-}/dev/termination-log\""],
+                "env": [{"name": "VERDICT", "value": forged.to_string()}],
+            }],
+        }}},
+    });
+    apply(&client, ns.name(), &planted).await?;
+    apply(&client, ns.name(), &strict).await?;
+
+    let failed = policy_condition(
+        &policies,
+        "oncall-guardrails",
+        "ReplayPassed",
+        "False ReplayFailed",
+    )
+    .await?;
+    let revisions = failed.status.and_then(|s| s.revisions).unwrap_or_default();
+    ensure!(
+        revisions.promoted.as_deref() == Some(first.as_str()),
+        "the forged verdict promoted the change: {revisions:?}"
+    );
+    let summary = revisions.replay.context("the replay summary")?;
+    let genuine = attempt_job_name(&target, 2);
+    ensure!(
+        summary.job.as_deref() == Some(genuine.as_str()) && summary.divergences > 0,
+        "the verdict is not the operator's second attempt's: {summary:?}"
+    );
+    let jobs: Api<Job> = ns.api();
+    ensure!(
+        jobs.get_opt(&planted_name).await?.is_some(),
+        "the planted Job is kept for people to inspect"
     );
     ns.pass();
     Ok(())

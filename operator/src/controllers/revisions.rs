@@ -4,7 +4,7 @@
 //! ConfigMap source is missing or whose required sources do not fit its budget, is
 //! `Ready=False` with the field to fix.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use contextos_crds::{
     ContextPack, ContextPackSpec, Policy, SandboxProfile,
@@ -15,7 +15,7 @@ use contextos_crds::{
 use contextos_runner::{
     context::{self, ResolvedSource},
     policy::compile_policy,
-    run::bundle::spec_digest,
+    run::{bundle::spec_digest, gate::GatedKind},
 };
 use k8s_openapi::{
     api::{
@@ -117,9 +117,7 @@ pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -
         problem = fits(&pack.spec, &resolved);
     }
     let gate = Gated {
-        kind: "contextpack",
-        api_version: "contextos.dev/v1alpha1",
-        api_kind: "ContextPack",
+        kind: GatedKind::ContextPack,
         promotion: pack.spec.promotion.as_ref(),
         revisions: pack
             .status
@@ -151,9 +149,7 @@ pub async fn reconcile_policy(policy: Arc<Policy>, ctx: Arc<Context>) -> Result<
         .err()
         .map(|e| Invalid::new(reason::INVALID_EXPRESSION, e.to_string()));
     let gate = Gated {
-        kind: "policy",
-        api_version: "contextos.dev/v1alpha1",
-        api_kind: "Policy",
+        kind: GatedKind::Policy,
         promotion: policy.spec.promotion.as_ref(),
         revisions: policy
             .status
@@ -199,6 +195,9 @@ pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Co
     Ok(Action::await_change())
 }
 
+/// Wait before the second attempt at a gate whose first ended without a verdict (doubling).
+const RETRY_BACKOFF: Duration = Duration::from_secs(10);
+
 /// Annotation an approver sets to the candidate's digest to promote it without a replay (no
 /// recorded history yet); the promotion is announced with a Warning Event.
 pub const PROMOTE_WITHOUT_REPLAY: &str = "contextos.dev/promote-without-replay";
@@ -208,9 +207,7 @@ pub const APPROVE_PROMOTION: &str = "contextos.dev/approve-promotion";
 
 /// What the promotion gate of one object needs.
 struct Gated<'a> {
-    kind: &'static str,
-    api_version: &'static str,
-    api_kind: &'static str,
+    kind: GatedKind,
     promotion: Option<&'a PromotionSpec>,
     revisions: RevisionStatus,
     conditions: Vec<Condition>,
@@ -218,6 +215,8 @@ struct Gated<'a> {
 
 /// Where a candidate stands after this pass.
 struct Verdict {
+    /// Look again after this long (a retry waiting out its backoff).
+    requeue: Option<std::time::Duration>,
     promote: bool,
     promoted: Wanted,
     replay: Option<Wanted>,
@@ -244,6 +243,7 @@ where
         ..gate.revisions.clone()
     };
     let mut wanted = Vec::new();
+    let mut requeue = None;
     let ready = match &problem {
         Some(p) => Wanted::new(conditions::READY, false, p.reason, p.message.clone()),
         None => Wanted::new(conditions::READY, true, reason::RESOLVED, "the spec is valid"),
@@ -251,8 +251,10 @@ where
     wanted.push(ready.clone());
     if problem.is_none() {
         let verdict = gate_candidate(ctx, object, spec, &gate, &digest).await?;
+        requeue = verdict.requeue;
         if verdict.promote {
-            revisions.promoted_snapshot = Some(snapshot(ctx, object, gate.kind, spec, &digest).await?);
+            let kind = replay_job::kind_label(gate.kind);
+            revisions.promoted_snapshot = Some(snapshot(ctx, object, kind, spec, &digest).await?);
             revisions.promoted = Some(digest.clone());
         }
         if verdict.summary.is_some() {
@@ -280,7 +282,7 @@ where
     });
     apply_status(api, &object.name_any(), status).await?;
     super::announce(ctx, object, &gate.conditions, &ready).await;
-    Ok(Action::await_change())
+    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
 /// The promotion decision for the object's current spec (digest `digest`).
@@ -298,6 +300,7 @@ where
     let promoted_digest = gate.revisions.promoted.clone();
     let in_force = |message: String| Wanted::new(conditions::PROMOTED, true, reason::PROMOTED, message);
     let direct = |why: &str| Verdict {
+        requeue: None,
         promote: true,
         promoted: in_force(format!("revision {digest} is in force ({why})")),
         replay: None,
@@ -307,6 +310,7 @@ where
     let (promotion, old) = match (gate.promotion, promoted_digest) {
         (_, Some(old)) if old == digest => {
             return Ok(Verdict {
+                requeue: None,
                 promote: false,
                 promoted: in_force(format!("revision {digest} is in force")),
                 replay: None,
@@ -343,11 +347,13 @@ where
         digest,
         owner: object.controller_owner_ref(&()),
     };
-    let job_name = replay_job::job_name(&target);
     let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
     let held =
         |reason: &'static str, message: String| Wanted::new(conditions::PROMOTED, false, reason, message);
-    let replaying = || Verdict {
+    // A Job the operator did not make (planted before it) sends no events to its owner: look
+    // again now and then.
+    let replaying = |job_name: &str| Verdict {
+        requeue: Some(Duration::from_secs(20)),
         promote: false,
         promoted: held(
             reason::REPLAY_PENDING,
@@ -362,36 +368,97 @@ where
         awaiting: None,
         summary: None,
     };
-    let Some(job) = jobs.get_opt(&job_name).await? else {
-        start_replay(ctx, object, gate, spec, &target, &promotion.replay).await?;
-        return Ok(replaying());
+    let inconclusive = |message: String, requeue: Option<Duration>| Verdict {
+        requeue,
+        promote: false,
+        promoted: held(
+            reason::REPLAY_INCONCLUSIVE,
+            format!("candidate {digest} has no replay verdict; {old} stays in force"),
+        ),
+        replay: Some(Wanted::new(
+            conditions::REPLAY_PASSED,
+            false,
+            reason::REPLAY_INCONCLUSIVE,
+            message,
+        )),
+        awaiting: None,
+        summary: None,
     };
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
-        .list(&ListParams::default().labels(&format!("job-name={job_name}")))
-        .await?
-        .items;
-    let (gate_result, exit_code) = match replay_job::outcome(&job, &pods) {
-        JobOutcome::Running => return Ok(replaying()),
-        JobOutcome::Finished { gate, exit_code } => (gate, exit_code),
+    // Attempts are Jobs of their own: one that ended without a verdict stays for people to
+    // inspect, and the next attempt starts after a backoff, up to the bound.
+    let mut attempt = 1;
+    let (job_name, gate_result) = loop {
+        let job_name = replay_job::attempt_job_name(&target, attempt);
+        let Some(job) = jobs.get_opt(&job_name).await? else {
+            if let Some(problem) =
+                start_replay(ctx, object, spec, &target, &promotion.replay, attempt).await?
+            {
+                return Ok(inconclusive(problem, Some(Duration::from_secs(30))));
+            }
+            return Ok(replaying(&job_name));
+        };
+        let key = ctx
+            .tenant_keys
+            .get(&ctx.runner.gateway, &namespace)
+            .await
+            .map_err(|e| Error::Run(e.to_string()))?;
+        let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+            .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+            .await?
+            .items;
+        match replay_job::outcome(&target, &job, &pods, &key) {
+            JobOutcome::Running => return Ok(replaying(&job_name)),
+            JobOutcome::Verdict(gate) => break (job_name, gate),
+            JobOutcome::Inconclusive { why, finished_at } => {
+                tracing::warn!(namespace = %namespace, job = %job_name, %why, "replay attempt without a verdict");
+                if attempt >= replay_job::MAX_ATTEMPTS {
+                    let label = replay_job::revision_of(&target);
+                    return Ok(inconclusive(
+                        format!(
+                            "{attempt} replay attempts ended without a verdict (last: {why}); delete the Jobs labelled {}={label} to replay again, or an approver sets annotation {PROMOTE_WITHOUT_REPLAY}={digest}",
+                            labels::REVISION_OF
+                        ),
+                        None,
+                    ));
+                }
+                let backoff = RETRY_BACKOFF.saturating_mul(1 << (attempt - 1));
+                let waited = finished_at.map_or(backoff, |t| {
+                    Duration::from_secs(u64::try_from(now().duration_since(t.0).as_secs()).unwrap_or(0))
+                });
+                if waited < backoff {
+                    return Ok(inconclusive(
+                        format!(
+                            "attempt {attempt} of {}: {why}; retrying in {}s",
+                            replay_job::MAX_ATTEMPTS,
+                            (backoff - waited).as_secs()
+                        ),
+                        Some(backoff - waited),
+                    ));
+                }
+                attempt += 1;
+            }
+        }
     };
-    let summary = gate_result.as_ref().map(|g| ReplaySummary {
+    let summary = Some(ReplaySummary {
         job: Some(job_name.clone()),
-        sessions: g.runs as u32,
-        decisions: g.steps,
-        divergences: g.divergent_steps,
-        passed: g.passed,
-        top_divergences: g.top.clone(),
-        report: g.report.clone(),
+        sessions: u32::try_from(gate_result.runs).unwrap_or(u32::MAX),
+        decisions: gate_result.steps,
+        divergences: gate_result.divergent_steps,
+        passed: gate_result.passed,
+        top_divergences: gate_result.top.clone(),
+        report: gate_result.report.clone(),
     });
     let verdict = |promote, promoted, replay, awaiting| Verdict {
+        requeue: None,
         promote,
         promoted,
         replay: Some(replay),
         awaiting,
         summary: summary.clone(),
     };
-    Ok(match gate_result {
-        Some(g) if g.passed => {
+    let g = gate_result;
+    Ok(match g {
+        ref g if g.passed => {
             let passed = Wanted::new(
                 conditions::REPLAY_PASSED,
                 true,
@@ -429,7 +496,7 @@ where
                 )
             }
         }
-        Some(g) if g.no_history => verdict(
+        ref g if g.no_history => verdict(
             false,
             held(
                 reason::NO_RECORDED_HISTORY,
@@ -447,7 +514,7 @@ where
             ),
             None,
         ),
-        Some(g) => verdict(
+        ref g => verdict(
             false,
             held(
                 reason::REPLAY_FAILED,
@@ -468,57 +535,50 @@ where
             ),
             None,
         ),
-        None => verdict(
-            false,
-            held(
-                reason::REPLAY_FAILED,
-                format!("candidate {digest} was not promoted; {old} stays in force"),
-            ),
-            Wanted::new(
-                conditions::REPLAY_PASSED,
-                false,
-                reason::REPLAY_FAILED,
-                format!(
-                    "replay Job {job_name} ended without a report (exit code {exit_code:?}); see its pod's log, then delete the Job to replay again"
-                ),
-            ),
-            None,
-        ),
     })
 }
 
-/// Creates the candidate ConfigMap and the replay Job (each once).
+/// Creates the candidate ConfigMap (once per candidate), the replay NetworkPolicy and the Job
+/// of `attempt`. A ConfigMap already at the candidate's name that holds anything else was not
+/// written by the operator: it is named as the problem, and no Job is started.
 async fn start_replay<K, S>(
     ctx: &Context,
     object: &K,
-    gate: &Gated<'_>,
     spec: &S,
     target: &GateTarget<'_>,
     replay: &contextos_crds::common::ReplaySpec,
-) -> Result<()>
+    attempt: u32,
+) -> Result<Option<String>>
 where
     K: kube::Resource<DynamicType = ()>,
     S: serde::Serialize,
 {
     let candidate = json!({
-        "apiVersion": gate.api_version,
-        "kind": gate.api_kind,
+        "apiVersion": "contextos.dev/v1alpha1",
+        "kind": target.kind.api_kind(),
         "metadata": {"name": object.name_any()},
         "spec": spec,
     });
     let build = |what: &'static str| move |source| Error::Build { what, source };
     let config_map =
         replay_job::candidate_config_map(target, &candidate).map_err(build("candidate ConfigMap"))?;
-    let grant = replay_job::read_grant(target, &ctx.key, super::now().as_millisecond());
-    let job = replay_job::job(target, replay, &ctx.replay_image, &ctx.runner, &grant)
+    let grant = replay_job::read_grant(target, replay, attempt, &ctx.key, super::now().as_millisecond());
+    let job = replay_job::job(target, attempt, &ctx.replay_image, &ctx.runner, &grant)
         .map_err(build("replay Job"))?;
-    create_once(
-        &Api::<ConfigMap>::namespaced(ctx.client.clone(), target.namespace),
-        &config_map,
-    )
-    .await?;
+    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), target.namespace);
+    if let Err(existing) = create_once(&config_maps, &config_map).await?
+        && existing.data != config_map.data
+    {
+        return Ok(Some(format!(
+            "ConfigMap {} is not the candidate the operator wrote ({}); delete it and the gate starts again",
+            existing.name_any(),
+            reason::UNTRUSTED_CHILD
+        )));
+    }
     let policy = replay_job::network_policy(target, &ctx.runner).map_err(build("replay NetworkPolicy"))?;
-    create_once(
+    // One already there only confines the replay pod differently: at worst its attempt cannot
+    // reach the gateway and ends without a verdict.
+    let _ = create_once(
         &Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(
             ctx.client.clone(),
             target.namespace,
@@ -526,21 +586,24 @@ where
         &policy,
     )
     .await?;
-    create_once(
+    // A Job already at this name (a concurrent pass made it, or a tenant planted it) is read
+    // like any other: only the gateway's signed verdict counts.
+    let _ = create_once(
         &Api::<Job>::namespaced(ctx.client.clone(), target.namespace),
         &job,
     )
-    .await
+    .await?;
+    Ok(None)
 }
 
-/// Creates `object` unless it exists (its content is fixed by its name).
-async fn create_once<K>(api: &Api<K>, object: &K) -> Result<()>
+/// Creates `object` unless one of its name exists; `Err` holds the one that does.
+async fn create_once<K>(api: &Api<K>, object: &K) -> Result<std::result::Result<(), K>>
 where
     K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     match api.create(&PostParams::default(), object).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Ok(_) => Ok(Ok(())),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Err(api.get(&object.name_any()).await?)),
         Err(e) => Err(e.into()),
     }
 }

@@ -372,7 +372,10 @@ async fn pinned(
                     Some(sandbox) => Ok((bundle, sandbox)),
                     None => Err(Invalid::new(
                         reason::UNTRUSTED_CHILD,
-                        format!("ConfigMap {} holds a bundle without its sandbox", existing.name_any()),
+                        format!(
+                            "ConfigMap {} holds a bundle without its sandbox",
+                            existing.name_any()
+                        ),
                     )),
                 },
                 Err(why) => {
@@ -437,10 +440,11 @@ async fn pinned(
         bundle,
         sandbox: Some(sandbox.spec.clone()),
     };
-    let config_map = children::bundle_config_map(session, &pod_bundle, &ctx.key).map_err(|source| Error::Build {
-        what: "bundle ConfigMap",
-        source,
-    })?;
+    let config_map =
+        children::bundle_config_map(session, &pod_bundle, &ctx.key).map_err(|source| Error::Build {
+            what: "bundle ConfigMap",
+            source,
+        })?;
     // Created once and immutable: a concurrent reconcile that created it first wins, and the
     // run keeps the pins it started with.
     match config_maps.create(&PostParams::default(), &config_map).await {
@@ -575,12 +579,17 @@ async fn resolve_bundle(
 
 /// The spec of the promoted revision, from its ControllerRevision snapshot: Sessions run the
 /// promoted revision even while a newer candidate waits for its replay gate.
-async fn promoted_spec<T: serde::de::DeserializeOwned>(
+/// The snapshot must hold the promoted digest's spec: a snapshot someone else wrote at that
+/// name is not the promoted revision.
+async fn promoted_spec<T: serde::de::DeserializeOwned + serde::Serialize>(
     ctx: &Context,
     namespace: &str,
     revisions: Option<&contextos_crds::common::RevisionStatus>,
 ) -> Result<Option<T>> {
-    let Some(snapshot) = revisions.and_then(|r| r.promoted_snapshot.as_deref()) else {
+    let (Some(snapshot), Some(promoted)) = (
+        revisions.and_then(|r| r.promoted_snapshot.as_deref()),
+        revisions.and_then(|r| r.promoted.as_deref()),
+    ) else {
         return Ok(None);
     };
     let api =
@@ -589,7 +598,14 @@ async fn promoted_spec<T: serde::de::DeserializeOwned>(
         return Ok(None);
     };
     let spec = revision.data.map(|d| d.0["spec"].clone()).unwrap_or(Value::Null);
-    Ok(serde_json::from_value(spec).ok())
+    let Ok(spec) = serde_json::from_value::<T>(spec) else {
+        return Ok(None);
+    };
+    if spec_digest(&spec) != promoted {
+        tracing::warn!(%namespace, snapshot, promoted, "a revision snapshot does not hold the promoted spec");
+        return Ok(None);
+    }
+    Ok(Some(spec))
 }
 
 async fn config_map_key(api: &Api<ConfigMap>, name: &str, key: &str) -> Result<Option<String>> {

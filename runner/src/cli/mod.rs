@@ -51,6 +51,9 @@ enum Command {
     /// Re-run recorded sessions under the same or candidate Policy/ContextPack files and report
     /// every divergence; exits 3 above the threshold.
     Replay(replay::ReplayArgs),
+    /// Replay Job entrypoint: have the gateway service replay the candidate its read grant
+    /// orders and write the signed verdict; exits 0 passed, 3 failed, 4 nothing to replay.
+    ReplayGate(replay::GateArgs),
     /// Runner pod entrypoint: run or resume the Session the operator mounted into the pod.
     SessionRun(session_run::SessionRunArgs),
     /// Where a ContextPack or Policy revision stands on its replay gate (reads the cluster).
@@ -70,6 +73,7 @@ impl Cli {
             Command::Resume(args) => run::resume(&self.global, args).await,
             Command::Approve(args) => run::approve(&self.global, args).await,
             Command::Replay(args) => replay::run(&self.global, args).await,
+            Command::ReplayGate(args) => replay::gate(&self.global, args).await,
             Command::SessionRun(args) => session_run::run(args).await,
             Command::Promote(command) => promote::run(command).await,
             Command::Records(command) => records::run(&self.global, command).await,

@@ -7,9 +7,10 @@ use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use contextos_runner::{
     manifests::ManifestSet,
-    records::{RecordStore as _, RunFilter},
+    records::{RecordStore as _, RunFilter, store::any::AnyStore},
     run::{
         bundle::Candidate,
+        gate::{GATE_PATH, SignedGateVerdict},
         replay::{ReplayGate, ReplaySummary, replay_run, replay_runs},
     },
 };
@@ -67,6 +68,53 @@ pub struct ReplayArgs {
 
 /// Exit code when there is no finished run to replay (a gate cannot pass or fail on nothing).
 pub const EXIT_NO_HISTORY: u8 = 4;
+
+#[derive(Debug, Args)]
+pub struct GateArgs {
+    /// The candidate object (JSON or YAML), as the operator mounted it.
+    #[arg(long)]
+    candidate: PathBuf,
+    /// Write the gateway's signed verdict here (a replay Job's termination file).
+    #[arg(long)]
+    summary: PathBuf,
+}
+
+/// A replay Job's gate: the gateway replays the candidate its grant orders and signs the
+/// verdict; this only carries it to the termination file.
+pub async fn gate(global: &GlobalArgs, args: GateArgs) -> anyhow::Result<ExitCode> {
+    let AnyStore::Gateway(gateway) = global.open_store().await? else {
+        bail!("replay-gate needs the gateway service as its store (gateway+http://…)");
+    };
+    let path = in_pod(&args.candidate);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let object: serde_json::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{} is not a manifest", path.display()))?;
+    let signed: SignedGateVerdict = gateway.post_json(GATE_PATH, &object).await?;
+    let gate = &signed.verdict.gate;
+    let path = in_pod(&args.summary);
+    std::fs::write(&path, serde_json::to_vec(&signed)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!(
+        "replayed {} run(s), {} step(s), {} divergent: {}",
+        gate.runs,
+        gate.steps,
+        gate.divergent_steps,
+        if gate.no_history {
+            "nothing recorded to replay"
+        } else if gate.passed {
+            "PASS"
+        } else {
+            "FAIL"
+        }
+    );
+    Ok(if gate.no_history {
+        ExitCode::from(EXIT_NO_HISTORY)
+    } else if gate.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DIVERGED)
+    })
+}
 
 pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let tenant = global.tenant()?;

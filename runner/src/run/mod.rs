@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod critic;
 pub mod engine;
 pub mod execution;
+pub mod gate;
 pub mod pod;
 pub mod replay;
 pub mod state;

@@ -534,6 +534,21 @@ impl RecordedRun {
     }
 }
 
+/// One run's divergent steps as a percentage of its steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunDivergence {
+    pub run_id: String,
+    pub percent: f64,
+}
+
+fn percent_of(divergent: u32, steps: u32) -> f64 {
+    if steps == 0 {
+        0.0
+    } else {
+        f64::from(divergent) * 100.0 / f64::from(steps)
+    }
+}
+
 /// Replays of several runs against one threshold.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReplaySummary {
@@ -545,6 +560,10 @@ pub struct ReplaySummary {
     /// Divergent steps as a percentage of all replayed steps.
     pub divergence_percent: f64,
     pub max_divergence_percent: f64,
+    /// The run that diverged most, as a share of its own steps: the gate holds every run to
+    /// the threshold, so one run's regression cannot hide behind the others' average.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_run: Option<RunDivergence>,
     pub passed: bool,
     /// Runs that could not be replayed, with why.
     pub skipped: Vec<String>,
@@ -560,6 +579,17 @@ impl ReplaySummary {
         } else {
             f64::from(divergent_steps) * 100.0 / f64::from(steps)
         };
+        let worst_run = replays
+            .iter()
+            .map(|r| RunDivergence {
+                run_id: r.run_id.clone(),
+                percent: percent_of(r.divergent_steps, r.steps),
+            })
+            .max_by(|a, b| a.percent.total_cmp(&b.percent));
+        let passed = divergence_percent <= max_divergence_percent
+            && worst_run
+                .as_ref()
+                .is_none_or(|w| w.percent <= max_divergence_percent);
         Self {
             runs: replays.len(),
             identical_runs: replays.iter().filter(|r| r.identical).count(),
@@ -571,7 +601,8 @@ impl ReplaySummary {
             divergent_steps,
             divergence_percent,
             max_divergence_percent,
-            passed: divergence_percent <= max_divergence_percent,
+            worst_run,
+            passed,
             skipped,
             replays,
         }
@@ -615,6 +646,12 @@ impl ReplaySummary {
         }
         for skipped in &self.skipped {
             out.push_str(&format!("skipped: {skipped}\n"));
+        }
+        if let Some(worst) = self.worst_run.as_ref().filter(|w| w.percent > 0.0) {
+            out.push_str(&format!(
+                "most diverged: run {} ({:.1}% of its steps; each run is held to the threshold)\n",
+                worst.run_id, worst.percent
+            ));
         }
         out.push_str(&format!(
             "replayed {} run(s), {} step(s): {} identical, {} diverged; {} divergent step(s) = {:.1}% (threshold {:.1}%) → {}\n",
@@ -725,6 +762,9 @@ pub struct ReplayGate {
     pub divergent_steps: u32,
     pub divergence_percent: f64,
     pub max_divergence_percent: f64,
+    /// The run that diverged most and its own percentage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_run: Option<RunDivergence>,
     pub passed: bool,
     /// There was no finished run to replay.
     #[serde(default)]
@@ -764,6 +804,7 @@ impl ReplayGate {
             divergent_steps: summary.divergent_steps,
             divergence_percent: summary.divergence_percent,
             max_divergence_percent: summary.max_divergence_percent,
+            worst_run: summary.worst_run.clone(),
             passed: summary.passed,
             no_history: false,
             top,
@@ -778,6 +819,7 @@ impl ReplayGate {
             divergent_steps: 0,
             divergence_percent: 0.0,
             max_divergence_percent: 0.0,
+            worst_run: None,
             passed: false,
             no_history: true,
             top: skipped
@@ -841,5 +883,39 @@ mod tests {
         assert_eq!(divergences.len(), 1, "{divergences:?}");
         assert_eq!(divergences[0].kind, DivergenceKind::WouldChange);
         assert!(!divergences[0].kind.counts());
+    }
+
+    fn replayed(run_id: &str, steps: u32, divergent_steps: u32) -> RunReplay {
+        RunReplay {
+            run_id: run_id.into(),
+            session: run_id.into(),
+            agent: "a".into(),
+            identical: divergent_steps == 0,
+            steps,
+            divergent_steps,
+            divergences: Vec::new(),
+            context_change: None,
+            recorded: DecisionTrace::default(),
+            replayed: DecisionTrace::default(),
+        }
+    }
+
+    #[test]
+    fn one_runs_regression_fails_the_gate_even_when_the_average_is_within_it() {
+        // 1 divergent step in 100: 1 % on average, but the short run diverged on half its steps.
+        let runs = vec![replayed("long", 98, 0), replayed("short", 2, 1)];
+        let summary = ReplaySummary::new(runs, Vec::new(), 10.0);
+        assert!(summary.divergence_percent <= 10.0);
+        assert!(!summary.passed);
+        let worst = summary.worst_run.clone().expect("a worst run");
+        assert_eq!((worst.run_id.as_str(), worst.percent), ("short", 50.0));
+        assert!(summary.text().contains("most diverged: run short (50.0%"));
+
+        let within = ReplaySummary::new(
+            vec![replayed("long", 98, 0), replayed("short", 20, 1)],
+            Vec::new(),
+            10.0,
+        );
+        assert!(within.passed);
     }
 }

@@ -231,6 +231,7 @@ where
             .route("/v1/records/checkpoint", get(Self::reader_checkpoint))
             .route("/v1/records/blobs", post(Self::reader_put_blob))
             .route("/v1/records/blobs/{hash}", get(Self::reader_get_blob))
+            .route(crate::run::gate::GATE_PATH, post(Self::reader_gate))
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 Self::identified_first,

@@ -13,6 +13,10 @@ use axum::{
 use base64::Engine as _;
 
 use super::*;
+use crate::{
+    read_grant::ReadGrant,
+    run::gate::{GateVerdict, SignedGateVerdict},
+};
 
 impl<S, A, T> GatewayService<S, A, T>
 where
@@ -23,6 +27,11 @@ where
     /// A replay Job's pod: its token, and an operator-signed ReadGrant for its own Job and
     /// namespace. Reads the tenant's records and stores reports; nothing else.
     pub(super) async fn reader(&self, headers: &HeaderMap) -> Result<TenantId, Refusal> {
+        Ok(self.granted(headers).await?.0)
+    }
+
+    /// [`Self::reader`], and the grant the reader presented.
+    async fn granted(&self, headers: &HeaderMap) -> Result<(TenantId, ReadGrant), Refusal> {
         let identity = self.identify(headers).await?;
         let grant = headers
             .get(READ_GRANT_HEADER)
@@ -56,7 +65,41 @@ where
             self.record_refusal(&identity, &why).await;
             return Err(forbidden(why));
         }
-        TenantId::new(identity.namespace).map_err(|e| bad(e.to_string()))
+        let grant = grant.clone();
+        let tenant = TenantId::new(identity.namespace).map_err(|e| bad(e.to_string()))?;
+        Ok((tenant, grant))
+    }
+
+    /// A replay Job's gate: the candidate it posts must be the one its grant orders (by
+    /// digest); the gateway replays the tenant's recorded runs under it and signs the verdict
+    /// with the tenant's key, so no pod can report a verdict of its own.
+    pub(super) async fn reader_gate(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Reply {
+        let (tenant, grant) = service.granted(&headers).await?;
+        let order = grant.gate.as_ref().ok_or_else(|| {
+            forbidden(format!(
+                "the read grant of Job {} orders no replay gate",
+                grant.job
+            ))
+        })?;
+        let object: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| bad(format!("the candidate is not JSON: {e}")))?;
+        let candidate = order.candidate(&object).map_err(|e| bad(e.to_string()))?;
+        let gate = crate::run::gate::run_gate(&service.store, &tenant, order, &candidate, now_ms())
+            .await
+            .map_err(unavailable)?;
+        let verdict = GateVerdict {
+            job: grant.job.clone(),
+            kind: order.kind,
+            name: order.name.clone(),
+            candidate_digest: order.candidate_digest.clone(),
+            gate,
+        };
+        let signed = SignedGateVerdict::sign(verdict, &service.keys.for_tenant(tenant.as_str()));
+        Ok(Json(signed).into_response())
     }
 
     pub(super) async fn reader_runs(

@@ -1,0 +1,278 @@
+//! The replay gate as the gateway service runs it. The operator orders a gate in a replay Job's
+//! read grant (which candidate, by digest, and how to sample); the Job's pod hands the gateway
+//! the candidate; the gateway checks it is the ordered one, replays the tenant's recorded runs
+//! itself and signs the verdict with the tenant's key. The operator believes a verdict only
+//! with that signature: a pod's termination message is the tenant's to write (its own pod, a
+//! pod labelled like the Job's, `kubectl exec`), a gateway signature is not.
+
+use std::collections::BTreeMap;
+
+use contextos_crds::{ContextPackSpec, PolicySpec, common::ReplaySpec};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{
+    gateway::bundle::NamedPolicy,
+    keys::{KeyPair, PublicKey},
+    records::{RecordStore, RunFilter, TenantId, canonical::canonical_bytes_of},
+    run::{
+        bundle::{Candidate, NamedPack, spec_digest},
+        replay::{ReplayError, ReplayGate, replay_runs},
+    },
+};
+
+/// Where a replay Job's pod asks the gateway for its gate (under the service root).
+pub const GATE_PATH: &str = "/v1/records/gate";
+
+/// What kind of object a candidate revision is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatedKind {
+    Policy,
+    ContextPack,
+}
+
+impl GatedKind {
+    /// The `kind` of the object's manifest.
+    pub fn api_kind(self) -> &'static str {
+        match self {
+            Self::Policy => "Policy",
+            Self::ContextPack => "ContextPack",
+        }
+    }
+}
+
+/// The operator's order for one gate, carried in the replay Job's signed read grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GateOrder {
+    pub kind: GatedKind,
+    pub name: String,
+    /// `spec_digest` of the candidate's spec: the only candidate this gate replays.
+    pub candidate_digest: String,
+    pub replay: ReplaySpec,
+}
+
+/// Why a candidate is not the one the order names.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GateError {
+    #[error("the candidate is a {found} named {name:?}; the gate was ordered for {kind} {expected:?}")]
+    WrongObject {
+        kind: &'static str,
+        expected: String,
+        found: String,
+        name: String,
+    },
+    #[error("the candidate's spec cannot be read as a {kind}: {detail}")]
+    Unreadable { kind: &'static str, detail: String },
+    #[error("the candidate's spec has digest {found}; the gate was ordered for {expected}")]
+    WrongDigest { expected: String, found: String },
+}
+
+impl GateOrder {
+    /// The candidate in `object` (a manifest), if it is exactly the ordered one.
+    pub fn candidate(&self, object: &Value) -> Result<Candidate, GateError> {
+        let kind = self.kind.api_kind();
+        let found_kind = object["kind"].as_str().unwrap_or_default();
+        let found_name = object["metadata"]["name"].as_str().unwrap_or_default();
+        if found_kind != kind || found_name != self.name {
+            return Err(GateError::WrongObject {
+                kind,
+                expected: self.name.clone(),
+                found: found_kind.to_owned(),
+                name: found_name.to_owned(),
+            });
+        }
+        let unreadable = |e: serde_json::Error| GateError::Unreadable {
+            kind,
+            detail: e.to_string(),
+        };
+        let spec = object["spec"].clone();
+        let (digest, candidate) = match self.kind {
+            GatedKind::Policy => {
+                let spec: PolicySpec = serde_json::from_value(spec).map_err(unreadable)?;
+                let digest = spec_digest(&spec);
+                let policy = NamedPolicy {
+                    name: self.name.clone(),
+                    spec,
+                };
+                (
+                    digest,
+                    Candidate {
+                        policies: vec![policy],
+                        context_pack: None,
+                    },
+                )
+            }
+            GatedKind::ContextPack => {
+                let spec: ContextPackSpec = serde_json::from_value(spec).map_err(unreadable)?;
+                let digest = spec_digest(&spec);
+                let pack = NamedPack {
+                    name: self.name.clone(),
+                    spec,
+                };
+                (
+                    digest,
+                    Candidate {
+                        policies: Vec::new(),
+                        context_pack: Some(pack),
+                    },
+                )
+            }
+        };
+        if digest != self.candidate_digest {
+            return Err(GateError::WrongDigest {
+                expected: self.candidate_digest.clone(),
+                found: digest,
+            });
+        }
+        Ok(candidate)
+    }
+}
+
+/// Replays the order's sample of `tenant`'s recorded runs under `candidate`, keeps the full
+/// report as a blob with the tenant's records, and returns the gate.
+pub async fn run_gate<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    order: &GateOrder,
+    candidate: &Candidate,
+    now_ms: i64,
+) -> Result<ReplayGate, ReplayError> {
+    let replay = &order.replay;
+    let window_ms = i64::from(replay.window_hours).saturating_mul(3_600_000);
+    let filter = RunFilter {
+        since_ms: Some(now_ms.saturating_sub(window_ms)),
+        limit: Some(usize::try_from(replay.sample_size).unwrap_or(usize::MAX)),
+        ..RunFilter::default()
+    };
+    let labels: BTreeMap<String, String> = replay.selector.match_labels.clone();
+    let summary = replay_runs(
+        store,
+        tenant,
+        &filter,
+        &replay.selector.agents,
+        &labels,
+        candidate,
+        f64::from(replay.max_divergence_percent),
+    )
+    .await?;
+    if summary.runs == 0 {
+        return Ok(ReplayGate::no_history(&summary.skipped));
+    }
+    let report = serde_json::to_vec_pretty(&summary).unwrap_or_default();
+    let hash = store.put_blob(tenant, report).await?;
+    let mut gate = ReplayGate::of(&summary);
+    gate.report = Some(hash.to_hex());
+    Ok(gate)
+}
+
+/// A gate's outcome as the gateway vouches for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GateVerdict {
+    /// The replay Job whose read grant ordered it.
+    pub job: String,
+    pub kind: GatedKind,
+    pub name: String,
+    pub candidate_digest: String,
+    pub gate: ReplayGate,
+}
+
+/// A verdict and the gateway's signature over it with the tenant's key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignedGateVerdict {
+    pub verdict: GateVerdict,
+    pub signature: String,
+}
+
+impl SignedGateVerdict {
+    pub fn sign(verdict: GateVerdict, key: &KeyPair) -> Self {
+        let signature = key.sign_hex(&signing_bytes(&verdict));
+        Self { verdict, signature }
+    }
+
+    /// The verdict, if `key` (the tenant's) signed it.
+    pub fn verify(&self, key: &PublicKey) -> Option<&GateVerdict> {
+        key.verify_hex(&signing_bytes(&self.verdict), &self.signature)
+            .then_some(&self.verdict)
+    }
+}
+
+fn signing_bytes(verdict: &GateVerdict) -> Vec<u8> {
+    let mut out = b"contextos-gate-verdict/v1\n".to_vec();
+    // Plain data: serialization cannot fail.
+    out.extend(canonical_bytes_of(verdict).unwrap_or_default());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn policy() -> Value {
+        serde_yaml::from_str(include_str!("../../../examples/quickstart/policy.yaml")).expect("policy")
+    }
+
+    fn order_for(object: &Value) -> GateOrder {
+        let spec: PolicySpec = serde_json::from_value(object["spec"].clone()).expect("spec");
+        GateOrder {
+            kind: GatedKind::Policy,
+            name: object["metadata"]["name"].as_str().expect("name").to_owned(),
+            candidate_digest: spec_digest(&spec),
+            replay: ReplaySpec::default(),
+        }
+    }
+
+    #[test]
+    fn only_the_ordered_candidate_is_replayed() {
+        let object = policy();
+        let order = order_for(&object);
+        assert!(order.candidate(&object).is_ok());
+
+        // An older (or any other) spec under the same name: a planted candidate ConfigMap.
+        let mut other = object.clone();
+        other["spec"]["rules"] = json!([]);
+        assert!(matches!(
+            order.candidate(&other),
+            Err(GateError::WrongDigest { .. })
+        ));
+        let mut renamed = object.clone();
+        renamed["metadata"]["name"] = json!("other");
+        assert!(matches!(
+            order.candidate(&renamed),
+            Err(GateError::WrongObject { .. })
+        ));
+        let mut pack = object;
+        pack["kind"] = json!("ContextPack");
+        assert!(matches!(
+            order.candidate(&pack),
+            Err(GateError::WrongObject { .. })
+        ));
+    }
+
+    #[test]
+    fn a_verdict_counts_only_with_the_tenants_signature_over_it() {
+        let key = KeyPair::from_seed([3; 32]);
+        let verdict = GateVerdict {
+            job: "replay-policy-p-0123456789".into(),
+            kind: GatedKind::Policy,
+            name: "p".into(),
+            candidate_digest: "sha256:01".into(),
+            gate: ReplayGate::no_history(&[]),
+        };
+        let signed = SignedGateVerdict::sign(verdict, &key);
+        // Through JSON, as it travels in a termination message.
+        let read: SignedGateVerdict =
+            serde_json::from_str(&serde_json::to_string(&signed).expect("json")).expect("read");
+        assert!(read.verify(&key.public()).is_some());
+
+        let mut forged = read.clone();
+        forged.verdict.gate.passed = true;
+        assert!(forged.verify(&key.public()).is_none());
+        let other_tenant = KeyPair::from_seed([4; 32]);
+        assert!(read.verify(&other_tenant.public()).is_none());
+    }
+}

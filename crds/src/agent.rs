@@ -236,6 +236,11 @@ pub struct McpAdapter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
     pub tool: Option<String>,
+    /// Largest result accepted, in bytes; longer results are cut and the cut is recorded. A
+    /// server message larger than a few times this is refused while it is read.
+    #[serde(default = "default_max_response_bytes")]
+    #[schemars(range(min = 1, max = 16_777_216))]
+    pub max_response_bytes: u32,
 }
 
 /// A webhook: the call is POSTed as JSON with an HMAC-SHA256 signature header.

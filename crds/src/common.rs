@@ -145,6 +145,26 @@ pub struct RunBudget {
     /// Maximum wall-clock seconds, including time spent waiting for approvals.
     #[schemars(range(min = 1, max = 604_800))]
     pub max_wall_seconds: u32,
+    /// Maximum tool calls one model turn may ask for; calls past it are dropped (and the drop
+    /// recorded) before any of them is decided.
+    #[serde(
+        default = "default_max_tool_calls_per_turn",
+        skip_serializing_if = "is_default_max_tool_calls_per_turn"
+    )]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_tool_calls_per_turn: u32,
+}
+
+/// Default of [`RunBudget::max_tool_calls_per_turn`].
+pub const DEFAULT_MAX_TOOL_CALLS_PER_TURN: u32 = 16;
+
+fn default_max_tool_calls_per_turn() -> u32 {
+    DEFAULT_MAX_TOOL_CALLS_PER_TURN
+}
+
+// Left out when it is the default, so budgets signed before the field existed keep their bytes.
+fn is_default_max_tool_calls_per_turn(value: &u32) -> bool {
+    *value == DEFAULT_MAX_TOOL_CALLS_PER_TURN
 }
 
 /// A partial budget used by Sessions to tighten their Agent's budget. Each field, when set, must

@@ -34,7 +34,7 @@ impl TenantKeys {
             detail,
         };
         let url = format!("{}/v1/tenants/{tenant}/record-key", gateway.trim_end_matches('/'));
-        let answer: serde_json::Value = reqwest::Client::new()
+        let answer: serde_json::Value = contextos_runner::http::client()
             .get(&url)
             .timeout(Duration::from_secs(10))
             .send()

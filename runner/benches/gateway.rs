@@ -77,6 +77,7 @@ fn envelope(key: &KeyPair, i: usize) -> CallEnvelope {
             max_tokens: 10,
             max_tool_calls: 10,
             max_wall_seconds: 10,
+            max_tool_calls_per_turn: contextos_crds::common::DEFAULT_MAX_TOOL_CALLS_PER_TURN,
         },
         pinned: PinnedDigests::default(),
         allowed_tools: vec!["search".into()],
@@ -116,7 +117,7 @@ fn main() {
         };
         let tenant = TenantId::new("bench").expect("tenant");
         let mut recorder = Recorder::start(&store, tenant, key.clone(), start).await.expect("recorder");
-        let client = reqwest::Client::new();
+        let client = contextos_runner::http::client();
         let envelopes: Vec<CallEnvelope> = (0..CALLS).map(|i| envelope(&key, i)).collect();
         // Warm both paths (connection pools, page cache).
         for e in envelopes.iter().take(50) {

@@ -205,7 +205,7 @@ fn main() {
             operator,
             bundle: bundle(),
         };
-        let http = reqwest::Client::new();
+        let http = contextos_runner::http::client();
         // Warm both paths (connection pools, page cache, the run's built gateway).
         measure(
             &rig,

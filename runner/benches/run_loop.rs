@@ -106,7 +106,7 @@ async fn live_runs<S: RecordStore>(store: &S, bundle: &RunBundle, key: &KeyPair,
 }
 
 async fn direct_calls(url: &str) -> f64 {
-    let client = reqwest::Client::new();
+    let client = contextos_runner::http::client();
     let calls = RUNS * (STEPS - 1);
     let started = Instant::now();
     for i in 0..calls {

@@ -6,6 +6,7 @@ pub use contextos_crds as crds;
 
 pub mod context;
 pub mod gateway;
+pub mod http;
 pub mod key_secrets;
 pub mod keys;
 pub mod manifests;

@@ -42,6 +42,8 @@ pub enum ReadGrantError {
     BadSignature,
     #[error("the read grant expired at {0}")]
     Expired(i64),
+    #[error("the read grant was issued at {0}, later than now by more than the clock skew tolerated")]
+    NotYetValid(i64),
     #[error("the read grant is for tenant {found}, not {expected}")]
     WrongTenant { expected: String, found: String },
 }
@@ -63,6 +65,9 @@ impl SignedReadGrant {
         }
         if now_ms >= self.grant.expires_at_ms {
             return Err(ReadGrantError::Expired(self.grant.expires_at_ms));
+        }
+        if self.grant.issued_at_ms > now_ms.saturating_add(crate::run_context::CLOCK_SKEW_MS) {
+            return Err(ReadGrantError::NotYetValid(self.grant.issued_at_ms));
         }
         if self.grant.tenant_id != tenant {
             return Err(ReadGrantError::WrongTenant {

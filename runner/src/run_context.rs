@@ -78,6 +78,10 @@ pub struct SignedRunContext {
     pub signature: String,
 }
 
+/// How far the issuer's clock may run ahead of the verifier's: a context (or grant) issued
+/// later than now by more than this is refused, not trusted for its whole lifetime.
+pub const CLOCK_SKEW_MS: i64 = 60_000;
+
 /// Why a RunContext was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RunContextError {
@@ -95,6 +99,14 @@ pub enum RunContextError {
     Expired {
         run_id: String,
         expired_at_ms: i64,
+        now_ms: i64,
+    },
+    #[error(
+        "RunContext of run {run_id} was issued at {issued_at_ms}, later than now ({now_ms}) by more than the {CLOCK_SKEW_MS} ms of clock skew tolerated; check the operator's and this node's clocks"
+    )]
+    NotYetValid {
+        run_id: String,
+        issued_at_ms: i64,
         now_ms: i64,
     },
     #[error("RunContext of run {run_id} was issued for tenant {found}, not {expected}")]
@@ -160,6 +172,13 @@ impl SignedRunContext {
 
     fn check_validity(&self, tenant: &str, now_ms: i64) -> Result<&RunContext, RunContextError> {
         let run_id = self.context.run_id.clone();
+        if self.context.issued_at_ms > now_ms.saturating_add(CLOCK_SKEW_MS) {
+            return Err(RunContextError::NotYetValid {
+                run_id,
+                issued_at_ms: self.context.issued_at_ms,
+                now_ms,
+            });
+        }
         if now_ms >= self.context.expires_at_ms {
             return Err(RunContextError::Expired {
                 run_id,
@@ -234,6 +253,7 @@ pub(crate) mod tests {
                 max_tokens: 1000,
                 max_tool_calls: 5,
                 max_wall_seconds: 60,
+                max_tool_calls_per_turn: contextos_crds::common::DEFAULT_MAX_TOOL_CALLS_PER_TURN,
             },
             pinned: PinnedDigests::default(),
             allowed_tools: vec!["search".into(), "restart".into()],
@@ -256,6 +276,16 @@ pub(crate) mod tests {
         assert!(matches!(
             signed.verify(&key.public(), "bank", 2_000),
             Err(RunContextError::WrongTenant { .. })
+        ));
+        // Issued (by the issuer's clock) more than the tolerated skew after now.
+        assert!(
+            signed
+                .verify(&key.public(), "shop", 1_000 - CLOCK_SKEW_MS)
+                .is_ok()
+        );
+        assert!(matches!(
+            signed.verify(&key.public(), "shop", 999 - CLOCK_SKEW_MS),
+            Err(RunContextError::NotYetValid { .. })
         ));
     }
 
@@ -404,6 +434,7 @@ mod override_tests {
             max_tokens: 60_000,
             max_tool_calls: 10,
             max_wall_seconds: 900,
+            max_tool_calls_per_turn: contextos_crds::common::DEFAULT_MAX_TOOL_CALLS_PER_TURN,
         }
     }
 

@@ -228,6 +228,7 @@ fn run_context(key: &KeyPair, tenant: &str, tools: &[&str], expires_in_ms: i64) 
                 max_tokens: 10_000,
                 max_tool_calls: 50,
                 max_wall_seconds: 600,
+                max_tool_calls_per_turn: contextos_crds::common::DEFAULT_MAX_TOOL_CALLS_PER_TURN,
             },
             pinned: PinnedDigests::default(),
             allowed_tools: allowed,
@@ -906,6 +907,89 @@ async fn mcp_tools_run_over_streamable_http_and_stdio() {
         "{environment:?}"
     );
     h.entries().await;
+}
+
+/// A hostile MCP server answers with more than the tool's cap: a little more is cut to the cap
+/// (in bytes, recorded as cut); far more is refused while it is read, over HTTP and stdio alike,
+/// and the gateway keeps serving.
+#[tokio::test]
+async fn a_flooding_mcp_server_is_cut_or_refused_while_it_is_read() {
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    };
+    let h = Harness::new().await;
+    let mut rec = h.recorder().await;
+    let state = StateFacts::default();
+    let tools = mcp_server::OpsTools::default();
+    let service = StreamableHttpService::new(
+        move || Ok(tools.clone()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let http_url = format!("http://{}/mcp", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, Router::new().nest_service("/mcp", service)).await });
+    let stdio_server = std::env::current_exe()
+        .expect("test binary")
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("examples/mcp_stdio_server");
+    let tools: Vec<contextos_crds::agent::Tool> = serde_yaml::from_str(&format!(
+        r#"
+- {{name: fetch_logs, risk: read_only, kind: observe, timeoutSeconds: 5, retry: {{maxAttempts: 1}},
+   adapter: {{mcp: {{url: "{http_url}", tool: flood, maxResponseBytes: 4096}}}}}}
+- {{name: slow_probe, risk: read_only, kind: observe, timeoutSeconds: 2, retry: {{maxAttempts: 1}},
+   adapter: {{mcp: {{command: ["{}"], tool: flood, maxResponseBytes: 4096}}}}}}
+- {{name: get_service_status, risk: read_only, kind: observe,
+   adapter: {{mcp: {{url: "{http_url}", tool: service_status, maxResponseBytes: 4096}}}}}}
+"#,
+        stdio_server.display()
+    ))
+    .expect("tools");
+    let spec: contextos_crds::PolicySpec = serde_yaml::from_str("defaultEffect: allow").expect("policy");
+    let gateway = ToolGateway::new(
+        "shop",
+        "oncall-assistant",
+        h.key.public(),
+        tools
+            .into_iter()
+            .map(|t| CatalogTool::new(t).expect("tool"))
+            .collect(),
+        PolicySet {
+            policies: vec![compile_policy("open", &spec).expect("compiles")],
+        },
+        Default::default(),
+    );
+    let call = |id: &str, tool: &str, bytes: u64| h.envelope(id, tool, json!({"bytes": bytes}));
+
+    // A little over the cap: cut to exactly the cap and marked so.
+    let cut = gateway
+        .handle(&call("f1", "fetch_logs", 10_000), &mut rec, &state)
+        .await
+        .expect("handled");
+    let cut = executed(&cut).clone();
+    assert!(cut.ok && cut.truncated, "{cut:?}");
+    assert_eq!(cut.output.as_str().map(str::len), Some(4096));
+    // 64 MiB: refused while read, over HTTP and over stdio.
+    for (id, tool) in [("f2", "fetch_logs"), ("f3", "slow_probe")] {
+        let refused = gateway
+            .handle(&call(id, tool, 64 << 20), &mut rec, &state)
+            .await
+            .expect("handled");
+        let refused = executed(&refused).clone();
+        assert!(!refused.ok, "{tool}: {refused:?}");
+    }
+    // The server and the gateway still serve.
+    let status = gateway
+        .handle(
+            &h.envelope("f4", "get_service_status", json!({"service": "cart"})),
+            &mut rec,
+            &state,
+        )
+        .await
+        .expect("handled");
+    assert!(executed(&status).ok, "{status:?}");
 }
 
 #[tokio::test]

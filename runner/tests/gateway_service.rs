@@ -412,7 +412,7 @@ async fn only_the_pod_a_run_context_was_issued_to_may_use_it() {
     let rig = rig().await;
     rig.run_until_approval().await;
     let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
-    let http = reqwest::Client::new();
+    let http = contextos_runner::http::client();
     let header = |c: &SignedRunContext| {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(c).expect("json"))
@@ -543,6 +543,42 @@ async fn a_run_starts_only_with_the_bundle_its_context_pins() {
     let refused = harness.start(RUN, TRACE, &mut |_| {}).await.expect_err("refused");
     assert!(refused.to_string().contains("run_started"), "{refused}");
     assert!(rig.store.head(&rig.tenant(), RUN).await.expect("head").is_none());
+}
+
+/// A model (or a compromised model endpoint) that asks for a flood of calls in one turn: the
+/// gateway keeps the budget's per-turn number and records how many it dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_turn_keeps_at_most_the_budgets_calls() {
+    let rig = rig().await;
+    let mut bundle = rig.bundle.clone();
+    bundle.agent_spec.budget.max_tool_calls_per_turn = 2;
+    let calls: Vec<serde_json::Value> = (0..40)
+        .map(|i| serde_json::json!({"tool": "get_service_status", "arguments": {"service": format!("s{i}")}}))
+        .collect();
+    bundle.model_script =
+        Some(serde_json::json!({"turns": [{"content": "all at once", "toolCalls": calls}]}).to_string());
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    let request = ModelRequest {
+        model: "m".into(),
+        messages: vec![Message::new(Role::User, "what is wrong?")],
+        tools: vec![],
+        max_output_tokens: None,
+    };
+    let turn = client.model(&request, 1).await.expect("a turn");
+    assert_eq!((turn.tool_calls.len(), turn.dropped_tool_calls), (2, 38));
+    let recorded = rig
+        .bodies()
+        .await
+        .into_iter()
+        .find_map(|b| match b {
+            EntryBody::ModelTurn { response, .. } => Some(response),
+            _ => None,
+        })
+        .expect("the turn is recorded");
+    assert_eq!(recorded["tool_calls"].as_array().map(Vec::len), Some(2));
+    assert_eq!(recorded["dropped_tool_calls"], 38);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,3 +130,32 @@ async fn errors_name_the_endpoint_and_the_problem() {
         .expect_err("unreachable");
     assert!(matches!(err, ModelError::Unreachable { .. }), "{err}");
 }
+
+/// A hostile endpoint streams an endless answer: it is refused once past the bound, without
+/// the client holding more than that.
+#[tokio::test]
+async fn an_endless_answer_is_refused_at_the_bound() {
+    use futures::stream;
+    let app = Router::new().route(
+        "/v1/chat/completions",
+        post(|| async {
+            let chunk = axum::body::Bytes::from(vec![b' '; 64 * 1024]);
+            // 64 MiB of whitespace after an opening brace: never a whole answer.
+            let body = stream::iter(
+                std::iter::once(axum::body::Bytes::from_static(b"{"))
+                    .chain(std::iter::repeat_n(chunk, 1024))
+                    .map(Ok::<_, std::io::Error>),
+            );
+            axum::body::Body::from_stream(body)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = OpenAiCompatible::new(&url, None, std::time::Duration::from_secs(30));
+    let refused = client.complete(&request()).await.expect_err("refused");
+    assert!(
+        matches!(&refused, ModelError::Malformed { detail, .. } if detail.contains("longer than")),
+        "{refused}"
+    );
+}

@@ -103,7 +103,7 @@ impl EgressGuard {
 
     /// An HTTP client whose connections go only where this guard allows, following no redirects.
     pub fn client(&self) -> reqwest::Client {
-        reqwest::Client::builder()
+        crate::http::client_builder()
             .dns_resolver(Arc::new(GuardedResolver { guard: self.clone() }))
             .redirect(reqwest::redirect::Policy::none())
             .build()

@@ -209,6 +209,7 @@ impl ToolGateway {
     /// Sends calls only where `guard` allows (resolved addresses, IP literals, no redirects).
     pub fn with_egress(mut self, guard: egress::EgressGuard) -> Self {
         self.http = guard.client();
+        self.mcp = adapters::mcp::McpClients::new(self.http.clone());
         self.egress = Some(guard);
         self
     }
@@ -829,10 +830,11 @@ impl ToolGateway {
             idempotency_key: call.idempotency_key.clone(),
             traceparent: envelope::traceparent(&call.run_context.context.trace_id, &call.call_id),
             timeout: Duration::from_secs(u64::from(tool.spec.timeout_seconds)),
-            max_response_bytes: adapter
-                .http
-                .as_ref()
-                .map_or(1 << 20, |h| h.max_response_bytes as usize),
+            max_response_bytes: match (&adapter.http, &adapter.mcp) {
+                (Some(http), _) => http.max_response_bytes as usize,
+                (None, Some(mcp)) => mcp.max_response_bytes as usize,
+                (None, None) => 1 << 20,
+            },
             bearer_token: tool.bearer_token.clone(),
             hmac_key: tool.hmac_key.clone(),
         };
@@ -914,7 +916,7 @@ impl ToolGateway {
 /// One HTTP client for every gateway in the process: building one loads the system's root
 /// certificates, which costs milliseconds, and clones share one connection pool.
 fn shared_http_client() -> reqwest::Client {
-    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(reqwest::Client::new);
+    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(crate::http::client);
     CLIENT.clone()
 }
 

@@ -77,6 +77,28 @@ pub struct ModelTurn {
     pub tool_calls: Vec<ToolCallRequest>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Calls the model asked for past the budget's per-turn cap: dropped, never decided.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_tool_calls: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+impl ModelTurn {
+    /// Keeps the first `cap` calls of the turn and counts the rest as dropped: a model (or
+    /// whoever answers for it) cannot flood one step with calls.
+    pub fn cap_tool_calls(&mut self, cap: u32) {
+        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+        if self.tool_calls.len() > cap {
+            let dropped = self.tool_calls.len() - cap;
+            self.tool_calls.truncate(cap);
+            self.dropped_tool_calls = self
+                .dropped_tool_calls
+                .saturating_add(u32::try_from(dropped).unwrap_or(u32::MAX));
+        }
+    }
 }
 
 /// Why a model turn could not be had.

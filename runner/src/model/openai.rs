@@ -22,7 +22,7 @@ impl OpenAiCompatible {
         Self {
             endpoint: endpoint.trim_end_matches('/').to_owned(),
             api_key,
-            http: reqwest::Client::new(),
+            http: crate::http::client(),
             timeout,
         }
     }
@@ -66,10 +66,7 @@ impl OpenAiCompatible {
             detail: e.to_string(),
         })?;
         let status = response.status().as_u16();
-        let text = response.text().await.map_err(|e| ModelError::Unreachable {
-            endpoint: self.endpoint.clone(),
-            detail: e.to_string(),
-        })?;
+        let text = self.read_bounded(response).await?;
         if !(200..300).contains(&status) {
             return Err(ModelError::Status {
                 endpoint: self.endpoint.clone(),
@@ -83,6 +80,30 @@ impl OpenAiCompatible {
         })
     }
 }
+
+impl OpenAiCompatible {
+    /// The body, read up to [`MAX_RESPONSE_BYTES`]: an endpoint that sends more is refused
+    /// before the excess is held in memory.
+    async fn read_bounded(&self, mut response: reqwest::Response) -> Result<String, ModelError> {
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| ModelError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            detail: e.to_string(),
+        })? {
+            if body.len().saturating_add(chunk.len()) > MAX_RESPONSE_BYTES {
+                return Err(ModelError::Malformed {
+                    endpoint: self.endpoint.clone(),
+                    detail: format!("the answer is longer than {MAX_RESPONSE_BYTES} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// The longest chat completion accepted, in bytes (far above any model's output limit).
+pub const MAX_RESPONSE_BYTES: usize = 8 << 20;
 
 fn message_json(m: &Message) -> Value {
     let role = match m.role {
@@ -155,5 +176,6 @@ pub fn parse_turn(text: &str) -> Result<ModelTurn, String> {
         tool_calls,
         prompt_tokens: usage("prompt_tokens"),
         completion_tokens: usage("completion_tokens"),
+        dropped_tool_calls: 0,
     })
 }

@@ -515,8 +515,13 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             max_output_tokens: self.bundle.agent_spec.model.max_output_tokens,
         };
         match (self.remote, &self.model) {
+            // The gateway service caps the turn before it records it.
             (Some(remote), _) => remote.model(&request, state.step).await,
-            (None, Some(model)) => model.complete(&request, state.step).await,
+            (None, Some(model)) => {
+                let mut turn = model.complete(&request, state.step).await?;
+                turn.cap_tool_calls(self.bundle_budget().max_tool_calls_per_turn);
+                Ok(turn)
+            }
             (None, None) => Err(ModelError::Unreachable {
                 endpoint: "(none)".into(),
                 detail: "this harness has no model".into(),
@@ -609,7 +614,10 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             reused,
         });
         state.usage.steps = state.step;
-        state.usage.tokens += turn.prompt_tokens + turn.completion_tokens;
+        state.usage.tokens = state
+            .usage
+            .tokens
+            .saturating_add(turn.prompt_tokens.saturating_add(turn.completion_tokens));
         let mut message = Message::new(Role::Assistant, turn.content.clone());
         message.tool_calls = turn.tool_calls.clone();
         state.messages.push(message);

@@ -188,6 +188,7 @@ mod tests {
             max_tokens: 1000,
             max_tool_calls: 4,
             max_wall_seconds: 60,
+            max_tool_calls_per_turn: contextos_crds::common::DEFAULT_MAX_TOOL_CALLS_PER_TURN,
         }
     }
 

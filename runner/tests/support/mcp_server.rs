@@ -99,6 +99,11 @@ impl ServerHandler for OpsTools {
                 names.sort();
                 json!({"variables": names})
             }
+            // A hostile server: as many bytes as asked for.
+            "flood" => {
+                let bytes = args["bytes"].as_u64().unwrap_or(0) as usize;
+                return Ok(CallToolResult::success(vec![ContentBlock::text("x".repeat(bytes))]).into());
+            }
             "fail" => {
                 let mut result = CallToolResult::success(vec![ContentBlock::text("deployment not found")]);
                 result.is_error = Some(true);

@@ -1,7 +1,12 @@
 //! MCP tools via rmcp, over streamable HTTP (`adapter.mcp.url`) or stdio (`adapter.mcp.command`,
-//! a server process started inside the sandbox). Connections are kept per server and dropped
-//! when a call fails, so the next call reconnects. Trace context and the idempotency key travel
-//! in the request's `_meta`.
+//! a server process started inside the sandbox). Connections are kept per server (and response
+//! cap) and dropped when a call fails, so the next call reconnects. Trace context and the
+//! idempotency key travel in the request's `_meta`.
+//!
+//! A server is not trusted to be brief: every message it sends is bounded in bytes while it is
+//! read (HTTP bodies and SSE events by the transport, stdio lines by the line reader), HTTP goes
+//! through the gateway's egress-guarded client (no redirects, no denied addresses), and the
+//! result is cut to the tool's `maxResponseBytes`.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -10,7 +15,10 @@ use rmcp::{
     RoleClient, ServiceExt as _,
     model::{CallToolRequestParams, ContentBlock, MetaObject, RequestMetaObject},
     service::RunningService,
-    transport::{StreamableHttpClientTransport, TokioChildProcess},
+    transport::{
+        StreamableHttpClientTransport, async_rw::AsyncRwTransport,
+        streamable_http_client::StreamableHttpClientTransportConfig,
+    },
 };
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
@@ -22,10 +30,23 @@ pub const IDEMPOTENCY_META: &str = "dev.contextos/idempotencyKey";
 
 type Client = Arc<RunningService<RoleClient, ()>>;
 
-/// Open MCP client sessions, by server.
-#[derive(Default)]
+/// Open MCP client sessions, by server and response cap.
 pub struct McpClients {
-    clients: Mutex<HashMap<String, Client>>,
+    clients: Mutex<HashMap<String, Session>>,
+    /// Where HTTP servers are reached through (the gateway's egress-guarded client).
+    http: reqwest::Client,
+}
+
+/// A client session, and the stdio server process it talks to (killed when dropped).
+struct Session {
+    client: Client,
+    _process: Option<tokio::process::Child>,
+}
+
+impl Default for McpClients {
+    fn default() -> Self {
+        Self::new(crate::http::client())
+    }
 }
 
 impl std::fmt::Debug for McpClients {
@@ -43,19 +64,41 @@ pub fn server_of(adapter: &McpAdapter) -> String {
     }
 }
 
+/// The most bytes one message from a server may have for a tool capped at `cap`: JSON-RPC
+/// framing, escaping, and the text and structured copies of one result.
+pub fn message_limit(cap: usize) -> usize {
+    cap.saturating_mul(4).saturating_add(64 * 1024)
+}
+
 impl McpClients {
-    async fn client(&self, adapter: &McpAdapter) -> Result<Client, AdapterError> {
-        let key = server_of(adapter);
+    /// Sessions whose HTTP requests go through `http`.
+    pub fn new(http: reqwest::Client) -> Self {
+        Self {
+            clients: Mutex::default(),
+            http,
+        }
+    }
+
+    async fn client(&self, adapter: &McpAdapter, cap: usize) -> Result<Client, AdapterError> {
+        let key = format!("{}#{cap}", server_of(adapter));
         let mut clients = self.clients.lock().await;
-        if let Some(client) = clients.get(&key) {
-            return Ok(client.clone());
+        if let Some(session) = clients.get(&key) {
+            return Ok(session.client.clone());
         }
         let unreachable = |detail: String| AdapterError::Unreachable {
-            endpoint: key.clone(),
+            endpoint: server_of(adapter),
             detail,
         };
-        let client = match (&adapter.url, &adapter.command) {
-            (Some(url), _) => ().serve(StreamableHttpClientTransport::from_uri(url.as_str())).await,
+        let limit = message_limit(cap);
+        let (client, process) = match (&adapter.url, &adapter.command) {
+            (Some(url), _) => {
+                let config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
+                    .max_json_response_size(limit)
+                    .max_sse_event_size(limit)
+                    .max_error_response_size(64 * 1024);
+                let transport = StreamableHttpClientTransport::with_client(self.http.clone(), config);
+                (().serve(transport).await, None)
+            }
             (None, Some(command)) => {
                 let Some((program, args)) = command.split_first() else {
                     return Err(AdapterError::Protocol("adapter.mcp.command is empty".into()));
@@ -70,25 +113,42 @@ impl McpClients {
                         "PATH",
                         std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
                     )
-                    .stderr(std::process::Stdio::null());
-                let transport = TokioChildProcess::new(cmd)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true);
+                let mut child = cmd
+                    .spawn()
                     .map_err(|e| unreachable(format!("cannot start {program}: {e}")))?;
-                ().serve(transport).await
+                let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
+                    return Err(unreachable(format!("{program} has no stdio pipes")));
+                };
+                let transport =
+                    AsyncRwTransport::<RoleClient, _, _>::new(stdout, stdin).with_max_line_length(limit);
+                (().serve(transport).await, Some(child))
             }
             (None, None) => {
                 return Err(AdapterError::Protocol(
                     "adapter.mcp has neither url nor command".into(),
                 ));
             }
-        }
-        .map_err(|e| unreachable(format!("MCP initialization failed: {e}")))?;
-        let client = Arc::new(client);
-        clients.insert(key, client.clone());
+        };
+        let client = Arc::new(client.map_err(|e| unreachable(format!("MCP initialization failed: {e}")))?);
+        clients.insert(
+            key,
+            Session {
+                client: client.clone(),
+                _process: process,
+            },
+        );
         Ok(client)
     }
 
-    async fn forget(&self, adapter: &McpAdapter) {
-        self.clients.lock().await.remove(&server_of(adapter));
+    async fn forget(&self, adapter: &McpAdapter, cap: usize) {
+        self.clients
+            .lock()
+            .await
+            .remove(&format!("{}#{cap}", server_of(adapter)));
     }
 
     /// Calls `tool_name` (or `adapter.tool`) with `args`.
@@ -99,7 +159,8 @@ impl McpClients {
         args: &Value,
         ctx: &CallContext,
     ) -> Result<AdapterResponse, AdapterError> {
-        let client = self.client(adapter).await?;
+        let cap = ctx.max_response_bytes;
+        let client = self.client(adapter, cap).await?;
         let arguments = match args {
             Value::Object(map) => map.clone(),
             Value::Null => Map::new(),
@@ -122,11 +183,11 @@ impl McpClients {
         let outcome = tokio::time::timeout(ctx.timeout, client.call_tool(params)).await;
         let result = match outcome {
             Err(_) => {
-                self.forget(adapter).await;
+                self.forget(adapter, cap).await;
                 return Err(AdapterError::Timeout(ctx.timeout));
             }
             Ok(Err(e)) => {
-                self.forget(adapter).await;
+                self.forget(adapter, cap).await;
                 return Err(AdapterError::Unreachable {
                     endpoint: server_of(adapter),
                     detail: e.to_string(),
@@ -151,11 +212,10 @@ impl McpClients {
             None => serde_json::from_str(&text).unwrap_or(Value::String(text)),
         };
         let encoded = body.to_string();
-        if encoded.len() > ctx.max_response_bytes {
-            let cut: String = encoded.chars().take(ctx.max_response_bytes).collect();
+        if encoded.len() > cap {
             return Ok(AdapterResponse {
                 status: 200,
-                body: Value::String(cut),
+                body: Value::String(cut_to_bytes(&encoded, cap).to_owned()),
                 truncated: true,
             });
         }
@@ -164,5 +224,28 @@ impl McpClients {
             body,
             truncated: false,
         })
+    }
+}
+
+/// The longest prefix of `text` of at most `cap` bytes that ends on a character boundary.
+fn cut_to_bytes(text: &str, cap: usize) -> &str {
+    let mut end = cap.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_counts_bytes_and_never_splits_a_character() {
+        assert_eq!(cut_to_bytes("abcdef", 4), "abcd");
+        // "é" is two bytes: a cap in its middle keeps the text before it.
+        assert_eq!(cut_to_bytes("aéb", 2), "a");
+        assert_eq!(cut_to_bytes("aéb", 3), "aé");
+        assert_eq!(cut_to_bytes("ab", 10), "ab");
     }
 }

@@ -424,6 +424,7 @@ where
                 }
                 other => Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", other.to_string()),
             })?;
+        turn.cap_tool_calls(budget.max_tool_calls_per_turn);
         // A model that reports no usage is charged the estimate, never nothing.
         if turn.prompt_tokens == 0 && turn.completion_tokens == 0 {
             turn.prompt_tokens = prompt_estimate;

@@ -150,7 +150,7 @@ impl RemoteStore {
     ) -> Result<Self, RemoteError> {
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
-            http: reqwest::Client::builder()
+            http: crate::http::client_builder()
                 .timeout(Duration::from_secs(300))
                 .build()
                 .map_err(|e| RemoteError::Malformed(e.to_string()))?,

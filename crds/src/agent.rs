@@ -44,8 +44,9 @@ pub struct AgentSpec {
     /// The SandboxProfile every runner pod of this Agent runs under.
     pub sandbox_profile_ref: LocalRef,
     /// The tools this agent may request. Names are unique; each declares its risk and kind.
+    /// (One list as a whole: a GitOps source owns all of an Agent's tools.)
     #[serde(default)]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    #[x_kube(validation = Rule::new("self.all(t, self.exists_one(u, u.name == t.name))").message("two tools have the same name; tool names must be unique"))]
     #[schemars(length(max = 64))]
     pub tools: Vec<Tool>,
     /// Hard limits for every run of this agent (a Session may only lower them).
@@ -59,7 +60,7 @@ pub struct AgentSpec {
     pub critic: CriticSpec,
     /// Checks the final output must pass before a run may succeed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    #[x_kube(validation = Rule::new("self.all(v, self.exists_one(w, w.name == v.name))").message("two validators have the same name; validator names must be unique"))]
     #[schemars(length(max = 16))]
     pub validators: Vec<OutputValidator>,
     /// Who may approve this agent's tool calls when a policy requires approval and the rule

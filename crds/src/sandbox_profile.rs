@@ -39,7 +39,8 @@ pub struct SandboxProfileSpec {
     /// Runner image, pinned by digest: `registry/repo@sha256:<64 hex>` (a tag may precede the
     /// digest). Tags alone are refused because they can change under a running fleet.
     #[schemars(length(min = 1, max = 512))]
-    #[x_kube(validation = Rule::new("self.matches('^[^@\\\\s]+@sha256:[a-f0-9]{64}$')").message("image must be pinned by digest, e.g. ghcr.io/contextos/runner@sha256:<64 hex characters>; a tag alone is not accepted"))]
+    #[x_kube(validation = Rule::new("self.contains('@sha256:')").message("image must be pinned by digest, e.g. ghcr.io/contextos/runner@sha256:<64 hex characters>; a tag alone is not accepted"))]
+    #[x_kube(validation = Rule::new("!self.contains('@sha256:') || self.matches('^[^@\\\\s]+@sha256:[a-f0-9]{64}$')").message("image digest must be sha256: followed by exactly 64 lowercase hex characters (the full digest, as `crane digest` or `docker buildx imagetools inspect` prints it)"))]
     pub image: String,
     /// RuntimeClass for stronger isolation (e.g. gVisor or Kata), if the cluster has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,7 +68,9 @@ pub struct SandboxProfileSpec {
     pub seccomp_profile: SeccompProfile,
     /// Non-root user id the runner runs as.
     #[serde(default = "default_user")]
-    #[schemars(range(min = 1, max = 2_147_483_647))]
+    #[schemars(range(max = 2_147_483_647))]
+    #[x_kube(validation = Rule::new("self != 0").message("runAsUser 0 is root, and runner pods never run as root; use a non-root uid such as 65532"))]
+    #[x_kube(validation = Rule::new("self > 0").message("runAsUser must be a positive uid, such as 65532"))]
     pub run_as_user: i64,
     /// Which tools may execute code inside this sandbox.
     #[serde(default)]

@@ -42,6 +42,8 @@ pub struct Condition {
     /// Which of `call`, `run`, `state` it reads (bit i = `CONDITION_VARIABLES[i]`), so a
     /// decision converts only those into CEL values.
     pub variables: u8,
+    /// How its cost grows with the input (checked before each evaluation).
+    pub cost: super::cost::CostShape,
 }
 
 impl std::fmt::Debug for Condition {
@@ -64,6 +66,8 @@ pub struct CompiledPolicy {
     pub budget: Option<ToolCallBudget>,
     /// Union of the variables its conditions read.
     pub condition_variables: u8,
+    /// Whether some condition loops (its input is then measured for the cost bound).
+    pub condition_loops: bool,
 }
 
 pub(crate) fn risk_bit(risk: ToolRisk) -> u8 {
@@ -119,8 +123,13 @@ pub fn compile_policy(name: &str, spec: &PolicySpec) -> Result<CompiledPolicy, P
         .iter()
         .filter_map(|r| r.condition.as_ref())
         .fold(0, |acc, c| acc | c.variables);
+    let condition_loops = rules
+        .iter()
+        .filter_map(|r| r.condition.as_ref())
+        .any(|c| c.cost.loop_nodes > 0);
     Ok(CompiledPolicy {
         condition_variables,
+        condition_loops,
         name: name.into(),
         digest,
         mode: spec.mode,
@@ -133,14 +142,13 @@ pub fn compile_policy(name: &str, spec: &PolicySpec) -> Result<CompiledPolicy, P
 /// Parses a condition and checks it only reads `call`, `run` and `state`.
 pub fn compile_condition(source: &str) -> Result<Condition, String> {
     let program = cel::Program::compile(source).map_err(|e| format!("condition does not compile: {e}"))?;
-    let references = program.references();
-    let mut unknown: Vec<&str> = references
-        .variables()
-        .into_iter()
+    let cost = super::cost::CostShape::of(&program).map_err(|e| format!("condition is too costly: {e}"))?;
+    let free = super::cel_vars::free_variables(&program);
+    let unknown: Vec<&str> = free
+        .iter()
+        .map(String::as_str)
         .filter(|v| !CONDITION_VARIABLES.contains(v))
         .collect();
-    unknown.sort_unstable();
-    unknown.dedup();
     if !unknown.is_empty() {
         return Err(format!(
             "condition uses unknown variable(s) {}; available: call (tool, risk, kind, args), run (tenant, agent, user, groups, safetyMode, toolCalls, steps, tokens, input), state (budget, loop, evidence, gate, conflict)",
@@ -150,12 +158,13 @@ pub fn compile_condition(source: &str) -> Result<Condition, String> {
     let variables = CONDITION_VARIABLES
         .iter()
         .enumerate()
-        .filter(|(_, name)| references.has_variable(name))
+        .filter(|(_, name)| free.contains(**name))
         .fold(0, |acc, (i, _)| acc | (1 << i));
     Ok(Condition {
         source: source.to_owned(),
         program,
         variables,
+        cost,
     })
 }
 

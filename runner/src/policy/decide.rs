@@ -89,13 +89,24 @@ fn strictness(effect: PolicyEffect) -> u8 {
 /// Variables for CEL conditions, built once per decision and only when a condition runs.
 struct CelScope {
     context: cel::Context<'static>,
+    /// Size of the variables as JSON, measured only when a condition loops over them.
+    input_bytes: usize,
 }
 
 impl CelScope {
     /// Converts only the variables some condition reads (`variables`: bits of `call`, `run`,
     /// `state`); the conversion is most of a decision's cost.
-    fn new(call: &CallFacts<'_>, run: &RunFacts, state: &StateFacts, variables: u8) -> Self {
+    /// `measure`: some condition loops, so the input's size is needed for its cost bound.
+    fn new(call: &CallFacts<'_>, run: &RunFacts, state: &StateFacts, variables: u8, measure: bool) -> Self {
         let mut context = cel::Context::default();
+        let mut input_bytes = 0usize;
+        let mut add = |context: &mut cel::Context<'static>, name: &str, value: Value| {
+            if measure {
+                let size = serde_json::to_vec(&value).map_or(usize::MAX, |b| b.len());
+                input_bytes = input_bytes.saturating_add(size);
+            }
+            add(context, name, value);
+        };
         if variables & 0b001 != 0 {
             let call_value = serde_json::json!({
                 "tool": call.tool,
@@ -119,7 +130,7 @@ impl CelScope {
                 serde_json::to_value(state).unwrap_or(Value::Null),
             );
         }
-        Self { context }
+        Self { context, input_bytes }
     }
 }
 
@@ -226,7 +237,13 @@ fn rule_verdict(
             continue;
         }
         if let Some(condition) = &rule.condition {
-            let scope = scope.get_or_insert_with(|| CelScope::new(call, run, state, variables));
+            let scope = scope
+                .get_or_insert_with(|| CelScope::new(call, run, state, variables, policy.condition_loops));
+            if condition.cost.loop_nodes > 0
+                && let Err(e) = condition.cost.check(scope.input_bytes)
+            {
+                return condition_failure(policy, &rule.name, e);
+            }
             match condition.program.execute(&scope.context) {
                 Ok(cel::Value::Bool(true)) => {}
                 Ok(cel::Value::Bool(false)) => continue,
@@ -417,6 +434,50 @@ mod tests {
             )
         );
         assert_eq!(sev1.approvers.groups, vec!["incident-commanders".to_owned()]);
+    }
+
+    /// A hostile model sends arguments that would make a looping condition run for minutes: the
+    /// condition is not evaluated and the call is denied, saying why.
+    #[test]
+    fn a_looping_condition_over_a_flood_of_arguments_denies_without_evaluating() {
+        let (_, agent) = quickstart();
+        let spec: contextos_crds::PolicySpec = serde_yaml::from_str(
+            r#"
+defaultEffect: deny
+rules:
+  - name: small-batches
+    match: {tools: ["post_status_update"]}
+    condition: "call.args.lines.all(l, size(l) < 200)"
+    effect: allow
+    reason: status lines are short
+"#,
+        )
+        .expect("policy");
+        let set = PolicySet {
+            policies: vec![compile_policy("p", &spec).expect("compiles")],
+        };
+        let run = RunFacts::default();
+        let auto = SafetyMode::Autonomous;
+        let small = decide(
+            &set,
+            &agent,
+            "post_status_update",
+            json!({"lines": ["ok"]}),
+            &run,
+            auto,
+        );
+        assert_eq!(small.effect, PolicyEffect::Allow);
+        let flood: Vec<&str> = vec!["x"; 2_000_000];
+        let flooded = decide(
+            &set,
+            &agent,
+            "post_status_update",
+            json!({"lines": flood}),
+            &run,
+            auto,
+        );
+        assert_eq!(flooded.effect, PolicyEffect::Deny, "{flooded:?}");
+        assert!(flooded.reason.contains("not evaluated"), "{}", flooded.reason);
     }
 
     #[test]

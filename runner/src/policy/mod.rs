@@ -1,6 +1,8 @@
 //! The policy engine: Policy specs compiled once, then deterministic decisions per tool call.
 
+pub mod cel_vars;
 pub mod compile;
+pub mod cost;
 pub mod decide;
 pub mod glob;
 

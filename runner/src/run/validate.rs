@@ -2,6 +2,7 @@
 //! over the parsed output and CEL over `output` (text) and `json` (parsed output). Compiled once
 //! per run; a validator that does not compile is an error naming its field.
 
+use crate::policy::cost::CostShape;
 use contextos_crds::agent::OutputValidator;
 use serde_json::Value;
 
@@ -14,7 +15,7 @@ pub struct CompiledValidator {
 
 enum Check {
     Schema(Box<jsonschema::Validator>),
-    Cel(cel::Program),
+    Cel(cel::Program, CostShape),
 }
 
 impl std::fmt::Debug for CompiledValidator {
@@ -58,10 +59,10 @@ pub fn compile(
                 (None, Some(source)) => {
                     let program = cel::Program::compile(source)
                         .map_err(|e| error(format!("cel does not compile: {e}")))?;
-                    let references = program.references();
-                    let unknown: Vec<&str> = references
-                        .variables()
-                        .into_iter()
+                    let free = crate::policy::cel_vars::free_variables(&program);
+                    let unknown: Vec<&str> = free
+                        .iter()
+                        .map(String::as_str)
                         .filter(|name| !matches!(*name, "output" | "json"))
                         .collect();
                     if !unknown.is_empty() {
@@ -70,7 +71,8 @@ pub fn compile(
                             unknown.join(", ")
                         )));
                     }
-                    Check::Cel(program)
+                    let cost = CostShape::of(&program).map_err(|e| error(format!("cel is too costly: {e}")))?;
+                    Check::Cel(program, cost)
                 }
                 _ => return Err(error("set exactly one of jsonSchema or cel".into())),
             };
@@ -109,7 +111,11 @@ pub fn check(validators: &[CompiledValidator], output: &str) -> Validation {
                     }
                 }),
             },
-            Check::Cel(program) => cel_problem(program, output, parsed.as_ref()),
+            Check::Cel(program, cost) => match cost.check(output.len()) {
+                // The answer and its JSON form are both about this size.
+                Err(e) => Some(e),
+                Ok(()) => cel_problem(program, output, parsed.as_ref()),
+            },
         };
         match problem {
             None => result.passed.push(validator.name.clone()),

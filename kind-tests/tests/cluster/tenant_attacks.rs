@@ -200,3 +200,46 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
     ns.pass();
     Ok(())
 }
+
+/// A Policy condition nested deep enough to exhaust a worker thread's stack while parsing (90
+/// parentheses) or evaluating (64 terms in a row) once crashed every process that compiled it —
+/// the operator first, for every tenant. The operator must stay up: the first is parsed on a
+/// thread with a stack of its own, the second is refused naming the problem.
+#[tokio::test]
+async fn a_tenant_cannot_crash_the_operator_with_a_deeply_nested_condition() -> Result<()> {
+    use contextos_crds::Policy;
+
+    use crate::operator::policy_condition;
+
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: needs the local operator");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "tenant-deep-cel").await?;
+    let client = env.client();
+    let policy = objects_for(&op.tools_url)?
+        .into_iter()
+        .find(|o| o["kind"] == "Policy")
+        .context("the quickstart has a Policy")?;
+    let with_condition = |name: &str, condition: String| {
+        let mut policy = policy.clone();
+        policy["metadata"]["name"] = json!(name);
+        policy["spec"]["rules"][0]["condition"] = json!(condition);
+        policy
+    };
+    let parens = format!("{}true{}", "(".repeat(90), ")".repeat(90));
+    apply(&client, ns.name(), &with_condition("parens", parens)).await?;
+    let chain = vec!["call.args.size() > 0"; 64].join(" && ");
+    apply(&client, ns.name(), &with_condition("chain", chain)).await?;
+    let policies: Api<Policy> = ns.api();
+    policy_condition(&policies, "parens", "Ready", "True").await?;
+    let refused = policy_condition(&policies, "chain", "Ready", "False InvalidExpression").await?;
+    let ready = condition(&refused.status.unwrap_or_default().conditions, "Ready");
+    ensure!(ready.contains("nested more than"), "{ready}");
+    // Still serving: an ordinary Policy becomes Ready.
+    apply(&client, ns.name(), &with_condition("ordinary", "true".into())).await?;
+    policy_condition(&policies, "ordinary", "Ready", "True").await?;
+    ns.pass();
+    Ok(())
+}

@@ -141,8 +141,7 @@ pub fn compile_policy(name: &str, spec: &PolicySpec) -> Result<CompiledPolicy, P
 
 /// Parses a condition and checks it only reads `call`, `run` and `state`.
 pub fn compile_condition(source: &str) -> Result<Condition, String> {
-    let program = cel::Program::compile(source).map_err(|e| format!("condition does not compile: {e}"))?;
-    let cost = super::cost::CostShape::of(&program).map_err(|e| format!("condition is too costly: {e}"))?;
+    let (program, cost) = super::cost::compile_bounded(source).map_err(|e| format!("condition {e}"))?;
     let free = super::cel_vars::free_variables(&program);
     let unknown: Vec<&str> = free
         .iter()

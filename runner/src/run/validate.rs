@@ -2,7 +2,6 @@
 //! over the parsed output and CEL over `output` (text) and `json` (parsed output). Compiled once
 //! per run; a validator that does not compile is an error naming its field.
 
-use crate::policy::cost::CostShape;
 use contextos_crds::agent::OutputValidator;
 use serde_json::Value;
 
@@ -15,7 +14,7 @@ pub struct CompiledValidator {
 
 enum Check {
     Schema(Box<jsonschema::Validator>),
-    Cel(cel::Program, CostShape),
+    Cel(cel::Program, crate::policy::cost::CostShape),
 }
 
 impl std::fmt::Debug for CompiledValidator {
@@ -57,8 +56,8 @@ pub fn compile(
                         .map_err(|e| error(format!("jsonSchema is not a valid JSON Schema: {e}")))?,
                 )),
                 (None, Some(source)) => {
-                    let program = cel::Program::compile(source)
-                        .map_err(|e| error(format!("cel does not compile: {e}")))?;
+                    let (program, cost) = crate::policy::cost::compile_bounded(source)
+                        .map_err(|e| error(format!("cel {e}")))?;
                     let free = crate::policy::cel_vars::free_variables(&program);
                     let unknown: Vec<&str> = free
                         .iter()
@@ -71,7 +70,6 @@ pub fn compile(
                             unknown.join(", ")
                         )));
                     }
-                    let cost = CostShape::of(&program).map_err(|e| error(format!("cel is too costly: {e}")))?;
                     Check::Cel(program, cost)
                 }
                 _ => return Err(error("set exactly one of jsonSchema or cel".into())),

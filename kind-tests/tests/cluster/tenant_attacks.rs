@@ -230,7 +230,7 @@ async fn a_tenant_cannot_crash_the_operator_with_a_deeply_nested_condition() -> 
     };
     let parens = format!("{}true{}", "(".repeat(90), ")".repeat(90));
     apply(&client, ns.name(), &with_condition("parens", parens)).await?;
-    let chain = vec!["call.args.size() > 0"; 64].join(" && ");
+    let chain = format!("{} > 0", vec!["size(call.args)"; 64].join(" + "));
     apply(&client, ns.name(), &with_condition("chain", chain)).await?;
     let policies: Api<Policy> = ns.api();
     policy_condition(&policies, "parens", "Ready", "True").await?;

@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Stable cache locations so repeated runs on one machine reuse earlier work.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: quickstart test lint unit crds kind-tests kind-bench realnode-check
+.PHONY: quickstart test lint unit crds kind-tests kind-bench realnode-check fuzz
 
 ## quickstart: the main job on one machine — a governed, recorded session from examples/quickstart
 ## with the scripted model, approved, verified and replayed (see examples/quickstart/local.sh).
@@ -57,6 +57,14 @@ kind-bench:
 	$(CARGO) build -p contextos-runner --bin contextos --examples --locked || exit 1; \
 	$(CARGO) build -p contextos-operator --locked || exit 1; \
 	$(CARGO) bench -p contextos-kind-tests --bench scale --profile dev --locked
+
+## fuzz: every decoder of untrusted bytes (contexts, envelopes, records, reports, verdicts,
+## model scripts and answers, CEL, CRD specs) fed mutated inputs for FUZZ_SECONDS each, in
+## release; prints inputs tried and panics found (inputs kept in target/fuzz/). `make test` runs
+## the same targets for a second each.
+FUZZ_SECONDS ?= 60
+fuzz:
+	CONTEXTOS_FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --release -p contextos-runner --test fuzz --locked
 
 ## crds: regenerate manifests/crds from the types in crds/src.
 crds:

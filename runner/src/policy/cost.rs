@@ -23,8 +23,41 @@ pub const MAX_NODES: u32 = 1_000;
 pub const MAX_DEPTH: u32 = 24;
 /// Longest source accepted (the CRDs allow 4096 characters).
 pub const MAX_SOURCE_BYTES: usize = 16 * 1024;
+/// Deepest bracket nesting a source may have: the parser's own limit counts some brackets and
+/// not others, and each level costs it tens of kilobytes of stack.
+pub const MAX_BRACKET_DEPTH: usize = 32;
 /// Stack of the thread a source is parsed on.
 const PARSER_STACK_BYTES: usize = 16 << 20;
+
+/// The deepest nesting of `(`, `[` and `{` in `source`, outside quoted strings.
+fn bracket_depth(source: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in source.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '\'' | '"' => quote = Some(c),
+                '(' | '[' | '{' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                ')' | ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+    }
+    deepest
+}
 
 /// Parses `source` and checks its depth and cost shape; the one way ContextOS compiles CEL a
 /// tenant wrote.
@@ -33,6 +66,12 @@ pub fn compile_bounded(source: &str) -> Result<(cel::Program, CostShape), String
         return Err(format!(
             "the expression is {} bytes long; at most {MAX_SOURCE_BYTES} are accepted",
             source.len()
+        ));
+    }
+    let depth = bracket_depth(source);
+    if depth > MAX_BRACKET_DEPTH {
+        return Err(format!(
+            "the expression nests brackets {depth} deep; at most {MAX_BRACKET_DEPTH} are accepted"
         ));
     }
     // Whatever is refused is also dropped on that thread: dropping a deep tree recurses too.
@@ -192,6 +231,8 @@ mod tests {
             format!("{}1{}", "(".repeat(2_000), ")".repeat(2_000)),
             format!("{}1{}", "[".repeat(2_000), "]".repeat(2_000)),
             format!("{}1{}", "size(".repeat(800), ")".repeat(800)),
+            // Found by the fuzzer: braces the parser's recursion limit does not count.
+            format!("a.all(l, size({}{}l))", "{".repeat(110), "}".repeat(110)),
             vec!["1"; 64].join(" + "),
         ] {
             assert!(shape(&deep).is_err(), "{}…", &deep[..20]);

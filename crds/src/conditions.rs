@@ -77,6 +77,8 @@ pub mod reason {
     pub const RUNNING: &str = "Running";
     /// A Session's run waits for a human to approve a call.
     pub const AWAITING_APPROVAL: &str = "AwaitingApproval";
+    /// A Session's run waits for a human to say whether a call whose outcome is unknown acted.
+    pub const AWAITING_RESOLUTION: &str = "AwaitingResolution";
     /// A Session's run completed with an accepted output.
     pub const SUCCEEDED: &str = "Succeeded";
     /// A Session's run ended without an accepted output (the message says why).

@@ -51,8 +51,9 @@ pub mod labels {
 
 /// Annotations the operator puts on what it creates.
 pub mod annotations {
-    /// On a runner pod started because a decision was added to `spec.approvals`: the call hash
-    /// it was started for (an attempt that ends waiting for the same call again is not retried).
+    /// On a runner pod started because a decision was added to `spec.approvals` (the call hash)
+    /// or `spec.resolutions` (`resolution/<call id>`): what it was started for (an attempt that
+    /// ends waiting for the same decision again is not retried).
     pub const RESUMED_FOR: &str = "contextos.dev/resumed-for";
     /// On a child the operator made from content it must be able to trust later (a Session's
     /// run bundle): the operator's signature over the owner's uid and that content.

@@ -39,8 +39,9 @@ use crate::common::{Approvers, BudgetOverride, LocalRef, SafetyMode, ToolRisk, f
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.agentRef == oldSelf.agentRef && self.input == oldSelf.input && has(self.user) == has(oldSelf.user) && (!has(self.user) || self.user == oldSelf.user) && has(self.overrides) == has(oldSelf.overrides) && (!has(self.overrides) || self.overrides == oldSelf.overrides)").message("a Session's spec cannot change after creation (only spec.approvals and spec.cancel may); create a new Session instead").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("self.agentRef == oldSelf.agentRef && self.input == oldSelf.input && has(self.user) == has(oldSelf.user) && (!has(self.user) || self.user == oldSelf.user) && has(self.overrides) == has(oldSelf.overrides) && (!has(self.overrides) || self.overrides == oldSelf.overrides)").message("a Session's spec cannot change after creation (only spec.approvals, spec.resolutions and spec.cancel may); create a new Session instead").reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(oldSelf.approvals) || (has(self.approvals) && oldSelf.approvals.all(a, a in self.approvals))").message("spec.approvals is append-only: a recorded approval cannot be changed or removed").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("!has(oldSelf.resolutions) || (has(self.resolutions) && oldSelf.resolutions.all(r, r in self.resolutions))").message("spec.resolutions is append-only: a recorded resolution cannot be changed or removed").reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)").message("spec.cancel cannot be unset once a Session is cancelled").reason(Reason::FieldValueForbidden)
 )]
 pub struct SessionSpec {
@@ -59,6 +60,12 @@ pub struct SessionSpec {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["callHash".into()]))]
     #[schemars(length(max = 64))]
     pub approvals: Vec<Approval>,
+    /// What humans found out about calls whose outcome was unknown (started before an
+    /// interruption, no result recorded, not safe to send again), each bound to one call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["callId".into()]))]
+    #[schemars(length(max = 16))]
+    pub resolutions: Vec<Resolution>,
     /// Set to true to stop the run; the Session ends `Cancelled`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel: bool,
@@ -125,6 +132,33 @@ pub struct Approval {
     pub reason: Option<String>,
 }
 
+/// A human's finding on one call whose outcome was unknown (`status.unresolvedCall`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Resolution {
+    /// `status.unresolvedCall.callId` of the call.
+    #[schemars(length(min = 1, max = 64))]
+    pub call_id: String,
+    /// `acted`: the tool did what was asked (the run goes on as if it answered); `did_not_act`:
+    /// it did not (the run goes on as if the call failed; the agent may ask again).
+    pub outcome: ResolvedOutcome,
+    /// Who found out; must be the user making the change (checked at admission).
+    #[schemars(length(min = 1, max = 253))]
+    pub resolver: String,
+    /// What was found (shown to the agent and recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub note: Option<String>,
+}
+
+/// Whether an unresolved call acted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResolvedOutcome {
+    Acted,
+    DidNotAct,
+}
+
 /// An approver's decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -142,6 +176,8 @@ pub enum SessionPhase {
     Running,
     /// Paused until `status.pendingApproval` is approved or rejected.
     AwaitingApproval,
+    /// Paused until a human says whether `status.unresolvedCall` acted (`spec.resolutions`).
+    AwaitingResolution,
     /// Completed and its output passed validation.
     Succeeded,
     /// Ended without an accepted output; see the Ready condition's reason.
@@ -155,6 +191,21 @@ impl SessionPhase {
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
+}
+
+/// A call started before an interruption whose result was never recorded.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnresolvedCallStatus {
+    /// Put this value in `spec.resolutions[].callId` to resolve it.
+    pub call_id: String,
+    pub tool: String,
+    /// The call's arguments (JSON, cut at 4 KiB).
+    #[serde(default)]
+    pub arguments: String,
+    /// Why it was not sent again.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// Digests a Session pinned when it started; resumes use the same ones.
@@ -216,7 +267,7 @@ pub struct CheckpointRef {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionStatus {
-    /// Pending, Running, AwaitingApproval, Succeeded, Failed or Cancelled.
+    /// Pending, Running, AwaitingApproval, AwaitingResolution, Succeeded, Failed or Cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<SessionPhase>,
     /// `Ready` summarises the Session (True once Succeeded; False with a reason otherwise).
@@ -244,6 +295,9 @@ pub struct SessionStatus {
     /// The call waiting for approval, while phase is AwaitingApproval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_approval: Option<PendingApproval>,
+    /// The call whose outcome is unknown, while phase is AwaitingResolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unresolved_call: Option<UnresolvedCallStatus>,
     /// The last checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<CheckpointRef>,

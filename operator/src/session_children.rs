@@ -10,7 +10,7 @@ use contextos_crds::{
 use contextos_runner::{
     gateway::identity::GATEWAY_AUDIENCE,
     keys::{KeyPair, PublicKey},
-    run::pod::{APPROVALS_ENV, BUNDLE_KEY, GATEWAY_ENV, PodBundle, RUN_CONTEXT_ENV, paths},
+    run::pod::{APPROVALS_ENV, BUNDLE_KEY, GATEWAY_ENV, PodBundle, RESOLUTIONS_ENV, RUN_CONTEXT_ENV, paths},
 };
 use k8s_openapi::{
     api::{
@@ -168,6 +168,7 @@ pub fn runner_pod(
     meta["labels"][labels::ATTEMPT] = json!(attempt.to_string());
     meta["labels"][labels::ROLE] = json!("runner");
     let approvals = serde_json::to_string(&session.spec.approvals)?;
+    let resolutions = serde_json::to_string(&session.spec.resolutions)?;
     let volumes = vec![
         json!({"name": "bundle", "configMap": {"name": bundle_name(name)}}),
         gateway_token_volume(),
@@ -210,6 +211,7 @@ pub fn runner_pod(
                 {"name": GATEWAY_ENV, "value": settings.gateway},
                 {"name": RUN_CONTEXT_ENV, "value": run_context_json},
                 {"name": APPROVALS_ENV, "value": approvals},
+                {"name": RESOLUTIONS_ENV, "value": resolutions},
             ],
             "resources": {"limits": limits, "requests": limits},
             "securityContext": {
@@ -370,7 +372,10 @@ mod tests {
         assert_eq!(tokens.len(), 1);
         assert_eq!(tokens[0].audience.as_deref(), Some(GATEWAY_AUDIENCE));
         let env: Vec<String> = container.env.iter().flatten().map(|e| e.name.clone()).collect();
-        assert_eq!(env, [GATEWAY_ENV, RUN_CONTEXT_ENV, APPROVALS_ENV]);
+        assert_eq!(
+            env,
+            [GATEWAY_ENV, RUN_CONTEXT_ENV, APPROVALS_ENV, RESOLUTIONS_ENV]
+        );
         assert!(container.env_from.is_none());
         assert!(container.image.as_deref().is_some_and(|i| i.contains("@sha256:")));
         assert_eq!(pod.metadata.owner_references.map(|o| o.len()), Some(1));

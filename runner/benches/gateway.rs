@@ -96,6 +96,7 @@ fn envelope(key: &KeyPair, i: usize) -> CallEnvelope {
         traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
         run_context: SignedRunContext::sign(context, key),
         approval: None,
+        resolution: None,
     }
 }
 

@@ -116,6 +116,7 @@ fn envelope(context: &SignedRunContext, i: usize) -> CallEnvelope {
         traceparent: traceparent(TRACE, &call_id),
         run_context: context.clone(),
         approval: None,
+        resolution: None,
     }
 }
 

@@ -297,6 +297,7 @@ impl Harness {
             traceparent: format!("00-{TRACE_ID}-00f067aa0ba902b7-01"),
             run_context: run_context(&self.key, "shop", &[], 600_000),
             approval: None,
+            resolution: None,
         }
     }
 

@@ -258,6 +258,7 @@ fn status_update(context: &SignedRunContext, i: usize) -> contextos_runner::gate
         traceparent: format!("00-{TRACE}-{i:016x}-01"),
         run_context: context.clone(),
         approval: None,
+        resolution: None,
     }
 }
 
@@ -675,6 +676,7 @@ async fn a_run_past_its_token_budget_fails_and_then_acts_no_more() {
         traceparent: format!("00-{TRACE}-0000000000000099-01"),
         run_context: context,
         approval: None,
+        resolution: None,
     };
     assert!(
         client.call(&envelope, &Default::default()).await.is_err(),
@@ -701,6 +703,7 @@ async fn a_call_runs_under_the_callers_context_whatever_the_envelope_says() {
         traceparent: format!("00-{TRACE}-0000000000000001-01"),
         run_context: SignedRunContext::sign(widened, &transit()),
         approval: None,
+        resolution: None,
     };
     let outcome = client
         .call(&envelope, &Default::default())
@@ -840,6 +843,104 @@ async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_can
         .await
         .expect_err("refused");
     assert!(refused.to_string().contains("orders no replay gate"), "{refused}");
+}
+
+/// A gateway replica died after a non-idempotent call's go-ahead and before its result: the
+/// call is never sent again, and a finding the runner attaches counts only if the Session
+/// holds it; the Session's finding becomes the call's result, recorded with its resolver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_outcome_is_unknown_is_answered_only_by_the_sessions_resolution() {
+    use contextos_crds::session::{Resolution, ResolvedOutcome};
+    use contextos_runner::records::entry::{PolicyDecisionRecord, ToolCallRecord};
+    let rig = rig().await;
+    let mut bundle = rig.bundle.clone();
+    for tool in &mut bundle.agent_spec.tools {
+        if tool.name == "post_status_update" {
+            tool.idempotent = false;
+        }
+    }
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    // What a replica wrote before it died: the call and its go-ahead, long enough ago that no
+    // replica can still be carrying it, and no result.
+    let call = status_update(&context, 1);
+    let digests: Vec<String> = bundle
+        .policies
+        .iter()
+        .map(|p| {
+            contextos_runner::policy::compile_policy(&p.name, &p.spec)
+                .expect("compiles")
+                .digest
+        })
+        .collect();
+    let mut recorder = Recorder::resume(&*rig.store, rig.tenant(), rig.keys.for_tenant("shop"), RUN)
+        .await
+        .expect("the run")
+        .with_clock(|| contextos_runner::records::recorder::now_ms() - 600_000);
+    recorder.stage(EntryBody::ToolCallRequested(ToolCallRecord {
+        call_id: call.call_id.clone(),
+        tool: call.tool.clone(),
+        risk: call.risk,
+        kind: call.kind,
+        arguments: call.arguments.clone(),
+        idempotency_key: call.idempotency_key.clone(),
+        call_hash: call.call_hash(&digests),
+    }));
+    recorder.stage(EntryBody::PolicyDecision(PolicyDecisionRecord {
+        call_id: call.call_id.clone(),
+        effect: contextos_crds::policy::PolicyEffect::Allow,
+        enforced: contextos_crds::policy::PolicyEffect::Allow,
+        rule: "oncall-guardrails/allow-status-updates".into(),
+        reason: "status updates are fine".into(),
+        dry_run: false,
+    }));
+    recorder.flush().await.expect("written");
+
+    let unknown = client.call(&call, &Default::default()).await.expect("answered");
+    assert!(
+        matches!(unknown, CallOutcome::OutcomeUnknown { .. }),
+        "{unknown:?}"
+    );
+    // The sandbox claims a finding nobody made: dropped, still unknown, still not sent.
+    let finding = Resolution {
+        call_id: call.call_id.clone(),
+        outcome: ResolvedOutcome::Acted,
+        resolver: "dana@example.com".into(),
+        note: Some("the update is in the channel".into()),
+    };
+    let mut claimed = call.clone();
+    claimed.resolution = Some(finding.clone());
+    let still = client
+        .call(&claimed, &Default::default())
+        .await
+        .expect("answered");
+    assert!(matches!(still, CallOutcome::OutcomeUnknown { .. }), "{still:?}");
+    // The Session holds it (admission checked who wrote it): it answers the call.
+    rig.tenants.resolve("shop", "checkout-5xx", finding);
+    let answered = client
+        .call(&claimed, &Default::default())
+        .await
+        .expect("answered");
+    let CallOutcome::Executed(result) = answered else {
+        panic!("the finding did not answer the call: {answered:?}");
+    };
+    assert!(
+        result.ok && result.output["resolver"] == "dana@example.com",
+        "{result:?}"
+    );
+    assert!(
+        rig.tools
+            .effect_keys()
+            .iter()
+            .all(|(path, _)| path != "/hooks/status"),
+        "the call was sent again"
+    );
+    let resolved =
+        rig.bodies().await.into_iter().any(
+            |b| matches!(b, EntryBody::CallResolved { ref resolver, .. } if resolver == "dana@example.com"),
+        );
+    assert!(resolved, "the record says who resolved it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -243,7 +243,7 @@ fn a_run_killed_while_an_idempotent_tool_acts_resends_with_the_same_key_and_the_
 }
 
 #[test]
-fn a_tool_that_cannot_dedupe_is_never_sent_twice_and_the_run_stops_for_a_human() {
+fn a_tool_that_cannot_dedupe_is_never_sent_twice_and_a_human_resolves_whether_it_acted() {
     // The quickstart with a restart tool that does not honour idempotency keys.
     let files = tempfile::tempdir().expect("tempdir");
     for entry in std::fs::read_dir(Quickstart::examples())
@@ -262,13 +262,65 @@ fn a_tool_that_cannot_dedupe_is_never_sent_twice_and_the_run_stops_for_a_human()
     }
     let q = Quickstart::with_files(&["--slow", "/deployments/restart=4000"], files.path().to_owned());
     kill_while_restarting(&q);
-    let stopped = q.step(true, None);
-    assert_eq!(stopped.code, Some(5), "{}\n{}", stopped.stdout, stopped.stderr);
+    // Resumed, the call is not sent again: the run waits for a human to say whether it acted.
+    let paused = q.step(true, None);
+    assert_eq!(paused.code, Some(4), "{}\n{}", paused.stdout, paused.stderr);
     assert!(
-        stopped.stdout.contains("OutcomeUnknown") && stopped.stdout.contains("restart_deployment"),
+        paused.stdout.contains("is unknown") && paused.stdout.contains("restart_deployment"),
         "the run says which call is in doubt:\n{}",
-        stopped.stdout
+        paused.stdout
     );
+    let call = paused
+        .stdout
+        .split("(call ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("the paused run names the call")
+        .to_owned();
+    // Resuming again without a finding changes nothing.
+    let still = q.step(true, None);
+    assert_eq!(still.code, Some(4), "{}\n{}", still.stdout, still.stderr);
+    // A finding on another call is refused; on this one, the run goes on.
+    let wrong = q.cli(&[
+        "resolve",
+        "checkout-5xx",
+        "--call",
+        "9.9",
+        "--acted",
+        "--as",
+        "dana@example.com",
+    ]);
+    assert_ne!(wrong.code, Some(0), "{}", wrong.stdout);
+    let resolved = q.cli(&[
+        "resolve",
+        "checkout-5xx",
+        "--call",
+        &call,
+        "--acted",
+        "--as",
+        "dana@example.com",
+        "--note",
+        "the rollout history shows the restart at 14:31",
+    ]);
+    assert_eq!(resolved.code, Some(0), "{}\n{}", resolved.stdout, resolved.stderr);
+    let done = q.step(true, None);
+    assert_eq!(done.code, Some(0), "{}\n{}", done.stdout, done.stderr);
     let requests = q.tools.effects()["requests"].as_u64().expect("requests");
-    assert_eq!(requests, 1, "the restart was sent once and never again");
+    assert_eq!(
+        requests, 2,
+        "the restart was sent once and never again (plus the status update)"
+    );
+    let run = done
+        .stdout
+        .split("record: run ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the run id")
+        .to_owned();
+    let timeline = q.cli(&["records", "show", &run]);
+    assert!(
+        timeline.stdout.contains("dana@example.com found that call") && timeline.stdout.contains("acted"),
+        "the record says who resolved it:\n{}",
+        timeline.stdout
+    );
 }

@@ -420,6 +420,40 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         .patch_in_groups("carol@example.com", &["sre-oncall"], &decide)
         .await?
         .map_err(|refusal| anyhow::anyhow!("carol, in sre-oncall, was refused: {refusal}"))?;
+    // Findings on a call whose outcome is unknown: only that call, only in one's own name.
+    let unknown_call = |call_id: &str| {
+        json!({"status": {"unresolvedCall": {
+            "callId": call_id, "tool": "restart_deployment", "arguments": "{}", "reason": "interrupted",
+        }}})
+    };
+    set_pending(unknown_call("4.0")).await?;
+    let finding = |call_id: &str, resolver: &str| {
+        json!([{"op": "add", "path": "/spec/resolutions", "value": [
+            {"callId": call_id, "outcome": "acted", "resolver": resolver, "note": "seen in the rollout"}
+        ]}])
+    };
+    let refusal = session
+        .patch("alice@example.com", &finding("5.0", "alice@example.com"), false)
+        .await?
+        .err()
+        .context("alice resolved a call nothing waits on")?;
+    ensure!(
+        refusal.contains("a finding can only be about the call whose outcome the Session waits to know"),
+        "unexpected refusal: {refusal}"
+    );
+    let refusal = session
+        .patch("alice@example.com", &finding("4.0", "bob@example.com"), false)
+        .await?
+        .err()
+        .context("alice recorded a finding in bob's name")?;
+    ensure!(
+        refusal.contains("resolver must be the user making the change (alice@example.com)"),
+        "unexpected refusal: {refusal}"
+    );
+    session
+        .patch("alice@example.com", &finding("4.0", "alice@example.com"), false)
+        .await?
+        .map_err(|refusal| anyhow::anyhow!("alice's own finding was refused: {refusal}"))?;
     check_promotion_approvals(env, namespace).await?;
     check_sandbox_images(env, namespace).await?;
     check_session_identity(env, namespace).await
@@ -560,6 +594,18 @@ async fn check_session_identity(env: &'static TestEnv, namespace: &str) -> Resul
     ensure!(
         refusal.contains("a new Session cannot carry approvals"),
         "unexpected refusal: {refusal}"
+    );
+    let mut with_finding = session.clone();
+    with_finding["metadata"]["name"] = json!("alice-5");
+    with_finding["spec"]["user"] = alice(json!([]), json!([]));
+    with_finding["spec"]["resolutions"] =
+        json!([{"callId": "1.0", "outcome": "did_not_act", "resolver": "alice@example.com"}]);
+    let refused = apply(&client, namespace, &with_finding).await;
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}").contains("a new Session cannot carry resolutions")),
+        "a Session was created with a resolution in it: {refused:?}"
     );
     // A pipeline granted the delegation right starts Sessions for others.
     grant(

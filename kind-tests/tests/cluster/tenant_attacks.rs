@@ -203,8 +203,8 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
 
 /// A Policy condition nested deep enough to exhaust a worker thread's stack while parsing (90
 /// parentheses) or evaluating (64 terms in a row) once crashed every process that compiled it —
-/// the operator first, for every tenant. The operator must stay up: the first is parsed on a
-/// thread with a stack of its own, the second is refused naming the problem.
+/// the operator first, for every tenant. The operator must stay up and refuse both, naming the
+/// problem.
 #[tokio::test]
 async fn a_tenant_cannot_crash_the_operator_with_a_deeply_nested_condition() -> Result<()> {
     use contextos_crds::Policy;
@@ -233,7 +233,9 @@ async fn a_tenant_cannot_crash_the_operator_with_a_deeply_nested_condition() -> 
     let chain = format!("{} > 0", vec!["size(call.args)"; 64].join(" + "));
     apply(&client, ns.name(), &with_condition("chain", chain)).await?;
     let policies: Api<Policy> = ns.api();
-    policy_condition(&policies, "parens", "Ready", "True").await?;
+    let parens = policy_condition(&policies, "parens", "Ready", "False InvalidExpression").await?;
+    let ready = condition(&parens.status.unwrap_or_default().conditions, "Ready");
+    ensure!(ready.contains("nests brackets 90 deep"), "{ready}");
     let refused = policy_condition(&policies, "chain", "Ready", "False InvalidExpression").await?;
     let ready = condition(&refused.status.unwrap_or_default().conditions, "Ready");
     ensure!(ready.contains("nested more than"), "{ready}");

@@ -213,6 +213,49 @@ async fn finished(
             write_status(ctx, session, update).await?;
             Ok(Action::await_change())
         }
+        Some("awaiting_resolution") => {
+            let unresolved = report.as_ref().and_then(|r| r.unresolved.clone());
+            let marker = unresolved.as_ref().map(|u| format!("resolution/{}", u.call_id));
+            let resolved = unresolved
+                .as_ref()
+                .is_some_and(|u| session.spec.resolutions.iter().any(|r| r.call_id == u.call_id));
+            // An attempt started for this very finding that waits for it again: the gateway
+            // did not accept it (see the record); another attempt would loop.
+            let refused = marker
+                .as_ref()
+                .is_some_and(|m| pod.annotations().get(annotations::RESUMED_FOR) == Some(m));
+            if resolved && !refused {
+                start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1, marker.as_deref()).await?;
+                return Ok(Action::await_change());
+            }
+            let message = unresolved.as_ref().map_or_else(String::new, |u| {
+                let refusal = if refused {
+                    "the finding in spec.resolutions was not accepted by the gateway (see the run's record); "
+                } else {
+                    ""
+                };
+                format!(
+                    "{refusal}the outcome of {} (call {}) is unknown: {}; once you know whether it acted, add {{callId: {}, outcome: acted|did_not_act, resolver: <you>, note: <what you found>}} to spec.resolutions",
+                    u.tool, u.call_id, u.reason, u.call_id
+                )
+            });
+            let update = update
+                .with_phase(
+                    SessionPhase::AwaitingResolution,
+                    reason::AWAITING_RESOLUTION,
+                    message,
+                )
+                .unresolved(unresolved.map(|u| {
+                    json!({
+                        "callId": u.call_id,
+                        "tool": u.tool,
+                        "arguments": u.arguments.to_string().chars().take(4096).collect::<String>(),
+                        "reason": u.reason,
+                    })
+                }));
+            write_status(ctx, session, update).await?;
+            Ok(Action::await_change())
+        }
         _ => {
             // The attempt crashed (killed, evicted, out of memory, past its deadline) before it
             // could report: retry from the last checkpoint, with backoff, up to the bound.
@@ -741,6 +784,14 @@ impl Update {
 
     fn clear_pending(mut self) -> Self {
         self.fields.insert("pendingApproval".into(), Value::Null);
+        self.fields.insert("unresolvedCall".into(), Value::Null);
+        self
+    }
+
+    fn unresolved(mut self, unresolved: Option<Value>) -> Self {
+        if let Some(unresolved) = unresolved {
+            self.fields.insert("unresolvedCall".into(), unresolved);
+        }
         self
     }
 

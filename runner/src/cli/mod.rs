@@ -48,6 +48,8 @@ enum Command {
     Resume(run::ResumeArgs),
     /// Approve (or reject) the call a Session's run waits on.
     Approve(run::ApproveArgs),
+    /// Say whether a call whose outcome was unknown acted, so the Session's run can go on.
+    Resolve(run::ResolveArgs),
     /// Re-run recorded sessions under the same or candidate Policy/ContextPack files and report
     /// every divergence; exits 3 above the threshold.
     Replay(replay::ReplayArgs),
@@ -72,6 +74,7 @@ impl Cli {
             Command::Run(args) => run::run(&self.global, args).await,
             Command::Resume(args) => run::resume(&self.global, args).await,
             Command::Approve(args) => run::approve(&self.global, args).await,
+            Command::Resolve(args) => run::resolve(&self.global, args).await,
             Command::Replay(args) => replay::run(&self.global, args).await,
             Command::ReplayGate(args) => replay::gate(&self.global, args).await,
             Command::SessionRun(args) => session_run::run(args).await,

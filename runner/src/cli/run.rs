@@ -11,14 +11,18 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use contextos_crds::session::ApprovalDecision;
+use contextos_crds::session::{ApprovalDecision, Resolution, ResolvedOutcome};
 use contextos_runner::{
     gateway::{CallOutcome, envelope::ApprovalGrant},
     keys::KeyPair,
     manifests::ManifestSet,
     model::Model,
     records::{AnyStore, EntryBody, RecordStore, RunFilter, TenantId, read_run},
-    run::{Harness, Progress, RunOutcome, RunReport, bundle::RunBundle, checkpoint::AwaitingApproval},
+    run::{
+        Harness, Progress, RunOutcome, RunReport,
+        bundle::RunBundle,
+        checkpoint::{AwaitingApproval, UnresolvedCall},
+    },
     run_context::random_hex,
 };
 
@@ -90,6 +94,68 @@ pub struct ApproveArgs {
     reason: Option<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    /// The Session whose call's outcome was unknown.
+    session: String,
+    /// The call id printed when the run paused (e.g. `4.0`).
+    #[arg(long = "call")]
+    call_id: String,
+    /// The tool did what was asked: the run goes on as if it had answered.
+    #[arg(long, conflicts_with = "did_not_act", required_unless_present = "did_not_act")]
+    acted: bool,
+    /// The tool did not act: the run goes on as if the call had failed.
+    #[arg(long)]
+    did_not_act: bool,
+    /// Who found out.
+    #[arg(long = "as")]
+    resolver: String,
+    /// What was found (shown to the agent and recorded).
+    #[arg(long)]
+    note: Option<String>,
+}
+
+/// Records a human's finding on a call whose outcome was unknown; `resume` then goes on.
+pub async fn resolve(global: &GlobalArgs, args: ResolveArgs) -> anyhow::Result<ExitCode> {
+    let tenant = global.tenant()?;
+    let store = global.open_store().await?;
+    let Some(unresolved) = unresolved_call(&store, &tenant, &args.session).await? else {
+        bail!("session {} has no call whose outcome is unknown", args.session);
+    };
+    if unresolved.call_id != args.call_id {
+        bail!(
+            "session {} waits for a finding on call {} ({}), not {}",
+            args.session,
+            unresolved.call_id,
+            unresolved.tool,
+            args.call_id
+        );
+    }
+    let path = decisions_path(global, "resolutions", &tenant, &args.session);
+    let mut resolutions: Vec<Resolution> = read_decisions(&path)?;
+    resolutions.retain(|r| r.call_id != args.call_id);
+    resolutions.push(Resolution {
+        call_id: args.call_id.clone(),
+        outcome: if args.acted {
+            ResolvedOutcome::Acted
+        } else {
+            ResolvedOutcome::DidNotAct
+        },
+        resolver: args.resolver.clone(),
+        note: args.note.clone(),
+    });
+    write_decisions(&path, &resolutions)?;
+    println!(
+        "{} found that {} {} {}; continue with `contextos resume {}`",
+        args.resolver,
+        unresolved.tool,
+        unresolved.arguments,
+        if args.acted { "acted" } else { "did not act" },
+        args.session
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
     let tenant = global.tenant()?;
     let set = ManifestSet::load(&args.files)?;
@@ -133,8 +199,9 @@ pub async fn resume(global: &GlobalArgs, args: ResumeArgs) -> anyhow::Result<Exi
     let set = ManifestSet::load(&args.files)?;
     let key = KeyPair::load_or_create(&global.key_path())?;
     let secrets = secrets(&set, &args.access)?;
-    let approvals = read_approvals(&approvals_path(global, &tenant, &args.session))?;
-    let harness = harness(&store, key, bundle, secrets, &args.access)?;
+    let approvals = read_decisions::<ApprovalGrant>(&approvals_path(global, &tenant, &args.session))?;
+    let resolutions = read_decisions(&decisions_path(global, "resolutions", &tenant, &args.session))?;
+    let harness = harness(&store, key, bundle, secrets, &args.access)?.with_resolutions(resolutions);
     let mut observer = Terminal::default();
     let report = harness.resume(&approvals, &mut |p| observer.show(p)).await?;
     finish(global, &tenant, &report)
@@ -168,7 +235,7 @@ pub async fn approve(global: &GlobalArgs, args: ApproveArgs) -> anyhow::Result<E
         );
     }
     let path = approvals_path(global, &tenant, &args.session);
-    let mut approvals = read_approvals(&path)?;
+    let mut approvals = read_decisions::<ApprovalGrant>(&path)?;
     approvals.push(ApprovalGrant {
         call_hash: awaiting.call_hash.clone(),
         decision: if args.reject {
@@ -179,7 +246,7 @@ pub async fn approve(global: &GlobalArgs, args: ApproveArgs) -> anyhow::Result<E
         approver: args.approver.clone(),
         reason: args.reason.clone(),
     });
-    write_approvals(&path, &approvals)?;
+    write_decisions(&path, &approvals)?;
     println!(
         "{} {} of {} {} (call {}); continue with `contextos resume {}`",
         args.approver,
@@ -275,6 +342,25 @@ async fn pending_approval(
     tenant: &TenantId,
     session: &str,
 ) -> anyhow::Result<Option<AwaitingApproval>> {
+    checkpoint_field(store, tenant, session, "awaiting").await
+}
+
+/// The call of the session's run whose outcome is unknown, if it waits on one.
+async fn unresolved_call(
+    store: &AnyStore,
+    tenant: &TenantId,
+    session: &str,
+) -> anyhow::Result<Option<UnresolvedCall>> {
+    checkpoint_field(store, tenant, session, "unresolved").await
+}
+
+/// A field of the session's latest checkpoint state.
+async fn checkpoint_field<T: serde::de::DeserializeOwned>(
+    store: &AnyStore,
+    tenant: &TenantId,
+    session: &str,
+    field: &str,
+) -> anyhow::Result<Option<T>> {
     let Some(checkpoint) = store.latest_checkpoint(tenant, session).await? else {
         bail!("session {session} has no run in tenant {tenant}");
     };
@@ -284,19 +370,24 @@ async fn pending_approval(
         _ => None,
     });
     Ok(state
-        .and_then(|s| s.get("awaiting").cloned())
+        .and_then(|s| s.get(field).cloned())
         .and_then(|a| serde_json::from_value(a).ok()))
 }
 
-fn approvals_path(global: &GlobalArgs, tenant: &TenantId, session: &str) -> PathBuf {
+/// Where a local session's human decisions are kept: `approvals` or `resolutions`.
+fn decisions_path(global: &GlobalArgs, kind: &str, tenant: &TenantId, session: &str) -> PathBuf {
     global
         .data_dir
-        .join("approvals")
+        .join(kind)
         .join(tenant.as_str())
         .join(format!("{session}.json"))
 }
 
-fn read_approvals(path: &Path) -> anyhow::Result<Vec<ApprovalGrant>> {
+fn approvals_path(global: &GlobalArgs, tenant: &TenantId, session: &str) -> PathBuf {
+    decisions_path(global, "approvals", tenant, session)
+}
+
+fn read_decisions<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<Vec<T>> {
     match std::fs::read(path) {
         Ok(bytes) => {
             serde_json::from_slice(&bytes).with_context(|| format!("{} is unreadable", path.display()))
@@ -307,11 +398,11 @@ fn read_approvals(path: &Path) -> anyhow::Result<Vec<ApprovalGrant>> {
 }
 
 /// Writes atomically (temp file + rename) so a crash never leaves half a file.
-fn write_approvals(path: &Path, approvals: &[ApprovalGrant]) -> anyhow::Result<()> {
-    let dir = path.parent().context("approvals path has no directory")?;
+fn write_decisions<T: serde::Serialize>(path: &Path, decisions: &[T]) -> anyhow::Result<()> {
+    let dir = path.parent().context("the decisions path has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(approvals)?)
+    std::fs::write(&tmp, serde_json::to_vec_pretty(decisions)?)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
@@ -369,6 +460,17 @@ fn finish(global: &GlobalArgs, tenant: &TenantId, report: &RunReport) -> anyhow:
                 report.session,
                 &awaiting.call_hash[..16.min(awaiting.call_hash.len())],
                 report.session
+            );
+            Ok(ExitCode::from(EXIT_AWAITING_APPROVAL))
+        }
+        RunOutcome::AwaitingResolution(unresolved) => {
+            println!(
+                "paused: the outcome of {} {} (call {}) is unknown: {}",
+                unresolved.tool, unresolved.arguments, unresolved.call_id, unresolved.reason
+            );
+            println!(
+                "  after checking, `contextos{data_flag}{tenant_flag} resolve {} --call {} --acted|--did-not-act --as <you> [--note …]`, then `contextos{data_flag}{tenant_flag} resume {}`",
+                report.session, unresolved.call_id, report.session
             );
             Ok(ExitCode::from(EXIT_AWAITING_APPROVAL))
         }

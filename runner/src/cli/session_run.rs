@@ -24,8 +24,8 @@ use contextos_runner::{
     run::{
         Harness, RunError, RunOutcome, RunReport,
         pod::{
-            APPROVALS_ENV, BUNDLE_KEY, GATEWAY_ENV, PodBundle, PodReport, RUN_CONTEXT_ENV, paths,
-            run_context_from,
+            APPROVALS_ENV, BUNDLE_KEY, GATEWAY_ENV, PodBundle, PodReport, RESOLUTIONS_ENV, RUN_CONTEXT_ENV,
+            paths, run_context_from,
         },
     },
 };
@@ -76,7 +76,8 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
     // Batches are sealed in transit with a throw-away key: the service re-signs every head with
     // the tenant's key, which never leaves it.
     let transit = KeyPair::generate()?;
-    let harness = Harness::through_gateway(&client, transit, bundle, run_context)?;
+    let harness = Harness::through_gateway(&client, transit, bundle, run_context)?
+        .with_resolutions(resolutions_from_env()?);
     let mut terminal = Terminal::default();
     let outcome = if resuming {
         harness.resume(&approvals, &mut |p| terminal.show(p)).await
@@ -121,7 +122,9 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(match report.outcome {
         RunOutcome::Completed { .. } => ExitCode::SUCCESS,
-        RunOutcome::AwaitingApproval(_) => ExitCode::from(EXIT_AWAITING_APPROVAL),
+        RunOutcome::AwaitingApproval(_) | RunOutcome::AwaitingResolution(_) => {
+            ExitCode::from(EXIT_AWAITING_APPROVAL)
+        }
         RunOutcome::Failed { .. } => ExitCode::from(EXIT_RUN_FAILED),
     })
 }
@@ -134,6 +137,15 @@ fn refused(error: &RunError) -> bool {
         RunError::Store(StoreError::Refused(_))
             | RunError::Record(RecordError::Store(StoreError::Refused(_)))
     )
+}
+
+/// The Session's `spec.resolutions` (the gateway service checks each against the Session).
+fn resolutions_from_env() -> anyhow::Result<Vec<contextos_crds::session::Resolution>> {
+    match std::env::var(RESOLUTIONS_ENV) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{RESOLUTIONS_ENV} is not a list of resolutions")),
+        Err(_) => Ok(Vec::new()),
+    }
 }
 
 fn approvals_from_env() -> anyhow::Result<Vec<ApprovalGrant>> {

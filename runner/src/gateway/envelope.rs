@@ -31,6 +31,10 @@ pub struct CallEnvelope {
     /// A human decision on this exact call, when it needed approval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalGrant>,
+    /// A human's finding on this call, when its outcome was unknown (started before an
+    /// interruption, never answered); the gateway records it as the call's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<contextos_crds::session::Resolution>,
 }
 
 /// A decision from `Session.spec.approvals`, bound to a call hash.

@@ -495,6 +495,23 @@ impl ToolGateway {
                     call_id: started.call_id.clone(),
                 })
             }
+            intents::Resumption::Unknown(_)
+                if let Some(resolution) =
+                    call.resolution.as_ref().filter(|r| r.call_id == started.call_id) =>
+            {
+                // A human found out whether it acted: that is the call's result, recorded with
+                // who said so. The call is not sent again either way.
+                let result = resolved_result(&started.call_id, resolution);
+                recorder.stage(EntryBody::CallResolved {
+                    call_id: started.call_id.clone(),
+                    outcome: resolution.outcome,
+                    resolver: resolution.resolver.clone(),
+                    note: resolution.note.clone(),
+                });
+                recorder.stage(EntryBody::ToolResult(result.clone()));
+                recorder.flush().await?;
+                Ok(CallOutcome::Executed(result))
+            }
             intents::Resumption::Unknown(reason) => {
                 let rule = "gateway/outcome-unknown";
                 recorder.stage(decision_entry(
@@ -915,6 +932,42 @@ impl ToolGateway {
 
 /// One HTTP client for every gateway in the process: building one loads the system's root
 /// certificates, which costs milliseconds, and clones share one connection pool.
+/// The result a human's resolution stands for: what the tool did, as far as they found.
+fn resolved_result(call_id: &str, resolution: &contextos_crds::session::Resolution) -> ToolResultRecord {
+    use contextos_crds::session::ResolvedOutcome;
+    let note = resolution.note.clone().unwrap_or_default();
+    match resolution.outcome {
+        ResolvedOutcome::Acted => ToolResultRecord {
+            call_id: call_id.to_owned(),
+            ok: true,
+            output: serde_json::json!({
+                "resolved": "acted",
+                "resolver": resolution.resolver,
+                "note": note,
+            }),
+            error: None,
+            attempts: 0,
+            truncated: false,
+        },
+        ResolvedOutcome::DidNotAct => ToolResultRecord {
+            call_id: call_id.to_owned(),
+            ok: false,
+            output: Value::Null,
+            error: Some(format!(
+                "the call did not act (found by {} after an interruption){}",
+                resolution.resolver,
+                if note.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {note}")
+                }
+            )),
+            attempts: 0,
+            truncated: false,
+        },
+    }
+}
+
 fn shared_http_client() -> reqwest::Client {
     static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(crate::http::client);
     CLIENT.clone()

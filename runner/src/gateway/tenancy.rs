@@ -10,7 +10,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use contextos_crds::{Session, session::Approval};
+use contextos_crds::{
+    Session,
+    session::{Approval, Resolution},
+};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{Api, Client};
 
@@ -50,7 +53,7 @@ pub enum TenantError {
     Refused(String),
 }
 
-/// Reads a tenant's Secrets and Session approvals.
+/// Reads a tenant's Secrets, pod owners and Session decisions.
 pub trait TenantView: Send + Sync {
     /// The value of `key` in Secret `name` of `namespace`; `None` if the Secret or key is absent.
     fn secret(
@@ -67,12 +70,20 @@ pub trait TenantView: Send + Sync {
         pod: &str,
     ) -> impl Future<Output = Result<Option<(String, String)>, String>> + Send;
 
-    /// The approvals in Session `session`'s spec (empty when the Session is gone).
-    fn approvals(
+    /// What humans decided in Session `session`'s spec (nothing when the Session is gone).
+    fn decisions(
         &self,
         namespace: &str,
         session: &str,
-    ) -> impl Future<Output = Result<Vec<Approval>, String>> + Send;
+    ) -> impl Future<Output = Result<SessionDecisions, String>> + Send;
+}
+
+/// The human decisions of one Session: approvals of calls, and findings on calls whose
+/// outcome was unknown. Admission checked who wrote each.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SessionDecisions {
+    pub approvals: Vec<Approval>,
+    pub resolutions: Vec<Resolution>,
 }
 
 /// The API server, with the gateway's own service account (`get` on Secrets and Sessions).
@@ -124,12 +135,17 @@ impl TenantView for KubeTenants {
         }))
     }
 
-    async fn approvals(&self, namespace: &str, session: &str) -> Result<Vec<Approval>, String> {
+    async fn decisions(&self, namespace: &str, session: &str) -> Result<SessionDecisions, String> {
         let found = Api::<Session>::namespaced(self.client.clone(), namespace)
             .get_opt(session)
             .await
             .map_err(|e| format!("reading Session {namespace}/{session}: {e}"))?;
-        Ok(found.map(|s| s.spec.approvals).unwrap_or_default())
+        Ok(found
+            .map(|s| SessionDecisions {
+                approvals: s.spec.approvals,
+                resolutions: s.spec.resolutions,
+            })
+            .unwrap_or_default())
     }
 }
 
@@ -141,8 +157,8 @@ pub struct StaticTenants {
     pub secrets: HashMap<String, String>,
     /// `<namespace>/<pod>` → (controller kind, name).
     pub controllers: HashMap<String, (String, String)>,
-    /// `<namespace>/<session>` → approvals (shared by clones, so a test can approve later).
-    approvals: Arc<Mutex<HashMap<String, Vec<Approval>>>>,
+    /// `<namespace>/<session>` → decisions (shared by clones, so a test can decide later).
+    decisions: Arc<Mutex<HashMap<String, SessionDecisions>>>,
 }
 
 impl StaticTenants {
@@ -162,11 +178,23 @@ impl StaticTenants {
 
     /// Appends an approval to a Session's spec.
     pub fn approve(&self, namespace: &str, session: &str, approval: Approval) {
-        if let Ok(mut approvals) = self.approvals.lock() {
-            approvals
+        if let Ok(mut decisions) = self.decisions.lock() {
+            decisions
                 .entry(format!("{namespace}/{session}"))
                 .or_default()
+                .approvals
                 .push(approval);
+        }
+    }
+
+    /// Appends a resolution to a Session's spec.
+    pub fn resolve(&self, namespace: &str, session: &str, resolution: Resolution) {
+        if let Ok(mut decisions) = self.decisions.lock() {
+            decisions
+                .entry(format!("{namespace}/{session}"))
+                .or_default()
+                .resolutions
+                .push(resolution);
         }
     }
 }
@@ -180,11 +208,11 @@ impl TenantView for StaticTenants {
         Ok(self.controllers.get(&format!("{namespace}/{pod}")).cloned())
     }
 
-    async fn approvals(&self, namespace: &str, session: &str) -> Result<Vec<Approval>, String> {
+    async fn decisions(&self, namespace: &str, session: &str) -> Result<SessionDecisions, String> {
         Ok(self
-            .approvals
+            .decisions
             .lock()
-            .map_err(|_| "the approvals lock is poisoned".to_owned())?
+            .map_err(|_| "the decisions lock is poisoned".to_owned())?
             .get(&format!("{namespace}/{session}"))
             .cloned()
             .unwrap_or_default())

@@ -173,6 +173,14 @@ pub enum EntryBody {
         call_hash: String,
         approvers: Vec<String>,
     },
+    /// A human said whether a call whose outcome was unknown acted; its result follows.
+    CallResolved {
+        call_id: String,
+        outcome: contextos_crds::session::ResolvedOutcome,
+        resolver: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    },
     /// A human approved it.
     ApprovalGranted {
         call_id: String,
@@ -230,6 +238,7 @@ impl EntryBody {
             Self::ToolCallRequested(_) => "tool_call_requested",
             Self::PolicyDecision(_) => "policy_decision",
             Self::ApprovalRequested { .. } => "approval_requested",
+            Self::CallResolved { .. } => "call_resolved",
             Self::ApprovalGranted { .. } => "approval_granted",
             Self::ApprovalRefused { .. } => "approval_refused",
             Self::ToolResult(_) => "tool_result",

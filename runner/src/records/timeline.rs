@@ -87,6 +87,22 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
                 short(call_hash)
             ),
         ),
+        EntryBody::CallResolved {
+            call_id,
+            outcome,
+            resolver,
+            note,
+        } => (
+            approver_actor(),
+            format!(
+                "{resolver} found that call {call_id} {}{}",
+                match outcome {
+                    contextos_crds::session::ResolvedOutcome::Acted => "acted",
+                    contextos_crds::session::ResolvedOutcome::DidNotAct => "did not act",
+                },
+                note.as_deref().map(|n| format!(": {n}")).unwrap_or_default()
+            ),
+        ),
         EntryBody::ApprovalGranted {
             approver, call_hash, ..
         } => (

@@ -10,8 +10,8 @@ use contextos_crds::{
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    checkpoint::{AwaitingApproval, LoopState},
-    engine::{Harness, Mode, Observer, Owned, Progress, RunError},
+    checkpoint::{AwaitingApproval, LoopState, UnresolvedCall},
+    engine::{Decided, Harness, Mode, Observer, Owned, Progress, RunError},
     input_value,
     state::{CallFate, assess},
 };
@@ -36,13 +36,14 @@ impl<S: RecordStore> Harness<'_, S> {
         recorder: &mut Recorder<'_, S>,
         signed: &SignedRunContext,
         state: &mut LoopState,
-        mut grant: Option<ApprovalGrant>,
+        mut decided: Decided,
         observe: Observer<'_>,
     ) -> Result<Owned, RunError> {
         while let Some(pending) = state.pending.first().cloned() {
             let call_id = format!("{}.{}", state.step, pending.index);
-            let envelope = self.envelope(signed, &call_id, &pending.call, &mut grant, state);
+            let envelope = self.envelope(signed, &call_id, &pending.call, &mut decided, state);
             state.awaiting = None;
+            state.unresolved = None;
             let outcome = if let Some(remote) = self.remote {
                 // The service decides, enforces the run's call budget and records; the runner
                 // then reads what it recorded.
@@ -82,11 +83,13 @@ impl<S: RecordStore> Harness<'_, S> {
                     (fate, result_message(result))
                 }
                 CallOutcome::OutcomeUnknown { call_id, reason } => {
-                    state.note_call(call_id, &envelope, CallFate::Failed);
-                    return Ok(Owned::OutcomeUnknown(format!(
-                        "{} ({call_id}): {reason}",
-                        envelope.tool
-                    )));
+                    // The call stays pending: a human's resolution answers it next attempt.
+                    return Ok(Owned::OutcomeUnknown(UnresolvedCall {
+                        call_id: call_id.clone(),
+                        tool: envelope.tool.clone(),
+                        arguments: envelope.arguments.clone(),
+                        reason: reason.clone(),
+                    }));
                 }
                 CallOutcome::InProgress { call_id } => {
                     return Err(RunError::CallInProgress {
@@ -143,7 +146,7 @@ impl<S: RecordStore> Harness<'_, S> {
         signed: &SignedRunContext,
         call_id: &str,
         call: &ToolCallRequest,
-        grant: &mut Option<ApprovalGrant>,
+        decided: &mut Decided,
         state: &LoopState,
     ) -> CallEnvelope {
         let declared = self.bundle.agent_spec.tools.iter().find(|t| t.name == call.tool);
@@ -159,9 +162,15 @@ impl<S: RecordStore> Harness<'_, S> {
             traceparent: traceparent(&signed.context.trace_id, call_id),
             run_context: signed.clone(),
             approval: None,
+            resolution: None,
         };
+        if matches!(self.mode, Mode::Live) && state.unresolved.as_ref().is_some_and(|u| u.call_id == call_id)
+        {
+            envelope.resolution = decided.resolution.take();
+        }
         envelope.approval = match &self.mode {
-            Mode::Live => grant
+            Mode::Live => decided
+                .grant
                 .take()
                 .filter(|_| state.awaiting.as_ref().is_some_and(|a| a.call_id == call_id)),
             // The human approved this call in the original run; under a candidate policy the

@@ -38,6 +38,16 @@ pub struct AwaitingApproval {
     pub arguments_digest: Option<String>,
 }
 
+/// A call started before an interruption whose result was never recorded, and which the
+/// gateway will not send again: the run waits for a human to say whether it acted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnresolvedCall {
+    pub call_id: String,
+    pub tool: String,
+    pub arguments: Value,
+    pub reason: String,
+}
+
 /// A call of the current step not handled yet.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PendingCall {
@@ -61,6 +71,9 @@ pub struct LoopState {
     pub pending: Vec<PendingCall>,
     #[serde(default)]
     pub awaiting: Option<AwaitingApproval>,
+    /// The first pending call, when its outcome is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<UnresolvedCall>,
 }
 
 impl LoopState {
@@ -74,6 +87,7 @@ impl LoopState {
             calls: Vec::new(),
             pending: Vec::new(),
             awaiting: None,
+            unresolved: None,
         }
     }
 
@@ -89,6 +103,7 @@ impl LoopState {
             calls: self.calls.clone(),
             pending: self.pending.clone(),
             awaiting: self.awaiting.clone(),
+            unresolved: self.unresolved.clone(),
         };
         EntryBody::Checkpoint {
             step: self.step,
@@ -115,6 +130,7 @@ impl LoopState {
             calls: last.calls.clone(),
             pending: last.pending.clone(),
             awaiting: last.awaiting.clone(),
+            unresolved: last.unresolved.clone(),
         })
     }
 
@@ -151,6 +167,8 @@ pub struct CheckpointState {
     pub pending: Vec<PendingCall>,
     #[serde(default)]
     pub awaiting: Option<AwaitingApproval>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<UnresolvedCall>,
 }
 
 /// What resuming needs from a run's record.
@@ -243,6 +261,7 @@ mod tests {
             calls: Vec::new(),
             pending: Vec::new(),
             awaiting: None,
+            unresolved: None,
         }
     }
 

@@ -12,13 +12,13 @@
 
 use std::{collections::HashMap, time::Instant};
 
-use contextos_crds::common::ToolKind;
+use contextos_crds::{common::ToolKind, session::Resolution};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
     bundle::RunBundle,
-    checkpoint::{AwaitingApproval, LoopState, PendingCall, Recorded},
+    checkpoint::{AwaitingApproval, LoopState, PendingCall, Recorded, UnresolvedCall},
     critic::{self, Ending, Judgement, Review, StepResult},
     issue_run_context, reissue_run_context, request_text,
     state::{Usage, assess},
@@ -42,9 +42,17 @@ use crate::{
 // One outcome is made per run, so the size of its largest variant costs nothing worth boxing.
 #[allow(clippy::large_enum_variant)]
 pub enum RunOutcome {
-    Completed { output: String, validators: Vec<String> },
-    Failed { reason: String, message: String },
+    Completed {
+        output: String,
+        validators: Vec<String>,
+    },
+    Failed {
+        reason: String,
+        message: String,
+    },
     AwaitingApproval(AwaitingApproval),
+    /// A call's outcome is unknown; a human says whether it acted (`Session.spec.resolutions`).
+    AwaitingResolution(UnresolvedCall),
 }
 
 /// The result of starting or resuming a run.
@@ -165,6 +173,8 @@ pub struct Harness<'s, S> {
     /// A RunContext issued by someone else (the operator), used instead of issuing one.
     pub(super) issued: Option<SignedRunContext>,
     pub(super) clock: fn() -> i64,
+    /// What humans found out about calls whose outcome was unknown (`spec.resolutions`).
+    pub(super) resolutions: Vec<Resolution>,
 }
 
 pub(super) type Observer<'o> = &'o mut (dyn FnMut(&Progress<'_>) + Send);
@@ -206,6 +216,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             mode: Mode::Live,
             issued: None,
             clock: now_ms,
+            resolutions: Vec::new(),
         })
     }
 
@@ -225,6 +236,12 @@ impl<'s, S: RecordStore> Harness<'s, S> {
     /// A fixed clock for record timestamps (replays).
     pub fn with_clock(mut self, clock: fn() -> i64) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Resumes with these findings on calls whose outcome was unknown.
+    pub fn with_resolutions(mut self, resolutions: Vec<Resolution>) -> Self {
+        self.resolutions = resolutions;
         self
     }
 
@@ -300,8 +317,16 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             step: 0,
             after: "start",
         });
-        self.drive(&mut recorder, &signed, &compiled, state, None, None, observe)
-            .await
+        self.drive(
+            &mut recorder,
+            &signed,
+            &compiled,
+            state,
+            Decided::default(),
+            None,
+            observe,
+        )
+        .await
     }
 
     /// Resumes the Session's run from its latest checkpoint. `approvals` are the decisions
@@ -355,6 +380,16 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 }
             }
         }
+        let mut resolution = None;
+        if let Some(unresolved) = &recorded.state.unresolved {
+            match self.resolutions.iter().find(|r| r.call_id == unresolved.call_id) {
+                Some(found) => resolution = Some(found.clone()),
+                None => {
+                    let outcome = RunOutcome::AwaitingResolution(unresolved.clone());
+                    return Ok(self.report(&mut recorder, outcome, &recorded.state));
+                }
+            }
+        }
         self.gateway.restore(&entries);
         let signed = match &self.issued {
             Some(issued) => issued.clone(),
@@ -370,7 +405,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             &signed,
             &compiled,
             recorded.state,
-            grant,
+            Decided { grant, resolution },
             recorded.turn_in_progress,
             observe,
         )
@@ -394,7 +429,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         signed: &SignedRunContext,
         compiled: &CompiledContext,
         mut state: LoopState,
-        mut grant: Option<ApprovalGrant>,
+        mut decided: Decided,
         mut turn_in_progress: Option<ModelTurn>,
         observe: Observer<'_>,
     ) -> Result<RunReport, RunError> {
@@ -420,14 +455,16 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             };
             let result = match result {
                 Owned::Calls => {
-                    self.handle_calls(recorder, signed, &mut state, grant.take(), observe)
+                    self.handle_calls(recorder, signed, &mut state, decided.take(), observe)
                         .await?
                 }
                 answer => answer,
             };
             state.usage.wall_ms = self.wall_ms(state.step, wall_base, started);
-            if let Owned::OutcomeUnknown(message) = &result {
-                return self.stop_for_unknown_outcome(recorder, message, &state).await;
+            if let Owned::OutcomeUnknown(unresolved) = result {
+                return self
+                    .pause_for_resolution(recorder, unresolved, state, recorded_messages)
+                    .await;
             }
             let judgement = self.judge(&state, &result);
             observe(&Progress::Verdict {
@@ -529,24 +566,21 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         }
     }
 
-    /// Ends the run because a call's outcome is unknown (see `gateway::intents`).
-    async fn stop_for_unknown_outcome(
+    /// Pauses the run because a call's outcome is unknown (see `gateway::intents`): the
+    /// checkpoint keeps the call pending, and a human's resolution lets the next attempt go on.
+    async fn pause_for_resolution(
         &self,
         recorder: &mut Recorder<'_, S>,
-        message: &str,
-        state: &LoopState,
+        unresolved: UnresolvedCall,
+        mut state: LoopState,
+        recorded_messages: usize,
     ) -> Result<RunReport, RunError> {
-        let reason = "OutcomeUnknown";
-        recorder.stage(EntryBody::Failed {
-            reason: reason.into(),
-            message: message.to_owned(),
-        });
+        state.unresolved = Some(unresolved.clone());
+        if !self.replay() {
+            recorder.stage(state.checkpoint(recorded_messages));
+        }
         recorder.flush().await?;
-        let outcome = RunOutcome::Failed {
-            reason: reason.into(),
-            message: message.to_owned(),
-        };
-        Ok(self.report(recorder, outcome, state))
+        Ok(self.report(recorder, RunOutcome::AwaitingResolution(unresolved), &state))
     }
 
     /// A model that cannot answer for good (a script or a replay that ran out) ends the run; an
@@ -736,15 +770,29 @@ impl<'s> Harness<'s, RemoteStore> {
     }
 }
 
+/// What humans decided that the next call needs: an approval, or a finding on a call whose
+/// outcome was unknown. Used once.
+#[derive(Debug, Default)]
+pub(super) struct Decided {
+    pub grant: Option<ApprovalGrant>,
+    pub resolution: Option<Resolution>,
+}
+
+impl Decided {
+    fn take(&mut self) -> Self {
+        std::mem::take(self)
+    }
+}
+
 /// A step's result before the critic reads it.
 #[derive(Debug)]
 pub(super) enum Owned {
     Calls,
     AwaitingApproval(String),
     Answer(String),
-    /// A call may have acted before an interruption and cannot be sent again: the run stops
-    /// for a human (the message names the call).
-    OutcomeUnknown(String),
+    /// A call may have acted before an interruption and cannot be sent again: the run waits
+    /// for a human to say whether it did.
+    OutcomeUnknown(UnresolvedCall),
 }
 
 fn ending_outcome(judgement: &Judgement, state: &LoopState) -> Option<RunOutcome> {

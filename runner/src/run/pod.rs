@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     bundle::RunBundle,
-    checkpoint::AwaitingApproval,
+    checkpoint::{AwaitingApproval, UnresolvedCall},
     engine::{RunOutcome, RunReport},
     state::Usage,
 };
@@ -30,6 +30,8 @@ pub const BUNDLE_KEY: &str = "bundle.json";
 /// Environment variable with the Session's approvals (JSON list), set per attempt. The gateway
 /// service honours an approval only if the Session holds it too.
 pub const APPROVALS_ENV: &str = "CONTEXTOS_APPROVALS";
+/// Environment variable with the Session's `spec.resolutions` (JSON list).
+pub const RESOLUTIONS_ENV: &str = "CONTEXTOS_RESOLUTIONS";
 /// Environment variable with the signed RunContext (JSON) the operator issued for the attempt:
 /// the specs are pinned once per run, the RunContext is fresh per attempt (an attempt may start
 /// hours later, after an approval).
@@ -70,7 +72,7 @@ pub fn run_context_from(text: &str) -> Result<SignedRunContext, serde_json::Erro
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodReport {
-    /// `completed`, `failed` or `awaiting_approval`.
+    /// `completed`, `failed`, `awaiting_approval` or `awaiting_resolution`.
     pub outcome: String,
     pub run_id: String,
     pub steps: u32,
@@ -87,6 +89,9 @@ pub struct PodReport {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub awaiting: Option<AwaitingApproval>,
+    /// The call whose outcome is unknown (outcome `awaiting_resolution`; arguments cut).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<UnresolvedCall>,
     /// The latest checkpoint the next attempt would resume from: (step, entry hash).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<(u32, String)>,
@@ -109,6 +114,7 @@ impl PodReport {
             reason: None,
             message: None,
             awaiting: None,
+            unresolved: None,
             checkpoint: None,
         };
         match &report.outcome {
@@ -130,6 +136,16 @@ impl PodReport {
                     awaiting.arguments = serde_json::Value::String(cut(&arguments));
                 }
                 out.awaiting = Some(awaiting);
+            }
+            RunOutcome::AwaitingResolution(unresolved) => {
+                out.outcome = "awaiting_resolution".into();
+                let mut unresolved = unresolved.clone();
+                let arguments = unresolved.arguments.to_string();
+                if arguments.len() > TEXT_LIMIT {
+                    unresolved.arguments = serde_json::Value::String(cut(&arguments));
+                }
+                unresolved.reason = cut(&unresolved.reason);
+                out.unresolved = Some(unresolved);
             }
         }
         out.fit();

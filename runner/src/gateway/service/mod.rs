@@ -25,7 +25,7 @@ use axum::{
     routing::{get, post},
 };
 use base64::Engine as _;
-use contextos_crds::session::Approval;
+use contextos_crds::session::Resolution;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::Digest as _;

@@ -269,9 +269,15 @@ where
         let slot = service.slot(&caller).await?;
         // The call runs under the caller's verified context, whatever the envelope says.
         request.envelope.run_context = caller.context.clone();
-        request.envelope.approval = service
-            .approval_on_record(&caller, request.envelope.approval.take())
+        let (approval, resolution) = service
+            .decisions_on_record(
+                &caller,
+                request.envelope.approval.take(),
+                request.envelope.resolution.take(),
+            )
             .await?;
+        request.envelope.approval = approval;
+        request.envelope.resolution = resolution;
         // Once decided, a call is carried through and recorded even if the runner goes away
         // mid-call (a killed pod closes its connection): its next attempt then finds the result
         // in the record instead of an effect nobody wrote down.
@@ -336,25 +342,36 @@ where
         }
     }
 
-    /// An approval attached to a call counts only if the Session holds the same decision (written
-    /// by a human and checked by admission); anything else the runner attaches is dropped.
-    pub(super) async fn approval_on_record(
+    /// An approval or resolution attached to a call counts only if the Session holds the same
+    /// decision (written by a human and checked by admission); anything else the runner
+    /// attaches is dropped.
+    pub(super) async fn decisions_on_record(
         &self,
         caller: &Caller,
-        attached: Option<crate::gateway::envelope::ApprovalGrant>,
-    ) -> Result<Option<crate::gateway::envelope::ApprovalGrant>, Refusal> {
-        let Some(grant) = attached else {
-            return Ok(None);
-        };
-        let approvals: Vec<Approval> = self
+        approval: Option<crate::gateway::envelope::ApprovalGrant>,
+        resolution: Option<Resolution>,
+    ) -> Result<
+        (
+            Option<crate::gateway::envelope::ApprovalGrant>,
+            Option<Resolution>,
+        ),
+        Refusal,
+    > {
+        if approval.is_none() && resolution.is_none() {
+            return Ok((None, None));
+        }
+        let decisions = self
             .tenants
-            .approvals(caller.tenant.as_str(), &caller.context.context.session_id)
+            .decisions(caller.tenant.as_str(), &caller.context.context.session_id)
             .await
             .map_err(unavailable)?;
-        let on_record = approvals.iter().any(|a| {
-            a.call_hash == grant.call_hash && a.decision == grant.decision && a.approver == grant.approver
+        let approval = approval.filter(|grant| {
+            decisions.approvals.iter().any(|a| {
+                a.call_hash == grant.call_hash && a.decision == grant.decision && a.approver == grant.approver
+            })
         });
-        Ok(on_record.then_some(grant))
+        let resolution = resolution.filter(|r| decisions.resolutions.contains(r));
+        Ok((approval, resolution))
     }
 
     pub(super) async fn model(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {

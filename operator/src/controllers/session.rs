@@ -11,7 +11,10 @@ use contextos_crds::{
     session::SessionPhase,
 };
 use contextos_runner::{
-    gateway::{approvals::ApprovalRequest, bundle::NamedPolicy},
+    gateway::{
+        approvals::{ApprovalRequest, UnresolvedReport},
+        bundle::NamedPolicy,
+    },
     run::{
         bundle::{NamedPack, RunBundle, spec_digest},
         issue_run_context,
@@ -214,7 +217,20 @@ async fn finished(
             Ok(Action::await_change())
         }
         Some("awaiting_resolution") => {
+            let run_id = report.as_ref().map(|r| r.run_id.clone()).unwrap_or_default();
             let unresolved = report.as_ref().and_then(|r| r.unresolved.clone());
+            // Shown to people (and checked by admission) only as the gateway signed it.
+            if let Some(u) = &unresolved
+                && let Err(why) = attested_unresolved(ctx, session, &run_id, u).await
+            {
+                let update = update.with_phase(
+                    SessionPhase::AwaitingResolution,
+                    reason::AWAITING_RESOLUTION,
+                    format!("a call's outcome is unknown, but the report of it cannot be shown: {why}"),
+                );
+                write_status(ctx, session, update.clear_pending()).await?;
+                return Ok(Action::requeue(Duration::from_secs(30)));
+            }
             let marker = unresolved.as_ref().map(|u| format!("resolution/{}", u.call_id));
             let resolved = unresolved
                 .as_ref()
@@ -707,6 +723,39 @@ async fn attested(
         approvers: &awaiting.approvers,
     };
     if request.verify(&key, signature) {
+        Ok(())
+    } else {
+        Err("its signature does not match what the runner reported".into())
+    }
+}
+
+/// Checks the gateway's signature over a relayed report of a call whose outcome is unknown.
+async fn attested_unresolved(
+    ctx: &Context,
+    session: &Session,
+    run_id: &str,
+    unresolved: &contextos_runner::run::checkpoint::UnresolvedCall,
+) -> std::result::Result<(), String> {
+    let signature = unresolved
+        .attestation
+        .as_deref()
+        .ok_or("the gateway service did not sign it")?;
+    let key = ctx
+        .tenant_keys
+        .get(&ctx.runner.gateway, &session.namespace().unwrap_or_default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let report = UnresolvedReport {
+        run_id,
+        call_id: &unresolved.call_id,
+        tool: &unresolved.tool,
+        arguments_digest: unresolved
+            .arguments_digest
+            .clone()
+            .unwrap_or_else(|| ApprovalRequest::digest_of(&unresolved.arguments)),
+        reason: &unresolved.reason,
+    };
+    if report.verify(&key, signature) {
         Ok(())
     } else {
         Err("its signature does not match what the runner reported".into())

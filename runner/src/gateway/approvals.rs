@@ -1,4 +1,7 @@
-//! Single-use approvals: each approved call hash may execute once.
+//! What the gateway asks of humans, and how its requests are vouched for: single-use approvals
+//! (each approved call hash may execute once), approval requests and reports of calls whose
+//! outcome is unknown, both signed with the tenant's key so that whoever relays them (a runner
+//! pod's report) cannot change what people are shown.
 
 use std::{collections::HashSet, sync::Mutex};
 
@@ -29,6 +32,35 @@ impl ApprovalBook {
         if let Ok(mut used) = self.used.lock() {
             used.extend(hashes);
         }
+    }
+}
+
+/// A call whose outcome is unknown, as the gateway reports it to the humans who resolve it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct UnresolvedReport<'a> {
+    pub run_id: &'a str,
+    pub call_id: &'a str,
+    pub tool: &'a str,
+    /// See [`ApprovalRequest::arguments_digest`].
+    pub arguments_digest: String,
+    pub reason: &'a str,
+}
+
+impl UnresolvedReport<'_> {
+    fn message(&self) -> Vec<u8> {
+        let mut out = b"contextos-unresolved-call/v1\n".to_vec();
+        out.extend(crate::records::canonical::canonical_bytes_of(self).unwrap_or_default());
+        out
+    }
+
+    /// The signature (hex) of `key` over this report.
+    pub fn sign(&self, key: &crate::keys::KeyPair) -> String {
+        key.sign_hex(&self.message())
+    }
+
+    /// Whether `signature` is `key`'s over this report.
+    pub fn verify(&self, key: &crate::keys::PublicKey, signature: &str) -> bool {
+        key.verify_hex(&self.message(), signature)
     }
 }
 
@@ -71,6 +103,31 @@ mod tests {
         };
         assert!(!harmless.verify(&key.public(), &signature));
         assert!(!request.verify(&KeyPair::from_seed([5; 32]).public(), &signature));
+    }
+
+    #[test]
+    fn an_unresolved_call_report_verifies_only_as_the_gateway_signed_it() {
+        let key = KeyPair::from_seed([4; 32]);
+        let report = super::UnresolvedReport {
+            run_id: "r",
+            call_id: "4.0",
+            tool: "restart_deployment",
+            arguments_digest: ApprovalRequest::digest_of(&serde_json::json!({"deployment": "api"})),
+            reason: "interrupted",
+        };
+        let signature = report.sign(&key);
+        assert!(report.verify(&key.public(), &signature));
+        // A runner that shows another call, or harmless arguments, is caught.
+        let other = super::UnresolvedReport {
+            call_id: "5.0",
+            ..report.clone()
+        };
+        assert!(!other.verify(&key.public(), &signature));
+        let harmless = super::UnresolvedReport {
+            arguments_digest: ApprovalRequest::digest_of(&serde_json::json!({"deployment": "test"})),
+            ..report.clone()
+        };
+        assert!(!harmless.verify(&key.public(), &signature));
     }
 
     #[test]

@@ -55,12 +55,19 @@ pub enum CallOutcome {
     Executed(ToolResultRecord),
     /// Refused; the reason names the rule or check.
     Denied { rule: String, reason: String },
-    /// Waits for one of `approvers` to approve `call_hash`.
     /// Started before an interruption, with no recorded result, and not safe to send again:
     /// a human must find out whether it acted.
-    OutcomeUnknown { call_id: String, reason: String },
+    OutcomeUnknown {
+        call_id: String,
+        reason: String,
+        /// The gateway service's signature (tenant key) over what it reports (see
+        /// [`approvals::UnresolvedReport`]); none in process.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attestation: Option<String>,
+    },
     /// Started moments ago by another executor (a gateway replica) and not finished yet.
     InProgress { call_id: String },
+    /// Waits for one of `approvers` to approve `call_hash`.
     NeedsApproval {
         call_hash: String,
         rule: String,
@@ -523,9 +530,20 @@ impl ToolGateway {
                     false,
                 ));
                 recorder.flush().await?;
+                let attestation = self.attesting_key.as_ref().map(|key| {
+                    approvals::UnresolvedReport {
+                        run_id: &call.run_context.context.run_id,
+                        call_id: &started.call_id,
+                        tool: &call.tool,
+                        arguments_digest: approvals::ApprovalRequest::digest_of(&call.arguments),
+                        reason: &reason,
+                    }
+                    .sign(key)
+                });
                 Ok(CallOutcome::OutcomeUnknown {
                     call_id: started.call_id.clone(),
                     reason,
+                    attestation,
                 })
             }
         }

@@ -82,13 +82,19 @@ impl<S: RecordStore> Harness<'_, S> {
                     };
                     (fate, result_message(result))
                 }
-                CallOutcome::OutcomeUnknown { call_id, reason } => {
+                CallOutcome::OutcomeUnknown {
+                    call_id,
+                    reason,
+                    attestation,
+                } => {
                     // The call stays pending: a human's resolution answers it next attempt.
                     return Ok(Owned::OutcomeUnknown(UnresolvedCall {
                         call_id: call_id.clone(),
                         tool: envelope.tool.clone(),
                         arguments: envelope.arguments.clone(),
                         reason: reason.clone(),
+                        attestation: attestation.clone(),
+                        arguments_digest: None,
                     }));
                 }
                 CallOutcome::InProgress { call_id } => {

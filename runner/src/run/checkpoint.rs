@@ -46,6 +46,12 @@ pub struct UnresolvedCall {
     pub tool: String,
     pub arguments: Value,
     pub reason: String,
+    /// The gateway service's signature over the report (see `gateway::approvals`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<String>,
+    /// Digest of the full arguments, when a report had to cut them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments_digest: Option<String>,
 }
 
 /// A call of the current step not handled yet.

@@ -142,9 +142,9 @@ impl PodReport {
                 let mut unresolved = unresolved.clone();
                 let arguments = unresolved.arguments.to_string();
                 if arguments.len() > TEXT_LIMIT {
+                    unresolved.arguments_digest = Some(ApprovalRequest::digest_of(&unresolved.arguments));
                     unresolved.arguments = serde_json::Value::String(cut(&arguments));
                 }
-                unresolved.reason = cut(&unresolved.reason);
                 out.unresolved = Some(unresolved);
             }
         }

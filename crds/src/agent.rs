@@ -3,10 +3,12 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    Approvers, KeyRef, LocalRef, RunBudget, SafetyMode, ToolKind, ToolRisk, free_form_object,
+    Approvers, KeyRef, LocalRef, PromotionSpec, RevisionStatus, RunBudget, SafetyMode, ToolKind, ToolRisk,
+    free_form_object,
 };
 
 /// Desired state of an Agent.
@@ -67,6 +69,12 @@ pub struct AgentSpec {
     /// names no approvers of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approvers: Option<Approvers>,
+    /// The replay gate a change to what this agent runs must pass: its own spec (tools and
+    /// their risk, policyRefs, validators, model, budget) and the revisions of the pack and
+    /// policies it uses. Without it, the gates of the objects it uses (now or in the promoted
+    /// revision) apply; with neither, changes are promoted directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<PromotionSpec>,
 }
 
 /// Which model API the runner speaks.
@@ -353,4 +361,43 @@ pub struct AgentStatus {
     /// Digests of the promoted Policy revisions new Sessions will pin, in `policyRefs` order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policy_digests: Vec<String>,
+    /// Revisions of what the agent runs (its composition: agent spec, pack and policy
+    /// revisions): new Sessions pin the promoted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revisions: Option<RevisionStatus>,
+    /// The gate the candidate composition passes, as the operator derived it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion_gate: Option<AgentGateStatus>,
+    /// The gates of the objects the promoted composition used, as they were when it was
+    /// promoted: removing or re-creating one of them is still gated by it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 17))]
+    pub promoted_gates: Vec<MemberGate>,
+}
+
+/// Where an Agent's promotion gate comes from and who governs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentGateStatus {
+    /// `Agent` (its spec.promotion) or the gated objects it inherits from, e.g.
+    /// `Policy/guardrails`. Empty when no gate applies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 34), inner(length(max = 300)))]
+    pub from: Vec<String>,
+    /// Who may approve or bypass a promotion of this Agent (admission reads it): the Agent's own
+    /// spec.promotion.approvers, else everyone listed by the gates it inherits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<Approvers>,
+}
+
+/// The promotion gate of one object an Agent uses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberGate {
+    /// `Policy` or `ContextPack`.
+    #[schemars(length(max = 32))]
+    pub kind: String,
+    #[schemars(length(max = 253))]
+    pub name: String,
+    pub promotion: PromotionSpec,
 }

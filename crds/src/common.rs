@@ -328,6 +328,35 @@ pub struct RevisionStatus {
     /// Result of the replay gate for `candidate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay: Option<ReplaySummary>,
+    /// How the revision in force was promoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_by: Option<PromotedBy>,
+}
+
+/// How a revision came to be in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PromotedBy {
+    /// It passed its replay gate (and an approver's approval in `manual` mode).
+    Replay,
+    /// An approver promoted it without a replay (`contextos.dev/promote-without-replay`).
+    Bypass,
+    /// No promotion gate applied to it.
+    Ungated,
+    /// The object's first revision (nothing of it ran before).
+    FirstRevision,
+    /// Its gate found no recorded session to replay it against.
+    NoHistory,
+    /// An Agent's composition whose every change was promoted through the changed object's own
+    /// gate.
+    Members,
+}
+
+impl PromotedBy {
+    /// Whether a gate (replay or an approver) decided it.
+    pub fn gated(self) -> bool {
+        matches!(self, Self::Replay | Self::Bypass)
+    }
 }
 
 /// Summary of one replay gate run.

@@ -2,6 +2,7 @@
 //! Sessions. It resolves and validates what users apply (a `Ready` condition that names the
 //! field and the fix), snapshots revisions, and runs each Session in sandboxed runner pods.
 
+pub mod agent_gate;
 pub mod conditions;
 pub mod controllers;
 pub mod leader;
@@ -157,6 +158,10 @@ pub async fn run(
                     a.spec.sandbox_profile_ref.name == p.name_any()
                 })
             },
+        )
+        .owns(
+            Api::<PartialObjectMeta<Job>>::all(client.clone()),
+            watcher::Config::default().labels(contextos_crds::labels::REVISION_OF),
         )
         .graceful_shutdown_on(shutdown())
         .run(agent::reconcile_agent, error_policy, ctx.clone())

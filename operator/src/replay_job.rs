@@ -56,6 +56,7 @@ pub fn kind_label(kind: GatedKind) -> &'static str {
     match kind {
         GatedKind::Policy => "policy",
         GatedKind::ContextPack => "contextpack",
+        GatedKind::Agent => "agent",
     }
 }
 

@@ -455,6 +455,7 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         .await?
         .map_err(|refusal| anyhow::anyhow!("alice's own finding was refused: {refusal}"))?;
     check_promotion_approvals(env, namespace).await?;
+    check_agent_promotion_approvals(env, namespace).await?;
     check_sandbox_images(env, namespace).await?;
     check_session_identity(env, namespace).await
 }
@@ -782,6 +783,140 @@ async fn check_promotion_approvals(env: &'static TestEnv, namespace: &str) -> Re
         allowed.status.success(),
         "a member of sre-leads was refused: {}",
         String::from_utf8_lossy(&allowed.stderr)
+    );
+    Ok(())
+}
+
+/// An Agent's promotion is governed by the approvers the operator derived for its gate
+/// (status.promotionGate, which only the operator writes): not by whoever edits the Agent, not
+/// before the gate is derived, and not by adding oneself through the Agent's own spec.promotion.
+async fn check_agent_promotion_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    let client = env.client();
+    let agent = yaml_documents(&repo_root().join("examples/quickstart/agent.yaml"))?.remove(0);
+    let name = agent["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    apply(&client, namespace, &agent).await?;
+    let rule = PolicyRule {
+        api_groups: Some(vec!["contextos.dev".to_owned()]),
+        resources: Some(vec!["agents".to_owned()]),
+        verbs: vec!["get".to_owned(), "patch".to_owned(), "create".to_owned()],
+        ..Default::default()
+    };
+    grant(
+        &client,
+        namespace,
+        "agent-editors",
+        rule,
+        &["carol@example.com", "rel@example.com"],
+    )
+    .await?;
+    let bypass =
+        json!({"metadata": {"annotations": {"contextos.dev/promote-without-replay": "sha256:0123"}}})
+            .to_string();
+    let patch = |user: &'static str, body: String, dry_run: bool| {
+        let name = name.clone();
+        async move {
+            let mut args = vec![
+                "patch",
+                "agents.contextos.dev",
+                &name,
+                "-n",
+                namespace,
+                "--as",
+                user,
+                "--type=merge",
+                "-p",
+                &body,
+            ];
+            if dry_run {
+                args.push("--dry-run=server");
+            }
+            let out = run(env, &args).await?;
+            anyhow::Ok(if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+            })
+        }
+    };
+    // Before the operator derived the gate, nobody approves.
+    let early = wait_for(
+        "agent promotion refused before its gate is derived",
+        TIMEOUT,
+        || async {
+            match patch("rel@example.com", bypass.clone(), true).await {
+                Ok(Err(e)) if e.contains("after the operator has derived its gate") => Check::Done(e),
+                Ok(Err(e)) => Check::NotYet(e),
+                Ok(Ok(())) => Check::NotYet("accepted".to_owned()),
+                Err(e) => Check::NotYet(format!("{e:#}")),
+            }
+        },
+    )
+    .await?;
+    ensure!(
+        early.contains("metadata.annotations[contextos.dev/promote-without-replay]"),
+        "{early}"
+    );
+    // The gate as the operator would derive it from a gated Policy with one approver. (An
+    // operator running elsewhere in this cluster may reconcile the Agent too: it keeps the gate.)
+    let gate = json!({"status": {"promotionGate": {"from": ["Policy/oncall-guardrails"], "approvers": {"users": ["rel@example.com"]}}}})
+        .to_string();
+    let refused = wait_for("a non-approver refused by the derived gate", TIMEOUT, || async {
+        let status = run(
+            env,
+            &[
+                "patch",
+                "agents.contextos.dev",
+                &name,
+                "-n",
+                namespace,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &gate,
+            ],
+        )
+        .await;
+        if let Err(e) = status {
+            return Check::NotYet(format!("{e:#}"));
+        }
+        match patch("carol@example.com", bypass.clone(), true).await {
+            Ok(Err(e)) if e.contains("is not one of status.promotionGate.approvers") => Check::Done(e),
+            Ok(Err(e)) => Check::NotYet(e),
+            Ok(Ok(())) => Check::NotYet("accepted".to_owned()),
+            Err(e) => Check::NotYet(format!("{e:#}")),
+        }
+    })
+    .await?;
+    ensure!(refused.contains("carol@example.com"), "{refused}");
+    // Nor may she give the Agent a gate of its own that lists her.
+    let own = json!({"spec": {"promotion": {"approvers": {"users": ["carol@example.com"]}}}}).to_string();
+    let widened = patch("carol@example.com", own, false).await?;
+    ensure!(
+        widened
+            .as_ref()
+            .is_err_and(|e| e.contains("may change the promotion gate")),
+        "a non-approver gave the Agent her own gate: {widened:?}"
+    );
+    let allowed = patch("rel@example.com", bypass.clone(), false).await?;
+    ensure!(allowed.is_ok(), "the derived approver was refused: {allowed:?}");
+    // A new Agent cannot be born approved.
+    let mut born = agent.clone();
+    born["metadata"]["name"] = json!("born-approved");
+    born["metadata"]["annotations"] = json!({"contextos.dev/promote-without-replay": "sha256:0123"});
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("born.json");
+    std::fs::write(&file, born.to_string())?;
+    let file = file.to_string_lossy().into_owned();
+    let created = run(
+        env,
+        &["create", "-f", &file, "-n", namespace, "--as", "rel@example.com"],
+    )
+    .await?;
+    ensure!(
+        !created.status.success()
+            && String::from_utf8_lossy(&created.stderr).contains("after the operator has derived its gate"),
+        "an Agent was created with a promotion bypass: {}",
+        String::from_utf8_lossy(&created.stderr)
     );
     Ok(())
 }

@@ -188,9 +188,10 @@ async fn an_operator_killed_twenty_times_mid_reconcile_leaves_one_pod_per_attemp
     }
     let _ = stop.send(true);
     let _ = task.await;
+    // Runner pods (the Agent's replay gate runs pods of its own).
     let pods: Api<Pod> = ns.api();
     let mut pod_names: Vec<String> = pods
-        .list(&ListParams::default())
+        .list(&ListParams::default().labels(contextos_crds::labels::SESSION))
         .await?
         .items
         .into_iter()
@@ -344,7 +345,7 @@ async fn runner_attempts_that_crash_are_retried_up_to_the_bound() -> Result<()> 
         );
         let pods: Api<Pod> = ns.api();
         let names: Vec<String> = pods
-            .list(&ListParams::default())
+            .list(&ListParams::default().labels(contextos_crds::labels::SESSION))
             .await?
             .items
             .into_iter()

@@ -245,3 +245,149 @@ async fn a_tenant_cannot_crash_the_operator_with_a_deeply_nested_condition() -> 
     ns.pass();
     Ok(())
 }
+
+/// A GitOps committer who may edit the Agent but not approve the Policy's promotion tries to
+/// shed the Policy's replay gate: first by pointing the Agent at a new Policy that denies what
+/// the recorded session did (a new Policy's first revision is in force at once), then by
+/// deleting the gated Policy and creating it again with that content. Both are candidates of
+/// the Agent, replayed against its recorded session; both fail, and Sessions keep running the
+/// promoted composition. Pointing the Agent back is in force at once.
+#[tokio::test]
+async fn a_gitops_committer_cannot_shed_a_policys_gate_by_renaming_or_re_creating_it() -> Result<()> {
+    use contextos_crds::{Agent, Policy};
+
+    use crate::operator::policy_condition;
+
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner and replay pods need the local process node");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "committer-sheds-gate").await?;
+    let client = env.client();
+    let policy = crate::promotion::install(&client, ns.name(), &op.tools_url, |_| {}).await?;
+    let agent = objects_for(&op.tools_url)?
+        .into_iter()
+        .find(|o| o["kind"] == "Agent")
+        .context("the quickstart has an Agent")?;
+    let agent_name = agent["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    let sessions: Api<Session> = ns.api();
+    apply(&client, ns.name(), &session("recorded")?).await?;
+    phase_is(&sessions, "recorded", SessionPhase::Succeeded).await?;
+    let policies: Api<Policy> = ns.api();
+    let first_policy = policies
+        .get("oncall-guardrails")
+        .await?
+        .status
+        .and_then(|s| s.revisions)
+        .and_then(|r| r.promoted)
+        .context("the Policy's first revision is promoted")?;
+    let agents: Api<Agent> = ns.api();
+    let promoted = agents
+        .get(&agent_name)
+        .await?
+        .status
+        .and_then(|s| s.revisions)
+        .and_then(|r| r.promoted)
+        .context("the Agent's composition is promoted")?;
+
+    let mut strict = policy.clone();
+    strict["spec"]["rules"][1]["effect"] = json!("deny");
+    let agent_fails = |what: &'static str| {
+        let agents = agents.clone();
+        let agent_name = agent_name.clone();
+        let promoted = promoted.clone();
+        async move {
+            let failed = wait_for_object(&agents, &agent_name, what, TIMEOUT, |a: &Agent| {
+                let status = a.status.clone().unwrap_or_default();
+                let replay = condition(&status.conditions, "ReplayPassed");
+                Check::when(replay.starts_with("False ReplayFailed"), || {
+                    format!(
+                        "ReplayPassed: {replay}; Promoted: {}",
+                        condition(&status.conditions, "Promoted")
+                    )
+                })
+            })
+            .await?;
+            let status = failed.status.unwrap_or_default();
+            let revisions = status.revisions.unwrap_or_default();
+            ensure!(
+                revisions.promoted.as_deref() == Some(promoted.as_str()),
+                "{what}: the candidate was promoted: {revisions:?}"
+            );
+            let gate = status.promotion_gate.unwrap_or_default();
+            ensure!(
+                gate.from.iter().any(|f| f == "Policy/oncall-guardrails"),
+                "{what}: the gate does not come from the Policy it sheds: {gate:?}"
+            );
+            anyhow::Ok(())
+        }
+    };
+
+    // 1. A new Policy, and the Agent pointed at it.
+    let mut renamed = strict.clone();
+    renamed["metadata"]["name"] = json!("guardrails-v2");
+    renamed["spec"]
+        .as_object_mut()
+        .context("a Policy spec")?
+        .remove("promotion");
+    apply(&client, ns.name(), &renamed).await?;
+    policy_condition(&policies, "guardrails-v2", "Promoted", "True").await?;
+    let mut pointed = agent.clone();
+    pointed["spec"]["policyRefs"] = json!([{"name": "guardrails-v2"}]);
+    apply(&client, ns.name(), &pointed).await?;
+    agent_fails("the Agent pointed at a new Policy fails its replay gate").await?;
+    apply(&client, ns.name(), &session("after-rename")?).await?;
+    let after = phase_is(&sessions, "after-rename", SessionPhase::Succeeded).await?;
+    let pinned = after.status.and_then(|s| s.pinned).context("pinned")?;
+    ensure!(
+        pinned.policies == [first_policy.clone()],
+        "the Session ran the candidate: pinned {pinned:?}, promoted policy {first_policy}"
+    );
+
+    // The legitimate flow right after: pointing back is the promoted composition again.
+    apply(&client, ns.name(), &agent).await?;
+    wait_for_object(
+        &agents,
+        &agent_name,
+        "the promoted composition in force",
+        TIMEOUT,
+        |a: &Agent| {
+            let status = a.status.clone().unwrap_or_default();
+            let revisions = status.revisions.clone().unwrap_or_default();
+            let text = condition(&status.conditions, "Promoted");
+            Check::when(
+                text.starts_with("True") && revisions.candidate == revisions.promoted,
+                || format!("{text}; {revisions:?}"),
+            )
+        },
+    )
+    .await?;
+
+    // 2. The gated Policy deleted and created again with the strict content.
+    policies
+        .delete("oncall-guardrails", &DeleteParams::default())
+        .await?;
+    wait_for_object(
+        &agents,
+        &agent_name,
+        "Ready=False without its Policy",
+        TIMEOUT,
+        |a: &Agent| {
+            let ready = condition(&a.status.clone().unwrap_or_default().conditions, "Ready");
+            Check::when(ready.starts_with("False"), || ready.clone())
+        },
+    )
+    .await?;
+    apply(&client, ns.name(), &strict).await?;
+    agent_fails("the Agent whose gated Policy was re-created fails its replay gate").await?;
+    apply(&client, ns.name(), &session("after-recreate")?).await?;
+    let after = phase_is(&sessions, "after-recreate", SessionPhase::Succeeded).await?;
+    let pinned = after.status.and_then(|s| s.pinned).context("pinned")?;
+    ensure!(
+        pinned.policies == [first_policy.clone()],
+        "the Session ran the re-created Policy: pinned {pinned:?}, promoted {first_policy}"
+    );
+    ns.pass();
+    Ok(())
+}

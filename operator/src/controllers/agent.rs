@@ -1,35 +1,48 @@
 //! Agents: every reference resolves in the same namespace and is Ready, every tool's input
-//! schema and every output validator compiles; the status shows the revisions the agent runs
-//! under. References can only name objects in the Agent's own namespace (they carry no
-//! namespace), so one tenant can never point at another's objects.
+//! schema and every output validator compiles. What the Agent runs — its spec with the
+//! promoted revisions of its pack and policies, its *composition* — is promoted through the
+//! replay gate that `agent_gate` derives, and new Sessions pin the promoted composition.
+//! References can only name objects in the Agent's own namespace (they carry no namespace), so
+//! one tenant can never point at another's objects.
 
 use std::sync::Arc;
 
 use contextos_crds::{
     Agent, AgentSpec, ContextPack, Policy, SandboxProfile,
+    common::{PromotedBy, RevisionStatus},
     conditions::{self, reason},
 };
 use contextos_runner::{
-    gateway::{CatalogTool, adapters::unavailable_adapter},
+    gateway::{CatalogTool, adapters::unavailable_adapter, bundle::NamedPolicy},
     run::{
+        bundle::{Composition, NamedPack, spec_digest},
         execution::{executes_code, execution_refused},
+        gate::GatedKind,
         validate,
     },
 };
 use kube::{Api, ResourceExt as _, runtime::controller::Action};
 use serde_json::json;
 
-use super::{Context, Invalid, Result, apply_status, is_ready, now, ready_message};
-use crate::conditions::{Wanted, merge};
+use super::{
+    Context, Invalid, Result, apply_status, is_ready, now, ready_message,
+    revisions::{self, Gated},
+};
+use crate::{
+    agent_gate::{self, Member, Need},
+    conditions::{Wanted, merge},
+};
 
-/// What an Agent resolved to.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What an Agent's references resolved to.
+#[derive(Clone, Debug)]
 pub struct Resolved {
-    pub context_pack_digest: Option<String>,
-    pub policy_digests: Vec<String>,
+    pub pack: ContextPack,
+    /// In `policyRefs` order.
+    pub policies: Vec<Policy>,
 }
 
-/// Reconciles an Agent.
+/// Reconciles an Agent: validity, then the promotion gate of its composition (what new
+/// Sessions run).
 pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile("Agent");
     let namespace = agent.namespace().unwrap_or_default();
@@ -38,32 +51,79 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
         Ok(()) => resolve(&ctx, &namespace, &agent.spec).await?,
         Err(invalid) => Err(invalid),
     };
-    let (ready, resolved) = match &outcome {
-        Ok(resolved) => (
-            Wanted::new(
-                conditions::READY,
-                true,
-                reason::RESOLVED,
-                "every reference resolved and the spec is valid",
-            ),
-            resolved.clone(),
-        ),
-        Err(p) => (
-            Wanted::new(conditions::READY, false, p.reason, p.message.clone()),
-            Resolved::default(),
-        ),
+    let status = agent.status.clone().unwrap_or_default();
+    let previous = status.conditions.clone();
+    let mut wanted = Vec::new();
+    let mut requeue = None;
+    let mut revisions = status.revisions.clone();
+    let mut promotion_gate = status.promotion_gate.clone();
+    let mut promoted_gates = status.promoted_gates.clone();
+    let mut digests = (None, Vec::new());
+    let ready = match outcome {
+        Err(p) => Wanted::new(conditions::READY, false, p.reason, p.message.clone()),
+        Ok(resolved) => match composition(&ctx, &namespace, &agent.spec, &resolved).await? {
+            Err(p) => Wanted::new(conditions::READY, false, p.reason, p.message.clone()),
+            Ok(candidate) => {
+                let members = members(&resolved);
+                digests = (
+                    Some(spec_digest(&candidate.context_pack.spec)),
+                    candidate.policies.iter().map(|p| spec_digest(&p.spec)).collect(),
+                );
+                let promoted =
+                    revisions::promoted_spec::<Composition>(&ctx, &namespace, status.revisions.as_ref())
+                        .await?;
+                let own = agent.spec.promotion.as_ref();
+                let need = agent_gate::decide(
+                    &agent.name_any(),
+                    own,
+                    promoted.as_ref().map(|c| (c, status.promoted_gates.as_slice())),
+                    &candidate,
+                    &members,
+                );
+                let gate = match &need {
+                    Need::Replay(gate) => Some(gate),
+                    Need::Direct(..) => None,
+                };
+                let gated = Gated {
+                    kind: GatedKind::Agent,
+                    promotion: gate,
+                    ungated: match need {
+                        Need::Direct(by, why) => (by, why),
+                        Need::Replay(_) => (PromotedBy::Ungated, ""),
+                    },
+                    first_replayed: true,
+                    revisions: status.revisions.clone().unwrap_or_default(),
+                    conditions: previous.clone(),
+                };
+                let digest = candidate.digest();
+                let step =
+                    revisions::promotion_step(&ctx, agent.as_ref(), &candidate, &gated, &digest).await?;
+                if step.promoted_now {
+                    promoted_gates = agent_gate::member_gates(&members);
+                }
+                promotion_gate = Some(agent_gate::gate_status(own, &promoted_gates, &members));
+                revisions = Some(step.revisions);
+                requeue = step.requeue;
+                wanted.extend(step.wanted);
+                Wanted::new(
+                    conditions::READY,
+                    true,
+                    reason::RESOLVED,
+                    "every reference resolved and the spec is valid",
+                )
+            }
+        },
     };
-    let previous = agent
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
+    wanted.insert(0, ready.clone());
     let status = json!({
-        "conditions": merge(&previous, std::slice::from_ref(&ready), agent.metadata.generation, now()),
+        "conditions": merge(&previous, &wanted, agent.metadata.generation, now()),
         "observedGeneration": agent.metadata.generation,
         "toolCount": agent.spec.tools.len(),
-        "contextPackDigest": resolved.context_pack_digest,
-        "policyDigests": resolved.policy_digests,
+        "contextPackDigest": digests.0,
+        "policyDigests": digests.1,
+        "revisions": revisions,
+        "promotionGate": promotion_gate,
+        "promotedGates": promoted_gates,
     });
     apply_status(
         &Api::<Agent>::namespaced(ctx.client.clone(), &namespace),
@@ -72,7 +132,88 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
     )
     .await?;
     super::announce(&ctx, agent.as_ref(), &previous, &ready).await;
-    Ok(Action::await_change())
+    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// The objects the composition uses, as the gate decision sees them.
+fn members(resolved: &Resolved) -> Vec<Member<'_>> {
+    let pack = &resolved.pack;
+    std::iter::once(member(
+        GatedKind::ContextPack,
+        &pack.metadata,
+        pack.status.as_ref().and_then(|s| s.revisions.as_ref()),
+        pack.spec.promotion.as_ref(),
+    ))
+    .chain(resolved.policies.iter().map(|p| {
+        member(
+            GatedKind::Policy,
+            &p.metadata,
+            p.status.as_ref().and_then(|s| s.revisions.as_ref()),
+            p.spec.promotion.as_ref(),
+        )
+    }))
+    .collect()
+}
+
+fn member<'a>(
+    kind: GatedKind,
+    meta: &'a kube::api::ObjectMeta,
+    revisions: Option<&'a RevisionStatus>,
+    promotion: Option<&'a contextos_crds::common::PromotionSpec>,
+) -> Member<'a> {
+    Member {
+        kind,
+        name: meta.name.as_deref().unwrap_or_default(),
+        digest: revisions.and_then(|r| r.promoted.as_deref()).unwrap_or_default(),
+        promotion,
+        promoted_by: revisions.and_then(|r| r.promoted_by),
+    }
+}
+
+/// The candidate composition: the Agent's spec with the promoted revisions of what it uses
+/// (`Ok(Err(..))` names one without a promoted revision).
+async fn composition(
+    ctx: &Context,
+    namespace: &str,
+    spec: &AgentSpec,
+    resolved: &Resolved,
+) -> Result<Result<Composition, Invalid>> {
+    let not_promoted = |field: &str, kind: &str, name: &str| {
+        Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            format!("{field}: {kind} {name} has no promoted revision yet; see its Promoted condition"),
+        )
+    };
+    let pack_name = resolved.pack.name_any();
+    let pack_revisions = resolved.pack.status.as_ref().and_then(|s| s.revisions.as_ref());
+    let Some(pack) = revisions::promoted_spec(ctx, namespace, pack_revisions).await? else {
+        return Ok(Err(not_promoted(
+            "spec.contextPackRef.name",
+            "ContextPack",
+            &pack_name,
+        )));
+    };
+    let mut policies = Vec::new();
+    for (i, policy) in resolved.policies.iter().enumerate() {
+        let name = policy.name_any();
+        let revisions = policy.status.as_ref().and_then(|s| s.revisions.as_ref());
+        let Some(spec) = revisions::promoted_spec(ctx, namespace, revisions).await? else {
+            return Ok(Err(not_promoted(
+                &format!("spec.policyRefs[{i}].name"),
+                "Policy",
+                &name,
+            )));
+        };
+        policies.push(NamedPolicy { name, spec });
+    }
+    Ok(Ok(Composition::new(
+        spec,
+        NamedPack {
+            name: pack_name,
+            spec: pack,
+        },
+        policies,
+    )))
 }
 
 /// Fetches what the Agent references; `Ok(Err(..))` names the first reference that is missing
@@ -88,32 +229,35 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
             namespace,
         )));
     };
-    let pack_status = pack.status.clone().unwrap_or_default();
-    if !is_ready(&pack_status.conditions) {
+    let pack_conditions = pack
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    if !is_ready(&pack_conditions) {
         return Ok(Err(not_ready(
             "spec.contextPackRef.name",
             "ContextPack",
             pack_name,
-            &pack_status.conditions,
+            &pack_conditions,
         )));
     }
     let policies = Api::<Policy>::namespaced(ctx.client.clone(), namespace);
-    let mut policy_digests = Vec::new();
+    let mut used = Vec::new();
     for (i, reference) in spec.policy_refs.iter().enumerate() {
         let field = format!("spec.policyRefs[{i}].name");
         let Some(policy) = policies.get_opt(&reference.name).await? else {
             return Ok(Err(missing(&field, "Policy", &reference.name, namespace)));
         };
-        let status = policy.status.clone().unwrap_or_default();
-        if !is_ready(&status.conditions) {
-            return Ok(Err(not_ready(
-                &field,
-                "Policy",
-                &reference.name,
-                &status.conditions,
-            )));
+        let conditions = policy
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        if !is_ready(&conditions) {
+            return Ok(Err(not_ready(&field, "Policy", &reference.name, &conditions)));
         }
-        policy_digests.push(status.revisions.and_then(|r| r.promoted).unwrap_or_default());
+        used.push(policy);
     }
     let sandboxes = Api::<SandboxProfile>::namespaced(ctx.client.clone(), namespace);
     let sandbox_name = &spec.sandbox_profile_ref.name;
@@ -137,10 +281,7 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
     if let Some(problem) = execution_refused(&spec.tools, &sandbox.spec.execution, sandbox_name) {
         return Ok(Err(Invalid::new(reason::EXECUTION_NOT_ALLOWED, problem)));
     }
-    Ok(Ok(Resolved {
-        context_pack_digest: pack_status.revisions.and_then(|r| r.promoted),
-        policy_digests,
-    }))
+    Ok(Ok(Resolved { pack, policies: used }))
 }
 
 /// Tool schemas and output validators must compile, and no tool may need a capability sandbox

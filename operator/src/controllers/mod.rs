@@ -171,6 +171,14 @@ pub fn ready_message(conditions: &[Condition]) -> String {
         .map_or_else(|| "it has not been reconciled yet".into(), |c| c.message.clone())
 }
 
+/// The message of condition `type_`, for explanations.
+pub fn condition_message(conditions: &[Condition], type_: &str) -> String {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map_or_else(|| "it has not been reconciled yet".into(), |c| c.message.clone())
+}
+
 /// Publishes an Event on `object` when one of its conditions changes: Normal when it becomes
 /// True, Warning (with the reason and the message naming the fix) when it becomes False.
 /// Events are best effort (the namespace may be going away); the status says it all.

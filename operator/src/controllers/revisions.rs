@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use contextos_crds::{
     ContextPack, ContextPackSpec, Policy, SandboxProfile,
-    common::{PromotionMode, PromotionSpec, ReplaySummary, RevisionStatus},
+    common::{PromotedBy, PromotionMode, PromotionSpec, ReplaySummary, RevisionStatus},
     conditions::{self, reason},
     labels,
 };
@@ -81,6 +81,40 @@ where
     Ok(name)
 }
 
+/// The spec of the promoted revision, from its ControllerRevision snapshot: Sessions run the
+/// promoted revision even while a newer candidate waits for its replay gate.
+/// The snapshot must hold the promoted digest's spec: a snapshot someone else wrote at that
+/// name is not the promoted revision.
+pub(super) async fn promoted_spec<T: serde::de::DeserializeOwned + serde::Serialize>(
+    ctx: &Context,
+    namespace: &str,
+    revisions: Option<&contextos_crds::common::RevisionStatus>,
+) -> Result<Option<T>> {
+    let (Some(snapshot), Some(promoted)) = (
+        revisions.and_then(|r| r.promoted_snapshot.as_deref()),
+        revisions.and_then(|r| r.promoted.as_deref()),
+    ) else {
+        return Ok(None);
+    };
+    let api =
+        Api::<k8s_openapi::api::apps::v1::ControllerRevision>::namespaced(ctx.client.clone(), namespace);
+    let Some(revision) = api.get_opt(snapshot).await? else {
+        return Ok(None);
+    };
+    let spec = revision
+        .data
+        .map(|d| d.0["spec"].clone())
+        .unwrap_or(serde_json::Value::Null);
+    let Ok(spec) = serde_json::from_value::<T>(spec) else {
+        return Ok(None);
+    };
+    if spec_digest(&spec) != promoted {
+        tracing::warn!(%namespace, snapshot, promoted, "a revision snapshot does not hold the promoted spec");
+        return Ok(None);
+    }
+    Ok(Some(spec))
+}
+
 /// Reconciles a ContextPack.
 pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile("ContextPack");
@@ -119,6 +153,8 @@ pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -
     let gate = Gated {
         kind: GatedKind::ContextPack,
         promotion: pack.spec.promotion.as_ref(),
+        ungated: Gated::NO_GATE,
+        first_replayed: false,
         revisions: pack
             .status
             .as_ref()
@@ -151,6 +187,8 @@ pub async fn reconcile_policy(policy: Arc<Policy>, ctx: Arc<Context>) -> Result<
     let gate = Gated {
         kind: GatedKind::Policy,
         promotion: policy.spec.promotion.as_ref(),
+        ungated: Gated::NO_GATE,
+        first_replayed: false,
         revisions: policy
             .status
             .as_ref()
@@ -206,22 +244,91 @@ pub const PROMOTE_WITHOUT_REPLAY: &str = "contextos.dev/promote-without-replay";
 pub const APPROVE_PROMOTION: &str = "contextos.dev/approve-promotion";
 
 /// What the promotion gate of one object needs.
-struct Gated<'a> {
-    kind: GatedKind,
-    promotion: Option<&'a PromotionSpec>,
-    revisions: RevisionStatus,
-    conditions: Vec<Condition>,
+pub(super) struct Gated<'a> {
+    pub kind: GatedKind,
+    /// The gate; `None` promotes directly, for the reason given in `ungated`.
+    pub promotion: Option<&'a PromotionSpec>,
+    pub ungated: (PromotedBy, &'static str),
+    /// Whether a first revision is replayed too (an Agent deleted and created again has
+    /// recorded sessions; a Policy's first revision is covered by the Agents' gates).
+    pub first_replayed: bool,
+    pub revisions: RevisionStatus,
+    pub conditions: Vec<Condition>,
+}
+
+impl Gated<'_> {
+    const NO_GATE: (PromotedBy, &'static str) = (PromotedBy::Ungated, "no promotion gate");
 }
 
 /// Where a candidate stands after this pass.
 struct Verdict {
     /// Look again after this long (a retry waiting out its backoff).
     requeue: Option<std::time::Duration>,
-    promote: bool,
+    /// How the candidate is promoted now, if it is.
+    promote: Option<PromotedBy>,
     promoted: Wanted,
     replay: Option<Wanted>,
     awaiting: Option<Wanted>,
     summary: Option<ReplaySummary>,
+}
+
+/// The promotion gate's outcome for a valid candidate: the revisions to show, the conditions
+/// to set, when to look again.
+pub(super) struct GateStep {
+    pub revisions: RevisionStatus,
+    /// Whether the candidate was promoted in this pass.
+    pub promoted_now: bool,
+    pub wanted: Vec<Wanted>,
+    pub requeue: Option<Duration>,
+}
+
+/// Runs the promotion gate for `spec` (digest `digest`) and snapshots it if it is promoted.
+pub(super) async fn promotion_step<K, S>(
+    ctx: &Context,
+    object: &K,
+    spec: &S,
+    gate: &Gated<'_>,
+    digest: &str,
+) -> Result<GateStep>
+where
+    K: kube::Resource<DynamicType = ()>,
+    S: serde::Serialize,
+{
+    let mut revisions = RevisionStatus {
+        candidate: Some(digest.to_owned()),
+        ..gate.revisions.clone()
+    };
+    let verdict = gate_candidate(ctx, object, spec, gate, digest).await?;
+    let mut wanted = Vec::new();
+    if let Some(by) = verdict.promote {
+        let kind = replay_job::kind_label(gate.kind);
+        revisions.promoted_snapshot = Some(snapshot(ctx, object, kind, spec, digest).await?);
+        revisions.promoted = Some(digest.to_owned());
+        revisions.promoted_by = Some(by);
+    }
+    if verdict.summary.is_some() {
+        revisions.replay = verdict.summary;
+    }
+    super::announce(ctx, object, &gate.conditions, &verdict.promoted).await;
+    wanted.push(verdict.promoted);
+    if let Some(replay) = verdict.replay {
+        super::announce(ctx, object, &gate.conditions, &replay).await;
+        wanted.push(replay);
+    }
+    wanted.push(verdict.awaiting.unwrap_or_else(|| {
+        Wanted::new(
+            conditions::AWAITING_PROMOTION,
+            false,
+            reason::PROMOTED,
+            "nothing waits for a human",
+        )
+    }));
+    Ok(GateStep {
+        revisions,
+        promoted_now: verdict.promote.is_some(),
+        wanted,
+        requeue: verdict.requeue,
+    })
 }
 
 /// Validity, the promotion gate, status and Events for a ContextPack or Policy.
@@ -238,43 +345,22 @@ where
     S: serde::Serialize,
 {
     let digest = spec_digest(spec);
-    let mut revisions = RevisionStatus {
-        candidate: Some(digest.clone()),
-        ..gate.revisions.clone()
-    };
-    let mut wanted = Vec::new();
-    let mut requeue = None;
     let ready = match &problem {
         Some(p) => Wanted::new(conditions::READY, false, p.reason, p.message.clone()),
         None => Wanted::new(conditions::READY, true, reason::RESOLVED, "the spec is valid"),
     };
-    wanted.push(ready.clone());
-    if problem.is_none() {
-        let verdict = gate_candidate(ctx, object, spec, &gate, &digest).await?;
-        requeue = verdict.requeue;
-        if verdict.promote {
-            let kind = replay_job::kind_label(gate.kind);
-            revisions.promoted_snapshot = Some(snapshot(ctx, object, kind, spec, &digest).await?);
-            revisions.promoted = Some(digest.clone());
-        }
-        if verdict.summary.is_some() {
-            revisions.replay = verdict.summary;
-        }
-        super::announce(ctx, object, &gate.conditions, &verdict.promoted).await;
-        wanted.push(verdict.promoted);
-        if let Some(replay) = verdict.replay {
-            super::announce(ctx, object, &gate.conditions, &replay).await;
-            wanted.push(replay);
-        }
-        wanted.push(verdict.awaiting.unwrap_or_else(|| {
-            Wanted::new(
-                conditions::AWAITING_PROMOTION,
-                false,
-                reason::PROMOTED,
-                "nothing waits for a human",
-            )
-        }));
-    }
+    let mut wanted = vec![ready.clone()];
+    let (revisions, requeue) = if problem.is_none() {
+        let step = promotion_step(ctx, object, spec, &gate, &digest).await?;
+        wanted.extend(step.wanted);
+        (step.revisions, step.requeue)
+    } else {
+        let revisions = RevisionStatus {
+            candidate: Some(digest.clone()),
+            ..gate.revisions.clone()
+        };
+        (revisions, None)
+    };
     let status = json!({
         "conditions": merge(&gate.conditions, &wanted, object.meta().generation, now()),
         "observedGeneration": object.meta().generation,
@@ -299,9 +385,9 @@ where
 {
     let promoted_digest = gate.revisions.promoted.clone();
     let in_force = |message: String| Wanted::new(conditions::PROMOTED, true, reason::PROMOTED, message);
-    let direct = |why: &str| Verdict {
+    let direct = |by: PromotedBy, why: &str| Verdict {
         requeue: None,
-        promote: true,
+        promote: Some(by),
         promoted: in_force(format!("revision {digest} is in force ({why})")),
         replay: None,
         awaiting: None,
@@ -311,21 +397,28 @@ where
         (_, Some(old)) if old == digest => {
             return Ok(Verdict {
                 requeue: None,
-                promote: false,
+                promote: None,
                 promoted: in_force(format!("revision {digest} is in force")),
                 replay: None,
                 awaiting: None,
                 summary: None,
             });
         }
-        (None, _) => return Ok(direct("no promotion gate")),
-        (Some(_), None) => {
+        (None, _) => return Ok(direct(gate.ungated.0, gate.ungated.1)),
+        (Some(_), None) if !gate.first_replayed => {
             return Ok(direct(
+                PromotedBy::FirstRevision,
                 "first revision: nothing recorded ran under an earlier one",
             ));
         }
-        (Some(promotion), Some(old)) => (promotion, old),
+        (Some(promotion), old) => (promotion, old),
     };
+    let first = old.is_none();
+    // What stays in force meanwhile, for the messages.
+    let keep = old.map_or_else(
+        || "no revision is in force until then".to_owned(),
+        |old| format!("{old} stays in force"),
+    );
     let annotation = |key: &str| {
         object
             .meta()
@@ -335,6 +428,7 @@ where
     };
     if annotation(PROMOTE_WITHOUT_REPLAY).as_deref() == Some(digest) {
         return Ok(direct(
+            PromotedBy::Bypass,
             "promoted without replay by the contextos.dev/promote-without-replay annotation",
         ));
     }
@@ -354,10 +448,10 @@ where
     // again now and then.
     let replaying = |job_name: &str| Verdict {
         requeue: Some(Duration::from_secs(20)),
-        promote: false,
+        promote: None,
         promoted: held(
             reason::REPLAY_PENDING,
-            format!("candidate {digest} is being replayed by Job {job_name}; {old} stays in force"),
+            format!("candidate {digest} is being replayed by Job {job_name}; {keep}"),
         ),
         replay: Some(Wanted::new(
             conditions::REPLAY_PASSED,
@@ -370,10 +464,10 @@ where
     };
     let inconclusive = |message: String, requeue: Option<Duration>| Verdict {
         requeue,
-        promote: false,
+        promote: None,
         promoted: held(
             reason::REPLAY_INCONCLUSIVE,
-            format!("candidate {digest} has no replay verdict; {old} stays in force"),
+            format!("candidate {digest} has no replay verdict; {keep}"),
         ),
         replay: Some(Wanted::new(
             conditions::REPLAY_PASSED,
@@ -471,7 +565,7 @@ where
             let approved = annotation(APPROVE_PROMOTION).as_deref() == Some(digest);
             if promotion.mode == PromotionMode::Automatic || approved {
                 verdict(
-                    true,
+                    Some(PromotedBy::Replay),
                     in_force(format!("revision {digest} is in force (replay passed)")),
                     passed,
                     None,
@@ -486,23 +580,36 @@ where
                     ),
                 );
                 verdict(
-                    false,
+                    None,
                     held(
                         reason::REPLAY_PASSED,
-                        format!("candidate {digest} waits for approval; {old} stays in force"),
+                        format!("candidate {digest} waits for approval; {keep}"),
                     ),
                     passed,
                     Some(waiting),
                 )
             }
         }
+        // A first revision with nothing recorded to replay it against has nothing to diverge
+        // from (an Agent created for the first time).
+        ref g if g.no_history && first => verdict(
+            Some(PromotedBy::NoHistory),
+            in_force(format!(
+                "revision {digest} is in force (its gate found no recorded session to replay)"
+            )),
+            Wanted::new(
+                conditions::REPLAY_PASSED,
+                true,
+                reason::NO_RECORDED_HISTORY,
+                "no recorded session: nothing to replay",
+            ),
+            None,
+        ),
         ref g if g.no_history => verdict(
-            false,
+            None,
             held(
                 reason::NO_RECORDED_HISTORY,
-                format!(
-                    "candidate {digest} cannot be replayed: no recorded sessions yet; {old} stays in force"
-                ),
+                format!("candidate {digest} cannot be replayed: no recorded sessions yet; {keep}"),
             ),
             Wanted::new(
                 conditions::REPLAY_PASSED,
@@ -515,10 +622,10 @@ where
             None,
         ),
         ref g => verdict(
-            false,
+            None,
             held(
                 reason::REPLAY_FAILED,
-                format!("candidate {digest} failed its replay gate; {old} stays in force"),
+                format!("candidate {digest} failed its replay gate; {keep}"),
             ),
             Wanted::new(
                 conditions::REPLAY_PASSED,

@@ -6,17 +6,14 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use contextos_crds::{
-    Agent, ContextPack, ContextPackSpec, Policy, SandboxProfile, SandboxProfileSpec, Session, annotations,
+    Agent, SandboxProfile, SandboxProfileSpec, Session, annotations,
     conditions::{self, reason},
     session::SessionPhase,
 };
 use contextos_runner::{
-    gateway::{
-        approvals::{ApprovalRequest, UnresolvedReport},
-        bundle::NamedPolicy,
-    },
+    gateway::approvals::{ApprovalRequest, UnresolvedReport},
     run::{
-        bundle::{NamedPack, RunBundle, spec_digest},
+        bundle::{Composition, RunBundle, spec_digest},
         issue_run_context,
         pod::{PodBundle, PodReport},
     },
@@ -29,7 +26,10 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use super::{Context, Error, Invalid, Result, apply, apply_status, is_ready, now, ready_message};
+use super::{
+    Context, Error, Invalid, Result, apply, apply_status, condition_message, is_ready, now, ready_message,
+    revisions,
+};
 use crate::{
     conditions::{Wanted, merge},
     session_children as children,
@@ -461,9 +461,6 @@ async fn pinned(
             ),
         )));
     };
-    let sandbox = Api::<SandboxProfile>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(&agent.spec.sandbox_profile_ref.name)
-        .await?;
     let agent_conditions = agent
         .status
         .as_ref()
@@ -478,9 +475,24 @@ async fn pinned(
             ),
         )));
     }
+    // The Agent's promoted composition, not its current spec: a change to what it runs is a
+    // candidate until its gate promotes it.
+    let revisions = agent.status.as_ref().and_then(|s| s.revisions.as_ref());
+    let Some(composition) = revisions::promoted_spec::<Composition>(ctx, &namespace, revisions).await? else {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            format!(
+                "spec.agentRef.name: Agent {agent_name} has no promoted revision yet: {}",
+                condition_message(&agent_conditions, conditions::PROMOTED)
+            ),
+        )));
+    };
+    let sandbox = Api::<SandboxProfile>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&composition.agent_spec.sandbox_profile_ref.name)
+        .await?;
     if let Err(e) = contextos_runner::run_context::effective_limits(
-        &agent.spec.budget,
-        agent.spec.safety_mode,
+        &composition.agent_spec.budget,
+        composition.agent_spec.safety_mode,
         session.spec.overrides.as_ref(),
     ) {
         return Ok(Err(Invalid::new(reason::OVERRIDE_LOOSENS, e.to_string())));
@@ -491,7 +503,7 @@ async fn pinned(
             "the Agent's SandboxProfile is gone",
         )));
     };
-    let bundle = match resolve_bundle(ctx, session, &agent, &sandbox).await? {
+    let bundle = match resolve_bundle(ctx, session, composition, &sandbox).await? {
         Ok(bundle) => bundle,
         Err(invalid) => return Ok(Err(invalid)),
     };
@@ -548,34 +560,23 @@ async fn cancel(ctx: &Context, session: &Session, pods: &Api<Pod>, attempt: u32)
     Ok(Action::await_change())
 }
 
-/// Everything the Agent references, read now.
+/// The run bundle of the Agent's promoted composition, with its pack's sources and the model
+/// script read now.
 async fn resolve_bundle(
     ctx: &Context,
     session: &Session,
-    agent: &Agent,
+    composition: Composition,
     sandbox: &SandboxProfile,
 ) -> Result<Result<RunBundle, Invalid>> {
     let namespace = session.namespace().unwrap_or_default();
     let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace);
-    let pack_name = &agent.spec.context_pack_ref.name;
-    let Some(pack) = Api::<ContextPack>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(pack_name)
-        .await?
-    else {
-        return Ok(Err(Invalid::new(
-            reason::REFERENCE_NOT_READY,
-            format!("ContextPack {pack_name} is gone"),
-        )));
-    };
-    let revisions = pack.status.as_ref().and_then(|s| s.revisions.clone());
-    let Some(pack_spec) = promoted_spec::<ContextPackSpec>(ctx, &namespace, revisions.as_ref()).await? else {
-        return Ok(Err(Invalid::new(
-            reason::REFERENCE_NOT_READY,
-            format!("ContextPack {pack_name} has no promoted revision yet"),
-        )));
-    };
+    let Composition {
+        agent_spec,
+        context_pack,
+        policies,
+    } = composition;
     let mut sources = BTreeMap::new();
-    for source in &pack_spec.sources {
+    for source in &context_pack.spec.sources {
         if let Some(key) = &source.config_map_ref {
             match config_map_key(&config_maps, &key.name, &key.key).await? {
                 Some(content) => {
@@ -585,36 +586,15 @@ async fn resolve_bundle(
                     return Ok(Err(Invalid::new(
                         reason::REFERENCE_NOT_READY,
                         format!(
-                            "ContextPack {pack_name}: ConfigMap {} has no key {}",
-                            key.name, key.key
+                            "ContextPack {}: ConfigMap {} has no key {}",
+                            context_pack.name, key.name, key.key
                         ),
                     )));
                 }
             }
         }
     }
-    let mut policies = Vec::new();
-    let policy_api = Api::<Policy>::namespaced(ctx.client.clone(), &namespace);
-    for reference in &agent.spec.policy_refs {
-        let Some(policy) = policy_api.get_opt(&reference.name).await? else {
-            return Ok(Err(Invalid::new(
-                reason::REFERENCE_NOT_READY,
-                format!("Policy {} is gone", reference.name),
-            )));
-        };
-        let revisions = policy.status.as_ref().and_then(|s| s.revisions.clone());
-        let Some(spec) = promoted_spec(ctx, &namespace, revisions.as_ref()).await? else {
-            return Ok(Err(Invalid::new(
-                reason::REFERENCE_NOT_READY,
-                format!("Policy {} has no promoted revision yet", reference.name),
-            )));
-        };
-        policies.push(NamedPolicy {
-            name: reference.name.clone(),
-            spec,
-        });
-    }
-    let model_script = match &agent.spec.model.script_ref {
+    let model_script = match &agent_spec.model.script_ref {
         Some(key) => config_map_key(&config_maps, &key.name, &key.key).await?,
         None => None,
     };
@@ -622,49 +602,15 @@ async fn resolve_bundle(
         tenant: namespace,
         session: session.name_any(),
         session_spec: session.spec.clone(),
-        agent: agent.name_any(),
-        agent_spec: agent.spec.clone(),
-        context_pack: NamedPack {
-            name: pack_name.clone(),
-            spec: pack_spec,
-        },
+        agent: session.spec.agent_ref.name.clone(),
+        agent_spec,
+        context_pack,
         sources,
         policies,
         sandbox_profile_digest: Some(spec_digest(&sandbox.spec)),
         model_script,
         session_labels: session.labels().clone(),
     }))
-}
-
-/// The spec of the promoted revision, from its ControllerRevision snapshot: Sessions run the
-/// promoted revision even while a newer candidate waits for its replay gate.
-/// The snapshot must hold the promoted digest's spec: a snapshot someone else wrote at that
-/// name is not the promoted revision.
-async fn promoted_spec<T: serde::de::DeserializeOwned + serde::Serialize>(
-    ctx: &Context,
-    namespace: &str,
-    revisions: Option<&contextos_crds::common::RevisionStatus>,
-) -> Result<Option<T>> {
-    let (Some(snapshot), Some(promoted)) = (
-        revisions.and_then(|r| r.promoted_snapshot.as_deref()),
-        revisions.and_then(|r| r.promoted.as_deref()),
-    ) else {
-        return Ok(None);
-    };
-    let api =
-        Api::<k8s_openapi::api::apps::v1::ControllerRevision>::namespaced(ctx.client.clone(), namespace);
-    let Some(revision) = api.get_opt(snapshot).await? else {
-        return Ok(None);
-    };
-    let spec = revision.data.map(|d| d.0["spec"].clone()).unwrap_or(Value::Null);
-    let Ok(spec) = serde_json::from_value::<T>(spec) else {
-        return Ok(None);
-    };
-    if spec_digest(&spec) != promoted {
-        tracing::warn!(%namespace, snapshot, promoted, "a revision snapshot does not hold the promoted spec");
-        return Ok(None);
-    }
-    Ok(Some(spec))
 }
 
 async fn config_map_key(api: &Api<ConfigMap>, name: &str, key: &str) -> Result<Option<String>> {

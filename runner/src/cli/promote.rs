@@ -1,4 +1,4 @@
-//! `contextos promote status <kind>/<name>`: where a ContextPack or Policy revision stands on its
+//! `contextos promote status <kind>/<name>`: where a ContextPack, Policy or Agent revision stands on its
 //! replay gate — candidate and promoted digests, conditions, the replay Job and its top
 //! divergences — read from the cluster in the current kubeconfig. With `--wait` it blocks until
 //! the candidate is decided; its exit code is the gate, for release pipelines.
@@ -8,7 +8,7 @@ use std::{process::ExitCode, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use contextos_crds::{
-    ContextPack, Policy,
+    Agent, ContextPack, Policy,
     common::RevisionStatus,
     kube::{self, Api},
 };
@@ -16,14 +16,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 #[derive(Debug, Subcommand)]
 pub enum PromoteCommand {
-    /// Print a ContextPack's or Policy's promotion state and exit with the gate's verdict:
+    /// Print a ContextPack's, Policy's or Agent's promotion state and exit with the gate's verdict:
     /// 0 promoted, 3 replay failed, 4 no recorded history, 5 still undecided.
     Status(StatusArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// `policy/<name>` or `contextpack/<name>`.
+    /// `policy/<name>`, `contextpack/<name>` or `agent/<name>` (its composition).
     target: String,
     /// Namespace (default: the kubeconfig's).
     #[arg(short = 'n', long)]
@@ -44,10 +44,12 @@ enum Standing {
 
 pub async fn run(command: PromoteCommand) -> anyhow::Result<ExitCode> {
     let PromoteCommand::Status(args) = command;
-    let (kind, name) = args
-        .target
-        .split_once('/')
-        .with_context(|| format!("{:?}: expected policy/<name> or contextpack/<name>", args.target))?;
+    let (kind, name) = args.target.split_once('/').with_context(|| {
+        format!(
+            "{:?}: expected policy/<name>, contextpack/<name> or agent/<name>",
+            args.target
+        )
+    })?;
     let client = kube::Client::try_default()
         .await
         .context("cannot reach the cluster in the current kubeconfig")?;
@@ -85,7 +87,21 @@ pub async fn run(command: PromoteCommand) -> anyhow::Result<ExitCode> {
                     s.revisions,
                 )
             }
-            other => bail!("{other}: promotion applies to policy/<name> and contextpack/<name>"),
+            "agent" | "agents" => {
+                let a = Api::<Agent>::namespaced(client.clone(), &namespace)
+                    .get(name)
+                    .await?;
+                let s = a.status.unwrap_or_default();
+                (
+                    a.metadata.generation,
+                    s.observed_generation,
+                    s.conditions,
+                    s.revisions,
+                )
+            }
+            other => {
+                bail!("{other}: promotion applies to policy/<name>, contextpack/<name> and agent/<name>")
+            }
         };
         let revisions = revisions.unwrap_or_default();
         let current = observed.is_some() && observed == generation;

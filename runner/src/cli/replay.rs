@@ -206,6 +206,7 @@ fn candidate(paths: &[PathBuf]) -> anyhow::Result<Candidate> {
     Ok(Candidate {
         policies,
         context_pack: packs.pop(),
+        composition: None,
     })
 }
 

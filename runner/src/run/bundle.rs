@@ -51,11 +51,46 @@ pub struct NamedPack {
     pub spec: ContextPackSpec,
 }
 
+/// What an Agent runs, as one revision: its spec and the promoted revisions of the pack and
+/// policies it uses. The operator promotes compositions through the Agent's replay gate, and a
+/// Session pins the promoted one, so pointing an Agent at another Policy, dropping one, or
+/// re-creating one is a candidate like any Policy change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Composition {
+    /// The Agent's spec without its `promotion` (the gate is not part of what runs).
+    pub agent_spec: AgentSpec,
+    pub context_pack: NamedPack,
+    /// In `policyRefs` order.
+    pub policies: Vec<NamedPolicy>,
+}
+
+impl Composition {
+    /// The composition of `agent_spec` with these revisions.
+    pub fn new(agent_spec: &AgentSpec, context_pack: NamedPack, policies: Vec<NamedPolicy>) -> Self {
+        Self {
+            agent_spec: AgentSpec {
+                promotion: None,
+                ..agent_spec.clone()
+            },
+            context_pack,
+            policies,
+        }
+    }
+
+    /// Its revision identity.
+    pub fn digest(&self) -> String {
+        spec_digest(self)
+    }
+}
+
 /// A candidate revision to replay a bundle under.
 #[derive(Clone, Debug, Default)]
 pub struct Candidate {
     pub policies: Vec<NamedPolicy>,
     pub context_pack: Option<NamedPack>,
+    /// A whole Agent composition: replaces the agent spec, the pack and every policy.
+    pub composition: Option<Composition>,
 }
 
 /// A candidate that does not fit the bundle.
@@ -136,6 +171,11 @@ impl RunBundle {
     /// This bundle with candidate revisions swapped in (same names; a candidate must replace
     /// something the agent uses).
     pub fn with_candidate(mut self, candidate: &Candidate) -> Result<Self, CandidateError> {
+        if let Some(composition) = &candidate.composition {
+            self.agent_spec = composition.agent_spec.clone();
+            self.context_pack = composition.context_pack.clone();
+            self.policies = composition.policies.clone();
+        }
         for policy in &candidate.policies {
             let Some(slot) = self.policies.iter_mut().find(|p| p.name == policy.name) else {
                 return Err(CandidateError::PolicyNotReferenced {

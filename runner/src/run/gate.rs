@@ -16,7 +16,7 @@ use crate::{
     keys::{KeyPair, PublicKey},
     records::{RecordStore, RunFilter, TenantId, canonical::canonical_bytes_of},
     run::{
-        bundle::{Candidate, NamedPack, spec_digest},
+        bundle::{Candidate, Composition, NamedPack, spec_digest},
         replay::{ReplayError, ReplayGate, replay_runs},
     },
 };
@@ -30,6 +30,8 @@ pub const GATE_PATH: &str = "/v1/records/gate";
 pub enum GatedKind {
     Policy,
     ContextPack,
+    /// An Agent's composition (see [`Composition`]).
+    Agent,
 }
 
 impl GatedKind {
@@ -38,6 +40,7 @@ impl GatedKind {
         match self {
             Self::Policy => "Policy",
             Self::ContextPack => "ContextPack",
+            Self::Agent => "Agent",
         }
     }
 }
@@ -100,7 +103,7 @@ impl GateOrder {
                     digest,
                     Candidate {
                         policies: vec![policy],
-                        context_pack: None,
+                        ..Candidate::default()
                     },
                 )
             }
@@ -114,8 +117,18 @@ impl GateOrder {
                 (
                     digest,
                     Candidate {
-                        policies: Vec::new(),
                         context_pack: Some(pack),
+                        ..Candidate::default()
+                    },
+                )
+            }
+            GatedKind::Agent => {
+                let composition: Composition = serde_json::from_value(spec).map_err(unreadable)?;
+                (
+                    composition.digest(),
+                    Candidate {
+                        composition: Some(composition),
+                        ..Candidate::default()
                     },
                 )
             }
@@ -250,6 +263,43 @@ mod tests {
         assert!(matches!(
             order.candidate(&pack),
             Err(GateError::WrongObject { .. })
+        ));
+    }
+
+    #[test]
+    fn an_agent_gate_replays_exactly_the_ordered_composition() {
+        let agent: contextos_crds::AgentSpec = serde_json::from_value(json!({
+            "model": {"provider": "scripted", "model": "m"},
+            "contextPackRef": {"name": "ops"},
+            "policyRefs": [{"name": "guardrails"}],
+            "sandboxProfileRef": {"name": "default"},
+            "budget": {"maxSteps": 4, "maxToolCalls": 4, "maxTokens": 1000, "maxWallSeconds": 60},
+        }))
+        .expect("agent");
+        let pack = NamedPack {
+            name: "ops".into(),
+            spec: serde_json::from_value(json!({"instructions": "help", "tokenBudget": 1000})).expect("pack"),
+        };
+        let policy = NamedPolicy {
+            name: "guardrails".into(),
+            spec: serde_json::from_value(policy()["spec"].clone()).expect("policy"),
+        };
+        let composition = Composition::new(&agent, pack, vec![policy]);
+        let order = GateOrder {
+            kind: GatedKind::Agent,
+            name: "ops".into(),
+            candidate_digest: composition.digest(),
+            replay: ReplaySpec::default(),
+        };
+        let object = json!({"kind": "Agent", "metadata": {"name": "ops"}, "spec": composition});
+        let candidate = order.candidate(&object).expect("the ordered composition");
+        assert_eq!(candidate.composition.as_ref(), Some(&composition));
+        // The same agent pointed at another policy is another candidate.
+        let mut other = object;
+        other["spec"]["policies"][0]["name"] = json!("guardrails-v2");
+        assert!(matches!(
+            order.candidate(&other),
+            Err(GateError::WrongDigest { .. })
         ));
     }
 

@@ -9,6 +9,7 @@ mod cases;
 
 mod admission;
 mod crds;
+mod hostile_peers;
 mod jobs;
 mod manifests;
 mod objects;

@@ -359,3 +359,177 @@ async fn runner_attempts_that_crash_are_retried_up_to_the_bound() -> Result<()> 
     let _ = tools.kill();
     result
 }
+
+/// A `contextos gateway` process, started (and started again) on one loopback port.
+struct GatewayProcess {
+    child: tokio::process::Child,
+}
+
+impl GatewayProcess {
+    /// Starts the gateway on `port` (0: any) against `store`; returns it and its URL once it
+    /// serves.
+    async fn start(
+        env: &TestEnv,
+        store: &str,
+        trust: &str,
+        port: u16,
+        data: &std::path::Path,
+    ) -> Result<(Self, String)> {
+        use tokio::io::AsyncBufReadExt as _;
+        let contextos =
+            contextos_kind_tests::process_node::workspace_binary("contextos").context("contextos binary")?;
+        let kubeconfig = env.kubeconfig().context("the local control plane's kubeconfig")?;
+        let mut child = tokio::process::Command::new(contextos)
+            .env("KUBECONFIG", kubeconfig)
+            .arg("--data-dir")
+            .arg(data)
+            .args([
+                "--store",
+                store,
+                "gateway",
+                "--namespace",
+                OPERATOR_NAMESPACE,
+                "--trust-key",
+                trust,
+            ])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start contextos gateway")?;
+        let stderr = child.stderr.take().context("gateway stderr")?;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let url = tokio::time::timeout(TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix("contextos gateway: serving on ") {
+                    return anyhow::Ok(url.trim().to_owned());
+                }
+            }
+            anyhow::bail!("the gateway exited before serving")
+        })
+        .await
+        .context("the gateway did not start serving in time")??;
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok((Self { child }, url))
+    }
+
+    /// SIGKILL: nothing in flight is finished or recorded.
+    async fn kill(mut self) -> Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// The gateway service is killed while a restart it sent is acting, and the tool cannot dedupe
+/// (`idempotent: false`). The call's intent is on record with no result: the next attempt must
+/// not send it again. The Session pauses `AwaitingResolution`, showing the call as the gateway
+/// signed it; a human says it acted (spec.resolutions); the run resumes with that finding as the
+/// call's result, and the tool saw exactly one restart.
+#[tokio::test]
+async fn a_gateway_killed_while_a_tool_that_cannot_dedupe_acts_leaves_the_outcome_to_a_human() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner pods need the local process node");
+        return Ok(());
+    };
+    let (mut tools, tools_url) = operator_env::start_tools_with(&["--slow", "/deployments/restart=6000"])
+        .map_err(anyhow::Error::msg)?;
+    let data = tempfile::tempdir()?;
+    let trust = contextos_runner::key_secrets::published_run_context_key(&env.client(), OPERATOR_NAMESPACE)
+        .await?
+        .context("the operator's published RunContext key")?
+        .to_hex();
+    let (gateway, gateway_url) = GatewayProcess::start(env, &op.store, &trust, 0, data.path()).await?;
+    let port: u16 = gateway_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("the gateway's port")?;
+    let label = json!({CHAOS_LABEL: "unknown-outcome"});
+    let config = OperatorConfig {
+        namespace: OPERATOR_NAMESPACE.into(),
+        runner: operator_env::runner_settings(&gateway_url),
+        max_crash_attempts: 5,
+        concurrency: 4,
+        replay_image: contextos_kind_tests::process_node::RUNNER_IMAGE.to_owned(),
+        selector: Some(format!("{CHAOS_LABEL}=unknown-outcome")),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let client = env.client();
+    let operator = tokio::spawn(async move {
+        let _ = contextos_operator::run(client, config, Default::default(), stopped).await;
+    });
+    let result = async {
+        let ns = TestNamespace::new(env, "gateway-killed").await?;
+        let client = env.client();
+        for mut object in objects_for(&tools_url)? {
+            if object["kind"] == "Agent" {
+                let tools = object["spec"]["tools"].as_array_mut().context("the Agent's tools")?;
+                for tool in tools.iter_mut().filter(|t| t["name"] == "restart_deployment") {
+                    tool["idempotent"] = json!(false);
+                }
+            }
+            operator_env::add_labels(&mut object, &label);
+            apply(&client, ns.name(), &object).await?;
+        }
+        let mut started = session("unsure")?;
+        started["metadata"]["labels"] = label.clone();
+        apply(&client, ns.name(), &started).await?;
+        let sessions: Api<Session> = ns.api();
+        let paused = phase_is(&sessions, "unsure", SessionPhase::AwaitingApproval).await?;
+        let hash = paused.status.and_then(|s| s.pending_approval).context("pending")?.call_hash;
+        let approval = json!({"spec": {"approvals": [{"callHash": hash, "decision": "approve", "approver": "dana@example.com"}]}});
+        sessions.patch("unsure", &PatchParams::default(), &Patch::Merge(&approval)).await?;
+        wait_for("the restart reaches the tool", TIMEOUT, || async {
+            let effects = effects(&tools_url).await;
+            Check::when(effects.iter().any(|e| e["path"] == "/deployments/restart"), || format!("{effects:?}"))
+        })
+        .await?;
+        gateway.kill().await?;
+        let (_gateway, _) = GatewayProcess::start(env, &op.store, &trust, port, data.path()).await?;
+
+        let waiting = phase_is(&sessions, "unsure", SessionPhase::AwaitingResolution).await?;
+        let unresolved = waiting
+            .status
+            .clone()
+            .and_then(|s| s.unresolved_call)
+            .context("status.unresolvedCall")?;
+        ensure!(
+            unresolved.tool == "restart_deployment",
+            "the unresolved call is not the restart: {unresolved:?}"
+        );
+        let resolution = json!({"spec": {"resolutions": [{
+            "callId": unresolved.call_id, "outcome": "acted", "resolver": "dana@example.com",
+            "note": "checked the rollout: it restarted",
+        }]}});
+        sessions.patch("unsure", &PatchParams::default(), &Patch::Merge(&resolution)).await?;
+        let done = phase_is(&sessions, "unsure", SessionPhase::Succeeded).await?;
+
+        let effects = effects(&tools_url).await;
+        let restarts = effects.iter().filter(|e| e["path"] == "/deployments/restart").count();
+        ensure!(restarts == 1, "the restart was sent again: {effects:?}");
+        let run_id = done.status.and_then(|s| s.run_id).context("runId")?;
+        let store = TikvStore::connect(op.store.trim_start_matches("tikv://")).await?;
+        let entries = contextos_runner::records::read_run(&store, &TenantId::new(ns.name())?, &run_id).await?;
+        let resolved = entries.iter().find_map(|(_, e)| match &e.body {
+            contextos_runner::records::EntryBody::CallResolved { call_id, .. } => Some((call_id.clone(), serde_json::to_value(&e.body).unwrap_or_default())),
+            _ => None,
+        });
+        let (call_id, body) = resolved.context("the record holds the human's finding")?;
+        ensure!(
+            call_id == unresolved.call_id && body.to_string().contains("dana@example.com"),
+            "the finding is not the resolver's on that call: {body}"
+        );
+        ns.pass();
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    let _ = stop.send(true);
+    let _ = operator.await;
+    let _ = tools.kill();
+    result
+}

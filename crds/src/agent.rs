@@ -368,10 +368,11 @@ pub struct AgentStatus {
     /// The gate the candidate composition passes, as the operator derived it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promotion_gate: Option<AgentGateStatus>,
-    /// The gates of the objects the promoted composition used, as they were when it was
-    /// promoted: removing or re-creating one of them is still gated by it.
+    /// The gates in force: the Agent's own and those of every object its promoted
+    /// compositions used, as they were when promoted. Moving away from an object keeps its gate
+    /// (only an approver's bypass sheds it); admission takes the Agent's approvers from here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 17))]
+    #[schemars(length(max = 64))]
     pub promoted_gates: Vec<MemberGate>,
 }
 
@@ -379,13 +380,13 @@ pub struct AgentStatus {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentGateStatus {
-    /// `Agent` (its spec.promotion) or the gated objects it inherits from, e.g.
+    /// `Agent` (its spec.promotion) and the gated objects it uses or used, e.g.
     /// `Policy/guardrails`. Empty when no gate applies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 34), inner(length(max = 300)))]
+    #[schemars(length(max = 96), inner(length(max = 300)))]
     pub from: Vec<String>,
-    /// Who may approve or bypass a promotion of this Agent (admission reads it): the Agent's own
-    /// spec.promotion.approvers, else everyone listed by the gates it inherits.
+    /// Who may approve or bypass a promotion of this Agent (admission reads it): everyone
+    /// listed by the gates in force (`promotedGates`), never by a candidate's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approvers: Option<Approvers>,
 }
@@ -394,7 +395,7 @@ pub struct AgentGateStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberGate {
-    /// `Policy` or `ContextPack`.
+    /// `Agent` (its own gate), `Policy` or `ContextPack`.
     #[schemars(length(max = 32))]
     pub kind: String,
     #[schemars(length(max = 253))]

@@ -331,6 +331,9 @@ pub struct RevisionStatus {
     /// How the revision in force was promoted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promoted_by: Option<PromotedBy>,
+    /// The revision in force before it: what its replay gate compared against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_from: Option<String>,
 }
 
 /// How a revision came to be in force.

@@ -4,9 +4,14 @@
 //! is promoted as one revision. A Policy's own gate covers edits of that Policy, but not
 //! pointing the Agent at another Policy, dropping one, re-creating one (its first revision has
 //! no gate history), or changing the Agent's tools and their risk. Those are candidates of the
-//! Agent, gated by the Agent's `spec.promotion` or, without one, by the gates of the objects
-//! it uses now or used in its promoted composition: a gate cannot be shed by moving away from
-//! the object that carries it.
+//! Agent, gated by the strictest combination of the Agent's own `spec.promotion` and the gates
+//! of every object its promoted compositions used (`status.promotedGates`, which only grows
+//! unless an approver promotes past it): a gate cannot be shed by moving away from the object
+//! that carries it, nor out-voted by a laxer gate of one's own.
+//!
+//! A member's new revision needs no second replay only if its own gate replayed it against the
+//! very revision the Agent runs, and that gate is at least as strict as the Agent's and covers
+//! this Agent's sessions. Approvers come only from gates in force, never from the candidate.
 
 use contextos_crds::{
     agent::{AgentGateStatus, MemberGate},
@@ -25,6 +30,8 @@ pub struct Member<'a> {
     pub promotion: Option<&'a PromotionSpec>,
     /// How its promoted revision came to be in force.
     pub promoted_by: Option<PromotedBy>,
+    /// The revision that was in force before it (what its gate compared against).
+    pub promoted_from: Option<&'a str>,
 }
 
 impl Member<'_> {
@@ -42,38 +49,57 @@ pub enum Need {
     Replay(PromotionSpec),
 }
 
-/// The gate for `candidate`, given the promoted composition (and the gates its objects had when
-/// it was promoted), the Agent's own gate and the objects the candidate uses.
+/// The promoted composition, if its snapshot could be read, and the gates in force.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InForce<'a> {
+    /// `None` for a first composition, or when the promoted snapshot cannot be read.
+    pub composition: Option<&'a Composition>,
+    pub gates: &'a [MemberGate],
+}
+
+/// The gate for `candidate`.
 pub fn decide(
     agent: &str,
     own: Option<&PromotionSpec>,
-    promoted: Option<(&Composition, &[MemberGate])>,
+    in_force: InForce<'_>,
     candidate: &Composition,
     members: &[Member<'_>],
 ) -> Need {
-    let Some(gate) = effective_gate(agent, own, promoted.map(|(_, g)| g).unwrap_or_default(), members) else {
+    let gate = effective_gate(agent, own, in_force.gates, members);
+    let Some(promoted) = in_force.composition else {
+        // A first composition may be an Agent deleted and created again: its recorded sessions
+        // decide, under a gate or the strictest default (no history promotes it). So does one
+        // whose promoted snapshot is gone: there is nothing to compare it with.
+        return Need::Replay(gate.unwrap_or_else(|| strict_default(agent)));
+    };
+    let Some(gate) = gate else {
         return Need::Direct(
             PromotedBy::Ungated,
-            "no promotion gate on the Agent or anything it uses",
+            "no promotion gate on the Agent or anything it uses or used",
         );
     };
-    let Some((promoted, _)) = promoted else {
-        // A first composition may be an Agent deleted and created again: its recorded sessions
-        // decide (no history promotes it).
-        return Need::Replay(gate);
-    };
-    if changed_beyond_gated_members(promoted, candidate, members) {
+    if changed_beyond_gated_members(agent, &gate, promoted, candidate, members) {
         Need::Replay(gate)
     } else {
         Need::Direct(
             PromotedBy::Members,
-            "every change was promoted through the changed object's own gate",
+            "every change was replayed by the changed object's own gate against the revision this Agent ran",
         )
     }
 }
 
-/// Whether anything changed other than members whose new revision passed their own gate.
+/// Zero divergence over the Agent's recent sessions, automatic.
+fn strict_default(agent: &str) -> PromotionSpec {
+    let mut gate = PromotionSpec::default();
+    gate.replay.selector.agents = vec![agent.to_owned()];
+    gate
+}
+
+/// Whether anything changed other than members whose new revision their own gate replayed
+/// against the revision this Agent ran, under a gate at least as strict as the Agent's.
 fn changed_beyond_gated_members(
+    agent: &str,
+    gate: &PromotionSpec,
     promoted: &Composition,
     candidate: &Composition,
     members: &[Member<'_>],
@@ -81,79 +107,99 @@ fn changed_beyond_gated_members(
     if spec_digest(&promoted.agent_spec) != spec_digest(&candidate.agent_spec) {
         return true;
     }
-    let names = |c: &Composition| {
-        std::iter::once((GatedKind::ContextPack, c.context_pack.name.clone()))
-            .chain(c.policies.iter().map(|p| (GatedKind::Policy, p.name.clone())))
-            .collect::<Vec<_>>()
+    let revisions = |c: &Composition| {
+        std::iter::once((
+            GatedKind::ContextPack,
+            c.context_pack.name.clone(),
+            spec_digest(&c.context_pack.spec),
+        ))
+        .chain(
+            c.policies
+                .iter()
+                .map(|p| (GatedKind::Policy, p.name.clone(), spec_digest(&p.spec))),
+        )
+        .collect::<Vec<_>>()
     };
-    if names(promoted) != names(candidate) {
+    let (before, after) = (revisions(promoted), revisions(candidate));
+    if before.len() != after.len() {
         return true;
     }
-    let before = std::iter::once(spec_digest(&promoted.context_pack.spec))
-        .chain(promoted.policies.iter().map(|p| spec_digest(&p.spec)));
-    let after = std::iter::once(spec_digest(&candidate.context_pack.spec))
-        .chain(candidate.policies.iter().map(|p| spec_digest(&p.spec)));
     before
-        .zip(after)
-        .zip(names(candidate))
-        .any(|((old, new), (kind, name))| {
+        .iter()
+        .zip(&after)
+        .any(|((kind, name, old), (new_kind, new_name, new))| {
+            if (kind, name) != (new_kind, new_name) {
+                return true;
+            }
             old != new
                 && !members.iter().any(|m| {
-                    m.kind == kind
+                    m.kind == *kind
                         && m.name == name
                         && m.digest == new
-                        && m.promoted_by.is_some_and(PromotedBy::gated)
+                        && m.promoted_by == Some(PromotedBy::Replay)
+                        && m.promoted_from == Some(old.as_str())
+                        && m.promotion.is_some_and(|own| covers(own, gate, agent))
                 })
         })
 }
 
-/// The gates that apply: the Agent's own, else the strictest combination of those it inherits.
+/// Whether a member's gate replays at least what the Agent's gate would: this Agent's sessions,
+/// no laxer threshold, and an approver when the Agent's gate needs one.
+fn covers(member: &PromotionSpec, agent_gate: &PromotionSpec, agent: &str) -> bool {
+    let selects = member.replay.selector.match_labels.is_empty()
+        && (member.replay.selector.agents.is_empty()
+            || member.replay.selector.agents.iter().any(|a| a == agent));
+    selects
+        && member.replay.max_divergence_percent <= agent_gate.replay.max_divergence_percent
+        && member.replay.sample_size >= agent_gate.replay.sample_size
+        && (agent_gate.mode == PromotionMode::Automatic || member.mode == PromotionMode::Manual)
+}
+
+/// The strictest combination of the Agent's own gate, the gates in force and the gates of the
+/// objects the candidate uses; `None` when there is none.
 pub fn effective_gate(
     agent: &str,
     own: Option<&PromotionSpec>,
-    promoted_gates: &[MemberGate],
+    gates_in_force: &[MemberGate],
     members: &[Member<'_>],
 ) -> Option<PromotionSpec> {
-    let mut gate = match own {
-        Some(own) => own.clone(),
-        None => {
-            let inherited = inherited(promoted_gates, members);
-            let (first, rest) = inherited.split_first()?;
-            let mut gate = first.1.clone();
-            gate.replay.selector.match_labels.clear();
-            for (_, other) in rest {
-                gate.replay.max_divergence_percent = gate
-                    .replay
-                    .max_divergence_percent
-                    .min(other.replay.max_divergence_percent);
-                gate.replay.sample_size = gate.replay.sample_size.max(other.replay.sample_size);
-                gate.replay.window_hours = gate.replay.window_hours.max(other.replay.window_hours);
-                if other.mode == PromotionMode::Manual {
-                    gate.mode = PromotionMode::Manual;
-                }
-                gate.approvers = union(gate.approvers.as_ref(), other.approvers.as_ref());
-            }
-            gate
+    let all = every_gate(own, gates_in_force, members);
+    let ((_, first), rest) = all.split_first()?;
+    let mut gate = first.clone();
+    gate.replay.selector.match_labels.clear();
+    for (_, other) in rest {
+        gate.replay.max_divergence_percent = gate
+            .replay
+            .max_divergence_percent
+            .min(other.replay.max_divergence_percent);
+        gate.replay.sample_size = gate.replay.sample_size.max(other.replay.sample_size);
+        gate.replay.window_hours = gate.replay.window_hours.max(other.replay.window_hours);
+        if other.mode == PromotionMode::Manual {
+            gate.mode = PromotionMode::Manual;
         }
-    };
-    // The Agent's gate replays the Agent's sessions, whatever the inherited gate selected.
+        gate.approvers = union(gate.approvers.as_ref(), other.approvers.as_ref());
+    }
+    // The Agent's gate replays the Agent's sessions, whatever the others selected.
     gate.replay.selector = ReplaySelector {
         agents: vec![agent.to_owned()],
-        match_labels: gate.replay.selector.match_labels,
+        match_labels: Default::default(),
     };
     Some(gate)
 }
 
-/// The gated objects of the candidate and of the promoted composition, labelled.
-fn inherited(promoted_gates: &[MemberGate], members: &[Member<'_>]) -> Vec<(String, PromotionSpec)> {
+/// Every gate that applies, labelled, without repeats.
+fn every_gate(
+    own: Option<&PromotionSpec>,
+    gates_in_force: &[MemberGate],
+    members: &[Member<'_>],
+) -> Vec<(String, PromotionSpec)> {
     let mut out: Vec<(String, PromotionSpec)> = Vec::new();
+    let own = own.map(|p| ("Agent".to_owned(), p.clone()));
     let now = members
         .iter()
         .filter_map(|m| m.promotion.map(|p| (m.label(), p.clone())));
-    let before = promoted_gates
-        .iter()
-        .map(|g| (format!("{}/{}", g.kind, g.name), g.promotion.clone()));
-    for (label, gate) in now.chain(before) {
+    let before = gates_in_force.iter().map(|g| (label_of(g), g.promotion.clone()));
+    for (label, gate) in own.into_iter().chain(now).chain(before) {
         if !out.iter().any(|(l, g)| *l == label && *g == gate) {
             out.push((label, gate));
         }
@@ -161,45 +207,86 @@ fn inherited(promoted_gates: &[MemberGate], members: &[Member<'_>]) -> Vec<(Stri
     out
 }
 
-/// What the Agent's status shows of its gate (admission reads `approvers`).
-pub fn gate_status(
-    own: Option<&PromotionSpec>,
-    promoted_gates: &[MemberGate],
-    members: &[Member<'_>],
-) -> AgentGateStatus {
-    match own {
-        Some(own) => AgentGateStatus {
-            from: vec!["Agent".into()],
-            approvers: own.approvers.clone().filter(|a| !a.is_empty()),
-        },
-        None => {
-            let inherited = inherited(promoted_gates, members);
-            let mut from: Vec<String> = inherited.iter().map(|(l, _)| l.clone()).collect();
-            from.dedup();
-            let approvers = inherited
-                .iter()
-                .fold(None, |acc, (_, g)| union(acc.as_ref(), g.approvers.as_ref()));
-            AgentGateStatus {
-                from,
-                approvers: approvers.filter(|a| !a.is_empty()),
-            }
-        }
+fn label_of(gate: &MemberGate) -> String {
+    if gate.kind == "Agent" {
+        "Agent".to_owned()
+    } else {
+        format!("{}/{}", gate.kind, gate.name)
     }
 }
 
-/// The gates of the candidate's objects, as the status keeps them once it is promoted.
-pub fn member_gates(members: &[Member<'_>]) -> Vec<MemberGate> {
-    members
+/// What the Agent's status shows of its gate. Admission reads `approvers`: only those of gates
+/// in force (a candidate cannot bring its own approvers).
+pub fn gate_status(
+    own: Option<&PromotionSpec>,
+    gates_in_force: &[MemberGate],
+    members: &[Member<'_>],
+) -> AgentGateStatus {
+    let mut from: Vec<String> = every_gate(own, gates_in_force, members)
+        .into_iter()
+        .map(|(l, _)| l)
+        .collect();
+    from.dedup();
+    let approvers = gates_in_force
         .iter()
-        .filter_map(|m| {
-            m.promotion.map(|p| MemberGate {
-                kind: m.kind.api_kind().to_owned(),
-                name: m.name.to_owned(),
-                promotion: p.clone(),
-            })
-        })
-        .collect()
+        .fold(None, |acc, g| union(acc.as_ref(), g.promotion.approvers.as_ref()));
+    // Bounded like the status field; fewer approvers only narrows who may decide.
+    let approvers = approvers.map(|mut a| {
+        a.users.truncate(32);
+        a.groups.truncate(32);
+        a
+    });
+    from.truncate(MAX_GATES_IN_FORCE + 32);
+    AgentGateStatus {
+        from,
+        approvers: approvers.filter(|a| !a.is_empty()),
+    }
 }
+
+/// The gates in force once the candidate is promoted: every gate that was (a gate is shed only
+/// by an approver's bypass), the Agent's own and those of the objects it now uses.
+pub fn gates_after_promotion(
+    agent: &str,
+    by: PromotedBy,
+    own: Option<&PromotionSpec>,
+    gates_in_force: &[MemberGate],
+    members: &[Member<'_>],
+) -> Vec<MemberGate> {
+    let mut out: Vec<MemberGate> = if by == PromotedBy::Bypass {
+        Vec::new()
+    } else {
+        gates_in_force.to_vec()
+    };
+    let own = own.map(|p| MemberGate {
+        kind: "Agent".into(),
+        name: agent.to_owned(),
+        promotion: p.clone(),
+    });
+    let now = members.iter().filter_map(|m| {
+        m.promotion.map(|p| MemberGate {
+            kind: m.kind.api_kind().to_owned(),
+            name: m.name.to_owned(),
+            promotion: p.clone(),
+        })
+    });
+    for gate in own.into_iter().chain(now) {
+        if let Some(slot) = out
+            .iter_mut()
+            .find(|g| g.kind == gate.kind && g.name == gate.name)
+        {
+            // The same object's gate, changed by its approvers: the current one.
+            *slot = gate;
+        } else {
+            out.push(gate);
+        }
+    }
+    // Bounded like the status field: keep the first, which are the longest in force.
+    out.truncate(MAX_GATES_IN_FORCE);
+    out
+}
+
+/// Gates kept in force at most (the status field's bound).
+pub const MAX_GATES_IN_FORCE: usize = 64;
 
 fn union(a: Option<&Approvers>, b: Option<&Approvers>) -> Option<Approvers> {
     match (a, b) {
@@ -270,6 +357,7 @@ mod tests {
         digest: &'a str,
         promotion: Option<&'a PromotionSpec>,
         by: PromotedBy,
+        from: Option<&'a str>,
     ) -> Member<'a> {
         Member {
             kind: GatedKind::Policy,
@@ -277,29 +365,49 @@ mod tests {
             digest,
             promotion,
             promoted_by: Some(by),
+            promoted_from: from,
         }
     }
 
-    fn guardrails_gate() -> Vec<MemberGate> {
+    fn guardrails_gate(max: u32) -> Vec<MemberGate> {
         vec![MemberGate {
             kind: "Policy".into(),
             name: "guardrails".into(),
-            promotion: gate(5),
+            promotion: gate(max),
         }]
     }
 
+    fn in_force<'a>(c: &'a Composition, gates: &'a [MemberGate]) -> InForce<'a> {
+        InForce {
+            composition: Some(c),
+            gates,
+        }
+    }
+
     #[test]
-    fn nothing_gated_anywhere_is_promoted_directly() {
+    fn nothing_gated_anywhere_is_promoted_directly_once_a_composition_is_in_force() {
         let c = composition(vec![policy("guardrails", "deny")]);
         let d = spec_digest(&c.policies[0].spec);
-        let members = [member("guardrails", &d, None, PromotedBy::Ungated)];
-        assert_eq!(
-            decide("ops", None, None, &c, &members),
-            Need::Direct(
-                PromotedBy::Ungated,
-                "no promotion gate on the Agent or anything it uses"
-            )
-        );
+        let members = [member("guardrails", &d, None, PromotedBy::Ungated, None)];
+        let mut changed = c.clone();
+        changed.agent_spec.budget.max_steps = 40;
+        assert!(matches!(
+            decide("ops", None, in_force(&c, &[]), &changed, &members),
+            Need::Direct(PromotedBy::Ungated, _)
+        ));
+    }
+
+    #[test]
+    fn a_first_composition_is_replayed_even_without_a_gate() {
+        // An Agent deleted and created again keeps its recorded sessions, not its status.
+        let c = composition(vec![policy("guardrails", "deny")]);
+        let d = spec_digest(&c.policies[0].spec);
+        let members = [member("guardrails", &d, None, PromotedBy::Ungated, None)];
+        let Need::Replay(gate) = decide("ops", None, InForce::default(), &c, &members) else {
+            panic!("a first composition must be replayed");
+        };
+        assert_eq!(gate.replay.max_divergence_percent, 0);
+        assert_eq!(gate.replay.selector.agents, vec!["ops".to_owned()]);
     }
 
     #[test]
@@ -307,106 +415,168 @@ mod tests {
         let before = composition(vec![policy("guardrails", "deny")]);
         let after = composition(vec![policy("guardrails-v2", "allow")]);
         let d = spec_digest(&after.policies[0].spec);
-        let members = [member("guardrails-v2", &d, None, PromotedBy::FirstRevision)];
-        let need = decide("ops", None, Some((&before, &guardrails_gate())), &after, &members);
-        let Need::Replay(gate) = need else {
-            panic!("expected a replay, got {need:?}");
+        let members = [member("guardrails-v2", &d, None, PromotedBy::FirstRevision, None)];
+        let gates = guardrails_gate(5);
+        let Need::Replay(gate) = decide("ops", None, in_force(&before, &gates), &after, &members) else {
+            panic!("expected a replay");
         };
         assert_eq!(gate.replay.max_divergence_percent, 5);
-        assert_eq!(gate.replay.selector.agents, vec!["ops".to_owned()]);
     }
 
     #[test]
-    fn a_re_created_policy_is_gated_but_one_that_passed_its_own_gate_is_not() {
+    fn a_member_is_exempt_only_if_its_gate_replayed_it_against_what_the_agent_ran() {
         let g = gate(0);
+        let gates = guardrails_gate(0);
         let before = composition(vec![policy("guardrails", "deny")]);
+        let old = spec_digest(&before.policies[0].spec);
         let after = composition(vec![policy("guardrails", "allow")]);
-        let d = spec_digest(&after.policies[0].spec);
-        let recreated = [member("guardrails", &d, Some(&g), PromotedBy::FirstRevision)];
+        let new = spec_digest(&after.policies[0].spec);
+        // Re-created: a first revision.
+        let recreated = [member(
+            "guardrails",
+            &new,
+            Some(&g),
+            PromotedBy::FirstRevision,
+            None,
+        )];
         assert!(matches!(
-            decide(
-                "ops",
-                None,
-                Some((&before, &guardrails_gate())),
-                &after,
-                &recreated
-            ),
+            decide("ops", None, in_force(&before, &gates), &after, &recreated),
             Need::Replay(_)
         ));
-        let replayed = [member("guardrails", &d, Some(&g), PromotedBy::Replay)];
-        assert_eq!(
-            decide(
-                "ops",
-                None,
-                Some((&before, &guardrails_gate())),
-                &after,
-                &replayed
-            ),
-            Need::Direct(
-                PromotedBy::Members,
-                "every change was promoted through the changed object's own gate"
-            )
-        );
+        // Re-created laxer, then edited trivially: its replay compared against the lax revision.
+        let laundered = [member(
+            "guardrails",
+            &new,
+            Some(&g),
+            PromotedBy::Replay,
+            Some("sha256:lax"),
+        )];
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &after, &laundered),
+            Need::Replay(_)
+        ));
+        // Bypassed by the Policy's approver: the Agent's gate still replays it.
+        let bypassed = [member(
+            "guardrails",
+            &new,
+            Some(&g),
+            PromotedBy::Bypass,
+            Some(&old),
+        )];
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &after, &bypassed),
+            Need::Replay(_)
+        ));
+        // A laxer member gate does not stand in for the Agent's.
+        let lax = gate(100);
+        let lax_replay = [member(
+            "guardrails",
+            &new,
+            Some(&lax),
+            PromotedBy::Replay,
+            Some(&old),
+        )];
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &after, &lax_replay),
+            Need::Replay(_)
+        ));
+        // Replayed against the revision the Agent ran, under a gate as strict: no second replay.
+        let replayed = [member(
+            "guardrails",
+            &new,
+            Some(&g),
+            PromotedBy::Replay,
+            Some(&old),
+        )];
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &after, &replayed),
+            Need::Direct(PromotedBy::Members, _)
+        ));
     }
 
     #[test]
-    fn an_agent_spec_change_or_a_first_composition_is_replayed_under_a_gate() {
+    fn an_agent_spec_change_is_replayed_under_a_gate() {
         let g = gate(0);
+        let gates = guardrails_gate(0);
         let before = composition(vec![policy("guardrails", "deny")]);
         let mut after = before.clone();
         after.agent_spec.budget.max_steps = 40;
         let d = spec_digest(&after.policies[0].spec);
-        let members = [member("guardrails", &d, Some(&g), PromotedBy::Replay)];
+        let members = [member("guardrails", &d, Some(&g), PromotedBy::Replay, None)];
         assert!(matches!(
-            decide("ops", None, Some((&before, &guardrails_gate())), &after, &members),
-            Need::Replay(_)
-        ));
-        assert!(matches!(
-            decide("ops", None, None, &after, &members),
+            decide("ops", None, in_force(&before, &gates), &after, &members),
             Need::Replay(_)
         ));
     }
 
     #[test]
-    fn inherited_gates_combine_to_the_strictest_and_every_approver() {
+    fn gates_combine_to_the_strictest_and_a_laxer_own_gate_does_not_win() {
         let mut manual = gate(10);
         manual.mode = PromotionMode::Manual;
         manual.approvers = Some(Approvers {
             users: vec!["alice".into()],
             groups: vec![],
         });
-        let mut other = gate(2);
-        other.approvers = Some(Approvers {
-            users: vec![],
-            groups: vec!["sre".into()],
-        });
-        let members = [
-            member("a", "sha256:a", Some(&manual), PromotedBy::Replay),
-            member("b", "sha256:b", Some(&other), PromotedBy::Replay),
-        ];
-        let gate = effective_gate("ops", None, &[], &members).expect("a gate");
+        let lax_own = gate(100);
+        let members = [member("a", "sha256:a", Some(&manual), PromotedBy::Replay, None)];
+        let gate = effective_gate("ops", Some(&lax_own), &guardrails_gate(2), &members).expect("a gate");
         assert_eq!(gate.mode, PromotionMode::Manual);
         assert_eq!(gate.replay.max_divergence_percent, 2);
-        let status = gate_status(None, &[], &members);
-        assert_eq!(status.from, vec!["Policy/a".to_owned(), "Policy/b".to_owned()]);
-        let approvers = status.approvers.expect("approvers");
-        assert_eq!(approvers.users, vec!["alice".to_owned()]);
-        assert_eq!(approvers.groups, vec!["sre".to_owned()]);
     }
 
     #[test]
-    fn the_agents_own_gate_wins_and_is_not_part_of_what_runs() {
+    fn approvers_come_only_from_gates_in_force() {
+        let mut mine = gate(0);
+        mine.approvers = Some(Approvers {
+            users: vec!["mallory".into()],
+            groups: vec![],
+        });
+        let mut theirs = gate(0);
+        theirs.approvers = Some(Approvers {
+            users: vec!["alice".into()],
+            groups: vec![],
+        });
+        let in_force = vec![MemberGate {
+            kind: "Policy".into(),
+            name: "guardrails".into(),
+            promotion: theirs,
+        }];
+        // A new Policy listing its author, or the Agent's own new gate, approves nothing yet.
+        let members = [member(
+            "evil",
+            "sha256:e",
+            Some(&mine),
+            PromotedBy::FirstRevision,
+            None,
+        )];
+        let status = gate_status(Some(&mine), &in_force, &members);
+        assert_eq!(
+            status.approvers.expect("approvers").users,
+            vec!["alice".to_owned()]
+        );
+        assert!(status.from.contains(&"Policy/evil".to_owned()));
+    }
+
+    #[test]
+    fn gates_in_force_are_shed_only_by_an_approvers_bypass() {
+        let gates = guardrails_gate(0);
+        let members = [member("clone", "sha256:c", None, PromotedBy::FirstRevision, None)];
+        let kept = gates_after_promotion("ops", PromotedBy::Replay, None, &gates, &members);
+        assert_eq!(kept, gates);
+        let shed = gates_after_promotion("ops", PromotedBy::Bypass, None, &gates, &members);
+        assert!(shed.is_empty());
         let own = gate(1);
+        let with_own = gates_after_promotion("ops", PromotedBy::Replay, Some(&own), &gates, &members);
+        assert_eq!(with_own.len(), 2);
+        assert_eq!(with_own[1].kind, "Agent");
+    }
+
+    #[test]
+    fn the_agents_own_gate_is_not_part_of_what_runs() {
         let mut spec = agent_spec();
-        spec.promotion = Some(own.clone());
+        spec.promotion = Some(gate(1));
         let c = Composition::new(&spec, composition(vec![]).context_pack, vec![]);
         assert!(c.agent_spec.promotion.is_none());
         assert_eq!(c.digest(), composition(vec![]).digest());
-        let gate = effective_gate("ops", Some(&own), &guardrails_gate(), &[]).expect("a gate");
-        assert_eq!(gate.replay.max_divergence_percent, 1);
-        assert_eq!(
-            gate_status(Some(&own), &guardrails_gate(), &[]).from,
-            vec!["Agent".to_owned()]
-        );
     }
 }

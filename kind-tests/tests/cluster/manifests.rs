@@ -289,7 +289,8 @@ async fn approvals_can_only_be_given_in_the_approvers_own_name() -> Result<()> {
 
 async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
     let client = env.client();
-    let session = yaml_documents(&repo_root().join("examples/quickstart/session.yaml"))?.remove(0);
+    let mut session = yaml_documents(&repo_root().join("examples/quickstart/session.yaml"))?.remove(0);
+    no_operator(&mut session);
     apply(&client, namespace, &session).await?;
     allow_to_approve(
         &client,
@@ -466,6 +467,7 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
 async fn check_session_identity(env: &'static TestEnv, namespace: &str) -> Result<()> {
     let client = env.client();
     let mut session = yaml_documents(&repo_root().join("examples/quickstart/session.yaml"))?.remove(0);
+    no_operator(&mut session);
     session["metadata"]["namespace"] = json!(namespace);
     let dir = tempfile::tempdir().context("create a directory for the Sessions")?;
     let create = |name: &str, user: Value, approvals: Value, as_user: &str, groups: &[&str]| {
@@ -784,6 +786,112 @@ async fn check_promotion_approvals(env: &'static TestEnv, namespace: &str) -> Re
         "a member of sre-leads was refused: {}",
         String::from_utf8_lossy(&allowed.stderr)
     );
+    check_promote_verb(env, namespace, &policy).await
+}
+
+/// Where no approver is listed, editing is not deciding: a new Policy that names its author as
+/// its gate's approver, a bypass of a gate that lists nobody, and a change to that gate all take
+/// the `promote` verb (ClusterRole contextos-promoter).
+async fn check_promote_verb(env: &'static TestEnv, namespace: &str, policy: &Value) -> Result<()> {
+    let client = env.client();
+    let dir = tempfile::tempdir()?;
+    let as_carol = |args: Vec<String>| async move {
+        let mut args = args;
+        args.extend([
+            "-n".to_owned(),
+            namespace.to_owned(),
+            "--as".to_owned(),
+            "carol@example.com".to_owned(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(env, &args).await?;
+        anyhow::Ok(if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        })
+    };
+    let create = |name: &str, promotion: Value| {
+        let mut object = policy.clone();
+        object["metadata"] = json!({"name": name, "namespace": namespace});
+        object["spec"]["promotion"] = promotion;
+        let file = dir.path().join(format!("{name}.json"));
+        async move {
+            std::fs::write(&file, object.to_string())?;
+            as_carol(vec![
+                "create".into(),
+                "-f".into(),
+                file.to_string_lossy().into_owned(),
+            ])
+            .await
+        }
+    };
+    let named = create(
+        "self-governed",
+        json!({"approvers": {"users": ["carol@example.com"]}}),
+    )
+    .await?;
+    ensure!(
+        named
+            .as_ref()
+            .is_err_and(|e| e.contains("may not choose who governs a new object's promotions")),
+        "carol named herself the approver of a new Policy: {named:?}"
+    );
+    let unlisted = create("unlisted-gate", json!({"mode": "automatic"})).await?;
+    ensure!(
+        unlisted.is_ok(),
+        "a gate without approvers was refused: {unlisted:?}"
+    );
+    let bypass =
+        json!({"metadata": {"annotations": {"contextos.dev/promote-without-replay": "sha256:0123"}}})
+            .to_string();
+    let patch = |body: String| {
+        as_carol(vec![
+            "patch".into(),
+            "policies.contextos.dev".into(),
+            "unlisted-gate".into(),
+            "--type=merge".into(),
+            "-p".into(),
+            body,
+        ])
+    };
+    let refused = patch(bypass.clone()).await?;
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("it takes the 'promote' verb on policies")),
+        "an editor bypassed a gate that lists no approver: {refused:?}"
+    );
+    let loosen = json!({"spec": {"promotion": {"replay": {"maxDivergencePercent": 100}}}}).to_string();
+    let loosened = patch(loosen).await?;
+    ensure!(
+        loosened
+            .as_ref()
+            .is_err_and(|e| e.contains("may not change the promotion gate")),
+        "an editor loosened a gate that lists no approver: {loosened:?}"
+    );
+    let rule = PolicyRule {
+        api_groups: Some(vec!["contextos.dev".to_owned()]),
+        resources: Some(vec!["policies".to_owned()]),
+        verbs: vec!["promote".to_owned()],
+        ..Default::default()
+    };
+    grant(
+        &client,
+        namespace,
+        "policy-promoters",
+        rule,
+        &["carol@example.com"],
+    )
+    .await?;
+    wait_for("a promoter's bypass admitted", TIMEOUT, || async {
+        match patch(bypass.clone()).await {
+            Ok(Ok(())) => Check::Done(()),
+            Ok(Err(e)) => Check::NotYet(e),
+            Err(e) => Check::NotYet(format!("{e:#}")),
+        }
+    })
+    .await?;
     Ok(())
 }
 
@@ -792,7 +900,8 @@ async fn check_promotion_approvals(env: &'static TestEnv, namespace: &str) -> Re
 /// before the gate is derived, and not by adding oneself through the Agent's own spec.promotion.
 async fn check_agent_promotion_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
     let client = env.client();
-    let agent = yaml_documents(&repo_root().join("examples/quickstart/agent.yaml"))?.remove(0);
+    let mut agent = yaml_documents(&repo_root().join("examples/quickstart/agent.yaml"))?.remove(0);
+    no_operator(&mut agent);
     let name = agent["metadata"]["name"].as_str().unwrap_or_default().to_owned();
     apply(&client, namespace, &agent).await?;
     let rule = PolicyRule {
@@ -857,7 +966,7 @@ async fn check_agent_promotion_approvals(env: &'static TestEnv, namespace: &str)
         "{early}"
     );
     // The gate as the operator would derive it from a gated Policy with one approver. (An
-    // operator running elsewhere in this cluster may reconcile the Agent too: it keeps the gate.)
+    // operator would write it; the e2e operator is kept away from this Agent by a label.)
     let gate = json!({"status": {"promotionGate": {"from": ["Policy/oncall-guardrails"], "approvers": {"users": ["rel@example.com"]}}}})
         .to_string();
     let refused = wait_for("a non-approver refused by the derived gate", TIMEOUT, || async {
@@ -919,6 +1028,15 @@ async fn check_agent_promotion_approvals(env: &'static TestEnv, namespace: &str)
         String::from_utf8_lossy(&created.stderr)
     );
     Ok(())
+}
+
+/// Keeps the e2e operator (which other tests in this binary run) away from an object whose
+/// status these tests write themselves, as the operator would.
+fn no_operator(object: &mut Value) {
+    contextos_kind_tests::operator_env::add_labels(
+        object,
+        &json!({contextos_kind_tests::operator_env::CHAOS_LABEL: "admission-only"}),
+    );
 }
 
 /// JSON patches of one Session, made as an impersonated user with kubectl.

@@ -251,7 +251,9 @@ async fn a_tenant_cannot_crash_the_operator_with_a_deeply_nested_condition() -> 
 /// the recorded session did (a new Policy's first revision is in force at once), then by
 /// deleting the gated Policy and creating it again with that content. Both are candidates of
 /// the Agent, replayed against its recorded session; both fail, and Sessions keep running the
-/// promoted composition. Pointing the Agent back is in force at once.
+/// promoted composition. Pointing the Agent back is in force at once. Last, the Agent itself is
+/// deleted and created again: its first composition is replayed against its recorded sessions
+/// too, fails, and new Sessions wait instead of running it.
 #[tokio::test]
 async fn a_gitops_committer_cannot_shed_a_policys_gate_by_renaming_or_re_creating_it() -> Result<()> {
     use contextos_crds::{Agent, Policy};
@@ -387,6 +389,49 @@ async fn a_gitops_committer_cannot_shed_a_policys_gate_by_renaming_or_re_creatin
     ensure!(
         pinned.policies == [first_policy.clone()],
         "the Session ran the re-created Policy: pinned {pinned:?}, promoted {first_policy}"
+    );
+
+    // 3. The Agent deleted and created again (its status, and the gates it remembered, gone):
+    // its first composition is replayed against its recorded sessions, fails, and nothing runs.
+    let uid = agents.get(&agent_name).await?.metadata.uid;
+    agents.delete(&agent_name, &DeleteParams::default()).await?;
+    contextos_kind_tests::wait_for_deletion(&agents, &agent_name, uid.as_deref(), TIMEOUT, |a: &Agent| {
+        format!("{:?}", a.metadata.deletion_timestamp)
+    })
+    .await?;
+    apply(&client, ns.name(), &agent).await?;
+    let failed = wait_for_object(
+        &agents,
+        &agent_name,
+        "the re-created Agent fails its replay",
+        TIMEOUT,
+        |a: &Agent| {
+            let status = a.status.clone().unwrap_or_default();
+            let replay = condition(&status.conditions, "ReplayPassed");
+            Check::when(replay.starts_with("False ReplayFailed"), || replay.clone())
+        },
+    )
+    .await?;
+    let revisions = failed.status.and_then(|s| s.revisions).unwrap_or_default();
+    ensure!(
+        revisions.promoted.is_none(),
+        "the re-created Agent's composition was promoted: {revisions:?}"
+    );
+    apply(&client, ns.name(), &session("after-agent-recreate")?).await?;
+    let held = wait_for_object(
+        &sessions,
+        "after-agent-recreate",
+        "held without a promoted revision",
+        TIMEOUT,
+        |s: &Session| {
+            let ready = condition(&s.status.clone().unwrap_or_default().conditions, "Ready");
+            Check::when(ready.contains("has no promoted revision yet"), || ready.clone())
+        },
+    )
+    .await?;
+    ensure!(
+        held.status.and_then(|s| s.pinned).is_none(),
+        "a Session pinned the re-created Agent's unpromoted composition"
     );
     ns.pass();
     Ok(())

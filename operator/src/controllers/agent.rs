@@ -29,7 +29,7 @@ use super::{
     revisions::{self, Gated},
 };
 use crate::{
-    agent_gate::{self, Member, Need},
+    agent_gate::{self, InForce, Member, Need},
     conditions::{Wanted, merge},
 };
 
@@ -73,13 +73,11 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
                     revisions::promoted_spec::<Composition>(&ctx, &namespace, status.revisions.as_ref())
                         .await?;
                 let own = agent.spec.promotion.as_ref();
-                let need = agent_gate::decide(
-                    &agent.name_any(),
-                    own,
-                    promoted.as_ref().map(|c| (c, status.promoted_gates.as_slice())),
-                    &candidate,
-                    &members,
-                );
+                let in_force = InForce {
+                    composition: promoted.as_ref(),
+                    gates: &status.promoted_gates,
+                };
+                let need = agent_gate::decide(&agent.name_any(), own, in_force, &candidate, &members);
                 let gate = match &need {
                     Need::Replay(gate) => Some(gate),
                     Need::Direct(..) => None,
@@ -98,8 +96,14 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
                 let digest = candidate.digest();
                 let step =
                     revisions::promotion_step(&ctx, agent.as_ref(), &candidate, &gated, &digest).await?;
-                if step.promoted_now {
-                    promoted_gates = agent_gate::member_gates(&members);
+                if let Some(by) = step.promoted_now {
+                    promoted_gates = agent_gate::gates_after_promotion(
+                        &agent.name_any(),
+                        by,
+                        own,
+                        &status.promoted_gates,
+                        &members,
+                    );
                 }
                 promotion_gate = Some(agent_gate::gate_status(own, &promoted_gates, &members));
                 revisions = Some(step.revisions);
@@ -167,6 +171,7 @@ fn member<'a>(
         digest: revisions.and_then(|r| r.promoted.as_deref()).unwrap_or_default(),
         promotion,
         promoted_by: revisions.and_then(|r| r.promoted_by),
+        promoted_from: revisions.and_then(|r| r.promoted_from.as_deref()),
     }
 }
 

@@ -277,7 +277,7 @@ struct Verdict {
 pub(super) struct GateStep {
     pub revisions: RevisionStatus,
     /// Whether the candidate was promoted in this pass.
-    pub promoted_now: bool,
+    pub promoted_now: Option<PromotedBy>,
     pub wanted: Vec<Wanted>,
     pub requeue: Option<Duration>,
 }
@@ -303,7 +303,7 @@ where
     if let Some(by) = verdict.promote {
         let kind = replay_job::kind_label(gate.kind);
         revisions.promoted_snapshot = Some(snapshot(ctx, object, kind, spec, digest).await?);
-        revisions.promoted = Some(digest.to_owned());
+        revisions.promoted_from = revisions.promoted.replace(digest.to_owned());
         revisions.promoted_by = Some(by);
     }
     if verdict.summary.is_some() {
@@ -325,7 +325,7 @@ where
     }));
     Ok(GateStep {
         revisions,
-        promoted_now: verdict.promote.is_some(),
+        promoted_now: verdict.promote,
         wanted,
         requeue: verdict.requeue,
     })

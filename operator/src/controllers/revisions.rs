@@ -305,6 +305,11 @@ where
         revisions.promoted_snapshot = Some(snapshot(ctx, object, kind, spec, digest).await?);
         revisions.promoted_from = revisions.promoted.replace(digest.to_owned());
         revisions.promoted_by = Some(by);
+    } else if revisions.promoted.as_deref() == Some(digest) {
+        // The revision in force keeps its snapshot: one deleted (by hand, or by a restore that
+        // skipped it) is written again from the same spec, or Sessions could not pin it.
+        let kind = replay_job::kind_label(gate.kind);
+        revisions.promoted_snapshot = Some(snapshot(ctx, object, kind, spec, digest).await?);
     }
     if verdict.summary.is_some() {
         revisions.replay = verdict.summary;

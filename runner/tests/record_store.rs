@@ -674,3 +674,34 @@ async fn tikv_store_works_across_region_boundaries() {
     let runs = store.list_runs(&t, &RunFilter::default()).await.expect("list");
     assert_eq!((runs.len(), runs[0].entries), (1, 301));
 }
+
+/// The gateway keeps tools away from the TiKV nodes behind PD: it asks PD where they are. Against
+/// tikv-testserver, PD names the node the records are served from (it accepts connections); a PD
+/// that does not answer is an error naming it.
+#[cfg(feature = "tikv")]
+#[tokio::test]
+async fn pd_names_the_tikv_nodes_tools_must_never_reach() {
+    use contextos_runner::records::store::pd_stores::store_addresses;
+    use std::io::Write as _;
+    use tikv_testserver::{TESTSERVER_ENV, TestServer};
+    let Ok(bin) = std::env::var(TESTSERVER_ENV) else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP pd_names_the_tikv_nodes_tools_must_never_reach: {TESTSERVER_ENV} (a built kind-tests/tikv-testserver; `make test` sets it) is not set"
+        );
+        return;
+    };
+    let server = TestServer::start(&bin, &[]);
+    let nodes = store_addresses(&server.pd).await.expect("PD lists its stores");
+    assert!(!nodes.is_empty(), "PD named no TiKV node");
+    for node in &nodes {
+        tokio::net::TcpStream::connect(node.as_str())
+            .await
+            .unwrap_or_else(|e| panic!("TiKV node {node} named by PD does not accept connections: {e}"));
+    }
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let nobody = closed.local_addr().expect("address").to_string();
+    drop(closed);
+    let error = store_addresses(&nobody).await.expect_err("nothing listens there");
+    assert!(error.to_string().contains(&nobody), "{error}");
+}

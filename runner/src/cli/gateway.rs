@@ -58,6 +58,22 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         }
     }
     let store = global.open_store().await?;
+    // The TiKV nodes behind PD, and any added later: no tool may be pointed at them.
+    #[cfg(feature = "tikv")]
+    if let Ok(StoreLocation::Tikv(endpoints)) = global.store_location() {
+        deny_store_nodes(&egress, &endpoints)
+            .await
+            .context("cannot list the record store's TiKV nodes, which tools must never reach")?;
+        let (egress, endpoints) = (egress.clone(), endpoints.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(STORE_NODES_REFRESH).await;
+                if let Err(e) = deny_store_nodes(&egress, &endpoints).await {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot refresh the record store's TiKV nodes; the ones known stay denied");
+                }
+            }
+        });
+    }
     let service = Arc::new(
         GatewayService::new(
             store,
@@ -83,6 +99,34 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         .await
         .context("gateway server failed")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How often the TiKV nodes are listed again (nodes added to the cluster are denied then).
+#[cfg(feature = "tikv")]
+const STORE_NODES_REFRESH: Duration = Duration::from_secs(60);
+
+/// Denies every address of every TiKV node the first answering PD of `endpoints` knows.
+#[cfg(feature = "tikv")]
+async fn deny_store_nodes(egress: &EgressGuard, endpoints: &str) -> anyhow::Result<()> {
+    let mut last = None;
+    for endpoint in endpoints.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        match contextos_runner::records::store::pd_stores::store_addresses(endpoint).await {
+            Ok(addresses) => {
+                for address in &addresses {
+                    let (host, port) = address.rsplit_once(':').unwrap_or((address, "20160"));
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    egress
+                        .deny_host(host, port.parse().unwrap_or(20160))
+                        .await
+                        .map_err(|e| anyhow::anyhow!("TiKV node {address}: {e}"))?;
+                }
+                tracing::info!(nodes = ?addresses, "tools may not reach the record store's TiKV nodes");
+                return Ok(());
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or_else(|| anyhow::anyhow!("no PD endpoint given"), anyhow::Error::from))
 }
 
 /// The operator publishes its key when it starts; a gateway started first waits for it.

@@ -47,11 +47,15 @@ impl EgressGuard {
         // A store on loopback is a single-machine setup (the gateway's own host): denying it would
         // deny every local tool, and nothing outside the machine can be pointed there anyway.
         if let Ok(mut denied) = self.denied.write() {
-            denied.extend(
-                addresses
-                    .filter(|a| !a.ip().is_loopback())
-                    .map(|a| IpNet::from(a.ip())),
-            );
+            for net in addresses
+                .filter(|a| !a.ip().is_loopback())
+                .map(|a| IpNet::from(a.ip()))
+            {
+                // Denied again on every refresh of the store's nodes: kept once.
+                if !denied.contains(&net) {
+                    denied.push(net);
+                }
+            }
         }
         Ok(())
     }

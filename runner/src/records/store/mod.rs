@@ -8,6 +8,8 @@
 pub mod any;
 pub mod embedded;
 pub mod memory;
+#[cfg(feature = "tikv")]
+pub mod pd_stores;
 pub mod remote;
 #[cfg(feature = "tikv")]
 pub mod tikv;

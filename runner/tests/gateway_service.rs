@@ -17,6 +17,7 @@ use contextos_crds::session::{Approval, ApprovalDecision};
 use contextos_runner::{
     gateway::{
         CallOutcome,
+        approvals::Attested as _,
         egress::EgressGuard,
         envelope::ApprovalGrant,
         identity::{PodIdentity, StaticTokens},

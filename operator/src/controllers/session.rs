@@ -11,7 +11,7 @@ use contextos_crds::{
     session::SessionPhase,
 };
 use contextos_runner::{
-    gateway::approvals::{ApprovalRequest, UnresolvedReport},
+    gateway::approvals::{ApprovalRequest, Attested, UnresolvedReport},
     run::{
         bundle::{Composition, RunBundle, spec_digest},
         issue_run_context,
@@ -640,22 +640,13 @@ fn termination_report(pod: &Pod) -> Option<PodReport> {
     serde_json::from_str::<PodReport>(message.trim()).ok()
 }
 
-/// Checks the gateway's signature over a relayed approval request, with the tenant's key.
+/// Checks the gateway's signature over a relayed approval request.
 async fn attested(
     ctx: &Context,
     session: &Session,
     run_id: &str,
     awaiting: &contextos_runner::run::checkpoint::AwaitingApproval,
 ) -> std::result::Result<(), String> {
-    let signature = awaiting
-        .attestation
-        .as_deref()
-        .ok_or("the gateway service did not sign it")?;
-    let key = ctx
-        .tenant_keys
-        .get(&ctx.runner.gateway, &session.namespace().unwrap_or_default())
-        .await
-        .map_err(|e| e.to_string())?;
     let request = ApprovalRequest {
         run_id,
         call_id: &awaiting.call_id,
@@ -668,11 +659,7 @@ async fn attested(
         rule: &awaiting.rule,
         approvers: &awaiting.approvers,
     };
-    if request.verify(&key, signature) {
-        Ok(())
-    } else {
-        Err("its signature does not match what the runner reported".into())
-    }
+    signed_by_gateway(ctx, session, &request, awaiting.attestation.as_deref()).await
 }
 
 /// Checks the gateway's signature over a relayed report of a call whose outcome is unknown.
@@ -682,15 +669,6 @@ async fn attested_unresolved(
     run_id: &str,
     unresolved: &contextos_runner::run::checkpoint::UnresolvedCall,
 ) -> std::result::Result<(), String> {
-    let signature = unresolved
-        .attestation
-        .as_deref()
-        .ok_or("the gateway service did not sign it")?;
-    let key = ctx
-        .tenant_keys
-        .get(&ctx.runner.gateway, &session.namespace().unwrap_or_default())
-        .await
-        .map_err(|e| e.to_string())?;
     let report = UnresolvedReport {
         run_id,
         call_id: &unresolved.call_id,
@@ -701,7 +679,24 @@ async fn attested_unresolved(
             .unwrap_or_else(|| ApprovalRequest::digest_of(&unresolved.arguments)),
         reason: &unresolved.reason,
     };
-    if report.verify(&key, signature) {
+    signed_by_gateway(ctx, session, &report, unresolved.attestation.as_deref()).await
+}
+
+/// Whether `signature` is the gateway's (the Session's tenant key) over `statement`, as a
+/// runner relayed both.
+async fn signed_by_gateway(
+    ctx: &Context,
+    session: &Session,
+    statement: &impl Attested,
+    signature: Option<&str>,
+) -> std::result::Result<(), String> {
+    let signature = signature.ok_or("the gateway service did not sign it")?;
+    let key = ctx
+        .tenant_keys
+        .get(&ctx.runner.gateway, &session.namespace().unwrap_or_default())
+        .await
+        .map_err(|e| e.to_string())?;
+    if statement.verify(&key, signature) {
         Ok(())
     } else {
         Err("its signature does not match what the runner reported".into())

@@ -46,27 +46,38 @@ pub struct UnresolvedReport<'a> {
     pub reason: &'a str,
 }
 
-impl UnresolvedReport<'_> {
+impl Attested for UnresolvedReport<'_> {
+    const DOMAIN: &'static [u8] = b"contextos-unresolved-call/v1\n";
+}
+
+/// A statement the gateway signs with the tenant's key for whoever relays it (a runner pod's
+/// report): the operator shows people what it says only if the signature holds.
+pub trait Attested: serde::Serialize + Sized {
+    /// What kind of statement it is, so that one kind's signature never verifies another.
+    const DOMAIN: &'static [u8];
+
+    /// The signed bytes: the domain, then the statement's canonical JSON.
     fn message(&self) -> Vec<u8> {
-        let mut out = b"contextos-unresolved-call/v1\n".to_vec();
+        let mut out = Self::DOMAIN.to_vec();
+        // Plain data with string keys: serialization cannot fail.
         out.extend(crate::records::canonical::canonical_bytes_of(self).unwrap_or_default());
         out
     }
 
-    /// The signature (hex) of `key` over this report.
-    pub fn sign(&self, key: &crate::keys::KeyPair) -> String {
+    /// The signature (hex) of `key` over it.
+    fn sign(&self, key: &crate::keys::KeyPair) -> String {
         key.sign_hex(&self.message())
     }
 
-    /// Whether `signature` is `key`'s over this report.
-    pub fn verify(&self, key: &crate::keys::PublicKey, signature: &str) -> bool {
+    /// Whether `signature` is `key`'s over it.
+    fn verify(&self, key: &crate::keys::PublicKey, signature: &str) -> bool {
         key.verify_hex(&self.message(), signature)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{ApprovalBook, ApprovalRequest};
+    use super::{ApprovalBook, ApprovalRequest, Attested as _};
     use crate::keys::KeyPair;
 
     #[test]
@@ -162,20 +173,8 @@ impl ApprovalRequest<'_> {
     pub fn digest_of(arguments: &serde_json::Value) -> String {
         crate::records::Hash::of(&crate::records::canonical::to_canonical_bytes(arguments)).to_hex()
     }
+}
 
-    fn message(&self) -> Vec<u8> {
-        let mut out = b"contextos-approval-request/v1\n".to_vec();
-        out.extend(crate::records::canonical::canonical_bytes_of(self).unwrap_or_default());
-        out
-    }
-
-    /// The signature (hex) of `key` over this request.
-    pub fn sign(&self, key: &crate::keys::KeyPair) -> String {
-        key.sign_hex(&self.message())
-    }
-
-    /// Whether `signature` is `key`'s over this request.
-    pub fn verify(&self, key: &crate::keys::PublicKey, signature: &str) -> bool {
-        key.verify_hex(&self.message(), signature)
-    }
+impl Attested for ApprovalRequest<'_> {
+    const DOMAIN: &'static [u8] = b"contextos-approval-request/v1\n";
 }

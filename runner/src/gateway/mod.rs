@@ -32,7 +32,7 @@ use serde_json::Value;
 
 use self::{
     adapters::{AdapterError, AdapterResponse, CallContext},
-    approvals::ApprovalBook,
+    approvals::{ApprovalBook, Attested as _},
     envelope::CallEnvelope,
     reliability::{CircuitBreakers, backoff},
 };

@@ -172,6 +172,9 @@ pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -
 
 /// Required sources must fit the budget with the instructions (an empty request stands in).
 fn fits(spec: &ContextPackSpec, resolved: &[ResolvedSource]) -> Option<Invalid> {
+    if context::certainly_fits(spec, resolved) {
+        return None;
+    }
     context::compile(spec, resolved, "", &[])
         .err()
         .map(|e| Invalid::new(reason::INVALID_SPEC, e.to_string()))

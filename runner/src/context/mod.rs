@@ -147,6 +147,41 @@ pub fn compile(
     })
 }
 
+/// Whether every required source of `pack` certainly fits its budget with the instructions and
+/// an empty request, decided without the tokenizer: a token is at least one byte, so byte
+/// lengths bound token counts from above, and every room is bounded from below. `false` means
+/// "not certain": count with [`compile`]. (The operator checks packs this way first, so that it
+/// loads the tokenizer — about 46 MiB resident — only for packs that come close to their
+/// budget.)
+pub fn certainly_fits(pack: &ContextPackSpec, sources: &[ResolvedSource]) -> bool {
+    let budget = u64::from(pack.token_budget);
+    let bytes = |text: &str| u64::try_from(text.len()).unwrap_or(u64::MAX);
+    let fixed = bytes(&pack.instructions).saturating_add(16);
+    if fixed > budget {
+        return false;
+    }
+    // A lower bound of what `compile` has left at each step.
+    let mut remaining = budget - fixed;
+    let mut order: Vec<_> = pack.sources.iter().collect();
+    order.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
+    for source in order {
+        let content = match (&source.inline, sources.iter().find(|s| s.name == source.name)) {
+            (Some(inline), _) => inline.as_str(),
+            (None, Some(resolved)) => resolved.content.as_str(),
+            (None, None) => return false,
+        };
+        let overhead = bytes(&format!("\n# Reference\n\n## {}\n\n", source.name)).saturating_add(2);
+        let room = remaining.saturating_sub(overhead);
+        let cap = source.max_tokens.map_or(room, |m| u64::from(m).min(room));
+        if source.required && bytes(content) > cap {
+            return false;
+        }
+        // At most the whole content (or nothing) is taken, with its overhead.
+        remaining = remaining.saturating_sub(bytes(content).saturating_add(overhead));
+    }
+    true
+}
+
 enum Cut {
     Dropped,
     Truncated,
@@ -267,6 +302,49 @@ mod tests {
             content: "1. Check status.\n2. Restart.\n".into(),
         };
         (pack.spec, vec![runbook])
+    }
+
+    #[test]
+    fn what_certainly_fits_by_bytes_fits_when_counted() {
+        let (pack, sources) = quickstart();
+        assert!(
+            certainly_fits(&pack, &sources),
+            "the quickstart pack fits by bytes alone"
+        );
+        // Around every boundary: required sources of several sizes, ASCII and multi-byte, under
+        // budgets from far too small to ample. Whenever bytes say "fits", counting agrees.
+        let (mut certain, mut counted) = (0, 0);
+        for content in [
+            "restart the deployment. ",
+            "héllo wörld ✓ ",
+            "{\"k\": [1, 2, 3]} ",
+        ] {
+            for repeat in [1, 10, 100] {
+                let mut sources = sources.clone();
+                sources[0].content = content.repeat(repeat);
+                for budget in (0..6000).step_by(37) {
+                    let mut pack = pack.clone();
+                    pack.token_budget = budget;
+                    for source in &mut pack.sources {
+                        source.required = true;
+                    }
+                    let fits = compile(&pack, &sources, "", &[]).is_ok();
+                    counted += usize::from(fits);
+                    if certainly_fits(&pack, &sources) {
+                        certain += 1;
+                        assert!(
+                            fits,
+                            "budget {budget}, {repeat}× {content:?}: fits by bytes, not when counted"
+                        );
+                    }
+                }
+            }
+        }
+        // The shortcut decides most packs that fit (the rest are counted).
+        assert!(
+            certain * 2 > counted,
+            "{certain} of {counted} fitting packs decided by bytes"
+        );
     }
 
     #[test]

@@ -810,36 +810,48 @@ fn mcp_gateway(key: &KeyPair, http_url: &str, stdio_server: &str) -> ToolGateway
     )
 }
 
-#[tokio::test]
-async fn mcp_tools_run_over_streamable_http_and_stdio() {
+/// Serves `tools` over streamable HTTP on loopback; returns the endpoint's URL.
+async fn serve_mcp(tools: mcp_server::OpsTools) -> String {
     use rmcp::transport::streamable_http_server::{
         StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
     };
-    let h = Harness::new().await;
-    let mut rec = h.recorder().await;
-    let state = StateFacts::default();
-
-    let tools = mcp_server::OpsTools::default();
-    let seen = tools.seen.clone();
     let service = StreamableHttpService::new(
         move || Ok(tools.clone()),
         Arc::new(LocalSessionManager::default()),
         StreamableHttpServerConfig::default(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let http_url = format!("http://{}/mcp", listener.local_addr().expect("addr"));
+    let url = format!("http://{}/mcp", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, Router::new().nest_service("/mcp", service)).await });
-    let deps = std::env::current_exe().expect("test binary");
-    let stdio_server = deps
+    url
+}
+
+/// The stdio MCP server example, built next to the test binary.
+fn mcp_stdio_server() -> std::path::PathBuf {
+    let server = std::env::current_exe()
+        .expect("test binary")
         .parent()
         .and_then(|d| d.parent())
         .expect("target dir")
         .join("examples/mcp_stdio_server");
     assert!(
-        stdio_server.exists(),
+        server.exists(),
         "{} is missing: plain `cargo test` builds it; with --tests run `cargo build -p contextos-runner --examples` first",
-        stdio_server.display()
+        server.display()
     );
+    server
+}
+
+#[tokio::test]
+async fn mcp_tools_run_over_streamable_http_and_stdio() {
+    let h = Harness::new().await;
+    let mut rec = h.recorder().await;
+    let state = StateFacts::default();
+
+    let tools = mcp_server::OpsTools::default();
+    let seen = tools.seen.clone();
+    let http_url = serve_mcp(tools).await;
+    let stdio_server = mcp_stdio_server();
     let gateway = mcp_gateway(&h.key, &http_url, &stdio_server.display().to_string());
 
     let status = gateway
@@ -915,27 +927,11 @@ async fn mcp_tools_run_over_streamable_http_and_stdio() {
 /// and the gateway keeps serving.
 #[tokio::test]
 async fn a_flooding_mcp_server_is_cut_or_refused_while_it_is_read() {
-    use rmcp::transport::streamable_http_server::{
-        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
-    };
     let h = Harness::new().await;
     let mut rec = h.recorder().await;
     let state = StateFacts::default();
-    let tools = mcp_server::OpsTools::default();
-    let service = StreamableHttpService::new(
-        move || Ok(tools.clone()),
-        Arc::new(LocalSessionManager::default()),
-        StreamableHttpServerConfig::default(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let http_url = format!("http://{}/mcp", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, Router::new().nest_service("/mcp", service)).await });
-    let stdio_server = std::env::current_exe()
-        .expect("test binary")
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("examples/mcp_stdio_server");
+    let http_url = serve_mcp(mcp_server::OpsTools::default()).await;
+    let stdio_server = mcp_stdio_server();
     let tools: Vec<contextos_crds::agent::Tool> = serde_yaml::from_str(&format!(
         r#"
 - {{name: fetch_logs, risk: read_only, kind: observe, timeoutSeconds: 5, retry: {{maxAttempts: 1}},

@@ -73,6 +73,14 @@ async fn revisions(api: &Api<Policy>) -> Result<contextos_crds::common::Revision
         .context("revisions")
 }
 
+/// The revision of Policy `oncall-guardrails` in force now.
+pub async fn promoted_guardrails(api: &Api<Policy>) -> Result<String> {
+    revisions(api)
+        .await?
+        .promoted
+        .context("the Policy has a promoted revision")
+}
+
 #[tokio::test]
 async fn a_policy_change_is_promoted_only_if_replaying_recorded_sessions_passes() -> Result<()> {
     let env = TestEnv::shared().await?;

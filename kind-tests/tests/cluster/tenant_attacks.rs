@@ -122,13 +122,7 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
     apply(&client, ns.name(), &session("recorded")?).await?;
     phase_is(&sessions, "recorded", SessionPhase::Succeeded).await?;
     let policies: Api<Policy> = ns.api();
-    let first = policies
-        .get("oncall-guardrails")
-        .await?
-        .status
-        .and_then(|s| s.revisions)
-        .and_then(|r| r.promoted)
-        .context("the first revision is promoted")?;
+    let first = crate::promotion::promoted_guardrails(&policies).await?;
 
     // The change denies the reads the recorded session made. Its digest, as the operator will
     // compute it, from a server-side dry run.
@@ -277,13 +271,7 @@ async fn a_gitops_committer_cannot_shed_a_policys_gate_by_renaming_or_re_creatin
     apply(&client, ns.name(), &session("recorded")?).await?;
     phase_is(&sessions, "recorded", SessionPhase::Succeeded).await?;
     let policies: Api<Policy> = ns.api();
-    let first_policy = policies
-        .get("oncall-guardrails")
-        .await?
-        .status
-        .and_then(|s| s.revisions)
-        .and_then(|r| r.promoted)
-        .context("the Policy's first revision is promoted")?;
+    let first_policy = crate::promotion::promoted_guardrails(&policies).await?;
     let agents: Api<Agent> = ns.api();
     let promoted = agents
         .get(&agent_name)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use contextos_crds::{
     Agent, AgentSpec, ContextPack, Policy, SandboxProfile,
-    common::{PromotedBy, RevisionStatus},
+    common::RevisionStatus,
     conditions::{self, reason},
 };
 use contextos_runner::{
@@ -87,7 +87,7 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
                     promotion: gate,
                     ungated: match need {
                         Need::Direct(by, why) => (by, why),
-                        Need::Replay(_) => (PromotedBy::Ungated, ""),
+                        Need::Replay(_) => Gated::NO_GATE,
                     },
                     first_replayed: true,
                     revisions: status.revisions.clone().unwrap_or_default(),

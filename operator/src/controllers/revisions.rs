@@ -260,7 +260,7 @@ pub(super) struct Gated<'a> {
 }
 
 impl Gated<'_> {
-    const NO_GATE: (PromotedBy, &'static str) = (PromotedBy::Ungated, "no promotion gate");
+    pub const NO_GATE: (PromotedBy, &'static str) = (PromotedBy::Ungated, "no promotion gate");
 }
 
 /// Where a candidate stands after this pass.

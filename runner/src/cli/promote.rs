@@ -62,42 +62,27 @@ pub async fn run(command: PromoteCommand) -> anyhow::Result<ExitCode> {
         None => None,
     };
     loop {
-        let (generation, observed, conditions, revisions) = match kind.to_ascii_lowercase().as_str() {
+        let (generation, (observed, conditions, revisions)) = match kind.to_ascii_lowercase().as_str() {
             "policy" | "policies" | "cpol" => {
-                let p = Api::<Policy>::namespaced(client.clone(), &namespace)
-                    .get(name)
-                    .await?;
-                let s = p.status.unwrap_or_default();
-                (
-                    p.metadata.generation,
-                    s.observed_generation,
-                    s.conditions,
-                    s.revisions,
-                )
+                observe::<Policy>(&client, &namespace, name, |p| {
+                    let s = p.status.unwrap_or_default();
+                    (s.observed_generation, s.conditions, s.revisions)
+                })
+                .await?
             }
             "contextpack" | "contextpacks" | "cpack" => {
-                let p = Api::<ContextPack>::namespaced(client.clone(), &namespace)
-                    .get(name)
-                    .await?;
-                let s = p.status.unwrap_or_default();
-                (
-                    p.metadata.generation,
-                    s.observed_generation,
-                    s.conditions,
-                    s.revisions,
-                )
+                observe::<ContextPack>(&client, &namespace, name, |p| {
+                    let s = p.status.unwrap_or_default();
+                    (s.observed_generation, s.conditions, s.revisions)
+                })
+                .await?
             }
             "agent" | "agents" => {
-                let a = Api::<Agent>::namespaced(client.clone(), &namespace)
-                    .get(name)
-                    .await?;
-                let s = a.status.unwrap_or_default();
-                (
-                    a.metadata.generation,
-                    s.observed_generation,
-                    s.conditions,
-                    s.revisions,
-                )
+                observe::<Agent>(&client, &namespace, name, |a| {
+                    let s = a.status.unwrap_or_default();
+                    (s.observed_generation, s.conditions, s.revisions)
+                })
+                .await?
             }
             other => {
                 bail!("{other}: promotion applies to policy/<name>, contextpack/<name> and agent/<name>")
@@ -122,6 +107,27 @@ pub async fn run(command: PromoteCommand) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// What a gated object shows of its gate: the generation its status describes, its conditions
+/// and its revisions.
+type GateStatus = (Option<i64>, Vec<Condition>, Option<RevisionStatus>);
+
+/// Reads `name` and returns its generation with what `status` takes from it.
+async fn observe<K>(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    status: impl FnOnce(K) -> GateStatus,
+) -> anyhow::Result<(Option<i64>, GateStatus)>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let object = Api::<K>::namespaced(client.clone(), namespace).get(name).await?;
+    Ok((object.meta().generation, status(object)))
 }
 
 fn standing(conditions: &[Condition], revisions: &RevisionStatus) -> Standing {

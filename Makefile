@@ -35,6 +35,10 @@ unit:
 ## ~8 min) and the in-process process node, on which runner pods run the workspace's own
 ## `contextos` binary with a TiKV test server as their record store; with KUBECONFIG they use
 ## that cluster instead (the operator e2e tests then skip: they need the process node).
+## The `realnode` tests start their own control plane with the real node of kind-tests/realnode
+## (kubelet, containerd, runc, CNI, kube-proxy, kube-router, kube-scheduler; built and cached,
+## a cold build takes ~7 min) and need root: without it they are skipped, unless
+## CONTEXTOS_REQUIRE_REALNODE=1 (CI) makes that a failure.
 kind-tests:
 	set -o pipefail; \
 	if [ -z "$${KUBECONFIG:-}" ]; then \
@@ -70,8 +74,8 @@ fuzz:
 crds:
 	$(CARGO) run --locked -q -p contextos-crds --bin crdgen
 
-## realnode-check: the real-node prototype (kubelet + containerd + runc + CNI + kube-proxy +
-## kube-router, no Docker) started against the local control plane and checked end to end;
-## needs root; see kind-tests/realnode/README.md. Not yet part of `make test`.
+## realnode-check: the real node's own shell checks (kubelet + containerd + runc + CNI +
+## kube-proxy + kube-router, no Docker) against the local control plane; needs root; see
+## kind-tests/realnode/README.md. `make test` runs the Rust `realnode` tests on the same node.
 realnode-check:
 	bash kind-tests/realnode/selftest.sh

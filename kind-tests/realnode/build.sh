@@ -8,7 +8,7 @@
 #
 # What it puts in the cache directory:
 #   bin/containerd, bin/containerd-shim-runc-v2, bin/ctr   containerd $CONTAINERD_VERSION, cgo off
-#   bin/kubelet, bin/kube-proxy                            k8s.io/kubernetes v1.36.3 (module set of kube/go.mod,
+#   bin/kubelet, bin/kube-proxy, bin/kube-scheduler        k8s.io/kubernetes v1.36.3 (module set of kube/go.mod,
 #                                                          a copy of kind-tests/testenv's plus what these need)
 #   bin/runc-wrapper                                       clamps oomScoreAdj >= 0, then execs /usr/sbin/runc
 #   bin/pause, bin/mkimage                                 tools/ (stdlib only)
@@ -115,6 +115,7 @@ fi
 vpkg=k8s.io/component-base/version
 kube_ldflags="-s -w -X $vpkg.gitVersion=$kube_version -X $vpkg.gitMajor=${BASH_REMATCH[1]} -X $vpkg.gitMinor=${BASH_REMATCH[2]} -X $vpkg.gitTreeState=clean"
 build_go kubelet kube -ldflags "$kube_ldflags" k8s.io/kubernetes/cmd/kubelet
+build_go kube-scheduler kube -ldflags "$kube_ldflags" k8s.io/kubernetes/cmd/kube-scheduler
 build_go realnode-cri kube -ldflags "-s -w" ./cmd/realnode-cri
 if [[ "${REALNODE_KUBE_PROXY:-1}" == 1 ]]; then
 	build_go kube-proxy kube -ldflags "$kube_ldflags" k8s.io/kubernetes/cmd/kube-proxy
@@ -136,7 +137,7 @@ fi
 if [[ ! -s "$out/images/pause.tar" ]]; then
 	log "making $PAUSE_REF"
 	printf 'file %s /pause 0755\n' "$out/bin/pause" |
-		"$out/bin/mkimage" -ref "$PAUSE_REF" -out "$out/images/pause.tar" -entrypoint /pause -user 65535:65535
+		"$out/bin/mkimage" -ref "$PAUSE_REF" -out "$out/images/pause.tar" -entrypoint /pause -user 65535:65535 >"$out/images/pause.digest"
 fi
 if [[ ! -s "$out/images/busybox.tar" ]]; then
 	log "making $BUSYBOX_REF from Debian busybox-static"
@@ -159,7 +160,9 @@ if [[ ! -s "$out/images/busybox.tar" ]]; then
 		echo "dir /sys 0555"
 		echo "dir /dev 0755"
 		echo "dir /var/run 0755"
-	} | "$out/bin/mkimage" -ref "$BUSYBOX_REF" -out "$out/images/busybox.tar" -cmd /bin/sh
+		# Writable by anyone, so that a probe shows it is the read-only root that stops a write.
+		echo "dir /var/tmp 1777"
+	} | "$out/bin/mkimage" -ref "$BUSYBOX_REF" -out "$out/images/busybox.tar" -cmd /bin/sh >"$out/images/busybox.digest"
 	rm -rf "$etc"
 	trap - EXIT
 fi

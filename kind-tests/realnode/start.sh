@@ -21,6 +21,7 @@
 #   REALNODE_NO_KUBELET=1                start containerd only (images imported)
 #   REALNODE_KUBE_PROXY=1                also run kube-proxy (iptables mode, admin kubeconfig; NodePorts on NODE_IP only)
 #   REALNODE_KUBE_ROUTER=1               also run kube-router (NetworkPolicy firewall only)
+#   REALNODE_SCHEDULER=1                 also run kube-scheduler (admin kubeconfig; pods need not name the node)
 # The node's state (settings, pids) is kept in WORKDIR/realnode.env for stop.sh.
 # Prints "READY <node-name>" when the Node is Ready. Needs root.
 set -euo pipefail
@@ -357,6 +358,12 @@ if [[ "${REALNODE_KUBE_ROUTER:-0}" == 1 ]]; then
 		--hostname-override="$NODE_NAME" --service-cluster-ip-range="$SERVICE_CIDR" \
 		--health-port=0 --metrics-port=0 --v=1
 	echo "KUBE_ROUTER=1" >>"$W/realnode.env"
+fi
+
+if [[ "${REALNODE_SCHEDULER:-0}" == 1 ]]; then
+	# No serving port: nothing scrapes it here, and a port would be one more listener.
+	start_daemon kube-scheduler "$B/bin/kube-scheduler" --kubeconfig="$ADMIN_KUBECONFIG" \
+		--leader-elect=false --secure-port=0 --v=1
 fi
 
 trap - ERR

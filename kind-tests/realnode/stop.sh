@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # stop.sh tears down what start.sh WORKDIR started and leaves nothing behind:
-# kube-router / kube-proxy / kubelet, every pod sandbox (through the CRI, so the
+# kube-scheduler / kube-router / kube-proxy / kubelet, every pod sandbox (through the CRI, so the
 # CNI DEL runs and the netns goes), containerd tasks and containers, containerd,
 # left-over shims and container processes, mounts under WORKDIR, the cgroup
 # trees, the iptables chains, the node address on lo and ip_forward.
@@ -60,6 +60,7 @@ node_delete() {
 		"$server/api/v1/nodes/$NODE_NAME" >/dev/null 2>&1 || true
 }
 
+stop_pid kube-scheduler 5
 stop_pid kube-router 5
 # (kube-router v2.1.0's --cleanup-config removes nothing and then panics in the
 # service-proxy clean-up; its chains and ipsets are removed below.)

@@ -19,6 +19,7 @@ pub mod env;
 pub mod namespace;
 pub mod operator_env;
 pub mod process_node;
+pub mod real_node;
 pub mod wait;
 
 pub use env::{EnvError, TestEnv};

@@ -99,7 +99,7 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
     let metrics = Arc::new(Metrics::default());
     let store = format!("tikv://{}", tikv.pd);
     let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .block_on(tokio::net::TcpListener::bind((env.host_address(), 0)))
         .map_err(|e| format!("gateway listener: {e}"))?;
     let gateway = format!(
         "http://{}",
@@ -113,7 +113,7 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
         runner: runner_settings(&gateway),
         max_crash_attempts: 3,
         concurrency: 8,
-        replay_image: crate::process_node::RUNNER_IMAGE.to_owned(),
+        replay_image: env.runner_image().to_owned(),
         // Objects of the restart test belong to that test's own operator.
         selector: Some(format!("!{CHAOS_LABEL}")),
     };
@@ -171,18 +171,17 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
     })
 }
 
-/// How the e2e operators configure runner pods: every effect through the gateway at `gateway`
-/// (on loopback: the process node runs pods as host processes).
+/// How the e2e operators configure runner pods: every effect through the gateway at `gateway`,
+/// a process on this machine (loopback for the process node, whose pods are host processes; the
+/// real node's address for real pods), reached through the one extra egress rule it needs.
 pub fn runner_settings(gateway: &str) -> RunnerSettings {
+    let authority = gateway.split_once("//").map_or(gateway, |(_, rest)| rest);
+    let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "80"));
     RunnerSettings {
         gateway: gateway.to_owned(),
         gateway_namespace: OPERATOR_NAMESPACE.to_owned(),
-        egress: vec![("127.0.0.1/32".to_owned(), port_of(gateway))],
+        egress: vec![(format!("{host}/32"), port.parse().unwrap_or(80))],
     }
-}
-
-fn port_of(url: &str) -> u16 {
-    url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(80)
 }
 
 async fn wait_for_operator_key(client: &kube::Client) -> Result<contextos_runner::keys::PublicKey, String> {

@@ -1,10 +1,30 @@
 //! HTTP clients: every client ContextOS builds (tools, models, the gateway service, the
 //! operator's key fetches) uses one TLS setup — rustls with the ring provider and the
 //! platform's certificate roots — installed once per process before the first client.
+//!
+//! A minimal image may have no CA certificates at all (a runner pod needs none: it speaks plain
+//! HTTP to the gateway service). Building a client must not fail for that — it would take the
+//! whole process down over a capability it does not use — so without platform roots the
+//! clients verify HTTPS servers against an empty root store: every HTTPS connection is refused
+//! with an unknown-issuer error, plain HTTP works, and a warning says how to fix it.
 
-use std::sync::Once;
+use std::sync::{LazyLock, Once};
 
 static PROVIDER: Once = Once::new();
+
+/// Whether the platform has CA certificates (looked up once; the bundle is parsed again by the
+/// verifier of each client, which is what it would cost anyway).
+static PLATFORM_ROOTS: LazyLock<bool> = LazyLock::new(|| {
+    let found = !rustls_native_certs::load_native_certs().certs.is_empty();
+    if !found {
+        tracing::warn!(
+            "no CA certificates found on this system: HTTPS servers cannot be verified and every \
+             HTTPS call will be refused; install them (Debian: ca-certificates) or set SSL_CERT_FILE \
+             to a PEM bundle"
+        );
+    }
+    found
+});
 
 /// Installs the process-wide TLS provider (once; a provider installed earlier is kept).
 pub fn install_tls_provider() {
@@ -14,15 +34,20 @@ pub fn install_tls_provider() {
     });
 }
 
-/// A client builder with the TLS provider in place.
+/// A client builder with the TLS provider and the platform's roots (or none, see above) in place.
 pub fn client_builder() -> reqwest::ClientBuilder {
     install_tls_provider();
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder();
+    if *PLATFORM_ROOTS {
+        builder
+    } else {
+        builder.tls_certs_only([])
+    }
 }
 
 /// A client with default settings.
 pub fn client() -> reqwest::Client {
     client_builder()
         .build()
-        .expect("an HTTP client builds once the ring TLS provider is installed")
+        .expect("an HTTP client with default settings builds once the TLS provider is installed")
 }

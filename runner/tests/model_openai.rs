@@ -159,3 +159,61 @@ async fn an_endless_answer_is_refused_at_the_bound() {
         "{refused}"
     );
 }
+
+/// Set in the child process [`a_process_without_ca_certificates_still_speaks_plain_http`] starts.
+const NO_ROOTS_CHILD: &str = "CONTEXTOS_TEST_NO_ROOTS_CHILD";
+
+/// A minimal image (a runner pod's) has no CA certificates: clients must still build — plain
+/// HTTP works, HTTPS is refused — instead of the process failing on its first client. The
+/// platform roots are looked up once per process, so the check runs in a child process of this
+/// test binary whose environment points the lookup at an empty directory.
+#[test]
+fn a_process_without_ca_certificates_still_speaks_plain_http() {
+    if std::env::var_os(NO_ROOTS_CHILD).is_some() {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(speak_plain_http_without_roots());
+        return;
+    }
+    let empty = tempfile::tempdir().expect("temp dir");
+    let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "a_process_without_ca_certificates_still_speaks_plain_http",
+            "--nocapture",
+        ])
+        .env(NO_ROOTS_CHILD, "1")
+        .env("SSL_CERT_FILE", empty.path().join("none.pem"))
+        .env("SSL_CERT_DIR", empty.path())
+        .output()
+        .expect("run the child test");
+    assert!(
+        output.status.success(),
+        "the child failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("1 passed"),
+        "the child ran the check: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+async fn speak_plain_http_without_roots() {
+    let (url, seen) = server(
+        json!({"choices": [{"message": {"role": "assistant", "content": "ok"}}]}),
+        200,
+    )
+    .await;
+    let model = OpenAiCompatible::new(&url, None, std::time::Duration::from_secs(5));
+    let turn = model
+        .complete(&request())
+        .await
+        .expect("plain HTTP works without CA roots");
+    assert_eq!(turn.content, "ok");
+    assert_eq!(seen.lock().expect("lock").len(), 1);
+    let refused = OpenAiCompatible::new("https://127.0.0.1:9/v1", None, std::time::Duration::from_secs(2))
+        .complete(&request())
+        .await;
+    assert!(refused.is_err(), "HTTPS without roots is refused");
+}

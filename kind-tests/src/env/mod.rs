@@ -1,6 +1,7 @@
 //! The cluster a test binary runs against, started once per test process: an existing cluster
-//! when `KUBECONFIG` is set, otherwise the local control plane (`testenv`) plus an in-process
-//! process node. Either way the project's CRDs are installed first.
+//! when `KUBECONFIG` is set, otherwise the local control plane (`testenv`) plus a node — the
+//! in-process process node ([`TestEnv::shared`]) or the real node of `kind-tests/realnode`
+//! ([`TestEnv::real_node`]). Either way the project's CRDs are installed first.
 
 pub mod control_plane;
 pub mod crds;
@@ -21,7 +22,10 @@ use kube::{
 use thiserror::Error;
 use tokio::runtime::Runtime;
 
-use crate::process_node::{NodeError, ProcessNode, ProcessNodeConfig};
+use crate::{
+    process_node::{NodeError, ProcessNode, ProcessNodeConfig, RUNNER_IMAGE},
+    real_node::RealNode,
+};
 
 /// Name of the Node the process node registers.
 pub const PROCESS_NODE_NAME: &str = "contextos-process-node";
@@ -64,8 +68,21 @@ enum Backend {
         plane: control_plane::ControlPlane,
         node: ProcessNode,
     },
+    /// testenv + the real node (kubelet, containerd, CNI, kube-proxy, kube-router), owned by this
+    /// test process.
+    RealNode {
+        plane: control_plane::ControlPlane,
+        node: RealNode,
+    },
     /// A cluster from `KUBECONFIG`; nothing is started.
     External { server: String },
+}
+
+/// Which node the local control plane gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeKind {
+    Process,
+    Real,
 }
 
 /// How long start-up took, for the record.
@@ -102,16 +119,31 @@ impl std::fmt::Debug for TestEnv {
 }
 
 static SHARED: OnceLock<Result<TestEnv, String>> = OnceLock::new();
+static REAL: OnceLock<Result<TestEnv, String>> = OnceLock::new();
 
 impl TestEnv {
-    /// The environment of this test binary, started by the first caller.
+    /// The environment of this test binary, started by the first caller: `KUBECONFIG`, or the
+    /// local control plane with the process node.
     pub async fn shared() -> Result<&'static TestEnv, EnvError> {
+        Self::started(&SHARED, NodeKind::Process).await
+    }
+
+    /// The local control plane with the real node (`KUBECONFIG` is ignored: the tests start and
+    /// inspect the node itself). Check [`crate::real_node::unavailable`] first.
+    pub async fn real_node() -> Result<&'static TestEnv, EnvError> {
+        Self::started(&REAL, NodeKind::Real).await
+    }
+
+    async fn started(
+        cell: &'static OnceLock<Result<TestEnv, String>>,
+        kind: NodeKind,
+    ) -> Result<&'static TestEnv, EnvError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         // Start-up blocks (and may build testenv), so it runs on its own thread.
         std::thread::Builder::new()
             .name("kind-tests-env-start".to_owned())
             .spawn(move || {
-                let _ = tx.send(SHARED.get_or_init(|| Self::start().map_err(|e| error_chain(&e))));
+                let _ = tx.send(cell.get_or_init(|| Self::start(kind).map_err(|e| error_chain(&e))));
             })
             .map_err(|source| EnvError::Io {
                 what: "spawn the start-up thread".to_owned(),
@@ -123,7 +155,7 @@ impl TestEnv {
         started.as_ref().map_err(|e| EnvError::Earlier(e.clone()))
     }
 
-    fn start() -> Result<Self, EnvError> {
+    fn start(kind: NodeKind) -> Result<Self, EnvError> {
         init_tracing();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -135,7 +167,7 @@ impl TestEnv {
                 source,
             })?;
         let started = Instant::now();
-        let (config, client, backend, control_plane) = runtime.block_on(connect())?;
+        let (config, client, backend, control_plane) = runtime.block_on(connect(kind))?;
         let crds_started = Instant::now();
         runtime.block_on(crds::install_crds(&client, &repo_root().join("manifests/crds")))?;
         let timings = StartupTimings {
@@ -177,14 +209,40 @@ impl TestEnv {
     /// The local control plane's kubeconfig (for programs started by a test or benchmark).
     pub fn kubeconfig(&self) -> Option<&Path> {
         match &self.backend {
-            Backend::Local { plane, .. } => Some(&plane.kubeconfig),
+            Backend::Local { plane, .. } | Backend::RealNode { plane, .. } => Some(&plane.kubeconfig),
             Backend::External { .. } => None,
         }
     }
 
-    /// Whether this is the local control plane with the process node (not a `KUBECONFIG`).
+    /// Whether this is the local control plane (with either node), not a `KUBECONFIG`.
     pub fn is_local(&self) -> bool {
-        matches!(self.backend, Backend::Local { .. })
+        !matches!(self.backend, Backend::External { .. })
+    }
+
+    /// The real node, when the tests run on it.
+    pub fn real(&self) -> Option<&RealNode> {
+        match &self.backend {
+            Backend::RealNode { node, .. } => Some(node),
+            _ => None,
+        }
+    }
+
+    /// The image runner pods and replay Jobs run: the workspace's binaries packed for the real
+    /// node, or the image the examples pin (which the process node maps to the same binaries).
+    pub fn runner_image(&self) -> &str {
+        match &self.backend {
+            Backend::RealNode { node, .. } => node.contextos_image(),
+            _ => RUNNER_IMAGE,
+        }
+    }
+
+    /// Where sandboxed pods reach services the tests run on this machine (the gateway): the
+    /// real node's address, or loopback for the process node (its pods are host processes).
+    pub fn host_address(&self) -> std::net::Ipv4Addr {
+        match &self.backend {
+            Backend::RealNode { .. } => crate::real_node::NODE_IP,
+            _ => std::net::Ipv4Addr::LOCALHOST,
+        }
     }
 
     pub fn timings(&self) -> StartupTimings {
@@ -195,7 +253,7 @@ impl TestEnv {
     pub fn node_dir(&self) -> Option<&Path> {
         match &self.backend {
             Backend::Local { node, .. } => Some(node.dir()),
-            Backend::External { .. } => None,
+            Backend::RealNode { .. } | Backend::External { .. } => None,
         }
     }
 
@@ -211,6 +269,17 @@ impl TestEnv {
                 node.name(),
                 plane.dir.display()
             ),
+            Backend::RealNode { plane, node } => format!(
+                "local control plane (testenv pid {}) ready in {:.1?}, CRDs established in {:.1?}, \
+                 real node {:?} (image {}); files in {} and {}",
+                plane.pid,
+                self.timings.control_plane,
+                self.timings.crds,
+                node.name(),
+                node.contextos_image(),
+                plane.dir.display(),
+                node.dir().display()
+            ),
             Backend::External { server } => format!(
                 "cluster from KUBECONFIG ({server}), CRDs established in {:.1?}",
                 self.timings.crds
@@ -222,7 +291,7 @@ impl TestEnv {
     /// `kubectl` from `PATH` with the inherited `KUBECONFIG`. Killed if the test drops it.
     pub fn kubectl(&self) -> tokio::process::Command {
         let mut command = match &self.backend {
-            Backend::Local { plane, .. } => {
+            Backend::Local { plane, .. } | Backend::RealNode { plane, .. } => {
                 let mut command = tokio::process::Command::new(&plane.bin);
                 command.arg("kubectl").arg("--kubeconfig").arg(&plane.kubeconfig);
                 command
@@ -245,7 +314,7 @@ impl TestEnv {
                     Err(err) => Err(format!("read {}: {err}", path.display())),
                 }
             }
-            Backend::External { .. } => {
+            Backend::RealNode { .. } | Backend::External { .. } => {
                 let pods: Api<Pod> = Api::namespaced(self.client(), namespace);
                 let params = LogParams {
                     container: Some(container.to_owned()),
@@ -271,9 +340,9 @@ impl TestEnv {
     }
 }
 
-/// Connects to `KUBECONFIG` or starts the local control plane and the process node.
-async fn connect() -> Result<(Config, Client, Backend, Duration), EnvError> {
-    if std::env::var_os("KUBECONFIG").is_some_and(|k| !k.is_empty()) {
+/// Connects to `KUBECONFIG` or starts the local control plane and the node.
+async fn connect(kind: NodeKind) -> Result<(Config, Client, Backend, Duration), EnvError> {
+    if kind == NodeKind::Process && std::env::var_os("KUBECONFIG").is_some_and(|k| !k.is_empty()) {
         let client_error = |reason: String| EnvError::Client {
             cluster: "KUBECONFIG".to_owned(),
             reason,
@@ -297,6 +366,14 @@ async fn connect() -> Result<(Config, Client, Backend, Duration), EnvError> {
         .await
         .map_err(|e| client_error(e.to_string()))?;
     let client = Client::try_from(config.clone()).map_err(|e| client_error(e.to_string()))?;
+    if kind == NodeKind::Real {
+        let kubeconfig = plane.kubeconfig.clone();
+        let node = tokio::task::spawn_blocking(move || RealNode::start(&kubeconfig))
+            .await
+            .map_err(|e| EnvError::Build(format!("real node start-up task failed: {e}")))??;
+        let startup = plane.startup;
+        return Ok((config, client, Backend::RealNode { plane, node }, startup));
+    }
     let node_config = ProcessNodeConfig::new(PROCESS_NODE_NAME, &plane.dir.join("node"))?;
     let node = ProcessNode::start(client.clone(), node_config).await?;
     let startup = plane.startup;

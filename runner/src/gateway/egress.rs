@@ -107,11 +107,14 @@ impl EgressGuard {
 
     /// An HTTP client whose connections go only where this guard allows, following no redirects.
     pub fn client(&self) -> reqwest::Client {
+        // Building cannot fail with these settings (missing CA roots are handled in `http`). If
+        // it ever did, falling back to a default client would send calls past the guard: stop
+        // instead.
         crate::http::client_builder()
             .dns_resolver(Arc::new(GuardedResolver { guard: self.clone() }))
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .unwrap_or_default()
+            .expect("the egress guard's HTTP client builds (same settings as every other client)")
     }
 }
 

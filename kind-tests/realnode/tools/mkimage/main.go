@@ -4,7 +4,11 @@
 // tool. The output is deterministic (fixed mtimes, uid/gid 0).
 //
 //	mkimage -ref localhost/busybox:1.35.0 -out busybox.tar \
-//	        -entrypoint /bin/sh -cmd '' -user '' < entries
+//	        -entrypoint /bin/sh -cmd '' -user '' [-fast] < entries
+//
+// It prints the image manifest's digest (sha256:...) on stdout: a pod that
+// names the image by that digest runs exactly this archive once imported.
+// -fast compresses the layer at gzip's fastest level (large binaries).
 //
 // entries, one per line:
 //
@@ -46,15 +50,22 @@ func main() {
 	entrypoint := flag.String("entrypoint", "", "entrypoint, words separated by spaces")
 	cmd := flag.String("cmd", "", "cmd, words separated by spaces")
 	user := flag.String("user", "", "image user (uid:gid)")
+	fast := flag.Bool("fast", false, "compress the layer at gzip's fastest level")
 	flag.Parse()
 	if *ref == "" || *out == "" {
 		fmt.Fprintln(os.Stderr, "usage: mkimage -ref REF -out FILE [-entrypoint ..] [-cmd ..] [-user ..] < entries")
 		os.Exit(2)
 	}
-	if err := run(*ref, *out, words(*entrypoint), words(*cmd), *user); err != nil {
+	level := gzip.BestCompression
+	if *fast {
+		level = gzip.BestSpeed
+	}
+	manifestDigest, err := run(*ref, *out, words(*entrypoint), words(*cmd), *user, level)
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "mkimage: %v\n", err)
 		os.Exit(1)
 	}
+	fmt.Println(manifestDigest)
 }
 
 func words(s string) []string {
@@ -161,18 +172,18 @@ func digest(b []byte) string {
 	return "sha256:" + hex.EncodeToString(s[:])
 }
 
-func run(ref, out string, entrypoint, cmd []string, user string) error {
+func run(ref, out string, entrypoint, cmd []string, user string, level int) (string, error) {
 	raw, err := buildLayer()
 	if err != nil {
-		return err
+		return "", err
 	}
 	var gz bytes.Buffer
-	zw, _ := gzip.NewWriterLevel(&gz, gzip.BestCompression)
+	zw, _ := gzip.NewWriterLevel(&gz, level)
 	if _, err := zw.Write(raw); err != nil {
-		return err
+		return "", err
 	}
 	if err := zw.Close(); err != nil {
-		return err
+		return "", err
 	}
 	layer := gz.Bytes()
 
@@ -198,7 +209,7 @@ func run(ref, out string, entrypoint, cmd []string, user string) error {
 		"history":      []map[string]any{{"created": epoch.Format(time.RFC3339), "created_by": "contextos realnode mkimage"}},
 	})
 	if err != nil {
-		return err
+		return "", err
 	}
 	manifest, err := json.Marshal(map[string]any{
 		"schemaVersion": 2,
@@ -207,7 +218,7 @@ func run(ref, out string, entrypoint, cmd []string, user string) error {
 		"layers":        []descriptor{{MediaType: "application/vnd.oci.image.layer.v1.tar+gzip", Digest: digest(layer), Size: int64(len(layer))}},
 	})
 	if err != nil {
-		return err
+		return "", err
 	}
 	tag := ref[strings.LastIndex(ref, ":")+1:]
 	index, err := json.Marshal(map[string]any{
@@ -222,12 +233,12 @@ func run(ref, out string, entrypoint, cmd []string, user string) error {
 		}},
 	})
 	if err != nil {
-		return err
+		return "", err
 	}
 
 	f, err := os.Create(out + ".tmp")
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer os.Remove(out + ".tmp")
 	tw := tar.NewWriter(f)
@@ -241,7 +252,7 @@ func run(ref, out string, entrypoint, cmd []string, user string) error {
 	blob := func(b []byte) string { return "blobs/sha256/" + strings.TrimPrefix(digest(b), "sha256:") }
 	for _, d := range []string{"blobs/", "blobs/sha256/"} {
 		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d, Mode: 0o755, ModTime: epoch}); err != nil {
-			return err
+			return "", err
 		}
 	}
 	for _, e := range []struct {
@@ -255,14 +266,17 @@ func run(ref, out string, entrypoint, cmd []string, user string) error {
 		{"index.json", index},
 	} {
 		if err := add(e.name, e.b); err != nil {
-			return err
+			return "", err
 		}
 	}
 	if err := tw.Close(); err != nil {
-		return err
+		return "", err
 	}
 	if err := f.Close(); err != nil {
-		return err
+		return "", err
 	}
-	return os.Rename(out+".tmp", out)
+	if err := os.Rename(out+".tmp", out); err != nil {
+		return "", err
+	}
+	return digest(manifest), nil
 }

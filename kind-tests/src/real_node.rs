@@ -1,0 +1,240 @@
+//! The real node (`kind-tests/realnode/`): kubelet, containerd with runc, the CNI plugins,
+//! kube-proxy, kube-router (NetworkPolicy) and kube-scheduler, started next to the local control
+//! plane for the tests that must see the sandbox *enforced*, not only written into pod specs.
+//!
+//! The node is driven by its shell scripts (build, start, stop, image); this module only starts
+//! them and makes sure they are undone: a watchdog process, which outlives a killed test binary,
+//! runs `stop.sh` as soon as the test process is gone, so no container, mount, cgroup, iptables
+//! rule or address survives the tests.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{ChildStdin, Command, Stdio},
+};
+
+use crate::env::{EnvError, repo_root};
+
+/// The node's address (on `lo`): the kubelet listens there, and pods reach services the tests
+/// run on the host (the gateway) through it.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 255, 1);
+/// The image the ContextOS binaries are packed into (its digest is added at build time).
+pub const CONTEXTOS_IMAGE: &str = "localhost/contextos/contextos:dev";
+/// The busybox image `build.sh` makes from Debian's busybox-static (probes run in it).
+pub const BUSYBOX_IMAGE: &str = "localhost/contextos/busybox:1.35.0";
+/// Set to `1` to turn a missing real node (not root) from a skip into a failure (CI sets it).
+pub const REQUIRE_ENV: &str = "CONTEXTOS_REQUIRE_REALNODE";
+
+/// A running real node; stopped by its watchdog when the test process ends.
+#[derive(Debug)]
+pub struct RealNode {
+    dir: PathBuf,
+    name: String,
+    build: PathBuf,
+    /// `REF@sha256:…` of the imported ContextOS image.
+    contextos_image: String,
+    /// Closing it (the test process exiting, however it ends) starts the teardown.
+    _watchdog: ChildStdin,
+}
+
+/// Why the real node cannot run on this machine, if it cannot.
+pub fn unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some(
+            "the real node needs root (containerd, runc, CNI, iptables); run `make kind-tests` as root"
+                .into(),
+        );
+    }
+    None
+}
+
+impl RealNode {
+    /// Builds (cached) and starts the node against the control plane of `kubeconfig`, with
+    /// kube-proxy, kube-router and kube-scheduler, and imports the ContextOS image.
+    pub fn start(kubeconfig: &Path) -> Result<Self, EnvError> {
+        let io = |what: String| move |source| EnvError::Io { what, source };
+        let dir = tempfile::Builder::new()
+            .prefix("contextos-realnode-")
+            .tempdir()
+            .map_err(io("create the real node's directory".into()))?
+            .keep();
+        let scripts = repo_root().join("kind-tests/realnode");
+        let build = last_line(
+            Command::new("bash")
+                .arg(scripts.join("build.sh"))
+                .env("REALNODE_KUBE_ROUTER", "1")
+                .stderr(Stdio::inherit()),
+            "kind-tests/realnode/build.sh",
+        )?;
+        let watchdog = start_watchdog(&scripts, &dir).map_err(io("start the real node's watchdog".into()))?;
+        // start.sh is chatty (every image it imports); its output is kept with the node's logs.
+        let start_log = dir.with_extension("start.log");
+        let log_file =
+            std::fs::File::create(&start_log).map_err(io(format!("create {}", start_log.display())))?;
+        let ready = last_line(
+            Command::new("bash")
+                .arg(scripts.join("start.sh"))
+                .arg(&dir)
+                .arg(kubeconfig)
+                .env("REALNODE_KUBE_PROXY", "1")
+                .env("REALNODE_KUBE_ROUTER", "1")
+                .env("REALNODE_SCHEDULER", "1")
+                .stderr(log_file),
+            &format!(
+                "kind-tests/realnode/start.sh (its output: {})",
+                start_log.display()
+            ),
+        )?;
+        let name = ready
+            .strip_prefix("READY ")
+            .ok_or_else(|| EnvError::Build(format!("start.sh ended with {ready:?}, not READY <node>")))?
+            .to_owned();
+        let mut node = Self {
+            dir,
+            name,
+            build: PathBuf::from(build),
+            contextos_image: String::new(),
+            _watchdog: watchdog,
+        };
+        node.contextos_image = node.import_contextos_image()?;
+        Ok(node)
+    }
+
+    /// Packs the workspace's `contextos` binary (the one next to the test binary) into the
+    /// ContextOS image, imports it into the node's containerd and returns `REF@digest`.
+    fn import_contextos_image(&self) -> Result<String, EnvError> {
+        let contextos = crate::process_node::workspace_binary("contextos").ok_or_else(|| {
+            EnvError::Build("target/<profile>/contextos is missing: `make kind-tests` builds it".into())
+        })?;
+        let output = Command::new("bash")
+            .arg(repo_root().join("kind-tests/realnode/image.sh"))
+            .arg(CONTEXTOS_IMAGE)
+            .arg(&contextos)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| EnvError::Build(format!("cannot run image.sh: {e}")))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let mut lines = stdout.lines().rev();
+        let (Some(reference), Some(archive)) = (lines.next(), lines.next()) else {
+            return Err(EnvError::Build(format!("image.sh failed ({})", output.status)));
+        };
+        if !output.status.success() {
+            return Err(EnvError::Build(format!("image.sh failed ({})", output.status)));
+        }
+        self.ctr(&["images", "import", archive])?;
+        // The CRI finds an image named by digest only under a `repo@sha256:…` name (a pull
+        // records one; an import does not).
+        let (tagged, digest) = reference
+            .split_once('@')
+            .ok_or_else(|| EnvError::Build(format!("image.sh printed {reference:?}, not REF@DIGEST")))?;
+        let repository = tagged.rsplit_once(':').map_or(tagged, |(repo, _)| repo);
+        self.ctr(&[
+            "images",
+            "tag",
+            "--force",
+            tagged,
+            &format!("{repository}@{digest}"),
+        ])?;
+        Ok(reference.to_owned())
+    }
+
+    /// Runs `ctr -n k8s.io ARGS` against the node's containerd.
+    fn ctr(&self, args: &[&str]) -> Result<(), EnvError> {
+        let status = Command::new(self.build.join("bin/ctr"))
+            .arg("-a")
+            .arg(self.dir.join("containerd/containerd.sock"))
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| EnvError::Build(format!("cannot run ctr: {e}")))?;
+        if !status.success() {
+            return Err(EnvError::Build(format!(
+                "ctr {} failed ({status})",
+                args.join(" ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// The Node's name (its address).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The node's working directory (`logs/` holds every component's log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `localhost/contextos/contextos:dev@sha256:…`: the workspace's binaries, as pods name them.
+    pub fn contextos_image(&self) -> &str {
+        &self.contextos_image
+    }
+}
+
+/// Runs `command` and returns its last non-empty stdout line.
+fn last_line(command: &mut Command, what: &str) -> Result<String, EnvError> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| EnvError::Build(format!("cannot run {what}: {e}")))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or_default();
+    if !output.status.success() || last.is_empty() {
+        return Err(EnvError::Build(format!("{what} failed ({})", output.status)));
+    }
+    Ok(last.to_owned())
+}
+
+/// The teardown: holds the machine's real-node lock (one node per machine: fixed address and
+/// ports; a second test run waits here until the first one's teardown is over), waits for its
+/// stdin to close (the test process is gone, or dropped the node), then runs `stop.sh` and
+/// removes the node's directory (its logs are kept with `CONTEXTOS_KEEP_TESTENV=1`). Its own
+/// process group, so a signal to the test's group does not take it along.
+fn start_watchdog(scripts: &Path, dir: &Path) -> std::io::Result<ChildStdin> {
+    const SCRIPT: &str = r#"
+exec 9>/run/contextos-realnode.lock
+flock -w 300 9 || { echo "another real node did not stop within 300 s (lock /run/contextos-realnode.lock)"; exit 1; }
+echo locked
+cat >/dev/null
+bash "$1/stop.sh" "$2" >"$2.stop.log" 2>&1
+if [ "${CONTEXTOS_KEEP_TESTENV:-}" = 1 ]; then
+  echo "kind-tests: kept the real node's logs in $2/logs and $2.*.log" >&2
+else
+  rm -rf "$2" "$2.start.log" "$2.stop.log"
+fi
+"#;
+    let mut child = Command::new("/bin/sh")
+        .args(["-c", SCRIPT, "kind-tests-realnode-watchdog"])
+        .arg(scripts)
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .spawn()?;
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        BufReader::new(stdout).read_line(&mut line)?;
+    }
+    if line.trim() != "locked" {
+        return Err(std::io::Error::other(if line.is_empty() {
+            "the watchdog ended before taking the real-node lock".to_owned()
+        } else {
+            line.trim().to_owned()
+        }));
+    }
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| std::io::Error::other("watchdog stdin not captured"))
+}

@@ -1,0 +1,1 @@
+//! NetworkPolicy, enforced (next).

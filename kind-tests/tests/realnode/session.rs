@@ -1,0 +1,140 @@
+//! Sessions on the real node: the quickstart runs in a real runner pod (the workspace's
+//! `contextos` in an image, under the SandboxProfile and the operator's NetworkPolicy, enforced)
+//! and reaches only the gateway; and the kubelet's limits end attempts the Session then reports.
+
+use anyhow::{Context as _, Result, ensure};
+use contextos_crds::{Agent, Session, session::SessionPhase};
+use contextos_kind_tests::{Check, wait_for_object};
+use contextos_runner::records::{TenantId, store::tikv::TikvStore, verify_run};
+use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use serde_json::json;
+
+use crate::{
+    objects::apply,
+    support::{self, TIMEOUT},
+};
+
+fn condition(s: &Session, type_: &str) -> String {
+    let status = s.status.clone().unwrap_or_default();
+    status.conditions.iter().find(|c| c.type_ == type_).map_or_else(
+        || "none".into(),
+        |c| format!("{} {} {}", c.status, c.reason, c.message),
+    )
+}
+
+async fn phase_is(api: &Api<Session>, name: &str, wanted: SessionPhase) -> Result<Session> {
+    Ok(
+        wait_for_object(api, name, &format!("phase {wanted:?}"), TIMEOUT, |s: &Session| {
+            let phase = s.status.as_ref().and_then(|s| s.phase);
+            Check::when(phase == Some(wanted), || {
+                format!("phase {phase:?}, Ready: {}", condition(s, "Ready"))
+            })
+        })
+        .await?,
+    )
+}
+
+#[tokio::test]
+async fn the_quickstart_session_succeeds_in_a_real_pod_that_reaches_only_the_gateway() -> Result<()> {
+    let Some(env) = support::env().await? else {
+        return Ok(());
+    };
+    let op = support::operator(env).await?;
+    let ns = support::tenant(env, "real-quickstart").await?;
+    let client = env.client();
+    for object in support::quickstart(env, op)? {
+        apply(&client, ns.name(), &object).await?;
+    }
+    let agents: Api<Agent> = ns.api();
+    wait_for_object(&agents, "oncall-assistant", "Ready", TIMEOUT, |a: &Agent| {
+        let conditions = a.status.clone().unwrap_or_default().conditions;
+        Check::when(contextos_operator::controllers::is_ready(&conditions), || {
+            format!("{conditions:?}")
+        })
+    })
+    .await?;
+    apply(&client, ns.name(), &support::session("checkout")?).await?;
+    let sessions: Api<Session> = ns.api();
+    let paused = phase_is(&sessions, "checkout", SessionPhase::AwaitingApproval).await?;
+    let pending = paused
+        .status
+        .and_then(|s| s.pending_approval)
+        .context("AwaitingApproval shows the pending call")?;
+
+    // The pod ran on the real node, from the image the profile pins, and kube-router enforced
+    // its NetworkPolicy (the gateway is reachable only through the operator's egress rule).
+    let pods: Api<Pod> = ns.api();
+    let first = pods.get("checkout-run-1").await?;
+    let spec = first.spec.clone().unwrap_or_default();
+    let node = env.real().context("real node")?;
+    ensure!(
+        spec.node_name.as_deref() == Some(node.name()),
+        "scheduled to {:?}",
+        spec.node_name
+    );
+    ensure!(
+        spec.containers.first().and_then(|c| c.image.as_deref()) == Some(env.runner_image()),
+        "image {:?}",
+        spec.containers.first().and_then(|c| c.image.clone())
+    );
+    let image_id = first
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .map(|c| c.image_id.clone())
+        .unwrap_or_default();
+    let digest = env.runner_image().rsplit('@').next().unwrap_or_default();
+    ensure!(
+        image_id.ends_with(digest),
+        "the container ran image {image_id}, not {digest}"
+    );
+    ensure!(
+        spec.volumes
+            .iter()
+            .flatten()
+            .all(|v| v.secret.is_none() && v.host_path.is_none()),
+        "no Secret or host path volume: {:?}",
+        spec.volumes
+    );
+    let policies: Api<NetworkPolicy> = ns.api();
+    ensure!(
+        policies.get_opt("checkout-runner").await?.is_some(),
+        "the runner's NetworkPolicy exists"
+    );
+
+    let approval = json!({"spec": {"approvals": [{
+        "callHash": pending.call_hash,
+        "decision": "approve",
+        "approver": "dana@example.com",
+    }]}});
+    sessions
+        .patch("checkout", &PatchParams::default(), &Patch::Merge(&approval))
+        .await?;
+    let done = phase_is(&sessions, "checkout", SessionPhase::Succeeded).await?;
+    let status = done.status.unwrap_or_default();
+    ensure!(
+        status
+            .output
+            .as_deref()
+            .is_some_and(|o| o.contains("checkout-api")),
+        "output {:?}",
+        status.output
+    );
+    let key = op.record_keys.for_tenant(ns.name()).public();
+    let store = TikvStore::connect(op.store.trim_start_matches("tikv://")).await?;
+    let run_id = status.run_id.clone().context("runId")?;
+    let verified = verify_run(&store, &TenantId::new(ns.name())?, &run_id, &key).await?;
+    ensure!(
+        Some(verified.head.to_hex()) == status.record_head,
+        "recordHead {:?} is the verified head {}",
+        status.record_head,
+        verified.head
+    );
+    ns.pass();
+    Ok(())
+}

@@ -5,6 +5,7 @@
 pub mod agent_gate;
 pub mod conditions;
 pub mod controllers;
+pub mod crash;
 pub mod leader;
 pub mod metrics;
 pub mod replay_job;

@@ -1,1 +1,303 @@
-//! NetworkPolicy, enforced (next).
+//! NetworkPolicy, enforced (kube-router on the real node): a runner pod under the policy the
+//! operator writes reaches the cluster DNS pods and the gateway and nothing else — not a pod of
+//! its own namespace, not port 53 of any other pod (the DNS exfiltration path), not the kubelet —
+//! and nothing reaches it, from its own tenant or another. The same probe without the policy
+//! reaches all of them.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result, ensure};
+use contextos_kind_tests::{
+    Check, TestEnv, operator_env,
+    real_node::{BUSYBOX_IMAGE, NODE_IP},
+    wait_for, wait_for_object,
+};
+use contextos_operator::session_children::{self, RunnerSettings};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    networking::v1::NetworkPolicy,
+};
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+
+use crate::support::{self, TIMEOUT};
+
+/// `reach HOST PORT` prints yes when an HTTP answer comes back (every listener here speaks
+/// HTTP; the kubelet answers a plain request on its TLS port with a 400).
+const REACH: &str = r#"reach() { printf 'GET / HTTP/1.0\r\n\r\n' | timeout 5 nc -w 3 "$1" "$2" 2>/dev/null | grep -q '^HTTP/' && echo yes || echo no; }"#;
+
+/// A pod outside the runner's policy: busybox as `user`, with `script`.
+fn plain_pod(name: &str, labels: serde_json::Value, user: i64, script: &str) -> Result<Pod> {
+    let restricted = user != 0;
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "automountServiceAccountToken": false,
+            "securityContext": {
+                "runAsNonRoot": restricted,
+                "runAsUser": user,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [{
+                "name": "runner",
+                "image": BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", script],
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": if restricted { json!({"drop": ["ALL"]}) } else { json!({"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}) },
+                },
+            }],
+        },
+    }))?)
+}
+
+/// Creates `pod` in `namespace` and waits until it runs; its IP.
+async fn running(env: &'static TestEnv, namespace: &str, pod: Pod) -> Result<Ipv4Addr> {
+    let pods: Api<Pod> = Api::namespaced(env.client(), namespace);
+    let name = pod.metadata.name.clone().context("pod name")?;
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .with_context(|| format!("create pod {name}"))?;
+    let pod = wait_for_object(&pods, &name, "Running with an IP", TIMEOUT, |p: &Pod| {
+        let status = p.status.clone().unwrap_or_default();
+        Check::when(
+            status.phase.as_deref() == Some("Running") && status.pod_ip.is_some(),
+            || format!("phase {:?}", status.phase),
+        )
+    })
+    .await?;
+    Ok(pod.status.and_then(|s| s.pod_ip).context("pod IP")?.parse()?)
+}
+
+/// Waits until the container's log has the line `done`, and returns its `key=value` lines.
+async fn output(
+    env: &'static TestEnv,
+    namespace: &str,
+    pod: &str,
+    done: &str,
+) -> Result<Vec<(String, String)>> {
+    let log = wait_for(format!("{namespace}/{pod} to print {done}"), TIMEOUT, || async {
+        let log = env
+            .container_log(namespace, pod, "runner")
+            .await
+            .unwrap_or_default();
+        if log.lines().any(|l| l == done) {
+            Check::Done(log)
+        } else {
+            Check::NotYet(log)
+        }
+    })
+    .await?;
+    Ok(log
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect())
+}
+
+fn value<'a>(values: &'a [(String, String)], key: &str) -> &'a str {
+    values
+        .iter()
+        .find(|(k, _)| k == key)
+        .map_or("(not printed)", |(_, v)| v.as_str())
+}
+
+/// Where the runner's probe reaches: a pod of its own namespace, the DNS pod, another pod's port
+/// 53, the gateway, the kubelet.
+struct Targets {
+    victim: Ipv4Addr,
+    dns: Ipv4Addr,
+    exfil: Ipv4Addr,
+    gateway_port: u16,
+}
+
+/// The runner's probe: serves on 8080 (for the ingress checks), waits — under a policy — until
+/// kube-router has programmed it (its own namespace's pod is refused), then tries every target.
+fn runner_probe(targets: &Targets, await_policy: bool) -> String {
+    let Targets {
+        victim,
+        dns,
+        exfil,
+        gateway_port,
+    } = targets;
+    let wait = if await_policy { 30 } else { 0 };
+    format!(
+        r#"{REACH}
+httpd -p 8080 -h /etc
+i=0
+while [ $i -lt {wait} ] && [ "$(reach {victim} 8080)" = yes ]; do sleep 1; i=$((i + 1)); done
+echo waited=$i
+echo victim=$(reach {victim} 8080)
+echo dns=$(reach {dns} 53)
+echo exfil=$(reach {exfil} 53)
+echo gateway=$(reach {NODE_IP} {gateway_port})
+echo kubelet=$(reach {NODE_IP} 10250)
+echo outbound=done
+sleep 120
+"#
+    )
+}
+
+/// A pod in `namespace` that tries to reach `target`:8080 once and prints `ingress=yes|no`.
+async fn ingress_from(
+    env: &'static TestEnv,
+    namespace: &str,
+    name: &str,
+    target: Ipv4Addr,
+) -> Result<String> {
+    let script = format!("{REACH}\necho ingress=$(reach {target} 8080)\necho ingress=done\n");
+    let pods: Api<Pod> = Api::namespaced(env.client(), namespace);
+    pods.create(
+        &PostParams::default(),
+        &plain_pod(name, json!({"app": name}), 65532, &script)?,
+    )
+    .await?;
+    let values = output(env, namespace, name, "ingress=done").await?;
+    Ok(values
+        .iter()
+        .find(|(k, v)| k == "ingress" && v != "done")
+        .map_or_else(|| "(not printed)".into(), |(_, v)| v.clone()))
+}
+
+#[tokio::test]
+async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it() -> Result<()> {
+    let Some(env) = support::env().await? else {
+        return Ok(());
+    };
+    let op = support::operator(env).await?;
+    let settings: RunnerSettings = operator_env::runner_settings(&op.gateway);
+    let gateway_port = settings
+        .egress
+        .first()
+        .map(|(_, port)| *port)
+        .context("gateway port")?;
+    let tenant = support::tenant(env, "real-net-a").await?;
+    let other_tenant = support::tenant(env, "real-net-b").await?;
+    let outside = support::unrestricted(env, "real-net-outside").await?;
+    let unpoliced = support::tenant(env, "real-net-control").await?;
+
+    // The cluster DNS pods, as the policy selects them (kube-system, k8s-app=kube-dns).
+    let kube_system = "kube-system";
+    let namespaces: Api<Namespace> = Api::all(env.client());
+    if namespaces.get_opt(kube_system).await?.is_none() {
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": kube_system}}))?,
+            )
+            .await?;
+    }
+    let dns_name = format!("dns-{}", tenant.name());
+    let dns = running(
+        env,
+        kube_system,
+        plain_pod(
+            &dns_name,
+            json!({"k8s-app": "kube-dns"}),
+            0,
+            "exec httpd -f -p 53 -h /etc",
+        )?,
+    )
+    .await?;
+    let victim = running(
+        env,
+        tenant.name(),
+        plain_pod(
+            "victim",
+            json!({"app": "victim"}),
+            65532,
+            "exec httpd -f -p 8080 -h /etc",
+        )?,
+    )
+    .await?;
+    let exfil = running(
+        env,
+        outside.name(),
+        plain_pod("exfil", json!({"app": "exfil"}), 0, "exec httpd -f -p 53 -h /etc")?,
+    )
+    .await?;
+    let targets = Targets {
+        victim,
+        dns,
+        exfil,
+        gateway_port,
+    };
+
+    // The runner under the operator's NetworkPolicy.
+    let sandbox = support::quickstart_sandbox()?;
+    let mut session: contextos_crds::Session = serde_json::from_value(support::session("policed")?)?;
+    session.metadata.namespace = Some(tenant.name().to_owned());
+    let mut policy: NetworkPolicy = session_children::network_policy(&session, &sandbox, &settings)?;
+    policy.metadata.owner_references = None;
+    Api::<NetworkPolicy>::namespaced(env.client(), tenant.name())
+        .create(&PostParams::default(), &policy)
+        .await?;
+    let runner = support::probe_pod(
+        tenant.name(),
+        "policed",
+        &sandbox,
+        &settings,
+        &runner_probe(&targets, true),
+    )?;
+    let runner_name = runner.metadata.name.clone().context("name")?;
+    support::ensure_bundle(env, tenant.name(), &runner).await?;
+    let runner_ip = running(env, tenant.name(), runner).await?;
+    let policed = output(env, tenant.name(), &runner_name, "outbound=done").await?;
+
+    // The same probe with no policy.
+    let control = support::probe_pod(
+        unpoliced.name(),
+        "open",
+        &sandbox,
+        &settings,
+        &runner_probe(&targets, false),
+    )?;
+    let control_name = control.metadata.name.clone().context("name")?;
+    support::ensure_bundle(env, unpoliced.name(), &control).await?;
+    let control_ip = running(env, unpoliced.name(), control).await?;
+    let open = output(env, unpoliced.name(), &control_name, "outbound=done").await?;
+
+    let report = format!("under the policy: {policed:?}\nwithout it: {open:?}");
+    for (key, policed_wants) in [
+        ("victim", "no"),
+        ("dns", "yes"),
+        ("exfil", "no"),
+        ("gateway", "yes"),
+        ("kubelet", "no"),
+    ] {
+        ensure!(
+            value(&policed, key) == policed_wants,
+            "runner {key}: expected {policed_wants}\n{report}"
+        );
+        ensure!(
+            value(&open, key) == "yes",
+            "control {key}: expected yes\n{report}"
+        );
+    }
+
+    // Ingress: from the runner's own tenant and from another tenant, refused; the control is open.
+    ensure!(
+        ingress_from(env, tenant.name(), "same-tenant", runner_ip).await? == "no",
+        "same tenant reached the runner"
+    );
+    ensure!(
+        ingress_from(env, other_tenant.name(), "other-tenant", runner_ip).await? == "no",
+        "another tenant reached the runner"
+    );
+    ensure!(
+        ingress_from(env, other_tenant.name(), "to-control", control_ip).await? == "yes",
+        "the unpoliced control is reachable"
+    );
+
+    let _ = Api::<Pod>::namespaced(env.client(), kube_system)
+        .delete(&dns_name, &DeleteParams::default())
+        .await;
+    tenant.pass();
+    other_tenant.pass();
+    outside.pass();
+    unpoliced.pass();
+    Ok(())
+}

@@ -138,3 +138,46 @@ async fn the_quickstart_session_succeeds_in_a_real_pod_that_reaches_only_the_gat
     ns.pass();
     Ok(())
 }
+
+#[tokio::test]
+async fn a_runner_killed_at_its_memory_limit_fails_the_session_saying_so() -> Result<()> {
+    let Some(env) = support::env().await? else {
+        return Ok(());
+    };
+    let op = support::operator(env).await?;
+    let ns = support::tenant(env, "real-oom-session").await?;
+    let client = env.client();
+    for mut object in support::quickstart(env, op)? {
+        if object["kind"] == "SandboxProfile" {
+            // Far below what the runner needs to start: the kernel kills it on every attempt.
+            object["spec"]["resources"]["memory"] = json!(OOM_LIMIT);
+        }
+        apply(&client, ns.name(), &object).await?;
+    }
+    apply(&client, ns.name(), &support::session("starved")?).await?;
+    let sessions: Api<Session> = ns.api();
+    let failed = phase_is(&sessions, "starved", SessionPhase::Failed).await?;
+    let ready = condition(&failed, "Ready");
+    ensure!(
+        ready.contains("running out of memory")
+            && ready.contains(OOM_LIMIT)
+            && ready.contains("spec.resources.memory"),
+        "the Session names the cause and the field: {ready}"
+    );
+    let pods: Api<Pod> = ns.api();
+    let last = pods.get("starved-run-3").await?;
+    let reason = last
+        .status
+        .and_then(|s| s.container_statuses)
+        .and_then(|c| c.into_iter().next())
+        .and_then(|c| c.state?.terminated?.reason);
+    ensure!(
+        reason.as_deref() == Some("OOMKilled"),
+        "the runtime reported {reason:?}"
+    );
+    ns.pass();
+    Ok(())
+}
+
+/// A memory limit the runner cannot start under.
+const OOM_LIMIT: &str = "8Mi";

@@ -139,11 +139,8 @@ impl Probe {
     }
 }
 
-/// Creates `pod` in `namespace` (with the empty bundle ConfigMap a runner pod mounts), waits
-/// until it has ended and returns its output.
-pub async fn run_probe(env: &'static TestEnv, namespace: &str, pod: Pod) -> Result<Probe> {
-    let client = env.client();
-    let name = pod.metadata.name.clone().context("pod name")?;
+/// Creates the (empty) bundle ConfigMap a runner pod mounts, so that its volume can be set up.
+pub async fn ensure_bundle(env: &TestEnv, namespace: &str, pod: &Pod) -> Result<()> {
     let bundle = pod
         .spec
         .as_ref()
@@ -152,13 +149,21 @@ pub async fn run_probe(env: &'static TestEnv, namespace: &str, pod: Pod) -> Resu
         .flatten()
         .find_map(|v| v.config_map.as_ref().map(|c| c.name.clone()));
     if let Some(bundle) = bundle {
-        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+        let config_maps: Api<ConfigMap> = Api::namespaced(env.client(), namespace);
         if config_maps.get_opt(&bundle).await?.is_none() {
             let map: ConfigMap = serde_json::from_value(json!({"metadata": {"name": bundle}}))?;
             config_maps.create(&PostParams::default(), &map).await?;
         }
     }
-    let pods: Api<Pod> = Api::namespaced(client, namespace);
+    Ok(())
+}
+
+/// Creates `pod` in `namespace` (with the empty bundle ConfigMap a runner pod mounts), waits
+/// until it has ended and returns its output.
+pub async fn run_probe(env: &'static TestEnv, namespace: &str, pod: Pod) -> Result<Probe> {
+    let name = pod.metadata.name.clone().context("pod name")?;
+    ensure_bundle(env, namespace, &pod).await?;
+    let pods: Api<Pod> = Api::namespaced(env.client(), namespace);
     pods.create(&PostParams::default(), &pod)
         .await
         .with_context(|| format!("create pod {name}"))?;

@@ -278,8 +278,9 @@ async fn finished(
             let crashes = crashed_attempts(ctx, session).await?;
             if crashes >= ctx.max_crash_attempts {
                 let message = format!(
-                    "{crashes} runner attempts ended without a result (last: pod {}); see its events and logs",
-                    pod.name_any()
+                    "{crashes} runner attempts ended without a result; the last, pod {}, {}; see its events and logs",
+                    pod.name_any(),
+                    crate::crash::crash_cause(&pod)
                 );
                 write_status(
                     ctx,

@@ -124,6 +124,16 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         key: KeyPair,
         start: RunStart,
     ) -> Result<Self, RecordError> {
+        let mut recorder = Self::begin(store, tenant, key, start)?;
+        recorder.flush().await?;
+        Ok(recorder)
+    }
+
+    /// Like [`Recorder::start`], but `run_started` is only staged: it becomes durable with the
+    /// entries staged after it, in one batch. A run loop uses this so that a run never exists
+    /// without its first checkpoint — a crash in between would leave a run that can neither be
+    /// resumed (no checkpoint) nor started again (its first entry is taken).
+    pub fn begin(store: &'s S, tenant: TenantId, key: KeyPair, start: RunStart) -> Result<Self, RecordError> {
         validate_id("run", &start.run_id)?;
         validate_id("session", &start.session_id)?;
         let clock: fn() -> i64 = now_ms;
@@ -144,7 +154,6 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             pinned: start.pinned,
             bundle: start.bundle,
         });
-        recorder.flush().await?;
         Ok(recorder)
     }
 

@@ -271,9 +271,9 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             pinned: self.bundle.pinned(),
             bundle: Some(bundle_blob),
         };
-        let mut recorder = Recorder::start(self.store, self.tenant.clone(), self.key.clone(), start)
-            .await?
-            .with_clock(self.clock);
+        // run_started is written with the compiled context and the first checkpoint, in one batch.
+        let mut recorder =
+            Recorder::begin(self.store, self.tenant.clone(), self.key.clone(), start)?.with_clock(self.clock);
         if self.replay() {
             recorder = recorder.for_replay();
         }

@@ -280,7 +280,7 @@ async fn finished(
                 let message = format!(
                     "{crashes} runner attempts ended without a result; the last, pod {}, {}; see its events and logs",
                     pod.name_any(),
-                    crate::crash::crash_cause(&pod)
+                    crate::crash::crash_cause(pod)
                 );
                 write_status(
                     ctx,

@@ -50,6 +50,34 @@ pub struct OperatorEnv {
     _runtime: tokio::runtime::Runtime,
 }
 
+impl OperatorEnv {
+    /// Checks that the record of a Session's run is in the store, verifies with the tenant's
+    /// published key (the gateway's) and ends at the head the Session reports.
+    pub async fn verify_session_record(
+        &self,
+        namespace: &str,
+        status: &contextos_crds::SessionStatus,
+    ) -> Result<(), String> {
+        use contextos_runner::records::{TenantId, verify_run};
+        let key = self.record_keys.for_tenant(namespace).public();
+        let store = TikvStore::connect(self.store.trim_start_matches("tikv://"))
+            .await
+            .map_err(|e| format!("store: {e}"))?;
+        let run_id = status.run_id.as_deref().ok_or("the Session reports no runId")?;
+        let tenant = TenantId::new(namespace).map_err(|e| e.to_string())?;
+        let verified = verify_run(&store, &tenant, run_id, &key)
+            .await
+            .map_err(|e| format!("run {run_id} does not verify: {e}"))?;
+        if Some(verified.head.to_hex()) != status.record_head {
+            return Err(format!(
+                "recordHead {:?} is not the verified head {}",
+                status.record_head, verified.head
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for OperatorEnv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OperatorEnv")
@@ -239,6 +267,16 @@ pub const QUICK_SCRIPT: &str = r#"{"turns": [
   {"content": "Live status.", "toolCalls": [{"tool": "get_service_status", "arguments": {"service": "checkout-api"}}]},
   {"content": "{\"summary\": \"checkout-api 5xx is elevated after the 14:02 deploy; escalating to on-call.\", \"actions\": [], \"resolved\": false}"}
 ]}"#;
+
+/// The quickstart's Session (`examples/quickstart/session.yaml`), named `name`.
+pub fn quickstart_session(name: &str) -> Result<serde_json::Value, String> {
+    let path = crate::env::repo_root().join("examples/quickstart/session.yaml");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let mut session: serde_json::Value =
+        serde_yaml::from_str(&text).map_err(|e| format!("parse {}: {e}", path.display()))?;
+    session["metadata"]["name"] = serde_json::json!(name);
+    Ok(session)
+}
 
 /// The quickstart's objects (Session left out), with the agent's tools pointed at the
 /// ops-tools server at `tools_url` and the webhook key in a Secret.

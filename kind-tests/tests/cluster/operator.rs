@@ -13,7 +13,6 @@ use contextos_kind_tests::{
     operator_env::{self, OperatorEnv},
     wait_for_object,
 };
-use contextos_runner::records::{TenantId, store::tikv::TikvStore, verify_run};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api,
@@ -37,10 +36,7 @@ pub fn objects_for(tools_url: &str) -> Result<Vec<Value>> {
 }
 
 pub fn session(name: &str) -> Result<Value> {
-    let path = contextos_kind_tests::env::repo_root().join("examples/quickstart/session.yaml");
-    let mut session: Value = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
-    session["metadata"]["name"] = json!(name);
-    Ok(session)
+    operator_env::quickstart_session(name).map_err(anyhow::Error::msg)
 }
 
 pub fn condition(
@@ -168,16 +164,9 @@ async fn a_session_runs_in_a_restricted_pod_pauses_for_approval_and_succeeds_wit
 
     // The record is in the store, verifies with the tenant's published key (the gateway's), and
     // ends at the reported head.
-    let key = op.record_keys.for_tenant(ns.name()).public();
-    let store = TikvStore::connect(op.store.trim_start_matches("tikv://")).await?;
-    let run_id = status.run_id.clone().context("runId")?;
-    let verified = verify_run(&store, &TenantId::new(ns.name())?, &run_id, &key).await?;
-    ensure!(
-        Some(verified.head.to_hex()) == status.record_head,
-        "recordHead {:?} is the verified head {}",
-        status.record_head,
-        verified.head
-    );
+    op.verify_session_record(ns.name(), &status)
+        .await
+        .map_err(anyhow::Error::msg)?;
     ns.pass();
     Ok(())
 }

@@ -5,7 +5,6 @@
 use anyhow::{Context as _, Result, ensure};
 use contextos_crds::{Agent, Session, session::SessionPhase};
 use contextos_kind_tests::{Check, wait_for_object};
-use contextos_runner::records::{TenantId, store::tikv::TikvStore, verify_run};
 use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
 use kube::{
     Api,
@@ -125,16 +124,9 @@ async fn the_quickstart_session_succeeds_in_a_real_pod_that_reaches_only_the_gat
         "output {:?}",
         status.output
     );
-    let key = op.record_keys.for_tenant(ns.name()).public();
-    let store = TikvStore::connect(op.store.trim_start_matches("tikv://")).await?;
-    let run_id = status.run_id.clone().context("runId")?;
-    let verified = verify_run(&store, &TenantId::new(ns.name())?, &run_id, &key).await?;
-    ensure!(
-        Some(verified.head.to_hex()) == status.record_head,
-        "recordHead {:?} is the verified head {}",
-        status.record_head,
-        verified.head
-    );
+    op.verify_session_record(ns.name(), &status)
+        .await
+        .map_err(anyhow::Error::msg)?;
     ns.pass();
     Ok(())
 }

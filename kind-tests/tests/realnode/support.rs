@@ -68,10 +68,7 @@ pub fn quickstart(env: &TestEnv, op: &OperatorEnv) -> Result<Vec<Value>> {
 
 /// The quickstart's Session, named `name`.
 pub fn session(name: &str) -> Result<Value> {
-    let path = contextos_kind_tests::env::repo_root().join("examples/quickstart/session.yaml");
-    let mut session: Value = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
-    session["metadata"]["name"] = json!(name);
-    Ok(session)
+    operator_env::quickstart_session(name).map_err(anyhow::Error::msg)
 }
 
 /// The quickstart's SandboxProfile spec.

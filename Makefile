@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Stable cache locations so repeated runs on one machine reuse earlier work.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: quickstart test lint unit crds kind-tests kind-bench realnode-check fuzz
+.PHONY: quickstart test lint unit crds kind-tests kind-bench kind-bench-real realnode-check fuzz
 
 ## quickstart: the main job on one machine — a governed, recorded session from examples/quickstart
 ## with the scripted model, approved, verified and replayed (see examples/quickstart/local.sh).
@@ -61,6 +61,11 @@ kind-bench:
 	$(CARGO) build -p contextos-runner --bin contextos --examples --locked || exit 1; \
 	$(CARGO) build -p contextos-operator --locked || exit 1; \
 	$(CARGO) bench -p contextos-kind-tests --bench scale --profile dev --locked
+
+## kind-bench-real: the same benchmark with the runner pods on the real node (root): also prints
+## per-pod start-up latency (p50/p99) and the time until every runner container started.
+kind-bench-real:
+	CONTEXTOS_BENCH_NODE=real $(MAKE) kind-bench
 
 ## fuzz: every decoder of untrusted bytes (contexts, envelopes, records, reports, verdicts,
 ## model scripts and answers, CEL, CRD specs) fed mutated inputs for FUZZ_SECONDS each, in

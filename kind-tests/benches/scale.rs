@@ -5,11 +5,20 @@
 //! `contextos gateway`), so their memory is measured alone; runner pods run the real
 //! `contextos` binary on the process node and send everything to that gateway.
 //!
-//! Run: `make kind-bench` (builds what it needs). Figures, not assertions.
+//! With `CONTEXTOS_BENCH_NODE=real` (root) the runner pods run on the real node instead
+//! (kubelet, containerd, runc, CNI, kube-router; `kind-tests/realnode`): the image packed from
+//! the workspace's binaries, scheduled by kube-scheduler, under their NetworkPolicy, the gateway
+//! reached at the node's address. Then it also prints each pod's start-up latency (created →
+//! its container started, as a watch sees it) at p50/p99.
+//!
+//! Run: `make kind-bench` / `make kind-bench-real` (build what they need). Figures, not
+//! assertions.
 
 use std::{
+    collections::HashMap,
     io::{BufRead as _, BufReader},
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -24,25 +33,56 @@ use contextos_kind_tests::{
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt as _,
     api::{DynamicObject, ListParams, Patch, PatchParams, PostParams},
     discovery::pinned_kind,
+    runtime::{WatchStreamExt as _, watcher},
 };
 use serde_json::{Value, json};
 
-const SESSIONS: usize = 200;
+/// Sessions created at once (`CONTEXTOS_BENCH_SESSIONS` overrides it).
+const DEFAULT_SESSIONS: usize = 200;
 const EXTRA_POLICIES: usize = 800;
 const LABEL: &str = "contextos.dev/operator-test";
 const OPERATOR_NAMESPACE: &str = "contextos-scale-operator";
 const UNRELATED: usize = 1_000;
+/// The runner pods' memory on the real node; their CPU is the node's 1.8 cores shared out (see
+/// `measure`).
+const BENCH_MEMORY: &str = "64Mi";
+
+fn sessions() -> usize {
+    std::env::var("CONTEXTOS_BENCH_SESSIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_SESSIONS)
+}
+
+/// Millicores per runner pod so that every Session's pod fits on the 2-core node at once.
+fn bench_cpu() -> String {
+    format!("{}m", (1800 / sessions()).max(1))
+}
 
 fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(run())
 }
 
+/// Whether the runner pods run on the real node.
+fn real_node() -> bool {
+    std::env::var("CONTEXTOS_BENCH_NODE").as_deref() == Ok("real")
+}
+
 async fn run() -> Result<()> {
-    let env = TestEnv::shared().await?;
+    let env = if real_node() {
+        if let Some(why) = contextos_kind_tests::real_node::unavailable() {
+            bail!("CONTEXTOS_BENCH_NODE=real: {why}");
+        }
+        TestEnv::real_node().await?
+    } else {
+        TestEnv::shared().await?
+    };
+    let host = env.host_address();
     let kubeconfig = env
         .kubeconfig()
         .context("the scale benchmark runs on the local control plane (unset KUBECONFIG)")?
@@ -60,7 +100,7 @@ async fn run() -> Result<()> {
         .await;
     let operator_bin = workspace_binary("contextos-operator").context("build contextos-operator first")?;
     let gateway_port = free_port()?;
-    let gateway_url = format!("http://127.0.0.1:{gateway_port}");
+    let gateway_url = format!("http://{host}:{gateway_port}");
     let mut gateway = Command::new(workspace_binary("contextos").context("build contextos first")?)
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "warn")
@@ -71,7 +111,7 @@ async fn run() -> Result<()> {
             "--namespace",
             OPERATOR_NAMESPACE,
             "--listen",
-            &format!("127.0.0.1:{gateway_port}"),
+            &format!("{host}:{gateway_port}"),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -88,7 +128,9 @@ async fn run() -> Result<()> {
             "--gateway-namespace",
             OPERATOR_NAMESPACE,
             "--runner-egress",
-            &format!("127.0.0.1/32:{gateway_port}"),
+            &format!("{host}/32:{gateway_port}"),
+            "--replay-image",
+            env.runner_image(),
             "--listen",
             "127.0.0.1:0",
             "--selector",
@@ -118,11 +160,22 @@ async fn run() -> Result<()> {
 
 async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: (u32, u32)) -> Result<()> {
     let (pid, gateway_pid) = pids;
+    let sessions_count = sessions();
     let ns = TestNamespace::new(env, "scale").await?;
     let label = json!({LABEL: "scale"});
     for mut object in quickstart_for(tools_url).map_err(anyhow::Error::msg)? {
         if object["metadata"]["name"] == "quickstart-script" {
             object["data"]["script.json"] = json!(QUICK_SCRIPT);
+        }
+        if object["kind"] == "SandboxProfile" {
+            object["spec"]["image"] = json!(env.runner_image());
+            if real_node() {
+                // Runner pods are Guaranteed (requests = limits): with the quickstart's 500m a
+                // 2-core node runs four at a time. All of them at once need the node's CPU
+                // shared out (9m each for 200).
+                object["spec"]["resources"]["cpu"] = json!(bench_cpu());
+                object["spec"]["resources"]["memory"] = json!(BENCH_MEMORY);
+            }
         }
         operator_env::add_labels(&mut object, &label);
         apply(client, ns.name(), &object).await?;
@@ -157,8 +210,10 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         contextos_kind_tests::env::repo_root().join("examples/quickstart/session.yaml"),
     )?;
     let template: Value = serde_yaml::from_str(&session_text)?;
+    let pods: Api<Pod> = ns.api();
+    let startups = watch_startups(pods.clone());
     let started = Instant::now();
-    futures::stream::iter(0..SESSIONS)
+    futures::stream::iter(0..sessions_count)
         .map(|i| {
             let mut session = template.clone();
             session["metadata"]["name"] = json!(format!("scale-{i:03}"));
@@ -171,18 +226,47 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         .try_collect::<Vec<_>>()
         .await?;
     let created = started.elapsed();
-    let pods: Api<Pod> = ns.api();
     wait_for("every runner pod exists", Duration::from_secs(600), || async {
         let count = pods
             .list(&ListParams::default().labels(contextos_crds::labels::SESSION))
             .await
             .map(|l| l.items.len());
-        Check::when(count.as_ref().is_ok_and(|n| *n >= SESSIONS), || {
+        Check::when(count.as_ref().is_ok_and(|n| *n >= sessions_count), || {
             format!("{count:?} pods")
         })
     })
     .await?;
     let pods_at = started.elapsed();
+    let all_started = wait_for(
+        "every runner pod's container started",
+        Duration::from_secs(600),
+        || async {
+            let seen = startups.lock().map(|s| s.clone()).unwrap_or_default();
+            let started_count = seen.values().filter(|(_, s)| s.is_some()).count();
+            if started_count >= sessions_count {
+                Check::Done(seen)
+            } else {
+                Check::NotYet(format!("{started_count} of {} seen pods started", seen.len()))
+            }
+        },
+    )
+    .await?;
+    let started_at = all_started
+        .values()
+        .filter_map(|(_, s)| *s)
+        .max()
+        .map_or(Duration::ZERO, |last| last.saturating_duration_since(started));
+    let mut latencies: Vec<Duration> = all_started
+        .values()
+        .filter_map(|(seen, s)| s.map(|s| s.saturating_duration_since(*seen)))
+        .collect();
+    latencies.sort();
+    let percentile = |p: usize| {
+        latencies
+            .get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     let sessions: Api<Session> = ns.api();
     wait_for("every Session succeeded", Duration::from_secs(1800), || async {
         let list = sessions.list(&ListParams::default()).await;
@@ -198,7 +282,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
                 .filter(|s| s.status.as_ref().and_then(|st| st.phase) == Some(SessionPhase::Failed))
                 .count()
         });
-        Check::when(done.as_ref().is_ok_and(|n| *n >= SESSIONS), || {
+        Check::when(done.as_ref().is_ok_and(|n| *n >= sessions_count), || {
             format!("{done:?} succeeded, {failed:?} failed")
         })
     })
@@ -232,7 +316,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         })
     })
     .await?;
-    let objects = SESSIONS + EXTRA_POLICIES + 5;
+    let objects = sessions_count + EXTRA_POLICIES + 5;
     let full_rss = rss_kib(pid)?;
     // Objects the operator has no business with: 1,000 ConfigMaps and Secrets of 4 KiB each.
     let filler = "x".repeat(4096);
@@ -255,7 +339,20 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     tokio::time::sleep(Duration::from_secs(5)).await;
     let unrelated_rss = rss_kib(pid)?;
     let gateway_rss = rss_kib(gateway_pid)?;
-    println!("scale — {SESSIONS} Sessions created at once on the local control plane (2 cores)");
+    let node = if real_node() {
+        "the real node"
+    } else {
+        "the process node"
+    };
+    println!(
+        "scale — {sessions_count} Sessions created at once on the local control plane and {node} (2 cores)"
+    );
+    if real_node() {
+        println!(
+            "  runner pods: cpu {}, memory {BENCH_MEMORY} (requests = limits), release: no (debug binaries)",
+            bench_cpu()
+        );
+    }
     println!(
         "  Agent's first composition promoted          {:>8.1} s   (its replay Job; no history)",
         promoted_after.as_secs_f64()
@@ -269,6 +366,16 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         pods_at.as_secs_f64()
     );
     println!(
+        "  every runner container started         {:>8.1} s   (target on the real node: ≤ 60 s)",
+        started_at.as_secs_f64()
+    );
+    println!(
+        "  pod start-up, created → started        p50 {:.2} s, p99 {:.2} s, max {:.2} s   (Kubernetes' SLO: p99 ≤ 5 s)",
+        percentile(50).as_secs_f64(),
+        percentile(99).as_secs_f64(),
+        latencies.last().copied().unwrap_or_default().as_secs_f64()
+    );
+    println!(
         "  every Session succeeded                {:>8.1} s",
         done_at.as_secs_f64()
     );
@@ -278,7 +385,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         idle_rss as f64 / 1024.0
     );
     println!(
-        "  with {SESSIONS} finished Sessions              {:>8.1} MiB",
+        "  with {sessions_count} finished Sessions              {:>8.1} MiB",
         sessions_rss as f64 / 1024.0
     );
     println!(
@@ -290,11 +397,46 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         unrelated_rss as f64 / 1024.0
     );
     println!(
-        "gateway service RSS after {SESSIONS} runs          {:>8.1} MiB",
+        "gateway service RSS after {sessions_count} runs          {:>8.1} MiB",
         gateway_rss as f64 / 1024.0
     );
     ns.pass();
     Ok(())
+}
+
+/// For each runner pod: when a watch first saw it, and when it first saw its container started
+/// (running, or already ended).
+type Startups = Arc<Mutex<HashMap<String, (Instant, Option<Instant>)>>>;
+
+/// Fills [`Startups`] from a watch of the runner pods, until the process ends.
+fn watch_startups(pods: Api<Pod>) -> Startups {
+    let seen = Startups::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let config = watcher::Config::default().labels(contextos_crds::labels::SESSION);
+        let mut stream = watcher(pods, config).applied_objects().boxed();
+        while let Some(event) = stream.next().await {
+            let Ok(pod) = event else { continue };
+            let now = Instant::now();
+            let container_started = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c.state
+                            .as_ref()
+                            .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+                    })
+                });
+            let Ok(mut seen) = record.lock() else { return };
+            let entry = seen.entry(pod.name_any()).or_insert((now, None));
+            if container_started && entry.1.is_none() {
+                entry.1 = Some(now);
+            }
+        }
+    });
+    seen
 }
 
 fn free_port() -> Result<u16> {

@@ -267,7 +267,8 @@ podLogsDir: $W/pod-logs
 resolvConf: $W/resolv.conf
 clusterDomain: cluster.local
 podCIDR: $POD_CIDR
-maxPods: 110
+# The pod range is a /24: room for a 200-Session scale run and what else is scheduled.
+maxPods: 250
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 imageMinimumGCAge: 876000h

@@ -93,7 +93,7 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         )));
     }
     let Some(pod) = pod else {
-        start_attempt(&ctx, &session, &pod_bundle, &sandbox, attempt, None).await?;
+        start_attempt(&ctx, &session, &pod_bundle, &sandbox, attempt, None, None).await?;
         return Ok(Action::await_change());
     };
     let pod_phase = pod
@@ -196,7 +196,7 @@ async fn finished(
                 .is_some_and(|a| pod.annotations().get(annotations::RESUMED_FOR) == Some(&a.call_hash));
             if decided && !refused {
                 let hash = awaiting.as_ref().map(|a| a.call_hash.as_str());
-                start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1, hash).await?;
+                start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1, hash, None).await?;
                 return Ok(Action::await_change());
             }
             let message = awaiting.as_ref().map_or_else(String::new, |a| {
@@ -241,7 +241,16 @@ async fn finished(
                 .as_ref()
                 .is_some_and(|m| pod.annotations().get(annotations::RESUMED_FOR) == Some(m));
             if resolved && !refused {
-                start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1, marker.as_deref()).await?;
+                start_attempt(
+                    ctx,
+                    session,
+                    pod_bundle,
+                    sandbox,
+                    attempt + 1,
+                    marker.as_deref(),
+                    None,
+                )
+                .await?;
                 return Ok(Action::await_change());
             }
             let message = unresolved.as_ref().map_or_else(String::new, |u| {
@@ -306,7 +315,21 @@ async fn finished(
             if !waited {
                 return Ok(Action::requeue(backoff));
             }
-            start_attempt(ctx, session, pod_bundle, sandbox, attempt + 1, None).await?;
+            let crashed = format!(
+                "pod {} {}; resuming from the last checkpoint",
+                pod.name_any(),
+                crate::crash::crash_cause(pod)
+            );
+            start_attempt(
+                ctx,
+                session,
+                pod_bundle,
+                sandbox,
+                attempt + 1,
+                None,
+                Some(&crashed),
+            )
+            .await?;
             Ok(Action::await_change())
         }
     }
@@ -348,6 +371,7 @@ async fn start_attempt(
     sandbox: &SandboxProfileSpec,
     attempt: u32,
     resumed_for: Option<&str>,
+    after_crash: Option<&str>,
 ) -> Result<()> {
     let namespace = session.namespace().unwrap_or_default();
     let pod_name = children::pod_name(&session.name_any(), attempt);
@@ -394,7 +418,10 @@ async fn start_attempt(
     let update = Update::phase(
         SessionPhase::Running,
         reason::RUNNING,
-        format!("runner pod {} started", pod.name_any()),
+        match after_crash {
+            Some(crashed) => format!("runner pod {} started ({crashed})", pod.name_any()),
+            None => format!("runner pod {} started", pod.name_any()),
+        },
     )
     .attempt(attempt)
     .pinned(pinned)

@@ -8,6 +8,13 @@ use k8s_openapi::api::core::v1::Pod;
 
 /// The runner container's name in the pods the operator writes.
 const RUNNER_CONTAINER: &str = "runner";
+/// How much of the kubelet's eviction message a Session's status repeats.
+const MESSAGE_CHARS: usize = 256;
+
+/// `text` without control characters, cut to `max` characters.
+fn printable(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
+}
 
 /// What ended an attempt that did not report.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,8 +25,9 @@ pub enum CrashCause {
     DeadlineExceeded { seconds: Option<i64> },
     /// The kubelet evicted the pod (node pressure).
     Evicted { message: String },
-    /// The process was killed by a signal (exit code 128 + n).
-    Signalled { signal: i32 },
+    /// The process ended with an exit code above 128: 128 + a signal number, usually a kill
+    /// (a process may also exit with such a code itself).
+    Signalled { code: i32 },
     /// The process exited with a code but wrote no report.
     Exited { code: i32 },
     /// Nothing in the pod's status says (deleted, never started, status not written yet).
@@ -37,8 +45,9 @@ pub fn crash_cause(pod: &Pod) -> CrashCause {
             };
         }
         Some("Evicted") => {
+            let message = status.and_then(|s| s.message.as_deref()).unwrap_or_default();
             return CrashCause::Evicted {
-                message: status.and_then(|s| s.message.clone()).unwrap_or_default(),
+                message: printable(message, MESSAGE_CHARS),
             };
         }
         _ => {}
@@ -61,7 +70,7 @@ pub fn crash_cause(pod: &Pod) -> CrashCause {
         return CrashCause::OutOfMemory { limit };
     }
     match terminated.exit_code {
-        code if code > 128 => CrashCause::Signalled { signal: code - 128 },
+        code if code > 128 => CrashCause::Signalled { code },
         code => CrashCause::Exited { code },
     }
 }
@@ -80,7 +89,11 @@ impl fmt::Display for CrashCause {
                 seconds.map_or_else(|| "(unknown)".to_owned(), |s| s.to_string())
             ),
             Self::Evicted { message } => write!(f, "was evicted by the kubelet: {message}"),
-            Self::Signalled { signal } => write!(f, "was killed by signal {signal}"),
+            Self::Signalled { code } => write!(
+                f,
+                "exited with code {code} (128 + {}: usually killed by that signal)",
+                code - 128
+            ),
             Self::Exited { code } => write!(f, "exited with code {code} without a report"),
             Self::Unknown => f.write_str("ended without saying why"),
         }
@@ -130,13 +143,26 @@ mod tests {
                     message: "The node was low on resource: memory.".into(),
                 },
             ),
-            (terminated("Error", 137), CrashCause::Signalled { signal: 9 }),
+            (terminated("Error", 137), CrashCause::Signalled { code: 137 }),
             (terminated("Error", 3), CrashCause::Exited { code: 3 }),
             (json!({"phase": "Failed"}), CrashCause::Unknown),
         ];
         for (status, expected) in cases {
             assert_eq!(crash_cause(&pod(status.clone())), expected, "{status}");
         }
+    }
+
+    #[test]
+    fn an_eviction_message_is_cut_and_stripped_of_control_characters() {
+        let long = format!("low on memory\u{1b}[2J{}", "x".repeat(1000));
+        let cause = crash_cause(&pod(
+            json!({"phase": "Failed", "reason": "Evicted", "message": long}),
+        ));
+        let CrashCause::Evicted { message } = cause else {
+            panic!("evicted: {cause:?}");
+        };
+        assert_eq!(message.chars().count(), MESSAGE_CHARS);
+        assert!(!message.chars().any(char::is_control), "{message:?}");
     }
 
     #[test]

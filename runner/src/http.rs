@@ -12,10 +12,14 @@ use std::sync::{LazyLock, Once};
 
 static PROVIDER: Once = Once::new();
 
-/// Whether the platform has CA certificates (looked up once; the bundle is parsed again by the
-/// verifier of each client, which is what it would cost anyway).
+/// Whether the platform has CA certificates the verifier will accept (looked up once; the
+/// bundle is parsed again by the verifier of each client, which is what it would cost anyway).
+/// Counted the way the verifier counts them — only certificates that parse — so that a bundle
+/// of unreadable entries means "none" here too instead of a client that fails to build.
 static PLATFORM_ROOTS: LazyLock<bool> = LazyLock::new(|| {
-    let found = !rustls_native_certs::load_native_certs().certs.is_empty();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let found = added > 0;
     if !found {
         tracing::warn!(
             "no CA certificates found on this system: HTTPS servers cannot be verified and every \

@@ -114,8 +114,9 @@ struct Targets {
     gateway_port: u16,
 }
 
-/// The runner's probe: serves on 8080 (for the ingress checks), waits — under a policy — until
-/// kube-router has programmed it (its own namespace's pod is refused), then tries every target.
+/// The runner's probe: waits — under a policy — until kube-router has programmed it (its own
+/// namespace's pod is refused), tries every target, then serves on 8080 for the ingress checks
+/// for as long as the pod lives (the test checks it is still running afterwards).
 fn runner_probe(targets: &Targets, await_policy: bool) -> String {
     let Targets {
         victim,
@@ -126,7 +127,6 @@ fn runner_probe(targets: &Targets, await_policy: bool) -> String {
     let wait = if await_policy { 30 } else { 0 };
     format!(
         r#"{REACH}
-httpd -p 8080 -h /etc
 i=0
 while [ $i -lt {wait} ] && [ "$(reach {victim} 8080)" = yes ]; do sleep 1; i=$((i + 1)); done
 echo waited=$i
@@ -136,7 +136,7 @@ echo exfil=$(reach {exfil} 53)
 echo gateway=$(reach {NODE_IP} {gateway_port})
 echo kubelet=$(reach {NODE_IP} 10250)
 echo outbound=done
-sleep 120
+exec httpd -f -p 8080 -h /etc
 "#
     )
 }
@@ -291,6 +291,18 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
         ingress_from(env, other_tenant.name(), "to-control", control_ip).await? == "yes",
         "the unpoliced control is reachable"
     );
+    // A refusal counts only if the runner was still there to refuse it.
+    for (namespace, pod) in [(tenant.name(), &runner_name), (unpoliced.name(), &control_name)] {
+        let phase = Api::<Pod>::namespaced(env.client(), namespace)
+            .get(pod)
+            .await?
+            .status
+            .and_then(|s| s.phase);
+        ensure!(
+            phase.as_deref() == Some("Running"),
+            "{namespace}/{pod} still serves: {phase:?}"
+        );
+    }
 
     let _ = Api::<Pod>::namespaced(env.client(), kube_system)
         .delete(&dns_name, &DeleteParams::default())

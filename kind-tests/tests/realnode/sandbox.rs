@@ -17,6 +17,7 @@ use crate::support::{self, Probe};
 const POD_PROBE: &str = r#"
 echo uid=$(id -u)
 echo capeff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
+echo capbnd=$(awk '/^CapBnd:/ {print $2}' /proc/self/status)
 echo nonewprivs=$(awk '/^NoNewPrivs:/ {print $2}' /proc/self/status)
 echo seccomp=$(awk '/^Seccomp:/ {print $2}' /proc/self/status)
 unshare -U true 2>/dev/null && echo unshare=allowed || echo unshare=refused
@@ -69,6 +70,16 @@ async fn the_runner_pod_is_confined_by_the_kernel_and_a_pod_without_the_protecti
         }
     }
     let unconfined = support::run_probe(env, control_ns.name(), control).await?;
+    // The runner exactly, but for its seccomp profile: what refuses unshare is the filter, not
+    // the user, the capabilities or the host's user-namespace settings.
+    let mut unfiltered = support::probe_pod(control_ns.name(), "unfiltered", &sandbox, &settings, POD_PROBE)?;
+    if let Some(context) = unfiltered.spec.as_mut().and_then(|s| s.security_context.as_mut()) {
+        context.seccomp_profile = Some(SeccompProfile {
+            type_: "Unconfined".into(),
+            ..Default::default()
+        });
+    }
+    let unfiltered = support::run_probe(env, control_ns.name(), unfiltered).await?;
 
     let expect = |probe: &Probe, key: &str, wanted: &str, who: &str| -> Result<()> {
         let value = probe.get(key)?;
@@ -88,6 +99,13 @@ async fn the_runner_pod_is_confined_by_the_kernel_and_a_pod_without_the_protecti
         unconfined.get("capeff")? != "0000000000000000",
         "the control has capabilities"
     );
+    // Dropping ALL empties the bounding set too (a non-root process has no effective
+    // capabilities either way; the bounding set is what `drop: [ALL]` changes).
+    expect(&confined, "capbnd", "0000000000000000", "runner")?;
+    ensure!(
+        unconfined.get("capbnd")? != "0000000000000000",
+        "the control keeps a bounding set"
+    );
     expect(&confined, "nonewprivs", "1", "runner")?;
     expect(&unconfined, "nonewprivs", "0", "control")?;
     // Mode 2: a seccomp filter; RuntimeDefault forbids unshare(CLONE_NEWUSER) without SYS_ADMIN.
@@ -95,6 +113,9 @@ async fn the_runner_pod_is_confined_by_the_kernel_and_a_pod_without_the_protecti
     expect(&unconfined, "seccomp", "0", "control")?;
     expect(&confined, "unshare", "refused", "runner")?;
     expect(&unconfined, "unshare", "allowed", "control")?;
+    expect(&unfiltered, "done", "yes", "runner without seccomp")?;
+    expect(&unfiltered, "seccomp", "0", "runner without seccomp")?;
+    expect(&unfiltered, "unshare", "allowed", "runner without seccomp")?;
     expect(&confined, "rootwrite", "refused", "runner")?;
     expect(&unconfined, "rootwrite", "allowed", "control")?;
     expect(&confined, "apitoken", "absent", "runner")?;

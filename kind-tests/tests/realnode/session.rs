@@ -100,10 +100,24 @@ async fn the_quickstart_session_succeeds_in_a_real_pod_that_reaches_only_the_gat
         "no Secret or host path volume: {:?}",
         spec.volumes
     );
+    // The policy kube-router enforces for this pod is the operator's: it selects the pod and
+    // denies all ingress (network.rs shows such a policy enforced).
     let policies: Api<NetworkPolicy> = ns.api();
+    let policy = policies.get("checkout-runner").await?.spec.unwrap_or_default();
+    let labels = first.metadata.labels.clone().unwrap_or_default();
+    let selected = policy
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.as_ref())
+        .is_some_and(|wanted| !wanted.is_empty() && wanted.iter().all(|(k, v)| labels.get(k) == Some(v)));
     ensure!(
-        policies.get_opt("checkout-runner").await?.is_some(),
-        "the runner's NetworkPolicy exists"
+        selected,
+        "the runner's NetworkPolicy selects its pod: {policy:?} / {labels:?}"
+    );
+    ensure!(
+        policy.policy_types.as_deref() == Some(&["Ingress".to_owned(), "Egress".to_owned()][..])
+            && policy.ingress.as_ref().is_none_or(Vec::is_empty),
+        "no ingress, egress only as listed: {policy:?}"
     );
 
     let approval = json!({"spec": {"approvals": [{

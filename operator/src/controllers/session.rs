@@ -285,11 +285,10 @@ async fn finished(
             // The attempt crashed (killed, evicted, out of memory, past its deadline) before it
             // could report: retry from the last checkpoint, with backoff, up to the bound.
             let crashes = crashed_attempts(ctx, session).await?;
+            let ended = format!("pod {} {}", pod.name_any(), crate::crash::crash_cause(pod));
             if crashes >= ctx.max_crash_attempts {
                 let message = format!(
-                    "{crashes} runner attempts ended without a result; the last, pod {}, {}; see its events and logs",
-                    pod.name_any(),
-                    crate::crash::crash_cause(pod)
+                    "{crashes} runner attempts ended without a result; the last: {ended}; see its events and logs"
                 );
                 write_status(
                     ctx,
@@ -315,11 +314,7 @@ async fn finished(
             if !waited {
                 return Ok(Action::requeue(backoff));
             }
-            let crashed = format!(
-                "pod {} {}; resuming from the last checkpoint",
-                pod.name_any(),
-                crate::crash::crash_cause(pod)
-            );
+            let crashed = format!("{ended}; resuming from the last checkpoint");
             start_attempt(
                 ctx,
                 session,

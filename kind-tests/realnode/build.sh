@@ -13,7 +13,8 @@
 #   bin/runc-wrapper                                       clamps oomScoreAdj >= 0, then execs /usr/sbin/runc
 #   bin/pause, bin/mkimage                                 tools/ (stdlib only)
 #   bin/realnode-cri                                       kube/cmd/realnode-cri: minimal CRI client for stop.sh
-#   images/pause.tar, images/busybox.tar                   OCI archives for `ctr -n k8s.io images import`
+#   bin/coredns                                            coredns/: CoreDNS v1.15.0 with the cluster-DNS plugins only
+#   images/pause.tar, images/busybox.tar, images/coredns.tar  OCI archives for `ctr -n k8s.io images import`
 #   bin/kube-router                                        only with REALNODE_KUBE_ROUTER=1
 # Debian packages (installed with apt-get when missing): runc, containernetworking-plugins,
 # busybox-static, iptables, ipset, conntrack, nftables (nft: stop.sh drops the empty tables iptables-nft made).
@@ -29,6 +30,7 @@ CONTAINERD_VERSION=v2.3.7
 KUBE_ROUTER_VERSION=v2.1.0
 PAUSE_REF=localhost/contextos/pause:1
 BUSYBOX_REF=localhost/contextos/busybox:1.35.0
+COREDNS_REF=localhost/contextos/coredns:1.15.0
 DEB_PACKAGES=(runc containernetworking-plugins busybox-static iptables ipset conntrack nftables)
 
 log() { echo "build.sh: $*" >&2; }
@@ -58,10 +60,10 @@ go_version="$(go env GOVERSION)"
 key="$(
 	{
 		echo "$go_version $(go env GOOS)/$(go env GOARCH) containerd=$CONTAINERD_VERSION"
-		echo "$PAUSE_REF $BUSYBOX_REF"
+		echo "$PAUSE_REF $BUSYBOX_REF $COREDNS_REF"
 		dpkg-query -W -f='${Package} ${Version}\n' busybox-static
-		cat build.sh kube/go.mod kube/go.sum tools/go.mod
-		for f in $(LC_ALL=C find tools kube -name '*.go' | LC_ALL=C sort); do
+		cat build.sh kube/go.mod kube/go.sum tools/go.mod coredns/go.mod coredns/go.sum
+		for f in $(LC_ALL=C find tools kube coredns -name '*.go' | LC_ALL=C sort); do
 			echo "== $f"
 			cat "$f"
 		done
@@ -121,6 +123,9 @@ if [[ "${REALNODE_KUBE_PROXY:-1}" == 1 ]]; then
 	build_go kube-proxy kube -ldflags "$kube_ldflags" k8s.io/kubernetes/cmd/kube-proxy
 fi
 
+# --- cluster DNS -------------------------------------------------------------------
+build_go coredns coredns -ldflags "-s -w" .
+
 # --- kube-router (stretch: NetworkPolicy firewall only) ---------------------------
 if [[ "${REALNODE_KUBE_ROUTER:-0}" == 1 && ! -x "$out/bin/kube-router" ]]; then
 	t0=$SECONDS
@@ -166,11 +171,17 @@ if [[ ! -s "$out/images/busybox.tar" ]]; then
 	rm -rf "$etc"
 	trap - EXIT
 fi
+if [[ ! -s "$out/images/coredns.tar" ]]; then
+	log "making $COREDNS_REF"
+	printf 'file %s /coredns 0755\ndir /etc/coredns 0755\ndir /tmp 1777\n' "$out/bin/coredns" |
+		"$out/bin/mkimage" -ref "$COREDNS_REF" -out "$out/images/coredns.tar" -entrypoint /coredns -user 65532:65532 >"$out/images/coredns.digest"
+fi
 cat >"$out/versions.env" <<EOF
 CONTAINERD_VERSION=$CONTAINERD_VERSION
 KUBE_VERSION=$kube_version
 PAUSE_REF=$PAUSE_REF
 BUSYBOX_REF=$BUSYBOX_REF
+COREDNS_REF=$COREDNS_REF
 EOF
 
 # Drop other keys' cache directories unused for a week.

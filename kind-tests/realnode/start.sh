@@ -6,10 +6,11 @@
 #   bash kind-tests/realnode/start.sh WORKDIR KUBECONFIG
 #
 # KUBECONFIG is the testenv admin kubeconfig (bearer token of system:masters).
-# The kubelet gets a kubeconfig with the same token that *impersonates*
-# system:node:<node> in group system:nodes, so its requests are authorized by
-# the Node authorizer + RBAC like a real node's (testenv writes no CA key, so
-# no node client certificate can be issued).
+# The kubelet authenticates as system:node:<node> in group system:nodes, so its
+# requests are authorized by the Node authorizer like a real node's: with the
+# client certificate testenv issues in node mode (node.crt next to KUBECONFIG,
+# TESTENV_NODE_ADDRESS set), otherwise with the admin token *impersonating*
+# that user (testenv without node mode issues no node certificate).
 #
 # Environment (defaults):
 #   REALNODE_NODE_IP=10.250.255.1        added as /32 on lo; kubelet listens there (port 10250)
@@ -22,6 +23,9 @@
 #   REALNODE_KUBE_PROXY=1                also run kube-proxy (iptables mode, admin kubeconfig; NodePorts on NODE_IP only)
 #   REALNODE_KUBE_ROUTER=1               also run kube-router (NetworkPolicy firewall only)
 #   REALNODE_SCHEDULER=1                 also run kube-scheduler (admin kubeconfig; pods need not name the node)
+#   REALNODE_DNS=1                       also run the cluster DNS: CoreDNS as Deployment kube-system/coredns,
+#                                        Service kube-system/kube-dns at 10.0.0.10 (needs kube-proxy, the
+#                                        scheduler, and testenv in node mode so pods reach the apiserver)
 # The node's state (settings, pids) is kept in WORKDIR/realnode.env for stop.sh.
 # Prints "READY <node-name>" when the Node is Ready. Needs root.
 set -euo pipefail
@@ -57,6 +61,7 @@ POD_CIDR="${REALNODE_POD_CIDR:-10.244.0.0/24}"
 CGROUP_ROOT="${REALNODE_CGROUP_ROOT:-/contextos-realnode}"
 # testenv's --service-cluster-ip-range.
 SERVICE_CIDR="${REALNODE_SERVICE_CIDR:-10.0.0.0/24}"
+DNS_IP="${REALNODE_DNS_IP:-10.0.0.10}"
 KUBELET_PORT="${REALNODE_KUBELET_PORT:-10250}"
 HEALTHZ_PORT="${REALNODE_HEALTHZ_PORT:-10248}"
 CHAIN="REALNODE-FWD"
@@ -198,7 +203,7 @@ for _ in $(seq 1 100); do
 done
 "$B/bin/ctr" -a "$SOCK" version >/dev/null || die "containerd not answering; see $W/logs/containerd.log"
 log "containerd up in $(since $t0) s"
-for img in pause busybox; do
+for img in pause busybox coredns; do
 	"$B/bin/ctr" -a "$SOCK" -n k8s.io images import "$B/images/$img.tar" >&2
 done
 "$B/bin/ctr" -a "$SOCK" -n k8s.io images ls -q >&2
@@ -217,6 +222,21 @@ CA_DATA="$(kv certificate-authority-data)"
 TOKEN="$(kv token)"
 [[ -n "$SERVER" && -n "$CA_DATA" && -n "$TOKEN" ]] || die "cannot read server/CA/token from $ADMIN_KUBECONFIG"
 echo "$CA_DATA" | base64 -d >"$W/ca.crt"
+# node_credentials: the kubelet's user entry, indented for the kubeconfig.
+node_credentials() {
+	local pki
+	pki="$(dirname "$ADMIN_KUBECONFIG")"
+	if [[ -r "$pki/node.crt" && -r "$pki/node.key" ]]; then
+		openssl x509 -in "$pki/node.crt" -noout -subject 2>/dev/null | grep -q "CN *= *system:node:$NODE_NAME" ||
+			die "$pki/node.crt is not issued to system:node:$NODE_NAME (TESTENV_NODE_NAME and REALNODE_NODE_NAME must agree)"
+		echo "    client-certificate: $pki/node.crt"
+		echo "    client-key: $pki/node.key"
+	else
+		echo "    token: $TOKEN"
+		echo "    as: system:node:$NODE_NAME"
+		echo '    as-groups: ["system:nodes", "system:authenticated"]'
+	fi
+}
 umask 077
 cat >"$W/kubelet.kubeconfig" <<EOF
 apiVersion: v1
@@ -229,9 +249,7 @@ clusters:
 users:
 - name: node
   user:
-    token: $TOKEN
-    as: system:node:$NODE_NAME
-    as-groups: ["system:nodes", "system:authenticated"]
+$(node_credentials)
 contexts:
 - name: node
   context: {cluster: testenv, user: node}
@@ -266,6 +284,7 @@ oomScoreAdj: 0
 podLogsDir: $W/pod-logs
 resolvConf: $W/resolv.conf
 clusterDomain: cluster.local
+$([[ "${REALNODE_DNS:-0}" == 1 ]] && echo "clusterDNS: [$DNS_IP]")
 podCIDR: $POD_CIDR
 # The pod range is a /24: room for a 200-Session scale run and what else is scheduled.
 maxPods: 250
@@ -300,6 +319,116 @@ start_daemon kubelet "$B/bin/kubelet" \
 	--hostname-override="$NODE_NAME" \
 	--node-ip="$NODE_IP" \
 	--v="${REALNODE_KUBELET_V:-1}"
+
+# apply PATH YAML: server-side apply of one object (field manager realnode).
+apply() {
+	curl -sS -f --cacert "$W/ca.crt" -H "Authorization: Bearer $TOKEN" -X PATCH \
+		-H 'Content-Type: application/apply-patch+yaml' --data-binary @- \
+		"$SERVER$1?fieldManager=realnode&force=true" >/dev/null || die "cannot apply $1"
+}
+
+# start_cluster_dns: CoreDNS as kind runs it (kube-system, k8s-app=kube-dns, Service kube-dns),
+# answering for cluster.local from the apiserver and nothing else: no forwarder, so no query
+# leaves the machine. Port 53 as non-root through the namespaced (safe) sysctl
+# ip_unprivileged_port_start, not a capability. Returns once the Service answers a query.
+start_cluster_dns() {
+	apply /api/v1/namespaces/kube-system/serviceaccounts/coredns <<YAML
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: coredns, namespace: kube-system}
+YAML
+	apply /apis/rbac.authorization.k8s.io/v1/clusterroles/system:coredns <<YAML
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "system:coredns"}
+rules:
+  - {apiGroups: [""], resources: [endpoints, services, pods, namespaces], verbs: [list, watch]}
+  - {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]}
+YAML
+	apply /apis/rbac.authorization.k8s.io/v1/clusterrolebindings/system:coredns <<YAML
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "system:coredns"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}
+subjects: [{kind: ServiceAccount, name: coredns, namespace: kube-system}]
+YAML
+	apply /api/v1/namespaces/kube-system/configmaps/coredns <<YAML
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: coredns, namespace: kube-system}
+data:
+  Corefile: |
+    .:53 {
+        errors
+        health :8080
+        ready :8181
+        kubernetes cluster.local in-addr.arpa ip6.arpa {
+            pods insecure
+            ttl 30
+        }
+        cache 30
+        loadbalance
+    }
+YAML
+	apply /apis/apps/v1/namespaces/kube-system/deployments/coredns <<YAML
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {k8s-app: kube-dns}}
+  template:
+    metadata: {labels: {k8s-app: kube-dns}}
+    spec:
+      serviceAccountName: coredns
+      priorityClassName: system-cluster-critical
+      dnsPolicy: Default
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 65532
+        runAsGroup: 65532
+        seccompProfile: {type: RuntimeDefault}
+        sysctls: [{name: net.ipv4.ip_unprivileged_port_start, value: "53"}]
+      containers:
+        - name: coredns
+          image: $COREDNS_REF
+          imagePullPolicy: Never
+          args: [-conf, /etc/coredns/Corefile]
+          ports:
+            - {name: dns, containerPort: 53, protocol: UDP}
+            - {name: dns-tcp, containerPort: 53, protocol: TCP}
+          readinessProbe:
+            httpGet: {path: /ready, port: 8181}
+            periodSeconds: 1
+          resources:
+            requests: {cpu: 50m, memory: 32Mi}
+            limits: {memory: 128Mi}
+          securityContext:
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities: {drop: [ALL]}
+          volumeMounts: [{name: config, mountPath: /etc/coredns, readOnly: true}]
+      volumes: [{name: config, configMap: {name: coredns}}]
+YAML
+	apply /api/v1/namespaces/kube-system/services/kube-dns <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  clusterIP: $DNS_IP
+  selector: {k8s-app: kube-dns}
+  ports:
+    - {name: dns, port: 53, protocol: UDP}
+    - {name: dns-tcp, port: 53, protocol: TCP}
+YAML
+	local answer=""
+	for _ in $(seq 1 120); do
+		answer="$(timeout 3 /bin/busybox nslookup kubernetes.default.svc.cluster.local "$DNS_IP" 2>/dev/null | awk '/^Address/ { a = $2 } END { print a }' || true)"
+		[[ "$answer" == 10.0.0.1 ]] && return 0
+		sleep 0.5
+	done
+	die "cluster DNS did not answer at $DNS_IP within 60 s; see kubectl -n kube-system describe pod -l k8s-app=kube-dns"
+}
 
 api() { curl -sS --cacert "$W/ca.crt" -H "Authorization: Bearer $TOKEN" "$SERVER$1"; }
 ready=""
@@ -365,6 +494,12 @@ if [[ "${REALNODE_SCHEDULER:-0}" == 1 ]]; then
 	# No serving port: nothing scrapes it here, and a port would be one more listener.
 	start_daemon kube-scheduler "$B/bin/kube-scheduler" --kubeconfig="$ADMIN_KUBECONFIG" \
 		--leader-elect=false --secure-port=0 --v=1
+fi
+
+if [[ "${REALNODE_DNS:-0}" == 1 ]]; then
+	t0=$(date +%s.%N)
+	start_cluster_dns
+	log "cluster DNS answering at $DNS_IP after $(since $t0) s"
 fi
 
 trap - ERR

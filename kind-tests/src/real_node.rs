@@ -50,10 +50,19 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// A node built and holding the machine's lock, its address on `lo`, not started yet: the
+/// control plane is started in between, listening on that address.
+#[derive(Debug)]
+pub struct PreparedNode {
+    dir: PathBuf,
+    build: PathBuf,
+    watchdog: ChildStdin,
+}
+
 impl RealNode {
-    /// Builds (cached) and starts the node against the control plane of `kubeconfig`, with
-    /// kube-proxy, kube-router and kube-scheduler, and imports the ContextOS image.
-    pub fn start(kubeconfig: &Path) -> Result<Self, EnvError> {
+    /// Builds the node (cached), takes the machine's real-node lock through the watchdog and puts
+    /// [`NODE_IP`] on `lo` (the watchdog removes it again if it was not there before).
+    pub fn prepare() -> Result<PreparedNode, EnvError> {
         let io = |what: String| move |source| EnvError::Io { what, source };
         let dir = tempfile::Builder::new()
             .prefix("contextos-realnode-")
@@ -69,6 +78,23 @@ impl RealNode {
             "kind-tests/realnode/build.sh",
         )?;
         let watchdog = start_watchdog(&scripts, &dir).map_err(io("start the real node's watchdog".into()))?;
+        add_node_address(&dir)?;
+        Ok(PreparedNode {
+            dir,
+            build: PathBuf::from(build),
+            watchdog,
+        })
+    }
+}
+
+impl PreparedNode {
+    /// Starts the node against the control plane of `kubeconfig` (testenv in node mode), with
+    /// kube-proxy, kube-router, kube-scheduler and the cluster DNS, and imports the ContextOS
+    /// image.
+    pub fn start(self, kubeconfig: &Path) -> Result<RealNode, EnvError> {
+        let Self { dir, build, watchdog } = self;
+        let scripts = repo_root().join("kind-tests/realnode");
+        let io = |what: String| move |source| EnvError::Io { what, source };
         // start.sh is chatty (every image it imports); its output is kept with the node's logs.
         let start_log = dir.with_extension("start.log");
         let log_file =
@@ -81,6 +107,7 @@ impl RealNode {
                 .env("REALNODE_KUBE_PROXY", "1")
                 .env("REALNODE_KUBE_ROUTER", "1")
                 .env("REALNODE_SCHEDULER", "1")
+                .env("REALNODE_DNS", "1")
                 .stderr(log_file),
             &format!(
                 "kind-tests/realnode/start.sh (its output: {})",
@@ -91,17 +118,47 @@ impl RealNode {
             .strip_prefix("READY ")
             .ok_or_else(|| EnvError::Build(format!("start.sh ended with {ready:?}, not READY <node>")))?
             .to_owned();
-        let mut node = Self {
+        let mut node = RealNode {
             dir,
             name,
-            build: PathBuf::from(build),
+            build,
             contextos_image: String::new(),
             _watchdog: watchdog,
         };
         node.contextos_image = node.import_contextos_image()?;
         Ok(node)
     }
+}
 
+/// Puts [`NODE_IP`] on `lo` unless it is there; when this added it, `<dir>.address` tells the
+/// watchdog to remove it after the node is stopped.
+fn add_node_address(dir: &Path) -> Result<(), EnvError> {
+    let cidr = format!("{NODE_IP}/32");
+    let shown = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", "lo"])
+        .output()
+        .map_err(|e| EnvError::Build(format!("cannot run ip: {e}")))?;
+    if String::from_utf8_lossy(&shown.stdout).contains(&format!(" {cidr} ")) {
+        return Ok(());
+    }
+    let marker = dir.with_extension("address");
+    std::fs::write(&marker, &cidr).map_err(|source| EnvError::Io {
+        what: format!("write {}", marker.display()),
+        source,
+    })?;
+    let status = Command::new("ip")
+        .args(["addr", "add", &cidr, "dev", "lo"])
+        .status()
+        .map_err(|e| EnvError::Build(format!("cannot run ip: {e}")))?;
+    if !status.success() {
+        return Err(EnvError::Build(format!(
+            "ip addr add {cidr} dev lo failed ({status})"
+        )));
+    }
+    Ok(())
+}
+
+impl RealNode {
     /// Packs the workspace's `contextos` binary (the one next to the test binary) into the
     /// ContextOS image, imports it into the node's containerd and returns `REF@digest`.
     fn import_contextos_image(&self) -> Result<String, EnvError> {
@@ -207,6 +264,7 @@ flock -w 300 9 || { echo "another real node did not stop within 300 s (lock /run
 echo locked
 cat >/dev/null
 bash "$1/stop.sh" "$2" >"$2.stop.log" 2>&1
+if [ -e "$2.address" ]; then ip addr del "$(cat "$2.address")" dev lo 2>/dev/null; rm -f "$2.address"; fi
 if [ "${CONTEXTOS_KEEP_TESTENV:-}" = 1 ]; then
   echo "kind-tests: kept the real node's logs in $2/logs and $2.*.log" >&2
 else

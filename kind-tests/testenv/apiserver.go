@@ -46,14 +46,18 @@ type apiServer struct {
 // apiserverFlags are the kube-apiserver flags used; everything not set here
 // keeps the kube-apiserver default (notably the default admission plugins,
 // which include PodSecurity and ValidatingAdmissionPolicy).
-func apiserverFlags(etcdURL string, p *pkiFiles) []string {
+func apiserverFlags(etcdURL string, p *pkiFiles, node *nodeMode) []string {
+	// The loopback address cannot be an Endpoints address: without a node
+	// nothing reaches the apiserver through its Service.
+	reconciler := "none"
+	if node != nil {
+		reconciler = "lease"
+	}
 	return []string{
 		"--etcd-servers=" + etcdURL,
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
-		// The loopback address cannot be an Endpoints address; nothing
-		// in the tests reaches the apiserver through its Service.
-		"--endpoint-reconciler-type=none",
+		"--bind-address=" + node.listenAddress(),
+		"--advertise-address=" + node.listenAddress(),
+		"--endpoint-reconciler-type=" + reconciler,
 		"--service-cluster-ip-range=" + serviceClusterIPRange,
 		"--tls-cert-file=" + p.tlsCertFile,
 		"--tls-private-key-file=" + p.tlsKeyFile,
@@ -70,8 +74,8 @@ func apiserverFlags(etcdURL string, p *pkiFiles) []string {
 	}
 }
 
-func startAPIServer(ctx context.Context, etcdURL string, p *pkiFiles) (*apiServer, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+func startAPIServer(ctx context.Context, etcdURL string, p *pkiFiles, node *nodeMode) (*apiServer, error) {
+	ln, err := net.Listen("tcp", net.JoinHostPort(node.listenAddress(), "0"))
 	if err != nil {
 		return nil, err
 	}
@@ -83,7 +87,7 @@ func startAPIServer(ctx context.Context, etcdURL string, p *pkiFiles) (*apiServe
 	for _, f := range s.Flags().FlagSets {
 		fs.AddFlagSet(f)
 	}
-	args := append(apiserverFlags(etcdURL, p), fmt.Sprintf("--secure-port=%d", port))
+	args := append(apiserverFlags(etcdURL, p, node), fmt.Sprintf("--secure-port=%d", port))
 	if err := fs.Parse(args); err != nil {
 		ln.Close()
 		return nil, err
@@ -116,14 +120,14 @@ func startAPIServer(ctx context.Context, etcdURL string, p *pkiFiles) (*apiServe
 	}
 	return &apiServer{
 		component: runComponent(func() error { return apiapp.Run(ctx, completed) }),
-		url:       fmt.Sprintf("https://127.0.0.1:%d", port),
+		url:       "https://" + net.JoinHostPort(node.listenAddress(), fmt.Sprint(port)),
 		token:     p.adminToken,
 		// Verifies the serving certificate against the CA the kubeconfig
 		// will carry: /readyz passing also proves the TLS set-up.
 		client: &http.Client{
 			Timeout: 5 * time.Second,
 			Transport: &http.Transport{
-				TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"},
+				TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: node.listenAddress()},
 			},
 		},
 	}, nil

@@ -38,7 +38,7 @@ var controllers = []string{
 	"root-ca-certificate-publisher-controller",
 }
 
-func startControllerManager(ctx context.Context, kubeconfig string, p *pkiFiles) (*component, error) {
+func startControllerManager(ctx context.Context, kubeconfig string, p *pkiFiles, node *nodeMode) (*component, error) {
 	s, err := kcmoptions.NewKubeControllerManagerOptions()
 	if err != nil {
 		return nil, err
@@ -47,6 +47,9 @@ func startControllerManager(ctx context.Context, kubeconfig string, p *pkiFiles)
 	s.Generic.ClientConnection.QPS = 200
 	s.Generic.ClientConnection.Burst = 400
 	s.Generic.Controllers = controllers
+	if node != nil {
+		s.Generic.Controllers = append(append([]string{}, controllers...), nodeControllers...)
+	}
 	s.Generic.LeaderElection.LeaderElect = false
 	// Port 0 without a listener turns the controller manager's HTTPS
 	// endpoint (healthz, metrics) off: nothing listens on :10257.

@@ -100,13 +100,18 @@ func serve(dirArg string) int {
 	}
 	closeEtcd := func() { waitFor(etcdStopTimeout, etcd.close) }
 
-	pki, err := writePKI(dir)
+	node, err := nodeModeFromEnv()
+	if err != nil {
+		closeEtcd()
+		return fail(err)
+	}
+	pki, err := writePKI(dir, node)
 	if err != nil {
 		closeEtcd()
 		return fail(err)
 	}
 
-	api, err := startAPIServer(apiCtx, etcdClientURL(etcd), pki)
+	api, err := startAPIServer(apiCtx, etcdClientURL(etcd), pki, node)
 	if err != nil {
 		closeEtcd()
 		return fail(fmt.Errorf("kube-apiserver: %w", err))
@@ -128,7 +133,7 @@ func serve(dirArg string) int {
 		return abort(err)
 	}
 
-	kcm, err := startControllerManager(kcmCtx, kubeconfig, pki)
+	kcm, err := startControllerManager(kcmCtx, kubeconfig, pki, node)
 	if err != nil {
 		return abort(fmt.Errorf("kube-controller-manager: %w", err))
 	}

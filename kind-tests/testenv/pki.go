@@ -5,7 +5,10 @@
 // Files written under DIR (all 0600):
 //
 //	ca.crt               CA certificate (the only block in the kubeconfig's CA data)
-//	tls.crt, tls.key     serving certificate (IP SANs 127.0.0.1, 10.0.0.1; DNS localhost, kubernetes.*)
+//	tls.crt, tls.key     serving certificate (IP SANs 127.0.0.1, 10.0.0.1 and the node address
+//	                     in node mode; DNS localhost, kubernetes.*)
+//	node.crt, node.key   node mode only: the kubelet's client certificate
+//	                     (CN system:node:<name>, O system:nodes), as the Node authorizer expects
 //	sa.key               ECDSA P-256 key that signs and verifies service-account tokens
 //	tokens.csv           static token file: admin user in group system:masters
 //	kubeconfig           admin kubeconfig (written once the apiserver is ready)
@@ -42,7 +45,16 @@ type pkiFiles struct {
 	adminToken  string
 }
 
-func writePKI(dir string) (*pkiFiles, error) {
+// pkiFile is one file writePKI writes (mode 0600).
+type pkiFile struct {
+	path string
+	data []byte
+}
+
+// writePKI writes the cluster's credentials. With a node (node mode) the
+// serving certificate also names the node's address, and the node gets a
+// client certificate of its own.
+func writePKI(dir string, node *nodeMode) (*pkiFiles, error) {
 	p := &pkiFiles{
 		caCertFile:  filepath.Join(dir, "ca.crt"),
 		tlsCertFile: filepath.Join(dir, "tls.crt"),
@@ -95,6 +107,9 @@ func writePKI(dir string) (*pkiFiles, error) {
 		DNSNames: []string{"localhost", "kubernetes", "kubernetes.default",
 			"kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
 	}
+	if node != nil {
+		tlsTemplate.IPAddresses = append(tlsTemplate.IPAddresses, node.address)
+	}
 	tlsDER, err := x509.CreateCertificate(rand.Reader, tlsTemplate, caCert, &tlsKey.PublicKey, caKey)
 	if err != nil {
 		return nil, err
@@ -120,10 +135,7 @@ func writePKI(dir string) (*pkiFiles, error) {
 	if err != nil {
 		return nil, err
 	}
-	files := []struct {
-		path string
-		data []byte
-	}{
+	files := []pkiFile{
 		{p.caCertFile, p.caCert},
 		{p.tlsCertFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: tlsDER})},
 		{p.tlsKeyFile, tlsKeyPEM},
@@ -131,12 +143,48 @@ func writePKI(dir string) (*pkiFiles, error) {
 		// token,user,uid,"group1,group2"
 		{p.tokensFile, []byte(fmt.Sprintf("%s,admin,admin,\"system:masters\"\n", p.adminToken))},
 	}
+	if node != nil {
+		certPEM, keyPEM, err := nodeClientCert(node.name, caCert, caKey, notBefore, notAfter)
+		if err != nil {
+			return nil, err
+		}
+		files = append(files,
+			pkiFile{filepath.Join(dir, "node.crt"), certPEM},
+			pkiFile{filepath.Join(dir, "node.key"), keyPEM})
+	}
 	for _, f := range files {
 		if err := os.WriteFile(f.path, f.data, 0o600); err != nil {
 			return nil, err
 		}
 	}
 	return p, nil
+}
+
+// nodeClientCert issues the kubelet's client certificate: the Node authorizer
+// and the NodeRestriction admission plugin know a node by exactly this
+// subject, so the kubelet can read and write only what its own pods need.
+func nodeClientCert(name string, ca *x509.Certificate, caKey *ecdsa.PrivateKey, notBefore, notAfter time.Time) (certPEM, keyPEM []byte, err error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	template := &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: "system:node:" + name, Organization: []string{"system:nodes"}},
+		NotBefore:    notBefore,
+		NotAfter:     notAfter,
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, template, ca, &key.PublicKey, caKey)
+	if err != nil {
+		return nil, nil, err
+	}
+	keyPEM, err = ecKeyPEM(key)
+	if err != nil {
+		return nil, nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), keyPEM, nil
 }
 
 func ecKeyPEM(k *ecdsa.PrivateKey) ([]byte, error) {

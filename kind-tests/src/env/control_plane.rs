@@ -89,14 +89,20 @@ pub fn testenv_binary(repo_root: &Path) -> Result<PathBuf, EnvError> {
     Ok(PathBuf::from(last))
 }
 
-/// Starts testenv with its state in `dir`/control-plane and waits for READY.
-pub fn start(bin: &Path, dir: &Path) -> Result<ControlPlane, EnvError> {
+/// Starts testenv with its state in `dir`/control-plane and waits for READY. With `node`, testenv
+/// runs in node mode for a real node at that address (see `kind-tests/testenv/node.go`): the
+/// apiserver listens there so that pods reach it, and Deployments, Services and claims work.
+pub fn start(bin: &Path, dir: &Path, node: Option<std::net::Ipv4Addr>) -> Result<ControlPlane, EnvError> {
     let io = |what: String| move |source| EnvError::Io { what, source };
     let state = dir.join("control-plane");
     let stderr_path = dir.join("testenv.stderr");
     let stderr = fs::File::create(&stderr_path).map_err(io(format!("create {}", stderr_path.display())))?;
     let started = Instant::now();
-    let mut child = Command::new(bin)
+    let mut command = Command::new(bin);
+    if let Some(address) = node {
+        command.env("TESTENV_NODE_ADDRESS", address.to_string());
+    }
+    let mut child = command
         .arg(&state)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

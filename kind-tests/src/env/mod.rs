@@ -352,9 +352,21 @@ async fn connect(kind: NodeKind) -> Result<(Config, Client, Backend, Duration), 
         let client = Client::try_from(config.clone()).map_err(|e| client_error(e.to_string()))?;
         return Ok((config, client, Backend::External { server }, Duration::ZERO));
     }
+    // A real node is prepared first (built, its address on `lo`, the machine's lock taken): the
+    // control plane listens on the node's address so that pods reach it.
+    let prepared = if kind == NodeKind::Real {
+        Some(
+            tokio::task::spawn_blocking(RealNode::prepare)
+                .await
+                .map_err(|e| EnvError::Build(format!("real node preparation task failed: {e}")))??,
+        )
+    } else {
+        None
+    };
     let bin = control_plane::testenv_binary(&repo_root())?;
     let dir = control_plane::fresh_dir()?;
-    let plane = tokio::task::spawn_blocking(move || control_plane::start(&bin, &dir))
+    let node_address = prepared.as_ref().map(|_| crate::real_node::NODE_IP);
+    let plane = tokio::task::spawn_blocking(move || control_plane::start(&bin, &dir, node_address))
         .await
         .map_err(|e| EnvError::Build(format!("start-up task failed: {e}")))??;
     let client_error = |reason: String| EnvError::Client {
@@ -366,9 +378,9 @@ async fn connect(kind: NodeKind) -> Result<(Config, Client, Backend, Duration), 
         .await
         .map_err(|e| client_error(e.to_string()))?;
     let client = Client::try_from(config.clone()).map_err(|e| client_error(e.to_string()))?;
-    if kind == NodeKind::Real {
+    if let Some(prepared) = prepared {
         let kubeconfig = plane.kubeconfig.clone();
-        let node = tokio::task::spawn_blocking(move || RealNode::start(&kubeconfig))
+        let node = tokio::task::spawn_blocking(move || prepared.start(&kubeconfig))
             .await
             .map_err(|e| EnvError::Build(format!("real node start-up task failed: {e}")))??;
         let startup = plane.startup;

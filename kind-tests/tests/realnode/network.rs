@@ -13,18 +13,16 @@ use contextos_kind_tests::{
     wait_for, wait_for_object,
 };
 use contextos_operator::session_children::{self, RunnerSettings};
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
-    networking::v1::NetworkPolicy,
-};
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 
 use crate::support::{self, TIMEOUT};
 
 /// `reach HOST PORT` prints yes when an HTTP answer comes back (every listener here speaks
 /// HTTP; the kubelet answers a plain request on its TLS port with a 400).
-const REACH: &str = r#"reach() { printf 'GET / HTTP/1.0\r\n\r\n' | timeout 5 nc -w 3 "$1" "$2" 2>/dev/null | grep -q '^HTTP/' && echo yes || echo no; }"#;
+const REACH: &str = r#"reach() { printf 'GET / HTTP/1.0\r\n\r\n' | timeout 5 nc -w 3 "$1" "$2" 2>/dev/null | grep -q '^HTTP/' && echo yes || echo no; }
+resolve() { timeout 5 nslookup kubernetes.default.svc.cluster.local "$1" 2>/dev/null | grep -q ' 10\.0\.0\.1$' && echo yes || echo no; }"#;
 
 /// A pod outside the runner's policy: busybox as `user`, with `script`.
 fn plain_pod(name: &str, labels: serde_json::Value, user: i64, script: &str) -> Result<Pod> {
@@ -105,6 +103,9 @@ fn value<'a>(values: &'a [(String, String)], key: &str) -> &'a str {
         .map_or("(not printed)", |(_, v)| v.as_str())
 }
 
+/// The cluster DNS Service's address (the kubelet's `clusterDNS`).
+const DNS_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+
 /// Where the runner's probe reaches: a pod of its own namespace, the DNS pod, another pod's port
 /// 53, the gateway, the kubelet.
 struct Targets {
@@ -131,7 +132,8 @@ i=0
 while [ $i -lt {wait} ] && [ "$(reach {victim} 8080)" = yes ]; do sleep 1; i=$((i + 1)); done
 echo waited=$i
 echo victim=$(reach {victim} 8080)
-echo dns=$(reach {dns} 53)
+echo dns=$(resolve {dns})
+echo dns_service=$(resolve {DNS_SERVICE})
 echo exfil=$(reach {exfil} 53)
 echo gateway=$(reach {NODE_IP} {gateway_port})
 echo kubelet=$(reach {NODE_IP} 10250)
@@ -162,6 +164,18 @@ async fn ingress_from(
         .map_or_else(|| "(not printed)".into(), |(_, v)| v.clone()))
 }
 
+/// The address of the node's running CoreDNS pod.
+async fn cluster_dns_pod(env: &TestEnv) -> Result<Ipv4Addr> {
+    let pods = Api::<Pod>::namespaced(env.client(), "kube-system")
+        .list(&ListParams::default().labels("k8s-app=kube-dns"))
+        .await?;
+    pods.items
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .find_map(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok())
+        .context("no running CoreDNS pod (k8s-app=kube-dns) in kube-system")
+}
+
 #[tokio::test]
 async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it() -> Result<()> {
     let Some(env) = support::env().await? else {
@@ -179,29 +193,9 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
     let outside = support::unrestricted(env, "real-net-outside").await?;
     let unpoliced = support::tenant(env, "real-net-control").await?;
 
-    // The cluster DNS pods, as the policy selects them (kube-system, k8s-app=kube-dns).
-    let kube_system = "kube-system";
-    let namespaces: Api<Namespace> = Api::all(env.client());
-    if namespaces.get_opt(kube_system).await?.is_none() {
-        namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": kube_system}}))?,
-            )
-            .await?;
-    }
-    let dns_name = format!("dns-{}", tenant.name());
-    let dns = running(
-        env,
-        kube_system,
-        plain_pod(
-            &dns_name,
-            json!({"k8s-app": "kube-dns"}),
-            0,
-            "exec httpd -f -p 53 -h /etc",
-        )?,
-    )
-    .await?;
+    // The cluster DNS (CoreDNS, which the node runs), as the policy selects it: kube-system,
+    // k8s-app=kube-dns.
+    let dns = cluster_dns_pod(env).await?;
     let victim = running(
         env,
         tenant.name(),
@@ -264,6 +258,7 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
     for (key, policed_wants) in [
         ("victim", "no"),
         ("dns", "yes"),
+        ("dns_service", "yes"),
         ("exfil", "no"),
         ("gateway", "yes"),
         ("kubelet", "no"),
@@ -304,9 +299,6 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
         );
     }
 
-    let _ = Api::<Pod>::namespaced(env.client(), kube_system)
-        .delete(&dns_name, &DeleteParams::default())
-        .await;
     tenant.pass();
     other_tenant.pass();
     outside.pass();

@@ -48,6 +48,7 @@ kind-tests:
 		export CONTEXTOS_TIKV_TESTSERVER_BIN="$$tikv"; \
 	fi; \
 	$(CARGO) build -p contextos-runner --bin contextos --examples --locked || exit 1; \
+	$(CARGO) build -p contextos-operator --bin contextos-operator --locked || exit 1; \
 	$(CARGO) test -p contextos-kind-tests --locked --tests
 
 ## kind-bench: the scale benchmark on the local control plane (200 Sessions at once, operator

@@ -159,16 +159,21 @@ fn add_node_address(dir: &Path) -> Result<(), EnvError> {
 }
 
 impl RealNode {
-    /// Packs the workspace's `contextos` binary (the one next to the test binary) into the
-    /// ContextOS image, imports it into the node's containerd and returns `REF@digest`.
+    /// Packs the workspace's binaries (next to the test binary: `contextos`, and
+    /// `contextos-operator` and the `ops_tools` example when built) into the ContextOS image,
+    /// imports it into the node's containerd and returns `REF@digest`.
     fn import_contextos_image(&self) -> Result<String, EnvError> {
         let contextos = crate::process_node::workspace_binary("contextos").ok_or_else(|| {
             EnvError::Build("target/<profile>/contextos is missing: `make kind-tests` builds it".into())
         })?;
+        let others = ["contextos-operator", "examples/ops_tools"]
+            .into_iter()
+            .filter_map(crate::process_node::workspace_binary);
         let output = Command::new("bash")
             .arg(repo_root().join("kind-tests/realnode/image.sh"))
             .arg(CONTEXTOS_IMAGE)
             .arg(&contextos)
+            .args(others)
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .output()
@@ -182,20 +187,25 @@ impl RealNode {
             return Err(EnvError::Build(format!("image.sh failed ({})", output.status)));
         }
         self.ctr(&["images", "import", archive])?;
-        // The CRI finds an image named by digest only under a `repo@sha256:…` name (a pull
-        // records one; an import does not).
-        let (tagged, digest) = reference
+        let (tagged, _) = reference
             .split_once('@')
             .ok_or_else(|| EnvError::Build(format!("image.sh printed {reference:?}, not REF@DIGEST")))?;
         let repository = tagged.rsplit_once(':').map_or(tagged, |(repo, _)| repo);
-        self.ctr(&[
-            "images",
-            "tag",
-            "--force",
-            tagged,
-            &format!("{repository}@{digest}"),
-        ])?;
+        self.name_image(reference, repository)?;
         Ok(reference.to_owned())
+    }
+
+    /// Names the imported image `reference` (`REPO:TAG@sha256:…`) also `repository@sha256:…`
+    /// (same content, same digest) and returns that name: the CRI finds an image named by digest
+    /// only under a `repo@sha256:…` name (a pull records one; an import does not). The install
+    /// test uses it to give the workspace's build the repository names the manifests use.
+    pub fn name_image(&self, reference: &str, repository: &str) -> Result<String, EnvError> {
+        let (tagged, digest) = reference
+            .split_once('@')
+            .ok_or_else(|| EnvError::Build(format!("{reference:?} is not REF@DIGEST")))?;
+        let name = format!("{repository}@{digest}");
+        self.ctr(&["images", "tag", "--force", tagged, &name])?;
+        Ok(name)
     }
 
     /// Runs `ctr -n k8s.io ARGS` against the node's containerd.

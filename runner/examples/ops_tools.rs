@@ -69,9 +69,13 @@ const MCP_PATH: &str = "/mcp";
     about = "Local ops tools server for the ContextOS quickstart and tests"
 )]
 struct Args {
-    /// Address to listen on; loopback only.
+    /// Address to listen on; loopback only, unless `--in-pod`.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Running as the tool service in a pod of a test cluster (its own network namespace, behind
+    /// a Service): any `--listen` address is allowed.
+    #[arg(long)]
+    in_pod: bool,
     /// Key webhooks are signed with (HMAC-SHA256); without it every webhook is refused.
     #[arg(long, env = "OPS_TOOLS_HMAC_KEY", hide_env_values = true)]
     hmac_key: Option<String>,
@@ -175,8 +179,12 @@ type Reply = Result<Json<Value>, ApiError>;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    if !args.listen.ip().is_loopback() {
-        return Err(format!("--listen must be a loopback address, got {}", args.listen).into());
+    if !args.listen.ip().is_loopback() && !args.in_pod {
+        return Err(format!(
+            "--listen must be a loopback address, got {} (a pod's own address needs --in-pod)",
+            args.listen
+        )
+        .into());
     }
     let shared = Arc::new(Shared {
         hmac_key: args.hmac_key.map(String::into_bytes),

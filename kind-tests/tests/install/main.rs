@@ -1,0 +1,388 @@
+//! A fresh install, as a platform admin does it, on the real node: `kubectl apply -k manifests
+//! --server-side` (unchanged apart from pinning the images to the workspace's build), then the
+//! quickstart (`examples/quickstart`, unchanged apart from the same image pin) in a tenant
+//! namespace, with the quickstart's tool service `ops-tools.shop-platform.svc` running as a pod
+//! behind its Service and reached through the cluster DNS. The operator and the gateway run as
+//! the manifests' Deployments, in pods; nothing is injected by the test.
+//!
+//! Its own test binary (its own control plane and node): the installed operator reconciles every
+//! namespace, which would take over the objects of tests that run their own operator.
+//!
+//! Needs root. Without it the test is skipped with the reason, unless
+//! `CONTEXTOS_REQUIRE_REALNODE=1` (CI) makes that a failure.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use contextos_crds::{Session, session::SessionPhase};
+use contextos_kind_tests::{
+    Check, FIELD_MANAGER, TestEnv, TestNamespace,
+    dump::namespace_report,
+    env::repo_root,
+    real_node::{self, REQUIRE_ENV},
+    wait_for_object,
+};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Namespace, PersistentVolume, Pod, Secret, Service},
+    rbac::v1::RoleBinding,
+};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+/// The repositories the manifests name; the test gives the workspace's image these names too.
+const RUNNER_REPOSITORY: &str = "ghcr.io/contextos/runner";
+const OPERATOR_REPOSITORY: &str = "ghcr.io/contextos/operator";
+/// The webhook key the quickstart's `post_status_update` tool signs with.
+const HMAC_KEY: &str = "install-test-webhook-key";
+const SYSTEM: &str = "contextos-system";
+/// Where the quickstart's tools live (`ops-tools.shop-platform.svc`).
+const TOOLS_NAMESPACE: &str = "shop-platform";
+/// Start-up of both Deployments, and each Session phase (a replay Job runs first).
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+#[tokio::test]
+async fn a_fresh_install_from_the_manifests_runs_the_quickstart_through_the_gateway_service() -> Result<()> {
+    if let Some(why) = real_node::unavailable() {
+        if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
+            bail!("{REQUIRE_ENV}=1 but {why}");
+        }
+        eprintln!("skipped: {why}");
+        return Ok(());
+    }
+    let env = TestEnv::real_node().await?;
+    let node = env.real().context("real node")?;
+    let runner_image = node.name_image(env.runner_image(), RUNNER_REPOSITORY)?;
+    let operator_image = node.name_image(env.runner_image(), OPERATOR_REPOSITORY)?;
+
+    // The cluster's storage for the gateway's claim (kind would provision it): a host directory.
+    let volume_dir = node.dir().join("volumes/contextos-gateway-data");
+    std::fs::create_dir_all(&volume_dir)?;
+    std::os::unix::fs::chown(&volume_dir, Some(65532), Some(65532))?;
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": "contextos-gateway-data"},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": volume_dir, "type": "Directory"},
+            "claimRef": {"namespace": SYSTEM, "name": "contextos-gateway-data"},
+        },
+    }))?;
+    Api::<PersistentVolume>::all(env.client())
+        .create(&PostParams::default(), &volume)
+        .await?;
+
+    let install = node.dir().join("install");
+    write_kustomization(
+        &install.join("manifests"),
+        &format!(
+            r#"resources: [{manifests}]
+images:
+  - {{name: {RUNNER_REPOSITORY}, digest: {runner_digest}}}
+  - {{name: {OPERATOR_REPOSITORY}, digest: {operator_digest}}}
+patches:
+  # Replay Jobs run the runner image, which the operator names by flag or environment.
+  - target: {{kind: Deployment, name: contextos-operator}}
+    patch: |-
+      - op: add
+        path: /spec/template/spec/containers/0/env/-
+        value: {{name: CONTEXTOS_REPLAY_IMAGE, value: "{runner_image}"}}
+"#,
+            manifests = relative(&install.join("manifests"), &repo_root().join("manifests")),
+            runner_digest = digest(&runner_image)?,
+            operator_digest = digest(&operator_image)?,
+        ),
+    )?;
+    kubectl(env, &["apply", "--server-side", "-k"], &install.join("manifests")).await?;
+    let system = Api::<Deployment>::namespaced(env.client(), SYSTEM);
+    for name in ["contextos-gateway", "contextos-operator"] {
+        available(env, &system, name).await?;
+    }
+
+    // The quickstart's tool service, under the name the quickstart gives it (this test binary
+    // has the cluster to itself).
+    let namespaces = Api::<Namespace>::all(env.client());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": TOOLS_NAMESPACE}}))?,
+        )
+        .await?;
+    start_ops_tools(env, TOOLS_NAMESPACE, &runner_image).await?;
+
+    let tenant = TestNamespace::with_labels(
+        env,
+        "install-tenant",
+        &[("pod-security.kubernetes.io/enforce", "restricted")],
+    )
+    .await?;
+    write_kustomization(
+        &install.join("quickstart"),
+        &format!(
+            r#"resources: [{quickstart}]
+namespace: {namespace}
+patches:
+  - target: {{kind: SandboxProfile, name: restricted-runner}}
+    patch: |-
+      - op: replace
+        path: /spec/image
+        value: "{runner_image}"
+"#,
+            quickstart = relative(
+                &install.join("quickstart"),
+                &repo_root().join("examples/quickstart")
+            ),
+            namespace = tenant.name(),
+        ),
+    )?;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "ops-tools-webhook", "labels": {"contextos.dev/agent-secret": "true"}},
+        "stringData": {"hmac-key": HMAC_KEY},
+    }))?;
+    tenant
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await?;
+    kubectl(
+        env,
+        &["apply", "--server-side", "-k"],
+        &install.join("quickstart"),
+    )
+    .await?;
+
+    let sessions: Api<Session> = tenant.api();
+    let paused = match phase(&sessions, "checkout-5xx", SessionPhase::AwaitingApproval).await {
+        Ok(paused) => paused,
+        Err(err) => bail!("{err:#}\n{}", reports(env, &tenant).await),
+    };
+    let pending = paused
+        .status
+        .and_then(|s| s.pending_approval)
+        .context("AwaitingApproval shows the pending call")?;
+    // The on-call engineer approves in their own name, with the tenant role the admin gave them.
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "oncall-edit"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "contextos-tenant-edit"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "sre-oncall"}],
+    }))?;
+    tenant
+        .api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let approval = json!({"spec": {"approvals": [{
+        "callHash": pending.call_hash,
+        "decision": "approve",
+        "approver": "dana@example.com",
+    }]}});
+    let output = env
+        .kubectl()
+        .args([
+            "patch",
+            "sessions.contextos.dev",
+            "checkout-5xx",
+            "-n",
+            tenant.name(),
+            "--type=merge",
+        ])
+        .args([
+            "--as",
+            "dana@example.com",
+            "--as-group",
+            "sre-oncall",
+            "-p",
+            &approval.to_string(),
+        ])
+        .output()
+        .await?;
+    ensure!(
+        output.status.success(),
+        "the on-call engineer's approval was refused: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let done = match phase(&sessions, "checkout-5xx", SessionPhase::Succeeded).await {
+        Ok(done) => done,
+        Err(err) => bail!("{err:#}\n{}", reports(env, &tenant).await),
+    };
+    let output = done.status.and_then(|s| s.output).unwrap_or_default();
+    ensure!(output.contains("checkout-api"), "output {output:?}");
+
+    // The runner pods held nothing that acts outside their run: no Secret or host path volume,
+    // no environment variable from a Secret, no store address; they named the gateway Service.
+    for pod in tenant.api::<Pod>().list(&Default::default()).await?.items {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        if !name.starts_with("checkout-5xx-run-") {
+            continue;
+        }
+        let spec = pod.spec.clone().unwrap_or_default();
+        ensure!(
+            spec.volumes
+                .iter()
+                .flatten()
+                .all(|v| v.secret.is_none() && v.host_path.is_none()),
+            "{name}: volumes {:?}",
+            spec.volumes
+        );
+        let rendered = serde_json::to_string(&spec)?;
+        ensure!(
+            !rendered.contains("secretKeyRef")
+                && !rendered.contains("tikv://")
+                && !rendered.contains(":2379"),
+            "{name}: the spec names a Secret or the store: {rendered}"
+        );
+        ensure!(
+            rendered.contains("contextos-gateway.contextos-system.svc"),
+            "{name}: the runner does not name the gateway Service: {rendered}"
+        );
+    }
+    tenant.pass();
+    Ok(())
+}
+
+/// `sha256:…` of `REF@sha256:…`.
+fn digest(reference: &str) -> Result<&str> {
+    reference
+        .rsplit_once('@')
+        .map(|(_, digest)| digest)
+        .with_context(|| format!("{reference} is not pinned by digest"))
+}
+
+/// `target` as a path relative to `from` (kustomize refuses absolute paths): up to the root,
+/// then down. Both are absolute.
+fn relative(from: &Path, target: &Path) -> String {
+    let up = from
+        .components()
+        .skip(1)
+        .map(|_| "..")
+        .collect::<Vec<_>>()
+        .join("/");
+    format!("{up}{}", target.display())
+}
+
+fn write_kustomization(dir: &Path, body: &str) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        format!("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n{body}"),
+    )?;
+    Ok(())
+}
+
+async fn kubectl(env: &TestEnv, args: &[&str], dir: &Path) -> Result<()> {
+    let output = env.kubectl().args(args).arg(dir).output().await?;
+    ensure!(
+        output.status.success(),
+        "kubectl {} {} failed: {}{}",
+        args.join(" "),
+        dir.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+async fn available(env: &'static TestEnv, api: &Api<Deployment>, name: &str) -> Result<()> {
+    let waited = wait_for_object(api, name, "available", TIMEOUT, |d: &Deployment| {
+        let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let ready = d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
+        Check::when(ready >= wanted, || {
+            format!("{ready} of {wanted} replicas available")
+        })
+    })
+    .await;
+    if let Err(err) = waited {
+        bail!("{err}\n{}", namespace_report(env, SYSTEM).await);
+    }
+    Ok(())
+}
+
+/// The quickstart's tool service: the `ops_tools` example (in the workspace's image) as a pod,
+/// behind Service `ops-tools` on both ports the quickstart's tools name.
+async fn start_ops_tools(env: &'static TestEnv, namespace: &str, image: &str) -> Result<()> {
+    let labels = json!({"app": "ops-tools"});
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "ops-tools", "labels": labels},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "ops-tools",
+                "image": image,
+                "command": ["ops_tools", "--in-pod", "--listen", "0.0.0.0:8080", "--hmac-key", HMAC_KEY],
+                "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }],
+        },
+    }))?;
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "ops-tools"},
+        "spec": {
+            "selector": labels,
+            "ports": [
+                {"name": "http", "port": 8080, "targetPort": 8080},
+                {"name": "mcp", "port": 8081, "targetPort": 8080},
+            ],
+        },
+    });
+    let pods: Api<Pod> = Api::namespaced(env.client(), namespace);
+    pods.create(&PostParams::default(), &pod).await?;
+    Api::<Service>::namespaced(env.client(), namespace)
+        .patch(
+            "ops-tools",
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(&service),
+        )
+        .await?;
+    wait_for_object(&pods, "ops-tools", "Ready", TIMEOUT, |p: &Pod| {
+        let ready = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        Check::when(ready, || {
+            format!("{:?}", p.status.as_ref().and_then(|s| s.phase.clone()))
+        })
+    })
+    .await?;
+    Ok(())
+}
+
+async fn phase(api: &Api<Session>, name: &str, wanted: SessionPhase) -> Result<Session> {
+    Ok(
+        wait_for_object(api, name, &format!("phase {wanted:?}"), TIMEOUT, |s: &Session| {
+            let status = s.status.clone().unwrap_or_default();
+            Check::when(status.phase == Some(wanted), || {
+                let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+                format!(
+                    "phase {:?}, Ready: {}",
+                    status.phase,
+                    ready.map_or("none".into(), |c| format!(
+                        "{} {} {}",
+                        c.status, c.reason, c.message
+                    ))
+                )
+            })
+        })
+        .await?,
+    )
+}
+
+/// What a failure prints: the tenant, the tool service and the system namespace.
+async fn reports(env: &TestEnv, tenant: &TestNamespace) -> String {
+    format!(
+        "{}\n{}\n{}",
+        namespace_report(env, tenant.name()).await,
+        namespace_report(env, TOOLS_NAMESPACE).await,
+        namespace_report(env, SYSTEM).await
+    )
+}

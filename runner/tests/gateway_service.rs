@@ -98,7 +98,9 @@ async fn rig_with_tools(egress: EgressGuard, tool_args: &[&str]) -> Rig {
         .with(
             "token-replay",
             pod("shop", "replay-policy-guardrails-0123456789-x7k2p"),
-        );
+        )
+        .with_reader("token-auditor", "audra@example.com", &["shop"])
+        .with_reader("token-bank-auditor", "bert@example.com", &["bank"]);
     let operator = KeyPair::from_seed([11; 32]);
     let keys = TenantKeys::new(&KeyPair::from_seed([12; 32]));
     // Two replicas of the service over one store, as in a cluster.
@@ -765,6 +767,67 @@ async fn only_a_replay_jobs_own_pods_read_the_tenants_records_with_its_grant() {
     let forged = reader("token-run-1", grant("shop", &transit()));
     assert!(forged.list_runs(&rig.tenant(), &filter).await.is_err());
     assert!(runner.put_blob(&rig.tenant(), b"x".to_vec()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_reads_and_verifies_only_the_namespaces_the_api_server_lets_them_and_writes_nothing() {
+    use contextos_runner::records::{
+        TenantId,
+        store::remote::{Credential, RemoteStore},
+        verify_run,
+    };
+    let rig = rig().await;
+    rig.run_until_approval().await;
+    let reader = |token: &str, namespace: &str| {
+        RemoteStore::new(
+            &rig.url,
+            TokenSource::Fixed(token.into()),
+            Credential::Reader {
+                namespace: namespace.into(),
+            },
+            namespace,
+        )
+        .expect("store")
+    };
+    let filter = contextos_runner::records::RunFilter::default();
+    // Allowed in shop: lists, reads and verifies the run with the published tenant key.
+    let auditor = reader("token-auditor", "shop");
+    let runs = auditor.list_runs(&rig.tenant(), &filter).await.expect("listed");
+    assert_eq!(runs.len(), 1);
+    let key = rig.keys.for_tenant("shop").public();
+    verify_run(&auditor, &rig.tenant(), RUN, &key)
+        .await
+        .expect("the chain verifies through the gateway");
+    // Reading writes nothing: a person's blob is refused, and so is an append.
+    let refused = auditor
+        .put_blob(&rig.tenant(), b"planted".to_vec())
+        .await
+        .expect_err("a reader stores nothing");
+    assert!(refused.to_string().contains("read grant"), "{refused}");
+    // Another namespace's reader asks for shop: forbidden, naming the permission.
+    let other = reader("token-bank-auditor", "shop");
+    let refused = other
+        .list_runs(&rig.tenant(), &filter)
+        .await
+        .expect_err("forbidden");
+    assert!(refused.to_string().contains("sessions/records"), "{refused}");
+    // A runner pod's gateway token is not a reader's identity, whatever namespace it names.
+    let runner = reader("token-run-1", "shop");
+    assert!(runner.list_runs(&rig.tenant(), &filter).await.is_err());
+    // No token; the system namespace is no tenant.
+    assert!(
+        reader("", "shop")
+            .list_runs(&rig.tenant(), &filter)
+            .await
+            .is_err()
+    );
+    let system = TenantId::new("contextos-system").expect("tenant");
+    assert!(
+        reader("token-auditor", "contextos-system")
+            .list_runs(&system, &filter)
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

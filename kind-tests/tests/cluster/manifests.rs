@@ -143,6 +143,7 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
     let gateway = format!("system:serviceaccount:{SYSTEM_NAMESPACE}:contextos-gateway");
     let gateway_expectations: &[(&[&str], bool)] = &[
         (&["create", "tokenreviews.authentication.k8s.io"], true),
+        (&["create", "subjectaccessreviews.authorization.k8s.io"], true),
         (&["get", "secrets", "-n", "default"], true),
         (&["list", "secrets", "-A"], false),
         (&["create", "secrets", "-n", "default"], false),

@@ -24,7 +24,8 @@ use contextos_kind_tests::{
 };
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{Namespace, PersistentVolume, Pod, Secret, Service},
+    authentication::v1::TokenRequest,
+    core::v1::{Namespace, PersistentVolume, Pod, Secret, Service, ServiceAccount},
     rbac::v1::RoleBinding,
 };
 use kube::{
@@ -32,6 +33,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use serde_json::json;
+use tokio::io::AsyncBufReadExt as _;
 
 /// The repositories the manifests name; the test gives the workspace's image these names too.
 const RUNNER_REPOSITORY: &str = "ghcr.io/contextos/runner";
@@ -238,8 +240,134 @@ patches:
             "{name}: the runner does not name the gateway Service: {rendered}"
         );
     }
+    let run_id = done_run_id(&sessions).await?;
+    verify_through_the_gateway(env, &tenant, &run_id).await?;
     tenant.pass();
     Ok(())
+}
+
+async fn done_run_id(sessions: &Api<Session>) -> Result<String> {
+    sessions
+        .get("checkout-5xx")
+        .await?
+        .status
+        .and_then(|s| s.run_id)
+        .context("the finished Session names its run")
+}
+
+/// An auditor verifies the run with their own identity (a service account's token, as
+/// `kubectl create token` gives it), through `kubectl port-forward` to the gateway Service and
+/// the key the gateway publishes for the namespace: refused until an admin binds
+/// `contextos-records-reader` in that namespace, then OK — and never for another namespace.
+async fn verify_through_the_gateway(
+    env: &'static TestEnv,
+    tenant: &TestNamespace,
+    run_id: &str,
+) -> Result<()> {
+    let accounts = tenant.api::<ServiceAccount>();
+    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "auditor"}}))?;
+    accounts.create(&PostParams::default(), &account).await?;
+    let token = accounts
+        .create_token_request("auditor", &PostParams::default(), &TokenRequest::default())
+        .await?
+        .status
+        .context("token request status")?
+        .token
+        .context("the token request returned no token")?;
+
+    let mut forward = env
+        .kubectl()
+        .args(["port-forward", "-n", SYSTEM, "service/contextos-gateway", ":8480"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = forward.stdout.take().context("port-forward stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("port-forward did not start within 30 s")??
+        .context("port-forward ended")?;
+    // "Forwarding from 127.0.0.1:PORT -> 8480"
+    let local = line
+        .split_whitespace()
+        .nth(2)
+        .filter(|a| a.starts_with("127.0.0.1:"))
+        .with_context(|| format!("port-forward said {line:?}"))?
+        .to_owned();
+    let published = http_get(&local, &format!("/v1/tenants/{}/record-key", tenant.name())).await?;
+    let published: serde_json::Value = serde_json::from_str(&published)?;
+    let key = published["publicKey"].as_str().context("publicKey")?.to_owned();
+    let store = format!("gateway+http://{local}");
+    let verify = |namespace: &str| {
+        let mut command = tokio::process::Command::new(
+            contextos_kind_tests::process_node::workspace_binary("contextos").expect("contextos binary"),
+        );
+        command
+            .args([
+                "records", "verify", run_id, "--store", &store, "--tenant", namespace,
+            ])
+            .args(["--public-key", &key])
+            .env("CONTEXTOS_TOKEN", &token)
+            .kill_on_drop(true);
+        command
+    };
+    let refused = verify(tenant.name()).output().await?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    ensure!(
+        !refused.status.success() && said.contains("sessions/records"),
+        "without a binding the auditor is refused, naming the permission: {said}"
+    );
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "auditor-records"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "contextos-records-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "auditor", "namespace": tenant.name()}],
+    }))?;
+    tenant
+        .api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await?;
+    // The gateway remembers an access review for 10 s.
+    let mut verified = None;
+    for _ in 0..30 {
+        let output = verify(tenant.name()).output().await?;
+        if output.status.success() {
+            verified = Some(String::from_utf8_lossy(&output.stdout).into_owned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let verified = verified.context("the bound auditor could not verify the run within 30 s")?;
+    ensure!(verified.contains(&format!("run {run_id}: OK")), "{verified}");
+    let elsewhere = verify(TOOLS_NAMESPACE).output().await?;
+    ensure!(
+        !elsewhere.status.success(),
+        "the auditor read another namespace's records: {}",
+        String::from_utf8_lossy(&elsewhere.stdout)
+    );
+    let _ = forward.kill().await;
+    Ok(())
+}
+
+/// The body of `GET path` from `address` (HTTP/1.0, read to the end; bounded at 64 KiB).
+async fn http_get(address: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await?;
+    let mut answer = Vec::new();
+    stream.take(64 << 10).read_to_end(&mut answer).await?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").context("no HTTP header")?;
+    ensure!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "GET {path}: {head}"
+    );
+    Ok(body.to_owned())
 }
 
 /// `sha256:…` of `REF@sha256:…`.

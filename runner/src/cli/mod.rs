@@ -104,6 +104,15 @@ impl GlobalArgs {
             .with_context(|| format!("opening the record store {location:?}"))
     }
 
+    /// The store for reading `tenant`'s records (through the gateway: with the reader's own
+    /// token, see [`AnyStore::open_for`]).
+    async fn open_records(&self, tenant: &TenantId) -> anyhow::Result<AnyStore> {
+        let location = self.store_location()?;
+        AnyStore::open_for(&location, tenant)
+            .await
+            .with_context(|| format!("opening the record store {location:?}"))
+    }
+
     fn key_path(&self) -> PathBuf {
         self.data_dir.join("keys").join("signing.key")
     }
@@ -116,7 +125,8 @@ impl GlobalArgs {
                 let path = self.key_path();
                 let text = std::fs::read_to_string(&path).with_context(|| {
                     format!(
-                        "no verifying key: {} does not exist; pass --public-key <hex> (the public key of the signer)",
+                        "no verifying key: {} does not exist; pass --public-key <hex> (the public key of the signer; \
+                         in a cluster the gateway publishes each namespace's at /v1/tenants/<namespace>/record-key)",
                         path.display()
                     )
                 })?;

@@ -75,7 +75,7 @@ pub enum RecordsCommand {
 
 pub async fn run(global: &GlobalArgs, command: RecordsCommand) -> anyhow::Result<ExitCode> {
     let tenant = global.tenant()?;
-    let store = global.open_store().await?;
+    let store = global.open_records(&tenant).await?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match command {

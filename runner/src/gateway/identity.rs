@@ -14,6 +14,8 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
 use sha2::{Digest as _, Sha256};
 
+use super::readers::{ApiServerReaders, Reader, ReaderAuthority, StaticReaders};
+
 /// The audience runner pods request their projected token for; a token for any other audience
 /// (e.g. the API server's own) is refused.
 pub const GATEWAY_AUDIENCE: &str = "contextos-gateway";
@@ -68,6 +70,8 @@ pub struct TokenReviewer {
     client: Client,
     audience: String,
     cache: std::sync::Arc<Mutex<ReviewCache>>,
+    /// The same API server, for people reading records with their own identity.
+    readers: std::sync::Arc<ApiServerReaders>,
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -81,6 +85,7 @@ impl std::fmt::Debug for TokenReviewer {
 impl TokenReviewer {
     pub fn new(client: Client) -> Self {
         Self {
+            readers: std::sync::Arc::new(ApiServerReaders::new(client.clone())),
             client,
             audience: GATEWAY_AUDIENCE.to_owned(),
             cache: Default::default(),
@@ -129,6 +134,16 @@ impl Authenticator for TokenReviewer {
         let identity = identity_of(&reviewed, &self.audience)?;
         self.remember(key, &identity);
         Ok(identity)
+    }
+}
+
+impl ReaderAuthority for TokenReviewer {
+    async fn authenticate_reader(&self, token: &str) -> Result<Reader, AuthError> {
+        self.readers.authenticate_reader(token).await
+    }
+
+    async fn may_read(&self, reader: &Reader, namespace: &str) -> Result<bool, AuthError> {
+        self.readers.may_read(reader, namespace).await
     }
 }
 
@@ -181,12 +196,29 @@ pub fn identity_of(review: &TokenReview, audience: &str) -> Result<PodIdentity, 
 #[derive(Clone, Debug, Default)]
 pub struct StaticTokens {
     tokens: HashMap<String, PodIdentity>,
+    readers: StaticReaders,
 }
 
 impl StaticTokens {
     pub fn with(mut self, token: &str, identity: PodIdentity) -> Self {
         self.tokens.insert(token.to_owned(), identity);
         self
+    }
+
+    /// A reader's token: `username` may read the records of `namespaces`.
+    pub fn with_reader(mut self, token: &str, username: &str, namespaces: &[&str]) -> Self {
+        self.readers = self.readers.with(token, username, namespaces);
+        self
+    }
+}
+
+impl ReaderAuthority for StaticTokens {
+    async fn authenticate_reader(&self, token: &str) -> Result<Reader, AuthError> {
+        self.readers.authenticate_reader(token).await
+    }
+
+    async fn may_read(&self, reader: &Reader, namespace: &str) -> Result<bool, AuthError> {
+        self.readers.may_read(reader, namespace).await
     }
 }
 

@@ -10,6 +10,7 @@ pub mod egress;
 pub mod envelope;
 pub mod identity;
 pub mod intents;
+pub mod readers;
 pub mod reliability;
 pub mod remote;
 pub mod run_log;

@@ -34,6 +34,7 @@ use super::{
     ToolGateway,
     egress::EgressGuard,
     identity::{AuthError, Authenticator, PodIdentity},
+    readers::ReaderAuthority,
     remote::{CallRequest, ModelCall},
     run_log::RunLog,
     tenancy::{TenantError, TenantView},
@@ -45,11 +46,22 @@ use crate::{
     records::{
         EntryBody, Hash, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId,
         recorder::now_ms,
-        store::remote::{AppendRequest, Problem, READ_GRANT_HEADER, RUN_CONTEXT_HEADER, WireEntry},
+        store::remote::{
+            AppendRequest, Problem, READ_GRANT_HEADER, READER_NAMESPACE_HEADER, RUN_CONTEXT_HEADER, WireEntry,
+        },
     },
     run::bundle::RunBundle,
     run_context::SignedRunContext,
 };
+
+/// The bearer token of a request (empty without one).
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+}
 
 /// Requests handled at once by one replica (more wait in line).
 const MAX_IN_FLIGHT: usize = 256;
@@ -171,7 +183,7 @@ const MAX_LISTED_RUNS: usize = 10_000;
 impl<S, A, T> GatewayService<S, A, T>
 where
     S: RecordStore + 'static,
-    A: Authenticator + 'static,
+    A: Authenticator + ReaderAuthority + 'static,
     T: TenantView + 'static,
 {
     pub fn new(store: S, auth: A, tenants: T, keys: TenantKeys, trust: PublicKey) -> Self {
@@ -247,30 +259,52 @@ where
             .with_state(self)
     }
 
-    /// Refuses a request whose token does not identify a pod before its body is read (the
-    /// handler then identifies the caller fully; reviews are cached, so this costs one lookup).
+    /// Refuses a request whose token identifies neither a pod nor (on the read API, naming a
+    /// namespace) a reader before its body is read (the handler then identifies the caller
+    /// fully; reviews are cached, so this costs one lookup).
     async fn identified_first(
         State(service): State<Arc<Self>>,
         request: axum::extract::Request,
         next: axum::middleware::Next,
     ) -> Response {
-        match service.identify(request.headers()).await {
-            Ok(_) => next.run(request).await,
+        let identified = if request.headers().contains_key(READER_NAMESPACE_HEADER) {
+            service.person(request.headers()).await.map(|_| ())
+        } else {
+            service.identify(request.headers()).await.map(|_| ())
+        };
+        match identified {
+            Ok(()) => next.run(request).await,
             Err(refusal) => refusal.into_response(),
         }
     }
 
+    /// A reader with their own Kubernetes identity (not a runner pod's token), as the API server
+    /// vouches for them.
+    async fn person(&self, headers: &HeaderMap) -> Result<crate::gateway::readers::Reader, Refusal> {
+        self.auth
+            .authenticate_reader(bearer(headers))
+            .await
+            .map_err(|e| match e {
+                AuthError::Unavailable(_) => unavailable(&e),
+                AuthError::Missing => Refusal(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "no bearer token: reading records needs your Kubernetes token (e.g. `kubectl create token`, or your OIDC id-token)".into(),
+                ),
+                _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
+            })
+    }
+
     /// The calling pod, as the API server vouches for it.
     async fn identify(&self, headers: &HeaderMap) -> Result<PodIdentity, Refusal> {
-        let token = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        let identity = self.auth.authenticate(token).await.map_err(|e| match e {
-            AuthError::Unavailable(_) => unavailable(&e),
-            _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
-        })?;
+        let identity = self
+            .auth
+            .authenticate(bearer(headers))
+            .await
+            .map_err(|e| match e {
+                AuthError::Unavailable(_) => unavailable(&e),
+                _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
+            })?;
         // Runs never live in ContextOS's own namespace, where its keys are: nothing there is
         // served as a tenant.
         if identity.namespace == self.system_namespace {

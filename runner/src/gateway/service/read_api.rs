@@ -1,5 +1,7 @@
 //! The read API (`/v1/records/…`): a replay Job's pods read their tenant's runs and store their
-//! report, with the operator's read grant for their own Job; nothing else.
+//! report, with the operator's read grant for their own Job; and people (or other workloads)
+//! read a namespace's runs with their own Kubernetes identity, if the API server says they may
+//! (`get` on `sessions/records` there) — they write nothing.
 
 use std::sync::Arc;
 
@@ -21,13 +23,46 @@ use crate::{
 impl<S, A, T> GatewayService<S, A, T>
 where
     S: RecordStore + 'static,
-    A: Authenticator + 'static,
+    A: Authenticator + ReaderAuthority + 'static,
     T: TenantView + 'static,
 {
-    /// A replay Job's pod: its token, and an operator-signed ReadGrant for its own Job and
-    /// namespace. Reads the tenant's records and stores reports; nothing else.
+    /// Who reads which tenant's records: a reader naming a namespace in
+    /// [`READER_NAMESPACE_HEADER`] with their own token, if the API server lets them `get`
+    /// `sessions/records` there; otherwise a replay Job's pod with its grant ([`Self::granted`]).
     pub(super) async fn reader(&self, headers: &HeaderMap) -> Result<TenantId, Refusal> {
-        Ok(self.granted(headers).await?.0)
+        let Some(namespace) = headers.get(READER_NAMESPACE_HEADER) else {
+            return Ok(self.granted(headers).await?.0);
+        };
+        let namespace = namespace
+            .to_str()
+            .ok()
+            .and_then(|n| TenantId::new(n).ok())
+            .ok_or_else(|| {
+                bad(format!(
+                    "header {READER_NAMESPACE_HEADER} does not name a namespace"
+                ))
+            })?;
+        if namespace.as_str() == self.system_namespace {
+            return Err(forbidden(format!(
+                "namespace {namespace} is ContextOS's own; it holds no records"
+            )));
+        }
+        let person = self.person(headers).await?;
+        let allowed = self
+            .auth
+            .may_read(&person, namespace.as_str())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if !allowed {
+            tracing::info!(user = %person.username, %namespace, "refused a records read without permission");
+            return Err(forbidden(format!(
+                "user {} may not read the records of namespace {namespace}: that needs `get` on \
+                 sessions/records (group contextos.dev) there, e.g. a RoleBinding to ClusterRole \
+                 contextos-records-reader",
+                person.username
+            )));
+        }
+        Ok(namespace)
     }
 
     /// [`Self::reader`], and the grant the reader presented.
@@ -166,7 +201,13 @@ where
         headers: HeaderMap,
         body: Bytes,
     ) -> Reply {
-        let tenant = service.reader(&headers).await?;
+        // Only a replay Job stores (its report); a person's read never writes.
+        if headers.contains_key(READER_NAMESPACE_HEADER) {
+            return Err(forbidden(
+                "readers store nothing: only a replay Job, with its read grant, stores its report",
+            ));
+        }
+        let (tenant, _) = service.granted(&headers).await?;
         let hash = service
             .store
             .put_blob(&tenant, body.to_vec())

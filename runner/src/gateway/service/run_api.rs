@@ -16,7 +16,7 @@ use super::*;
 impl<S, A, T> GatewayService<S, A, T>
 where
     S: RecordStore + 'static,
-    A: Authenticator + 'static,
+    A: Authenticator + ReaderAuthority + 'static,
     T: TenantView + 'static,
 {
     pub(super) async fn append(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {

@@ -1,6 +1,7 @@
 //! Chooses a backend at run time from a store URL: `embedded:<path>` (or a bare path),
 //! `tikv://<pd>[,<pd>…]`, or `gateway+http://<host>:<port>` (records read through the gateway
-//! service, with the pod's projected token and a ReadGrant from the environment: replay Jobs).
+//! service: a replay Job with its pod's projected token and the ReadGrant in its environment, or
+//! a person with their own Kubernetes token in `CONTEXTOS_TOKEN`).
 
 use std::path::{Path, PathBuf};
 
@@ -70,6 +71,40 @@ impl AnyStore {
             )),
             StoreLocation::Gateway(url) => Self::through_gateway(url).map(Self::Gateway),
         }
+    }
+
+    /// Opens the store at `location` for reading `tenant`'s records: through the gateway without
+    /// a read grant in the environment, as a person with the token in
+    /// [`READER_TOKEN_ENV`](super::remote::READER_TOKEN_ENV) (the gateway asks the API server
+    /// whether they may read that namespace).
+    pub async fn open_for(location: &StoreLocation, tenant: &TenantId) -> Result<Self> {
+        use super::remote::{Credential, READER_TOKEN_ENV, RemoteStore, TokenSource};
+        let StoreLocation::Gateway(url) = location else {
+            return Self::open(location).await;
+        };
+        if std::env::var_os(crate::read_grant::READ_GRANT_ENV).is_some() {
+            return Self::open(location).await;
+        }
+        let token = std::env::var(READER_TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+            .ok_or_else(|| {
+                StoreError::Backend(format!(
+                    "reading records through the gateway needs your Kubernetes bearer token in \
+                     {READER_TOKEN_ENV} (e.g. `export {READER_TOKEN_ENV}=$(kubectl create token <service-account>)`, \
+                     or your OIDC id-token); you need `get` on sessions/records in namespace {tenant}"
+                ))
+            })?;
+        RemoteStore::new(
+            url,
+            TokenSource::Fixed(token.trim().to_owned()),
+            Credential::Reader {
+                namespace: tenant.as_str().to_owned(),
+            },
+            tenant.as_str(),
+        )
+        .map(Self::Gateway)
+        .map_err(|e| StoreError::Backend(e.to_string()))
     }
 
     /// A replay Job's view of its tenant's records: the grant the operator put in its

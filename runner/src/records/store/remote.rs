@@ -1,8 +1,9 @@
 //! A record store reached through the gateway service, for processes that may not touch the
 //! store themselves: a runner pod (its own run only, with its RunContext) and a replay Job (its
-//! tenant's runs, read-only but for its report, with an operator-signed ReadGrant). Both prove
-//! their pod identity with a projected service-account token; the service decides what each may
-//! see. Store URL: `gateway+http://<host>:<port>`.
+//! tenant's runs, read-only but for its report, with an operator-signed ReadGrant), both proving
+//! their pod identity with a projected service-account token; and a person reading a
+//! namespace's runs with their own Kubernetes token (`contextos records`), if the API server
+//! lets them. The service decides what each may see. Store URL: `gateway+http://<host>:<port>`.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -16,6 +17,10 @@ use crate::records::{Hash, StoredEntry};
 pub const RUN_CONTEXT_HEADER: &str = "x-contextos-run-context";
 /// Header carrying a replay Job's signed ReadGrant (base64 of its JSON).
 pub const READ_GRANT_HEADER: &str = "x-contextos-read-grant";
+/// Header naming the namespace a person reads (with their own token instead of a grant).
+pub const READER_NAMESPACE_HEADER: &str = "x-contextos-namespace";
+/// Environment variable holding a person's Kubernetes bearer token for `contextos records`.
+pub const READER_TOKEN_ENV: &str = "CONTEXTOS_TOKEN";
 /// Environment variable naming the projected token file (default: the runner pod's path).
 pub const TOKEN_FILE_ENV: &str = "CONTEXTOS_GATEWAY_TOKEN_FILE";
 /// Where pods find their projected token for the gateway's audience.
@@ -92,6 +97,8 @@ pub enum Credential {
     Run(Vec<u8>),
     /// A replay Job: its signed ReadGrant (JSON); reads its tenant's runs.
     Read(Vec<u8>),
+    /// A person (or any workload with RBAC): reads this namespace's runs, if allowed.
+    Reader { namespace: String },
 }
 
 impl Credential {
@@ -100,13 +107,14 @@ impl Credential {
         match self {
             Self::Run(json) => (RUN_CONTEXT_HEADER, encode(json)),
             Self::Read(json) => (READ_GRANT_HEADER, encode(json)),
+            Self::Reader { namespace } => (READER_NAMESPACE_HEADER, namespace.clone()),
         }
     }
 
     fn prefix(&self) -> &'static str {
         match self {
             Self::Run(_) => "/v1/run",
-            Self::Read(_) => "/v1/records",
+            Self::Read(_) | Self::Reader { .. } => "/v1/records",
         }
     }
 }
@@ -302,9 +310,9 @@ fn q(value: &str) -> String {
 impl RecordStore for RemoteStore {
     async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<(), StoreError> {
         self.check_tenant(tenant)?;
-        if matches!(self.credential, Credential::Read(_)) {
+        if !matches!(self.credential, Credential::Run(_)) {
             return Err(StoreError::Backend(
-                "a read grant does not allow writing records".into(),
+                "only a runner writes records through the gateway; readers cannot".into(),
             ));
         }
         let request = AppendRequest {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use contextos_crds::{
     Agent, AgentSpec, ContextPack, Policy, SandboxProfile,
+    agent::AgentStatus,
     common::RevisionStatus,
     conditions::{self, reason},
 };
@@ -22,10 +23,9 @@ use contextos_runner::{
     },
 };
 use kube::{Api, ResourceExt as _, runtime::controller::Action};
-use serde_json::json;
 
 use super::{
-    Context, Invalid, Result, apply_status, is_ready, now, ready_message,
+    Context, Error, Invalid, Result, apply_status, is_ready, now, ready_message,
     revisions::{self, Gated},
 };
 use crate::{
@@ -119,16 +119,20 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
         },
     };
     wanted.insert(0, ready.clone());
-    let status = json!({
-        "conditions": merge(&previous, &wanted, agent.metadata.generation, now()),
-        "observedGeneration": agent.metadata.generation,
-        "toolCount": agent.spec.tools.len(),
-        "contextPackDigest": digests.0,
-        "policyDigests": digests.1,
-        "revisions": revisions,
-        "promotionGate": promotion_gate,
-        "promotedGates": promoted_gates,
-    });
+    let status = AgentStatus {
+        conditions: merge(&previous, &wanted, agent.metadata.generation, now()),
+        observed_generation: agent.metadata.generation,
+        tool_count: Some(u32::try_from(agent.spec.tools.len()).unwrap_or(u32::MAX)),
+        context_pack_digest: digests.0,
+        policy_digests: digests.1,
+        revisions,
+        promotion_gate,
+        promoted_gates,
+    };
+    let status = serde_json::to_value(&status).map_err(|source| Error::Build {
+        what: "Agent status",
+        source,
+    })?;
     apply_status(
         &Api::<Agent>::namespaced(ctx.client.clone(), &namespace),
         &agent.name_any(),

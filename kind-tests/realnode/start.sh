@@ -227,8 +227,11 @@ node_credentials() {
 	local pki
 	pki="$(dirname "$ADMIN_KUBECONFIG")"
 	if [[ -r "$pki/node.crt" && -r "$pki/node.key" ]]; then
-		openssl x509 -in "$pki/node.crt" -noout -subject 2>/dev/null | grep -q "CN *= *system:node:$NODE_NAME" ||
-			die "$pki/node.crt is not issued to system:node:$NODE_NAME (TESTENV_NODE_NAME and REALNODE_NODE_NAME must agree)"
+		local subject
+		subject="$(openssl x509 -in "$pki/node.crt" -noout -subject -nameopt RFC2253 2>/dev/null)" ||
+			die "cannot read $pki/node.crt (openssl)"
+		[[ "$subject" == "subject=CN=system:node:$NODE_NAME,O=system:nodes" ]] ||
+			die "$pki/node.crt is issued to '$subject', not system:node:$NODE_NAME (TESTENV_NODE_NAME and REALNODE_NODE_NAME must agree)"
 		echo "    client-certificate: $pki/node.crt"
 		echo "    client-key: $pki/node.key"
 	else
@@ -237,6 +240,8 @@ node_credentials() {
 		echo '    as-groups: ["system:nodes", "system:authenticated"]'
 	fi
 }
+# Outside the heredoc: a die in a command substitution inside it would not stop this script.
+NODE_CREDENTIALS="$(node_credentials)" || exit 1
 umask 077
 cat >"$W/kubelet.kubeconfig" <<EOF
 apiVersion: v1
@@ -249,7 +254,7 @@ clusters:
 users:
 - name: node
   user:
-$(node_credentials)
+$NODE_CREDENTIALS
 contexts:
 - name: node
   context: {cluster: testenv, user: node}

@@ -24,6 +24,8 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 255, 1);
 pub const CONTEXTOS_IMAGE: &str = "localhost/contextos/contextos:dev";
 /// The busybox image `build.sh` makes from Debian's busybox-static (probes run in it).
 pub const BUSYBOX_IMAGE: &str = "localhost/contextos/busybox:1.35.0";
+/// The CoreDNS image `build.sh` makes (the cluster DNS runs it).
+pub const COREDNS_IMAGE: &str = "localhost/contextos/coredns:1.15.0";
 /// Set to `1` to turn a missing real node (not root) from a skip into a failure (CI sets it).
 pub const REQUIRE_ENV: &str = "CONTEXTOS_REQUIRE_REALNODE";
 

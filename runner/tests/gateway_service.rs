@@ -803,7 +803,17 @@ async fn a_person_reads_and_verifies_only_the_namespaces_the_api_server_lets_the
         .put_blob(&rig.tenant(), b"planted".to_vec())
         .await
         .expect_err("a reader stores nothing");
-    assert!(refused.to_string().contains("read grant"), "{refused}");
+    assert!(refused.to_string().contains("readers only read"), "{refused}");
+    // Nor does a reader reach the run API: refused before the body is read.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/run/append", rig.url))
+        .bearer_auth("token-auditor")
+        .header("x-contextos-namespace", "shop")
+        .body(vec![b'x'; 1 << 20])
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), reqwest::StatusCode::FORBIDDEN);
     // Another namespace's reader asks for shop: forbidden, naming the permission.
     let other = reader("token-bank-auditor", "shop");
     let refused = other

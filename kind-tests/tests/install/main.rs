@@ -212,34 +212,47 @@ patches:
     let output = done.status.and_then(|s| s.output).unwrap_or_default();
     ensure!(output.contains("checkout-api"), "output {output:?}");
 
-    // The runner pods held nothing that acts outside their run: no Secret or host path volume,
-    // no environment variable from a Secret, no store address; they named the gateway Service.
+    // The runner pods held nothing that acts outside their run: no Secret (as a volume, in a
+    // projected volume, or as environment), no host path or CSI volume, no store address; they
+    // named the gateway Service.
+    let mut inspected = 0;
     for pod in tenant.api::<Pod>().list(&Default::default()).await?.items {
         let name = pod.metadata.name.clone().unwrap_or_default();
         if !name.starts_with("checkout-5xx-run-") {
             continue;
         }
+        inspected += 1;
         let spec = pod.spec.clone().unwrap_or_default();
-        ensure!(
-            spec.volumes
-                .iter()
-                .flatten()
-                .all(|v| v.secret.is_none() && v.host_path.is_none()),
-            "{name}: volumes {:?}",
-            spec.volumes
-        );
+        for volume in spec.volumes.iter().flatten() {
+            let projected_secret = volume
+                .projected
+                .as_ref()
+                .is_some_and(|p| p.sources.iter().flatten().any(|s| s.secret.is_some()));
+            ensure!(
+                volume.secret.is_none()
+                    && volume.host_path.is_none()
+                    && volume.csi.is_none()
+                    && !projected_secret,
+                "{name}: volume {volume:?}"
+            );
+        }
         let rendered = serde_json::to_string(&spec)?;
-        ensure!(
-            !rendered.contains("secretKeyRef")
-                && !rendered.contains("tikv://")
-                && !rendered.contains(":2379"),
-            "{name}: the spec names a Secret or the store: {rendered}"
-        );
+        for needle in ["secretKeyRef", "secretRef", "tikv://", ":2379"] {
+            ensure!(
+                !rendered.contains(needle),
+                "{name}: the spec holds {needle}: {rendered}"
+            );
+        }
         ensure!(
             rendered.contains("contextos-gateway.contextos-system.svc"),
             "{name}: the runner does not name the gateway Service: {rendered}"
         );
     }
+    ensure!(
+        inspected >= 2,
+        "expected the two attempts' runner pods, found {inspected}"
+    );
+
     let run_id = done_run_id(&sessions).await?;
     verify_through_the_gateway(env, &tenant, &run_id).await?;
     tenant.pass();
@@ -255,25 +268,36 @@ async fn done_run_id(sessions: &Api<Session>) -> Result<String> {
         .context("the finished Session names its run")
 }
 
-/// An auditor verifies the run with their own identity (a service account's token, as
-/// `kubectl create token` gives it), through `kubectl port-forward` to the gateway Service and
-/// the key the gateway publishes for the namespace: refused until an admin binds
-/// `contextos-records-reader` in that namespace, then OK — and never for another namespace.
+/// An auditor verifies the run with their own identity — a service account of their own
+/// namespace, with a token minted for the readers' audience (`kubectl create token auditor
+/// --audience contextos-records`) — through `kubectl port-forward` to the gateway Service and the
+/// key the gateway publishes: refused until an admin binds `contextos-records-reader` in the
+/// tenant's namespace, then OK; never for another namespace; and a token for the runners'
+/// audience is no reader's, even bound.
 async fn verify_through_the_gateway(
     env: &'static TestEnv,
     tenant: &TestNamespace,
     run_id: &str,
 ) -> Result<()> {
-    let accounts = tenant.api::<ServiceAccount>();
+    let audit = TestNamespace::new(env, "audit").await?;
+    let accounts = audit.api::<ServiceAccount>();
     let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "auditor"}}))?;
     accounts.create(&PostParams::default(), &account).await?;
-    let token = accounts
-        .create_token_request("auditor", &PostParams::default(), &TokenRequest::default())
-        .await?
-        .status
-        .context("token request status")?
-        .token
-        .context("the token request returned no token")?;
+    let token_for = |audience: &'static str| {
+        let accounts = accounts.clone();
+        async move {
+            let request: TokenRequest =
+                serde_json::from_value(json!({"spec": {"audiences": [audience], "expirationSeconds": 600}}))?;
+            accounts
+                .create_token_request("auditor", &PostParams::default(), &request)
+                .await?
+                .status
+                .and_then(|s| s.token)
+                .context("the token request returned no token")
+        }
+    };
+    let token = token_for(contextos_runner::gateway::readers::READER_AUDIENCE).await?;
+    let runner_audience = token_for(contextos_runner::gateway::identity::GATEWAY_AUDIENCE).await?;
 
     let mut forward = env
         .kubectl()
@@ -298,33 +322,37 @@ async fn verify_through_the_gateway(
     let published: serde_json::Value = serde_json::from_str(&published)?;
     let key = published["publicKey"].as_str().context("publicKey")?.to_owned();
     let store = format!("gateway+http://{local}");
-    let verify = |namespace: &str| {
+    let records = |token: &str, args: &[&str], namespace: &str| {
         let mut command = tokio::process::Command::new(
             contextos_kind_tests::process_node::workspace_binary("contextos").expect("contextos binary"),
         );
         command
-            .args([
-                "records", "verify", run_id, "--store", &store, "--tenant", namespace,
-            ])
-            .args(["--public-key", &key])
-            .env("CONTEXTOS_TOKEN", &token)
+            .arg("records")
+            .args(args)
+            .args(["--store", &store, "--tenant", namespace])
+            .env("CONTEXTOS_TOKEN", token)
             .kill_on_drop(true);
         command
     };
-    let refused = verify(tenant.name()).output().await?;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&refused.stdout),
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    let said = |output: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    let refused = records(&token, &["verify", run_id, "--public-key", &key], tenant.name())
+        .output()
+        .await?;
     ensure!(
-        !refused.status.success() && said.contains("sessions/records"),
-        "without a binding the auditor is refused, naming the permission: {said}"
+        !refused.status.success() && said(&refused).contains("sessions/records"),
+        "without a binding the auditor is refused, naming the permission: {}",
+        said(&refused)
     );
     let binding: RoleBinding = serde_json::from_value(json!({
         "metadata": {"name": "auditor-records"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "contextos-records-reader"},
-        "subjects": [{"kind": "ServiceAccount", "name": "auditor", "namespace": tenant.name()}],
+        "subjects": [{"kind": "ServiceAccount", "name": "auditor", "namespace": audit.name()}],
     }))?;
     tenant
         .api::<RoleBinding>()
@@ -333,7 +361,9 @@ async fn verify_through_the_gateway(
     // The gateway remembers an access review for 10 s.
     let mut verified = None;
     for _ in 0..30 {
-        let output = verify(tenant.name()).output().await?;
+        let output = records(&token, &["verify", run_id, "--public-key", &key], tenant.name())
+            .output()
+            .await?;
         if output.status.success() {
             verified = Some(String::from_utf8_lossy(&output.stdout).into_owned());
             break;
@@ -342,13 +372,23 @@ async fn verify_through_the_gateway(
     }
     let verified = verified.context("the bound auditor could not verify the run within 30 s")?;
     ensure!(verified.contains(&format!("run {run_id}: OK")), "{verified}");
-    let elsewhere = verify(TOOLS_NAMESPACE).output().await?;
+    // Another namespace: the listing itself is refused.
+    let elsewhere = records(&token, &["list"], TOOLS_NAMESPACE).output().await?;
     ensure!(
-        !elsewhere.status.success(),
-        "the auditor read another namespace's records: {}",
-        String::from_utf8_lossy(&elsewhere.stdout)
+        !elsewhere.status.success() && said(&elsewhere).contains("sessions/records"),
+        "the auditor listed another namespace's records: {}",
+        said(&elsewhere)
+    );
+    let as_runner = records(&runner_audience, &["list"], tenant.name())
+        .output()
+        .await?;
+    ensure!(
+        !as_runner.status.success() && said(&as_runner).contains("unauthenticated"),
+        "a token for the runners' audience read records: {}",
+        said(&as_runner)
     );
     let _ = forward.kill().await;
+    audit.pass();
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, Result, ensure};
 use contextos_kind_tests::{
     Check, TestEnv, operator_env,
-    real_node::{BUSYBOX_IMAGE, NODE_IP},
+    real_node::{BUSYBOX_IMAGE, COREDNS_IMAGE, NODE_IP},
     wait_for, wait_for_object,
 };
 use contextos_operator::session_children::{self, RunnerSettings};
@@ -50,6 +50,48 @@ fn plain_pod(name: &str, labels: serde_json::Value, user: i64, script: &str) -> 
             }],
         },
     }))?)
+}
+
+/// A DNS server that is not the cluster DNS: CoreDNS (the node's image) answering for
+/// cluster.local from its own pod in `namespace` — the UDP/53 exfiltration target. Its service
+/// account may read what CoreDNS reads.
+async fn rogue_dns(env: &'static TestEnv, namespace: &str) -> Result<Ipv4Addr> {
+    let client = env.client();
+    let config: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "rogue-dns"},
+        "data": {"Corefile": ".:53 {\n    kubernetes cluster.local\n}\n"},
+    }))?;
+    Api::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &config)
+        .await?;
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("rogue-dns-{namespace}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:coredns"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}],
+    }))?;
+    Api::all(client).create(&PostParams::default(), &binding).await?;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "rogue-dns", "labels": {"app": "rogue-dns"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {
+                "runAsNonRoot": true,
+                "runAsUser": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+                "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "53"}],
+            },
+            "containers": [{
+                "name": "dns",
+                "image": COREDNS_IMAGE,
+                "imagePullPolicy": "Never",
+                "args": ["-conf", "/etc/coredns/Corefile"],
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns"}],
+            }],
+            "volumes": [{"name": "config", "configMap": {"name": "rogue-dns"}}],
+        },
+    }))?;
+    running(env, namespace, pod).await
 }
 
 /// Creates `pod` in `namespace` and waits until it runs; its IP.
@@ -112,6 +154,8 @@ struct Targets {
     victim: Ipv4Addr,
     dns: Ipv4Addr,
     exfil: Ipv4Addr,
+    /// A DNS server that is not the cluster's (UDP/53 elsewhere).
+    rogue_dns: Ipv4Addr,
     gateway_port: u16,
 }
 
@@ -123,6 +167,7 @@ fn runner_probe(targets: &Targets, await_policy: bool) -> String {
         victim,
         dns,
         exfil,
+        rogue_dns,
         gateway_port,
     } = targets;
     let wait = if await_policy { 30 } else { 0 };
@@ -135,6 +180,7 @@ echo victim=$(reach {victim} 8080)
 echo dns=$(resolve {dns})
 echo dns_service=$(resolve {DNS_SERVICE})
 echo exfil=$(reach {exfil} 53)
+echo exfil_udp=$(resolve {rogue_dns})
 echo gateway=$(reach {NODE_IP} {gateway_port})
 echo kubelet=$(reach {NODE_IP} 10250)
 echo outbound=done
@@ -213,10 +259,12 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
         plain_pod("exfil", json!({"app": "exfil"}), 0, "exec httpd -f -p 53 -h /etc")?,
     )
     .await?;
+    let rogue_dns = rogue_dns(env, outside.name()).await?;
     let targets = Targets {
         victim,
         dns,
         exfil,
+        rogue_dns,
         gateway_port,
     };
 
@@ -260,6 +308,7 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
         ("dns", "yes"),
         ("dns_service", "yes"),
         ("exfil", "no"),
+        ("exfil_udp", "no"),
         ("gateway", "yes"),
         ("kubelet", "no"),
     ] {
@@ -299,6 +348,9 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
         );
     }
 
+    let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(env.client())
+        .delete(&format!("rogue-dns-{}", outside.name()), &Default::default())
+        .await;
     tenant.pass();
     other_tenant.pass();
     outside.pass();

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus, UserInfo};
 use kube::{Api, Client, api::PostParams};
 use sha2::{Digest as _, Sha256};
 
@@ -147,8 +147,8 @@ impl ReaderAuthority for TokenReviewer {
     }
 }
 
-/// Reads a completed TokenReview (pure, so its checks are unit-tested).
-pub fn identity_of(review: &TokenReview, audience: &str) -> Result<PodIdentity, AuthError> {
+/// The status and user of a review that authenticated its token (pure).
+pub(super) fn authenticated(review: &TokenReview) -> Result<(&TokenReviewStatus, &UserInfo), AuthError> {
     let status = review
         .status
         .as_ref()
@@ -158,15 +158,21 @@ pub fn identity_of(review: &TokenReview, audience: &str) -> Result<PodIdentity, 
             status.error.clone().unwrap_or_else(|| "not authenticated".into()),
         ));
     }
+    let user = status
+        .user
+        .as_ref()
+        .ok_or_else(|| AuthError::Refused("the review names no user".into()))?;
+    Ok((status, user))
+}
+
+/// Reads a completed TokenReview (pure, so its checks are unit-tested).
+pub fn identity_of(review: &TokenReview, audience: &str) -> Result<PodIdentity, AuthError> {
+    let (status, user) = authenticated(review)?;
     if !status.audiences.iter().flatten().any(|a| a == audience) {
         return Err(AuthError::Refused(format!(
             "the token is not for audience {audience}"
         )));
     }
-    let user = status
-        .user
-        .as_ref()
-        .ok_or_else(|| AuthError::Refused("the review names no user".into()))?;
     let username = user.username.clone().unwrap_or_default();
     let namespace = username
         .strip_prefix("system:serviceaccount:")

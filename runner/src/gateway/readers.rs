@@ -19,13 +19,19 @@ use k8s_openapi::api::{
 use kube::{Api, Client, api::PostParams};
 use sha2::{Digest as _, Sha256};
 
-use super::identity::AuthError;
+use super::identity::{AuthError, authenticated};
 
 /// The permission a reader needs in a namespace: `get` on this subresource of Sessions.
 pub const RECORDS_GROUP: &str = "contextos.dev";
 pub const RECORDS_RESOURCE: &str = "sessions";
 pub const RECORDS_SUBRESOURCE: &str = "records";
 pub const RECORDS_VERB: &str = "get";
+
+/// The audience a reader may mint a token for (`kubectl create token … --audience
+/// contextos-records`): such a token is accepted here and nowhere else, so the gateway could not
+/// replay it against the API server. Tokens for the API server's own audience (a person's
+/// OIDC id-token, `kubectl create token` without `--audience`) are accepted too.
+pub const READER_AUDIENCE: &str = "contextos-records";
 
 /// How long a review (of a token, or of a reader's permission) is reused: a revoked binding or
 /// token stops working at most this long after the revocation.
@@ -57,19 +63,7 @@ pub trait ReaderAuthority: Send + Sync {
 
 /// A completed TokenReview of a reader's token (pure, so its checks are unit-tested).
 pub fn reader_of(review: &TokenReview) -> Result<Reader, AuthError> {
-    let status = review
-        .status
-        .as_ref()
-        .ok_or_else(|| AuthError::Refused("the review has no status".into()))?;
-    if status.authenticated != Some(true) {
-        return Err(AuthError::Refused(
-            status.error.clone().unwrap_or_else(|| "not authenticated".into()),
-        ));
-    }
-    let user = status
-        .user
-        .as_ref()
-        .ok_or_else(|| AuthError::Refused("the review names no user".into()))?;
+    let (_, user) = authenticated(review)?;
     let username = user.username.clone().unwrap_or_default();
     if username.is_empty() {
         return Err(AuthError::Refused("the review names no user".into()));
@@ -158,6 +152,22 @@ impl ApiServerReaders {
     }
 }
 
+impl ApiServerReaders {
+    async fn review(&self, token: &str, audience: Option<&str>) -> Result<TokenReview, AuthError> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_owned(),
+                audiences: audience.map(|a| vec![a.to_owned()]),
+            },
+            ..Default::default()
+        };
+        Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))
+    }
+}
+
 impl ReaderAuthority for ApiServerReaders {
     async fn authenticate_reader(&self, token: &str) -> Result<Reader, AuthError> {
         if token.is_empty() {
@@ -167,20 +177,12 @@ impl ReaderAuthority for ApiServerReaders {
         if let Some(reader) = self.tokens.get(&key) {
             return Ok(reader);
         }
-        // No audiences: the API server's own. A runner pod's token (audience contextos-gateway)
-        // is not a reader's.
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: token.to_owned(),
-                audiences: None,
-            },
-            ..Default::default()
+        // First for the readers' own audience, then for the API server's (no audiences). A runner
+        // pod's token (audience contextos-gateway) is neither.
+        let reader = match reader_of(&self.review(token, Some(READER_AUDIENCE)).await?) {
+            Ok(reader) => reader,
+            Err(_) => reader_of(&self.review(token, None).await?)?,
         };
-        let reviewed = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        let reader = reader_of(&reviewed)?;
         self.tokens.put(key, reader.clone());
         Ok(reader)
     }

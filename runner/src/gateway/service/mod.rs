@@ -259,16 +259,25 @@ where
             .with_state(self)
     }
 
-    /// Refuses a request whose token identifies neither a pod nor (on the read API, naming a
-    /// namespace) a reader before its body is read (the handler then identifies the caller
-    /// fully; reviews are cached, so this costs one lookup).
+    /// Refuses a request before its body is read unless its token identifies a pod, or — a
+    /// reader naming a namespace — the request is a read of the records API that the API server
+    /// lets that reader make (the handler identifies the caller again; reviews are cached, so
+    /// this costs one lookup). Readers' requests carry no body worth reading.
     async fn identified_first(
         State(service): State<Arc<Self>>,
         request: axum::extract::Request,
         next: axum::middleware::Next,
     ) -> Response {
         let identified = if request.headers().contains_key(READER_NAMESPACE_HEADER) {
-            service.person(request.headers()).await.map(|_| ())
+            let read = request.method() == axum::http::Method::GET
+                && request.uri().path().starts_with("/v1/records/");
+            if read {
+                service.permitted_reader(request.headers()).await.map(|_| ())
+            } else {
+                Err(forbidden(
+                    "readers only read: GET /v1/records/… (runs, head, chain, checkpoint, blobs)",
+                ))
+            }
         } else {
             service.identify(request.headers()).await.map(|_| ())
         };

@@ -30,10 +30,24 @@ where
     /// [`READER_NAMESPACE_HEADER`] with their own token, if the API server lets them `get`
     /// `sessions/records` there; otherwise a replay Job's pod with its grant ([`Self::granted`]).
     pub(super) async fn reader(&self, headers: &HeaderMap) -> Result<TenantId, Refusal> {
-        let Some(namespace) = headers.get(READER_NAMESPACE_HEADER) else {
+        if !headers.contains_key(READER_NAMESPACE_HEADER) {
             return Ok(self.granted(headers).await?.0);
-        };
-        let namespace = namespace
+        }
+        let (namespace, person) = self.permitted_reader(headers).await?;
+        // The audit trail of people's reads.
+        tracing::info!(user = %person.username, %namespace, "records read");
+        Ok(namespace)
+    }
+
+    /// The namespace a reader names in [`READER_NAMESPACE_HEADER`] and the reader, if the API
+    /// server lets them `get` `sessions/records` there.
+    pub(super) async fn permitted_reader(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<(TenantId, crate::gateway::readers::Reader), Refusal> {
+        let namespace = headers
+            .get(READER_NAMESPACE_HEADER)
+            .ok_or_else(|| bad(format!("header {READER_NAMESPACE_HEADER} is missing")))?
             .to_str()
             .ok()
             .and_then(|n| TenantId::new(n).ok())
@@ -48,11 +62,15 @@ where
             )));
         }
         let person = self.person(headers).await?;
-        let allowed = self
-            .auth
-            .may_read(&person, namespace.as_str())
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let allowed = self.auth.may_read(&person, namespace.as_str()).await.map_err(|e| {
+            // The API server's own answer stays in the gateway's log.
+            tracing::warn!(error = %e, user = %person.username, %namespace, "cannot review a records read");
+            Refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the gateway cannot ask the API server whether you may read these records now; try again".into(),
+            )
+        })?;
         if !allowed {
             tracing::info!(user = %person.username, %namespace, "refused a records read without permission");
             return Err(forbidden(format!(
@@ -62,7 +80,7 @@ where
                 person.username
             )));
         }
-        Ok(namespace)
+        Ok((namespace, person))
     }
 
     /// [`Self::reader`], and the grant the reader presented.

@@ -85,6 +85,7 @@ impl AnyStore {
         if std::env::var_os(crate::read_grant::READ_GRANT_ENV).is_some() {
             return Self::open(location).await;
         }
+        refuse_plain_http_elsewhere(url)?;
         let token = std::env::var(READER_TOKEN_ENV)
             .ok()
             .filter(|t| !t.trim().is_empty())
@@ -132,6 +133,29 @@ impl AnyStore {
     }
 }
 
+/// A person's token goes over plain HTTP only to this machine (`kubectl port-forward`); to
+/// anywhere else it needs TLS.
+fn refuse_plain_http_elsewhere(url: &str) -> Result<()> {
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| StoreError::Backend(format!("store URL {url}: {e}")))?;
+    if parsed.scheme() == "https" {
+        return Ok(());
+    }
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(name)) => name == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    if loopback {
+        return Ok(());
+    }
+    Err(StoreError::Backend(format!(
+        "refusing to send your token over plain HTTP to {url}: use https://, or `kubectl -n contextos-system \
+         port-forward service/contextos-gateway 8480` and gateway+http://127.0.0.1:8480"
+    )))
+}
+
 /// Forwards a call to whichever backend is open.
 macro_rules! forward {
     ($self:ident, $store:ident => $call:expr) => {
@@ -171,6 +195,25 @@ impl RecordStore for AnyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_readers_token_travels_in_clear_only_to_this_machine() {
+        for ok in [
+            "http://127.0.0.1:8480",
+            "http://localhost:8480",
+            "http://[::1]:8480",
+            "https://gw.example.com",
+        ] {
+            assert!(refuse_plain_http_elsewhere(ok).is_ok(), "{ok}");
+        }
+        for refused in [
+            "http://gw.example.com:8480",
+            "http://10.0.0.7:8480",
+            "http://127.0.0.1.nip.io:8480",
+        ] {
+            assert!(refuse_plain_http_elsewhere(refused).is_err(), "{refused}");
+        }
+    }
 
     #[test]
     fn store_urls_parse() {

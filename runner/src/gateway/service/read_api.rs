@@ -219,12 +219,8 @@ where
         headers: HeaderMap,
         body: Bytes,
     ) -> Reply {
-        // Only a replay Job stores (its report); a person's read never writes.
-        if headers.contains_key(READER_NAMESPACE_HEADER) {
-            return Err(forbidden(
-                "readers store nothing: only a replay Job, with its read grant, stores its report",
-            ));
-        }
+        // Only a replay Job stores (its report); a reader's POST never gets here (refused in
+        // `identified_first`).
         let (tenant, _) = service.granted(&headers).await?;
         let hash = service
             .store

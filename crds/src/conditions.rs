@@ -27,7 +27,6 @@ pub fn is_stalled(reason: &str) -> bool {
         INVALID_SPEC,
         INVALID_EXPRESSION,
         EXECUTION_NOT_ALLOWED,
-        CAPABILITY_SANDBOX_UNAVAILABLE,
         ADAPTER_UNAVAILABLE,
         OVERRIDE_LOOSENS,
         RUN_FAILED,
@@ -53,8 +52,6 @@ pub mod reason {
     pub const EXECUTION_NOT_ALLOWED: &str = "ExecutionNotAllowed";
     /// A tool uses an adapter this release cannot run (A2A).
     pub const ADAPTER_UNAVAILABLE: &str = "AdapterUnavailable";
-    /// A tool needs a capability sandbox (a stdio MCP server) and the cluster runs none yet.
-    pub const CAPABILITY_SANDBOX_UNAVAILABLE: &str = "CapabilitySandboxUnavailable";
     /// A Session override would loosen the Agent's budget or safety mode.
     pub const OVERRIDE_LOOSENS: &str = "OverrideLoosens";
     /// A revision was promoted.

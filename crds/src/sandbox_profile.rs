@@ -55,8 +55,9 @@ pub struct SandboxProfileSpec {
     #[serde(default = "default_deadline")]
     #[schemars(range(min = 30, max = 604_800))]
     pub active_deadline_seconds: u32,
-    /// Destinations the runner may reach besides the Tool Gateway and the model endpoint.
-    /// Inbound traffic is always denied.
+    /// Destinations the Agent's capability pods (its command-started MCP servers) may reach,
+    /// besides cluster DNS. Runner pods reach only the Tool Gateway, which calls tools and
+    /// models for them; capability pods accept traffic from the gateway only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub egress: Vec<EgressRule>,

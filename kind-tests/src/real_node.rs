@@ -162,13 +162,13 @@ fn add_node_address(dir: &Path) -> Result<(), EnvError> {
 
 impl RealNode {
     /// Packs the workspace's binaries (next to the test binary: `contextos`, and
-    /// `contextos-operator` and the `ops_tools` example when built) into the ContextOS image,
+    /// `contextos-operator` and the `ops_tools` and `hostile_mcp` examples when built) into the ContextOS image,
     /// imports it into the node's containerd and returns `REF@digest`.
     fn import_contextos_image(&self) -> Result<String, EnvError> {
         let contextos = crate::process_node::workspace_binary("contextos").ok_or_else(|| {
             EnvError::Build("target/<profile>/contextos is missing: `make kind-tests` builds it".into())
         })?;
-        let others = ["contextos-operator", "examples/ops_tools"]
+        let others = ["contextos-operator", "examples/ops_tools", "examples/hostile_mcp"]
             .into_iter()
             .filter_map(crate::process_node::workspace_binary);
         let output = Command::new("bash")

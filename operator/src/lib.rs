@@ -3,6 +3,7 @@
 //! field and the fix), snapshots revisions, and runs each Session in sandboxed runner pods.
 
 pub mod agent_gate;
+pub mod capability_pods;
 pub mod conditions;
 pub mod controllers;
 pub mod crash;

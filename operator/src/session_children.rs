@@ -5,7 +5,7 @@
 
 use contextos_crds::{
     FIELD_MANAGER, Session, SessionSpec, annotations, labels,
-    sandbox_profile::{EgressProtocol, SandboxProfileSpec, SeccompType},
+    sandbox_profile::{SandboxProfileSpec, SeccompType},
 };
 use contextos_runner::{
     gateway::identity::GATEWAY_AUDIENCE,
@@ -270,29 +270,14 @@ pub fn gateway_token_volume() -> Value {
     }}]}})
 }
 
-/// No ingress at all; egress only to the cluster DNS pods, the gateway service's pods and the
-/// profile's allowlist (which capability pods will take over; until then it applies here).
+/// No ingress at all; egress only to the cluster DNS pods and the gateway service's pods. The
+/// profile's allowlist is for the Session's capability pods: a runner reaches tools and models
+/// only through the gateway.
 pub fn network_policy(
     session: &Session,
-    sandbox: &SandboxProfileSpec,
     settings: &RunnerSettings,
 ) -> Result<NetworkPolicy, serde_json::Error> {
     let name = session.metadata.name.as_deref().unwrap_or_default();
-    let mut egress = gateway_egress(settings);
-    for rule in &sandbox.egress {
-        let ports: Vec<Value> = rule
-            .ports
-            .iter()
-            .map(|p| {
-                let protocol = match p.protocol {
-                    EgressProtocol::Tcp => "TCP",
-                    EgressProtocol::Udp => "UDP",
-                };
-                json!({"protocol": protocol, "port": p.port})
-            })
-            .collect();
-        egress.push(json!({"to": [{"ipBlock": {"cidr": rule.cidr}}], "ports": ports}));
-    }
     serde_json::from_value(json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -301,7 +286,7 @@ pub fn network_policy(
             "podSelector": {"matchLabels": {labels::SESSION: name, labels::ROLE: "runner"}},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [],
-            "egress": egress,
+            "egress": gateway_egress(settings),
         },
     }))
 }
@@ -451,15 +436,19 @@ mod tests {
     }
 
     #[test]
-    fn the_network_policy_denies_ingress_and_allows_only_dns_pods_the_gateway_and_listed_egress() {
-        let policy = network_policy(&session(), &sandbox(), &settings()).expect("policy");
+    fn the_network_policy_denies_ingress_and_allows_only_dns_pods_and_the_gateway() {
+        let policy = network_policy(&session(), &settings()).expect("policy");
         let spec = policy.spec.expect("spec");
         assert_eq!(spec.ingress, Some(vec![]));
         let egress = spec.egress.expect("egress");
         assert_eq!(
             egress.len(),
-            4,
-            "DNS pods, gateway pods, the profile's rule, the extra"
+            3,
+            "DNS pods, gateway pods, the operator's extra rule; never the profile's allowlist"
+        );
+        assert!(
+            !sandbox().egress.is_empty(),
+            "the profile's allowlist exists and is left to capability pods"
         );
         for rule in &egress[..2] {
             let peers = rule.to.as_ref().expect("a destination");

@@ -4,6 +4,7 @@
 
 pub use contextos_crds as crds;
 
+pub mod capability;
 pub mod context;
 pub mod gateway;
 pub mod http;

@@ -18,6 +18,7 @@ use contextos_runner::{
     gateway::{
         CallOutcome,
         approvals::Attested as _,
+        capabilities::{CapabilityResolver, Lookup, Resolving},
         egress::EgressGuard,
         envelope::ApprovalGrant,
         identity::{PodIdentity, StaticTokens},
@@ -73,6 +74,15 @@ async fn rig_with(egress: EgressGuard) -> Rig {
 
 /// A rig whose ops-tools server runs with `tool_args` (e.g. `--slow PATH=MILLIS`).
 async fn rig_with_tools(egress: EgressGuard, tool_args: &[&str]) -> Rig {
+    rig_with_capabilities(egress, tool_args, None).await
+}
+
+/// A rig whose services reach capability pods through `capabilities`, if any.
+async fn rig_with_capabilities(
+    egress: EgressGuard,
+    tool_args: &[&str],
+    capabilities: Option<Arc<dyn CapabilityResolver>>,
+) -> Rig {
     let tools = OpsTools::start(tool_args);
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
     let bundle = ManifestSet::load(&[examples])
@@ -106,15 +116,17 @@ async fn rig_with_tools(egress: EgressGuard, tool_args: &[&str]) -> Rig {
     // Two replicas of the service over one store, as in a cluster.
     let (mut urls, mut services) = (Vec::new(), Vec::new());
     for _ in 0..2 {
-        let service = GatewayService::new(
+        let mut service = GatewayService::new(
             store.clone(),
             tokens.clone(),
             tenants.clone(),
             keys.clone(),
             operator.public(),
-        )
-        .with_egress(egress.clone())
-        .with_endpoint_overrides(vec![
+        );
+        if let Some(resolver) = &capabilities {
+            service = service.with_capabilities(resolver.clone());
+        }
+        let service = service.with_egress(egress.clone()).with_endpoint_overrides(vec![
             (
                 "http://ops-tools.shop-platform.svc:8080".into(),
                 tools.url.clone(),
@@ -1184,4 +1196,128 @@ async fn a_call_resent_to_another_replica_while_it_acts_is_not_executed_twice() 
     }
     let requests = rig.tools.effects()["requests"].as_u64().expect("requests");
     assert_eq!(requests, 1, "one request reached the tool");
+}
+
+/// Finds every capability pod at one address (a bridge on loopback), and remembers who asked.
+struct AtLoopback {
+    address: std::net::SocketAddr,
+    asked: std::sync::Mutex<Vec<(String, String, String)>>,
+}
+
+impl CapabilityResolver for AtLoopback {
+    fn find<'a>(
+        &'a self,
+        namespace: &'a str,
+        session: &'a str,
+        server: &'a contextos_runner::capability::ServerDigest,
+    ) -> Resolving<'a> {
+        Box::pin(async move {
+            if let Ok(mut asked) = self.asked.lock() {
+                asked.push((namespace.into(), session.into(), server.to_string()));
+            }
+            Ok(Lookup::At(self.address))
+        })
+    }
+}
+
+/// The quickstart's bundle with `search_runbooks` served by the stdio example server.
+fn with_stdio_tool(bundle: &RunBundle) -> (RunBundle, Vec<String>) {
+    let server = std::env::current_exe()
+        .expect("test binary")
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("examples/mcp_stdio_server");
+    assert!(
+        server.exists(),
+        "{} is missing: `cargo build -p contextos-runner --examples` builds it",
+        server.display()
+    );
+    let command = vec![server.display().to_string()];
+    let mut bundle = bundle.clone();
+    for tool in &mut bundle.agent_spec.tools {
+        if tool.name == "search_runbooks" {
+            tool.adapter = serde_json::from_value(
+                serde_json::json!({"mcp": {"command": command, "tool": "service_status"}}),
+            )
+            .expect("adapter");
+        }
+    }
+    (bundle, command)
+}
+
+fn search(context: &SignedRunContext) -> contextos_runner::gateway::envelope::CallEnvelope {
+    contextos_runner::gateway::envelope::CallEnvelope {
+        call_id: "1.0".into(),
+        tool: "search_runbooks".into(),
+        arguments: serde_json::json!({"query": "checkout-api"}),
+        risk: contextos_crds::common::ToolRisk::ReadOnly,
+        kind: contextos_crds::common::ToolKind::Observe,
+        idempotency_key: "search-1".into(),
+        traceparent: format!("00-{TRACE}-{:016x}-01", 1),
+        run_context: context.clone(),
+        approval: None,
+        resolution: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
+    // Without capability pods the service refuses to start the run: it starts no code itself.
+    let rig = rig().await;
+    let (bundle, command) = with_stdio_tool(&rig.bundle);
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    let blob = client
+        .records()
+        .put_blob(&rig.tenant(), bundle.canonical_bytes())
+        .await
+        .expect("bundle");
+    let start = contextos_runner::records::RunStart {
+        run_id: RUN.into(),
+        session_id: bundle.session.clone(),
+        agent: bundle.agent.clone(),
+        run_context: serde_json::to_value(&context).expect("json"),
+        pinned: bundle.pinned(),
+        bundle: Some(blob),
+    };
+    let Err(refused) = Recorder::start(client.records(), rig.tenant(), transit(), start).await else {
+        panic!("a run with a command-started tool started on a gateway without capability pods");
+    };
+    assert!(refused.to_string().contains("capability pods"), "{refused}");
+
+    // With them, the call reaches the server through the bridge a capability pod runs, greeted
+    // for this tenant, Session and server.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let server = contextos_runner::capability::ServerDigest::of(&command);
+    let hello = contextos_runner::capability::Hello {
+        namespace: "shop".into(),
+        session: "checkout-5xx".into(),
+        server: server.clone(),
+    };
+    tokio::spawn(contextos_runner::capability::serve(listener, hello, command));
+    let resolver = Arc::new(AtLoopback {
+        address,
+        asked: Default::default(),
+    });
+    let rig = rig_with_capabilities(EgressGuard::default(), &[], Some(resolver.clone())).await;
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    match client
+        .call(&search(&context), &Default::default())
+        .await
+        .expect("answered")
+    {
+        CallOutcome::Executed(result) => {
+            assert!(result.ok && result.output["lastDeploy"] == "14:02", "{result:?}")
+        }
+        other => panic!("expected the server's answer, got {other:?}"),
+    }
+    let asked = resolver.asked.lock().expect("asked").clone();
+    assert_eq!(
+        asked,
+        [("shop".to_owned(), "checkout-5xx".to_owned(), server.to_string())]
+    );
 }

@@ -11,6 +11,8 @@
 //! Needs root. Without it the test is skipped with the reason, unless
 //! `CONTEXTOS_REQUIRE_REALNODE=1` (CI) makes that a failure.
 
+mod hostile;
+
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -157,6 +159,24 @@ patches:
     .await?;
 
     let sessions: Api<Session> = tenant.api();
+
+    // A hostile capability next to it, in the same tenant (see hostile.rs).
+    let (targets, record_api) = hostile::targets(env, &runner_image).await?;
+    hostile::start(&tenant, &targets, &record_api).await?;
+    let control = async {
+        let capability = hostile::capability_pod(&tenant).await?;
+        phase(&sessions, hostile::SESSION, SessionPhase::AwaitingApproval).await?;
+        let mut targets = targets.clone();
+        targets.insert(hostile::CAPABILITY_TARGET.into(), capability);
+        let control = hostile::control(&tenant, &runner_image, &targets, &record_api).await?;
+        hostile::cancel(&tenant, &sessions).await?;
+        anyhow::Ok(control)
+    };
+    let control = match control.await {
+        Ok(control) => control,
+        Err(err) => bail!("{err:#}\n{}", reports(env, &tenant).await),
+    };
+
     let paused = match phase(&sessions, "checkout-5xx", SessionPhase::AwaitingApproval).await {
         Ok(paused) => paused,
         Err(err) => bail!("{err:#}\n{}", reports(env, &tenant).await),
@@ -253,15 +273,19 @@ patches:
         "expected the two attempts' runner pods, found {inspected}"
     );
 
-    let run_id = done_run_id(&sessions).await?;
-    verify_through_the_gateway(env, &tenant, &run_id).await?;
+    let run_id = done_run_id(&sessions, "checkout-5xx").await?;
+    let hostile_run = done_run_id(&sessions, hostile::SESSION).await?;
+    let export = verify_through_the_gateway(env, &tenant, &run_id, &hostile_run).await?;
+    let capability = hostile::report_in(&export)?;
+    eprintln!("the capability's report: {capability}\nthe control's: {control}");
+    hostile::judge(&capability, &control)?;
     tenant.pass();
     Ok(())
 }
 
-async fn done_run_id(sessions: &Api<Session>) -> Result<String> {
+async fn done_run_id(sessions: &Api<Session>, name: &str) -> Result<String> {
     sessions
-        .get("checkout-5xx")
+        .get(name)
         .await?
         .status
         .and_then(|s| s.run_id)
@@ -273,12 +297,13 @@ async fn done_run_id(sessions: &Api<Session>) -> Result<String> {
 /// --audience contextos-records`) — through `kubectl port-forward` to the gateway Service and the
 /// key the gateway publishes: refused until an admin binds `contextos-records-reader` in the
 /// tenant's namespace, then OK; never for another namespace; and a token for the runners'
-/// audience is no reader's, even bound.
+/// audience is no reader's, even bound. Returns `export`'s record, exported by the auditor.
 async fn verify_through_the_gateway(
     env: &'static TestEnv,
     tenant: &TestNamespace,
     run_id: &str,
-) -> Result<()> {
+    export: &str,
+) -> Result<String> {
     let audit = TestNamespace::new(env, "audit").await?;
     let accounts = audit.api::<ServiceAccount>();
     let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "auditor"}}))?;
@@ -387,9 +412,17 @@ async fn verify_through_the_gateway(
         "a token for the runners' audience read records: {}",
         said(&as_runner)
     );
+    let exported = records(&token, &["export", export], tenant.name())
+        .output()
+        .await?;
+    ensure!(
+        exported.status.success(),
+        "the auditor could not export run {export}: {}",
+        said(&exported)
+    );
     let _ = forward.kill().await;
     audit.pass();
-    Ok(())
+    Ok(String::from_utf8_lossy(&exported.stdout).into_owned())
 }
 
 /// The body of `GET path` from `address` (HTTP/1.0, read to the end; bounded at 64 KiB).

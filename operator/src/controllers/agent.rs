@@ -17,7 +17,7 @@ use contextos_runner::{
     gateway::{CatalogTool, adapters::unavailable_adapter, bundle::NamedPolicy},
     run::{
         bundle::{Composition, NamedPack, spec_digest},
-        execution::{executes_code, execution_refused},
+        execution::execution_refused,
         gate::GatedKind,
         validate,
     },
@@ -293,22 +293,12 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
     Ok(Ok(Resolved { pack, policies: used }))
 }
 
-/// Tool schemas and output validators must compile, and no tool may need a capability sandbox
-/// (pure).
+/// Every adapter must be one this gateway runs, and tool schemas and output validators must
+/// compile (pure). Whether a tool may execute code is the SandboxProfile's to say (see
+/// `resolve`): such tools run in capability pods.
 pub fn check_spec(agent: &str, spec: &AgentSpec) -> Result<(), Invalid> {
     if let Some(problem) = unavailable_adapter(&spec.tools) {
         return Err(Invalid::new(reason::ADAPTER_UNAVAILABLE, problem));
-    }
-    // Code-executing tools run in capability sandboxes, which this operator does not create
-    // yet; running them anywhere else (the gateway, the runner) would hand them credentials.
-    if let Some((i, tool)) = spec.tools.iter().enumerate().find(|(_, t)| executes_code(t)) {
-        return Err(Invalid::new(
-            reason::CAPABILITY_SANDBOX_UNAVAILABLE,
-            format!(
-                "spec.tools[{i}] ({}): MCP servers started from a command (adapter.mcp.command) need a capability sandbox, which this cluster does not run yet; serve the MCP server over streamable HTTP (adapter.mcp.url) instead",
-                tool.name
-            ),
-        ));
     }
     for (i, tool) in spec.tools.iter().enumerate() {
         CatalogTool::new(tool.clone())

@@ -14,6 +14,7 @@ use contextos_crds::{
     },
 };
 use contextos_runner::{
+    capability,
     gateway::approvals::{ApprovalRequest, Attested, UnresolvedReport},
     run::{
         bundle::{Composition, RunBundle, spec_digest},
@@ -37,6 +38,7 @@ use super::{
     revisions,
 };
 use crate::{
+    capability_pods,
     conditions::{Wanted, merge},
     session_children as children,
 };
@@ -81,12 +83,12 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         }
     };
     let name = session.name_any();
-    let policy =
-        children::network_policy(&session, &sandbox, &ctx.runner).map_err(|source| Error::Build {
-            what: "NetworkPolicy",
-            source,
-        })?;
+    let policy = children::network_policy(&session, &ctx.runner).map_err(|source| Error::Build {
+        what: "NetworkPolicy",
+        source,
+    })?;
     apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
+    start_capabilities(&ctx, &session, &pod_bundle, &sandbox, &pods).await?;
 
     let pod = pods.get_opt(&children::pod_name(&name, attempt)).await?;
     if let Some(pod) = &pod
@@ -360,6 +362,69 @@ async fn crashed_attempts(ctx: &Context, session: &Session) -> Result<u32> {
 /// the Session, and admission checks the approver is the user making the change).
 fn approver_allowed(approver: &str, approvers: &contextos_crds::common::Approvers) -> bool {
     approvers.users.iter().any(|u| u == approver) || !approvers.groups.is_empty()
+}
+
+/// Creates the capability pods of the Session's command-started MCP servers that do not exist
+/// (before the runner's first call needs them), and the NetworkPolicy confining them.
+async fn start_capabilities(
+    ctx: &Context,
+    session: &Session,
+    pod_bundle: &PodBundle,
+    sandbox: &SandboxProfileSpec,
+    pods: &Api<Pod>,
+) -> Result<()> {
+    let servers = capability::servers(&pod_bundle.bundle.agent_spec.tools);
+    if servers.is_empty() {
+        return Ok(());
+    }
+    let namespace = session.namespace().unwrap_or_default();
+    let policy = capability_pods::network_policy(session, sandbox, &ctx.runner);
+    apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
+    for server in &servers {
+        let pod = capability_pods::capability_pod(session, sandbox, server);
+        let name = pod.name_any();
+        match pods.get_opt(&name).await? {
+            Some(existing) if !owned_by(existing.metadata.owner_references.as_deref(), session) => {
+                return Err(Error::Run(format!(
+                    "pod {name} is not this Session's capability pod (an earlier Session's, or made by someone else); waiting for it to be removed"
+                )));
+            }
+            Some(_) => {}
+            None => match pods.create(&PostParams::default(), &pod).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the Session's capability pods (the Session keeps its record; nothing calls them
+/// any more). Only pods it owns: labels are anyone's to write in the namespace.
+async fn stop_capabilities(ctx: &Context, session: &Session) -> Result<()> {
+    let selector = format!(
+        "{}={},{}={}",
+        contextos_crds::labels::SESSION,
+        session.name_any(),
+        contextos_crds::labels::ROLE,
+        capability::ROLE
+    );
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    for pod in pods
+        .list_metadata(&kube::api::ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        if owned_by(pod.metadata.owner_references.as_deref(), session) {
+            match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Issues a fresh RunContext and applies the attempt's pod.
@@ -928,12 +993,18 @@ async fn write_status(ctx: &Context, session: &Session, update: Update) -> Resul
     let current = session.status.clone().unwrap_or_default();
     let mut status = current.clone();
     let announced = update.apply(&mut status, session.metadata.generation, now());
+    // A finished Session's capability pods stop with it.
+    let ends = status.phase.is_some_and(SessionPhase::is_terminal)
+        && !current.phase.is_some_and(SessionPhase::is_terminal);
     let status = serde_json::to_value(&status).map_err(|source| Error::Build {
         what: "Session status",
         source,
     })?;
     let api = Api::<Session>::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
     apply_status(&api, &session.name_any(), status).await?;
+    if ends {
+        stop_capabilities(ctx, session).await?;
+    }
     if let Some(ready) = announced {
         super::announce(ctx, session, &current.conditions, &ready).await;
     }

@@ -8,7 +8,10 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::Args;
 use contextos_runner::{
-    gateway::{egress::EgressGuard, identity::TokenReviewer, service::GatewayService, tenancy::KubeTenants},
+    gateway::{
+        capabilities::KubeCapabilities, egress::EgressGuard, identity::TokenReviewer,
+        service::GatewayService, tenancy::KubeTenants,
+    },
     key_secrets::{self, RECORD_MASTER_KEY},
     keys::{PublicKey, TenantKeys},
     records::StoreLocation,
@@ -78,12 +81,13 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         GatewayService::new(
             store,
             TokenReviewer::new(client.clone()),
-            KubeTenants::new(client),
+            KubeTenants::new(client.clone()),
             TenantKeys::new(&master),
             trust,
         )
         .with_system_namespace(&args.namespace)
-        .with_egress(egress),
+        .with_egress(egress)
+        .with_capabilities(Arc::new(KubeCapabilities::new(client))),
     );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -1,5 +1,6 @@
 //! Command-line structure shared by every subcommand: where data lives and which tenant.
 
+mod capability;
 mod gateway;
 mod promote;
 mod records;
@@ -66,6 +67,9 @@ enum Command {
     Records(records::RecordsCommand),
     /// Serve the Tool Gateway over HTTP for runner pods.
     Gateway(gateway::GatewayArgs),
+    /// Capability pod entrypoint: serve an Agent's command-started MCP server to the gateway.
+    #[command(subcommand)]
+    Capability(capability::CapabilityCommand),
 }
 
 impl Cli {
@@ -81,6 +85,7 @@ impl Cli {
             Command::Promote(command) => promote::run(command).await,
             Command::Records(command) => records::run(&self.global, command).await,
             Command::Gateway(args) => gateway::run(&self.global, args).await,
+            Command::Capability(command) => capability::run(command).await,
         }
     }
 }

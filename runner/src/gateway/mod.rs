@@ -6,6 +6,7 @@
 pub mod adapters;
 pub mod approvals;
 pub mod bundle;
+pub mod capabilities;
 pub mod egress;
 pub mod envelope;
 pub mod identity;
@@ -214,11 +215,20 @@ impl ToolGateway {
         self
     }
 
-    /// Sends calls only where `guard` allows (resolved addresses, IP literals, no redirects).
+    /// Sends calls only where `guard` allows (resolved addresses, IP literals, no redirects),
+    /// and starts no command-started MCP server in this process (see
+    /// [`ToolGateway::with_capabilities`]).
     pub fn with_egress(mut self, guard: egress::EgressGuard) -> Self {
         self.http = guard.client();
         self.mcp = adapters::mcp::McpClients::new(self.http.clone());
         self.egress = Some(guard);
+        self
+    }
+
+    /// Reaches command-started MCP servers in the run's capability pods through `route`.
+    pub fn with_capabilities(mut self, route: capabilities::CapabilityRoute) -> Self {
+        self.mcp = adapters::mcp::McpClients::new(self.http.clone())
+            .with_stdio(adapters::mcp::StdioServers::Capability(route));
         self
     }
 

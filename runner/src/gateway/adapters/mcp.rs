@@ -1,5 +1,6 @@
-//! MCP tools via rmcp, over streamable HTTP (`adapter.mcp.url`) or stdio (`adapter.mcp.command`,
-//! a server process started inside the sandbox). Connections are kept per server (and response
+//! MCP tools via rmcp, over streamable HTTP (`adapter.mcp.url`) or stdio (`adapter.mcp.command`).
+//! A command-started server is started here, with a clean environment, only in a local run; the
+//! gateway service reaches it in the Session's capability pod instead ([`StdioServers`]). Connections are kept per server (and response
 //! cap) and dropped when a call fails, so the next call reconnects. Trace context and the
 //! idempotency key travel in the request's `_meta`.
 //!
@@ -24,6 +25,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
 use super::{AdapterError, AdapterResponse, CallContext};
+use crate::gateway::capabilities::CapabilityRoute;
 
 /// `_meta` key carrying the idempotency key.
 pub const IDEMPOTENCY_META: &str = "dev.contextos/idempotencyKey";
@@ -35,6 +37,19 @@ pub struct McpClients {
     clients: Mutex<HashMap<String, Session>>,
     /// Where HTTP servers are reached through (the gateway's egress-guarded client).
     http: reqwest::Client,
+    /// Where command-started servers run.
+    stdio: StdioServers,
+}
+
+/// Where a command-started (stdio) MCP server runs.
+#[derive(Clone, Debug)]
+pub enum StdioServers {
+    /// Here, as a child process with a clean environment (`contextos run` on a workstation).
+    Local,
+    /// In the run's capability pods (the gateway service).
+    Capability(CapabilityRoute),
+    /// Nowhere: this process holds other runs' credentials and has no capability pods.
+    Refused,
 }
 
 /// A client session, and the stdio server process it talks to (killed when dropped).
@@ -44,8 +59,9 @@ struct Session {
 }
 
 impl Default for McpClients {
+    /// A local run's clients: HTTP servers through a plain client, stdio servers started here.
     fn default() -> Self {
-        Self::new(crate::http::client())
+        Self::new(crate::http::client()).with_stdio(StdioServers::Local)
     }
 }
 
@@ -70,13 +86,57 @@ pub fn message_limit(cap: usize) -> usize {
     cap.saturating_mul(4).saturating_add(64 * 1024)
 }
 
+/// Starts `command` as a child process with a clean environment: the server gets nothing of
+/// this process's (credentials, store addresses, tokens), only a search path; its stderr goes
+/// nowhere near the caller's output.
+fn spawn_local(
+    command: &[String],
+    limit: usize,
+) -> Result<
+    (
+        tokio::process::Child,
+        AsyncRwTransport<RoleClient, tokio::process::ChildStdout, tokio::process::ChildStdin>,
+    ),
+    String,
+> {
+    let Some((program, args)) = command.split_first() else {
+        return Err("adapter.mcp.command is empty".into());
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
+        return Err(format!("{program} has no stdio pipes"));
+    };
+    let transport = AsyncRwTransport::<RoleClient, _, _>::new(stdout, stdin).with_max_line_length(limit);
+    Ok((child, transport))
+}
+
 impl McpClients {
-    /// Sessions whose HTTP requests go through `http`.
+    /// Sessions whose HTTP requests go through `http`; no stdio server is started (see
+    /// [`McpClients::with_stdio`]).
     pub fn new(http: reqwest::Client) -> Self {
         Self {
             clients: Mutex::default(),
             http,
+            stdio: StdioServers::Refused,
         }
+    }
+
+    /// Runs command-started servers as `stdio` says.
+    pub fn with_stdio(mut self, stdio: StdioServers) -> Self {
+        self.stdio = stdio;
+        self
     }
 
     async fn client(&self, adapter: &McpAdapter, cap: usize) -> Result<Client, AdapterError> {
@@ -99,34 +159,24 @@ impl McpClients {
                 let transport = StreamableHttpClientTransport::with_client(self.http.clone(), config);
                 (().serve(transport).await, None)
             }
-            (None, Some(command)) => {
-                let Some((program, args)) = command.split_first() else {
-                    return Err(AdapterError::Protocol("adapter.mcp.command is empty".into()));
-                };
-                let mut cmd = tokio::process::Command::new(program);
-                // A clean environment: the server gets nothing of this process's (credentials,
-                // store addresses, tokens), only a search path; its stderr goes nowhere near the
-                // caller's output.
-                cmd.args(args)
-                    .env_clear()
-                    .env(
-                        "PATH",
-                        std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-                    )
-                    .stdin(std::process::Stdio::piped())
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::null())
-                    .kill_on_drop(true);
-                let mut child = cmd
-                    .spawn()
-                    .map_err(|e| unreachable(format!("cannot start {program}: {e}")))?;
-                let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
-                    return Err(unreachable(format!("{program} has no stdio pipes")));
-                };
-                let transport =
-                    AsyncRwTransport::<RoleClient, _, _>::new(stdout, stdin).with_max_line_length(limit);
-                (().serve(transport).await, Some(child))
-            }
+            (None, Some(command)) => match &self.stdio {
+                StdioServers::Local => {
+                    let (child, transport) = spawn_local(command, limit).map_err(unreachable)?;
+                    (().serve(transport).await, Some(child))
+                }
+                StdioServers::Capability(route) => {
+                    let (read, write) = route.connect(command).await.map_err(unreachable)?;
+                    let transport =
+                        AsyncRwTransport::<RoleClient, _, _>::new(read, write).with_max_line_length(limit);
+                    (().serve(transport).await, None)
+                }
+                StdioServers::Refused => {
+                    return Err(unreachable(
+                        "this gateway starts no code an Agent names and has no capability pods to send it to"
+                            .into(),
+                    ));
+                }
+            },
             (None, None) => {
                 return Err(AdapterError::Protocol(
                     "adapter.mcp has neither url nor command".into(),

@@ -32,6 +32,7 @@ use sha2::Digest as _;
 
 use super::{
     ToolGateway,
+    capabilities::{CapabilityResolver, CapabilityRoute},
     egress::EgressGuard,
     identity::{AuthError, Authenticator, PodIdentity},
     readers::ReaderAuthority,
@@ -89,6 +90,8 @@ pub struct GatewayService<S, A, T> {
     system_namespace: String,
     /// Where tool and model calls may go.
     egress: EgressGuard,
+    /// Finds runs' capability pods; without it, Agents with command-started tools are refused.
+    capabilities: Option<Arc<dyn CapabilityResolver>>,
 }
 
 impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
@@ -198,7 +201,15 @@ where
             endpoint_overrides: Vec::new(),
             system_namespace: "contextos-system".into(),
             egress: EgressGuard::default(),
+            capabilities: None,
         }
+    }
+
+    /// Reaches the command-started MCP servers of runs in their capability pods, found by
+    /// `resolver` (the operator creates one per Session and server).
+    pub fn with_capabilities(mut self, resolver: Arc<dyn CapabilityResolver>) -> Self {
+        self.capabilities = Some(resolver);
+        self
     }
 
     /// Where tool and model calls may go (default: anywhere but link-local addresses).
@@ -514,19 +525,28 @@ where
                 "the pinned bundle is for another tenant, Session or Agent",
             ));
         }
-        // A command-started MCP server would run inside this service, next to every tenant's
-        // credentials: never. (Such tools need a capability sandbox; the operator refuses them.)
-        if let Some(tool) = bundle
+        // A command-started MCP server never runs inside this service, next to every tenant's
+        // credentials: only in the Session's capability pods.
+        let executes_code = bundle
             .agent_spec
             .tools
             .iter()
-            .find(|t| crate::run::execution::executes_code(t))
-        {
-            return Err(forbidden(format!(
-                "tool {} starts an MCP server from a command; the gateway service runs no code an Agent names",
-                tool.name
-            )));
-        }
+            .find(|t| crate::run::execution::executes_code(t));
+        let capabilities = match (executes_code, &self.capabilities) {
+            (None, _) => None,
+            (Some(_), Some(resolver)) => Some(CapabilityRoute::new(
+                resolver.clone(),
+                caller.tenant.as_str(),
+                &bundle.session,
+                self.egress.clone(),
+            )),
+            (Some(tool), None) => {
+                return Err(forbidden(format!(
+                    "tool {} starts an MCP server from a command; this gateway runs no code an Agent names and reaches no capability pods",
+                    tool.name
+                )));
+            }
+        };
         let secrets = self.secrets_of(caller, &bundle).await?;
         let gateway = bundle
             .gateway_bundle(secrets.clone())
@@ -536,6 +556,10 @@ where
             .with_attesting_key(self.keys.for_tenant(caller.tenant.as_str()))
             .with_egress(self.egress.clone())
             .shared_with_replicas();
+        let gateway = match capabilities {
+            Some(route) => gateway.with_capabilities(route),
+            None => gateway,
+        };
         let model = match Model::for_bundle(&bundle, &secrets).map_err(bad)? {
             Model::OpenAi(model) => {
                 if let Some(endpoint) = &bundle.agent_spec.model.endpoint {

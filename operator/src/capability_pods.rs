@@ -1,0 +1,333 @@
+//! A Session's capability pods (pure; the Session controller applies them): one per
+//! command-started MCP server of its Agent, running `contextos capability serve` in the
+//! SandboxProfile's image with the profile applied — Pod Security "restricted", no token, no
+//! Secret, no environment — and a NetworkPolicy that lets only the gateway's pods in and lets
+//! out only what the profile's egress allowlist names (and cluster DNS).
+
+use std::collections::BTreeMap;
+
+use contextos_crds::{
+    Session, labels,
+    sandbox_profile::{EgressProtocol, SandboxProfileSpec, SeccompType},
+};
+use contextos_runner::capability::{self, CapabilityServer};
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            Capabilities, Container, ContainerPort, EmptyDirVolumeSource, Pod, PodSecurityContext, PodSpec,
+            Probe, ResourceRequirements, SeccompProfile, SecurityContext, TCPSocketAction, Volume,
+            VolumeMount,
+        },
+        networking::v1::{
+            IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+            NetworkPolicyPort, NetworkPolicySpec,
+        },
+    },
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use kube::Resource as _;
+
+use crate::session_children::{GATEWAY_POD_LABEL, RunnerSettings};
+
+/// Name of the NetworkPolicy confining a Session's capability pods.
+pub fn network_policy_name(session: &str) -> String {
+    format!("{session}-capabilities")
+}
+
+/// The labels every capability pod of `session` carries (the NetworkPolicy selects on them).
+fn selector(session: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::SESSION.to_owned(), session.to_owned()),
+        (labels::ROLE.to_owned(), capability::ROLE.to_owned()),
+    ])
+}
+
+fn metadata(session: &Session, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: session.metadata.namespace.clone(),
+        labels: Some(labels),
+        owner_references: session.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The pod serving `server` to the gateway for `session`.
+pub fn capability_pod(session: &Session, sandbox: &SandboxProfileSpec, server: &CapabilityServer) -> Pod {
+    let name = session.metadata.name.as_deref().unwrap_or_default();
+    let namespace = session.metadata.namespace.as_deref().unwrap_or_default();
+    let mut pod_labels = selector(name);
+    pod_labels.insert(capability::SERVER_LABEL.to_owned(), server.digest.to_string());
+    let mut limits = BTreeMap::from([
+        ("cpu".to_owned(), sandbox.resources.cpu.clone()),
+        ("memory".to_owned(), sandbox.resources.memory.clone()),
+    ]);
+    if let Some(storage) = &sandbox.resources.ephemeral_storage {
+        limits.insert("ephemeral-storage".to_owned(), storage.clone());
+    }
+    let mut args = vec![
+        "capability".to_owned(),
+        "serve".to_owned(),
+        format!("--namespace={namespace}"),
+        format!("--session={name}"),
+        format!("--server={}", server.digest),
+        "--".to_owned(),
+    ];
+    args.extend(server.command.iter().cloned());
+    let seccomp = match sandbox.seccomp_profile.type_ {
+        SeccompType::RuntimeDefault => SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        },
+        SeccompType::Localhost => SeccompProfile {
+            type_: "Localhost".into(),
+            localhost_profile: sandbox.seccomp_profile.localhost_profile.clone(),
+        },
+    };
+    let container = Container {
+        name: "capability".into(),
+        image: Some(sandbox.image.clone()),
+        // The image's entrypoint is `contextos`; the server is a program in the same image.
+        args: Some(args),
+        ports: Some(vec![ContainerPort {
+            name: Some("capability".into()),
+            container_port: i32::from(capability::PORT),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(i32::from(capability::PORT)),
+                host: None,
+            }),
+            period_seconds: Some(2),
+            ..Probe::default()
+        }),
+        resources: Some(ResourceRequirements {
+            limits: Some(limits.clone()),
+            requests: Some(limits),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(sandbox.read_only_root_filesystem),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    Pod {
+        metadata: metadata(session, capability::pod_name(name, &server.digest), pod_labels),
+        spec: Some(PodSpec {
+            // The bridge is a server: restarted in place if it dies, until the Session ends (the
+            // operator deletes the pod then) or the profile's deadline passes.
+            restart_policy: Some("Always".into()),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            // Nothing in the pod is worth waiting for once its Session has ended.
+            termination_grace_period_seconds: Some(5),
+            active_deadline_seconds: Some(i64::from(sandbox.active_deadline_seconds)),
+            runtime_class_name: sandbox.runtime_class_name.clone(),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(sandbox.run_as_user),
+                run_as_group: Some(sandbox.run_as_user),
+                seccomp_profile: Some(seccomp),
+                ..PodSecurityContext::default()
+            }),
+            containers: vec![container],
+            volumes: Some(vec![Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(Quantity("64Mi".into())),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            }]),
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Ingress only from the gateway's pods, to the bridge's port; egress only to the cluster DNS
+/// pods and the profile's allowlist. Nothing else: not the runner, not the store, not other
+/// tools, not the gateway's API.
+pub fn network_policy(
+    session: &Session,
+    sandbox: &SandboxProfileSpec,
+    settings: &RunnerSettings,
+) -> NetworkPolicy {
+    let name = session.metadata.name.as_deref().unwrap_or_default();
+    let in_namespace = |namespace: &str, key: &str, value: &str| NetworkPolicyPeer {
+        // The namespace's name label is set by the API server: a tenant cannot give it to its
+        // own namespace.
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_owned(),
+                namespace.to_owned(),
+            )])),
+            ..LabelSelector::default()
+        }),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(key.to_owned(), value.to_owned())])),
+            ..LabelSelector::default()
+        }),
+        ip_block: None,
+    };
+    let port = |protocol: &str, port: u16| NetworkPolicyPort {
+        protocol: Some(protocol.to_owned()),
+        port: Some(IntOrString::Int(i32::from(port))),
+        end_port: None,
+    };
+    let mut egress = vec![NetworkPolicyEgressRule {
+        to: Some(vec![in_namespace("kube-system", "k8s-app", "kube-dns")]),
+        ports: Some(vec![port("UDP", 53), port("TCP", 53)]),
+    }];
+    egress.extend(sandbox.egress.iter().map(|rule| {
+        NetworkPolicyEgressRule {
+            to: Some(vec![NetworkPolicyPeer {
+                ip_block: Some(IPBlock {
+                    cidr: rule.cidr.clone(),
+                    except: None,
+                }),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(
+                rule.ports
+                    .iter()
+                    .map(|p| {
+                        let protocol = match p.protocol {
+                            EgressProtocol::Tcp => "TCP",
+                            EgressProtocol::Udp => "UDP",
+                        };
+                        port(protocol, p.port)
+                    })
+                    .collect(),
+            ),
+        }
+    }));
+    NetworkPolicy {
+        metadata: metadata(session, network_policy_name(name), selector(name)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector(name)),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![in_namespace(
+                    &settings.gateway_namespace,
+                    GATEWAY_POD_LABEL.0,
+                    GATEWAY_POD_LABEL.1,
+                )]),
+                ports: Some(vec![port("TCP", capability::PORT)]),
+            }]),
+            egress: Some(egress),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use contextos_runner::capability::ServerDigest;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn session() -> Session {
+        let mut session: Session =
+            serde_yaml::from_str(include_str!("../../examples/quickstart/session.yaml")).expect("session");
+        session.metadata.namespace = Some("shop".into());
+        session.metadata.uid = Some("0f8fad5b-d9cb-469f-a165-70867728950e".into());
+        session
+    }
+
+    fn sandbox() -> SandboxProfileSpec {
+        let value: Value =
+            serde_yaml::from_str(include_str!("../../examples/quickstart/sandboxprofile.yaml"))
+                .expect("yaml");
+        serde_json::from_value(value["spec"].clone()).expect("sandbox spec")
+    }
+
+    fn server() -> CapabilityServer {
+        let command = vec!["mcp-fs".to_owned(), "--root=/tmp".to_owned()];
+        CapabilityServer {
+            digest: ServerDigest::of(&command),
+            command,
+        }
+    }
+
+    #[test]
+    fn a_capability_pod_is_restricted_holds_nothing_and_runs_only_its_server() {
+        let pod = capability_pod(&session(), &sandbox(), &server());
+        let spec = pod.spec.expect("spec");
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.enable_service_links, Some(false));
+        let volumes = spec.volumes.unwrap_or_default();
+        assert!(
+            volumes.iter().all(|v| v.empty_dir.is_some()),
+            "only scratch space"
+        );
+        let container = &spec.containers[0];
+        assert!(container.env.is_none() && container.env_from.is_none());
+        let args = container.args.clone().unwrap_or_default();
+        let digest = server().digest;
+        assert_eq!(
+            args[args.len() - 3..],
+            ["--".to_owned(), "mcp-fs".to_owned(), "--root=/tmp".to_owned()]
+        );
+        assert!(args.contains(&format!("--server={digest}")));
+        let security = container.security_context.clone().expect("security");
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            security.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".into()])
+        );
+        let labels = pod.metadata.labels.expect("labels");
+        assert_eq!(
+            labels.get(labels::ROLE).map(String::as_str),
+            Some(capability::ROLE)
+        );
+        assert_eq!(
+            labels.get(capability::SERVER_LABEL).map(String::as_str),
+            Some(digest.as_str())
+        );
+        assert_eq!(pod.metadata.owner_references.map(|o| o.len()), Some(1));
+    }
+
+    #[test]
+    fn only_the_gateway_gets_in_and_only_dns_and_the_allowlist_get_out() {
+        let settings = RunnerSettings {
+            gateway: "http://contextos-gateway.contextos-system.svc:8480".into(),
+            gateway_namespace: "contextos-system".into(),
+            egress: vec![("10.0.0.5/32".into(), 8480)],
+        };
+        let policy = network_policy(&session(), &sandbox(), &settings);
+        let spec = policy.spec.expect("spec");
+        let ingress = spec.ingress.expect("ingress");
+        assert_eq!(ingress.len(), 1);
+        let from = ingress[0].from.clone().expect("peers");
+        assert_eq!(from.len(), 1);
+        assert!(from[0].ip_block.is_none() && from[0].namespace_selector.is_some());
+        let egress = spec.egress.expect("egress");
+        assert_eq!(
+            egress.len(),
+            1 + sandbox().egress.len(),
+            "DNS pods and the profile's rules; not the gateway, not the operator's extra rules"
+        );
+    }
+}

@@ -1,0 +1,348 @@
+//! Capability sandboxes: code an Agent names (a stdio MCP server) never runs in the runner pod
+//! or in the gateway service, next to credentials and other tenants' runs. In a cluster each
+//! such server runs in a pod of its own per Session, which only the gateway may reach:
+//!
+//! - the operator creates the pod ([`pod_name`], [`ServerDigest`]) with the Session's
+//!   SandboxProfile applied and no token, Secret or store address in it;
+//! - inside it, `contextos capability serve` ([`serve`]) bridges one TCP connection to one
+//!   freshly started server process, with a clean environment;
+//! - the gateway ([`dial`]) connects to it and says which Session and server it wants
+//!   ([`Hello`]): pod addresses are reused, and a bridge answers only for its own Session.
+//!
+//! What a capability answers is data, like every tool's output: the bridge bounds nothing the
+//! gateway's MCP client does not bound again.
+
+use std::{net::SocketAddr, process::Stdio, sync::Arc, time::Duration};
+
+use contextos_crds::agent::Tool;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+
+use crate::run::execution::executes_code;
+
+/// Port a capability pod's bridge listens on.
+pub const PORT: u16 = 7450;
+/// `contextos.dev/role` of capability pods.
+pub const ROLE: &str = "capability";
+/// Label naming the server (its [`ServerDigest`]) a capability pod runs.
+pub const SERVER_LABEL: &str = "contextos.dev/capability-server";
+/// Connections one bridge serves at once (one per gateway replica and run is the usual load).
+const MAX_CONNECTIONS: usize = 8;
+/// Longest a hello line may be, and how long the gateway has to send it.
+const HELLO_LIMIT: u64 = 4096;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a server may go on once the gateway has closed its side of the connection.
+const INPUT_CLOSED_GRACE: Duration = Duration::from_secs(30);
+/// The environment a server starts with: a search path and a writable home, nothing else.
+const SERVER_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Which server of an Agent a capability pod runs: a digest of its command line.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ServerDigest(String);
+
+impl ServerDigest {
+    /// The digest of `command` (program and arguments): 12 hex characters, unique among the
+    /// few servers of one Session.
+    pub fn of(command: &[String]) -> Self {
+        let mut hash = Sha256::new();
+        for part in command {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        Self(hex::encode(&hash.finalize()[..6]))
+    }
+
+    /// Accepts what a pod's label or a bridge's flag carries, if it has the digest's shape.
+    pub fn parse(text: &str) -> Option<Self> {
+        (text.len() == 12
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then(|| Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ServerDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A server an Agent starts from a command, and where it runs in a cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapabilityServer {
+    pub digest: ServerDigest,
+    pub command: Vec<String>,
+}
+
+/// The distinct command-started servers of `tools`, in a stable order (one pod each).
+pub fn servers(tools: &[Tool]) -> Vec<CapabilityServer> {
+    let mut servers: Vec<CapabilityServer> = tools
+        .iter()
+        .filter(|t| executes_code(t))
+        .filter_map(|t| t.adapter.mcp.as_ref()?.command.clone())
+        .map(|command| CapabilityServer {
+            digest: ServerDigest::of(&command),
+            command,
+        })
+        .collect();
+    servers.sort_by(|a, b| a.digest.cmp(&b.digest));
+    servers.dedup_by(|a, b| a.digest == b.digest);
+    servers
+}
+
+/// Name of the pod running `server` for Session `session`.
+pub fn pod_name(session: &str, server: &ServerDigest) -> String {
+    format!("{session}-cap-{server}")
+}
+
+/// What the gateway says first on a connection: whose server it wants.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub namespace: String,
+    pub session: String,
+    pub server: ServerDigest,
+}
+
+/// The bridge's answer to a [`Hello`].
+#[derive(Debug, Serialize, Deserialize)]
+struct Answer {
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Serves `command` to every connection on `listener` that greets with `expected`: each
+/// connection gets its own server process, ended when the connection ends.
+pub async fn serve(listener: TcpListener, expected: Hello, command: Vec<String>) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let expected = Arc::new(expected);
+    let command = Arc::new(command);
+    loop {
+        let (socket, peer) = listener.accept().await?;
+        // Over the limit the connection is closed at once: the gateway retries, nothing queues.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "capability: connection refused, {MAX_CONNECTIONS} already open");
+            continue;
+        };
+        let (expected, command) = (expected.clone(), command.clone());
+        tokio::spawn(async move {
+            if let Err(why) = bridge(socket, &expected, &command).await {
+                tracing::warn!(%peer, "capability: connection ended: {why}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// One connection: check the hello, start the server, copy bytes both ways until either side
+/// ends, then stop the server.
+async fn bridge(socket: TcpStream, expected: &Hello, command: &[String]) -> Result<(), String> {
+    let (read, mut write) = socket.into_split();
+    let mut read = BufReader::new(read);
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, read_line(&mut read))
+        .await
+        .map_err(|_| "no hello in time".to_owned())??;
+    let refusal = match serde_json::from_str::<Hello>(&hello) {
+        Ok(hello) if hello == *expected => None,
+        Ok(hello) => Some(format!(
+            "this pod serves {} for Session {}/{}, not {} for {}/{}",
+            expected.server,
+            expected.namespace,
+            expected.session,
+            hello.server,
+            hello.namespace,
+            hello.session
+        )),
+        Err(e) => Some(format!("not a hello: {e}")),
+    };
+    if let Some(why) = refusal {
+        let answer = Answer {
+            ok: false,
+            error: Some(why.clone()),
+        };
+        let _ = write_line(&mut write, &answer).await;
+        return Err(why);
+    }
+    let (program, args) = command.split_first().ok_or("empty command")?;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", SERVER_PATH)
+        .env("HOME", "/tmp")
+        .current_dir("/tmp")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        // The server's own diagnostics go to this pod's log, never into the MCP stream.
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err(format!("{program} has no stdio pipes"));
+    };
+    write_line(
+        &mut write,
+        &Answer {
+            ok: true,
+            error: None,
+        },
+    )
+    .await?;
+    // The connection lives as long as the server's output. The gateway closing its side closes
+    // the server's input, and the server then has a grace period to finish; dropping the child
+    // kills it.
+    let from_server = async {
+        let _ = tokio::io::copy(&mut stdout, &mut write).await;
+        let _ = write.shutdown().await;
+    };
+    tokio::pin!(from_server);
+    tokio::select! {
+        () = &mut from_server => return Ok(()),
+        _ = tokio::io::copy(&mut read, &mut stdin) => {}
+    }
+    drop(stdin);
+    let _ = tokio::time::timeout(INPUT_CLOSED_GRACE, from_server).await;
+    drop(child);
+    Ok(())
+}
+
+/// Connects to the bridge at `address` and greets it; the stream is then the server's stdio.
+/// The returned reader may hold bytes already read past the answer.
+pub async fn dial(
+    address: SocketAddr,
+    hello: &Hello,
+    timeout: Duration,
+) -> Result<
+    (
+        BufReader<tokio::net::tcp::OwnedReadHalf>,
+        tokio::net::tcp::OwnedWriteHalf,
+    ),
+    String,
+> {
+    let socket = tokio::time::timeout(timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| format!("no connection to {address} within {timeout:?}"))?
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let (read, mut write) = socket.into_split();
+    let mut read = BufReader::new(read);
+    write_line(&mut write, hello).await?;
+    let answer = tokio::time::timeout(timeout, read_line(&mut read))
+        .await
+        .map_err(|_| format!("{address} did not answer the hello within {timeout:?}"))??;
+    let answer: Answer =
+        serde_json::from_str(&answer).map_err(|e| format!("{address} answered no hello: {e}"))?;
+    if !answer.ok {
+        return Err(format!("{address} refused: {}", answer.error.unwrap_or_default()));
+    }
+    Ok((read, write))
+}
+
+/// One line of at most [`HELLO_LIMIT`] bytes, without its newline.
+async fn read_line<R: AsyncRead + Unpin>(read: &mut BufReader<R>) -> Result<String, String> {
+    let mut line = String::new();
+    (&mut *read)
+        .take(HELLO_LIMIT)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| format!("reading the hello: {e}"))?;
+    if !line.ends_with('\n') {
+        return Err(format!("the hello is not a line of at most {HELLO_LIMIT} bytes"));
+    }
+    line.pop();
+    Ok(line)
+}
+
+async fn write_line<W: tokio::io::AsyncWrite + Unpin, T: Serialize>(
+    write: &mut W,
+    value: &T,
+) -> Result<(), String> {
+    let mut line = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    write
+        .write_all(&line)
+        .await
+        .map_err(|e| format!("writing the hello: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(session: &str) -> Hello {
+        Hello {
+            namespace: "shop".into(),
+            session: session.into(),
+            server: ServerDigest::of(&["cat".into()]),
+        }
+    }
+
+    async fn bridge_on_loopback(command: &[&str]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let command = command.iter().map(|s| (*s).to_owned()).collect();
+        tokio::spawn(serve(listener, hello("s1"), command));
+        address
+    }
+
+    #[test]
+    fn digests_name_the_command_and_have_the_label_shape() {
+        let a = ServerDigest::of(&["npx".into(), "server-a".into()]);
+        let b = ServerDigest::of(&["npx server-a".into()]);
+        assert_ne!(a, b, "arguments are not joined into one");
+        assert_eq!(ServerDigest::parse(a.as_str()), Some(a.clone()));
+        assert_eq!(ServerDigest::parse("../etc"), None);
+        assert_eq!(pod_name("s1", &a), format!("s1-cap-{a}"));
+    }
+
+    #[tokio::test]
+    async fn a_greeted_connection_reaches_a_fresh_server_with_a_clean_environment() {
+        let address = bridge_on_loopback(&["/bin/sh", "-c", "env; cat"]).await;
+        let (mut read, mut write) = dial(address, &hello("s1"), Duration::from_secs(5))
+            .await
+            .expect("greeted");
+        write.write_all(b"echoed\n").await.expect("write");
+        write.shutdown().await.expect("shutdown");
+        let mut out = String::new();
+        read.read_to_string(&mut out).await.expect("read");
+        let names: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .collect();
+        assert!(out.ends_with("echoed\n"), "{out}");
+        for name in &names {
+            assert!(
+                ["PATH", "HOME", "PWD", "SHLVL", "_"].contains(name),
+                "the server saw {name} of the bridge's environment: {out}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hello_for_another_session_or_no_hello_is_refused_before_anything_starts() {
+        let address = bridge_on_loopback(&["/bin/sh", "-c", "echo started"]).await;
+        let refused = dial(address, &hello("s2"), Duration::from_secs(5))
+            .await
+            .expect_err("another Session");
+        assert!(refused.contains("not") && refused.contains("s2"), "{refused}");
+
+        let mut socket = TcpStream::connect(address).await.expect("connect");
+        socket.write_all(&vec![b'x'; 8192]).await.expect("write");
+        let mut out = Vec::new();
+        let _ = socket.read_to_end(&mut out).await;
+        assert!(
+            !String::from_utf8_lossy(&out).contains("started"),
+            "a connection without a hello started the server"
+        );
+    }
+}

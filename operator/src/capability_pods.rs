@@ -10,7 +10,7 @@ use contextos_crds::{
     Session, labels,
     sandbox_profile::{EgressProtocol, SandboxProfileSpec, SeccompType},
 };
-use contextos_runner::capability::{self, CapabilityServer};
+use contextos_runner::capability::{self, CapabilityServer, ChannelKey};
 use k8s_openapi::{
     api::{
         core::v1::{
@@ -56,8 +56,13 @@ fn metadata(session: &Session, name: String, labels: BTreeMap<String, String>) -
     }
 }
 
-/// The pod serving `server` to the gateway for `session`.
-pub fn capability_pod(session: &Session, sandbox: &SandboxProfileSpec, server: &CapabilityServer) -> Pod {
+/// The pod serving `server` to the gateway for `session`, proving itself with `key`.
+pub fn capability_pod(
+    session: &Session,
+    sandbox: &SandboxProfileSpec,
+    server: &CapabilityServer,
+    key: &ChannelKey,
+) -> Pod {
     let name = session.metadata.name.as_deref().unwrap_or_default();
     let namespace = session.metadata.namespace.as_deref().unwrap_or_default();
     let mut pod_labels = selector(name);
@@ -75,6 +80,7 @@ pub fn capability_pod(session: &Session, sandbox: &SandboxProfileSpec, server: &
         format!("--namespace={namespace}"),
         format!("--session={name}"),
         format!("--server={}", server.digest),
+        format!("--key={}", key.as_str()),
         "--".to_owned(),
     ];
     args.extend(server.command.iter().cloned());
@@ -273,7 +279,7 @@ mod tests {
 
     #[test]
     fn a_capability_pod_is_restricted_holds_nothing_and_runs_only_its_server() {
-        let pod = capability_pod(&session(), &sandbox(), &server());
+        let pod = capability_pod(&session(), &sandbox(), &server(), &ChannelKey::generate());
         let spec = pod.spec.expect("spec");
         assert_eq!(spec.automount_service_account_token, Some(false));
         assert_eq!(spec.enable_service_links, Some(false));
@@ -318,12 +324,51 @@ mod tests {
         };
         let policy = network_policy(&session(), &sandbox(), &settings);
         let spec = policy.spec.expect("spec");
+        assert_eq!(
+            spec.pod_selector.and_then(|s| s.match_labels),
+            Some(selector("checkout-5xx")),
+            "the Session's capability pods, by Session and role"
+        );
         let ingress = spec.ingress.expect("ingress");
         assert_eq!(ingress.len(), 1);
         let from = ingress[0].from.clone().expect("peers");
         assert_eq!(from.len(), 1);
-        assert!(from[0].ip_block.is_none() && from[0].namespace_selector.is_some());
+        // One peer with both selectors: the gateway's pods in the gateway's namespace, by the
+        // name label the API server sets (a tenant cannot give it to its own namespace).
+        assert!(from[0].ip_block.is_none());
+        assert_eq!(
+            from[0].namespace_selector.clone().and_then(|s| s.match_labels),
+            Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_owned(),
+                "contextos-system".to_owned()
+            )]))
+        );
+        assert_eq!(
+            from[0].pod_selector.clone().and_then(|s| s.match_labels),
+            Some(BTreeMap::from([(
+                GATEWAY_POD_LABEL.0.to_owned(),
+                GATEWAY_POD_LABEL.1.to_owned()
+            )]))
+        );
+        assert_eq!(
+            ingress[0].ports.clone().unwrap_or_default().len(),
+            1,
+            "the bridge's port only"
+        );
         let egress = spec.egress.expect("egress");
+        assert!(
+            egress
+                .iter()
+                .all(|r| r.to.as_ref().is_some_and(|to| !to.is_empty())),
+            "a rule without a destination would allow every address"
+        );
+        assert_eq!(
+            egress[0].to.clone().unwrap_or_default()[0]
+                .pod_selector
+                .clone()
+                .and_then(|s| s.match_labels),
+            Some(BTreeMap::from([("k8s-app".to_owned(), "kube-dns".to_owned())]))
+        );
         assert_eq!(
             egress.len(),
             1 + sandbox().egress.len(),

@@ -7,6 +7,8 @@ use rmcp::ServiceExt as _;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Diagnostics on stderr, as servers write them: the gateway keeps them out of the MCP stream.
+    eprintln!("mcp_stdio_server: serving on stdio");
     let service = mcp_server::OpsTools::default()
         .serve(rmcp::transport::stdio())
         .await?;

@@ -7,7 +7,10 @@
 //! - inside it, `contextos capability serve` ([`serve`]) bridges one TCP connection to one
 //!   freshly started server process, with a clean environment;
 //! - the gateway ([`dial`]) connects to it and says which Session and server it wants
-//!   ([`Hello`]): pod addresses are reused, and a bridge answers only for its own Session.
+//!   ([`Hello`]), with a fresh nonce; the bridge answers only for its own Session, with a proof
+//!   keyed by the pod's channel key ([`ChannelKey`], which the operator put in the pod's spec
+//!   and the gateway reads from there). Pod addresses are reused: whatever answers at an old
+//!   address of another tenant's pod cannot prove to be this one.
 //!
 //! What a capability answers is data, like every tool's output: the bridge bounds nothing the
 //! gateway's MCP client does not bound again.
@@ -20,7 +23,6 @@ use sha2::{Digest as _, Sha256};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
 };
 
 use crate::run::execution::executes_code;
@@ -31,7 +33,8 @@ pub const PORT: u16 = 7450;
 pub const ROLE: &str = "capability";
 /// Label naming the server (its [`ServerDigest`]) a capability pod runs.
 pub const SERVER_LABEL: &str = "contextos.dev/capability-server";
-/// Connections one bridge serves at once (one per gateway replica and run is the usual load).
+/// Connections one bridge serves at once (one per gateway replica and run is the usual load);
+/// a new one ends the oldest, which belongs to an attempt that is most likely over.
 const MAX_CONNECTIONS: usize = 8;
 /// Longest a hello line may be, and how long the gateway has to send it.
 const HELLO_LIMIT: u64 = 4096;
@@ -106,7 +109,7 @@ pub fn pod_name(session: &str, server: &ServerDigest) -> String {
     format!("{session}-cap-{server}")
 }
 
-/// What the gateway says first on a connection: whose server it wants.
+/// Whose server a connection is for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub namespace: String,
@@ -114,66 +117,137 @@ pub struct Hello {
     pub server: ServerDigest,
 }
 
-/// The bridge's answer to a [`Hello`].
+/// The key a capability pod proves itself with: random per pod, written by the operator into
+/// the pod's arguments (readable by whoever may read pods in the namespace, which is the
+/// tenant itself and the gateway), never a credential for anything else.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChannelKey(String);
+
+impl ChannelKey {
+    /// A fresh key.
+    pub fn generate() -> Self {
+        Self(crate::run_context::random_hex(32))
+    }
+
+    /// Accepts 64 lowercase hex characters.
+    pub fn parse(text: &str) -> Option<Self> {
+        (text.len() == 64
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then(|| Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The bridge's proof for `hello` with `nonce`: HMAC-SHA256 over both.
+    fn prove(&self, hello: &Hello, nonce: &str) -> Result<String, String> {
+        use hmac::{KeyInit as _, Mac as _};
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(self.0.as_bytes()).map_err(|e| e.to_string())?;
+        mac.update(
+            format!(
+                "contextos-capability/v1\n{}\n{}\n{}\n{nonce}",
+                hello.namespace, hello.session, hello.server
+            )
+            .as_bytes(),
+        );
+        Ok(hex::encode(mac.finalize().into_bytes()))
+    }
+}
+
+impl std::fmt::Debug for ChannelKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChannelKey(..)")
+    }
+}
+
+/// What the gateway says first on a connection: whose server, and a nonce to prove against.
+#[derive(Debug, Serialize, Deserialize)]
+struct Greeting {
+    #[serde(flatten)]
+    hello: Hello,
+    nonce: String,
+}
+
+/// The bridge's answer to a [`Greeting`].
 #[derive(Debug, Serialize, Deserialize)]
 struct Answer {
     ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proof: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
 /// Serves `command` to every connection on `listener` that greets with `expected`: each
 /// connection gets its own server process, ended when the connection ends.
-pub async fn serve(listener: TcpListener, expected: Hello, command: Vec<String>) -> std::io::Result<()> {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let expected = Arc::new(expected);
-    let command = Arc::new(command);
+pub async fn serve(
+    listener: TcpListener,
+    expected: Hello,
+    key: ChannelKey,
+    command: Vec<String>,
+) -> std::io::Result<()> {
+    let context = Arc::new((expected, key, command));
+    let mut open: std::collections::VecDeque<tokio::task::JoinHandle<()>> = Default::default();
     loop {
         let (socket, peer) = listener.accept().await?;
-        // Over the limit the connection is closed at once: the gateway retries, nothing queues.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "capability: connection refused, {MAX_CONNECTIONS} already open");
-            continue;
-        };
-        let (expected, command) = (expected.clone(), command.clone());
-        tokio::spawn(async move {
-            if let Err(why) = bridge(socket, &expected, &command).await {
+        open.retain(|task| !task.is_finished());
+        if open.len() >= MAX_CONNECTIONS
+            && let Some(oldest) = open.pop_front()
+        {
+            // Ending the task drops its server process, which is killed with it.
+            tracing::warn!(%peer, "capability: {MAX_CONNECTIONS} connections open, ending the oldest");
+            oldest.abort();
+        }
+        let context = context.clone();
+        open.push_back(tokio::spawn(async move {
+            let (expected, key, command) = &*context;
+            if let Err(why) = bridge(socket, expected, key, command).await {
                 tracing::warn!(%peer, "capability: connection ended: {why}");
             }
-            drop(slot);
-        });
+        }));
     }
 }
 
 /// One connection: check the hello, start the server, copy bytes both ways until either side
 /// ends, then stop the server.
-async fn bridge(socket: TcpStream, expected: &Hello, command: &[String]) -> Result<(), String> {
+async fn bridge(
+    socket: TcpStream,
+    expected: &Hello,
+    key: &ChannelKey,
+    command: &[String],
+) -> Result<(), String> {
     let (read, mut write) = socket.into_split();
     let mut read = BufReader::new(read);
     let hello = tokio::time::timeout(HELLO_TIMEOUT, read_line(&mut read))
         .await
         .map_err(|_| "no hello in time".to_owned())??;
-    let refusal = match serde_json::from_str::<Hello>(&hello) {
-        Ok(hello) if hello == *expected => None,
-        Ok(hello) => Some(format!(
-            "this pod serves {} for Session {}/{}, not {} for {}/{}",
-            expected.server,
-            expected.namespace,
-            expected.session,
-            hello.server,
-            hello.namespace,
-            hello.session
-        )),
-        Err(e) => Some(format!("not a hello: {e}")),
+    let nonce = match serde_json::from_str::<Greeting>(&hello) {
+        Ok(greeting) if greeting.hello == *expected && (1..=128).contains(&greeting.nonce.len()) => {
+            greeting.nonce
+        }
+        Ok(greeting) => {
+            let why = format!(
+                "this pod serves {} for Session {}/{}, not {} for {}/{} (or the nonce is not 1 to 128 bytes)",
+                expected.server,
+                expected.namespace,
+                expected.session,
+                greeting.hello.server,
+                greeting.hello.namespace,
+                greeting.hello.session
+            );
+            let answer = Answer {
+                ok: false,
+                proof: None,
+                error: Some(why.clone()),
+            };
+            let _ = write_line(&mut write, &answer).await;
+            return Err(why);
+        }
+        Err(e) => return Err(format!("not a hello: {e}")),
     };
-    if let Some(why) = refusal {
-        let answer = Answer {
-            ok: false,
-            error: Some(why.clone()),
-        };
-        let _ = write_line(&mut write, &answer).await;
-        return Err(why);
-    }
     let (program, args) = command.split_first().ok_or("empty command")?;
     let mut child = tokio::process::Command::new(program)
         .args(args)
@@ -191,14 +265,12 @@ async fn bridge(socket: TcpStream, expected: &Hello, command: &[String]) -> Resu
     let (Some(mut stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(format!("{program} has no stdio pipes"));
     };
-    write_line(
-        &mut write,
-        &Answer {
-            ok: true,
-            error: None,
-        },
-    )
-    .await?;
+    let answer = Answer {
+        ok: true,
+        proof: Some(key.prove(expected, &nonce)?),
+        error: None,
+    };
+    write_line(&mut write, &answer).await?;
     // The connection lives as long as the server's output. The gateway closing its side closes
     // the server's input, and the server then has a grace period to finish; dropping the child
     // kills it.
@@ -217,11 +289,13 @@ async fn bridge(socket: TcpStream, expected: &Hello, command: &[String]) -> Resu
     Ok(())
 }
 
-/// Connects to the bridge at `address` and greets it; the stream is then the server's stdio.
-/// The returned reader may hold bytes already read past the answer.
+/// Connects to the bridge at `address`, greets it and checks its proof with `key` (the one in
+/// the pod's spec); the stream is then the server's stdio. The returned reader may hold bytes
+/// already read past the answer.
 pub async fn dial(
     address: SocketAddr,
     hello: &Hello,
+    key: &ChannelKey,
     timeout: Duration,
 ) -> Result<
     (
@@ -236,7 +310,11 @@ pub async fn dial(
         .map_err(|e| format!("cannot connect to {address}: {e}"))?;
     let (read, mut write) = socket.into_split();
     let mut read = BufReader::new(read);
-    write_line(&mut write, hello).await?;
+    let greeting = Greeting {
+        hello: hello.clone(),
+        nonce: crate::run_context::random_hex(16),
+    };
+    write_line(&mut write, &greeting).await?;
     let answer = tokio::time::timeout(timeout, read_line(&mut read))
         .await
         .map_err(|_| format!("{address} did not answer the hello within {timeout:?}"))??;
@@ -244,6 +322,13 @@ pub async fn dial(
         serde_json::from_str(&answer).map_err(|e| format!("{address} answered no hello: {e}"))?;
     if !answer.ok {
         return Err(format!("{address} refused: {}", answer.error.unwrap_or_default()));
+    }
+    let expected = key.prove(hello, &greeting.nonce)?;
+    // Constant-time comparison is not needed: the nonce is fresh and the proof is not a secret.
+    if answer.proof.as_deref() != Some(expected.as_str()) {
+        return Err(format!(
+            "{address} is not the capability pod the gateway looked up (its proof does not check); the pod may have been replaced"
+        ));
     }
     Ok((read, write))
 }
@@ -287,11 +372,15 @@ mod tests {
         }
     }
 
+    fn key() -> ChannelKey {
+        ChannelKey::parse(&"ab".repeat(32)).expect("key")
+    }
+
     async fn bridge_on_loopback(command: &[&str]) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let command = command.iter().map(|s| (*s).to_owned()).collect();
-        tokio::spawn(serve(listener, hello("s1"), command));
+        tokio::spawn(serve(listener, hello("s1"), key(), command));
         address
     }
 
@@ -308,7 +397,7 @@ mod tests {
     #[tokio::test]
     async fn a_greeted_connection_reaches_a_fresh_server_with_a_clean_environment() {
         let address = bridge_on_loopback(&["/bin/sh", "-c", "env; cat"]).await;
-        let (mut read, mut write) = dial(address, &hello("s1"), Duration::from_secs(5))
+        let (mut read, mut write) = dial(address, &hello("s1"), &key(), Duration::from_secs(5))
             .await
             .expect("greeted");
         write.write_all(b"echoed\n").await.expect("write");
@@ -330,8 +419,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_hello_for_another_session_or_no_hello_is_refused_before_anything_starts() {
-        let address = bridge_on_loopback(&["/bin/sh", "-c", "echo started"]).await;
-        let refused = dial(address, &hello("s2"), Duration::from_secs(5))
+        let marker = tempfile::tempdir().expect("dir");
+        let started = marker.path().join("started");
+        let script = format!("touch {}; cat", started.display());
+        let address = bridge_on_loopback(&["/bin/sh", "-c", &script]).await;
+        let refused = dial(address, &hello("s2"), &key(), Duration::from_secs(5))
             .await
             .expect_err("another Session");
         assert!(refused.contains("not") && refused.contains("s2"), "{refused}");
@@ -340,9 +432,44 @@ mod tests {
         socket.write_all(&vec![b'x'; 8192]).await.expect("write");
         let mut out = Vec::new();
         let _ = socket.read_to_end(&mut out).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!started.exists(), "a refused connection started the server");
+    }
+
+    #[tokio::test]
+    async fn a_bridge_that_cannot_prove_the_pods_key_is_not_talked_to() {
+        // Say another tenant's pod now has the address the gateway looked up: it answers the
+        // hello, but not with this pod's key.
+        let address = bridge_on_loopback(&["/bin/sh", "-c", "cat"]).await;
+        let other = ChannelKey::parse(&"cd".repeat(32)).expect("key");
+        let refused = dial(address, &hello("s1"), &other, Duration::from_secs(5))
+            .await
+            .expect_err("wrong key");
+        assert!(refused.contains("proof"), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_ends_the_oldest_when_the_bridge_is_full() {
+        let address = bridge_on_loopback(&["/bin/sh", "-c", "cat"]).await;
+        let mut connections = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 1 {
+            connections.push(
+                dial(address, &hello("s1"), &key(), Duration::from_secs(5))
+                    .await
+                    .expect("greeted"),
+            );
+        }
+        let (oldest, _) = &mut connections[0];
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), oldest.read_to_end(&mut rest)).await;
         assert!(
-            !String::from_utf8_lossy(&out).contains("started"),
-            "a connection without a hello started the server"
+            matches!(read, Ok(Ok(0))),
+            "the oldest connection was ended: {read:?}"
         );
+        let (newest_read, newest_write) = connections.last_mut().expect("newest");
+        newest_write.write_all(b"still here\n").await.expect("write");
+        let mut line = String::new();
+        newest_read.read_line(&mut line).await.expect("read");
+        assert_eq!(line, "still here\n");
     }
 }

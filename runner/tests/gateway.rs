@@ -852,7 +852,9 @@ async fn mcp_tools_run_over_streamable_http_and_stdio() {
     let seen = tools.seen.clone();
     let http_url = serve_mcp(tools).await;
     let stdio_server = mcp_stdio_server();
-    let gateway = mcp_gateway(&h.key, &http_url, &stdio_server.display().to_string());
+    let logs = tempfile::tempdir().expect("logs");
+    let gateway = mcp_gateway(&h.key, &http_url, &stdio_server.display().to_string())
+        .with_stdio_logs(logs.path().to_owned());
 
     let status = gateway
         .handle(
@@ -919,6 +921,11 @@ async fn mcp_tools_run_over_streamable_http_and_stdio() {
         json!(["PATH"]),
         "{environment:?}"
     );
+    // Its stderr went to its own log, not to this process's output.
+    let server = contextos_runner::capability::ServerDigest::of(&[stdio_server.display().to_string()]);
+    let log =
+        std::fs::read_to_string(logs.path().join(format!("mcp-{server}.log"))).expect("the server's log");
+    assert!(log.contains("mcp_stdio_server: serving on stdio"), "{log:?}");
     h.entries().await;
 }
 

@@ -1201,6 +1201,7 @@ async fn a_call_resent_to_another_replica_while_it_acts_is_not_executed_twice() 
 /// Finds every capability pod at one address (a bridge on loopback), and remembers who asked.
 struct AtLoopback {
     address: std::net::SocketAddr,
+    key: contextos_runner::capability::ChannelKey,
     asked: std::sync::Mutex<Vec<(String, String, String)>>,
 }
 
@@ -1215,7 +1216,7 @@ impl CapabilityResolver for AtLoopback {
             if let Ok(mut asked) = self.asked.lock() {
                 asked.push((namespace.into(), session.into(), server.to_string()));
             }
-            Ok(Lookup::At(self.address))
+            Ok(Lookup::At(self.address, self.key.clone()))
         })
     }
 }
@@ -1296,9 +1297,16 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
         session: "checkout-5xx".into(),
         server: server.clone(),
     };
-    tokio::spawn(contextos_runner::capability::serve(listener, hello, command));
+    let key = contextos_runner::capability::ChannelKey::generate();
+    tokio::spawn(contextos_runner::capability::serve(
+        listener,
+        hello,
+        key.clone(),
+        command,
+    ));
     let resolver = Arc::new(AtLoopback {
         address,
+        key,
         asked: Default::default(),
     });
     let rig = rig_with_capabilities(EgressGuard::default(), &[], Some(resolver.clone())).await;

@@ -256,13 +256,20 @@ async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()
             .is_empty(),
         "no runner pod for a Session whose agent is not Ready"
     );
-    // An Agent whose tool would start code from a command: no profile allows it, and nothing
-    // in the cluster would run it outside the gateway's or the runner's reach.
+    // An Agent whose tool would start code from a command that its SandboxProfile does not let
+    // execute code (the quickstart's allows none); its other references are valid.
+    let mut policy = objects(op)?
+        .into_iter()
+        .find(|o| o["kind"] == "Policy")
+        .context("the quickstart's Policy")?;
+    policy["metadata"]["name"] = json!("stdio-policy");
+    apply(&client, ns.name(), &policy).await?;
     let mut stdio = objects(op)?
         .into_iter()
         .find(|o| o["kind"] == "Agent")
         .context("the quickstart's Agent")?;
     stdio["metadata"]["name"] = json!("stdio-agent");
+    stdio["spec"]["policyRefs"] = json!([{"name": "stdio-policy"}]);
     stdio["spec"]["tools"][1]["adapter"] = json!({"mcp": {"command": ["/bin/sh", "-c", "env"]}});
     apply(&client, ns.name(), &stdio).await?;
     wait_for_object(
@@ -272,9 +279,12 @@ async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()
         TIMEOUT,
         |a: &Agent| {
             let text = condition(&a.status.clone().unwrap_or_default().conditions, "Ready");
-            Check::when(text.contains("spec.tools[1] (get_service_status)"), || {
-                text.clone()
-            })
+            Check::when(
+                text.contains("ExecutionNotAllowed")
+                    && text.contains("spec.tools[1] (get_service_status)")
+                    && text.contains("spec.execution.allowedTools"),
+                || text.clone(),
+            )
         },
     )
     .await?;

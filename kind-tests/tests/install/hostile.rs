@@ -3,7 +3,8 @@
 //! its SandboxProfile. The operator runs it in a capability pod; the gateway pod is the only
 //! thing that reaches it. Its tool looks for credentials in its environment, its pod's
 //! environment and files, tries the tool service, the gateway's pod and Service (whose pod holds
-//! the record store), the API server and a port-53 listener that is not the cluster DNS, and
+//! the record store), the API server, the kubelet and a port-53 listener that is not the
+//! cluster DNS, and
 //! tries to append to a record directly — and its
 //! report, recorded like any result, must say it found nothing and reached nothing.
 //!
@@ -34,7 +35,8 @@ pub const CAPABILITY_TARGET: &str = "capability_pod";
 pub type Targets = BTreeMap<String, String>;
 
 /// The addresses a hostile capability would like to reach: the tool service's pod, the gateway's
-/// pod (holding the record store) and Service, and the API server.
+/// pod (holding the record store) and Service, the API server, the kubelet and a port-53
+/// listener that is not the cluster DNS.
 pub async fn targets(env: &'static TestEnv, image: &str) -> Result<(Targets, String)> {
     let exfil = exfil_listener(env, image).await?;
     let ip_of = |namespace: &str, selector: &str| {
@@ -57,6 +59,15 @@ pub async fn targets(env: &'static TestEnv, image: &str) -> Result<(Targets, Str
         .spec
         .and_then(|s| s.cluster_ip)
         .context("the gateway Service has no cluster IP")?;
+    let node = Api::<k8s_openapi::api::core::v1::Node>::all(env.client())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .flat_map(|n| n.status.and_then(|s| s.addresses).unwrap_or_default())
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address)
+        .context("the node has no InternalIP")?;
     let record_api = format!("{gateway}:8480");
     let targets = Targets::from([
         ("tool_service".into(), format!("{tools}:8080")),
@@ -64,6 +75,7 @@ pub async fn targets(env: &'static TestEnv, image: &str) -> Result<(Targets, Str
         ("gateway_service".into(), format!("{gateway_service}:8480")),
         ("api_server".into(), "10.0.0.1:443".into()),
         ("port_53_elsewhere".into(), format!("{exfil}:53")),
+        ("kubelet".into(), format!("{node}:10250")),
     ]);
     Ok((targets, record_api))
 }
@@ -280,7 +292,12 @@ pub async fn control(
     record_api: &str,
 ) -> Result<Value> {
     let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "hostile-control", "labels": {"contextos.dev/role": "runner"}},
+        // Labelled as a runner (the gateway's policy lets it knock) and as the gateway itself
+        // (which a tenant may write on its own pods: the capability's policy must not care).
+        "metadata": {"name": "hostile-control", "labels": {
+            "contextos.dev/role": "runner",
+            "app.kubernetes.io/name": "contextos-gateway",
+        }},
         "spec": {
             "restartPolicy": "Never",
             "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -375,7 +392,7 @@ pub fn judge(capability: &Value, control: &Value) -> Result<()> {
         "the capability found credentials: {capability}"
     );
     let reached = capability["reached"].as_object().context("reached")?;
-    ensure!(reached.len() == 5, "the capability's probe tried {reached:?}");
+    ensure!(reached.len() == 6, "the capability's probe tried {reached:?}");
     for (target, open) in reached {
         ensure!(
             open == &json!(false),

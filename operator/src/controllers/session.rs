@@ -381,13 +381,28 @@ async fn start_capabilities(
     let policy = capability_pods::network_policy(session, sandbox, &ctx.runner);
     apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
     for server in &servers {
-        let pod = capability_pods::capability_pod(session, sandbox, server);
+        let pod =
+            capability_pods::capability_pod(session, sandbox, server, &capability::ChannelKey::generate());
         let name = pod.name_any();
         match pods.get_opt(&name).await? {
             Some(existing) if !owned_by(existing.metadata.owner_references.as_deref(), session) => {
                 return Err(Error::Run(format!(
                     "pod {name} is not this Session's capability pod (an earlier Session's, or made by someone else); waiting for it to be removed"
                 )));
+            }
+            // Ended (its deadline, an eviction): removed now, made again on the next pass.
+            Some(existing)
+                if existing
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.as_deref())
+                    .is_some_and(|p| p == "Failed" || p == "Succeeded") =>
+            {
+                match pods.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             Some(_) => {}
             None => match pods.create(&PostParams::default(), &pod).await {
@@ -993,18 +1008,19 @@ async fn write_status(ctx: &Context, session: &Session, update: Update) -> Resul
     let current = session.status.clone().unwrap_or_default();
     let mut status = current.clone();
     let announced = update.apply(&mut status, session.metadata.generation, now());
-    // A finished Session's capability pods stop with it.
-    let ends = status.phase.is_some_and(SessionPhase::is_terminal)
-        && !current.phase.is_some_and(SessionPhase::is_terminal);
+    // A finished Session's capability pods stop with it — before the status says so, because a
+    // finished Session is not reconciled again: if stopping fails, the next pass tries again.
+    if status.phase.is_some_and(SessionPhase::is_terminal)
+        && !current.phase.is_some_and(SessionPhase::is_terminal)
+    {
+        stop_capabilities(ctx, session).await?;
+    }
     let status = serde_json::to_value(&status).map_err(|source| Error::Build {
         what: "Session status",
         source,
     })?;
     let api = Api::<Session>::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
     apply_status(&api, &session.name_any(), status).await?;
-    if ends {
-        stop_capabilities(ctx, session).await?;
-    }
     if let Some(ready) = announced {
         super::announce(ctx, session, &current.conditions, &ready).await;
     }

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use contextos_runner::capability::{self, Hello, ServerDigest};
+use contextos_runner::capability::{self, ChannelKey, Hello, ServerDigest};
 
 #[derive(Debug, Subcommand)]
 pub enum CapabilityCommand {
@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// Digest of the server's command, as the operator computed it.
     #[arg(long)]
     server: String,
+    /// This pod's channel key (64 hex characters), which the bridge proves itself with.
+    #[arg(long)]
+    key: String,
     /// The server's program and arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -45,6 +48,8 @@ pub async fn run(command: CapabilityCommand) -> anyhow::Result<ExitCode> {
         ServerDigest::of(&args.command) == server,
         "--server {server} is not the digest of the command after `--`; the pod was not made by the operator"
     );
+    let key =
+        ChannelKey::parse(&args.key).context("--key: not a channel key (64 lowercase hex characters)")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -64,7 +69,7 @@ pub async fn run(command: CapabilityCommand) -> anyhow::Result<ExitCode> {
     // As a container's first process, a signal without a handler would be ignored: stop on
     // SIGTERM (the Session ended) at once, killing the servers with the connections.
     tokio::select! {
-        served = capability::serve(listener, hello, args.command) => served?,
+        served = capability::serve(listener, hello, key, args.command) => served?,
         () = contextos_runner::signals::shutdown() => {}
     }
     Ok(ExitCode::SUCCESS)

@@ -183,7 +183,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     }
     let key = KeyPair::load_or_create(&global.key_path())?;
     let secrets = secrets(&set, &args.access)?;
-    let harness = harness(&store, key, bundle, secrets, &args.access)?;
+    let harness = harness(global, &store, key, bundle, secrets, &args.access)?;
     let run_id = format!("{}-{}", harness.bundle().session, random_hex(4));
     let mut observer = Terminal::default();
     let report = harness
@@ -201,7 +201,7 @@ pub async fn resume(global: &GlobalArgs, args: ResumeArgs) -> anyhow::Result<Exi
     let secrets = secrets(&set, &args.access)?;
     let approvals = read_decisions::<ApprovalGrant>(&approvals_path(global, &tenant, &args.session))?;
     let resolutions = read_decisions(&decisions_path(global, "resolutions", &tenant, &args.session))?;
-    let harness = harness(&store, key, bundle, secrets, &args.access)?.with_resolutions(resolutions);
+    let harness = harness(global, &store, key, bundle, secrets, &args.access)?.with_resolutions(resolutions);
     let mut observer = Terminal::default();
     let report = harness.resume(&approvals, &mut |p| observer.show(p)).await?;
     finish(global, &tenant, &report)
@@ -260,6 +260,7 @@ pub async fn approve(global: &GlobalArgs, args: ApproveArgs) -> anyhow::Result<E
 }
 
 fn harness<'s>(
+    global: &GlobalArgs,
     store: &'s AnyStore,
     key: KeyPair,
     bundle: RunBundle,
@@ -270,7 +271,9 @@ fn harness<'s>(
         .gateway_bundle(secrets.clone())
         .build(key.public())
         .map_err(|e| anyhow::anyhow!("agent {}: {e}", bundle.agent))?
-        .with_endpoint_overrides(parse_overrides(&access.endpoint_overrides)?);
+        .with_endpoint_overrides(parse_overrides(&access.endpoint_overrides)?)
+        // A stdio MCP server's diagnostics go to its own file, not this terminal.
+        .with_stdio_logs(global.data_dir.join("logs"));
     let model = model_of(&bundle, &secrets)?;
     Ok(Harness::new(store, key, bundle, gateway, model)?)
 }

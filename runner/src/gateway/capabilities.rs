@@ -13,7 +13,7 @@ use tokio::{
 };
 
 use super::egress::EgressGuard;
-use crate::capability::{self, Hello, ServerDigest};
+use crate::capability::{self, ChannelKey, Hello, ServerDigest};
 
 /// How long a call waits for its Session's capability pod to be running (it is created with
 /// the Session's first attempt, so normally it already is).
@@ -26,8 +26,8 @@ pub type Resolving<'a> = Pin<Box<dyn Future<Output = Result<Lookup, String>> + S
 /// What a look-up for a capability pod found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lookup {
-    /// Running at this address.
-    At(SocketAddr),
+    /// Running and ready at this address, proving itself with this key.
+    At(SocketAddr, ChannelKey),
     /// Not running yet (or not yet there): worth asking again.
     NotYet(String),
 }
@@ -98,6 +98,24 @@ pub fn judge(pod: &Pod, session: &str, server: &ServerDigest) -> Result<Lookup, 
             "pod {name} is not the capability pod of Session {session} for server {server}"
         ));
     }
+    let spec = pod.spec.clone().unwrap_or_default();
+    if spec.host_network == Some(true) {
+        return Err(format!(
+            "pod {name} uses the node's network; capability pods never do"
+        ));
+    }
+    let key = spec
+        .containers
+        .first()
+        .into_iter()
+        .flat_map(|c| c.args.iter().flatten())
+        .take_while(|a| *a != "--")
+        .find_map(|a| a.strip_prefix("--key="))
+        .and_then(ChannelKey::parse)
+        .ok_or_else(|| format!("pod {name} names no channel key"))?;
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err(format!("capability pod {name} is being deleted"));
+    }
     let status = pod.status.clone().unwrap_or_default();
     let phase = status.phase.unwrap_or_default();
     match phase.as_str() {
@@ -105,12 +123,20 @@ pub fn judge(pod: &Pod, session: &str, server: &ServerDigest) -> Result<Lookup, 
         "Succeeded" | "Failed" => return Err(format!("capability pod {name} has ended ({phase})")),
         _ => return Ok(Lookup::NotYet(format!("capability pod {name} is {phase}"))),
     }
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    if !ready {
+        return Ok(Lookup::NotYet(format!("capability pod {name} is not ready")));
+    }
     let ip = status
         .pod_ip
         .as_deref()
         .and_then(|ip| ip.parse().ok())
         .ok_or_else(|| format!("capability pod {name} has no address yet"))?;
-    Ok(Lookup::At(SocketAddr::new(ip, capability::PORT)))
+    Ok(Lookup::At(SocketAddr::new(ip, capability::PORT), key))
 }
 
 /// The capability pods of one run: where the gateway's MCP client sends a command-started
@@ -154,36 +180,40 @@ impl CapabilityRoute {
     ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf), String> {
         let server = ServerDigest::of(command);
         let deadline = tokio::time::Instant::now() + WAIT_FOR_POD;
-        let address = loop {
+        let (address, key) = loop {
             match self
                 .resolver
                 .find(&self.namespace, &self.session, &server)
                 .await?
             {
-                Lookup::At(address) => break address,
+                Lookup::At(address, key) => break (address, key),
                 Lookup::NotYet(why) if tokio::time::Instant::now() >= deadline => {
                     return Err(format!("{why} after {WAIT_FOR_POD:?}"));
                 }
                 Lookup::NotYet(_) => tokio::time::sleep(POLL).await,
             }
         };
-        // A pod address is the CNI's to give, but the guard still has the last word (the store's
-        // nodes, link-local metadata services).
-        if !self.egress.allows(address.ip()) {
-            return Err(format!("{address} is a denied destination"));
+        // The address is the kubelet's report for the Session's own pod, not a destination an
+        // Agent names: the platform's deny list (often the whole pod range) is not for it.
+        // Metadata services and unroutable addresses never are capability pods.
+        let ip = address.ip();
+        if ip.is_unspecified() || ip.is_multicast() || !self.egress.allows_always(ip) {
+            return Err(format!("{address} cannot be a capability pod's address"));
         }
         let hello = Hello {
             namespace: self.namespace.clone(),
             session: self.session.clone(),
             server,
         };
-        capability::dial(address, &hello, Duration::from_secs(10)).await
+        capability::dial(address, &hello, &key, Duration::from_secs(10)).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     fn pod(owner: &str, role: &str, server: &str, phase: &str) -> Pod {
         serde_json::from_value(serde_json::json!({
@@ -192,7 +222,8 @@ mod tests {
                 "labels": {labels::ROLE: role, capability::SERVER_LABEL: server},
                 "ownerReferences": [{"apiVersion": "contextos.dev/v1alpha1", "kind": "Session", "name": owner, "uid": "u", "controller": true}],
             },
-            "status": {"phase": phase, "podIP": "10.244.0.7"},
+            "spec": {"containers": [{"name": "capability", "args": ["capability", "serve", format!("--key={KEY}"), "--", "srv"]}]},
+            "status": {"phase": phase, "podIP": "10.244.0.7", "conditions": [{"type": "Ready", "status": "True"}]},
         }))
         .expect("pod")
     }
@@ -201,13 +232,34 @@ mod tests {
     fn only_the_sessions_running_capability_pod_for_that_server_is_dialled() {
         let server = ServerDigest::of(&["srv".into()]);
         let at = SocketAddr::from(([10, 244, 0, 7], capability::PORT));
-        assert_eq!(
-            judge(
-                &pod("s1", capability::ROLE, server.as_str(), "Running"),
-                "s1",
-                &server
-            ),
-            Ok(Lookup::At(at))
+        let key = ChannelKey::parse(KEY).expect("key");
+        let running = || pod("s1", capability::ROLE, server.as_str(), "Running");
+        assert_eq!(judge(&running(), "s1", &server), Ok(Lookup::At(at, key)));
+        let mut unready = running();
+        if let Some(status) = unready.status.as_mut() {
+            status.conditions = None;
+        }
+        assert!(matches!(judge(&unready, "s1", &server), Ok(Lookup::NotYet(_))));
+        let mut leaving = running();
+        leaving.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert!(judge(&leaving, "s1", &server).is_err(), "a pod being deleted");
+        let mut on_the_node = running();
+        if let Some(spec) = on_the_node.spec.as_mut() {
+            spec.host_network = Some(true);
+        }
+        assert!(
+            judge(&on_the_node, "s1", &server).is_err(),
+            "a pod on the node's network"
+        );
+        let mut keyless = running();
+        if let Some(spec) = keyless.spec.as_mut() {
+            spec.containers[0].args = Some(vec!["--".into(), format!("--key={KEY}")]);
+        }
+        assert!(
+            judge(&keyless, "s1", &server).is_err(),
+            "a key after `--` is the server's argument"
         );
         assert!(matches!(
             judge(

@@ -60,6 +60,19 @@ impl EgressGuard {
         Ok(())
     }
 
+    /// Whether `ip` is outside the networks denied whatever the configuration (link-local
+    /// metadata services).
+    pub fn allows_always(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        !ALWAYS_DENIED
+            .iter()
+            .filter_map(|n| n.parse::<IpNet>().ok())
+            .any(|net| net.contains(&ip))
+    }
+
     /// Whether `ip` may be connected to.
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = match ip {

@@ -225,6 +225,14 @@ impl ToolGateway {
         self
     }
 
+    /// Appends the stderr of each command-started MCP server (started here, in a local run) to
+    /// its own file in `dir`.
+    pub fn with_stdio_logs(mut self, dir: std::path::PathBuf) -> Self {
+        self.mcp = adapters::mcp::McpClients::new(self.http.clone())
+            .with_stdio(adapters::mcp::StdioServers::Local { logs: Some(dir) });
+        self
+    }
+
     /// Reaches command-started MCP servers in the run's capability pods through `route`.
     pub fn with_capabilities(mut self, route: capabilities::CapabilityRoute) -> Self {
         self.mcp = adapters::mcp::McpClients::new(self.http.clone())

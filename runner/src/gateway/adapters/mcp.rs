@@ -44,8 +44,10 @@ pub struct McpClients {
 /// Where a command-started (stdio) MCP server runs.
 #[derive(Clone, Debug)]
 pub enum StdioServers {
-    /// Here, as a child process with a clean environment (`contextos run` on a workstation).
-    Local,
+    /// Here, as a child process with a clean environment (`contextos run` on a workstation);
+    /// each server's stderr is appended to `<logs>/mcp-<server digest>.log` (or dropped without
+    /// a directory), never mixed into the caller's output.
+    Local { logs: Option<std::path::PathBuf> },
     /// In the run's capability pods (the gateway service).
     Capability(CapabilityRoute),
     /// Nowhere: this process holds other runs' credentials and has no capability pods.
@@ -61,7 +63,7 @@ struct Session {
 impl Default for McpClients {
     /// A local run's clients: HTTP servers through a plain client, stdio servers started here.
     fn default() -> Self {
-        Self::new(crate::http::client()).with_stdio(StdioServers::Local)
+        Self::new(crate::http::client()).with_stdio(StdioServers::Local { logs: None })
     }
 }
 
@@ -75,7 +77,7 @@ impl std::fmt::Debug for McpClients {
 pub fn server_of(adapter: &McpAdapter) -> String {
     match (&adapter.url, &adapter.command) {
         (Some(url), _) => url.clone(),
-        (None, Some(command)) => format!("stdio:{}", command.join(" ")),
+        (None, Some(command)) => format!("stdio:{}", crate::capability::ServerDigest::of(command)),
         (None, None) => "mcp:unconfigured".into(),
     }
 }
@@ -87,11 +89,12 @@ pub fn message_limit(cap: usize) -> usize {
 }
 
 /// Starts `command` as a child process with a clean environment: the server gets nothing of
-/// this process's (credentials, store addresses, tokens), only a search path; its stderr goes
-/// nowhere near the caller's output.
+/// this process's (credentials, store addresses, tokens), only a search path; its stderr goes to
+/// its own log in `logs`, nowhere near the caller's output.
 fn spawn_local(
     command: &[String],
     limit: usize,
+    logs: Option<&std::path::Path>,
 ) -> Result<
     (
         tokio::process::Child,
@@ -102,6 +105,19 @@ fn spawn_local(
     let Some((program, args)) = command.split_first() else {
         return Err("adapter.mcp.command is empty".into());
     };
+    let stderr = match logs {
+        None => std::process::Stdio::null(),
+        Some(dir) => {
+            let path = dir.join(format!(
+                "mcp-{}.log",
+                crate::capability::ServerDigest::of(command)
+            ));
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&path))
+                .map_err(|e| format!("cannot open {} for the server's stderr: {e}", path.display()))?
+                .into()
+        }
+    };
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .env_clear()
@@ -111,7 +127,7 @@ fn spawn_local(
         )
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {program}: {e}"))?;
@@ -139,12 +155,21 @@ impl McpClients {
         self
     }
 
+    /// The session for `adapter`'s server: the open one, or a new one. Connecting happens
+    /// without holding the map, so one slow server holds up no other.
     async fn client(&self, adapter: &McpAdapter, cap: usize) -> Result<Client, AdapterError> {
         let key = format!("{}#{cap}", server_of(adapter));
-        let mut clients = self.clients.lock().await;
-        if let Some(session) = clients.get(&key) {
+        if let Some(session) = self.clients.lock().await.get(&key) {
             return Ok(session.client.clone());
         }
+        let session = self.connect(adapter, cap).await?;
+        let mut clients = self.clients.lock().await;
+        // A concurrent call may have connected meanwhile: keep its session, drop this one.
+        let session = clients.entry(key).or_insert(session);
+        Ok(session.client.clone())
+    }
+
+    async fn connect(&self, adapter: &McpAdapter, cap: usize) -> Result<Session, AdapterError> {
         let unreachable = |detail: String| AdapterError::Unreachable {
             endpoint: server_of(adapter),
             detail,
@@ -160,8 +185,9 @@ impl McpClients {
                 (().serve(transport).await, None)
             }
             (None, Some(command)) => match &self.stdio {
-                StdioServers::Local => {
-                    let (child, transport) = spawn_local(command, limit).map_err(unreachable)?;
+                StdioServers::Local { logs } => {
+                    let (child, transport) =
+                        spawn_local(command, limit, logs.as_deref()).map_err(unreachable)?;
                     (().serve(transport).await, Some(child))
                 }
                 StdioServers::Capability(route) => {
@@ -184,14 +210,10 @@ impl McpClients {
             }
         };
         let client = Arc::new(client.map_err(|e| unreachable(format!("MCP initialization failed: {e}")))?);
-        clients.insert(
-            key,
-            Session {
-                client: client.clone(),
-                _process: process,
-            },
-        );
-        Ok(client)
+        Ok(Session {
+            client,
+            _process: process,
+        })
     }
 
     async fn forget(&self, adapter: &McpAdapter, cap: usize) {
@@ -210,7 +232,11 @@ impl McpClients {
         ctx: &CallContext,
     ) -> Result<AdapterResponse, AdapterError> {
         let cap = ctx.max_response_bytes;
-        let client = self.client(adapter, cap).await?;
+        // Connecting (finding a capability pod, MCP's initialization) counts against the call's
+        // timeout: a server that greets and then says nothing holds up nothing for long.
+        let client = tokio::time::timeout(ctx.timeout, self.client(adapter, cap))
+            .await
+            .map_err(|_| AdapterError::Timeout(ctx.timeout))??;
         let arguments = match args {
             Value::Object(map) => map.clone(),
             Value::Null => Map::new(),

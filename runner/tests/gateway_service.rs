@@ -1329,3 +1329,58 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
         [("shop".to_owned(), "checkout-5xx".to_owned(), server.to_string())]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_whose_calls_hang_takes_only_its_own_share_of_a_replica() {
+    // The status hook answers after 2 s: the tenant's first call holds its run, the others wait.
+    let rig = rig_with_tools(EgressGuard::default(), &["--slow", "/hooks/status=2000"]).await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &rig.bundle, &context).await;
+    let header = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&context).expect("json"))
+    };
+    let http = contextos_runner::http::client();
+    let call = |i: usize| {
+        let request = contextos_runner::gateway::remote::CallRequest {
+            envelope: status_update(&context, i),
+            state: Default::default(),
+        };
+        http.post(format!("{}/v1/run/calls", rig.url))
+            .bearer_auth("token-run-1")
+            .header(RUN_CONTEXT_HEADER, header.clone())
+            .json(&request)
+            .send()
+    };
+    let calls: Vec<_> = (1..=80).map(|i| tokio::spawn(call(i))).collect();
+    // Meanwhile another tenant is still heard (and refused for its own reasons, not for lack of
+    // room): its pod's token is for namespace bank.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let other = http
+        .get(format!("{}/v1/run/head?run={RUN}", rig.url))
+        .bearer_auth("token-bank")
+        .header(RUN_CONTEXT_HEADER, header.clone())
+        .send()
+        .await
+        .expect("answered");
+    let other_status = other.status().as_u16();
+    let other_text = other.text().await.unwrap_or_default();
+    assert!(
+        other_status != 503 && !other_text.contains("in flight"),
+        "{other_status} {other_text}"
+    );
+    let mut turned_away = 0;
+    for call in calls {
+        let response = call.await.expect("task").expect("answered");
+        if response.status().as_u16() == 503
+            && response.text().await.unwrap_or_default().contains("in flight")
+        {
+            turned_away += 1;
+        }
+    }
+    assert!(
+        turned_away >= 80 - 64,
+        "at most 64 of the tenant's requests are in flight at once; {turned_away} of 80 were turned away"
+    );
+}

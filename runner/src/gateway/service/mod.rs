@@ -66,6 +66,9 @@ fn bearer(headers: &HeaderMap) -> &str {
 
 /// Requests handled at once by one replica (more wait in line).
 const MAX_IN_FLIGHT: usize = 256;
+/// Requests of one tenant handled at once by one replica (more are answered 503, which runners
+/// retry): a tenant whose calls hang — a tool that never answers — cannot take every slot.
+const MAX_IN_FLIGHT_PER_TENANT: usize = 64;
 /// Largest request body (a batch of entries or a blob).
 const MAX_REQUEST_BYTES: usize = 8 << 20;
 /// Verified RunContext signatures remembered at most (then the memory starts over).
@@ -92,6 +95,8 @@ pub struct GatewayService<S, A, T> {
     egress: EgressGuard,
     /// Finds runs' capability pods; without it, Agents with command-started tools are refused.
     capabilities: Option<Arc<dyn CapabilityResolver>>,
+    /// Each tenant's share of the requests in flight.
+    tenant_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
@@ -202,6 +207,7 @@ where
             system_namespace: "contextos-system".into(),
             egress: EgressGuard::default(),
             capabilities: None,
+            tenant_slots: Mutex::new(HashMap::new()),
         }
     }
 
@@ -283,19 +289,45 @@ where
             let read = request.method() == axum::http::Method::GET
                 && request.uri().path().starts_with("/v1/records/");
             if read {
-                service.permitted_reader(request.headers()).await.map(|_| ())
+                service
+                    .permitted_reader(request.headers())
+                    .await
+                    .map(|(tenant, _)| tenant.as_str().to_owned())
             } else {
                 Err(forbidden(
                     "readers only read: GET /v1/records/… (runs, head, chain, checkpoint, blobs)",
                 ))
             }
         } else {
-            service.identify(request.headers()).await.map(|_| ())
+            service.identify(request.headers()).await.map(|pod| pod.namespace)
         };
-        match identified {
-            Ok(()) => next.run(request).await,
-            Err(refusal) => refusal.into_response(),
-        }
+        let tenant = match identified {
+            Ok(tenant) => tenant,
+            Err(refusal) => return refusal.into_response(),
+        };
+        let Some(_slot) = service.tenant_slot(&tenant) else {
+            return unavailable(format!(
+                "namespace {tenant} has {MAX_IN_FLIGHT_PER_TENANT} requests in flight at this gateway replica; try again"
+            ))
+            .into_response();
+        };
+        next.run(request).await
+    }
+
+    /// One of `tenant`'s in-flight slots, if it has one free.
+    fn tenant_slot(&self, tenant: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let semaphore = {
+            let mut slots = self.tenant_slots.lock().ok()?;
+            // Idle tenants are forgotten now and then (only authenticated namespaces get here).
+            if slots.len() > 4096 {
+                slots.retain(|_, s| s.available_permits() < MAX_IN_FLIGHT_PER_TENANT);
+            }
+            slots
+                .entry(tenant.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT_PER_TENANT)))
+                .clone()
+        };
+        semaphore.try_acquire_owned().ok()
     }
 
     /// A reader with their own Kubernetes identity (not a runner pod's token), as the API server

@@ -4,56 +4,24 @@
 //! Secret, no environment — and a NetworkPolicy that lets only the gateway's pods in and lets
 //! out only what the profile's egress allowlist names (and cluster DNS).
 
-use std::collections::BTreeMap;
-
-use contextos_crds::{
-    Session, labels,
-    sandbox_profile::{EgressProtocol, SandboxProfileSpec, SeccompType},
-};
+use contextos_crds::{Session, labels, sandbox_profile::SandboxProfileSpec};
 use contextos_runner::capability::{self, CapabilityServer, ChannelKey};
 use k8s_openapi::{
     api::{
-        core::v1::{
-            Capabilities, Container, ContainerPort, EmptyDirVolumeSource, Pod, PodSecurityContext, PodSpec,
-            Probe, ResourceRequirements, SeccompProfile, SecurityContext, TCPSocketAction, Volume,
-            VolumeMount,
-        },
-        networking::v1::{
-            IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
-            NetworkPolicyPort, NetworkPolicySpec,
-        },
+        core::v1::{Container, ContainerPort, Pod, PodSpec, Probe, ResourceRequirements, TCPSocketAction},
+        networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicySpec},
     },
-    apimachinery::pkg::{
-        api::resource::Quantity,
-        apis::meta::v1::{LabelSelector, ObjectMeta},
-        util::intstr::IntOrString,
-    },
+    apimachinery::pkg::util::intstr::IntOrString,
 };
-use kube::Resource as _;
 
-use crate::session_children::{GATEWAY_POD_LABEL, RunnerSettings};
+use crate::{
+    pod_parts,
+    session_children::{GATEWAY_POD_LABEL, RunnerSettings, metadata},
+};
 
 /// Name of the NetworkPolicy confining a Session's capability pods.
 pub fn network_policy_name(session: &str) -> String {
     format!("{session}-capabilities")
-}
-
-/// The labels every capability pod of `session` carries (the NetworkPolicy selects on them).
-fn selector(session: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (labels::SESSION.to_owned(), session.to_owned()),
-        (labels::ROLE.to_owned(), capability::ROLE.to_owned()),
-    ])
-}
-
-fn metadata(session: &Session, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name),
-        namespace: session.metadata.namespace.clone(),
-        labels: Some(labels),
-        owner_references: session.controller_owner_ref(&()).map(|o| vec![o]),
-        ..ObjectMeta::default()
-    }
 }
 
 /// The pod serving `server` to the gateway for `session`, proving itself with `key`.
@@ -65,15 +33,6 @@ pub fn capability_pod(
 ) -> Pod {
     let name = session.metadata.name.as_deref().unwrap_or_default();
     let namespace = session.metadata.namespace.as_deref().unwrap_or_default();
-    let mut pod_labels = selector(name);
-    pod_labels.insert(capability::SERVER_LABEL.to_owned(), server.digest.to_string());
-    let mut limits = BTreeMap::from([
-        ("cpu".to_owned(), sandbox.resources.cpu.clone()),
-        ("memory".to_owned(), sandbox.resources.memory.clone()),
-    ]);
-    if let Some(storage) = &sandbox.resources.ephemeral_storage {
-        limits.insert("ephemeral-storage".to_owned(), storage.clone());
-    }
     let mut args = vec![
         "capability".to_owned(),
         "serve".to_owned(),
@@ -84,16 +43,8 @@ pub fn capability_pod(
         "--".to_owned(),
     ];
     args.extend(server.command.iter().cloned());
-    let seccomp = match sandbox.seccomp_profile.type_ {
-        SeccompType::RuntimeDefault => SeccompProfile {
-            type_: "RuntimeDefault".into(),
-            localhost_profile: None,
-        },
-        SeccompType::Localhost => SeccompProfile {
-            type_: "Localhost".into(),
-            localhost_profile: sandbox.seccomp_profile.localhost_profile.clone(),
-        },
-    };
+    let (scratch, scratch_mount) = pod_parts::scratch();
+    let caps = pod_parts::caps(sandbox);
     let container = Container {
         name: "capability".into(),
         image: Some(sandbox.image.clone()),
@@ -114,29 +65,24 @@ pub fn capability_pod(
             ..Probe::default()
         }),
         resources: Some(ResourceRequirements {
-            limits: Some(limits.clone()),
-            requests: Some(limits),
+            limits: Some(caps.clone()),
+            requests: Some(caps),
             ..ResourceRequirements::default()
         }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(sandbox.read_only_root_filesystem),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            ..SecurityContext::default()
-        }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
-            ..VolumeMount::default()
-        }]),
+        security_context: Some(pod_parts::container_security(sandbox.read_only_root_filesystem)),
+        volume_mounts: Some(vec![scratch_mount]),
         ..Container::default()
     };
+    let digest = server.digest.to_string();
     Pod {
-        metadata: metadata(session, capability::pod_name(name, &server.digest), pod_labels),
+        metadata: metadata(
+            session,
+            capability::pod_name(name, &server.digest),
+            [
+                (labels::ROLE, capability::ROLE),
+                (capability::SERVER_LABEL, digest.as_str()),
+            ],
+        ),
         spec: Some(PodSpec {
             // The bridge is a server: restarted in place if it dies, until the Session ends (the
             // operator deletes the pod then) or the profile's deadline passes.
@@ -147,22 +93,12 @@ pub fn capability_pod(
             termination_grace_period_seconds: Some(5),
             active_deadline_seconds: Some(i64::from(sandbox.active_deadline_seconds)),
             runtime_class_name: sandbox.runtime_class_name.clone(),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(sandbox.run_as_user),
-                run_as_group: Some(sandbox.run_as_user),
-                seccomp_profile: Some(seccomp),
-                ..PodSecurityContext::default()
-            }),
+            security_context: Some(pod_parts::pod_security(
+                sandbox.run_as_user,
+                pod_parts::seccomp(sandbox),
+            )),
             containers: vec![container],
-            volumes: Some(vec![Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    size_limit: Some(Quantity("64Mi".into())),
-                    ..EmptyDirVolumeSource::default()
-                }),
-                ..Volume::default()
-            }]),
+            volumes: Some(vec![scratch]),
             ..PodSpec::default()
         }),
         status: None,
@@ -178,69 +114,27 @@ pub fn network_policy(
     settings: &RunnerSettings,
 ) -> NetworkPolicy {
     let name = session.metadata.name.as_deref().unwrap_or_default();
-    let in_namespace = |namespace: &str, key: &str, value: &str| NetworkPolicyPeer {
-        // The namespace's name label is set by the API server: a tenant cannot give it to its
-        // own namespace.
-        namespace_selector: Some(LabelSelector {
-            match_labels: Some(BTreeMap::from([(
-                "kubernetes.io/metadata.name".to_owned(),
-                namespace.to_owned(),
-            )])),
-            ..LabelSelector::default()
-        }),
-        pod_selector: Some(LabelSelector {
-            match_labels: Some(BTreeMap::from([(key.to_owned(), value.to_owned())])),
-            ..LabelSelector::default()
-        }),
-        ip_block: None,
-    };
-    let port = |protocol: &str, port: u16| NetworkPolicyPort {
-        protocol: Some(protocol.to_owned()),
-        port: Some(IntOrString::Int(i32::from(port))),
-        end_port: None,
-    };
-    let mut egress = vec![NetworkPolicyEgressRule {
-        to: Some(vec![in_namespace("kube-system", "k8s-app", "kube-dns")]),
-        ports: Some(vec![port("UDP", 53), port("TCP", 53)]),
-    }];
-    egress.extend(sandbox.egress.iter().map(|rule| {
-        NetworkPolicyEgressRule {
-            to: Some(vec![NetworkPolicyPeer {
-                ip_block: Some(IPBlock {
-                    cidr: rule.cidr.clone(),
-                    except: None,
-                }),
-                ..NetworkPolicyPeer::default()
-            }]),
-            ports: Some(
-                rule.ports
-                    .iter()
-                    .map(|p| {
-                        let protocol = match p.protocol {
-                            EgressProtocol::Tcp => "TCP",
-                            EgressProtocol::Udp => "UDP",
-                        };
-                        port(protocol, p.port)
-                    })
-                    .collect(),
-            ),
-        }
-    }));
+    let mut egress = vec![pod_parts::dns_egress()];
+    egress.extend(sandbox.egress.iter().map(pod_parts::allowlisted));
     NetworkPolicy {
-        metadata: metadata(session, network_policy_name(name), selector(name)),
+        metadata: metadata(
+            session,
+            network_policy_name(name),
+            [(labels::ROLE, capability::ROLE)],
+        ),
         spec: Some(NetworkPolicySpec {
-            pod_selector: Some(LabelSelector {
-                match_labels: Some(selector(name)),
-                ..LabelSelector::default()
-            }),
+            pod_selector: Some(pod_parts::selector([
+                (labels::SESSION, name),
+                (labels::ROLE, capability::ROLE),
+            ])),
             policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
-                from: Some(vec![in_namespace(
+                from: Some(vec![pod_parts::pods_in(
                     &settings.gateway_namespace,
                     GATEWAY_POD_LABEL.0,
                     GATEWAY_POD_LABEL.1,
                 )]),
-                ports: Some(vec![port("TCP", capability::PORT)]),
+                ports: Some(vec![pod_parts::port("TCP", capability::PORT)]),
             }]),
             egress: Some(egress),
         }),
@@ -249,6 +143,8 @@ pub fn network_policy(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use contextos_runner::capability::ServerDigest;
     use serde_json::Value;
 
@@ -267,6 +163,14 @@ mod tests {
             serde_yaml::from_str(include_str!("../../examples/quickstart/sandboxprofile.yaml"))
                 .expect("yaml");
         serde_json::from_value(value["spec"].clone()).expect("sandbox spec")
+    }
+
+    /// The labels every capability pod of `session` carries.
+    fn selector(session: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (labels::SESSION.to_owned(), session.to_owned()),
+            (labels::ROLE.to_owned(), capability::ROLE.to_owned()),
+        ])
     }
 
     fn server() -> CapabilityServer {

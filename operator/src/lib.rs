@@ -9,6 +9,7 @@ pub mod controllers;
 pub mod crash;
 pub mod leader;
 pub mod metrics;
+pub mod pod_parts;
 pub mod replay_job;
 pub mod session_children;
 pub mod tenant_keys;

@@ -17,16 +17,25 @@ use contextos_runner::{
         replay::ReplayGate,
     },
 };
+use std::collections::BTreeMap;
+
 use k8s_openapi::{
     api::{
-        batch::v1::Job,
-        core::v1::{ConfigMap, Pod},
+        batch::v1::{Job, JobSpec},
+        core::v1::{
+            ConfigMap, ConfigMapVolumeSource, Container, EnvVar, Pod, PodSpec, PodTemplateSpec,
+            ResourceRequirements, SeccompProfile, Volume, VolumeMount,
+        },
+        networking::v1::{NetworkPolicy, NetworkPolicySpec},
     },
-    apimachinery::pkg::apis::meta::v1::OwnerReference,
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{ObjectMeta, OwnerReference},
+    },
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::session_children::{RunnerSettings, gateway_egress, gateway_token_volume};
+use crate::{pod_parts, session_children::RunnerSettings};
 
 /// Where the candidate is mounted in the Job's pod.
 const CANDIDATE_DIR: &str = "/var/run/contextos/candidate";
@@ -77,29 +86,46 @@ pub fn attempt_job_name(target: &GateTarget<'_>, attempt: u32) -> String {
     }
 }
 
-fn metadata(target: &GateTarget<'_>) -> Value {
+fn metadata(target: &GateTarget<'_>) -> ObjectMeta {
     metadata_named(target, job_name(target))
 }
 
-fn metadata_named(target: &GateTarget<'_>, name: String) -> Value {
-    json!({
-        "name": name,
-        "namespace": target.namespace,
-        "labels": {labels::REVISION_OF: revision_of(target)},
-        "annotations": {"contextos.dev/digest": target.digest},
-        "ownerReferences": target.owner.iter().collect::<Vec<_>>(),
-    })
+fn metadata_named(target: &GateTarget<'_>, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(target.namespace.to_owned()),
+        labels: Some(BTreeMap::from([(
+            labels::REVISION_OF.to_owned(),
+            revision_of(target),
+        )])),
+        annotations: Some(BTreeMap::from([(
+            "contextos.dev/digest".to_owned(),
+            target.digest.to_owned(),
+        )])),
+        owner_references: target.owner.clone().map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The labels of a replay Job's pods (its NetworkPolicy selects them).
+fn pod_labels(target: &GateTarget<'_>) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::ROLE.to_owned(), "replay".to_owned()),
+        (labels::REVISION_OF.to_owned(), revision_of(target)),
+    ])
 }
 
 /// The candidate object, as `contextos replay --candidate` reads it.
 pub fn candidate_config_map(target: &GateTarget<'_>, object: &Value) -> Result<ConfigMap, serde_json::Error> {
-    serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": metadata(target),
-        "immutable": true,
-        "data": {CANDIDATE_KEY: serde_json::to_string(object)?},
-    }))
+    Ok(ConfigMap {
+        metadata: metadata(target),
+        immutable: Some(true),
+        data: Some(BTreeMap::from([(
+            CANDIDATE_KEY.to_owned(),
+            serde_json::to_string(object)?,
+        )])),
+        ..ConfigMap::default()
+    })
 }
 
 /// How long a replay Job's read grant is valid (beyond the Job's deadline: it starts late when
@@ -142,83 +168,112 @@ pub fn job(
     grant: &SignedReadGrant,
 ) -> Result<Job, serde_json::Error> {
     let name = job_name(target);
-    let args = [
+    let args = vec![
         "replay-gate".to_owned(),
         "--candidate".into(),
         format!("{CANDIDATE_DIR}/{CANDIDATE_KEY}"),
         "--summary".into(),
         "/dev/termination-log".into(),
     ];
-    serde_json::from_value(json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": metadata_named(target, attempt_job_name(target, attempt)),
-        "spec": {
+    let env = |name: &str, value: String| EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        value_from: None,
+    };
+    let quantities = |cpu: &str, memory: &str| {
+        BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.into())),
+            ("memory".to_owned(), Quantity(memory.into())),
+        ])
+    };
+    let (token, token_mount) = pod_parts::gateway_token();
+    let container = Container {
+        name: "replay".into(),
+        image: Some(image.to_owned()),
+        args: Some(args),
+        env: Some(vec![
+            env("CONTEXTOS_STORE", format!("gateway+{}", settings.gateway)),
+            env("CONTEXTOS_TENANT", target.namespace.to_owned()),
+            env(READ_GRANT_ENV, serde_json::to_string(grant)?),
+            env(
+                TOKEN_FILE_ENV,
+                format!("{}/{}", paths::TOKEN_DIR, paths::TOKEN_FILE),
+            ),
+        ]),
+        resources: Some(ResourceRequirements {
+            limits: Some(quantities("1", "512Mi")),
+            requests: Some(quantities("100m", "128Mi")),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(pod_parts::container_security(true)),
+        // Only the file counts: logs may hold recorded (hostile) tool text.
+        termination_message_policy: Some("File".into()),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "candidate".into(),
+                mount_path: CANDIDATE_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            token_mount,
+        ]),
+        ..Container::default()
+    };
+    let candidate = Volume {
+        name: "candidate".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name,
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    let runtime_default = SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        localhost_profile: None,
+    };
+    Ok(Job {
+        metadata: metadata_named(target, attempt_job_name(target, attempt)),
+        spec: Some(JobSpec {
             // The verdict is the gateway's; a failed pod is retried as a new attempt (a new
             // Job), never by the Job itself.
-            "backoffLimit": 0,
-            "activeDeadlineSeconds": 1800,
-            "template": {
-                "metadata": {"labels": {labels::ROLE: "replay", labels::REVISION_OF: revision_of(target)}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": false,
-                    "enableServiceLinks": false,
-                    "securityContext": {
-                        "runAsNonRoot": true,
-                        "runAsUser": 65532,
-                        "runAsGroup": 65532,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [{
-                        "name": "replay",
-                        "image": image,
-                        "args": args,
-                        "env": [
-                            {"name": "CONTEXTOS_STORE", "value": format!("gateway+{}", settings.gateway)},
-                            {"name": "CONTEXTOS_TENANT", "value": target.namespace},
-                            {"name": READ_GRANT_ENV, "value": serde_json::to_string(grant)?},
-                            {"name": TOKEN_FILE_ENV, "value": format!("{}/{}", paths::TOKEN_DIR, paths::TOKEN_FILE)},
-                        ],
-                        "resources": {"limits": {"cpu": "1", "memory": "512Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "runAsNonRoot": true,
-                            "capabilities": {"drop": ["ALL"]},
-                        },
-                        // Only the file counts: logs may hold recorded (hostile) tool text.
-                        "terminationMessagePolicy": "File",
-                        "volumeMounts": [
-                            {"name": "candidate", "mountPath": CANDIDATE_DIR, "readOnly": true},
-                            {"name": "gateway-token", "mountPath": paths::TOKEN_DIR, "readOnly": true},
-                        ],
-                    }],
-                    "volumes": [{"name": "candidate", "configMap": {"name": name}}, gateway_token_volume()],
-                },
+            backoff_limit: Some(0),
+            active_deadline_seconds: Some(1800),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels(target)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_parts::pod_security(65532, runtime_default)),
+                    containers: vec![container],
+                    volumes: Some(vec![candidate, token]),
+                    ..PodSpec::default()
+                }),
             },
-        },
-    }))
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
 }
 
 /// The replay pod's NetworkPolicy: no ingress; egress only to the cluster DNS pods and the
 /// gateway service's pods. A replay calls no tool and no model.
-pub fn network_policy(
-    target: &GateTarget<'_>,
-    settings: &RunnerSettings,
-) -> Result<k8s_openapi::api::networking::v1::NetworkPolicy, serde_json::Error> {
-    let rules = gateway_egress(settings);
-    serde_json::from_value(json!({
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": metadata(target),
-        "spec": {
-            "podSelector": {"matchLabels": {labels::ROLE: "replay", labels::REVISION_OF: revision_of(target)}},
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [],
-            "egress": rules,
-        },
-    }))
+pub fn network_policy(target: &GateTarget<'_>, settings: &RunnerSettings) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: metadata(target),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_labels: Some(pod_labels(target)),
+                match_expressions: None,
+            }),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(Vec::new()),
+            egress: Some(pod_parts::gateway_egress(settings)),
+        }),
+    }
 }
 
 /// How a replay Job stands.
@@ -309,6 +364,8 @@ pub fn outcome(target: &GateTarget<'_>, job: &Job, pods: &[Pod], key: &PublicKey
 #[cfg(test)]
 mod tests {
     use contextos_runner::run::gate::GateVerdict;
+
+    use serde_json::json;
 
     use super::*;
 

@@ -3,24 +3,28 @@
 //! applied, and the NetworkPolicy that confines it. A runner pod holds no credential, key or
 //! store address: it reaches the gateway service with a projected token, and nothing else.
 
+use std::collections::BTreeMap;
+
 use contextos_crds::{
-    FIELD_MANAGER, Session, SessionSpec, annotations, labels,
-    sandbox_profile::{SandboxProfileSpec, SeccompType},
+    FIELD_MANAGER, Session, SessionSpec, annotations, labels, sandbox_profile::SandboxProfileSpec,
 };
 use contextos_runner::{
-    gateway::identity::GATEWAY_AUDIENCE,
     keys::{KeyPair, PublicKey},
     run::pod::{APPROVALS_ENV, BUNDLE_KEY, GATEWAY_ENV, PodBundle, RESOLUTIONS_ENV, RUN_CONTEXT_ENV, paths},
 };
 use k8s_openapi::{
     api::{
-        core::v1::{ConfigMap, Pod},
-        networking::v1::NetworkPolicy,
+        core::v1::{
+            ConfigMap, ConfigMapVolumeSource, Container, EnvVar, Pod, PodSpec, ResourceRequirements, Volume,
+            VolumeMount,
+        },
+        networking::v1::{NetworkPolicy, NetworkPolicySpec},
     },
-    apimachinery::pkg::apis::meta::v1::OwnerReference,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::Resource as _;
-use serde_json::{Value, json};
+
+use crate::pod_parts;
 
 /// Settings that come from the operator's configuration rather than the Session.
 #[derive(Clone, Debug, Default)]
@@ -38,8 +42,6 @@ pub struct RunnerSettings {
 pub const GATEWAY_POD_LABEL: (&str, &str) = ("app.kubernetes.io/name", "contextos-gateway");
 /// Port of the gateway service's pods.
 pub const GATEWAY_PORT: u16 = 8480;
-/// Lifetime asked for the runner's projected token (the kubelet refreshes it at 80 %).
-const TOKEN_SECONDS: i64 = 600;
 
 /// Names of a Session's children.
 pub fn bundle_name(session: &str) -> String {
@@ -71,17 +73,25 @@ pub fn trace_id(session: &Session) -> String {
     hex::encode(&Sha256::digest(uid.as_bytes())[..16])
 }
 
-fn owner(session: &Session) -> Option<OwnerReference> {
-    session.controller_owner_ref(&())
-}
-
-fn metadata(session: &Session, name: String) -> Value {
-    json!({
-        "name": name,
-        "namespace": session.metadata.namespace,
-        "labels": {labels::SESSION: session.metadata.name},
-        "ownerReferences": owner(session).into_iter().collect::<Vec<_>>(),
-    })
+/// Metadata of a child named `name`: in the Session's namespace, labelled with it (plus
+/// `labels`), controlled by it.
+pub fn metadata<'a>(
+    session: &Session,
+    name: String,
+    labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> ObjectMeta {
+    let mut all = BTreeMap::from([(
+        labels::SESSION.to_owned(),
+        session.metadata.name.clone().unwrap_or_default(),
+    )]);
+    all.extend(labels.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())));
+    ObjectMeta {
+        name: Some(name),
+        namespace: session.metadata.namespace.clone(),
+        labels: Some(all),
+        owner_references: session.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
 }
 
 /// The immutable bundle: the pinned specs the Session runs, sealed by the operator.
@@ -92,15 +102,17 @@ pub fn bundle_config_map(
 ) -> Result<ConfigMap, serde_json::Error> {
     let name = bundle_name(session.metadata.name.as_deref().unwrap_or_default());
     let text = serde_json::to_string(pod_bundle)?;
-    let mut meta = metadata(session, name);
-    meta["annotations"] = json!({annotations::SEAL: seal(session, &text, key)});
-    serde_json::from_value(json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": meta,
-        "immutable": true,
-        "data": {BUNDLE_KEY: text},
-    }))
+    let mut meta = metadata(session, name, []);
+    meta.annotations = Some(BTreeMap::from([(
+        annotations::SEAL.to_owned(),
+        seal(session, &text, key),
+    )]));
+    Ok(ConfigMap {
+        metadata: meta,
+        immutable: Some(true),
+        data: Some(BTreeMap::from([(BUNDLE_KEY.to_owned(), text)])),
+        ..ConfigMap::default()
+    })
 }
 
 /// Why a ConfigMap at a Session's bundle name is not the bundle the operator wrote for it.
@@ -164,131 +176,97 @@ pub fn runner_pod(
     settings: &RunnerSettings,
 ) -> Result<Pod, serde_json::Error> {
     let name = session.metadata.name.as_deref().unwrap_or_default();
-    let mut meta = metadata(session, pod_name(name, attempt));
-    meta["labels"][labels::ATTEMPT] = json!(attempt.to_string());
-    meta["labels"][labels::ROLE] = json!("runner");
-    let approvals = serde_json::to_string(&session.spec.approvals)?;
-    let resolutions = serde_json::to_string(&session.spec.resolutions)?;
-    let volumes = vec![
-        json!({"name": "bundle", "configMap": {"name": bundle_name(name)}}),
-        gateway_token_volume(),
-        json!({"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}),
-    ];
-    let mounts = vec![
-        json!({"name": "bundle", "mountPath": paths::BUNDLE_DIR, "readOnly": true}),
-        json!({"name": "gateway-token", "mountPath": paths::TOKEN_DIR, "readOnly": true}),
-        json!({"name": "tmp", "mountPath": "/tmp"}),
-    ];
-    let mut limits = json!({"cpu": sandbox.resources.cpu, "memory": sandbox.resources.memory});
-    if let Some(storage) = &sandbox.resources.ephemeral_storage {
-        limits["ephemeral-storage"] = json!(storage);
-    }
-    let seccomp = match sandbox.seccomp_profile.type_ {
-        SeccompType::RuntimeDefault => json!({"type": "RuntimeDefault"}),
-        SeccompType::Localhost => {
-            json!({"type": "Localhost", "localhostProfile": sandbox.seccomp_profile.localhost_profile})
-        }
+    let attempt_label = attempt.to_string();
+    let metadata = metadata(
+        session,
+        pod_name(name, attempt),
+        [
+            (labels::ATTEMPT, attempt_label.as_str()),
+            (labels::ROLE, "runner"),
+        ],
+    );
+    let env = |name: &str, value: String| EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        value_from: None,
     };
-    let mut spec = json!({
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": false,
-        "enableServiceLinks": false,
-        "activeDeadlineSeconds": sandbox.active_deadline_seconds,
-        "securityContext": {
-            "runAsNonRoot": true,
-            "runAsUser": sandbox.run_as_user,
-            "runAsGroup": sandbox.run_as_user,
-            // The projected token is readable by this group only.
-            "fsGroup": sandbox.run_as_user,
-            "seccompProfile": seccomp,
-        },
-        "containers": [{
-            "name": "runner",
-            "image": sandbox.image,
-            // The image's entrypoint is `contextos`.
-            "args": ["session-run"],
-            "env": [
-                {"name": GATEWAY_ENV, "value": settings.gateway},
-                {"name": RUN_CONTEXT_ENV, "value": run_context_json},
-                {"name": APPROVALS_ENV, "value": approvals},
-                {"name": RESOLUTIONS_ENV, "value": resolutions},
-            ],
-            "resources": {"limits": limits, "requests": limits},
-            "securityContext": {
-                "allowPrivilegeEscalation": false,
-                "readOnlyRootFilesystem": sandbox.read_only_root_filesystem,
-                "runAsNonRoot": true,
-                "capabilities": {"drop": ["ALL"]},
-            },
-            "terminationMessagePath": paths::TERMINATION_LOG,
-            // Only the file counts: logs may hold a hostile tool's text.
-            "terminationMessagePolicy": "File",
-            "volumeMounts": mounts,
-        }],
-        "volumes": volumes,
-    });
-    if let Some(class) = &sandbox.runtime_class_name {
-        spec["runtimeClassName"] = json!(class);
-    }
-    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}))
-}
-
-/// Egress every sandboxed ContextOS pod (runner, replay) has: the cluster DNS pods, the gateway
-/// service's pods, and the operator's extra `cidr:port` rules — nothing else.
-pub fn gateway_egress(settings: &RunnerSettings) -> Vec<Value> {
-    let mut egress = vec![
-        json!({
-            "to": [{
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
-                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
-            }],
-            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+    let (token, token_mount) = pod_parts::gateway_token();
+    let (scratch, scratch_mount) = pod_parts::scratch();
+    let bundle = Volume {
+        name: "bundle".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: bundle_name(name),
+            ..ConfigMapVolumeSource::default()
         }),
-        json!({
-            "to": [{
-                // The namespace's name label is set by the API server: a tenant cannot give it
-                // to its own namespace.
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.gateway_namespace}},
-                "podSelector": {"matchLabels": {GATEWAY_POD_LABEL.0: GATEWAY_POD_LABEL.1}},
-            }],
-            "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}],
+        ..Volume::default()
+    };
+    let bundle_mount = VolumeMount {
+        name: "bundle".into(),
+        mount_path: paths::BUNDLE_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    let caps = pod_parts::caps(sandbox);
+    let container = Container {
+        name: "runner".into(),
+        image: Some(sandbox.image.clone()),
+        // The image's entrypoint is `contextos`.
+        args: Some(vec!["session-run".into()]),
+        env: Some(vec![
+            env(GATEWAY_ENV, settings.gateway.clone()),
+            env(RUN_CONTEXT_ENV, run_context_json.to_owned()),
+            env(APPROVALS_ENV, serde_json::to_string(&session.spec.approvals)?),
+            env(RESOLUTIONS_ENV, serde_json::to_string(&session.spec.resolutions)?),
+        ]),
+        resources: Some(ResourceRequirements {
+            limits: Some(caps.clone()),
+            requests: Some(caps),
+            ..ResourceRequirements::default()
         }),
-    ];
-    for (cidr, port) in &settings.egress {
-        egress
-            .push(json!({"to": [{"ipBlock": {"cidr": cidr}}], "ports": [{"protocol": "TCP", "port": port}]}));
-    }
-    egress
-}
-
-/// The projected token volume every sandboxed pod authenticates to the gateway with.
-pub fn gateway_token_volume() -> Value {
-    json!({"name": "gateway-token", "projected": {"sources": [{"serviceAccountToken": {
-        "audience": GATEWAY_AUDIENCE,
-        "expirationSeconds": TOKEN_SECONDS,
-        "path": paths::TOKEN_FILE,
-    }}]}})
+        security_context: Some(pod_parts::container_security(sandbox.read_only_root_filesystem)),
+        termination_message_path: Some(paths::TERMINATION_LOG.into()),
+        // Only the file counts: logs may hold a hostile tool's text.
+        termination_message_policy: Some("File".into()),
+        volume_mounts: Some(vec![bundle_mount, token_mount, scratch_mount]),
+        ..Container::default()
+    };
+    Ok(Pod {
+        metadata,
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            active_deadline_seconds: Some(i64::from(sandbox.active_deadline_seconds)),
+            runtime_class_name: sandbox.runtime_class_name.clone(),
+            security_context: Some(pod_parts::pod_security(
+                sandbox.run_as_user,
+                pod_parts::seccomp(sandbox),
+            )),
+            containers: vec![container],
+            volumes: Some(vec![bundle, token, scratch]),
+            ..PodSpec::default()
+        }),
+        status: None,
+    })
 }
 
 /// No ingress at all; egress only to the cluster DNS pods and the gateway service's pods. The
 /// profile's allowlist is for the Session's capability pods: a runner reaches tools and models
 /// only through the gateway.
-pub fn network_policy(
-    session: &Session,
-    settings: &RunnerSettings,
-) -> Result<NetworkPolicy, serde_json::Error> {
+pub fn network_policy(session: &Session, settings: &RunnerSettings) -> NetworkPolicy {
     let name = session.metadata.name.as_deref().unwrap_or_default();
-    serde_json::from_value(json!({
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": metadata(session, network_policy_name(name)),
-        "spec": {
-            "podSelector": {"matchLabels": {labels::SESSION: name, labels::ROLE: "runner"}},
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [],
-            "egress": gateway_egress(settings),
-        },
-    }))
+    NetworkPolicy {
+        metadata: metadata(session, network_policy_name(name), []),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(pod_parts::selector([
+                (labels::SESSION, name),
+                (labels::ROLE, "runner"),
+            ])),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(Vec::new()),
+            egress: Some(pod_parts::gateway_egress(settings)),
+        }),
+    }
 }
 
 /// Whether `spec` asks to stop.
@@ -301,6 +279,9 @@ pub const MANAGER: &str = FIELD_MANAGER;
 
 #[cfg(test)]
 mod tests {
+    use contextos_runner::gateway::identity::GATEWAY_AUDIENCE;
+    use serde_json::Value;
+
     use super::*;
 
     fn session() -> Session {
@@ -437,7 +418,7 @@ mod tests {
 
     #[test]
     fn the_network_policy_denies_ingress_and_allows_only_dns_pods_and_the_gateway() {
-        let policy = network_policy(&session(), &settings()).expect("policy");
+        let policy = network_policy(&session(), &settings());
         let spec = policy.spec.expect("spec");
         assert_eq!(spec.ingress, Some(vec![]));
         let egress = spec.egress.expect("egress");

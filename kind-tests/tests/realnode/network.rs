@@ -272,7 +272,7 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
     let sandbox = support::quickstart_sandbox()?;
     let mut session: contextos_crds::Session = serde_json::from_value(support::session("policed")?)?;
     session.metadata.namespace = Some(tenant.name().to_owned());
-    let mut policy: NetworkPolicy = session_children::network_policy(&session, &settings)?;
+    let mut policy: NetworkPolicy = session_children::network_policy(&session, &settings);
     policy.metadata.owner_references = None;
     Api::<NetworkPolicy>::namespaced(env.client(), tenant.name())
         .create(&PostParams::default(), &policy)

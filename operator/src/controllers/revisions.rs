@@ -56,23 +56,30 @@ where
 {
     let name = snapshot_name(kind, &object.name_any(), digest);
     let namespace = object.meta().namespace.clone().unwrap_or_default();
-    let revision: ControllerRevision = serde_json::from_value(json!({
-        "apiVersion": "apps/v1",
-        "kind": "ControllerRevision",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {labels::REVISION_OF: format!("{kind}.{}", object.name_any())},
-            "annotations": {"contextos.dev/digest": digest},
-            "ownerReferences": object.controller_owner_ref(&()).into_iter().collect::<Vec<_>>(),
-        },
-        "data": {"spec": spec},
-        "revision": object.meta().generation.unwrap_or(1),
-    }))
-    .map_err(|source| Error::Build {
+    let data = serde_json::to_value(spec).map_err(|source| Error::Build {
         what: "ControllerRevision",
         source,
     })?;
+    let revision = ControllerRevision {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.clone()),
+            labels: Some(std::collections::BTreeMap::from([(
+                labels::REVISION_OF.to_owned(),
+                format!("{kind}.{}", object.name_any()),
+            )])),
+            annotations: Some(std::collections::BTreeMap::from([(
+                "contextos.dev/digest".to_owned(),
+                digest.to_owned(),
+            )])),
+            owner_references: object.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        data: Some(k8s_openapi::apimachinery::pkg::runtime::RawExtension(
+            serde_json::json!({"spec": data}),
+        )),
+        revision: object.meta().generation.unwrap_or(1),
+    };
     apply(
         &Api::<ControllerRevision>::namespaced(ctx.client.clone(), &namespace),
         &revision,
@@ -690,7 +697,7 @@ where
             reason::UNTRUSTED_CHILD
         )));
     }
-    let policy = replay_job::network_policy(target, &ctx.runner).map_err(build("replay NetworkPolicy"))?;
+    let policy = replay_job::network_policy(target, &ctx.runner);
     // One already there only confines the replay pod differently: at worst its attempt cannot
     // reach the gateway and ends without a verdict.
     let _ = create_once(

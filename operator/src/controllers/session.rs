@@ -83,10 +83,7 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         }
     };
     let name = session.name_any();
-    let policy = children::network_policy(&session, &ctx.runner).map_err(|source| Error::Build {
-        what: "NetworkPolicy",
-        source,
-    })?;
+    let policy = children::network_policy(&session, &ctx.runner);
     apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
     start_capabilities(&ctx, &session, &pod_bundle, &sandbox, &pods).await?;
 

@@ -36,8 +36,8 @@ pub fn selector<'a>(labels: impl IntoIterator<Item = (&'a str, &'a str)>) -> Lab
     }
 }
 
-/// Pod-level security: non-root as `user`, whose group may read the projected token, and the
-/// profile's seccomp profile.
+/// Pod-level security: non-root as `user`, whose group owns the pod's volumes (the projected
+/// token is readable by it), and the profile's seccomp profile.
 pub fn pod_security(user: i64, seccomp: SeccompProfile) -> PodSecurityContext {
     PodSecurityContext {
         run_as_non_root: Some(true),

@@ -74,14 +74,16 @@ async fn rig_with(egress: EgressGuard) -> Rig {
 
 /// A rig whose ops-tools server runs with `tool_args` (e.g. `--slow PATH=MILLIS`).
 async fn rig_with_tools(egress: EgressGuard, tool_args: &[&str]) -> Rig {
-    rig_with_capabilities(egress, tool_args, None).await
+    rig_with_options(egress, tool_args, None, None).await
 }
 
-/// A rig whose services reach capability pods through `capabilities`, if any.
-async fn rig_with_capabilities(
+/// A rig whose services reach capability pods through `capabilities`, if any, and let a run
+/// write `max_run_bytes` (default otherwise).
+async fn rig_with_options(
     egress: EgressGuard,
     tool_args: &[&str],
     capabilities: Option<Arc<dyn CapabilityResolver>>,
+    max_run_bytes: Option<u64>,
 ) -> Rig {
     let tools = OpsTools::start(tool_args);
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
@@ -125,6 +127,9 @@ async fn rig_with_capabilities(
         );
         if let Some(resolver) = &capabilities {
             service = service.with_capabilities(resolver.clone());
+        }
+        if let Some(bytes) = max_run_bytes {
+            service = service.with_max_run_bytes(bytes);
         }
         let service = service.with_egress(egress.clone()).with_endpoint_overrides(vec![
             (
@@ -1309,7 +1314,7 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
         key,
         asked: Default::default(),
     });
-    let rig = rig_with_capabilities(EgressGuard::default(), &[], Some(resolver.clone())).await;
+    let rig = rig_with_options(EgressGuard::default(), &[], Some(resolver.clone()), None).await;
     let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     start_run(client.records(), &bundle, &context).await;
@@ -1383,4 +1388,43 @@ async fn a_tenant_whose_calls_hang_takes_only_its_own_share_of_a_replica() {
         turned_away >= 80 - 64,
         "at most 64 of the tenant's requests are in flight at once; {turned_away} of 80 were turned away"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_writes_no_more_to_the_store_than_its_quota() {
+    // Room for the bundle and a few entries: the quickstart's run needs more.
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+    let bundle = ManifestSet::load(&[examples])
+        .expect("quickstart manifests")
+        .bundle("shop", None)
+        .expect("bundle");
+    let quota = bundle.canonical_bytes().len() as u64 + 8 * 1024;
+    let rig = rig_with_options(EgressGuard::default(), &[], None, Some(quota)).await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    let harness =
+        Harness::through_gateway(&client, transit(), rig.bundle.clone(), context.clone()).expect("harness");
+    let said = match harness.start(RUN, TRACE, &mut |_| {}).await {
+        Err(e) => e.to_string(),
+        Ok(report) => format!("{:?}", report.outcome),
+    };
+    assert!(
+        said.contains("--max-run-bytes"),
+        "the run ends on its quota: {said}"
+    );
+    let written: u64 = read_run(&*rig.store, &rig.tenant(), RUN)
+        .await
+        .map(|entries| entries.iter().map(|(_, e)| e.encode().len() as u64).sum())
+        .unwrap_or(0);
+    assert!(
+        written <= quota,
+        "{written} bytes of record past a quota of {quota}"
+    );
+    // Blobs count too: past the quota, an upload is refused.
+    let blob = client
+        .records()
+        .put_blob(&rig.tenant(), vec![7; quota as usize])
+        .await
+        .expect_err("over the quota");
+    assert!(blob.to_string().contains("--max-run-bytes"), "{blob}");
 }

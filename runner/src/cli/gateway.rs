@@ -36,6 +36,10 @@ pub struct GatewayArgs {
     /// range; repeatable. Link-local addresses and the record store's endpoints are always denied.
     #[arg(long = "deny-destination", value_name = "CIDR")]
     deny_destinations: Vec<ipnet::IpNet>,
+    /// What one run may write to the record store, in bytes: its record's entries and the blobs
+    /// it uploads. Writes past it are refused (413), and the run fails saying so.
+    #[arg(long, env = "CONTEXTOS_MAX_RUN_BYTES", default_value_t = contextos_runner::gateway::service::DEFAULT_MAX_RUN_BYTES)]
+    max_run_bytes: u64,
 }
 
 pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitCode> {
@@ -87,7 +91,8 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         )
         .with_system_namespace(&args.namespace)
         .with_egress(egress)
-        .with_capabilities(Arc::new(KubeCapabilities::new(client))),
+        .with_capabilities(Arc::new(KubeCapabilities::new(client)))
+        .with_max_run_bytes(args.max_run_bytes),
     );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -57,6 +57,8 @@ pub struct RunLog {
     pub ledger: Ledger,
     /// Whether the run's gateway has folded in every entry up to `head`.
     gateway_in_step: bool,
+    /// Bytes of the entries up to `head` (their canonical encoding).
+    bytes: u64,
 }
 
 impl RunLog {
@@ -74,6 +76,11 @@ impl RunLog {
     /// The chain's head as last read.
     pub fn head(&self) -> Option<(u64, Hash)> {
         self.head
+    }
+
+    /// Bytes of the record up to the head as last read.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Reads what was appended since the last look and folds it into the summary, the ledger
@@ -158,6 +165,7 @@ impl RunLog {
             fold_into_summary(&mut self.summary, *hash, entry);
             self.ledger.fold(entry);
             self.head = Some((entry.seq, *hash));
+            self.bytes = self.bytes.saturating_add(entry.encode().len() as u64);
         }
     }
 }

@@ -73,6 +73,8 @@ const MAX_IN_FLIGHT_PER_TENANT: usize = 64;
 const MAX_REQUEST_BYTES: usize = 8 << 20;
 /// Verified RunContext signatures remembered at most (then the memory starts over).
 const VERIFIED_CONTEXTS: usize = 4096;
+/// What one run may write to the store by default (its record's entries, and blobs it uploads).
+pub const DEFAULT_MAX_RUN_BYTES: u64 = 256 << 20;
 /// Runs whose gateway is kept built at most; the least recently used is dropped first.
 const MAX_CACHED_RUNS: usize = 256;
 
@@ -97,6 +99,10 @@ pub struct GatewayService<S, A, T> {
     capabilities: Option<Arc<dyn CapabilityResolver>>,
     /// Each tenant's share of the requests in flight.
     tenant_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// What one run may write to the store.
+    max_run_bytes: u64,
+    /// Bytes of blobs each run uploaded through this replica, by (tenant, run).
+    blob_bytes: Mutex<HashMap<(String, String), u64>>,
 }
 
 impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
@@ -164,6 +170,17 @@ fn unavailable(message: impl std::fmt::Display) -> Refusal {
 
 type Reply = Result<Response, Refusal>;
 
+/// A write past the run's quota of store bytes.
+fn over_quota(run: &str, used: u64, more: u64, limit: u64) -> Refusal {
+    Refusal(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "quota_exceeded",
+        format!(
+            "run {run} has written {used} bytes to the store and this write adds {more}; a run may write at most {limit} (the gateway's --max-run-bytes)"
+        ),
+    )
+}
+
 #[derive(Debug, Deserialize)]
 struct RunQuery {
     run: String,
@@ -208,7 +225,51 @@ where
             egress: EgressGuard::default(),
             capabilities: None,
             tenant_slots: Mutex::new(HashMap::new()),
+            max_run_bytes: DEFAULT_MAX_RUN_BYTES,
+            blob_bytes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// What one run may write to the store: its record's entries and the blobs it uploads
+    /// (default [`DEFAULT_MAX_RUN_BYTES`]).
+    pub fn with_max_run_bytes(mut self, bytes: u64) -> Self {
+        self.max_run_bytes = bytes;
+        self
+    }
+
+    /// Counts `bytes` of blobs against the run's quota, if they fit; the run's blob bytes so far.
+    fn charge_blob(&self, caller: &Caller, bytes: u64) -> Result<u64, Refusal> {
+        let mut counts = self
+            .blob_bytes
+            .lock()
+            .map_err(|_| unavailable("blob accounting is unavailable"))?;
+        // Runs are many and short: the accounting of old ones is dropped now and then (a run
+        // whose count is dropped may upload its quota again through this replica).
+        if counts.len() > 4 * MAX_CACHED_RUNS {
+            counts.clear();
+        }
+        let used = counts
+            .entry((caller.tenant.as_str().to_owned(), caller.run_id().to_owned()))
+            .or_default();
+        let after = used.saturating_add(bytes);
+        if after > self.max_run_bytes {
+            return Err(over_quota(caller.run_id(), *used, bytes, self.max_run_bytes));
+        }
+        *used = after;
+        Ok(after)
+    }
+
+    /// The run's blob bytes so far at this replica.
+    fn blobs_of(&self, caller: &Caller) -> u64 {
+        self.blob_bytes
+            .lock()
+            .ok()
+            .and_then(|counts| {
+                counts
+                    .get(&(caller.tenant.as_str().to_owned(), caller.run_id().to_owned()))
+                    .copied()
+            })
+            .unwrap_or(0)
     }
 
     /// Reaches the command-started MCP servers of runs in their capability pods, found by

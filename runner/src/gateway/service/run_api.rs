@@ -52,6 +52,11 @@ where
         if log.head().map(|(_, h)| h) != expected {
             return Err(head_moved(caller.run_id()));
         }
+        let incoming: u64 = entries.iter().map(|e| e.bytes.len() as u64).sum();
+        let used = log.bytes().saturating_add(service.blobs_of(&caller));
+        if used.saturating_add(incoming) > service.max_run_bytes {
+            return Err(over_quota(caller.run_id(), used, incoming, service.max_run_bytes));
+        }
         let key = service.keys.for_tenant(caller.tenant.as_str());
         let mut recorder = match log.recorder(&service.store, &caller.tenant, key.clone()) {
             Some(recorder) => recorder,
@@ -204,6 +209,7 @@ where
 
     pub(super) async fn put_blob(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
         let caller = service.caller(&headers).await?;
+        service.charge_blob(&caller, body.len() as u64)?;
         let hash = service
             .store
             .put_blob(&caller.tenant, body.to_vec())

@@ -7,6 +7,8 @@ pub mod capability_pods;
 pub mod conditions;
 pub mod controllers;
 pub mod crash;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod metrics;
 pub mod pod_parts;

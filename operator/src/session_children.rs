@@ -283,21 +283,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-
-    fn session() -> Session {
-        let mut session: Session =
-            serde_yaml::from_str(include_str!("../../examples/quickstart/session.yaml")).expect("session");
-        session.metadata.namespace = Some("shop".into());
-        session.metadata.uid = Some("0f8fad5b-d9cb-469f-a165-70867728950e".into());
-        session
-    }
-
-    fn sandbox() -> SandboxProfileSpec {
-        let value: Value =
-            serde_yaml::from_str(include_str!("../../examples/quickstart/sandboxprofile.yaml"))
-                .expect("yaml");
-        serde_json::from_value(value["spec"].clone()).expect("sandbox spec")
-    }
+    use crate::fixtures::{sandbox, session};
 
     fn settings() -> RunnerSettings {
         RunnerSettings {

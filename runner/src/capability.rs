@@ -63,11 +63,7 @@ impl ServerDigest {
 
     /// Accepts what a pod's label or a bridge's flag carries, if it has the digest's shape.
     pub fn parse(text: &str) -> Option<Self> {
-        (text.len() == 12
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| Self(text.to_owned()))
+        lowercase_hex(text, 12).then(|| Self(text.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -79,6 +75,11 @@ impl std::fmt::Display for ServerDigest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Whether `text` is `len` lowercase hex characters.
+fn lowercase_hex(text: &str, len: usize) -> bool {
+    text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A server an Agent starts from a command, and where it runs in a cluster.
@@ -131,11 +132,7 @@ impl ChannelKey {
 
     /// Accepts 64 lowercase hex characters.
     pub fn parse(text: &str) -> Option<Self> {
-        (text.len() == 64
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| Self(text.to_owned()))
+        lowercase_hex(text, 64).then(|| Self(text.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {

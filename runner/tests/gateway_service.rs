@@ -1228,17 +1228,7 @@ impl CapabilityResolver for AtLoopback {
 
 /// The quickstart's bundle with `search_runbooks` served by the stdio example server.
 fn with_stdio_tool(bundle: &RunBundle) -> (RunBundle, Vec<String>) {
-    let server = std::env::current_exe()
-        .expect("test binary")
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("examples/mcp_stdio_server");
-    assert!(
-        server.exists(),
-        "{} is missing: `cargo build -p contextos-runner --examples` builds it",
-        server.display()
-    );
+    let server = quickstart::example_binary("mcp_stdio_server");
     let command = vec![server.display().to_string()];
     let mut bundle = bundle.clone();
     for tool in &mut bundle.agent_spec.tools {

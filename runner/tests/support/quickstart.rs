@@ -21,17 +21,24 @@ pub struct OpsTools {
     pub url: String,
 }
 
+/// The example binary `name`, built next to `contextos`.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let binary = Path::new(env!("CARGO_BIN_EXE_contextos"))
+        .parent()
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p contextos-runner --examples` first",
+        binary.display()
+    );
+    binary
+}
+
 impl OpsTools {
     pub fn start(extra: &[&str]) -> Self {
-        let binary = Path::new(env!("CARGO_BIN_EXE_contextos"))
-            .parent()
-            .expect("target dir")
-            .join("examples/ops_tools");
-        assert!(
-            binary.exists(),
-            "{} is missing: run `cargo build -p contextos-runner --examples` first",
-            binary.display()
-        );
+        let binary = example_binary("ops_tools");
         let mut child = Command::new(binary)
             .args(["--hmac-key", HMAC_KEY, "--exit-on-stdin-eof"])
             .args(extra)

@@ -168,7 +168,12 @@ mod tests {
 
     #[test]
     fn a_capability_pod_is_restricted_holds_nothing_and_runs_only_its_server() {
-        let pod = capability_pod(&session(), &sandbox(), &server(), &ChannelKey::generate());
+        let pod = capability_pod(
+            &session(),
+            &sandbox(),
+            &server(),
+            &ChannelKey::generate().expect("key"),
+        );
         let spec = pod.spec.expect("spec");
         assert_eq!(spec.automount_service_account_token, Some(false));
         assert_eq!(spec.enable_service_links, Some(false));

@@ -15,7 +15,7 @@
 //! What a capability answers is data, like every tool's output: the bridge bounds nothing the
 //! gateway's MCP client does not bound again.
 
-use std::{net::SocketAddr, process::Stdio, sync::Arc, time::Duration};
+use std::{collections::VecDeque, net::SocketAddr, process::Stdio, sync::Arc, time::Duration};
 
 use contextos_crds::agent::Tool;
 use serde::{Deserialize, Serialize};
@@ -33,9 +33,11 @@ pub const PORT: u16 = 7450;
 pub const ROLE: &str = "capability";
 /// Label naming the server (its [`ServerDigest`]) a capability pod runs.
 pub const SERVER_LABEL: &str = "contextos.dev/capability-server";
-/// Connections one bridge serves at once (one per gateway replica and run is the usual load);
-/// a new one ends the oldest, which belongs to an attempt that is most likely over.
+/// Greeted connections one bridge serves at once (one per gateway replica and run is the usual
+/// load); a new one ends the oldest, which belongs to an attempt that is most likely over.
 const MAX_CONNECTIONS: usize = 8;
+/// Connections not yet greeted at once (readiness probes, strangers); more are closed.
+const MAX_GREETING: usize = 16;
 /// Longest a hello line may be, and how long the gateway has to send it.
 const HELLO_LIMIT: u64 = 4096;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -125,9 +127,12 @@ pub struct Hello {
 pub struct ChannelKey(String);
 
 impl ChannelKey {
-    /// A fresh key.
-    pub fn generate() -> Self {
-        Self(crate::run_context::random_hex(32))
+    /// A fresh key from the system's random source (an error if there is none: a predictable
+    /// key would let any pod prove to be this one).
+    pub fn generate() -> Result<Self, String> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|e| format!("no random source for a channel key: {e}"))?;
+        Ok(Self(hex::encode(bytes)))
     }
 
     /// Accepts 64 lowercase hex characters.
@@ -187,43 +192,65 @@ pub async fn serve(
     command: Vec<String>,
 ) -> std::io::Result<()> {
     let context = Arc::new((expected, key, command));
-    let mut open: std::collections::VecDeque<tokio::task::JoinHandle<()>> = Default::default();
+    // Connections still to greet (probes, strangers) are bounded apart from greeted ones, so
+    // they never end a server in use.
+    let greeting = Arc::new(tokio::sync::Semaphore::new(MAX_GREETING));
+    let open: Arc<std::sync::Mutex<VecDeque<tokio::task::AbortHandle>>> = Arc::default();
     loop {
         let (socket, peer) = listener.accept().await?;
-        open.retain(|task| !task.is_finished());
-        if open.len() >= MAX_CONNECTIONS
-            && let Some(oldest) = open.pop_front()
-        {
-            // Ending the task drops its server process, which is killed with it.
-            tracing::warn!(%peer, "capability: {MAX_CONNECTIONS} connections open, ending the oldest");
-            oldest.abort();
-        }
-        let context = context.clone();
-        open.push_back(tokio::spawn(async move {
-            let (expected, key, command) = &*context;
-            if let Err(why) = bridge(socket, expected, key, command).await {
-                tracing::warn!(%peer, "capability: connection ended: {why}");
+        let Ok(permit) = greeting.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (context, open) = (context.clone(), open.clone());
+        tokio::spawn(async move {
+            let greeted = greet(socket, &context.0).await;
+            drop(permit);
+            let (read, write, nonce) = match greeted {
+                Ok(greeted) => greeted,
+                Err(why) => {
+                    tracing::warn!(%peer, "capability: connection refused: {why}");
+                    return;
+                }
+            };
+            let context = context.clone();
+            let served = tokio::spawn(async move {
+                let (expected, key, command) = &*context;
+                if let Err(why) = bridge(read, write, &nonce, expected, key, command).await {
+                    tracing::warn!(%peer, "capability: connection ended: {why}");
+                }
+            });
+            if let Ok(mut open) = open.lock() {
+                open.retain(|task| !task.is_finished());
+                if open.len() >= MAX_CONNECTIONS
+                    && let Some(oldest) = open.pop_front()
+                {
+                    // Ending the task drops its server process, which is killed with it.
+                    tracing::warn!(%peer, "capability: {MAX_CONNECTIONS} connections open, ending the oldest");
+                    oldest.abort();
+                }
+                open.push_back(served.abort_handle());
             }
-        }));
+        });
     }
 }
 
-/// One connection: check the hello, start the server, copy bytes both ways until either side
-/// ends, then stop the server.
-async fn bridge(
-    socket: TcpStream,
-    expected: &Hello,
-    key: &ChannelKey,
-    command: &[String],
-) -> Result<(), String> {
+/// The two halves of a greeted connection and the nonce to prove against.
+type Greeted = (
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+    String,
+);
+
+/// Reads the hello and checks it names this pod's Session and server.
+async fn greet(socket: TcpStream, expected: &Hello) -> Result<Greeted, String> {
     let (read, mut write) = socket.into_split();
     let mut read = BufReader::new(read);
     let hello = tokio::time::timeout(HELLO_TIMEOUT, read_line(&mut read))
         .await
         .map_err(|_| "no hello in time".to_owned())??;
-    let nonce = match serde_json::from_str::<Greeting>(&hello) {
+    match serde_json::from_str::<Greeting>(&hello) {
         Ok(greeting) if greeting.hello == *expected && (1..=128).contains(&greeting.nonce.len()) => {
-            greeting.nonce
+            Ok((read, write, greeting.nonce))
         }
         Ok(greeting) => {
             let why = format!(
@@ -241,10 +268,22 @@ async fn bridge(
                 error: Some(why.clone()),
             };
             let _ = write_line(&mut write, &answer).await;
-            return Err(why);
+            Err(why)
         }
-        Err(e) => return Err(format!("not a hello: {e}")),
-    };
+        Err(e) => Err(format!("not a hello: {e}")),
+    }
+}
+
+/// One greeted connection: start the server, prove this pod, copy bytes both ways until
+/// either side ends, then stop the server.
+async fn bridge(
+    mut read: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    nonce: &str,
+    expected: &Hello,
+    key: &ChannelKey,
+    command: &[String],
+) -> Result<(), String> {
     let (program, args) = command.split_first().ok_or("empty command")?;
     let mut child = tokio::process::Command::new(program)
         .args(args)
@@ -264,7 +303,7 @@ async fn bridge(
     };
     let answer = Answer {
         ok: true,
-        proof: Some(key.prove(expected, &nonce)?),
+        proof: Some(key.prove(expected, nonce)?),
         error: None,
     };
     write_line(&mut write, &answer).await?;
@@ -443,6 +482,31 @@ mod tests {
             .await
             .expect_err("wrong key");
         assert!(refused.contains("proof"), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn probes_and_strangers_never_end_a_greeted_connection() {
+        let address = bridge_on_loopback(&["/bin/sh", "-c", "cat"]).await;
+        let mut connections = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            connections.push(
+                dial(address, &hello("s1"), &key(), Duration::from_secs(5))
+                    .await
+                    .expect("greeted"),
+            );
+        }
+        // Readiness probes: connect and hang up, many times.
+        for _ in 0..3 * MAX_CONNECTIONS {
+            drop(TcpStream::connect(address).await.expect("connect"));
+        }
+        let (oldest_read, oldest_write) = &mut connections[0];
+        oldest_write.write_all(b"still served\n").await.expect("write");
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(5), oldest_read.read_line(&mut line))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert_eq!(line, "still served\n");
     }
 
     #[tokio::test]

@@ -1292,12 +1292,20 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
         session: "checkout-5xx".into(),
         server: server.clone(),
     };
-    let key = contextos_runner::capability::ChannelKey::generate();
+    let key = contextos_runner::capability::ChannelKey::generate().expect("key");
+    // The bridge marks that it started the server: the gateway must not start it itself.
+    let marks = tempfile::tempdir().expect("dir");
+    let started = marks.path().join("started");
+    let wrapped = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        format!("touch {} && exec {}", started.display(), command[0]),
+    ];
     tokio::spawn(contextos_runner::capability::serve(
         listener,
         hello,
         key.clone(),
-        command,
+        wrapped,
     ));
     let resolver = Arc::new(AtLoopback {
         address,
@@ -1318,6 +1326,7 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
         }
         other => panic!("expected the server's answer, got {other:?}"),
     }
+    assert!(started.exists(), "the server ran in the capability pod's bridge");
     let asked = resolver.asked.lock().expect("asked").clone();
     assert_eq!(
         asked,
@@ -1402,13 +1411,19 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
         said.contains("--max-run-bytes"),
         "the run ends on its quota: {said}"
     );
-    let written: u64 = read_run(&*rig.store, &rig.tenant(), RUN)
+    let entries = read_run(&*rig.store, &rig.tenant(), RUN)
         .await
-        .map(|entries| entries.iter().map(|(_, e)| e.encode().len() as u64).sum())
-        .unwrap_or(0);
+        .unwrap_or_default();
+    let written: u64 = entries.iter().map(|(_, e)| e.encode().len() as u64).sum();
+    let bundle_bytes = rig.bundle.canonical_bytes().len() as u64;
+    // The bundle's blob and the entries share the quota (plus room for a closing entry).
     assert!(
-        written <= quota,
-        "{written} bytes of record past a quota of {quota}"
+        written + bundle_bytes <= quota + 16 * 1024,
+        "{written} bytes of record and a {bundle_bytes}-byte bundle past a quota of {quota}"
+    );
+    eprintln!(
+        "last entry: {:?}",
+        entries.last().map(|(_, e)| e.body.type_name())
     );
     // Blobs count too: past the quota, an upload is refused.
     let blob = client

@@ -378,8 +378,8 @@ async fn start_capabilities(
     let policy = capability_pods::network_policy(session, sandbox, &ctx.runner);
     apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
     for server in &servers {
-        let pod =
-            capability_pods::capability_pod(session, sandbox, server, &capability::ChannelKey::generate());
+        let key = capability::ChannelKey::generate().map_err(Error::Run)?;
+        let pod = capability_pods::capability_pod(session, sandbox, server, &key);
         let name = pod.name_any();
         match pods.get_opt(&name).await? {
             Some(existing) if !owned_by(existing.metadata.owner_references.as_deref(), session) => {

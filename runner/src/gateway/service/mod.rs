@@ -78,6 +78,12 @@ pub const DEFAULT_MAX_RUN_BYTES: u64 = 256 << 20;
 /// Runs whose gateway is kept built at most; the least recently used is dropped first.
 const MAX_CACHED_RUNS: usize = 256;
 
+/// One of a tenant's in-flight slots at this replica, held while its request is served.
+#[derive(Clone, Debug)]
+pub(super) struct TenantSlot {
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// The service's shared state.
 pub struct GatewayService<S, A, T> {
     store: S,
@@ -366,12 +372,18 @@ where
             Ok(tenant) => tenant,
             Err(refusal) => return refusal.into_response(),
         };
-        let Some(_slot) = service.tenant_slot(&tenant) else {
+        let Some(slot) = service.tenant_slot(&tenant) else {
             return unavailable(format!(
                 "namespace {tenant} has {MAX_IN_FLIGHT_PER_TENANT} requests in flight at this gateway replica; try again"
             ))
             .into_response();
         };
+        // A handler that goes on after its caller has gone (a call being carried through)
+        // keeps the slot: a caller cannot free its share by hanging up.
+        let mut request = request;
+        request.extensions_mut().insert(TenantSlot {
+            _permit: Arc::new(slot),
+        });
         next.run(request).await
     }
 
@@ -719,6 +731,12 @@ where
             .map_err(unavailable)?;
         if log.finished() {
             return Err(forbidden(format!("the run has ended; {ended}")));
+        }
+        // What the gateway itself writes (decisions, results, model turns) counts too: past the
+        // quota it writes nothing more, refusals included.
+        let used = log.bytes().saturating_add(self.blobs_of(caller));
+        if used >= self.max_run_bytes {
+            return Err(over_quota(caller.run_id(), used, 0, self.max_run_bytes));
         }
         let key = self.keys.for_tenant(caller.tenant.as_str());
         log.recorder(&self.store, &caller.tenant, key)

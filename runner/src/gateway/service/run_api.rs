@@ -13,6 +13,11 @@ use axum::{
 
 use super::*;
 
+/// The most bytes of an envelope's identifiers (call id, idempotency key, traceparent).
+const MAX_ENVELOPE_FIELD: usize = 256;
+/// The most bytes a run's closing entry may take once the run is over its quota.
+const ENDING_BYTES: u64 = 16 * 1024;
+
 impl<S, A, T> GatewayService<S, A, T>
 where
     S: RecordStore + 'static,
@@ -54,7 +59,13 @@ where
         }
         let incoming: u64 = entries.iter().map(|e| e.bytes.len() as u64).sum();
         let used = log.bytes().saturating_add(service.blobs_of(&caller));
-        if used.saturating_add(incoming) > service.max_run_bytes {
+        // A run over its quota may still say how it ended (a small Failed entry, so its record
+        // does not stay "running" for ever).
+        let ending = incoming <= ENDING_BYTES
+            && decoded
+                .iter()
+                .all(|e| matches!(e.body, EntryBody::Failed { .. } | EntryBody::Completed { .. }));
+        if !ending && used.saturating_add(incoming) > service.max_run_bytes {
             return Err(over_quota(caller.run_id(), used, incoming, service.max_run_bytes));
         }
         let key = service.keys.for_tenant(caller.tenant.as_str());
@@ -269,9 +280,28 @@ where
         }))
     }
 
-    pub(super) async fn call(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
+    pub(super) async fn call(
+        State(service): State<Arc<Self>>,
+        held: Option<axum::Extension<TenantSlot>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Reply {
         let caller = service.caller(&headers).await?;
         let mut request: CallRequest = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+        // The runner makes these, and they go into the record even when the call is refused:
+        // short. (The tool's name is the model's; what it costs counts against the quota.)
+        for (field, value) in [
+            ("call_id", &request.envelope.call_id),
+            ("idempotency_key", &request.envelope.idempotency_key),
+            ("traceparent", &request.envelope.traceparent),
+        ] {
+            if value.len() > MAX_ENVELOPE_FIELD {
+                return Err(bad(format!(
+                    "{field} has {} bytes; at most {MAX_ENVELOPE_FIELD}",
+                    value.len()
+                )));
+            }
+        }
         let slot = service.slot(&caller).await?;
         // The call runs under the caller's verified context, whatever the envelope says.
         request.envelope.run_context = caller.context.clone();
@@ -287,7 +317,10 @@ where
         // Once decided, a call is carried through and recorded even if the runner goes away
         // mid-call (a killed pod closes its connection): its next attempt then finds the result
         // in the record instead of an effect nobody wrote down.
-        let task = tokio::spawn(async move { service.decide_and_execute(&caller, &slot, request).await });
+        let task = tokio::spawn(async move {
+            let _held = held;
+            service.decide_and_execute(&caller, &slot, request).await
+        });
         match task.await {
             Ok(outcome) => outcome.map(|o| Json(o).into_response()),
             Err(e) => Err(unavailable(format!("the call's task failed: {e}"))),

@@ -248,6 +248,17 @@ async fn start_run(
     bundle: &RunBundle,
     context: &SignedRunContext,
 ) {
+    if let Err(e) = try_start_run(records, bundle, context).await {
+        panic!("the run did not start: {e}");
+    }
+}
+
+/// [`start_run`], saying why the service refused it.
+async fn try_start_run(
+    records: &contextos_runner::records::store::remote::RemoteStore,
+    bundle: &RunBundle,
+    context: &SignedRunContext,
+) -> Result<(), contextos_runner::records::RecordError> {
     let tenant = TenantId::new("shop").expect("tenant");
     let blob = records
         .put_blob(&tenant, bundle.canonical_bytes())
@@ -263,7 +274,7 @@ async fn start_run(
     };
     Recorder::start(records, tenant, transit(), start)
         .await
-        .expect("started");
+        .map(|_| ())
 }
 
 /// A status update (the network tool the replica tests send), call `i` of step `i`.
@@ -1264,20 +1275,7 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
     let (bundle, command) = with_stdio_tool(&rig.bundle);
     let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
-    let blob = client
-        .records()
-        .put_blob(&rig.tenant(), bundle.canonical_bytes())
-        .await
-        .expect("bundle");
-    let start = contextos_runner::records::RunStart {
-        run_id: RUN.into(),
-        session_id: bundle.session.clone(),
-        agent: bundle.agent.clone(),
-        run_context: serde_json::to_value(&context).expect("json"),
-        pinned: bundle.pinned(),
-        bundle: Some(blob),
-    };
-    let Err(refused) = Recorder::start(client.records(), rig.tenant(), transit(), start).await else {
+    let Err(refused) = try_start_run(client.records(), &bundle, &context).await else {
         panic!("a run with a command-started tool started on a gateway without capability pods");
     };
     assert!(refused.to_string().contains("capability pods"), "{refused}");

@@ -378,9 +378,7 @@ async fn start_capabilities(
     let policy = capability_pods::network_policy(session, sandbox, &ctx.runner);
     apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
     for server in &servers {
-        let key = capability::ChannelKey::generate().map_err(Error::Run)?;
-        let pod = capability_pods::capability_pod(session, sandbox, server, &key);
-        let name = pod.name_any();
+        let name = capability::pod_name(&session.name_any(), &server.digest);
         match pods.get_opt(&name).await? {
             Some(existing) if !owned_by(existing.metadata.owner_references.as_deref(), session) => {
                 return Err(Error::Run(format!(
@@ -402,11 +400,16 @@ async fn start_capabilities(
                 }
             }
             Some(_) => {}
-            None => match pods.create(&PostParams::default(), &pod).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(e.into()),
-            },
+            None => {
+                // Each pod gets a key of its own, made when the pod is.
+                let key = capability::ChannelKey::generate().map_err(Error::Run)?;
+                let pod = capability_pods::capability_pod(session, sandbox, server, &key);
+                match pods.create(&PostParams::default(), &pod).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
     }
     Ok(())

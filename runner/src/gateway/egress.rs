@@ -17,6 +17,14 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 /// Networks no tool or model is reached in, whatever the configuration.
 const ALWAYS_DENIED: [&str; 3] = ["169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128"];
 
+/// `ip`, or the IPv4 address an IPv4-mapped IPv6 address carries (denied networks are IPv4).
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// The denied destinations.
 #[derive(Clone, Debug)]
 pub struct EgressGuard {
@@ -63,10 +71,7 @@ impl EgressGuard {
     /// Whether `ip` is outside the networks denied whatever the configuration (link-local
     /// metadata services).
     pub fn allows_always(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = unmapped(ip);
         !ALWAYS_DENIED
             .iter()
             .filter_map(|n| n.parse::<IpNet>().ok())
@@ -75,10 +80,7 @@ impl EgressGuard {
 
     /// Whether `ip` may be connected to.
     pub fn allows(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = unmapped(ip);
         self.denied
             .read()
             .map(|denied| !denied.iter().any(|net| net.contains(&ip)))

@@ -162,15 +162,22 @@ fn add_node_address(dir: &Path) -> Result<(), EnvError> {
 
 impl RealNode {
     /// Packs the workspace's binaries (next to the test binary: `contextos`, and
-    /// `contextos-operator` and the `ops_tools` and `hostile_mcp` examples when built) into the ContextOS image,
-    /// imports it into the node's containerd and returns `REF@digest`.
+    /// `contextos-operator` and the `ops_tools` and `hostile_mcp` examples when built) into the
+    /// ContextOS image, with the TiKV test server when `CONTEXTOS_TIKV_TESTSERVER_BIN` names it
+    /// (the fresh install's stand-in for PD and TiKV), imports it into the node's containerd and
+    /// returns `REF@digest`.
     fn import_contextos_image(&self) -> Result<String, EnvError> {
         let contextos = crate::process_node::workspace_binary("contextos").ok_or_else(|| {
             EnvError::Build("target/<profile>/contextos is missing: `make kind-tests` builds it".into())
         })?;
         let others = ["contextos-operator", "examples/ops_tools", "examples/hostile_mcp"]
             .into_iter()
-            .filter_map(crate::process_node::workspace_binary);
+            .filter_map(crate::process_node::workspace_binary)
+            .chain(
+                std::env::var_os(crate::operator_env::tikv_testserver::TESTSERVER_ENV)
+                    .map(std::path::PathBuf::from)
+                    .filter(|path| path.is_file()),
+            );
         let output = Command::new("bash")
             .arg(repo_root().join("kind-tests/realnode/image.sh"))
             .arg(CONTEXTOS_IMAGE)

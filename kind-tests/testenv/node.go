@@ -10,8 +10,8 @@
 //     Service's endpoints pointing at it, so pods reach the apiserver at
 //     10.0.0.1:443 through kube-proxy (the serving certificate names both);
 //   - the controller manager also runs the controllers that Deployments,
-//     Services and PersistentVolumeClaims need (deployment, replicaset,
-//     endpointslice, persistentvolume-binder);
+//     StatefulSets, Services and PersistentVolumeClaims need (deployment,
+//     replicaset, statefulset, endpointslice, persistentvolume-binder);
 //   - the node (TESTENV_NODE_NAME, default: the address) gets a client
 //     certificate (DIR/node.crt, DIR/node.key) for the Node authorizer.
 //
@@ -35,6 +35,7 @@ type nodeMode struct {
 var nodeControllers = []string{
 	"deployment-controller",
 	"replicaset-controller",
+	"statefulset-controller",
 	"endpointslice-controller",
 	"persistentvolume-binder-controller",
 }

@@ -7,7 +7,7 @@
 //
 // Usage:
 //
-//	tikv-testserver [-listen 127.0.0.1] [-split KEY]... [-v]
+//	tikv-testserver [-listen 127.0.0.1] [-pd-port N] [-kv-port N] [-advertise HOST] [-split KEY]... [-v]
 //
 // -split KEY (repeatable, keys in increasing order) splits the key space into
 // regions at raw KEY, written with Go string escapes (\x00 for a NUL byte);
@@ -79,16 +79,39 @@ func (s *splitKeys) Set(v string) error {
 }
 
 func main() {
-	listenHost := flag.String("listen", "127.0.0.1", "host (loopback) to listen on; both ports are chosen free by the kernel")
+	var l listenConfig
+	flag.StringVar(&l.host, "listen", "127.0.0.1", "host to listen on (loopback unless the server runs in a pod of its own)")
+	flag.IntVar(&l.pdPort, "pd-port", 0, "PD's port (default: a free one chosen by the kernel)")
+	flag.IntVar(&l.kvPort, "kv-port", 0, "TiKV's port (default: a free one chosen by the kernel)")
+	flag.StringVar(&l.advertise, "advertise", "", "host that clients are told to reach PD and TiKV at (default: the listen host); in a pod, its own address")
 	var splits splitKeys
 	flag.Var(&splits, "split", "split the key space into regions at this raw key, written with Go string escapes such as \\x00 (repeatable, in increasing order; default: one region for all keys)")
 	verbose := flag.Bool("v", false, "log every gRPC call to stderr")
 	flag.Parse()
 	if flag.NArg() != 0 {
-		fmt.Fprintln(os.Stderr, "usage: tikv-testserver [-listen HOST] [-split KEY]... [-v]")
+		fmt.Fprintln(os.Stderr, "usage: tikv-testserver [-listen HOST] [-pd-port N] [-kv-port N] [-advertise HOST] [-split KEY]... [-v]")
 		os.Exit(2)
 	}
-	os.Exit(serve(*listenHost, splits, *verbose))
+	os.Exit(serve(l, splits, *verbose))
+}
+
+// listenConfig says where the two services listen and under which host they
+// are named to clients (PD's member list and its store address): a server in a
+// pod listens on every address and names its own.
+type listenConfig struct {
+	host           string
+	pdPort, kvPort int
+	advertise      string
+}
+
+// named is the address clients are told for a listener of this config.
+func (l listenConfig) named(lis net.Listener) string {
+	addr := lis.Addr().String()
+	if l.advertise == "" {
+		return addr
+	}
+	_, port, _ := net.SplitHostPort(addr)
+	return net.JoinHostPort(l.advertise, port)
 }
 
 func fail(err error) int {
@@ -96,14 +119,14 @@ func fail(err error) int {
 	return 1
 }
 
-func serve(host string, splits [][]byte, verbose bool) int {
+func serve(l listenConfig, splits [][]byte, verbose bool) int {
 	sigCtx, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stopSignals()
 	stopCtx, stopNow := context.WithCancel(sigCtx)
 	defer stopNow()
 	go watchParent(stopCtx, stopNow)
 
-	srv, err := start(host, splits, verbose)
+	srv, err := start(l, splits, verbose)
 	if err != nil {
 		return fail(err)
 	}
@@ -141,23 +164,23 @@ type server struct {
 }
 
 // start bootstraps the mock cluster (one store, len(splits)+1 regions) and
-// serves PD and TiKV on two free ports of host.
-func start(host string, splits [][]byte, verbose bool) (*server, error) {
+// serves PD and TiKV on the ports l names (free ones by default).
+func start(l listenConfig, splits [][]byte, verbose bool) (*server, error) {
 	for i := 1; i < len(splits); i++ {
 		if bytes.Compare(splits[i-1], splits[i]) >= 0 {
 			return nil, fmt.Errorf("split keys must be given in increasing order: %q then %q", splits[i-1], splits[i])
 		}
 	}
-	pdLis, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+	pdLis, err := net.Listen("tcp", net.JoinHostPort(l.host, strconv.Itoa(l.pdPort)))
 	if err != nil {
 		return nil, fmt.Errorf("PD listener: %w", err)
 	}
-	kvLis, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+	kvLis, err := net.Listen("tcp", net.JoinHostPort(l.host, strconv.Itoa(l.kvPort)))
 	if err != nil {
 		pdLis.Close()
 		return nil, fmt.Errorf("TiKV listener: %w", err)
 	}
-	s := &server{pdAddr: pdLis.Addr().String(), kvAddr: kvLis.Addr().String(), served: make(chan error, 2), calls: newCallCounter(verbose)}
+	s := &server{pdAddr: l.named(pdLis), kvAddr: l.named(kvLis), served: make(chan error, 2), calls: newCallCounter(verbose)}
 
 	// The TiKV project's reference model: MVCC store (in-memory goleveldb),
 	// cluster metadata and PD client. Path "" keeps everything in memory.

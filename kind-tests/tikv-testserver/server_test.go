@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -51,7 +52,7 @@ func startFixture(t *testing.T) *fixture {
 	t.Helper()
 	logs := &syncBuffer{}
 	logger.SetOutput(logs)
-	srv, err := start("127.0.0.1", [][]byte{[]byte("m")}, false)
+	srv, err := start(listenConfig{host: "127.0.0.1"}, [][]byte{[]byte("m")}, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -306,5 +307,38 @@ func TestTheOtherMethodsAnswer(t *testing.T) {
 	locks, err = f.kv.KvScanLock(f.ctx, &kvrpcpb.ScanLockRequest{Context: a, MaxVersion: f.tso(t, 1), Limit: 10})
 	if err != nil || len(locks.Locks) != 0 {
 		t.Fatalf("locks left: %v %v", locks, err)
+	}
+}
+
+// A server in a pod listens on every address and names its own to clients:
+// PD's member list and its store address carry the advertised host.
+func TestClientsAreToldTheAdvertisedHost(t *testing.T) {
+	logger.SetOutput(&syncBuffer{})
+	srv, err := start(listenConfig{host: "127.0.0.1", advertise: "localhost"}, nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.stop()
+	for name, addr := range map[string]string{"PD": srv.pdAddr, "TiKV": srv.kvAddr} {
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil || host != "localhost" || port == "0" {
+			t.Fatalf("%s is named %q, want localhost and its listener's port", name, addr)
+		}
+	}
+	conn, err := grpc.Dial(srv.pdAddr, grpc.WithInsecure(), grpc.WithBlock(), grpc.WithTimeout(10*time.Second))
+	if err != nil {
+		t.Fatalf("dial %s: %v", srv.pdAddr, err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	pd := pdpb.NewPDClient(conn)
+	members, err := pd.GetMembers(ctx, &pdpb.GetMembersRequest{})
+	if err != nil || len(members.Leader.GetClientUrls()) != 1 || members.Leader.GetClientUrls()[0] != "http://"+srv.pdAddr {
+		t.Fatalf("members %v (%v), want the advertised %s", members, err, srv.pdAddr)
+	}
+	store, err := pd.GetStore(ctx, &pdpb.GetStoreRequest{StoreId: srv.storeID})
+	if err != nil || store.Store.GetAddress() != srv.kvAddr {
+		t.Fatalf("store address %v (%v), want the advertised %s", store.GetStore().GetAddress(), err, srv.kvAddr)
 	}
 }

@@ -2,16 +2,17 @@
 //! started from a command (`hostile_mcp`, in the workspace's image), allowed to execute code by
 //! its SandboxProfile. The operator runs it in a capability pod; the gateway pod is the only
 //! thing that reaches it. Its tool looks for credentials in its environment, its pod's
-//! environment and files, tries the tool service, the gateway's pod and Service (whose pod holds
-//! the record store), the API server, the kubelet and a port-53 listener that is not the
-//! cluster DNS, and
-//! tries to append to a record directly — and its
-//! report, recorded like any result, must say it found nothing and reached nothing.
+//! environment and files, tries the tool service, the gateway's pod and Service, the record
+//! store (PD), the API server, the kubelet and a port-53 listener that is not the cluster DNS,
+//! and tries to append to a record directly — and its report, recorded like any result, must
+//! say it found nothing and reached nothing.
 //!
 //! The control: the same probe in a plain pod of the tenant (a service-account token mounted, a
 //! store address in its environment, no NetworkPolicy, labelled so the gateway's own policy lets
 //! it knock) finds each of those and reaches each target — so an empty report means the
-//! sandbox, not a blind probe.
+//! sandbox, not a blind probe — except two: the capability pod and the record store, which let
+//! in only the gateway's pods in `contextos-system`, however a tenant's pod is labelled (the
+//! gateway reaching the store is shown by every Session that succeeds).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -25,18 +26,20 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use super::{SYSTEM, TIMEOUT, TOOLS_NAMESPACE};
+use super::{RECORDS, SYSTEM, TIMEOUT, TOOLS_NAMESPACE};
 
 /// The hostile Session's name.
 pub const SESSION: &str = "hostile-capability";
 /// The control's name for the capability pod's address.
 pub const CAPABILITY_TARGET: &str = "capability_pod";
+/// The record store's client port (PD), which only the gateway reaches.
+const STORE_TARGET: &str = "record_store";
 /// The addresses the probe tries, by name.
 pub type Targets = BTreeMap<String, String>;
 
 /// The addresses a hostile capability would like to reach: the tool service's pod, the gateway's
-/// pod (holding the record store) and Service, the API server, the kubelet and a port-53
-/// listener that is not the cluster DNS.
+/// pod and Service, the record store, the API server, the kubelet and a port-53 listener that
+/// is not the cluster DNS.
 pub async fn targets(env: &'static TestEnv, image: &str) -> Result<(Targets, String)> {
     let exfil = exfil_listener(env, image).await?;
     let ip_of = |namespace: &str, selector: &str| {
@@ -53,6 +56,7 @@ pub async fn targets(env: &'static TestEnv, image: &str) -> Result<(Targets, Str
     };
     let tools = ip_of(TOOLS_NAMESPACE, "app=ops-tools").await?;
     let gateway = ip_of(SYSTEM, "app.kubernetes.io/name=contextos-gateway").await?;
+    let store = ip_of(RECORDS, "app.kubernetes.io/name=pd").await?;
     let gateway_service = Api::<Service>::namespaced(env.client(), SYSTEM)
         .get("contextos-gateway")
         .await?
@@ -73,6 +77,7 @@ pub async fn targets(env: &'static TestEnv, image: &str) -> Result<(Targets, Str
         ("tool_service".into(), format!("{tools}:8080")),
         ("gateway_pod".into(), record_api.clone()),
         ("gateway_service".into(), format!("{gateway_service}:8480")),
+        (STORE_TARGET.into(), format!("{store}:2379")),
         ("api_server".into(), "10.0.0.1:443".into()),
         ("port_53_elsewhere".into(), format!("{exfil}:53")),
         ("kubelet".into(), format!("{node}:10250")),
@@ -369,17 +374,21 @@ pub fn judge(capability: &Value, control: &Value) -> Result<()> {
         "the control's probe did not find the store address in its environment: {control}"
     );
     let reached = control["reached"].as_object().context("reached")?;
+    // Only the gateway's pods get into a capability pod or the record store, however a tenant's
+    // pod is labelled.
+    let gateway_only = [CAPABILITY_TARGET, STORE_TARGET];
     for (target, open) in reached {
         ensure!(
-            target == CAPABILITY_TARGET || open == &json!(true),
+            gateway_only.contains(&target.as_str()) || open == &json!(true),
             "the control did not reach {target}, so the probe proves nothing there: {control}"
         );
     }
-    // Only the gateway's pods get into a capability pod, however a tenant's pod is labelled.
-    ensure!(
-        control["reached"][CAPABILITY_TARGET] == json!(false),
-        "a tenant's pod reached the capability pod: {control}"
-    );
+    for target in gateway_only {
+        ensure!(
+            control["reached"][target] == json!(false),
+            "a tenant's pod labelled as the gateway reached {target}: {control}"
+        );
+    }
     ensure!(
         control["recordWrite"]
             .as_str()
@@ -392,7 +401,7 @@ pub fn judge(capability: &Value, control: &Value) -> Result<()> {
         "the capability found credentials: {capability}"
     );
     let reached = capability["reached"].as_object().context("reached")?;
-    ensure!(reached.len() == 6, "the capability's probe tried {reached:?}");
+    ensure!(reached.len() == 7, "the capability's probe tried {reached:?}");
     for (target, open) in reached {
         ensure!(
             open == &json!(false),

@@ -1,9 +1,18 @@
-//! A fresh install, as a platform admin does it, on the real node: `kubectl apply -k manifests
-//! --server-side` (unchanged apart from pinning the images to the workspace's build), then the
-//! quickstart (`examples/quickstart`, unchanged apart from the same image pin) in a tenant
-//! namespace, with the quickstart's tool service `ops-tools.shop-platform.svc` running as a pod
-//! behind its Service and reached through the cluster DNS. The operator and the gateway run as
-//! the manifests' Deployments, in pods; nothing is injected by the test.
+//! A fresh install, as a platform admin does it, on the real node: `kubectl apply -k
+//! manifests/overlays/tikv --server-side` (the records in PD/TiKV, two gateway replicas), then the
+//! quickstart (`examples/quickstart`, unchanged apart from the image pin) in a tenant namespace,
+//! with the quickstart's tool service `ops-tools.shop-platform.svc` running as a pod behind its
+//! Service and reached through the cluster DNS. The operator and the gateway run as the
+//! manifests' Deployments, in pods; nothing is injected by the test.
+//!
+//! What the test changes in the manifests, all in a kustomization of its own:
+//! - the images, pinned to the workspace's build;
+//! - PD and TiKV: no PD or TiKV image can be had on this machine, so the `pd` StatefulSet runs
+//!   one `tikv-testserver` (kind-tests/tikv-testserver: PD's and TiKV's real gRPC services over
+//!   the TiKV project's mock store, in memory, in the same image) that serves PD on 2379 and
+//!   TiKV on 20160 and names its pod's address to clients; `tikv` gets no replicas. Names,
+//!   Services, labels, ports, the records NetworkPolicy and the gateway's `--store` stay as
+//!   shipped.
 //!
 //! Its own test binary (its own control plane and node): the installed operator reconciles every
 //! namespace, which would take over the objects of tests that run their own operator.
@@ -21,13 +30,14 @@ use contextos_kind_tests::{
     Check, FIELD_MANAGER, TestEnv, TestNamespace,
     dump::namespace_report,
     env::repo_root,
+    operator_env::tikv_testserver::TESTSERVER_ENV,
     real_node::{self, REQUIRE_ENV},
     wait_for_object,
 };
 use k8s_openapi::api::{
     apps::v1::Deployment,
     authentication::v1::TokenRequest,
-    core::v1::{Namespace, PersistentVolume, Pod, Secret, Service, ServiceAccount},
+    core::v1::{Namespace, Pod, Secret, Service, ServiceAccount},
     rbac::v1::RoleBinding,
 };
 use kube::{
@@ -43,6 +53,8 @@ const OPERATOR_REPOSITORY: &str = "ghcr.io/contextos/operator";
 /// The webhook key the quickstart's `post_status_update` tool signs with.
 const HMAC_KEY: &str = "install-test-webhook-key";
 const SYSTEM: &str = "contextos-system";
+/// The record store's namespace (PD and TiKV).
+const RECORDS: &str = "contextos-records";
 /// Where the quickstart's tools live (`ops-tools.shop-platform.svc`).
 const TOOLS_NAMESPACE: &str = "shop-platform";
 /// Start-up of both Deployments, and each Session phase (a replay Job runs first).
@@ -62,23 +74,11 @@ async fn a_fresh_install_from_the_manifests_runs_the_quickstart_through_the_gate
     let runner_image = node.name_image(env.runner_image(), RUNNER_REPOSITORY)?;
     let operator_image = node.name_image(env.runner_image(), OPERATOR_REPOSITORY)?;
 
-    // The cluster's storage for the gateway's claim (kind would provision it): a host directory.
-    let volume_dir = node.dir().join("volumes/contextos-gateway-data");
-    std::fs::create_dir_all(&volume_dir)?;
-    std::os::unix::fs::chown(&volume_dir, Some(65532), Some(65532))?;
-    let volume: PersistentVolume = serde_json::from_value(json!({
-        "metadata": {"name": "contextos-gateway-data"},
-        "spec": {
-            "capacity": {"storage": "1Gi"},
-            "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "hostPath": {"path": volume_dir, "type": "Directory"},
-            "claimRef": {"namespace": SYSTEM, "name": "contextos-gateway-data"},
-        },
-    }))?;
-    Api::<PersistentVolume>::all(env.client())
-        .create(&PostParams::default(), &volume)
-        .await?;
+    ensure!(
+        std::env::var_os(TESTSERVER_ENV).is_some(),
+        "{TESTSERVER_ENV} is not set: the install's stand-in for PD and TiKV is packed from it \
+         (`make kind-tests` builds it with kind-tests/tikv-testserver/build.sh)"
+    );
 
     let install = node.dir().join("install");
     write_kustomization(
@@ -88,7 +88,36 @@ async fn a_fresh_install_from_the_manifests_runs_the_quickstart_through_the_gate
 images:
   - {{name: {RUNNER_REPOSITORY}, digest: {runner_digest}}}
   - {{name: {OPERATOR_REPOSITORY}, digest: {operator_digest}}}
+  - {{name: pingcap/pd, newName: {RUNNER_REPOSITORY}, digest: {runner_digest}}}
+  - {{name: pingcap/tikv, newName: {RUNNER_REPOSITORY}, digest: {runner_digest}}}
 patches:
+  # One tikv-testserver in the place of PD and TiKV (see the module's comment).
+  - target: {{kind: StatefulSet, name: pd}}
+    patch: |-
+      - op: replace
+        path: /spec/replicas
+        value: 1
+      - op: replace
+        path: /spec/template/spec/containers/0/command
+        value: [tikv-testserver, -listen, 0.0.0.0, -pd-port, "2379", -kv-port, "20160", -advertise, $(POD_IP)]
+      - op: add
+        path: /spec/template/spec/containers/0/env/-
+        value: {{name: POD_IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}
+      - op: replace
+        path: /spec/template/spec/containers/0/readinessProbe
+        value: {{tcpSocket: {{port: 2379}}, periodSeconds: 1}}
+      - op: replace
+        path: /spec/template/spec/containers/0/resources
+        value: {{requests: {{cpu: 50m, memory: 64Mi}}}}
+      - op: remove
+        path: /spec/template/spec/containers/0/volumeMounts
+      - op: remove
+        path: /spec/volumeClaimTemplates
+  - target: {{kind: StatefulSet, name: tikv}}
+    patch: |-
+      - op: replace
+        path: /spec/replicas
+        value: 0
   # Replay Jobs run the runner image, which the operator names by flag or environment.
   - target: {{kind: Deployment, name: contextos-operator}}
     patch: |-
@@ -96,12 +125,20 @@ patches:
         path: /spec/template/spec/containers/0/env/-
         value: {{name: CONTEXTOS_REPLAY_IMAGE, value: "{runner_image}"}}
 "#,
-            manifests = relative(&install.join("manifests"), &repo_root().join("manifests")),
+            manifests = relative(
+                &install.join("manifests"),
+                &repo_root().join("manifests/overlays/tikv")
+            ),
             runner_digest = digest(&runner_image)?,
             operator_digest = digest(&operator_image)?,
         ),
     )?;
     kubectl(env, &["apply", "--server-side", "-k"], &install.join("manifests")).await?;
+    // The record store first: the gateway's replicas wait for it.
+    let store = Api::<Pod>::namespaced(env.client(), RECORDS);
+    if let Err(err) = pod_ready(&store, "pd-0").await {
+        bail!("{err:#}\n{}", namespace_report(env, RECORDS).await);
+    }
     let system = Api::<Deployment>::namespaced(env.client(), SYSTEM);
     for name in ["contextos-gateway", "contextos-operator"] {
         available(env, &system, name).await?;
@@ -544,7 +581,11 @@ async fn start_ops_tools(env: &'static TestEnv, namespace: &str, image: &str) ->
             &Patch::Apply(&service),
         )
         .await?;
-    wait_for_object(&pods, "ops-tools", "Ready", TIMEOUT, |p: &Pod| {
+    pod_ready(&pods, "ops-tools").await
+}
+
+async fn pod_ready(pods: &Api<Pod>, name: &str) -> Result<()> {
+    wait_for_object(pods, name, "Ready", TIMEOUT, |p: &Pod| {
         let ready = p
             .status
             .as_ref()
@@ -578,12 +619,13 @@ async fn phase(api: &Api<Session>, name: &str, wanted: SessionPhase) -> Result<S
     )
 }
 
-/// What a failure prints: the tenant, the tool service and the system namespace.
+/// What a failure prints: the tenant, the tool service, the system and the store namespaces.
 async fn reports(env: &TestEnv, tenant: &TestNamespace) -> String {
     format!(
-        "{}\n{}\n{}",
+        "{}\n{}\n{}\n{}",
         namespace_report(env, tenant.name()).await,
         namespace_report(env, TOOLS_NAMESPACE).await,
-        namespace_report(env, SYSTEM).await
+        namespace_report(env, SYSTEM).await,
+        namespace_report(env, RECORDS).await
     )
 }

@@ -1,6 +1,8 @@
-//! The quickstart's Session and SandboxProfile, as the operator's unit tests start from.
+//! The quickstart's Session, SandboxProfile and run bundle, as the operator's unit tests start
+//! from.
 
 use contextos_crds::{Session, sandbox_profile::SandboxProfileSpec};
+use contextos_runner::run::bundle::{NamedPack, RunBundle};
 use serde_json::Value;
 
 /// The quickstart's Session, in namespace `shop`, with a uid.
@@ -17,4 +19,29 @@ pub fn sandbox() -> SandboxProfileSpec {
     let value: Value =
         serde_yaml::from_str(include_str!("../../examples/quickstart/sandboxprofile.yaml")).expect("yaml");
     serde_json::from_value(value["spec"].clone()).expect("sandbox spec")
+}
+
+/// The run bundle the quickstart's Session pins (its Agent and ContextPack, no policies).
+pub fn run_bundle(session: &Session) -> RunBundle {
+    RunBundle {
+        tenant: "shop".into(),
+        session: "checkout-5xx".into(),
+        session_spec: session.spec.clone(),
+        agent: "sre-triage".into(),
+        agent_spec: spec_of(include_str!("../../examples/quickstart/agent.yaml")),
+        context_pack: NamedPack {
+            name: "sre-runbooks".into(),
+            spec: spec_of(include_str!("../../examples/quickstart/contextpack.yaml")),
+        },
+        sources: Default::default(),
+        policies: Vec::new(),
+        sandbox_profile_digest: None,
+        model_script: None,
+        session_labels: Default::default(),
+    }
+}
+
+fn spec_of<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
+    let value: Value = serde_yaml::from_str(yaml).expect("yaml");
+    serde_json::from_value(value["spec"].clone()).expect("spec")
 }

@@ -280,10 +280,9 @@ pub const MANAGER: &str = FIELD_MANAGER;
 #[cfg(test)]
 mod tests {
     use contextos_runner::gateway::identity::GATEWAY_AUDIENCE;
-    use serde_json::Value;
 
     use super::*;
-    use crate::fixtures::{sandbox, session};
+    use crate::fixtures::{run_bundle, sandbox, session};
 
     fn settings() -> RunnerSettings {
         RunnerSettings {
@@ -333,30 +332,9 @@ mod tests {
         assert_eq!(pod.metadata.owner_references.map(|o| o.len()), Some(1));
     }
 
-    fn spec_of<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
-        let value: Value = serde_yaml::from_str(yaml).expect("yaml");
-        serde_json::from_value(value["spec"].clone()).expect("spec")
-    }
-
     fn pod_bundle(session: &Session) -> PodBundle {
-        use contextos_runner::run::bundle::{NamedPack, RunBundle};
         PodBundle {
-            bundle: RunBundle {
-                tenant: "shop".into(),
-                session: "checkout-5xx".into(),
-                session_spec: session.spec.clone(),
-                agent: "sre-triage".into(),
-                agent_spec: spec_of(include_str!("../../examples/quickstart/agent.yaml")),
-                context_pack: NamedPack {
-                    name: "sre-runbooks".into(),
-                    spec: spec_of(include_str!("../../examples/quickstart/contextpack.yaml")),
-                },
-                sources: Default::default(),
-                policies: Vec::new(),
-                sandbox_profile_digest: None,
-                model_script: None,
-                session_labels: Default::default(),
-            },
+            bundle: run_bundle(session),
             sandbox: Some(sandbox()),
         }
     }

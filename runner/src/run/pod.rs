@@ -72,8 +72,7 @@ pub fn run_context_from(text: &str) -> Result<SignedRunContext, serde_json::Erro
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodReport {
-    /// `completed`, `failed`, `awaiting_approval` or `awaiting_resolution`.
-    pub outcome: String,
+    pub outcome: ReportedOutcome,
     pub run_id: String,
     pub steps: u32,
     pub usage: Usage,
@@ -97,6 +96,21 @@ pub struct PodReport {
     pub checkpoint: Option<(u32, String)>,
 }
 
+/// How an attempt ended, in its report. An attempt that reports nothing (or something else)
+/// crashed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportedOutcome {
+    /// The run ended with an output that passed validation (`output`).
+    Completed,
+    /// The run ended without one (`reason`, `message`).
+    Failed,
+    /// A call waits for a person's decision (`awaiting`).
+    AwaitingApproval,
+    /// A call's outcome is unknown until a person says whether it acted (`unresolved`).
+    AwaitingResolution,
+}
+
 /// Bytes of output and messages kept so the report fits a termination message.
 const TEXT_LIMIT: usize = 1024;
 /// The kubelet keeps at most 4096 bytes of a termination message; the report stays below.
@@ -105,7 +119,12 @@ const MESSAGE_LIMIT: usize = 3800;
 impl PodReport {
     pub fn of(report: &RunReport) -> Self {
         let mut out = Self {
-            outcome: String::new(),
+            outcome: match &report.outcome {
+                RunOutcome::Completed { .. } => ReportedOutcome::Completed,
+                RunOutcome::Failed { .. } => ReportedOutcome::Failed,
+                RunOutcome::AwaitingApproval(_) => ReportedOutcome::AwaitingApproval,
+                RunOutcome::AwaitingResolution(_) => ReportedOutcome::AwaitingResolution,
+            },
             run_id: report.run_id.clone(),
             steps: report.steps,
             usage: report.usage.clone(),
@@ -119,16 +138,13 @@ impl PodReport {
         };
         match &report.outcome {
             RunOutcome::Completed { output, .. } => {
-                out.outcome = "completed".into();
                 out.output = Some(cut(output));
             }
             RunOutcome::Failed { reason, message } => {
-                out.outcome = "failed".into();
                 out.reason = Some(reason.clone());
                 out.message = Some(cut(message));
             }
             RunOutcome::AwaitingApproval(awaiting) => {
-                out.outcome = "awaiting_approval".into();
                 let mut awaiting = awaiting.clone();
                 let arguments = awaiting.arguments.to_string();
                 if arguments.len() > TEXT_LIMIT {
@@ -138,7 +154,6 @@ impl PodReport {
                 out.awaiting = Some(awaiting);
             }
             RunOutcome::AwaitingResolution(unresolved) => {
-                out.outcome = "awaiting_resolution".into();
                 let mut unresolved = unresolved.clone();
                 let arguments = unresolved.arguments.to_string();
                 if arguments.len() > TEXT_LIMIT {

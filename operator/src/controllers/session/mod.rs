@@ -1,0 +1,712 @@
+//! Sessions: resolve the Agent and pin its revisions into an immutable run bundle, then run it
+//! in one sandboxed pod per attempt (deterministic names, owned by the Session), read each
+//! attempt's outcome from its termination message, pause for approvals, and retry crashed
+//! attempts — resuming from the last checkpoint — up to a bound.
+//!
+//! Each pass: fetch what is observed of the Session (its pinned bundle, the attempt's pod and
+//! what it reported, checked against the gateway's signatures) → [`plan::plan`], which decides
+//! the next [`Step`] without touching the API → apply the step → write the status
+//! ([`status::Update`]).
+
+mod plan;
+mod status;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use contextos_crds::{
+    Agent, SandboxProfile, SandboxProfileSpec, Session, annotations,
+    conditions::{self, reason},
+    session::{PinnedRevisions, SessionPhase},
+};
+use contextos_runner::{
+    capability,
+    gateway::approvals::{ApprovalRequest, Attested, UnresolvedReport},
+    run::{
+        bundle::{Composition, RunBundle, spec_digest},
+        issue_run_context,
+        pod::{PodBundle, PodReport, ReportedOutcome},
+    },
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::{
+    Api, ResourceExt as _,
+    api::{DeleteParams, PostParams},
+    runtime::controller::Action,
+};
+
+use self::{
+    plan::{AttemptPod, Ended, Observed, Step},
+    status::Update,
+};
+use super::{
+    Context, Error, Invalid, Result, apply, apply_status, condition_message, is_ready, now, ready_message,
+    revisions,
+};
+use crate::{capability_pods, session_children as children};
+
+/// Reconciles a Session.
+pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconcile("Session");
+    let phase = session.status.as_ref().and_then(|s| s.phase);
+    if phase.is_some_and(SessionPhase::is_terminal) {
+        return Ok(Action::await_change());
+    }
+    let attempt = session.status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    if session.spec.cancel {
+        let pod = attempt_pod(&pods, &session, attempt).await?;
+        return run(&ctx, &session, None, plan::cancelled(&pod)).await;
+    }
+    let (pod_bundle, sandbox) = match pinned(&ctx, &session).await? {
+        Ok(pinned) => pinned,
+        Err(invalid) => return run(&ctx, &session, None, plan::held(&invalid)).await,
+    };
+    ensure_children(&ctx, &session, &pod_bundle, &sandbox, &pods).await?;
+    let mut pod = attempt_pod(&pods, &session, attempt).await?;
+    if let AttemptPod::Ended(ended) = &mut pod {
+        observe_end(&ctx, &session, &pods, ended).await?;
+    }
+    let step = plan::plan(&Observed {
+        session: &session,
+        bundle: &pod_bundle.bundle,
+        attempt,
+        pod: &pod,
+        max_crash_attempts: ctx.max_crash_attempts,
+        now: now(),
+    });
+    run(&ctx, &session, Some((&pod_bundle, &sandbox)), step).await
+}
+
+/// Applies `step`. `pinned` is the Session's bundle and sandbox, which starting an attempt needs.
+async fn run(
+    ctx: &Context,
+    session: &Session,
+    pinned: Option<(&PodBundle, &SandboxProfileSpec)>,
+    step: Step,
+) -> Result<Action> {
+    match step {
+        Step::WaitForForeignPod { name } => Err(Error::Run(format!(
+            "pod {name} belongs to an earlier Session named {}; waiting for it to be removed",
+            session.name_any()
+        ))),
+        Step::Start {
+            attempt,
+            resumed_for,
+            after_crash,
+        } => {
+            let (pod_bundle, sandbox) =
+                pinned.ok_or_else(|| Error::Run("an attempt starts only from a pinned bundle".into()))?;
+            start_attempt(
+                ctx,
+                session,
+                pod_bundle,
+                sandbox,
+                attempt,
+                resumed_for.as_deref(),
+                after_crash.as_deref(),
+            )
+            .await?;
+            Ok(Action::await_change())
+        }
+        Step::Report { update, recheck } => {
+            write_status(ctx, session, *update).await?;
+            Ok(recheck.map_or_else(Action::await_change, Action::requeue))
+        }
+        Step::Wait(after) => Ok(Action::requeue(after)),
+        Step::Cancel { stop } => {
+            if let Some(name) = stop {
+                let pods =
+                    Api::<Pod>::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+                match pods.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let update = Update::phase(
+                SessionPhase::Cancelled,
+                reason::CANCELLED,
+                "cancelled by spec.cancel",
+            );
+            write_status(ctx, session, update.completed()).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// The attempt's pod as the plan sees it.
+async fn attempt_pod(pods: &Api<Pod>, session: &Session, attempt: u32) -> Result<AttemptPod> {
+    let Some(pod) = pods
+        .get_opt(&children::pod_name(&session.name_any(), attempt))
+        .await?
+    else {
+        return Ok(AttemptPod::Missing);
+    };
+    let name = pod.name_any();
+    if !owned_by(pod.metadata.owner_references.as_deref(), session) {
+        return Ok(AttemptPod::Foreign { name });
+    }
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
+    if phase != "Succeeded" && phase != "Failed" {
+        return Ok(AttemptPod::Live { name, phase });
+    }
+    Ok(AttemptPod::Ended(Box::new(Ended {
+        name,
+        report: termination_report(&pod),
+        attestation: None,
+        resumed_for: plan::resumed_for(&pod),
+        finished_at: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.as_ref())
+            .and_then(|t| t.finished_at.as_ref())
+            .map(|t| t.0),
+        cause: crate::crash::crash_cause(&pod),
+        crashes: 0,
+    })))
+}
+
+/// What an ended attempt's plan needs beyond its pod: whether the gateway signed what its
+/// report relays for people, or — when it reported nothing — how many attempts crashed.
+async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &mut Ended) -> Result<()> {
+    match &ended.report {
+        None => ended.crashes = crashed_attempts(pods, session).await?,
+        Some(report) => {
+            ended.attestation = match (report.outcome, &report.awaiting, &report.unresolved) {
+                (ReportedOutcome::AwaitingApproval, Some(awaiting), _) => {
+                    Some(attested(ctx, session, &report.run_id, awaiting).await)
+                }
+                (ReportedOutcome::AwaitingResolution, _, Some(unresolved)) => {
+                    Some(attested_unresolved(ctx, session, &report.run_id, unresolved).await)
+                }
+                _ => None,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The Session's NetworkPolicy and its capability pods, applied on every pass before the
+/// attempt's pod is looked at (the runner's first call may need them).
+async fn ensure_children(
+    ctx: &Context,
+    session: &Session,
+    pod_bundle: &PodBundle,
+    sandbox: &SandboxProfileSpec,
+    pods: &Api<Pod>,
+) -> Result<()> {
+    let policy = children::network_policy(session, &ctx.runner);
+    apply(
+        &Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default()),
+        &policy,
+    )
+    .await?;
+    start_capabilities(ctx, session, pod_bundle, sandbox, pods).await
+}
+
+/// Attempts of this Session whose pod ended without a report: the crashes the retry bound
+/// counts (attempts started by approvals, and attempts that reported, do not count).
+async fn crashed_attempts(pods: &Api<Pod>, session: &Session) -> Result<u32> {
+    let pods = pods
+        .list(&kube::api::ListParams::default().labels(&format!(
+            "{}={}",
+            contextos_crds::labels::SESSION,
+            session.name_any()
+        )))
+        .await?;
+    let crashed = pods
+        .items
+        .iter()
+        .filter(|p| owned_by(p.metadata.owner_references.as_deref(), session))
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            matches!(phase, Some("Failed" | "Succeeded")) && termination_report(p).is_none()
+        })
+        .count();
+    Ok(u32::try_from(crashed).unwrap_or(u32::MAX))
+}
+
+/// Creates the capability pods of the Session's command-started MCP servers that do not exist
+/// (before the runner's first call needs them), and the NetworkPolicy confining them.
+async fn start_capabilities(
+    ctx: &Context,
+    session: &Session,
+    pod_bundle: &PodBundle,
+    sandbox: &SandboxProfileSpec,
+    pods: &Api<Pod>,
+) -> Result<()> {
+    let servers = capability::servers(&pod_bundle.bundle.agent_spec.tools);
+    if servers.is_empty() {
+        return Ok(());
+    }
+    let namespace = session.namespace().unwrap_or_default();
+    let policy = capability_pods::network_policy(session, sandbox, &ctx.runner);
+    apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
+    for server in &servers {
+        let name = capability::pod_name(&session.name_any(), &server.digest);
+        match pods.get_opt(&name).await? {
+            Some(existing) if !owned_by(existing.metadata.owner_references.as_deref(), session) => {
+                return Err(Error::Run(format!(
+                    "pod {name} is not this Session's capability pod (an earlier Session's, or made by someone else); waiting for it to be removed"
+                )));
+            }
+            // Ended (its deadline, an eviction): removed now, made again on the next pass.
+            Some(existing)
+                if existing
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.as_deref())
+                    .is_some_and(|p| p == "Failed" || p == "Succeeded") =>
+            {
+                match pods.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Some(_) => {}
+            None => {
+                // Each pod gets a key of its own, made when the pod is.
+                let key = capability::ChannelKey::generate().map_err(Error::Run)?;
+                let pod = capability_pods::capability_pod(session, sandbox, server, &key);
+                match pods.create(&PostParams::default(), &pod).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the Session's capability pods (the Session keeps its record; nothing calls them
+/// any more). Only pods it owns: labels are anyone's to write in the namespace.
+async fn stop_capabilities(ctx: &Context, session: &Session) -> Result<()> {
+    let selector = format!(
+        "{}={},{}={}",
+        contextos_crds::labels::SESSION,
+        session.name_any(),
+        contextos_crds::labels::ROLE,
+        capability::ROLE
+    );
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    for pod in pods
+        .list_metadata(&kube::api::ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        if owned_by(pod.metadata.owner_references.as_deref(), session) {
+            match pods.delete(&pod.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Issues a fresh RunContext and applies the attempt's pod.
+async fn start_attempt(
+    ctx: &Context,
+    session: &Session,
+    pod_bundle: &PodBundle,
+    sandbox: &SandboxProfileSpec,
+    attempt: u32,
+    resumed_for: Option<&str>,
+    after_crash: Option<&str>,
+) -> Result<()> {
+    let namespace = session.namespace().unwrap_or_default();
+    let pod_name = children::pod_name(&session.name_any(), attempt);
+    let signed = issue_run_context(
+        &pod_bundle.bundle,
+        &children::run_id(session),
+        &children::trace_id(session),
+        Some(&pod_name),
+        &ctx.key,
+        now().as_millisecond(),
+    )
+    .map_err(|e| Error::Run(e.to_string()))?;
+    let run_context = serde_json::to_string(&signed).map_err(|source| Error::Build {
+        what: "RunContext",
+        source,
+    })?;
+    let mut pod =
+        children::runner_pod(session, sandbox, attempt, &run_context, &ctx.runner).map_err(|source| {
+            Error::Build {
+                what: "runner Pod",
+                source,
+            }
+        })?;
+    if let Some(hash) = resumed_for {
+        pod.annotations_mut()
+            .insert(annotations::RESUMED_FOR.to_owned(), hash.to_owned());
+    }
+    // A pod's spec is immutable and each attempt's RunContext is fresh, so the pod is created
+    // once: if a concurrent reconcile (or an earlier pass whose status write was lost) created
+    // it, that pod is the attempt.
+    match Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+        .create(&PostParams::default(), &pod)
+        .await
+    {
+        Ok(_) => ctx.metrics.runner_pod_created(),
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let pinned = PinnedRevisions {
+        context_pack: Some(pod_bundle.bundle.pinned().context_pack),
+        policies: pod_bundle.bundle.pinned().policies,
+        sandbox_profile: pod_bundle.bundle.sandbox_profile_digest.clone(),
+    };
+    let update = Update::phase(
+        SessionPhase::Running,
+        reason::RUNNING,
+        match after_crash {
+            Some(crashed) => format!("runner pod {} started ({crashed})", pod.name_any()),
+            None => format!("runner pod {} started", pod.name_any()),
+        },
+    )
+    .attempt(attempt)
+    .pinned(pinned)
+    .run_id(children::run_id(session))
+    .clear_pending();
+    write_status(ctx, session, update).await
+}
+
+/// The Session's pinned bundle: read from its ConfigMap when the run already started (pins
+/// never change), otherwise resolved now and written once.
+async fn pinned(
+    ctx: &Context,
+    session: &Session,
+) -> Result<Result<(PodBundle, SandboxProfileSpec), Invalid>> {
+    let namespace = session.namespace().unwrap_or_default();
+    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace);
+    // Once the run started, its bundle is the truth: the Agent, its revisions and its sandbox
+    // may change or go away without changing what this Session runs.
+    if let Some(existing) = config_maps
+        .get_opt(&children::bundle_name(&session.name_any()))
+        .await?
+    {
+        if !owned_by(existing.metadata.owner_references.as_deref(), session) {
+            return Err(Error::Run(format!(
+                "ConfigMap {} belongs to an earlier Session named {}; waiting for it to be removed",
+                existing.name_any(),
+                session.name_any()
+            )));
+        }
+        // Owner references are anyone's to write: only the operator's seal says this is the
+        // bundle it pinned for this Session, and not one planted before the Agent existed.
+        return Ok(
+            match children::sealed_bundle(session, &existing, &ctx.key.public()) {
+                Ok(bundle) => match bundle.sandbox.clone() {
+                    Some(sandbox) => Ok((bundle, sandbox)),
+                    None => Err(Invalid::new(
+                        reason::UNTRUSTED_CHILD,
+                        format!(
+                            "ConfigMap {} holds a bundle without its sandbox",
+                            existing.name_any()
+                        ),
+                    )),
+                },
+                Err(why) => {
+                    tracing::warn!(namespace = %namespace, configmap = %existing.name_any(), %why,
+                        "refused a run bundle the operator did not write");
+                    Err(Invalid::new(
+                        reason::UNTRUSTED_CHILD,
+                        format!(
+                            "ConfigMap {} is not the run bundle the operator wrote for this Session ({why}); it is not used. Delete it and the operator pins the Agent's revisions again",
+                            existing.name_any()
+                        ),
+                    ))
+                }
+            },
+        );
+    }
+    let agents = Api::<Agent>::namespaced(ctx.client.clone(), &namespace);
+    let agent_name = &session.spec.agent_ref.name;
+    let Some(agent) = agents.get_opt(agent_name).await? else {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_FOUND,
+            format!(
+                "spec.agentRef.name: Agent {agent_name} does not exist in namespace {namespace}; create it (spec.agentRef cannot be changed)"
+            ),
+        )));
+    };
+    let agent_conditions = agent
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    if !is_ready(&agent_conditions) {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            format!(
+                "spec.agentRef.name: Agent {agent_name} is not Ready: {}",
+                ready_message(&agent_conditions)
+            ),
+        )));
+    }
+    // The Agent's promoted composition, not its current spec: a change to what it runs is a
+    // candidate until its gate promotes it.
+    let revisions = agent.status.as_ref().and_then(|s| s.revisions.as_ref());
+    let Some(composition) = revisions::promoted_spec::<Composition>(ctx, &namespace, revisions).await? else {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            format!(
+                "spec.agentRef.name: Agent {agent_name} has no promoted revision yet: {}",
+                condition_message(&agent_conditions, conditions::PROMOTED)
+            ),
+        )));
+    };
+    let sandbox = Api::<SandboxProfile>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&composition.agent_spec.sandbox_profile_ref.name)
+        .await?;
+    if let Err(e) = contextos_runner::run_context::effective_limits(
+        &composition.agent_spec.budget,
+        composition.agent_spec.safety_mode,
+        session.spec.overrides.as_ref(),
+    ) {
+        return Ok(Err(Invalid::new(reason::OVERRIDE_LOOSENS, e.to_string())));
+    }
+    let Some(sandbox) = sandbox else {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            "the Agent's SandboxProfile is gone",
+        )));
+    };
+    let bundle = match resolve_bundle(ctx, session, composition, &sandbox).await? {
+        Ok(bundle) => bundle,
+        Err(invalid) => return Ok(Err(invalid)),
+    };
+    let pod_bundle = PodBundle {
+        bundle,
+        sandbox: Some(sandbox.spec.clone()),
+    };
+    let config_map =
+        children::bundle_config_map(session, &pod_bundle, &ctx.key).map_err(|source| Error::Build {
+            what: "bundle ConfigMap",
+            source,
+        })?;
+    // Created once and immutable: a concurrent reconcile that created it first wins, and the
+    // run keeps the pins it started with.
+    match config_maps.create(&PostParams::default(), &config_map).await {
+        Ok(_) => Ok(Ok((pod_bundle, sandbox.spec))),
+        Err(kube::Error::Api(e)) if e.code == 409 => Box::pin(pinned(ctx, session)).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `owners` names this very Session (by uid, not just by name).
+fn owned_by(
+    owners: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]>,
+    session: &Session,
+) -> bool {
+    let uid = session.metadata.uid.as_deref();
+    owners
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.kind == "Session" && Some(o.uid.as_str()) == uid)
+}
+
+/// The run bundle of the Agent's promoted composition, with its pack's sources and the model
+/// script read now.
+async fn resolve_bundle(
+    ctx: &Context,
+    session: &Session,
+    composition: Composition,
+    sandbox: &SandboxProfile,
+) -> Result<Result<RunBundle, Invalid>> {
+    let namespace = session.namespace().unwrap_or_default();
+    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace);
+    let Composition {
+        agent_spec,
+        context_pack,
+        policies,
+    } = composition;
+    let mut sources = BTreeMap::new();
+    for source in &context_pack.spec.sources {
+        if let Some(key) = &source.config_map_ref {
+            match config_map_key(&config_maps, &key.name, &key.key).await? {
+                Some(content) => {
+                    sources.insert(source.name.clone(), content);
+                }
+                None => {
+                    return Ok(Err(Invalid::new(
+                        reason::REFERENCE_NOT_READY,
+                        format!(
+                            "ContextPack {}: ConfigMap {} has no key {}",
+                            context_pack.name, key.name, key.key
+                        ),
+                    )));
+                }
+            }
+        }
+    }
+    let model_script = match &agent_spec.model.script_ref {
+        Some(key) => config_map_key(&config_maps, &key.name, &key.key).await?,
+        None => None,
+    };
+    Ok(Ok(RunBundle {
+        tenant: namespace,
+        session: session.name_any(),
+        session_spec: session.spec.clone(),
+        agent: session.spec.agent_ref.name.clone(),
+        agent_spec,
+        context_pack,
+        sources,
+        policies,
+        sandbox_profile_digest: Some(spec_digest(&sandbox.spec)),
+        model_script,
+        session_labels: session.labels().clone(),
+    }))
+}
+
+async fn config_map_key(api: &Api<ConfigMap>, name: &str, key: &str) -> Result<Option<String>> {
+    Ok(api
+        .get_opt(name)
+        .await?
+        .and_then(|cm| cm.data)
+        .and_then(|d| d.get(key).cloned()))
+}
+
+fn termination_report(pod: &Pod) -> Option<PodReport> {
+    let message = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == "runner")?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()?
+        .message
+        .clone()?;
+    // The pod writes its report to the termination file only (terminationMessagePolicy: File),
+    // so the message is the report as a whole: text around it is not a report.
+    serde_json::from_str::<PodReport>(message.trim()).ok()
+}
+
+/// Checks the gateway's signature over a relayed approval request.
+async fn attested(
+    ctx: &Context,
+    session: &Session,
+    run_id: &str,
+    awaiting: &contextos_runner::run::checkpoint::AwaitingApproval,
+) -> std::result::Result<(), String> {
+    let request = ApprovalRequest {
+        run_id,
+        call_id: &awaiting.call_id,
+        call_hash: &awaiting.call_hash,
+        tool: &awaiting.tool,
+        arguments_digest: awaiting
+            .arguments_digest
+            .clone()
+            .unwrap_or_else(|| ApprovalRequest::digest_of(&awaiting.arguments)),
+        rule: &awaiting.rule,
+        approvers: &awaiting.approvers,
+    };
+    signed_by_gateway(ctx, session, &request, awaiting.attestation.as_deref()).await
+}
+
+/// Checks the gateway's signature over a relayed report of a call whose outcome is unknown.
+async fn attested_unresolved(
+    ctx: &Context,
+    session: &Session,
+    run_id: &str,
+    unresolved: &contextos_runner::run::checkpoint::UnresolvedCall,
+) -> std::result::Result<(), String> {
+    let report = UnresolvedReport {
+        run_id,
+        call_id: &unresolved.call_id,
+        tool: &unresolved.tool,
+        arguments_digest: unresolved
+            .arguments_digest
+            .clone()
+            .unwrap_or_else(|| ApprovalRequest::digest_of(&unresolved.arguments)),
+        reason: &unresolved.reason,
+    };
+    signed_by_gateway(ctx, session, &report, unresolved.attestation.as_deref()).await
+}
+
+/// Whether `signature` is the gateway's (the Session's tenant key) over `statement`, as a
+/// runner relayed both.
+async fn signed_by_gateway(
+    ctx: &Context,
+    session: &Session,
+    statement: &impl Attested,
+    signature: Option<&str>,
+) -> std::result::Result<(), String> {
+    let signature = signature.ok_or("the gateway service did not sign it")?;
+    let key = ctx
+        .tenant_keys
+        .get(&ctx.runner.gateway, &session.namespace().unwrap_or_default())
+        .await
+        .map_err(|e| e.to_string())?;
+    if statement.verify(&key, signature) {
+        Ok(())
+    } else {
+        Err("its signature does not match what the runner reported".into())
+    }
+}
+
+/// Applies `update` to the Session's status and announces a new Ready condition.
+async fn write_status(ctx: &Context, session: &Session, update: Update) -> Result<()> {
+    let current = session.status.clone().unwrap_or_default();
+    let mut status = current.clone();
+    let announced = update.apply(&mut status, session.metadata.generation, now());
+    // A finished Session's capability pods stop with it — before the status says so, because a
+    // finished Session is not reconciled again: if stopping fails, the next pass tries again.
+    if status.phase.is_some_and(SessionPhase::is_terminal)
+        && !current.phase.is_some_and(SessionPhase::is_terminal)
+    {
+        stop_capabilities(ctx, session).await?;
+    }
+    let status = serde_json::to_value(&status).map_err(|source| Error::Build {
+        what: "Session status",
+        source,
+    })?;
+    let api = Api::<Session>::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    apply_status(&api, &session.name_any(), status).await?;
+    if let Some(ready) = announced {
+        super::announce(ctx, session, &current.conditions, &ready).await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod_with_message(message: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "s-run-1"},
+            "status": {"containerStatuses": [{
+                "name": "runner", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "message": message}},
+            }]},
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn only_a_whole_report_is_a_report() {
+        let report = r#"{"outcome":"completed","runId":"r","steps":1,"usage":{"steps":1,"tokens":1,"tool_calls":0,"wall_ms":1},"head":null}"#;
+        assert!(termination_report(&pod_with_message(report)).is_some());
+        // A hostile tool's text around (or instead of) a report is not one.
+        let injected = format!("tool said:\n{report}");
+        assert!(termination_report(&pod_with_message(&injected)).is_none());
+        assert!(termination_report(&pod_with_message("garbage")).is_none());
+    }
+}

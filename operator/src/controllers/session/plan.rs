@@ -1,0 +1,814 @@
+//! What a Session needs next, decided from what was observed of it — no API calls here. The
+//! controller fetches an [`Observed`], asks [`plan`] (or [`held`] / [`cancelled`] before a run
+//! bundle exists) for the [`Step`], and applies it.
+
+use std::time::Duration;
+
+use contextos_crds::{
+    Session, annotations,
+    common::Approvers,
+    conditions::reason,
+    session::{PendingApproval, SessionPhase, UnresolvedCallStatus},
+};
+use contextos_runner::run::{
+    bundle::RunBundle,
+    checkpoint::{AwaitingApproval, UnresolvedCall},
+    pod::{PodReport, ReportedOutcome},
+};
+use k8s_openapi::jiff::Timestamp;
+
+use super::status::Update;
+use crate::{controllers::Invalid, crash::CrashCause};
+
+/// How long a Session whose report cannot be shown, or whose bundle was planted, waits before
+/// it looks again (nothing it watches changes when that is fixed).
+pub const RECHECK_UNSHOWABLE: Duration = Duration::from_secs(30);
+pub const RECHECK_UNTRUSTED: Duration = Duration::from_secs(15);
+
+/// What was observed of a Session whose run bundle is pinned.
+pub struct Observed<'a> {
+    pub session: &'a Session,
+    pub bundle: &'a RunBundle,
+    /// The attempt the status names (1 before any).
+    pub attempt: u32,
+    pub pod: &'a AttemptPod,
+    /// Attempts allowed to end without a report before the Session fails.
+    pub max_crash_attempts: u32,
+    pub now: Timestamp,
+}
+
+/// The current attempt's pod, as far as the decision needs it.
+#[derive(Debug)]
+pub enum AttemptPod {
+    Missing,
+    /// A pod with the attempt's name that this Session does not own (an earlier Session's
+    /// of the same name, not yet garbage-collected).
+    Foreign {
+        name: String,
+    },
+    /// Created and not ended; `phase` is the pod's.
+    Live {
+        name: String,
+        phase: String,
+    },
+    Ended(Box<Ended>),
+}
+
+/// An attempt's pod that has ended (Succeeded or Failed).
+#[derive(Debug)]
+pub struct Ended {
+    pub name: String,
+    /// Its termination message, if that is a whole report.
+    pub report: Option<PodReport>,
+    /// Whether the gateway signed what the report relays for people (the approval request, or
+    /// the call whose outcome is unknown), when it relays one; the error says why not.
+    pub attestation: Option<Result<(), String>>,
+    /// The annotation saying which decision or finding this attempt was started for.
+    pub resumed_for: Option<String>,
+    pub finished_at: Option<Timestamp>,
+    pub cause: CrashCause,
+    /// Attempts of the Session that ended without a report, this one included; counted only
+    /// when this one has none.
+    pub crashes: u32,
+}
+
+/// What the controller does next.
+#[derive(Debug)]
+pub enum Step {
+    /// A pod of an earlier Session holds the attempt's name: an error, retried with backoff.
+    WaitForForeignPod { name: String },
+    /// Start this attempt: a pod with a fresh RunContext.
+    Start {
+        attempt: u32,
+        /// The decision (call hash) or finding (`resolution/<call id>`) it is started for.
+        resumed_for: Option<String>,
+        /// Why the previous attempt ended, when it crashed.
+        after_crash: Option<String>,
+    },
+    /// Write the status, then wait for a change (or look again after `recheck`).
+    Report {
+        update: Box<Update>,
+        recheck: Option<Duration>,
+    },
+    /// Nothing to write yet; look again after this long (a crashed attempt's backoff).
+    Wait(Duration),
+    /// Delete the running attempt's pod, if any, and end `Cancelled`.
+    Cancel { stop: Option<String> },
+}
+
+/// The step for a Session whose run bundle cannot be pinned.
+pub fn held(invalid: &Invalid) -> Step {
+    // An override that loosens the agent's limits can never become valid: the spec is
+    // immutable. Anything else (a missing or unready reference) may be fixed later.
+    let phase = if invalid.reason == reason::OVERRIDE_LOOSENS {
+        SessionPhase::Failed
+    } else {
+        SessionPhase::Pending
+    };
+    let update = Update::phase(phase, invalid.reason, invalid.message.clone());
+    Step::Report {
+        update: Box::new(if phase.is_terminal() {
+            update.completed()
+        } else {
+            update
+        }),
+        // Sessions do not watch ConfigMaps: look again for the planted one's removal.
+        recheck: (invalid.reason == reason::UNTRUSTED_CHILD).then_some(RECHECK_UNTRUSTED),
+    }
+}
+
+/// The step for a Session whose spec says cancel.
+pub fn cancelled(pod: &AttemptPod) -> Step {
+    Step::Cancel {
+        stop: match pod {
+            AttemptPod::Live { name, phase } if phase == "Running" || phase == "Pending" => {
+                Some(name.clone())
+            }
+            _ => None,
+        },
+    }
+}
+
+/// The step for a pinned Session that is neither finished nor cancelled.
+pub fn plan(observed: &Observed) -> Step {
+    match observed.pod {
+        AttemptPod::Missing => Step::Start {
+            attempt: observed.attempt,
+            resumed_for: None,
+            after_crash: None,
+        },
+        AttemptPod::Foreign { name } => Step::WaitForForeignPod { name: name.clone() },
+        AttemptPod::Live { name, phase } => Step::Report {
+            update: Box::new(
+                Update::phase(
+                    SessionPhase::Running,
+                    reason::RUNNING,
+                    format!("runner pod {name} is {phase}"),
+                )
+                .attempt(observed.attempt),
+            ),
+            recheck: None,
+        },
+        AttemptPod::Ended(ended) => after(observed, ended),
+    }
+}
+
+/// An attempt's pod has ended: what it reported decides what comes next.
+fn after(observed: &Observed, ended: &Ended) -> Step {
+    let Some(report) = &ended.report else {
+        return after_crash(observed, ended);
+    };
+    let update = Update::default().attempt(observed.attempt).report(report);
+    let done = |update: Update| Step::Report {
+        update: Box::new(update.completed()),
+        recheck: None,
+    };
+    match report.outcome {
+        ReportedOutcome::Completed => done(update.with_phase(
+            SessionPhase::Succeeded,
+            reason::SUCCEEDED,
+            "the run completed and its output passed validation",
+        )),
+        ReportedOutcome::Failed => done(update.with_phase(
+            SessionPhase::Failed,
+            reason::RUN_FAILED,
+            format!(
+                "{}: {}",
+                report.reason.as_deref().unwrap_or_default(),
+                report.message.as_deref().unwrap_or_default()
+            ),
+        )),
+        ReportedOutcome::AwaitingApproval => awaiting_approval(observed, ended, report, update),
+        ReportedOutcome::AwaitingResolution => awaiting_resolution(observed, ended, report, update),
+    }
+}
+
+fn awaiting_approval(observed: &Observed, ended: &Ended, report: &PodReport, update: Update) -> Step {
+    // What the runner relays is shown to approvers (and checked by admission) only if the
+    // gateway signed it: a runner cannot choose who may approve which call.
+    if let Some(Err(why)) = &ended.attestation {
+        return Step::Report {
+            update: Box::new(
+                update
+                    .with_phase(
+                        SessionPhase::AwaitingApproval,
+                        reason::AWAITING_APPROVAL,
+                        format!("a call waits for approval, but its request cannot be shown: {why}"),
+                    )
+                    .clear_pending(),
+            ),
+            recheck: Some(RECHECK_UNSHOWABLE),
+        };
+    }
+    let awaiting = report.awaiting.as_ref();
+    let decided = awaiting.is_some_and(|a| {
+        observed
+            .session
+            .spec
+            .approvals
+            .iter()
+            .any(|d| d.call_hash == a.call_hash && approver_allowed(&d.approver, &a.approvers))
+    });
+    // An attempt started for this very decision that waits for it again: the gateway did not
+    // accept the decision (see the record). Starting yet another attempt would loop; a new
+    // decision is needed.
+    let refused = awaiting.is_some_and(|a| ended.resumed_for.as_deref() == Some(a.call_hash.as_str()));
+    if let Some(a) = awaiting
+        && decided
+        && !refused
+    {
+        return Step::Start {
+            attempt: observed.attempt + 1,
+            resumed_for: Some(a.call_hash.clone()),
+            after_crash: None,
+        };
+    }
+    let message = awaiting.map_or_else(String::new, |a| {
+        let refusal = if refused {
+            "the decision in spec.approvals was not accepted by the gateway (see the run's record); "
+        } else {
+            ""
+        };
+        format!(
+            "{refusal}{} needs approval ({}): {}; add {{callHash: {}, decision: approve|reject, approver: <you>}} to spec.approvals",
+            a.tool, a.rule, a.reason, a.call_hash
+        )
+    });
+    Step::Report {
+        update: Box::new(
+            update
+                .with_phase(SessionPhase::AwaitingApproval, reason::AWAITING_APPROVAL, message)
+                .pending(awaiting.map(|a| pending_approval(observed.bundle, a))),
+        ),
+        recheck: None,
+    }
+}
+
+fn awaiting_resolution(observed: &Observed, ended: &Ended, report: &PodReport, update: Update) -> Step {
+    // Shown to people (and checked by admission) only as the gateway signed it.
+    if let Some(Err(why)) = &ended.attestation {
+        return Step::Report {
+            update: Box::new(
+                update
+                    .with_phase(
+                        SessionPhase::AwaitingResolution,
+                        reason::AWAITING_RESOLUTION,
+                        format!("a call's outcome is unknown, but the report of it cannot be shown: {why}"),
+                    )
+                    .clear_pending(),
+            ),
+            recheck: Some(RECHECK_UNSHOWABLE),
+        };
+    }
+    let unresolved = report.unresolved.as_ref();
+    let marker = unresolved.map(|u| format!("resolution/{}", u.call_id));
+    let resolved = unresolved.is_some_and(|u| {
+        observed
+            .session
+            .spec
+            .resolutions
+            .iter()
+            .any(|r| r.call_id == u.call_id)
+    });
+    // An attempt started for this very finding that waits for it again: the gateway did not
+    // accept it (see the record); another attempt would loop.
+    let refused = marker.is_some() && ended.resumed_for == marker;
+    if resolved && !refused {
+        return Step::Start {
+            attempt: observed.attempt + 1,
+            resumed_for: marker,
+            after_crash: None,
+        };
+    }
+    let message = unresolved.map_or_else(String::new, |u| {
+        let refusal = if refused {
+            "the finding in spec.resolutions was not accepted by the gateway (see the run's record); "
+        } else {
+            ""
+        };
+        format!(
+            "{refusal}the outcome of {} (call {}) is unknown: {}; once you know whether it acted, add {{callId: {}, outcome: acted|did_not_act, resolver: <you>, note: <what you found>}} to spec.resolutions",
+            u.tool, u.call_id, u.reason, u.call_id
+        )
+    });
+    Step::Report {
+        update: Box::new(
+            update
+                .with_phase(
+                    SessionPhase::AwaitingResolution,
+                    reason::AWAITING_RESOLUTION,
+                    message,
+                )
+                .unresolved(unresolved.map(unresolved_status)),
+        ),
+        recheck: None,
+    }
+}
+
+/// The attempt ended without a report (killed, evicted, out of memory, past its deadline):
+/// retry from the last checkpoint, with backoff, up to the bound.
+fn after_crash(observed: &Observed, ended: &Ended) -> Step {
+    let ended_how = format!("pod {} {}", ended.name, ended.cause);
+    if ended.crashes >= observed.max_crash_attempts {
+        return Step::Report {
+            update: Box::new(
+                Update::default()
+                    .attempt(observed.attempt)
+                    .with_phase(
+                        SessionPhase::Failed,
+                        reason::ATTEMPTS_EXHAUSTED,
+                        format!(
+                            "{} runner attempts ended without a result; the last: {ended_how}; see its events and logs",
+                            ended.crashes
+                        ),
+                    )
+                    .completed(),
+            ),
+            recheck: None,
+        };
+    }
+    let backoff = crash_backoff(ended.crashes);
+    let waited = ended
+        .finished_at
+        .is_none_or(|t| observed.now.duration_since(t).as_secs() >= backoff.as_secs() as i64);
+    if !waited {
+        return Step::Wait(backoff);
+    }
+    Step::Start {
+        attempt: observed.attempt + 1,
+        resumed_for: None,
+        after_crash: Some(format!("{ended_how}; resuming from the last checkpoint")),
+    }
+}
+
+/// 2^crashes seconds, at most 64 s.
+fn crash_backoff(crashes: u32) -> Duration {
+    Duration::from_secs(2u64.saturating_pow(crashes.min(6)))
+}
+
+/// Whether `approver` may decide (a listed user; group membership is checked by who may patch
+/// the Session, and admission checks the approver is the user making the change).
+fn approver_allowed(approver: &str, approvers: &Approvers) -> bool {
+    approvers.users.iter().any(|u| u == approver) || !approvers.groups.is_empty()
+}
+
+fn pending_approval(bundle: &RunBundle, awaiting: &AwaitingApproval) -> PendingApproval {
+    let risk = bundle
+        .agent_spec
+        .tools
+        .iter()
+        .find(|t| t.name == awaiting.tool)
+        .map(|t| t.risk)
+        // The gateway asks approval only for the Agent's own tools; never seen otherwise.
+        .unwrap_or(contextos_crds::common::ToolRisk::ReadOnly);
+    // Arguments the report had to cut were signed only as a digest: show none of them rather
+    // than text the signature does not cover. Otherwise cut on a character boundary.
+    let arguments: String = if awaiting.arguments_digest.is_some() {
+        "(too long for the report; see the run's record)".into()
+    } else {
+        awaiting.arguments.to_string().chars().take(4096).collect()
+    };
+    PendingApproval {
+        call_hash: awaiting.call_hash.clone(),
+        tool: awaiting.tool.clone(),
+        risk,
+        arguments,
+        rule: awaiting.rule.clone(),
+        reason: awaiting.reason.clone(),
+        approvers: awaiting.approvers.clone(),
+    }
+}
+
+fn unresolved_status(unresolved: &UnresolvedCall) -> UnresolvedCallStatus {
+    UnresolvedCallStatus {
+        call_id: unresolved.call_id.clone(),
+        tool: unresolved.tool.clone(),
+        arguments: unresolved.arguments.to_string().chars().take(4096).collect(),
+        reason: unresolved.reason.clone(),
+    }
+}
+
+/// The annotation an attempt's pod carries naming what it was started for.
+pub fn resumed_for(pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::RESUMED_FOR))
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use contextos_crds::session::{SessionSpec, SessionStatus};
+    use serde_json::json;
+
+    use super::*;
+    use crate::fixtures::{run_bundle, session};
+
+    const HASH: &str = "c0ffee";
+    const CALL: &str = "3.0";
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(seconds).expect("time")
+    }
+
+    fn report(outcome: &str) -> PodReport {
+        serde_json::from_value(json!({
+            "outcome": outcome, "runId": "r-1", "steps": 3,
+            "usage": {"steps": 3, "tokens": 120, "tool_calls": 2, "wall_ms": 4500},
+            "head": "abc", "output": "done", "reason": "ValidatorFailed", "message": "no service named",
+            "awaiting": {
+                "call_id": "2.0", "call_hash": HASH, "tool": "restart_deployment",
+                "arguments": {"name": "checkout-api"}, "rule": "oncall/approve-destructive",
+                "reason": "destructive", "approvers": {"users": ["dana@example.com"]},
+                "attestation": "sig",
+            },
+            "unresolved": {
+                "call_id": CALL, "tool": "post_status_update", "arguments": {"text": "x"},
+                "reason": "timed out after sending", "attestation": "sig",
+            },
+        }))
+        .expect("report")
+    }
+
+    fn ended(report: Option<PodReport>) -> Ended {
+        Ended {
+            name: "checkout-5xx-run-2".into(),
+            report,
+            attestation: Some(Ok(())),
+            resumed_for: None,
+            finished_at: Some(at(1_000)),
+            cause: CrashCause::Unknown,
+            crashes: 0,
+        }
+    }
+
+    /// The status a step's update leaves on an empty one.
+    fn status_of(step: &Step) -> SessionStatus {
+        let Step::Report { update, .. } = step else {
+            panic!("expected a status report, got {step:?}");
+        };
+        let mut status = SessionStatus::default();
+        let update: Update = (**update).clone();
+        update.apply(&mut status, Some(1), at(2_000));
+        status
+    }
+
+    fn ready(status: &SessionStatus) -> (String, String, String) {
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == contextos_crds::conditions::READY)
+            .expect("Ready");
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    fn approved_by(approver: &str) -> SessionSpec {
+        let mut spec = session().spec;
+        spec.approvals = serde_json::from_value(json!([{
+            "callHash": HASH, "decision": "approve", "approver": approver,
+        }]))
+        .expect("approvals");
+        spec
+    }
+
+    fn resolved() -> SessionSpec {
+        let mut spec = session().spec;
+        spec.resolutions = serde_json::from_value(json!([{
+            "callId": CALL, "outcome": "did_not_act", "resolver": "dana@example.com", "note": "checked",
+        }]))
+        .expect("resolutions");
+        spec
+    }
+
+    /// Each row: a name, the Session's spec, the attempt's pod, and what the step must be.
+    #[test]
+    fn the_next_step_follows_from_what_was_observed() {
+        type Check = fn(&Step);
+        let crashed = |crashes: u32, finished: i64| {
+            let mut e = ended(None);
+            e.crashes = crashes;
+            e.finished_at = Some(at(finished));
+            e.cause = CrashCause::Unknown;
+            AttemptPod::Ended(Box::new(e))
+        };
+        let with = |outcome: &str, change: fn(&mut Ended)| {
+            let mut e = ended(Some(report(outcome)));
+            change(&mut e);
+            AttemptPod::Ended(Box::new(e))
+        };
+        let rows: Vec<(&str, SessionSpec, AttemptPod, Check)> = vec![
+            (
+                "no pod yet: start the attempt the status names",
+                session().spec,
+                AttemptPod::Missing,
+                |step| {
+                    assert!(
+                        matches!(
+                            step,
+                            Step::Start {
+                                attempt: 2,
+                                resumed_for: None,
+                                after_crash: None
+                            }
+                        ),
+                        "{step:?}"
+                    );
+                },
+            ),
+            (
+                "an earlier Session's pod holds the name: wait for it",
+                session().spec,
+                AttemptPod::Foreign {
+                    name: "checkout-5xx-run-2".into(),
+                },
+                |step| assert!(matches!(step, Step::WaitForForeignPod { .. }), "{step:?}"),
+            ),
+            (
+                "a live pod: Running, naming the pod's phase",
+                session().spec,
+                AttemptPod::Live {
+                    name: "checkout-5xx-run-2".into(),
+                    phase: "Pending".into(),
+                },
+                |step| {
+                    let status = status_of(step);
+                    assert_eq!(status.phase, Some(SessionPhase::Running));
+                    assert_eq!(status.attempt, Some(2));
+                    assert!(ready(&status).2.contains("checkout-5xx-run-2 is Pending"));
+                    assert!(status.completion_time.is_none());
+                },
+            ),
+            (
+                "completed: Succeeded and Ready, with its output and progress",
+                session().spec,
+                with("completed", |_| {}),
+                |step| {
+                    let status = status_of(step);
+                    assert_eq!(status.phase, Some(SessionPhase::Succeeded));
+                    assert_eq!(ready(&status).0, "True");
+                    assert_eq!(status.output.as_deref(), Some("done"));
+                    assert_eq!(status.record_head.as_deref(), Some("abc"));
+                    assert!(status.completion_time.is_some());
+                },
+            ),
+            (
+                "failed: Failed, with the run's reason and message",
+                session().spec,
+                with("failed", |_| {}),
+                |step| {
+                    let status = status_of(step);
+                    assert_eq!(status.phase, Some(SessionPhase::Failed));
+                    let (ok, why, message) = ready(&status);
+                    assert_eq!((ok.as_str(), why.as_str()), ("False", reason::RUN_FAILED));
+                    assert_eq!(message, "ValidatorFailed: no service named");
+                    assert!(status.completion_time.is_some());
+                },
+            ),
+            (
+                "awaiting approval, undecided: the request is shown with the tool's risk",
+                session().spec,
+                with("awaiting_approval", |_| {}),
+                |step| {
+                    let status = status_of(step);
+                    assert_eq!(status.phase, Some(SessionPhase::AwaitingApproval));
+                    let pending = status.pending_approval.clone().expect("pending");
+                    assert_eq!(pending.call_hash, HASH);
+                    assert_eq!(pending.risk, contextos_crds::common::ToolRisk::Destructive);
+                    assert!(ready(&status).2.contains("add {callHash: c0ffee"));
+                },
+            ),
+            (
+                "approved by a listed approver: the next attempt starts for that decision",
+                approved_by("dana@example.com"),
+                with("awaiting_approval", |_| {}),
+                |step| {
+                    let Step::Start {
+                        attempt,
+                        resumed_for,
+                        after_crash,
+                    } = step
+                    else {
+                        panic!("{step:?}");
+                    };
+                    assert_eq!(
+                        (*attempt, resumed_for.as_deref(), after_crash),
+                        (3, Some(HASH), &None)
+                    );
+                },
+            ),
+            (
+                "approved by someone not listed (no groups): still waiting",
+                approved_by("mallory@example.com"),
+                with("awaiting_approval", |_| {}),
+                |step| assert_eq!(status_of(step).phase, Some(SessionPhase::AwaitingApproval)),
+            ),
+            (
+                "an attempt started for this decision waits for it again: not another attempt",
+                approved_by("dana@example.com"),
+                with("awaiting_approval", |e| e.resumed_for = Some(HASH.into())),
+                |step| {
+                    let status = status_of(step);
+                    assert_eq!(status.phase, Some(SessionPhase::AwaitingApproval));
+                    assert!(
+                        ready(&status)
+                            .2
+                            .starts_with("the decision in spec.approvals was not accepted")
+                    );
+                },
+            ),
+            (
+                "a request the gateway did not sign is not shown, and is looked at again",
+                approved_by("dana@example.com"),
+                with("awaiting_approval", |e| {
+                    e.attestation = Some(Err("forged".into()))
+                }),
+                |step| {
+                    assert!(
+                        matches!(
+                            step,
+                            Step::Report {
+                                recheck: Some(RECHECK_UNSHOWABLE),
+                                ..
+                            }
+                        ),
+                        "{step:?}"
+                    );
+                    let status = status_of(step);
+                    assert!(status.pending_approval.is_none());
+                    assert!(ready(&status).2.ends_with("cannot be shown: forged"));
+                },
+            ),
+            (
+                "an unknown outcome, unresolved: the call is shown",
+                session().spec,
+                with("awaiting_resolution", |_| {}),
+                |step| {
+                    let status = status_of(step);
+                    assert_eq!(status.phase, Some(SessionPhase::AwaitingResolution));
+                    assert_eq!(status.unresolved_call.map(|u| u.call_id).as_deref(), Some(CALL));
+                },
+            ),
+            (
+                "resolved: the next attempt starts for that finding",
+                resolved(),
+                with("awaiting_resolution", |_| {}),
+                |step| {
+                    assert!(
+                        matches!(step, Step::Start { attempt: 3, resumed_for: Some(m), .. } if m == "resolution/3.0"),
+                        "{step:?}"
+                    );
+                },
+            ),
+            (
+                "resolved, but the attempt for it waits again: not another attempt",
+                resolved(),
+                with("awaiting_resolution", |e| {
+                    e.resumed_for = Some("resolution/3.0".into())
+                }),
+                |step| {
+                    assert!(
+                        ready(&status_of(step))
+                            .2
+                            .starts_with("the finding in spec.resolutions was not accepted")
+                    );
+                },
+            ),
+            (
+                "an unsigned finding is not shown, even when resolved",
+                resolved(),
+                with("awaiting_resolution", |e| {
+                    e.attestation = Some(Err("unsigned".into()))
+                }),
+                |step| {
+                    assert!(
+                        matches!(
+                            step,
+                            Step::Report {
+                                recheck: Some(RECHECK_UNSHOWABLE),
+                                ..
+                            }
+                        ),
+                        "{step:?}"
+                    );
+                    assert!(status_of(step).unresolved_call.is_none());
+                },
+            ),
+            (
+                "crashed once, its backoff (2 s) past: resume from the checkpoint",
+                session().spec,
+                crashed(1, 1_000),
+                |step| {
+                    let Step::Start {
+                        attempt: 3,
+                        resumed_for: None,
+                        after_crash: Some(why),
+                    } = step
+                    else {
+                        panic!("{step:?}");
+                    };
+                    assert!(
+                        why.starts_with("pod checkout-5xx-run-2 ")
+                            && why.ends_with("resuming from the last checkpoint"),
+                        "{why}"
+                    );
+                },
+            ),
+            (
+                "crashed three times, 5 s ago: wait out the 8 s backoff",
+                session().spec,
+                crashed(3, 1_995),
+                |step| {
+                    assert!(
+                        matches!(step, Step::Wait(d) if *d == Duration::from_secs(8)),
+                        "{step:?}"
+                    )
+                },
+            ),
+            (
+                "crashed as often as allowed: Failed, naming the last cause",
+                session().spec,
+                crashed(4, 1_000),
+                |step| {
+                    let status = status_of(step);
+                    assert_eq!(status.phase, Some(SessionPhase::Failed));
+                    let (_, why, message) = ready(&status);
+                    assert_eq!(why, reason::ATTEMPTS_EXHAUSTED);
+                    assert!(
+                        message.starts_with("4 runner attempts ended without a result"),
+                        "{message}"
+                    );
+                },
+            ),
+        ];
+        let bundle = run_bundle(&session());
+        for (name, spec, pod, check) in rows {
+            let mut session = session();
+            session.spec = spec;
+            let step = plan(&Observed {
+                session: &session,
+                bundle: &bundle,
+                attempt: 2,
+                pod: &pod,
+                max_crash_attempts: 4,
+                now: at(2_000),
+            });
+            eprintln!("{name}: {step:?}");
+            check(&step);
+        }
+    }
+
+    #[test]
+    fn a_bundle_that_cannot_be_pinned_holds_the_session_or_fails_it() {
+        let failed = held(&Invalid::new(
+            reason::OVERRIDE_LOOSENS,
+            "spec.overrides.budget.tokens",
+        ));
+        let status = status_of(&failed);
+        assert_eq!(status.phase, Some(SessionPhase::Failed));
+        assert!(
+            status.completion_time.is_some(),
+            "a spec that cannot change never recovers"
+        );
+
+        let missing = held(&Invalid::new(reason::REFERENCE_NOT_FOUND, "spec.agentRef.name"));
+        assert!(matches!(missing, Step::Report { recheck: None, .. }));
+        assert_eq!(status_of(&missing).phase, Some(SessionPhase::Pending));
+
+        // Sessions do not watch ConfigMaps: a planted bundle's removal is looked for.
+        let planted = held(&Invalid::new(
+            reason::UNTRUSTED_CHILD,
+            "ConfigMap checkout-5xx-bundle",
+        ));
+        assert!(matches!(
+            planted,
+            Step::Report {
+                recheck: Some(RECHECK_UNTRUSTED),
+                ..
+            }
+        ));
+        assert_eq!(status_of(&planted).phase, Some(SessionPhase::Pending));
+    }
+
+    #[test]
+    fn cancelling_stops_only_a_running_attempt() {
+        let live = |phase: &str| AttemptPod::Live {
+            name: "checkout-5xx-run-1".into(),
+            phase: phase.into(),
+        };
+        let stop = |pod: &AttemptPod| match cancelled(pod) {
+            Step::Cancel { stop } => stop,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(stop(&live("Running")).as_deref(), Some("checkout-5xx-run-1"));
+        assert_eq!(stop(&live("Pending")).as_deref(), Some("checkout-5xx-run-1"));
+        assert_eq!(stop(&live("Unknown")), None);
+        assert_eq!(stop(&AttemptPod::Missing), None);
+        assert_eq!(
+            stop(&AttemptPod::Foreign { name: "x".into() }),
+            None,
+            "not ours to delete"
+        );
+        assert_eq!(stop(&AttemptPod::Ended(Box::new(ended(None)))), None);
+    }
+}

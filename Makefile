@@ -17,6 +17,10 @@ test: lint unit kind-tests
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	@# The operator never opens a record store or reaches a tool: none of their crates is built into it.
+	@if $(CARGO) tree -p contextos-operator -e normal --prefix none --locked | grep -E '^(redb|rmcp|tikv-client|tonic|prost) '; then \
+		echo "lint: contextos-operator depends on the crates above; it must use contextos-runner without default features" >&2; exit 1; \
+	fi
 
 ## unit: the workspace's tests. The RecordStore suite runs on the TiKV backend too, over real
 ## gRPC against kind-tests/tikv-testserver (the TiKV project's mock TiKV behind the PD and TiKV
@@ -47,8 +51,7 @@ kind-tests:
 		tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
 		export CONTEXTOS_TIKV_TESTSERVER_BIN="$$tikv"; \
 	fi; \
-	$(CARGO) build -p contextos-runner --bin contextos --examples --locked || exit 1; \
-	$(CARGO) build -p contextos-operator --bin contextos-operator --locked || exit 1; \
+	$(CARGO) build -p contextos-runner -p contextos-operator --bins --examples --locked || exit 1; \
 	$(CARGO) test -p contextos-kind-tests --locked --tests
 
 ## kind-bench: the scale benchmark on the local control plane (200 Sessions at once, operator
@@ -59,8 +62,7 @@ kind-bench:
 	export CONTEXTOS_TESTENV_BIN="$$bin"; \
 	tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_TIKV_TESTSERVER_BIN="$$tikv"; \
-	$(CARGO) build -p contextos-runner --bin contextos --examples --locked || exit 1; \
-	$(CARGO) build -p contextos-operator --locked || exit 1; \
+	$(CARGO) build -p contextos-runner -p contextos-operator --bins --examples --locked || exit 1; \
 	$(CARGO) bench -p contextos-kind-tests --bench scale --profile dev --locked
 
 ## kind-bench-real: the same benchmark with the runner pods on the real node (root): also prints

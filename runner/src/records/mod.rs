@@ -12,10 +12,11 @@ pub mod verify;
 pub use entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry};
 pub use read::{ReadError, read_run, read_run_from};
 pub use recorder::{RecordError, Recorder, RunStart};
+#[cfg(feature = "embedded")]
+pub use store::embedded::EmbeddedStore;
 pub use store::{
     RecordStore, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
     any::{AnyStore, StoreLocation},
-    embedded::EmbeddedStore,
     memory::MemoryStore,
 };
 pub use verify::{VerifiedChain, VerifyError, verify_entries, verify_run};

@@ -2,6 +2,10 @@
 //! misbehaving server.
 
 pub mod http;
+#[cfg(feature = "mcp")]
+pub mod mcp;
+#[cfg(not(feature = "mcp"))]
+#[path = "mcp_absent.rs"]
 pub mod mcp;
 
 use std::time::Duration;

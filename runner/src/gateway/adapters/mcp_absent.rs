@@ -9,7 +9,9 @@ use crate::gateway::capabilities::CapabilityRoute;
 
 /// No client sessions: this build cannot speak MCP.
 #[derive(Debug, Default)]
-pub struct McpClients;
+pub struct McpClients {
+    _none: (),
+}
 
 /// Where a command-started (stdio) MCP server runs (see the `mcp` feature's adapter).
 #[derive(Clone, Debug)]
@@ -30,7 +32,7 @@ pub fn server_of(adapter: &McpAdapter) -> String {
 
 impl McpClients {
     pub fn new(_http: reqwest::Client) -> Self {
-        Self
+        Self::default()
     }
 
     pub fn with_stdio(self, _stdio: StdioServers) -> Self {

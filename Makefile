@@ -17,6 +17,9 @@ test: lint unit kind-tests
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	@# On its own, the operator builds the runner without its default features (the workspace
+	@# build above turns them on): that build must compile and lint clean too.
+	$(CARGO) clippy -p contextos-operator --locked -- -D warnings
 	@# The operator never opens a record store or reaches a tool: none of their crates is built into it.
 	@if $(CARGO) tree -p contextos-operator -e normal --prefix none --locked | grep -E '^(redb|rmcp|tikv-client|tonic|prost) '; then \
 		echo "lint: contextos-operator depends on the crates above; it must use contextos-runner without default features" >&2; exit 1; \
@@ -48,9 +51,9 @@ kind-tests:
 	if [ -z "$${KUBECONFIG:-}" ]; then \
 		bin="$$(bash kind-tests/testenv/build.sh | tail -n1)" || exit 1; \
 		export CONTEXTOS_TESTENV_BIN="$$bin"; \
-		tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
-		export CONTEXTOS_TIKV_TESTSERVER_BIN="$$tikv"; \
 	fi; \
+	tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_TIKV_TESTSERVER_BIN="$$tikv"; \
 	$(CARGO) build -p contextos-runner -p contextos-operator --bins --examples --locked || exit 1; \
 	$(CARGO) test -p contextos-kind-tests --locked --tests
 

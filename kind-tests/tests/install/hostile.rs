@@ -32,8 +32,10 @@ use super::{RECORDS, SYSTEM, TIMEOUT, TOOLS_NAMESPACE};
 pub const SESSION: &str = "hostile-capability";
 /// The control's name for the capability pod's address.
 pub const CAPABILITY_TARGET: &str = "capability_pod";
-/// The record store's client port (PD), which only the gateway reaches.
+/// The record store's client ports (PD, and TiKV in the same pod here), which only the gateway
+/// reaches.
 const STORE_TARGET: &str = "record_store";
+const STORE_KV_TARGET: &str = "record_store_kv";
 /// The addresses the probe tries, by name.
 pub type Targets = BTreeMap<String, String>;
 
@@ -78,6 +80,7 @@ pub async fn targets(env: &'static TestEnv, image: &str) -> Result<(Targets, Str
         ("gateway_pod".into(), record_api.clone()),
         ("gateway_service".into(), format!("{gateway_service}:8480")),
         (STORE_TARGET.into(), format!("{store}:2379")),
+        (STORE_KV_TARGET.into(), format!("{store}:20160")),
         ("api_server".into(), "10.0.0.1:443".into()),
         ("port_53_elsewhere".into(), format!("{exfil}:53")),
         ("kubelet".into(), format!("{node}:10250")),
@@ -310,7 +313,7 @@ pub async fn control(
                 "name": "probe",
                 "image": image,
                 "command": ["hostile_mcp", "--probe", arguments(targets, record_api).to_string()],
-                "env": [{"name": "RECORD_STORE", "value": "tikv://pd.contextos-system.svc:2379"}],
+                "env": [{"name": "RECORD_STORE", "value": "tikv://pd.contextos-records.svc:2379"}],
                 "securityContext": {
                     "allowPrivilegeEscalation": false,
                     "readOnlyRootFilesystem": true,
@@ -376,7 +379,7 @@ pub fn judge(capability: &Value, control: &Value) -> Result<()> {
     let reached = control["reached"].as_object().context("reached")?;
     // Only the gateway's pods get into a capability pod or the record store, however a tenant's
     // pod is labelled.
-    let gateway_only = [CAPABILITY_TARGET, STORE_TARGET];
+    let gateway_only = [CAPABILITY_TARGET, STORE_TARGET, STORE_KV_TARGET];
     for (target, open) in reached {
         ensure!(
             gateway_only.contains(&target.as_str()) || open == &json!(true),
@@ -401,7 +404,7 @@ pub fn judge(capability: &Value, control: &Value) -> Result<()> {
         "the capability found credentials: {capability}"
     );
     let reached = capability["reached"].as_object().context("reached")?;
-    ensure!(reached.len() == 7, "the capability's probe tried {reached:?}");
+    ensure!(reached.len() == 8, "the capability's probe tried {reached:?}");
     for (target, open) in reached {
         ensure!(
             open == &json!(false),

@@ -443,12 +443,30 @@ mod tests {
         }
     }
 
-    /// The status a step's update leaves on an empty one.
+    /// The status a step's update leaves on one that still shows an earlier attempt's approval
+    /// request and unknown call.
     fn status_of(step: &Step) -> SessionStatus {
         let Step::Report { update, .. } = step else {
             panic!("expected a status report, got {step:?}");
         };
-        let mut status = SessionStatus::default();
+        let mut status = SessionStatus {
+            pending_approval: Some(PendingApproval {
+                call_hash: "earlier".into(),
+                tool: "restart_deployment".into(),
+                risk: contextos_crds::common::ToolRisk::Destructive,
+                arguments: "{}".into(),
+                rule: "oncall/approve-destructive".into(),
+                reason: "destructive".into(),
+                approvers: Default::default(),
+            }),
+            unresolved_call: Some(UnresolvedCallStatus {
+                call_id: "1.0".into(),
+                tool: "post_status_update".into(),
+                arguments: "{}".into(),
+                reason: "earlier".into(),
+            }),
+            ..Default::default()
+        };
         let update: Update = (**update).clone();
         update.apply(&mut status, Some(1), at(2_000));
         status

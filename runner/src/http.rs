@@ -1,6 +1,6 @@
 //! HTTP clients: every client ContextOS builds (tools, models, the gateway service, the
 //! operator's key fetches) uses one TLS setup — rustls with the ring provider and the
-//! platform's certificate roots — installed once per process before the first client.
+//! platform's certificate roots, read once per process — installed before the first client.
 //!
 //! A minimal image may have no CA certificates at all (a runner pod needs none: it speaks plain
 //! HTTP to the gateway service). Building a client must not fail for that — it would take the
@@ -12,22 +12,27 @@ use std::sync::{LazyLock, Once};
 
 static PROVIDER: Once = Once::new();
 
-/// Whether the platform has CA certificates the verifier will accept (looked up once; the
-/// bundle is parsed again by the verifier of each client, which is what it would cost anyway).
-/// Counted the way the verifier counts them — only certificates that parse — so that a bundle
-/// of unreadable entries means "none" here too instead of a client that fails to build.
-static PLATFORM_ROOTS: LazyLock<bool> = LazyLock::new(|| {
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    let found = added > 0;
-    if !found {
+/// The platform's CA certificates, read once per process. Reading and decoding the bundle
+/// (hundreds of files on a Debian host) costs far more than building a client from parsed
+/// certificates, and the gateway service builds clients for every run it serves. Only
+/// certificates that parse as trust anchors are kept — the way the verifier counts them — so a
+/// bundle of unreadable entries means "none" here too, instead of a client that fails to build.
+static PLATFORM_ROOTS: LazyLock<Vec<reqwest::Certificate>> = LazyLock::new(|| {
+    let mut anchors = rustls::RootCertStore::empty();
+    let roots: Vec<reqwest::Certificate> = rustls_native_certs::load_native_certs()
+        .certs
+        .into_iter()
+        .filter(|der| anchors.add(der.clone()).is_ok())
+        .filter_map(|der| reqwest::Certificate::from_der(&der).ok())
+        .collect();
+    if roots.is_empty() {
         tracing::warn!(
             "no CA certificates found on this system: HTTPS servers cannot be verified and every \
              HTTPS call will be refused; install them (Debian: ca-certificates) or set SSL_CERT_FILE \
              to a PEM bundle"
         );
     }
-    found
+    roots
 });
 
 /// Installs the process-wide TLS provider (once; a provider installed earlier is kept).
@@ -41,12 +46,7 @@ pub fn install_tls_provider() {
 /// A client builder with the TLS provider and the platform's roots (or none, see above) in place.
 pub fn client_builder() -> reqwest::ClientBuilder {
     install_tls_provider();
-    let builder = reqwest::Client::builder();
-    if *PLATFORM_ROOTS {
-        builder
-    } else {
-        builder.tls_certs_only([])
-    }
+    reqwest::Client::builder().tls_certs_only(PLATFORM_ROOTS.iter().cloned())
 }
 
 /// A client with default settings.

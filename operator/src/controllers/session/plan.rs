@@ -187,18 +187,12 @@ fn awaiting_approval(observed: &Observed, ended: &Ended, report: &PodReport, upd
     // What the runner relays is shown to approvers (and checked by admission) only if the
     // gateway signed it: a runner cannot choose who may approve which call.
     if let Some(Err(why)) = &ended.attestation {
-        return Step::Report {
-            update: Box::new(
-                update
-                    .with_phase(
-                        SessionPhase::AwaitingApproval,
-                        reason::AWAITING_APPROVAL,
-                        format!("a call waits for approval, but its request cannot be shown: {why}"),
-                    )
-                    .clear_pending(),
-            ),
-            recheck: Some(RECHECK_UNSHOWABLE),
-        };
+        return unshowable(
+            update,
+            SessionPhase::AwaitingApproval,
+            reason::AWAITING_APPROVAL,
+            format!("a call waits for approval, but its request cannot be shown: {why}"),
+        );
     }
     let awaiting = report.awaiting.as_ref();
     let decided = awaiting.is_some_and(|a| {
@@ -247,18 +241,12 @@ fn awaiting_approval(observed: &Observed, ended: &Ended, report: &PodReport, upd
 fn awaiting_resolution(observed: &Observed, ended: &Ended, report: &PodReport, update: Update) -> Step {
     // Shown to people (and checked by admission) only as the gateway signed it.
     if let Some(Err(why)) = &ended.attestation {
-        return Step::Report {
-            update: Box::new(
-                update
-                    .with_phase(
-                        SessionPhase::AwaitingResolution,
-                        reason::AWAITING_RESOLUTION,
-                        format!("a call's outcome is unknown, but the report of it cannot be shown: {why}"),
-                    )
-                    .clear_pending(),
-            ),
-            recheck: Some(RECHECK_UNSHOWABLE),
-        };
+        return unshowable(
+            update,
+            SessionPhase::AwaitingResolution,
+            reason::AWAITING_RESOLUTION,
+            format!("a call's outcome is unknown, but the report of it cannot be shown: {why}"),
+        );
     }
     let unresolved = report.unresolved.as_ref();
     let marker = unresolved.map(|u| format!("resolution/{}", u.call_id));
@@ -302,6 +290,15 @@ fn awaiting_resolution(observed: &Observed, ended: &Ended, report: &PodReport, u
                 .unresolved(unresolved.map(unresolved_status)),
         ),
         recheck: None,
+    }
+}
+
+/// A report relays something for people that the gateway did not sign: the Session waits
+/// without showing it (nor what an earlier attempt showed), and looks again later.
+fn unshowable(update: Update, phase: SessionPhase, why: &'static str, message: String) -> Step {
+    Step::Report {
+        update: Box::new(update.with_phase(phase, why, message).clear_pending()),
+        recheck: Some(RECHECK_UNSHOWABLE),
     }
 }
 

@@ -1401,27 +1401,33 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
     let client = rig.client("token-run-1", &context);
     let harness =
         Harness::through_gateway(&client, transit(), rig.bundle.clone(), context.clone()).expect("harness");
-    let said = match harness.start(RUN, TRACE, &mut |_| {}).await {
-        Err(e) => e.to_string(),
-        Ok(report) => format!("{:?}", report.outcome),
+    let report = harness
+        .start(RUN, TRACE, &mut |_| {})
+        .await
+        .expect("a run past its quota ends with an outcome, not an error");
+    let RunOutcome::Failed { reason, message } = &report.outcome else {
+        panic!("the run ends on its quota: {:?}", report.outcome);
     };
-    assert!(
-        said.contains("--max-run-bytes"),
-        "the run ends on its quota: {said}"
-    );
+    assert_eq!(reason, "StoreQuotaExceeded");
+    assert!(message.contains("--max-run-bytes"), "{message}");
     let entries = read_run(&*rig.store, &rig.tenant(), RUN)
         .await
         .unwrap_or_default();
+    // Its record says how it ended, in the closing entry the gateway accepts past the quota.
+    assert!(
+        matches!(
+            entries.last().map(|(_, e)| &e.body),
+            Some(EntryBody::Failed { reason, .. }) if reason == "StoreQuotaExceeded"
+        ),
+        "the record ends with the run's failure: {:?}",
+        entries.last().map(|(_, e)| e.body.type_name())
+    );
     let written: u64 = entries.iter().map(|(_, e)| e.encode().len() as u64).sum();
     let bundle_bytes = rig.bundle.canonical_bytes().len() as u64;
     // The bundle's blob and the entries share the quota (plus room for a closing entry).
     assert!(
         written + bundle_bytes <= quota + 16 * 1024,
         "{written} bytes of record and a {bundle_bytes}-byte bundle past a quota of {quota}"
-    );
-    eprintln!(
-        "last entry: {:?}",
-        entries.last().map(|(_, e)| e.body.type_name())
     );
     // Blobs count too: past the quota, an upload is refused.
     let blob = client

@@ -129,14 +129,16 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Whether the gateway service refused the run for good (retrying would change nothing).
+/// Whether the gateway service refused the run for good (retrying would change nothing),
+/// including a run whose store quota is spent before its loop began (the bundle alone).
 fn refused(error: &RunError) -> bool {
     use contextos_runner::records::{RecordError, StoreError};
-    matches!(
-        error,
-        RunError::Store(StoreError::Refused(_))
-            | RunError::Record(RecordError::Store(StoreError::Refused(_)))
-    )
+    error.is_store_quota()
+        || matches!(
+            error,
+            RunError::Store(StoreError::Refused(_))
+                | RunError::Record(RecordError::Store(StoreError::Refused(_)))
+        )
 }
 
 /// The Session's `spec.resolutions` (the gateway service checks each against the Session).

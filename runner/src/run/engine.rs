@@ -141,6 +141,21 @@ pub enum RunError {
     },
 }
 
+impl RunError {
+    /// Whether the gateway service refused a write because the run has written as much to the
+    /// store as it may (`--max-run-bytes`).
+    pub fn is_store_quota(&self) -> bool {
+        let quota = |e: &StoreError| matches!(e, StoreError::QuotaExceeded(_));
+        match self {
+            Self::Store(e) | Self::Record(RecordError::Store(e)) => quota(e),
+            Self::Remote(crate::gateway::remote::RemoteError::Refused { code, .. }) => {
+                code == crate::records::store::remote::QUOTA_EXCEEDED
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Replays differ from live runs in where model turns, results, approvals and time come from.
 #[derive(Clone, Debug, Default)]
 pub enum Mode {
@@ -429,6 +444,63 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         signed: &SignedRunContext,
         compiled: &CompiledContext,
         mut state: LoopState,
+        decided: Decided,
+        turn_in_progress: Option<ModelTurn>,
+        observe: Observer<'_>,
+    ) -> Result<RunReport, RunError> {
+        let driven = self
+            .drive_steps(
+                recorder,
+                signed,
+                compiled,
+                &mut state,
+                decided,
+                turn_in_progress,
+                observe,
+            )
+            .await;
+        match driven {
+            Err(error) if error.is_store_quota() => self.ended_by_quota(recorder, error, &state).await,
+            other => other,
+        }
+    }
+
+    /// The gateway refused a write because the run has written all the store allows it: the run
+    /// ends Failed, and its record says so in a closing entry (which the gateway still accepts
+    /// past the quota), instead of a record that stays "running" for ever. What was staged and
+    /// refused is dropped.
+    async fn ended_by_quota(
+        &self,
+        recorder: &mut Recorder<'_, S>,
+        error: RunError,
+        state: &LoopState,
+    ) -> Result<RunReport, RunError> {
+        const REASON: &str = "StoreQuotaExceeded";
+        let message: String = error.to_string().chars().take(1024).collect();
+        recorder.discard_staged();
+        recorder.stage(EntryBody::Failed {
+            reason: REASON.into(),
+            message: message.clone(),
+        });
+        if recorder.flush().await.is_err() {
+            return Err(error);
+        }
+        let outcome = RunOutcome::Failed {
+            reason: REASON.into(),
+            message,
+        };
+        Ok(self.report(recorder, outcome, state))
+    }
+
+    /// The decision loop: model turns, calls, verdicts and checkpoints until the run ends or
+    /// pauses. `state` is left as far as the run got.
+    #[allow(clippy::too_many_arguments)]
+    async fn drive_steps(
+        &self,
+        recorder: &mut Recorder<'_, S>,
+        signed: &SignedRunContext,
+        compiled: &CompiledContext,
+        state: &mut LoopState,
         mut decided: Decided,
         mut turn_in_progress: Option<ModelTurn>,
         observe: Observer<'_>,
@@ -448,14 +520,13 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                         Err(e) => return self.model_failed(recorder, e, &state).await,
                     },
                 };
-                self.take_turn(recorder, &mut state, &turn, reused, observe)
-                    .await?
+                self.take_turn(recorder, state, &turn, reused, observe).await?
             } else {
                 Owned::Calls
             };
             let result = match result {
                 Owned::Calls => {
-                    self.handle_calls(recorder, signed, &mut state, decided.take(), observe)
+                    self.handle_calls(recorder, signed, state, decided.take(), observe)
                         .await?
                 }
                 answer => answer,
@@ -463,7 +534,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             state.usage.wall_ms = self.wall_ms(state.step, wall_base, started);
             if let Owned::OutcomeUnknown(unresolved) = result {
                 return self
-                    .pause_for_resolution(recorder, unresolved, state, recorded_messages)
+                    .pause_for_resolution(recorder, unresolved, state.clone(), recorded_messages)
                     .await;
             }
             let judgement = self.judge(&state, &result);

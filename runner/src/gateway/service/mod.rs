@@ -180,7 +180,7 @@ type Reply = Result<Response, Refusal>;
 fn over_quota(run: &str, used: u64, more: u64, limit: u64) -> Refusal {
     Refusal(
         StatusCode::PAYLOAD_TOO_LARGE,
-        "quota_exceeded",
+        crate::records::store::remote::QUOTA_EXCEEDED,
         format!(
             "run {run} has written {used} bytes to the store and this write adds {more}; a run may write at most {limit} (the gateway's --max-run-bytes)"
         ),

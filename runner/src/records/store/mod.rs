@@ -186,6 +186,9 @@ pub enum StoreError {
     /// The store (the gateway service) refused the request for good: retrying changes nothing.
     #[error("{0}")]
     Refused(String),
+    /// The run has written as much to the store as the gateway allows it (`--max-run-bytes`).
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("record store holds a corrupt value at {key}: {problem}")]
     Corrupt { key: String, problem: String },
 }

@@ -281,8 +281,14 @@ async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, String
     Ok(out)
 }
 
+/// The code the gateway service answers a write past the run's quota with.
+pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
+
 fn store_error(e: RemoteError, run_id: &str) -> StoreError {
     match &e {
+        RemoteError::Refused { code, .. } if code == QUOTA_EXCEEDED => {
+            StoreError::QuotaExceeded(e.to_string())
+        }
         RemoteError::Refused { code, error, .. } if code == "head_moved" => StoreError::HeadMoved {
             run_id: run_id.to_owned(),
             expected: "(this writer's head)".into(),

@@ -515,9 +515,9 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 let reused = turn_in_progress.is_some();
                 let turn = match turn_in_progress.take() {
                     Some(turn) => turn,
-                    None => match self.next_turn(recorder, compiled, &state).await? {
+                    None => match self.next_turn(recorder, compiled, state).await? {
                         Ok(turn) => turn,
-                        Err(e) => return self.model_failed(recorder, e, &state).await,
+                        Err(e) => return self.model_failed(recorder, e, state).await,
                     },
                 };
                 self.take_turn(recorder, state, &turn, reused, observe).await?
@@ -537,7 +537,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                     .pause_for_resolution(recorder, unresolved, state.clone(), recorded_messages)
                     .await;
             }
-            let judgement = self.judge(&state, &result);
+            let judgement = self.judge(state, &result);
             observe(&Progress::Verdict {
                 step: state.step,
                 verdict: judgement.verdict,
@@ -564,7 +564,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 recorder.stage(state.checkpoint(recorded_messages));
                 recorded_messages = state.messages.len();
             }
-            let outcome = ending_outcome(&judgement, &state);
+            let outcome = ending_outcome(&judgement, state);
             match &outcome {
                 Some(RunOutcome::Completed { output, validators }) => recorder.stage(EntryBody::Completed {
                     output: output.clone(),
@@ -582,7 +582,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                     step: state.step,
                     after: "checkpoint",
                 });
-                return Ok(self.report(recorder, outcome, &state));
+                return Ok(self.report(recorder, outcome, state));
             }
         }
     }

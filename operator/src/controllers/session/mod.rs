@@ -158,7 +158,8 @@ async fn attempt_pod(pods: &Api<Pod>, session: &Session, attempt: u32) -> Result
         name,
         report: termination_report(&pod),
         attestation: None,
-        resumed_for: plan::resumed_for(&pod),
+        // What the attempt was started for (a decision or a finding), as its pod says.
+        resumed_for: pod.annotations().get(annotations::RESUMED_FOR).cloned(),
         finished_at: pod
             .status
             .as_ref()

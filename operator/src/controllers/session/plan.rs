@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use contextos_crds::{
-    Session, annotations,
+    Session,
     common::Approvers,
     conditions::reason,
     session::{PendingApproval, SessionPhase, UnresolvedCallStatus},
@@ -383,15 +383,6 @@ fn unresolved_status(unresolved: &UnresolvedCall) -> UnresolvedCallStatus {
         arguments: unresolved.arguments.to_string().chars().take(4096).collect(),
         reason: unresolved.reason.clone(),
     }
-}
-
-/// The annotation an attempt's pod carries naming what it was started for.
-pub fn resumed_for(pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(annotations::RESUMED_FOR))
-        .cloned()
 }
 
 #[cfg(test)]

@@ -490,21 +490,23 @@ async fn crash_child_appends_until_killed() {
     let t = TenantId::new("crash-tests").expect("tenant");
     if let Some(path) = spec.strip_prefix("embedded:") {
         let store = EmbeddedStore::open(std::path::Path::new(path)).expect("open");
-        child_loop(&store, t, &run).await;
+        // A blob with every batch: the store's log fills up and is folded into the database
+        // several times before the child is killed, so the kill also lands around folds.
+        child_loop(&store, t, &run, 1 << 20).await;
     } else if let Some(pd) = spec.strip_prefix("tikv:") {
         #[cfg(feature = "tikv")]
         {
             let store = contextos_runner::records::store::tikv::TikvStore::connect(pd)
                 .await
                 .expect("connect");
-            child_loop(&store, t, &run).await;
+            child_loop(&store, t, &run, 0).await;
         }
         #[cfg(not(feature = "tikv"))]
         panic!("built without the tikv feature; cannot reach {pd}");
     }
 }
 
-async fn child_loop<S: RecordStore>(store: &S, t: TenantId, run: &str) {
+async fn child_loop<S: RecordStore>(store: &S, t: TenantId, run: &str, blob_bytes: usize) {
     let mut rec = match Recorder::resume(store, t.clone(), key(), run).await {
         Ok(rec) => rec,
         Err(_) => Recorder::start(store, t, key(), start(run, "crash-session", "agent"))
@@ -514,6 +516,11 @@ async fn child_loop<S: RecordStore>(store: &S, t: TenantId, run: &str) {
     let mut step = 0u32;
     loop {
         let batch = 1 + (step % 4);
+        if blob_bytes > 0 {
+            let mut blob = step.to_le_bytes().to_vec();
+            blob.resize(blob_bytes, 7);
+            store.put_blob(rec.tenant(), blob).await.expect("blob");
+        }
         for _ in 0..batch {
             step += 1;
             rec.stage(verdict(step));

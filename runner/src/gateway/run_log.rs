@@ -13,7 +13,7 @@ use crate::{
     keys::KeyPair,
     model::ModelTurn,
     records::{
-        EntryBody, Hash, ReadError, RecordEntry, RecordStore, Recorder, TenantId, read_run_from,
+        EntryBody, Hash, ReadError, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId, read_run_from,
         recorder::fold_into_summary, store::RunSummary,
     },
 };
@@ -110,21 +110,34 @@ impl RunLog {
         Ok(())
     }
 
-    /// Folds in the `appended` entries this replica just wrote on top of the refreshed head
-    /// (its gateway already remembers their effects). If anyone else wrote in between, the
-    /// gateway is rebuilt from the whole chain at the next refresh.
-    pub async fn after_write<S: RecordStore>(
-        &mut self,
-        store: &S,
-        tenant: &TenantId,
-        run_id: &str,
-        appended: u64,
-    ) -> Result<(), ReadError> {
-        match self.read_tail(store, tenant, run_id).await? {
-            Some(tail) if tail.len() as u64 == appended => self.fold(&tail),
-            _ => self.gateway_in_step = false,
+    /// Folds in the entries this replica just wrote on top of the refreshed head (its gateway
+    /// already remembers their effects), as its recorder kept them: no read of the store. If
+    /// anyone else wrote in between (`written` is `None`), the gateway is rebuilt from the whole
+    /// chain at the next refresh.
+    pub fn after_write(&mut self, written: Option<&[StoredEntry]>) {
+        let Some(written) = written else {
+            self.gateway_in_step = false;
+            return;
+        };
+        let mut tail = Vec::with_capacity(written.len());
+        for stored in written {
+            match RecordEntry::decode(&stored.bytes) {
+                Ok(entry) => tail.push((stored.hash, entry)),
+                Err(_) => {
+                    self.gateway_in_step = false;
+                    return;
+                }
+            }
         }
-        Ok(())
+        let links = match (self.head, tail.first()) {
+            (Some((_, hash)), Some((_, first))) => first.prev == Some(hash),
+            _ => true,
+        };
+        if links {
+            self.fold(&tail);
+        } else {
+            self.gateway_in_step = false;
+        }
     }
 
     /// A recorder continuing the run at the head read last (none before the run started).
@@ -136,7 +149,7 @@ impl RunLog {
     ) -> Option<Recorder<'s, S>> {
         let summary = self.summary.clone()?;
         let head = self.head?;
-        Some(Recorder::at(store, tenant.clone(), key, summary, head))
+        Some(Recorder::at(store, tenant.clone(), key, summary, head).keeping_written())
     }
 
     fn start_over(&mut self, gateway: &ToolGateway, run_id: &str) {

@@ -68,8 +68,9 @@ pub struct Recorder<'s, S> {
     sign_heads: bool,
     /// Copies of staged bodies, kept when asked for (a replay reads its decisions from them).
     tap: Option<Vec<EntryBody>>,
-    /// Entries this recorder appended (its own, not other writers').
-    appended: u64,
+    /// Copies of the entries this recorder appended, when asked for (see
+    /// [`Recorder::keeping_written`]); dropped once other writers' entries turn up between them.
+    written: Option<Vec<StoredEntry>>,
 }
 
 /// A body waiting to be chained: encoded once, at staging time.
@@ -214,13 +215,21 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             clock: now_ms,
             sign_heads: true,
             tap: None,
-            appended: 0,
+            written: None,
         }
     }
 
-    /// How many entries this recorder appended so far.
-    pub fn appended(&self) -> u64 {
-        self.appended
+    /// Keeps a copy of every entry this recorder appends, for a caller that folds them into its
+    /// own view of the run instead of reading them back (see [`Recorder::written`]).
+    pub fn keeping_written(mut self) -> Self {
+        self.written = Some(Vec::new());
+        self
+    }
+
+    /// The entries this recorder appended, in chain order, if it kept them and no other
+    /// writer's entries came between them (after a re-chain the caller must read the chain).
+    pub fn written(&self) -> Option<&[StoredEntry]> {
+        self.written.as_deref()
     }
 
     /// Continues an existing run (after a restart), reading its head and first entry.
@@ -354,7 +363,6 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                     if appended == written
                         && let Some(stored) = self.store.head(&self.tenant, &self.summary.run_id).await?
                     {
-                        self.appended += bodies.len() as u64;
                         return Ok(stored);
                     }
                     // Writers that collided would collide again in lockstep; a random pause
@@ -414,7 +422,11 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         };
         let from = self.head.map_or(0, |(seq, _)| seq + 1);
         let mut appended = Vec::new();
-        for entry in self.store.read_chain(&self.tenant, &run_id, from).await? {
+        let others = self.store.read_chain(&self.tenant, &run_id, from).await?;
+        if !others.is_empty() {
+            self.written = None;
+        }
+        for entry in others {
             appended.push(entry.hash);
             if let Ok(e) = RecordEntry::decode(&entry.bytes) {
                 SummaryEffect::of(&e.body).apply(&mut self.summary);
@@ -468,11 +480,13 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     async fn append_sealed(&mut self, batch: AppendBatch) -> Result<SignedHead, RecordError> {
         let head = batch.head.clone();
         let summary = batch.summary.clone();
-        let count = batch.entries.len() as u64;
+        let kept = self.written.is_some().then(|| batch.entries.clone());
         self.store.append(&self.tenant, batch).await?;
+        if let (Some(written), Some(kept)) = (&mut self.written, kept) {
+            written.extend(kept);
+        }
         self.summary = summary;
         self.advance(&head);
-        self.appended += count;
         Ok(head)
     }
 

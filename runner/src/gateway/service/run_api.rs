@@ -75,6 +75,7 @@ where
                 let first = decoded.first().ok_or_else(|| bad("the batch is empty"))?;
                 Recorder::for_new_run(&service.store, caller.tenant.clone(), key, first)
                     .map_err(|e| bad(e.to_string()))?
+                    .keeping_written()
             }
         };
         let head = match recorder.append_chained(entries).await {
@@ -87,10 +88,7 @@ where
             }
             Err(e) => return Err(unavailable(e)),
         };
-        let appended = recorder.appended();
-        log.after_write(&service.store, &caller.tenant, caller.run_id(), appended)
-            .await
-            .map_err(unavailable)?;
+        log.after_write(recorder.written());
         if log.finished() {
             // An ended run is served nothing more: its built gateway need not be kept.
             service.forget_slot(&caller);
@@ -353,10 +351,7 @@ where
                     .handle_in_run(&request.envelope, &mut recorder, &request.state, &progress)
                     .await
             };
-        let appended = recorder.appended();
-        log.after_write(&self.store, &caller.tenant, caller.run_id(), appended)
-            .await
-            .map_err(unavailable)?;
+        log.after_write(recorder.written());
         if outcome.is_err() {
             // What this replica remembers may be ahead of the record (an approval used, a call
             // counted, with nothing written): the record decides again next time.
@@ -494,10 +489,7 @@ where
             completion_tokens: turn.completion_tokens,
         });
         recorder.flush().await.map_err(unavailable)?;
-        let appended = recorder.appended();
-        log.after_write(&service.store, &caller.tenant, caller.run_id(), appended)
-            .await
-            .map_err(unavailable)?;
+        log.after_write(recorder.written());
         Ok(Json(turn).into_response())
     }
 }

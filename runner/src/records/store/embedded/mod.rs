@@ -1,0 +1,456 @@
+//! The embedded record store: a redb file (pure Rust, ACID, copy-on-write B-trees) and its
+//! write-ahead log (see [`wal`]). Each append is one redb write transaction, committed without
+//! a flush of its own and made durable by its frame in the log before `append` returns; redb
+//! allows one writer at a time, which is what makes the head check and the write atomic.
+//!
+//! Only one process opens the store (redb locks the file), so a commit is seen by this
+//! process's readers as soon as it is made, a flush later than it is acknowledged. Nothing in
+//! ContextOS reads a run while its own append is in flight: the gateway serialises each run's
+//! requests.
+
+mod wal;
+
+use std::{ffi::OsString, path::Path, sync::Arc};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+
+use self::wal::{Put, Wal};
+use super::{
+    AppendBatch, Checkpoint, RecordStore, Result, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
+    check_batch, validate_id,
+};
+use crate::records::entry::{Hash, StoredEntry};
+
+/// (tenant, run, seq) → 32-byte hash ‖ canonical entry, and (tenant, run, [`RUN_ROW`]) → the
+/// run's RunRow JSON (signed head and summary). Keeping the run row in the entries table means
+/// an append modifies a single B-tree.
+const ENTRIES: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("entries");
+/// The sequence number under which a run's row is kept (never a real entry's).
+const RUN_ROW: u64 = u64::MAX;
+/// (tenant, started_at_ms, run) → nothing; orders runs by start time.
+const RUNS_BY_TIME: TableDefinition<(&str, i64, &str), ()> = TableDefinition::new("runs_by_time");
+/// (tenant, sha256) → bytes.
+const BLOBS: TableDefinition<(&str, &[u8; 32]), &[u8]> = TableDefinition::new("blobs");
+/// (tenant, session) → Checkpoint JSON.
+const CHECKPOINTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("checkpoints");
+
+/// One row of the runs table.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunRow {
+    head: SignedHead,
+    summary: RunSummary,
+}
+
+/// A record store in one local file (and its log, beside it).
+#[derive(Clone, Debug)]
+pub struct EmbeddedStore {
+    files: Arc<Files>,
+    ends: Arc<RunEnds>,
+}
+
+/// The database and its log, open together.
+#[derive(Debug)]
+struct Files {
+    db: Database,
+    wal: Wal,
+}
+
+impl Drop for Files {
+    /// A clean close folds the log into the database, so the next open has nothing to replay.
+    fn drop(&mut self) {
+        let folded = self.wal.writer().map_err(backend).and_then(|mut writer| {
+            let txn = self.db.begin_write().map_err(backend)?;
+            txn.commit().map_err(backend)?;
+            writer.fold().map_err(backend)
+        });
+        if let Err(error) = folded {
+            tracing::warn!(%error, "the record store's log was not folded on close; the next open replays it");
+        }
+    }
+}
+
+/// The last sequence number of each run appended to since open. This process is the store's
+/// only writer, so a read of a chain past its end — which the gateway service makes before
+/// every request of a run, to see whether anyone else wrote — is answered without a
+/// transaction or a trip to a blocking thread.
+#[derive(Debug, Default)]
+struct RunEnds(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+/// Runs remembered at most (then forgotten all at once; a forgotten run is read from the file).
+const MAX_RUN_ENDS: usize = 100_000;
+
+impl RunEnds {
+    fn key(tenant: &str, run: &str) -> String {
+        format!("{tenant}\0{run}")
+    }
+
+    fn past_end(&self, tenant: &str, run: &str, from_seq: u64) -> bool {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|ends| ends.get(&Self::key(tenant, run)).copied())
+            .is_some_and(|last| from_seq > last)
+    }
+
+    fn appended(&self, tenant: &str, run: &str, last: u64) {
+        if let Ok(mut ends) = self.0.lock() {
+            if ends.len() >= MAX_RUN_ENDS {
+                ends.clear();
+            }
+            ends.insert(Self::key(tenant, run), last);
+        }
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn corrupt(key: String, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key,
+        problem: e.to_string(),
+    }
+}
+
+/// The log of the store at `path`: the same name with `.wal` appended.
+fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(".wal");
+    name.into()
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store at `path`, replaying its log. Only one process may have it
+    /// open at a time.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(backend)?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Backend(format!("cannot open record store {}: {e}", path.display())))?;
+        // Create every table up front so readers never see a missing table. The log is opened
+        // only now: redb's lock on the file is what keeps a second process away from both.
+        let txn = db.begin_write().map_err(backend)?;
+        {
+            txn.open_table(ENTRIES).map_err(backend)?;
+            txn.open_table(RUNS_BY_TIME).map_err(backend)?;
+            txn.open_table(BLOBS).map_err(backend)?;
+            txn.open_table(CHECKPOINTS).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        let (wal, frames) = Wal::open(&wal_path(path)).map_err(backend)?;
+        // What was acknowledged before a crash may be only in the log: apply it again (a frame
+        // redb already holds is rewritten with the same rows), durably, then start a new epoch.
+        let mut writer = wal.writer().map_err(backend)?;
+        let txn = db.begin_write().map_err(backend)?;
+        for puts in &frames {
+            apply(&txn, puts)?;
+        }
+        txn.commit().map_err(backend)?;
+        writer.fold().map_err(backend)?;
+        drop(writer);
+        if !frames.is_empty() {
+            tracing::info!(store = %path.display(), transactions = frames.len(),
+                "replayed the record store's log after an unclean shutdown");
+        }
+        Ok(Self {
+            files: Arc::new(Files { db, wal }),
+            ends: Arc::default(),
+        })
+    }
+
+    /// Runs blocking redb work off the async executor.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database, &Wal) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || work(&files.db, &files.wal))
+            .await
+            .map_err(backend)?
+    }
+
+    /// Commits `puts` (decided inside `txn`, which has not written them yet) and returns once
+    /// they are durable.
+    fn commit(
+        db: &Database,
+        wal: &Wal,
+        decide: impl FnOnce(&WriteTransaction) -> Result<Vec<Put>>,
+    ) -> Result<()> {
+        let mut writer = wal.writer().map_err(backend)?;
+        let mut txn = db.begin_write().map_err(backend)?;
+        txn.set_durability(Durability::None).map_err(backend)?;
+        let puts = decide(&txn)?;
+        if puts.is_empty() {
+            return Ok(());
+        }
+        apply(&txn, &puts)?;
+        // Frame first: if it cannot be written, the transaction is dropped (aborted) unseen.
+        let position = writer.append(&puts).map_err(backend)?;
+        if let Err(e) = txn.commit() {
+            writer.poison("a transaction whose log frame was written did not commit");
+            return Err(backend(e));
+        }
+        if writer.wants_fold() {
+            // One durable redb commit holds every frame so far; the log starts over.
+            let folded = db
+                .begin_write()
+                .map_err(backend)
+                .and_then(|txn| txn.commit().map_err(backend));
+            if let Err(e) = folded {
+                writer.poison("the record store could not fold its log");
+                return Err(backend(e));
+            }
+            writer.fold().map_err(backend)?;
+        }
+        drop(writer);
+        wal.sync_to(position).map_err(backend)
+    }
+
+    fn append_blocking(db: &Database, wal: &Wal, tenant: &TenantId, batch: &AppendBatch) -> Result<()> {
+        Self::commit(db, wal, |txn| {
+            let t = tenant.as_str();
+            let run = batch.run_id.as_str();
+            let current = {
+                let entries = txn.open_table(ENTRIES).map_err(backend)?;
+                match entries.get((t, run, RUN_ROW)).map_err(backend)? {
+                    Some(v) => Some(decode_json::<RunRow>(v.value(), format!("runs/{t}/{run}"))?.head),
+                    None => None,
+                }
+            };
+            check_batch(batch, current.as_ref())?;
+            let mut puts = Vec::with_capacity(batch.entries.len() + 3);
+            for entry in &batch.entries {
+                puts.push(Put::Entry {
+                    tenant: t.to_owned(),
+                    run: run.to_owned(),
+                    seq: entry.seq,
+                    value: entry.to_value_bytes(),
+                });
+            }
+            let row = RunRow {
+                head: batch.head.clone(),
+                summary: batch.summary.clone(),
+            };
+            puts.push(Put::Entry {
+                tenant: t.to_owned(),
+                run: run.to_owned(),
+                seq: RUN_ROW,
+                value: encode_json(&row),
+            });
+            if batch.expected_head.is_none() {
+                puts.push(Put::RunByTime {
+                    tenant: t.to_owned(),
+                    started_ms: batch.summary.started_at_ms,
+                    run: run.to_owned(),
+                });
+            }
+            if let Some(checkpoint) = &batch.checkpoint {
+                puts.push(Put::Checkpoint {
+                    tenant: t.to_owned(),
+                    session: checkpoint.session_id.clone(),
+                    value: encode_json(checkpoint),
+                });
+            }
+            Ok(puts)
+        })
+    }
+
+    fn list_blocking(db: &Database, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        let t = tenant.as_str();
+        let txn = db.begin_read().map_err(backend)?;
+        let by_time = txn.open_table(RUNS_BY_TIME).map_err(backend)?;
+        let entries = txn.open_table(ENTRIES).map_err(backend)?;
+        let since = filter.since_ms.unwrap_or(i64::MIN);
+        let until = filter.until_ms.unwrap_or(i64::MAX);
+        let mut out = Vec::new();
+        let range = by_time.range((t, since, "")..(t, until, "")).map_err(backend)?;
+        for item in range.rev() {
+            let (key, _) = item.map_err(backend)?;
+            let (_, _, run) = key.value();
+            let Some(value) = entries.get((t, run, RUN_ROW)).map_err(backend)? else {
+                continue;
+            };
+            let summary = decode_json::<RunRow>(value.value(), format!("runs/{t}/{run}"))?.summary;
+            if filter.matches(&summary) {
+                out.push(summary);
+                if filter.limit.is_some_and(|limit| out.len() >= limit) {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn encode_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Plain data with string keys: serialization cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8], key: String) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(key, e))
+}
+
+impl RecordStore for EmbeddedStore {
+    async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
+        let ends = self.ends.clone();
+        let tenant = tenant.clone();
+        self.blocking(move |db, wal| {
+            Self::append_blocking(db, wal, &tenant, &batch)?;
+            ends.appended(tenant.as_str(), &batch.run_id, batch.head.seq);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>> {
+        validate_id("run", run_id)?;
+        let (tenant, run_id) = (tenant.clone(), run_id.to_owned());
+        self.blocking(move |db, _| {
+            let txn = db.begin_read().map_err(backend)?;
+            let entries = txn.open_table(ENTRIES).map_err(backend)?;
+            let key = format!("runs/{tenant}/{run_id}");
+            match entries
+                .get((tenant.as_str(), run_id.as_str(), RUN_ROW))
+                .map_err(backend)?
+            {
+                Some(v) => Ok(Some(decode_json::<RunRow>(v.value(), key)?.head)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn read_chain(&self, tenant: &TenantId, run_id: &str, from_seq: u64) -> Result<Vec<StoredEntry>> {
+        validate_id("run", run_id)?;
+        if self.ends.past_end(tenant.as_str(), run_id, from_seq) {
+            return Ok(Vec::new());
+        }
+        let (tenant, run_id) = (tenant.clone(), run_id.to_owned());
+        self.blocking(move |db, _| {
+            let (t, run) = (tenant.as_str(), run_id.as_str());
+            let txn = db.begin_read().map_err(backend)?;
+            let entries = txn.open_table(ENTRIES).map_err(backend)?;
+            let mut out = Vec::new();
+            for item in entries
+                .range((t, run, from_seq)..(t, run, RUN_ROW))
+                .map_err(backend)?
+            {
+                let (key, value) = item.map_err(backend)?;
+                let seq = key.value().2;
+                let entry = StoredEntry::from_value_bytes(seq, value.value()).ok_or_else(|| {
+                    corrupt(format!("entries/{t}/{run}/{seq}"), "value shorter than a hash")
+                })?;
+                out.push(entry);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_runs(&self, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        let (tenant, filter) = (tenant.clone(), filter.clone());
+        self.blocking(move |db, _| Self::list_blocking(db, &tenant, &filter))
+            .await
+    }
+
+    async fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> Result<Hash> {
+        let tenant = tenant.clone();
+        self.blocking(move |db, wal| {
+            let hash = Hash::of(&bytes);
+            Self::commit(db, wal, |txn| {
+                let blobs = txn.open_table(BLOBS).map_err(backend)?;
+                if blobs.get((tenant.as_str(), &hash.0)).map_err(backend)?.is_some() {
+                    return Ok(Vec::new());
+                }
+                Ok(vec![Put::Blob {
+                    tenant: tenant.to_string(),
+                    hash: hash.0,
+                    value: bytes,
+                }])
+            })?;
+            Ok(hash)
+        })
+        .await
+    }
+
+    async fn get_blob(&self, tenant: &TenantId, hash: &Hash) -> Result<Option<Vec<u8>>> {
+        let (tenant, hash) = (tenant.clone(), *hash);
+        self.blocking(move |db, _| {
+            let txn = db.begin_read().map_err(backend)?;
+            let blobs = txn.open_table(BLOBS).map_err(backend)?;
+            Ok(blobs
+                .get((tenant.as_str(), &hash.0))
+                .map_err(backend)?
+                .map(|v| v.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {
+        validate_id("session", session_id)?;
+        let (tenant, session_id) = (tenant.clone(), session_id.to_owned());
+        self.blocking(move |db, _| {
+            let txn = db.begin_read().map_err(backend)?;
+            let checkpoints = txn.open_table(CHECKPOINTS).map_err(backend)?;
+            let key = format!("checkpoints/{tenant}/{session_id}");
+            match checkpoints
+                .get((tenant.as_str(), session_id.as_str()))
+                .map_err(backend)?
+            {
+                Some(v) => Ok(Some(decode_json(v.value(), key)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+}
+
+/// Writes `puts` in `txn`: the one place rows are stored, for new transactions and for the log's
+/// replay alike.
+fn apply(txn: &WriteTransaction, puts: &[Put]) -> Result<()> {
+    let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
+    for put in puts {
+        match put {
+            Put::Entry {
+                tenant,
+                run,
+                seq,
+                value,
+            } => {
+                entries
+                    .insert((tenant.as_str(), run.as_str(), *seq), value.as_slice())
+                    .map_err(backend)?;
+            }
+            Put::RunByTime {
+                tenant,
+                started_ms,
+                run,
+            } => {
+                let mut table = txn.open_table(RUNS_BY_TIME).map_err(backend)?;
+                table
+                    .insert((tenant.as_str(), *started_ms, run.as_str()), ())
+                    .map_err(backend)?;
+            }
+            Put::Blob { tenant, hash, value } => {
+                let mut table = txn.open_table(BLOBS).map_err(backend)?;
+                table
+                    .insert((tenant.as_str(), hash), value.as_slice())
+                    .map_err(backend)?;
+            }
+            Put::Checkpoint {
+                tenant,
+                session,
+                value,
+            } => {
+                let mut table = txn.open_table(CHECKPOINTS).map_err(backend)?;
+                table
+                    .insert((tenant.as_str(), session.as_str()), value.as_slice())
+                    .map_err(backend)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,25 +1,35 @@
 //! The run loop's own cost, measured in one run against baselines:
 //! - harness overhead per step: a live run (scripted model, one read-only HTTP call per step to
 //!   a local tool server) minus the same number of direct HTTP calls to that server — on the
-//!   in-memory store and on the durable embedded store (fsync per write);
+//!   in-memory store, on the durable embedded store (each write flushed), and as in a cluster:
+//!   the runner sending every call, model turn and record entry to the gateway service over
+//!   loopback HTTP, which records them durably in its embedded store;
 //! - replay throughput: recorded runs replayed under the same versions, in steps per second,
 //!   next to just reading those records back.
 //!
 //! Run: `cargo bench -p contextos-runner --bench run_loop`. Targets: overhead < 1 ms per step,
 //! replay ≥ 5,000 steps/s.
 
-use std::{path::Path, time::Instant};
+use std::{path::Path, sync::Arc, time::Instant};
 
 use axum::{Json, Router, routing::get};
 use contextos_runner::{
-    gateway::bundle::NamedPolicy,
+    gateway::{
+        bundle::NamedPolicy,
+        identity::{PodIdentity, StaticTokens},
+        remote::{GatewayClient, TokenSource},
+        service::GatewayService,
+        tenancy::StaticTenants,
+    },
     keys::KeyPair,
+    keys::TenantKeys,
     manifests::ManifestSet,
     model::{Model, scripted::ScriptedModel},
-    records::{EmbeddedStore, MemoryStore, RecordStore, TenantId, read_run},
+    records::{EmbeddedStore, MemoryStore, RecordStore, TenantId, read_run, recorder::now_ms},
     run::{
         Harness, RunOutcome,
         bundle::{Candidate, RunBundle},
+        issue_run_context,
         replay::replay_run,
     },
 };
@@ -125,23 +135,84 @@ async fn direct_calls(url: &str) -> f64 {
     started.elapsed().as_secs_f64() * 1e6 / (RUNS * STEPS) as f64
 }
 
-/// Mean latency of one durable write (a redb commit of a small row), the floor of every
-/// durable step: a live step writes twice (its model turn before any call acts, and each call's
-/// result).
-fn durable_commit_micros(dir: &Path) -> f64 {
-    const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("rows");
-    let db = redb::Database::create(dir.join("baseline.redb")).expect("db");
-    let commits = 200;
+/// p50 of one small write flushed to disk (`fdatasync`, in place): what each durable write costs
+/// at least. A live step writes twice (its model turn before any call acts, and each call's
+/// result); through the gateway service a third time (the go-ahead before the tool acts).
+fn flush_micros(dir: &Path) -> f64 {
+    use std::os::unix::fs::FileExt as _;
+    let file = std::fs::File::create(dir.join("flush-floor")).expect("file");
+    file.write_all_at(&vec![0; 1 << 20], 0).expect("zeros");
+    file.sync_all().expect("sync");
+    let mut samples: Vec<f64> = (0..400u64)
+        .map(|i| {
+            let started = Instant::now();
+            file.write_all_at(&[7; 512], i * 512).expect("write");
+            file.sync_data().expect("flush");
+            started.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// The gateway service over an embedded store, on loopback, trusting `operator`'s RunContexts
+/// and one pod token; returns its URL.
+async fn gateway_service(dir: &Path, operator: &KeyPair) -> String {
+    let store = EmbeddedStore::open(&dir.join("gateway.redb")).expect("store");
+    let pod = PodIdentity {
+        namespace: "bench".into(),
+        pod: "bench-run-1".into(),
+        pod_uid: "uid".into(),
+        username: "system:serviceaccount:bench:default".into(),
+    };
+    let service = GatewayService::new(
+        store,
+        StaticTokens::default().with("bench-token", pod),
+        StaticTenants::default(),
+        TenantKeys::new(&KeyPair::from_seed([5; 32])),
+        operator.public(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let router = Arc::new(service)
+        .router()
+        .layer(axum::middleware::from_fn(count_request));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+/// Requests the gateway service answered (the runner's round trips).
+static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+async fn count_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    next.run(request).await
+}
+
+/// Runs as a runner pod makes them: everything through the gateway service at `url`.
+async fn remote_runs(url: &str, operator: &KeyPair, bundle: &RunBundle, label: &str) -> f64 {
     let started = Instant::now();
-    for i in 0..commits {
-        let txn = db.begin_write().expect("txn");
-        txn.open_table(TABLE)
-            .expect("table")
-            .insert(i, [7u8; 512].as_slice())
-            .expect("insert");
-        txn.commit().expect("commit");
+    for run in 0..RUNS {
+        let run_id = format!("{label}-{run}");
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let context = issue_run_context(bundle, &run_id, trace, Some("bench-run-1"), operator, now_ms())
+            .expect("context");
+        let client =
+            GatewayClient::new(url, TokenSource::Fixed("bench-token".into()), &context).expect("client");
+        let transit = KeyPair::generate().expect("key");
+        let harness = Harness::through_gateway(&client, transit, bundle.clone(), context).expect("harness");
+        let report = harness.start(&run_id, trace, &mut |_| {}).await.expect("run");
+        assert!(
+            matches!(report.outcome, RunOutcome::Completed { .. }),
+            "{:?}",
+            report.outcome
+        );
+        assert_eq!(report.steps as usize, STEPS);
     }
-    started.elapsed().as_secs_f64() * 1e6 / commits as f64
+    started.elapsed().as_secs_f64() * 1e6 / (RUNS * STEPS) as f64
 }
 
 fn main() {
@@ -167,18 +238,32 @@ fn main() {
             "  live run, in-memory store            {in_memory:>8.0} µs per step → harness overhead {:>6.0} µs",
             in_memory - direct
         );
-        let commit = durable_commit_micros(dir.path());
+        let flush = flush_micros(dir.path());
         println!(
-            "  live run, embedded store (fsync)     {durable:>8.0} µs per step → harness overhead {:>6.0} µs   (target < 1000 µs)",
+            "  live run, embedded store (flushed)   {durable:>8.0} µs per step → harness overhead {:>6.0} µs   (target < 1000 µs)",
             durable - direct
         );
         println!(
-            "  of which durable writes              {:>8.0} µs per step (2 commits × {commit:.0} µs, measured on this disk)",
-            2.0 * commit
+            "  … two flushes a step alone           {:>8.0} µs per step (one flush: {flush:.0} µs on this disk)",
+            2.0 * flush
+        );
+        let operator = KeyPair::from_seed([6; 32]);
+        let service = gateway_service(dir.path(), &operator).await;
+        remote_runs(&service, &operator, &bundle, "remote-warm").await;
+        let before = REQUESTS.load(std::sync::atomic::Ordering::Relaxed);
+        let remote = remote_runs(&service, &operator, &bundle, "remote").await;
+        let requests = REQUESTS.load(std::sync::atomic::Ordering::Relaxed) - before;
+        println!(
+            "  live run, through the gateway service {remote:>7.0} µs per step → harness overhead {:>6.0} µs   (target < 1000 µs)",
+            remote - direct
         );
         println!(
-            "  → overhead without the disk's commit latency {:>5.0} µs",
-            durable - direct - 2.0 * commit
+            "  … requests to the service            {:>8.1} per step",
+            requests as f64 / (RUNS * STEPS) as f64
+        );
+        println!(
+            "  … three flushes a step alone         {:>8.0} µs per step",
+            3.0 * flush
         );
 
         let runs: Vec<String> = (0..RUNS).map(|r| format!("disk-{r}")).collect();

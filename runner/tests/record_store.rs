@@ -266,6 +266,38 @@ async fn fork_refusal<S: RecordStore>(store: &S) {
     verify_run(store, &t, &run, &key().public())
         .await
         .expect("interleaved chain verifies");
+
+    // A runner told the head by the gateway moves to it without reading; told a wrong one, its
+    // next append is refused, and it catches up and lands once.
+    let mut runner = Recorder::resume(store, t.clone(), key(), &run)
+        .await
+        .expect("resume");
+    let mut gateway = Recorder::resume(store, t.clone(), key(), &run)
+        .await
+        .expect("resume");
+    gateway.record(verdict(500)).await.expect("gateway writes");
+    let told = store.head(&t, &run).await.expect("head").expect("exists");
+    assert_eq!(told.hash, gateway.head().expect("head").1);
+    runner.follow(Some((told.seq, told.hash))).await.expect("follow");
+    runner
+        .record(verdict(501))
+        .await
+        .expect("appends on the head it was told");
+    gateway.sync().await.expect("sync");
+    gateway.record(verdict(502)).await.expect("gateway writes");
+    runner
+        .follow(Some((told.seq + 40, Hash::of(b"a head that never was"))))
+        .await
+        .expect("follow");
+    runner
+        .record(verdict(503))
+        .await
+        .expect("a wrong head costs a re-chain, not the entry");
+    let end = store.head(&t, &run).await.expect("head").expect("exists");
+    assert_eq!(end.seq, told.seq + 3, "each of the three entries landed once");
+    verify_run(store, &t, &run, &key().public())
+        .await
+        .expect("the chain verifies after a wrong head");
 }
 
 async fn tenant_isolation<S: RecordStore>(store: &S) {

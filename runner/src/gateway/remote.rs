@@ -12,7 +12,10 @@ pub use crate::records::store::remote::{RUN_CONTEXT_HEADER, RemoteError, TokenSo
 use crate::{
     model::{ModelError, ModelRequest, ModelTurn},
     policy::StateFacts,
-    records::store::remote::{Credential, RemoteStore},
+    records::{
+        Hash,
+        store::remote::{Credential, RemoteStore},
+    },
     run_context::SignedRunContext,
 };
 
@@ -41,6 +44,8 @@ pub struct ModelCall {
 #[derive(Clone, Debug)]
 pub struct GatewayClient {
     records: RemoteStore,
+    /// The run's head after the last call or model turn, as the service answered it.
+    head: std::sync::Arc<std::sync::Mutex<Option<(u64, Hash)>>>,
 }
 
 impl GatewayClient {
@@ -49,7 +54,20 @@ impl GatewayClient {
         let json = serde_json::to_vec(context).map_err(|e| RemoteError::Malformed(e.to_string()))?;
         Ok(Self {
             records: RemoteStore::new(base, token, Credential::Run(json), &context.context.tenant_id)?,
+            head: Default::default(),
         })
+    }
+
+    /// The run's head after the last call or model turn (the entries the service wrote for it
+    /// end there), once; `None` if the service did not say.
+    pub fn take_head(&self) -> Option<(u64, Hash)> {
+        self.head.lock().ok().and_then(|mut head| head.take())
+    }
+
+    fn remember_head(&self, head: Option<(u64, Hash)>) {
+        if let Ok(mut last) = self.head.lock() {
+            *last = head;
+        }
     }
 
     /// The run's record, through the service.
@@ -71,11 +89,18 @@ impl GatewayClient {
         // "unavailable" for a while; the same call, with its key, is asked again until a bound.
         let give_up = std::time::Instant::now() + CALL_PATIENCE;
         loop {
-            match self.records.post_json("/v1/run/calls", &request).await {
+            match self.records.post_json_headed("/v1/run/calls", &request).await {
                 Err(RemoteError::Unreachable { .. }) if std::time::Instant::now() < give_up => {
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
-                answer => return answer,
+                Ok((outcome, head)) => {
+                    self.remember_head(head);
+                    return Ok(outcome);
+                }
+                Err(e) => {
+                    self.remember_head(None);
+                    return Err(e);
+                }
             }
         }
     }
@@ -87,23 +112,20 @@ impl GatewayClient {
             request: request.clone(),
             step,
         };
-        self.records
-            .post_json("/v1/run/model", &body)
-            .await
-            .map_err(|e| match e {
-                RemoteError::Refused { code, error, .. }
-                    if code == "token_budget" || code == "step_budget" =>
-                {
-                    ModelError::TokenBudget { detail: error }
-                }
-                RemoteError::Refused { code, error, .. } if code == "model_script" => ModelError::BadScript {
-                    script: "the agent's script (at the gateway service)".into(),
-                    detail: error,
-                },
-                other => ModelError::Unreachable {
-                    endpoint: format!("{}/v1/run/model", self.records.base()),
-                    detail: other.to_string(),
-                },
-            })
+        let answer = self.records.post_json_headed("/v1/run/model", &body).await;
+        self.remember_head(answer.as_ref().ok().and_then(|(_, head)| *head));
+        answer.map(|(turn, _)| turn).map_err(|e| match e {
+            RemoteError::Refused { code, error, .. } if code == "token_budget" || code == "step_budget" => {
+                ModelError::TokenBudget { detail: error }
+            }
+            RemoteError::Refused { code, error, .. } if code == "model_script" => ModelError::BadScript {
+                script: "the agent's script (at the gateway service)".into(),
+                detail: error,
+            },
+            other => ModelError::Unreachable {
+                endpoint: format!("{}/v1/run/model", self.records.base()),
+                detail: other.to_string(),
+            },
+        })
     }
 }

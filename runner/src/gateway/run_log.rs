@@ -78,6 +78,12 @@ impl RunLog {
         self.head
     }
 
+    /// The head, if what this replica folded in is known to reach it exactly (nothing written
+    /// by anyone else since): what the runner is told after a call or model turn.
+    pub fn exact_head(&self) -> Option<(u64, Hash)> {
+        self.head.filter(|_| self.gateway_in_step)
+    }
+
     /// Bytes of the record up to the head as last read.
     pub fn bytes(&self) -> u64 {
         self.bytes

@@ -410,6 +410,24 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         self.catch_up().await.map(|_| ())
     }
 
+    /// Moves to `head`, the run's head as the gateway service answered it after writing entries
+    /// of its own (decisions, results, model turns — none of which changes the run's summary),
+    /// instead of reading them back; without one, reads them as [`Recorder::sync`] does. A head
+    /// that turns out wrong costs one refused append, after which the recorder catches up as
+    /// after any other writer.
+    pub async fn follow(&mut self, head: Option<(u64, Hash)>) -> Result<(), RecordError> {
+        match (head, self.head) {
+            (Some((seq, hash)), Some((known, _))) if seq > known => {
+                self.head = Some((seq, hash));
+                self.summary.entries = seq + 1;
+                self.summary.head = hash;
+                Ok(())
+            }
+            (Some(_), Some(_)) => Ok(()),
+            _ => self.sync().await,
+        }
+    }
+
     /// Re-reads the head after another writer appended, folding what it wrote into the summary;
     /// returns the hashes of the entries it found.
     async fn catch_up(&mut self) -> Result<Vec<Hash>, RecordError> {

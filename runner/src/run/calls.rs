@@ -46,13 +46,13 @@ impl<S: RecordStore> Harness<'_, S> {
             state.unresolved = None;
             let outcome = if let Some(remote) = self.remote {
                 // The service decides, enforces the run's call budget and records; the runner
-                // then reads what it recorded.
+                // then moves past what it recorded.
                 if recorder.has_staged() {
                     recorder.flush().await?;
                 }
                 let facts = assess(state.step, &state.usage, &signed.context.budget, &state.calls).facts();
                 let outcome = remote.call(&envelope, &facts).await.map_err(RunError::Remote)?;
-                recorder.sync().await?;
+                recorder.follow(remote.take_head()).await?;
                 outcome
             } else if state.usage.tool_calls >= signed.context.budget.max_tool_calls {
                 self.refuse_over_budget(recorder, &envelope, signed).await?

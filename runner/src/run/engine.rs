@@ -603,7 +603,8 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         }
         let turn = self.ask_model(compiled, state).await;
         if turn.is_ok() {
-            recorder.sync().await?;
+            let head = self.remote.and_then(GatewayClient::take_head);
+            recorder.follow(head).await?;
         }
         Ok(turn)
     }

@@ -12,6 +12,7 @@ use axum::{
 };
 
 use super::*;
+use crate::records::store::remote::{HEAD_HEADER, head_header_value};
 
 /// The most bytes of an envelope's identifiers (call id, idempotency key, traceparent).
 const MAX_ENVELOPE_FIELD: usize = 256;
@@ -320,7 +321,7 @@ where
             service.decide_and_execute(&caller, &slot, request).await
         });
         match task.await {
-            Ok(outcome) => outcome.map(|o| Json(o).into_response()),
+            Ok(outcome) => outcome.map(|(o, head)| with_head(Json(o).into_response(), head)),
             Err(e) => Err(unavailable(format!("the call's task failed: {e}"))),
         }
     }
@@ -330,7 +331,7 @@ where
         caller: &Caller,
         slot: &RunSlot,
         request: CallRequest,
-    ) -> Result<crate::gateway::CallOutcome, Refusal> {
+    ) -> Result<(crate::gateway::CallOutcome, Option<(u64, Hash)>), Refusal> {
         let request_call_id = request.envelope.call_id.clone();
         let mut log = slot.log.lock().await;
         let mut recorder = self
@@ -366,7 +367,7 @@ where
         };
         match outcome {
             Ok(crate::gateway::CallOutcome::InProgress { call_id }) => Err(in_progress(&call_id)),
-            Ok(outcome) => Ok(outcome),
+            Ok(outcome) => Ok((outcome, log.exact_head())),
             // Someone wrote to the run between reading it and recording this call's go-ahead
             // (another replica taking the same call): nothing was executed; the runner asks again.
             Err(crate::gateway::GatewayError::Record(crate::records::RecordError::Store(
@@ -490,8 +491,18 @@ where
         });
         recorder.flush().await.map_err(unavailable)?;
         log.after_write(recorder.written());
-        Ok(Json(turn).into_response())
+        Ok(with_head(Json(turn).into_response(), log.exact_head()))
     }
+}
+
+/// Tells the runner where the entries written for its request end ([`HEAD_HEADER`]).
+fn with_head(mut response: axum::response::Response, head: Option<(u64, Hash)>) -> axum::response::Response {
+    if let Some((seq, hash)) = head
+        && let Ok(value) = axum::http::HeaderValue::from_str(&head_header_value(seq, &hash))
+    {
+        response.headers_mut().insert(HEAD_HEADER, value);
+    }
+    response
 }
 
 /// A rough token count of a request (≈ 4 bytes a token), for budgeting before the model answers.

@@ -19,6 +19,21 @@ pub const RUN_CONTEXT_HEADER: &str = "x-contextos-run-context";
 pub const READ_GRANT_HEADER: &str = "x-contextos-read-grant";
 /// Header naming the namespace a person reads (with their own token instead of a grant).
 pub const READER_NAMESPACE_HEADER: &str = "x-contextos-namespace";
+/// The run's head after a call or model turn, as the service answers it (`<seq>.<hash>`): the
+/// entries it wrote for the request end there. The runner moves its recorder to it instead of
+/// reading the head and the new entries back (two round trips per request).
+pub const HEAD_HEADER: &str = "x-contextos-head";
+
+/// Formats a head for [`HEAD_HEADER`].
+pub fn head_header_value(seq: u64, hash: &Hash) -> String {
+    format!("{seq}.{}", hash.to_hex())
+}
+
+/// Reads a [`HEAD_HEADER`] value; `None` if it is not one.
+pub fn parse_head_header(value: &str) -> Option<(u64, Hash)> {
+    let (seq, hash) = value.split_once('.')?;
+    Some((seq.parse().ok()?, Hash::parse(hash)?))
+}
 /// Environment variable holding a person's Kubernetes bearer token for `contextos records`.
 pub const READER_TOKEN_ENV: &str = "CONTEXTOS_TOKEN";
 /// Environment variable naming the projected token file (default: the runner pod's path).
@@ -180,13 +195,24 @@ impl RemoteStore {
         path: &str,
         body: &B,
     ) -> Result<T, RemoteError> {
+        Ok(self.post_json_headed(path, body).await?.0)
+    }
+
+    /// [`RemoteStore::post_json`], with the run's head the service answered in [`HEAD_HEADER`].
+    pub async fn post_json_headed<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(T, Option<(u64, Hash)>), RemoteError> {
         let bytes = serde_json::to_vec(body).map_err(|e| RemoteError::Malformed(e.to_string()))?;
-        let answer = self.send(reqwest::Method::POST, path, Some(bytes)).await?;
-        serde_json::from_slice(&answer).map_err(|e| RemoteError::Malformed(format!("{path}: {e}")))
+        let (answer, head) = self.send(reqwest::Method::POST, path, Some(bytes)).await?;
+        let value =
+            serde_json::from_slice(&answer).map_err(|e| RemoteError::Malformed(format!("{path}: {e}")))?;
+        Ok((value, head))
     }
 
     async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, RemoteError> {
-        let answer = self.send(reqwest::Method::GET, path, None).await?;
+        let (answer, _) = self.send(reqwest::Method::GET, path, None).await?;
         serde_json::from_slice(&answer).map_err(|e| RemoteError::Malformed(format!("{path}: {e}")))
     }
 
@@ -194,13 +220,14 @@ impl RemoteStore {
         format!("{}{rest}", self.credential.prefix())
     }
 
-    /// One request, retried while no replica answers; answers are read up to a bound.
+    /// One request, retried while no replica answers; answers are read up to a bound. With the
+    /// answer, the run's head if the service said it.
     async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Vec<u8>, RemoteError> {
+    ) -> Result<(Vec<u8>, Option<(u64, Hash)>), RemoteError> {
         let url = format!("{}{path}", self.base);
         let mut last = None;
         for attempt in 0..ATTEMPTS {
@@ -226,6 +253,11 @@ impl RemoteStore {
                 }
             };
             let status = response.status();
+            let head = response
+                .headers()
+                .get(HEAD_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_head_header);
             let bytes = match read_bounded(response).await {
                 Ok(bytes) => bytes,
                 Err(e) => {
@@ -234,7 +266,7 @@ impl RemoteStore {
                 }
             };
             if status.is_success() {
-                return Ok(bytes);
+                return Ok((bytes, head));
             }
             // A replica going away answers 502/503 through the Service; try another.
             if matches!(status.as_u16(), 502..=504) {
@@ -379,7 +411,7 @@ impl RecordStore for RemoteStore {
 
     async fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> Result<Hash, StoreError> {
         self.check_tenant(tenant)?;
-        let answer = self
+        let (answer, _) = self
             .send(reqwest::Method::POST, &self.path("/blobs"), Some(bytes))
             .await
             .map_err(|e| store_error(e, "-"))?;
@@ -393,7 +425,7 @@ impl RecordStore for RemoteStore {
             .send(reqwest::Method::GET, &self.path(&format!("/blobs/{hash}")), None)
             .await
         {
-            Ok(bytes) if Hash::of(&bytes) == *hash => Ok(Some(bytes)),
+            Ok((bytes, _)) if Hash::of(&bytes) == *hash => Ok(Some(bytes)),
             Ok(_) => Err(StoreError::Corrupt {
                 key: format!("blob {hash}"),
                 problem: "the gateway returned bytes with another hash".into(),

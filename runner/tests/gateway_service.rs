@@ -614,6 +614,49 @@ async fn a_model_turn_keeps_at_most_the_budgets_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_turn_stored_as_a_blob_counts_and_the_next_step_follows_it() {
+    let rig = rig().await;
+    let mut bundle = rig.bundle.clone();
+    // Turns over the blob threshold (16 KiB) are recorded as blob references: the gateway's
+    // ledger must still see them, by body, or step 2 would be refused and the tokens uncounted.
+    let long = "x".repeat(40 * 1024);
+    bundle.model_script = Some(
+        serde_json::json!({"turns": [{"content": long}, {"content": "short"}, {"content": "third"}]})
+            .to_string(),
+    );
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    let request = ModelRequest {
+        model: "m".into(),
+        messages: vec![Message::new(Role::User, "what is wrong?")],
+        tools: vec![],
+        max_output_tokens: None,
+    };
+    let first = client.model(&request, 1).await.expect("step 1");
+    assert_eq!(first.content.len(), long.len());
+    let again = client
+        .model(&request, 1)
+        .await
+        .expect("step 1, answered from the record");
+    assert_eq!(again, first, "the model is not asked twice for a step");
+    // (The scripted model answers by how many assistant turns the prompt holds.)
+    let mut follow_up = request.clone();
+    follow_up
+        .messages
+        .push(Message::new(Role::Assistant, &first.content));
+    let second = client
+        .model(&follow_up, 2)
+        .await
+        .expect("step 2 follows the large turn");
+    assert_eq!(second.content, "short");
+    assert!(
+        client.model(&follow_up, 4).await.is_err(),
+        "a step that skips ahead is still refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_counts_model_tokens_and_asks_once_per_step() {
     let rig = rig().await;
     let mut bundle = rig.bundle.clone();

@@ -117,13 +117,21 @@ impl RunLog {
     }
 
     /// Folds in the entries this replica just wrote on top of the refreshed head (its gateway
-    /// already remembers their effects), as its recorder kept them: no read of the store. If
-    /// anyone else wrote in between (`written` is `None`), the gateway is rebuilt from the whole
-    /// chain at the next refresh.
-    pub fn after_write(&mut self, written: Option<&[StoredEntry]>) {
+    /// already remembers their effects), as its recorder kept them — no read of the store,
+    /// unless one of them went to a blob (a large model turn or result, whose body the ledger
+    /// and the byte count need): then they are read back, bodies inlined. If anyone else wrote
+    /// in between (`written` is `None`, or the entries do not link up), the gateway is rebuilt
+    /// from the whole chain at the next refresh.
+    pub async fn after_write<S: RecordStore>(
+        &mut self,
+        store: &S,
+        tenant: &TenantId,
+        run_id: &str,
+        written: Option<&[StoredEntry]>,
+    ) -> Result<(), ReadError> {
         let Some(written) = written else {
             self.gateway_in_step = false;
-            return;
+            return Ok(());
         };
         let mut tail = Vec::with_capacity(written.len());
         for stored in written {
@@ -131,19 +139,27 @@ impl RunLog {
                 Ok(entry) => tail.push((stored.hash, entry)),
                 Err(_) => {
                     self.gateway_in_step = false;
-                    return;
+                    return Ok(());
                 }
             }
         }
-        let links = match (self.head, tail.first()) {
-            (Some((_, hash)), Some((_, first))) => first.prev == Some(hash),
-            _ => true,
-        };
-        if links {
-            self.fold(&tail);
-        } else {
-            self.gateway_in_step = false;
+        if tail.iter().any(|(_, e)| matches!(e.body, EntryBody::Blob { .. })) {
+            match self.read_tail(store, tenant, run_id).await? {
+                Some(read) if read.len() == tail.len() => self.fold(&read),
+                _ => self.gateway_in_step = false,
+            }
+            return Ok(());
         }
+        let mut prev = self.head.map(|(_, hash)| hash);
+        for (hash, entry) in &tail {
+            if prev.is_some() && entry.prev != prev {
+                self.gateway_in_step = false;
+                return Ok(());
+            }
+            prev = Some(*hash);
+        }
+        self.fold(&tail);
+        Ok(())
     }
 
     /// A recorder continuing the run at the head read last (none before the run started).

@@ -89,7 +89,14 @@ where
             }
             Err(e) => return Err(unavailable(e)),
         };
-        log.after_write(recorder.written());
+        log.after_write(
+            &service.store,
+            &caller.tenant,
+            caller.run_id(),
+            recorder.written(),
+        )
+        .await
+        .map_err(unavailable)?;
         if log.finished() {
             // An ended run is served nothing more: its built gateway need not be kept.
             service.forget_slot(&caller);
@@ -352,7 +359,9 @@ where
                     .handle_in_run(&request.envelope, &mut recorder, &request.state, &progress)
                     .await
             };
-        log.after_write(recorder.written());
+        log.after_write(&self.store, &caller.tenant, caller.run_id(), recorder.written())
+            .await
+            .map_err(unavailable)?;
         if outcome.is_err() {
             // What this replica remembers may be ahead of the record (an approval used, a call
             // counted, with nothing written): the record decides again next time.
@@ -490,7 +499,14 @@ where
             completion_tokens: turn.completion_tokens,
         });
         recorder.flush().await.map_err(unavailable)?;
-        log.after_write(recorder.written());
+        log.after_write(
+            &service.store,
+            &caller.tenant,
+            caller.run_id(),
+            recorder.written(),
+        )
+        .await
+        .map_err(unavailable)?;
         Ok(with_head(Json(turn).into_response(), log.exact_head()))
     }
 }

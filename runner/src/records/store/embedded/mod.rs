@@ -59,6 +59,7 @@ impl Drop for Files {
     /// A clean close folds the log into the database, so the next open has nothing to replay.
     fn drop(&mut self) {
         let folded = self.wal.writer().map_err(backend).and_then(|mut writer| {
+            writer.flush_all().map_err(backend)?;
             let txn = self.db.begin_write().map_err(backend)?;
             txn.commit().map_err(backend)?;
             writer.fold().map_err(backend)
@@ -97,7 +98,9 @@ impl RunEnds {
             if ends.len() >= MAX_RUN_ENDS {
                 ends.clear();
             }
-            ends.insert(Self::key(tenant, run), last);
+            // Appends of one run may report out of order (two waiting on one flush).
+            let end = ends.entry(Self::key(tenant, run)).or_insert(last);
+            *end = (*end).max(last);
         }
     }
 }
@@ -165,6 +168,9 @@ impl EmbeddedStore {
         &self,
         work: impl FnOnce(&Database, &Wal) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        // After a failed write to the log, what the database holds may not be durable: nothing
+        // is served from it, reads included, until a restart replays the log.
+        self.files.wal.check().map_err(backend)?;
         let files = self.files.clone();
         tokio::task::spawn_blocking(move || work(&files.db, &files.wal))
             .await
@@ -183,7 +189,12 @@ impl EmbeddedStore {
         txn.set_durability(Durability::None).map_err(backend)?;
         let puts = decide(&txn)?;
         if puts.is_empty() {
-            return Ok(());
+            // Nothing to write (the blob is stored already) — but perhaps by a writer still
+            // waiting for its flush: answer only once that is durable too.
+            drop(txn);
+            let written = wal.written();
+            drop(writer);
+            return wal.sync_to(written).map_err(backend);
         }
         apply(&txn, &puts)?;
         // Frame first: if it cannot be written, the transaction is dropped (aborted) unseen.
@@ -193,7 +204,9 @@ impl EmbeddedStore {
             return Err(backend(e));
         }
         if writer.wants_fold() {
-            // One durable redb commit holds every frame so far; the log starts over.
+            // One durable redb commit holds every frame so far (all flushed first); the log
+            // starts over.
+            writer.flush_all().map_err(backend)?;
             let folded = db
                 .begin_write()
                 .map_err(backend)

@@ -14,8 +14,13 @@
 //! torn frame was never acknowledged: a writer hears "durable" only after the flush covering its
 //! frame, and flushes cover everything written before them.
 //!
-//! File: `header := "CTXOSWAL" | version u32 | 0 u32 | epoch u64`, then
-//! `frame := length u32 | crc32(body) u32 | body`, `body := epoch u64 | puts u32 | put*`.
+//! Each epoch also has a random salt, kept in the header only, that every frame of the epoch
+//! repeats: bytes inside a frame (a blob a tenant uploaded may hold anything, including
+//! something shaped like a frame) can never pass for a frame of a later epoch, whatever the
+//! offsets, because their author cannot know that epoch's salt.
+//!
+//! File: `header := "CTXOSWAL" | version u32 | 0 u32 | epoch u64 | salt u64`, then
+//! `frame := length u32 | crc32(body) u32 | body`, `body := epoch u64 | salt u64 | puts u32 | put*`.
 
 use std::{
     fs::File,
@@ -29,8 +34,8 @@ use std::{
 };
 
 const MAGIC: &[u8; 8] = b"CTXOSWAL";
-const VERSION: u32 = 1;
-const HEADER_LEN: u64 = 24;
+const VERSION: u32 = 2;
+const HEADER_LEN: u64 = 32;
 const FRAME_HEAD_LEN: usize = 8;
 /// The largest transaction the log takes (far above any blob a run may store; a frame's length
 /// is a u32).
@@ -85,10 +90,28 @@ pub(super) enum WalError {
     Failed(String),
 }
 
+/// Which epoch frames belong to: its number and its secret salt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Epoch {
+    number: u64,
+    salt: u64,
+}
+
+impl Epoch {
+    fn next(self) -> Result<Self, std::io::Error> {
+        let mut salt = [0u8; 8];
+        getrandom::fill(&mut salt).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Self {
+            number: self.number + 1,
+            salt: u64::from_le_bytes(salt),
+        })
+    }
+}
+
 /// Where the next frame goes, and the epoch it belongs to.
 #[derive(Debug)]
 struct Tail {
-    epoch: u64,
+    epoch: Epoch,
     offset: u64,
 }
 
@@ -132,18 +155,26 @@ impl Wal {
             .open(path)
             .map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
-        let (epoch, frames) = if len < HEADER_LEN {
-            write_zeros(&file, PREALLOCATED_BYTES).map_err(io)?;
-            file.write_all_at(&header(1), 0).map_err(io)?;
+        let mut bytes = Vec::with_capacity(len as usize);
+        (&file).read_to_end(&mut bytes).map_err(io)?;
+        // A log cut short, or zeros where the header goes (created, not yet written, when the
+        // machine stopped), holds nothing acknowledged: it is started anew.
+        let fresh = bytes.len() < HEADER_LEN as usize || bytes[..HEADER_LEN as usize].iter().all(|b| *b == 0);
+        let (epoch, frames) = if fresh {
+            let epoch = Epoch { number: 0, salt: 0 }.next().map_err(io)?;
+            // Header first: whatever part of this reaches the disk, the file reads as a log.
+            file.write_all_at(&header(epoch), 0).map_err(io)?;
+            write_zeros(&file, HEADER_LEN, PREALLOCATED_BYTES).map_err(io)?;
             file.sync_all().map_err(io)?;
             if let Some(dir) = path.parent() {
                 File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
             }
-            (1, Vec::new())
+            (epoch, Vec::new())
         } else {
-            let mut bytes = Vec::with_capacity(len as usize);
-            (&file).read_to_end(&mut bytes).map_err(io)?;
             let epoch = parse_header(&bytes).ok_or_else(|| WalError::Foreign { path: shown.clone() })?;
+            // The frames about to be replayed may so far be only in the page cache (the process
+            // was killed): they are made durable before anything is built on them.
+            file.sync_data().map_err(io)?;
             (epoch, read_frames(&bytes, epoch))
         };
         let wal = Self {
@@ -192,7 +223,14 @@ impl Wal {
         self.check()
     }
 
-    fn check(&self) -> Result<(), WalError> {
+    /// Everything appended so far (a position for [`Wal::sync_to`]).
+    pub(super) fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// Refuses once a write or flush of the log failed: what the store holds since may not be
+    /// durable, so nothing is served from it until the process restarts and replays the log.
+    pub(super) fn check(&self) -> Result<(), WalError> {
         if self.failed.load(Ordering::Acquire) {
             Err(WalError::Failed(self.path.clone()))
         } else {
@@ -240,18 +278,26 @@ impl Writer<'_> {
         self.tail.offset >= CHECKPOINT_BYTES
     }
 
-    /// Starts a new epoch. Call only after a durable redb commit that holds every frame so far:
-    /// from here on they are not replayed.
+    /// Flushes every frame written so far. Call before a durable redb commit that a fold will
+    /// follow: were the machine to stop after that commit but before the new epoch is on disk,
+    /// the epoch is replayed over it, and only the whole epoch (not a prefix of it, which would
+    /// take runs' heads back) leaves redb as it was.
+    pub(super) fn flush_all(&self) -> Result<(), WalError> {
+        self.wal.sync_to(self.wal.written.load(Ordering::Acquire))
+    }
+
+    /// Starts a new epoch. Call only after [`Writer::flush_all`] and then a durable redb commit
+    /// that holds every frame so far: from here on they are not replayed.
     pub(super) fn fold(&mut self) -> Result<(), WalError> {
-        let epoch = self.tail.epoch + 1;
-        let result = self
-            .wal
-            .file
-            .write_all_at(&header(epoch), 0)
-            .and_then(|()| self.wal.file.sync_data());
-        if let Err(e) = result {
-            return Err(self.wal.fail(e));
-        }
+        let result = self.tail.epoch.next().and_then(|epoch| {
+            self.wal.file.write_all_at(&header(epoch), 0)?;
+            self.wal.file.sync_data()?;
+            Ok(epoch)
+        });
+        let epoch = match result {
+            Ok(epoch) => epoch,
+            Err(e) => return Err(self.wal.fail(e)),
+        };
         self.tail.epoch = epoch;
         self.tail.offset = HEADER_LEN;
         // Everything written before is in redb, durably.
@@ -268,9 +314,9 @@ impl Writer<'_> {
     }
 }
 
-fn write_zeros(file: &File, len: u64) -> std::io::Result<()> {
+fn write_zeros(file: &File, from: u64, len: u64) -> std::io::Result<()> {
     let chunk = vec![0u8; 1 << 20];
-    let mut at = 0;
+    let mut at = from;
     while at < len {
         let n = chunk.len().min((len - at) as usize);
         file.write_all_at(&chunk[..n], at)?;
@@ -279,27 +325,31 @@ fn write_zeros(file: &File, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-fn header(epoch: u64) -> Vec<u8> {
+fn header(epoch: Epoch) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN as usize);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&epoch.number.to_le_bytes());
+    out.extend_from_slice(&epoch.salt.to_le_bytes());
     out
 }
 
-fn parse_header(bytes: &[u8]) -> Option<u64> {
+fn parse_header(bytes: &[u8]) -> Option<Epoch> {
     if bytes.len() < HEADER_LEN as usize || &bytes[..8] != MAGIC {
         return None;
     }
     if u32::from_le_bytes(bytes[8..12].try_into().ok()?) != VERSION {
         return None;
     }
-    Some(u64::from_le_bytes(bytes[16..24].try_into().ok()?))
+    Some(Epoch {
+        number: u64::from_le_bytes(bytes[16..24].try_into().ok()?),
+        salt: u64::from_le_bytes(bytes[24..32].try_into().ok()?),
+    })
 }
 
 /// The frames of `epoch` from the top of the log, up to the first that is not one.
-fn read_frames(bytes: &[u8], epoch: u64) -> Vec<Vec<Put>> {
+fn read_frames(bytes: &[u8], epoch: Epoch) -> Vec<Vec<Put>> {
     let mut frames = Vec::new();
     let mut at = HEADER_LEN as usize;
     while let Some(head) = bytes.get(at..at + FRAME_HEAD_LEN) {
@@ -312,7 +362,7 @@ fn read_frames(bytes: &[u8], epoch: u64) -> Vec<Vec<Put>> {
             break;
         }
         let mut reader = Reader(body);
-        if reader.u64() != Some(epoch) {
+        if reader.u64() != Some(epoch.number) || reader.u64() != Some(epoch.salt) {
             break;
         }
         let Some(puts) = reader.puts() else {
@@ -324,9 +374,10 @@ fn read_frames(bytes: &[u8], epoch: u64) -> Vec<Vec<Put>> {
     frames
 }
 
-fn encode_frame(epoch: u64, puts: &[Put]) -> Vec<u8> {
+fn encode_frame(epoch: Epoch, puts: &[Put]) -> Vec<u8> {
     let mut body = Vec::with_capacity(64 + puts.iter().map(Put::weight).sum::<usize>());
-    body.extend_from_slice(&epoch.to_le_bytes());
+    body.extend_from_slice(&epoch.number.to_le_bytes());
+    body.extend_from_slice(&epoch.salt.to_le_bytes());
     body.extend_from_slice(&(puts.len() as u32).to_le_bytes());
     for put in puts {
         put.encode(&mut body);
@@ -597,6 +648,69 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_hidden_in_uploaded_bytes_never_replays_as_one_of_a_later_epoch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let (wal, _) = Wal::open(&path).expect("create");
+        let next = wal.tail.lock().expect("tail").epoch.number + 1;
+        // A tenant's blob holding a well-formed frame of the next epoch, with a guessed salt.
+        let forged = encode_frame(
+            Epoch {
+                number: next,
+                salt: 0,
+            },
+            &[Put::Entry {
+                tenant: "other-tenant".into(),
+                run: "their-run".into(),
+                seq: 0,
+                value: b"forged".to_vec(),
+            }],
+        );
+        write(&wal, 0..1);
+        wal.writer()
+            .expect("writer")
+            .append(&[Put::Blob {
+                tenant: "shop".into(),
+                hash: [1; 32],
+                value: forged.clone(),
+            }])
+            .expect("append");
+        // The blob's bytes end its frame, which ends the log so far.
+        let at = wal.tail.lock().expect("tail").offset - forged.len() as u64;
+        wal.writer().expect("writer").fold().expect("fold");
+        // The next epoch's frames end exactly where the forged bytes begin.
+        let filler = (at - HEADER_LEN) as usize;
+        let frame_len = |n: usize| {
+            encode_frame(
+                Epoch {
+                    number: next,
+                    salt: 0,
+                },
+                &[Put::Checkpoint {
+                    tenant: "t".into(),
+                    session: "s".into(),
+                    value: vec![0; n],
+                }],
+            )
+            .len()
+        };
+        let overhead = frame_len(0);
+        wal.writer()
+            .expect("writer")
+            .append(&[Put::Checkpoint {
+                tenant: "t".into(),
+                session: "s".into(),
+                value: vec![0; filler - overhead],
+            }])
+            .expect("append");
+        assert_eq!(wal.tail.lock().expect("tail").offset, at);
+        drop(wal);
+        let (_, frames) = Wal::open(&path).expect("reopen");
+        assert_eq!(frames.len(), 1, "only the filler frame: {frames:?}");
+        assert!(matches!(frames[0][0], Put::Checkpoint { .. }));
+    }
+
+    #[test]
     fn a_file_that_is_not_a_log_is_refused_not_overwritten() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("log");
@@ -611,9 +725,13 @@ mod tests {
     #[test]
     fn any_damage_to_a_log_yields_a_prefix_of_what_was_written_never_a_panic_or_other_rows() {
         let frames: Vec<Vec<Put>> = (0..6).map(puts).collect();
-        let mut log = header(3);
+        let epoch = Epoch {
+            number: 3,
+            salt: 0x5a17,
+        };
+        let mut log = header(epoch);
         for frame in &frames {
-            log.extend_from_slice(&encode_frame(3, frame));
+            log.extend_from_slice(&encode_frame(epoch, frame));
         }
         // A small deterministic generator: every run of the test damages the same bytes.
         let mut state = 0x9e37_79b9_7f4a_7c15_u64;
@@ -638,7 +756,7 @@ mod tests {
                     damaged.splice(at..at, garbage);
                 }
             }
-            let read = read_frames(&damaged, 3);
+            let read = read_frames(&damaged, epoch);
             assert!(read.len() <= frames.len());
             assert_eq!(
                 read,
@@ -650,17 +768,19 @@ mod tests {
 
     #[test]
     fn bodies_that_pass_the_checksum_but_are_not_frames_end_the_log() {
+        let epoch = Epoch { number: 1, salt: 7 };
+        let stamp = [1u64.to_le_bytes(), 7u64.to_le_bytes()].concat();
         for body in [
             vec![],
-            1u64.to_le_bytes().to_vec(),
-            [1u64.to_le_bytes().as_slice(), &u32::MAX.to_le_bytes()].concat(),
-            [1u64.to_le_bytes().as_slice(), &1u32.to_le_bytes(), &[9]].concat(),
+            stamp.clone(),
+            [stamp.as_slice(), &u32::MAX.to_le_bytes()].concat(),
+            [stamp.as_slice(), &1u32.to_le_bytes(), &[9]].concat(),
         ] {
-            let mut bytes = header(1);
+            let mut bytes = header(epoch);
             bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
             bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
             bytes.extend_from_slice(&body);
-            assert_eq!(read_frames(&bytes, 1), Vec::<Vec<Put>>::new());
+            assert_eq!(read_frames(&bytes, epoch), Vec::<Vec<Put>>::new());
         }
     }
 }

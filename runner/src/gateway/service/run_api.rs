@@ -89,14 +89,7 @@ where
             }
             Err(e) => return Err(unavailable(e)),
         };
-        log.after_write(
-            &service.store,
-            &caller.tenant,
-            caller.run_id(),
-            recorder.written(),
-        )
-        .await
-        .map_err(unavailable)?;
+        service.settle(&caller, &mut log, recorder.written()).await?;
         if log.finished() {
             // An ended run is served nothing more: its built gateway need not be kept.
             service.forget_slot(&caller);
@@ -359,9 +352,7 @@ where
                     .handle_in_run(&request.envelope, &mut recorder, &request.state, &progress)
                     .await
             };
-        log.after_write(&self.store, &caller.tenant, caller.run_id(), recorder.written())
-            .await
-            .map_err(unavailable)?;
+        self.settle(caller, &mut log, recorder.written()).await?;
         if outcome.is_err() {
             // What this replica remembers may be ahead of the record (an approval used, a call
             // counted, with nothing written): the record decides again next time.
@@ -384,6 +375,18 @@ where
             ))) => Err(in_progress(&request_call_id)),
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// Folds what this request's recorder wrote into the run's log (see [`RunLog::after_write`]).
+    async fn settle(
+        &self,
+        caller: &Caller,
+        log: &mut RunLog,
+        written: Option<&[crate::records::StoredEntry]>,
+    ) -> Result<(), Refusal> {
+        log.after_write(&self.store, &caller.tenant, caller.run_id(), written)
+            .await
+            .map_err(unavailable)
     }
 
     /// An approval or resolution attached to a call counts only if the Session holds the same
@@ -499,14 +502,7 @@ where
             completion_tokens: turn.completion_tokens,
         });
         recorder.flush().await.map_err(unavailable)?;
-        log.after_write(
-            &service.store,
-            &caller.tenant,
-            caller.run_id(),
-            recorder.written(),
-        )
-        .await
-        .map_err(unavailable)?;
+        service.settle(&caller, &mut log, recorder.written()).await?;
         Ok(with_head(Json(turn).into_response(), log.exact_head()))
     }
 }

@@ -133,15 +133,19 @@ impl RunLog {
             self.gateway_in_step = false;
             return Ok(());
         };
+        // Decoded, and checked to extend the head this log read, link by link.
         let mut tail = Vec::with_capacity(written.len());
+        let mut prev = self.head.map(|(_, hash)| hash);
         for stored in written {
-            match RecordEntry::decode(&stored.bytes) {
-                Ok(entry) => tail.push((stored.hash, entry)),
-                Err(_) => {
+            let entry = match RecordEntry::decode(&stored.bytes) {
+                Ok(entry) if prev.is_none() || entry.prev == prev => entry,
+                _ => {
                     self.gateway_in_step = false;
                     return Ok(());
                 }
-            }
+            };
+            prev = Some(stored.hash);
+            tail.push((stored.hash, entry));
         }
         if tail.iter().any(|(_, e)| matches!(e.body, EntryBody::Blob { .. })) {
             match self.read_tail(store, tenant, run_id).await? {
@@ -149,14 +153,6 @@ impl RunLog {
                 _ => self.gateway_in_step = false,
             }
             return Ok(());
-        }
-        let mut prev = self.head.map(|(_, hash)| hash);
-        for (hash, entry) in &tail {
-            if prev.is_some() && entry.prev != prev {
-                self.gateway_in_step = false;
-                return Ok(());
-            }
-            prev = Some(*hash);
         }
         self.fold(&tail);
         Ok(())

@@ -399,9 +399,13 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     }
 
     fn advance(&mut self, head: &SignedHead) {
-        self.head = Some((head.seq, head.hash));
-        self.summary.entries = head.seq + 1;
-        self.summary.head = head.hash;
+        self.advance_to(head.seq, head.hash);
+    }
+
+    fn advance_to(&mut self, seq: u64, hash: Hash) {
+        self.head = Some((seq, hash));
+        self.summary.entries = seq + 1;
+        self.summary.head = hash;
     }
 
     /// Reads what other writers appended to the run since this recorder last wrote (the gateway
@@ -418,9 +422,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     pub async fn follow(&mut self, head: Option<(u64, Hash)>) -> Result<(), RecordError> {
         match (head, self.head) {
             (Some((seq, hash)), Some((known, _))) if seq > known => {
-                self.head = Some((seq, hash));
-                self.summary.entries = seq + 1;
-                self.summary.head = hash;
+                self.advance_to(seq, hash);
                 Ok(())
             }
             (Some(_), Some(_)) => Ok(()),

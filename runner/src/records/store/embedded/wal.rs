@@ -81,7 +81,11 @@ pub(super) enum Put {
 pub(super) enum WalError {
     #[error("record log {path}: {source}")]
     Io { path: String, source: std::io::Error },
-    #[error("{path} is not a ContextOS record log (or is of a version this build does not read)")]
+    #[error(
+        "{path} is not a ContextOS record log, or one of a version this build does not read; \
+         open the store with the contextos version that wrote it (its close folds the log into \
+         the database), or move the file away if it is not the store's log"
+    )]
     Foreign { path: String },
     #[error(
         "an earlier write to the record log {0} failed; what was appended since may not be \
@@ -375,17 +379,23 @@ fn read_frames(bytes: &[u8], epoch: Epoch) -> Vec<Vec<Put>> {
 }
 
 fn encode_frame(epoch: Epoch, puts: &[Put]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(64 + puts.iter().map(Put::weight).sum::<usize>());
-    body.extend_from_slice(&epoch.number.to_le_bytes());
-    body.extend_from_slice(&epoch.salt.to_le_bytes());
-    body.extend_from_slice(&(puts.len() as u32).to_le_bytes());
+    // The body is encoded in place after room for its length and checksum (a blob's bytes are
+    // copied once).
+    let mut frame = Vec::with_capacity(FRAME_HEAD_LEN + 64 + puts.iter().map(Put::weight).sum::<usize>());
+    frame.extend_from_slice(&[0; FRAME_HEAD_LEN]);
+    frame.extend_from_slice(&epoch.number.to_le_bytes());
+    frame.extend_from_slice(&epoch.salt.to_le_bytes());
+    frame.extend_from_slice(&(puts.len() as u32).to_le_bytes());
     for put in puts {
-        put.encode(&mut body);
+        put.encode(&mut frame);
     }
-    let mut frame = Vec::with_capacity(FRAME_HEAD_LEN + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    frame.extend_from_slice(&body);
+    let body = &frame[FRAME_HEAD_LEN..];
+    let (len, crc) = (
+        (body.len() as u32).to_le_bytes(),
+        crc32fast::hash(body).to_le_bytes(),
+    );
+    frame[..4].copy_from_slice(&len);
+    frame[4..FRAME_HEAD_LEN].copy_from_slice(&crc);
     frame
 }
 

@@ -39,13 +39,14 @@ unit:
 
 ## kind-tests: the cluster tests in kind-tests/ against a real kube-apiserver. Without KUBECONFIG
 ## they start the local control plane (testenv, built and cached by build.sh; a cold build takes
-## ~8 min) and the in-process process node, on which runner pods run the workspace's own
-## `contextos` binary with a TiKV test server as their record store; with KUBECONFIG they use
-## that cluster instead (the operator e2e tests then skip: they need the process node).
-## The `realnode` tests start their own control plane with the real node of kind-tests/realnode
-## (kubelet, containerd, runc, CNI, kube-proxy, kube-router, kube-scheduler; built and cached,
-## a cold build takes ~7 min) and need root: without it they are skipped, unless
-## CONTEXTOS_REQUIRE_REALNODE=1 (CI) makes that a failure.
+## ~8 min) and, as root, the real node of kind-tests/realnode (kubelet, containerd, runc, CNI,
+## kube-proxy, kube-router, kube-scheduler, CoreDNS; built and cached, a cold build takes
+## ~7 min), on which runner pods run the workspace's `contextos` binary packed into an image, with
+## a TiKV test server as the record store. Without root the cluster tests run on the in-process
+## process node instead (pods as host processes; CONTEXTOS_CLUSTER_NODE=real|process chooses)
+## and the `realnode` and `install` tests are skipped, unless CONTEXTOS_REQUIRE_REALNODE=1 (CI)
+## makes that a failure. With KUBECONFIG they use that cluster (the operator e2e tests then
+## skip: their runner pods must reach services on this machine).
 kind-tests:
 	set -o pipefail; \
 	if [ -z "$${KUBECONFIG:-}" ]; then \

@@ -163,7 +163,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     let sessions_count = sessions();
     let ns = TestNamespace::new(env, "scale").await?;
     let label = json!({LABEL: "scale"});
-    for mut object in quickstart_for(tools_url).map_err(anyhow::Error::msg)? {
+    for mut object in quickstart_for(env, tools_url).map_err(anyhow::Error::msg)? {
         if object["metadata"]["name"] == "quickstart-script" {
             object["data"]["script.json"] = json!(QUICK_SCRIPT);
         }

@@ -1,11 +1,12 @@
 //! Test harness for running ContextOS against a real Kubernetes API server: the local control
-//! plane (`testenv/`), the process node that runs pods as local processes, per-test namespaces,
-//! and waits that explain themselves.
+//! plane (`testenv/`), the real node (`realnode/`: kubelet, containerd, CNI, NetworkPolicy) and
+//! the process node that stands in for it without root (pods as local processes), per-test
+//! namespaces, and waits that explain themselves.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use contextos_kind_tests::{TestEnv, TestNamespace};
-//! let env = TestEnv::shared().await?; // KUBECONFIG, or testenv + process node
+//! let env = TestEnv::shared().await?; // KUBECONFIG, or testenv + the real or process node
 //! let ns = TestNamespace::new(env, "my-test").await?;
 //! // ... create objects in ns.name(), wait_for(...) on them ...
 //! ns.pass();

@@ -2,9 +2,10 @@
 //! controllers and the gateway service (both in process, on their own runtime; the gateway
 //! authenticates runner pods with the API server's real TokenReview and reads tenants' Secrets
 //! and Sessions through it), a TiKV test server as the record store, and the ops-tools server
-//! the test agent's tools call. Runner pods run the workspace's real `contextos` binary on the
-//! process node (the image the quickstart's SandboxProfile pins, mapped by the process node's
-//! default image map) and reach only the gateway.
+//! the test agent's tools call. Runner pods run the workspace's real `contextos` binary — on the
+//! real node from the image it was packed into, on the process node as a host process (the
+//! image the quickstart's SandboxProfile pins, mapped by its default image map) — and reach only
+//! the gateway, which listens where pods reach this machine ([`TestEnv::host_address`]).
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -90,8 +91,8 @@ impl std::fmt::Debug for OperatorEnv {
 
 static SHARED: OnceLock<Result<OperatorEnv, String>> = OnceLock::new();
 
-/// The shared operator environment, or why it cannot run here (on a `KUBECONFIG` cluster the
-/// runner pods cannot reach the test's loopback services, so these tests need the local node).
+/// The shared operator environment, or `None` on a `KUBECONFIG` cluster (its runner pods cannot
+/// reach the services these tests run on this machine, so they need a local node).
 pub async fn shared(env: &'static TestEnv) -> Result<Option<&'static OperatorEnv>, String> {
     if !env.is_local() {
         return Ok(None);
@@ -279,8 +280,9 @@ pub fn quickstart_session(name: &str) -> Result<serde_json::Value, String> {
 }
 
 /// The quickstart's objects (Session left out), with the agent's tools pointed at the
-/// ops-tools server at `tools_url` and the webhook key in a Secret.
-pub fn quickstart_for(tools_url: &str) -> Result<Vec<serde_json::Value>, String> {
+/// ops-tools server at `tools_url`, the webhook key in a Secret and the SandboxProfile pinning
+/// the image `env`'s node runs the workspace's binaries from.
+pub fn quickstart_for(env: &TestEnv, tools_url: &str) -> Result<Vec<serde_json::Value>, String> {
     let dir = crate::env::repo_root().join("examples/quickstart");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .map_err(|e| format!("read {}: {e}", dir.display()))?
@@ -297,9 +299,14 @@ pub fn quickstart_for(tools_url: &str) -> Result<Vec<serde_json::Value>, String>
         for document in serde_yaml::Deserializer::from_str(&text) {
             let value: serde_json::Value = serde::Deserialize::deserialize(document)
                 .map_err(|e| format!("parse {}: {e}", file.display()))?;
-            if !value.is_null() && value["kind"] != "Session" {
-                out.push(value);
+            if value.is_null() || value["kind"] == "Session" {
+                continue;
             }
+            let mut value = value;
+            if value["kind"] == "SandboxProfile" {
+                value["spec"]["image"] = serde_json::json!(env.runner_image());
+            }
+            out.push(value);
         }
     }
     out.push(serde_json::json!({

@@ -123,8 +123,21 @@ static REAL: OnceLock<Result<TestEnv, String>> = OnceLock::new();
 
 impl TestEnv {
     /// The environment of this test binary, started by the first caller: `KUBECONFIG`, or the
-    /// local control plane with the process node.
+    /// local control plane with the node [`cluster_node`] chooses (the real node when this
+    /// machine can run it, the process node otherwise).
     pub async fn shared() -> Result<&'static TestEnv, EnvError> {
+        if std::env::var_os("KUBECONFIG").is_some_and(|k| !k.is_empty()) {
+            return Self::started(&SHARED, NodeKind::Process).await;
+        }
+        match cluster_node()? {
+            NodeKind::Real => Self::real_node().await,
+            NodeKind::Process => Self::started(&SHARED, NodeKind::Process).await,
+        }
+    }
+
+    /// `KUBECONFIG`, or the local control plane with the process node, whichever node the other
+    /// tests run on: for the tests of the process node itself.
+    pub async fn process_node() -> Result<&'static TestEnv, EnvError> {
         Self::started(&SHARED, NodeKind::Process).await
     }
 
@@ -236,6 +249,15 @@ impl TestEnv {
         }
     }
 
+    /// A busybox image the node has: the one the real node builds from Debian's busybox-static,
+    /// or `busybox:1.36` (which the process node maps to the host's `sh`, and a real cluster pulls).
+    pub fn busybox_image(&self) -> &'static str {
+        match &self.backend {
+            Backend::RealNode { .. } => crate::real_node::BUSYBOX_IMAGE,
+            _ => "busybox:1.36",
+        }
+    }
+
     /// Where sandboxed pods reach services the tests run on this machine (the gateway): the
     /// real node's address, or loopback for the process node (its pods are host processes).
     pub fn host_address(&self) -> std::net::Ipv4Addr {
@@ -339,6 +361,30 @@ impl TestEnv {
         rx.recv_timeout(timeout).ok()
     }
 }
+
+/// Chooses the shared environment's node: `CONTEXTOS_CLUSTER_NODE=real|process`, or by default
+/// the real node where it can run (root), the process node otherwise. With
+/// `CONTEXTOS_REQUIRE_REALNODE=1` (CI) the process node is never chosen by default.
+fn cluster_node() -> Result<NodeKind, EnvError> {
+    match std::env::var(CLUSTER_NODE_ENV).as_deref() {
+        Ok("real") => Ok(NodeKind::Real),
+        Ok("process") => Ok(NodeKind::Process),
+        Ok(other) if !other.is_empty() => Err(EnvError::Build(format!(
+            "{CLUSTER_NODE_ENV}={other:?}: use `real` (kubelet, containerd, CNI; needs root) or \
+             `process` (pods as host processes)"
+        ))),
+        _ => match crate::real_node::unavailable() {
+            None => Ok(NodeKind::Real),
+            Some(why) if std::env::var(crate::real_node::REQUIRE_ENV).as_deref() == Ok("1") => Err(
+                EnvError::Build(format!("{}=1 but {why}", crate::real_node::REQUIRE_ENV)),
+            ),
+            Some(_) => Ok(NodeKind::Process),
+        },
+    }
+}
+
+/// Chooses the cluster tests' node (see [`cluster_node`]).
+pub const CLUSTER_NODE_ENV: &str = "CONTEXTOS_CLUSTER_NODE";
 
 /// Connects to `KUBECONFIG` or starts the local control plane and the node.
 async fn connect(kind: NodeKind) -> Result<(Config, Client, Backend, Duration), EnvError> {

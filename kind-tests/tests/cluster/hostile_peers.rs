@@ -18,13 +18,14 @@ use crate::{
 /// The quickstart's objects pointed at `tools_url`, playing `script`, with `adjust` applied to
 /// the Agent.
 async fn install(
-    client: &kube::Client,
+    env: &TestEnv,
     namespace: &str,
     tools_url: &str,
     script: &str,
     adjust: impl Fn(&mut Value),
 ) -> Result<()> {
-    for mut object in objects_for(tools_url)? {
+    let client = &env.client();
+    for mut object in objects_for(env, tools_url)? {
         if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
             object["data"]["script.json"] = json!(script);
         }
@@ -62,14 +63,14 @@ async fn record(
 async fn a_hostile_tool_server_cannot_flood_a_run_or_forge_its_report() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner pods need the local process node");
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let (_tools, tools_url) = operator_env::start_tools_with(&["--flood", "/runbooks/search=33554432"])
         .map_err(anyhow::Error::msg)?;
     let ns = TestNamespace::new(env, "hostile-tool").await?;
     let client = env.client();
-    install(&client, ns.name(), &tools_url, operator_env::QUICK_SCRIPT, |_| {}).await?;
+    install(env, ns.name(), &tools_url, operator_env::QUICK_SCRIPT, |_| {}).await?;
     apply(&client, ns.name(), &session("flooded")?).await?;
     let sessions: Api<Session> = ns.api();
     let done = phase_is(&sessions, "flooded", SessionPhase::Succeeded).await?;
@@ -116,7 +117,7 @@ async fn a_hostile_tool_server_cannot_flood_a_run_or_forge_its_report() -> Resul
 async fn a_hostile_model_cannot_make_one_turn_act_without_bound() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner pods need the local process node");
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let calls: Vec<Value> = (0..40)
@@ -129,7 +130,7 @@ async fn a_hostile_model_cannot_make_one_turn_act_without_bound() -> Result<()> 
     .to_string();
     let ns = TestNamespace::new(env, "hostile-model").await?;
     let client = env.client();
-    install(&client, ns.name(), &op.tools_url, &script, |agent| {
+    install(env, ns.name(), &op.tools_url, &script, |agent| {
         agent["spec"]["budget"]["maxToolCallsPerTurn"] = json!(4);
     })
     .await?;

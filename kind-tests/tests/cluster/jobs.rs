@@ -32,7 +32,7 @@ async fn a_job_runs_to_complete_and_its_output_is_logged() -> Result<()> {
     let env = TestEnv::shared().await?;
     let ns = TestNamespace::new(env, "job-complete").await?;
     let jobs: Api<Job> = ns.api();
-    let job = shell_job("hello", r#"echo "hello from $HOSTNAME""#, 0)?;
+    let job = shell_job(env, "hello", r#"echo "hello from $HOSTNAME""#, 0)?;
     jobs.create(&PostParams::default(), &job).await?;
 
     let done = wait_for_object(&jobs, "hello", "condition Complete", JOB_TIMEOUT, |job| {
@@ -83,7 +83,7 @@ async fn a_failing_job_stops_at_its_backoff_limit() -> Result<()> {
     let jobs: Api<Job> = ns.api();
     jobs.create(
         &PostParams::default(),
-        &shell_job("fails", "echo failing; exit 3", 1)?,
+        &shell_job(env, "fails", "echo failing; exit 3", 1)?,
     )
     .await?;
 

@@ -1,6 +1,7 @@
 //! Cluster tests: the ContextOS API and the Kubernetes behaviour it relies on, against a real
-//! API server — the local control plane with the process node, or any cluster in `KUBECONFIG`.
-//! Every test works in its own namespace and passes unchanged on both.
+//! API server — the local control plane with the real node (kubelet, containerd, CNI,
+//! NetworkPolicy; root), with the process node where root is missing, or any cluster in
+//! `KUBECONFIG`. Every test works in its own namespace and passes unchanged on all three.
 
 // The shared admission table; some of its helpers are only used by crds/tests.
 #[path = "../../../crds/tests/support/cases.rs"]

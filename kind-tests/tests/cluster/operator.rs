@@ -1,5 +1,5 @@
 //! The operator end to end against the real API server: the quickstart becomes Ready, a
-//! Session runs in a sandboxed runner pod (the real `contextos` binary on the process node, in a
+//! Session runs in a sandboxed runner pod (the real `contextos` binary on the local node, in a
 //! namespace enforcing Pod Security "restricted"), pauses for approval, resumes when an
 //! approver patches `spec.approvals`, succeeds with a verifiable record in the store and each
 //! tool effect once; and invalid objects get `Ready=False` naming the field.
@@ -26,13 +26,13 @@ pub const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The quickstart, with the agent's tools pointed at the test's ops-tools server and the
 /// webhook key in a Secret; the Session is left out.
-fn objects(op: &OperatorEnv) -> Result<Vec<Value>> {
-    objects_for(&op.tools_url)
+fn objects(env: &TestEnv, op: &OperatorEnv) -> Result<Vec<Value>> {
+    objects_for(env, &op.tools_url)
 }
 
 /// [`objects`] for the ops-tools server at `tools_url`.
-pub fn objects_for(tools_url: &str) -> Result<Vec<Value>> {
-    operator_env::quickstart_for(tools_url).map_err(anyhow::Error::msg)
+pub fn objects_for(env: &TestEnv, tools_url: &str) -> Result<Vec<Value>> {
+    operator_env::quickstart_for(env, tools_url).map_err(anyhow::Error::msg)
 }
 
 pub fn session(name: &str) -> Result<Value> {
@@ -81,7 +81,7 @@ pub async fn phase_is(api: &Api<Session>, name: &str, wanted: SessionPhase) -> R
 async fn a_session_runs_in_a_restricted_pod_pauses_for_approval_and_succeeds_with_its_record() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner pods need the local process node");
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::with_labels(
@@ -91,7 +91,7 @@ async fn a_session_runs_in_a_restricted_pod_pauses_for_approval_and_succeeds_wit
     )
     .await?;
     let client = env.client();
-    for object in objects(op)? {
+    for object in objects(env, op)? {
         apply(&client, ns.name(), &object).await?;
     }
     let agents: Api<Agent> = ns.api();
@@ -175,12 +175,12 @@ async fn a_session_runs_in_a_restricted_pod_pauses_for_approval_and_succeeds_wit
 async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: needs the local process node");
+        eprintln!("skipped: needs a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::new(env, "operator-invalid").await?;
     let client = env.client();
-    for object in objects(op)? {
+    for object in objects(env, op)? {
         let mut object = object;
         if object["kind"] == "Agent" {
             object["spec"]["contextPackRef"]["name"] = json!("no-such-pack");
@@ -258,13 +258,13 @@ async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()
     );
     // An Agent whose tool would start code from a command that its SandboxProfile does not let
     // execute code (the quickstart's allows none); its other references are valid.
-    let mut policy = objects(op)?
+    let mut policy = objects(env, op)?
         .into_iter()
         .find(|o| o["kind"] == "Policy")
         .context("the quickstart's Policy")?;
     policy["metadata"]["name"] = json!("stdio-policy");
     apply(&client, ns.name(), &policy).await?;
-    let mut stdio = objects(op)?
+    let mut stdio = objects(env, op)?
         .into_iter()
         .find(|o| o["kind"] == "Agent")
         .context("the quickstart's Agent")?;

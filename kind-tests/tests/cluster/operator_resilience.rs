@@ -1,8 +1,9 @@
 //! The operator under faults and between tenants: leader election hands over only after the
 //! holder stops renewing; a runner pod killed while a tool acts is replaced and resumes without
 //! a second effect; an operator killed and restarted 20 times mid-reconcile leaves exactly one
-//! pod per attempt and no orphans; and a namespace cannot resolve another namespace's objects
-//! nor read its records.
+//! pod per attempt and no orphans; a Session's status decided from an out-of-date copy does not
+//! overwrite a newer one; and a namespace cannot resolve another namespace's objects nor read
+//! its records.
 
 use std::time::Duration;
 
@@ -92,7 +93,7 @@ async fn a_runner_killed_while_a_tool_acts_is_replaced_and_the_tool_is_asked_onc
         .map_err(anyhow::Error::msg)?
         .is_none()
     {
-        eprintln!("skipped: runner pods need the local process node");
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     }
     let (mut tools, tools_url) = operator_env::start_tools_with(&["--slow", "/deployments/restart=4000"])
@@ -100,7 +101,7 @@ async fn a_runner_killed_while_a_tool_acts_is_replaced_and_the_tool_is_asked_onc
     let result = async {
         let ns = TestNamespace::new(env, "operator-runner-killed").await?;
         let client = env.client();
-        for object in objects_for(&tools_url)? {
+        for object in objects_for(env, &tools_url)? {
             apply(&client, ns.name(), &object).await?;
         }
         apply(&client, ns.name(), &session("killed")?).await?;
@@ -138,13 +139,13 @@ async fn a_runner_killed_while_a_tool_acts_is_replaced_and_the_tool_is_asked_onc
 async fn an_operator_killed_twenty_times_mid_reconcile_leaves_one_pod_per_attempt() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner pods need the local process node");
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::new(env, "operator-restarts").await?;
     let client = env.client();
     let label = json!({CHAOS_LABEL: "restarts"});
-    for mut object in objects_for(&op.tools_url)? {
+    for mut object in objects_for(env, &op.tools_url)? {
         if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
             // Two reads and an answer: no approval, so every Session can finish on its own.
             object["data"]["script.json"] = json!(QUICK_SCRIPT);
@@ -163,7 +164,7 @@ async fn an_operator_killed_twenty_times_mid_reconcile_leaves_one_pod_per_attemp
         runner: operator_env::runner_settings(&op.gateway),
         max_crash_attempts: 3,
         concurrency: 8,
-        replay_image: contextos_kind_tests::process_node::RUNNER_IMAGE.to_owned(),
+        replay_image: env.runner_image().to_owned(),
         selector: Some(format!("{CHAOS_LABEL}=restarts")),
     };
     let start = |config: OperatorConfig| {
@@ -242,13 +243,13 @@ async fn an_operator_killed_twenty_times_mid_reconcile_leaves_one_pod_per_attemp
 async fn a_namespace_cannot_use_another_namespaces_objects_or_read_its_records() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: needs the local process node");
+        eprintln!("skipped: needs a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let shop = TestNamespace::new(env, "tenant-shop").await?;
     let bank = TestNamespace::new(env, "tenant-bank").await?;
     let client = env.client();
-    for object in objects_for(&op.tools_url)? {
+    for object in objects_for(env, &op.tools_url)? {
         apply(&client, shop.name(), &object).await?;
         // The bank tenant gets only the Agent: its references name objects that exist in shop.
         if object["kind"] == "Agent" {
@@ -318,7 +319,7 @@ async fn runner_attempts_that_crash_are_retried_up_to_the_bound() -> Result<()> 
         .map_err(anyhow::Error::msg)?
         .is_none()
     {
-        eprintln!("skipped: runner pods need the local process node");
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     }
     // The agent's model endpoint refuses connections: every attempt errors out before it can
@@ -327,7 +328,7 @@ async fn runner_attempts_that_crash_are_retried_up_to_the_bound() -> Result<()> 
     let result = async {
         let ns = TestNamespace::new(env, "operator-crashes").await?;
         let client = env.client();
-        for mut object in objects_for(&tools_url)? {
+        for mut object in objects_for(env, &tools_url)? {
             if object["kind"] == "Agent" {
                 object["spec"]["model"] =
                     json!({"provider": "openai_compatible", "endpoint": "http://127.0.0.1:9/v1", "model": "gpt-test"});
@@ -360,7 +361,8 @@ async fn runner_attempts_that_crash_are_retried_up_to_the_bound() -> Result<()> 
     result
 }
 
-/// A `contextos gateway` process, started (and started again) on one loopback port.
+/// A `contextos gateway` process, started (and started again) on one port of the address pods
+/// reach this machine at.
 struct GatewayProcess {
     child: tokio::process::Child,
 }
@@ -392,7 +394,7 @@ impl GatewayProcess {
                 "--trust-key",
                 trust,
             ])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", &format!("{}:{port}", env.host_address())])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -433,7 +435,7 @@ impl GatewayProcess {
 async fn a_gateway_killed_while_a_tool_that_cannot_dedupe_acts_leaves_the_outcome_to_a_human() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner pods need the local process node");
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let (mut tools, tools_url) = operator_env::start_tools_with(&["--slow", "/deployments/restart=6000"])
@@ -455,7 +457,7 @@ async fn a_gateway_killed_while_a_tool_that_cannot_dedupe_acts_leaves_the_outcom
         runner: operator_env::runner_settings(&gateway_url),
         max_crash_attempts: 5,
         concurrency: 4,
-        replay_image: contextos_kind_tests::process_node::RUNNER_IMAGE.to_owned(),
+        replay_image: env.runner_image().to_owned(),
         selector: Some(format!("{CHAOS_LABEL}=unknown-outcome")),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -466,7 +468,7 @@ async fn a_gateway_killed_while_a_tool_that_cannot_dedupe_acts_leaves_the_outcom
     let result = async {
         let ns = TestNamespace::new(env, "gateway-killed").await?;
         let client = env.client();
-        for mut object in objects_for(&tools_url)? {
+        for mut object in objects_for(env, &tools_url)? {
             if object["kind"] == "Agent" {
                 let tools = object["spec"]["tools"].as_array_mut().context("the Agent's tools")?;
                 for tool in tools.iter_mut().filter(|t| t["name"] == "restart_deployment") {
@@ -532,4 +534,67 @@ async fn a_gateway_killed_while_a_tool_that_cannot_dedupe_acts_leaves_the_outcom
     let _ = operator.await;
     let _ = tools.kill();
     result
+}
+
+/// The operator decides a Session's status from its cached copy. When the run ends before the
+/// cache shows the operator's own "Running" write (seen on the process node, where a run takes
+/// a second), applying the whole status from the stale copy would drop what that write added —
+/// the pinned revisions. The operator's status writes are conditioned on the copy's
+/// resourceVersion: the stale one is refused (and decided again from the newer object), and the
+/// same write without the condition shows what it would have lost.
+#[tokio::test]
+async fn a_status_decided_from_an_out_of_date_session_does_not_overwrite_a_newer_one() -> Result<()> {
+    use contextos_crds::session::{PinnedRevisions, SessionStatus};
+    use contextos_operator::controllers::{apply_status, apply_status_unless_changed};
+    let env = TestEnv::shared().await?;
+    let ns = TestNamespace::new(env, "stale-status").await?;
+    let client = env.client();
+    let mut object = session("stale")?;
+    // No operator of this suite reconciles it: the test writes its status itself.
+    object["metadata"]["labels"] = json!({CHAOS_LABEL: "stale-status"});
+    apply(&client, ns.name(), &object).await?;
+    let sessions: Api<Session> = ns.api();
+    let observed = sessions.get("stale").await?;
+    let version = observed
+        .metadata
+        .resource_version
+        .clone()
+        .context("resourceVersion")?;
+
+    let pinned = PinnedRevisions {
+        policies: vec!["sha256:1111".into()],
+        ..Default::default()
+    };
+    let running = SessionStatus {
+        phase: Some(SessionPhase::Running),
+        pinned: Some(pinned.clone()),
+        ..Default::default()
+    };
+    apply_status_unless_changed(&sessions, "stale", &version, &running).await?;
+
+    // Decided from the copy read before that write: no pins.
+    let finished = SessionStatus {
+        phase: Some(SessionPhase::Succeeded),
+        ..Default::default()
+    };
+    let refused = apply_status_unless_changed(&sessions, "stale", &version, &finished).await;
+    ensure!(
+        refused.as_ref().is_err_and(|e| e.stale()),
+        "a status from an out-of-date copy was not refused as stale: {refused:?}"
+    );
+    let kept = sessions.get("stale").await?.status.unwrap_or_default();
+    ensure!(
+        kept.pinned.as_ref() == Some(&pinned) && kept.phase == Some(SessionPhase::Running),
+        "the newer status was changed: {kept:?}"
+    );
+
+    // The control: the same write without the condition loses the pins.
+    apply_status(&sessions, "stale", &finished).await?;
+    let overwritten = sessions.get("stale").await?.status.unwrap_or_default();
+    ensure!(
+        overwritten.pinned.is_none(),
+        "an unconditioned apply kept the pins, so the refusal above proves nothing: {overwritten:?}"
+    );
+    ns.pass();
+    Ok(())
 }

@@ -33,6 +33,7 @@ async fn deleting_a_running_pod_terminates_it_gracefully() -> Result<()> {
     let ns = TestNamespace::new(env, "graceful-delete").await?;
     let pods: Api<Pod> = ns.api();
     let pod = shell_pod(
+        env,
         "graceful",
         SCRIPT,
         json!({ "terminationGracePeriodSeconds": GRACE_SECONDS }),

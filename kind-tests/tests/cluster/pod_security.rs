@@ -25,7 +25,7 @@ async fn restricted_namespace_refuses_privileged_pods_and_runs_compliant_ones() 
     .await?;
     let pods: Api<Pod> = ns.api();
 
-    let (privileged, root) = refused_pods()?;
+    let (privileged, root) = refused_pods(env)?;
     for (what, pod, violation) in [
         ("privileged", privileged, "privileged"),
         ("root", root, "runAsNonRoot"),
@@ -46,7 +46,7 @@ async fn restricted_namespace_refuses_privileged_pods_and_runs_compliant_ones() 
         }
     }
 
-    let compliant = compliant_pod()?;
+    let compliant = compliant_pod(env)?;
     pods.create(&PostParams::default(), &compliant).await?;
     wait_for_phase(&ns, "compliant", "Succeeded").await?;
     let log = env
@@ -70,24 +70,31 @@ async fn restricted_namespace_refuses_privileged_pods_and_runs_compliant_ones() 
 }
 
 /// A privileged pod and one that runs as root: both break the restricted profile.
-fn refused_pods() -> Result<(Pod, Pod)> {
+fn refused_pods(env: &TestEnv) -> Result<(Pod, Pod)> {
     let privileged = shell_pod(
+        env,
         "privileged",
         "true",
         json!({
             "containers": [{
-                "name": "main", "image": "busybox:1.36", "command": ["true"],
+                "name": "main", "image": env.busybox_image(), "command": ["true"],
                 "securityContext": { "privileged": true },
             }],
         }),
     )?;
-    let root = shell_pod("root", "true", json!({ "securityContext": { "runAsUser": 0 } }))?;
+    let root = shell_pod(
+        env,
+        "root",
+        "true",
+        json!({ "securityContext": { "runAsUser": 0 } }),
+    )?;
     Ok((privileged, root))
 }
 
 /// Everything the restricted profile asks for; it prints the uid it runs as.
-fn compliant_pod() -> Result<Pod> {
+fn compliant_pod(env: &TestEnv) -> Result<Pod> {
     shell_pod(
+        env,
         "compliant",
         "id -u",
         json!({
@@ -97,7 +104,7 @@ fn compliant_pod() -> Result<Pod> {
                 "seccompProfile": { "type": "RuntimeDefault" },
             },
             "containers": [{
-                "name": "main", "image": "busybox:1.36", "command": ["sh", "-c", "id -u"],
+                "name": "main", "image": env.busybox_image(), "command": ["sh", "-c", "id -u"],
                 "securityContext": {
                     "allowPrivilegeEscalation": false,
                     "capabilities": { "drop": ["ALL"] },

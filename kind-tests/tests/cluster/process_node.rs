@@ -1,7 +1,10 @@
 //! Pod features the process node implements, checked the way a user of a real cluster would see
 //! them: environment, volumes, restarts, deadlines, start errors, retries of missing config.
-//! Tests named `process_node_only_*` check process-node behaviour that differs from a real
-//! kubelet (a real one pulls images) and are skipped against `KUBECONFIG`.
+//! These tests always run on the process node (its own control plane when the other cluster tests
+//! run on the real node), so the node that serves machines without root stays honest; against
+//! `KUBECONFIG` they check the same behaviour of that cluster's kubelet. Tests named
+//! `process_node_only_*` check process-node behaviour that differs from a real kubelet (a real
+//! one pulls images) and are skipped against `KUBECONFIG`.
 
 use std::collections::BTreeMap;
 
@@ -57,9 +60,10 @@ echo "pwd=${PWD#"${CONTEXTOS_ROOT:-}"}"
 /// A pod using every way a container gets configuration: env literals and expansion,
 /// ConfigMap/Secret keys, downward-API fields, envFrom, and ConfigMap, Secret, downward-API and
 /// emptyDir volumes, with a working directory inside a mount.
-fn env_test_pod(namespace: &str) -> Result<Pod> {
+fn env_test_pod(env: &TestEnv, namespace: &str) -> Result<Pod> {
     let field = |path: &str| json!({ "fieldRef": { "fieldPath": path } });
     let mut pod = serde_json::to_value(shell_pod(
+        env,
         "env",
         ENV_SCRIPT,
         json!({
@@ -98,7 +102,7 @@ fn env_test_pod(namespace: &str) -> Result<Pod> {
 
 #[tokio::test]
 async fn env_and_volumes_reach_the_process() -> Result<()> {
-    let env = TestEnv::shared().await?;
+    let env = TestEnv::process_node().await?;
     let ns = TestNamespace::new(env, "env-volumes").await?;
     let params = PostParams::default();
     let settings = config_map("settings", &[("MODE", "fast"), ("greeting.txt", "hi there")]);
@@ -115,7 +119,9 @@ async fn env_and_volumes_reach_the_process() -> Result<()> {
         ..Default::default()
     };
     ns.api::<Secret>().create(&params, &secret).await?;
-    ns.api::<Pod>().create(&params, &env_test_pod(ns.name())?).await?;
+    ns.api::<Pod>()
+        .create(&params, &env_test_pod(env, ns.name())?)
+        .await?;
     wait_for_phase(&ns, "env", "Succeeded").await?;
     let log = env
         .container_log(ns.name(), "env", "main")
@@ -149,7 +155,7 @@ async fn env_and_volumes_reach_the_process() -> Result<()> {
 
 #[tokio::test]
 async fn on_failure_restarts_until_the_container_succeeds() -> Result<()> {
-    let env = TestEnv::shared().await?;
+    let env = TestEnv::process_node().await?;
     let ns = TestNamespace::new(env, "on-failure").await?;
     let script = r#"
 marker="${CONTEXTOS_ROOT:-}/state/failed-once"
@@ -157,13 +163,14 @@ if [ -e "$marker" ]; then echo second run; exit 0; fi
 touch "$marker"; echo first run; exit 1
 "#;
     let pod = shell_pod(
+        env,
         "retry",
         script,
         json!({
             "restartPolicy": "OnFailure",
             "volumes": [{ "name": "state", "emptyDir": {} }],
             "containers": [{
-                "name": "main", "image": "busybox:1.36", "command": ["sh", "-c", script],
+                "name": "main", "image": env.busybox_image(), "command": ["sh", "-c", script],
                 "volumeMounts": [{ "name": "state", "mountPath": "/state" }],
             }],
         }),
@@ -192,9 +199,9 @@ touch "$marker"; echo first run; exit 1
 
 #[tokio::test]
 async fn active_deadline_fails_a_running_pod() -> Result<()> {
-    let env = TestEnv::shared().await?;
+    let env = TestEnv::process_node().await?;
     let ns = TestNamespace::new(env, "deadline").await?;
-    let pod = shell_pod("slow", "sleep 300", json!({ "activeDeadlineSeconds": 2 }))?;
+    let pod = shell_pod(env, "slow", "sleep 300", json!({ "activeDeadlineSeconds": 2 }))?;
     ns.api::<Pod>().create(&PostParams::default(), &pod).await?;
     let pod = wait_for_phase(&ns, "slow", "Failed").await?;
     let reason = pod.status.as_ref().and_then(|s| s.reason.as_deref());
@@ -209,13 +216,14 @@ async fn active_deadline_fails_a_running_pod() -> Result<()> {
 
 #[tokio::test]
 async fn a_missing_program_is_a_start_error() -> Result<()> {
-    let env = TestEnv::shared().await?;
+    let env = TestEnv::process_node().await?;
     let ns = TestNamespace::new(env, "start-error").await?;
     let pod = shell_pod(
+        env,
         "missing",
         "",
         json!({
-            "containers": [{ "name": "main", "image": "busybox:1.36", "command": ["/nonexistent/program"] }],
+            "containers": [{ "name": "main", "image": env.busybox_image(), "command": ["/nonexistent/program"] }],
         }),
     )?;
     ns.api::<Pod>().create(&PostParams::default(), &pod).await?;
@@ -240,14 +248,15 @@ async fn a_missing_program_is_a_start_error() -> Result<()> {
 
 #[tokio::test]
 async fn a_missing_config_map_holds_the_pod_until_it_exists() -> Result<()> {
-    let env = TestEnv::shared().await?;
+    let env = TestEnv::process_node().await?;
     let ns = TestNamespace::new(env, "late-config").await?;
     let pod = shell_pod(
+        env,
         "late",
         "echo \"mode=$MODE\"",
         json!({
             "containers": [{
-                "name": "main", "image": "busybox:1.36", "command": ["sh", "-c", "echo \"mode=$MODE\""],
+                "name": "main", "image": env.busybox_image(), "command": ["sh", "-c", "echo \"mode=$MODE\""],
                 "env": [{ "name": "MODE", "valueFrom": { "configMapKeyRef": { "name": "later", "key": "MODE" } } }],
             }],
         }),
@@ -281,20 +290,21 @@ async fn a_missing_config_map_holds_the_pod_until_it_exists() -> Result<()> {
 
 #[tokio::test]
 async fn init_containers_run_before_the_app() -> Result<()> {
-    let env = TestEnv::shared().await?;
+    let env = TestEnv::process_node().await?;
     let ns = TestNamespace::new(env, "init").await?;
     let mount = json!([{ "name": "shared", "mountPath": "/shared" }]);
     let pod = shell_pod(
+        env,
         "init",
         "",
         json!({
             "volumes": [{ "name": "shared", "emptyDir": {} }],
             "initContainers": [{
-                "name": "setup", "image": "busybox:1.36", "volumeMounts": mount,
+                "name": "setup", "image": env.busybox_image(), "volumeMounts": mount,
                 "command": ["sh", "-c", "echo prepared > \"${CONTEXTOS_ROOT:-}/shared/state\""],
             }],
             "containers": [{
-                "name": "main", "image": "busybox:1.36", "volumeMounts": mount,
+                "name": "main", "image": env.busybox_image(), "volumeMounts": mount,
                 "command": ["sh", "-c", "cat \"${CONTEXTOS_ROOT:-}/shared/state\""],
             }],
         }),
@@ -316,13 +326,14 @@ async fn init_containers_run_before_the_app() -> Result<()> {
 
 #[tokio::test]
 async fn process_node_only_unknown_images_fail_with_a_fix() -> Result<()> {
-    let env = TestEnv::shared().await?;
+    let env = TestEnv::process_node().await?;
     if !env.is_local() {
         eprintln!("skipped: a real kubelet pulls images instead (KUBECONFIG is set)");
         return Ok(());
     }
     let ns = TestNamespace::new(env, "unknown-image").await?;
     let pod = shell_pod(
+        env,
         "nope",
         "",
         json!({
@@ -353,13 +364,14 @@ async fn process_node_only_unknown_images_fail_with_a_fix() -> Result<()> {
 
 #[tokio::test]
 async fn process_node_only_unsupported_volumes_fail_the_pod() -> Result<()> {
-    let env = TestEnv::shared().await?;
+    let env = TestEnv::process_node().await?;
     if !env.is_local() {
         eprintln!("skipped: a real cluster would wait for the claim (KUBECONFIG is set)");
         return Ok(());
     }
     let ns = TestNamespace::new(env, "unsupported").await?;
     let pod = shell_pod(
+        env,
         "pvc",
         "true",
         json!({

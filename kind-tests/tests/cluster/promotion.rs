@@ -41,12 +41,13 @@ fn gated_policy(objects: &[Value]) -> Result<Value> {
 /// Applies the quickstart with a script that needs no approval and a replay-gated Policy
 /// (`adjust` may change any object first); returns the Policy as applied.
 pub async fn install(
-    client: &kube::Client,
+    env: &TestEnv,
     namespace: &str,
     tools_url: &str,
     adjust: impl Fn(&mut Value),
 ) -> Result<Value> {
-    let mut objects = objects_for(tools_url)?;
+    let client = &env.client();
+    let mut objects = objects_for(env, tools_url)?;
     let gated = gated_policy(&objects)?;
     let mut policy = Value::Null;
     for object in &mut objects {
@@ -85,12 +86,12 @@ pub async fn promoted_guardrails(api: &Api<Policy>) -> Result<String> {
 async fn a_policy_change_is_promoted_only_if_replaying_recorded_sessions_passes() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner and replay pods need the local process node");
+        eprintln!("skipped: runner and replay pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::new(env, "promotion").await?;
     let client = env.client();
-    let policy = install(&client, ns.name(), &op.tools_url, |_| {}).await?;
+    let policy = install(env, ns.name(), &op.tools_url, |_| {}).await?;
     let sessions: Api<Session> = ns.api();
     for name in ["recorded-1", "recorded-2"] {
         apply(&client, ns.name(), &session(name)?).await?;
@@ -283,7 +284,7 @@ async fn contextos(store: &str, namespace: &str, args: &[&str]) -> Result<(Optio
 async fn a_dry_run_policy_change_reports_what_it_would_change_and_is_promoted() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner and replay pods need the local process node");
+        eprintln!("skipped: runner and replay pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::new(env, "promotion-dryrun").await?;
@@ -307,7 +308,7 @@ async fn a_dry_run_policy_change_reports_what_it_would_change_and_is_promoted() 
         })
     };
     apply(&client, ns.name(), &freeze("allow")).await?;
-    install(&client, ns.name(), &op.tools_url, |object| {
+    install(env, ns.name(), &op.tools_url, |object| {
         if object["kind"] == "Agent" {
             object["spec"]["policyRefs"] = json!([{"name": "oncall-guardrails"}, {"name": "freeze"}]);
         }
@@ -356,12 +357,12 @@ async fn without_history_a_candidate_waits_for_an_explicit_bypass_and_manual_mod
 -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner and replay pods need the local process node");
+        eprintln!("skipped: runner and replay pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::new(env, "promotion-manual").await?;
     let client = env.client();
-    let policy = install(&client, ns.name(), &op.tools_url, |object| {
+    let policy = install(env, ns.name(), &op.tools_url, |object| {
         if object["kind"] == "Policy" {
             object["spec"]["promotion"]["mode"] = json!("manual");
             object["spec"]["promotion"]["approvers"] = json!({"groups": ["sre-leads"]});

@@ -21,12 +21,19 @@ use crate::{
 };
 
 /// What the hostile pod runs: three requests, their HTTP codes into its termination message.
+/// busybox's `wget` (in the real node's busybox image and on the host the process node runs
+/// pods on) prints the status line of a refused request; a request that succeeds prints `200`.
 const PROBE: &str = r#"
+code() {
+  out=$(busybox wget -q -O /dev/null "$@" 2>&1) && { echo 200; return; }
+  c=$(printf %s "$out" | sed -n 's/.*HTTP\/1\.[01] \([0-9][0-9][0-9]\).*/\1/p' | head -n1)
+  echo "${c:-unreachable}"
+}
 tok="$(cat "${CONTEXTOS_ROOT:-}/var/run/secrets/contextos/gateway-token")"
 ctx="$(printf %s "$STOLEN" | base64 -w0)"
-copied=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tok" -H "x-contextos-run-context: $ctx" "$GW/v1/run/head?run=$RUN")
-anonymous=$(curl -s -o /dev/null -w '%{http_code}' -H "x-contextos-run-context: $ctx" "$GW/v1/run/head?run=$RUN")
-records=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tok" "$GW/v1/records/runs")
+copied=$(code --header "Authorization: Bearer $tok" --header "x-contextos-run-context: $ctx" "$GW/v1/run/head?run=$RUN")
+anonymous=$(code --header "x-contextos-run-context: $ctx" "$GW/v1/run/head?run=$RUN")
+records=$(code --header "Authorization: Bearer $tok" "$GW/v1/records/runs")
 echo "copied=$copied anonymous=$anonymous records=$records" > "${CONTEXTOS_ROOT:-}/dev/termination-log"
 "#;
 
@@ -34,12 +41,12 @@ echo "copied=$copied anonymous=$anonymous records=$records" > "${CONTEXTOS_ROOT:
 async fn a_tenants_own_pod_cannot_use_a_runners_context_or_read_records() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner pods need the local process node");
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::new(env, "sandbox-attacks").await?;
     let client = env.client();
-    for object in objects_for(&op.tools_url)? {
+    for object in objects_for(env, &op.tools_url)? {
         apply(&client, ns.name(), &object).await?;
     }
     apply(&client, ns.name(), &session("victim")?).await?;
@@ -90,7 +97,7 @@ async fn a_tenants_own_pod_cannot_use_a_runners_context_or_read_records() -> Res
             "restartPolicy": "Never",
             "automountServiceAccountToken": false,
             "containers": [{
-                "name": "probe", "image": "busybox:1.36",
+                "name": "probe", "image": env.busybox_image(),
                 "command": ["sh", "-c", PROBE],
                 "env": [
                     {"name": "STOLEN", "value": stolen},
@@ -144,12 +151,12 @@ async fn a_tenants_own_pod_cannot_use_a_runners_context_or_read_records() -> Res
 async fn an_agent_cannot_send_a_secret_that_was_not_given_to_agents() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner pods need the local process node");
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::new(env, "sandbox-secrets").await?;
     let client = env.client();
-    for mut object in objects_for(&op.tools_url)? {
+    for mut object in objects_for(env, &op.tools_url)? {
         // The webhook key is an ordinary Secret of the namespace, not labelled for Agents.
         if object["kind"] == "Secret" {
             object["metadata"]["labels"] = json!({});

@@ -21,12 +21,12 @@ use crate::{
 async fn a_tenant_cannot_plant_a_sessions_run_bundle() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner pods need the local process node");
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::new(env, "tenant-plants-bundle").await?;
     let client = env.client();
-    let objects = objects_for(&op.tools_url)?;
+    let objects = objects_for(env, &op.tools_url)?;
     let (agents, others): (Vec<_>, Vec<_>) = objects.into_iter().partition(|o| o["kind"] == "Agent");
     for object in &others {
         apply(&client, ns.name(), object).await?;
@@ -112,12 +112,12 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
 
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner and replay pods need the local process node");
+        eprintln!("skipped: runner and replay pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::new(env, "tenant-plants-job").await?;
     let client = env.client();
-    let policy = crate::promotion::install(&client, ns.name(), &op.tools_url, |_| {}).await?;
+    let policy = crate::promotion::install(env, ns.name(), &op.tools_url, |_| {}).await?;
     let sessions: Api<Session> = ns.api();
     apply(&client, ns.name(), &session("recorded")?).await?;
     phase_is(&sessions, "recorded", SessionPhase::Succeeded).await?;
@@ -159,7 +159,7 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
         "spec": {"backoffLimit": 0, "template": {"spec": {
             "restartPolicy": "Never",
             "containers": [{
-                "name": "replay", "image": "busybox:1.36",
+                "name": "replay", "image": env.busybox_image(),
                 "command": ["sh", "-c", "printf %s \"$VERDICT\" > \"${CONTEXTOS_ROOT:-}/dev/termination-log\""],
                 "env": [{"name": "VERDICT", "value": forged.to_string()}],
             }],
@@ -212,7 +212,7 @@ async fn a_tenant_cannot_crash_the_operator_with_a_deeply_nested_condition() -> 
     };
     let ns = TestNamespace::new(env, "tenant-deep-cel").await?;
     let client = env.client();
-    let policy = objects_for(&op.tools_url)?
+    let policy = objects_for(env, &op.tools_url)?
         .into_iter()
         .find(|o| o["kind"] == "Policy")
         .context("the quickstart has a Policy")?;
@@ -256,13 +256,13 @@ async fn a_gitops_committer_cannot_shed_a_policys_gate_by_renaming_or_re_creatin
 
     let env = TestEnv::shared().await?;
     let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
-        eprintln!("skipped: runner and replay pods need the local process node");
+        eprintln!("skipped: runner and replay pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
     let ns = TestNamespace::new(env, "committer-sheds-gate").await?;
     let client = env.client();
-    let policy = crate::promotion::install(&client, ns.name(), &op.tools_url, |_| {}).await?;
-    let agent = objects_for(&op.tools_url)?
+    let policy = crate::promotion::install(env, ns.name(), &op.tools_url, |_| {}).await?;
+    let agent = objects_for(env, &op.tools_url)?
         .into_iter()
         .find(|o| o["kind"] == "Agent")
         .context("the quickstart has an Agent")?;

@@ -1,20 +1,19 @@
-//! The pods and Jobs the tests run: a real small image (`busybox:1.36`) with an explicit shell
-//! command, so they run on a real cluster and on the process node (which maps the image to the
-//! host's `sh`).
+//! The pods and Jobs the tests run: a small real image (busybox, see
+//! [`TestEnv::busybox_image`]) with an explicit shell command, so they run on the real node, on a
+//! cluster from `KUBECONFIG` and on the process node (which maps the image to the host's `sh`).
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use contextos_kind_tests::{Check, TestNamespace, describe::pod_summary, wait_for_object};
+use contextos_kind_tests::{Check, TestEnv, TestNamespace, describe::pod_summary, wait_for_object};
 use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use serde_json::{Value, json};
 
-pub const IMAGE: &str = "busybox:1.36";
 /// Long enough for an image pull on a real cluster.
 pub const POD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A `Never`-restarting pod running `sh -c script`; `extra` is merged into the pod spec.
-pub fn shell_pod(name: &str, script: &str, extra: Value) -> Result<Pod> {
+pub fn shell_pod(env: &TestEnv, name: &str, script: &str, extra: Value) -> Result<Pod> {
     let mut pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -24,7 +23,7 @@ pub fn shell_pod(name: &str, script: &str, extra: Value) -> Result<Pod> {
             "terminationGracePeriodSeconds": 5,
             "containers": [{
                 "name": "main",
-                "image": IMAGE,
+                "image": env.busybox_image(),
                 "command": ["sh", "-c", script],
             }],
         },
@@ -34,7 +33,7 @@ pub fn shell_pod(name: &str, script: &str, extra: Value) -> Result<Pod> {
 }
 
 /// A Job of one `Never`-restarting pod running `sh -c script`.
-pub fn shell_job(name: &str, script: &str, backoff_limit: i32) -> Result<Job> {
+pub fn shell_job(env: &TestEnv, name: &str, script: &str, backoff_limit: i32) -> Result<Job> {
     serde_json::from_value(json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -47,7 +46,7 @@ pub fn shell_job(name: &str, script: &str, backoff_limit: i32) -> Result<Job> {
                     "terminationGracePeriodSeconds": 5,
                     "containers": [{
                         "name": "main",
-                        "image": IMAGE,
+                        "image": env.busybox_image(),
                         "command": ["sh", "-c", script],
                     }],
                 },

@@ -57,13 +57,7 @@ pub async fn unrestricted(env: &'static TestEnv, test: &str) -> Result<TestNames
 /// The quickstart's objects (no Session), the agent's tools on the test's ops-tools server and
 /// the SandboxProfile pinning the image the workspace's binaries were packed into.
 pub fn quickstart(env: &TestEnv, op: &OperatorEnv) -> Result<Vec<Value>> {
-    let mut objects = operator_env::quickstart_for(&op.tools_url).map_err(anyhow::Error::msg)?;
-    for object in &mut objects {
-        if object["kind"] == "SandboxProfile" {
-            object["spec"]["image"] = json!(env.runner_image());
-        }
-    }
-    Ok(objects)
+    operator_env::quickstart_for(env, &op.tools_url).map_err(anyhow::Error::msg)
 }
 
 /// The quickstart's Session, named `name`.

@@ -76,6 +76,12 @@ impl Error {
         matches!(self, Self::Kube(kube::Error::Api(e)) if e.code == 403 && e.message.contains("being terminated"))
     }
 
+    /// A write conditioned on the object's resourceVersion found a newer object: what this pass
+    /// decided from is out of date, and the next pass (on the newer object) decides again.
+    pub fn stale(&self) -> bool {
+        matches!(self, Self::Kube(kube::Error::Api(e)) if e.code == 409)
+    }
+
     /// A low-cardinality label for the failure metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -100,6 +106,10 @@ where
     if error.namespace_terminating() || error.gone() {
         tracing::debug!(%kind, %namespace, %name, %error, "the object or its namespace is being deleted; not retrying");
         return Action::await_change();
+    }
+    if error.stale() {
+        tracing::debug!(%kind, %namespace, %name, %error, "decided from an out-of-date object; deciding again");
+        return Action::requeue(Duration::from_millis(200));
     }
     ctx.metrics.failure(error.metric_label());
     tracing::warn!(%kind, %namespace, %name, %error, "reconcile failed; retrying in 5 s");
@@ -127,11 +137,43 @@ pub async fn apply_status<K>(api: &Api<K>, name: &str, status: impl Serialize) -
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    let patch = json!({
+    apply_status_patch(api, name, None, status).await
+}
+
+/// [`apply_status`] only if the object is still at `resource_version` (409 Conflict otherwise,
+/// see [`Error::stale`]). For a status computed from the observed one: the apply names every
+/// field this manager owns, so a pass working from a cached object that has not yet seen this
+/// operator's previous write would drop what that write added.
+pub async fn apply_status_unless_changed<K>(
+    api: &Api<K>,
+    name: &str,
+    resource_version: &str,
+    status: impl Serialize,
+) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    apply_status_patch(api, name, Some(resource_version), status).await
+}
+
+async fn apply_status_patch<K>(
+    api: &Api<K>,
+    name: &str,
+    resource_version: Option<&str>,
+    status: impl Serialize,
+) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let mut patch = json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
+    if let Some(version) = resource_version {
+        // Server-side apply takes a resourceVersion in the applied object as a precondition.
+        patch["metadata"] = json!({"resourceVersion": version});
+    }
     api.patch_status(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),

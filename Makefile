@@ -4,7 +4,7 @@ CARGO ?= cargo
 # Stable cache locations so repeated runs on one machine reuse earlier work.
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: quickstart test lint unit crds kind-tests kind-bench kind-bench-real realnode-check fuzz
+.PHONY: quickstart test lint unit crds kind-tests kind-bench realnode-check fuzz
 
 ## quickstart: the main job on one machine — a governed, recorded session from examples/quickstart
 ## with the scripted model, approved, verified and replayed (see examples/quickstart/local.sh).
@@ -58,21 +58,18 @@ kind-tests:
 	$(CARGO) build -p contextos-runner -p contextos-operator --bins --examples --locked || exit 1; \
 	$(CARGO) test -p contextos-kind-tests --locked --tests
 
-## kind-bench: the scale benchmark on the local control plane (200 Sessions at once, operator
-## memory with ~1,000 objects); prints figures. Debug builds, like the cluster tests.
+## kind-bench: the scale benchmark on the local control plane (200 Sessions at once, pod start-up
+## latency, operator memory with ~1,000 objects; prints figures). Release binaries: the runner
+## image packed for the real node (as root) holds what this builds; without root, or with
+## CONTEXTOS_CLUSTER_NODE=process, runner pods run on the process node.
 kind-bench:
 	set -o pipefail; \
 	bin="$$(bash kind-tests/testenv/build.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_TESTENV_BIN="$$bin"; \
 	tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_TIKV_TESTSERVER_BIN="$$tikv"; \
-	$(CARGO) build -p contextos-runner -p contextos-operator --bins --examples --locked || exit 1; \
-	$(CARGO) bench -p contextos-kind-tests --bench scale --profile dev --locked
-
-## kind-bench-real: the same benchmark with the runner pods on the real node (root): also prints
-## per-pod start-up latency (p50/p99) and the time until every runner container started.
-kind-bench-real:
-	CONTEXTOS_BENCH_NODE=real $(MAKE) kind-bench
+	$(CARGO) build --release -p contextos-runner -p contextos-operator --bins --examples --locked || exit 1; \
+	$(CARGO) bench -p contextos-kind-tests --bench scale --locked
 
 ## fuzz: every decoder of untrusted bytes (contexts, envelopes, records, reports, verdicts,
 ## model scripts and answers, CEL, CRD specs) fed mutated inputs for FUZZ_SECONDS each, in

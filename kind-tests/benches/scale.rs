@@ -3,16 +3,16 @@
 //! ContextOS objects and 1,000 unrelated ConfigMaps and Secrets of 4 KiB each. The operator
 //! and the gateway service run as their own processes (the workspace's `contextos-operator` and
 //! `contextos gateway`), so their memory is measured alone; runner pods run the real
-//! `contextos` binary on the process node and send everything to that gateway.
+//! `contextos` binary and send everything to that gateway.
 //!
-//! With `CONTEXTOS_BENCH_NODE=real` (root) the runner pods run on the real node instead
-//! (kubelet, containerd, runc, CNI, kube-router; `kind-tests/realnode`): the image packed from
-//! the workspace's binaries, scheduled by kube-scheduler, under their NetworkPolicy, the gateway
-//! reached at the node's address. Then it also prints each pod's start-up latency (created →
-//! its container started, as a watch sees it) at p50/p99.
+//! As root the runner pods run on the real node (kubelet, containerd, runc, CNI, kube-router;
+//! `kind-tests/realnode`): the image packed from the workspace's binaries of the profile the
+//! benchmark was built in (release with `make kind-bench`), scheduled by kube-scheduler, under
+//! their NetworkPolicy, the gateway reached at the node's address; it also prints each pod's
+//! start-up latency (created → its container started, as a watch sees it) at p50/p99. Without
+//! root, or with `CONTEXTOS_CLUSTER_NODE=process`, they run on the process node.
 //!
-//! Run: `make kind-bench` / `make kind-bench-real` (build what they need). Figures, not
-//! assertions.
+//! Run: `make kind-bench` (builds what it needs). Figures, not assertions.
 
 use std::{
     collections::HashMap,
@@ -69,19 +69,17 @@ fn main() -> Result<()> {
 }
 
 /// Whether the runner pods run on the real node.
-fn real_node() -> bool {
-    std::env::var("CONTEXTOS_BENCH_NODE").as_deref() == Ok("real")
+fn real_node(env: &TestEnv) -> bool {
+    env.real().is_some()
+}
+
+/// Whether the workspace's binaries next to this benchmark are a release build.
+fn release_build() -> bool {
+    !cfg!(debug_assertions)
 }
 
 async fn run() -> Result<()> {
-    let env = if real_node() {
-        if let Some(why) = contextos_kind_tests::real_node::unavailable() {
-            bail!("CONTEXTOS_BENCH_NODE=real: {why}");
-        }
-        TestEnv::real_node().await?
-    } else {
-        TestEnv::shared().await?
-    };
+    let env = TestEnv::shared().await?;
     let host = env.host_address();
     let kubeconfig = env
         .kubeconfig()
@@ -169,7 +167,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         }
         if object["kind"] == "SandboxProfile" {
             object["spec"]["image"] = json!(env.runner_image());
-            if real_node() {
+            if real_node(env) {
                 // Runner pods are Guaranteed (requests = limits): with the quickstart's 500m a
                 // 2-core node runs four at a time. All of them at once need the node's CPU
                 // shared out (9m each for 200).
@@ -339,7 +337,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     tokio::time::sleep(Duration::from_secs(5)).await;
     let unrelated_rss = rss_kib(pid)?;
     let gateway_rss = rss_kib(gateway_pid)?;
-    let node = if real_node() {
+    let node = if real_node(env) {
         "the real node"
     } else {
         "the process node"
@@ -347,11 +345,18 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     println!(
         "scale — {sessions_count} Sessions created at once on the local control plane and {node} (2 cores)"
     );
-    if real_node() {
+    let build = if release_build() {
+        "release binaries"
+    } else {
+        "debug binaries"
+    };
+    if real_node(env) {
         println!(
-            "  runner pods: cpu {}, memory {BENCH_MEMORY} (requests = limits), release: no (debug binaries)",
+            "  runner pods: cpu {}, memory {BENCH_MEMORY} (requests = limits), {build} in the image",
             bench_cpu()
         );
+    } else {
+        println!("  {build}");
     }
     println!(
         "  Agent's first composition promoted          {:>8.1} s   (its replay Job; no history)",

@@ -49,7 +49,8 @@ pub mod labels {
     pub const REVISION_OF: &str = "contextos.dev/revision-of";
 }
 
-/// Annotations the operator puts on what it creates.
+/// Annotations the operator puts on what it creates, and those approvers set on the objects it
+/// promotes.
 pub mod annotations {
     /// On a runner pod started because a decision was added to `spec.approvals` (the call hash)
     /// or `spec.resolutions` (`resolution/<call id>`): what it was started for (an attempt that
@@ -58,6 +59,12 @@ pub mod annotations {
     /// On a child the operator made from content it must be able to trust later (a Session's
     /// run bundle): the operator's signature over the owner's uid and that content.
     pub const SEAL: &str = "contextos.dev/seal";
+    /// Set by an approver to a candidate's digest to promote it without a replay (no recorded
+    /// history yet); the promotion is announced with a Warning Event.
+    pub const PROMOTE_WITHOUT_REPLAY: &str = "contextos.dev/promote-without-replay";
+    /// Set by an approver to a candidate's digest to promote it after its replay passed
+    /// (promotion mode `manual`).
+    pub const APPROVE_PROMOTION: &str = "contextos.dev/approve-promotion";
 }
 
 /// Every CustomResourceDefinition of the API, in a stable order (used by `crdgen` and tests).

@@ -4,6 +4,8 @@
 
 pub use contextos_crds as crds;
 
+#[cfg(feature = "audit")]
+pub mod audit;
 pub mod capability;
 pub mod context;
 pub mod gateway;

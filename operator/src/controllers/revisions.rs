@@ -246,12 +246,7 @@ pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Co
 /// Wait before the second attempt at a gate whose first ended without a verdict (doubling).
 const RETRY_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Annotation an approver sets to the candidate's digest to promote it without a replay (no
-/// recorded history yet); the promotion is announced with a Warning Event.
-pub const PROMOTE_WITHOUT_REPLAY: &str = "contextos.dev/promote-without-replay";
-/// Annotation an approver sets to the candidate's digest to promote it after its replay passed
-/// (promotion mode `manual`).
-pub const APPROVE_PROMOTION: &str = "contextos.dev/approve-promotion";
+pub use contextos_crds::annotations::{APPROVE_PROMOTION, PROMOTE_WITHOUT_REPLAY};
 
 /// What the promotion gate of one object needs.
 pub(super) struct Gated<'a> {

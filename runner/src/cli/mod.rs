@@ -1,5 +1,6 @@
 //! Command-line structure shared by every subcommand: where data lives and which tenant.
 
+mod audit;
 mod capability;
 mod gateway;
 mod promote;
@@ -70,6 +71,9 @@ enum Command {
     /// Capability pod entrypoint: serve an Agent's command-started MCP server to the gateway.
     #[command(subcommand)]
     Capability(capability::CapabilityCommand),
+    /// Audit an agent harness (manifest files, a GitOps repository, or the live cluster) for
+    /// governance gaps: each finding with its rule, severity, object, field, line and fix.
+    Audit(audit::AuditArgs),
 }
 
 impl Cli {
@@ -86,6 +90,7 @@ impl Cli {
             Command::Records(command) => records::run(&self.global, command).await,
             Command::Gateway(args) => gateway::run(&self.global, args).await,
             Command::Capability(command) => capability::run(command).await,
+            Command::Audit(args) => audit::run(args).await,
         }
     }
 }

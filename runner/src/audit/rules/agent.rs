@@ -1,0 +1,336 @@
+//! Rules about Agents as a whole: what their policies actually let through (decided by the same
+//! policy engine the gateway runs), references that do not resolve, output checks, the critic,
+//! budgets and the model's credentials.
+
+use contextos_crds::{
+    AgentSpec,
+    common::{Approvers, ToolRisk},
+    policy::{PolicyEffect, PolicyMode},
+};
+use serde_json::json;
+
+use super::{Check, Sink, plain_http_off_cluster, spec};
+use crate::{
+    audit::{
+        finding::{Rule, RuleId, Severity},
+        harness::{Harness, Object},
+    },
+    gateway::adapters::unavailable_adapter,
+    policy::{CallFacts, PolicySet, RunFacts, StateFacts, compile_policy},
+    run::validate,
+};
+
+/// Run budgets above these bound nothing a reviewer would accept for one run.
+const LARGE_MAX_STEPS: u32 = 200;
+const LARGE_MAX_TOOL_CALLS: u32 = 1_000;
+const LARGE_MAX_TOKENS: u64 = 5_000_000;
+const LARGE_MAX_WALL_SECONDS: u32 = 86_400;
+
+pub(super) const RULES: &[(Rule, Check)] = &[
+    (
+        Rule {
+            id: RuleId("agent/destructive-without-approval"),
+            severity: Severity::Critical,
+            title: "a destructive or delegated tool the Agent's policies allow without approval",
+            why: "the model alone decides to take an action that cannot be undone (or hands authority to another agent); nobody is asked",
+            fix: "add a rule with `effect: require_approval` (or deny) matching the tool's risk, before any rule that allows it",
+        },
+        destructive_without_approval,
+    ),
+    (
+        Rule {
+            id: RuleId("agent/ungoverned"),
+            severity: Severity::Critical,
+            title: "an Agent all of whose Policies are in dryRun mode",
+            why: "with no enforcing Policy every call is allowed: the Agent runs ungoverned while looking governed",
+            fix: "set `spec.mode: enforce` on at least one of its Policies",
+        },
+        ungoverned,
+    ),
+    (
+        Rule {
+            id: RuleId("agent/missing-reference"),
+            severity: Severity::Medium,
+            title: "an Agent naming a Policy, ContextPack or SandboxProfile that is not there",
+            why: "the Agent stays Ready=False and its Sessions do not start; in a repository it may also mean the object lives elsewhere, unreviewed with it",
+            fix: "add the object next to the Agent, or correct the name",
+        },
+        missing_references,
+    ),
+    (
+        Rule {
+            id: RuleId("agent/no-validators"),
+            severity: Severity::Medium,
+            title: "an Agent that acts but checks none of its outputs",
+            why: "with tools that act on the network or destroy, a malformed or hallucinated final answer is passed on unchecked",
+            fix: "add `spec.validators` (a JSON Schema or a CEL check of the output)",
+        },
+        no_validators,
+    ),
+    (
+        Rule {
+            id: RuleId("agent/critic-disabled"),
+            severity: Severity::Medium,
+            title: "an Agent whose critic may not ask for a revision",
+            why: "with `critic.maxRevisions: 0` a failed output check ends the run instead of letting the model correct itself, and critic escalations never happen",
+            fix: "leave `spec.critic.maxRevisions` at its default (2) or set it above 0",
+        },
+        critic_disabled,
+    ),
+    (
+        Rule {
+            id: RuleId("agent/budget-very-large"),
+            severity: Severity::Medium,
+            title: "a run budget too large to stop a runaway run",
+            why: "budgets are the last stop for a looping model: above 200 steps, 1,000 calls, 5 M tokens or a day they stop nothing in time",
+            fix: "lower `spec.budget` to what one run needs; a Session may lower it further",
+        },
+        large_budget,
+    ),
+    (
+        Rule {
+            id: RuleId("agent/model-key-over-http"),
+            severity: Severity::High,
+            title: "a model API key sent over plain HTTP",
+            why: "the key (and every prompt) crosses the network unencrypted to an endpoint outside the cluster",
+            fix: "use an `https://` endpoint",
+        },
+        model_key_over_http,
+    ),
+    (
+        Rule {
+            id: RuleId("agent/validator-invalid"),
+            severity: Severity::High,
+            title: "an output validator that does not compile",
+            why: "the Agent is Ready=False and none of its Sessions start",
+            fix: "correct the validator's JSON Schema or CEL (it may read `output` and `json`)",
+        },
+        invalid_validators,
+    ),
+    (
+        Rule {
+            id: RuleId("agent/adapter-unavailable"),
+            severity: Severity::High,
+            title: "a tool whose adapter this release does not run (A2A)",
+            why: "the Agent is refused (Ready=False, AdapterUnavailable) rather than run with a tool that would fail every call",
+            fix: "reach the remote agent through an HTTP or MCP endpoint",
+        },
+        unavailable_adapters,
+    ),
+];
+
+/// The Agent's policies compiled, or `None` when one is missing or does not compile (other
+/// rules report those).
+fn policy_set(harness: &Harness, agent: &Object<AgentSpec>) -> Option<PolicySet> {
+    let found = harness.policies_of(agent);
+    if found.len() != agent.spec.policy_refs.len() {
+        return None;
+    }
+    let policies = found
+        .iter()
+        .map(|p| compile_policy(&p.id.name, &p.spec).ok())
+        .collect::<Option<Vec<_>>>()?;
+    Some(PolicySet { policies })
+}
+
+fn destructive_without_approval(harness: &Harness, sink: &mut Sink<'_>) {
+    for agent in &harness.agents {
+        let Some(set) = policy_set(harness, agent) else {
+            continue;
+        };
+        let safety = agent.spec.safety_mode;
+        let run = RunFacts {
+            tenant: agent.id.namespace.clone().unwrap_or_default(),
+            agent: agent.id.name.clone(),
+            safety_mode: serde_json::to_value(safety)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            ..RunFacts::default()
+        };
+        let args = json!({});
+        for (i, tool) in agent.spec.tools.iter().enumerate() {
+            if tool.risk < ToolRisk::Delegated {
+                continue;
+            }
+            let call = CallFacts {
+                tool: &tool.name,
+                risk: tool.risk,
+                kind: tool.kind,
+                args: &args,
+            };
+            let decision = set.decide(&call, &run, &StateFacts::default(), safety, &Approvers::default());
+            if decision.effect == PolicyEffect::Allow {
+                sink.report(
+                    agent,
+                    spec(&["tools"]).index(i),
+                    format!(
+                        "{} ({}) is allowed without approval by {} (first call of a run, arguments {{}})",
+                        tool.name,
+                        tool.risk.as_str(),
+                        decision.rule
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn ungoverned(harness: &Harness, sink: &mut Sink<'_>) {
+    for agent in &harness.agents {
+        let policies = harness.policies_of(agent);
+        if !policies.is_empty()
+            && policies.len() == agent.spec.policy_refs.len()
+            && policies.iter().all(|p| p.spec.mode == PolicyMode::DryRun)
+        {
+            let names: Vec<&str> = policies.iter().map(|p| p.id.name.as_str()).collect();
+            sink.report(
+                agent,
+                spec(&["policyRefs"]),
+                format!(
+                    "every Policy of Agent {} is in dryRun mode ({})",
+                    agent.id.name,
+                    names.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+fn missing_references(harness: &Harness, sink: &mut Sink<'_>) {
+    for agent in &harness.agents {
+        for (i, reference) in agent.spec.policy_refs.iter().enumerate() {
+            if harness.find(&harness.policies, agent, &reference.name).is_none() {
+                sink.report(
+                    agent,
+                    spec(&["policyRefs"]).index(i),
+                    format!("Policy {} is not in the audited objects", reference.name),
+                );
+            }
+        }
+        let pack = &agent.spec.context_pack_ref.name;
+        if harness.find(&harness.context_packs, agent, pack).is_none() {
+            sink.report(
+                agent,
+                spec(&["contextPackRef"]),
+                format!("ContextPack {pack} is not in the audited objects"),
+            );
+        }
+        let sandbox = &agent.spec.sandbox_profile_ref.name;
+        if harness.find(&harness.sandbox_profiles, agent, sandbox).is_none() {
+            sink.report(
+                agent,
+                spec(&["sandboxProfileRef"]),
+                format!("SandboxProfile {sandbox} is not in the audited objects"),
+            );
+        }
+    }
+}
+
+fn no_validators(harness: &Harness, sink: &mut Sink<'_>) {
+    for agent in harness.agents.iter().filter(|a| a.spec.validators.is_empty()) {
+        if let Some(tool) = agent.spec.tools.iter().find(|t| t.risk >= ToolRisk::Network) {
+            sink.report(
+                agent,
+                spec(&["validators"]),
+                format!(
+                    "Agent {} has {} ({}) and no output validator",
+                    agent.id.name,
+                    tool.name,
+                    tool.risk.as_str()
+                ),
+            );
+        }
+    }
+}
+
+fn critic_disabled(harness: &Harness, sink: &mut Sink<'_>) {
+    for agent in harness.agents.iter().filter(|a| a.spec.critic.max_revisions == 0) {
+        sink.report(
+            agent,
+            spec(&["critic", "maxRevisions"]),
+            "the critic may ask for no revision",
+        );
+    }
+}
+
+fn large_budget(harness: &Harness, sink: &mut Sink<'_>) {
+    for agent in &harness.agents {
+        let budget = &agent.spec.budget;
+        let limits = [
+            (
+                "maxSteps",
+                u64::from(budget.max_steps),
+                u64::from(LARGE_MAX_STEPS),
+            ),
+            (
+                "maxToolCalls",
+                u64::from(budget.max_tool_calls),
+                u64::from(LARGE_MAX_TOOL_CALLS),
+            ),
+            ("maxTokens", budget.max_tokens, LARGE_MAX_TOKENS),
+            (
+                "maxWallSeconds",
+                u64::from(budget.max_wall_seconds),
+                u64::from(LARGE_MAX_WALL_SECONDS),
+            ),
+        ];
+        for (name, value, limit) in limits {
+            if value > limit {
+                sink.report(
+                    agent,
+                    spec(&["budget", name]),
+                    format!("{name} is {value} (above {limit})"),
+                );
+            }
+        }
+    }
+}
+
+fn model_key_over_http(harness: &Harness, sink: &mut Sink<'_>) {
+    for agent in &harness.agents {
+        let model = &agent.spec.model;
+        if let (Some(endpoint), Some(_)) = (&model.endpoint, &model.secret_ref)
+            && plain_http_off_cluster(endpoint)
+        {
+            sink.report(
+                agent,
+                spec(&["model", "endpoint"]),
+                format!("the API key goes to {endpoint} unencrypted"),
+            );
+        }
+    }
+}
+
+fn invalid_validators(harness: &Harness, sink: &mut Sink<'_>) {
+    for agent in &harness.agents {
+        if let Err(error) = validate::compile(&agent.id.name, &agent.spec.validators) {
+            sink.report(
+                agent,
+                spec(&["validators"]).index(error.index),
+                format!("{}: {}", error.name, error.problem),
+            );
+        }
+    }
+}
+
+fn unavailable_adapters(harness: &Harness, sink: &mut Sink<'_>) {
+    for agent in &harness.agents {
+        if unavailable_adapter(&agent.spec.tools).is_none() {
+            continue;
+        }
+        for (i, tool) in agent
+            .spec
+            .tools
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.adapter.a2a.is_some())
+        {
+            sink.report(
+                agent,
+                spec(&["tools"]).index(i).key("adapter").key("a2a"),
+                format!("{}: the A2A adapter is not available in this release", tool.name),
+            );
+        }
+    }
+}

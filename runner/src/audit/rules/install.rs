@@ -1,0 +1,200 @@
+//! Rules about the installation the trust model stands on: the admission policies that make
+//! identities and approvals unforgeable, Pod Security on the namespaces that run Sessions, and
+//! the gateway's own egress guard. They apply when the audited objects include the installation
+//! (its CRDs or Deployments) or come from a live cluster.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use super::{Check, Sink};
+use crate::audit::{
+    field::FieldPath,
+    finding::{Rule, RuleId, Severity},
+    harness::{Harness, Object, ObjectRef},
+    source::Document,
+};
+
+/// The admission policies ContextOS's security model depends on (`manifests/admission`), each
+/// with a binding of the same name.
+pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 4] = [
+    ("contextos-session-identity", "a Session's user is who created it"),
+    (
+        "contextos-session-approvals",
+        "approvals are given in the approver's own name, by an approver",
+    ),
+    (
+        "contextos-promotion-approvals",
+        "promotion gates are changed and passed only by their approvers",
+    ),
+    (
+        "contextos-sandbox-images",
+        "runner pods run the ContextOS runner image",
+    ),
+];
+const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
+
+pub(super) const RULES: &[(Rule, Check)] = &[
+    (
+        Rule {
+            id: RuleId("install/admission-policy-missing"),
+            severity: Severity::Critical,
+            title: "an admission policy the trust model depends on is missing, unbound or not enforcing",
+            why: "without it anyone who may edit a Session can approve its calls or act in another user's name, and promotion gates can be passed by anyone",
+            fix: "install `manifests/admission` unchanged: each ValidatingAdmissionPolicy with `failurePolicy: Fail` and its binding with `validationActions: [Deny]`",
+        },
+        admission_policies,
+    ),
+    (
+        Rule {
+            id: RuleId("install/namespace-not-restricted"),
+            severity: Severity::High,
+            title: "a namespace running Agents without Pod Security `restricted`",
+            why: "runner pods are built restricted, but any other pod a tenant starts next to them may run privileged or as root",
+            fix: "label the namespace `pod-security.kubernetes.io/enforce: restricted`",
+        },
+        namespaces_not_restricted,
+    ),
+    (
+        Rule {
+            id: RuleId("install/gateway-no-deny-destination"),
+            severity: Severity::Medium,
+            title: "a gateway that may call into the cluster's own networks",
+            why: "tools' URLs come from tenants; without `--deny-destination` for the pod and Service ranges an Agent's tool can reach internal services the gateway can reach",
+            fix: "add `--deny-destination=<CIDR>` for the pod and Service ranges to the gateway's arguments (unless Agents must call in-cluster services)",
+        },
+        gateway_deny_destination,
+    ),
+];
+
+fn placed(id: ObjectRef, doc: Document) -> Object<()> {
+    Object { id, doc, spec: () }
+}
+
+/// Where install-level findings without an object of their own are reported: the gateway or
+/// operator Deployment when the audit has one, the installation otherwise.
+fn installation_anchor(harness: &Harness) -> Object<()> {
+    harness
+        .others
+        .iter()
+        .find(|o| o.id.kind == "Deployment" && o.id.name.starts_with("contextos-"))
+        .map(|o| placed(o.id.clone(), o.doc.clone()))
+        .unwrap_or_else(|| {
+            placed(
+                ObjectRef {
+                    kind: "Installation".into(),
+                    namespace: None,
+                    name: "contextos".into(),
+                },
+                Document::unplaced(Value::Null),
+            )
+        })
+}
+
+fn admission_policies(harness: &Harness, sink: &mut Sink<'_>) {
+    if !harness.has_installation() {
+        return;
+    }
+    for (name, guarantees) in TRUST_ADMISSION_POLICIES {
+        let policy = harness
+            .others_of("ValidatingAdmissionPolicy")
+            .find(|o| o.id.name == name);
+        let binding = harness
+            .others_of("ValidatingAdmissionPolicyBinding")
+            .find(|o| o.id.name == name);
+        match (policy, binding) {
+            (None, _) => sink.report(
+                &installation_anchor(harness),
+                FieldPath::root(),
+                format!("ValidatingAdmissionPolicy {name} is not installed: nothing ensures {guarantees}"),
+            ),
+            (Some(policy), _) if policy.spec["spec"]["failurePolicy"].as_str() == Some("Ignore") => sink
+                .report(
+                    policy,
+                    FieldPath::of(&["spec", "failurePolicy"]),
+                    format!("{name} is skipped whenever it cannot be evaluated (failurePolicy: Ignore)"),
+                ),
+            (Some(_), None) => sink.report(
+                &installation_anchor(harness),
+                FieldPath::root(),
+                format!(
+                    "ValidatingAdmissionPolicyBinding {name} is not installed: the policy applies to nothing"
+                ),
+            ),
+            (Some(_), Some(binding)) => {
+                let actions: Vec<&str> = binding.spec["spec"]["validationActions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                if !actions.contains(&"Deny") {
+                    sink.report(
+                        binding,
+                        FieldPath::of(&["spec", "validationActions"]),
+                        format!(
+                            "binding {name} does not deny ({}): violations only warn or audit",
+                            actions.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn namespaces_not_restricted(harness: &Harness, sink: &mut Sink<'_>) {
+    let running: BTreeSet<&str> = harness
+        .agents
+        .iter()
+        .filter_map(|a| a.id.namespace.as_deref())
+        .chain(harness.sessions.iter().filter_map(|s| s.id.namespace.as_deref()))
+        .collect();
+    for namespace in harness.others_of("Namespace") {
+        if !running.contains(namespace.id.name.as_str()) {
+            continue;
+        }
+        let level = namespace
+            .labels()
+            .find(|(k, _)| *k == POD_SECURITY_ENFORCE)
+            .map(|(_, v)| v.to_owned());
+        if level.as_deref() != Some("restricted") {
+            sink.report(
+                namespace,
+                FieldPath::of(&["metadata", "labels"]).key(POD_SECURITY_ENFORCE),
+                format!(
+                    "namespace {} runs Agents and enforces {}",
+                    namespace.id.name,
+                    level.map_or_else(
+                        || "no Pod Security level".to_owned(),
+                        |l| format!("Pod Security {l:?}")
+                    )
+                ),
+            );
+        }
+    }
+}
+
+fn gateway_deny_destination(harness: &Harness, sink: &mut Sink<'_>) {
+    for gateway in harness
+        .others_of("Deployment")
+        .filter(|d| d.id.name == "contextos-gateway")
+    {
+        let containers = gateway.spec["spec"]["template"]["spec"]["containers"].as_array();
+        let guarded = containers.into_iter().flatten().any(|c| {
+            c["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .any(|a| a.starts_with("--deny-destination"))
+        });
+        if !guarded {
+            sink.report(
+                gateway,
+                FieldPath::of(&["spec", "template", "spec", "containers"]),
+                "the gateway's arguments have no --deny-destination",
+            );
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The audit's rules: each a documented [`Rule`] and a pure check over the [`Harness`]. The
+//! catalogue is the one list the audit runs, `contextos audit --rules` prints and the README's
+//! rule table is generated from.
+
+mod agent;
+mod install;
+mod policy;
+mod sandbox;
+mod schema;
+mod session;
+mod tool;
+
+use super::{
+    field::FieldPath,
+    finding::{Finding, Rule},
+    harness::{Harness, Object},
+};
+
+/// A rule's check: reports what it finds into the sink.
+pub type Check = fn(&Harness, &mut Sink<'_>);
+
+/// Every rule, grouped by the kind of object it looks at.
+pub fn catalogue() -> impl Iterator<Item = &'static (Rule, Check)> {
+    [
+        schema::RULES,
+        agent::RULES,
+        tool::RULES,
+        policy::RULES,
+        sandbox::RULES,
+        session::RULES,
+        install::RULES,
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// Runs every rule over `harness`.
+pub fn run(harness: &Harness) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for (rule, check) in catalogue() {
+        let mut sink = Sink {
+            rule,
+            findings: Vec::new(),
+        };
+        check(harness, &mut sink);
+        findings.append(&mut sink.findings);
+    }
+    findings
+}
+
+/// Where one rule's findings go.
+#[derive(Debug)]
+pub struct Sink<'r> {
+    rule: &'r Rule,
+    findings: Vec<Finding>,
+}
+
+impl Sink<'_> {
+    /// Reports `message` about `field` of `object`.
+    pub fn report<T>(&mut self, object: &Object<T>, field: FieldPath, message: impl Into<String>) {
+        let placed = !object.doc.file.as_os_str().is_empty();
+        self.findings.push(Finding {
+            rule: self.rule.id,
+            severity: self.rule.severity,
+            object: object.id.clone(),
+            line: object.doc.line_of(&field),
+            file: placed.then(|| object.doc.file.clone()),
+            field,
+            message: message.into(),
+        });
+    }
+}
+
+/// `spec.<keys…>`.
+pub(crate) fn spec(keys: &[&str]) -> FieldPath {
+    let mut path = FieldPath::of(&["spec"]);
+    for key in keys {
+        path = path.key(key);
+    }
+    path
+}
+
+/// Whether `url` talks plain HTTP to something other than this machine or the cluster's own
+/// Services (`*.svc`, `*.cluster.local`), i.e. across a network someone else may watch.
+pub(crate) fn plain_http_off_cluster(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    if parsed.scheme() != "http" {
+        return false;
+    }
+    let host = parsed.host_str().unwrap_or_default();
+    let local = host == "localhost"
+        || host.ends_with(".svc")
+        || host.ends_with(".svc.cluster.local")
+        || host.ends_with(".cluster.local")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    !local
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn rule_ids_are_unique_and_documented() {
+        let mut ids = BTreeSet::new();
+        for (rule, _) in catalogue() {
+            assert!(ids.insert(rule.id), "{} twice", rule.id);
+            assert!(
+                rule.id
+                    .0
+                    .split_once('/')
+                    .is_some_and(|(group, name)| !group.is_empty() && !name.is_empty()),
+                "{} is not <group>/<name>",
+                rule.id
+            );
+            for text in [rule.title, rule.why, rule.fix] {
+                assert!(!text.is_empty() && !text.ends_with(' '), "{}: {text:?}", rule.id);
+            }
+        }
+        assert!(ids.len() >= 30, "{} rules", ids.len());
+    }
+
+    #[test]
+    fn plain_http_is_judged_by_where_it_goes() {
+        assert!(plain_http_off_cluster("http://api.example.com/v1"));
+        assert!(plain_http_off_cluster("http://10.1.2.3:8080/x"));
+        assert!(!plain_http_off_cluster("https://api.example.com/v1"));
+        assert!(!plain_http_off_cluster("http://ops-tools.shop.svc:8080/x"));
+        assert!(!plain_http_off_cluster("http://ops.shop.svc.cluster.local/x"));
+        assert!(!plain_http_off_cluster("http://127.0.0.1:9/v1"));
+    }
+}

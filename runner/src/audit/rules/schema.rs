@@ -1,0 +1,176 @@
+//! Rules about objects that do not say what their authors meant: a spec that does not read as its
+//! kind, and fields the kind does not have (the API server drops them without a word, so a
+//! misspelt `when:` for `condition:` silently removes a policy's condition).
+
+use std::{collections::BTreeMap, sync::OnceLock};
+
+use serde_json::Value;
+
+use super::{Check, Sink};
+use crate::audit::{
+    field::FieldPath,
+    finding::{Rule, RuleId, Severity},
+    harness::{Harness, Object},
+};
+
+pub(super) const RULES: &[(Rule, Check)] = &[
+    (
+        Rule {
+            id: RuleId("schema/unreadable-spec"),
+            severity: Severity::High,
+            title: "a ContextOS object whose spec does not read as its kind",
+            why: "the API server refuses it, or the operator reports it Ready=False: nothing it declares takes effect",
+            fix: "correct the field the finding names (its type, or a required field that is missing)",
+        },
+        unreadable_spec,
+    ),
+    (
+        Rule {
+            id: RuleId("schema/unknown-field"),
+            severity: Severity::High,
+            title: "a field the object's kind does not have",
+            why: "the API server drops unknown fields without an error, so a misspelt setting (`when:` for `condition:`) silently stops governing anything",
+            fix: "spell the field as `kubectl explain <kind>.spec` shows it, or remove it",
+        },
+        unknown_fields,
+    ),
+    (
+        Rule {
+            id: RuleId("schema/duplicate-object"),
+            severity: Severity::Medium,
+            title: "two documents declaring the same object",
+            why: "applied together, the later one silently replaces the earlier; reviewers may read the one that loses",
+            fix: "keep one document per object (move candidates for replay out of the applied tree)",
+        },
+        duplicate_objects,
+    ),
+];
+
+fn duplicate_objects(harness: &Harness, sink: &mut Sink<'_>) {
+    let mut first: BTreeMap<&crate::audit::harness::ObjectRef, &crate::audit::source::Document> =
+        BTreeMap::new();
+    let mut all: Vec<_> = harness
+        .all_objects()
+        .filter(|(id, _)| !id.name.is_empty())
+        .collect();
+    // In the order the files were read, so "the later one" is the later file.
+    all.sort_by(|a, b| (&a.1.file, a.1.line).cmp(&(&b.1.file, b.1.line)));
+    for (id, doc) in all {
+        match first.get(id) {
+            None => {
+                first.insert(id, doc);
+            }
+            Some(earlier) => {
+                let object = Object {
+                    id: id.clone(),
+                    doc: doc.clone(),
+                    spec: (),
+                };
+                let place = match earlier.line_of(&FieldPath::root()) {
+                    Some(line) => format!("{}:{line}", earlier.file.display()),
+                    None => "the cluster".to_owned(),
+                };
+                sink.report(
+                    &object,
+                    FieldPath::root(),
+                    format!("{id} is also declared at {place}"),
+                );
+            }
+        }
+    }
+}
+
+fn unreadable_spec(harness: &Harness, sink: &mut Sink<'_>) {
+    for object in &harness.unreadable {
+        let placed = Object {
+            id: object.id.clone(),
+            doc: object.doc.clone(),
+            spec: (),
+        };
+        sink.report(&placed, object.field.clone(), object.problem.clone());
+    }
+}
+
+fn unknown_fields(harness: &Harness, sink: &mut Sink<'_>) {
+    let docs = harness
+        .agents
+        .iter()
+        .map(|o| (&o.id, &o.doc))
+        .chain(harness.policies.iter().map(|o| (&o.id, &o.doc)))
+        .chain(harness.context_packs.iter().map(|o| (&o.id, &o.doc)))
+        .chain(harness.sandbox_profiles.iter().map(|o| (&o.id, &o.doc)))
+        .chain(harness.sessions.iter().map(|o| (&o.id, &o.doc)));
+    for (id, doc) in docs {
+        let Some(schema) = schemas().get(&id.kind) else {
+            continue;
+        };
+        let mut unknown = Vec::new();
+        for (key, value) in doc.value.as_object().into_iter().flatten() {
+            // Type and metadata are Kubernetes' own; status is written by the operator.
+            if matches!(key.as_str(), "apiVersion" | "kind" | "metadata" | "status") {
+                continue;
+            }
+            match schema["properties"].get(key) {
+                Some(child) => walk(value, child, FieldPath::root().key(key), &mut unknown),
+                None => unknown.push(FieldPath::root().key(key)),
+            }
+        }
+        let object = Object {
+            id: id.clone(),
+            doc: doc.clone(),
+            spec: (),
+        };
+        for field in unknown {
+            let message = format!("{field} is not a field of {}; the API server drops it", id.kind);
+            sink.report(&object, field, message);
+        }
+    }
+}
+
+/// Collects the paths under `path` that `schema` does not describe.
+fn walk(value: &Value, schema: &Value, path: FieldPath, unknown: &mut Vec<FieldPath>) {
+    if schema["x-kubernetes-preserve-unknown-fields"] == Value::Bool(true) {
+        return;
+    }
+    match value {
+        Value::Object(map) => {
+            let properties = schema["properties"].as_object();
+            let additional = &schema["additionalProperties"];
+            for (key, child) in map {
+                match properties.and_then(|p| p.get(key)) {
+                    Some(child_schema) => walk(child, child_schema, path.key(key), unknown),
+                    None if additional.is_object() => walk(child, additional, path.key(key), unknown),
+                    None if additional == &Value::Bool(true) || properties.is_none() => {}
+                    None => unknown.push(path.key(key)),
+                }
+            }
+        }
+        Value::Array(items) if schema["items"].is_object() => {
+            for (i, item) in items.iter().enumerate() {
+                walk(item, &schema["items"], path.index(i), unknown);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Each ContextOS kind's published schema (`openAPIV3Schema`), as the CRDs carry it.
+fn schemas() -> &'static BTreeMap<String, Value> {
+    static SCHEMAS: OnceLock<BTreeMap<String, Value>> = OnceLock::new();
+    SCHEMAS.get_or_init(|| {
+        contextos_crds::all_crds()
+            .into_iter()
+            .filter_map(|crd| {
+                let schema = crd
+                    .spec
+                    .versions
+                    .first()?
+                    .schema
+                    .as_ref()?
+                    .open_api_v3_schema
+                    .as_ref()?;
+                Some((crd.spec.names.kind.clone(), serde_json::to_value(schema).ok()?))
+            })
+            .collect()
+    })
+}

@@ -1,0 +1,156 @@
+//! `contextos audit`: read manifests (files, directories, or a live cluster), run every audit
+//! rule, print the report; with `--fail-on` the exit code gates CI.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use contextos_crds::{Agent, ContextPack, Policy, SandboxProfile, Session};
+use contextos_runner::audit::{self, Harness, Severity, report::rules_markdown, source};
+use k8s_openapi::{
+    api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
+        apps::v1::Deployment,
+        core::v1::Namespace,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{Api, Resource, api::ListParams};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+/// Exit code when a finding at or above `--fail-on` was made.
+pub const EXIT_FINDINGS: u8 = 3;
+/// Namespace of the ContextOS installation (operator and gateway Deployments).
+const SYSTEM_NAMESPACE: &str = "contextos-system";
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+    Sarif,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Manifest files or directories (walked recursively: a GitOps repository, `kustomize build`
+    /// or `helm template` output). Default: the current directory, unless --cluster.
+    paths: Vec<PathBuf>,
+    /// More manifest files or directories.
+    #[arg(short = 'f', long = "filename")]
+    files: Vec<PathBuf>,
+    /// Audit the live cluster of the current kubeconfig instead of files.
+    #[arg(long, conflicts_with_all = ["paths", "files"])]
+    cluster: bool,
+    /// With --cluster: only this namespace's ContextOS objects (default: the kubeconfig's).
+    #[arg(short = 'n', long, requires = "cluster")]
+    namespace: Option<String>,
+    /// With --cluster: every namespace.
+    #[arg(short = 'A', long, requires = "cluster", conflicts_with = "namespace")]
+    all_namespaces: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Exit 3 when a finding of this severity or above is made (for CI).
+    #[arg(long, value_enum)]
+    fail_on: Option<Severity>,
+    /// Print the rule table (Markdown) instead of auditing.
+    #[arg(long)]
+    rules: bool,
+}
+
+pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    if args.rules {
+        print!("{}", rules_markdown());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let harness = if args.cluster {
+        read_cluster(args.namespace.as_deref(), args.all_namespaces).await?
+    } else {
+        let mut paths = args.paths.clone();
+        paths.extend(args.files.iter().cloned());
+        if paths.is_empty() {
+            paths.push(PathBuf::from("."));
+        }
+        Harness::from_documents(source::load(&paths)?, false)
+    };
+    let report = audit::audit(&harness);
+    match args.format {
+        Format::Text => print!("{}", report.text()),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report.json())?),
+        Format::Sarif => println!("{}", serde_json::to_string_pretty(&report.sarif())?),
+    }
+    Ok(match args.fail_on {
+        Some(threshold) if report.fails(threshold) => ExitCode::from(EXIT_FINDINGS),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// The ContextOS objects of the namespace (or all), the Namespaces they live in, the admission
+/// policies and bindings, the CRDs and the installation's Deployments.
+async fn read_cluster(namespace: Option<&str>, all: bool) -> anyhow::Result<Harness> {
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the cluster of the current kubeconfig (KUBECONFIG, ~/.kube/config)")?;
+    let namespace = namespace.unwrap_or(client.default_namespace()).to_owned();
+    let scope = (!all).then_some(namespace.as_str());
+    let mut values = Vec::new();
+    values.extend(list(scoped::<Agent>(&client, scope)).await?);
+    values.extend(list(scoped::<Policy>(&client, scope)).await?);
+    values.extend(list(scoped::<ContextPack>(&client, scope)).await?);
+    values.extend(list(scoped::<SandboxProfile>(&client, scope)).await?);
+    values.extend(list(scoped::<Session>(&client, scope)).await?);
+    values.extend(list(Api::<Namespace>::all(client.clone())).await?);
+    values.extend(list(Api::<ValidatingAdmissionPolicy>::all(client.clone())).await?);
+    values.extend(list(Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())).await?);
+    values.extend(
+        list(Api::<CustomResourceDefinition>::all(client.clone()))
+            .await?
+            .into_iter()
+            .filter(|crd| {
+                crd["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with(".contextos.dev"))
+            }),
+    );
+    values.extend(list(Api::<Deployment>::namespaced(client.clone(), SYSTEM_NAMESPACE)).await?);
+    let documents = values.into_iter().map(source::Document::unplaced).collect();
+    Ok(Harness::from_documents(documents, true))
+}
+
+/// The objects of a namespaced kind in `namespace`, or in every namespace.
+fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Every object `api` lists, as JSON without managedFields.
+async fn list<K>(api: Api<K>) -> anyhow::Result<Vec<Value>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let kind = K::kind(&());
+    let listed = api
+        .list(&ListParams::default())
+        .await
+        .with_context(|| format!("cannot list {kind} objects"))?;
+    listed
+        .items
+        .into_iter()
+        .map(|item| {
+            let mut value = serde_json::to_value(item)?;
+            if let Some(meta) = value["metadata"].as_object_mut() {
+                meta.remove("managedFields");
+            }
+            // Typed lists leave apiVersion/kind to the list; the audit sorts by them.
+            value["apiVersion"] = Value::String(K::api_version(&()).into_owned());
+            value["kind"] = Value::String(kind.clone().into_owned());
+            Ok(value)
+        })
+        .collect()
+}

@@ -1,6 +1,6 @@
 //! `contextos audit` against its fixture corpus (`tests/audit/`): a harness it finds nothing in
-//! (`good/`), and for every rule a fixture (`violations/<group>--<name>.yaml`) that changes that
-//! harness so the rule fires — each with the findings it must produce, and nothing else. Also:
+//! (`good/`), and for every rule a fixture (`violations/<group>--<name>.yaml`, variants
+//! `<group>--<name>.<variant>.yaml`) that changes that harness so the rule fires — each with the findings it must produce, and nothing else. Also:
 //! the quickstart has no high finding, the README's rule table is the catalogue's, and the three
 //! output formats carry every finding.
 //!
@@ -125,6 +125,22 @@ fn fixture_name(rule: &str) -> String {
     format!("{}.yaml", rule.replace('/', "--"))
 }
 
+/// A rule's fixtures: `<group>--<name>.yaml` and its variants `<group>--<name>.<variant>.yaml`.
+fn fixtures_of(rule: &str) -> Vec<PathBuf> {
+    let base = rule.replace('/', "--");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(corpus().join("violations"))
+        .expect("violations")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name == format!("{base}.yaml")
+                || (name.starts_with(&format!("{base}.")) && name.ends_with(".yaml"))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 #[test]
 fn the_good_harness_has_no_finding() {
     let documents = source::load(&[corpus().join("good")]).expect("good harness");
@@ -137,44 +153,52 @@ fn the_good_harness_has_no_finding() {
 fn every_rule_has_a_fixture_that_makes_exactly_its_findings() {
     let mut failures = Vec::new();
     let mut covered = BTreeSet::new();
-    for (rule, _) in rules::catalogue() {
-        let fixture = corpus().join("violations").join(fixture_name(rule.id.0));
-        if !fixture.is_file() {
-            failures.push(format!("{}: no fixture {}", rule.id, fixture.display()));
-            continue;
+    // The records rules judge runs, not manifests: their tests are in `rules/records.rs` (both
+    // ways) and `run_loop.rs` (over the quickstart's real records).
+    for (rule, _) in rules::catalogue().filter(|(r, _)| !r.id.0.starts_with("records/")) {
+        let fixtures = fixtures_of(rule.id.0);
+        if fixtures.is_empty() {
+            failures.push(format!("{}: no fixture {}", rule.id, fixture_name(rule.id.0)));
         }
-        let (harness, header) = harness_with(&fixture);
-        let report = audit::audit(&harness);
-        let mut found: Vec<(String, Option<usize>)> = report
-            .findings
-            .iter()
-            .map(|f| {
-                let here = f.file.as_deref() == Some(fixture.as_path());
-                (f.rule.0.to_owned(), if here { f.line } else { None })
-            })
-            .collect();
-        let mut expected = header.expected.clone();
-        found.sort();
-        expected.sort();
-        if !expected.iter().any(|(r, _)| r == rule.id.0) {
-            failures.push(format!(
-                "{}: its fixture expects no finding of its own rule",
-                rule.id
-            ));
-        }
-        if found != expected {
-            failures.push(format!(
-                "{}: expected {expected:?}, found {found:?}\n{}",
-                rule.id,
-                report.text()
-            ));
+        for fixture in fixtures {
+            let (harness, header) = harness_with(&fixture);
+            let report = audit::audit(&harness);
+            let mut found: Vec<(String, Option<usize>)> = report
+                .findings
+                .iter()
+                .map(|f| {
+                    let here = f.file.as_deref() == Some(fixture.as_path());
+                    (f.rule.0.to_owned(), if here { f.line } else { None })
+                })
+                .collect();
+            let mut expected = header.expected.clone();
+            found.sort();
+            expected.sort();
+            let name = fixture
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if !expected.iter().any(|(r, _)| r == rule.id.0) {
+                failures.push(format!("{name}: expects no finding of its own rule {}", rule.id));
+            }
+            if found != expected {
+                failures.push(format!(
+                    "{name}: expected {expected:?}, found {found:?}\n{}",
+                    report.text()
+                ));
+            }
         }
         covered.insert(rule.id.0);
     }
     // A fixture for a rule that does not exist (a renamed id) is a mistake too.
     for entry in std::fs::read_dir(corpus().join("violations")).expect("violations") {
         let name = entry.expect("entry").file_name().to_string_lossy().into_owned();
-        let rule = name.trim_end_matches(".yaml").replace("--", "/");
+        let base = name.trim_end_matches(".yaml");
+        let rule = base
+            .split_once('.')
+            .map_or(base, |(rule, _variant)| rule)
+            .replace("--", "/");
         if !covered.contains(rule.as_str()) {
             failures.push(format!("{name}: no rule {rule}"));
         }
@@ -230,7 +254,13 @@ fn every_format_carries_every_finding() {
     assert!(
         result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
             .as_str()
-            .is_some_and(|uri| uri.ends_with("policy--default-allow.yaml"))
+            .is_some_and(|uri| uri.ends_with("policy--default-allow.yaml")),
+        "{result}"
+    );
+    assert!(
+        result["locations"][0]["physicalLocation"]["region"]["startLine"]
+            .as_u64()
+            .is_some_and(|l| l > 0)
     );
     let described: BTreeSet<&str> = run["tool"]["driver"]["rules"]
         .as_array()
@@ -245,4 +275,41 @@ fn every_format_carries_every_finding() {
         "{text}"
     );
     assert!(report.fails(Severity::High) && !report.fails(Severity::Critical));
+}
+
+/// The CLI: exit 3 on a finding at or above `--fail-on`, 0 below it, and an error (not "no
+/// findings") when the paths hold nothing to audit.
+#[test]
+fn the_cli_gates_ci_and_refuses_to_audit_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let audit = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_contextos"))
+            .arg("audit")
+            .args(args)
+            .output()
+            .expect("run contextos");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let path = dir.path().display().to_string();
+    let (code, _, stderr) = audit(&[&path]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("nothing to audit"), "{stderr}");
+
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        "apiVersion: contextos.dev/v1alpha1\nkind: Policy\nmetadata: {name: open}\nspec:\n  defaultEffect: allow\n  budget: {maxCalls: 10}\n  promotion: {replay: {sampleSize: 20}}\n",
+    )
+    .expect("write");
+    let (code, stdout, stderr) = audit(&[&path, "--fail-on", "high"]);
+    assert_eq!(code, Some(3), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("policy/default-allow") && stdout.contains("policy.yaml:5"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = audit(&[&path, "--fail-on", "critical"]);
+    assert_eq!(code, Some(0), "{stderr}");
 }

@@ -324,3 +324,79 @@ fn a_tool_that_cannot_dedupe_is_never_sent_twice_and_a_human_resolves_whether_it
         timeline.stdout
     );
 }
+
+/// `contextos audit --records` over the quickstart's own records: the denial of the namespace
+/// deletion was decided by its deny rule (so that rule is not reported unused), the tool the
+/// script never calls and the rule no call reached are reported, citing the run.
+#[test]
+fn the_audit_of_the_quickstarts_records_finds_what_the_run_did() {
+    let q = Quickstart::new(&[]);
+    q.drive(None);
+    let files: Vec<String> = [
+        "agent.yaml",
+        "policy.yaml",
+        "contextpack.yaml",
+        "sandboxprofile.yaml",
+        "session.yaml",
+    ]
+    .iter()
+    .map(|f| Quickstart::examples().join(f).display().to_string())
+    .collect();
+    let mut args = vec!["audit", "--records", "--format", "json"];
+    args.extend(files.iter().map(String::as_str));
+    let out = q.cli(&args);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("a JSON report");
+    let findings: Vec<(String, String)> = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| {
+            (
+                f["rule"].as_str().unwrap_or_default().to_owned(),
+                f["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let has = |rule: &str, text: &str| findings.iter().any(|(r, m)| r == rule && m.contains(text));
+    assert!(
+        has(
+            "records/tool-never-used",
+            "error_budget was called in none of 1 runs"
+        ),
+        "{findings:#?}"
+    );
+    assert!(
+        has("records/rule-never-matched", "rule sev1-updates-need-a-human"),
+        "{findings:#?}"
+    );
+    for used in [
+        "search_runbooks",
+        "get_service_status",
+        "delete_namespace",
+        "restart_deployment",
+        "post_status_update",
+    ] {
+        assert!(
+            !has("records/tool-never-used", &format!("{used} was")),
+            "{used} was called: {findings:#?}"
+        );
+    }
+    for decided in [
+        "no-namespace-deletion",
+        "allow-reads",
+        "allow-status-updates",
+        "destructive-needs-oncall",
+    ] {
+        assert!(
+            !has("records/rule-never-matched", &format!("rule {decided} ")),
+            "{decided} decided a call: {findings:#?}"
+        );
+    }
+    assert!(
+        !findings
+            .iter()
+            .any(|(r, _)| r == "records/default-effect-decided"),
+        "{findings:#?}"
+    );
+}

@@ -9,7 +9,7 @@ use contextos_crds::{AgentSpec, ContextPackSpec, PolicySpec, SandboxProfileSpec,
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use super::{field::FieldPath, source::Document};
+use super::{evidence::Evidence, field::FieldPath, source::Document};
 
 /// The ContextOS API group/version the audit reads.
 pub const API_VERSION: &str = "contextos.dev/v1alpha1";
@@ -49,10 +49,14 @@ impl<T> Object<T> {
         meta_map(&self.doc.value, "annotations")
     }
 
-    /// Whether `other` lives in the same namespace (objects read from files without a namespace
-    /// are taken to share the one they will be applied to).
+    /// Whether `other` lives in the same namespace. An object read from a file without a
+    /// namespace goes wherever it is applied (`kubectl apply -n`, kustomize's `namespace:`), so it
+    /// is taken to share any namespace.
     pub fn same_namespace<U>(&self, other: &Object<U>) -> bool {
-        self.id.namespace == other.id.namespace
+        match (&self.id.namespace, &other.id.namespace) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
     }
 }
 
@@ -86,6 +90,8 @@ pub struct Harness {
     pub unreadable: Vec<Unreadable>,
     /// Read from a live cluster (so objects missing from it are missing, not just elsewhere).
     pub from_cluster: bool,
+    /// What the records of the audited window show (`--records`), for the records rules.
+    pub evidence: Option<Evidence>,
 }
 
 impl Harness {
@@ -101,6 +107,12 @@ impl Harness {
         harness
     }
 
+    /// The harness with what the records show.
+    pub fn with_evidence(mut self, evidence: Evidence) -> Self {
+        self.evidence = Some(evidence);
+        self
+    }
+
     fn add(&mut self, doc: Document) {
         let value = &doc.value;
         let kind = value["kind"].as_str().unwrap_or_default().to_owned();
@@ -109,7 +121,35 @@ impl Harness {
             namespace: value["metadata"]["namespace"].as_str().map(str::to_owned),
             name: value["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
         };
-        if value["apiVersion"].as_str() != Some(API_VERSION) {
+        let api_version = value["apiVersion"].as_str().unwrap_or_default();
+        let ours = matches!(
+            kind.as_str(),
+            "Agent" | "Policy" | "ContextPack" | "SandboxProfile" | "Session"
+        );
+        if api_version.starts_with("contextos.dev/") && (api_version != API_VERSION || !ours) {
+            // A typo in the group's version or kind would otherwise pass as "not ours".
+            let (field, problem) = if api_version == API_VERSION {
+                (
+                    "kind",
+                    format!(
+                        "{kind:?} is not a ContextOS kind (Agent, Policy, ContextPack, SandboxProfile, Session)"
+                    ),
+                )
+            } else {
+                (
+                    "apiVersion",
+                    format!("{api_version} is not served; this release serves {API_VERSION}"),
+                )
+            };
+            self.unreadable.push(Unreadable {
+                id,
+                doc,
+                field: FieldPath::of(&[field]),
+                problem,
+            });
+            return;
+        }
+        if api_version != API_VERSION {
             self.others.push(Object {
                 id,
                 spec: doc.value.clone(),
@@ -122,12 +162,8 @@ impl Harness {
             "Policy" => typed(id, doc, &mut self.policies, &mut self.unreadable),
             "ContextPack" => typed(id, doc, &mut self.context_packs, &mut self.unreadable),
             "SandboxProfile" => typed(id, doc, &mut self.sandbox_profiles, &mut self.unreadable),
-            "Session" => typed(id, doc, &mut self.sessions, &mut self.unreadable),
-            _ => self.others.push(Object {
-                id,
-                spec: doc.value.clone(),
-                doc,
-            }),
+            // Session, the only kind left (`ours` above).
+            _ => typed(id, doc, &mut self.sessions, &mut self.unreadable),
         }
     }
 
@@ -188,6 +224,16 @@ impl Harness {
         )
     }
 
+    /// Whether any ContextOS object was read (readable or not).
+    pub fn has_contextos_objects(&self) -> bool {
+        !(self.agents.is_empty()
+            && self.policies.is_empty()
+            && self.context_packs.is_empty()
+            && self.sandbox_profiles.is_empty()
+            && self.sessions.is_empty()
+            && self.unreadable.is_empty())
+    }
+
     /// Whether the harness holds the ContextOS installation itself (its CRDs or Deployments), so
     /// that install-level rules apply.
     pub fn has_installation(&self) -> bool {
@@ -230,4 +276,48 @@ fn field_of(path: &serde_path_to_error::Path) -> FieldPath {
             Segment::Enum { variant } => field.key(variant),
             Segment::Unknown => field,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::audit::source;
+
+    fn harness(text: &str) -> Harness {
+        Harness::from_documents(source::parse(Path::new("h.yaml"), text).expect("parsed"), false)
+    }
+
+    #[test]
+    fn an_object_without_a_namespace_resolves_in_any_namespace() {
+        let h = harness(
+            "apiVersion: contextos.dev/v1alpha1\nkind: Agent\nmetadata: {name: a}\nspec: {}\n---\n\
+             apiVersion: contextos.dev/v1alpha1\nkind: Policy\nmetadata: {name: p, namespace: shop}\nspec: {}\n---\n\
+             apiVersion: contextos.dev/v1alpha1\nkind: Policy\nmetadata: {name: q, namespace: other}\nspec: {}\n",
+        );
+        let (p, q) = (&h.policies[0], &h.policies[1]);
+        assert!(!p.same_namespace(q) && h.find(&h.policies, p, "p").is_some());
+        assert!(
+            h.find(&h.policies, q, "p").is_none(),
+            "namespaced objects stay apart"
+        );
+    }
+
+    #[test]
+    fn a_contextos_object_of_an_unknown_version_or_kind_is_reported_not_ignored() {
+        let h = harness(
+            "apiVersion: contextos.dev/v1beta1\nkind: Policy\nmetadata: {name: p}\nspec: {}\n---\n\
+             apiVersion: contextos.dev/v1alpha1\nkind: Polcy\nmetadata: {name: q}\nspec: {}\n",
+        );
+        let problems: Vec<(&str, &str)> = h
+            .unreadable
+            .iter()
+            .map(|u| (u.field.as_str(), u.problem.as_str()))
+            .collect();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].0 == "apiVersion" && problems[0].1.contains("not served"));
+        assert!(problems[1].0 == "kind" && problems[1].1.contains("not a ContextOS kind"));
+        assert!(h.others.is_empty());
+    }
 }

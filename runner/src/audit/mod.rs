@@ -1,8 +1,10 @@
-//! `contextos audit`: an agent harness audited against its own manifests. Objects are read from
-//! files (with the line of every field) or a live cluster into a [`Harness`]; every rule of the
+//! `contextos audit`: an agent harness audited against its own manifests and, with `--records`,
+//! against what its records show the agents did. Objects are read from files (with the line of
+//! every field) or a live cluster into a [`Harness`]; every rule of the
 //! [`rules::catalogue`] checks it (pure: no IO); the [`Report`] orders the findings, scores each
 //! Agent and renders them for people (text), machines (JSON) and code-scanning UIs (SARIF).
 
+pub mod evidence;
 pub mod field;
 pub mod finding;
 pub mod harness;

@@ -134,7 +134,7 @@ impl Report {
                     "properties": {"severity": finding.severity.as_str(), "object": finding.object, "field": finding.field},
                 });
                 if let Some(file) = &finding.file {
-                    let mut location = json!({"artifactLocation": {"uri": file.to_string_lossy().replace('\\', "/")}});
+                    let mut location = json!({"artifactLocation": artifact_location(file)});
                     if let Some(line) = finding.line {
                         location["region"] = json!({"startLine": line});
                     }
@@ -156,6 +156,36 @@ impl Report {
             }],
         })
     }
+}
+
+/// A SARIF artifact location: a percent-encoded URI, relative to the source root (the current
+/// directory) when the file is under it, a `file://` URI otherwise.
+fn artifact_location(file: &std::path::Path) -> Value {
+    let cwd = std::env::current_dir().ok();
+    let relative = if file.is_relative() {
+        Some(file.to_path_buf())
+    } else {
+        cwd.as_deref()
+            .and_then(|cwd| file.strip_prefix(cwd).ok())
+            .map(std::path::Path::to_path_buf)
+    };
+    match relative {
+        Some(path) => json!({"uri": percent_encode(&path.to_string_lossy()), "uriBaseId": "%SRCROOT%"}),
+        None => json!({"uri": format!("file://{}", percent_encode(&file.to_string_lossy()))}),
+    }
+}
+
+/// Every byte but RFC 3986's unreserved characters and `/` as `%XX`.
+fn percent_encode(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for byte in path.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
 }
 
 fn sarif_level(severity: Severity) -> &'static str {
@@ -205,4 +235,19 @@ pub fn rules_markdown() -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sarif_locations_are_uris() {
+        assert_eq!(percent_encode("sp ace/pol#1.yaml"), "sp%20ace/pol%231.yaml");
+        let relative = artifact_location(std::path::Path::new("deploy/a b.yaml"));
+        assert_eq!(relative["uri"], "deploy/a%20b.yaml");
+        assert_eq!(relative["uriBaseId"], "%SRCROOT%");
+        let elsewhere = artifact_location(std::path::Path::new("/nonexistent-root/x.yaml"));
+        assert_eq!(elsewhere["uri"], "file:///nonexistent-root/x.yaml");
+    }
 }

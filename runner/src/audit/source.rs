@@ -2,9 +2,13 @@
 //! given — directories walked recursively, as a GitOps repository or `kustomize build` output is
 //! laid out — each with the line of every field, so a finding says where to look.
 //!
-//! Values come from serde_yaml (as everywhere else in ContextOS); lines come from a second pass
-//! over the same text with an event parser that keeps positions. Every input is bounded while it
-//! is read: a file above [`MAX_FILE_BYTES`] or a walk above [`MAX_FILES`] is refused, not read.
+//! Values come from serde_yaml (as everywhere else in ContextOS, with YAML merge keys resolved as
+//! kubectl resolves them); lines come from a second pass over the same text with an event parser
+//! that keeps positions. Every input is bounded while it is read: a file above
+//! [`MAX_FILE_BYTES`], a walk above [`MAX_FILES`] files or [`MAX_TOTAL_BYTES`], or nesting deeper
+//! than [`MAX_DEPTH`] is refused. A walk reads regular files only and does not follow links to
+//! directories (a link loop or a link to `/` cannot run it away); paths named explicitly are
+//! followed.
 
 use std::{
     collections::BTreeMap,
@@ -21,6 +25,11 @@ use super::field::FieldPath;
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// Most files one walk reads.
 pub const MAX_FILES: usize = 10_000;
+/// Most bytes one audit reads, all files together.
+pub const MAX_TOTAL_BYTES: u64 = 256 * 1024 * 1024;
+/// Deepest nesting of collections in a document (manifests stay far below; parsing time grows
+/// with depth squared).
+pub const MAX_DEPTH: usize = 256;
 
 /// A manifest file could not be read.
 #[derive(Debug, Error)]
@@ -35,6 +44,12 @@ pub enum SourceError {
     TooLarge { path: PathBuf, size: u64 },
     #[error("more than {MAX_FILES} manifest files under the paths given; audit a narrower directory")]
     TooManyFiles,
+    #[error(
+        "the manifests under the paths given hold more than {MAX_TOTAL_BYTES} bytes; audit a narrower directory"
+    )]
+    TooManyBytes,
+    #[error("{}: collections nested more than {MAX_DEPTH} deep; this is not a manifest", path.display())]
+    TooDeep { path: PathBuf },
     #[error("{}: not valid YAML: {problem}", path.display())]
     Yaml { path: PathBuf, problem: String },
 }
@@ -70,6 +85,7 @@ impl Document {
         std::iter::successors(Some(field.clone()), FieldPath::parent)
             .find_map(|path| self.lines.get(&path).copied())
             .or(Some(self.line))
+            .filter(|line| *line > 0)
     }
 }
 
@@ -82,8 +98,14 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Document>, SourceError> {
         collect(path, true, &mut files)?;
     }
     let mut documents = Vec::new();
+    let mut total = 0u64;
     for file in files {
-        documents.extend(read(&file)?);
+        let (read, bytes) = read_counted(&file)?;
+        total += bytes;
+        if total > MAX_TOTAL_BYTES {
+            return Err(SourceError::TooManyBytes);
+        }
+        documents.extend(read);
     }
     Ok(documents)
 }
@@ -93,7 +115,17 @@ fn collect(path: &Path, named: bool, files: &mut Vec<PathBuf>) -> Result<(), Sou
         path: path.to_owned(),
         source,
     };
-    let metadata = std::fs::metadata(path).map_err(io)?;
+    // Named paths are followed; inside a walk, links are not (loops, `/`), and only regular
+    // files are read (a FIFO or a device would block or never end).
+    let metadata = if named {
+        std::fs::metadata(path)
+    } else {
+        std::fs::symlink_metadata(path)
+    }
+    .map_err(io)?;
+    if !named && !metadata.is_dir() && !metadata.is_file() {
+        return Ok(());
+    }
     if metadata.is_dir() {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(io)?
@@ -113,6 +145,12 @@ fn collect(path: &Path, named: bool, files: &mut Vec<PathBuf>) -> Result<(), Sou
         }
         return Ok(());
     }
+    if !metadata.is_file() {
+        return Err(SourceError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other("not a regular file"),
+        });
+    }
     if named || is_manifest(path) {
         if files.len() >= MAX_FILES {
             return Err(SourceError::TooManyFiles);
@@ -130,19 +168,55 @@ fn is_manifest(path: &Path) -> bool {
 
 /// The documents of one file.
 pub fn read(path: &Path) -> Result<Vec<Document>, SourceError> {
+    read_counted(path).map(|(documents, _)| documents)
+}
+
+/// The documents of one file and its size, read through a bound (the size a file claims is not
+/// trusted: `/dev/zero` claims none).
+fn read_counted(path: &Path) -> Result<(Vec<Document>, u64), SourceError> {
+    use std::io::Read as _;
     let io = |source| SourceError::Io {
         path: path.to_owned(),
         source,
     };
-    let size = std::fs::metadata(path).map_err(io)?.len();
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    let size = bytes.len() as u64;
     if size > MAX_FILE_BYTES {
         return Err(SourceError::TooLarge {
             path: path.to_owned(),
             size,
         });
     }
-    let text = std::fs::read_to_string(path).map_err(io)?;
-    parse(path, &text)
+    let text = String::from_utf8(bytes).map_err(|_| SourceError::Yaml {
+        path: path.to_owned(),
+        problem: "not UTF-8 text".to_owned(),
+    })?;
+    Ok((parse(path, &text)?, size))
+}
+
+/// The deepest nesting of flow and block collections, roughly (brackets and indentation), to
+/// refuse pathological input before parsing it.
+fn too_deep(text: &str) -> bool {
+    let mut depth = 0usize;
+    for c in text.chars() {
+        match c {
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return true;
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    text.lines()
+        .any(|line| line.len() - line.trim_start_matches([' ', '-']).len() > MAX_DEPTH * 2)
 }
 
 /// The documents of `text`, read from `path`.
@@ -151,13 +225,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, SourceError> {
         path: path.to_owned(),
         problem,
     };
+    if too_deep(text) {
+        return Err(SourceError::TooDeep {
+            path: path.to_owned(),
+        });
+    }
     let mut values = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
-        let value: Value =
+        let mut value: serde_yaml::Value =
             serde::Deserialize::deserialize(document).map_err(|e| yaml_error(e.to_string()))?;
-        values.push(value);
+        // `<<: *base` merges as kubectl (go-yaml) merges it.
+        value.apply_merge().map_err(|e| yaml_error(e.to_string()))?;
+        values.push(to_json(value));
     }
-    let placed = line_index(text).map_err(yaml_error)?;
+    let mut placed = line_index(text).map_err(yaml_error)?;
+    if placed.len() != values.len() {
+        // The two readers disagree on where documents are: no lines rather than wrong ones.
+        placed.clear();
+    }
     Ok(values
         .into_iter()
         .enumerate()
@@ -172,6 +257,33 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, SourceError> {
             }
         })
         .collect())
+}
+
+/// A YAML value as JSON; keys that are not strings (numbers, booleans) become their text.
+fn to_json(value: serde_yaml::Value) -> Value {
+    use serde_yaml::Value as Yaml;
+    match value {
+        Yaml::Null => Value::Null,
+        Yaml::Bool(b) => Value::Bool(b),
+        Yaml::Number(n) => serde_json::to_value(n).unwrap_or(Value::Null),
+        Yaml::String(s) => Value::String(s),
+        Yaml::Sequence(items) => Value::Array(items.into_iter().map(to_json).collect()),
+        Yaml::Mapping(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Yaml::String(s) => s,
+                        other => serde_yaml::to_string(&other)
+                            .unwrap_or_default()
+                            .trim_end()
+                            .to_owned(),
+                    };
+                    (key, to_json(v))
+                })
+                .collect(),
+        ),
+        Yaml::Tagged(tagged) => to_json(tagged.value),
+    }
 }
 
 /// A document's first line and the line of each of its fields.
@@ -319,6 +431,47 @@ spec:
             error.to_string().starts_with("broken.yaml: not valid YAML"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn merge_keys_are_resolved_as_kubectl_resolves_them() {
+        let text = "base: &base {defaultEffect: allow}\nspec:\n  <<: *base\n  mode: enforce\n";
+        let documents = parse(Path::new("m.yaml"), text).expect("parsed");
+        assert_eq!(documents[0].value["spec"]["defaultEffect"], "allow");
+        assert!(documents[0].value["spec"].get("<<").is_none());
+    }
+
+    #[test]
+    fn pathological_input_is_refused_before_parsing() {
+        let deep = format!("a: {}{}\n", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(matches!(
+            parse(Path::new("deep.yaml"), &deep),
+            Err(SourceError::TooDeep { .. })
+        ));
+        let dir = tempfile::tempdir().expect("dir");
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, vec![b'#'; (MAX_FILE_BYTES + 1) as usize]).expect("write");
+        assert!(matches!(read(&big), Err(SourceError::TooLarge { .. })));
+        // A device that never ends is cut at the bound, not read to the end.
+        assert!(matches!(
+            read(Path::new("/dev/zero")),
+            Err(SourceError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_walk_reads_regular_files_only_and_does_not_follow_directory_links() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("a.yaml"), "{\"kind\": \"A\"}\n").expect("write");
+        nix::unistd::mkfifo(&dir.path().join("pipe.yaml"), nix::sys::stat::Mode::S_IRWXU).expect("fifo");
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("loop")).expect("link");
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join("dangling.yaml")).expect("link");
+        let kinds: Vec<String> = load(&[dir.path().to_owned()])
+            .expect("loaded")
+            .into_iter()
+            .map(|d| d.value["kind"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(kinds, ["A"]);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use contextos_crds::{Agent, ContextPack, Policy, SandboxProfile, Session};
-use contextos_runner::audit::{self, Harness, Severity, report::rules_markdown, source};
+use contextos_runner::audit::{self, Harness, Severity, evidence, report::rules_markdown, source};
 use k8s_openapi::{
     api::{
         admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
@@ -18,6 +18,8 @@ use k8s_openapi::{
 use kube::{Api, Resource, api::ListParams};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
+
+use super::GlobalArgs;
 
 /// Exit code when a finding at or above `--fail-on` was made.
 pub const EXIT_FINDINGS: u8 = 3;
@@ -54,12 +56,34 @@ pub struct AuditArgs {
     /// Exit 3 when a finding of this severity or above is made (for CI).
     #[arg(long, value_enum)]
     fail_on: Option<Severity>,
+    /// Also audit what the records show the agents did (the data dir's store, or --store; the
+    /// runs of --tenant, which the records rules judge that namespace's objects by).
+    #[arg(long)]
+    records: bool,
+    /// With --records: the window, back from now (`30m`, `24h`, `7d`).
+    #[arg(long, default_value = "7d", requires = "records", value_parser = parse_window)]
+    since: std::time::Duration,
     /// Print the rule table (Markdown) instead of auditing.
     #[arg(long)]
     rules: bool,
 }
 
-pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
+/// `30m`, `24h`, `7d` as a duration.
+fn parse_window(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let count: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a window like 30m, 24h or 7d"))?;
+    let seconds = match unit {
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is m, h or d (30m, 24h, 7d)")),
+    };
+    Ok(std::time::Duration::from_secs(count.saturating_mul(seconds)))
+}
+
+pub async fn run(global: &GlobalArgs, args: AuditArgs) -> anyhow::Result<ExitCode> {
     if args.rules {
         print!("{}", rules_markdown());
         return Ok(ExitCode::SUCCESS);
@@ -72,7 +96,29 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
         if paths.is_empty() {
             paths.push(PathBuf::from("."));
         }
-        Harness::from_documents(source::load(&paths)?, false)
+        let harness = Harness::from_documents(source::load(&paths)?, false);
+        if !harness.has_contextos_objects() && !harness.has_installation() {
+            // A CI job pointed at the wrong directory must not pass as "no findings".
+            let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            anyhow::bail!(
+                "no ContextOS object ({}) and no ContextOS installation in {}: nothing to audit",
+                audit::harness::API_VERSION,
+                shown.join(", ")
+            );
+        }
+        harness
+    };
+    let harness = if args.records {
+        let tenant = global.tenant()?;
+        let store = global.open_records(&tenant).await?;
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let since_ms = now_ms.saturating_sub(i64::try_from(args.since.as_millis()).unwrap_or(i64::MAX));
+        let evidence = evidence::gather(&store, &tenant, since_ms)
+            .await
+            .with_context(|| format!("reading the records of tenant {tenant}"))?;
+        harness.with_evidence(evidence)
+    } else {
+        harness
     };
     let report = audit::audit(&harness);
     match args.format {

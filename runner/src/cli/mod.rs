@@ -90,7 +90,7 @@ impl Cli {
             Command::Records(command) => records::run(&self.global, command).await,
             Command::Gateway(args) => gateway::run(&self.global, args).await,
             Command::Capability(command) => capability::run(command).await,
-            Command::Audit(args) => audit::run(args).await,
+            Command::Audit(args) => audit::run(&self.global, args).await,
         }
     }
 }

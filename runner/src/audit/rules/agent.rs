@@ -3,11 +3,11 @@
 //! budgets and the model's credentials.
 
 use contextos_crds::{
-    AgentSpec,
-    common::{Approvers, ToolRisk},
+    PolicySpec,
+    agent::Tool,
+    common::{SafetyMode, ToolRisk},
     policy::{PolicyEffect, PolicyMode},
 };
-use serde_json::json;
 
 use super::{Check, Sink, plain_http_off_cluster, spec};
 use crate::{
@@ -16,7 +16,7 @@ use crate::{
         harness::{Harness, Object},
     },
     gateway::adapters::unavailable_adapter,
-    policy::{CallFacts, PolicySet, RunFacts, StateFacts, compile_policy},
+    policy::{CompiledPolicy, compile_policy},
     run::validate,
 };
 
@@ -31,9 +31,9 @@ pub(super) const RULES: &[(Rule, Check)] = &[
         Rule {
             id: RuleId("agent/destructive-without-approval"),
             severity: Severity::Critical,
-            title: "a destructive or delegated tool the Agent's policies allow without approval",
+            title: "a destructive or delegated tool the Agent's policies may allow without approval",
             why: "the model alone decides to take an action that cannot be undone (or hands authority to another agent); nobody is asked",
-            fix: "add a rule with `effect: require_approval` (or deny) matching the tool's risk, before any rule that allows it",
+            fix: "add a rule with `effect: require_approval` (or deny) matching the tool's risk, without a condition, before any rule that allows it; or run the Agent `supervised`",
         },
         destructive_without_approval,
     ),
@@ -119,56 +119,76 @@ pub(super) const RULES: &[(Rule, Check)] = &[
     ),
 ];
 
-/// The Agent's policies compiled, or `None` when one is missing or does not compile (other
-/// rules report those).
-fn policy_set(harness: &Harness, agent: &Object<AgentSpec>) -> Option<PolicySet> {
-    let found = harness.policies_of(agent);
-    if found.len() != agent.spec.policy_refs.len() {
+/// A rule (or default) of one Policy that may let a call of `tool` through: the first matching
+/// rule that allows it, reached before any unconditional deny or approval. A conditional deny or
+/// approval may not apply, so the search goes past it; a conditional allow may apply, so it
+/// counts (named with its condition).
+fn may_allow(policy: &Object<PolicySpec>, compiled: &CompiledPolicy, tool: &Tool) -> Option<String> {
+    let destructive_forbidden = tool.risk == ToolRisk::Destructive
+        && policy.spec.budget.as_ref().and_then(|b| b.max_destructive_calls) == Some(0);
+    if destructive_forbidden {
         return None;
     }
-    let policies = found
-        .iter()
-        .map(|p| compile_policy(&p.id.name, &p.spec).ok())
-        .collect::<Option<Vec<_>>>()?;
-    Some(PolicySet { policies })
+    for (rule, compiled_rule) in policy.spec.rules.iter().zip(&compiled.rules) {
+        if !compiled_rule.matches(&tool.name, tool.risk, tool.kind) {
+            continue;
+        }
+        let condition = rule.condition.as_deref().map(str::trim).filter(|c| *c != "true");
+        match (rule.effect, condition) {
+            (PolicyEffect::Allow, None) => return Some(format!("{}/{}", policy.id.name, rule.name)),
+            (PolicyEffect::Allow, Some(condition)) => {
+                return Some(format!("{}/{} when `{condition}`", policy.id.name, rule.name));
+            }
+            (_, None) => return None,
+            (_, Some(_)) => {}
+        }
+    }
+    (policy.spec.default_effect == PolicyEffect::Allow).then(|| format!("{}/default", policy.id.name))
 }
 
 fn destructive_without_approval(harness: &Harness, sink: &mut Sink<'_>) {
     for agent in &harness.agents {
-        let Some(set) = policy_set(harness, agent) else {
+        // A supervised run asks for approval above local_write, a read_only run denies it,
+        // whatever the policies say.
+        if agent.spec.safety_mode != SafetyMode::Autonomous {
+            continue;
+        }
+        let policies = harness.policies_of(agent);
+        if policies.len() != agent.spec.policy_refs.len() {
+            continue;
+        }
+        let Some(compiled) = policies
+            .iter()
+            .map(|p| compile_policy(&p.id.name, &p.spec).ok())
+            .collect::<Option<Vec<_>>>()
+        else {
             continue;
         };
-        let safety = agent.spec.safety_mode;
-        let run = RunFacts {
-            tenant: agent.id.namespace.clone().unwrap_or_default(),
-            agent: agent.id.name.clone(),
-            safety_mode: serde_json::to_value(safety)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            ..RunFacts::default()
-        };
-        let args = json!({});
+        let enforced: Vec<_> = policies
+            .iter()
+            .zip(&compiled)
+            .filter(|(p, _)| p.spec.mode == PolicyMode::Enforce)
+            .collect();
         for (i, tool) in agent.spec.tools.iter().enumerate() {
             if tool.risk < ToolRisk::Delegated {
                 continue;
             }
-            let call = CallFacts {
-                tool: &tool.name,
-                risk: tool.risk,
-                kind: tool.kind,
-                args: &args,
+            // The strictest enforced verdict applies: the call goes ahead only if every enforcing
+            // Policy may allow it (with none enforcing, every call does).
+            let witnesses: Option<Vec<String>> = if enforced.is_empty() {
+                Some(vec!["no enforcing Policy (all are dryRun)".to_owned()])
+            } else {
+                enforced.iter().map(|(p, c)| may_allow(p, c, tool)).collect()
             };
-            let decision = set.decide(&call, &run, &StateFacts::default(), safety, &Approvers::default());
-            if decision.effect == PolicyEffect::Allow {
+            if let Some(witnesses) = witnesses {
                 sink.report(
                     agent,
                     spec(&["tools"]).index(i),
                     format!(
-                        "{} ({}) is allowed without approval by {} (first call of a run, arguments {{}})",
+                        "{} ({}) can run without approval: {}",
                         tool.name,
                         tool.risk.as_str(),
-                        decision.rule
+                        witnesses.join("; ")
                     ),
                 );
             }

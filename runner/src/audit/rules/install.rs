@@ -96,12 +96,15 @@ fn admission_policies(harness: &Harness, sink: &mut Sink<'_>) {
         return;
     }
     for (name, guarantees) in TRUST_ADMISSION_POLICIES {
+        // Matched by name, also behind a kustomize `namePrefix`/`nameSuffix`.
         let policy = harness
             .others_of("ValidatingAdmissionPolicy")
-            .find(|o| o.id.name == name);
+            .find(|o| o.id.name.contains(name));
+        let name = policy.map_or(name, |p| p.id.name.as_str());
+        // A binding names its policy in spec.policyName (kustomize may have renamed both).
         let binding = harness
             .others_of("ValidatingAdmissionPolicyBinding")
-            .find(|o| o.id.name == name);
+            .find(|o| o.spec["spec"]["policyName"].as_str() == Some(name));
         match (policy, binding) {
             (None, _) => sink.report(
                 &installation_anchor(harness),

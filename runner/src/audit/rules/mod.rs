@@ -5,6 +5,7 @@
 mod agent;
 mod install;
 mod policy;
+mod records;
 mod sandbox;
 mod schema;
 mod session;
@@ -29,6 +30,7 @@ pub fn catalogue() -> impl Iterator<Item = &'static (Rule, Check)> {
         sandbox::RULES,
         session::RULES,
         install::RULES,
+        records::RULES,
     ]
     .into_iter()
     .flatten()

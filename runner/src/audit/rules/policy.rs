@@ -236,16 +236,23 @@ fn invalid_conditions(harness: &Harness, sink: &mut Sink<'_>) {
 /// The string literals `variable` is compared with by `==` in `source` (either side).
 fn compared_literals(source: &str, variable: &str) -> Vec<String> {
     let mut found = Vec::new();
+    // Triple-quoted CEL strings (`'''x'''`) are left alone: only plain one-quote literals are read.
     let literal_after = |rest: &str| -> Option<String> {
         let rest = rest.trim_start().strip_prefix("==")?.trim_start();
         let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
         let body = &rest[1..];
+        if body.starts_with(quote) {
+            return None;
+        }
         Some(body[..body.find(quote)?].to_owned())
     };
     let literal_before = |before: &str| -> Option<String> {
         let before = before.trim_end().strip_suffix("==")?.trim_end();
         let quote = before.chars().last().filter(|c| *c == '\'' || *c == '"')?;
         let body = &before[..before.len() - 1];
+        if body.ends_with(quote) {
+            return None;
+        }
         Some(body[body.rfind(quote)? + 1..].to_owned())
     };
     let mut from = 0;
@@ -489,6 +496,8 @@ mod tests {
         );
         assert!(compared_literals("call.riskier == 'x'", "call.risk").is_empty());
         assert!(compared_literals("call.risk in ['a']", "call.risk").is_empty());
+        assert!(compared_literals("call.risk == \'\'\'destructive\'\'\'", "call.risk").is_empty());
+        assert!(compared_literals("\'\'\'destructive\'\'\' == call.risk", "call.risk").is_empty());
     }
 
     #[test]

@@ -10,8 +10,10 @@ use crate::{
     run::execution::executes_code,
 };
 
-/// A prefix this short (a /8 or wider) is "the internet" or a whole private range.
-const WIDE_PREFIX: u8 = 8;
+/// A prefix this short is "the internet" or a whole private range: an IPv4 /8, an IPv6 /32 (a
+/// whole provider's allocation).
+const WIDE_PREFIX_V4: u8 = 8;
+const WIDE_PREFIX_V6: u8 = 32;
 /// Longer than a day is not a sandbox's deadline any more.
 const LONG_DEADLINE_SECONDS: u32 = 86_400;
 /// The image the operator's runner pods must run (the admission policy enforces it).
@@ -90,15 +92,26 @@ pub(super) const RULES: &[(Rule, Check)] = &[
     ),
 ];
 
-/// The prefix length of a CIDR (`10.0.0.0/8` → 8); `None` if it is not one.
-fn prefix_length(cidr: &str) -> Option<u8> {
-    cidr.parse::<ipnet::IpNet>().ok().map(|net| net.prefix_len())
+/// Whether `cidr` spans a whole range (see [`WIDE_PREFIX_V4`]).
+fn is_wide(cidr: &str) -> bool {
+    match cidr.parse::<ipnet::IpNet>() {
+        Ok(ipnet::IpNet::V4(net)) => net.prefix_len() <= WIDE_PREFIX_V4,
+        Ok(ipnet::IpNet::V6(net)) => net.prefix_len() <= WIDE_PREFIX_V6,
+        Err(_) => false,
+    }
+}
+
+/// Whether a tool-name glob matches every name (`*`, `**`, `?*`, …).
+fn matches_everything(glob: &str) -> bool {
+    glob.contains('*')
+        && glob.chars().all(|c| c == '*' || c == '?')
+        && glob.chars().filter(|c| *c == '?').count() <= 1
 }
 
 fn wide_egress(harness: &Harness, sink: &mut Sink<'_>) {
     for profile in &harness.sandbox_profiles {
         for (i, rule) in profile.spec.egress.iter().enumerate() {
-            if prefix_length(&rule.cidr).is_some_and(|p| p <= WIDE_PREFIX) {
+            if is_wide(&rule.cidr) {
                 sink.report(
                     profile,
                     spec(&["egress"]).index(i).key("cidr"),
@@ -157,7 +170,9 @@ fn long_deadline(harness: &Harness, sink: &mut Sink<'_>) {
 fn executes_anything(harness: &Harness, sink: &mut Sink<'_>) {
     for profile in &harness.sandbox_profiles {
         let execution = &profile.spec.execution;
-        if execution.allowed_tools.iter().any(|g| g == "*") && execution.max_risk >= ToolRisk::Network {
+        if execution.allowed_tools.iter().any(|g| matches_everything(g))
+            && execution.max_risk >= ToolRisk::Network
+        {
             sink.report(
                 profile,
                 spec(&["execution"]),
@@ -204,5 +219,18 @@ fn image_not_runner(harness: &Harness, sink: &mut Sink<'_>) {
                 format!("{image} is not ghcr.io/contextos/runner"),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wide_ranges_and_match_all_globs_are_recognised() {
+        assert!(is_wide("0.0.0.0/0") && is_wide("10.0.0.0/8") && is_wide("2001:db8::/32") && is_wide("::/0"));
+        assert!(!is_wide("10.96.0.0/12") && !is_wide("2001:db8::/48") && !is_wide("not a cidr"));
+        assert!(matches_everything("*") && matches_everything("**") && matches_everything("?*"));
+        assert!(!matches_everything("lint_*") && !matches_everything("??*") && !matches_everything("?"));
     }
 }

@@ -29,7 +29,7 @@ pub(super) const RULES: &[(Rule, Check)] = &[
             id: RuleId("schema/unknown-field"),
             severity: Severity::High,
             title: "a field the object's kind does not have",
-            why: "the API server drops unknown fields without an error, so a misspelt setting (`when:` for `condition:`) silently stops governing anything",
+            why: "kubectl refuses it, but clients that do not ask for strict field validation (many GitOps tools) only get a warning and the API server drops it: a misspelt setting (`when:` for `condition:`) silently stops governing anything",
             fix: "spell the field as `kubectl explain <kind>.spec` shows it, or remove it",
         },
         unknown_fields,
@@ -121,7 +121,7 @@ fn unknown_fields(harness: &Harness, sink: &mut Sink<'_>) {
             spec: (),
         };
         for field in unknown {
-            let message = format!("{field} is not a field of {}; the API server drops it", id.kind);
+            let message = format!("{field} is not a field of {}", id.kind);
             sink.report(&object, field, message);
         }
     }

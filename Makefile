@@ -28,12 +28,17 @@ lint:
 ## unit: the workspace's tests. The RecordStore suite runs on the TiKV backend too, over real
 ## gRPC against kind-tests/tikv-testserver (the TiKV project's mock TiKV behind the PD and TiKV
 ## services; built and cached by its build.sh, a cold build takes ~1 min, and its own Go tests run
-## first), or against a real cluster when CONTEXTOS_TEST_TIKV_PD=<pd host:port> is set.
+## first), or against a real cluster when CONTEXTOS_TEST_TIKV_PD=<pd host:port> is set. The tests
+## of `contextos audit --mcp` and `contextos tools import` run against the MCP reference server
+## from the npm registry (@modelcontextprotocol/server-everything, installed once into
+## ~/.cache/contextos/npm by runner/tests/support/mcp_everything.sh).
 unit:
 	set -o pipefail; \
 	bin="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_TIKV_TESTSERVER_BIN="$$bin"; \
 	(cd kind-tests/tikv-testserver && CGO_ENABLED=0 nice -n 10 go test -trimpath -count=1 ./...) || exit 1; \
+	mcp="$$(bash runner/tests/support/mcp_everything.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_MCP_EVERYTHING="$$mcp"; \
 	$(CARGO) build -p contextos-runner --examples --locked || exit 1; \
 	$(CARGO) test --workspace --exclude contextos-kind-tests --locked --tests
 

@@ -153,9 +153,11 @@ fn the_good_harness_has_no_finding() {
 fn every_rule_has_a_fixture_that_makes_exactly_its_findings() {
     let mut failures = Vec::new();
     let mut covered = BTreeSet::new();
-    // The records rules judge runs, not manifests: their tests are in `rules/records.rs` (both
-    // ways) and `run_loop.rs` (over the quickstart's real records).
-    for (rule, _) in rules::catalogue().filter(|(r, _)| !r.id.0.starts_with("records/")) {
+    // The records and live rules judge runs and servers, not manifests: their tests are in
+    // `rules/records.rs` and `rules/live.rs` (both ways), `run_loop.rs` (over the quickstart's
+    // records) and `audit_live.rs` (against the MCP reference server).
+    let judged_by_manifests = |rule: &str| !rule.starts_with("records/") && !rule.starts_with("live/");
+    for (rule, _) in rules::catalogue().filter(|(r, _)| judged_by_manifests(r.id.0)) {
         let fixtures = fixtures_of(rule.id.0);
         if fixtures.is_empty() {
             failures.push(format!("{}: no fixture {}", rule.id, fixture_name(rule.id.0)));

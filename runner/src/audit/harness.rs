@@ -9,7 +9,7 @@ use contextos_crds::{AgentSpec, ContextPackSpec, PolicySpec, SandboxProfileSpec,
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use super::{evidence::Evidence, field::FieldPath, source::Document};
+use super::{evidence::Evidence, field::FieldPath, live::ServerListing, source::Document};
 
 /// The ContextOS API group/version the audit reads.
 pub const API_VERSION: &str = "contextos.dev/v1alpha1";
@@ -92,6 +92,8 @@ pub struct Harness {
     pub from_cluster: bool,
     /// What the records of the audited window show (`--records`), for the records rules.
     pub evidence: Option<Evidence>,
+    /// What live MCP servers list (`--mcp`, `--mcp-command`), for the live rules.
+    pub live: Vec<ServerListing>,
 }
 
 impl Harness {

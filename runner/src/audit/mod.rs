@@ -8,6 +8,7 @@ pub mod evidence;
 pub mod field;
 pub mod finding;
 pub mod harness;
+pub mod live;
 pub mod report;
 pub mod rules;
 pub mod source;

@@ -63,6 +63,14 @@ pub struct AuditArgs {
     /// With --records: the window, back from now (`30m`, `24h`, `7d`).
     #[arg(long, default_value = "7d", requires = "records", value_parser = parse_window)]
     since: std::time::Duration,
+    /// Also compare what this streamable-HTTP MCP server lists with the Agents that use it
+    /// (repeatable).
+    #[arg(long = "mcp", visible_alias = "mcp-url", value_name = "URL")]
+    mcp_urls: Vec<String>,
+    /// Also compare what this stdio MCP server lists (the command and its arguments as one
+    /// string, started here with a clean environment) with the Agents that use it (repeatable).
+    #[arg(long = "mcp-command", value_name = "COMMAND")]
+    mcp_commands: Vec<String>,
     /// Print the rule table (Markdown) instead of auditing.
     #[arg(long)]
     rules: bool,
@@ -120,6 +128,23 @@ pub async fn run(global: &GlobalArgs, args: AuditArgs) -> anyhow::Result<ExitCod
     } else {
         harness
     };
+    let mut harness = harness;
+    let servers = args
+        .mcp_urls
+        .iter()
+        .map(|url| super::tools::adapter(Some(url), None))
+        .chain(
+            args.mcp_commands
+                .iter()
+                .map(|command| super::tools::adapter(None, Some(command))),
+        );
+    for adapter in servers {
+        let adapter = adapter?;
+        let listing = audit::live::introspect(adapter.clone()).await.with_context(|| {
+            "listing the tools of an MCP server given with --mcp/--mcp-command".to_owned()
+        })?;
+        harness.live.push(listing);
+    }
     let report = audit::audit(&harness);
     match args.format {
         Format::Text => print!("{}", report.text()),

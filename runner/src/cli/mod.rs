@@ -8,6 +8,7 @@ mod records;
 mod replay;
 mod run;
 mod session_run;
+mod tools;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -74,6 +75,9 @@ enum Command {
     /// Audit an agent harness (manifest files, a GitOps repository, or the live cluster) for
     /// governance gaps: each finding with its rule, severity, object, field, line and fix.
     Audit(audit::AuditArgs),
+    /// Tool declarations from what a tool server offers.
+    #[command(subcommand)]
+    Tools(tools::ToolsCommand),
 }
 
 impl Cli {
@@ -91,6 +95,7 @@ impl Cli {
             Command::Gateway(args) => gateway::run(&self.global, args).await,
             Command::Capability(command) => capability::run(command).await,
             Command::Audit(args) => audit::run(&self.global, args).await,
+            Command::Tools(command) => tools::run(command).await,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod agent;
 mod install;
+mod live;
 mod policy;
 mod records;
 mod sandbox;
@@ -31,6 +32,7 @@ pub fn catalogue() -> impl Iterator<Item = &'static (Rule, Check)> {
         session::RULES,
         install::RULES,
         records::RULES,
+        live::RULES,
     ]
     .into_iter()
     .flatten()

@@ -24,8 +24,39 @@ use rmcp::{
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
-use super::{AdapterError, AdapterResponse, CallContext};
+use super::{AdapterError, AdapterResponse, CallContext, ServerTool, ToolHints};
 use crate::gateway::capabilities::CapabilityRoute;
+
+/// Bound of one message of a tool listing (a server with many tools and large schemas).
+pub const LISTING_CAP: usize = 4 * 1024 * 1024;
+/// A server is not trusted to stop paginating: at most this many tools, pages and seconds.
+pub const MAX_LISTED_TOOLS: usize = 1_000;
+const MAX_LISTING_PAGES: usize = 100;
+const LISTING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Every page of `tools/list`, within [`MAX_LISTED_TOOLS`] and [`MAX_LISTING_PAGES`].
+async fn list_pages(client: &Client) -> Result<Vec<rmcp::model::Tool>, String> {
+    let mut tools = Vec::new();
+    let mut cursor = None;
+    for _ in 0..MAX_LISTING_PAGES {
+        let params = rmcp::model::PaginatedRequestParams::default().with_cursor(cursor);
+        let page = client
+            .list_tools(Some(params))
+            .await
+            .map_err(|e| format!("tools/list failed: {e}"))?;
+        tools.extend(page.tools);
+        if tools.len() > MAX_LISTED_TOOLS {
+            return Err(format!("the server lists more than {MAX_LISTED_TOOLS} tools"));
+        }
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => return Ok(tools),
+        }
+    }
+    Err(format!(
+        "the server's tool list did not end within {MAX_LISTING_PAGES} pages"
+    ))
+}
 
 /// `_meta` key carrying the idempotency key.
 pub const IDEMPOTENCY_META: &str = "dev.contextos/idempotencyKey";
@@ -221,6 +252,39 @@ impl McpClients {
             .lock()
             .await
             .remove(&format!("{}#{cap}", server_of(adapter)));
+    }
+
+    /// Every tool the server of `adapter` lists (`tools/list`, all pages), for audits and imports;
+    /// each message is bounded like a call's response ([`LISTING_CAP`]).
+    pub async fn list_tools(&self, adapter: &McpAdapter) -> Result<Vec<ServerTool>, AdapterError> {
+        let client = self.client(adapter, LISTING_CAP).await?;
+        let listed = tokio::time::timeout(LISTING_TIMEOUT, list_pages(&client))
+            .await
+            .unwrap_or_else(|_| Err(format!("no complete tool list within {LISTING_TIMEOUT:?}")))
+            .map_err(|detail| AdapterError::Unreachable {
+                endpoint: server_of(adapter),
+                detail,
+            });
+        if listed.is_err() {
+            self.forget(adapter, LISTING_CAP).await;
+        }
+        Ok(listed?
+            .into_iter()
+            .map(|tool| {
+                let hints = tool.annotations.as_ref();
+                ServerTool {
+                    name: tool.name.into_owned(),
+                    description: tool.description.map(|d| d.into_owned()).unwrap_or_default(),
+                    input_schema: Value::Object((*tool.input_schema).clone()),
+                    hints: ToolHints {
+                        read_only: hints.and_then(|h| h.read_only_hint),
+                        destructive: hints.and_then(|h| h.destructive_hint),
+                        idempotent: hints.and_then(|h| h.idempotent_hint),
+                        open_world: hints.and_then(|h| h.open_world_hint),
+                    },
+                }
+            })
+            .collect())
     }
 
     /// Calls `tool_name` (or `adapter.tool`) with `args`.

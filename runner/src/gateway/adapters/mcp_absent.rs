@@ -4,7 +4,7 @@
 use contextos_crds::agent::McpAdapter;
 use serde_json::Value;
 
-use super::{AdapterError, AdapterResponse, CallContext};
+use super::{AdapterError, AdapterResponse, CallContext, ServerTool};
 use crate::gateway::capabilities::CapabilityRoute;
 
 /// No client sessions: this build cannot speak MCP.
@@ -48,6 +48,13 @@ impl McpClients {
     ) -> Result<AdapterResponse, AdapterError> {
         Err(AdapterError::Unsupported(format!(
             "tool {tool_name} uses the MCP adapter, which this build of contextos does not include (feature `mcp`)"
+        )))
+    }
+
+    pub async fn list_tools(&self, adapter: &McpAdapter) -> Result<Vec<ServerTool>, AdapterError> {
+        Err(AdapterError::Unsupported(format!(
+            "{} is an MCP server, which this build of contextos cannot reach (feature `mcp`)",
+            server_of(adapter)
         )))
     }
 }

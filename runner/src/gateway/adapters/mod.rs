@@ -34,6 +34,26 @@ pub struct AdapterResponse {
     pub truncated: bool,
 }
 
+/// A tool as an MCP server describes it (`tools/list`): what `contextos audit --mcp` compares
+/// with what Agents declare and `contextos tools import` turns into declarations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServerTool {
+    pub name: String,
+    pub description: String,
+    pub input_schema: Value,
+    pub hints: ToolHints,
+}
+
+/// The server's annotations of a tool. Hints, not guarantees; absent means the server did not say
+/// (MCP's defaults then apply: not read-only, destructive, not idempotent, open world).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ToolHints {
+    pub read_only: Option<bool>,
+    pub destructive: Option<bool>,
+    pub idempotent: Option<bool>,
+    pub open_world: Option<bool>,
+}
+
 /// Why an adapter call failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AdapterError {

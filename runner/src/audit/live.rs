@@ -1,0 +1,242 @@
+//! Live tool servers, for `contextos audit --mcp` and `contextos tools import`: what an MCP
+//! server lists (read over streamable HTTP, or from a command started here with a clean
+//! environment), and the tool declaration each listed tool implies — risk, kind and idempotency
+//! inferred from the server's annotations, with the inference the server did not back up marked
+//! for review.
+
+use contextos_crds::{
+    agent::{McpAdapter, Tool, ToolAdapter},
+    common::{ToolKind, ToolRisk},
+};
+
+use crate::gateway::adapters::{AdapterError, ServerTool, mcp::McpClients};
+
+/// One server and the tools it lists.
+#[derive(Clone, Debug)]
+pub struct ServerListing {
+    /// The adapter the server is reached by (as Agents declare it: `url` or `command`).
+    pub adapter: McpAdapter,
+    pub tools: Vec<ServerTool>,
+}
+
+impl ServerListing {
+    /// The URL, or the command as one line.
+    pub fn server(&self) -> String {
+        match (&self.adapter.url, &self.adapter.command) {
+            (Some(url), _) => url.clone(),
+            (None, Some(command)) => command.join(" "),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// Whether a tool's adapter reaches this server.
+    pub fn serves(&self, adapter: &McpAdapter) -> bool {
+        match (&self.adapter.url, &self.adapter.command) {
+            (Some(url), _) => adapter
+                .url
+                .as_deref()
+                .is_some_and(|u| u.trim_end_matches('/') == url.trim_end_matches('/')),
+            (None, Some(command)) => adapter.command.as_ref() == Some(command),
+            (None, None) => false,
+        }
+    }
+}
+
+/// The server's listing. A command-started server runs here, as a child process with a clean
+/// environment, for as long as the listing takes.
+pub async fn introspect(adapter: McpAdapter) -> Result<ServerListing, AdapterError> {
+    let tools = McpClients::default().list_tools(&adapter).await?;
+    Ok(ServerListing { adapter, tools })
+}
+
+/// A tool declaration for a listed tool, and what a reviewer should check in it.
+#[derive(Clone, Debug)]
+pub struct Imported {
+    pub tool: Tool,
+    /// What was inferred without the server saying so, one line each.
+    pub review: Vec<String>,
+}
+
+/// The declaration `listed` implies, on the server `adapter` reaches:
+/// - `readOnlyHint: true` → risk read_only, kind observe;
+/// - otherwise `destructiveHint` (MCP's default: true) → destructive, act;
+/// - otherwise `openWorldHint` (default: true) → network, act; a closed world → local_write;
+/// - `idempotentHint` → idempotent.
+///
+/// Where the server gives no hint, MCP's defaults are the cautious ones, and the line says so.
+pub fn infer(listed: &ServerTool, adapter: &McpAdapter) -> Imported {
+    let hints = listed.hints;
+    let mut review = Vec::new();
+    let (risk, kind) = if hints.read_only == Some(true) {
+        (ToolRisk::ReadOnly, ToolKind::Observe)
+    } else {
+        if hints.read_only.is_none() {
+            review.push(
+                "the server does not say whether it is read-only (readOnlyHint): declared as acting"
+                    .to_owned(),
+            );
+        }
+        match (hints.destructive, hints.open_world) {
+            (Some(false), Some(false)) => (ToolRisk::LocalWrite, ToolKind::Act),
+            (Some(false), open) => {
+                if open.is_none() {
+                    review.push("the server does not say whether it reaches outside (openWorldHint): declared network".to_owned());
+                }
+                (ToolRisk::Network, ToolKind::Act)
+            }
+            (destructive, _) => {
+                if destructive.is_none() {
+                    review.push("the server does not say whether it is destructive (destructiveHint): declared destructive".to_owned());
+                }
+                (ToolRisk::Destructive, ToolKind::Act)
+            }
+        }
+    };
+    let idempotent = hints.idempotent == Some(true) || risk == ToolRisk::ReadOnly;
+    let name = declared_name(&listed.name);
+    if name != listed.name {
+        review.push(format!("declared as {name} (tool names are lower-case letters, digits, _ and -); adapter.mcp.tool keeps the server's name"));
+    }
+    let tool: Tool = serde_json::from_value(serde_json::json!({
+        "name": name,
+        "description": listed.description.chars().take(2048).collect::<String>(),
+        "risk": risk,
+        "kind": kind,
+        "idempotent": idempotent,
+        "adapter": {"mcp": {
+            "url": adapter.url,
+            "command": adapter.command,
+            "tool": (name != listed.name).then(|| listed.name.clone()),
+        }},
+        "inputSchema": listed.input_schema,
+    }))
+    .unwrap_or_else(|_| fallback_tool(&name, risk, kind, adapter));
+    Imported { tool, review }
+}
+
+/// The tool when the listing's parts do not make a declaration (never expected: every part is
+/// built from valid values), without its schema.
+fn fallback_tool(name: &str, risk: ToolRisk, kind: ToolKind, adapter: &McpAdapter) -> Tool {
+    Tool {
+        name: name.to_owned(),
+        description: String::new(),
+        risk,
+        kind,
+        adapter: ToolAdapter {
+            http: None,
+            mcp: Some(adapter.clone()),
+            webhook: None,
+            a2a: None,
+        },
+        input_schema: None,
+        timeout_seconds: 30,
+        retry: None,
+        idempotent: false,
+    }
+}
+
+/// A tool name as Agents may declare it (`^[a-z][a-z0-9_-]*$`, at most 64).
+pub fn declared_name(server_name: &str) -> String {
+    let mut name: String = server_name
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        name.insert(0, 't');
+        name.truncate(64);
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::adapters::ToolHints;
+
+    fn listed(name: &str, hints: ToolHints) -> ServerTool {
+        ServerTool {
+            name: name.into(),
+            description: "d".into(),
+            input_schema: serde_json::json!({"type": "object"}),
+            hints,
+        }
+    }
+
+    fn adapter() -> McpAdapter {
+        serde_json::from_value(serde_json::json!({"url": "http://mcp.example.com/mcp"})).expect("adapter")
+    }
+
+    #[test]
+    fn hints_decide_risk_kind_and_idempotency_and_silence_is_cautious() {
+        let read = infer(
+            &listed(
+                "echo",
+                ToolHints {
+                    read_only: Some(true),
+                    ..ToolHints::default()
+                },
+            ),
+            &adapter(),
+        );
+        assert_eq!(
+            (read.tool.risk, read.tool.kind, read.tool.idempotent),
+            (ToolRisk::ReadOnly, ToolKind::Observe, true)
+        );
+        assert!(read.review.is_empty());
+        let silent = infer(&listed("zap", ToolHints::default()), &adapter());
+        assert_eq!(silent.tool.risk, ToolRisk::Destructive);
+        assert!(!silent.tool.idempotent);
+        assert_eq!(silent.review.len(), 2, "{:?}", silent.review);
+        let closed = ToolHints {
+            read_only: Some(false),
+            destructive: Some(false),
+            open_world: Some(false),
+            idempotent: Some(true),
+        };
+        let local = infer(&listed("note", closed), &adapter());
+        assert_eq!(
+            (local.tool.risk, local.tool.idempotent),
+            (ToolRisk::LocalWrite, true)
+        );
+        let open = infer(
+            &listed(
+                "post",
+                ToolHints {
+                    open_world: None,
+                    ..closed
+                },
+            ),
+            &adapter(),
+        );
+        assert_eq!(open.tool.risk, ToolRisk::Network);
+    }
+
+    #[test]
+    fn server_names_become_declarable_names_and_keep_the_original() {
+        let imported = infer(
+            &listed(
+                "getTinyImage",
+                ToolHints {
+                    read_only: Some(true),
+                    ..ToolHints::default()
+                },
+            ),
+            &adapter(),
+        );
+        assert_eq!(imported.tool.name, "gettinyimage");
+        assert_eq!(
+            imported.tool.adapter.mcp.and_then(|m| m.tool).as_deref(),
+            Some("getTinyImage")
+        );
+        assert_eq!(declared_name("9lives"), "t9lives");
+        assert_eq!(declared_name("a.b c"), "a_b_c");
+    }
+}

@@ -287,6 +287,7 @@ fn router(shared: Arc<Shared>, mcp_config: StreamableHttpServerConfig) -> Router
         .route(DELETE_PATH, post(delete_namespace))
         .route(STATUS_HOOK_PATH, post(post_status_update))
         .route("/effects", get(list_effects))
+        .route("/openapi.json", get(openapi_document))
         .nest_service(MCP_PATH, mcp)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), slow_answers))
@@ -370,6 +371,16 @@ const RUNBOOKS: &[Runbook] = &[
                   sev1 announcements page the whole company and need an incident commander.",
     },
 ];
+
+/// The API's OpenAPI 3 document (what `contextos tools import --openapi` and `contextos audit
+/// --openapi` read). The webhook is not in it: it is called, not described.
+async fn openapi_document() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("ops_tools.openapi.json"),
+    )
+        .into_response()
+}
 
 async fn search_runbooks(uri: Uri) -> Reply {
     let query = query_param(&uri, "query").ok_or_else(|| ApiError::bad_request("query is required"))?;

@@ -9,7 +9,9 @@ use contextos_crds::{AgentSpec, ContextPackSpec, PolicySpec, SandboxProfileSpec,
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use super::{evidence::Evidence, field::FieldPath, live::ServerListing, source::Document};
+use super::{
+    evidence::Evidence, field::FieldPath, live::ServerListing, openapi::ApiDocument, source::Document,
+};
 
 /// The ContextOS API group/version the audit reads.
 pub const API_VERSION: &str = "contextos.dev/v1alpha1";
@@ -94,6 +96,8 @@ pub struct Harness {
     pub evidence: Option<Evidence>,
     /// What live MCP servers list (`--mcp`, `--mcp-command`), for the live rules.
     pub live: Vec<ServerListing>,
+    /// The OpenAPI documents of the APIs tools call (`--openapi`), for the openapi rules.
+    pub apis: Vec<ApiDocument>,
 }
 
 impl Harness {

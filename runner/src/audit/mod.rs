@@ -9,6 +9,7 @@ pub mod field;
 pub mod finding;
 pub mod harness;
 pub mod live;
+pub mod openapi;
 pub mod report;
 pub mod rules;
 pub mod source;

@@ -71,6 +71,10 @@ pub struct AuditArgs {
     /// string, started here with a clean environment) with the Agents that use it (repeatable).
     #[arg(long = "mcp-command", value_name = "COMMAND")]
     mcp_commands: Vec<String>,
+    /// Also compare Agents' HTTP tools with this OpenAPI 3 document (a file or an http(s) URL;
+    /// repeatable), for the tools whose URL is under its `servers[0].url`.
+    #[arg(long = "openapi", value_name = "FILE|URL")]
+    openapi: Vec<String>,
     /// Print the rule table (Markdown) instead of auditing.
     #[arg(long)]
     rules: bool,
@@ -144,6 +148,9 @@ pub async fn run(global: &GlobalArgs, args: AuditArgs) -> anyhow::Result<ExitCod
             "listing the tools of an MCP server given with --mcp/--mcp-command".to_owned()
         })?;
         harness.live.push(listing);
+    }
+    for source in &args.openapi {
+        harness.apis.push(super::tools::read_openapi(source, None).await?);
     }
     let report = audit::audit(&harness);
     match args.format {

@@ -7,11 +7,15 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use contextos_crds::agent::McpAdapter;
-use contextos_runner::audit::live::{self, Imported};
+use contextos_runner::audit::{
+    live::{self, Imported},
+    openapi::{self, ApiDocument, MAX_DOCUMENT_BYTES},
+};
 
 #[derive(Debug, Subcommand)]
 pub enum ToolsCommand {
-    /// Print `tools:` entries for an Agent from an MCP server's tool list (YAML, to stdout).
+    /// Print `tools:` entries for an Agent from an MCP server's tool list or an OpenAPI 3
+    /// document's operations (YAML, to stdout).
     Import(ImportArgs),
 }
 
@@ -19,12 +23,18 @@ pub enum ToolsCommand {
 pub struct ImportArgs {
     #[command(flatten)]
     server: ServerArgs,
+    /// With --openapi: the API's base URL, instead of the document's `servers[0].url`.
+    #[arg(long, requires = "openapi")]
+    server_url: Option<String>,
 }
 
-/// Which MCP server: exactly one of a URL and a command.
+/// Which server: exactly one of an MCP URL, an MCP command and an OpenAPI document.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct ServerArgs {
+    /// An OpenAPI 3 document (a file, JSON or YAML, or an http(s) URL).
+    #[arg(long, value_name = "FILE|URL")]
+    openapi: Option<String>,
     /// A streamable-HTTP MCP server.
     #[arg(long, visible_alias = "mcp", value_name = "URL")]
     mcp_url: Option<String>,
@@ -57,22 +67,41 @@ pub async fn run(command: ToolsCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    if let Some(source) = &args.server.openapi {
+        let document = read_openapi(source, args.server_url.as_deref()).await?;
+        let clashes = openapi::colliding_names(&document.operations);
+        if let Some((name, ids)) = clashes.iter().next() {
+            anyhow::bail!(
+                "{source}: operations {} would all be declared as {name}; give them distinct operationIds",
+                ids.join(", ")
+            );
+        }
+        let imported: Vec<Imported> = document.operations.iter().map(openapi::infer).collect();
+        print!(
+            "{}",
+            render(&document.source, "the operations' HTTP methods", &imported)?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let adapter = args.server.adapter()?;
     let listing = live::introspect(adapter.clone())
         .await
         .with_context(|| "listing the MCP server's tools".to_owned())?;
     let imported: Vec<Imported> = listing.tools.iter().map(|t| live::infer(t, &adapter)).collect();
-    print!("{}", render(&listing.server(), &imported)?);
+    print!(
+        "{}",
+        render(&listing.server(), "the server's annotations", &imported)?
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// The `tools:` YAML, each tool preceded by what to review in it.
-pub fn render(server: &str, imported: &[Imported]) -> anyhow::Result<String> {
+pub fn render(server: &str, basis: &str, imported: &[Imported]) -> anyhow::Result<String> {
     let to_review = imported.iter().filter(|i| !i.review.is_empty()).count();
     let mut out = format!(
         "# {} tools imported from {server} by `contextos tools import`.\n\
-         # Risk, kind and idempotency come from the server's annotations; {to_review} marked `review:` were\n\
-         # inferred where the server said nothing. Check them before applying.\n\
+         # Risk, kind and idempotency come from {basis}; the {to_review} marked `review:` rest on\n\
+         # assumptions. Check them before applying.\n\
          tools:\n",
         imported.len()
     );
@@ -88,4 +117,38 @@ pub fn render(server: &str, imported: &[Imported]) -> anyhow::Result<String> {
         }
     }
     Ok(out)
+}
+
+/// An OpenAPI document from a file or an http(s) URL, read within [`MAX_DOCUMENT_BYTES`].
+pub async fn read_openapi(source: &str, server: Option<&str>) -> anyhow::Result<ApiDocument> {
+    let text = if source.starts_with("http://") || source.starts_with("https://") {
+        let mut response = contextos_runner::http::client()
+            .get(source)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .with_context(|| format!("fetching {source}"))?;
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .with_context(|| format!("reading {source}"))?
+        {
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX_DOCUMENT_BYTES {
+                anyhow::bail!("{source}: more than {MAX_DOCUMENT_BYTES} bytes");
+            }
+        }
+        String::from_utf8(body).with_context(|| format!("{source}: not UTF-8 text"))?
+    } else {
+        use std::io::Read as _;
+        let mut text = String::new();
+        std::fs::File::open(source)
+            .with_context(|| format!("opening {source}"))?
+            .take(MAX_DOCUMENT_BYTES as u64 + 1)
+            .read_to_string(&mut text)
+            .with_context(|| format!("reading {source}"))?;
+        text
+    };
+    openapi::parse(source, &text, server).map_err(anyhow::Error::msg)
 }

@@ -5,6 +5,7 @@
 mod agent;
 mod install;
 mod live;
+mod openapi;
 mod policy;
 mod records;
 mod sandbox;
@@ -33,6 +34,7 @@ pub fn catalogue() -> impl Iterator<Item = &'static (Rule, Check)> {
         install::RULES,
         records::RULES,
         live::RULES,
+        openapi::RULES,
     ]
     .into_iter()
     .flatten()

@@ -1,0 +1,445 @@
+//! OpenAPI 3 documents, for `contextos audit --openapi` and `contextos tools import --openapi`:
+//! each operation (method, path, URL, the arguments it takes as one JSON Schema), and the HTTP
+//! tool declaration it implies — risk from the method's semantics, marked for review where the
+//! method does not settle it.
+
+use std::collections::BTreeMap;
+
+use contextos_crds::{
+    agent::{HttpMethod, Tool},
+    common::{ToolKind, ToolRisk},
+};
+use serde_json::{Map, Value, json};
+
+use super::live::{Imported, declared_name};
+
+/// Most bytes of a document read (a URL or a file).
+pub const MAX_DOCUMENT_BYTES: usize = 8 * 1024 * 1024;
+/// Deepest `$ref` chain followed.
+const MAX_REF_DEPTH: usize = 32;
+/// Most schema nodes one operation's arguments inline (references may fan out exponentially).
+const MAX_INLINED_NODES: usize = 100_000;
+
+/// One operation of a document.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Operation {
+    /// `operationId`, or `<method>_<path>` when it has none.
+    pub id: String,
+    pub method: HttpMethod,
+    /// The path as the document writes it (`/pets/{id}`).
+    pub path: String,
+    /// The server URL and the path.
+    pub url: String,
+    pub summary: String,
+    /// Query parameters and the JSON request body, as one object schema.
+    pub input_schema: Value,
+    /// Path parameters (`{id}`): an HTTP tool sends arguments as a body or query, not in the path.
+    pub path_params: Vec<String>,
+}
+
+/// An OpenAPI document: where it came from, its server URL and its operations.
+#[derive(Clone, Debug)]
+pub struct ApiDocument {
+    pub source: String,
+    pub server: String,
+    pub operations: Vec<Operation>,
+}
+
+impl ApiDocument {
+    /// The document's operation that `url` and `method` name, if `url` is under its server.
+    pub fn find(&self, url: &str, method: HttpMethod) -> Option<Option<&Operation>> {
+        let path = url.strip_prefix(self.server.trim_end_matches('/'))?;
+        let path = path.split(['?', '#']).next().unwrap_or_default();
+        Some(
+            self.operations
+                .iter()
+                .find(|op| op.method == method && path_matches(&op.path, path)),
+        )
+    }
+}
+
+/// Whether a document path (`/pets/{id}`) matches a concrete path (`/pets/7`).
+fn path_matches(template: &str, path: &str) -> bool {
+    let (mut t, mut p) = (template.split('/'), path.split('/'));
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return true,
+            (Some(a), Some(b)) if a == b || (a.starts_with('{') && a.ends_with('}') && !b.is_empty()) => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The operations of `document` (JSON or YAML text), read from `source`; `server` overrides the
+/// document's first server URL.
+pub fn parse(source: &str, text: &str, server: Option<&str>) -> Result<ApiDocument, String> {
+    if text.len() > MAX_DOCUMENT_BYTES {
+        return Err(format!("{source}: more than {MAX_DOCUMENT_BYTES} bytes"));
+    }
+    let document: Value =
+        serde_yaml::from_str(text).map_err(|e| format!("{source}: not JSON or YAML: {e}"))?;
+    let version = document["openapi"].as_str().unwrap_or_default();
+    if !version.starts_with("3.") {
+        return Err(format!(
+            "{source}: not an OpenAPI 3 document (openapi: {version:?})"
+        ));
+    }
+    let server = server
+        .map(str::to_owned)
+        .or_else(|| document["servers"][0]["url"].as_str().map(str::to_owned))
+        .ok_or_else(|| format!("{source}: no servers[0].url; give the API's base URL"))?;
+    let mut operations = Vec::new();
+    for (path, item) in document["paths"].as_object().into_iter().flatten() {
+        let shared = item["parameters"].as_array().cloned().unwrap_or_default();
+        for (key, method) in [
+            ("get", HttpMethod::Get),
+            ("post", HttpMethod::Post),
+            ("put", HttpMethod::Put),
+            ("patch", HttpMethod::Patch),
+            ("delete", HttpMethod::Delete),
+        ] {
+            let Some(operation) = item.get(key).filter(|o| o.is_object()) else {
+                continue;
+            };
+            let mut parameters = shared.clone();
+            parameters.extend(operation["parameters"].as_array().cloned().unwrap_or_default());
+            operations.push(operation_of(
+                &document,
+                &server,
+                path,
+                method,
+                key,
+                operation,
+                &parameters,
+            )?);
+        }
+    }
+    Ok(ApiDocument {
+        source: source.to_owned(),
+        server,
+        operations,
+    })
+}
+
+fn operation_of(
+    document: &Value,
+    server: &str,
+    path: &str,
+    method: HttpMethod,
+    key: &str,
+    operation: &Value,
+    parameters: &[Value],
+) -> Result<Operation, String> {
+    let mut properties = Map::new();
+    let mut required = Vec::new();
+    let mut path_params = Vec::new();
+    for parameter in parameters {
+        let parameter = resolve(document, parameter, 0)?;
+        let name = parameter["name"].as_str().unwrap_or_default().to_owned();
+        match parameter["in"].as_str() {
+            Some("query") => {
+                if parameter["required"] == Value::Bool(true) {
+                    required.push(Value::String(name.clone()));
+                }
+                properties.insert(name, inline(document, &parameter["schema"], 0)?);
+            }
+            Some("path") => path_params.push(name),
+            _ => {}
+        }
+    }
+    let body = &operation["requestBody"];
+    let body = resolve(document, body, 0)?;
+    let body_schema = &body["content"]["application/json"]["schema"];
+    let input_schema = match (body_schema.is_object(), properties.is_empty()) {
+        (true, true) => inline(document, body_schema, 0)?,
+        (true, false) => {
+            // Query parameters next to a JSON body: one object with both.
+            let mut merged = inline(document, body_schema, 0)?;
+            if let Some(body_properties) = merged["properties"].as_object_mut() {
+                body_properties.extend(properties);
+            }
+            if let Some(body_required) = merged["required"].as_array_mut() {
+                body_required.extend(required);
+            }
+            merged
+        }
+        (false, _) => {
+            let mut schema = json!({"type": "object", "properties": properties});
+            if !required.is_empty() {
+                schema["required"] = Value::Array(required);
+            }
+            schema
+        }
+    };
+    let summary = operation["summary"]
+        .as_str()
+        .or_else(|| operation["description"].as_str())
+        .unwrap_or_default();
+    let id = operation["operationId"]
+        .as_str()
+        .map_or_else(|| format!("{key}_{}", path.trim_matches('/')), str::to_owned);
+    Ok(Operation {
+        id,
+        method,
+        path: path.to_owned(),
+        url: format!("{}{path}", server.trim_end_matches('/')),
+        summary: summary.chars().take(2048).collect(),
+        input_schema,
+        path_params,
+    })
+}
+
+/// `value`, or what its `$ref` (`#/components/…`) points at.
+fn resolve(document: &Value, value: &Value, depth: usize) -> Result<Value, String> {
+    let Some(reference) = value["$ref"].as_str() else {
+        return Ok(value.clone());
+    };
+    if depth > MAX_REF_DEPTH {
+        return Err(format!(
+            "$ref {reference}: more than {MAX_REF_DEPTH} references deep (a cycle?)"
+        ));
+    }
+    let pointer = reference
+        .strip_prefix('#')
+        .ok_or_else(|| format!("$ref {reference}: only references inside the document are followed"))?;
+    let target = document
+        .pointer(pointer)
+        .ok_or_else(|| format!("$ref {reference}: not in the document"))?;
+    resolve(document, target, depth + 1)
+}
+
+/// A schema with every `$ref` inside it replaced by its target (tools carry self-contained
+/// schemas), within [`MAX_REF_DEPTH`] and [`MAX_INLINED_NODES`].
+fn inline(document: &Value, schema: &Value, depth: usize) -> Result<Value, String> {
+    let mut budget = MAX_INLINED_NODES;
+    inline_within(document, schema, depth, &mut budget)
+}
+
+fn inline_within(
+    document: &Value,
+    schema: &Value,
+    depth: usize,
+    budget: &mut usize,
+) -> Result<Value, String> {
+    *budget = budget
+        .checked_sub(1)
+        .ok_or_else(|| format!("a schema that inlines to more than {MAX_INLINED_NODES} nodes"))?;
+    if depth > MAX_REF_DEPTH * 4 {
+        return Err(format!(
+            "a schema nested more than {} levels deep (a recursive $ref?)",
+            MAX_REF_DEPTH * 4
+        ));
+    }
+    let schema = resolve(document, schema, depth / 4)?;
+    match schema {
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (key, value) in map {
+                out.insert(key, inline_within(document, &value, depth + 1, budget)?);
+            }
+            Ok(Value::Object(out))
+        }
+        Value::Array(items) => items
+            .iter()
+            .map(|v| inline_within(document, v, depth + 1, budget))
+            .collect::<Result<_, _>>()
+            .map(Value::Array),
+        other => Ok(other),
+    }
+}
+
+/// The HTTP tool declaration `operation` implies:
+/// - GET → read_only, observe, idempotent;
+/// - PUT, PATCH → network, act (PUT idempotent), marked for review (what does it change?);
+/// - POST → network, act, marked for review (POST may only read, or may destroy);
+/// - DELETE → destructive, act, idempotent.
+pub fn infer(operation: &Operation) -> Imported {
+    let mut review = Vec::new();
+    let (risk, kind, idempotent) = match operation.method {
+        HttpMethod::Get => (ToolRisk::ReadOnly, ToolKind::Observe, true),
+        HttpMethod::Delete => (ToolRisk::Destructive, ToolKind::Act, true),
+        method @ (HttpMethod::Put | HttpMethod::Patch | HttpMethod::Post) => {
+            review.push(format!(
+                "{} {}: declared network; raise it to destructive if the operation cannot be undone, lower it if it only reads",
+                method_name(method),
+                operation.path
+            ));
+            (ToolRisk::Network, ToolKind::Act, method == HttpMethod::Put)
+        }
+    };
+    for parameter in &operation.path_params {
+        review.push(format!(
+            "path parameter {{{parameter}}}: an HTTP tool sends its arguments as a body or query, so the URL keeps {{{parameter}}} literally; bind it to one value or leave this operation out"
+        ));
+    }
+    let name = declared_name(&operation.id);
+    let tool = serde_json::from_value(json!({
+        "name": name,
+        "description": operation.summary,
+        "risk": risk,
+        "kind": kind,
+        "idempotent": idempotent,
+        "adapter": {"http": {"url": operation.url, "method": operation.method}},
+        "inputSchema": operation.input_schema,
+    }))
+    .unwrap_or_else(|_| Tool {
+        name,
+        description: String::new(),
+        risk,
+        kind,
+        adapter: serde_json::from_value(json!({"http": {"url": operation.url, "method": operation.method}}))
+            .unwrap_or_else(|_| unreachable_adapter()),
+        input_schema: None,
+        timeout_seconds: 30,
+        retry: None,
+        idempotent,
+    });
+    Imported { tool, review }
+}
+
+/// `GET`, `POST`, … as HTTP writes them.
+pub fn method_name(method: HttpMethod) -> &'static str {
+    match method {
+        HttpMethod::Get => "GET",
+        HttpMethod::Post => "POST",
+        HttpMethod::Put => "PUT",
+        HttpMethod::Patch => "PATCH",
+        HttpMethod::Delete => "DELETE",
+    }
+}
+
+/// An adapter for a tool whose URL could not be written (never expected).
+fn unreachable_adapter() -> contextos_crds::agent::ToolAdapter {
+    contextos_crds::agent::ToolAdapter {
+        http: None,
+        mcp: None,
+        webhook: None,
+        a2a: None,
+    }
+}
+
+/// Operation ids that map to one declared name, so an import would declare a tool twice.
+pub fn colliding_names(operations: &[Operation]) -> BTreeMap<String, Vec<String>> {
+    let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for operation in operations {
+        by_name
+            .entry(declared_name(&operation.id))
+            .or_default()
+            .push(operation.id.clone());
+    }
+    by_name.retain(|_, ids| ids.len() > 1);
+    by_name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PETS: &str = r##"
+openapi: 3.0.3
+servers: [{url: "https://pets.example.com/v1"}]
+components:
+  schemas:
+    Pet: {type: object, required: [name], properties: {name: {type: string}}}
+paths:
+  /pets:
+    get:
+      operationId: listPets
+      parameters: [{name: limit, in: query, schema: {type: integer}}]
+    post:
+      operationId: createPet
+      requestBody: {content: {application/json: {schema: {$ref: "#/components/schemas/Pet"}}}}
+  /pets/{id}:
+    parameters: [{name: id, in: path, required: true, schema: {type: string}}]
+    delete:
+      summary: Deletes a pet.
+"##;
+
+    #[test]
+    fn operations_carry_their_arguments_as_one_schema() {
+        let doc = parse("pets.yaml", PETS, None).expect("parsed");
+        assert_eq!(doc.server, "https://pets.example.com/v1");
+        let list = doc.operations.iter().find(|o| o.id == "listPets").expect("list");
+        assert_eq!(
+            list.input_schema,
+            json!({"type": "object", "properties": {"limit": {"type": "integer"}}})
+        );
+        let create = doc
+            .operations
+            .iter()
+            .find(|o| o.id == "createPet")
+            .expect("create");
+        assert_eq!(
+            create.input_schema["required"],
+            json!(["name"]),
+            "the $ref is inlined"
+        );
+        let delete = doc
+            .operations
+            .iter()
+            .find(|o| o.method == HttpMethod::Delete)
+            .expect("delete");
+        assert_eq!(
+            (delete.id.as_str(), delete.path_params.as_slice()),
+            ("delete_pets/{id}", &["id".to_owned()][..])
+        );
+        assert_eq!(
+            doc.find("https://pets.example.com/v1/pets/7", HttpMethod::Delete),
+            Some(Some(delete))
+        );
+        assert_eq!(
+            doc.find("https://pets.example.com/v1/cats", HttpMethod::Get),
+            Some(None)
+        );
+        assert_eq!(
+            doc.find("https://elsewhere.example.com/pets", HttpMethod::Get),
+            None
+        );
+    }
+
+    #[test]
+    fn methods_decide_risk_and_what_they_cannot_settle_is_marked() {
+        let doc = parse("pets.yaml", PETS, None).expect("parsed");
+        let by_id = |id: &str| infer(doc.operations.iter().find(|o| o.id == id).expect("op"));
+        let list = by_id("listPets");
+        assert_eq!(
+            (list.tool.risk, list.tool.name.as_str()),
+            (ToolRisk::ReadOnly, "listpets")
+        );
+        assert!(list.review.is_empty());
+        let create = by_id("createPet");
+        assert_eq!(create.tool.risk, ToolRisk::Network);
+        assert_eq!(create.review.len(), 1);
+        let delete = by_id("delete_pets/{id}");
+        assert_eq!(delete.tool.risk, ToolRisk::Destructive);
+        assert!(
+            delete.review.iter().any(|r| r.contains("{id}")),
+            "{:?}",
+            delete.review
+        );
+    }
+
+    #[test]
+    fn bad_documents_are_refused_with_the_reason() {
+        assert!(
+            parse("x", "openapi: 2.0\n", None)
+                .expect_err("refused")
+                .contains("not an OpenAPI 3")
+        );
+        let cyclic = "openapi: 3.0.0\nservers: [{url: 'http://a'}]\ncomponents: {schemas: {A: {$ref: '#/components/schemas/A'}}}\npaths: {/a: {post: {requestBody: {content: {application/json: {schema: {$ref: '#/components/schemas/A'}}}}}}}\n";
+        assert!(parse("x", cyclic, None).expect_err("refused").contains("deep"));
+        // Each level references the next twice: 2^40 nodes if inlined naively.
+        let mut fan = String::from("openapi: 3.0.0\nservers: [{url: 'http://a'}]\ncomponents:\n  schemas:\n");
+        for i in 0..40 {
+            fan.push_str(&format!("    S{i}: {{properties: {{a: {{$ref: '#/components/schemas/S{n}'}}, b: {{$ref: '#/components/schemas/S{n}'}}}}}}\n", n = i + 1));
+        }
+        fan.push_str("    S40: {type: string}\npaths: {/a: {post: {requestBody: {content: {application/json: {schema: {$ref: '#/components/schemas/S0'}}}}}}}\n");
+        assert!(parse("x", &fan, None).expect_err("refused").contains("nodes"));
+        let external = "openapi: 3.0.0\nservers: [{url: 'http://a'}]\npaths: {/a: {post: {requestBody: {$ref: 'other.yaml#/x'}}}}\n";
+        assert!(
+            parse("x", external, None)
+                .expect_err("refused")
+                .contains("inside the document")
+        );
+    }
+}

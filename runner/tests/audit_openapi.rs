@@ -1,0 +1,110 @@
+//! `contextos tools import --openapi` and `contextos audit --openapi` against the OpenAPI
+//! document a real local HTTP service serves (the quickstart's ops-tools, `/openapi.json`):
+//! importing its operations gives the quickstart's declarations, the quickstart audits clean
+//! against it, and a tool moved off the document (another method, another schema) is reported.
+
+#[path = "support/quickstart.rs"]
+#[allow(dead_code)]
+mod quickstart;
+
+use std::process::Command;
+
+use quickstart::{OpsTools, Quickstart};
+use serde_json::Value;
+
+/// What the quickstart's files name the service by.
+const SERVICE: &str = "http://ops-tools.shop-platform.svc:8080";
+
+fn contextos(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_contextos"))
+        .args(args)
+        .output()
+        .expect("run contextos");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn openapi_findings(dir: &str, document: &str) -> Vec<(String, String)> {
+    let (code, stdout, stderr) = contextos(&["audit", dir, "--openapi", document, "--format", "json"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["rule"].as_str().is_some_and(|r| r.starts_with("openapi/")))
+        .map(|f| {
+            (
+                f["rule"].as_str().unwrap_or_default().to_owned(),
+                f["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_services_document_imports_the_quickstarts_tools_and_catches_what_moves_off_it() {
+    let tools = OpsTools::start(&[]);
+    let document = format!("{}/openapi.json", tools.url);
+
+    let (code, yaml, stderr) =
+        contextos(&["tools", "import", "--openapi", &document, "--server-url", SERVICE]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let imported: Value = serde_yaml::from_str(&yaml).expect("YAML");
+    let imported = imported["tools"].as_array().cloned().expect("tools");
+    let agent: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(Quickstart::examples().join("agent.yaml")).expect("agent.yaml"),
+    )
+    .expect("agent");
+    for tool in &imported {
+        let name = tool["name"].as_str().expect("name");
+        let declared = agent["spec"]["tools"]
+            .as_array()
+            .and_then(|t| t.iter().find(|d| d["name"] == name))
+            .unwrap_or_else(|| panic!("the quickstart declares no {name}"));
+        assert_eq!(
+            tool["adapter"]["http"]["url"], declared["adapter"]["http"]["url"],
+            "{name}"
+        );
+        assert_eq!(tool["inputSchema"], declared["inputSchema"], "{name}");
+    }
+    assert_eq!(imported.len(), 4, "{yaml}");
+    let search = imported
+        .iter()
+        .find(|t| t["name"] == "search_runbooks")
+        .expect("search");
+    assert_eq!(search["risk"], "read_only");
+    assert!(yaml.contains("# review: POST /namespaces/delete"), "{yaml}");
+
+    // The quickstart as it is: every HTTP tool is a documented operation with its schema.
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().display().to_string();
+    // The document names the service by its in-cluster URL, as the files do.
+    let local = std::fs::read_to_string(Quickstart::examples().join("agent.yaml")).expect("agent");
+    std::fs::write(dir.path().join("agent.yaml"), &local).expect("write");
+    let clean = openapi_findings(&path, &document);
+    assert!(clean.is_empty(), "{clean:#?}");
+
+    // Off the document: search by POST, error_budget with another schema.
+    let moved = local.replacen("method: GET", "method: POST", 1).replace(
+        "errorRate: {type: number, minimum: 0}",
+        "errorRate: {type: string}",
+    );
+    assert_ne!(moved, local);
+    std::fs::write(dir.path().join("agent.yaml"), &moved).expect("write");
+    let found = openapi_findings(&path, &document);
+    let has = |rule: &str, text: &str| found.iter().any(|(r, m)| r == rule && m.contains(text));
+    assert!(
+        has("openapi/undocumented-operation", "search_runbooks calls POST")
+            && has("openapi/undocumented-operation", "documented for GET"),
+        "{found:#?}"
+    );
+    assert!(
+        has("openapi/schema-drift", "error_budget's inputSchema differs"),
+        "{found:#?}"
+    );
+    drop(tools);
+}

@@ -45,3 +45,66 @@ async fn quickstart_examples_apply_with_server_side_apply() -> Result<()> {
     ns.pass();
     Ok(())
 }
+
+/// `contextos audit --cluster -n <namespace>` against the API server: the namespace's ContextOS
+/// objects (not other namespaces'), its Namespace object and the installation (the CRDs) are
+/// read, so findings name the live objects — the quickstart's read-only POST tool, and the
+/// namespace running an Agent without Pod Security `restricted`.
+#[tokio::test]
+async fn the_audit_reads_a_namespace_of_the_live_cluster() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(kubeconfig) = env.kubeconfig() else {
+        eprintln!("skipped: the audit is pointed at the local control plane's kubeconfig");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "audit").await?;
+    let client = env.client();
+    for (file, object) in quickstart_objects()? {
+        apply(&client, ns.name(), &object)
+            .await
+            .map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+    }
+    let contextos = contextos_kind_tests::process_node::workspace_binary("contextos").ok_or_else(|| {
+        anyhow::anyhow!("target/<profile>/contextos is missing: `make kind-tests` builds it")
+    })?;
+    let output = tokio::process::Command::new(contextos)
+        .env("KUBECONFIG", kubeconfig)
+        .args(["audit", "--cluster", "-n", ns.name(), "--format", "json"])
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "contextos audit --cluster failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout)?;
+    let findings = report["findings"].as_array().cloned().unwrap_or_default();
+    let has = |rule: &str, name: &str| {
+        findings
+            .iter()
+            .any(|f| f["rule"] == rule && f["object"]["name"] == name && f["file"].is_null())
+    };
+    ensure!(has("tool/read-only-post", "oncall-assistant"), "{stdout}");
+    ensure!(has("install/namespace-not-restricted", ns.name()), "{stdout}");
+    let contextos_kinds = ["Agent", "Policy", "ContextPack", "SandboxProfile", "Session"];
+    let foreign: Vec<&serde_json::Value> = findings
+        .iter()
+        .filter(|f| {
+            contextos_kinds.contains(&f["object"]["kind"].as_str().unwrap_or_default())
+                && f["object"]["namespace"] != ns.name()
+        })
+        .collect();
+    ensure!(
+        foreign.is_empty(),
+        "objects of other namespaces were audited: {foreign:#?}"
+    );
+    ensure!(
+        report["scores"]
+            .as_object()
+            .is_some_and(|s| s.contains_key(&format!("Agent {}/oncall-assistant", ns.name()))),
+        "{stdout}"
+    );
+    ns.pass();
+    Ok(())
+}

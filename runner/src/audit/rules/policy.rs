@@ -170,10 +170,21 @@ fn default_allow(harness: &Harness, sink: &mut Sink<'_>) {
 
 fn dry_run(harness: &Harness, sink: &mut Sink<'_>) {
     for policy in harness.policies.iter().filter(|p| !enforced(p)) {
+        // Read from a cluster, the object's age says how long a dryRun may have been left on.
+        let age = policy.doc.value["metadata"]["creationTimestamp"]
+            .as_str()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(|created| (jiff::Timestamp::now().as_second() - created.as_second()) / 86_400)
+            .map_or_else(String::new, |days| {
+                format!(" (the Policy was created {days} days ago)")
+            });
         sink.report(
             policy,
             spec(&["mode"]),
-            format!("Policy {} is in dryRun mode: it enforces nothing", policy.id.name),
+            format!(
+                "Policy {} is in dryRun mode: it enforces nothing{age}",
+                policy.id.name
+            ),
         );
     }
 }

@@ -12,6 +12,11 @@ use std::{
 
 use serde_json::Value;
 
+#[path = "support/audit_cli.rs"]
+mod audit_cli;
+
+use audit_cli::{contextos, findings_in};
+
 const ENTRY_ENV: &str = "CONTEXTOS_MCP_EVERYTHING";
 
 /// The reference server's entry point, or `None` (the test says it is skipped).
@@ -36,18 +41,6 @@ fn node() -> String {
     let path = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     assert!(!path.is_empty(), "node is not installed");
     path
-}
-
-fn contextos(args: &[&str]) -> (Option<i32>, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_contextos"))
-        .args(args)
-        .output()
-        .expect("run contextos");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 /// The imported tools, as JSON.
@@ -84,23 +77,9 @@ fn write_harness(dir: &Path, tools: &[Value]) {
 /// The live findings of auditing `dir` against `server`.
 fn live_findings(dir: &Path, server: &[&str]) -> Vec<(String, String)> {
     let dir = dir.display().to_string();
-    let mut args = vec!["audit", dir.as_str(), "--format", "json"];
+    let mut args = vec![dir.as_str()];
     args.extend_from_slice(server);
-    let (code, stdout, stderr) = contextos(&args);
-    assert_eq!(code, Some(0), "{stdout}{stderr}");
-    let report: Value = serde_json::from_str(&stdout).expect("json");
-    report["findings"]
-        .as_array()
-        .expect("findings")
-        .iter()
-        .filter(|f| f["rule"].as_str().is_some_and(|r| r.starts_with("live/")))
-        .map(|f| {
-            (
-                f["rule"].as_str().unwrap_or_default().to_owned(),
-                f["message"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
+    findings_in("live/", &args)
 }
 
 #[test]

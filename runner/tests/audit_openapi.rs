@@ -7,42 +7,18 @@
 #[allow(dead_code)]
 mod quickstart;
 
-use std::process::Command;
+#[path = "support/audit_cli.rs"]
+mod audit_cli;
 
+use audit_cli::{contextos, findings_in};
 use quickstart::{OpsTools, Quickstart};
 use serde_json::Value;
 
 /// What the quickstart's files name the service by.
 const SERVICE: &str = "http://ops-tools.shop-platform.svc:8080";
 
-fn contextos(args: &[&str]) -> (Option<i32>, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_contextos"))
-        .args(args)
-        .output()
-        .expect("run contextos");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 fn openapi_findings(dir: &str, document: &str) -> Vec<(String, String)> {
-    let (code, stdout, stderr) = contextos(&["audit", dir, "--openapi", document, "--format", "json"]);
-    assert_eq!(code, Some(0), "{stdout}{stderr}");
-    let report: Value = serde_json::from_str(&stdout).expect("json");
-    report["findings"]
-        .as_array()
-        .expect("findings")
-        .iter()
-        .filter(|f| f["rule"].as_str().is_some_and(|r| r.starts_with("openapi/")))
-        .map(|f| {
-            (
-                f["rule"].as_str().unwrap_or_default().to_owned(),
-                f["message"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
+    findings_in("openapi/", &[dir, "--openapi", document])
 }
 
 #[test]

@@ -99,22 +99,20 @@ fn declared(harness: &Harness) -> impl Iterator<Item = Declared<'_>> {
 }
 
 fn missing_tools(harness: &Harness, sink: &mut Sink<'_>) {
-    for Declared {
-        agent,
-        field,
-        tool,
-        server,
-        listed,
-    } in declared(harness)
-    {
-        if listed.is_none() {
-            let name = tool
+    for d in declared(harness) {
+        if d.listed.is_none() {
+            let name = d
+                .tool
                 .adapter
                 .mcp
                 .as_ref()
                 .and_then(|m| m.tool.as_deref())
-                .unwrap_or(&tool.name);
-            sink.report(agent, field, format!("{} lists no tool {name}", server.server()));
+                .unwrap_or(&d.tool.name);
+            sink.report(
+                d.agent,
+                d.field,
+                format!("{} lists no tool {name}", d.server.server()),
+            );
         }
     }
 }
@@ -156,27 +154,17 @@ fn undeclared_tools(harness: &Harness, sink: &mut Sink<'_>) {
 }
 
 fn schema_drift(harness: &Harness, sink: &mut Sink<'_>) {
-    for Declared {
-        agent,
-        field,
-        tool,
-        server,
-        listed,
-    } in declared(harness)
-    {
-        let (Some(declared), Some(listed)) = (&tool.input_schema, listed) else {
+    for d in declared(harness) {
+        let (Some(declared), Some(listed)) = (&d.tool.input_schema, d.listed) else {
             continue;
         };
         if declared != &listed.input_schema {
-            sink.report(
-                agent,
-                field.key("inputSchema"),
-                format!(
-                    "{}'s inputSchema differs from what {} lists",
-                    tool.name,
-                    server.server()
-                ),
+            let message = format!(
+                "{}'s inputSchema differs from what {} lists",
+                d.tool.name,
+                d.server.server()
             );
+            sink.report(d.agent, d.field.key("inputSchema"), message);
         }
     }
 }
@@ -197,53 +185,30 @@ fn hinted_floor(listed: &ServerTool) -> Option<(ToolRisk, &'static str)> {
 }
 
 fn hints_contradict_risk(harness: &Harness, sink: &mut Sink<'_>) {
-    for Declared {
-        agent,
-        field,
-        tool,
-        server,
-        listed,
-    } in declared(harness)
-    {
-        let Some((floor, hint)) = listed.and_then(hinted_floor) else {
+    for d in declared(harness) {
+        let Some((floor, hint)) = d.listed.and_then(hinted_floor) else {
             continue;
         };
-        if tool.risk < floor {
-            sink.report(
-                agent,
-                field.key("risk"),
-                format!(
-                    "{} is declared {} and {} annotates it {hint}",
-                    tool.name,
-                    tool.risk.as_str(),
-                    server.server()
-                ),
-            );
+        if d.tool.risk < floor {
+            let (name, risk, server) = (&d.tool.name, d.tool.risk.as_str(), d.server.server());
+            let message = format!("{name} is declared {risk} and {server} annotates it {hint}");
+            sink.report(d.agent, d.field.key("risk"), message);
         }
     }
 }
 
 fn hints_contradict_idempotency(harness: &Harness, sink: &mut Sink<'_>) {
-    for Declared {
-        agent,
-        field,
-        tool,
-        server,
-        listed,
-    } in declared(harness)
-    {
-        let says_not =
-            listed.is_some_and(|l| l.hints.idempotent == Some(false) && l.hints.read_only != Some(true));
-        if tool.idempotent && says_not {
-            sink.report(
-                agent,
-                field.key("idempotent"),
-                format!(
-                    "{} is declared idempotent and {} annotates it idempotentHint: false",
-                    tool.name,
-                    server.server()
-                ),
+    for d in declared(harness) {
+        let says_not = d
+            .listed
+            .is_some_and(|l| l.hints.idempotent == Some(false) && l.hints.read_only != Some(true));
+        if d.tool.idempotent && says_not {
+            let message = format!(
+                "{} is declared idempotent and {} annotates it idempotentHint: false",
+                d.tool.name,
+                d.server.server()
             );
+            sink.report(d.agent, d.field.key("idempotent"), message);
         }
     }
 }
@@ -286,20 +251,7 @@ spec:
                 .expect("adapter"),
             tools,
         });
-        let mut out = Vec::new();
-        for (rule, check) in RULES {
-            let mut sink = Sink {
-                rule,
-                findings: Vec::new(),
-            };
-            check(&harness, &mut sink);
-            out.extend(
-                sink.findings
-                    .into_iter()
-                    .map(|f| (f.rule.0.to_owned(), f.message)),
-            );
-        }
-        out
+        super::super::findings_of(RULES, &harness)
     }
 
     fn listed(name: &str, schema: serde_json::Value, hints: ToolHints) -> ServerTool {

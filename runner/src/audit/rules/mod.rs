@@ -54,6 +54,25 @@ pub fn run(harness: &Harness) -> Vec<Finding> {
     findings
 }
 
+/// The findings `rules` make about `harness`, as (rule id, message): for the rules' own tests.
+#[cfg(test)]
+pub(crate) fn findings_of(rules: &[(Rule, Check)], harness: &Harness) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (rule, check) in rules {
+        let mut sink = Sink {
+            rule,
+            findings: Vec::new(),
+        };
+        check(harness, &mut sink);
+        out.extend(
+            sink.findings
+                .into_iter()
+                .map(|f| (f.rule.0.to_owned(), f.message)),
+        );
+    }
+    out
+}
+
 /// Where one rule's findings go.
 #[derive(Debug)]
 pub struct Sink<'r> {

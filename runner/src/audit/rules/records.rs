@@ -321,20 +321,7 @@ mod tests {
             tenant: tenant.into(),
             runs,
         });
-        let mut out = Vec::new();
-        for (rule, check) in RULES {
-            let mut sink = Sink {
-                rule,
-                findings: Vec::new(),
-            };
-            check(&harness, &mut sink);
-            out.extend(
-                sink.findings
-                    .into_iter()
-                    .map(|f| (f.rule.0.to_owned(), f.message)),
-            );
-        }
-        out
+        super::super::findings_of(RULES, &harness)
     }
 
     #[test]

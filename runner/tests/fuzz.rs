@@ -19,6 +19,7 @@ use std::{
 
 use contextos_crds::{Agent, ContextPack, Policy, SandboxProfile, Session};
 use contextos_runner::{
+    audit,
     gateway::envelope::CallEnvelope,
     keys::KeyPair,
     manifests::ManifestSet,
@@ -269,6 +270,22 @@ fn specs(root: &std::path::Path, fx: &Fixtures) -> Vec<Spec> {
             .map(|f| example(f))
             .collect(),
         },
+        Spec {
+            name: "audit_manifests",
+            run: target_audit_manifests,
+            seeds: vec![
+                std::fs::read(root.join("runner/tests/audit/good/harness.yaml")).expect("good harness"),
+                std::fs::read(root.join("runner/tests/audit/good/install.yaml")).expect("install"),
+                example("agent.yaml"),
+            ],
+        },
+        Spec {
+            name: "openapi_document",
+            run: target_openapi_document,
+            seeds: vec![
+                std::fs::read(root.join("runner/examples/ops_tools.openapi.json")).expect("document"),
+            ],
+        },
     ]
 }
 
@@ -420,6 +437,30 @@ fn target_crd_specs(input: &[u8], fx: &Fixtures) {
         let _ = contextos_runner::context::compile(&pack.spec, &[], "fuzz", &[]);
     }
     let _ = serde_yaml::from_slice::<SandboxProfile>(input);
+}
+
+/// The audit: a manifest file read with its lines, sorted into a harness, every rule run and the
+/// report rendered.
+fn target_audit_manifests(input: &[u8], _: &Fixtures) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    if let Ok(documents) = audit::source::parse(std::path::Path::new("fuzz.yaml"), text) {
+        let report = audit::audit(&audit::Harness::from_documents(documents, false));
+        let _ = (report.text(), report.sarif());
+    }
+}
+
+/// An OpenAPI document's operations and the tools they imply.
+fn target_openapi_document(input: &[u8], _: &Fixtures) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    if let Ok(document) = audit::openapi::parse("fuzz", text, None) {
+        for operation in &document.operations {
+            let _ = audit::openapi::infer(operation);
+        }
+    }
 }
 
 /// xorshift64*: small, fast and seeded, so a pass is reproducible.

@@ -185,8 +185,8 @@ fn over_streamable_http_the_same_tools_are_imported_and_audit_clean() {
     let http = start_http(&entry);
     let server = ["--mcp-url", http.url.as_str()];
     let (_, tools) = import(&server);
-    let command = format!("{} {} stdio", node(), entry.display());
-    let (_, over_stdio) = import(&["--mcp-command", command.as_str()]);
+    let stdio = format!("{} {} stdio", node(), entry.display());
+    let (_, over_stdio) = import(&["--mcp-command", stdio.as_str()]);
     let names = |tools: &[Value]| -> Vec<String> {
         let mut names: Vec<String> = tools
             .iter()
@@ -205,4 +205,20 @@ fn over_streamable_http_the_same_tools_are_imported_and_audit_clean() {
     write_harness(dir.path(), &tools);
     let clean = live_findings(dir.path(), &server);
     assert!(clean.is_empty(), "{clean:#?}");
+    // The URL as the Agents write it matched (not merely nothing compared): a changed schema is
+    // caught, and a server nobody declares is said to match nothing.
+    let mut changed = tools.clone();
+    changed[0]["inputSchema"] = serde_json::json!({"type": "object"});
+    write_harness(dir.path(), &changed);
+    let drifted = live_findings(dir.path(), &server);
+    assert!(
+        drifted.iter().any(|(r, _)| r == "live/schema-drift"),
+        "{drifted:#?}"
+    );
+    let command = format!("{} {} stdio", node(), entry.display());
+    let elsewhere = live_findings(dir.path(), &["--mcp-command", command.as_str()]);
+    assert!(
+        elsewhere.iter().any(|(r, _)| r == "live/server-matches-no-tool"),
+        "{elsewhere:#?}"
+    );
 }

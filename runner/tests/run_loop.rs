@@ -325,9 +325,10 @@ fn a_tool_that_cannot_dedupe_is_never_sent_twice_and_a_human_resolves_whether_it
     );
 }
 
-/// `contextos audit --records` over the quickstart's own records: the denial of the namespace
-/// deletion was decided by its deny rule (so that rule is not reported unused), the tool the
-/// script never calls and the rule no call reached are reported, citing the run.
+/// `contextos audit --records` over the quickstart's own records: the tool the script never
+/// calls is reported, and no rule is reported unused — every rule's match selected a call (the
+/// namespace deletion its deny rule, the status update both its rules), although the record
+/// names only the deciding rule of each.
 #[test]
 fn the_audit_of_the_quickstarts_records_finds_what_the_run_did() {
     let q = Quickstart::new(&[]);
@@ -366,10 +367,7 @@ fn the_audit_of_the_quickstarts_records_finds_what_the_run_did() {
         ),
         "{findings:#?}"
     );
-    assert!(
-        has("records/rule-never-matched", "rule sev1-updates-need-a-human"),
-        "{findings:#?}"
-    );
+
     for used in [
         "search_runbooks",
         "get_service_status",
@@ -385,12 +383,13 @@ fn the_audit_of_the_quickstarts_records_finds_what_the_run_did() {
     for decided in [
         "no-namespace-deletion",
         "allow-reads",
+        "sev1-updates-need-a-human",
         "allow-status-updates",
         "destructive-needs-oncall",
     ] {
         assert!(
             !has("records/rule-never-matched", &format!("rule {decided} ")),
-            "{decided} decided a call: {findings:#?}"
+            "{decided} matched a call: {findings:#?}"
         );
     }
     assert!(

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use contextos_crds::policy::PolicyEffect;
+use contextos_crds::{
+    common::{ToolKind, ToolRisk},
+    policy::PolicyEffect,
+};
 
 use crate::records::{
     EntryBody, RecordEntry, RecordStore, RunFilter, TenantId,
@@ -20,6 +23,10 @@ pub struct Evidence {
     /// The tenant (namespace) the runs belong to: only that namespace's objects are judged.
     pub tenant: String,
     pub runs: Vec<RunEvidence>,
+    /// Runs left out: unreadable (id and why), and whether the window held more than
+    /// [`MAX_RUNS`].
+    pub unreadable: Vec<(String, String)>,
+    pub truncated: bool,
 }
 
 /// One run, reduced to what the audit judges.
@@ -36,6 +43,9 @@ pub struct RunEvidence {
 #[derive(Clone, Debug, Default)]
 pub struct CallEvidence {
     pub tool: String,
+    /// As the call was requested (what a rule's static match is judged by).
+    pub risk: Option<ToolRisk>,
+    pub kind: Option<ToolKind>,
     /// The applied decision's rule (`policy/rule`, `policy/default`, `safety/…`) and effect.
     pub decision: Option<(String, PolicyEffect)>,
     /// dryRun policies' decisions: rule and effect.
@@ -53,7 +63,10 @@ impl RunEvidence {
             match &entry.body {
                 EntryBody::ToolCallRequested(call) => {
                     order.push(call.call_id.clone());
-                    calls.entry(call.call_id.clone()).or_default().tool = call.tool.clone();
+                    let evidence = calls.entry(call.call_id.clone()).or_default();
+                    evidence.tool = call.tool.clone();
+                    evidence.risk = Some(call.risk);
+                    evidence.kind = Some(call.kind);
                 }
                 EntryBody::PolicyDecision(decision) => {
                     let call = calls.entry(decision.call_id.clone()).or_default();
@@ -95,20 +108,28 @@ pub async fn gather<S: RecordStore>(
         ..RunFilter::default()
     };
     let mut runs = Vec::new();
-    for summary in store.list_runs(tenant, &filter).await? {
-        let entries: Vec<RecordEntry> = read_run(store, tenant, &summary.run_id)
-            .await?
-            .into_iter()
-            .map(|(_, entry)| entry)
-            .collect();
-        runs.push(RunEvidence::from_entries(
-            &summary.run_id,
-            &summary.agent,
-            &entries,
-        ));
+    let mut unreadable = Vec::new();
+    let summaries = store.list_runs(tenant, &filter).await?;
+    let truncated = summaries.len() >= MAX_RUNS;
+    for summary in summaries {
+        // One damaged run is noted and skipped, not a reason to audit nothing.
+        match read_run(store, tenant, &summary.run_id).await {
+            Ok(entries) => {
+                let entries: Vec<RecordEntry> = entries.into_iter().map(|(_, entry)| entry).collect();
+                runs.push(RunEvidence::from_entries(
+                    &summary.run_id,
+                    &summary.agent,
+                    &entries,
+                ));
+            }
+            Err(ReadError::Store(error)) => return Err(ReadError::Store(error)),
+            Err(error) => unreadable.push((summary.run_id.clone(), error.to_string())),
+        }
     }
     Ok(Evidence {
         tenant: tenant.to_string(),
         runs,
+        unreadable,
+        truncated,
     })
 }

@@ -29,17 +29,25 @@ impl ServerListing {
         }
     }
 
-    /// Whether a tool's adapter reaches this server.
+    /// Whether a tool's adapter reaches this server: the same URL (scheme and host in any case,
+    /// a default port or not, with or without a trailing `/`), or the same command.
     pub fn serves(&self, adapter: &McpAdapter) -> bool {
         match (&self.adapter.url, &self.adapter.command) {
-            (Some(url), _) => adapter
-                .url
-                .as_deref()
-                .is_some_and(|u| u.trim_end_matches('/') == url.trim_end_matches('/')),
+            (Some(url), _) => adapter.url.as_deref().is_some_and(|u| same_url(u, url)),
             (None, Some(command)) => adapter.command.as_ref() == Some(command),
             (None, None) => false,
         }
     }
+}
+
+fn same_url(a: &str, b: &str) -> bool {
+    let normal = |u: &str| {
+        url::Url::parse(u).map_or_else(
+            |_| u.trim_end_matches('/').to_owned(),
+            |parsed| parsed.as_str().trim_end_matches('/').to_owned(),
+        )
+    };
+    normal(a) == normal(b)
 }
 
 /// The server's listing. A command-started server runs here, as a child process with a clean
@@ -93,6 +101,12 @@ pub fn infer(listed: &ServerTool, adapter: &McpAdapter) -> Imported {
         }
     };
     let idempotent = hints.idempotent == Some(true) || risk == ToolRisk::ReadOnly;
+    if hints.idempotent.is_none() && risk != ToolRisk::ReadOnly {
+        review.push(
+            "the server does not say whether a repeat is harmless (idempotentHint): declared not idempotent"
+                .to_owned(),
+        );
+    }
     let name = declared_name(&listed.name);
     if name != listed.name {
         review.push(format!("declared as {name} (tool names are lower-case letters, digits, _ and -); adapter.mcp.tool keeps the server's name"));
@@ -133,6 +147,40 @@ fn fallback_tool(name: &str, risk: ToolRisk, kind: ToolKind, adapter: &McpAdapte
         retry: None,
         idempotent: false,
     }
+}
+
+/// The longest server-side tool name a declaration can carry (`adapter.mcp.tool`).
+pub const MAX_SERVER_TOOL_NAME: usize = 128;
+
+/// Imported declarations made applyable together: names made unique (`-2`, `-3`, … with a
+/// review line), and schemas that are not valid JSON Schema left out (with a review line) so
+/// the Agent is not refused for them.
+pub fn finish(mut imported: Vec<Imported>) -> Vec<Imported> {
+    let mut taken = std::collections::BTreeSet::new();
+    for item in &mut imported {
+        let base = item.tool.name.clone();
+        let mut name = base.clone();
+        let mut n = 1;
+        while !taken.insert(name.clone()) {
+            n += 1;
+            let suffix = format!("-{n}");
+            name = format!("{}{suffix}", &base[..base.len().min(64 - suffix.len())]);
+        }
+        if name != base {
+            item.review.push(format!(
+                "declared as {name}: another tool of the server is declared {base}"
+            ));
+            item.tool.name = name;
+        }
+        if item.tool.input_schema.is_some()
+            && let Err(problem) = crate::gateway::CatalogTool::new(item.tool.clone())
+        {
+            item.review
+                .push(format!("the server's input schema is left out: {problem}"));
+            item.tool.input_schema = None;
+        }
+    }
+    imported
 }
 
 /// A tool name as Agents may declare it (`^[a-z][a-z0-9_-]*$`, at most 64).
@@ -194,7 +242,7 @@ mod tests {
         let silent = infer(&listed("zap", ToolHints::default()), &adapter());
         assert_eq!(silent.tool.risk, ToolRisk::Destructive);
         assert!(!silent.tool.idempotent);
-        assert_eq!(silent.review.len(), 2, "{:?}", silent.review);
+        assert_eq!(silent.review.len(), 3, "{:?}", silent.review);
         let closed = ToolHints {
             read_only: Some(false),
             destructive: Some(false),
@@ -217,6 +265,45 @@ mod tests {
             &adapter(),
         );
         assert_eq!(open.tool.risk, ToolRisk::Network);
+    }
+
+    #[test]
+    fn a_server_is_matched_by_its_url_however_it_is_written() {
+        let listing = ServerListing {
+            adapter: adapter(),
+            tools: Vec::new(),
+        };
+        let at = |url: &str| -> McpAdapter {
+            serde_json::from_value(serde_json::json!({"url": url})).expect("adapter")
+        };
+        assert!(listing.serves(&at("HTTP://MCP.example.com:80/mcp/")));
+        assert!(!listing.serves(&at("http://mcp.example.com/other")));
+    }
+
+    #[test]
+    fn imports_are_made_applyable_together() {
+        let read = ToolHints {
+            read_only: Some(true),
+            ..ToolHints::default()
+        };
+        let mut bad = listed("b", read);
+        bad.input_schema = serde_json::json!({"type": "nonsense"});
+        let finished = finish(
+            [listed("getTinyImage", read), listed("gettinyimage", read), bad]
+                .iter()
+                .map(|t| infer(t, &adapter()))
+                .collect(),
+        );
+        let names: Vec<&str> = finished.iter().map(|i| i.tool.name.as_str()).collect();
+        assert_eq!(names, ["gettinyimage", "gettinyimage-2", "b"]);
+        assert!(finished[1].review.iter().any(|r| r.contains("another tool")));
+        assert!(finished[2].tool.input_schema.is_none());
+        assert!(
+            finished[2]
+                .review
+                .iter()
+                .any(|r| r.contains("input schema is left out"))
+        );
     }
 
     #[test]

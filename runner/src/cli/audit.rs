@@ -121,13 +121,26 @@ pub async fn run(global: &GlobalArgs, args: AuditArgs) -> anyhow::Result<ExitCod
         harness
     };
     let harness = if args.records {
-        let tenant = global.tenant()?;
+        // With --cluster -n, the records are that namespace's.
+        let tenant = match (&args.namespace, args.cluster) {
+            (Some(namespace), true) => contextos_runner::records::TenantId::new(namespace)?,
+            _ => global.tenant()?,
+        };
         let store = global.open_records(&tenant).await?;
         let now_ms = jiff::Timestamp::now().as_millisecond();
         let since_ms = now_ms.saturating_sub(i64::try_from(args.since.as_millis()).unwrap_or(i64::MAX));
         let evidence = evidence::gather(&store, &tenant, since_ms)
             .await
             .with_context(|| format!("reading the records of tenant {tenant}"))?;
+        for (run, why) in &evidence.unreadable {
+            eprintln!("contextos audit: run {run} left out: {why}");
+        }
+        if evidence.truncated {
+            eprintln!(
+                "contextos audit: the window holds more than {} runs; the newest were read (narrow --since)",
+                evidence::MAX_RUNS
+            );
+        }
         harness.with_evidence(evidence)
     } else {
         harness

@@ -76,7 +76,7 @@ async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
                 ids.join(", ")
             );
         }
-        let imported: Vec<Imported> = document.operations.iter().map(openapi::infer).collect();
+        let imported = live::finish(document.operations.iter().map(openapi::infer).collect());
         print!(
             "{}",
             render(&document.source, "the operations' HTTP methods", &imported)?
@@ -87,7 +87,18 @@ async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     let listing = live::introspect(adapter.clone())
         .await
         .with_context(|| "listing the MCP server's tools".to_owned())?;
-    let imported: Vec<Imported> = listing.tools.iter().map(|t| live::infer(t, &adapter)).collect();
+    let mut listed = Vec::new();
+    for tool in &listing.tools {
+        if tool.name.is_empty() || tool.name.chars().count() > live::MAX_SERVER_TOOL_NAME {
+            eprintln!(
+                "contextos tools import: left out a tool whose name is empty or longer than {} characters",
+                live::MAX_SERVER_TOOL_NAME
+            );
+            continue;
+        }
+        listed.push(live::infer(tool, &adapter));
+    }
+    let imported = live::finish(listed);
     print!(
         "{}",
         render(&listing.server(), "the server's annotations", &imported)?
@@ -100,8 +111,8 @@ pub fn render(server: &str, basis: &str, imported: &[Imported]) -> anyhow::Resul
     let to_review = imported.iter().filter(|i| !i.review.is_empty()).count();
     let mut out = format!(
         "# {} tools imported from {server} by `contextos tools import`.\n\
-         # Risk, kind and idempotency come from {basis}; the {to_review} marked `review:` rest on\n\
-         # assumptions. Check them before applying.\n\
+         # Risk, kind and idempotency come from {basis}; {to_review} carry `review:` lines saying\n\
+         # what was assumed or changed. Check them before applying.\n\
          tools:\n",
         imported.len()
     );
@@ -109,9 +120,11 @@ pub fn render(server: &str, basis: &str, imported: &[Imported]) -> anyhow::Resul
         for line in &item.review {
             out.push_str(&format!("  # review: {line}\n"));
         }
-        let yaml = serde_yaml::to_string(&vec![&item.tool]).context("encoding a tool")?;
-        for line in yaml.lines() {
-            out.push_str("  ");
+        // JSON, which is YAML too: every string quoted, so no name or value a server chose
+        // (`yes`, `on`, `NO`) reads back as a boolean under YAML 1.1 (kubectl's reader).
+        let json = serde_json::to_string_pretty(&item.tool).context("encoding a tool")?;
+        for (i, line) in json.lines().enumerate() {
+            out.push_str(if i == 0 { "  - " } else { "    " });
             out.push_str(line);
             out.push('\n');
         }

@@ -29,6 +29,16 @@ pub(super) const RULES: &[(Rule, Check)] = &[
     ),
     (
         Rule {
+            id: RuleId("live/server-matches-no-tool"),
+            severity: Severity::Medium,
+            title: "a server given to the audit that no declared tool reaches",
+            why: "nothing was compared: the URL or command differs from what the Agents declare (or no Agent uses the server), so a clean result means nothing",
+            fix: "give --mcp/--mcp-command exactly as the Agents' `adapter.mcp.url` or `adapter.mcp.command` say",
+        },
+        servers_matching_nothing,
+    ),
+    (
+        Rule {
             id: RuleId("live/undeclared-tool"),
             severity: Severity::Info,
             title: "a tool the server lists that no Agent declares",
@@ -117,6 +127,29 @@ fn missing_tools(harness: &Harness, sink: &mut Sink<'_>) {
     }
 }
 
+fn servers_matching_nothing(harness: &Harness, sink: &mut Sink<'_>) {
+    for server in &harness.live {
+        let used = harness
+            .agents
+            .iter()
+            .flat_map(|a| &a.spec.tools)
+            .any(|t| t.adapter.mcp.as_ref().is_some_and(|m| server.serves(m)));
+        if !used {
+            let object = Object {
+                id: crate::audit::harness::ObjectRef {
+                    kind: "MCPServer".into(),
+                    namespace: None,
+                    name: server.server(),
+                },
+                doc: crate::audit::source::Document::unplaced(serde_json::Value::Null),
+                spec: (),
+            };
+            let message = format!("no declared tool's adapter.mcp names {}", server.server());
+            sink.report(&object, FieldPath::root(), message);
+        }
+    }
+}
+
 fn undeclared_tools(harness: &Harness, sink: &mut Sink<'_>) {
     for server in &harness.live {
         // Reported on each Agent using the server (the findings need an object to stand on).
@@ -179,6 +212,16 @@ fn hinted_floor(listed: &ServerTool) -> Option<(ToolRisk, &'static str)> {
         return Some((ToolRisk::Destructive, "destructiveHint: true"));
     }
     if hints.read_only == Some(false) {
+        // MCP's defaults: destructive and open world unless the server says otherwise.
+        if hints.destructive.is_none() {
+            return Some((
+                ToolRisk::Destructive,
+                "readOnlyHint: false (destructive unless it says not)",
+            ));
+        }
+        if hints.open_world != Some(false) {
+            return Some((ToolRisk::Network, "readOnlyHint: false, reaching an open world"));
+        }
         return Some((ToolRisk::LocalWrite, "readOnlyHint: false"));
     }
     None
@@ -313,6 +356,29 @@ spec:
             "{found:#?}"
         );
         assert!(has("live/undeclared-tool", "also lists new_tool"), "{found:#?}");
+        let open = ToolHints {
+            read_only: Some(false),
+            destructive: Some(false),
+            idempotent: Some(true),
+            open_world: None,
+        };
+        let reaching = findings(vec![
+            listed(
+                "echo",
+                serde_json::json!({"type": "object"}),
+                ToolHints {
+                    read_only: Some(true),
+                    ..ToolHints::default()
+                },
+            ),
+            listed("zap", serde_json::json!({"type": "object"}), open),
+        ]);
+        assert!(
+            reaching
+                .iter()
+                .any(|(r, m)| r == "live/hints-contradict-risk" && m.contains("open world")),
+            "{reaching:#?}"
+        );
         let gone = findings(vec![listed(
             "echo",
             serde_json::json!({"type": "object"}),

@@ -5,13 +5,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use contextos_crds::{AgentSpec, policy::PolicyEffect};
+use contextos_crds::{
+    AgentSpec,
+    common::{ToolKind, ToolRisk},
+    policy::PolicyEffect,
+};
 
 use super::{Check, Sink, spec};
-use crate::audit::{
-    evidence::{Evidence, RunEvidence},
-    finding::{Rule, RuleId, Severity},
-    harness::{Harness, Object},
+use crate::{
+    audit::{
+        evidence::{Evidence, RunEvidence},
+        finding::{Rule, RuleId, Severity},
+        harness::{Harness, Object},
+    },
+    policy::compile_policy,
 };
 
 /// Runs named in a finding before "and N more".
@@ -22,7 +29,7 @@ pub(super) const RULES: &[(Rule, Check)] = &[
         Rule {
             id: RuleId("records/rule-never-matched"),
             severity: Severity::Low,
-            title: "a Policy rule that decided no call in the window",
+            title: "a Policy rule whose match selected none of the calls in the window",
             why: "a rule that never applies is either dead (its tools are gone or renamed) or covers a case the agents never reach; both deserve a look before someone relies on it",
             fix: "check the rule's match against the tools the agents call; remove it if it is dead",
         },
@@ -80,6 +87,21 @@ pub(super) const RULES: &[(Rule, Check)] = &[
     ),
 ];
 
+fn strictness(effect: PolicyEffect) -> u8 {
+    match effect {
+        PolicyEffect::Allow => 0,
+        PolicyEffect::RequireApproval => 1,
+        PolicyEffect::Deny => 2,
+    }
+}
+
+fn stricter_wording(effect: PolicyEffect) -> &'static str {
+    match effect {
+        PolicyEffect::Deny => "deny",
+        _ => "ask for approval of",
+    }
+}
+
 /// The runs of `agent` in the evidence, when it was read for the Agent's namespace.
 fn runs_of<'a>(evidence: &'a Evidence, agent: &Object<AgentSpec>) -> Vec<&'a RunEvidence> {
     let namespace_matches = agent
@@ -116,21 +138,28 @@ fn rules_never_matched(harness: &Harness, sink: &mut Sink<'_>) {
         if runs.is_empty() {
             continue;
         }
-        let decided: BTreeSet<&str> = runs
+        let Ok(compiled) = compile_policy(&policy.id.name, &policy.spec) else {
+            continue;
+        };
+        // Judged by the rule's match, not by which rule the record names: with several
+        // Policies only the strictest verdict is recorded, and a safety mode may replace it.
+        let calls: Vec<(&str, ToolRisk, ToolKind)> = runs
             .iter()
             .flat_map(|r| &r.calls)
-            .flat_map(|c| c.decision.iter().chain(&c.shadows))
-            .map(|(rule, _)| rule.as_str())
+            .filter_map(|c| Some((c.tool.as_str(), c.risk?, c.kind?)))
             .collect();
-        for (i, rule) in policy.spec.rules.iter().enumerate() {
-            let id = format!("{}/{}", policy.id.name, rule.name);
-            if !decided.contains(id.as_str()) {
+        for (i, rule) in compiled.rules.iter().enumerate() {
+            let matched = calls
+                .iter()
+                .any(|(tool, risk, kind)| rule.matches(tool, *risk, *kind));
+            if !matched {
                 sink.report(
                     policy,
                     spec(&["rules"]).index(i),
                     format!(
-                        "rule {} decided none of the calls of {} runs",
+                        "rule {} matches none of the {} calls of {} runs",
                         rule.name,
+                        calls.len(),
                         runs.len()
                     ),
                 );
@@ -206,9 +235,10 @@ fn dry_run_would_change(harness: &Harness, sink: &mut Sink<'_>) {
                 for call in &run.calls {
                     let applied = call.decision.as_ref().map_or(PolicyEffect::Allow, |(_, e)| *e);
                     for (_, effect) in call.shadows.iter().filter(|(r, _)| r.starts_with(&prefix)) {
-                        if *effect != applied {
+                        // Enforcing a Policy can only add strictness: the strictest verdict wins.
+                        if strictness(*effect) > strictness(applied) {
                             changes
-                                .entry((effect.as_str(), call.tool.as_str()))
+                                .entry((stricter_wording(*effect), call.tool.as_str()))
                                 .or_default()
                                 .insert(run.run_id.as_str());
                         }
@@ -221,7 +251,7 @@ fn dry_run_would_change(harness: &Harness, sink: &mut Sink<'_>) {
                 policy,
                 spec(&["mode"]),
                 format!(
-                    "enforced, it would {effect} calls of {tool} that went ahead otherwise, in {}",
+                    "enforced, it would {effect} calls of {tool} that were decided more leniently, in {}",
                     named(&runs)
                 ),
             );
@@ -284,9 +314,19 @@ mod tests {
 
     const GOOD: &str = include_str!("../../../tests/audit/good/harness.yaml");
 
+    /// A call of one of the good harness's tools, as requested (risk and kind as declared) and
+    /// decided by `rule`.
     fn call(tool: &str, rule: &str, effect: PolicyEffect) -> CallEvidence {
+        let (risk, kind) = match tool {
+            "search_runbooks" => (ToolRisk::ReadOnly, ToolKind::Observe),
+            "lint_manifest" => (ToolRisk::LocalWrite, ToolKind::Verify),
+            "post_status_update" => (ToolRisk::Network, ToolKind::Act),
+            _ => (ToolRisk::Destructive, ToolKind::Act),
+        };
         CallEvidence {
             tool: tool.into(),
+            risk: Some(risk),
+            kind: Some(kind),
             decision: Some((rule.into(), effect)),
             ..CallEvidence::default()
         }
@@ -301,10 +341,11 @@ mod tests {
             calls: vec![
                 call("search_runbooks", "guardrails/reads", PolicyEffect::Allow),
                 call("lint_manifest", "guardrails/lint", PolicyEffect::Allow),
+                // A supervised run records the safety mode, not the rule that allowed it.
                 call(
                     "post_status_update",
-                    "guardrails/status-updates",
-                    PolicyEffect::Allow,
+                    "safety/supervised",
+                    PolicyEffect::RequireApproval,
                 ),
                 call(
                     "restart_deployment",
@@ -320,6 +361,7 @@ mod tests {
         let harness = Harness::from_documents(documents, false).with_evidence(Evidence {
             tenant: tenant.into(),
             runs,
+            ..Evidence::default()
         });
         super::super::findings_of(RULES, &harness)
     }
@@ -334,29 +376,32 @@ mod tests {
 
     #[test]
     fn what_the_runs_show_is_reported_with_the_runs() {
-        let mut lean = thorough_run("r1");
-        // Only reads: the other rules and tools were never needed.
-        lean.calls.truncate(1);
         let mut odd = thorough_run("r2");
         odd.calls = vec![
             CallEvidence {
-                tool: "restart_deployment".into(),
-                decision: Some(("guardrails/default".into(), PolicyEffect::Deny)),
-                shadows: vec![(
-                    "guardrails/destructive-needs-oncall".into(),
-                    PolicyEffect::RequireApproval,
-                )],
                 dead_lettered: true,
+                ..call("restart_deployment", "guardrails/default", PolicyEffect::Deny)
             },
-            call("search_runbooks", "guardrails/reads", PolicyEffect::Allow),
+            CallEvidence {
+                // A dryRun rule that would deny what was allowed.
+                shadows: vec![("guardrails/trial-no-search".into(), PolicyEffect::Deny)],
+                ..call("search_runbooks", "guardrails/reads", PolicyEffect::Allow)
+            },
+            CallEvidence {
+                // A dryRun rule looser than what applied is no change when enforced.
+                shadows: vec![("guardrails/trial-allow".into(), PolicyEffect::Allow)],
+                ..call(
+                    "restart_deployment",
+                    "guardrails/destructive-needs-oncall",
+                    PolicyEffect::RequireApproval,
+                )
+            },
         ];
         odd.failure = Some(("BudgetExhausted".into(), "steps".into()));
         let mut again = thorough_run("r3");
         again.failure = Some(("BudgetExhausted".into(), "steps".into()));
-        let found = findings(vec![lean, odd, again], "shop");
+        let found = findings(vec![odd, again], "shop");
         let has = |rule: &str, text: &str| found.iter().any(|(r, m)| r == rule && m.contains(text));
-        assert!(!has("records/rule-never-matched", "rule reads"), "{found:#?}");
-        assert!(!has("records/tool-never-used", "search_runbooks"), "{found:#?}");
         assert!(
             has(
                 "records/default-effect-decided",
@@ -367,8 +412,14 @@ mod tests {
         assert!(
             has(
                 "records/dry-run-would-change",
-                "require_approval calls of restart_deployment"
+                "it would deny calls of search_runbooks that were decided more leniently"
             ),
+            "{found:#?}"
+        );
+        assert!(
+            !found
+                .iter()
+                .any(|(r, m)| r == "records/dry-run-would-change" && m.contains("restart_deployment")),
             "{found:#?}"
         );
         assert!(
@@ -385,22 +436,17 @@ mod tests {
             ),
             "{found:#?}"
         );
-        // r3 used every tool and rule, so none is "never" used.
+        // r3 called every tool, so no rule or tool is "never" used, although the status update's
+        // record names the safety mode instead of the rule that allowed it.
         assert!(
             !found
                 .iter()
                 .any(|(r, _)| r == "records/rule-never-matched" || r == "records/tool-never-used")
         );
-        let unused = findings(
-            vec![thorough_run("r1")]
-                .into_iter()
-                .map(|mut r| {
-                    r.calls.truncate(1);
-                    r
-                })
-                .collect(),
-            "shop",
-        );
+
+        let mut lean = thorough_run("r1");
+        lean.calls.truncate(1);
+        let unused = findings(vec![lean], "shop");
         assert!(
             unused
                 .iter()
@@ -410,7 +456,13 @@ mod tests {
         assert!(
             unused
                 .iter()
-                .any(|(r, m)| r == "records/rule-never-matched" && m.contains("rule lint")),
+                .any(|(r, m)| r == "records/rule-never-matched" && m.contains("rule lint ")),
+            "{unused:#?}"
+        );
+        assert!(
+            !unused
+                .iter()
+                .any(|(r, m)| r == "records/rule-never-matched" && m.contains("rule reads ")),
             "{unused:#?}"
         );
     }

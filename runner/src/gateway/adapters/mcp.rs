@@ -27,16 +27,19 @@ use tokio::sync::Mutex;
 use super::{AdapterError, AdapterResponse, CallContext, ServerTool, ToolHints};
 use crate::gateway::capabilities::CapabilityRoute;
 
-/// Bound of one message of a tool listing (a server with many tools and large schemas).
-pub const LISTING_CAP: usize = 4 * 1024 * 1024;
-/// A server is not trusted to stop paginating: at most this many tools, pages and seconds.
+/// Bound of one page of a tool listing (the transport allows [`message_limit`] of it).
+pub const LISTING_CAP: usize = 1024 * 1024;
+/// A server is not trusted to stop paginating: at most this many tools, bytes (all pages, as
+/// JSON), pages and seconds.
 pub const MAX_LISTED_TOOLS: usize = 1_000;
+const MAX_LISTING_BYTES: usize = 16 * 1024 * 1024;
 const MAX_LISTING_PAGES: usize = 100;
 const LISTING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Every page of `tools/list`, within [`MAX_LISTED_TOOLS`] and [`MAX_LISTING_PAGES`].
 async fn list_pages(client: &Client) -> Result<Vec<rmcp::model::Tool>, String> {
     let mut tools = Vec::new();
+    let mut bytes = 0usize;
     let mut cursor = None;
     for _ in 0..MAX_LISTING_PAGES {
         let params = rmcp::model::PaginatedRequestParams::default().with_cursor(cursor);
@@ -44,9 +47,19 @@ async fn list_pages(client: &Client) -> Result<Vec<rmcp::model::Tool>, String> {
             .list_tools(Some(params))
             .await
             .map_err(|e| format!("tools/list failed: {e}"))?;
+        bytes += page
+            .tools
+            .iter()
+            .map(|t| serde_json::to_vec(t).map_or(0, |v| v.len()))
+            .sum::<usize>();
         tools.extend(page.tools);
         if tools.len() > MAX_LISTED_TOOLS {
             return Err(format!("the server lists more than {MAX_LISTED_TOOLS} tools"));
+        }
+        if bytes > MAX_LISTING_BYTES {
+            return Err(format!(
+                "the server's tool list is larger than {MAX_LISTING_BYTES} bytes"
+            ));
         }
         match page.next_cursor {
             Some(next) => cursor = Some(next),
@@ -257,13 +270,21 @@ impl McpClients {
     /// Every tool the server of `adapter` lists (`tools/list`, all pages), for audits and imports;
     /// each message is bounded like a call's response ([`LISTING_CAP`]).
     pub async fn list_tools(&self, adapter: &McpAdapter) -> Result<Vec<ServerTool>, AdapterError> {
-        let client = self.client(adapter, LISTING_CAP).await?;
-        let listed = tokio::time::timeout(LISTING_TIMEOUT, list_pages(&client))
+        // One deadline for starting or reaching the server, initializing, and every page.
+        let unreachable = |detail: String| AdapterError::Unreachable {
+            endpoint: server_of(adapter),
+            detail,
+        };
+        let listing = async {
+            let client = self.client(adapter, LISTING_CAP).await?;
+            list_pages(&client).await.map_err(unreachable)
+        };
+        let listed = tokio::time::timeout(LISTING_TIMEOUT, listing)
             .await
-            .unwrap_or_else(|_| Err(format!("no complete tool list within {LISTING_TIMEOUT:?}")))
-            .map_err(|detail| AdapterError::Unreachable {
-                endpoint: server_of(adapter),
-                detail,
+            .unwrap_or_else(|_| {
+                Err(unreachable(format!(
+                    "no complete tool list within {LISTING_TIMEOUT:?}"
+                )))
             });
         if listed.is_err() {
             self.forget(adapter, LISTING_CAP).await;

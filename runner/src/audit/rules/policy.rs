@@ -128,6 +128,16 @@ pub(super) const RULES: &[(Rule, Check)] = &[
     ),
     (
         Rule {
+            id: RuleId("promotion/manual-without-approvers"),
+            severity: Severity::High,
+            title: "a manual promotion gate that names no approver",
+            why: "nobody can pass it: the API server refuses the object, and an Agent using it never gets a promoted revision",
+            fix: "name `spec.promotion.approvers` (users or groups), or use `mode: automatic`",
+        },
+        manual_without_approvers,
+    ),
+    (
+        Rule {
             id: RuleId("promotion/tolerant-replay"),
             severity: Severity::Medium,
             title: "a replay gate that tolerates much divergence",
@@ -458,6 +468,20 @@ fn ungated(harness: &Harness, sink: &mut Sink<'_>) {
                 &placed(id, doc),
                 spec(&[]),
                 format!("{id} has no spec.promotion: changes apply at once"),
+            );
+        }
+    }
+}
+
+fn manual_without_approvers(harness: &Harness, sink: &mut Sink<'_>) {
+    for (id, doc, promotion) in gated(harness) {
+        let Some(promotion) = promotion else { continue };
+        let named = promotion.approvers.as_ref().is_some_and(|a| !a.is_empty());
+        if promotion.mode == contextos_crds::common::PromotionMode::Manual && !named {
+            sink.report(
+                &placed(id, doc),
+                spec(&["promotion", "mode"]),
+                format!("{id} is promoted by hand and names no one who may"),
             );
         }
     }

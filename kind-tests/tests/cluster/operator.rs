@@ -167,7 +167,74 @@ async fn a_session_runs_in_a_restricted_pod_pauses_for_approval_and_succeeds_wit
     op.verify_session_record(ns.name(), &status)
         .await
         .map_err(anyhow::Error::msg)?;
+
+    // `contextos audit --records` over the run's record in the cluster's store finds what it
+    // did: the tool the script never calls, and no rule unused (the namespace deletion was
+    // refused by its deny rule, the restart waited on its approval rule).
+    audit_records(env, op, ns.name()).await?;
     ns.pass();
+    Ok(())
+}
+
+/// The quickstart's manifests audited against the records of `namespace` in the e2e store.
+async fn audit_records(env: &TestEnv, op: &OperatorEnv, namespace: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (i, object) in objects(env, op)?.iter().enumerate() {
+        let mut object = object.clone();
+        object["metadata"]["namespace"] = json!(namespace);
+        std::fs::write(
+            dir.path().join(format!("{i:02}.yaml")),
+            serde_yaml::to_string(&object)?,
+        )?;
+    }
+    let contextos = contextos_kind_tests::process_node::workspace_binary("contextos")
+        .context("target/<profile>/contextos is missing: `make kind-tests` builds it")?;
+    let output = tokio::process::Command::new(contextos)
+        .args([
+            "--store",
+            &op.store,
+            "--tenant",
+            namespace,
+            "audit",
+            "--records",
+            "--format",
+            "json",
+        ])
+        .arg(dir.path())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "contextos audit --records failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout)?;
+    let findings: Vec<(String, String)> = report["findings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| {
+            let text = |key: &str| f[key].as_str().unwrap_or_default().to_owned();
+            (text("rule"), text("message"))
+        })
+        .collect();
+    let has = |rule: &str, text: &str| findings.iter().any(|(r, m)| r == rule && m.contains(text));
+    ensure!(
+        has(
+            "records/tool-never-used",
+            "error_budget was called in none of 1 runs"
+        ),
+        "{findings:#?}"
+    );
+    ensure!(
+        !findings.iter().any(|(r, _)| r == "records/rule-never-matched"),
+        "every rule's match selected a call of the run: {findings:#?}"
+    );
+    ensure!(
+        !has("records/tool-never-used", "delete_namespace"),
+        "{findings:#?}"
+    );
     Ok(())
 }
 

@@ -19,6 +19,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+#[path = "support/audit_cli.rs"]
+#[allow(dead_code)]
+mod audit_cli;
+
 use contextos_runner::audit::{self, Harness, Severity, report::rules_markdown, rules, source};
 use serde_json::Value;
 
@@ -290,16 +294,9 @@ fn every_format_carries_every_finding() {
 fn the_cli_gates_ci_and_refuses_to_audit_nothing() {
     let dir = tempfile::tempdir().expect("dir");
     let audit = |args: &[&str]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_contextos"))
-            .arg("audit")
-            .args(args)
-            .output()
-            .expect("run contextos");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
+        let mut all = vec!["audit"];
+        all.extend_from_slice(args);
+        audit_cli::contextos(&all)
     };
     let path = dir.path().display().to_string();
     let (code, _, stderr) = audit(&[&path]);

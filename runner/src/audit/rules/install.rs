@@ -11,7 +11,7 @@ use super::{Check, Sink};
 use crate::audit::{
     field::FieldPath,
     finding::{Rule, RuleId, Severity},
-    harness::{Harness, Object, ObjectRef},
+    harness::{Harness, ObjectRef},
     source::Document,
 };
 
@@ -67,27 +67,21 @@ pub(super) const RULES: &[(Rule, Check)] = &[
     ),
 ];
 
-fn placed(id: ObjectRef, doc: Document) -> Object<()> {
-    Object { id, doc, spec: () }
-}
-
 /// Where install-level findings without an object of their own are reported: the gateway or
 /// operator Deployment when the audit has one, the installation otherwise.
-fn installation_anchor(harness: &Harness) -> Object<()> {
+fn installation_anchor(harness: &Harness) -> (ObjectRef, Document) {
     harness
         .others
         .iter()
         .find(|o| o.id.kind == "Deployment" && o.id.name.starts_with("contextos-"))
-        .map(|o| placed(o.id.clone(), o.doc.clone()))
+        .map(|o| (o.id.clone(), o.doc.clone()))
         .unwrap_or_else(|| {
-            placed(
-                ObjectRef {
-                    kind: "Installation".into(),
-                    namespace: None,
-                    name: "contextos".into(),
-                },
-                Document::unplaced(Value::Null),
-            )
+            let id = ObjectRef {
+                kind: "Installation".into(),
+                namespace: None,
+                name: "contextos".into(),
+            };
+            (id, Document::unplaced(Value::Null))
         })
 }
 
@@ -95,6 +89,7 @@ fn admission_policies(harness: &Harness, sink: &mut Sink<'_>) {
     if !harness.has_installation() {
         return;
     }
+    let (anchor, anchor_doc) = installation_anchor(harness);
     for (name, guarantees) in TRUST_ADMISSION_POLICIES {
         // Matched by name, also behind a kustomize `namePrefix`/`nameSuffix`.
         let policy = harness
@@ -106,8 +101,9 @@ fn admission_policies(harness: &Harness, sink: &mut Sink<'_>) {
             .others_of("ValidatingAdmissionPolicyBinding")
             .find(|o| o.spec["spec"]["policyName"].as_str() == Some(name));
         match (policy, binding) {
-            (None, _) => sink.report(
-                &installation_anchor(harness),
+            (None, _) => sink.report_at(
+                &anchor,
+                &anchor_doc,
                 FieldPath::root(),
                 format!("ValidatingAdmissionPolicy {name} is not installed: nothing ensures {guarantees}"),
             ),
@@ -117,8 +113,9 @@ fn admission_policies(harness: &Harness, sink: &mut Sink<'_>) {
                     FieldPath::of(&["spec", "failurePolicy"]),
                     format!("{name} is skipped whenever it cannot be evaluated (failurePolicy: Ignore)"),
                 ),
-            (Some(_), None) => sink.report(
-                &installation_anchor(harness),
+            (Some(_), None) => sink.report_at(
+                &anchor,
+                &anchor_doc,
                 FieldPath::root(),
                 format!(
                     "ValidatingAdmissionPolicyBinding {name} is not installed: the policy applies to nothing"

@@ -135,17 +135,14 @@ fn servers_matching_nothing(harness: &Harness, sink: &mut Sink<'_>) {
             .flat_map(|a| &a.spec.tools)
             .any(|t| t.adapter.mcp.as_ref().is_some_and(|m| server.serves(m)));
         if !used {
-            let object = Object {
-                id: crate::audit::harness::ObjectRef {
-                    kind: "MCPServer".into(),
-                    namespace: None,
-                    name: server.server(),
-                },
-                doc: crate::audit::source::Document::unplaced(serde_json::Value::Null),
-                spec: (),
+            let id = crate::audit::harness::ObjectRef {
+                kind: "MCPServer".into(),
+                namespace: None,
+                name: server.server(),
             };
             let message = format!("no declared tool's adapter.mcp names {}", server.server());
-            sink.report(&object, FieldPath::root(), message);
+            let unplaced = crate::audit::source::Document::unplaced(serde_json::Value::Null);
+            sink.report_at(&id, &unplaced, FieldPath::root(), message);
         }
     }
 }

@@ -16,7 +16,8 @@ mod tool;
 use super::{
     field::FieldPath,
     finding::{Finding, Rule},
-    harness::{Harness, Object},
+    harness::{Harness, Object, ObjectRef},
+    source::Document,
 };
 
 /// A rule's check: reports what it finds into the sink.
@@ -83,13 +84,24 @@ pub struct Sink<'r> {
 impl Sink<'_> {
     /// Reports `message` about `field` of `object`.
     pub fn report<T>(&mut self, object: &Object<T>, field: FieldPath, message: impl Into<String>) {
-        let placed = !object.doc.file.as_os_str().is_empty();
+        self.report_at(&object.id, &object.doc, field, message);
+    }
+
+    /// Reports `message` about `field` of the object `id`, read from `doc` (which places it).
+    pub fn report_at(
+        &mut self,
+        id: &ObjectRef,
+        doc: &Document,
+        field: FieldPath,
+        message: impl Into<String>,
+    ) {
+        let placed = !doc.file.as_os_str().is_empty();
         self.findings.push(Finding {
             rule: self.rule.id,
             severity: self.rule.severity,
-            object: object.id.clone(),
-            line: object.doc.line_of(&field),
-            file: placed.then(|| object.doc.file.clone()),
+            object: id.clone(),
+            line: doc.line_of(&field),
+            file: placed.then(|| doc.file.clone()),
             field,
             message: message.into(),
         });

@@ -450,22 +450,12 @@ fn gated(
         )
 }
 
-fn placed<'a>(
-    id: &'a crate::audit::harness::ObjectRef,
-    doc: &'a crate::audit::source::Document,
-) -> Object<()> {
-    Object {
-        id: id.clone(),
-        doc: doc.clone(),
-        spec: (),
-    }
-}
-
 fn ungated(harness: &Harness, sink: &mut Sink<'_>) {
     for (id, doc, promotion) in gated(harness) {
         if promotion.is_none() {
-            sink.report(
-                &placed(id, doc),
+            sink.report_at(
+                id,
+                doc,
                 spec(&[]),
                 format!("{id} has no spec.promotion: changes apply at once"),
             );
@@ -478,8 +468,9 @@ fn manual_without_approvers(harness: &Harness, sink: &mut Sink<'_>) {
         let Some(promotion) = promotion else { continue };
         let named = promotion.approvers.as_ref().is_some_and(|a| !a.is_empty());
         if promotion.mode == contextos_crds::common::PromotionMode::Manual && !named {
-            sink.report(
-                &placed(id, doc),
+            sink.report_at(
+                id,
+                doc,
                 spec(&["promotion", "mode"]),
                 format!("{id} is promoted by hand and names no one who may"),
             );
@@ -492,8 +483,9 @@ fn tolerant_replay(harness: &Harness, sink: &mut Sink<'_>) {
         let Some(promotion) = promotion else { continue };
         let tolerated = promotion.replay.max_divergence_percent;
         if tolerated > TOLERANT_DIVERGENCE_PERCENT {
-            sink.report(
-                &placed(id, doc),
+            sink.report_at(
+                id,
+                doc,
                 spec(&["promotion", "replay", "maxDivergencePercent"]),
                 format!("the gate passes with {tolerated} % of replayed decisions changed"),
             );
@@ -506,8 +498,9 @@ fn small_replay_sample(harness: &Harness, sink: &mut Sink<'_>) {
         let Some(promotion) = promotion else { continue };
         let sample = promotion.replay.sample_size;
         if sample < SMALL_REPLAY_SAMPLE {
-            sink.report(
-                &placed(id, doc),
+            sink.report_at(
+                id,
+                doc,
                 spec(&["promotion", "replay", "sampleSize"]),
                 format!("the gate replays {sample} recorded sessions"),
             );

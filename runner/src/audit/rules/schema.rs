@@ -10,7 +10,7 @@ use super::{Check, Sink};
 use crate::audit::{
     field::FieldPath,
     finding::{Rule, RuleId, Severity},
-    harness::{Harness, Object},
+    harness::Harness,
 };
 
 pub(super) const RULES: &[(Rule, Check)] = &[
@@ -61,17 +61,13 @@ fn duplicate_objects(harness: &Harness, sink: &mut Sink<'_>) {
                 first.insert(id, doc);
             }
             Some(earlier) => {
-                let object = Object {
-                    id: id.clone(),
-                    doc: doc.clone(),
-                    spec: (),
-                };
                 let place = match earlier.line_of(&FieldPath::root()) {
                     Some(line) => format!("{}:{line}", earlier.file.display()),
                     None => "the cluster".to_owned(),
                 };
-                sink.report(
-                    &object,
+                sink.report_at(
+                    id,
+                    doc,
                     FieldPath::root(),
                     format!("{id} is also declared at {place}"),
                 );
@@ -82,12 +78,12 @@ fn duplicate_objects(harness: &Harness, sink: &mut Sink<'_>) {
 
 fn unreadable_spec(harness: &Harness, sink: &mut Sink<'_>) {
     for object in &harness.unreadable {
-        let placed = Object {
-            id: object.id.clone(),
-            doc: object.doc.clone(),
-            spec: (),
-        };
-        sink.report(&placed, object.field.clone(), object.problem.clone());
+        sink.report_at(
+            &object.id,
+            &object.doc,
+            object.field.clone(),
+            object.problem.clone(),
+        );
     }
 }
 
@@ -115,14 +111,9 @@ fn unknown_fields(harness: &Harness, sink: &mut Sink<'_>) {
                 None => unknown.push(FieldPath::root().key(key)),
             }
         }
-        let object = Object {
-            id: id.clone(),
-            doc: doc.clone(),
-            spec: (),
-        };
         for field in unknown {
             let message = format!("{field} is not a field of {}", id.kind);
-            sink.report(&object, field, message);
+            sink.report_at(id, doc, field, message);
         }
     }
 }

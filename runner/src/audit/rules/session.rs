@@ -9,7 +9,7 @@ use crate::{
     audit::{
         field::FieldPath,
         finding::{Rule, RuleId, Severity},
-        harness::{Harness, Object},
+        harness::Harness,
     },
     run_context::effective_limits,
 };
@@ -116,39 +116,22 @@ fn missing_agent(harness: &Harness, sink: &mut Sink<'_>) {
 }
 
 fn bypass_annotations(harness: &Harness, sink: &mut Sink<'_>) {
-    let annotated = |object: &Object<_>| -> Vec<String> {
-        object
-            .annotations()
-            .filter(|(k, _)| {
-                *k == annotations::PROMOTE_WITHOUT_REPLAY || *k == annotations::APPROVE_PROMOTION
-            })
-            .map(|(k, _)| k.to_owned())
-            .collect()
-    };
-    let mut report = |object: Object<()>, keys: Vec<String>| {
-        for key in keys {
-            let field = FieldPath::of(&["metadata", "annotations"]).key(&key);
-            sink.report(&object, field, format!("{key} is committed"));
+    let promoted = harness
+        .agents
+        .iter()
+        .map(|o| (&o.id, &o.doc))
+        .chain(harness.policies.iter().map(|o| (&o.id, &o.doc)))
+        .chain(harness.context_packs.iter().map(|o| (&o.id, &o.doc)));
+    for (id, doc) in promoted {
+        let annotations = doc.value["metadata"]["annotations"]
+            .as_object()
+            .into_iter()
+            .flatten();
+        for (key, _) in annotations {
+            if key == annotations::PROMOTE_WITHOUT_REPLAY || key == annotations::APPROVE_PROMOTION {
+                let field = FieldPath::of(&["metadata", "annotations"]).key(key);
+                sink.report_at(id, doc, field, format!("{key} is committed"));
+            }
         }
-    };
-    let strip = |id: &crate::audit::harness::ObjectRef, doc: &crate::audit::source::Document| Object {
-        id: id.clone(),
-        doc: doc.clone(),
-        spec: (),
-    };
-    for agent in &harness.agents {
-        report(
-            strip(&agent.id, &agent.doc),
-            annotated(&strip(&agent.id, &agent.doc)),
-        );
-    }
-    for policy in &harness.policies {
-        report(
-            strip(&policy.id, &policy.doc),
-            annotated(&strip(&policy.id, &policy.doc)),
-        );
-    }
-    for pack in &harness.context_packs {
-        report(strip(&pack.id, &pack.doc), annotated(&strip(&pack.id, &pack.doc)));
     }
 }

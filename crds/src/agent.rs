@@ -153,8 +153,11 @@ pub struct Tool {
     pub idempotent: bool,
 }
 
+/// A tool call's timeout when `timeoutSeconds` is not set.
+pub const DEFAULT_TIMEOUT_SECONDS: u32 = 30;
+
 fn default_timeout_seconds() -> u32 {
-    30
+    DEFAULT_TIMEOUT_SECONDS
 }
 
 /// Retry behaviour for one tool.
@@ -224,8 +227,11 @@ pub struct HttpAdapter {
     pub secret_ref: Option<KeyRef>,
 }
 
+/// A tool's response cap when `maxResponseBytes` is not set.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u32 = 1_048_576;
+
 fn default_max_response_bytes() -> u32 {
-    1_048_576
+    DEFAULT_MAX_RESPONSE_BYTES
 }
 
 /// A tool on an MCP server, reached over streamable HTTP (`url`) or stdio (`command`).

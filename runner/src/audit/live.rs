@@ -5,7 +5,7 @@
 //! for review.
 
 use contextos_crds::{
-    agent::{McpAdapter, Tool, ToolAdapter},
+    agent::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT_SECONDS, McpAdapter, Tool, ToolAdapter},
     common::{ToolKind, ToolRisk},
 };
 
@@ -111,42 +111,28 @@ pub fn infer(listed: &ServerTool, adapter: &McpAdapter) -> Imported {
     if name != listed.name {
         review.push(format!("declared as {name} (tool names are lower-case letters, digits, _ and -); adapter.mcp.tool keeps the server's name"));
     }
-    let tool: Tool = serde_json::from_value(serde_json::json!({
-        "name": name,
-        "description": listed.description.chars().take(2048).collect::<String>(),
-        "risk": risk,
-        "kind": kind,
-        "idempotent": idempotent,
-        "adapter": {"mcp": {
-            "url": adapter.url,
-            "command": adapter.command,
-            "tool": (name != listed.name).then(|| listed.name.clone()),
-        }},
-        "inputSchema": listed.input_schema,
-    }))
-    .unwrap_or_else(|_| fallback_tool(&name, risk, kind, adapter));
-    Imported { tool, review }
-}
-
-/// The tool when the listing's parts do not make a declaration (never expected: every part is
-/// built from valid values), without its schema.
-fn fallback_tool(name: &str, risk: ToolRisk, kind: ToolKind, adapter: &McpAdapter) -> Tool {
-    Tool {
-        name: name.to_owned(),
-        description: String::new(),
+    let tool = Tool {
+        name: name.clone(),
+        description: listed.description.chars().take(2048).collect(),
         risk,
         kind,
         adapter: ToolAdapter {
             http: None,
-            mcp: Some(adapter.clone()),
+            mcp: Some(McpAdapter {
+                url: adapter.url.clone(),
+                command: adapter.command.clone(),
+                tool: (name != listed.name).then(|| listed.name.clone()),
+                max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            }),
             webhook: None,
             a2a: None,
         },
-        input_schema: None,
-        timeout_seconds: 30,
+        input_schema: Some(listed.input_schema.clone()),
+        timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
         retry: None,
-        idempotent: false,
-    }
+        idempotent,
+    };
+    Imported { tool, review }
 }
 
 /// The longest server-side tool name a declaration can carry (`adapter.mcp.tool`).

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use contextos_crds::{
-    agent::{HttpMethod, Tool},
+    agent::{
+        DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT_SECONDS, HttpAdapter, HttpMethod, Tool, ToolAdapter,
+    },
     common::{ToolKind, ToolRisk},
 };
 use serde_json::{Map, Value, json};
@@ -272,28 +274,27 @@ pub fn infer(operation: &Operation) -> Imported {
             "path parameter {{{parameter}}}: an HTTP tool sends its arguments as a body or query, so the URL keeps {{{parameter}}} literally; bind it to one value or leave this operation out"
         ));
     }
-    let name = declared_name(&operation.id);
-    let tool = serde_json::from_value(json!({
-        "name": name,
-        "description": operation.summary,
-        "risk": risk,
-        "kind": kind,
-        "idempotent": idempotent,
-        "adapter": {"http": {"url": operation.url, "method": operation.method}},
-        "inputSchema": operation.input_schema,
-    }))
-    .unwrap_or_else(|_| Tool {
-        name,
-        description: String::new(),
+    let tool = Tool {
+        name: declared_name(&operation.id),
+        description: operation.summary.clone(),
         risk,
         kind,
-        adapter: serde_json::from_value(json!({"http": {"url": operation.url, "method": operation.method}}))
-            .unwrap_or_else(|_| unreachable_adapter()),
-        input_schema: None,
-        timeout_seconds: 30,
+        adapter: ToolAdapter {
+            http: Some(HttpAdapter {
+                url: operation.url.clone(),
+                method: operation.method,
+                max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+                secret_ref: None,
+            }),
+            mcp: None,
+            webhook: None,
+            a2a: None,
+        },
+        input_schema: Some(operation.input_schema.clone()),
+        timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
         retry: None,
         idempotent,
-    });
+    };
     Imported { tool, review }
 }
 
@@ -305,16 +306,6 @@ pub fn method_name(method: HttpMethod) -> &'static str {
         HttpMethod::Put => "PUT",
         HttpMethod::Patch => "PATCH",
         HttpMethod::Delete => "DELETE",
-    }
-}
-
-/// An adapter for a tool whose URL could not be written (never expected).
-fn unreachable_adapter() -> contextos_crds::agent::ToolAdapter {
-    contextos_crds::agent::ToolAdapter {
-        http: None,
-        mcp: None,
-        webhook: None,
-        a2a: None,
     }
 }
 

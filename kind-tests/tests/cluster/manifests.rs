@@ -35,7 +35,6 @@ use crate::objects::{api_for, apply, yaml_documents};
 
 const SYSTEM_NAMESPACE: &str = "contextos-system";
 const APPROVALS_POLICY: &str = "contextos-session-approvals";
-const IMAGES_POLICY: &str = "contextos-sandbox-images";
 const IDENTITY_POLICY: &str = "contextos-session-identity";
 /// What the policy's refusal says (its messageExpression).
 const REFUSAL: &str = "a new approval's approver must be the user making the change";
@@ -1163,9 +1162,9 @@ async fn already_installed(env: &TestEnv) -> Result<bool> {
     Ok(true)
 }
 
-/// The base, applied through a throwaway overlay that binds the approvals policy to one
-/// namespace: other tests in this binary append approvals as the admin user, which the policy
-/// (rightly) refuses.
+/// The base, applied through a throwaway overlay that binds every admission policy to one
+/// namespace: other tests in this binary append approvals, change promotion gates and name
+/// images as the admin user, which the policies (rightly) refuse.
 struct Install {
     env: &'static TestEnv,
     overlay: tempfile::TempDir,
@@ -1179,12 +1178,11 @@ impl Install {
             "path": "/spec/matchResources",
             "value": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": sessions_namespace}}}
         }]);
-        let patches = [APPROVALS_POLICY, IMAGES_POLICY, IDENTITY_POLICY].map(|name| {
-            json!({
-                "target": {"kind": "ValidatingAdmissionPolicyBinding", "name": name},
-                "patch": bind_to_namespace.to_string(),
-            })
-        });
+        // Every binding, named or not: one left cluster-wide refuses other tests' requests.
+        let patches = [json!({
+            "target": {"kind": "ValidatingAdmissionPolicyBinding"},
+            "patch": bind_to_namespace.to_string(),
+        })];
         let kustomization = json!({
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",

@@ -157,8 +157,13 @@ fn flush_micros(dir: &Path) -> f64 {
 
 /// The gateway service over an embedded store, on loopback, trusting `operator`'s RunContexts
 /// and one pod token; returns its URL.
-async fn gateway_service(dir: &Path, operator: &KeyPair) -> String {
-    let store = EmbeddedStore::open(&dir.join("gateway.redb")).expect("store");
+async fn gateway_service(dir: &Path, operator: &KeyPair, early_answers: bool) -> String {
+    let file = if early_answers {
+        "gateway.redb"
+    } else {
+        "gateway-after-writes.redb"
+    };
+    let store = EmbeddedStore::open(&dir.join(file)).expect("store");
     let pod = PodIdentity {
         namespace: "bench".into(),
         pod: "bench-run-1".into(),
@@ -172,6 +177,11 @@ async fn gateway_service(dir: &Path, operator: &KeyPair) -> String {
         TenantKeys::new(&KeyPair::from_seed([5; 32])),
         operator.public(),
     );
+    let service = if early_answers {
+        service
+    } else {
+        service.with_answers_after_writes()
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let router = Arc::new(service)
@@ -248,8 +258,15 @@ fn main() {
             2.0 * flush
         );
         let operator = KeyPair::from_seed([6; 32]);
-        let service = gateway_service(dir.path(), &operator).await;
+        let service = gateway_service(dir.path(), &operator, true).await;
+        let after_writes = gateway_service(dir.path(), &operator, false).await;
         remote_runs(&service, &operator, &bundle, "remote-warm").await;
+        remote_runs(&after_writes, &operator, &bundle, "remote-warm").await;
+        let baseline = remote_runs(&after_writes, &operator, &bundle, "remote-baseline").await;
+        println!(
+            "  … the service answering once all is durable {baseline:>7.0} µs per step → harness overhead {:>6.0} µs   (baseline)",
+            baseline - direct
+        );
         let before = REQUESTS.load(std::sync::atomic::Ordering::Relaxed);
         let remote = remote_runs(&service, &operator, &bundle, "remote").await;
         let requests = REQUESTS.load(std::sync::atomic::Ordering::Relaxed) - before;

@@ -1387,10 +1387,12 @@ async fn a_tenant_whose_calls_hang_takes_only_its_own_share_of_a_replica() {
         base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&context).expect("json"))
     };
     let http = contextos_runner::http::client();
+    let tail = client.current_tail().await.expect("the run's head");
     let call = |i: usize| {
         let request = contextos_runner::gateway::remote::CallRequest {
             envelope: status_update(&context, i),
             state: Default::default(),
+            tail: tail.clone(),
         };
         http.post(format!("{}/v1/run/calls", rig.url))
             .bearer_auth("token-run-1")
@@ -1479,4 +1481,298 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
         .await
         .expect_err("over the quota");
     assert!(blob.to_string().contains("--max-run-bytes"), "{blob}");
+}
+
+/// A store that, once armed, fails the next write holding a call's result — as a replica that
+/// answered a call and died before its result was durable looks to everyone after it — or,
+/// given a delay, makes that write take that long.
+#[derive(Default)]
+struct LosesAResult {
+    inner: MemoryStore,
+    armed: std::sync::atomic::AtomicBool,
+    delay_ms: std::sync::atomic::AtomicU64,
+}
+
+impl RecordStore for LosesAResult {
+    async fn append(
+        &self,
+        tenant: &TenantId,
+        batch: contextos_runner::records::store::AppendBatch,
+    ) -> Result<(), contextos_runner::records::store::StoreError> {
+        let holds_result = batch.entries.iter().any(|e| {
+            contextos_runner::records::RecordEntry::decode(&e.bytes)
+                .is_ok_and(|e| matches!(e.body, EntryBody::ToolResult(_)))
+        });
+        if holds_result && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(contextos_runner::records::store::StoreError::Backend(
+                "the disk went away".into(),
+            ));
+        }
+        if holds_result {
+            let delay = self.delay_ms.swap(0, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        self.inner.append(tenant, batch).await
+    }
+    async fn head(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+    ) -> Result<
+        Option<contextos_runner::records::store::SignedHead>,
+        contextos_runner::records::store::StoreError,
+    > {
+        self.inner.head(tenant, run_id).await
+    }
+    async fn read_chain(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+    ) -> Result<Vec<contextos_runner::records::StoredEntry>, contextos_runner::records::store::StoreError>
+    {
+        self.inner.read_chain(tenant, run_id, from_seq).await
+    }
+    async fn list_runs(
+        &self,
+        tenant: &TenantId,
+        filter: &contextos_runner::records::store::RunFilter,
+    ) -> Result<Vec<contextos_runner::records::store::RunSummary>, contextos_runner::records::store::StoreError>
+    {
+        self.inner.list_runs(tenant, filter).await
+    }
+    async fn put_blob(
+        &self,
+        tenant: &TenantId,
+        bytes: Vec<u8>,
+    ) -> Result<contextos_runner::records::Hash, contextos_runner::records::store::StoreError> {
+        self.inner.put_blob(tenant, bytes).await
+    }
+    async fn get_blob(
+        &self,
+        tenant: &TenantId,
+        hash: &contextos_runner::records::Hash,
+    ) -> Result<Option<Vec<u8>>, contextos_runner::records::store::StoreError> {
+        self.inner.get_blob(tenant, hash).await
+    }
+    async fn latest_checkpoint(
+        &self,
+        tenant: &TenantId,
+        session_id: &str,
+    ) -> Result<
+        Option<contextos_runner::records::store::Checkpoint>,
+        contextos_runner::records::store::StoreError,
+    > {
+        self.inner.latest_checkpoint(tenant, session_id).await
+    }
+}
+
+/// A gateway service over `store` with the quickstart's tenant; its URL and the tools.
+async fn service_over(store: Arc<LosesAResult>, operator: &KeyPair) -> (String, OpsTools) {
+    let tools = OpsTools::start(&[]);
+    let tenants = StaticTenants::default()
+        .with_secret("shop", "ops-tools-webhook", "hmac-key", HMAC_KEY)
+        .with_controller("shop", "checkout-5xx-run-1", "Session", "checkout-5xx");
+    let service = GatewayService::new(
+        store,
+        StaticTokens::default().with("token-run-1", pod("shop", "checkout-5xx-run-1")),
+        tenants,
+        TenantKeys::new(&KeyPair::from_seed([12; 32])),
+        operator.public(),
+    )
+    .with_endpoint_overrides(vec![(
+        "http://ops-tools.shop-platform.svc:8080".into(),
+        tools.url.clone(),
+    )]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let router = Arc::new(service).router();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (url, tools)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_told_a_result_the_service_then_lost_cannot_act_on_it() {
+    // The service answers a call while its result is being written. If that write fails, the
+    // runner already holds a result the record does not: every request it makes from there on
+    // names the head it was told, and is refused — nothing is decided on the lost result, and
+    // nothing the runner writes is chained on it.
+    let store = Arc::new(LosesAResult::default());
+    let operator = KeyPair::from_seed([11; 32]);
+    let (url, _tools) = service_over(store.clone(), &operator).await;
+    let bundle =
+        ManifestSet::load(&[PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")])
+            .expect("quickstart manifests")
+            .bundle("shop", None)
+            .expect("bundle");
+    let now = contextos_runner::records::recorder::now_ms();
+    let context =
+        issue_run_context(&bundle, RUN, TRACE, Some("checkout-5xx-run-1"), &operator, now).expect("context");
+    let client =
+        GatewayClient::new(&url, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
+    start_run(client.records(), &bundle, &context).await;
+
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let first = client
+        .call(&status_update(&context, 1), &Default::default())
+        .await;
+    assert!(
+        matches!(&first, Ok(CallOutcome::Executed(r)) if r.ok),
+        "the call acted and its result was answered: {first:?}"
+    );
+    let told = client.current_tail().await.expect("tail");
+
+    // The next call names the head the runner was told; the record does not hold it.
+    let refused = client
+        .call(&status_update(&context, 2), &Default::default())
+        .await;
+    match refused {
+        Err(contextos_runner::gateway::remote::RemoteError::Refused { code, status, .. }) => {
+            assert_eq!((code.as_str(), status), ("head_unrecorded", 409));
+        }
+        other => panic!("a call after a lost result must be refused, got {other:?}"),
+    }
+    // So does a model turn, and so does an append of the runner's own entries on that head.
+    let request = ModelRequest {
+        model: String::new(),
+        messages: vec![Message::new(Role::User, "go on")],
+        tools: Vec::new(),
+        max_output_tokens: None,
+    };
+    let turn = client.model_with(&request, 1, told.clone()).await;
+    assert!(
+        matches!(&turn, Err(e) if e.to_string().contains("head_unrecorded")),
+        "{turn:?}"
+    );
+    let tenant = TenantId::new("shop").expect("tenant");
+    let mut recorder = Recorder::resume(client.records(), tenant.clone(), transit(), RUN)
+        .await
+        .expect("the record as it is");
+    let (seq, _) = told.told_head().expect("head");
+    assert!(
+        recorder.head().expect("head").0 < seq,
+        "the record ends before the head the runner was told"
+    );
+
+    // The record: the first call's go-ahead, no result — in doubt, as after a crash — and no
+    // second call.
+    let bodies: Vec<EntryBody> = read_run(&*store, &tenant, RUN)
+        .await
+        .expect("record")
+        .into_iter()
+        .map(|(_, e)| e.body)
+        .collect();
+    assert!(
+        bodies
+            .iter()
+            .any(|b| matches!(b, EntryBody::PolicyDecision(d) if d.call_id == "1.0"))
+    );
+    assert!(
+        !bodies.iter().any(|b| matches!(b, EntryBody::ToolResult(_))),
+        "{bodies:?}"
+    );
+    assert!(
+        !bodies
+            .iter()
+            .any(|b| matches!(b, EntryBody::ToolCallRequested(c) if c.call_id == "2.0")),
+        "nothing was decided after the lost result"
+    );
+    recorder.stage(EntryBody::Checkpoint {
+        step: 1,
+        state: serde_json::json!({}),
+    });
+    recorder
+        .flush()
+        .await
+        .expect("a writer that read the record may write on it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_moves_to_another_replica_before_its_result_is_written_is_served_once_it_is() {
+    // Replica A answers a call while its result is written, slowly; the runner's next call
+    // reaches replica B first. B does not hold the head the runner was told yet: the runner
+    // asks again until it does, and the record has both calls in order.
+    let store = Arc::new(LosesAResult::default());
+    let operator = KeyPair::from_seed([11; 32]);
+    let (replica_a, _tools_a) = service_over(store.clone(), &operator).await;
+    let (replica_b, _tools_b) = service_over(store.clone(), &operator).await;
+    let bundle =
+        ManifestSet::load(&[PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")])
+            .expect("quickstart manifests")
+            .bundle("shop", None)
+            .expect("bundle");
+    let now = contextos_runner::records::recorder::now_ms();
+    let context =
+        issue_run_context(&bundle, RUN, TRACE, Some("checkout-5xx-run-1"), &operator, now).expect("context");
+    let token = || TokenSource::Fixed("token-run-1".into());
+    let at_a = GatewayClient::new(&replica_a, token(), &context).expect("client");
+    let at_b = GatewayClient::new(&replica_b, token(), &context).expect("client");
+    start_run(at_a.records(), &bundle, &context).await;
+
+    store.delay_ms.store(400, std::sync::atomic::Ordering::SeqCst);
+    let first = at_a.call(&status_update(&context, 1), &Default::default()).await;
+    assert!(
+        matches!(&first, Ok(CallOutcome::Executed(r)) if r.ok),
+        "{first:?}"
+    );
+    let told = at_a.current_tail().await.expect("tail");
+    let second = at_b
+        .call_with(&status_update(&context, 2), &Default::default(), told)
+        .await;
+    assert!(
+        matches!(&second, Ok(CallOutcome::Executed(r)) if r.ok),
+        "{second:?}"
+    );
+    let tenant = TenantId::new("shop").expect("tenant");
+    let results: Vec<String> = read_run(&*store, &tenant, RUN)
+        .await
+        .expect("record")
+        .into_iter()
+        .filter_map(|(_, e)| match e.body {
+            EntryBody::ToolResult(r) => Some(r.call_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(results, ["1.0", "2.0"], "both results, once each, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_cannot_end_its_run_and_act_in_the_same_request() {
+    // A tail carrying the run's end ahead of a call would have the call decided after the run
+    // ended: refused, and the tool is never asked.
+    let rig = rig().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &rig.bundle, &context).await;
+    let mut runner = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
+        .await
+        .expect("the run");
+    runner.stage(EntryBody::Completed {
+        output: "done".into(),
+        validators: Vec::new(),
+    });
+    let prepared = runner
+        .prepare()
+        .await
+        .expect("prepared")
+        .expect("something staged");
+    let tail =
+        contextos_runner::gateway::remote::RunnerTail::new(runner.head().expect("head"), Some(&prepared));
+    let refused = client
+        .call_with(&status_update(&context, 1), &Default::default(), tail)
+        .await;
+    assert!(
+        matches!(&refused, Err(contextos_runner::gateway::remote::RemoteError::Refused { status: 400, error, .. }) if error.contains("/v1/run/append")),
+        "{refused:?}"
+    );
+    assert!(rig.tools.effect_keys().is_empty(), "the tool was never asked");
+    assert!(
+        !rig.bodies()
+            .await
+            .iter()
+            .any(|b| matches!(b, EntryBody::Completed { .. })),
+        "nothing of the request was written"
+    );
 }

@@ -267,8 +267,9 @@ async fn fork_refusal<S: RecordStore>(store: &S) {
         .await
         .expect("interleaved chain verifies");
 
-    // A runner told the head by the gateway moves to it without reading; told a wrong one, its
-    // next append is refused, and it catches up and lands once.
+    // A runner told the head by the gateway moves to it without reading. Told a head past the
+    // record's end (the gateway answered and then lost what it wrote), its next append is
+    // refused and it stops: nothing is chained past entries it heard of that the record lost.
     let mut runner = Recorder::resume(store, t.clone(), key(), &run)
         .await
         .expect("resume");
@@ -289,10 +290,19 @@ async fn fork_refusal<S: RecordStore>(store: &S) {
         .follow(Some((told.seq + 40, Hash::of(b"a head that never was"))))
         .await
         .expect("follow");
-    runner
+    match runner.record(verdict(503)).await {
+        Err(contextos_runner::records::RecordError::Lost { known, found, .. }) => {
+            assert_eq!((known, found), (told.seq + 40, told.seq + 2));
+        }
+        other => panic!("a head past the record's end must stop the writer, got {other:?}"),
+    }
+    let mut resumed = Recorder::resume(store, t.clone(), key(), &run)
+        .await
+        .expect("resume");
+    resumed
         .record(verdict(503))
         .await
-        .expect("a wrong head costs a re-chain, not the entry");
+        .expect("a writer that read the record writes on it");
     let end = store.head(&t, &run).await.expect("head").expect("exists");
     assert_eq!(end.seq, told.seq + 3, "each of the three entries landed once");
     verify_run(store, &t, &run, &key().public())

@@ -384,18 +384,30 @@ impl ToolGateway {
         self.policies.policies.iter().map(|p| p.digest.clone()).collect()
     }
 
-    /// Decides and, if allowed, executes one call, recording every step.
+    /// Decides and, if allowed, executes one call, recording every step: everything is durable
+    /// when it returns.
     pub async fn handle<S: RecordStore>(
         &self,
         call: &CallEnvelope,
         recorder: &mut Recorder<'_, S>,
         state: &StateFacts,
     ) -> Result<CallOutcome, GatewayError> {
-        self.handle_in_run(call, recorder, state, &RunProgress::default())
-            .await
+        let outcome = self
+            .handle_in_run(call, recorder, state, &RunProgress::default())
+            .await?;
+        if recorder.has_staged() {
+            recorder.flush().await?;
+        }
+        Ok(outcome)
     }
 
     /// [`ToolGateway::handle`] for a call made by the run loop, which knows the run's progress.
+    ///
+    /// What must be durable before the tool acts (the go-ahead and the approval it used) is
+    /// written before it acts; what is recorded after that (the result, or the refusal, for a
+    /// call that did not act) is left staged, for the caller to write before anything depends
+    /// on it — the run loop at once, the gateway service while its answer is on its way (see
+    /// `service::run_api`).
     pub async fn handle_in_run<S: RecordStore>(
         &self,
         call: &CallEnvelope,
@@ -433,7 +445,6 @@ impl ToolGateway {
                 ..done
             };
             recorder.stage(EntryBody::ToolResult(done.clone()));
-            recorder.flush().await?;
             return Ok(CallOutcome::Executed(done));
         }
         if !self.offline
@@ -477,7 +488,6 @@ impl ToolGateway {
         ));
         match decision.effect {
             PolicyEffect::Deny => {
-                recorder.flush().await?;
                 return Ok(CallOutcome::Denied {
                     rule: decision.rule,
                     reason: decision.reason,
@@ -497,7 +507,6 @@ impl ToolGateway {
             recorder.flush_exclusive().await?;
         }
         let result = self.execute(call, tool, recorder).await;
-        recorder.flush().await?;
         Ok(CallOutcome::Executed(result))
     }
 
@@ -512,7 +521,6 @@ impl ToolGateway {
         match intents::resumption(&tool.spec, started, now_ms(), self.shared) {
             intents::Resumption::Retry => {
                 let result = self.execute(call, tool, recorder).await;
-                recorder.flush().await?;
                 Ok(CallOutcome::Executed(result))
             }
             intents::Resumption::InProgress => {
@@ -535,7 +543,6 @@ impl ToolGateway {
                     note: resolution.note.clone(),
                 });
                 recorder.stage(EntryBody::ToolResult(result.clone()));
-                recorder.flush().await?;
                 Ok(CallOutcome::Executed(result))
             }
             intents::Resumption::Unknown(reason) => {
@@ -548,7 +555,6 @@ impl ToolGateway {
                     &reason,
                     false,
                 ));
-                recorder.flush().await?;
                 let attestation = self.attesting_key.as_ref().map(|key| {
                     approvals::UnresolvedReport {
                         run_id: &call.run_context.context.run_id,
@@ -716,7 +722,6 @@ impl ToolGateway {
                 call_hash: call_hash.to_owned(),
                 approvers,
             });
-            recorder.flush().await?;
             return Ok(Some(needs));
         };
         // Group membership is the API server's word, checked by admission when the decision was
@@ -763,7 +768,6 @@ impl ToolGateway {
                     approver: grant.approver.clone(),
                     reason: reason.clone(),
                 });
-                recorder.flush().await?;
                 if grant.decision == ApprovalDecision::Reject && grant.call_hash == call_hash && !unlisted {
                     return Ok(Some(CallOutcome::Denied {
                         rule: "approval/rejected".into(),
@@ -962,7 +966,6 @@ impl ToolGateway {
             &reason,
             false,
         ));
-        recorder.flush().await?;
         Ok(CallOutcome::Denied { rule, reason })
     }
 }

@@ -8,13 +8,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::{CallOutcome, envelope::CallEnvelope};
-pub use crate::records::store::remote::{RUN_CONTEXT_HEADER, RemoteError, TokenSource};
+pub use crate::records::store::remote::{RUN_CONTEXT_HEADER, RemoteError, TokenSource, WireEntry};
 use crate::{
     model::{ModelError, ModelRequest, ModelTurn},
     policy::StateFacts,
     records::{
         Hash,
-        store::remote::{Credential, RemoteStore},
+        recorder::Prepared,
+        store::remote::{Credential, RemoteStore, head_header_value, parse_head_header},
     },
     run_context::SignedRunContext,
 };
@@ -23,12 +24,25 @@ use crate::{
 /// tool's timeout, so a replica carrying it can finish).
 const CALL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// The code of a refusal whose told head is past the record's end: the replica that answered
+/// may still be writing it.
+pub const HEAD_PENDING: &str = "head_pending";
+
+/// The code of a refusal whose told head is not on record: a different entry holds its place,
+/// or it never arrived.
+pub const HEAD_UNRECORDED: &str = "head_unrecorded";
+
+/// How long a runner keeps asking while its told head is [`HEAD_PENDING`] (a write takes
+/// milliseconds; one that has not landed by then is lost, and the service says so).
+const PENDING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// `POST /v1/run/calls`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CallRequest {
     pub envelope: CallEnvelope,
     /// The runner's Functional State (CEL `state.*`): the runner's own assessment.
     pub state: StateFacts,
+    pub tail: RunnerTail,
 }
 
 /// `POST /v1/run/model`.
@@ -38,14 +52,53 @@ pub struct ModelCall {
     /// The step this turn is for (1-based); a step already answered is answered again from the
     /// record, never asked twice.
     pub step: u32,
+    pub tail: RunnerTail,
+}
+
+/// Where the runner's record stands as it asks: the head it was last told, and its own entries
+/// (context compiled, verdicts, checkpoints) chained on that head, which the service writes
+/// ahead of what it records for the request — one round trip and one durable write for both.
+///
+/// The service may answer a call or a model turn before the entries it wrote for it are durable
+/// (the answer and the write overlap). The head a runner tells proves what it heard is on
+/// record: a service that does not hold that head refuses the request (`head_unrecorded`), so
+/// nothing is ever decided on a result the record lost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunnerTail {
+    /// `<seq>.<hash>` of the newest entry the runner knows is on record.
+    pub head: String,
+    #[serde(default)]
+    pub entries: Vec<WireEntry>,
+}
+
+impl RunnerTail {
+    /// The runner at `head`, with `prepared` (its own entries) chained on it, if any.
+    pub fn new(head: (u64, Hash), prepared: Option<&Prepared>) -> Self {
+        Self {
+            head: head_header_value(head.0, &head.1),
+            entries: prepared
+                .map(|p| p.entries().iter().map(WireEntry::of).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The told head; `None` if it is not `<seq>.<hash>`.
+    pub fn told_head(&self) -> Option<(u64, Hash)> {
+        parse_head_header(&self.head)
+    }
 }
 
 /// A runner's connection to the gateway service, for one run.
 #[derive(Clone, Debug)]
 pub struct GatewayClient {
     records: RemoteStore,
-    /// The run's head after the last call or model turn, as the service answered it.
+    tenant: crate::records::TenantId,
+    run_id: String,
+    /// The run's head after the last call or model turn, as the service answered it, until
+    /// taken.
     head: std::sync::Arc<std::sync::Mutex<Option<(u64, Hash)>>>,
+    /// The newest head the service answered.
+    known: std::sync::Arc<std::sync::Mutex<Option<(u64, Hash)>>>,
 }
 
 impl GatewayClient {
@@ -54,7 +107,11 @@ impl GatewayClient {
         let json = serde_json::to_vec(context).map_err(|e| RemoteError::Malformed(e.to_string()))?;
         Ok(Self {
             records: RemoteStore::new(base, token, Credential::Run(json), &context.context.tenant_id)?,
+            tenant: crate::records::TenantId::new(context.context.tenant_id.clone())
+                .map_err(|e| RemoteError::Malformed(e.to_string()))?,
+            run_id: context.context.run_id.clone(),
             head: Default::default(),
+            known: Default::default(),
         })
     }
 
@@ -68,6 +125,59 @@ impl GatewayClient {
         if let Ok(mut last) = self.head.lock() {
             *last = head;
         }
+        if let (Some(head), Ok(mut known)) = (head, self.known.lock()) {
+            *known = Some(head);
+        }
+    }
+
+    /// A tail with no entries, at the newest head the service answered this client (read from
+    /// the service if it answered none): for callers that keep no recorder of their own.
+    pub async fn current_tail(&self) -> Result<RunnerTail, RemoteError> {
+        let known = self.known.lock().ok().and_then(|k| *k);
+        let head = match known {
+            Some(head) => head,
+            None => {
+                use crate::records::RecordStore as _;
+                let head = self
+                    .records
+                    .head(&self.tenant, &self.run_id)
+                    .await
+                    .map_err(|e| RemoteError::Malformed(e.to_string()))?
+                    .ok_or_else(|| RemoteError::Malformed(format!("run {} has not started", self.run_id)))?;
+                (head.seq, head.hash)
+            }
+        };
+        Ok(RunnerTail::new(head, None))
+    }
+
+    /// POSTs a call or model request; while the service says the entries this runner was told
+    /// of are still being written ([`HEAD_PENDING`]), asks again, for a bounded time.
+    async fn post_told<B: Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(T, Option<(u64, Hash)>), RemoteError> {
+        let give_up = std::time::Instant::now() + PENDING_PATIENCE;
+        let mut pause = std::time::Duration::from_millis(20);
+        loop {
+            match self.records.post_json_headed(path, body).await {
+                Err(RemoteError::Refused { code, .. }) if code == HEAD_PENDING => {
+                    if std::time::Instant::now() >= give_up {
+                        return Err(RemoteError::Refused {
+                            code: HEAD_UNRECORDED.into(),
+                            error: format!(
+                                "the entries this runner was told of did not reach the record within {} s (the gateway replica that answered failed before they were durable); this attempt ends and the next one resumes from the record",
+                                PENDING_PATIENCE.as_secs()
+                            ),
+                            status: 409,
+                        });
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The run's record, through the service.
@@ -75,21 +185,33 @@ impl GatewayClient {
         &self.records
     }
 
-    /// Sends one call through the service's Tool Gateway.
+    /// Sends one call through the service's Tool Gateway, at [`GatewayClient::current_tail`].
     pub async fn call(
         &self,
         envelope: &CallEnvelope,
         state: &StateFacts,
     ) -> Result<CallOutcome, RemoteError> {
+        let tail = self.current_tail().await?;
+        self.call_with(envelope, state, tail).await
+    }
+
+    /// Sends one call through the service's Tool Gateway, with the runner's `tail`.
+    pub async fn call_with(
+        &self,
+        envelope: &CallEnvelope,
+        state: &StateFacts,
+        tail: RunnerTail,
+    ) -> Result<CallOutcome, RemoteError> {
         let request = CallRequest {
             envelope: envelope.clone(),
             state: state.clone(),
+            tail,
         };
         // A call another replica is still carrying (or a replica going away) is answered
         // "unavailable" for a while; the same call, with its key, is asked again until a bound.
         let give_up = std::time::Instant::now() + CALL_PATIENCE;
         loop {
-            match self.records.post_json_headed("/v1/run/calls", &request).await {
+            match self.post_told("/v1/run/calls", &request).await {
                 Err(RemoteError::Unreachable { .. }) if std::time::Instant::now() < give_up => {
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
@@ -108,11 +230,26 @@ impl GatewayClient {
     /// Asks the agent's model for the turn of `step`, through the service (which holds the model
     /// credentials, enforces the token budget and records the turn).
     pub async fn model(&self, request: &ModelRequest, step: u32) -> Result<ModelTurn, ModelError> {
+        let tail = self.current_tail().await.map_err(|e| ModelError::Unreachable {
+            endpoint: format!("{}/v1/run/model", self.records.base()),
+            detail: e.to_string(),
+        })?;
+        self.model_with(request, step, tail).await
+    }
+
+    /// [`GatewayClient::model`] with the runner's `tail`.
+    pub async fn model_with(
+        &self,
+        request: &ModelRequest,
+        step: u32,
+        tail: RunnerTail,
+    ) -> Result<ModelTurn, ModelError> {
         let body = ModelCall {
             request: request.clone(),
             step,
+            tail,
         };
-        let answer = self.records.post_json_headed("/v1/run/model", &body).await;
+        let answer = self.post_told("/v1/run/model", &body).await;
         self.remember_head(answer.as_ref().ok().and_then(|(_, head)| *head));
         answer.map(|(turn, _)| turn).map_err(|e| match e {
             RemoteError::Refused { code, error, .. } if code == "token_budget" || code == "step_budget" => {

@@ -22,6 +22,10 @@ pub const DEFAULT_BLOB_THRESHOLD: usize = 16 * 1024;
 /// How many times a batch is re-chained after other writers moved the head.
 const MAX_RECHAINS: usize = 32;
 
+/// How long a writer waits for a record that ends before the head it was told (the write may
+/// still be under way at another gateway replica) before it gives up on it as lost.
+const LOST_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Errors writing a record.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -37,6 +41,34 @@ pub enum RecordError {
     },
     #[error("run {run_id}: other writers kept moving the head; gave up after {attempts} re-chains")]
     Contended { run_id: String, attempts: usize },
+    #[error(
+        "run {run_id}: the record ends at entry {found}, before entry {known} this writer was told is written (a gateway replica failed before making it durable); end this attempt and resume from the record"
+    )]
+    Lost { run_id: String, known: u64, found: u64 },
+}
+
+/// A batch chained and sealed but not written yet: its head is known before it is durable, so
+/// the gateway service can answer with it while the write is under way (see
+/// [`Recorder::prepare`]).
+#[derive(Debug)]
+pub struct Prepared {
+    batch: AppendBatch,
+    effects: Vec<SummaryEffect>,
+    /// The bodies this recorder chained itself (after any entries chained elsewhere, which
+    /// cannot be chained again).
+    own: Vec<Staged>,
+}
+
+impl Prepared {
+    /// Seq and hash of the batch's last entry: the run's head once it is written.
+    pub fn head(&self) -> (u64, Hash) {
+        (self.batch.head.seq, self.batch.head.hash)
+    }
+
+    /// The batch's entries, in chain order.
+    pub fn entries(&self) -> &[StoredEntry] {
+        &self.batch.entries
+    }
 }
 
 /// What starts a run.
@@ -60,6 +92,9 @@ pub struct Recorder<'s, S> {
     summary: RunSummary,
     /// Seq and hash of the last entry known to be stored.
     head: Option<(u64, Hash)>,
+    /// Entries someone else chained onto this recorder's head (a runner's own entries, sent
+    /// with its request to the gateway service), waiting to be written ahead of `staged`.
+    chained: Vec<(StoredEntry, SummaryEffect)>,
     /// Bodies waiting for `flush`, in order, already encoded.
     staged: Vec<Staged>,
     blob_threshold: usize,
@@ -210,6 +245,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             key,
             summary,
             head,
+            chained: Vec::new(),
             staged: Vec::new(),
             blob_threshold: DEFAULT_BLOB_THRESHOLD,
             clock: now_ms,
@@ -324,7 +360,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
 
     /// Whether entries wait for the next flush.
     pub fn has_staged(&self) -> bool {
-        !self.staged.is_empty()
+        !self.staged.is_empty() || !self.chained.is_empty()
     }
 
     /// Queues an entry for the next flush.
@@ -348,6 +384,10 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
 
     /// Appends everything staged in one atomic batch and returns the new signed head.
     pub async fn flush(&mut self) -> Result<SignedHead, RecordError> {
+        if !self.chained.is_empty() {
+            // Entries someone else chained cannot be re-chained: they go on this head or not at all.
+            return self.flush_exclusive().await;
+        }
         let staged = std::mem::take(&mut self.staged);
         let bodies = self.offload_blobs(staged).await?;
         for attempt in 0..MAX_RECHAINS {
@@ -387,15 +427,85 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// writer moved the head, the staged entries are dropped and the error returned (what they
     /// said was decided on a state that is gone).
     pub async fn flush_exclusive(&mut self) -> Result<SignedHead, RecordError> {
+        match self.prepare().await? {
+            Some(prepared) => self.commit(prepared).await,
+            None => self
+                .store
+                .head(&self.tenant, &self.summary.run_id)
+                .await?
+                .ok_or_else(|| RecordError::UnknownRun {
+                    tenant: self.tenant.to_string(),
+                    run_id: self.summary.run_id.clone(),
+                }),
+        }
+    }
+
+    /// Chains and seals everything staged onto the current head without writing it (large
+    /// bodies are stored as blobs first); `None` if nothing is staged. [`Recorder::commit`]
+    /// writes it; until then this recorder's head stays where it was.
+    pub async fn prepare(&mut self) -> Result<Option<Prepared>, RecordError> {
+        if !self.has_staged() {
+            return Ok(None);
+        }
         let staged = std::mem::take(&mut self.staged);
         let bodies = self.offload_blobs(staged).await?;
-        let batch = self.build_batch(&bodies);
-        self.append_sealed(batch).await
+        let mut sealed = std::mem::take(&mut self.chained);
+        let mut prev = sealed.last().map(|(e, _)| (e.seq, e.hash)).or(self.head);
+        for item in &bodies {
+            let entry = self.chain_one(prev, item);
+            prev = Some((entry.seq, entry.hash));
+            sealed.push((entry, item.effect));
+        }
+        let effects = sealed.iter().map(|(_, effect)| *effect).collect();
+        Ok(Some(Prepared {
+            batch: self.seal(sealed),
+            effects,
+            own: bodies,
+        }))
+    }
+
+    /// Takes back a prepared batch nobody wrote (the request carrying it failed): its entries
+    /// wait again, chained as they were, ahead of anything staged since.
+    pub fn undo(&mut self, prepared: Prepared) {
+        let mut chained: Vec<_> = prepared.batch.entries.into_iter().zip(prepared.effects).collect();
+        chained.append(&mut self.chained);
+        self.chained = chained;
+    }
+
+    /// Writes a prepared batch on the head it was chained onto, or not at all (a go-ahead is
+    /// written only on top of what was read), and moves this recorder past it.
+    pub async fn commit(&mut self, prepared: Prepared) -> Result<SignedHead, RecordError> {
+        self.append_sealed(prepared.batch).await
+    }
+
+    /// Like [`Recorder::commit`], but if another writer moved the head meanwhile, this
+    /// recorder's own bodies are chained again on top of it, as [`Recorder::flush`] does; entries
+    /// chained elsewhere in the batch are dropped (they cannot move). What the bodies record (a
+    /// call's result, a model turn and the tokens it cost) matters more than the head someone
+    /// was told, who then finds that head missing and reads the record again.
+    pub async fn commit_or_rechain(&mut self, prepared: Prepared) -> Result<SignedHead, RecordError> {
+        let Prepared { batch, own, .. } = prepared;
+        match self.append_sealed(batch).await {
+            Err(RecordError::Store(StoreError::HeadMoved { .. })) if !own.is_empty() => {
+                self.chained.clear();
+                self.staged = own;
+                self.flush().await
+            }
+            result => result,
+        }
+    }
+
+    /// Moves this recorder past a batch it prepared that someone else wrote (the gateway
+    /// service, which received it with a request and chained its own entries after it).
+    pub fn delivered(&mut self, prepared: Prepared) {
+        self.summary = prepared.batch.summary;
+        self.advance(&prepared.batch.head);
     }
 
     /// Drops what is staged (a decision that will not be written).
     pub fn discard_staged(&mut self) {
         self.staged.clear();
+        self.chained.clear();
     }
 
     fn advance(&mut self, head: &SignedHead) {
@@ -440,6 +550,36 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                 run_id,
             });
         };
+        // A record that ends before what this writer was told is written lost entries someone
+        // may already have acted on: never re-chain past that. (Another replica of the gateway
+        // service may still be writing them: it is given a moment.)
+        let mut head = head;
+        let mut waited = std::time::Duration::ZERO;
+        while let Some((known, known_hash)) = self.head {
+            let behind = head.seq < known;
+            let diverged = head.seq == known && head.hash != known_hash;
+            if !(behind || diverged) {
+                break;
+            }
+            if diverged || waited >= LOST_PATIENCE {
+                return Err(RecordError::Lost {
+                    run_id,
+                    known,
+                    found: head.seq,
+                });
+            }
+            let pause = std::time::Duration::from_millis(50);
+            tokio::time::sleep(pause).await;
+            waited += pause;
+            head = self
+                .store
+                .head(&self.tenant, &run_id)
+                .await?
+                .ok_or_else(|| RecordError::UnknownRun {
+                    tenant: self.tenant.to_string(),
+                    run_id: run_id.clone(),
+                })?;
+        }
         let from = self.head.map_or(0, |(seq, _)| seq + 1);
         let mut appended = Vec::new();
         let others = self.store.read_chain(&self.tenant, &run_id, from).await?;
@@ -461,6 +601,14 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// belong to this run; the batch is sealed with this recorder's key. The caller decides which
     /// bodies it accepts from that writer.
     pub async fn append_chained(&mut self, entries: Vec<StoredEntry>) -> Result<SignedHead, RecordError> {
+        self.stage_chained(entries)?;
+        self.flush_exclusive().await
+    }
+
+    /// Stages entries someone else chained onto this recorder's head (and whatever it staged
+    /// that way before), checked as [`Recorder::append_chained`] checks them; they are written
+    /// ahead of the bodies staged after them, by the next flush.
+    pub fn stage_chained(&mut self, entries: Vec<StoredEntry>) -> Result<(), RecordError> {
         let run_id = self.summary.run_id.clone();
         let refuse = |problem: String| {
             RecordError::Store(StoreError::BadBatch {
@@ -471,7 +619,12 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         if entries.is_empty() {
             return Err(refuse("the batch is empty".into()));
         }
-        let mut prev = self.head;
+        if !self.staged.is_empty() {
+            return Err(refuse(
+                "entries chained elsewhere must come before this writer's own".into(),
+            ));
+        }
+        let mut prev = self.chained.last().map(|(e, _)| (e.seq, e.hash)).or(self.head);
         let mut sealed = Vec::with_capacity(entries.len());
         for stored in entries {
             let entry = RecordEntry::decode(&stored.bytes)
@@ -492,8 +645,8 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             prev = Some((stored.seq, stored.hash));
             sealed.push((stored, SummaryEffect::of(&entry.body)));
         }
-        let batch = self.seal(sealed);
-        self.append_sealed(batch).await
+        self.chained.extend(sealed);
+        Ok(())
     }
 
     /// Appends a sealed batch and moves this recorder past it.
@@ -540,19 +693,24 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         let mut prev = self.head;
         let mut sealed = Vec::with_capacity(bodies.len());
         for item in bodies {
-            let seq = prev.map_or(0, |(s, _)| s + 1);
-            let bytes = encode_parts(
-                &self.summary.run_id,
-                seq,
-                prev.map(|(_, h)| h).as_ref(),
-                item.at_ms,
-                &item.body,
-            );
-            let entry = StoredEntry::from_bytes(seq, bytes);
-            prev = Some((seq, entry.hash));
+            let entry = self.chain_one(prev, item);
+            prev = Some((entry.seq, entry.hash));
             sealed.push((entry, item.effect));
         }
         self.seal(sealed)
+    }
+
+    /// `item` as the entry after `prev`.
+    fn chain_one(&self, prev: Option<(u64, Hash)>, item: &Staged) -> StoredEntry {
+        let seq = prev.map_or(0, |(s, _)| s + 1);
+        let bytes = encode_parts(
+            &self.summary.run_id,
+            seq,
+            prev.map(|(_, h)| h).as_ref(),
+            item.at_ms,
+            &item.body,
+        );
+        StoredEntry::from_bytes(seq, bytes)
     }
 
     /// The batch appending `entries` (already chained onto this recorder's head): the summary

@@ -12,7 +12,7 @@ use sha2::{Digest as _, Sha256};
 use super::{
     checkpoint::{AwaitingApproval, LoopState, UnresolvedCall},
     engine::{Decided, Harness, Mode, Observer, Owned, Progress, RunError},
-    input_value,
+    input_value, service_tail,
     state::{CallFate, assess},
 };
 use crate::{
@@ -45,15 +45,13 @@ impl<S: RecordStore> Harness<'_, S> {
             state.awaiting = None;
             state.unresolved = None;
             let outcome = if let Some(remote) = self.remote {
-                // The service decides, enforces the run's call budget and records; the runner
-                // then moves past what it recorded.
-                if recorder.has_staged() {
-                    recorder.flush().await?;
-                }
+                // The service decides, enforces the run's call budget and records (what the
+                // runner staged first); the runner then moves past what it recorded.
+                let (tail, prepared) = service_tail::tail_of(recorder).await?;
                 let facts = assess(state.step, &state.usage, &signed.context.budget, &state.calls).facts();
-                let outcome = remote.call(&envelope, &facts).await.map_err(RunError::Remote)?;
-                recorder.follow(remote.take_head()).await?;
-                outcome
+                let outcome = remote.call_with(&envelope, &facts, tail).await;
+                service_tail::after_answer(recorder, prepared, outcome.is_ok(), remote.take_head()).await?;
+                outcome.map_err(RunError::Remote)?
             } else if state.usage.tool_calls >= signed.context.budget.max_tool_calls {
                 self.refuse_over_budget(recorder, &envelope, signed).await?
             } else {
@@ -63,9 +61,14 @@ impl<S: RecordStore> Harness<'_, S> {
                     tokens: state.usage.tokens,
                     input: input_value(&self.bundle.session_spec),
                 };
-                self.gateway
+                let outcome = self
+                    .gateway
                     .handle_in_run(&envelope, recorder, &facts, &progress)
-                    .await?
+                    .await?;
+                if recorder.has_staged() {
+                    recorder.flush().await?;
+                }
+                outcome
             };
             observe(&Progress::Call {
                 step: state.step,

@@ -595,24 +595,21 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         compiled: &CompiledContext,
         state: &LoopState,
     ) -> Result<Result<ModelTurn, ModelError>, RunError> {
-        if self.remote.is_none() {
-            return Ok(self.ask_model(compiled, state).await);
-        }
-        if recorder.has_staged() {
-            recorder.flush().await?;
-        }
-        let turn = self.ask_model(compiled, state).await;
-        if turn.is_ok() {
-            let head = self.remote.and_then(GatewayClient::take_head);
-            recorder.follow(head).await?;
-        }
+        let Some(remote) = self.remote else {
+            return Ok(self.ask_model(compiled, state, None).await);
+        };
+        let (tail, prepared) = super::service_tail::tail_of(recorder).await?;
+        let turn = self.ask_model(compiled, state, Some(tail)).await;
+        super::service_tail::after_answer(recorder, prepared, turn.is_ok(), remote.take_head()).await?;
         Ok(turn)
     }
 
+    /// Asks the model directly, or through the gateway service with the runner's `tail`.
     async fn ask_model(
         &self,
         compiled: &CompiledContext,
         state: &LoopState,
+        tail: Option<crate::gateway::remote::RunnerTail>,
     ) -> Result<ModelTurn, ModelError> {
         let mut messages = Vec::with_capacity(state.messages.len() + 1);
         messages.push(Message::new(Role::System, compiled.text.clone()));
@@ -625,7 +622,10 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         };
         match (self.remote, &self.model) {
             // The gateway service caps the turn before it records it.
-            (Some(remote), _) => remote.model(&request, state.step).await,
+            (Some(remote), _) => match tail {
+                Some(tail) => remote.model_with(&request, state.step, tail).await,
+                None => remote.model(&request, state.step).await,
+            },
             (None, Some(model)) => {
                 let mut turn = model.complete(&request, state.step).await?;
                 turn.cap_tool_calls(self.bundle_budget().max_tool_calls_per_turn);

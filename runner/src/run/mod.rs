@@ -12,6 +12,7 @@ pub mod execution;
 pub mod gate;
 pub mod pod;
 pub mod replay;
+mod service_tail;
 pub mod state;
 pub mod validate;
 

@@ -36,7 +36,7 @@ use super::{
     egress::EgressGuard,
     identity::{AuthError, Authenticator, PodIdentity},
     readers::ReaderAuthority,
-    remote::{CallRequest, ModelCall},
+    remote::{CallRequest, HEAD_PENDING, ModelCall},
     run_log::RunLog,
     tenancy::{TenantError, TenantView},
 };
@@ -109,6 +109,9 @@ pub struct GatewayService<S, A, T> {
     max_run_bytes: u64,
     /// Bytes of blobs each run uploaded through this replica, by (tenant, run).
     blob_bytes: Mutex<HashMap<(String, String), u64>>,
+    /// Whether a call or model turn is answered while its entries are written (the runner's
+    /// next request proves they were), or only once they are durable.
+    early_answers: bool,
 }
 
 impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
@@ -232,6 +235,7 @@ where
             capabilities: None,
             tenant_slots: Mutex::new(HashMap::new()),
             max_run_bytes: DEFAULT_MAX_RUN_BYTES,
+            early_answers: true,
             blob_bytes: Mutex::new(HashMap::new()),
         }
     }
@@ -240,6 +244,13 @@ where
     /// (default [`DEFAULT_MAX_RUN_BYTES`]).
     pub fn with_max_run_bytes(mut self, bytes: u64) -> Self {
         self.max_run_bytes = bytes;
+        self
+    }
+
+    /// Answers calls and model turns only once what they recorded is durable, one write later
+    /// than by default (see `run_api::write_and_answer`): the benchmarks' baseline.
+    pub fn with_answers_after_writes(mut self) -> Self {
+        self.early_answers = false;
         self
     }
 
@@ -723,12 +734,32 @@ where
         slot: &RunSlot,
         log: &mut RunLog,
         ended: &str,
+        told: Option<(u64, Hash)>,
     ) -> Result<Recorder<'s, S>, Refusal> {
         // What the record says wins over what this replica remembers: another replica (or this
         // one before a restart) may have handled calls of this run.
         log.refresh(&self.store, &caller.tenant, caller.run_id(), &slot.gateway)
             .await
             .map_err(unavailable)?;
+        // A runner told of entries past what was read: another replica may have just written
+        // them (read again), or may still be writing them (the runner asks again shortly).
+        let behind =
+            |log: &RunLog| told.is_some_and(|(seq, _)| log.head().is_none_or(|(head, _)| seq > head));
+        if behind(log) {
+            log.refresh(&self.store, &caller.tenant, caller.run_id(), &slot.gateway)
+                .await
+                .map_err(unavailable)?;
+            if behind(log) {
+                return Err(Refusal(
+                    StatusCode::CONFLICT,
+                    HEAD_PENDING,
+                    format!(
+                        "run {}: the entries this runner was told of are not on record yet; ask again shortly",
+                        caller.run_id()
+                    ),
+                ));
+            }
+        }
         if log.finished() {
             return Err(forbidden(format!("the run has ended; {ended}")));
         }

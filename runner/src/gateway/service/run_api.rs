@@ -12,7 +12,10 @@ use axum::{
 };
 
 use super::*;
-use crate::records::store::remote::{HEAD_HEADER, head_header_value};
+use crate::{
+    gateway::remote::RunnerTail,
+    records::store::remote::{HEAD_HEADER, head_header_value},
+};
 
 /// The most bytes of an envelope's identifiers (call id, idempotency key, traceparent).
 const MAX_ENVELOPE_FIELD: usize = 256;
@@ -28,24 +31,7 @@ where
     pub(super) async fn append(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
         let caller = service.caller(&headers).await?;
         let request: AppendRequest = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
-        let entries = request
-            .entries
-            .iter()
-            .map(WireEntry::decode)
-            .collect::<Result<Vec<StoredEntry>, _>>()
-            .map_err(bad)?;
-        let decoded = entries
-            .iter()
-            .map(|e| RecordEntry::decode(&e.bytes).map_err(|err| bad(format!("entry {}: {err}", e.seq))))
-            .collect::<Result<Vec<RecordEntry>, _>>()?;
-        for (entry, stored) in decoded.iter().zip(&entries) {
-            Self::own_run(&caller, &entry.run_id)?;
-            // Only the canonical encoding: the bytes hashed are the bytes every verifier decodes.
-            if entry.encode() != stored.bytes {
-                return Err(bad(format!("entry {} is not in canonical form", entry.seq)));
-            }
-            service.check_runner_body(&caller, entry).await?;
-        }
+        let (entries, decoded) = service.runner_entries(&caller, &request.entries).await?;
         let expected = match &request.expected_head {
             None => None,
             Some(text) => Some(Hash::parse(text).ok_or_else(|| bad("expected_head is not a hash"))?),
@@ -95,6 +81,97 @@ where
             service.forget_slot(&caller);
         }
         Ok(Json(head).into_response())
+    }
+
+    /// A runner's own entries as it sent them, checked: decodable, of its own run, in canonical
+    /// form, and of kinds only a runner writes (see [`Self::check_runner_body`]).
+    async fn runner_entries(
+        &self,
+        caller: &Caller,
+        wire: &[WireEntry],
+    ) -> Result<(Vec<StoredEntry>, Vec<RecordEntry>), Refusal> {
+        let entries = wire
+            .iter()
+            .map(WireEntry::decode)
+            .collect::<Result<Vec<StoredEntry>, _>>()
+            .map_err(bad)?;
+        let decoded = entries
+            .iter()
+            .map(|e| RecordEntry::decode(&e.bytes).map_err(|err| bad(format!("entry {}: {err}", e.seq))))
+            .collect::<Result<Vec<RecordEntry>, _>>()?;
+        for (entry, stored) in decoded.iter().zip(&entries) {
+            Self::own_run(caller, &entry.run_id)?;
+            // Only the canonical encoding: the bytes hashed are the bytes every verifier decodes.
+            if entry.encode() != stored.bytes {
+                return Err(bad(format!("entry {} is not in canonical form", entry.seq)));
+            }
+            self.check_runner_body(caller, entry).await?;
+        }
+        Ok((entries, decoded))
+    }
+
+    /// Takes in what a call or model request says of the runner's record ([`RunnerTail`]): the
+    /// head it was told must be on record, and its own entries, chained on that head, are staged
+    /// ahead of what the request records. A runner one answer behind (the answer was lost on
+    /// the way) re-sends entries that are already written: they are not written twice.
+    async fn take_tail(
+        &self,
+        caller: &Caller,
+        log: &RunLog,
+        recorder: &mut Recorder<'_, S>,
+        tail: &RunnerTail,
+    ) -> Result<(), Refusal> {
+        let told = tail
+            .told_head()
+            .ok_or_else(|| bad("tail.head must be <seq>.<hash> of the newest entry the runner knows"))?;
+        let (entries, decoded) = self.runner_entries(caller, &tail.entries).await?;
+        // A run ends with its own append: nothing may be decided after an end in the same batch.
+        let ends = |e: &RecordEntry| match &e.body {
+            EntryBody::Blob { body_type, .. } => body_type == "completed" || body_type == "failed",
+            body => matches!(body, EntryBody::Completed { .. } | EntryBody::Failed { .. }),
+        };
+        if decoded.iter().any(ends) {
+            return Err(bad(
+                "a run's outcome (completed, failed) is written with /v1/run/append, not sent with a call or model request",
+            ));
+        }
+        if log.head() == Some(told) {
+            if entries.is_empty() {
+                return Ok(());
+            }
+            let incoming: u64 = entries.iter().map(|e| e.bytes.len() as u64).sum();
+            let used = log.bytes().saturating_add(self.blobs_of(caller));
+            if used.saturating_add(incoming) > self.max_run_bytes {
+                return Err(over_quota(caller.run_id(), used, incoming, self.max_run_bytes));
+            }
+            return recorder.stage_chained(entries).map_err(|e| bad(e.to_string()));
+        }
+        // Behind the head: fine if what the runner was told is on record, and so is what it sends.
+        let on_record = self
+            .store
+            .read_chain(&caller.tenant, caller.run_id(), told.0)
+            .await
+            .map_err(unavailable)?;
+        if on_record.first().map(|e| e.hash) != Some(told.1) {
+            return Err(Refusal(
+                StatusCode::CONFLICT,
+                crate::gateway::remote::HEAD_UNRECORDED,
+                format!(
+                    "run {}: entry {} that this runner was told is written is not on record (a gateway replica failed before it was durable); this attempt must end and resume from the record",
+                    caller.run_id(),
+                    told.0
+                ),
+            ));
+        }
+        let written = entries
+            .iter()
+            .zip(on_record.iter().skip(1))
+            .all(|(sent, stored)| sent.hash == stored.hash)
+            && on_record.len() > entries.len();
+        if !entries.is_empty() && !written {
+            return Err(head_moved(caller.run_id()));
+        }
+        Ok(())
     }
 
     /// Which entries a runner may write: only what the runner alone can know. A run's start must
@@ -316,27 +393,48 @@ where
         // Once decided, a call is carried through and recorded even if the runner goes away
         // mid-call (a killed pod closes its connection): its next attempt then finds the result
         // in the record instead of an effect nobody wrote down.
+        let (answer, answered) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let _held = held;
-            service.decide_and_execute(&caller, &slot, request).await
+            service.decide_and_execute(&caller, &slot, request, answer).await;
         });
-        match task.await {
-            Ok(outcome) => outcome.map(|(o, head)| with_head(Json(o).into_response(), head)),
-            Err(e) => Err(unavailable(format!("the call's task failed: {e}"))),
-        }
+        answered_by(answered, task).await
     }
 
+    /// Decides and carries out one call holding the run's log, and answers on `answer` — for a
+    /// call that acted or was denied, as soon as its entries are chained and sealed, while they
+    /// are written (the runner's next request proves they were, see [`RunnerTail`]); for
+    /// anything that ends the runner's attempt (an approval to wait for, an outcome nobody
+    /// knows), only once they are durable.
     pub(super) async fn decide_and_execute(
         &self,
         caller: &Caller,
         slot: &RunSlot,
         request: CallRequest,
-    ) -> Result<(crate::gateway::CallOutcome, Option<(u64, Hash)>), Refusal> {
+        answer: tokio::sync::oneshot::Sender<Reply>,
+    ) {
         let request_call_id = request.envelope.call_id.clone();
         let mut log = slot.log.lock().await;
-        let mut recorder = self
-            .continue_run(caller, slot, &mut log, "it makes no more calls")
-            .await?;
+        let mut recorder = match self
+            .continue_run(
+                caller,
+                slot,
+                &mut log,
+                "it makes no more calls",
+                request.tail.told_head(),
+            )
+            .await
+        {
+            Ok(recorder) => recorder,
+            Err(refusal) => {
+                let _ = answer.send(Err(refusal));
+                return;
+            }
+        };
+        if let Err(refusal) = self.take_tail(caller, &log, &mut recorder, &request.tail).await {
+            let _ = answer.send(Err(refusal));
+            return;
+        }
         let outcome =
             if slot.gateway.calls_made(caller.run_id()) >= caller.context.context.budget.max_tool_calls {
                 slot.gateway
@@ -352,12 +450,6 @@ where
                     .handle_in_run(&request.envelope, &mut recorder, &request.state, &progress)
                     .await
             };
-        self.settle(caller, &mut log, recorder.written()).await?;
-        if outcome.is_err() {
-            // What this replica remembers may be ahead of the record (an approval used, a call
-            // counted, with nothing written): the record decides again next time.
-            log.mark_stale();
-        }
         let in_progress = |call: &str| {
             Refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -365,15 +457,96 @@ where
                 format!("call {call} is being carried out by another replica; ask again shortly"),
             )
         };
-        match outcome {
-            Ok(crate::gateway::CallOutcome::InProgress { call_id }) => Err(in_progress(&call_id)),
-            Ok(outcome) => Ok((outcome, log.exact_head())),
-            // Someone wrote to the run between reading it and recording this call's go-ahead
-            // (another replica taking the same call): nothing was executed; the runner asks again.
-            Err(crate::gateway::GatewayError::Record(crate::records::RecordError::Store(
-                crate::records::StoreError::HeadMoved { .. },
-            ))) => Err(in_progress(&request_call_id)),
-            Err(e) => Err(unavailable(e)),
+        let outcome = match outcome {
+            Ok(crate::gateway::CallOutcome::InProgress { call_id }) => {
+                // Nothing of this request is written; the runner asks again with the same tail.
+                recorder.discard_staged();
+                let _ = answer.send(Err(in_progress(&call_id)));
+                return;
+            }
+            Ok(outcome) => outcome,
+            Err(error) => {
+                // What this replica remembers may be ahead of the record (an approval used, a
+                // call counted, with nothing written): the record decides again next time.
+                log.mark_stale();
+                let refusal = match error {
+                    // Someone wrote to the run between reading it and recording this call's
+                    // go-ahead (another replica taking the same call): nothing was executed.
+                    crate::gateway::GatewayError::Record(crate::records::RecordError::Store(
+                        crate::records::StoreError::HeadMoved { .. },
+                    )) => in_progress(&request_call_id),
+                    e => unavailable(e),
+                };
+                let _ = answer.send(Err(refusal));
+                return;
+            }
+        };
+        let early = matches!(
+            outcome,
+            crate::gateway::CallOutcome::Executed(_) | crate::gateway::CallOutcome::Denied { .. }
+        );
+        let reply = |head| with_head(Json(&outcome).into_response(), head);
+        self.write_and_answer(caller, &mut log, recorder, answer, early, reply)
+            .await;
+    }
+
+    /// Writes what `recorder` staged for a request and answers it with `reply` and the run's new
+    /// head: before the write is durable if `early`, otherwise after. An early answer whose write
+    /// then fails leaves the log stale, and the runner that heard it is refused next time.
+    async fn write_and_answer(
+        &self,
+        caller: &Caller,
+        log: &mut RunLog,
+        mut recorder: Recorder<'_, S>,
+        answer: tokio::sync::oneshot::Sender<Reply>,
+        early: bool,
+        reply: impl FnOnce(Option<(u64, Hash)>) -> Response,
+    ) {
+        let prepared = match recorder.prepare().await {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                log.mark_stale();
+                let _ = answer.send(Err(unavailable(e)));
+                return;
+            }
+        };
+        let (mut answer, mut reply) = (Some(answer), Some(reply));
+        if early
+            && self.early_answers
+            && let Some(prepared) = &prepared
+            && let (Some(answer), Some(reply)) = (answer.take(), reply.take())
+        {
+            let _ = answer.send(Ok(reply(Some(prepared.head()))));
+        }
+        let written = match prepared {
+            Some(prepared) => recorder
+                .commit_or_rechain(prepared)
+                .await
+                .map(|_| ())
+                .map_err(unavailable),
+            None => Ok(()),
+        };
+        let settled = match written {
+            Ok(()) => self.settle(caller, log, recorder.written()).await,
+            Err(refusal) => Err(refusal),
+        };
+        if settled.is_err() {
+            // Written or not, what this replica folded in no longer matches the record.
+            log.mark_stale();
+        }
+        match (answer, reply) {
+            (Some(answer), Some(reply)) => {
+                let _ = answer.send(settled.map(|()| reply(log.exact_head())));
+            }
+            _ => {
+                if let Err(Refusal(_, _, error)) = settled {
+                    tracing::warn!(
+                        run_id = caller.run_id(),
+                        %error,
+                        "writing an answered request's entries failed; if they are not on record, the runner's next request is refused and its attempt resumes from the record"
+                    );
+                }
+            }
         }
     }
 
@@ -421,29 +594,111 @@ where
         Ok((approval, resolution))
     }
 
-    pub(super) async fn model(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
+    pub(super) async fn model(
+        State(service): State<Arc<Self>>,
+        held: Option<axum::Extension<TenantSlot>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Reply {
         let caller = service.caller(&headers).await?;
         let request: ModelCall = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
         let slot = service.slot(&caller).await?;
+        // As for calls: a turn the model gave is recorded even if the runner went away, and the
+        // tenant's slot is held until then.
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let _held = held;
+            service.ask_model(&caller, &slot, request, answer).await;
+        });
+        answered_by(answered, task).await
+    }
+
+    /// Asks the run's model for one turn holding the run's log, records it, and answers on
+    /// `answer` as soon as the turn is chained and sealed (see [`Self::write_and_answer`]).
+    async fn ask_model(
+        &self,
+        caller: &Caller,
+        slot: &RunSlot,
+        request: ModelCall,
+        answer: tokio::sync::oneshot::Sender<Reply>,
+    ) {
         let mut log = slot.log.lock().await;
-        // The turn is recorded on the run: a model is asked only once the run has started.
-        let mut recorder = service
-            .continue_run(&caller, &slot, &mut log, "it asks the model nothing more")
-            .await?;
-        let ledger = &log.ledger;
+        let mut recorder = match self.turn_recorder(caller, slot, &mut log, &request).await {
+            Ok(recorder) => recorder,
+            Err(refusal) => {
+                let _ = answer.send(Err(refusal));
+                return;
+            }
+        };
         // A turn already recorded for this step (the runner crashed before reading the answer)
         // is answered from the record: the model is never asked twice for one step.
-        if let Some(turn) = ledger.turns.get(&request.step) {
-            return Ok(Json(turn).into_response());
+        if let Some(turn) = log.ledger.turns.get(&request.step).cloned() {
+            let reply = move |head| with_head(Json(&turn).into_response(), head);
+            self.write_and_answer(caller, &mut log, recorder, answer, false, reply)
+                .await;
+            return;
         }
-        if request.step != ledger.steps.saturating_add(1) {
+        let turn = match self
+            .model_turn(caller, slot, &log, request.request, request.step)
+            .await
+        {
+            Ok(turn) => turn,
+            Err(refusal) => {
+                let _ = answer.send(Err(refusal));
+                return;
+            }
+        };
+        recorder.stage(EntryBody::ModelTurn {
+            step: request.step,
+            model: slot.bundle.agent_spec.model.model.clone(),
+            response: serde_json::to_value(&turn).unwrap_or_default(),
+            prompt_tokens: turn.prompt_tokens,
+            completion_tokens: turn.completion_tokens,
+        });
+        let reply = move |head| with_head(Json(&turn).into_response(), head);
+        self.write_and_answer(caller, &mut log, recorder, answer, true, reply)
+            .await;
+    }
+
+    /// A recorder continuing the run, with the runner's tail staged on it.
+    async fn turn_recorder<'s>(
+        &'s self,
+        caller: &Caller,
+        slot: &RunSlot,
+        log: &mut RunLog,
+        request: &ModelCall,
+    ) -> Result<Recorder<'s, S>, Refusal> {
+        let mut recorder = self
+            .continue_run(
+                caller,
+                slot,
+                log,
+                "it asks the model nothing more",
+                request.tail.told_head(),
+            )
+            .await?;
+        self.take_tail(caller, log, &mut recorder, &request.tail).await?;
+        Ok(recorder)
+    }
+
+    /// The model's turn for `step`, within the run's budget as the record has it.
+    async fn model_turn(
+        &self,
+        caller: &Caller,
+        slot: &RunSlot,
+        log: &RunLog,
+        request: crate::model::ModelRequest,
+        step: u32,
+    ) -> Result<crate::model::ModelTurn, Refusal> {
+        let ledger = &log.ledger;
+        if step != ledger.steps.saturating_add(1) {
             return Err(bad(format!(
-                "step {} does not follow the recorded step {}",
-                request.step, ledger.steps
+                "step {step} does not follow the recorded step {}",
+                ledger.steps
             )));
         }
         let budget = &caller.context.context.budget;
-        if request.step > budget.max_steps {
+        if step > budget.max_steps {
             return Err(Refusal(
                 StatusCode::TOO_MANY_REQUESTS,
                 "step_budget",
@@ -452,7 +707,7 @@ where
         }
         // What the prompt will cost, estimated before asking (≈ 4 bytes a token), so one request
         // cannot overshoot the budget by the size of its prompt.
-        let prompt_estimate = estimated_tokens(&request.request);
+        let prompt_estimate = estimated_tokens(&request);
         let spent = ledger.tokens.saturating_add(prompt_estimate);
         if spent >= budget.max_tokens {
             return Err(Refusal(
@@ -466,7 +721,7 @@ where
                 ),
             ));
         }
-        let mut model_request = request.request;
+        let mut model_request = request;
         // The model, its limits and its credentials are the Agent's, not the runner's to choose.
         model_request.model = slot.bundle.agent_spec.model.model.clone();
         let remaining = u32::try_from(budget.max_tokens - spent).unwrap_or(u32::MAX);
@@ -480,7 +735,7 @@ where
         );
         let mut turn = slot
             .model
-            .complete(&model_request, request.step)
+            .complete(&model_request, step)
             .await
             .map_err(|e| match e {
                 ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => {
@@ -494,16 +749,21 @@ where
             turn.prompt_tokens = prompt_estimate;
             turn.completion_tokens = (turn.content.len() as u64).div_ceil(4);
         }
-        recorder.stage(EntryBody::ModelTurn {
-            step: request.step,
-            model: model_request.model.clone(),
-            response: serde_json::to_value(&turn).unwrap_or_default(),
-            prompt_tokens: turn.prompt_tokens,
-            completion_tokens: turn.completion_tokens,
-        });
-        recorder.flush().await.map_err(unavailable)?;
-        service.settle(&caller, &mut log, recorder.written()).await?;
-        Ok(with_head(Json(turn).into_response(), log.exact_head()))
+        Ok(turn)
+    }
+}
+
+/// The answer a request's task gave; if it ended without one (it panicked), a refusal.
+async fn answered_by(
+    answered: tokio::sync::oneshot::Receiver<Reply>,
+    task: tokio::task::JoinHandle<()>,
+) -> Reply {
+    match answered.await {
+        Ok(reply) => reply,
+        Err(_) => Err(unavailable(match task.await {
+            Err(e) => format!("the request's task failed: {e}"),
+            Ok(()) => "the request's task ended without an answer".to_owned(),
+        })),
     }
 }
 

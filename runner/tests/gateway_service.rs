@@ -232,7 +232,23 @@ impl Rig {
             .unwrap_or_default()
     }
 
+    /// The run's bodies once its record is still (the service answers a call or model turn
+    /// while it writes their entries).
     async fn bodies(&self) -> Vec<EntryBody> {
+        let mut last = None;
+        for _ in 0..100 {
+            let head = self
+                .store
+                .head(&self.tenant(), RUN)
+                .await
+                .expect("head")
+                .map(|h| h.hash);
+            if head.is_some() && head == last {
+                break;
+            }
+            last = head;
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
         read_run(&*self.store, &self.tenant(), RUN)
             .await
             .expect("record")
@@ -1593,6 +1609,19 @@ async fn service_over(store: Arc<LosesAResult>, operator: &KeyPair) -> (String, 
     (url, tools)
 }
 
+/// The quickstart's bundle and a RunContext `operator` issued for [`RUN`] to pod run-1.
+fn quickstart_run(operator: &KeyPair) -> (RunBundle, SignedRunContext) {
+    let bundle =
+        ManifestSet::load(&[PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")])
+            .expect("quickstart manifests")
+            .bundle("shop", None)
+            .expect("bundle");
+    let now = contextos_runner::records::recorder::now_ms();
+    let context =
+        issue_run_context(&bundle, RUN, TRACE, Some("checkout-5xx-run-1"), operator, now).expect("context");
+    (bundle, context)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_told_a_result_the_service_then_lost_cannot_act_on_it() {
     // The service answers a call while its result is being written. If that write fails, the
@@ -1602,14 +1631,7 @@ async fn a_runner_told_a_result_the_service_then_lost_cannot_act_on_it() {
     let store = Arc::new(LosesAResult::default());
     let operator = KeyPair::from_seed([11; 32]);
     let (url, _tools) = service_over(store.clone(), &operator).await;
-    let bundle =
-        ManifestSet::load(&[PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")])
-            .expect("quickstart manifests")
-            .bundle("shop", None)
-            .expect("bundle");
-    let now = contextos_runner::records::recorder::now_ms();
-    let context =
-        issue_run_context(&bundle, RUN, TRACE, Some("checkout-5xx-run-1"), &operator, now).expect("context");
+    let (bundle, context) = quickstart_run(&operator);
     let client =
         GatewayClient::new(&url, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
     start_run(client.records(), &bundle, &context).await;
@@ -1698,14 +1720,7 @@ async fn a_runner_that_moves_to_another_replica_before_its_result_is_written_is_
     let operator = KeyPair::from_seed([11; 32]);
     let (replica_a, _tools_a) = service_over(store.clone(), &operator).await;
     let (replica_b, _tools_b) = service_over(store.clone(), &operator).await;
-    let bundle =
-        ManifestSet::load(&[PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")])
-            .expect("quickstart manifests")
-            .bundle("shop", None)
-            .expect("bundle");
-    let now = contextos_runner::records::recorder::now_ms();
-    let context =
-        issue_run_context(&bundle, RUN, TRACE, Some("checkout-5xx-run-1"), &operator, now).expect("context");
+    let (bundle, context) = quickstart_run(&operator);
     let token = || TokenSource::Fixed("token-run-1".into());
     let at_a = GatewayClient::new(&replica_a, token(), &context).expect("client");
     let at_b = GatewayClient::new(&replica_b, token(), &context).expect("client");
@@ -1725,17 +1740,25 @@ async fn a_runner_that_moves_to_another_replica_before_its_result_is_written_is_
         matches!(&second, Ok(CallOutcome::Executed(r)) if r.ok),
         "{second:?}"
     );
+    // (The second result is written while its answer is on the way: give it a moment.)
     let tenant = TenantId::new("shop").expect("tenant");
-    let results: Vec<String> = read_run(&*store, &tenant, RUN)
-        .await
-        .expect("record")
-        .into_iter()
-        .filter_map(|(_, e)| match e.body {
-            EntryBody::ToolResult(r) => Some(r.call_id),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(results, ["1.0", "2.0"], "both results, once each, in order");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let results: Vec<String> = read_run(&*store, &tenant, RUN)
+            .await
+            .expect("record")
+            .into_iter()
+            .filter_map(|(_, e)| match e.body {
+                EntryBody::ToolResult(r) => Some(r.call_id),
+                _ => None,
+            })
+            .collect();
+        if results.len() >= 2 || std::time::Instant::now() > deadline {
+            assert_eq!(results, ["1.0", "2.0"], "both results, once each, in order");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

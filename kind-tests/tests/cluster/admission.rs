@@ -74,7 +74,20 @@ async fn admit(
             };
             let mut updated = prepare(new)?;
             updated.metadata.resource_version = created.metadata.resource_version;
-            api.replace(name, &params, &updated).await
+            let mut result = api.replace(name, &params, &updated).await;
+            // The operator may write the object's status in between (a new resourceVersion):
+            // the update is sent again on the latest version, as any client would.
+            for _ in 0..5 {
+                match &result {
+                    Err(kube::Error::Api(status)) if status.code == 409 => {
+                        let latest = api.get(name).await?;
+                        updated.metadata.resource_version = latest.metadata.resource_version;
+                        result = api.replace(name, &params, &updated).await;
+                    }
+                    _ => break,
+                }
+            }
+            result
         }
         None => api.create(&params, &prepare(new)?).await,
     };

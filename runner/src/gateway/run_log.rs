@@ -145,16 +145,22 @@ impl RunLog {
                 }
             };
             prev = Some(stored.hash);
-            tail.push((stored.hash, entry));
+            tail.push((stored.hash, entry, stored.bytes.len()));
         }
-        if tail.iter().any(|(_, e)| matches!(e.body, EntryBody::Blob { .. })) {
+        if tail
+            .iter()
+            .any(|(_, e, _)| matches!(e.body, EntryBody::Blob { .. }))
+        {
             match self.read_tail(store, tenant, run_id).await? {
                 Some(read) if read.len() == tail.len() => self.fold(&read),
                 _ => self.gateway_in_step = false,
             }
             return Ok(());
         }
-        self.fold(&tail);
+        // Their bytes as written are their canonical encoding: no need to encode them again.
+        for (hash, entry, bytes) in &tail {
+            self.fold_one(*hash, entry, *bytes);
+        }
         Ok(())
     }
 
@@ -191,12 +197,17 @@ impl RunLog {
         Ok(links.then_some(tail))
     }
 
+    /// Folds in entries read back (blob bodies inlined): their size is that of their encoding.
     fn fold(&mut self, tail: &[(Hash, RecordEntry)]) {
         for (hash, entry) in tail {
-            fold_into_summary(&mut self.summary, *hash, entry);
-            self.ledger.fold(entry);
-            self.head = Some((entry.seq, *hash));
-            self.bytes = self.bytes.saturating_add(entry.encode().len() as u64);
+            self.fold_one(*hash, entry, entry.encode().len());
         }
+    }
+
+    fn fold_one(&mut self, hash: Hash, entry: &RecordEntry, bytes: usize) {
+        fold_into_summary(&mut self.summary, hash, entry);
+        self.ledger.fold(entry);
+        self.head = Some((entry.seq, hash));
+        self.bytes = self.bytes.saturating_add(bytes as u64);
     }
 }

@@ -144,7 +144,9 @@ where
             if used.saturating_add(incoming) > self.max_run_bytes {
                 return Err(over_quota(caller.run_id(), used, incoming, self.max_run_bytes));
             }
-            return recorder.stage_chained(entries).map_err(|e| bad(e.to_string()));
+            return recorder
+                .stage_chained(entries, decoded)
+                .map_err(|e| bad(e.to_string()));
         }
         // Behind the head: fine if what the runner was told is on record, and so is what it sends.
         let on_record = self

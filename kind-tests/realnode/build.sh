@@ -18,7 +18,7 @@
 #   bin/kube-router                                        only with REALNODE_KUBE_ROUTER=1
 # Debian packages (installed with apt-get when missing): runc, containernetworking-plugins,
 # busybox-static, iptables, ipset, conntrack, nftables (nft: stop.sh drops the empty tables iptables-nft made),
-# openssl (start.sh checks the node certificate's subject).
+# openssl (start.sh checks the node certificate's subject), curl and jq (start.sh asks the apiserver).
 #
 # Go builds run one at a time under `nice -n 10`; GOCACHE and GOMODCACHE are Go's defaults
 # (or whatever the environment sets). Idempotent: each artefact is skipped when present.
@@ -32,7 +32,7 @@ KUBE_ROUTER_VERSION=v2.1.0
 PAUSE_REF=localhost/contextos/pause:1
 BUSYBOX_REF=localhost/contextos/busybox:1.35.0
 COREDNS_REF=localhost/contextos/coredns:1.15.0
-DEB_PACKAGES=(runc containernetworking-plugins busybox-static iptables ipset conntrack nftables openssl)
+DEB_PACKAGES=(runc containernetworking-plugins busybox-static iptables ipset conntrack nftables openssl curl jq)
 
 log() { echo "build.sh: $*" >&2; }
 

@@ -23,6 +23,8 @@
 #   REALNODE_KUBE_PROXY=1                also run kube-proxy (iptables mode, admin kubeconfig; NodePorts on NODE_IP only)
 #   REALNODE_KUBE_ROUTER=1               also run kube-router (NetworkPolicy firewall only)
 #   REALNODE_SCHEDULER=1                 also run kube-scheduler (admin kubeconfig; pods need not name the node)
+#   REALNODE_IP_FORWARD_BEFORE=         net.ipv4.ip_forward to restore on stop (default: its value now; a
+#                                        start after a failed one passes the value from before that)
 #   REALNODE_DNS=1                       also run the cluster DNS: CoreDNS as Deployment kube-system/coredns,
 #                                        Service kube-system/kube-dns at 10.0.0.10 (needs kube-proxy, the
 #                                        scheduler, and testenv in node mode so pods reach the apiserver)
@@ -40,6 +42,9 @@ die() {
 
 [[ $# -eq 2 ]] || die "usage: start.sh WORKDIR KUBECONFIG"
 [[ $(id -u) -eq 0 ]] || die "needs root"
+for tool in curl jq; do
+	command -v "$tool" >/dev/null || die "$tool not found (build.sh installs it with apt-get)"
+done
 t_start=$(date +%s.%N)
 mkdir -p "$1"
 W="$(cd "$1" && pwd)"
@@ -82,7 +87,7 @@ CGROUP_ROOT='$CGROUP_ROOT'
 CHAIN='$CHAIN'
 EXT_IF='$EXT_IF'
 SOCK='$SOCK'
-IP_FORWARD_BEFORE='$(sysctl -n net.ipv4.ip_forward)'
+IP_FORWARD_BEFORE='${REALNODE_IP_FORWARD_BEFORE:-$(sysctl -n net.ipv4.ip_forward)}'
 NFT_TABLES_BEFORE='$(nft list tables 2>/dev/null | awk '{printf "%s:%s ", $2, $3}')'
 IPSETS_BEFORE='$(ipset list -n 2>/dev/null | tr '\n' ' ')'
 VAR_LIB_CNI_BEFORE=$([[ -e /var/lib/cni ]] && echo 1 || echo 0)
@@ -426,18 +431,21 @@ spec:
     - {name: dns, port: 53, protocol: UDP}
     - {name: dns-tcp, port: 53, protocol: TCP}
 YAML
-	local answer=""
-	for _ in $(seq 1 120); do
+	local answer="" deadline=$((SECONDS + 180))
+	while ((SECONDS < deadline)); do
 		answer="$(timeout 3 /bin/busybox nslookup kubernetes.default.svc.cluster.local "$DNS_IP" 2>/dev/null | awk '/^Address/ { a = $2 } END { print a }' || true)"
 		[[ "$answer" == 10.0.0.1 ]] && return 0
 		sleep 0.5
 	done
-	die "cluster DNS did not answer at $DNS_IP within 60 s; see kubectl -n kube-system describe pod -l k8s-app=kube-dns"
+	log "the cluster DNS pods: $(api '/api/v1/namespaces/kube-system/pods?labelSelector=k8s-app%3Dkube-dns' |
+		jq -c '[.items[] | {name: .metadata.name, node: .spec.nodeName, phase: .status.phase, conditions: .status.conditions, containers: .status.containerStatuses}]' 2>&1)"
+	die "cluster DNS did not answer at $DNS_IP within 180 s; see kubectl -n kube-system describe pod -l k8s-app=kube-dns"
 }
 
 api() { curl -sS --cacert "$W/ca.crt" -H "Authorization: Bearer $TOKEN" "$SERVER$1"; }
 ready=""
-for _ in $(seq 1 120); do
+deadline=$((SECONDS + 180))
+while ((SECONDS < deadline)); do
 	kill -0 "$(cat "$W/kubelet.pid")" 2>/dev/null || die "kubelet exited; see $W/logs/kubelet.log"
 	st="$(api "/api/v1/nodes/$NODE_NAME" 2>/dev/null | jq -r '.status.conditions[]? | select(.type=="Ready") | .status' 2>/dev/null || true)"
 	if [[ "$st" == True ]]; then
@@ -446,7 +454,10 @@ for _ in $(seq 1 120); do
 	fi
 	sleep 0.5
 done
-[[ -n "$ready" ]] || die "node $NODE_NAME not Ready after 60 s; see $W/logs/kubelet.log"
+if [[ -z "$ready" ]]; then
+	log "node $NODE_NAME conditions: $(api "/api/v1/nodes/$NODE_NAME" | jq -c '.status.conditions' 2>&1)"
+	die "node $NODE_NAME not Ready after 180 s; see $W/logs/kubelet.log"
+fi
 log "node $NODE_NAME Ready $(since $t0) s after kubelet start"
 # testenv runs no node-ipam controller: give the Node its pod range (settable
 # once, by the admin) as a real cluster would; kube-router reads it. Nor a

@@ -95,27 +95,27 @@ impl PreparedNode {
     /// image.
     pub fn start(self, kubeconfig: &Path) -> Result<RealNode, EnvError> {
         let Self { dir, build, watchdog } = self;
-        let scripts = repo_root().join("kind-tests/realnode");
-        let io = |what: String| move |source| EnvError::Io { what, source };
-        // start.sh is chatty (every image it imports); its output is kept with the node's logs.
-        let start_log = dir.with_extension("start.log");
-        let log_file =
-            std::fs::File::create(&start_log).map_err(io(format!("create {}", start_log.display())))?;
-        let ready = last_line(
-            Command::new("bash")
-                .arg(scripts.join("start.sh"))
-                .arg(&dir)
-                .arg(kubeconfig)
-                .env("REALNODE_KUBE_PROXY", "1")
-                .env("REALNODE_KUBE_ROUTER", "1")
-                .env("REALNODE_SCHEDULER", "1")
-                .env("REALNODE_DNS", "1")
-                .stderr(log_file),
-            &format!(
-                "kind-tests/realnode/start.sh (its output: {})",
-                start_log.display()
-            ),
-        )?;
+        // A start that fails is torn down and tried once more: a node component that loses a
+        // race at start-up on a loaded host should not fail every cluster test. The first
+        // failure's diagnosis is printed, and a second failure reports its own.
+        let ready = match run_start(&dir, kubeconfig, None) {
+            Ok(ready) => ready,
+            Err(first) => {
+                eprintln!(
+                    "kind-tests: the real node did not start; stopping it and trying once more.\n{first}"
+                );
+                // The first start set ip_forward; the second must restore what was there before.
+                let forward = std::fs::read_to_string(dir.join("realnode.env"))
+                    .ok()
+                    .and_then(|env| {
+                        env.lines()
+                            .find_map(|l| l.strip_prefix("IP_FORWARD_BEFORE='"))
+                            .map(|v| v.trim_end_matches('\'').to_owned())
+                    });
+                stop_failed_start(&dir)?;
+                run_start(&dir, kubeconfig, forward.as_deref())?
+            }
+        };
         let name = ready
             .strip_prefix("READY ")
             .ok_or_else(|| EnvError::Build(format!("start.sh ended with {ready:?}, not READY <node>")))?
@@ -130,6 +130,94 @@ impl PreparedNode {
         node.contextos_image = node.import_contextos_image()?;
         Ok(node)
     }
+}
+
+/// Runs `start.sh` for the node in `dir` and returns its `READY <node>` line, or an error that
+/// carries what the logs say (they are removed with the node when the test process ends, so a
+/// CI run's failure must show them in the error itself).
+fn run_start(dir: &Path, kubeconfig: &Path, ip_forward_before: Option<&str>) -> Result<String, EnvError> {
+    let io = |what: String| move |source| EnvError::Io { what, source };
+    // start.sh is chatty (every image it imports); its output is kept with the node's logs.
+    let start_log = dir.with_extension("start.log");
+    let log_file =
+        std::fs::File::create(&start_log).map_err(io(format!("create {}", start_log.display())))?;
+    let mut start = Command::new("bash");
+    start
+        .arg(repo_root().join("kind-tests/realnode/start.sh"))
+        .arg(dir)
+        .arg(kubeconfig)
+        .env("REALNODE_KUBE_PROXY", "1")
+        .env("REALNODE_KUBE_ROUTER", "1")
+        .env("REALNODE_SCHEDULER", "1")
+        .env("REALNODE_DNS", "1")
+        .stderr(log_file);
+    if let Some(value) = ip_forward_before {
+        start.env("REALNODE_IP_FORWARD_BEFORE", value);
+    }
+    last_line(&mut start, "kind-tests/realnode/start.sh")
+        .map_err(|error| EnvError::Build(format!("{error}\n{}", start_diagnosis(dir, &start_log))))
+}
+
+/// Runs `stop.sh` on a node whose start failed, so that the next start finds a clean machine
+/// (`stop.sh` keeps `logs/`; `start.sh` refuses a directory that still holds `realnode.env`).
+fn stop_failed_start(dir: &Path) -> Result<(), EnvError> {
+    let status = Command::new("bash")
+        .arg(repo_root().join("kind-tests/realnode/stop.sh"))
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| EnvError::Build(format!("cannot run stop.sh: {e}")))?;
+    if !status.success() {
+        return Err(EnvError::Build(format!(
+            "stop.sh {} failed ({status}) after a failed start",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// How many lines of each log a failed start's error quotes.
+const DIAGNOSIS_LINES: usize = 25;
+
+/// The end of `start.sh`'s own output (without the image-import chatter), then the errors
+/// each component logged (klog `E` lines, containerd's `level=error`), most recent last.
+fn start_diagnosis(dir: &Path, start_log: &Path) -> String {
+    let mut out = String::new();
+    let start = std::fs::read_to_string(start_log).unwrap_or_default();
+    let quoted = last_lines(&start, |line| {
+        !line.starts_with("unpacking ") && !line.contains("level=warning") && !line.starts_with("Importing")
+    });
+    out.push_str(&format!("--- {} (last lines)\n{quoted}", start_log.display()));
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir.join("logs"))
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let errors = last_lines(&text, |line| {
+            line.starts_with('E') && line.as_bytes().get(1).is_some_and(u8::is_ascii_digit)
+                || line.contains("level=error")
+                || line.contains("level=fatal")
+                || line.starts_with('F') && line.as_bytes().get(1).is_some_and(u8::is_ascii_digit)
+        });
+        if !errors.is_empty() {
+            out.push_str(&format!("--- {} (errors, last lines)\n{errors}", log.display()));
+        }
+    }
+    out
+}
+
+/// The last [`DIAGNOSIS_LINES`] lines of `text` that `keep` accepts, each ending in a newline.
+fn last_lines(text: &str, keep: impl Fn(&str) -> bool) -> String {
+    let kept: Vec<&str> = text.lines().filter(|line| keep(line)).collect();
+    kept[kept.len().saturating_sub(DIAGNOSIS_LINES)..]
+        .iter()
+        .map(|line| format!("{line}\n"))
+        .collect()
 }
 
 /// Puts [`NODE_IP`] on `lo` unless it is there; when this added it, `<dir>.address` tells the
@@ -280,6 +368,16 @@ fn start_watchdog(scripts: &Path, dir: &Path) -> std::io::Result<ChildStdin> {
     const SCRIPT: &str = r#"
 exec 9>/run/contextos-realnode.lock
 flock -w 300 9 || { echo "another real node did not stop within 300 s (lock /run/contextos-realnode.lock)"; exit 1; }
+# Nodes of runs that ended without their teardown (the machine restarted, or the watchdog was
+# killed): the lock is free, so none of them is running any more; stop what they left (mounts,
+# iptables chains, cgroups, the node address) before this node starts.
+for old in "$(dirname "$2")"/contextos-realnode-*; do
+  [ -e "$old/realnode.env" ] && [ "$old" != "$2" ] || continue
+  echo "kind-tests: stopping the real node a previous run left in $old" >&2
+  bash "$1/stop.sh" "$old" >"$old.stop.log" 2>&1
+  if [ -e "$old.address" ]; then ip addr del "$(cat "$old.address")" dev lo 2>/dev/null; fi
+  rm -rf --one-file-system "$old" "$old.start.log" "$old.stop.log" "$old.address" 2>/dev/null
+done
 echo locked
 cat >/dev/null
 bash "$1/stop.sh" "$2" >"$2.stop.log" 2>&1

@@ -38,9 +38,107 @@ use contextos_runner::{
 use serde_json::json;
 
 const SHORT_RUNS: usize = 40;
+/// Runs of the pass that times the service's phases (spans on, so not part of the figures).
+const PHASE_RUNS: usize = 10;
 const CALLS_PER_SHORT_RUN: usize = 25;
 const LONG_RUN_CALLS: usize = 1_000;
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+/// Where a governed call's time goes: the wall time of each of the service's phases (its
+/// `debug` spans: `runner.*` in the runner's client, `gateway.*` in the service), collected by a
+/// subscriber installed only after the main figures are taken (with no subscriber the spans
+/// cost next to nothing; with one they cost a few µs each).
+mod phases {
+    use std::{collections::BTreeMap, sync::Mutex, time::Instant};
+
+    use tracing::{Subscriber, span};
+    use tracing_subscriber::{
+        Layer,
+        filter::filter_fn,
+        layer::{Context, SubscriberExt as _},
+        registry::LookupSpan,
+    };
+
+    /// Each phase in the order a call goes through it, indented under the phase it is part of.
+    const ORDER: &[(&str, usize)] = &[
+        ("runner.current_tail", 0),
+        ("runner.call", 0),
+        ("gateway.call", 1),
+        ("gateway.identify", 2),
+        ("gateway.check_context", 2),
+        ("gateway.parse_call", 2),
+        ("gateway.slot", 2),
+        ("gateway.decisions_on_record", 2),
+        ("gateway.until_answered", 2),
+        ("gateway.log_lock", 3),
+        ("gateway.continue_run", 3),
+        ("gateway.take_tail", 3),
+        ("gateway.handle_in_run", 3),
+        ("gateway.decide", 4),
+        ("gateway.go_ahead_write", 4),
+        ("gateway.execute", 4),
+        ("gateway.prepare", 3),
+        ("gateway.write", 3),
+        ("gateway.settle", 3),
+    ];
+
+    static TIMES: Mutex<BTreeMap<&'static str, Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+    /// Records each span's wall time, from creation to close, under its name.
+    struct WallTime;
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for WallTime {
+        fn on_new_span(&self, _: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+            if let Some(span) = ctx.span(id) {
+                span.extensions_mut().insert(Instant::now());
+            }
+        }
+
+        fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+            let Some(span) = ctx.span(&id) else { return };
+            let Some(start) = span.extensions().get::<Instant>().copied() else {
+                return;
+            };
+            if let Ok(mut times) = TIMES.lock() {
+                times
+                    .entry(span.name())
+                    .or_default()
+                    .push(start.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+    }
+
+    /// Installs the timing subscriber for the rest of the process.
+    pub fn start() {
+        let layer = WallTime.with_filter(filter_fn(|meta| {
+            meta.is_span() && (meta.name().starts_with("gateway.") || meta.name().starts_with("runner."))
+        }));
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+            .expect("no other subscriber");
+    }
+
+    /// Prints the p50 of each phase, per call.
+    pub fn report(calls: usize) {
+        let mut times = TIMES.lock().expect("times");
+        println!(
+            "where a governed call's time goes ({calls} calls, spans on; p50 of each phase's wall time):"
+        );
+        for (name, depth) in ORDER {
+            let Some(samples) = times.get_mut(name) else {
+                println!("  {:indent$}{name:<32} (not seen)", "", indent = depth * 2);
+                continue;
+            };
+            let p50 = super::percentile(samples, 0.5);
+            println!(
+                "  {:indent$}{name:<width$} p50 {p50:>7.0} µs   ({} per call)",
+                "",
+                samples.len() as f64 / calls as f64,
+                indent = depth * 2,
+                width = 40 - depth * 2,
+            );
+        }
+    }
+}
 
 fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
@@ -349,5 +447,21 @@ fn main() {
             flush,
         );
         report("the same run: its last 100 calls", &mut last, append, flush);
+
+        phases::start();
+        for run in 0..PHASE_RUNS {
+            let (client, context) = rig.start(&rig.url, &format!("phases-{run}")).await;
+            for i in 0..CALLS_PER_SHORT_RUN {
+                let outcome = client
+                    .call(&envelope(&context, i), &StateFacts::default())
+                    .await
+                    .expect("governed");
+                assert!(
+                    matches!(outcome, CallOutcome::Executed(ref r) if r.ok),
+                    "{outcome:?}"
+                );
+            }
+        }
+        phases::report(PHASE_RUNS * CALLS_PER_SHORT_RUN);
     });
 }

@@ -31,6 +31,7 @@ use contextos_crds::{
     session::ApprovalDecision,
 };
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use self::{
     adapters::{AdapterError, AdapterResponse, CallContext},
@@ -467,7 +468,10 @@ impl ToolGateway {
                 .refuse(call, recorder, format!("schema/{}", call.tool), problem)
                 .await;
         }
-        let decision = self.decide(call, tool, state, progress);
+        let decision = {
+            let _phase = tracing::debug_span!("gateway.decide").entered();
+            self.decide(call, tool, state, progress)
+        };
         for shadow in &decision.dry_run {
             recorder.stage(decision_entry(
                 call,
@@ -504,9 +508,15 @@ impl ToolGateway {
         // crash the record shows the call may have acted, and it is never decided again. Written
         // only on top of what was read — if anyone else wrote meanwhile, nothing is executed.
         if !self.offline {
-            recorder.flush_exclusive().await?;
+            recorder
+                .flush_exclusive()
+                .instrument(tracing::debug_span!("gateway.go_ahead_write"))
+                .await?;
         }
-        let result = self.execute(call, tool, recorder).await;
+        let result = self
+            .execute(call, tool, recorder)
+            .instrument(tracing::debug_span!("gateway.execute"))
+            .await;
         Ok(CallOutcome::Executed(result))
     }
 

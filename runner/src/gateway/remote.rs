@@ -6,6 +6,7 @@
 //! requests.
 
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use super::{CallOutcome, envelope::CallEnvelope};
 pub use crate::records::store::remote::{RUN_CONTEXT_HEADER, RemoteError, TokenSource, WireEntry};
@@ -191,8 +192,13 @@ impl GatewayClient {
         envelope: &CallEnvelope,
         state: &StateFacts,
     ) -> Result<CallOutcome, RemoteError> {
-        let tail = self.current_tail().await?;
-        self.call_with(envelope, state, tail).await
+        let tail = self
+            .current_tail()
+            .instrument(tracing::debug_span!("runner.current_tail"))
+            .await?;
+        self.call_with(envelope, state, tail)
+            .instrument(tracing::debug_span!("runner.call"))
+            .await
     }
 
     /// Sends one call through the service's Tool Gateway, with the runner's `tail`.

@@ -600,36 +600,19 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// service): they must extend this recorder's head exactly, link up entry by entry and
     /// belong to this run; the batch is sealed with this recorder's key. The caller decides which
     /// bodies it accepts from that writer.
-    pub async fn append_chained(&mut self, entries: Vec<StoredEntry>) -> Result<SignedHead, RecordError> {
-        let decoded = Self::decode_chained(&self.summary.run_id, &entries)?;
-        self.stage_chained(entries, decoded)?;
+    pub async fn append_chained(
+        &mut self,
+        entries: Vec<(StoredEntry, RecordEntry)>,
+    ) -> Result<SignedHead, RecordError> {
+        self.stage_chained(entries)?;
         self.flush_exclusive().await
-    }
-
-    /// Decodes entries someone else chained, for [`Recorder::stage_chained`].
-    pub fn decode_chained(run_id: &str, entries: &[StoredEntry]) -> Result<Vec<RecordEntry>, RecordError> {
-        entries
-            .iter()
-            .map(|stored| {
-                RecordEntry::decode(&stored.bytes).map_err(|e| {
-                    RecordError::Store(StoreError::BadBatch {
-                        run_id: run_id.to_owned(),
-                        problem: format!("entry {} cannot be decoded: {e}", stored.seq),
-                    })
-                })
-            })
-            .collect()
     }
 
     /// Stages entries someone else chained onto this recorder's head (and whatever it staged
     /// that way before), checked as [`Recorder::append_chained`] checks them; they are written
-    /// ahead of the bodies staged after them, by the next flush. `decoded` holds each entry
-    /// decoded from its bytes (the caller decoded them to vet them; they are not decoded twice).
-    pub fn stage_chained(
-        &mut self,
-        entries: Vec<StoredEntry>,
-        decoded: Vec<RecordEntry>,
-    ) -> Result<(), RecordError> {
+    /// ahead of the bodies staged after them, by the next flush. Each comes with its decoded
+    /// form: the caller decoded it from those bytes to vet it, and it is not decoded twice.
+    pub fn stage_chained(&mut self, entries: Vec<(StoredEntry, RecordEntry)>) -> Result<(), RecordError> {
         let run_id = self.summary.run_id.clone();
         let refuse = |problem: String| {
             RecordError::Store(StoreError::BadBatch {
@@ -640,9 +623,6 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         if entries.is_empty() {
             return Err(refuse("the batch is empty".into()));
         }
-        if decoded.len() != entries.len() {
-            return Err(refuse("each entry must come with its decoded form".into()));
-        }
         if !self.staged.is_empty() {
             return Err(refuse(
                 "entries chained elsewhere must come before this writer's own".into(),
@@ -650,7 +630,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         }
         let mut prev = self.chained.last().map(|(e, _)| (e.seq, e.hash)).or(self.head);
         let mut sealed = Vec::with_capacity(entries.len());
-        for (stored, entry) in entries.into_iter().zip(decoded) {
+        for (stored, entry) in entries {
             let expected_seq = prev.map_or(0, |(s, _)| s + 1);
             if entry.run_id != run_id || entry.seq != expected_seq || stored.seq != expected_seq {
                 return Err(refuse(format!(

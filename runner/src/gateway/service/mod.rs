@@ -29,6 +29,7 @@ use contextos_crds::session::Resolution;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::Digest as _;
+use tracing::Instrument as _;
 
 use super::{
     ToolGateway,
@@ -454,8 +455,15 @@ where
 
     /// Authenticates the pod, then checks the RunContext was issued to it.
     async fn caller(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
-        let identity = self.identify(headers).await?;
-        match self.check_context(headers, &identity) {
+        let identity = self
+            .identify(headers)
+            .instrument(tracing::debug_span!("gateway.identify"))
+            .await?;
+        let checked = {
+            let _phase = tracing::debug_span!("gateway.check_context").entered();
+            self.check_context(headers, &identity)
+        };
+        match checked {
             Ok(caller) => Ok(caller),
             Err(refusal) => {
                 if refusal.0 == StatusCode::FORBIDDEN {

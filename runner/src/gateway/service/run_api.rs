@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tracing::Instrument as _;
+
 use axum::{
     Json,
     body::Bytes,
@@ -31,7 +33,7 @@ where
     pub(super) async fn append(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
         let caller = service.caller(&headers).await?;
         let request: AppendRequest = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
-        let (entries, decoded) = service.runner_entries(&caller, &request.entries).await?;
+        let entries = service.runner_entries(&caller, &request.entries).await?;
         let expected = match &request.expected_head {
             None => None,
             Some(text) => Some(Hash::parse(text).ok_or_else(|| bad("expected_head is not a hash"))?),
@@ -44,14 +46,14 @@ where
         if log.head().map(|(_, h)| h) != expected {
             return Err(head_moved(caller.run_id()));
         }
-        let incoming: u64 = entries.iter().map(|e| e.bytes.len() as u64).sum();
+        let incoming: u64 = entries.iter().map(|(e, _)| e.bytes.len() as u64).sum();
         let used = log.bytes().saturating_add(service.blobs_of(&caller));
         // A run over its quota may still say how it ended (a small Failed entry, so its record
         // does not stay "running" for ever).
         let ending = incoming <= ENDING_BYTES
-            && decoded
+            && entries
                 .iter()
-                .all(|e| matches!(e.body, EntryBody::Failed { .. } | EntryBody::Completed { .. }));
+                .all(|(_, e)| matches!(e.body, EntryBody::Failed { .. } | EntryBody::Completed { .. }));
         if !ending && used.saturating_add(incoming) > service.max_run_bytes {
             return Err(over_quota(caller.run_id(), used, incoming, service.max_run_bytes));
         }
@@ -59,7 +61,7 @@ where
         let mut recorder = match log.recorder(&service.store, &caller.tenant, key.clone()) {
             Some(recorder) => recorder,
             None => {
-                let first = decoded.first().ok_or_else(|| bad("the batch is empty"))?;
+                let (_, first) = entries.first().ok_or_else(|| bad("the batch is empty"))?;
                 Recorder::for_new_run(&service.store, caller.tenant.clone(), key, first)
                     .map_err(|e| bad(e.to_string()))?
                     .keeping_written()
@@ -83,31 +85,28 @@ where
         Ok(Json(head).into_response())
     }
 
-    /// A runner's own entries as it sent them, checked: decodable, of its own run, in canonical
-    /// form, and of kinds only a runner writes (see [`Self::check_runner_body`]).
+    /// A runner's own entries as it sent them, each with its decoded form, checked: decodable,
+    /// of its own run, in canonical form, and of kinds only a runner writes (see
+    /// [`Self::check_runner_body`]).
     async fn runner_entries(
         &self,
         caller: &Caller,
         wire: &[WireEntry],
-    ) -> Result<(Vec<StoredEntry>, Vec<RecordEntry>), Refusal> {
-        let entries = wire
-            .iter()
-            .map(WireEntry::decode)
-            .collect::<Result<Vec<StoredEntry>, _>>()
-            .map_err(bad)?;
-        let decoded = entries
-            .iter()
-            .map(|e| RecordEntry::decode(&e.bytes).map_err(|err| bad(format!("entry {}: {err}", e.seq))))
-            .collect::<Result<Vec<RecordEntry>, _>>()?;
-        for (entry, stored) in decoded.iter().zip(&entries) {
+    ) -> Result<Vec<(StoredEntry, RecordEntry)>, Refusal> {
+        let mut entries = Vec::with_capacity(wire.len());
+        for wire in wire {
+            let stored = wire.decode().map_err(bad)?;
+            let entry = RecordEntry::decode(&stored.bytes)
+                .map_err(|err| bad(format!("entry {}: {err}", stored.seq)))?;
             Self::own_run(caller, &entry.run_id)?;
             // Only the canonical encoding: the bytes hashed are the bytes every verifier decodes.
             if entry.encode() != stored.bytes {
                 return Err(bad(format!("entry {} is not in canonical form", entry.seq)));
             }
-            self.check_runner_body(caller, entry).await?;
+            self.check_runner_body(caller, &entry).await?;
+            entries.push((stored, entry));
         }
-        Ok((entries, decoded))
+        Ok(entries)
     }
 
     /// Takes in what a call or model request says of the runner's record ([`RunnerTail`]): the
@@ -124,13 +123,13 @@ where
         let told = tail
             .told_head()
             .ok_or_else(|| bad("tail.head must be <seq>.<hash> of the newest entry the runner knows"))?;
-        let (entries, decoded) = self.runner_entries(caller, &tail.entries).await?;
+        let entries = self.runner_entries(caller, &tail.entries).await?;
         // A run ends with its own append: nothing may be decided after an end in the same batch.
         let ends = |e: &RecordEntry| match &e.body {
             EntryBody::Blob { body_type, .. } => body_type == "completed" || body_type == "failed",
             body => matches!(body, EntryBody::Completed { .. } | EntryBody::Failed { .. }),
         };
-        if decoded.iter().any(ends) {
+        if entries.iter().any(|(_, e)| ends(e)) {
             return Err(bad(
                 "a run's outcome (completed, failed) is written with /v1/run/append, not sent with a call or model request",
             ));
@@ -139,14 +138,12 @@ where
             if entries.is_empty() {
                 return Ok(());
             }
-            let incoming: u64 = entries.iter().map(|e| e.bytes.len() as u64).sum();
+            let incoming: u64 = entries.iter().map(|(e, _)| e.bytes.len() as u64).sum();
             let used = log.bytes().saturating_add(self.blobs_of(caller));
             if used.saturating_add(incoming) > self.max_run_bytes {
                 return Err(over_quota(caller.run_id(), used, incoming, self.max_run_bytes));
             }
-            return recorder
-                .stage_chained(entries, decoded)
-                .map_err(|e| bad(e.to_string()));
+            return recorder.stage_chained(entries).map_err(|e| bad(e.to_string()));
         }
         // Behind the head: fine if what the runner was told is on record, and so is what it sends.
         let on_record = self
@@ -168,7 +165,7 @@ where
         let written = entries
             .iter()
             .zip(on_record.iter().skip(1))
-            .all(|(sent, stored)| sent.hash == stored.hash)
+            .all(|((sent, _), stored)| sent.hash == stored.hash)
             && on_record.len() > entries.len();
         if !entries.is_empty() && !written {
             return Err(head_moved(caller.run_id()));
@@ -364,8 +361,22 @@ where
         headers: HeaderMap,
         body: Bytes,
     ) -> Reply {
+        Self::handle_call(service, held, headers, body)
+            .instrument(tracing::debug_span!("gateway.call"))
+            .await
+    }
+
+    async fn handle_call(
+        service: Arc<Self>,
+        held: Option<axum::Extension<TenantSlot>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Reply {
         let caller = service.caller(&headers).await?;
-        let mut request: CallRequest = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+        let mut request: CallRequest = {
+            let _phase = tracing::debug_span!("gateway.parse_call").entered();
+            serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?
+        };
         // The runner makes these, and they go into the record even when the call is refused:
         // short. (The tool's name is the model's; what it costs counts against the quota.)
         for (field, value) in [
@@ -380,7 +391,10 @@ where
                 )));
             }
         }
-        let slot = service.slot(&caller).await?;
+        let slot = service
+            .slot(&caller)
+            .instrument(tracing::debug_span!("gateway.slot"))
+            .await?;
         // The call runs under the caller's verified context, whatever the envelope says.
         request.envelope.run_context = caller.context.clone();
         let (approval, resolution) = service
@@ -389,6 +403,7 @@ where
                 request.envelope.approval.take(),
                 request.envelope.resolution.take(),
             )
+            .instrument(tracing::debug_span!("gateway.decisions_on_record"))
             .await?;
         request.envelope.approval = approval;
         request.envelope.resolution = resolution;
@@ -400,7 +415,9 @@ where
             let _held = held;
             service.decide_and_execute(&caller, &slot, request, answer).await;
         });
-        answered_by(answered, task).await
+        answered_by(answered, task)
+            .instrument(tracing::debug_span!("gateway.until_answered"))
+            .await
     }
 
     /// Decides and carries out one call holding the run's log, and answers on `answer` — for a
@@ -416,7 +433,11 @@ where
         answer: tokio::sync::oneshot::Sender<Reply>,
     ) {
         let request_call_id = request.envelope.call_id.clone();
-        let mut log = slot.log.lock().await;
+        let mut log = slot
+            .log
+            .lock()
+            .instrument(tracing::debug_span!("gateway.log_lock"))
+            .await;
         let mut recorder = match self
             .continue_run(
                 caller,
@@ -425,6 +446,7 @@ where
                 "it makes no more calls",
                 request.tail.told_head(),
             )
+            .instrument(tracing::debug_span!("gateway.continue_run"))
             .await
         {
             Ok(recorder) => recorder,
@@ -433,7 +455,11 @@ where
                 return;
             }
         };
-        if let Err(refusal) = self.take_tail(caller, &log, &mut recorder, &request.tail).await {
+        if let Err(refusal) = self
+            .take_tail(caller, &log, &mut recorder, &request.tail)
+            .instrument(tracing::debug_span!("gateway.take_tail"))
+            .await
+        {
             let _ = answer.send(Err(refusal));
             return;
         }
@@ -450,6 +476,7 @@ where
                 };
                 slot.gateway
                     .handle_in_run(&request.envelope, &mut recorder, &request.state, &progress)
+                    .instrument(tracing::debug_span!("gateway.handle_in_run"))
                     .await
             };
         let in_progress = |call: &str| {
@@ -504,7 +531,11 @@ where
         early: bool,
         reply: impl FnOnce(Option<(u64, Hash)>) -> Response,
     ) {
-        let prepared = match recorder.prepare().await {
+        let prepared = match recorder
+            .prepare()
+            .instrument(tracing::debug_span!("gateway.prepare"))
+            .await
+        {
             Ok(prepared) => prepared,
             Err(e) => {
                 log.mark_stale();
@@ -523,13 +554,18 @@ where
         let written = match prepared {
             Some(prepared) => recorder
                 .commit_or_rechain(prepared)
+                .instrument(tracing::debug_span!("gateway.write"))
                 .await
                 .map(|_| ())
                 .map_err(unavailable),
             None => Ok(()),
         };
         let settled = match written {
-            Ok(()) => self.settle(caller, log, recorder.written()).await,
+            Ok(()) => {
+                self.settle(caller, log, recorder.written())
+                    .instrument(tracing::debug_span!("gateway.settle"))
+                    .await
+            }
             Err(refusal) => Err(refusal),
         };
         if settled.is_err() {

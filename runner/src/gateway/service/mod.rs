@@ -72,7 +72,7 @@ const MAX_IN_FLIGHT: usize = 256;
 const MAX_IN_FLIGHT_PER_TENANT: usize = 64;
 /// Largest request body (a batch of entries or a blob).
 const MAX_REQUEST_BYTES: usize = 8 << 20;
-/// Verified RunContext signatures remembered at most (then the memory starts over).
+/// Verified RunContexts remembered at most (≈ 2 KiB each; then the memory starts over).
 const VERIFIED_CONTEXTS: usize = 4096;
 /// What one run may write to the store by default (its record's entries, and blobs it uploads).
 pub const DEFAULT_MAX_RUN_BYTES: u64 = 256 << 20;
@@ -94,8 +94,8 @@ pub struct GatewayService<S, A, T> {
     /// The operator's key: the only signer of RunContexts this service accepts.
     trust: PublicKey,
     runs: Mutex<RunSlots>,
-    /// Fingerprints of RunContexts whose signature verified.
-    verified: Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// RunContexts whose signature verified, by the SHA-256 of the header that carried them.
+    verified: Mutex<std::collections::HashMap<[u8; 32], SignedRunContext>>,
     /// URL prefix rewrites for tools (single-machine setups and tests).
     endpoint_overrides: Vec<(String, String)>,
     /// ContextOS's own namespace: its keys live there, and no caller from it is served.
@@ -508,16 +508,33 @@ where
 
     /// Checks that the RunContext in `headers` was issued to `identity`.
     fn check_context(&self, headers: &HeaderMap, identity: &PodIdentity) -> Result<Caller, Refusal> {
-        let context = headers
+        let not_a_context = || {
+            bad(format!(
+                "header {RUN_CONTEXT_HEADER} does not hold a signed RunContext"
+            ))
+        };
+        let header = headers
             .get(RUN_CONTEXT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
-            .and_then(|bytes| serde_json::from_slice::<SignedRunContext>(&bytes).ok())
-            .ok_or_else(|| {
-                bad(format!(
-                    "header {RUN_CONTEXT_HEADER} does not hold a signed RunContext"
-                ))
-            })?;
+            .ok_or_else(not_a_context)?
+            .as_bytes();
+        // A runner sends the same context with every request: one whose signature verified
+        // before (the same header bytes) is neither decoded nor verified again. Signer, expiry
+        // and tenant are checked every time.
+        let fingerprint: [u8; 32] = sha2::Sha256::digest(header).into();
+        let cached = self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|v| v.get(&fingerprint).cloned());
+        let known = cached.is_some();
+        let context = match cached {
+            Some(context) => context,
+            None => base64::engine::general_purpose::STANDARD
+                .decode(header)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<SignedRunContext>(&bytes).ok())
+                .ok_or_else(not_a_context)?,
+        };
         let refuse = |why: String| {
             tracing::warn!(
                 namespace = %identity.namespace, pod = %identity.pod, run_id = %context.context.run_id,
@@ -525,12 +542,6 @@ where
             );
             forbidden(why)
         };
-        // Signature, expiry, and that it was issued for the caller's own namespace. A context
-        // whose signature verified before (the same bytes: a runner sends its context with every
-        // request) is not verified again; expiry and tenant are checked every time.
-        let fingerprint: [u8; 32] =
-            sha2::Sha256::digest(serde_json::to_vec(&context).unwrap_or_default()).into();
-        let known = self.verified.lock().is_ok_and(|v| v.contains(&fingerprint));
         let checked = if known {
             context.verify_known(&self.trust, &identity.namespace, now_ms())
         } else {
@@ -541,7 +552,7 @@ where
             if verified.len() >= VERIFIED_CONTEXTS {
                 verified.clear();
             }
-            verified.insert(fingerprint);
+            verified.insert(fingerprint, context.clone());
         }
         if context.context.pod.as_deref() != Some(identity.pod.as_str()) {
             return Err(refuse(format!(

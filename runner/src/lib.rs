@@ -7,6 +7,7 @@ pub use contextos_crds as crds;
 #[cfg(feature = "audit")]
 pub mod audit;
 pub mod capability;
+pub mod consent;
 pub mod context;
 pub mod gateway;
 pub mod http;
@@ -14,6 +15,7 @@ pub mod key_secrets;
 pub mod keys;
 pub mod manifests;
 pub mod model;
+pub mod personal_data;
 pub mod policy;
 pub mod read_grant;
 pub mod records;

@@ -280,6 +280,15 @@ fn specs(root: &std::path::Path, fx: &Fixtures) -> Vec<Spec> {
             ],
         },
         Spec {
+            name: "personal_data",
+            run: target_personal_data,
+            seeds: vec![
+                b"mail jane.doe@example.com, call +44 20 7946 0958 or (555) 123-4567".to_vec(),
+                b"card 4111 1111 1111 1111, iban DE89 3704 0044 0532 0130 00, ssn 123-45-6789".to_vec(),
+                b"from 8.8.4.4 and 2606:4700:4700::1111 not 10.0.0.1; NINO AB 12 34 56 C".to_vec(),
+            ],
+        },
+        Spec {
             name: "openapi_document",
             run: target_openapi_document,
             seeds: vec![
@@ -377,6 +386,27 @@ fn target_gate_verdict(input: &[u8], fx: &Fixtures) {
 
 fn target_model_script(input: &[u8], _: &Fixtures) {
     let _ = ScriptedModel::parse("fuzz", &String::from_utf8_lossy(input));
+}
+
+/// A memory candidate's text: classified without a panic, every piece on character boundaries
+/// and none overlapping another.
+fn target_personal_data(input: &[u8], _: &Fixtures) {
+    let text = String::from_utf8_lossy(input);
+    let Ok(found) = contextos_runner::personal_data::Classifier::built_in().classify(&text) else {
+        return;
+    };
+    let mut end = 0;
+    for finding in found.findings {
+        assert!(
+            text.get(finding.span.clone()).is_some(),
+            "{finding:?} is not on character boundaries"
+        );
+        assert!(
+            finding.span.start >= end,
+            "{finding:?} overlaps the piece before it"
+        );
+        end = finding.span.end;
+    }
 }
 
 fn target_chat_completion(input: &[u8], _: &Fixtures) {

@@ -1,0 +1,711 @@
+//! Consent: the append-only records of what a person agreed to, what is in force from them, and
+//! the decision that gates a memory candidate on them.
+//!
+//! A consent record grants or revokes, for one subject (a pseudonymous handle, never a raw
+//! identifier) and one purpose, some categories of personal data. Records are never edited: a
+//! revocation is a new record, and what is in force is read from all of them in the order they
+//! were appended — the newest record about a category wins, whatever times the records carry.
+//! Everything here is pure: the records come from the caller (read fresh from the store, so a
+//! revocation appended before a recall is always seen by it), and nothing is written.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::personal_data::{Category, Classification};
+
+/// The most bytes of a record's free-text fields (who, evidence).
+pub const MAX_TEXT_FIELD: usize = 512;
+/// The most categories one record names.
+pub const MAX_CATEGORIES: usize = 64;
+
+/// A pseudonymous handle for a person: what records and memory carry instead of their name,
+/// e-mail or account id (`[a-z0-9][a-z0-9._:-]*`, at most 128 bytes).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SubjectHandle(String);
+
+/// What data is used for, as consents name it (a DNS label such as `incident-follow-up`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Purpose(String);
+
+macro_rules! checked_name {
+    ($type:ident, $what:literal, $max:literal, $extra:expr, $rule:literal) => {
+        impl $type {
+            pub fn new(value: &str) -> Result<Self, ConsentError> {
+                let extra: fn(u8) -> bool = $extra;
+                let valid = !value.is_empty()
+                    && value.len() <= $max
+                    && value.as_bytes()[0].is_ascii_alphanumeric()
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || extra(b));
+                if valid {
+                    Ok(Self(value.to_owned()))
+                } else {
+                    Err(ConsentError::BadName {
+                        what: $what,
+                        value: value.chars().take(64).collect(),
+                        rule: $rule,
+                    })
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $type {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl TryFrom<String> for $type {
+            type Error = ConsentError;
+
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                Self::new(&value)
+            }
+        }
+
+        impl From<$type> for String {
+            fn from(value: $type) -> Self {
+                value.0
+            }
+        }
+    };
+}
+
+checked_name!(
+    SubjectHandle,
+    "subject handle",
+    128,
+    |b| b == b'.' || b == b'_' || b == b':',
+    "lowercase letters, digits and . _ : -, starting with a letter or digit, at most 128 bytes"
+);
+checked_name!(
+    Purpose,
+    "purpose",
+    63,
+    |_| false,
+    "lowercase letters, digits and -, starting with a letter or digit, at most 63 bytes"
+);
+
+/// Whether a record gives consent or takes it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsentAction {
+    Grant,
+    Revoke,
+}
+
+/// One consent record, as appended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsentRecord {
+    pub subject: SubjectHandle,
+    pub purpose: Purpose,
+    pub action: ConsentAction,
+    /// The categories granted or revoked; a revocation naming none revokes every category of
+    /// the purpose.
+    pub categories: BTreeSet<Category>,
+    /// Who recorded it: the authenticated identity that appended it.
+    pub by: String,
+    /// Where the person's decision is kept (a ticket, a signed form); required for a grant.
+    #[serde(default)]
+    pub evidence: String,
+    pub at_ms: i64,
+    /// A grant ends here unless revoked sooner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<i64>,
+}
+
+/// Why a consent record or a name is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConsentError {
+    #[error("{what} {value:?} is not valid: use {rule}")]
+    BadName {
+        what: &'static str,
+        value: String,
+        rule: &'static str,
+    },
+    #[error(
+        "a grant names the categories of personal data it covers (e.g. email, phone); this one names none"
+    )]
+    NothingGranted,
+    #[error("a record names at most {MAX_CATEGORIES} categories; this one names {0}")]
+    TooManyCategories(usize),
+    #[error("a grant says where the person's decision is kept (evidence: a ticket or form reference)")]
+    NoEvidence,
+    #[error("{field} has {bytes} bytes; at most {MAX_TEXT_FIELD}")]
+    TooLong { field: &'static str, bytes: usize },
+    #[error("the grant expires ({expires_at_ms}) before it is given ({at_ms})")]
+    ExpiresBeforeGiven { at_ms: i64, expires_at_ms: i64 },
+    #[error("a revocation does not expire; remove expiresAtMs")]
+    RevocationExpires,
+    #[error("{who} must be who appends the record")]
+    NoAuthor { who: &'static str },
+}
+
+impl ConsentRecord {
+    /// Checks a record on its own, before it is appended.
+    pub fn validate(&self) -> Result<(), ConsentError> {
+        if self.categories.len() > MAX_CATEGORIES {
+            return Err(ConsentError::TooManyCategories(self.categories.len()));
+        }
+        for (field, value) in [("by", &self.by), ("evidence", &self.evidence)] {
+            if value.len() > MAX_TEXT_FIELD {
+                return Err(ConsentError::TooLong {
+                    field,
+                    bytes: value.len(),
+                });
+            }
+        }
+        if self.by.trim().is_empty() {
+            return Err(ConsentError::NoAuthor { who: "by" });
+        }
+        match self.action {
+            ConsentAction::Grant => {
+                if self.categories.is_empty() {
+                    return Err(ConsentError::NothingGranted);
+                }
+                if self.evidence.trim().is_empty() {
+                    return Err(ConsentError::NoEvidence);
+                }
+                if let Some(expires_at_ms) = self.expires_at_ms
+                    && expires_at_ms <= self.at_ms
+                {
+                    return Err(ConsentError::ExpiresBeforeGiven {
+                        at_ms: self.at_ms,
+                        expires_at_ms,
+                    });
+                }
+            }
+            ConsentAction::Revoke => {
+                if self.expires_at_ms.is_some() {
+                    return Err(ConsentError::RevocationExpires);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The newest record about one category of one subject and purpose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Standing {
+    granted: bool,
+    from_ms: i64,
+    until_ms: Option<i64>,
+}
+
+/// What is in force, folded from records in the order they were appended.
+#[derive(Clone, Debug, Default)]
+pub struct ConsentLedger {
+    standing: BTreeMap<(SubjectHandle, Purpose), BTreeMap<Category, Standing>>,
+}
+
+impl ConsentLedger {
+    /// Folds `records`, oldest first.
+    pub fn from_records<'a>(records: impl IntoIterator<Item = &'a ConsentRecord>) -> Self {
+        let mut ledger = Self::default();
+        for record in records {
+            ledger.apply(record);
+        }
+        ledger
+    }
+
+    /// Folds one more record (the newest).
+    pub fn apply(&mut self, record: &ConsentRecord) {
+        let standing = self
+            .standing
+            .entry((record.subject.clone(), record.purpose.clone()))
+            .or_default();
+        match record.action {
+            ConsentAction::Grant => {
+                for category in &record.categories {
+                    standing.insert(
+                        category.clone(),
+                        Standing {
+                            granted: true,
+                            from_ms: record.at_ms,
+                            until_ms: record.expires_at_ms,
+                        },
+                    );
+                }
+            }
+            ConsentAction::Revoke if record.categories.is_empty() => {
+                for value in standing.values_mut() {
+                    value.granted = false;
+                }
+            }
+            ConsentAction::Revoke => {
+                for category in &record.categories {
+                    standing.insert(
+                        category.clone(),
+                        Standing {
+                            granted: false,
+                            from_ms: record.at_ms,
+                            until_ms: None,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// The categories of `wanted` that no consent of `subject` for `purpose` covers at `now_ms`
+    /// (empty: all are covered).
+    pub fn uncovered(
+        &self,
+        subject: &SubjectHandle,
+        purpose: &Purpose,
+        wanted: &BTreeSet<Category>,
+        now_ms: i64,
+    ) -> BTreeSet<Category> {
+        let standing = self.standing.get(&(subject.clone(), purpose.clone()));
+        wanted
+            .iter()
+            .filter(|category| {
+                !standing.and_then(|s| s.get(*category)).is_some_and(|s| {
+                    s.granted && s.from_ms <= now_ms && s.until_ms.is_none_or(|u| now_ms < u)
+                })
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// What a memory item is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryType {
+    Fact,
+    Preference,
+    Procedure,
+    Episode,
+}
+
+/// Whose memory an item is: one agent's, one subject's (a person's), or the whole tenant's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryScope {
+    Agent,
+    Subject,
+    Tenant,
+}
+
+/// How items the policy allows become memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Review {
+    /// Promoted as soon as they pass.
+    #[default]
+    Auto,
+    /// Held until a person approves them.
+    Required,
+}
+
+/// What becomes of a candidate holding personal data that no consent covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WithoutConsent {
+    /// Dropped: nothing of it is kept.
+    #[default]
+    Drop,
+    /// Held as a candidate until a consent covers it (or it expires).
+    Hold,
+}
+
+/// An agent's memory policy: what it may keep, for which purpose, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryPolicy {
+    pub agent: String,
+    pub purpose: Purpose,
+    pub keeps: BTreeSet<(MemoryType, MemoryScope)>,
+    pub review: Review,
+    pub without_consent: WithoutConsent,
+}
+
+/// A proposed memory item, as far as the decision needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub memory_type: MemoryType,
+    pub scope: MemoryScope,
+    /// The person it is about, if any.
+    pub subject: Option<SubjectHandle>,
+}
+
+/// What becomes of a candidate, with the reason that goes on record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "lowercase")]
+pub enum Promotion {
+    Promote { reason: String },
+    Hold { reason: String },
+    Drop { reason: String },
+}
+
+impl MemoryPolicy {
+    /// Decides a candidate whose text was classified as `found`, against the consents in force
+    /// at `now_ms`.
+    pub fn decide(
+        &self,
+        candidate: &Candidate,
+        found: &Classification,
+        consents: &ConsentLedger,
+        now_ms: i64,
+    ) -> Promotion {
+        let (kind, scope) = (candidate.memory_type, candidate.scope);
+        if !self.keeps.contains(&(kind, scope)) {
+            return Promotion::Drop {
+                reason: format!(
+                    "the memory policy of agent {} keeps no {} items in {} scope",
+                    self.agent,
+                    name(&kind),
+                    name(&scope)
+                ),
+            };
+        }
+        if scope == MemoryScope::Subject && candidate.subject.is_none() {
+            return Promotion::Drop {
+                reason: "a subject-scoped item names no subject".into(),
+            };
+        }
+        let categories = found.categories();
+        let consented = if categories.is_empty() {
+            "holds no personal data".to_owned()
+        } else {
+            let Some(subject) = &candidate.subject else {
+                return Promotion::Drop {
+                    reason: format!(
+                        "holds personal data ({}) but names no subject whose consent could cover it",
+                        list(&categories)
+                    ),
+                };
+            };
+            let missing = consents.uncovered(subject, &self.purpose, &categories, now_ms);
+            if !missing.is_empty() {
+                let reason = format!(
+                    "holds personal data ({}) of subject {subject} that no consent for purpose {} covers now",
+                    list(&missing),
+                    self.purpose
+                );
+                return match self.without_consent {
+                    WithoutConsent::Drop => Promotion::Drop { reason },
+                    WithoutConsent::Hold => Promotion::Hold { reason },
+                };
+            }
+            format!(
+                "its personal data ({}) is covered by consent of subject {subject} for purpose {}",
+                list(&categories),
+                self.purpose
+            )
+        };
+        match self.review {
+            Review::Auto => Promotion::Promote { reason: consented },
+            Review::Required => Promotion::Hold {
+                reason: format!("{consented}; the memory policy requires a person's review"),
+            },
+        }
+    }
+}
+
+fn name(value: &impl Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn list(categories: &BTreeSet<Category>) -> String {
+    categories
+        .iter()
+        .map(Category::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::personal_data::Classifier;
+
+    const HOUR: i64 = 3_600_000;
+
+    fn subject() -> SubjectHandle {
+        SubjectHandle::new("subj:7f3a").expect("handle")
+    }
+
+    fn purpose() -> Purpose {
+        Purpose::new("incident-follow-up").expect("purpose")
+    }
+
+    fn record(action: ConsentAction, categories: &[Category], at_ms: i64) -> ConsentRecord {
+        ConsentRecord {
+            subject: subject(),
+            purpose: purpose(),
+            action,
+            categories: categories.iter().cloned().collect(),
+            by: "system:serviceaccount:shop:privacy-desk".into(),
+            evidence: "PRIV-1042".into(),
+            at_ms,
+            expires_at_ms: None,
+        }
+    }
+
+    fn policy(review: Review, without_consent: WithoutConsent) -> MemoryPolicy {
+        MemoryPolicy {
+            agent: "sre-agent".into(),
+            purpose: purpose(),
+            keeps: [
+                (MemoryType::Fact, MemoryScope::Subject),
+                (MemoryType::Procedure, MemoryScope::Agent),
+            ]
+            .into_iter()
+            .collect(),
+            review,
+            without_consent,
+        }
+    }
+
+    fn candidate(memory_type: MemoryType, scope: MemoryScope, subject: Option<SubjectHandle>) -> Candidate {
+        Candidate {
+            memory_type,
+            scope,
+            subject,
+        }
+    }
+
+    fn classify(text: &str) -> Classification {
+        Classifier::built_in().classify(text).expect("classified")
+    }
+
+    #[test]
+    fn the_newest_record_about_a_category_decides_whatever_the_times_say() {
+        let email: BTreeSet<Category> = [Category::Email].into_iter().collect();
+        let both: BTreeSet<Category> = [Category::Email, Category::Phone].into_iter().collect();
+        let grant = record(
+            ConsentAction::Grant,
+            &[Category::Email, Category::Phone],
+            10 * HOUR,
+        );
+        let revoke_phone = record(ConsentAction::Revoke, &[Category::Phone], 11 * HOUR);
+        let revoke_all = record(ConsentAction::Revoke, &[], 12 * HOUR);
+        let cases: Vec<(&str, Vec<&ConsentRecord>, i64, BTreeSet<Category>)> = vec![
+            ("no record", vec![], 11 * HOUR, both.clone()),
+            ("granted", vec![&grant], 11 * HOUR, BTreeSet::new()),
+            ("not yet in force", vec![&grant], 9 * HOUR, both.clone()),
+            (
+                "one category revoked",
+                vec![&grant, &revoke_phone],
+                13 * HOUR,
+                [Category::Phone].into_iter().collect(),
+            ),
+            ("all revoked", vec![&grant, &revoke_all], 13 * HOUR, both.clone()),
+            // Appended after the revocation, even if stamped earlier: the grant is the newest.
+            (
+                "granted again",
+                vec![&revoke_all, &grant],
+                13 * HOUR,
+                BTreeSet::new(),
+            ),
+        ];
+        for (label, records, now, missing) in cases {
+            let ledger = ConsentLedger::from_records(records);
+            assert_eq!(
+                ledger.uncovered(&subject(), &purpose(), &both, now),
+                missing,
+                "{label}"
+            );
+        }
+        let mut expiring = record(ConsentAction::Grant, &[Category::Email], 10 * HOUR);
+        expiring.expires_at_ms = Some(12 * HOUR);
+        let ledger = ConsentLedger::from_records([&expiring]);
+        assert!(
+            ledger
+                .uncovered(&subject(), &purpose(), &email, 11 * HOUR)
+                .is_empty()
+        );
+        assert_eq!(ledger.uncovered(&subject(), &purpose(), &email, 12 * HOUR), email);
+        let other = Purpose::new("marketing").expect("purpose");
+        assert_eq!(ledger.uncovered(&subject(), &other, &email, 11 * HOUR), email);
+    }
+
+    #[test]
+    fn a_candidate_is_promoted_held_or_dropped_for_a_reason_that_names_what_decided_it() {
+        let pii = classify("reach jane.doe@example.com on +44 20 7946 0958");
+        let plain = classify("restart the checkout deployment before scaling it");
+        let granted = ConsentLedger::from_records([&record(
+            ConsentAction::Grant,
+            &[Category::Email, Category::Phone],
+            0,
+        )]);
+        let email_only = ConsentLedger::from_records([&record(ConsentAction::Grant, &[Category::Email], 0)]);
+        let revoked = ConsentLedger::from_records([
+            &record(ConsentAction::Grant, &[Category::Email, Category::Phone], 0),
+            &record(ConsentAction::Revoke, &[], HOUR),
+        ]);
+        let none = ConsentLedger::default();
+        let fact = |s| candidate(MemoryType::Fact, MemoryScope::Subject, s);
+        let auto = policy(Review::Auto, WithoutConsent::Drop);
+        type Case<'a> = (
+            &'a str,
+            &'a MemoryPolicy,
+            Candidate,
+            &'a Classification,
+            &'a ConsentLedger,
+            &'a str,
+            &'a str,
+        );
+        let holding = policy(Review::Auto, WithoutConsent::Hold);
+        let reviewed = policy(Review::Required, WithoutConsent::Drop);
+        let cases: Vec<Case> = vec![
+            (
+                "consented",
+                &auto,
+                fact(Some(subject())),
+                &pii,
+                &granted,
+                "promote",
+                "covered by consent of subject subj:7f3a",
+            ),
+            (
+                "no consent",
+                &auto,
+                fact(Some(subject())),
+                &pii,
+                &none,
+                "drop",
+                "(email, phone) of subject subj:7f3a that no consent",
+            ),
+            (
+                "partly consented",
+                &auto,
+                fact(Some(subject())),
+                &pii,
+                &email_only,
+                "drop",
+                "personal data (phone)",
+            ),
+            (
+                "revoked",
+                &auto,
+                fact(Some(subject())),
+                &pii,
+                &revoked,
+                "drop",
+                "no consent for purpose incident-follow-up",
+            ),
+            (
+                "held for consent",
+                &holding,
+                fact(Some(subject())),
+                &pii,
+                &none,
+                "hold",
+                "no consent",
+            ),
+            (
+                "no subject",
+                &auto,
+                candidate(MemoryType::Procedure, MemoryScope::Agent, None),
+                &pii,
+                &granted,
+                "drop",
+                "names no subject whose consent",
+            ),
+            (
+                "not personal",
+                &auto,
+                candidate(MemoryType::Procedure, MemoryScope::Agent, None),
+                &plain,
+                &none,
+                "promote",
+                "holds no personal data",
+            ),
+            (
+                "type not kept",
+                &auto,
+                candidate(MemoryType::Episode, MemoryScope::Tenant, None),
+                &plain,
+                &none,
+                "drop",
+                "keeps no episode items in tenant scope",
+            ),
+            (
+                "subject scope without subject",
+                &auto,
+                fact(None),
+                &plain,
+                &none,
+                "drop",
+                "names no subject",
+            ),
+            (
+                "review required",
+                &reviewed,
+                fact(Some(subject())),
+                &pii,
+                &granted,
+                "hold",
+                "requires a person's review",
+            ),
+        ];
+        for (label, policy, candidate, found, consents, outcome, says) in cases {
+            let decided = policy.decide(&candidate, found, consents, 2 * HOUR);
+            let (got, reason) = match &decided {
+                Promotion::Promote { reason } => ("promote", reason),
+                Promotion::Hold { reason } => ("hold", reason),
+                Promotion::Drop { reason } => ("drop", reason),
+            };
+            assert_eq!(got, outcome, "{label}: {decided:?}");
+            assert!(reason.contains(says), "{label}: {reason:?} does not say {says:?}");
+        }
+    }
+
+    #[test]
+    fn records_that_could_not_be_honoured_are_refused_before_they_are_appended() {
+        let ok = record(ConsentAction::Grant, &[Category::Email], HOUR);
+        assert_eq!(ok.validate(), Ok(()));
+        let with = |change: fn(&mut ConsentRecord)| {
+            let mut r = ok.clone();
+            change(&mut r);
+            r.validate().expect_err("refused").to_string()
+        };
+        assert!(with(|r| r.categories.clear()).contains("names none"));
+        assert!(with(|r| r.evidence.clear()).contains("evidence"));
+        assert!(with(|r| r.expires_at_ms = Some(HOUR)).contains("expires"));
+        assert!(with(|r| r.by = " ".into()).contains("by must be"));
+        assert!(with(|r| r.evidence = "x".repeat(MAX_TEXT_FIELD + 1)).contains("at most 512"));
+        assert!(
+            with(|r| {
+                r.action = ConsentAction::Revoke;
+                r.expires_at_ms = Some(2 * HOUR);
+            })
+            .contains("does not expire")
+        );
+        let mut revoke_all = record(ConsentAction::Revoke, &[], HOUR);
+        revoke_all.evidence.clear();
+        assert_eq!(revoke_all.validate(), Ok(()), "a revocation needs no evidence");
+        assert!(SubjectHandle::new("Jane Doe").is_err());
+        assert!(
+            SubjectHandle::new("jane@example.com").is_err(),
+            "a raw e-mail is not a handle"
+        );
+        assert!(Purpose::new("Marketing!").is_err());
+        let json = r#"{"subject":"subj:1","purpose":"p","action":"grant","categories":["email","blood-type"],"by":"x","evidence":"t","atMs":1}"#;
+        let error = serde_json::from_str::<ConsentRecord>(json)
+            .expect_err("unknown category")
+            .to_string();
+        assert!(
+            error.contains("unknown personal-data category \"blood-type\""),
+            "{error}"
+        );
+    }
+}

@@ -442,7 +442,8 @@ YAML
 	die "cluster DNS did not answer at $DNS_IP within 180 s; see kubectl -n kube-system describe pod -l k8s-app=kube-dns"
 }
 
-api() { curl -sS --cacert "$W/ca.crt" -H "Authorization: Bearer $TOKEN" "$SERVER$1"; }
+# Bounded: an apiserver that accepts but never answers must not outlast the deadlines below.
+api() { curl -sS -m 5 --cacert "$W/ca.crt" -H "Authorization: Bearer $TOKEN" "$SERVER$1"; }
 ready=""
 deadline=$((SECONDS + 180))
 while ((SECONDS < deadline)); do

@@ -34,6 +34,15 @@ stop_pid() {
 	local name="$1" secs="$2" pid
 	[[ -f "$W/$name.pid" ]] || return 0
 	pid="$(cat "$W/$name.pid")"
+	# Only a process running one of this node's binaries: after a restart (a node left behind
+	# by a killed run, stopped by the next run) the pid may belong to anything else.
+	case "$(readlink "/proc/$pid/exe" 2>/dev/null)" in
+	"$(readlink -f "$B")"/bin/*) ;;
+	*)
+		rm -f "$W/$name.pid"
+		return 0
+		;;
+	esac
 	if kill -0 "$pid" 2>/dev/null; then
 		kill -TERM "$pid" 2>/dev/null
 		for _ in $(seq 1 $((secs * 10))); do

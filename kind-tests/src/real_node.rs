@@ -112,8 +112,15 @@ impl PreparedNode {
                             .find_map(|l| l.strip_prefix("IP_FORWARD_BEFORE='"))
                             .map(|v| v.trim_end_matches('\'').to_owned())
                     });
-                stop_failed_start(&dir)?;
-                run_start(&dir, kubeconfig, forward.as_deref())?
+                stop_failed_start(&dir)
+                    .map_err(|stop| EnvError::Build(format!("{stop}\nThe start it followed: {first}")))?;
+                // The second attempt's diagnosis must quote its own logs, not the first's.
+                let _ = std::fs::rename(dir.join("logs"), dir.join("logs.first-attempt"));
+                run_start(&dir, kubeconfig, forward.as_deref()).map_err(|second| {
+                    EnvError::Build(format!(
+                        "the real node did not start twice.\nFirst attempt: {first}\nSecond attempt: {second}"
+                    ))
+                })?
             }
         };
         let name = ready

@@ -381,11 +381,15 @@ impl MemoryPolicy {
         let consented = if categories.is_empty() {
             "holds no personal data".to_owned()
         } else {
-            let Some(subject) = &candidate.subject else {
+            // Personal data is kept only as one subject's, under that subject's consent: in an
+            // agent's or the tenant's memory it could be anyone's (a third party named in a
+            // note), and no one consent could cover it.
+            let (MemoryScope::Subject, Some(subject)) = (scope, &candidate.subject) else {
                 return Promotion::Drop {
                     reason: format!(
-                        "holds personal data ({}) but names no subject whose consent could cover it",
-                        list(&categories)
+                        "holds personal data ({}) in {} scope; only subject-scoped items, under their subject's consent, may hold personal data",
+                        list(&categories),
+                        name(&scope)
                     ),
                 };
             };
@@ -618,7 +622,16 @@ mod tests {
                 &pii,
                 &granted,
                 "drop",
-                "names no subject whose consent",
+                "in agent scope; only subject-scoped items",
+            ),
+            (
+                "a subject's consent in agent scope",
+                &auto,
+                candidate(MemoryType::Procedure, MemoryScope::Agent, Some(subject())),
+                &pii,
+                &granted,
+                "drop",
+                "in agent scope",
             ),
             (
                 "not personal",

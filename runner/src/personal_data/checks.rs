@@ -91,6 +91,8 @@ pub(super) fn is_payment_card(number: &[u32]) -> bool {
         (30 | 36 | 38, _, _) => (14..=16).contains(&len),   // Diners
         (35, _, _) => (16..=19).contains(&len),             // JCB
         (65, _, _) | (_, 644..=649, _) | (_, _, 6011) => (16..=19).contains(&len), // Discover
+        (62, _, _) | (_, _, 2200..=2204) => (16..=19).contains(&len), // UnionPay, Mir
+        (50 | 56..=58 | 63 | 67, _, _) => (13..=19).contains(&len), // Maestro
         _ => false,
     };
     issued && luhn(number)
@@ -170,13 +172,14 @@ pub(super) fn iban_checks(iban: &[u8]) -> bool {
     rest == 1
 }
 
-/// `AAA-GG-SSSS` with none of the ranges the SSA never issues.
+/// `AAA-GG-SSSS` (or with spaces) with none of the ranges the SSA never issues.
 pub(super) fn is_ssn(text: &str) -> bool {
     let b = text.as_bytes();
     let area = &b[0..3];
     let group = &b[4..6];
     let serial = &b[7..11];
-    area != b"000" && area != b"666" && area[0] != b'9' && group != b"00" && serial != b"0000"
+    // One separator throughout: `123-45-6789` or `123 45 6789`.
+    b[3] == b[6] && area != b"000" && area != b"666" && area[0] != b'9' && group != b"00" && serial != b"0000"
 }
 
 /// Two letters (not a prefix HMRC never allocates), six digits, a suffix A–D.

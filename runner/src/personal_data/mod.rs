@@ -118,7 +118,7 @@ impl TryFrom<String> for Category {
 
 /// The name of a tenant's pattern: a DNS label (lowercase letters, digits, `-`; at most 63).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PatternName(String);
+pub struct PatternName(std::sync::Arc<str>);
 
 impl PatternName {
     pub fn new(name: &str) -> Result<Self, String> {
@@ -130,7 +130,7 @@ impl PatternName {
             && !name.starts_with('-')
             && !name.ends_with('-');
         if label {
-            Ok(Self(name.to_owned()))
+            Ok(Self(name.into()))
         } else {
             Err(format!(
                 "{name:?} is not a pattern name: use at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
@@ -190,18 +190,27 @@ pub struct Finding {
 /// What a text holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Classification {
-    /// In order of position; pieces never overlap.
+    /// In order of position; pieces never overlap (where two detectors claim the same text, the
+    /// piece is reported once, as the stronger one), and at most [`MAX_FINDINGS`] are kept.
     pub findings: Vec<Finding>,
+    /// Every category any detector found, including those whose pieces overlap a stronger one
+    /// (`tenant:customer-email` on an address the e-mail detector also found): consent must
+    /// cover all of them.
+    categories: BTreeSet<Category>,
 }
+
+/// The most pieces one classification reports (their categories are all counted, whatever
+/// their number).
+pub const MAX_FINDINGS: usize = 4096;
 
 impl Classification {
     /// The categories found, each once.
     pub fn categories(&self) -> BTreeSet<Category> {
-        self.findings.iter().map(|f| f.category.clone()).collect()
+        self.categories.clone()
     }
 
     pub fn is_personal(&self) -> bool {
-        !self.findings.is_empty()
+        !self.categories.is_empty()
     }
 }
 
@@ -269,8 +278,16 @@ impl Classifier {
         }
         let built = &*BUILT_IN;
         let mut found: Vec<(u8, Finding)> = Vec::new();
+        let mut categories = BTreeSet::new();
         let mut add = |rank: u8, category: Category, span: Range<usize>| {
-            found.push((rank, Finding { category, span }));
+            if !categories.contains(&category) {
+                categories.insert(category.clone());
+            }
+            // Past the bound, pieces still count for their category; only their spans are not
+            // kept (a tenant pattern as broad as `[A-Z]` would otherwise keep one per letter).
+            if found.len() < 4 * MAX_FINDINGS {
+                found.push((rank, Finding { category, span }));
+            }
         };
         // Cheap gates: most detectors need a byte the text may not have at all.
         let bytes = text.as_bytes();
@@ -299,12 +316,26 @@ impl Classifier {
         }
         if memchr_byte(b':', bytes) {
             for m in built.ipv6.find_iter(text) {
-                if !bytes
+                if bytes
                     .get(m.end())
                     .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'.')
-                    && m.as_str().parse::<Ipv6Addr>().is_ok_and(is_public_v6)
                 {
-                    add(3, Category::IpAddress, m.range());
+                    continue;
+                }
+                // The match may take a colon of the text around it (`ip:2606:4700::1111`,
+                // `2606:4700::1111: refused`): then the address is the match without it.
+                let (start, end) = (m.start(), m.end());
+                let lead = usize::from(bytes[start] == b':');
+                let trail = usize::from(bytes[end - 1] == b':');
+                let address = [(0, 0), (lead, 0), (0, trail), (lead, trail)]
+                    .into_iter()
+                    .filter(|&(l, t)| start + l < end - t)
+                    .map(|(l, t)| start + l..end - t)
+                    .find_map(|span| text[span.clone()].parse::<Ipv6Addr>().ok().map(|ip| (ip, span)));
+                if let Some((ip, span)) = address
+                    && is_public_v6(ip)
+                {
+                    add(3, Category::IpAddress, span);
                 }
             }
         }
@@ -315,9 +346,9 @@ impl Classifier {
                 }
             }
         }
-        Ok(Classification {
-            findings: without_overlaps(found),
-        })
+        let mut findings = without_overlaps(found);
+        findings.truncate(MAX_FINDINGS);
+        Ok(Classification { findings, categories })
     }
 }
 
@@ -332,17 +363,19 @@ fn without_overlaps(mut found: Vec<(u8, Finding)>) -> Vec<Finding> {
             .then((b.span.end - b.span.start).cmp(&(a.span.end - a.span.start)))
             .then(a.span.start.cmp(&b.span.start))
     });
-    let mut kept: Vec<Finding> = Vec::with_capacity(found.len());
+    // Kept pieces never overlap, so of those starting before a piece's end only the last
+    // (the one ending last) can overlap it.
+    let mut kept: std::collections::BTreeMap<usize, Finding> = std::collections::BTreeMap::new();
     for (_, finding) in found {
         let overlaps = kept
-            .iter()
-            .any(|k| k.span.start < finding.span.end && finding.span.start < k.span.end);
+            .range(..finding.span.end)
+            .next_back()
+            .is_some_and(|(_, k)| k.span.end > finding.span.start);
         if !overlaps {
-            kept.push(finding);
+            kept.insert(finding.span.start, finding);
         }
     }
-    kept.sort_by_key(|f| f.span.start);
-    kept
+    kept.into_values().collect()
 }
 
 #[cfg(test)]
@@ -399,6 +432,15 @@ mod tests {
                 &[("ip-address", "2606:4700:4700::1111")],
             ),
             ("ssn 123-45-6789.", &[("government-id", "123-45-6789")]),
+            (
+                "ip:2606:4700::1111: refused",
+                &[("ip-address", "2606:4700::1111")],
+            ),
+            ("ssn 123 45 6789", &[("government-id", "123 45 6789")]),
+            (
+                "unionpay 6200000000000005",
+                &[("payment-card", "6200000000000005")],
+            ),
             ("NINO AB 12 34 56 C", &[("government-id", "AB 12 34 56 C")]),
             ("NINO JG103759A.", &[("government-id", "JG103759A")]),
         ];
@@ -449,6 +491,23 @@ mod tests {
             regex: r"\bBADGE-[0-9]{6}\b".into(),
         }])
         .expect("pattern");
+        let overlapping = Classifier::with_patterns(&[TenantPattern {
+            name: "customer-email".into(),
+            regex: r"[a-z]+@acme\.com".into(),
+        }])
+        .expect("pattern")
+        .classify("customer jane@acme.com wrote")
+        .expect("classified");
+        // The e-mail detector's piece is the one reported; both categories need consent.
+        assert_eq!(overlapping.findings.len(), 1);
+        assert_eq!(
+            overlapping
+                .categories()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["email", "tenant:customer-email"]
+        );
         let found = classifier
             .classify("visitor BADGE-004211 at the desk")
             .expect("classified");
@@ -504,6 +563,17 @@ mod tests {
             classifier.classify(&"a".repeat(MAX_TEXT_BYTES + 1)),
             Err(ClassifyError::TooLarge(MAX_TEXT_BYTES + 1))
         );
+        // A tenant pattern as broad as one capital letter, on the largest text: every piece
+        // counts for its category, at most MAX_FINDINGS are kept.
+        let broad = Classifier::with_patterns(&[TenantPattern {
+            name: "capital".into(),
+            regex: "[A-Z]".into(),
+        }])
+        .expect("pattern")
+        .classify(&"A".repeat(MAX_TEXT_BYTES))
+        .expect("classified");
+        assert_eq!(broad.findings.len(), MAX_FINDINGS);
+        assert_eq!(broad.categories().len(), 1);
         // Pseudo-random texts over an alphabet dense in the detectors' bytes, multi-byte
         // characters included: spans land on character boundaries, and nothing panics.
         let alphabet: Vec<char> = "0123456789 -.:+()@ADEGBQZaéx€\n".chars().collect();

@@ -600,7 +600,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// service): they must extend this recorder's head exactly, link up entry by entry and
     /// belong to this run; the batch is sealed with this recorder's key. The caller decides which
     /// bodies it accepts from that writer.
-    pub async fn append_chained(
+    pub(crate) async fn append_chained(
         &mut self,
         entries: Vec<(StoredEntry, RecordEntry)>,
     ) -> Result<SignedHead, RecordError> {
@@ -612,7 +612,10 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// that way before), checked as [`Recorder::append_chained`] checks them; they are written
     /// ahead of the bodies staged after them, by the next flush. Each comes with its decoded
     /// form: the caller decoded it from those bytes to vet it, and it is not decoded twice.
-    pub fn stage_chained(&mut self, entries: Vec<(StoredEntry, RecordEntry)>) -> Result<(), RecordError> {
+    pub(crate) fn stage_chained(
+        &mut self,
+        entries: Vec<(StoredEntry, RecordEntry)>,
+    ) -> Result<(), RecordError> {
         let run_id = self.summary.run_id.clone();
         let refuse = |problem: String| {
             RecordError::Store(StoreError::BadBatch {

@@ -411,10 +411,14 @@ where
         // mid-call (a killed pod closes its connection): its next attempt then finds the result
         // in the record instead of an effect nobody wrote down.
         let (answer, answered) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
-            let _held = held;
-            service.decide_and_execute(&caller, &slot, request, answer).await;
-        });
+        // The task's phases stay under this request's span.
+        let task = tokio::spawn(
+            async move {
+                let _held = held;
+                service.decide_and_execute(&caller, &slot, request, answer).await;
+            }
+            .in_current_span(),
+        );
         answered_by(answered, task)
             .instrument(tracing::debug_span!("gateway.until_answered"))
             .await

@@ -76,6 +76,14 @@ mod phases {
         ("gateway.handle_in_run", 3),
         ("gateway.decide", 4),
         ("gateway.go_ahead_write", 4),
+        ("record.prepare", 5),
+        ("record.store_append", 5),
+        ("store.handoff", 6),
+        ("store.writer_lock", 6),
+        ("store.transaction", 6),
+        ("store.log_frame", 6),
+        ("store.redb_commit", 6),
+        ("store.flush", 6),
         ("gateway.execute", 4),
         ("gateway.prepare", 3),
         ("gateway.write", 3),
@@ -111,7 +119,10 @@ mod phases {
     /// Installs the timing subscriber for the rest of the process.
     pub fn start() {
         let layer = WallTime.with_filter(filter_fn(|meta| {
-            meta.is_span() && (meta.name().starts_with("gateway.") || meta.name().starts_with("runner."))
+            meta.is_span()
+                && ["gateway.", "runner.", "record.", "store."]
+                    .iter()
+                    .any(|prefix| meta.name().starts_with(prefix))
         }));
         tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
             .expect("no other subscriber");

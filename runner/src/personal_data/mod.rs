@@ -122,14 +122,7 @@ pub struct PatternName(std::sync::Arc<str>);
 
 impl PatternName {
     pub fn new(name: &str) -> Result<Self, String> {
-        let label = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !name.starts_with('-')
-            && !name.ends_with('-');
-        if label {
+        if crate::records::store::is_dns_label(name) {
             Ok(Self(name.into()))
         } else {
             Err(format!(

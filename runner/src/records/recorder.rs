@@ -6,6 +6,7 @@
 //! re-chains its staged entries on top of it. It never retries the refused batch as it was.
 
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use super::{
     entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry, encode_parts},
@@ -427,7 +428,11 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// writer moved the head, the staged entries are dropped and the error returned (what they
     /// said was decided on a state that is gone).
     pub async fn flush_exclusive(&mut self) -> Result<SignedHead, RecordError> {
-        match self.prepare().await? {
+        let prepared = self
+            .prepare()
+            .instrument(tracing::debug_span!("record.prepare"))
+            .await?;
+        match prepared {
             Some(prepared) => self.commit(prepared).await,
             None => self
                 .store
@@ -475,7 +480,9 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// Writes a prepared batch on the head it was chained onto, or not at all (a go-ahead is
     /// written only on top of what was read), and moves this recorder past it.
     pub async fn commit(&mut self, prepared: Prepared) -> Result<SignedHead, RecordError> {
-        self.append_sealed(prepared.batch).await
+        self.append_sealed(prepared.batch)
+            .instrument(tracing::debug_span!("record.store_append"))
+            .await
     }
 
     /// Like [`Recorder::commit`], but if another writer moved the head meanwhile, this
@@ -485,7 +492,11 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// was told, who then finds that head missing and reads the record again.
     pub async fn commit_or_rechain(&mut self, prepared: Prepared) -> Result<SignedHead, RecordError> {
         let Prepared { batch, own, .. } = prepared;
-        match self.append_sealed(batch).await {
+        let appended = self
+            .append_sealed(batch)
+            .instrument(tracing::debug_span!("record.store_append"))
+            .await;
+        match appended {
             Err(RecordError::Store(StoreError::HeadMoved { .. })) if !own.is_empty() => {
                 self.chained.clear();
                 self.staged = own;

@@ -9,6 +9,7 @@
 //! and model turns are written by the gateway itself, and the gateway alone signs heads — with
 //! the tenant's key, which never leaves this service.
 
+mod context_cache;
 mod read_api;
 mod run_api;
 
@@ -72,8 +73,6 @@ const MAX_IN_FLIGHT: usize = 256;
 const MAX_IN_FLIGHT_PER_TENANT: usize = 64;
 /// Largest request body (a batch of entries or a blob).
 const MAX_REQUEST_BYTES: usize = 8 << 20;
-/// Verified RunContexts remembered at most (≈ 2 KiB each; then the memory starts over).
-const VERIFIED_CONTEXTS: usize = 4096;
 /// What one run may write to the store by default (its record's entries, and blobs it uploads).
 pub const DEFAULT_MAX_RUN_BYTES: u64 = 256 << 20;
 /// Runs whose gateway is kept built at most; the least recently used is dropped first.
@@ -94,8 +93,8 @@ pub struct GatewayService<S, A, T> {
     /// The operator's key: the only signer of RunContexts this service accepts.
     trust: PublicKey,
     runs: Mutex<RunSlots>,
-    /// RunContexts whose signature verified, by the SHA-256 of the header that carried them.
-    verified: Mutex<std::collections::HashMap<[u8; 32], SignedRunContext>>,
+    /// RunContexts whose signature verified.
+    verified: Mutex<context_cache::ContextCache>,
     /// URL prefix rewrites for tools (single-machine setups and tests).
     endpoint_overrides: Vec<(String, String)>,
     /// ContextOS's own namespace: its keys live there, and no caller from it is served.
@@ -518,22 +517,24 @@ where
             .ok_or_else(not_a_context)?
             .as_bytes();
         // A runner sends the same context with every request: one whose signature verified
-        // before (the same header bytes) is neither decoded nor verified again. Signer, expiry
-        // and tenant are checked every time.
+        // before (the same header bytes, or the same context in other bytes) is not verified
+        // again. Signer, expiry, tenant and pod are checked every time.
         let fingerprint: [u8; 32] = sha2::Sha256::digest(header).into();
-        let cached = self
-            .verified
-            .lock()
-            .ok()
-            .and_then(|v| v.get(&fingerprint).cloned());
-        let known = cached.is_some();
-        let context = match cached {
-            Some(context) => context,
-            None => base64::engine::general_purpose::STANDARD
-                .decode(header)
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<SignedRunContext>(&bytes).ok())
-                .ok_or_else(not_a_context)?,
+        let cached = self.verified.lock().ok().and_then(|v| v.by_header(&fingerprint));
+        let (context, known) = match cached {
+            Some(context) => (context, true),
+            None => {
+                let context = base64::engine::general_purpose::STANDARD
+                    .decode(header)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<SignedRunContext>(&bytes).ok())
+                    .ok_or_else(not_a_context)?;
+                let known = self
+                    .verified
+                    .lock()
+                    .is_ok_and(|mut v| v.known_as(fingerprint, &context));
+                (context, known)
+            }
         };
         let refuse = |why: String| {
             tracing::warn!(
@@ -549,10 +550,7 @@ where
         };
         checked.map_err(|e| refuse(e.to_string()))?;
         if !known && let Ok(mut verified) = self.verified.lock() {
-            if verified.len() >= VERIFIED_CONTEXTS {
-                verified.clear();
-            }
-            verified.insert(fingerprint, context.clone());
+            verified.verified(fingerprint, &context);
         }
         if context.context.pod.as_deref() != Some(identity.pod.as_str()) {
             return Err(refuse(format!(

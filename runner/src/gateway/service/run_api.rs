@@ -411,13 +411,16 @@ where
         // mid-call (a killed pod closes its connection): its next attempt then finds the result
         // in the record instead of an effect nobody wrote down.
         let (answer, answered) = tokio::sync::oneshot::channel();
-        // The task's phases stay under this request's span.
+        // The task outlives the answer (the result is written after it): its span follows from
+        // the request's instead of being its child, which would hold the request's span open.
+        let carried = tracing::debug_span!(parent: None, "gateway.carry_out");
+        carried.follows_from(tracing::Span::current());
         let task = tokio::spawn(
             async move {
                 let _held = held;
                 service.decide_and_execute(&caller, &slot, request, answer).await;
             }
-            .in_current_span(),
+            .instrument(carried),
         );
         answered_by(answered, task)
             .instrument(tracing::debug_span!("gateway.until_answered"))

@@ -26,18 +26,23 @@ use super::entry::{Hash, StoredEntry};
 #[serde(try_from = "String", into = "String")]
 pub struct TenantId(String);
 
+/// Whether `name` is a DNS label (RFC 1123, what a namespace name is): 1–63 of `a-z`, `0-9` and
+/// `-`, starting and ending with a letter or digit.
+pub fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
 impl TenantId {
     /// Accepts a DNS label (what a namespace name is): 1–63 of `a-z`, `0-9`, `-`.
     pub fn new(name: impl Into<String>) -> Result<Self, StoreError> {
         let name = name.into();
-        let valid = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !name.starts_with('-')
-            && !name.ends_with('-');
-        if valid {
+        if is_dns_label(&name) {
             Ok(Self(name))
         } else {
             Err(StoreError::InvalidName { what: "tenant", name })

@@ -172,9 +172,14 @@ impl EmbeddedStore {
         // is served from it, reads included, until a restart replays the log.
         self.files.wal.check().map_err(backend)?;
         let files = self.files.clone();
-        tokio::task::spawn_blocking(move || work(&files.db, &files.wal))
-            .await
-            .map_err(backend)?
+        // From here until a blocking thread picks the work up.
+        let handoff = tracing::debug_span!("store.handoff");
+        tokio::task::spawn_blocking(move || {
+            drop(handoff);
+            work(&files.db, &files.wal)
+        })
+        .await
+        .map_err(backend)?
     }
 
     /// Commits `puts` (decided inside `txn`, which has not written them yet) and returns once
@@ -184,7 +189,11 @@ impl EmbeddedStore {
         wal: &Wal,
         decide: impl FnOnce(&WriteTransaction) -> Result<Vec<Put>>,
     ) -> Result<()> {
-        let mut writer = wal.writer().map_err(backend)?;
+        let mut writer = {
+            let _phase = tracing::debug_span!("store.writer_lock").entered();
+            wal.writer().map_err(backend)?
+        };
+        let phase = tracing::debug_span!("store.transaction").entered();
         let mut txn = db.begin_write().map_err(backend)?;
         txn.set_durability(Durability::None).map_err(backend)?;
         let puts = decide(&txn)?;
@@ -197,9 +206,17 @@ impl EmbeddedStore {
             return wal.sync_to(written).map_err(backend);
         }
         apply(&txn, &puts)?;
+        drop(phase);
         // Frame first: if it cannot be written, the transaction is dropped (aborted) unseen.
-        let position = writer.append(&puts).map_err(backend)?;
-        if let Err(e) = txn.commit() {
+        let position = {
+            let _phase = tracing::debug_span!("store.log_frame").entered();
+            writer.append(&puts).map_err(backend)?
+        };
+        let committed = {
+            let _phase = tracing::debug_span!("store.redb_commit").entered();
+            txn.commit()
+        };
+        if let Err(e) = committed {
             writer.poison("a transaction whose log frame was written did not commit");
             return Err(backend(e));
         }
@@ -218,6 +235,7 @@ impl EmbeddedStore {
             writer.fold().map_err(backend)?;
         }
         drop(writer);
+        let _phase = tracing::debug_span!("store.flush").entered();
         wal.sync_to(position).map_err(backend)
     }
 

@@ -15,17 +15,33 @@ pub(super) fn dotted_neighbour(bytes: &[u8], span: Range<usize>) -> bool {
     before || after
 }
 
-/// Whether the digit groups of the match go on past it with the same separator: three groups
-/// of `4111 1111 1111 1112` are not a phone number (but `555-123-4567 2 times` is one).
+/// Whether the match is three groups of a longer, regularly grouped number: a group of the same
+/// length follows (or precedes) it with the same separator. Three groups of
+/// `4111 1111 1111 1112` are not a phone number; `555-123-4567 2 times` and
+/// `030 1234 5678 24/7` are phone numbers.
 pub(super) fn grouped_neighbour(bytes: &[u8], span: Range<usize>) -> bool {
     let inner = &bytes[span.clone()];
-    let continues = |separator: u8, digit: Option<&u8>| {
-        inner.contains(&separator) && digit.is_some_and(u8::is_ascii_digit)
+    let run = |from: usize, step: isize| {
+        let mut at = from as isize;
+        let mut n = 0;
+        while at >= 0 && bytes.get(at as usize).is_some_and(u8::is_ascii_digit) {
+            n += 1;
+            at += step;
+        }
+        n
     };
-    let before = span.start >= 2 && continues(bytes[span.start - 1], bytes.get(span.start - 2));
+    // The lengths of the match's first and last groups of digits.
+    let first = inner.iter().take_while(|b| b.is_ascii_digit()).count();
+    let last = inner.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    // (A match that opens with the parenthesis of an area code has no first group to repeat.)
+    let before = first > 0
+        && span.start >= 2
+        && inner.contains(&bytes[span.start - 1])
+        && run(span.start - 2, -1) == first;
     let after = bytes
         .get(span.end)
-        .is_some_and(|&separator| continues(separator, bytes.get(span.end + 1)));
+        .is_some_and(|separator| inner.contains(separator))
+        && run(span.end + 1, 1) == last;
     before || after
 }
 

@@ -285,7 +285,7 @@ impl Classifier {
         // Cheap gates: most detectors need a byte the text may not have at all.
         let bytes = text.as_bytes();
         let has_digit = bytes.iter().any(u8::is_ascii_digit);
-        if memchr_byte(b'@', bytes) {
+        if bytes.contains(&b'@') {
             for m in built.email.find_iter(text) {
                 add(3, Category::Email, m.range());
             }
@@ -307,7 +307,7 @@ impl Classifier {
                 }
             }
         }
-        if memchr_byte(b':', bytes) {
+        if bytes.contains(&b':') {
             for m in built.ipv6.find_iter(text) {
                 if bytes
                     .get(m.end())
@@ -343,10 +343,6 @@ impl Classifier {
         findings.truncate(MAX_FINDINGS);
         Ok(Classification { findings, categories })
     }
-}
-
-fn memchr_byte(needle: u8, bytes: &[u8]) -> bool {
-    bytes.contains(&needle)
 }
 
 /// Keeps, of pieces that overlap, the one of higher rank (then the longer, then the first).

@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use tracing::Instrument as _;
-
 use axum::{
     Json,
     body::Bytes,
@@ -12,6 +10,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::IntoResponse,
 };
+use tracing::Instrument as _;
 
 use super::*;
 use crate::{

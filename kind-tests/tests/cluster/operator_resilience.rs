@@ -2,7 +2,7 @@
 //! holder stops renewing; a runner pod killed while a tool acts is replaced and resumes without
 //! a second effect; an operator killed and restarted 20 times mid-reconcile leaves exactly one
 //! pod per attempt and no orphans; a Session's status decided from an out-of-date copy does not
-//! overwrite a newer one; and a namespace cannot resolve another namespace's objects nor read
+//! overwrite a newer one, nor an Agent's decided for a deleted object its re-created successor; and a namespace cannot resolve another namespace's objects nor read
 //! its records.
 
 use std::time::Duration;
@@ -12,7 +12,7 @@ use contextos_crds::{Agent, Session, session::SessionPhase};
 use contextos_kind_tests::{
     Check, TestEnv, TestNamespace,
     operator_env::{self, CHAOS_LABEL, OPERATOR_NAMESPACE, QUICK_SCRIPT},
-    wait_for, wait_for_object,
+    wait_for, wait_for_deletion, wait_for_object,
 };
 use contextos_operator::{
     OperatorConfig,
@@ -545,7 +545,7 @@ async fn a_gateway_killed_while_a_tool_that_cannot_dedupe_acts_leaves_the_outcom
 #[tokio::test]
 async fn a_status_decided_from_an_out_of_date_session_does_not_overwrite_a_newer_one() -> Result<()> {
     use contextos_crds::session::{PinnedRevisions, SessionStatus};
-    use contextos_operator::controllers::{apply_status, apply_status_unless_changed};
+    use contextos_operator::controllers::apply_status;
     let env = TestEnv::shared().await?;
     let ns = TestNamespace::new(env, "stale-status").await?;
     let client = env.client();
@@ -555,11 +555,6 @@ async fn a_status_decided_from_an_out_of_date_session_does_not_overwrite_a_newer
     apply(&client, ns.name(), &object).await?;
     let sessions: Api<Session> = ns.api();
     let observed = sessions.get("stale").await?;
-    let version = observed
-        .metadata
-        .resource_version
-        .clone()
-        .context("resourceVersion")?;
 
     let pinned = PinnedRevisions {
         policies: vec!["sha256:1111".into()],
@@ -570,14 +565,14 @@ async fn a_status_decided_from_an_out_of_date_session_does_not_overwrite_a_newer
         pinned: Some(pinned.clone()),
         ..Default::default()
     };
-    apply_status_unless_changed(&sessions, "stale", &version, &running).await?;
+    apply_status(&sessions, &observed, &running).await?;
 
     // Decided from the copy read before that write: no pins.
     let finished = SessionStatus {
         phase: Some(SessionPhase::Succeeded),
         ..Default::default()
     };
-    let refused = apply_status_unless_changed(&sessions, "stale", &version, &finished).await;
+    let refused = apply_status(&sessions, &observed, &finished).await;
     ensure!(
         refused.as_ref().is_err_and(|e| e.stale()),
         "a status from an out-of-date copy was not refused as stale: {refused:?}"
@@ -589,12 +584,106 @@ async fn a_status_decided_from_an_out_of_date_session_does_not_overwrite_a_newer
     );
 
     // The control: the same write without the condition loses the pins.
-    apply_status(&sessions, "stale", &finished).await?;
+    apply_status_by_name(&sessions, "stale", &finished).await?;
     let overwritten = sessions.get("stale").await?.status.unwrap_or_default();
     ensure!(
         overwritten.pinned.is_none(),
         "an unconditioned apply kept the pins, so the refusal above proves nothing: {overwritten:?}"
     );
     ns.pass();
+    Ok(())
+}
+
+/// A GitOps committer deletes an Agent whose revision was promoted and re-creates it under the
+/// same name with a new spec. A pass for the old object still in flight when the new one appears
+/// must not hand the new one the old one's status: its promoted revision would put the new spec
+/// in force without its gate. (The API server ignores a uid in a status apply; only the
+/// resourceVersion precondition tells the two objects apart.)
+#[tokio::test]
+async fn a_status_decided_for_a_deleted_object_does_not_land_on_its_re_created_successor() -> Result<()> {
+    use contextos_crds::{agent::AgentStatus, common::RevisionStatus};
+    use contextos_operator::controllers::apply_status;
+    let env = TestEnv::shared().await?;
+    let ns = TestNamespace::new(env, "recreated-status").await?;
+    let client = env.client();
+    let mut object = crate::objects::quickstart_objects()?
+        .into_iter()
+        .map(|(_, object)| object)
+        .find(|object| object["kind"] == "Agent")
+        .context("the quickstart has an Agent")?;
+    let name = object["metadata"]["name"]
+        .as_str()
+        .context("the Agent's name")?
+        .to_owned();
+    // No operator of this suite reconciles it: the test writes its status itself.
+    object["metadata"]["labels"] = json!({CHAOS_LABEL: "recreated-status"});
+    apply(&client, ns.name(), &object).await?;
+    let agents: Api<Agent> = ns.api();
+    let predecessor = agents.get(&name).await?;
+    let promoted = AgentStatus {
+        revisions: Some(RevisionStatus {
+            promoted: Some("sha256:1111".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    agents.delete(&name, &DeleteParams::default()).await?;
+    wait_for_deletion(
+        &agents,
+        &name,
+        predecessor.metadata.uid.as_deref(),
+        TIMEOUT,
+        |a: &Agent| format!("{:?}", a.metadata.finalizers),
+    )
+    .await?;
+    apply(&client, ns.name(), &object).await?;
+    let successor = agents.get(&name).await?;
+    ensure!(
+        successor.metadata.uid != predecessor.metadata.uid,
+        "the Agent was not re-created"
+    );
+
+    let refused = apply_status(&agents, &predecessor, &promoted).await;
+    ensure!(
+        refused.as_ref().is_err_and(|e| e.stale()),
+        "a status decided for the deleted Agent was not refused: {refused:?}"
+    );
+    let kept = agents.get(&name).await?.status.unwrap_or_default();
+    ensure!(
+        kept.revisions
+            .as_ref()
+            .and_then(|r| r.promoted.as_ref())
+            .is_none(),
+        "the re-created Agent received its predecessor's promoted revision: {kept:?}"
+    );
+
+    // The control: the same write by name alone lands on the successor.
+    apply_status_by_name(&agents, &name, &promoted).await?;
+    let overwritten = agents.get(&name).await?.status.unwrap_or_default();
+    ensure!(
+        overwritten.revisions.as_ref().and_then(|r| r.promoted.as_deref()) == Some("sha256:1111"),
+        "a write by name alone did not reach the successor, so the refusal above proves nothing: {overwritten:?}"
+    );
+    ns.pass();
+    Ok(())
+}
+
+/// The status write the operator does not make: server-side apply by name, with no precondition.
+async fn apply_status_by_name<K>(api: &Api<K>, name: &str, status: &impl serde::Serialize) -> Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(contextos_crds::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
     Ok(())
 }

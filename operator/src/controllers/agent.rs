@@ -135,7 +135,7 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
     })?;
     apply_status(
         &Api::<Agent>::namespaced(ctx.client.clone(), &namespace),
-        &agent.name_any(),
+        agent.as_ref(),
         status,
     )
     .await?;

@@ -132,48 +132,38 @@ impl Invalid {
     }
 }
 
-/// Writes `status` of `K` named `name` with server-side apply (one field manager, forced).
-pub async fn apply_status<K>(api: &Api<K>, name: &str, status: impl Serialize) -> Result<()>
+/// Writes `status` of the object `observed` with server-side apply (one field manager, forced),
+/// only if the object is still the one observed: its resourceVersion is the apply's
+/// precondition (409 Conflict otherwise, see [`Error::stale`]).
+///
+/// Every status this operator writes is decided from an observed object, and a status applied
+/// by name alone lands on whatever object holds that name when the write arrives:
+/// - a pass working from a cached copy that has not yet seen this operator's previous write
+///   would drop what that write added (the apply names every field this manager owns);
+/// - an object deleted and re-created under the same name while a pass for the old one was in
+///   flight would receive the old one's status: its promoted revisions, its gate verdicts. (The
+///   API server ignores a uid in a status apply, so only the resourceVersion tells them apart.)
+///
+/// A refused write is decided again from the newer object by the next pass.
+pub async fn apply_status<K>(api: &Api<K>, observed: &K, status: impl Serialize) -> Result<()>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    apply_status_patch(api, name, None, status).await
-}
-
-/// [`apply_status`] only if the object is still at `resource_version` (409 Conflict otherwise,
-/// see [`Error::stale`]). For a status computed from the observed one: the apply names every
-/// field this manager owns, so a pass working from a cached object that has not yet seen this
-/// operator's previous write would drop what that write added.
-pub async fn apply_status_unless_changed<K>(
-    api: &Api<K>,
-    name: &str,
-    resource_version: &str,
-    status: impl Serialize,
-) -> Result<()>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    apply_status_patch(api, name, Some(resource_version), status).await
-}
-
-async fn apply_status_patch<K>(
-    api: &Api<K>,
-    name: &str,
-    resource_version: Option<&str>,
-    status: impl Serialize,
-) -> Result<()>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    let mut patch = json!({
+    let meta = observed.meta();
+    let (Some(name), Some(version)) = (meta.name.as_deref(), meta.resource_version.as_deref()) else {
+        // Only an object read from the API server can be the basis of a status.
+        return Err(Error::Run(format!(
+            "cannot write the status of a {} that was not read from the API server (it has no name or resourceVersion)",
+            K::kind(&())
+        )));
+    };
+    let patch = json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
+        // Server-side apply takes a resourceVersion in the applied object as a precondition.
+        "metadata": {"resourceVersion": version},
         "status": status,
     });
-    if let Some(version) = resource_version {
-        // Server-side apply takes a resourceVersion in the applied object as a precondition.
-        patch["metadata"] = json!({"resourceVersion": version});
-    }
     api.patch_status(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),

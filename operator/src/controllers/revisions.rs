@@ -236,7 +236,7 @@ pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Co
     });
     apply_status(
         &Api::<SandboxProfile>::namespaced(ctx.client.clone(), &namespace),
-        &profile.name_any(),
+        profile.as_ref(),
         status,
     )
     .await?;
@@ -376,7 +376,7 @@ where
         "observedGeneration": object.meta().generation,
         "revisions": revisions,
     });
-    apply_status(api, &object.name_any(), status).await?;
+    apply_status(api, object, status).await?;
     super::announce(ctx, object, &gate.conditions, &ready).await;
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }

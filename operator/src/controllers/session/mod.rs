@@ -39,8 +39,8 @@ use self::{
     status::Update,
 };
 use super::{
-    Context, Error, Invalid, Result, apply, apply_status, apply_status_unless_changed, condition_message,
-    is_ready, now, ready_message, revisions,
+    Context, Error, Invalid, Result, apply, apply_status, condition_message, is_ready, now, ready_message,
+    revisions,
 };
 use crate::{capability_pods, session_children as children};
 
@@ -680,10 +680,7 @@ async fn write_status(ctx: &Context, session: &Session, update: Update) -> Resul
     // The status is computed from the observed one (pins, attempt, run id are written once and
     // carried on): a pass working from a cache that has not caught up with the previous write
     // must not apply a status without them. It is refused, and the next pass decides again.
-    match session.resource_version() {
-        Some(version) => apply_status_unless_changed(&api, &session.name_any(), &version, status).await?,
-        None => apply_status(&api, &session.name_any(), status).await?,
-    }
+    apply_status(&api, session, status).await?;
     if let Some(ready) = announced {
         super::announce(ctx, session, &current.conditions, &ready).await;
     }

@@ -25,7 +25,7 @@ use contextos_runner::{
     keys::TenantKeys,
     manifests::ManifestSet,
     model::{Model, scripted::ScriptedModel},
-    records::{EmbeddedStore, MemoryStore, RecordStore, TenantId, read_run, recorder::now_ms},
+    records::{EmbeddedStore, RecordStore, ScratchStore, TenantId, read_run, recorder::now_ms},
     run::{
         Harness, RunOutcome,
         bundle::{Candidate, RunBundle},
@@ -233,11 +233,11 @@ fn main() {
         let key = KeyPair::from_seed([4; 32]);
         let tenant = TenantId::new("bench").expect("tenant");
         // Warm-up: tokenizer, connection pool, page cache.
-        live_runs(&MemoryStore::new(), &bundle, &key, "warm").await;
+        live_runs(&ScratchStore::new(), &bundle, &key, "warm").await;
         direct_calls(&url).await;
 
         let direct = direct_calls(&url).await;
-        let memory = MemoryStore::new();
+        let memory = ScratchStore::new();
         let in_memory = live_runs(&memory, &bundle, &key, "mem").await;
         let dir = tempfile::tempdir().expect("tempdir");
         let durable_store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("store");

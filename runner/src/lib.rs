@@ -14,6 +14,7 @@ pub mod http;
 pub mod key_secrets;
 pub mod keys;
 pub mod manifests;
+pub mod memory;
 pub mod model;
 pub mod personal_data;
 pub mod policy;

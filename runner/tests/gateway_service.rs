@@ -29,7 +29,9 @@ use contextos_runner::{
     keys::{KeyPair, TenantKeys},
     manifests::ManifestSet,
     model::{Message, ModelError, ModelRequest, Role},
-    records::{EntryBody, RecordStore, Recorder, TenantId, read_run, store::memory::MemoryStore, verify_run},
+    records::{
+        EntryBody, RecordStore, Recorder, TenantId, read_run, store::scratch::ScratchStore, verify_run,
+    },
     run::{Harness, RunOutcome, bundle::RunBundle, issue_run_context},
     run_context::SignedRunContext,
 };
@@ -40,7 +42,7 @@ const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 /// A gateway service on loopback with its store, tenants and the operator's key.
 struct Rig {
-    store: Arc<MemoryStore>,
+    store: Arc<ScratchStore>,
     tenants: StaticTenants,
     operator: KeyPair,
     keys: TenantKeys,
@@ -53,7 +55,7 @@ struct Rig {
     services: Vec<Arc<Service>>,
 }
 
-type Service = GatewayService<Arc<MemoryStore>, StaticTokens, StaticTenants>;
+type Service = GatewayService<Arc<ScratchStore>, StaticTokens, StaticTenants>;
 
 fn pod(namespace: &str, name: &str) -> PodIdentity {
     PodIdentity {
@@ -91,7 +93,7 @@ async fn rig_with_options(
         .expect("quickstart manifests")
         .bundle("shop", None)
         .expect("bundle");
-    let store = Arc::new(MemoryStore::default());
+    let store = Arc::new(ScratchStore::default());
     let tenants = StaticTenants::default()
         .with_secret("shop", "ops-tools-webhook", "hmac-key", HMAC_KEY)
         .with_controller("shop", "checkout-5xx-run-1", "Session", "checkout-5xx")
@@ -1504,7 +1506,7 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
 /// given a delay, makes that write take that long.
 #[derive(Default)]
 struct LosesAResult {
-    inner: MemoryStore,
+    inner: ScratchStore,
     armed: std::sync::atomic::AtomicBool,
     delay_ms: std::sync::atomic::AtomicU64,
 }

@@ -593,8 +593,8 @@ async fn embedded_store_passes_the_conformance_suite() {
 }
 
 #[tokio::test]
-async fn memory_store_passes_the_conformance_suite() {
-    let store = contextos_runner::records::MemoryStore::new();
+async fn scratch_store_passes_the_conformance_suite() {
+    let store = contextos_runner::records::ScratchStore::new();
     append_read_and_list(&store).await;
     fork_refusal(&store).await;
     tenant_isolation(&store).await;

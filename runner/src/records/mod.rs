@@ -17,6 +17,6 @@ pub use store::embedded::EmbeddedStore;
 pub use store::{
     RecordStore, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
     any::{AnyStore, StoreLocation},
-    memory::MemoryStore,
+    scratch::ScratchStore,
 };
 pub use verify::{VerifiedChain, VerifyError, verify_entries, verify_run};

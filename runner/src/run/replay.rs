@@ -18,7 +18,7 @@ use crate::{
     keys::KeyPair,
     model::{Model, ModelError, replay::ReplayModel},
     records::{
-        EntryBody, MemoryStore, ReadError, RecordEntry, RecordStore, RunFilter, StoreError, TenantId,
+        EntryBody, ReadError, RecordEntry, RecordStore, RunFilter, ScratchStore, StoreError, TenantId,
         canonical::to_canonical_bytes, entry::Verdict, read_run,
     },
     run_context::SignedRunContext,
@@ -432,7 +432,7 @@ pub async fn replay_run<S: RecordStore>(
         })?;
     gateway.preload_results(&entries);
     let model = Model::Replay(ReplayModel::from_entries(run_id, &entries)?);
-    let scratch = MemoryStore::new();
+    let scratch = ScratchStore::new();
     let harness = Harness::new(&scratch, key, bundle, gateway, model)?.replaying(original.mode(&entries));
     let trace_id = original.run_context.context.trace_id.clone();
     let report = harness.start(run_id, &trace_id, &mut |_| {}).await?;

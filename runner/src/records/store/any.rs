@@ -176,6 +176,22 @@ macro_rules! forward {
     };
 }
 
+/// [`forward!`] for memory, which the gateway service keeps for its runners and does not (yet)
+/// serve to a reader outside the cluster.
+macro_rules! forward_memory {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            #[cfg(feature = "embedded")]
+            AnyStore::Embedded($store) => $call.await,
+            #[cfg(feature = "tikv")]
+            AnyStore::Tikv($store) => $call.await,
+            AnyStore::Gateway(_) => Err(StoreError::Refused(
+                "memory is not served through the gateway service to readers; open the store itself (embedded:<path> or tikv://<pd>)".into(),
+            )),
+        }
+    };
+}
+
 impl RecordStore for AnyStore {
     async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
         forward!(self, s => s.append(tenant, batch))
@@ -197,6 +213,29 @@ impl RecordStore for AnyStore {
     }
     async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {
         forward!(self, s => s.latest_checkpoint(tenant, session_id))
+    }
+}
+
+impl crate::memory::backend::MemoryBackend for AnyStore {
+    async fn memory_get(&self, tenant: &TenantId, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
+        forward_memory!(self, s => s.memory_get(tenant, keys))
+    }
+    async fn memory_scan(
+        &self,
+        tenant: &TenantId,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        forward_memory!(self, s => s.memory_scan(tenant, start, end, limit))
+    }
+    async fn memory_write(
+        &self,
+        tenant: &TenantId,
+        guard: crate::memory::backend::Guard,
+        changes: Vec<crate::memory::backend::Change>,
+    ) -> Result<bool> {
+        forward_memory!(self, s => s.memory_write(tenant, guard, changes))
     }
 }
 

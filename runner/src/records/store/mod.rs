@@ -8,10 +8,10 @@
 pub mod any;
 #[cfg(feature = "embedded")]
 pub mod embedded;
-pub mod memory;
 #[cfg(feature = "tikv")]
 pub mod pd_stores;
 pub mod remote;
+pub mod scratch;
 #[cfg(feature = "tikv")]
 pub mod tikv;
 

@@ -13,7 +13,10 @@ use super::{
     AppendBatch, Checkpoint, RecordStore, Result, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
     check_batch, validate_id,
 };
-use crate::records::entry::{Hash, StoredEntry};
+use crate::{
+    memory::backend::{Change, Guard, MemoryBackend, check_key, check_range, check_write, counted},
+    records::entry::{Hash, StoredEntry},
+};
 
 /// How long connecting to PD may take before the store reports it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -339,6 +342,101 @@ impl RecordStore for TikvStore {
             Some(v) => Ok(Some(decode_json(&v, &key)?)),
             None => Ok(None),
         }
+    }
+}
+
+/// Times a memory write is tried when its commit conflicts with another writer's.
+const MEMORY_WRITE_ATTEMPTS: u32 = 10;
+/// The first wait before trying a conflicted memory write again (doubling, with jitter).
+const MEMORY_WRITE_BACKOFF: Duration = Duration::from_millis(2);
+
+impl TikvStore {
+    /// One attempt at a memory write: `Ok(None)` when the commit conflicted.
+    async fn try_memory_write(&self, guard: &Guard, changes: &[Change]) -> Result<Option<bool>> {
+        let mut txn = self.begin().await?;
+        let staged: Result<bool> = async {
+            let present = txn.get(guard.key().to_vec()).await.map_err(backend)?.is_some();
+            if !guard.holds(present) {
+                return Ok(false);
+            }
+            for change in changes {
+                match change {
+                    Change::Put(key, value) => txn.put(key.clone(), value.clone()).await.map_err(backend)?,
+                    Change::Delete(key) => txn.delete(key.clone()).await.map_err(backend)?,
+                    Change::Count(key, delta) => {
+                        let current = txn.get(key.clone()).await.map_err(backend)?;
+                        match counted(current.as_deref(), *delta) {
+                            Some(value) => txn.put(key.clone(), value).await.map_err(backend)?,
+                            None => txn.delete(key.clone()).await.map_err(backend)?,
+                        }
+                    }
+                }
+            }
+            Ok(true)
+        }
+        .await;
+        match staged {
+            Ok(true) => match txn.commit().await {
+                Ok(_) => Ok(Some(true)),
+                Err(error) => {
+                    tracing::debug!(%error, "a memory write's commit failed; trying again");
+                    Ok(None)
+                }
+            },
+            other => {
+                txn.rollback().await.map_err(backend)?;
+                other.map(Some)
+            }
+        }
+    }
+}
+
+impl MemoryBackend for TikvStore {
+    async fn memory_get(&self, tenant: &TenantId, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter().try_for_each(|key| check_key(tenant, key))?;
+        let mut txn = self.begin().await?;
+        let found = txn.batch_get(keys.clone()).await;
+        txn.rollback().await.map_err(backend)?;
+        let mut found: std::collections::HashMap<Vec<u8>, Vec<u8>> = found
+            .map_err(backend)?
+            .map(|kv| (Vec::from(kv.0), kv.1))
+            .collect();
+        Ok(keys.iter().map(|key| found.remove(key)).collect())
+    }
+
+    async fn memory_scan(
+        &self,
+        tenant: &TenantId,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        check_range(tenant, &start, &end)?;
+        let mut txn = self.begin().await?;
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+        let page = txn.scan(range(start, end), limit).await;
+        txn.rollback().await.map_err(backend)?;
+        Ok(page.map_err(backend)?.map(|kv| (Vec::from(kv.0), kv.1)).collect())
+    }
+
+    async fn memory_write(&self, tenant: &TenantId, guard: Guard, changes: Vec<Change>) -> Result<bool> {
+        check_write(tenant, &guard, &changes)?;
+        let mut backoff = MEMORY_WRITE_BACKOFF;
+        for _ in 0..MEMORY_WRITE_ATTEMPTS {
+            // A retried write re-reads its guard: one that landed although its acknowledgement
+            // was lost finds the guard no longer holds, and changes nothing twice.
+            if let Some(applied) = self.try_memory_write(&guard, &changes).await? {
+                return Ok(applied);
+            }
+            // Writers that conflicted together should not all come back together.
+            let mut jitter = [0u8; 2];
+            let jitter = getrandom::fill(&mut jitter).map_or(0, |()| u16::from_le_bytes(jitter));
+            tokio::time::sleep(backoff + backoff.mul_f64(f64::from(jitter) / f64::from(u16::MAX))).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+        Err(backend(format!(
+            "a memory write conflicted with other writers {MEMORY_WRITE_ATTEMPTS} times; try again"
+        )))
     }
 }
 

@@ -19,7 +19,10 @@ use super::{
     AppendBatch, Checkpoint, RecordStore, Result, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
     check_batch, validate_id,
 };
-use crate::records::entry::{Hash, StoredEntry};
+use crate::{
+    memory::backend::{Change, Guard, MemoryBackend, check_key, check_range, check_write, counted},
+    records::entry::{Hash, StoredEntry},
+};
 
 /// (tenant, run, seq) → 32-byte hash ‖ canonical entry, and (tenant, run, [`RUN_ROW`]) → the
 /// run's RunRow JSON (signed head and summary). Keeping the run row in the entries table means
@@ -33,6 +36,10 @@ const RUNS_BY_TIME: TableDefinition<(&str, i64, &str), ()> = TableDefinition::ne
 const BLOBS: TableDefinition<(&str, &[u8; 32]), &[u8]> = TableDefinition::new("blobs");
 /// (tenant, session) → Checkpoint JSON.
 const CHECKPOINTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("checkpoints");
+/// Memory's ordered key space (see `memory::backend`; keys carry their tenant). Memory is
+/// written seldom (at the end of a run), so each write is its own durable redb commit rather
+/// than a frame of the log.
+const MEMORY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("memory");
 
 /// One row of the runs table.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -140,6 +147,7 @@ impl EmbeddedStore {
             txn.open_table(RUNS_BY_TIME).map_err(backend)?;
             txn.open_table(BLOBS).map_err(backend)?;
             txn.open_table(CHECKPOINTS).map_err(backend)?;
+            txn.open_table(MEMORY).map_err(backend)?;
         }
         txn.commit().map_err(backend)?;
         let (wal, frames) = Wal::open(&wal_path(path)).map_err(backend)?;
@@ -484,4 +492,88 @@ fn apply(txn: &WriteTransaction, puts: &[Put]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+impl MemoryBackend for EmbeddedStore {
+    async fn memory_get(&self, tenant: &TenantId, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter().try_for_each(|key| check_key(tenant, key))?;
+        self.blocking(move |db, _| {
+            let txn = db.begin_read().map_err(backend)?;
+            let memory = txn.open_table(MEMORY).map_err(backend)?;
+            keys.iter()
+                .map(|key| {
+                    Ok(memory
+                        .get(key.as_slice())
+                        .map_err(backend)?
+                        .map(|v| v.value().to_vec()))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn memory_scan(
+        &self,
+        tenant: &TenantId,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        check_range(tenant, &start, &end)?;
+        self.blocking(move |db, _| {
+            let txn = db.begin_read().map_err(backend)?;
+            let memory = txn.open_table(MEMORY).map_err(backend)?;
+            let mut out = Vec::new();
+            for pair in memory
+                .range(start.as_slice()..end.as_slice())
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (key, value) = pair.map_err(backend)?;
+                out.push((key.value().to_vec(), value.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn memory_write(&self, tenant: &TenantId, guard: Guard, changes: Vec<Change>) -> Result<bool> {
+        check_write(tenant, &guard, &changes)?;
+        self.blocking(move |db, _| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut memory = txn.open_table(MEMORY).map_err(backend)?;
+                let present = memory.get(guard.key()).map_err(backend)?.is_some();
+                if !guard.holds(present) {
+                    return Ok(false);
+                }
+                for change in changes {
+                    match change {
+                        Change::Put(key, value) => {
+                            memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
+                        }
+                        Change::Delete(key) => {
+                            memory.remove(key.as_slice()).map_err(backend)?;
+                        }
+                        Change::Count(key, delta) => {
+                            let current = memory
+                                .get(key.as_slice())
+                                .map_err(backend)?
+                                .map(|v| v.value().to_vec());
+                            match counted(current.as_deref(), delta) {
+                                Some(value) => {
+                                    memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?
+                                }
+                                None => memory.remove(key.as_slice()).map_err(backend)?,
+                            };
+                        }
+                    }
+                }
+            }
+            // Durable before it is acknowledged (redb's default for a commit).
+            txn.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
 }

@@ -1,4 +1,4 @@
-//! An in-memory `RecordStore`: the scratch store replays write their re-executed record to.
+//! An in-process `RecordStore`: the scratch store replays write their re-executed record to.
 //! Same semantics as the durable backends (head checks, tenant scoping, checkpoints) — it runs
 //! the same conformance suite — but nothing survives the process.
 
@@ -11,7 +11,10 @@ use super::{
     AppendBatch, Checkpoint, RecordStore, Result, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
     check_batch, validate_id,
 };
-use crate::records::entry::{Hash, StoredEntry};
+use crate::{
+    memory::backend::{Change, Guard, MemoryBackend, check_key, check_range, check_write, counted},
+    records::entry::{Hash, StoredEntry},
+};
 
 /// One run's chain and index rows.
 #[derive(Debug)]
@@ -28,13 +31,15 @@ struct Tenant {
     checkpoints: HashMap<String, Checkpoint>,
 }
 
-/// Records kept in process memory.
+/// Records (and memory) kept in process memory.
 #[derive(Debug, Default)]
-pub struct MemoryStore {
+pub struct ScratchStore {
     tenants: Mutex<BTreeMap<TenantId, Tenant>>,
+    /// Memory's ordered key space (see `memory::backend`); keys carry their tenant.
+    memory: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
 }
 
-impl MemoryStore {
+impl ScratchStore {
     pub fn new() -> Self {
         Self::default()
     }
@@ -48,7 +53,7 @@ impl MemoryStore {
     }
 }
 
-impl RecordStore for MemoryStore {
+impl RecordStore for ScratchStore {
     async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
         self.with(tenant, |t| {
             let current = t.runs.get(&batch.run_id).map(|r| &r.head);
@@ -127,5 +132,64 @@ impl RecordStore for MemoryStore {
     async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {
         validate_id("session", session_id)?;
         self.with(tenant, |t| Ok(t.checkpoints.get(session_id).cloned()))
+    }
+}
+
+impl ScratchStore {
+    fn memory(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>>> {
+        self.memory
+            .lock()
+            .map_err(|_| StoreError::Backend("the in-memory store was poisoned by a panic".into()))
+    }
+}
+
+impl MemoryBackend for ScratchStore {
+    async fn memory_get(&self, tenant: &TenantId, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter().try_for_each(|key| check_key(tenant, key))?;
+        let memory = self.memory()?;
+        Ok(keys.iter().map(|key| memory.get(key).cloned()).collect())
+    }
+
+    async fn memory_scan(
+        &self,
+        tenant: &TenantId,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        check_range(tenant, &start, &end)?;
+        let memory = self.memory()?;
+        Ok(memory
+            .range(start..end)
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    async fn memory_write(&self, tenant: &TenantId, guard: Guard, changes: Vec<Change>) -> Result<bool> {
+        check_write(tenant, &guard, &changes)?;
+        let mut memory = self.memory()?;
+        if !guard.holds(memory.contains_key(guard.key())) {
+            return Ok(false);
+        }
+        for change in changes {
+            match change {
+                Change::Put(key, value) => {
+                    memory.insert(key, value);
+                }
+                Change::Delete(key) => {
+                    memory.remove(&key);
+                }
+                Change::Count(key, delta) => match counted(memory.get(&key).map(Vec::as_slice), delta) {
+                    Some(value) => {
+                        memory.insert(key, value);
+                    }
+                    None => {
+                        memory.remove(&key);
+                    }
+                },
+            }
+        }
+        Ok(true)
     }
 }

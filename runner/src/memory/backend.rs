@@ -1,0 +1,159 @@
+//! What memory needs of a record store backend: point reads, ordered scans and guarded
+//! transactional writes over the tenant's memory keys (see `keys`). The embedded store, TiKV
+//! and the in-process scratch store implement it; [`super::bank`] builds items, indexes and
+//! recall on it once, for all of them.
+//!
+//! Every call names its tenant and every key must lie in that tenant's memory range: a backend
+//! refuses anything else before touching its store, so this contract cannot reach records, or
+//! another tenant.
+
+use std::future::Future;
+
+use super::keys;
+use crate::records::{StoreError, TenantId};
+
+/// Keys and values, in key order.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One change of a memory write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+    /// Adds to the count kept under the key (8 bytes, big-endian); a count that falls to zero
+    /// is deleted.
+    Count(Vec<u8>, i64),
+}
+
+/// What must hold, in the write's own transaction, for its changes to apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Guard {
+    Absent(Vec<u8>),
+    Present(Vec<u8>),
+}
+
+impl Guard {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Self::Absent(key) | Self::Present(key) => key,
+        }
+    }
+
+    pub fn holds(&self, present: bool) -> bool {
+        matches!(self, Self::Present(_)) == present
+    }
+}
+
+/// The memory operations of a store backend.
+pub trait MemoryBackend: Send + Sync {
+    /// The values of `keys`, in their order.
+    fn memory_get(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<Vec<Option<Vec<u8>>>, StoreError>> + Send;
+
+    /// At most `limit` pairs with keys in `[start, end)`, ascending.
+    fn memory_scan(
+        &self,
+        tenant: &TenantId,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Pairs, StoreError>> + Send;
+
+    /// Applies `changes` in one transaction if `guard` holds in it; whether they were applied.
+    fn memory_write(
+        &self,
+        tenant: &TenantId,
+        guard: Guard,
+        changes: Vec<Change>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+/// Refuses a key outside `tenant`'s memory range (every backend calls this first).
+pub fn check_key(tenant: &TenantId, key: &[u8]) -> Result<(), StoreError> {
+    if key.starts_with(&keys::tenant_prefix(tenant)) {
+        Ok(())
+    } else {
+        Err(StoreError::Refused(format!(
+            "a memory key outside tenant {tenant}'s memory was asked for: {}",
+            String::from_utf8_lossy(&key[..key.len().min(48)])
+        )))
+    }
+}
+
+/// Refuses a scan reaching outside `tenant`'s memory range.
+pub fn check_range(tenant: &TenantId, start: &[u8], end: &[u8]) -> Result<(), StoreError> {
+    check_key(tenant, start)?;
+    if start <= end && end <= keys::prefix_end(&keys::tenant_prefix(tenant)).as_slice() {
+        Ok(())
+    } else {
+        Err(StoreError::Refused(format!(
+            "a memory scan reaching outside tenant {tenant}'s memory was asked for"
+        )))
+    }
+}
+
+/// Refuses a write with any key outside `tenant`'s memory range.
+pub fn check_write(tenant: &TenantId, guard: &Guard, changes: &[Change]) -> Result<(), StoreError> {
+    check_key(tenant, guard.key())?;
+    changes.iter().try_for_each(|change| match change {
+        Change::Put(key, _) | Change::Delete(key) | Change::Count(key, _) => check_key(tenant, key),
+    })
+}
+
+/// A count after adding `delta` to the stored `current` (`None` when it falls to zero).
+pub fn counted(current: Option<&[u8]>, delta: i64) -> Option<Vec<u8>> {
+    let now = current
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+        .map_or(0, u64::from_be_bytes);
+    let next = now.saturating_add_signed(delta);
+    (next > 0).then(|| next.to_be_bytes().to_vec())
+}
+
+/// Reads a count as [`Change::Count`] keeps it.
+pub fn count_of(value: Option<&[u8]>) -> u64 {
+    value
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_and_vanish_at_zero() {
+        let one = counted(None, 1).expect("one");
+        assert_eq!(count_of(Some(&one)), 1);
+        let three = counted(Some(&one), 2).expect("three");
+        assert_eq!(count_of(Some(&three)), 3);
+        assert_eq!(counted(Some(&three), -3), None);
+        assert_eq!(counted(None, -1), None, "a count never goes below zero");
+    }
+
+    #[test]
+    fn keys_outside_the_tenants_memory_are_refused() {
+        let tenant = TenantId::new("shop").expect("tenant");
+        let other = TenantId::new("shop-2").expect("tenant");
+        let mine = keys::tenant_prefix(&tenant);
+        assert!(check_key(&tenant, &mine).is_ok());
+        assert!(check_key(&tenant, &keys::tenant_prefix(&other)).is_err());
+        assert!(
+            check_key(&tenant, b"cx/shop/h/run-1").is_err(),
+            "records are not memory"
+        );
+        let end = keys::prefix_end(&mine);
+        assert!(check_range(&tenant, &mine, &end).is_ok());
+        assert!(check_range(&tenant, &mine, &keys::prefix_end(b"cx/")).is_err());
+        assert!(
+            check_write(
+                &tenant,
+                &Guard::Absent(mine.clone()),
+                &[Change::Delete(b"cx/shop-2/m/i/x".to_vec())]
+            )
+            .is_err()
+        );
+    }
+}

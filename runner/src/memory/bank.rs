@@ -1,0 +1,279 @@
+//! A tenant's memory in a store backend: keeping an item with its index rows in one
+//! transaction, forgetting it the same way, and recall — the newest items of a scope that match
+//! a query and that the caller's check admits.
+
+use super::{
+    Exclusion, ItemId, MAX_RECALL_ITEMS, MemoryError, MemoryItem, RecallQuery,
+    backend::{Change, Guard, MemoryBackend, count_of},
+    keys,
+    terms::{TermKey, item_terms, query_terms},
+};
+use crate::records::{StoreError, TenantId};
+
+/// The most index rows one recall reads before it stops (and says so): a query whose every
+/// word is common, with most matches refused by the check, still ends quickly.
+pub const MAX_EXAMINED: usize = 5_000;
+/// The most exclusions a recall lists (the rest are counted).
+pub const MAX_LISTED_EXCLUSIONS: usize = 100;
+/// Index rows read per scan after the first.
+const PAGE: usize = 256;
+/// An index row's value: the key says it all (TiKV keeps no empty values).
+const ROW: &[u8] = b"1";
+
+/// Whether an item was new.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kept {
+    New(ItemId),
+    /// The same item (same content, same provenance) was kept before; nothing changed.
+    AlreadyKept(ItemId),
+}
+
+/// Why a recall stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// It found as many items as it was asked for.
+    Filled,
+    /// It read every item that matches.
+    Exhausted,
+    /// It read [`MAX_EXAMINED`] index rows; older matches were not looked at.
+    ExaminedLimit,
+}
+
+/// What a recall found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recalled {
+    /// Newest first.
+    pub offered: Vec<(ItemId, MemoryItem)>,
+    /// Items that matched and were refused by the check, newest first (at most
+    /// [`MAX_LISTED_EXCLUSIONS`]).
+    pub excluded: Vec<Exclusion>,
+    pub excluded_total: usize,
+    pub examined: usize,
+    pub stop: Stop,
+}
+
+/// One tenant's memory in `store`.
+#[derive(Debug)]
+pub struct MemoryBank<'s, S> {
+    store: &'s S,
+    tenant: TenantId,
+}
+
+impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
+    pub fn new(store: &'s S, tenant: &TenantId) -> Self {
+        Self {
+            store,
+            tenant: tenant.clone(),
+        }
+    }
+
+    /// The index rows of `item` (every one holds the item's id last), and the words counted.
+    fn index_rows(&self, id: &ItemId, item: &MemoryItem) -> (Vec<Vec<u8>>, Vec<TermKey>) {
+        let (t, scope, at) = (&self.tenant, &item.scope, item.provenance.at_ms);
+        let mut rows = vec![
+            keys::row(&keys::by_type_prefix(t, scope, Some(item.memory_type)), at, id),
+            keys::row(&keys::by_type_prefix(t, scope, None), at, id),
+        ];
+        let terms: Vec<TermKey> = item_terms(&item.text).into_iter().collect();
+        rows.extend(
+            terms
+                .iter()
+                .map(|term| keys::row(&keys::by_term_prefix(t, scope, term), at, id)),
+        );
+        (rows, terms)
+    }
+
+    /// Keeps `item` (validated first): the item and all its index rows in one transaction.
+    pub async fn keep(&self, item: &MemoryItem) -> Result<Kept, MemoryError> {
+        item.validate()?;
+        let id = item.id();
+        let key = keys::item(&self.tenant, &id);
+        // Plain data with string keys: serialization cannot fail.
+        let value = serde_json::to_vec(item).unwrap_or_default();
+        let (rows, terms) = self.index_rows(&id, item);
+        let mut changes = Vec::with_capacity(1 + rows.len() + terms.len());
+        changes.push(Change::Put(key.clone(), value));
+        changes.extend(rows.into_iter().map(|row| Change::Put(row, ROW.to_vec())));
+        changes.extend(
+            terms
+                .iter()
+                .map(|term| Change::Count(keys::term_count(&self.tenant, &item.scope, term, &id), 1)),
+        );
+        let applied = self
+            .store
+            .memory_write(&self.tenant, Guard::Absent(key), changes)
+            .await?;
+        Ok(if applied {
+            Kept::New(id)
+        } else {
+            Kept::AlreadyKept(id)
+        })
+    }
+
+    /// The item `id`, if kept (checked against its id: a value that does not hash to the key
+    /// it is under is reported corrupt, never returned).
+    pub async fn get(&self, id: &ItemId) -> Result<Option<MemoryItem>, MemoryError> {
+        let mut values = self
+            .store
+            .memory_get(&self.tenant, vec![keys::item(&self.tenant, id)])
+            .await?;
+        match values.pop().flatten() {
+            Some(value) => Ok(Some(self.decode(id, &value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes the item `id` and its index rows in one transaction; whether it was there.
+    pub async fn forget(&self, id: &ItemId) -> Result<bool, MemoryError> {
+        let Some(item) = self.get(id).await? else {
+            return Ok(false);
+        };
+        let key = keys::item(&self.tenant, id);
+        let (rows, terms) = self.index_rows(id, &item);
+        let id = *id;
+        let mut changes = vec![Change::Delete(key.clone())];
+        changes.extend(rows.into_iter().map(Change::Delete));
+        changes.extend(
+            terms
+                .iter()
+                .map(|term| Change::Count(keys::term_count(&self.tenant, &item.scope, term, &id), -1)),
+        );
+        Ok(self
+            .store
+            .memory_write(&self.tenant, Guard::Present(key), changes)
+            .await?)
+    }
+
+    fn decode(&self, id: &ItemId, value: &[u8]) -> Result<MemoryItem, MemoryError> {
+        let corrupt = |problem: String| {
+            MemoryError::Store(StoreError::Corrupt {
+                key: format!("cx/{}/m/i/{id}", self.tenant),
+                problem,
+            })
+        };
+        let item: MemoryItem = serde_json::from_slice(value).map_err(|e| corrupt(e.to_string()))?;
+        if item.id() != *id {
+            return Err(corrupt(
+                "the item does not hash to the id it is kept under".into(),
+            ));
+        }
+        Ok(item)
+    }
+
+    /// The newest items of the query's scope (and type) holding every word of its text, that
+    /// `admit` lets through; what `admit` refuses is listed with its reason. The check runs on
+    /// every recall, so a consent revoked before it is honoured by it.
+    pub async fn recall(
+        &self,
+        query: &RecallQuery,
+        mut admit: impl FnMut(&MemoryItem) -> Result<(), String>,
+    ) -> Result<Recalled, MemoryError> {
+        if query.max_items == 0 || query.max_items > MAX_RECALL_ITEMS {
+            return Err(MemoryError::BadQuery(format!(
+                "maxItems is {}; ask for 1 to {MAX_RECALL_ITEMS} items",
+                query.max_items
+            )));
+        }
+        let terms = query_terms(&query.text).map_err(MemoryError::BadQuery)?;
+        let mut recalled = Recalled {
+            offered: Vec::new(),
+            excluded: Vec::new(),
+            excluded_total: 0,
+            examined: 0,
+            stop: Stop::Exhausted,
+        };
+        let (prefix, filter) = if terms.is_empty() {
+            (
+                keys::by_type_prefix(&self.tenant, &query.scope, query.memory_type),
+                false,
+            )
+        } else {
+            // Scan the rarest word's rows; check the others (and the type) on each item.
+            let counted: Vec<Vec<u8>> = terms
+                .iter()
+                .flat_map(|term| keys::term_count_shards(&self.tenant, &query.scope, term))
+                .collect();
+            let counts = self.store.memory_get(&self.tenant, counted).await?;
+            let Some((rarest, count)) = terms
+                .iter()
+                .zip(
+                    counts
+                        .chunks(usize::from(keys::COUNT_SHARDS))
+                        .map(|shards| shards.iter().map(|c| count_of(c.as_deref())).sum::<u64>()),
+                )
+                .min_by_key(|(_, count)| *count)
+            else {
+                return Ok(recalled);
+            };
+            if count == 0 {
+                return Ok(recalled);
+            }
+            (keys::by_term_prefix(&self.tenant, &query.scope, rarest), true)
+        };
+        let end = keys::prefix_end(&prefix);
+        let mut start = prefix;
+        let mut page = (query.max_items * 2).clamp(16, PAGE);
+        loop {
+            let limit = page.min(MAX_EXAMINED - recalled.examined);
+            let rows = self
+                .store
+                .memory_scan(&self.tenant, start, end.clone(), limit)
+                .await?;
+            recalled.examined += rows.len();
+            let ids = rows
+                .iter()
+                .map(|(key, _)| {
+                    keys::row_item(key).ok_or_else(|| {
+                        MemoryError::Store(StoreError::Corrupt {
+                            key: String::from_utf8_lossy(key).into_owned(),
+                            problem: "an index row without an item id".into(),
+                        })
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let values = self
+                .store
+                .memory_get(
+                    &self.tenant,
+                    ids.iter().map(|id| keys::item(&self.tenant, id)).collect(),
+                )
+                .await?;
+            for (id, value) in ids.iter().zip(values) {
+                // A row whose item is gone: forgotten between the scan and the read.
+                let Some(value) = value else { continue };
+                let item = self.decode(id, &value)?;
+                if filter
+                    && (query.memory_type.is_some_and(|t| t != item.memory_type)
+                        || !terms.is_subset(&item_terms(&item.text)))
+                {
+                    continue;
+                }
+                match admit(&item) {
+                    Ok(()) => recalled.offered.push((*id, item)),
+                    Err(reason) => {
+                        recalled.excluded_total += 1;
+                        if recalled.excluded.len() < MAX_LISTED_EXCLUSIONS {
+                            recalled.excluded.push(Exclusion { item: *id, reason });
+                        }
+                    }
+                }
+                if recalled.offered.len() == query.max_items {
+                    recalled.stop = Stop::Filled;
+                    return Ok(recalled);
+                }
+            }
+            let Some((last, _)) = rows.last() else {
+                return Ok(recalled);
+            };
+            if rows.len() < limit {
+                return Ok(recalled);
+            }
+            if recalled.examined >= MAX_EXAMINED {
+                recalled.stop = Stop::ExaminedLimit;
+                return Ok(recalled);
+            }
+            start = keys::after(last);
+            page = PAGE;
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Where memory lives in a backend's ordered key space. Every key starts with
+//! `cx/<tenant>/m/`: one contiguous range per tenant (beside its records, `cx/<tenant>/…` in
+//! TiKV), so no scan reaches another tenant.
+//!
+//! - `i/<id>` → the item's JSON;
+//! - `x/<scope>/<type or *>/<newest><id>` → index of a scope's items, newest first, by type and
+//!   of all types;
+//! - `w/<scope>/<term><newest><id>` → index of a scope's items by word;
+//! - `n/<scope>/<term><shard>` → how many items of the scope hold the word, in
+//!   [`COUNT_SHARDS`] rows (the rarest word of a query is the one scanned).
+//!
+//! `<newest>` is `u64::MAX − promoted-at ms`, big-endian, so ascending key order is newest
+//! first; `<id>` and `<term>` are 32 raw bytes. Scopes and type names hold no `/`.
+
+use super::{ItemId, ItemScope, MemoryType, terms::TermKey};
+use crate::records::{Hash, TenantId};
+
+/// The byte after an index row's fixed prefix: 8 bytes of time, then 32 of id.
+pub const ROW_SUFFIX: usize = 8 + 32;
+
+fn base(tenant: &TenantId) -> String {
+    format!("cx/{tenant}/m/")
+}
+
+/// The prefix every memory key of `tenant` starts with.
+pub fn tenant_prefix(tenant: &TenantId) -> Vec<u8> {
+    base(tenant).into_bytes()
+}
+
+pub fn item(tenant: &TenantId, id: &ItemId) -> Vec<u8> {
+    let mut key = format!("{}i/", base(tenant)).into_bytes();
+    key.extend_from_slice(&id.0.0);
+    key
+}
+
+fn type_name(memory_type: Option<MemoryType>) -> &'static str {
+    match memory_type {
+        None => "*",
+        Some(MemoryType::Fact) => "fact",
+        Some(MemoryType::Preference) => "preference",
+        Some(MemoryType::Procedure) => "procedure",
+        Some(MemoryType::Episode) => "episode",
+    }
+}
+
+/// The newest-first index of `scope`'s items of `memory_type` (all types: `None`).
+pub fn by_type_prefix(tenant: &TenantId, scope: &ItemScope, memory_type: Option<MemoryType>) -> Vec<u8> {
+    format!("{}x/{scope}/{}/", base(tenant), type_name(memory_type)).into_bytes()
+}
+
+/// The newest-first index of `scope`'s items holding `term`.
+pub fn by_term_prefix(tenant: &TenantId, scope: &ItemScope, term: &TermKey) -> Vec<u8> {
+    let mut key = format!("{}w/{scope}/", base(tenant)).into_bytes();
+    key.extend_from_slice(&term.0);
+    key
+}
+
+/// A word's count is kept in this many rows, each item counted in one of them (by its id):
+/// writers of different items seldom touch the same row, so a common word is not one hot key
+/// every concurrent write conflicts on.
+pub const COUNT_SHARDS: u8 = 16;
+
+/// The row of `term`'s count that the item `id` is counted in.
+pub fn term_count(tenant: &TenantId, scope: &ItemScope, term: &TermKey, id: &ItemId) -> Vec<u8> {
+    term_count_shard(tenant, scope, term, id.0.0[0] % COUNT_SHARDS)
+}
+
+/// Every row of `term`'s count.
+pub fn term_count_shards(tenant: &TenantId, scope: &ItemScope, term: &TermKey) -> Vec<Vec<u8>> {
+    (0..COUNT_SHARDS)
+        .map(|shard| term_count_shard(tenant, scope, term, shard))
+        .collect()
+}
+
+fn term_count_shard(tenant: &TenantId, scope: &ItemScope, term: &TermKey, shard: u8) -> Vec<u8> {
+    let mut key = format!("{}n/{scope}/", base(tenant)).into_bytes();
+    key.extend_from_slice(&term.0);
+    key.push(shard);
+    key
+}
+
+/// An index row: `prefix`, then when, then which.
+pub fn row(prefix: &[u8], at_ms: i64, id: &ItemId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + ROW_SUFFIX);
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(&(u64::MAX - at_ms.max(0) as u64).to_be_bytes());
+    key.extend_from_slice(&id.0.0);
+    key
+}
+
+/// The item an index row points at.
+pub fn row_item(key: &[u8]) -> Option<ItemId> {
+    let id: [u8; 32] = key.get(key.len().checked_sub(32)?..)?.try_into().ok()?;
+    Some(ItemId(Hash(id)))
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+/// The first key after `key` (for resuming a scan just past it).
+pub fn after(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(byte: u8) -> ItemId {
+        ItemId(Hash([byte; 32]))
+    }
+
+    #[test]
+    fn index_rows_sort_newest_first_and_name_their_item() {
+        let tenant = TenantId::new("shop").expect("tenant");
+        let prefix = by_type_prefix(&tenant, &ItemScope::Tenant, None);
+        let older = row(&prefix, 1_000, &id(9));
+        let newer = row(&prefix, 2_000, &id(1));
+        assert!(newer < older);
+        assert_eq!(row_item(&older), Some(id(9)));
+        assert!(older.starts_with(&tenant_prefix(&tenant)));
+    }
+
+    #[test]
+    fn one_scopes_prefix_is_never_a_prefix_of_anothers() {
+        let tenant = TenantId::new("shop").expect("tenant");
+        let short = by_type_prefix(&tenant, &ItemScope::Agent("ops".into()), None);
+        let long = by_type_prefix(&tenant, &ItemScope::Agent("ops-2".into()), None);
+        assert!(!long.starts_with(&short));
+        let other = TenantId::new("shop-2").expect("tenant");
+        assert!(!tenant_prefix(&other).starts_with(&tenant_prefix(&tenant)));
+    }
+}

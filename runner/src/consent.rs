@@ -62,7 +62,8 @@ macro_rules! checked_name {
 
         impl fmt::Display for $type {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                // pad: a table's column width applies.
+                f.pad(&self.0)
             }
         }
 

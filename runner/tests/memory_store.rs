@@ -11,8 +11,9 @@ use contextos_runner::{
     consent::{ConsentAction, ConsentLedger, ConsentRecord, Purpose, SubjectHandle},
     memory::{
         EvidenceHandle, ItemScope, MemoryError, MemoryItem, MemoryType, Provenance, RecallQuery, admit,
-        backend::{Change, Guard, MemoryBackend},
+        backend::{Change, Guard, MemoryBackend, Write},
         bank::{Kept, MemoryBank, Stop},
+        consents::{ConsentBook, ConsentLink},
     },
     personal_data::Category,
     records::{EmbeddedStore, Hash, ScratchStore, StoreError, TenantId},
@@ -413,8 +414,10 @@ async fn tenants_are_isolated<S: MemoryBackend>(store: &S) {
     let write = store
         .memory_write(
             &b,
-            Guard::Absent(format!("cx/{b}/m/i/x").into_bytes()),
-            vec![Change::Delete(a_key)],
+            vec![Write {
+                guard: Guard::Absent(format!("cx/{b}/m/i/x").into_bytes()),
+                changes: vec![Change::Delete(a_key)],
+            }],
         )
         .await;
     assert!(matches!(write, Err(StoreError::Refused(_))), "{write:?}");
@@ -450,12 +453,14 @@ async fn a_tampered_item_is_reported_not_returned<S: MemoryBackend>(store: &S) {
     let rewritten = store
         .memory_write(
             &t,
-            Guard::Present(key.clone()),
-            vec![Change::Put(key, serde_json::to_vec(&forged).expect("json"))],
+            vec![Write {
+                guard: Guard::Present(key.clone()),
+                changes: vec![Change::Put(key, serde_json::to_vec(&forged).expect("json"))],
+            }],
         )
         .await
         .expect("raw write");
-    assert!(rewritten);
+    assert_eq!(rewritten, [true]);
     let read = bank.get(&original.id()).await;
     assert!(
         matches!(read, Err(MemoryError::Store(StoreError::Corrupt { .. }))),
@@ -507,7 +512,206 @@ async fn racing_writers_keep_each_item_once<S: MemoryBackend>(store: &S) {
     assert_eq!(checkout.examined, 8, "each word counted once per item");
 }
 
+async fn a_batch_is_kept_whole_or_not_at_all<S: MemoryBackend>(store: &S) {
+    let t = tenant("batch");
+    let bank = MemoryBank::new(store, &t);
+    let first = item(agent("sre-agent"), MemoryType::Fact, "batch one", 1_000);
+    let second = item(agent("sre-agent"), MemoryType::Fact, "batch two", 2_000);
+    let blank = item(agent("sre-agent"), MemoryType::Fact, "", 3_000);
+    let refused = bank.keep_all(&[first.clone(), blank, second.clone()]).await;
+    assert!(
+        matches!(&refused, Err(MemoryError::Invalid(problem)) if problem.starts_with("item 1: text")),
+        "{refused:?}"
+    );
+    let none = bank
+        .recall(&query(agent("sre-agent"), None, "batch", 10), everything)
+        .await
+        .expect("recall");
+    assert!(
+        none.offered.is_empty(),
+        "part of a refused batch was kept: {none:?}"
+    );
+
+    // The same item twice in one batch is kept once.
+    let kept = bank
+        .keep_all(&[first.clone(), second.clone(), first.clone()])
+        .await
+        .expect("keep");
+    assert_eq!(
+        kept,
+        [
+            Kept::New(first.id()),
+            Kept::New(second.id()),
+            Kept::AlreadyKept(first.id())
+        ]
+    );
+    let both = bank
+        .recall(&query(agent("sre-agent"), None, "batch", 10), everything)
+        .await
+        .expect("recall");
+    assert_eq!(texts(&both), ["batch two", "batch one"]);
+    assert_eq!(both.examined, 2);
+}
+
+fn consent(
+    subject: &SubjectHandle,
+    action: ConsentAction,
+    categories: &[Category],
+    at_ms: i64,
+) -> ConsentRecord {
+    ConsentRecord {
+        subject: subject.clone(),
+        purpose: Purpose::new("incident-follow-up").expect("purpose"),
+        action,
+        categories: categories.iter().cloned().collect(),
+        by: "system:serviceaccount:shop:privacy-desk".into(),
+        evidence: if action == ConsentAction::Grant {
+            "PRIV-1042".into()
+        } else {
+            String::new()
+        },
+        at_ms,
+        expires_at_ms: None,
+    }
+}
+
+async fn consent_records_are_chained_and_verified<S: MemoryBackend>(store: &S) {
+    let t = tenant("consents");
+    let book = ConsentBook::new(store, &t);
+    let ana = SubjectHandle::new("subj:ana").expect("handle");
+    let ben = SubjectHandle::new("subj:ben").expect("handle");
+    let purpose = Purpose::new("incident-follow-up").expect("purpose");
+    let phone = BTreeSet::from([Category::Phone]);
+
+    let granted = book
+        .append(consent(
+            &ana,
+            ConsentAction::Grant,
+            &[Category::Phone, Category::Email],
+            1_000,
+        ))
+        .await
+        .expect("grant");
+    assert_eq!((granted.seq, granted.prev), (0, None));
+    let revoked = book
+        .append(consent(&ana, ConsentAction::Revoke, &[Category::Phone], 2_000))
+        .await
+        .expect("revoke");
+    assert_eq!((revoked.seq, revoked.prev), (1, Some(granted.hash)));
+    let history = book.history(&ana).await.expect("history");
+    assert_eq!(history.links, [granted.clone(), revoked.clone()]);
+    assert_eq!(history.head(), Some(revoked.hash));
+    let ledger = history.ledger();
+    assert_eq!(
+        ledger.uncovered(&ana, &purpose, &phone, 3_000),
+        phone,
+        "the revocation is in force"
+    );
+    assert!(
+        ledger
+            .uncovered(&ana, &purpose, &BTreeSet::from([Category::Email]), 3_000)
+            .is_empty()
+    );
+
+    // Refused before anything is appended: a grant without evidence.
+    let mut unfounded = consent(&ana, ConsentAction::Grant, &[Category::Phone], 4_000);
+    unfounded.evidence = String::new();
+    assert!(matches!(
+        book.append(unfounded).await,
+        Err(MemoryError::BadConsent(_))
+    ));
+    assert_eq!(book.history(&ana).await.expect("history").links.len(), 2);
+
+    // Writers racing for the same position all land, one after another.
+    let racing = futures::future::join_all(
+        (0..6).map(|i| book.append(consent(&ben, ConsentAction::Grant, &[Category::Email], 1_000 + i))),
+    )
+    .await;
+    assert!(racing.iter().all(Result::is_ok), "{racing:?}");
+    let bens = book.history(&ben).await.expect("history");
+    assert_eq!(
+        bens.links.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4, 5]
+    );
+    assert_eq!(
+        book.subjects(100).await.expect("subjects"),
+        [ana.clone(), ben.clone()]
+    );
+    assert!(
+        ConsentBook::new(store, &tenant("consents-other"))
+            .history(&ana)
+            .await
+            .expect("history")
+            .links
+            .is_empty()
+    );
+
+    // An edited record, even with its own hash recomputed, breaks the link after it; a removed
+    // record leaves a gap. Both are reported, never folded into what is in force.
+    let link_key = |seq: u64| {
+        [
+            format!("cx/{t}/m/c/{ana}/").into_bytes(),
+            (u64::MAX - seq).to_be_bytes().to_vec(),
+        ]
+        .concat()
+    };
+    let mut forged = granted.record.clone();
+    forged.categories.insert(Category::Iban);
+    let forged_link: ConsentLink = serde_json::from_value(serde_json::json!({
+        "seq": 0,
+        "prev": null,
+        "record": forged,
+        "hash": granted.hash,
+    }))
+    .expect("link");
+    let rehashed = {
+        // The forger recomputes the link's own hash the way the store does.
+        let appended = ConsentBook::new(store, &tenant("forger"))
+            .append(forged_link.record.clone())
+            .await
+            .expect("forger's own chain");
+        appended.hash
+    };
+    let forged_json =
+        serde_json::json!({"seq": 0, "prev": null, "record": forged_link.record, "hash": rehashed});
+    store
+        .memory_write(
+            &t,
+            vec![Write {
+                guard: Guard::Present(link_key(0)),
+                changes: vec![Change::Put(
+                    link_key(0),
+                    serde_json::to_vec(&forged_json).expect("json"),
+                )],
+            }],
+        )
+        .await
+        .expect("raw write");
+    let edited = book.history(&ana).await;
+    assert!(
+        matches!(&edited, Err(MemoryError::Store(StoreError::Corrupt { problem, .. })) if problem.contains("rewritten")),
+        "{edited:?}"
+    );
+    store
+        .memory_write(
+            &t,
+            vec![Write {
+                guard: Guard::Present(link_key(0)),
+                changes: vec![Change::Delete(link_key(0))],
+            }],
+        )
+        .await
+        .expect("raw delete");
+    let removed = book.history(&ana).await;
+    assert!(
+        matches!(&removed, Err(MemoryError::Store(StoreError::Corrupt { problem, .. })) if problem.contains("removed")),
+        "{removed:?}"
+    );
+}
+
 async fn suite<S: MemoryBackend>(store: &S) {
+    consent_records_are_chained_and_verified(store).await;
+    a_batch_is_kept_whole_or_not_at_all(store).await;
     keeping_is_idempotent_and_validated(store).await;
     recall_is_newest_first_by_scope_type_and_words(store).await;
     consent_is_checked_at_every_recall(store).await;

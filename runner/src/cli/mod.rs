@@ -2,6 +2,7 @@
 
 mod audit;
 mod capability;
+mod consent;
 mod gateway;
 mod promote;
 mod records;
@@ -78,6 +79,10 @@ enum Command {
     /// Tool declarations from what a tool server offers.
     #[command(subcommand)]
     Tools(tools::ToolsCommand),
+    /// Consent records of a tenant's subjects: grant, revoke (appended, never edited), list,
+    /// show with what is in force.
+    #[command(subcommand)]
+    Consent(consent::ConsentCommand),
 }
 
 impl Cli {
@@ -96,8 +101,28 @@ impl Cli {
             Command::Capability(command) => capability::run(command).await,
             Command::Audit(args) => audit::run(&self.global, args).await,
             Command::Tools(command) => tools::run(command).await,
+            Command::Consent(command) => consent::run(&self.global, command).await,
         }
     }
+}
+
+/// A span of time written as a number and a unit (`90s`, `10m`, `12h`, `7d`), as `flag` takes it.
+fn parse_span(flag: &str, text: &str) -> anyhow::Result<std::time::Duration> {
+    let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("{flag} {text:?}: expected a number and a unit, e.g. 90s, 10m, 12h, 7d"))?;
+    let seconds = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3_600),
+        "d" => n.checked_mul(86_400),
+        _ => anyhow::bail!("{flag} {text:?}: the unit must be s, m, h or d"),
+    };
+    let seconds = seconds
+        .filter(|s| *s <= 100 * 365 * 86_400)
+        .with_context(|| format!("{flag} {text:?}: more than a hundred years"))?;
+    Ok(std::time::Duration::from_secs(seconds))
 }
 
 impl GlobalArgs {

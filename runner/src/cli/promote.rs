@@ -194,14 +194,9 @@ fn report(
 }
 
 fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
-    let n: u64 = number
-        .parse()
-        .with_context(|| format!("--wait {text:?}: expected e.g. 90s, 10m, 1h"))?;
-    Ok(Duration::from_secs(match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => bail!("--wait {text:?}: use s, m or h"),
-    }))
+    // A bare number is seconds, as it always was for --wait.
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        return super::parse_span("--wait", &format!("{text}s"));
+    }
+    super::parse_span("--wait", text)
 }

@@ -6,7 +6,7 @@ use std::{
     process::ExitCode,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Subcommand;
 use contextos_runner::records::{
     AnyStore, EntryBody, RecordEntry, RecordStore, RunFilter, RunSummary, TenantId, read_run, timeline,
@@ -249,15 +249,6 @@ fn print_runs(out: &mut impl Write, tenant: &TenantId, runs: &[RunSummary]) -> a
 
 /// `30m`, `12h`, `7d` → the start of that window in ms since the epoch.
 pub(super) fn parse_since(text: &str) -> anyhow::Result<i64> {
-    let (number, unit) = text.split_at(text.len().saturating_sub(1));
-    let n: i64 = number
-        .parse()
-        .with_context(|| format!("--since {text:?}: expected a number and a unit, e.g. 12h"))?;
-    let ms = match unit {
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
-        _ => bail!("--since {text:?}: unit must be m, h or d"),
-    };
-    Ok(contextos_runner::records::recorder::now_ms() - ms)
+    let span = super::parse_span("--since", text)?;
+    Ok(contextos_runner::records::recorder::now_ms() - span.as_millis() as i64)
 }

@@ -32,6 +32,13 @@ pub enum Guard {
     Present(Vec<u8>),
 }
 
+/// Changes that apply together if their guard holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    pub guard: Guard,
+    pub changes: Vec<Change>,
+}
+
 impl Guard {
     pub fn key(&self) -> &[u8] {
         match self {
@@ -62,13 +69,13 @@ pub trait MemoryBackend: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<Pairs, StoreError>> + Send;
 
-    /// Applies `changes` in one transaction if `guard` holds in it; whether they were applied.
+    /// Applies `writes` in one transaction, in order, each only if its guard holds there (after
+    /// the writes before it); for each, whether it was applied.
     fn memory_write(
         &self,
         tenant: &TenantId,
-        guard: Guard,
-        changes: Vec<Change>,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+        writes: Vec<Write>,
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
 }
 
 /// Refuses a key outside `tenant`'s memory range (every backend calls this first).
@@ -95,11 +102,13 @@ pub fn check_range(tenant: &TenantId, start: &[u8], end: &[u8]) -> Result<(), St
     }
 }
 
-/// Refuses a write with any key outside `tenant`'s memory range.
-pub fn check_write(tenant: &TenantId, guard: &Guard, changes: &[Change]) -> Result<(), StoreError> {
-    check_key(tenant, guard.key())?;
-    changes.iter().try_for_each(|change| match change {
-        Change::Put(key, _) | Change::Delete(key) | Change::Count(key, _) => check_key(tenant, key),
+/// Refuses writes with any key outside `tenant`'s memory range.
+pub fn check_writes(tenant: &TenantId, writes: &[Write]) -> Result<(), StoreError> {
+    writes.iter().try_for_each(|write| {
+        check_key(tenant, write.guard.key())?;
+        write.changes.iter().try_for_each(|change| match change {
+            Change::Put(key, _) | Change::Delete(key) | Change::Count(key, _) => check_key(tenant, key),
+        })
     })
 }
 
@@ -147,13 +156,10 @@ mod tests {
         let end = keys::prefix_end(&mine);
         assert!(check_range(&tenant, &mine, &end).is_ok());
         assert!(check_range(&tenant, &mine, &keys::prefix_end(b"cx/")).is_err());
-        assert!(
-            check_write(
-                &tenant,
-                &Guard::Absent(mine.clone()),
-                &[Change::Delete(b"cx/shop-2/m/i/x".to_vec())]
-            )
-            .is_err()
-        );
+        let stray = Write {
+            guard: Guard::Absent(mine.clone()),
+            changes: vec![Change::Delete(b"cx/shop-2/m/i/x".to_vec())],
+        };
+        assert!(check_writes(&tenant, &[stray]).is_err());
     }
 }

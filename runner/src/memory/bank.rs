@@ -4,9 +4,9 @@
 
 use super::{
     Exclusion, ItemId, MAX_RECALL_ITEMS, MemoryError, MemoryItem, RecallQuery,
-    backend::{Change, Guard, MemoryBackend, count_of},
+    backend::{Change, Guard, MemoryBackend, Write, count_of},
     keys,
-    terms::{TermKey, item_terms, query_terms},
+    terms::{MAX_QUERY_TERMS, TermKey, holds_all, item_terms, query_terms, words},
 };
 use crate::records::{StoreError, TenantId};
 
@@ -15,6 +15,8 @@ use crate::records::{StoreError, TenantId};
 pub const MAX_EXAMINED: usize = 5_000;
 /// The most exclusions a recall lists (the rest are counted).
 pub const MAX_LISTED_EXCLUSIONS: usize = 100;
+/// The most items one write keeps.
+pub const MAX_KEEP_BATCH: usize = 256;
 /// Index rows read per scan after the first.
 const PAGE: usize = 256;
 /// An index row's value: the key says it all (TiKV keeps no empty values).
@@ -85,29 +87,59 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
 
     /// Keeps `item` (validated first): the item and all its index rows in one transaction.
     pub async fn keep(&self, item: &MemoryItem) -> Result<Kept, MemoryError> {
-        item.validate()?;
-        let id = item.id();
-        let key = keys::item(&self.tenant, &id);
+        let mut kept = self.keep_all(std::slice::from_ref(item)).await?;
+        Ok(kept.remove(0))
+    }
+
+    /// Keeps `items` in one transaction: all of them (with their index rows) or, if any is
+    /// invalid or the write fails, none.
+    pub async fn keep_all(&self, items: &[MemoryItem]) -> Result<Vec<Kept>, MemoryError> {
+        if items.len() > MAX_KEEP_BATCH {
+            return Err(MemoryError::Invalid(format!(
+                "{} items in one write, more than {MAX_KEEP_BATCH}; write them in batches",
+                items.len()
+            )));
+        }
+        for (index, item) in items.iter().enumerate() {
+            item.validate().map_err(|e| match e {
+                MemoryError::Invalid(problem) if items.len() > 1 => {
+                    MemoryError::Invalid(format!("item {index}: {problem}"))
+                }
+                other => other,
+            })?;
+        }
+        let ids: Vec<ItemId> = items.iter().map(MemoryItem::id).collect();
+        let writes = items
+            .iter()
+            .zip(&ids)
+            .map(|(item, id)| self.keep_write(id, item))
+            .collect();
+        let applied = self.store.memory_write(&self.tenant, writes).await?;
+        Ok(ids
+            .into_iter()
+            .zip(applied)
+            .map(|(id, new)| if new { Kept::New(id) } else { Kept::AlreadyKept(id) })
+            .collect())
+    }
+
+    /// The write keeping `item`, unless an item with its id is kept already.
+    fn keep_write(&self, id: &ItemId, item: &MemoryItem) -> Write {
+        let key = keys::item(&self.tenant, id);
         // Plain data with string keys: serialization cannot fail.
         let value = serde_json::to_vec(item).unwrap_or_default();
-        let (rows, terms) = self.index_rows(&id, item);
+        let (rows, terms) = self.index_rows(id, item);
         let mut changes = Vec::with_capacity(1 + rows.len() + terms.len());
         changes.push(Change::Put(key.clone(), value));
         changes.extend(rows.into_iter().map(|row| Change::Put(row, ROW.to_vec())));
         changes.extend(
             terms
                 .iter()
-                .map(|term| Change::Count(keys::term_count(&self.tenant, &item.scope, term, &id), 1)),
+                .map(|term| Change::Count(keys::term_count(&self.tenant, &item.scope, term, id), 1)),
         );
-        let applied = self
-            .store
-            .memory_write(&self.tenant, Guard::Absent(key), changes)
-            .await?;
-        Ok(if applied {
-            Kept::New(id)
-        } else {
-            Kept::AlreadyKept(id)
-        })
+        Write {
+            guard: Guard::Absent(key),
+            changes,
+        }
     }
 
     /// The item `id`, if kept (checked against its id: a value that does not hash to the key
@@ -138,25 +170,37 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                 .iter()
                 .map(|term| Change::Count(keys::term_count(&self.tenant, &item.scope, term, &id), -1)),
         );
-        Ok(self
-            .store
-            .memory_write(&self.tenant, Guard::Present(key), changes)
-            .await?)
+        let write = Write {
+            guard: Guard::Present(key),
+            changes,
+        };
+        let applied = self.store.memory_write(&self.tenant, vec![write]).await?;
+        Ok(applied.first().copied().unwrap_or(false))
+    }
+
+    fn corrupt(&self, id: &ItemId, problem: String) -> MemoryError {
+        MemoryError::Store(StoreError::Corrupt {
+            key: format!("cx/{}/m/i/{id}", self.tenant),
+            problem,
+        })
+    }
+
+    fn parse(&self, id: &ItemId, value: &[u8]) -> Result<MemoryItem, MemoryError> {
+        serde_json::from_slice(value).map_err(|e| self.corrupt(id, e.to_string()))
+    }
+
+    /// A value that does not hash to the id it is kept under is reported, never returned.
+    fn verify(&self, id: &ItemId, item: &MemoryItem) -> Result<(), MemoryError> {
+        if item.id() == *id {
+            Ok(())
+        } else {
+            Err(self.corrupt(id, "the item does not hash to the id it is kept under".into()))
+        }
     }
 
     fn decode(&self, id: &ItemId, value: &[u8]) -> Result<MemoryItem, MemoryError> {
-        let corrupt = |problem: String| {
-            MemoryError::Store(StoreError::Corrupt {
-                key: format!("cx/{}/m/i/{id}", self.tenant),
-                problem,
-            })
-        };
-        let item: MemoryItem = serde_json::from_slice(value).map_err(|e| corrupt(e.to_string()))?;
-        if item.id() != *id {
-            return Err(corrupt(
-                "the item does not hash to the id it is kept under".into(),
-            ));
-        }
+        let item = self.parse(id, value)?;
+        self.verify(id, &item)?;
         Ok(item)
     }
 
@@ -175,6 +219,7 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             )));
         }
         let terms = query_terms(&query.text).map_err(MemoryError::BadQuery)?;
+        let words = words(&query.text, MAX_QUERY_TERMS);
         let mut recalled = Recalled {
             offered: Vec::new(),
             excluded: Vec::new(),
@@ -241,13 +286,15 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             for (id, value) in ids.iter().zip(values) {
                 // A row whose item is gone: forgotten between the scan and the read.
                 let Some(value) = value else { continue };
-                let item = self.decode(id, &value)?;
+                let item = self.parse(id, &value)?;
                 if filter
                     && (query.memory_type.is_some_and(|t| t != item.memory_type)
-                        || !terms.is_subset(&item_terms(&item.text)))
+                        || !holds_all(&item.text, &words))
                 {
                     continue;
                 }
+                // Checked for every item offered or excluded (one filtered out is neither).
+                self.verify(id, &item)?;
                 match admit(&item) {
                     Ok(()) => recalled.offered.push((*id, item)),
                     Err(reason) => {
@@ -273,7 +320,13 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                 return Ok(recalled);
             }
             start = keys::after(last);
-            page = PAGE;
+            // The next page holds about as many rows as the rest needs at the rate seen so far
+            // (a rare word's rows mostly pass, a common one's with another word mostly not).
+            let needed = query.max_items - recalled.offered.len();
+            page = match recalled.offered.len() {
+                0 => PAGE,
+                offered => (needed * recalled.examined * 3 / (offered * 2)).clamp(16, PAGE),
+            };
         }
     }
 }

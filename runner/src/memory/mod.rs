@@ -3,12 +3,13 @@
 //! came from — and recall, which offers a run the newest items that match a query and are
 //! still allowed: not expired, and (for personal data) under a consent in force now.
 //!
-//! The model and the decisions are here and pure; [`bank`] keeps items in a record store
-//! backend (the same embedded file or TiKV cluster as the records), through the small ordered
-//! key-value contract of [`backend`].
+//! The model and the decisions are here and pure; [`bank`] keeps items, and [`consents`] the
+//! subjects' chained consent records, in a record store backend (the same embedded file or TiKV
+//! cluster as the records), through the small ordered key-value contract of [`backend`].
 
 pub mod backend;
 pub mod bank;
+pub mod consents;
 mod keys;
 pub mod terms;
 
@@ -152,6 +153,8 @@ pub enum MemoryError {
     Invalid(String),
     #[error("recall refused: {0}")]
     BadQuery(String),
+    #[error("consent record refused: {0}")]
+    BadConsent(String),
     #[error(transparent)]
     Store(#[from] crate::records::StoreError),
 }

@@ -50,6 +50,13 @@ pub fn words(text: &str, max: usize) -> Vec<String> {
     out
 }
 
+/// Whether `text` holds every one of `wanted` (words as [`words`] cuts them) among the words the
+/// index keeps of it.
+pub fn holds_all(text: &str, wanted: &[String]) -> bool {
+    let held: BTreeSet<String> = words(text, MAX_ITEM_TERMS).into_iter().collect();
+    wanted.iter().all(|w| held.contains(w))
+}
+
 /// The index keys of an item's text.
 pub fn item_terms(text: &str) -> BTreeSet<TermKey> {
     words(text, MAX_ITEM_TERMS)
@@ -95,6 +102,11 @@ mod tests {
         let item = item_terms("The checkout API failed");
         let query = query_terms("CHECKOUT failed").expect("query");
         assert!(query.is_subset(&item));
+        assert!(holds_all("The checkout API failed", &words("CHECKOUT failed", 8)));
+        assert!(!holds_all(
+            "The checkout API failed",
+            &words("checkout refunds", 8)
+        ));
         assert!(!query_terms("checkout refunds").expect("query").is_subset(&item));
         assert!(
             query_terms("a b c d e f g h i j k")

@@ -228,16 +228,15 @@ impl crate::memory::backend::MemoryBackend for AnyStore {
         start: Vec<u8>,
         end: Vec<u8>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    ) -> Result<crate::memory::backend::Pairs> {
         forward_memory!(self, s => s.memory_scan(tenant, start, end, limit))
     }
     async fn memory_write(
         &self,
         tenant: &TenantId,
-        guard: crate::memory::backend::Guard,
-        changes: Vec<crate::memory::backend::Change>,
-    ) -> Result<bool> {
-        forward_memory!(self, s => s.memory_write(tenant, guard, changes))
+        writes: Vec<crate::memory::backend::Write>,
+    ) -> Result<Vec<bool>> {
+        forward_memory!(self, s => s.memory_write(tenant, writes))
     }
 }
 

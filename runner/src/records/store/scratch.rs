@@ -12,7 +12,7 @@ use super::{
     check_batch, validate_id,
 };
 use crate::{
-    memory::backend::{Change, Guard, MemoryBackend, check_key, check_range, check_write, counted},
+    memory::backend::{Change, MemoryBackend, Pairs, Write, check_key, check_range, check_writes, counted},
     records::entry::{Hash, StoredEntry},
 };
 
@@ -156,7 +156,7 @@ impl MemoryBackend for ScratchStore {
         start: Vec<u8>,
         end: Vec<u8>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    ) -> Result<Pairs> {
         check_range(tenant, &start, &end)?;
         let memory = self.memory()?;
         Ok(memory
@@ -166,30 +166,35 @@ impl MemoryBackend for ScratchStore {
             .collect())
     }
 
-    async fn memory_write(&self, tenant: &TenantId, guard: Guard, changes: Vec<Change>) -> Result<bool> {
-        check_write(tenant, &guard, &changes)?;
+    async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
+        check_writes(tenant, &writes)?;
         let mut memory = self.memory()?;
-        if !guard.holds(memory.contains_key(guard.key())) {
-            return Ok(false);
-        }
-        for change in changes {
-            match change {
-                Change::Put(key, value) => {
-                    memory.insert(key, value);
-                }
-                Change::Delete(key) => {
-                    memory.remove(&key);
-                }
-                Change::Count(key, delta) => match counted(memory.get(&key).map(Vec::as_slice), delta) {
-                    Some(value) => {
+        let mut applied = Vec::with_capacity(writes.len());
+        for write in writes {
+            let holds = write.guard.holds(memory.contains_key(write.guard.key()));
+            applied.push(holds);
+            if !holds {
+                continue;
+            }
+            for change in write.changes {
+                match change {
+                    Change::Put(key, value) => {
                         memory.insert(key, value);
                     }
-                    None => {
+                    Change::Delete(key) => {
                         memory.remove(&key);
                     }
-                },
+                    Change::Count(key, delta) => match counted(memory.get(&key).map(Vec::as_slice), delta) {
+                        Some(value) => {
+                            memory.insert(key, value);
+                        }
+                        None => {
+                            memory.remove(&key);
+                        }
+                    },
+                }
             }
         }
-        Ok(true)
+        Ok(applied)
     }
 }

@@ -14,7 +14,7 @@ use super::{
     check_batch, validate_id,
 };
 use crate::{
-    memory::backend::{Change, Guard, MemoryBackend, check_key, check_range, check_write, counted},
+    memory::backend::{Change, MemoryBackend, Pairs, Write, check_key, check_range, check_writes, counted},
     records::entry::{Hash, StoredEntry},
 };
 
@@ -351,33 +351,45 @@ const MEMORY_WRITE_ATTEMPTS: u32 = 10;
 const MEMORY_WRITE_BACKOFF: Duration = Duration::from_millis(2);
 
 impl TikvStore {
-    /// One attempt at a memory write: `Ok(None)` when the commit conflicted.
-    async fn try_memory_write(&self, guard: &Guard, changes: &[Change]) -> Result<Option<bool>> {
+    /// One attempt at memory writes: `Ok(None)` when the commit conflicted.
+    async fn try_memory_write(&self, writes: &[Write]) -> Result<Option<Vec<bool>>> {
         let mut txn = self.begin().await?;
-        let staged: Result<bool> = async {
-            let present = txn.get(guard.key().to_vec()).await.map_err(backend)?.is_some();
-            if !guard.holds(present) {
-                return Ok(false);
-            }
-            for change in changes {
-                match change {
-                    Change::Put(key, value) => txn.put(key.clone(), value.clone()).await.map_err(backend)?,
-                    Change::Delete(key) => txn.delete(key.clone()).await.map_err(backend)?,
-                    Change::Count(key, delta) => {
-                        let current = txn.get(key.clone()).await.map_err(backend)?;
-                        match counted(current.as_deref(), *delta) {
-                            Some(value) => txn.put(key.clone(), value).await.map_err(backend)?,
-                            None => txn.delete(key.clone()).await.map_err(backend)?,
+        let staged: Result<Vec<bool>> = async {
+            let mut applied = Vec::with_capacity(writes.len());
+            for write in writes {
+                // The transaction reads its own buffered writes: a guard sees the writes before it.
+                let present = txn
+                    .get(write.guard.key().to_vec())
+                    .await
+                    .map_err(backend)?
+                    .is_some();
+                let holds = write.guard.holds(present);
+                applied.push(holds);
+                if !holds {
+                    continue;
+                }
+                for change in &write.changes {
+                    match change {
+                        Change::Put(key, value) => {
+                            txn.put(key.clone(), value.clone()).await.map_err(backend)?
+                        }
+                        Change::Delete(key) => txn.delete(key.clone()).await.map_err(backend)?,
+                        Change::Count(key, delta) => {
+                            let current = txn.get(key.clone()).await.map_err(backend)?;
+                            match counted(current.as_deref(), *delta) {
+                                Some(value) => txn.put(key.clone(), value).await.map_err(backend)?,
+                                None => txn.delete(key.clone()).await.map_err(backend)?,
+                            }
                         }
                     }
                 }
             }
-            Ok(true)
+            Ok(applied)
         }
         .await;
         match staged {
-            Ok(true) => match txn.commit().await {
-                Ok(_) => Ok(Some(true)),
+            Ok(applied) if applied.iter().any(|a| *a) => match txn.commit().await {
+                Ok(_) => Ok(Some(applied)),
                 Err(error) => {
                     tracing::debug!(%error, "a memory write's commit failed; trying again");
                     Ok(None)
@@ -410,7 +422,7 @@ impl MemoryBackend for TikvStore {
         start: Vec<u8>,
         end: Vec<u8>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    ) -> Result<Pairs> {
         check_range(tenant, &start, &end)?;
         let mut txn = self.begin().await?;
         let limit = u32::try_from(limit).unwrap_or(u32::MAX);
@@ -419,13 +431,13 @@ impl MemoryBackend for TikvStore {
         Ok(page.map_err(backend)?.map(|kv| (Vec::from(kv.0), kv.1)).collect())
     }
 
-    async fn memory_write(&self, tenant: &TenantId, guard: Guard, changes: Vec<Change>) -> Result<bool> {
-        check_write(tenant, &guard, &changes)?;
+    async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
+        check_writes(tenant, &writes)?;
         let mut backoff = MEMORY_WRITE_BACKOFF;
         for _ in 0..MEMORY_WRITE_ATTEMPTS {
             // A retried write re-reads its guard: one that landed although its acknowledgement
             // was lost finds the guard no longer holds, and changes nothing twice.
-            if let Some(applied) = self.try_memory_write(&guard, &changes).await? {
+            if let Some(applied) = self.try_memory_write(&writes).await? {
                 return Ok(applied);
             }
             // Writers that conflicted together should not all come back together.

@@ -20,7 +20,7 @@ use super::{
     check_batch, validate_id,
 };
 use crate::{
-    memory::backend::{Change, Guard, MemoryBackend, check_key, check_range, check_write, counted},
+    memory::backend::{Change, MemoryBackend, Pairs, Write, check_key, check_range, check_writes, counted},
     records::entry::{Hash, StoredEntry},
 };
 
@@ -518,7 +518,7 @@ impl MemoryBackend for EmbeddedStore {
         start: Vec<u8>,
         end: Vec<u8>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    ) -> Result<Pairs> {
         check_range(tenant, &start, &end)?;
         self.blocking(move |db, _| {
             let txn = db.begin_read().map_err(backend)?;
@@ -537,42 +537,49 @@ impl MemoryBackend for EmbeddedStore {
         .await
     }
 
-    async fn memory_write(&self, tenant: &TenantId, guard: Guard, changes: Vec<Change>) -> Result<bool> {
-        check_write(tenant, &guard, &changes)?;
+    async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
+        check_writes(tenant, &writes)?;
         self.blocking(move |db, _| {
             let txn = db.begin_write().map_err(backend)?;
+            let mut applied = Vec::with_capacity(writes.len());
             {
                 let mut memory = txn.open_table(MEMORY).map_err(backend)?;
-                let present = memory.get(guard.key()).map_err(backend)?.is_some();
-                if !guard.holds(present) {
-                    return Ok(false);
-                }
-                for change in changes {
-                    match change {
-                        Change::Put(key, value) => {
-                            memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
-                        }
-                        Change::Delete(key) => {
-                            memory.remove(key.as_slice()).map_err(backend)?;
-                        }
-                        Change::Count(key, delta) => {
-                            let current = memory
-                                .get(key.as_slice())
-                                .map_err(backend)?
-                                .map(|v| v.value().to_vec());
-                            match counted(current.as_deref(), delta) {
-                                Some(value) => {
-                                    memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?
-                                }
-                                None => memory.remove(key.as_slice()).map_err(backend)?,
-                            };
+                for write in writes {
+                    let present = memory.get(write.guard.key()).map_err(backend)?.is_some();
+                    let holds = write.guard.holds(present);
+                    applied.push(holds);
+                    if !holds {
+                        continue;
+                    }
+                    for change in write.changes {
+                        match change {
+                            Change::Put(key, value) => {
+                                memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
+                            }
+                            Change::Delete(key) => {
+                                memory.remove(key.as_slice()).map_err(backend)?;
+                            }
+                            Change::Count(key, delta) => {
+                                let current = memory
+                                    .get(key.as_slice())
+                                    .map_err(backend)?
+                                    .map(|v| v.value().to_vec());
+                                match counted(current.as_deref(), delta) {
+                                    Some(value) => {
+                                        memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?
+                                    }
+                                    None => memory.remove(key.as_slice()).map_err(backend)?,
+                                };
+                            }
                         }
                     }
                 }
             }
-            // Durable before it is acknowledged (redb's default for a commit).
-            txn.commit().map_err(backend)?;
-            Ok(true)
+            if applied.iter().any(|a| *a) {
+                // Durable before it is acknowledged (redb's default for a commit).
+                txn.commit().map_err(backend)?;
+            }
+            Ok(applied)
         })
         .await
     }

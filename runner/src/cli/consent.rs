@@ -1,0 +1,219 @@
+//! `contextos consent grant|revoke|list|show`: a tenant's consent records in its store, each
+//! appended to its subject's chain (never edited), and what is in force from them.
+
+use std::{collections::BTreeSet, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use contextos_runner::{
+    consent::{ConsentAction, ConsentRecord, Purpose, SubjectHandle},
+    memory::consents::{ConsentBook, ConsentHistory},
+    personal_data::Category,
+};
+
+use super::GlobalArgs;
+
+/// The most subjects `consent list` prints.
+const LIST_LIMIT: usize = 10_000;
+
+#[derive(Debug, Subcommand)]
+pub enum ConsentCommand {
+    /// Record that a subject consents to categories of their personal data being kept for a
+    /// purpose.
+    Grant {
+        #[command(flatten)]
+        about: About,
+        /// Categories granted, comma-separated: email, phone, payment-card, iban, ip-address,
+        /// government-id, or tenant:<pattern name>.
+        #[arg(long, value_delimiter = ',', required = true)]
+        categories: Vec<String>,
+        /// Where the person's decision is kept: a ticket, a signed form.
+        #[arg(long)]
+        evidence: String,
+        /// The grant ends after this long (e.g. 90d, 12h); default: until revoked.
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+    /// Record that a subject takes consent back (all categories of the purpose unless some are
+    /// named). Takes effect at the next recall.
+    Revoke {
+        #[command(flatten)]
+        about: About,
+        /// Categories revoked, comma-separated; none: every category of the purpose.
+        #[arg(long, value_delimiter = ',')]
+        categories: Vec<String>,
+        /// Where the person's decision is kept (optional for a revocation).
+        #[arg(long, default_value = "")]
+        evidence: String,
+    },
+    /// List the subjects that have consent records.
+    List,
+    /// Print a subject's consent history (verified) and what is in force now.
+    Show {
+        /// The subject's handle.
+        subject: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct About {
+    /// The subject's pseudonymous handle (never a name or an e-mail address).
+    #[arg(long)]
+    subject: String,
+    /// What the data is kept for, as the Agent's memory policy names it.
+    #[arg(long)]
+    purpose: String,
+    /// Who records it; default: the local user.
+    #[arg(long)]
+    by: Option<String>,
+}
+
+pub async fn run(global: &GlobalArgs, command: ConsentCommand) -> anyhow::Result<ExitCode> {
+    let tenant = global.tenant()?;
+    let store = global.open_store().await?;
+    let book = ConsentBook::new(&store, &tenant);
+    match command {
+        ConsentCommand::Grant {
+            about,
+            categories,
+            evidence,
+            expires_in,
+        } => {
+            let now = now_ms();
+            let expires_at_ms = expires_in
+                .map(|text| super::parse_span("--expires-in", &text).map(|d| now + d.as_millis() as i64))
+                .transpose()?;
+            let record = about.record(ConsentAction::Grant, &categories, evidence, now, expires_at_ms)?;
+            let link = book.append(record).await?;
+            println!(
+                "granted: subject {} link {} {}",
+                link.record.subject, link.seq, link.hash
+            );
+        }
+        ConsentCommand::Revoke {
+            about,
+            categories,
+            evidence,
+        } => {
+            let record = about.record(ConsentAction::Revoke, &categories, evidence, now_ms(), None)?;
+            let link = book.append(record).await?;
+            println!(
+                "revoked: subject {} link {} {}",
+                link.record.subject, link.seq, link.hash
+            );
+        }
+        ConsentCommand::List => {
+            let subjects = book.subjects(LIST_LIMIT).await?;
+            if subjects.is_empty() {
+                println!("no consent records in tenant {tenant}");
+            }
+            for subject in subjects {
+                println!("{subject}");
+            }
+        }
+        ConsentCommand::Show { subject } => {
+            let subject = SubjectHandle::new(&subject).context("subject")?;
+            let history = book.history(&subject).await?;
+            if history.links.is_empty() {
+                bail!("subject {subject} has no consent records in tenant {tenant}");
+            }
+            print_history(&history, now_ms());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+impl About {
+    fn record(
+        self,
+        action: ConsentAction,
+        categories: &[String],
+        evidence: String,
+        at_ms: i64,
+        expires_at_ms: Option<i64>,
+    ) -> anyhow::Result<ConsentRecord> {
+        let categories = categories
+            .iter()
+            .map(|c| {
+                c.trim()
+                    .parse::<Category>()
+                    .with_context(|| format!("--categories: {c:?}"))
+            })
+            .collect::<anyhow::Result<BTreeSet<_>>>()?;
+        let by = match self.by {
+            Some(by) => by,
+            None => format!(
+                "local:{}",
+                std::env::var("USER")
+                    .or_else(|_| std::env::var("LOGNAME"))
+                    .unwrap_or_else(|_| "unknown".into())
+            ),
+        };
+        Ok(ConsentRecord {
+            subject: SubjectHandle::new(&self.subject).context("--subject")?,
+            purpose: Purpose::new(&self.purpose).context("--purpose")?,
+            action,
+            categories,
+            by,
+            evidence,
+            at_ms,
+            expires_at_ms,
+        })
+    }
+}
+
+fn print_history(history: &ConsentHistory, now_ms: i64) {
+    println!(
+        "{:<4} {:<7} {:<24} {:<32} {:<28} evidence",
+        "seq", "action", "purpose", "categories", "by"
+    );
+    for link in &history.links {
+        let r = &link.record;
+        let categories = if r.categories.is_empty() {
+            "(all)".to_owned()
+        } else {
+            r.categories
+                .iter()
+                .map(Category::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let action = match r.action {
+            ConsentAction::Grant => "grant",
+            ConsentAction::Revoke => "revoke",
+        };
+        println!(
+            "{:<4} {action:<7} {:<24} {categories:<32} {:<28} {}",
+            link.seq, r.purpose, r.by, r.evidence
+        );
+    }
+    let ledger = history.ledger();
+    let subject = &history.links[0].record.subject;
+    let purposes: BTreeSet<&Purpose> = history.links.iter().map(|l| &l.record.purpose).collect();
+    println!();
+    for purpose in purposes {
+        let all: BTreeSet<Category> = history
+            .links
+            .iter()
+            .filter(|l| l.record.purpose == *purpose)
+            .flat_map(|l| l.record.categories.iter().cloned())
+            .collect();
+        let uncovered = ledger.uncovered(subject, purpose, &all, now_ms);
+        let in_force: Vec<String> = all.difference(&uncovered).map(Category::to_string).collect();
+        println!(
+            "in force for {purpose}: {}",
+            if in_force.is_empty() {
+                "nothing".to_owned()
+            } else {
+                in_force.join(", ")
+            }
+        );
+    }
+    if let Some(head) = history.head() {
+        println!("chain verified: {} records, head {head}", history.links.len());
+    }
+}
+
+fn now_ms() -> i64 {
+    contextos_runner::records::recorder::now_ms()
+}

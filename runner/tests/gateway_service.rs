@@ -22,6 +22,7 @@ use contextos_runner::{
         egress::EgressGuard,
         envelope::ApprovalGrant,
         identity::{PodIdentity, StaticTokens},
+        readers::Access,
         remote::{GatewayClient, RUN_CONTEXT_HEADER, TokenSource},
         service::GatewayService,
         tenancy::StaticTenants,
@@ -114,7 +115,17 @@ async fn rig_with_options(
             pod("shop", "replay-policy-guardrails-0123456789-x7k2p"),
         )
         .with_reader("token-auditor", "audra@example.com", &["shop"])
-        .with_reader("token-bank-auditor", "bert@example.com", &["bank"]);
+        .with_reader("token-bank-auditor", "bert@example.com", &["bank"])
+        .with_person(
+            "token-privacy",
+            "priya@example.com",
+            &[("shop", Access::RecordConsent), ("shop", Access::ReadConsents)],
+        )
+        .with_person(
+            "token-consent-reader",
+            "rita@example.com",
+            &[("shop", Access::ReadConsents)],
+        );
     let operator = KeyPair::from_seed([11; 32]);
     let keys = TenantKeys::new(&KeyPair::from_seed([12; 32]));
     // Two replicas of the service over one store, as in a cluster.
@@ -892,7 +903,7 @@ async fn a_person_reads_and_verifies_only_the_namespaces_the_api_server_lets_the
         .put_blob(&rig.tenant(), b"planted".to_vec())
         .await
         .expect_err("a reader stores nothing");
-    assert!(refused.to_string().contains("readers only read"), "{refused}");
+    assert!(refused.to_string().contains("a person may only GET"), "{refused}");
     // Nor does a reader reach the run API: refused before the body is read.
     let response = reqwest::Client::new()
         .post(format!("{}/v1/run/append", rig.url))
@@ -926,6 +937,124 @@ async fn a_person_reads_and_verifies_only_the_namespaces_the_api_server_lets_the
             .list_runs(&system, &filter)
             .await
             .is_err()
+    );
+}
+
+/// Consent is recorded through the gateway by people the API server lets record it in that
+/// namespace, in their own authenticated name and at the gateway's time — a request cannot say
+/// who or when — and chained in the store; reading it takes its own permission.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_is_recorded_in_the_authenticated_persons_name_and_only_with_permission() {
+    use contextos_runner::{
+        consent::{ConsentAction, Purpose, SubjectHandle},
+        memory::consents::{ConsentBook, ConsentRequest, RemoteConsents},
+        personal_data::Category,
+        records::store::remote::{Credential, RemoteStore},
+    };
+    let rig = rig().await;
+    let person = |token: &str, namespace: &str| {
+        RemoteStore::new(
+            &rig.url,
+            TokenSource::Fixed(token.into()),
+            Credential::Reader {
+                namespace: namespace.into(),
+            },
+            namespace,
+        )
+        .expect("store")
+    };
+    let subject = SubjectHandle::new("subj:7f3a").expect("handle");
+    let grant = ConsentRequest {
+        subject: subject.clone(),
+        purpose: Purpose::new("incident-follow-up").expect("purpose"),
+        action: ConsentAction::Grant,
+        categories: [Category::Phone].into(),
+        evidence: "PRIV-1042".into(),
+        expires_at_ms: None,
+    };
+    let privacy = person("token-privacy", "shop");
+    let before = contextos_runner::records::recorder::now_ms();
+    let granted = RemoteConsents(&privacy).append(&grant).await.expect("granted");
+    assert_eq!(granted.record.by, "priya@example.com");
+    assert!(granted.record.at_ms >= before, "the gateway's clock dates it");
+
+    // Who and when are not the request's to say: a body naming them is refused, not believed.
+    let mut claimed = serde_json::to_value(&grant).expect("json");
+    claimed["by"] = "mallory@example.com".into();
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/consent/records", rig.url))
+        .bearer_auth("token-privacy")
+        .header("x-contextos-namespace", "shop")
+        .json(&claimed)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), reqwest::StatusCode::BAD_REQUEST);
+    // Invalid records are refused with the reason, and nothing is appended.
+    let unfounded = ConsentRequest {
+        evidence: String::new(),
+        ..grant.clone()
+    };
+    let refused = RemoteConsents(&privacy)
+        .append(&unfounded)
+        .await
+        .expect_err("no evidence");
+    assert!(
+        refused
+            .to_string()
+            .contains("where the person's decision is kept"),
+        "{refused}"
+    );
+
+    // A person who may read consent reads the verified history; they may not record.
+    let reader = person("token-consent-reader", "shop");
+    let history = RemoteConsents(&reader).history(&subject).await.expect("history");
+    assert_eq!(history.links, std::slice::from_ref(&granted));
+    let refused = RemoteConsents(&reader)
+        .append(&ConsentRequest {
+            action: ConsentAction::Revoke,
+            evidence: String::new(),
+            ..grant.clone()
+        })
+        .await
+        .expect_err("a reader records nothing");
+    assert!(refused.to_string().contains("`create` on consents"), "{refused}");
+    // Reading records is not reading consent; another namespace's person sees nothing of shop;
+    // a runner pod's token is no person's.
+    for (token, namespace) in [
+        ("token-auditor", "shop"),
+        ("token-bank-auditor", "shop"),
+        ("token-run-1", "shop"),
+    ] {
+        let refused = RemoteConsents(&person(token, namespace)).history(&subject).await;
+        assert!(refused.is_err(), "{token} read shop's consent: {refused:?}");
+    }
+    assert!(
+        RemoteConsents(&person("token-privacy", "bank"))
+            .append(&grant)
+            .await
+            .is_err(),
+        "consent recorded in a namespace the person has no permission in"
+    );
+
+    // A revocation is appended after the grant, in the store's chain for that subject.
+    let revoked = RemoteConsents(&privacy)
+        .append(&ConsentRequest {
+            action: ConsentAction::Revoke,
+            evidence: String::new(),
+            ..grant.clone()
+        })
+        .await
+        .expect("revoked");
+    assert_eq!((revoked.seq, revoked.prev), (1, Some(granted.hash)));
+    let stored = ConsentBook::new(&*rig.store, &rig.tenant())
+        .history(&subject)
+        .await
+        .expect("history in the store");
+    assert_eq!(stored.links, [granted, revoked]);
+    assert_eq!(
+        RemoteConsents(&reader).subjects(10).await.expect("subjects"),
+        [subject]
     );
 }
 
@@ -1509,6 +1638,33 @@ struct LosesAResult {
     inner: ScratchStore,
     armed: std::sync::atomic::AtomicBool,
     delay_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Memory as the scratch store keeps it (this store loses only results).
+impl contextos_runner::memory::backend::MemoryBackend for LosesAResult {
+    async fn memory_get(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<Option<Vec<u8>>>, contextos_runner::records::store::StoreError> {
+        self.inner.memory_get(tenant, keys).await
+    }
+    async fn memory_scan(
+        &self,
+        tenant: &TenantId,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<contextos_runner::memory::backend::Pairs, contextos_runner::records::store::StoreError> {
+        self.inner.memory_scan(tenant, start, end, limit).await
+    }
+    async fn memory_write(
+        &self,
+        tenant: &TenantId,
+        writes: Vec<contextos_runner::memory::backend::Write>,
+    ) -> Result<Vec<bool>, contextos_runner::records::store::StoreError> {
+        self.inner.memory_write(tenant, writes).await
+    }
 }
 
 impl RecordStore for LosesAResult {

@@ -334,7 +334,8 @@ async fn done_run_id(sessions: &Api<Session>, name: &str) -> Result<String> {
 /// --audience contextos-records`) — through `kubectl port-forward` to the gateway Service and the
 /// key the gateway publishes: refused until an admin binds `contextos-records-reader` in the
 /// tenant's namespace, then OK; never for another namespace; and a token for the runners'
-/// audience is no reader's, even bound. Returns `export`'s record, exported by the auditor.
+/// audience is no reader's, even bound; then records consent (see
+/// [`record_consent_through_the_gateway`]). Returns `export`'s record, exported by the auditor.
 async fn verify_through_the_gateway(
     env: &'static TestEnv,
     tenant: &TestNamespace,
@@ -457,9 +458,100 @@ async fn verify_through_the_gateway(
         "the auditor could not export run {export}: {}",
         said(&exported)
     );
+    record_consent_through_the_gateway(tenant, &audit, &store, &token).await?;
     let _ = forward.kill().await;
     audit.pass();
     Ok(String::from_utf8_lossy(&exported.stdout).into_owned())
+}
+
+/// The same auditor records a subject's consent through the gateway: refused while they may only
+/// read records, then — once an admin binds `contextos-consent-keeper` — recorded in their own
+/// authenticated name (a `--by` is refused), and shown back as a verified chain.
+async fn record_consent_through_the_gateway(
+    tenant: &TestNamespace,
+    audit: &TestNamespace,
+    store: &str,
+    token: &str,
+) -> Result<()> {
+    let consent = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(
+            contextos_kind_tests::process_node::workspace_binary("contextos").expect("contextos binary"),
+        );
+        command
+            .arg("consent")
+            .args(args)
+            .args(["--store", store, "--tenant", tenant.name()])
+            .env("CONTEXTOS_TOKEN", token)
+            .kill_on_drop(true);
+        command
+    };
+    let said = |output: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    let grant = [
+        "grant",
+        "--subject",
+        "subj:7f3a",
+        "--purpose",
+        "incident-follow-up",
+        "--categories",
+        "phone",
+        "--evidence",
+        "PRIV-1042",
+    ];
+    let refused = consent(&grant).output().await?;
+    ensure!(
+        !refused.status.success() && said(&refused).contains("`create` on consents"),
+        "a records reader recorded consent, or was refused without naming the permission: {}",
+        said(&refused)
+    );
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "auditor-consent"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "contextos-consent-keeper"},
+        "subjects": [{"kind": "ServiceAccount", "name": "auditor", "namespace": audit.name()}],
+    }))?;
+    tenant
+        .api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let claimed = consent(&[&grant[..], &["--by", "someone-else"]].concat())
+        .output()
+        .await?;
+    ensure!(
+        !claimed.status.success() && said(&claimed).contains("records who you are"),
+        "a consent record claimed its author: {}",
+        said(&claimed)
+    );
+    // The gateway remembers an access review for 10 s.
+    let mut granted = None;
+    for _ in 0..30 {
+        let output = consent(&grant).output().await?;
+        if output.status.success() {
+            granted = Some(said(&output));
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let granted = granted.context("the bound auditor could not record consent within 30 s")?;
+    ensure!(
+        granted.starts_with("granted: subject subj:7f3a link 0 "),
+        "{granted}"
+    );
+    let shown = consent(&["show", "subj:7f3a"]).output().await?;
+    let author = format!("system:serviceaccount:{}:auditor", audit.name());
+    ensure!(
+        shown.status.success()
+            && said(&shown).contains(&author)
+            && said(&shown).contains("in force for incident-follow-up: phone")
+            && said(&shown).contains("chain verified: 1 record,"),
+        "the consent history does not show the grant in the auditor's name: {}",
+        said(&shown)
+    );
+    Ok(())
 }
 
 /// The body of `GET path` from `address` (HTTP/1.0, read to the end; bounded at 64 KiB).

@@ -6,9 +6,10 @@ use std::{collections::BTreeSet, process::ExitCode};
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use contextos_runner::{
-    consent::{ConsentAction, ConsentRecord, Purpose, SubjectHandle},
-    memory::consents::{ConsentBook, ConsentHistory},
+    consent::{ConsentAction, Purpose, SubjectHandle},
+    memory::consents::{ConsentBook, ConsentHistory, ConsentLink, ConsentRequest, RemoteConsents},
     personal_data::Category,
+    records::AnyStore,
 };
 
 use super::GlobalArgs;
@@ -63,15 +64,64 @@ pub struct About {
     /// What the data is kept for, as the Agent's memory policy names it.
     #[arg(long)]
     purpose: String,
-    /// Who records it; default: the local user.
+    /// Who records it (a local store only: the gateway service records who you are from your
+    /// token); default: the local user.
     #[arg(long)]
     by: Option<String>,
 }
 
+/// Where consent records are kept: the store itself, or the gateway service's consent API (a
+/// person with their own token; the gateway records who they are).
+enum Book<'s> {
+    Local(ConsentBook<'s, AnyStore>),
+    Gateway(RemoteConsents<'s>),
+}
+
+impl Book<'_> {
+    async fn append(&self, about: About, request: ConsentRequest) -> anyhow::Result<ConsentLink> {
+        Ok(match self {
+            Self::Local(book) => {
+                let by = about.by.unwrap_or_else(|| {
+                    format!(
+                        "local:{}",
+                        std::env::var("USER")
+                            .or_else(|_| std::env::var("LOGNAME"))
+                            .unwrap_or_else(|_| "unknown".into())
+                    )
+                });
+                book.append(request.into_record(by, now_ms())).await?
+            }
+            Self::Gateway(remote) => {
+                if about.by.is_some() {
+                    bail!("--by: the gateway service records who you are from your token; leave --by out");
+                }
+                remote.append(&request).await?
+            }
+        })
+    }
+
+    async fn history(&self, subject: &SubjectHandle) -> anyhow::Result<ConsentHistory> {
+        Ok(match self {
+            Self::Local(book) => book.history(subject).await?,
+            Self::Gateway(remote) => remote.history(subject).await?,
+        })
+    }
+
+    async fn subjects(&self, limit: usize) -> anyhow::Result<Vec<SubjectHandle>> {
+        Ok(match self {
+            Self::Local(book) => book.subjects(limit).await?,
+            Self::Gateway(remote) => remote.subjects(limit).await?,
+        })
+    }
+}
+
 pub async fn run(global: &GlobalArgs, command: ConsentCommand) -> anyhow::Result<ExitCode> {
     let tenant = global.tenant()?;
-    let store = global.open_store().await?;
-    let book = ConsentBook::new(&store, &tenant);
+    let store = global.open_records(&tenant).await?;
+    let book = match &store {
+        AnyStore::Gateway(remote) => Book::Gateway(RemoteConsents(remote)),
+        local => Book::Local(ConsentBook::new(local, &tenant)),
+    };
     match command {
         ConsentCommand::Grant {
             about,
@@ -83,8 +133,8 @@ pub async fn run(global: &GlobalArgs, command: ConsentCommand) -> anyhow::Result
             let expires_at_ms = expires_in
                 .map(|text| super::parse_span("--expires-in", &text).map(|d| now + d.as_millis() as i64))
                 .transpose()?;
-            let record = about.record(ConsentAction::Grant, &categories, evidence, now, expires_at_ms)?;
-            let link = book.append(record).await?;
+            let request = about.request(ConsentAction::Grant, &categories, evidence, expires_at_ms)?;
+            let link = book.append(about, request).await?;
             println!(
                 "granted: subject {} link {} {}",
                 link.record.subject, link.seq, link.hash
@@ -95,8 +145,8 @@ pub async fn run(global: &GlobalArgs, command: ConsentCommand) -> anyhow::Result
             categories,
             evidence,
         } => {
-            let record = about.record(ConsentAction::Revoke, &categories, evidence, now_ms(), None)?;
-            let link = book.append(record).await?;
+            let request = about.request(ConsentAction::Revoke, &categories, evidence, None)?;
+            let link = book.append(about, request).await?;
             println!(
                 "revoked: subject {} link {} {}",
                 link.record.subject, link.seq, link.hash
@@ -124,14 +174,13 @@ pub async fn run(global: &GlobalArgs, command: ConsentCommand) -> anyhow::Result
 }
 
 impl About {
-    fn record(
-        self,
+    fn request(
+        &self,
         action: ConsentAction,
         categories: &[String],
         evidence: String,
-        at_ms: i64,
         expires_at_ms: Option<i64>,
-    ) -> anyhow::Result<ConsentRecord> {
+    ) -> anyhow::Result<ConsentRequest> {
         let categories = categories
             .iter()
             .map(|c| {
@@ -140,23 +189,12 @@ impl About {
                     .with_context(|| format!("--categories: {c:?}"))
             })
             .collect::<anyhow::Result<BTreeSet<_>>>()?;
-        let by = match self.by {
-            Some(by) => by,
-            None => format!(
-                "local:{}",
-                std::env::var("USER")
-                    .or_else(|_| std::env::var("LOGNAME"))
-                    .unwrap_or_else(|_| "unknown".into())
-            ),
-        };
-        Ok(ConsentRecord {
+        Ok(ConsentRequest {
             subject: SubjectHandle::new(&self.subject).context("--subject")?,
             purpose: Purpose::new(&self.purpose).context("--purpose")?,
             action,
             categories,
-            by,
             evidence,
-            at_ms,
             expires_at_ms,
         })
     }
@@ -210,7 +248,11 @@ fn print_history(history: &ConsentHistory, now_ms: i64) {
         );
     }
     if let Some(head) = history.head() {
-        println!("chain verified: {} records, head {head}", history.links.len());
+        let n = history.links.len();
+        println!(
+            "chain verified: {n} record{}, head {head}",
+            if n == 1 { "" } else { "s" }
+        );
     }
 }
 

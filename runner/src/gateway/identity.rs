@@ -14,7 +14,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use kube::{Api, Client, api::PostParams};
 use sha2::{Digest as _, Sha256};
 
-use super::readers::{ApiServerReaders, Reader, ReaderAuthority, StaticReaders};
+use super::readers::{Access, ApiServerReaders, Reader, ReaderAuthority, StaticReaders};
 
 /// The audience runner pods request their projected token for; a token for any other audience
 /// (e.g. the API server's own) is refused.
@@ -142,8 +142,8 @@ impl ReaderAuthority for TokenReviewer {
         self.readers.authenticate_reader(token).await
     }
 
-    async fn may_read(&self, reader: &Reader, namespace: &str) -> Result<bool, AuthError> {
-        self.readers.may_read(reader, namespace).await
+    async fn may(&self, reader: &Reader, namespace: &str, access: Access) -> Result<bool, AuthError> {
+        self.readers.may(reader, namespace, access).await
     }
 }
 
@@ -216,6 +216,12 @@ impl StaticTokens {
         self.readers = self.readers.with(token, username, namespaces);
         self
     }
+
+    /// A person's token: `username` may do each access in its namespace.
+    pub fn with_person(mut self, token: &str, username: &str, grants: &[(&str, Access)]) -> Self {
+        self.readers = self.readers.with_access(token, username, grants);
+        self
+    }
 }
 
 impl ReaderAuthority for StaticTokens {
@@ -223,8 +229,8 @@ impl ReaderAuthority for StaticTokens {
         self.readers.authenticate_reader(token).await
     }
 
-    async fn may_read(&self, reader: &Reader, namespace: &str) -> Result<bool, AuthError> {
-        self.readers.may_read(reader, namespace).await
+    async fn may(&self, reader: &Reader, namespace: &str, access: Access) -> Result<bool, AuthError> {
+        self.readers.may(reader, namespace, access).await
     }
 }
 

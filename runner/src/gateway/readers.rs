@@ -48,16 +48,57 @@ pub struct Reader {
     pub extra: BTreeMap<String, Vec<String>>,
 }
 
-/// Who reads, and whether they may read a namespace's records.
+/// What a person asks to do in a namespace through the gateway, and the Kubernetes permission
+/// (in group `contextos.dev`) it takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Read the namespace's records: `get` on `sessions/records`.
+    ReadRecords,
+    /// Read its subjects' consent histories: `get` on `consents`.
+    ReadConsents,
+    /// Append a grant or a revocation of consent: `create` on `consents`.
+    RecordConsent,
+}
+
+impl Access {
+    /// (verb, resource, subresource).
+    pub fn permission(self) -> (&'static str, &'static str, Option<&'static str>) {
+        match self {
+            Self::ReadRecords => (RECORDS_VERB, RECORDS_RESOURCE, Some(RECORDS_SUBRESOURCE)),
+            Self::ReadConsents => ("get", CONSENTS_RESOURCE, None),
+            Self::RecordConsent => ("create", CONSENTS_RESOURCE, None),
+        }
+    }
+
+    /// The permission in words, for a refusal that says what to grant.
+    pub fn describe(self) -> String {
+        let (verb, resource, subresource) = self.permission();
+        let resource = subresource.map_or_else(|| resource.to_owned(), |sub| format!("{resource}/{sub}"));
+        let role = match self {
+            Self::ReadRecords => "contextos-records-reader",
+            Self::ReadConsents => "contextos-consent-reader",
+            Self::RecordConsent => "contextos-consent-keeper",
+        };
+        format!(
+            "`{verb}` on {resource} (group {RECORDS_GROUP}) there, e.g. a RoleBinding to ClusterRole {role}"
+        )
+    }
+}
+
+/// The resource whose permissions govern consent records.
+pub const CONSENTS_RESOURCE: &str = "consents";
+
+/// Who reads, and whether they may do what they ask in a namespace.
 pub trait ReaderAuthority: Send + Sync {
     fn authenticate_reader(
         &self,
         token: &str,
     ) -> impl std::future::Future<Output = Result<Reader, AuthError>> + Send;
-    fn may_read(
+    fn may(
         &self,
         reader: &Reader,
         namespace: &str,
+        access: Access,
     ) -> impl std::future::Future<Output = Result<bool, AuthError>> + Send;
 }
 
@@ -76,8 +117,9 @@ pub fn reader_of(review: &TokenReview) -> Result<Reader, AuthError> {
     })
 }
 
-/// The question put to the API server for `reader` and `namespace` (pure).
-pub fn records_access_review(reader: &Reader, namespace: &str) -> SubjectAccessReview {
+/// The question put to the API server for `reader`, `namespace` and `access` (pure).
+pub fn access_review(reader: &Reader, namespace: &str, access: Access) -> SubjectAccessReview {
+    let (verb, resource, subresource) = access.permission();
     SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(reader.username.clone()),
@@ -86,10 +128,10 @@ pub fn records_access_review(reader: &Reader, namespace: &str) -> SubjectAccessR
             extra: (!reader.extra.is_empty()).then(|| reader.extra.clone()),
             resource_attributes: Some(ResourceAttributes {
                 namespace: Some(namespace.to_owned()),
-                verb: Some(RECORDS_VERB.to_owned()),
+                verb: Some(verb.to_owned()),
                 group: Some(RECORDS_GROUP.to_owned()),
-                resource: Some(RECORDS_RESOURCE.to_owned()),
-                subresource: Some(RECORDS_SUBRESOURCE.to_owned()),
+                resource: Some(resource.to_owned()),
+                subresource: subresource.map(str::to_owned),
                 ..Default::default()
             }),
             ..Default::default()
@@ -133,7 +175,7 @@ impl<K: std::hash::Hash + Eq, V: Clone> Reviews<K, V> {
 pub struct ApiServerReaders {
     client: Client,
     tokens: Reviews<[u8; 32], Reader>,
-    access: Reviews<(Reader, String), bool>,
+    access: Reviews<(Reader, String, Access), bool>,
 }
 
 impl std::fmt::Debug for ApiServerReaders {
@@ -187,13 +229,13 @@ impl ReaderAuthority for ApiServerReaders {
         Ok(reader)
     }
 
-    async fn may_read(&self, reader: &Reader, namespace: &str) -> Result<bool, AuthError> {
-        let key = (reader.clone(), namespace.to_owned());
+    async fn may(&self, reader: &Reader, namespace: &str, access: Access) -> Result<bool, AuthError> {
+        let key = (reader.clone(), namespace.to_owned(), access);
         if let Some(allowed) = self.access.get(&key) {
             return Ok(allowed);
         }
         let reviewed = Api::<SubjectAccessReview>::all(self.client.clone())
-            .create(&PostParams::default(), &records_access_review(reader, namespace))
+            .create(&PostParams::default(), &access_review(reader, namespace, access))
             .await
             .map_err(|e| AuthError::Unavailable(e.to_string()))?;
         let allowed = reviewed
@@ -204,23 +246,30 @@ impl ReaderAuthority for ApiServerReaders {
     }
 }
 
-/// Fixed tokens → readers and the namespaces each may read: a test double of the two reviews
-/// (the real ones are exercised by the cluster tests).
+/// Fixed tokens → readers and what each may do in which namespace: a test double of the two
+/// reviews (the real ones are exercised by the cluster tests).
 #[derive(Clone, Debug, Default)]
 pub struct StaticReaders {
-    readers: HashMap<String, (Reader, Vec<String>)>,
+    readers: HashMap<String, (Reader, Vec<(String, Access)>)>,
 }
 
 impl StaticReaders {
-    pub fn with(mut self, token: &str, username: &str, namespaces: &[&str]) -> Self {
+    /// `username` may read the records of `namespaces`.
+    pub fn with(self, token: &str, username: &str, namespaces: &[&str]) -> Self {
+        let grants: Vec<(&str, Access)> = namespaces.iter().map(|n| (*n, Access::ReadRecords)).collect();
+        self.with_access(token, username, &grants)
+    }
+
+    /// `username` may do each access in its namespace.
+    pub fn with_access(mut self, token: &str, username: &str, grants: &[(&str, Access)]) -> Self {
         let reader = Reader {
             username: username.to_owned(),
             uid: String::new(),
             groups: Vec::new(),
             extra: BTreeMap::new(),
         };
-        let namespaces = namespaces.iter().map(|n| (*n).to_owned()).collect();
-        self.readers.insert(token.to_owned(), (reader, namespaces));
+        let grants = grants.iter().map(|(n, a)| ((*n).to_owned(), *a)).collect();
+        self.readers.insert(token.to_owned(), (reader, grants));
         self
     }
 }
@@ -236,11 +285,11 @@ impl ReaderAuthority for StaticReaders {
             .ok_or_else(|| AuthError::Refused("unknown token".into()))
     }
 
-    async fn may_read(&self, reader: &Reader, namespace: &str) -> Result<bool, AuthError> {
+    async fn may(&self, reader: &Reader, namespace: &str, access: Access) -> Result<bool, AuthError> {
         Ok(self
             .readers
             .values()
-            .any(|(r, namespaces)| r == reader && namespaces.iter().any(|n| n == namespace)))
+            .any(|(r, grants)| r == reader && grants.iter().any(|(n, a)| n == namespace && *a == access)))
     }
 }
 
@@ -285,7 +334,7 @@ mod tests {
     #[test]
     fn the_access_review_asks_for_get_on_sessions_records_in_exactly_that_namespace() {
         let reader = reader_of(&review(true, Some("dana@example.com"))).expect("reader");
-        let sar = records_access_review(&reader, "shop");
+        let sar = access_review(&reader, "shop", Access::ReadRecords);
         let attributes = sar.spec.resource_attributes.expect("resource attributes");
         assert_eq!(sar.spec.user.as_deref(), Some("dana@example.com"));
         assert_eq!(sar.spec.groups, Some(vec!["sre".to_owned()]));
@@ -298,5 +347,20 @@ mod tests {
             attributes.name, None,
             "every run of the namespace, not one Session"
         );
+    }
+
+    #[test]
+    fn consent_is_read_with_get_and_recorded_with_create_on_consents() {
+        let reader = reader_of(&review(true, Some("dana@example.com"))).expect("reader");
+        for (access, verb) in [(Access::ReadConsents, "get"), (Access::RecordConsent, "create")] {
+            let attributes = access_review(&reader, "shop", access)
+                .spec
+                .resource_attributes
+                .expect("resource attributes");
+            assert_eq!(attributes.verb.as_deref(), Some(verb));
+            assert_eq!(attributes.resource.as_deref(), Some("consents"));
+            assert_eq!(attributes.subresource, None);
+            assert_eq!(attributes.namespace.as_deref(), Some("shop"));
+        }
     }
 }

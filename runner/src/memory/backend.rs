@@ -78,6 +78,30 @@ pub trait MemoryBackend: Send + Sync {
     ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
 }
 
+impl<B: MemoryBackend> MemoryBackend for std::sync::Arc<B> {
+    async fn memory_get(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        (**self).memory_get(tenant, keys).await
+    }
+
+    async fn memory_scan(
+        &self,
+        tenant: &TenantId,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<Pairs, StoreError> {
+        (**self).memory_scan(tenant, start, end, limit).await
+    }
+
+    async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>, StoreError> {
+        (**self).memory_write(tenant, writes).await
+    }
+}
+
 /// Refuses a key outside `tenant`'s memory range (every backend calls this first).
 pub fn check_key(tenant: &TenantId, key: &[u8]) -> Result<(), StoreError> {
     if key.starts_with(&keys::tenant_prefix(tenant)) {

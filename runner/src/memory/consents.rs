@@ -26,6 +26,81 @@ const APPEND_ATTEMPTS: usize = 8;
 /// Subjects listed per scan.
 const LIST_PAGE: usize = 1_000;
 
+/// A grant or revocation as a person asks for it: the gateway service adds who they are (from
+/// their authenticated token) and when, so neither can be claimed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsentRequest {
+    pub subject: SubjectHandle,
+    pub purpose: crate::consent::Purpose,
+    pub action: crate::consent::ConsentAction,
+    #[serde(default)]
+    pub categories: std::collections::BTreeSet<crate::personal_data::Category>,
+    #[serde(default)]
+    pub evidence: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<i64>,
+}
+
+impl ConsentRequest {
+    /// The record, recorded by `by` at `at_ms`.
+    pub fn into_record(self, by: String, at_ms: i64) -> ConsentRecord {
+        ConsentRecord {
+            subject: self.subject,
+            purpose: self.purpose,
+            action: self.action,
+            categories: self.categories,
+            by,
+            evidence: self.evidence,
+            at_ms,
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
+}
+
+/// The gateway service's consent API, for a person with their own token (`contextos consent
+/// … --store gateway+http://…`).
+#[derive(Debug)]
+pub struct RemoteConsents<'s>(pub &'s crate::records::store::remote::RemoteStore);
+
+impl RemoteConsents<'_> {
+    pub async fn append(&self, request: &ConsentRequest) -> Result<ConsentLink, MemoryError> {
+        self.0
+            .post_json(CONSENT_RECORDS_PATH, request)
+            .await
+            .map_err(|e| MemoryError::Store(StoreError::Backend(e.to_string())))
+    }
+
+    /// The subject's history as the service verified it, verified here again.
+    pub async fn history(&self, subject: &SubjectHandle) -> Result<ConsentHistory, MemoryError> {
+        let links: Vec<ConsentLink> = self
+            .0
+            .get_json(&format!("{CONSENT_HISTORY_PATH}?subject={subject}"))
+            .await
+            .map_err(|e| MemoryError::Store(StoreError::Backend(e.to_string())))?;
+        let history = ConsentHistory { links };
+        history.verify(subject).map_err(|problem| {
+            MemoryError::Store(StoreError::Corrupt {
+                key: format!("consent history of {subject} from the gateway service"),
+                problem,
+            })
+        })?;
+        Ok(history)
+    }
+
+    pub async fn subjects(&self, limit: usize) -> Result<Vec<SubjectHandle>, MemoryError> {
+        self.0
+            .get_json(&format!("{CONSENT_SUBJECTS_PATH}?limit={limit}"))
+            .await
+            .map_err(|e| MemoryError::Store(StoreError::Backend(e.to_string())))
+    }
+}
+
+/// The gateway service's routes for consent.
+pub const CONSENT_RECORDS_PATH: &str = "/v1/consent/records";
+pub const CONSENT_HISTORY_PATH: &str = "/v1/consent/history";
+pub const CONSENT_SUBJECTS_PATH: &str = "/v1/consent/subjects";
+
 /// One link of a subject's consent chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsentLink {
@@ -72,6 +147,34 @@ impl ConsentHistory {
     /// The hash of the newest link: what a decision made under this history names.
     pub fn head(&self) -> Option<Hash> {
         self.links.last().map(|link| link.hash)
+    }
+
+    /// Checks that the links are `subject`'s, each hashes to what it holds, positions run 0, 1,
+    /// 2… and each names the hash of the one before.
+    pub fn verify(&self, subject: &SubjectHandle) -> Result<(), String> {
+        let mut prev: Option<Hash> = None;
+        for (position, link) in self.links.iter().enumerate() {
+            if link.record.subject != *subject {
+                return Err(format!("link {} is another subject's record", link.seq));
+            }
+            if ConsentLink::hash_of(link.seq, link.prev.as_ref(), &link.record) != link.hash {
+                return Err(format!("link {} does not hash to the hash it holds", link.seq));
+            }
+            if link.seq != position as u64 {
+                return Err(format!(
+                    "link {} is at position {position}: a record was removed or moved",
+                    link.seq
+                ));
+            }
+            if link.prev != prev {
+                return Err(format!(
+                    "link {} does not name the link before it: the history was rewritten",
+                    link.seq
+                ));
+            }
+            prev = Some(link.hash);
+        }
+        Ok(())
     }
 
     /// What is in force, folded from the records in the order they were appended.
@@ -202,29 +305,11 @@ impl<'s, S: MemoryBackend> ConsentBook<'s, S> {
             .map(|(_, value)| self.decode(subject, value))
             .collect::<Result<Vec<_>, _>>()?;
         links.reverse();
-        let mut prev: Option<Hash> = None;
-        for (position, link) in links.iter().enumerate() {
-            if link.seq != position as u64 {
-                return Err(self.corrupt(
-                    subject,
-                    format!(
-                        "link {} is at position {position}: a record was removed or moved",
-                        link.seq
-                    ),
-                ));
-            }
-            if link.prev != prev {
-                return Err(self.corrupt(
-                    subject,
-                    format!(
-                        "link {} does not name the link before it: the history was rewritten",
-                        link.seq
-                    ),
-                ));
-            }
-            prev = Some(link.hash);
-        }
-        Ok(ConsentHistory { links })
+        let history = ConsentHistory { links };
+        history
+            .verify(subject)
+            .map_err(|problem| self.corrupt(subject, problem))?;
+        Ok(history)
     }
 
     /// The subjects that have consent records, in order, at most `limit`.

@@ -9,6 +9,7 @@
 //! and model turns are written by the gateway itself, and the gateway alone signs heads — with
 //! the tenant's key, which never leaves this service.
 
+mod consent_api;
 mod context_cache;
 mod read_api;
 mod run_api;
@@ -37,13 +38,17 @@ use super::{
     capabilities::{CapabilityResolver, CapabilityRoute},
     egress::EgressGuard,
     identity::{AuthError, Authenticator, PodIdentity},
-    readers::ReaderAuthority,
+    readers::{Access, ReaderAuthority},
     remote::{CallRequest, HEAD_PENDING, ModelCall},
     run_log::RunLog,
     tenancy::{TenantError, TenantView},
 };
 use crate::{
     keys::{PublicKey, TenantKeys},
+    memory::{
+        backend::MemoryBackend,
+        consents::{CONSENT_HISTORY_PATH, CONSENT_RECORDS_PATH, CONSENT_SUBJECTS_PATH},
+    },
     model::{Model, ModelError},
     read_grant::SignedReadGrant,
     records::{
@@ -179,6 +184,18 @@ fn unavailable(message: impl std::fmt::Display) -> Refusal {
 
 type Reply = Result<Response, Refusal>;
 
+/// What a person's request asks to do, by its method and path; `None` for what a person may
+/// not ask at all.
+fn person_access(method: &axum::http::Method, path: &str) -> Option<Access> {
+    use axum::http::Method;
+    match (method, path) {
+        (&Method::GET, path) if path.starts_with("/v1/records/") => Some(Access::ReadRecords),
+        (&Method::GET, CONSENT_HISTORY_PATH | CONSENT_SUBJECTS_PATH) => Some(Access::ReadConsents),
+        (&Method::POST, CONSENT_RECORDS_PATH) => Some(Access::RecordConsent),
+        _ => None,
+    }
+}
+
 /// A write past the run's quota of store bytes.
 fn over_quota(run: &str, used: u64, more: u64, limit: u64) -> Refusal {
     Refusal(
@@ -216,7 +233,7 @@ const MAX_LISTED_RUNS: usize = 10_000;
 
 impl<S, A, T> GatewayService<S, A, T>
 where
-    S: RecordStore + 'static,
+    S: RecordStore + MemoryBackend + 'static,
     A: Authenticator + ReaderAuthority + 'static,
     T: TenantView + 'static,
 {
@@ -339,6 +356,9 @@ where
             .route("/v1/records/blobs", post(Self::reader_put_blob))
             .route("/v1/records/blobs/{hash}", get(Self::reader_get_blob))
             .route(crate::run::gate::GATE_PATH, post(Self::reader_gate))
+            .route(CONSENT_RECORDS_PATH, post(Self::consent_append))
+            .route(CONSENT_HISTORY_PATH, get(Self::consent_history))
+            .route(CONSENT_SUBJECTS_PATH, get(Self::consent_subjects))
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 Self::identified_first,
@@ -355,26 +375,24 @@ where
     }
 
     /// Refuses a request before its body is read unless its token identifies a pod, or — a
-    /// reader naming a namespace — the request is a read of the records API that the API server
-    /// lets that reader make (the handler identifies the caller again; reviews are cached, so
-    /// this costs one lookup). Readers' requests carry no body worth reading.
+    /// person naming a namespace — the request is one of the person API's (reading records or
+    /// consent, recording consent) and the API server lets that person make it there (the
+    /// handler identifies the caller again; reviews are cached, so this costs one lookup).
     async fn identified_first(
         State(service): State<Arc<Self>>,
         request: axum::extract::Request,
         next: axum::middleware::Next,
     ) -> Response {
         let identified = if request.headers().contains_key(READER_NAMESPACE_HEADER) {
-            let read = request.method() == axum::http::Method::GET
-                && request.uri().path().starts_with("/v1/records/");
-            if read {
-                service
-                    .permitted_reader(request.headers())
+            match person_access(request.method(), request.uri().path()) {
+                Some(access) => service
+                    .permitted_person(request.headers(), access)
                     .await
-                    .map(|(tenant, _)| tenant.as_str().to_owned())
-            } else {
-                Err(forbidden(
-                    "readers only read: GET /v1/records/… (runs, head, chain, checkpoint, blobs)",
-                ))
+                    .map(|(tenant, _)| tenant.as_str().to_owned()),
+                None => Err(forbidden(
+                    "a person may only GET /v1/records/… (runs, head, chain, checkpoint, blobs), \
+                     GET /v1/consent/history or /v1/consent/subjects, and POST /v1/consent/records",
+                )),
             }
         } else {
             service.identify(request.headers()).await.map(|pod| pod.namespace)

@@ -22,7 +22,7 @@ use crate::{
 
 impl<S, A, T> GatewayService<S, A, T>
 where
-    S: RecordStore + 'static,
+    S: RecordStore + MemoryBackend + 'static,
     A: Authenticator + ReaderAuthority + 'static,
     T: TenantView + 'static,
 {
@@ -33,17 +33,18 @@ where
         if !headers.contains_key(READER_NAMESPACE_HEADER) {
             return Ok(self.granted(headers).await?.0);
         }
-        let (namespace, person) = self.permitted_reader(headers).await?;
+        let (namespace, person) = self.permitted_person(headers, Access::ReadRecords).await?;
         // The audit trail of people's reads.
         tracing::info!(user = %person.username, %namespace, "records read");
         Ok(namespace)
     }
 
-    /// The namespace a reader names in [`READER_NAMESPACE_HEADER`] and the reader, if the API
-    /// server lets them `get` `sessions/records` there.
-    pub(super) async fn permitted_reader(
+    /// The namespace a person names in [`READER_NAMESPACE_HEADER`] and the person, if the API
+    /// server lets them do `access` there.
+    pub(super) async fn permitted_person(
         &self,
         headers: &HeaderMap,
+        access: Access,
     ) -> Result<(TenantId, crate::gateway::readers::Reader), Refusal> {
         let namespace = headers
             .get(READER_NAMESPACE_HEADER)
@@ -62,22 +63,26 @@ where
             )));
         }
         let person = self.person(headers).await?;
-        let allowed = self.auth.may_read(&person, namespace.as_str()).await.map_err(|e| {
+        let allowed = self.auth.may(&person, namespace.as_str(), access).await.map_err(|e| {
             // The API server's own answer stays in the gateway's log.
-            tracing::warn!(error = %e, user = %person.username, %namespace, "cannot review a records read");
+            tracing::warn!(error = %e, user = %person.username, %namespace, ?access, "cannot review a person's request");
             Refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                "the gateway cannot ask the API server whether you may read these records now; try again".into(),
+                "the gateway cannot ask the API server whether you may do this now; try again".into(),
             )
         })?;
         if !allowed {
-            tracing::info!(user = %person.username, %namespace, "refused a records read without permission");
+            tracing::info!(user = %person.username, %namespace, ?access, "refused a person's request without permission");
+            let what = match access {
+                Access::ReadRecords => "read the records",
+                Access::ReadConsents => "read the consent records",
+                Access::RecordConsent => "record consent",
+            };
             return Err(forbidden(format!(
-                "user {} may not read the records of namespace {namespace}: that needs `get` on \
-                 sessions/records (group contextos.dev) there, e.g. a RoleBinding to ClusterRole \
-                 contextos-records-reader",
-                person.username
+                "user {} may not {what} of namespace {namespace}: that needs {}",
+                person.username,
+                access.describe()
             )));
         }
         Ok((namespace, person))

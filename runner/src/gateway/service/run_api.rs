@@ -25,7 +25,7 @@ const ENDING_BYTES: u64 = 16 * 1024;
 
 impl<S, A, T> GatewayService<S, A, T>
 where
-    S: RecordStore + 'static,
+    S: RecordStore + MemoryBackend + 'static,
     A: Authenticator + ReaderAuthority + 'static,
     T: TenantView + 'static,
 {

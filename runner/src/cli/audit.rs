@@ -6,12 +6,15 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use contextos_crds::{Agent, ContextPack, Policy, SandboxProfile, Session};
-use contextos_runner::audit::{self, Harness, Severity, evidence, report::rules_markdown, source};
+use contextos_runner::audit::{
+    self, Harness, Severity, evidence, report::rules_markdown, rules::install::DELIBERATE_ROLES, source,
+};
 use k8s_openapi::{
     api::{
         admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::Deployment,
         core::v1::Namespace,
+        rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -178,7 +181,8 @@ pub async fn run(global: &GlobalArgs, args: AuditArgs) -> anyhow::Result<ExitCod
 }
 
 /// The ContextOS objects of the namespace (or all), the Namespaces they live in, the admission
-/// policies and bindings, the CRDs and the installation's Deployments.
+/// policies and bindings, the CRDs, the installation's Deployments, and the roles and bindings
+/// of the rights granted on purpose.
 async fn read_cluster(namespace: Option<&str>, all: bool) -> anyhow::Result<Harness> {
     let client = kube::Client::try_default()
         .await
@@ -205,6 +209,31 @@ async fn read_cluster(namespace: Option<&str>, all: bool) -> anyhow::Result<Harn
             }),
     );
     values.extend(list(Api::<Deployment>::namespaced(client.clone(), SYSTEM_NAMESPACE)).await?);
+    // The bindings and roles of the rights ContextOS leaves to be granted on purpose.
+    let deliberate = |value: &Value, path: &str| {
+        value
+            .pointer(path)
+            .and_then(Value::as_str)
+            .is_some_and(|name| DELIBERATE_ROLES.iter().any(|(role, _)| name.contains(role)))
+    };
+    values.extend(
+        list(scoped::<RoleBinding>(&client, scope))
+            .await?
+            .into_iter()
+            .filter(|b| deliberate(b, "/roleRef/name")),
+    );
+    values.extend(
+        list(Api::<ClusterRoleBinding>::all(client.clone()))
+            .await?
+            .into_iter()
+            .filter(|b| deliberate(b, "/roleRef/name")),
+    );
+    values.extend(
+        list(Api::<ClusterRole>::all(client.clone()))
+            .await?
+            .into_iter()
+            .filter(|r| deliberate(r, "/metadata/name")),
+    );
     let documents = values.into_iter().map(source::Document::unplaced).collect();
     Ok(Harness::from_documents(documents, true))
 }

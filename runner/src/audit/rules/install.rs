@@ -1,7 +1,9 @@
 //! Rules about the installation the trust model stands on: the admission policies that make
-//! identities and approvals unforgeable, Pod Security on the namespaces that run Sessions, and
-//! the gateway's own egress guard. They apply when the audited objects include the installation
-//! (its CRDs or Deployments) or come from a live cluster.
+//! identities and approvals unforgeable, Pod Security on the namespaces that run Sessions, the
+//! gateway's own egress guard and its replicas, and the rights ContextOS leaves to be granted on
+//! purpose (reading records, recording consent, promoting, delegating) — never to everyone, never
+//! through Kubernetes' aggregated roles. They apply when the audited objects include the
+//! installation (its CRDs or Deployments) or come from a live cluster, or name those rights.
 
 use std::collections::BTreeSet;
 
@@ -34,6 +36,34 @@ pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 4] = [
 ];
 const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 
+/// The ClusterRoles whose rights ContextOS never aggregates into `view`/`edit`/`admin`
+/// (`manifests/tenant-roles`), each with what it lets its holder do.
+pub const DELIBERATE_ROLES: [(&str, &str); 5] = [
+    (
+        "contextos-records-reader",
+        "read every decision record of the namespace",
+    ),
+    (
+        "contextos-consent-keeper",
+        "record and revoke the consent of the namespace's subjects",
+    ),
+    (
+        "contextos-consent-reader",
+        "read the consent histories of the namespace's subjects",
+    ),
+    ("contextos-promoter", "decide promotions and name approvers"),
+    (
+        "contextos-session-delegator",
+        "start Sessions in other users' names",
+    ),
+];
+/// Subjects that are everyone (or every workload of a kind), not someone.
+const EVERYONE: [&str; 3] = [
+    "system:authenticated",
+    "system:unauthenticated",
+    "system:serviceaccounts",
+];
+
 pub(super) const RULES: &[(Rule, Check)] = &[
     (
         Rule {
@@ -65,7 +95,116 @@ pub(super) const RULES: &[(Rule, Check)] = &[
         },
         gateway_deny_destination,
     ),
+    (
+        Rule {
+            id: RuleId("install/gateway-single-replica"),
+            severity: Severity::Medium,
+            title: "a gateway Deployment with fewer than two replicas",
+            why: "the gateway is every run's only path to tools, models and records: with one replica, every run stalls whenever it restarts, is evicted or its node drains",
+            fix: "run at least 2 replicas (`spec.replicas: 2`), as `manifests/` does, with its PodDisruptionBudget",
+        },
+        gateway_replicas,
+    ),
+    (
+        Rule {
+            id: RuleId("install/deliberate-right-to-everyone"),
+            severity: Severity::High,
+            title: "a right ContextOS leaves to be granted on purpose is bound for every namespace or to everyone",
+            why: "reading records, recording consent, promoting and delegating are granted per namespace to named people; a ClusterRoleBinding grants them in every namespace, and a group such as system:authenticated to every user or workload",
+            fix: "bind the ClusterRole with a RoleBinding in each namespace, to the users, groups or service accounts who need it",
+        },
+        deliberate_rights_to_everyone,
+    ),
+    (
+        Rule {
+            id: RuleId("install/deliberate-right-aggregated"),
+            severity: Severity::High,
+            title: "a right ContextOS leaves to be granted on purpose is aggregated into a built-in role",
+            why: "with an aggregate-to-view/edit/admin label, everyone bound to that role in any namespace — most of a cluster's users — gets the right without anyone granting it",
+            fix: "remove the `rbac.authorization.k8s.io/aggregate-to-*` labels from the ClusterRole",
+        },
+        deliberate_rights_aggregated,
+    ),
 ];
+
+fn gateway_replicas(harness: &Harness, sink: &mut Sink<'_>) {
+    for gateway in harness
+        .others_of("Deployment")
+        .filter(|d| d.id.name == "contextos-gateway")
+    {
+        // Kubernetes defaults a Deployment without replicas to one.
+        let replicas = gateway.spec["spec"]["replicas"].as_u64().unwrap_or(1);
+        if replicas < 2 {
+            sink.report(
+                gateway,
+                FieldPath::of(&["spec", "replicas"]),
+                format!("the gateway runs {replicas} replica"),
+            );
+        }
+    }
+}
+
+/// The deliberate role a binding grants, if it grants one (matched by name, also behind a
+/// kustomize prefix or suffix).
+fn deliberate_role(binding: &Value) -> Option<(&'static str, &'static str)> {
+    let role = &binding["roleRef"];
+    if role["kind"].as_str() != Some("ClusterRole") {
+        return None;
+    }
+    let name = role["name"].as_str()?;
+    DELIBERATE_ROLES.into_iter().find(|(role, _)| name.contains(role))
+}
+
+fn deliberate_rights_to_everyone(harness: &Harness, sink: &mut Sink<'_>) {
+    for kind in ["RoleBinding", "ClusterRoleBinding"] {
+        for binding in harness.others_of(kind) {
+            let Some((role, lets)) = deliberate_role(&binding.spec) else {
+                continue;
+            };
+            if kind == "ClusterRoleBinding" {
+                sink.report(
+                    binding,
+                    FieldPath::of(&["roleRef"]),
+                    format!("{role} is bound in every namespace: its subjects may {lets} everywhere"),
+                );
+                continue;
+            }
+            let subjects = binding.spec["subjects"].as_array().into_iter().flatten();
+            for (index, subject) in subjects.enumerate() {
+                let name = subject["name"].as_str().unwrap_or_default();
+                let everyone = subject["kind"].as_str() == Some("Group")
+                    && (EVERYONE.contains(&name) || name.starts_with("system:serviceaccounts:"));
+                if everyone {
+                    sink.report(
+                        binding,
+                        FieldPath::of(&["subjects"]).index(index),
+                        format!("{role} is bound to group {name}: all of them may {lets}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn deliberate_rights_aggregated(harness: &Harness, sink: &mut Sink<'_>) {
+    for role in harness.others_of("ClusterRole") {
+        let Some((name, lets)) = DELIBERATE_ROLES
+            .into_iter()
+            .find(|(name, _)| role.id.name.contains(name))
+        else {
+            continue;
+        };
+        for (label, value) in role.labels() {
+            if label.starts_with("rbac.authorization.k8s.io/aggregate-to-") && value == "true" {
+                sink.report(
+                    role,
+                    FieldPath::of(&["metadata", "labels"]).key(label),
+                    format!("{name} is aggregated ({label}): everyone holding that role may {lets}"),
+                );
+            }
+        }
+    }
+}
 
 /// Where install-level findings without an object of their own are reported: the gateway or
 /// operator Deployment when the audit has one, the installation otherwise.

@@ -3,7 +3,7 @@
 //! rule table is generated from.
 
 mod agent;
-mod install;
+pub mod install;
 mod live;
 mod openapi;
 mod policy;

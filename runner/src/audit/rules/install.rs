@@ -101,7 +101,7 @@ pub(super) const RULES: &[(Rule, Check)] = &[
             severity: Severity::Medium,
             title: "a gateway Deployment with fewer than two replicas",
             why: "the gateway is every run's only path to tools, models and records: with one replica, every run stalls whenever it restarts, is evicted or its node drains",
-            fix: "run at least 2 replicas (`spec.replicas: 2`), as `manifests/` does, with its PodDisruptionBudget",
+            fix: "run at least 2 replicas against a shared store: the TiKV overlay (`manifests/overlays/tikv`) does; the base's embedded store is one file and allows one",
         },
         gateway_replicas,
     ),

@@ -188,6 +188,7 @@ async fn run() {
         evidence: "BENCH-1".into(),
         at_ms: 0,
         expires_at_ms: None,
+        request_id: None,
     }]);
     let mut subject_query = query(ItemScope::Subject(subject), None, "");
     subject_query.purpose = Some(purpose);

@@ -125,7 +125,15 @@ pub struct ConsentRecord {
     /// A grant ends here unless revoked sooner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<i64>,
+    /// The id the recording client gave its request (letters, digits, `.`, `_`, `-`; at most
+    /// 64 bytes): a request sent again — its answer lost — finds its record instead of
+    /// appending it twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
+
+/// The most bytes of a request id.
+pub const MAX_REQUEST_ID: usize = 64;
 
 /// Why a consent record or a name is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -152,6 +160,10 @@ pub enum ConsentError {
     RevocationExpires,
     #[error("{who} must be who appends the record")]
     NoAuthor { who: &'static str },
+    #[error("{field} holds a control character; use printable text")]
+    ControlCharacter { field: &'static str },
+    #[error("requestId {0:?} is not valid: use at most 64 letters, digits, '.', '_' or '-'")]
+    BadRequestId(String),
 }
 
 impl ConsentRecord {
@@ -170,6 +182,24 @@ impl ConsentRecord {
         }
         if self.by.trim().is_empty() {
             return Err(ConsentError::NoAuthor { who: "by" });
+        }
+        // Printed in histories: a line break or an escape sequence could forge the lines after it.
+        for (field, value) in [("by", &self.by), ("evidence", &self.evidence)] {
+            if value.chars().any(char::is_control) {
+                return Err(ConsentError::ControlCharacter { field });
+            }
+        }
+        if let Some(id) = &self.request_id {
+            let valid = !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !valid {
+                return Err(ConsentError::BadRequestId(
+                    id.chars().take(MAX_REQUEST_ID).collect(),
+                ));
+            }
         }
         match self.action {
             ConsentAction::Grant => {
@@ -259,6 +289,17 @@ impl ConsentLedger {
                 }
             }
         }
+    }
+
+    /// The categories a consent of `subject` for `purpose` covers at `now_ms`.
+    pub fn in_force(&self, subject: &SubjectHandle, purpose: &Purpose, now_ms: i64) -> BTreeSet<Category> {
+        self.standing
+            .get(&(subject.clone(), purpose.clone()))
+            .into_iter()
+            .flatten()
+            .filter(|(_, s)| s.granted && s.from_ms <= now_ms && s.until_ms.is_none_or(|u| now_ms < u))
+            .map(|(category, _)| category.clone())
+            .collect()
     }
 
     /// The categories of `wanted` that no consent of `subject` for `purpose` covers at `now_ms`
@@ -461,6 +502,7 @@ mod tests {
             evidence: "PRIV-1042".into(),
             at_ms,
             expires_at_ms: None,
+            request_id: None,
         }
     }
 

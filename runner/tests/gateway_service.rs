@@ -971,6 +971,7 @@ async fn consent_is_recorded_in_the_authenticated_persons_name_and_only_with_per
         categories: [Category::Phone].into(),
         evidence: "PRIV-1042".into(),
         expires_at_ms: None,
+        request_id: Some("grant-7f3a-1".into()),
     };
     let privacy = person("token-privacy", "shop");
     let before = contextos_runner::records::recorder::now_ms();
@@ -1008,7 +1009,11 @@ async fn consent_is_recorded_in_the_authenticated_persons_name_and_only_with_per
 
     // A person who may read consent reads the verified history; they may not record.
     let reader = person("token-consent-reader", "shop");
-    let history = RemoteConsents(&reader).history(&subject).await.expect("history");
+    let key = rig.keys.for_tenant("shop").public();
+    let history = RemoteConsents(&reader)
+        .history(&rig.tenant(), &subject, &key)
+        .await
+        .expect("history");
     assert_eq!(history.links, std::slice::from_ref(&granted));
     let refused = RemoteConsents(&reader)
         .append(&ConsentRequest {
@@ -1026,7 +1031,9 @@ async fn consent_is_recorded_in_the_authenticated_persons_name_and_only_with_per
         ("token-bank-auditor", "shop"),
         ("token-run-1", "shop"),
     ] {
-        let refused = RemoteConsents(&person(token, namespace)).history(&subject).await;
+        let refused = RemoteConsents(&person(token, namespace))
+            .history(&rig.tenant(), &subject, &key)
+            .await;
         assert!(refused.is_err(), "{token} read shop's consent: {refused:?}");
     }
     assert!(
@@ -1037,18 +1044,22 @@ async fn consent_is_recorded_in_the_authenticated_persons_name_and_only_with_per
         "consent recorded in a namespace the person has no permission in"
     );
 
+    // Sent again with the same request id (its answer lost): the same link, nothing appended.
+    let again = RemoteConsents(&privacy).append(&grant).await.expect("sent again");
+    assert_eq!(again, granted);
     // A revocation is appended after the grant, in the store's chain for that subject.
     let revoked = RemoteConsents(&privacy)
         .append(&ConsentRequest {
             action: ConsentAction::Revoke,
             evidence: String::new(),
+            request_id: Some("revoke-7f3a-1".into()),
             ..grant.clone()
         })
         .await
         .expect("revoked");
     assert_eq!((revoked.seq, revoked.prev), (1, Some(granted.hash)));
     let stored = ConsentBook::new(&*rig.store, &rig.tenant())
-        .history(&subject)
+        .history(&subject, &key)
         .await
         .expect("history in the store");
     assert_eq!(stored.links, [granted, revoked]);

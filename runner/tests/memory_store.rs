@@ -9,11 +9,12 @@ use std::collections::BTreeSet;
 
 use contextos_runner::{
     consent::{ConsentAction, ConsentLedger, ConsentRecord, Purpose, SubjectHandle},
+    keys::KeyPair,
     memory::{
         EvidenceHandle, ItemScope, MemoryError, MemoryItem, MemoryType, Provenance, RecallQuery, admit,
         backend::{Change, Guard, MemoryBackend, Write},
         bank::{Kept, MemoryBank, Stop},
-        consents::{ConsentBook, ConsentLink},
+        consents::{ConsentBook, ConsentHead, MAX_RECORDS_PER_SUBJECT},
     },
     personal_data::Category,
     records::{EmbeddedStore, Hash, ScratchStore, StoreError, TenantId},
@@ -259,12 +260,13 @@ async fn consent_is_checked_at_every_recall<S: MemoryBackend>(store: &S) {
     );
     personal.categories.insert(Category::Phone);
     personal.purpose = Some(purpose.clone());
-    let plain = item(
+    let mut plain = item(
         ItemScope::Subject(subject.clone()),
         MemoryType::Preference,
         "Prefers short incident summaries",
         2_000,
     );
+    plain.purpose = Some(purpose.clone());
     let mut expiring = item(
         ItemScope::Subject(subject.clone()),
         MemoryType::Fact,
@@ -272,6 +274,13 @@ async fn consent_is_checked_at_every_recall<S: MemoryBackend>(store: &S) {
         3_000,
     );
     expiring.expires_at_ms = Some(10_000);
+    expiring.purpose = Some(purpose.clone());
+    let mut unkept = expiring.clone();
+    unkept.purpose = None;
+    assert!(
+        matches!(bank.keep(&unkept).await, Err(MemoryError::Invalid(_))),
+        "a subject's item kept for no purpose"
+    );
     for each in [&personal, &plain, &expiring] {
         bank.keep(each).await.expect("keep");
     }
@@ -279,11 +288,12 @@ async fn consent_is_checked_at_every_recall<S: MemoryBackend>(store: &S) {
         subject: subject.clone(),
         purpose: purpose.clone(),
         action: ConsentAction::Grant,
-        categories: [Category::Phone].into(),
+        categories: [Category::Phone, Category::Email].into(),
         by: "system:serviceaccount:shop:privacy-desk".into(),
         evidence: "PRIV-1042".into(),
         at_ms: 500,
         expires_at_ms: None,
+        request_id: None,
     };
     let mut records = vec![grant.clone()];
     let mut q = query(ItemScope::Subject(subject.clone()), None, "incidents", 10);
@@ -306,9 +316,10 @@ async fn consent_is_checked_at_every_recall<S: MemoryBackend>(store: &S) {
 
     records.push(ConsentRecord {
         action: ConsentAction::Revoke,
+        categories: [Category::Phone].into(),
         at_ms: 6_000,
         evidence: String::new(),
-        ..grant
+        ..grant.clone()
     });
     let revoked = recall_at(&records, 7_000).await;
     assert_eq!(texts(&revoked), ["On call this week for incidents"]);
@@ -320,6 +331,25 @@ async fn consent_is_checked_at_every_recall<S: MemoryBackend>(store: &S) {
             .contains("no consent of subject subj:7f3a for purpose incident-follow-up covers its phone"),
         "{:?}",
         revoked.excluded
+    );
+
+    // Everything revoked: the subject's items are not offered, personal data found in them or
+    // not.
+    records.push(ConsentRecord {
+        action: ConsentAction::Revoke,
+        categories: BTreeSet::new(),
+        at_ms: 8_000,
+        evidence: String::new(),
+        ..grant
+    });
+    let withdrawn = recall_at(&records, 9_000).await;
+    assert!(withdrawn.offered.is_empty(), "{withdrawn:?}");
+    assert!(
+        withdrawn
+            .excluded
+            .iter()
+            .any(|e| e.item == expiring.id() && e.reason.contains("is in force now")),
+        "{withdrawn:?}"
     );
 
     let later = recall_at(&records, 20_000).await;
@@ -468,9 +498,17 @@ async fn a_tampered_item_is_reported_not_returned<S: MemoryBackend>(store: &S) {
     );
     let recalled = bank
         .recall(&query(agent("sre-agent"), None, "", 10), everything)
-        .await;
+        .await
+        .expect("recall");
     assert!(
-        matches!(recalled, Err(MemoryError::Store(StoreError::Corrupt { .. }))),
+        recalled.offered.is_empty(),
+        "a forged item was offered: {recalled:?}"
+    );
+    assert!(
+        recalled
+            .excluded
+            .iter()
+            .any(|e| e.item == original.id() && e.reason.starts_with("corrupt:")),
         "{recalled:?}"
     );
 }
@@ -572,35 +610,48 @@ fn consent(
         },
         at_ms,
         expires_at_ms: None,
+        request_id: None,
     }
+}
+
+/// The tenant's record key (the gateway's, derived for the tenant) and a key that is not it.
+fn keys() -> (KeyPair, KeyPair) {
+    (KeyPair::from_seed([7; 32]), KeyPair::from_seed([8; 32]))
 }
 
 async fn consent_records_are_chained_and_verified<S: MemoryBackend>(store: &S) {
     let t = tenant("consents");
     let book = ConsentBook::new(store, &t);
+    let (key, stranger) = keys();
     let ana = SubjectHandle::new("subj:ana").expect("handle");
     let ben = SubjectHandle::new("subj:ben").expect("handle");
     let purpose = Purpose::new("incident-follow-up").expect("purpose");
     let phone = BTreeSet::from([Category::Phone]);
 
     let granted = book
-        .append(consent(
-            &ana,
-            ConsentAction::Grant,
-            &[Category::Phone, Category::Email],
-            1_000,
-        ))
+        .append(
+            consent(
+                &ana,
+                ConsentAction::Grant,
+                &[Category::Phone, Category::Email],
+                1_000,
+            ),
+            &key,
+        )
         .await
         .expect("grant");
     assert_eq!((granted.seq, granted.prev), (0, None));
     let revoked = book
-        .append(consent(&ana, ConsentAction::Revoke, &[Category::Phone], 2_000))
+        .append(
+            consent(&ana, ConsentAction::Revoke, &[Category::Phone], 2_000),
+            &key,
+        )
         .await
         .expect("revoke");
     assert_eq!((revoked.seq, revoked.prev), (1, Some(granted.hash)));
-    let history = book.history(&ana).await.expect("history");
+    let history = book.history(&ana, &key.public()).await.expect("history");
     assert_eq!(history.links, [granted.clone(), revoked.clone()]);
-    assert_eq!(history.head(), Some(revoked.hash));
+    assert_eq!(history.head_hash(), Some(revoked.hash));
     let ledger = history.ledger();
     assert_eq!(
         ledger.uncovered(&ana, &purpose, &phone, 3_000),
@@ -612,23 +663,78 @@ async fn consent_records_are_chained_and_verified<S: MemoryBackend>(store: &S) {
             .uncovered(&ana, &purpose, &BTreeSet::from([Category::Email]), 3_000)
             .is_empty()
     );
+    let foreign = book.history(&ana, &stranger.public()).await;
+    assert!(
+        matches!(&foreign, Err(MemoryError::Store(StoreError::Corrupt { problem, .. })) if problem.contains("not the tenant's key")),
+        "a history verified with another key: {foreign:?}"
+    );
 
-    // Refused before anything is appended: a grant without evidence.
+    // Refused before anything is appended: a grant without evidence, a line break in evidence.
     let mut unfounded = consent(&ana, ConsentAction::Grant, &[Category::Phone], 4_000);
     unfounded.evidence = String::new();
-    assert!(matches!(
-        book.append(unfounded).await,
-        Err(MemoryError::BadConsent(_))
-    ));
-    assert_eq!(book.history(&ana).await.expect("history").links.len(), 2);
+    let mut forging = consent(&ana, ConsentAction::Grant, &[Category::Phone], 4_000);
+    forging.evidence = "PRIV-1\n1    revoke  incident-follow-up       phone".into();
+    for refused in [unfounded, forging] {
+        let answer = book.append(refused, &key).await;
+        assert!(matches!(answer, Err(MemoryError::BadConsent(_))), "{answer:?}");
+    }
+    assert_eq!(
+        book.history(&ana, &key.public())
+            .await
+            .expect("history")
+            .links
+            .len(),
+        2
+    );
+
+    // A request sent again (its answer lost) finds its record instead of appending it twice.
+    let mut once = consent(&ana, ConsentAction::Grant, &[Category::Iban], 5_000);
+    once.request_id = Some("req-7f3a-1".into());
+    let first = book.append(once.clone(), &key).await.expect("grant");
+    let again = book
+        .append(
+            ConsentRecord {
+                at_ms: 6_000,
+                ..once.clone()
+            },
+            &key,
+        )
+        .await
+        .expect("again");
+    assert_eq!(again, first);
+    let reused = book
+        .append(
+            ConsentRecord {
+                action: ConsentAction::Revoke,
+                evidence: String::new(),
+                ..once
+            },
+            &key,
+        )
+        .await;
+    assert!(
+        matches!(&reused, Err(MemoryError::BadConsent(m)) if m.contains("was used for another consent record")),
+        "a request id answered a different record: {reused:?}"
+    );
+    assert_eq!(
+        book.history(&ana, &key.public())
+            .await
+            .expect("history")
+            .links
+            .len(),
+        3
+    );
 
     // Writers racing for the same position all land, one after another.
-    let racing = futures::future::join_all(
-        (0..6).map(|i| book.append(consent(&ben, ConsentAction::Grant, &[Category::Email], 1_000 + i))),
-    )
+    let racing = futures::future::join_all((0..6).map(|i| {
+        book.append(
+            consent(&ben, ConsentAction::Grant, &[Category::Email], 1_000 + i),
+            &key,
+        )
+    }))
     .await;
     assert!(racing.iter().all(Result::is_ok), "{racing:?}");
-    let bens = book.history(&ben).await.expect("history");
+    let bens = book.history(&ben, &key.public()).await.expect("history");
     assert_eq!(
         bens.links.iter().map(|l| l.seq).collect::<Vec<_>>(),
         [0, 1, 2, 3, 4, 5]
@@ -639,15 +745,37 @@ async fn consent_records_are_chained_and_verified<S: MemoryBackend>(store: &S) {
     );
     assert!(
         ConsentBook::new(store, &tenant("consents-other"))
-            .history(&ana)
+            .history(&ana, &key.public())
             .await
             .expect("history")
             .links
             .is_empty()
     );
+}
 
-    // An edited record, even with its own hash recomputed, breaks the link after it; a removed
-    // record leaves a gap. Both are reported, never folded into what is in force.
+/// Every way of changing a subject's history through the store itself — editing a record with
+/// every hash after it recomputed, cutting the newest record (a revocation) off, removing one in
+/// the middle — leaves a history that does not verify against its signed head; and a head
+/// re-signed with any other key does not either.
+async fn a_changed_consent_history_does_not_verify<S: MemoryBackend>(store: &S) {
+    let t = tenant("tamper-consent");
+    let book = ConsentBook::new(store, &t);
+    let (key, stranger) = keys();
+    let ana = SubjectHandle::new("subj:ana").expect("handle");
+    let grant = book
+        .append(
+            consent(&ana, ConsentAction::Grant, &[Category::Phone], 1_000),
+            &key,
+        )
+        .await
+        .expect("grant");
+    let revoke = book
+        .append(
+            consent(&ana, ConsentAction::Revoke, &[Category::Phone], 2_000),
+            &key,
+        )
+        .await
+        .expect("revoke");
     let link_key = |seq: u64| {
         [
             format!("cx/{t}/m/c/{ana}/").into_bytes(),
@@ -655,62 +783,196 @@ async fn consent_records_are_chained_and_verified<S: MemoryBackend>(store: &S) {
         ]
         .concat()
     };
-    let mut forged = granted.record.clone();
-    forged.categories.insert(Category::Iban);
-    let forged_link: ConsentLink = serde_json::from_value(serde_json::json!({
-        "seq": 0,
-        "prev": null,
-        "record": forged,
-        "hash": granted.hash,
-    }))
-    .expect("link");
-    let rehashed = {
-        // The forger recomputes the link's own hash the way the store does.
-        let appended = ConsentBook::new(store, &tenant("forger"))
-            .append(forged_link.record.clone())
+    let put = async |changes: Vec<Change>| {
+        let guard = Guard::Absent(format!("cx/{t}/m/never").into_bytes());
+        store
+            .memory_write(&t, vec![Write { guard, changes }])
             .await
-            .expect("forger's own chain");
-        appended.hash
+            .expect("raw write");
     };
-    let forged_json =
-        serde_json::json!({"seq": 0, "prev": null, "record": forged_link.record, "hash": rehashed});
-    store
-        .memory_write(
-            &t,
-            vec![Write {
-                guard: Guard::Present(link_key(0)),
-                changes: vec![Change::Put(
-                    link_key(0),
-                    serde_json::to_vec(&forged_json).expect("json"),
-                )],
-            }],
+    let corrupt_because = async |needle: &str| {
+        let read = book.history(&ana, &key.public()).await;
+        assert!(
+            matches!(&read, Err(MemoryError::Store(StoreError::Corrupt { problem, .. })) if problem.contains(needle)),
+            "expected a corrupt history ({needle}): {read:?}"
+        );
+    };
+
+    let head_key = format!("cx/{t}/m/h/{ana}").into_bytes();
+    let genuine_head = store
+        .memory_get(&t, vec![head_key.clone()])
+        .await
+        .expect("head")
+        .remove(0)
+        .expect("a head");
+
+    // The revocation cut off the end: the grant is whole and hashes, but the head names more.
+    put(vec![Change::Delete(link_key(1))]).await;
+    corrupt_because("records were removed or rewritten").await;
+
+    // The grant edited and every hash after it recomputed — what a forger with the store can do
+    // (the hash is the store's own algorithm, reproduced through a chain of their own).
+    let mut widened = grant.record.clone();
+    widened.categories.insert(Category::Iban);
+    let forger = ConsentBook::new(store, &tenant("forger"));
+    let forged = forger.append(widened, &stranger).await.expect("forger's grant");
+    put(vec![Change::Put(
+        link_key(0),
+        serde_json::to_vec(&forged).expect("json"),
+    )])
+    .await;
+    corrupt_because("records were removed or rewritten").await;
+
+    // … and its head re-signed with the forger's key: still not the tenant's. Nor is anything
+    // appended on top of it, which would sign the forgery with the tenant's key.
+    let forged_head = serde_json::json!({
+        "seq": 0, "hash": forged.hash, "key_id": stranger.public().key_id(),
+        "signature": stranger.sign_hex(&ConsentHead::message(&t, &ana, 0, &forged.hash)),
+    });
+    put(vec![Change::Put(
+        head_key.clone(),
+        serde_json::to_vec(&forged_head).expect("json"),
+    )])
+    .await;
+    corrupt_because("not the tenant's key").await;
+    let laundered = book
+        .append(
+            consent(&ana, ConsentAction::Grant, &[Category::Email], 3_000),
+            &key,
         )
+        .await;
+    assert!(
+        matches!(&laundered, Err(MemoryError::Store(StoreError::Corrupt { .. }))),
+        "an append signed a forged history with the tenant's key: {laundered:?}"
+    );
+
+    // The original restored, it verifies again; with its first record removed, it does not.
+    put(vec![
+        Change::Put(link_key(0), serde_json::to_vec(&grant).expect("json")),
+        Change::Put(link_key(1), serde_json::to_vec(&revoke).expect("json")),
+        Change::Put(head_key, genuine_head),
+    ])
+    .await;
+    assert_eq!(
+        book.history(&ana, &key.public()).await.expect("restored").links,
+        [grant, revoke]
+    );
+    put(vec![Change::Delete(link_key(0))]).await;
+    corrupt_because("a record was removed or moved").await;
+}
+
+/// A subject's history full of grants still takes revocations (scratch store only: it writes
+/// 10,000 records).
+async fn a_full_history_still_takes_revocations<S: MemoryBackend>(store: &S) {
+    let t = tenant("full");
+    let book = ConsentBook::new(store, &t);
+    let (key, _) = keys();
+    let ana = SubjectHandle::new("subj:ana").expect("handle");
+    for i in 0..MAX_RECORDS_PER_SUBJECT {
+        book.append(
+            consent(&ana, ConsentAction::Grant, &[Category::Phone], i as i64),
+            &key,
+        )
+        .await
+        .expect("grant");
+    }
+    let refused = book
+        .append(
+            consent(&ana, ConsentAction::Grant, &[Category::Phone], 20_000),
+            &key,
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(MemoryError::BadConsent(m)) if m.contains("revocations are still accepted")),
+        "{refused:?}"
+    );
+    let revoked = book
+        .append(consent(&ana, ConsentAction::Revoke, &[], 20_001), &key)
+        .await
+        .expect("a revocation past the grants' cap");
+    assert_eq!(revoked.seq, MAX_RECORDS_PER_SUBJECT);
+    let history = book.history(&ana, &key.public()).await.expect("history");
+    let purpose = Purpose::new("incident-follow-up").expect("purpose");
+    assert!(history.ledger().in_force(&ana, &purpose, 30_000).is_empty());
+}
+
+/// A recall offers only items of the scope (and type) it asks for, whatever an index row says;
+/// an item whose bytes were changed is listed as corrupt and the recall goes on; a corrupt item
+/// can still be forgotten; a query with words the index cannot keep is refused, not answered
+/// with everything.
+async fn recall_trusts_items_not_rows<S: MemoryBackend>(store: &S) {
+    let t = tenant("rows");
+    let bank = MemoryBank::new(store, &t);
+    let mine = item(
+        agent("sre-agent"),
+        MemoryType::Fact,
+        "checkout has three replicas",
+        1_000,
+    );
+    let theirs = item(
+        agent("billing-agent"),
+        MemoryType::Fact,
+        "invoices close monthly",
+        2_000,
+    );
+    let altered = item(agent("sre-agent"), MemoryType::Fact, "page the lead first", 3_000);
+    bank.keep_all(&[mine.clone(), theirs.clone(), altered.clone()])
+        .await
+        .expect("keep");
+    let id_key = |item: &MemoryItem| [format!("cx/{t}/m/i/").into_bytes(), item.id().0.0.to_vec()].concat();
+    // A row planted in sre-agent's index, newest of all, pointing at billing-agent's item.
+    let mut planted = format!("cx/{t}/m/x/agent:sre-agent/*/").into_bytes();
+    planted.extend_from_slice(&(u64::MAX - 9_000).to_be_bytes());
+    planted.extend_from_slice(&theirs.id().0.0);
+    // And the third item's text changed in place.
+    let mut changed = altered.clone();
+    changed.text = "page nobody".into();
+    let guard = Guard::Absent(format!("cx/{t}/m/never").into_bytes());
+    let changes = vec![
+        Change::Put(planted, b"1".to_vec()),
+        Change::Put(id_key(&altered), serde_json::to_vec(&changed).expect("json")),
+    ];
+    store
+        .memory_write(&t, vec![Write { guard, changes }])
         .await
         .expect("raw write");
-    let edited = book.history(&ana).await;
-    assert!(
-        matches!(&edited, Err(MemoryError::Store(StoreError::Corrupt { problem, .. })) if problem.contains("rewritten")),
-        "{edited:?}"
-    );
-    store
-        .memory_write(
-            &t,
-            vec![Write {
-                guard: Guard::Present(link_key(0)),
-                changes: vec![Change::Delete(link_key(0))],
-            }],
-        )
+
+    let recalled = bank
+        .recall(&query(agent("sre-agent"), None, "", 10), everything)
         .await
-        .expect("raw delete");
-    let removed = book.history(&ana).await;
+        .expect("a recall goes on past a corrupt item");
+    assert_eq!(texts(&recalled), ["checkout has three replicas"]);
+    assert_eq!(recalled.excluded.len(), 1);
+    assert_eq!(recalled.excluded[0].item, altered.id());
     assert!(
-        matches!(&removed, Err(MemoryError::Store(StoreError::Corrupt { problem, .. })) if problem.contains("removed")),
-        "{removed:?}"
+        recalled.excluded[0].reason.starts_with("corrupt:"),
+        "{recalled:?}"
     );
+
+    assert!(
+        bank.forget(&altered.id()).await.expect("forget"),
+        "a corrupt item can be forgotten"
+    );
+    assert_eq!(
+        store.memory_get(&t, vec![id_key(&altered)]).await.expect("get"),
+        [None]
+    );
+
+    for words in ["a b c", &"x".repeat(80)] {
+        let answer = bank
+            .recall(&query(agent("sre-agent"), None, words, 10), everything)
+            .await;
+        assert!(
+            matches!(answer, Err(MemoryError::BadQuery(_))),
+            "{words:?}: {answer:?}"
+        );
+    }
 }
 
 async fn suite<S: MemoryBackend>(store: &S) {
+    recall_trusts_items_not_rows(store).await;
     consent_records_are_chained_and_verified(store).await;
+    a_changed_consent_history_does_not_verify(store).await;
     a_batch_is_kept_whole_or_not_at_all(store).await;
     keeping_is_idempotent_and_validated(store).await;
     recall_is_newest_first_by_scope_type_and_words(store).await;
@@ -724,6 +986,11 @@ async fn suite<S: MemoryBackend>(store: &S) {
 #[tokio::test]
 async fn scratch_store_keeps_memory_by_the_contract() {
     suite(&ScratchStore::new()).await;
+}
+
+#[tokio::test]
+async fn a_subjects_history_full_of_grants_still_takes_revocations() {
+    a_full_history_still_takes_revocations(&ScratchStore::new()).await;
 }
 
 #[tokio::test]

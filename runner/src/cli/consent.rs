@@ -7,9 +7,10 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use contextos_runner::{
     consent::{ConsentAction, Purpose, SubjectHandle},
+    keys::{KeyPair, PublicKey},
     memory::consents::{ConsentBook, ConsentHistory, ConsentLink, ConsentRequest, RemoteConsents},
     personal_data::Category,
-    records::AnyStore,
+    records::{AnyStore, TenantId, store::remote::RemoteStore},
 };
 
 use super::GlobalArgs;
@@ -53,6 +54,10 @@ pub enum ConsentCommand {
     Show {
         /// The subject's handle.
         subject: String,
+        /// Public key (hex) the history's head is verified with; default: the data directory's
+        /// key, or through the gateway the key it publishes for the namespace.
+        #[arg(long, env = "CONTEXTOS_RECORD_PUBLIC_KEY")]
+        public_key: Option<String>,
     },
 }
 
@@ -77,10 +82,25 @@ enum Book<'s> {
     Gateway(RemoteConsents<'s>),
 }
 
+/// A fresh id for one request, so that a request sent again is not appended twice.
+fn request_id() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a request id: {e}"))?;
+    Ok(hex::encode(bytes))
+}
+
 impl Book<'_> {
-    async fn append(&self, about: About, request: ConsentRequest) -> anyhow::Result<ConsentLink> {
+    async fn append(
+        &self,
+        global: &GlobalArgs,
+        about: About,
+        request: ConsentRequest,
+    ) -> anyhow::Result<ConsentLink> {
         Ok(match self {
             Self::Local(book) => {
+                let key_path = global.key_path();
+                let key = KeyPair::load_or_create(&key_path)
+                    .with_context(|| format!("the signing key {}", key_path.display()))?;
                 let by = about.by.unwrap_or_else(|| {
                     format!(
                         "local:{}",
@@ -89,7 +109,7 @@ impl Book<'_> {
                             .unwrap_or_else(|_| "unknown".into())
                     )
                 });
-                book.append(request.into_record(by, now_ms())).await?
+                book.append(request.into_record(by, now_ms()), &key).await?
             }
             Self::Gateway(remote) => {
                 if about.by.is_some() {
@@ -100,10 +120,22 @@ impl Book<'_> {
         })
     }
 
-    async fn history(&self, subject: &SubjectHandle) -> anyhow::Result<ConsentHistory> {
+    async fn history(
+        &self,
+        global: &GlobalArgs,
+        tenant: &TenantId,
+        subject: &SubjectHandle,
+        public_key: Option<&str>,
+    ) -> anyhow::Result<ConsentHistory> {
         Ok(match self {
-            Self::Local(book) => book.history(subject).await?,
-            Self::Gateway(remote) => remote.history(subject).await?,
+            Self::Local(book) => book.history(subject, &global.verifying_key(public_key)?).await?,
+            Self::Gateway(remote) => {
+                let key = match public_key {
+                    Some(hex) => PublicKey::from_hex(hex)?,
+                    None => published_key(remote.0, tenant).await?,
+                };
+                remote.history(tenant, subject, &key).await?
+            }
         })
     }
 
@@ -134,7 +166,7 @@ pub async fn run(global: &GlobalArgs, command: ConsentCommand) -> anyhow::Result
                 .map(|text| super::parse_span("--expires-in", &text).map(|d| now + d.as_millis() as i64))
                 .transpose()?;
             let request = about.request(ConsentAction::Grant, &categories, evidence, expires_at_ms)?;
-            let link = book.append(about, request).await?;
+            let link = book.append(global, about, request).await?;
             println!(
                 "granted: subject {} link {} {}",
                 link.record.subject, link.seq, link.hash
@@ -146,7 +178,7 @@ pub async fn run(global: &GlobalArgs, command: ConsentCommand) -> anyhow::Result
             evidence,
         } => {
             let request = about.request(ConsentAction::Revoke, &categories, evidence, None)?;
-            let link = book.append(about, request).await?;
+            let link = book.append(global, about, request).await?;
             println!(
                 "revoked: subject {} link {} {}",
                 link.record.subject, link.seq, link.hash
@@ -161,9 +193,11 @@ pub async fn run(global: &GlobalArgs, command: ConsentCommand) -> anyhow::Result
                 println!("{subject}");
             }
         }
-        ConsentCommand::Show { subject } => {
+        ConsentCommand::Show { subject, public_key } => {
             let subject = SubjectHandle::new(&subject).context("subject")?;
-            let history = book.history(&subject).await?;
+            let history = book
+                .history(global, &tenant, &subject, public_key.as_deref())
+                .await?;
             if history.links.is_empty() {
                 bail!("subject {subject} has no consent records in tenant {tenant}");
             }
@@ -196,8 +230,28 @@ impl About {
             categories,
             evidence,
             expires_at_ms,
+            request_id: Some(request_id()?),
         })
     }
+}
+
+/// The key the gateway publishes for `tenant` (what its consent heads are signed with).
+async fn published_key(remote: &RemoteStore, tenant: &TenantId) -> anyhow::Result<PublicKey> {
+    let url = format!("{}/v1/tenants/{tenant}/record-key", remote.base());
+    let published: serde_json::Value = contextos_runner::http::client_builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("fetching the namespace's published key from {url}"))?
+        .error_for_status()?
+        .json()
+        .await?;
+    let hex = published["publicKey"]
+        .as_str()
+        .with_context(|| format!("{url} names no publicKey; pass --public-key"))?;
+    Ok(PublicKey::from_hex(hex)?)
 }
 
 fn print_history(history: &ConsentHistory, now_ms: i64) {
@@ -220,9 +274,14 @@ fn print_history(history: &ConsentHistory, now_ms: i64) {
             ConsentAction::Grant => "grant",
             ConsentAction::Revoke => "revoke",
         };
+        // Validated records hold no control characters; printed escaped all the same, so no
+        // field can forge the lines after it.
         println!(
             "{:<4} {action:<7} {:<24} {categories:<32} {:<28} {}",
-            link.seq, r.purpose, r.by, r.evidence
+            link.seq,
+            r.purpose,
+            r.by.escape_debug().to_string(),
+            r.evidence.escape_debug()
         );
     }
     let ledger = history.ledger();
@@ -247,10 +306,10 @@ fn print_history(history: &ConsentHistory, now_ms: i64) {
             }
         );
     }
-    if let Some(head) = history.head() {
+    if let Some(head) = history.head_hash() {
         let n = history.links.len();
         println!(
-            "chain verified: {n} record{}, head {head}",
+            "chain verified: {n} record{}, signed head {head}",
             if n == 1 { "" } else { "s" }
         );
     }

@@ -155,12 +155,29 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
         }
     }
 
-    /// Removes the item `id` and its index rows in one transaction; whether it was there.
+    /// Removes the item `id` and its index rows in one transaction; whether it was there. A
+    /// corrupt item is removed too (what cannot be read cannot be kept): if its bytes still read
+    /// as an item, with the rows they name; otherwise alone, its rows left to point at nothing
+    /// (recall skips them).
     pub async fn forget(&self, id: &ItemId) -> Result<bool, MemoryError> {
-        let Some(item) = self.get(id).await? else {
+        let key = keys::item(&self.tenant, id);
+        let Some(value) = self
+            .store
+            .memory_get(&self.tenant, vec![key.clone()])
+            .await?
+            .pop()
+            .flatten()
+        else {
             return Ok(false);
         };
-        let key = keys::item(&self.tenant, id);
+        let Ok(item) = self.parse(id, &value) else {
+            let write = Write {
+                guard: Guard::Present(key.clone()),
+                changes: vec![Change::Delete(key)],
+            };
+            let applied = self.store.memory_write(&self.tenant, vec![write]).await?;
+            return Ok(applied.first().copied().unwrap_or(false));
+        };
         let (rows, terms) = self.index_rows(id, &item);
         let id = *id;
         let mut changes = vec![Change::Delete(key.clone())];
@@ -219,6 +236,13 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             )));
         }
         let terms = query_terms(&query.text).map_err(MemoryError::BadQuery)?;
+        if terms.is_empty() && !query.text.trim().is_empty() {
+            // Not "the newest items": the caller asked for something, and it cannot be found.
+            return Err(MemoryError::BadQuery(format!(
+                "the query {:?} has no word the index keeps (two characters or more, at most 64 bytes); leave it empty for the newest items",
+                query.text.chars().take(64).collect::<String>()
+            )));
+        }
         let words = words(&query.text, MAX_QUERY_TERMS);
         let mut recalled = Recalled {
             offered: Vec::new(),
@@ -286,23 +310,31 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             for (id, value) in ids.iter().zip(values) {
                 // A row whose item is gone: forgotten between the scan and the read.
                 let Some(value) = value else { continue };
-                let item = self.parse(id, &value)?;
-                if filter
-                    && (query.memory_type.is_some_and(|t| t != item.memory_type)
-                        || !holds_all(&item.text, &words))
+                let item = match self.parse(id, &value) {
+                    Ok(item) => item,
+                    Err(error) => {
+                        exclude(&mut recalled, *id, format!("corrupt: {error}"));
+                        continue;
+                    }
+                };
+                // The row's scope is not the item's word: a stale or planted row pointing at
+                // another scope's item offers nothing.
+                if item.scope != query.scope
+                    || query.memory_type.is_some_and(|t| t != item.memory_type)
+                    || (filter && !holds_all(&item.text, &words))
                 {
                     continue;
                 }
-                // Checked for every item offered or excluded (one filtered out is neither).
-                self.verify(id, &item)?;
+                // Checked for every item offered or excluded (one filtered out is neither); a
+                // corrupt one is reported, and the rest of the recall goes on.
+                if let Err(error) = self.verify(id, &item) {
+                    tracing::warn!(tenant = %self.tenant, item = %id, %error, "a memory item is corrupt; not offered");
+                    exclude(&mut recalled, *id, format!("corrupt: {error}"));
+                    continue;
+                }
                 match admit(&item) {
                     Ok(()) => recalled.offered.push((*id, item)),
-                    Err(reason) => {
-                        recalled.excluded_total += 1;
-                        if recalled.excluded.len() < MAX_LISTED_EXCLUSIONS {
-                            recalled.excluded.push(Exclusion { item: *id, reason });
-                        }
-                    }
+                    Err(reason) => exclude(&mut recalled, *id, reason),
                 }
                 if recalled.offered.len() == query.max_items {
                     recalled.stop = Stop::Filled;
@@ -328,5 +360,13 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                 offered => (needed * recalled.examined * 3 / (offered * 2)).clamp(16, PAGE),
             };
         }
+    }
+}
+
+/// Lists an item a recall did not offer, with the reason (counted past the listing's bound).
+fn exclude(recalled: &mut Recalled, item: ItemId, reason: String) {
+    recalled.excluded_total += 1;
+    if recalled.excluded.len() < MAX_LISTED_EXCLUSIONS {
+        recalled.excluded.push(Exclusion { item, reason });
     }
 }

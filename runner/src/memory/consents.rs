@@ -1,12 +1,15 @@
-//! The consent records of a tenant's subjects, kept in the store as one hash chain per subject:
-//! each link holds a record, its position and the hash of the link before it, so a record
-//! removed, reordered or edited no longer links up, and reading a history verifies it. What a
-//! run decided under consent names the head it read (see [`ConsentHistory::head`]), and the
-//! run's own signed record then vouches for the consent history it relied on.
+//! The consent records of a tenant's subjects, kept in the store as one hash chain per subject,
+//! ending at a signed head: each link holds a record, its position and the hash of the link
+//! before it, and the head — the newest position and hash, signed with the tenant's key —
+//! says where the chain ends. Reading a history verifies both: a record edited (even with every
+//! later hash recomputed), removed, reordered, or cut off the end (a revocation dropped) no
+//! longer verifies against the head's signature, which only the key's holder (the gateway, or
+//! the local data directory's key) can make.
 //!
 //! Appends are append-only by construction: a link is written only where no link is yet (the
 //! write's guard), so two writers racing for the same position cannot both land, and the loser
-//! reads the new head and links after it.
+//! links after the winner. A request sent again finds its own record among the newest and is
+//! answered with it instead of appending it twice.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,14 +18,22 @@ use super::{
     backend::{Change, Guard, MemoryBackend, Write},
 };
 use crate::{
-    consent::{ConsentLedger, ConsentRecord, SubjectHandle},
+    consent::{ConsentAction, ConsentLedger, ConsentRecord, SubjectHandle},
+    keys::{KeyPair, PublicKey},
     records::{Hash, StoreError, TenantId, canonical::canonical_bytes_of},
 };
 
-/// The most consent records one subject's history may hold.
+/// The most grants one subject's history may hold (grants and revocations counted together).
 pub const MAX_RECORDS_PER_SUBJECT: u64 = 10_000;
+/// Revocations are accepted this far past [`MAX_RECORDS_PER_SUBJECT`]: a history filled with
+/// grants must still take its subject's revocation.
+pub const REVOCATION_HEADROOM: u64 = 1_000;
 /// Times an append is tried when another writer took its position.
 const APPEND_ATTEMPTS: usize = 8;
+/// The newest links an append looks through for its own request (sent again).
+const RECENT: usize = 16;
+/// Times a history is read before links and head that disagree are reported as corrupt.
+const CONSISTENT_READ_ATTEMPTS: usize = 3;
 /// Subjects listed per scan.
 const LIST_PAGE: usize = 1_000;
 
@@ -33,13 +44,16 @@ const LIST_PAGE: usize = 1_000;
 pub struct ConsentRequest {
     pub subject: SubjectHandle,
     pub purpose: crate::consent::Purpose,
-    pub action: crate::consent::ConsentAction,
+    pub action: ConsentAction,
     #[serde(default)]
     pub categories: std::collections::BTreeSet<crate::personal_data::Category>,
     #[serde(default)]
     pub evidence: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<i64>,
+    /// The client's id for this request, so that sending it again appends nothing twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl ConsentRequest {
@@ -54,6 +68,7 @@ impl ConsentRequest {
             evidence: self.evidence,
             at_ms,
             expires_at_ms: self.expires_at_ms,
+            request_id: self.request_id,
         }
     }
 }
@@ -63,23 +78,32 @@ impl ConsentRequest {
 #[derive(Debug)]
 pub struct RemoteConsents<'s>(pub &'s crate::records::store::remote::RemoteStore);
 
+fn remote(error: impl std::fmt::Display) -> MemoryError {
+    MemoryError::Store(StoreError::Backend(error.to_string()))
+}
+
 impl RemoteConsents<'_> {
     pub async fn append(&self, request: &ConsentRequest) -> Result<ConsentLink, MemoryError> {
         self.0
             .post_json(CONSENT_RECORDS_PATH, request)
             .await
-            .map_err(|e| MemoryError::Store(StoreError::Backend(e.to_string())))
+            .map_err(remote)
     }
 
-    /// The subject's history as the service verified it, verified here again.
-    pub async fn history(&self, subject: &SubjectHandle) -> Result<ConsentHistory, MemoryError> {
-        let links: Vec<ConsentLink> = self
+    /// The subject's history as the service read it, verified here against `key` (the tenant's
+    /// published key).
+    pub async fn history(
+        &self,
+        tenant: &TenantId,
+        subject: &SubjectHandle,
+        key: &PublicKey,
+    ) -> Result<ConsentHistory, MemoryError> {
+        let history: ConsentHistory = self
             .0
             .get_json(&format!("{CONSENT_HISTORY_PATH}?subject={subject}"))
             .await
-            .map_err(|e| MemoryError::Store(StoreError::Backend(e.to_string())))?;
-        let history = ConsentHistory { links };
-        history.verify(subject).map_err(|problem| {
+            .map_err(remote)?;
+        history.verify(tenant, subject, key).map_err(|problem| {
             MemoryError::Store(StoreError::Corrupt {
                 key: format!("consent history of {subject} from the gateway service"),
                 problem,
@@ -92,7 +116,7 @@ impl RemoteConsents<'_> {
         self.0
             .get_json(&format!("{CONSENT_SUBJECTS_PATH}?limit={limit}"))
             .await
-            .map_err(|e| MemoryError::Store(StoreError::Backend(e.to_string())))
+            .map_err(remote)
     }
 }
 
@@ -137,21 +161,53 @@ impl ConsentLink {
     }
 }
 
-/// A subject's verified consent history, oldest first.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Where a subject's chain ends, signed: the newest link's position and hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsentHead {
+    pub seq: u64,
+    pub hash: Hash,
+    /// Id of the key that signed (see [`PublicKey::key_id`]).
+    pub key_id: String,
+    /// Ed25519 signature (hex) of [`ConsentHead::message`].
+    pub signature: String,
+}
+
+impl ConsentHead {
+    /// What the signature covers: tenant, subject, position and hash, so a head cannot be moved
+    /// to another subject, tenant or point in the chain.
+    pub fn message(tenant: &TenantId, subject: &SubjectHandle, seq: u64, hash: &Hash) -> Vec<u8> {
+        format!("contextos-consent-head/v1\n{tenant}\n{subject}\n{seq}\n{hash}").into_bytes()
+    }
+
+    fn sign(tenant: &TenantId, link: &ConsentLink, key: &KeyPair) -> Self {
+        let message = Self::message(tenant, &link.record.subject, link.seq, &link.hash);
+        Self {
+            seq: link.seq,
+            hash: link.hash,
+            key_id: key.key_id(),
+            signature: key.sign_hex(&message),
+        }
+    }
+}
+
+/// A subject's consent history, oldest first, and the head it ends at.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsentHistory {
     pub links: Vec<ConsentLink>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<ConsentHead>,
 }
 
 impl ConsentHistory {
     /// The hash of the newest link: what a decision made under this history names.
-    pub fn head(&self) -> Option<Hash> {
+    pub fn head_hash(&self) -> Option<Hash> {
         self.links.last().map(|link| link.hash)
     }
 
     /// Checks that the links are `subject`'s, each hashes to what it holds, positions run 0, 1,
-    /// 2… and each names the hash of the one before.
-    pub fn verify(&self, subject: &SubjectHandle) -> Result<(), String> {
+    /// 2… with each naming the hash of the one before, and the chain ends exactly at a head
+    /// `key` signed for this tenant and subject.
+    pub fn verify(&self, tenant: &TenantId, subject: &SubjectHandle, key: &PublicKey) -> Result<(), String> {
         let mut prev: Option<Hash> = None;
         for (position, link) in self.links.iter().enumerate() {
             if link.record.subject != *subject {
@@ -174,7 +230,41 @@ impl ConsentHistory {
             }
             prev = Some(link.hash);
         }
-        Ok(())
+        self.verify_tip(tenant, subject, key)
+    }
+
+    /// Checks that the newest link is the one the head names and the head is signed by `key`
+    /// for this tenant and subject (the hashes then vouch for every link before it).
+    fn verify_tip(&self, tenant: &TenantId, subject: &SubjectHandle, key: &PublicKey) -> Result<(), String> {
+        match (&self.head, self.links.last()) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err("the history has no signed head".into()),
+            (Some(head), None) => Err(format!(
+                "the signed head names record {}, and the history holds none: records were removed",
+                head.seq
+            )),
+            (Some(head), Some(last)) => {
+                if (head.seq, head.hash) != (last.seq, last.hash) {
+                    return Err(format!(
+                        "the history ends at record {} and its signed head names record {}: records were removed or rewritten",
+                        last.seq, head.seq
+                    ));
+                }
+                if head.key_id != key.key_id() {
+                    return Err(format!(
+                        "the head is signed by key {}, not the tenant's key {}",
+                        head.key_id,
+                        key.key_id()
+                    ));
+                }
+                let message = ConsentHead::message(tenant, subject, head.seq, &head.hash);
+                if key.verify_hex(&message, &head.signature) {
+                    Ok(())
+                } else {
+                    Err("the head's signature does not verify: the history was rewritten or re-signed".into())
+                }
+            }
+        }
     }
 
     /// What is in force, folded from the records in the order they were appended.
@@ -197,6 +287,17 @@ mod keys {
         key
     }
 
+    /// The position a link key holds.
+    pub fn link_seq(prefix: &[u8], key: &[u8]) -> Option<u64> {
+        let bytes: [u8; 8] = key.get(prefix.len()..)?.try_into().ok()?;
+        Some(u64::MAX - u64::from_be_bytes(bytes))
+    }
+
+    /// `cx/<tenant>/m/h/<subject>`: the chain's signed head.
+    pub fn head(tenant: &TenantId, subject: &SubjectHandle) -> Vec<u8> {
+        format!("cx/{tenant}/m/h/{subject}").into_bytes()
+    }
+
     /// `cx/<tenant>/m/s/<subject>`: the subjects that have a history.
     pub fn subjects_prefix(tenant: &TenantId) -> Vec<u8> {
         format!("cx/{tenant}/m/s/").into_bytes()
@@ -206,6 +307,30 @@ mod keys {
         let mut key = subjects_prefix(tenant);
         key.extend_from_slice(subject.as_str().as_bytes());
         key
+    }
+}
+
+/// Whether `stored` answers the request `wanted` came from: the same request id (or, without
+/// one, the very same record, time included) — `Err` if the id was used for another record.
+fn same_request(stored: &ConsentRecord, wanted: &ConsentRecord) -> Result<bool, String> {
+    let Some(id) = &wanted.request_id else {
+        return Ok(stored == wanted);
+    };
+    if stored.request_id.as_ref() != Some(id) {
+        return Ok(false);
+    }
+    // Sent again, only its time may differ (the gateway dates each attempt).
+    let same = ConsentRecord {
+        at_ms: stored.at_ms,
+        ..wanted.clone()
+    } == *stored;
+    if same {
+        Ok(true)
+    } else {
+        Err(format!(
+            "requestId {id} was used for another consent record (link of {} at {} ms); give each request its own id",
+            stored.subject, stored.at_ms
+        ))
     }
 }
 
@@ -231,55 +356,104 @@ impl<'s, S: MemoryBackend> ConsentBook<'s, S> {
         })
     }
 
-    /// Appends `record` (validated first) to its subject's chain and returns the new link.
-    pub async fn append(&self, record: ConsentRecord) -> Result<ConsentLink, MemoryError> {
+    /// Appends `record` (validated first) to its subject's chain, signs the new head with `key`
+    /// and returns the new link — or the link of the same request appended before.
+    pub async fn append(&self, record: ConsentRecord, key: &KeyPair) -> Result<ConsentLink, MemoryError> {
         record
             .validate()
             .map_err(|e| MemoryError::BadConsent(e.to_string()))?;
         let subject = record.subject.clone();
         for _ in 0..APPEND_ATTEMPTS {
-            let newest = self.newest(&subject).await?;
-            let seq = newest.as_ref().map_or(0, |link| link.seq + 1);
-            if seq >= MAX_RECORDS_PER_SUBJECT {
+            // The chain is extended only from a newest link its signed head vouches for (and so
+            // for every link before it, through the hashes): a forged history is never signed
+            // with the tenant's key by an append on top of it.
+            let recent = self
+                .read_verified(&subject, RECENT, |links, head| {
+                    let tip = ConsentHistory {
+                        links: links.last().cloned().into_iter().collect(),
+                        head: head.clone(),
+                    };
+                    tip.verify_tip(&self.tenant, &subject, &key.public())
+                })
+                .await?;
+            let recent: Vec<ConsentLink> = recent.links.into_iter().rev().collect();
+            for link in &recent {
+                if same_request(&link.record, &record).map_err(MemoryError::BadConsent)? {
+                    return Ok(link.clone());
+                }
+            }
+            let newest = recent.first();
+            let seq = match newest {
+                None => 0,
+                Some(link) => link.seq.checked_add(1).ok_or_else(|| {
+                    self.corrupt(&subject, "the newest link is at the last position there is")
+                })?,
+            };
+            let cap = match record.action {
+                ConsentAction::Grant => MAX_RECORDS_PER_SUBJECT,
+                ConsentAction::Revoke => MAX_RECORDS_PER_SUBJECT + REVOCATION_HEADROOM,
+            };
+            if seq >= cap {
                 return Err(MemoryError::BadConsent(format!(
-                    "subject {subject} has {MAX_RECORDS_PER_SUBJECT} consent records, as many as one subject may have"
+                    "subject {subject} has {seq} consent records, as many as one subject may have{}",
+                    match record.action {
+                        ConsentAction::Grant => "; revocations are still accepted",
+                        ConsentAction::Revoke => "",
+                    }
                 )));
             }
             let link = ConsentLink::new(seq, newest.map(|link| link.hash), record.clone());
+            let head = ConsentHead::sign(&self.tenant, &link, key);
             let key = keys::link(&self.tenant, &subject, seq);
+            // Plain data with string keys: serialization cannot fail.
             let write = Write {
                 guard: Guard::Absent(key.clone()),
                 changes: vec![
-                    // Plain data with string keys: serialization cannot fail.
                     Change::Put(key, serde_json::to_vec(&link).unwrap_or_default()),
+                    Change::Put(
+                        keys::head(&self.tenant, &subject),
+                        serde_json::to_vec(&head).unwrap_or_default(),
+                    ),
                     Change::Put(keys::subject(&self.tenant, &subject), b"1".to_vec()),
                 ],
             };
             if self.store.memory_write(&self.tenant, vec![write]).await?.first() == Some(&true) {
                 return Ok(link);
             }
-            // Another writer took this position: link after theirs.
+            // Another writer took this position (or this very request did, its answer lost):
+            // look again.
         }
         Err(MemoryError::Store(StoreError::Backend(format!(
             "consent records of subject {subject} were appended by others {APPEND_ATTEMPTS} times while this one was; try again"
         ))))
     }
 
-    /// The newest link of `subject`'s chain (checked against its own hash).
-    async fn newest(&self, subject: &SubjectHandle) -> Result<Option<ConsentLink>, MemoryError> {
+    /// The newest `count` links of `subject`'s chain, newest first (each checked against its own
+    /// hash and its key).
+    async fn newest(&self, subject: &SubjectHandle, count: usize) -> Result<Vec<ConsentLink>, MemoryError> {
         let prefix = keys::chain_prefix(&self.tenant, subject);
         let end = super::keys::prefix_end(&prefix);
-        let page = self.store.memory_scan(&self.tenant, prefix, end, 1).await?;
-        let Some((_, value)) = page.into_iter().next() else {
-            return Ok(None);
-        };
-        let link = self.decode(subject, &value)?;
-        Ok(Some(link))
+        let page = self
+            .store
+            .memory_scan(&self.tenant, prefix.clone(), end, count)
+            .await?;
+        page.iter()
+            .map(|(key, value)| self.decode(subject, &prefix, key, value))
+            .collect()
     }
 
-    fn decode(&self, subject: &SubjectHandle, value: &[u8]) -> Result<ConsentLink, MemoryError> {
+    fn decode(
+        &self,
+        subject: &SubjectHandle,
+        prefix: &[u8],
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<ConsentLink, MemoryError> {
         let link: ConsentLink =
             serde_json::from_slice(value).map_err(|e| self.corrupt(subject, e.to_string()))?;
+        if keys::link_seq(prefix, key) != Some(link.seq) {
+            return Err(self.corrupt(subject, format!("link {} is kept at another position", link.seq)));
+        }
         if ConsentLink::hash_of(link.seq, link.prev.as_ref(), &link.record) != link.hash {
             return Err(self.corrupt(
                 subject,
@@ -292,24 +466,63 @@ impl<'s, S: MemoryBackend> ConsentBook<'s, S> {
         Ok(link)
     }
 
-    /// `subject`'s whole history, oldest first, verified: every link hashes to what it holds,
-    /// positions run 0, 1, 2… and each names the hash of the one before. Anything else is
-    /// reported as corrupt, never folded into what is in force.
-    pub async fn history(&self, subject: &SubjectHandle) -> Result<ConsentHistory, MemoryError> {
-        let prefix = keys::chain_prefix(&self.tenant, subject);
-        let end = super::keys::prefix_end(&prefix);
-        let limit = usize::try_from(MAX_RECORDS_PER_SUBJECT + 1).unwrap_or(usize::MAX);
-        let pairs = self.store.memory_scan(&self.tenant, prefix, end, limit).await?;
-        let mut links = pairs
-            .iter()
-            .map(|(_, value)| self.decode(subject, value))
-            .collect::<Result<Vec<_>, _>>()?;
-        links.reverse();
-        let history = ConsentHistory { links };
-        history
-            .verify(subject)
-            .map_err(|problem| self.corrupt(subject, problem))?;
-        Ok(history)
+    /// `subject`'s whole history, oldest first, verified against `key` (see
+    /// [`ConsentHistory::verify`]). Anything else is reported as corrupt, never folded into
+    /// what is in force.
+    pub async fn history(
+        &self,
+        subject: &SubjectHandle,
+        key: &PublicKey,
+    ) -> Result<ConsentHistory, MemoryError> {
+        let limit = usize::try_from(MAX_RECORDS_PER_SUBJECT + REVOCATION_HEADROOM + 1).unwrap_or(usize::MAX);
+        self.read_verified(subject, limit, |links, head| {
+            let history = ConsentHistory {
+                links: links.to_vec(),
+                head: head.clone(),
+            };
+            history.verify(&self.tenant, subject, key)
+        })
+        .await
+    }
+
+    /// The newest `count` links (oldest first) and the head, once `check` passes on them. The
+    /// links and the head are two reads: an append landing between them makes them disagree
+    /// for a moment, so a disagreement is read again before it is reported as corrupt.
+    async fn read_verified(
+        &self,
+        subject: &SubjectHandle,
+        count: usize,
+        check: impl Fn(&[ConsentLink], &Option<ConsentHead>) -> Result<(), String>,
+    ) -> Result<ConsentHistory, MemoryError> {
+        let mut problem = String::new();
+        for _ in 0..CONSISTENT_READ_ATTEMPTS {
+            let mut links = self.newest(subject, count).await?;
+            links.reverse();
+            let head = self.head(subject).await?;
+            match check(&links, &head) {
+                Ok(()) => return Ok(ConsentHistory { links, head }),
+                Err(found) => problem = found,
+            }
+        }
+        Err(self.corrupt(subject, problem))
+    }
+
+    /// The signed head of `subject`'s chain, if it has one.
+    async fn head(&self, subject: &SubjectHandle) -> Result<Option<ConsentHead>, MemoryError> {
+        let head_key = keys::head(&self.tenant, subject);
+        match self
+            .store
+            .memory_get(&self.tenant, vec![head_key])
+            .await?
+            .pop()
+            .flatten()
+        {
+            Some(bytes) => Ok(Some(
+                serde_json::from_slice::<ConsentHead>(&bytes)
+                    .map_err(|e| self.corrupt(subject, format!("the signed head: {e}")))?,
+            )),
+            None => Ok(None),
+        }
     }
 
     /// The subjects that have consent records, in order, at most `limit`.
@@ -319,11 +532,11 @@ impl<'s, S: MemoryBackend> ConsentBook<'s, S> {
         let mut start = prefix.clone();
         let mut out = Vec::new();
         while out.len() < limit {
+            let want = LIST_PAGE.min(limit - out.len());
             let page = self
                 .store
-                .memory_scan(&self.tenant, start, end.clone(), LIST_PAGE.min(limit - out.len()))
+                .memory_scan(&self.tenant, start, end.clone(), want)
                 .await?;
-            let full = page.len() == LIST_PAGE.min(limit - out.len());
             for (key, _) in &page {
                 let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
                 let subject = SubjectHandle::new(&name).map_err(|e| {
@@ -335,7 +548,7 @@ impl<'s, S: MemoryBackend> ConsentBook<'s, S> {
                 out.push(subject);
             }
             match page.last() {
-                Some((last, _)) if full => start = super::keys::after(last),
+                Some((last, _)) if page.len() == want => start = super::keys::after(last),
                 _ => break,
             }
         }

@@ -178,6 +178,18 @@ impl MemoryItem {
                 self.text.len()
             ));
         }
+        if self.categories.len() > crate::consent::MAX_CATEGORIES {
+            return invalid(format!(
+                "categories: {} named, more than {}",
+                self.categories.len(),
+                crate::consent::MAX_CATEGORIES
+            ));
+        }
+        // A subject's items are theirs whether or not the classifier found personal data in
+        // them ("prefers calls after 6pm"): they are kept, and offered, under their consent.
+        if self.scope.subject().is_some() && self.purpose.is_none() {
+            return invalid("a subject's item names no purpose its consent is checked against".into());
+        }
         if !self.categories.is_empty() {
             if self.scope.subject().is_none() {
                 return invalid(format!(
@@ -263,18 +275,32 @@ pub fn admit(
     if let Some(expired) = item.expires_at_ms.filter(|e| *e <= now_ms) {
         return Err(format!("it expired at {expired} ms"));
     }
-    if item.categories.is_empty() {
-        return Ok(());
-    }
-    let (Some(subject), Some(kept_for)) = (item.scope.subject(), item.purpose.as_ref()) else {
+    let Some(subject) = item.scope.subject() else {
+        if item.categories.is_empty() {
+            return Ok(());
+        }
         // validate() refuses such items; one in the store is not offered either.
         return Err("it holds personal data outside a subject's scope".into());
+    };
+    let Some(kept_for) = item.purpose.as_ref() else {
+        return Err("it is a subject's and names no purpose".into());
     };
     if purpose != Some(kept_for) {
         return Err(format!(
             "it holds personal data kept for purpose {kept_for}, and the recall is for {}",
             purpose.map_or_else(|| "no purpose".to_owned(), Purpose::to_string)
         ));
+    }
+    if item.categories.is_empty() {
+        // No personal data found, but the subject's all the same: offered while they consent
+        // to anything for the purpose, and not once they have revoked it all.
+        return if consents.in_force(subject, kept_for, now_ms).is_empty() {
+            Err(format!(
+                "no consent of subject {subject} for purpose {kept_for} is in force now"
+            ))
+        } else {
+            Ok(())
+        };
     }
     let missing = consents.uncovered(subject, kept_for, &item.categories, now_ms);
     if missing.is_empty() {

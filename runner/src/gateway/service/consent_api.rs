@@ -69,14 +69,18 @@ where
     ) -> Reply {
         let (tenant, person) = service.permitted_person(&headers, Access::RecordConsent).await?;
         let request: ConsentRequest = serde_json::from_slice(&body).map_err(|e| {
+            // serde's message may quote the body: say only where it went wrong.
+            let problem: String = e.to_string().chars().take(200).collect();
             bad(format!(
-                "the body is not a consent request ({e}); send subject, purpose, action (grant or revoke), \
-                 categories, evidence and optionally expiresAtMs — who you are and when are recorded by the gateway"
+                "the body is not a consent request ({problem}); send subject, purpose, action (grant or revoke), \
+                 categories, evidence and optionally expiresAtMs and requestId — who you are and when are \
+                 recorded by the gateway"
             ))
         })?;
         let record = request.into_record(person.username.clone(), now_ms());
+        let key = service.keys.for_tenant(tenant.as_str());
         let link = ConsentBook::new(&service.store, &tenant)
-            .append(record)
+            .append(record, &key)
             .await
             .map_err(refusal)?;
         // The audit trail of who changed whose consent.
@@ -92,12 +96,13 @@ where
     ) -> Reply {
         let (tenant, person) = service.permitted_person(&headers, Access::ReadConsents).await?;
         let subject = SubjectHandle::new(&q.subject).map_err(|e| bad(e.to_string()))?;
+        let key = service.keys.for_tenant(tenant.as_str()).public();
         let history = ConsentBook::new(&service.store, &tenant)
-            .history(&subject)
+            .history(&subject, &key)
             .await
             .map_err(refusal)?;
         tracing::info!(user = %person.username, namespace = %tenant, %subject, "consent history read");
-        Ok(Json(history.links).into_response())
+        Ok(Json(history).into_response())
     }
 
     pub(super) async fn consent_subjects(

@@ -168,6 +168,9 @@ impl MemoryBackend for ScratchStore {
 
     async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
         check_writes(tenant, &writes)?;
+        // Concurrent writers interleave here as they would on a real store, between what they
+        // read and what they write (nothing else in this store ever waits).
+        tokio::task::yield_now().await;
         let mut memory = self.memory()?;
         let mut applied = Vec::with_capacity(writes.len());
         for write in writes {

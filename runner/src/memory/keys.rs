@@ -94,17 +94,7 @@ pub fn row_item(key: &[u8]) -> Option<ItemId> {
     Some(ItemId(Hash(id)))
 }
 
-/// The smallest key greater than every key starting with `prefix`.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    Vec::new()
-}
+pub use crate::records::store::prefix_end;
 
 /// The first key after `key` (for resuming a scan just past it).
 pub fn after(key: &[u8]) -> Vec<u8> {

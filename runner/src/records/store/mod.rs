@@ -73,6 +73,19 @@ impl std::fmt::Display for TenantId {
     }
 }
 
+/// The smallest key greater than every key starting with `prefix` (the end of a prefix scan in
+/// an ordered key space).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
 /// Checks a run or session id: 1–128 of letters, digits, `-`, `_`, `.` (they appear in keys).
 pub fn validate_id(what: &'static str, id: &str) -> Result<(), StoreError> {
     let valid = !id.is_empty()

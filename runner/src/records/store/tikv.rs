@@ -81,17 +81,7 @@ mod keys {
     pub fn checkpoint(tenant: &str, session: &str) -> Vec<u8> {
         format!("cx/{tenant}/c/{session}").into_bytes()
     }
-    /// The smallest key greater than every key starting with `prefix`.
-    pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-        let mut end = prefix.to_vec();
-        while let Some(last) = end.pop() {
-            if last < 0xff {
-                end.push(last + 1);
-                return end;
-            }
-        }
-        Vec::new()
-    }
+    pub use crate::records::store::prefix_end;
 }
 
 fn range(start: Vec<u8>, end: Vec<u8>) -> BoundRange {

@@ -125,6 +125,16 @@ async fn rig_with_options(
             "token-consent-reader",
             "rita@example.com",
             &[("shop", Access::ReadConsents)],
+        )
+        .with_person(
+            "token-memory-keeper",
+            "mona@example.com",
+            &[("shop", Access::ReadMemory), ("shop", Access::ForgetMemory)],
+        )
+        .with_person(
+            "token-memory-reader",
+            "max@example.com",
+            &[("shop", Access::ReadMemory)],
         );
     let operator = KeyPair::from_seed([11; 32]);
     let keys = TenantKeys::new(&KeyPair::from_seed([12; 32]));
@@ -1067,6 +1077,110 @@ async fn consent_is_recorded_in_the_authenticated_persons_name_and_only_with_per
         RemoteConsents(&reader).subjects(10).await.expect("subjects"),
         [subject]
     );
+}
+
+/// Memory items are listed and forgotten through the gateway only by people the API server lets
+/// do so in that namespace: reading is `get` on memories, forgetting (one item, or a subject's
+/// whole memory) `delete`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_is_listed_and_forgotten_only_with_permission() {
+    use contextos_runner::{
+        consent::{Purpose, SubjectHandle},
+        memory::{ItemScope, MemoryItem, MemoryType, Provenance, bank::MemoryBank, remote::RemoteMemory},
+        records::store::remote::{Credential, RemoteStore},
+    };
+    let rig = rig().await;
+    let person = |token: &str, namespace: &str| {
+        RemoteStore::new(
+            &rig.url,
+            TokenSource::Fixed(token.into()),
+            Credential::Reader {
+                namespace: namespace.into(),
+            },
+            namespace,
+        )
+        .expect("store")
+    };
+    let ana = ItemScope::Subject(SubjectHandle::new("subj:ana").expect("handle"));
+    let item = |scope: &ItemScope, text: &str, at_ms: i64| MemoryItem {
+        scope: scope.clone(),
+        memory_type: MemoryType::Preference,
+        text: text.into(),
+        categories: Default::default(),
+        purpose: Some(Purpose::new("incident-follow-up").expect("purpose")),
+        provenance: Provenance {
+            run_id: "run-1".into(),
+            evidence: Vec::new(),
+            at_ms,
+            context_pack: "sha256:pack".into(),
+            policies: Vec::new(),
+        },
+        expires_at_ms: None,
+    };
+    let items = [
+        item(&ana, "prefers short summaries", 1_000),
+        item(&ana, "prefers calls after six", 2_000),
+    ];
+    MemoryBank::new(&*rig.store, &rig.tenant())
+        .keep_all(&items)
+        .await
+        .expect("keep");
+
+    let reader = person("token-memory-reader", "shop");
+    let listed = RemoteMemory(&reader)
+        .list(&ana, None, "", 10)
+        .await
+        .expect("listed");
+    assert_eq!(
+        listed.iter().map(|l| l.item.text.as_str()).collect::<Vec<_>>(),
+        ["prefers calls after six", "prefers short summaries"]
+    );
+    let refused = RemoteMemory(&reader)
+        .forget(&listed[0].id)
+        .await
+        .expect_err("a reader forgets nothing");
+    assert!(refused.to_string().contains("`delete` on memories"), "{refused}");
+    for (token, namespace) in [
+        ("token-auditor", "shop"),
+        ("token-privacy", "shop"),
+        ("token-memory-keeper", "bank"),
+    ] {
+        let answer = RemoteMemory(&person(token, namespace))
+            .list(&ana, None, "", 10)
+            .await;
+        assert!(answer.is_err(), "{token} listed {namespace}'s memory: {answer:?}");
+    }
+
+    let keeper = person("token-memory-keeper", "shop");
+    assert!(
+        RemoteMemory(&keeper)
+            .forget(&listed[0].id)
+            .await
+            .expect("forgotten")
+    );
+    assert!(
+        !RemoteMemory(&keeper)
+            .forget(&listed[0].id)
+            .await
+            .expect("answered"),
+        "forgotten twice"
+    );
+    assert_eq!(
+        RemoteMemory(&keeper).forget_scope(&ana).await.expect("forgotten"),
+        1
+    );
+    assert!(
+        RemoteMemory(&reader)
+            .list(&ana, None, "", 10)
+            .await
+            .expect("listed")
+            .is_empty()
+    );
+    let bad = RemoteMemory(&reader)
+        .list(&ItemScope::Agent("Not_A_Name".into()), None, "", 10)
+        .await
+        .expect_err("a bad scope");
+    assert!(bad.to_string().contains("Kubernetes object name"), "{bad}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -969,7 +969,70 @@ async fn recall_trusts_items_not_rows<S: MemoryBackend>(store: &S) {
     }
 }
 
+/// A subject's whole memory is forgotten at once, and nothing else: items, index rows and word
+/// counts of that scope go; other scopes' stay.
+async fn a_scope_is_forgotten_whole<S: MemoryBackend>(store: &S) {
+    let t = tenant("forget-scope");
+    let bank = MemoryBank::new(store, &t);
+    let ana = ItemScope::Subject(SubjectHandle::new("subj:ana").expect("handle"));
+    let purpose = Purpose::new("incident-follow-up").expect("purpose");
+    let anas: Vec<MemoryItem> = (0..300)
+        .map(|i| {
+            let mut each = item(
+                ana.clone(),
+                MemoryType::Preference,
+                &format!("prefers summaries number {i}"),
+                1_000 + i,
+            );
+            each.purpose = Some(purpose.clone());
+            each
+        })
+        .collect();
+    for batch in anas.chunks(100) {
+        bank.keep_all(batch).await.expect("keep");
+    }
+    let kept = item(
+        agent("sre-agent"),
+        MemoryType::Fact,
+        "summaries go to the channel",
+        5_000,
+    );
+    bank.keep(&kept).await.expect("keep");
+
+    assert_eq!(bank.forget_scope(&ana).await.expect("forget"), 300);
+    let left = bank
+        .recall(&query(ana.clone(), None, "", 100), everything)
+        .await
+        .expect("recall");
+    assert!(left.offered.is_empty() && left.examined == 0, "{left:?}");
+    let by_word = bank
+        .recall(&query(ana, None, "summaries", 100), everything)
+        .await
+        .expect("recall");
+    assert!(by_word.examined == 0, "the scope's word rows stayed: {by_word:?}");
+    let others = bank
+        .recall(&query(agent("sre-agent"), None, "summaries", 100), everything)
+        .await
+        .expect("recall");
+    assert_eq!(texts(&others), ["summaries go to the channel"]);
+    let raw = store
+        .memory_scan(
+            &t,
+            format!("cx/{t}/m/").into_bytes(),
+            format!("cx/{t}/m0").into_bytes(),
+            10_000,
+        )
+        .await
+        .expect("scan");
+    assert!(
+        raw.iter()
+            .all(|(key, _)| !String::from_utf8_lossy(key).contains("subject:subj:ana")),
+        "rows of the forgotten scope remain"
+    );
+}
+
 async fn suite<S: MemoryBackend>(store: &S) {
+    a_scope_is_forgotten_whole(store).await;
     recall_trusts_items_not_rows(store).await;
     consent_records_are_chained_and_verified(store).await;
     a_changed_consent_history_does_not_verify(store).await;

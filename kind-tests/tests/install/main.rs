@@ -466,7 +466,8 @@ async fn verify_through_the_gateway(
 
 /// The same auditor records a subject's consent through the gateway: refused while they may only
 /// read records, then — once an admin binds `contextos-consent-keeper` — recorded in their own
-/// authenticated name (a `--by` is refused), and shown back as a verified chain.
+/// authenticated name (a `--by` is refused), and shown back as a verified chain; and lists and
+/// forgets the subject's memory once bound to `contextos-memory-keeper`, not before.
 async fn record_consent_through_the_gateway(
     tenant: &TestNamespace,
     audit: &TestNamespace,
@@ -550,6 +551,55 @@ async fn record_consent_through_the_gateway(
             && said(&shown).contains("chain verified: 1 record,"),
         "the consent history does not show the grant in the auditor's name: {}",
         said(&shown)
+    );
+
+    // Recording consent is not reading memory: listing a subject's items takes its own binding.
+    let memory = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(
+            contextos_kind_tests::process_node::workspace_binary("contextos").expect("contextos binary"),
+        );
+        command
+            .arg("memory")
+            .args(args)
+            .args(["--store", store, "--tenant", tenant.name()])
+            .env("CONTEXTOS_TOKEN", token)
+            .kill_on_drop(true);
+        command
+    };
+    let list = ["list", "--scope", "subject:subj:7f3a"];
+    let refused = memory(&list).output().await?;
+    ensure!(
+        !refused.status.success() && said(&refused).contains("`get` on memories"),
+        "the consent keeper listed memory, or was refused without naming the permission: {}",
+        said(&refused)
+    );
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "auditor-memory"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "contextos-memory-keeper"},
+        "subjects": [{"kind": "ServiceAccount", "name": "auditor", "namespace": audit.name()}],
+    }))?;
+    tenant
+        .api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let mut listed = None;
+    for _ in 0..30 {
+        let output = memory(&list).output().await?;
+        if output.status.success() {
+            listed = Some(said(&output));
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let listed = listed.context("the bound auditor could not list memory within 30 s")?;
+    ensure!(listed.contains("no items in scope subject:subj:7f3a"), "{listed}");
+    let forgotten = memory(&["forget", "--scope", "subject:subj:7f3a"])
+        .output()
+        .await?;
+    ensure!(
+        forgotten.status.success() && said(&forgotten).contains("forgotten: 0 items"),
+        "{}",
+        said(&forgotten)
     );
     Ok(())
 }

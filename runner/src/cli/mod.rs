@@ -4,6 +4,7 @@ mod audit;
 mod capability;
 mod consent;
 mod gateway;
+mod memory;
 mod promote;
 mod records;
 mod replay;
@@ -83,6 +84,9 @@ enum Command {
     /// show with what is in force.
     #[command(subcommand)]
     Consent(consent::ConsentCommand),
+    /// Memory items of a tenant: list a scope's, forget one or a whole scope (a subject's).
+    #[command(subcommand)]
+    Memory(memory::MemoryCommand),
 }
 
 impl Cli {
@@ -102,6 +106,7 @@ impl Cli {
             Command::Audit(args) => audit::run(&self.global, args).await,
             Command::Tools(command) => tools::run(command).await,
             Command::Consent(command) => consent::run(&self.global, command).await,
+            Command::Memory(command) => memory::run(&self.global, command).await,
         }
     }
 }

@@ -58,6 +58,10 @@ pub enum Access {
     ReadConsents,
     /// Append a grant or a revocation of consent: `create` on `consents`.
     RecordConsent,
+    /// Read the namespace's memory items: `get` on `memories`.
+    ReadMemory,
+    /// Forget memory items (one, or a whole scope such as a subject's): `delete` on `memories`.
+    ForgetMemory,
 }
 
 impl Access {
@@ -67,6 +71,8 @@ impl Access {
             Self::ReadRecords => (RECORDS_VERB, RECORDS_RESOURCE, Some(RECORDS_SUBRESOURCE)),
             Self::ReadConsents => ("get", CONSENTS_RESOURCE, None),
             Self::RecordConsent => ("create", CONSENTS_RESOURCE, None),
+            Self::ReadMemory => ("get", MEMORIES_RESOURCE, None),
+            Self::ForgetMemory => ("delete", MEMORIES_RESOURCE, None),
         }
     }
 
@@ -78,6 +84,8 @@ impl Access {
             Self::ReadRecords => "contextos-records-reader",
             Self::ReadConsents => "contextos-consent-reader",
             Self::RecordConsent => "contextos-consent-keeper",
+            Self::ReadMemory => "contextos-memory-reader",
+            Self::ForgetMemory => "contextos-memory-keeper",
         };
         format!(
             "`{verb}` on {resource} (group {RECORDS_GROUP}) there, e.g. a RoleBinding to ClusterRole {role}"
@@ -87,6 +95,8 @@ impl Access {
 
 /// The resource whose permissions govern consent records.
 pub const CONSENTS_RESOURCE: &str = "consents";
+/// The resource whose permissions govern memory items.
+pub const MEMORIES_RESOURCE: &str = "memories";
 
 /// Who reads, and whether they may do what they ask in a namespace.
 pub trait ReaderAuthority: Send + Sync {

@@ -3,7 +3,7 @@
 //! a query and that the caller's check admits.
 
 use super::{
-    Exclusion, ItemId, MAX_RECALL_ITEMS, MemoryError, MemoryItem, RecallQuery,
+    Exclusion, ItemId, ItemScope, MAX_RECALL_ITEMS, MemoryError, MemoryItem, RecallQuery,
     backend::{Change, Guard, MemoryBackend, Write, count_of},
     keys,
     terms::{MAX_QUERY_TERMS, TermKey, holds_all, item_terms, query_terms, words},
@@ -193,6 +193,42 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
         };
         let applied = self.store.memory_write(&self.tenant, vec![write]).await?;
         Ok(applied.first().copied().unwrap_or(false))
+    }
+
+    /// Forgets every item of `scope` — a subject's whole memory, when they ask for it — in
+    /// batches, each one transaction; how many were forgotten.
+    pub async fn forget_scope(&self, scope: &ItemScope) -> Result<usize, MemoryError> {
+        let prefix = keys::by_type_prefix(&self.tenant, scope, None);
+        let end = keys::prefix_end(&prefix);
+        let mut forgotten = 0;
+        loop {
+            // Forgotten rows disappear, so each page starts at the front again.
+            let rows = self
+                .store
+                .memory_scan(&self.tenant, prefix.clone(), end.clone(), MAX_KEEP_BATCH)
+                .await?;
+            if rows.is_empty() {
+                return Ok(forgotten);
+            }
+            for (key, _) in &rows {
+                let id = keys::row_item(key).ok_or_else(|| {
+                    MemoryError::Store(StoreError::Corrupt {
+                        key: String::from_utf8_lossy(key).into_owned(),
+                        problem: "an index row without an item id".into(),
+                    })
+                })?;
+                if self.forget(&id).await? {
+                    forgotten += 1;
+                }
+                // The row goes too, whatever the item said its rows were (a changed item names
+                // others; a gone one none), so the scan always moves on.
+                let write = Write {
+                    guard: Guard::Present(key.clone()),
+                    changes: vec![Change::Delete(key.clone())],
+                };
+                self.store.memory_write(&self.tenant, vec![write]).await?;
+            }
+        }
     }
 
     fn corrupt(&self, id: &ItemId, problem: String) -> MemoryError {

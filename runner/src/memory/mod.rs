@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bank;
 pub mod consents;
 mod keys;
+pub mod remote;
 pub mod terms;
 
 use std::{collections::BTreeSet, fmt};
@@ -79,6 +80,31 @@ impl ItemScope {
             }
             _ => Ok(()),
         }
+    }
+}
+
+impl std::str::FromStr for ItemScope {
+    type Err = MemoryError;
+
+    /// `agent:<name>`, `subject:<handle>` or `tenant`, as [`fmt::Display`] writes them.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let scope = match text.split_once(':') {
+            None if text == "tenant" => Self::Tenant,
+            Some(("agent", name)) => Self::Agent(name.to_owned()),
+            Some(("subject", handle)) => Self::Subject(
+                SubjectHandle::new(handle).map_err(|e| MemoryError::BadQuery(format!("scope: {e}")))?,
+            ),
+            _ => {
+                return Err(MemoryError::BadQuery(format!(
+                    "scope {:?}: use agent:<name>, subject:<handle> or tenant",
+                    truncated(text)
+                )));
+            }
+        };
+        scope
+            .validate()
+            .map_err(|e| MemoryError::BadQuery(e.to_string()))?;
+        Ok(scope)
     }
 }
 
@@ -314,5 +340,32 @@ pub fn admit(
                 .collect::<Vec<_>>()
                 .join(", ")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_read_back_what_they_write_and_refuse_anything_else() {
+        for scope in [
+            ItemScope::Tenant,
+            ItemScope::Agent("sre-agent".into()),
+            ItemScope::Subject(SubjectHandle::new("subj:7f3a").expect("handle")),
+        ] {
+            assert_eq!(scope.to_string().parse::<ItemScope>().expect("parses"), scope);
+        }
+        for bad in [
+            "",
+            "agent",
+            "agent:",
+            "agent:Bad_Name",
+            "subject:Ana@x",
+            "team:sre",
+            "tenant:x",
+        ] {
+            assert!(bad.parse::<ItemScope>().is_err(), "{bad:?} parsed");
+        }
     }
 }

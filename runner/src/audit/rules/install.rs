@@ -38,7 +38,7 @@ const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 
 /// The ClusterRoles whose rights ContextOS never aggregates into `view`/`edit`/`admin`
 /// (`manifests/tenant-roles`), each with what it lets its holder do.
-pub const DELIBERATE_ROLES: [(&str, &str); 5] = [
+pub const DELIBERATE_ROLES: [(&str, &str); 7] = [
     (
         "contextos-records-reader",
         "read every decision record of the namespace",
@@ -50,6 +50,14 @@ pub const DELIBERATE_ROLES: [(&str, &str); 5] = [
     (
         "contextos-consent-reader",
         "read the consent histories of the namespace's subjects",
+    ),
+    (
+        "contextos-memory-keeper",
+        "forget the namespace's memory items, a subject's whole memory included",
+    ),
+    (
+        "contextos-memory-reader",
+        "read every memory item of the namespace",
     ),
     ("contextos-promoter", "decide promotions and name approvers"),
     (
@@ -110,7 +118,7 @@ pub(super) const RULES: &[(Rule, Check)] = &[
             id: RuleId("install/deliberate-right-to-everyone"),
             severity: Severity::High,
             title: "a right ContextOS leaves to be granted on purpose is bound for every namespace or to everyone",
-            why: "reading records, recording consent, promoting and delegating are granted per namespace to named people; a ClusterRoleBinding grants them in every namespace, and a group such as system:authenticated to every user or workload",
+            why: "reading records, recording consent, reading or forgetting memory, promoting and delegating are granted per namespace to named people; a ClusterRoleBinding grants them in every namespace, and a group such as system:authenticated to every user or workload",
             fix: "bind the ClusterRole with a RoleBinding in each namespace, to the users, groups or service accounts who need it",
         },
         deliberate_rights_to_everyone,

@@ -11,6 +11,7 @@
 
 mod consent_api;
 mod context_cache;
+mod memory_api;
 mod read_api;
 mod run_api;
 
@@ -48,6 +49,7 @@ use crate::{
     memory::{
         backend::MemoryBackend,
         consents::{CONSENT_HISTORY_PATH, CONSENT_RECORDS_PATH, CONSENT_SUBJECTS_PATH},
+        remote::{MEMORY_ITEM_PREFIX, MEMORY_ITEMS_PATH, MEMORY_SCOPE_PREFIX},
     },
     model::{Model, ModelError},
     read_grant::SignedReadGrant,
@@ -192,6 +194,12 @@ fn person_access(method: &axum::http::Method, path: &str) -> Option<Access> {
         (&Method::GET, path) if path.starts_with("/v1/records/") => Some(Access::ReadRecords),
         (&Method::GET, CONSENT_HISTORY_PATH | CONSENT_SUBJECTS_PATH) => Some(Access::ReadConsents),
         (&Method::POST, CONSENT_RECORDS_PATH) => Some(Access::RecordConsent),
+        (&Method::GET, MEMORY_ITEMS_PATH) => Some(Access::ReadMemory),
+        (&Method::DELETE, path)
+            if path.starts_with(MEMORY_ITEM_PREFIX) || path.starts_with(MEMORY_SCOPE_PREFIX) =>
+        {
+            Some(Access::ForgetMemory)
+        }
         _ => None,
     }
 }
@@ -359,6 +367,15 @@ where
             .route(CONSENT_RECORDS_PATH, post(Self::consent_append))
             .route(CONSENT_HISTORY_PATH, get(Self::consent_history))
             .route(CONSENT_SUBJECTS_PATH, get(Self::consent_subjects))
+            .route(MEMORY_ITEMS_PATH, get(Self::memory_items))
+            .route(
+                "/v1/memory/items/{id}",
+                axum::routing::delete(Self::memory_forget_item),
+            )
+            .route(
+                "/v1/memory/scopes/{scope}",
+                axum::routing::delete(Self::memory_forget_scope),
+            )
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 Self::identified_first,
@@ -391,7 +408,8 @@ where
                     .map(|(tenant, _)| tenant.as_str().to_owned()),
                 None => Err(forbidden(
                     "a person may only GET /v1/records/… (runs, head, chain, checkpoint, blobs), \
-                     GET /v1/consent/history or /v1/consent/subjects, and POST /v1/consent/records",
+                     GET /v1/consent/history or /v1/consent/subjects, POST /v1/consent/records, \
+                     GET /v1/memory/items and DELETE /v1/memory/items/… or /v1/memory/scopes/…",
                 )),
             }
         } else {

@@ -78,6 +78,8 @@ where
                 Access::ReadRecords => "read the records",
                 Access::ReadConsents => "read the consent records",
                 Access::RecordConsent => "record consent",
+                Access::ReadMemory => "read the memory",
+                Access::ForgetMemory => "forget the memory",
             };
             return Err(forbidden(format!(
                 "user {} may not {what} of namespace {namespace}: that needs {}",

@@ -211,6 +211,12 @@ impl RemoteStore {
         Ok((value, head))
     }
 
+    /// DELETEs `path` (under the service root) and reads a JSON answer.
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, RemoteError> {
+        let (answer, _) = self.send(reqwest::Method::DELETE, path, None).await?;
+        serde_json::from_slice(&answer).map_err(|e| RemoteError::Malformed(format!("{path}: {e}")))
+    }
+
     /// GETs `path` (under the service root) and reads a JSON answer.
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, RemoteError> {
         let (answer, _) = self.send(reqwest::Method::GET, path, None).await?;

@@ -1,0 +1,114 @@
+//! The memory API (`/v1/memory/…`): people list a namespace's memory items (`get` on
+//! `memories` in group `contextos.dev` there) and forget one item or a whole scope — a
+//! subject's memory, when they ask for it (`delete` on `memories`), with their own Kubernetes
+//! identity. Listing shows every item of the scope, consented or not: it is how items kept
+//! against someone's wishes are found and forgotten.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+    http::HeaderMap,
+    response::IntoResponse,
+};
+
+use super::*;
+use crate::memory::{
+    ItemId, ItemScope, MAX_RECALL_ITEMS, MemoryError, RecallQuery,
+    bank::MemoryBank,
+    remote::{Forgotten, Listed, parse_type},
+};
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ItemsQuery {
+    scope: String,
+    #[serde(rename = "type")]
+    memory_type: Option<String>,
+    query: Option<String>,
+    max: Option<usize>,
+}
+
+fn refused(error: MemoryError) -> Refusal {
+    match error {
+        MemoryError::Invalid(_) | MemoryError::BadQuery(_) | MemoryError::BadConsent(_) => {
+            bad(error.to_string())
+        }
+        MemoryError::Store(crate::records::StoreError::Refused(message)) => forbidden(message),
+        MemoryError::Store(other) => unavailable(other),
+    }
+}
+
+impl<S, A, T> GatewayService<S, A, T>
+where
+    S: RecordStore + MemoryBackend + 'static,
+    A: Authenticator + ReaderAuthority + 'static,
+    T: TenantView + 'static,
+{
+    pub(super) async fn memory_items(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<ItemsQuery>,
+    ) -> Reply {
+        let (tenant, person) = service.permitted_person(&headers, Access::ReadMemory).await?;
+        let scope: ItemScope = q.scope.parse().map_err(refused)?;
+        let query = RecallQuery {
+            scope,
+            memory_type: q
+                .memory_type
+                .as_deref()
+                .map(parse_type)
+                .transpose()
+                .map_err(refused)?,
+            text: q.query.unwrap_or_default(),
+            max_items: q.max.unwrap_or(20).clamp(1, MAX_RECALL_ITEMS),
+            purpose: None,
+        };
+        let recalled = MemoryBank::new(&service.store, &tenant)
+            .recall(&query, |_| Ok(()))
+            .await
+            .map_err(refused)?;
+        tracing::info!(user = %person.username, namespace = %tenant, scope = %query.scope, "memory listed");
+        let listed: Vec<Listed> = recalled
+            .offered
+            .into_iter()
+            .map(|(id, item)| Listed { id, item })
+            .collect();
+        Ok(Json(listed).into_response())
+    }
+
+    pub(super) async fn memory_forget_item(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Path(id): Path<String>,
+    ) -> Reply {
+        let (tenant, person) = service.permitted_person(&headers, Access::ForgetMemory).await?;
+        let id = crate::records::Hash::parse(&id)
+            .map(ItemId)
+            .ok_or_else(|| bad("an item id is 64 hex digits (sha256:… accepted)"))?;
+        let forgotten = MemoryBank::new(&service.store, &tenant)
+            .forget(&id)
+            .await
+            .map_err(refused)?;
+        tracing::info!(user = %person.username, namespace = %tenant, item = %id, forgotten, "memory item forgotten");
+        Ok(Json(Forgotten {
+            forgotten: usize::from(forgotten),
+        })
+        .into_response())
+    }
+
+    pub(super) async fn memory_forget_scope(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Path(scope): Path<String>,
+    ) -> Reply {
+        let (tenant, person) = service.permitted_person(&headers, Access::ForgetMemory).await?;
+        let scope: ItemScope = scope.parse().map_err(refused)?;
+        let forgotten = MemoryBank::new(&service.store, &tenant)
+            .forget_scope(&scope)
+            .await
+            .map_err(refused)?;
+        tracing::info!(user = %person.username, namespace = %tenant, %scope, forgotten, "memory scope forgotten");
+        Ok(Json(Forgotten { forgotten }).into_response())
+    }
+}

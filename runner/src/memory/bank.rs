@@ -161,42 +161,38 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
     /// (recall skips them).
     pub async fn forget(&self, id: &ItemId) -> Result<bool, MemoryError> {
         let key = keys::item(&self.tenant, id);
-        let Some(value) = self
-            .store
-            .memory_get(&self.tenant, vec![key.clone()])
-            .await?
-            .pop()
-            .flatten()
-        else {
+        let Some(value) = self.store.memory_get(&self.tenant, vec![key]).await?.pop().flatten() else {
             return Ok(false);
         };
-        let Ok(item) = self.parse(id, &value) else {
-            let write = Write {
-                guard: Guard::Present(key.clone()),
-                changes: vec![Change::Delete(key)],
-            };
-            let applied = self.store.memory_write(&self.tenant, vec![write]).await?;
-            return Ok(applied.first().copied().unwrap_or(false));
-        };
-        let (rows, terms) = self.index_rows(id, &item);
-        let id = *id;
-        let mut changes = vec![Change::Delete(key.clone())];
-        changes.extend(rows.into_iter().map(Change::Delete));
-        changes.extend(
-            terms
-                .iter()
-                .map(|term| Change::Count(keys::term_count(&self.tenant, &item.scope, term, &id), -1)),
-        );
-        let write = Write {
-            guard: Guard::Present(key),
-            changes,
-        };
-        let applied = self.store.memory_write(&self.tenant, vec![write]).await?;
+        let applied = self
+            .store
+            .memory_write(&self.tenant, vec![self.forget_write(id, &value)])
+            .await?;
         Ok(applied.first().copied().unwrap_or(false))
     }
 
-    /// Forgets every item of `scope` — a subject's whole memory, when they ask for it — in
-    /// batches, each one transaction; how many were forgotten.
+    /// The write removing the item `id` kept as `value`: the item, the rows its content names
+    /// and its word counts — or, if it no longer reads as an item, the item alone.
+    fn forget_write(&self, id: &ItemId, value: &[u8]) -> Write {
+        let key = keys::item(&self.tenant, id);
+        let mut changes = vec![Change::Delete(key.clone())];
+        if let Ok(item) = self.parse(id, value) {
+            let (rows, terms) = self.index_rows(id, &item);
+            changes.extend(rows.into_iter().map(Change::Delete));
+            changes.extend(
+                terms
+                    .iter()
+                    .map(|term| Change::Count(keys::term_count(&self.tenant, &item.scope, term, id), -1)),
+            );
+        }
+        Write {
+            guard: Guard::Present(key),
+            changes,
+        }
+    }
+
+    /// Forgets every item of `scope` — a subject's whole memory, when they ask for it — a page
+    /// of [`MAX_KEEP_BATCH`] items per transaction; how many were forgotten.
     pub async fn forget_scope(&self, scope: &ItemScope) -> Result<usize, MemoryError> {
         let prefix = keys::by_type_prefix(&self.tenant, scope, None);
         let end = keys::prefix_end(&prefix);
@@ -210,24 +206,35 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             if rows.is_empty() {
                 return Ok(forgotten);
             }
-            for (key, _) in &rows {
-                let id = keys::row_item(key).ok_or_else(|| {
-                    MemoryError::Store(StoreError::Corrupt {
-                        key: String::from_utf8_lossy(key).into_owned(),
-                        problem: "an index row without an item id".into(),
+            let ids = rows
+                .iter()
+                .map(|(key, _)| {
+                    keys::row_item(key).ok_or_else(|| {
+                        MemoryError::Store(StoreError::Corrupt {
+                            key: String::from_utf8_lossy(key).into_owned(),
+                            problem: "an index row without an item id".into(),
+                        })
                     })
-                })?;
-                if self.forget(&id).await? {
-                    forgotten += 1;
-                }
-                // The row goes too, whatever the item said its rows were (a changed item names
-                // others; a gone one none), so the scan always moves on.
-                let write = Write {
-                    guard: Guard::Present(key.clone()),
-                    changes: vec![Change::Delete(key.clone())],
-                };
-                self.store.memory_write(&self.tenant, vec![write]).await?;
-            }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let values = self
+                .store
+                .memory_get(&self.tenant, ids.iter().map(|id| keys::item(&self.tenant, id)).collect())
+                .await?;
+            let mut writes: Vec<Write> = ids
+                .iter()
+                .zip(&values)
+                .filter_map(|(id, value)| value.as_ref().map(|value| self.forget_write(id, value)))
+                .collect();
+            let items = writes.len();
+            // The scanned rows go too, whatever the items said their rows were (a changed item
+            // names others; a gone one none), so the scan always moves on.
+            writes.extend(rows.into_iter().map(|(key, _)| Write {
+                guard: Guard::Present(key.clone()),
+                changes: vec![Change::Delete(key)],
+            }));
+            let applied = self.store.memory_write(&self.tenant, writes).await?;
+            forgotten += applied.iter().take(items).filter(|a| **a).count();
         }
     }
 

@@ -161,7 +161,13 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
     /// (recall skips them).
     pub async fn forget(&self, id: &ItemId) -> Result<bool, MemoryError> {
         let key = keys::item(&self.tenant, id);
-        let Some(value) = self.store.memory_get(&self.tenant, vec![key]).await?.pop().flatten() else {
+        let Some(value) = self
+            .store
+            .memory_get(&self.tenant, vec![key])
+            .await?
+            .pop()
+            .flatten()
+        else {
             return Ok(false);
         };
         let applied = self
@@ -219,7 +225,10 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                 .collect::<Result<Vec<_>, _>>()?;
             let values = self
                 .store
-                .memory_get(&self.tenant, ids.iter().map(|id| keys::item(&self.tenant, id)).collect())
+                .memory_get(
+                    &self.tenant,
+                    ids.iter().map(|id| keys::item(&self.tenant, id)).collect(),
+                )
                 .await?;
             let mut writes: Vec<Write> = ids
                 .iter()

@@ -1783,6 +1783,19 @@ impl contextos_runner::memory::backend::MemoryBackend for LosesAResult {
     ) -> Result<contextos_runner::memory::backend::Pairs, contextos_runner::records::store::StoreError> {
         self.inner.memory_scan(tenant, start, end, limit).await
     }
+    async fn memory_snapshot(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<
+        (Vec<Option<Vec<u8>>>, contextos_runner::memory::backend::Pairs),
+        contextos_runner::records::store::StoreError,
+    > {
+        self.inner.memory_snapshot(tenant, keys, start, end, limit).await
+    }
     async fn memory_write(
         &self,
         tenant: &TenantId,

@@ -14,6 +14,8 @@ use crate::records::{StoreError, TenantId};
 
 /// Keys and values, in key order.
 pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+/// Values of keys asked for (absent: `None`) and the pairs of a range, read together.
+pub type Snapshot = (Vec<Option<Vec<u8>>>, Pairs);
 
 /// One change of a memory write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +71,17 @@ pub trait MemoryBackend: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<Pairs, StoreError>> + Send;
 
+    /// The values of `keys` and at most `limit` pairs of `[start, end)`, read together from one
+    /// snapshot: no write lands between the two (a chain and its head read this way agree).
+    fn memory_snapshot(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+
     /// Applies `writes` in one transaction, in order, each only if its guard holds there (after
     /// the writes before it); for each, whether it was applied.
     fn memory_write(
@@ -95,6 +108,17 @@ impl<B: MemoryBackend> MemoryBackend for std::sync::Arc<B> {
         limit: usize,
     ) -> Result<Pairs, StoreError> {
         (**self).memory_scan(tenant, start, end, limit).await
+    }
+
+    async fn memory_snapshot(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<Snapshot, StoreError> {
+        (**self).memory_snapshot(tenant, keys, start, end, limit).await
     }
 
     async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>, StoreError> {

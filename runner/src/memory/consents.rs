@@ -32,8 +32,6 @@ pub const REVOCATION_HEADROOM: u64 = 1_000;
 const APPEND_ATTEMPTS: usize = 8;
 /// The newest links an append looks through for its own request (sent again).
 const RECENT: usize = 16;
-/// Times a history is read before links and head that disagree are reported as corrupt.
-const CONSISTENT_READ_ATTEMPTS: usize = 3;
 /// Subjects listed per scan.
 const LIST_PAGE: usize = 1_000;
 
@@ -428,20 +426,6 @@ impl<'s, S: MemoryBackend> ConsentBook<'s, S> {
         ))))
     }
 
-    /// The newest `count` links of `subject`'s chain, newest first (each checked against its own
-    /// hash and its key).
-    async fn newest(&self, subject: &SubjectHandle, count: usize) -> Result<Vec<ConsentLink>, MemoryError> {
-        let prefix = keys::chain_prefix(&self.tenant, subject);
-        let end = super::keys::prefix_end(&prefix);
-        let page = self
-            .store
-            .memory_scan(&self.tenant, prefix.clone(), end, count)
-            .await?;
-        page.iter()
-            .map(|(key, value)| self.decode(subject, &prefix, key, value))
-            .collect()
-    }
-
     fn decode(
         &self,
         subject: &SubjectHandle,
@@ -485,44 +469,40 @@ impl<'s, S: MemoryBackend> ConsentBook<'s, S> {
         .await
     }
 
-    /// The newest `count` links (oldest first) and the head, once `check` passes on them. The
-    /// links and the head are two reads: an append landing between them makes them disagree
-    /// for a moment, so a disagreement is read again before it is reported as corrupt.
+    /// The newest `count` links (oldest first) and the head, read from one snapshot, once
+    /// `check` passes on them; what fails it is corrupt.
     async fn read_verified(
         &self,
         subject: &SubjectHandle,
         count: usize,
         check: impl Fn(&[ConsentLink], &Option<ConsentHead>) -> Result<(), String>,
     ) -> Result<ConsentHistory, MemoryError> {
-        let mut problem = String::new();
-        for _ in 0..CONSISTENT_READ_ATTEMPTS {
-            let mut links = self.newest(subject, count).await?;
-            links.reverse();
-            let head = self.head(subject).await?;
-            match check(&links, &head) {
-                Ok(()) => return Ok(ConsentHistory { links, head }),
-                Err(found) => problem = found,
-            }
-        }
-        Err(self.corrupt(subject, problem))
-    }
-
-    /// The signed head of `subject`'s chain, if it has one.
-    async fn head(&self, subject: &SubjectHandle) -> Result<Option<ConsentHead>, MemoryError> {
-        let head_key = keys::head(&self.tenant, subject);
-        match self
+        let prefix = keys::chain_prefix(&self.tenant, subject);
+        let end = super::keys::prefix_end(&prefix);
+        let (mut values, pairs) = self
             .store
-            .memory_get(&self.tenant, vec![head_key])
-            .await?
-            .pop()
-            .flatten()
-        {
-            Some(bytes) => Ok(Some(
+            .memory_snapshot(
+                &self.tenant,
+                vec![keys::head(&self.tenant, subject)],
+                prefix.clone(),
+                end,
+                count,
+            )
+            .await?;
+        let mut links = pairs
+            .iter()
+            .map(|(key, value)| self.decode(subject, &prefix, key, value))
+            .collect::<Result<Vec<_>, _>>()?;
+        links.reverse();
+        let head = match values.pop().flatten() {
+            Some(bytes) => Some(
                 serde_json::from_slice::<ConsentHead>(&bytes)
                     .map_err(|e| self.corrupt(subject, format!("the signed head: {e}")))?,
-            )),
-            None => Ok(None),
-        }
+            ),
+            None => None,
+        };
+        check(&links, &head).map_err(|problem| self.corrupt(subject, problem))?;
+        Ok(ConsentHistory { links, head })
     }
 
     /// The subjects that have consent records, in order, at most `limit`.

@@ -231,6 +231,16 @@ impl crate::memory::backend::MemoryBackend for AnyStore {
     ) -> Result<crate::memory::backend::Pairs> {
         forward_memory!(self, s => s.memory_scan(tenant, start, end, limit))
     }
+    async fn memory_snapshot(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<(Vec<Option<Vec<u8>>>, crate::memory::backend::Pairs)> {
+        forward_memory!(self, s => s.memory_snapshot(tenant, keys, start, end, limit))
+    }
     async fn memory_write(
         &self,
         tenant: &TenantId,

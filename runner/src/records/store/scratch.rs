@@ -166,6 +166,26 @@ impl MemoryBackend for ScratchStore {
             .collect())
     }
 
+    async fn memory_snapshot(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<(Vec<Option<Vec<u8>>>, Pairs)> {
+        keys.iter().try_for_each(|key| check_key(tenant, key))?;
+        check_range(tenant, &start, &end)?;
+        let memory = self.memory()?;
+        let values = keys.iter().map(|key| memory.get(key).cloned()).collect();
+        let pairs = memory
+            .range(start..end)
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok((values, pairs))
+    }
+
     async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
         check_writes(tenant, &writes)?;
         // Concurrent writers interleave here as they would on a real store, between what they

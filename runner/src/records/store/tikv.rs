@@ -421,6 +421,39 @@ impl MemoryBackend for TikvStore {
         Ok(page.map_err(backend)?.map(|kv| (Vec::from(kv.0), kv.1)).collect())
     }
 
+    async fn memory_snapshot(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<(Vec<Option<Vec<u8>>>, Pairs)> {
+        keys.iter().try_for_each(|key| check_key(tenant, key))?;
+        check_range(tenant, &start, &end)?;
+        // One transaction: both reads at its start timestamp.
+        let mut txn = self.begin().await?;
+        let read: Result<_> = async {
+            let mut found: std::collections::HashMap<Vec<u8>, Vec<u8>> = txn
+                .batch_get(keys.clone())
+                .await
+                .map_err(backend)?
+                .map(|kv| (Vec::from(kv.0), kv.1))
+                .collect();
+            let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+            let pairs: Pairs = txn
+                .scan(range(start, end), limit)
+                .await
+                .map_err(backend)?
+                .map(|kv| (Vec::from(kv.0), kv.1))
+                .collect();
+            Ok((keys.iter().map(|key| found.remove(key)).collect(), pairs))
+        }
+        .await;
+        txn.rollback().await.map_err(backend)?;
+        read
+    }
+
     async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
         check_writes(tenant, &writes)?;
         let mut backoff = MEMORY_WRITE_BACKOFF;

@@ -537,6 +537,42 @@ impl MemoryBackend for EmbeddedStore {
         .await
     }
 
+    async fn memory_snapshot(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<(Vec<Option<Vec<u8>>>, Pairs)> {
+        keys.iter().try_for_each(|key| check_key(tenant, key))?;
+        check_range(tenant, &start, &end)?;
+        self.blocking(move |db, _| {
+            let txn = db.begin_read().map_err(backend)?;
+            let memory = txn.open_table(MEMORY).map_err(backend)?;
+            let values = keys
+                .iter()
+                .map(|key| {
+                    Ok(memory
+                        .get(key.as_slice())
+                        .map_err(backend)?
+                        .map(|v| v.value().to_vec()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut pairs = Vec::new();
+            for pair in memory
+                .range(start.as_slice()..end.as_slice())
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (key, value) = pair.map_err(backend)?;
+                pairs.push((key.value().to_vec(), value.value().to_vec()));
+            }
+            Ok((values, pairs))
+        })
+        .await
+    }
+
     async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
         check_writes(tenant, &writes)?;
         self.blocking(move |db, _| {

@@ -212,17 +212,7 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             if rows.is_empty() {
                 return Ok(forgotten);
             }
-            let ids = rows
-                .iter()
-                .map(|(key, _)| {
-                    keys::row_item(key).ok_or_else(|| {
-                        MemoryError::Store(StoreError::Corrupt {
-                            key: String::from_utf8_lossy(key).into_owned(),
-                            problem: "an index row without an item id".into(),
-                        })
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let ids = row_items(&rows)?;
             let values = self
                 .store
                 .memory_get(
@@ -341,17 +331,7 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                 .memory_scan(&self.tenant, start, end.clone(), limit)
                 .await?;
             recalled.examined += rows.len();
-            let ids = rows
-                .iter()
-                .map(|(key, _)| {
-                    keys::row_item(key).ok_or_else(|| {
-                        MemoryError::Store(StoreError::Corrupt {
-                            key: String::from_utf8_lossy(key).into_owned(),
-                            problem: "an index row without an item id".into(),
-                        })
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let ids = row_items(&rows)?;
             let values = self
                 .store
                 .memory_get(
@@ -421,4 +401,18 @@ fn exclude(recalled: &mut Recalled, item: ItemId, reason: String) {
     if recalled.excluded.len() < MAX_LISTED_EXCLUSIONS {
         recalled.excluded.push(Exclusion { item, reason });
     }
+}
+
+/// The items index rows point at (a row without one is corrupt).
+fn row_items(rows: &super::backend::Pairs) -> Result<Vec<ItemId>, MemoryError> {
+    rows.iter()
+        .map(|(key, _)| {
+            keys::row_item(key).ok_or_else(|| {
+                MemoryError::Store(StoreError::Corrupt {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    problem: "an index row without an item id".into(),
+                })
+            })
+        })
+        .collect()
 }

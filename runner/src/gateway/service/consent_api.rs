@@ -37,18 +37,18 @@ pub(super) struct SubjectsQuery {
     limit: Option<usize>,
 }
 
-/// A memory error as the person sees it.
-fn refusal(error: MemoryError) -> Refusal {
+/// A memory or consent error as the person sees it (the consent and memory APIs).
+pub(super) fn refusal(error: MemoryError) -> Refusal {
     match error {
         MemoryError::Invalid(_) | MemoryError::BadQuery(_) | MemoryError::BadConsent(_) => {
             bad(error.to_string())
         }
         MemoryError::Store(StoreError::Corrupt { .. }) => {
-            tracing::error!(%error, "the store holds a corrupt consent history");
+            tracing::error!(%error, "the store holds a corrupt value");
             Refusal(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "corrupt",
-                format!("{error}; the history is not served until it is repaired"),
+                format!("{error}; it is not served until it is repaired"),
             )
         }
         MemoryError::Store(StoreError::Refused(message)) => forbidden(message),

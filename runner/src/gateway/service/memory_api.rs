@@ -15,7 +15,7 @@ use axum::{
 
 use super::*;
 use crate::memory::{
-    ItemId, ItemScope, MAX_RECALL_ITEMS, MemoryError, RecallQuery,
+    ItemId, ItemScope, MAX_RECALL_ITEMS, RecallQuery,
     bank::MemoryBank,
     remote::{Forgotten, Listed, parse_type},
 };
@@ -27,16 +27,6 @@ pub(super) struct ItemsQuery {
     memory_type: Option<String>,
     query: Option<String>,
     max: Option<usize>,
-}
-
-fn refused(error: MemoryError) -> Refusal {
-    match error {
-        MemoryError::Invalid(_) | MemoryError::BadQuery(_) | MemoryError::BadConsent(_) => {
-            bad(error.to_string())
-        }
-        MemoryError::Store(crate::records::StoreError::Refused(message)) => forbidden(message),
-        MemoryError::Store(other) => unavailable(other),
-    }
 }
 
 impl<S, A, T> GatewayService<S, A, T>
@@ -51,7 +41,7 @@ where
         Query(q): Query<ItemsQuery>,
     ) -> Reply {
         let (tenant, person) = service.permitted_person(&headers, Access::ReadMemory).await?;
-        let scope: ItemScope = q.scope.parse().map_err(refused)?;
+        let scope: ItemScope = q.scope.parse().map_err(super::consent_api::refusal)?;
         let query = RecallQuery {
             scope,
             memory_type: q
@@ -59,7 +49,7 @@ where
                 .as_deref()
                 .map(parse_type)
                 .transpose()
-                .map_err(refused)?,
+                .map_err(super::consent_api::refusal)?,
             text: q.query.unwrap_or_default(),
             max_items: q.max.unwrap_or(20).clamp(1, MAX_RECALL_ITEMS),
             purpose: None,
@@ -67,7 +57,7 @@ where
         let recalled = MemoryBank::new(&service.store, &tenant)
             .recall(&query, |_| Ok(()))
             .await
-            .map_err(refused)?;
+            .map_err(super::consent_api::refusal)?;
         tracing::info!(user = %person.username, namespace = %tenant, scope = %query.scope, "memory listed");
         let listed: Vec<Listed> = recalled
             .offered
@@ -89,7 +79,7 @@ where
         let forgotten = MemoryBank::new(&service.store, &tenant)
             .forget(&id)
             .await
-            .map_err(refused)?;
+            .map_err(super::consent_api::refusal)?;
         tracing::info!(user = %person.username, namespace = %tenant, item = %id, forgotten, "memory item forgotten");
         Ok(Json(Forgotten {
             forgotten: usize::from(forgotten),
@@ -103,11 +93,11 @@ where
         Path(scope): Path<String>,
     ) -> Reply {
         let (tenant, person) = service.permitted_person(&headers, Access::ForgetMemory).await?;
-        let scope: ItemScope = scope.parse().map_err(refused)?;
+        let scope: ItemScope = scope.parse().map_err(super::consent_api::refusal)?;
         let forgotten = MemoryBank::new(&service.store, &tenant)
             .forget_scope(&scope)
             .await
-            .map_err(refused)?;
+            .map_err(super::consent_api::refusal)?;
         tracing::info!(user = %person.username, namespace = %tenant, %scope, forgotten, "memory scope forgotten");
         Ok(Json(Forgotten { forgotten }).into_response())
     }

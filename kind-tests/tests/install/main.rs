@@ -385,25 +385,8 @@ async fn verify_through_the_gateway(
     let published: serde_json::Value = serde_json::from_str(&published)?;
     let key = published["publicKey"].as_str().context("publicKey")?.to_owned();
     let store = format!("gateway+http://{local}");
-    let records = |token: &str, args: &[&str], namespace: &str| {
-        let mut command = tokio::process::Command::new(
-            contextos_kind_tests::process_node::workspace_binary("contextos").expect("contextos binary"),
-        );
-        command
-            .arg("records")
-            .args(args)
-            .args(["--store", &store, "--tenant", namespace])
-            .env("CONTEXTOS_TOKEN", token)
-            .kill_on_drop(true);
-        command
-    };
-    let said = |output: &std::process::Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    };
+    let records =
+        |token: &str, args: &[&str], namespace: &str| as_person("records", args, &store, namespace, token);
     let refused = records(&token, &["verify", run_id, "--public-key", &key], tenant.name())
         .output()
         .await?;
@@ -474,25 +457,7 @@ async fn record_consent_through_the_gateway(
     store: &str,
     token: &str,
 ) -> Result<()> {
-    let consent = |args: &[&str]| {
-        let mut command = tokio::process::Command::new(
-            contextos_kind_tests::process_node::workspace_binary("contextos").expect("contextos binary"),
-        );
-        command
-            .arg("consent")
-            .args(args)
-            .args(["--store", store, "--tenant", tenant.name()])
-            .env("CONTEXTOS_TOKEN", token)
-            .kill_on_drop(true);
-        command
-    };
-    let said = |output: &std::process::Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    };
+    let consent = |args: &[&str]| as_person("consent", args, store, tenant.name(), token);
     let grant = [
         "grant",
         "--subject",
@@ -554,18 +519,7 @@ async fn record_consent_through_the_gateway(
     );
 
     // Recording consent is not reading memory: listing a subject's items takes its own binding.
-    let memory = |args: &[&str]| {
-        let mut command = tokio::process::Command::new(
-            contextos_kind_tests::process_node::workspace_binary("contextos").expect("contextos binary"),
-        );
-        command
-            .arg("memory")
-            .args(args)
-            .args(["--store", store, "--tenant", tenant.name()])
-            .env("CONTEXTOS_TOKEN", token)
-            .kill_on_drop(true);
-        command
-    };
+    let memory = |args: &[&str]| as_person("memory", args, store, tenant.name(), token);
     let list = ["list", "--scope", "subject:subj:7f3a"];
     let refused = memory(&list).output().await?;
     ensure!(
@@ -602,6 +556,36 @@ async fn record_consent_through_the_gateway(
         said(&forgotten)
     );
     Ok(())
+}
+
+/// `contextos <command> <args>` through the gateway at `store` for `namespace`, as the person
+/// whose token is `token`.
+fn as_person(
+    command: &str,
+    args: &[&str],
+    store: &str,
+    namespace: &str,
+    token: &str,
+) -> tokio::process::Command {
+    let mut process = tokio::process::Command::new(
+        contextos_kind_tests::process_node::workspace_binary("contextos").expect("contextos binary"),
+    );
+    process
+        .arg(command)
+        .args(args)
+        .args(["--store", store, "--tenant", namespace])
+        .env("CONTEXTOS_TOKEN", token)
+        .kill_on_drop(true);
+    process
+}
+
+/// What a command printed, standard output then standard error.
+fn said(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// The body of `GET path` from `address` (HTTP/1.0, read to the end; bounded at 64 KiB).

@@ -98,9 +98,11 @@ impl AnyStore {
             .filter(|t| !t.trim().is_empty())
             .ok_or_else(|| {
                 StoreError::Backend(format!(
-                    "reading records through the gateway needs your Kubernetes bearer token in \
+                    "using the gateway as a person needs your Kubernetes bearer token in \
                      {READER_TOKEN_ENV} (e.g. `export {READER_TOKEN_ENV}=$(kubectl create token <service-account>)`, \
-                     or your OIDC id-token); you need `get` on sessions/records in namespace {tenant}"
+                     or your OIDC id-token); in namespace {tenant} you then need, in group contextos.dev, \
+                     `get` on sessions/records to read records, `get`/`create` on consents to read/record \
+                     consent, `get`/`delete` on memories to list/forget memory"
                 ))
             })?;
         RemoteStore::new(

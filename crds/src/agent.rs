@@ -7,8 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    Approvers, KeyRef, LocalRef, PromotionSpec, RevisionStatus, RunBudget, SafetyMode, ToolKind, ToolRisk,
-    free_form_object,
+    Approvers, KeyRef, LocalRef, MemoryScope, MemoryType, PromotionSpec, RevisionStatus, RunBudget,
+    SafetyMode, ToolKind, ToolRisk, free_form_object,
 };
 
 /// Desired state of an Agent.
@@ -75,6 +75,44 @@ pub struct AgentSpec {
     /// revision) apply; with neither, changes are promoted directly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promotion: Option<PromotionSpec>,
+    /// What the agent may keep between runs, and what for. Without it the agent keeps nothing,
+    /// and a tool with `adapter.memory` is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<AgentMemory>,
+}
+
+/// An agent's memory policy. A candidate (a `remember` call) becomes an item only if its type
+/// and scope are listed in `keep`; personal data only in a subject's scope, and only while a
+/// consent of that subject for `purpose` covers every category found in it. Everything else is
+/// dropped, and the decision is recorded with its reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentMemory {
+    /// What the memory is kept for, e.g. `support-history` (lowercase letters, digits and `-`).
+    /// Subjects consent per purpose; recall offers a subject's items only for the purpose they
+    /// were kept for.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9][a-z0-9-]*$"))]
+    pub purpose: String,
+    /// The kinds of item the agent may keep, each a type in a scope.
+    #[x_kube(validation = Rule::new("self.all(k, self.exists_one(l, l.type == k.type && l.scope == k.scope))").message("memory.keep lists the same type and scope twice; remove the duplicate"))]
+    #[schemars(length(min = 1, max = 12))]
+    pub keep: Vec<MemoryKeep>,
+    /// Days a kept item is recalled for; after that it is not offered again (none: until it is
+    /// forgotten).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub retain_days: Option<u32>,
+}
+
+/// One kind of item an agent may keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryKeep {
+    /// fact, preference, procedure or episode.
+    #[serde(rename = "type")]
+    pub memory_type: MemoryType,
+    /// agent (this agent's), subject (the Session's subject's) or tenant (every agent's here).
+    pub scope: MemoryScope,
 }
 
 /// Which model API the runner speaks.
@@ -122,6 +160,9 @@ pub struct ModelSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.retry) || self.retry.maxAttempts <= 1 || self.idempotent || self.risk == 'read_only'").message("retry.maxAttempts > 1 is only allowed for idempotent or read_only tools: set idempotent: true or retry.maxAttempts: 1"))]
+#[x_kube(validation = Rule::new("!has(self.adapter.memory) || !has(self.inputSchema)").message("a memory tool's arguments are fixed by the gateway: remove inputSchema"))]
+#[x_kube(validation = Rule::new("!has(self.adapter.memory) || self.adapter.memory.operation != 'remember' || self.risk == 'local_write'").message("a remember tool writes the agent's memory: declare risk: local_write"))]
+#[x_kube(validation = Rule::new("!has(self.adapter.memory) || self.adapter.memory.operation != 'recall' || (self.risk == 'read_only' && self.kind == 'recall')").message("a recall tool only reads memory: declare risk: read_only and kind: recall"))]
 pub struct Tool {
     /// Unique name the model uses to call the tool (lowercase letters, digits, `_` and `-`).
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z][a-z0-9_-]*$"))]
@@ -180,7 +221,7 @@ fn default_backoff_millis() -> u32 {
 /// How the gateway reaches a tool. Set exactly one field.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("(has(self.http) ? 1 : 0) + (has(self.mcp) ? 1 : 0) + (has(self.webhook) ? 1 : 0) + (has(self.a2a) ? 1 : 0) == 1").message("set exactly one of adapter.http, adapter.mcp, adapter.webhook or adapter.a2a"))]
+#[x_kube(validation = Rule::new("(has(self.http) ? 1 : 0) + (has(self.mcp) ? 1 : 0) + (has(self.webhook) ? 1 : 0) + (has(self.a2a) ? 1 : 0) + (has(self.memory) ? 1 : 0) == 1").message("set exactly one of adapter.http, adapter.mcp, adapter.webhook, adapter.a2a or adapter.memory"))]
 pub struct ToolAdapter {
     /// A plain HTTP/OpenAPI endpoint; arguments are sent as the JSON body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,6 +235,30 @@ pub struct ToolAdapter {
     /// Another agent reached over the A2A protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub a2a: Option<A2aAdapter>,
+    /// The agent's own memory, kept by the gateway under the Agent's `spec.memory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryAdapter>,
+}
+
+/// A memory tool. Its arguments are fixed by the gateway (set no `inputSchema`):
+/// `remember` takes `{text, type, scope}` and proposes a candidate item (risk `local_write`);
+/// `recall` takes `{query, type, scope, maxItems}` and answers with the items the run may see
+/// (risk `read_only`, kind `recall`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryAdapter {
+    /// remember or recall.
+    pub operation: MemoryOperation,
+}
+
+/// What a memory tool does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryOperation {
+    /// Proposes a memory item (the candidate stage decides whether it is kept).
+    Remember,
+    /// Reads the items this run may see.
+    Recall,
 }
 
 /// HTTP method of an HTTP tool.

@@ -101,6 +101,30 @@ impl ToolKind {
     }
 }
 
+/// What a memory item is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryType {
+    /// Something true about the world ("the payments service runs in eu-west-1").
+    Fact,
+    /// How someone likes things done ("prefers summaries in German").
+    Preference,
+    /// How to do something ("restart the worker before clearing the queue").
+    Procedure,
+    /// What happened in a run ("the 3 May outage was a full disk").
+    Episode,
+}
+
+/// Whose memory an item is: one agent's, one subject's (a person's, under their consent), or
+/// every agent's of the tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryScope {
+    Agent,
+    Subject,
+    Tenant,
+}
+
 /// How much autonomy a run has. Ordered from most to least restrictive; a Session may only move
 /// towards `read_only`.
 #[derive(

@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{KeyRef, PromotionSpec, RevisionStatus};
+use crate::common::{KeyRef, MemoryScope, MemoryType, PromotionSpec, RevisionStatus};
 
 /// Desired state of a ContextPack.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -73,10 +73,10 @@ pub enum SourceKind {
     Evidence,
 }
 
-/// One knowledge source. Set exactly one of `inline` or `configMapRef`.
+/// One knowledge source. Set exactly one of `inline`, `configMapRef` or `memory`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.inline) != has(self.configMapRef)").message("set exactly one of sources[].inline or sources[].configMapRef"))]
+#[x_kube(validation = Rule::new("(has(self.inline) ? 1 : 0) + (has(self.configMapRef) ? 1 : 0) + (has(self.memory) ? 1 : 0) == 1").message("set exactly one of sources[].inline, sources[].configMapRef or sources[].memory"))]
 pub struct ContextSource {
     /// Unique name, recorded when the source is cut or included.
     #[schemars(
@@ -105,6 +105,35 @@ pub struct ContextSource {
     /// A ConfigMap key in the same namespace holding the content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map_ref: Option<KeyRef>,
+    /// Items recalled from memory when the run starts: the newest that match, that the run may
+    /// see now (not expired; a subject's only under their consent in force). Which items were
+    /// offered is recorded, by id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemorySource>,
+}
+
+/// What a memory source recalls.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemorySource {
+    /// agent (the running agent's items), subject (the Session's subject's, for the Agent's
+    /// memory purpose; nothing when the Session names no subject) or tenant.
+    pub scope: MemoryScope,
+    /// Only items of this type: fact, preference, procedure or episode (all when unset).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub memory_type: Option<MemoryType>,
+    /// Words every recalled item contains (none: the newest items).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub query: Option<String>,
+    /// Items offered at most (newest first).
+    #[serde(default = "default_max_items")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_items: u32,
+}
+
+fn default_max_items() -> u32 {
+    20
 }
 
 fn default_priority() -> u32 {

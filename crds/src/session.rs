@@ -39,7 +39,7 @@ use crate::common::{Approvers, BudgetOverride, LocalRef, SafetyMode, ToolRisk, f
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.agentRef == oldSelf.agentRef && self.input == oldSelf.input && has(self.user) == has(oldSelf.user) && (!has(self.user) || self.user == oldSelf.user) && has(self.overrides) == has(oldSelf.overrides) && (!has(self.overrides) || self.overrides == oldSelf.overrides)").message("a Session's spec cannot change after creation (only spec.approvals, spec.resolutions and spec.cancel may); create a new Session instead").reason(Reason::FieldValueForbidden),
+    validation = Rule::new("self.agentRef == oldSelf.agentRef && self.input == oldSelf.input && has(self.user) == has(oldSelf.user) && (!has(self.user) || self.user == oldSelf.user) && has(self.subject) == has(oldSelf.subject) && (!has(self.subject) || self.subject == oldSelf.subject) && has(self.overrides) == has(oldSelf.overrides) && (!has(self.overrides) || self.overrides == oldSelf.overrides)").message("a Session's spec cannot change after creation (only spec.approvals, spec.resolutions and spec.cancel may); create a new Session instead").reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(oldSelf.approvals) || (has(self.approvals) && oldSelf.approvals.all(a, a in self.approvals))").message("spec.approvals is append-only: a recorded approval cannot be changed or removed").reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(oldSelf.resolutions) || (has(self.resolutions) && oldSelf.resolutions.all(r, r in self.resolutions))").message("spec.resolutions is append-only: a recorded resolution cannot be changed or removed").reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)").message("spec.cancel cannot be unset once a Session is cancelled").reason(Reason::FieldValueForbidden)
@@ -52,6 +52,11 @@ pub struct SessionSpec {
     /// The user on whose behalf the agent acts (carried in the signed RunContext).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<UserDelegation>,
+    /// The person this Session is about, by pseudonymous handle (never a name or an e-mail):
+    /// the subject whose memory it may recall and keep, under that subject's consent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[a-z0-9][a-z0-9._:-]*$"))]
+    pub subject: Option<String>,
     /// Tighter limits than the Agent's for this Session only; loosening is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overrides: Option<SessionOverrides>,

@@ -34,6 +34,7 @@ fn main() {
                     name: s.name.clone(),
                     key: "md".into(),
                 }),
+                memory: None,
             })
             .collect(),
         token_budget: 8192,

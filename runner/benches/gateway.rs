@@ -85,6 +85,7 @@ fn envelope(key: &KeyPair, i: usize) -> CallEnvelope {
         expires_at_ms: now + 3_600_000,
         pod: None,
         bundle_digest: None,
+        subject: None,
     };
     CallEnvelope {
         call_id: format!("c{i}"),

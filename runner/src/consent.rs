@@ -324,24 +324,7 @@ impl ConsentLedger {
     }
 }
 
-/// What a memory item is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MemoryType {
-    Fact,
-    Preference,
-    Procedure,
-    Episode,
-}
-
-/// Whose memory an item is: one agent's, one subject's (a person's), or the whole tenant's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MemoryScope {
-    Agent,
-    Subject,
-    Tenant,
-}
+pub use contextos_crds::common::{MemoryScope, MemoryType};
 
 /// How items the policy allows become memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -421,7 +404,28 @@ impl MemoryPolicy {
         }
         let categories = found.categories();
         let consented = if categories.is_empty() {
-            "holds no personal data".to_owned()
+            match (scope, &candidate.subject) {
+                // Nothing the detectors know, but about a person all the same ("prefers calls
+                // after 6pm"): kept only while they consent to anything for the purpose — as
+                // recall offers it only then.
+                (MemoryScope::Subject, Some(subject)) => {
+                    if consents.in_force(subject, &self.purpose, now_ms).is_empty() {
+                        let reason = format!(
+                            "is about subject {subject}, who has no consent for purpose {} in force now",
+                            self.purpose
+                        );
+                        return match self.without_consent {
+                            WithoutConsent::Drop => Promotion::Drop { reason },
+                            WithoutConsent::Hold => Promotion::Hold { reason },
+                        };
+                    }
+                    format!(
+                        "holds no personal data the detectors know, and subject {subject} consents for purpose {}",
+                        self.purpose
+                    )
+                }
+                _ => "holds no personal data".to_owned(),
+            }
         } else {
             // Personal data is kept only as one subject's, under that subject's consent: in an
             // agent's or the tenant's memory it could be anyone's (a third party named in a
@@ -702,6 +706,33 @@ mod tests {
                 &none,
                 "drop",
                 "names no subject",
+            ),
+            (
+                "about a subject, nothing detected, no consent",
+                &auto,
+                fact(Some(subject())),
+                &plain,
+                &none,
+                "drop",
+                "has no consent for purpose incident-follow-up in force",
+            ),
+            (
+                "about a subject, nothing detected, after revoking everything",
+                &auto,
+                fact(Some(subject())),
+                &plain,
+                &revoked,
+                "drop",
+                "has no consent",
+            ),
+            (
+                "about a subject, nothing detected, some consent",
+                &auto,
+                fact(Some(subject())),
+                &plain,
+                &email_only,
+                "promote",
+                "subject subj:7f3a consents for purpose incident-follow-up",
             ),
             (
                 "review required",

@@ -232,6 +232,9 @@ impl ManifestSet {
         if let Some(problem) = crate::gateway::adapters::unavailable_adapter(&agent_spec.tools) {
             return Err(agent.error("spec.tools", problem));
         }
+        if let Some(problem) = crate::memory::desk::memory_problem(&agent_spec) {
+            return Err(agent.error("spec.memory", problem));
+        }
         if let Some(problem) =
             crate::run::execution::execution_refused(&agent_spec.tools, &sandbox_spec.execution, sandbox_name)
         {

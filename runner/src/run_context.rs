@@ -68,6 +68,10 @@ pub struct RunContext {
     /// gateway governs the run by that bundle and no other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle_digest: Option<String>,
+    /// The person the run is about (the Session's `spec.subject`), by pseudonymous handle: the
+    /// only subject whose memory the run may recall or keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<crate::consent::SubjectHandle>,
 }
 
 /// A RunContext with the signature over its canonical JSON.
@@ -261,6 +265,7 @@ pub(crate) mod tests {
             expires_at_ms: 61_000,
             pod: None,
             bundle_digest: None,
+            subject: None,
         }
     }
 

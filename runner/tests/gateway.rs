@@ -236,6 +236,7 @@ fn run_context(key: &KeyPair, tenant: &str, tools: &[&str], expires_in_ms: i64) 
             expires_at_ms: now + expires_in_ms,
             pod: None,
             bundle_digest: None,
+            subject: None,
         },
         key,
     )

@@ -300,6 +300,9 @@ pub fn check_spec(agent: &str, spec: &AgentSpec) -> Result<(), Invalid> {
     if let Some(problem) = unavailable_adapter(&spec.tools) {
         return Err(Invalid::new(reason::ADAPTER_UNAVAILABLE, problem));
     }
+    if let Some(problem) = contextos_runner::memory::desk::memory_problem(spec) {
+        return Err(Invalid::new(reason::INVALID_SPEC, problem));
+    }
     for (i, tool) in spec.tools.iter().enumerate() {
         CatalogTool::new(tool.clone())
             .map_err(|e| Invalid::new(reason::INVALID_SPEC, format!("spec.tools[{i}].inputSchema: {e}")))?;

@@ -289,6 +289,7 @@ pub fn infer(operation: &Operation) -> Imported {
             mcp: None,
             webhook: None,
             a2a: None,
+            memory: None,
         },
         input_schema: Some(operation.input_schema.clone()),
         timeout_seconds: DEFAULT_TIMEOUT_SECONDS,

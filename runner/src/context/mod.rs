@@ -83,6 +83,8 @@ pub fn compile(
         let content = match (&source.inline, sources.iter().find(|s| s.name == source.name)) {
             (Some(inline), _) => inline.as_str(),
             (None, Some(resolved)) => resolved.content.as_str(),
+            // A memory source is what the run recalled; nothing recalled (yet) is empty.
+            (None, None) if source.memory.is_some() => "",
             (None, None) => return Err(CompileError::Unresolved(source.name.clone())),
         };
         // The section's headings and the seams between sections cost tokens too.
@@ -168,6 +170,7 @@ pub fn certainly_fits(pack: &ContextPackSpec, sources: &[ResolvedSource]) -> boo
         let content = match (&source.inline, sources.iter().find(|s| s.name == source.name)) {
             (Some(inline), _) => inline.as_str(),
             (None, Some(resolved)) => resolved.content.as_str(),
+            (None, None) if source.memory.is_some() => "",
             (None, None) => return false,
         };
         let overhead = bytes(&format!("\n# Reference\n\n## {}\n\n", source.name)).saturating_add(2);

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{CatalogTool, ToolGateway};
 use crate::{
     keys::PublicKey,
+    memory::desk::MemoryDesk,
     policy::{PolicySet, compile_policy},
 };
 
@@ -67,6 +68,9 @@ impl GatewayBundle {
             }
             tools.push(tool);
         }
+        // Consent heads are signed with the key that issues runs here (a local run's own key);
+        // the gateway service says whose they are with `with_consent_key`.
+        let memory = MemoryDesk::new(&self.agent, self.spec.memory.as_ref(), trusted_key)?;
         Ok(ToolGateway::new(
             &self.tenant,
             &self.agent,
@@ -74,7 +78,8 @@ impl GatewayBundle {
             tools,
             PolicySet { policies },
             self.spec.approvers.clone().unwrap_or_default(),
-        ))
+        )
+        .with_memory(memory))
     }
 
     fn secret(&self, tool: &str, key: &KeyRef) -> Result<String, String> {

@@ -101,7 +101,12 @@ pub struct CatalogTool {
 
 impl CatalogTool {
     /// Compiles the tool's input schema; an invalid schema is an error naming the tool.
-    pub fn new(spec: Tool) -> Result<Self, String> {
+    pub fn new(mut spec: Tool) -> Result<Self, String> {
+        if let Some(memory) = spec.adapter.memory {
+            // Its arguments are the gateway's to define, and a retried call keeps nothing twice.
+            spec.input_schema = Some(crate::memory::desk::tool_schema(memory.operation));
+            spec.idempotent = true;
+        }
         let schema =
             match &spec.input_schema {
                 Some(s) => Some(jsonschema::validator_for(s).map_err(|e| {
@@ -163,6 +168,9 @@ pub struct ToolGateway {
     intents: intents::Intents,
     /// Whether other executors (gateway replicas) may be carrying calls of the same run.
     shared: bool,
+    /// The agent's memory rules: its memory tools are carried out here, in the store this
+    /// gateway records to.
+    memory: crate::memory::desk::MemoryDesk,
 }
 
 /// Runs whose verified RunContext is remembered at most (then the memory starts over).
@@ -185,6 +193,10 @@ impl ToolGateway {
         policies: PolicySet,
         agent_approvers: Approvers,
     ) -> Self {
+        // Without memory rules nothing is kept; consent heads are the run issuer's until
+        // [`ToolGateway::with_memory`] says whose they are.
+        let memory = crate::memory::desk::MemoryDesk::new(agent, None, trusted_key)
+            .unwrap_or_else(|_| unreachable!("no memory rules cannot be invalid"));
         Self {
             tenant: tenant.into(),
             agent: agent.into(),
@@ -206,7 +218,25 @@ impl ToolGateway {
             egress: None,
             intents: intents::Intents::default(),
             shared: false,
+            memory,
         }
+    }
+
+    /// Carries out the agent's memory tools under `desk`.
+    pub fn with_memory(mut self, desk: crate::memory::desk::MemoryDesk) -> Self {
+        self.memory = desk;
+        self
+    }
+
+    /// Consent heads of this tenant are signed with `key` (the gateway service: the tenant's).
+    pub fn with_consent_key(mut self, key: PublicKey) -> Self {
+        self.memory = self.memory.with_consent_key(key);
+        self
+    }
+
+    /// The agent's memory rules.
+    pub fn memory(&self) -> &crate::memory::desk::MemoryDesk {
+        &self.memory
     }
 
     /// Other executors (gateway replicas) may carry calls of the runs this gateway serves: a
@@ -811,6 +841,9 @@ impl ToolGateway {
         if self.offline {
             return self.recorded_result(call, recorder);
         }
+        if let Some(memory) = tool.spec.adapter.memory {
+            return self.carry_out_memory(call, memory.operation, recorder).await;
+        }
         let mut attempts = 0;
         let outcome = loop {
             attempts += 1;
@@ -848,6 +881,92 @@ impl ToolGateway {
                     truncated: false,
                 }
             }
+        };
+        recorder.stage(EntryBody::ToolResult(result.clone()));
+        if result.ok
+            && let Ok(mut completed) = self.completed.lock()
+        {
+            completed.insert(call.idempotency_key.clone(), result.clone());
+        }
+        result
+    }
+
+    /// A memory tool's call, carried out in the store the run is recorded to: the candidate
+    /// stage of `remember`, or a `recall`. The decision (or what was offered) is recorded
+    /// beside the result. A store that fails is a failed call the run may try again.
+    async fn carry_out_memory<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        operation: contextos_crds::agent::MemoryOperation,
+        recorder: &mut Recorder<'_, S>,
+    ) -> ToolResultRecord {
+        use contextos_crds::agent::MemoryOperation;
+
+        use crate::memory::desk::MemoryDesk;
+        let run = &call.run_context.context;
+        let now = now_ms();
+        let done = match operation {
+            MemoryOperation::Remember => {
+                let evidence = recorder
+                    .head()
+                    .map(|(seq, hash)| crate::memory::EvidenceHandle { seq, hash });
+                self.memory
+                    .remember(
+                        recorder.store(),
+                        run,
+                        &call.call_id,
+                        evidence,
+                        now,
+                        &call.arguments,
+                    )
+                    .await
+                    .map(|candidate| {
+                        let answer = candidate.answer();
+                        (EntryBody::MemoryCandidate(candidate), answer)
+                    })
+            }
+            MemoryOperation::Recall => match MemoryDesk::recall_ask(&call.arguments) {
+                Ok(ask) => self
+                    .memory
+                    .recall(
+                        recorder.store(),
+                        run,
+                        crate::memory::desk::RecallFor::Call(&call.call_id),
+                        &ask,
+                        now,
+                    )
+                    .await
+                    .map(|recall| {
+                        let answer = serde_json::json!({
+                            "items": recall.content.lines().collect::<Vec<_>>(),
+                            "heldBack": recall.excluded_total,
+                            "note": recall.note,
+                        });
+                        (EntryBody::MemoryRecalled(recall), answer)
+                    }),
+                Err(e) => Err(e),
+            },
+        };
+        let result = match done {
+            Ok((entry, output)) => {
+                recorder.stage(entry);
+                ToolResultRecord {
+                    call_id: call.call_id.clone(),
+                    ok: true,
+                    output,
+                    error: None,
+                    attempts: 1,
+                    truncated: false,
+                }
+            }
+            Err(e) => ToolResultRecord {
+                call_id: call.call_id.clone(),
+                ok: false,
+                output: Value::Null,
+                error: Some(e.to_string()),
+                attempts: 1,
+                truncated: false,
+            },
         };
         recorder.stage(EntryBody::ToolResult(result.clone()));
         if result.ok

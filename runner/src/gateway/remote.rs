@@ -56,6 +56,13 @@ pub struct ModelCall {
     pub tail: RunnerTail,
 }
 
+/// `POST /v1/run/recall`: the memory sources of the run's ContextPack, recalled by the service
+/// and recorded there — once per run; asked again, it answers from the record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecallCall {
+    pub tail: RunnerTail,
+}
+
 /// Where the runner's record stands as it asks: the head it was last told, and its own entries
 /// (context compiled, verdicts, checkpoints) chained on that head, which the service writes
 /// ahead of what it records for the request — one round trip and one durable write for both.
@@ -231,6 +238,17 @@ impl GatewayClient {
                 }
             }
         }
+    }
+
+    /// Recalls the run's ContextPack memory sources through the service, which reads the
+    /// memory and consents and records what it offered.
+    pub async fn recall_with(
+        &self,
+        tail: RunnerTail,
+    ) -> Result<Vec<crate::memory::desk::RecallRecord>, RemoteError> {
+        let answer = self.post_told("/v1/run/recall", &RecallCall { tail }).await;
+        self.remember_head(answer.as_ref().ok().and_then(|(_, head)| *head));
+        answer.map(|(records, _)| records)
     }
 
     /// Asks the agent's model for the turn of `step`, through the service (which holds the model

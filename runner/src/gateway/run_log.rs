@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use super::ToolGateway;
 use crate::{
     keys::KeyPair,
+    memory::desk::RecallRecord,
     model::ModelTurn,
     records::{
         EntryBody, Hash, ReadError, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId, read_run_from,
@@ -25,10 +26,17 @@ pub struct Ledger {
     pub steps: u32,
     pub tokens: u64,
     pub turns: HashMap<u32, ModelTurn>,
+    /// The recalls of the run's ContextPack memory sources, made once when it started.
+    pub recalled: Vec<RecallRecord>,
 }
 
 impl Ledger {
     fn fold(&mut self, entry: &RecordEntry) {
+        if let EntryBody::MemoryRecalled(recall) = &entry.body
+            && recall.source.is_some()
+        {
+            self.recalled.push(recall.clone());
+        }
         if let EntryBody::ModelTurn {
             step,
             response,

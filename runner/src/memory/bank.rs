@@ -8,7 +8,7 @@ use super::{
     keys,
     terms::{MAX_QUERY_TERMS, TermKey, holds_all, item_terms, query_terms, words},
 };
-use crate::records::{StoreError, TenantId};
+use crate::records::{Hash, StoreError, TenantId};
 
 /// The most index rows one recall reads before it stops (and says so): a query whose every
 /// word is common, with most matches refused by the check, still ends quickly.
@@ -89,6 +89,38 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
     pub async fn keep(&self, item: &MemoryItem) -> Result<Kept, MemoryError> {
         let mut kept = self.keep_all(std::slice::from_ref(item)).await?;
         Ok(kept.remove(0))
+    }
+
+    /// Keeps `item` unless the same thing — same scope, type and text — is kept already and
+    /// still recallable at `now_ms`; then answers with that item. A model that learns the same
+    /// fact in every session keeps it once, and a call retried after a crash keeps nothing
+    /// twice. (Forgetting an item forgets that it was known: it may be kept again.)
+    pub async fn keep_new(&self, item: &MemoryItem, now_ms: i64) -> Result<Kept, MemoryError> {
+        item.validate()?;
+        let marker = keys::known(&self.tenant, item);
+        if let Some(kept) = self
+            .store
+            .memory_get(&self.tenant, vec![marker.clone()])
+            .await?
+            .pop()
+            .flatten()
+            && let Some(id) = Hash::parse(&String::from_utf8_lossy(&kept)).map(ItemId)
+            && let Ok(Some(known)) = self.get(&id).await
+            && known.expires_at_ms.is_none_or(|e| e > now_ms)
+        {
+            return Ok(Kept::AlreadyKept(id));
+        }
+        let id = item.id();
+        let mut write = self.keep_write(&id, item);
+        write
+            .changes
+            .push(Change::Put(marker, id.to_string().into_bytes()));
+        let applied = self.store.memory_write(&self.tenant, vec![write]).await?;
+        Ok(if applied.first() == Some(&true) {
+            Kept::New(id)
+        } else {
+            Kept::AlreadyKept(id)
+        })
     }
 
     /// Keeps `items` in one transaction: all of them (with their index rows) or, if any is
@@ -183,6 +215,7 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
         let key = keys::item(&self.tenant, id);
         let mut changes = vec![Change::Delete(key.clone())];
         if let Ok(item) = self.parse(id, value) {
+            changes.push(Change::Delete(keys::known(&self.tenant, &item)));
             let (rows, terms) = self.index_rows(id, &item);
             changes.extend(rows.into_iter().map(Change::Delete));
             changes.extend(

@@ -3,6 +3,7 @@
 //! TiKV), so no scan reaches another tenant.
 //!
 //! - `i/<id>` → the item's JSON;
+//! - `k/<content>` → the id of the item saying that (see [`known`]);
 //! - `x/<scope>/<type or *>/<newest><id>` → index of a scope's items, newest first, by type and
 //!   of all types;
 //! - `w/<scope>/<term><newest><id>` → index of a scope's items by word;
@@ -30,6 +31,24 @@ pub fn tenant_prefix(tenant: &TenantId) -> Vec<u8> {
 pub fn item(tenant: &TenantId, id: &ItemId) -> Vec<u8> {
     let mut key = format!("{}i/", base(tenant)).into_bytes();
     key.extend_from_slice(&id.0.0);
+    key
+}
+
+/// The marker of what an item says (`k/<sha256 of scope, type and text>` → the id of the item
+/// that says it): the same thing learned again is kept once.
+pub fn known(tenant: &TenantId, item: &super::MemoryItem) -> Vec<u8> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    for part in [
+        item.scope.to_string().as_bytes(),
+        type_name(Some(item.memory_type)).as_bytes(),
+        item.text.as_bytes(),
+    ] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    let mut key = format!("{}k/", base(tenant)).into_bytes();
+    key.extend_from_slice(&hasher.finalize());
     key
 }
 

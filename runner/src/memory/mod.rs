@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod bank;
 pub mod consents;
+pub mod desk;
 mod keys;
 pub mod remote;
 pub mod terms;

@@ -220,6 +220,11 @@ pub enum EntryBody {
     /// The gateway service refused a request from this run's pod (e.g. a RunContext it was not
     /// issued, or another run's records): who asked, and why it was refused.
     AccessRefused { caller: String, reason: String },
+    /// Memory recalled for the run (a ContextPack memory source, or a `recall` call): which
+    /// items were offered, which were held back and why, and what the run was given.
+    MemoryRecalled(crate::memory::desk::RecallRecord),
+    /// A `remember` call's candidate and the decision on it, with its reason.
+    MemoryCandidate(crate::memory::desk::CandidateRecord),
     /// The body was larger than the inline threshold and is stored as a blob.
     Blob {
         blob: Hash,
@@ -248,6 +253,8 @@ impl EntryBody {
             Self::Completed { .. } => "completed",
             Self::Failed { .. } => "failed",
             Self::AccessRefused { .. } => "access_refused",
+            Self::MemoryRecalled(_) => "memory_recalled",
+            Self::MemoryCandidate(_) => "memory_candidate",
             Self::Blob { .. } => "blob",
         }
     }

@@ -341,6 +341,11 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         &self.tenant
     }
 
+    /// The store this recorder writes to.
+    pub fn store(&self) -> &'s S {
+        self.store
+    }
+
     /// Seq and hash of the newest stored entry.
     pub fn head(&self) -> Option<(u64, Hash)> {
         self.head

@@ -7,6 +7,14 @@ use super::entry::{EntryBody, RecordEntry};
 /// Longest argument/output excerpt shown on a timeline line.
 const EXCERPT: usize = 160;
 
+fn recalled_for(recall: &crate::memory::desk::RecallRecord) -> String {
+    match (&recall.source, &recall.call_id) {
+        (Some(source), _) => format!("source {source}"),
+        (None, Some(call)) => format!("call {call}"),
+        (None, None) => "the run".into(),
+    }
+}
+
 /// `(actor, what happened)` for one entry.
 pub fn describe(body: &EntryBody) -> (&'static str, String) {
     match body {
@@ -60,6 +68,37 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
                 excerpt(response)
             ),
         ),
+        EntryBody::MemoryRecalled(recall) => (
+            "gateway",
+            match (&recall.scope, &recall.note) {
+                (_, Some(note)) => format!("recalled nothing for {}: {note}", recalled_for(recall)),
+                (scope, None) => format!(
+                    "recalled {} item(s) of {} for {}{}",
+                    recall.offered.len(),
+                    scope.as_ref().map_or_else(String::new, ToString::to_string),
+                    recalled_for(recall),
+                    if recall.excluded_total == 0 {
+                        String::new()
+                    } else {
+                        format!("; held back {} (consent or expiry)", recall.excluded_total)
+                    }
+                ),
+            },
+        ),
+        EntryBody::MemoryCandidate(candidate) => {
+            let (outcome, reason) = match &candidate.decision {
+                crate::consent::Promotion::Promote { reason } => ("kept", reason),
+                crate::consent::Promotion::Hold { reason } => ("held", reason),
+                crate::consent::Promotion::Drop { reason } => ("dropped", reason),
+            };
+            (
+                "gateway",
+                format!(
+                    "memory candidate of call {} {outcome}: {reason}",
+                    candidate.call_id
+                ),
+            )
+        }
         EntryBody::ToolCallRequested(call) => (
             "model",
             format!(

@@ -17,7 +17,7 @@ use crate::{
     gateway::envelope::CallEnvelope,
     model::{Message, ModelTurn, Role, ToolCallRequest},
     records::{EntryBody, RecordEntry, canonical::to_canonical_bytes},
-    run_context::SignedRunContext,
+    run_context::{RunContext, SignedRunContext},
 };
 
 /// A call the run waits on a human for.
@@ -189,6 +189,24 @@ pub(super) struct Recorded {
 }
 
 impl Recorded {
+    /// The RunContext a run started under (its `run_started` entry).
+    pub fn run_context_of(run_id: &str, entries: &[RecordEntry]) -> Result<RunContext, RunError> {
+        let corrupt = |problem: String| RunError::Corrupt {
+            run_id: run_id.to_owned(),
+            problem,
+        };
+        let value = entries
+            .iter()
+            .find_map(|e| match &e.body {
+                EntryBody::RunStarted { run_context, .. } => Some(run_context),
+                _ => None,
+            })
+            .ok_or_else(|| corrupt("it has no run_started entry".into()))?;
+        serde_json::from_value::<SignedRunContext>(value.clone())
+            .map(|signed| signed.context)
+            .map_err(|e| corrupt(format!("its RunContext cannot be read: {e}")))
+    }
+
     /// Reads a run up to the checkpoint at `checkpoint_seq` (and the turn written after it).
     pub fn read(run_id: &str, entries: &[RecordEntry], checkpoint_seq: u64) -> Result<Self, RunError> {
         let corrupt = |problem: String| RunError::Corrupt {

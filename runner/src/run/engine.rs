@@ -20,14 +20,16 @@ use super::{
     bundle::RunBundle,
     checkpoint::{AwaitingApproval, LoopState, PendingCall, Recorded, UnresolvedCall},
     critic::{self, Ending, Judgement, Review, StepResult},
-    issue_run_context, reissue_run_context, request_text,
+    issue_run_context, reissue_run_context, request_text, service_tail,
     state::{Usage, assess},
     validate::{self, CompiledValidator, ValidatorError},
 };
 use crate::{
+    consent::SubjectHandle,
     context::{self, CompileError, CompiledContext},
     gateway::{CallOutcome, GatewayError, ToolGateway, envelope::ApprovalGrant, remote::GatewayClient},
     keys::KeyPair,
+    memory::desk::{RecallAsk, RecallFor, RecallRecord},
     model::{Message, Model, ModelError, ModelRequest, ModelTurn, Role, ToolSpec},
     records::{
         EntryBody, Hash, ReadError, RecordEntry, RecordError, RecordStore, Recorder, RunStart, StoreError,
@@ -129,6 +131,10 @@ pub enum RunError {
     NoRun { tenant: String, session: String },
     #[error("run {run_id}: {problem}")]
     Corrupt { run_id: String, problem: String },
+    #[error("Session {session}: spec.subject: {problem}")]
+    BadSubject { session: String, problem: String },
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
     #[error("call {call_id} is still being carried out by another gateway replica; try again shortly")]
     CallInProgress { call_id: String },
     #[error(
@@ -166,6 +172,9 @@ pub enum Mode {
         approvals: HashMap<String, String>,
         /// Wall time the original run had used at each step.
         wall_ms: HashMap<u32, u64>,
+        /// What the original run recalled for its ContextPack memory sources: a replay is given
+        /// the same memory, never what the store holds now.
+        recalled: Vec<RecallRecord>,
     },
 }
 
@@ -192,6 +201,17 @@ pub struct Harness<'s, S> {
     pub(super) resolutions: Vec<Resolution>,
 }
 
+/// The recalls of a run's ContextPack memory sources on record, in order.
+pub(super) fn recalled_in(entries: &[RecordEntry]) -> Vec<RecallRecord> {
+    entries
+        .iter()
+        .filter_map(|e| match &e.body {
+            EntryBody::MemoryRecalled(recall) if recall.source.is_some() => Some(recall.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 pub(super) type Observer<'o> = &'o mut (dyn FnMut(&Progress<'_>) + Send);
 
 impl<'s, S: RecordStore> Harness<'s, S> {
@@ -204,6 +224,12 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         model: Model,
     ) -> Result<Self, RunError> {
         let tenant = TenantId::new(bundle.tenant.clone())?;
+        if let Some(Err(e)) = bundle.session_spec.subject.as_deref().map(SubjectHandle::new) {
+            return Err(RunError::BadSubject {
+                session: bundle.session.clone(),
+                problem: e.to_string(),
+            });
+        }
         let validators = validate::compile(&bundle.agent, &bundle.agent_spec.validators)?;
         let tools = bundle
             .agent_spec
@@ -212,10 +238,11 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             .map(|t| ToolSpec {
                 name: t.name.clone(),
                 description: t.description.clone(),
-                parameters: t
-                    .input_schema
-                    .clone()
-                    .unwrap_or_else(|| serde_json::json!({"type": "object"})),
+                parameters: match (&t.adapter.memory, &t.input_schema) {
+                    (Some(memory), _) => crate::memory::desk::tool_schema(memory.operation),
+                    (None, Some(schema)) => schema.clone(),
+                    (None, None) => serde_json::json!({"type": "object"}),
+                },
             })
             .collect();
         Ok(Self {
@@ -271,6 +298,18 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         trace_id: &str,
         observe: Observer<'_>,
     ) -> Result<RunReport, RunError> {
+        let recalls = self
+            .bundle
+            .context_pack
+            .spec
+            .sources
+            .iter()
+            .any(|s| s.memory.is_some());
+        if recalls && !self.replay() && self.store.head(&self.tenant, run_id).await?.is_some() {
+            // A start interrupted between its first entry and its context (in a cluster, a pack
+            // with memory sources writes them apart): it continues from what is on record.
+            return self.continue_start(run_id, observe).await;
+        }
         let signed = match &self.issued {
             Some(issued) => issued.clone(),
             None => issue_run_context(&self.bundle, run_id, trace_id, None, &self.key, (self.clock)())
@@ -297,7 +336,20 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             session: &self.bundle.session,
             resumed: false,
         });
-        let compiled = match self.compile() {
+        let recalled = self.recall_sources(&mut recorder, &signed).await?;
+        self.begin_steps(recorder, &signed, &recalled, observe).await
+    }
+
+    /// Compiles the context with what was recalled, records it with the first checkpoint, and
+    /// steps.
+    async fn begin_steps(
+        &self,
+        mut recorder: Recorder<'_, S>,
+        signed: &SignedRunContext,
+        recalled: &[RecallRecord],
+        observe: Observer<'_>,
+    ) -> Result<RunReport, RunError> {
+        let compiled = match self.compile(recalled) {
             Ok(compiled) => compiled,
             Err(e) => {
                 let outcome = RunOutcome::Failed {
@@ -334,7 +386,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         });
         self.drive(
             &mut recorder,
-            &signed,
+            signed,
             &compiled,
             state,
             Decided::default(),
@@ -342,6 +394,94 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             observe,
         )
         .await
+    }
+
+    /// The pack's memory sources for a new run, recalled now — by this process's gateway, or in
+    /// a cluster by the gateway service, which records them — or in a replay, what the original
+    /// run recalled. Locally the recalls are staged, to be written with the compiled context.
+    async fn recall_sources(
+        &self,
+        recorder: &mut Recorder<'_, S>,
+        signed: &SignedRunContext,
+    ) -> Result<Vec<RecallRecord>, RunError> {
+        if let Mode::Replay { recalled, .. } = &self.mode {
+            return Ok(recalled.clone());
+        }
+        let sources: Vec<_> = self
+            .bundle
+            .context_pack
+            .spec
+            .sources
+            .iter()
+            .filter_map(|s| s.memory.as_ref().map(|m| (s.name.as_str(), RecallAsk::from(m))))
+            .collect();
+        if sources.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(remote) = self.remote {
+            let (tail, prepared) = service_tail::tail_of(recorder).await?;
+            let answer = remote.recall_with(tail).await;
+            service_tail::after_answer(recorder, prepared, answer.is_ok(), remote.take_head()).await?;
+            return answer.map_err(RunError::Remote);
+        }
+        let mut recalled = Vec::with_capacity(sources.len());
+        for (name, ask) in sources {
+            let record = self
+                .gateway
+                .memory()
+                .recall(
+                    self.store,
+                    &signed.context,
+                    RecallFor::Source(name),
+                    &ask,
+                    (self.clock)(),
+                )
+                .await?;
+            recorder.stage(EntryBody::MemoryRecalled(record.clone()));
+            recalled.push(record);
+        }
+        Ok(recalled)
+    }
+
+    /// Continues a start that was interrupted after its first entry (no context or checkpoint
+    /// on record yet): recalls what was not recalled, then begins as a start does. A run that
+    /// did get further is resumed instead.
+    async fn continue_start(&self, run_id: &str, observe: Observer<'_>) -> Result<RunReport, RunError> {
+        let entries: Vec<RecordEntry> = read_run(self.store, &self.tenant, run_id)
+            .await?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
+        if entries.iter().any(|e| {
+            matches!(
+                e.body,
+                EntryBody::ContextCompiled { .. } | EntryBody::Checkpoint { .. }
+            )
+        }) {
+            return self.resume(&[], observe).await;
+        }
+        let signed = match &self.issued {
+            Some(issued) => issued.clone(),
+            None => {
+                let recorded = Recorded::run_context_of(run_id, &entries)?;
+                reissue_run_context(&recorded, &self.key, (self.clock)())
+            }
+        };
+        let mut recorder = Recorder::resume(self.store, self.tenant.clone(), self.key.clone(), run_id)
+            .await?
+            .with_clock(self.clock);
+        let recorded = recalled_in(&entries);
+        let recalled = if recorded.is_empty() {
+            self.recall_sources(&mut recorder, &signed).await?
+        } else {
+            recorded
+        };
+        observe(&Progress::Started {
+            run_id,
+            session: &self.bundle.session,
+            resumed: true,
+        });
+        self.begin_steps(recorder, &signed, &recalled, observe).await
     }
 
     /// Resumes the Session's run from its latest checkpoint. `approvals` are the decisions
@@ -374,10 +514,12 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         if let Some(outcome) = recorded.outcome.clone() {
             return Ok(self.report(&mut recorder, outcome, &recorded.state));
         }
-        let compiled = self.compile().map_err(|e| RunError::Corrupt {
-            run_id: run_id.clone(),
-            problem: format!("its pinned context no longer compiles: {e}"),
-        })?;
+        let compiled = self
+            .compile(&recalled_in(&entries))
+            .map_err(|e| RunError::Corrupt {
+                run_id: run_id.clone(),
+                problem: format!("its pinned context no longer compiles: {e}"),
+            })?;
         if compiled.digest != recorded.context_digest {
             return Err(RunError::BundleChanged {
                 run_id,
@@ -427,10 +569,19 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         .await
     }
 
-    fn compile(&self) -> Result<CompiledContext, CompileError> {
+    /// The run's context: the pinned pack, its ConfigMap sources and what its memory sources
+    /// recalled.
+    fn compile(&self, recalled: &[RecallRecord]) -> Result<CompiledContext, CompileError> {
+        let mut sources = self.bundle.resolved_sources();
+        sources.extend(recalled.iter().filter_map(|r| {
+            r.source.as_ref().map(|name| context::ResolvedSource {
+                name: name.clone(),
+                content: r.content.clone(),
+            })
+        }));
         context::compile(
             &self.bundle.context_pack.spec,
-            &self.bundle.resolved_sources(),
+            &sources,
             &request_text(&self.bundle.session_spec),
             &[],
         )

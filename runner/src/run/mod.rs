@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use self::bundle::RunBundle;
 use crate::{
+    consent::SubjectHandle,
     keys::KeyPair,
     run_context::{
         AgentIdentity, OverrideError, RunContext, SignedRunContext, UserDelegation, effective_limits,
@@ -51,6 +52,12 @@ pub fn issue_run_context(
         agent.safety_mode,
         bundle.session_spec.overrides.as_ref(),
     )?;
+    // Checked when the harness is built (RunError::BadSubject); admission checks it in a cluster.
+    let subject = bundle
+        .session_spec
+        .subject
+        .as_deref()
+        .and_then(|s| SubjectHandle::new(s).ok());
     let expires_at_ms = now_ms + i64::from(budget.max_wall_seconds) * 1000 + CONTEXT_GRACE_MS;
     let context = RunContext {
         run_id: run_id.to_owned(),
@@ -67,6 +74,7 @@ pub fn issue_run_context(
         expires_at_ms,
         pod: pod.map(str::to_owned),
         bundle_digest: Some(bundle.content_digest().to_hex()),
+        subject,
     };
     Ok(SignedRunContext::sign(context, key))
 }

@@ -530,7 +530,11 @@ impl RecordedRun {
                 _ => {}
             }
         }
-        Mode::Replay { approvals, wall_ms }
+        Mode::Replay {
+            approvals,
+            wall_ms,
+            recalled: super::engine::recalled_in(entries),
+        }
     }
 }
 

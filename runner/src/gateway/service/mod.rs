@@ -40,7 +40,7 @@ use super::{
     egress::EgressGuard,
     identity::{AuthError, Authenticator, PodIdentity},
     readers::{Access, ReaderAuthority},
-    remote::{CallRequest, HEAD_PENDING, ModelCall},
+    remote::{CallRequest, HEAD_PENDING, ModelCall, RecallCall},
     run_log::RunLog,
     tenancy::{TenantError, TenantView},
 };
@@ -357,6 +357,7 @@ where
             .route("/v1/run/blobs/{hash}", get(Self::get_blob))
             .route("/v1/run/calls", post(Self::call))
             .route("/v1/run/model", post(Self::model))
+            .route("/v1/run/recall", post(Self::recall))
             .route("/v1/records/runs", get(Self::reader_runs))
             .route("/v1/records/head", get(Self::reader_head))
             .route("/v1/records/chain", get(Self::reader_chain))
@@ -723,6 +724,7 @@ where
             .map_err(|e| bad(format!("agent {}: {e}", bundle.agent)))?
             .with_endpoint_overrides(self.endpoint_overrides.clone())
             .with_attesting_key(self.keys.for_tenant(caller.tenant.as_str()))
+            .with_consent_key(self.keys.for_tenant(caller.tenant.as_str()).public())
             .with_egress(self.egress.clone())
             .shared_with_replicas();
         let gateway = match capabilities {

@@ -638,6 +638,92 @@ where
         Ok((approval, resolution))
     }
 
+    pub(super) async fn recall(
+        State(service): State<Arc<Self>>,
+        held: Option<axum::Extension<TenantSlot>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Reply {
+        let caller = service.caller(&headers).await?;
+        let request: RecallCall = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+        let slot = service.slot(&caller).await?;
+        // As for calls: what was offered is recorded even if the runner went away meanwhile.
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let _held = held;
+            service.recall_sources(&caller, &slot, request, answer).await;
+        });
+        answered_by(answered, task).await
+    }
+
+    /// Recalls the run's ContextPack memory sources holding the run's log — under the caller's
+    /// verified RunContext (its agent, its subject) and the pinned pack, whatever the runner
+    /// would like — records what was offered, and answers once that is durable. A run recalls
+    /// once: asked again, the record answers.
+    async fn recall_sources(
+        &self,
+        caller: &Caller,
+        slot: &RunSlot,
+        request: RecallCall,
+        answer: tokio::sync::oneshot::Sender<Reply>,
+    ) {
+        let mut log = slot.log.lock().await;
+        let mut recorder = match self
+            .continue_run(
+                caller,
+                slot,
+                &mut log,
+                "it recalls nothing more",
+                request.tail.told_head(),
+            )
+            .await
+        {
+            Ok(recorder) => recorder,
+            Err(refusal) => {
+                let _ = answer.send(Err(refusal));
+                return;
+            }
+        };
+        if let Err(refusal) = self.take_tail(caller, &log, &mut recorder, &request.tail).await {
+            let _ = answer.send(Err(refusal));
+            return;
+        }
+        let records = if log.ledger.recalled.is_empty() {
+            let desk = slot.gateway.memory();
+            let mut records = Vec::new();
+            for source in &slot.bundle.context_pack.spec.sources {
+                let Some(memory) = &source.memory else {
+                    continue;
+                };
+                let recalled = desk
+                    .recall(
+                        &self.store,
+                        &caller.context.context,
+                        crate::memory::desk::RecallFor::Source(&source.name),
+                        &memory.into(),
+                        now_ms(),
+                    )
+                    .await;
+                match recalled {
+                    Ok(record) => {
+                        recorder.stage(EntryBody::MemoryRecalled(record.clone()));
+                        records.push(record);
+                    }
+                    Err(e) => {
+                        let _ = answer.send(Err(super::consent_api::refusal(e)));
+                        return;
+                    }
+                }
+            }
+            records
+        } else {
+            log.ledger.recalled.clone()
+        };
+        let reply = move |head| with_head(Json(&records).into_response(), head);
+        self.write_and_answer(caller, &mut log, recorder, answer, false, reply)
+            .await;
+    }
+
     pub(super) async fn model(
         State(service): State<Arc<Self>>,
         held: Option<axum::Extension<TenantSlot>>,

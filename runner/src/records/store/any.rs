@@ -187,9 +187,7 @@ macro_rules! forward_memory {
             AnyStore::Embedded($store) => $call.await,
             #[cfg(feature = "tikv")]
             AnyStore::Tikv($store) => $call.await,
-            AnyStore::Gateway(_) => Err(StoreError::Refused(
-                "memory is not served through the gateway service to readers; open the store itself (embedded:<path> or tikv://<pd>)".into(),
-            )),
+            AnyStore::Gateway(_) => Err(super::remote::memory_refused()),
         }
     };
 }

@@ -216,7 +216,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Durable storage of DecisionRecords. Implementations must make `append` atomic (all of a
 /// batch or nothing) and durable when it returns.
-pub trait RecordStore: Send + Sync {
+/// Every record store also keeps memory (see [`crate::memory::backend`]): the gateway that
+/// records a run is the one that keeps and recalls its memory, in the same store.
+pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
     /// Appends a batch if the run's head is still `batch.expected_head`.
     fn append(&self, tenant: &TenantId, batch: AppendBatch) -> impl Future<Output = Result<()>> + Send;
 

@@ -352,6 +352,47 @@ fn q(value: &str) -> String {
         .collect()
 }
 
+/// Memory is never reached through this client as raw keys: a run's memory is kept and
+/// recalled by the gateway service itself, and people use its memory and consent API.
+impl crate::memory::backend::MemoryBackend for RemoteStore {
+    async fn memory_get(&self, _: &TenantId, _: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        Err(memory_refused())
+    }
+    async fn memory_scan(
+        &self,
+        _: &TenantId,
+        _: Vec<u8>,
+        _: Vec<u8>,
+        _: usize,
+    ) -> Result<crate::memory::backend::Pairs, StoreError> {
+        Err(memory_refused())
+    }
+    async fn memory_snapshot(
+        &self,
+        _: &TenantId,
+        _: Vec<Vec<u8>>,
+        _: Vec<u8>,
+        _: Vec<u8>,
+        _: usize,
+    ) -> Result<crate::memory::backend::Snapshot, StoreError> {
+        Err(memory_refused())
+    }
+    async fn memory_write(
+        &self,
+        _: &TenantId,
+        _: Vec<crate::memory::backend::Write>,
+    ) -> Result<Vec<bool>, StoreError> {
+        Err(memory_refused())
+    }
+}
+
+/// Why raw memory access through the gateway service is refused.
+pub fn memory_refused() -> StoreError {
+    StoreError::Refused(
+        "memory is not served as raw keys through the gateway service; use its memory and consent API (contextos memory / consent), or open the store itself (embedded:<path> or tikv://<pd>)".into(),
+    )
+}
+
 impl RecordStore for RemoteStore {
     async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<(), StoreError> {
         self.check_tenant(tenant)?;

@@ -1,0 +1,484 @@
+//! The memory desk: what a run does with memory, in one place for both places a run's effects
+//! are carried out (the gateway service in a cluster, the run's own process locally) — the
+//! candidate stage of a `remember` call and the recall of a ContextPack's memory sources or of a
+//! `recall` call. Every scope is taken from the run's signed RunContext (its agent, its subject),
+//! never from what the model or the runner asks for, and consent is read fresh for every
+//! decision.
+
+use std::{collections::BTreeSet, sync::OnceLock};
+
+use contextos_crds::{
+    agent::{AgentMemory, MemoryOperation},
+    context_pack::MemorySource,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{
+    EvidenceHandle, Exclusion, ItemId, ItemScope, MAX_TEXT, MemoryError, MemoryItem, MemoryScope, MemoryType,
+    Provenance, RecallQuery, admit,
+    backend::MemoryBackend,
+    bank::{Kept, MemoryBank},
+    consents::ConsentBook,
+};
+use crate::{
+    consent::{Candidate, ConsentLedger, MemoryPolicy, Promotion, Purpose, Review, WithoutConsent},
+    keys::PublicKey,
+    personal_data::{Category, Classifier},
+    records::{Hash, TenantId},
+    run_context::RunContext,
+};
+
+/// Milliseconds in a day (`retainDays`).
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// One agent's memory rules, and the key its tenant's consent heads are signed with.
+#[derive(Clone, Debug)]
+pub struct MemoryDesk {
+    policy: Option<MemoryPolicy>,
+    retain_ms: Option<i64>,
+    consent_key: PublicKey,
+}
+
+/// What a recall asks for, before it is bound to a run's scopes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecallAsk {
+    pub scope: MemoryScope,
+    pub memory_type: Option<MemoryType>,
+    pub query: String,
+    pub max_items: usize,
+}
+
+impl From<&MemorySource> for RecallAsk {
+    fn from(source: &MemorySource) -> Self {
+        Self {
+            scope: source.scope,
+            memory_type: source.memory_type,
+            query: source.query.clone().unwrap_or_default(),
+            max_items: source.max_items as usize,
+        }
+    }
+}
+
+/// What a recall is for: a ContextPack memory source (by name) or a `recall` call (by id).
+#[derive(Clone, Copy, Debug)]
+pub enum RecallFor<'a> {
+    Source(&'a str),
+    Call(&'a str),
+}
+
+/// A recall as the run's record keeps it: what was asked, which items were offered (by id) and
+/// which were held back and why, the consent head it was checked against, and the text the run
+/// was given — so a resumed or replayed run compiles the very same context.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecallRecord {
+    /// The ContextPack memory source recalled for (when the run started) …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// … or the `recall` call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
+    /// The scope read; none when nothing could be (see `note`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<ItemScope>,
+    // Not `type`: entries are tagged by their `type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_type: Option<MemoryType>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub query: String,
+    pub offered: Vec<ItemId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<Exclusion>,
+    #[serde(default)]
+    pub excluded_total: usize,
+    /// The subject's consent chain head the recall was checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_head: Option<Hash>,
+    /// Why nothing was read, when nothing could be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// What the run was given.
+    pub content: String,
+}
+
+/// A `remember` call's candidate as the record keeps it: what was proposed (not its text, which
+/// the call's own entry holds), the personal data found in it, the decision and its reason.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CandidateRecord {
+    pub call_id: String,
+    pub memory_type: MemoryType,
+    pub scope: MemoryScope,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub categories: BTreeSet<Category>,
+    pub decision: Promotion,
+    /// The item it became (or had become, for a retried call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<ItemId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_head: Option<Hash>,
+}
+
+impl CandidateRecord {
+    /// What the model is told.
+    pub fn answer(&self) -> Value {
+        let (outcome, reason) = match &self.decision {
+            Promotion::Promote { reason } => ("kept", reason),
+            Promotion::Hold { reason } => ("held", reason),
+            Promotion::Drop { reason } => ("dropped", reason),
+        };
+        json!({ "outcome": outcome, "reason": reason, "item": self.item })
+    }
+}
+
+/// The arguments of a `remember` call.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RememberArgs {
+    text: String,
+    #[serde(rename = "type")]
+    memory_type: MemoryType,
+    scope: MemoryScope,
+}
+
+/// The arguments of a `recall` call.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RecallArgs {
+    #[serde(default)]
+    query: String,
+    #[serde(default, rename = "type")]
+    memory_type: Option<MemoryType>,
+    scope: MemoryScope,
+    #[serde(default = "default_recall_items")]
+    max_items: usize,
+}
+
+fn default_recall_items() -> usize {
+    10
+}
+
+/// The JSON Schema of a memory tool's arguments: what the model is offered and the gateway
+/// checks every call against (an Agent cannot declare its own).
+pub fn tool_schema(operation: MemoryOperation) -> Value {
+    let types = json!(["fact", "preference", "procedure", "episode"]);
+    let scopes = json!(["agent", "subject", "tenant"]);
+    match operation {
+        MemoryOperation::Remember => json!({
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["text", "type", "scope"],
+            "properties": {
+                "text": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
+                         "description": "What to remember, in one or two sentences."},
+                "type": {"enum": types},
+                "scope": {"enum": scopes,
+                          "description": "subject: about the person this session is for; agent: for this agent; tenant: for every agent here."}
+            }
+        }),
+        MemoryOperation::Recall => json!({
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["scope"],
+            "properties": {
+                "query": {"type": "string", "maxLength": 512,
+                          "description": "Words every item must contain; empty for the newest."},
+                "type": {"enum": types},
+                "scope": {"enum": scopes},
+                "maxItems": {"type": "integer", "minimum": 1, "maximum": super::MAX_RECALL_ITEMS}
+            }
+        }),
+    }
+}
+
+/// Why an Agent's memory settings cannot run, naming the field and the fix: a memory tool
+/// needs the Agent's `spec.memory` (without it nothing could be kept or told apart by purpose).
+pub fn memory_problem(spec: &contextos_crds::AgentSpec) -> Option<String> {
+    if let Some(memory) = &spec.memory
+        && let Err(e) = Purpose::new(&memory.purpose)
+    {
+        return Some(format!("spec.memory.purpose: {e}"));
+    }
+    if spec.memory.is_some() {
+        return None;
+    }
+    spec.tools.iter().enumerate().find_map(|(i, tool)| {
+        tool.adapter.memory.map(|_| {
+            format!(
+                "spec.tools[{i}].adapter.memory ({}): the Agent has no spec.memory; add spec.memory with the purpose its memory is kept for and the types and scopes it may keep",
+                tool.name
+            )
+        })
+    })
+}
+
+fn classifier() -> &'static Classifier {
+    static BUILT_IN: OnceLock<Classifier> = OnceLock::new();
+    BUILT_IN.get_or_init(Classifier::built_in)
+}
+
+impl MemoryDesk {
+    /// The desk of agent `agent` with memory rules `spec` (none: it keeps nothing); consent
+    /// heads are verified against `consent_key`.
+    pub fn new(agent: &str, spec: Option<&AgentMemory>, consent_key: PublicKey) -> Result<Self, String> {
+        let policy = spec
+            .map(|spec| {
+                let purpose = Purpose::new(&spec.purpose).map_err(|e| format!("spec.memory.purpose: {e}"))?;
+                Ok::<_, String>(MemoryPolicy {
+                    agent: agent.to_owned(),
+                    purpose,
+                    keeps: spec.keep.iter().map(|k| (k.memory_type, k.scope)).collect(),
+                    review: Review::Auto,
+                    without_consent: WithoutConsent::Drop,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            policy,
+            retain_ms: spec.and_then(|s| s.retain_days).map(|d| i64::from(d) * DAY_MS),
+            consent_key,
+        })
+    }
+
+    /// The same rules, with consent heads verified against `key`.
+    pub fn with_consent_key(mut self, key: PublicKey) -> Self {
+        self.consent_key = key;
+        self
+    }
+
+    fn purpose(&self) -> Option<&Purpose> {
+        self.policy.as_ref().map(|p| &p.purpose)
+    }
+
+    /// The scope `scope` means for `run`: its own agent, its own subject, or its tenant.
+    fn bind(run: &RunContext, scope: MemoryScope) -> Option<ItemScope> {
+        match scope {
+            MemoryScope::Agent => Some(ItemScope::Agent(run.agent.name.clone())),
+            MemoryScope::Subject => run.subject.clone().map(ItemScope::Subject),
+            MemoryScope::Tenant => Some(ItemScope::Tenant),
+        }
+    }
+
+    /// The consents of the scope's subject in force, read now, and their chain's head.
+    async fn consents<S: MemoryBackend>(
+        &self,
+        store: &S,
+        tenant: &TenantId,
+        scope: &ItemScope,
+    ) -> Result<(ConsentLedger, Option<Hash>), MemoryError> {
+        match scope.subject() {
+            Some(subject) => {
+                let history = ConsentBook::new(store, tenant)
+                    .history(subject, &self.consent_key)
+                    .await?;
+                Ok((history.ledger(), history.head_hash()))
+            }
+            None => Ok((ConsentLedger::default(), None)),
+        }
+    }
+
+    /// Recalls for `run` what `ask` names, for `purpose` (a pack source or a call), checked at
+    /// `now_ms`.
+    pub async fn recall<S: MemoryBackend>(
+        &self,
+        store: &S,
+        run: &RunContext,
+        purpose: RecallFor<'_>,
+        ask: &RecallAsk,
+        now_ms: i64,
+    ) -> Result<RecallRecord, MemoryError> {
+        let (source, call_id) = match purpose {
+            RecallFor::Source(name) => (Some(name.to_owned()), None),
+            RecallFor::Call(id) => (None, Some(id.to_owned())),
+        };
+        let mut record = RecallRecord {
+            source,
+            call_id,
+            scope: None,
+            memory_type: ask.memory_type,
+            query: ask.query.clone(),
+            offered: Vec::new(),
+            excluded: Vec::new(),
+            excluded_total: 0,
+            consent_head: None,
+            note: None,
+            content: String::new(),
+        };
+        let Some(scope) = Self::bind(run, ask.scope) else {
+            record.note =
+                Some("the Session names no subject (spec.subject), so no subject's memory is read".into());
+            return Ok(record);
+        };
+        let tenant = TenantId::new(run.tenant_id.clone())?;
+        let (ledger, head) = self.consents(store, &tenant, &scope).await?;
+        let purpose = self.purpose().cloned();
+        let query = RecallQuery {
+            scope: scope.clone(),
+            memory_type: ask.memory_type,
+            text: ask.query.clone(),
+            max_items: ask.max_items,
+            purpose: purpose.clone(),
+        };
+        let recalled = MemoryBank::new(store, &tenant)
+            .recall(&query, |item| admit(item, purpose.as_ref(), &ledger, now_ms))
+            .await?;
+        record.content = render(&recalled.offered);
+        record.offered = recalled.offered.into_iter().map(|(id, _)| id).collect();
+        record.excluded = recalled.excluded;
+        record.excluded_total = recalled.excluded_total;
+        record.consent_head = head;
+        record.scope = Some(scope);
+        Ok(record)
+    }
+
+    /// A `recall` call's arguments as an ask.
+    pub fn recall_ask(arguments: &Value) -> Result<RecallAsk, MemoryError> {
+        let args: RecallArgs = serde_json::from_value(arguments.clone())
+            .map_err(|e| MemoryError::BadQuery(format!("arguments: {e}")))?;
+        Ok(RecallAsk {
+            scope: args.scope,
+            memory_type: args.memory_type,
+            query: args.query,
+            max_items: args.max_items,
+        })
+    }
+
+    /// The candidate stage of `run`'s `remember` call `call_id`: the proposal is classified for
+    /// personal data, decided by the agent's memory policy against the subject's consents in
+    /// force at `at_ms`, and kept if promoted — once: what is kept already (a call retried after
+    /// a crash, a fact learned again) is not kept twice. `evidence` is the record entry the call
+    /// was made after.
+    pub async fn remember<S: MemoryBackend>(
+        &self,
+        store: &S,
+        run: &RunContext,
+        call_id: &str,
+        evidence: Option<EvidenceHandle>,
+        at_ms: i64,
+        arguments: &Value,
+    ) -> Result<CandidateRecord, MemoryError> {
+        let args: RememberArgs = serde_json::from_value(arguments.clone())
+            .map_err(|e| MemoryError::Invalid(format!("arguments: {e}")))?;
+        let Some(policy) = &self.policy else {
+            return Err(MemoryError::Invalid(format!(
+                "agent {} has no spec.memory, so it keeps nothing",
+                run.agent.name
+            )));
+        };
+        let found = classifier()
+            .classify(&args.text)
+            .map_err(|e| MemoryError::Invalid(format!("text: {e}")))?;
+        let scope = Self::bind(run, args.scope);
+        let mut record = CandidateRecord {
+            call_id: call_id.to_owned(),
+            memory_type: args.memory_type,
+            scope: args.scope,
+            categories: found.categories(),
+            decision: Promotion::Drop {
+                reason: String::new(),
+            },
+            item: None,
+            consent_head: None,
+        };
+        let tenant = TenantId::new(run.tenant_id.clone())?;
+        let (ledger, head) = match &scope {
+            Some(scope) => self.consents(store, &tenant, scope).await?,
+            None => (ConsentLedger::default(), None),
+        };
+        record.consent_head = head;
+        let candidate = Candidate {
+            memory_type: args.memory_type,
+            scope: args.scope,
+            subject: run.subject.clone(),
+        };
+        record.decision = policy.decide(&candidate, &found, &ledger, at_ms);
+        let (Promotion::Promote { .. }, Some(scope)) = (&record.decision, scope) else {
+            return Ok(record);
+        };
+        let subject_scoped = scope.subject().is_some();
+        let item = MemoryItem {
+            scope,
+            memory_type: args.memory_type,
+            text: args.text,
+            categories: record.categories.clone(),
+            purpose: subject_scoped.then(|| policy.purpose.clone()),
+            provenance: Provenance {
+                run_id: run.run_id.clone(),
+                evidence: evidence.into_iter().collect(),
+                at_ms,
+                context_pack: run.pinned.context_pack.clone(),
+                policies: run.pinned.policies.clone(),
+            },
+            expires_at_ms: self.retain_ms.map(|r| at_ms.saturating_add(r)),
+        };
+        let kept = MemoryBank::new(store, &tenant).keep_new(&item, at_ms).await?;
+        record.item = Some(match kept {
+            Kept::New(id) | Kept::AlreadyKept(id) => id,
+        });
+        Ok(record)
+    }
+}
+
+/// The text a run is given for recalled items: one line each, newest first.
+pub fn render(items: &[(ItemId, MemoryItem)]) -> String {
+    let mut out = String::new();
+    for (_, item) in items {
+        let kind = super::remote::type_name(item.memory_type);
+        // One item per line: its own line breaks would make it read as several.
+        let text = item.text.split_whitespace().collect::<Vec<_>>().join(" ");
+        out.push_str(&format!("- ({kind}) {text}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{EntryBody, RecordEntry};
+
+    #[test]
+    fn memory_entries_read_back_as_they_were_written() {
+        let item = ItemId(Hash::of(b"item"));
+        let bodies = [
+            EntryBody::MemoryRecalled(RecallRecord {
+                source: Some("customer-memory".into()),
+                call_id: None,
+                scope: Some(ItemScope::Tenant),
+                memory_type: Some(MemoryType::Preference),
+                query: "invoice".into(),
+                offered: vec![item],
+                excluded: vec![Exclusion {
+                    item,
+                    reason: "it expired".into(),
+                }],
+                excluded_total: 1,
+                consent_head: Some(Hash::of(b"head")),
+                note: None,
+                content: "- (preference) short answers\n".into(),
+            }),
+            EntryBody::MemoryCandidate(CandidateRecord {
+                call_id: "2.0".into(),
+                memory_type: MemoryType::Fact,
+                scope: MemoryScope::Subject,
+                categories: [Category::Email].into_iter().collect(),
+                decision: Promotion::Drop {
+                    reason: "no consent".into(),
+                },
+                item: None,
+                consent_head: None,
+            }),
+        ];
+        for body in bodies {
+            let entry = RecordEntry {
+                run_id: "run-1".into(),
+                seq: 3,
+                prev: Some(Hash::of(b"prev")),
+                at_ms: 1,
+                body,
+            };
+            let decoded = RecordEntry::decode(&entry.encode()).expect("decodes");
+            assert_eq!(decoded, entry);
+        }
+    }
+}

@@ -84,7 +84,11 @@ fn remembered_and_recalled_within_consent(cli: &Cli<'_>) {
     let listed = cli.ok(&["memory", "list", "--scope", "subject:cust-7f3a9c"]);
     assert!(!listed.contains("example.com"), "nothing kept: {listed}");
 
-    consent(cli, "grant", &["--categories", "email", "--evidence", "form SUP-88"]);
+    consent(
+        cli,
+        "grant",
+        &["--categories", "email", "--evidence", "form SUP-88"],
+    );
     let (text, first) = cli.session("ticket-4711");
     assert_eq!(text.matches("\"outcome\":\"kept\"").count(), 2, "{text}");
     let record = cli.ok(&["records", "show", &first]);

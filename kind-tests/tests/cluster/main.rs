@@ -9,6 +9,7 @@
 mod cases;
 
 mod admission;
+mod consents;
 mod crds;
 mod hostile_peers;
 mod jobs;

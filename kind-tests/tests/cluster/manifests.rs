@@ -150,6 +150,14 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
         (&["get", "sessions.contextos.dev", "-n", "default"], true),
         (&["patch", "sessions.contextos.dev", "-A"], false),
         (&["create", "pods", "-A"], false),
+        // Consent objects are chained by the gateway, and their status written: nothing more.
+        (&["watch", "consents.contextos.dev", "-A"], true),
+        (
+            &["patch", "consents.contextos.dev", "--subresource=status", "-A"],
+            true,
+        ),
+        (&["patch", "consents.contextos.dev", "-A"], false),
+        (&["delete", "consents.contextos.dev", "-A"], false),
     ];
     check_can_i(env, &gateway, gateway_expectations).await?;
     let expectations: &[(&[&str], bool)] = &[

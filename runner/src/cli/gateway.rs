@@ -64,7 +64,7 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
                 .map_err(|e| anyhow::anyhow!("the record store's endpoint {endpoint}: {e}"))?;
         }
     }
-    let store = global.open_store().await?;
+    let store = Arc::new(global.open_store().await?);
     // The TiKV nodes behind PD, and any added later: no tool may be pointed at them.
     #[cfg(feature = "tikv")]
     if let Ok(StoreLocation::Tikv(endpoints)) = global.store_location() {
@@ -81,12 +81,20 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
             }
         });
     }
+    let keys = TenantKeys::new(&master);
+    // Consents applied as objects join their subjects' histories, chained by every replica
+    // (each object once).
+    tokio::spawn(contextos_runner::gateway::consent_objects::chain_consent_objects(
+        client.clone(),
+        store.clone(),
+        keys.clone(),
+    ));
     let service = Arc::new(
         GatewayService::new(
             store,
             TokenReviewer::new(client.clone()),
             KubeTenants::new(client.clone()),
-            TenantKeys::new(&master),
+            keys,
             trust,
         )
         .with_system_namespace(&args.namespace)

@@ -7,6 +7,7 @@ pub mod adapters;
 pub mod approvals;
 pub mod bundle;
 pub mod capabilities;
+pub mod consent_objects;
 pub mod egress;
 pub mod envelope;
 pub mod identity;

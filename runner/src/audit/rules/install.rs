@@ -19,7 +19,7 @@ use crate::audit::{
 
 /// The admission policies ContextOS's security model depends on (`manifests/admission`), each
 /// with a binding of the same name.
-pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 4] = [
+pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 5] = [
     ("contextos-session-identity", "a Session's user is who created it"),
     (
         "contextos-session-approvals",
@@ -32,6 +32,10 @@ pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 4] = [
     (
         "contextos-sandbox-images",
         "runner pods run the ContextOS runner image",
+    ),
+    (
+        "contextos-consent-author",
+        "a consent names the person who recorded it",
     ),
 ];
 const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";

@@ -77,6 +77,16 @@ where
                  recorded by the gateway"
             ))
         })?;
+        if request
+            .request_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with(crate::gateway::consent_objects::OBJECT_REQUEST_PREFIX))
+        {
+            return Err(bad(format!(
+                "requestId: ids starting with {:?} belong to Consent objects, which the gateway chains itself; choose another",
+                crate::gateway::consent_objects::OBJECT_REQUEST_PREFIX
+            )));
+        }
         let record = request.into_record(person.username.clone(), now_ms());
         let key = service.keys.for_tenant(tenant.as_str());
         let link = ConsentBook::new(&service.store, &tenant)

@@ -21,6 +21,7 @@
 //! `CONTEXTOS_REQUIRE_REALNODE=1` (CI) makes that a failure.
 
 mod hostile;
+mod memory;
 
 use std::{path::Path, time::Duration};
 
@@ -317,7 +318,7 @@ patches:
     eprintln!("the capability's report: {capability}\nthe control's: {control}");
     hostile::judge(&capability, &control)?;
     tenant.pass();
-    Ok(())
+    memory::remembered_across_sessions(env, &install, &runner_image).await
 }
 
 async fn done_run_id(sessions: &Api<Session>, name: &str) -> Result<String> {
@@ -362,25 +363,7 @@ async fn verify_through_the_gateway(
     let token = token_for(contextos_runner::gateway::readers::READER_AUDIENCE).await?;
     let runner_audience = token_for(contextos_runner::gateway::identity::GATEWAY_AUDIENCE).await?;
 
-    let mut forward = env
-        .kubectl()
-        .args(["port-forward", "-n", SYSTEM, "service/contextos-gateway", ":8480"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let stdout = forward.stdout.take().context("port-forward stdout")?;
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .context("port-forward did not start within 30 s")??
-        .context("port-forward ended")?;
-    // "Forwarding from 127.0.0.1:PORT -> 8480"
-    let local = line
-        .split_whitespace()
-        .nth(2)
-        .filter(|a| a.starts_with("127.0.0.1:"))
-        .with_context(|| format!("port-forward said {line:?}"))?
-        .to_owned();
+    let (mut forward, local) = gateway_port_forward(env).await?;
     let published = http_get(&local, &format!("/v1/tenants/{}/record-key", tenant.name())).await?;
     let published: serde_json::Value = serde_json::from_str(&published)?;
     let key = published["publicKey"].as_str().context("publicKey")?.to_owned();
@@ -445,6 +428,35 @@ async fn verify_through_the_gateway(
     let _ = forward.kill().await;
     audit.pass();
     Ok(String::from_utf8_lossy(&exported.stdout).into_owned())
+}
+
+/// `kubectl port-forward` to the gateway Service, as a person reaches it from their machine: the
+/// process (killed on drop) and the local address.
+async fn gateway_port_forward(env: &TestEnv) -> Result<(tokio::process::Child, String)> {
+    let mut forward = env
+        .kubectl()
+        .args(["port-forward", "-n", SYSTEM, "service/contextos-gateway", ":8480"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = forward.stdout.take().context("port-forward stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("port-forward did not start within 30 s")??
+        .context("port-forward ended")?;
+    // "Forwarding from 127.0.0.1:PORT -> 8480"
+    let local = line
+        .split_whitespace()
+        .nth(2)
+        .filter(|a| a.starts_with("127.0.0.1:"))
+        .with_context(|| format!("port-forward said {line:?}"))?
+        .to_owned();
+    // It says "Handling connection for …" on every connection: its output is read to the end, or
+    // it fails writing and drops the connection.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((forward, local))
 }
 
 /// The same auditor records a subject's consent through the gateway: refused while they may only

@@ -102,6 +102,27 @@ pub struct AgentMemory {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3650))]
     pub retain_days: Option<u32>,
+    /// Personal data of the tenant's own kinds (badge ids, customer numbers), found beside the
+    /// built-in detectors; each is a category `tenant:<name>` that consents name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(p, self.exists_one(q, q.name == p.name))").message("memory.patterns names the same pattern twice"))]
+    #[schemars(length(max = 32))]
+    pub patterns: Vec<PersonalDataPattern>,
+}
+
+/// A tenant's kind of personal data, found by a regular expression (RE2 syntax, no look-around).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PersonalDataPattern {
+    /// The category's name: it is `tenant:<name>` in consents and records.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// What it looks like, e.g. `\bBADGE-[0-9]{6}\b`.
+    #[schemars(length(min = 1, max = 512))]
+    pub regex: String,
 }
 
 /// One kind of item an agent may keep.

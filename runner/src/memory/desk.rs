@@ -5,7 +5,10 @@
 //! never from what the model or the runner asks for, and consent is read fresh for every
 //! decision.
 
-use std::{collections::BTreeSet, sync::OnceLock};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, OnceLock},
+};
 
 use contextos_crds::{
     agent::{AgentMemory, MemoryOperation},
@@ -24,7 +27,7 @@ use super::{
 use crate::{
     consent::{Candidate, ConsentLedger, MemoryPolicy, Promotion, Purpose, Review, WithoutConsent},
     keys::PublicKey,
-    personal_data::{Category, Classifier},
+    personal_data::{Category, Classifier, TenantPattern},
     records::{Hash, TenantId},
     run_context::RunContext,
 };
@@ -38,6 +41,8 @@ pub struct MemoryDesk {
     policy: Option<MemoryPolicy>,
     retain_ms: Option<i64>,
     consent_key: PublicKey,
+    /// The built-in detectors and the agent's own patterns.
+    classifier: Arc<Classifier>,
 }
 
 /// What a recall asks for, before it is bound to a run's scopes.
@@ -196,9 +201,13 @@ pub fn tool_schema(operation: MemoryOperation) -> Value {
 /// needs the Agent's `spec.memory` (without it nothing could be kept or told apart by purpose).
 pub fn memory_problem(spec: &contextos_crds::AgentSpec) -> Option<String> {
     if let Some(memory) = &spec.memory
-        && let Err(e) = Purpose::new(&memory.purpose)
+        && let Err(e) = MemoryDesk::new(
+            "agent",
+            Some(memory),
+            crate::keys::KeyPair::from_seed([0; 32]).public(),
+        )
     {
-        return Some(format!("spec.memory.purpose: {e}"));
+        return Some(e);
     }
     if spec.memory.is_some() {
         return None;
@@ -213,9 +222,10 @@ pub fn memory_problem(spec: &contextos_crds::AgentSpec) -> Option<String> {
     })
 }
 
-fn classifier() -> &'static Classifier {
-    static BUILT_IN: OnceLock<Classifier> = OnceLock::new();
-    BUILT_IN.get_or_init(Classifier::built_in)
+/// The built-in detectors, compiled once for every desk without patterns of its own.
+fn built_in() -> Arc<Classifier> {
+    static BUILT_IN: OnceLock<Arc<Classifier>> = OnceLock::new();
+    BUILT_IN.get_or_init(|| Arc::new(Classifier::built_in())).clone()
 }
 
 impl MemoryDesk {
@@ -234,10 +244,26 @@ impl MemoryDesk {
                 })
             })
             .transpose()?;
+        let classifier = match spec.map(|s| s.patterns.as_slice()).unwrap_or_default() {
+            [] => built_in(),
+            patterns => {
+                let patterns: Vec<TenantPattern> = patterns
+                    .iter()
+                    .map(|p| TenantPattern {
+                        name: p.name.clone(),
+                        regex: p.regex.clone(),
+                    })
+                    .collect();
+                Arc::new(
+                    Classifier::with_patterns(&patterns).map_err(|e| format!("spec.memory.patterns: {e}"))?,
+                )
+            }
+        };
         Ok(Self {
             policy,
             retain_ms: spec.and_then(|s| s.retain_days).map(|d| i64::from(d) * DAY_MS),
             consent_key,
+            classifier,
         })
     }
 
@@ -366,7 +392,8 @@ impl MemoryDesk {
                 run.agent.name
             )));
         };
-        let found = classifier()
+        let found = self
+            .classifier
             .classify(&args.text)
             .map_err(|e| MemoryError::Invalid(format!("text: {e}")))?;
         let scope = Self::bind(run, args.scope);
@@ -436,6 +463,89 @@ pub fn render(items: &[(ItemId, MemoryItem)]) -> String {
 mod tests {
     use super::*;
     use crate::records::{EntryBody, RecordEntry};
+
+    #[tokio::test]
+    async fn a_tenants_own_kind_of_personal_data_is_kept_only_under_consent_for_it() {
+        use contextos_crds::agent::{AgentMemory, MemoryKeep, PersonalDataPattern};
+
+        use crate::{
+            consent::ConsentAction, keys::KeyPair, memory::consents::ConsentRequest,
+            records::store::scratch::ScratchStore,
+        };
+        let store = ScratchStore::default();
+        let key = KeyPair::from_seed([3; 32]);
+        let spec = AgentMemory {
+            purpose: "building-access".into(),
+            keep: vec![MemoryKeep {
+                memory_type: MemoryType::Fact,
+                scope: MemoryScope::Subject,
+            }],
+            retain_days: Some(30),
+            patterns: vec![PersonalDataPattern {
+                name: "badge".into(),
+                regex: r"\bBADGE-[0-9]{6}\b".into(),
+            }],
+        };
+        let desk = MemoryDesk::new("door-agent", Some(&spec), key.public()).expect("desk");
+        let mut run = crate::run_context::tests::context("shop");
+        run.subject = Some(crate::consent::SubjectHandle::new("emp-42").expect("handle"));
+        run.pinned.context_pack = "sha256:pack".into();
+        let args = json!({"text": "Uses badge BADGE-123456 at door 4", "type": "fact", "scope": "subject"});
+        let grant = |categories: &[Category]| {
+            ConsentRequest {
+                subject: run.subject.clone().expect("subject"),
+                purpose: Purpose::new("building-access").expect("purpose"),
+                action: ConsentAction::Grant,
+                categories: categories.iter().cloned().collect(),
+                evidence: "HR form 7".into(),
+                expires_at_ms: None,
+                request_id: None,
+            }
+            .into_record("hr@example.com".into(), 1_000)
+        };
+        let book = ConsentBook::new(&store, &TenantId::new("shop").expect("tenant"));
+        book.append(grant(&[Category::Email]), &key)
+            .await
+            .expect("granted");
+        let badge = Category::Tenant(crate::personal_data::PatternName::new("badge").expect("name"));
+        let dropped = desk
+            .remember(&store, &run, "1.0", None, 2_000, &args)
+            .await
+            .expect("decided");
+        assert_eq!(dropped.categories, [badge.clone()].into_iter().collect());
+        assert!(
+            matches!(&dropped.decision, Promotion::Drop { reason } if reason.contains("tenant:badge")),
+            "{dropped:?}"
+        );
+        book.append(grant(&[badge]), &key).await.expect("granted");
+        let kept = desk
+            .remember(&store, &run, "2.0", None, 3_000, &args)
+            .await
+            .expect("decided");
+        assert!(matches!(kept.decision, Promotion::Promote { .. }), "{kept:?}");
+        assert!(kept.item.is_some());
+        assert!(
+            memory_problem(&contextos_crds::AgentSpec {
+                memory: Some(AgentMemory {
+                    patterns: vec![PersonalDataPattern {
+                        name: "bad".into(),
+                        regex: "(unclosed".into(),
+                    }],
+                    ..spec
+                }),
+                ..serde_json::from_value(json!({
+                    "model": {"provider": "scripted", "model": "m"},
+                    "contextPackRef": {"name": "p"},
+                    "policyRefs": [{"name": "p"}],
+                    "sandboxProfileRef": {"name": "s"},
+                    "budget": {"maxSteps": 1, "maxTokens": 1000, "maxToolCalls": 1, "maxWallSeconds": 60}
+                }))
+                .expect("agent spec")
+            })
+            .is_some_and(|p| p.starts_with("spec.memory.patterns:")),
+            "a pattern that does not compile is refused naming the field"
+        );
+    }
 
     #[test]
     fn memory_entries_read_back_as_they_were_written() {

@@ -61,6 +61,7 @@ fn every_example_parses_into_its_typed_struct() {
                 "Policy" => serde_yaml::from_value::<Policy>(value).map(drop),
                 "SandboxProfile" => serde_yaml::from_value::<SandboxProfile>(value).map(drop),
                 "Session" => serde_yaml::from_value::<Session>(value).map(drop),
+                "Consent" => serde_yaml::from_value::<contextos_crds::Consent>(value).map(drop),
                 "ConfigMap" | "Secret" => Ok(()),
                 other => panic!("{}: unexpected kind {other}", entry.display()),
             };

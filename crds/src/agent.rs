@@ -102,6 +102,14 @@ pub struct AgentMemory {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3650))]
     pub retain_days: Option<u32>,
+    /// auto: what the policy allows is kept at once; required: a person approves each item
+    /// first (`contextos memory held`, `approve`).
+    #[serde(default)]
+    pub review: Review,
+    /// drop (default): a proposal holding personal data no consent covers is dropped; hold: it
+    /// is held, for a person to approve once a consent covers it.
+    #[serde(default)]
+    pub without_consent: WithoutConsent,
     /// Personal data of the tenant's own kinds (badge ids, customer numbers), found beside the
     /// built-in detectors; each is a category `tenant:<name>` that consents name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -123,6 +131,28 @@ pub struct PersonalDataPattern {
     /// What it looks like, e.g. `\bBADGE-[0-9]{6}\b`.
     #[schemars(length(min = 1, max = 512))]
     pub regex: String,
+}
+
+/// How items the memory policy allows become memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Review {
+    /// Kept as soon as they pass.
+    #[default]
+    Auto,
+    /// Held until a person approves them.
+    Required,
+}
+
+/// What becomes of a proposal holding personal data that no consent covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WithoutConsent {
+    /// Dropped: nothing of it is kept.
+    #[default]
+    Drop,
+    /// Held for a person to approve once a consent covers it (or to reject).
+    Hold,
 }
 
 /// One kind of item an agent may keep.

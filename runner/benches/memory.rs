@@ -91,6 +91,7 @@ fn items() -> Vec<MemoryItem> {
                     at_ms: 1_700_000_000_000 + i as i64 * 1_000,
                     context_pack: "sha256:pack".into(),
                     policies: vec!["sha256:policy".into()],
+                    reviewed_by: None,
                 },
                 expires_at_ms: None,
             }
@@ -241,6 +242,7 @@ async fn run() {
                 at_ms: 1_800_000_000_000 + i,
                 context_pack: "sha256:pack".into(),
                 policies: vec!["sha256:policy".into()],
+                reviewed_by: None,
             },
             expires_at_ms: None,
         })

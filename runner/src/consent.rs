@@ -326,27 +326,7 @@ impl ConsentLedger {
 
 pub use contextos_crds::common::{MemoryScope, MemoryType};
 
-/// How items the policy allows become memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Review {
-    /// Promoted as soon as they pass.
-    #[default]
-    Auto,
-    /// Held until a person approves them.
-    Required,
-}
-
-/// What becomes of a candidate holding personal data that no consent covers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WithoutConsent {
-    /// Dropped: nothing of it is kept.
-    #[default]
-    Drop,
-    /// Held as a candidate until a consent covers it (or it expires).
-    Hold,
-}
+pub use contextos_crds::agent::{Review, WithoutConsent};
 
 /// An agent's memory policy: what it may keep, for which purpose, and how.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -135,6 +135,11 @@ async fn rig_with_options(
             "token-memory-reader",
             "max@example.com",
             &[("shop", Access::ReadMemory)],
+        )
+        .with_person(
+            "token-memory-approver",
+            "rita@example.com",
+            &[("shop", Access::ReadMemory), ("shop", Access::KeepMemory)],
         );
     let operator = KeyPair::from_seed([11; 32]);
     let keys = TenantKeys::new(&KeyPair::from_seed([12; 32]));
@@ -1139,6 +1144,7 @@ async fn memory_is_listed_and_forgotten_only_with_permission() {
             at_ms,
             context_pack: "sha256:pack".into(),
             policies: Vec::new(),
+            reviewed_by: None,
         },
         expires_at_ms: None,
     };
@@ -2360,4 +2366,111 @@ async fn memory_is_kept_and_recalled_by_the_service_within_the_subjects_consent_
             .await
             .expect("verifies");
     }
+}
+
+/// A candidate held for review is kept only when a person the API server lets keep memory
+/// (`create` on memories) approves it, under its subject's consent at that moment, and in that
+/// person's name; reading memory is not enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_candidate_is_kept_only_by_a_permitted_person_under_consent_in_their_name() {
+    use contextos_runner::{
+        consent::{ConsentAction, Purpose, SubjectHandle},
+        memory::{
+            ItemScope, MemoryItem, MemoryType, Provenance,
+            bank::MemoryBank,
+            consents::{ConsentBook, ConsentRequest},
+            held::HeldCandidates,
+            remote::RemoteMemory,
+        },
+        personal_data::Category,
+        records::{
+            recorder::now_ms,
+            store::remote::{Credential, RemoteStore},
+        },
+    };
+    let rig = rig().await;
+    let person = |token: &str| {
+        RemoteStore::new(
+            &rig.url,
+            TokenSource::Fixed(token.into()),
+            Credential::Reader {
+                namespace: "shop".into(),
+            },
+            "shop",
+        )
+        .expect("store")
+    };
+    let subject = SubjectHandle::new("subj:ana").expect("handle");
+    let purpose = Purpose::new("incident-follow-up").expect("purpose");
+    let candidate = MemoryItem {
+        scope: ItemScope::Subject(subject.clone()),
+        memory_type: MemoryType::Fact,
+        text: "reachable on +44 20 7946 0958 during incidents".into(),
+        categories: [Category::Phone].into(),
+        purpose: Some(purpose.clone()),
+        provenance: Provenance {
+            run_id: "run-1".into(),
+            evidence: Vec::new(),
+            at_ms: now_ms(),
+            context_pack: "sha256:pack".into(),
+            policies: Vec::new(),
+            reviewed_by: None,
+        },
+        expires_at_ms: None,
+    };
+    let id = HeldCandidates::new(&*rig.store, &rig.tenant())
+        .hold(
+            &candidate,
+            "the memory policy requires a person's review",
+            now_ms(),
+        )
+        .await
+        .expect("held");
+
+    let reader = person("token-memory-reader");
+    let listed = RemoteMemory(&reader).held(None).await.expect("listed");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, id);
+    let refused = RemoteMemory(&reader).approve(&id).await.expect_err("refused");
+    assert!(refused.to_string().contains("`create` on memories"), "{refused}");
+
+    let approver = person("token-memory-approver");
+    let refused = RemoteMemory(&approver).approve(&id).await.expect_err("refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("cannot be kept now: no consent of subject subj:ana"),
+        "{refused}"
+    );
+    ConsentBook::new(&*rig.store, &rig.tenant())
+        .append(
+            ConsentRequest {
+                subject: subject.clone(),
+                purpose,
+                action: ConsentAction::Grant,
+                categories: [Category::Phone].into(),
+                evidence: "PRIV-7".into(),
+                expires_at_ms: None,
+                request_id: None,
+            }
+            .into_record("priya@example.com".into(), now_ms()),
+            &rig.keys.for_tenant("shop"),
+        )
+        .await
+        .expect("granted");
+    let approved = RemoteMemory(&approver).approve(&id).await.expect("approved");
+    assert!(!approved.already_kept);
+    let kept = MemoryBank::new(&*rig.store, &rig.tenant())
+        .get(&approved.item)
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(kept.provenance.reviewed_by.as_deref(), Some("rita@example.com"));
+    assert!(
+        RemoteMemory(&approver)
+            .held(None)
+            .await
+            .expect("listed")
+            .is_empty()
+    );
 }

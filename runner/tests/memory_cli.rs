@@ -44,6 +44,7 @@ async fn a_subjects_memory_is_listed_and_forgotten() {
             at_ms,
             context_pack: "sha256:pack".into(),
             policies: Vec::new(),
+            reviewed_by: None,
         },
         expires_at_ms: None,
     };

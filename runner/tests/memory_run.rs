@@ -45,8 +45,12 @@ impl Cli<'_> {
 
     /// Runs one Session of the example; what it printed and its run id.
     fn session(&self, session: &str) -> (String, String) {
-        let example = example();
-        let text = self.ok(&["run", "-f", example.to_str().expect("path"), "--session", session]);
+        self.session_in(&example(), session)
+    }
+
+    /// Runs one Session of the manifests in `dir`; what it printed and its run id.
+    fn session_in(&self, dir: &Path, session: &str) -> (String, String) {
+        let text = self.ok(&["run", "-f", dir.to_str().expect("path"), "--session", session]);
         let run = text
             .split_whitespace()
             .find(|w| w.starts_with(&format!("{session}-")))
@@ -148,21 +152,109 @@ fn on_tikv_memory_is_kept_and_recalled_only_within_consent() {
     });
 }
 
-#[test]
-fn a_memory_tool_without_the_agents_memory_rules_is_refused_naming_the_field() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// The example, copied into `dir` with its Agent's YAML changed by `edit`.
+fn example_with_agent(dir: &Path, edit: impl Fn(&str) -> String) {
     for entry in std::fs::read_dir(example()).expect("example") {
         let path = entry.expect("entry").path();
         let text = std::fs::read_to_string(&path).expect("read");
         let text = if path.ends_with("agent.yaml") {
-            let start = text.find("  memory:\n").expect("spec.memory");
-            let end = text.find("  tools:\n").expect("spec.tools");
-            format!("{}{}", &text[..start], &text[end..])
+            edit(&text)
         } else {
             text
         };
-        std::fs::write(dir.path().join(path.file_name().expect("name")), text).expect("write");
+        std::fs::write(dir.join(path.file_name().expect("name")), text).expect("write");
     }
+}
+
+#[test]
+fn candidates_held_for_review_are_kept_only_when_a_person_approves_them_under_consent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("dir");
+    example_with_agent(&manifests, |text| {
+        text.replace(
+            "    retainDays: 365\n",
+            "    retainDays: 365\n    review: required\n",
+        )
+    });
+    let cli = Cli {
+        data_dir: dir.path(),
+        store: None,
+    };
+    consent(
+        &cli,
+        "grant",
+        &["--categories", "email,phone", "--evidence", "form SUP-88"],
+    );
+    let run = cli.ok(&[
+        "run",
+        "-f",
+        manifests.to_str().expect("path"),
+        "--session",
+        "ticket-4711",
+    ]);
+    assert_eq!(run.matches("\"outcome\":\"held\"").count(), 2, "{run}");
+    let listed = cli.ok(&["memory", "list", "--scope", "subject:cust-7f3a9c"]);
+    assert!(
+        listed.contains("no items"),
+        "held candidates are not memory: {listed}"
+    );
+    let held = cli.ok(&["memory", "held", "--scope", "subject:cust-7f3a9c"]);
+    assert!(held.contains("requires a person's review"), "{held}");
+    let id_of = |needle: &str| {
+        let mut lines = held.lines();
+        let mut id = None;
+        while let Some(line) = lines.next() {
+            if let Some(text) = lines.clone().next()
+                && text.contains(needle)
+            {
+                id = line.split_whitespace().next().map(str::to_owned);
+            }
+        }
+        id.unwrap_or_else(|| panic!("no held candidate says {needle:?}: {held}"))
+    };
+    let (address, preference) = (id_of("example.com"), id_of("German"));
+
+    // The customer withdraws the e-mail consent: the address can no longer be approved.
+    consent(
+        &cli,
+        "revoke",
+        &["--categories", "email", "--evidence", "phone call"],
+    );
+    let refused = cli.run(&["memory", "approve", &address, "--by", "rita@example.com"]);
+    assert!(!refused.status.success());
+    assert!(
+        said(&refused).contains("cannot be kept now: no consent of subject cust-7f3a9c for purpose support-history covers its email"),
+        "{}",
+        said(&refused)
+    );
+    let approved = cli.ok(&["memory", "approve", &preference, "--by", "rita@example.com"]);
+    assert!(approved.starts_with("kept: "), "{approved}");
+    cli.ok(&["memory", "reject", &address]);
+    let held = cli.ok(&["memory", "held"]);
+    assert!(held.contains("no candidates held"), "{held}");
+    let listed = cli.ok(&["memory", "list", "--scope", "subject:cust-7f3a9c"]);
+    assert!(
+        listed.contains("Prefers replies in German") && !listed.contains("example.com"),
+        "{listed}"
+    );
+    // The next Session recalls what was approved, and only that.
+    let (_, next) = cli.session_in(&manifests, "ticket-4712");
+    let record = cli.ok(&["records", "show", &next]);
+    assert!(
+        record.contains("recalled 1 item(s) of subject:cust-7f3a9c for source customer-memory"),
+        "{record}"
+    );
+}
+
+#[test]
+fn a_memory_tool_without_the_agents_memory_rules_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    example_with_agent(dir.path(), |text| {
+        let start = text.find("  memory:\n").expect("spec.memory");
+        let end = text.find("  tools:\n").expect("spec.tools");
+        format!("{}{}", &text[..start], &text[end..])
+    });
     let cli = Cli {
         data_dir: dir.path(),
         store: None,

@@ -49,6 +49,7 @@ fn item(scope: ItemScope, memory_type: MemoryType, text: &str, at_ms: i64) -> Me
             at_ms,
             context_pack: "sha256:pack".into(),
             policies: vec!["sha256:policy".into()],
+            reviewed_by: None,
         },
         expires_at_ms: None,
     }

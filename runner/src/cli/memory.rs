@@ -1,6 +1,7 @@
-//! `contextos memory list|forget`: a tenant's memory items in its store — listed by scope, type
-//! and words, newest first, and forgotten one by one or a whole scope at once (a subject's
-//! memory, when they ask for it).
+//! `contextos memory list|forget|held|approve|reject`: a tenant's memory items in its store —
+//! listed by scope, type and words, newest first, and forgotten one by one or a whole scope at
+//! once (a subject's memory, when they ask for it) — and the candidates held for a person's
+//! review, approved (kept, if consent covers them then) or rejected.
 
 use std::process::ExitCode;
 
@@ -9,10 +10,11 @@ use clap::Subcommand;
 use contextos_runner::{
     memory::{
         ItemId, ItemScope, MAX_RECALL_ITEMS, RecallQuery,
-        bank::MemoryBank,
-        remote::{Listed, RemoteMemory, parse_type, type_name},
+        bank::{Kept, MemoryBank},
+        held::HeldCandidates,
+        remote::{Approved, HeldListed, Listed, RemoteMemory, parse_type, type_name},
     },
-    records::{AnyStore, Hash},
+    records::{AnyStore, Hash, recorder::now_ms},
 };
 
 use super::GlobalArgs;
@@ -35,6 +37,24 @@ pub enum MemoryCommand {
         #[arg(long, default_value_t = 20)]
         max: usize,
     },
+    /// List the candidates held for review (an Agent with `review: required` or `withoutConsent:
+    /// hold`), with why each is held.
+    Held {
+        /// Only this scope's: agent:<name>, subject:<handle> or tenant.
+        #[arg(long)]
+        scope: Option<String>,
+    },
+    /// Keep a held candidate (by the id `held` prints), in your name — if its subject's consent
+    /// covers it now.
+    Approve {
+        id: String,
+        /// Who approves (a local store only: the gateway service takes who you are from your
+        /// token); default: the local user.
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Drop a held candidate: nothing of it is kept.
+    Reject { id: String },
     /// Forget one item (by the id `list` prints) or, with --scope, every item of a scope.
     Forget {
         /// The item's id.
@@ -108,11 +128,95 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
                 );
             }
         }
+        MemoryCommand::Held { scope } => {
+            let scope = scope
+                .as_deref()
+                .map(str::parse::<ItemScope>)
+                .transpose()
+                .context("--scope")?;
+            let held = match &store {
+                AnyStore::Gateway(remote) => RemoteMemory(remote).held(scope.as_ref()).await?,
+                local => HeldCandidates::new(local, &tenant)
+                    .list(scope.as_ref(), now_ms())
+                    .await?
+                    .into_iter()
+                    .map(|(id, held)| HeldListed { id, held })
+                    .collect(),
+            };
+            if held.is_empty() {
+                println!("no candidates held in tenant {tenant}");
+            }
+            for HeldListed { id, held } in held {
+                println!(
+                    "{id}  {:<10} {} from run {}\n    {}\n    held: {}",
+                    type_name(held.item.memory_type),
+                    held.item.scope,
+                    held.item.provenance.run_id,
+                    printable(&held.item.text),
+                    printable(&held.reason)
+                );
+            }
+        }
+        MemoryCommand::Approve { id, by } => {
+            let id = item_id(&id)?;
+            let approved = match &store {
+                AnyStore::Gateway(remote) => {
+                    if by.is_some() {
+                        anyhow::bail!(
+                            "--by: the gateway service records who you are from your token; leave --by out"
+                        );
+                    }
+                    RemoteMemory(remote).approve(&id).await?
+                }
+                local => {
+                    let by = by.unwrap_or_else(|| {
+                        format!(
+                            "local:{}",
+                            std::env::var("USER")
+                                .or_else(|_| std::env::var("LOGNAME"))
+                                .unwrap_or_else(|_| "unknown".into())
+                        )
+                    });
+                    let key = global.verifying_key(None)?;
+                    match HeldCandidates::new(local, &tenant)
+                        .approve_under_consent(&id, &by, now_ms(), &key)
+                        .await?
+                    {
+                        Kept::New(item) => Approved {
+                            item,
+                            already_kept: false,
+                        },
+                        Kept::AlreadyKept(item) => Approved {
+                            item,
+                            already_kept: true,
+                        },
+                    }
+                }
+            };
+            println!(
+                "kept: {}{}",
+                approved.item,
+                if approved.already_kept {
+                    " (the same was kept already)"
+                } else {
+                    ""
+                }
+            );
+        }
+        MemoryCommand::Reject { id } => {
+            let id = item_id(&id)?;
+            let rejected = match &store {
+                AnyStore::Gateway(remote) => RemoteMemory(remote).reject(&id).await?,
+                local => HeldCandidates::new(local, &tenant).reject(&id).await?,
+            };
+            if !rejected {
+                anyhow::bail!("tenant {tenant} holds no candidate {id}");
+            }
+            println!("rejected: {id}");
+        }
         MemoryCommand::Forget { id, scope } => match (id, scope) {
             (Some(id), _) => {
-                let id = Hash::parse(&id).map(ItemId).with_context(|| {
-                    format!("{id:?} is no item id (64 hex digits, as `memory list` prints)")
-                })?;
+                let id = item_id(&id)?;
                 let forgotten = match &store {
                     AnyStore::Gateway(remote) => RemoteMemory(remote).forget(&id).await?,
                     local => MemoryBank::new(local, &tenant).forget(&id).await?,
@@ -135,4 +239,24 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
         },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn item_id(text: &str) -> anyhow::Result<ItemId> {
+    Hash::parse(text).map(ItemId).with_context(|| {
+        format!("{text:?} is no item id (64 hex digits, as `memory list` and `memory held` print)")
+    })
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): a text cannot forge the lines
+/// printed after it.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }

@@ -60,8 +60,11 @@ pub enum Access {
     RecordConsent,
     /// Read the namespace's memory items: `get` on `memories`.
     ReadMemory,
-    /// Forget memory items (one, or a whole scope such as a subject's): `delete` on `memories`.
+    /// Forget memory items (one, or a whole scope such as a subject's) or reject a held
+    /// candidate: `delete` on `memories`.
     ForgetMemory,
+    /// Approve a held candidate, which keeps it: `create` on `memories`.
+    KeepMemory,
 }
 
 impl Access {
@@ -73,6 +76,7 @@ impl Access {
             Self::RecordConsent => ("create", CONSENTS_RESOURCE, None),
             Self::ReadMemory => ("get", MEMORIES_RESOURCE, None),
             Self::ForgetMemory => ("delete", MEMORIES_RESOURCE, None),
+            Self::KeepMemory => ("create", MEMORIES_RESOURCE, None),
         }
     }
 
@@ -85,7 +89,7 @@ impl Access {
             Self::ReadConsents => "contextos-consent-reader",
             Self::RecordConsent => "contextos-consent-keeper",
             Self::ReadMemory => "contextos-memory-reader",
-            Self::ForgetMemory => "contextos-memory-keeper",
+            Self::ForgetMemory | Self::KeepMemory => "contextos-memory-keeper",
         };
         format!(
             "`{verb}` on {resource} (group {RECORDS_GROUP}) there, e.g. a RoleBinding to ClusterRole {role}"

@@ -23,9 +23,10 @@ use super::{
     backend::MemoryBackend,
     bank::{Kept, MemoryBank},
     consents::ConsentBook,
+    held::HeldCandidates,
 };
 use crate::{
-    consent::{Candidate, ConsentLedger, MemoryPolicy, Promotion, Purpose, Review, WithoutConsent},
+    consent::{Candidate, ConsentLedger, MemoryPolicy, Promotion, Purpose},
     keys::PublicKey,
     personal_data::{Category, Classifier, TenantPattern},
     records::{Hash, TenantId},
@@ -239,8 +240,8 @@ impl MemoryDesk {
                     agent: agent.to_owned(),
                     purpose,
                     keeps: spec.keep.iter().map(|k| (k.memory_type, k.scope)).collect(),
-                    review: Review::Auto,
-                    without_consent: WithoutConsent::Drop,
+                    review: spec.review,
+                    without_consent: spec.without_consent,
                 })
             })
             .transpose()?;
@@ -420,8 +421,10 @@ impl MemoryDesk {
             subject: run.subject.clone(),
         };
         record.decision = policy.decide(&candidate, &found, &ledger, at_ms);
-        let (Promotion::Promote { .. }, Some(scope)) = (&record.decision, scope) else {
-            return Ok(record);
+        let (hold, scope) = match (&record.decision, scope) {
+            (Promotion::Drop { .. }, _) | (_, None) => return Ok(record),
+            (Promotion::Hold { reason }, Some(scope)) => (Some(reason.clone()), scope),
+            (Promotion::Promote { .. }, Some(scope)) => (None, scope),
         };
         let subject_scoped = scope.subject().is_some();
         let item = MemoryItem {
@@ -436,12 +439,20 @@ impl MemoryDesk {
                 at_ms,
                 context_pack: run.pinned.context_pack.clone(),
                 policies: run.pinned.policies.clone(),
+                reviewed_by: None,
             },
             expires_at_ms: self.retain_ms.map(|r| at_ms.saturating_add(r)),
         };
-        let kept = MemoryBank::new(store, &tenant).keep_new(&item, at_ms).await?;
-        record.item = Some(match kept {
-            Kept::New(id) | Kept::AlreadyKept(id) => id,
+        record.item = Some(match hold {
+            // Held for a person (or a consent), never recalled meanwhile.
+            Some(reason) => {
+                HeldCandidates::new(store, &tenant)
+                    .hold(&item, &reason, at_ms)
+                    .await?
+            }
+            None => match MemoryBank::new(store, &tenant).keep_new(&item, at_ms).await? {
+                Kept::New(id) | Kept::AlreadyKept(id) => id,
+            },
         });
         Ok(record)
     }
@@ -481,6 +492,8 @@ mod tests {
                 scope: MemoryScope::Subject,
             }],
             retain_days: Some(30),
+            review: Default::default(),
+            without_consent: Default::default(),
             patterns: vec![PersonalDataPattern {
                 name: "badge".into(),
                 regex: r"\bBADGE-[0-9]{6}\b".into(),

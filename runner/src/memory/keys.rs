@@ -4,6 +4,7 @@
 //!
 //! - `i/<id>` → the item's JSON;
 //! - `k/<content>` → the id of the item saying that (see [`known`]);
+//! - `h/<id>` → a held candidate (see [`super::held`]);
 //! - `x/<scope>/<type or *>/<newest><id>` → index of a scope's items, newest first, by type and
 //!   of all types;
 //! - `w/<scope>/<term><newest><id>` → index of a scope's items by word;
@@ -32,6 +33,18 @@ pub fn item(tenant: &TenantId, id: &ItemId) -> Vec<u8> {
     let mut key = format!("{}i/", base(tenant)).into_bytes();
     key.extend_from_slice(&id.0.0);
     key
+}
+
+/// A held candidate (`h/<id>`, see [`super::held`]).
+pub fn held(tenant: &TenantId, id: &ItemId) -> Vec<u8> {
+    let mut key = held_prefix(tenant);
+    key.extend_from_slice(&id.0.0);
+    key
+}
+
+/// Where a tenant's held candidates are.
+pub fn held_prefix(tenant: &TenantId) -> Vec<u8> {
+    format!("{}h/", base(tenant)).into_bytes()
 }
 
 /// The marker of what an item says (`k/<sha256 of scope, type and text>` → the id of the item

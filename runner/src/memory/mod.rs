@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bank;
 pub mod consents;
 pub mod desk;
+pub mod held;
 mod keys;
 pub mod remote;
 pub mod terms;
@@ -139,6 +140,9 @@ pub struct Provenance {
     /// The ContextPack and Policy revisions the run was pinned to.
     pub context_pack: String,
     pub policies: Vec<String>,
+    /// The person who approved it, when it was held for review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviewed_by: Option<String>,
 }
 
 /// One memory item, as kept.
@@ -254,6 +258,15 @@ impl MemoryItem {
             .find(|d| d.is_empty() || d.len() > MAX_DIGEST || d.chars().any(char::is_control))
         {
             return invalid(format!("provenance: {:?} is not a digest", truncated(digest)));
+        }
+        if let Some(reviewer) = &p.reviewed_by
+            && (reviewer.trim().is_empty()
+                || reviewer.len() > crate::consent::MAX_TEXT_FIELD
+                || reviewer.chars().any(char::is_control))
+        {
+            return invalid(
+                "provenance.reviewedBy: a name of at most 512 bytes, without control characters".into(),
+            );
         }
         if p.at_ms < 0 || self.expires_at_ms.is_some_and(|e| e <= p.at_ms) {
             return invalid(

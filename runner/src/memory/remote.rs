@@ -14,6 +14,27 @@ pub const MEMORY_ITEM_PREFIX: &str = "/v1/memory/items/";
 /// `DELETE` + scope (`agent:<name>`, `subject:<handle>`, `tenant`).
 pub const MEMORY_SCOPE_PREFIX: &str = "/v1/memory/scopes/";
 
+/// `GET` held candidates (`?scope=`).
+pub const MEMORY_HELD_PATH: &str = "/v1/memory/held";
+/// `POST` (approve) or `DELETE` (reject) + candidate id.
+pub const MEMORY_HELD_PREFIX: &str = "/v1/memory/held/";
+
+/// One held candidate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldListed {
+    pub id: ItemId,
+    pub held: super::held::Held,
+}
+
+/// What an approval kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approved {
+    /// The kept item (its provenance names the reviewer, so its id is not the candidate's).
+    pub item: ItemId,
+    /// Whether the same thing was kept already.
+    pub already_kept: bool,
+}
+
 /// One listed item.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listed {
@@ -64,6 +85,37 @@ impl RemoteMemory<'_> {
         let answer: Forgotten = self
             .0
             .delete_json(&format!("{MEMORY_ITEM_PREFIX}{id}"))
+            .await
+            .map_err(remote)?;
+        Ok(answer.forgotten > 0)
+    }
+
+    /// Candidates held for review, of `scope` if given.
+    pub async fn held(&self, scope: Option<&ItemScope>) -> Result<Vec<HeldListed>, MemoryError> {
+        let path = match scope {
+            Some(scope) => {
+                let mut url = reqwest::Url::parse("http://x/").map_err(remote)?;
+                url.query_pairs_mut().append_pair("scope", &scope.to_string());
+                format!("{MEMORY_HELD_PATH}?{}", url.query().unwrap_or_default())
+            }
+            None => MEMORY_HELD_PATH.to_owned(),
+        };
+        self.0.get_json(&path).await.map_err(remote)
+    }
+
+    /// Approves the held candidate `id` in the caller's name.
+    pub async fn approve(&self, id: &ItemId) -> Result<Approved, MemoryError> {
+        self.0
+            .post_json(&format!("{MEMORY_HELD_PREFIX}{id}"), &serde_json::json!({}))
+            .await
+            .map_err(remote)
+    }
+
+    /// Rejects the held candidate `id`; whether it was held.
+    pub async fn reject(&self, id: &ItemId) -> Result<bool, MemoryError> {
+        let answer: Forgotten = self
+            .0
+            .delete_json(&format!("{MEMORY_HELD_PREFIX}{id}"))
             .await
             .map_err(remote)?;
         Ok(answer.forgotten > 0)

@@ -16,9 +16,15 @@ use axum::{
 use super::*;
 use crate::memory::{
     ItemId, ItemScope, MAX_RECALL_ITEMS, RecallQuery,
-    bank::MemoryBank,
-    remote::{Forgotten, Listed, parse_type},
+    bank::{Kept, MemoryBank},
+    held::HeldCandidates,
+    remote::{Approved, Forgotten, HeldListed, Listed, parse_type},
 };
+
+#[derive(Debug, Deserialize)]
+pub(super) struct HeldQuery {
+    scope: Option<String>,
+}
 
 #[derive(Debug, Deserialize)]
 pub(super) struct ItemsQuery {
@@ -101,4 +107,73 @@ where
         tracing::info!(user = %person.username, namespace = %tenant, %scope, forgotten, "memory scope forgotten");
         Ok(Json(Forgotten { forgotten }).into_response())
     }
+
+    pub(super) async fn memory_held(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<HeldQuery>,
+    ) -> Reply {
+        let (tenant, person) = service.permitted_person(&headers, Access::ReadMemory).await?;
+        let scope = q
+            .scope
+            .as_deref()
+            .map(str::parse::<ItemScope>)
+            .transpose()
+            .map_err(super::consent_api::refusal)?;
+        let held = HeldCandidates::new(&service.store, &tenant)
+            .list(scope.as_ref(), now_ms())
+            .await
+            .map_err(super::consent_api::refusal)?;
+        tracing::info!(user = %person.username, namespace = %tenant, held = held.len(), "held memory candidates listed");
+        let listed: Vec<HeldListed> = held
+            .into_iter()
+            .map(|(id, held)| HeldListed { id, held })
+            .collect();
+        Ok(Json(listed).into_response())
+    }
+
+    pub(super) async fn memory_approve_held(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Path(id): Path<String>,
+    ) -> Reply {
+        let (tenant, person) = service.permitted_person(&headers, Access::KeepMemory).await?;
+        let id = item_id(&id)?;
+        let key = service.keys.for_tenant(tenant.as_str()).public();
+        let kept = HeldCandidates::new(&service.store, &tenant)
+            .approve_under_consent(&id, &person.username, now_ms(), &key)
+            .await
+            .map_err(super::consent_api::refusal)?;
+        let (item, already_kept) = match kept {
+            Kept::New(item) => (item, false),
+            Kept::AlreadyKept(item) => (item, true),
+        };
+        // The audit trail of who kept what about whom.
+        tracing::info!(user = %person.username, namespace = %tenant, candidate = %id, %item, "held memory candidate approved");
+        Ok(Json(Approved { item, already_kept }).into_response())
+    }
+
+    pub(super) async fn memory_reject_held(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Path(id): Path<String>,
+    ) -> Reply {
+        let (tenant, person) = service.permitted_person(&headers, Access::ForgetMemory).await?;
+        let id = item_id(&id)?;
+        let rejected = HeldCandidates::new(&service.store, &tenant)
+            .reject(&id)
+            .await
+            .map_err(super::consent_api::refusal)?;
+        tracing::info!(user = %person.username, namespace = %tenant, candidate = %id, rejected, "held memory candidate rejected");
+        Ok(Json(Forgotten {
+            forgotten: usize::from(rejected),
+        })
+        .into_response())
+    }
+}
+
+fn item_id(text: &str) -> Result<ItemId, Refusal> {
+    crate::records::Hash::parse(text)
+        .map(ItemId)
+        .ok_or_else(|| bad("an item id is 64 hex digits (sha256:… accepted)"))
 }

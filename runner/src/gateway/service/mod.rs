@@ -49,7 +49,9 @@ use crate::{
     memory::{
         backend::MemoryBackend,
         consents::{CONSENT_HISTORY_PATH, CONSENT_RECORDS_PATH, CONSENT_SUBJECTS_PATH},
-        remote::{MEMORY_ITEM_PREFIX, MEMORY_ITEMS_PATH, MEMORY_SCOPE_PREFIX},
+        remote::{
+            MEMORY_HELD_PATH, MEMORY_HELD_PREFIX, MEMORY_ITEM_PREFIX, MEMORY_ITEMS_PATH, MEMORY_SCOPE_PREFIX,
+        },
     },
     model::{Model, ModelError},
     read_grant::SignedReadGrant,
@@ -194,12 +196,15 @@ fn person_access(method: &axum::http::Method, path: &str) -> Option<Access> {
         (&Method::GET, path) if path.starts_with("/v1/records/") => Some(Access::ReadRecords),
         (&Method::GET, CONSENT_HISTORY_PATH | CONSENT_SUBJECTS_PATH) => Some(Access::ReadConsents),
         (&Method::POST, CONSENT_RECORDS_PATH) => Some(Access::RecordConsent),
-        (&Method::GET, MEMORY_ITEMS_PATH) => Some(Access::ReadMemory),
+        (&Method::GET, MEMORY_ITEMS_PATH | MEMORY_HELD_PATH) => Some(Access::ReadMemory),
         (&Method::DELETE, path)
-            if path.starts_with(MEMORY_ITEM_PREFIX) || path.starts_with(MEMORY_SCOPE_PREFIX) =>
+            if path.starts_with(MEMORY_ITEM_PREFIX)
+                || path.starts_with(MEMORY_SCOPE_PREFIX)
+                || path.starts_with(MEMORY_HELD_PREFIX) =>
         {
             Some(Access::ForgetMemory)
         }
+        (&Method::POST, path) if path.starts_with(MEMORY_HELD_PREFIX) => Some(Access::KeepMemory),
         _ => None,
     }
 }
@@ -376,6 +381,11 @@ where
             .route(
                 "/v1/memory/scopes/{scope}",
                 axum::routing::delete(Self::memory_forget_scope),
+            )
+            .route(MEMORY_HELD_PATH, get(Self::memory_held))
+            .route(
+                "/v1/memory/held/{id}",
+                post(Self::memory_approve_held).delete(Self::memory_reject_held),
             )
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),

@@ -80,6 +80,7 @@ where
                 Access::RecordConsent => "record consent",
                 Access::ReadMemory => "read the memory",
                 Access::ForgetMemory => "forget the memory",
+                Access::KeepMemory => "approve memory candidates",
             };
             return Err(forbidden(format!(
                 "user {} may not {what} of namespace {namespace}: that needs {}",

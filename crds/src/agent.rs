@@ -148,7 +148,7 @@ pub enum Review {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum WithoutConsent {
-    /// Dropped: nothing of it is kept.
+    /// Dropped: not kept in memory (the call that proposed it stays in the run's record).
     #[default]
     Drop,
     /// Held for a person to approve once a consent covers it (or to reject).

@@ -34,7 +34,9 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("self == oldSelf").message("a Consent cannot change: it is a record of what the person decided then; apply a new Consent (action: revoke to withdraw it)").reason(Reason::FieldValueForbidden),
     validation = Rule::new("self.action == 'revoke' || (has(self.categories) && size(self.categories) > 0)").message("a grant names the categories it covers (spec.categories)"),
     validation = Rule::new("self.action == 'revoke' || (has(self.evidence) && size(self.evidence.trim()) > 0)").message("a grant names its evidence: where the person's decision is kept (spec.evidence: a ticket, a signed form)"),
-    validation = Rule::new("self.action == 'grant' || !has(self.expiresAt)").message("a revocation does not expire: remove spec.expiresAt")
+    validation = Rule::new("self.action == 'grant' || !has(self.expiresAt)").message("a revocation does not expire: remove spec.expiresAt"),
+    validation = Rule::new(r"!has(self.evidence) || !self.evidence.matches('[\x00-\x1f\x7f]')").message("spec.evidence holds a control character (a line break?): write it on one line"),
+    validation = Rule::new(r"!self.recordedBy.matches('[\x00-\x1f\x7f]')").message("spec.recordedBy holds a control character")
 )]
 pub struct ConsentSpec {
     /// The person, by pseudonymous handle (never a name or an e-mail address), as Sessions name
@@ -54,14 +56,14 @@ pub struct ConsentSpec {
     pub categories: Vec<ConsentCategory>,
     /// Where the person's decision is kept (a ticket, a signed form); required for a grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 512))]
+    #[schemars(length(max = 128))]
     pub evidence: Option<String>,
     /// A grant ends then, unless revoked sooner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
     /// Who records it: must be the user who creates the object (admission policy
     /// `contextos-consent-author` checks it), and is what the consent history names.
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = 128))]
     pub recorded_by: String,
 }
 

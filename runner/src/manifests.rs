@@ -205,6 +205,9 @@ impl ManifestSet {
         let pack_name = &agent_spec.context_pack_ref.name;
         let pack = self.referenced(agent, "spec.contextPackRef.name", "ContextPack", pack_name)?;
         let pack_spec: ContextPackSpec = pack.spec()?;
+        if let Some(problem) = crate::memory::desk::source_problem(&pack_spec) {
+            return Err(pack.error("spec.sources", problem));
+        }
         let mut sources = BTreeMap::new();
         for (i, source) in pack_spec.sources.iter().enumerate() {
             if let Some(key) = &source.config_map_ref {

@@ -448,6 +448,8 @@ async fn a_runner_cannot_write_decisions_results_approvals_or_model_turns() {
             scope: Some(contextos_runner::memory::ItemScope::Tenant),
             memory_type: None,
             query: String::new(),
+            asked_scope: None,
+            max_items: 20,
             offered: Vec::new(),
             excluded: Vec::new(),
             excluded_total: 0,

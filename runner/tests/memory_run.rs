@@ -119,6 +119,31 @@ fn remembered_and_recalled_within_consent(cli: &Cli<'_>) {
     // The run that recalled replays with what it recalled then, not with what is allowed now.
     let replay = cli.ok(&["replay", "--run", &second]);
     assert!(replay.contains("decisions identical"), "{replay}");
+    // A candidate pack that recalls other memory cannot be judged by replaying it: refused,
+    // naming the source, never passed on what the run happened to be offered.
+    let candidate = cli.data_dir.join("candidate-pack.yaml");
+    let pack = std::fs::read_to_string(example().join("contextpack.yaml")).expect("pack");
+    std::fs::write(
+        &candidate,
+        pack.replace(
+            "        maxItems: 20\n",
+            "        maxItems: 20\n        query: invoice\n",
+        ),
+    )
+    .expect("write");
+    let judged = cli.run(&[
+        "replay",
+        "--run",
+        &second,
+        "--candidate",
+        candidate.to_str().expect("path"),
+    ]);
+    assert!(!judged.status.success(), "{}", said(&judged));
+    assert!(
+        said(&judged).contains("ContextPack memory source customer-memory asks for other memory"),
+        "{}",
+        said(&judged)
+    );
     cli.ok(&["records", "verify", "--all"]);
 }
 

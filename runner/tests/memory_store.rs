@@ -1032,7 +1032,144 @@ async fn a_scope_is_forgotten_whole<S: MemoryBackend>(store: &S) {
     );
 }
 
+/// A request with an id is appended once however many records came after it (a Consent
+/// object listed again much later), and its id cannot be reused for another record.
+async fn a_request_is_found_wherever_it_landed<S: MemoryBackend>(store: &S) {
+    let t = tenant("requests");
+    let book = ConsentBook::new(store, &t);
+    let (key, _) = keys();
+    let ana = SubjectHandle::new("subj:ana").expect("handle");
+    let mut grant = consent(&ana, ConsentAction::Grant, &[Category::Phone], 1_000);
+    grant.request_id = Some("object.0b1c2d3e".into());
+    let first = book.append(grant.clone(), &key).await.expect("grant");
+    for i in 0..20 {
+        book.append(
+            consent(&ana, ConsentAction::Revoke, &[Category::Phone], 2_000 + i),
+            &key,
+        )
+        .await
+        .expect("revoke");
+    }
+    let again = book
+        .append(
+            ConsentRecord {
+                at_ms: 9_000,
+                ..grant.clone()
+            },
+            &key,
+        )
+        .await
+        .expect("found");
+    assert_eq!(again, first, "the request was found, not appended again");
+    let history = book.history(&ana, &key.public()).await.expect("history");
+    assert_eq!(history.links.len(), 21);
+    let reused = book
+        .append(
+            ConsentRecord {
+                categories: BTreeSet::from([Category::Email]),
+                ..grant
+            },
+            &key,
+        )
+        .await
+        .expect_err("an id reused for another record");
+    assert!(
+        reused.to_string().contains("was used for another consent record"),
+        "{reused}"
+    );
+}
+
+/// The same thing learned again is kept once; said for another purpose (another agent's) it is
+/// another item; forgetting an old copy leaves the newer one's marker alone.
+async fn what_is_known_is_kept_once<S: MemoryBackend>(store: &S) {
+    let t = tenant("known");
+    let bank = MemoryBank::new(store, &t);
+    let ana = ItemScope::Subject(SubjectHandle::new("subj:ana").expect("handle"));
+    let said = |purpose: &str, at_ms: i64| MemoryItem {
+        purpose: Some(Purpose::new(purpose).expect("purpose")),
+        ..item(ana.clone(), MemoryType::Preference, "prefers German", at_ms)
+    };
+    let first = match bank.keep_new(&said("support", 1_000), 1_500).await.expect("kept") {
+        Kept::New(id) => id,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        bank.keep_new(&said("support", 2_000), 2_500).await.expect("kept"),
+        Kept::AlreadyKept(first)
+    );
+    let billing = bank.keep_new(&said("billing", 3_000), 3_500).await.expect("kept");
+    assert!(matches!(billing, Kept::New(id) if id != first), "{billing:?}");
+    // Expired, it is kept anew; forgetting the old copy then leaves the new one known.
+    let mut expiring = said("audit", 4_000);
+    expiring.expires_at_ms = Some(5_000);
+    let old = match bank.keep_new(&expiring, 4_500).await.expect("kept") {
+        Kept::New(id) => id,
+        other => panic!("{other:?}"),
+    };
+    let renewed = match bank.keep_new(&said("audit", 6_000), 6_500).await.expect("kept") {
+        Kept::New(id) => id,
+        other => panic!("{other:?}"),
+    };
+    assert!(bank.forget(&old).await.expect("forgotten"));
+    assert_eq!(
+        bank.keep_new(&said("audit", 7_000), 7_500).await.expect("kept"),
+        Kept::AlreadyKept(renewed)
+    );
+}
+
+/// Held candidates: one per thing proposed, never more than a scope may hold, deleted once
+/// lapsed, and forgotten with their subject's memory.
+async fn held_candidates_are_bounded_and_forgotten_with_their_subject<S: MemoryBackend>(store: &S) {
+    use contextos_runner::memory::held::{HOLD_MS, HeldCandidates};
+    let t = tenant("held");
+    let held = HeldCandidates::new(store, &t);
+    let ana = ItemScope::Subject(SubjectHandle::new("subj:ana").expect("handle"));
+    let candidate = |text: &str, at_ms: i64| MemoryItem {
+        purpose: Some(Purpose::new("support").expect("purpose")),
+        ..item(ana.clone(), MemoryType::Fact, text, at_ms)
+    };
+    let one = held
+        .hold(&candidate("likes tea", 1_000), "review", 1_000)
+        .await
+        .expect("held");
+    let again = held
+        .hold(&candidate("likes tea", 2_000), "review", 2_000)
+        .await
+        .expect("held");
+    assert_eq!(
+        one, again,
+        "proposed again (a retry, the next Session), it is one candidate"
+    );
+    held.hold(&candidate("likes coffee", 1_000), "review", 1_000)
+        .await
+        .expect("held");
+    assert_eq!(held.list(Some(&ana), 3_000).await.expect("listed").len(), 2);
+    // Lapsed candidates are not listed, and are deleted.
+    assert!(
+        held.list(Some(&ana), 1_000 + HOLD_MS)
+            .await
+            .expect("listed")
+            .is_empty()
+    );
+    assert!(
+        held.get(&one).await.expect("read").is_none(),
+        "deleted once lapsed"
+    );
+    held.hold(&candidate("likes water", 5_000), "review", 5_000)
+        .await
+        .expect("held");
+    let forgotten = MemoryBank::new(store, &t)
+        .forget_scope_and_held(&ana)
+        .await
+        .expect("forgotten");
+    assert_eq!(forgotten, 1);
+    assert!(held.list(None, 6_000).await.expect("listed").is_empty());
+}
+
 async fn suite<S: MemoryBackend>(store: &S) {
+    a_request_is_found_wherever_it_landed(store).await;
+    what_is_known_is_kept_once(store).await;
+    held_candidates_are_bounded_and_forgotten_with_their_subject(store).await;
     a_scope_is_forgotten_whole(store).await;
     recall_trusts_items_not_rows(store).await;
     consent_records_are_chained_and_verified(store).await;

@@ -618,6 +618,48 @@ async fn check_session_identity(env: &'static TestEnv, namespace: &str) -> Resul
             .is_err_and(|e| format!("{e:#}").contains("a new Session cannot carry resolutions")),
         "a Session was created with a resolution in it: {refused:?}"
     );
+    // A Session about a person reads their memory: only for whoever may read memory there.
+    let mut about_ana = session.clone();
+    about_ana["metadata"]["name"] = json!("alice-about-ana");
+    about_ana["spec"]["user"] = alice(json!([]), json!([]));
+    about_ana["spec"]["subject"] = json!("cust-ana");
+    let about_file = dir.path().join("alice-about-ana.json");
+    std::fs::write(&about_file, about_ana.to_string())?;
+    let about_path = about_file.to_string_lossy().into_owned();
+    let output = run(env, &["create", "-f", &about_path, "--as", "alice@example.com"]).await?;
+    let refusal = String::from_utf8_lossy(&output.stderr).into_owned();
+    ensure!(
+        !output.status.success()
+            && refusal
+                .contains("spec.subject: a Session about cust-ana lets its agent read that person's memory"),
+        "a Session about a person was admitted for someone who may not read memory: {refusal}"
+    );
+    grant(
+        &client,
+        namespace,
+        "alice-reads-memory",
+        PolicyRule {
+            api_groups: Some(vec!["contextos.dev".to_owned()]),
+            resources: Some(vec!["memories".to_owned()]),
+            verbs: vec!["get".to_owned()],
+            ..Default::default()
+        },
+        &["alice@example.com"],
+    )
+    .await?;
+    wait_for(
+        "a Session about a person to be admitted once its creator may read memory",
+        TIMEOUT,
+        || async {
+            let output = run(env, &["create", "-f", &about_path, "--as", "alice@example.com"]).await;
+            match output {
+                Ok(output) if output.status.success() => Check::Done(()),
+                Ok(output) => Check::NotYet(String::from_utf8_lossy(&output.stderr).into_owned()),
+                Err(err) => Check::NotYet(format!("{err:#}")),
+            }
+        },
+    )
+    .await?;
     // A pipeline granted the delegation right starts Sessions for others.
     grant(
         &client,

@@ -155,6 +155,10 @@ pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -
         }
     }
     if problem.is_none() {
+        problem = contextos_runner::memory::desk::source_problem(&pack.spec)
+            .map(|why| Invalid::new(reason::INVALID_SPEC, why));
+    }
+    if problem.is_none() {
         problem = fits(&pack.spec, &resolved);
     }
     let gate = Gated {

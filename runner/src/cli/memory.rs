@@ -231,7 +231,11 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
                 let scope: ItemScope = scope.parse().context("--scope")?;
                 let forgotten = match &store {
                     AnyStore::Gateway(remote) => RemoteMemory(remote).forget_scope(&scope).await?,
-                    local => MemoryBank::new(local, &tenant).forget_scope(&scope).await?,
+                    local => {
+                        MemoryBank::new(local, &tenant)
+                            .forget_scope_and_held(&scope)
+                            .await?
+                    }
                 };
                 println!("forgotten: {forgotten} items of scope {scope}");
             }

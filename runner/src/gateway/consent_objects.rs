@@ -87,15 +87,23 @@ pub fn record_of(consent: &Consent) -> Result<ConsentRecord, String> {
     Ok(record)
 }
 
-/// Whether the object's status already says it is chained (its spec cannot have changed since).
-fn already_recorded(consent: &Consent) -> bool {
+/// Whether the object's status already says what became of it — chained, or refused for good
+/// (its spec cannot change, so neither can the answer). Only a hint: chaining it again finds
+/// its record by request id and appends nothing.
+fn already_decided(consent: &Consent) -> bool {
     consent.status.as_ref().is_some_and(|s| {
-        s.link.is_some()
-            && s.conditions
-                .iter()
-                .any(|c| c.type_ == RECORDED && c.status == "True")
+        s.conditions.iter().any(|c| {
+            c.type_ == RECORDED
+                && c.observed_generation == consent.metadata.generation
+                && (c.status == "True" || c.reason != STORE_UNAVAILABLE)
+        })
     })
 }
+
+/// The reason on a Consent whose chaining waits for the store.
+const STORE_UNAVAILABLE: &str = "StoreUnavailable";
+/// Attempts to write a Consent's status.
+const STATUS_ATTEMPTS: u32 = 5;
 
 /// Watches Consent objects in every namespace and chains each new one, for as long as the
 /// gateway runs. Objects listed at start (or after the watch is lost) are chained oldest first.
@@ -131,7 +139,7 @@ pub async fn chain_consent_objects<S: MemoryBackend>(client: kube::Client, store
 /// Chains one object (waiting out a store that is unavailable: the objects after it must come
 /// after it in the chain) and writes its status.
 async fn chain_one<S: MemoryBackend>(client: &kube::Client, store: &S, keys: &TenantKeys, consent: &Consent) {
-    if already_recorded(consent) {
+    if already_decided(consent) {
         return;
     }
     let Some(namespace) = consent.namespace() else {
@@ -167,15 +175,26 @@ async fn chain_one<S: MemoryBackend>(client: &kube::Client, store: &S, keys: &Te
         "kind": "Consent",
         "status": status,
     });
-    if let Err(e) = api
-        .patch_status(
-            &consent.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await
-    {
-        tracing::warn!(consent = %consent.name_any(), %namespace, error = %e, "cannot write a Consent's status");
+    // Written again until it lands: a status that never says Recorded leaves the object to be
+    // chained again on the next listing (harmless — found by its request id — but a wait for
+    // `kubectl wait` that never ends).
+    for attempt in 1..=STATUS_ATTEMPTS {
+        match api
+            .patch_status(
+                &consent.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => return,
+            // Deleted meanwhile: what it recorded stays recorded.
+            Err(kube::Error::Api(status)) if status.code == 404 => return,
+            Err(e) => {
+                tracing::warn!(consent = %consent.name_any(), %namespace, attempt, error = %e, "cannot write a Consent's status");
+                tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
+            }
+        }
     }
 }
 

@@ -32,6 +32,9 @@ pub enum Change {
 pub enum Guard {
     Absent(Vec<u8>),
     Present(Vec<u8>),
+    /// The key is absent, or holds exactly this value (a marker that may be taken over only
+    /// from the holder it names).
+    AbsentOr(Vec<u8>, Vec<u8>),
 }
 
 /// Changes that apply together if their guard holds.
@@ -44,12 +47,17 @@ pub struct Write {
 impl Guard {
     pub fn key(&self) -> &[u8] {
         match self {
-            Self::Absent(key) | Self::Present(key) => key,
+            Self::Absent(key) | Self::Present(key) | Self::AbsentOr(key, _) => key,
         }
     }
 
-    pub fn holds(&self, present: bool) -> bool {
-        matches!(self, Self::Present(_)) == present
+    /// Whether the guard holds with `current` under its key.
+    pub fn holds(&self, current: Option<&[u8]>) -> bool {
+        match self {
+            Self::Absent(_) => current.is_none(),
+            Self::Present(_) => current.is_some(),
+            Self::AbsentOr(_, value) => current.is_none_or(|c| c == value.as_slice()),
+        }
     }
 }
 

@@ -95,16 +95,33 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
     /// still recallable at `now_ms`; then answers with that item. A model that learns the same
     /// fact in every session keeps it once, and a call retried after a crash keeps nothing
     /// twice. (Forgetting an item forgets that it was known: it may be kept again.)
+    /// The item saying what `item` says, if one is kept and recallable at `now_ms`.
+    pub async fn kept_already(&self, item: &MemoryItem, now_ms: i64) -> Result<Option<ItemId>, MemoryError> {
+        let holder = self
+            .store
+            .memory_get(&self.tenant, vec![keys::known(&self.tenant, item)])
+            .await?
+            .pop()
+            .flatten();
+        if let Some(id) = holder.as_deref().and_then(marker_item)
+            && let Ok(Some(known)) = self.get(&id).await
+            && known.expires_at_ms.is_none_or(|e| e > now_ms)
+        {
+            return Ok(Some(id));
+        }
+        Ok(None)
+    }
+
     pub async fn keep_new(&self, item: &MemoryItem, now_ms: i64) -> Result<Kept, MemoryError> {
         item.validate()?;
         let marker = keys::known(&self.tenant, item);
-        if let Some(kept) = self
+        let holder = self
             .store
             .memory_get(&self.tenant, vec![marker.clone()])
             .await?
             .pop()
-            .flatten()
-            && let Some(id) = Hash::parse(&String::from_utf8_lossy(&kept)).map(ItemId)
+            .flatten();
+        if let Some(id) = holder.as_deref().and_then(marker_item)
             && let Ok(Some(known)) = self.get(&id).await
             && known.expires_at_ms.is_none_or(|e| e > now_ms)
         {
@@ -112,15 +129,29 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
         }
         let id = item.id();
         let mut write = self.keep_write(&id, item);
+        // The marker is taken where no one holds it, or from the lapsed holder just read: of two
+        // Sessions keeping the same thing at once, one keeps it. (An item is new whenever its
+        // marker is free: its id holds the time it was kept, so only a retry of this very keep
+        // could find it stored already — and that finds the marker naming it, above.)
+        write.guard = match holder {
+            None => Guard::Absent(marker.clone()),
+            Some(lapsed) => Guard::AbsentOr(marker.clone(), lapsed),
+        };
         write
             .changes
-            .push(Change::Put(marker, id.to_string().into_bytes()));
-        let applied = self.store.memory_write(&self.tenant, vec![write]).await?;
-        Ok(if applied.first() == Some(&true) {
-            Kept::New(id)
-        } else {
-            Kept::AlreadyKept(id)
-        })
+            .push(Change::Put(marker.clone(), id.to_string().into_bytes()));
+        if self.store.memory_write(&self.tenant, vec![write]).await?.first() == Some(&true) {
+            return Ok(Kept::New(id));
+        }
+        let holder = self
+            .store
+            .memory_get(&self.tenant, vec![marker])
+            .await?
+            .pop()
+            .flatten();
+        Ok(Kept::AlreadyKept(
+            holder.as_deref().and_then(marker_item).unwrap_or(id),
+        ))
     }
 
     /// Keeps `items` in one transaction: all of them (with their index rows) or, if any is
@@ -204,18 +235,25 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
         };
         let applied = self
             .store
-            .memory_write(&self.tenant, vec![self.forget_write(id, &value)])
+            .memory_write(&self.tenant, self.forget_writes(id, &value))
             .await?;
         Ok(applied.first().copied().unwrap_or(false))
     }
 
-    /// The write removing the item `id` kept as `value`: the item, the rows its content names
-    /// and its word counts — or, if it no longer reads as an item, the item alone.
-    fn forget_write(&self, id: &ItemId, value: &[u8]) -> Write {
+    /// The writes removing the item `id` kept as `value`: the item, the rows its content names
+    /// and its word counts — or, if it no longer reads as an item, the item alone — and then its
+    /// "kept once" marker, if the marker still names this item (a newer item saying the same
+    /// keeps its own).
+    fn forget_writes(&self, id: &ItemId, value: &[u8]) -> Vec<Write> {
         let key = keys::item(&self.tenant, id);
         let mut changes = vec![Change::Delete(key.clone())];
+        let mut marker = None;
         if let Ok(item) = self.parse(id, value) {
-            changes.push(Change::Delete(keys::known(&self.tenant, &item)));
+            let known = keys::known(&self.tenant, &item);
+            marker = Some(Write {
+                guard: Guard::AbsentOr(known.clone(), id.to_string().into_bytes()),
+                changes: vec![Change::Delete(known)],
+            });
             let (rows, terms) = self.index_rows(id, &item);
             changes.extend(rows.into_iter().map(Change::Delete));
             changes.extend(
@@ -224,10 +262,12 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                     .map(|term| Change::Count(keys::term_count(&self.tenant, &item.scope, term, id), -1)),
             );
         }
-        Write {
+        let mut writes = vec![Write {
             guard: Guard::Present(key),
             changes,
-        }
+        }];
+        writes.extend(marker);
+        writes
     }
 
     /// Forgets every item of `scope` — a subject's whole memory, when they ask for it — a page
@@ -253,12 +293,17 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                     ids.iter().map(|id| keys::item(&self.tenant, id)).collect(),
                 )
                 .await?;
-            let mut writes: Vec<Write> = ids
-                .iter()
-                .zip(&values)
-                .filter_map(|(id, value)| value.as_ref().map(|value| self.forget_write(id, value)))
-                .collect();
+            // Each item's removal first, then the markers: the count is of the first `items`.
+            let (mut writes, mut markers): (Vec<Write>, Vec<Write>) = (Vec::new(), Vec::new());
+            for (id, value) in ids.iter().zip(&values) {
+                if let Some(value) = value {
+                    let mut item_writes = self.forget_writes(id, value).into_iter();
+                    writes.extend(item_writes.next());
+                    markers.extend(item_writes);
+                }
+            }
             let items = writes.len();
+            writes.append(&mut markers);
             // The scanned rows go too, whatever the items said their rows were (a changed item
             // names others; a gone one none), so the scan always moves on.
             writes.extend(rows.into_iter().map(|(key, _)| Write {
@@ -268,6 +313,16 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             let applied = self.store.memory_write(&self.tenant, writes).await?;
             forgotten += applied.iter().take(items).filter(|a| **a).count();
         }
+    }
+
+    /// Forgets a scope's items ([`Self::forget_scope`]) and the candidates held for it: a
+    /// subject's whole memory, when they ask for it; how many of both.
+    pub async fn forget_scope_and_held(&self, scope: &ItemScope) -> Result<usize, MemoryError> {
+        let items = self.forget_scope(scope).await?;
+        let held = super::held::HeldCandidates::new(self.store, &self.tenant)
+            .forget_scope(scope)
+            .await?;
+        Ok(items + held)
     }
 
     fn corrupt(&self, id: &ItemId, problem: String) -> MemoryError {
@@ -448,4 +503,9 @@ fn row_items(rows: &super::backend::Pairs) -> Result<Vec<ItemId>, MemoryError> {
             })
         })
         .collect()
+}
+
+/// The item a "kept once" marker names.
+fn marker_item(value: &[u8]) -> Option<ItemId> {
+    Hash::parse(std::str::from_utf8(value).ok()?).map(ItemId)
 }

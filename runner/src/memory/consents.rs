@@ -296,6 +296,14 @@ mod keys {
         format!("cx/{tenant}/m/h/{subject}").into_bytes()
     }
 
+    /// `cx/<tenant>/m/r/<subject>/<sha256 of the request id>` → the position it was appended at.
+    pub fn request(tenant: &TenantId, subject: &SubjectHandle, request_id: &str) -> Vec<u8> {
+        use sha2::Digest as _;
+        let mut key = format!("cx/{tenant}/m/r/{subject}/").into_bytes();
+        key.extend_from_slice(&sha2::Sha256::digest(request_id.as_bytes()));
+        key
+    }
+
     /// `cx/<tenant>/m/s/<subject>`: the subjects that have a history.
     pub fn subjects_prefix(tenant: &TenantId) -> Vec<u8> {
         format!("cx/{tenant}/m/s/").into_bytes()
@@ -361,6 +369,19 @@ impl<'s, S: MemoryBackend> ConsentBook<'s, S> {
             .validate()
             .map_err(|e| MemoryError::BadConsent(e.to_string()))?;
         let subject = record.subject.clone();
+        // A request with an id is found wherever it landed in the chain, not only among the
+        // newest links: sent again much later (a Consent object listed again after many
+        // records), it is never appended twice.
+        let request_key = record
+            .request_id
+            .as_deref()
+            .map(|id| keys::request(&self.tenant, &subject, id));
+        if let Some(request_key) = &request_key
+            && let Some(link) = self.requested(&subject, request_key).await?
+            && same_request(&link.record, &record).map_err(MemoryError::BadConsent)?
+        {
+            return Ok(link);
+        }
         for _ in 0..APPEND_ATTEMPTS {
             // The chain is extended only from a newest link its signed head vouches for (and so
             // for every link before it, through the hashes): a forged history is never signed
@@ -413,7 +434,14 @@ impl<'s, S: MemoryBackend> ConsentBook<'s, S> {
                         serde_json::to_vec(&head).unwrap_or_default(),
                     ),
                     Change::Put(keys::subject(&self.tenant, &subject), b"1".to_vec()),
-                ],
+                ]
+                .into_iter()
+                .chain(
+                    request_key
+                        .clone()
+                        .map(|request| Change::Put(request, seq.to_be_bytes().to_vec())),
+                )
+                .collect(),
             };
             if self.store.memory_write(&self.tenant, vec![write]).await?.first() == Some(&true) {
                 return Ok(link);
@@ -424,6 +452,43 @@ impl<'s, S: MemoryBackend> ConsentBook<'s, S> {
         Err(MemoryError::Store(StoreError::Backend(format!(
             "consent records of subject {subject} were appended by others {APPEND_ATTEMPTS} times while this one was; try again"
         ))))
+    }
+
+    /// The link a request id was appended as, if it was.
+    async fn requested(
+        &self,
+        subject: &SubjectHandle,
+        request_key: &[u8],
+    ) -> Result<Option<ConsentLink>, MemoryError> {
+        let Some(seq) = self
+            .store
+            .memory_get(&self.tenant, vec![request_key.to_vec()])
+            .await?
+            .pop()
+            .flatten()
+        else {
+            return Ok(None);
+        };
+        let seq = <[u8; 8]>::try_from(seq.as_slice())
+            .map(u64::from_be_bytes)
+            .map_err(|_| self.corrupt(subject, "a request's position is not 8 bytes"))?;
+        let link_key = keys::link(&self.tenant, subject, seq);
+        let value = self
+            .store
+            .memory_get(&self.tenant, vec![link_key.clone()])
+            .await?
+            .pop()
+            .flatten()
+            .ok_or_else(|| {
+                self.corrupt(subject, format!("a request names link {seq}, which is not there"))
+            })?;
+        self.decode(
+            subject,
+            &keys::chain_prefix(&self.tenant, subject),
+            &link_key,
+            &value,
+        )
+        .map(Some)
     }
 
     fn decode(

@@ -55,6 +55,17 @@ pub struct RecallAsk {
     pub max_items: usize,
 }
 
+impl RecallRecord {
+    /// Whether this recall answered `ask` (a replay offers a recorded recall only to the same
+    /// question).
+    pub fn answers(&self, ask: &RecallAsk) -> bool {
+        self.asked_scope == Some(ask.scope)
+            && self.memory_type == ask.memory_type
+            && self.query == ask.query
+            && self.max_items == ask.max_items
+    }
+}
+
 impl From<&MemorySource> for RecallAsk {
     fn from(source: &MemorySource) -> Self {
         Self {
@@ -93,6 +104,11 @@ pub struct RecallRecord {
     pub memory_type: Option<MemoryType>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub query: String,
+    /// The scope and the most items asked for (what a replay checks a candidate pack against).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked_scope: Option<MemoryScope>,
+    #[serde(default)]
+    pub max_items: usize,
     pub offered: Vec<ItemId>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<Exclusion>,
@@ -196,6 +212,21 @@ pub fn tool_schema(operation: MemoryOperation) -> Value {
             }
         }),
     }
+}
+
+/// Why a ContextPack's memory sources cannot be recalled, naming the field: a query must hold
+/// a word the index keeps (two characters or more) and at most a few words.
+pub fn source_problem(pack: &contextos_crds::ContextPackSpec) -> Option<String> {
+    pack.sources.iter().enumerate().find_map(|(i, source)| {
+        let query = source.memory.as_ref()?.query.as_deref()?;
+        match super::terms::query_terms(query) {
+            Err(why) => Some(format!("spec.sources[{i}].memory.query: {why}")),
+            Ok(terms) if terms.is_empty() => Some(format!(
+                "spec.sources[{i}].memory.query: {query:?} has no word of two characters or more; name the words every recalled item must hold, or remove the query for the newest items"
+            )),
+            Ok(_) => None,
+        }
+    })
 }
 
 /// Why an Agent's memory settings cannot run, naming the field and the fix: a memory tool
@@ -325,6 +356,8 @@ impl MemoryDesk {
             scope: None,
             memory_type: ask.memory_type,
             query: ask.query.clone(),
+            asked_scope: Some(ask.scope),
+            max_items: ask.max_items,
             offered: Vec::new(),
             excluded: Vec::new(),
             excluded_total: 0,
@@ -347,9 +380,20 @@ impl MemoryDesk {
             max_items: ask.max_items,
             purpose: purpose.clone(),
         };
-        let recalled = MemoryBank::new(store, &tenant)
-            .recall(&query, |item| admit(item, purpose.as_ref(), &ledger, now_ms))
-            .await?;
+        let recalled = match MemoryBank::new(store, &tenant)
+            .recall(&query, |item| self.admit(item, purpose.as_ref(), &ledger, now_ms))
+            .await
+        {
+            Ok(recalled) => recalled,
+            // Said on record, and nothing offered: a query the index cannot answer does not end
+            // the run (admission and the operator refuse such a source in a ContextPack).
+            Err(MemoryError::BadQuery(why)) => {
+                record.note = Some(why);
+                record.scope = Some(scope);
+                return Ok(record);
+            }
+            Err(e) => return Err(e),
+        };
         record.content = render(&recalled.offered);
         record.offered = recalled.offered.into_iter().map(|(id, _)| id).collect();
         record.excluded = recalled.excluded;
@@ -357,6 +401,35 @@ impl MemoryDesk {
         record.consent_head = head;
         record.scope = Some(scope);
         Ok(record)
+    }
+
+    /// Whether `item` may be offered to this agent's run now: [`admit`], with the item read
+    /// again by this agent's detectors (an item kept by an agent without the tenant's pattern
+    /// for badge numbers still holds badge numbers; a consent revoked for them counts) and under
+    /// the Agent's retention as it is now (a lowered `retainDays` applies to what was kept before).
+    fn admit(
+        &self,
+        item: &MemoryItem,
+        purpose: Option<&Purpose>,
+        consents: &ConsentLedger,
+        now_ms: i64,
+    ) -> Result<(), String> {
+        if let Some(retain) = self.retain_ms
+            && item.provenance.at_ms.saturating_add(retain) <= now_ms
+        {
+            return Err("it is older than the Agent's memory.retainDays".into());
+        }
+        let found = self
+            .classifier
+            .classify(&item.text)
+            .map(|c| c.categories())
+            .unwrap_or_default();
+        if found.is_subset(&item.categories) {
+            return admit(item, purpose, consents, now_ms);
+        }
+        let mut seen = item.clone();
+        seen.categories.extend(found);
+        admit(&seen, purpose, consents, now_ms)
     }
 
     /// A `recall` call's arguments as an ask.
@@ -443,14 +516,22 @@ impl MemoryDesk {
             },
             expires_at_ms: self.retain_ms.map(|r| at_ms.saturating_add(r)),
         };
+        let bank = MemoryBank::new(store, &tenant);
         record.item = Some(match hold {
+            Some(_) if let Some(kept) = bank.kept_already(&item, at_ms).await? => {
+                // Approved before: nothing is held again.
+                record.decision = Promotion::Promote {
+                    reason: format!("the same item is kept already ({kept})"),
+                };
+                kept
+            }
             // Held for a person (or a consent), never recalled meanwhile.
             Some(reason) => {
                 HeldCandidates::new(store, &tenant)
                     .hold(&item, &reason, at_ms)
                     .await?
             }
-            None => match MemoryBank::new(store, &tenant).keep_new(&item, at_ms).await? {
+            None => match bank.keep_new(&item, at_ms).await? {
                 Kept::New(id) | Kept::AlreadyKept(id) => id,
             },
         });
@@ -537,6 +618,62 @@ mod tests {
             .expect("decided");
         assert!(matches!(kept.decision, Promotion::Promote { .. }), "{kept:?}");
         assert!(kept.item.is_some());
+
+        // What another agent kept without the pattern is read again at recall: a badge number
+        // in the tenant's memory is personal data all the same, and is not offered; and what is
+        // older than this Agent's retention now is not offered either.
+        let tenant = TenantId::new("shop").expect("tenant");
+        let bank = MemoryBank::new(&store, &tenant);
+        let unscanned = MemoryItem {
+            scope: ItemScope::Tenant,
+            memory_type: MemoryType::Fact,
+            text: "door 4 opens for BADGE-654321".into(),
+            categories: Default::default(),
+            purpose: None,
+            provenance: Provenance {
+                run_id: "run-9".into(),
+                evidence: Vec::new(),
+                at_ms: 2_000,
+                context_pack: "sha256:pack".into(),
+                policies: Vec::new(),
+                reviewed_by: None,
+            },
+            expires_at_ms: None,
+        };
+        bank.keep(&unscanned).await.expect("kept without the pattern");
+        let ask = RecallAsk {
+            scope: MemoryScope::Tenant,
+            memory_type: None,
+            query: String::new(),
+            max_items: 10,
+        };
+        let recalled = desk
+            .recall(&store, &run, RecallFor::Source("site"), &ask, 4_000)
+            .await
+            .expect("recalled");
+        assert!(recalled.offered.is_empty(), "{recalled:?}");
+        assert!(
+            recalled.excluded[0]
+                .reason
+                .contains("personal data outside a subject's scope")
+        );
+        let later = 2_000 + 31 * DAY_MS;
+        let subject_ask = RecallAsk {
+            scope: MemoryScope::Subject,
+            ..ask
+        };
+        let recalled = desk
+            .recall(&store, &run, RecallFor::Source("person"), &subject_ask, later)
+            .await
+            .expect("recalled");
+        assert!(recalled.offered.is_empty(), "{recalled:?}");
+        assert!(
+            recalled
+                .excluded
+                .iter()
+                .all(|e| e.reason.contains("older than the Agent's memory.retainDays")),
+            "{recalled:?}"
+        );
         assert!(
             memory_problem(&contextos_crds::AgentSpec {
                 memory: Some(AgentMemory {
@@ -561,6 +698,29 @@ mod tests {
     }
 
     #[test]
+    fn a_memory_source_whose_query_the_index_cannot_answer_is_named() {
+        let pack = |query: &str| -> contextos_crds::ContextPackSpec {
+            serde_json::from_value(json!({
+                "instructions": "x",
+                "tokenBudget": 1024,
+                "sources": [
+                    {"name": "notes", "inline": "n"},
+                    {"name": "customer", "memory": {"scope": "subject", "query": query}}
+                ]
+            }))
+            .expect("pack")
+        };
+        assert_eq!(source_problem(&pack("invoice vat")), None);
+        for bad in ["a", "? !", "one two three four five six seven eight nine"] {
+            let problem = source_problem(&pack(bad)).expect("refused");
+            assert!(
+                problem.starts_with("spec.sources[1].memory.query:"),
+                "{bad}: {problem}"
+            );
+        }
+    }
+
+    #[test]
     fn memory_entries_read_back_as_they_were_written() {
         let item = ItemId(Hash::of(b"item"));
         let bodies = [
@@ -570,6 +730,8 @@ mod tests {
                 scope: Some(ItemScope::Tenant),
                 memory_type: Some(MemoryType::Preference),
                 query: "invoice".into(),
+                asked_scope: Some(MemoryScope::Tenant),
+                max_items: 20,
                 offered: vec![item],
                 excluded: vec![Exclusion {
                     item,

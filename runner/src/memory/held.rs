@@ -2,7 +2,8 @@
 //! must review them (`review: required`), or a consent must cover them first (`withoutConsent:
 //! hold`). A held candidate is never recalled. A person approves it (kept then, if consent
 //! covers it at that moment, with their name on its provenance) or rejects it; unreviewed, it
-//! lapses after [`HOLD_MS`].
+//! lapses after [`HOLD_MS`] and is deleted. A candidate is held by what it says: the same
+//! proposal made again (a call retried after a crash, the next Session) is one candidate.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,11 +14,14 @@ use super::{
     consents::ConsentBook,
     keys,
 };
-use crate::records::{StoreError, TenantId};
+use crate::records::{Hash, StoreError, TenantId};
 
-/// How long a candidate is held for review (30 days); then it lapses, unkept.
+/// How long a candidate is held for review (30 days); then it lapses, unkept, and is deleted.
 pub const HOLD_MS: i64 = 30 * 24 * 60 * 60 * 1000;
-/// Held candidates read at most per listing.
+/// Candidates one scope may have waiting: a model proposing without end cannot bury a
+/// subject's candidates (or their listing) under its own.
+pub const MAX_HELD_PER_SCOPE: usize = 1_000;
+/// Candidates read at most per listing of the whole tenant (a scope's listing is complete).
 const MAX_LISTED: usize = 5_000;
 
 /// A candidate as held.
@@ -37,6 +41,11 @@ impl Held {
     }
 }
 
+/// A held candidate's id: what it says (see [`keys::what_it_says`]).
+pub fn held_id(item: &MemoryItem) -> ItemId {
+    ItemId(Hash(keys::what_it_says(item)))
+}
+
 /// One tenant's held candidates in `store`.
 #[derive(Debug)]
 pub struct HeldCandidates<'s, S> {
@@ -54,82 +63,136 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
 
     fn corrupt(&self, id: &ItemId, problem: String) -> MemoryError {
         MemoryError::Store(StoreError::Corrupt {
-            key: format!("cx/{}/m/h/{id}", self.tenant),
+            key: format!("cx/{}/m/q/{id}", self.tenant),
             problem,
         })
     }
 
-    /// Holds `item` (validated) for `reason`; its id. Held twice, it is one candidate.
+    fn decode(&self, id: &ItemId, bytes: &[u8]) -> Result<Held, MemoryError> {
+        let held: Held = serde_json::from_slice(bytes).map_err(|e| self.corrupt(id, e.to_string()))?;
+        if held_id(&held.item) == *id {
+            Ok(held)
+        } else {
+            Err(self.corrupt(id, "the candidate is not held under what it says".into()))
+        }
+    }
+
+    /// Holds `item` (validated) for `reason`; its id. Held again, it is the same candidate.
     pub async fn hold(&self, item: &MemoryItem, reason: &str, at_ms: i64) -> Result<ItemId, MemoryError> {
         item.validate()?;
-        let id = item.id();
+        let id = held_id(item);
+        if self.get(&id).await?.is_some_and(|held| !held.lapsed(at_ms)) {
+            return Ok(id);
+        }
+        let in_scope = keys::held_in_scope_prefix(&self.tenant, &item.scope);
+        let waiting = self
+            .store
+            .memory_scan(
+                &self.tenant,
+                in_scope.clone(),
+                keys::prefix_end(&in_scope),
+                MAX_HELD_PER_SCOPE,
+            )
+            .await?;
+        if waiting.len() >= MAX_HELD_PER_SCOPE {
+            self.sweep(Some(&item.scope), at_ms).await?;
+            return Err(MemoryError::Invalid(format!(
+                "{MAX_HELD_PER_SCOPE} candidates of scope {} wait for review already; review them (contextos memory held) before more are held",
+                item.scope
+            )));
+        }
         let held = Held {
             item: item.clone(),
             reason: reason.to_owned(),
             held_at_ms: at_ms,
         };
-        let key = keys::held(&self.tenant, &id);
         // Plain data with string keys: serialization cannot fail.
         let write = Write {
-            guard: Guard::Absent(key.clone()),
-            changes: vec![Change::Put(key, serde_json::to_vec(&held).unwrap_or_default())],
+            guard: Guard::Absent(keys::held(&self.tenant, &id)),
+            changes: vec![
+                Change::Put(
+                    keys::held(&self.tenant, &id),
+                    serde_json::to_vec(&held).unwrap_or_default(),
+                ),
+                Change::Put(keys::held_in_scope(&self.tenant, &item.scope, &id), b"1".to_vec()),
+            ],
         };
-        self.store.memory_write(&self.tenant, vec![write]).await?;
+        if self.store.memory_write(&self.tenant, vec![write]).await?.first() != Some(&true) {
+            // A lapsed candidate under the same id: replaced by this one.
+            self.remove(&id, &item.scope).await?;
+            return Box::pin(self.hold(item, reason, at_ms)).await;
+        }
         Ok(id)
     }
 
     /// The held candidate `id`, lapsed or not.
     pub async fn get(&self, id: &ItemId) -> Result<Option<Held>, MemoryError> {
-        let value = self
-            .store
+        self.store
             .memory_get(&self.tenant, vec![keys::held(&self.tenant, id)])
             .await?
             .pop()
-            .flatten();
-        value
-            .map(|bytes| {
-                let held: Held =
-                    serde_json::from_slice(&bytes).map_err(|e| self.corrupt(id, e.to_string()))?;
-                if held.item.id() == *id {
-                    Ok(held)
-                } else {
-                    Err(self.corrupt(
-                        id,
-                        "the candidate does not hash to the id it is held under".into(),
-                    ))
-                }
-            })
+            .flatten()
+            .map(|bytes| self.decode(id, &bytes))
             .transpose()
     }
 
-    /// Candidates held now (not lapsed), of `scope` if given.
+    /// Candidates held now, of `scope` if given (complete for a scope; the first
+    /// [`MAX_LISTED`] of the tenant otherwise). Lapsed ones met on the way are deleted.
     pub async fn list(
         &self,
         scope: Option<&ItemScope>,
         now_ms: i64,
     ) -> Result<Vec<(ItemId, Held)>, MemoryError> {
-        let prefix = keys::held_prefix(&self.tenant);
-        let end = keys::prefix_end(&prefix);
+        let found = self.read(scope).await?;
+        let (lapsed, held): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, h)| h.lapsed(now_ms));
+        for (id, candidate) in &lapsed {
+            self.remove(id, &candidate.item.scope).await?;
+        }
+        Ok(held)
+    }
+
+    async fn read(&self, scope: Option<&ItemScope>) -> Result<Vec<(ItemId, Held)>, MemoryError> {
+        let (prefix, limit) = match scope {
+            Some(scope) => (
+                keys::held_in_scope_prefix(&self.tenant, scope),
+                MAX_HELD_PER_SCOPE,
+            ),
+            None => (keys::held_prefix(&self.tenant), MAX_LISTED),
+        };
         let pairs = self
             .store
-            .memory_scan(&self.tenant, prefix.clone(), end, MAX_LISTED)
+            .memory_scan(&self.tenant, prefix.clone(), keys::prefix_end(&prefix), limit)
             .await?;
-        let mut out = Vec::new();
-        for (key, value) in pairs {
-            let Some(id) = key
-                .strip_prefix(prefix.as_slice())
-                .and_then(|raw| <[u8; 32]>::try_from(raw).ok())
-                .map(|raw| ItemId(crate::records::Hash(raw)))
-            else {
-                continue;
-            };
-            let held: Held = serde_json::from_slice(&value).map_err(|e| self.corrupt(&id, e.to_string()))?;
-            if held.lapsed(now_ms) || scope.is_some_and(|s| *s != held.item.scope) {
-                continue;
+        let ids: Vec<ItemId> = pairs
+            .iter()
+            .filter_map(|(key, _)| {
+                let raw: [u8; 32] = key.strip_prefix(prefix.as_slice())?.try_into().ok()?;
+                Some(ItemId(Hash(raw)))
+            })
+            .collect();
+        let values = match scope {
+            None => pairs.into_iter().map(|(_, value)| Some(value)).collect(),
+            Some(_) => {
+                self.store
+                    .memory_get(
+                        &self.tenant,
+                        ids.iter().map(|id| keys::held(&self.tenant, id)).collect(),
+                    )
+                    .await?
             }
-            out.push((id, held));
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, value) in ids.into_iter().zip(values) {
+            if let Some(bytes) = value {
+                out.push((id, self.decode(&id, &bytes)?));
+            }
         }
         Ok(out)
+    }
+
+    /// Deletes the lapsed candidates of `scope` (or of the first page of the tenant).
+    async fn sweep(&self, scope: Option<&ItemScope>, now_ms: i64) -> Result<(), MemoryError> {
+        self.list(scope, now_ms).await.map(drop)
     }
 
     /// Keeps the held candidate `id`, reviewed by `reviewer`, if `admit` lets it through now
@@ -146,6 +209,7 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
             .await?
             .ok_or_else(|| MemoryError::Invalid(format!("no candidate {id} is held")))?;
         if held.lapsed(now_ms) {
+            self.remove(id, &held.item.scope).await?;
             return Err(MemoryError::Invalid(format!(
                 "candidate {id} lapsed: it was held more than 30 days without review"
             )));
@@ -160,7 +224,7 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
         let kept = MemoryBank::new(self.store, &self.tenant)
             .keep_new(&item, now_ms)
             .await?;
-        self.reject(id).await?;
+        self.remove(id, &item.scope).await?;
         Ok(kept)
     }
 
@@ -193,10 +257,35 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
 
     /// Drops the held candidate `id`; whether it was held.
     pub async fn reject(&self, id: &ItemId) -> Result<bool, MemoryError> {
+        match self.get(id).await? {
+            Some(held) => self.remove(id, &held.item.scope).await,
+            None => Ok(false),
+        }
+    }
+
+    /// Forgets every candidate of `scope` (with the rest of a subject's memory); how many.
+    pub async fn forget_scope(&self, scope: &ItemScope) -> Result<usize, MemoryError> {
+        let mut forgotten = 0;
+        loop {
+            let found = self.read(Some(scope)).await?;
+            if found.is_empty() {
+                return Ok(forgotten);
+            }
+            for (id, _) in found {
+                forgotten += usize::from(self.remove(&id, scope).await?);
+            }
+        }
+    }
+
+    /// Deletes candidate `id` of `scope` and its scope's index row; whether it was there.
+    async fn remove(&self, id: &ItemId, scope: &ItemScope) -> Result<bool, MemoryError> {
         let key = keys::held(&self.tenant, id);
         let write = Write {
             guard: Guard::Present(key.clone()),
-            changes: vec![Change::Delete(key)],
+            changes: vec![
+                Change::Delete(key),
+                Change::Delete(keys::held_in_scope(&self.tenant, scope, id)),
+            ],
         };
         Ok(self.store.memory_write(&self.tenant, vec![write]).await?.first() == Some(&true))
     }

@@ -3,13 +3,17 @@
 //! TiKV), so no scan reaches another tenant.
 //!
 //! - `i/<id>` → the item's JSON;
-//! - `k/<content>` → the id of the item saying that (see [`known`]);
-//! - `h/<id>` → a held candidate (see [`super::held`]);
+//! - `k/<what it says>` → the id of the item saying that (see [`known`]);
+//! - `q/<what it says>` → a held candidate, `p/<scope>/<what it says>` its scope's index (see
+//!   [`super::held`]);
 //! - `x/<scope>/<type or *>/<newest><id>` → index of a scope's items, newest first, by type and
 //!   of all types;
 //! - `w/<scope>/<term><newest><id>` → index of a scope's items by word;
 //! - `n/<scope>/<term><shard>` → how many items of the scope hold the word, in
 //!   [`COUNT_SHARDS`] rows (the rarest word of a query is the one scanned).
+//!
+//! (Subjects' consent chains are beside them: `c/`, `h/`, `r/`, `s/`, see
+//! [`super::consents`].)
 //!
 //! `<newest>` is `u64::MAX − promoted-at ms`, big-endian, so ascending key order is newest
 //! first; `<id>` and `<term>` are 32 raw bytes. Scopes and type names hold no `/`.
@@ -35,7 +39,8 @@ pub fn item(tenant: &TenantId, id: &ItemId) -> Vec<u8> {
     key
 }
 
-/// A held candidate (`h/<id>`, see [`super::held`]).
+/// A held candidate (`q/<what it says>`, see [`super::held`]): held by what it says, so the
+/// same proposal held again (a retried call, the next Session) is one candidate.
 pub fn held(tenant: &TenantId, id: &ItemId) -> Vec<u8> {
     let mut key = held_prefix(tenant);
     key.extend_from_slice(&id.0.0);
@@ -44,24 +49,45 @@ pub fn held(tenant: &TenantId, id: &ItemId) -> Vec<u8> {
 
 /// Where a tenant's held candidates are.
 pub fn held_prefix(tenant: &TenantId) -> Vec<u8> {
-    format!("{}h/", base(tenant)).into_bytes()
+    format!("{}q/", base(tenant)).into_bytes()
 }
 
-/// The marker of what an item says (`k/<sha256 of scope, type and text>` → the id of the item
-/// that says it): the same thing learned again is kept once.
-pub fn known(tenant: &TenantId, item: &super::MemoryItem) -> Vec<u8> {
+/// The held candidates of `scope` (`p/<scope>/<what it says>` → nothing): a subject's are
+/// found, and forgotten, with the rest of their memory.
+pub fn held_in_scope_prefix(tenant: &TenantId, scope: &ItemScope) -> Vec<u8> {
+    format!("{}p/{scope}/", base(tenant)).into_bytes()
+}
+
+pub fn held_in_scope(tenant: &TenantId, scope: &ItemScope, id: &ItemId) -> Vec<u8> {
+    let mut key = held_in_scope_prefix(tenant, scope);
+    key.extend_from_slice(&id.0.0);
+    key
+}
+
+/// What an item says, as a hash: its scope, type, text, purpose and the personal data found in
+/// it (the same text kept for another purpose is another item).
+pub fn what_it_says(item: &super::MemoryItem) -> [u8; 32] {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
+    let categories: Vec<String> = item.categories.iter().map(ToString::to_string).collect();
     for part in [
         item.scope.to_string().as_bytes(),
         type_name(Some(item.memory_type)).as_bytes(),
         item.text.as_bytes(),
+        item.purpose.as_ref().map_or(&b""[..], |p| p.as_str().as_bytes()),
+        categories.join(",").as_bytes(),
     ] {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part);
     }
+    hasher.finalize().into()
+}
+
+/// The marker of what an item says (`k/<what it says>` → the id of the item that says it): the
+/// same thing learned again is kept once.
+pub fn known(tenant: &TenantId, item: &super::MemoryItem) -> Vec<u8> {
     let mut key = format!("{}k/", base(tenant)).into_bytes();
-    key.extend_from_slice(&hasher.finalize());
+    key.extend_from_slice(&what_it_says(item));
     key
 }
 

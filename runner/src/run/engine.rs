@@ -131,6 +131,10 @@ pub enum RunError {
     NoRun { tenant: String, session: String },
     #[error("run {run_id}: {problem}")]
     Corrupt { run_id: String, problem: String },
+    #[error(
+        "ContextPack memory source {name} asks for other memory than the recorded run was offered (another scope, type, query or number of items, or a new source): a replay cannot know what it would recall; an approver may promote the candidate without a replay (annotation contextos.dev/promote-without-replay)"
+    )]
+    MemorySourceChanged { name: String },
     #[error("Session {session}: spec.subject: {problem}")]
     BadSubject { session: String, problem: String },
     #[error(transparent)]
@@ -404,9 +408,6 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         recorder: &mut Recorder<'_, S>,
         signed: &SignedRunContext,
     ) -> Result<Vec<RecallRecord>, RunError> {
-        if let Mode::Replay { recalled, .. } = &self.mode {
-            return Ok(recalled.clone());
-        }
         let sources: Vec<_> = self
             .bundle
             .context_pack
@@ -417,6 +418,22 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             .collect();
         if sources.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Mode::Replay { recalled, .. } = &self.mode {
+            // What the original run was offered, for the very same questions: a candidate that
+            // recalls differently cannot be judged by replaying this run.
+            return sources
+                .iter()
+                .map(|(name, ask)| {
+                    recalled
+                        .iter()
+                        .find(|r| r.source.as_deref() == Some(name) && r.answers(ask))
+                        .cloned()
+                        .ok_or_else(|| RunError::MemorySourceChanged {
+                            name: (*name).to_owned(),
+                        })
+                })
+                .collect();
         }
         if let Some(remote) = self.remote {
             let (tail, prepared) = service_tail::tail_of(recorder).await?;

@@ -101,7 +101,7 @@ where
         let (tenant, person) = service.permitted_person(&headers, Access::ForgetMemory).await?;
         let scope: ItemScope = scope.parse().map_err(super::consent_api::refusal)?;
         let forgotten = MemoryBank::new(&service.store, &tenant)
-            .forget_scope(&scope)
+            .forget_scope_and_held(&scope)
             .await
             .map_err(super::consent_api::refusal)?;
         tracing::info!(user = %person.username, namespace = %tenant, %scope, forgotten, "memory scope forgotten");

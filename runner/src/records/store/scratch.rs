@@ -194,7 +194,9 @@ impl MemoryBackend for ScratchStore {
         let mut memory = self.memory()?;
         let mut applied = Vec::with_capacity(writes.len());
         for write in writes {
-            let holds = write.guard.holds(memory.contains_key(write.guard.key()));
+            let holds = write
+                .guard
+                .holds(memory.get(write.guard.key()).map(Vec::as_slice));
             applied.push(holds);
             if !holds {
                 continue;

@@ -348,12 +348,8 @@ impl TikvStore {
             let mut applied = Vec::with_capacity(writes.len());
             for write in writes {
                 // The transaction reads its own buffered writes: a guard sees the writes before it.
-                let present = txn
-                    .get(write.guard.key().to_vec())
-                    .await
-                    .map_err(backend)?
-                    .is_some();
-                let holds = write.guard.holds(present);
+                let current = txn.get(write.guard.key().to_vec()).await.map_err(backend)?;
+                let holds = write.guard.holds(current.as_deref());
                 applied.push(holds);
                 if !holds {
                     continue;

@@ -581,8 +581,10 @@ impl MemoryBackend for EmbeddedStore {
             {
                 let mut memory = txn.open_table(MEMORY).map_err(backend)?;
                 for write in writes {
-                    let present = memory.get(write.guard.key()).map_err(backend)?.is_some();
-                    let holds = write.guard.holds(present);
+                    let holds = {
+                        let current = memory.get(write.guard.key()).map_err(backend)?;
+                        write.guard.holds(current.as_ref().map(|v| v.value()))
+                    };
                     applied.push(holds);
                     if !holds {
                         continue;

@@ -883,13 +883,7 @@ impl ToolGateway {
                 }
             }
         };
-        recorder.stage(EntryBody::ToolResult(result.clone()));
-        if result.ok
-            && let Ok(mut completed) = self.completed.lock()
-        {
-            completed.insert(call.idempotency_key.clone(), result.clone());
-        }
-        result
+        self.settle_result(call, result, recorder)
     }
 
     /// A memory tool's call, carried out in the store the run is recorded to: the candidate
@@ -969,6 +963,17 @@ impl ToolGateway {
                 truncated: false,
             },
         };
+        self.settle_result(call, result, recorder)
+    }
+
+    /// Records an executed call's result, and remembers a success by its idempotency key (a
+    /// call resubmitted after a crash answers from it).
+    fn settle_result<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        result: ToolResultRecord,
+        recorder: &mut Recorder<'_, S>,
+    ) -> ToolResultRecord {
         recorder.stage(EntryBody::ToolResult(result.clone()));
         if result.ok
             && let Ok(mut completed) = self.completed.lock()

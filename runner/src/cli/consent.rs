@@ -101,14 +101,7 @@ impl Book<'_> {
                 let key_path = global.key_path();
                 let key = KeyPair::load_or_create(&key_path)
                     .with_context(|| format!("the signing key {}", key_path.display()))?;
-                let by = about.by.unwrap_or_else(|| {
-                    format!(
-                        "local:{}",
-                        std::env::var("USER")
-                            .or_else(|_| std::env::var("LOGNAME"))
-                            .unwrap_or_else(|_| "unknown".into())
-                    )
-                });
+                let by = about.by.unwrap_or_else(GlobalArgs::local_user);
                 book.append(request.into_record(by, now_ms()), &key).await?
             }
             Self::Gateway(remote) => {

@@ -10,9 +10,9 @@ use clap::Subcommand;
 use contextos_runner::{
     memory::{
         ItemId, ItemScope, MAX_RECALL_ITEMS, RecallQuery,
-        bank::{Kept, MemoryBank},
+        bank::MemoryBank,
         held::HeldCandidates,
-        remote::{Approved, HeldListed, Listed, RemoteMemory, parse_type, type_name},
+        remote::{HeldListed, Listed, RemoteMemory, parse_type, type_name},
     },
     records::{AnyStore, Hash, recorder::now_ms},
 };
@@ -169,28 +169,12 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
                     RemoteMemory(remote).approve(&id).await?
                 }
                 local => {
-                    let by = by.unwrap_or_else(|| {
-                        format!(
-                            "local:{}",
-                            std::env::var("USER")
-                                .or_else(|_| std::env::var("LOGNAME"))
-                                .unwrap_or_else(|_| "unknown".into())
-                        )
-                    });
+                    let by = by.unwrap_or_else(GlobalArgs::local_user);
                     let key = global.verifying_key(None)?;
-                    match HeldCandidates::new(local, &tenant)
+                    HeldCandidates::new(local, &tenant)
                         .approve_under_consent(&id, &by, now_ms(), &key)
                         .await?
-                    {
-                        Kept::New(item) => Approved {
-                            item,
-                            already_kept: false,
-                        },
-                        Kept::AlreadyKept(item) => Approved {
-                            item,
-                            already_kept: true,
-                        },
-                    }
+                        .into()
                 }
             };
             println!(

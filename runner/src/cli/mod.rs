@@ -158,6 +158,17 @@ impl GlobalArgs {
             .with_context(|| format!("opening the record store {location:?}"))
     }
 
+    /// Who a person at this terminal is, for what a local store records in their name
+    /// (`local:<login>`); a gateway takes it from their token instead.
+    fn local_user() -> String {
+        format!(
+            "local:{}",
+            std::env::var("USER")
+                .or_else(|_| std::env::var("LOGNAME"))
+                .unwrap_or_else(|_| "unknown".into())
+        )
+    }
+
     fn key_path(&self) -> PathBuf {
         self.data_dir.join("keys").join("signing.key")
     }

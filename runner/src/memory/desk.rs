@@ -55,17 +55,6 @@ pub struct RecallAsk {
     pub max_items: usize,
 }
 
-impl RecallRecord {
-    /// Whether this recall answered `ask` (a replay offers a recorded recall only to the same
-    /// question).
-    pub fn answers(&self, ask: &RecallAsk) -> bool {
-        self.asked_scope == Some(ask.scope)
-            && self.memory_type == ask.memory_type
-            && self.query == ask.query
-            && self.max_items == ask.max_items
-    }
-}
-
 impl From<&MemorySource> for RecallAsk {
     fn from(source: &MemorySource) -> Self {
         Self {
@@ -122,6 +111,17 @@ pub struct RecallRecord {
     pub note: Option<String>,
     /// What the run was given.
     pub content: String,
+}
+
+impl RecallRecord {
+    /// Whether this recall answered `ask` (a replay offers a recorded recall only to the same
+    /// question).
+    pub fn answers(&self, ask: &RecallAsk) -> bool {
+        self.asked_scope == Some(ask.scope)
+            && self.memory_type == ask.memory_type
+            && self.query == ask.query
+            && self.max_items == ask.max_items
+    }
 }
 
 /// A `remember` call's candidate as the record keeps it: what was proposed (not its text, which
@@ -233,11 +233,7 @@ pub fn source_problem(pack: &contextos_crds::ContextPackSpec) -> Option<String> 
 /// needs the Agent's `spec.memory` (without it nothing could be kept or told apart by purpose).
 pub fn memory_problem(spec: &contextos_crds::AgentSpec) -> Option<String> {
     if let Some(memory) = &spec.memory
-        && let Err(e) = MemoryDesk::new(
-            "agent",
-            Some(memory),
-            crate::keys::KeyPair::from_seed([0; 32]).public(),
-        )
+        && let Err(e) = rules("agent", memory)
     {
         return Some(e);
     }
@@ -254,6 +250,33 @@ pub fn memory_problem(spec: &contextos_crds::AgentSpec) -> Option<String> {
     })
 }
 
+/// An Agent's memory policy and the detectors its candidates are classified with, or what is
+/// wrong with its `spec.memory` (naming the field).
+fn rules(agent: &str, spec: &AgentMemory) -> Result<(MemoryPolicy, Arc<Classifier>), String> {
+    let purpose = Purpose::new(&spec.purpose).map_err(|e| format!("spec.memory.purpose: {e}"))?;
+    let policy = MemoryPolicy {
+        agent: agent.to_owned(),
+        purpose,
+        keeps: spec.keep.iter().map(|k| (k.memory_type, k.scope)).collect(),
+        review: spec.review,
+        without_consent: spec.without_consent,
+    };
+    let classifier = if spec.patterns.is_empty() {
+        built_in()
+    } else {
+        let patterns: Vec<TenantPattern> = spec
+            .patterns
+            .iter()
+            .map(|p| TenantPattern {
+                name: p.name.clone(),
+                regex: p.regex.clone(),
+            })
+            .collect();
+        Arc::new(Classifier::with_patterns(&patterns).map_err(|e| format!("spec.memory.patterns: {e}"))?)
+    };
+    Ok((policy, classifier))
+}
+
 /// The built-in detectors, compiled once for every desk without patterns of its own.
 fn built_in() -> Arc<Classifier> {
     static BUILT_IN: OnceLock<Arc<Classifier>> = OnceLock::new();
@@ -264,32 +287,12 @@ impl MemoryDesk {
     /// The desk of agent `agent` with memory rules `spec` (none: it keeps nothing); consent
     /// heads are verified against `consent_key`.
     pub fn new(agent: &str, spec: Option<&AgentMemory>, consent_key: PublicKey) -> Result<Self, String> {
-        let policy = spec
-            .map(|spec| {
-                let purpose = Purpose::new(&spec.purpose).map_err(|e| format!("spec.memory.purpose: {e}"))?;
-                Ok::<_, String>(MemoryPolicy {
-                    agent: agent.to_owned(),
-                    purpose,
-                    keeps: spec.keep.iter().map(|k| (k.memory_type, k.scope)).collect(),
-                    review: spec.review,
-                    without_consent: spec.without_consent,
-                })
-            })
-            .transpose()?;
-        let classifier = match spec.map(|s| s.patterns.as_slice()).unwrap_or_default() {
-            [] => built_in(),
-            patterns => {
-                let patterns: Vec<TenantPattern> = patterns
-                    .iter()
-                    .map(|p| TenantPattern {
-                        name: p.name.clone(),
-                        regex: p.regex.clone(),
-                    })
-                    .collect();
-                Arc::new(
-                    Classifier::with_patterns(&patterns).map_err(|e| format!("spec.memory.patterns: {e}"))?,
-                )
+        let (policy, classifier) = match spec {
+            Some(spec) => {
+                let (policy, classifier) = rules(agent, spec)?;
+                (Some(policy), classifier)
             }
+            None => (None, built_in()),
         };
         Ok(Self {
             policy,

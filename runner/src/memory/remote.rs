@@ -35,6 +35,21 @@ pub struct Approved {
     pub already_kept: bool,
 }
 
+impl From<super::bank::Kept> for Approved {
+    fn from(kept: super::bank::Kept) -> Self {
+        match kept {
+            super::bank::Kept::New(item) => Self {
+                item,
+                already_kept: false,
+            },
+            super::bank::Kept::AlreadyKept(item) => Self {
+                item,
+                already_kept: true,
+            },
+        }
+    }
+}
+
 /// One listed item.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listed {

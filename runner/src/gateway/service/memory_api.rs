@@ -16,7 +16,7 @@ use axum::{
 use super::*;
 use crate::memory::{
     ItemId, ItemScope, MAX_RECALL_ITEMS, RecallQuery,
-    bank::{Kept, MemoryBank},
+    bank::MemoryBank,
     held::HeldCandidates,
     remote::{Approved, Forgotten, HeldListed, Listed, parse_type},
 };
@@ -144,13 +144,10 @@ where
             .approve_under_consent(&id, &person.username, now_ms(), &key)
             .await
             .map_err(super::consent_api::refusal)?;
-        let (item, already_kept) = match kept {
-            Kept::New(item) => (item, false),
-            Kept::AlreadyKept(item) => (item, true),
-        };
+        let approved = Approved::from(kept);
         // The audit trail of who kept what about whom.
-        tracing::info!(user = %person.username, namespace = %tenant, candidate = %id, %item, "held memory candidate approved");
-        Ok(Json(Approved { item, already_kept }).into_response())
+        tracing::info!(user = %person.username, namespace = %tenant, candidate = %id, item = %approved.item, "held memory candidate approved");
+        Ok(Json(approved).into_response())
     }
 
     pub(super) async fn memory_reject_held(

@@ -23,3 +23,4 @@ pub mod records;
 pub mod run;
 pub mod run_context;
 pub mod signals;
+pub mod vault;

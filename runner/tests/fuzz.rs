@@ -324,6 +324,7 @@ fn chain_seed(fx: &Fixtures) -> Vec<Vec<u8>> {
                 prev,
                 at_ms: fx.now,
                 body,
+                vaulted: None,
             };
             let stored = StoredEntry::seal(&entry);
             prev = Some(stored.hash);

@@ -1800,6 +1800,10 @@ struct LosesAResult {
 
 /// Memory as the scratch store keeps it (this store loses only results).
 impl contextos_runner::memory::backend::MemoryBackend for LosesAResult {
+    fn key_rings(&self) -> &contextos_runner::vault::kek::KeyRings {
+        self.inner.key_rings()
+    }
+
     async fn memory_get(
         &self,
         tenant: &TenantId,

@@ -21,6 +21,153 @@ struct Cli<'a> {
     store: Option<String>,
 }
 
+/// What the customer said and what the run learned about them, none of which may ever be in
+/// the store in the clear (a run about a subject records it under their key).
+const THEIR_DATA: [&str; 4] = [
+    "wrong VAT number",
+    "ana.lopez@example.com",
+    "Prefers replies in German",
+    "Wir melden uns kurz",
+];
+
+impl Cli<'_> {
+    /// Every byte the store holds: the embedded store's files, or every key and value of the
+    /// tenant's range in TiKV.
+    fn raw_store(&self) -> Vec<u8> {
+        match &self.store {
+            None => {
+                let mut bytes = Vec::new();
+                for entry in std::fs::read_dir(self.data_dir).expect("data dir") {
+                    let path = entry.expect("entry").path();
+                    if path.is_file() {
+                        bytes.extend(std::fs::read(&path).expect("read"));
+                    }
+                }
+                bytes
+            }
+            Some(url) => tikv_raw(url.strip_prefix("tikv://").expect("tikv url")),
+        }
+    }
+}
+
+#[cfg(feature = "tikv")]
+fn tikv_raw(pd: &str) -> Vec<u8> {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let client = tikv_client::TransactionClient::new(vec![pd.to_owned()])
+            .await
+            .expect("tikv");
+        let mut txn = client.begin_optimistic().await.expect("txn");
+        let mut bytes = Vec::new();
+        let pairs = txn
+            .scan(b"cx/".to_vec()..b"cx0".to_vec(), u32::MAX)
+            .await
+            .expect("scan");
+        for pair in pairs {
+            bytes.extend_from_slice(Vec::<u8>::from(pair.0.clone()).as_slice());
+            bytes.extend_from_slice(pair.1.as_slice());
+        }
+        txn.rollback().await.expect("rollback");
+        bytes
+    })
+}
+
+#[cfg(not(feature = "tikv"))]
+fn tikv_raw(_: &str) -> Vec<u8> {
+    unreachable!("TiKV tests need the tikv feature")
+}
+
+fn holds(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Erases the customer: their data is unreadable everywhere (it never was in the store in
+/// the clear, and now their key is gone, and a copy of the key ring from before does not open
+/// the store either), every record still verifies, and their runs still replay.
+fn erased_and_still_verifiable(cli: &Cli<'_>, first: &str, second: &str) {
+    let raw = cli.raw_store();
+    for text in THEIR_DATA {
+        assert!(!holds(&raw, text), "the store holds {text:?} in the clear");
+    }
+    let shown = cli.ok(&["records", "show", first]);
+    assert!(
+        shown.contains("ana.lopez@example.com"),
+        "readable before: {shown}"
+    );
+    // A copy of the store taken before the erasure (the embedded store's files).
+    let backup = tempfile::tempdir().expect("tempdir");
+    if cli.store.is_none() {
+        for name in ["records.redb", "records.redb.wal"] {
+            let from = cli.data_dir.join(name);
+            if from.exists() {
+                std::fs::copy(&from, backup.path().join(name)).expect("copy");
+            }
+        }
+    }
+
+    let refused = cli.run(&["subject", "erase", "cust-7f3a9c"]);
+    assert!(!refused.status.success(), "erasure wants --yes");
+    let erased = cli.ok(&[
+        "subject",
+        "erase",
+        "cust-7f3a9c",
+        "--yes",
+        "--by",
+        "dpo@example.com",
+    ]);
+    assert!(erased.contains("erased: subject cust-7f3a9c"), "{erased}");
+    assert!(erased.contains("forgotten: 2"), "{erased}");
+    let shown = cli.ok(&["subject", "show", "cust-7f3a9c"]);
+    assert!(
+        shown.contains("erased at") && shown.contains("dpo@example.com"),
+        "{shown}"
+    );
+
+    cli.ok(&["records", "verify", "--all"]);
+    for run in [first, second] {
+        let shown = cli.ok(&["records", "show", run]);
+        assert!(shown.contains("[erased]"), "{shown}");
+        for text in THEIR_DATA {
+            assert!(!shown.contains(text), "{text:?} still readable: {shown}");
+        }
+    }
+    let listed = cli.ok(&["memory", "list", "--scope", "subject:cust-7f3a9c"]);
+    assert!(listed.contains("no items"), "{listed}");
+    // A replay of an erased run still runs, and says what it could not see.
+    let replay = cli.run(&["replay", "--run", second]);
+    let text = said(&replay);
+    assert!(text.contains(second), "{text}");
+    assert!(!text.contains("cannot be read"), "{text}");
+    // Nothing is kept about the handle again.
+    let again = cli.run(&[
+        "run",
+        "-f",
+        example().to_str().expect("path"),
+        "--session",
+        "ticket-4712",
+    ]);
+    assert!(!again.status.success());
+    assert!(said(&again).contains("was erased"), "{}", said(&again));
+
+    // The copy taken before still holds their wrapped data key, but under a key-encryption
+    // key the erasure destroyed: nothing of theirs opens from it.
+    if cli.store.is_none() {
+        let copy = format!("embedded:{}", backup.path().join("records.redb").display());
+        let from_backup = Cli {
+            data_dir: cli.data_dir,
+            store: Some(copy),
+        };
+        let shown = from_backup.run(&["records", "show", first]);
+        let text = said(&shown);
+        assert!(!text.contains("ana.lopez@example.com"), "{text}");
+        assert!(
+            text.contains("key epoch 1, which the key ring no longer holds"),
+            "{text}"
+        );
+        from_backup.ok(&["records", "verify", "--all"]);
+    }
+}
+
 impl Cli<'_> {
     fn run(&self, args: &[&str]) -> Output {
         let mut command = Command::new(env!("CARGO_BIN_EXE_contextos"));
@@ -28,7 +175,9 @@ impl Cli<'_> {
             .arg("--data-dir")
             .arg(self.data_dir)
             .args(["--tenant", "shop"])
-            .env_remove("CONTEXTOS_STORE");
+            .env_remove("CONTEXTOS_STORE")
+            // The vault's key rings: kept apart from the store, as they are by default.
+            .env("CONTEXTOS_VAULT_KEYS", self.data_dir.join("vault-keys"));
         if let Some(store) = &self.store {
             command.env("CONTEXTOS_STORE", store);
         }
@@ -145,6 +294,7 @@ fn remembered_and_recalled_within_consent(cli: &Cli<'_>) {
         said(&judged)
     );
     cli.ok(&["records", "verify", "--all"]);
+    erased_and_still_verifiable(cli, &first, &second);
 }
 
 #[test]

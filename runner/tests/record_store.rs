@@ -171,6 +171,7 @@ fn raw_batch(t: &TenantId, run: &str, prev: &SignedHead, marker: &str) -> Append
             reason: marker.into(),
             message: String::new(),
         },
+        vaulted: None,
     };
     let sealed = StoredEntry::seal(&entry);
     let k = key();

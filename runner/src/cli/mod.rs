@@ -10,6 +10,7 @@ mod records;
 mod replay;
 mod run;
 mod session_run;
+mod subject;
 mod tools;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -87,6 +88,10 @@ enum Command {
     /// Memory items of a tenant: list a scope's, forget one or a whole scope (a subject's).
     #[command(subcommand)]
     Memory(memory::MemoryCommand),
+    /// People in the identity vault: erase one (their data becomes unreadable everywhere, the
+    /// records still verify), see whether one is, rotate the tenant's key-encryption key.
+    #[command(subcommand)]
+    Subject(subject::SubjectCommand),
 }
 
 impl Cli {
@@ -107,11 +112,20 @@ impl Cli {
             Command::Tools(command) => tools::run(command).await,
             Command::Consent(command) => consent::run(&self.global, command).await,
             Command::Memory(command) => memory::run(&self.global, command).await,
+            Command::Subject(command) => subject::run(&self.global, command).await,
         }
     }
 }
 
 /// A span of time written as a number and a unit (`90s`, `10m`, `12h`, `7d`), as `flag` takes it.
+/// A time in milliseconds since the epoch, as UTC (`2026-12-03T16:02:15Z`).
+fn format_ms(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map_or_else(
+        |_| format!("{ms} ms"),
+        |t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    )
+}
+
 fn parse_span(flag: &str, text: &str) -> anyhow::Result<std::time::Duration> {
     let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
     let n: u64 = number

@@ -322,21 +322,19 @@ async fn recorded_bundle(store: &AnyStore, tenant: &TenantId, session: &str) -> 
         format!("session {session} has no run in tenant {tenant}; start it with `contextos run -f <files>`")
     })?;
     let entries = read_run(store, tenant, &checkpoint.run_id).await?;
-    let Some(EntryBody::RunStarted {
-        bundle: Some(hash), ..
-    }) = entries.first().map(|(_, e)| &e.body)
-    else {
-        bail!(
-            "run {} has no recorded bundle; it cannot be resumed",
-            checkpoint.run_id
-        );
-    };
-    let bytes = store
-        .get_blob(tenant, hash)
-        .await?
-        .with_context(|| format!("run {}: its bundle blob {hash} is missing", checkpoint.run_id))?;
-    serde_json::from_slice(&bytes)
-        .with_context(|| format!("run {}: its bundle is unreadable", checkpoint.run_id))
+    let first = &entries
+        .first()
+        .with_context(|| format!("run {} has no entries", checkpoint.run_id))?
+        .1;
+    contextos_runner::run::bundle::recorded_bundle(store, tenant, &checkpoint.run_id, first)
+        .await
+        .map_err(|problem| anyhow::anyhow!("run {}: {problem}", checkpoint.run_id))?
+        .with_context(|| {
+            format!(
+                "run {} has no recorded bundle; it cannot be resumed",
+                checkpoint.run_id
+            )
+        })
 }
 
 /// The call a session's run waits on, from its latest checkpoint.

@@ -10,13 +10,15 @@ use std::collections::HashMap;
 
 use super::ToolGateway;
 use crate::{
+    consent::SubjectHandle,
     keys::KeyPair,
     memory::desk::RecallRecord,
     model::ModelTurn,
     records::{
-        EntryBody, Hash, ReadError, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId, read_run_from,
-        recorder::fold_into_summary, store::RunSummary,
+        EntryBody, Hash, ReadError, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId,
+        read::read_stored_from, recorder::fold_into_summary, store::RunSummary, vaulted,
     },
+    vault::{KeyUse, SecretKey},
 };
 
 /// What the record says a run has used: model steps and tokens (counted from the model turns
@@ -67,6 +69,8 @@ pub struct RunLog {
     gateway_in_step: bool,
     /// Bytes of the entries up to `head` (their canonical encoding).
     bytes: u64,
+    /// For a run about a subject: who, and the run's key (read once, from the vault).
+    vault: Option<(SubjectHandle, SecretKey)>,
 }
 
 impl RunLog {
@@ -118,8 +122,8 @@ impl RunLog {
                 self.read_tail(store, tenant, run_id).await?.unwrap_or_default()
             }
         };
-        gateway.restore(tail.iter().map(|(_, e)| e));
-        self.fold(&tail);
+        gateway.restore(tail.iter().map(|(_, e, _)| e));
+        self.fold(&tail, store, tenant, run_id).await?;
         self.gateway_in_step = true;
         Ok(())
     }
@@ -145,12 +149,13 @@ impl RunLog {
         let mut tail = Vec::with_capacity(written.len());
         let mut prev = self.head.map(|(_, hash)| hash);
         for stored in written {
-            let entry = match RecordEntry::decode(&stored.bytes) {
-                Ok(entry) if prev.is_none() || entry.prev == prev => entry,
-                _ => {
-                    self.gateway_in_step = false;
-                    return Ok(());
-                }
+            let opened = RecordEntry::decode(&stored.bytes)
+                .ok()
+                .filter(|entry| prev.is_none() || entry.prev == prev)
+                .and_then(|mut entry| self.open(&mut entry).is_ok().then_some(entry));
+            let Some(entry) = opened else {
+                self.gateway_in_step = false;
+                return Ok(());
             };
             prev = Some(stored.hash);
             tail.push((stored.hash, entry, stored.bytes.len()));
@@ -160,7 +165,7 @@ impl RunLog {
             .any(|(_, e, _)| matches!(e.body, EntryBody::Blob { .. }))
         {
             match self.read_tail(store, tenant, run_id).await? {
-                Some(read) if read.len() == tail.len() => self.fold(&read),
+                Some(read) if read.len() == tail.len() => self.fold(&read, store, tenant, run_id).await?,
                 _ => self.gateway_in_step = false,
             }
             return Ok(());
@@ -181,7 +186,27 @@ impl RunLog {
     ) -> Option<Recorder<'s, S>> {
         let summary = self.summary.clone()?;
         let head = self.head?;
-        Some(Recorder::at(store, tenant.clone(), key, summary, head).keeping_written())
+        let recorder = Recorder::at(store, tenant.clone(), key, summary, head).keeping_written();
+        Some(match &self.vault {
+            Some((subject, key)) => recorder.vaulted(subject.clone(), key.clone()),
+            None => recorder,
+        })
+    }
+
+    /// The subject the run is about, and its key, once an entry of the run was read.
+    pub fn vault(&self) -> Option<&(SubjectHandle, SecretKey)> {
+        self.vault.as_ref()
+    }
+
+    /// Opens what `entry` recorded about the run's subject with the key read before.
+    fn open(&self, entry: &mut RecordEntry) -> Result<(), String> {
+        match (&entry.vaulted, &self.vault) {
+            (None, None) => Ok(()),
+            (Some(subject), Some((about, key))) if subject == about => {
+                vaulted::unlock(&mut entry.body, Some(key)).map_err(|e| e.to_string())
+            }
+            _ => Err(format!("entry {} is not about the run's subject", entry.seq)),
+        }
     }
 
     fn start_over(&mut self, gateway: &ToolGateway, run_id: &str) {
@@ -189,27 +214,64 @@ impl RunLog {
         gateway.forget_run(run_id);
     }
 
-    /// The entries after the head read last; `None` if they do not link to it.
+    /// The entries after the head read last, as stored (each with its size); `None` if they
+    /// do not link to it.
     async fn read_tail<S: RecordStore>(
         &self,
         store: &S,
         tenant: &TenantId,
         run_id: &str,
-    ) -> Result<Option<Vec<(Hash, RecordEntry)>>, ReadError> {
+    ) -> Result<Option<Vec<(Hash, RecordEntry, usize)>>, ReadError> {
         let from = self.head.map_or(0, |(seq, _)| seq + 1);
-        let tail = read_run_from(store, tenant, run_id, from).await?;
+        let tail = read_stored_from(store, tenant, run_id, from).await?;
         let links = match (self.head, tail.first()) {
             (Some((_, hash)), Some((_, first))) => first.prev == Some(hash),
             _ => true,
         };
-        Ok(links.then_some(tail))
+        Ok(links.then(|| {
+            tail.into_iter()
+                .map(|(hash, entry)| {
+                    let size = entry.encode().len();
+                    (hash, entry, size)
+                })
+                .collect()
+        }))
     }
 
-    /// Folds in entries read back (blob bodies inlined): their size is that of their encoding.
-    fn fold(&mut self, tail: &[(Hash, RecordEntry)]) {
-        for (hash, entry) in tail {
-            self.fold_one(*hash, entry, entry.encode().len());
+    /// Folds in entries read back (blob bodies inlined; their size as stored), opening what
+    /// they recorded about the run's subject — with the run's key, asked of the vault the
+    /// first time (to keep: a run about an erased subject records nothing more).
+    async fn fold<S: RecordStore>(
+        &mut self,
+        tail: &[(Hash, RecordEntry, usize)],
+        store: &S,
+        tenant: &TenantId,
+        run_id: &str,
+    ) -> Result<(), ReadError> {
+        for (hash, entry, size) in tail {
+            let mut entry = entry.clone();
+            if let (Some(subject), None) = (&entry.vaulted, &self.vault) {
+                let key = store
+                    .run_key(tenant, run_id, subject, KeyUse::Keep)
+                    .await
+                    .map_err(|source| ReadError::Vault {
+                        run_id: run_id.to_owned(),
+                        source,
+                    })?
+                    .ok_or_else(|| ReadError::Vault {
+                        run_id: run_id.to_owned(),
+                        source: crate::vault::VaultError::Remote("no key was given to keep the run".into()),
+                    })?;
+                self.vault = Some((subject.clone(), key));
+            }
+            self.open(&mut entry).map_err(|problem| ReadError::Unreadable {
+                run_id: run_id.to_owned(),
+                seq: entry.seq,
+                problem,
+            })?;
+            self.fold_one(*hash, &entry, *size);
         }
+        Ok(())
     }
 
     fn fold_one(&mut self, hash: Hash, entry: &RecordEntry, bytes: usize) {

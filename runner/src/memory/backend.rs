@@ -32,6 +32,8 @@ pub enum Change {
 pub enum Guard {
     Absent(Vec<u8>),
     Present(Vec<u8>),
+    /// The key holds exactly this value (a row rewritten only as it was read).
+    Holds(Vec<u8>, Vec<u8>),
     /// The key is absent, or holds exactly this value (a marker that may be taken over only
     /// from the holder it names).
     AbsentOr(Vec<u8>, Vec<u8>),
@@ -47,7 +49,7 @@ pub struct Write {
 impl Guard {
     pub fn key(&self) -> &[u8] {
         match self {
-            Self::Absent(key) | Self::Present(key) | Self::AbsentOr(key, _) => key,
+            Self::Absent(key) | Self::Present(key) | Self::Holds(key, _) | Self::AbsentOr(key, _) => key,
         }
     }
 
@@ -56,6 +58,7 @@ impl Guard {
         match self {
             Self::Absent(_) => current.is_none(),
             Self::Present(_) => current.is_some(),
+            Self::Holds(_, value) => current == Some(value.as_slice()),
             Self::AbsentOr(_, value) => current.is_none_or(|c| c == value.as_slice()),
         }
     }
@@ -89,6 +92,9 @@ pub trait MemoryBackend: Send + Sync {
         end: Vec<u8>,
         limit: usize,
     ) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+
+    /// Where the key rings of this store's identity vault are kept (see `crate::vault`).
+    fn key_rings(&self) -> &crate::vault::kek::KeyRings;
 
     /// Applies `writes` in one transaction, in order, each only if its guard holds there (after
     /// the writes before it); for each, whether it was applied.
@@ -131,6 +137,10 @@ impl<B: MemoryBackend> MemoryBackend for std::sync::Arc<B> {
 
     async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>, StoreError> {
         (**self).memory_write(tenant, writes).await
+    }
+
+    fn key_rings(&self) -> &crate::vault::kek::KeyRings {
+        (**self).key_rings()
     }
 }
 

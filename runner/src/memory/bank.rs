@@ -2,13 +2,18 @@
 //! transaction, forgetting it the same way, and recall — the newest items of a scope that match
 //! a query and that the caller's check admits.
 
+use super::sealed::{self, ScopeKeys};
 use super::{
     Exclusion, ItemId, ItemScope, MAX_RECALL_ITEMS, MemoryError, MemoryItem, RecallQuery,
     backend::{Change, Guard, MemoryBackend, Write, count_of},
     keys,
     terms::{MAX_QUERY_TERMS, TermKey, holds_all, item_terms, query_terms, words},
 };
-use crate::records::{Hash, StoreError, TenantId};
+use crate::{
+    consent::SubjectHandle,
+    records::{Hash, StoreError, TenantId},
+    vault::{KeyUse, SecretKey},
+};
 
 /// The most index rows one recall reads before it stops (and says so): a query whose every
 /// word is common, with most matches refused by the check, still ends quickly.
@@ -59,6 +64,7 @@ pub struct Recalled {
 pub struct MemoryBank<'s, S> {
     store: &'s S,
     tenant: TenantId,
+    keys: ScopeKeys<'s, S>,
 }
 
 impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
@@ -66,17 +72,37 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
         Self {
             store,
             tenant: tenant.clone(),
+            keys: ScopeKeys::new(store, tenant),
         }
     }
 
+    /// Opens `subject`'s memory with `key` instead of asking the vault (an erasure under way).
+    pub fn with_subject_key(self, subject: SubjectHandle, key: SecretKey) -> Self {
+        self.keys.give(subject, key);
+        self
+    }
+
+    /// The marker of what `item` says (keyed for a subject's item).
+    fn known(&self, item: &MemoryItem, key: Option<&SecretKey>) -> Vec<u8> {
+        keys::known_as(&self.tenant, &sealed::what_it_says(item, key))
+    }
+
     /// The index rows of `item` (every one holds the item's id last), and the words counted.
-    fn index_rows(&self, id: &ItemId, item: &MemoryItem) -> (Vec<Vec<u8>>, Vec<TermKey>) {
+    fn index_rows(
+        &self,
+        id: &ItemId,
+        item: &MemoryItem,
+        key: Option<&SecretKey>,
+    ) -> (Vec<Vec<u8>>, Vec<TermKey>) {
         let (t, scope, at) = (&self.tenant, &item.scope, item.provenance.at_ms);
         let mut rows = vec![
             keys::row(&keys::by_type_prefix(t, scope, Some(item.memory_type)), at, id),
             keys::row(&keys::by_type_prefix(t, scope, None), at, id),
         ];
-        let terms: Vec<TermKey> = item_terms(&item.text).into_iter().collect();
+        let terms: Vec<TermKey> = item_terms(&item.text)
+            .into_iter()
+            .map(|term| sealed::term(scope, term, key))
+            .collect();
         rows.extend(
             terms
                 .iter()
@@ -97,9 +123,13 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
     /// twice. (Forgetting an item forgets that it was known: it may be kept again.)
     /// The item saying what `item` says, if one is kept and recallable at `now_ms`.
     pub async fn kept_already(&self, item: &MemoryItem, now_ms: i64) -> Result<Option<ItemId>, MemoryError> {
+        let key = self.keys.key(&item.scope, KeyUse::Read).await?;
+        if item.scope.subject().is_some() && key.is_none() {
+            return Ok(None);
+        }
         let holder = self
             .store
-            .memory_get(&self.tenant, vec![keys::known(&self.tenant, item)])
+            .memory_get(&self.tenant, vec![self.known(item, key.as_ref())])
             .await?
             .pop()
             .flatten();
@@ -114,7 +144,8 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
 
     pub async fn keep_new(&self, item: &MemoryItem, now_ms: i64) -> Result<Kept, MemoryError> {
         item.validate()?;
-        let marker = keys::known(&self.tenant, item);
+        let key = self.keys.key(&item.scope, KeyUse::Keep).await?;
+        let marker = self.known(item, key.as_ref());
         let holder = self
             .store
             .memory_get(&self.tenant, vec![marker.clone()])
@@ -128,7 +159,7 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             return Ok(Kept::AlreadyKept(id));
         }
         let id = item.id();
-        let mut write = self.keep_write(&id, item);
+        let mut write = self.keep_write(&id, item, key.as_ref())?;
         // The marker is taken where no one holds it, or from the lapsed holder just read: of two
         // Sessions keeping the same thing at once, one keeps it. (An item is new whenever its
         // marker is free: its id holds the time it was kept, so only a retry of this very keep
@@ -172,11 +203,11 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             })?;
         }
         let ids: Vec<ItemId> = items.iter().map(MemoryItem::id).collect();
-        let writes = items
-            .iter()
-            .zip(&ids)
-            .map(|(item, id)| self.keep_write(id, item))
-            .collect();
+        let mut writes = Vec::with_capacity(items.len());
+        for (item, id) in items.iter().zip(&ids) {
+            let key = self.keys.key(&item.scope, KeyUse::Keep).await?;
+            writes.push(self.keep_write(id, item, key.as_ref())?);
+        }
         let applied = self.store.memory_write(&self.tenant, writes).await?;
         Ok(ids
             .into_iter()
@@ -186,11 +217,16 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
     }
 
     /// The write keeping `item`, unless an item with its id is kept already.
-    fn keep_write(&self, id: &ItemId, item: &MemoryItem) -> Write {
+    fn keep_write(
+        &self,
+        id: &ItemId,
+        item: &MemoryItem,
+        secret: Option<&SecretKey>,
+    ) -> Result<Write, MemoryError> {
         let key = keys::item(&self.tenant, id);
         // Plain data with string keys: serialization cannot fail.
-        let value = serde_json::to_vec(item).unwrap_or_default();
-        let (rows, terms) = self.index_rows(id, item);
+        let value = serde_json::to_vec(&sealed::seal(item, secret)?).unwrap_or_default();
+        let (rows, terms) = self.index_rows(id, item, secret);
         let mut changes = Vec::with_capacity(1 + rows.len() + terms.len());
         changes.push(Change::Put(key.clone(), value));
         changes.extend(rows.into_iter().map(|row| Change::Put(row, ROW.to_vec())));
@@ -199,10 +235,10 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                 .iter()
                 .map(|term| Change::Count(keys::term_count(&self.tenant, &item.scope, term, id), 1)),
         );
-        Write {
+        Ok(Write {
             guard: Guard::Absent(key),
             changes,
-        }
+        })
     }
 
     /// The item `id`, if kept (checked against its id: a value that does not hash to the key
@@ -213,7 +249,7 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             .memory_get(&self.tenant, vec![keys::item(&self.tenant, id)])
             .await?;
         match values.pop().flatten() {
-            Some(value) => Ok(Some(self.decode(id, &value)?)),
+            Some(value) => Ok(Some(self.decode(id, &value).await?)),
             None => Ok(None),
         }
     }
@@ -233,10 +269,8 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
         else {
             return Ok(false);
         };
-        let applied = self
-            .store
-            .memory_write(&self.tenant, self.forget_writes(id, &value))
-            .await?;
+        let writes = self.forget_writes(id, &value).await;
+        let applied = self.store.memory_write(&self.tenant, writes).await?;
         Ok(applied.first().copied().unwrap_or(false))
     }
 
@@ -244,17 +278,22 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
     /// and its word counts — or, if it no longer reads as an item, the item alone — and then its
     /// "kept once" marker, if the marker still names this item (a newer item saying the same
     /// keeps its own).
-    fn forget_writes(&self, id: &ItemId, value: &[u8]) -> Vec<Write> {
+    async fn forget_writes(&self, id: &ItemId, value: &[u8]) -> Vec<Write> {
         let key = keys::item(&self.tenant, id);
         let mut changes = vec![Change::Delete(key.clone())];
         let mut marker = None;
-        if let Ok(item) = self.parse(id, value) {
-            let known = keys::known(&self.tenant, &item);
+        let stored = self.parse(id, value).ok();
+        let secret = match &stored {
+            Some(item) => self.keys.key(&item.scope, KeyUse::Read).await.ok().flatten(),
+            None => None,
+        };
+        if let Some(item) = stored.and_then(|stored| sealed::open(stored, secret.as_ref()).ok()) {
+            let known = self.known(&item, secret.as_ref());
             marker = Some(Write {
                 guard: Guard::AbsentOr(known.clone(), id.to_string().into_bytes()),
                 changes: vec![Change::Delete(known)],
             });
-            let (rows, terms) = self.index_rows(id, &item);
+            let (rows, terms) = self.index_rows(id, &item, secret.as_ref());
             changes.extend(rows.into_iter().map(Change::Delete));
             changes.extend(
                 terms
@@ -297,7 +336,7 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             let (mut writes, mut markers): (Vec<Write>, Vec<Write>) = (Vec::new(), Vec::new());
             for (id, value) in ids.iter().zip(&values) {
                 if let Some(value) = value {
-                    let mut item_writes = self.forget_writes(id, value).into_iter();
+                    let mut item_writes = self.forget_writes(id, value).await.into_iter();
                     writes.extend(item_writes.next());
                     markers.extend(item_writes);
                 }
@@ -332,8 +371,19 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
         })
     }
 
+    /// An item as stored (a subject's text still encrypted).
     fn parse(&self, id: &ItemId, value: &[u8]) -> Result<MemoryItem, MemoryError> {
         serde_json::from_slice(value).map_err(|e| self.corrupt(id, e.to_string()))
+    }
+
+    /// An item as stored, opened with `key` (its scope's).
+    fn parse_open(
+        &self,
+        id: &ItemId,
+        value: &[u8],
+        key: Option<&SecretKey>,
+    ) -> Result<MemoryItem, MemoryError> {
+        sealed::open(self.parse(id, value)?, key).map_err(|problem| self.corrupt(id, problem))
     }
 
     /// A value that does not hash to the id it is kept under is reported, never returned.
@@ -345,8 +395,10 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
         }
     }
 
-    fn decode(&self, id: &ItemId, value: &[u8]) -> Result<MemoryItem, MemoryError> {
-        let item = self.parse(id, value)?;
+    async fn decode(&self, id: &ItemId, value: &[u8]) -> Result<MemoryItem, MemoryError> {
+        let stored = self.parse(id, value)?;
+        let key = self.keys.key(&stored.scope, KeyUse::Read).await?;
+        let item = sealed::open(stored, key.as_ref()).map_err(|problem| self.corrupt(id, problem))?;
         self.verify(id, &item)?;
         Ok(item)
     }
@@ -365,7 +417,12 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                 query.max_items
             )));
         }
-        let terms = query_terms(&query.text).map_err(MemoryError::BadQuery)?;
+        let key = self.keys.key(&query.scope, KeyUse::Read).await?;
+        let terms: Vec<TermKey> = query_terms(&query.text)
+            .map_err(MemoryError::BadQuery)?
+            .into_iter()
+            .map(|term| sealed::term(&query.scope, term, key.as_ref()))
+            .collect();
         if terms.is_empty() && !query.text.trim().is_empty() {
             // Not "the newest items": the caller asked for something, and it cannot be found.
             return Err(MemoryError::BadQuery(format!(
@@ -381,6 +438,10 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             examined: 0,
             stop: Stop::Exhausted,
         };
+        if query.scope.subject().is_some() && key.is_none() {
+            // An erased subject (or one nothing was ever kept about): nothing of theirs opens.
+            return Ok(recalled);
+        }
         let (prefix, filter) = if terms.is_empty() {
             (
                 keys::by_type_prefix(&self.tenant, &query.scope, query.memory_type),
@@ -430,7 +491,7 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             for (id, value) in ids.iter().zip(values) {
                 // A row whose item is gone: forgotten between the scan and the read.
                 let Some(value) = value else { continue };
-                let item = match self.parse(id, &value) {
+                let item = match self.parse_open(id, &value, key.as_ref()) {
                     Ok(item) => item,
                     Err(error) => {
                         exclude(&mut recalled, *id, format!("corrupt: {error}"));

@@ -764,6 +764,7 @@ mod tests {
                 prev: Some(Hash::of(b"prev")),
                 at_ms: 1,
                 body,
+                vaulted: None,
             };
             let decoded = RecordEntry::decode(&entry.encode()).expect("decodes");
             assert_eq!(decoded, entry);

@@ -13,8 +13,12 @@ use super::{
     bank::{Kept, MemoryBank},
     consents::ConsentBook,
     keys,
+    sealed::{self, ScopeKeys},
 };
-use crate::records::{Hash, StoreError, TenantId};
+use crate::{
+    records::{Hash, StoreError, TenantId},
+    vault::{KeyUse, SecretKey},
+};
 
 /// How long a candidate is held for review (30 days); then it lapses, unkept, and is deleted.
 pub const HOLD_MS: i64 = 30 * 24 * 60 * 60 * 1000;
@@ -41,9 +45,10 @@ impl Held {
     }
 }
 
-/// A held candidate's id: what it says (see [`keys::what_it_says`]).
-pub fn held_id(item: &MemoryItem) -> ItemId {
-    ItemId(Hash(keys::what_it_says(item)))
+/// A held candidate's id: what it says (see [`keys::what_it_says`]), keyed under its subject's
+/// memory key for a subject's candidate.
+fn held_id(item: &MemoryItem, key: Option<&SecretKey>) -> ItemId {
+    ItemId(Hash(sealed::what_it_says(item, key)))
 }
 
 /// One tenant's held candidates in `store`.
@@ -51,6 +56,7 @@ pub fn held_id(item: &MemoryItem) -> ItemId {
 pub struct HeldCandidates<'s, S> {
     store: &'s S,
     tenant: TenantId,
+    keys: ScopeKeys<'s, S>,
 }
 
 impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
@@ -58,6 +64,7 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
         Self {
             store,
             tenant: tenant.clone(),
+            keys: ScopeKeys::new(store, tenant),
         }
     }
 
@@ -68,9 +75,11 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
         })
     }
 
-    fn decode(&self, id: &ItemId, bytes: &[u8]) -> Result<Held, MemoryError> {
-        let held: Held = serde_json::from_slice(bytes).map_err(|e| self.corrupt(id, e.to_string()))?;
-        if held_id(&held.item) == *id {
+    async fn decode(&self, id: &ItemId, bytes: &[u8]) -> Result<Held, MemoryError> {
+        let mut held: Held = serde_json::from_slice(bytes).map_err(|e| self.corrupt(id, e.to_string()))?;
+        let key = self.keys.key(&held.item.scope, KeyUse::Read).await?;
+        held.item = sealed::open(held.item, key.as_ref()).map_err(|problem| self.corrupt(id, problem))?;
+        if held_id(&held.item, key.as_ref()) == *id {
             Ok(held)
         } else {
             Err(self.corrupt(id, "the candidate is not held under what it says".into()))
@@ -80,7 +89,8 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
     /// Holds `item` (validated) for `reason`; its id. Held again, it is the same candidate.
     pub async fn hold(&self, item: &MemoryItem, reason: &str, at_ms: i64) -> Result<ItemId, MemoryError> {
         item.validate()?;
-        let id = held_id(item);
+        let key = self.keys.key(&item.scope, KeyUse::Keep).await?;
+        let id = held_id(item, key.as_ref());
         if self.get(&id).await?.is_some_and(|held| !held.lapsed(at_ms)) {
             return Ok(id);
         }
@@ -102,7 +112,7 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
             )));
         }
         let held = Held {
-            item: item.clone(),
+            item: sealed::seal(item, key.as_ref())?,
             reason: reason.to_owned(),
             held_at_ms: at_ms,
         };
@@ -127,13 +137,16 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
 
     /// The held candidate `id`, lapsed or not.
     pub async fn get(&self, id: &ItemId) -> Result<Option<Held>, MemoryError> {
-        self.store
+        let value = self
+            .store
             .memory_get(&self.tenant, vec![keys::held(&self.tenant, id)])
             .await?
             .pop()
-            .flatten()
-            .map(|bytes| self.decode(id, &bytes))
-            .transpose()
+            .flatten();
+        match value {
+            Some(bytes) => Ok(Some(self.decode(id, &bytes).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Candidates held now, of `scope` if given (complete for a scope; the first
@@ -151,7 +164,12 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
         Ok(held)
     }
 
-    async fn read(&self, scope: Option<&ItemScope>) -> Result<Vec<(ItemId, Held)>, MemoryError> {
+    /// The ids of `scope`'s candidates (or of the tenant's first ones), and their values as
+    /// stored when they were read with the ids.
+    async fn read_stored(
+        &self,
+        scope: Option<&ItemScope>,
+    ) -> Result<Vec<(ItemId, Option<Vec<u8>>)>, MemoryError> {
         let (prefix, limit) = match scope {
             Some(scope) => (
                 keys::held_in_scope_prefix(&self.tenant, scope),
@@ -181,10 +199,15 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
                     .await?
             }
         };
-        let mut out = Vec::with_capacity(ids.len());
-        for (id, value) in ids.into_iter().zip(values) {
+        Ok(ids.into_iter().zip(values).collect())
+    }
+
+    async fn read(&self, scope: Option<&ItemScope>) -> Result<Vec<(ItemId, Held)>, MemoryError> {
+        let stored = self.read_stored(scope).await?;
+        let mut out = Vec::with_capacity(stored.len());
+        for (id, value) in stored {
             if let Some(bytes) = value {
-                out.push((id, self.decode(&id, &bytes)?));
+                out.push((id, self.decode(&id, &bytes).await?));
             }
         }
         Ok(out)
@@ -267,7 +290,8 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
     pub async fn forget_scope(&self, scope: &ItemScope) -> Result<usize, MemoryError> {
         let mut forgotten = 0;
         loop {
-            let found = self.read(Some(scope)).await?;
+            // Not opened: an erased subject's candidates are forgotten unread.
+            let found = self.read_stored(Some(scope)).await?;
             if found.is_empty() {
                 return Ok(forgotten);
             }
@@ -280,13 +304,18 @@ impl<'s, S: MemoryBackend> HeldCandidates<'s, S> {
     /// Deletes candidate `id` of `scope` and its scope's index row; whether it was there.
     async fn remove(&self, id: &ItemId, scope: &ItemScope) -> Result<bool, MemoryError> {
         let key = keys::held(&self.tenant, id);
-        let write = Write {
-            guard: Guard::Present(key.clone()),
-            changes: vec![
-                Change::Delete(key),
-                Change::Delete(keys::held_in_scope(&self.tenant, scope, id)),
-            ],
-        };
-        Ok(self.store.memory_write(&self.tenant, vec![write]).await?.first() == Some(&true))
+        let in_scope = keys::held_in_scope(&self.tenant, scope, id);
+        let writes = vec![
+            Write {
+                guard: Guard::Present(key.clone()),
+                changes: vec![Change::Delete(key.clone()), Change::Delete(in_scope.clone())],
+            },
+            // A scope's row left without its candidate goes too (the scope's listing moves on).
+            Write {
+                guard: Guard::Absent(key),
+                changes: vec![Change::Delete(in_scope)],
+            },
+        ];
+        Ok(self.store.memory_write(&self.tenant, writes).await?.first() == Some(&true))
     }
 }

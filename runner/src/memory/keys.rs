@@ -13,12 +13,13 @@
 //!   [`COUNT_SHARDS`] rows (the rarest word of a query is the one scanned).
 //!
 //! (Subjects' consent chains are beside them: `c/`, `h/`, `r/`, `s/`, see
-//! [`super::consents`].)
+//! [`super::consents`]; and their wrapped data keys, `v/`, see `crate::vault`.)
 //!
 //! `<newest>` is `u64::MAX − promoted-at ms`, big-endian, so ascending key order is newest
 //! first; `<id>` and `<term>` are 32 raw bytes. Scopes and type names hold no `/`.
 
 use super::{ItemId, ItemScope, MemoryType, terms::TermKey};
+use crate::consent::SubjectHandle;
 use crate::records::{Hash, TenantId};
 
 /// The byte after an index row's fixed prefix: 8 bytes of time, then 32 of id.
@@ -37,6 +38,26 @@ pub fn item(tenant: &TenantId, id: &ItemId) -> Vec<u8> {
     let mut key = format!("{}i/", base(tenant)).into_bytes();
     key.extend_from_slice(&id.0.0);
     key
+}
+
+/// A subject's wrapped data key in the identity vault (`v/d/<subject>`, see `crate::vault`).
+pub fn vault_key(tenant: &TenantId, subject: &SubjectHandle) -> Vec<u8> {
+    format!("{}d/{subject}", vault_base(tenant)).into_bytes()
+}
+
+/// Where a tenant's wrapped data keys are.
+pub fn vault_keys_prefix(tenant: &TenantId) -> Vec<u8> {
+    format!("{}d/", vault_base(tenant)).into_bytes()
+}
+
+/// The record of a subject's erasure (`v/e/<subject>`): once there, nothing is kept for them
+/// again under that handle.
+pub fn vault_erased(tenant: &TenantId, subject: &SubjectHandle) -> Vec<u8> {
+    format!("{}e/{subject}", vault_base(tenant)).into_bytes()
+}
+
+fn vault_base(tenant: &TenantId) -> String {
+    format!("{}v/", base(tenant))
 }
 
 /// A held candidate (`q/<what it says>`, see [`super::held`]): held by what it says, so the
@@ -85,9 +106,10 @@ pub fn what_it_says(item: &super::MemoryItem) -> [u8; 32] {
 
 /// The marker of what an item says (`k/<what it says>` → the id of the item that says it): the
 /// same thing learned again is kept once.
-pub fn known(tenant: &TenantId, item: &super::MemoryItem) -> Vec<u8> {
+/// (given as the digest of what it says, keyed for a subject's item: see `super::sealed`).
+pub fn known_as(tenant: &TenantId, says: &[u8; 32]) -> Vec<u8> {
     let mut key = format!("{}k/", base(tenant)).into_bytes();
-    key.extend_from_slice(&what_it_says(item));
+    key.extend_from_slice(says);
     key
 }
 

@@ -12,8 +12,9 @@ pub mod bank;
 pub mod consents;
 pub mod desk;
 pub mod held;
-mod keys;
+pub(crate) mod keys;
 pub mod remote;
+pub mod sealed;
 pub mod terms;
 
 use std::{collections::BTreeSet, fmt};
@@ -188,6 +189,8 @@ pub enum MemoryError {
     BadConsent(String),
     #[error(transparent)]
     Store(#[from] crate::records::StoreError),
+    #[error(transparent)]
+    Vault(crate::vault::VaultError),
 }
 
 fn truncated(text: &str) -> String {

@@ -15,6 +15,7 @@ use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
 use super::canonical::to_canonical_bytes;
+use crate::consent::SubjectHandle;
 
 /// A SHA-256 hash (of an entry or a blob).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -272,6 +273,11 @@ pub struct RecordEntry {
     /// Milliseconds since the Unix epoch when the entry was written.
     pub at_ms: i64,
     pub body: EntryBody,
+    /// The person the run is about, when it is about one: then what the body says of them is
+    /// encrypted under the run's key from that person's data key (see [`super::vaulted`]), and
+    /// this entry's hash is of that ciphertext — it verifies after they are erased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vaulted: Option<SubjectHandle>,
 }
 
 impl EntryBody {
@@ -282,10 +288,27 @@ impl EntryBody {
     }
 }
 
+/// Where an entry sits in its run's chain, and what its body is encrypted for.
+#[derive(Clone, Copy, Debug)]
+pub struct Position<'a> {
+    pub run_id: &'a str,
+    pub seq: u64,
+    pub prev: Option<&'a Hash>,
+    pub at_ms: i64,
+    pub vaulted: Option<&'a SubjectHandle>,
+}
+
 /// Canonical entry bytes around an already-encoded body. Writing the envelope directly (its
-/// keys in byte order: at_ms, body, prev, run_id, seq) lets the recorder encode each body once;
-/// a test pins it to the generic canonical encoding.
-pub fn encode_parts(run_id: &str, seq: u64, prev: Option<&Hash>, at_ms: i64, body: &[u8]) -> Vec<u8> {
+/// keys in byte order: at_ms, body, prev, run_id, seq, vaulted) lets the recorder encode each
+/// body once; a test pins it to the generic canonical encoding.
+pub fn encode_parts(position: Position<'_>, body: &[u8]) -> Vec<u8> {
+    let Position {
+        run_id,
+        seq,
+        prev,
+        at_ms,
+        vaulted,
+    } = position;
     let mut out = Vec::with_capacity(body.len() + 192);
     out.extend_from_slice(b"{\"at_ms\":");
     out.extend_from_slice(at_ms.to_string().as_bytes());
@@ -300,6 +323,10 @@ pub fn encode_parts(run_id: &str, seq: u64, prev: Option<&Hash>, at_ms: i64, bod
     out.extend_from_slice(Value::String(run_id.to_owned()).to_string().as_bytes());
     out.extend_from_slice(b",\"seq\":");
     out.extend_from_slice(seq.to_string().as_bytes());
+    if let Some(subject) = vaulted {
+        out.extend_from_slice(b",\"vaulted\":");
+        out.extend_from_slice(Value::String(subject.as_str().to_owned()).to_string().as_bytes());
+    }
     out.push(b'}');
     out
 }
@@ -308,10 +335,13 @@ impl RecordEntry {
     /// The canonical bytes that are stored and hashed.
     pub fn encode(&self) -> Vec<u8> {
         encode_parts(
-            &self.run_id,
-            self.seq,
-            self.prev.as_ref(),
-            self.at_ms,
+            Position {
+                run_id: &self.run_id,
+                seq: self.seq,
+                prev: self.prev.as_ref(),
+                at_ms: self.at_ms,
+                vaulted: self.vaulted.as_ref(),
+            },
             &self.body.encode(),
         )
     }
@@ -382,6 +412,7 @@ mod tests {
                 reason: "Test".into(),
                 message: "m".into(),
             },
+            vaulted: None,
         }
     }
 
@@ -403,7 +434,9 @@ mod tests {
 
     #[test]
     fn envelope_writer_matches_the_generic_canonical_encoding() {
-        for e in [entry(0, None), entry(7, Some(Hash::of(b"p")))] {
+        let mut vaulted = entry(3, Some(Hash::of(b"q")));
+        vaulted.vaulted = Some(SubjectHandle::new("subj:ann").expect("handle"));
+        for e in [entry(0, None), entry(7, Some(Hash::of(b"p"))), vaulted] {
             let generic = to_canonical_bytes(&serde_json::to_value(&e).expect("json"));
             assert_eq!(e.encode(), generic);
         }

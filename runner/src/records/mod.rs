@@ -7,6 +7,7 @@ pub mod read;
 pub mod recorder;
 pub mod store;
 pub mod timeline;
+pub mod vaulted;
 pub mod verify;
 
 pub use entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry};

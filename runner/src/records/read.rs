@@ -17,6 +17,11 @@ pub enum ReadError {
         seq: u64,
         problem: String,
     },
+    #[error("run {run_id}: what it recorded about its subject cannot be opened: {source}")]
+    Vault {
+        run_id: String,
+        source: crate::vault::VaultError,
+    },
     #[error("run {run_id}: entry {seq} references blob {blob}, which is missing")]
     MissingBlob { run_id: String, seq: u64, blob: String },
     #[error(transparent)]
@@ -39,8 +44,64 @@ pub async fn read_run<S: RecordStore>(
     Ok(entries)
 }
 
-/// The entries of `run_id` from `from_seq` on (none if there are none yet), blobs resolved.
+/// The entries of `run_id` from `from_seq` on (none if there are none yet), blobs resolved
+/// and, in a run about a subject, what it recorded about them opened (or, once they are
+/// erased, reading [`super::vaulted::ERASED`]).
 pub async fn read_run_from<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    run_id: &str,
+    from_seq: u64,
+) -> Result<Vec<(Hash, RecordEntry)>, ReadError> {
+    let mut entries = read_stored_from(store, tenant, run_id, from_seq).await?;
+    open_entries(store, tenant, run_id, &mut entries).await?;
+    Ok(entries)
+}
+
+/// Opens what entries of a run about a subject recorded about them, with the run's key from
+/// `store` (see [`super::vaulted`]). Every entry must be of the same subject, or of none.
+pub async fn open_entries<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    run_id: &str,
+    entries: &mut [(Hash, RecordEntry)],
+) -> Result<(), ReadError> {
+    let Some(subject) = entries.iter().find_map(|(_, e)| e.vaulted.clone()) else {
+        return Ok(());
+    };
+    let vault = |source| ReadError::Vault {
+        run_id: run_id.to_owned(),
+        source,
+    };
+    let key = store
+        .run_key(tenant, run_id, &subject, crate::vault::KeyUse::Read)
+        .await
+        .map_err(vault)?;
+    for (_, entry) in entries.iter_mut() {
+        if entry.vaulted.as_ref() != Some(&subject) {
+            return Err(ReadError::Unreadable {
+                run_id: run_id.to_owned(),
+                seq: entry.seq,
+                problem: format!(
+                    "the run is about {subject}, and this entry is {}",
+                    entry
+                        .vaulted
+                        .as_ref()
+                        .map_or_else(|| "about no one".to_owned(), |s| format!("about {s}"))
+                ),
+            });
+        }
+        super::vaulted::unlock(&mut entry.body, key.as_ref()).map_err(|e| ReadError::Unreadable {
+            run_id: run_id.to_owned(),
+            seq: entry.seq,
+            problem: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// The entries of `run_id` from `from_seq` on as stored (blobs resolved; nothing opened).
+pub async fn read_stored_from<S: RecordStore>(
     store: &S,
     tenant: &TenantId,
     run_id: &str,

@@ -9,12 +9,12 @@ use serde_json::Value;
 use tracing::Instrument as _;
 
 use super::{
-    entry::{EntryBody, Hash, PinnedDigests, RecordEntry, StoredEntry, encode_parts},
+    entry::{EntryBody, Hash, PinnedDigests, Position, RecordEntry, StoredEntry, encode_parts},
     store::{
         AppendBatch, Checkpoint, RecordStore, RunSummary, SignedHead, StoreError, TenantId, validate_id,
     },
 };
-use crate::keys::KeyPair;
+use crate::{consent::SubjectHandle, keys::KeyPair, vault::SecretKey};
 
 /// Bodies whose canonical encoding exceeds this many bytes are stored once as a blob and
 /// referenced by hash.
@@ -42,6 +42,8 @@ pub enum RecordError {
     },
     #[error("run {run_id}: other writers kept moving the head; gave up after {attempts} re-chains")]
     Contended { run_id: String, attempts: usize },
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
     #[error(
         "run {run_id}: the record ends at entry {found}, before entry {known} this writer was told is written (a gateway replica failed before making it durable); end this attempt and resume from the record"
     )]
@@ -107,6 +109,10 @@ pub struct Recorder<'s, S> {
     /// Copies of the entries this recorder appended, when asked for (see
     /// [`Recorder::keeping_written`]); dropped once other writers' entries turn up between them.
     written: Option<Vec<StoredEntry>>,
+    /// For a run about a subject: who, and the run's key its entries are encrypted under.
+    vault: Option<(SubjectHandle, SecretKey)>,
+    /// A body that could not be encrypted when staged: the next flush fails with it.
+    failed_lock: Option<crate::vault::VaultError>,
 }
 
 /// A body waiting to be chained: encoded once, at staging time.
@@ -253,7 +259,21 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             sign_heads: true,
             tap: None,
             written: None,
+            vault: None,
+            failed_lock: None,
         }
+    }
+
+    /// Encrypts what this run learns about `subject` under the run's `key` (see
+    /// [`super::vaulted`]) in every entry staged from now on.
+    pub fn vaulted(mut self, subject: SubjectHandle, key: SecretKey) -> Self {
+        self.vault = Some((subject, key));
+        self
+    }
+
+    /// The subject this recorder's entries are encrypted for, if any.
+    pub fn vaulted_for(&self) -> Option<&SubjectHandle> {
+        self.vault.as_ref().map(|(subject, _)| subject)
     }
 
     /// Keeps a copy of every entry this recorder appends, for a caller that folds them into its
@@ -312,13 +332,25 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                 SummaryEffect::of(&e.body).apply(&mut summary);
             }
         }
-        Ok(Self::with_state(
-            store,
-            tenant,
-            key,
-            summary,
-            Some((head.seq, head.hash)),
-        ))
+        // A run about a subject goes on being recorded under its key (refused once they are
+        // erased: nothing more is kept about them).
+        let vault = match decoded.vaulted {
+            Some(subject) => {
+                let key = store
+                    .run_key(&tenant, run_id, &subject, crate::vault::KeyUse::Keep)
+                    .await?
+                    .ok_or_else(|| {
+                        crate::vault::VaultError::Remote(format!("no key to keep run {run_id} under"))
+                    })?;
+                Some((subject, key))
+            }
+            None => None,
+        };
+        let recorder = Self::with_state(store, tenant, key, summary, Some((head.seq, head.hash)));
+        Ok(match vault {
+            Some((subject, key)) => recorder.vaulted(subject, key),
+            None => recorder,
+        })
     }
 
     /// Uses a fixed clock (for byte-identical records in tests and replays).
@@ -375,9 +407,20 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         if let Some(tap) = &mut self.tap {
             tap.push(body.clone());
         }
+        let encoded = match &self.vault {
+            None => body.encode(),
+            Some((_, key)) => {
+                let mut locked = body;
+                if let Err(e) = super::vaulted::lock(&mut locked, key) {
+                    self.failed_lock.get_or_insert(e);
+                    return;
+                }
+                locked.encode()
+            }
+        };
         self.staged.push(Staged {
             at_ms: (self.clock)(),
-            body: body.encode(),
+            body: encoded,
             effect,
         });
     }
@@ -390,6 +433,9 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
 
     /// Appends everything staged in one atomic batch and returns the new signed head.
     pub async fn flush(&mut self) -> Result<SignedHead, RecordError> {
+        if let Some(e) = self.failed_lock.take() {
+            return Err(e.into());
+        }
         if !self.chained.is_empty() {
             // Entries someone else chained cannot be re-chained: they go on this head or not at all.
             return self.flush_exclusive().await;
@@ -454,6 +500,9 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// bodies are stored as blobs first); `None` if nothing is staged. [`Recorder::commit`]
     /// writes it; until then this recorder's head stays where it was.
     pub async fn prepare(&mut self) -> Result<Option<Prepared>, RecordError> {
+        if let Some(e) = self.failed_lock.take() {
+            return Err(e.into());
+        }
         if !self.has_staged() {
             return Ok(None);
         }
@@ -725,10 +774,13 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     fn chain_one(&self, prev: Option<(u64, Hash)>, item: &Staged) -> StoredEntry {
         let seq = prev.map_or(0, |(s, _)| s + 1);
         let bytes = encode_parts(
-            &self.summary.run_id,
-            seq,
-            prev.map(|(_, h)| h).as_ref(),
-            item.at_ms,
+            Position {
+                run_id: &self.summary.run_id,
+                seq,
+                prev: prev.map(|(_, h)| h).as_ref(),
+                at_ms: item.at_ms,
+                vaulted: self.vaulted_for(),
+            },
             &item.body,
         );
         StoredEntry::from_bytes(seq, bytes)

@@ -221,6 +221,7 @@ mod tests {
                     step: seq as u32,
                     state: json!({"k": "v", "n": seq}),
                 },
+                vaulted: None,
             };
             let sealed = StoredEntry::seal(&entry);
             prev = Some(sealed.hash);

@@ -120,10 +120,94 @@ pub fn spec_digest<T: Serialize>(spec: &T) -> String {
     digest_of(spec).unwrap_or_default()
 }
 
+/// The bundle a run recorded in its `run_started` entry (`first`, as read), read back from its
+/// blob — its input opened with the run's key when the run is about a subject, or reading as
+/// erased once they are. `Ok(None)`: the entry names no bundle.
+pub async fn recorded_bundle<S: crate::records::RecordStore>(
+    store: &S,
+    tenant: &crate::records::TenantId,
+    run_id: &str,
+    first: &crate::records::RecordEntry,
+) -> Result<Option<RunBundle>, String> {
+    let crate::records::EntryBody::RunStarted { bundle, .. } = &first.body else {
+        return Err("its first entry is not run_started".into());
+    };
+    let Some(hash) = bundle else { return Ok(None) };
+    let bytes = store
+        .get_blob(tenant, hash)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("its bundle blob {hash} is missing"))?;
+    let key = match &first.vaulted {
+        Some(subject) => store
+            .run_key(tenant, run_id, subject, crate::vault::KeyUse::Read)
+            .await
+            .map_err(|e| e.to_string())?,
+        None => None,
+    };
+    RunBundle::from_stored(&bytes, key.as_ref()).map(Some)
+}
+
+/// What a stored bundle's encrypted input is bound to.
+const INPUT_LABEL: &str = "run_bundle.session_spec.input";
+
+/// The parts of a bundle that are about the person a run is about, encrypted in its stored
+/// copy: the Session's input (their request), and a scripted model's script (it stands in for
+/// the model's answers, which a run records encrypted).
+const PERSONAL_PARTS: [(&str, &str); 2] = [
+    ("/sessionSpec/input", INPUT_LABEL),
+    ("/modelScript", "run_bundle.model_script"),
+];
+
 impl RunBundle {
     /// The bundle's canonical JSON: what is stored (as a blob) with the record.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         crate::records::canonical::canonical_bytes_of(self).unwrap_or_default()
+    }
+
+    /// What the record stores of the bundle: its canonical JSON — for a run about a subject
+    /// (`key` given: the run's), with [`PERSONAL_PARTS`] encrypted, as the person's request is
+    /// theirs. A RunContext pins [`Self::content_digest`], of the bundle in the clear.
+    pub fn stored_bytes(
+        &self,
+        key: Option<&crate::vault::SecretKey>,
+    ) -> Result<Vec<u8>, crate::vault::VaultError> {
+        let Some(key) = key else {
+            return Ok(self.canonical_bytes());
+        };
+        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        for (pointer, label) in PERSONAL_PARTS {
+            if let Some(slot) = value.pointer_mut(pointer) {
+                let plain = crate::records::canonical::to_canonical_bytes(slot);
+                *slot = serde_json::Value::String(key.lock(label, &plain)?);
+            }
+        }
+        Ok(crate::records::canonical::to_canonical_bytes(&value))
+    }
+
+    /// A bundle as [`Self::stored_bytes`] stored it: the input opened with the run's `key`, or
+    /// — once the subject is erased (`key` none) — reading [`crate::records::vaulted::ERASED`].
+    pub fn from_stored(bytes: &[u8], key: Option<&crate::vault::SecretKey>) -> Result<Self, String> {
+        let mut value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| format!("the bundle is not JSON: {e}"))?;
+        for (pointer, label) in PERSONAL_PARTS {
+            if let Some(slot) = value.pointer_mut(pointer)
+                && let serde_json::Value::String(envelope) = &*slot
+                && crate::vault::cipher::is_envelope(envelope)
+            {
+                *slot = match key {
+                    Some(key) => {
+                        let plain = key.unlock(label, envelope).map_err(|e| e.to_string())?;
+                        serde_json::from_slice(&plain).map_err(|e| format!("{label} is not JSON: {e}"))?
+                    }
+                    None if label == INPUT_LABEL => {
+                        serde_json::json!({ "prompt": crate::records::vaulted::ERASED })
+                    }
+                    None => serde_json::Value::String(crate::records::vaulted::ERASED.into()),
+                };
+            }
+        }
+        serde_json::from_value(value).map_err(|e| format!("the bundle cannot be read: {e}"))
     }
 
     /// Content hash of [`RunBundle::canonical_bytes`]: the blob id the record stores the bundle

@@ -36,6 +36,7 @@ use crate::{
         TenantId, entry::Verdict, read_run, recorder::now_ms, store::remote::RemoteStore,
     },
     run_context::{OverrideError, SignedRunContext},
+    vault::KeyUse,
 };
 
 /// How a run ended (or paused).
@@ -203,6 +204,9 @@ pub struct Harness<'s, S> {
     pub(super) clock: fn() -> i64,
     /// What humans found out about calls whose outcome was unknown (`spec.resolutions`).
     pub(super) resolutions: Vec<Resolution>,
+    /// The person the Session is about (its `spec.subject`): what the run records about them
+    /// is encrypted under the run's key (see `crate::records::vaulted`).
+    pub(super) subject: Option<SubjectHandle>,
 }
 
 /// The recalls of a run's ContextPack memory sources on record, in order.
@@ -228,12 +232,16 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         model: Model,
     ) -> Result<Self, RunError> {
         let tenant = TenantId::new(bundle.tenant.clone())?;
-        if let Some(Err(e)) = bundle.session_spec.subject.as_deref().map(SubjectHandle::new) {
-            return Err(RunError::BadSubject {
+        let subject = bundle
+            .session_spec
+            .subject
+            .as_deref()
+            .map(SubjectHandle::new)
+            .transpose()
+            .map_err(|e| RunError::BadSubject {
                 session: bundle.session.clone(),
                 problem: e.to_string(),
-            });
-        }
+            })?;
         let validators = validate::compile(&bundle.agent, &bundle.agent_spec.validators)?;
         let tools = bundle
             .agent_spec
@@ -263,6 +271,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             issued: None,
             clock: now_ms,
             resolutions: Vec::new(),
+            subject,
         })
     }
 
@@ -319,7 +328,28 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             None => issue_run_context(&self.bundle, run_id, trace_id, None, &self.key, (self.clock)())
                 .map_err(|e| RunError::Override(e, self.bundle.session.clone()))?,
         };
-        let bundle_bytes = self.bundle.canonical_bytes();
+        // A run about a person records what it learns of them under its own key (made from
+        // theirs; refused once they are erased). A replay's record is thrown away.
+        let vault = match (&self.subject, self.replay()) {
+            (Some(subject), false) => {
+                let key = self
+                    .store
+                    .run_key(&self.tenant, run_id, subject, KeyUse::Keep)
+                    .await
+                    .map_err(RecordError::from)?
+                    .ok_or_else(|| {
+                        RecordError::from(crate::vault::VaultError::Remote(format!(
+                            "no key was given to record run {run_id}"
+                        )))
+                    })?;
+                Some((subject.clone(), key))
+            }
+            _ => None,
+        };
+        let bundle_bytes = self
+            .bundle
+            .stored_bytes(vault.as_ref().map(|(_, key)| key))
+            .map_err(RecordError::from)?;
         let bundle_blob = self.store.put_blob(&self.tenant, bundle_bytes).await?;
         let start = RunStart {
             run_id: run_id.to_owned(),
@@ -332,6 +362,9 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         // run_started is written with the compiled context and the first checkpoint, in one batch.
         let mut recorder =
             Recorder::begin(self.store, self.tenant.clone(), self.key.clone(), start)?.with_clock(self.clock);
+        if let Some((subject, key)) = vault {
+            recorder = recorder.vaulted(subject, key);
+        }
         if self.replay() {
             recorder = recorder.for_replay();
         }

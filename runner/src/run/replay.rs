@@ -272,6 +272,10 @@ pub struct RunReplay {
     /// Both decision traces, so a pipeline can show exactly what changed.
     pub recorded: DecisionTrace,
     pub replayed: DecisionTrace,
+    /// The subject the run was about, when they have been erased since: the replay saw their
+    /// values as erased, so what it finds says nothing of the candidate and is not counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erased: Option<crate::consent::SubjectHandle>,
 }
 
 /// Compares a recorded trace with its replay (pure).
@@ -410,6 +414,18 @@ pub async fn replay_run<S: RecordStore>(
         .map(|(_, e)| e)
         .collect();
     let original = RecordedRun::read(store, tenant, run_id, &entries).await?;
+    let erased = match entries.first().and_then(|e| e.vaulted.as_ref()) {
+        Some(subject) => store
+            .run_key(tenant, run_id, subject, crate::vault::KeyUse::Read)
+            .await
+            .map_err(|e| ReplayError::Unreadable {
+                run_id: run_id.to_owned(),
+                problem: e.to_string(),
+            })?
+            .is_none()
+            .then(|| subject.clone()),
+        None => None,
+    };
     let bundle = original
         .bundle
         .clone()
@@ -466,6 +482,7 @@ pub async fn replay_run<S: RecordStore>(
         context_change,
         recorded,
         replayed,
+        erased,
     })
 }
 
@@ -497,15 +514,20 @@ impl RecordedRun {
         else {
             return Err(unreadable("its first entry is not run_started".into()));
         };
-        let hash = bundle.ok_or_else(|| ReplayError::NoBundle {
-            run_id: run_id.to_owned(),
-        })?;
-        let bytes = store
-            .get_blob(tenant, &hash)
-            .await?
-            .ok_or_else(|| unreadable(format!("its bundle blob {hash} is missing")))?;
-        let bundle: RunBundle = serde_json::from_slice(&bytes)
-            .map_err(|e| unreadable(format!("its bundle cannot be read: {e}")))?;
+        if bundle.is_none() {
+            return Err(ReplayError::NoBundle {
+                run_id: run_id.to_owned(),
+            });
+        }
+        let first = entries
+            .first()
+            .ok_or_else(|| unreadable("it has no entries".into()))?;
+        let bundle = super::bundle::recorded_bundle(store, tenant, run_id, first)
+            .await
+            .map_err(unreadable)?
+            .ok_or_else(|| ReplayError::NoBundle {
+                run_id: run_id.to_owned(),
+            })?;
         let run_context: SignedRunContext = serde_json::from_value(run_context.clone())
             .map_err(|e| unreadable(format!("its RunContext cannot be read: {e}")))?;
         Ok(Self { bundle, run_context })
@@ -575,16 +597,26 @@ pub struct ReplaySummary {
 }
 
 impl ReplaySummary {
-    pub fn new(replays: Vec<RunReplay>, skipped: Vec<String>, max_divergence_percent: f64) -> Self {
-        let steps: u32 = replays.iter().map(|r| r.steps).sum();
-        let divergent_steps: u32 = replays.iter().map(|r| r.divergent_steps).sum();
+    pub fn new(replays: Vec<RunReplay>, mut skipped: Vec<String>, max_divergence_percent: f64) -> Self {
+        skipped.extend(replays.iter().filter_map(|r| {
+            r.erased.as_ref().map(|subject| {
+                format!(
+                    "run {}: about subject {subject}, erased since; replayed with their values erased, not judged",
+                    r.run_id
+                )
+            })
+        }));
+        // Runs about erased subjects are replayed and shown, never judged: their values are
+        // gone, so how they diverge says nothing of the candidate.
+        let counted = || replays.iter().filter(|r| r.erased.is_none());
+        let steps: u32 = counted().map(|r| r.steps).sum();
+        let divergent_steps: u32 = counted().map(|r| r.divergent_steps).sum();
         let divergence_percent = if steps == 0 {
             0.0
         } else {
             f64::from(divergent_steps) * 100.0 / f64::from(steps)
         };
-        let worst_run = replays
-            .iter()
+        let worst_run = counted()
             .map(|r| RunDivergence {
                 run_id: r.run_id.clone(),
                 percent: percent_of(r.divergent_steps, r.steps),
@@ -595,10 +627,9 @@ impl ReplaySummary {
                 .as_ref()
                 .is_none_or(|w| w.percent <= max_divergence_percent);
         Self {
-            runs: replays.len(),
-            identical_runs: replays.iter().filter(|r| r.identical).count(),
-            diverged_runs: replays
-                .iter()
+            runs: counted().count(),
+            identical_runs: counted().filter(|r| r.identical).count(),
+            diverged_runs: counted()
                 .filter(|r| r.divergences.iter().any(|d| d.kind.counts()))
                 .count(),
             steps,
@@ -621,7 +652,12 @@ impl ReplaySummary {
                 replay.run_id,
                 replay.session,
                 replay.agent,
-                if replay.identical {
+                if let Some(subject) = &replay.erased {
+                    format!(
+                        "about subject {subject}, erased since: replayed with their values erased; {} of {} steps differ, not counted",
+                        replay.divergent_steps, replay.steps
+                    )
+                } else if replay.identical {
                     "decisions identical".to_owned()
                 } else if !replay.divergences.iter().any(|d| d.kind.counts()) {
                     "same decisions (reasons differ)".to_owned()
@@ -901,7 +937,20 @@ mod tests {
             context_change: None,
             recorded: DecisionTrace::default(),
             replayed: DecisionTrace::default(),
+            erased: None,
         }
+    }
+
+    #[test]
+    fn a_run_about_an_erased_subject_is_shown_and_never_judged() {
+        let mut erased = replayed("gone", 4, 4);
+        erased.erased = Some(crate::consent::SubjectHandle::new("cust-1").expect("handle"));
+        let summary = ReplaySummary::new(vec![replayed("kept", 10, 0), erased], Vec::new(), 0.0);
+        assert!(summary.passed, "{}", summary.text());
+        assert_eq!((summary.runs, summary.steps), (1, 10));
+        assert!(summary.text().contains("about subject cust-1, erased since"));
+        let alone = ReplaySummary::new(vec![summary.replays[1].clone()], Vec::new(), 0.0);
+        assert!(alone.passed && alone.runs == 0);
     }
 
     #[test]

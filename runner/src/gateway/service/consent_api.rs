@@ -53,6 +53,20 @@ pub(super) fn refusal(error: MemoryError) -> Refusal {
         }
         MemoryError::Store(StoreError::Refused(message)) => forbidden(message),
         MemoryError::Store(other) => unavailable(other),
+        MemoryError::Vault(error) => vault_refusal(error),
+    }
+}
+
+/// A vault error as the caller sees it: an erased subject is a conflict they can act on.
+pub(super) fn vault_refusal(error: crate::vault::VaultError) -> Refusal {
+    match error {
+        crate::vault::VaultError::Erased { .. } => Refusal(
+            StatusCode::CONFLICT,
+            crate::records::store::remote::SUBJECT_ERASED,
+            error.to_string(),
+        ),
+        crate::vault::VaultError::Store(StoreError::Refused(message)) => forbidden(message),
+        other => unavailable(other),
     }
 }
 

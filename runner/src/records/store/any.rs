@@ -214,11 +214,30 @@ impl RecordStore for AnyStore {
     async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {
         forward!(self, s => s.latest_checkpoint(tenant, session_id))
     }
+    async fn run_key(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        subject: &crate::consent::SubjectHandle,
+        to: crate::vault::KeyUse,
+    ) -> std::result::Result<Option<crate::vault::SecretKey>, crate::vault::VaultError> {
+        forward!(self, s => s.run_key(tenant, run_id, subject, to))
+    }
 }
 
 // Without a backend of its own (neither feature), every call is refused unread.
 #[cfg_attr(not(any(feature = "embedded", feature = "tikv")), allow(unused_variables))]
 impl crate::memory::backend::MemoryBackend for AnyStore {
+    fn key_rings(&self) -> &crate::vault::kek::KeyRings {
+        match self {
+            #[cfg(feature = "embedded")]
+            AnyStore::Embedded(s) => s.key_rings(),
+            #[cfg(feature = "tikv")]
+            AnyStore::Tikv(s) => s.key_rings(),
+            AnyStore::Gateway(s) => s.key_rings(),
+        }
+    }
+
     async fn memory_get(&self, tenant: &TenantId, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
         forward_memory!(self, s => s.memory_get(tenant, keys))
     }

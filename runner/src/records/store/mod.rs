@@ -20,6 +20,10 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 
 use super::entry::{Hash, StoredEntry};
+use crate::{
+    consent::SubjectHandle,
+    vault::{KeyUse, SecretKey, Vault, VaultError},
+};
 
 /// A tenant: the Kubernetes namespace a run belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -260,6 +264,23 @@ pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
         tenant: &TenantId,
         session_id: &str,
     ) -> impl Future<Output = Result<Option<Checkpoint>>> + Send;
+
+    /// The key of run `run_id` about `subject` (see `crate::vault`): to read it, none once
+    /// they are erased; to keep it, refused once they are. A store that holds memory has the
+    /// vault beside it; the gateway service's clients ask the service.
+    fn run_key(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        subject: &SubjectHandle,
+        to: KeyUse,
+    ) -> impl Future<Output = std::result::Result<Option<SecretKey>, VaultError>> + Send {
+        async move {
+            Vault::new(self, tenant.clone())
+                .run_key(subject, run_id, to)
+                .await
+        }
+    }
 }
 
 /// Checks that a batch links up internally and to its expected head before any backend writes
@@ -345,5 +366,15 @@ impl<S: RecordStore> RecordStore for std::sync::Arc<S> {
         session_id: &str,
     ) -> impl Future<Output = Result<Option<Checkpoint>>> + Send {
         (**self).latest_checkpoint(tenant, session_id)
+    }
+
+    fn run_key(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        subject: &SubjectHandle,
+        to: KeyUse,
+    ) -> impl Future<Output = std::result::Result<Option<SecretKey>, VaultError>> + Send {
+        (**self).run_key(tenant, run_id, subject, to)
     }
 }

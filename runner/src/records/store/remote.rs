@@ -320,6 +320,10 @@ async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, String
     Ok(out)
 }
 
+/// The code the gateway service answers a request to keep something about an erased subject
+/// with.
+pub const SUBJECT_ERASED: &str = "subject_erased";
+
 /// The code the gateway service answers a write past the run's quota with.
 pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
 
@@ -355,6 +359,13 @@ fn q(value: &str) -> String {
 /// Memory is never reached through this client as raw keys: a run's memory is kept and
 /// recalled by the gateway service itself, and people use its memory and consent API.
 impl crate::memory::backend::MemoryBackend for RemoteStore {
+    fn key_rings(&self) -> &crate::vault::kek::KeyRings {
+        static REFUSED: crate::vault::kek::KeyRings = crate::vault::kek::KeyRings::Refused(
+            "the identity vault's keys are held by the gateway service, never by its clients",
+        );
+        &REFUSED
+    }
+
     async fn memory_get(&self, _: &TenantId, _: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         Err(memory_refused())
     }
@@ -386,6 +397,40 @@ impl crate::memory::backend::MemoryBackend for RemoteStore {
     }
 }
 
+/// The gateway service's answer to a run key request (`…/key`): the run's key, URL-safe
+/// base64, or none when its subject is erased.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyAnswer {
+    pub key: Option<String>,
+}
+
+impl KeyAnswer {
+    pub fn of(key: Option<&crate::vault::SecretKey>) -> Self {
+        use base64::Engine as _;
+        Self {
+            key: key.map(|k| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k.as_bytes())),
+        }
+    }
+
+    pub fn key(&self) -> Result<Option<crate::vault::SecretKey>, crate::vault::VaultError> {
+        use base64::Engine as _;
+        self.key
+            .as_deref()
+            .map(|text| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(text)
+                    .ok()
+                    .and_then(|bytes| crate::vault::SecretKey::from_bytes(&bytes))
+                    .ok_or_else(|| {
+                        crate::vault::VaultError::Remote(
+                            "the gateway service answered a key that is not 32 bytes".into(),
+                        )
+                    })
+            })
+            .transpose()
+    }
+}
+
 /// Why raw memory access through the gateway service is refused.
 pub fn memory_refused() -> StoreError {
     StoreError::Refused(
@@ -394,6 +439,34 @@ pub fn memory_refused() -> StoreError {
 }
 
 impl RecordStore for RemoteStore {
+    /// Asks the service: a runner for its own run, a reader for a run it may read.
+    async fn run_key(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        subject: &crate::consent::SubjectHandle,
+        to: crate::vault::KeyUse,
+    ) -> Result<Option<crate::vault::SecretKey>, crate::vault::VaultError> {
+        self.check_tenant(tenant)
+            .map_err(crate::vault::VaultError::Store)?;
+        let to = match to {
+            crate::vault::KeyUse::Read => "read",
+            crate::vault::KeyUse::Keep => "keep",
+        };
+        let path = self.path(&format!(
+            "/key?run={}&subject={}&use={to}",
+            q(run_id),
+            q(subject.as_str())
+        ));
+        let answer: KeyAnswer = self.get_json(&path).await.map_err(|e| match e {
+            RemoteError::Refused { code, error, .. } if code == SUBJECT_ERASED => {
+                crate::vault::VaultError::Remote(error)
+            }
+            other => crate::vault::VaultError::Store(store_error(other, run_id)),
+        })?;
+        answer.key()
+    }
+
     async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<(), StoreError> {
         self.check_tenant(tenant)?;
         if !matches!(self.credential, Credential::Run(_)) {

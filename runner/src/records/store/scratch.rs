@@ -37,6 +37,8 @@ pub struct ScratchStore {
     tenants: Mutex<BTreeMap<TenantId, Tenant>>,
     /// Memory's ordered key space (see `memory::backend`); keys carry their tenant.
     memory: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// The identity vault's key rings: in this process, like everything else here.
+    rings: crate::vault::kek::KeyRings,
 }
 
 impl ScratchStore {
@@ -144,6 +146,10 @@ impl ScratchStore {
 }
 
 impl MemoryBackend for ScratchStore {
+    fn key_rings(&self) -> &crate::vault::kek::KeyRings {
+        &self.rings
+    }
+
     async fn memory_get(&self, tenant: &TenantId, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
         keys.iter().try_for_each(|key| check_key(tenant, key))?;
         let memory = self.memory()?;

@@ -27,6 +27,8 @@ const SCAN_PAGE: u32 = 1024;
 pub struct TikvStore {
     client: TransactionClient,
     pd: Vec<String>,
+    /// Where the identity vault's key rings are (never in TiKV: see `crate::vault::kek`).
+    rings: crate::vault::kek::KeyRings,
 }
 
 impl std::fmt::Debug for TikvStore {
@@ -120,7 +122,17 @@ impl TikvStore {
                 ))
             })?
             .map_err(|e| StoreError::Backend(format!("tikv: cannot connect to PD at {pd:?}: {e}")))?;
-        Ok(Self { client, pd })
+        Ok(Self {
+            client,
+            pd,
+            rings: crate::vault::kek::KeyRings::Dir(crate::vault::kek::KeyDir::default_location()),
+        })
+    }
+
+    /// Keeps the identity vault's key rings in `rings` instead of the default place.
+    pub fn with_key_rings(mut self, rings: crate::vault::kek::KeyRings) -> Self {
+        self.rings = rings;
+        self
     }
 
     fn options() -> TransactionOptions {
@@ -390,6 +402,10 @@ impl TikvStore {
 }
 
 impl MemoryBackend for TikvStore {
+    fn key_rings(&self) -> &crate::vault::kek::KeyRings {
+        &self.rings
+    }
+
     async fn memory_get(&self, tenant: &TenantId, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
         keys.iter().try_for_each(|key| check_key(tenant, key))?;
         let mut txn = self.begin().await?;

@@ -53,6 +53,9 @@ struct RunRow {
 pub struct EmbeddedStore {
     files: Arc<Files>,
     ends: Arc<RunEnds>,
+    /// Where the identity vault's key rings are (never in the store file: see
+    /// `crate::vault::kek`).
+    rings: crate::vault::kek::KeyRings,
 }
 
 /// The database and its log, open together.
@@ -168,7 +171,14 @@ impl EmbeddedStore {
         Ok(Self {
             files: Arc::new(Files { db, wal }),
             ends: Arc::default(),
+            rings: crate::vault::kek::KeyRings::Dir(crate::vault::kek::KeyDir::default_location()),
         })
+    }
+
+    /// Keeps the identity vault's key rings in `rings` instead of the default place.
+    pub fn with_key_rings(mut self, rings: crate::vault::kek::KeyRings) -> Self {
+        self.rings = rings;
+        self
     }
 
     /// Runs blocking redb work off the async executor.
@@ -495,6 +505,10 @@ fn apply(txn: &WriteTransaction, puts: &[Put]) -> Result<()> {
 }
 
 impl MemoryBackend for EmbeddedStore {
+    fn key_rings(&self) -> &crate::vault::kek::KeyRings {
+        &self.rings
+    }
+
     async fn memory_get(&self, tenant: &TenantId, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
         keys.iter().try_for_each(|key| check_key(tenant, key))?;
         self.blocking(move |db, _| {

@@ -1,0 +1,238 @@
+//! What a record entry says about the person its run is about, and its encryption.
+//!
+//! In a run about a subject (a Session with `spec.subject`), every entry is marked with that
+//! subject and the fields that carry what the run saw and said — the model's responses, tool
+//! arguments and results, errors, checkpoints, the final output, what memory gave it — hold
+//! envelopes encrypted under the run's key (see `crate::vault`). What governs and explains the
+//! run stays readable: which tool, its risk, the policy decision and rule, approvals, hashes.
+//! The chain hashes the envelopes, so it verifies whether or not the key still exists; once
+//! the subject is erased, the fields read as [`ERASED`].
+
+use serde_json::Value;
+
+use super::entry::EntryBody;
+use crate::vault::{
+    SecretKey, VaultError,
+    cipher::{self, ENVELOPE_PREFIX},
+};
+
+/// What an encrypted field reads as once its subject is erased.
+pub const ERASED: &str = "[erased]";
+
+/// A field that holds what a run learned: its place and its type.
+enum Field<'a> {
+    Value(&'a mut Value),
+    Text(&'a mut String),
+    MaybeText(&'a mut Option<String>),
+}
+
+/// The fields of `body` that are encrypted in a run about a subject, each with its label (the
+/// entry type and field name: an envelope opens only in the field it was made for).
+fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
+    use Field::{MaybeText, Text, Value};
+    match body {
+        EntryBody::ModelTurn { response, .. } => model_turn_fields(response),
+        EntryBody::ToolCallRequested(call) => {
+            vec![("tool_call_requested.arguments", Value(&mut call.arguments))]
+        }
+        EntryBody::ToolResult(result) => vec![
+            ("tool_result.output", Value(&mut result.output)),
+            ("tool_result.error", MaybeText(&mut result.error)),
+        ],
+        EntryBody::CallResolved { note, .. } => vec![("call_resolved.note", MaybeText(note))],
+        EntryBody::DeadLettered { error, .. } => vec![("dead_lettered.error", Text(error))],
+        EntryBody::Checkpoint { state, .. } => vec![("checkpoint.state", Value(state))],
+        EntryBody::Completed { output, .. } => vec![("completed.output", Text(output))],
+        EntryBody::Failed { message, .. } => vec![("failed.message", Text(message))],
+        // A ContextPack source's query is the pack's (and a replay matches recalls by it); a
+        // `recall` call's is the model's, and may say anything.
+        EntryBody::MemoryRecalled(recall) => {
+            let from_pack = recall.source.is_some();
+            let mut fields = vec![("memory_recalled.content", Text(&mut recall.content))];
+            if !from_pack {
+                fields.push(("memory_recalled.query", Text(&mut recall.query)));
+            }
+            fields
+        }
+        EntryBody::RunStarted { .. }
+        | EntryBody::ContextCompiled { .. }
+        | EntryBody::PolicyDecision(_)
+        | EntryBody::ApprovalRequested { .. }
+        | EntryBody::ApprovalGranted { .. }
+        | EntryBody::ApprovalRefused { .. }
+        | EntryBody::CriticVerdict { .. }
+        | EntryBody::AccessRefused { .. }
+        | EntryBody::MemoryCandidate(_)
+        // A blob's body is encrypted before it is moved to the blob.
+        | EntryBody::Blob { .. } => Vec::new(),
+    }
+}
+
+/// A model turn's text and its calls' arguments; the calls' ids and tools stay readable, so a
+/// replay of an erased run still makes the same calls (with erased arguments). A response that
+/// is not a turn's object is encrypted whole.
+fn model_turn_fields(response: &mut Value) -> Vec<(&'static str, Field<'_>)> {
+    let Value::Object(turn) = response else {
+        return vec![("model_turn.response", Field::Value(response))];
+    };
+    let mut out = Vec::new();
+    for (name, value) in turn.iter_mut() {
+        match (name.as_str(), value) {
+            ("content", content) => out.push(("model_turn.response.content", Field::Value(content))),
+            ("tool_calls", Value::Array(calls)) => {
+                for call in calls {
+                    match call {
+                        Value::Object(call) => {
+                            if let Some(arguments) = call.get_mut("arguments") {
+                                out.push((
+                                    "model_turn.response.tool_calls.arguments",
+                                    Field::Value(arguments),
+                                ));
+                            }
+                        }
+                        other => out.push(("model_turn.response.tool_calls", Field::Value(other))),
+                    }
+                }
+            }
+            ("tool_calls", other) => out.push(("model_turn.response.tool_calls", Field::Value(other))),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Encrypts the fields of `body` that say what the run learned, under the run's `key`.
+pub fn lock(body: &mut EntryBody, key: &SecretKey) -> Result<(), VaultError> {
+    for (label, field) in fields(body) {
+        match field {
+            Field::Value(value) => {
+                let plain = super::canonical::to_canonical_bytes(value);
+                *value = Value::String(key.lock(label, &plain)?);
+            }
+            Field::Text(text) => *text = key.lock(label, text.as_bytes())?,
+            Field::MaybeText(Some(text)) => *text = key.lock(label, text.as_bytes())?,
+            Field::MaybeText(None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Decrypts what [`lock`] encrypted; with no key (the subject is erased) the fields read as
+/// [`ERASED`]. A field that is not an envelope, or does not open, is an error: the entry was
+/// not written by a recorder holding this run's key.
+pub fn unlock(body: &mut EntryBody, key: Option<&SecretKey>) -> Result<(), VaultError> {
+    for (label, field) in fields(body) {
+        match field {
+            Field::Value(value) => {
+                let Value::String(envelope) = &*value else {
+                    return Err(not_locked(label));
+                };
+                *value = match key {
+                    None if cipher::is_envelope(envelope) => Value::String(ERASED.into()),
+                    None => return Err(not_locked(label)),
+                    Some(key) => {
+                        let plain = open(key, label, envelope)?;
+                        serde_json::from_slice(&plain).map_err(|e| {
+                            VaultError::Cipher(format!("{label}: opened to no JSON value: {e}"))
+                        })?
+                    }
+                };
+            }
+            Field::Text(text) => *text = open_text(key, label, text)?,
+            Field::MaybeText(Some(text)) => *text = open_text(key, label, text)?,
+            Field::MaybeText(None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every field [`lock`] encrypts holds an envelope that opens with `key`: a
+/// runner's entries for a run about a subject are taken only so.
+pub fn check_locked(body: &EntryBody, key: &SecretKey) -> Result<(), VaultError> {
+    unlock(&mut body.clone(), Some(key))
+}
+
+fn open_text(key: Option<&SecretKey>, label: &str, text: &str) -> Result<String, VaultError> {
+    match key {
+        None if cipher::is_envelope(text) => Ok(ERASED.into()),
+        None => Err(not_locked(label)),
+        Some(key) => String::from_utf8(open(key, label, text)?)
+            .map_err(|_| VaultError::Cipher(format!("{label}: opened to text that is not UTF-8"))),
+    }
+}
+
+fn open(key: &SecretKey, label: &str, envelope: &str) -> Result<Vec<u8>, VaultError> {
+    if !cipher::is_envelope(envelope) {
+        return Err(not_locked(label));
+    }
+    key.unlock(label, envelope)
+}
+
+fn not_locked(label: &str) -> VaultError {
+    VaultError::Cipher(format!(
+        "{label}: an entry of a run about a subject holds this field in the clear (it must be a {ENVELOPE_PREFIX}… envelope)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::records::entry::ToolResultRecord;
+
+    fn result() -> EntryBody {
+        EntryBody::ToolResult(ToolResultRecord {
+            call_id: "c1".into(),
+            ok: false,
+            output: json!({"customer": "ann@example.com", "n": 2}),
+            error: Some("ann@example.com bounced".into()),
+            attempts: 1,
+            truncated: false,
+        })
+    }
+
+    #[test]
+    fn locked_fields_hide_their_text_and_open_again() {
+        let key = SecretKey::generate().expect("random");
+        let mut body = result();
+        lock(&mut body, &key).expect("locks");
+        let encoded = String::from_utf8(body.encode()).expect("utf-8");
+        assert!(!encoded.contains("ann@"), "{encoded}");
+        assert!(
+            encoded.contains("\"call_id\":\"c1\""),
+            "what governs stays readable"
+        );
+        check_locked(&body, &key).expect("every field locked");
+        let mut opened = body.clone();
+        unlock(&mut opened, Some(&key)).expect("opens");
+        assert_eq!(opened, result());
+        let mut erased = body;
+        unlock(&mut erased, None).expect("reads as erased");
+        let EntryBody::ToolResult(r) = erased else {
+            unreachable!()
+        };
+        assert_eq!(r.output, json!(ERASED));
+        assert_eq!(r.error.as_deref(), Some(ERASED));
+    }
+
+    #[test]
+    fn a_field_in_the_clear_or_under_another_key_is_refused() {
+        let key = SecretKey::generate().expect("random");
+        assert!(check_locked(&result(), &key).is_err(), "in the clear");
+        let mut other = result();
+        lock(&mut other, &SecretKey::generate().expect("random")).expect("locks");
+        assert!(check_locked(&other, &key).is_err(), "another run's key");
+        // An envelope moved into another field does not open there.
+        let mut body = result();
+        lock(&mut body, &key).expect("locks");
+        let EntryBody::ToolResult(r) = &body else {
+            unreachable!()
+        };
+        let moved = EntryBody::Completed {
+            output: r.error.clone().expect("error"),
+            validators: Vec::new(),
+        };
+        assert!(check_locked(&moved, &key).is_err());
+    }
+}

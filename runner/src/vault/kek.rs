@@ -1,0 +1,328 @@
+//! Key-encryption keys: what wraps the subjects' data keys kept in the store. They are kept
+//! outside the store (a file per tenant, mode 0600, in a directory of their own), in epochs.
+//! Rotation wraps every data key again under a new epoch and then destroys the old epoch's
+//! key, so a copy of the store taken before it holds only data keys that no key in existence
+//! unwraps — that is what makes an erasure reach backups of the store.
+
+use std::{
+    io::{Read as _, Write as _},
+    path::{Path, PathBuf},
+};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::{VaultError, cipher::SecretKey};
+use crate::records::TenantId;
+
+/// The most bytes of a key file (a ring holds one key, two while it rotates).
+const MAX_FILE: u64 = 64 * 1024;
+
+/// A tenant's key-encryption keys, oldest epoch first. More than one only while a rotation is
+/// under way (see [`super::Vault::rotate`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyRing {
+    keys: Vec<EpochKey>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct EpochKey {
+    epoch: u32,
+    /// Standard base64 of the 32 key bytes.
+    key: String,
+}
+
+impl std::fmt::Debug for EpochKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EpochKey({}, …)", self.epoch)
+    }
+}
+
+impl KeyRing {
+    /// A ring with one fresh key, epoch 1.
+    pub fn generate() -> Result<Self, VaultError> {
+        let mut ring = Self { keys: Vec::new() };
+        ring.push(1, &SecretKey::generate()?);
+        Ok(ring)
+    }
+
+    fn push(&mut self, epoch: u32, key: &SecretKey) {
+        self.keys.push(EpochKey {
+            epoch,
+            key: base64::engine::general_purpose::STANDARD.encode(key.as_bytes()),
+        });
+    }
+
+    /// The epoch new data keys are wrapped under, and its key.
+    pub fn current(&self) -> Result<(u32, SecretKey), VaultError> {
+        let newest = self
+            .keys
+            .last()
+            .ok_or_else(|| VaultError::KeyRing("the key ring is empty".into()))?;
+        Ok((newest.epoch, decode_key(newest)?))
+    }
+
+    /// The key of `epoch`, if the ring still holds it.
+    pub fn get(&self, epoch: u32) -> Result<Option<SecretKey>, VaultError> {
+        self.keys
+            .iter()
+            .find(|k| k.epoch == epoch)
+            .map(decode_key)
+            .transpose()
+    }
+
+    /// Whether a rotation was begun and not finished.
+    pub fn rotating(&self) -> bool {
+        self.keys.len() > 1
+    }
+
+    /// Adds the next epoch's key (kept beside the old one until every data key is rewrapped).
+    pub fn begin_rotation(&mut self) -> Result<u32, VaultError> {
+        let (epoch, _) = self.current()?;
+        let next = epoch
+            .checked_add(1)
+            .ok_or_else(|| VaultError::KeyRing("the key ring ran out of epochs".into()))?;
+        self.push(next, &SecretKey::generate()?);
+        Ok(next)
+    }
+
+    /// Destroys every key but the newest.
+    pub fn finish_rotation(&mut self) {
+        let keep = self.keys.len().saturating_sub(1);
+        self.keys.drain(..keep);
+    }
+
+    fn check(&self) -> Result<(), VaultError> {
+        if self.keys.is_empty() {
+            return Err(VaultError::KeyRing("the key ring holds no key".into()));
+        }
+        if !self.keys.windows(2).all(|w| w[0].epoch < w[1].epoch) {
+            return Err(VaultError::KeyRing(
+                "the key ring's epochs are not ascending".into(),
+            ));
+        }
+        self.keys.iter().try_for_each(|k| decode_key(k).map(drop))
+    }
+}
+
+fn decode_key(key: &EpochKey) -> Result<SecretKey, VaultError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(&key.key)
+        .ok()
+        .and_then(|bytes| SecretKey::from_bytes(&bytes))
+        .ok_or_else(|| VaultError::KeyRing(format!("epoch {}: the key is not 32 bytes of base64", key.epoch)))
+}
+
+/// Where a store's key rings are kept: every backend that holds memory is opened with one.
+#[derive(Clone, Debug)]
+pub enum KeyRings {
+    /// Files in a directory (see [`KeyDir`]).
+    Dir(KeyDir),
+    /// In this process only (a scratch store, tests): gone with it.
+    Memory(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, KeyRing>>>),
+    /// None: this store keeps nothing about subjects (why, for the error).
+    Refused(&'static str),
+}
+
+impl Default for KeyRings {
+    /// Kept in this process only.
+    fn default() -> Self {
+        Self::in_memory()
+    }
+}
+
+impl KeyRings {
+    /// Rings kept in this process only.
+    pub fn in_memory() -> Self {
+        Self::Memory(Default::default())
+    }
+
+    /// The tenant's ring; a new one is made (and kept) when it has none.
+    pub async fn load(&self, tenant: &TenantId) -> Result<KeyRing, VaultError> {
+        match self {
+            Self::Dir(dir) => dir.load(tenant),
+            Self::Memory(rings) => {
+                let mut rings = rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(ring) = rings.get(tenant.as_str()) {
+                    return Ok(ring.clone());
+                }
+                let ring = KeyRing::generate()?;
+                rings.insert(tenant.to_string(), ring.clone());
+                Ok(ring)
+            }
+            Self::Refused(why) => Err(VaultError::KeyRing((*why).to_owned())),
+        }
+    }
+
+    /// Replaces the tenant's ring, atomically: a crash leaves the old ring or the new one.
+    pub async fn save(&self, tenant: &TenantId, ring: &KeyRing) -> Result<(), VaultError> {
+        ring.check()?;
+        match self {
+            Self::Dir(dir) => dir.write(tenant, ring),
+            Self::Memory(rings) => {
+                rings
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(tenant.to_string(), ring.clone());
+                Ok(())
+            }
+            Self::Refused(why) => Err(VaultError::KeyRing((*why).to_owned())),
+        }
+    }
+}
+
+/// Key rings as files in a directory: `<tenant>.json`, mode 0600.
+#[derive(Clone, Debug)]
+pub struct KeyDir {
+    dir: PathBuf,
+}
+
+impl KeyDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// `$CONTEXTOS_VAULT_KEYS`, else `$XDG_CONFIG_HOME/contextos/vault-keys`, else
+    /// `~/.config/contextos/vault-keys`: beside the user's configuration, not beside the store,
+    /// so a copy of the store does not take its keys along.
+    pub fn default_location() -> Self {
+        if let Some(dir) = std::env::var_os("CONTEXTOS_VAULT_KEYS") {
+            return Self::new(dir);
+        }
+        let config = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".config")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::new(config.join("contextos").join("vault-keys"))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn file(&self, tenant: &TenantId) -> PathBuf {
+        self.dir.join(format!("{tenant}.json"))
+    }
+
+    fn load(&self, tenant: &TenantId) -> Result<KeyRing, VaultError> {
+        if let Some(ring) = self.read(tenant)? {
+            return Ok(ring);
+        }
+        let ring = KeyRing::generate()?;
+        self.write(tenant, &ring)?;
+        Ok(ring)
+    }
+
+    fn read(&self, tenant: &TenantId) -> Result<Option<KeyRing>, VaultError> {
+        let path = self.file(tenant);
+        let io = |e: std::io::Error| VaultError::KeyRing(format!("{}: {e}", path.display()));
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        let mut text = Vec::new();
+        file.take(MAX_FILE + 1).read_to_end(&mut text).map_err(io)?;
+        if text.len() as u64 > MAX_FILE {
+            return Err(VaultError::KeyRing(format!(
+                "{}: larger than {MAX_FILE} bytes; it is not a key ring",
+                path.display()
+            )));
+        }
+        let ring: KeyRing = serde_json::from_slice(&text)
+            .map_err(|e| VaultError::KeyRing(format!("{}: not a key ring: {e}", path.display())))?;
+        ring.check()
+            .map_err(|e| VaultError::KeyRing(format!("{}: {e}", path.display())))?;
+        Ok(Some(ring))
+    }
+
+    fn write(&self, tenant: &TenantId, ring: &KeyRing) -> Result<(), VaultError> {
+        let path = self.file(tenant);
+        let io = |e: std::io::Error| VaultError::KeyRing(format!("{}: {e}", path.display()));
+        create_private_dir(&self.dir).map_err(io)?;
+        let temporary = self.dir.join(format!(".{tenant}.json.new"));
+        let bytes = serde_json::to_vec_pretty(ring).map_err(|e| VaultError::KeyRing(e.to_string()))?;
+        {
+            let mut file = private_file(&temporary).map_err(io)?;
+            file.write_all(&bytes).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&temporary, &path).map_err(io)?;
+        // The rename is durable only once the directory is.
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
+    }
+}
+
+#[cfg(unix)]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+#[cfg(not(unix))]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)
+}
+
+#[cfg(unix)]
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::create(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_ring_is_made_once_kept_and_rotated() {
+        let dir = std::env::temp_dir().join(format!("contextos-kek-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let keys = KeyRings::Dir(KeyDir::new(&dir));
+        let tenant = TenantId::new("shop").expect("tenant");
+        let first = keys.load(&tenant).await.expect("made");
+        let again = keys.load(&tenant).await.expect("read");
+        assert_eq!(first.current().expect("key"), again.current().expect("key"));
+        let mut ring = again;
+        let next = ring.begin_rotation().expect("rotates");
+        assert_eq!(next, 2);
+        assert!(ring.rotating());
+        assert!(ring.get(1).expect("decodes").is_some());
+        ring.finish_rotation();
+        assert!(!ring.rotating());
+        assert!(
+            ring.get(1).expect("decodes").is_none(),
+            "the old epoch is destroyed"
+        );
+        keys.save(&tenant, &ring).await.expect("saved");
+        let read = keys.load(&tenant).await.expect("read");
+        assert_eq!(read.current().expect("key").0, 2);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(dir.join("shop.json"))
+                .expect("file")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "only its owner may read a key ring");
+        }
+        std::fs::write(dir.join("shop.json"), b"{\"keys\":[]}").expect("write");
+        assert!(
+            keys.load(&tenant).await.is_err(),
+            "an empty ring is refused, not replaced"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,475 @@
+//! The identity vault: a data key per subject (a person, by pseudonymous handle), so that what
+//! the records and memory keep about them can be made unreadable everywhere at once — by
+//! destroying one key — while every chain still verifies (the chains hash ciphertext).
+//!
+//! - A subject's **data key** is made the first time something about them is kept, wrapped by
+//!   the tenant's key-encryption key of the current epoch (see [`kek`]), and stored with the
+//!   tenant's memory (`v/d/<subject>`) in the same backend as the records.
+//! - What is kept is encrypted under keys **derived** from it: one per run about the subject
+//!   (a runner is given only its own run's key) and one for their memory.
+//! - **Erasure** ([`Vault::erase`]) records that the subject is erased (`v/e/<subject>`: nothing
+//!   is kept for that handle again), deletes the wrapped data key, and rotates the tenant's
+//!   key-encryption key, so no copy of the store taken before it can be opened either.
+//!
+//! The cryptography is in [`cipher`]; which fields of a record entry are encrypted is decided
+//! by `records::vaulted`.
+
+pub mod cipher;
+pub mod kek;
+pub mod remote;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::cipher::SecretKey;
+use self::kek::KeyRing;
+use crate::{
+    consent::SubjectHandle,
+    memory::{
+        backend::{Change, Guard, MemoryBackend, Write},
+        keys,
+    },
+    records::{StoreError, TenantId},
+};
+
+/// Wrapped data keys rewrapped per transaction during a rotation.
+const ROTATION_PAGE: usize = 512;
+
+/// Why the vault refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error(
+        "subject {subject} was erased (at {erased_at_ms} ms, by {by}); nothing is kept about that handle again — a person who returns gets a new handle"
+    )]
+    Erased {
+        subject: String,
+        erased_at_ms: i64,
+        by: String,
+    },
+    #[error("vault key ring: {0}")]
+    KeyRing(String),
+    #[error("vault: {0}")]
+    Cipher(String),
+    #[error("vault: no randomness from the operating system: {0}")]
+    Random(String),
+    #[error(
+        "vault: subject {subject}'s data key is wrapped under key epoch {epoch}, which the key ring no longer holds (restored from a copy older than a rotation?)"
+    )]
+    LostEpoch { subject: String, epoch: u32 },
+    #[error("vault (through the gateway service): {0}")]
+    Remote(String),
+    #[error("vault: stored row for {what} is corrupt: {problem}")]
+    Corrupt { what: String, problem: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A subject's data key. Never stored in the clear, never sent: only keys derived from it are.
+#[derive(Clone, Debug)]
+pub struct DataKey(SecretKey);
+
+impl DataKey {
+    /// The key of one run's record: what the run's entries about the subject are encrypted with.
+    pub fn run_key(&self, tenant: &TenantId, run_id: &str) -> SecretKey {
+        self.0.derive(&["contextos/v1/run", tenant.as_str(), run_id])
+    }
+
+    /// The key of the subject's memory items and held candidates.
+    pub fn memory_key(&self, tenant: &TenantId) -> SecretKey {
+        self.0.derive(&["contextos/v1/memory", tenant.as_str()])
+    }
+}
+
+/// A subject's erasure, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Erasure {
+    pub erased_at_ms: i64,
+    /// Who erased them (the local user, or the requester's verified identity).
+    pub by: String,
+}
+
+/// What an erasure did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Erased {
+    pub subject: SubjectHandle,
+    #[serde(flatten)]
+    pub erasure: Erasure,
+    /// Whether they had a data key (anything kept about them).
+    pub had_key: bool,
+    /// Memory items and held candidates forgotten.
+    pub memory_forgotten: usize,
+    pub rotation: Rotation,
+}
+
+/// What a key is wanted for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyUse {
+    /// To read what was kept: none once the subject is erased.
+    Read,
+    /// To keep something new: the data key is made if needed; refused once erased.
+    Keep,
+}
+
+/// What the vault holds for a subject.
+#[derive(Clone, Debug)]
+pub enum KeyState {
+    Active(DataKey),
+    Erased(Erasure),
+    /// Nothing was ever kept about them.
+    Unknown,
+}
+
+/// A wrapped data key as stored.
+#[derive(Serialize, Deserialize)]
+struct WrappedKey {
+    epoch: u32,
+    /// URL-safe base64 of nonce, ciphertext and tag.
+    wrapped: String,
+}
+
+/// What a rotation did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rotation {
+    pub epoch: u32,
+    pub rewrapped: usize,
+    /// Data keys of erased subjects found and deleted (a key kept while its subject was being
+    /// erased).
+    pub removed: usize,
+}
+
+/// One tenant's vault in a store backend (its data keys) and the backend's key rings.
+pub struct Vault<'a, B: ?Sized> {
+    backend: &'a B,
+    tenant: TenantId,
+}
+
+impl<B: ?Sized> std::fmt::Debug for Vault<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
+    pub fn new(backend: &'a B, tenant: TenantId) -> Self {
+        Self { backend, tenant }
+    }
+
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    /// The subject's data key, if it exists and they are not erased. An erasure wins over a
+    /// data key found beside it (one kept while the erasure was under way).
+    pub async fn key(&self, subject: &SubjectHandle) -> Result<KeyState, VaultError> {
+        let rows = self
+            .backend
+            .memory_get(
+                &self.tenant,
+                vec![
+                    keys::vault_erased(&self.tenant, subject),
+                    keys::vault_key(&self.tenant, subject),
+                ],
+            )
+            .await?;
+        if let Some(erased) = &rows[0] {
+            return Ok(KeyState::Erased(self.erasure_of(subject, erased)?));
+        }
+        match &rows[1] {
+            None => Ok(KeyState::Unknown),
+            Some(wrapped) => {
+                let ring = self.backend.key_rings().load(&self.tenant).await?;
+                Ok(KeyState::Active(self.unwrap(&ring, subject, wrapped)?))
+            }
+        }
+    }
+
+    /// The key of run `run_id` about `subject`. To read it: `None` once they are erased (or
+    /// when nothing was ever kept about them): its encrypted fields read as erased. To keep:
+    /// their data key is made if they have none; refused once they are erased.
+    pub async fn run_key(
+        &self,
+        subject: &SubjectHandle,
+        run_id: &str,
+        to: KeyUse,
+    ) -> Result<Option<SecretKey>, VaultError> {
+        let key = match to {
+            KeyUse::Keep => Some(self.key_for_keeping(subject).await?),
+            KeyUse::Read => match self.key(subject).await? {
+                KeyState::Active(key) => Some(key),
+                KeyState::Erased(_) | KeyState::Unknown => None,
+            },
+        };
+        Ok(key.map(|key| key.run_key(&self.tenant, run_id)))
+    }
+
+    /// The key of the subject's memory (see [`Self::run_key`] for `to`).
+    pub async fn memory_key(
+        &self,
+        subject: &SubjectHandle,
+        to: KeyUse,
+    ) -> Result<Option<SecretKey>, VaultError> {
+        let key = match to {
+            KeyUse::Keep => Some(self.key_for_keeping(subject).await?),
+            KeyUse::Read => match self.key(subject).await? {
+                KeyState::Active(key) => Some(key),
+                KeyState::Erased(_) | KeyState::Unknown => None,
+            },
+        };
+        Ok(key.map(|key| key.memory_key(&self.tenant)))
+    }
+
+    /// The subject's data key whether or not an erasure has begun (an erasure finishing what
+    /// a failed one started needs it to forget their memory).
+    async fn key_even_if_erased(&self, subject: &SubjectHandle) -> Result<Option<DataKey>, VaultError> {
+        let row = self
+            .backend
+            .memory_get(&self.tenant, vec![keys::vault_key(&self.tenant, subject)])
+            .await?
+            .pop()
+            .flatten();
+        match row {
+            None => Ok(None),
+            Some(wrapped) => {
+                let ring = self.backend.key_rings().load(&self.tenant).await?;
+                self.unwrap(&ring, subject, &wrapped).map(Some)
+            }
+        }
+    }
+
+    /// The subject's data key, made now if they have none; refused for an erased subject.
+    pub async fn key_for_keeping(&self, subject: &SubjectHandle) -> Result<DataKey, VaultError> {
+        for _ in 0..3 {
+            match self.key(subject).await? {
+                KeyState::Active(key) => return Ok(key),
+                KeyState::Erased(erasure) => return Err(erased(subject, erasure)),
+                KeyState::Unknown => {}
+            }
+            let ring = self.backend.key_rings().load(&self.tenant).await?;
+            let key = SecretKey::generate()?;
+            let row = keys::vault_key(&self.tenant, subject);
+            let wrapped = self.wrap(&ring, subject, &key)?;
+            let applied = self
+                .backend
+                .memory_write(
+                    &self.tenant,
+                    vec![Write {
+                        guard: Guard::Absent(row.clone()),
+                        changes: vec![Change::Put(row, wrapped)],
+                    }],
+                )
+                .await?;
+            if applied.first() == Some(&true) {
+                // Read back: an erasure that began meanwhile wins over this key.
+                continue;
+            }
+            // Another writer made one first: use theirs.
+        }
+        match self.key(subject).await? {
+            KeyState::Active(key) => Ok(key),
+            KeyState::Erased(erasure) => Err(erased(subject, erasure)),
+            KeyState::Unknown => Err(VaultError::Corrupt {
+                what: format!("subject {subject}"),
+                problem: "a data key written was not there when read back".into(),
+            }),
+        }
+    }
+
+    /// Erases a subject: records the erasure (the first one's time and author are kept, and
+    /// from then on nothing is kept about the handle), forgets their memory and held
+    /// candidates, destroys their data key and rotates the tenant's key-encryption key. Safe to
+    /// run again after a failure part way: each step is idempotent.
+    pub async fn erase(&self, subject: &SubjectHandle, by: &str, now_ms: i64) -> Result<Erased, VaultError>
+    where
+        B: Sized,
+    {
+        let tombstone = keys::vault_erased(&self.tenant, subject);
+        let erasure = Erasure {
+            erased_at_ms: now_ms,
+            by: by.to_owned(),
+        };
+        let value = serde_json::to_vec(&erasure).map_err(|e| VaultError::Cipher(e.to_string()))?;
+        let data_key = self.key_even_if_erased(subject).await?;
+        self.backend
+            .memory_write(
+                &self.tenant,
+                vec![Write {
+                    guard: Guard::Absent(tombstone.clone()),
+                    changes: vec![Change::Put(tombstone.clone(), value)],
+                }],
+            )
+            .await?;
+        // Their memory goes while its key still opens it (its index rows are found from the
+        // items); what it held was never stored in the clear.
+        let scope = crate::memory::ItemScope::Subject(subject.clone());
+        let bank = crate::memory::bank::MemoryBank::new(self.backend, &self.tenant);
+        let bank = match &data_key {
+            Some(key) => bank.with_subject_key(subject.clone(), key.memory_key(&self.tenant)),
+            None => bank,
+        };
+        let forgotten = bank.forget_scope_and_held(&scope).await.map_err(|e| match e {
+            crate::memory::MemoryError::Store(e) => VaultError::Store(e),
+            other => VaultError::Corrupt {
+                what: format!("subject {subject}'s memory"),
+                problem: other.to_string(),
+            },
+        })?;
+        self.backend
+            .memory_write(
+                &self.tenant,
+                vec![Write {
+                    guard: Guard::Present(tombstone.clone()),
+                    changes: vec![Change::Delete(keys::vault_key(&self.tenant, subject))],
+                }],
+            )
+            .await?;
+        let rotation = self.rotate().await?;
+        let stored = self
+            .backend
+            .memory_get(&self.tenant, vec![tombstone])
+            .await?
+            .into_iter()
+            .next()
+            .flatten()
+            .ok_or_else(|| VaultError::Corrupt {
+                what: format!("subject {subject}'s erasure"),
+                problem: "it was not there when read back".into(),
+            })?;
+        Ok(Erased {
+            subject: subject.clone(),
+            erasure: self.erasure_of(subject, &stored)?,
+            had_key: data_key.is_some(),
+            memory_forgotten: forgotten,
+            rotation,
+        })
+    }
+
+    /// Wraps every data key of the tenant under a new key-encryption key and destroys the old
+    /// one. A rotation cut short is finished by the next (the ring keeps both keys until then).
+    pub async fn rotate(&self) -> Result<Rotation, VaultError> {
+        let mut ring = self.backend.key_rings().load(&self.tenant).await?;
+        if !ring.rotating() {
+            ring.begin_rotation()?;
+            self.backend.key_rings().save(&self.tenant, &ring).await?;
+        }
+        let (epoch, _) = ring.current()?;
+        let mut rotation = Rotation {
+            epoch,
+            ..Rotation::default()
+        };
+        let prefix = keys::vault_keys_prefix(&self.tenant);
+        let end = keys::prefix_end(&prefix);
+        let mut start = prefix.clone();
+        loop {
+            let page = self
+                .backend
+                .memory_scan(&self.tenant, start.clone(), end.clone(), ROTATION_PAGE)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            start = keys::after(last);
+            let full = page.len() == ROTATION_PAGE;
+            let mut writes = Vec::with_capacity(page.len());
+            let mut subjects = Vec::with_capacity(page.len());
+            for (key, value) in page {
+                let handle = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                let subject = SubjectHandle::new(&handle).map_err(|e| VaultError::Corrupt {
+                    what: format!("data key row {handle:?}"),
+                    problem: e.to_string(),
+                })?;
+                let stored: WrappedKey = parse_row(&subject, &value)?;
+                if stored.epoch == epoch {
+                    continue;
+                }
+                let data = self.unwrap(&ring, &subject, &value)?;
+                let rewrapped = self.wrap(&ring, &subject, &data.0)?;
+                subjects.push(subject.clone());
+                writes.push(Write {
+                    guard: Guard::Absent(keys::vault_erased(&self.tenant, &subject)),
+                    changes: vec![Change::Put(key.clone(), rewrapped)],
+                });
+                // The erased subject's stray key goes (the write above did not apply).
+                writes.push(Write {
+                    guard: Guard::Present(keys::vault_erased(&self.tenant, &subject)),
+                    changes: vec![Change::Delete(key)],
+                });
+            }
+            let applied = self.backend.memory_write(&self.tenant, writes).await?;
+            for pair in applied.chunks(2) {
+                match pair {
+                    [true, _] => rotation.rewrapped += 1,
+                    [_, true] => rotation.removed += 1,
+                    _ => {}
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        ring.finish_rotation();
+        self.backend.key_rings().save(&self.tenant, &ring).await?;
+        Ok(rotation)
+    }
+
+    fn wrap(&self, ring: &KeyRing, subject: &SubjectHandle, key: &SecretKey) -> Result<Vec<u8>, VaultError> {
+        use base64::Engine as _;
+        let (epoch, kek) = ring.current()?;
+        let sealed = kek.seal_bytes(&self.wrap_label(subject, epoch), key.as_bytes())?;
+        serde_json::to_vec(&WrappedKey {
+            epoch,
+            wrapped: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed),
+        })
+        .map_err(|e| VaultError::Cipher(e.to_string()))
+    }
+
+    fn unwrap(&self, ring: &KeyRing, subject: &SubjectHandle, value: &[u8]) -> Result<DataKey, VaultError> {
+        use base64::Engine as _;
+        let stored: WrappedKey = parse_row(subject, value)?;
+        let kek = ring.get(stored.epoch)?.ok_or_else(|| VaultError::LostEpoch {
+            subject: subject.to_string(),
+            epoch: stored.epoch,
+        })?;
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&stored.wrapped)
+            .map_err(|e| VaultError::Corrupt {
+                what: format!("subject {subject}'s data key"),
+                problem: e.to_string(),
+            })?;
+        let bytes = kek.open_bytes(&self.wrap_label(subject, stored.epoch), &sealed)?;
+        SecretKey::from_bytes(&bytes)
+            .map(DataKey)
+            .ok_or_else(|| VaultError::Corrupt {
+                what: format!("subject {subject}'s data key"),
+                problem: "not 32 bytes".into(),
+            })
+    }
+
+    /// What a wrapped key is bound to: a row copied to another subject or tenant does not open.
+    fn wrap_label(&self, subject: &SubjectHandle, epoch: u32) -> String {
+        format!("contextos/v1/data-key/{}/{subject}/{epoch}", self.tenant)
+    }
+
+    fn erasure_of(&self, subject: &SubjectHandle, value: &[u8]) -> Result<Erasure, VaultError> {
+        serde_json::from_slice(value).map_err(|e| VaultError::Corrupt {
+            what: format!("subject {subject}'s erasure"),
+            problem: e.to_string(),
+        })
+    }
+}
+
+fn parse_row(subject: &SubjectHandle, value: &[u8]) -> Result<WrappedKey, VaultError> {
+    serde_json::from_slice(value).map_err(|e| VaultError::Corrupt {
+        what: format!("subject {subject}'s data key"),
+        problem: e.to_string(),
+    })
+}
+
+fn erased(subject: &SubjectHandle, erasure: Erasure) -> VaultError {
+    VaultError::Erased {
+        subject: subject.to_string(),
+        erased_at_ms: erasure.erased_at_ms,
+        by: erasure.by,
+    }
+}

@@ -20,6 +20,7 @@ use contextos_runner::{
     key_secrets,
     keys::{KeyPair, TenantKeys},
     records::store::tikv::TikvStore,
+    vault::{kek::KeyRings, secret_rings::SecretRings},
 };
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
@@ -30,6 +31,8 @@ pub mod tikv_testserver;
 
 /// Namespace of the operator's signing key in these tests.
 pub const OPERATOR_NAMESPACE: &str = "contextos-e2e-operator";
+/// Namespace of the identity vault's key rings in these tests (as in an installation).
+pub const VAULT_NAMESPACE: &str = "contextos-vault";
 /// Label of the objects the operator-restart test reconciles with its own operator.
 pub const CHAOS_LABEL: &str = "contextos.dev/operator-test";
 
@@ -170,9 +173,27 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
         });
         // The gateway trusts the RunContext key the operator publishes when it starts.
         let trust = wait_for_operator_key(&env.client()).await?;
+        // The vault's key rings in Secrets, as the gateway service keeps them.
+        for name in [VAULT_NAMESPACE] {
+            let namespace: Namespace =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
+                    .map_err(|e| e.to_string())?;
+            match Api::<Namespace>::all(env.client())
+                .create(&PostParams::default(), &namespace)
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(format!("create namespace {name}: {e}")),
+            }
+        }
         let records = TikvStore::connect(&tikv.pd)
             .await
-            .map_err(|e| format!("store: {e}"))?;
+            .map_err(|e| format!("store: {e}"))?
+            .with_key_rings(KeyRings::Secrets(Arc::new(SecretRings::new(
+                env.client(),
+                VAULT_NAMESPACE,
+            ))));
         let service = GatewayService::new(
             records,
             TokenReviewer::new(env.client()),

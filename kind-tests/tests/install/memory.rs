@@ -157,6 +157,101 @@ async fn sessions_within_consent(env: &'static TestEnv, tenant: &TestNamespace) 
         shown.contains("recalled 0 item(s) of subject:cust-7f3a9c for source customer-memory; held back 2"),
         "the revocation was not honoured by the next Session:\n{shown}"
     );
+    erased_through_the_gateway(env, tenant, &records, &sessions, &first).await
+}
+
+/// The privacy desk erases the customer through the gateway: the auditor can no longer read
+/// what their runs recorded about them, every record still verifies, the tenant's key ring in
+/// `contextos-vault` was rotated, and a new Session about them fails saying why.
+async fn erased_through_the_gateway(
+    env: &'static TestEnv,
+    tenant: &TestNamespace,
+    records: &Records,
+    sessions: &kube::Api<Session>,
+    first: &str,
+) -> Result<()> {
+    // The runner recorded what it learned encrypted; the records reader opens it.
+    let shown = records.show(first).await?;
+    ensure!(
+        shown.contains("ana.lopez@example.com"),
+        "a records reader could not read what the first ticket recorded:\n{shown}"
+    );
+    // Erasing needs its own right: the auditor is refused until bound to it.
+    let refused = records.person(&["subject", "erase", CUSTOMER, "--yes"]).await?;
+    ensure!(
+        !refused.status.success() && said(&refused).contains("contextos-subject-eraser"),
+        "an erasure without the right was not refused naming it: {}",
+        said(&refused)
+    );
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "memory-auditor-eraser"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "contextos-subject-eraser"},
+        "subjects": [{"kind": "ServiceAccount", "name": "memory-auditor", "namespace": tenant.name()}],
+    }))?;
+    tenant
+        .api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let mut erased = None;
+    for _ in 0..30 {
+        let output = records.person(&["subject", "erase", CUSTOMER, "--yes"]).await?;
+        if output.status.success() {
+            erased = Some(said(&output));
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let erased = erased.context("the eraser could not erase the customer within 30 s")?;
+    ensure!(
+        erased.contains("erased: subject cust-7f3a9c") && erased.contains("memory-auditor"),
+        "the erasure did not say who erased whom: {erased}"
+    );
+    let shown = records.show(first).await?;
+    ensure!(
+        shown.contains("[erased]") && !shown.contains("ana.lopez@example.com"),
+        "the first ticket's record still reads what it learned about the customer:\n{shown}"
+    );
+    let published = super::http_get(
+        records.store.trim_start_matches("gateway+http://"),
+        &format!("/v1/tenants/{}/record-key", tenant.name()),
+    )
+    .await?;
+    let published: serde_json::Value = serde_json::from_str(&published)?;
+    let key = published["publicKey"].as_str().context("publicKey")?.to_owned();
+    let verified = records
+        .person(&["records", "verify", "--all", "--public-key", &key])
+        .await?;
+    ensure!(
+        verified.status.success(),
+        "the records no longer verify after the erasure: {}",
+        said(&verified)
+    );
+    let ring = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(env.client(), "contextos-vault")
+        .get(&format!("contextos-vault-{}", tenant.name()))
+        .await
+        .context("the tenant's key ring Secret in contextos-vault")?;
+    let ring = ring
+        .data
+        .and_then(|d| d.get("ring.json").cloned())
+        .context("the key ring Secret holds no ring.json")?;
+    ensure!(
+        String::from_utf8_lossy(&ring.0).contains("\"epoch\":2"),
+        "the erasure did not rotate the tenant's key ring"
+    );
+    // Nothing is kept about the handle again: a new ticket about them fails, saying why.
+    let session: Session = serde_json::from_value(json!({
+        "apiVersion": "contextos.dev/v1alpha1",
+        "kind": "Session",
+        "metadata": {"name": "ticket-4714"},
+        "spec": {"agentRef": {"name": "support-assistant"}, "subject": CUSTOMER, "input": {"prompt": "Ticket 4714: hello again."}},
+    }))?;
+    sessions.create(&PostParams::default(), &session).await?;
+    let failed = phase(sessions, "ticket-4714", SessionPhase::Failed).await?;
+    let why = serde_json::to_string(&failed.status)?;
+    ensure!(
+        why.contains("erased"),
+        "the Session about an erased subject failed without saying why: {why}"
+    );
     Ok(())
 }
 
@@ -265,6 +360,16 @@ impl Records {
             token,
             namespace: tenant.name().to_owned(),
         })
+    }
+
+    /// `contextos <args>` as the auditor, through the gateway.
+    async fn person(&self, args: &[&str]) -> Result<std::process::Output> {
+        let (command, rest) = args.split_first().context("a command")?;
+        Ok(
+            as_person(command, rest, &self.store, &self.namespace, &self.token)
+                .output()
+                .await?,
+        )
     }
 
     /// `contextos records show <run>` (retried while the new binding reaches the gateway).

@@ -15,6 +15,7 @@ use contextos_runner::{
     key_secrets::{self, RECORD_MASTER_KEY},
     keys::{PublicKey, TenantKeys},
     records::StoreLocation,
+    vault::{kek::KeyRings, secret_rings::SecretRings},
 };
 
 use super::GlobalArgs;
@@ -40,6 +41,10 @@ pub struct GatewayArgs {
     /// it uploads. Writes past it are refused (413), and the run fails saying so.
     #[arg(long, env = "CONTEXTOS_MAX_RUN_BYTES", default_value_t = contextos_runner::gateway::service::DEFAULT_MAX_RUN_BYTES)]
     max_run_bytes: u64,
+    /// Namespace whose Secrets hold the identity vault's key rings (one per tenant, shared by
+    /// every replica): nothing else belongs there, and it is never backed up with the store.
+    #[arg(long, env = "CONTEXTOS_VAULT_NAMESPACE", default_value = "contextos-vault")]
+    vault_namespace: String,
 }
 
 pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitCode> {
@@ -64,7 +69,15 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
                 .map_err(|e| anyhow::anyhow!("the record store's endpoint {endpoint}: {e}"))?;
         }
     }
-    let store = Arc::new(global.open_store().await?);
+    let store = Arc::new(
+        global
+            .open_store()
+            .await?
+            .with_key_rings(KeyRings::Secrets(Arc::new(SecretRings::new(
+                client.clone(),
+                &args.vault_namespace,
+            )))),
+    );
     // The TiKV nodes behind PD, and any added later: no tool may be pointed at them.
     #[cfg(feature = "tikv")]
     if let Ok(StoreLocation::Tikv(endpoints)) = global.store_location() {

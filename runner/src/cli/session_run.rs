@@ -90,11 +90,15 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
         Ok(report) => report,
         // The gateway refused the run for good (e.g. a Secret the Agent may not use): say so
         // in the report, so the Session fails with the reason instead of being retried.
-        Err(e) if refused(&e) => RunReport {
+        Err(e) if refused(&e) || e.is_subject_erased() => RunReport {
             run_id: context.run_id.clone(),
             session: context.session_id.clone(),
             outcome: RunOutcome::Failed {
-                reason: "GatewayRefused".into(),
+                reason: if e.is_subject_erased() {
+                    "SubjectErased".into()
+                } else {
+                    "GatewayRefused".into()
+                },
                 message: e.to_string(),
             },
             steps: 0,

@@ -65,6 +65,10 @@ pub enum Access {
     ForgetMemory,
     /// Approve a held candidate, which keeps it: `create` on `memories`.
     KeepMemory,
+    /// See whether a subject is erased: `get` on `subjects`.
+    ReadSubjects,
+    /// Erase a subject (and rotate the namespace's key-encryption key): `delete` on `subjects`.
+    EraseSubject,
 }
 
 impl Access {
@@ -77,6 +81,8 @@ impl Access {
             Self::ReadMemory => ("get", MEMORIES_RESOURCE, None),
             Self::ForgetMemory => ("delete", MEMORIES_RESOURCE, None),
             Self::KeepMemory => ("create", MEMORIES_RESOURCE, None),
+            Self::ReadSubjects => ("get", SUBJECTS_RESOURCE, None),
+            Self::EraseSubject => ("delete", SUBJECTS_RESOURCE, None),
         }
     }
 
@@ -90,6 +96,7 @@ impl Access {
             Self::RecordConsent => "contextos-consent-keeper",
             Self::ReadMemory => "contextos-memory-reader",
             Self::ForgetMemory | Self::KeepMemory => "contextos-memory-keeper",
+            Self::ReadSubjects | Self::EraseSubject => "contextos-subject-eraser",
         };
         format!(
             "`{verb}` on {resource} (group {RECORDS_GROUP}) there, e.g. a RoleBinding to ClusterRole {role}"
@@ -101,6 +108,8 @@ impl Access {
 pub const CONSENTS_RESOURCE: &str = "consents";
 /// The resource whose permissions govern memory items.
 pub const MEMORIES_RESOURCE: &str = "memories";
+/// The resource whose permissions govern subjects in the identity vault (erasure).
+pub const SUBJECTS_RESOURCE: &str = "subjects";
 
 /// Who reads, and whether they may do what they ask in a namespace.
 pub trait ReaderAuthority: Send + Sync {

@@ -44,6 +44,8 @@ fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
         EntryBody::Checkpoint { state, .. } => vec![("checkpoint.state", Value(state))],
         EntryBody::Completed { output, .. } => vec![("completed.output", Text(output))],
         EntryBody::Failed { message, .. } => vec![("failed.message", Text(message))],
+        // Its reason may quote what a validator found in the answer.
+        EntryBody::CriticVerdict { reason, .. } => vec![("critic_verdict.reason", Text(reason))],
         // A ContextPack source's query is the pack's (and a replay matches recalls by it); a
         // `recall` call's is the model's, and may say anything.
         EntryBody::MemoryRecalled(recall) => {
@@ -60,7 +62,6 @@ fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
         | EntryBody::ApprovalRequested { .. }
         | EntryBody::ApprovalGranted { .. }
         | EntryBody::ApprovalRefused { .. }
-        | EntryBody::CriticVerdict { .. }
         | EntryBody::AccessRefused { .. }
         | EntryBody::MemoryCandidate(_)
         // A blob's body is encrypted before it is moved to the blob.

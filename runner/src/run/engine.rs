@@ -153,6 +153,17 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// Whether the run is about a subject who was erased: nothing more is kept about them, so
+    /// it cannot run (retrying would change nothing).
+    pub fn is_subject_erased(&self) -> bool {
+        match self {
+            Self::Record(RecordError::Vault(e)) => e.is_erased(),
+            Self::Read(ReadError::Vault { source, .. }) => source.is_erased(),
+            Self::Memory(crate::memory::MemoryError::Vault(e)) => e.is_erased(),
+            _ => false,
+        }
+    }
+
     /// Whether the gateway service refused a write because the run has written as much to the
     /// store as it may (`--max-run-bytes`).
     pub fn is_store_quota(&self) -> bool {

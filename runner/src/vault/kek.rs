@@ -92,7 +92,7 @@ impl KeyRing {
         self.keys.drain(..keep);
     }
 
-    fn check(&self) -> Result<(), VaultError> {
+    pub(super) fn check(&self) -> Result<(), VaultError> {
         if self.keys.is_empty() {
             return Err(VaultError::KeyRing("the key ring holds no key".into()));
         }
@@ -120,6 +120,8 @@ pub enum KeyRings {
     Dir(KeyDir),
     /// In this process only (a scratch store, tests): gone with it.
     Memory(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, KeyRing>>>),
+    /// Secrets of the gateway service's own namespace (a cluster: every replica shares them).
+    Secrets(std::sync::Arc<super::secret_rings::SecretRings>),
     /// None: this store keeps nothing about subjects (why, for the error).
     Refused(&'static str),
 }
@@ -137,9 +139,19 @@ impl KeyRings {
         Self::Memory(Default::default())
     }
 
-    /// The tenant's ring; a new one is made (and kept) when it has none.
+    /// The tenant's ring; a new one is made (and kept) when it has none. Shared rings may be
+    /// answered from a short-lived copy: see [`Self::load_fresh`].
     pub async fn load(&self, tenant: &TenantId) -> Result<KeyRing, VaultError> {
         match self {
+            Self::Secrets(secrets) => secrets.load(tenant, false).await,
+            other => other.load_fresh(tenant).await,
+        }
+    }
+
+    /// The tenant's ring as kept now (what a rotation, or a key just written, must check).
+    pub async fn load_fresh(&self, tenant: &TenantId) -> Result<KeyRing, VaultError> {
+        match self {
+            Self::Secrets(secrets) => secrets.load(tenant, true).await,
             Self::Dir(dir) => dir.load(tenant),
             Self::Memory(rings) => {
                 let mut rings = rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -158,6 +170,7 @@ impl KeyRings {
     pub async fn save(&self, tenant: &TenantId, ring: &KeyRing) -> Result<(), VaultError> {
         ring.check()?;
         match self {
+            Self::Secrets(secrets) => secrets.save(tenant, ring).await,
             Self::Dir(dir) => dir.write(tenant, ring),
             Self::Memory(rings) => {
                 rings

@@ -17,6 +17,7 @@
 pub mod cipher;
 pub mod kek;
 pub mod remote;
+pub mod secret_rings;
 
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +58,9 @@ pub enum VaultError {
     LostEpoch { subject: String, epoch: u32 },
     #[error("vault (through the gateway service): {0}")]
     Remote(String),
+    /// [`Self::Erased`], as the gateway service said it.
+    #[error("{0}")]
+    ErasedRemotely(String),
     #[error("vault: stored row for {what} is corrupt: {problem}")]
     Corrupt { what: String, problem: String },
     #[error(transparent)]
@@ -139,6 +143,13 @@ pub struct Rotation {
     pub removed: usize,
 }
 
+impl VaultError {
+    /// Whether the subject was erased (here, or as the gateway service said).
+    pub fn is_erased(&self) -> bool {
+        matches!(self, Self::Erased { .. } | Self::ErasedRemotely(_))
+    }
+}
+
 /// One tenant's vault in a store backend (its data keys) and the backend's key rings.
 pub struct Vault<'a, B: ?Sized> {
     backend: &'a B,
@@ -182,7 +193,14 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
             None => Ok(KeyState::Unknown),
             Some(wrapped) => {
                 let ring = self.backend.key_rings().load(&self.tenant).await?;
-                Ok(KeyState::Active(self.unwrap(&ring, subject, wrapped)?))
+                match self.unwrap(&ring, subject, wrapped) {
+                    // Wrapped under an epoch newer than the ring this replica had at hand.
+                    Err(VaultError::LostEpoch { .. }) => {
+                        let ring = self.backend.key_rings().load_fresh(&self.tenant).await?;
+                        Ok(KeyState::Active(self.unwrap(&ring, subject, wrapped)?))
+                    }
+                    other => Ok(KeyState::Active(other?)),
+                }
             }
         }
     }
@@ -234,7 +252,7 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
         match row {
             None => Ok(None),
             Some(wrapped) => {
-                let ring = self.backend.key_rings().load(&self.tenant).await?;
+                let ring = self.backend.key_rings().load_fresh(&self.tenant).await?;
                 self.unwrap(&ring, subject, &wrapped).map(Some)
             }
         }
@@ -258,11 +276,12 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
                     &self.tenant,
                     vec![Write {
                         guard: Guard::Absent(row.clone()),
-                        changes: vec![Change::Put(row, wrapped)],
+                        changes: vec![Change::Put(row.clone(), wrapped.clone())],
                     }],
                 )
                 .await?;
             if applied.first() == Some(&true) {
+                self.settle_epoch(subject, &row, wrapped, &key).await?;
                 // Read back: an erasure that began meanwhile wins over this key.
                 continue;
             }
@@ -276,6 +295,36 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
                 problem: "a data key written was not there when read back".into(),
             }),
         }
+    }
+
+    /// A data key just written under the epoch the ring had a moment ago: if a rotation has
+    /// begun or ended since (another replica), it is wrapped again under the newest epoch — a
+    /// rotation that scanned before it was written would otherwise destroy the only key that
+    /// unwraps it. (A rotation saves its new epoch before it scans, so a key written before the
+    /// rotation began is found by its scan, and one written after sees the new epoch here.)
+    async fn settle_epoch(
+        &self,
+        subject: &SubjectHandle,
+        row: &[u8],
+        written: Vec<u8>,
+        key: &SecretKey,
+    ) -> Result<(), VaultError> {
+        let ring = self.backend.key_rings().load_fresh(&self.tenant).await?;
+        let stored: WrappedKey = parse_row(subject, &written)?;
+        if ring.current()?.0 == stored.epoch {
+            return Ok(());
+        }
+        let rewrapped = self.wrap(&ring, subject, key)?;
+        self.backend
+            .memory_write(
+                &self.tenant,
+                vec![Write {
+                    guard: Guard::Holds(row.to_vec(), written),
+                    changes: vec![Change::Put(row.to_vec(), rewrapped)],
+                }],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Erases a subject: records the erasure (the first one's time and author are kept, and
@@ -350,7 +399,7 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
     /// Wraps every data key of the tenant under a new key-encryption key and destroys the old
     /// one. A rotation cut short is finished by the next (the ring keeps both keys until then).
     pub async fn rotate(&self) -> Result<Rotation, VaultError> {
-        let mut ring = self.backend.key_rings().load(&self.tenant).await?;
+        let mut ring = self.backend.key_rings().load_fresh(&self.tenant).await?;
         if !ring.rotating() {
             ring.begin_rotation()?;
             self.backend.key_rings().save(&self.tenant, &ring).await?;

@@ -14,6 +14,7 @@ mod context_cache;
 mod memory_api;
 mod read_api;
 mod run_api;
+mod subject_api;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -64,6 +65,7 @@ use crate::{
     },
     run::bundle::RunBundle,
     run_context::SignedRunContext,
+    vault::remote::{SUBJECT_ERASE_PATH, SUBJECT_ROTATE_PATH, SUBJECT_STATE_PATH},
 };
 
 /// The bearer token of a request (empty without one).
@@ -205,6 +207,8 @@ fn person_access(method: &axum::http::Method, path: &str) -> Option<Access> {
             Some(Access::ForgetMemory)
         }
         (&Method::POST, path) if path.starts_with(MEMORY_HELD_PREFIX) => Some(Access::KeepMemory),
+        (&Method::GET, SUBJECT_STATE_PATH) => Some(Access::ReadSubjects),
+        (&Method::POST, SUBJECT_ERASE_PATH | SUBJECT_ROTATE_PATH) => Some(Access::EraseSubject),
         _ => None,
     }
 }
@@ -363,6 +367,11 @@ where
             .route("/v1/run/calls", post(Self::call))
             .route("/v1/run/model", post(Self::model))
             .route("/v1/run/recall", post(Self::recall))
+            .route("/v1/run/key", get(Self::run_key))
+            .route("/v1/records/key", get(Self::reader_run_key))
+            .route(SUBJECT_ERASE_PATH, post(Self::subject_erase))
+            .route(SUBJECT_STATE_PATH, get(Self::subject_state))
+            .route(SUBJECT_ROTATE_PATH, post(Self::subject_rotate))
             .route("/v1/records/runs", get(Self::reader_runs))
             .route("/v1/records/head", get(Self::reader_head))
             .route("/v1/records/chain", get(Self::reader_chain))
@@ -420,7 +429,8 @@ where
                 None => Err(forbidden(
                     "a person may only GET /v1/records/… (runs, head, chain, checkpoint, blobs), \
                      GET /v1/consent/history or /v1/consent/subjects, POST /v1/consent/records, \
-                     GET /v1/memory/items and DELETE /v1/memory/items/… or /v1/memory/scopes/…",
+                     GET /v1/memory/items and DELETE /v1/memory/items/… or /v1/memory/scopes/…, \
+                     GET /v1/subjects/state and POST /v1/subjects/erase or /v1/subjects/rotate-keys",
                 )),
             }
         } else {
@@ -637,7 +647,9 @@ where
     }
 
     /// The run's governed state, built once per replica from the bundle its RunContext pins.
-    async fn slot(&self, caller: &Caller) -> Result<Arc<RunSlot>, Refusal> {
+    /// The run's built gateway (built now if this replica has none). `sent`: the entries the
+    /// runner sent with this request, where a new run's `run_started` may still be.
+    async fn slot(&self, caller: &Caller, sent: &[WireEntry]) -> Result<Arc<RunSlot>, Refusal> {
         let key = (caller.tenant.to_string(), caller.run_id().to_owned());
         let now = now_ms();
         if let Ok(mut runs) = self.runs.lock()
@@ -646,7 +658,7 @@ where
             *used = now;
             return Ok(slot.clone());
         }
-        let slot = Arc::new(self.build_slot(caller).await?);
+        let slot = Arc::new(self.build_slot(caller, sent).await?);
         if let Ok(mut runs) = self.runs.lock() {
             if runs.len() >= MAX_CACHED_RUNS
                 && let Some(oldest) = runs
@@ -673,30 +685,75 @@ where
         self.runs.lock().map_or(0, |r| r.len())
     }
 
-    async fn build_slot(&self, caller: &Caller) -> Result<RunSlot, Refusal> {
+    async fn build_slot(&self, caller: &Caller, sent: &[WireEntry]) -> Result<RunSlot, Refusal> {
         let context = &caller.context.context;
         let digest = context
             .bundle_digest
             .as_deref()
             .and_then(Hash::parse)
             .ok_or_else(|| forbidden("the RunContext pins no bundle"))?;
-        let bytes = self
-            .store
-            .get_blob(&caller.tenant, &digest)
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| {
-                bad(format!(
-                    "the run's bundle {digest} was not uploaded; start the run first"
-                ))
-            })?;
-        if Hash::of(&bytes) != digest {
-            return Err(unavailable(format!(
-                "the store returned a different bundle for {digest}"
-            )));
-        }
-        let bundle: RunBundle = serde_json::from_slice(&bytes)
-            .map_err(|e| bad(format!("bundle {digest} does not decode: {e}")))?;
+        let bundle = match &context.subject {
+            None => {
+                let bytes = self
+                    .store
+                    .get_blob(&caller.tenant, &digest)
+                    .await
+                    .map_err(unavailable)?
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "the run's bundle {digest} was not uploaded; start the run first"
+                        ))
+                    })?;
+                if Hash::of(&bytes) != digest {
+                    return Err(unavailable(format!(
+                        "the store returned a different bundle for {digest}"
+                    )));
+                }
+                serde_json::from_slice::<RunBundle>(&bytes)
+                    .map_err(|e| bad(format!("bundle {digest} does not decode: {e}")))?
+            }
+            // A run about a subject stored its bundle with their part encrypted, under another
+            // hash: its run_started entry names it (on record, or sent with this request), and
+            // it must open to the bundle pinned.
+            Some(subject) => {
+                let on_record = self
+                    .store
+                    .read_chain(&caller.tenant, caller.run_id(), 0)
+                    .await
+                    .map_err(unavailable)?
+                    .into_iter()
+                    .next()
+                    .map(|stored| stored.bytes);
+                let sent_first = sent.iter().filter_map(|w| w.decode().ok()).find(|s| s.seq == 0);
+                let first = on_record
+                    .or(sent_first.map(|s| s.bytes))
+                    .and_then(|bytes| RecordEntry::decode(&bytes).ok());
+                let Some(EntryBody::RunStarted {
+                    bundle: Some(stored), ..
+                }) = first.map(|e| e.body)
+                else {
+                    return Err(bad("the run has not started: send its run_started entry first"));
+                };
+                let key = self
+                    .store
+                    .run_key(
+                        &caller.tenant,
+                        caller.run_id(),
+                        subject,
+                        crate::vault::KeyUse::Keep,
+                    )
+                    .await
+                    .map_err(consent_api::vault_refusal)?
+                    .ok_or_else(|| unavailable("no key was given to keep the run"))?;
+                let bundle = self.stored_bundle(caller, &stored, &key).await?;
+                if bundle.content_digest() != digest {
+                    return Err(forbidden(format!(
+                        "the run's stored bundle {stored} is not the bundle {digest} its RunContext pins"
+                    )));
+                }
+                bundle
+            }
+        };
         if bundle.tenant != caller.tenant.as_str()
             || bundle.session != context.session_id
             || bundle.agent != context.agent.name

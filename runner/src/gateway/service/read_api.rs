@@ -81,6 +81,8 @@ where
                 Access::ReadMemory => "read the memory",
                 Access::ForgetMemory => "forget the memory",
                 Access::KeepMemory => "approve memory candidates",
+                Access::ReadSubjects => "see the subjects",
+                Access::EraseSubject => "erase subjects",
             };
             return Err(forbidden(format!(
                 "user {} may not {what} of namespace {namespace}: that needs {}",

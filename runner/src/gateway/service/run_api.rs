@@ -37,7 +37,7 @@ where
             None => None,
             Some(text) => Some(Hash::parse(text).ok_or_else(|| bad("expected_head is not a hash"))?),
         };
-        let slot = service.slot(&caller).await?;
+        let slot = service.slot(&caller, &request.entries).await?;
         let mut log = slot.log.lock().await;
         log.refresh(&service.store, &caller.tenant, caller.run_id(), &slot.gateway)
             .await
@@ -93,6 +93,22 @@ where
         wire: &[WireEntry],
     ) -> Result<Vec<(StoredEntry, RecordEntry)>, Refusal> {
         let mut entries = Vec::with_capacity(wire.len());
+        // A run about a subject: what its runner records about them must be encrypted under
+        // the run's key, and every entry marked as about them (erasure must reach all of it).
+        let subject = caller.context.context.subject.as_ref();
+        let key = match subject {
+            Some(subject) if !wire.is_empty() => self
+                .store
+                .run_key(
+                    &caller.tenant,
+                    caller.run_id(),
+                    subject,
+                    crate::vault::KeyUse::Keep,
+                )
+                .await
+                .map_err(super::consent_api::vault_refusal)?,
+            _ => None,
+        };
         for wire in wire {
             let stored = wire.decode().map_err(bad)?;
             let entry = RecordEntry::decode(&stored.bytes)
@@ -102,7 +118,14 @@ where
             if entry.encode() != stored.bytes {
                 return Err(bad(format!("entry {} is not in canonical form", entry.seq)));
             }
-            self.check_runner_body(caller, &entry).await?;
+            if entry.vaulted.as_ref() != subject {
+                return Err(forbidden(format!(
+                    "entry {} must be marked as about {} (the run's RunContext says so)",
+                    entry.seq,
+                    subject.map_or_else(|| "no one".to_owned(), ToString::to_string)
+                )));
+            }
+            self.check_runner_body(caller, &entry, key.as_ref()).await?;
             entries.push((stored, entry));
         }
         Ok(entries)
@@ -178,6 +201,7 @@ where
         &self,
         caller: &Caller,
         entry: &RecordEntry,
+        key: Option<&crate::vault::SecretKey>,
     ) -> Result<(), Refusal> {
         let body = match &entry.body {
             EntryBody::Blob { blob, body_type, .. } => {
@@ -204,6 +228,10 @@ where
             }
             other => other.clone(),
         };
+        if let Some(key) = key {
+            crate::records::vaulted::check_locked(&body, key)
+                .map_err(|e| forbidden(format!("entry {}: {e}", entry.seq)))?;
+        }
         match &body {
             EntryBody::RunStarted {
                 session_id,
@@ -215,13 +243,21 @@ where
                 let context = &caller.context.context;
                 let presented: Option<SignedRunContext> = serde_json::from_value(run_context.clone()).ok();
                 let pinned_bundle = context.bundle_digest.as_deref().and_then(Hash::parse);
+                // A run about a subject stores its bundle with their part encrypted: it must
+                // open to the bundle pinned.
+                let bundle_pinned = match (bundle, key) {
+                    (Some(stored), Some(key)) => {
+                        self.stored_bundle(caller, stored, key).await?.content_digest()
+                            == pinned_bundle.unwrap_or(Hash([0; 32]))
+                    }
+                    (stored, _) => stored.is_some() && *stored == pinned_bundle,
+                };
                 let matches = entry.seq == 0
                     && presented.as_ref() == Some(&caller.context)
                     && *session_id == context.session_id
                     && *agent == context.agent.name
                     && *pinned == context.pinned
-                    && bundle.is_some()
-                    && *bundle == pinned_bundle;
+                    && bundle_pinned;
                 if !matches {
                     return Err(forbidden(
                         "run_started must be the first entry and carry the caller's RunContext, its session, agent, pins and bundle",
@@ -239,6 +275,26 @@ where
                 other.type_name()
             ))),
         }
+    }
+
+    /// The bundle a run about a subject stored (blob `stored`), opened with the run's `key`.
+    pub(super) async fn stored_bundle(
+        &self,
+        caller: &Caller,
+        stored: &Hash,
+        key: &crate::vault::SecretKey,
+    ) -> Result<RunBundle, Refusal> {
+        let bytes = self
+            .store
+            .get_blob(&caller.tenant, stored)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| {
+                bad(format!(
+                    "the run's bundle {stored} was not uploaded; upload it first"
+                ))
+            })?;
+        RunBundle::from_stored(&bytes, Some(key)).map_err(|e| bad(format!("the run's bundle {stored}: {e}")))
     }
 
     pub(super) async fn head(
@@ -391,7 +447,7 @@ where
             }
         }
         let slot = service
-            .slot(&caller)
+            .slot(&caller, &request.tail.entries)
             .instrument(tracing::debug_span!("gateway.slot"))
             .await?;
         // The call runs under the caller's verified context, whatever the envelope says.
@@ -646,7 +702,7 @@ where
     ) -> Reply {
         let caller = service.caller(&headers).await?;
         let request: RecallCall = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
-        let slot = service.slot(&caller).await?;
+        let slot = service.slot(&caller, &request.tail.entries).await?;
         // As for calls: what was offered is recorded even if the runner went away meanwhile.
         let (answer, answered) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
@@ -732,7 +788,7 @@ where
     ) -> Reply {
         let caller = service.caller(&headers).await?;
         let request: ModelCall = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
-        let slot = service.slot(&caller).await?;
+        let slot = service.slot(&caller, &request.tail.entries).await?;
         // As for calls: a turn the model gave is recorded even if the runner went away, and the
         // tenant's slot is held until then.
         let (answer, answered) = tokio::sync::oneshot::channel();

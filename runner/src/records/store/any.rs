@@ -61,6 +61,18 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
+    /// Keeps the identity vault's key rings in `rings` (the gateway service: its Secrets). A
+    /// store reached through the gateway service holds none.
+    pub fn with_key_rings(self, rings: crate::vault::kek::KeyRings) -> Self {
+        match self {
+            #[cfg(feature = "embedded")]
+            Self::Embedded(store) => Self::Embedded(store.with_key_rings(rings)),
+            #[cfg(feature = "tikv")]
+            Self::Tikv(store) => Self::Tikv(store.with_key_rings(rings)),
+            Self::Gateway(store) => Self::Gateway(store),
+        }
+    }
+
     /// Opens the store at `location`.
     pub async fn open(location: &StoreLocation) -> Result<Self> {
         match location {

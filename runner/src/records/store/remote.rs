@@ -460,7 +460,7 @@ impl RecordStore for RemoteStore {
         ));
         let answer: KeyAnswer = self.get_json(&path).await.map_err(|e| match e {
             RemoteError::Refused { code, error, .. } if code == SUBJECT_ERASED => {
-                crate::vault::VaultError::Remote(error)
+                crate::vault::VaultError::ErasedRemotely(error)
             }
             other => crate::vault::VaultError::Store(store_error(other, run_id)),
         })?;

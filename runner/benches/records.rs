@@ -59,6 +59,7 @@ fn encoded(n: u64) -> Vec<Vec<u8>> {
                 prev,
                 at_ms: 1,
                 body: body(seq),
+                vaulted: None,
             };
             let sealed = StoredEntry::seal(&entry);
             prev = Some(sealed.hash);
@@ -158,6 +159,7 @@ fn verification(n: u64) -> (f64, f64) {
                 prev,
                 at_ms: 1,
                 body: body(seq),
+                vaulted: None,
             };
             let sealed = StoredEntry::seal(&entry);
             prev = Some(sealed.hash);

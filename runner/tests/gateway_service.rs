@@ -2480,3 +2480,117 @@ async fn a_held_candidate_is_kept_only_by_a_permitted_person_under_consent_in_th
             .is_empty()
     );
 }
+
+/// A hostile runner of a run about a customer cannot get another run's or another subject's
+/// key, cannot upload anything that would keep the customer's data in the clear, and cannot
+/// write entries that are not marked as about them or not encrypted under the run's own key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_cannot_keep_its_subjects_data_in_the_clear_or_reach_other_keys() {
+    use contextos_runner::{
+        consent::SubjectHandle,
+        records::{RunStart, recorder::now_ms},
+        vault::{KeyUse, SecretKey},
+    };
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/memory");
+    let set = ManifestSet::load(&[examples]).expect("memory example");
+    let ticket = set.bundle("shop", Some("ticket-4711")).expect("bundle");
+    let store = Arc::new(ScratchStore::default());
+    let operator = KeyPair::from_seed([31; 32]);
+    let keys = TenantKeys::new(&KeyPair::from_seed([32; 32]));
+    let url = memory_service(store.clone(), &operator, &keys, &[("t4711-a", "ticket-4711")]).await;
+    let tenant = TenantId::new("shop").expect("tenant");
+    let customer = SubjectHandle::new("cust-7f3a9c").expect("handle");
+    let context =
+        issue_run_context(&ticket, "t4711-r1", TRACE, Some("t4711-a"), &operator, now_ms()).expect("context");
+    let client =
+        GatewayClient::new(&url, TokenSource::Fixed("token-t4711-a".into()), &context).expect("client");
+    let remote = client.records();
+    let refused = |e: &dyn std::fmt::Display| e.to_string();
+
+    // Only its own run's key, and only for the subject its RunContext names.
+    let stranger = SubjectHandle::new("cust-b0b").expect("handle");
+    let other_subject = remote.run_key(&tenant, "t4711-r1", &stranger, KeyUse::Keep).await;
+    assert!(other_subject.is_err(), "another subject's key was given");
+    let other_run = remote.run_key(&tenant, "t9999-r1", &customer, KeyUse::Read).await;
+    assert!(other_run.is_err(), "another run's key was given");
+    let key = remote
+        .run_key(&tenant, "t4711-r1", &customer, KeyUse::Keep)
+        .await
+        .expect("its own key")
+        .expect("a key");
+
+    // Nothing in the clear: neither an arbitrary blob nor the bundle as it is.
+    let plain = remote.put_blob(&tenant, b"ana.lopez@example.com".to_vec()).await;
+    assert!(plain.is_err(), "a blob in the clear was stored");
+    let clear_bundle = remote.put_blob(&tenant, ticket.canonical_bytes()).await;
+    let problem = refused(&clear_bundle.expect_err("the bundle in the clear was stored"));
+    assert!(problem.contains("is stored in the clear"), "{problem}");
+    let stored = remote
+        .put_blob(&tenant, ticket.stored_bytes(Some(&key)).expect("encrypted"))
+        .await
+        .expect("its bundle as stored");
+
+    let start = || RunStart {
+        run_id: "t4711-r1".into(),
+        session_id: ticket.session.clone(),
+        agent: ticket.agent.clone(),
+        run_context: serde_json::to_value(&context).expect("json"),
+        pinned: ticket.pinned(),
+        bundle: Some(stored),
+    };
+    let checkpoint = || EntryBody::Checkpoint {
+        step: 0,
+        state: serde_json::json!({"messages": [{"role": "user", "content": "ana.lopez@example.com"}]}),
+    };
+    // Not marked as about the customer.
+    let mut unmarked = Recorder::begin(remote, tenant.clone(), transit(), start()).expect("recorder");
+    unmarked.stage(checkpoint());
+    let problem = refused(&unmarked.flush().await.expect_err("unmarked entries were taken"));
+    assert!(
+        problem.contains("must be marked as about cust-7f3a9c"),
+        "{problem}"
+    );
+    // Marked, but encrypted under a key of the runner's own making.
+    let mut forged = Recorder::begin(remote, tenant.clone(), transit(), start())
+        .expect("recorder")
+        .vaulted(customer.clone(), SecretKey::generate().expect("random"));
+    forged.stage(checkpoint());
+    let problem = refused(
+        &forged
+            .flush()
+            .await
+            .expect_err("entries under a forged key were taken"),
+    );
+    assert!(problem.contains("checkpoint.state"), "{problem}");
+    // A failure's reason is a code, not a place for what the runner saw.
+    let mut smuggled = Recorder::begin(remote, tenant.clone(), transit(), start())
+        .expect("recorder")
+        .vaulted(customer.clone(), key.clone());
+    smuggled.stage(EntryBody::Failed {
+        reason: "ana.lopez@example.com".into(),
+        message: "x".into(),
+    });
+    let problem = refused(
+        &smuggled
+            .flush()
+            .await
+            .expect_err("a reason in the clear was taken"),
+    );
+    assert!(problem.contains("not a reason code"), "{problem}");
+    assert!(
+        store.head(&tenant, "t4711-r1").await.expect("head").is_none(),
+        "nothing of the refused batches was written"
+    );
+    // Done right, it is taken; and nothing of the customer's is in the store's bytes.
+    let mut honest = Recorder::begin(remote, tenant.clone(), transit(), start())
+        .expect("recorder")
+        .vaulted(customer.clone(), key);
+    honest.stage(checkpoint());
+    honest.flush().await.expect("an honest batch");
+    let chain = store.read_chain(&tenant, "t4711-r1", 0).await.expect("chain");
+    assert_eq!(chain.len(), 2);
+    for entry in &chain {
+        let text = String::from_utf8_lossy(&entry.bytes);
+        assert!(!text.contains("ana.lopez"), "{text}");
+    }
+}

@@ -122,8 +122,10 @@ impl RunLog {
                 self.read_tail(store, tenant, run_id).await?.unwrap_or_default()
             }
         };
-        gateway.restore(tail.iter().map(|(_, e, _)| e));
-        self.fold(&tail, store, tenant, run_id).await?;
+        // Opened first: the run's gateway remembers results as the run saw them.
+        let opened = self.open_all(tail, store, tenant, run_id).await?;
+        gateway.restore(opened.iter().map(|(_, e, _)| e));
+        self.fold(&opened);
         self.gateway_in_step = true;
         Ok(())
     }
@@ -145,6 +147,13 @@ impl RunLog {
             self.gateway_in_step = false;
             return Ok(());
         };
+        // The run's key, if its entries are about a subject and this log has not read one yet.
+        if let Some(first) = written.first()
+            && let Ok(entry) = RecordEntry::decode(&first.bytes)
+            && let Some(subject) = &entry.vaulted
+        {
+            self.ensure_key(store, tenant, run_id, subject).await?;
+        }
         // Decoded, and checked to extend the head this log read, link by link.
         let mut tail = Vec::with_capacity(written.len());
         let mut prev = self.head.map(|(_, hash)| hash);
@@ -165,7 +174,10 @@ impl RunLog {
             .any(|(_, e, _)| matches!(e.body, EntryBody::Blob { .. }))
         {
             match self.read_tail(store, tenant, run_id).await? {
-                Some(read) if read.len() == tail.len() => self.fold(&read, store, tenant, run_id).await?,
+                Some(read) if read.len() == tail.len() => {
+                    let opened = self.open_all(read, store, tenant, run_id).await?;
+                    self.fold(&opened);
+                }
                 _ => self.gateway_in_step = false,
             }
             return Ok(());
@@ -238,40 +250,64 @@ impl RunLog {
         }))
     }
 
-    /// Folds in entries read back (blob bodies inlined; their size as stored), opening what
-    /// they recorded about the run's subject — with the run's key, asked of the vault the
-    /// first time (to keep: a run about an erased subject records nothing more).
-    async fn fold<S: RecordStore>(
+    /// Opens what entries read back recorded about the run's subject — with the run's key,
+    /// asked of the vault the first time (to keep: a run about an erased subject records
+    /// nothing more).
+    async fn open_all<S: RecordStore>(
         &mut self,
-        tail: &[(Hash, RecordEntry, usize)],
+        tail: Vec<(Hash, RecordEntry, usize)>,
         store: &S,
         tenant: &TenantId,
         run_id: &str,
-    ) -> Result<(), ReadError> {
-        for (hash, entry, size) in tail {
-            let mut entry = entry.clone();
-            if let (Some(subject), None) = (&entry.vaulted, &self.vault) {
-                let key = store
-                    .run_key(tenant, run_id, subject, KeyUse::Keep)
-                    .await
-                    .map_err(|source| ReadError::Vault {
-                        run_id: run_id.to_owned(),
-                        source,
-                    })?
-                    .ok_or_else(|| ReadError::Vault {
-                        run_id: run_id.to_owned(),
-                        source: crate::vault::VaultError::Remote("no key was given to keep the run".into()),
-                    })?;
-                self.vault = Some((subject.clone(), key));
+    ) -> Result<Vec<(Hash, RecordEntry, usize)>, ReadError> {
+        let mut opened = Vec::with_capacity(tail.len());
+        for (hash, mut entry, size) in tail {
+            if let Some(subject) = &entry.vaulted {
+                self.ensure_key(store, tenant, run_id, subject).await?;
             }
             self.open(&mut entry).map_err(|problem| ReadError::Unreadable {
                 run_id: run_id.to_owned(),
                 seq: entry.seq,
                 problem,
             })?;
-            self.fold_one(*hash, &entry, *size);
+            opened.push((hash, entry, size));
         }
+        Ok(opened)
+    }
+
+    /// Reads the run's key (to keep) from the vault, once.
+    async fn ensure_key<S: RecordStore>(
+        &mut self,
+        store: &S,
+        tenant: &TenantId,
+        run_id: &str,
+        subject: &SubjectHandle,
+    ) -> Result<(), ReadError> {
+        if self.vault.is_some() {
+            return Ok(());
+        }
+        let vault = |source| ReadError::Vault {
+            run_id: run_id.to_owned(),
+            source,
+        };
+        let key = store
+            .run_key(tenant, run_id, subject, KeyUse::Keep)
+            .await
+            .map_err(vault)?
+            .ok_or_else(|| {
+                vault(crate::vault::VaultError::Remote(
+                    "no key was given to keep the run".into(),
+                ))
+            })?;
+        self.vault = Some((subject.clone(), key));
         Ok(())
+    }
+
+    /// Folds in entries read back and opened (blob bodies inlined; their size as stored).
+    fn fold(&mut self, tail: &[(Hash, RecordEntry, usize)]) {
+        for (hash, entry, size) in tail {
+            self.fold_one(*hash, entry, *size);
+        }
     }
 
     fn fold_one(&mut self, hash: Hash, entry: &RecordEntry, bytes: usize) {

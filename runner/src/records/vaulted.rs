@@ -45,23 +45,40 @@ fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
         EntryBody::Completed { output, .. } => vec![("completed.output", Text(output))],
         EntryBody::Failed { message, .. } => vec![("failed.message", Text(message))],
         // Its reason may quote what a validator found in the answer.
-        EntryBody::CriticVerdict { reason, .. } => vec![("critic_verdict.reason", Text(reason))],
+        EntryBody::CriticVerdict {
+            reason,
+            functional_state,
+            ..
+        } => vec![
+            ("critic_verdict.reason", Text(reason)),
+            ("critic_verdict.functional_state", Value(functional_state)),
+        ],
+        // A schema refusal quotes the argument that failed it.
+        EntryBody::PolicyDecision(decision) => {
+            vec![("policy_decision.reason", Text(&mut decision.reason))]
+        }
+        EntryBody::ApprovalRefused { reason, .. } => vec![("approval_refused.reason", Text(reason))],
+        EntryBody::ContextCompiled { sources, .. } => sources
+            .iter_mut()
+            .map(|note| ("context_compiled.sources.cut", MaybeText(&mut note.cut)))
+            .collect(),
         // A ContextPack source's query is the pack's (and a replay matches recalls by it); a
         // `recall` call's is the model's, and may say anything.
         EntryBody::MemoryRecalled(recall) => {
             let from_pack = recall.source.is_some();
-            let mut fields = vec![("memory_recalled.content", Text(&mut recall.content))];
+            let mut fields = vec![
+                ("memory_recalled.content", Text(&mut recall.content)),
+                // Why nothing was read may quote the query.
+                ("memory_recalled.note", MaybeText(&mut recall.note)),
+            ];
             if !from_pack {
                 fields.push(("memory_recalled.query", Text(&mut recall.query)));
             }
             fields
         }
         EntryBody::RunStarted { .. }
-        | EntryBody::ContextCompiled { .. }
-        | EntryBody::PolicyDecision(_)
         | EntryBody::ApprovalRequested { .. }
         | EntryBody::ApprovalGranted { .. }
-        | EntryBody::ApprovalRefused { .. }
         | EntryBody::AccessRefused { .. }
         | EntryBody::MemoryCandidate(_)
         // A blob's body is encrypted before it is moved to the blob.
@@ -151,6 +168,58 @@ pub fn unlock(body: &mut EntryBody, key: Option<&SecretKey>) -> Result<(), Vault
 /// runner's entries for a run about a subject are taken only so.
 pub fn check_locked(body: &EntryBody, key: &SecretKey) -> Result<(), VaultError> {
     unlock(&mut body.clone(), Some(key))
+}
+
+/// Checks that what stays readable in an entry a runner sends for a run about a subject is
+/// what it claims to be — a digest, a name, a reason code — and no place for free text: the
+/// runner is not trusted to keep the subject's data out of it.
+pub fn check_readable_fields(body: &EntryBody) -> Result<(), String> {
+    let name = |what: &str, text: &str| {
+        let ok = !text.is_empty()
+            && text.len() <= 253
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'/' | b':'));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} {:?} is not a name",
+                text.chars().take(32).collect::<String>()
+            ))
+        }
+    };
+    match body {
+        EntryBody::ContextCompiled { digest, sources, .. } => {
+            let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err("context_compiled.digest is not a sha256: digest".into());
+            }
+            if sources.len() > 256 {
+                return Err("context_compiled names more than 256 sources".into());
+            }
+            sources
+                .iter()
+                .try_for_each(|note| name("a context source", &note.source))
+        }
+        EntryBody::Failed { reason, .. } => {
+            let code = reason.len() <= 64
+                && reason.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
+                && reason.bytes().all(|b| b.is_ascii_alphanumeric());
+            if code {
+                Ok(())
+            } else {
+                Err("failed.reason is not a reason code (CamelCase, at most 64 letters)".into())
+            }
+        }
+        EntryBody::Completed { validators, .. } => {
+            if validators.len() > 64 {
+                return Err("completed names more than 64 validators".into());
+            }
+            validators.iter().try_for_each(|v| name("a validator", v))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn open_text(key: Option<&SecretKey>, label: &str, text: &str) -> Result<String, VaultError> {

@@ -148,14 +148,28 @@ pub async fn recorded_bundle<S: crate::records::RecordStore>(
     RunBundle::from_stored(&bytes, key.as_ref()).map(Some)
 }
 
+/// What a part of an erased subject's bundle reads as.
+fn erased_part(label: &str) -> serde_json::Value {
+    let erased = crate::records::vaulted::ERASED;
+    match label {
+        INPUT_LABEL => serde_json::json!({ "prompt": erased }),
+        "run_bundle.model_script" => serde_json::Value::String(erased.into()),
+        // Approvals and resolutions: none that can be read.
+        _ => serde_json::json!([]),
+    }
+}
+
 /// What a stored bundle's encrypted input is bound to.
 const INPUT_LABEL: &str = "run_bundle.session_spec.input";
 
 /// The parts of a bundle that are about the person a run is about, encrypted in its stored
-/// copy: the Session's input (their request), and a scripted model's script (it stands in for
-/// the model's answers, which a run records encrypted).
-const PERSONAL_PARTS: [(&str, &str); 2] = [
+/// copy: the Session's input (their request), the reasons and notes people gave on its calls,
+/// and a scripted model's script (it stands in for the model's answers, which a run records
+/// encrypted).
+const PERSONAL_PARTS: [(&str, &str); 4] = [
     ("/sessionSpec/input", INPUT_LABEL),
+    ("/sessionSpec/approvals", "run_bundle.session_spec.approvals"),
+    ("/sessionSpec/resolutions", "run_bundle.session_spec.resolutions"),
     ("/modelScript", "run_bundle.model_script"),
 ];
 
@@ -191,21 +205,23 @@ impl RunBundle {
         let mut value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| format!("the bundle is not JSON: {e}"))?;
         for (pointer, label) in PERSONAL_PARTS {
-            if let Some(slot) = value.pointer_mut(pointer)
-                && let serde_json::Value::String(envelope) = &*slot
-                && crate::vault::cipher::is_envelope(envelope)
-            {
-                *slot = match key {
-                    Some(key) => {
-                        let plain = key.unlock(label, envelope).map_err(|e| e.to_string())?;
-                        serde_json::from_slice(&plain).map_err(|e| format!("{label} is not JSON: {e}"))?
-                    }
-                    None if label == INPUT_LABEL => {
-                        serde_json::json!({ "prompt": crate::records::vaulted::ERASED })
-                    }
-                    None => serde_json::Value::String(crate::records::vaulted::ERASED.into()),
-                };
-            }
+            let Some(slot) = value.pointer_mut(pointer) else {
+                continue;
+            };
+            let envelope = match &*slot {
+                serde_json::Value::String(text) if crate::vault::cipher::is_envelope(text) => text.clone(),
+                // In the clear: refused where it must have been encrypted (a key is given: the
+                // run is about someone); as it is otherwise.
+                _ if key.is_some() => return Err(format!("{label} is stored in the clear")),
+                _ => continue,
+            };
+            *slot = match key {
+                Some(key) => {
+                    let plain = key.unlock(label, &envelope).map_err(|e| e.to_string())?;
+                    serde_json::from_slice(&plain).map_err(|e| format!("{label} is not JSON: {e}"))?
+                }
+                None => erased_part(label),
+            };
         }
         serde_json::from_value(value).map_err(|e| format!("the bundle cannot be read: {e}"))
     }

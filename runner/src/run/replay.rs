@@ -189,6 +189,22 @@ impl DecisionTrace {
         self.calls.iter_mut().find(|c| c.call_id == call_id)
     }
 
+    /// The trace of a run about a subject as a report may keep it: what it saw and said of
+    /// them (arguments, the critic's reasons, the output, a failure's message) left out —
+    /// reports are stored in the clear and outlive an erasure. The decisions stay.
+    pub fn redact(&mut self) {
+        for call in &mut self.calls {
+            call.arguments = ABOUT_SUBJECT.into();
+        }
+        for verdict in &mut self.verdicts {
+            verdict.reason = ABOUT_SUBJECT.into();
+        }
+        self.outcome = match self.outcome.split_once(": ") {
+            Some((kind, _)) => format!("{kind}: {ABOUT_SUBJECT}"),
+            None => self.outcome.clone(),
+        };
+    }
+
     /// The canonical bytes two traces are compared by.
     pub fn bytes(&self) -> Vec<u8> {
         to_canonical_bytes(&serde_json::to_value(self).unwrap_or_default())
@@ -401,6 +417,9 @@ fn verdict_name(verdict: Verdict) -> &'static str {
     }
 }
 
+/// What a replay report says in place of what a run about a subject saw and said.
+pub const ABOUT_SUBJECT: &str = "[about the run's subject]";
+
 /// Replays run `run_id` of `tenant` from `store` under `candidate`.
 pub async fn replay_run<S: RecordStore>(
     store: &S,
@@ -452,8 +471,12 @@ pub async fn replay_run<S: RecordStore>(
     let harness = Harness::new(&scratch, key, bundle, gateway, model)?.replaying(original.mode(&entries));
     let trace_id = original.run_context.context.trace_id.clone();
     let report = harness.start(run_id, &trace_id, &mut |_| {}).await?;
-    let recorded = DecisionTrace::of(&entries);
-    let replayed = DecisionTrace::of_bodies(&report.replayed);
+    let mut recorded = DecisionTrace::of(&entries);
+    let mut replayed = DecisionTrace::of_bodies(&report.replayed);
+    if entries.first().is_some_and(|e| e.vaulted.is_some()) {
+        recorded.redact();
+        replayed.redact();
+    }
     let divergences = compare(&recorded, &replayed);
     let divergent_steps = divergences
         .iter()

@@ -23,6 +23,10 @@ const MAX_FILE: u64 = 64 * 1024;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyRing {
     keys: Vec<EpochKey>,
+    /// The version of the ring's copy this was read from (none: not kept yet): a save replaces
+    /// exactly that version, or fails — two writers never overwrite each other's epochs.
+    #[serde(skip)]
+    pub(super) version: Option<String>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -41,7 +45,10 @@ impl std::fmt::Debug for EpochKey {
 impl KeyRing {
     /// A ring with one fresh key, epoch 1.
     pub fn generate() -> Result<Self, VaultError> {
-        let mut ring = Self { keys: Vec::new() };
+        let mut ring = Self {
+            keys: Vec::new(),
+            version: None,
+        };
         ring.push(1, &SecretKey::generate()?);
         Ok(ring)
     }
@@ -139,45 +146,53 @@ impl KeyRings {
         Self::Memory(Default::default())
     }
 
-    /// The tenant's ring; a new one is made (and kept) when it has none. Shared rings may be
-    /// answered from a short-lived copy: see [`Self::load_fresh`].
-    pub async fn load(&self, tenant: &TenantId) -> Result<KeyRing, VaultError> {
+    /// The tenant's ring, if it has one. Shared rings may be answered from a copy read in the
+    /// last few seconds unless `fresh` (what a rotation, or a key just written, must check).
+    pub async fn load(&self, tenant: &TenantId, fresh: bool) -> Result<Option<KeyRing>, VaultError> {
         match self {
-            Self::Secrets(secrets) => secrets.load(tenant, false).await,
-            other => other.load_fresh(tenant).await,
-        }
-    }
-
-    /// The tenant's ring as kept now (what a rotation, or a key just written, must check).
-    pub async fn load_fresh(&self, tenant: &TenantId) -> Result<KeyRing, VaultError> {
-        match self {
-            Self::Secrets(secrets) => secrets.load(tenant, true).await,
-            Self::Dir(dir) => dir.load(tenant),
-            Self::Memory(rings) => {
-                let mut rings = rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if let Some(ring) = rings.get(tenant.as_str()) {
-                    return Ok(ring.clone());
-                }
-                let ring = KeyRing::generate()?;
-                rings.insert(tenant.to_string(), ring.clone());
-                Ok(ring)
-            }
+            Self::Secrets(secrets) => secrets.load(tenant, fresh).await,
+            Self::Dir(dir) => dir.read(tenant),
+            Self::Memory(rings) => Ok(rings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(tenant.as_str())
+                .cloned()),
             Self::Refused(why) => Err(VaultError::KeyRing((*why).to_owned())),
         }
     }
 
-    /// Replaces the tenant's ring, atomically: a crash leaves the old ring or the new one.
-    pub async fn save(&self, tenant: &TenantId, ring: &KeyRing) -> Result<(), VaultError> {
+    /// Makes the tenant's first ring; if another writer made one meanwhile, theirs.
+    pub async fn create(&self, tenant: &TenantId) -> Result<KeyRing, VaultError> {
+        let ring = KeyRing::generate()?;
+        match self.save(tenant, &ring).await {
+            Ok(saved) => Ok(saved),
+            Err(VaultError::RingChanged(_)) => self
+                .load(tenant, true)
+                .await?
+                .ok_or_else(|| VaultError::RingChanged("the key ring was made and removed again".into())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the tenant's ring with `ring` if the kept copy is still the version `ring` was
+    /// read from (absent, for a ring never kept), atomically: a crash leaves the old ring or
+    /// the new one. The saved ring, with its new version.
+    pub async fn save(&self, tenant: &TenantId, ring: &KeyRing) -> Result<KeyRing, VaultError> {
         ring.check()?;
         match self {
             Self::Secrets(secrets) => secrets.save(tenant, ring).await,
-            Self::Dir(dir) => dir.write(tenant, ring),
+            Self::Dir(dir) => dir.save(tenant, ring),
             Self::Memory(rings) => {
-                rings
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(tenant.to_string(), ring.clone());
-                Ok(())
+                let mut rings = rings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let kept = rings.get(tenant.as_str()).and_then(|r| r.version.clone());
+                if kept != ring.version {
+                    return Err(VaultError::RingChanged(format!("tenant {tenant}'s key ring")));
+                }
+                let next = kept.map_or(1, |v| v.parse::<u64>().unwrap_or(0) + 1);
+                let mut saved = ring.clone();
+                saved.version = Some(next.to_string());
+                rings.insert(tenant.to_string(), saved.clone());
+                Ok(saved)
             }
             Self::Refused(why) => Err(VaultError::KeyRing((*why).to_owned())),
         }
@@ -188,11 +203,16 @@ impl KeyRings {
 #[derive(Clone, Debug)]
 pub struct KeyDir {
     dir: PathBuf,
+    /// Saves in this process, one at a time (the compare and the rename are two steps).
+    saving: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl KeyDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            saving: Default::default(),
+        }
     }
 
     /// `$CONTEXTOS_VAULT_KEYS`, else `$XDG_CONFIG_HOME/contextos/vault-keys`, else
@@ -217,13 +237,20 @@ impl KeyDir {
         self.dir.join(format!("{tenant}.json"))
     }
 
-    fn load(&self, tenant: &TenantId) -> Result<KeyRing, VaultError> {
-        if let Some(ring) = self.read(tenant)? {
-            return Ok(ring);
+    /// Saves `ring` if the file is still the version it was read from.
+    fn save(&self, tenant: &TenantId, ring: &KeyRing) -> Result<KeyRing, VaultError> {
+        let _one = self
+            .saving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let kept = self.read(tenant)?.and_then(|r| r.version);
+        if kept != ring.version {
+            return Err(VaultError::RingChanged(self.file(tenant).display().to_string()));
         }
-        let ring = KeyRing::generate()?;
-        self.write(tenant, &ring)?;
-        Ok(ring)
+        let bytes = self.write(tenant, ring)?;
+        let mut saved = ring.clone();
+        saved.version = Some(file_version(&bytes));
+        Ok(saved)
     }
 
     fn read(&self, tenant: &TenantId) -> Result<Option<KeyRing>, VaultError> {
@@ -242,14 +269,15 @@ impl KeyDir {
                 path.display()
             )));
         }
-        let ring: KeyRing = serde_json::from_slice(&text)
+        let mut ring: KeyRing = serde_json::from_slice(&text)
             .map_err(|e| VaultError::KeyRing(format!("{}: not a key ring: {e}", path.display())))?;
         ring.check()
             .map_err(|e| VaultError::KeyRing(format!("{}: {e}", path.display())))?;
+        ring.version = Some(file_version(&text));
         Ok(Some(ring))
     }
 
-    fn write(&self, tenant: &TenantId, ring: &KeyRing) -> Result<(), VaultError> {
+    fn write(&self, tenant: &TenantId, ring: &KeyRing) -> Result<Vec<u8>, VaultError> {
         let path = self.file(tenant);
         let io = |e: std::io::Error| VaultError::KeyRing(format!("{}: {e}", path.display()));
         create_private_dir(&self.dir).map_err(io)?;
@@ -264,8 +292,14 @@ impl KeyDir {
         // The rename is durable only once the directory is.
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(io)
+            .map_err(io)?;
+        Ok(bytes)
     }
+}
+
+/// A key file's version: the hash of its bytes.
+fn file_version(bytes: &[u8]) -> String {
+    crate::records::Hash::of(bytes).to_hex()
 }
 
 #[cfg(unix)]
@@ -300,28 +334,36 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_ring_is_made_once_kept_and_rotated() {
+    async fn a_ring_is_made_once_kept_and_rotated_and_never_overwritten_by_a_stale_copy() {
         let dir = std::env::temp_dir().join(format!("contextos-kek-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let keys = KeyRings::Dir(KeyDir::new(&dir));
-        let tenant = TenantId::new("shop").expect("tenant");
-        let first = keys.load(&tenant).await.expect("made");
-        let again = keys.load(&tenant).await.expect("read");
-        assert_eq!(first.current().expect("key"), again.current().expect("key"));
-        let mut ring = again;
-        let next = ring.begin_rotation().expect("rotates");
-        assert_eq!(next, 2);
-        assert!(ring.rotating());
-        assert!(ring.get(1).expect("decodes").is_some());
-        ring.finish_rotation();
-        assert!(!ring.rotating());
-        assert!(
-            ring.get(1).expect("decodes").is_none(),
-            "the old epoch is destroyed"
-        );
-        keys.save(&tenant, &ring).await.expect("saved");
-        let read = keys.load(&tenant).await.expect("read");
-        assert_eq!(read.current().expect("key").0, 2);
+        for keys in [KeyRings::Dir(KeyDir::new(&dir)), KeyRings::in_memory()] {
+            let tenant = TenantId::new("shop").expect("tenant");
+            assert!(keys.load(&tenant, true).await.expect("read").is_none());
+            let first = keys.create(&tenant).await.expect("made");
+            let again = keys.load(&tenant, true).await.expect("read").expect("kept");
+            assert_eq!(first.current().expect("key"), again.current().expect("key"));
+            let mut ring = again.clone();
+            assert_eq!(ring.begin_rotation().expect("rotates"), 2);
+            assert!(ring.rotating());
+            assert!(ring.get(1).expect("decodes").is_some());
+            ring.finish_rotation();
+            assert!(!ring.rotating());
+            assert!(
+                ring.get(1).expect("decodes").is_none(),
+                "the old epoch is destroyed"
+            );
+            keys.save(&tenant, &ring).await.expect("saved");
+            // Another writer's copy read before this save: its epoch 2 would replace ours.
+            let mut stale = again;
+            stale.begin_rotation().expect("rotates");
+            assert!(matches!(
+                keys.save(&tenant, &stale).await,
+                Err(VaultError::RingChanged(_))
+            ));
+            let read = keys.load(&tenant, true).await.expect("read").expect("kept");
+            assert_eq!(read.current().expect("key"), ring.current().expect("key"));
+        }
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
@@ -332,8 +374,10 @@ mod tests {
             assert_eq!(mode & 0o077, 0, "only its owner may read a key ring");
         }
         std::fs::write(dir.join("shop.json"), b"{\"keys\":[]}").expect("write");
+        let keys = KeyRings::Dir(KeyDir::new(&dir));
+        let tenant = TenantId::new("shop").expect("tenant");
         assert!(
-            keys.load(&tenant).await.is_err(),
+            keys.load(&tenant, true).await.is_err(),
             "an empty ring is refused, not replaced"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -56,6 +56,8 @@ pub enum VaultError {
         "vault: subject {subject}'s data key is wrapped under key epoch {epoch}, which the key ring no longer holds (restored from a copy older than a rotation?)"
     )]
     LostEpoch { subject: String, epoch: u32 },
+    #[error("vault: {0} was changed by another writer meanwhile (a rotation elsewhere); try again")]
+    RingChanged(String),
     #[error("vault (through the gateway service): {0}")]
     Remote(String),
     /// [`Self::Erased`], as the gateway service said it.
@@ -137,7 +139,13 @@ struct WrappedKey {
 #[serde(rename_all = "camelCase")]
 pub struct Rotation {
     pub epoch: u32,
+    /// Whether it finished a rotation already under way instead of beginning one.
+    #[serde(default)]
+    pub joined: bool,
     pub rewrapped: usize,
+    /// Data keys no epoch of the ring unwraps (lost already), left as they were.
+    #[serde(default)]
+    pub unreadable: usize,
     /// Data keys of erased subjects found and deleted (a key kept while its subject was being
     /// erased).
     pub removed: usize,
@@ -192,11 +200,11 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
         match &rows[1] {
             None => Ok(KeyState::Unknown),
             Some(wrapped) => {
-                let ring = self.backend.key_rings().load(&self.tenant).await?;
+                let ring = self.ring(false).await?;
                 match self.unwrap(&ring, subject, wrapped) {
                     // Wrapped under an epoch newer than the ring this replica had at hand.
                     Err(VaultError::LostEpoch { .. }) => {
-                        let ring = self.backend.key_rings().load_fresh(&self.tenant).await?;
+                        let ring = self.ring(true).await?;
                         Ok(KeyState::Active(self.unwrap(&ring, subject, wrapped)?))
                     }
                     other => Ok(KeyState::Active(other?)),
@@ -252,7 +260,7 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
         match row {
             None => Ok(None),
             Some(wrapped) => {
-                let ring = self.backend.key_rings().load_fresh(&self.tenant).await?;
+                let ring = self.ring(true).await?;
                 self.unwrap(&ring, subject, &wrapped).map(Some)
             }
         }
@@ -266,7 +274,7 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
                 KeyState::Erased(erasure) => return Err(erased(subject, erasure)),
                 KeyState::Unknown => {}
             }
-            let ring = self.backend.key_rings().load(&self.tenant).await?;
+            let ring = self.ring(true).await?;
             let key = SecretKey::generate()?;
             let row = keys::vault_key(&self.tenant, subject);
             let wrapped = self.wrap(&ring, subject, &key)?;
@@ -309,7 +317,7 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
         written: Vec<u8>,
         key: &SecretKey,
     ) -> Result<(), VaultError> {
-        let ring = self.backend.key_rings().load_fresh(&self.tenant).await?;
+        let ring = self.ring(true).await?;
         let stored: WrappedKey = parse_row(subject, &written)?;
         if ring.current()?.0 == stored.epoch {
             return Ok(());
@@ -341,7 +349,6 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
             by: by.to_owned(),
         };
         let value = serde_json::to_vec(&erasure).map_err(|e| VaultError::Cipher(e.to_string()))?;
-        let data_key = self.key_even_if_erased(subject).await?;
         self.backend
             .memory_write(
                 &self.tenant,
@@ -351,6 +358,18 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
                 }],
             )
             .await?;
+        // A data key that no key-encryption key unwraps any more (lost with a ring) cannot stop
+        // the erasure: its memory is forgotten unread.
+        let data_key = match self.key_even_if_erased(subject).await {
+            Ok(key) => key,
+            Err(
+                error @ (VaultError::LostEpoch { .. } | VaultError::Cipher(_) | VaultError::Corrupt { .. }),
+            ) => {
+                tracing::warn!(%error, %subject, "erasing a subject whose data key cannot be unwrapped");
+                None
+            }
+            Err(other) => return Err(other),
+        };
         // Their memory goes while its key still opens it (its index rows are found from the
         // items); what it held was never stored in the clear.
         let scope = crate::memory::ItemScope::Subject(subject.clone());
@@ -375,7 +394,13 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
                 }],
             )
             .await?;
-        let rotation = self.rotate().await?;
+        // The key-encryption key in force from now on must be one that never wrapped their data
+        // key: a rotation begun before the key was deleted (elsewhere, or cut short) may have
+        // wrapped it under its new epoch — that one is finished, and another one made.
+        let mut rotation = self.rotate().await?;
+        if rotation.joined {
+            rotation = self.rotate().await?;
+        }
         let stored = self
             .backend
             .memory_get(&self.tenant, vec![tombstone])
@@ -397,16 +422,32 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
     }
 
     /// Wraps every data key of the tenant under a new key-encryption key and destroys the old
-    /// one. A rotation cut short is finished by the next (the ring keeps both keys until then).
+    /// one. A rotation cut short (or under way at another replica) is finished by the next,
+    /// which says it `joined` it: the ring keeps both keys until then.
     pub async fn rotate(&self) -> Result<Rotation, VaultError> {
-        let mut ring = self.backend.key_rings().load_fresh(&self.tenant).await?;
-        if !ring.rotating() {
+        let mut last = None;
+        for _ in 0..3 {
+            match self.rotate_once().await {
+                // Another writer saved the ring meanwhile: start again from theirs.
+                Err(e @ VaultError::RingChanged(_)) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| VaultError::RingChanged("the key ring".into())))
+    }
+
+    async fn rotate_once(&self) -> Result<Rotation, VaultError> {
+        let rings = self.backend.key_rings();
+        let mut ring = self.ring(true).await?;
+        let joined = ring.rotating();
+        if !joined {
             ring.begin_rotation()?;
-            self.backend.key_rings().save(&self.tenant, &ring).await?;
+            ring = rings.save(&self.tenant, &ring).await?;
         }
         let (epoch, _) = ring.current()?;
         let mut rotation = Rotation {
             epoch,
+            joined,
             ..Rotation::default()
         };
         let prefix = keys::vault_keys_prefix(&self.tenant);
@@ -420,21 +461,26 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
             let Some((last, _)) = page.last() else { break };
             start = keys::after(last);
             let full = page.len() == ROTATION_PAGE;
-            let mut writes = Vec::with_capacity(page.len());
-            let mut subjects = Vec::with_capacity(page.len());
+            let mut writes = Vec::with_capacity(page.len() * 2);
             for (key, value) in page {
                 let handle = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-                let subject = SubjectHandle::new(&handle).map_err(|e| VaultError::Corrupt {
-                    what: format!("data key row {handle:?}"),
-                    problem: e.to_string(),
-                })?;
-                let stored: WrappedKey = parse_row(&subject, &value)?;
-                if stored.epoch == epoch {
+                let Ok(subject) = SubjectHandle::new(&handle) else {
+                    rotation.unreadable += 1;
                     continue;
-                }
-                let data = self.unwrap(&ring, &subject, &value)?;
+                };
+                let data = match parse_row(&subject, &value) {
+                    Ok(stored) if stored.epoch == epoch => continue,
+                    Ok(_) => self.unwrap(&ring, &subject, &value),
+                    Err(e) => Err(e),
+                };
+                // A key no epoch of the ring unwraps is lost already; it does not hold up the
+                // others (and is reported).
+                let Ok(data) = data else {
+                    tracing::warn!(%subject, tenant = %self.tenant, "a data key no key-encryption key unwraps; left as it is");
+                    rotation.unreadable += 1;
+                    continue;
+                };
                 let rewrapped = self.wrap(&ring, &subject, &data.0)?;
-                subjects.push(subject.clone());
                 writes.push(Write {
                     guard: Guard::Absent(keys::vault_erased(&self.tenant, &subject)),
                     changes: vec![Change::Put(key.clone(), rewrapped)],
@@ -458,8 +504,30 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
             }
         }
         ring.finish_rotation();
-        self.backend.key_rings().save(&self.tenant, &ring).await?;
+        rings.save(&self.tenant, &ring).await?;
         Ok(rotation)
+    }
+
+    /// The tenant's key ring. A tenant without one gets its first — unless data keys are kept
+    /// already: then its ring was lost (deleted, or this store is opened with another place's
+    /// rings), and a new one would wrap new keys beside ones nothing unwraps.
+    async fn ring(&self, fresh: bool) -> Result<KeyRing, VaultError> {
+        let rings = self.backend.key_rings();
+        if let Some(ring) = rings.load(&self.tenant, fresh).await? {
+            return Ok(ring);
+        }
+        let prefix = keys::vault_keys_prefix(&self.tenant);
+        let kept = self
+            .backend
+            .memory_scan(&self.tenant, prefix.clone(), keys::prefix_end(&prefix), 1)
+            .await?;
+        if !kept.is_empty() {
+            return Err(VaultError::KeyRing(format!(
+                "tenant {}'s key ring is missing, yet data keys wrapped by it are kept: restore it (in a cluster the Secret contextos-vault-{} in namespace contextos-vault; locally the key directory, CONTEXTOS_VAULT_KEYS) — a new ring would leave every subject's data unreadable",
+                self.tenant, self.tenant
+            )));
+        }
+        rings.create(&self.tenant).await
     }
 
     fn wrap(&self, ring: &KeyRing, subject: &SubjectHandle, key: &SecretKey) -> Result<Vec<u8>, VaultError> {
@@ -520,5 +588,150 @@ fn erased(subject: &SubjectHandle, erasure: Erasure) -> VaultError {
         subject: subject.to_string(),
         erased_at_ms: erasure.erased_at_ms,
         by: erasure.by,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::store::scratch::ScratchStore;
+    use kek::KeyRings;
+
+    fn subject(name: &str) -> SubjectHandle {
+        SubjectHandle::new(name).expect("handle")
+    }
+
+    #[tokio::test]
+    async fn two_rotations_at_once_lose_no_data_key() {
+        let store = ScratchStore::default();
+        let tenant = TenantId::new("shop").expect("tenant");
+        let vault = Vault::new(&store, tenant.clone());
+        let mut kept = Vec::new();
+        for name in ["subj:a", "subj:b", "subj:c"] {
+            kept.push(vault.key_for_keeping(&subject(name)).await.expect("kept"));
+        }
+        let other = Vault::new(&store, tenant);
+        let (a, b) = tokio::join!(vault.rotate(), other.rotate());
+        a.expect("one rotation");
+        b.expect("the other, after the first");
+        for (name, key) in ["subj:a", "subj:b", "subj:c"].into_iter().zip(kept) {
+            let KeyState::Active(now) = vault.key(&subject(name)).await.expect("read") else {
+                panic!("{name}'s data key was lost");
+            };
+            assert_eq!(now.0, key.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_erasure_ends_on_an_epoch_that_never_wrapped_the_erased_key() {
+        let store = ScratchStore::default();
+        let tenant = TenantId::new("shop").expect("tenant");
+        let vault = Vault::new(&store, tenant.clone());
+        let gone = subject("subj:gone");
+        vault.key_for_keeping(&gone).await.expect("kept");
+        vault.key_for_keeping(&subject("subj:stays")).await.expect("kept");
+        // A rotation begun (and cut short) rewrapped the key under epoch 2; a copy of the store
+        // is taken then.
+        let rings = store.key_rings();
+        let mut ring = vault.ring(true).await.expect("ring");
+        ring.begin_rotation().expect("begins");
+        let ring = rings.save(&tenant, &ring).await.expect("saved");
+        let row = keys::vault_key(&tenant, &gone);
+        let old = store.memory_get(&tenant, vec![row.clone()]).await.expect("get")[0]
+            .clone()
+            .expect("row");
+        let data = vault.unwrap(&ring, &gone, &old).expect("unwraps");
+        let copied = vault.wrap(&ring, &gone, &data.0).expect("wraps");
+        let erased = vault.erase(&gone, "dpo", 1).await.expect("erased");
+        assert_eq!(
+            erased.rotation.epoch, 3,
+            "the rotation under way was finished, then another made"
+        );
+        let now = vault.ring(true).await.expect("ring");
+        assert!(
+            matches!(
+                vault.unwrap(&now, &gone, &copied),
+                Err(VaultError::LostEpoch { .. })
+            ),
+            "the copy's key opens under the ring in force"
+        );
+        assert!(matches!(
+            vault.key(&subject("subj:stays")).await,
+            Ok(KeyState::Active(_))
+        ));
+        assert!(matches!(vault.key(&gone).await, Ok(KeyState::Erased(_))));
+        assert!(
+            vault
+                .key_for_keeping(&gone)
+                .await
+                .expect_err("kept again")
+                .is_erased()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_ring_is_never_replaced_while_keys_it_wrapped_are_kept() {
+        let store = ScratchStore::default();
+        let tenant = TenantId::new("shop").expect("tenant");
+        let vault = Vault::new(&store, tenant.clone());
+        vault.key_for_keeping(&subject("subj:a")).await.expect("kept");
+        // The same store read with another place's (empty) key rings.
+        let elsewhere = KeyRings::in_memory();
+        let problem = match elsewhere.load(&tenant, true).await.expect("read") {
+            None => {
+                let with_other_rings = OtherRings {
+                    store: &store,
+                    rings: elsewhere,
+                };
+                Vault::new(&with_other_rings, tenant)
+                    .key_for_keeping(&subject("subj:b"))
+                    .await
+                    .expect_err("a new ring was made")
+                    .to_string()
+            }
+            Some(_) => unreachable!("a fresh place has no ring"),
+        };
+        assert!(problem.contains("key ring is missing"), "{problem}");
+    }
+
+    /// `store`'s memory with other key rings.
+    struct OtherRings<'s> {
+        store: &'s ScratchStore,
+        rings: KeyRings,
+    }
+
+    impl MemoryBackend for OtherRings<'_> {
+        async fn memory_get(
+            &self,
+            tenant: &TenantId,
+            keys: Vec<Vec<u8>>,
+        ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+            self.store.memory_get(tenant, keys).await
+        }
+        async fn memory_scan(
+            &self,
+            tenant: &TenantId,
+            start: Vec<u8>,
+            end: Vec<u8>,
+            limit: usize,
+        ) -> Result<crate::memory::backend::Pairs, StoreError> {
+            self.store.memory_scan(tenant, start, end, limit).await
+        }
+        async fn memory_snapshot(
+            &self,
+            tenant: &TenantId,
+            keys: Vec<Vec<u8>>,
+            start: Vec<u8>,
+            end: Vec<u8>,
+            limit: usize,
+        ) -> Result<crate::memory::backend::Snapshot, StoreError> {
+            self.store.memory_snapshot(tenant, keys, start, end, limit).await
+        }
+        fn key_rings(&self) -> &KeyRings {
+            &self.rings
+        }
+        async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>, StoreError> {
+            self.store.memory_write(tenant, writes).await
+        }
     }
 }

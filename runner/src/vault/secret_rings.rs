@@ -30,8 +30,8 @@ const MAX_RING: usize = 64 * 1024;
 pub struct SecretRings {
     client: Client,
     namespace: String,
-    /// The ring last read of each tenant: its Secret's resourceVersion and when it was read.
-    read: Mutex<HashMap<String, (KeyRing, String, Instant)>>,
+    /// The ring last read of each tenant (with its Secret's resourceVersion), and when.
+    read: Mutex<HashMap<String, (KeyRing, Instant)>>,
 }
 
 impl std::fmt::Debug for SecretRings {
@@ -63,89 +63,61 @@ impl SecretRings {
         VaultError::KeyRing(format!("Secret {}/{}: {e}", self.namespace, Self::name(tenant)))
     }
 
-    fn remember(&self, tenant: &TenantId, ring: &KeyRing, version: String) {
+    fn remember(&self, tenant: &TenantId, ring: &KeyRing) {
         self.read
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(tenant.to_string(), (ring.clone(), version, Instant::now()));
+            .insert(tenant.to_string(), (ring.clone(), Instant::now()));
     }
 
-    /// The tenant's ring (made, in a new Secret, when it has none); `fresh`: read now, not
-    /// from the copy read in the last few seconds.
-    pub async fn load(&self, tenant: &TenantId, fresh: bool) -> Result<KeyRing, VaultError> {
+    /// The tenant's ring, if it has one (with its Secret's resourceVersion); `fresh`: read
+    /// now, not from the copy read in the last few seconds.
+    pub async fn load(&self, tenant: &TenantId, fresh: bool) -> Result<Option<KeyRing>, VaultError> {
         if !fresh
-            && let Some((ring, _, at)) = self
+            && let Some((ring, at)) = self
                 .read
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(tenant.as_str())
             && at.elapsed() < FRESH_FOR
         {
-            return Ok(ring.clone());
+            return Ok(Some(ring.clone()));
         }
-        let name = Self::name(tenant);
-        for _ in 0..3 {
-            if let Some(secret) = self
-                .api()
-                .get_opt(&name)
-                .await
-                .map_err(|e| self.kube(tenant, e))?
-            {
-                let ring = self.ring_of(tenant, &secret)?;
-                let version = secret.metadata.resource_version.unwrap_or_default();
-                self.remember(tenant, &ring, version);
-                return Ok(ring);
-            }
-            let ring = KeyRing::generate()?;
-            match self
-                .api()
-                .create(&PostParams::default(), &self.secret(tenant, &ring, None)?)
-                .await
-            {
-                Ok(created) => {
-                    self.remember(
-                        tenant,
-                        &ring,
-                        created.metadata.resource_version.unwrap_or_default(),
-                    );
-                    return Ok(ring);
-                }
-                // Another replica made it first: read theirs.
-                Err(kube::Error::Api(e)) if e.code == 409 => continue,
-                Err(e) => return Err(self.kube(tenant, e)),
-            }
-        }
-        Err(VaultError::KeyRing(format!(
-            "Secret {}/{name} is created and deleted again by someone else",
-            self.namespace
-        )))
+        let Some(secret) = self
+            .api()
+            .get_opt(&Self::name(tenant))
+            .await
+            .map_err(|e| self.kube(tenant, e))?
+        else {
+            return Ok(None);
+        };
+        let mut ring = self.ring_of(tenant, &secret)?;
+        ring.version = secret.metadata.resource_version;
+        self.remember(tenant, &ring);
+        Ok(Some(ring))
     }
 
-    /// Replaces the tenant's ring, if its Secret is still the version last read here.
-    pub async fn save(&self, tenant: &TenantId, ring: &KeyRing) -> Result<(), VaultError> {
-        let version = self
-            .read
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(tenant.as_str())
-            .map(|(_, version, _)| version.clone())
-            .ok_or_else(|| VaultError::KeyRing("a ring is saved only after it was read".into()))?;
-        let secret = self.secret(tenant, ring, Some(version))?;
-        match self
-            .api()
-            .replace(&Self::name(tenant), &PostParams::default(), &secret)
-            .await
-        {
-            Ok(replaced) => {
-                self.remember(
-                    tenant,
-                    ring,
-                    replaced.metadata.resource_version.unwrap_or_default(),
-                );
-                Ok(())
+    /// Creates the tenant's Secret (a ring never kept) or replaces it if it is still the
+    /// version the ring was read from; the saved ring with its new version.
+    pub async fn save(&self, tenant: &TenantId, ring: &KeyRing) -> Result<KeyRing, VaultError> {
+        let secret = self.secret(tenant, ring, ring.version.clone())?;
+        let saved = match &ring.version {
+            None => self.api().create(&PostParams::default(), &secret).await,
+            Some(_) => {
+                self.api()
+                    .replace(&Self::name(tenant), &PostParams::default(), &secret)
+                    .await
             }
-            Err(kube::Error::Api(e)) if e.code == 409 => Err(VaultError::KeyRing(format!(
-                "Secret {}/{} was changed by another gateway replica meanwhile (a rotation there); try again",
+        };
+        match saved {
+            Ok(saved) => {
+                let mut ring = ring.clone();
+                ring.version = saved.metadata.resource_version;
+                self.remember(tenant, &ring);
+                Ok(ring)
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(VaultError::RingChanged(format!(
+                "Secret {}/{}",
                 self.namespace,
                 Self::name(tenant)
             ))),

@@ -18,6 +18,9 @@ use crate::{
     records::store::remote::{HEAD_HEADER, head_header_value},
 };
 
+/// Why a blob for a run about a subject was refused.
+const SUBJECT_BLOB: &str = "a run about a subject uploads only its bundle as stored (its personal parts encrypted) or entry bodies with every personal field encrypted";
+
 /// The most bytes of an envelope's identifiers (call id, idempotency key, traceparent).
 const MAX_ENVELOPE_FIELD: usize = 256;
 /// The most bytes a run's closing entry may take once the run is over its quota.
@@ -218,6 +221,10 @@ where
                     })?;
                 let body: EntryBody = serde_json::from_slice(&bytes)
                     .map_err(|e| bad(format!("blob {blob} is not an entry body: {e}")))?;
+                // Only the canonical encoding: nothing rides along that a reader would not see.
+                if body.encode() != bytes {
+                    return Err(bad(format!("blob {blob} is not an entry body in canonical form")));
+                }
                 if body.type_name() != body_type {
                     return Err(bad(format!(
                         "blob {blob} holds a {}, not a {body_type}",
@@ -230,6 +237,8 @@ where
         };
         if let Some(key) = key {
             crate::records::vaulted::check_locked(&body, key)
+                .map_err(|e| forbidden(format!("entry {}: {e}", entry.seq)))?;
+            crate::records::vaulted::check_readable_fields(&body)
                 .map_err(|e| forbidden(format!("entry {}: {e}", entry.seq)))?;
         }
         match &body {
@@ -275,6 +284,54 @@ where
                 other.type_name()
             ))),
         }
+    }
+
+    /// A blob a runner uploads for a run about a subject must be one the run has a use for,
+    /// with what it says about them encrypted: its bundle as stored (opening to the bundle its
+    /// RunContext pins), or an entry body (canonical, every field encrypted). Anything else
+    /// could hold their data in the clear.
+    async fn check_subject_blob(&self, caller: &Caller, bytes: &[u8]) -> Result<(), Refusal> {
+        let Some(subject) = &caller.context.context.subject else {
+            return Ok(());
+        };
+        let key = self
+            .store
+            .run_key(
+                &caller.tenant,
+                caller.run_id(),
+                subject,
+                crate::vault::KeyUse::Keep,
+            )
+            .await
+            .map_err(super::consent_api::vault_refusal)?
+            .ok_or_else(|| unavailable("no key was given to keep the run"))?;
+        if let Ok(body) = serde_json::from_slice::<EntryBody>(bytes) {
+            if body.encode() != bytes {
+                return Err(bad("the blob is an entry body not in canonical form"));
+            }
+            crate::records::vaulted::check_locked(&body, &key)
+                .map_err(|e| forbidden(format!("the blob: {e}")))?;
+            return crate::records::vaulted::check_readable_fields(&body)
+                .map_err(|e| forbidden(format!("the blob: {e}")));
+        }
+        let pinned = caller
+            .context
+            .context
+            .bundle_digest
+            .as_deref()
+            .and_then(Hash::parse);
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|_| forbidden(SUBJECT_BLOB))?;
+        if crate::records::canonical::to_canonical_bytes(&value) != bytes {
+            return Err(forbidden(SUBJECT_BLOB));
+        }
+        let bundle = RunBundle::from_stored(bytes, Some(&key))
+            .map_err(|e| forbidden(format!("{SUBJECT_BLOB} ({e})")))?;
+        if Some(bundle.content_digest()) != pinned {
+            return Err(forbidden(format!(
+                "{SUBJECT_BLOB} (a bundle, but not the one the RunContext pins)"
+            )));
+        }
+        Ok(())
     }
 
     /// The bundle a run about a subject stored (blob `stored`), opened with the run's `key`.
@@ -350,6 +407,7 @@ where
 
     pub(super) async fn put_blob(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
         let caller = service.caller(&headers).await?;
+        service.check_subject_blob(&caller, &body).await?;
         service.charge_blob(&caller, body.len() as u64)?;
         let hash = service
             .store

@@ -183,15 +183,7 @@ async fn erased_through_the_gateway(
         "an erasure without the right was not refused naming it: {}",
         said(&refused)
     );
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "memory-auditor-eraser"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "contextos-subject-eraser"},
-        "subjects": [{"kind": "ServiceAccount", "name": "memory-auditor", "namespace": tenant.name()}],
-    }))?;
-    tenant
-        .api::<RoleBinding>()
-        .create(&PostParams::default(), &binding)
-        .await?;
+    bind_auditor(tenant, "contextos-subject-eraser").await?;
     let mut erased = None;
     for _ in 0..30 {
         let output = records.person(&["subject", "erase", CUSTOMER, "--yes"]).await?;
@@ -322,6 +314,20 @@ async fn start_ticket(sessions: &kube::Api<Session>, name: &str, prompt: &str) -
     done_run_id(sessions, name).await
 }
 
+/// Binds ClusterRole `role` to the auditor's service account in the tenant.
+async fn bind_auditor(tenant: &TestNamespace, role: &str) -> Result<()> {
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("memory-auditor-{role}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": "memory-auditor", "namespace": tenant.name()}],
+    }))?;
+    tenant
+        .api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await?;
+    Ok(())
+}
+
 /// An auditor of the tenant's records, through a port-forward to the gateway.
 struct Records {
     _forward: tokio::process::Child,
@@ -336,15 +342,7 @@ impl Records {
         let account: ServiceAccount =
             serde_json::from_value(json!({"metadata": {"name": "memory-auditor"}}))?;
         accounts.create(&PostParams::default(), &account).await?;
-        let binding: RoleBinding = serde_json::from_value(json!({
-            "metadata": {"name": "memory-auditor-records"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "contextos-records-reader"},
-            "subjects": [{"kind": "ServiceAccount", "name": "memory-auditor", "namespace": tenant.name()}],
-        }))?;
-        tenant
-            .api::<RoleBinding>()
-            .create(&PostParams::default(), &binding)
-            .await?;
+        bind_auditor(tenant, "contextos-records-reader").await?;
         let request: TokenRequest = serde_json::from_value(json!({"spec": {
             "audiences": [contextos_runner::gateway::readers::READER_AUDIENCE], "expirationSeconds": 600}}))?;
         let token = accounts

@@ -222,14 +222,10 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
         run_id: &str,
         to: KeyUse,
     ) -> Result<Option<SecretKey>, VaultError> {
-        let key = match to {
-            KeyUse::Keep => Some(self.key_for_keeping(subject).await?),
-            KeyUse::Read => match self.key(subject).await? {
-                KeyState::Active(key) => Some(key),
-                KeyState::Erased(_) | KeyState::Unknown => None,
-            },
-        };
-        Ok(key.map(|key| key.run_key(&self.tenant, run_id)))
+        Ok(self
+            .data_key(subject, to)
+            .await?
+            .map(|key| key.run_key(&self.tenant, run_id)))
     }
 
     /// The key of the subject's memory (see [`Self::run_key`] for `to`).
@@ -238,14 +234,22 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
         subject: &SubjectHandle,
         to: KeyUse,
     ) -> Result<Option<SecretKey>, VaultError> {
-        let key = match to {
+        Ok(self
+            .data_key(subject, to)
+            .await?
+            .map(|key| key.memory_key(&self.tenant)))
+    }
+
+    /// The subject's data key: to keep, made if needed (refused once erased); to read, none
+    /// once erased or when nothing was ever kept.
+    async fn data_key(&self, subject: &SubjectHandle, to: KeyUse) -> Result<Option<DataKey>, VaultError> {
+        Ok(match to {
             KeyUse::Keep => Some(self.key_for_keeping(subject).await?),
             KeyUse::Read => match self.key(subject).await? {
                 KeyState::Active(key) => Some(key),
                 KeyState::Erased(_) | KeyState::Unknown => None,
             },
-        };
-        Ok(key.map(|key| key.memory_key(&self.tenant)))
+        })
     }
 
     /// The subject's data key whether or not an erasure has begun (an erasure finishing what

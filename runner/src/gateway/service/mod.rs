@@ -715,7 +715,7 @@ where
             // A run about a subject stored its bundle with their part encrypted, under another
             // hash: its run_started entry names it (on record, or sent with this request), and
             // it must open to the bundle pinned.
-            Some(subject) => {
+            Some(_) => {
                 let on_record = self
                     .store
                     .read_chain(&caller.tenant, caller.run_id(), 0)
@@ -734,17 +734,7 @@ where
                 else {
                     return Err(bad("the run has not started: send its run_started entry first"));
                 };
-                let key = self
-                    .store
-                    .run_key(
-                        &caller.tenant,
-                        caller.run_id(),
-                        subject,
-                        crate::vault::KeyUse::Keep,
-                    )
-                    .await
-                    .map_err(consent_api::vault_refusal)?
-                    .ok_or_else(|| unavailable("no key was given to keep the run"))?;
+                let key = self.subject_run_key(caller).await?;
                 let bundle = self.stored_bundle(caller, &stored, &key).await?;
                 if bundle.content_digest() != digest {
                     return Err(forbidden(format!(

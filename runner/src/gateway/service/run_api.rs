@@ -100,16 +100,7 @@ where
         // the run's key, and every entry marked as about them (erasure must reach all of it).
         let subject = caller.context.context.subject.as_ref();
         let key = match subject {
-            Some(subject) if !wire.is_empty() => self
-                .store
-                .run_key(
-                    &caller.tenant,
-                    caller.run_id(),
-                    subject,
-                    crate::vault::KeyUse::Keep,
-                )
-                .await
-                .map_err(super::consent_api::vault_refusal)?,
+            Some(_) if !wire.is_empty() => Some(self.subject_run_key(caller).await?),
             _ => None,
         };
         for wire in wire {
@@ -291,20 +282,10 @@ where
     /// RunContext pins), or an entry body (canonical, every field encrypted). Anything else
     /// could hold their data in the clear.
     async fn check_subject_blob(&self, caller: &Caller, bytes: &[u8]) -> Result<(), Refusal> {
-        let Some(subject) = &caller.context.context.subject else {
+        if caller.context.context.subject.is_none() {
             return Ok(());
-        };
-        let key = self
-            .store
-            .run_key(
-                &caller.tenant,
-                caller.run_id(),
-                subject,
-                crate::vault::KeyUse::Keep,
-            )
-            .await
-            .map_err(super::consent_api::vault_refusal)?
-            .ok_or_else(|| unavailable("no key was given to keep the run"))?;
+        }
+        let key = self.subject_run_key(caller).await?;
         if let Ok(body) = serde_json::from_slice::<EntryBody>(bytes) {
             if body.encode() != bytes {
                 return Err(bad("the blob is an entry body not in canonical form"));
@@ -332,6 +313,27 @@ where
             )));
         }
         Ok(())
+    }
+
+    /// The key the caller's run, about the subject its RunContext names, keeps what it learns
+    /// of them under (refused once they are erased).
+    pub(super) async fn subject_run_key(&self, caller: &Caller) -> Result<crate::vault::SecretKey, Refusal> {
+        let subject = caller
+            .context
+            .context
+            .subject
+            .as_ref()
+            .ok_or_else(|| forbidden("the run is about no one: it has no key"))?;
+        self.store
+            .run_key(
+                &caller.tenant,
+                caller.run_id(),
+                subject,
+                crate::vault::KeyUse::Keep,
+            )
+            .await
+            .map_err(super::consent_api::vault_refusal)?
+            .ok_or_else(|| unavailable("no key was given to keep the run"))
     }
 
     /// The bundle a run about a subject stored (blob `stored`), opened with the run's `key`.

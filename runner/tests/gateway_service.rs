@@ -110,6 +110,7 @@ async fn rig_with_options(
         .with("token-run-2", pod("shop", "checkout-5xx-run-2"))
         .with("token-bank", pod("bank", "checkout-5xx-run-1"))
         .with("token-system", pod("contextos-system", "checkout-5xx-run-1"))
+        .with("token-vault", pod("contextos-vault", "checkout-5xx-run-1"))
         .with(
             "token-replay",
             pod("shop", "replay-policy-guardrails-0123456789-x7k2p"),
@@ -632,6 +633,19 @@ async fn only_the_pod_a_run_context_was_issued_to_may_use_it() {
         403,
         "a pod of the system namespace"
     );
+    // Nor is the namespace of the identity vault's key rings.
+    let mut vault = rig.bundle.clone();
+    vault.tenant = "contextos-vault".into();
+    let vault_context = rig.context(&vault, "checkout-5xx-run-1");
+    assert_eq!(
+        status(
+            head(Some("token-vault"), &vault_context, RUN)
+                .await
+                .expect("send")
+        ),
+        403,
+        "a pod of the vault's namespace"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -973,13 +987,16 @@ async fn a_person_reads_and_verifies_only_the_namespaces_the_api_server_lets_the
             .await
             .is_err()
     );
-    let system = TenantId::new("contextos-system").expect("tenant");
-    assert!(
-        reader("token-auditor", "contextos-system")
-            .list_runs(&system, &filter)
-            .await
-            .is_err()
-    );
+    for own in ["contextos-system", "contextos-vault"] {
+        let namespace = TenantId::new(own).expect("tenant");
+        assert!(
+            reader("token-auditor", own)
+                .list_runs(&namespace, &filter)
+                .await
+                .is_err(),
+            "{own} was read as a tenant"
+        );
+    }
 }
 
 /// Consent is recorded through the gateway by people the API server lets record it in that

@@ -111,6 +111,7 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
             trust,
         )
         .with_system_namespace(&args.namespace)
+        .with_vault_namespace(&args.vault_namespace)
         .with_egress(egress)
         .with_capabilities(Arc::new(KubeCapabilities::new(client)))
         .with_max_run_bytes(args.max_run_bytes),

@@ -110,6 +110,8 @@ pub struct GatewayService<S, A, T> {
     endpoint_overrides: Vec<(String, String)>,
     /// ContextOS's own namespace: its keys live there, and no caller from it is served.
     system_namespace: String,
+    /// Where the identity vault's key rings are: no tenant either.
+    vault_namespace: String,
     /// Where tool and model calls may go.
     egress: EgressGuard,
     /// Finds runs' capability pods; without it, Agents with command-started tools are refused.
@@ -265,6 +267,7 @@ where
             verified: Mutex::new(Default::default()),
             endpoint_overrides: Vec::new(),
             system_namespace: "contextos-system".into(),
+            vault_namespace: "contextos-vault".into(),
             egress: EgressGuard::default(),
             capabilities: None,
             tenant_slots: Mutex::new(HashMap::new()),
@@ -340,6 +343,18 @@ where
     pub fn with_system_namespace(mut self, namespace: &str) -> Self {
         self.system_namespace = namespace.to_owned();
         self
+    }
+
+    /// The namespace of the identity vault's key rings (default `contextos-vault`): never served
+    /// as a tenant (a tool there could name a ring's Secret as its credential).
+    pub fn with_vault_namespace(mut self, namespace: &str) -> Self {
+        self.vault_namespace = namespace.to_owned();
+        self
+    }
+
+    /// Whether `namespace` is ContextOS's own (its keys, its key rings): never a tenant.
+    fn is_own(&self, namespace: &str) -> bool {
+        namespace == self.system_namespace || namespace == self.vault_namespace
     }
 
     /// Sends tool calls for URLs starting with `from` to `to` instead.
@@ -498,9 +513,9 @@ where
                 AuthError::Unavailable(_) => unavailable(&e),
                 _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
             })?;
-        // Runs never live in ContextOS's own namespace, where its keys are: nothing there is
+        // Runs never live in ContextOS's own namespaces, where its keys are: nothing there is
         // served as a tenant.
-        if identity.namespace == self.system_namespace {
+        if self.is_own(&identity.namespace) {
             return Err(forbidden(format!(
                 "namespace {} is ContextOS's own; it is not a tenant",
                 identity.namespace

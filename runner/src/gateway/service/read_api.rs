@@ -57,7 +57,7 @@ where
                     "header {READER_NAMESPACE_HEADER} does not name a namespace"
                 ))
             })?;
-        if namespace.as_str() == self.system_namespace {
+        if self.is_own(namespace.as_str()) {
             return Err(forbidden(format!(
                 "namespace {namespace} is ContextOS's own; it holds no records"
             )));

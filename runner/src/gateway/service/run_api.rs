@@ -18,6 +18,14 @@ use crate::{
     records::store::remote::{HEAD_HEADER, head_header_value},
 };
 
+/// An entry body of a run about a subject as a runner may send it: every field that says what
+/// the run learned encrypted under the run's `key`, and what stays readable only codes, names
+/// and digests.
+fn about_subject(body: &EntryBody, key: &crate::vault::SecretKey) -> Result<(), String> {
+    crate::records::vaulted::check_locked(body, key).map_err(|e| e.to_string())?;
+    crate::records::vaulted::check_readable_fields(body)
+}
+
 /// Why a blob for a run about a subject was refused.
 const SUBJECT_BLOB: &str = "a run about a subject uploads only its bundle as stored (its personal parts encrypted) or entry bodies with every personal field encrypted";
 
@@ -200,16 +208,10 @@ where
         let body = match &entry.body {
             EntryBody::Blob { blob, body_type, .. } => {
                 let bytes = self
-                    .store
-                    .get_blob(&caller.tenant, blob)
-                    .await
-                    .map_err(unavailable)?
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "entry {} refers to blob {blob}, which was not uploaded",
-                            entry.seq
-                        ))
-                    })?;
+                    .uploaded(caller, blob, || {
+                        format!("entry {} refers to blob {blob}", entry.seq)
+                    })
+                    .await?;
                 let body: EntryBody = serde_json::from_slice(&bytes)
                     .map_err(|e| bad(format!("blob {blob} is not an entry body: {e}")))?;
                 // Only the canonical encoding: nothing rides along that a reader would not see.
@@ -227,10 +229,7 @@ where
             other => other.clone(),
         };
         if let Some(key) = key {
-            crate::records::vaulted::check_locked(&body, key)
-                .map_err(|e| forbidden(format!("entry {}: {e}", entry.seq)))?;
-            crate::records::vaulted::check_readable_fields(&body)
-                .map_err(|e| forbidden(format!("entry {}: {e}", entry.seq)))?;
+            about_subject(&body, key).map_err(|e| forbidden(format!("entry {}: {e}", entry.seq)))?;
         }
         match &body {
             EntryBody::RunStarted {
@@ -290,10 +289,7 @@ where
             if body.encode() != bytes {
                 return Err(bad("the blob is an entry body not in canonical form"));
             }
-            crate::records::vaulted::check_locked(&body, &key)
-                .map_err(|e| forbidden(format!("the blob: {e}")))?;
-            return crate::records::vaulted::check_readable_fields(&body)
-                .map_err(|e| forbidden(format!("the blob: {e}")));
+            return about_subject(&body, &key).map_err(|e| forbidden(format!("the blob: {e}")));
         }
         let pinned = caller
             .context
@@ -336,6 +332,21 @@ where
             .ok_or_else(|| unavailable("no key was given to keep the run"))
     }
 
+    /// The blob `hash` of the caller's tenant; `what` names what refers to it, for the refusal
+    /// when it was not uploaded.
+    async fn uploaded(
+        &self,
+        caller: &Caller,
+        hash: &Hash,
+        what: impl FnOnce() -> String,
+    ) -> Result<Vec<u8>, Refusal> {
+        self.store
+            .get_blob(&caller.tenant, hash)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| bad(format!("{}, which was not uploaded; upload it first", what())))
+    }
+
     /// The bundle a run about a subject stored (blob `stored`), opened with the run's `key`.
     pub(super) async fn stored_bundle(
         &self,
@@ -344,15 +355,8 @@ where
         key: &crate::vault::SecretKey,
     ) -> Result<RunBundle, Refusal> {
         let bytes = self
-            .store
-            .get_blob(&caller.tenant, stored)
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| {
-                bad(format!(
-                    "the run's bundle {stored} was not uploaded; upload it first"
-                ))
-            })?;
+            .uploaded(caller, stored, || format!("the run's bundle {stored}"))
+            .await?;
         RunBundle::from_stored(&bytes, Some(key)).map_err(|e| bad(format!("the run's bundle {stored}: {e}")))
     }
 

@@ -2542,6 +2542,30 @@ async fn a_runner_cannot_keep_its_subjects_data_in_the_clear_or_reach_other_keys
     let clear_bundle = remote.put_blob(&tenant, ticket.canonical_bytes()).await;
     let problem = refused(&clear_bundle.expect_err("the bundle in the clear was stored"));
     assert!(problem.contains("is stored in the clear"), "{problem}");
+    // Nor a body of a kind only the gateway writes, whose fields stay readable.
+    let refusal = EntryBody::AccessRefused {
+        caller: "ana.lopez@example.com".into(),
+        reason: "x".into(),
+    };
+    let problem = refused(
+        &remote
+            .put_blob(&tenant, refusal.encode())
+            .await
+            .expect_err("a gateway's kind of body was stored"),
+    );
+    assert!(problem.contains("uploads no access_refused body"), "{problem}");
+    // Nor its bundle with a field no bundle has riding along.
+    let mut padded: serde_json::Value =
+        serde_json::from_slice(&ticket.stored_bytes(Some(&key)).expect("encrypted")).expect("json");
+    padded["sessionSpec"]["note"] = serde_json::json!("ana.lopez@example.com");
+    let padded = contextos_runner::records::canonical::to_canonical_bytes(&padded);
+    let problem = refused(
+        &remote
+            .put_blob(&tenant, padded)
+            .await
+            .expect_err("a padded bundle was stored"),
+    );
+    assert!(problem.contains("holds more than a bundle"), "{problem}");
     let stored = remote
         .put_blob(&tenant, ticket.stored_bytes(Some(&key)).expect("encrypted"))
         .await
@@ -2559,6 +2583,22 @@ async fn a_runner_cannot_keep_its_subjects_data_in_the_clear_or_reach_other_keys
         step: 0,
         state: serde_json::json!({"messages": [{"role": "user", "content": "ana.lopez@example.com"}]}),
     };
+    // Its RunContext, and nothing riding along in it.
+    let mut padded = start();
+    padded.run_context["note"] = serde_json::json!("ana.lopez@example.com");
+    let mut recorder = Recorder::begin(remote, tenant.clone(), transit(), padded)
+        .expect("recorder")
+        .vaulted(customer.clone(), key.clone());
+    let problem = refused(
+        &recorder
+            .flush()
+            .await
+            .expect_err("a padded run_started was taken"),
+    );
+    assert!(
+        problem.contains("run_started must be the first entry"),
+        "{problem}"
+    );
     // Not marked as about the customer.
     let mut unmarked = Recorder::begin(remote, tenant.clone(), transit(), start()).expect("recorder");
     unmarked.stage(checkpoint());

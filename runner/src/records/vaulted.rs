@@ -58,6 +58,8 @@ fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
             vec![("policy_decision.reason", Text(&mut decision.reason))]
         }
         EntryBody::ApprovalRefused { reason, .. } => vec![("approval_refused.reason", Text(reason))],
+        // Why a request was refused may quote what the request said.
+        EntryBody::AccessRefused { reason, .. } => vec![("access_refused.reason", Text(reason))],
         EntryBody::ContextCompiled { sources, .. } => sources
             .iter_mut()
             .map(|note| ("context_compiled.sources.cut", MaybeText(&mut note.cut)))
@@ -79,7 +81,6 @@ fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
         EntryBody::RunStarted { .. }
         | EntryBody::ApprovalRequested { .. }
         | EntryBody::ApprovalGranted { .. }
-        | EntryBody::AccessRefused { .. }
         | EntryBody::MemoryCandidate(_)
         // A blob's body is encrypted before it is moved to the blob.
         | EntryBody::Blob { .. } => Vec::new(),

@@ -223,7 +223,14 @@ impl RunBundle {
                 None => erased_part(label),
             };
         }
-        serde_json::from_value(value).map_err(|e| format!("the bundle cannot be read: {e}"))
+        let bundle: Self =
+            serde_json::from_value(value.clone()).map_err(|e| format!("the bundle cannot be read: {e}"))?;
+        // A run's bundle as its runner stored it holds a bundle and nothing more: a field no
+        // bundle has would stay in the clear, unread by anyone, for ever.
+        if key.is_some() && serde_json::to_value(&bundle).ok().as_ref() != Some(&value) {
+            return Err("it holds more than a bundle does".into());
+        }
+        Ok(bundle)
     }
 
     /// Content hash of [`RunBundle::canonical_bytes`]: the blob id the record stores the bundle

@@ -199,10 +199,7 @@ impl DecisionTrace {
         for verdict in &mut self.verdicts {
             verdict.reason = ABOUT_SUBJECT.into();
         }
-        self.outcome = match self.outcome.split_once(": ") {
-            Some((kind, _)) => format!("{kind}: {ABOUT_SUBJECT}"),
-            None => self.outcome.clone(),
-        };
+        self.outcome = redact_outcome(&self.outcome);
     }
 
     /// The canonical bytes two traces are compared by.
@@ -269,6 +266,24 @@ pub struct Divergence {
     pub recorded: String,
     pub replayed: String,
     pub detail: String,
+}
+
+impl Divergence {
+    /// As a report about a run about a subject keeps it: the kind and the decisions, not what
+    /// the run said (an outcome's text, a critic's reason).
+    fn redact(&mut self) {
+        self.recorded = redact_outcome(&self.recorded);
+        self.replayed = redact_outcome(&self.replayed);
+        self.detail = ABOUT_SUBJECT.into();
+    }
+}
+
+/// `completed: <output>` or `failed (<reason>): <message>` without what follows the colon.
+fn redact_outcome(text: &str) -> String {
+    match text.split_once(": ") {
+        Some((kind, _)) => format!("{kind}: {ABOUT_SUBJECT}"),
+        None => text.to_owned(),
+    }
 }
 
 /// The replay of one run.
@@ -473,11 +488,14 @@ pub async fn replay_run<S: RecordStore>(
     let report = harness.start(run_id, &trace_id, &mut |_| {}).await?;
     let mut recorded = DecisionTrace::of(&entries);
     let mut replayed = DecisionTrace::of_bodies(&report.replayed);
+    let mut divergences = compare(&recorded, &replayed);
+    let identical = recorded.bytes() == replayed.bytes();
+    // Judged on everything; reported without what the run saw and said of its subject.
     if entries.first().is_some_and(|e| e.vaulted.is_some()) {
         recorded.redact();
         replayed.redact();
+        divergences.iter_mut().for_each(Divergence::redact);
     }
-    let divergences = compare(&recorded, &replayed);
     let divergent_steps = divergences
         .iter()
         .filter(|d| d.kind.counts())
@@ -498,7 +516,7 @@ pub async fn replay_run<S: RecordStore>(
         run_id: run_id.to_owned(),
         session: original.bundle.session.clone(),
         agent: original.bundle.agent.clone(),
-        identical: recorded.bytes() == replayed.bytes(),
+        identical,
         steps: recorded.steps().max(1),
         divergent_steps,
         divergences,

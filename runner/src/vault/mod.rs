@@ -194,10 +194,10 @@ impl<'a, B: MemoryBackend + ?Sized> Vault<'a, B> {
                 ],
             )
             .await?;
-        if let Some(erased) = &rows[0] {
+        if let Some(Some(erased)) = rows.first() {
             return Ok(KeyState::Erased(self.erasure_of(subject, erased)?));
         }
-        match &rows[1] {
+        match rows.get(1).and_then(Option::as_ref) {
             None => Ok(KeyState::Unknown),
             Some(wrapped) => {
                 let ring = self.ring(false).await?;

@@ -740,12 +740,22 @@ where
                     .next()
                     .map(|stored| stored.bytes);
                 let sent_first = sent.iter().filter_map(|w| w.decode().ok()).find(|s| s.seq == 0);
-                let first = on_record
+                let mut first = on_record
                     .or(sent_first.map(|s| s.bytes))
-                    .and_then(|bytes| RecordEntry::decode(&bytes).ok());
+                    .and_then(|bytes| RecordEntry::decode(&bytes).ok())
+                    .map(|e| e.body);
+                // A run_started larger than the inline limit went to a blob.
+                if let Some(EntryBody::Blob { blob, body_type, .. }) = &first
+                    && body_type == "run_started"
+                {
+                    let bytes = self
+                        .uploaded(caller, blob, || format!("run_started's blob {blob}"))
+                        .await?;
+                    first = serde_json::from_slice(&bytes).ok();
+                }
                 let Some(EntryBody::RunStarted {
                     bundle: Some(stored), ..
-                }) = first.map(|e| e.body)
+                }) = first
                 else {
                     return Err(bad("the run has not started: send its run_started entry first"));
                 };

@@ -26,6 +26,15 @@ fn about_subject(body: &EntryBody, key: &crate::vault::SecretKey) -> Result<(), 
     crate::records::vaulted::check_readable_fields(body)
 }
 
+/// The entry bodies a runner writes itself (the rest are the gateway's).
+const RUNNER_WRITES: [&str; 5] = [
+    "context_compiled",
+    "critic_verdict",
+    "checkpoint",
+    "completed",
+    "failed",
+];
+
 /// Why a blob for a run about a subject was refused.
 const SUBJECT_BLOB: &str = "a run about a subject uploads only its bundle as stored (its personal parts encrypted) or entry bodies with every personal field encrypted";
 
@@ -240,7 +249,8 @@ where
                 bundle,
             } => {
                 let context = &caller.context.context;
-                let presented: Option<SignedRunContext> = serde_json::from_value(run_context.clone()).ok();
+                // Exactly the context presented, as JSON: nothing rides along in it.
+                let presented = serde_json::to_value(&caller.context).ok();
                 let pinned_bundle = context.bundle_digest.as_deref().and_then(Hash::parse);
                 // A run about a subject stores its bundle with their part encrypted: it must
                 // open to the bundle pinned.
@@ -252,7 +262,7 @@ where
                     (stored, _) => stored.is_some() && *stored == pinned_bundle,
                 };
                 let matches = entry.seq == 0
-                    && presented.as_ref() == Some(&caller.context)
+                    && presented.as_ref() == Some(run_context)
                     && *session_id == context.session_id
                     && *agent == context.agent.name
                     && *pinned == context.pinned
@@ -288,6 +298,13 @@ where
         if let Ok(body) = serde_json::from_slice::<EntryBody>(bytes) {
             if body.encode() != bytes {
                 return Err(bad("the blob is an entry body not in canonical form"));
+            }
+            // Only bodies a runner may write: the others hold fields that stay readable.
+            if !RUNNER_WRITES.contains(&body.type_name()) {
+                return Err(forbidden(format!(
+                    "a runner uploads no {} body: {SUBJECT_BLOB}",
+                    body.type_name()
+                )));
             }
             return about_subject(&body, &key).map_err(|e| forbidden(format!("the blob: {e}")));
         }
@@ -334,7 +351,7 @@ where
 
     /// The blob `hash` of the caller's tenant; `what` names what refers to it, for the refusal
     /// when it was not uploaded.
-    async fn uploaded(
+    pub(super) async fn uploaded(
         &self,
         caller: &Caller,
         hash: &Hash,

@@ -18,7 +18,7 @@ use crate::{
         EntryBody, Hash, ReadError, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId,
         read::read_stored_from, recorder::fold_into_summary, store::RunSummary, vaulted,
     },
-    vault::{KeyUse, SecretKey},
+    vault::SecretKey,
 };
 
 /// What the record says a run has used: model steps and tokens (counted from the model turns
@@ -290,15 +290,7 @@ impl RunLog {
             run_id: run_id.to_owned(),
             source,
         };
-        let key = store
-            .run_key(tenant, run_id, subject, KeyUse::Keep)
-            .await
-            .map_err(vault)?
-            .ok_or_else(|| {
-                vault(crate::vault::VaultError::Remote(
-                    "no key was given to keep the run".into(),
-                ))
-            })?;
+        let key = store.key_to_keep(tenant, run_id, subject).await.map_err(vault)?;
         self.vault = Some((subject.clone(), key));
         Ok(())
     }

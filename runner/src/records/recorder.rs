@@ -336,12 +336,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         // erased: nothing more is kept about them).
         let vault = match decoded.vaulted {
             Some(subject) => {
-                let key = store
-                    .run_key(&tenant, run_id, &subject, crate::vault::KeyUse::Keep)
-                    .await?
-                    .ok_or_else(|| {
-                        crate::vault::VaultError::Remote(format!("no key to keep run {run_id} under"))
-                    })?;
+                let key = store.key_to_keep(&tenant, run_id, &subject).await?;
                 Some((subject, key))
             }
             None => None,

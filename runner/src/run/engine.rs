@@ -36,7 +36,6 @@ use crate::{
         TenantId, entry::Verdict, read_run, recorder::now_ms, store::remote::RemoteStore,
     },
     run_context::{OverrideError, SignedRunContext},
-    vault::KeyUse,
 };
 
 /// How a run ended (or paused).
@@ -345,14 +344,9 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             (Some(subject), false) => {
                 let key = self
                     .store
-                    .run_key(&self.tenant, run_id, subject, KeyUse::Keep)
+                    .key_to_keep(&self.tenant, run_id, subject)
                     .await
-                    .map_err(RecordError::from)?
-                    .ok_or_else(|| {
-                        RecordError::from(crate::vault::VaultError::Remote(format!(
-                            "no key was given to record run {run_id}"
-                        )))
-                    })?;
+                    .map_err(RecordError::from)?;
                 Some((subject.clone(), key))
             }
             _ => None,

@@ -338,15 +338,9 @@ where
             .as_ref()
             .ok_or_else(|| forbidden("the run is about no one: it has no key"))?;
         self.store
-            .run_key(
-                &caller.tenant,
-                caller.run_id(),
-                subject,
-                crate::vault::KeyUse::Keep,
-            )
+            .key_to_keep(&caller.tenant, caller.run_id(), subject)
             .await
-            .map_err(super::consent_api::vault_refusal)?
-            .ok_or_else(|| unavailable("no key was given to keep the run"))
+            .map_err(super::consent_api::vault_refusal)
     }
 
     /// The blob `hash` of the caller's tenant; `what` names what refers to it, for the refusal

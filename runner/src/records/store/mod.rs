@@ -281,6 +281,20 @@ pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
                 .await
         }
     }
+
+    /// [`Self::run_key`] to keep: the key itself (a store that gives none is an error).
+    fn key_to_keep(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        subject: &SubjectHandle,
+    ) -> impl Future<Output = std::result::Result<SecretKey, VaultError>> + Send {
+        async move {
+            self.run_key(tenant, run_id, subject, KeyUse::Keep)
+                .await?
+                .ok_or_else(|| VaultError::Remote(format!("no key was given to record run {run_id} under")))
+        }
+    }
 }
 
 /// Checks that a batch links up internally and to its expected head before any backend writes

@@ -243,6 +243,30 @@ pub struct Tool {
     /// always sends an idempotency key; this flag allows retries.
     #[serde(default)]
     pub idempotent: bool,
+    /// The entities a call touches, by where their ids are in its arguments: each names a type
+    /// of the namespace's Ontology and a JSON pointer into the arguments (`/service`,
+    /// `/targets/0`) holding an id, or an array of ids. Policy conditions read them as
+    /// `call.entities` and `call.entityTypes` (with the ids the Ontology's `idPattern`s find in
+    /// any argument).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub touches: Vec<EntityArgument>,
+}
+
+/// Where a call's arguments hold the id of an entity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EntityArgument {
+    /// A type of the namespace's Ontology.
+    #[serde(rename = "type")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub entity_type: String,
+    /// A JSON pointer (RFC 6901) into the call's arguments: `/service`, `/target/name`.
+    #[schemars(length(min = 2, max = 256), regex(pattern = r"^/"))]
+    pub argument: String,
 }
 
 /// A tool call's timeout when `timeoutSeconds` is not set.

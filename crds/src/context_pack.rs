@@ -126,6 +126,14 @@ pub struct MemorySource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub query: Option<String>,
+    /// Only items that refer to an entity of this type of the namespace's Ontology (found in
+    /// their text by its `idPattern`, or named when they were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub entity_type: Option<String>,
     /// Items offered at most (newest first).
     #[serde(default = "default_max_items")]
     #[schemars(range(min = 1, max = 100))]

@@ -104,7 +104,10 @@ fn changed_beyond_gated_members(
     candidate: &Composition,
     members: &[Member<'_>],
 ) -> bool {
-    if spec_digest(&promoted.agent_spec) != spec_digest(&candidate.agent_spec) {
+    // The Ontology has no gate of its own: a change to it is replayed by the Agent's.
+    if spec_digest(&promoted.agent_spec) != spec_digest(&candidate.agent_spec)
+        || promoted.ontology != candidate.ontology
+    {
         return true;
     }
     let revisions = |c: &Composition| {
@@ -506,6 +509,31 @@ mod tests {
         assert!(matches!(
             decide("ops", None, in_force(&before, &gates), &after, &members),
             Need::Replay(_)
+        ));
+    }
+
+    /// The Ontology has no gate of its own: removing the id pattern a deny rule depends on is a
+    /// change the Agent's gate replays, even when every policy was replayed by its own.
+    #[test]
+    fn an_ontology_change_is_replayed_under_the_agents_gate() {
+        let g = gate(0);
+        let gates = guardrails_gate(0);
+        let mut before = composition(vec![policy("guardrails", "deny")]);
+        before.ontology = Some(
+            serde_yaml::from_str("entityTypes: [{name: customer-db, idPattern: 'db-[a-z]+'}]")
+                .expect("ontology"),
+        );
+        let mut after = before.clone();
+        after.ontology = Some(serde_yaml::from_str("entityTypes: [{name: customer-db}]").expect("ontology"));
+        let d = spec_digest(&after.policies[0].spec);
+        let members = [member("guardrails", &d, Some(&g), PromotedBy::Replay, None)];
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &after, &members),
+            Need::Replay(_)
+        ));
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &before.clone(), &members),
+            Need::Direct(..)
         ));
     }
 

@@ -1,5 +1,5 @@
-//! The ContextOS operator: controllers for Agents, ContextPacks, Policies, SandboxProfiles and
-//! Sessions. It resolves and validates what users apply (a `Ready` condition that names the
+//! The ContextOS operator: controllers for Agents, ContextPacks, Ontologies, Policies,
+//! SandboxProfiles and Sessions. It resolves and validates what users apply (a `Ready` condition that names the
 //! field and the fix), snapshots revisions, and runs each Session in sandboxed runner pods.
 
 pub mod agent_gate;
@@ -18,7 +18,7 @@ pub mod tenant_keys;
 
 use std::sync::Arc;
 
-use contextos_crds::{Agent, ContextPack, Policy, SandboxProfile, Session};
+use contextos_crds::{Agent, ContextPack, Ontology, Policy, SandboxProfile, Session};
 use contextos_runner::key_secrets;
 use futures::StreamExt as _;
 use k8s_openapi::api::{
@@ -36,7 +36,7 @@ use kube::{
 };
 
 use crate::{
-    controllers::{Context, agent, error_policy, revisions, session},
+    controllers::{Context, agent, error_policy, ontology, revisions, session},
     metrics::Metrics,
     session_children::RunnerSettings,
 };
@@ -143,8 +143,15 @@ pub async fn run(
         .run(revisions::reconcile_sandbox_profile, error_policy, ctx.clone())
         .for_each(|_| async {});
 
+    let ontologies = lean_controller(Api::<Ontology>::all(client.clone()), watch())
+        .with_config(controller_config.clone())
+        .graceful_shutdown_on(shutdown())
+        .run(ontology::reconcile_ontology, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
     let agents = lean_controller(Api::<Agent>::all(client.clone()), watch());
-    let (by_pack, by_policy, by_profile) = (agents.store(), agents.store(), agents.store());
+    let (by_pack, by_policy, by_profile, by_ontology) =
+        (agents.store(), agents.store(), agents.store(), agents.store());
     let agents = agents
         .with_config(controller_config.clone())
         .watches(
@@ -167,6 +174,12 @@ pub async fn run(
                     a.spec.sandbox_profile_ref.name == p.name_any()
                 })
             },
+        )
+        // Every Agent of a namespace pins its Ontology.
+        .watches(
+            Api::<Ontology>::all(client.clone()),
+            watch(),
+            move |o: Ontology| referring_agents(&by_ontology, &o, |_| true),
         )
         .owns(
             Api::<PartialObjectMeta<Job>>::all(client.clone()),
@@ -203,7 +216,7 @@ pub async fn run(
         .run(session::reconcile_session, error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    futures::join!(packs, policies, profiles, agents, sessions);
+    futures::join!(packs, policies, profiles, ontologies, agents, sessions);
     Ok(())
 }
 

@@ -96,6 +96,7 @@ fn items() -> Vec<MemoryItem> {
                     reviewed_by: None,
                 },
                 expires_at_ms: None,
+                entities: Default::default(),
             }
         })
         .collect()
@@ -128,6 +129,7 @@ fn query(scope: ItemScope, memory_type: Option<MemoryType>, text: &str) -> Recal
         text: text.into(),
         max_items: 20,
         purpose: None,
+        entity_type: None,
     }
 }
 
@@ -267,6 +269,7 @@ async fn run() {
                 reviewed_by: None,
             },
             expires_at_ms: None,
+            entities: Default::default(),
         })
         .collect();
     let started = Instant::now();

@@ -67,6 +67,7 @@ fn time_ours(set: &PolicySet, rules: usize) -> (f64, f64) {
     let run = RunFacts::default();
     let state = StateFacts::default();
     let approvers = Approvers::default();
+    let entities = contextos_runner::ontology::CallEntities::default();
     let mut samples = Vec::with_capacity(ITERATIONS);
     for _ in 0..ITERATIONS {
         let started = Instant::now();
@@ -75,6 +76,7 @@ fn time_ours(set: &PolicySet, rules: usize) -> (f64, f64) {
             risk: ToolRisk::Network,
             kind: ToolKind::Act,
             args: &args,
+            entities: &entities,
         };
         let decision = set.decide(&call, &run, &state, SafetyMode::Autonomous, &approvers);
         black_box(&decision);

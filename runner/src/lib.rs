@@ -16,6 +16,7 @@ pub mod keys;
 pub mod manifests;
 pub mod memory;
 pub mod model;
+pub mod ontology;
 pub mod personal_data;
 pub mod policy;
 pub mod read_grant;

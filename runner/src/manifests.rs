@@ -243,6 +243,18 @@ impl ManifestSet {
         {
             return Err(agent.error("spec.tools", problem));
         }
+        let ontology = self.ontology()?;
+        let compiled = match &ontology {
+            Some((manifest, spec)) => crate::ontology::Ontology::compile(spec)
+                .map_err(|e| manifest.error(e.field.clone(), e.problem.clone()))?,
+            None => crate::ontology::Ontology::default(),
+        };
+        if let Some(problem) = compiled.touches_problem(&agent_spec.tools) {
+            return Err(agent.error("spec.tools", problem));
+        }
+        if let Some(problem) = compiled.sources_problem(&pack_spec) {
+            return Err(pack.error("spec.sources", problem));
+        }
         let model_script = match (&agent_spec.model.provider, &agent_spec.model.script_ref) {
             (ModelProvider::Scripted, Some(key)) => {
                 Some(self.config_map_key(agent, "spec.model.scriptRef", key)?)
@@ -268,7 +280,26 @@ impl ManifestSet {
                 .pointer("/metadata/labels")
                 .and_then(|l| serde_json::from_value(l.clone()).ok())
                 .unwrap_or_default(),
+            ontology: ontology.map(|(_, spec)| spec),
         })
+    }
+
+    /// The tenant's Ontology among the files: the one named `default`, as in a namespace.
+    fn ontology(&self) -> Result<Option<(&Manifest, contextos_crds::OntologySpec)>, ManifestError> {
+        if let Some(other) = self
+            .objects
+            .iter()
+            .find(|m| m.kind == "Ontology" && m.name != "default")
+        {
+            return Err(other.error(
+                "metadata.name",
+                "a namespace has one Ontology, named default: rename it",
+            ));
+        }
+        match self.find("Ontology", "default") {
+            Some(manifest) => Ok(Some((manifest, manifest.spec()?))),
+            None => Ok(None),
+        }
     }
 
     fn session(&self, name: Option<&str>) -> Result<&Manifest, ManifestError> {

@@ -435,6 +435,7 @@ fn target_cel_condition(input: &[u8], fx: &Fixtures) {
         risk: contextos_crds::common::ToolRisk::ReadOnly,
         kind: contextos_crds::common::ToolKind::Observe,
         args: &args,
+        entities: &Default::default(),
     };
     let _ = set.decide(
         &call,

@@ -608,6 +608,98 @@ async fn denied_calls_and_bad_arguments_never_reach_the_tool() {
     assert_eq!(h.requests("/restart") + h.requests("/hook"), 0);
 }
 
+/// A gateway assembled from a bundle that pins the tenant's Ontology: a policy keeps the agent
+/// away from customer databases whichever argument names one, and incidents the id pattern finds
+/// in any string need a person — and nothing refused reaches the tool.
+#[tokio::test]
+async fn policies_read_the_entity_types_a_call_touches() {
+    let h = Harness::new().await;
+    let base = format!("http://{}", h.addr);
+    let bundle: contextos_runner::gateway::bundle::GatewayBundle = serde_yaml::from_str(&format!(
+        r#"
+tenant: shop
+agent: oncall-assistant
+spec:
+  model: {{provider: scripted, model: m, scriptRef: {{name: s, key: k}}}}
+  contextPackRef: {{name: p}}
+  policyRefs: [{{name: entities}}]
+  sandboxProfileRef: {{name: s}}
+  budget: {{maxSteps: 5, maxTokens: 1000, maxToolCalls: 5, maxWallSeconds: 60}}
+  tools:
+    - name: search_runbooks
+      risk: read_only
+      kind: observe
+      adapter: {{http: {{url: "{base}/search", method: GET}}}}
+      touches: [{{type: customer-db, argument: /source}}]
+policies:
+  - name: entities
+    spec:
+      defaultEffect: allow
+      rules:
+        - {{name: no-customer-db, condition: "'customer-db' in call.entityTypes", effect: deny, reason: agents never read customer databases}}
+        - {{name: incidents, condition: "'incident' in call.entityTypes", effect: require_approval, reason: incidents are a person's call, approvers: {{users: [lee]}}}}
+ontology:
+  entityTypes:
+    - {{name: customer-db}}
+    - {{name: incident, idPattern: "INC-[0-9]{{3,8}}"}}
+"#
+    ))
+    .expect("bundle");
+    let gateway = bundle.build(h.key.public()).expect("builds");
+    let mut rec = h.recorder().await;
+    let state = StateFacts::default();
+    let call = |id: &str, args: Value| {
+        let mut envelope = h.envelope(id, "search_runbooks", args);
+        envelope.idempotency_key = format!("entities-{id}");
+        envelope
+    };
+    let denied = gateway
+        .handle(
+            &call("e1", json!({"query": "refunds", "source": {"db": "billing"}})),
+            &mut rec,
+            &state,
+        )
+        .await
+        .expect("handled");
+    assert!(
+        matches!(&denied, CallOutcome::Denied { rule, .. } if rule == "entities/no-customer-db"),
+        "{denied:?}"
+    );
+    let held = gateway
+        .handle(
+            &call("e2", json!({"query": "what broke in INC-4711?"})),
+            &mut rec,
+            &state,
+        )
+        .await
+        .expect("handled");
+    assert!(
+        matches!(&held, CallOutcome::NeedsApproval { rule, .. } if rule == "entities/incidents"),
+        "{held:?}"
+    );
+    assert_eq!(
+        h.requests("/search"),
+        0,
+        "nothing refused or held reached the tool"
+    );
+    let allowed = gateway
+        .handle(
+            &call("e3", json!({"query": "5xx after deploy"})),
+            &mut rec,
+            &state,
+        )
+        .await
+        .expect("handled");
+    assert!(matches!(allowed, CallOutcome::Executed(_)), "{allowed:?}");
+    assert_eq!(h.requests("/search"), 1);
+    // A bundle whose Ontology cannot compile builds no gateway, naming the field.
+    let mut broken = bundle.clone();
+    broken.ontology =
+        Some(serde_yaml::from_str("entityTypes: [{name: incident, idPattern: 'INC-('}]").expect("spec"));
+    let refused = broken.build(h.key.public()).expect_err("refused");
+    assert!(refused.contains("spec.entityTypes[0].idPattern"), "{refused}");
+}
+
 #[tokio::test]
 async fn forged_expired_foreign_and_out_of_scope_contexts_are_refused_and_recorded() {
     let h = Harness::new().await;

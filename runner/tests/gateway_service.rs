@@ -451,6 +451,7 @@ async fn a_runner_cannot_write_decisions_results_approvals_or_model_turns() {
             query: String::new(),
             asked_scope: None,
             max_items: 20,
+            entity_type: None,
             offered: Vec::new(),
             excluded: Vec::new(),
             excluded_total: 0,
@@ -1166,6 +1167,7 @@ async fn memory_is_listed_and_forgotten_only_with_permission() {
             reviewed_by: None,
         },
         expires_at_ms: None,
+        entities: Default::default(),
     };
     let items = [
         item(&ana, "prefers short summaries", 1_000),
@@ -1178,7 +1180,7 @@ async fn memory_is_listed_and_forgotten_only_with_permission() {
 
     let reader = person("token-memory-reader", "shop");
     let listed = RemoteMemory(&reader)
-        .list(&ana, None, "", 10)
+        .list(&ana, None, "", 10, None)
         .await
         .expect("listed");
     assert_eq!(
@@ -1196,7 +1198,7 @@ async fn memory_is_listed_and_forgotten_only_with_permission() {
         ("token-memory-keeper", "bank"),
     ] {
         let answer = RemoteMemory(&person(token, namespace))
-            .list(&ana, None, "", 10)
+            .list(&ana, None, "", 10, None)
             .await;
         assert!(answer.is_err(), "{token} listed {namespace}'s memory: {answer:?}");
     }
@@ -1221,13 +1223,13 @@ async fn memory_is_listed_and_forgotten_only_with_permission() {
     );
     assert!(
         RemoteMemory(&reader)
-            .list(&ana, None, "", 10)
+            .list(&ana, None, "", 10, None)
             .await
             .expect("listed")
             .is_empty()
     );
     let bad = RemoteMemory(&reader)
-        .list(&ItemScope::Agent("Not_A_Name".into()), None, "", 10)
+        .list(&ItemScope::Agent("Not_A_Name".into()), None, "", 10, None)
         .await
         .expect_err("a bad scope");
     assert!(bad.to_string().contains("Kubernetes object name"), "{bad}");
@@ -2289,6 +2291,7 @@ async fn memory_is_kept_and_recalled_by_the_service_within_the_subjects_consent_
             text: String::new(),
             max_items: 100,
             purpose: None,
+            entity_type: None,
         };
         MemoryBank::new(&*store, &tenant)
             .recall(&query, |_| Ok(()))
@@ -2440,6 +2443,7 @@ async fn a_held_candidate_is_kept_only_by_a_permitted_person_under_consent_in_th
             reviewed_by: None,
         },
         expires_at_ms: None,
+        entities: Default::default(),
     };
     let id = HeldCandidates::new(&*rig.store, &rig.tenant())
         .hold(

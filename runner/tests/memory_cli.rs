@@ -47,6 +47,7 @@ async fn a_subjects_memory_is_listed_and_forgotten() {
             reviewed_by: None,
         },
         expires_at_ms: None,
+        entities: Default::default(),
     };
     let items = [
         item("prefers short summaries", 1_000),

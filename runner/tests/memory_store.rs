@@ -16,6 +16,7 @@ use contextos_runner::{
         bank::{Kept, MemoryBank, Stop},
         consents::{ConsentBook, ConsentHead, MAX_RECORDS_PER_SUBJECT},
     },
+    ontology::{EntityRef, EntityTypeName},
     personal_data::Category,
     records::{EmbeddedStore, Hash, ScratchStore, StoreError, TenantId},
 };
@@ -52,6 +53,7 @@ fn item(scope: ItemScope, memory_type: MemoryType, text: &str, at_ms: i64) -> Me
             reviewed_by: None,
         },
         expires_at_ms: None,
+        entities: Default::default(),
     }
 }
 
@@ -66,6 +68,7 @@ fn query(scope: ItemScope, memory_type: Option<MemoryType>, text: &str, max_item
         text: text.into(),
         max_items,
         purpose: None,
+        entity_type: None,
     }
 }
 
@@ -415,6 +418,111 @@ async fn forgetting_removes_the_item_and_its_index<S: MemoryBackend>(store: &S) 
         .expect("recall");
     assert_eq!(texts(&gateway), ["The gateway has two replicas"]);
     assert_eq!(gateway.examined, 1, "no index row of the forgotten item is left");
+}
+
+/// Recall filters on the entity types items refer to: through the index (one row per type),
+/// gone with the item, and — for a subject's item — with the entities sealed beside its text.
+async fn recall_filters_on_entity_types<S: MemoryBackend>(store: &S) {
+    let t = tenant("entities");
+    let bank = MemoryBank::new(store, &t);
+    let about = |scope: ItemScope, text: &str, at: i64, entities: &[(&str, &str)]| {
+        let mut kept = item(scope, MemoryType::Fact, text, at);
+        kept.entities = entities
+            .iter()
+            .map(|(t, id)| EntityRef {
+                entity_type: EntityTypeName::new(t).expect("type"),
+                id: (*id).into(),
+            })
+            .collect();
+        kept
+    };
+    let incident = about(
+        agent("sre-agent"),
+        "INC-1234 was a bad checkout deploy",
+        1_000,
+        &[("incident", "INC-1234"), ("service", "checkout")],
+    );
+    let service = about(
+        agent("sre-agent"),
+        "checkout runs on three replicas",
+        2_000,
+        &[("service", "checkout")],
+    );
+    let plain = about(agent("sre-agent"), "deploys freeze on fridays", 3_000, &[]);
+    for kept in [&incident, &service, &plain] {
+        bank.keep(kept).await.expect("keep");
+    }
+    let recall = |text: &str, entity_type: Option<&str>| {
+        let mut q = query(agent("sre-agent"), None, text, 10);
+        q.entity_type = entity_type.map(|t| EntityTypeName::new(t).expect("type"));
+        let bank = &bank;
+        async move { bank.recall(&q, everything).await.expect("recall") }
+    };
+    assert_eq!(
+        texts(&recall("", Some("incident")).await),
+        ["INC-1234 was a bad checkout deploy"]
+    );
+    assert_eq!(
+        texts(&recall("", Some("service")).await),
+        [
+            "checkout runs on three replicas",
+            "INC-1234 was a bad checkout deploy"
+        ]
+    );
+    assert_eq!(
+        texts(&recall("replicas", Some("service")).await),
+        ["checkout runs on three replicas"]
+    );
+    assert!(recall("replicas", Some("incident")).await.offered.is_empty());
+    let none = recall("", Some("team")).await;
+    assert!(none.offered.is_empty() && none.examined == 0, "{none:?}");
+    assert_eq!(recall("", None).await.offered.len(), 3, "no filter: every item");
+    // The same text about other entities is another item.
+    assert_ne!(
+        incident.id(),
+        about(agent("sre-agent"), &incident.text, 1_000, &[]).id()
+    );
+
+    bank.forget(&incident.id()).await.expect("forget");
+    let gone = recall("", Some("incident")).await;
+    assert!(
+        gone.offered.is_empty() && gone.examined == 0,
+        "its type row is gone: {gone:?}"
+    );
+
+    // A subject's item: what it is about opens with its text and is nowhere in the clear.
+    let subject = ItemScope::Subject(SubjectHandle::new("subj:ent1").expect("handle"));
+    let mut theirs = about(
+        subject.clone(),
+        "asked twice about their refund",
+        4_000,
+        &[("incident", "INC-777001")],
+    );
+    theirs.purpose = Some(Purpose::new("support").expect("purpose"));
+    bank.keep(&theirs).await.expect("keep");
+    let mut q = query(subject, None, "", 10);
+    q.entity_type = Some(EntityTypeName::new("incident").expect("type"));
+    let found = bank.recall(&q, everything).await.expect("recall");
+    assert_eq!(found.offered.len(), 1);
+    assert_eq!(found.offered[0].1, theirs, "text and entities open as kept");
+    let rows = store
+        .memory_scan(
+            &t,
+            format!("cx/{t}/m/").into_bytes(),
+            format!("cx/{t}/m0").into_bytes(),
+            10_000,
+        )
+        .await
+        .expect("scan");
+    assert!(!rows.is_empty());
+    for (key, value) in &rows {
+        for raw in [key, value] {
+            assert!(
+                !raw.windows(b"INC-777001".len()).any(|w| w == b"INC-777001"),
+                "a subject's entity id is stored in the clear"
+            );
+        }
+    }
 }
 
 async fn tenants_are_isolated<S: MemoryBackend>(store: &S) {
@@ -1179,6 +1287,7 @@ async fn suite<S: MemoryBackend>(store: &S) {
     recall_is_newest_first_by_scope_type_and_words(store).await;
     consent_is_checked_at_every_recall(store).await;
     forgetting_removes_the_item_and_its_index(store).await;
+    recall_filters_on_entity_types(store).await;
     tenants_are_isolated(store).await;
     a_tampered_item_is_reported_not_returned(store).await;
     racing_writers_keep_each_item_once(store).await;

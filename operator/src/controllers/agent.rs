@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use contextos_crds::{
-    Agent, AgentSpec, ContextPack, Policy, SandboxProfile,
+    Agent, AgentSpec, ContextPack, Ontology, Policy, SandboxProfile,
     agent::AgentStatus,
     common::RevisionStatus,
     conditions::{self, reason},
@@ -25,7 +25,7 @@ use contextos_runner::{
 use kube::{Api, ResourceExt as _, runtime::controller::Action};
 
 use super::{
-    Context, Error, Invalid, Result, apply_status, is_ready, now, ready_message,
+    Context, Error, Invalid, Result, apply_status, is_ready, now, ontology, ready_message,
     revisions::{self, Gated},
 };
 use crate::{
@@ -39,6 +39,8 @@ pub struct Resolved {
     pub pack: ContextPack,
     /// In `policyRefs` order.
     pub policies: Vec<Policy>,
+    /// The namespace's Ontology, when it has one.
+    pub ontology: Option<Ontology>,
 }
 
 /// Reconciles an Agent: validity, then the promotion gate of its composition (what new
@@ -222,7 +224,8 @@ async fn composition(
             spec: pack,
         },
         policies,
-    )))
+    )
+    .with_ontology(resolved.ontology.as_ref().map(|o| o.spec.clone()))))
 }
 
 /// Fetches what the Agent references; `Ok(Err(..))` names the first reference that is missing
@@ -290,7 +293,51 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
     if let Some(problem) = execution_refused(&spec.tools, &sandbox.spec.execution, sandbox_name) {
         return Ok(Err(Invalid::new(reason::EXECUTION_NOT_ALLOWED, problem)));
     }
-    Ok(Ok(Resolved { pack, policies: used }))
+    let ontologies = Api::<Ontology>::namespaced(ctx.client.clone(), namespace);
+    let ontology = ontologies.get_opt(ontology::NAME).await?;
+    let compiled = match &ontology {
+        None => contextos_runner::ontology::Ontology::default(),
+        Some(found) => {
+            let conditions = found
+                .status
+                .as_ref()
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default();
+            // Checked here too: a status written before a change says nothing of it.
+            let compiled = contextos_runner::ontology::Ontology::compile(&found.spec);
+            match compiled {
+                Ok(compiled) if is_ready(&conditions) => compiled,
+                Ok(_) => {
+                    return Ok(Err(not_ready(
+                        "the namespace's entity types",
+                        "Ontology",
+                        ontology::NAME,
+                        &conditions,
+                    )));
+                }
+                Err(e) => {
+                    return Ok(Err(Invalid::new(
+                        reason::REFERENCE_NOT_READY,
+                        format!("the namespace's entity types: Ontology {}: {e}", ontology::NAME),
+                    )));
+                }
+            }
+        }
+    };
+    if let Some(problem) = compiled.touches_problem(&spec.tools) {
+        return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
+    }
+    if let Some(problem) = compiled.sources_problem(&pack.spec) {
+        return Ok(Err(Invalid::new(
+            reason::INVALID_SPEC,
+            format!("spec.contextPackRef.name: ContextPack {pack_name}: {problem}"),
+        )));
+    }
+    Ok(Ok(Resolved {
+        pack,
+        policies: used,
+        ontology,
+    }))
 }
 
 /// Every adapter must be one this gateway runs, and tool schemas and output validators must

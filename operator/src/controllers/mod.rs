@@ -4,6 +4,7 @@
 //! a change instead of being retried in a loop.
 
 pub mod agent;
+pub mod ontology;
 pub mod revisions;
 pub mod session;
 

@@ -132,6 +132,7 @@ pub fn infer(listed: &ServerTool, adapter: &McpAdapter) -> Imported {
         timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
         retry: None,
         idempotent,
+        touches: Vec::new(),
     };
     Imported { tool, review }
 }

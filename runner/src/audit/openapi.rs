@@ -295,6 +295,7 @@ pub fn infer(operation: &Operation) -> Imported {
         timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
         retry: None,
         idempotent,
+        touches: Vec::new(),
     };
     Imported { tool, review }
 }

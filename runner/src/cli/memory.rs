@@ -14,6 +14,7 @@ use contextos_runner::{
         held::HeldCandidates,
         remote::{HeldListed, Listed, RemoteMemory, parse_type, type_name},
     },
+    ontology::EntityTypeName,
     records::{AnyStore, Hash, recorder::now_ms},
 };
 
@@ -36,6 +37,9 @@ pub enum MemoryCommand {
         /// At most this many items (1–100).
         #[arg(long, default_value_t = 20)]
         max: usize,
+        /// Only items about an entity of this type of the tenant's Ontology (e.g. incident).
+        #[arg(long)]
+        entity_type: Option<String>,
     },
     /// List the candidates held for review (an Agent with `review: required` or `withoutConsent:
     /// hold`), with why each is held.
@@ -75,8 +79,15 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
             memory_type,
             query,
             max,
+            entity_type,
         } => {
             let scope: ItemScope = scope.parse().context("--scope")?;
+            let entity_type = entity_type
+                .as_deref()
+                .map(EntityTypeName::new)
+                .transpose()
+                .map_err(anyhow::Error::msg)
+                .context("--entity-type")?;
             let memory_type = memory_type
                 .as_deref()
                 .map(parse_type)
@@ -88,7 +99,7 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
             let listed = match &store {
                 AnyStore::Gateway(remote) => {
                     RemoteMemory(remote)
-                        .list(&scope, memory_type, &query, max)
+                        .list(&scope, memory_type, &query, max, entity_type.as_ref())
                         .await?
                 }
                 local => {
@@ -98,6 +109,7 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
                         text: query,
                         max_items: max,
                         purpose: None,
+                        entity_type,
                     };
                     MemoryBank::new(local, &tenant)
                         .recall(&q, |_| Ok(()))
@@ -113,8 +125,9 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
             }
             for Listed { id, item } in listed {
                 let categories: Vec<String> = item.categories.iter().map(ToString::to_string).collect();
+                let entities: Vec<String> = item.entities.iter().map(ToString::to_string).collect();
                 println!(
-                    "{id}  {:<10} run {} at {} ms{}\n    {}",
+                    "{id}  {:<10} run {} at {} ms{}{}\n    {}",
                     type_name(item.memory_type),
                     item.provenance.run_id,
                     item.provenance.at_ms,
@@ -122,6 +135,12 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
                         String::new()
                     } else {
                         format!("  personal data: {}", categories.join(", "))
+                    },
+                    if entities.is_empty() {
+                        String::new()
+                    } else {
+                        // Escaped like the text: ids are what a model proposed.
+                        format!("  about: {}", entities.join(", ").escape_debug())
                     },
                     // Printed escaped: an item's text cannot forge the lines after it.
                     item.text.escape_debug()

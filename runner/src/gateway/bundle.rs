@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use contextos_crds::{AgentSpec, PolicySpec, common::KeyRef};
+use contextos_crds::{AgentSpec, OntologySpec, PolicySpec, common::KeyRef};
 use serde::{Deserialize, Serialize};
 
 use super::{CatalogTool, ToolGateway};
 use crate::{
     keys::PublicKey,
     memory::desk::MemoryDesk,
+    ontology::Ontology,
     policy::{PolicySet, compile_policy},
 };
 
@@ -25,6 +26,9 @@ pub struct GatewayBundle {
     /// Secret values by `<secret name>/<key>`, for bearer tokens and webhook signing keys.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// The tenant's entity types (its Ontology), as the run pinned them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ontology: Option<OntologySpec>,
 }
 
 /// A policy spec and the name its rules are reported under.
@@ -70,7 +74,12 @@ impl GatewayBundle {
         }
         // Consent heads are signed with the key that issues runs here (a local run's own key);
         // the gateway service says whose they are with `with_consent_key`.
-        let memory = MemoryDesk::new(&self.agent, self.spec.memory.as_ref(), trusted_key)?;
+        let ontology = std::sync::Arc::new(match &self.ontology {
+            Some(spec) => Ontology::compile(spec).map_err(|e| format!("Ontology default: {e}"))?,
+            None => Ontology::default(),
+        });
+        let memory = MemoryDesk::new(&self.agent, self.spec.memory.as_ref(), trusted_key)?
+            .with_ontology(ontology.clone());
         Ok(ToolGateway::new(
             &self.tenant,
             &self.agent,
@@ -79,7 +88,8 @@ impl GatewayBundle {
             PolicySet { policies },
             self.spec.approvers.clone().unwrap_or_default(),
         )
-        .with_memory(memory))
+        .with_memory(memory)
+        .with_ontology(ontology))
     }
 
     fn secret(&self, tool: &str, key: &KeyRef) -> Result<String, String> {

@@ -172,6 +172,8 @@ pub struct ToolGateway {
     /// The agent's memory rules: its memory tools are carried out here, in the store this
     /// gateway records to.
     memory: crate::memory::desk::MemoryDesk,
+    /// The tenant's entity types: what policy conditions read as `call.entities`.
+    ontology: std::sync::Arc<crate::ontology::Ontology>,
 }
 
 /// Runs whose verified RunContext is remembered at most (then the memory starts over).
@@ -220,7 +222,14 @@ impl ToolGateway {
             intents: intents::Intents::default(),
             shared: false,
             memory,
+            ontology: std::sync::Arc::default(),
         }
+    }
+
+    /// Finds the entities calls touch with `ontology` (the tenant's, pinned by the run).
+    pub fn with_ontology(mut self, ontology: std::sync::Arc<crate::ontology::Ontology>) -> Self {
+        self.ontology = ontology;
+        self
     }
 
     /// Carries out the agent's memory tools under `desk`.
@@ -694,11 +703,18 @@ impl ToolGateway {
             tokens: progress.tokens,
             input: progress.input.clone(),
         };
+        // Found only when a condition can read them: most policies never look.
+        let entities = if self.policies.reads_call() {
+            self.ontology.of_call(&tool.spec.touches, &call.arguments)
+        } else {
+            crate::ontology::CallEntities::default()
+        };
         let facts = CallFacts {
             tool: &call.tool,
             risk: tool.spec.risk,
             kind: tool.spec.kind,
             args: &call.arguments,
+            entities: &entities,
         };
         self.policies
             .decide(&facts, &run, state, context.safety_mode, &self.agent_approvers)

@@ -7,10 +7,13 @@ use super::{
     Exclusion, ItemId, ItemScope, MAX_RECALL_ITEMS, MemoryError, MemoryItem, RecallQuery,
     backend::{Change, Guard, MemoryBackend, Write, count_of},
     keys,
-    terms::{MAX_QUERY_TERMS, TermKey, holds_all, item_terms, query_terms, words},
+    terms::{MAX_QUERY_TERMS, TermKey, entity_type_term, holds_all, item_terms, query_terms, words},
 };
+use std::collections::BTreeSet;
+
 use crate::{
     consent::SubjectHandle,
+    ontology::EntityTypeName,
     records::{Hash, StoreError, TenantId},
     vault::{KeyUse, SecretKey},
 };
@@ -99,8 +102,10 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             keys::row(&keys::by_type_prefix(t, scope, Some(item.memory_type)), at, id),
             keys::row(&keys::by_type_prefix(t, scope, None), at, id),
         ];
+        let types: BTreeSet<&EntityTypeName> = item.entities.iter().map(|e| &e.entity_type).collect();
         let terms: Vec<TermKey> = item_terms(&item.text)
             .into_iter()
+            .chain(types.into_iter().map(entity_type_term))
             .map(|term| sealed::term(scope, term, key))
             .collect();
         rows.extend(
@@ -418,12 +423,14 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             )));
         }
         let key = self.keys.key(&query.scope, KeyUse::Read).await?;
-        let terms: Vec<TermKey> = query_terms(&query.text)
-            .map_err(MemoryError::BadQuery)?
+        let words_asked = query_terms(&query.text).map_err(MemoryError::BadQuery)?;
+        let no_word = words_asked.is_empty();
+        let terms: Vec<TermKey> = words_asked
             .into_iter()
+            .chain(query.entity_type.iter().map(entity_type_term))
             .map(|term| sealed::term(&query.scope, term, key.as_ref()))
             .collect();
-        if terms.is_empty() && !query.text.trim().is_empty() {
+        if no_word && !query.text.trim().is_empty() {
             // Not "the newest items": the caller asked for something, and it cannot be found.
             return Err(MemoryError::BadQuery(format!(
                 "the query {:?} has no word the index keeps (two characters or more, at most 64 bytes); leave it empty for the newest items",
@@ -503,6 +510,10 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                 if item.scope != query.scope
                     || query.memory_type.is_some_and(|t| t != item.memory_type)
                     || (filter && !holds_all(&item.text, &words))
+                    || query
+                        .entity_type
+                        .as_ref()
+                        .is_some_and(|t| !item.entities.iter().any(|e| e.entity_type == *t))
                 {
                     continue;
                 }

@@ -28,6 +28,7 @@ use super::{
 use crate::{
     consent::{Candidate, ConsentLedger, MemoryPolicy, Promotion, Purpose},
     keys::PublicKey,
+    ontology::{EntityRef, Ontology},
     personal_data::{Category, Classifier, TenantPattern},
     records::{Hash, TenantId},
     run_context::RunContext,
@@ -44,6 +45,8 @@ pub struct MemoryDesk {
     consent_key: PublicKey,
     /// The built-in detectors and the agent's own patterns.
     classifier: Arc<Classifier>,
+    /// The tenant's entity types: found in what is kept, filtered on in recalls.
+    ontology: Arc<Ontology>,
 }
 
 /// What a recall asks for, before it is bound to a run's scopes.
@@ -53,6 +56,8 @@ pub struct RecallAsk {
     pub memory_type: Option<MemoryType>,
     pub query: String,
     pub max_items: usize,
+    /// Only items referring to an entity of this type of the tenant's Ontology.
+    pub entity_type: Option<String>,
 }
 
 impl From<&MemorySource> for RecallAsk {
@@ -62,6 +67,7 @@ impl From<&MemorySource> for RecallAsk {
             memory_type: source.memory_type,
             query: source.query.clone().unwrap_or_default(),
             max_items: source.max_items as usize,
+            entity_type: source.entity_type.clone(),
         }
     }
 }
@@ -98,6 +104,9 @@ pub struct RecallRecord {
     pub asked_scope: Option<MemoryScope>,
     #[serde(default)]
     pub max_items: usize,
+    /// The entity type asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_type: Option<String>,
     pub offered: Vec<ItemId>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<Exclusion>,
@@ -121,6 +130,7 @@ impl RecallRecord {
             && self.memory_type == ask.memory_type
             && self.query == ask.query
             && self.max_items == ask.max_items
+            && self.entity_type == ask.entity_type
     }
 }
 
@@ -162,7 +172,21 @@ struct RememberArgs {
     #[serde(rename = "type")]
     memory_type: MemoryType,
     scope: MemoryScope,
+    #[serde(default)]
+    entities: Vec<NamedEntity>,
 }
+
+/// An entity a `remember` call names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamedEntity {
+    #[serde(rename = "type")]
+    entity_type: String,
+    id: String,
+}
+
+/// The most entities a `remember` call names (more may be found in its text).
+const MAX_NAMED_ENTITIES: usize = 16;
 
 /// The arguments of a `recall` call.
 #[derive(Debug, Deserialize)]
@@ -175,6 +199,8 @@ struct RecallArgs {
     scope: MemoryScope,
     #[serde(default = "default_recall_items")]
     max_items: usize,
+    #[serde(default)]
+    entity_type: Option<String>,
 }
 
 fn default_recall_items() -> usize {
@@ -196,7 +222,12 @@ pub fn tool_schema(operation: MemoryOperation) -> Value {
                          "description": "What to remember, in one or two sentences."},
                 "type": {"enum": types},
                 "scope": {"enum": scopes,
-                          "description": "subject: about the person this session is for; agent: for this agent; tenant: for every agent here."}
+                          "description": "subject: about the person this session is for; agent: for this agent; tenant: for every agent here."},
+                "entities": {"type": "array", "maxItems": MAX_NAMED_ENTITIES,
+                             "description": "Entities it is about, by type and id (ids the tenant's id patterns find in the text are added).",
+                             "items": {"type": "object", "additionalProperties": false, "required": ["type", "id"],
+                                       "properties": {"type": {"type": "string", "maxLength": 63},
+                                                      "id": {"type": "string", "minLength": 1, "maxLength": crate::ontology::MAX_ID_BYTES}}}}
             }
         }),
         MemoryOperation::Recall => json!({
@@ -208,7 +239,9 @@ pub fn tool_schema(operation: MemoryOperation) -> Value {
                           "description": "Words every item must contain; empty for the newest."},
                 "type": {"enum": types},
                 "scope": {"enum": scopes},
-                "maxItems": {"type": "integer", "minimum": 1, "maximum": super::MAX_RECALL_ITEMS}
+                "maxItems": {"type": "integer", "minimum": 1, "maximum": super::MAX_RECALL_ITEMS},
+                "entityType": {"type": "string", "maxLength": 63,
+                               "description": "Only items about an entity of this type (service, incident, …)."}
             }
         }),
     }
@@ -299,7 +332,14 @@ impl MemoryDesk {
             retain_ms: spec.and_then(|s| s.retain_days).map(|d| i64::from(d) * DAY_MS),
             consent_key,
             classifier,
+            ontology: Arc::default(),
         })
+    }
+
+    /// The same rules, with entities found and filtered on by `ontology` (the tenant's).
+    pub fn with_ontology(mut self, ontology: Arc<Ontology>) -> Self {
+        self.ontology = ontology;
+        self
     }
 
     /// The same rules, with consent heads verified against `key`.
@@ -361,6 +401,7 @@ impl MemoryDesk {
             query: ask.query.clone(),
             asked_scope: Some(ask.scope),
             max_items: ask.max_items,
+            entity_type: ask.entity_type.clone(),
             offered: Vec::new(),
             excluded: Vec::new(),
             excluded_total: 0,
@@ -373,6 +414,23 @@ impl MemoryDesk {
                 Some("the Session names no subject (spec.subject), so no subject's memory is read".into());
             return Ok(record);
         };
+        let entity_type = match ask.entity_type.as_deref().map(|t| self.ontology.entity_type(t)) {
+            None => None,
+            Some(Ok(known)) => Some(known),
+            // Said on record, and nothing offered (the operator refuses such a pack source).
+            // A call's is refused (the model may ask again) and never recorded: what is on
+            // record is always a type the tenant declares, never a word the model made up.
+            Some(Err(why)) if matches!(purpose, RecallFor::Call(_)) => {
+                return Err(MemoryError::BadQuery(format!("entityType: {why}")));
+            }
+            // A pack source's is said on record, and nothing offered (the operator refuses
+            // such a source).
+            Some(Err(why)) => {
+                record.note = Some(format!("entityType: {why}"));
+                record.scope = Some(scope);
+                return Ok(record);
+            }
+        };
         let tenant = TenantId::new(run.tenant_id.clone())?;
         let (ledger, head) = self.consents(store, &tenant, &scope).await?;
         let purpose = self.purpose().cloned();
@@ -382,6 +440,7 @@ impl MemoryDesk {
             text: ask.query.clone(),
             max_items: ask.max_items,
             purpose: purpose.clone(),
+            entity_type,
         };
         let recalled = match MemoryBank::new(store, &tenant)
             .recall(&query, |item| self.admit(item, purpose.as_ref(), &ledger, now_ms))
@@ -444,7 +503,30 @@ impl MemoryDesk {
             memory_type: args.memory_type,
             query: args.query,
             max_items: args.max_items,
+            entity_type: args.entity_type,
         })
+    }
+
+    /// The entities a `remember` call's item refers to: those it names (of the tenant's types,
+    /// ids as their pattern says) and those the patterns find in its text.
+    fn entities_of(&self, args: &RememberArgs) -> Result<BTreeSet<EntityRef>, MemoryError> {
+        if args.entities.len() > MAX_NAMED_ENTITIES {
+            return Err(MemoryError::Invalid(format!(
+                "entities: {} named, more than {MAX_NAMED_ENTITIES}",
+                args.entities.len()
+            )));
+        }
+        let mut entities = BTreeSet::new();
+        for (i, named) in args.entities.iter().enumerate() {
+            let entity = self
+                .ontology
+                .named(&named.entity_type, &named.id)
+                .map_err(|why| MemoryError::Invalid(format!("entities[{i}]: {why}")))?;
+            entities.insert(entity);
+        }
+        let room = crate::ontology::MAX_ENTITIES - entities.len();
+        entities.extend(self.ontology.in_text(&args.text, room));
+        Ok(entities)
     }
 
     /// The candidate stage of `run`'s `remember` call `call_id`: the proposal is classified for
@@ -473,6 +555,7 @@ impl MemoryDesk {
             .classifier
             .classify(&args.text)
             .map_err(|e| MemoryError::Invalid(format!("text: {e}")))?;
+        let entities = self.entities_of(&args)?;
         let scope = Self::bind(run, args.scope);
         let mut record = CandidateRecord {
             call_id: call_id.to_owned(),
@@ -518,6 +601,7 @@ impl MemoryDesk {
                 reviewed_by: None,
             },
             expires_at_ms: self.retain_ms.map(|r| at_ms.saturating_add(r)),
+            entities,
         };
         let bank = MemoryBank::new(store, &tenant);
         record.item = Some(match hold {
@@ -558,6 +642,115 @@ pub fn render(items: &[(ItemId, MemoryItem)]) -> String {
 mod tests {
     use super::*;
     use crate::records::{EntryBody, RecordEntry};
+
+    /// What a `remember` call keeps is about the entities it names and those found in its text;
+    /// a name the Ontology does not know is refused, and recalls filter on the types.
+    #[tokio::test]
+    async fn kept_items_refer_to_the_tenants_entities_and_recall_filters_on_them() {
+        use contextos_crds::agent::{AgentMemory, MemoryKeep};
+
+        use crate::{keys::KeyPair, records::store::scratch::ScratchStore};
+        let store = ScratchStore::default();
+        let spec = AgentMemory {
+            purpose: "operations".into(),
+            keep: vec![MemoryKeep {
+                memory_type: MemoryType::Fact,
+                scope: MemoryScope::Agent,
+            }],
+            retain_days: None,
+            review: Default::default(),
+            without_consent: Default::default(),
+            patterns: Vec::new(),
+        };
+        let ontology: contextos_crds::OntologySpec = serde_yaml::from_str(
+            "entityTypes: [{name: incident, idPattern: 'INC-[0-9]{3,8}'}, {name: service}]",
+        )
+        .expect("ontology");
+        let desk = MemoryDesk::new("sre-agent", Some(&spec), KeyPair::from_seed([4; 32]).public())
+            .expect("desk")
+            .with_ontology(Arc::new(Ontology::compile(&ontology).expect("compiles")));
+        let mut run = crate::run_context::tests::context("shop");
+        run.pinned.context_pack = "sha256:pack".into();
+        let remember = |args: Value| {
+            let (desk, store, run) = (&desk, &store, &run);
+            async move { desk.remember(store, run, "1.0", None, 1_000, &args).await }
+        };
+        let kept = remember(json!({
+            "text": "INC-4242 came from a checkout deploy", "type": "fact", "scope": "agent",
+            "entities": [{"type": "service", "id": "checkout"}]
+        }))
+        .await
+        .expect("decided");
+        let id = kept.item.expect("kept");
+        remember(json!({"text": "deploys freeze on fridays", "type": "fact", "scope": "agent"}))
+            .await
+            .expect("decided");
+        let bank = MemoryBank::new(&store, &TenantId::new("shop").expect("tenant"));
+        let item = bank.get(&id).await.expect("get").expect("item");
+        assert_eq!(
+            item.entities.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["incident/INC-4242", "service/checkout"]
+        );
+        for (bad, why) in [
+            (
+                json!([{"type": "team", "id": "sre"}]),
+                "its types: incident, service",
+            ),
+            (json!([{"type": "incident", "id": "INC-1"}]), "idPattern"),
+            (json!([{"type": "incident"}]), "missing field"),
+        ] {
+            let refused = remember(json!({"text": "x y", "type": "fact", "scope": "agent", "entities": bad}))
+                .await
+                .expect_err("refused");
+            assert!(refused.to_string().contains(why), "{refused}");
+        }
+
+        let ask = |entity_type: Option<&str>| RecallAsk {
+            scope: MemoryScope::Agent,
+            memory_type: None,
+            query: String::new(),
+            max_items: 10,
+            entity_type: entity_type.map(str::to_owned),
+        };
+        let incidents = desk
+            .recall(
+                &store,
+                &run,
+                RecallFor::Source("incidents"),
+                &ask(Some("incident")),
+                2_000,
+            )
+            .await
+            .expect("recall");
+        assert_eq!(incidents.offered, [id]);
+        assert!(incidents.answers(&ask(Some("incident"))) && !incidents.answers(&ask(None)));
+        let unknown = desk
+            .recall(
+                &store,
+                &run,
+                RecallFor::Source("teams"),
+                &ask(Some("team")),
+                2_000,
+            )
+            .await
+            .expect("recall");
+        assert!(unknown.offered.is_empty());
+        assert!(
+            unknown
+                .note
+                .as_deref()
+                .is_some_and(|n| n.starts_with("entityType:")),
+            "{unknown:?}"
+        );
+        let refused = desk
+            .recall(&store, &run, RecallFor::Call("2.0"), &ask(Some("made-up")), 2_000)
+            .await
+            .expect_err("a call naming an unknown type is refused");
+        assert!(matches!(refused, MemoryError::BadQuery(_)), "{refused}");
+        let by_call =
+            MemoryDesk::recall_ask(&json!({"scope": "agent", "entityType": "incident"})).expect("ask");
+        assert_eq!(by_call.entity_type.as_deref(), Some("incident"));
+    }
 
     #[tokio::test]
     async fn a_tenants_own_kind_of_personal_data_is_kept_only_under_consent_for_it() {
@@ -642,6 +835,7 @@ mod tests {
                 reviewed_by: None,
             },
             expires_at_ms: None,
+            entities: Default::default(),
         };
         bank.keep(&unscanned).await.expect("kept without the pattern");
         let ask = RecallAsk {
@@ -649,6 +843,7 @@ mod tests {
             memory_type: None,
             query: String::new(),
             max_items: 10,
+            entity_type: None,
         };
         let recalled = desk
             .recall(&store, &run, RecallFor::Source("site"), &ask, 4_000)
@@ -735,6 +930,7 @@ mod tests {
                 query: "invoice".into(),
                 asked_scope: Some(MemoryScope::Tenant),
                 max_items: 20,
+                entity_type: Some("incident".into()),
                 offered: vec![item],
                 excluded: vec![Exclusion {
                     item,

@@ -85,8 +85,8 @@ pub fn held_in_scope(tenant: &TenantId, scope: &ItemScope, id: &ItemId) -> Vec<u
     key
 }
 
-/// What an item says, as a hash: its scope, type, text, purpose and the personal data found in
-/// it (the same text kept for another purpose is another item).
+/// What an item says, as a hash: its scope, type, text, purpose, the personal data found in it
+/// and the entities it refers to (the same text kept for another purpose is another item).
 pub fn what_it_says(item: &super::MemoryItem) -> [u8; 32] {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
@@ -100,6 +100,13 @@ pub fn what_it_says(item: &super::MemoryItem) -> [u8; 32] {
     ] {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part);
+    }
+    // Only when it names any, so what items without entities say is as it always was.
+    if !item.entities.is_empty() {
+        let entities: Vec<String> = item.entities.iter().map(ToString::to_string).collect();
+        let part = entities.join("\n");
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
     }
     hasher.finalize().into()
 }

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::consent::{MemoryScope, MemoryType};
 use crate::{
     consent::{ConsentLedger, Purpose, SubjectHandle},
+    ontology::{EntityRef, EntityTypeName, MAX_ENTITIES},
     personal_data::Category,
     records::{
         Hash,
@@ -165,6 +166,10 @@ pub struct MemoryItem {
     /// Not recalled from this time on (ms since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<i64>,
+    /// The entities of the tenant's Ontology it refers to: found in its text by their id
+    /// patterns, or named when it was proposed. Recall filters on their types.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub entities: BTreeSet<EntityRef>,
 }
 
 /// An item's identity: the SHA-256 of its canonical JSON. The same item kept twice is one item.
@@ -242,6 +247,15 @@ impl MemoryItem {
                 );
             }
         }
+        if self.entities.len() > MAX_ENTITIES {
+            return invalid(format!(
+                "entities: {} named, more than {MAX_ENTITIES}",
+                self.entities.len()
+            ));
+        }
+        if let Some(problem) = self.entities.iter().find_map(|e| e.validate().err()) {
+            return invalid(format!("entities: {problem}"));
+        }
         let p = &self.provenance;
         validate_id("run", &p.run_id).map_err(|e| MemoryError::Invalid(format!("provenance.runId: {e}")))?;
         if p.evidence.len() > MAX_EVIDENCE {
@@ -298,6 +312,8 @@ pub struct RecallQuery {
     pub max_items: usize,
     /// The purpose the run recalls for; personal data is offered only under consent for it.
     pub purpose: Option<Purpose>,
+    /// Only items that refer to an entity of this type.
+    pub entity_type: Option<EntityTypeName>,
 }
 
 /// Why an item that matched was not offered.

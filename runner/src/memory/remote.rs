@@ -79,6 +79,7 @@ impl RemoteMemory<'_> {
         memory_type: Option<MemoryType>,
         query: &str,
         max: usize,
+        entity_type: Option<&crate::ontology::EntityTypeName>,
     ) -> Result<Vec<Listed>, MemoryError> {
         let mut url = reqwest::Url::parse("http://x/").map_err(remote)?;
         {
@@ -90,6 +91,9 @@ impl RemoteMemory<'_> {
             }
             if let Some(memory_type) = memory_type {
                 pairs.append_pair("type", type_name(memory_type));
+            }
+            if let Some(entity_type) = entity_type {
+                pairs.append_pair("entityType", entity_type.as_str());
             }
         }
         let path = format!("{MEMORY_ITEMS_PATH}?{}", url.query().unwrap_or_default());

@@ -16,6 +16,16 @@ use crate::{
 
 /// What an item's text is bound to when encrypted.
 const TEXT_LABEL: &str = "memory.text";
+/// What an item's text and the entities it refers to are bound to, encrypted together (as
+/// JSON) when it refers to any: which incidents a person's memory is about is theirs too.
+const TEXT_AND_ENTITIES_LABEL: &str = "memory.text+entities";
+
+/// The plaintext of [`TEXT_AND_ENTITIES_LABEL`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TextAndEntities {
+    text: String,
+    entities: std::collections::BTreeSet<crate::ontology::EntityRef>,
+}
 
 /// The memory keys of the subjects a bank or a list of held candidates touches, read from the
 /// vault once each.
@@ -81,9 +91,17 @@ pub fn seal(item: &MemoryItem, key: Option<&SecretKey>) -> Result<MemoryItem, Me
     if item.scope.subject().is_some() {
         let key = key
             .ok_or_else(|| MemoryError::Invalid(format!("scope {}: no key to keep it under", item.scope)))?;
-        stored.text = key
-            .lock(TEXT_LABEL, item.text.as_bytes())
-            .map_err(MemoryError::Vault)?;
+        stored.text = if item.entities.is_empty() {
+            key.lock(TEXT_LABEL, item.text.as_bytes())
+        } else {
+            let plain = serde_json::to_vec(&TextAndEntities {
+                text: item.text.clone(),
+                entities: std::mem::take(&mut stored.entities),
+            })
+            .map_err(|e| MemoryError::Invalid(format!("entities: {e}")))?;
+            key.lock(TEXT_AND_ENTITIES_LABEL, &plain)
+        }
+        .map_err(MemoryError::Vault)?;
     }
     Ok(stored)
 }
@@ -96,9 +114,22 @@ pub fn open(mut stored: MemoryItem, key: Option<&SecretKey>) -> Result<MemoryIte
     if !cipher::is_envelope(&stored.text) {
         return Err("a subject's item holds its text in the clear".into());
     }
+    if !stored.entities.is_empty() {
+        return Err("a subject's item names the entities it refers to in the clear".into());
+    }
     let key = key.ok_or("its subject is erased: its key is gone")?;
-    let plain = key.unlock(TEXT_LABEL, &stored.text).map_err(|e| e.to_string())?;
-    stored.text = String::from_utf8(plain).map_err(|_| "its text is not UTF-8".to_owned())?;
+    // The label says which of the two it is: one failing to open is tried as the other.
+    if let Ok(plain) = key.unlock(TEXT_LABEL, &stored.text) {
+        stored.text = String::from_utf8(plain).map_err(|_| "its text is not UTF-8".to_owned())?;
+        return Ok(stored);
+    }
+    let plain = key
+        .unlock(TEXT_AND_ENTITIES_LABEL, &stored.text)
+        .map_err(|e| e.to_string())?;
+    let opened: TextAndEntities =
+        serde_json::from_slice(&plain).map_err(|e| format!("its text and entities do not read: {e}"))?;
+    stored.text = opened.text;
+    stored.entities = opened.entities;
     Ok(stored)
 }
 
@@ -140,6 +171,7 @@ mod tests {
                 reviewed_by: None,
             },
             expires_at_ms: None,
+            entities: Default::default(),
         }
     }
 

@@ -31,6 +31,15 @@ impl TermKey {
     }
 }
 
+/// The index key of "refers to an entity of type `name`" (never a word: words are hashed
+/// under another domain).
+pub fn entity_type_term(name: &crate::ontology::EntityTypeName) -> TermKey {
+    let mut hasher = Sha256::new();
+    hasher.update(b"contextos-memory-entity-type/v1\n");
+    hasher.update(name.as_str().as_bytes());
+    TermKey(hasher.finalize().into())
+}
+
 /// The distinct words of `text`, in the order they first appear, at most `max`.
 pub fn words(text: &str, max: usize) -> Vec<String> {
     let mut seen = BTreeSet::new();

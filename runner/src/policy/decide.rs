@@ -17,6 +17,8 @@ pub struct CallFacts<'a> {
     pub risk: ToolRisk,
     pub kind: ToolKind,
     pub args: &'a Value,
+    /// The entities the call touches (see [`crate::ontology::Ontology::of_call`]).
+    pub entities: &'a crate::ontology::CallEntities,
 }
 
 /// What the run has done so far and who it acts for (CEL: `run`).
@@ -113,6 +115,8 @@ impl CelScope {
                 "risk": call.risk.as_str(),
                 "kind": call.kind.as_str(),
                 "args": call.args,
+                "entities": call.entities.entities,
+                "entityTypes": call.entities.types,
             });
             add(&mut context, "call", call_value);
         }
@@ -150,6 +154,12 @@ struct Verdict {
 }
 
 impl PolicySet {
+    /// Whether some condition reads the call (`call.…`): only then are the entities it touches
+    /// worth finding.
+    pub fn reads_call(&self) -> bool {
+        self.policies.iter().any(|p| p.condition_variables & 0b001 != 0)
+    }
+
     /// Decides one call. `fallback_approvers` are the Agent's, used when a rule names none.
     pub fn decide(
         &self,
@@ -339,6 +349,15 @@ mod tests {
         )
     }
 
+    /// Incidents by id pattern; services only where a tool declares them.
+    fn entity_ontology() -> crate::ontology::Ontology {
+        let spec: contextos_crds::OntologySpec = serde_yaml::from_str(
+            "entityTypes: [{name: incident, idPattern: 'INC-[0-9]{3,8}'}, {name: service}, {name: customer-db}]",
+        )
+        .expect("spec");
+        crate::ontology::Ontology::compile(&spec).expect("compiles")
+    }
+
     fn decide(
         set: &PolicySet,
         agent: &Agent,
@@ -353,11 +372,14 @@ mod tests {
             .iter()
             .find(|t| t.name == tool)
             .expect("tool exists");
+        let ontology = entity_ontology();
+        let entities = ontology.of_call(&spec.touches, &args);
         let call = CallFacts {
             tool,
             risk: spec.risk,
             kind: spec.kind,
             args: &args,
+            entities: &entities,
         };
         set.decide(
             &call,
@@ -597,6 +619,7 @@ rules:
             risk: ToolRisk::ReadOnly,
             kind: ToolKind::Observe,
             args: &args,
+            entities: &crate::ontology::CallEntities::default(),
         };
         let d = set.decide(
             &call,
@@ -607,5 +630,76 @@ rules:
         );
         assert_eq!(d.effect, PolicyEffect::Deny);
         assert!(d.reason.contains("could not be evaluated"), "{}", d.reason);
+    }
+
+    /// A policy keeps agents away from a kind of entity whatever tool reaches it and however
+    /// the model spells the arguments.
+    #[test]
+    fn conditions_read_the_types_of_the_entities_a_call_touches() {
+        let spec: contextos_crds::PolicySpec = serde_yaml::from_str(
+            r#"
+rules:
+  - {name: no-customer-db, condition: "'customer-db' in call.entityTypes", effect: deny, reason: agents never touch customer databases}
+  - {name: incidents-need-a-human, condition: "call.entities.exists(e, e.type == 'incident' && e.id.startsWith('INC-9'))", effect: require_approval, reason: major incidents}
+defaultEffect: allow
+"#,
+        )
+        .expect("spec");
+        let set = PolicySet {
+            policies: vec![compile_policy("p", &spec).expect("compiles")],
+        };
+        assert!(set.reads_call());
+        let (_, mut agent) = quickstart();
+        agent.spec.tools.push(
+            serde_yaml::from_str(
+                r#"
+name: query
+risk: read_only
+kind: observe
+adapter: {http: {url: "http://db/query"}}
+touches: [{type: customer-db, argument: /database}, {type: service, argument: /service}]
+"#,
+            )
+            .expect("tool"),
+        );
+        agent.spec.approvers = None;
+        let run = RunFacts::default();
+        let auto = SafetyMode::Autonomous;
+        let d = decide(&set, &agent, "query", json!({"database": "billing"}), &run, auto);
+        assert_eq!(
+            (d.effect, d.rule.as_str()),
+            (PolicyEffect::Deny, "p/no-customer-db")
+        );
+        // Another shape of the same argument still touches a customer database.
+        let d = decide(
+            &set,
+            &agent,
+            "query",
+            json!({"database": {"name": "billing"}}),
+            &run,
+            auto,
+        );
+        assert_eq!(d.effect, PolicyEffect::Deny);
+        let d = decide(
+            &set,
+            &agent,
+            "query",
+            json!({"service": "checkout", "q": "INC-9001"}),
+            &run,
+            auto,
+        );
+        assert_eq!(
+            (d.effect, d.rule.as_str()),
+            (PolicyEffect::RequireApproval, "p/incidents-need-a-human")
+        );
+        let d = decide(
+            &set,
+            &agent,
+            "query",
+            json!({"service": "checkout", "q": "INC-1001"}),
+            &run,
+            auto,
+        );
+        assert_eq!((d.effect, d.rule.as_str()), (PolicyEffect::Allow, "p/default"));
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use contextos_crds::{AgentSpec, ContextPackSpec, SessionSpec};
+use contextos_crds::{AgentSpec, ContextPackSpec, OntologySpec, SessionSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -42,6 +42,9 @@ pub struct RunBundle {
     /// The Session's labels (replay gates select recorded sessions by them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub session_labels: BTreeMap<String, String>,
+    /// The tenant's entity types (its Ontology) the run finds entities with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ontology: Option<OntologySpec>,
 }
 
 /// A ContextPack spec and its name.
@@ -63,6 +66,9 @@ pub struct Composition {
     pub context_pack: NamedPack,
     /// In `policyRefs` order.
     pub policies: Vec<NamedPolicy>,
+    /// The namespace's Ontology, when it has one: what a run finds entities with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ontology: Option<OntologySpec>,
 }
 
 impl Composition {
@@ -75,7 +81,14 @@ impl Composition {
             },
             context_pack,
             policies,
+            ontology: None,
         }
+    }
+
+    /// The same composition under the namespace's Ontology.
+    pub fn with_ontology(mut self, ontology: Option<OntologySpec>) -> Self {
+        self.ontology = ontology;
+        self
     }
 
     /// Its revision identity.
@@ -272,6 +285,7 @@ impl RunBundle {
             spec: self.agent_spec.clone(),
             policies: self.policies.clone(),
             secrets,
+            ontology: self.ontology.clone(),
         }
     }
 
@@ -282,6 +296,7 @@ impl RunBundle {
             self.agent_spec = composition.agent_spec.clone();
             self.context_pack = composition.context_pack.clone();
             self.policies = composition.policies.clone();
+            self.ontology = composition.ontology.clone();
         }
         for policy in &candidate.policies {
             let Some(slot) = self.policies.iter_mut().find(|p| p.name == policy.name) else {

@@ -531,6 +531,7 @@ async fn resolve_bundle(
         agent_spec,
         context_pack,
         policies,
+        ontology,
     } = composition;
     let mut sources = BTreeMap::new();
     for source in &context_pack.spec.sources {
@@ -567,6 +568,7 @@ async fn resolve_bundle(
         sandbox_profile_digest: Some(spec_digest(&sandbox.spec)),
         model_script,
         session_labels: session.labels().clone(),
+        ontology,
     }))
 }
 

@@ -33,6 +33,8 @@ pub(super) struct ItemsQuery {
     memory_type: Option<String>,
     query: Option<String>,
     max: Option<usize>,
+    #[serde(rename = "entityType")]
+    entity_type: Option<String>,
 }
 
 impl<S, A, T> GatewayService<S, A, T>
@@ -59,6 +61,16 @@ where
             text: q.query.unwrap_or_default(),
             max_items: q.max.unwrap_or(20).clamp(1, MAX_RECALL_ITEMS),
             purpose: None,
+            entity_type: q
+                .entity_type
+                .as_deref()
+                .map(crate::ontology::EntityTypeName::new)
+                .transpose()
+                .map_err(|why| {
+                    super::consent_api::refusal(crate::memory::MemoryError::BadQuery(format!(
+                        "entityType: {why}"
+                    )))
+                })?,
         };
         let recalled = MemoryBank::new(&service.store, &tenant)
             .recall(&query, |_| Ok(()))

@@ -1,0 +1,548 @@
+//! The tenant's ontology: the types of entity (service, incident, customer account, …) that
+//! memory and tool calls refer to, and finding them — in the text of a memory item by each
+//! type's id pattern, in a call's arguments by the tool's `touches` declarations and the same
+//! patterns. Pure: compiled once per bundle, then only read.
+//!
+//! A run pins the ontology with the rest of its bundle, so a replay finds the very entities the
+//! run found and a policy condition on `call.entityTypes` decides the same way.
+
+use std::{collections::BTreeSet, fmt};
+
+use contextos_crds::{agent::EntityArgument, ontology::OntologySpec};
+use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The most entities one call or one memory item names (every type found is still counted).
+pub const MAX_ENTITIES: usize = 64;
+/// The most bytes of an entity's id; a longer id is cut (at a character boundary).
+pub const MAX_ID_BYTES: usize = 128;
+/// The most entity types an Ontology declares.
+pub const MAX_TYPES: usize = 64;
+/// The most bytes of an id pattern.
+pub const MAX_PATTERN_BYTES: usize = 256;
+/// Compiled size allowed for one id pattern (and for all of them as a set).
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+/// The id of an entity a call's argument names in something other than a string or a number.
+pub const UNKNOWN_ID: &str = "*";
+
+/// The name of an entity type: a DNS label (lowercase letters, digits and `-`, at most 63).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EntityTypeName(String);
+
+impl EntityTypeName {
+    pub fn new(name: &str) -> Result<Self, String> {
+        if crate::records::store::is_dns_label(name) {
+            Ok(Self(name.to_owned()))
+        } else {
+            Err(format!(
+                "{:?} is not an entity type name (lowercase letters, digits and '-', at most 63)",
+                name.chars().take(64).collect::<String>()
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for EntityTypeName {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        Self::new(&name)
+    }
+}
+
+impl From<EntityTypeName> for String {
+    fn from(name: EntityTypeName) -> Self {
+        name.0
+    }
+}
+
+impl fmt::Display for EntityTypeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One entity: its type and its id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EntityRef {
+    #[serde(rename = "type")]
+    pub entity_type: EntityTypeName,
+    pub id: String,
+}
+
+impl EntityRef {
+    /// Checks an entity as stored with a memory item: a non-empty id of at most
+    /// [`MAX_ID_BYTES`], on one line.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id.trim().is_empty() || self.id.len() > MAX_ID_BYTES || self.id.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "entity {}: an id is 1 to {MAX_ID_BYTES} bytes on one line",
+                self.entity_type
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for EntityRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.entity_type, self.id)
+    }
+}
+
+/// What an Ontology declares that cannot be used, naming the field.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct OntologyError {
+    pub field: String,
+    pub problem: String,
+}
+
+/// One declared type, compiled.
+#[derive(Clone, Debug)]
+struct KnownType {
+    name: EntityTypeName,
+    /// Finds ids in text (the pattern as written).
+    find: Option<Regex>,
+    /// Checks a whole id (the pattern anchored at both ends).
+    whole: Option<Regex>,
+}
+
+/// The entities a call touches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallEntities {
+    /// At most [`MAX_ENTITIES`], sorted.
+    pub entities: Vec<EntityRef>,
+    /// Every type found, also of the entities past the bound.
+    pub types: BTreeSet<EntityTypeName>,
+}
+
+/// A tenant's entity types, compiled.
+#[derive(Clone, Debug, Default)]
+pub struct Ontology {
+    types: Vec<KnownType>,
+    /// The types' find patterns as one set, to scan text once for which of them occur;
+    /// `patterned[i]` is the index in `types` of the set's pattern `i`.
+    set: Option<RegexSet>,
+    patterned: Vec<usize>,
+}
+
+impl Ontology {
+    /// Compiles `spec`, naming the first type that cannot be used.
+    pub fn compile(spec: &OntologySpec) -> Result<Self, OntologyError> {
+        let error = |field: String, problem: String| OntologyError { field, problem };
+        if spec.entity_types.len() > MAX_TYPES {
+            return Err(error(
+                "spec.entityTypes".into(),
+                format!("{} types, more than {MAX_TYPES}", spec.entity_types.len()),
+            ));
+        }
+        let mut types: Vec<KnownType> = Vec::with_capacity(spec.entity_types.len());
+        for (i, declared) in spec.entity_types.iter().enumerate() {
+            let field = format!("spec.entityTypes[{i}]");
+            let name =
+                EntityTypeName::new(&declared.name).map_err(|why| error(format!("{field}.name"), why))?;
+            if types.iter().any(|t| t.name == name) {
+                return Err(error(
+                    format!("{field}.name"),
+                    format!("type {name} is declared twice; remove the duplicate"),
+                ));
+            }
+            let (find, whole) = match &declared.id_pattern {
+                None => (None, None),
+                Some(pattern) => {
+                    let field = format!("{field}.idPattern");
+                    let (find, whole) = compile_pattern(pattern).map_err(|why| error(field, why))?;
+                    (Some(find), Some(whole))
+                }
+            };
+            types.push(KnownType { name, find, whole });
+        }
+        let patterned: Vec<usize> = (0..types.len()).filter(|i| types[*i].find.is_some()).collect();
+        let set = if patterned.is_empty() {
+            None
+        } else {
+            let patterns = patterned
+                .iter()
+                .filter_map(|i| types[*i].find.as_ref().map(Regex::as_str));
+            Some(
+                RegexSetBuilder::new(patterns)
+                    .size_limit(PATTERN_SIZE_LIMIT)
+                    .dfa_size_limit(PATTERN_SIZE_LIMIT)
+                    .build()
+                    .map_err(|e| {
+                        error(
+                            "spec.entityTypes".into(),
+                            format!("the id patterns together are too large to run: {e}"),
+                        )
+                    })?,
+            )
+        };
+        Ok(Self {
+            types,
+            set,
+            patterned,
+        })
+    }
+
+    /// Whether no type is declared (nothing is ever found).
+    pub fn is_empty(&self) -> bool {
+        self.types.is_empty()
+    }
+
+    fn known(&self, name: &str) -> Option<&KnownType> {
+        self.types.iter().find(|t| t.name.as_str() == name)
+    }
+
+    /// The type named `name`, or why it is not one of this ontology's.
+    pub fn entity_type(&self, name: &str) -> Result<EntityTypeName, String> {
+        match self.known(name) {
+            Some(known) => Ok(known.name.clone()),
+            None => Err(format!(
+                "{:?} is not an entity type of the namespace's Ontology ({})",
+                name.chars().take(64).collect::<String>(),
+                self.type_list()
+            )),
+        }
+    }
+
+    fn type_list(&self) -> String {
+        if self.types.is_empty() {
+            return "it declares none, or there is no Ontology named default".into();
+        }
+        let names: Vec<&str> = self.types.iter().map(|t| t.name.as_str()).collect();
+        format!("its types: {}", names.join(", "))
+    }
+
+    /// An entity someone names explicitly (a `remember` call's `entities`): of a declared type,
+    /// with an id its pattern matches whole.
+    pub fn named(&self, entity_type: &str, id: &str) -> Result<EntityRef, String> {
+        let known = self.known(entity_type).ok_or_else(|| {
+            format!(
+                "{:?} is not an entity type of the namespace's Ontology ({})",
+                entity_type.chars().take(64).collect::<String>(),
+                self.type_list()
+            )
+        })?;
+        let entity = EntityRef {
+            entity_type: known.name.clone(),
+            id: id.to_owned(),
+        };
+        entity.validate()?;
+        if let Some(whole) = &known.whole
+            && !whole.is_match(id)
+        {
+            return Err(format!(
+                "entity {}: {:?} does not look like an id of this type (idPattern {})",
+                known.name,
+                id.chars().take(64).collect::<String>(),
+                known.find.as_ref().map_or("", Regex::as_str)
+            ));
+        }
+        Ok(entity)
+    }
+
+    /// The entities the id patterns find in `text`, sorted, at most `max`: each match that is
+    /// not part of a longer word (`INC-12` is not found in `XINC-12` or `INC-123`).
+    pub fn in_text(&self, text: &str, max: usize) -> BTreeSet<EntityRef> {
+        let mut found = BTreeSet::new();
+        self.scan(text, &mut found, &mut BTreeSet::new(), max);
+        found
+    }
+
+    /// Adds what the patterns find in `text` to `found` (at most `max` entities) and every type
+    /// found to `types`.
+    fn scan(
+        &self,
+        text: &str,
+        found: &mut BTreeSet<EntityRef>,
+        types: &mut BTreeSet<EntityTypeName>,
+        max: usize,
+    ) {
+        let Some(set) = &self.set else { return };
+        for matched in set.matches(text).iter() {
+            let known = &self.types[self.patterned[matched]];
+            let Some(find) = &known.find else { continue };
+            for m in find.find_iter(text) {
+                let before = text[..m.start()].chars().next_back();
+                let after = text[m.end()..].chars().next();
+                if before.is_some_and(is_id_char)
+                    || after.is_some_and(is_id_char)
+                    || m.as_str().len() > MAX_ID_BYTES
+                {
+                    continue;
+                }
+                types.insert(known.name.clone());
+                if found.len() < max {
+                    found.insert(EntityRef {
+                        entity_type: known.name.clone(),
+                        id: m.as_str().to_owned(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The entities a call of a tool that `touches` these arguments makes with `arguments`:
+    /// the values at the declared pointers (a string or number, or an array of them), and what
+    /// the id patterns find in every string of the arguments. A declared argument that holds
+    /// something else still counts its type (id [`UNKNOWN_ID`]): a condition on the type cannot
+    /// be stepped around by the shape of an argument.
+    pub fn of_call(&self, touches: &[EntityArgument], arguments: &Value) -> CallEntities {
+        let mut found = BTreeSet::new();
+        let mut types = BTreeSet::new();
+        for declared in touches {
+            let Ok(entity_type) = EntityTypeName::new(&declared.entity_type) else {
+                continue;
+            };
+            let values: Vec<&Value> = match arguments.pointer(&declared.argument) {
+                None | Some(Value::Null) => continue,
+                Some(Value::Array(items)) => items.iter().collect(),
+                Some(value) => vec![value],
+            };
+            types.insert(entity_type.clone());
+            for value in values {
+                let id = match value {
+                    Value::String(text) => clip(text),
+                    Value::Number(n) => n.to_string(),
+                    _ => UNKNOWN_ID.to_owned(),
+                };
+                if found.len() < MAX_ENTITIES {
+                    found.insert(EntityRef {
+                        entity_type: entity_type.clone(),
+                        id,
+                    });
+                }
+            }
+        }
+        if self.set.is_some() {
+            walk_strings(arguments, &mut |text| {
+                self.scan(text, &mut found, &mut types, MAX_ENTITIES);
+            });
+        }
+        CallEntities {
+            entities: found.into_iter().collect(),
+            types,
+        }
+    }
+
+    /// Why `tools` cannot run under this ontology: a `touches` type it does not declare.
+    pub fn touches_problem(&self, tools: &[contextos_crds::agent::Tool]) -> Option<String> {
+        tools.iter().enumerate().find_map(|(i, tool)| {
+            tool.touches.iter().enumerate().find_map(|(j, declared)| {
+                self.entity_type(&declared.entity_type).err().map(|why| {
+                    format!(
+                        "spec.tools[{i}].touches[{j}].type ({}): {why}; declare the type in the Ontology or fix the name",
+                        tool.name
+                    )
+                })
+            })
+        })
+    }
+
+    /// Why a ContextPack's memory sources cannot be recalled under this ontology: an
+    /// `entityType` it does not declare.
+    pub fn sources_problem(&self, pack: &contextos_crds::ContextPackSpec) -> Option<String> {
+        pack.sources.iter().enumerate().find_map(|(i, source)| {
+            let wanted = source.memory.as_ref()?.entity_type.as_deref()?;
+            self.entity_type(wanted).err().map(|why| {
+                format!(
+                    "spec.sources[{i}].memory.entityType: {why}; declare the type in the Ontology or fix the name"
+                )
+            })
+        })
+    }
+}
+
+/// Compiles an id pattern twice: as written, to find ids in text, and anchored, to check one
+/// id whole.
+fn compile_pattern(pattern: &str) -> Result<(Regex, Regex), String> {
+    if pattern.len() > MAX_PATTERN_BYTES {
+        return Err(format!(
+            "{} bytes, more than the {MAX_PATTERN_BYTES} an id pattern may have",
+            pattern.len()
+        ));
+    }
+    let build = |source: &str| {
+        RegexBuilder::new(source)
+            .size_limit(PATTERN_SIZE_LIMIT)
+            .dfa_size_limit(PATTERN_SIZE_LIMIT)
+            .build()
+            .map_err(|e| format!("it does not compile as a regular expression (RE2 syntax): {e}"))
+    };
+    let find = build(pattern)?;
+    if find.is_match("") {
+        return Err(
+            "it matches the empty text, so it would find an entity everywhere; describe what an id looks like"
+                .into(),
+        );
+    }
+    let whole = build(&format!("^(?:{pattern})$"))?;
+    Ok((find, whole))
+}
+
+/// Letters, digits and the joiners ids are made of: a match next to one is part of a longer id.
+fn is_id_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_' || c == '-'
+}
+
+fn clip(text: &str) -> String {
+    if text.len() <= MAX_ID_BYTES {
+        return text.to_owned();
+    }
+    let mut end = MAX_ID_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// Calls `visit` on every string in `value`, object keys included (a tool may read them as
+/// well as the values, so an id hidden in a key is an id the call names).
+fn walk_strings(value: &Value, visit: &mut impl FnMut(&str)) {
+    match value {
+        Value::String(text) => visit(text),
+        Value::Array(items) => items.iter().for_each(|item| walk_strings(item, visit)),
+        Value::Object(map) => map.iter().for_each(|(key, item)| {
+            visit(key);
+            walk_strings(item, visit);
+        }),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use contextos_crds::ontology::EntityType;
+    use serde_json::json;
+
+    use super::*;
+
+    fn ontology() -> Ontology {
+        let spec = OntologySpec {
+            entity_types: vec![
+                EntityType {
+                    name: "incident".into(),
+                    description: None,
+                    id_pattern: Some("INC-[0-9]{3,8}".into()),
+                },
+                EntityType {
+                    name: "service".into(),
+                    description: Some("a deployed service".into()),
+                    id_pattern: None,
+                },
+            ],
+        };
+        Ontology::compile(&spec).expect("compiles")
+    }
+
+    fn refs(found: impl IntoIterator<Item = EntityRef>) -> Vec<String> {
+        found.into_iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn ids_are_found_in_text_only_as_whole_words() {
+        let o = ontology();
+        assert_eq!(
+            refs(o.in_text(
+                "INC-1234 reopened as INC-5678; see XINC-999, INC-12 and INC-123456789",
+                64
+            )),
+            ["incident/INC-1234", "incident/INC-5678"]
+        );
+        assert!(o.in_text("nothing here", 64).is_empty());
+        assert_eq!(o.in_text("INC-100 INC-200 INC-300", 2).len(), 2);
+    }
+
+    #[test]
+    fn a_call_touches_declared_arguments_and_ids_found_in_any_string() {
+        let o = ontology();
+        let touches = vec![EntityArgument {
+            entity_type: "service".into(),
+            argument: "/target/service".into(),
+        }];
+        let found = o.of_call(
+            &touches,
+            &json!({"target": {"service": "checkout"}, "note": "for INC-4242", "INC-1111": 1}),
+        );
+        assert_eq!(
+            refs(found.entities),
+            ["incident/INC-1111", "incident/INC-4242", "service/checkout"]
+        );
+        assert_eq!(
+            found.types.iter().map(EntityTypeName::as_str).collect::<Vec<_>>(),
+            ["incident", "service"]
+        );
+        // An array names several; a value of another shape still counts its type.
+        let found = o.of_call(&touches, &json!({"target": {"service": ["a", "b"]}}));
+        assert_eq!(refs(found.entities), ["service/a", "service/b"]);
+        let found = o.of_call(&touches, &json!({"target": {"service": {"name": "checkout"}}}));
+        assert_eq!(refs(found.entities), ["service/*"]);
+        assert!(o.of_call(&touches, &json!({"other": 1})).types.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_ids_is_bounded_but_every_type_is_still_seen() {
+        let o = ontology();
+        let touches = vec![EntityArgument {
+            entity_type: "service".into(),
+            argument: "/services".into(),
+        }];
+        let many: Vec<String> = (1000..1200).map(|n| format!("INC-{n}")).collect();
+        let found = o.of_call(&touches, &json!({"notes": many, "services": ["checkout"]}));
+        assert_eq!(found.entities.len(), MAX_ENTITIES);
+        assert_eq!(found.types.len(), 2, "the service type is seen past the bound");
+    }
+
+    #[test]
+    fn named_entities_must_be_of_a_declared_type_and_look_like_one() {
+        let o = ontology();
+        assert_eq!(
+            o.named("incident", "INC-123").expect("ok").to_string(),
+            "incident/INC-123"
+        );
+        assert!(
+            o.named("incident", "INC-1")
+                .expect_err("refused")
+                .contains("idPattern")
+        );
+        assert!(o.named("incident", "INC-123 and more").is_err());
+        assert!(
+            o.named("team", "sre")
+                .expect_err("refused")
+                .contains("its types: incident, service")
+        );
+        assert!(o.named("service", "").is_err());
+        assert!(o.named("service", &"x".repeat(MAX_ID_BYTES + 1)).is_err());
+        assert!(o.named("service", "a\nb").is_err());
+    }
+
+    #[test]
+    fn unusable_declarations_name_the_field() {
+        let bad = |name: &str, pattern: Option<&str>| {
+            Ontology::compile(&OntologySpec {
+                entity_types: vec![EntityType {
+                    name: name.into(),
+                    description: None,
+                    id_pattern: pattern.map(str::to_owned),
+                }],
+            })
+            .expect_err("refused")
+        };
+        assert_eq!(bad("Bad_Name", None).field, "spec.entityTypes[0].name");
+        let e = bad("incident", Some("INC-("));
+        assert_eq!(e.field, "spec.entityTypes[0].idPattern");
+        assert!(bad("incident", Some("x*")).problem.contains("empty text"));
+        assert!(bad("incident", Some(&"a".repeat(300))).problem.contains("256"));
+        assert!(
+            bad("incident", Some("(?=x)")).problem.contains("RE2"),
+            "look-around is refused"
+        );
+    }
+}

@@ -23,9 +23,10 @@ struct Cli<'a> {
 
 /// What the customer said and what the run learned about them, none of which may ever be in
 /// the store in the clear (a run about a subject records it under their key).
-const THEIR_DATA: [&str; 4] = [
+const THEIR_DATA: [&str; 5] = [
     "wrong VAT number",
     "ana.lopez@example.com",
+    "INV-204518",
     "Prefers replies in German",
     "Wir melden uns kurz",
 ];
@@ -256,12 +257,38 @@ fn remembered_and_recalled_within_consent(cli: &Cli<'_>) {
         record.contains("recalled 2 item(s) of subject:cust-7f3a9c for source customer-memory"),
         "{record}"
     );
+    // The address names an invoice (the Ontology's INV- pattern): the invoice source offers it
+    // alone, and a person listing memory can ask for the same.
+    assert!(
+        record.contains(
+            "recalled 1 item(s) of subject:cust-7f3a9c about an entity of type invoice for source invoice-memory"
+        ),
+        "{record}"
+    );
+    let about = cli.ok(&[
+        "memory",
+        "list",
+        "--scope",
+        "subject:cust-7f3a9c",
+        "--entity-type",
+        "invoice",
+    ]);
+    assert!(
+        about.contains("about: invoice/INV-204518") && !about.contains("Prefers replies in German"),
+        "{about}"
+    );
 
     consent(cli, "revoke", &["--evidence", "phone call 2026-12-03"]);
     let (_, third) = cli.session("ticket-4712");
     let record = cli.ok(&["records", "show", &third]);
     assert!(
         record.contains("recalled 0 item(s) of subject:cust-7f3a9c for source customer-memory; held back 2"),
+        "{record}"
+    );
+    assert!(
+        record.contains(
+            "recalled 0 item(s) of subject:cust-7f3a9c about an entity of type invoice for source invoice-memory; held back 1"
+        ),
         "{record}"
     );
 

@@ -355,6 +355,81 @@ async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()
         },
     )
     .await?;
+    entity_types_are_the_namespaces_ontology(env, op, &ns).await?;
     ns.pass();
+    Ok(())
+}
+
+/// A tool that touches an entity type the namespace does not declare leaves its Agent
+/// Ready=False naming the field; an Ontology that does not compile is Ready=False naming its
+/// field, one named otherwise is refused at admission; the fixed Ontology makes the Agent Ready.
+async fn entity_types_are_the_namespaces_ontology(
+    env: &TestEnv,
+    op: &OperatorEnv,
+    ns: &TestNamespace,
+) -> Result<()> {
+    let client = env.client();
+    let mut policy = objects(env, op)?
+        .into_iter()
+        .find(|o| o["kind"] == "Policy")
+        .context("the quickstart's Policy")?;
+    policy["metadata"]["name"] = json!("entity-policy");
+    apply(&client, ns.name(), &policy).await?;
+    let mut agent = objects(env, op)?
+        .into_iter()
+        .find(|o| o["kind"] == "Agent")
+        .context("the quickstart's Agent")?;
+    agent["metadata"]["name"] = json!("entity-agent");
+    agent["spec"]["policyRefs"] = json!([{"name": "entity-policy"}]);
+    agent["spec"]["tools"][0]["touches"] = json!([{"type": "service", "argument": "/service"}]);
+    apply(&client, ns.name(), &agent).await?;
+    let agents: Api<Agent> = ns.api();
+    let ready = |wanted: &'static str| {
+        move |a: &Agent| {
+            let text = condition(&a.status.clone().unwrap_or_default().conditions, "Ready");
+            Check::when(text.starts_with(wanted), || text.clone())
+        }
+    };
+    wait_for_object(
+        &agents,
+        "entity-agent",
+        "Ready=False naming the unknown entity type",
+        TIMEOUT,
+        ready("False InvalidSpec spec.tools[0].touches[0].type (search_runbooks): \"service\" is not an entity type"),
+    )
+    .await?;
+    let ontology = |name: &str, pattern: &str| {
+        json!({
+            "apiVersion": "contextos.dev/v1alpha1",
+            "kind": "Ontology",
+            "metadata": {"name": name},
+            "spec": {"entityTypes": [{"name": "service"}, {"name": "incident", "idPattern": pattern}]},
+        })
+    };
+    let refused = apply(&client, ns.name(), &ontology("incidents", "INC-[0-9]+"))
+        .await
+        .expect_err("an Ontology not named default is refused");
+    ensure!(
+        format!("{refused:#}").contains("named default"),
+        "refused without saying why: {refused:#}"
+    );
+    apply(&client, ns.name(), &ontology("default", "INC-(")).await?;
+    wait_for_object(
+        &agents,
+        "entity-agent",
+        "Ready=False naming the Ontology's field",
+        TIMEOUT,
+        ready("False ReferenceNotReady the namespace's entity types: Ontology default: spec.entityTypes[1].idPattern"),
+    )
+    .await?;
+    apply(&client, ns.name(), &ontology("default", "INC-[0-9]+")).await?;
+    wait_for_object(
+        &agents,
+        "entity-agent",
+        "Ready once the type is declared",
+        TIMEOUT,
+        ready("True"),
+    )
+    .await?;
     Ok(())
 }

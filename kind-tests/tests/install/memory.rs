@@ -2,7 +2,8 @@
 //! image pin): the customer's consent is applied with `kubectl` by the privacy officer (in
 //! someone else's name it is refused), and the gateway chains it (`kubectl wait
 //! --for=condition=Ready`); the first ticket's Session keeps what it learned, the second recalls
-//! it into its context; the customer's revocation, applied with `kubectl`, is honoured by the
+//! it into its context (and, through the namespace's Ontology, what is about an invoice into
+//! the invoice source); the customer's revocation, applied with `kubectl`, is honoured by the
 //! very next Session. What each run was offered is read from its record through the gateway, as
 //! an auditor would.
 
@@ -151,6 +152,10 @@ async fn sessions_within_consent(env: &'static TestEnv, tenant: &TestNamespace) 
     ensure!(
         shown.contains("recalled 2 item(s) of subject:cust-7f3a9c for source customer-memory"),
         "the second ticket did not recall what the first learned:\n{shown}"
+    );
+    ensure!(
+        shown.contains("recalled 1 item(s) of subject:cust-7f3a9c about an entity of type invoice for source invoice-memory"),
+        "the second ticket's invoice source (the namespace's Ontology) did not recall the item about an invoice:\n{shown}"
     );
     let shown = records.show(&third).await?;
     ensure!(

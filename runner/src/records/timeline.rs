@@ -73,9 +73,13 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
             match (&recall.scope, &recall.note) {
                 (_, Some(note)) => format!("recalled nothing for {}: {note}", recalled_for(recall)),
                 (scope, None) => format!(
-                    "recalled {} item(s) of {} for {}{}",
+                    "recalled {} item(s) of {}{} for {}{}",
                     recall.offered.len(),
                     scope.as_ref().map_or_else(String::new, ToString::to_string),
+                    recall
+                        .entity_type
+                        .as_ref()
+                        .map_or_else(String::new, |t| format!(" about an entity of type {t}")),
                     recalled_for(recall),
                     if recall.excluded_total == 0 {
                         String::new()

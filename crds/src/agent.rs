@@ -110,6 +110,13 @@ pub struct AgentMemory {
     /// is held, for a person to approve once a consent covers it.
     #[serde(default)]
     pub without_consent: WithoutConsent,
+    /// What a run about a person (a Session with `spec.subject`) may keep outside that
+    /// person's memory. subjectOnly (default): nothing — what it learns is kept only in their
+    /// scope, encrypted under their key, and erased with them. allScopes: what `keep` allows in
+    /// agent or tenant scope is kept too, in the clear and not erased with the person (only
+    /// items without personal data the detectors know: "refunds over 100 EUR need a supervisor").
+    #[serde(default)]
+    pub from_subject_runs: FromSubjectRuns,
     /// Personal data of the tenant's own kinds (badge ids, customer numbers), found beside the
     /// built-in detectors; each is a category `tenant:<name>` that consents name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -153,6 +160,17 @@ pub enum WithoutConsent {
     Drop,
     /// Held for a person to approve once a consent covers it (or to reject).
     Hold,
+}
+
+/// What a run about a person may keep outside that person's memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum FromSubjectRuns {
+    /// Only items in the subject's own scope.
+    #[default]
+    SubjectOnly,
+    /// Items in any scope `keep` allows.
+    AllScopes,
 }
 
 /// One kind of item an agent may keep.

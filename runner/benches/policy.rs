@@ -201,9 +201,7 @@ fn main() {
     }
     println!("  target: p50 ≤ 10 µs at 100 rules and a ratio ≤ 1.0 (no slower than Cedar)");
     let (both, find, baseline) = time_entities();
-    println!(
-        "entities a call touches — 8 id patterns, ~1 KiB of arguments, a condition on call.entityTypes"
-    );
+    println!("entities a call touches — 8 id patterns, ~1 KiB of arguments, a condition on call.entityTypes");
     println!(
         "  find + decide p50 {both:.2} µs (finding alone {find:.2} µs); baseline, the decision with nothing found: {baseline:.2} µs"
     );

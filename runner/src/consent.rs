@@ -326,7 +326,7 @@ impl ConsentLedger {
 
 pub use contextos_crds::common::{MemoryScope, MemoryType};
 
-pub use contextos_crds::agent::{Review, WithoutConsent};
+pub use contextos_crds::agent::{FromSubjectRuns, Review, WithoutConsent};
 
 /// An agent's memory policy: what it may keep, for which purpose, and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -336,6 +336,8 @@ pub struct MemoryPolicy {
     pub keeps: BTreeSet<(MemoryType, MemoryScope)>,
     pub review: Review,
     pub without_consent: WithoutConsent,
+    /// Whether a run about a subject may keep items outside that subject's scope.
+    pub from_subject_runs: FromSubjectRuns,
 }
 
 /// A proposed memory item, as far as the decision needs it.
@@ -380,6 +382,20 @@ impl MemoryPolicy {
         if scope == MemoryScope::Subject && candidate.subject.is_none() {
             return Promotion::Drop {
                 reason: "a subject-scoped item names no subject".into(),
+            };
+        }
+        // What a run about a person learns is about them until someone decides otherwise: kept
+        // elsewhere, it would outlive their erasure.
+        if let Some(subject) = &candidate.subject
+            && scope != MemoryScope::Subject
+            && self.from_subject_runs == FromSubjectRuns::SubjectOnly
+        {
+            return Promotion::Drop {
+                reason: format!(
+                    "this run is about subject {subject}: what it learns is kept only in their scope, where it is erased with them (the Agent's spec.memory.fromSubjectRuns is subjectOnly; allScopes keeps {} items in {} scope, not erased with them)",
+                    name(&kind),
+                    name(&scope)
+                ),
             };
         }
         let categories = found.categories();
@@ -502,6 +518,7 @@ mod tests {
             .collect(),
             review,
             without_consent,
+            from_subject_runs: FromSubjectRuns::SubjectOnly,
         }
     }
 
@@ -596,6 +613,10 @@ mod tests {
         );
         let holding = policy(Review::Auto, WithoutConsent::Hold);
         let reviewed = policy(Review::Required, WithoutConsent::Drop);
+        let all_scopes = MemoryPolicy {
+            from_subject_runs: FromSubjectRuns::AllScopes,
+            ..policy(Review::Auto, WithoutConsent::Drop)
+        };
         let cases: Vec<Case> = vec![
             (
                 "consented",
@@ -659,6 +680,33 @@ mod tests {
                 &granted,
                 "drop",
                 "in agent scope",
+            ),
+            (
+                "a subject's run learning for the agent",
+                &auto,
+                candidate(MemoryType::Procedure, MemoryScope::Agent, Some(subject())),
+                &plain,
+                &granted,
+                "drop",
+                "this run is about subject subj:7f3a: what it learns is kept only in their scope",
+            ),
+            (
+                "a subject's run learning for the agent, all scopes allowed",
+                &all_scopes,
+                candidate(MemoryType::Procedure, MemoryScope::Agent, Some(subject())),
+                &plain,
+                &none,
+                "promote",
+                "holds no personal data",
+            ),
+            (
+                "a subject's run, personal data for the agent, all scopes allowed",
+                &all_scopes,
+                candidate(MemoryType::Procedure, MemoryScope::Agent, Some(subject())),
+                &pii,
+                &granted,
+                "drop",
+                "only subject-scoped items, under their subject's consent, may hold personal data",
             ),
             (
                 "not personal",

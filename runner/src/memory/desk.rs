@@ -293,6 +293,7 @@ fn rules(agent: &str, spec: &AgentMemory) -> Result<(MemoryPolicy, Arc<Classifie
         keeps: spec.keep.iter().map(|k| (k.memory_type, k.scope)).collect(),
         review: spec.review,
         without_consent: spec.without_consent,
+        from_subject_runs: spec.from_subject_runs,
     };
     let classifier = if spec.patterns.is_empty() {
         built_in()
@@ -660,6 +661,7 @@ mod tests {
             retain_days: None,
             review: Default::default(),
             without_consent: Default::default(),
+            from_subject_runs: Default::default(),
             patterns: Vec::new(),
         };
         let ontology: contextos_crds::OntologySpec = serde_yaml::from_str(
@@ -771,6 +773,7 @@ mod tests {
             retain_days: Some(30),
             review: Default::default(),
             without_consent: Default::default(),
+            from_subject_runs: Default::default(),
             patterns: vec![PersonalDataPattern {
                 name: "badge".into(),
                 regex: r"\bBADGE-[0-9]{6}\b".into(),

@@ -263,7 +263,8 @@ pub struct Tool {
     pub idempotent: bool,
     /// The entities a call touches, by where their ids are in its arguments: each names a type
     /// of the namespace's Ontology and a JSON pointer into the arguments (`/service`,
-    /// `/targets/0`) holding an id, or an array of ids. Policy conditions read them as
+    /// `/targets/*/name`, where `*` is every element or member) holding an id, or an array of
+    /// ids. Policy conditions read them as
     /// `call.entities` and `call.entityTypes` (with the ids the Ontology's `idPattern`s find in
     /// any argument).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -282,7 +283,8 @@ pub struct EntityArgument {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub entity_type: String,
-    /// A JSON pointer (RFC 6901) into the call's arguments: `/service`, `/target/name`.
+    /// A JSON pointer (RFC 6901) into the call's arguments: `/service`, `/target/name`;
+    /// a `*` segment is every element of an array or member of an object.
     #[schemars(length(min = 2, max = 256), regex(pattern = r"^/"))]
     pub argument: String,
 }

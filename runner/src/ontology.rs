@@ -13,8 +13,12 @@ use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The most entities one call or one memory item names (every type found is still counted).
+/// The most entities one memory item names.
 pub const MAX_ENTITIES: usize = 64;
+/// The most entities a call may touch and still be decided by conditions that read them: one
+/// naming more is denied whole (a rule on an id must see every id, and listing more for every
+/// decision would cost more than any call is worth).
+pub const MAX_CALL_ENTITIES: usize = 1024;
 /// The most bytes of an entity's id; a longer id is cut (at a character boundary).
 pub const MAX_ID_BYTES: usize = 128;
 /// The most entity types an Ontology declares.
@@ -117,10 +121,12 @@ struct KnownType {
 /// The entities a call touches.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CallEntities {
-    /// At most [`MAX_ENTITIES`], sorted.
+    /// At most [`MAX_CALL_ENTITIES`], sorted.
     pub entities: Vec<EntityRef>,
     /// Every type found, also of the entities past the bound.
     pub types: BTreeSet<EntityTypeName>,
+    /// More than [`MAX_CALL_ENTITIES`] were found: `entities` is not all of them.
+    pub overflow: bool,
 }
 
 /// A tenant's entity types, compiled.
@@ -252,7 +258,7 @@ impl Ontology {
     /// not part of a longer word (`INC-12` is not found in `XINC-12` or `INC-123`).
     pub fn in_text(&self, text: &str, max: usize) -> BTreeSet<EntityRef> {
         let mut found = BTreeSet::new();
-        self.scan(text, &mut found, &mut BTreeSet::new(), max);
+        self.scan(text, &mut found, &mut BTreeSet::new(), max, &mut false);
         found
     }
 
@@ -264,6 +270,7 @@ impl Ontology {
         found: &mut BTreeSet<EntityRef>,
         types: &mut BTreeSet<EntityTypeName>,
         max: usize,
+        overflow: &mut bool,
     ) {
         let Some(set) = &self.set else { return };
         for matched in set.matches(text).iter() {
@@ -272,63 +279,72 @@ impl Ontology {
             for m in find.find_iter(text) {
                 let before = text[..m.start()].chars().next_back();
                 let after = text[m.end()..].chars().next();
-                if before.is_some_and(is_id_char)
-                    || after.is_some_and(is_id_char)
-                    || m.as_str().len() > MAX_ID_BYTES
-                {
+                if before.is_some_and(is_id_char) || after.is_some_and(is_id_char) {
                     continue;
                 }
+                // The type counts whatever the id is like: a rule on the type cannot be stepped
+                // around by a longer id. The id itself is listed only if it can be one.
                 types.insert(known.name.clone());
-                if found.len() < max {
-                    found.insert(EntityRef {
-                        entity_type: known.name.clone(),
-                        id: m.as_str().to_owned(),
-                    });
+                let entity = EntityRef {
+                    entity_type: known.name.clone(),
+                    id: clip(m.as_str()),
+                };
+                if entity.validate().is_ok() && found.len() < max {
+                    found.insert(entity);
+                } else if entity.validate().is_ok() {
+                    *overflow = true;
                 }
             }
         }
     }
 
     /// The entities a call of a tool that `touches` these arguments makes with `arguments`:
-    /// the values at the declared pointers (a string or number, or an array of them), and what
-    /// the id patterns find in every string of the arguments. A declared argument that holds
-    /// something else still counts its type (id [`UNKNOWN_ID`]): a condition on the type cannot
-    /// be stepped around by the shape of an argument.
+    /// the values at the declared pointers (a string or number, or an array of them; a `*`
+    /// segment stands for every element or member), and what the id patterns find in every
+    /// string and number of the arguments. A declared argument that holds something else, or
+    /// a path that meets a value where it expects an object or array, still counts its type (id
+    /// [`UNKNOWN_ID`]): a condition on the type cannot be stepped around by the shape of an
+    /// argument.
     pub fn of_call(&self, touches: &[EntityArgument], arguments: &Value) -> CallEntities {
         let mut found = BTreeSet::new();
         let mut types = BTreeSet::new();
+        let mut overflow = false;
         for declared in touches {
             let Ok(entity_type) = EntityTypeName::new(&declared.entity_type) else {
                 continue;
             };
-            let values: Vec<&Value> = match arguments.pointer(&declared.argument) {
-                None | Some(Value::Null) => continue,
-                Some(Value::Array(items)) => items.iter().collect(),
-                Some(value) => vec![value],
-            };
+            let mut ids = Vec::new();
+            let tokens: Vec<String> = declared
+                .argument
+                .split('/')
+                .skip(1)
+                .map(|t| t.replace("~1", "/").replace("~0", "~"))
+                .collect();
+            resolve(arguments, &tokens, &mut ids);
+            if ids.is_empty() {
+                continue;
+            }
             types.insert(entity_type.clone());
-            for value in values {
-                let id = match value {
-                    Value::String(text) => clip(text),
-                    Value::Number(n) => n.to_string(),
-                    _ => UNKNOWN_ID.to_owned(),
-                };
-                if found.len() < MAX_ENTITIES {
-                    found.insert(EntityRef {
-                        entity_type: entity_type.clone(),
-                        id,
-                    });
+            for id in ids {
+                if found.len() >= MAX_CALL_ENTITIES {
+                    overflow = true;
+                    break;
                 }
+                found.insert(EntityRef {
+                    entity_type: entity_type.clone(),
+                    id,
+                });
             }
         }
         if self.set.is_some() {
-            walk_strings(arguments, &mut |text| {
-                self.scan(text, &mut found, &mut types, MAX_ENTITIES);
+            walk_scalars(arguments, &mut |text| {
+                self.scan(text, &mut found, &mut types, MAX_CALL_ENTITIES, &mut overflow);
             });
         }
         CallEntities {
             entities: found.into_iter().collect(),
             types,
+            overflow,
         }
     }
 
@@ -403,15 +419,55 @@ fn clip(text: &str) -> String {
     text[..end].to_owned()
 }
 
-/// Calls `visit` on every string in `value`, object keys included (a tool may read them as
-/// well as the values, so an id hidden in a key is an id the call names).
-fn walk_strings(value: &Value, visit: &mut impl FnMut(&str)) {
+/// The ids at `tokens` under `value` (see [`Ontology::of_call`]): nothing when the argument
+/// is absent (a missing member, null), [`UNKNOWN_ID`] where the path meets a value of another
+/// shape.
+fn resolve(value: &Value, tokens: &[String], ids: &mut Vec<String>) {
+    let Some((token, rest)) = tokens.split_first() else {
+        match value {
+            Value::Null => {}
+            Value::String(text) => ids.push(clip(text)),
+            Value::Number(n) => ids.push(n.to_string()),
+            Value::Array(items) => items.iter().for_each(|item| resolve(item, &[], ids)),
+            _ => ids.push(UNKNOWN_ID.to_owned()),
+        }
+        return;
+    };
+    match value {
+        Value::Null => {}
+        Value::Object(map) if token == "*" => map.values().for_each(|v| resolve(v, rest, ids)),
+        Value::Object(map) => {
+            if let Some(v) = map.get(token) {
+                resolve(v, rest, ids);
+            }
+        }
+        Value::Array(items) if token == "*" => items.iter().for_each(|v| resolve(v, rest, ids)),
+        Value::Array(items) => match token.parse::<usize>() {
+            Ok(index) => {
+                if let Some(v) = items.get(index) {
+                    resolve(v, rest, ids);
+                }
+            }
+            // A member name on an array: the tool may read it some other way.
+            Err(_) => ids.push(UNKNOWN_ID.to_owned()),
+        },
+        // A string or number where the path goes on: the argument is shaped otherwise than
+        // declared, and may still name the entity.
+        _ => ids.push(UNKNOWN_ID.to_owned()),
+    }
+}
+
+/// Calls `visit` on every string and number in `value`, object keys included (a tool may read
+/// them as well as the values, so an id hidden in a key or given as a number is an id the call
+/// names).
+fn walk_scalars(value: &Value, visit: &mut impl FnMut(&str)) {
     match value {
         Value::String(text) => visit(text),
-        Value::Array(items) => items.iter().for_each(|item| walk_strings(item, visit)),
+        Value::Number(n) => visit(&n.to_string()),
+        Value::Array(items) => items.iter().for_each(|item| walk_scalars(item, visit)),
         Value::Object(map) => map.iter().for_each(|(key, item)| {
             visit(key);
-            walk_strings(item, visit);
+            walk_scalars(item, visit);
         }),
         _ => {}
     }
@@ -484,19 +540,72 @@ mod tests {
         assert_eq!(refs(found.entities), ["service/a", "service/b"]);
         let found = o.of_call(&touches, &json!({"target": {"service": {"name": "checkout"}}}));
         assert_eq!(refs(found.entities), ["service/*"]);
+        // A path that meets a value of another shape still touches the type.
+        let found = o.of_call(&touches, &json!({"target": "billing"}));
+        assert_eq!(refs(found.entities), ["service/*"]);
         assert!(o.of_call(&touches, &json!({"other": 1})).types.is_empty());
+        assert!(
+            o.of_call(&touches, &json!({"target": {"service": null}}))
+                .types
+                .is_empty()
+        );
+        // `*` is every element or member; `~1` a slash in a member's name.
+        let every = vec![EntityArgument {
+            entity_type: "service".into(),
+            argument: "/targets/*/name".into(),
+        }];
+        let found = o.of_call(
+            &every,
+            &json!({"targets": [null, {"name": "billing-db"}, {"name": 7}]}),
+        );
+        assert_eq!(refs(found.entities), ["service/7", "service/billing-db"]);
+        let escaped = vec![EntityArgument {
+            entity_type: "service".into(),
+            argument: "/a~1b".into(),
+        }];
+        assert_eq!(
+            refs(o.of_call(&escaped, &json!({"a/b": "x"})).entities),
+            ["service/x"]
+        );
+        // Numbers are scanned like strings.
+        let numeric: OntologySpec =
+            serde_yaml::from_str("entityTypes: [{name: account, idPattern: '[0-9]{8}'}]").expect("spec");
+        let numeric = Ontology::compile(&numeric).expect("compiles");
+        assert_eq!(
+            refs(numeric.of_call(&[], &json!({"account": 12345678})).entities),
+            ["account/12345678"]
+        );
     }
 
     #[test]
-    fn a_flood_of_ids_is_bounded_but_every_type_is_still_seen() {
+    fn a_long_id_still_counts_its_type() {
+        let spec: OntologySpec = serde_yaml::from_str(
+            "entityTypes: [{name: bucket, idPattern: 's3://customer-[a-z0-9-]+/[a-z]*'}]",
+        )
+        .expect("spec");
+        let o = Ontology::compile(&spec).expect("compiles");
+        let long = format!("s3://customer-pii/{}", "a".repeat(300));
+        let found = o.of_call(&[], &json!({"path": long}));
+        assert_eq!(found.types.len(), 1, "the type is seen");
+        assert_eq!(found.entities.len(), 1);
+        assert_eq!(found.entities[0].id.len(), MAX_ID_BYTES, "the id is cut");
+    }
+
+    #[test]
+    fn a_flood_of_ids_is_bounded_and_said_to_be() {
         let o = ontology();
         let touches = vec![EntityArgument {
             entity_type: "service".into(),
             argument: "/services".into(),
         }];
-        let many: Vec<String> = (1000..1200).map(|n| format!("INC-{n}")).collect();
+        let few: Vec<String> = (1000..1200).map(|n| format!("INC-{n}")).collect();
+        let found = o.of_call(&touches, &json!({"notes": few, "services": ["checkout"]}));
+        assert_eq!(found.entities.len(), 201, "every id is listed below the bound");
+        assert!(!found.overflow);
+        let many: Vec<String> = (10_000..11_100).map(|n| format!("INC-{n}")).collect();
         let found = o.of_call(&touches, &json!({"notes": many, "services": ["checkout"]}));
-        assert_eq!(found.entities.len(), MAX_ENTITIES);
+        assert_eq!(found.entities.len(), MAX_CALL_ENTITIES);
+        assert!(found.overflow, "a call past the bound says so (and is denied)");
         assert_eq!(found.types.len(), 2, "the service type is seen past the bound");
     }
 

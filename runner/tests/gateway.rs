@@ -677,6 +677,16 @@ ontology:
         matches!(&held, CallOutcome::NeedsApproval { rule, .. } if rule == "entities/incidents"),
         "{held:?}"
     );
+    // A flood of ids cannot push the one a rule looks for past what it sees: denied whole.
+    let flood: Vec<String> = (0..1100).map(|n| format!("INC-{}", 100_000 + n)).collect();
+    let flooded = gateway
+        .handle(&call("e4", json!({"query": flood.join(" ")})), &mut rec, &state)
+        .await
+        .expect("handled");
+    assert!(
+        matches!(&flooded, CallOutcome::Denied { rule, .. } if rule == "ontology/too-many-entities"),
+        "{flooded:?}"
+    );
     assert_eq!(
         h.requests("/search"),
         0,

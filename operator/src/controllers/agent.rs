@@ -204,6 +204,19 @@ async fn composition(
             &pack_name,
         )));
     };
+    // The revision the Agent runs, not the one being edited, must recall only declared types
+    // (`resolve` refused an Ontology that does not compile).
+    let ontology = resolved
+        .ontology
+        .as_ref()
+        .and_then(|o| contextos_runner::ontology::Ontology::compile(&o.spec).ok())
+        .unwrap_or_default();
+    if let Some(problem) = ontology.sources_problem(&pack) {
+        return Ok(Err(Invalid::new(
+            reason::INVALID_SPEC,
+            format!("spec.contextPackRef.name: ContextPack {pack_name} (its promoted revision): {problem}"),
+        )));
+    }
     let mut policies = Vec::new();
     for (i, policy) in resolved.policies.iter().enumerate() {
         let name = policy.name_any();
@@ -326,12 +339,6 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
     };
     if let Some(problem) = compiled.touches_problem(&spec.tools) {
         return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
-    }
-    if let Some(problem) = compiled.sources_problem(&pack.spec) {
-        return Ok(Err(Invalid::new(
-            reason::INVALID_SPEC,
-            format!("spec.contextPackRef.name: ContextPack {pack_name}: {problem}"),
-        )));
     }
     Ok(Ok(Resolved {
         pack,

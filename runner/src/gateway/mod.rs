@@ -709,6 +709,19 @@ impl ToolGateway {
         } else {
             crate::ontology::CallEntities::default()
         };
+        if entities.overflow {
+            // A condition on an id must see every id; a call naming this many is not judged.
+            return crate::policy::Decision {
+                effect: contextos_crds::policy::PolicyEffect::Deny,
+                rule: "ontology/too-many-entities".into(),
+                reason: format!(
+                    "the call names more than {} entities of the namespace's Ontology; the policies cannot judge it whole: ask about fewer at a time",
+                    crate::ontology::MAX_CALL_ENTITIES
+                ),
+                approvers: Default::default(),
+                dry_run: Vec::new(),
+            };
+        }
         let facts = CallFacts {
             tool: &call.tool,
             risk: tool.spec.risk,

@@ -482,9 +482,14 @@ impl MemoryDesk {
         {
             return Err("it is older than the Agent's memory.retainDays".into());
         }
+        let mut said = item.text.clone();
+        for entity in &item.entities {
+            said.push('\n');
+            said.push_str(&entity.id);
+        }
         let found = self
             .classifier
-            .classify(&item.text)
+            .classify(&said)
             .map(|c| c.categories())
             .unwrap_or_default();
         if found.is_subset(&item.categories) {
@@ -552,9 +557,16 @@ impl MemoryDesk {
                 run.agent.name
             )));
         };
+        // The ids it names are kept with it: classified with its text (an e-mail address named
+        // as a customer's id is personal data like one in the text).
+        let mut classified = args.text.clone();
+        for named in &args.entities {
+            classified.push('\n');
+            classified.push_str(&named.id);
+        }
         let found = self
             .classifier
-            .classify(&args.text)
+            .classify(&classified)
             .map_err(|e| MemoryError::Invalid(format!("text: {e}")))?;
         let entities = self.entities_of(&args)?;
         let scope = Self::bind(run, args.scope);
@@ -684,6 +696,17 @@ mod tests {
         .await
         .expect("decided");
         let id = kept.item.expect("kept");
+        // Personal data named as an id is personal data: not kept in the agent's memory.
+        let smuggled = remember(json!({
+            "text": "a note", "type": "fact", "scope": "agent",
+            "entities": [{"type": "service", "id": "jane.doe@example.com"}]
+        }))
+        .await
+        .expect("decided");
+        assert!(
+            matches!(&smuggled.decision, Promotion::Drop { reason } if reason.contains("email")),
+            "{smuggled:?}"
+        );
         remember(json!({"text": "deploys freeze on fridays", "type": "fact", "scope": "agent"}))
             .await
             .expect("decided");

@@ -35,6 +35,34 @@ const RUNNER_WRITES: [&str; 5] = [
     "failed",
 ];
 
+/// Why a call of a run about a subject carries identifiers the runner could have spelled a
+/// person's data into: they are recorded readable, and stay so after the person is erased. A
+/// runner makes a call id from the step and the call's place in it, and an idempotency key
+/// from a hash of the call; nothing else is taken.
+fn subject_run_identifiers(call_id: &str, idempotency_key: &str) -> Option<String> {
+    let digits = |text: &str, most: usize| {
+        !text.is_empty() && text.len() <= most && text.bytes().all(|b| b.is_ascii_digit())
+    };
+    let call_id_ok = call_id
+        .split_once('.')
+        .is_some_and(|(step, index)| digits(step, 9) && digits(index, 4));
+    if !call_id_ok {
+        return Some(format!(
+            "call_id {:?}: in a run about a subject a call id is <step>.<index> (digits)",
+            call_id.chars().take(32).collect::<String>()
+        ));
+    }
+    let key_ok = idempotency_key
+        .strip_prefix("ctxos-")
+        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    if !key_ok {
+        return Some(
+            "idempotency_key: in a run about a subject an idempotency key is ctxos- and 32 lowercase hex digits (a hash of the call)".into(),
+        );
+    }
+    None
+}
+
 /// Why a blob for a run about a subject was refused.
 const SUBJECT_BLOB: &str = "a run about a subject uploads only its bundle as stored (its personal parts encrypted) or entry bodies with every personal field encrypted";
 
@@ -520,6 +548,12 @@ where
                     value.len()
                 )));
             }
+        }
+        if caller.context.context.subject.is_some()
+            && let Some(problem) =
+                subject_run_identifiers(&request.envelope.call_id, &request.envelope.idempotency_key)
+        {
+            return Err(bad(problem));
         }
         let slot = service
             .slot(&caller, &request.tail.entries)
@@ -1057,4 +1091,42 @@ fn estimated_tokens(request: &crate::model::ModelRequest) -> u64 {
             .map(|t| t.description.len() + t.parameters.to_string().len())
             .sum::<usize>();
     (bytes as u64).div_ceil(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_run_identifiers;
+
+    #[test]
+    fn a_subject_runs_identifiers_are_only_what_a_runner_makes() {
+        let key = "ctxos-0123456789abcdef0123456789abcdef";
+        assert_eq!(subject_run_identifiers("3.0", key), None);
+        assert_eq!(subject_run_identifiers("123456789.9999", key), None);
+        for call_id in [
+            "",
+            "3",
+            "3.",
+            ".0",
+            "3.0.1",
+            "ana@example.com",
+            "3.x",
+            "1234567890.0",
+            "3.12345",
+        ] {
+            assert!(
+                subject_run_identifiers(call_id, key).is_some(),
+                "{call_id:?} taken"
+            );
+        }
+        for key in [
+            "",
+            "ctxos-",
+            "ctxos-0123456789ABCDEF0123456789abcdef",
+            "ctxos-0123456789abcdef0123456789abcde",
+            "ana.lopez@example.com",
+            "ctxos-ana.lopez@example.com.........",
+        ] {
+            assert!(subject_run_identifiers("3.0", key).is_some(), "{key:?} taken");
+        }
+    }
 }

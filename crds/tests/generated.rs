@@ -62,6 +62,7 @@ fn every_example_parses_into_its_typed_struct() {
                 "SandboxProfile" => serde_yaml::from_value::<SandboxProfile>(value).map(drop),
                 "Session" => serde_yaml::from_value::<Session>(value).map(drop),
                 "Consent" => serde_yaml::from_value::<contextos_crds::Consent>(value).map(drop),
+                "Ontology" => serde_yaml::from_value::<contextos_crds::Ontology>(value).map(drop),
                 "ConfigMap" | "Secret" => Ok(()),
                 other => panic!("{}: unexpected kind {other}", entry.display()),
             };
@@ -69,7 +70,14 @@ fn every_example_parses_into_its_typed_struct() {
             seen_kinds.insert(kind);
         }
     }
-    for kind in ["Agent", "ContextPack", "Policy", "SandboxProfile", "Session"] {
+    for kind in [
+        "Agent",
+        "ContextPack",
+        "Policy",
+        "SandboxProfile",
+        "Session",
+        "Ontology",
+    ] {
         assert!(seen_kinds.contains(kind), "examples have no {kind}");
     }
 }

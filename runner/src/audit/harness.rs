@@ -5,7 +5,9 @@
 
 use std::fmt;
 
-use contextos_crds::{AgentSpec, ContextPackSpec, PolicySpec, SandboxProfileSpec, SessionSpec};
+use contextos_crds::{
+    AgentSpec, ConsentSpec, ContextPackSpec, OntologySpec, PolicySpec, SandboxProfileSpec, SessionSpec,
+};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -87,6 +89,8 @@ pub struct Harness {
     pub context_packs: Vec<Object<ContextPackSpec>>,
     pub sandbox_profiles: Vec<Object<SandboxProfileSpec>>,
     pub sessions: Vec<Object<SessionSpec>>,
+    pub ontologies: Vec<Object<OntologySpec>>,
+    pub consents: Vec<Object<ConsentSpec>>,
     /// Every other object (Namespaces, admission policies, Deployments, ConfigMaps, …), whole.
     pub others: Vec<Object<Value>>,
     pub unreadable: Vec<Unreadable>,
@@ -130,7 +134,7 @@ impl Harness {
         let api_version = value["apiVersion"].as_str().unwrap_or_default();
         let ours = matches!(
             kind.as_str(),
-            "Agent" | "Policy" | "ContextPack" | "SandboxProfile" | "Session"
+            "Agent" | "Policy" | "ContextPack" | "SandboxProfile" | "Session" | "Ontology" | "Consent"
         );
         if api_version.starts_with("contextos.dev/") && (api_version != API_VERSION || !ours) {
             // A typo in the group's version or kind would otherwise pass as "not ours".
@@ -138,7 +142,7 @@ impl Harness {
                 (
                     "kind",
                     format!(
-                        "{kind:?} is not a ContextOS kind (Agent, Policy, ContextPack, SandboxProfile, Session)"
+                        "{kind:?} is not a ContextOS kind (Agent, Policy, ContextPack, SandboxProfile, Session, Ontology, Consent)"
                     ),
                 )
             } else {
@@ -168,6 +172,8 @@ impl Harness {
             "Policy" => typed(id, doc, &mut self.policies, &mut self.unreadable),
             "ContextPack" => typed(id, doc, &mut self.context_packs, &mut self.unreadable),
             "SandboxProfile" => typed(id, doc, &mut self.sandbox_profiles, &mut self.unreadable),
+            "Ontology" => typed(id, doc, &mut self.ontologies, &mut self.unreadable),
+            "Consent" => typed(id, doc, &mut self.consents, &mut self.unreadable),
             // Session, the only kind left (`ours` above).
             _ => typed(id, doc, &mut self.sessions, &mut self.unreadable),
         }
@@ -182,6 +188,8 @@ impl Harness {
             .chain(self.context_packs.iter().map(|o| (&o.id, &o.doc)))
             .chain(self.sandbox_profiles.iter().map(|o| (&o.id, &o.doc)))
             .chain(self.sessions.iter().map(|o| (&o.id, &o.doc)))
+            .chain(self.ontologies.iter().map(|o| (&o.id, &o.doc)))
+            .chain(self.consents.iter().map(|o| (&o.id, &o.doc)))
             .chain(self.others.iter().map(|o| (&o.id, &o.doc)))
             .chain(self.unreadable.iter().map(|o| (&o.id, &o.doc)))
     }
@@ -237,6 +245,8 @@ impl Harness {
             && self.context_packs.is_empty()
             && self.sandbox_profiles.is_empty()
             && self.sessions.is_empty()
+            && self.ontologies.is_empty()
+            && self.consents.is_empty()
             && self.unreadable.is_empty())
     }
 

@@ -5,6 +5,7 @@
 mod agent;
 pub mod install;
 mod live;
+mod ontology;
 mod openapi;
 mod policy;
 mod records;
@@ -28,6 +29,7 @@ pub fn catalogue() -> impl Iterator<Item = &'static (Rule, Check)> {
     [
         schema::RULES,
         agent::RULES,
+        ontology::RULES,
         tool::RULES,
         policy::RULES,
         sandbox::RULES,

@@ -95,7 +95,9 @@ fn unknown_fields(harness: &Harness, sink: &mut Sink<'_>) {
         .chain(harness.policies.iter().map(|o| (&o.id, &o.doc)))
         .chain(harness.context_packs.iter().map(|o| (&o.id, &o.doc)))
         .chain(harness.sandbox_profiles.iter().map(|o| (&o.id, &o.doc)))
-        .chain(harness.sessions.iter().map(|o| (&o.id, &o.doc)));
+        .chain(harness.sessions.iter().map(|o| (&o.id, &o.doc)))
+        .chain(harness.ontologies.iter().map(|o| (&o.id, &o.doc)))
+        .chain(harness.consents.iter().map(|o| (&o.id, &o.doc)));
     for (id, doc) in docs {
         let Some(schema) = schemas().get(&id.kind) else {
             continue;

@@ -88,6 +88,18 @@ pub fn decide(
     }
 }
 
+/// The entity types an Ontology declares and how their ids look: all of it a run reads.
+fn what_it_finds(ontology: Option<&contextos_crds::OntologySpec>) -> Vec<(&str, Option<&str>)> {
+    ontology
+        .map(|o| {
+            o.entity_types
+                .iter()
+                .map(|t| (t.name.as_str(), t.id_pattern.as_deref()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Zero divergence over the Agent's recent sessions, automatic.
 fn strict_default(agent: &str) -> PromotionSpec {
     let mut gate = PromotionSpec::default();
@@ -104,9 +116,10 @@ fn changed_beyond_gated_members(
     candidate: &Composition,
     members: &[Member<'_>],
 ) -> bool {
-    // The Ontology has no gate of its own: a change to it is replayed by the Agent's.
+    // The Ontology has no gate of its own: a change to what it finds is replayed by the
+    // Agent's (a reworded description finds nothing new).
     if spec_digest(&promoted.agent_spec) != spec_digest(&candidate.agent_spec)
-        || promoted.ontology != candidate.ontology
+        || what_it_finds(promoted.ontology.as_ref()) != what_it_finds(candidate.ontology.as_ref())
     {
         return true;
     }
@@ -533,6 +546,18 @@ mod tests {
         ));
         assert!(matches!(
             decide("ops", None, in_force(&before, &gates), &before.clone(), &members),
+            Need::Direct(..)
+        ));
+        // A reworded description finds the same entities: no replay for it.
+        let mut described = before.clone();
+        described.ontology = Some(
+            serde_yaml::from_str(
+                "entityTypes: [{name: customer-db, idPattern: 'db-[a-z]+', description: databases of customers}]",
+            )
+            .expect("ontology"),
+        );
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &described, &members),
             Need::Direct(..)
         ));
     }

@@ -285,7 +285,7 @@ impl ManifestSet {
     }
 
     /// The tenant's Ontology among the files: the one named `default`, as in a namespace.
-    fn ontology(&self) -> Result<Option<(&Manifest, contextos_crds::OntologySpec)>, ManifestError> {
+    pub fn ontology(&self) -> Result<Option<(&Manifest, contextos_crds::OntologySpec)>, ManifestError> {
         if let Some(other) = self
             .objects
             .iter()

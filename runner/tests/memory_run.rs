@@ -320,6 +320,38 @@ fn remembered_and_recalled_within_consent(cli: &Cli<'_>) {
         "{}",
         said(&judged)
     );
+    // A candidate Ontology is replayed like any revision: one that still declares invoices
+    // replays identically; one that no longer does would leave the pack's invoice source
+    // recalling an unknown type, and is refused naming it.
+    let ontology = cli.data_dir.join("candidate-ontology.yaml");
+    std::fs::copy(example().join("ontology.yaml"), &ontology).expect("copy");
+    let same = cli.ok(&[
+        "replay",
+        "--run",
+        &second,
+        "--candidate",
+        ontology.to_str().expect("path"),
+    ]);
+    assert!(same.contains("decisions identical"), "{same}");
+    std::fs::write(
+        &ontology,
+        "apiVersion: contextos.dev/v1alpha1\nkind: Ontology\nmetadata: {name: default}\nspec:\n  entityTypes:\n    - {name: ticket, idPattern: \"TCK-[0-9]{4,8}\"}\n",
+    )
+    .expect("write");
+    let judged = cli.run(&[
+        "replay",
+        "--run",
+        &second,
+        "--candidate",
+        ontology.to_str().expect("path"),
+    ]);
+    assert!(!judged.status.success(), "{}", said(&judged));
+    assert!(
+        said(&judged).contains("under the candidate Ontology")
+            && said(&judged).contains("spec.sources[1].memory.entityType"),
+        "{}",
+        said(&judged)
+    );
     cli.ok(&["records", "verify", "--all"]);
     erased_and_still_verifiable(cli, &first, &second);
 }

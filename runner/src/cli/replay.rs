@@ -200,13 +200,23 @@ fn candidate(paths: &[PathBuf]) -> anyhow::Result<Candidate> {
             packs.len()
         );
     }
-    if policies.is_empty() && packs.is_empty() {
-        bail!("the candidate files hold no Policy or ContextPack");
+    let ontology = match set.ontology()? {
+        Some((manifest, spec)) => {
+            contextos_runner::ontology::Ontology::compile(&spec).map_err(|e| {
+                anyhow::anyhow!("{}: Ontology {}: {e}", manifest.file.display(), manifest.name)
+            })?;
+            Some(spec)
+        }
+        None => None,
+    };
+    if policies.is_empty() && packs.is_empty() && ontology.is_none() {
+        bail!("the candidate files hold no Policy, ContextPack or Ontology");
     }
     Ok(Candidate {
         policies,
         context_pack: packs.pop(),
         composition: None,
+        ontology,
     })
 }
 

@@ -104,6 +104,8 @@ pub struct Candidate {
     pub context_pack: Option<NamedPack>,
     /// A whole Agent composition: replaces the agent spec, the pack and every policy.
     pub composition: Option<Composition>,
+    /// The namespace's Ontology as it would be.
+    pub ontology: Option<OntologySpec>,
 }
 
 /// A candidate that does not fit the bundle.
@@ -125,6 +127,10 @@ pub enum CandidateError {
         agent: String,
         expected: String,
     },
+    /// What the agent runs names an entity type the candidate's Ontology does not declare (or
+    /// the Ontology does not compile): such a revision would not become Ready.
+    #[error("under the candidate Ontology, agent {agent}: {problem}")]
+    Ontology { agent: String, problem: String },
 }
 
 /// `sha256:` digest of a spec (canonical JSON): the revision identity of packs and policies.
@@ -323,6 +329,35 @@ impl RunBundle {
             }
             self.context_pack.spec = pack.spec.clone();
         }
+        if let Some(ontology) = &candidate.ontology {
+            self.ontology = Some(ontology.clone());
+        }
+        if candidate.ontology.is_some() || candidate.composition.is_some() || candidate.context_pack.is_some()
+        {
+            self.check_entity_types()?;
+        }
         Ok(self)
+    }
+
+    /// Whether the tools and memory sources name only types of the bundle's Ontology.
+    fn check_entity_types(&self) -> Result<(), CandidateError> {
+        let problem = |problem: String| CandidateError::Ontology {
+            agent: self.agent.clone(),
+            problem,
+        };
+        let ontology = match &self.ontology {
+            Some(spec) => crate::ontology::Ontology::compile(spec).map_err(|e| problem(e.to_string()))?,
+            None => crate::ontology::Ontology::default(),
+        };
+        if let Some(found) = ontology.touches_problem(&self.agent_spec.tools) {
+            return Err(problem(found));
+        }
+        if let Some(found) = ontology.sources_problem(&self.context_pack.spec) {
+            return Err(problem(format!(
+                "ContextPack {}: {found}",
+                self.context_pack.name
+            )));
+        }
+        Ok(())
     }
 }

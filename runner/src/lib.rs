@@ -11,6 +11,7 @@ pub mod consent;
 pub mod context;
 pub mod gateway;
 pub mod http;
+pub mod insights;
 pub mod key_secrets;
 pub mod keys;
 pub mod manifests;

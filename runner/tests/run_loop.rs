@@ -399,3 +399,46 @@ fn the_audit_of_the_quickstarts_records_finds_what_the_run_did() {
         "{findings:#?}"
     );
 }
+
+/// `contextos insights` over the quickstart's own records: the denied namespace deletion is a
+/// pattern once one run is enough, pointing at the decision entry of that run; the approval of
+/// the restart is counted under its rule; and with the default of two runs nothing recurs.
+#[test]
+fn insights_over_the_quickstarts_records_point_at_what_the_run_did() {
+    let q = Quickstart::new(&[]);
+    q.drive(None);
+    let out = q.cli(&["insights", "--since", "1d", "--min-runs", "1", "--format", "json"]);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("a JSON report");
+    assert_eq!(report["runs"], 1, "{report:#}");
+    let insights = report["insights"].as_array().expect("insights");
+    let denial = insights
+        .iter()
+        .find(|i| i["kind"] == "repeated-denial" && i["about"] == "delete_namespace")
+        .unwrap_or_else(|| panic!("no denial insight: {report:#}"));
+    assert!(
+        denial["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("oncall-guardrails/no-namespace-deletion denied it")),
+        "{denial:#}"
+    );
+    let evidence = &denial["evidence"][0];
+    let run = evidence["runId"].as_str().expect("run id");
+    let shown = q.cli(&["records", "show", run]);
+    assert!(
+        shown.stdout.contains("no-namespace-deletion"),
+        "the evidence names a run whose record shows the denial:\n{}",
+        shown.stdout
+    );
+    let signals = &report["signals"]["agents"]["oncall-assistant"];
+    assert_eq!(
+        signals["rules"]["oncall-guardrails/destructive-needs-oncall"]["approvalsGranted"]["count"], 1,
+        "{signals:#}"
+    );
+    let text = q.cli(&["insights", "--since", "1d"]);
+    assert!(
+        text.stdout.contains("1 run(s) in the last 1d") && text.stdout.contains("no insights"),
+        "{}",
+        text.stdout
+    );
+}

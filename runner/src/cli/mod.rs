@@ -4,6 +4,7 @@ mod audit;
 mod capability;
 mod consent;
 mod gateway;
+mod insights;
 mod memory;
 mod promote;
 mod records;
@@ -78,6 +79,9 @@ enum Command {
     /// Audit an agent harness (manifest files, a GitOps repository, or the live cluster) for
     /// governance gaps: each finding with its rule, severity, object, field, line and fix.
     Audit(audit::AuditArgs),
+    /// What the records of a window show: signals per agent, tool, rule and source, and the
+    /// recurring patterns among them (insights), each with the runs it rests on.
+    Insights(insights::InsightsArgs),
     /// Tool declarations from what a tool server offers.
     #[command(subcommand)]
     Tools(tools::ToolsCommand),
@@ -109,6 +113,7 @@ impl Cli {
             Command::Gateway(args) => gateway::run(&self.global, args).await,
             Command::Capability(command) => capability::run(command).await,
             Command::Audit(args) => audit::run(&self.global, args).await,
+            Command::Insights(args) => insights::run(&self.global, args).await,
             Command::Tools(command) => tools::run(command).await,
             Command::Consent(command) => consent::run(&self.global, command).await,
             Command::Memory(command) => memory::run(&self.global, command).await,

@@ -1,0 +1,108 @@
+//! `contextos insights`: what the records of a window show — signals per agent, tool, rule and
+//! context source, and the insights grouped from them, strongest first, each with the runs and
+//! entries it rests on. Reads only; nothing is changed from here.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use contextos_runner::{
+    insights::{self, Gathered, Insight, Thresholds, synthesize},
+    records::{RunFilter, recorder::now_ms},
+};
+use serde_json::json;
+
+use super::{GlobalArgs, format_ms};
+
+#[derive(Debug, clap::Args)]
+pub struct InsightsArgs {
+    /// The window: runs started this long ago or later (e.g. 24h, 7d).
+    #[arg(long, default_value = "7d")]
+    since: String,
+    /// Only this agent's runs.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Runs a pattern must be seen in to be an insight.
+    #[arg(long, default_value_t = 2)]
+    min_runs: u64,
+    /// Approvals under a rule before "always granted" or "always refused" counts.
+    #[arg(long, default_value_t = 3)]
+    min_approvals: u64,
+    /// text (default) or json (the signals too).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+pub async fn run(global: &GlobalArgs, args: InsightsArgs) -> anyhow::Result<ExitCode> {
+    let tenant = global.tenant()?;
+    let store = global.open_records(&tenant).await?;
+    let window = super::parse_span("--since", &args.since)?;
+    let since_ms = now_ms().saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX));
+    let filter = RunFilter {
+        agent: args.agent.clone(),
+        since_ms: Some(since_ms),
+        ..RunFilter::default()
+    };
+    let gathered = insights::gather(&store, &tenant, &filter)
+        .await
+        .with_context(|| format!("reading the records of tenant {tenant}"))?;
+    let thresholds = Thresholds {
+        min_runs: args.min_runs,
+        min_approvals: args.min_approvals,
+    };
+    let found = synthesize(&gathered.signals, thresholds);
+    match args.format {
+        Format::Text => print!("{}", text(&gathered, &found, &args.since)),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "tenant": tenant.as_str(),
+                "sinceMs": since_ms,
+                "runs": gathered.runs,
+                "unreadable": gathered.unreadable,
+                "truncated": gathered.truncated,
+                "insights": found,
+                "signals": gathered.signals,
+            }))?
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn text(gathered: &Gathered, found: &[Insight], since: &str) -> String {
+    let mut out = format!("{} run(s) in the last {since}", gathered.runs);
+    if gathered.truncated {
+        out.push_str(&format!(" (the newest {}; narrow --since)", insights::MAX_RUNS));
+    }
+    out.push('\n');
+    for (run, why) in &gathered.unreadable {
+        out.push_str(&format!("  left out: run {run}: {why}\n"));
+    }
+    if found.is_empty() {
+        out.push_str("no insights: nothing recurred often enough (see --min-runs)\n");
+    }
+    for insight in found {
+        let runs: std::collections::BTreeSet<&str> =
+            insight.evidence.iter().map(|e| e.run_id.as_str()).collect();
+        out.push_str(&format!(
+            "\n{} — agent {}: {}\n  strength: {} run(s), {} time(s), newest {}\n  consider: {}\n  runs: {}\n",
+            serde_json::to_value(insight.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            insight.agent,
+            insight.summary,
+            insight.strength.runs,
+            insight.strength.count,
+            format_ms(insight.strength.newest_ms),
+            insight.consider,
+            runs.into_iter().collect::<Vec<_>>().join(" "),
+        ));
+    }
+    out
+}

@@ -1,0 +1,265 @@
+//! Signals and insights over recorded fixtures: three runs of one agent, written entry by entry
+//! as the gateway and the runner record them.
+
+use contextos_crds::{
+    common::{ToolKind, ToolRisk},
+    policy::PolicyEffect,
+};
+use serde_json::json;
+
+use super::{
+    signals::{RunEntries, Signals},
+    synthesize::{InsightKind, Thresholds, synthesize},
+};
+use crate::records::{
+    EntryBody, Hash, RecordEntry,
+    entry::{PolicyDecisionRecord, SourceNote, ToolCallRecord, Verdict},
+};
+
+fn call(id: &str, tool: &str, risk: ToolRisk) -> EntryBody {
+    EntryBody::ToolCallRequested(ToolCallRecord {
+        call_id: id.into(),
+        tool: tool.into(),
+        risk,
+        kind: ToolKind::Act,
+        arguments: json!({}),
+        idempotency_key: format!("k-{id}"),
+        call_hash: format!("h-{id}"),
+    })
+}
+
+fn decided(id: &str, rule: &str, effect: PolicyEffect, enforced: PolicyEffect, dry_run: bool) -> EntryBody {
+    EntryBody::PolicyDecision(PolicyDecisionRecord {
+        call_id: id.into(),
+        effect,
+        enforced,
+        rule: rule.into(),
+        reason: "r".into(),
+        dry_run,
+    })
+}
+
+fn granted(id: &str) -> EntryBody {
+    EntryBody::ApprovalGranted {
+        call_id: id.into(),
+        call_hash: format!("h-{id}"),
+        approver: "lee".into(),
+    }
+}
+
+fn critic(verdict: Verdict, looping: f64) -> EntryBody {
+    EntryBody::CriticVerdict {
+        step: 1,
+        verdict,
+        reason: "r".into(),
+        functional_state: json!({"budget": 0.1, "loop": looping, "evidence": 0.0, "gate": 0.0, "conflict": 0.0}),
+    }
+}
+
+fn failed(reason: &str) -> EntryBody {
+    EntryBody::Failed {
+        reason: reason.into(),
+        message: "m".into(),
+    }
+}
+
+fn run(id: &str, at: i64, bodies: Vec<EntryBody>) -> RunEntries {
+    let entries = bodies
+        .into_iter()
+        .enumerate()
+        .map(|(seq, body)| {
+            let entry = RecordEntry {
+                run_id: id.into(),
+                seq: seq as u64,
+                prev: None,
+                at_ms: at,
+                body,
+                vaulted: None,
+            };
+            (Hash::of(format!("{id}/{seq}").as_bytes()), entry)
+        })
+        .collect();
+    RunEntries {
+        run_id: id.into(),
+        agent: "sre".into(),
+        started_at_ms: at,
+        entries,
+    }
+}
+
+/// The fixture: a destructive restart approved in every run, a namespace deletion the model
+/// keeps asking for and a rule denies, two runs failing on a loop, one dead letter, a dryRun
+/// rule that would deny what was allowed, a source cut once.
+fn fixture() -> Signals {
+    use PolicyEffect::{Allow, Deny, RequireApproval};
+    let approve = |id: &str| {
+        vec![
+            call(id, "restart_deployment", ToolRisk::Destructive),
+            decided(id, "g/destructive", RequireApproval, RequireApproval, false),
+            granted(id),
+        ]
+    };
+    let mut r1 = approve("1.0");
+    r1.extend([
+        call("1.1", "delete_namespace", ToolRisk::Destructive),
+        decided("1.1", "g/no-delete", Deny, Deny, false),
+        EntryBody::Completed {
+            output: "{}".into(),
+            validators: Vec::new(),
+        },
+    ]);
+    let mut r2 = approve("1.0");
+    r2.extend([
+        call("1.1", "delete_namespace", ToolRisk::Destructive),
+        decided("1.1", "g/no-delete", Deny, Deny, false),
+        critic(Verdict::Halt, 0.6),
+        failed("Looping"),
+    ]);
+    let mut r3 = vec![EntryBody::ContextCompiled {
+        digest: "sha256:x".into(),
+        tokens: 10,
+        budget: 100,
+        sources: vec![SourceNote {
+            source: "runbooks".into(),
+            tokens: 5,
+            cut: Some("over its cap".into()),
+        }],
+    }];
+    r3.extend(approve("1.0"));
+    r3.extend([
+        call("1.1", "fetch_logs", ToolRisk::ReadOnly),
+        // As the gateway records them: a dryRun policy's decision (enforcing nothing) first.
+        decided("1.1", "shadow/strict", Deny, Allow, true),
+        decided("1.1", "g/reads", Allow, Allow, false),
+        EntryBody::DeadLettered {
+            call_id: "1.1".into(),
+            tool: "fetch_logs".into(),
+            idempotency_key: "k".into(),
+            attempts: 3,
+            error: "timeout".into(),
+        },
+        critic(Verdict::Escalate, 0.7),
+        failed("Looping"),
+    ]);
+    let mut signals = Signals::default();
+    for r in [run("r1", 1_000, r1), run("r2", 2_000, r2), run("r3", 3_000, r3)] {
+        signals.add(&r);
+    }
+    signals
+}
+
+#[test]
+fn signals_count_per_agent_tool_rule_and_source_with_their_entries() {
+    let signals = fixture();
+    let sre = &signals.agents["sre"];
+    assert_eq!((sre.runs, sre.completed), (3, 1));
+    assert_eq!(sre.failed["Looping"].runs, 2);
+    let delete = &sre.tools["delete_namespace"];
+    assert_eq!((delete.calls, delete.denied["g/no-delete"].count), (2, 2));
+    let evidence: Vec<(&str, u64)> = delete.denied["g/no-delete"]
+        .evidence
+        .iter()
+        .map(|e| (e.run_id.as_str(), e.seq))
+        .collect();
+    assert_eq!(
+        evidence,
+        [("r1", 4), ("r2", 4)],
+        "each points at the decision entry"
+    );
+    assert_eq!(evidence.len(), 2);
+    assert_eq!(sre.rules["g/destructive"].approvals_granted.count, 3);
+    assert_eq!(sre.tools["restart_deployment"].approvals_granted.runs, 3);
+    assert_eq!(sre.rules["g/destructive"].decided["require_approval"], 3);
+    assert_eq!(sre.rules["shadow/strict"].would_change.count, 1);
+    assert!(
+        !sre.rules["shadow/strict"].decided.contains_key("deny"),
+        "a dryRun decision is not counted as applied"
+    );
+    assert_eq!(sre.tools["fetch_logs"].dead_lettered.count, 1);
+    assert_eq!(sre.pressure["loop"].runs, 2);
+    assert_eq!(sre.critic["escalate"].count, 1);
+    assert_eq!(sre.critic["halt"].count, 1);
+    assert_eq!(sre.sources_cut["runbooks"].runs, 1);
+}
+
+#[test]
+fn insights_are_the_recurring_patterns_strongest_first() {
+    let insights = synthesize(&fixture(), Thresholds::default());
+    let seen: Vec<(InsightKind, &str, u64)> = insights
+        .iter()
+        .map(|i| (i.kind, i.about.as_str(), i.strength.runs))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (InsightKind::ApprovalsAlwaysGranted, "g/destructive", 3),
+            (InsightKind::RecurringFailure, "Looping", 2),
+            (InsightKind::Pressure, "loop", 2),
+            (InsightKind::RepeatedDenial, "delete_namespace", 2),
+            (InsightKind::DryRunWouldChange, "shadow/strict", 1),
+        ]
+    );
+    let denial = &insights[3];
+    assert!(
+        denial.summary.contains("g/no-delete denied it each time"),
+        "{}",
+        denial.summary
+    );
+    assert_eq!(denial.evidence.len(), 2);
+    assert_eq!(denial.strength.newest_ms, 2_000);
+    // The same signals, the same insights: nothing depends on the order runs were read in.
+    assert_eq!(insights, synthesize(&fixture(), Thresholds::default()));
+}
+
+#[test]
+fn thresholds_decide_what_is_a_pattern() {
+    let one = Thresholds {
+        min_runs: 1,
+        min_approvals: 3,
+    };
+    let kinds: Vec<InsightKind> = synthesize(&fixture(), one).iter().map(|i| i.kind).collect();
+    for kind in [
+        InsightKind::DeadLetters,
+        InsightKind::Escalations,
+        InsightKind::SourceCut,
+    ] {
+        assert!(kinds.contains(&kind), "{kind:?} missing at one run: {kinds:?}");
+    }
+    let strict = Thresholds {
+        min_runs: 4,
+        min_approvals: 4,
+    };
+    let kinds: Vec<InsightKind> = synthesize(&fixture(), strict).iter().map(|i| i.kind).collect();
+    assert_eq!(
+        kinds,
+        [InsightKind::DryRunWouldChange],
+        "only the would-be changes stay"
+    );
+}
+
+#[test]
+fn approvals_always_refused_suggest_a_deny() {
+    use PolicyEffect::RequireApproval;
+    let refused = |id: &str| EntryBody::ApprovalRefused {
+        call_id: id.into(),
+        call_hash: format!("h-{id}"),
+        approver: "lee".into(),
+        reason: "no".into(),
+    };
+    let mut signals = Signals::default();
+    for (i, at) in [1_000, 2_000, 3_000].into_iter().enumerate() {
+        signals.add(&run(
+            &format!("r{i}"),
+            at,
+            vec![
+                call("1.0", "scale_down", ToolRisk::Destructive),
+                decided("1.0", "g/scale", RequireApproval, RequireApproval, false),
+                refused("1.0"),
+            ],
+        ));
+    }
+    let insights = synthesize(&signals, Thresholds::default());
+    assert_eq!(insights.len(), 1);
+    assert_eq!(insights[0].kind, InsightKind::ApprovalsAlwaysRefused);
+    assert!(insights[0].consider.contains("make g/scale deny"));
+}

@@ -307,13 +307,16 @@ fn remembered_and_recalled_within_consent(cli: &Cli<'_>) {
         ),
     )
     .expect("write");
-    let judged = cli.run(&[
-        "replay",
-        "--run",
-        &second,
-        "--candidate",
-        candidate.to_str().expect("path"),
-    ]);
+    let replayed_under = |file: &Path| {
+        cli.run(&[
+            "replay",
+            "--run",
+            &second,
+            "--candidate",
+            file.to_str().expect("path"),
+        ])
+    };
+    let judged = replayed_under(&candidate);
     assert!(!judged.status.success(), "{}", said(&judged));
     assert!(
         said(&judged).contains("ContextPack memory source customer-memory asks for other memory"),
@@ -325,26 +328,15 @@ fn remembered_and_recalled_within_consent(cli: &Cli<'_>) {
     // recalling an unknown type, and is refused naming it.
     let ontology = cli.data_dir.join("candidate-ontology.yaml");
     std::fs::copy(example().join("ontology.yaml"), &ontology).expect("copy");
-    let same = cli.ok(&[
-        "replay",
-        "--run",
-        &second,
-        "--candidate",
-        ontology.to_str().expect("path"),
-    ]);
-    assert!(same.contains("decisions identical"), "{same}");
+    let same = replayed_under(&ontology);
+    assert!(same.status.success(), "{}", said(&same));
+    assert!(said(&same).contains("decisions identical"), "{}", said(&same));
     std::fs::write(
         &ontology,
         "apiVersion: contextos.dev/v1alpha1\nkind: Ontology\nmetadata: {name: default}\nspec:\n  entityTypes:\n    - {name: ticket, idPattern: \"TCK-[0-9]{4,8}\"}\n",
     )
     .expect("write");
-    let judged = cli.run(&[
-        "replay",
-        "--run",
-        &second,
-        "--candidate",
-        ontology.to_str().expect("path"),
-    ]);
+    let judged = replayed_under(&ontology);
     assert!(!judged.status.success(), "{}", said(&judged));
     assert!(
         said(&judged).contains("under the candidate Ontology")

@@ -87,21 +87,29 @@ fn text(gathered: &Gathered, found: &[Insight], since: &str) -> String {
         out.push_str("no insights: nothing recurred often enough (see --min-runs)\n");
     }
     for insight in found {
-        let runs: std::collections::BTreeSet<&str> =
-            insight.evidence.iter().map(|e| e.run_id.as_str()).collect();
+        // Newest first, each once; the evidence keeps the newest entries only.
+        let mut runs: Vec<&str> = Vec::new();
+        for entry in &insight.evidence {
+            if !runs.contains(&entry.run_id.as_str()) {
+                runs.push(&entry.run_id);
+            }
+        }
+        let more = insight.strength.runs.saturating_sub(runs.len() as u64);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "\n{} — agent {}: {}\n  strength: {} run(s), {} time(s), newest {}\n  consider: {}\n  runs: {}\n",
-            serde_json::to_value(insight.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            "\n{} — agent {}: {}\n  strength: {} run(s), {} time(s), newest {}\n  consider: {}\n  runs: {}{more}\n",
+            insight.kind.as_str(),
             insight.agent,
             insight.summary,
             insight.strength.runs,
             insight.strength.count,
             format_ms(insight.strength.newest_ms),
             insight.consider,
-            runs.into_iter().collect::<Vec<_>>().join(" "),
+            runs.join(" "),
         ));
     }
     out

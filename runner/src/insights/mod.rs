@@ -39,15 +39,17 @@ pub async fn gather<S: RecordStore>(
     tenant: &TenantId,
     filter: &RunFilter,
 ) -> Result<Gathered, ReadError> {
+    // One more than read, to tell a full window from a cut one.
     let filter = RunFilter {
-        limit: Some(filter.limit.unwrap_or(MAX_RUNS).min(MAX_RUNS)),
+        limit: Some(MAX_RUNS + 1),
         ..filter.clone()
     };
-    let summaries = store.list_runs(tenant, &filter).await?;
+    let mut summaries = store.list_runs(tenant, &filter).await?;
     let mut gathered = Gathered {
-        truncated: summaries.len() >= MAX_RUNS,
+        truncated: summaries.len() > MAX_RUNS,
         ..Gathered::default()
     };
+    summaries.truncate(MAX_RUNS);
     for summary in summaries {
         match read_run(store, tenant, &summary.run_id).await {
             Ok(entries) => {

@@ -1,29 +1,47 @@
 //! Signals from the records: what went wrong or was under pressure in the runs of a window,
 //! counted per agent, tool, rule and context source, each count with the entries it came from.
 //! Pure: a run's entries in, counts out (reading the store is [`super::gather`]'s).
+//!
+//! A run's entries are first folded per call, because a call can be recorded more than once: a
+//! call that waited for approval is sent again when the run resumes (requested and decided
+//! again), and a run resumed after a crash sends its last turn's calls again. Each call counts
+//! once, with its last decision and the last word on its approval.
 
 use std::collections::BTreeMap;
 
-use contextos_crds::policy::PolicyEffect;
+use contextos_crds::{agent::FunctionalSignal, policy::PolicyEffect};
 use serde::Serialize;
 
-use crate::records::{EntryBody, Hash, RecordEntry, entry::Verdict};
+use crate::{
+    policy::strictness,
+    records::{EntryBody, Hash, RecordEntry, entry::Verdict},
+    run::{critic, state::FunctionalState},
+};
 
 /// The most entries a signal lists as its evidence (it counts past that).
 pub const MAX_EVIDENCE: usize = 20;
 
-/// One entry a signal points at: the run, the entry's position and hash (which the chain's
-/// verification vouches for).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+/// One entry a signal points at: the run (and when it started), the entry's position and hash
+/// (which the chain's verification vouches for).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EntryRef {
     pub run_id: String,
+    pub run_started_ms: i64,
     pub seq: u64,
     pub hash: Hash,
 }
 
-/// A count and the entries behind it (the first [`MAX_EVIDENCE`]), and how many runs and when
-/// the newest of them started.
+impl EntryRef {
+    /// Newest run first, then by run and position: the evidence kept does not depend on the
+    /// order runs were read in.
+    fn order(&self) -> (std::cmp::Reverse<i64>, &str, u64) {
+        (std::cmp::Reverse(self.run_started_ms), &self.run_id, self.seq)
+    }
+}
+
+/// A count, how many runs it was seen in and when the newest started, and the entries behind
+/// it (those of the newest runs, at most [`MAX_EVIDENCE`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Tally {
@@ -31,25 +49,23 @@ pub struct Tally {
     pub runs: u64,
     pub newest_ms: i64,
     pub evidence: Vec<EntryRef>,
-    /// The last run counted (runs are counted once each).
+    /// The last run counted (a run's entries are counted together, so once each).
     #[serde(skip)]
     last_run: Option<String>,
 }
 
 impl Tally {
-    fn add(&mut self, run: &RunEntries, at: (u64, Hash)) {
+    fn add(&mut self, at: &EntryRef) {
         self.count += 1;
-        if self.last_run.as_deref() != Some(run.run_id.as_str()) {
+        if self.last_run.as_deref() != Some(at.run_id.as_str()) {
             self.runs += 1;
-            self.last_run = Some(run.run_id.clone());
+            self.last_run = Some(at.run_id.clone());
         }
-        self.newest_ms = self.newest_ms.max(run.started_at_ms);
-        if self.evidence.len() < MAX_EVIDENCE {
-            self.evidence.push(EntryRef {
-                run_id: run.run_id.clone(),
-                seq: at.0,
-                hash: at.1,
-            });
+        self.newest_ms = self.newest_ms.max(at.run_started_ms);
+        let place = self.evidence.partition_point(|e| e.order() < at.order());
+        if place < MAX_EVIDENCE {
+            self.evidence.insert(place, at.clone());
+            self.evidence.truncate(MAX_EVIDENCE);
         }
     }
 }
@@ -71,13 +87,20 @@ pub struct AgentSignals {
     pub completed: u64,
     /// Failed runs by reason code (`ValidationFailed`, `Looping`, `BudgetExhausted`, …).
     pub failed: BTreeMap<String, Tally>,
-    /// Critic verdicts other than continue: `revise`, `halt`, `escalate`.
+    /// Critic verdicts other than continue — `revise`, `halt`, `escalate` — not counting the
+    /// pauses for an approval (recorded as escalations to the approvers).
     pub critic: BTreeMap<String, Tally>,
-    /// Steps where a Functional State signal was raised (budget ≥ 0.8, loop/gate/conflict ≥
-    /// 0.5, evidence 1.0), by signal.
+    /// Steps where a Functional State signal was raised, at the critic's own thresholds for a
+    /// step that calls tools (`budget`, `loop`, `gate`, `conflict`; an answer without evidence
+    /// shows as a `revise` verdict). Not counting the steps that paused for an approval.
     pub pressure: BTreeMap<String, Tally>,
+    /// Steps whose Functional State could not be read (a run about a person since erased).
+    pub unreadable_states: u64,
     pub tools: BTreeMap<String, ToolSignals>,
     pub rules: BTreeMap<String, RuleSignals>,
+    /// Calls refused before they were taken as a call of a tool (a tool the agent does not
+    /// have, outside the run's scope, over its call budget), by the rule that refused.
+    pub refused_unlisted: BTreeMap<String, Tally>,
     /// ContextPack sources cut to fit the context, by source.
     pub sources_cut: BTreeMap<String, Tally>,
 }
@@ -87,9 +110,11 @@ pub struct AgentSignals {
 #[serde(rename_all = "camelCase")]
 pub struct ToolSignals {
     pub calls: u64,
-    /// Denials by the rule that denied.
+    /// Calls a policy denied, by the rule that denied.
     pub denied: BTreeMap<String, Tally>,
     pub dead_lettered: Tally,
+    /// Calls whose approval was, in the end, granted or refused (a refusal is also an approval
+    /// that did not match the call).
     pub approvals_granted: Tally,
     pub approvals_refused: Tally,
 }
@@ -98,11 +123,12 @@ pub struct ToolSignals {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RuleSignals {
-    /// Decisions it made, by effect (`allow`, `deny`, `require_approval`).
-    pub decided: BTreeMap<String, u64>,
-    /// Decisions of a dryRun policy's rule that differ from the decision applied to the call.
+    /// Calls it decided, by effect (`allow`, `deny`, `require_approval`).
+    pub decided: BTreeMap<&'static str, u64>,
+    /// For a dryRun policy's rule: calls it would have decided more strictly than the decision
+    /// applied (enforcing it could change only those: the strictest verdict wins).
     pub would_change: Tally,
-    /// Approvals asked for under it: granted and refused.
+    /// Calls that asked for approval under it, granted or refused in the end.
     pub approvals_granted: Tally,
     pub approvals_refused: Tally,
 }
@@ -114,7 +140,7 @@ pub struct Signals {
     pub agents: BTreeMap<String, AgentSignals>,
 }
 
-fn effect_name(effect: PolicyEffect) -> &'static str {
+pub fn effect_name(effect: PolicyEffect) -> &'static str {
     match effect {
         PolicyEffect::Allow => "allow",
         PolicyEffect::Deny => "deny",
@@ -131,19 +157,149 @@ fn verdict_name(verdict: Verdict) -> Option<&'static str> {
     }
 }
 
-/// The Functional State signals a step's state raises (the critic's thresholds).
-fn raised(state: &serde_json::Value) -> Vec<&'static str> {
-    let level = |name: &str| state.get(name).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-    [
-        ("budget", level("budget") >= 0.8),
-        ("loop", level("loop") >= 0.5),
-        ("evidence", level("evidence") >= 1.0),
-        ("gate", level("gate") >= 0.5),
-        ("conflict", level("conflict") >= 0.5),
-    ]
-    .into_iter()
-    .filter_map(|(name, up)| up.then_some(name))
-    .collect()
+/// One call of a run, folded from however many times it was recorded.
+#[derive(Debug, Default)]
+struct CallFold<'e> {
+    /// As the model asked for it; none when refused before it was taken as a tool's call.
+    tool: Option<&'e str>,
+    /// The last applied decision: rule, effect, where.
+    applied: Option<(&'e str, PolicyEffect, EntryRef)>,
+    /// dryRun decisions, by rule (the last of each).
+    shadows: BTreeMap<&'e str, (PolicyEffect, EntryRef)>,
+    /// The last word on its approval: granted or not, where.
+    approval: Option<(bool, EntryRef)>,
+    dead_lettered: Option<EntryRef>,
+}
+
+/// A run's calls in the order they were first recorded.
+fn fold_calls(run: &RunEntries) -> Vec<CallFold<'_>> {
+    let mut order: Vec<&str> = Vec::new();
+    let mut calls: BTreeMap<&str, CallFold<'_>> = BTreeMap::new();
+    for (hash, entry) in &run.entries {
+        let id = match &entry.body {
+            EntryBody::ToolCallRequested(call) => &call.call_id,
+            EntryBody::PolicyDecision(d) => &d.call_id,
+            EntryBody::ApprovalGranted { call_id, .. }
+            | EntryBody::ApprovalRefused { call_id, .. }
+            | EntryBody::DeadLettered { call_id, .. } => call_id,
+            _ => continue,
+        };
+        if !calls.contains_key(id.as_str()) {
+            order.push(id);
+        }
+        let fold = calls.entry(id).or_default();
+        let at = entry_ref(run, entry, hash);
+        match &entry.body {
+            EntryBody::ToolCallRequested(call) => fold.tool = Some(&call.tool),
+            EntryBody::PolicyDecision(d) if d.dry_run => {
+                fold.shadows.insert(&d.rule, (d.effect, at));
+            }
+            EntryBody::PolicyDecision(d) => fold.applied = Some((&d.rule, d.enforced, at)),
+            EntryBody::ApprovalGranted { .. } => fold.approval = Some((true, at)),
+            EntryBody::ApprovalRefused { .. } => fold.approval = Some((false, at)),
+            EntryBody::DeadLettered { tool, .. } => {
+                fold.tool = fold.tool.or(Some(tool));
+                fold.dead_lettered = Some(at);
+            }
+            _ => {}
+        }
+    }
+    order.into_iter().filter_map(|id| calls.remove(id)).collect()
+}
+
+fn entry_ref(run: &RunEntries, entry: &RecordEntry, hash: &Hash) -> EntryRef {
+    EntryRef {
+        run_id: run.run_id.clone(),
+        run_started_ms: run.started_at_ms,
+        seq: entry.seq,
+        hash: *hash,
+    }
+}
+
+impl AgentSignals {
+    /// Counts one folded call.
+    fn count_call(&mut self, call: CallFold<'_>) {
+        let Some((rule, effect, decided_at)) = call.applied else {
+            // Never decided (a result read without its request): nothing to judge.
+            return;
+        };
+        *self
+            .rules
+            .entry(rule.to_owned())
+            .or_default()
+            .decided
+            .entry(effect_name(effect))
+            .or_default() += 1;
+        for (shadow, (would, at)) in &call.shadows {
+            if strictness(*would) > strictness(effect) {
+                self.rules
+                    .entry((*shadow).to_owned())
+                    .or_default()
+                    .would_change
+                    .add(at);
+            }
+        }
+        let Some(tool) = call.tool else {
+            if effect == PolicyEffect::Deny {
+                self.refused_unlisted
+                    .entry(rule.to_owned())
+                    .or_default()
+                    .add(&decided_at);
+            }
+            return;
+        };
+        let by_tool = self.tools.entry(tool.to_owned()).or_default();
+        by_tool.calls += 1;
+        // The gateway's own refusals (a call whose outcome is unknown, …) are no policy's.
+        if effect == PolicyEffect::Deny && !rule.starts_with("gateway/") {
+            by_tool
+                .denied
+                .entry(rule.to_owned())
+                .or_default()
+                .add(&decided_at);
+        }
+        if let Some(at) = &call.dead_lettered {
+            by_tool.dead_lettered.add(at);
+        }
+        if let Some((granted, at)) = &call.approval {
+            let by_rule = self.rules.entry(rule.to_owned()).or_default();
+            let (tool_tally, rule_tally) = if *granted {
+                (&mut by_tool.approvals_granted, &mut by_rule.approvals_granted)
+            } else {
+                (&mut by_tool.approvals_refused, &mut by_rule.approvals_refused)
+            };
+            tool_tally.add(at);
+            if effect == PolicyEffect::RequireApproval {
+                rule_tally.add(at);
+            }
+        }
+    }
+
+    /// Counts a critic verdict and the signals its step raised; `paused`: the step ended
+    /// waiting for an approval (its escalation is to the approvers, its gate signal the wait).
+    fn count_verdict(&mut self, verdict: Verdict, state: &serde_json::Value, at: &EntryRef, paused: bool) {
+        if paused && verdict == Verdict::Escalate {
+            return;
+        }
+        if let Some(name) = verdict_name(verdict) {
+            self.critic.entry(name.into()).or_default().add(at);
+        }
+        let Ok(state) = serde_json::from_value::<FunctionalState>(state.clone()) else {
+            self.unreadable_states += 1;
+            return;
+        };
+        for signal in [
+            FunctionalSignal::Budget,
+            FunctionalSignal::Loop,
+            FunctionalSignal::Gate,
+            FunctionalSignal::Conflict,
+        ] {
+            if critic::raised(signal, &state, false) {
+                let name = critic::signal_name(signal);
+                self.pressure.entry(name.into()).or_default().add(at);
+            }
+        }
+    }
 }
 
 impl Signals {
@@ -151,97 +307,25 @@ impl Signals {
     pub fn add(&mut self, run: &RunEntries) {
         let agent = self.agents.entry(run.agent.clone()).or_default();
         agent.runs += 1;
-        // Calls by id: their tool, and the rule their approval was asked under.
-        let mut tools: BTreeMap<&str, &str> = BTreeMap::new();
-        let mut gated: BTreeMap<&str, String> = BTreeMap::new();
-        // dryRun decisions of a call, judged once the applied one is read (they come first).
-        let mut shadows: Vec<(&str, &str, PolicyEffect, (u64, Hash))> = Vec::new();
+        for call in fold_calls(run) {
+            agent.count_call(call);
+        }
+        // Whether an approval was asked for and not yet answered (the step pauses).
+        let mut waiting = false;
         for (hash, entry) in &run.entries {
-            let at = (entry.seq, *hash);
+            let at = entry_ref(run, entry, hash);
             match &entry.body {
-                EntryBody::ToolCallRequested(call) => {
-                    tools.insert(&call.call_id, &call.tool);
-                    agent.tools.entry(call.tool.clone()).or_default().calls += 1;
-                }
-                EntryBody::PolicyDecision(decision) => {
-                    if decision.dry_run {
-                        shadows.push((&decision.call_id, &decision.rule, decision.effect, at));
-                        continue;
-                    }
-                    for (_, shadow, effect, at) in shadows.iter().filter(|s| s.0 == decision.call_id) {
-                        if *effect != decision.enforced {
-                            agent
-                                .rules
-                                .entry((*shadow).to_owned())
-                                .or_default()
-                                .would_change
-                                .add(run, *at);
-                        }
-                    }
-                    shadows.retain(|s| s.0 != decision.call_id);
-                    let rule = agent.rules.entry(decision.rule.clone()).or_default();
-                    *rule
-                        .decided
-                        .entry(effect_name(decision.enforced).into())
-                        .or_default() += 1;
-                    match decision.enforced {
-                        PolicyEffect::Deny => {
-                            let tool = tools
-                                .get(decision.call_id.as_str())
-                                .copied()
-                                .unwrap_or("(unknown)");
-                            agent
-                                .tools
-                                .entry(tool.to_owned())
-                                .or_default()
-                                .denied
-                                .entry(decision.rule.clone())
-                                .or_default()
-                                .add(run, at);
-                        }
-                        PolicyEffect::RequireApproval => {
-                            gated.insert(&decision.call_id, decision.rule.clone());
-                        }
-                        PolicyEffect::Allow => {}
-                    }
-                }
-                EntryBody::ApprovalGranted { call_id, .. } | EntryBody::ApprovalRefused { call_id, .. } => {
-                    let granted = matches!(entry.body, EntryBody::ApprovalGranted { .. });
-                    let tool = tools.get(call_id.as_str()).copied().unwrap_or("(unknown)");
-                    let by_tool = agent.tools.entry(tool.to_owned()).or_default();
-                    if granted {
-                        by_tool.approvals_granted.add(run, at);
-                    } else {
-                        by_tool.approvals_refused.add(run, at);
-                    }
-                    if let Some(rule) = gated.get(call_id.as_str()) {
-                        let by_rule = agent.rules.entry(rule.clone()).or_default();
-                        if granted {
-                            by_rule.approvals_granted.add(run, at);
-                        } else {
-                            by_rule.approvals_refused.add(run, at);
-                        }
-                    }
-                }
-                EntryBody::DeadLettered { tool, .. } => {
-                    agent
-                        .tools
-                        .entry(tool.clone())
-                        .or_default()
-                        .dead_lettered
-                        .add(run, at);
-                }
+                EntryBody::ApprovalRequested { .. } => waiting = true,
+                EntryBody::ApprovalGranted { .. }
+                | EntryBody::ApprovalRefused { .. }
+                | EntryBody::ToolResult(_) => waiting = false,
                 EntryBody::CriticVerdict {
                     verdict,
                     functional_state,
                     ..
                 } => {
-                    if let Some(name) = verdict_name(*verdict) {
-                        agent.critic.entry(name.into()).or_default().add(run, at);
-                    }
-                    for signal in raised(functional_state) {
-                        agent.pressure.entry(signal.into()).or_default().add(run, at);
-                    }
+                    agent.count_verdict(*verdict, functional_state, &at, waiting);
+                    waiting = false;
                 }
                 EntryBody::ContextCompiled { sources, .. } => {
                     for source in sources.iter().filter(|s| s.cut.is_some()) {
@@ -249,12 +333,12 @@ impl Signals {
                             .sources_cut
                             .entry(source.source.clone())
                             .or_default()
-                            .add(run, at);
+                            .add(&at);
                     }
                 }
                 EntryBody::Completed { .. } => agent.completed += 1,
                 EntryBody::Failed { reason, .. } => {
-                    agent.failed.entry(reason.clone()).or_default().add(run, at);
+                    agent.failed.entry(reason.clone()).or_default().add(&at);
                 }
                 _ => {}
             }

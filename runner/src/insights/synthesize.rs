@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use super::signals::{EntryRef, Signals, Tally};
+use super::signals::{AgentSignals, EntryRef, Signals, Tally};
 
 /// What kind of pattern an insight is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -29,6 +29,22 @@ pub enum InsightKind {
     Escalations,
     /// A context source keeps being cut to fit.
     SourceCut,
+}
+
+impl InsightKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RecurringFailure => "recurring-failure",
+            Self::RepeatedDenial => "repeated-denial",
+            Self::ApprovalsAlwaysGranted => "approvals-always-granted",
+            Self::ApprovalsAlwaysRefused => "approvals-always-refused",
+            Self::DeadLetters => "dead-letters",
+            Self::DryRunWouldChange => "dry-run-would-change",
+            Self::Pressure => "pressure",
+            Self::Escalations => "escalations",
+            Self::SourceCut => "source-cut",
+        }
+    }
 }
 
 /// How strong an insight is.
@@ -104,132 +120,10 @@ fn insight(
 /// agent and subject.
 pub fn synthesize(signals: &Signals, thresholds: Thresholds) -> Vec<Insight> {
     let mut out = Vec::new();
-    let enough = |t: &Tally| t.runs >= thresholds.min_runs.max(1);
     for (agent, s) in &signals.agents {
-        for (reason, tally) in s.failed.iter().filter(|(_, t)| enough(t)) {
-            out.push(insight(
-                InsightKind::RecurringFailure,
-                agent,
-                reason,
-                tally,
-                format!("{} of {} runs of agent {agent} failed with {reason}", tally.runs, s.runs),
-                match reason.as_str() {
-                    "ValidationFailed" => "say in the ContextPack's instructions what a valid answer looks like, or review the validators".into(),
-                    "Looping" => "a budget per tool (Policy budget.maxCallsPerTool) or instructions on when to stop".into(),
-                    r if r.contains("Budget") => "a larger run budget if the work needs it, or a tighter task".into(),
-                    _ => "read the runs' records (contextos records show <run>)".into(),
-                },
-            ));
-        }
-        for (tool, t) in &s.tools {
-            for (rule, tally) in t.denied.iter().filter(|(_, t)| enough(t)) {
-                out.push(insight(
-                    InsightKind::RepeatedDenial,
-                    agent,
-                    tool,
-                    tally,
-                    format!(
-                        "agent {agent} asked for {tool} {} time(s) in {} runs and {rule} denied it each time",
-                        tally.count, tally.runs
-                    ),
-                    format!("tell the agent in its ContextPack that {tool} is not for it (or when it is), or remove the tool from the Agent"),
-                ));
-            }
-            if enough(&t.dead_lettered) {
-                out.push(insight(
-                    InsightKind::DeadLetters,
-                    agent,
-                    tool,
-                    &t.dead_lettered,
-                    format!(
-                        "calls of {tool} failed for good {} time(s) in {} runs",
-                        t.dead_lettered.count, t.dead_lettered.runs
-                    ),
-                    format!("check {tool}'s endpoint and timeout; a retry policy only if it is idempotent"),
-                ));
-            }
-        }
-        for (rule, r) in &s.rules {
-            let (granted, refused) = (&r.approvals_granted, &r.approvals_refused);
-            if granted.count >= thresholds.min_approvals && refused.count == 0 && enough(granted) {
-                out.push(insight(
-                    InsightKind::ApprovalsAlwaysGranted,
-                    agent,
-                    rule,
-                    granted,
-                    format!("all {} approvals asked under {rule} were granted", granted.count),
-                    format!("a CEL condition on {rule} that asks only for the calls people actually weigh, if the approvals are a formality"),
-                ));
-            }
-            if refused.count >= thresholds.min_approvals && granted.count == 0 && enough(refused) {
-                out.push(insight(
-                    InsightKind::ApprovalsAlwaysRefused,
-                    agent,
-                    rule,
-                    refused,
-                    format!("all {} approvals asked under {rule} were refused", refused.count),
-                    format!("make {rule} deny: nobody approves these calls"),
-                ));
-            }
-            if r.would_change.count > 0 {
-                out.push(insight(
-                    InsightKind::DryRunWouldChange,
-                    agent,
-                    rule,
-                    &r.would_change,
-                    format!(
-                        "dryRun rule {rule} would have changed {} decision(s) in {} runs",
-                        r.would_change.count, r.would_change.runs
-                    ),
-                    format!("review those decisions, then enforce the policy of {rule} or change the rule"),
-                ));
-            }
-        }
-        for (signal, tally) in s.pressure.iter().filter(|(_, t)| enough(t)) {
-            out.push(insight(
-                InsightKind::Pressure,
-                agent,
-                signal,
-                tally,
-                format!(
-                    "{} runs of agent {agent} raised the {signal} signal ({} step(s))",
-                    tally.runs, tally.count
-                ),
-                match signal.as_str() {
-                    "budget" => "a budget that fits the work, or a narrower task".into(),
-                    "loop" => "instructions on when to stop repeating a call, or a per-tool budget".into(),
-                    "evidence" => "tools or sources that give the answer its evidence".into(),
-                    "gate" => {
-                        "rules that let the routine calls through, or fewer tools the agent may not use"
-                            .into()
-                    }
-                    _ => "instructions that tell the agent what policy does not allow".into(),
-                },
-            ));
-        }
-        if let Some(tally) = s.critic.get("escalate").filter(|t| enough(t)) {
-            out.push(insight(
-                InsightKind::Escalations,
-                agent,
-                "escalate",
-                tally,
-                format!(
-                    "the critic escalated {} time(s) in {} runs",
-                    tally.count, tally.runs
-                ),
-                "look at what the escalations have in common; the Agent's critic.escalateOn says when".into(),
-            ));
-        }
-        for (source, tally) in s.sources_cut.iter().filter(|(_, t)| enough(t)) {
-            out.push(insight(
-                InsightKind::SourceCut,
-                agent,
-                source,
-                tally,
-                format!("context source {source} was cut to fit in {} runs", tally.runs),
-                format!("a larger maxTokens for {source}, a higher priority, or a shorter source"),
-            ));
-        }
+        run_insights(agent, s, thresholds, &mut out);
+        tool_insights(agent, s, thresholds, &mut out);
+        rule_insights(agent, s, thresholds, &mut out);
     }
     out.sort_by(|a, b| {
         b.strength
@@ -241,4 +135,177 @@ pub fn synthesize(signals: &Signals, thresholds: Thresholds) -> Vec<Insight> {
             .then(a.about.cmp(&b.about))
     });
     out
+}
+
+fn enough(tally: &Tally, thresholds: Thresholds) -> bool {
+    tally.runs >= thresholds.min_runs.max(1)
+}
+
+/// Failures, pressure, escalations and sources cut: how the agent's runs went.
+fn run_insights(agent: &str, s: &AgentSignals, thresholds: Thresholds, out: &mut Vec<Insight>) {
+    for (reason, tally) in s.failed.iter().filter(|(_, t)| enough(t, thresholds)) {
+        let consider = match reason.as_str() {
+            "ValidationFailed" => {
+                "say in the ContextPack's instructions what a valid answer looks like, or review the validators"
+            }
+            "Looping" => "a budget per tool (Policy budget.maxCallsPerTool) or instructions on when to stop",
+            r if r.contains("Budget") => "a larger run budget if the work needs it, or a narrower task",
+            _ => "read the runs' records (contextos records show <run>)",
+        };
+        let summary = format!(
+            "{} of {} runs of agent {agent} failed with {reason}",
+            tally.runs, s.runs
+        );
+        out.push(insight(
+            InsightKind::RecurringFailure,
+            agent,
+            reason,
+            tally,
+            summary,
+            consider.into(),
+        ));
+    }
+    for (signal, tally) in s.pressure.iter().filter(|(_, t)| enough(t, thresholds)) {
+        let consider = match signal.as_str() {
+            "budget" => "a budget that fits the work, or a narrower task",
+            "loop" => "instructions on when to stop repeating a call, or a per-tool budget",
+            "gate" => "rules that let the routine calls through, or fewer tools the agent may not use",
+            _ => "instructions that tell the agent what policy does not allow",
+        };
+        let summary = format!(
+            "{} runs of agent {agent} raised the {signal} signal ({} step(s))",
+            tally.runs, tally.count
+        );
+        out.push(insight(
+            InsightKind::Pressure,
+            agent,
+            signal,
+            tally,
+            summary,
+            consider.into(),
+        ));
+    }
+    if let Some(tally) = s.critic.get("escalate").filter(|t| enough(t, thresholds)) {
+        let summary = format!(
+            "the critic escalated {} time(s) in {} runs",
+            tally.count, tally.runs
+        );
+        let consider = "look at what the escalations have in common; the Agent's critic.escalateOn says when";
+        out.push(insight(
+            InsightKind::Escalations,
+            agent,
+            "escalate",
+            tally,
+            summary,
+            consider.into(),
+        ));
+    }
+    for (source, tally) in s.sources_cut.iter().filter(|(_, t)| enough(t, thresholds)) {
+        let summary = format!("context source {source} was cut to fit in {} runs", tally.runs);
+        let consider = format!("a larger maxTokens for {source}, a higher priority, or a shorter source");
+        out.push(insight(
+            InsightKind::SourceCut,
+            agent,
+            source,
+            tally,
+            summary,
+            consider,
+        ));
+    }
+}
+
+/// Denials the model keeps running into and calls that keep failing, per tool.
+fn tool_insights(agent: &str, s: &AgentSignals, thresholds: Thresholds, out: &mut Vec<Insight>) {
+    for (tool, t) in &s.tools {
+        for (rule, tally) in t.denied.iter().filter(|(_, t)| enough(t, thresholds)) {
+            let summary = format!(
+                "agent {agent} asked for {tool} in {} call(s) over {} runs and {rule} denied it each time",
+                tally.count, tally.runs
+            );
+            let consider = format!(
+                "tell the agent in its ContextPack that {tool} is not for it (or when it is), or remove the tool from the Agent"
+            );
+            out.push(insight(
+                InsightKind::RepeatedDenial,
+                agent,
+                tool,
+                tally,
+                summary,
+                consider,
+            ));
+        }
+        if enough(&t.dead_lettered, thresholds) {
+            let tally = &t.dead_lettered;
+            let summary = format!(
+                "calls of {tool} failed for good {} time(s) in {} runs",
+                tally.count, tally.runs
+            );
+            let consider =
+                format!("check {tool}'s endpoint and timeout; a retry policy only if it is idempotent");
+            out.push(insight(
+                InsightKind::DeadLetters,
+                agent,
+                tool,
+                tally,
+                summary,
+                consider,
+            ));
+        }
+    }
+}
+
+/// Approvals always given or always refused, and dryRun rules that would change decisions.
+fn rule_insights(agent: &str, s: &AgentSignals, thresholds: Thresholds, out: &mut Vec<Insight>) {
+    for (rule, r) in &s.rules {
+        let (granted, refused) = (&r.approvals_granted, &r.approvals_refused);
+        if granted.count >= thresholds.min_approvals && refused.count == 0 && enough(granted, thresholds) {
+            let summary = format!(
+                "all {} calls that asked for approval under {rule} were approved",
+                granted.count
+            );
+            let consider = format!(
+                "a CEL condition on {rule} that asks only for the calls people actually weigh, if the approvals are a formality"
+            );
+            out.push(insight(
+                InsightKind::ApprovalsAlwaysGranted,
+                agent,
+                rule,
+                granted,
+                summary,
+                consider,
+            ));
+        }
+        if refused.count >= thresholds.min_approvals && granted.count == 0 && enough(refused, thresholds) {
+            let summary = format!(
+                "none of the {} calls that asked for approval under {rule} was approved (refused, or the approval did not match the call)",
+                refused.count
+            );
+            let consider = format!("make {rule} deny, if nobody approves these calls");
+            out.push(insight(
+                InsightKind::ApprovalsAlwaysRefused,
+                agent,
+                rule,
+                refused,
+                summary,
+                consider,
+            ));
+        }
+        if r.would_change.count > 0 {
+            let tally = &r.would_change;
+            let summary = format!(
+                "dryRun rule {rule} would have decided {} call(s) in {} runs more strictly than what was applied",
+                tally.count, tally.runs
+            );
+            let consider =
+                format!("review those calls, then enforce the policy of {rule} or change the rule");
+            out.push(insight(
+                InsightKind::DryRunWouldChange,
+                agent,
+                rule,
+                tally,
+                summary,
+                consider,
+            ));
+        }
+    }
 }

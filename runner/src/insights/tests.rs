@@ -87,34 +87,69 @@ fn run(id: &str, at: i64, bodies: Vec<EntryBody>) -> RunEntries {
     }
 }
 
-/// The fixture: a destructive restart approved in every run, a namespace deletion the model
-/// keeps asking for and a rule denies, two runs failing on a loop, one dead letter, a dryRun
-/// rule that would deny what was allowed, a source cut once.
-fn fixture() -> Signals {
-    use PolicyEffect::{Allow, Deny, RequireApproval};
-    let approve = |id: &str| {
+fn requested(id: &str) -> EntryBody {
+    EntryBody::ApprovalRequested {
+        call_id: id.into(),
+        call_hash: format!("h-{id}"),
+        approvers: vec!["group:sre-oncall".into()],
+    }
+}
+
+fn result(id: &str) -> EntryBody {
+    EntryBody::ToolResult(crate::records::entry::ToolResultRecord {
+        call_id: id.into(),
+        ok: true,
+        output: json!({}),
+        error: None,
+        attempts: 1,
+        truncated: false,
+    })
+}
+
+/// A destructive restart as the gateway and the runner record it: asked for, held for
+/// approval (the step pauses: an escalation to the approvers, the gate signal up), then sent
+/// again when the run resumes, decided again, approved and carried out.
+fn approved_restart(id: &str) -> Vec<EntryBody> {
+    use PolicyEffect::RequireApproval;
+    let paused = EntryBody::CriticVerdict {
+        step: 1,
+        verdict: Verdict::Escalate,
+        reason: "call of restart_deployment waits for a human's approval".into(),
+        functional_state: json!({"budget": 0.1, "loop": 0.0, "evidence": 0.0, "gate": 1.0, "conflict": 0.0}),
+    };
+    vec![
+        call(id, "restart_deployment", ToolRisk::Destructive),
+        decided(id, "g/destructive", RequireApproval, RequireApproval, false),
+        requested(id),
+        paused,
+        call(id, "restart_deployment", ToolRisk::Destructive),
+        decided(id, "g/destructive", RequireApproval, RequireApproval, false),
+        granted(id),
+        result(id),
+    ]
+}
+
+/// The fixture: a restart approved in every run, a namespace deletion the model asks for in
+/// every run and a rule denies, two runs failing on a loop (one escalated), one dead letter, a
+/// dryRun rule that would deny what was allowed and one that would allow what was denied, a
+/// source cut once.
+fn runs() -> Vec<RunEntries> {
+    use PolicyEffect::{Allow, Deny};
+    let denied_delete = |id: &str| {
         vec![
-            call(id, "restart_deployment", ToolRisk::Destructive),
-            decided(id, "g/destructive", RequireApproval, RequireApproval, false),
-            granted(id),
+            call(id, "delete_namespace", ToolRisk::Destructive),
+            decided(id, "g/no-delete", Deny, Deny, false),
         ]
     };
-    let mut r1 = approve("1.0");
-    r1.extend([
-        call("1.1", "delete_namespace", ToolRisk::Destructive),
-        decided("1.1", "g/no-delete", Deny, Deny, false),
-        EntryBody::Completed {
-            output: "{}".into(),
-            validators: Vec::new(),
-        },
-    ]);
-    let mut r2 = approve("1.0");
-    r2.extend([
-        call("1.1", "delete_namespace", ToolRisk::Destructive),
-        decided("1.1", "g/no-delete", Deny, Deny, false),
-        critic(Verdict::Halt, 0.6),
-        failed("Looping"),
-    ]);
+    let mut r1 = approved_restart("1.0");
+    r1.extend(denied_delete("1.1"));
+    r1.push(EntryBody::Completed {
+        output: "{}".into(),
+        validators: Vec::new(),
+    });
+    let mut r2 = approved_restart("1.0");
+    r2.extend(denied_delete("1.1"));
+    r2.extend([critic(Verdict::Halt, 0.6), failed("Looping")]);
     let mut r3 = vec![EntryBody::ContextCompiled {
         digest: "sha256:x".into(),
         tokens: 10,
@@ -125,14 +160,18 @@ fn fixture() -> Signals {
             cut: Some("over its cap".into()),
         }],
     }];
-    r3.extend(approve("1.0"));
+    r3.extend(approved_restart("1.0"));
     r3.extend([
-        call("1.1", "fetch_logs", ToolRisk::ReadOnly),
+        call("2.0", "delete_namespace", ToolRisk::Destructive),
+        // A dryRun policy that would allow: enforcing it changes nothing (the strictest wins).
+        decided("2.0", "shadow/lax", Allow, Allow, true),
+        decided("2.0", "g/no-delete", Deny, Deny, false),
+        call("2.1", "fetch_logs", ToolRisk::ReadOnly),
         // As the gateway records them: a dryRun policy's decision (enforcing nothing) first.
-        decided("1.1", "shadow/strict", Deny, Allow, true),
-        decided("1.1", "g/reads", Allow, Allow, false),
+        decided("2.1", "shadow/strict", Deny, Allow, true),
+        decided("2.1", "g/reads", Allow, Allow, false),
         EntryBody::DeadLettered {
-            call_id: "1.1".into(),
+            call_id: "2.1".into(),
             tool: "fetch_logs".into(),
             idempotency_key: "k".into(),
             attempts: 3,
@@ -141,21 +180,34 @@ fn fixture() -> Signals {
         critic(Verdict::Escalate, 0.7),
         failed("Looping"),
     ]);
+    vec![run("r1", 1_000, r1), run("r2", 2_000, r2), run("r3", 3_000, r3)]
+}
+
+fn fixture() -> Signals {
     let mut signals = Signals::default();
-    for r in [run("r1", 1_000, r1), run("r2", 2_000, r2), run("r3", 3_000, r3)] {
+    for r in runs() {
         signals.add(&r);
     }
     signals
 }
 
 #[test]
-fn signals_count_per_agent_tool_rule_and_source_with_their_entries() {
+fn signals_count_each_call_once_however_often_it_was_recorded() {
     let signals = fixture();
     let sre = &signals.agents["sre"];
     assert_eq!((sre.runs, sre.completed), (3, 1));
     assert_eq!(sre.failed["Looping"].runs, 2);
+    let restart = &sre.tools["restart_deployment"];
+    assert_eq!(
+        restart.calls, 3,
+        "a call sent again after its approval counts once"
+    );
+    assert_eq!(restart.approvals_granted.runs, 3);
+    let destructive = &sre.rules["g/destructive"];
+    assert_eq!(destructive.decided["require_approval"], 3);
+    assert_eq!(destructive.approvals_granted.count, 3);
     let delete = &sre.tools["delete_namespace"];
-    assert_eq!((delete.calls, delete.denied["g/no-delete"].count), (2, 2));
+    assert_eq!((delete.calls, delete.denied["g/no-delete"].count), (3, 3));
     let evidence: Vec<(&str, u64)> = delete.denied["g/no-delete"]
         .evidence
         .iter()
@@ -163,21 +215,30 @@ fn signals_count_per_agent_tool_rule_and_source_with_their_entries() {
         .collect();
     assert_eq!(
         evidence,
-        [("r1", 4), ("r2", 4)],
-        "each points at the decision entry"
+        [("r3", 11), ("r2", 9), ("r1", 9)],
+        "each points at the decision entry, newest run first"
     );
-    assert_eq!(evidence.len(), 2);
-    assert_eq!(sre.rules["g/destructive"].approvals_granted.count, 3);
-    assert_eq!(sre.tools["restart_deployment"].approvals_granted.runs, 3);
-    assert_eq!(sre.rules["g/destructive"].decided["require_approval"], 3);
     assert_eq!(sre.rules["shadow/strict"].would_change.count, 1);
+    assert_eq!(
+        sre.rules.get("shadow/lax").map_or(0, |r| r.would_change.count),
+        0,
+        "a dryRun rule less strict than what applied would change nothing"
+    );
     assert!(
         !sre.rules["shadow/strict"].decided.contains_key("deny"),
         "a dryRun decision is not counted as applied"
     );
     assert_eq!(sre.tools["fetch_logs"].dead_lettered.count, 1);
     assert_eq!(sre.pressure["loop"].runs, 2);
-    assert_eq!(sre.critic["escalate"].count, 1);
+    assert!(
+        !sre.pressure.contains_key("gate"),
+        "waiting for an approval is no pressure: {:?}",
+        sre.pressure
+    );
+    assert_eq!(
+        sre.critic["escalate"].count, 1,
+        "the pauses for approval are not escalations"
+    );
     assert_eq!(sre.critic["halt"].count, 1);
     assert_eq!(sre.sources_cut["runbooks"].runs, 1);
 }
@@ -192,23 +253,27 @@ fn insights_are_the_recurring_patterns_strongest_first() {
     assert_eq!(
         seen,
         [
+            (InsightKind::RepeatedDenial, "delete_namespace", 3),
             (InsightKind::ApprovalsAlwaysGranted, "g/destructive", 3),
             (InsightKind::RecurringFailure, "Looping", 2),
             (InsightKind::Pressure, "loop", 2),
-            (InsightKind::RepeatedDenial, "delete_namespace", 2),
             (InsightKind::DryRunWouldChange, "shadow/strict", 1),
         ]
     );
-    let denial = &insights[3];
+    let denial = &insights[0];
     assert!(
         denial.summary.contains("g/no-delete denied it each time"),
         "{}",
         denial.summary
     );
-    assert_eq!(denial.evidence.len(), 2);
-    assert_eq!(denial.strength.newest_ms, 2_000);
-    // The same signals, the same insights: nothing depends on the order runs were read in.
-    assert_eq!(insights, synthesize(&fixture(), Thresholds::default()));
+    assert_eq!(denial.evidence.len(), 3);
+    assert_eq!(denial.strength.newest_ms, 3_000);
+    // Read in another order (the store lists newest first), the same insights and evidence.
+    let mut reversed = Signals::default();
+    for r in runs().iter().rev() {
+        reversed.add(r);
+    }
+    assert_eq!(insights, synthesize(&reversed, Thresholds::default()));
 }
 
 #[test]
@@ -262,4 +327,9 @@ fn approvals_always_refused_suggest_a_deny() {
     assert_eq!(insights.len(), 1);
     assert_eq!(insights[0].kind, InsightKind::ApprovalsAlwaysRefused);
     assert!(insights[0].consider.contains("make g/scale deny"));
+    assert!(
+        insights[0]
+            .summary
+            .contains("or the approval did not match the call")
+    );
 }

@@ -80,7 +80,8 @@ pub struct PolicySet {
     pub policies: Vec<CompiledPolicy>,
 }
 
-fn strictness(effect: PolicyEffect) -> u8 {
+/// How strict an effect is: of several policies' verdicts the strictest applies.
+pub fn strictness(effect: PolicyEffect) -> u8 {
     match effect {
         PolicyEffect::Allow => 0,
         PolicyEffect::RequireApproval => 1,

@@ -7,4 +7,4 @@ pub mod decide;
 pub mod glob;
 
 pub use compile::{CompiledPolicy, PolicyCompileError, compile_condition, compile_policy};
-pub use decide::{CallFacts, Decision, PolicySet, RunFacts, ShadowDecision, StateFacts};
+pub use decide::{CallFacts, Decision, PolicySet, RunFacts, ShadowDecision, StateFacts, strictness};

@@ -169,7 +169,7 @@ fn review_answer(
 
 /// Whether `signal` counts as raised for escalation. Evidence only matters once the model
 /// answers; budget is raised when close to a limit.
-fn raised(signal: FunctionalSignal, state: &FunctionalState, answering: bool) -> bool {
+pub fn raised(signal: FunctionalSignal, state: &FunctionalState, answering: bool) -> bool {
     match signal {
         FunctionalSignal::Budget => state.budget >= 0.8,
         FunctionalSignal::Loop => state.loop_ >= 0.5,
@@ -179,7 +179,7 @@ fn raised(signal: FunctionalSignal, state: &FunctionalState, answering: bool) ->
     }
 }
 
-fn signal_name(signal: FunctionalSignal) -> &'static str {
+pub fn signal_name(signal: FunctionalSignal) -> &'static str {
     match signal {
         FunctionalSignal::Budget => "budget",
         FunctionalSignal::Loop => "loop",

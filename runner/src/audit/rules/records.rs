@@ -18,7 +18,7 @@ use crate::{
         finding::{Rule, RuleId, Severity},
         harness::{Harness, Object},
     },
-    policy::compile_policy,
+    policy::{compile_policy, strictness},
 };
 
 /// Runs named in a finding before "and N more".
@@ -86,14 +86,6 @@ pub(super) const RULES: &[(Rule, Check)] = &[
         failing_the_same_way,
     ),
 ];
-
-fn strictness(effect: PolicyEffect) -> u8 {
-    match effect {
-        PolicyEffect::Allow => 0,
-        PolicyEffect::RequireApproval => 1,
-        PolicyEffect::Deny => 2,
-    }
-}
 
 fn stricter_wording(effect: PolicyEffect) -> &'static str {
     match effect {

@@ -424,6 +424,35 @@ async fn verify_through_the_gateway(
         "the auditor could not export run {export}: {}",
         said(&exported)
     );
+    // What recurs in the namespace's records, read by the same auditor through the gateway:
+    // the quickstart's denied namespace deletion, pointing at a run that asked for it.
+    let insights = as_person(
+        "insights",
+        &["--since", "1d", "--min-runs", "1", "--format", "json"],
+        &store,
+        tenant.name(),
+        &token,
+    )
+    .output()
+    .await?;
+    ensure!(
+        insights.status.success(),
+        "the auditor could not read insights: {}",
+        said(&insights)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&insights.stdout)?;
+    let denial = report["insights"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|i| i["kind"] == "repeated-denial" && i["about"] == "delete_namespace")
+        })
+        .with_context(|| format!("no insight on the denied namespace deletion: {report}"))?;
+    let cited = denial["evidence"][0]["runId"].as_str().unwrap_or_default();
+    ensure!(
+        cited == run_id || cited == export,
+        "the denial's evidence names run {cited:?}, not a quickstart run"
+    );
     record_consent_through_the_gateway(tenant, &audit, &store, &token).await?;
     let _ = forward.kill().await;
     audit.pass();

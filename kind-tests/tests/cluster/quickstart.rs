@@ -48,8 +48,9 @@ async fn quickstart_examples_apply_with_server_side_apply() -> Result<()> {
 
 /// `contextos audit --cluster -n <namespace>` against the API server: the namespace's ContextOS
 /// objects (not other namespaces'), its Namespace object and the installation (the CRDs) are
-/// read, so findings name the live objects — the quickstart's read-only POST tool, and the
-/// namespace running an Agent without Pod Security `restricted`.
+/// read, so findings name the live objects — the quickstart's read-only POST tool, the
+/// namespace running an Agent without Pod Security `restricted`, and a tool touching an entity
+/// type the namespace's live Ontology does not declare.
 #[tokio::test]
 async fn the_audit_reads_a_namespace_of_the_live_cluster() -> Result<()> {
     let env = TestEnv::shared().await?;
@@ -59,11 +60,23 @@ async fn the_audit_reads_a_namespace_of_the_live_cluster() -> Result<()> {
     };
     let ns = TestNamespace::new(env, "audit").await?;
     let client = env.client();
-    for (file, object) in quickstart_objects()? {
+    for (file, mut object) in quickstart_objects()? {
+        if object["kind"] == "Agent" {
+            // A tool touching a type the namespace's Ontology (below) does not declare.
+            object["spec"]["tools"][0]["touches"] =
+                serde_json::json!([{"type": "service", "argument": "/query"}]);
+        }
         apply(&client, ns.name(), &object)
             .await
             .map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
     }
+    let ontology = serde_json::json!({
+        "apiVersion": "contextos.dev/v1alpha1",
+        "kind": "Ontology",
+        "metadata": {"name": "default"},
+        "spec": {"entityTypes": [{"name": "incident", "idPattern": "INC-[0-9]+"}]},
+    });
+    apply(&client, ns.name(), &ontology).await?;
     let contextos = contextos_kind_tests::process_node::workspace_binary("contextos").ok_or_else(|| {
         anyhow::anyhow!("target/<profile>/contextos is missing: `make kind-tests` builds it")
     })?;
@@ -87,6 +100,15 @@ async fn the_audit_reads_a_namespace_of_the_live_cluster() -> Result<()> {
     };
     ensure!(has("tool/read-only-post", "oncall-assistant"), "{stdout}");
     ensure!(has("install/namespace-not-restricted", ns.name()), "{stdout}");
+    // The live Ontology is read: the finding names its types, not a missing Ontology.
+    ensure!(
+        findings.iter().any(|f| f["rule"] == "agent/unknown-entity-type"
+            && f["object"]["name"] == "oncall-assistant"
+            && f["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("its types: incident"))),
+        "{stdout}"
+    );
     let contextos_kinds = ["Agent", "Policy", "ContextPack", "SandboxProfile", "Session"];
     let foreign: Vec<&serde_json::Value> = findings
         .iter()

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use contextos_crds::{Agent, ContextPack, Policy, SandboxProfile, Session};
+use contextos_crds::{Agent, ContextPack, Ontology, Policy, SandboxProfile, Session};
 use contextos_runner::audit::{
     self, Harness, Severity, evidence, report::rules_markdown, rules::install::DELIBERATE_ROLES, source,
 };
@@ -195,6 +195,8 @@ async fn read_cluster(namespace: Option<&str>, all: bool) -> anyhow::Result<Harn
     values.extend(list(scoped::<ContextPack>(&client, scope)).await?);
     values.extend(list(scoped::<SandboxProfile>(&client, scope)).await?);
     values.extend(list(scoped::<Session>(&client, scope)).await?);
+    // What the Agents' entity types are checked against.
+    values.extend(list(scoped::<Ontology>(&client, scope)).await?);
     values.extend(list(Api::<Namespace>::all(client.clone())).await?);
     values.extend(list(Api::<ValidatingAdmissionPolicy>::all(client.clone())).await?);
     values.extend(list(Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())).await?);

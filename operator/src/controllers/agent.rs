@@ -306,36 +306,9 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
     if let Some(problem) = execution_refused(&spec.tools, &sandbox.spec.execution, sandbox_name) {
         return Ok(Err(Invalid::new(reason::EXECUTION_NOT_ALLOWED, problem)));
     }
-    let ontologies = Api::<Ontology>::namespaced(ctx.client.clone(), namespace);
-    let ontology = ontologies.get_opt(ontology::NAME).await?;
-    let compiled = match &ontology {
-        None => contextos_runner::ontology::Ontology::default(),
-        Some(found) => {
-            let conditions = found
-                .status
-                .as_ref()
-                .map(|s| s.conditions.clone())
-                .unwrap_or_default();
-            // Checked here too: a status written before a change says nothing of it.
-            let compiled = contextos_runner::ontology::Ontology::compile(&found.spec);
-            match compiled {
-                Ok(compiled) if is_ready(&conditions) => compiled,
-                Ok(_) => {
-                    return Ok(Err(not_ready(
-                        "the namespace's entity types",
-                        "Ontology",
-                        ontology::NAME,
-                        &conditions,
-                    )));
-                }
-                Err(e) => {
-                    return Ok(Err(Invalid::new(
-                        reason::REFERENCE_NOT_READY,
-                        format!("the namespace's entity types: Ontology {}: {e}", ontology::NAME),
-                    )));
-                }
-            }
-        }
+    let (ontology, compiled) = match namespace_ontology(ctx, namespace).await? {
+        Ok(found) => found,
+        Err(invalid) => return Ok(Err(invalid)),
     };
     if let Some(problem) = compiled.touches_problem(&spec.tools) {
         return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
@@ -345,6 +318,39 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
         policies: used,
         ontology,
     }))
+}
+
+/// The namespace's Ontology (none: it declares no entity types) and its compiled types, or why
+/// Agents cannot use it yet: not Ready, or not compiling (checked here too: a status written
+/// before a change says nothing of it).
+async fn namespace_ontology(
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Result<(Option<Ontology>, contextos_runner::ontology::Ontology), Invalid>> {
+    let Some(found) = Api::<Ontology>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(ontology::NAME)
+        .await?
+    else {
+        return Ok(Ok((None, contextos_runner::ontology::Ontology::default())));
+    };
+    let conditions = found
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    Ok(match contextos_runner::ontology::Ontology::compile(&found.spec) {
+        Ok(compiled) if is_ready(&conditions) => Ok((Some(found), compiled)),
+        Ok(_) => Err(not_ready(
+            "the namespace's entity types",
+            "Ontology",
+            ontology::NAME,
+            &conditions,
+        )),
+        Err(e) => Err(Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            format!("the namespace's entity types: Ontology {}: {e}", ontology::NAME),
+        )),
+    })
 }
 
 /// Every adapter must be one this gateway runs, and tool schemas and output validators must

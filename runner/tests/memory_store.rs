@@ -936,7 +936,7 @@ async fn a_changed_consent_history_does_not_verify<S: MemoryBackend>(store: &S) 
     // appended on top of it, which would sign the forgery with the tenant's key.
     let forged_head = serde_json::json!({
         "seq": 0, "hash": forged.hash, "key_id": stranger.public().key_id(),
-        "signature": stranger.sign_hex(&ConsentHead::message(&t, &ana, 0, &forged.hash)),
+        "signature": stranger.sign_hex(&ConsentHead::message(&contextos_runner::memory::consents::CONSENT, &t, ana.as_str(), 0, &forged.hash)),
     });
     put(vec![Change::Put(
         head_key.clone(),

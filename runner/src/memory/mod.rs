@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod bank;
+pub mod chain;
 pub mod consents;
 pub mod desk;
 pub mod held;

@@ -86,6 +86,25 @@ fn holds(haystack: &[u8], needle: &str) -> bool {
 /// the clear, and now their key is gone, and a copy of the key ring from before does not open
 /// the store either), every record still verifies, and their runs still replay.
 fn erased_and_still_verifiable(cli: &Cli<'_>, first: &str, second: &str) {
+    // A person's correction of a run about the customer is theirs too: kept encrypted under
+    // the run's key, readable until the customer is erased.
+    let given = cli.ok(&[
+        "feedback",
+        "give",
+        first,
+        "--label",
+        "wrong-answer",
+        "--correction",
+        "Follow-ups about INV-204518 go to ana.lopez@example.com, answer in German",
+        "--by",
+        "rita@example.com",
+    ]);
+    assert!(given.starts_with("kept: correction 0"), "{given}");
+    let corrections = cli.ok(&["feedback", "list", first]);
+    assert!(
+        corrections.contains("ana.lopez@example.com") && corrections.contains("wrong-answer"),
+        "{corrections}"
+    );
     let raw = cli.raw_store();
     for text in THEIR_DATA {
         assert!(!holds(&raw, text), "the store holds {text:?} in the clear");
@@ -134,6 +153,11 @@ fn erased_and_still_verifiable(cli: &Cli<'_>, first: &str, second: &str) {
     }
     let listed = cli.ok(&["memory", "list", "--scope", "subject:cust-7f3a9c"]);
     assert!(listed.contains("no items"), "{listed}");
+    let corrections = cli.ok(&["feedback", "list", first]);
+    assert!(
+        corrections.contains("[erased]") && !corrections.contains("ana.lopez"),
+        "{corrections}"
+    );
     // A replay of an erased run still runs, and says what it could not see.
     let replay = cli.run(&["replay", "--run", second]);
     let text = said(&replay);

@@ -435,6 +435,86 @@ fn insights_over_the_quickstarts_records_point_at_what_the_run_did() {
         signals["rules"]["oncall-guardrails/destructive-needs-oncall"]["approvalsGranted"]["count"], 1,
         "{signals:#}"
     );
+    // A person corrects the run at the restart call: kept, listed with the call's tool, and
+    // counted by insights against that tool.
+    let shown = q.cli(&["records", "show", run]);
+    let restart = shown
+        .stdout
+        .lines()
+        .find(|l| l.contains("restart_deployment"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|seq| {
+            seq.trim_start_matches('#')
+                .trim_end_matches(':')
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no entry of the restart in:\n{}", shown.stdout));
+    let refused = q.cli(&[
+        "feedback",
+        "give",
+        run,
+        "--label",
+        "should-ask",
+        "--correction",
+        "x",
+    ]);
+    assert_ne!(refused.code, Some(0));
+    assert!(
+        refused
+            .stderr
+            .contains("use one of wrong-tool, should-have-asked"),
+        "{}",
+        refused.stderr
+    );
+    let beyond = q.cli(&[
+        "feedback",
+        "give",
+        run,
+        "--label",
+        "wrong-tool",
+        "--entry",
+        "9999",
+        "--correction",
+        "x",
+    ]);
+    assert!(beyond.stderr.contains("has no entry 9999"), "{}", beyond.stderr);
+    let given = q.cli(&[
+        "feedback",
+        "give",
+        run,
+        "--label",
+        "should-have-asked",
+        "--entry",
+        &restart.to_string(),
+        "--correction",
+        "restarts during business hours need the service owner, not only on-call",
+        "--by",
+        "lee@example.com",
+    ]);
+    assert_eq!(given.code, Some(0), "{}\n{}", given.stdout, given.stderr);
+    let listed = q.cli(&["feedback", "list"]);
+    assert!(
+        listed
+            .stdout
+            .contains("(restart_deployment)  should-have-asked  by lee@example.com"),
+        "{}",
+        listed.stdout
+    );
+    let out = q.cli(&["insights", "--since", "1d", "--min-runs", "1", "--format", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("a JSON report");
+    let corrected = report["insights"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["kind"] == "corrections"))
+        .unwrap_or_else(|| panic!("no corrections insight: {report:#}"));
+    assert_eq!(corrected["about"], "restart_deployment", "{corrected:#}");
+    assert!(
+        corrected["consider"]
+            .as_str()
+            .is_some_and(|c| c.contains("requires approval")),
+        "{corrected:#}"
+    );
+    assert_eq!(corrected["evidence"][0]["seq"], restart, "{corrected:#}");
     let text = q.cli(&["insights", "--since", "1d"]);
     assert!(
         text.stdout.contains("1 run(s) in the last 1d") && text.stdout.contains("no insights"),

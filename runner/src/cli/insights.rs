@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use contextos_runner::{
     insights::{self, Gathered, Insight, Thresholds, synthesize},
-    records::{RunFilter, recorder::now_ms},
+    records::{AnyStore, RunFilter, recorder::now_ms},
 };
 use serde_json::json;
 
@@ -48,7 +48,12 @@ pub async fn run(global: &GlobalArgs, args: InsightsArgs) -> anyhow::Result<Exit
         since_ms: Some(since_ms),
         ..RunFilter::default()
     };
-    let gathered = insights::gather(&store, &tenant, &filter)
+    // Corrections are kept beside a local store (and verified with its key).
+    let feedback_key = match &store {
+        AnyStore::Gateway(_) => None,
+        _ => global.verifying_key(None).ok(),
+    };
+    let gathered = insights::gather(&store, &tenant, &filter, feedback_key.as_ref())
         .await
         .with_context(|| format!("reading the records of tenant {tenant}"))?;
     let thresholds = Thresholds {

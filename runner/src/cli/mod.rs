@@ -3,6 +3,7 @@
 mod audit;
 mod capability;
 mod consent;
+mod feedback;
 mod gateway;
 mod insights;
 mod memory;
@@ -79,6 +80,10 @@ enum Command {
     /// Audit an agent harness (manifest files, a GitOps repository, or the live cluster) for
     /// governance gaps: each finding with its rule, severity, object, field, line and fix.
     Audit(audit::AuditArgs),
+    /// Corrections of runs: give one (a label, what should have happened, the entry it is
+    /// about), list them (verified).
+    #[command(subcommand)]
+    Feedback(feedback::FeedbackCommand),
     /// What the records of a window show: signals per agent, tool, rule and source, and the
     /// recurring patterns among them (insights), each with the runs it rests on.
     Insights(insights::InsightsArgs),
@@ -113,6 +118,7 @@ impl Cli {
             Command::Gateway(args) => gateway::run(&self.global, args).await,
             Command::Capability(command) => capability::run(command).await,
             Command::Audit(args) => audit::run(&self.global, args).await,
+            Command::Feedback(command) => feedback::run(&self.global, command).await,
             Command::Insights(args) => insights::run(&self.global, args).await,
             Command::Tools(command) => tools::run(command).await,
             Command::Consent(command) => consent::run(&self.global, command).await,

@@ -9,10 +9,25 @@
 pub mod signals;
 pub mod synthesize;
 
-use crate::records::{
-    RecordStore, RunFilter, TenantId,
-    read::{ReadError, read_run},
+use std::collections::BTreeSet;
+
+use crate::{
+    feedback::{FeedbackBook, FeedbackError},
+    keys::PublicKey,
+    records::{
+        RecordStore, RunFilter, TenantId,
+        read::{ReadError, read_run},
+    },
 };
+
+/// Why a window could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum GatherError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Feedback(#[from] FeedbackError),
+}
 
 pub use self::{
     signals::{RunEntries, Signals},
@@ -33,18 +48,26 @@ pub struct Gathered {
     pub truncated: bool,
 }
 
-/// Reads the runs of `tenant` that `filter` selects (at most [`MAX_RUNS`]) into signals.
+/// Reads the runs of `tenant` that `filter` selects (at most [`MAX_RUNS`]) into signals, with
+/// people's corrections of them when `feedback` names the key their chains are verified with
+/// (corrections are kept beside the store, not served through the gateway yet).
 pub async fn gather<S: RecordStore>(
     store: &S,
     tenant: &TenantId,
     filter: &RunFilter,
-) -> Result<Gathered, ReadError> {
+    feedback: Option<&PublicKey>,
+) -> Result<Gathered, GatherError> {
+    let book = FeedbackBook::new(store, tenant);
+    let corrected: BTreeSet<String> = match feedback {
+        Some(_) => book.runs(MAX_RUNS * 10).await?.into_iter().collect(),
+        None => BTreeSet::new(),
+    };
     // One more than read, to tell a full window from a cut one.
     let filter = RunFilter {
         limit: Some(MAX_RUNS + 1),
         ..filter.clone()
     };
-    let mut summaries = store.list_runs(tenant, &filter).await?;
+    let mut summaries = store.list_runs(tenant, &filter).await.map_err(ReadError::from)?;
     let mut gathered = Gathered {
         truncated: summaries.len() > MAX_RUNS,
         ..Gathered::default()
@@ -53,15 +76,23 @@ pub async fn gather<S: RecordStore>(
     for summary in summaries {
         match read_run(store, tenant, &summary.run_id).await {
             Ok(entries) => {
-                gathered.signals.add(&RunEntries {
+                let run = RunEntries {
                     run_id: summary.run_id.clone(),
                     agent: summary.agent.clone(),
                     started_at_ms: summary.started_at_ms,
                     entries,
-                });
+                };
+                gathered.signals.add(&run);
+                if let Some(key) = feedback
+                    && corrected.contains(&run.run_id)
+                {
+                    let history = book.of_run(&run.run_id, key).await?;
+                    let records: Vec<_> = history.links.into_iter().map(|l| l.record).collect();
+                    gathered.signals.add_corrections(&run, &records);
+                }
                 gathered.runs += 1;
             }
-            Err(ReadError::Store(error)) => return Err(ReadError::Store(error)),
+            Err(ReadError::Store(error)) => return Err(GatherError::Read(ReadError::Store(error))),
             Err(error) => gathered
                 .unreadable
                 .push((summary.run_id.clone(), error.to_string())),

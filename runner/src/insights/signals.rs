@@ -103,6 +103,8 @@ pub struct AgentSignals {
     pub refused_unlisted: BTreeMap<String, Tally>,
     /// ContextPack sources cut to fit the context, by source.
     pub sources_cut: BTreeMap<String, Tally>,
+    /// People's corrections of runs that name no call, by label.
+    pub corrections: BTreeMap<String, Tally>,
 }
 
 /// What the calls of one tool show.
@@ -117,6 +119,8 @@ pub struct ToolSignals {
     /// that did not match the call).
     pub approvals_granted: Tally,
     pub approvals_refused: Tally,
+    /// People's corrections of its calls, by label.
+    pub corrections: BTreeMap<String, Tally>,
 }
 
 /// What the decisions of one rule (`policy/rule`, `policy/default`, …) show.
@@ -303,6 +307,38 @@ impl AgentSignals {
 }
 
 impl Signals {
+    /// Adds people's `corrections` of `run`: each counts against the tool of the call it names,
+    /// or the agent; its evidence is the entry it names (or the run's first).
+    pub fn add_corrections(&mut self, run: &RunEntries, corrections: &[crate::feedback::FeedbackRecord]) {
+        let agent = self.agents.entry(run.agent.clone()).or_default();
+        for correction in corrections {
+            let at = correction
+                .entry
+                .as_ref()
+                .map(|e| (e.seq, e.hash))
+                .or_else(|| run.entries.first().map(|(hash, e)| (e.seq, *hash)));
+            let Some((seq, hash)) = at else { continue };
+            let at = EntryRef {
+                run_id: run.run_id.clone(),
+                run_started_ms: run.started_at_ms,
+                seq,
+                hash,
+            };
+            let label = correction.label.as_str().to_owned();
+            match correction.entry.as_ref().and_then(|e| e.tool.clone()) {
+                Some(tool) => agent
+                    .tools
+                    .entry(tool)
+                    .or_default()
+                    .corrections
+                    .entry(label)
+                    .or_default()
+                    .add(&at),
+                None => agent.corrections.entry(label).or_default().add(&at),
+            }
+        }
+    }
+
     /// Adds what `run` shows.
     pub fn add(&mut self, run: &RunEntries) {
         let agent = self.agents.entry(run.agent.clone()).or_default();

@@ -11,6 +11,8 @@ use super::signals::{AgentSignals, EntryRef, Signals, Tally};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InsightKind {
+    /// People keep correcting the agent the same way.
+    Corrections,
     /// Runs of an agent keep failing for one reason.
     RecurringFailure,
     /// The model keeps asking for a call a rule denies.
@@ -34,6 +36,7 @@ pub enum InsightKind {
 impl InsightKind {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Corrections => "corrections",
             Self::RecurringFailure => "recurring-failure",
             Self::RepeatedDenial => "repeated-denial",
             Self::ApprovalsAlwaysGranted => "approvals-always-granted",
@@ -214,9 +217,36 @@ fn run_insights(agent: &str, s: &AgentSignals, thresholds: Thresholds, out: &mut
     }
 }
 
+/// What people said was wrong, and what it suggests.
+fn correction(agent: &str, about: &str, label: &str, tally: &Tally) -> Insight {
+    let consider = match label {
+        "should-have-asked" => {
+            format!("a rule that requires approval for {about} (with a condition for the cases people named)")
+        }
+        "should-not-have-acted" => format!("a rule that denies {about} in the cases people named"),
+        "wrong-tool" => {
+            format!("say in the ContextPack when {about} is the right tool, or narrow its description")
+        }
+        "missing-context" => "a ContextPack source with what the agent lacked".into(),
+        "wrong-answer" => "an output validator for what was wrong, or instructions on the answer".into(),
+        _ => "a tighter budget, or a narrower task".into(),
+    };
+    let summary = format!(
+        "people corrected agent {agent} as {label} {} time(s) in {} runs ({about})",
+        tally.count, tally.runs
+    );
+    insight(InsightKind::Corrections, agent, about, tally, summary, consider)
+}
+
 /// Denials the model keeps running into and calls that keep failing, per tool.
 fn tool_insights(agent: &str, s: &AgentSignals, thresholds: Thresholds, out: &mut Vec<Insight>) {
+    for (label, tally) in s.corrections.iter().filter(|(_, t)| enough(t, thresholds)) {
+        out.push(correction(agent, "its runs", label, tally));
+    }
     for (tool, t) in &s.tools {
+        for (label, tally) in t.corrections.iter().filter(|(_, t)| enough(t, thresholds)) {
+            out.push(correction(agent, tool, label, tally));
+        }
         for (rule, tally) in t.denied.iter().filter(|(_, t)| enough(t, thresholds)) {
             let summary = format!(
                 "agent {agent} asked for {tool} in {} call(s) over {} runs and {rule} denied it each time",

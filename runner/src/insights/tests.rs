@@ -333,3 +333,63 @@ fn approvals_always_refused_suggest_a_deny() {
             .contains("or the approval did not match the call")
     );
 }
+
+/// People's corrections count against the tool of the call they name (or the agent), and two
+/// runs corrected the same way are an insight pointing at the corrected entries.
+#[test]
+fn corrections_of_the_same_kind_are_an_insight() {
+    use crate::feedback::{AboutEntry, FeedbackLabel, FeedbackRecord};
+    let runs = runs();
+    let mut signals = Signals::default();
+    for run in &runs[..2] {
+        signals.add(run);
+        let (hash, entry) = &run.entries[0];
+        let correction = |label, entry: Option<AboutEntry>| FeedbackRecord {
+            run_id: run.run_id.clone(),
+            agent: run.agent.clone(),
+            session_id: "s".into(),
+            entry,
+            label,
+            correction: "ask the service owner".into(),
+            by: "lee".into(),
+            at_ms: 5_000,
+            request_id: None,
+        };
+        let about_restart = AboutEntry {
+            seq: entry.seq,
+            hash: *hash,
+            call_id: Some("1.0".into()),
+            tool: Some("restart_deployment".into()),
+        };
+        signals.add_corrections(
+            run,
+            &[
+                correction(FeedbackLabel::ShouldHaveAsked, Some(about_restart)),
+                correction(FeedbackLabel::WrongAnswer, None),
+            ],
+        );
+    }
+    let sre = &signals.agents["sre"];
+    assert_eq!(
+        sre.tools["restart_deployment"].corrections["should-have-asked"].runs,
+        2
+    );
+    assert_eq!(sre.corrections["wrong-answer"].runs, 2);
+    let insights = synthesize(&signals, Thresholds::default());
+    let corrected: Vec<&str> = insights
+        .iter()
+        .filter(|i| i.kind == InsightKind::Corrections)
+        .map(|i| i.about.as_str())
+        .collect();
+    assert_eq!(corrected, ["its runs", "restart_deployment"]);
+    let restart = insights
+        .iter()
+        .find(|i| i.kind == InsightKind::Corrections && i.about == "restart_deployment")
+        .expect("insight");
+    assert!(
+        restart.consider.contains("requires approval"),
+        "{}",
+        restart.consider
+    );
+    assert_eq!(restart.evidence[0].seq, 0);
+}

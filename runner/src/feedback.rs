@@ -20,7 +20,7 @@ use crate::{
     },
     records::{
         EntryBody, Hash, RecordStore, StoreError, TenantId,
-        read::{ReadError, read_run},
+        read::{ReadError, read_stored_from},
         store::validate_id,
         vaulted::ERASED,
     },
@@ -222,7 +222,15 @@ impl<'s, S: RecordStore> FeedbackBook<'s, S> {
         if by.trim().is_empty() || by.len() > 256 || by.chars().any(char::is_control) {
             return Err(FeedbackError::Invalid("by: a name of at most 256 bytes".into()));
         }
-        let entries = read_run(self.store, &self.tenant, &request.run_id).await?;
+        // As stored: what is read here (positions, hashes, calls, tools, who the run is about)
+        // stays readable in a run about a person, so nothing needs opening.
+        let entries = read_stored_from(self.store, &self.tenant, &request.run_id, 0).await?;
+        if entries.is_empty() {
+            return Err(FeedbackError::Invalid(format!(
+                "run {} is not in the record of tenant {}",
+                request.run_id, self.tenant
+            )));
+        }
         let (agent, session_id, subject) = match entries.first().map(|(_, e)| (&e.body, &e.vaulted)) {
             Some((
                 EntryBody::RunStarted {
@@ -295,7 +303,7 @@ impl<'s, S: RecordStore> FeedbackBook<'s, S> {
             return Ok(history);
         }
         // A run about a person: its key opens the corrections (none once they are erased).
-        let subject = read_run(self.store, &self.tenant, run_id)
+        let subject = read_stored_from(self.store, &self.tenant, run_id, 0)
             .await?
             .first()
             .and_then(|(_, e)| e.vaulted.clone())

@@ -289,14 +289,14 @@ impl ManifestSet {
         if let Some(other) = self
             .objects
             .iter()
-            .find(|m| m.kind == "Ontology" && m.name != "default")
+            .find(|m| m.kind == "Ontology" && m.name != crate::ontology::ONTOLOGY_NAME)
         {
             return Err(other.error(
                 "metadata.name",
                 "a namespace has one Ontology, named default: rename it",
             ));
         }
-        match self.find("Ontology", "default") {
+        match self.find("Ontology", crate::ontology::ONTOLOGY_NAME) {
             Some(manifest) => Ok(Some((manifest, manifest.spec()?))),
             None => Ok(None),
         }

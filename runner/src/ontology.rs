@@ -13,6 +13,8 @@ use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// The name of a namespace's one Ontology (admission refuses any other).
+pub const ONTOLOGY_NAME: &str = "default";
 /// The most entities one memory item names.
 pub const MAX_ENTITIES: usize = 64;
 /// The most entities a call may touch and still be decided by conditions that read them: one

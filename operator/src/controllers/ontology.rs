@@ -5,18 +5,17 @@
 use std::sync::Arc;
 
 use contextos_crds::{
-    Ontology,
+    Ontology, OntologyStatus,
     conditions::{self, reason},
 };
 use contextos_runner::ontology;
 use kube::{Api, ResourceExt as _, runtime::controller::Action};
-use serde_json::json;
 
 use super::{Context, Result, apply_status, now};
 use crate::conditions::{Wanted, merge};
 
 /// The name of the Ontology a namespace's Agents read.
-pub const NAME: &str = "default";
+pub use contextos_runner::ontology::ONTOLOGY_NAME as NAME;
 
 /// Reconciles an Ontology: Ready when it compiles, or Ready=False naming the field.
 pub async fn reconcile_ontology(object: Arc<Ontology>, ctx: Arc<Context>) -> Result<Action> {
@@ -28,11 +27,16 @@ pub async fn reconcile_ontology(object: Arc<Ontology>, ctx: Arc<Context>) -> Res
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let ready = readiness(&object);
-    let status = json!({
-        "conditions": merge(&previous, std::slice::from_ref(&ready), object.metadata.generation, now()),
-        "observedGeneration": object.metadata.generation,
-        "typeCount": object.spec.entity_types.len(),
-    });
+    let status = OntologyStatus {
+        conditions: merge(
+            &previous,
+            std::slice::from_ref(&ready),
+            object.metadata.generation,
+            now(),
+        ),
+        observed_generation: object.metadata.generation,
+        type_count: Some(u32::try_from(object.spec.entity_types.len()).unwrap_or(u32::MAX)),
+    };
     apply_status(
         &Api::<Ontology>::namespaced(ctx.client.clone(), &namespace),
         object.as_ref(),

@@ -43,12 +43,18 @@ pub enum FeedbackCommand {
         /// Only this run's.
         run: Option<String>,
         /// text (default) or json.
-        #[arg(long, default_value = "text")]
-        format: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
         /// Public key (hex) the chains' heads are verified with; default: the data directory's.
         #[arg(long, env = "CONTEXTOS_RECORD_PUBLIC_KEY")]
         public_key: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
 }
 
 pub async fn run(global: &GlobalArgs, command: FeedbackCommand) -> anyhow::Result<ExitCode> {
@@ -100,10 +106,9 @@ pub async fn run(global: &GlobalArgs, command: FeedbackCommand) -> anyhow::Resul
             for run in &runs {
                 all.extend(book.of_run(run, &key).await?.links);
             }
-            match format.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&all)?),
-                "text" => print_links(&all),
-                other => bail!("--format {other:?}: use text or json"),
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&all)?),
+                Format::Text => print_links(&all),
             }
         }
     }

@@ -144,7 +144,7 @@ pub struct Signals {
     pub agents: BTreeMap<String, AgentSignals>,
 }
 
-pub fn effect_name(effect: PolicyEffect) -> &'static str {
+fn effect_name(effect: PolicyEffect) -> &'static str {
     match effect {
         PolicyEffect::Allow => "allow",
         PolicyEffect::Deny => "deny",

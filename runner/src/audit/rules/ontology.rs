@@ -11,11 +11,8 @@ use crate::{
         finding::{Rule, RuleId, Severity},
         harness::{Harness, Object},
     },
-    ontology::Ontology,
+    ontology::{ONTOLOGY_NAME as NAME, Ontology},
 };
-
-/// The name of the Ontology a namespace's Agents read.
-const NAME: &str = "default";
 
 pub(super) const RULES: &[(Rule, Check)] = &[
     (

@@ -144,14 +144,6 @@ pub struct Signals {
     pub agents: BTreeMap<String, AgentSignals>,
 }
 
-fn effect_name(effect: PolicyEffect) -> &'static str {
-    match effect {
-        PolicyEffect::Allow => "allow",
-        PolicyEffect::Deny => "deny",
-        PolicyEffect::RequireApproval => "require_approval",
-    }
-}
-
 fn verdict_name(verdict: Verdict) -> Option<&'static str> {
     match verdict {
         Verdict::Continue => None,
@@ -232,7 +224,7 @@ impl AgentSignals {
             .entry(rule.to_owned())
             .or_default()
             .decided
-            .entry(effect_name(effect))
+            .entry(effect.as_str())
             .or_default() += 1;
         for (shadow, (would, at)) in &call.shadows {
             if strictness(*would) > strictness(effect) {

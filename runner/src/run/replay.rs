@@ -162,7 +162,7 @@ impl DecisionTrace {
                     return;
                 };
                 if decision.dry_run {
-                    let shadow = format!("{}={}", decision.rule, effect_name(decision.effect));
+                    let shadow = format!("{}={}", decision.rule, decision.effect.as_str());
                     if !call.shadow.contains(&shadow) {
                         call.shadow.push(shadow);
                     }
@@ -219,14 +219,6 @@ fn step_of(call_id: &str) -> u32 {
         .next()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
-}
-
-fn effect_name(effect: PolicyEffect) -> &'static str {
-    match effect {
-        PolicyEffect::Allow => "allow",
-        PolicyEffect::Deny => "deny",
-        PolicyEffect::RequireApproval => "require_approval",
-    }
 }
 
 /// What kind of difference a divergence is.
@@ -330,7 +322,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                 kind: DivergenceKind::CallNotReached,
                 step: call.step,
                 tool: Some(call.tool.clone()),
-                recorded: effect_name(call.effect).into(),
+                recorded: call.effect.as_str().into(),
                 replayed: "not made".into(),
                 detail: "the replayed run ended or went another way before this call".into(),
             }),
@@ -346,12 +338,12 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
         };
         for shadow in again.shadow.iter().filter(|s| !call.shadow.contains(s)) {
             let effect = shadow.rsplit_once('=').map_or("", |(_, e)| e);
-            if effect != effect_name(again.effect) {
+            if effect != again.effect.as_str() {
                 out.push(Divergence {
                     kind: DivergenceKind::WouldChange,
                     step: call.step,
                     tool: Some(call.tool.clone()),
-                    recorded: effect_name(call.effect).into(),
+                    recorded: call.effect.as_str().into(),
                     replayed: format!("dryRun {shadow}"),
                     detail: "a dryRun policy would decide this call differently; nothing is enforced".into(),
                 });
@@ -369,7 +361,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             step: call.step,
             tool: Some(call.tool.clone()),
             recorded: "not made".into(),
-            replayed: effect_name(call.effect).into(),
+            replayed: call.effect.as_str().into(),
             detail: format!("decided by {}", call.rule),
         });
     }
@@ -417,8 +409,8 @@ fn call_divergence(call: &CallPoint, again: &CallPoint) -> Divergence {
         kind,
         step: call.step,
         tool: Some(call.tool.clone()),
-        recorded: format!("{} ({})", effect_name(call.effect), call.rule),
-        replayed: format!("{} ({})", effect_name(again.effect), again.rule),
+        recorded: format!("{} ({})", call.effect.as_str(), call.rule),
+        replayed: format!("{} ({})", again.effect.as_str(), again.rule),
         detail: format!("arguments {}", call.arguments),
     }
 }

@@ -377,12 +377,14 @@ pub enum PromotedBy {
     /// An Agent's composition whose every change was promoted through the changed object's own
     /// gate.
     Members,
+    /// A Proposal of it, replayed and accepted by one of its approvers.
+    Proposal,
 }
 
 impl PromotedBy {
     /// Whether a gate (replay or an approver) decided it.
     pub fn gated(self) -> bool {
-        matches!(self, Self::Replay | Self::Bypass)
+        matches!(self, Self::Replay | Self::Bypass | Self::Proposal)
     }
 }
 

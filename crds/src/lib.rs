@@ -1,6 +1,6 @@
 //! ContextOS API types for the `contextos.dev/v1alpha1` group.
 //!
-//! This crate holds data only: the seven custom resources (one module per kind), the shared value
+//! This crate holds data only: the eight custom resources (one module per kind), the shared value
 //! types they are built from, and the names of conditions, reasons and finalizers. It performs no
 //! IO. `operator/` and `runner/` depend on it; it depends on neither.
 //!
@@ -21,6 +21,7 @@ pub mod consent;
 pub mod context_pack;
 pub mod ontology;
 pub mod policy;
+pub mod proposal;
 pub mod sandbox_profile;
 pub mod session;
 
@@ -29,6 +30,7 @@ pub use consent::{Consent, ConsentSpec, ConsentStatus};
 pub use context_pack::{ContextPack, ContextPackSpec, ContextPackStatus};
 pub use ontology::{Ontology, OntologySpec, OntologyStatus};
 pub use policy::{Policy, PolicySpec, PolicyStatus};
+pub use proposal::{Proposal, ProposalSpec, ProposalStatus};
 pub use sandbox_profile::{SandboxProfile, SandboxProfileSpec, SandboxProfileStatus};
 pub use session::{Session, SessionSpec, SessionStatus};
 
@@ -81,6 +83,7 @@ pub fn all_crds()
         ContextPack::crd(),
         Ontology::crd(),
         Policy::crd(),
+        Proposal::crd(),
         SandboxProfile::crd(),
         Session::crd(),
     ]

@@ -337,16 +337,7 @@ impl<'s, S: RecordStore> FeedbackBook<'s, S> {
 /// Entry `seq` of a run as a correction names it: its hash, and its call when it is a call's.
 fn about(entries: &[(Hash, crate::records::RecordEntry)], seq: u64) -> Option<AboutEntry> {
     let (hash, entry) = entries.iter().find(|(_, e)| e.seq == seq)?;
-    let call_id = match &entry.body {
-        EntryBody::ToolCallRequested(call) => Some(call.call_id.clone()),
-        EntryBody::PolicyDecision(d) => Some(d.call_id.clone()),
-        EntryBody::ToolResult(r) => Some(r.call_id.clone()),
-        EntryBody::ApprovalRequested { call_id, .. }
-        | EntryBody::ApprovalGranted { call_id, .. }
-        | EntryBody::ApprovalRefused { call_id, .. }
-        | EntryBody::DeadLettered { call_id, .. } => Some(call_id.clone()),
-        _ => None,
-    };
+    let call_id = entry.body.call_id().map(str::to_owned);
     let tool = call_id.as_ref().and_then(|id| {
         entries.iter().find_map(|(_, e)| match &e.body {
             EntryBody::ToolCallRequested(call) if call.call_id == *id => Some(call.tool.clone()),

@@ -21,6 +21,7 @@ pub mod model;
 pub mod ontology;
 pub mod personal_data;
 pub mod policy;
+pub mod proposals;
 pub mod read_grant;
 pub mod records;
 pub mod run;

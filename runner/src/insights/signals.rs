@@ -30,6 +30,9 @@ pub struct EntryRef {
     pub run_started_ms: i64,
     pub seq: u64,
     pub hash: Hash,
+    /// The call the entry is about, where it is a call's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
 }
 
 impl EntryRef {
@@ -121,6 +124,26 @@ pub struct ToolSignals {
     pub approvals_refused: Tally,
     /// People's corrections of its calls, by label.
     pub corrections: BTreeMap<String, Tally>,
+    /// Its calls as the model asked for them, newest runs first (at most [`MAX_SAMPLES`]),
+    /// for a compiler to tell the calls people corrected from the others. None from runs
+    /// about a person: what they said is not material for a rule.
+    pub samples: Vec<CallSample>,
+}
+
+/// The most calls of one tool kept as samples.
+pub const MAX_SAMPLES: usize = 200;
+
+/// One call of a tool: where it was, its top-level scalar arguments and how it was decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallSample {
+    pub run_id: String,
+    pub call_id: String,
+    /// Its string, number and boolean arguments (nested values left out).
+    pub arguments: BTreeMap<String, serde_json::Value>,
+    /// `policy/rule` that decided it, and what was applied.
+    pub rule: String,
+    pub effect: PolicyEffect,
 }
 
 /// What the decisions of one rule (`policy/rule`, `policy/default`, …) show.
@@ -158,6 +181,8 @@ fn verdict_name(verdict: Verdict) -> Option<&'static str> {
 struct CallFold<'e> {
     /// As the model asked for it; none when refused before it was taken as a tool's call.
     tool: Option<&'e str>,
+    call_id: &'e str,
+    arguments: Option<&'e serde_json::Value>,
     /// The last applied decision: rule, effect, where.
     applied: Option<(&'e str, PolicyEffect, EntryRef)>,
     /// dryRun decisions, by rule (the last of each).
@@ -184,9 +209,13 @@ fn fold_calls(run: &RunEntries) -> Vec<CallFold<'_>> {
             order.push(id);
         }
         let fold = calls.entry(id).or_default();
+        fold.call_id = id;
         let at = entry_ref(run, entry, hash);
         match &entry.body {
-            EntryBody::ToolCallRequested(call) => fold.tool = Some(&call.tool),
+            EntryBody::ToolCallRequested(call) => {
+                fold.tool = Some(&call.tool);
+                fold.arguments = Some(&call.arguments);
+            }
             EntryBody::PolicyDecision(d) if d.dry_run => {
                 fold.shadows.insert(&d.rule, (d.effect, at));
             }
@@ -203,18 +232,38 @@ fn fold_calls(run: &RunEntries) -> Vec<CallFold<'_>> {
     order.into_iter().filter_map(|id| calls.remove(id)).collect()
 }
 
+/// The longest string argument a sample keeps.
+const MAX_SAMPLE_TEXT: usize = 256;
+
+/// The top-level strings (short ones), numbers and booleans of a call's arguments.
+fn scalars(arguments: Option<&serde_json::Value>) -> BTreeMap<String, serde_json::Value> {
+    let Some(serde_json::Value::Object(map)) = arguments else {
+        return BTreeMap::new();
+    };
+    map.iter()
+        .filter(|(_, v)| match v {
+            serde_json::Value::String(s) => s.len() <= MAX_SAMPLE_TEXT,
+            serde_json::Value::Number(_) | serde_json::Value::Bool(_) => true,
+            _ => false,
+        })
+        .take(64)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 fn entry_ref(run: &RunEntries, entry: &RecordEntry, hash: &Hash) -> EntryRef {
     EntryRef {
         run_id: run.run_id.clone(),
         run_started_ms: run.started_at_ms,
         seq: entry.seq,
         hash: *hash,
+        call_id: entry.body.call_id().map(str::to_owned),
     }
 }
 
 impl AgentSignals {
-    /// Counts one folded call.
-    fn count_call(&mut self, call: CallFold<'_>) {
+    /// Counts one folded call of `run` (`about_someone`: a run about a person).
+    fn count_call(&mut self, run: &RunEntries, about_someone: bool, call: CallFold<'_>) {
         let Some((rule, effect, decided_at)) = call.applied else {
             // Never decided (a result read without its request): nothing to judge.
             return;
@@ -246,6 +295,15 @@ impl AgentSignals {
         };
         let by_tool = self.tools.entry(tool.to_owned()).or_default();
         by_tool.calls += 1;
+        if !about_someone && by_tool.samples.len() < MAX_SAMPLES {
+            by_tool.samples.push(CallSample {
+                run_id: run.run_id.clone(),
+                call_id: call.call_id.to_owned(),
+                arguments: scalars(call.arguments),
+                rule: rule.to_owned(),
+                effect,
+            });
+        }
         // The gateway's own refusals (a call whose outcome is unknown, …) are no policy's.
         if effect == PolicyEffect::Deny && !rule.starts_with("gateway/") {
             by_tool
@@ -315,6 +373,7 @@ impl Signals {
                 run_started_ms: run.started_at_ms,
                 seq,
                 hash,
+                call_id: correction.entry.as_ref().and_then(|e| e.call_id.clone()),
             };
             let label = correction.label.as_str().to_owned();
             match correction.entry.as_ref().and_then(|e| e.tool.clone()) {
@@ -335,8 +394,9 @@ impl Signals {
     pub fn add(&mut self, run: &RunEntries) {
         let agent = self.agents.entry(run.agent.clone()).or_default();
         agent.runs += 1;
+        let about_someone = run.entries.first().is_some_and(|(_, e)| e.vaulted.is_some());
         for call in fold_calls(run) {
-            agent.count_call(call);
+            agent.count_call(run, about_someone, call);
         }
         // Whether an approval was asked for and not yet answered (the step pauses).
         let mut waiting = false;

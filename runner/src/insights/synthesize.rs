@@ -70,6 +70,9 @@ pub struct Insight {
     pub agent: String,
     /// What it is about: a tool, a rule, a failure reason, a signal or a source.
     pub about: String,
+    /// The label people gave, for corrections (`should-have-asked`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     /// What was seen, in a sentence.
     pub summary: String,
     /// What a change could be (a proposal's starting point, never applied from here).
@@ -108,6 +111,7 @@ fn insight(
         kind,
         agent: agent.to_owned(),
         about: about.to_owned(),
+        label: None,
         summary,
         consider,
         strength: Strength {
@@ -235,7 +239,10 @@ fn correction(agent: &str, about: &str, label: &str, tally: &Tally) -> Insight {
         "people corrected agent {agent} as {label} {} time(s) in {} runs ({about})",
         tally.count, tally.runs
     );
-    insight(InsightKind::Corrections, agent, about, tally, summary, consider)
+    Insight {
+        label: Some(label.to_owned()),
+        ..insight(InsightKind::Corrections, agent, about, tally, summary, consider)
+    }
 }
 
 /// Denials the model keeps running into and calls that keep failing, per tool.

@@ -236,6 +236,20 @@ pub enum EntryBody {
 
 impl EntryBody {
     /// The `type` tag, e.g. `tool_result`.
+    /// The call the entry belongs to, when it is a call's.
+    pub fn call_id(&self) -> Option<&str> {
+        match self {
+            Self::ToolCallRequested(call) => Some(&call.call_id),
+            Self::PolicyDecision(d) => Some(&d.call_id),
+            Self::ToolResult(r) => Some(&r.call_id),
+            Self::ApprovalRequested { call_id, .. }
+            | Self::ApprovalGranted { call_id, .. }
+            | Self::ApprovalRefused { call_id, .. }
+            | Self::DeadLettered { call_id, .. } => Some(call_id),
+            _ => None,
+        }
+    }
+
     pub fn type_name(&self) -> &'static str {
         match self {
             Self::RunStarted { .. } => "run_started",

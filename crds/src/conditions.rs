@@ -18,6 +18,8 @@ pub const PROMOTED: &str = "Promoted";
 pub const REPLAY_PASSED: &str = "ReplayPassed";
 /// A revision passed replay and waits for a listed approver.
 pub const AWAITING_PROMOTION: &str = "AwaitingPromotion";
+/// A Proposal was accepted by a reviewer and its candidate put on the target.
+pub const ACCEPTED: &str = "Accepted";
 
 /// Whether a `Ready=False` reason means the object is stuck until a person acts (kstatus
 /// `Stalled`) rather than on its way (`Reconciling`).
@@ -32,6 +34,8 @@ pub fn is_stalled(reason: &str) -> bool {
         RUN_FAILED,
         ATTEMPTS_EXHAUSTED,
         CANCELLED,
+        STALE,
+        REPLAY_FAILED,
     ]
     .contains(&reason)
 }
@@ -84,6 +88,15 @@ pub mod reason {
     pub const ATTEMPTS_EXHAUSTED: &str = "AttemptsExhausted";
     /// A Session was stopped by `spec.cancel`.
     pub const CANCELLED: &str = "Cancelled";
+    /// A Proposal's target changed since it was drafted: it would apply to a spec nobody
+    /// replayed it with.
+    pub const STALE: &str = "Stale";
+    /// A Proposal waits for one of its reviewers.
+    pub const AWAITING_DECISION: &str = "AwaitingDecision";
+    /// A Proposal was accepted.
+    pub const ACCEPTED: &str = "Accepted";
+    /// A Proposal was rejected.
+    pub const REJECTED: &str = "Rejected";
 }
 
 /// Condition status values.

@@ -1,6 +1,6 @@
 //! ContextOS API types for the `contextos.dev/v1alpha1` group.
 //!
-//! This crate holds data only: the eight custom resources (one module per kind), the shared value
+//! This crate holds data only: the nine custom resources (one module per kind), the shared value
 //! types they are built from, and the names of conditions, reasons and finalizers. It performs no
 //! IO. `operator/` and `runner/` depend on it; it depends on neither.
 //!
@@ -19,6 +19,7 @@ pub mod common;
 pub mod conditions;
 pub mod consent;
 pub mod context_pack;
+pub mod feedback;
 pub mod ontology;
 pub mod policy;
 pub mod proposal;
@@ -28,6 +29,7 @@ pub mod session;
 pub use agent::{Agent, AgentSpec, AgentStatus};
 pub use consent::{Consent, ConsentSpec, ConsentStatus};
 pub use context_pack::{ContextPack, ContextPackSpec, ContextPackStatus};
+pub use feedback::{Feedback, FeedbackSpec, FeedbackStatus};
 pub use ontology::{Ontology, OntologySpec, OntologyStatus};
 pub use policy::{Policy, PolicySpec, PolicyStatus};
 pub use proposal::{Proposal, ProposalSpec, ProposalStatus};
@@ -81,6 +83,7 @@ pub fn all_crds()
         Agent::crd(),
         Consent::crd(),
         ContextPack::crd(),
+        Feedback::crd(),
         Ontology::crd(),
         Policy::crd(),
         Proposal::crd(),

@@ -72,7 +72,9 @@ pub struct ProposalSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProposalTarget {
+    /// Policy, ContextPack or Agent.
     pub kind: TargetKind,
+    /// Its name, in the proposal's namespace.
     #[schemars(
         length(min = 1, max = 253),
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -111,10 +113,13 @@ impl TargetKind {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProposalPatch {
+    /// Operations on a Policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyPatch>,
+    /// Operations on a ContextPack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_pack: Option<ContextPackPatch>,
+    /// Operations on an Agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentPatch>,
 }
@@ -123,6 +128,7 @@ pub struct ProposalPatch {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyPatch {
+    /// The operations, applied in order (1–32).
     #[schemars(length(min = 1, max = 32))]
     pub operations: Vec<PolicyOperation>,
 }
@@ -149,6 +155,7 @@ pub struct PolicyOperation {
     /// Replace the tool-call budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_budget: Option<ToolCallBudget>,
+    /// The policy's default effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_default_effect: Option<PolicyEffect>,
     /// `enforce` a dryRun policy (or the reverse).
@@ -171,6 +178,7 @@ pub struct AddRule {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RuleName {
+    /// The rule's name.
     #[schemars(length(min = 1, max = 64))]
     pub rule: String,
 }
@@ -179,6 +187,7 @@ pub struct RuleName {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SetEffect {
+    /// The rule's name.
     #[schemars(length(min = 1, max = 64))]
     pub rule: String,
     pub effect: PolicyEffect,
@@ -192,8 +201,10 @@ pub struct SetEffect {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SetCondition {
+    /// The rule's name.
     #[schemars(length(min = 1, max = 64))]
     pub rule: String,
+    /// The CEL condition; none removes the rule's condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub condition: Option<String>,
@@ -203,6 +214,7 @@ pub struct SetCondition {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ContextPackPatch {
+    /// The operations, applied in order (1–32).
     #[schemars(length(min = 1, max = 32))]
     pub operations: Vec<ContextPackOperation>,
 }
@@ -219,10 +231,13 @@ pub struct ContextPackOperation {
     /// A new source (its name must be new).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub add_source: Option<ContextSource>,
+    /// A source's priority.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_source_priority: Option<SetSourcePriority>,
+    /// A source's token cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_source_max_tokens: Option<SetSourceMaxTokens>,
+    /// The pack's new tokenBudget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 256, max = 2_000_000))]
     pub set_token_budget: Option<u32>,
@@ -232,8 +247,10 @@ pub struct ContextPackOperation {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SetSourcePriority {
+    /// The source's name.
     #[schemars(length(min = 1, max = 64))]
     pub source: String,
+    /// Its new priority (0–1000).
     #[schemars(range(min = 0, max = 1000))]
     pub priority: u32,
 }
@@ -242,8 +259,10 @@ pub struct SetSourcePriority {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SetSourceMaxTokens {
+    /// The source's name.
     #[schemars(length(min = 1, max = 64))]
     pub source: String,
+    /// Its new cap; none removes the cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 2_000_000))]
     pub max_tokens: Option<u32>,
@@ -253,6 +272,7 @@ pub struct SetSourceMaxTokens {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentPatch {
+    /// The operations, applied in order (1–32).
     #[schemars(length(min = 1, max = 32))]
     pub operations: Vec<AgentOperation>,
 }
@@ -265,11 +285,13 @@ pub struct AgentOperation {
     /// New values for some of the run budget's limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_budget: Option<BudgetChange>,
+    /// A tool's declared risk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_tool_risk: Option<SetToolRisk>,
     /// A new output validator (its name must be new).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub add_validator: Option<OutputValidator>,
+    /// The critic's settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_critic: Option<CriticChange>,
 }
@@ -279,15 +301,19 @@ pub struct AgentOperation {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.maxSteps) || has(self.maxTokens) || has(self.maxToolCalls) || has(self.maxWallSeconds)").message("setBudget names at least one limit"))]
 pub struct BudgetChange {
+    /// New budget.maxSteps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_steps: Option<u32>,
+    /// New budget.maxTokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100_000_000))]
     pub max_tokens: Option<u64>,
+    /// New budget.maxToolCalls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000))]
     pub max_tool_calls: Option<u32>,
+    /// New budget.maxWallSeconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 604_800))]
     pub max_wall_seconds: Option<u32>,
@@ -297,8 +323,10 @@ pub struct BudgetChange {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SetToolRisk {
+    /// The tool's name.
     #[schemars(length(min = 1, max = 64))]
     pub tool: String,
+    /// Its new declared risk.
     pub risk: ToolRisk,
 }
 
@@ -306,6 +334,7 @@ pub struct SetToolRisk {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CriticChange {
+    /// New critic.maxRevisions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 10))]
     pub max_revisions: Option<u32>,
@@ -323,6 +352,7 @@ pub struct ProposalInsight {
     /// them).
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z][a-z0-9-]*$"))]
     pub kind: String,
+    /// The agent whose runs showed it.
     #[schemars(length(min = 1, max = 253))]
     pub agent: String,
     /// What it is about: a tool, a rule, a failure reason, a signal, a source.
@@ -343,8 +373,10 @@ pub struct ProposalInsight {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EvidenceEntry {
+    /// The run's id.
     #[schemars(length(min = 1, max = 128))]
     pub run: String,
+    /// The entry's position in the run.
     pub seq: u64,
     /// The entry's hash in the run's chain (hex).
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
@@ -364,6 +396,7 @@ pub struct EvidenceEntry {
     validation = Rule::new(r"!has(self.reason) || !self.reason.matches('[\x00-\x09\x0b-\x1f\x7f]')").message("spec.decision.reason holds a control character")
 )]
 pub struct ProposalDecision {
+    /// accept or reject.
     pub action: DecisionAction,
     /// Who decides: must be the user who sets it (admission checks it).
     #[schemars(length(min = 1, max = 253))]
@@ -372,6 +405,7 @@ pub struct ProposalDecision {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^sha256:[0-9a-f]{64}$"))]
     pub candidate: Option<String>,
+    /// Why (required for a rejection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub reason: Option<String>,
@@ -418,9 +452,13 @@ pub struct ProposalStatus {
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<ProposalPhase>,
-    /// Digest of the target's spec with the patch applied: what a reviewer accepts.
+    /// What is replayed and what a reviewer accepts: the digest of the target's spec with the
+    /// patch applied (for an Agent, of its composition with that spec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate: Option<String>,
+    /// Digest of the target's spec with the patch applied (the target's once accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_digest: Option<String>,
     /// The change in words, one line per operation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]

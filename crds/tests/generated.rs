@@ -63,6 +63,8 @@ fn every_example_parses_into_its_typed_struct() {
                 "Session" => serde_yaml::from_value::<Session>(value).map(drop),
                 "Consent" => serde_yaml::from_value::<contextos_crds::Consent>(value).map(drop),
                 "Ontology" => serde_yaml::from_value::<contextos_crds::Ontology>(value).map(drop),
+                "Feedback" => serde_yaml::from_value::<contextos_crds::Feedback>(value).map(drop),
+                "Proposal" => serde_yaml::from_value::<contextos_crds::Proposal>(value).map(drop),
                 "ConfigMap" | "Secret" => Ok(()),
                 other => panic!("{}: unexpected kind {other}", entry.display()),
             };
@@ -77,6 +79,8 @@ fn every_example_parses_into_its_typed_struct() {
         "SandboxProfile",
         "Session",
         "Ontology",
+        "Feedback",
+        "Proposal",
     ] {
         assert!(seen_kinds.contains(kind), "examples have no {kind}");
     }

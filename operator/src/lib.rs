@@ -18,7 +18,9 @@ pub mod tenant_keys;
 
 use std::sync::Arc;
 
-use contextos_crds::{Agent, ContextPack, Ontology, Policy, SandboxProfile, Session};
+use contextos_crds::{
+    Agent, ContextPack, Ontology, Policy, Proposal, SandboxProfile, Session, proposal::TargetKind,
+};
 use contextos_runner::key_secrets;
 use futures::StreamExt as _;
 use k8s_openapi::api::{
@@ -36,7 +38,7 @@ use kube::{
 };
 
 use crate::{
-    controllers::{Context, agent, error_policy, ontology, revisions, session},
+    controllers::{Context, agent, error_policy, ontology, proposal, revisions, session},
     metrics::Metrics,
     session_children::RunnerSettings,
 };
@@ -123,6 +125,9 @@ pub async fn run(
             Api::<PartialObjectMeta<Job>>::all(client.clone()),
             watcher::Config::default().labels(contextos_crds::labels::REVISION_OF),
         )
+        .watches(Api::<Proposal>::all(client.clone()), watch(), |p: Proposal| {
+            proposal_target::<ContextPack>(&p, TargetKind::ContextPack)
+        })
         .graceful_shutdown_on(shutdown())
         .run(revisions::reconcile_context_pack, error_policy, ctx.clone())
         .for_each(|_| async {});
@@ -133,6 +138,9 @@ pub async fn run(
             Api::<PartialObjectMeta<Job>>::all(client.clone()),
             watcher::Config::default().labels(contextos_crds::labels::REVISION_OF),
         )
+        .watches(Api::<Proposal>::all(client.clone()), watch(), |p: Proposal| {
+            proposal_target::<Policy>(&p, TargetKind::Policy)
+        })
         .graceful_shutdown_on(shutdown())
         .run(revisions::reconcile_policy, error_policy, ctx.clone())
         .for_each(|_| async {});
@@ -185,8 +193,35 @@ pub async fn run(
             Api::<PartialObjectMeta<Job>>::all(client.clone()),
             watcher::Config::default().labels(contextos_crds::labels::REVISION_OF),
         )
+        .watches(Api::<Proposal>::all(client.clone()), watch(), |p: Proposal| {
+            proposal_target::<Agent>(&p, TargetKind::Agent)
+        })
         .graceful_shutdown_on(shutdown())
         .run(agent::reconcile_agent, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    // A proposal follows its target: a change makes it stale, a promotion promotes it.
+    let proposals = lean_controller(Api::<Proposal>::all(client.clone()), watch());
+    let (for_policy, for_pack, for_agent) = (proposals.store(), proposals.store(), proposals.store());
+    let proposals = proposals
+        .with_config(controller_config.clone())
+        .owns(
+            Api::<PartialObjectMeta<Job>>::all(client.clone()),
+            watcher::Config::default().labels(contextos_crds::labels::REVISION_OF),
+        )
+        .watches(Api::<Policy>::all(client.clone()), watch(), move |o: Policy| {
+            proposals_for(&for_policy, &o, TargetKind::Policy)
+        })
+        .watches(
+            Api::<ContextPack>::all(client.clone()),
+            watch(),
+            move |o: ContextPack| proposals_for(&for_pack, &o, TargetKind::ContextPack),
+        )
+        .watches(Api::<Agent>::all(client.clone()), watch(), move |o: Agent| {
+            proposals_for(&for_agent, &o, TargetKind::Agent)
+        })
+        .graceful_shutdown_on(shutdown())
+        .run(proposal::reconcile_proposal, error_policy, ctx.clone())
         .for_each(|_| async {});
 
     let sessions = lean_controller(Api::<Session>::all(client.clone()), watch());
@@ -216,7 +251,7 @@ pub async fn run(
         .run(session::reconcile_session, error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    futures::join!(packs, policies, profiles, ontologies, agents, sessions);
+    futures::join!(packs, policies, profiles, ontologies, agents, proposals, sessions);
     Ok(())
 }
 
@@ -241,6 +276,36 @@ where
         .reflect(writer)
         .applied_objects();
     Controller::for_stream(objects, reader)
+}
+
+/// The target of a proposal, when it is of kind `K`.
+fn proposal_target<K>(proposal: &Proposal, kind: TargetKind) -> Option<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()>,
+{
+    (proposal.spec.target.kind == kind).then(|| {
+        let target = ObjectRef::new(&proposal.spec.target.name);
+        match proposal.namespace() {
+            Some(namespace) => target.within(&namespace),
+            None => target,
+        }
+    })
+}
+
+/// The proposals in `object`'s namespace that target it.
+fn proposals_for<K: kube::Resource>(
+    store: &kube::runtime::reflector::Store<Proposal>,
+    object: &K,
+    kind: TargetKind,
+) -> Vec<ObjectRef<Proposal>> {
+    let namespace = object.meta().namespace.clone();
+    let name = object.meta().name.clone().unwrap_or_default();
+    store
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == namespace && p.spec.target.kind == kind && p.spec.target.name == name)
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
 }
 
 /// Agents in `object`'s namespace that `refers` to it.

@@ -12,7 +12,7 @@ use contextos_runner::{
     read_grant::{READ_GRANT_ENV, ReadGrant, SignedReadGrant},
     records::store::remote::TOKEN_FILE_ENV,
     run::{
-        gate::{GateOrder, GatedKind, SignedGateVerdict},
+        gate::{ExpectedChange, GateOrder, GatedKind, SignedGateVerdict},
         pod::paths,
         replay::ReplayGate,
     },
@@ -49,6 +49,10 @@ pub struct GateTarget<'a> {
     pub namespace: &'a str,
     pub digest: &'a str,
     pub owner: Option<OwnerReference>,
+    /// The Proposal whose candidate this replays (its Jobs are its own, never the target's
+    /// gate's), and the calls its evidence names.
+    pub proposal: Option<&'a str>,
+    pub expected: &'a [ExpectedChange],
 }
 
 /// Automatic attempts at one candidate's gate: an attempt that ends without a verdict
@@ -73,7 +77,10 @@ pub fn kind_label(kind: GatedKind) -> &'static str {
 /// `-a<n>`.
 pub fn job_name(target: &GateTarget<'_>) -> String {
     let hex = target.digest.strip_prefix("sha256:").unwrap_or(target.digest);
-    let mut name = format!("replay-{}-{}", kind_label(target.kind), target.name);
+    let mut name = match target.proposal {
+        Some(proposal) => format!("proposal-{proposal}"),
+        None => format!("replay-{}-{}", kind_label(target.kind), target.name),
+    };
     name.truncate(48);
     format!("{name}-{}", &hex[..hex.len().min(10)])
 }
@@ -152,6 +159,7 @@ pub fn read_grant(
                 name: target.name.to_owned(),
                 candidate_digest: target.digest.to_owned(),
                 replay: replay.clone(),
+                expected: target.expected.to_vec(),
             }),
         },
         key,
@@ -378,6 +386,8 @@ mod tests {
             namespace: "shop",
             digest: DIGEST,
             owner: None,
+            proposal: None,
+            expected: &[],
         }
     }
 

@@ -8,8 +8,6 @@
 //! For a run about a person the correction text is encrypted under the run's key, like what the
 //! run recorded about them: it reads as erased once they are.
 
-use std::{fmt, str::FromStr};
-
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -44,56 +42,7 @@ pub const FEEDBACK: ChainKind = ChainKind {
     owners: "fs",
 };
 
-/// What was wrong.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FeedbackLabel {
-    WrongTool,
-    ShouldHaveAsked,
-    ShouldNotHaveActed,
-    MissingContext,
-    WrongAnswer,
-    TooSlowOrCostly,
-}
-
-impl FeedbackLabel {
-    pub const ALL: [Self; 6] = [
-        Self::WrongTool,
-        Self::ShouldHaveAsked,
-        Self::ShouldNotHaveActed,
-        Self::MissingContext,
-        Self::WrongAnswer,
-        Self::TooSlowOrCostly,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::WrongTool => "wrong-tool",
-            Self::ShouldHaveAsked => "should-have-asked",
-            Self::ShouldNotHaveActed => "should-not-have-acted",
-            Self::MissingContext => "missing-context",
-            Self::WrongAnswer => "wrong-answer",
-            Self::TooSlowOrCostly => "too-slow-or-costly",
-        }
-    }
-}
-
-impl fmt::Display for FeedbackLabel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for FeedbackLabel {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        Self::ALL.into_iter().find(|l| l.as_str() == text).ok_or_else(|| {
-            let all: Vec<&str> = Self::ALL.iter().map(|l| l.as_str()).collect();
-            format!("label {text:?}: use one of {}", all.join(", "))
-        })
-    }
-}
+pub use contextos_crds::feedback::FeedbackLabel;
 
 /// The entry a correction is about, as the verified record holds it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,9 +107,16 @@ pub struct FeedbackRequest {
     pub request_id: Option<String>,
 }
 
+/// Where the gateway service serves the runs that have corrections (`?limit=`).
+pub const FEEDBACK_RUNS_PATH: &str = "/v1/records/feedback/runs";
+/// Where the gateway service serves one run's corrections, verified (`?run=`).
+pub const FEEDBACK_PATH: &str = "/v1/records/feedback";
+
 /// Why a correction was not kept.
 #[derive(Debug, thiserror::Error)]
 pub enum FeedbackError {
+    #[error("reading corrections through the gateway service: {0}")]
+    Remote(#[from] crate::records::store::remote::RemoteError),
     #[error("feedback refused: {0}")]
     Invalid(String),
     #[error(transparent)]
@@ -350,4 +306,49 @@ fn about(entries: &[(Hash, crate::records::RecordEntry)], seq: u64) -> Option<Ab
         call_id,
         tool,
     })
+}
+
+/// People's corrections as insights read them: kept beside a local store (verified here with
+/// its key), or served by the gateway service (which verifies them with the tenant's key and
+/// serves them only to those who may read the records).
+#[derive(Debug)]
+pub enum Corrections<'a, S> {
+    Local {
+        book: FeedbackBook<'a, S>,
+        key: &'a PublicKey,
+    },
+    Gateway(&'a crate::records::store::remote::RemoteStore),
+    /// Not read (no key to verify them with).
+    Unread,
+}
+
+impl<S: RecordStore> Corrections<'_, S> {
+    /// The runs that have corrections, at most `limit`.
+    pub async fn runs(&self, limit: usize) -> Result<Vec<String>, FeedbackError> {
+        match self {
+            Self::Local { book, .. } => book.runs(limit).await,
+            Self::Gateway(remote) => Ok(remote
+                .get_json(&format!("{FEEDBACK_RUNS_PATH}?limit={limit}"))
+                .await?),
+            Self::Unread => Ok(Vec::new()),
+        }
+    }
+
+    /// The corrections of `run_id`, oldest first.
+    pub async fn of_run(&self, run_id: &str) -> Result<Vec<FeedbackRecord>, FeedbackError> {
+        match self {
+            Self::Local { book, key } => Ok(book
+                .of_run(run_id, key)
+                .await?
+                .links
+                .into_iter()
+                .map(|l| l.record)
+                .collect()),
+            Self::Gateway(remote) => {
+                validate_id("run", run_id).map_err(|e| FeedbackError::Invalid(e.to_string()))?;
+                Ok(remote.get_json(&format!("{FEEDBACK_PATH}?run={run_id}")).await?)
+            }
+            Self::Unread => Ok(Vec::new()),
+        }
+    }
 }

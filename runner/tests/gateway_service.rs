@@ -1259,6 +1259,7 @@ async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_can
         name: policy.name.clone(),
         candidate_digest: spec_digest(&policy.spec),
         replay: Default::default(),
+        expected: Vec::new(),
     };
     let reader = |gate: Option<GateOrder>| {
         let grant = ReadGrant {

@@ -59,14 +59,22 @@ pub enum AcceptWord {
 pub fn load_cases() -> Vec<AdmissionCase> {
     let path = repo_root().join("crds/tests/admission_cases.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+    // The first document of the file.
+    let first = serde_yaml::Deserializer::from_str(&text)
+        .next()
+        .unwrap_or_else(|| panic!("{} holds no document", path.display()));
+    serde::Deserialize::deserialize(first).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
 /// The single object in `examples/quickstart/<file>`, as JSON.
 pub fn quickstart_object(file: &str) -> Value {
     let path = repo_root().join("examples/quickstart").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+    // The first document of the file.
+    let first = serde_yaml::Deserializer::from_str(&text)
+        .next()
+        .unwrap_or_else(|| panic!("{} holds no document", path.display()));
+    serde::Deserialize::deserialize(first).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
 /// The objects a case sends: `(Some(old), new)` for updates, `(None, new)` for creates.

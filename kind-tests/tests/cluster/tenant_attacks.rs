@@ -142,6 +142,8 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
         namespace: ns.name(),
         digest: &digest,
         owner: None,
+        proposal: None,
+        expected: &[],
     };
     let planted_name = job_name(&target);
     let forged = json!({

@@ -92,6 +92,7 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
                         Need::Replay(_) => Gated::NO_GATE,
                     },
                     first_replayed: true,
+                    reviewers: status.promotion_gate.as_ref().and_then(|g| g.approvers.clone()),
                     revisions: status.revisions.clone().unwrap_or_default(),
                     conditions: previous.clone(),
                 };
@@ -143,6 +144,23 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
     .await?;
     super::announce(&ctx, agent.as_ref(), &previous, &ready).await;
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// The composition an Agent named `agent` would run with `spec`: its spec checked and its
+/// references resolved as for the Agent itself (a Proposal's candidate).
+pub async fn candidate_composition(
+    ctx: &Context,
+    namespace: &str,
+    agent: &str,
+    spec: &AgentSpec,
+) -> Result<Result<Composition, Invalid>> {
+    if let Err(invalid) = check_spec(agent, spec) {
+        return Ok(Err(invalid));
+    }
+    match resolve(ctx, namespace, spec).await? {
+        Ok(resolved) => composition(ctx, namespace, spec, &resolved).await,
+        Err(invalid) => Ok(Err(invalid)),
+    }
 }
 
 /// The objects the composition uses, as the gate decision sees them.

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod ontology;
+pub mod proposal;
 pub mod revisions;
 pub mod session;
 

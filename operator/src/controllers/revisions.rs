@@ -126,10 +126,39 @@ pub(super) async fn promoted_spec<T: serde::de::DeserializeOwned + serde::Serial
 pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile("ContextPack");
     let namespace = pack.namespace().unwrap_or_default();
-    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace);
+    let problem = pack_problem(&ctx, &namespace, &pack.spec).await?;
+    let gate = Gated {
+        kind: GatedKind::ContextPack,
+        promotion: pack.spec.promotion.as_ref(),
+        ungated: Gated::NO_GATE,
+        first_replayed: false,
+        reviewers: pack.spec.promotion.as_ref().and_then(|p| p.approvers.clone()),
+        revisions: pack
+            .status
+            .as_ref()
+            .and_then(|s| s.revisions.clone())
+            .unwrap_or_default(),
+        conditions: pack
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default(),
+    };
+    let api = Api::<ContextPack>::namespaced(ctx.client.clone(), &namespace);
+    finish(&ctx, &api, pack.as_ref(), &pack.spec, gate, problem).await
+}
+
+/// What is wrong with a ContextPack's spec in `namespace`: a ConfigMap source that is missing,
+/// a memory source that cannot be, required sources that do not fit the budget.
+pub(super) async fn pack_problem(
+    ctx: &Context,
+    namespace: &str,
+    spec: &ContextPackSpec,
+) -> Result<Option<Invalid>> {
+    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace);
     let mut resolved = Vec::new();
     let mut problem = None;
-    for (i, source) in pack.spec.sources.iter().enumerate() {
+    for (i, source) in spec.sources.iter().enumerate() {
         let Some(key) = &source.config_map_ref else {
             continue;
         };
@@ -155,30 +184,13 @@ pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -
         }
     }
     if problem.is_none() {
-        problem = contextos_runner::memory::desk::source_problem(&pack.spec)
+        problem = contextos_runner::memory::desk::source_problem(spec)
             .map(|why| Invalid::new(reason::INVALID_SPEC, why));
     }
     if problem.is_none() {
-        problem = fits(&pack.spec, &resolved);
+        problem = fits(spec, &resolved);
     }
-    let gate = Gated {
-        kind: GatedKind::ContextPack,
-        promotion: pack.spec.promotion.as_ref(),
-        ungated: Gated::NO_GATE,
-        first_replayed: false,
-        revisions: pack
-            .status
-            .as_ref()
-            .and_then(|s| s.revisions.clone())
-            .unwrap_or_default(),
-        conditions: pack
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default(),
-    };
-    let api = Api::<ContextPack>::namespaced(ctx.client.clone(), &namespace);
-    finish(&ctx, &api, pack.as_ref(), &pack.spec, gate, problem).await
+    Ok(problem)
 }
 
 /// Required sources must fit the budget with the instructions (an empty request stands in).
@@ -203,6 +215,7 @@ pub async fn reconcile_policy(policy: Arc<Policy>, ctx: Arc<Context>) -> Result<
         promotion: policy.spec.promotion.as_ref(),
         ungated: Gated::NO_GATE,
         first_replayed: false,
+        reviewers: policy.spec.promotion.as_ref().and_then(|p| p.approvers.clone()),
         revisions: policy
             .status
             .as_ref()
@@ -261,6 +274,9 @@ pub(super) struct Gated<'a> {
     /// Whether a first revision is replayed too (an Agent deleted and created again has
     /// recorded sessions; a Policy's first revision is covered by the Agents' gates).
     pub first_replayed: bool,
+    /// Who decides its promotions (admission reads the same): an accepted Proposal counts
+    /// only while its reviewers are still these.
+    pub reviewers: Option<contextos_crds::common::Approvers>,
     pub revisions: RevisionStatus,
     pub conditions: Vec<Condition>,
 }
@@ -448,14 +464,25 @@ where
     }
     let namespace = object.meta().namespace.clone().unwrap_or_default();
     let name = object.name_any();
+    // A reviewer accepted exactly this candidate in a Proposal, after its own replay passed.
+    if let Some(accepted) =
+        super::proposal::accepted_for(ctx, &namespace, gate.kind, &name, digest, gate.reviewers.as_ref())
+            .await?
+    {
+        return Ok(Verdict {
+            summary: accepted.replay,
+            ..direct(PromotedBy::Proposal, &accepted.why)
+        });
+    }
     let target = GateTarget {
         kind: gate.kind,
         name: &name,
         namespace: &namespace,
         digest,
         owner: object.controller_owner_ref(&()),
+        proposal: None,
+        expected: &[],
     };
-    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
     let held =
         |reason: &'static str, message: String| Wanted::new(conditions::PROMOTED, false, reason, message);
     // A Job the operator did not make (planted before it) sends no events to its owner: look
@@ -492,60 +519,30 @@ where
         awaiting: None,
         summary: None,
     };
-    // Attempts are Jobs of their own: one that ended without a verdict stays for people to
-    // inspect, and the next attempt starts after a backoff, up to the bound.
-    let mut attempt = 1;
-    let (job_name, gate_result) = loop {
-        let job_name = replay_job::attempt_job_name(&target, attempt);
-        let Some(job) = jobs.get_opt(&job_name).await? else {
-            if let Some(problem) =
-                start_replay(ctx, object, spec, &target, &promotion.replay, attempt).await?
-            {
-                return Ok(inconclusive(problem, Some(Duration::from_secs(30))));
-            }
-            return Ok(replaying(&job_name));
-        };
-        let key = ctx
-            .tenant_keys
-            .get(&ctx.runner.gateway, &namespace)
-            .await
-            .map_err(|e| Error::Run(e.to_string()))?;
-        let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
-            .list(&ListParams::default().labels(&format!("job-name={job_name}")))
-            .await?
-            .items;
-        match replay_job::outcome(&target, &job, &pods, &key) {
-            JobOutcome::Running => return Ok(replaying(&job_name)),
-            JobOutcome::Verdict(gate) => break (job_name, gate),
-            JobOutcome::Inconclusive { why, finished_at } => {
-                tracing::warn!(namespace = %namespace, job = %job_name, %why, "replay attempt without a verdict");
-                if attempt >= replay_job::MAX_ATTEMPTS {
-                    let label = replay_job::revision_of(&target);
-                    return Ok(inconclusive(
-                        format!(
-                            "{attempt} replay attempts ended without a verdict (last: {why}); delete the Jobs labelled {}={label} to replay again, or an approver sets annotation {PROMOTE_WITHOUT_REPLAY}={digest}",
-                            labels::REVISION_OF
-                        ),
-                        None,
-                    ));
-                }
-                let backoff = RETRY_BACKOFF.saturating_mul(1 << (attempt - 1));
-                let waited = finished_at.map_or(backoff, |t| {
-                    Duration::from_secs(u64::try_from(now().duration_since(t.0).as_secs()).unwrap_or(0))
-                });
-                if waited < backoff {
-                    return Ok(inconclusive(
-                        format!(
-                            "attempt {attempt} of {}: {why}; retrying in {}s",
-                            replay_job::MAX_ATTEMPTS,
-                            (backoff - waited).as_secs()
-                        ),
-                        Some(backoff - waited),
-                    ));
-                }
-                attempt += 1;
-            }
+    let (job_name, gate_result) = match replay_attempts(ctx, spec, &target, &promotion.replay).await? {
+        Progress::Running(job_name) => return Ok(replaying(&job_name)),
+        Progress::Refused(problem) => return Ok(inconclusive(problem, Some(Duration::from_secs(30)))),
+        Progress::Backoff { attempt, why, wait } => {
+            return Ok(inconclusive(
+                format!(
+                    "attempt {attempt} of {}: {why}; retrying in {}s",
+                    replay_job::MAX_ATTEMPTS,
+                    wait.as_secs()
+                ),
+                Some(wait),
+            ));
         }
+        Progress::Exhausted { attempts, why } => {
+            let label = replay_job::revision_of(&target);
+            return Ok(inconclusive(
+                format!(
+                    "{attempts} replay attempts ended without a verdict (last: {why}); delete the Jobs labelled {}={label} to replay again, or an approver sets annotation {PROMOTE_WITHOUT_REPLAY}={digest}",
+                    labels::REVISION_OF
+                ),
+                None,
+            ));
+        }
+        Progress::Verdict(job_name, gate) => (job_name, gate),
     };
     let summary = Some(ReplaySummary {
         job: Some(job_name.clone()),
@@ -659,25 +656,95 @@ where
     })
 }
 
+/// Where the replay of one candidate stands.
+pub(super) enum Progress {
+    /// The Job of the current attempt runs (or was just created).
+    Running(String),
+    /// The gateway's verdict, from this Job.
+    Verdict(String, contextos_runner::run::replay::ReplayGate),
+    /// No Job could be started: why.
+    Refused(String),
+    /// Attempt `attempt` ended without a verdict; the next starts after `wait`.
+    Backoff {
+        attempt: u32,
+        why: String,
+        wait: Duration,
+    },
+    /// Every attempt ended without a verdict; the last one's why.
+    Exhausted { attempts: u32, why: String },
+}
+
+/// Replays `spec` as `target`'s candidate: starts the Job of the first attempt, reads the
+/// verdict of a finished one, and starts the next attempt after a backoff when one ended
+/// without a verdict. Attempts are Jobs of their own: one that ended without a verdict stays
+/// for people to inspect, up to [`replay_job::MAX_ATTEMPTS`].
+pub(super) async fn replay_attempts<S: serde::Serialize>(
+    ctx: &Context,
+    spec: &S,
+    target: &GateTarget<'_>,
+    replay: &contextos_crds::common::ReplaySpec,
+) -> Result<Progress> {
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), target.namespace);
+    let mut attempt = 1;
+    loop {
+        let job_name = replay_job::attempt_job_name(target, attempt);
+        let Some(job) = jobs.get_opt(&job_name).await? else {
+            if let Some(problem) = start_replay(ctx, spec, target, replay, attempt).await? {
+                return Ok(Progress::Refused(problem));
+            }
+            return Ok(Progress::Running(job_name));
+        };
+        let key = ctx
+            .tenant_keys
+            .get(&ctx.runner.gateway, target.namespace)
+            .await
+            .map_err(|e| Error::Run(e.to_string()))?;
+        let pods = Api::<Pod>::namespaced(ctx.client.clone(), target.namespace)
+            .list(&ListParams::default().labels(&format!("job-name={job_name}")))
+            .await?
+            .items;
+        match replay_job::outcome(target, &job, &pods, &key) {
+            JobOutcome::Running => return Ok(Progress::Running(job_name)),
+            JobOutcome::Verdict(gate) => return Ok(Progress::Verdict(job_name, gate)),
+            JobOutcome::Inconclusive { why, finished_at } => {
+                tracing::warn!(namespace = %target.namespace, job = %job_name, %why, "replay attempt without a verdict");
+                if attempt >= replay_job::MAX_ATTEMPTS {
+                    return Ok(Progress::Exhausted {
+                        attempts: attempt,
+                        why,
+                    });
+                }
+                let backoff = RETRY_BACKOFF.saturating_mul(1 << (attempt - 1));
+                let waited = finished_at.map_or(backoff, |t| {
+                    Duration::from_secs(u64::try_from(now().duration_since(t.0).as_secs()).unwrap_or(0))
+                });
+                if waited < backoff {
+                    return Ok(Progress::Backoff {
+                        attempt,
+                        why,
+                        wait: backoff - waited,
+                    });
+                }
+                attempt += 1;
+            }
+        }
+    }
+}
+
 /// Creates the candidate ConfigMap (once per candidate), the replay NetworkPolicy and the Job
 /// of `attempt`. A ConfigMap already at the candidate's name that holds anything else was not
 /// written by the operator: it is named as the problem, and no Job is started.
-async fn start_replay<K, S>(
+async fn start_replay<S: serde::Serialize>(
     ctx: &Context,
-    object: &K,
     spec: &S,
     target: &GateTarget<'_>,
     replay: &contextos_crds::common::ReplaySpec,
     attempt: u32,
-) -> Result<Option<String>>
-where
-    K: kube::Resource<DynamicType = ()>,
-    S: serde::Serialize,
-{
+) -> Result<Option<String>> {
     let candidate = json!({
         "apiVersion": "contextos.dev/v1alpha1",
         "kind": target.kind.api_kind(),
-        "metadata": {"name": object.name_any()},
+        "metadata": {"name": target.name},
         "spec": spec,
     });
     let build = |what: &'static str| move |source| Error::Build { what, source };

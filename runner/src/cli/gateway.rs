@@ -102,6 +102,14 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         store.clone(),
         keys.clone(),
     ));
+    // So are people's corrections of runs, applied as Feedback objects.
+    tokio::spawn(
+        contextos_runner::gateway::feedback_objects::chain_feedback_objects(
+            client.clone(),
+            store.clone(),
+            keys.clone(),
+        ),
+    );
     let service = Arc::new(
         GatewayService::new(
             store,

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use contextos_runner::{
-    insights::{self, Gathered, Insight, Thresholds, synthesize},
-    records::{AnyStore, RunFilter, recorder::now_ms},
+    feedback::{Corrections, FeedbackBook},
+    insights::{self, Gathered, Insight, Question, Thresholds, open_questions, synthesize},
+    keys::PublicKey,
+    records::{AnyStore, RunFilter, TenantId, recorder::now_ms},
 };
 use serde_json::json;
 
@@ -48,12 +50,12 @@ pub async fn run(global: &GlobalArgs, args: InsightsArgs) -> anyhow::Result<Exit
         since_ms: Some(since_ms),
         ..RunFilter::default()
     };
-    // Corrections are kept beside a local store (and verified with its key).
-    let feedback_key = match &store {
+    let key = match &store {
         AnyStore::Gateway(_) => None,
         _ => global.verifying_key(None).ok(),
     };
-    let gathered = insights::gather(&store, &tenant, &filter, feedback_key.as_ref())
+    let corrections = corrections(&store, &tenant, key.as_ref());
+    let gathered = insights::gather(&store, &tenant, &filter, &corrections)
         .await
         .with_context(|| format!("reading the records of tenant {tenant}"))?;
     let thresholds = Thresholds {
@@ -61,8 +63,9 @@ pub async fn run(global: &GlobalArgs, args: InsightsArgs) -> anyhow::Result<Exit
         min_approvals: args.min_approvals,
     };
     let found = synthesize(&gathered.signals, thresholds);
+    let questions = open_questions(&gathered.signals, thresholds);
     match args.format {
-        Format::Text => print!("{}", text(&gathered, &found, &args.since)),
+        Format::Text => print!("{}{}", text(&gathered, &found, &args.since), research(&questions)),
         Format::Json => println!(
             "{}",
             serde_json::to_string_pretty(&json!({
@@ -72,11 +75,29 @@ pub async fn run(global: &GlobalArgs, args: InsightsArgs) -> anyhow::Result<Exit
                 "unreadable": gathered.unreadable,
                 "truncated": gathered.truncated,
                 "insights": found,
+                "openQuestions": questions,
                 "signals": gathered.signals,
             }))?
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where people's corrections of the tenant's runs are read from: through the gateway service
+/// when the store is behind it, else beside the local store, verified with its key.
+pub fn corrections<'a>(
+    store: &'a AnyStore,
+    tenant: &TenantId,
+    key: Option<&'a PublicKey>,
+) -> Corrections<'a, AnyStore> {
+    match (store, key) {
+        (AnyStore::Gateway(remote), _) => Corrections::Gateway(remote),
+        (_, Some(key)) => Corrections::Local {
+            book: FeedbackBook::new(store, tenant),
+            key,
+        },
+        (_, None) => Corrections::Unread,
+    }
 }
 
 fn text(gathered: &Gathered, found: &[Insight], since: &str) -> String {
@@ -115,6 +136,27 @@ fn text(gathered: &Gathered, found: &[Insight], since: &str) -> String {
             format_ms(insight.strength.newest_ms),
             insight.consider,
             runs.join(" "),
+        ));
+    }
+    out
+}
+
+/// The research queue: patterns that wait for more evidence, and what would settle each.
+pub fn research(questions: &[Question]) -> String {
+    if questions.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\nopen questions ({}): seen, not yet enough to act on\n",
+        questions.len()
+    );
+    for q in questions {
+        out.push_str(&format!(
+            "  {} — agent {}: {}\n    settled by: {}\n",
+            q.insight.kind.as_str(),
+            q.insight.agent,
+            q.insight.summary,
+            q.settle
         ));
     }
     out

@@ -8,6 +8,7 @@ mod gateway;
 mod insights;
 mod memory;
 mod promote;
+mod propose;
 mod records;
 mod replay;
 mod run;
@@ -87,6 +88,10 @@ enum Command {
     /// What the records of a window show: signals per agent, tool, rule and source, and the
     /// recurring patterns among them (insights), each with the runs it rests on.
     Insights(insights::InsightsArgs),
+    /// Typed Proposals drafted from the insights of a window (corrections, denials, approvals,
+    /// dryRun rules, cut sources) against the current Agents, Policies and ContextPacks;
+    /// printed as YAML to apply. Nothing is applied until a reviewer accepts one.
+    Propose(propose::ProposeArgs),
     /// Tool declarations from what a tool server offers.
     #[command(subcommand)]
     Tools(tools::ToolsCommand),
@@ -120,6 +125,7 @@ impl Cli {
             Command::Audit(args) => audit::run(&self.global, args).await,
             Command::Feedback(command) => feedback::run(&self.global, command).await,
             Command::Insights(args) => insights::run(&self.global, args).await,
+            Command::Propose(args) => propose::run(&self.global, args).await,
             Command::Tools(command) => tools::run(command).await,
             Command::Consent(command) => consent::run(&self.global, command).await,
             Command::Memory(command) => memory::run(&self.global, command).await,

@@ -11,7 +11,7 @@ use contextos_runner::{
     run::{
         bundle::Candidate,
         gate::{GATE_PATH, SignedGateVerdict},
-        replay::{ReplayGate, ReplaySummary, replay_run, replay_runs},
+        replay::{Judging, ReplayGate, ReplaySummary, replay_run, replay_runs},
     },
 };
 
@@ -145,7 +145,10 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
             &args.agents,
             &labels,
             &candidate,
-            args.max_divergence_percent,
+            &Judging {
+                max_divergence_percent: args.max_divergence_percent,
+                ..Judging::default()
+            },
         )
         .await?
     };

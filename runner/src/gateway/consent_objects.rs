@@ -1,49 +1,29 @@
 //! Consent objects — the `Consent` kind, applied with `kubectl` or from Git — chained into their
-//! subjects' consent histories. The gateway watches them in every namespace and appends each to
-//! its subject's chain in that namespace's store, once (the object's uid is the request id: every
-//! replica may append it, the chain holds it once), signed with the tenant's key, then says so
-//! on the object's status (`Recorded`). Objects are chained in the order the API server accepted
-//! them, so a revocation applied after a grant is the newer record.
-//!
-//! The spec never changes (admission refuses it), and deleting an object does not undo what it
-//! recorded: the history is append-only. Withdrawing consent is a new Consent with
+//! subjects' consent histories (see [`super::object_chains`]): each is appended to its
+//! subject's chain in that namespace's store, signed with the tenant's key, so a revocation
+//! applied after a grant is the newer record. Withdrawing consent is a new Consent with
 //! `action: revoke`.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use contextos_crds::{
     Consent,
     consent::{ConsentAction as ObjectAction, ConsentLinkRef, ConsentStatus},
 };
-use futures::StreamExt as _;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::{
-    Api, ResourceExt as _,
-    api::{Patch, PatchParams},
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::ResourceExt as _;
 
+use super::object_chains::{ChainedObject, Chaining, chain_objects, conditions};
+pub use super::object_chains::{OBJECT_REQUEST_PREFIX, RECORDED};
 use crate::{
     consent::{ConsentAction, ConsentRecord, Purpose, SubjectHandle},
     keys::TenantKeys,
     memory::{
         MemoryError,
-        backend::MemoryBackend,
         consents::{ConsentBook, ConsentLink},
     },
     personal_data::Category,
-    records::{StoreError, TenantId},
+    records::{RecordStore, StoreError, TenantId},
 };
-
-/// The field manager of the status the gateway writes.
-const FIELD_MANAGER: &str = "contextos.dev/gateway";
-/// The condition on a Consent that says whether it is in the subject's history.
-pub const RECORDED: &str = "Recorded";
-/// Request ids the gateway gives Consent objects' records (`object.<uid>`); the consent API
-/// refuses them from anyone else, so no one can take an object's place in a chain.
-pub const OBJECT_REQUEST_PREFIX: &str = "object.";
-/// The longest wait between two attempts to chain an object while the store is unavailable.
-const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// The record a Consent object stands for, or what is wrong with it (naming the field).
 pub fn record_of(consent: &Consent) -> Result<ConsentRecord, String> {
@@ -87,137 +67,47 @@ pub fn record_of(consent: &Consent) -> Result<ConsentRecord, String> {
     Ok(record)
 }
 
-/// Whether the object's status already says what became of it — chained, or refused for good
-/// (its spec cannot change, so neither can the answer). Only a hint: chaining it again finds
-/// its record by request id and appends nothing.
-fn already_decided(consent: &Consent) -> bool {
-    consent.status.as_ref().is_some_and(|s| {
-        s.conditions.iter().any(|c| {
-            c.type_ == RECORDED
-                && c.observed_generation == consent.metadata.generation
-                && (c.status == "True" || c.reason != STORE_UNAVAILABLE)
-        })
-    })
-}
-
-/// The reason on a Consent whose chaining waits for the store.
-const STORE_UNAVAILABLE: &str = "StoreUnavailable";
-/// Attempts to write a Consent's status.
-const STATUS_ATTEMPTS: u32 = 5;
-
-/// Watches Consent objects in every namespace and chains each new one, for as long as the
-/// gateway runs. Objects listed at start (or after the watch is lost) are chained oldest first.
-pub async fn chain_consent_objects<S: MemoryBackend>(client: kube::Client, store: Arc<S>, keys: TenantKeys) {
-    let api = Api::<Consent>::all(client.clone());
-    let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
-    let mut listed: Vec<Consent> = Vec::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Init) => listed.clear(),
-            Ok(watcher::Event::InitApply(consent)) => listed.push(consent),
-            Ok(watcher::Event::InitDone) => {
-                let mut batch = std::mem::take(&mut listed);
-                // The API server lists by name; what was accepted first is chained first.
-                batch.sort_by(|a, b| {
-                    a.metadata
-                        .creation_timestamp
-                        .cmp(&b.metadata.creation_timestamp)
-                        .then_with(|| a.metadata.namespace.cmp(&b.metadata.namespace))
-                        .then_with(|| a.name_any().cmp(&b.name_any()))
-                });
-                for consent in batch {
-                    chain_one(&client, &*store, &keys, &consent).await;
-                }
-            }
-            Ok(watcher::Event::Apply(consent)) => chain_one(&client, &*store, &keys, &consent).await,
-            Ok(watcher::Event::Delete(_)) => {}
-            Err(e) => tracing::warn!(error = %e, "watching Consent objects failed; watching again"),
-        }
+impl ChainedObject for Consent {
+    fn decided(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| super::object_chains::decided(&s.conditions, self.metadata.generation))
     }
-}
 
-/// Chains one object (waiting out a store that is unavailable: the objects after it must come
-/// after it in the chain) and writes its status.
-async fn chain_one<S: MemoryBackend>(client: &kube::Client, store: &S, keys: &TenantKeys, consent: &Consent) {
-    if already_decided(consent) {
-        return;
-    }
-    let Some(namespace) = consent.namespace() else {
-        return;
-    };
-    let status = match (record_of(consent), TenantId::new(namespace.clone())) {
-        (Err(problem), _) => refused(consent, "InvalidConsent", problem),
-        (_, Err(e)) => refused(consent, "InvalidNamespace", e.to_string()),
-        (Ok(record), Ok(tenant)) => {
-            let key = keys.for_tenant(&namespace);
-            let mut wait = Duration::from_secs(1);
-            loop {
+    async fn chain<S: RecordStore>(&self, _: &kube::Client, store: &S, keys: &TenantKeys) -> Chaining {
+        let namespace = self.namespace().unwrap_or_default();
+        let status = match (record_of(self), TenantId::new(namespace.clone())) {
+            (Err(problem), _) => refused(self, "InvalidConsent", problem),
+            (_, Err(e)) => refused(self, "InvalidNamespace", e.to_string()),
+            (Ok(record), Ok(tenant)) => {
                 match ConsentBook::new(store, &tenant)
-                    .append(record.clone(), &key)
+                    .append(record, &keys.for_tenant(&namespace))
                     .await
                 {
-                    Ok(link) => break recorded(consent, &link),
-                    // The store is away (TiKV restarting, say): this object waits, and so do the
-                    // ones after it.
+                    Ok(link) => recorded(self, &link),
+                    // The store is away (TiKV restarting, say): this object waits.
                     Err(MemoryError::Store(e @ StoreError::Backend(_))) => {
-                        tracing::warn!(consent = %consent.name_any(), %namespace, error = %e, "cannot chain a Consent yet; trying again");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(MAX_RETRY);
+                        return Chaining::Wait(e.to_string());
                     }
-                    Err(e) => break refused(consent, "NotRecorded", e.to_string()),
+                    Err(e) => refused(self, "NotRecorded", e.to_string()),
                 }
             }
-        }
-    };
-    let api = Api::<Consent>::namespaced(client.clone(), &namespace);
-    let patch = serde_json::json!({
-        "apiVersion": "contextos.dev/v1alpha1",
-        "kind": "Consent",
-        "status": status,
-    });
-    // Written again until it lands: a status that never says Recorded leaves the object to be
-    // chained again on the next listing (harmless — found by its request id — but a wait for
-    // `kubectl wait` that never ends).
-    for attempt in 1..=STATUS_ATTEMPTS {
-        match api
-            .patch_status(
-                &consent.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
-            Ok(_) => return,
-            // Deleted meanwhile: what it recorded stays recorded.
-            Err(kube::Error::Api(status)) if status.code == 404 => return,
-            Err(e) => {
-                tracing::warn!(consent = %consent.name_any(), %namespace, attempt, error = %e, "cannot write a Consent's status");
-                tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
-            }
-        }
+        };
+        Chaining::Done(serde_json::to_value(status).unwrap_or_default())
     }
 }
 
-/// `Recorded`, and `Ready` saying the same (what `kubectl wait`, kstatus and Argo CD read).
-fn conditions(consent: &Consent, status: &str, reason: &str, message: String) -> Vec<Condition> {
-    [RECORDED, "Ready"]
-        .into_iter()
-        .map(|type_| Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message: message.clone(),
-            observed_generation: consent.metadata.generation,
-            last_transition_time: Time(jiff::Timestamp::now()),
-        })
-        .collect()
+/// Watches Consent objects in every namespace and chains each new one, for as long as the
+/// gateway runs.
+pub async fn chain_consent_objects<S: RecordStore>(client: kube::Client, store: Arc<S>, keys: TenantKeys) {
+    chain_objects::<Consent, S>(client, store, keys).await;
 }
 
 fn recorded(consent: &Consent, link: &ConsentLink) -> ConsentStatus {
     ConsentStatus {
         conditions: conditions(
-            consent,
-            "True",
+            consent.metadata.generation,
+            true,
             "Chained",
             format!(
                 "link {} of subject {}'s consent history",
@@ -234,7 +124,7 @@ fn recorded(consent: &Consent, link: &ConsentLink) -> ConsentStatus {
 
 fn refused(consent: &Consent, reason: &str, problem: String) -> ConsentStatus {
     ConsentStatus {
-        conditions: conditions(consent, "False", reason, problem),
+        conditions: conditions(consent.metadata.generation, false, reason, problem),
         observed_generation: consent.metadata.generation,
         link: None,
     }
@@ -243,6 +133,7 @@ fn refused(consent: &Consent, reason: &str, problem: String) -> ConsentStatus {
 #[cfg(test)]
 mod tests {
     use contextos_crds::consent::{ConsentCategory, ConsentSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::*;
 

@@ -12,8 +12,7 @@ pub mod synthesize;
 use std::collections::BTreeSet;
 
 use crate::{
-    feedback::{FeedbackBook, FeedbackError},
-    keys::PublicKey,
+    feedback::{Corrections, FeedbackError},
     records::{
         RecordStore, RunFilter, TenantId,
         read::{ReadError, read_run},
@@ -31,7 +30,7 @@ pub enum GatherError {
 
 pub use self::{
     signals::{RunEntries, Signals},
-    synthesize::{Insight, InsightKind, Thresholds, synthesize},
+    synthesize::{Insight, InsightKind, Question, Thresholds, open_questions, synthesize},
 };
 
 /// Most runs one window reads (newest first); a wider window is cut to these.
@@ -49,19 +48,14 @@ pub struct Gathered {
 }
 
 /// Reads the runs of `tenant` that `filter` selects (at most [`MAX_RUNS`]) into signals, with
-/// people's corrections of them when `feedback` names the key their chains are verified with
-/// (corrections are kept beside the store, not served through the gateway yet).
+/// people's `corrections` of them.
 pub async fn gather<S: RecordStore>(
     store: &S,
     tenant: &TenantId,
     filter: &RunFilter,
-    feedback: Option<&PublicKey>,
+    corrections: &Corrections<'_, S>,
 ) -> Result<Gathered, GatherError> {
-    let book = FeedbackBook::new(store, tenant);
-    let corrected: BTreeSet<String> = match feedback {
-        Some(_) => book.runs(MAX_RUNS * 10).await?.into_iter().collect(),
-        None => BTreeSet::new(),
-    };
+    let corrected: BTreeSet<String> = corrections.runs(MAX_RUNS * 10).await?.into_iter().collect();
     // One more than read, to tell a full window from a cut one.
     let filter = RunFilter {
         limit: Some(MAX_RUNS + 1),
@@ -83,11 +77,8 @@ pub async fn gather<S: RecordStore>(
                     entries,
                 };
                 gathered.signals.add(&run);
-                if let Some(key) = feedback
-                    && corrected.contains(&run.run_id)
-                {
-                    let history = book.of_run(&run.run_id, key).await?;
-                    let records: Vec<_> = history.links.into_iter().map(|l| l.record).collect();
+                if corrected.contains(&run.run_id) {
+                    let records = corrections.of_run(&run.run_id).await?;
                     gathered.signals.add_corrections(&run, &records);
                 }
                 gathered.runs += 1;

@@ -346,3 +346,51 @@ fn rule_insights(agent: &str, s: &AgentSignals, thresholds: Thresholds, out: &mu
         }
     }
 }
+
+/// An insight without enough evidence yet: the pattern, and what would settle it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Question {
+    pub insight: Insight,
+    /// What would settle it, in a sentence.
+    pub settle: String,
+}
+
+/// The research queue: patterns seen, but in fewer runs (or approvals) than `thresholds` ask
+/// for, each with what would make it an insight. Re-evaluated with every window read: a
+/// question whose runs arrive becomes an insight.
+pub fn open_questions(signals: &Signals, thresholds: Thresholds) -> Vec<Question> {
+    let settled = synthesize(signals, thresholds);
+    let same = |a: &Insight, b: &Insight| {
+        a.kind == b.kind && a.agent == b.agent && a.about == b.about && a.label == b.label
+    };
+    let everything = Thresholds {
+        min_runs: 1,
+        min_approvals: 1,
+    };
+    synthesize(signals, everything)
+        .into_iter()
+        .filter(|candidate| !settled.iter().any(|i| same(i, candidate)))
+        .map(|insight| {
+            let runs_short = thresholds.min_runs.saturating_sub(insight.strength.runs);
+            let settle = match insight.kind {
+                InsightKind::ApprovalsAlwaysGranted | InsightKind::ApprovalsAlwaysRefused
+                    if insight.strength.count < thresholds.min_approvals =>
+                {
+                    format!(
+                        "{} more approval(s) under {}",
+                        thresholds.min_approvals - insight.strength.count,
+                        insight.about
+                    )
+                }
+                _ => format!(
+                    "{} more run(s) of agent {} showing it ({})",
+                    runs_short.max(1),
+                    insight.agent,
+                    insight.about
+                ),
+            };
+            Question { insight, settle }
+        })
+        .collect()
+}

@@ -82,8 +82,12 @@ pub fn compile(insight: &Insight, world: &World<'_>, samples: &[CallSample]) -> 
                     insight.about, insight.strength.runs
                 ),
             ),
-            Some("missing-context") => open("which knowledge was missing is for a person to say: add a ContextPack source"),
-            Some("wrong-answer") => open("what a right answer is is for a person to say: add an output validator"),
+            Some("missing-context") => {
+                open("which knowledge was missing is for a person to say: add a ContextPack source")
+            }
+            Some("wrong-answer") => {
+                open("what a right answer is is for a person to say: add an output validator")
+            }
             Some("too-slow-or-costly") => open("a budget is autotune's to measure: contextos autotune"),
             _ => open("corrections of the runs as a whole name no tool or rule to change"),
         },
@@ -116,10 +120,16 @@ pub fn compile(insight: &Insight, world: &World<'_>, samples: &[CallSample]) -> 
                     ..PolicyOperation::default()
                 }],
             };
-            draft(insight, TargetKind::Policy, policy, spec_digest(spec), ProposalPatch {
-                policy: Some(patch),
-                ..ProposalPatch::default()
-            })
+            draft(
+                insight,
+                TargetKind::Policy,
+                policy,
+                spec_digest(spec),
+                ProposalPatch {
+                    policy: Some(patch),
+                    ..ProposalPatch::default()
+                },
+            )
         }
         InsightKind::SourceCut => {
             let (pack, spec) = world.pack;
@@ -127,7 +137,9 @@ pub fn compile(insight: &Insight, world: &World<'_>, samples: &[CallSample]) -> 
                 return open("the source is not in the agent's ContextPack any more");
             };
             if source.priority >= 1000 {
-                return open("the source already has the highest priority: give it more tokens or shorten it");
+                return open(
+                    "the source already has the highest priority: give it more tokens or shorten it",
+                );
             }
             let patch = ContextPackPatch {
                 operations: vec![ContextPackOperation {
@@ -138,10 +150,16 @@ pub fn compile(insight: &Insight, world: &World<'_>, samples: &[CallSample]) -> 
                     ..ContextPackOperation::default()
                 }],
             };
-            draft(insight, TargetKind::ContextPack, pack, spec_digest(spec), ProposalPatch {
-                context_pack: Some(patch),
-                ..ProposalPatch::default()
-            })
+            draft(
+                insight,
+                TargetKind::ContextPack,
+                pack,
+                spec_digest(spec),
+                ProposalPatch {
+                    context_pack: Some(patch),
+                    ..ProposalPatch::default()
+                },
+            )
         }
         InsightKind::RecurringFailure | InsightKind::Pressure => {
             open("a budget or a loop limit is autotune's to measure: contextos autotune")
@@ -157,7 +175,12 @@ fn is_tool(world: &World<'_>, name: &str) -> bool {
 
 /// A rule that catches the tool's corrected calls: `effect` for them, before the rule that let
 /// them through.
-fn guard_tool(insight: &Insight, world: &World<'_>, samples: &[CallSample], effect: PolicyEffect) -> Compiled {
+fn guard_tool(
+    insight: &Insight,
+    world: &World<'_>,
+    samples: &[CallSample],
+    effect: PolicyEffect,
+) -> Compiled {
     let tool = &insight.about;
     if !is_tool(world, tool) {
         return Compiled::Open(format!("{tool} is not one of the agent's tools"));
@@ -220,10 +243,16 @@ fn guard_tool(insight: &Insight, world: &World<'_>, samples: &[CallSample], effe
             ..PolicyOperation::default()
         }],
     };
-    draft(insight, TargetKind::Policy, policy, spec_digest(spec), ProposalPatch {
-        policy: Some(patch),
-        ..ProposalPatch::default()
-    })
+    draft(
+        insight,
+        TargetKind::Policy,
+        policy,
+        spec_digest(spec),
+        ProposalPatch {
+            policy: Some(patch),
+            ..ProposalPatch::default()
+        },
+    )
 }
 
 /// The condition that holds for every corrected call and for no other recorded call of the
@@ -266,7 +295,13 @@ fn unique_rule_name(spec: &PolicySpec, name: &str) -> String {
     let base: String = sanitize(name).chars().take(58).collect();
     let base = base.trim_end_matches(['-', '_', '.']).to_owned();
     (1..)
-        .map(|n| if n == 1 { base.clone() } else { format!("{base}-{n}") })
+        .map(|n| {
+            if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            }
+        })
         .find(|candidate| !spec.rules.iter().any(|r| r.name == *candidate))
         .unwrap_or(base)
 }
@@ -310,25 +345,33 @@ fn set_rule_effect(insight: &Insight, world: &World<'_>, effect: PolicyEffect) -
             set_effect: Some(SetEffect {
                 rule: rule.to_owned(),
                 effect,
-                reason: Some(format!(
-                    "{} (changed from require_approval: {})",
-                    match effect {
-                        PolicyEffect::Deny => "nobody approves these calls",
-                        _ => "every one of these calls was approved",
-                    },
-                    insight.summary
-                )
-                .chars()
-                .take(1024)
-                .collect()),
+                reason: Some(
+                    format!(
+                        "{} (changed from require_approval: {})",
+                        match effect {
+                            PolicyEffect::Deny => "nobody approves these calls",
+                            _ => "every one of these calls was approved",
+                        },
+                        insight.summary
+                    )
+                    .chars()
+                    .take(1024)
+                    .collect(),
+                ),
             }),
             ..PolicyOperation::default()
         }],
     };
-    draft(insight, TargetKind::Policy, policy, spec_digest(spec), ProposalPatch {
-        policy: Some(patch),
-        ..ProposalPatch::default()
-    })
+    draft(
+        insight,
+        TargetKind::Policy,
+        policy,
+        spec_digest(spec),
+        ProposalPatch {
+            policy: Some(patch),
+            ..ProposalPatch::default()
+        },
+    )
 }
 
 /// A paragraph added to the agent's ContextPack instructions.
@@ -340,13 +383,25 @@ fn amend(insight: &Insight, world: &World<'_>, text: String) -> Compiled {
             ..ContextPackOperation::default()
         }],
     };
-    draft(insight, TargetKind::ContextPack, pack, spec_digest(spec), ProposalPatch {
-        context_pack: Some(patch),
-        ..ProposalPatch::default()
-    })
+    draft(
+        insight,
+        TargetKind::ContextPack,
+        pack,
+        spec_digest(spec),
+        ProposalPatch {
+            context_pack: Some(patch),
+            ..ProposalPatch::default()
+        },
+    )
 }
 
-fn draft(insight: &Insight, kind: TargetKind, name: &str, base_digest: String, patch: ProposalPatch) -> Compiled {
+fn draft(
+    insight: &Insight,
+    kind: TargetKind,
+    name: &str,
+    base_digest: String,
+    patch: ProposalPatch,
+) -> Compiled {
     Compiled::Draft(Box::new(Draft {
         target: ProposalTarget {
             kind,

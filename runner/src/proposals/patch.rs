@@ -155,10 +155,7 @@ pub fn apply_context_pack(
                     format!("the ContextPack already has a source named {:?}", added.name),
                 ));
             }
-            changes.push(format!(
-                "add source {} (priority {})",
-                added.name, added.priority
-            ));
+            changes.push(format!("add source {} (priority {})", added.name, added.priority));
             spec.sources.push(added.clone());
         } else if let Some(set) = &op.set_source_priority {
             let index = source(&spec, &set.source, "setSourcePriority.source")?;
@@ -202,7 +199,11 @@ pub fn apply_agent(spec: &AgentSpec, patch: &AgentPatch) -> Result<Patched<Agent
             };
             set("maxSteps", b.max_steps.into(), budget.max_steps.map(u64::from));
             set("maxTokens", b.max_tokens, budget.max_tokens);
-            set("maxToolCalls", b.max_tool_calls.into(), budget.max_tool_calls.map(u64::from));
+            set(
+                "maxToolCalls",
+                b.max_tool_calls.into(),
+                budget.max_tool_calls.map(u64::from),
+            );
             set(
                 "maxWallSeconds",
                 b.max_wall_seconds.into(),

@@ -173,8 +173,13 @@ fn patched_policy(result: &Compiled, base: &PolicySpec) -> (PolicySpec, Vec<Stri
         panic!("expected a draft, got {result:?}")
     };
     assert_eq!(draft.target.kind, TargetKind::Policy);
-    assert_eq!(draft.base_digest, spec_digest(base), "drafted against the current spec");
-    let patched = patch::apply_policy(base, draft.patch.policy.as_ref().expect("policy patch")).expect("applies");
+    assert_eq!(
+        draft.base_digest,
+        spec_digest(base),
+        "drafted against the current spec"
+    );
+    let patched =
+        patch::apply_policy(base, draft.patch.policy.as_ref().expect("policy patch")).expect("applies");
     crate::policy::compile_policy("oncall-guardrails", &patched.spec).expect("compiles");
     (patched.spec, patched.changes)
 }
@@ -213,16 +218,39 @@ fn corrections_compile_to_a_rule_before_the_one_that_let_the_calls_through() {
         let base = policy();
         let result = compiled(&restarts(case.label, case.prod), InsightKind::Corrections, &base);
         let (spec, changes) = patched_policy(&result, &base);
-        let at = spec.rules.iter().position(|r| r.match_.tools == ["restart_deployment"]).expect("added");
+        let at = spec
+            .rules
+            .iter()
+            .position(|r| r.match_.tools == ["restart_deployment"])
+            .expect("added");
         let rule = &spec.rules[at];
-        assert_eq!(spec.rules[at + 1].name, "allow-restarts", "goes right before the rule that allowed");
+        assert_eq!(
+            spec.rules[at + 1].name,
+            "allow-restarts",
+            "goes right before the rule that allowed"
+        );
         assert_eq!(rule.effect, case.effect);
         assert_eq!(rule.condition.as_deref(), case.condition, "{:?}", case.label);
-        assert!(rule.reason.contains("2 correction(s) in 2 run(s)"), "{}", rule.reason);
+        assert!(
+            rule.reason.contains("2 correction(s) in 2 run(s)"),
+            "{}",
+            rule.reason
+        );
         assert_eq!(changes.len(), 1);
-        let Compiled::Draft(draft) = result else { unreachable!() };
-        let calls: Vec<_> = draft.insight.evidence.iter().map(|e| (e.run.as_str(), e.call.as_deref())).collect();
-        assert_eq!(calls, [("r-2", Some("1.0")), ("r-1", Some("1.0"))], "the corrected calls");
+        let Compiled::Draft(draft) = result else {
+            unreachable!()
+        };
+        let calls: Vec<_> = draft
+            .insight
+            .evidence
+            .iter()
+            .map(|e| (e.run.as_str(), e.call.as_deref()))
+            .collect();
+        assert_eq!(
+            calls,
+            [("r-2", Some("1.0")), ("r-1", Some("1.0"))],
+            "the corrected calls"
+        );
     }
 }
 
@@ -250,15 +278,28 @@ fn a_value_that_is_personal_data_is_never_written_into_a_rule() {
     }
     let base = policy();
     let (spec, _) = patched_policy(&compiled(&signals, InsightKind::Corrections, &base), &base);
-    let rule = spec.rules.iter().find(|r| r.name.starts_with("restart_deployment")).expect("added");
-    assert_eq!(rule.condition, None, "the e-mail address sets the calls apart, but is not used");
+    let rule = spec
+        .rules
+        .iter()
+        .find(|r| r.name.starts_with("restart_deployment"))
+        .expect("added");
+    assert_eq!(
+        rule.condition, None,
+        "the e-mail address sets the calls apart, but is not used"
+    );
 }
 
 #[test]
 fn approvals_and_dry_run_compile_to_changes_of_the_rule_that_decided() {
     let rule = "oncall-guardrails/destructive-needs-oncall";
     let approval_run = |id: &str, granted: bool| {
-        let mut bodies = call(id, "restart_deployment", json!({}), rule, PolicyEffect::RequireApproval);
+        let mut bodies = call(
+            id,
+            "restart_deployment",
+            json!({}),
+            rule,
+            PolicyEffect::RequireApproval,
+        );
         bodies.push(if granted {
             EntryBody::ApprovalGranted {
                 call_id: id.into(),
@@ -285,10 +326,23 @@ fn approvals_and_dry_run_compile_to_changes_of_the_rule_that_decided() {
             signals.add(&run(&format!("r-{i}"), i, approval_run("1.0", granted)));
         }
         let (spec, changes) = patched_policy(&compiled(&signals, kind, &base), &base);
-        let changed = spec.rules.iter().find(|r| r.name == "destructive-needs-oncall").expect("rule");
+        let changed = spec
+            .rules
+            .iter()
+            .find(|r| r.name == "destructive-needs-oncall")
+            .expect("rule");
         assert_eq!(changed.effect, effect);
-        assert!(changed.approvers.is_none(), "approvers only stay on an approval rule");
-        assert_eq!(changes, [format!("rule destructive-needs-oncall: require_approval → {}", effect.as_str())]);
+        assert!(
+            changed.approvers.is_none(),
+            "approvers only stay on an approval rule"
+        );
+        assert_eq!(
+            changes,
+            [format!(
+                "rule destructive-needs-oncall: require_approval → {}",
+                effect.as_str()
+            )]
+        );
     }
 
     // A dryRun policy whose rule would have denied calls that were allowed.
@@ -296,7 +350,13 @@ fn approvals_and_dry_run_compile_to_changes_of_the_rule_that_decided() {
     dry.mode = PolicyMode::DryRun;
     let mut signals = Signals::default();
     for i in 0..2 {
-        let mut bodies = call("1.0", "restart_deployment", json!({}), "other/allow", PolicyEffect::Allow);
+        let mut bodies = call(
+            "1.0",
+            "restart_deployment",
+            json!({}),
+            "other/allow",
+            PolicyEffect::Allow,
+        );
         bodies.push(EntryBody::PolicyDecision(PolicyDecisionRecord {
             call_id: "1.0".into(),
             effect: PolicyEffect::Deny,
@@ -313,17 +373,33 @@ fn approvals_and_dry_run_compile_to_changes_of_the_rule_that_decided() {
 
 #[test]
 fn denials_compile_to_instructions_and_budgets_are_left_to_autotune() {
-    let denied = |id: &str| call(id, "delete_namespace", json!({}), "oncall-guardrails/no-namespace-deletion", PolicyEffect::Deny);
+    let denied = |id: &str| {
+        call(
+            id,
+            "delete_namespace",
+            json!({}),
+            "oncall-guardrails/no-namespace-deletion",
+            PolicyEffect::Deny,
+        )
+    };
     let mut signals = Signals::default();
     for i in 0..2 {
         signals.add(&run(&format!("r-{i}"), i, denied("1.0")));
     }
     let result = compiled(&signals, InsightKind::RepeatedDenial, &policy());
-    let Compiled::Draft(draft) = &result else { panic!("{result:?}") };
+    let Compiled::Draft(draft) = &result else {
+        panic!("{result:?}")
+    };
     assert_eq!(draft.target.kind, TargetKind::ContextPack);
     let base = pack();
-    let patched = patch::apply_context_pack(&base, draft.patch.context_pack.as_ref().expect("pack patch")).expect("applies");
-    assert!(patched.spec.instructions.starts_with(base.instructions.trim_end()));
+    let patched = patch::apply_context_pack(&base, draft.patch.context_pack.as_ref().expect("pack patch"))
+        .expect("applies");
+    assert!(
+        patched
+            .spec
+            .instructions
+            .starts_with(base.instructions.trim_end())
+    );
     assert!(patched.spec.instructions.ends_with(
         "Do not call the tool delete_namespace: oncall-guardrails/no-namespace-deletion denies it, and asking again will not change that."
     ));
@@ -355,8 +431,14 @@ fn a_draft_has_one_name_for_one_content_and_its_manifest_reads_back() {
     ) else {
         panic!("a draft")
     };
-    let again = compiled(&restarts(FeedbackLabel::ShouldHaveAsked, "prod"), InsightKind::Corrections, &base);
-    let Compiled::Draft(again) = again else { panic!("a draft") };
+    let again = compiled(
+        &restarts(FeedbackLabel::ShouldHaveAsked, "prod"),
+        InsightKind::Corrections,
+        &base,
+    );
+    let Compiled::Draft(again) = again else {
+        panic!("a draft")
+    };
     assert_eq!(draft.name(), again.name());
     assert!(draft.name().starts_with("policy-oncall-guardrails-") && draft.name().len() <= 63);
     let manifest = draft.manifest("shop");
@@ -380,7 +462,9 @@ fn patches_name_the_field_that_does_not_apply() {
     ]}))
     .expect("patch");
     assert_eq!(
-        patch::apply_policy(&base, &duplicate).expect_err("duplicate").field,
+        patch::apply_policy(&base, &duplicate)
+            .expect_err("duplicate")
+            .field,
         "spec.patch.policy.operations[0].addRule.rule.name"
     );
     let agent_patch: contextos_crds::proposal::AgentPatch = serde_json::from_value(json!({"operations": [

@@ -17,7 +17,7 @@ use crate::{
     records::{RecordStore, RunFilter, TenantId, canonical::canonical_bytes_of},
     run::{
         bundle::{Candidate, Composition, NamedPack, spec_digest},
-        replay::{ReplayError, ReplayGate, replay_runs},
+        replay::{Judging, ReplayError, ReplayGate, intended_from, replay_runs},
     },
 };
 
@@ -54,6 +54,18 @@ pub struct GateOrder {
     /// `spec_digest` of the candidate's spec: the only candidate this gate replays.
     pub candidate_digest: String,
     pub replay: ReplaySpec,
+    /// For a Proposal's replay: the calls its evidence names. Divergences from each on, in its
+    /// run, are the change it means to make and are shown but not counted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expected: Vec<ExpectedChange>,
+}
+
+/// A recorded call a proposal means to change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpectedChange {
+    pub run_id: String,
+    pub call_id: String,
 }
 
 /// Why a candidate is not the one the order names.
@@ -160,6 +172,11 @@ pub async fn run_gate<S: RecordStore>(
         ..RunFilter::default()
     };
     let labels: BTreeMap<String, String> = replay.selector.match_labels.clone();
+    let expected: Vec<(String, String)> = order
+        .expected
+        .iter()
+        .map(|e| (e.run_id.clone(), e.call_id.clone()))
+        .collect();
     let summary = replay_runs(
         store,
         tenant,
@@ -167,7 +184,10 @@ pub async fn run_gate<S: RecordStore>(
         &replay.selector.agents,
         &labels,
         candidate,
-        f64::from(replay.max_divergence_percent),
+        &Judging {
+            max_divergence_percent: f64::from(replay.max_divergence_percent),
+            intended: intended_from(&expected),
+        },
     )
     .await?;
     if summary.runs == 0 {
@@ -236,6 +256,7 @@ mod tests {
             name: object["metadata"]["name"].as_str().expect("name").to_owned(),
             candidate_digest: spec_digest(&spec),
             replay: ReplaySpec::default(),
+            expected: Vec::new(),
         }
     }
 
@@ -290,6 +311,7 @@ mod tests {
             name: "ops".into(),
             candidate_digest: composition.digest(),
             replay: ReplaySpec::default(),
+            expected: Vec::new(),
         };
         let object = json!({"kind": "Agent", "metadata": {"name": "ops"}, "spec": composition});
         let candidate = order.candidate(&object).expect("the ordered composition");

@@ -258,9 +258,18 @@ pub struct Divergence {
     pub recorded: String,
     pub replayed: String,
     pub detail: String,
+    /// The change a proposal means to make (at or after a call its evidence names, in that
+    /// run): shown, not counted against the gate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub intended: bool,
 }
 
 impl Divergence {
+    /// Whether it counts against a replay gate.
+    pub fn counts(&self) -> bool {
+        self.kind.counts() && !self.intended
+    }
+
     /// As a report about a run about a subject keeps it: the kind and the decisions, not what
     /// the run said (an outcome's text, a critic's reason).
     fn redact(&mut self) {
@@ -312,6 +321,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             recorded: "compiled".into(),
             replayed: "does not compile".into(),
             detail: replayed.outcome.clone(),
+            intended: false,
         });
     }
     let replayed_calls: HashMap<&str, &CallPoint> =
@@ -325,6 +335,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                 recorded: call.effect.as_str().into(),
                 replayed: "not made".into(),
                 detail: "the replayed run ended or went another way before this call".into(),
+                intended: false,
             }),
             Some(again) if again.effect != call.effect || (again.tool != call.tool) => {
                 out.push(call_divergence(call, again));
@@ -346,6 +357,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                     recorded: call.effect.as_str().into(),
                     replayed: format!("dryRun {shadow}"),
                     detail: "a dryRun policy would decide this call differently; nothing is enforced".into(),
+                    intended: false,
                 });
             }
         }
@@ -363,6 +375,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             recorded: "not made".into(),
             replayed: call.effect.as_str().into(),
             detail: format!("decided by {}", call.rule),
+            intended: false,
         });
     }
     let replayed_verdicts: HashMap<u32, &VerdictPoint> =
@@ -377,6 +390,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                 recorded: verdict_name(verdict.verdict).into(),
                 replayed: again.map_or("no step".into(), |v| verdict_name(v.verdict).into()),
                 detail: again.map_or_else(|| "the replayed run ended earlier".into(), |v| v.reason.clone()),
+                intended: false,
             });
         }
     }
@@ -388,6 +402,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             recorded: recorded.outcome.clone(),
             replayed: replayed.outcome.clone(),
             detail: "the run would end differently".into(),
+            intended: false,
         });
     }
     out.sort_by(|a, b| a.step.cmp(&b.step).then(a.kind.cmp(&b.kind)));
@@ -412,6 +427,7 @@ fn call_divergence(call: &CallPoint, again: &CallPoint) -> Divergence {
         recorded: format!("{} ({})", call.effect.as_str(), call.rule),
         replayed: format!("{} ({})", again.effect.as_str(), again.rule),
         detail: format!("arguments {}", call.arguments),
+        intended: false,
     }
 }
 
@@ -488,12 +504,7 @@ pub async fn replay_run<S: RecordStore>(
         replayed.redact();
         divergences.iter_mut().for_each(Divergence::redact);
     }
-    let divergent_steps = divergences
-        .iter()
-        .filter(|d| d.kind.counts())
-        .map(|d| d.step.max(1))
-        .collect::<BTreeSet<_>>()
-        .len() as u32;
+    let divergent_steps = divergent_steps(&divergences);
     let context_change = match (&recorded.context, &replayed.context) {
         (Some(a), Some(b)) if a.digest != b.digest => Some(format!(
             "context {} ({} tokens) → {} ({} tokens)",
@@ -593,11 +604,62 @@ impl RecordedRun {
     }
 }
 
+/// The steps with a divergence that counts.
+fn divergent_steps(divergences: &[Divergence]) -> u32 {
+    divergences
+        .iter()
+        .filter(|d| d.counts())
+        .map(|d| d.step.max(1))
+        .collect::<BTreeSet<_>>()
+        .len() as u32
+}
+
+impl RunReplay {
+    /// Marks what a proposal means to change in this run — every divergence from step
+    /// `from_step` on (the first call its evidence names there) and the run's own outcome — as
+    /// intended, and counts the rest.
+    pub fn mark_intended(&mut self, from_step: u32) {
+        for d in &mut self.divergences {
+            if d.kind.counts() && (d.step == 0 || d.step >= from_step) {
+                d.intended = true;
+            }
+        }
+        self.divergent_steps = divergent_steps(&self.divergences);
+    }
+
+    /// Steps with an intended divergence.
+    pub fn intended_steps(&self) -> u32 {
+        self.divergences
+            .iter()
+            .filter(|d| d.intended)
+            .map(|d| d.step.max(1))
+            .collect::<BTreeSet<_>>()
+            .len() as u32
+    }
+}
+
+/// The first step of a proposal's evidence in each run (`run id → step`), from the calls it
+/// names (`<step>.<index>`).
+pub fn intended_from(expected: &[(String, String)]) -> BTreeMap<String, u32> {
+    let mut out: BTreeMap<String, u32> = BTreeMap::new();
+    for (run, call) in expected {
+        let step = step_of(call).max(1);
+        out.entry(run.clone())
+            .and_modify(|s| *s = (*s).min(step))
+            .or_insert(step);
+    }
+    out
+}
+
 /// One run's divergent steps as a percentage of its steps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunDivergence {
     pub run_id: String,
     pub percent: f64,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 fn percent_of(divergent: u32, steps: u32) -> f64 {
@@ -616,6 +678,9 @@ pub struct ReplaySummary {
     pub diverged_runs: usize,
     pub steps: u32,
     pub divergent_steps: u32,
+    /// Steps whose divergence a proposal means (not counted in `divergent_steps`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub intended_steps: u32,
     /// Divergent steps as a percentage of all replayed steps.
     pub divergence_percent: f64,
     pub max_divergence_percent: f64,
@@ -644,6 +709,7 @@ impl ReplaySummary {
         let counted = || replays.iter().filter(|r| r.erased.is_none());
         let steps: u32 = counted().map(|r| r.steps).sum();
         let divergent_steps: u32 = counted().map(|r| r.divergent_steps).sum();
+        let intended_steps: u32 = counted().map(RunReplay::intended_steps).sum();
         let divergence_percent = if steps == 0 {
             0.0
         } else {
@@ -663,10 +729,11 @@ impl ReplaySummary {
             runs: counted().count(),
             identical_runs: counted().filter(|r| r.identical).count(),
             diverged_runs: counted()
-                .filter(|r| r.divergences.iter().any(|d| d.kind.counts()))
+                .filter(|r| r.divergences.iter().any(Divergence::counts))
                 .count(),
             steps,
             divergent_steps,
+            intended_steps,
             divergence_percent,
             max_divergence_percent,
             worst_run,
@@ -692,7 +759,11 @@ impl ReplaySummary {
                     )
                 } else if replay.identical {
                     "decisions identical".to_owned()
-                } else if !replay.divergences.iter().any(|d| d.kind.counts()) {
+                } else if replay.divergences.iter().any(|d| d.intended)
+                    && !replay.divergences.iter().any(Divergence::counts)
+                {
+                    format!("changes only as intended ({} step(s))", replay.intended_steps())
+                } else if !replay.divergences.iter().any(Divergence::counts) {
                     "same decisions (reasons differ)".to_owned()
                 } else {
                     format!("{} of {} steps diverge", replay.divergent_steps, replay.steps)
@@ -709,7 +780,8 @@ impl ReplaySummary {
                 };
                 let tool = d.tool.as_deref().map(|t| format!(" {t}")).unwrap_or_default();
                 out.push_str(&format!(
-                    "  {at}{tool}: {} — recorded {} → replayed {}",
+                    "  {at}{tool}: {}{} — recorded {} → replayed {}",
+                    if d.intended { "intended: " } else { "" },
                     kind_text(d.kind),
                     d.recorded,
                     d.replayed
@@ -727,12 +799,17 @@ impl ReplaySummary {
             ));
         }
         out.push_str(&format!(
-            "replayed {} run(s), {} step(s): {} identical, {} diverged; {} divergent step(s) = {:.1}% (threshold {:.1}%) → {}\n",
+            "replayed {} run(s), {} step(s): {} identical, {} diverged; {} divergent step(s){} = {:.1}% (threshold {:.1}%) → {}\n",
             self.runs,
             self.steps,
             self.identical_runs,
             self.diverged_runs,
             self.divergent_steps,
+            if self.intended_steps > 0 {
+                format!(" (and {} changed as intended)", self.intended_steps)
+            } else {
+                String::new()
+            },
             self.divergence_percent,
             self.max_divergence_percent,
             if self.passed { "PASS" } else { "FAIL" }
@@ -766,7 +843,7 @@ pub async fn replay_runs<S: RecordStore>(
     agents: &[String],
     labels: &BTreeMap<String, String>,
     candidate: &Candidate,
-    max_divergence_percent: f64,
+    judging: &Judging,
 ) -> Result<ReplaySummary, ReplayError> {
     let mut replays = Vec::new();
     let mut skipped = Vec::new();
@@ -793,14 +870,32 @@ pub async fn replay_runs<S: RecordStore>(
             continue;
         }
         match replay_run(store, tenant, &run.run_id, candidate).await {
-            Ok(replay) => replays.push(replay),
+            Ok(mut replay) => {
+                if let Some(from) = judging.intended.get(&replay.run_id) {
+                    replay.mark_intended(*from);
+                }
+                replays.push(replay);
+            }
             Err(e @ (ReplayError::Candidate { .. } | ReplayError::NoBundle { .. })) => {
                 skipped.push(e.to_string());
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(ReplaySummary::new(replays, skipped, max_divergence_percent))
+    Ok(ReplaySummary::new(
+        replays,
+        skipped,
+        judging.max_divergence_percent,
+    ))
+}
+
+/// How replays are judged: the threshold, and what a proposal means to change (see
+/// [`intended_from`]).
+#[derive(Clone, Debug, Default)]
+pub struct Judging {
+    pub max_divergence_percent: f64,
+    /// Run id → the first step changed on purpose.
+    pub intended: BTreeMap<String, u32>,
 }
 
 /// Whether a recorded run's Session carried every label of `labels`.
@@ -833,6 +928,9 @@ pub struct ReplayGate {
     pub runs: usize,
     pub steps: u32,
     pub divergent_steps: u32,
+    /// Steps a proposal's evidence says it means to change (not counted).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub intended_steps: u32,
     pub divergence_percent: f64,
     pub max_divergence_percent: f64,
     /// The run that diverged most and its own percentage.
@@ -856,12 +954,16 @@ impl ReplayGate {
             .replays
             .iter()
             .flat_map(|r| {
-                r.divergences.iter().map(move |d| {
+                // What breaks recorded runs first, then what a proposal means to change.
+                let mut ordered: Vec<&Divergence> = r.divergences.iter().filter(|d| d.counts()).collect();
+                ordered.extend(r.divergences.iter().filter(|d| d.intended));
+                ordered.into_iter().map(move |d| {
                     let tool = d.tool.as_deref().map(|t| format!(" {t}")).unwrap_or_default();
                     let line = format!(
-                        "{} step {}{tool}: {} ({} → {})",
+                        "{} step {}{tool}: {}{} ({} → {})",
                         r.session,
                         d.step,
+                        if d.intended { "intended: " } else { "" },
                         kind_text(d.kind),
                         d.recorded,
                         d.replayed
@@ -875,6 +977,7 @@ impl ReplayGate {
             runs: summary.runs,
             steps: summary.steps,
             divergent_steps: summary.divergent_steps,
+            intended_steps: summary.intended_steps,
             divergence_percent: summary.divergence_percent,
             max_divergence_percent: summary.max_divergence_percent,
             worst_run: summary.worst_run.clone(),
@@ -890,6 +993,7 @@ impl ReplayGate {
             runs: 0,
             steps: 0,
             divergent_steps: 0,
+            intended_steps: 0,
             divergence_percent: 0.0,
             max_divergence_percent: 0.0,
             worst_run: None,

@@ -19,7 +19,7 @@ use crate::audit::{
 
 /// The admission policies ContextOS's security model depends on (`manifests/admission`), each
 /// with a binding of the same name.
-pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 5] = [
+pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 7] = [
     ("contextos-session-identity", "a Session's user is who created it"),
     (
         "contextos-session-approvals",
@@ -37,12 +37,20 @@ pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 5] = [
         "contextos-consent-author",
         "a consent names the person who recorded it",
     ),
+    (
+        "contextos-feedback-author",
+        "a correction names the person who gave it",
+    ),
+    (
+        "contextos-proposal-decisions",
+        "a proposal reaches its target only by its reviewers' acceptance of a replayed candidate",
+    ),
 ];
 const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 
 /// The ClusterRoles whose rights ContextOS never aggregates into `view`/`edit`/`admin`
 /// (`manifests/tenant-roles`), each with what it lets its holder do.
-pub const DELIBERATE_ROLES: [(&str, &str); 7] = [
+pub const DELIBERATE_ROLES: [(&str, &str); 8] = [
     (
         "contextos-records-reader",
         "read every decision record of the namespace",
@@ -54,6 +62,10 @@ pub const DELIBERATE_ROLES: [(&str, &str); 7] = [
     (
         "contextos-consent-reader",
         "read the consent histories of the namespace's subjects",
+    ),
+    (
+        "contextos-feedback-giver",
+        "correct the namespace's runs, which insights and proposals draw on",
     ),
     (
         "contextos-memory-keeper",

@@ -388,6 +388,11 @@ where
             .route(SUBJECT_STATE_PATH, get(Self::subject_state))
             .route(SUBJECT_ROTATE_PATH, post(Self::subject_rotate))
             .route("/v1/records/runs", get(Self::reader_runs))
+            .route(
+                crate::feedback::FEEDBACK_RUNS_PATH,
+                get(Self::reader_feedback_runs),
+            )
+            .route(crate::feedback::FEEDBACK_PATH, get(Self::reader_feedback))
             .route("/v1/records/head", get(Self::reader_head))
             .route("/v1/records/chain", get(Self::reader_chain))
             .route("/v1/records/checkpoint", get(Self::reader_checkpoint))

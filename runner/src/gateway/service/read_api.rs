@@ -262,3 +262,66 @@ where
         }
     }
 }
+
+/// A limit on a listing.
+#[derive(Debug, Deserialize)]
+pub(super) struct LimitQuery {
+    limit: Option<usize>,
+}
+
+/// The most runs one listing of corrected runs returns.
+const MAX_LISTED_CORRECTED: usize = 100_000;
+
+/// A correction error as the reader sees it.
+fn feedback_refusal(error: crate::feedback::FeedbackError) -> Refusal {
+    use crate::feedback::FeedbackError;
+    match error {
+        FeedbackError::Invalid(message) => bad(message),
+        FeedbackError::Read(e @ crate::records::read::ReadError::NotFound { .. }) => {
+            Refusal(StatusCode::NOT_FOUND, "not_found", e.to_string())
+        }
+        FeedbackError::Read(e) => unavailable(e),
+        FeedbackError::Memory(e) => super::consent_api::refusal(e),
+        FeedbackError::Vault(e) => super::consent_api::vault_refusal(e),
+        FeedbackError::Remote(e) => unavailable(e),
+    }
+}
+
+impl<S, A, T> GatewayService<S, A, T>
+where
+    S: RecordStore + MemoryBackend + 'static,
+    A: Authenticator + ReaderAuthority + 'static,
+    T: TenantView + 'static,
+{
+    /// The runs of the reader's namespace that people corrected.
+    pub(super) async fn reader_feedback_runs(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<LimitQuery>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let limit = q.limit.unwrap_or(MAX_LISTED_CORRECTED).min(MAX_LISTED_CORRECTED);
+        let runs = crate::feedback::FeedbackBook::new(&service.store, &tenant)
+            .runs(limit)
+            .await
+            .map_err(feedback_refusal)?;
+        Ok(Json(runs).into_response())
+    }
+
+    /// One run's corrections, verified with the tenant's key (a run about a person's opened
+    /// with its key, or read as erased).
+    pub(super) async fn reader_feedback(
+        State(service): State<Arc<Self>>,
+        headers: HeaderMap,
+        Query(q): Query<RunQuery>,
+    ) -> Reply {
+        let tenant = service.reader(&headers).await?;
+        let key = service.keys.for_tenant(tenant.as_str()).public();
+        let history = crate::feedback::FeedbackBook::new(&service.store, &tenant)
+            .of_run(&q.run, &key)
+            .await
+            .map_err(feedback_refusal)?;
+        let records: Vec<_> = history.links.into_iter().map(|l| l.record).collect();
+        Ok(Json(records).into_response())
+    }
+}

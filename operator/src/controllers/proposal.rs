@@ -1,0 +1,765 @@
+//! Proposals: a typed patch is applied to its target's current spec, the result is checked as
+//! a hand-written change would be (the API server's admission by a dry run, then the checks
+//! the target's own controller makes), and replayed against the target's recorded sessions by
+//! a replay Job of the proposal's own, with the calls its evidence names as the intended
+//! change. The target's promotion approvers are its reviewers. Only their acceptance (taken by
+//! admission policy `contextos-proposal-decisions`) puts the candidate on the target — and
+//! then the target's gate, seeing the accepted proposal for exactly that candidate, promotes
+//! it. A target that changed meanwhile makes the proposal stale: it is never applied to a spec
+//! it was not replayed with.
+
+use std::{sync::Arc, time::Duration};
+
+use contextos_crds::{
+    Agent, AgentSpec, ContextPack, ContextPackSpec, Policy, PolicySpec, Proposal,
+    common::{Approvers, ReplaySpec, ReplaySummary},
+    conditions::{self, reason},
+    proposal::{DecisionAction, ProposalPhase, ProposalStatus, TargetKind},
+};
+use contextos_runner::{
+    policy::compile_policy,
+    proposals::patch,
+    run::{
+        bundle::{Composition, spec_digest},
+        gate::{ExpectedChange, GatedKind},
+        replay::ReplayGate,
+    },
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{
+    Api, Resource as _, ResourceExt as _,
+    api::{ListParams, Patch, PatchParams},
+    runtime::controller::Action,
+};
+use serde_json::{Value, json};
+
+use super::{Context, Error, Invalid, Result, apply_status, now, revisions};
+use crate::{
+    conditions::{Wanted, merge},
+    replay_job::{self, GateTarget},
+};
+
+/// The target as a proposal sees it.
+struct Target {
+    kind: TargetKind,
+    name: String,
+    resource_version: String,
+    spec: Value,
+    digest: String,
+    /// The target's revision in force (a composition's digest for an Agent).
+    promoted: Option<String>,
+    reviewers: Option<Approvers>,
+    replay: ReplaySpec,
+}
+
+impl Target {
+    async fn read(ctx: &Context, namespace: &str, kind: TargetKind, name: &str) -> Result<Option<Self>> {
+        let client = ctx.client.clone();
+        let target = |resource_version: Option<String>,
+                      spec: Value,
+                      digest: String,
+                      promoted: Option<String>,
+                      reviewers: Option<Approvers>,
+                      replay: Option<ReplaySpec>| Self {
+            kind,
+            name: name.to_owned(),
+            resource_version: resource_version.unwrap_or_default(),
+            spec,
+            digest,
+            promoted,
+            reviewers: reviewers.filter(|a| !a.is_empty()),
+            replay: replay.unwrap_or_default(),
+        };
+        Ok(match kind {
+            TargetKind::Policy => Api::<Policy>::namespaced(client, namespace)
+                .get_opt(name)
+                .await?
+                .map(|p| {
+                    let promotion = p.spec.promotion.clone();
+                    target(
+                        p.metadata.resource_version.clone(),
+                        value_of(&p.spec),
+                        spec_digest(&p.spec),
+                        p.status.and_then(|s| s.revisions).and_then(|r| r.promoted),
+                        promotion.as_ref().and_then(|g| g.approvers.clone()),
+                        promotion.map(|g| g.replay),
+                    )
+                }),
+            TargetKind::ContextPack => Api::<ContextPack>::namespaced(client, namespace)
+                .get_opt(name)
+                .await?
+                .map(|p| {
+                    let promotion = p.spec.promotion.clone();
+                    target(
+                        p.metadata.resource_version.clone(),
+                        value_of(&p.spec),
+                        spec_digest(&p.spec),
+                        p.status.and_then(|s| s.revisions).and_then(|r| r.promoted),
+                        promotion.as_ref().and_then(|g| g.approvers.clone()),
+                        promotion.map(|g| g.replay),
+                    )
+                }),
+            TargetKind::Agent => Api::<Agent>::namespaced(client, namespace)
+                .get_opt(name)
+                .await?
+                .map(|a| {
+                    let replay = a.spec.promotion.clone().map(|g| g.replay);
+                    let status = a.status.unwrap_or_default();
+                    target(
+                        a.metadata.resource_version.clone(),
+                        value_of(&a.spec),
+                        spec_digest(&a.spec),
+                        status.revisions.and_then(|r| r.promoted),
+                        status.promotion_gate.and_then(|g| g.approvers),
+                        replay,
+                    )
+                }),
+        })
+    }
+
+    /// A JSON patch replacing the spec, conditioned on the target being the one read.
+    fn replace_spec(&self, spec: &Value) -> Value {
+        json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": self.resource_version},
+            {"op": "replace", "path": "/spec", "value": spec},
+        ])
+    }
+
+    /// Writes `spec` on the target (`dry_run`: only has the API server check it, admission
+    /// included). `Ok(Err(..))` is the API server's refusal, as it says it.
+    async fn write(
+        &self,
+        ctx: &Context,
+        namespace: &str,
+        spec: &Value,
+        dry_run: bool,
+    ) -> Result<Result<(), String>> {
+        let patch = self.replace_spec(spec);
+        let params = PatchParams {
+            dry_run,
+            field_manager: Some(contextos_crds::FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        let client = ctx.client.clone();
+        let result = match self.kind {
+            TargetKind::Policy => Api::<Policy>::namespaced(client, namespace)
+                .patch(
+                    &self.name,
+                    &params,
+                    &Patch::<Value>::Json(serde_json::from_value(patch).map_err(build)?),
+                )
+                .await
+                .map(drop),
+            TargetKind::ContextPack => Api::<ContextPack>::namespaced(client, namespace)
+                .patch(
+                    &self.name,
+                    &params,
+                    &Patch::<Value>::Json(serde_json::from_value(patch).map_err(build)?),
+                )
+                .await
+                .map(drop),
+            TargetKind::Agent => Api::<Agent>::namespaced(client, namespace)
+                .patch(
+                    &self.name,
+                    &params,
+                    &Patch::<Value>::Json(serde_json::from_value(patch).map_err(build)?),
+                )
+                .await
+                .map(drop),
+        };
+        match result {
+            Ok(()) => Ok(Ok(())),
+            // 422 (schema, CEL), 403 (an admission policy), 400: the change is refused as
+            // such. A failed `test` (the target changed) is the next pass's to see.
+            Err(kube::Error::Api(e)) if [400, 403, 422].contains(&e.code) => Ok(Err(e.message)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn build(source: serde_json::Error) -> Error {
+    Error::Build {
+        what: "a target's spec patch",
+        source,
+    }
+}
+
+/// A spec as JSON (plain data: it cannot fail).
+fn value_of<T: serde::Serialize>(spec: &T) -> Value {
+    serde_json::to_value(spec).unwrap_or_default()
+}
+
+/// A candidate: the patched spec, and what its replay replays (the spec itself, or for an
+/// Agent its composition with the promoted revisions of what it uses).
+struct Candidate {
+    spec: Value,
+    /// Digest of the patched spec: the target's spec once applied.
+    spec_digest: String,
+    changes: Vec<String>,
+    replayed: Value,
+    /// Digest of what is replayed: what a reviewer accepts and the target's gate promotes.
+    digest: String,
+    kind: GatedKind,
+}
+
+/// The patch applied to the target's spec and checked as the target's controller checks a
+/// hand-written spec.
+async fn candidate(
+    ctx: &Context,
+    namespace: &str,
+    proposal: &Proposal,
+    target: &Target,
+) -> Result<std::result::Result<Candidate, Invalid>> {
+    let invalid = |message: String| Ok(Err(Invalid::new(reason::INVALID_SPEC, message)));
+    let unreadable = |e: serde_json::Error| {
+        Invalid::new(
+            reason::INVALID_SPEC,
+            format!(
+                "spec.target: {} {} cannot be read: {e}",
+                target.kind.as_str(),
+                target.name
+            ),
+        )
+    };
+    let patch = &proposal.spec.patch;
+    if let Err(e) = patch::for_kind(patch, target.kind) {
+        return invalid(e.to_string());
+    }
+    let made = match target.kind {
+        TargetKind::Policy => {
+            let base: PolicySpec = match serde_json::from_value(target.spec.clone()) {
+                Ok(spec) => spec,
+                Err(e) => return Ok(Err(unreadable(e))),
+            };
+            let patched = match patch::apply_policy(&base, patch.policy.as_ref().expect("checked")) {
+                Ok(p) => p,
+                Err(e) => return invalid(e.to_string()),
+            };
+            if let Err(e) = compile_policy(&target.name, &patched.spec) {
+                return Ok(Err(Invalid::new(
+                    reason::INVALID_EXPRESSION,
+                    format!("the patched Policy does not compile: {e}"),
+                )));
+            }
+            let value = serde_json::to_value(&patched.spec).map_err(build)?;
+            let digest = spec_digest(&patched.spec);
+            Candidate {
+                spec: value.clone(),
+                spec_digest: digest.clone(),
+                changes: patched.changes,
+                replayed: value,
+                digest,
+                kind: GatedKind::Policy,
+            }
+        }
+        TargetKind::ContextPack => {
+            let base: ContextPackSpec = match serde_json::from_value(target.spec.clone()) {
+                Ok(spec) => spec,
+                Err(e) => return Ok(Err(unreadable(e))),
+            };
+            let patched =
+                match patch::apply_context_pack(&base, patch.context_pack.as_ref().expect("checked")) {
+                    Ok(p) => p,
+                    Err(e) => return invalid(e.to_string()),
+                };
+            if let Some(problem) = revisions::pack_problem(ctx, namespace, &patched.spec).await? {
+                return Ok(Err(Invalid::new(
+                    problem.reason,
+                    format!("the patched ContextPack: {}", problem.message),
+                )));
+            }
+            let value = serde_json::to_value(&patched.spec).map_err(build)?;
+            let digest = spec_digest(&patched.spec);
+            Candidate {
+                spec: value.clone(),
+                spec_digest: digest.clone(),
+                changes: patched.changes,
+                replayed: value,
+                digest,
+                kind: GatedKind::ContextPack,
+            }
+        }
+        TargetKind::Agent => {
+            let base: AgentSpec = match serde_json::from_value(target.spec.clone()) {
+                Ok(spec) => spec,
+                Err(e) => return Ok(Err(unreadable(e))),
+            };
+            let patched = match patch::apply_agent(&base, patch.agent.as_ref().expect("checked")) {
+                Ok(p) => p,
+                Err(e) => return invalid(e.to_string()),
+            };
+            let composition: Composition =
+                match super::agent::candidate_composition(ctx, namespace, &target.name, &patched.spec).await?
+                {
+                    Ok(c) => c,
+                    Err(problem) => {
+                        return Ok(Err(Invalid::new(
+                            problem.reason,
+                            format!("the patched Agent: {}", problem.message),
+                        )));
+                    }
+                };
+            Candidate {
+                spec: serde_json::to_value(&patched.spec).map_err(build)?,
+                spec_digest: spec_digest(&patched.spec),
+                changes: patched.changes,
+                replayed: serde_json::to_value(&composition).map_err(build)?,
+                digest: composition.digest(),
+                kind: GatedKind::Agent,
+            }
+        }
+    };
+    if let Err(refusal) = target.write(ctx, namespace, &made.spec, true).await? {
+        return invalid(format!(
+            "the API server would refuse the patched {} {}: {refusal}",
+            target.kind.as_str(),
+            target.name
+        ));
+    }
+    Ok(Ok(made))
+}
+
+/// What this pass decided.
+struct Step {
+    phase: ProposalPhase,
+    ready: Wanted,
+    others: Vec<Wanted>,
+    candidate: Option<String>,
+    target_digest: Option<String>,
+    changes: Vec<String>,
+    replay: Option<ReplaySummary>,
+    intended: Option<u32>,
+    requeue: Option<Duration>,
+}
+
+impl Step {
+    /// Keeps what earlier passes found (the candidate, its changes and replay).
+    fn from_previous(previous: &ProposalStatus, phase: ProposalPhase, ready: Wanted) -> Self {
+        Self {
+            phase,
+            ready,
+            others: Vec::new(),
+            candidate: previous.candidate.clone(),
+            target_digest: previous.target_digest.clone(),
+            changes: previous.changes.clone(),
+            replay: previous.replay.clone(),
+            intended: previous.intended_divergences,
+            requeue: None,
+        }
+    }
+}
+
+/// Reconciles a Proposal.
+pub async fn reconcile_proposal(proposal: Arc<Proposal>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconcile("Proposal");
+    let namespace = proposal.namespace().unwrap_or_default();
+    let previous = proposal.status.clone().unwrap_or_default();
+    let target = Target::read(
+        &ctx,
+        &namespace,
+        proposal.spec.target.kind,
+        &proposal.spec.target.name,
+    )
+    .await?;
+    let step = match &target {
+        None => Step::from_previous(
+            &previous,
+            ProposalPhase::Invalid,
+            Wanted::new(
+                conditions::READY,
+                false,
+                reason::REFERENCE_NOT_FOUND,
+                format!(
+                    "spec.target: {} {} does not exist in namespace {namespace}",
+                    proposal.spec.target.kind.as_str(),
+                    proposal.spec.target.name
+                ),
+            ),
+        ),
+        Some(target) => decide(&ctx, &namespace, &proposal, target, &previous).await?,
+    };
+    let mut wanted = vec![step.ready.clone()];
+    wanted.extend(step.others.iter().cloned());
+    let status = ProposalStatus {
+        conditions: merge(&previous.conditions, &wanted, proposal.metadata.generation, now()),
+        observed_generation: proposal.metadata.generation,
+        phase: Some(step.phase),
+        candidate: step.candidate,
+        target_digest: step.target_digest,
+        changes: step.changes,
+        replay: step.replay,
+        intended_divergences: step.intended,
+        reviewers: target.and_then(|t| t.reviewers),
+    };
+    let status = serde_json::to_value(&status).map_err(|source| Error::Build {
+        what: "Proposal status",
+        source,
+    })?;
+    apply_status(
+        &Api::<Proposal>::namespaced(ctx.client.clone(), &namespace),
+        proposal.as_ref(),
+        status,
+    )
+    .await?;
+    for condition in &wanted {
+        super::announce(&ctx, proposal.as_ref(), &previous.conditions, condition).await;
+    }
+    Ok(step.requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Where the proposal stands against its (existing) target.
+async fn decide(
+    ctx: &Context,
+    namespace: &str,
+    proposal: &Proposal,
+    target: &Target,
+    previous: &ProposalStatus,
+) -> Result<Step> {
+    let spec = &proposal.spec;
+    let what = format!("{} {}", target.kind.as_str(), target.name);
+    let settled = |why: &'static str, message: String| Wanted::new(conditions::READY, true, why, message);
+    if let Some(decision) = spec
+        .decision
+        .as_ref()
+        .filter(|d| d.action == DecisionAction::Reject)
+    {
+        let mut step = Step::from_previous(
+            previous,
+            ProposalPhase::Rejected,
+            settled(reason::REJECTED, format!("rejected by {}", decision.by)),
+        );
+        step.others.push(Wanted::new(
+            conditions::ACCEPTED,
+            false,
+            reason::REJECTED,
+            format!(
+                "rejected by {}: {}",
+                decision.by,
+                decision.reason.as_deref().unwrap_or_default()
+            ),
+        ));
+        return Ok(step);
+    }
+    let accepted = spec
+        .decision
+        .as_ref()
+        .filter(|d| d.action == DecisionAction::Accept);
+    // Accepted and put on the target: the target's gate takes it from here.
+    if let (Some(decision), Some(applied)) = (accepted, previous.target_digest.as_deref())
+        && target.digest == applied
+    {
+        let promoted = target.promoted.is_some() && target.promoted == previous.candidate;
+        let mut step = Step::from_previous(
+            previous,
+            if promoted {
+                ProposalPhase::Promoted
+            } else {
+                ProposalPhase::Accepted
+            },
+            settled(reason::ACCEPTED, format!("accepted by {}", decision.by)),
+        );
+        step.others.push(Wanted::new(
+            conditions::ACCEPTED,
+            true,
+            reason::ACCEPTED,
+            format!("accepted by {}; the candidate is on {what}", decision.by),
+        ));
+        step.others.push(if promoted {
+            Wanted::new(
+                conditions::PROMOTED,
+                true,
+                reason::PROMOTED,
+                format!("the candidate is the revision of {what} in force"),
+            )
+        } else {
+            Wanted::new(
+                conditions::PROMOTED,
+                false,
+                reason::REPLAY_PENDING,
+                format!("{what}'s promotion gate decides; see its Promoted condition"),
+            )
+        });
+        return Ok(step);
+    }
+    if target.digest != spec.base_digest {
+        let mut step = Step::from_previous(
+            previous,
+            ProposalPhase::Stale,
+            Wanted::new(
+                conditions::READY,
+                false,
+                reason::STALE,
+                format!(
+                    "{what} changed since the proposal was drafted (it is at {}, the proposal at {}): it was never replayed on the spec it would change; draft it again",
+                    target.digest, spec.base_digest
+                ),
+            ),
+        );
+        step.requeue = None;
+        return Ok(step);
+    }
+    let made = match candidate(ctx, namespace, proposal, target).await? {
+        Ok(made) => made,
+        Err(invalid) => {
+            return Ok(Step::from_previous(
+                previous,
+                ProposalPhase::Invalid,
+                Wanted::new(conditions::READY, false, invalid.reason, invalid.message),
+            ));
+        }
+    };
+    let expected: Vec<ExpectedChange> = spec
+        .insight
+        .iter()
+        .flat_map(|i| &i.evidence)
+        .filter_map(|e| {
+            Some(ExpectedChange {
+                run_id: e.run.clone(),
+                call_id: e.call.clone()?,
+            })
+        })
+        .collect();
+    let name = proposal.name_any();
+    let gate = GateTarget {
+        kind: made.kind,
+        name: &target.name,
+        namespace,
+        digest: &made.digest,
+        owner: proposal.controller_owner_ref(&()),
+        proposal: Some(&name),
+        expected: &expected,
+    };
+    let progress = revisions::replay_attempts(ctx, &made.replayed, &gate, &target.replay).await?;
+    let mut step = Step {
+        phase: ProposalPhase::Replaying,
+        ready: Wanted::new(
+            conditions::READY,
+            false,
+            reason::REPLAY_PENDING,
+            "the candidate is being replayed",
+        ),
+        others: Vec::new(),
+        candidate: Some(made.digest.clone()),
+        target_digest: Some(made.spec_digest.clone()),
+        changes: made.changes.clone(),
+        replay: None,
+        intended: None,
+        requeue: None,
+    };
+    let verdict = match progress {
+        revisions::Progress::Running(job) => {
+            step.others.push(replay_condition(
+                false,
+                reason::REPLAY_PENDING,
+                format!("Job {job} is replaying recorded sessions"),
+            ));
+            step.requeue = Some(Duration::from_secs(20));
+            return Ok(step);
+        }
+        revisions::Progress::Refused(problem) => {
+            step.others
+                .push(replay_condition(false, reason::REPLAY_INCONCLUSIVE, problem));
+            step.requeue = Some(Duration::from_secs(30));
+            return Ok(step);
+        }
+        revisions::Progress::Backoff { attempt, why, wait } => {
+            step.others.push(replay_condition(
+                false,
+                reason::REPLAY_INCONCLUSIVE,
+                format!(
+                    "attempt {attempt} of {}: {why}; retrying in {}s",
+                    replay_job::MAX_ATTEMPTS,
+                    wait.as_secs()
+                ),
+            ));
+            step.requeue = Some(wait);
+            return Ok(step);
+        }
+        revisions::Progress::Exhausted { attempts, why } => {
+            step.phase = ProposalPhase::ReplayFailed;
+            step.ready = Wanted::new(
+                conditions::READY,
+                false,
+                reason::REPLAY_INCONCLUSIVE,
+                format!(
+                    "{attempts} replay attempts ended without a verdict (last: {why}); create the proposal again to retry"
+                ),
+            );
+            step.others
+                .push(replay_condition(false, reason::REPLAY_INCONCLUSIVE, why));
+            return Ok(step);
+        }
+        revisions::Progress::Verdict(job, gate) => (job, gate),
+    };
+    let (job, gate) = verdict;
+    step.replay = Some(summary_of(&job, &gate));
+    step.intended = Some(gate.intended_steps);
+    if !gate.passed {
+        let why = if gate.no_history {
+            "no finished session of the target to replay it against".to_owned()
+        } else {
+            format!(
+                "{} step(s) of recorded runs would change beyond what the evidence names ({:.1}% > {:.1}%): {}",
+                gate.divergent_steps,
+                gate.divergence_percent,
+                gate.max_divergence_percent,
+                gate.top.join("; ")
+            )
+        };
+        step.phase = ProposalPhase::ReplayFailed;
+        step.ready = Wanted::new(
+            conditions::READY,
+            false,
+            reason::REPLAY_FAILED,
+            format!("it cannot be accepted: {why}"),
+        );
+        let why_reason = if gate.no_history {
+            reason::NO_RECORDED_HISTORY
+        } else {
+            reason::REPLAY_FAILED
+        };
+        step.others.push(replay_condition(false, why_reason, why));
+        return Ok(step);
+    }
+    step.others.push(replay_condition(
+        true,
+        reason::REPLAY_PASSED,
+        format!(
+            "{} recorded session(s): {} step(s) change as the evidence says, {} other(s) diverge ({:.1}%, at most {:.1}%)",
+            gate.runs, gate.intended_steps, gate.divergent_steps, gate.divergence_percent, gate.max_divergence_percent
+        ),
+    ));
+    let Some(decision) = accepted else {
+        step.phase = ProposalPhase::Reviewable;
+        step.ready = settled(
+            reason::AWAITING_DECISION,
+            match &target.reviewers {
+                Some(r) => format!("replayed; one of {} decides (spec.decision)", approvers_text(r)),
+                None => format!(
+                    "replayed; a holder of the promote verb on {} decides (spec.decision)",
+                    target.kind.plural()
+                ),
+            },
+        );
+        return Ok(step);
+    };
+    if decision.candidate.as_deref() != Some(made.digest.as_str()) {
+        step.phase = ProposalPhase::Reviewable;
+        step.ready = settled(
+            reason::AWAITING_DECISION,
+            format!(
+                "accepted by {} for candidate {}, but the candidate is {}: not applied",
+                decision.by,
+                decision.candidate.as_deref().unwrap_or("(none)"),
+                made.digest
+            ),
+        );
+        return Ok(step);
+    }
+    if let Err(refusal) = target.write(ctx, namespace, &made.spec, false).await? {
+        step.phase = ProposalPhase::Invalid;
+        step.ready = Wanted::new(
+            conditions::READY,
+            false,
+            reason::INVALID_SPEC,
+            format!(
+                "accepted by {}, but the API server refused the patched {what}: {refusal}",
+                decision.by
+            ),
+        );
+        return Ok(step);
+    }
+    tracing::info!(%namespace, proposal = %name, target = %what, by = %decision.by, "proposal accepted: candidate written on its target");
+    step.phase = ProposalPhase::Accepted;
+    step.ready = settled(reason::ACCEPTED, format!("accepted by {}", decision.by));
+    step.others.push(Wanted::new(
+        conditions::ACCEPTED,
+        true,
+        reason::ACCEPTED,
+        format!("accepted by {}; the candidate is on {what}", decision.by),
+    ));
+    step.others.push(Wanted::new(
+        conditions::PROMOTED,
+        false,
+        reason::REPLAY_PENDING,
+        format!("{what}'s promotion gate decides; see its Promoted condition"),
+    ));
+    Ok(step)
+}
+
+fn replay_condition(passed: bool, why: &'static str, message: String) -> Wanted {
+    Wanted::new(conditions::REPLAY_PASSED, passed, why, message)
+}
+
+fn summary_of(job: &str, gate: &ReplayGate) -> ReplaySummary {
+    ReplaySummary {
+        job: Some(job.to_owned()),
+        sessions: u32::try_from(gate.runs).unwrap_or(u32::MAX),
+        decisions: gate.steps,
+        divergences: gate.divergent_steps,
+        passed: gate.passed,
+        top_divergences: gate.top.clone(),
+        report: gate.report.clone(),
+    }
+}
+
+fn approvers_text(approvers: &Approvers) -> String {
+    approvers
+        .users
+        .iter()
+        .cloned()
+        .chain(approvers.groups.iter().map(|g| format!("group {g}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A proposal accepted for exactly `digest` of `kind`/`name` by its reviewers — who must still
+/// be the target's (`reviewers`) — whose replay passed: the target's gate promotes it without
+/// another replay or approval. The proposal's status is the operator's alone to write and its
+/// decision is admitted only from a reviewer, so neither can be forged by a tenant.
+pub(super) struct AcceptedProposal {
+    pub why: String,
+    pub replay: Option<ReplaySummary>,
+}
+
+pub(super) async fn accepted_for(
+    ctx: &Context,
+    namespace: &str,
+    kind: GatedKind,
+    name: &str,
+    digest: &str,
+    reviewers: Option<&Approvers>,
+) -> Result<Option<AcceptedProposal>> {
+    let kind = match kind {
+        GatedKind::Policy => TargetKind::Policy,
+        GatedKind::ContextPack => TargetKind::ContextPack,
+        GatedKind::Agent => TargetKind::Agent,
+    };
+    let proposals = Api::<Proposal>::namespaced(ctx.client.clone(), namespace)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let reviewers = reviewers.filter(|r| !r.is_empty());
+    Ok(proposals.into_iter().find_map(|p| {
+        let status = p.status.as_ref()?;
+        let decision = p.spec.decision.as_ref()?;
+        let replayed = status.conditions.iter().any(|c: &Condition| {
+            c.type_ == conditions::REPLAY_PASSED && c.status == conditions::status::TRUE
+        });
+        (p.spec.target.kind == kind
+            && p.spec.target.name == name
+            && decision.action == DecisionAction::Accept
+            && decision.candidate.as_deref() == Some(digest)
+            && status.candidate.as_deref() == Some(digest)
+            && replayed
+            && status.reviewers.as_ref() == reviewers)
+            .then(|| AcceptedProposal {
+                why: format!(
+                    "Proposal {} accepted by {} after its replay passed",
+                    p.name_any(),
+                    decision.by
+                ),
+                replay: status.replay.clone(),
+            })
+    }))
+}

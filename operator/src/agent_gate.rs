@@ -9,9 +9,10 @@
 //! unless an approver promotes past it): a gate cannot be shed by moving away from the object
 //! that carries it, nor out-voted by a laxer gate of one's own.
 //!
-//! A member's new revision needs no second replay only if its own gate replayed it against the
-//! very revision the Agent runs, and that gate is at least as strict as the Agent's and covers
-//! this Agent's sessions. Approvers come only from gates in force, never from the candidate.
+//! A member's new revision needs no second replay only if its own gate (or an accepted
+//! Proposal's replay) replayed it against the very revision the Agent runs, and that gate is at
+//! least as strict as the Agent's and covers this Agent's sessions. Approvers come only from
+//! gates in force, never from the candidate.
 
 use contextos_crds::{
     agent::{AgentGateStatus, MemberGate},
@@ -152,7 +153,9 @@ fn changed_beyond_gated_members(
                     m.kind == *kind
                         && m.name == name
                         && m.digest == new
-                        && m.promoted_by == Some(PromotedBy::Replay)
+                        // A proposal's promotion was its own replay of this revision (its
+                        // evidence's intended change excused), accepted by the gate's approvers.
+                        && matches!(m.promoted_by, Some(PromotedBy::Replay | PromotedBy::Proposal))
                         && m.promoted_from == Some(old.as_str())
                         && m.promotion.is_some_and(|own| covers(own, gate, agent))
                 })
@@ -506,6 +509,18 @@ mod tests {
         )];
         assert!(matches!(
             decide("ops", None, in_force(&before, &gates), &after, &replayed),
+            Need::Direct(PromotedBy::Members, _)
+        ));
+        // So is one promoted through an accepted Proposal, whose own replay judged it.
+        let proposed = [member(
+            "guardrails",
+            &new,
+            Some(&g),
+            PromotedBy::Proposal,
+            Some(&old),
+        )];
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &after, &proposed),
             Need::Direct(PromotedBy::Members, _)
         ));
     }

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod capability;
 pub mod consent;
 pub mod context;
+pub mod digest;
 pub mod feedback;
 pub mod gateway;
 pub mod http;

@@ -168,6 +168,20 @@ impl ManifestSet {
             .collect()
     }
 
+    /// Every Agent, typed (for candidate files).
+    pub fn agents(&self) -> Result<Vec<crate::run::bundle::NamedAgent>, ManifestError> {
+        self.objects
+            .iter()
+            .filter(|m| m.kind == "Agent")
+            .map(|m| {
+                Ok(crate::run::bundle::NamedAgent {
+                    name: m.name.clone(),
+                    spec: m.spec()?,
+                })
+            })
+            .collect()
+    }
+
     /// Secret values by `<secret>/<key>` from the Secrets among the files (`stringData` and
     /// base64 `data`).
     pub fn secrets(&self) -> Result<BTreeMap<String, String>, ManifestError> {

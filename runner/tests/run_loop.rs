@@ -522,3 +522,129 @@ fn insights_over_the_quickstarts_records_point_at_what_the_run_did() {
         text.stdout
     );
 }
+
+#[test]
+fn autotune_finds_a_tighter_token_budget_and_refuses_one_that_would_halt_runs() {
+    let q = Quickstart::new(&[]);
+    q.drive(None);
+    let examples = Quickstart::examples();
+    let examples = examples.to_str().expect("utf-8 path");
+    let tuned = q.cli(&[
+        "autotune",
+        examples,
+        "--agent",
+        "oncall-assistant",
+        "--knob",
+        "max-tokens",
+    ]);
+    assert_eq!(tuned.code, Some(0), "{}\n{}", tuned.stdout, tuned.stderr);
+    // The tightest value, measured: the run replays unchanged there and not one token below.
+    let tightest: u64 = tuned
+        .stderr
+        .lines()
+        .find_map(|l| l.split("no new divergence down to ").nth(1))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no tightest value in:\n{}", tuned.stderr));
+    assert!(tightest > 100 && tightest < 60_000, "{}", tuned.stderr);
+    assert!(
+        tuned.stderr.contains(&format!(
+            "trial budget.maxTokens = {tightest}: 1 run(s), no divergence"
+        )),
+        "{}",
+        tuned.stderr
+    );
+    assert!(
+        tuned
+            .stderr
+            .contains(&format!("trial budget.maxTokens = {}: 1 run(s), ", tightest - 1))
+            && !tuned.stderr.contains(&format!(
+                "trial budget.maxTokens = {}: 1 run(s), no divergence",
+                tightest - 1
+            )),
+        "the value below the tightest was measured and diverged:\n{}",
+        tuned.stderr
+    );
+    // The proposal: the Agent's budget at the tightest value plus 20 %, drafted against the
+    // Agent's spec as it is, and it applies.
+    let proposal: contextos_crds::Proposal = serde_yaml::from_str(tuned.stdout.trim_start_matches("---\n"))
+        .unwrap_or_else(|e| panic!("{e}:\n{}", tuned.stdout));
+    let agent: contextos_crds::Agent = serde_yaml::from_str(
+        &std::fs::read_to_string(Quickstart::examples().join("agent.yaml")).expect("agent"),
+    )
+    .expect("agent");
+    assert_eq!(
+        proposal.spec.base_digest,
+        contextos_runner::run::bundle::spec_digest(&agent.spec)
+    );
+    let patched = contextos_runner::proposals::patch::apply_agent(
+        &agent.spec,
+        proposal.spec.patch.agent.as_ref().expect("an Agent patch"),
+    )
+    .expect("applies");
+    assert_eq!(patched.spec.budget.max_tokens, tightest + tightest.div_ceil(5));
+    assert_eq!(
+        proposal.spec.insight.as_ref().map(|i| i.kind.as_str()),
+        Some("autotune")
+    );
+
+    // A value that would halt the run is refused, naming the run and what changes.
+    let halted = tightest / 2;
+    let refused = q.cli(&[
+        "autotune",
+        examples,
+        "--agent",
+        "oncall-assistant",
+        "--value",
+        &halted.to_string(),
+    ]);
+    assert_eq!(refused.code, Some(3), "{}\n{}", refused.stdout, refused.stderr);
+    assert!(
+        refused.stdout.is_empty(),
+        "nothing is proposed: {}",
+        refused.stdout
+    );
+    assert!(
+        refused.stderr.contains(&format!(
+            "budget.maxTokens = {halted} would change 1 of 1 recorded run(s): run checkout-5xx-"
+        )),
+        "{}",
+        refused.stderr
+    );
+    // The tightest value itself, named, is measured clean and proposed as it is.
+    let named = q.cli(&[
+        "autotune",
+        examples,
+        "--agent",
+        "oncall-assistant",
+        "--value",
+        &tightest.to_string(),
+    ]);
+    assert_eq!(named.code, Some(0), "{}", named.stderr);
+    assert!(
+        named.stdout.contains(&format!("maxTokens: {tightest}")),
+        "{}",
+        named.stdout
+    );
+}
+
+#[test]
+fn the_digest_says_what_the_agents_did_in_text_json_and_one_html_page() {
+    let q = Quickstart::new(&[]);
+    q.drive(None);
+    let text = q.cli(&["digest", "--since", "1d"]);
+    assert_eq!(text.code, Some(0), "{}", text.stderr);
+    assert!(
+        text.stdout
+            .contains("oncall-assistant: 1 run(s), 1 completed, 0 failed; 5 tool call(s), 1 denied; approvals 1 granted, 0 refused"),
+        "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("Proposals\n  not read (name --cluster to read them)"), "{}", text.stdout);
+    let json = q.cli(&["digest", "--since", "1d", "--format", "json"]);
+    let digest: serde_json::Value = serde_json::from_str(&json.stdout).expect("JSON");
+    assert_eq!(digest["agents"]["oncall-assistant"]["runs"], 1, "{digest:#}");
+    let html = q.cli(&["digest", "--since", "1d", "--format", "html"]);
+    assert!(html.stdout.starts_with("<!doctype html>") && html.stdout.trim_end().ends_with("</html>"));
+    assert!(!html.stdout.contains("<script") && !html.stdout.contains("src="), "self-contained");
+}

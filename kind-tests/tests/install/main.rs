@@ -21,6 +21,7 @@
 //! `CONTEXTOS_REQUIRE_REALNODE=1` (CI) makes that a failure.
 
 mod hostile;
+mod improvement;
 mod memory;
 
 use std::{path::Path, time::Duration};
@@ -318,7 +319,8 @@ patches:
     eprintln!("the capability's report: {capability}\nthe control's: {control}");
     hostile::judge(&capability, &control)?;
     tenant.pass();
-    memory::remembered_across_sessions(env, &install, &runner_image).await
+    memory::remembered_across_sessions(env, &install, &runner_image).await?;
+    improvement::proposals_through_the_gate(env, &install, &runner_image).await
 }
 
 async fn done_run_id(sessions: &Api<Session>, name: &str) -> Result<String> {

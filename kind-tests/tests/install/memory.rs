@@ -299,7 +299,7 @@ async fn wait_recorded(env: &TestEnv, tenant: &TestNamespace, name: &str) -> Res
 }
 
 /// Writes `object` as YAML into `dir`, for `kubectl apply -f`.
-fn yaml_file(dir: &Path, name: &str, object: &serde_json::Value) -> Result<std::path::PathBuf> {
+pub(super) fn yaml_file(dir: &Path, name: &str, object: &serde_json::Value) -> Result<std::path::PathBuf> {
     let path = dir.join(name);
     std::fs::write(&path, serde_yaml::to_string(object)?)?;
     Ok(path)
@@ -334,15 +334,15 @@ async fn bind_auditor(tenant: &TestNamespace, role: &str) -> Result<()> {
 }
 
 /// An auditor of the tenant's records, through a port-forward to the gateway.
-struct Records {
+pub(super) struct Records {
     _forward: tokio::process::Child,
-    store: String,
+    pub(super) store: String,
     token: String,
     namespace: String,
 }
 
 impl Records {
-    async fn open(env: &'static TestEnv, tenant: &TestNamespace) -> Result<Self> {
+    pub(super) async fn open(env: &'static TestEnv, tenant: &TestNamespace) -> Result<Self> {
         let accounts = tenant.api::<ServiceAccount>();
         let account: ServiceAccount =
             serde_json::from_value(json!({"metadata": {"name": "memory-auditor"}}))?;
@@ -365,8 +365,14 @@ impl Records {
         })
     }
 
+    /// `contextos <args>` as the auditor, through the gateway, to be run.
+    pub(super) fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let (command, rest) = args.split_first().map_or(("help", &[][..]), |(c, r)| (*c, r));
+        as_person(command, rest, &self.store, &self.namespace, &self.token)
+    }
+
     /// `contextos <args>` as the auditor, through the gateway.
-    async fn person(&self, args: &[&str]) -> Result<std::process::Output> {
+    pub(super) async fn person(&self, args: &[&str]) -> Result<std::process::Output> {
         let (command, rest) = args.split_first().context("a command")?;
         Ok(
             as_person(command, rest, &self.store, &self.namespace, &self.token)
@@ -376,7 +382,7 @@ impl Records {
     }
 
     /// `contextos records show <run>` (retried while the new binding reaches the gateway).
-    async fn show(&self, run: &str) -> Result<String> {
+    pub(super) async fn show(&self, run: &str) -> Result<String> {
         let mut last = String::new();
         for _ in 0..30 {
             let output = as_person(

@@ -1,8 +1,10 @@
 //! Command-line structure shared by every subcommand: where data lives and which tenant.
 
 mod audit;
+mod autotune;
 mod capability;
 mod consent;
+mod digest;
 mod feedback;
 mod gateway;
 mod insights;
@@ -14,6 +16,7 @@ mod replay;
 mod run;
 mod session_run;
 mod subject;
+mod targets;
 mod tools;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -92,6 +95,14 @@ enum Command {
     /// dryRun rules, cut sources) against the current Agents, Policies and ContextPacks;
     /// printed as YAML to apply. Nothing is applied until a reviewer accepts one.
     Propose(propose::ProposeArgs),
+    /// The tightest run-budget limit (tokens, steps, tool calls) an Agent's recorded runs
+    /// replay under with no new divergence, measured by replays and proposed with headroom; or
+    /// a value you name, refused if it would change a recorded run.
+    Autotune(autotune::AutotuneArgs),
+    /// The digest of a window for the people who review: what the agents did, what failed and
+    /// why, what recurs, proposals with their replay verdicts, what was promoted (text, JSON or
+    /// one self-contained HTML page).
+    Digest(digest::DigestArgs),
     /// Tool declarations from what a tool server offers.
     #[command(subcommand)]
     Tools(tools::ToolsCommand),
@@ -126,6 +137,8 @@ impl Cli {
             Command::Feedback(command) => feedback::run(&self.global, command).await,
             Command::Insights(args) => insights::run(&self.global, args).await,
             Command::Propose(args) => propose::run(&self.global, args).await,
+            Command::Autotune(args) => autotune::run(&self.global, args).await,
+            Command::Digest(args) => digest::run(&self.global, args).await,
             Command::Tools(command) => tools::run(command).await,
             Command::Consent(command) => consent::run(&self.global, command).await,
             Command::Memory(command) => memory::run(&self.global, command).await,

@@ -5,20 +5,15 @@
 //! applied here, and nothing a proposal names changes until a reviewer accepts it. Insights no
 //! rule turns into a patch, and the research queue, are said on stderr.
 
-use std::{collections::BTreeMap, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
+use super::{GlobalArgs, insights::corrections, targets::Specs};
 use anyhow::Context as _;
-use contextos_crds::{Agent, AgentSpec, ContextPack, ContextPackSpec, Policy, PolicySpec};
 use contextos_runner::{
     insights::{self, Insight, Thresholds, open_questions, signals::CallSample, synthesize},
-    manifests::ManifestSet,
-    proposals::{Compiled, World, compile},
+    proposals::{Compiled, compile},
     records::{RunFilter, recorder::now_ms},
 };
-use kube::{Api, api::ListParams};
-use serde::de::DeserializeOwned;
-
-use super::{GlobalArgs, insights::corrections};
 
 #[derive(Debug, clap::Args)]
 pub struct ProposeArgs {
@@ -40,116 +35,9 @@ pub struct ProposeArgs {
     min_approvals: u64,
 }
 
-/// The specs proposals are drafted against, by name.
-#[derive(Default)]
-struct Specs {
-    agents: BTreeMap<String, AgentSpec>,
-    policies: BTreeMap<String, PolicySpec>,
-    packs: BTreeMap<String, ContextPackSpec>,
-}
-
-impl Specs {
-    fn from_files(paths: &[PathBuf]) -> anyhow::Result<Self> {
-        let set = ManifestSet::load(paths)?;
-        let mut specs = Self::default();
-        for object in &set.objects {
-            let spec = || object.value.get("spec").cloned().unwrap_or_default();
-            let at = || format!("{}: {} {}", object.file.display(), object.kind, object.name);
-            match object.kind.as_str() {
-                "Agent" => {
-                    specs.agents.insert(
-                        object.name.clone(),
-                        serde_json::from_value(spec()).with_context(at)?,
-                    );
-                }
-                "Policy" => {
-                    specs.policies.insert(
-                        object.name.clone(),
-                        serde_json::from_value(spec()).with_context(at)?,
-                    );
-                }
-                "ContextPack" => {
-                    specs.packs.insert(
-                        object.name.clone(),
-                        serde_json::from_value(spec()).with_context(at)?,
-                    );
-                }
-                _ => {}
-            }
-        }
-        Ok(specs)
-    }
-
-    async fn from_cluster(namespace: &str) -> anyhow::Result<Self> {
-        let client = kube::Client::try_default()
-            .await
-            .context("cannot reach the cluster of the current kubeconfig (KUBECONFIG, ~/.kube/config); or name the manifest files")?;
-        async fn specs<K, T>(
-            client: &kube::Client,
-            namespace: &str,
-            spec: fn(K) -> T,
-        ) -> anyhow::Result<BTreeMap<String, T>>
-        where
-            K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-                + Clone
-                + DeserializeOwned
-                + std::fmt::Debug,
-        {
-            let kind = K::kind(&()).into_owned();
-            Ok(Api::<K>::namespaced(client.clone(), namespace)
-                .list(&ListParams::default())
-                .await
-                .with_context(|| format!("cannot list {kind} objects in namespace {namespace}"))?
-                .items
-                .into_iter()
-                .map(|o| (o.meta().name.clone().unwrap_or_default(), spec(o)))
-                .collect())
-        }
-        Ok(Self {
-            agents: specs(&client, namespace, |a: Agent| a.spec).await?,
-            policies: specs(&client, namespace, |p: Policy| p.spec).await?,
-            packs: specs(&client, namespace, |p: ContextPack| p.spec).await?,
-        })
-    }
-
-    /// What `agent` runs with, or why it cannot be said.
-    fn world<'a>(&'a self, agent: &'a str) -> Result<World<'a>, String> {
-        let spec = self
-            .agents
-            .get(agent)
-            .ok_or_else(|| format!("Agent {agent} is not among the objects read"))?;
-        let pack_name = &spec.context_pack_ref.name;
-        let pack = self.packs.get(pack_name).ok_or_else(|| {
-            format!("ContextPack {pack_name} of Agent {agent} is not among the objects read")
-        })?;
-        let policies = spec
-            .policy_refs
-            .iter()
-            .map(|r| {
-                self.policies
-                    .get(&r.name)
-                    .map(|p| (r.name.as_str(), p))
-                    .ok_or_else(|| {
-                        format!("Policy {} of Agent {agent} is not among the objects read", r.name)
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(World {
-            agent,
-            agent_spec: spec,
-            pack: (pack_name, pack),
-            policies,
-        })
-    }
-}
-
 pub async fn run(global: &GlobalArgs, args: ProposeArgs) -> anyhow::Result<ExitCode> {
     let tenant = global.tenant()?;
-    let specs = if args.paths.is_empty() {
-        Specs::from_cluster(tenant.as_str()).await?
-    } else {
-        Specs::from_files(&args.paths)?
-    };
+    let specs = Specs::read(&args.paths, &tenant).await?;
     let store = global.open_records(&tenant).await?;
     let window = super::parse_span("--since", &args.since)?;
     let since_ms = now_ms().saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX));

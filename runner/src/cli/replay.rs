@@ -212,13 +212,21 @@ fn candidate(paths: &[PathBuf]) -> anyhow::Result<Candidate> {
         }
         None => None,
     };
-    if policies.is_empty() && packs.is_empty() && ontology.is_none() {
-        bail!("the candidate files hold no Policy, ContextPack or Ontology");
+    let mut agents = set.agents()?;
+    if agents.len() > 1 {
+        bail!(
+            "the candidate files hold {} Agents; replay one at a time (with --agent)",
+            agents.len()
+        );
+    }
+    if policies.is_empty() && packs.is_empty() && ontology.is_none() && agents.is_empty() {
+        bail!("the candidate files hold no Policy, ContextPack, Agent or Ontology");
     }
     Ok(Candidate {
         policies,
         context_pack: packs.pop(),
         composition: None,
+        agent: agents.pop(),
         ontology,
     })
 }

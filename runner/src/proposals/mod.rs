@@ -3,6 +3,7 @@
 //! target's own promotion gate (the operator's Proposal controller). Nothing here applies a
 //! change: a draft is written as a `Proposal` object for people to decide on.
 
+pub mod autotune;
 pub mod compile;
 pub mod patch;
 

@@ -54,6 +54,13 @@ pub struct NamedPack {
     pub spec: ContextPackSpec,
 }
 
+/// An Agent spec and its name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamedAgent {
+    pub name: String,
+    pub spec: AgentSpec,
+}
+
 /// What an Agent runs, as one revision: its spec and the promoted revisions of the pack and
 /// policies it uses. The operator promotes compositions through the Agent's replay gate, and a
 /// Session pins the promoted one, so pointing an Agent at another Policy, dropping one, or
@@ -104,6 +111,8 @@ pub struct Candidate {
     pub context_pack: Option<NamedPack>,
     /// A whole Agent composition: replaces the agent spec, the pack and every policy.
     pub composition: Option<Composition>,
+    /// The Agent's spec as it would be; each run keeps the pack and policies it ran with.
+    pub agent: Option<NamedAgent>,
     /// The namespace's Ontology as it would be.
     pub ontology: Option<OntologySpec>,
 }
@@ -111,6 +120,8 @@ pub struct Candidate {
 /// A candidate that does not fit the bundle.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CandidateError {
+    #[error("candidate Agent {name} is not the agent of this run ({agent}); replay {name}'s sessions")]
+    AgentNotReplayed { name: String, agent: String },
     #[error(
         "candidate Policy {name} is not used by agent {agent} (its spec.policyRefs: {refs}); rename the candidate or replay another agent's sessions"
     )]
@@ -303,6 +314,15 @@ impl RunBundle {
             self.context_pack = composition.context_pack.clone();
             self.policies = composition.policies.clone();
             self.ontology = composition.ontology.clone();
+        }
+        if let Some(agent) = &candidate.agent {
+            if agent.name != self.agent {
+                return Err(CandidateError::AgentNotReplayed {
+                    name: agent.name.clone(),
+                    agent: self.agent.clone(),
+                });
+            }
+            self.agent_spec = agent.spec.clone();
         }
         for policy in &candidate.policies {
             let Some(slot) = self.policies.iter_mut().find(|p| p.name == policy.name) else {

@@ -640,11 +640,19 @@ fn the_digest_says_what_the_agents_did_in_text_json_and_one_html_page() {
         "{}",
         text.stdout
     );
-    assert!(text.stdout.contains("Proposals\n  not read (name --cluster to read them)"), "{}", text.stdout);
+    assert!(
+        text.stdout
+            .contains("Proposals\n  not read (name --cluster to read them)"),
+        "{}",
+        text.stdout
+    );
     let json = q.cli(&["digest", "--since", "1d", "--format", "json"]);
     let digest: serde_json::Value = serde_json::from_str(&json.stdout).expect("JSON");
     assert_eq!(digest["agents"]["oncall-assistant"]["runs"], 1, "{digest:#}");
     let html = q.cli(&["digest", "--since", "1d", "--format", "html"]);
     assert!(html.stdout.starts_with("<!doctype html>") && html.stdout.trim_end().ends_with("</html>"));
-    assert!(!html.stdout.contains("<script") && !html.stdout.contains("src="), "self-contained");
+    assert!(
+        !html.stdout.contains("<script") && !html.stdout.contains("src="),
+        "self-contained"
+    );
 }

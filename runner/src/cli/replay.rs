@@ -48,8 +48,8 @@ pub struct ReplayArgs {
     /// With --sample or --session: only runs whose Session had these labels, `key=value[,…]`.
     #[arg(long)]
     selector: Option<String>,
-    /// Candidate Policy / ContextPack files (or directories); each replaces the recorded
-    /// revision of the same name. None: replay under the recorded versions.
+    /// Candidate Policy / ContextPack / Agent / Ontology files (or directories); each replaces
+    /// the recorded revision of the same name. None: replay under the recorded versions.
     #[arg(long = "candidate")]
     candidates: Vec<PathBuf>,
     /// Fail (exit 3) when more than this percentage of replayed steps diverge.

@@ -112,15 +112,32 @@ impl Trial {
             .iter()
             .filter(|r| r.erased.is_none())
             .filter_map(|r| {
-                let first = r.divergences.iter().find(|d| d.counts())?;
+                // The earliest step that changes (the run's own outcome last).
+                let first = r
+                    .divergences
+                    .iter()
+                    .filter(|d| d.counts())
+                    .min_by_key(|d| if d.step == 0 { u32::MAX } else { d.step })?;
                 let at = if first.step == 0 {
                     "the run".to_owned()
                 } else {
                     format!("step {}", first.step)
                 };
+                let clip = |text: &str| -> String {
+                    let mut out: String = text.chars().take(120).collect();
+                    if out.len() < text.len() {
+                        out.push('…');
+                    }
+                    out
+                };
                 Some((
                     r.run_id.clone(),
-                    format!("{at}: {:?} ({} → {})", first.kind, first.recorded, first.replayed),
+                    format!(
+                        "{at}: {:?} ({} → {})",
+                        first.kind,
+                        clip(&first.recorded),
+                        clip(&first.replayed)
+                    ),
                 ))
             })
             .collect();

@@ -97,6 +97,9 @@ pub mod reason {
     pub const ACCEPTED: &str = "Accepted";
     /// A Proposal was rejected.
     pub const REJECTED: &str = "Rejected";
+    /// A Proposal is done without effect now (its target moved on, or its candidate changed
+    /// after the decision).
+    pub const SUPERSEDED: &str = "Superseded";
 }
 
 /// Condition status values.

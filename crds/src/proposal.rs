@@ -437,6 +437,10 @@ pub enum ProposalPhase {
     /// The candidate is the target's revision in force.
     Promoted,
     Rejected,
+    /// Done without effect now: the target moved on from the accepted candidate, or the
+    /// candidate changed after the decision (what an Agent uses was promoted meanwhile). A
+    /// proposal is applied at most once; draft a new one.
+    Superseded,
 }
 
 /// Observed state of a Proposal.
@@ -469,8 +473,9 @@ pub struct ProposalStatus {
     /// Divergences at the evidence (the intended effect), not counted against the replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intended_divergences: Option<u32>,
-    /// Who may decide: the target's promotion approvers. Empty: holders of the `promote`
-    /// verb on the target's resource.
+    /// Who may decide: the target's promotion approvers (frozen once a decision is made: the
+    /// target's gate honours it only while they are still the target's). Empty: holders of
+    /// the `promote` verb on the target's resource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reviewers: Option<Approvers>,
 }

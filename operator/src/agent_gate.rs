@@ -101,6 +101,17 @@ fn what_it_finds(ontology: Option<&contextos_crds::OntologySpec>) -> Vec<(&str, 
         .unwrap_or_default()
 }
 
+/// The replay a change of the Agent's own spec passes (a Proposal's, say): its effective gate,
+/// or the strictest default where no gate applies.
+pub fn replay_gate(
+    agent: &str,
+    own: Option<&PromotionSpec>,
+    gates_in_force: &[MemberGate],
+    members: &[Member<'_>],
+) -> PromotionSpec {
+    effective_gate(agent, own, gates_in_force, members).unwrap_or_else(|| strict_default(agent))
+}
+
 /// Zero divergence over the Agent's recent sessions, automatic.
 fn strict_default(agent: &str) -> PromotionSpec {
     let mut gate = PromotionSpec::default();

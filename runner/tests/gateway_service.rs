@@ -1306,6 +1306,34 @@ async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_can
         refused.to_string().contains("the gate was ordered for"),
         "{refused}"
     );
+    // A proposal's gate excuses nothing on evidence the record does not hold: the verdict
+    // fails, saying why.
+    let excusing = reader(Some(GateOrder {
+        expected: vec![contextos_runner::run::gate::ExpectedChange {
+            run_id: "checkout-5xx-anything".into(),
+            call_id: "1.0".into(),
+            seq: 3,
+            hash: "00".repeat(32),
+        }],
+        ..order.clone()
+    }));
+    let signed: SignedGateVerdict = excusing
+        .post_json(GATE_PATH, &candidate)
+        .await
+        .expect("a verdict");
+    let verdict = signed
+        .verify(&rig.keys.for_tenant("shop").public())
+        .expect("signed");
+    assert!(
+        !verdict.gate.passed
+            && !verdict.gate.no_history
+            && verdict
+                .gate
+                .top
+                .iter()
+                .any(|l| l.contains("is not that call's entry in the record")),
+        "{verdict:?}"
+    );
     // A grant that orders no gate reads records but gets no verdict.
     let plain = reader(None);
     let refused = plain

@@ -390,6 +390,43 @@ patches:
         "a proposal whose replay failed was accepted: {}",
         said(&refused)
     );
+
+    // An acceptance is used once: the lead reverts the Policy to what it was before; the
+    // accepted proposal is done (Superseded) and does not put its candidate back.
+    let base = draft["spec"]["baseDigest"]
+        .as_str()
+        .context("the base digest")?
+        .to_owned();
+    let policies = Api::<Policy>::namespaced(env.client(), tenant.name());
+    let mut reverted = serde_json::to_value(policies.get("oncall-guardrails").await?)?;
+    let rules = reverted["spec"]["rules"].as_array_mut().context("rules")?;
+    rules.retain(|r| r["name"] != "restart_deployment-ask");
+    let revert = json!({"spec": {"rules": reverted["spec"]["rules"].clone()}}).to_string();
+    let patched = as_user(
+        env,
+        tenant,
+        LEAD,
+        &[],
+        &[
+            "patch",
+            "policies.contextos.dev",
+            "oncall-guardrails",
+            "--type=merge",
+            "-p",
+            &revert,
+        ],
+        Path::new(""),
+    )
+    .await?;
+    ensure!(patched.status.success(), "{}", said(&patched));
+    phase_of(&proposals, &name, ProposalPhase::Superseded).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now = policies.get("oncall-guardrails").await?;
+    ensure!(
+        contextos_runner::run::bundle::spec_digest(&now.spec) == base,
+        "the reverted Policy was changed again: {:?}",
+        now.spec.rules.iter().map(|r| &r.name).collect::<Vec<_>>()
+    );
     Ok(())
 }
 

@@ -93,6 +93,7 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
                     },
                     first_replayed: true,
                     reviewers: status.promotion_gate.as_ref().and_then(|g| g.approvers.clone()),
+                    spec_digest: spec_digest(&agent.spec),
                     revisions: status.revisions.clone().unwrap_or_default(),
                     conditions: previous.clone(),
                 };
@@ -146,21 +147,32 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
-/// The composition an Agent named `agent` would run with `spec`: its spec checked and its
-/// references resolved as for the Agent itself (a Proposal's candidate).
+/// The composition an Agent named `agent` would run with `spec` — its spec checked and its
+/// references resolved as for the Agent itself (a Proposal's candidate) — and the replay it
+/// must pass: the Agent's effective gate with `gates_in_force` (its `status.promotedGates`).
 pub async fn candidate_composition(
     ctx: &Context,
     namespace: &str,
     agent: &str,
     spec: &AgentSpec,
-) -> Result<Result<Composition, Invalid>> {
+    gates_in_force: &[contextos_crds::agent::MemberGate],
+) -> Result<Result<(Composition, contextos_crds::common::PromotionSpec), Invalid>> {
     if let Err(invalid) = check_spec(agent, spec) {
         return Ok(Err(invalid));
     }
-    match resolve(ctx, namespace, spec).await? {
-        Ok(resolved) => composition(ctx, namespace, spec, &resolved).await,
-        Err(invalid) => Ok(Err(invalid)),
-    }
+    let resolved = match resolve(ctx, namespace, spec).await? {
+        Ok(resolved) => resolved,
+        Err(invalid) => return Ok(Err(invalid)),
+    };
+    let gate = agent_gate::replay_gate(
+        agent,
+        spec.promotion.as_ref(),
+        gates_in_force,
+        &members(&resolved),
+    );
+    Ok(composition(ctx, namespace, spec, &resolved)
+        .await?
+        .map(|composition| (composition, gate)))
 }
 
 /// The objects the composition uses, as the gate decision sees them.

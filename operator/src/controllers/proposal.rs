@@ -50,6 +50,9 @@ struct Target {
     promoted: Option<String>,
     reviewers: Option<Approvers>,
     replay: ReplaySpec,
+    /// An Agent's gates in force (`status.promotedGates`): its proposals replay under the
+    /// strictest of them, as its own gate would.
+    agent_gates: Vec<contextos_crds::agent::MemberGate>,
 }
 
 impl Target {
@@ -69,6 +72,7 @@ impl Target {
             promoted,
             reviewers: reviewers.filter(|a| !a.is_empty()),
             replay: replay.unwrap_or_default(),
+            agent_gates: Vec::new(),
         };
         Ok(match kind {
             TargetKind::Policy => Api::<Policy>::namespaced(client, namespace)
@@ -105,14 +109,17 @@ impl Target {
                 .map(|a| {
                     let replay = a.spec.promotion.clone().map(|g| g.replay);
                     let status = a.status.unwrap_or_default();
-                    target(
-                        a.metadata.resource_version.clone(),
-                        value_of(&a.spec),
-                        spec_digest(&a.spec),
-                        status.revisions.and_then(|r| r.promoted),
-                        status.promotion_gate.and_then(|g| g.approvers),
-                        replay,
-                    )
+                    Self {
+                        agent_gates: status.promoted_gates.clone(),
+                        ..target(
+                            a.metadata.resource_version.clone(),
+                            value_of(&a.spec),
+                            spec_digest(&a.spec),
+                            status.revisions.and_then(|r| r.promoted),
+                            status.promotion_gate.and_then(|g| g.approvers),
+                            replay,
+                        )
+                    }
                 }),
         })
     }
@@ -169,8 +176,15 @@ impl Target {
         };
         match result {
             Ok(()) => Ok(Ok(())),
-            // 422 (schema, CEL), 403 (an admission policy), 400: the change is refused as
-            // such. A failed `test` (the target changed) is the next pass's to see.
+            // The target changed since it was read: decided again from the newer one.
+            Err(kube::Error::Api(e)) if e.message.contains("/metadata/resourceVersion") => {
+                Err(Error::Run(format!(
+                    "{} {} changed while it was being written; deciding again",
+                    self.kind.as_str(),
+                    self.name
+                )))
+            }
+            // 422 (schema, CEL), 403 (an admission policy), 400: the change is refused as such.
             Err(kube::Error::Api(e)) if [400, 403, 422].contains(&e.code) => Ok(Err(e.message)),
             Err(e) => Err(e.into()),
         }
@@ -200,6 +214,8 @@ struct Candidate {
     /// Digest of what is replayed: what a reviewer accepts and the target's gate promotes.
     digest: String,
     kind: GatedKind,
+    /// The replay it passes when not the target's own (an Agent's effective gate).
+    replay: Option<ReplaySpec>,
 }
 
 /// The patch applied to the target's spec and checked as the target's controller checks a
@@ -250,6 +266,7 @@ async fn candidate(
                 replayed: value,
                 digest,
                 kind: GatedKind::Policy,
+                replay: None,
             }
         }
         TargetKind::ContextPack => {
@@ -277,6 +294,7 @@ async fn candidate(
                 replayed: value,
                 digest,
                 kind: GatedKind::ContextPack,
+                replay: None,
             }
         }
         TargetKind::Agent => {
@@ -288,17 +306,23 @@ async fn candidate(
                 Ok(p) => p,
                 Err(e) => return invalid(e.to_string()),
             };
-            let composition: Composition =
-                match super::agent::candidate_composition(ctx, namespace, &target.name, &patched.spec).await?
-                {
-                    Ok(c) => c,
-                    Err(problem) => {
-                        return Ok(Err(Invalid::new(
-                            problem.reason,
-                            format!("the patched Agent: {}", problem.message),
-                        )));
-                    }
-                };
+            let (composition, gate): (Composition, _) = match super::agent::candidate_composition(
+                ctx,
+                namespace,
+                &target.name,
+                &patched.spec,
+                &target.agent_gates,
+            )
+            .await?
+            {
+                Ok(found) => found,
+                Err(problem) => {
+                    return Ok(Err(Invalid::new(
+                        problem.reason,
+                        format!("the patched Agent: {}", problem.message),
+                    )));
+                }
+            };
             Candidate {
                 spec: serde_json::to_value(&patched.spec).map_err(build)?,
                 spec_digest: spec_digest(&patched.spec),
@@ -306,6 +330,7 @@ async fn candidate(
                 replayed: serde_json::to_value(&composition).map_err(build)?,
                 digest: composition.digest(),
                 kind: GatedKind::Agent,
+                replay: Some(gate.replay),
             }
         }
     };
@@ -389,7 +414,13 @@ pub async fn reconcile_proposal(proposal: Arc<Proposal>, ctx: Arc<Context>) -> R
         changes: step.changes,
         replay: step.replay,
         intended_divergences: step.intended,
-        reviewers: target.and_then(|t| t.reviewers),
+        // Frozen once decided: the target's gate honours the decision only while these are
+        // still the target's approvers.
+        reviewers: if proposal.spec.decision.is_some() {
+            previous.reviewers.clone()
+        } else {
+            target.and_then(|t| t.reviewers)
+        },
     };
     let status = serde_json::to_value(&status).map_err(|source| Error::Build {
         what: "Proposal status",
@@ -444,42 +475,78 @@ async fn decide(
         .decision
         .as_ref()
         .filter(|d| d.action == DecisionAction::Accept);
-    // Accepted and put on the target: the target's gate takes it from here.
-    if let (Some(decision), Some(applied)) = (accepted, previous.target_digest.as_deref())
-        && target.digest == applied
-    {
-        let promoted = target.promoted.is_some() && target.promoted == previous.candidate;
+    let superseded = |message: String| {
         let mut step = Step::from_previous(
             previous,
-            if promoted {
-                ProposalPhase::Promoted
-            } else {
-                ProposalPhase::Accepted
-            },
-            settled(reason::ACCEPTED, format!("accepted by {}", decision.by)),
+            ProposalPhase::Superseded,
+            settled(reason::SUPERSEDED, message),
         );
         step.others.push(Wanted::new(
-            conditions::ACCEPTED,
-            true,
-            reason::ACCEPTED,
-            format!("accepted by {}; the candidate is on {what}", decision.by),
+            conditions::PROMOTED,
+            false,
+            reason::SUPERSEDED,
+            "the proposal is done; draft a new one",
         ));
-        step.others.push(if promoted {
-            Wanted::new(
-                conditions::PROMOTED,
+        step
+    };
+    if previous.phase == Some(ProposalPhase::Superseded) {
+        return Ok(Step::from_previous(
+            previous,
+            ProposalPhase::Superseded,
+            settled(reason::SUPERSEDED, ready_message(previous)),
+        ));
+    }
+    if let Some(decision) = accepted {
+        // Applied: the target holds the accepted candidate (written by this controller, or the
+        // same spec from Git); its gate takes it from here.
+        let applied = previous.target_digest.as_deref() == Some(target.digest.as_str())
+            && decision.candidate.is_some()
+            && decision.candidate == previous.candidate;
+        if applied {
+            let promoted = target.promoted.is_some() && target.promoted == previous.candidate;
+            let mut step = Step::from_previous(
+                previous,
+                if promoted {
+                    ProposalPhase::Promoted
+                } else {
+                    ProposalPhase::Accepted
+                },
+                settled(reason::ACCEPTED, format!("accepted by {}", decision.by)),
+            );
+            step.others.push(Wanted::new(
+                conditions::ACCEPTED,
                 true,
-                reason::PROMOTED,
-                format!("the candidate is the revision of {what} in force"),
-            )
-        } else {
-            Wanted::new(
-                conditions::PROMOTED,
-                false,
-                reason::REPLAY_PENDING,
-                format!("{what}'s promotion gate decides; see its Promoted condition"),
-            )
-        });
-        return Ok(step);
+                reason::ACCEPTED,
+                format!("accepted by {}; the candidate is on {what}", decision.by),
+            ));
+            step.others.push(if promoted {
+                Wanted::new(
+                    conditions::PROMOTED,
+                    true,
+                    reason::PROMOTED,
+                    format!("the candidate is the revision of {what} in force"),
+                )
+            } else {
+                Wanted::new(
+                    conditions::PROMOTED,
+                    false,
+                    reason::REPLAY_PENDING,
+                    format!("{what}'s promotion gate decides; see its Promoted condition"),
+                )
+            });
+            return Ok(step);
+        }
+        // Applied once already, and the target moved on (another revision, a revert): a
+        // proposal is never applied twice.
+        if matches!(
+            previous.phase,
+            Some(ProposalPhase::Accepted | ProposalPhase::Promoted)
+        ) {
+            return Ok(superseded(format!(
+                "{what} moved on from the accepted candidate (it is at {}): the proposal is done",
+                target.digest
+            )));
+        }
     }
     if target.digest != spec.base_digest {
         let mut step = Step::from_previous(
@@ -516,20 +583,35 @@ async fn decide(
             Some(ExpectedChange {
                 run_id: e.run.clone(),
                 call_id: e.call.clone()?,
+                seq: e.seq,
+                hash: e.hash.clone(),
             })
         })
         .collect();
     let name = proposal.name_any();
+    // Its Jobs are named after this very object (a proposal deleted and created again, or
+    // another whose name starts alike, never reads them).
+    let uid = proposal.metadata.uid.clone().unwrap_or_default();
+    let prefix: String = name.chars().take(30).collect();
+    let jobs_of = format!(
+        "{}-{}",
+        prefix.trim_end_matches(['-', '.']),
+        uid.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(8)
+            .collect::<String>()
+    );
     let gate = GateTarget {
         kind: made.kind,
         name: &target.name,
         namespace,
         digest: &made.digest,
         owner: proposal.controller_owner_ref(&()),
-        proposal: Some(&name),
+        proposal: Some(&jobs_of),
         expected: &expected,
     };
-    let progress = revisions::replay_attempts(ctx, &made.replayed, &gate, &target.replay).await?;
+    let replay = made.replay.as_ref().unwrap_or(&target.replay);
+    let progress = revisions::replay_attempts(ctx, &made.replayed, &gate, replay).await?;
     let mut step = Step {
         phase: ProposalPhase::Replaying,
         ready: Wanted::new(
@@ -644,17 +726,12 @@ async fn decide(
         return Ok(step);
     };
     if decision.candidate.as_deref() != Some(made.digest.as_str()) {
-        step.phase = ProposalPhase::Reviewable;
-        step.ready = settled(
-            reason::AWAITING_DECISION,
-            format!(
-                "accepted by {} for candidate {}, but the candidate is {}: not applied",
-                decision.by,
-                decision.candidate.as_deref().unwrap_or("(none)"),
-                made.digest
-            ),
-        );
-        return Ok(step);
+        return Ok(superseded(format!(
+            "accepted by {} for candidate {}, but the candidate is now {} (what {what} uses changed): not applied; draft it again",
+            decision.by,
+            decision.candidate.as_deref().unwrap_or("(none)"),
+            made.digest
+        )));
     }
     if let Err(refusal) = target.write(ctx, namespace, &made.spec, false).await? {
         step.phase = ProposalPhase::Invalid;
@@ -687,6 +764,15 @@ async fn decide(
     Ok(step)
 }
 
+fn ready_message(status: &ProposalStatus) -> String {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::READY)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
 fn replay_condition(passed: bool, why: &'static str, message: String) -> Wanted {
     Wanted::new(conditions::REPLAY_PASSED, passed, why, message)
 }
@@ -713,9 +799,10 @@ fn approvers_text(approvers: &Approvers) -> String {
         .join(", ")
 }
 
-/// A proposal accepted for exactly `digest` of `kind`/`name` by its reviewers — who must still
-/// be the target's (`reviewers`) — whose replay passed: the target's gate promotes it without
-/// another replay or approval. The proposal's status is the operator's alone to write and its
+/// A proposal accepted for exactly `digest` of `kind`/`name` (whose own spec is at
+/// `target_digest`) by its reviewers — frozen at the decision, and still the target's
+/// (`reviewers`) — whose replay passed, and that was applied and not yet promoted: the target's
+/// gate promotes it without another replay or approval. The proposal's status is the operator's alone to write and its
 /// decision is admitted only from a reviewer, so neither can be forged by a tenant.
 pub(super) struct AcceptedProposal {
     pub why: String,
@@ -728,6 +815,7 @@ pub(super) async fn accepted_for(
     kind: GatedKind,
     name: &str,
     digest: &str,
+    target_digest: &str,
     reviewers: Option<&Approvers>,
 ) -> Result<Option<AcceptedProposal>> {
     let kind = match kind {
@@ -751,6 +839,10 @@ pub(super) async fn accepted_for(
             && decision.action == DecisionAction::Accept
             && decision.candidate.as_deref() == Some(digest)
             && status.candidate.as_deref() == Some(digest)
+            // Applied and not yet promoted: an acceptance counts once, for the spec it put on
+            // the target, never for a later return to it.
+            && status.phase == Some(ProposalPhase::Accepted)
+            && status.target_digest.as_deref() == Some(target_digest)
             && replayed
             && status.reviewers.as_ref() == reviewers)
             .then(|| AcceptedProposal {

@@ -133,6 +133,7 @@ pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -
         ungated: Gated::NO_GATE,
         first_replayed: false,
         reviewers: pack.spec.promotion.as_ref().and_then(|p| p.approvers.clone()),
+        spec_digest: spec_digest(&pack.spec),
         revisions: pack
             .status
             .as_ref()
@@ -216,6 +217,7 @@ pub async fn reconcile_policy(policy: Arc<Policy>, ctx: Arc<Context>) -> Result<
         ungated: Gated::NO_GATE,
         first_replayed: false,
         reviewers: policy.spec.promotion.as_ref().and_then(|p| p.approvers.clone()),
+        spec_digest: spec_digest(&policy.spec),
         revisions: policy
             .status
             .as_ref()
@@ -277,6 +279,8 @@ pub(super) struct Gated<'a> {
     /// Who decides its promotions (admission reads the same): an accepted Proposal counts
     /// only while its reviewers are still these.
     pub reviewers: Option<contextos_crds::common::Approvers>,
+    /// Digest of the object's own spec (an Agent's candidate is its composition's).
+    pub spec_digest: String,
     pub revisions: RevisionStatus,
     pub conditions: Vec<Condition>,
 }
@@ -465,9 +469,16 @@ where
     let namespace = object.meta().namespace.clone().unwrap_or_default();
     let name = object.name_any();
     // A reviewer accepted exactly this candidate in a Proposal, after its own replay passed.
-    if let Some(accepted) =
-        super::proposal::accepted_for(ctx, &namespace, gate.kind, &name, digest, gate.reviewers.as_ref())
-            .await?
+    if let Some(accepted) = super::proposal::accepted_for(
+        ctx,
+        &namespace,
+        gate.kind,
+        &name,
+        digest,
+        &gate.spec_digest,
+        gate.reviewers.as_ref(),
+    )
+    .await?
     {
         return Ok(Verdict {
             summary: accepted.replay,

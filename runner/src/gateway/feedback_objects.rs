@@ -58,6 +58,20 @@ impl ChainedObject for Feedback {
             .get_opt(session)
             .await
         {
+            // A Session made after the Feedback (deleted and created again meanwhile) is not
+            // the one its author corrected.
+            Ok(Some(found))
+                if found.metadata.creation_timestamp.as_ref().map(|t| t.0)
+                    > self.metadata.creation_timestamp.as_ref().map(|t| t.0) =>
+            {
+                return done(refused(
+                    self,
+                    "SessionReplaced",
+                    format!(
+                        "spec.sessionRef: Session {session} was created after this Feedback: it is not the run that was corrected"
+                    ),
+                ));
+            }
             Ok(Some(found)) => match found.status.and_then(|s| s.run_id) {
                 Some(run_id) => run_id,
                 None => {

@@ -255,12 +255,17 @@ fn guard_tool(
     )
 }
 
-/// The condition that holds for every corrected call and for no other recorded call of the
-/// tool: one string or boolean argument with the same value in all corrected calls that no
-/// other call had. None when there is no such argument (the rule then covers every call of
+/// The condition that holds for every corrected call (two at least) and for no other recorded
+/// call of the tool: one string or boolean argument with the same value in all corrected calls
+/// that no other call had. None when there is no such argument (the rule then covers every call of
 /// the tool, and the replay shows what that changes). A value that looks like personal data is
 /// never written into a rule.
 pub fn discriminating_condition(hits: &[&CallSample], others: &[&CallSample]) -> Option<String> {
+    // One corrected call sets nothing apart: any of its values would (a model can add a
+    // one-off argument to every call), so it takes a value shared by two at least.
+    if hits.len() < 2 {
+        return None;
+    }
     let first = hits.first()?;
     let classifier = Classifier::built_in();
     let shared: BTreeMap<&String, &Value> = first

@@ -69,13 +69,11 @@ pub fn apply_policy(spec: &PolicySpec, patch: &PolicyPatch) -> Result<Patched<Po
                 Some(before) => position(&spec, before, "addRule.before")?,
                 None => spec.rules.len(),
             };
+            // The whole rule: what it matches, its condition and approvers are the change.
+            let rule = serde_json::to_string(&add.rule).unwrap_or_default();
             changes.push(match &add.before {
-                Some(before) => format!(
-                    "add rule {} ({}) before {before}",
-                    add.rule.name,
-                    add.rule.effect.as_str()
-                ),
-                None => format!("add rule {} ({}) last", add.rule.name, add.rule.effect.as_str()),
+                Some(before) => format!("add rule {rule} before {before}"),
+                None => format!("add rule {rule} last"),
             });
             spec.rules.insert(index, add.rule.clone());
         } else if let Some(set) = &op.set_effect {

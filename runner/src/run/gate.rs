@@ -17,7 +17,7 @@ use crate::{
     records::{RecordStore, RunFilter, TenantId, canonical::canonical_bytes_of},
     run::{
         bundle::{Candidate, Composition, NamedPack, spec_digest},
-        replay::{Judging, ReplayError, ReplayGate, intended_from, replay_runs},
+        replay::{Judging, ReplayError, ReplayGate, intended_calls, replay_runs},
     },
 };
 
@@ -60,12 +60,50 @@ pub struct GateOrder {
     pub expected: Vec<ExpectedChange>,
 }
 
-/// A recorded call a proposal means to change.
+/// A recorded call a proposal means to change, as its evidence names it: the entry's position
+/// and hash, which the gateway checks against the record before excusing anything.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ExpectedChange {
     pub run_id: String,
     pub call_id: String,
+    pub seq: u64,
+    /// The entry's hash (hex).
+    pub hash: String,
+}
+
+/// The most expected changes one gate takes (a Proposal's evidence is bounded the same).
+pub const MAX_EXPECTED: usize = 64;
+
+/// Why `expected` does not name entries of the tenant's record, if it does not.
+async fn unrecorded<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    expected: &[ExpectedChange],
+) -> Result<Option<String>, ReplayError> {
+    if expected.len() > MAX_EXPECTED {
+        return Ok(Some(format!(
+            "the proposal names {} evidence entries, more than {MAX_EXPECTED}",
+            expected.len()
+        )));
+    }
+    for e in expected {
+        let entries = match crate::records::read::read_stored_from(store, tenant, &e.run_id, e.seq).await {
+            Ok(entries) => entries,
+            Err(crate::records::read::ReadError::Store(error)) => return Err(error.into()),
+            Err(_) => Vec::new(),
+        };
+        let matches = entries.first().is_some_and(|(hash, entry)| {
+            entry.seq == e.seq && hash.to_hex() == e.hash && entry.body.call_id() == Some(e.call_id.as_str())
+        });
+        if !matches {
+            return Ok(Some(format!(
+                "evidence entry {} of run {} (call {}) is not that call's entry in the record; nothing is excused on its word",
+                e.seq, e.run_id, e.call_id
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// Why a candidate is not the one the order names.
@@ -172,6 +210,9 @@ pub async fn run_gate<S: RecordStore>(
         ..RunFilter::default()
     };
     let labels: BTreeMap<String, String> = replay.selector.match_labels.clone();
+    if let Some(why) = unrecorded(store, tenant, &order.expected).await? {
+        return Ok(ReplayGate::refused(&why));
+    }
     let expected: Vec<(String, String)> = order
         .expected
         .iter()
@@ -186,7 +227,7 @@ pub async fn run_gate<S: RecordStore>(
         candidate,
         &Judging {
             max_divergence_percent: f64::from(replay.max_divergence_percent),
-            intended: intended_from(&expected),
+            intended: intended_calls(&expected),
         },
     )
     .await?;

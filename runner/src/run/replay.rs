@@ -262,6 +262,9 @@ pub struct Divergence {
     /// run): shown, not counted against the gate.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub intended: bool,
+    /// The call whose decision changed, for a decision's divergence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
 }
 
 impl Divergence {
@@ -322,6 +325,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             replayed: "does not compile".into(),
             detail: replayed.outcome.clone(),
             intended: false,
+            call_id: None,
         });
     }
     let replayed_calls: HashMap<&str, &CallPoint> =
@@ -336,6 +340,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                 replayed: "not made".into(),
                 detail: "the replayed run ended or went another way before this call".into(),
                 intended: false,
+                call_id: Some(call.call_id.clone()),
             }),
             Some(again) if again.effect != call.effect || (again.tool != call.tool) => {
                 out.push(call_divergence(call, again));
@@ -358,6 +363,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                     replayed: format!("dryRun {shadow}"),
                     detail: "a dryRun policy would decide this call differently; nothing is enforced".into(),
                     intended: false,
+                    call_id: Some(call.call_id.clone()),
                 });
             }
         }
@@ -376,6 +382,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             replayed: call.effect.as_str().into(),
             detail: format!("decided by {}", call.rule),
             intended: false,
+            call_id: Some(call.call_id.clone()),
         });
     }
     let replayed_verdicts: HashMap<u32, &VerdictPoint> =
@@ -391,6 +398,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                 replayed: again.map_or("no step".into(), |v| verdict_name(v.verdict).into()),
                 detail: again.map_or_else(|| "the replayed run ended earlier".into(), |v| v.reason.clone()),
                 intended: false,
+                call_id: None,
             });
         }
     }
@@ -403,6 +411,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             replayed: replayed.outcome.clone(),
             detail: "the run would end differently".into(),
             intended: false,
+            call_id: None,
         });
     }
     out.sort_by(|a, b| a.step.cmp(&b.step).then(a.kind.cmp(&b.kind)));
@@ -428,6 +437,7 @@ fn call_divergence(call: &CallPoint, again: &CallPoint) -> Divergence {
         replayed: format!("{} ({})", again.effect.as_str(), again.rule),
         detail: format!("arguments {}", call.arguments),
         intended: false,
+        call_id: Some(call.call_id.clone()),
     }
 }
 
@@ -615,12 +625,30 @@ fn divergent_steps(divergences: &[Divergence]) -> u32 {
 }
 
 impl RunReplay {
-    /// Marks what a proposal means to change in this run — every divergence from step
-    /// `from_step` on (the first call its evidence names there) and the run's own outcome — as
-    /// intended, and counts the rest.
-    pub fn mark_intended(&mut self, from_step: u32) {
+    /// Marks what a proposal means to change in this run as intended, and counts the rest: if
+    /// the run's first divergence is a changed decision on one of `calls` (the calls its
+    /// evidence names), that divergence and everything after it in the run (the run's own
+    /// outcome included) are the change's consequences; otherwise nothing is excused.
+    pub fn mark_intended(&mut self, calls: &BTreeSet<String>) {
+        let first = self
+            .divergences
+            .iter()
+            .filter(|d| d.counts())
+            .min_by_key(|d| if d.step == 0 { u32::MAX } else { d.step });
+        let Some(first) = first else { return };
+        let decision = matches!(
+            first.kind,
+            DivergenceKind::NewlyDenied
+                | DivergenceKind::NewlyNeedsApproval
+                | DivergenceKind::NewlyAllowed
+                | DivergenceKind::DecisionChanged
+        );
+        if !decision || !first.call_id.as_ref().is_some_and(|c| calls.contains(c)) {
+            return;
+        }
+        let from = first.step;
         for d in &mut self.divergences {
-            if d.kind.counts() && (d.step == 0 || d.step >= from_step) {
+            if d.kind.counts() && (d.step == 0 || d.step >= from) {
                 d.intended = true;
             }
         }
@@ -638,15 +666,11 @@ impl RunReplay {
     }
 }
 
-/// The first step of a proposal's evidence in each run (`run id → step`), from the calls it
-/// names (`<step>.<index>`).
-pub fn intended_from(expected: &[(String, String)]) -> BTreeMap<String, u32> {
-    let mut out: BTreeMap<String, u32> = BTreeMap::new();
+/// The calls a proposal's evidence names, by run.
+pub fn intended_calls(expected: &[(String, String)]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (run, call) in expected {
-        let step = step_of(call).max(1);
-        out.entry(run.clone())
-            .and_modify(|s| *s = (*s).min(step))
-            .or_insert(step);
+        out.entry(run.clone()).or_default().insert(call.clone());
     }
     out
 }
@@ -871,8 +895,8 @@ pub async fn replay_runs<S: RecordStore>(
         }
         match replay_run(store, tenant, &run.run_id, candidate).await {
             Ok(mut replay) => {
-                if let Some(from) = judging.intended.get(&replay.run_id) {
-                    replay.mark_intended(*from);
+                if let Some(calls) = judging.intended.get(&replay.run_id) {
+                    replay.mark_intended(calls);
                 }
                 replays.push(replay);
             }
@@ -890,12 +914,12 @@ pub async fn replay_runs<S: RecordStore>(
 }
 
 /// How replays are judged: the threshold, and what a proposal means to change (see
-/// [`intended_from`]).
+/// [`intended_calls`]).
 #[derive(Clone, Debug, Default)]
 pub struct Judging {
     pub max_divergence_percent: f64,
-    /// Run id → the first step changed on purpose.
-    pub intended: BTreeMap<String, u32>,
+    /// Run id → the calls a proposal's evidence names there.
+    pub intended: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// Whether a recorded run's Session carried every label of `labels`.
@@ -954,9 +978,11 @@ impl ReplayGate {
             .replays
             .iter()
             .flat_map(|r| {
-                // What breaks recorded runs first, then what a proposal means to change.
+                // What breaks recorded runs first, then what a proposal means to change, then
+                // what only reports (a dryRun policy's would-be changes).
                 let mut ordered: Vec<&Divergence> = r.divergences.iter().filter(|d| d.counts()).collect();
                 ordered.extend(r.divergences.iter().filter(|d| d.intended));
+                ordered.extend(r.divergences.iter().filter(|d| !d.kind.counts()));
                 ordered.into_iter().map(move |d| {
                     let tool = d.tool.as_deref().map(|t| format!(" {t}")).unwrap_or_default();
                     let line = format!(
@@ -985,6 +1011,15 @@ impl ReplayGate {
             no_history: false,
             top,
             report: None,
+        }
+    }
+
+    /// A gate that could not judge the candidate as ordered (`why`): it does not pass.
+    pub fn refused(why: &str) -> Self {
+        Self {
+            no_history: false,
+            top: vec![why.chars().take(300).collect()],
+            ..Self::no_history(&[])
         }
     }
 
@@ -1076,6 +1111,53 @@ mod tests {
             replayed: DecisionTrace::default(),
             erased: None,
         }
+    }
+
+    fn divergence(kind: DivergenceKind, step: u32, call: Option<&str>) -> Divergence {
+        Divergence {
+            kind,
+            step,
+            tool: call.map(|_| "restart".into()),
+            recorded: "allow".into(),
+            replayed: "require_approval".into(),
+            detail: String::new(),
+            intended: false,
+            call_id: call.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn only_a_change_that_starts_at_the_named_call_is_excused_and_then_all_of_it() {
+        let calls: BTreeSet<String> = ["2.0".to_owned()].into();
+        let run = |divergences: Vec<Divergence>| {
+            let mut r = replayed("r", 4, 0);
+            r.divergent_steps = divergent_steps(&divergences);
+            r.divergences = divergences;
+            r
+        };
+        // The named call newly needs approval; what follows in the run follows from it.
+        let mut meant = run(vec![
+            divergence(DivergenceKind::NewlyNeedsApproval, 2, Some("2.0")),
+            divergence(DivergenceKind::CallNotReached, 3, Some("3.0")),
+            divergence(DivergenceKind::OutcomeChanged, 0, None),
+        ]);
+        meant.mark_intended(&calls);
+        assert_eq!((meant.divergent_steps, meant.intended_steps()), (0, 3));
+        // An earlier change than the named call is the candidate's own doing: nothing excused.
+        let mut earlier = run(vec![
+            divergence(DivergenceKind::NewlyDenied, 1, Some("1.0")),
+            divergence(DivergenceKind::NewlyNeedsApproval, 2, Some("2.0")),
+        ]);
+        earlier.mark_intended(&calls);
+        assert_eq!((earlier.divergent_steps, earlier.intended_steps()), (2, 0));
+        // A run whose first change is not a decision on the named call: nothing excused.
+        let mut other = run(vec![divergence(DivergenceKind::VerdictChanged, 2, None)]);
+        other.mark_intended(&calls);
+        assert_eq!(other.intended_steps(), 0);
+        // A call the evidence does not name, in the same step: nothing excused.
+        let mut unnamed = run(vec![divergence(DivergenceKind::NewlyDenied, 2, Some("2.1"))]);
+        unnamed.mark_intended(&calls);
+        assert_eq!(unnamed.intended_steps(), 0);
     }
 
     #[test]

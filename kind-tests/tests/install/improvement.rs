@@ -19,13 +19,11 @@ use contextos_crds::{
     session::SessionPhase,
 };
 use contextos_kind_tests::{Check, TestEnv, TestNamespace, env::repo_root, wait_for_object};
-use k8s_openapi::api::{core::v1::Secret, rbac::v1::RoleBinding};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 
-use super::{
-    HMAC_KEY, done_run_id, kubectl, memory::Records, phase, relative, reports, said, write_kustomization,
-};
+use super::{done_run_id, kubectl, memory::Records, phase, relative, reports, said, write_kustomization};
 
 /// The on-call lead who corrects runs and drafts proposals (edit and feedback rights).
 const LEAD: &str = "lee@example.com";
@@ -76,14 +74,7 @@ patches:
             namespace = tenant.name(),
         ),
     )?;
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "ops-tools-webhook", "labels": {"contextos.dev/agent-secret": "true"}},
-        "stringData": {"hmac-key": HMAC_KEY},
-    }))?;
-    tenant
-        .api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await?;
+    super::webhook_secret(tenant).await?;
     kubectl(env, &["apply", "--server-side", "-k"], &dir).await?;
     for (role, subject) in [
         ("contextos-tenant-edit", json!({"kind": "User", "name": LEAD})),

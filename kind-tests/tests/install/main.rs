@@ -182,14 +182,7 @@ patches:
             namespace = tenant.name(),
         ),
     )?;
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "ops-tools-webhook", "labels": {"contextos.dev/agent-secret": "true"}},
-        "stringData": {"hmac-key": HMAC_KEY},
-    }))?;
-    tenant
-        .api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await?;
+    webhook_secret(&tenant).await?;
     kubectl(
         env,
         &["apply", "--server-side", "-k"],
@@ -321,6 +314,19 @@ patches:
     tenant.pass();
     memory::remembered_across_sessions(env, &install, &runner_image).await?;
     improvement::proposals_through_the_gate(env, &install, &runner_image).await
+}
+
+/// The quickstart's tool webhook key, as the tenant's Secret the Agent names.
+async fn webhook_secret(tenant: &TestNamespace) -> Result<()> {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "ops-tools-webhook", "labels": {"contextos.dev/agent-secret": "true"}},
+        "stringData": {"hmac-key": HMAC_KEY},
+    }))?;
+    tenant
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await?;
+    Ok(())
 }
 
 async fn done_run_id(sessions: &Api<Session>, name: &str) -> Result<String> {

@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 
 use contextos_crds::{
     Agent, AgentSpec, ContextPack, ContextPackSpec, Policy, PolicySpec, Proposal,
-    common::{Approvers, ReplaySpec, ReplaySummary},
+    common::{Approvers, PromotionSpec, ReplaySpec, ReplaySummary, RevisionStatus},
     conditions::{self, reason},
     proposal::{DecisionAction, ProposalPhase, ProposalStatus, TargetKind},
 };
@@ -74,35 +74,51 @@ impl Target {
             replay: replay.unwrap_or_default(),
             agent_gates: Vec::new(),
         };
+        // A Policy or ContextPack: its own gate names the reviewers and the replay.
+        let gated = |resource_version,
+                     spec: Value,
+                     digest,
+                     revisions: Option<RevisionStatus>,
+                     promotion: Option<PromotionSpec>| {
+            target(
+                resource_version,
+                spec,
+                digest,
+                revisions.and_then(|r| r.promoted),
+                promotion.as_ref().and_then(|g| g.approvers.clone()),
+                promotion.map(|g| g.replay),
+            )
+        };
         Ok(match kind {
             TargetKind::Policy => Api::<Policy>::namespaced(client, namespace)
                 .get_opt(name)
                 .await?
                 .map(|p| {
-                    let promotion = p.spec.promotion.clone();
-                    target(
-                        p.metadata.resource_version.clone(),
-                        value_of(&p.spec),
-                        spec_digest(&p.spec),
-                        p.status.and_then(|s| s.revisions).and_then(|r| r.promoted),
-                        promotion.as_ref().and_then(|g| g.approvers.clone()),
-                        promotion.map(|g| g.replay),
+                    let (spec, digest) = (value_of(&p.spec), spec_digest(&p.spec));
+                    let revisions = p.status.and_then(|s| s.revisions);
+                    gated(
+                        p.metadata.resource_version,
+                        spec,
+                        digest,
+                        revisions,
+                        p.spec.promotion,
                     )
                 }),
             TargetKind::ContextPack => Api::<ContextPack>::namespaced(client, namespace)
                 .get_opt(name)
                 .await?
                 .map(|p| {
-                    let promotion = p.spec.promotion.clone();
-                    target(
-                        p.metadata.resource_version.clone(),
-                        value_of(&p.spec),
-                        spec_digest(&p.spec),
-                        p.status.and_then(|s| s.revisions).and_then(|r| r.promoted),
-                        promotion.as_ref().and_then(|g| g.approvers.clone()),
-                        promotion.map(|g| g.replay),
+                    let (spec, digest) = (value_of(&p.spec), spec_digest(&p.spec));
+                    let revisions = p.status.and_then(|s| s.revisions);
+                    gated(
+                        p.metadata.resource_version,
+                        spec,
+                        digest,
+                        revisions,
+                        p.spec.promotion,
                     )
                 }),
+            // An Agent: the gate derived from everything it uses names the reviewers.
             TargetKind::Agent => Api::<Agent>::namespaced(client, namespace)
                 .get_opt(name)
                 .await?

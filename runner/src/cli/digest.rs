@@ -13,13 +13,12 @@ use contextos_crds::{
 };
 use contextos_runner::{
     digest::{Digest, Promotion, ProposalLine},
-    insights::{self, Thresholds, open_questions, synthesize},
-    records::{AnyStore, RunFilter, recorder::now_ms},
+    insights::{Thresholds, open_questions, synthesize},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{Api, api::ListParams};
 
-use super::{GlobalArgs, insights::corrections};
+use super::GlobalArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct DigestArgs {
@@ -43,21 +42,7 @@ enum Format {
 
 pub async fn run(global: &GlobalArgs, args: DigestArgs) -> anyhow::Result<ExitCode> {
     let tenant = global.tenant()?;
-    let store = global.open_records(&tenant).await?;
-    let window = super::parse_span("--since", &args.since)?;
-    let since_ms = now_ms().saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX));
-    let key = match &store {
-        AnyStore::Gateway(_) => None,
-        _ => global.verifying_key(None).ok(),
-    };
-    let corrections = corrections(&store, &tenant, key.as_ref());
-    let filter = RunFilter {
-        since_ms: Some(since_ms),
-        ..RunFilter::default()
-    };
-    let gathered = insights::gather(&store, &tenant, &filter, &corrections)
-        .await
-        .with_context(|| format!("reading the records of tenant {tenant}"))?;
+    let (gathered, since_ms) = super::insights::gather_since(global, &tenant, &args.since, None).await?;
     let thresholds = Thresholds::default();
     let mut digest = Digest::new(
         tenant.as_str(),

@@ -15,11 +15,12 @@ use serde_json::json;
 
 use super::{GlobalArgs, format_ms};
 
+/// The window of runs insights are read from, and how much makes an insight.
 #[derive(Debug, clap::Args)]
-pub struct InsightsArgs {
+pub struct Window {
     /// The window: runs started this long ago or later (e.g. 24h, 7d).
     #[arg(long, default_value = "7d")]
-    since: String,
+    pub since: String,
     /// Only this agent's runs.
     #[arg(long)]
     agent: Option<String>,
@@ -29,6 +30,53 @@ pub struct InsightsArgs {
     /// Approvals under a rule before "always granted" or "always refused" counts.
     #[arg(long, default_value_t = 3)]
     min_approvals: u64,
+}
+
+impl Window {
+    pub fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            min_runs: self.min_runs,
+            min_approvals: self.min_approvals,
+        }
+    }
+
+    /// The tenant's runs of the window with their corrections, read as signals.
+    pub async fn gather(&self, global: &GlobalArgs, tenant: &TenantId) -> anyhow::Result<(Gathered, i64)> {
+        gather_since(global, tenant, &self.since, self.agent.clone()).await
+    }
+}
+
+/// The runs of `tenant` started within `since` (of `agent`, if named), with people's
+/// corrections of them, read as signals; and the window's start (ms).
+pub async fn gather_since(
+    global: &GlobalArgs,
+    tenant: &TenantId,
+    since: &str,
+    agent: Option<String>,
+) -> anyhow::Result<(Gathered, i64)> {
+    let store = global.open_records(tenant).await?;
+    let window = super::parse_span("--since", since)?;
+    let since_ms = now_ms().saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX));
+    let filter = RunFilter {
+        agent,
+        since_ms: Some(since_ms),
+        ..RunFilter::default()
+    };
+    let key = match &store {
+        AnyStore::Gateway(_) => None,
+        _ => global.verifying_key(None).ok(),
+    };
+    let corrections = corrections(&store, tenant, key.as_ref());
+    let gathered = insights::gather(&store, tenant, &filter, &corrections)
+        .await
+        .with_context(|| format!("reading the records of tenant {tenant}"))?;
+    Ok((gathered, since_ms))
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InsightsArgs {
+    #[command(flatten)]
+    window: Window,
     /// text (default) or json (the signals too).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -42,30 +90,16 @@ enum Format {
 
 pub async fn run(global: &GlobalArgs, args: InsightsArgs) -> anyhow::Result<ExitCode> {
     let tenant = global.tenant()?;
-    let store = global.open_records(&tenant).await?;
-    let window = super::parse_span("--since", &args.since)?;
-    let since_ms = now_ms().saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX));
-    let filter = RunFilter {
-        agent: args.agent.clone(),
-        since_ms: Some(since_ms),
-        ..RunFilter::default()
-    };
-    let key = match &store {
-        AnyStore::Gateway(_) => None,
-        _ => global.verifying_key(None).ok(),
-    };
-    let corrections = corrections(&store, &tenant, key.as_ref());
-    let gathered = insights::gather(&store, &tenant, &filter, &corrections)
-        .await
-        .with_context(|| format!("reading the records of tenant {tenant}"))?;
-    let thresholds = Thresholds {
-        min_runs: args.min_runs,
-        min_approvals: args.min_approvals,
-    };
+    let (gathered, since_ms) = args.window.gather(global, &tenant).await?;
+    let thresholds = args.window.thresholds();
     let found = synthesize(&gathered.signals, thresholds);
     let questions = open_questions(&gathered.signals, thresholds);
     match args.format {
-        Format::Text => print!("{}{}", text(&gathered, &found, &args.since), research(&questions)),
+        Format::Text => print!(
+            "{}{}",
+            text(&gathered, &found, &args.window.since),
+            research(&questions)
+        ),
         Format::Json => println!(
             "{}",
             serde_json::to_string_pretty(&json!({

@@ -7,12 +7,10 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use super::{GlobalArgs, insights::corrections, targets::Specs};
-use anyhow::Context as _;
+use super::{GlobalArgs, insights::Window, targets::Specs};
 use contextos_runner::{
-    insights::{self, Insight, Thresholds, open_questions, signals::CallSample, synthesize},
+    insights::{self, Insight, open_questions, signals::CallSample, synthesize},
     proposals::{Compiled, compile},
-    records::{RunFilter, recorder::now_ms},
 };
 
 #[derive(Debug, clap::Args)]
@@ -21,43 +19,15 @@ pub struct ProposeArgs {
     /// about (a GitOps checkout). Default: the live cluster of the current kubeconfig, in the
     /// tenant's namespace.
     paths: Vec<PathBuf>,
-    /// The window: runs started this long ago or later (e.g. 24h, 7d).
-    #[arg(long, default_value = "7d")]
-    since: String,
-    /// Only this agent's runs.
-    #[arg(long)]
-    agent: Option<String>,
-    /// Runs a pattern must be seen in to be an insight.
-    #[arg(long, default_value_t = 2)]
-    min_runs: u64,
-    /// Approvals under a rule before "always granted" or "always refused" counts.
-    #[arg(long, default_value_t = 3)]
-    min_approvals: u64,
+    #[command(flatten)]
+    window: Window,
 }
 
 pub async fn run(global: &GlobalArgs, args: ProposeArgs) -> anyhow::Result<ExitCode> {
     let tenant = global.tenant()?;
     let specs = Specs::read(&args.paths, &tenant).await?;
-    let store = global.open_records(&tenant).await?;
-    let window = super::parse_span("--since", &args.since)?;
-    let since_ms = now_ms().saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX));
-    let filter = RunFilter {
-        agent: args.agent.clone(),
-        since_ms: Some(since_ms),
-        ..RunFilter::default()
-    };
-    let key = match &store {
-        contextos_runner::records::AnyStore::Gateway(_) => None,
-        _ => global.verifying_key(None).ok(),
-    };
-    let corrections = corrections(&store, &tenant, key.as_ref());
-    let gathered = insights::gather(&store, &tenant, &filter, &corrections)
-        .await
-        .with_context(|| format!("reading the records of tenant {tenant}"))?;
-    let thresholds = Thresholds {
-        min_runs: args.min_runs,
-        min_approvals: args.min_approvals,
-    };
+    let (gathered, _) = args.window.gather(global, &tenant).await?;
+    let thresholds = args.window.thresholds();
     let mut drafted = 0;
     for insight in synthesize(&gathered.signals, thresholds) {
         let compiled = match specs.world(&insight.agent) {
@@ -89,7 +59,7 @@ pub async fn run(global: &GlobalArgs, args: ProposeArgs) -> anyhow::Result<ExitC
     );
     eprintln!(
         "{drafted} proposal(s) from {} run(s) of tenant {tenant} in the last {}",
-        gathered.runs, args.since
+        gathered.runs, args.window.since
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -93,4 +93,4 @@ pub async fn gather<S: RecordStore>(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

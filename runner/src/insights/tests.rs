@@ -64,6 +64,12 @@ fn failed(reason: &str) -> EntryBody {
 }
 
 fn run(id: &str, at: i64, bodies: Vec<EntryBody>) -> RunEntries {
+    run_of("sre", id, at, bodies)
+}
+
+/// A run of `agent` as read from the store: `bodies` at positions 0, 1, …, each with a hash of
+/// its own.
+pub(crate) fn run_of(agent: &str, id: &str, at: i64, bodies: Vec<EntryBody>) -> RunEntries {
     let entries = bodies
         .into_iter()
         .enumerate()
@@ -81,7 +87,7 @@ fn run(id: &str, at: i64, bodies: Vec<EntryBody>) -> RunEntries {
         .collect();
     RunEntries {
         run_id: id.into(),
-        agent: "sre".into(),
+        agent: agent.into(),
         started_at_ms: at,
         entries,
     }

@@ -120,16 +120,7 @@ pub fn compile(insight: &Insight, world: &World<'_>, samples: &[CallSample]) -> 
                     ..PolicyOperation::default()
                 }],
             };
-            draft(
-                insight,
-                TargetKind::Policy,
-                policy,
-                spec_digest(spec),
-                ProposalPatch {
-                    policy: Some(patch),
-                    ..ProposalPatch::default()
-                },
-            )
+            policy_draft(insight, policy, spec, patch)
         }
         InsightKind::SourceCut => {
             let (pack, spec) = world.pack;
@@ -150,16 +141,7 @@ pub fn compile(insight: &Insight, world: &World<'_>, samples: &[CallSample]) -> 
                     ..ContextPackOperation::default()
                 }],
             };
-            draft(
-                insight,
-                TargetKind::ContextPack,
-                pack,
-                spec_digest(spec),
-                ProposalPatch {
-                    context_pack: Some(patch),
-                    ..ProposalPatch::default()
-                },
-            )
+            pack_draft(insight, pack, spec, patch)
         }
         InsightKind::RecurringFailure | InsightKind::Pressure => {
             open("a budget or a loop limit is autotune's to measure: contextos autotune")
@@ -243,16 +225,7 @@ fn guard_tool(
             ..PolicyOperation::default()
         }],
     };
-    draft(
-        insight,
-        TargetKind::Policy,
-        policy,
-        spec_digest(spec),
-        ProposalPatch {
-            policy: Some(patch),
-            ..ProposalPatch::default()
-        },
-    )
+    policy_draft(insight, policy, spec, patch)
 }
 
 /// The condition that holds for every corrected call (two at least) and for no other recorded
@@ -367,16 +340,7 @@ fn set_rule_effect(insight: &Insight, world: &World<'_>, effect: PolicyEffect) -
             ..PolicyOperation::default()
         }],
     };
-    draft(
-        insight,
-        TargetKind::Policy,
-        policy,
-        spec_digest(spec),
-        ProposalPatch {
-            policy: Some(patch),
-            ..ProposalPatch::default()
-        },
-    )
+    policy_draft(insight, policy, spec, patch)
 }
 
 /// A paragraph added to the agent's ContextPack instructions.
@@ -388,16 +352,25 @@ fn amend(insight: &Insight, world: &World<'_>, text: String) -> Compiled {
             ..ContextPackOperation::default()
         }],
     };
-    draft(
-        insight,
-        TargetKind::ContextPack,
-        pack,
-        spec_digest(spec),
-        ProposalPatch {
-            context_pack: Some(patch),
-            ..ProposalPatch::default()
-        },
-    )
+    pack_draft(insight, pack, spec, patch)
+}
+
+/// A draft of `patch` to Policy `name` (now at `spec`).
+fn policy_draft(insight: &Insight, name: &str, spec: &PolicySpec, patch: PolicyPatch) -> Compiled {
+    let patch = ProposalPatch {
+        policy: Some(patch),
+        ..ProposalPatch::default()
+    };
+    draft(insight, TargetKind::Policy, name, spec_digest(spec), patch)
+}
+
+/// A draft of `patch` to ContextPack `name` (now at `spec`).
+fn pack_draft(insight: &Insight, name: &str, spec: &ContextPackSpec, patch: ContextPackPatch) -> Compiled {
+    let patch = ProposalPatch {
+        context_pack: Some(patch),
+        ..ProposalPatch::default()
+    };
+    draft(insight, TargetKind::ContextPack, name, spec_digest(spec), patch)
 }
 
 fn draft(

@@ -19,7 +19,7 @@ use crate::{
         synthesize,
     },
     records::{
-        EntryBody, Hash, RecordEntry,
+        EntryBody,
         entry::{PolicyDecisionRecord, ToolCallRecord},
     },
     run::bundle::spec_digest,
@@ -76,27 +76,7 @@ fn call(id: &str, tool: &str, args: Value, rule: &str, effect: PolicyEffect) -> 
 }
 
 fn run(id: &str, at: i64, bodies: Vec<EntryBody>) -> RunEntries {
-    let entries = bodies
-        .into_iter()
-        .enumerate()
-        .map(|(seq, body)| {
-            let entry = RecordEntry {
-                run_id: id.into(),
-                seq: seq as u64,
-                prev: None,
-                at_ms: at,
-                body,
-                vaulted: None,
-            };
-            (Hash::of(format!("{id}/{seq}").as_bytes()), entry)
-        })
-        .collect();
-    RunEntries {
-        run_id: id.into(),
-        agent: "oncall-assistant".into(),
-        started_at_ms: at,
-        entries,
-    }
+    crate::insights::tests::run_of("oncall-assistant", id, at, bodies)
 }
 
 /// A correction of the call at entry `seq` of `run`.

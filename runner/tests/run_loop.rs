@@ -656,3 +656,99 @@ fn the_digest_says_what_the_agents_did_in_text_json_and_one_html_page() {
         "self-contained"
     );
 }
+
+#[test]
+fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
+    // The quickstart, with a model that reads its instructions: told to act fast, it restarts
+    // first and answers.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(Quickstart::examples()).expect("examples") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let configmaps = dir.path().join("configmaps.yaml");
+    let text = std::fs::read_to_string(&configmaps).expect("configmaps");
+    let variant = r#"      "variants": [{"whenContextContains": "Act fast", "turns": [
+        {"content": "Restarting right away.",
+         "toolCalls": [{"tool": "restart_deployment", "arguments": {"namespace": "shop", "deployment": "checkout-api"}}]},
+        {"content": "{\"summary\": \"checkout-api restarted at once; diagnosis to follow.\", \"actions\": [\"restart_deployment\"], \"resolved\": true}"}
+      ]}],
+      "turns": ["#;
+    let text = text.replacen(r#""turns": ["#, variant, 1);
+    std::fs::write(&configmaps, text).expect("write");
+    let q = Quickstart::with_files(&[], dir.path().to_owned());
+    q.drive(None);
+    let pack = std::fs::read_to_string(dir.path().join("contextpack.yaml")).expect("pack");
+    assert!(pack.contains("Diagnose before you act"));
+    let hasty = dir.path().join("hasty-pack.yaml");
+    std::fs::write(
+        &hasty,
+        pack.replace("Diagnose before you act", "Act fast; diagnose later"),
+    )
+    .expect("write");
+    let hasty = hasty.to_str().expect("utf-8");
+
+    // Playing the recorded turns again: the decisions are the same, whatever the pack says.
+    let played = q.cli(&["replay", "--session", "checkout-5xx", "--candidate", hasty]);
+    assert_eq!(played.code, Some(0), "{}\n{}", played.stdout, played.stderr);
+    assert!(played.stdout.contains("→ PASS"), "{}", played.stdout);
+
+    // Asking the model again with the candidate's context: it restarts first, which needs an
+    // approval the recorded run gave another call; the gate fails, and says what it cost.
+    let asked = q.cli(&[
+        "replay",
+        "--session",
+        "checkout-5xx",
+        "--candidate",
+        hasty,
+        "--reexecute",
+        "--samples",
+        "2",
+    ]);
+    assert_eq!(asked.code, Some(3), "{}\n{}", asked.stdout, asked.stderr);
+    assert!(
+        asked.stdout.contains("re-executed 2 time(s): 2 diverged"),
+        "{}",
+        asked.stdout
+    );
+    assert!(asked.stdout.contains("→ FAIL"), "{}", asked.stdout);
+    assert!(
+        asked
+            .stdout
+            .contains("step 1 search_runbooks: a different call — recorded search_runbooks allow"),
+        "the diagnosis the recorded run began with is skipped for a restart:\n{}",
+        asked.stdout
+    );
+    assert!(
+        asked.stdout.contains("→ replayed restart_deployment"),
+        "{}",
+        asked.stdout
+    );
+    let tokens: u64 = asked
+        .stdout
+        .split(" model token(s)")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(tokens > 0, "the cost is reported:\n{}", asked.stdout);
+
+    // The pack as it is, re-executed: the model makes the recorded decisions again.
+    let same = q.cli(&[
+        "replay",
+        "--session",
+        "checkout-5xx",
+        "--reexecute",
+        "--samples",
+        "2",
+    ]);
+    assert_eq!(same.code, Some(0), "{}\n{}", same.stdout, same.stderr);
+    assert!(
+        same.stdout
+            .contains("re-executed 2 time(s): 0 diverged; 0 call(s)"),
+        "{}",
+        same.stdout
+    );
+}

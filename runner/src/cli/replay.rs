@@ -11,7 +11,7 @@ use contextos_runner::{
     run::{
         bundle::Candidate,
         gate::{GATE_PATH, SignedGateVerdict},
-        replay::{Judging, ReplayGate, ReplaySummary, replay_run, replay_runs},
+        replay::{Judging, Reexecution, ReplayGate, ReplaySummary, replay_run_as, replay_runs},
     },
 };
 
@@ -55,6 +55,17 @@ pub struct ReplayArgs {
     /// Fail (exit 3) when more than this percentage of replayed steps diverge.
     #[arg(long, default_value_t = 0.0)]
     max_divergence_percent: f64,
+    /// Re-execute: ask the Agent's model again with the candidate's context instead of playing
+    /// the recorded turns (what judges a changed ContextPack). Calls the recorded run made are
+    /// answered from the record; any other call is refused and reported, never executed.
+    #[arg(long)]
+    reexecute: bool,
+    /// With --reexecute: times each run is re-executed (to bound the model's nondeterminism).
+    #[arg(long, default_value_t = 3, requires = "reexecute")]
+    samples: u32,
+    /// With --reexecute: a model key as `<secret>/<key>=VALUE` (`=@file` reads a file).
+    #[arg(long = "secret", value_name = "SECRET/KEY=VALUE", requires = "reexecute")]
+    secrets: Vec<String>,
     /// Report format on stdout.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -120,8 +131,15 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
     let tenant = global.tenant()?;
     let store = global.open_store().await?;
     let candidate = candidate(&args.candidates)?;
+    let reexecution = match args.reexecute {
+        true => Some(Reexecution {
+            samples: args.samples.clamp(1, 20),
+            secrets: super::run::secret_values(&args.secrets)?,
+        }),
+        false => None,
+    };
     let summary = if let Some(run_id) = &args.run {
-        let replay = replay_run(&store, &tenant, run_id, &candidate).await?;
+        let replay = replay_run_as(&store, &tenant, run_id, &candidate, reexecution.as_ref()).await?;
         ReplaySummary::new(vec![replay], Vec::new(), args.max_divergence_percent)
     } else {
         let since_ms = match &args.since {
@@ -147,6 +165,7 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
             &candidate,
             &Judging {
                 max_divergence_percent: args.max_divergence_percent,
+                reexecution,
                 ..Judging::default()
             },
         )

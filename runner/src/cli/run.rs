@@ -285,7 +285,14 @@ pub(super) fn model_of(bundle: &RunBundle, secrets: &BTreeMap<String, String>) -
 
 fn secrets(set: &ManifestSet, access: &ToolAccess) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = set.secrets()?;
-    for item in &access.secrets {
+    out.extend(secret_values(&access.secrets)?);
+    Ok(out)
+}
+
+/// `--secret <secret>/<key>=VALUE` (or `=@file`) arguments, by `<secret>/<key>`.
+pub(super) fn secret_values(items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for item in items {
         let (id, value) = item
             .split_once('=')
             .with_context(|| format!("--secret {item:?}: expected SECRET/KEY=VALUE"))?;

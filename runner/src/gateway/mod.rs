@@ -21,6 +21,9 @@ pub mod run_log;
 pub mod service;
 pub mod tenancy;
 
+/// What a re-executed run is told of a call its recorded run never made: it is not executed.
+pub const UNRECORDED_CALL: &str = "re-execution: the recorded run never made this call, so it is not executed; only recorded calls are answered";
+
 use std::{
     collections::HashMap,
     sync::Mutex,
@@ -152,6 +155,9 @@ pub struct ToolGateway {
     approvals: ApprovalBook,
     /// Results by idempotency key: a resubmitted call returns its first result.
     completed: Mutex<HashMap<String, ToolResultRecord>>,
+    /// A re-execution's recorded results by what was called (tool and arguments), wherever
+    /// in the run it was: a re-executed model may make the same call at another step.
+    by_content: Option<Mutex<HashMap<String, ToolResultRecord>>>,
     /// Calls read from records, by (run, call id): idempotency key, tool, risk (a result may be
     /// read in a later slice of a record than its request).
     calls: Mutex<HashMap<(String, String), RequestedCall>>,
@@ -214,6 +220,7 @@ impl ToolGateway {
             breakers: CircuitBreakers::new(5, Duration::from_secs(30)),
             approvals: ApprovalBook::default(),
             completed: Mutex::new(HashMap::new()),
+            by_content: None,
             calls: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
             offline: false,
@@ -312,23 +319,49 @@ impl ToolGateway {
         self
     }
 
+    /// Offline, answering a call from the record when the same call (tool and arguments) was
+    /// recorded anywhere in the run — for re-executing a run with a model asked again. Any
+    /// other call is answered as not executed, and never is.
+    pub fn answering_recorded_calls(mut self) -> Self {
+        self.offline = true;
+        self.by_content = Some(Mutex::new(HashMap::new()));
+        self
+    }
+
+    /// What identifies a call's content: its tool and canonical arguments.
+    fn content_key(tool: &str, arguments: &Value) -> String {
+        format!(
+            "{tool}\u{0}{}",
+            String::from_utf8_lossy(
+                &crate::records::canonical::canonical_bytes_of(arguments).unwrap_or_default()
+            )
+        )
+    }
+
     /// Loads the results a recorded run got, by idempotency key, without the budget counters
     /// or used approvals (a replay recounts those itself).
     pub fn preload_results(&self, entries: &[crate::records::RecordEntry]) {
-        let mut keys: HashMap<&str, &str> = HashMap::new();
+        let mut keys: HashMap<&str, (&str, String)> = HashMap::new();
         let Ok(mut completed) = self.completed.lock() else {
             return;
         };
+        let mut by_content = self.by_content.as_ref().and_then(|m| m.lock().ok());
         for entry in entries {
             match &entry.body {
                 EntryBody::ToolCallRequested(call) => {
-                    keys.insert(&call.call_id, &call.idempotency_key);
+                    let content = Self::content_key(&call.tool, &call.arguments);
+                    keys.insert(&call.call_id, (&call.idempotency_key, content));
                 }
                 EntryBody::ToolResult(result) => {
-                    if let Some(key) = keys.get(result.call_id.as_str()) {
+                    if let Some((key, content)) = keys.get(result.call_id.as_str()) {
                         completed
                             .entry((*key).to_owned())
                             .or_insert_with(|| result.clone());
+                        if let Some(by_content) = by_content.as_mut() {
+                            by_content
+                                .entry(content.clone())
+                                .or_insert_with(|| result.clone());
+                        }
                     }
                 }
                 _ => {}
@@ -1020,7 +1053,13 @@ impl ToolGateway {
         call: &CallEnvelope,
         recorder: &mut Recorder<'_, S>,
     ) -> ToolResultRecord {
-        let result = match self.completed_result(&call.idempotency_key) {
+        let same_call = || {
+            let by_content = self.by_content.as_ref()?.lock().ok()?;
+            by_content
+                .get(&Self::content_key(&call.tool, &call.arguments))
+                .cloned()
+        };
+        let result = match self.completed_result(&call.idempotency_key).or_else(same_call) {
             Some(done) => ToolResultRecord {
                 call_id: call.call_id.clone(),
                 ..done
@@ -1036,9 +1075,11 @@ impl ToolGateway {
             call_id: call.call_id.clone(),
             ok: false,
             output: Value::Null,
-            error: Some(
-                "replay: the original run has no result for this call (it was not executed then)".into(),
-            ),
+            error: Some(if self.by_content.is_some() {
+                UNRECORDED_CALL.into()
+            } else {
+                "replay: the original run has no result for this call (it was not executed then)".into()
+            }),
             attempts: 0,
             truncated: false,
         }

@@ -11,6 +11,20 @@ use super::{ModelError, ModelRequest, ModelTurn, Role, ToolCallRequest};
 #[derive(Clone, Debug, Deserialize)]
 pub struct Script {
     pub turns: Vec<ScriptTurn>,
+    /// Other turns, played when the context the model is given says something: the first
+    /// variant whose `whenContextContains` is in the system messages plays instead of `turns`.
+    /// A deterministic stand-in for a model that reads its instructions (re-execution replay
+    /// of a changed ContextPack is tested with it).
+    #[serde(default)]
+    pub variants: Vec<ScriptVariant>,
+}
+
+/// Turns played when the context holds a text.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScriptVariant {
+    pub when_context_contains: String,
+    pub turns: Vec<ScriptTurn>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -49,6 +63,16 @@ impl ScriptedModel {
                 detail: "it has no turns".into(),
             });
         }
+        if let Some(i) = script
+            .variants
+            .iter()
+            .position(|v| v.turns.is_empty() || v.when_context_contains.trim().is_empty())
+        {
+            return Err(ModelError::BadScript {
+                script: name.into(),
+                detail: format!("variants[{i}] needs whenContextContains and turns"),
+            });
+        }
         Ok(Self {
             name: name.into(),
             script,
@@ -62,15 +86,23 @@ impl ScriptedModel {
             .iter()
             .filter(|m| m.role == Role::Assistant)
             .count();
-        let scripted = self
+        let context: String = request
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::System)
+            .map(|m| m.content.as_str())
+            .collect();
+        let turns = self
             .script
-            .turns
-            .get(turn)
-            .ok_or_else(|| ModelError::ScriptExhausted {
-                script: self.name.clone(),
-                turn,
-                available: self.script.turns.len(),
-            })?;
+            .variants
+            .iter()
+            .find(|v| context.contains(&v.when_context_contains))
+            .map_or(&self.script.turns, |v| &v.turns);
+        let scripted = turns.get(turn).ok_or_else(|| ModelError::ScriptExhausted {
+            script: self.name.clone(),
+            turn,
+            available: turns.len(),
+        })?;
         let tool_calls = scripted
             .tool_calls
             .iter()
@@ -144,6 +176,32 @@ mod tests {
             model.complete(&request),
             Err(ModelError::ScriptExhausted { .. })
         ));
+    }
+
+    #[test]
+    fn a_variant_plays_when_the_context_says_what_it_waits_for() {
+        let model = ScriptedModel::parse(
+            "s",
+            r#"{"turns": [{"content": "careful"}],
+                "variants": [{"whenContextContains": "Act fast", "turns": [{"content": "hasty"}]}]}"#,
+        )
+        .expect("parses");
+        let request = |system: &str| ModelRequest {
+            model: "m".into(),
+            messages: vec![Message::new(Role::System, system), Message::new(Role::User, "go")],
+            tools: vec![],
+            max_output_tokens: None,
+        };
+        let said = |system: &str| model.complete(&request(system)).expect("a turn").content;
+        assert_eq!(said("Diagnose before you act."), "careful");
+        assert_eq!(said("Act fast; diagnose later."), "hasty");
+        assert!(
+            ScriptedModel::parse(
+                "s",
+                r#"{"turns": [{}], "variants": [{"whenContextContains": "x", "turns": []}]}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -228,6 +228,7 @@ pub async fn run_gate<S: RecordStore>(
         &Judging {
             max_divergence_percent: f64::from(replay.max_divergence_percent),
             intended: intended_calls(&expected),
+            reexecution: None,
         },
     )
     .await?;

@@ -233,6 +233,9 @@ pub enum DivergenceKind {
     ContextNoLongerFits,
     CallNotReached,
     NewCall,
+    /// Another call (another tool) where the recorded run made this one (a re-executed model
+    /// chose differently).
+    CallChanged,
     VerdictChanged,
     OutcomeChanged,
     /// A dryRun policy would decide a call differently than what was enforced (a report; it
@@ -311,6 +314,9 @@ pub struct RunReplay {
     /// values as erased, so what it finds says nothing of the candidate and is not counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub erased: Option<crate::consent::SubjectHandle>,
+    /// When re-executed: what the samples found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reexecution: Option<ReexecutionReport>,
 }
 
 /// Compares a recorded trace with its replay (pure).
@@ -419,6 +425,18 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
 }
 
 fn call_divergence(call: &CallPoint, again: &CallPoint) -> Divergence {
+    if again.tool != call.tool {
+        return Divergence {
+            kind: DivergenceKind::CallChanged,
+            step: call.step,
+            tool: Some(call.tool.clone()),
+            recorded: format!("{} {} ({})", call.tool, call.effect.as_str(), call.rule),
+            replayed: format!("{} {} ({})", again.tool, again.effect.as_str(), again.rule),
+            detail: format!("arguments {}", again.arguments),
+            intended: false,
+            call_id: Some(call.call_id.clone()),
+        };
+    }
     let kind = if again.rule.contains("budget.") && !call.rule.contains("budget.") {
         DivergenceKind::BudgetOverrun
     } else {
@@ -460,6 +478,42 @@ pub async fn replay_run<S: RecordStore>(
     run_id: &str,
     candidate: &Candidate,
 ) -> Result<RunReplay, ReplayError> {
+    replay_run_as(store, tenant, run_id, candidate, None).await
+}
+
+/// Re-executing recorded runs: the model is asked again, `samples` times, with the
+/// candidate's context; a call is answered from the record when the recorded run made the same
+/// call (tool and arguments) anywhere, and is never executed otherwise.
+#[derive(Clone, Debug, Default)]
+pub struct Reexecution {
+    pub samples: u32,
+    /// Model keys by `<secret>/<key>`, for a model that needs one.
+    pub secrets: BTreeMap<String, String>,
+}
+
+/// What re-executing a run found over its samples.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReexecutionReport {
+    pub samples: u32,
+    /// Samples whose decisions, verdicts or outcome differed from the record.
+    pub diverged_samples: u32,
+    /// Calls the model made that the recorded run never made (refused, not executed), over all
+    /// samples.
+    pub unrecorded_calls: u32,
+    /// Model tokens the samples used (the cost of the gate).
+    pub tokens: u64,
+}
+
+/// [`replay_run`], or re-executing the run when `reexecute` says so (the sample that diverged
+/// most is the one reported).
+pub async fn replay_run_as<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    run_id: &str,
+    candidate: &Candidate,
+    reexecute: Option<&Reexecution>,
+) -> Result<RunReplay, ReplayError> {
     let entries: Vec<RecordEntry> = read_run(store, tenant, run_id)
         .await?
         .into_iter()
@@ -486,27 +540,30 @@ pub async fn replay_run<S: RecordStore>(
             run_id: run_id.to_owned(),
             source,
         })?;
-    // An ephemeral key: the replayed record lives only in memory.
-    let key = KeyPair::generate().map_err(|e| ReplayError::Unreadable {
-        run_id: run_id.to_owned(),
-        problem: format!("no signing key for the replay: {e}"),
-    })?;
-    let gateway = bundle
-        .gateway_bundle(BTreeMap::new())
-        .build_offline(key.public())
-        .map_err(|problem| ReplayError::BadCandidate {
-            run_id: run_id.to_owned(),
-            problem,
-        })?;
-    gateway.preload_results(&entries);
-    let model = Model::Replay(ReplayModel::from_entries(run_id, &entries)?);
-    let scratch = ScratchStore::new();
-    let harness = Harness::new(&scratch, key, bundle, gateway, model)?.replaying(original.mode(&entries));
-    let trace_id = original.run_context.context.trace_id.clone();
-    let report = harness.start(run_id, &trace_id, &mut |_| {}).await?;
     let mut recorded = DecisionTrace::of(&entries);
-    let mut replayed = DecisionTrace::of_bodies(&report.replayed);
-    let mut divergences = compare(&recorded, &replayed);
+    let samples = reexecute.map_or(1, |r| r.samples.max(1));
+    let mut worst: Option<(DecisionTrace, Vec<Divergence>)> = None;
+    let mut reexecution = ReexecutionReport {
+        samples,
+        ..ReexecutionReport::default()
+    };
+    for _ in 0..samples {
+        let (replayed, tokens, unrecorded) =
+            run_once(&original, bundle.clone(), run_id, &entries, reexecute).await?;
+        let divergences = compare(&recorded, &replayed);
+        reexecution.tokens = reexecution.tokens.saturating_add(tokens);
+        reexecution.unrecorded_calls += unrecorded;
+        if divergences.iter().any(Divergence::counts) {
+            reexecution.diverged_samples += 1;
+        }
+        let worse = worst
+            .as_ref()
+            .is_none_or(|(_, w)| divergent_steps(&divergences) > divergent_steps(w));
+        if worse {
+            worst = Some((replayed, divergences));
+        }
+    }
+    let (mut replayed, mut divergences) = worst.unwrap_or_default();
     let identical = recorded.bytes() == replayed.bytes();
     // Judged on everything; reported without what the run saw and said of its subject.
     if entries.first().is_some_and(|e| e.vaulted.is_some()) {
@@ -537,7 +594,60 @@ pub async fn replay_run<S: RecordStore>(
         recorded,
         replayed,
         erased,
+        reexecution: reexecute.map(|_| reexecution),
     })
+}
+
+/// One pass over a recorded run: its model turns played again, or (re-executing) its model
+/// asked again; the decisions it made, the model tokens it used and the calls it made that the
+/// recorded run never made (answered as not executed).
+async fn run_once(
+    original: &RecordedRun,
+    bundle: RunBundle,
+    run_id: &str,
+    entries: &[RecordEntry],
+    reexecute: Option<&Reexecution>,
+) -> Result<(DecisionTrace, u64, u32), ReplayError> {
+    // An ephemeral key: the replayed record lives only in memory.
+    let key = KeyPair::generate().map_err(|e| ReplayError::Unreadable {
+        run_id: run_id.to_owned(),
+        problem: format!("no signing key for the replay: {e}"),
+    })?;
+    let bad = |problem: String| ReplayError::BadCandidate {
+        run_id: run_id.to_owned(),
+        problem,
+    };
+    let gateway = bundle
+        .gateway_bundle(BTreeMap::new())
+        .build_offline(key.public())
+        .map_err(bad)?;
+    let (gateway, model) = match reexecute {
+        None => (
+            gateway,
+            Model::Replay(ReplayModel::from_entries(run_id, entries)?),
+        ),
+        Some(r) => (
+            gateway.answering_recorded_calls(),
+            Model::for_bundle(&bundle, &r.secrets).map_err(bad)?,
+        ),
+    };
+    gateway.preload_results(entries);
+    let scratch = ScratchStore::new();
+    let harness = Harness::new(&scratch, key, bundle, gateway, model)?.replaying(original.mode(entries));
+    let trace_id = original.run_context.context.trace_id.clone();
+    let report = harness.start(run_id, &trace_id, &mut |_| {}).await?;
+    let unrecorded = report
+        .replayed
+        .iter()
+        .filter(|b| {
+            matches!(b, EntryBody::ToolResult(r) if r.error.as_deref() == Some(crate::gateway::UNRECORDED_CALL))
+        })
+        .count() as u32;
+    Ok((
+        DecisionTrace::of_bodies(&report.replayed),
+        report.usage.tokens,
+        unrecorded,
+    ))
 }
 
 fn short(digest: &str) -> &str {
@@ -796,6 +906,12 @@ impl ReplaySummary {
             if let Some(change) = &replay.context_change {
                 out.push_str(&format!("  {change}\n"));
             }
+            if let Some(r) = &replay.reexecution {
+                out.push_str(&format!(
+                    "  re-executed {} time(s): {} diverged; {} call(s) the record never made were refused, not executed; {} model token(s)\n",
+                    r.samples, r.diverged_samples, r.unrecorded_calls, r.tokens
+                ));
+            }
             for d in &replay.divergences {
                 let at = if d.step == 0 {
                     "run".to_owned()
@@ -852,6 +968,7 @@ fn kind_text(kind: DivergenceKind) -> &'static str {
         DivergenceKind::ContextNoLongerFits => "context no longer fits",
         DivergenceKind::CallNotReached => "call not reached",
         DivergenceKind::NewCall => "new call",
+        DivergenceKind::CallChanged => "a different call",
         DivergenceKind::VerdictChanged => "verdict changed",
         DivergenceKind::OutcomeChanged => "outcome changed",
         DivergenceKind::WouldChange => "a dryRun policy would change it",
@@ -893,7 +1010,15 @@ pub async fn replay_runs<S: RecordStore>(
         if !labels.is_empty() && !session_matches(store, tenant, &run.run_id, labels).await? {
             continue;
         }
-        match replay_run(store, tenant, &run.run_id, candidate).await {
+        match replay_run_as(
+            store,
+            tenant,
+            &run.run_id,
+            candidate,
+            judging.reexecution.as_ref(),
+        )
+        .await
+        {
             Ok(mut replay) => {
                 if let Some(calls) = judging.intended.get(&replay.run_id) {
                     replay.mark_intended(calls);
@@ -920,6 +1045,8 @@ pub struct Judging {
     pub max_divergence_percent: f64,
     /// Run id → the calls a proposal's evidence names there.
     pub intended: BTreeMap<String, BTreeSet<String>>,
+    /// Re-execute the runs (ask the model again) instead of playing their model turns.
+    pub reexecution: Option<Reexecution>,
 }
 
 /// Whether a recorded run's Session carried every label of `labels`.
@@ -1110,6 +1237,7 @@ mod tests {
             recorded: DecisionTrace::default(),
             replayed: DecisionTrace::default(),
             erased: None,
+            reexecution: None,
         }
     }
 

@@ -671,6 +671,9 @@ fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
     let configmaps = dir.path().join("configmaps.yaml");
     let text = std::fs::read_to_string(&configmaps).expect("configmaps");
     let variant = r#"      "variants": [{"whenContextContains": "Act fast", "turns": [
+        {"content": "A quick look and the error budget.",
+         "toolCalls": [{"tool": "get_service_status", "arguments": {"service": "checkout-api"}},
+                       {"tool": "error_budget", "arguments": {"errorRate": 0.07, "slo": 0.999}}]},
         {"content": "Restarting right away.",
          "toolCalls": [{"tool": "restart_deployment", "arguments": {"namespace": "shop", "deployment": "checkout-api"}}]},
         {"content": "{\"summary\": \"checkout-api restarted at once; diagnosis to follow.\", \"actions\": [\"restart_deployment\"], \"resolved\": true}"}
@@ -690,6 +693,8 @@ fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
     .expect("write");
     let hasty = hasty.to_str().expect("utf-8");
 
+    let requests = |q: &Quickstart| q.tools.effects()["requests"].as_u64().expect("a request count");
+    let before = requests(&q);
     // Playing the recorded turns again: the decisions are the same, whatever the pack says.
     let played = q.cli(&["replay", "--session", "checkout-5xx", "--candidate", hasty]);
     assert_eq!(played.code, Some(0), "{}\n{}", played.stdout, played.stderr);
@@ -718,11 +723,20 @@ fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
         asked
             .stdout
             .contains("step 1 search_runbooks: a different call — recorded search_runbooks allow"),
-        "the diagnosis the recorded run began with is skipped for a restart:\n{}",
+        "the runbook search the recorded run began with is skipped:\n{}",
         asked.stdout
     );
     assert!(
-        asked.stdout.contains("→ replayed restart_deployment"),
+        asked.stdout.contains("→ replayed get_service_status"),
+        "{}",
+        asked.stdout
+    );
+    // The status read, recorded at another step, is answered from the record; the error budget,
+    // never asked for in the recorded run, is refused in both samples and never reaches a tool.
+    assert!(
+        asked
+            .stdout
+            .contains("re-executed 2 time(s): 2 diverged; 2 call(s) the record never made were refused"),
         "{}",
         asked.stdout
     );
@@ -751,4 +765,6 @@ fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
         "{}",
         same.stdout
     );
+    // Nothing was executed: the tool service saw no request from any replay.
+    assert_eq!(requests(&q), before, "a replay reached the tool service");
 }

@@ -157,7 +157,9 @@ pub struct ToolGateway {
     completed: Mutex<HashMap<String, ToolResultRecord>>,
     /// A re-execution's recorded results by what was called (tool and arguments), wherever
     /// in the run it was: a re-executed model may make the same call at another step.
-    by_content: Option<Mutex<HashMap<String, ToolResultRecord>>>,
+    by_content: Option<Mutex<HashMap<String, std::collections::VecDeque<ToolResultRecord>>>>,
+    /// Calls a re-execution answered as not executed.
+    unrecorded: std::sync::Arc<std::sync::atomic::AtomicU32>,
     /// Calls read from records, by (run, call id): idempotency key, tool, risk (a result may be
     /// read in a later slice of a record than its request).
     calls: Mutex<HashMap<(String, String), RequestedCall>>,
@@ -221,6 +223,7 @@ impl ToolGateway {
             approvals: ApprovalBook::default(),
             completed: Mutex::new(HashMap::new()),
             by_content: None,
+            unrecorded: Default::default(),
             calls: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
             offline: false,
@@ -328,10 +331,22 @@ impl ToolGateway {
         self
     }
 
-    /// What identifies a call's content: its tool and canonical arguments.
-    fn content_key(tool: &str, arguments: &Value) -> String {
+    /// How many calls a re-execution answered as not executed (so far).
+    pub fn unrecorded_calls(&self) -> std::sync::Arc<std::sync::atomic::AtomicU32> {
+        self.unrecorded.clone()
+    }
+
+    /// What identifies a call's content: its tool, risk, kind and canonical arguments.
+    fn content_key(
+        tool: &str,
+        risk: ToolRisk,
+        kind: contextos_crds::common::ToolKind,
+        arguments: &Value,
+    ) -> String {
         format!(
-            "{tool}\u{0}{}",
+            "{tool}\u{0}{}\u{0}{}\u{0}{}",
+            risk.as_str(),
+            kind.as_str(),
             String::from_utf8_lossy(
                 &crate::records::canonical::canonical_bytes_of(arguments).unwrap_or_default()
             )
@@ -349,7 +364,7 @@ impl ToolGateway {
         for entry in entries {
             match &entry.body {
                 EntryBody::ToolCallRequested(call) => {
-                    let content = Self::content_key(&call.tool, &call.arguments);
+                    let content = Self::content_key(&call.tool, call.risk, call.kind, &call.arguments);
                     keys.insert(&call.call_id, (&call.idempotency_key, content));
                 }
                 EntryBody::ToolResult(result) => {
@@ -357,10 +372,12 @@ impl ToolGateway {
                         completed
                             .entry((*key).to_owned())
                             .or_insert_with(|| result.clone());
+                        // The same call made again gets the next recorded result, in order.
                         if let Some(by_content) = by_content.as_mut() {
                             by_content
                                 .entry(content.clone())
-                                .or_insert_with(|| result.clone());
+                                .or_default()
+                                .push_back(result.clone());
                         }
                     }
                 }
@@ -1054,10 +1071,9 @@ impl ToolGateway {
         recorder: &mut Recorder<'_, S>,
     ) -> ToolResultRecord {
         let same_call = || {
-            let by_content = self.by_content.as_ref()?.lock().ok()?;
-            by_content
-                .get(&Self::content_key(&call.tool, &call.arguments))
-                .cloned()
+            let mut by_content = self.by_content.as_ref()?.lock().ok()?;
+            let key = Self::content_key(&call.tool, call.risk, call.kind, &call.arguments);
+            by_content.get_mut(&key)?.pop_front()
         };
         let result = match self.completed_result(&call.idempotency_key).or_else(same_call) {
             Some(done) => ToolResultRecord {
@@ -1076,6 +1092,7 @@ impl ToolGateway {
             ok: false,
             output: Value::Null,
             error: Some(if self.by_content.is_some() {
+                self.unrecorded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 UNRECORDED_CALL.into()
             } else {
                 "replay: the original run has no result for this call (it was not executed then)".into()

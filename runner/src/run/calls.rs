@@ -184,12 +184,15 @@ impl<S: RecordStore> Harness<'_, S> {
                 .filter(|_| state.awaiting.as_ref().is_some_and(|a| a.call_id == call_id)),
             // The human approved this call in the original run; under a candidate policy the
             // call hash changes, so the approval is re-bound to it.
-            Mode::Replay { approvals, .. } => approvals.get(call_id).map(|approver| ApprovalGrant {
-                call_hash: envelope.call_hash(&self.gateway.policy_digests()),
-                decision: ApprovalDecision::Approve,
-                approver: approver.clone(),
-                reason: None,
-            }),
+            Mode::Replay { approvals, .. } => approvals
+                .get(call_id)
+                .filter(|(_, tool, arguments)| *tool == envelope.tool && *arguments == envelope.arguments)
+                .map(|(approver, _, _)| ApprovalGrant {
+                    call_hash: envelope.call_hash(&self.gateway.policy_digests()),
+                    decision: ApprovalDecision::Approve,
+                    approver: approver.clone(),
+                    reason: None,
+                }),
         };
         envelope
     }

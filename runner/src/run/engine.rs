@@ -183,8 +183,9 @@ pub enum Mode {
     #[default]
     Live,
     Replay {
-        /// Approvers the original run had, by call id.
-        approvals: HashMap<String, String>,
+        /// Approvers the original run had, by call id, with the call they approved (tool and
+        /// arguments): an approval binds only to that same call again.
+        approvals: HashMap<String, (String, String, serde_json::Value)>,
         /// Wall time the original run had used at each step.
         wall_ms: HashMap<u32, u64>,
         /// What the original run recalled for its ContextPack memory sources: a replay is given

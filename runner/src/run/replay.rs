@@ -491,6 +491,9 @@ pub struct Reexecution {
     pub secrets: BTreeMap<String, String>,
 }
 
+/// The most times one run is re-executed.
+pub const MAX_SAMPLES: u32 = 20;
+
 /// What re-executing a run found over its samples.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -541,7 +544,7 @@ pub async fn replay_run_as<S: RecordStore>(
             source,
         })?;
     let mut recorded = DecisionTrace::of(&entries);
-    let samples = reexecute.map_or(1, |r| r.samples.max(1));
+    let samples = reexecute.map_or(1, |r| r.samples.clamp(1, MAX_SAMPLES));
     let mut worst: Option<(DecisionTrace, Vec<Divergence>)> = None;
     let mut reexecution = ReexecutionReport {
         samples,
@@ -626,23 +629,25 @@ async fn run_once(
             gateway,
             Model::Replay(ReplayModel::from_entries(run_id, entries)?),
         ),
-        Some(r) => (
-            gateway.answering_recorded_calls(),
-            Model::for_bundle(&bundle, &r.secrets).map_err(bad)?,
-        ),
+        Some(r) => {
+            // The recorded model, never a candidate's: a candidate does not choose where the
+            // model key and the recorded results are sent.
+            let mut recorded = bundle.clone();
+            recorded.agent_spec.model = original.bundle.agent_spec.model.clone();
+            recorded.model_script = original.bundle.model_script.clone();
+            (
+                gateway.answering_recorded_calls(),
+                Model::for_bundle(&recorded, &r.secrets).map_err(bad)?,
+            )
+        }
     };
     gateway.preload_results(entries);
+    let refused = gateway.unrecorded_calls();
     let scratch = ScratchStore::new();
     let harness = Harness::new(&scratch, key, bundle, gateway, model)?.replaying(original.mode(entries));
     let trace_id = original.run_context.context.trace_id.clone();
     let report = harness.start(run_id, &trace_id, &mut |_| {}).await?;
-    let unrecorded = report
-        .replayed
-        .iter()
-        .filter(|b| {
-            matches!(b, EntryBody::ToolResult(r) if r.error.as_deref() == Some(crate::gateway::UNRECORDED_CALL))
-        })
-        .count() as u32;
+    let unrecorded = refused.load(std::sync::atomic::Ordering::Relaxed);
     Ok((
         DecisionTrace::of_bodies(&report.replayed),
         report.usage.tokens,
@@ -701,12 +706,21 @@ impl RecordedRun {
     fn mode(&self, entries: &[RecordEntry]) -> Mode {
         let mut approvals = HashMap::new();
         let mut wall_ms = HashMap::new();
+        let mut calls: HashMap<&str, (&str, &serde_json::Value)> = HashMap::new();
         for entry in entries {
             match &entry.body {
+                EntryBody::ToolCallRequested(call) => {
+                    calls.insert(&call.call_id, (&call.tool, &call.arguments));
+                }
                 EntryBody::ApprovalGranted {
                     call_id, approver, ..
                 } => {
-                    approvals.insert(call_id.clone(), approver.clone());
+                    if let Some((tool, arguments)) = calls.get(call_id.as_str()) {
+                        approvals.insert(
+                            call_id.clone(),
+                            (approver.clone(), (*tool).to_owned(), (*arguments).clone()),
+                        );
+                    }
                 }
                 EntryBody::Checkpoint { step, state } => {
                     if let Ok(state) = serde_json::from_value::<CheckpointState>(state.clone()) {

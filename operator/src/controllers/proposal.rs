@@ -519,37 +519,16 @@ async fn decide(
             && decision.candidate.is_some()
             && decision.candidate == previous.candidate;
         if applied {
-            let promoted = target.promoted.is_some() && target.promoted == previous.candidate;
+            // Once in force it stays said so, though an Agent's composition moves on when
+            // what it uses is promoted.
+            let promoted = previous.phase == Some(ProposalPhase::Promoted)
+                || (target.promoted.is_some() && target.promoted == previous.candidate);
             let mut step = Step::from_previous(
                 previous,
-                if promoted {
-                    ProposalPhase::Promoted
-                } else {
-                    ProposalPhase::Accepted
-                },
-                settled(reason::ACCEPTED, format!("accepted by {}", decision.by)),
+                ProposalPhase::Accepted,
+                settled(reason::ACCEPTED, String::new()),
             );
-            step.others.push(Wanted::new(
-                conditions::ACCEPTED,
-                true,
-                reason::ACCEPTED,
-                format!("accepted by {}; the candidate is on {what}", decision.by),
-            ));
-            step.others.push(if promoted {
-                Wanted::new(
-                    conditions::PROMOTED,
-                    true,
-                    reason::PROMOTED,
-                    format!("the candidate is the revision of {what} in force"),
-                )
-            } else {
-                Wanted::new(
-                    conditions::PROMOTED,
-                    false,
-                    reason::REPLAY_PENDING,
-                    format!("{what}'s promotion gate decides; see its Promoted condition"),
-                )
-            });
+            on_target(&mut step, &decision.by, &what, promoted);
             return Ok(step);
         }
         // Applied once already, and the target moved on (another revision, a revert): a
@@ -565,7 +544,7 @@ async fn decide(
         }
     }
     if target.digest != spec.base_digest {
-        let mut step = Step::from_previous(
+        let step = Step::from_previous(
             previous,
             ProposalPhase::Stale,
             Wanted::new(
@@ -578,7 +557,6 @@ async fn decide(
                 ),
             ),
         );
-        step.requeue = None;
         return Ok(step);
     }
     let made = match candidate(ctx, namespace, proposal, target).await? {
@@ -763,21 +741,45 @@ async fn decide(
         return Ok(step);
     }
     tracing::info!(%namespace, proposal = %name, target = %what, by = %decision.by, "proposal accepted: candidate written on its target");
-    step.phase = ProposalPhase::Accepted;
-    step.ready = settled(reason::ACCEPTED, format!("accepted by {}", decision.by));
+    on_target(&mut step, &decision.by, &what, false);
+    Ok(step)
+}
+
+/// An accepted proposal whose candidate is on the target: Accepted, then Promoted once the
+/// target's gate put the candidate in force.
+fn on_target(step: &mut Step, by: &str, what: &str, promoted: bool) {
+    step.phase = if promoted {
+        ProposalPhase::Promoted
+    } else {
+        ProposalPhase::Accepted
+    };
+    step.ready = Wanted::new(
+        conditions::READY,
+        true,
+        reason::ACCEPTED,
+        format!("accepted by {by}"),
+    );
     step.others.push(Wanted::new(
         conditions::ACCEPTED,
         true,
         reason::ACCEPTED,
-        format!("accepted by {}; the candidate is on {what}", decision.by),
+        format!("accepted by {by}; the candidate is on {what}"),
     ));
-    step.others.push(Wanted::new(
-        conditions::PROMOTED,
-        false,
-        reason::REPLAY_PENDING,
-        format!("{what}'s promotion gate decides; see its Promoted condition"),
-    ));
-    Ok(step)
+    step.others.push(if promoted {
+        Wanted::new(
+            conditions::PROMOTED,
+            true,
+            reason::PROMOTED,
+            format!("the candidate is the revision of {what} in force"),
+        )
+    } else {
+        Wanted::new(
+            conditions::PROMOTED,
+            false,
+            reason::REPLAY_PENDING,
+            format!("{what}'s promotion gate decides; see its Promoted condition"),
+        )
+    });
 }
 
 fn ready_message(status: &ProposalStatus) -> String {

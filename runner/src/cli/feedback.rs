@@ -62,7 +62,7 @@ pub async fn run(global: &GlobalArgs, command: FeedbackCommand) -> anyhow::Resul
     let store = global.open_records(&tenant).await?;
     if matches!(store, AnyStore::Gateway(_)) {
         bail!(
-            "feedback is kept where the records are: through the gateway service it is not served yet; give it on the machine that holds the store"
+            "through the gateway service, give feedback as a Feedback object (kubectl apply -f; see examples/improvement/feedback.yaml): the gateway chains it into the run's corrections in your name, and `contextos insights` and `contextos propose` read them through the gateway; `feedback give|list` work on the machine that holds the store"
         );
     }
     let book = FeedbackBook::new(&store, &tenant);

@@ -280,6 +280,12 @@ pub struct ReplaySpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 100))]
     pub max_divergence_percent: u32,
+    /// Re-execution: ask the recorded model again with the candidate's context, instead of only
+    /// playing its recorded turns, so a change to what the model is told (instructions,
+    /// sources) is judged by what the model then does. Unset: a ContextPack's or an Agent's gate
+    /// re-executes with 3 samples, a Policy's replays decisions only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reexecute: Option<ReexecuteSpec>,
 }
 
 impl Default for ReplaySpec {
@@ -289,8 +295,30 @@ impl Default for ReplaySpec {
             window_hours: default_window_hours(),
             selector: ReplaySelector::default(),
             max_divergence_percent: 0,
+            reexecute: None,
         }
     }
+}
+
+/// How a replay gate re-executes recorded sessions. Tool calls are answered from the record
+/// when the recorded run made the same call, and refused (never executed) when it did not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReexecuteSpec {
+    /// How many times each recorded session is re-executed, to bound the model's
+    /// nondeterminism (the sample that diverges most is judged). 0 turns re-execution off.
+    #[schemars(range(min = 0, max = 20))]
+    pub samples: u32,
+    /// The most model tokens one gate may spend re-executing; a gate that would spend more
+    /// fails, saying so. Unset: no limit beyond `sampleSize` × `samples` sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_tokens: Option<u64>,
+}
+
+impl ReexecuteSpec {
+    /// What an unset `reexecute` means for a gate that re-executes by default.
+    pub const DEFAULT_SAMPLES: u32 = 3;
 }
 
 fn default_sample_size() -> u32 {
@@ -410,4 +438,21 @@ pub struct ReplaySummary {
     /// store: `contextos records blob <hash>` prints it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<String>,
+    /// What re-executing the sessions took and found, when the gate re-executed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reexecution: Option<ReexecutionSummary>,
+}
+
+/// A gate's re-execution in figures.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReexecutionSummary {
+    /// Samples per recorded session.
+    pub samples: u32,
+    /// Samples (over all sessions) whose decisions, verdicts or outcome differed from the record.
+    pub diverged_samples: u32,
+    /// Calls the model made that no recorded run made: refused, never executed.
+    pub refused_calls: u32,
+    /// Model tokens the re-execution spent (the gate's cost).
+    pub tokens: u64,
 }

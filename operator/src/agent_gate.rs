@@ -16,7 +16,7 @@
 
 use contextos_crds::{
     agent::{AgentGateStatus, MemberGate},
-    common::{Approvers, PromotedBy, PromotionMode, PromotionSpec, ReplaySelector},
+    common::{Approvers, PromotedBy, PromotionMode, PromotionSpec, ReexecuteSpec, ReplaySelector},
 };
 use contextos_runner::run::{bundle::Composition, bundle::spec_digest, gate::GatedKind};
 
@@ -204,6 +204,7 @@ pub fn effective_gate(
             .min(other.replay.max_divergence_percent);
         gate.replay.sample_size = gate.replay.sample_size.max(other.replay.sample_size);
         gate.replay.window_hours = gate.replay.window_hours.max(other.replay.window_hours);
+        gate.replay.reexecute = more_samples(gate.replay.reexecute.take(), other.replay.reexecute.clone());
         if other.mode == PromotionMode::Manual {
             gate.mode = PromotionMode::Manual;
         }
@@ -215,6 +216,22 @@ pub fn effective_gate(
         match_labels: Default::default(),
     };
     Some(gate)
+}
+
+/// The re-execution that samples more, of two gates' (unset is what an Agent's gate does
+/// unset: the default samples, no token limit); the higher token limit, none if either has none.
+fn more_samples(a: Option<ReexecuteSpec>, b: Option<ReexecuteSpec>) -> Option<ReexecuteSpec> {
+    let or_default = |r: Option<ReexecuteSpec>| {
+        r.unwrap_or(ReexecuteSpec {
+            samples: ReexecuteSpec::DEFAULT_SAMPLES,
+            max_tokens: None,
+        })
+    };
+    let (a, b) = (or_default(a), or_default(b));
+    Some(ReexecuteSpec {
+        samples: a.samples.max(b.samples),
+        max_tokens: a.max_tokens.zip(b.max_tokens).map(|(a, b)| a.max(b)),
+    })
 }
 
 /// Every gate that applies, labelled, without repeats.
@@ -601,6 +618,38 @@ mod tests {
         let gate = effective_gate("ops", Some(&lax_own), &guardrails_gate(2), &members).expect("a gate");
         assert_eq!(gate.mode, PromotionMode::Manual);
         assert_eq!(gate.replay.max_divergence_percent, 2);
+    }
+
+    #[test]
+    fn re_execution_combines_to_the_most_samples_and_an_explicit_off_does_not_win_alone() {
+        let reexecuting = |samples, max_tokens| {
+            let mut g = gate(0);
+            g.replay.reexecute = Some(ReexecuteSpec { samples, max_tokens });
+            g
+        };
+        let off = reexecuting(0, None);
+        let five = reexecuting(5, Some(1000));
+        // The Agent's own gate turns it off; a pack's gate that says nothing keeps the default.
+        let silent = gate(0);
+        let members = [member("a", "sha256:a", Some(&silent), PromotedBy::Replay, None)];
+        let combined = effective_gate("ops", Some(&off), &[], &members).expect("a gate");
+        assert_eq!(
+            combined.replay.reexecute.map(|r| r.samples),
+            Some(ReexecuteSpec::DEFAULT_SAMPLES)
+        );
+        let members = [member("a", "sha256:a", Some(&five), PromotedBy::Replay, None)];
+        let combined = effective_gate("ops", Some(&off), &[], &members).expect("a gate");
+        assert_eq!(
+            combined.replay.reexecute,
+            Some(ReexecuteSpec {
+                samples: 5,
+                max_tokens: None
+            }),
+            "the most samples, and the unlimited token budget of the gate that set none"
+        );
+        // Alone, the Agent's own choice stands.
+        let alone = effective_gate("ops", Some(&off), &[], &[]).expect("a gate");
+        assert_eq!(alone.replay.reexecute.map(|r| r.samples), Some(0));
     }
 
     #[test]

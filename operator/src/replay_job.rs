@@ -6,13 +6,16 @@
 //! to its termination file. A verdict without the gateway's signature is no verdict: the
 //! attempt is inconclusive, and the gate retries a bounded number of times.
 
-use contextos_crds::{common::ReplaySpec, labels};
+use contextos_crds::{
+    common::{ReexecutionSummary, ReplaySpec, ReplaySummary},
+    labels,
+};
 use contextos_runner::{
     keys::{KeyPair, PublicKey},
     read_grant::{READ_GRANT_ENV, ReadGrant, SignedReadGrant},
     records::store::remote::TOKEN_FILE_ENV,
     run::{
-        gate::{ExpectedChange, GateOrder, GatedKind, SignedGateVerdict},
+        gate::{ExpectedChange, GateOrder, GatedKind, SignedGateVerdict, reexecution_of},
         pod::paths,
         replay::ReplayGate,
     },
@@ -158,7 +161,11 @@ pub fn read_grant(
                 kind: target.kind,
                 name: target.name.to_owned(),
                 candidate_digest: target.digest.to_owned(),
-                replay: replay.clone(),
+                // The gateway takes the order literally: whether to re-execute is decided here.
+                replay: ReplaySpec {
+                    reexecute: reexecution_of(target.kind, replay, target.proposal.is_some()),
+                    ..replay.clone()
+                },
                 expected: target.expected.to_vec(),
             }),
         },
@@ -366,6 +373,25 @@ pub fn outcome(target: &GateTarget<'_>, job: &Job, pods: &[Pod], key: &PublicKey
         None => inconclusive(format!(
             "Job {job_name} reported a verdict the gateway did not sign; it is ignored"
         )),
+    }
+}
+
+/// How a gate's verdict reads in the gated object's status.
+pub fn summary_of(job: &str, gate: &ReplayGate) -> ReplaySummary {
+    ReplaySummary {
+        job: Some(job.to_owned()),
+        sessions: u32::try_from(gate.runs).unwrap_or(u32::MAX),
+        decisions: gate.steps,
+        divergences: gate.divergent_steps,
+        passed: gate.passed,
+        top_divergences: gate.top.clone(),
+        report: gate.report.clone(),
+        reexecution: gate.reexecution.as_ref().map(|r| ReexecutionSummary {
+            samples: r.samples,
+            diverged_samples: r.diverged_samples,
+            refused_calls: r.unrecorded_calls,
+            tokens: r.tokens,
+        }),
     }
 }
 

@@ -714,7 +714,9 @@ fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
     ]);
     assert_eq!(asked.code, Some(3), "{}\n{}", asked.stdout, asked.stderr);
     assert!(
-        asked.stdout.contains("re-executed 2 time(s): 2 diverged"),
+        asked
+            .stdout
+            .contains("re-executed 2 time(s) each: 2 sample(s) diverged"),
         "{}",
         asked.stdout
     );
@@ -734,9 +736,9 @@ fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
     // The status read, recorded at another step, is answered from the record; the error budget,
     // never asked for in the recorded run, is refused in both samples and never reaches a tool.
     assert!(
-        asked
-            .stdout
-            .contains("re-executed 2 time(s): 2 diverged; 2 call(s) the record never made were refused"),
+        asked.stdout.contains(
+            "re-executed 2 time(s) each: 2 sample(s) diverged; 2 call(s) the record never made were refused"
+        ),
         "{}",
         asked.stdout
     );
@@ -761,7 +763,7 @@ fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
     assert_eq!(same.code, Some(0), "{}\n{}", same.stdout, same.stderr);
     assert!(
         same.stdout
-            .contains("re-executed 2 time(s): 0 diverged; 0 call(s)"),
+            .contains("all runs re-executed 2 time(s) each: 0 sample(s) diverged; 0 call(s)"),
         "{}",
         same.stdout
     );

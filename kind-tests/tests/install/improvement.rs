@@ -7,13 +7,14 @@
 //! replay Job shows its intended effect on the corrected runs and nothing else; a non-reviewer's
 //! acceptance, or one in another's name, is refused; a reviewer accepts; the Policy is promoted
 //! through the proposal; the next prod Session waits for approval while staging still runs.
-//! A proposal whose replay breaks recorded runs fails and cannot be accepted.
+//! A proposal whose replay breaks recorded runs fails and cannot be accepted; a ContextPack
+//! proposal is judged by re-executing the recorded sessions (the model asked again).
 
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use contextos_crds::{
-    Feedback, Policy, Proposal, Session,
+    ContextPack, Feedback, Policy, Proposal, Session,
     common::PromotedBy,
     proposal::{ProposalPhase, ProposalStatus},
     session::SessionPhase,
@@ -380,6 +381,46 @@ patches:
         !refused.status.success() && said(&refused).contains("only a candidate whose replay passed"),
         "a proposal whose replay failed was accepted: {}",
         said(&refused)
+    );
+
+    // A pack proposal: replaying the recorded model turns cannot judge what the model is told,
+    // so its gate re-executes the recorded sessions with the amended pack. Told to act fast,
+    // the prod agent restarts before it looks: the replay fails, saying what it cost, and the
+    // pack stays as it was.
+    let packs = Api::<ContextPack>::namespaced(env.client(), tenant.name());
+    let pack = packs.get("oncall-pack").await?;
+    let pack_digest = contextos_runner::run::bundle::spec_digest(&pack.spec);
+    let mut hasty = yaml_documents(&repo_root().join("examples/improvement/pack-proposal.yaml"))?.remove(0);
+    hasty["spec"]["baseDigest"] = json!(pack_digest);
+    let file = super::memory::yaml_file(&dir, "act-fast.yaml", &hasty)?;
+    let applied = as_user(env, tenant, LEAD, &[], &["apply", "-f"], &file).await?;
+    ensure!(applied.status.success(), "{}", said(&applied));
+    let failed = phase_of(&proposals, "act-fast", ProposalPhase::ReplayFailed).await?;
+    let replay = failed.replay.clone().context("the pack proposal's replay")?;
+    let reexecution = replay
+        .reexecution
+        .clone()
+        .with_context(|| format!("the pack proposal was not re-executed: {replay:?}"))?;
+    ensure!(
+        reexecution.samples == 3
+            && reexecution.diverged_samples >= 3
+            && reexecution.diverged_samples <= 3 * replay.sessions
+            && reexecution.tokens > 0,
+        "the re-execution: {reexecution:?} over {} session(s)",
+        replay.sessions
+    );
+    ensure!(
+        replay
+            .top_divergences
+            .iter()
+            .any(|l| l.contains("a different call") && l.contains("restart_deployment")),
+        "what diverged: {:?}",
+        replay.top_divergences
+    );
+    let now = packs.get("oncall-pack").await?;
+    ensure!(
+        contextos_runner::run::bundle::spec_digest(&now.spec) == pack_digest,
+        "the pack changed under a failed proposal"
     );
 
     // An acceptance is used once: the lead reverts the Policy to what it was before; the

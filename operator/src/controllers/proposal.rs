@@ -22,7 +22,6 @@ use contextos_runner::{
     run::{
         bundle::{Composition, spec_digest},
         gate::{ExpectedChange, GatedKind},
-        replay::ReplayGate,
     },
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -668,7 +667,7 @@ async fn decide(
         revisions::Progress::Verdict(job, gate) => (job, gate),
     };
     let (job, gate) = verdict;
-    step.replay = Some(summary_of(&job, &gate));
+    step.replay = Some(replay_job::summary_of(&job, &gate));
     step.intended = Some(gate.intended_steps);
     if !gate.passed {
         let why = if gate.no_history {
@@ -793,18 +792,6 @@ fn ready_message(status: &ProposalStatus) -> String {
 
 fn replay_condition(passed: bool, why: &'static str, message: String) -> Wanted {
     Wanted::new(conditions::REPLAY_PASSED, passed, why, message)
-}
-
-fn summary_of(job: &str, gate: &ReplayGate) -> ReplaySummary {
-    ReplaySummary {
-        job: Some(job.to_owned()),
-        sessions: u32::try_from(gate.runs).unwrap_or(u32::MAX),
-        decisions: gate.steps,
-        divergences: gate.divergent_steps,
-        passed: gate.passed,
-        top_divergences: gate.top.clone(),
-        report: gate.report.clone(),
-    }
 }
 
 fn approvers_text(approvers: &Approvers) -> String {

@@ -555,15 +555,7 @@ where
         }
         Progress::Verdict(job_name, gate) => (job_name, gate),
     };
-    let summary = Some(ReplaySummary {
-        job: Some(job_name.clone()),
-        sessions: u32::try_from(gate_result.runs).unwrap_or(u32::MAX),
-        decisions: gate_result.steps,
-        divergences: gate_result.divergent_steps,
-        passed: gate_result.passed,
-        top_divergences: gate_result.top.clone(),
-        report: gate_result.report.clone(),
-    });
+    let summary = Some(replay_job::summary_of(&job_name, &gate_result));
     let verdict = |promote, promoted, replay, awaiting| Verdict {
         requeue: None,
         promote,

@@ -132,15 +132,19 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
     let store = global.open_store().await?;
     let candidate = candidate(&args.candidates)?;
     let reexecution = match args.reexecute {
-        true => Some(Reexecution {
-            samples: args.samples.clamp(1, 20),
-            secrets: super::run::secret_values(&args.secrets)?,
-        }),
+        true => Some(Reexecution::with_keys(
+            args.samples,
+            super::run::secret_values(&args.secrets)?,
+        )),
         false => None,
     };
     let summary = if let Some(run_id) = &args.run {
         let replay = replay_run_as(&store, &tenant, run_id, &candidate, reexecution.as_ref()).await?;
-        ReplaySummary::new(vec![replay], Vec::new(), args.max_divergence_percent)
+        let summary = ReplaySummary::new(vec![replay], Vec::new(), args.max_divergence_percent);
+        match &reexecution {
+            Some(r) => summary.reexecuted(r.samples(), None),
+            None => summary,
+        }
     } else {
         let since_ms = match &args.since {
             Some(text) => Some(super::records::parse_since(text)?),

@@ -5,9 +5,12 @@
 //! with that signature: a pod's termination message is the tenant's to write (its own pod, a
 //! pod labelled like the Job's, `kubectl exec`), a gateway signature is not.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
-use contextos_crds::{ContextPackSpec, PolicySpec, common::ReplaySpec};
+use contextos_crds::{
+    ContextPackSpec, PolicySpec,
+    common::{ReexecuteSpec, ReplaySpec},
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -17,6 +20,7 @@ use crate::{
     records::{RecordStore, RunFilter, TenantId, canonical::canonical_bytes_of},
     run::{
         bundle::{Candidate, Composition, NamedPack, spec_digest},
+        reexecute::{ModelSource, Reexecution},
         replay::{Judging, ReplayError, ReplayGate, intended_calls, replay_runs},
     },
 };
@@ -193,13 +197,39 @@ impl GateOrder {
     }
 }
 
-/// Replays the order's sample of `tenant`'s recorded runs under `candidate`, keeps the full
-/// report as a blob with the tenant's records, and returns the gate.
+/// Whether and how a gate re-executes: `replay.reexecute` when set (0 samples: not at all);
+/// unset, a ContextPack's or an Agent's gate re-executes with the default samples, since only
+/// the model's answers can judge a change to what it is told, and a Policy's does not. A
+/// Proposal's gate on a ContextPack always re-executes (`proposal`).
+pub fn reexecution_of(kind: GatedKind, replay: &ReplaySpec, proposal: bool) -> Option<ReexecuteSpec> {
+    let default = ReexecuteSpec {
+        samples: ReexecuteSpec::DEFAULT_SAMPLES,
+        max_tokens: None,
+    };
+    let spec = match (&replay.reexecute, kind) {
+        (Some(spec), _) => spec.clone(),
+        (None, GatedKind::ContextPack | GatedKind::Agent) => default.clone(),
+        (None, GatedKind::Policy) => return None,
+    };
+    match spec.samples {
+        0 if proposal && kind == GatedKind::ContextPack => Some(ReexecuteSpec {
+            samples: default.samples,
+            ..spec
+        }),
+        0 => None,
+        _ => Some(spec),
+    }
+}
+
+/// Replays the order's sample of `tenant`'s recorded runs under `candidate` (re-executing them
+/// with the model from `models` when the order says so), keeps the full report as a blob with
+/// the tenant's records, and returns the gate.
 pub async fn run_gate<S: RecordStore>(
     store: &S,
     tenant: &TenantId,
     order: &GateOrder,
     candidate: &Candidate,
+    models: Arc<dyn ModelSource>,
     now_ms: i64,
 ) -> Result<ReplayGate, ReplayError> {
     let replay = &order.replay;
@@ -228,7 +258,15 @@ pub async fn run_gate<S: RecordStore>(
         &Judging {
             max_divergence_percent: f64::from(replay.max_divergence_percent),
             intended: intended_calls(&expected),
-            reexecution: None,
+            reexecution: replay
+                .reexecute
+                .as_ref()
+                .filter(|r| r.samples > 0)
+                .map(|r| Reexecution {
+                    samples: r.samples,
+                    max_tokens: r.max_tokens,
+                    models,
+                }),
         },
     )
     .await?;
@@ -365,6 +403,35 @@ mod tests {
             order.candidate(&other),
             Err(GateError::WrongDigest { .. })
         ));
+    }
+
+    #[test]
+    fn what_changes_what_the_model_is_told_is_re_executed_unless_the_gate_says_otherwise() {
+        let with = |reexecute: Option<ReexecuteSpec>| ReplaySpec {
+            reexecute,
+            ..ReplaySpec::default()
+        };
+        let set = |samples, max_tokens| Some(ReexecuteSpec { samples, max_tokens });
+        let default = set(ReexecuteSpec::DEFAULT_SAMPLES, None);
+        let cases = [
+            // kind, gate's reexecute, a proposal's gate → what the gateway is ordered
+            (GatedKind::ContextPack, None, false, default.clone()),
+            (GatedKind::Agent, None, false, default.clone()),
+            (GatedKind::Policy, None, false, None),
+            (GatedKind::Policy, set(2, Some(5000)), false, set(2, Some(5000))),
+            (GatedKind::ContextPack, set(0, None), false, None),
+            (GatedKind::Agent, set(0, None), true, None),
+            // A pack proposal is judged by what the model does, whatever the gate says.
+            (GatedKind::ContextPack, set(0, Some(900)), true, set(3, Some(900))),
+            (GatedKind::ContextPack, set(5, None), true, set(5, None)),
+        ];
+        for (kind, gate, proposal, wanted) in cases {
+            assert_eq!(
+                reexecution_of(kind, &with(gate.clone()), proposal),
+                wanted,
+                "{kind:?} {gate:?} proposal={proposal}"
+            );
+        }
     }
 
     #[test]

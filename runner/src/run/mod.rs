@@ -11,6 +11,7 @@ pub mod engine;
 pub mod execution;
 pub mod gate;
 pub mod pod;
+pub mod reexecute;
 pub mod replay;
 mod service_tail;
 pub mod state;

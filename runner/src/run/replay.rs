@@ -9,10 +9,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use contextos_crds::policy::PolicyEffect;
 use serde::{Deserialize, Serialize};
 
+pub use super::reexecute::{Reexecution, ReexecutionReport};
 use super::{
     bundle::{Candidate, CandidateError, RunBundle},
     checkpoint::CheckpointState,
     engine::{Harness, Mode, RunError},
+    reexecute::over_budget,
 };
 use crate::{
     keys::KeyPair,
@@ -481,33 +483,6 @@ pub async fn replay_run<S: RecordStore>(
     replay_run_as(store, tenant, run_id, candidate, None).await
 }
 
-/// Re-executing recorded runs: the model is asked again, `samples` times, with the
-/// candidate's context; a call is answered from the record when the recorded run made the same
-/// call (tool and arguments) anywhere, and is never executed otherwise.
-#[derive(Clone, Debug, Default)]
-pub struct Reexecution {
-    pub samples: u32,
-    /// Model keys by `<secret>/<key>`, for a model that needs one.
-    pub secrets: BTreeMap<String, String>,
-}
-
-/// The most times one run is re-executed.
-pub const MAX_SAMPLES: u32 = 20;
-
-/// What re-executing a run found over its samples.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReexecutionReport {
-    pub samples: u32,
-    /// Samples whose decisions, verdicts or outcome differed from the record.
-    pub diverged_samples: u32,
-    /// Calls the model made that the recorded run never made (refused, not executed), over all
-    /// samples.
-    pub unrecorded_calls: u32,
-    /// Model tokens the samples used (the cost of the gate).
-    pub tokens: u64,
-}
-
 /// [`replay_run`], or re-executing the run when `reexecute` says so (the sample that diverged
 /// most is the one reported).
 pub async fn replay_run_as<S: RecordStore>(
@@ -544,7 +519,7 @@ pub async fn replay_run_as<S: RecordStore>(
             source,
         })?;
     let mut recorded = DecisionTrace::of(&entries);
-    let samples = reexecute.map_or(1, |r| r.samples.clamp(1, MAX_SAMPLES));
+    let samples = reexecute.map_or(1, Reexecution::samples);
     let mut worst: Option<(DecisionTrace, Vec<Divergence>)> = None;
     let mut reexecution = ReexecutionReport {
         samples,
@@ -637,7 +612,7 @@ async fn run_once(
             recorded.model_script = original.bundle.model_script.clone();
             (
                 gateway.answering_recorded_calls(),
-                Model::for_bundle(&recorded, &r.secrets).map_err(bad)?,
+                r.models.model_for(&recorded).await.map_err(bad)?,
             )
         }
     };
@@ -839,6 +814,12 @@ pub struct ReplaySummary {
     pub passed: bool,
     /// Runs that could not be replayed, with why.
     pub skipped: Vec<String>,
+    /// When the runs were re-executed: the figures over all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reexecution: Option<ReexecutionReport>,
+    /// Why the replay stopped before its sample was done (it fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
     pub replays: Vec<RunReplay>,
 }
 
@@ -887,8 +868,22 @@ impl ReplaySummary {
             worst_run,
             passed,
             skipped,
+            reexecution: None,
+            stopped: None,
             replays,
         }
+    }
+
+    /// The summary of re-executed runs (`samples` each); `stopped` says why they stopped short,
+    /// which fails the replay.
+    pub fn reexecuted(mut self, samples: u32, stopped: Option<String>) -> Self {
+        let runs = self.replays.iter().filter_map(|r| r.reexecution.as_ref());
+        self.reexecution = Some(ReexecutionReport::total(samples, runs));
+        if stopped.is_some() {
+            self.passed = false;
+        }
+        self.stopped = stopped;
+        self
     }
 
     /// The report as a person reads it.
@@ -921,10 +916,7 @@ impl ReplaySummary {
                 out.push_str(&format!("  {change}\n"));
             }
             if let Some(r) = &replay.reexecution {
-                out.push_str(&format!(
-                    "  re-executed {} time(s): {} diverged; {} call(s) the record never made were refused, not executed; {} model token(s)\n",
-                    r.samples, r.diverged_samples, r.unrecorded_calls, r.tokens
-                ));
+                out.push_str(&format!("  {}\n", r.line()));
             }
             for d in &replay.divergences {
                 let at = if d.step == 0 {
@@ -945,6 +937,12 @@ impl ReplaySummary {
         }
         for skipped in &self.skipped {
             out.push_str(&format!("skipped: {skipped}\n"));
+        }
+        if let Some(r) = &self.reexecution {
+            out.push_str(&format!("all runs {}\n", r.line()));
+        }
+        if let Some(why) = &self.stopped {
+            out.push_str(&format!("stopped: {why}\n"));
         }
         if let Some(worst) = self.worst_run.as_ref().filter(|w| w.percent > 0.0) {
             out.push_str(&format!(
@@ -1010,6 +1008,8 @@ pub async fn replay_runs<S: RecordStore>(
         ..filter.clone()
     };
     let wanted = filter.limit.unwrap_or(usize::MAX);
+    let mut spent = 0u64;
+    let mut stopped = None;
     for run in store.list_runs(tenant, &listing).await? {
         if replays.len() >= wanted {
             break;
@@ -1037,7 +1037,15 @@ pub async fn replay_runs<S: RecordStore>(
                 if let Some(calls) = judging.intended.get(&replay.run_id) {
                     replay.mark_intended(calls);
                 }
+                spent = spent.saturating_add(replay.reexecution.as_ref().map_or(0, |r| r.tokens));
                 replays.push(replay);
+                stopped = judging
+                    .reexecution
+                    .as_ref()
+                    .and_then(|r| over_budget(r, spent, replays.len()));
+                if stopped.is_some() {
+                    break;
+                }
             }
             Err(e @ (ReplayError::Candidate { .. } | ReplayError::NoBundle { .. })) => {
                 skipped.push(e.to_string());
@@ -1045,11 +1053,11 @@ pub async fn replay_runs<S: RecordStore>(
             Err(e) => return Err(e),
         }
     }
-    Ok(ReplaySummary::new(
-        replays,
-        skipped,
-        judging.max_divergence_percent,
-    ))
+    let summary = ReplaySummary::new(replays, skipped, judging.max_divergence_percent);
+    Ok(match &judging.reexecution {
+        Some(r) => summary.reexecuted(r.samples(), stopped),
+        None => summary,
+    })
 }
 
 /// How replays are judged: the threshold, and what a proposal means to change (see
@@ -1111,14 +1119,16 @@ pub struct ReplayGate {
     /// SHA-256 of the full report, stored as a blob with the tenant's records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<String>,
+    /// When the runs were re-executed: what that took and found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reexecution: Option<ReexecutionReport>,
 }
 
 impl ReplayGate {
     pub fn of(summary: &ReplaySummary) -> Self {
-        let top = summary
-            .replays
-            .iter()
-            .flat_map(|r| {
+        let stopped = summary.stopped.iter().map(|why| why.chars().take(300).collect());
+        let top = stopped
+            .chain(summary.replays.iter().flat_map(|r| {
                 // What breaks recorded runs first, then what a proposal means to change, then
                 // what only reports (a dryRun policy's would-be changes).
                 let mut ordered: Vec<&Divergence> = r.divergences.iter().filter(|d| d.counts()).collect();
@@ -1137,7 +1147,7 @@ impl ReplayGate {
                     );
                     line.chars().take(300).collect::<String>()
                 })
-            })
+            }))
             .take(5)
             .collect();
         Self {
@@ -1152,6 +1162,7 @@ impl ReplayGate {
             no_history: false,
             top,
             report: None,
+            reexecution: summary.reexecution.clone(),
         }
     }
 
@@ -1181,6 +1192,7 @@ impl ReplayGate {
                 .map(|s| s.chars().take(300).collect())
                 .collect(),
             report: None,
+            reexecution: None,
         }
     }
 }

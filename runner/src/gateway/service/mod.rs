@@ -804,7 +804,7 @@ where
                 )));
             }
         };
-        let secrets = self.secrets_of(caller, &bundle).await?;
+        let secrets = self.secrets_of(&caller.tenant, &bundle).await?;
         let gateway = bundle
             .gateway_bundle(secrets.clone())
             .build(self.trust)
@@ -818,15 +818,7 @@ where
             Some(route) => gateway.with_capabilities(route),
             None => gateway,
         };
-        let model = match Model::for_bundle(&bundle, &secrets).map_err(bad)? {
-            Model::OpenAi(model) => {
-                if let Some(endpoint) = &bundle.agent_spec.model.endpoint {
-                    self.egress.check_url(endpoint).map_err(forbidden)?;
-                }
-                Model::OpenAi(model.with_client(self.egress.client()))
-            }
-            other => other,
-        };
+        let model = self.governed_model(&bundle, &secrets)?;
         Ok(RunSlot {
             bundle,
             gateway,
@@ -835,13 +827,29 @@ where
         })
     }
 
+    /// The model `bundle` names, reached only through this service's egress rules.
+    fn governed_model(
+        &self,
+        bundle: &RunBundle,
+        secrets: &BTreeMap<String, String>,
+    ) -> Result<Model, Refusal> {
+        Ok(match Model::for_bundle(bundle, secrets).map_err(bad)? {
+            Model::OpenAi(model) => {
+                if let Some(endpoint) = &bundle.agent_spec.model.endpoint {
+                    self.egress.check_url(endpoint).map_err(forbidden)?;
+                }
+                Model::OpenAi(model.with_client(self.egress.client()))
+            }
+            other => other,
+        })
+    }
+
     /// The Secret values the run's tools and model reference, read from its own namespace.
     async fn secrets_of(
         &self,
-        caller: &Caller,
+        tenant: &TenantId,
         bundle: &RunBundle,
     ) -> Result<BTreeMap<String, String>, Refusal> {
-        let mut out = BTreeMap::new();
         let agent = &bundle.agent_spec;
         let refs = agent
             .tools
@@ -851,11 +859,23 @@ where
                 let hook = t.adapter.webhook.as_ref().map(|w| w.secret_ref.clone());
                 http.into_iter().chain(hook)
             })
-            .chain(agent.model.secret_ref.clone());
+            .chain(agent.model.secret_ref.clone())
+            .collect();
+        self.secret_values(tenant, refs).await
+    }
+
+    /// The values of `refs` in the tenant's namespace (a missing one is left out: whoever
+    /// needs it says which).
+    async fn secret_values(
+        &self,
+        tenant: &TenantId,
+        refs: Vec<contextos_crds::common::KeyRef>,
+    ) -> Result<BTreeMap<String, String>, Refusal> {
+        let mut out = BTreeMap::new();
         for key in refs {
             let value = self
                 .tenants
-                .secret(caller.tenant.as_str(), &key.name, &key.key)
+                .secret(tenant.as_str(), &key.name, &key.key)
                 .await
                 .map_err(|e| match e {
                     TenantError::Refused(why) => forbidden(why),

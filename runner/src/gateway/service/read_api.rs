@@ -151,7 +151,11 @@ where
         let object: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| bad(format!("the candidate is not JSON: {e}")))?;
         let candidate = order.candidate(&object).map_err(|e| bad(e.to_string()))?;
-        let gate = crate::run::gate::run_gate(&service.store, &tenant, order, &candidate, now_ms())
+        let models = Arc::new(TenantModels {
+            service: service.clone(),
+            tenant: tenant.clone(),
+        });
+        let gate = crate::run::gate::run_gate(&service.store, &tenant, order, &candidate, models, now_ms())
             .await
             .map_err(unavailable)?;
         let verdict = GateVerdict {
@@ -323,5 +327,34 @@ where
             .map_err(feedback_refusal)?;
         let records: Vec<_> = history.links.into_iter().map(|l| l.record).collect();
         Ok(Json(records).into_response())
+    }
+}
+
+/// A gate's re-execution asks each recorded run's own model, as the run did: its key from the
+/// tenant's namespace, its endpoint reached through this service's egress rules. Only the
+/// model's key is read: re-executed tool calls are answered from the record, never made.
+struct TenantModels<S, A, T> {
+    service: Arc<GatewayService<S, A, T>>,
+    tenant: TenantId,
+}
+
+impl<S, A, T> crate::run::reexecute::ModelSource for TenantModels<S, A, T>
+where
+    S: RecordStore + MemoryBackend + 'static,
+    A: Authenticator + ReaderAuthority + 'static,
+    T: TenantView + 'static,
+{
+    fn model_for<'a>(&'a self, bundle: &'a RunBundle) -> crate::run::reexecute::ModelLookup<'a> {
+        Box::pin(async move {
+            let key = bundle.agent_spec.model.secret_ref.clone().into_iter().collect();
+            let secrets = self
+                .service
+                .secret_values(&self.tenant, key)
+                .await
+                .map_err(|refusal| refusal.2)?;
+            self.service
+                .governed_model(bundle, &secrets)
+                .map_err(|refusal| refusal.2)
+        })
     }
 }

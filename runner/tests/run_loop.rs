@@ -751,6 +751,26 @@ fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
         .unwrap_or(0);
     assert!(tokens > 0, "the cost is reported:\n{}", asked.stdout);
 
+    // A token limit below what the samples use stops the replay, which fails and says why.
+    let capped = q.cli(&[
+        "replay",
+        "--session",
+        "checkout-5xx",
+        "--reexecute",
+        "--samples",
+        "2",
+        "--max-tokens",
+        &(tokens / 4).max(1).to_string(),
+    ]);
+    assert_eq!(capped.code, Some(3), "{}\n{}", capped.stdout, capped.stderr);
+    assert!(
+        capped.stdout.contains("stopped: re-execution used")
+            && capped.stdout.contains("more than its limit of")
+            && capped.stdout.contains("→ FAIL"),
+        "{}",
+        capped.stdout
+    );
+
     // The pack as it is, re-executed: the model makes the recorded decisions again.
     let same = q.cli(&[
         "replay",

@@ -11,6 +11,7 @@ use contextos_runner::{
     run::{
         bundle::Candidate,
         gate::{GATE_PATH, SignedGateVerdict},
+        reexecute::over_budget,
         replay::{Judging, Reexecution, ReplayGate, ReplaySummary, replay_run_as, replay_runs},
     },
 };
@@ -63,6 +64,10 @@ pub struct ReplayArgs {
     /// With --reexecute: times each run is re-executed (to bound the model's nondeterminism).
     #[arg(long, default_value_t = 3, requires = "reexecute")]
     samples: u32,
+    /// With --reexecute: the most model tokens all the runs may use; past it the replay stops
+    /// and fails, as a gate's `reexecute.maxTokens` does.
+    #[arg(long, value_name = "TOKENS", requires = "reexecute", value_parser = clap::value_parser!(u64).range(1..))]
+    max_tokens: Option<u64>,
     /// With --reexecute: a model key as `<secret>/<key>=VALUE` (`=@file` reads a file).
     #[arg(long = "secret", value_name = "SECRET/KEY=VALUE", requires = "reexecute")]
     secrets: Vec<String>,
@@ -132,17 +137,25 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
     let store = global.open_store().await?;
     let candidate = candidate(&args.candidates)?;
     let reexecution = match args.reexecute {
-        true => Some(Reexecution::with_keys(
-            args.samples,
-            super::run::secret_values(&args.secrets)?,
-        )),
+        true => Some(Reexecution {
+            max_tokens: args.max_tokens,
+            ..Reexecution::with_keys(args.samples, super::run::secret_values(&args.secrets)?)
+        }),
         false => None,
     };
     let summary = if let Some(run_id) = &args.run {
         let replay = replay_run_as(&store, &tenant, run_id, &candidate, reexecution.as_ref()).await?;
         let summary = ReplaySummary::new(vec![replay], Vec::new(), args.max_divergence_percent);
         match &reexecution {
-            Some(r) => summary.reexecuted(r.samples(), None),
+            Some(r) => {
+                let spent = summary
+                    .replays
+                    .iter()
+                    .filter_map(|r| r.reexecution.as_ref())
+                    .map(|r| r.tokens)
+                    .sum();
+                summary.reexecuted(r.samples(), over_budget(r, spent, 1))
+            }
             None => summary,
         }
     } else {

@@ -123,7 +123,7 @@ pub fn over_budget(reexecution: &Reexecution, spent: u64, runs: usize) -> Option
     let max = reexecution.max_tokens?;
     (spent > max).then(|| {
         format!(
-            "re-execution used {spent} model tokens over {runs} run(s), more than the gate's reexecute.maxTokens {max}; the rest were not re-executed and the gate fails (raise maxTokens or lower sampleSize or samples)"
+            "re-execution used {spent} model tokens over {runs} run(s), more than its limit of {max} (reexecute.maxTokens, or --max-tokens); the rest were not re-executed and the replay fails (raise the limit, or sample fewer runs or fewer times)"
         )
     })
 }
@@ -161,7 +161,7 @@ mod tests {
         r.max_tokens = Some(1100);
         assert_eq!(over_budget(&r, 1100, 2), None, "at the limit");
         let why = over_budget(&r, 1101, 2).expect("past it");
-        assert!(why.contains("1101") && why.contains("maxTokens 1100"), "{why}");
+        assert!(why.contains("1101") && why.contains("limit of 1100"), "{why}");
         r.samples = 99;
         assert_eq!(r.samples(), MAX_SAMPLES);
     }

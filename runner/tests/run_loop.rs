@@ -611,6 +611,26 @@ fn autotune_finds_a_tighter_token_budget_and_refuses_one_that_would_halt_runs() 
         "{}",
         refused.stderr
     );
+    // The critic's revisions are a knob of the Agent too.
+    let revisions = q.cli(&[
+        "autotune",
+        examples,
+        "--agent",
+        "oncall-assistant",
+        "--knob",
+        "max-revisions",
+    ]);
+    assert_eq!(revisions.code, Some(0), "{}", revisions.stderr);
+    // The recorded run never revised: 0, the field's floor, is measured and proposed.
+    assert!(
+        revisions
+            .stderr
+            .contains("trial critic.maxRevisions = 0: 1 run(s), no divergence")
+            && revisions.stdout.contains("setCritic:\n          maxRevisions: 0"),
+        "{}\n{}",
+        revisions.stdout,
+        revisions.stderr
+    );
     // The tightest value itself, named, is measured clean and proposed as it is.
     let named = q.cli(&[
         "autotune",
@@ -657,10 +677,8 @@ fn the_digest_says_what_the_agents_did_in_text_json_and_one_html_page() {
     );
 }
 
-#[test]
-fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
-    // The quickstart, with a model that reads its instructions: told to act fast, it restarts
-    // first and answers.
+/// The quickstart's files, to change before a run.
+fn quickstart_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     for entry in std::fs::read_dir(Quickstart::examples()).expect("examples") {
         let path = entry.expect("entry").path();
@@ -668,6 +686,135 @@ fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
             std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
         }
     }
+    dir
+}
+
+#[test]
+fn autotune_tightens_a_pack_sources_cap_only_as_far_as_the_model_still_reads_what_it_acts_on() {
+    // The quickstart, with a model that follows the runbook only when it reads the runbook's
+    // last line; without it, it answers at once and resolves nothing.
+    let dir = quickstart_copy();
+    let configmaps = dir.path().join("configmaps.yaml");
+    let text = std::fs::read_to_string(&configmaps).expect("configmaps");
+    let (head, turns) = text.split_once(r#""turns": ["#).expect("the script's turns");
+    let (turns, tail) = turns.split_once("\n      ]").expect("the end of the turns");
+    let text = format!(
+        r#"{head}"turns": [{{"content": "{{\"summary\": \"No runbook at hand; escalating.\", \"actions\": [], \"resolved\": false}}"}}],
+      "variants": [{{"whenContextContains": "Never delete namespaces during an incident", "turns": [{turns}
+      ]}}]{tail}"#
+    );
+    std::fs::write(&configmaps, text).expect("write");
+    let q = Quickstart::with_files(&[], dir.path().to_owned());
+    q.drive(None);
+    let files = dir.path().to_str().expect("utf-8");
+    let autotune = |extra: &[&str]| {
+        let mut args = vec![
+            "autotune",
+            files,
+            "--agent",
+            "oncall-assistant",
+            "--knob",
+            "source-max-tokens",
+            "--source",
+            "checkout-runbook",
+        ];
+        args.extend_from_slice(extra);
+        q.cli(&args)
+    };
+    let tightest = |out: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.split("no new divergence down to ").nth(1))
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no tightest value in:\n{out}"))
+    };
+    // Replaying the recorded turns cannot see what the model no longer reads: any cap passes.
+    let played = autotune(&[]);
+    assert_eq!(played.code, Some(0), "{}\n{}", played.stdout, played.stderr);
+    assert_eq!(tightest(&played.stderr), 1, "{}", played.stderr);
+    // Re-executed, the model must still read the runbook's last line.
+    let asked = autotune(&["--reexecute", "--samples", "1"]);
+    assert_eq!(asked.code, Some(0), "{}\n{}", asked.stdout, asked.stderr);
+    let cap = tightest(&asked.stderr);
+    assert!(cap > 20 && cap < 2048, "{}", asked.stderr);
+    assert!(
+        asked.stderr.contains(&format!(
+            "trial ContextPack oncall-pack sources[checkout-runbook].maxTokens = {}: 1 run(s), ",
+            cap - 1
+        )) && !asked
+            .stderr
+            .contains(&format!("= {}: 1 run(s), no divergence", cap - 1)),
+        "one token less was measured and diverged:\n{}",
+        asked.stderr
+    );
+    // The proposal is the pack's: the source's cap with headroom, against the pack as it is.
+    let proposal: contextos_crds::Proposal = serde_yaml::from_str(asked.stdout.trim_start_matches("---\n"))
+        .unwrap_or_else(|e| panic!("{e}:\n{}", asked.stdout));
+    assert_eq!(proposal.spec.target.name, "oncall-pack");
+    let pack: contextos_crds::ContextPack =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.path().join("contextpack.yaml")).expect("pack"))
+            .expect("pack");
+    assert_eq!(
+        proposal.spec.base_digest,
+        contextos_runner::run::bundle::spec_digest(&pack.spec)
+    );
+    let patched = contextos_runner::proposals::patch::apply_context_pack(
+        &pack.spec,
+        proposal
+            .spec
+            .patch
+            .context_pack
+            .as_ref()
+            .expect("a ContextPack patch"),
+    )
+    .expect("applies");
+    let runbook = patched
+        .spec
+        .sources
+        .iter()
+        .find(|s| s.name == "checkout-runbook")
+        .expect("the runbook");
+    assert_eq!(
+        runbook.max_tokens,
+        Some(u32::try_from(cap + cap.div_ceil(5)).expect("small"))
+    );
+    // A cap that cuts the line the model acts on is refused.
+    let cut = (cap / 2).to_string();
+    let refused = autotune(&["--reexecute", "--samples", "1", "--value", &cut]);
+    assert_eq!(refused.code, Some(3), "{}\n{}", refused.stdout, refused.stderr);
+    assert!(
+        refused.stderr.contains(&format!(
+            "sources[checkout-runbook].maxTokens = {cut} would change 1 of 1 recorded run(s)"
+        )),
+        "{}",
+        refused.stderr
+    );
+    // A source the pack does not have is named.
+    let unknown = q.cli(&[
+        "autotune",
+        files,
+        "--agent",
+        "oncall-assistant",
+        "--knob",
+        "source-max-tokens",
+        "--source",
+        "nope",
+    ]);
+    assert_ne!(unknown.code, Some(0));
+    assert!(
+        unknown
+            .stderr
+            .contains("ContextPack oncall-pack has no source nope (it has: guidelines, checkout-runbook, example-incident)"),
+        "{}",
+        unknown.stderr
+    );
+}
+
+#[test]
+fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
+    // The quickstart, with a model that reads its instructions: told to act fast, it restarts
+    // first and answers.
+    let dir = quickstart_copy();
     let configmaps = dir.path().join("configmaps.yaml");
     let text = std::fs::read_to_string(&configmaps).expect("configmaps");
     let variant = r#"      "variants": [{"whenContextContains": "Act fast", "turns": [

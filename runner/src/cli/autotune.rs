@@ -1,7 +1,8 @@
-//! `contextos autotune`: the tightest run-budget limit an Agent's recorded runs replay under
-//! without a new divergence, measured by deterministic replays, proposed (with headroom) as a
-//! typed Agent patch printed as a Proposal; or a value the caller names, measured and refused
-//! when it would change a recorded run. Nothing is applied here.
+//! `contextos autotune`: the tightest value of a numeric knob (an Agent's run budget or critic
+//! revisions, its ContextPack's token budget or a source's cap) that the Agent's recorded runs
+//! replay under without a new divergence, measured by replays (or re-executions), proposed with
+//! headroom as a typed patch printed as a Proposal; or a value the caller names, measured and
+//! refused when it would change a recorded run. Nothing is applied here.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -9,6 +10,7 @@ use anyhow::Context as _;
 use contextos_runner::{
     proposals::autotune::{AutotuneError, Knob, Workload},
     records::{RunFilter, recorder::now_ms},
+    run::{bundle::NamedPack, replay::Reexecution},
 };
 
 use super::{GlobalArgs, targets::Specs};
@@ -21,12 +23,25 @@ pub struct AutotuneArgs {
     /// Files or directories holding the Agent (a GitOps checkout). Default: the live cluster of
     /// the current kubeconfig, in the tenant's namespace.
     paths: Vec<PathBuf>,
-    /// The Agent whose budget is tuned.
+    /// The Agent whose recorded runs are measured; the knob is its own or its ContextPack's.
     #[arg(long)]
     agent: String,
     /// The limit to tighten.
     #[arg(long, value_enum, default_value = "max-tokens")]
     knob: Knob,
+    /// With --knob source-max-tokens: the ContextPack source whose cap is tuned.
+    #[arg(long)]
+    source: Option<String>,
+    /// Judge each trial by re-executing the runs (the model asked again with the candidate, as
+    /// a ContextPack's gate does) instead of replaying their recorded turns.
+    #[arg(long)]
+    reexecute: bool,
+    /// With --reexecute: times each run is re-executed per trial.
+    #[arg(long, default_value_t = 3, requires = "reexecute")]
+    samples: u32,
+    /// With --reexecute: a model key as `<secret>/<key>=VALUE` (`=@file` reads a file).
+    #[arg(long = "secret", value_name = "SECRET/KEY=VALUE", requires = "reexecute")]
+    secrets: Vec<String>,
     /// Measure this value instead of searching: refused if a recorded run would change.
     #[arg(long)]
     value: Option<u64>,
@@ -48,6 +63,18 @@ pub async fn run(global: &GlobalArgs, args: AutotuneArgs) -> anyhow::Result<Exit
         .agents
         .get(&args.agent)
         .with_context(|| format!("Agent {} is not among the objects read", args.agent))?;
+    let pack_name = &spec.context_pack_ref.name;
+    let pack = specs.packs.get(pack_name).map(|spec| NamedPack {
+        name: pack_name.clone(),
+        spec: spec.clone(),
+    });
+    let reexecution = match args.reexecute {
+        true => Some(Reexecution::with_keys(
+            args.samples,
+            super::run::secret_values(&args.secrets)?,
+        )),
+        false => None,
+    };
     let store = global.open_records(&tenant).await?;
     let window = super::parse_span("--since", &args.since)?;
     let workload = Workload {
@@ -55,11 +82,14 @@ pub async fn run(global: &GlobalArgs, args: AutotuneArgs) -> anyhow::Result<Exit
         tenant: &tenant,
         agent: &args.agent,
         spec,
+        pack: pack.as_ref(),
+        source: args.source.as_deref(),
         filter: RunFilter {
             since_ms: Some(now_ms().saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))),
             limit: Some(args.sample.max(1)),
             ..RunFilter::default()
         },
+        reexecution,
     };
     let tuned = match args.value {
         Some(value) => workload.check(args.knob, value).await,
@@ -70,6 +100,7 @@ pub async fn run(global: &GlobalArgs, args: AutotuneArgs) -> anyhow::Result<Exit
         Err(
             e @ (AutotuneError::WouldChange { .. }
             | AutotuneError::NotClean { .. }
+            | AutotuneError::BelowFloor { .. }
             | AutotuneError::NoRuns(_)),
         ) => {
             eprintln!("refused: {e}");
@@ -80,7 +111,7 @@ pub async fn run(global: &GlobalArgs, args: AutotuneArgs) -> anyhow::Result<Exit
     for trial in &tuned.trials {
         eprintln!(
             "trial {} = {}: {} run(s), {}",
-            args.knob.field(),
+            tuned.setting.field,
             trial.value,
             trial.runs,
             if trial.clean() {
@@ -95,11 +126,11 @@ pub async fn run(global: &GlobalArgs, args: AutotuneArgs) -> anyhow::Result<Exit
         );
     }
     eprintln!("{}", tuned.summary(&args.agent));
-    if tuned.proposed == tuned.current {
+    if tuned.proposed == tuned.setting.current {
         eprintln!("nothing to propose: the current value is already the tightest with headroom");
         return Ok(ExitCode::SUCCESS);
     }
-    let draft = tuned.draft(&args.agent, spec);
+    let draft = workload.draft(&tuned)?;
     print!(
         "---\n{}",
         serde_yaml::to_string(&draft.manifest(tenant.as_str()))?

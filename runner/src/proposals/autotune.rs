@@ -1,11 +1,13 @@
-//! Autotune: the tightest value of one numeric knob of an Agent's run budget that its recorded
-//! runs still replay under without a single new divergence, found by measuring — each trial is
-//! a deterministic replay of the recorded runs with the candidate value — and proposed with
-//! headroom as a typed Agent patch, with what was measured. A value the caller asks for that
-//! would halt or change recorded runs is refused, with the runs it would change.
+//! Autotune: the tightest value of one numeric knob — an Agent's run budget or critic revisions,
+//! its ContextPack's token budget or a source's token cap — that the Agent's recorded runs still
+//! replay under without a single new divergence, found by measuring: each trial replays the
+//! recorded runs with the candidate value (deterministically, or re-executing them with the
+//! model asked again, as a pack's gate does). The value is proposed with headroom as a typed
+//! patch of the object that holds the knob, with what was measured. A value the caller asks for
+//! that would halt or change recorded runs is refused, with the runs it would change.
 //!
-//! The search is a binary search between 1 and the current value (the budget can only be
-//! tightened here), and assumes what the replay confirms: a tighter budget never lets a run
+//! The search is a binary search between the knob's floor and the current value (it can only
+//! be tightened here), and assumes what the replay confirms: a tighter value never lets a run
 //! further than a looser one. Every figure reported is a trial's, not an inference.
 
 use std::collections::BTreeMap;
@@ -13,7 +15,8 @@ use std::collections::BTreeMap;
 use contextos_crds::{
     AgentSpec,
     proposal::{
-        AgentOperation, AgentPatch, BudgetChange, ProposalInsight, ProposalPatch, ProposalTarget, TargetKind,
+        AgentOperation, AgentPatch, BudgetChange, ContextPackOperation, ContextPackPatch, CriticChange,
+        ProposalInsight, ProposalPatch, ProposalTarget, SetSourceMaxTokens, TargetKind,
     },
 };
 use serde::Serialize;
@@ -22,71 +25,70 @@ use super::Draft;
 use crate::{
     records::{RecordStore, RunFilter, TenantId},
     run::{
-        bundle::{Candidate, NamedAgent, spec_digest},
-        replay::{Judging, ReplayError, ReplaySummary, replay_runs},
+        bundle::{Candidate, NamedAgent, NamedPack, spec_digest},
+        replay::{Judging, Reexecution, ReplayError, ReplaySummary, replay_runs},
     },
 };
 
-/// A run-budget limit autotune can tighten.
+/// A numeric limit autotune can tighten.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "camelCase")]
 pub enum Knob {
-    /// budget.maxTokens
+    /// The Agent's budget.maxTokens
     MaxTokens,
-    /// budget.maxSteps
+    /// The Agent's budget.maxSteps
     MaxSteps,
-    /// budget.maxToolCalls
+    /// The Agent's budget.maxToolCalls
     MaxToolCalls,
+    /// The Agent's critic.maxRevisions
+    MaxRevisions,
+    /// The tokenBudget of the Agent's ContextPack
+    TokenBudget,
+    /// One source's maxTokens in the Agent's ContextPack (name it with `source`)
+    SourceMaxTokens,
 }
 
 impl Knob {
-    /// The field, as the Agent's spec names it.
-    pub fn field(self) -> &'static str {
+    /// The lowest value the field admits.
+    fn floor(self) -> u64 {
         match self {
-            Self::MaxTokens => "budget.maxTokens",
-            Self::MaxSteps => "budget.maxSteps",
-            Self::MaxToolCalls => "budget.maxToolCalls",
+            Self::MaxRevisions => 0,
+            Self::TokenBudget => 256,
+            _ => 1,
         }
     }
 
-    /// Its value in `spec`.
-    pub fn get(self, spec: &AgentSpec) -> u64 {
-        match self {
-            Self::MaxTokens => spec.budget.max_tokens,
-            Self::MaxSteps => spec.budget.max_steps.into(),
-            Self::MaxToolCalls => spec.budget.max_tool_calls.into(),
-        }
+    /// Whether the knob is the ContextPack's rather than the Agent's.
+    fn in_pack(self) -> bool {
+        matches!(self, Self::TokenBudget | Self::SourceMaxTokens)
     }
+}
 
-    /// `spec` with the knob at `value` (saturating where the field is narrower).
-    pub fn set(self, spec: &AgentSpec, value: u64) -> AgentSpec {
-        let mut spec = spec.clone();
-        let narrow = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-        match self {
-            Self::MaxTokens => spec.budget.max_tokens = value,
-            Self::MaxSteps => spec.budget.max_steps = narrow(value),
-            Self::MaxToolCalls => spec.budget.max_tool_calls = narrow(value),
-        }
-        spec
-    }
+/// What one knob is, in one workload: the field by name, its current value, and how a value
+/// becomes a candidate and a patch.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Setting {
+    pub knob: Knob,
+    /// The field, as its object's spec names it (e.g. `sources[runbook].maxTokens`).
+    pub field: String,
+    pub current: u64,
+}
 
-    fn change(self, value: u64) -> BudgetChange {
-        let narrow = |v: u64| Some(u32::try_from(v).unwrap_or(u32::MAX));
-        match self {
-            Self::MaxTokens => BudgetChange {
-                max_tokens: Some(value),
-                ..BudgetChange::default()
-            },
-            Self::MaxSteps => BudgetChange {
-                max_steps: narrow(value),
-                ..BudgetChange::default()
-            },
-            Self::MaxToolCalls => BudgetChange {
-                max_tool_calls: narrow(value),
-                ..BudgetChange::default()
-            },
-        }
-    }
+/// The recorded runs of one agent, and how to replay them.
+#[derive(Debug)]
+pub struct Workload<'a, S> {
+    pub store: &'a S,
+    pub tenant: &'a TenantId,
+    pub agent: &'a str,
+    pub spec: &'a AgentSpec,
+    /// The Agent's ContextPack, for the pack's knobs.
+    pub pack: Option<&'a NamedPack>,
+    /// The source whose cap `Knob::SourceMaxTokens` tunes.
+    pub source: Option<&'a str>,
+    pub filter: RunFilter,
+    /// Trials re-execute the runs (the model asked again) instead of replaying their turns.
+    pub reexecution: Option<Reexecution>,
 }
 
 /// One measured value: the replay of the recorded runs under it.
@@ -154,11 +156,10 @@ impl Trial {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Tuned {
-    pub knob: Knob,
-    pub current: u64,
+    pub setting: Setting,
     /// The smallest value the runs replay under unchanged.
     pub tightest: u64,
-    /// What is proposed: `tightest` with headroom, never above `current`.
+    /// What is proposed: `tightest` with headroom, never above the current value.
     pub proposed: u64,
     /// Every trial, in the order it was made.
     pub trials: Vec<Trial>,
@@ -171,49 +172,126 @@ pub enum AutotuneError {
     Replay(#[from] ReplayError),
     #[error("no finished run of agent {0} in the window: nothing to measure a budget against")]
     NoRuns(String),
+    #[error("{0}")]
+    NoSuchKnob(String),
     #[error(
         "the recorded runs do not replay unchanged even at the current {field} ({current}): {changed}; a tighter value cannot be judged"
     )]
     NotClean {
-        field: &'static str,
+        field: String,
         current: u64,
         changed: String,
     },
     #[error("{field} = {value} would change {} of {runs} recorded run(s): {}", changed.len(), changed.iter().map(|(r, why)| format!("run {r} at {why}")).collect::<Vec<_>>().join("; "))]
     WouldChange {
-        field: &'static str,
+        field: String,
         value: u64,
         runs: usize,
         changed: Vec<(String, String)>,
     },
     #[error("{field} = {value} is not tighter than the current {current}: autotune only tightens")]
-    NotTighter {
-        field: &'static str,
-        value: u64,
-        current: u64,
-    },
-}
-
-/// The recorded runs of one agent, and how to replay them.
-#[derive(Debug)]
-pub struct Workload<'a, S> {
-    pub store: &'a S,
-    pub tenant: &'a TenantId,
-    pub agent: &'a str,
-    pub spec: &'a AgentSpec,
-    pub filter: RunFilter,
+    NotTighter { field: String, value: u64, current: u64 },
+    #[error("{field} = {value} is below the lowest value the field admits ({floor})")]
+    BelowFloor { field: String, value: u64, floor: u64 },
 }
 
 impl<S: RecordStore> Workload<'_, S> {
-    /// Replays the runs with the knob at `value`.
-    pub async fn trial(&self, knob: Knob, value: u64) -> Result<Trial, AutotuneError> {
-        let candidate = Candidate {
+    /// The pack the knob is in, or why there is none.
+    fn pack(&self, knob: Knob) -> Result<&NamedPack, AutotuneError> {
+        self.pack.ok_or_else(|| {
+            AutotuneError::NoSuchKnob(format!(
+                "{knob:?} is a knob of the Agent's ContextPack, and ContextPack {} was not read",
+                self.spec.context_pack_ref.name
+            ))
+        })
+    }
+
+    /// What `knob` is here: its field and current value.
+    pub fn setting(&self, knob: Knob) -> Result<Setting, AutotuneError> {
+        let agent = |field: &str, current: u64| Setting {
+            knob,
+            field: field.to_owned(),
+            current,
+        };
+        Ok(match knob {
+            Knob::MaxTokens => agent("budget.maxTokens", self.spec.budget.max_tokens),
+            Knob::MaxSteps => agent("budget.maxSteps", self.spec.budget.max_steps.into()),
+            Knob::MaxToolCalls => agent("budget.maxToolCalls", self.spec.budget.max_tool_calls.into()),
+            Knob::MaxRevisions => agent("critic.maxRevisions", self.spec.critic.max_revisions.into()),
+            Knob::TokenBudget => {
+                let pack = self.pack(knob)?;
+                agent(
+                    &format!("ContextPack {} tokenBudget", pack.name),
+                    pack.spec.token_budget.into(),
+                )
+            }
+            Knob::SourceMaxTokens => {
+                let pack = self.pack(knob)?;
+                let name = self.source.ok_or_else(|| {
+                    AutotuneError::NoSuchKnob(
+                        "source-max-tokens tunes one source: name it with --source".into(),
+                    )
+                })?;
+                let source = pack.spec.sources.iter().find(|s| s.name == name).ok_or_else(|| {
+                    AutotuneError::NoSuchKnob(format!(
+                        "ContextPack {} has no source {name} (it has: {})",
+                        pack.name,
+                        pack.spec
+                            .sources
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+                // Uncapped, a source can use at most the pack's whole budget.
+                let current = source.max_tokens.unwrap_or(pack.spec.token_budget);
+                agent(
+                    &format!("ContextPack {} sources[{name}].maxTokens", pack.name),
+                    current.into(),
+                )
+            }
+        })
+    }
+
+    /// The Agent and pack with the knob at `value` (saturating where the field is narrower).
+    fn candidate(&self, knob: Knob, value: u64) -> Result<Candidate, AutotuneError> {
+        let narrow = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        if knob.in_pack() {
+            let mut pack = self.pack(knob)?.clone();
+            match knob {
+                Knob::TokenBudget => pack.spec.token_budget = narrow(value),
+                _ => {
+                    let name = self.source.unwrap_or_default();
+                    for source in pack.spec.sources.iter_mut().filter(|s| s.name == name) {
+                        source.max_tokens = Some(narrow(value));
+                    }
+                }
+            }
+            return Ok(Candidate {
+                context_pack: Some(pack),
+                ..Candidate::default()
+            });
+        }
+        let mut spec = self.spec.clone();
+        match knob {
+            Knob::MaxTokens => spec.budget.max_tokens = value,
+            Knob::MaxSteps => spec.budget.max_steps = narrow(value),
+            Knob::MaxToolCalls => spec.budget.max_tool_calls = narrow(value),
+            _ => spec.critic.max_revisions = narrow(value),
+        }
+        Ok(Candidate {
             agent: Some(NamedAgent {
                 name: self.agent.to_owned(),
-                spec: knob.set(self.spec, value),
+                spec,
             }),
             ..Candidate::default()
-        };
+        })
+    }
+
+    /// Replays the runs with the knob at `value`.
+    pub async fn trial(&self, knob: Knob, value: u64) -> Result<Trial, AutotuneError> {
+        let candidate = self.candidate(knob, value)?;
         let summary = replay_runs(
             self.store,
             self.tenant,
@@ -221,7 +299,10 @@ impl<S: RecordStore> Workload<'_, S> {
             &[self.agent.to_owned()],
             &BTreeMap::new(),
             &candidate,
-            &Judging::default(),
+            &Judging {
+                reexecution: self.reexecution.clone(),
+                ..Judging::default()
+            },
         )
         .await?;
         if summary.runs == 0 {
@@ -233,20 +314,21 @@ impl<S: RecordStore> Workload<'_, S> {
     /// The tightest value of `knob` the runs replay under unchanged, and the proposed value
     /// (`headroom_percent` above it, at most the current value).
     pub async fn search(&self, knob: Knob, headroom_percent: u32) -> Result<Tuned, AutotuneError> {
-        let current = knob.get(self.spec);
+        let setting = self.setting(knob)?;
+        let current = setting.current;
         let mut trials = Vec::new();
         let baseline = self.trial(knob, current).await?;
         let clean = baseline.clean();
         trials.push(baseline.clone());
         if !clean {
             return Err(AutotuneError::NotClean {
-                field: knob.field(),
+                field: setting.field,
                 current,
                 changed: changed_text(&baseline.changed_runs),
             });
         }
         // Invariant: `high` replays clean; every value below `low` was measured not to.
-        let (mut low, mut high) = (1, current);
+        let (mut low, mut high) = (knob.floor().min(current), current);
         while low < high {
             let middle = low + (high - low) / 2;
             let trial = self.trial(knob, middle).await?;
@@ -268,7 +350,7 @@ impl<S: RecordStore> Workload<'_, S> {
             if !clean {
                 // Not monotonic after all: say so rather than propose what was not measured clean.
                 return Err(AutotuneError::WouldChange {
-                    field: knob.field(),
+                    field: setting.field,
                     value: proposed,
                     runs: trial.runs,
                     changed: trial.changed_runs,
@@ -276,8 +358,7 @@ impl<S: RecordStore> Workload<'_, S> {
             }
         }
         Ok(Tuned {
-            knob,
-            current,
+            setting,
             tightest,
             proposed,
             trials,
@@ -286,29 +367,116 @@ impl<S: RecordStore> Workload<'_, S> {
 
     /// A value the caller chose, measured: refused if it would change a recorded run.
     pub async fn check(&self, knob: Knob, value: u64) -> Result<Tuned, AutotuneError> {
-        let current = knob.get(self.spec);
-        if value >= current {
+        let setting = self.setting(knob)?;
+        if value >= setting.current {
             return Err(AutotuneError::NotTighter {
-                field: knob.field(),
+                field: setting.field,
                 value,
-                current,
+                current: setting.current,
+            });
+        }
+        if value < knob.floor() {
+            return Err(AutotuneError::BelowFloor {
+                field: setting.field,
+                value,
+                floor: knob.floor(),
             });
         }
         let trial = self.trial(knob, value).await?;
         if !trial.clean() {
             return Err(AutotuneError::WouldChange {
-                field: knob.field(),
+                field: setting.field,
                 value,
                 runs: trial.runs,
                 changed: trial.changed_runs,
             });
         }
         Ok(Tuned {
-            knob,
-            current,
+            setting,
             tightest: value,
             proposed: value,
             trials: vec![trial],
+        })
+    }
+
+    /// The proposal: the knob's object with the proposed value.
+    pub fn draft(&self, tuned: &Tuned) -> Result<Draft, AutotuneError> {
+        let knob = tuned.setting.knob;
+        let value = tuned.proposed;
+        let narrow = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        let (target, base_digest, patch) = if knob.in_pack() {
+            let pack = self.pack(knob)?;
+            let operation = match knob {
+                Knob::TokenBudget => ContextPackOperation {
+                    set_token_budget: Some(narrow(value)),
+                    ..ContextPackOperation::default()
+                },
+                _ => ContextPackOperation {
+                    set_source_max_tokens: Some(SetSourceMaxTokens {
+                        source: self.source.unwrap_or_default().to_owned(),
+                        max_tokens: Some(narrow(value)),
+                    }),
+                    ..ContextPackOperation::default()
+                },
+            };
+            (
+                ProposalTarget {
+                    kind: TargetKind::ContextPack,
+                    name: pack.name.clone(),
+                },
+                spec_digest(&pack.spec),
+                ProposalPatch {
+                    context_pack: Some(ContextPackPatch {
+                        operations: vec![operation],
+                    }),
+                    ..ProposalPatch::default()
+                },
+            )
+        } else {
+            let operation = match knob {
+                Knob::MaxRevisions => AgentOperation {
+                    set_critic: Some(CriticChange {
+                        max_revisions: Some(narrow(value)),
+                        ..CriticChange::default()
+                    }),
+                    ..AgentOperation::default()
+                },
+                _ => AgentOperation {
+                    set_budget: Some(BudgetChange {
+                        max_tokens: (knob == Knob::MaxTokens).then_some(value),
+                        max_steps: (knob == Knob::MaxSteps).then(|| narrow(value)),
+                        max_tool_calls: (knob == Knob::MaxToolCalls).then(|| narrow(value)),
+                        ..BudgetChange::default()
+                    }),
+                    ..AgentOperation::default()
+                },
+            };
+            (
+                ProposalTarget {
+                    kind: TargetKind::Agent,
+                    name: self.agent.to_owned(),
+                },
+                spec_digest(self.spec),
+                ProposalPatch {
+                    agent: Some(AgentPatch {
+                        operations: vec![operation],
+                    }),
+                    ..ProposalPatch::default()
+                },
+            )
+        };
+        Ok(Draft {
+            target,
+            base_digest,
+            patch,
+            insight: ProposalInsight {
+                kind: "autotune".into(),
+                agent: self.agent.to_owned(),
+                about: tuned.setting.field.chars().take(253).collect(),
+                summary: tuned.summary(self.agent).chars().take(1024).collect(),
+                runs: tuned.trials.first().map_or(0, |t| t.runs as u64),
+                evidence: Vec::new(),
+            },
         })
     }
 }
@@ -328,8 +496,8 @@ impl Tuned {
         let below = self.trials.iter().filter(|t| !t.clean()).max_by_key(|t| t.value);
         format!(
             "{}: {} → {} for agent {agent}: its {runs} recorded run(s) replay with no new divergence down to {}{}; {} trial(s)",
-            self.knob.field(),
-            self.current,
+            self.setting.field,
+            self.setting.current,
             self.proposed,
             self.tightest,
             below.map_or_else(String::new, |t| format!(
@@ -339,33 +507,5 @@ impl Tuned {
             )),
             self.trials.len()
         )
-    }
-
-    /// The proposal: the Agent's budget set to the proposed value.
-    pub fn draft(&self, agent: &str, spec: &AgentSpec) -> Draft {
-        Draft {
-            target: ProposalTarget {
-                kind: TargetKind::Agent,
-                name: agent.to_owned(),
-            },
-            base_digest: spec_digest(spec),
-            patch: ProposalPatch {
-                agent: Some(AgentPatch {
-                    operations: vec![AgentOperation {
-                        set_budget: Some(self.knob.change(self.proposed)),
-                        ..AgentOperation::default()
-                    }],
-                }),
-                ..ProposalPatch::default()
-            },
-            insight: ProposalInsight {
-                kind: "autotune".into(),
-                agent: agent.to_owned(),
-                about: self.knob.field().into(),
-                summary: self.summary(agent).chars().take(1024).collect(),
-                runs: self.trials.first().map_or(0, |t| t.runs as u64),
-                evidence: Vec::new(),
-            },
-        }
     }
 }

@@ -309,8 +309,9 @@ pub struct ReexecuteSpec {
     /// nondeterminism (the sample that diverges most is judged). 0 turns re-execution off.
     #[schemars(range(min = 0, max = 20))]
     pub samples: u32,
-    /// The most model tokens one gate may spend re-executing; a gate that would spend more
-    /// fails, saying so. Unset: no limit beyond `sampleSize` × `samples` sessions.
+    /// The most model tokens one gate may spend re-executing, counted turn by turn: once they
+    /// are spent no more turns are asked for, and the gate fails, saying so. Unset: no limit
+    /// beyond `sampleSize` × `samples` sessions and the gate's 20 minutes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_tokens: Option<u64>,

@@ -18,7 +18,11 @@ use contextos_crds::{
     agent::{AgentGateStatus, MemberGate},
     common::{Approvers, PromotedBy, PromotionMode, PromotionSpec, ReexecuteSpec, ReplaySelector},
 };
-use contextos_runner::run::{bundle::Composition, bundle::spec_digest, gate::GatedKind};
+use contextos_runner::run::{
+    bundle::Composition,
+    bundle::spec_digest,
+    gate::{GatedKind, reexecution_of},
+};
 
 /// One object the candidate composition uses, as its status shows it now.
 #[derive(Clone, Debug)]
@@ -168,20 +172,35 @@ fn changed_beyond_gated_members(
                         // evidence's intended change excused), accepted by the gate's approvers.
                         && matches!(m.promoted_by, Some(PromotedBy::Replay | PromotedBy::Proposal))
                         && m.promoted_from == Some(old.as_str())
-                        && m.promotion.is_some_and(|own| covers(own, gate, agent))
+                        && m.promotion.is_some_and(|own| {
+                            let proposal = m.promoted_by == Some(PromotedBy::Proposal);
+                            covers(m.kind, own, proposal, gate, agent)
+                        })
                 })
         })
 }
 
-/// Whether a member's gate replays at least what the Agent's gate would: this Agent's sessions,
-/// no laxer threshold, and an approver when the Agent's gate needs one.
-fn covers(member: &PromotionSpec, agent_gate: &PromotionSpec, agent: &str) -> bool {
+/// Whether a member's gate (of a `kind` object, run for a Proposal when `proposal`) replays at
+/// least what the Agent's gate would: this Agent's sessions, no laxer threshold, an approver
+/// when the Agent's gate needs one, and for a ContextPack — what the model is told — as many
+/// re-executions (a pack whose own gate turned them off does not shed the Agent's).
+fn covers(
+    kind: GatedKind,
+    member: &PromotionSpec,
+    proposal: bool,
+    agent_gate: &PromotionSpec,
+    agent: &str,
+) -> bool {
     let selects = member.replay.selector.match_labels.is_empty()
         && (member.replay.selector.agents.is_empty()
             || member.replay.selector.agents.iter().any(|a| a == agent));
+    let samples = |kind, replay, proposal| reexecution_of(kind, replay, proposal).map_or(0, |r| r.samples);
     selects
         && member.replay.max_divergence_percent <= agent_gate.replay.max_divergence_percent
         && member.replay.sample_size >= agent_gate.replay.sample_size
+        && (kind != GatedKind::ContextPack
+            || samples(kind, &member.replay, proposal)
+                >= samples(GatedKind::Agent, &agent_gate.replay, false))
         && (agent_gate.mode == PromotionMode::Automatic || member.mode == PromotionMode::Manual)
 }
 
@@ -219,7 +238,7 @@ pub fn effective_gate(
 }
 
 /// The re-execution that samples more, of two gates' (unset is what an Agent's gate does
-/// unset: the default samples, no token limit); the higher token limit, none if either has none.
+/// unset: the default samples, no token limit), within the lower token limit either sets.
 fn more_samples(a: Option<ReexecuteSpec>, b: Option<ReexecuteSpec>) -> Option<ReexecuteSpec> {
     let or_default = |r: Option<ReexecuteSpec>| {
         r.unwrap_or(ReexecuteSpec {
@@ -230,7 +249,10 @@ fn more_samples(a: Option<ReexecuteSpec>, b: Option<ReexecuteSpec>) -> Option<Re
     let (a, b) = (or_default(a), or_default(b));
     Some(ReexecuteSpec {
         samples: a.samples.max(b.samples),
-        max_tokens: a.max_tokens.zip(b.max_tokens).map(|(a, b)| a.max(b)),
+        max_tokens: match (a.max_tokens, b.max_tokens) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
     })
 }
 
@@ -621,6 +643,51 @@ mod tests {
     }
 
     #[test]
+    fn a_pack_whose_own_gate_turned_re_execution_off_does_not_stand_in_for_the_agents() {
+        let gates = guardrails_gate(0);
+        let before = composition(vec![policy("guardrails", "deny")]);
+        let mut after = before.clone();
+        after.context_pack.spec.instructions = "Act fast; diagnose later.".into();
+        let old = spec_digest(&before.context_pack.spec);
+        let new = spec_digest(&after.context_pack.spec);
+        let pack = |promotion| Member {
+            kind: GatedKind::ContextPack,
+            name: "ops",
+            digest: &new,
+            promotion,
+            promoted_by: Some(PromotedBy::Replay),
+            promoted_from: Some(&old),
+        };
+        let mut off = gate(0);
+        off.replay.reexecute = Some(ReexecuteSpec {
+            samples: 0,
+            max_tokens: None,
+        });
+        assert!(matches!(
+            decide(
+                "ops",
+                None,
+                in_force(&before, &gates),
+                &after,
+                &[pack(Some(&off))]
+            ),
+            Need::Replay(_)
+        ));
+        // Re-executed by its own gate as often as the Agent's would: no second replay.
+        let silent = gate(0);
+        assert!(matches!(
+            decide(
+                "ops",
+                None,
+                in_force(&before, &gates),
+                &after,
+                &[pack(Some(&silent))]
+            ),
+            Need::Direct(PromotedBy::Members, _)
+        ));
+    }
+
+    #[test]
     fn re_execution_combines_to_the_most_samples_and_an_explicit_off_does_not_win_alone() {
         let reexecuting = |samples, max_tokens| {
             let mut g = gate(0);
@@ -643,9 +710,9 @@ mod tests {
             combined.replay.reexecute,
             Some(ReexecuteSpec {
                 samples: 5,
-                max_tokens: None
+                max_tokens: Some(1000)
             }),
-            "the most samples, and the unlimited token budget of the gate that set none"
+            "the most samples, within the token limit one of them set"
         );
         // Alone, the Agent's own choice stands.
         let alone = effective_gate("ops", Some(&off), &[], &[]).expect("a gate");

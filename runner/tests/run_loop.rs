@@ -911,11 +911,39 @@ fn re_execution_judges_a_reworded_pack_that_replaying_recorded_turns_cannot() {
     ]);
     assert_eq!(capped.code, Some(3), "{}\n{}", capped.stdout, capped.stderr);
     assert!(
-        capped.stdout.contains("stopped: re-execution used")
-            && capped.stdout.contains("more than its limit of")
+        capped.stdout.contains("stopped: re-execution spent")
+            && capped.stdout.contains("reaching its limit of")
             && capped.stdout.contains("→ FAIL"),
         "{}",
         capped.stdout
+    );
+
+    // A candidate that changes the model is not judged by asking the recorded one: its
+    // decisions are replayed, and the report says so.
+    let agent = std::fs::read_to_string(dir.path().join("agent.yaml")).expect("agent");
+    let other_model = dir.path().join("other-model-agent.yaml");
+    std::fs::write(
+        &other_model,
+        agent.replacen("model: quickstart-script", "model: quickstart-script-v2", 1),
+    )
+    .expect("write");
+    let moved = q.cli(&[
+        "replay",
+        "--session",
+        "checkout-5xx",
+        "--candidate",
+        other_model.to_str().expect("utf-8"),
+        "--reexecute",
+        "--samples",
+        "2",
+    ]);
+    assert_eq!(moved.code, Some(0), "{}\n{}", moved.stdout, moved.stderr);
+    assert!(
+        moved.stdout.contains(
+            "decisions replayed, not re-executed: the candidate changes the model (quickstart-script → quickstart-script-v2)"
+        ),
+        "{}",
+        moved.stdout
     );
 
     // The pack as it is, re-executed: the model makes the recorded decisions again.

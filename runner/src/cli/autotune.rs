@@ -39,6 +39,10 @@ pub struct AutotuneArgs {
     /// With --reexecute: times each run is re-executed per trial.
     #[arg(long, default_value_t = 3, requires = "reexecute")]
     samples: u32,
+    /// With --reexecute: the most model tokens the whole search may spend; past it the search
+    /// stops and nothing is proposed.
+    #[arg(long, value_name = "TOKENS", requires = "reexecute", value_parser = clap::value_parser!(u64).range(1..))]
+    max_tokens: Option<u64>,
     /// With --reexecute: a model key as `<secret>/<key>=VALUE` (`=@file` reads a file).
     #[arg(long = "secret", value_name = "SECRET/KEY=VALUE", requires = "reexecute")]
     secrets: Vec<String>,
@@ -68,11 +72,17 @@ pub async fn run(global: &GlobalArgs, args: AutotuneArgs) -> anyhow::Result<Exit
         name: pack_name.clone(),
         spec: spec.clone(),
     });
+    if args.source.is_some() && args.knob != Knob::SourceMaxTokens {
+        anyhow::bail!(
+            "--source names the source of --knob source-max-tokens; the knob is {:?}",
+            args.knob
+        );
+    }
     let reexecution = match args.reexecute {
-        true => Some(Reexecution::with_keys(
-            args.samples,
-            super::run::secret_values(&args.secrets)?,
-        )),
+        true => Some(
+            Reexecution::with_keys(args.samples, super::run::secret_values(&args.secrets)?)
+                .limited(args.max_tokens),
+        ),
         false => None,
     };
     let store = global.open_records(&tenant).await?;
@@ -101,6 +111,7 @@ pub async fn run(global: &GlobalArgs, args: AutotuneArgs) -> anyhow::Result<Exit
             e @ (AutotuneError::WouldChange { .. }
             | AutotuneError::NotClean { .. }
             | AutotuneError::BelowFloor { .. }
+            | AutotuneError::Stopped(_)
             | AutotuneError::NoRuns(_)),
         ) => {
             eprintln!("refused: {e}");

@@ -10,9 +10,8 @@ use contextos_runner::{
     records::{RecordStore as _, RunFilter, store::any::AnyStore},
     run::{
         bundle::Candidate,
-        gate::{GATE_PATH, SignedGateVerdict},
-        reexecute::over_budget,
-        replay::{Judging, Reexecution, ReplayGate, ReplaySummary, replay_run_as, replay_runs},
+        gate::{GATE_DEADLINE, GATE_PATH, SignedGateVerdict},
+        replay::{Judging, Reexecution, ReplayError, ReplayGate, ReplaySummary, replay_run_as, replay_runs},
     },
 };
 
@@ -105,7 +104,14 @@ pub async fn gate(global: &GlobalArgs, args: GateArgs) -> anyhow::Result<ExitCod
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let object: serde_json::Value =
         serde_yaml::from_str(&text).with_context(|| format!("{} is not a manifest", path.display()))?;
-    let signed: SignedGateVerdict = gateway.post_json(GATE_PATH, &object).await?;
+    // The gateway bounds a gate by GATE_DEADLINE; the answer is waited for a little longer.
+    let signed: SignedGateVerdict = gateway
+        .post_json_once(
+            GATE_PATH,
+            &object,
+            GATE_DEADLINE + std::time::Duration::from_secs(120),
+        )
+        .await?;
     let gate = &signed.verdict.gate;
     let path = in_pod(&args.summary);
     std::fs::write(&path, serde_json::to_vec(&signed)?)
@@ -137,24 +143,24 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
     let store = global.open_store().await?;
     let candidate = candidate(&args.candidates)?;
     let reexecution = match args.reexecute {
-        true => Some(Reexecution {
-            max_tokens: args.max_tokens,
-            ..Reexecution::with_keys(args.samples, super::run::secret_values(&args.secrets)?)
-        }),
+        true => Some(
+            Reexecution::with_keys(args.samples, super::run::secret_values(&args.secrets)?)
+                .limited(args.max_tokens),
+        ),
         false => None,
     };
     let summary = if let Some(run_id) = &args.run {
-        let replay = replay_run_as(&store, &tenant, run_id, &candidate, reexecution.as_ref()).await?;
-        let summary = ReplaySummary::new(vec![replay], Vec::new(), args.max_divergence_percent);
+        let replays = match replay_run_as(&store, &tenant, run_id, &candidate, reexecution.as_ref()).await {
+            Ok(replay) => vec![replay],
+            // The limit was spent before the run was re-executed: it fails, saying so.
+            Err(ReplayError::SpendLimit(_)) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let summary = ReplaySummary::new(replays, Vec::new(), args.max_divergence_percent);
         match &reexecution {
             Some(r) => {
-                let spent = summary
-                    .replays
-                    .iter()
-                    .filter_map(|r| r.reexecution.as_ref())
-                    .map(|r| r.tokens)
-                    .sum();
-                summary.reexecuted(r.samples(), over_budget(r, spent, 1))
+                let stopped = r.over_budget(summary.replays.len());
+                summary.reexecuted(r.samples(), stopped)
             }
             None => summary,
         }
@@ -188,7 +194,7 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
         )
         .await?
     };
-    if summary.runs == 0 {
+    if summary.runs == 0 && summary.stopped.is_none() {
         if let Some(path) = &args.summary {
             write_summary(path, &ReplayGate::no_history(&summary.skipped))?;
             eprintln!("no finished run matched in tenant {tenant}: nothing to replay");

@@ -2,6 +2,7 @@
 //! any OpenAI-compatible chat-completions endpoint, a scripted model for demos and tests, and
 //! the replay model that serves a recorded run's turns.
 
+pub mod metered;
 pub mod openai;
 pub mod replay;
 pub mod scripted;
@@ -124,6 +125,10 @@ pub enum ModelError {
     },
     #[error("the run's token budget is spent: {detail}")]
     TokenBudget { detail: String },
+    #[error(
+        "{spent} model tokens spent of a limit of {limit} shared by several runs; no more turns are asked for"
+    )]
+    SpendLimit { spent: u64, limit: u64 },
     #[error("the model script {script} is not valid: {detail}")]
     BadScript { script: String, detail: String },
     #[error(
@@ -142,6 +147,30 @@ pub enum Model {
     OpenAi(openai::OpenAiCompatible),
     Scripted(scripted::ScriptedModel),
     Replay(replay::ReplayModel),
+    /// Another model, its spend counted against a limit several runs share.
+    Metered(Box<Model>, metered::Meter),
+}
+
+/// What a request's prompt will cost, estimated before asking (≈ 4 bytes a token): a model
+/// that reports no usage is charged this, never nothing.
+pub fn estimated_tokens(request: &ModelRequest) -> u64 {
+    let bytes: usize = request
+        .messages
+        .iter()
+        .map(|m| {
+            m.content.len()
+                + m.tool_calls
+                    .iter()
+                    .map(|c| c.arguments.to_string().len())
+                    .sum::<usize>()
+        })
+        .sum::<usize>()
+        + request
+            .tools
+            .iter()
+            .map(|t| t.description.len() + t.parameters.to_string().len())
+            .sum::<usize>();
+    (bytes as u64).div_ceil(4)
 }
 
 impl Model {
@@ -190,6 +219,7 @@ impl Model {
             Self::OpenAi(model) => model.complete(request).await,
             Self::Scripted(model) => model.complete(request),
             Self::Replay(model) => model.complete(step),
+            Self::Metered(inner, meter) => meter.complete(inner, request, step).await,
         }
     }
 }

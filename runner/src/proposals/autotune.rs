@@ -174,6 +174,8 @@ pub enum AutotuneError {
     NoRuns(String),
     #[error("{0}")]
     NoSuchKnob(String),
+    #[error("a trial stopped short: {0}")]
+    Stopped(String),
     #[error(
         "the recorded runs do not replay unchanged even at the current {field} ({current}): {changed}; a tighter value cannot be judged"
     )]
@@ -305,6 +307,10 @@ impl<S: RecordStore> Workload<'_, S> {
             },
         )
         .await?;
+        // A trial that stopped short judged only some runs: it says nothing of the value.
+        if let Some(why) = summary.stopped {
+            return Err(AutotuneError::Stopped(why));
+        }
         if summary.runs == 0 {
             return Err(AutotuneError::NoRuns(self.agent.to_owned()));
         }

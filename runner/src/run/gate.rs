@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::{
     gateway::bundle::NamedPolicy,
     keys::{KeyPair, PublicKey},
+    model::metered::Meter,
     records::{RecordStore, RunFilter, TenantId, canonical::canonical_bytes_of},
     run::{
         bundle::{Candidate, Composition, NamedPack, spec_digest},
@@ -27,6 +28,14 @@ use crate::{
 
 /// Where a replay Job's pod asks the gateway for its gate (under the service root).
 pub const GATE_PATH: &str = "/v1/records/gate";
+
+/// The longest a gate runs in the gateway; one that runs longer fails, saying so (a replay
+/// Job's deadline is 30 minutes).
+pub const GATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+
+/// Gates one gateway replica runs at once, for one tenant and for all.
+pub const GATES_PER_TENANT: usize = 2;
+pub const GATES_PER_REPLICA: usize = 8;
 
 /// What kind of object a candidate revision is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,8 +273,8 @@ pub async fn run_gate<S: RecordStore>(
                 .filter(|r| r.samples > 0)
                 .map(|r| Reexecution {
                     samples: r.samples,
-                    max_tokens: r.max_tokens,
                     models,
+                    meter: Meter::new(r.max_tokens),
                 }),
         },
     )

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, fmt, future::Future, pin::Pin, sync::Arc};
 use serde::{Deserialize, Serialize};
 
 use super::bundle::RunBundle;
-use crate::model::Model;
+use crate::model::{Model, metered::Meter};
 
 /// The most times one run is re-executed.
 pub const MAX_SAMPLES: u32 = 20;
@@ -47,18 +47,27 @@ impl ModelSource for GivenKeys {
 #[derive(Clone)]
 pub struct Reexecution {
     pub samples: u32,
-    /// The most model tokens all the runs together may use; past it the replay stops and fails.
-    pub max_tokens: Option<u64>,
     pub models: Arc<dyn ModelSource>,
+    /// The model tokens all the runs together have spent, and the most they may (checked turn
+    /// by turn; past it the replay stops and fails).
+    pub meter: Meter,
 }
 
 impl Reexecution {
-    /// Re-execution with the model keys given by value.
+    /// Re-execution with the model keys given by value, and no token limit.
     pub fn with_keys(samples: u32, keys: BTreeMap<String, String>) -> Self {
         Self {
             samples,
-            max_tokens: None,
             models: Arc::new(GivenKeys(keys)),
+            meter: Meter::new(None),
+        }
+    }
+
+    /// The same, spending at most `max_tokens` over all runs.
+    pub fn limited(self, max_tokens: Option<u64>) -> Self {
+        Self {
+            meter: Meter::new(max_tokens),
+            ..self
         }
     }
 
@@ -66,13 +75,24 @@ impl Reexecution {
     pub fn samples(&self) -> u32 {
         self.samples.clamp(1, MAX_SAMPLES)
     }
+
+    /// Why the re-execution stopped after `runs` runs, once its limit is spent.
+    pub fn over_budget(&self, runs: usize) -> Option<String> {
+        let limit = self.meter.limit()?;
+        self.meter.exhausted().then(|| {
+            format!(
+                "re-execution spent {} model tokens over {runs} run(s), reaching its limit of {limit} (reexecute.maxTokens, or --max-tokens); the rest were not re-executed and the replay fails (raise the limit, or sample fewer runs or fewer times)",
+                self.meter.spent()
+            )
+        })
+    }
 }
 
 impl fmt::Debug for Reexecution {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reexecution")
             .field("samples", &self.samples)
-            .field("max_tokens", &self.max_tokens)
+            .field("meter", &self.meter)
             .finish_non_exhaustive()
     }
 }
@@ -118,16 +138,6 @@ impl ReexecutionReport {
     }
 }
 
-/// Why a re-execution stops once `spent` tokens have been used over `runs` runs, if it must.
-pub fn over_budget(reexecution: &Reexecution, spent: u64, runs: usize) -> Option<String> {
-    let max = reexecution.max_tokens?;
-    (spent > max).then(|| {
-        format!(
-            "re-execution used {spent} model tokens over {runs} run(s), more than its limit of {max} (reexecute.maxTokens, or --max-tokens); the rest were not re-executed and the replay fails (raise the limit, or sample fewer runs or fewer times)"
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,11 +167,9 @@ mod tests {
             (3, 1, 3, 1100)
         );
         let mut r = Reexecution::with_keys(3, BTreeMap::new());
-        assert_eq!(over_budget(&r, 1100, 2), None, "no limit");
-        r.max_tokens = Some(1100);
-        assert_eq!(over_budget(&r, 1100, 2), None, "at the limit");
-        let why = over_budget(&r, 1101, 2).expect("past it");
-        assert!(why.contains("1101") && why.contains("limit of 1100"), "{why}");
+        assert_eq!(r.over_budget(2), None, "no limit");
+        r = r.limited(Some(1100));
+        assert_eq!(r.over_budget(2), None, "nothing spent");
         r.samples = 99;
         assert_eq!(r.samples(), MAX_SAMPLES);
     }

@@ -14,7 +14,6 @@ use super::{
     bundle::{Candidate, CandidateError, RunBundle},
     checkpoint::CheckpointState,
     engine::{Harness, Mode, RunError},
-    reexecute::over_budget,
 };
 use crate::{
     keys::KeyPair,
@@ -45,6 +44,10 @@ pub enum ReplayError {
     },
     #[error("run {run_id}: the candidate cannot be used: {problem}")]
     BadCandidate { run_id: String, problem: String },
+    #[error("run {run_id}: the model it recorded cannot be asked again: {problem}")]
+    ModelUnavailable { run_id: String, problem: String },
+    #[error("{0}")]
+    SpendLimit(String),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -319,6 +322,9 @@ pub struct RunReplay {
     /// When re-executed: what the samples found.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reexecution: Option<ReexecutionReport>,
+    /// Why the run was judged otherwise than asked (its decisions replayed, not re-executed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Compares a recorded trace with its replay (pure).
@@ -484,7 +490,9 @@ pub async fn replay_run<S: RecordStore>(
 }
 
 /// [`replay_run`], or re-executing the run when `reexecute` says so (the sample that diverged
-/// most is the one reported).
+/// most is the one reported). A run whose candidate changes the model, or about a subject
+/// erased since, has its decisions replayed instead, and says so: re-execution asks only the
+/// model the run recorded, and an erased run is not judged.
 pub async fn replay_run_as<S: RecordStore>(
     store: &S,
     tenant: &TenantId,
@@ -510,7 +518,7 @@ pub async fn replay_run_as<S: RecordStore>(
             .then(|| subject.clone()),
         None => None,
     };
-    let bundle = original
+    let mut bundle = original
         .bundle
         .clone()
         .with_candidate(candidate)
@@ -518,18 +526,54 @@ pub async fn replay_run_as<S: RecordStore>(
             run_id: run_id.to_owned(),
             source,
         })?;
+    let recorded_model = &original.bundle.agent_spec.model;
+    let (reexecute, note) = match reexecute {
+        Some(_) if erased.is_some() => (None, None),
+        Some(_) if bundle.agent_spec.model != *recorded_model => (
+            None,
+            Some(format!(
+                "decisions replayed, not re-executed: the candidate changes the model ({} → {}), and re-execution asks only the model the run recorded",
+                recorded_model.model, bundle.agent_spec.model.model
+            )),
+        ),
+        other => (other, None),
+    };
+    // The recorded model, asked as the run asked it: a candidate does not choose where the model
+    // key and the recorded results go, nor which model an endpoint routes them to.
+    let model = match reexecute {
+        Some(r) => {
+            bundle.model_script = original.bundle.model_script.clone();
+            let model = r.models.model_for(&original.bundle).await.map_err(|problem| {
+                ReplayError::ModelUnavailable {
+                    run_id: run_id.to_owned(),
+                    problem,
+                }
+            })?;
+            Some(r.meter.metering(model))
+        }
+        None => None,
+    };
     let mut recorded = DecisionTrace::of(&entries);
     let samples = reexecute.map_or(1, Reexecution::samples);
     let mut worst: Option<(DecisionTrace, Vec<Divergence>)> = None;
     let mut reexecution = ReexecutionReport {
-        samples,
+        samples: 0,
         ..ReexecutionReport::default()
     };
     for _ in 0..samples {
-        let (replayed, tokens, unrecorded) =
-            run_once(&original, bundle.clone(), run_id, &entries, reexecute).await?;
+        let spent = reexecute.map_or(0, |r| r.meter.spent());
+        let pass = run_once(&original, bundle.clone(), run_id, &entries, model.clone()).await;
+        // A sample the limit cut short (a turn refused, or the last one allowed) is not judged:
+        // the replay stops with the runs done before it.
+        if reexecute.is_some_and(|r| r.meter.exhausted()) {
+            return Err(ReplayError::SpendLimit(run_id.to_owned()));
+        }
+        let (replayed, unrecorded) = pass?;
         let divergences = compare(&recorded, &replayed);
-        reexecution.tokens = reexecution.tokens.saturating_add(tokens);
+        reexecution.samples += 1;
+        reexecution.tokens = reexecution
+            .tokens
+            .saturating_add(reexecute.map_or(0, |r| r.meter.spent().saturating_sub(spent)));
         reexecution.unrecorded_calls += unrecorded;
         if divergences.iter().any(Divergence::counts) {
             reexecution.diverged_samples += 1;
@@ -573,48 +617,38 @@ pub async fn replay_run_as<S: RecordStore>(
         replayed,
         erased,
         reexecution: reexecute.map(|_| reexecution),
+        note,
     })
 }
 
-/// One pass over a recorded run: its model turns played again, or (re-executing) its model
-/// asked again; the decisions it made, the model tokens it used and the calls it made that the
-/// recorded run never made (answered as not executed).
+/// One pass over a recorded run: its model turns played again, or (re-executing, `model` is
+/// the recorded model) the model asked again; the decisions it made and the calls it made that
+/// the recorded run never made (answered as not executed).
 async fn run_once(
     original: &RecordedRun,
     bundle: RunBundle,
     run_id: &str,
     entries: &[RecordEntry],
-    reexecute: Option<&Reexecution>,
-) -> Result<(DecisionTrace, u64, u32), ReplayError> {
+    model: Option<Model>,
+) -> Result<(DecisionTrace, u32), ReplayError> {
     // An ephemeral key: the replayed record lives only in memory.
     let key = KeyPair::generate().map_err(|e| ReplayError::Unreadable {
         run_id: run_id.to_owned(),
         problem: format!("no signing key for the replay: {e}"),
     })?;
-    let bad = |problem: String| ReplayError::BadCandidate {
-        run_id: run_id.to_owned(),
-        problem,
-    };
     let gateway = bundle
         .gateway_bundle(BTreeMap::new())
         .build_offline(key.public())
-        .map_err(bad)?;
-    let (gateway, model) = match reexecute {
+        .map_err(|problem| ReplayError::BadCandidate {
+            run_id: run_id.to_owned(),
+            problem,
+        })?;
+    let (gateway, model) = match model {
         None => (
             gateway,
             Model::Replay(ReplayModel::from_entries(run_id, entries)?),
         ),
-        Some(r) => {
-            // The recorded model, never a candidate's: a candidate does not choose where the
-            // model key and the recorded results are sent.
-            let mut recorded = bundle.clone();
-            recorded.agent_spec.model = original.bundle.agent_spec.model.clone();
-            recorded.model_script = original.bundle.model_script.clone();
-            (
-                gateway.answering_recorded_calls(),
-                r.models.model_for(&recorded).await.map_err(bad)?,
-            )
-        }
+        Some(model) => (gateway.answering_recorded_calls(), model),
     };
     gateway.preload_results(entries);
     let refused = gateway.unrecorded_calls();
@@ -623,11 +657,7 @@ async fn run_once(
     let trace_id = original.run_context.context.trace_id.clone();
     let report = harness.start(run_id, &trace_id, &mut |_| {}).await?;
     let unrecorded = refused.load(std::sync::atomic::Ordering::Relaxed);
-    Ok((
-        DecisionTrace::of_bodies(&report.replayed),
-        report.usage.tokens,
-        unrecorded,
-    ))
+    Ok((DecisionTrace::of_bodies(&report.replayed), unrecorded))
 }
 
 fn short(digest: &str) -> &str {
@@ -825,6 +855,11 @@ pub struct ReplaySummary {
 
 impl ReplaySummary {
     pub fn new(replays: Vec<RunReplay>, mut skipped: Vec<String>, max_divergence_percent: f64) -> Self {
+        skipped.extend(
+            replays
+                .iter()
+                .filter_map(|r| r.note.as_ref().map(|note| format!("run {}: {note}", r.run_id))),
+        );
         skipped.extend(replays.iter().filter_map(|r| {
             r.erased.as_ref().map(|subject| {
                 format!(
@@ -874,16 +909,21 @@ impl ReplaySummary {
         }
     }
 
-    /// The summary of re-executed runs (`samples` each); `stopped` says why they stopped short,
-    /// which fails the replay.
-    pub fn reexecuted(mut self, samples: u32, stopped: Option<String>) -> Self {
-        let runs = self.replays.iter().filter_map(|r| r.reexecution.as_ref());
-        self.reexecution = Some(ReexecutionReport::total(samples, runs));
+    /// The summary, failed if `stopped` says why the replay stopped short.
+    pub fn stopped(mut self, stopped: Option<String>) -> Self {
         if stopped.is_some() {
             self.passed = false;
         }
         self.stopped = stopped;
         self
+    }
+
+    /// The summary of re-executed runs (`samples` each); `stopped` says why they stopped short,
+    /// which fails the replay.
+    pub fn reexecuted(mut self, samples: u32, stopped: Option<String>) -> Self {
+        let runs = self.replays.iter().filter_map(|r| r.reexecution.as_ref());
+        self.reexecution = Some(ReexecutionReport::total(samples, runs));
+        self.stopped(stopped)
     }
 
     /// The report as a person reads it.
@@ -1008,7 +1048,6 @@ pub async fn replay_runs<S: RecordStore>(
         ..filter.clone()
     };
     let wanted = filter.limit.unwrap_or(usize::MAX);
-    let mut spent = 0u64;
     let mut stopped = None;
     for run in store.list_runs(tenant, &listing).await? {
         if replays.len() >= wanted {
@@ -1037,15 +1076,32 @@ pub async fn replay_runs<S: RecordStore>(
                 if let Some(calls) = judging.intended.get(&replay.run_id) {
                     replay.mark_intended(calls);
                 }
-                spent = spent.saturating_add(replay.reexecution.as_ref().map_or(0, |r| r.tokens));
                 replays.push(replay);
                 stopped = judging
                     .reexecution
                     .as_ref()
-                    .and_then(|r| over_budget(r, spent, replays.len()));
+                    .and_then(|r| r.over_budget(replays.len()));
                 if stopped.is_some() {
                     break;
                 }
+            }
+            // The limit was spent inside a run: the runs judged so far are reported, and the
+            // replay fails.
+            Err(ReplayError::SpendLimit(_)) => {
+                stopped = judging
+                    .reexecution
+                    .as_ref()
+                    .and_then(|r| r.over_budget(replays.len()));
+                break;
+            }
+            // A recorded model that cannot be asked (a key deleted, an endpoint no longer
+            // allowed) fails the replay, saying which run and why: retrying cannot help, and
+            // judging the run some other way would pass what was not judged.
+            Err(e @ ReplayError::ModelUnavailable { .. }) => {
+                stopped = Some(format!(
+                    "{e}; restore what it needs, or have an approver promote without replay"
+                ));
+                break;
             }
             Err(e @ (ReplayError::Candidate { .. } | ReplayError::NoBundle { .. })) => {
                 skipped.push(e.to_string());
@@ -1056,7 +1112,7 @@ pub async fn replay_runs<S: RecordStore>(
     let summary = ReplaySummary::new(replays, skipped, judging.max_divergence_percent);
     Ok(match &judging.reexecution {
         Some(r) => summary.reexecuted(r.samples(), stopped),
-        None => summary,
+        None => summary.stopped(stopped),
     })
 }
 
@@ -1264,6 +1320,7 @@ mod tests {
             replayed: DecisionTrace::default(),
             erased: None,
             reexecution: None,
+            note: None,
         }
     }
 

@@ -118,6 +118,8 @@ pub struct GatewayService<S, A, T> {
     capabilities: Option<Arc<dyn CapabilityResolver>>,
     /// Each tenant's share of the requests in flight.
     tenant_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// The replay gates this replica is running: (Job, tenant).
+    gates: Mutex<Vec<(String, String)>>,
     /// What one run may write to the store.
     max_run_bytes: u64,
     /// Bytes of blobs each run uploaded through this replica, by (tenant, run).
@@ -271,6 +273,7 @@ where
             egress: EgressGuard::default(),
             capabilities: None,
             tenant_slots: Mutex::new(HashMap::new()),
+            gates: Mutex::new(Vec::new()),
             max_run_bytes: DEFAULT_MAX_RUN_BYTES,
             early_answers: true,
             blob_bytes: Mutex::new(HashMap::new()),

@@ -17,7 +17,10 @@ use base64::Engine as _;
 use super::*;
 use crate::{
     read_grant::ReadGrant,
-    run::gate::{GateVerdict, SignedGateVerdict},
+    run::{
+        gate::{GATE_DEADLINE, GATES_PER_REPLICA, GATES_PER_TENANT, GateVerdict, SignedGateVerdict},
+        replay::ReplayGate,
+    },
 };
 
 impl<S, A, T> GatewayService<S, A, T>
@@ -151,13 +154,19 @@ where
         let object: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| bad(format!("the candidate is not JSON: {e}")))?;
         let candidate = order.candidate(&object).map_err(|e| bad(e.to_string()))?;
+        let _running = RunningGate::start(&service.gates, &grant.job, tenant.as_str())?;
         let models = Arc::new(TenantModels {
             service: service.clone(),
             tenant: tenant.clone(),
         });
-        let gate = crate::run::gate::run_gate(&service.store, &tenant, order, &candidate, models, now_ms())
-            .await
-            .map_err(unavailable)?;
+        let gating = crate::run::gate::run_gate(&service.store, &tenant, order, &candidate, models, now_ms());
+        let gate = match tokio::time::timeout(GATE_DEADLINE, gating).await {
+            Ok(gate) => gate.map_err(unavailable)?,
+            Err(_) => ReplayGate::refused(&format!(
+                "the gate ran longer than {} minutes and was stopped: sample fewer sessions (replay.sampleSize) or fewer times (replay.reexecute.samples)",
+                GATE_DEADLINE.as_secs() / 60
+            )),
+        };
         let verdict = GateVerdict {
             job: grant.job.clone(),
             kind: order.kind,
@@ -356,5 +365,86 @@ where
                 .governed_model(bundle, &secrets)
                 .map_err(|refusal| refusal.2)
         })
+    }
+}
+
+/// A gate this replica runs, counted while it runs: one at a time per Job (a pod that posts its
+/// candidate again does not start a second), and a few per tenant and per replica, so one
+/// tenant's gates — minutes of model calls each — cannot take the service from the others.
+struct RunningGate<'a> {
+    gates: &'a Mutex<Vec<(String, String)>>,
+    /// (Job, tenant): Job names are the tenant's, so another tenant may have one alike.
+    entry: (String, String),
+}
+
+impl<'a> RunningGate<'a> {
+    fn start(gates: &'a Mutex<Vec<(String, String)>>, job: &str, tenant: &str) -> Result<Self, Refusal> {
+        let mut running = gates.lock().unwrap_or_else(|e| e.into_inner());
+        let busy = |why: String| Refusal(StatusCode::TOO_MANY_REQUESTS, "gates_busy", why);
+        if running.iter().any(|(j, t)| j == job && t == tenant) {
+            return Err(Refusal(
+                StatusCode::CONFLICT,
+                "gate_running",
+                format!(
+                    "the gate of Job {job} is already running; its answer goes to the request that started it"
+                ),
+            ));
+        }
+        if running.iter().filter(|(_, t)| t == tenant).count() >= GATES_PER_TENANT {
+            return Err(busy(format!(
+                "namespace {tenant} already has {GATES_PER_TENANT} replay gates running on this replica; the Job is retried"
+            )));
+        }
+        if running.len() >= GATES_PER_REPLICA {
+            return Err(busy(format!(
+                "{GATES_PER_REPLICA} replay gates are running on this replica; the Job is retried"
+            )));
+        }
+        let entry = (job.to_owned(), tenant.to_owned());
+        running.push(entry.clone());
+        Ok(Self { gates, entry })
+    }
+}
+
+impl Drop for RunningGate<'_> {
+    fn drop(&mut self) {
+        let mut running = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = running.iter().position(|e| *e == self.entry) {
+            running.swap_remove(at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_runs_one_gate_and_a_tenant_a_few() {
+        let gates = Mutex::new(Vec::new());
+        let first = RunningGate::start(&gates, "replay-a", "shop").expect("first");
+        let again = RunningGate::start(&gates, "replay-a", "shop")
+            .err()
+            .expect("the same Job again");
+        assert_eq!(again.0, StatusCode::CONFLICT);
+        let _second = RunningGate::start(&gates, "replay-b", "shop").expect("second");
+        let third = RunningGate::start(&gates, "replay-c", "shop")
+            .err()
+            .expect("a third of the tenant");
+        assert_eq!(third.0, StatusCode::TOO_MANY_REQUESTS);
+        // Another tenant is not held up by this one.
+        let other = RunningGate::start(&gates, "replay-a", "bank").expect("another tenant, a Job alike");
+        drop(other);
+        drop(first);
+        RunningGate::start(&gates, "replay-a", "shop").expect("the Job's gate ended, so it may run again");
+        // The replica's bound holds across tenants.
+        let held: Vec<_> = (0..GATES_PER_REPLICA)
+            .map_while(|i| RunningGate::start(&gates, &format!("replay-{i}"), &format!("t{i}")).ok())
+            .collect();
+        assert!(
+            gates.lock().expect("lock").len() <= GATES_PER_REPLICA,
+            "{}",
+            held.len()
+        );
     }
 }

@@ -1002,7 +1002,7 @@ where
         }
         // What the prompt will cost, estimated before asking (≈ 4 bytes a token), so one request
         // cannot overshoot the budget by the size of its prompt.
-        let prompt_estimate = estimated_tokens(&request);
+        let prompt_estimate = crate::model::estimated_tokens(&request);
         let spent = ledger.tokens.saturating_add(prompt_estimate);
         if spent >= budget.max_tokens {
             return Err(Refusal(
@@ -1073,26 +1073,6 @@ fn with_head(mut response: axum::response::Response, head: Option<(u64, Hash)>) 
 }
 
 /// A rough token count of a request (≈ 4 bytes a token), for budgeting before the model answers.
-fn estimated_tokens(request: &crate::model::ModelRequest) -> u64 {
-    let bytes: usize = request
-        .messages
-        .iter()
-        .map(|m| {
-            m.content.len()
-                + m.tool_calls
-                    .iter()
-                    .map(|c| c.arguments.to_string().len())
-                    .sum::<usize>()
-        })
-        .sum::<usize>()
-        + request
-            .tools
-            .iter()
-            .map(|t| t.description.len() + t.parameters.to_string().len())
-            .sum::<usize>();
-    (bytes as u64).div_ceil(4)
-}
-
 #[cfg(test)]
 mod tests {
     use super::subject_run_identifiers;

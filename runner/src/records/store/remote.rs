@@ -211,6 +211,22 @@ impl RemoteStore {
         Ok((value, head))
     }
 
+    /// POSTs JSON to `path` for an answer that takes long to make (a replay gate): waited for up
+    /// to `timeout`, and sent again only if no replica took it — a request that reached one is
+    /// never repeated, since the work it started would be done twice.
+    pub async fn post_json_once<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<T, RemoteError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| RemoteError::Malformed(e.to_string()))?;
+        let (answer, _) = self
+            .send_with(reqwest::Method::POST, path, Some(bytes), Some(timeout))
+            .await?;
+        serde_json::from_slice(&answer).map_err(|e| RemoteError::Malformed(format!("{path}: {e}")))
+    }
+
     /// DELETEs `path` (under the service root) and reads a JSON answer.
     pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, RemoteError> {
         let (answer, _) = self.send(reqwest::Method::DELETE, path, None).await?;
@@ -235,6 +251,18 @@ impl RemoteStore {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(Vec<u8>, Option<(u64, Hash)>), RemoteError> {
+        self.send_with(method, path, body, None).await
+    }
+
+    /// [`RemoteStore::send`]; with `once`, the request waits that long and is sent again only
+    /// when it reached no replica.
+    async fn send_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        once: Option<Duration>,
+    ) -> Result<(Vec<u8>, Option<(u64, Hash)>), RemoteError> {
         let url = format!("{}{path}", self.base);
         let mut last = None;
         for attempt in 0..ATTEMPTS {
@@ -252,11 +280,20 @@ impl RemoteStore {
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body.clone());
             }
+            if let Some(timeout) = once {
+                request = request.timeout(timeout);
+            }
             let response = match request.send().await {
                 Ok(response) => response,
-                Err(e) => {
+                Err(e) if once.is_none() || e.is_connect() => {
                     last = Some(e.to_string());
                     continue;
+                }
+                Err(e) => {
+                    return Err(RemoteError::Unreachable {
+                        url,
+                        detail: e.to_string(),
+                    });
                 }
             };
             let status = response.status();
@@ -267,16 +304,17 @@ impl RemoteStore {
                 .and_then(parse_head_header);
             let bytes = match read_bounded(response).await {
                 Ok(bytes) => bytes,
-                Err(e) => {
+                Err(e) if once.is_none() => {
                     last = Some(e);
                     continue;
                 }
+                Err(detail) => return Err(RemoteError::Unreachable { url, detail }),
             };
             if status.is_success() {
                 return Ok((bytes, head));
             }
             // A replica going away answers 502/503 through the Service; try another.
-            if matches!(status.as_u16(), 502..=504) {
+            if once.is_none() && matches!(status.as_u16(), 502..=504) {
                 last = Some(format!("HTTP {status}"));
                 continue;
             }

@@ -30,6 +30,7 @@ pub fn is_stalled(reason: &str) -> bool {
         INVALID_EXPRESSION,
         EXECUTION_NOT_ALLOWED,
         ADAPTER_UNAVAILABLE,
+        PRICE_MISSING,
         OVERRIDE_LOOSENS,
         RUN_FAILED,
         ATTEMPTS_EXHAUSTED,
@@ -56,6 +57,9 @@ pub mod reason {
     pub const EXECUTION_NOT_ALLOWED: &str = "ExecutionNotAllowed";
     /// A tool uses an adapter this release cannot run (A2A).
     pub const ADAPTER_UNAVAILABLE: &str = "AdapterUnavailable";
+    /// The cluster prices models (it has a PriceList) and none prices the Agent's, or two
+    /// price it differently: its calls would be free or ambiguous.
+    pub const PRICE_MISSING: &str = "PriceMissing";
     /// A Session override would loosen the Agent's budget or safety mode.
     pub const OVERRIDE_LOOSENS: &str = "OverrideLoosens";
     /// A revision was promoted.

@@ -1,6 +1,6 @@
 //! ContextOS API types for the `contextos.dev/v1alpha1` group.
 //!
-//! This crate holds data only: the nine custom resources (one module per kind), the shared value
+//! This crate holds data only: the ten custom resources (one module per kind), the shared value
 //! types they are built from, and the names of conditions, reasons and finalizers. It performs no
 //! IO. `operator/` and `runner/` depend on it; it depends on neither.
 //!
@@ -22,6 +22,7 @@ pub mod context_pack;
 pub mod feedback;
 pub mod ontology;
 pub mod policy;
+pub mod price_list;
 pub mod proposal;
 pub mod sandbox_profile;
 pub mod session;
@@ -32,6 +33,7 @@ pub use context_pack::{ContextPack, ContextPackSpec, ContextPackStatus};
 pub use feedback::{Feedback, FeedbackSpec, FeedbackStatus};
 pub use ontology::{Ontology, OntologySpec, OntologyStatus};
 pub use policy::{Policy, PolicySpec, PolicyStatus};
+pub use price_list::{PriceList, PriceListSpec};
 pub use proposal::{Proposal, ProposalSpec, ProposalStatus};
 pub use sandbox_profile::{SandboxProfile, SandboxProfileSpec, SandboxProfileStatus};
 pub use session::{Session, SessionSpec, SessionStatus};
@@ -86,6 +88,7 @@ pub fn all_crds()
         Feedback::crd(),
         Ontology::crd(),
         Policy::crd(),
+        PriceList::crd(),
         Proposal::crd(),
         SandboxProfile::crd(),
         Session::crd(),

@@ -180,3 +180,29 @@ fn a_refused_cel_rule_names_the_field() {
     });
     assert_eq!(field.as_deref(), Some("spec.tools[4]"), "{refusals:?}");
 }
+
+#[test]
+fn a_price_list_takes_decimal_rates_in_one_iso_currency() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pricing/pricelist.yaml"),
+    )
+    .expect("the PriceList example");
+    let list: Value = serde_yaml::from_str(&text).expect("YAML");
+    assert!(admit(&list, None).is_empty(), "{:?}", admit(&list, None));
+    let refused_at = |pointer: &str, value: Value| {
+        let mut bad = list.clone();
+        *bad.pointer_mut(pointer).expect("the field") = value;
+        let refusals = admit(&bad, None);
+        assert!(
+            refusals
+                .iter()
+                .any(|r| matches!(r, Refusal::Schema { pointer: p, .. } if p == pointer)),
+            "{pointer}: {refusals:?}"
+        );
+    };
+    refused_at("/spec/currency", serde_json::json!("usd"));
+    refused_at("/spec/models/0/inputPerMillion", serde_json::json!("0.15 USD"));
+    refused_at("/spec/models/0/outputPerMillion", serde_json::json!("-1"));
+    refused_at("/spec/models/0/cachedInputPerMillion", serde_json::json!("1e-3"));
+    refused_at("/spec/models", serde_json::json!([]));
+}

@@ -65,6 +65,7 @@ fn every_example_parses_into_its_typed_struct() {
                 "Ontology" => serde_yaml::from_value::<contextos_crds::Ontology>(value).map(drop),
                 "Feedback" => serde_yaml::from_value::<contextos_crds::Feedback>(value).map(drop),
                 "Proposal" => serde_yaml::from_value::<contextos_crds::Proposal>(value).map(drop),
+                "PriceList" => serde_yaml::from_value::<contextos_crds::PriceList>(value).map(drop),
                 "ConfigMap" | "Secret" => Ok(()),
                 other => panic!("{}: unexpected kind {other}", entry.display()),
             };
@@ -81,6 +82,7 @@ fn every_example_parses_into_its_typed_struct() {
         "Ontology",
         "Feedback",
         "Proposal",
+        "PriceList",
     ] {
         assert!(seen_kinds.contains(kind), "examples have no {kind}");
     }
@@ -102,7 +104,10 @@ fn quickstart_agent_covers_the_risk_spectrum() {
 fn every_crd_is_discoverable_and_kstatus_compatible() {
     for crd in all_crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        assert_eq!(crd.spec.scope, "Namespaced", "{name}");
+        // Prices are the cluster's, kept by admins and reconciled by nobody: data, no status.
+        let data_only = name == "pricelists.contextos.dev";
+        let scope = if data_only { "Cluster" } else { "Namespaced" };
+        assert_eq!(crd.spec.scope, scope, "{name}");
         assert_eq!(
             crd.spec.names.categories.as_deref(),
             Some(&["contextos".to_owned()][..]),
@@ -113,6 +118,10 @@ fn every_crd_is_discoverable_and_kstatus_compatible() {
             "{name}"
         );
         let version = &crd.spec.versions[0];
+        if data_only {
+            assert!(version.subresources.is_none(), "{name} has no status to write");
+            continue;
+        }
         assert!(
             version
                 .subresources

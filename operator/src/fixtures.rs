@@ -39,6 +39,7 @@ pub fn run_bundle(session: &Session) -> RunBundle {
         model_script: None,
         session_labels: Default::default(),
         ontology: None,
+        model_price: None,
     }
 }
 

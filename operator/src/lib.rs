@@ -19,7 +19,7 @@ pub mod tenant_keys;
 use std::sync::Arc;
 
 use contextos_crds::{
-    Agent, ContextPack, Ontology, Policy, Proposal, SandboxProfile, Session, proposal::TargetKind,
+    Agent, ContextPack, Ontology, Policy, PriceList, Proposal, SandboxProfile, Session, proposal::TargetKind,
 };
 use contextos_runner::key_secrets;
 use futures::StreamExt as _;
@@ -158,8 +158,13 @@ pub async fn run(
         .for_each(|_| async {});
 
     let agents = lean_controller(Api::<Agent>::all(client.clone()), watch());
-    let (by_pack, by_policy, by_profile, by_ontology) =
-        (agents.store(), agents.store(), agents.store(), agents.store());
+    let (by_pack, by_policy, by_profile, by_ontology, by_price) = (
+        agents.store(),
+        agents.store(),
+        agents.store(),
+        agents.store(),
+        agents.store(),
+    );
     let agents = agents
         .with_config(controller_config.clone())
         .watches(
@@ -188,6 +193,18 @@ pub async fn run(
             Api::<Ontology>::all(client.clone()),
             watch(),
             move |o: Ontology| referring_agents(&by_ontology, &o, |_| true),
+        )
+        // Prices are the cluster's: a PriceList's change is every Agent's to check.
+        .watches(
+            Api::<PriceList>::all(client.clone()),
+            watch(),
+            move |_: PriceList| {
+                by_price
+                    .state()
+                    .into_iter()
+                    .map(|a| ObjectRef::from_obj(a.as_ref()))
+                    .collect::<Vec<_>>()
+            },
         )
         .owns(
             Api::<PartialObjectMeta<Job>>::all(client.clone()),

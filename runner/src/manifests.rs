@@ -269,6 +269,8 @@ impl ManifestSet {
         if let Some(problem) = compiled.sources_problem(&pack_spec) {
             return Err(pack.error("spec.sources", problem));
         }
+        let model_price = crate::pricing::price_for(&self.price_lists()?, &agent_spec.model)
+            .map_err(|e| agent.error("spec.model", e.to_string()))?;
         let model_script = match (&agent_spec.model.provider, &agent_spec.model.script_ref) {
             (ModelProvider::Scripted, Some(key)) => {
                 Some(self.config_map_key(agent, "spec.model.scriptRef", key)?)
@@ -295,7 +297,17 @@ impl ManifestSet {
                 .and_then(|l| serde_json::from_value(l.clone()).ok())
                 .unwrap_or_default(),
             ontology: ontology.map(|(_, spec)| spec),
+            model_price,
         })
+    }
+
+    /// The PriceLists among the files, by name (cluster-scoped: every file's count).
+    pub fn price_lists(&self) -> Result<Vec<(String, contextos_crds::PriceListSpec)>, ManifestError> {
+        self.objects
+            .iter()
+            .filter(|m| m.kind == "PriceList")
+            .map(|m| Ok((m.name.clone(), m.spec()?)))
+            .collect()
     }
 
     /// The tenant's Ontology among the files: the one named `default`, as in a namespace.

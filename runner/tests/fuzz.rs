@@ -307,6 +307,11 @@ fn chain_seed(fx: &Fixtures) -> Vec<Vec<u8>> {
             response: json!({"content": "x", "tool_calls": [], "prompt_tokens": 1, "completion_tokens": 1}),
             prompt_tokens: 1,
             completion_tokens: 1,
+            cached_prompt_tokens: 0,
+            cost: Some(contextos_runner::pricing::TurnCost {
+                currency: "USD".into(),
+                nanos: contextos_runner::pricing::Nanos(12_500),
+            }),
         },
         EntryBody::Failed {
             reason: "OutcomeUnknown".into(),

@@ -434,6 +434,12 @@ async fn a_runner_cannot_write_decisions_results_approvals_or_model_turns() {
             response: serde_json::json!({"content": "done", "prompt_tokens": 0, "completion_tokens": 0}),
             prompt_tokens: 0,
             completion_tokens: 0,
+            // Nor what a turn cost: the gateway prices the turns it asked for.
+            cached_prompt_tokens: 0,
+            cost: Some(contextos_runner::pricing::TurnCost {
+                currency: "USD".into(),
+                nanos: contextos_runner::pricing::Nanos(0),
+            }),
         },
         EntryBody::DeadLettered {
             call_id: "4.0".into(),

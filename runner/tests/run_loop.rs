@@ -690,6 +690,81 @@ fn quickstart_copy() -> tempfile::TempDir {
 }
 
 #[test]
+fn each_model_turn_is_costed_at_the_price_the_run_pinned_and_spend_is_summed_by_agent_model_and_team() {
+    let dir = quickstart_copy();
+    std::fs::copy(
+        Quickstart::examples().join("../pricing/pricelist.yaml"),
+        dir.path().join("pricelist.yaml"),
+    )
+    .expect("copy the PriceList");
+    let session = dir.path().join("session.yaml");
+    let text = std::fs::read_to_string(&session).expect("session");
+    std::fs::write(
+        &session,
+        text.replacen(
+            "    contextos.dev/scenario: quickstart",
+            "    contextos.dev/scenario: quickstart\n    team: payments",
+            1,
+        ),
+    )
+    .expect("write");
+    let q = Quickstart::with_files(&[], dir.path().to_owned());
+    q.drive(None);
+
+    let json = q.cli(&["cost", "--since", "1d", "--format", "json"]);
+    assert_eq!(json.code, Some(0), "{}", json.stderr);
+    let report: serde_json::Value = serde_json::from_str(&json.stdout).expect("JSON");
+    let total = &report["total"];
+    let tokens = |key: &str| {
+        total[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} in {report:#}"))
+    };
+    let (turns, prompt, completion) = (
+        tokens("turns"),
+        tokens("promptTokens"),
+        tokens("completionTokens"),
+    );
+    assert!(turns >= 5 && prompt > 0 && completion > 0, "{report:#}");
+    assert_eq!(total["unpricedTokens"], 0, "every turn was priced: {report:#}");
+    // At 2.50 per million prompt tokens and 10.00 per million completion tokens, each turn
+    // rounded to the nearest nano-dollar.
+    let cost = total["costNanos"]["USD"].as_u64().expect("a USD cost");
+    let exact = prompt * 2_500 + completion * 10_000;
+    assert!(
+        cost.abs_diff(exact) <= turns,
+        "{cost} vs {exact} over {turns} turns"
+    );
+    assert_eq!(report["groups"]["oncall-assistant"]["runs"], 1, "{report:#}");
+
+    let by_model = q.cli(&["cost", "--since", "1d", "--by", "model"]);
+    assert_eq!(by_model.code, Some(0), "{}", by_model.stderr);
+    assert!(
+        by_model
+            .stdout
+            .contains("spend of namespace shop in the last 1d, by model")
+            && by_model
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("quickstart-script") && l.ends_with(" USD")),
+        "{}",
+        by_model.stdout
+    );
+    let by_team = q.cli(&["cost", "--since", "1d", "--by", "label=team", "--format", "json"]);
+    let teams: serde_json::Value = serde_json::from_str(&by_team.stdout).expect("JSON");
+    assert_eq!(
+        teams["groups"]["payments"]["costNanos"], total["costNanos"],
+        "{teams:#}"
+    );
+    let wrong = q.cli(&["cost", "--by", "colour"]);
+    assert!(
+        wrong.code != Some(0) && wrong.stderr.contains("say agent, model or label=<key>"),
+        "{}",
+        wrong.stderr
+    );
+}
+
+#[test]
 fn autotune_tightens_a_pack_sources_cap_only_as_far_as_the_model_still_reads_what_it_acts_on() {
     // The quickstart, with a model that follows the runbook only when it reads the runbook's
     // last line; without it, it answers at once and resolves nothing.

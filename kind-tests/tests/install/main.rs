@@ -183,6 +183,14 @@ patches:
         ),
     )?;
     webhook_secret(&tenant).await?;
+    // The cluster prices models before the quickstart runs: its scripted model's turns are
+    // costed at the price its runs pin.
+    kubectl(
+        env,
+        &["apply", "--server-side", "-f"],
+        &repo_root().join("examples/pricing/pricelist.yaml"),
+    )
+    .await?;
     kubectl(
         env,
         &["apply", "--server-side", "-k"],
@@ -311,9 +319,56 @@ patches:
     let capability = hostile::report_in(&export)?;
     eprintln!("the capability's report: {capability}\nthe control's: {control}");
     hostile::judge(&capability, &control)?;
+    unpriced_model_is_refused(&tenant).await?;
     tenant.pass();
     memory::remembered_across_sessions(env, &install, &runner_image).await?;
     improvement::proposals_through_the_gate(env, &install, &runner_image).await
+}
+
+/// Once the cluster prices models, an Agent whose model no PriceList prices is not Ready (and
+/// stalled: a person must price it), naming the model; its calls are never free.
+async fn unpriced_model_is_refused(tenant: &TestNamespace) -> Result<()> {
+    let agents: Api<contextos_crds::Agent> = tenant.api();
+    let mut agent = serde_json::to_value(agents.get("oncall-assistant").await?)?;
+    agent["metadata"] = json!({"name": "unpriced"});
+    agent["status"] = serde_json::Value::Null;
+    agent["spec"]["model"] = json!({
+        "provider": "openai_compatible",
+        "endpoint": "https://models.example/v1",
+        "model": "gpt-unpriced",
+    });
+    agents
+        .create(&PostParams::default(), &serde_json::from_value(agent)?)
+        .await?;
+    let refused = wait_for_object(
+        &agents,
+        "unpriced",
+        "Ready=False with reason PriceMissing",
+        Duration::from_secs(60),
+        |a: &contextos_crds::Agent| {
+            let conditions = a.status.clone().unwrap_or_default().conditions;
+            Check::when(
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "PriceMissing"),
+                || format!("{conditions:?}"),
+            )
+        },
+    )
+    .await?;
+    let conditions = refused.status.unwrap_or_default().conditions;
+    let ready = conditions.iter().find(|c| c.type_ == "Ready").context("Ready")?;
+    ensure!(
+        ready
+            .message
+            .contains("spec.model: no PriceList prices model \"gpt-unpriced\"")
+            && ready.message.contains("models-usd")
+            && conditions
+                .iter()
+                .any(|c| c.type_ == "Stalled" && c.status == "True"),
+        "{conditions:?}"
+    );
+    Ok(())
 }
 
 /// The quickstart's tool webhook key, as the tenant's Secret the Agent names.
@@ -460,6 +515,30 @@ async fn verify_through_the_gateway(
     ensure!(
         cited == run_id || cited == export,
         "the denial's evidence names run {cited:?}, not a quickstart run"
+    );
+    // What the namespace's models cost, read by the same auditor through the gateway: every
+    // turn priced at the PriceList the runs pinned.
+    let cost = as_person(
+        "cost",
+        &["--since", "1d", "--by", "model", "--format", "json"],
+        &store,
+        tenant.name(),
+        &token,
+    )
+    .output()
+    .await?;
+    ensure!(
+        cost.status.success(),
+        "the auditor could not read spend: {}",
+        said(&cost)
+    );
+    let cost: serde_json::Value = serde_json::from_slice(&cost.stdout)?;
+    let quickstart = &cost["groups"]["quickstart-script"];
+    ensure!(
+        quickstart["turns"].as_u64().unwrap_or(0) >= 5
+            && quickstart["costNanos"]["USD"].as_u64().unwrap_or(0) > 0
+            && quickstart["unpricedTokens"] == 0,
+        "the quickstart's spend: {cost:#}"
     );
     record_consent_through_the_gateway(tenant, &audit, &store, &token).await?;
     let _ = forward.kill().await;

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use contextos_crds::{
-    Agent, AgentSpec, ContextPack, Ontology, Policy, SandboxProfile,
+    Agent, AgentSpec, ContextPack, Ontology, Policy, PriceList, SandboxProfile,
     agent::AgentStatus,
     common::RevisionStatus,
     conditions::{self, reason},
@@ -343,6 +343,9 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
     if let Some(problem) = compiled.touches_problem(&spec.tools) {
         return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
     }
+    if let Err(invalid) = model_price(ctx, spec).await? {
+        return Ok(Err(invalid));
+    }
     Ok(Ok(Resolved {
         pack,
         policies: used,
@@ -424,4 +427,21 @@ fn not_ready(
             ready_message(conditions)
         ),
     )
+}
+
+/// The price of the Agent's model in the cluster's PriceLists (none: the cluster prices no
+/// models, or a scripted model none prices), or why it cannot be had.
+pub async fn model_price(
+    ctx: &Context,
+    spec: &AgentSpec,
+) -> Result<Result<Option<contextos_runner::pricing::PinnedPrice>, Invalid>> {
+    let lists: Vec<_> = Api::<PriceList>::all(ctx.client.clone())
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|list| (list.name_any(), list.spec))
+        .collect();
+    Ok(contextos_runner::pricing::price_for(&lists, &spec.model)
+        .map_err(|e| Invalid::new(reason::PRICE_MISSING, format!("spec.model: {e}"))))
 }

@@ -136,13 +136,15 @@ impl Harness {
             kind.as_str(),
             "Agent" | "Policy" | "ContextPack" | "SandboxProfile" | "Session" | "Ontology" | "Consent"
         );
-        if api_version.starts_with("contextos.dev/") && (api_version != API_VERSION || !ours) {
+        // Kinds the audit reads as others: what people say of runs, and prices.
+        let kept = matches!(kind.as_str(), "Feedback" | "Proposal" | "PriceList");
+        if api_version.starts_with("contextos.dev/") && (api_version != API_VERSION || !(ours || kept)) {
             // A typo in the group's version or kind would otherwise pass as "not ours".
             let (field, problem) = if api_version == API_VERSION {
                 (
                     "kind",
                     format!(
-                        "{kind:?} is not a ContextOS kind (Agent, Policy, ContextPack, SandboxProfile, Session, Ontology, Consent)"
+                        "{kind:?} is not a ContextOS kind (Agent, Policy, ContextPack, SandboxProfile, Session, Ontology, Consent, Feedback, Proposal, PriceList)"
                     ),
                 )
             } else {
@@ -159,7 +161,7 @@ impl Harness {
             });
             return;
         }
-        if api_version != API_VERSION {
+        if api_version != API_VERSION || kept {
             self.others.push(Object {
                 id,
                 spec: doc.value.clone(),

@@ -4,6 +4,7 @@ mod audit;
 mod autotune;
 mod capability;
 mod consent;
+mod cost;
 mod digest;
 mod feedback;
 mod gateway;
@@ -103,6 +104,9 @@ enum Command {
     /// why, what recurs, proposals with their replay verdicts, what was promoted (text, JSON or
     /// one self-contained HTML page).
     Digest(digest::DigestArgs),
+    /// Model spend over a window, from the records: tokens and cost (at the prices the runs
+    /// pinned from the cluster's PriceLists) by agent, model or a Session label such as team.
+    Cost(cost::CostArgs),
     /// Tool declarations from what a tool server offers.
     #[command(subcommand)]
     Tools(tools::ToolsCommand),
@@ -139,6 +143,7 @@ impl Cli {
             Command::Propose(args) => propose::run(&self.global, args).await,
             Command::Autotune(args) => autotune::run(&self.global, args).await,
             Command::Digest(args) => digest::run(&self.global, args).await,
+            Command::Cost(args) => cost::run(&self.global, args).await,
             Command::Tools(command) => tools::run(command).await,
             Command::Consent(command) => consent::run(&self.global, command).await,
             Command::Memory(command) => memory::run(&self.global, command).await,

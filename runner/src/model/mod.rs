@@ -78,12 +78,19 @@ pub struct ModelTurn {
     pub tool_calls: Vec<ToolCallRequest>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Of the prompt tokens, those the endpoint served from its cache (priced apart).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub cached_prompt_tokens: u64,
     /// Calls the model asked for past the budget's per-turn cap: dropped, never decided.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropped_tool_calls: u32,
 }
 
 fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+fn is_zero_u64(value: &u64) -> bool {
     *value == 0
 }
 

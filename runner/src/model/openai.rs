@@ -176,6 +176,7 @@ pub fn parse_turn(text: &str) -> Result<ModelTurn, String> {
         tool_calls,
         prompt_tokens: usage("prompt_tokens"),
         completion_tokens: usage("completion_tokens"),
+        cached_prompt_tokens: usage("prompt_tokens_details/cached_tokens"),
         dropped_tool_calls: 0,
     })
 }

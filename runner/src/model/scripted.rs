@@ -124,6 +124,7 @@ impl ScriptedModel {
             tool_calls,
             prompt_tokens: (prompt / 4) as u64,
             completion_tokens: (scripted.content.len() / 4) as u64 + 1,
+            cached_prompt_tokens: 0,
             dropped_tool_calls: 0,
         })
     }

@@ -163,6 +163,12 @@ pub enum EntryBody {
         response: Value,
         prompt_tokens: u64,
         completion_tokens: u64,
+        /// Of the prompt tokens, those the endpoint served from its cache.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        cached_prompt_tokens: u64,
+        /// What the turn cost, at the price the run pinned (none: the run had no price).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost: Option<crate::pricing::TurnCost>,
     },
     /// The model asked for a tool call.
     ToolCallRequested(ToolCallRecord),
@@ -410,6 +416,10 @@ impl StoredEntry {
             bytes: value[32..].to_vec(),
         })
     }
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 #[cfg(test)]

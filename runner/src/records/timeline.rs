@@ -61,10 +61,14 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
             response,
             prompt_tokens,
             completion_tokens,
+            cost,
+            ..
         } => (
             "model",
             format!(
-                "step {step}: {model} answered ({prompt_tokens}+{completion_tokens} tokens): {}",
+                "step {step}: {model} answered ({prompt_tokens}+{completion_tokens} tokens{}): {}",
+                cost.as_ref()
+                    .map_or_else(String::new, |c| format!(", {} {}", c.nanos, c.currency)),
                 excerpt(response)
             ),
         ),

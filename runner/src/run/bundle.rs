@@ -45,6 +45,10 @@ pub struct RunBundle {
     /// The tenant's entity types (its Ontology) the run finds entities with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ontology: Option<OntologySpec>,
+    /// The model's price when the run started (none: no PriceList, or a scripted model none
+    /// prices): each model turn's cost is recorded at it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_price: Option<crate::pricing::PinnedPrice>,
 }
 
 /// A ContextPack spec and its name.
@@ -204,6 +208,17 @@ const PERSONAL_PARTS: [(&str, &str); 4] = [
 ];
 
 impl RunBundle {
+    /// What `turn` cost at the run's pinned price.
+    pub fn turn_cost(&self, turn: &crate::model::ModelTurn) -> Option<crate::pricing::TurnCost> {
+        self.model_price.as_ref().map(|p| {
+            p.cost(
+                turn.prompt_tokens,
+                turn.cached_prompt_tokens,
+                turn.completion_tokens,
+            )
+        })
+    }
+
     /// The bundle's canonical JSON: what is stored (as a blob) with the record.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         crate::records::canonical::canonical_bytes_of(self).unwrap_or_default()

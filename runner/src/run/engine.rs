@@ -913,6 +913,8 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 response: serde_json::to_value(turn).unwrap_or(Value::Null),
                 prompt_tokens: turn.prompt_tokens,
                 completion_tokens: turn.completion_tokens,
+                cached_prompt_tokens: turn.cached_prompt_tokens,
+                cost: self.bundle.turn_cost(turn),
             });
             // Live, the turn (and the previous step's checkpoint with it) is written before any
             // of its calls can act; a replay acts on nothing and writes with its calls.

@@ -556,6 +556,11 @@ async fn resolve_bundle(
         Some(key) => config_map_key(&config_maps, &key.name, &key.key).await?,
         None => None,
     };
+    // Pinned now: the run, its resume and its replays cost what the model cost when it started.
+    let model_price = match super::agent::model_price(ctx, &agent_spec).await? {
+        Ok(price) => price,
+        Err(invalid) => return Ok(Err(invalid)),
+    };
     Ok(Ok(RunBundle {
         tenant: namespace,
         session: session.name_any(),
@@ -569,6 +574,7 @@ async fn resolve_bundle(
         model_script,
         session_labels: session.labels().clone(),
         ontology,
+        model_price,
     }))
 }
 

@@ -949,6 +949,8 @@ where
             response: serde_json::to_value(&turn).unwrap_or_default(),
             prompt_tokens: turn.prompt_tokens,
             completion_tokens: turn.completion_tokens,
+            cached_prompt_tokens: turn.cached_prompt_tokens,
+            cost: slot.bundle.turn_cost(&turn),
         });
         let reply = move |head| with_head(Json(&turn).into_response(), head);
         self.write_and_answer(caller, &mut log, recorder, answer, true, reply)

@@ -1,0 +1,217 @@
+//! Spend over a window, read from the records: each model turn's tokens and the cost recorded
+//! with it, summed by agent, model or a Session label (a team), per currency. Turns recorded
+//! without a price (no PriceList then, or a scripted model) are counted as unpriced tokens.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::{
+    pricing::Nanos,
+    records::{EntryBody, RecordEntry},
+};
+
+/// What spend is summed by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum By {
+    Agent,
+    Model,
+    /// A Session label's value (`team`, `environment`, …); runs without it are `(none)`.
+    Label(String),
+}
+
+impl By {
+    /// `agent`, `model` or `label=<key>`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "agent" => Ok(Self::Agent),
+            "model" => Ok(Self::Model),
+            _ => match text.strip_prefix("label=") {
+                Some(key) if !key.is_empty() => Ok(Self::Label(key.to_owned())),
+                _ => Err(format!(
+                    "--by {text:?}: say agent, model or label=<key> (e.g. label=team)"
+                )),
+            },
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Self::Agent => "agent".into(),
+            Self::Model => "model".into(),
+            Self::Label(key) => format!("label {key}"),
+        }
+    }
+}
+
+/// The spend of one group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spend {
+    pub runs: u64,
+    pub turns: u64,
+    pub prompt_tokens: u64,
+    pub cached_prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// By currency, in nano-units (10⁻⁹ of the currency).
+    #[serde(rename = "costNanos")]
+    pub cost: BTreeMap<String, Nanos>,
+    /// Tokens of turns recorded without a price.
+    pub unpriced_tokens: u64,
+}
+
+impl Spend {
+    fn add(&mut self, other: &Self) {
+        self.runs += other.runs;
+        self.turns += other.turns;
+        self.prompt_tokens += other.prompt_tokens;
+        self.cached_prompt_tokens += other.cached_prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.unpriced_tokens += other.unpriced_tokens;
+        for (currency, amount) in &other.cost {
+            let sum = self.cost.entry(currency.clone()).or_default();
+            *sum = *sum + *amount;
+        }
+    }
+
+    fn cost_text(&self) -> String {
+        if self.cost.is_empty() {
+            return "—".into();
+        }
+        self.cost
+            .iter()
+            .map(|(currency, amount)| format!("{amount} {currency}"))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+}
+
+/// A tenant's spend over a window.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub tenant: String,
+    pub since: String,
+    pub by: String,
+    pub groups: BTreeMap<String, Spend>,
+    pub total: Spend,
+}
+
+impl Report {
+    pub fn new(tenant: &str, since: &str, by: &By) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            since: since.to_owned(),
+            by: by.name(),
+            groups: BTreeMap::new(),
+            total: Spend::default(),
+        }
+    }
+
+    /// Adds one run of `agent` (its Session's `labels`), grouped `by`.
+    pub fn add_run(
+        &mut self,
+        by: &By,
+        agent: &str,
+        labels: &BTreeMap<String, String>,
+        entries: &[RecordEntry],
+    ) {
+        let mut per_group: BTreeMap<String, Spend> = BTreeMap::new();
+        for entry in entries {
+            let EntryBody::ModelTurn {
+                model,
+                prompt_tokens,
+                completion_tokens,
+                cached_prompt_tokens,
+                cost,
+                ..
+            } = &entry.body
+            else {
+                continue;
+            };
+            let key = match by {
+                By::Agent => agent.to_owned(),
+                By::Model => model.clone(),
+                By::Label(key) => labels.get(key).cloned().unwrap_or_else(|| "(none)".into()),
+            };
+            let spend = per_group.entry(key).or_default();
+            spend.turns += 1;
+            spend.prompt_tokens += prompt_tokens;
+            spend.cached_prompt_tokens += cached_prompt_tokens;
+            spend.completion_tokens += completion_tokens;
+            match cost {
+                Some(cost) => {
+                    let sum = spend.cost.entry(cost.currency.clone()).or_default();
+                    *sum = *sum + cost.nanos;
+                }
+                None => spend.unpriced_tokens += prompt_tokens + completion_tokens,
+            }
+        }
+        if !per_group.is_empty() {
+            self.total.runs += 1;
+        }
+        for (key, mut spend) in per_group {
+            spend.runs = 1;
+            self.total.add(&Spend {
+                runs: 0,
+                ..spend.clone()
+            });
+            self.groups.entry(key).or_default().add(&spend);
+        }
+    }
+
+    /// The report as a person reads it.
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "spend of namespace {} in the last {}, by {}\n",
+            self.tenant, self.since, self.by
+        );
+        let mut rows = vec![[
+            self.by.clone(),
+            "runs".into(),
+            "turns".into(),
+            "prompt".into(),
+            "cached".into(),
+            "completion".into(),
+            "unpriced".into(),
+            "cost".into(),
+        ]];
+        let row = |name: &str, s: &Spend| {
+            [
+                name.to_owned(),
+                s.runs.to_string(),
+                s.turns.to_string(),
+                s.prompt_tokens.to_string(),
+                s.cached_prompt_tokens.to_string(),
+                s.completion_tokens.to_string(),
+                s.unpriced_tokens.to_string(),
+                s.cost_text(),
+            ]
+        };
+        rows.extend(self.groups.iter().map(|(name, s)| row(name, s)));
+        rows.push(row("total", &self.total));
+        let widths: Vec<usize> = (0..8)
+            .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+            .collect();
+        for r in &rows {
+            let cells: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                .map(|(i, (cell, w))| {
+                    if i == 0 {
+                        format!("{cell:<w$}")
+                    } else {
+                        format!("{cell:>w$}")
+                    }
+                })
+                .collect();
+            out.push_str(cells.join("  ").trim_end());
+            out.push('\n');
+        }
+        if self.total.unpriced_tokens > 0 {
+            out.push_str("unpriced: tokens of turns recorded without a price (no PriceList then, or a scripted model no list prices)\n");
+        }
+        out
+    }
+}

@@ -1,0 +1,369 @@
+//! What model calls cost. A run's model price is looked up in the cluster's PriceLists when the
+//! run starts and pinned in its bundle, so the run, its resume and its replays cost the same
+//! whatever the lists say later; each model turn's cost is computed from its token counts and
+//! recorded with it. Amounts are whole nano-units of a currency (10⁻⁹), so sums never drift.
+
+use std::fmt;
+
+use contextos_crds::{
+    PriceListSpec,
+    agent::{ModelProvider, ModelSpec},
+};
+use serde::{Deserialize, Serialize};
+
+/// An amount of a currency, in nano-units.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Nanos(pub u64);
+
+const NANOS_PER_UNIT: u64 = 1_000_000_000;
+
+impl Nanos {
+    /// A decimal such as `2.50` (at most 9 digits on either side of the point).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || format!("{text:?} is not a decimal amount such as 2.50");
+        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+        let digits =
+            |s: &str, max: usize| !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(whole, 9) || !(fraction.is_empty() || digits(fraction, 9)) || text.ends_with('.') {
+            return Err(bad());
+        }
+        let whole: u64 = whole.parse().map_err(|_| bad())?;
+        let fraction: u64 = format!("{fraction:0<9}").parse().map_err(|_| bad())?;
+        Ok(Self(whole * NANOS_PER_UNIT + fraction))
+    }
+}
+
+impl std::ops::Add for Nanos {
+    type Output = Self;
+    fn add(self, other: Self) -> Self {
+        Self(self.0.saturating_add(other.0))
+    }
+}
+
+impl std::iter::Sum for Nanos {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |a, b| a + b)
+    }
+}
+
+impl fmt::Display for Nanos {
+    /// Whole units and the fraction without trailing zeros (at least two places): `0.0012`,
+    /// `3.00`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let whole = self.0 / NANOS_PER_UNIT;
+        let fraction = format!("{:09}", self.0 % NANOS_PER_UNIT);
+        let trimmed = fraction.trim_end_matches('0');
+        write!(f, "{whole}.{trimmed:0<2}")
+    }
+}
+
+/// A model's price as a run pins it: the list it came from and its rates per million tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PinnedPrice {
+    pub price_list: String,
+    pub currency: String,
+    pub input_per_million: Nanos,
+    pub output_per_million: Nanos,
+    pub cached_input_per_million: Nanos,
+}
+
+/// What one model turn cost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnCost {
+    pub currency: String,
+    pub nanos: Nanos,
+}
+
+impl PinnedPrice {
+    /// The cost of a turn of `prompt` tokens (`cached` of them from the endpoint's cache) and
+    /// `completion` tokens, rounded to the nearest nano-unit.
+    pub fn cost(&self, prompt: u64, cached: u64, completion: u64) -> TurnCost {
+        let cached = cached.min(prompt);
+        let per = |tokens: u64, rate: Nanos| u128::from(tokens) * u128::from(rate.0);
+        let total = per(prompt - cached, self.input_per_million)
+            + per(cached, self.cached_input_per_million)
+            + per(completion, self.output_per_million);
+        let nanos = (total + 500_000) / 1_000_000;
+        TurnCost {
+            currency: self.currency.clone(),
+            nanos: Nanos(u64::try_from(nanos).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+/// Why a model cannot be priced.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PriceError {
+    #[error(
+        "no PriceList prices model {model:?} of provider {provider}{endpoint}: add it to a PriceList's spec.models (the cluster has {lists}), so its calls are never free"
+    )]
+    Missing {
+        model: String,
+        provider: &'static str,
+        endpoint: String,
+        lists: String,
+    },
+    #[error("model {model:?} is priced differently by {first} and {second}: keep one price")]
+    Conflict {
+        model: String,
+        first: String,
+        second: String,
+    },
+    #[error("PriceList {list}: spec.models[{index}].{field}: {problem}")]
+    Invalid {
+        list: String,
+        index: usize,
+        field: &'static str,
+        problem: String,
+    },
+}
+
+fn provider_name(provider: ModelProvider) -> &'static str {
+    match provider {
+        ModelProvider::OpenaiCompatible => "openai_compatible",
+        ModelProvider::Scripted => "scripted",
+    }
+}
+
+fn same_endpoint(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// The price of `model` in `lists` (by name). No list at all: `None` (spend is not accounted
+/// in this cluster). A scripted model no list prices costs nothing: `None`. Any other model
+/// must be priced, by exactly one price (one for its endpoint wins over one for any endpoint).
+pub fn price_for(
+    lists: &[(String, PriceListSpec)],
+    model: &ModelSpec,
+) -> Result<Option<PinnedPrice>, PriceError> {
+    if lists.is_empty() {
+        return Ok(None);
+    }
+    let mut found: Vec<(bool, PinnedPrice)> = Vec::new();
+    for (name, list) in lists {
+        for (index, entry) in list.models.iter().enumerate() {
+            if entry.provider != model.provider || entry.model != model.model {
+                continue;
+            }
+            let specific = match (&entry.endpoint, &model.endpoint) {
+                (None, _) => false,
+                (Some(e), Some(m)) if same_endpoint(e, m) => true,
+                (Some(_), _) => continue,
+            };
+            let rate = |field: &'static str, text: &str| {
+                Nanos::parse(text).map_err(|problem| PriceError::Invalid {
+                    list: name.clone(),
+                    index,
+                    field,
+                    problem,
+                })
+            };
+            let input = rate("inputPerMillion", &entry.input_per_million)?;
+            let cached = match &entry.cached_input_per_million {
+                Some(text) => rate("cachedInputPerMillion", text)?,
+                None => input,
+            };
+            found.push((
+                specific,
+                PinnedPrice {
+                    price_list: name.clone(),
+                    currency: list.currency.clone(),
+                    input_per_million: input,
+                    output_per_million: rate("outputPerMillion", &entry.output_per_million)?,
+                    cached_input_per_million: cached,
+                },
+            ));
+        }
+    }
+    let specific = found.iter().any(|(s, _)| *s);
+    let mut candidates = found.into_iter().filter(|(s, _)| *s == specific).map(|(_, p)| p);
+    let Some(first) = candidates.next() else {
+        if model.provider == ModelProvider::Scripted {
+            return Ok(None);
+        }
+        return Err(PriceError::Missing {
+            model: model.model.clone(),
+            provider: provider_name(model.provider),
+            endpoint: model
+                .endpoint
+                .as_deref()
+                .map(|e| format!(" at {e}"))
+                .unwrap_or_default(),
+            lists: lists
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let rates = |p: &PinnedPrice| {
+        (
+            p.currency.clone(),
+            p.input_per_million,
+            p.output_per_million,
+            p.cached_input_per_million,
+        )
+    };
+    if let Some(other) = candidates.find(|p| rates(p) != rates(&first)) {
+        return Err(PriceError::Conflict {
+            model: model.model.clone(),
+            first: format!("PriceList {}", first.price_list),
+            second: format!("PriceList {}", other.price_list),
+        });
+    }
+    Ok(Some(first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_parse_and_print_exactly() {
+        let cases = [
+            ("0", Ok(0)),
+            ("2.50", Ok(2_500_000_000)),
+            ("0.000000001", Ok(1)),
+            ("123456789.123456789", Ok(123_456_789_123_456_789)),
+        ];
+        for (text, wanted) in cases {
+            assert_eq!(
+                Nanos::parse(text).map(|n| n.0).map_err(|_| ()),
+                wanted.map_err(|_: ()| ()),
+                "{text}"
+            );
+        }
+        for bad in ["", ".5", "5.", "1.0000000001", "-1", "1e3", "1,5", "1234567890"] {
+            assert!(Nanos::parse(bad).is_err(), "{bad:?} parsed");
+        }
+        assert_eq!(Nanos(2_500_000_000).to_string(), "2.50");
+        assert_eq!(Nanos(1_200_000).to_string(), "0.0012");
+        assert_eq!(Nanos(0).to_string(), "0.00");
+        assert_eq!(Nanos(1).to_string(), "0.000000001");
+    }
+
+    fn price(input: &str, output: &str, cached: Option<&str>) -> contextos_crds::price_list::ModelPrice {
+        contextos_crds::price_list::ModelPrice {
+            provider: ModelProvider::OpenaiCompatible,
+            model: "gpt".into(),
+            endpoint: None,
+            input_per_million: input.into(),
+            output_per_million: output.into(),
+            cached_input_per_million: cached.map(str::to_owned),
+        }
+    }
+
+    fn list(
+        name: &str,
+        currency: &str,
+        models: Vec<contextos_crds::price_list::ModelPrice>,
+    ) -> (String, PriceListSpec) {
+        (
+            name.into(),
+            PriceListSpec {
+                currency: currency.into(),
+                models,
+            },
+        )
+    }
+
+    fn model(provider: ModelProvider, name: &str, endpoint: Option<&str>) -> ModelSpec {
+        ModelSpec {
+            provider,
+            endpoint: endpoint.map(str::to_owned),
+            model: name.into(),
+            secret_ref: None,
+            script_ref: None,
+            max_output_tokens: None,
+        }
+    }
+
+    #[test]
+    fn a_turn_costs_its_tokens_at_the_pinned_rates() {
+        let lists = [list("usd", "USD", vec![price("2.50", "10.00", Some("1.25"))])];
+        let pinned = price_for(
+            &lists,
+            &model(ModelProvider::OpenaiCompatible, "gpt", Some("https://x/v1")),
+        )
+        .expect("priced")
+        .expect("a price");
+        // 1,000 prompt tokens (400 cached) and 200 completion tokens:
+        // 600 × 2.50 + 400 × 1.25 + 200 × 10.00 per million = 0.0015 + 0.0005 + 0.002.
+        let cost = pinned.cost(1000, 400, 200);
+        assert_eq!(
+            (cost.currency.as_str(), cost.nanos.to_string()),
+            ("USD", "0.004".to_owned())
+        );
+        // Cached tokens never exceed the prompt: 10 cached tokens at 1.25 per million.
+        assert_eq!(pinned.cost(10, 50, 0).nanos, Nanos(12_500));
+        // Rounding is to the nearest nano-unit: 300 and 100 tokens at 0.0000025 per million.
+        let tiny = PinnedPrice {
+            input_per_million: Nanos(2_500),
+            ..pinned
+        };
+        assert_eq!(tiny.cost(300, 0, 0).nanos, Nanos(1));
+        assert_eq!(tiny.cost(100, 0, 0).nanos, Nanos(0));
+    }
+
+    #[test]
+    fn every_model_in_use_is_priced_exactly_once_when_the_cluster_prices_models() {
+        let gpt = model(
+            ModelProvider::OpenaiCompatible,
+            "gpt",
+            Some("https://api.example/v1"),
+        );
+        let script = model(ModelProvider::Scripted, "demo", None);
+        // No PriceList: spend is not accounted.
+        assert_eq!(price_for(&[], &gpt), Ok(None));
+        let usd = list("usd", "USD", vec![price("1", "2", None)]);
+        // Priced, the cached rate defaulting to the input rate.
+        let pinned = price_for(std::slice::from_ref(&usd), &gpt)
+            .expect("ok")
+            .expect("priced");
+        assert_eq!(pinned.cached_input_per_million, Nanos::parse("1").expect("1"));
+        assert_eq!(pinned.price_list, "usd");
+        // A scripted model no list prices costs nothing; any other model must be priced.
+        assert_eq!(price_for(std::slice::from_ref(&usd), &script), Ok(None));
+        let other = model(
+            ModelProvider::OpenaiCompatible,
+            "other",
+            Some("https://api.example/v1"),
+        );
+        let missing = price_for(std::slice::from_ref(&usd), &other).expect_err("unpriced");
+        assert!(
+            missing.to_string().contains(
+                "no PriceList prices model \"other\" of provider openai_compatible at https://api.example/v1"
+            ),
+            "{missing}"
+        );
+        // A price for the endpoint wins over one for any endpoint; one for another endpoint is
+        // not this model's.
+        let mut specific = price("5", "6", None);
+        specific.endpoint = Some("https://api.example/v1/".into());
+        let mut elsewhere = price("7", "8", None);
+        elsewhere.endpoint = Some("https://elsewhere/v1".into());
+        let lists = [usd.clone(), list("endpoints", "USD", vec![specific, elsewhere])];
+        let pinned = price_for(&lists, &gpt).expect("ok").expect("priced");
+        assert_eq!(
+            (pinned.price_list.as_str(), pinned.input_per_million),
+            ("endpoints", Nanos::parse("5").expect("5"))
+        );
+        // Two prices as specific as each other that differ (rates or currency): refused.
+        let eur = list("eur", "EUR", vec![price("1", "2", None)]);
+        let conflict = price_for(&[usd.clone(), eur], &gpt).expect_err("ambiguous");
+        assert!(matches!(conflict, PriceError::Conflict { .. }), "{conflict}");
+        // The same price twice is not a conflict.
+        let again = list("again", "USD", vec![price("1.0", "2.00", None)]);
+        assert!(price_for(&[usd, again], &gpt).is_ok());
+        // A rate that is not a decimal names the list, entry and field.
+        let broken = list("broken", "USD", vec![price("1", "two", None)]);
+        let invalid = price_for(&[broken], &gpt).expect_err("invalid");
+        assert!(
+            invalid
+                .to_string()
+                .starts_with("PriceList broken: spec.models[0].outputPerMillion"),
+            "{invalid}"
+        );
+    }
+}

@@ -325,6 +325,39 @@ patches:
     improvement::proposals_through_the_gate(env, &install, &runner_image).await
 }
 
+/// The gateway replicas' metrics listeners count the quickstart's turns and spend (summed over
+/// the replicas, as Prometheus would).
+async fn spend_in_the_gateways_metrics(env: &TestEnv, tenant: &TestNamespace) -> Result<()> {
+    let pods = Api::<Pod>::namespaced(env.client(), SYSTEM)
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=contextos-gateway"))
+        .await?;
+    let (mut turns, mut spend) = (0u64, 0f64);
+    let labels = format!(
+        "tenant=\"{}\",agent=\"oncall-assistant\",model=\"quickstart-script\"",
+        tenant.name()
+    );
+    for pod in pods.items {
+        let name = format!("pod/{}", pod.metadata.name.unwrap_or_default());
+        let (mut forward, local) = port_forward(env, &name, 9090).await?;
+        let text = http_get(&local, "/metrics").await?;
+        let _ = forward.kill().await;
+        let value = |metric: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(metric)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        turns += value(&format!("contextos_model_turns_total{{{labels}}}")) as u64;
+        spend += value(&format!(
+            "contextos_model_spend_total{{{labels},currency=\"USD\"}}"
+        ));
+    }
+    ensure!(
+        turns >= 5 && spend > 0.0,
+        "the gateways counted {turns} quickstart turns costing {spend} USD"
+    );
+    Ok(())
+}
+
 /// Once the cluster prices models, an Agent whose model no PriceList prices is not Ready (and
 /// stalled: a person must price it), naming the model; its calls are never free.
 async fn unpriced_model_is_refused(tenant: &TestNamespace) -> Result<()> {
@@ -540,6 +573,7 @@ async fn verify_through_the_gateway(
             && quickstart["unpricedTokens"] == 0,
         "the quickstart's spend: {cost:#}"
     );
+    spend_in_the_gateways_metrics(env, tenant).await?;
     record_consent_through_the_gateway(tenant, &audit, &store, &token).await?;
     let _ = forward.kill().await;
     audit.pass();
@@ -549,9 +583,15 @@ async fn verify_through_the_gateway(
 /// `kubectl port-forward` to the gateway Service, as a person reaches it from their machine: the
 /// process (killed on drop) and the local address.
 async fn gateway_port_forward(env: &TestEnv) -> Result<(tokio::process::Child, String)> {
+    port_forward(env, "service/contextos-gateway", 8480).await
+}
+
+/// `kubectl port-forward` to `target`'s `port` in the system namespace: the process (killed on
+/// drop) and the local address.
+async fn port_forward(env: &TestEnv, target: &str, port: u16) -> Result<(tokio::process::Child, String)> {
     let mut forward = env
         .kubectl()
-        .args(["port-forward", "-n", SYSTEM, "service/contextos-gateway", ":8480"])
+        .args(["port-forward", "-n", SYSTEM, target, &format!(":{port}")])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)

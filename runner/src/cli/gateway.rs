@@ -25,6 +25,10 @@ pub struct GatewayArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8480", env = "CONTEXTOS_GATEWAY_LISTEN")]
     listen: SocketAddr,
+    /// Address of `/metrics` (model turns, tokens and spend by tenant, agent and model), a
+    /// listener of its own so that only what may read every tenant's spend reaches it.
+    #[arg(long, env = "CONTEXTOS_GATEWAY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Namespace of ContextOS's own objects: the gateway's master record key Secret and the
     /// operator's published RunContext key.
     #[arg(long, env = "CONTEXTOS_NAMESPACE", default_value = "contextos-system")]
@@ -124,6 +128,21 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         .with_capabilities(Arc::new(KubeCapabilities::new(client)))
         .with_max_run_bytes(args.max_run_bytes),
     );
+    if let Some(address) = args.metrics_listen {
+        let metrics = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address} for metrics"))?;
+        tracing::info!(listen = %metrics.local_addr()?, "contextos gateway: serving /metrics");
+        let router = service.metrics_router();
+        tokio::spawn(async move {
+            let served = axum::serve(metrics, router)
+                .with_graceful_shutdown(contextos_runner::signals::shutdown())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

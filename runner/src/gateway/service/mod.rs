@@ -14,6 +14,7 @@ mod context_cache;
 mod memory_api;
 mod read_api;
 mod run_api;
+pub mod spend_metrics;
 mod subject_api;
 
 use std::{
@@ -120,6 +121,8 @@ pub struct GatewayService<S, A, T> {
     tenant_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     /// The replay gates this replica is running: (Job, tenant).
     gates: Mutex<Vec<(String, String)>>,
+    /// What the model turns it recorded cost (served on the metrics listener only).
+    spend: Arc<spend_metrics::SpendMetrics>,
     /// What one run may write to the store.
     max_run_bytes: u64,
     /// Bytes of blobs each run uploaded through this replica, by (tenant, run).
@@ -274,6 +277,7 @@ where
             capabilities: None,
             tenant_slots: Mutex::new(HashMap::new()),
             gates: Mutex::new(Vec::new()),
+            spend: Arc::default(),
             max_run_bytes: DEFAULT_MAX_RUN_BYTES,
             early_answers: true,
             blob_bytes: Mutex::new(HashMap::new()),
@@ -369,6 +373,13 @@ where
     /// The public key a tenant's records are signed with (auditors verify chains with it).
     pub fn tenant_public_key(&self, tenant: &str) -> PublicKey {
         self.keys.for_tenant(tenant).public()
+    }
+
+    /// The metrics listener's routes: `/metrics` (every tenant's spend: never on the port
+    /// runner pods reach).
+    pub fn metrics_router(&self) -> Router {
+        let spend = self.spend.clone();
+        Router::new().route("/metrics", get(move || async move { spend.render() }))
     }
 
     /// The routes: the run API under `/v1/run/`, tenant public keys, `/healthz`.

@@ -943,14 +943,23 @@ where
                 return;
             }
         };
+        let cost = slot.bundle.turn_cost(&turn);
+        let model = &slot.bundle.agent_spec.model.model;
+        self.spend.record(
+            caller.tenant.as_str(),
+            &slot.bundle.agent,
+            model,
+            &turn,
+            cost.as_ref(),
+        );
         recorder.stage(EntryBody::ModelTurn {
             step: request.step,
-            model: slot.bundle.agent_spec.model.model.clone(),
+            model: model.clone(),
             response: serde_json::to_value(&turn).unwrap_or_default(),
             prompt_tokens: turn.prompt_tokens,
             completion_tokens: turn.completion_tokens,
             cached_prompt_tokens: turn.cached_prompt_tokens,
-            cost: slot.bundle.turn_cost(&turn),
+            cost,
         });
         let reply = move |head| with_head(Json(&turn).into_response(), head);
         self.write_and_answer(caller, &mut log, recorder, answer, true, reply)

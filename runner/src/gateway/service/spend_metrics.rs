@@ -1,0 +1,147 @@
+//! What the model turns this replica recorded cost, as Prometheus counters by tenant, agent and
+//! model: turns, tokens by kind, and spend by currency. Served on the gateway's metrics listener
+//! (never on the port runner pods reach: one tenant must not read another's spend). Each
+//! replica counts its own turns; Prometheus sums the replicas.
+
+use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex};
+
+use crate::{model::ModelTurn, pricing::TurnCost};
+
+/// Whose turns a counter counts.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    tenant: String,
+    agent: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Counters {
+    turns: u64,
+    prompt_tokens: u64,
+    cached_prompt_tokens: u64,
+    completion_tokens: u64,
+    /// Nano-units, by currency.
+    cost: BTreeMap<String, u64>,
+}
+
+/// The replica's spend counters.
+#[derive(Debug, Default)]
+pub struct SpendMetrics {
+    counters: Mutex<BTreeMap<Key, Counters>>,
+}
+
+impl SpendMetrics {
+    /// Counts a recorded turn of `tenant`'s `agent` with `model`, and what it cost.
+    pub fn record(&self, tenant: &str, agent: &str, model: &str, turn: &ModelTurn, cost: Option<&TurnCost>) {
+        let key = Key {
+            tenant: tenant.to_owned(),
+            agent: agent.to_owned(),
+            model: model.to_owned(),
+        };
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let c = counters.entry(key).or_default();
+        c.turns += 1;
+        c.prompt_tokens = c.prompt_tokens.saturating_add(turn.prompt_tokens);
+        c.cached_prompt_tokens = c.cached_prompt_tokens.saturating_add(turn.cached_prompt_tokens);
+        c.completion_tokens = c.completion_tokens.saturating_add(turn.completion_tokens);
+        if let Some(cost) = cost {
+            let sum = c.cost.entry(cost.currency.clone()).or_default();
+            *sum = sum.saturating_add(cost.nanos.0);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::new();
+        let labels = |k: &Key| {
+            format!(
+                "tenant=\"{}\",agent=\"{}\",model=\"{}\"",
+                escape(&k.tenant),
+                escape(&k.agent),
+                escape(&k.model)
+            )
+        };
+        out.push_str("# HELP contextos_model_turns_total Model turns the gateway asked for and recorded.\n");
+        out.push_str("# TYPE contextos_model_turns_total counter\n");
+        for (k, c) in counters.iter() {
+            let _ = writeln!(out, "contextos_model_turns_total{{{}}} {}", labels(k), c.turns);
+        }
+        out.push_str("# HELP contextos_model_tokens_total Model tokens of the recorded turns, by kind (prompt includes cached_prompt).\n");
+        out.push_str("# TYPE contextos_model_tokens_total counter\n");
+        for (k, c) in counters.iter() {
+            for (kind, n) in [
+                ("prompt", c.prompt_tokens),
+                ("cached_prompt", c.cached_prompt_tokens),
+                ("completion", c.completion_tokens),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "contextos_model_tokens_total{{{},kind=\"{kind}\"}} {n}",
+                    labels(k)
+                );
+            }
+        }
+        out.push_str("# HELP contextos_model_spend_total What the recorded turns cost, in units of the currency, at the prices their runs pinned.\n");
+        out.push_str("# TYPE contextos_model_spend_total counter\n");
+        for (k, c) in counters.iter() {
+            for (currency, nanos) in &c.cost {
+                let _ = writeln!(
+                    out,
+                    "contextos_model_spend_total{{{},currency=\"{}\"}} {}",
+                    labels(k),
+                    escape(currency),
+                    crate::pricing::Nanos(*nanos)
+                );
+            }
+        }
+        out
+    }
+}
+
+/// A label value as the exposition format wants it.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pricing::Nanos;
+
+    #[test]
+    fn turns_tokens_and_spend_are_counted_per_tenant_agent_and_model() {
+        let metrics = SpendMetrics::default();
+        let turn = |prompt, cached, completion| ModelTurn {
+            content: String::new(),
+            tool_calls: Vec::new(),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_prompt_tokens: cached,
+            dropped_tool_calls: 0,
+        };
+        let usd = |nanos| TurnCost {
+            currency: "USD".into(),
+            nanos: Nanos(nanos),
+        };
+        metrics.record("shop", "oncall", "gpt", &turn(100, 40, 10), Some(&usd(1_500_000)));
+        metrics.record("shop", "oncall", "gpt", &turn(50, 0, 5), Some(&usd(500_000)));
+        metrics.record("bank", "teller", "odd\"name", &turn(7, 0, 1), None);
+        let text = metrics.render();
+        for line in [
+            "contextos_model_turns_total{tenant=\"shop\",agent=\"oncall\",model=\"gpt\"} 2",
+            "contextos_model_tokens_total{tenant=\"shop\",agent=\"oncall\",model=\"gpt\",kind=\"prompt\"} 150",
+            "contextos_model_tokens_total{tenant=\"shop\",agent=\"oncall\",model=\"gpt\",kind=\"cached_prompt\"} 40",
+            "contextos_model_spend_total{tenant=\"shop\",agent=\"oncall\",model=\"gpt\",currency=\"USD\"} 0.002",
+            "contextos_model_turns_total{tenant=\"bank\",agent=\"teller\",model=\"odd\\\"name\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+        // An unpriced turn is counted, and has no spend line.
+        assert!(!text.contains("tenant=\"bank\",agent=\"teller\",model=\"odd\\\"name\",currency"));
+    }
+}

@@ -197,6 +197,8 @@ async fn read_cluster(namespace: Option<&str>, all: bool) -> anyhow::Result<Harn
     values.extend(list(scoped::<Session>(&client, scope)).await?);
     // What the Agents' entity types are checked against.
     values.extend(list(scoped::<Ontology>(&client, scope)).await?);
+    // What the Agents' models are priced by (cluster-scoped).
+    values.extend(list(Api::<contextos_crds::PriceList>::all(client.clone())).await?);
     values.extend(list(Api::<Namespace>::all(client.clone())).await?);
     values.extend(list(Api::<ValidatingAdmissionPolicy>::all(client.clone())).await?);
     values.extend(list(Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())).await?);

@@ -117,6 +117,16 @@ pub(super) const RULES: &[(Rule, Check)] = &[
         },
         unavailable_adapters,
     ),
+    (
+        Rule {
+            id: RuleId("agent/unpriced-model"),
+            severity: Severity::High,
+            title: "a model no PriceList prices, in a cluster that prices models",
+            why: "the Agent is Ready=False (PriceMissing) and none of its Sessions start: once a cluster has PriceLists, a call is never free by omission (two lists pricing the model differently count too)",
+            fix: "price the model (provider, model name and endpoint) in one PriceList's `spec.models`",
+        },
+        unpriced_models,
+    ),
 ];
 
 /// A rule (or default) of one Policy that may let a call of `tool` through: the first matching
@@ -318,6 +328,23 @@ fn model_key_over_http(harness: &Harness, sink: &mut Sink<'_>) {
                 spec(&["model", "endpoint"]),
                 format!("the API key goes to {endpoint} unencrypted"),
             );
+        }
+    }
+}
+
+fn unpriced_models(harness: &Harness, sink: &mut Sink<'_>) {
+    let lists: Vec<(String, contextos_crds::PriceListSpec)> = harness
+        .others_of("PriceList")
+        .filter_map(|o| {
+            Some((
+                o.id.name.clone(),
+                serde_json::from_value(o.spec["spec"].clone()).ok()?,
+            ))
+        })
+        .collect();
+    for agent in &harness.agents {
+        if let Err(e) = crate::pricing::price_for(&lists, &agent.spec.model) {
+            sink.report(agent, spec(&["model"]), e.to_string());
         }
     }
 }

@@ -145,6 +145,7 @@ patches:
     for name in ["contextos-gateway", "contextos-operator"] {
         available(env, &system, name).await?;
     }
+    fairness_is_in_force(env).await?;
 
     // The quickstart's tool service, under the name the quickstart gives it (this test binary
     // has the cluster to itself).
@@ -323,6 +324,37 @@ patches:
     tenant.pass();
     memory::remembered_across_sessions(env, &install, &runner_image).await?;
     improvement::proposals_through_the_gate(env, &install, &runner_image).await
+}
+
+/// The API server took ContextOS's fairness configuration: both FlowSchemas name a priority
+/// level it has (it says so in their `Dangling` condition).
+async fn fairness_is_in_force(env: &TestEnv) -> Result<()> {
+    let mut last = String::new();
+    for _ in 0..30 {
+        let mut dangling = Vec::new();
+        for name in ["contextos", "contextos-leader-election"] {
+            let output = env
+                .kubectl()
+                .args(["get", "flowschema", name, "-o", "json"])
+                .output()
+                .await?;
+            let schema: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+            let settled = schema["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Dangling" && c["status"] == "False");
+            if !settled {
+                dangling.push(format!("{name}: {}", schema["status"]));
+            }
+        }
+        if dangling.is_empty() {
+            return Ok(());
+        }
+        last = dangling.join("; ");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    bail!("ContextOS's FlowSchemas are not in force after 30 s: {last}")
 }
 
 /// The gateway replicas' metrics listeners count the quickstart's turns and spend (summed over

@@ -32,8 +32,12 @@ pub struct PriceListSpec {
 }
 
 /// What one model costs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.provider != 'scripted' || !has(self.endpoint)").message("a scripted model has no endpoint: remove endpoint"),
+    validation = Rule::new("!has(self.endpoint) || !(self.endpoint.contains('?') || self.endpoint.contains('#') || self.endpoint.contains('@'))").message("endpoint is a base URL: no query, fragment or credentials")
+)]
 pub struct ModelPrice {
     /// The API the Agent speaks (`spec.model.provider`).
     pub provider: ModelProvider,

@@ -205,4 +205,29 @@ fn a_price_list_takes_decimal_rates_in_one_iso_currency() {
     refused_at("/spec/models/0/outputPerMillion", serde_json::json!("-1"));
     refused_at("/spec/models/0/cachedInputPerMillion", serde_json::json!("1e-3"));
     refused_at("/spec/models", serde_json::json!([]));
+    // An endpoint a price can never match (a scripted model has none), or one no client would
+    // be configured with, is refused rather than left to price nothing.
+    let cel_refused = |index: usize, field: &str, value: Value, message: &str| {
+        let mut bad = list.clone();
+        bad["spec"]["models"][index][field] = value;
+        let refusals = admit(&bad, None);
+        assert!(
+            refusals
+                .iter()
+                .any(|r| matches!(r, Refusal::Cel { message: m, .. } if m.contains(message))),
+            "{field}: {refusals:?}"
+        );
+    };
+    cel_refused(
+        2,
+        "endpoint",
+        serde_json::json!("https://scripts.example/v1"),
+        "a scripted model has no endpoint",
+    );
+    cel_refused(
+        0,
+        "endpoint",
+        serde_json::json!("https://api.openai.com/v1?key=x"),
+        "no query, fragment or credentials",
+    );
 }

@@ -62,12 +62,15 @@ pub struct Spend {
 
 impl Spend {
     fn add(&mut self, other: &Self) {
-        self.runs += other.runs;
-        self.turns += other.turns;
-        self.prompt_tokens += other.prompt_tokens;
-        self.cached_prompt_tokens += other.cached_prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
-        self.unpriced_tokens += other.unpriced_tokens;
+        // Counts come from what endpoints reported: they saturate, never wrap.
+        self.runs = self.runs.saturating_add(other.runs);
+        self.turns = self.turns.saturating_add(other.turns);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.cached_prompt_tokens = self
+            .cached_prompt_tokens
+            .saturating_add(other.cached_prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
+        self.unpriced_tokens = self.unpriced_tokens.saturating_add(other.unpriced_tokens);
         for (currency, amount) in &other.cost {
             let sum = self.cost.entry(currency.clone()).or_default();
             *sum = *sum + *amount;
@@ -95,6 +98,10 @@ pub struct Report {
     pub by: String,
     pub groups: BTreeMap<String, Spend>,
     pub total: Spend,
+    /// The window held more runs than were read (the newest were).
+    pub truncated: bool,
+    /// Runs are in the window by when they started; a run's turns all count with it.
+    pub windowed_by: &'static str,
 }
 
 impl Report {
@@ -105,6 +112,8 @@ impl Report {
             by: by.name(),
             groups: BTreeMap::new(),
             total: Spend::default(),
+            truncated: false,
+            windowed_by: "run start",
         }
     }
 
@@ -134,18 +143,19 @@ impl Report {
                 By::Model => model.clone(),
                 By::Label(key) => labels.get(key).cloned().unwrap_or_else(|| "(none)".into()),
             };
-            let spend = per_group.entry(key).or_default();
-            spend.turns += 1;
-            spend.prompt_tokens += prompt_tokens;
-            spend.cached_prompt_tokens += cached_prompt_tokens;
-            spend.completion_tokens += completion_tokens;
-            match cost {
-                Some(cost) => {
-                    let sum = spend.cost.entry(cost.currency.clone()).or_default();
-                    *sum = *sum + cost.nanos;
-                }
-                None => spend.unpriced_tokens += prompt_tokens + completion_tokens,
-            }
+            let turn = Spend {
+                turns: 1,
+                prompt_tokens: *prompt_tokens,
+                cached_prompt_tokens: *cached_prompt_tokens,
+                completion_tokens: *completion_tokens,
+                cost: cost.iter().map(|c| (c.currency.clone(), c.nanos)).collect(),
+                unpriced_tokens: match cost {
+                    Some(_) => 0,
+                    None => prompt_tokens.saturating_add(*completion_tokens),
+                },
+                runs: 0,
+            };
+            per_group.entry(key).or_default().add(&turn);
         }
         if !per_group.is_empty() {
             self.total.runs += 1;

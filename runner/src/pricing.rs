@@ -126,8 +126,27 @@ fn provider_name(provider: ModelProvider) -> &'static str {
     }
 }
 
+/// Whether two endpoints are the same server and path, as an HTTP client reaches them: scheme
+/// and host in any case, the default port written or not, `.` segments and a trailing `/`
+/// aside. One with credentials, a query or a fragment is never the same as a price's.
 fn same_endpoint(a: &str, b: &str) -> bool {
-    a.trim_end_matches('/') == b.trim_end_matches('/')
+    let normal = |text: &str| {
+        let url = url::Url::parse(text).ok()?;
+        let plain = url.username().is_empty()
+            && url.password().is_none()
+            && url.query().is_none()
+            && url.fragment().is_none();
+        plain.then(|| {
+            format!(
+                "{}://{}:{}{}",
+                url.scheme(),
+                url.host_str().unwrap_or_default(),
+                url.port_or_known_default().unwrap_or_default(),
+                url.path().trim_end_matches('/')
+            )
+        })
+    };
+    matches!((normal(a), normal(b)), (Some(a), Some(b)) if a == b)
 }
 
 /// The price of `model` in `lists` (by name). No list at all: `None` (spend is not accounted
@@ -206,10 +225,14 @@ pub fn price_for(
         )
     };
     if let Some(other) = candidates.find(|p| rates(p) != rates(&first)) {
+        let second = match first.price_list == other.price_list {
+            true => "another of its entries".to_owned(),
+            false => format!("PriceList {}", other.price_list),
+        };
         return Err(PriceError::Conflict {
             model: model.model.clone(),
             first: format!("PriceList {}", first.price_list),
-            second: format!("PriceList {}", other.price_list),
+            second,
         });
     }
     Ok(Some(first))
@@ -349,6 +372,26 @@ mod tests {
             (pinned.price_list.as_str(), pinned.input_per_million),
             ("endpoints", Nanos::parse("5").expect("5"))
         );
+        // Written otherwise, the same server and path is the same endpoint: it cannot fall
+        // back to a cheaper price for any endpoint. With a query or credentials it is not.
+        for same in [
+            "https://API.Example/v1",
+            "https://api.example:443/v1",
+            "https://api.example/./v1/",
+        ] {
+            let written = model(ModelProvider::OpenaiCompatible, "gpt", Some(same));
+            let pinned = price_for(&lists, &written).expect("ok").expect("priced");
+            assert_eq!(pinned.price_list, "endpoints", "{same}");
+        }
+        for other in [
+            "https://api.example/v1?x=1",
+            "https://user@api.example/v1",
+            "https://api.example:8443/v1",
+        ] {
+            let written = model(ModelProvider::OpenaiCompatible, "gpt", Some(other));
+            let pinned = price_for(&lists, &written).expect("ok").expect("priced");
+            assert_eq!(pinned.price_list, "usd", "{other}");
+        }
         // Two prices as specific as each other that differ (rates or currency): refused.
         let eur = list("eur", "EUR", vec![price("1", "2", None)]);
         let conflict = price_for(&[usd.clone(), eur], &gpt).expect_err("ambiguous");

@@ -435,10 +435,17 @@ pub async fn model_price(
     ctx: &Context,
     spec: &AgentSpec,
 ) -> Result<Result<Option<contextos_runner::pricing::PinnedPrice>, Invalid>> {
-    let lists: Vec<_> = Api::<PriceList>::all(ctx.client.clone())
+    let listed = match Api::<PriceList>::all(ctx.client.clone())
         .list(&Default::default())
-        .await?
-        .items
+        .await
+    {
+        Ok(listed) => listed.items,
+        // The PriceList CRD is not installed (an operator upgraded before its CRDs): the
+        // cluster prices nothing yet.
+        Err(kube::Error::Api(status)) if status.code == 404 => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let lists: Vec<_> = listed
         .into_iter()
         .map(|list| (list.name_any(), list.spec))
         .collect();

@@ -53,6 +53,7 @@ pub async fn run(global: &GlobalArgs, args: CostArgs) -> anyhow::Result<ExitCode
     let truncated = runs.len() > MAX_RUNS;
     runs.truncate(MAX_RUNS);
     let mut report = Report::new(tenant.as_str(), &args.since, &by);
+    report.truncated = truncated;
     for run in runs {
         let entries: Vec<_> = read_run(&store, &tenant, &run.run_id)
             .await

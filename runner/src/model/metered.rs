@@ -63,11 +63,8 @@ impl Meter {
             let left = u32::try_from(limit - spent - prompt).unwrap_or(u32::MAX);
             request.max_output_tokens = Some(request.max_output_tokens.unwrap_or(left).min(left));
         }
-        let mut turn = Box::pin(model.complete(&request, step)).await?;
-        if turn.prompt_tokens == 0 && turn.completion_tokens == 0 {
-            turn.prompt_tokens = prompt;
-            turn.completion_tokens = (turn.content.len() as u64).div_ceil(4);
-        }
+        // Charged as the model reports it, or an estimate when it reports nothing.
+        let turn = Box::pin(model.complete(&request, step)).await?;
         self.spent.fetch_add(
             turn.prompt_tokens.saturating_add(turn.completion_tokens),
             Ordering::Relaxed,

@@ -95,6 +95,21 @@ fn is_zero_u64(value: &u64) -> bool {
 }
 
 impl ModelTurn {
+    /// The turn's usage as it is charged: a model that reports none is charged an estimate
+    /// (≈ 4 bytes a token), never nothing; cached tokens are at most the prompt's, and
+    /// completion tokens at most what the request allowed.
+    pub fn accounted(mut self, request: &ModelRequest) -> Self {
+        if self.prompt_tokens == 0 && self.completion_tokens == 0 {
+            self.prompt_tokens = estimated_tokens(request);
+            self.completion_tokens = (self.content.len() as u64).div_ceil(4);
+        }
+        self.cached_prompt_tokens = self.cached_prompt_tokens.min(self.prompt_tokens);
+        if let Some(most) = request.max_output_tokens {
+            self.completion_tokens = self.completion_tokens.min(u64::from(most));
+        }
+        self
+    }
+
     /// Keeps the first `cap` calls of the turn and counts the rest as dropped: a model (or
     /// whoever answers for it) cannot flood one step with calls.
     pub fn cap_tool_calls(&mut self, cap: u32) {
@@ -222,11 +237,13 @@ impl Model {
 
     /// One turn for `request`, the `step`-th of the run (1-based).
     pub async fn complete(&self, request: &ModelRequest, step: u32) -> Result<ModelTurn, ModelError> {
-        match self {
-            Self::OpenAi(model) => model.complete(request).await,
-            Self::Scripted(model) => model.complete(request),
-            Self::Replay(model) => model.complete(step),
-            Self::Metered(inner, meter) => meter.complete(inner, request, step).await,
-        }
+        let turn = match self {
+            Self::OpenAi(model) => model.complete(request).await?,
+            Self::Scripted(model) => model.complete(request)?,
+            // A recorded turn is what was recorded.
+            Self::Replay(model) => return model.complete(step),
+            Self::Metered(inner, meter) => return meter.complete(inner, request, step).await,
+        };
+        Ok(turn.accounted(request))
     }
 }

@@ -333,15 +333,18 @@ fn model_key_over_http(harness: &Harness, sink: &mut Sink<'_>) {
 }
 
 fn unpriced_models(harness: &Harness, sink: &mut Sink<'_>) {
-    let lists: Vec<(String, contextos_crds::PriceListSpec)> = harness
-        .others_of("PriceList")
-        .filter_map(|o| {
-            Some((
-                o.id.name.clone(),
-                serde_json::from_value(o.spec["spec"].clone()).ok()?,
-            ))
-        })
-        .collect();
+    let mut lists: Vec<(String, contextos_crds::PriceListSpec)> = Vec::new();
+    for list in harness.others_of("PriceList") {
+        match serde_json::from_value(list.spec["spec"].clone()) {
+            Ok(spec) => lists.push((list.id.name.clone(), spec)),
+            // A list that does not read prices nothing: the Agents it was meant for are not priced.
+            Err(e) => sink.report(
+                list,
+                spec(&[]),
+                format!("PriceList {} cannot be read: {e}", list.id.name),
+            ),
+        }
+    }
     for agent in &harness.agents {
         if let Err(e) = crate::pricing::price_for(&lists, &agent.spec.model) {
             sink.report(agent, spec(&["model"]), e.to_string());

@@ -161,7 +161,13 @@ where
         });
         let gating = crate::run::gate::run_gate(&service.store, &tenant, order, &candidate, models, now_ms());
         let gate = match tokio::time::timeout(GATE_DEADLINE, gating).await {
-            Ok(gate) => gate.map_err(unavailable)?,
+            Ok(gate) => {
+                let gate = gate.map_err(unavailable)?;
+                if let Some(r) = &gate.reexecution {
+                    service.spend.record_gate(tenant.as_str(), r.tokens);
+                }
+                gate
+            }
             Err(_) => ReplayGate::refused(&format!(
                 "the gate ran longer than {} minutes and was stopped: sample fewer sessions (replay.sampleSize) or fewer times (replay.reexecute.samples)",
                 GATE_DEADLINE.as_secs() / 60

@@ -1049,12 +1049,9 @@ where
                 }
                 other => Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", other.to_string()),
             })?;
+        // Its usage is as `Model::complete` accounts it: an estimate when the model reports
+        // none, never nothing.
         turn.cap_tool_calls(budget.max_tool_calls_per_turn);
-        // A model that reports no usage is charged the estimate, never nothing.
-        if turn.prompt_tokens == 0 && turn.completion_tokens == 0 {
-            turn.prompt_tokens = prompt_estimate;
-            turn.completion_tokens = (turn.content.len() as u64).div_ceil(4);
-        }
         Ok(turn)
     }
 }

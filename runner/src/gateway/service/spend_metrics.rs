@@ -29,7 +29,13 @@ struct Counters {
 #[derive(Debug, Default)]
 pub struct SpendMetrics {
     counters: Mutex<BTreeMap<Key, Counters>>,
+    /// Model tokens replay gates spent re-executing a tenant's runs (not priced).
+    gate_tokens: Mutex<BTreeMap<String, u64>>,
 }
+
+/// Series kept before new agents and models of a tenant are counted together as `(other)`:
+/// names are the tenants' to choose, and a scrape must stay small.
+const MAX_SERIES: usize = 10_000;
 
 impl SpendMetrics {
     /// Counts a recorded turn of `tenant`'s `agent` with `model`, and what it cost.
@@ -40,6 +46,15 @@ impl SpendMetrics {
             model: model.to_owned(),
         };
         let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if counters.contains_key(&key) || counters.len() < MAX_SERIES {
+            key
+        } else {
+            Key {
+                agent: "(other)".into(),
+                model: "(other)".into(),
+                ..key
+            }
+        };
         let c = counters.entry(key).or_default();
         c.turns += 1;
         c.prompt_tokens = c.prompt_tokens.saturating_add(turn.prompt_tokens);
@@ -51,10 +66,29 @@ impl SpendMetrics {
         }
     }
 
+    /// Counts the model tokens a replay gate of `tenant` spent re-executing its runs.
+    pub fn record_gate(&self, tenant: &str, tokens: u64) {
+        let mut gates = self.gate_tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let sum = gates.entry(tenant.to_owned()).or_default();
+        *sum = sum.saturating_add(tokens);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();
+        {
+            let gates = self.gate_tokens.lock().unwrap_or_else(|e| e.into_inner());
+            out.push_str("# HELP contextos_gate_model_tokens_total Model tokens replay gates spent re-executing recorded runs (not priced).\n");
+            out.push_str("# TYPE contextos_gate_model_tokens_total counter\n");
+            for (tenant, tokens) in gates.iter() {
+                let _ = writeln!(
+                    out,
+                    "contextos_gate_model_tokens_total{{tenant=\"{}\"}} {tokens}",
+                    escape(tenant)
+                );
+            }
+        }
+        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         let labels = |k: &Key| {
             format!(
                 "tenant=\"{}\",agent=\"{}\",model=\"{}\"",
@@ -143,5 +177,38 @@ mod tests {
         }
         // An unpriced turn is counted, and has no spend line.
         assert!(!text.contains("tenant=\"bank\",agent=\"teller\",model=\"odd\\\"name\",currency"));
+        metrics.record_gate("shop", 900);
+        metrics.record_gate("shop", 100);
+        assert!(
+            metrics
+                .render()
+                .lines()
+                .any(|l| l == "contextos_gate_model_tokens_total{tenant=\"shop\"} 1000")
+        );
+    }
+
+    #[test]
+    fn past_the_series_bound_new_names_are_counted_together() {
+        let metrics = SpendMetrics::default();
+        let turn = ModelTurn {
+            content: String::new(),
+            tool_calls: Vec::new(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            cached_prompt_tokens: 0,
+            dropped_tool_calls: 0,
+        };
+        for i in 0..MAX_SERIES + 5 {
+            metrics.record("shop", "a", &format!("model-{i}"), &turn, None);
+        }
+        let text = metrics.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("contextos_model_turns_total{"))
+            .count();
+        assert_eq!(series, MAX_SERIES + 1);
+        assert!(text.lines().any(
+            |l| l == "contextos_model_turns_total{tenant=\"shop\",agent=\"(other)\",model=\"(other)\"} 5"
+        ));
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::{Json, Router, http::HeaderMap, routing::post};
 use contextos_runner::model::{
-    Message, ModelError, ModelRequest, Role, ToolCallRequest, ToolSpec, openai::OpenAiCompatible,
+    Message, Model, ModelError, ModelRequest, Role, ToolCallRequest, ToolSpec, openai::OpenAiCompatible,
 };
 use serde_json::{Value, json};
 
@@ -105,6 +105,50 @@ async fn a_tool_call_round_trip_has_the_openai_shape() {
         "arguments are a JSON string"
     );
     assert_eq!(messages[3]["tool_call_id"], "call-1");
+}
+
+#[tokio::test]
+async fn usage_is_charged_as_reported_within_bounds_and_estimated_when_missing() {
+    let answer = |usage: Value| {
+        json!({
+            "id": "chatcmpl-2", "object": "chat.completion",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Restart it."}}],
+            "usage": usage,
+        })
+    };
+    let ask = |reply: Value| async move {
+        let (url, _) = server(reply, 200).await;
+        let model = Model::OpenAi(OpenAiCompatible::new(
+            &url,
+            None,
+            std::time::Duration::from_secs(5),
+        ));
+        model.complete(&request(), 1).await.expect("turn")
+    };
+    // Cached tokens, as OpenAI reports them, count at most the prompt's.
+    let cached = ask(answer(json!({"prompt_tokens": 300, "completion_tokens": 20,
+        "prompt_tokens_details": {"cached_tokens": 900}})))
+    .await;
+    assert_eq!(
+        (
+            cached.prompt_tokens,
+            cached.cached_prompt_tokens,
+            cached.completion_tokens
+        ),
+        (300, 300, 20)
+    );
+    // More completion tokens than the request allowed (512) are not believed.
+    let inflated = ask(answer(
+        json!({"prompt_tokens": 10, "completion_tokens": 1_000_000}),
+    ))
+    .await;
+    assert_eq!(inflated.completion_tokens, 512);
+    // No usage at all: charged an estimate of the prompt and the answer, never nothing.
+    let silent = ask(answer(serde_json::Value::Null)).await;
+    assert_eq!(
+        (silent.prompt_tokens, silent.completion_tokens),
+        (contextos_runner::model::estimated_tokens(&request()), 3)
+    );
 }
 
 #[tokio::test]

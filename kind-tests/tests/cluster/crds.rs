@@ -50,7 +50,17 @@ async fn crds_are_established_and_discoverable() -> Result<()> {
             resource.short_names,
             crd.spec.names.short_names
         );
-        ensure!(resource.namespaced, "{plural} must be namespaced");
+        // Every kind is a tenant's, but prices: those are the cluster's.
+        let namespaced = plural != "pricelists";
+        ensure!(
+            resource.namespaced == namespaced,
+            "{plural} must be {}",
+            if namespaced {
+                "namespaced"
+            } else {
+                "cluster-scoped"
+            }
+        );
     }
     Ok(())
 }

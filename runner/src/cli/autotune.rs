@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use contextos_runner::{
     proposals::autotune::{AutotuneError, Knob, Workload},
     records::{RunFilter, recorder::now_ms},
-    run::{bundle::NamedPack, replay::Reexecution},
+    run::bundle::NamedPack,
 };
 
 use super::{GlobalArgs, targets::Specs};
@@ -32,20 +32,10 @@ pub struct AutotuneArgs {
     /// With --knob source-max-tokens: the ContextPack source whose cap is tuned.
     #[arg(long)]
     source: Option<String>,
-    /// Judge each trial by re-executing the runs (the model asked again with the candidate, as
-    /// a ContextPack's gate does) instead of replaying their recorded turns.
-    #[arg(long)]
-    reexecute: bool,
-    /// With --reexecute: times each run is re-executed per trial.
-    #[arg(long, default_value_t = 3, requires = "reexecute")]
-    samples: u32,
-    /// With --reexecute: the most model tokens the whole search may spend; past it the search
-    /// stops and nothing is proposed.
-    #[arg(long, value_name = "TOKENS", requires = "reexecute", value_parser = clap::value_parser!(u64).range(1..))]
-    max_tokens: Option<u64>,
-    /// With --reexecute: a model key as `<secret>/<key>=VALUE` (`=@file` reads a file).
-    #[arg(long = "secret", value_name = "SECRET/KEY=VALUE", requires = "reexecute")]
-    secrets: Vec<String>,
+    // --reexecute judges each trial by asking the model again with the candidate, as a
+    // ContextPack's gate does; --max-tokens bounds the whole search.
+    #[command(flatten)]
+    reexecute: super::replay::ReexecuteArgs,
     /// Measure this value instead of searching: refused if a recorded run would change.
     #[arg(long)]
     value: Option<u64>,
@@ -78,13 +68,7 @@ pub async fn run(global: &GlobalArgs, args: AutotuneArgs) -> anyhow::Result<Exit
             args.knob
         );
     }
-    let reexecution = match args.reexecute {
-        true => Some(
-            Reexecution::with_keys(args.samples, super::run::secret_values(&args.secrets)?)
-                .limited(args.max_tokens),
-        ),
-        false => None,
-    };
+    let reexecution = args.reexecute.reexecution()?;
     let store = global.open_records(&tenant).await?;
     let window = super::parse_span("--since", &args.since)?;
     let workload = Workload {

@@ -55,21 +55,8 @@ pub struct ReplayArgs {
     /// Fail (exit 3) when more than this percentage of replayed steps diverge.
     #[arg(long, default_value_t = 0.0)]
     max_divergence_percent: f64,
-    /// Re-execute: ask the Agent's model again with the candidate's context instead of playing
-    /// the recorded turns (what judges a changed ContextPack). Calls the recorded run made are
-    /// answered from the record; any other call is refused and reported, never executed.
-    #[arg(long)]
-    reexecute: bool,
-    /// With --reexecute: times each run is re-executed (to bound the model's nondeterminism).
-    #[arg(long, default_value_t = 3, requires = "reexecute")]
-    samples: u32,
-    /// With --reexecute: the most model tokens all the runs may use; past it the replay stops
-    /// and fails, as a gate's `reexecute.maxTokens` does.
-    #[arg(long, value_name = "TOKENS", requires = "reexecute", value_parser = clap::value_parser!(u64).range(1..))]
-    max_tokens: Option<u64>,
-    /// With --reexecute: a model key as `<secret>/<key>=VALUE` (`=@file` reads a file).
-    #[arg(long = "secret", value_name = "SECRET/KEY=VALUE", requires = "reexecute")]
-    secrets: Vec<String>,
+    #[command(flatten)]
+    reexecute: ReexecuteArgs,
     /// Report format on stdout.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -142,13 +129,7 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
     let tenant = global.tenant()?;
     let store = global.open_store().await?;
     let candidate = candidate(&args.candidates)?;
-    let reexecution = match args.reexecute {
-        true => Some(
-            Reexecution::with_keys(args.samples, super::run::secret_values(&args.secrets)?)
-                .limited(args.max_tokens),
-        ),
-        false => None,
-    };
+    let reexecution = args.reexecute.reexecution()?;
     let summary = if let Some(run_id) = &args.run {
         let replays = match replay_run_as(&store, &tenant, run_id, &candidate, reexecution.as_ref()).await {
             Ok(replay) => vec![replay],
@@ -292,4 +273,37 @@ fn parse_labels(text: Option<&str>) -> anyhow::Result<std::collections::BTreeMap
         out.insert(key.trim().to_owned(), value.trim().to_owned());
     }
     Ok(out)
+}
+
+/// How `replay` and `autotune` re-execute runs, when asked to.
+#[derive(Debug, clap::Args)]
+pub struct ReexecuteArgs {
+    /// Re-execute: ask the Agent's model again with the candidate's context instead of playing
+    /// the recorded turns (what judges a changed ContextPack). Calls the recorded run made are
+    /// answered from the record; any other call is refused and reported, never executed.
+    #[arg(long)]
+    reexecute: bool,
+    /// With --reexecute: times each run is re-executed (to bound the model's nondeterminism).
+    #[arg(long, default_value_t = 3, requires = "reexecute")]
+    samples: u32,
+    /// With --reexecute: the most model tokens all the re-executions may use; past it they stop
+    /// and fail, as a gate's `reexecute.maxTokens` does.
+    #[arg(long, value_name = "TOKENS", requires = "reexecute", value_parser = clap::value_parser!(u64).range(1..))]
+    max_tokens: Option<u64>,
+    /// With --reexecute: a model key as `<secret>/<key>=VALUE` (`=@file` reads a file).
+    #[arg(long = "secret", value_name = "SECRET/KEY=VALUE", requires = "reexecute")]
+    secrets: Vec<String>,
+}
+
+impl ReexecuteArgs {
+    /// The re-execution asked for, if any.
+    pub fn reexecution(&self) -> anyhow::Result<Option<Reexecution>> {
+        Ok(match self.reexecute {
+            true => Some(
+                Reexecution::with_keys(self.samples, super::run::secret_values(&self.secrets)?)
+                    .limited(self.max_tokens),
+            ),
+            false => None,
+        })
+    }
 }

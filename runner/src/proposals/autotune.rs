@@ -44,7 +44,7 @@ pub enum Knob {
     MaxRevisions,
     /// The tokenBudget of the Agent's ContextPack
     TokenBudget,
-    /// One source's maxTokens in the Agent's ContextPack (name it with `source`)
+    /// One source's maxTokens in the Agent's ContextPack (name it with --source)
     SourceMaxTokens,
 }
 

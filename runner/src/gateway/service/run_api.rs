@@ -945,13 +945,6 @@ where
         };
         let cost = slot.bundle.turn_cost(&turn);
         let model = &slot.bundle.agent_spec.model.model;
-        self.spend.record(
-            caller.tenant.as_str(),
-            &slot.bundle.agent,
-            model,
-            &turn,
-            cost.as_ref(),
-        );
         recorder.stage(EntryBody::ModelTurn {
             step: request.step,
             model: model.clone(),
@@ -959,11 +952,22 @@ where
             prompt_tokens: turn.prompt_tokens,
             completion_tokens: turn.completion_tokens,
             cached_prompt_tokens: turn.cached_prompt_tokens,
-            cost,
+            cost: cost.clone(),
         });
+        let counted = turn.clone();
         let reply = move |head| with_head(Json(&turn).into_response(), head);
         self.write_and_answer(caller, &mut log, recorder, answer, true, reply)
             .await;
+        // Counted once on record: a turn whose write failed is asked for again, and counted then.
+        if log.ledger.turns.contains_key(&request.step) {
+            self.spend.record(
+                caller.tenant.as_str(),
+                &slot.bundle.agent,
+                model,
+                &counted,
+                cost.as_ref(),
+            );
+        }
     }
 
     /// A recorder continuing the run, with the runner's tail staged on it.

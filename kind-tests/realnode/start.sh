@@ -320,6 +320,17 @@ fileCheckFrequency: 20s
 nodeStatusReportFrequency: 10s
 EOF
 
+# A kubelet of an earlier test node whose work directory is gone (its stop was cut short) still
+# holds the node's address and ports: it belongs to no node any more, so it is stopped.
+for pid in $(pgrep -f -- "kubelet --config=" 2>/dev/null || true); do
+	config="$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/^--config=//p' | head -n1)" || continue
+	[[ -n "$config" && "$config" != "$W/kubelet.yaml" && ! -e "$config" ]] || continue
+	log "stopping kubelet $pid of a node that is gone ($config)"
+	kill "$pid" 2>/dev/null || true
+	sleep 1
+	kill -9 "$pid" 2>/dev/null || true
+done
+
 t0=$(date +%s.%N)
 start_daemon kubelet "$B/bin/kubelet" \
 	--config="$W/kubelet.yaml" \

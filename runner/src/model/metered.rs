@@ -52,9 +52,9 @@ impl Meter {
         request: &ModelRequest,
         step: u32,
     ) -> Result<ModelTurn, ModelError> {
-        let prompt = estimated_tokens(request);
         let mut request = request.clone();
         if let Some(limit) = self.limit {
+            let prompt = estimated_tokens(&request);
             let spent = self.spent();
             if spent.saturating_add(prompt) >= limit {
                 self.refused.store(true, Ordering::Relaxed);

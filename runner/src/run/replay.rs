@@ -46,7 +46,10 @@ pub enum ReplayError {
     BadCandidate { run_id: String, problem: String },
     #[error("run {run_id}: the model it recorded cannot be asked again: {problem}")]
     ModelUnavailable { run_id: String, problem: String },
-    #[error("{0}")]
+    /// The re-execution's token limit was spent while this run (its id) was re-executed.
+    #[error(
+        "run {0}: the re-execution's token limit (reexecute.maxTokens, or --max-tokens) was spent before it was re-executed in full"
+    )]
     SpendLimit(String),
     #[error(transparent)]
     Model(#[from] ModelError),

@@ -33,6 +33,7 @@ pub fn is_stalled(reason: &str) -> bool {
         PRICE_MISSING,
         OVERRIDE_LOOSENS,
         RUN_FAILED,
+        QUOTA_EXCEEDED,
         ATTEMPTS_EXHAUSTED,
         CANCELLED,
         STALE,
@@ -90,6 +91,12 @@ pub mod reason {
     pub const RUN_FAILED: &str = "RunFailed";
     /// Every runner attempt of a Session crashed; no more are made.
     pub const ATTEMPTS_EXHAUSTED: &str = "AttemptsExhausted";
+    /// A Session waits to start: a SpendQuota's Session limit is reached (the message names
+    /// the quota and the limit).
+    pub const QUOTA_WAIT: &str = "QuotaWait";
+    /// A Session's run was refused a call by a SpendQuota (the message names it and its
+    /// window).
+    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
     /// A Session was stopped by `spec.cancel`.
     pub const CANCELLED: &str = "Cancelled";
     /// A Proposal's target changed since it was drafted: it would apply to a spec nobody

@@ -38,6 +38,7 @@ pub fn run_bundle(session: &Session) -> RunBundle {
         sandbox_profile_digest: None,
         model_script: None,
         session_labels: Default::default(),
+        agent_labels: Default::default(),
         ontology: None,
         model_price: None,
     }

@@ -25,6 +25,7 @@ pub mod personal_data;
 pub mod policy;
 pub mod pricing;
 pub mod proposals;
+pub mod quota;
 pub mod read_grant;
 pub mod records;
 pub mod run;

@@ -296,6 +296,11 @@ impl ManifestSet {
                 .pointer("/metadata/labels")
                 .and_then(|l| serde_json::from_value(l.clone()).ok())
                 .unwrap_or_default(),
+            agent_labels: agent
+                .value
+                .pointer("/metadata/labels")
+                .and_then(|l| serde_json::from_value(l.clone()).ok())
+                .unwrap_or_default(),
             ontology: ontology.map(|(_, spec)| spec),
             model_price,
         })

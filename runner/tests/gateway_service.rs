@@ -38,6 +38,10 @@ use contextos_runner::{
 };
 use quickstart::{HMAC_KEY, OpsTools};
 
+/// SpendQuotas enforced by the service (a submodule: it runs on this file's rig).
+#[path = "gateway_service/quotas.rs"]
+mod quotas;
+
 const RUN: &str = "checkout-5xx-r1";
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
@@ -99,6 +103,7 @@ async fn rig_with_options(
         .with_secret("shop", "ops-tools-webhook", "hmac-key", HMAC_KEY)
         .with_controller("shop", "checkout-5xx-run-1", "Session", "checkout-5xx")
         .with_controller("shop", "checkout-5xx-run-2", "Session", "checkout-5xx")
+        .with_controller("shop", "other-run-1", "Session", "other")
         .with_controller(
             "shop",
             "replay-policy-guardrails-0123456789-x7k2p",
@@ -108,6 +113,7 @@ async fn rig_with_options(
     let tokens = StaticTokens::default()
         .with("token-run-1", pod("shop", "checkout-5xx-run-1"))
         .with("token-run-2", pod("shop", "checkout-5xx-run-2"))
+        .with("token-other", pod("shop", "other-run-1"))
         .with("token-bank", pod("bank", "checkout-5xx-run-1"))
         .with("token-system", pod("contextos-system", "checkout-5xx-run-1"))
         .with("token-vault", pod("contextos-vault", "checkout-5xx-run-1"))

@@ -1274,7 +1274,70 @@ async fn held_candidates_are_bounded_and_forgotten_with_their_subject<S: MemoryB
     assert!(held.list(None, 6_000).await.expect("listed").is_empty());
 }
 
+/// SpendQuota ledgers kept in the store: calls racing (as replicas do) are admitted exactly up
+/// to the strictest quota, a call refused anywhere holds nowhere, and settling twice spends once.
+async fn quota_ledgers_are_exact_with_racing_writers<S: MemoryBackend>(store: &S) {
+    use contextos_crds::spend_quota::{QuotaWindow, WhenWindowFull};
+    use contextos_runner::quota::{
+        ActiveQuota, Amounts, Limit, Resource,
+        book::{self, Demand, QuotaRefusal},
+    };
+    let t = tenant("quota");
+    let limit = |max| {
+        vec![Limit {
+            window: QuotaWindow::Hour,
+            resource: Resource::ToolCalls,
+            max,
+        }]
+    };
+    let tenant_quota = ActiveQuota::new("tenant", limit(13), None, WhenWindowFull::Refuse);
+    let team_quota = ActiveQuota::new("team", limit(9), None, WhenWindowFull::Refuse);
+    let quotas = [&tenant_quota, &team_quota];
+    let now = 1_800_000_000_000;
+    let one = Amounts {
+        calls: 1,
+        ..Amounts::default()
+    };
+    let keys: Vec<String> = (0..24).map(|i| format!("run/call/{i}")).collect();
+    let admitted = futures::future::join_all(keys.iter().map(|key| async {
+        let demand = Demand {
+            call: key,
+            amounts: one,
+            currency: None,
+            model_turn: false,
+        };
+        match book::hold(store, &t, &quotas, &demand, now).await {
+            Ok(()) => {
+                book::settle(store, &t, &quotas, key, &one, None, now)
+                    .await
+                    .expect("settle");
+                true
+            }
+            Err(QuotaRefusal::Full { quota, .. }) => {
+                assert_eq!(quota, "team", "the stricter quota refuses first");
+                false
+            }
+            Err(other) => panic!("unexpected refusal: {other}"),
+        }
+    }))
+    .await;
+    assert_eq!(admitted.iter().filter(|a| **a).count(), 9);
+    for quota in quotas {
+        let usage = book::usage(store, &t, quota, now).await.expect("usage");
+        assert_eq!(usage[0].1, 9, "quota {}: calls counted", quota.name);
+    }
+    // A call settled again (a replica retrying) spends nothing more.
+    book::settle(store, &t, &quotas, &keys[0], &one, None, now)
+        .await
+        .expect("settle again");
+    assert_eq!(
+        book::usage(store, &t, &team_quota, now).await.expect("usage")[0].1,
+        9
+    );
+}
+
 async fn suite<S: MemoryBackend>(store: &S) {
+    quota_ledgers_are_exact_with_racing_writers(store).await;
     a_request_is_found_wherever_it_landed(store).await;
     what_is_known_is_kept_once(store).await;
     held_candidates_are_bounded_and_forgotten_with_their_subject(store).await;

@@ -472,6 +472,28 @@ impl ToolGateway {
             .await
     }
 
+    /// Refuses a call because a SpendQuota the run answers to is full (or cannot count it); the
+    /// record names the quota (rule `quota/<name>`) and the run then ends `QuotaExceeded`.
+    pub async fn refuse_for_quota<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        recorder: &mut Recorder<'_, S>,
+        refused: &crate::quota::book::QuotaRefusal,
+    ) -> Result<CallOutcome, GatewayError> {
+        let rule = format!(
+            "{}{}",
+            crate::quota::RULE_PREFIX,
+            refused.quota().unwrap_or("ledger")
+        );
+        self.refuse(call, recorder, rule, refused.to_string()).await
+    }
+
+    /// Whether a call under `idempotency_key` is already on record (made, or started): asked
+    /// again, it is answered from the record and makes nothing new.
+    pub fn knows_call(&self, idempotency_key: &str) -> bool {
+        self.completed_result(idempotency_key).is_some() || self.intents.started(idempotency_key).is_some()
+    }
+
     /// Digests of the policies deciding calls, in order.
     pub fn policy_digests(&self) -> Vec<String> {
         self.policies.policies.iter().map(|p| p.digest.clone()).collect()

@@ -36,6 +36,8 @@ pub const HEAD_UNRECORDED: &str = "head_unrecorded";
 /// How long a runner keeps asking while its told head is [`HEAD_PENDING`] (a write takes
 /// milliseconds; one that has not landed by then is lost, and the service says so).
 const PENDING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest pause between asking again for a request a SpendQuota holds back.
+const QUOTA_WAIT_MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// `POST /v1/run/calls`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -167,8 +169,18 @@ impl GatewayClient {
     ) -> Result<(T, Option<(u64, Hash)>), RemoteError> {
         let give_up = std::time::Instant::now() + PENDING_PATIENCE;
         let mut pause = std::time::Duration::from_millis(20);
+        let mut quota_pause = std::time::Duration::from_millis(500);
         loop {
             match self.records.post_json_headed(path, body).await {
+                // A SpendQuota holds the request until its window allows it: asked again, for as
+                // long as it takes (the Session's deadline bounds the pod).
+                Err(RemoteError::Refused { code, error, .. })
+                    if code == crate::gateway::service::quotas::QUOTA_WAIT_CODE =>
+                {
+                    tracing::info!(%error, "waiting for a SpendQuota's window");
+                    tokio::time::sleep(quota_pause).await;
+                    quota_pause = (quota_pause * 2).min(QUOTA_WAIT_MAX_PAUSE);
+                }
                 Err(RemoteError::Refused { code, .. }) if code == HEAD_PENDING => {
                     if std::time::Instant::now() >= give_up {
                         return Err(RemoteError::Refused {
@@ -278,6 +290,11 @@ impl GatewayClient {
         answer.map(|(turn, _)| turn).map_err(|e| match e {
             RemoteError::Refused { code, error, .. } if code == "token_budget" || code == "step_budget" => {
                 ModelError::TokenBudget { detail: error }
+            }
+            RemoteError::Refused { code, error, .. }
+                if code == crate::gateway::service::quotas::QUOTA_EXCEEDED_CODE =>
+            {
+                ModelError::QuotaExceeded { detail: error }
             }
             RemoteError::Refused { code, error, .. } if code == "model_script" => ModelError::BadScript {
                 script: "the agent's script (at the gateway service)".into(),

@@ -11,11 +11,11 @@ use std::{
 };
 
 use contextos_crds::{
-    Session,
+    Session, SpendQuota,
     session::{Approval, Resolution},
 };
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 
 /// The label a Secret carries when its owner lets Agents use it: an Agent may name any Secret of
 /// its namespace, and the gateway sends what it names to the tool or model endpoint the Agent
@@ -76,6 +76,37 @@ pub trait TenantView: Send + Sync {
         namespace: &str,
         session: &str,
     ) -> impl Future<Output = Result<SessionDecisions, String>> + Send;
+
+    /// The SpendQuotas of `namespace` (none where the kind is not installed).
+    fn spend_quotas(&self, namespace: &str) -> impl Future<Output = Result<Vec<SpendQuota>, String>> + Send;
+
+    /// Writes what the gateway measured of a quota into its status (the gateway's fields only).
+    fn report_quota(
+        &self,
+        namespace: &str,
+        quota: &str,
+        report: QuotaReport,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// What the gateway writes into a SpendQuota: usage against its limits, and the thresholds
+/// crossed since the last report (each an Event).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QuotaReport {
+    pub usage: Vec<contextos_crds::spend_quota::LimitUsage>,
+    pub summary: QuotaSummary,
+    /// RFC 3339.
+    pub measured_at: String,
+    /// (reason, message) of each Event due.
+    pub events: Vec<(String, String)>,
+}
+
+/// The gateway's columns of `kubectl get spendquota`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QuotaSummary {
+    pub spend: Option<String>,
+    pub tokens: Option<String>,
+    pub tool_calls: Option<String>,
 }
 
 /// The human decisions of one Session: approvals of calls, and findings on calls whose
@@ -147,7 +178,77 @@ impl TenantView for KubeTenants {
             })
             .unwrap_or_default())
     }
+
+    async fn spend_quotas(&self, namespace: &str) -> Result<Vec<SpendQuota>, String> {
+        match Api::<SpendQuota>::namespaced(self.client.clone(), namespace)
+            .list(&kube::api::ListParams::default())
+            .await
+        {
+            Ok(list) => Ok(list.items),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
+            Err(e) => Err(format!("listing the SpendQuotas of {namespace}: {e}")),
+        }
+    }
+
+    async fn report_quota(&self, namespace: &str, quota: &str, report: QuotaReport) -> Result<(), String> {
+        let api = Api::<SpendQuota>::namespaced(self.client.clone(), namespace);
+        let patch = serde_json::json!({
+            "apiVersion": "contextos.dev/v1alpha1",
+            "kind": "SpendQuota",
+            "status": {
+                "usage": report.usage,
+                "measuredAt": report.measured_at,
+                "summary": {
+                    "spend": report.summary.spend,
+                    "tokens": report.summary.tokens,
+                    "toolCalls": report.summary.tool_calls,
+                },
+            },
+        });
+        // Its own field manager: the operator owns the status's Session fields and conditions.
+        let written = api
+            .patch_status(
+                quota,
+                &kube::api::PatchParams::apply("contextos.dev/gateway").force(),
+                &kube::api::Patch::Apply(&patch),
+            )
+            .await
+            .map_err(|e| format!("writing the status of SpendQuota {namespace}/{quota}: {e}"))?;
+        self.publish_quota_events(&written, &report.events).await;
+        Ok(())
+    }
 }
+
+impl KubeTenants {
+    async fn publish_quota_events(&self, quota: &SpendQuota, events: &[(String, String)]) {
+        let reporter = kube::runtime::events::Reporter {
+            controller: "contextos-gateway".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        let recorder = kube::runtime::events::Recorder::new(self.client.clone(), reporter);
+        for (reason, message) in events {
+            let event = kube::runtime::events::Event {
+                type_: if reason == QUOTA_REACHED {
+                    kube::runtime::events::EventType::Warning
+                } else {
+                    kube::runtime::events::EventType::Normal
+                },
+                reason: reason.clone(),
+                note: Some(message.chars().take(1024).collect()),
+                action: "Measure".into(),
+                secondary: None,
+            };
+            if let Err(error) = recorder.publish(&event, &quota.object_ref(&())).await {
+                tracing::debug!(%error, "cannot publish a SpendQuota Event");
+            }
+        }
+    }
+}
+
+/// The Event reason of a limit fully used.
+pub const QUOTA_REACHED: &str = "QuotaReached";
+/// The Event reason of a limit nearly used (80 %).
+pub const QUOTA_NEARLY_REACHED: &str = "QuotaNearlyReached";
 
 /// Fixed Secrets and approvals per namespace: a test double of the API server (the real one is
 /// exercised by the cluster tests), also what `contextos gateway --secret` serves locally.
@@ -159,6 +260,10 @@ pub struct StaticTenants {
     pub controllers: HashMap<String, (String, String)>,
     /// `<namespace>/<session>` → decisions (shared by clones, so a test can decide later).
     decisions: Arc<Mutex<HashMap<String, SessionDecisions>>>,
+    /// `<namespace>` → its SpendQuotas (shared by clones, so a test can change them later).
+    quotas: Arc<Mutex<HashMap<String, Vec<SpendQuota>>>>,
+    /// Every report written, `(namespace, quota, report)`, in order.
+    reports: Arc<Mutex<Vec<(String, String, QuotaReport)>>>,
 }
 
 impl StaticTenants {
@@ -185,6 +290,18 @@ impl StaticTenants {
                 .approvals
                 .push(approval);
         }
+    }
+
+    /// Sets the SpendQuotas of `namespace`.
+    pub fn set_quotas(&self, namespace: &str, quotas: Vec<SpendQuota>) {
+        if let Ok(mut all) = self.quotas.lock() {
+            all.insert(namespace.to_owned(), quotas);
+        }
+    }
+
+    /// The reports written so far.
+    pub fn quota_reports(&self) -> Vec<(String, String, QuotaReport)> {
+        self.reports.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     /// Appends a resolution to a Session's spec.
@@ -216,6 +333,24 @@ impl TenantView for StaticTenants {
             .get(&format!("{namespace}/{session}"))
             .cloned()
             .unwrap_or_default())
+    }
+
+    async fn spend_quotas(&self, namespace: &str) -> Result<Vec<SpendQuota>, String> {
+        Ok(self
+            .quotas
+            .lock()
+            .map_err(|_| "the quotas lock is poisoned".to_owned())?
+            .get(namespace)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn report_quota(&self, namespace: &str, quota: &str, report: QuotaReport) -> Result<(), String> {
+        self.reports
+            .lock()
+            .map_err(|_| "the reports lock is poisoned".to_owned())?
+            .push((namespace.to_owned(), quota.to_owned(), report));
+        Ok(())
     }
 }
 

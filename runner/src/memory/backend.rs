@@ -37,6 +37,8 @@ pub enum Guard {
     /// The key is absent, or holds exactly this value (a marker that may be taken over only
     /// from the holder it names).
     AbsentOr(Vec<u8>, Vec<u8>),
+    /// Every one of these holds (rows read together are written together, or not at all).
+    All(Vec<Guard>),
 }
 
 /// Changes that apply together if their guard holds.
@@ -47,19 +49,32 @@ pub struct Write {
 }
 
 impl Guard {
-    pub fn key(&self) -> &[u8] {
+    /// The keys the guard reads, in the order [`Self::holds`] takes their values.
+    pub fn keys(&self) -> Vec<&[u8]> {
         match self {
-            Self::Absent(key) | Self::Present(key) | Self::Holds(key, _) | Self::AbsentOr(key, _) => key,
+            Self::Absent(key) | Self::Present(key) | Self::Holds(key, _) | Self::AbsentOr(key, _) => {
+                vec![key.as_slice()]
+            }
+            Self::All(guards) => guards.iter().flat_map(Self::keys).collect(),
         }
     }
 
-    /// Whether the guard holds with `current` under its key.
-    pub fn holds(&self, current: Option<&[u8]>) -> bool {
+    /// Whether the guard holds with `current` the values under its [`Self::keys`], in order.
+    pub fn holds(&self, current: &[Option<&[u8]>]) -> bool {
+        let one = current.first().copied().flatten();
         match self {
-            Self::Absent(_) => current.is_none(),
-            Self::Present(_) => current.is_some(),
-            Self::Holds(_, value) => current == Some(value.as_slice()),
-            Self::AbsentOr(_, value) => current.is_none_or(|c| c == value.as_slice()),
+            Self::Absent(_) => one.is_none(),
+            Self::Present(_) => one.is_some(),
+            Self::Holds(_, value) => one == Some(value.as_slice()),
+            Self::AbsentOr(_, value) => one.is_none_or(|c| c == value.as_slice()),
+            Self::All(guards) => {
+                let mut rest = current;
+                guards.iter().all(|guard| {
+                    let (mine, after) = rest.split_at(guard.keys().len().min(rest.len()));
+                    rest = after;
+                    guard.holds(mine)
+                })
+            }
         }
     }
 }
@@ -171,7 +186,11 @@ pub fn check_range(tenant: &TenantId, start: &[u8], end: &[u8]) -> Result<(), St
 /// Refuses writes with any key outside `tenant`'s memory range.
 pub fn check_writes(tenant: &TenantId, writes: &[Write]) -> Result<(), StoreError> {
     writes.iter().try_for_each(|write| {
-        check_key(tenant, write.guard.key())?;
+        write
+            .guard
+            .keys()
+            .into_iter()
+            .try_for_each(|key| check_key(tenant, key))?;
         write.changes.iter().try_for_each(|change| match change {
             Change::Put(key, _) | Change::Delete(key) | Change::Count(key, _) => check_key(tenant, key),
         })

@@ -13,7 +13,8 @@
 //!   [`COUNT_SHARDS`] rows (the rarest word of a query is the one scanned).
 //!
 //! (Subjects' consent chains are beside them: `c/`, `h/`, `r/`, `s/`, see
-//! [`super::consents`]; and their wrapped data keys, `v/`, see `crate::vault`.)
+//! [`super::consents`]; their wrapped data keys, `v/`, see `crate::vault`; and the tenant's
+//! SpendQuota ledgers, `u/<quota>/<uid>`, see `crate::quota`.)
 //!
 //! `<newest>` is `u64::MAX − promoted-at ms`, big-endian, so ascending key order is newest
 //! first; `<id>` and `<term>` are 32 raw bytes. Scopes and type names hold no `/`.
@@ -38,6 +39,12 @@ pub fn item(tenant: &TenantId, id: &ItemId) -> Vec<u8> {
     let mut key = format!("{}i/", base(tenant)).into_bytes();
     key.extend_from_slice(&id.0.0);
     key
+}
+
+/// The ledger of SpendQuota `name` (uid `uid`: a quota made again under its name starts
+/// afresh), see `crate::quota`.
+pub fn quota_ledger(tenant: &TenantId, name: &str, uid: &str) -> Vec<u8> {
+    format!("{}u/{name}/{uid}", base(tenant)).into_bytes()
 }
 
 /// A subject's wrapped data key in the identity vault (`v/d/<subject>`, see `crate::vault`).

@@ -147,6 +147,9 @@ pub enum ModelError {
     },
     #[error("the run's token budget is spent: {detail}")]
     TokenBudget { detail: String },
+    /// A SpendQuota refused the turn (the message names it and its window).
+    #[error("{detail}")]
+    QuotaExceeded { detail: String },
     #[error(
         "{spent} model tokens spent of a limit of {limit} shared by several runs; no more turns are asked for"
     )]

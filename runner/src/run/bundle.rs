@@ -42,6 +42,9 @@ pub struct RunBundle {
     /// The Session's labels (replay gates select recorded sessions by them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub session_labels: BTreeMap<String, String>,
+    /// The Agent's labels when the run started (SpendQuotas select runs by them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agent_labels: BTreeMap<String, String>,
     /// The tenant's entity types (its Ontology) the run finds entities with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ontology: Option<OntologySpec>,

@@ -105,6 +105,12 @@ impl<S: RecordStore> Harness<'_, S> {
                         call_id: call_id.clone(),
                     });
                 }
+                // A SpendQuota's refusal (on record, naming it) ends the run: nothing more may be
+                // spent under it.
+                CallOutcome::Denied { rule, reason } if rule.starts_with(crate::quota::RULE_PREFIX) => {
+                    state.note_call(&call_id, &envelope, CallFate::Denied);
+                    return Err(RunError::SpendQuota(reason.clone()));
+                }
                 CallOutcome::Denied { rule, reason } => {
                     (CallFate::Denied, format!("denied by policy ({rule}): {reason}"))
                 }

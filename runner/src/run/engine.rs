@@ -141,6 +141,9 @@ pub enum RunError {
     Memory(#[from] crate::memory::MemoryError),
     #[error("call {call_id} is still being carried out by another gateway replica; try again shortly")]
     CallInProgress { call_id: String },
+    /// A SpendQuota refused a call (the gateway recorded which): the run ends `QuotaExceeded`.
+    #[error("{0}")]
+    SpendQuota(String),
     #[error(
         "run {run_id} was compiled to context {recorded} but the bundle now compiles to {now}; a run resumes only under the specs it was pinned to"
     )]
@@ -160,6 +163,21 @@ impl RunError {
             Self::Read(ReadError::Vault { source, .. }) => source.is_erased(),
             Self::Memory(crate::memory::MemoryError::Vault(e)) => e.is_erased(),
             _ => false,
+        }
+    }
+
+    /// What a SpendQuota said refusing the run's call or model turn, if one did.
+    pub fn spend_quota(&self) -> Option<&str> {
+        match self {
+            Self::SpendQuota(message) | Self::Model(ModelError::QuotaExceeded { detail: message }) => {
+                Some(message)
+            }
+            Self::Remote(crate::gateway::remote::RemoteError::Refused { code, error, .. })
+                if code == crate::gateway::service::quotas::QUOTA_EXCEEDED_CODE =>
+            {
+                Some(error)
+            }
+            _ => None,
         }
     }
 
@@ -667,33 +685,40 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             )
             .await;
         match driven {
-            Err(error) if error.is_store_quota() => self.ended_by_quota(recorder, error, &state).await,
+            Err(error) if error.is_store_quota() => {
+                self.ended_by_quota(recorder, error, "StoreQuotaExceeded", &state)
+                    .await
+            }
+            Err(error) if error.spend_quota().is_some() => {
+                self.ended_by_quota(recorder, error, crate::quota::EXCEEDED, &state)
+                    .await
+            }
             other => other,
         }
     }
 
-    /// The gateway refused a write because the run has written all the store allows it: the run
-    /// ends Failed, and its record says so in a closing entry (which the gateway still accepts
-    /// past the quota), instead of a record that stays "running" for ever. What was staged and
-    /// refused is dropped.
+    /// The gateway refused a write because the run has written all the store allows it, or a
+    /// SpendQuota refused a call: the run ends Failed with `reason`, and its record says so in a
+    /// closing entry (which the gateway still accepts past the quota), instead of a record that
+    /// stays "running" for ever. What was staged and refused is dropped.
     async fn ended_by_quota(
         &self,
         recorder: &mut Recorder<'_, S>,
         error: RunError,
+        reason: &'static str,
         state: &LoopState,
     ) -> Result<RunReport, RunError> {
-        const REASON: &str = "StoreQuotaExceeded";
         let message: String = error.to_string().chars().take(1024).collect();
         recorder.discard_staged();
         recorder.stage(EntryBody::Failed {
-            reason: REASON.into(),
+            reason: reason.into(),
             message: message.clone(),
         });
         if recorder.flush().await.is_err() {
             return Err(error);
         }
         let outcome = RunOutcome::Failed {
-            reason: REASON.into(),
+            reason: reason.into(),
             message,
         };
         Ok(self.report(recorder, outcome, state))
@@ -874,6 +899,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => "ModelScriptExhausted",
             ModelError::NotRecorded { .. } => "ReplayExhausted",
             ModelError::TokenBudget { .. } => "TokenBudgetExhausted",
+            ModelError::QuotaExceeded { .. } => crate::quota::EXCEEDED,
             _ if matches!(self.mode, Mode::Replay { .. }) => "ReplayExhausted",
             _ => {
                 // Keep the last step's checkpoint: the attempt is retried from it.

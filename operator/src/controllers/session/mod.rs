@@ -483,7 +483,7 @@ async fn pinned(
             "the Agent's SandboxProfile is gone",
         )));
     };
-    let bundle = match resolve_bundle(ctx, session, composition, &sandbox).await? {
+    let bundle = match resolve_bundle(ctx, session, composition, agent.labels().clone(), &sandbox).await? {
         Ok(bundle) => bundle,
         Err(invalid) => return Ok(Err(invalid)),
     };
@@ -523,6 +523,7 @@ async fn resolve_bundle(
     ctx: &Context,
     session: &Session,
     composition: Composition,
+    agent_labels: BTreeMap<String, String>,
     sandbox: &SandboxProfile,
 ) -> Result<Result<RunBundle, Invalid>> {
     let namespace = session.namespace().unwrap_or_default();
@@ -573,6 +574,7 @@ async fn resolve_bundle(
         sandbox_profile_digest: Some(spec_digest(&sandbox.spec)),
         model_script,
         session_labels: session.labels().clone(),
+        agent_labels,
         ontology,
         model_price,
     }))

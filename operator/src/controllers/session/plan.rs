@@ -171,7 +171,13 @@ fn after(observed: &Observed, ended: &Ended) -> Step {
         )),
         ReportedOutcome::Failed => done(update.with_phase(
             SessionPhase::Failed,
-            reason::RUN_FAILED,
+            // A quota's refusal is its own condition, so alerts and `kubectl wait` can tell it
+            // from a run that went wrong.
+            if report.reason.as_deref() == Some(reason::QUOTA_EXCEEDED) {
+                reason::QUOTA_EXCEEDED
+            } else {
+                reason::RUN_FAILED
+            },
             format!(
                 "{}: {}",
                 report.reason.as_deref().unwrap_or_default(),

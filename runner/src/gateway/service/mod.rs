@@ -12,6 +12,7 @@
 mod consent_api;
 mod context_cache;
 mod memory_api;
+pub mod quotas;
 mod read_api;
 mod run_api;
 pub mod spend_metrics;
@@ -130,6 +131,8 @@ pub struct GatewayService<S, A, T> {
     /// Whether a call or model turn is answered while its entries are written (the runner's
     /// next request proves they were), or only once they are durable.
     early_answers: bool,
+    /// The tenants' SpendQuotas as read, and their reports due.
+    quota_desk: quotas::QuotaDesk,
 }
 
 impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
@@ -281,6 +284,7 @@ where
             max_run_bytes: DEFAULT_MAX_RUN_BYTES,
             early_answers: true,
             blob_bytes: Mutex::new(HashMap::new()),
+            quota_desk: Default::default(),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::quota::book::QuotaRefusal;
 use axum::{
     Json,
     body::Bytes,
@@ -597,7 +598,7 @@ where
     /// anything that ends the runner's attempt (an approval to wait for, an outcome nobody
     /// knows), only once they are durable.
     pub(super) async fn decide_and_execute(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         slot: &RunSlot,
         request: CallRequest,
@@ -634,22 +635,63 @@ where
             let _ = answer.send(Err(refusal));
             return;
         }
-        let outcome =
-            if slot.gateway.calls_made(caller.run_id()) >= caller.context.context.budget.max_tool_calls {
-                slot.gateway
-                    .refuse_over_budget(&request.envelope, &mut recorder)
-                    .await
-            } else {
-                let progress = crate::gateway::RunProgress {
-                    steps: log.ledger.steps,
-                    tokens: log.ledger.tokens,
-                    input: crate::run::input_value(&slot.bundle.session_spec),
-                };
-                slot.gateway
-                    .handle_in_run(&request.envelope, &mut recorder, &request.state, &progress)
-                    .instrument(tracing::debug_span!("gateway.handle_in_run"))
-                    .await
+        let calls_before = slot.gateway.calls_made(caller.run_id());
+        // A call new to the record holds its share of the run's quotas before anything is
+        // decided; one already on record (asked again) was counted when it was made.
+        let quota_key = format!("{}/call/{}", caller.run_id(), request.envelope.call_id);
+        let mut held = None;
+        let mut quota_refusal = None;
+        if !slot.gateway.knows_call(&request.envelope.idempotency_key)
+            && calls_before < caller.context.context.budget.max_tool_calls
+        {
+            let quotas = match self.run_quotas(caller, slot).await {
+                Ok(quotas) => quotas,
+                Err(refusal) => {
+                    let _ = answer.send(Err(refusal));
+                    return;
+                }
             };
+            let demand = crate::quota::book::Demand {
+                call: &quota_key,
+                amounts: crate::quota::Amounts {
+                    calls: 1,
+                    ..Default::default()
+                },
+                currency: None,
+                model_turn: false,
+            };
+            match self.hold_in_quotas(&caller.tenant, &quotas, &demand).await {
+                Ok(()) => held = Some(quotas),
+                Err(refused @ (QuotaRefusal::Full { wait: false, .. } | QuotaRefusal::Unpriced { .. })) => {
+                    quota_refusal = Some(refused)
+                }
+                // Held back (the quota waits for its window) or the ledger is away: nothing is
+                // recorded, and the runner asks again.
+                Err(refused) => {
+                    let _ = answer.send(Err(super::quotas::refusal(refused)));
+                    return;
+                }
+            }
+        }
+        let outcome = if let Some(refused) = quota_refusal {
+            slot.gateway
+                .refuse_for_quota(&request.envelope, &mut recorder, &refused)
+                .await
+        } else if calls_before >= caller.context.context.budget.max_tool_calls {
+            slot.gateway
+                .refuse_over_budget(&request.envelope, &mut recorder)
+                .await
+        } else {
+            let progress = crate::gateway::RunProgress {
+                steps: log.ledger.steps,
+                tokens: log.ledger.tokens,
+                input: crate::run::input_value(&slot.bundle.session_spec),
+            };
+            slot.gateway
+                .handle_in_run(&request.envelope, &mut recorder, &request.state, &progress)
+                .instrument(tracing::debug_span!("gateway.handle_in_run"))
+                .await
+        };
         let in_progress = |call: &str| {
             Refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -662,6 +704,8 @@ where
                 // Nothing of this request is written; the runner asks again with the same tail.
                 recorder.discard_staged();
                 let _ = answer.send(Err(in_progress(&call_id)));
+                self.release_call(caller, slot, held, &quota_key, calls_before)
+                    .await;
                 return;
             }
             Ok(outcome) => outcome,
@@ -678,6 +722,8 @@ where
                     e => unavailable(e),
                 };
                 let _ = answer.send(Err(refusal));
+                self.release_call(caller, slot, held, &quota_key, calls_before)
+                    .await;
                 return;
             }
         };
@@ -688,6 +734,36 @@ where
         let reply = |head| with_head(Json(&outcome).into_response(), head);
         self.write_and_answer(caller, &mut log, recorder, answer, early, reply)
             .await;
+        if let Some(quotas) = held {
+            // Made if the tool was reached (whatever it answered); denied or paused: released.
+            let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
+            let cost = crate::quota::Amounts {
+                calls: u64::from(made),
+                ..Default::default()
+            };
+            self.settle_in_quotas(&caller.tenant, &quotas, &quota_key, &cost, None)
+                .await;
+        }
+    }
+
+    /// Ends a call's quota holds when its request ends early: spent if the tool was reached.
+    async fn release_call(
+        self: &Arc<Self>,
+        caller: &Caller,
+        slot: &RunSlot,
+        held: Option<super::quotas::RunQuotas>,
+        key: &str,
+        calls_before: u32,
+    ) {
+        if let Some(quotas) = held {
+            let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
+            let cost = crate::quota::Amounts {
+                calls: u64::from(made),
+                ..Default::default()
+            };
+            self.settle_in_quotas(&caller.tenant, &quotas, key, &cost, None)
+                .await;
+        }
     }
 
     /// Writes what `recorder` staged for a request and answers it with `reply` and the run's new
@@ -911,7 +987,7 @@ where
     /// Asks the run's model for one turn holding the run's log, records it, and answers on
     /// `answer` as soon as the turn is chained and sealed (see [`Self::write_and_answer`]).
     async fn ask_model(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         slot: &RunSlot,
         request: ModelCall,
@@ -928,13 +1004,27 @@ where
         // A turn already recorded for this step (the runner crashed before reading the answer)
         // is answered from the record: the model is never asked twice for one step.
         if let Some(turn) = log.ledger.turns.get(&request.step).cloned() {
+            let recorded = turn.clone();
             let reply = move |head| with_head(Json(&turn).into_response(), head);
             self.write_and_answer(caller, &mut log, recorder, answer, false, reply)
                 .await;
+            // A replica that recorded the turn and died before settling its hold left it: it is
+            // settled at what the record says the turn cost (a no-op if it was settled).
+            if let Ok(quotas) = self.run_quotas(caller, slot).await {
+                self.settle_turn(caller, slot, &quotas, request.step, &recorded)
+                    .await;
+            }
             return;
         }
+        let quotas = match self.run_quotas(caller, slot).await {
+            Ok(quotas) => quotas,
+            Err(refusal) => {
+                let _ = answer.send(Err(refusal));
+                return;
+            }
+        };
         let turn = match self
-            .model_turn(caller, slot, &log, request.request, request.step)
+            .model_turn(caller, slot, &log, request.request, request.step, &quotas)
             .await
         {
             Ok(turn) => turn,
@@ -958,6 +1048,10 @@ where
         let reply = move |head| with_head(Json(&turn).into_response(), head);
         self.write_and_answer(caller, &mut log, recorder, answer, true, reply)
             .await;
+        // The model answered: what it cost is spent, on record or not (asked again, it costs
+        // again).
+        self.settle_turn(caller, slot, &quotas, request.step, &counted)
+            .await;
         // Counted once on record: a turn whose write failed is asked for again, and counted then.
         if log.ledger.turns.contains_key(&request.step) {
             self.spend.record(
@@ -968,6 +1062,27 @@ where
                 cost.as_ref(),
             );
         }
+    }
+
+    /// Ends a model turn's quota holds with what it cost.
+    async fn settle_turn(
+        self: &Arc<Self>,
+        caller: &Caller,
+        slot: &RunSlot,
+        quotas: &super::quotas::RunQuotas,
+        step: u32,
+        turn: &crate::model::ModelTurn,
+    ) {
+        let cost = slot.bundle.turn_cost(turn);
+        let spent = crate::quota::Amounts {
+            tokens: turn.prompt_tokens.saturating_add(turn.completion_tokens),
+            nanos: cost.as_ref().map_or(0, |c| c.nanos.0),
+            calls: 0,
+        };
+        let key = format!("{}/turn/{step}", caller.run_id());
+        let currency = cost.as_ref().map(|c| c.currency.as_str());
+        self.settle_in_quotas(&caller.tenant, quotas, &key, &spent, currency)
+            .await;
     }
 
     /// A recorder continuing the run, with the runner's tail staged on it.
@@ -993,12 +1108,13 @@ where
 
     /// The model's turn for `step`, within the run's budget as the record has it.
     async fn model_turn(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         slot: &RunSlot,
         log: &RunLog,
         request: crate::model::ModelRequest,
         step: u32,
+        quotas: &super::quotas::RunQuotas,
     ) -> Result<crate::model::ModelTurn, Refusal> {
         let ledger = &log.ledger;
         if step != ledger.steps.saturating_add(1) {
@@ -1043,16 +1159,42 @@ where
                 .unwrap_or(remaining)
                 .min(remaining),
         );
-        let mut turn = slot
-            .model
-            .complete(&model_request, step)
+        // The most the turn may cost (its prompt as estimated, its whole output limit) is held
+        // in the run's quotas before the model is asked.
+        let quota_key = format!("{}/turn/{step}", caller.run_id());
+        let most_out = u64::from(model_request.max_output_tokens.unwrap_or(0));
+        let price = slot.bundle.model_price.as_ref();
+        let demand = crate::quota::book::Demand {
+            call: &quota_key,
+            amounts: crate::quota::Amounts {
+                tokens: prompt_estimate.saturating_add(most_out),
+                nanos: price.map_or(0, |p| p.cost(prompt_estimate, 0, most_out).nanos.0),
+                calls: 0,
+            },
+            currency: price.map(|p| p.currency.as_str()),
+            model_turn: true,
+        };
+        self.hold_in_quotas(&caller.tenant, quotas, &demand)
             .await
-            .map_err(|e| match e {
-                ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => {
-                    Refusal(StatusCode::UNPROCESSABLE_ENTITY, "model_script", e.to_string())
-                }
-                other => Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", other.to_string()),
-            })?;
+            .map_err(super::quotas::refusal)?;
+        let completed = slot.model.complete(&model_request, step).await;
+        if completed.is_err() {
+            // Not answered: nothing was spent (a provider charges for answers).
+            self.settle_in_quotas(
+                &caller.tenant,
+                quotas,
+                &quota_key,
+                &crate::quota::Amounts::default(),
+                None,
+            )
+            .await;
+        }
+        let mut turn = completed.map_err(|e| match e {
+            ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => {
+                Refusal(StatusCode::UNPROCESSABLE_ENTITY, "model_script", e.to_string())
+            }
+            other => Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", other.to_string()),
+        })?;
         // Its usage is as `Model::complete` accounts it: an estimate when the model reports
         // none, never nothing.
         turn.cap_tool_calls(budget.max_tool_calls_per_turn);

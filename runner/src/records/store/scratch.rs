@@ -200,9 +200,13 @@ impl MemoryBackend for ScratchStore {
         let mut memory = self.memory()?;
         let mut applied = Vec::with_capacity(writes.len());
         for write in writes {
-            let holds = write
+            let current: Vec<_> = write
                 .guard
-                .holds(memory.get(write.guard.key()).map(Vec::as_slice));
+                .keys()
+                .into_iter()
+                .map(|key| memory.get(key).map(Vec::as_slice))
+                .collect();
+            let holds = write.guard.holds(&current);
             applied.push(holds);
             if !holds {
                 continue;

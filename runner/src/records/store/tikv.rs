@@ -360,8 +360,12 @@ impl TikvStore {
             let mut applied = Vec::with_capacity(writes.len());
             for write in writes {
                 // The transaction reads its own buffered writes: a guard sees the writes before it.
-                let current = txn.get(write.guard.key().to_vec()).await.map_err(backend)?;
-                let holds = write.guard.holds(current.as_deref());
+                let mut current = Vec::new();
+                for key in write.guard.keys() {
+                    current.push(txn.get(key.to_vec()).await.map_err(backend)?);
+                }
+                let current: Vec<_> = current.iter().map(Option::as_deref).collect();
+                let holds = write.guard.holds(&current);
                 applied.push(holds);
                 if !holds {
                     continue;

@@ -596,8 +596,12 @@ impl MemoryBackend for EmbeddedStore {
                 let mut memory = txn.open_table(MEMORY).map_err(backend)?;
                 for write in writes {
                     let holds = {
-                        let current = memory.get(write.guard.key()).map_err(backend)?;
-                        write.guard.holds(current.as_ref().map(|v| v.value()))
+                        let mut current = Vec::new();
+                        for key in write.guard.keys() {
+                            current.push(memory.get(key).map_err(backend)?.map(|v| v.value().to_vec()));
+                        }
+                        let current: Vec<_> = current.iter().map(Option::as_deref).collect();
+                        write.guard.holds(&current)
                     };
                     applied.push(holds);
                     if !holds {

@@ -1,0 +1,330 @@
+//! SpendQuotas at the gateway service: a runaway loop stops at the tenant's exact limit with
+//! two replicas serving two runs at once; a team's narrower quota applies first; a quota that
+//! says so holds calls until its window allows them; spend stops within one turn's cost of its
+//! limit; an unpriced model is never counted as free.
+
+use contextos_crds::{SpendQuota, SpendQuotaSpec};
+use contextos_runner::{
+    pricing::{Nanos, PinnedPrice},
+    run::RunReport,
+};
+
+use super::*;
+
+/// A SpendQuota `name` of namespace shop with `spec` (YAML).
+fn spend_quota(name: &str, spec: &str) -> SpendQuota {
+    let spec: SpendQuotaSpec = serde_yaml::from_str(spec).expect("quota spec");
+    let mut quota = SpendQuota::new(name, spec);
+    quota.metadata.namespace = Some("shop".into());
+    quota.metadata.uid = Some(format!("uid-{name}"));
+    quota
+}
+
+/// `bundle` with a model that never stops asking for a read-only tool (one call a turn, each
+/// with new arguments), and budgets far above any quota here.
+fn runaway(bundle: &RunBundle) -> RunBundle {
+    let mut bundle = bundle.clone();
+    let turns: Vec<serde_json::Value> = (0..40)
+        .map(|i| {
+            serde_json::json!({
+                "content": format!("let me check once more ({i})"),
+                "toolCalls": [{"tool": "get_service_status", "arguments": {"service": format!("svc-{i}")}}],
+            })
+        })
+        .collect();
+    bundle.model_script = Some(serde_json::json!({ "turns": turns }).to_string());
+    bundle.agent_spec.budget.max_tool_calls = 200;
+    bundle.agent_spec.budget.max_steps = 60;
+    bundle.agent_spec.budget.max_tokens = 10_000_000;
+    // A loop nobody stops but the quota: its failing checks are no reason to escalate here.
+    bundle.agent_spec.critic.escalate_on.clear();
+    bundle
+}
+
+/// `bundle` as Session `other`'s (pod other-run-1), labelled `labels`.
+fn other_session(bundle: &RunBundle, labels: &[(&str, &str)]) -> RunBundle {
+    let mut other = bundle.clone();
+    other.session = "other".into();
+    other.session_spec.agent_ref.name = other.agent.clone();
+    other.session_labels = labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+    other
+}
+
+/// Runs `bundle` as run `run_id` of pod `pod` (token `token`) through the service at `url`.
+async fn run_through(
+    rig: &Rig,
+    url: &str,
+    token: &str,
+    pod: &str,
+    run_id: &str,
+    bundle: &RunBundle,
+) -> RunReport {
+    let now = contextos_runner::records::recorder::now_ms();
+    let context = issue_run_context(bundle, run_id, TRACE, Some(pod), &rig.operator, now).expect("context");
+    let client = GatewayClient::new(url, TokenSource::Fixed(token.into()), &context).expect("client");
+    let harness = Harness::through_gateway(&client, transit(), bundle.clone(), context).expect("harness");
+    harness
+        .start(run_id, TRACE, &mut |_| {})
+        .await
+        .expect("the run reports")
+}
+
+/// The bodies of run `run_id`.
+async fn bodies_of(rig: &Rig, run_id: &str) -> Vec<EntryBody> {
+    read_run(&*rig.store, &rig.tenant(), run_id)
+        .await
+        .expect("record")
+        .into_iter()
+        .map(|(_, e)| e.body)
+        .collect()
+}
+
+fn results(bodies: &[EntryBody]) -> usize {
+    bodies
+        .iter()
+        .filter(|b| matches!(b, EntryBody::ToolResult(_)))
+        .count()
+}
+
+/// The rule and reason of the run's quota refusal on record.
+fn quota_refusal(bodies: &[EntryBody]) -> Option<(String, String)> {
+    bodies.iter().find_map(|b| match b {
+        EntryBody::PolicyDecision(d) if d.rule.starts_with("quota/") => {
+            Some((d.rule.clone(), d.reason.clone()))
+        }
+        _ => None,
+    })
+}
+
+fn failed_with(report: &RunReport) -> (&str, &str) {
+    match &report.outcome {
+        RunOutcome::Failed { reason, message } => (reason.as_str(), message.as_str()),
+        other => panic!("expected the run to fail, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_loop_stops_at_the_tenants_exact_limit_with_two_replicas_serving_two_runs_at_once() {
+    let rig = rig().await;
+    rig.tenants.set_quotas(
+        "shop",
+        vec![spend_quota("tenant", "limits:\n- window: hour\n  toolCalls: 7\n")],
+    );
+    let first = runaway(&rig.bundle);
+    let second = other_session(&first, &[]);
+    // Two runs of the tenant, each through its own replica, at the same time.
+    let (a, b) = tokio::join!(
+        run_through(&rig, &rig.url, "token-run-1", "checkout-5xx-run-1", RUN, &first),
+        run_through(
+            &rig,
+            &rig.replica,
+            "token-other",
+            "other-run-1",
+            "other-r1",
+            &second
+        ),
+    );
+    let (a_bodies, b_bodies) = (bodies_of(&rig, RUN).await, bodies_of(&rig, "other-r1").await);
+    // Exactly the limit between them: neither replica let a call through the other had filled.
+    assert_eq!(
+        results(&a_bodies) + results(&b_bodies),
+        7,
+        "tool calls made by the two runs"
+    );
+    for (report, bodies) in [(&a, &a_bodies), (&b, &b_bodies)] {
+        let (reason, message) = failed_with(report);
+        assert_eq!(reason, "QuotaExceeded");
+        assert!(
+            message.contains("SpendQuota tenant: toolCalls in the last hour is 7 of its limit 7"),
+            "{message}"
+        );
+        // The refusal is on record, naming the quota.
+        let (rule, _) = quota_refusal(bodies).expect("the refusal is recorded");
+        assert_eq!(rule, "quota/tenant");
+    }
+    // The quota's status says so, and Events fired at 80 % and 100 %.
+    let mut reported = None;
+    for _ in 0..100 {
+        reported = rig
+            .tenants
+            .quota_reports()
+            .into_iter()
+            .rev()
+            .find(|(_, quota, r)| quota == "tenant" && r.usage.first().is_some_and(|u| u.used == "7"));
+        if reported.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, _, report) = reported.expect("a report with the final usage");
+    assert_eq!(report.usage[0].percent, 100);
+    assert_eq!(report.summary.tool_calls.as_deref(), Some("7/7 (hour)"));
+    // Each once, whichever replica made the charge that crossed it.
+    let mut events: Vec<String> = rig
+        .tenants
+        .quota_reports()
+        .into_iter()
+        .flat_map(|(_, _, r)| r.events)
+        .map(|(reason, _)| reason)
+        .collect();
+    events.sort();
+    assert_eq!(events, ["QuotaNearlyReached", "QuotaReached"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_quota_narrower_than_the_tenants_applies_first_and_only_to_the_team() {
+    let rig = rig().await;
+    rig.tenants.set_quotas(
+        "shop",
+        vec![
+            spend_quota("tenant", "limits:\n- window: day\n  toolCalls: 50\n"),
+            spend_quota(
+                "team-payments",
+                "sessionSelector:\n  matchLabels: {team: payments}\nlimits:\n- window: hour\n  toolCalls: 3\n",
+            ),
+        ],
+    );
+    let mut payments = runaway(&rig.bundle);
+    payments.session_labels = [("team".to_owned(), "payments".to_owned())].into();
+    let report = run_through(
+        &rig,
+        &rig.url,
+        "token-run-1",
+        "checkout-5xx-run-1",
+        RUN,
+        &payments,
+    )
+    .await;
+    let bodies = bodies_of(&rig, RUN).await;
+    assert_eq!(failed_with(&report).0, "QuotaExceeded");
+    assert_eq!(results(&bodies), 3);
+    assert_eq!(quota_refusal(&bodies).expect("recorded").0, "quota/team-payments");
+    // Another team's run answers to the tenant's quota only: it makes more calls than the team
+    // may (until the Agent's own policy stops the loop).
+    let search = other_session(&runaway(&rig.bundle), &[("team", "search")]);
+    let report = run_through(
+        &rig,
+        &rig.replica,
+        "token-other",
+        "other-run-1",
+        "other-r1",
+        &search,
+    )
+    .await;
+    let bodies = bodies_of(&rig, "other-r1").await;
+    assert!(
+        !matches!(&report.outcome, RunOutcome::Failed { reason, .. } if reason == "QuotaExceeded"),
+        "{:?}",
+        report.outcome
+    );
+    assert!(results(&bodies) > 3, "{:?}", report.outcome);
+    assert!(quota_refusal(&bodies).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_that_waits_holds_the_call_until_the_limit_allows_it() {
+    let rig = rig().await;
+    let waiting = |calls: u32| {
+        spend_quota(
+            "tenant",
+            &format!("whenWindowFull: Wait\nlimits:\n- window: hour\n  toolCalls: {calls}\n"),
+        )
+    };
+    rig.tenants.set_quotas("shop", vec![waiting(2)]);
+    let mut bundle = runaway(&rig.bundle);
+    bundle.model_script = Some(
+        serde_json::json!({"turns": (0..3).map(|i| serde_json::json!({
+            "content": format!("check {i}"),
+            "toolCalls": [{"tool": "get_service_status", "arguments": {"service": format!("svc-{i}")}}],
+        })).chain([serde_json::json!({"content": "done"})]).collect::<Vec<_>>()})
+        .to_string(),
+    );
+    let run = {
+        let (rig, bundle) = (&rig, &bundle);
+        async move { run_through(rig, &rig.url, "token-run-1", "checkout-5xx-run-1", RUN, bundle).await }
+    };
+    let raise = async {
+        // The third call waits; nothing about it is recorded while it does.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let bodies = rig.bodies_if_started().await;
+        assert_eq!(results(&bodies), 2, "two calls made, the third held");
+        assert!(quota_refusal(&bodies).is_none(), "a held call is not refused");
+        // An admin raises the limit: the held call goes ahead.
+        rig.tenants.set_quotas("shop", vec![waiting(3)]);
+    };
+    let (report, ()) = tokio::join!(run, raise);
+    assert!(
+        matches!(
+            report.outcome,
+            RunOutcome::Completed { .. } | RunOutcome::Failed { .. }
+        ),
+        "{:?}",
+        report.outcome
+    );
+    let bodies = bodies_of(&rig, RUN).await;
+    assert_eq!(results(&bodies), 3);
+    assert!(quota_refusal(&bodies).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_stops_within_one_turns_cost_of_its_limit_and_an_unpriced_model_is_never_free() {
+    let rig = rig().await;
+    rig.tenants.set_quotas(
+        "shop",
+        vec![spend_quota(
+            "money",
+            "limits:\n- window: day\n  spend: {amount: \"0.004\", currency: USD}\n",
+        )],
+    );
+    let bundle = runaway(&rig.bundle);
+    // Unpriced, the first turn is refused: it would otherwise be counted as free.
+    let report = run_through(&rig, &rig.url, "token-run-1", "checkout-5xx-run-1", RUN, &bundle).await;
+    let (reason, message) = failed_with(&report);
+    assert_eq!(reason, "QuotaExceeded");
+    assert!(message.contains("has no price"), "{message}");
+    assert_eq!(results(&bodies_of(&rig, RUN).await), 0);
+    // Priced at 1 USD per million tokens either way.
+    let mut priced = other_session(&bundle, &[]);
+    priced.model_price = Some(PinnedPrice {
+        price_list: "test".into(),
+        currency: "USD".into(),
+        input_per_million: Nanos::parse("1").expect("price"),
+        output_per_million: Nanos::parse("1").expect("price"),
+        cached_input_per_million: Nanos::parse("1").expect("price"),
+    });
+    let report = run_through(
+        &rig,
+        &rig.replica,
+        "token-other",
+        "other-run-1",
+        "other-r1",
+        &priced,
+    )
+    .await;
+    let (reason, message) = failed_with(&report);
+    assert_eq!(reason, "QuotaExceeded");
+    assert!(
+        message.contains("SpendQuota money: spend in the last day"),
+        "{message}"
+    );
+    let costs: Vec<u64> = bodies_of(&rig, "other-r1")
+        .await
+        .iter()
+        .filter_map(|b| match b {
+            EntryBody::ModelTurn { cost, .. } => cost.as_ref().map(|c| c.nanos.0),
+            _ => None,
+        })
+        .collect();
+    let limit = 4_000_000;
+    let spent: u64 = costs.iter().sum();
+    let last = costs.last().copied().unwrap_or_default();
+    assert!(costs.len() > 1, "several turns fit: {costs:?}");
+    assert!(
+        spent >= limit,
+        "stopped only once the limit was reached: {spent} of {limit}"
+    );
+    assert!(
+        spent - last < limit,
+        "the last turn was admitted below the limit, and none after it: {costs:?}"
+    );
+}

@@ -65,6 +65,7 @@ pub struct SpendQuotaSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QuotaSelector {
+    /// Labels and the values they must have.
     #[schemars(length(min = 1, max = 16))]
     pub match_labels: BTreeMap<String, String>,
 }
@@ -148,12 +149,14 @@ pub enum WhenWindowFull {
 }
 
 /// Usage against each limit, and the Session starts counted.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SpendQuotaStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Ready`: the gateway can enforce the quota (or why not: a limit it cannot count).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
     /// Spend, tokens and tool calls in each window, as the gateway's ledger has them (written
     /// by the gateway service).

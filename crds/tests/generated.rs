@@ -66,6 +66,7 @@ fn every_example_parses_into_its_typed_struct() {
                 "Feedback" => serde_yaml::from_value::<contextos_crds::Feedback>(value).map(drop),
                 "Proposal" => serde_yaml::from_value::<contextos_crds::Proposal>(value).map(drop),
                 "PriceList" => serde_yaml::from_value::<contextos_crds::PriceList>(value).map(drop),
+                "SpendQuota" => serde_yaml::from_value::<contextos_crds::SpendQuota>(value).map(drop),
                 "ConfigMap" | "Secret" => Ok(()),
                 other => panic!("{}: unexpected kind {other}", entry.display()),
             };
@@ -83,6 +84,7 @@ fn every_example_parses_into_its_typed_struct() {
         "Feedback",
         "Proposal",
         "PriceList",
+        "SpendQuota",
     ] {
         assert!(seen_kinds.contains(kind), "examples have no {kind}");
     }

@@ -19,7 +19,8 @@ pub mod tenant_keys;
 use std::sync::Arc;
 
 use contextos_crds::{
-    Agent, ContextPack, Ontology, Policy, PriceList, Proposal, SandboxProfile, Session, proposal::TargetKind,
+    Agent, ContextPack, Ontology, Policy, PriceList, Proposal, SandboxProfile, Session, SpendQuota,
+    proposal::TargetKind,
 };
 use contextos_runner::key_secrets;
 use futures::StreamExt as _;
@@ -38,7 +39,7 @@ use kube::{
 };
 
 use crate::{
-    controllers::{Context, agent, error_policy, ontology, proposal, revisions, session},
+    controllers::{Context, agent, error_policy, ontology, proposal, revisions, session, spend_quota},
     metrics::Metrics,
     session_children::RunnerSettings,
 };
@@ -88,6 +89,7 @@ pub async fn run(
         recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
         replay_image: config.replay_image.clone(),
         tenant_keys: Default::default(),
+        start_locks: Default::default(),
     });
     let selector = config.selector.clone();
     let watch = move || match &selector {
@@ -244,7 +246,7 @@ pub async fn run(
     let sessions = lean_controller(Api::<Session>::all(client.clone()), watch());
     let session_store = sessions.store();
     let sessions = sessions
-        .with_config(controller_config)
+        .with_config(controller_config.clone())
         .owns(
             Api::<PartialObjectMeta<Pod>>::all(client.clone()),
             watcher::Config::default().labels(contextos_crds::labels::SESSION),
@@ -268,7 +270,16 @@ pub async fn run(
         .run(session::reconcile_session, error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    futures::join!(packs, policies, profiles, ontologies, agents, proposals, sessions);
+    // Quotas count the Sessions they limit (starts are decided in the Session controller).
+    let quotas = lean_controller(Api::<SpendQuota>::all(client.clone()), watch())
+        .with_config(controller_config.clone())
+        .graceful_shutdown_on(shutdown())
+        .run(spend_quota::reconcile_spend_quota, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    futures::join!(
+        packs, policies, profiles, ontologies, agents, proposals, sessions, quotas
+    );
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod ontology;
 pub mod proposal;
 pub mod revisions;
 pub mod session;
+pub mod spend_quota;
 
 use std::{sync::Arc, time::Duration};
 
@@ -41,6 +42,20 @@ pub struct Context {
     pub replay_image: String,
     /// Tenants' public record keys, fetched from the gateway service.
     pub tenant_keys: Arc<crate::tenant_keys::TenantKeys>,
+    /// One lock per namespace, held while a Session's start is decided and made (see
+    /// [`spend_quota`]).
+    pub start_locks: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl Context {
+    /// The lock Session starts in `namespace` are decided under.
+    pub fn start_lock(&self, namespace: &str) -> Arc<tokio::sync::Mutex<()>> {
+        match self.start_locks.lock() {
+            Ok(mut locks) => locks.entry(namespace.to_owned()).or_default().clone(),
+            // Poisoned only by a panic elsewhere: a fresh lock is no worse than none.
+            Err(_) => Arc::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Context {

@@ -23,6 +23,7 @@ mod printer_columns;
 mod process_node;
 mod promotion;
 mod quickstart;
+mod quotas;
 mod sandbox_attacks;
 mod tenant_attacks;
 mod workloads;

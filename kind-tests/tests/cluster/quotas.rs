@@ -1,0 +1,127 @@
+//! SpendQuotas in a cluster: the operator keeps a Session past `concurrentSessions` Pending
+//! (QuotaWait, naming the quota and the Session running) until the running one ends; the
+//! gateway service counts the runs' tool calls in the quota's status, beside the operator's
+//! Session columns, as `kubectl get spendquota` shows them.
+
+use anyhow::{Result, ensure};
+use contextos_crds::{Agent, Session, SpendQuota, session::SessionPhase};
+use contextos_kind_tests::{Check, TestEnv, TestNamespace, operator_env, wait_for_object};
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use serde_json::json;
+
+use crate::{
+    objects::apply,
+    operator::{TIMEOUT, condition, objects_for, phase_is, session},
+};
+
+#[tokio::test]
+async fn a_session_past_the_concurrency_quota_waits_pending_until_the_running_one_ends() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "quotas").await?;
+    let client = env.client();
+    for object in objects_for(env, &op.tools_url)? {
+        apply(&client, ns.name(), &object).await?;
+    }
+    let quota = json!({
+        "apiVersion": "contextos.dev/v1alpha1",
+        "kind": "SpendQuota",
+        "metadata": {"name": "tenant"},
+        "spec": {
+            "concurrentSessions": 1,
+            "limits": [{"window": "hour", "toolCalls": 100}],
+        },
+    });
+    apply(&client, ns.name(), &quota).await?;
+    let agents: Api<Agent> = ns.api();
+    wait_for_object(&agents, "oncall-assistant", "Ready", TIMEOUT, |a: &Agent| {
+        let conditions = a.status.clone().unwrap_or_default().conditions;
+        Check::when(contextos_operator::controllers::is_ready(&conditions), || {
+            condition(&conditions, "Ready")
+        })
+    })
+    .await?;
+    // One after the other: each runs until its restart waits for approval (a Session waiting
+    // for a human holds no pod, and counts against no concurrency limit).
+    let sessions: Api<Session> = ns.api();
+    let mut calls = Vec::new();
+    for name in ["first", "second"] {
+        apply(&client, ns.name(), &session(name)?).await?;
+        let paused = phase_is(&sessions, name, SessionPhase::AwaitingApproval).await?;
+        let pending = paused.status.and_then(|s| s.pending_approval);
+        ensure!(pending.is_some(), "{name} shows its pending call");
+        calls.push(pending.map(|p| p.call_hash).unwrap_or_default());
+    }
+    // Both approved at once: one resumes, the other waits for it to end.
+    for (name, call_hash) in ["first", "second"].iter().zip(&calls) {
+        let approval = json!({"spec": {"approvals": [{
+            "callHash": call_hash,
+            "decision": "approve",
+            "approver": "dana@example.com",
+        }]}});
+        sessions
+            .patch(name, &PatchParams::default(), &Patch::Merge(&approval))
+            .await?;
+    }
+    let mut seen_wait = None;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while seen_wait.is_none() && std::time::Instant::now() < deadline {
+        for name in ["first", "second"] {
+            let status = sessions.get(name).await?.status.unwrap_or_default();
+            let ready = condition(&status.conditions, "Ready");
+            if ready.contains("QuotaWait") {
+                seen_wait = Some((name, status.phase, ready));
+            }
+        }
+        let done = futures::future::join_all(["first", "second"].map(|n| sessions.get(n))).await;
+        if done
+            .iter()
+            .all(|s| s.as_ref().ok().and_then(|s| s.status.as_ref()?.phase) == Some(SessionPhase::Succeeded))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (waiting, phase, ready) = seen_wait.ok_or_else(|| anyhow::anyhow!("neither Session waited for the quota"))?;
+    ensure!(phase == Some(SessionPhase::Pending), "{waiting} waits Pending: {phase:?}");
+    let other = if waiting == "first" { "second" } else { "first" };
+    ensure!(
+        ready.contains("SpendQuota tenant allows 1 Sessions running at once and 1 are (")
+            && ready.contains(other),
+        "{ready}"
+    );
+    // Once the other ends, it runs and succeeds too.
+    phase_is(&sessions, "first", SessionPhase::Succeeded).await?;
+    phase_is(&sessions, "second", SessionPhase::Succeeded).await?;
+    // The gateway counted both runs' tool calls in the quota's status, beside the operator's
+    // Sessions-running column.
+    let quotas: Api<SpendQuota> = ns.api();
+    let counted = wait_for_object(&quotas, "tenant", "tool calls counted", TIMEOUT, |q: &SpendQuota| {
+        let status = q.status.clone().unwrap_or_default();
+        let summary = status.summary.clone().unwrap_or_default();
+        let calls = status
+            .usage
+            .iter()
+            .find(|u| u.resource == "toolCalls")
+            .and_then(|u| u.used.parse::<u64>().ok())
+            .unwrap_or(0);
+        Check::when(calls >= 2 && summary.running.as_deref() == Some("0/1"), || {
+            format!("{summary:?}, usage {:?}", status.usage)
+        })
+    })
+    .await?;
+    let status = counted.status.unwrap_or_default();
+    ensure!(
+        condition(&status.conditions, "Ready").starts_with("True Resolved enforced: 100 toolCalls per hour"),
+        "{:?}",
+        status.conditions
+    );
+    ns.pass();
+    Ok(())
+}

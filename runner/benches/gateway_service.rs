@@ -6,6 +6,12 @@
 //!
 //! Run: `cargo bench -p contextos-runner --bench gateway_service`. Target: added p50 ≤ 300 µs.
 //!
+//! A third service, like the first but whose tenant has two SpendQuotas (a tenant-wide one and
+//! a narrower one, both counting the calls), takes the same calls too: the difference of the two
+//! is what checking quotas adds to a governed call (target ≤ 50 µs p50). Its hold is one guarded
+//! transaction over both quotas' ledger rows, made durable by the call's go-ahead; what the call
+//! spent is settled after the answer.
+//!
 //! A governed call makes two durable writes: the go-ahead before the tool acts, and the result.
 //! The service answers while the result is being written (the runner's next request proves it
 //! was); a second service over its own store answers only once the result is durable, as the
@@ -181,9 +187,31 @@ fn bundle() -> RunBundle {
     bundle
 }
 
+/// The tenant's quotas in the quota-checking service: limits no benchmark reaches, each counting
+/// every call (so each call holds and spends in both ledgers).
+fn spend_quotas() -> Vec<contextos_crds::SpendQuota> {
+    [
+        (
+            "tenant",
+            "limits:\n- window: day\n  toolCalls: 1000000000\n  tokens: 1000000000000\n",
+        ),
+        ("platform", "limits:\n- window: hour\n  toolCalls: 1000000000\n"),
+    ]
+    .into_iter()
+    .map(|(name, spec)| {
+        let mut quota =
+            contextos_crds::SpendQuota::new(name, serde_yaml::from_str(spec).expect("quota spec"));
+        quota.metadata.uid = Some(format!("uid-{name}"));
+        quota
+    })
+    .collect()
+}
+
 struct Rig {
     /// The service as deployed: answers while the result is written.
     url: String,
+    /// The same service, with two SpendQuotas on the tenant.
+    with_quotas: String,
     /// The same service answering only once the result is durable.
     after_writes: String,
     operator: KeyPair,
@@ -248,6 +276,7 @@ struct Samples {
     direct: Vec<f64>,
     governed: Vec<f64>,
     after_writes: Vec<f64>,
+    with_quotas: Vec<f64>,
 }
 
 /// Times `calls` governed calls of one run at each service and as many direct calls, interleaved.
@@ -261,6 +290,7 @@ async fn measure(
 ) {
     let (client, context) = rig.start(&rig.url, run_id).await;
     let (baseline, baseline_context) = rig.start(&rig.after_writes, run_id).await;
+    let (quoted, quoted_context) = rig.start(&rig.with_quotas, run_id).await;
     for i in 0..calls {
         let e = envelope(&context, i);
         let t = Instant::now();
@@ -288,6 +318,14 @@ async fn measure(
         let t = Instant::now();
         let outcome = baseline.call(&e, &StateFacts::default()).await.expect("governed");
         samples.after_writes.push(t.elapsed().as_secs_f64() * 1e6);
+        assert!(
+            matches!(outcome, CallOutcome::Executed(ref r) if r.ok),
+            "{outcome:?}"
+        );
+        let e = envelope(&quoted_context, i);
+        let t = Instant::now();
+        let outcome = quoted.call(&e, &StateFacts::default()).await.expect("governed");
+        samples.with_quotas.push(t.elapsed().as_secs_f64() * 1e6);
         assert!(
             matches!(outcome, CallOutcome::Executed(ref r) if r.ok),
             "{outcome:?}"
@@ -341,6 +379,51 @@ async fn durable_append_p50(dir: &std::path::Path) -> f64 {
     percentile(&mut samples, 0.5)
 }
 
+/// p50 of one call's quota hold (before the call) and of its settlement (after), alone, against
+/// the two quotas of [`spend_quotas`] in an embedded store on the same disk.
+async fn quota_check_p50(dir: &std::path::Path) -> (f64, f64) {
+    use contextos_runner::quota::{ActiveQuota, Amounts, book};
+    let store = EmbeddedStore::open(&dir.join("quota-floor.redb")).expect("store");
+    let tenant = TenantId::new("bench").expect("tenant");
+    let quotas: Vec<ActiveQuota> = spend_quotas()
+        .iter()
+        .map(|q| ActiveQuota::compile(q).expect("quota"))
+        .collect();
+    let quotas: Vec<&ActiveQuota> = quotas.iter().collect();
+    let one = Amounts {
+        calls: 1,
+        ..Amounts::default()
+    };
+    let (mut holds, mut settles) = (Vec::new(), Vec::new());
+    for i in 0..400 {
+        let call = format!("floor/call/{i}");
+        let demand = book::Demand {
+            call: &call,
+            amounts: one,
+            currency: None,
+            model_turn: false,
+        };
+        let t = Instant::now();
+        book::hold(
+            &store,
+            &tenant,
+            &quotas,
+            &demand,
+            book::Durability::WithNextRecord,
+            now_ms(),
+        )
+        .await
+        .expect("hold");
+        holds.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        book::settle(&store, &tenant, &quotas, &call, &one, None, now_ms())
+            .await
+            .expect("settle");
+        settles.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    (percentile(&mut holds, 0.5), percentile(&mut settles, 0.5))
+}
+
 fn report(label: &str, samples: &mut Samples, append: f64, flush: f64) {
     let (d50, d99) = (
         percentile(&mut samples.direct, 0.5),
@@ -354,6 +437,10 @@ fn report(label: &str, samples: &mut Samples, append: f64, flush: f64) {
         percentile(&mut samples.after_writes, 0.5),
         percentile(&mut samples.after_writes, 0.99),
     );
+    let (q50, q99) = (
+        percentile(&mut samples.with_quotas, 0.5),
+        percentile(&mut samples.with_quotas, 0.99),
+    );
     println!("{label} — {} calls each", samples.direct.len());
     println!("  direct HTTP call to the tool          p50 {d50:>8.0} µs   p99 {d99:>8.0} µs   (baseline)");
     println!("  service answering once all is durable p50 {w50:>8.0} µs   p99 {w99:>8.0} µs   (baseline)");
@@ -366,6 +453,11 @@ fn report(label: &str, samples: &mut Samples, append: f64, flush: f64) {
     println!(
         "  … of which one durable append         p50 {append:>8.0} µs   (measured alone; the rest: {:.0} µs)",
         g50 - d50 - append
+    );
+    println!("  the service with two SpendQuotas      p50 {q50:>8.0} µs   p99 {q99:>8.0} µs");
+    println!(
+        "  added by checking the quotas          p50 {:>8.0} µs   (target ≤ 50 µs; beside the service without them)",
+        q50 - g50
     );
     // The runner's round trip to the gateway costs about what the direct call does.
     println!(
@@ -390,12 +482,16 @@ fn main() {
             pod_uid: "uid".into(),
             username: "system:serviceaccount:bench:default".into(),
         };
-        let serve = |file: &str, early: bool| {
+        let serve = |file: &str, early: bool, quotas: bool| {
             let store = EmbeddedStore::open(&dir.path().join(file)).expect("store");
+            let tenants = StaticTenants::default().with_secret("bench", "ops-tools-webhook", "hmac-key", "k");
+            if quotas {
+                tenants.set_quotas("bench", spend_quotas());
+            }
             let service = GatewayService::new(
                 store,
                 StaticTokens::default().with("bench-token", identity.clone()),
-                StaticTenants::default().with_secret("bench", "ops-tools-webhook", "hmac-key", "k"),
+                tenants,
                 TenantKeys::new(&KeyPair::from_seed([2; 32])),
                 operator.public(),
             )
@@ -416,10 +512,12 @@ fn main() {
             tokio::spawn(async move { axum::serve(listener, router).await });
             url
         };
-        let url = serve("records.redb", true);
-        let after_writes = serve("baseline.redb", false);
+        let url = serve("records.redb", true, false);
+        let after_writes = serve("baseline.redb", false, false);
+        let with_quotas = serve("quotas.redb", true, true);
         let rig = Rig {
             url,
+            with_quotas,
             after_writes,
             operator,
             bundle: bundle(),
@@ -432,6 +530,11 @@ fn main() {
         println!("one small write flushed to this disk, alone      p50 {flush:>6.0} µs");
         let append = durable_append_p50(dir.path()).await;
         println!("one durable append to the embedded store, alone  p50 {append:>6.0} µs");
+        let (hold, settle) = quota_check_p50(dir.path()).await;
+        println!("one call's hold in two SpendQuotas, alone        p50 {hold:>6.0} µs   (before the call)");
+        println!(
+            "… and its settlement, alone                      p50 {settle:>6.0} µs   (after the answer)"
+        );
         let mut samples = Samples::default();
         for run in 0..SHORT_RUNS {
             let run_id = format!("short-{run}");
@@ -450,6 +553,7 @@ fn main() {
             direct: samples.direct.split_off(late),
             governed: samples.governed.split_off(late),
             after_writes: samples.after_writes.split_off(late),
+            with_quotas: samples.with_quotas.split_off(late),
         };
         report(
             "one run of 1,000 calls: the first 900",

@@ -1306,7 +1306,7 @@ async fn quota_ledgers_are_exact_with_racing_writers<S: MemoryBackend>(store: &S
             currency: None,
             model_turn: false,
         };
-        match book::hold(store, &t, &quotas, &demand, now).await {
+        match book::hold(store, &t, &quotas, &demand, book::Durability::WithNextRecord, now).await {
             Ok(()) => {
                 book::settle(store, &t, &quotas, key, &one, None, now)
                     .await

@@ -88,8 +88,12 @@ async fn a_session_past_the_concurrency_quota_waits_pending_until_the_running_on
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let (waiting, phase, ready) = seen_wait.ok_or_else(|| anyhow::anyhow!("neither Session waited for the quota"))?;
-    ensure!(phase == Some(SessionPhase::Pending), "{waiting} waits Pending: {phase:?}");
+    let (waiting, phase, ready) =
+        seen_wait.ok_or_else(|| anyhow::anyhow!("neither Session waited for the quota"))?;
+    ensure!(
+        phase == Some(SessionPhase::Pending),
+        "{waiting} waits Pending: {phase:?}"
+    );
     let other = if waiting == "first" { "second" } else { "first" };
     ensure!(
         ready.contains("SpendQuota tenant allows 1 Sessions running at once and 1 are (")
@@ -102,19 +106,25 @@ async fn a_session_past_the_concurrency_quota_waits_pending_until_the_running_on
     // The gateway counted both runs' tool calls in the quota's status, beside the operator's
     // Sessions-running column.
     let quotas: Api<SpendQuota> = ns.api();
-    let counted = wait_for_object(&quotas, "tenant", "tool calls counted", TIMEOUT, |q: &SpendQuota| {
-        let status = q.status.clone().unwrap_or_default();
-        let summary = status.summary.clone().unwrap_or_default();
-        let calls = status
-            .usage
-            .iter()
-            .find(|u| u.resource == "toolCalls")
-            .and_then(|u| u.used.parse::<u64>().ok())
-            .unwrap_or(0);
-        Check::when(calls >= 2 && summary.running.as_deref() == Some("0/1"), || {
-            format!("{summary:?}, usage {:?}", status.usage)
-        })
-    })
+    let counted = wait_for_object(
+        &quotas,
+        "tenant",
+        "tool calls counted",
+        TIMEOUT,
+        |q: &SpendQuota| {
+            let status = q.status.clone().unwrap_or_default();
+            let summary = status.summary.clone().unwrap_or_default();
+            let calls = status
+                .usage
+                .iter()
+                .find(|u| u.resource == "toolCalls")
+                .and_then(|u| u.used.parse::<u64>().ok())
+                .unwrap_or(0);
+            Check::when(calls >= 2 && summary.running.as_deref() == Some("0/1"), || {
+                format!("{summary:?}, usage {:?}", status.usage)
+            })
+        },
+    )
     .await?;
     let status = counted.status.unwrap_or_default();
     ensure!(

@@ -79,6 +79,22 @@ impl Guard {
     }
 }
 
+/// How soon a memory change must be durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Before the write returns.
+    Now,
+    /// With the store's next flush (see [`MemoryBackend::memory_write_unflushed`]).
+    WithNextRecord,
+}
+
+/// What [`MemoryBackend::memory_update`] makes of the rows it read: the rows to put (none:
+/// nothing is written) and its answer.
+pub type Updated<R> = (Vec<(Vec<u8>, Vec<u8>)>, R);
+
+/// Times [`MemoryBackend::memory_update`] reads again when another writer changed its rows.
+const UPDATE_ATTEMPTS: u32 = 64;
+
 /// The memory operations of a store backend.
 pub trait MemoryBackend: Send + Sync {
     /// The values of `keys`, in their order.
@@ -118,6 +134,73 @@ pub trait MemoryBackend: Send + Sync {
         tenant: &TenantId,
         writes: Vec<Write>,
     ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
+
+    /// [`Self::memory_write`] of puts only, seen by every reader at once but durable only with
+    /// the store's next flush instead of before it returns: for rows that need be no more
+    /// durable than a record append that follows them (a tool call's quota hold is made durable
+    /// by the call's go-ahead, written before the tool acts; lost with a crash before that, it
+    /// held back nothing that happened). Stores whose every write is durable (TiKV) just write.
+    fn memory_write_unflushed(
+        &self,
+        tenant: &TenantId,
+        writes: Vec<Write>,
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send {
+        self.memory_write(tenant, writes)
+    }
+
+    /// Reads `keys` and puts what `update` makes of their values, as one change: no other write
+    /// lands between the read and the write. `update` may be called more than once (a store
+    /// that cannot lock the rows reads again when another writer changed them). Its answer is
+    /// returned.
+    fn memory_update<R, F>(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        durability: Durability,
+        update: F,
+    ) -> impl Future<Output = Result<R, StoreError>> + Send
+    where
+        R: Send + 'static,
+        F: Fn(&[Option<Vec<u8>>]) -> Updated<R> + Send + Sync + 'static,
+    {
+        async move {
+            for attempt in 0..UPDATE_ATTEMPTS {
+                let values = self.memory_get(tenant, keys.clone()).await?;
+                let (puts, answer) = update(&values);
+                if puts.is_empty() {
+                    return Ok(answer);
+                }
+                let guard = Guard::All(
+                    keys.iter()
+                        .zip(&values)
+                        .map(|(key, value)| match value {
+                            Some(value) => Guard::Holds(key.clone(), value.clone()),
+                            None => Guard::Absent(key.clone()),
+                        })
+                        .collect(),
+                );
+                let writes = vec![Write {
+                    guard,
+                    changes: puts.into_iter().map(|(k, v)| Change::Put(k, v)).collect(),
+                }];
+                let applied = match durability {
+                    Durability::Now => self.memory_write(tenant, writes).await?,
+                    Durability::WithNextRecord => self.memory_write_unflushed(tenant, writes).await?,
+                };
+                if applied.first().copied().unwrap_or(false) {
+                    return Ok(answer);
+                }
+                // Another writer changed the rows: a short pause, growing, before reading again.
+                let mut byte = [0u8; 1];
+                let jitter = getrandom::fill(&mut byte).map_or(0, |()| u64::from(byte[0] % 4));
+                let pause = u64::from(attempt.min(10)) + jitter;
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+            Err(StoreError::Backend(format!(
+                "other writers kept changing the rows; tried {UPDATE_ATTEMPTS} times"
+            )))
+        }
+    }
 }
 
 impl<B: MemoryBackend> MemoryBackend for std::sync::Arc<B> {
@@ -152,6 +235,28 @@ impl<B: MemoryBackend> MemoryBackend for std::sync::Arc<B> {
 
     async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>, StoreError> {
         (**self).memory_write(tenant, writes).await
+    }
+
+    async fn memory_write_unflushed(
+        &self,
+        tenant: &TenantId,
+        writes: Vec<Write>,
+    ) -> Result<Vec<bool>, StoreError> {
+        (**self).memory_write_unflushed(tenant, writes).await
+    }
+
+    async fn memory_update<R, F>(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        durability: Durability,
+        update: F,
+    ) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: Fn(&[Option<Vec<u8>>]) -> Updated<R> + Send + Sync + 'static,
+    {
+        (**self).memory_update(tenant, keys, durability, update).await
     }
 
     fn key_rings(&self) -> &crate::vault::kek::KeyRings {

@@ -5,23 +5,20 @@
 
 use contextos_crds::spend_quota::WhenWindowFull;
 
+pub use crate::memory::backend::Durability;
+
 use super::{
     ActiveQuota, amount_text,
     ledger::{Amounts, Crossing, Full, Ledger},
 };
 use crate::{
-    memory::{
-        backend::{Change, Guard, MemoryBackend, Write},
-        keys,
-    },
+    memory::{backend::MemoryBackend, keys},
     records::{StoreError, TenantId},
 };
 
 /// How long a call may hold before its hold is charged in full (its replica is taken to be
 /// gone): longer than any model turn or tool call takes.
 pub const HOLD_MS: i64 = 15 * 60 * 1000;
-/// Times a change is tried when another replica changed a ledger meanwhile.
-const ATTEMPTS: u32 = 64;
 
 /// What a call may cost at most, and in which currency its money is.
 #[derive(Clone, Debug)]
@@ -99,107 +96,86 @@ fn priced(quota: &ActiveQuota, demand: &Demand<'_>) -> Result<(), QuotaRefusal> 
     })
 }
 
-/// The ledgers of `quotas` as stored (absent: empty), with what was read, for the guard.
-async fn read<B: MemoryBackend>(
-    backend: &B,
-    tenant: &TenantId,
-    quotas: &[&ActiveQuota],
-) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>, Ledger)>, StoreError> {
-    let keys: Vec<Vec<u8>> = quotas
+/// The ledger rows of `quotas`.
+fn ledger_keys(tenant: &TenantId, quotas: &[&ActiveQuota]) -> Vec<Vec<u8>> {
+    quotas
         .iter()
         .map(|q| keys::quota_ledger(tenant, &q.name, &q.uid))
-        .collect();
-    let values = backend.memory_get(tenant, keys.clone()).await?;
-    keys.into_iter()
+        .collect()
+}
+
+/// The ledgers stored under `keys` (absent: empty).
+fn decode_all(keys: &[Vec<u8>], values: &[Option<Vec<u8>>]) -> Result<Vec<Ledger>, StoreError> {
+    keys.iter()
         .zip(values)
-        .map(|(key, value)| {
-            let ledger = match &value {
-                Some(bytes) => Ledger::decode(bytes).map_err(|problem| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    problem,
-                })?,
-                None => Ledger::default(),
-            };
-            Ok((key, value, ledger))
+        .map(|(key, value)| match value {
+            Some(bytes) => Ledger::decode(bytes).map_err(|problem| StoreError::Corrupt {
+                key: String::from_utf8_lossy(key).into_owned(),
+                problem,
+            }),
+            None => Ok(Ledger::default()),
         })
         .collect()
 }
 
-/// Writes `ledgers` back if none changed since `read`; whether they were.
-async fn write_back<B: MemoryBackend>(
-    backend: &B,
-    tenant: &TenantId,
-    rows: Vec<(Vec<u8>, Option<Vec<u8>>, Ledger)>,
-) -> Result<bool, StoreError> {
-    let mut guards = Vec::with_capacity(rows.len());
-    let mut changes = Vec::with_capacity(rows.len());
-    for (key, read, ledger) in rows {
-        guards.push(match read {
-            Some(value) => Guard::Holds(key.clone(), value),
-            None => Guard::Absent(key.clone()),
-        });
-        changes.push(Change::Put(key, ledger.encode()));
-    }
-    let applied = backend
-        .memory_write(
-            tenant,
-            vec![Write {
-                guard: Guard::All(guards),
-                changes,
-            }],
-        )
-        .await?;
-    Ok(applied.first().copied().unwrap_or(false))
-}
-
-/// A short pause before reading again after a conflict, growing with the attempt.
-async fn back_off(attempt: u32) {
-    let mut byte = [0u8; 1];
-    let jitter = getrandom::fill(&mut byte).map_or(0, |()| u64::from(byte[0] % 4));
-    let millis = u64::from(attempt.min(10)) + jitter;
-    tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
-}
-
 /// Admits `demand` against every quota of `quotas` and holds it there — or, if one is full,
-/// holds nothing anywhere and says which.
+/// holds nothing anywhere and says which. One change of every ledger involved: two replicas
+/// never both admit the call that fills a limit.
 pub async fn hold<B: MemoryBackend>(
     backend: &B,
     tenant: &TenantId,
     quotas: &[&ActiveQuota],
     demand: &Demand<'_>,
+    durability: Durability,
     now: i64,
 ) -> Result<(), QuotaRefusal> {
     if quotas.is_empty() {
         return Ok(());
     }
     quotas.iter().try_for_each(|q| priced(q, demand))?;
-    let unavailable = |e: StoreError| QuotaRefusal::Unavailable(e.to_string());
-    for attempt in 0..ATTEMPTS {
-        let mut rows = read(backend, tenant, quotas).await.map_err(unavailable)?;
-        for (quota, (_, _, ledger)) in quotas.iter().zip(rows.iter_mut()) {
-            ledger.expire(&quota.limits, now);
-            let amounts = share(quota, &demand.amounts, demand.currency);
-            if let Err(full) = ledger.admit(&quota.limits, demand.call, &amounts, now) {
-                return Err(QuotaRefusal::Full {
-                    quota: quota.name.clone(),
-                    full,
-                    wait: quota.when_full == WhenWindowFull::Wait,
-                });
+    let keys = ledger_keys(tenant, quotas);
+    let owned: Vec<ActiveQuota> = quotas.iter().map(|q| (*q).clone()).collect();
+    let (call, amounts, currency) = (
+        demand.call.to_owned(),
+        demand.amounts,
+        demand.currency.map(str::to_owned),
+    );
+    let rows = keys.clone();
+    backend
+        .memory_update(tenant, keys, durability, move |values| {
+            let mut ledgers = match decode_all(&rows, values) {
+                Ok(ledgers) => ledgers,
+                Err(e) => return (Vec::new(), Err(QuotaRefusal::Unavailable(e.to_string()))),
+            };
+            for (quota, ledger) in owned.iter().zip(ledgers.iter_mut()) {
+                ledger.expire(&quota.limits, now);
+                let share = share(quota, &amounts, currency.as_deref());
+                if let Err(full) = ledger.admit(&quota.limits, &call, &share, now) {
+                    let refused = QuotaRefusal::Full {
+                        quota: quota.name.clone(),
+                        full,
+                        wait: quota.when_full == WhenWindowFull::Wait,
+                    };
+                    return (Vec::new(), Err(refused));
+                }
+                ledger.hold(&call, share, now + HOLD_MS);
             }
-            ledger.hold(demand.call, amounts, now + HOLD_MS);
-        }
-        if write_back(backend, tenant, rows).await.map_err(unavailable)? {
-            return Ok(());
-        }
-        back_off(attempt).await;
-    }
-    Err(QuotaRefusal::Unavailable(format!(
-        "other calls kept changing the ledger; tried {ATTEMPTS} times"
-    )))
+            let puts = rows
+                .iter()
+                .cloned()
+                .zip(ledgers.iter().map(Ledger::encode))
+                .collect();
+            (puts, Ok(()))
+        })
+        .await
+        .map_err(|e| QuotaRefusal::Unavailable(e.to_string()))?
 }
 
 /// Ends `call`'s holds: what it `cost` (in `currency`) is spent in every quota it held in
 /// (nothing: released). Ending a call twice spends once. The thresholds crossed, for Events.
+///
+/// Durable with the store's next flush: lost to a crash before it, the hold it ends stays and is
+/// charged in full when its time is up — spend is over-counted then, never lost.
 pub async fn settle<B: MemoryBackend>(
     backend: &B,
     tenant: &TenantId,
@@ -212,35 +188,40 @@ pub async fn settle<B: MemoryBackend>(
     if quotas.is_empty() {
         return Ok(Vec::new());
     }
-    for attempt in 0..ATTEMPTS {
-        let mut rows = read(backend, tenant, quotas).await?;
-        let mut announced = Vec::new();
-        let mut changed = false;
-        for (quota, (_, _, ledger)) in quotas.iter().zip(rows.iter_mut()) {
-            let windows = quota.windows();
-            changed |= ledger.expire(&quota.limits, now);
-            changed |= ledger.settle(&windows, call, &share(quota, cost, currency), now);
-            announced.extend(
-                ledger
-                    .crossings(&quota.limits, now)
-                    .into_iter()
-                    .map(|crossing| Announcement {
+    let keys = ledger_keys(tenant, quotas);
+    let owned: Vec<ActiveQuota> = quotas.iter().map(|q| (*q).clone()).collect();
+    let (call, cost, currency) = (call.to_owned(), *cost, currency.map(str::to_owned));
+    let rows = keys.clone();
+    backend
+        .memory_update(tenant, keys, Durability::WithNextRecord, move |values| {
+            let mut ledgers = match decode_all(&rows, values) {
+                Ok(ledgers) => ledgers,
+                Err(e) => return (Vec::new(), Err(e)),
+            };
+            let mut announced = Vec::new();
+            let mut changed = false;
+            for (quota, ledger) in owned.iter().zip(ledgers.iter_mut()) {
+                changed |= ledger.expire(&quota.limits, now);
+                let share = share(quota, &cost, currency.as_deref());
+                changed |= ledger.settle(&quota.windows(), &call, &share, now);
+                announced.extend(ledger.crossings(&quota.limits, now).into_iter().map(|crossing| {
+                    Announcement {
                         quota: quota.name.clone(),
                         crossing,
-                    }),
-            );
-        }
-        if !changed {
-            return Ok(Vec::new());
-        }
-        if write_back(backend, tenant, rows).await? {
-            return Ok(announced);
-        }
-        back_off(attempt).await;
-    }
-    Err(StoreError::Backend(format!(
-        "settling call {call}: other calls kept changing the SpendQuota ledger; tried {ATTEMPTS} times"
-    )))
+                    }
+                }));
+            }
+            if !changed {
+                return (Vec::new(), Ok(Vec::new()));
+            }
+            let puts = rows
+                .iter()
+                .cloned()
+                .zip(ledgers.iter().map(Ledger::encode))
+                .collect();
+            (puts, Ok(announced))
+        })
+        .await?
 }
 
 /// What each of `quota`'s limits has used at `now` (spent and held), as the ledger has it.
@@ -250,8 +231,9 @@ pub async fn usage<B: MemoryBackend>(
     quota: &ActiveQuota,
     now: i64,
 ) -> Result<Vec<(super::Limit, u64)>, StoreError> {
-    let mut rows = read(backend, tenant, &[quota]).await?;
-    let Some((_, _, mut ledger)) = rows.pop() else {
+    let keys = ledger_keys(tenant, &[quota]);
+    let values = backend.memory_get(tenant, keys.clone()).await?;
+    let Some(mut ledger) = decode_all(&keys, &values)?.pop() else {
         return Ok(Vec::new());
     };
     ledger.expire(&quota.limits, now);

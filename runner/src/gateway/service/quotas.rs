@@ -178,8 +178,9 @@ where
         tenant: &TenantId,
         quotas: &RunQuotas,
         demand: &Demand<'_>,
+        durability: book::Durability,
     ) -> Result<(), QuotaRefusal> {
-        book::hold(&self.store, tenant, &quotas.all(), demand, now_ms()).await
+        book::hold(&self.store, tenant, &quotas.all(), demand, durability, now_ms()).await
     }
 
     /// Ends call `key`'s holds with what it `cost`, and schedules the quotas' reports.

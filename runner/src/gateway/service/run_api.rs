@@ -660,7 +660,12 @@ where
                 currency: None,
                 model_turn: false,
             };
-            match self.hold_in_quotas(&caller.tenant, &quotas, &demand).await {
+            // Made durable by the call's go-ahead, which is written before the tool acts.
+            let durability = crate::quota::book::Durability::WithNextRecord;
+            match self
+                .hold_in_quotas(&caller.tenant, &quotas, &demand, durability)
+                .await
+            {
                 Ok(()) => held = Some(quotas),
                 Err(refused @ (QuotaRefusal::Full { wait: false, .. } | QuotaRefusal::Unpriced { .. })) => {
                     quota_refusal = Some(refused)
@@ -1174,9 +1179,15 @@ where
             currency: price.map(|p| p.currency.as_str()),
             model_turn: true,
         };
-        self.hold_in_quotas(&caller.tenant, quotas, &demand)
-            .await
-            .map_err(super::quotas::refusal)?;
+        // Durable before the model is asked: nothing is recorded before it answers.
+        self.hold_in_quotas(
+            &caller.tenant,
+            quotas,
+            &demand,
+            crate::quota::book::Durability::Now,
+        )
+        .await
+        .map_err(super::quotas::refusal)?;
         let completed = slot.model.complete(&model_request, step).await;
         if completed.is_err() {
             // Not answered: nothing was spent (a provider charges for answers).

@@ -280,6 +280,28 @@ impl crate::memory::backend::MemoryBackend for AnyStore {
     ) -> Result<Vec<bool>> {
         forward_memory!(self, s => s.memory_write(tenant, writes))
     }
+
+    async fn memory_write_unflushed(
+        &self,
+        tenant: &TenantId,
+        writes: Vec<crate::memory::backend::Write>,
+    ) -> Result<Vec<bool>> {
+        forward_memory!(self, s => s.memory_write_unflushed(tenant, writes))
+    }
+
+    async fn memory_update<R, F>(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        durability: crate::memory::backend::Durability,
+        update: F,
+    ) -> Result<R>
+    where
+        R: Send + 'static,
+        F: Fn(&[Option<Vec<u8>>]) -> crate::memory::backend::Updated<R> + Send + Sync + 'static,
+    {
+        forward_memory!(self, s => s.memory_update(tenant, keys, durability, update))
+    }
 }
 
 #[cfg(test)]

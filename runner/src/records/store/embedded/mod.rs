@@ -12,7 +12,7 @@ mod wal;
 
 use std::{ffi::OsString, path::Path, sync::Arc};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use self::wal::{Put, Wal};
 use super::{
@@ -20,7 +20,9 @@ use super::{
     check_batch, validate_id,
 };
 use crate::{
-    memory::backend::{Change, MemoryBackend, Pairs, Write, check_key, check_range, check_writes, counted},
+    memory::backend::{
+        Change, Durability, MemoryBackend, Pairs, Write, check_key, check_range, check_writes, counted,
+    },
     records::entry::{Hash, StoredEntry},
 };
 
@@ -213,7 +215,7 @@ impl EmbeddedStore {
         };
         let phase = tracing::debug_span!("store.transaction").entered();
         let mut txn = db.begin_write().map_err(backend)?;
-        txn.set_durability(Durability::None).map_err(backend)?;
+        txn.set_durability(redb::Durability::None).map_err(backend)?;
         let puts = decide(&txn)?;
         if puts.is_empty() {
             // Nothing to write (the blob is stored already) — but perhaps by a writer still
@@ -238,9 +240,16 @@ impl EmbeddedStore {
             writer.poison("a transaction whose log frame was written did not commit");
             return Err(backend(e));
         }
+        Self::fold_if_due(db, &mut writer)?;
+        drop(writer);
+        let _phase = tracing::debug_span!("store.flush").entered();
+        wal.sync_to(position).map_err(backend)
+    }
+
+    /// Once the log is long enough: one durable redb commit holds every frame so far (all
+    /// flushed first), and the log starts over.
+    fn fold_if_due(db: &Database, writer: &mut wal::Writer<'_>) -> Result<()> {
         if writer.wants_fold() {
-            // One durable redb commit holds every frame so far (all flushed first); the log
-            // starts over.
             writer.flush_all().map_err(backend)?;
             let folded = db
                 .begin_write()
@@ -252,9 +261,52 @@ impl EmbeddedStore {
             }
             writer.fold().map_err(backend)?;
         }
-        drop(writer);
-        let _phase = tracing::debug_span!("store.flush").entered();
-        wal.sync_to(position).map_err(backend)
+        Ok(())
+    }
+
+    /// Memory writes of puts only, committed and logged without waiting for a flush (see
+    /// [`MemoryBackend::memory_write_unflushed`]).
+    fn memory_write_logged(db: &Database, wal: &Wal, writes: Vec<Write>) -> Result<Vec<bool>> {
+        let mut writer = wal.writer().map_err(backend)?;
+        let mut txn = db.begin_write().map_err(backend)?;
+        txn.set_durability(redb::Durability::None).map_err(backend)?;
+        let mut applied = Vec::with_capacity(writes.len());
+        let mut puts = Vec::new();
+        {
+            let mut memory = txn.open_table(MEMORY).map_err(backend)?;
+            for write in writes {
+                let mut current = Vec::new();
+                for key in write.guard.keys() {
+                    current.push(memory.get(key).map_err(backend)?.map(|v| v.value().to_vec()));
+                }
+                let current: Vec<_> = current.iter().map(Option::as_deref).collect();
+                let holds = write.guard.holds(&current);
+                applied.push(holds);
+                if !holds {
+                    continue;
+                }
+                for change in write.changes {
+                    let Change::Put(key, value) = change else {
+                        return Err(StoreError::Refused(
+                            "a memory write left to the next flush holds puts only".into(),
+                        ));
+                    };
+                    memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
+                    puts.push(Put::Memory { key, value });
+                }
+            }
+        }
+        if puts.is_empty() {
+            return Ok(applied);
+        }
+        // Frame first: if it cannot be written, the transaction is dropped (aborted) unseen.
+        writer.append(&puts).map_err(backend)?;
+        if let Err(e) = txn.commit() {
+            writer.poison("a transaction whose log frame was written did not commit");
+            return Err(backend(e));
+        }
+        Self::fold_if_due(db, &mut writer)?;
+        Ok(applied)
     }
 
     fn append_blocking(db: &Database, wal: &Wal, tenant: &TenantId, batch: &AppendBatch) -> Result<()> {
@@ -499,6 +551,10 @@ fn apply(txn: &WriteTransaction, puts: &[Put]) -> Result<()> {
                     .insert((tenant.as_str(), session.as_str()), value.as_slice())
                     .map_err(backend)?;
             }
+            Put::Memory { key, value } => {
+                let mut table = txn.open_table(MEMORY).map_err(backend)?;
+                table.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
+            }
         }
     }
     Ok(())
@@ -585,6 +641,72 @@ impl MemoryBackend for EmbeddedStore {
             Ok((values, pairs))
         })
         .await
+    }
+
+    /// One write transaction reads the rows, asks `update`, and writes its puts: redb has one
+    /// writer at a time, so nothing lands in between and `update` is asked once.
+    async fn memory_update<R, F>(
+        &self,
+        tenant: &TenantId,
+        keys: Vec<Vec<u8>>,
+        durability: Durability,
+        update: F,
+    ) -> Result<R>
+    where
+        R: Send + 'static,
+        F: Fn(&[Option<Vec<u8>>]) -> crate::memory::backend::Updated<R> + Send + Sync + 'static,
+    {
+        keys.iter().try_for_each(|key| check_key(tenant, key))?;
+        let tenant = tenant.clone();
+        self.blocking(move |db, wal| {
+            let mut writer = wal.writer().map_err(backend)?;
+            let mut txn = db.begin_write().map_err(backend)?;
+            txn.set_durability(redb::Durability::None).map_err(backend)?;
+            let answer = {
+                let mut memory = txn.open_table(MEMORY).map_err(backend)?;
+                let mut values = Vec::with_capacity(keys.len());
+                for key in &keys {
+                    values.push(
+                        memory
+                            .get(key.as_slice())
+                            .map_err(backend)?
+                            .map(|v| v.value().to_vec()),
+                    );
+                }
+                let (puts, answer) = update(&values);
+                if puts.is_empty() {
+                    return Ok(answer);
+                }
+                let mut logged = Vec::with_capacity(puts.len());
+                for (key, value) in puts {
+                    check_key(&tenant, &key)?;
+                    memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
+                    logged.push(Put::Memory { key, value });
+                }
+                // Frame first: if it cannot be written, the transaction is dropped (aborted)
+                // unseen.
+                let position = writer.append(&logged).map_err(backend)?;
+                (answer, position)
+            };
+            let (answer, position) = answer;
+            if let Err(e) = txn.commit() {
+                writer.poison("a transaction whose log frame was written did not commit");
+                return Err(backend(e));
+            }
+            Self::fold_if_due(db, &mut writer)?;
+            drop(writer);
+            if durability == Durability::Now {
+                wal.sync_to(position).map_err(backend)?;
+            }
+            Ok(answer)
+        })
+        .await
+    }
+
+    async fn memory_write_unflushed(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
+        check_writes(tenant, &writes)?;
+        self.blocking(move |db, wal| Self::memory_write_logged(db, wal, writes))
+            .await
     }
 
     async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {

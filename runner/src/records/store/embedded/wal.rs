@@ -74,6 +74,9 @@ pub(super) enum Put {
         session: String,
         value: Vec<u8>,
     },
+    /// `memory[key] = value` (a memory row written to be durable with the next flush, see
+    /// `MemoryBackend::memory_write_unflushed`).
+    Memory { key: Vec<u8>, value: Vec<u8> },
 }
 
 /// Why the log cannot be used.
@@ -412,6 +415,7 @@ impl Put {
                 session,
                 value,
             } => tenant.len() + session.len() + value.len() + 24,
+            Self::Memory { key, value } => key.len() + value.len() + 16,
         }
     }
 
@@ -457,6 +461,11 @@ impl Put {
                 out.push(4);
                 bytes(out, tenant.as_bytes());
                 bytes(out, session.as_bytes());
+                bytes(out, value);
+            }
+            Self::Memory { key, value } => {
+                out.push(5);
+                bytes(out, key);
                 bytes(out, value);
             }
         }
@@ -524,6 +533,10 @@ impl Reader<'_> {
                     session: self.string()?,
                     value: self.bytes()?,
                 },
+                5 => Put::Memory {
+                    key: self.bytes()?,
+                    value: self.bytes()?,
+                },
                 _ => return None,
             };
             puts.push(put);
@@ -558,6 +571,10 @@ mod tests {
                 tenant: "shop".into(),
                 session: "s".into(),
                 value: b"{}".to_vec(),
+            },
+            Put::Memory {
+                key: format!("cx/shop/m/u/tenant/{n}").into_bytes(),
+                value: b"{\"h\":[]}".to_vec(),
             },
         ]
     }

@@ -399,6 +399,7 @@ async fn quota_check_p50(dir: &std::path::Path) -> (f64, f64) {
         let call = format!("floor/call/{i}");
         let demand = book::Demand {
             call: &call,
+            owner: "bench",
             amounts: one,
             currency: None,
             model_turn: false,
@@ -416,7 +417,7 @@ async fn quota_check_p50(dir: &std::path::Path) -> (f64, f64) {
         .expect("hold");
         holds.push(t.elapsed().as_secs_f64() * 1e6);
         let t = Instant::now();
-        book::settle(&store, &tenant, &quotas, &call, &one, None, now_ms())
+        book::settle(&store, &tenant, &quotas, &call, "bench", &one, None, now_ms())
             .await
             .expect("settle");
         settles.push(t.elapsed().as_secs_f64() * 1e6);

@@ -1302,13 +1302,14 @@ async fn quota_ledgers_are_exact_with_racing_writers<S: MemoryBackend>(store: &S
     let admitted = futures::future::join_all(keys.iter().map(|key| async {
         let demand = Demand {
             call: key,
+            owner: "replica",
             amounts: one,
             currency: None,
             model_turn: false,
         };
         match book::hold(store, &t, &quotas, &demand, book::Durability::WithNextRecord, now).await {
             Ok(()) => {
-                book::settle(store, &t, &quotas, key, &one, None, now)
+                book::settle(store, &t, &quotas, key, "replica", &one, None, now)
                     .await
                     .expect("settle");
                 true
@@ -1327,7 +1328,7 @@ async fn quota_ledgers_are_exact_with_racing_writers<S: MemoryBackend>(store: &S
         assert_eq!(usage[0].1, 9, "quota {}: calls counted", quota.name);
     }
     // A call settled again (a replica retrying) spends nothing more.
-    book::settle(store, &t, &quotas, &keys[0], &one, None, now)
+    book::settle(store, &t, &quotas, &keys[0], "replica", &one, None, now)
         .await
         .expect("settle again");
     assert_eq!(

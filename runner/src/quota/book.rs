@@ -23,9 +23,11 @@ pub const HOLD_MS: i64 = 15 * 60 * 1000;
 /// What a call may cost at most, and in which currency its money is.
 #[derive(Clone, Debug)]
 pub struct Demand<'a> {
-    /// The call's key, the same however often it is asked: `<run>/call/<call id>`,
-    /// `<run>/turn/<step>`.
+    /// The call's key, the same however often it is asked (`<run>/call/<call id>`); a model
+    /// turn, which spends each time it is asked, has one per request.
     pub call: &'a str,
+    /// The request carrying it (a runner may send one call to two replicas at once).
+    pub owner: &'a str,
     pub amounts: Amounts,
     /// What `amounts.nanos` is in; none for a model without a price.
     pub currency: Option<&'a str>,
@@ -135,8 +137,9 @@ pub async fn hold<B: MemoryBackend>(
     quotas.iter().try_for_each(|q| priced(q, demand))?;
     let keys = ledger_keys(tenant, quotas);
     let owned: Vec<ActiveQuota> = quotas.iter().map(|q| (*q).clone()).collect();
-    let (call, amounts, currency) = (
+    let (call, owner, amounts, currency) = (
         demand.call.to_owned(),
+        demand.owner.to_owned(),
         demand.amounts,
         demand.currency.map(str::to_owned),
     );
@@ -158,7 +161,7 @@ pub async fn hold<B: MemoryBackend>(
                     };
                     return (Vec::new(), Err(refused));
                 }
-                ledger.hold(&call, share, now + HOLD_MS);
+                ledger.hold(&call, &owner, share, now + HOLD_MS);
             }
             let puts = rows
                 .iter()
@@ -171,16 +174,19 @@ pub async fn hold<B: MemoryBackend>(
         .map_err(|e| QuotaRefusal::Unavailable(e.to_string()))?
 }
 
-/// Ends `call`'s holds: what it `cost` (in `currency`) is spent in every quota it held in
-/// (nothing: released). Ending a call twice spends once. The thresholds crossed, for Events.
+/// Ends request `owner`'s part in `call`'s holds: what it `cost` (in `currency`) is spent in
+/// every quota it held in (nothing: released, see [`Ledger::settle`]). Ending a call twice
+/// spends once. The thresholds crossed, for Events.
 ///
 /// Durable with the store's next flush: lost to a crash before it, the hold it ends stays and is
 /// charged in full when its time is up — spend is over-counted then, never lost.
+#[allow(clippy::too_many_arguments)]
 pub async fn settle<B: MemoryBackend>(
     backend: &B,
     tenant: &TenantId,
     quotas: &[&ActiveQuota],
     call: &str,
+    owner: &str,
     cost: &Amounts,
     currency: Option<&str>,
     now: i64,
@@ -190,7 +196,12 @@ pub async fn settle<B: MemoryBackend>(
     }
     let keys = ledger_keys(tenant, quotas);
     let owned: Vec<ActiveQuota> = quotas.iter().map(|q| (*q).clone()).collect();
-    let (call, cost, currency) = (call.to_owned(), *cost, currency.map(str::to_owned));
+    let (call, owner, cost, currency) = (
+        call.to_owned(),
+        owner.to_owned(),
+        *cost,
+        currency.map(str::to_owned),
+    );
     let rows = keys.clone();
     backend
         .memory_update(tenant, keys, Durability::WithNextRecord, move |values| {
@@ -203,7 +214,7 @@ pub async fn settle<B: MemoryBackend>(
             for (quota, ledger) in owned.iter().zip(ledgers.iter_mut()) {
                 changed |= ledger.expire(&quota.limits, now);
                 let share = share(quota, &cost, currency.as_deref());
-                changed |= ledger.settle(&quota.windows(), &call, &share, now);
+                changed |= ledger.settle(&quota.windows(), &call, &owner, &share, now);
                 announced.extend(ledger.crossings(&quota.limits, now).into_iter().map(|crossing| {
                     Announcement {
                         quota: quota.name.clone(),

@@ -114,7 +114,8 @@ struct Series {
     buckets: Vec<Bucket>,
 }
 
-/// What a call in flight holds, until `until` (ms).
+/// What a call in flight holds, until `until` (ms), for the requests carrying it (a runner may
+/// send one call to two replicas at once: each is an owner).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Hold {
     #[serde(rename = "k")]
@@ -123,7 +124,13 @@ struct Hold {
     amounts: Amounts,
     #[serde(rename = "u")]
     until: i64,
+    #[serde(rename = "o", default, skip_serializing_if = "Vec::is_empty")]
+    owners: Vec<String>,
 }
+
+/// Requests one hold remembers as its owners at most (more are not told apart: the hold then
+/// ends only when spent or when its time is up).
+const MAX_OWNERS: usize = 8;
 
 /// A threshold announced for a limit; forgotten once usage falls below it again.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,22 +258,57 @@ impl Ledger {
             .max(1_000)
     }
 
-    /// `call` holds `amounts` until `until` (replacing what it held before).
-    pub fn hold(&mut self, call: &str, amounts: Amounts, until: i64) {
-        self.holds.retain(|h| h.call != call);
-        self.holds.push(Hold {
-            call: call.to_owned(),
-            amounts,
-            until,
-        });
+    /// `call` holds `amounts` until `until` for request `owner` (a call held already keeps one
+    /// hold, of the larger amounts, with one more owner).
+    pub fn hold(&mut self, call: &str, owner: &str, amounts: Amounts, until: i64) {
+        match self.holds.iter_mut().find(|h| h.call == call) {
+            Some(held) => {
+                held.amounts = Amounts {
+                    tokens: held.amounts.tokens.max(amounts.tokens),
+                    nanos: held.amounts.nanos.max(amounts.nanos),
+                    calls: held.amounts.calls.max(amounts.calls),
+                };
+                held.until = held.until.max(until);
+                if !held.owners.iter().any(|o| o == owner) && held.owners.len() < MAX_OWNERS {
+                    held.owners.push(owner.to_owned());
+                }
+            }
+            None => self.holds.push(Hold {
+                call: call.to_owned(),
+                amounts,
+                until,
+                owners: vec![owner.to_owned()],
+            }),
+        }
     }
 
-    /// Ends `call`'s hold: what it `cost` is spent at `now` (nothing: released). `false` if it
-    /// held nothing (ended before, or charged when its time was up), and nothing changes.
-    pub fn settle(&mut self, windows: &[QuotaWindow], call: &str, cost: &Amounts, now: i64) -> bool {
+    /// Ends request `owner`'s part in `call`'s hold. Spent (`cost` not nothing): the hold ends
+    /// and `cost` is spent at `now`. Released (nothing spent): only `owner` lets go — the hold
+    /// ends when no request carries the call any more, so a request that lost a race never
+    /// ends the hold of the one that made the call. `false` if nothing changed (the hold ended
+    /// before, or was charged when its time was up).
+    pub fn settle(
+        &mut self,
+        windows: &[QuotaWindow],
+        call: &str,
+        owner: &str,
+        cost: &Amounts,
+        now: i64,
+    ) -> bool {
         let Some(at) = self.holds.iter().position(|h| h.call == call) else {
             return false;
         };
+        if *cost == Amounts::default() {
+            let held = &mut self.holds[at];
+            let Some(mine) = held.owners.iter().position(|o| o == owner) else {
+                return false;
+            };
+            held.owners.remove(mine);
+            if held.owners.is_empty() {
+                self.holds.remove(at);
+            }
+            return true;
+        }
         self.holds.remove(at);
         self.spend(windows, cost, now);
         true
@@ -411,13 +453,13 @@ mod tests {
         for i in 0..3 {
             let call = format!("c{i}");
             assert_eq!(ledger.admit(&limits, &call, &calls(1), T0), Ok(()), "call {i}");
-            ledger.hold(&call, calls(1), T0 + 60_000);
+            ledger.hold(&call, "r", calls(1), T0 + 60_000);
         }
         // Three in flight: the fourth does not fit, though none has ended.
         let full = ledger.admit(&limits, "c3", &calls(1), T0).expect_err("full");
         assert_eq!((full.used, full.limit.max), (3, 3));
         // One is denied after all (released): the fourth fits.
-        assert!(ledger.settle(&[QuotaWindow::Hour], "c0", &Amounts::default(), T0));
+        assert!(ledger.settle(&[QuotaWindow::Hour], "c0", "r", &Amounts::default(), T0));
         assert_eq!(ledger.admit(&limits, "c3", &calls(1), T0), Ok(()));
     }
 
@@ -426,13 +468,23 @@ mod tests {
         let windows = [QuotaWindow::Hour];
         let limits = [limit(Resource::ToolCalls, 1)];
         let mut ledger = Ledger::default();
-        ledger.hold("c", calls(1), T0 + 60_000);
+        ledger.hold("c", "r1", calls(1), T0 + 60_000);
         // The same call again (a retried request): its own hold does not count against it.
         assert_eq!(ledger.admit(&limits, "c", &calls(1), T0), Ok(()));
-        ledger.hold("c", calls(1), T0 + 60_000);
+        ledger.hold("c", "r2", calls(1), T0 + 60_000);
         assert_eq!(ledger.used(QuotaWindow::Hour, T0), calls(1));
-        assert!(ledger.settle(&windows, "c", &calls(1), T0));
-        assert!(!ledger.settle(&windows, "c", &calls(1), T0), "settled twice");
+        // The request that lost the race lets go; the call stays held for the one carrying it.
+        assert!(ledger.settle(&windows, "c", "r2", &Amounts::default(), T0));
+        assert_eq!(ledger.used(QuotaWindow::Hour, T0), calls(1));
+        assert!(ledger.settle(&windows, "c", "r1", &calls(1), T0));
+        assert!(
+            !ledger.settle(&windows, "c", "r1", &calls(1), T0),
+            "settled twice"
+        );
+        assert!(
+            !ledger.settle(&windows, "c", "r2", &Amounts::default(), T0),
+            "released late"
+        );
         assert_eq!(ledger.used(QuotaWindow::Hour, T0), calls(1));
     }
 
@@ -441,14 +493,14 @@ mod tests {
         let windows = [QuotaWindow::Hour];
         let limits = [limit(Resource::Tokens, 1_000)];
         let mut ledger = Ledger::default();
-        ledger.hold("t1", tokens(400), T0 + 60_000);
-        ledger.settle(&windows, "t1", &tokens(900), T0);
+        ledger.hold("t1", "r", tokens(400), T0 + 60_000);
+        ledger.settle(&windows, "t1", "r", &tokens(900), T0);
         // 900 of 1000: a turn that may take 500 is admitted (the limit is not reached yet) …
         assert_eq!(ledger.admit(&limits, "t2", &tokens(500), T0), Ok(()));
-        ledger.hold("t2", tokens(500), T0 + 60_000);
+        ledger.hold("t2", "r", tokens(500), T0 + 60_000);
         // … and while it holds, nothing else is.
         assert!(ledger.admit(&limits, "t3", &tokens(1), T0).is_err());
-        ledger.settle(&windows, "t2", &tokens(300), T0);
+        ledger.settle(&windows, "t2", "r", &tokens(300), T0);
         assert_eq!(ledger.used(QuotaWindow::Hour, T0).tokens, 1_200);
         assert!(ledger.admit(&limits, "t3", &tokens(1), T0).is_err());
     }
@@ -458,8 +510,8 @@ mod tests {
         let windows = [QuotaWindow::Hour];
         let limits = [limit(Resource::ToolCalls, 1)];
         let mut ledger = Ledger::default();
-        ledger.hold("c", calls(1), T0 + 60_000);
-        ledger.settle(&windows, "c", &calls(1), T0);
+        ledger.hold("c", "r", calls(1), T0 + 60_000);
+        ledger.settle(&windows, "c", "r", &calls(1), T0);
         let width = HOUR / BUCKETS;
         let bucket_end = T0 - T0.rem_euclid(width) + width;
         // Still counted an hour later, until its bucket is wholly out of the window.
@@ -489,13 +541,13 @@ mod tests {
             },
         ];
         let mut ledger = Ledger::default();
-        ledger.hold("gone", tokens(700), T0 + 1_000);
+        ledger.hold("gone", "r", tokens(700), T0 + 1_000);
         assert!(!ledger.expire(&limits, T0 + 999));
         assert!(ledger.expire(&limits, T0 + 1_000));
         assert_eq!(ledger.used(QuotaWindow::Day, T0 + 2_000), tokens(700));
         assert_eq!(ledger.used(QuotaWindow::Hour, T0 + 2_000), tokens(700));
         // Its call ending late charges nothing more.
-        assert!(!ledger.settle(&windows, "gone", &tokens(10), T0 + 3_000));
+        assert!(!ledger.settle(&windows, "gone", "r", &tokens(10), T0 + 3_000));
         assert_eq!(ledger.used(QuotaWindow::Day, T0 + 3_000), tokens(700));
     }
 
@@ -505,8 +557,8 @@ mod tests {
         let limits = [limit(Resource::ToolCalls, 10)];
         let mut ledger = Ledger::default();
         let charge = |ledger: &mut Ledger, n: u64, at: i64| {
-            ledger.hold("c", calls(n), at + 1);
-            ledger.settle(&windows, "c", &calls(n), at);
+            ledger.hold("c", "r", calls(n), at + 1);
+            ledger.settle(&windows, "c", "r", &calls(n), at);
             ledger
                 .crossings(&limits, at)
                 .into_iter()
@@ -526,9 +578,9 @@ mod tests {
     #[test]
     fn a_ledger_survives_its_encoding() {
         let mut ledger = Ledger::default();
-        ledger.hold("c", calls(1), T0 + 5);
-        ledger.settle(&[QuotaWindow::Month], "c", &tokens(3), T0);
-        ledger.hold("d", tokens(9), T0 + 5);
+        ledger.hold("c", "r", calls(1), T0 + 5);
+        ledger.settle(&[QuotaWindow::Month], "c", "r", &tokens(3), T0);
+        ledger.hold("d", "r", tokens(9), T0 + 5);
         assert_eq!(Ledger::decode(&ledger.encode()), Ok(ledger));
         assert!(Ledger::decode(b"{\"s\": 3}").is_err());
     }

@@ -63,6 +63,14 @@ struct Reports {
     events: HashMap<(String, String), Vec<(String, String)>>,
 }
 
+/// A fresh name for one request's part in a hold (see [`crate::quota::ledger::Ledger::hold`]).
+pub(super) fn request_owner() -> String {
+    let mut bytes = [0u8; 8];
+    // Without randomness every request is one owner: a release then waits for the hold's time.
+    let _ = getrandom::fill(&mut bytes);
+    hex::encode(bytes)
+}
+
 /// The quotas a run answers to, for one call.
 #[derive(Clone, Debug, Default)]
 pub struct RunQuotas {
@@ -183,19 +191,31 @@ where
         book::hold(&self.store, tenant, &quotas.all(), demand, durability, now_ms()).await
     }
 
-    /// Ends call `key`'s holds with what it `cost`, and schedules the quotas' reports.
+    /// Ends request `owner`'s part in call `key`'s holds with what it `cost`, and schedules the
+    /// quotas' reports.
     pub(super) async fn settle_in_quotas(
         self: &Arc<Self>,
         tenant: &TenantId,
         quotas: &RunQuotas,
-        key: &str,
+        (key, owner): (&str, &str),
         cost: &Amounts,
         currency: Option<&str>,
     ) {
         if quotas.quotas.is_empty() {
             return;
         }
-        match book::settle(&self.store, tenant, &quotas.all(), key, cost, currency, now_ms()).await {
+        let settled = book::settle(
+            &self.store,
+            tenant,
+            &quotas.all(),
+            key,
+            owner,
+            cost,
+            currency,
+            now_ms(),
+        )
+        .await;
+        match settled {
             Ok(announced) => self.schedule_reports(tenant, quotas, announced),
             // The hold stays; when its time is up it is charged in full (never lost).
             Err(error) => {

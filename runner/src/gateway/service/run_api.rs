@@ -639,6 +639,7 @@ where
         // A call new to the record holds its share of the run's quotas before anything is
         // decided; one already on record (asked again) was counted when it was made.
         let quota_key = format!("{}/call/{}", caller.run_id(), request.envelope.call_id);
+        let owner = super::quotas::request_owner();
         let mut held = None;
         let mut quota_refusal = None;
         if !slot.gateway.knows_call(&request.envelope.idempotency_key)
@@ -653,6 +654,7 @@ where
             };
             let demand = crate::quota::book::Demand {
                 call: &quota_key,
+                owner: &owner,
                 amounts: crate::quota::Amounts {
                     calls: 1,
                     ..Default::default()
@@ -709,7 +711,8 @@ where
                 // Nothing of this request is written; the runner asks again with the same tail.
                 recorder.discard_staged();
                 let _ = answer.send(Err(in_progress(&call_id)));
-                self.release_call(caller, slot, held, &quota_key, calls_before)
+                // The replica carrying the call ends its hold (the same key), not this one.
+                self.spent_or_kept(caller, slot, held, (&quota_key, &owner), calls_before)
                     .await;
                 return;
             }
@@ -727,7 +730,7 @@ where
                     e => unavailable(e),
                 };
                 let _ = answer.send(Err(refusal));
-                self.release_call(caller, slot, held, &quota_key, calls_before)
+                self.spent_or_kept(caller, slot, held, (&quota_key, &owner), calls_before)
                     .await;
                 return;
             }
@@ -737,33 +740,45 @@ where
             crate::gateway::CallOutcome::Executed(_) | crate::gateway::CallOutcome::Denied { .. }
         );
         let reply = |head| with_head(Json(&outcome).into_response(), head);
-        self.write_and_answer(caller, &mut log, recorder, answer, early, reply)
+        let written = self
+            .write_and_answer(caller, &mut log, recorder, answer, early, reply)
             .await;
-        if let Some(quotas) = held {
-            // Made if the tool was reached (whatever it answered); denied or paused: released.
-            let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
-            let cost = crate::quota::Amounts {
-                calls: u64::from(made),
-                ..Default::default()
-            };
-            self.settle_in_quotas(&caller.tenant, &quotas, &quota_key, &cost, None)
+        let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
+        match held {
+            // Denied or paused, and on record as such: nothing was spent.
+            Some(quotas) if written && !made => {
+                self.settle_in_quotas(
+                    &caller.tenant,
+                    &quotas,
+                    (&quota_key, &owner),
+                    &crate::quota::Amounts::default(),
+                    None,
+                )
                 .await;
+            }
+            held => {
+                self.spent_or_kept(caller, slot, held, (&quota_key, &owner), calls_before)
+                    .await
+            }
         }
     }
 
-    /// Ends a call's quota holds when its request ends early: spent if the tool was reached.
-    async fn release_call(
+    /// Ends a call's quota holds as spent if this replica reached the tool. Otherwise the hold
+    /// is kept: the request failed without a recorded outcome, and the same call (the same key)
+    /// may be carried by another replica — a runner can send it to two at once — whose
+    /// settlement ends it; if none does, it is charged in full when its time is up.
+    async fn spent_or_kept(
         self: &Arc<Self>,
         caller: &Caller,
         slot: &RunSlot,
         held: Option<super::quotas::RunQuotas>,
-        key: &str,
+        key: (&str, &str),
         calls_before: u32,
     ) {
-        if let Some(quotas) = held {
-            let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
+        let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
+        if let Some(quotas) = held.filter(|_| made) {
             let cost = crate::quota::Amounts {
-                calls: u64::from(made),
+                calls: 1,
                 ..Default::default()
             };
             self.settle_in_quotas(&caller.tenant, &quotas, key, &cost, None)
@@ -774,6 +789,7 @@ where
     /// Writes what `recorder` staged for a request and answers it with `reply` and the run's new
     /// head: before the write is durable if `early`, otherwise after. An early answer whose write
     /// then fails leaves the log stale, and the runner that heard it is refused next time.
+    /// Whether the entries were written.
     async fn write_and_answer(
         &self,
         caller: &Caller,
@@ -782,7 +798,7 @@ where
         answer: tokio::sync::oneshot::Sender<Reply>,
         early: bool,
         reply: impl FnOnce(Option<(u64, Hash)>) -> Response,
-    ) {
+    ) -> bool {
         let prepared = match recorder
             .prepare()
             .instrument(tracing::debug_span!("gateway.prepare"))
@@ -792,7 +808,7 @@ where
             Err(e) => {
                 log.mark_stale();
                 let _ = answer.send(Err(unavailable(e)));
-                return;
+                return false;
             }
         };
         let (mut answer, mut reply) = (Some(answer), Some(reply));
@@ -824,6 +840,7 @@ where
             // Written or not, what this replica folded in no longer matches the record.
             log.mark_stale();
         }
+        let written = settled.is_ok();
         match (answer, reply) {
             (Some(answer), Some(reply)) => {
                 let _ = answer.send(settled.map(|()| reply(log.exact_head())));
@@ -838,6 +855,7 @@ where
                 }
             }
         }
+        written
     }
 
     /// Folds what this request's recorder wrote into the run's log (see [`RunLog::after_write`]).
@@ -1009,16 +1027,9 @@ where
         // A turn already recorded for this step (the runner crashed before reading the answer)
         // is answered from the record: the model is never asked twice for one step.
         if let Some(turn) = log.ledger.turns.get(&request.step).cloned() {
-            let recorded = turn.clone();
             let reply = move |head| with_head(Json(&turn).into_response(), head);
             self.write_and_answer(caller, &mut log, recorder, answer, false, reply)
                 .await;
-            // A replica that recorded the turn and died before settling its hold left it: it is
-            // settled at what the record says the turn cost (a no-op if it was settled).
-            if let Ok(quotas) = self.run_quotas(caller, slot).await {
-                self.settle_turn(caller, slot, &quotas, request.step, &recorded)
-                    .await;
-            }
             return;
         }
         let quotas = match self.run_quotas(caller, slot).await {
@@ -1028,8 +1039,17 @@ where
                 return;
             }
         };
+        // Each request that asks the model spends: its hold is its own.
+        let owner = super::quotas::request_owner();
         let turn = match self
-            .model_turn(caller, slot, &log, request.request, request.step, &quotas)
+            .model_turn(
+                caller,
+                slot,
+                &log,
+                (request.request, request.step),
+                &quotas,
+                &owner,
+            )
             .await
         {
             Ok(turn) => turn,
@@ -1055,7 +1075,7 @@ where
             .await;
         // The model answered: what it cost is spent, on record or not (asked again, it costs
         // again).
-        self.settle_turn(caller, slot, &quotas, request.step, &counted)
+        self.settle_turn(caller, slot, &quotas, (request.step, &owner), &counted)
             .await;
         // Counted once on record: a turn whose write failed is asked for again, and counted then.
         if log.ledger.turns.contains_key(&request.step) {
@@ -1075,7 +1095,7 @@ where
         caller: &Caller,
         slot: &RunSlot,
         quotas: &super::quotas::RunQuotas,
-        step: u32,
+        (step, owner): (u32, &str),
         turn: &crate::model::ModelTurn,
     ) {
         let cost = slot.bundle.turn_cost(turn);
@@ -1084,9 +1104,9 @@ where
             nanos: cost.as_ref().map_or(0, |c| c.nanos.0),
             calls: 0,
         };
-        let key = format!("{}/turn/{step}", caller.run_id());
+        let key = format!("{}/turn/{step}/{owner}", caller.run_id());
         let currency = cost.as_ref().map(|c| c.currency.as_str());
-        self.settle_in_quotas(&caller.tenant, quotas, &key, &spent, currency)
+        self.settle_in_quotas(&caller.tenant, quotas, (&key, owner), &spent, currency)
             .await;
     }
 
@@ -1117,9 +1137,9 @@ where
         caller: &Caller,
         slot: &RunSlot,
         log: &RunLog,
-        request: crate::model::ModelRequest,
-        step: u32,
+        (request, step): (crate::model::ModelRequest, u32),
         quotas: &super::quotas::RunQuotas,
+        owner: &str,
     ) -> Result<crate::model::ModelTurn, Refusal> {
         let ledger = &log.ledger;
         if step != ledger.steps.saturating_add(1) {
@@ -1166,11 +1186,12 @@ where
         );
         // The most the turn may cost (its prompt as estimated, its whole output limit) is held
         // in the run's quotas before the model is asked.
-        let quota_key = format!("{}/turn/{step}", caller.run_id());
+        let quota_key = format!("{}/turn/{step}/{owner}", caller.run_id());
         let most_out = u64::from(model_request.max_output_tokens.unwrap_or(0));
         let price = slot.bundle.model_price.as_ref();
         let demand = crate::quota::book::Demand {
             call: &quota_key,
+            owner,
             amounts: crate::quota::Amounts {
                 tokens: prompt_estimate.saturating_add(most_out),
                 nanos: price.map_or(0, |p| p.cost(prompt_estimate, 0, most_out).nanos.0),
@@ -1194,7 +1215,7 @@ where
             self.settle_in_quotas(
                 &caller.tenant,
                 quotas,
-                &quota_key,
+                (&quota_key, owner),
                 &crate::quota::Amounts::default(),
                 None,
             )

@@ -35,8 +35,12 @@ use crate::common::{
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
-    /// The model that plans and writes answers.
+    /// The model that plans and writes answers (named `primary` in `routing`).
     pub model: ModelSpec,
+    /// Other models, and which answers each step: by the kind of step, the risk in play, the
+    /// budget left, and in order when one fails. Without it `model` answers every step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<crate::model_routing::ModelRouting>,
     /// The ContextPack whose promoted revision supplies instructions and sources.
     pub context_pack_ref: LocalRef,
     /// Policies checked for every tool call, in order; the first rule that matches decides.

@@ -39,6 +39,8 @@ pub fn run_bundle(session: &Session) -> RunBundle {
         model_script: None,
         session_labels: Default::default(),
         agent_labels: Default::default(),
+        routed_scripts: Default::default(),
+        routed_prices: Default::default(),
         ontology: None,
         model_price: None,
     }

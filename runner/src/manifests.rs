@@ -277,6 +277,23 @@ impl ManifestSet {
             }
             _ => None,
         };
+        let (mut routed_scripts, mut routed_prices) = (BTreeMap::new(), BTreeMap::new());
+        for (i, routed) in agent_spec
+            .routing
+            .iter()
+            .flat_map(|r| r.models.iter().enumerate())
+        {
+            let field = format!("spec.routing.models[{i}].model");
+            if let Some(price) = crate::pricing::price_for(&self.price_lists()?, &routed.model)
+                .map_err(|e| agent.error(field.clone(), e.to_string()))?
+            {
+                routed_prices.insert(routed.name.clone(), price);
+            }
+            if let (ModelProvider::Scripted, Some(key)) = (&routed.model.provider, &routed.model.script_ref) {
+                let script = self.config_map_key(agent, &format!("{field}.scriptRef"), key)?;
+                routed_scripts.insert(routed.name.clone(), script);
+            }
+        }
         Ok(RunBundle {
             tenant: tenant.to_owned(),
             session: session.name.clone(),
@@ -303,6 +320,8 @@ impl ManifestSet {
                 .unwrap_or_default(),
             ontology: ontology.map(|(_, spec)| spec),
             model_price,
+            routed_scripts,
+            routed_prices,
         })
     }
 

@@ -42,6 +42,10 @@ use quickstart::{HMAC_KEY, OpsTools};
 #[path = "gateway_service/quotas.rs"]
 mod quotas;
 
+/// Model routing and fallback at the service.
+#[path = "gateway_service/routing.rs"]
+mod routing;
+
 const RUN: &str = "checkout-5xx-r1";
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 

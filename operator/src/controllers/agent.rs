@@ -431,10 +431,7 @@ fn not_ready(
 
 /// The price of the Agent's model in the cluster's PriceLists (none: the cluster prices no
 /// models, or a scripted model none prices), or why it cannot be had.
-pub async fn model_price(
-    ctx: &Context,
-    spec: &AgentSpec,
-) -> Result<Result<Option<contextos_runner::pricing::PinnedPrice>, Invalid>> {
+pub async fn model_price(ctx: &Context, spec: &AgentSpec) -> Result<Result<ModelPrices, Invalid>> {
     let listed = match Api::<PriceList>::all(ctx.client.clone())
         .list(&Default::default())
         .await
@@ -449,6 +446,34 @@ pub async fn model_price(
         .into_iter()
         .map(|list| (list.name_any(), list.spec))
         .collect();
-    Ok(contextos_runner::pricing::price_for(&lists, &spec.model)
-        .map_err(|e| Invalid::new(reason::PRICE_MISSING, format!("spec.model: {e}"))))
+    Ok(prices_of(&lists, spec))
+}
+
+/// The prices of an Agent's models (its own, and those its routing names), pinned by a run.
+#[derive(Clone, Debug, Default)]
+pub struct ModelPrices {
+    pub primary: Option<contextos_runner::pricing::PinnedPrice>,
+    /// By routing name.
+    pub routed: std::collections::BTreeMap<String, contextos_runner::pricing::PinnedPrice>,
+}
+
+/// The prices of `spec`'s models in `lists`, or the model none (or two) price (pure).
+fn prices_of(
+    lists: &[(String, contextos_crds::PriceListSpec)],
+    spec: &AgentSpec,
+) -> Result<ModelPrices, Invalid> {
+    let price = |model, field: &str| {
+        contextos_runner::pricing::price_for(lists, model)
+            .map_err(|e| Invalid::new(reason::PRICE_MISSING, format!("{field}: {e}")))
+    };
+    let mut prices = ModelPrices {
+        primary: price(&spec.model, "spec.model")?,
+        routed: Default::default(),
+    };
+    for (i, routed) in spec.routing.iter().flat_map(|r| r.models.iter().enumerate()) {
+        if let Some(p) = price(&routed.model, &format!("spec.routing.models[{i}].model"))? {
+            prices.routed.insert(routed.name.clone(), p);
+        }
+    }
+    Ok(prices)
 }

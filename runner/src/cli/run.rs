@@ -275,7 +275,10 @@ fn harness<'s>(
         // A stdio MCP server's diagnostics go to its own file, not this terminal.
         .with_stdio_logs(global.data_dir.join("logs"));
     let model = model_of(&bundle, &secrets)?;
-    Ok(Harness::new(store, key, bundle, gateway, model)?)
+    let models =
+        contextos_runner::model::routing::Models::for_bundle(&bundle, &secrets, |model, _| Ok(model))
+            .map_err(|e| anyhow::anyhow!("{e}; pass --secret <secret>/<key>=... for a model key"))?;
+    Ok(Harness::new(store, key, bundle, gateway, model)?.with_models(models))
 }
 
 pub(super) fn model_of(bundle: &RunBundle, secrets: &BTreeMap<String, String>) -> anyhow::Result<Model> {

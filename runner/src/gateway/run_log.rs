@@ -28,12 +28,17 @@ pub struct Ledger {
     pub steps: u32,
     pub tokens: u64,
     pub turns: HashMap<u32, ModelTurn>,
+    /// The riskiest tool the run asked for (model routing reads it).
+    pub riskiest_called: Option<contextos_crds::common::ToolRisk>,
     /// The recalls of the run's ContextPack memory sources, made once when it started.
     pub recalled: Vec<RecallRecord>,
 }
 
 impl Ledger {
     fn fold(&mut self, entry: &RecordEntry) {
+        if let EntryBody::ToolCallRequested(call) = &entry.body {
+            self.riskiest_called = self.riskiest_called.max(Some(call.risk));
+        }
         if let EntryBody::MemoryRecalled(recall) = &entry.body
             && recall.source.is_some()
         {

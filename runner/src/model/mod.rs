@@ -5,6 +5,7 @@
 pub mod metered;
 pub mod openai;
 pub mod replay;
+pub mod routing;
 pub mod scripted;
 
 use serde::{Deserialize, Serialize};
@@ -84,6 +85,9 @@ pub struct ModelTurn {
     /// Calls the model asked for past the budget's per-turn cap: dropped, never decided.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropped_tool_calls: u32,
+    /// Which of the Agent's models answered, and why (an Agent with `routing` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<routing::Route>,
 }
 
 fn is_zero(value: &u32) -> bool {
@@ -166,6 +170,16 @@ pub enum ModelError {
     },
 }
 
+/// A model of an Agent, as [`Model::for_spec`] builds one: whose it is, the field that says it
+/// (for errors), its spec, and its script if it is scripted.
+#[derive(Clone, Copy, Debug)]
+pub struct Named<'a> {
+    pub agent: &'a str,
+    pub field: &'a str,
+    pub spec: &'a contextos_crds::agent::ModelSpec,
+    pub script: Option<&'a str>,
+}
+
 /// The model a run asks.
 #[derive(Clone, Debug)]
 pub enum Model {
@@ -205,13 +219,29 @@ impl Model {
         bundle: &crate::run::bundle::RunBundle,
         secrets: &std::collections::BTreeMap<String, String>,
     ) -> Result<Self, String> {
+        let named = Named {
+            agent: &bundle.agent,
+            field: "spec.model",
+            spec: &bundle.agent_spec.model,
+            script: bundle.model_script.as_deref(),
+        };
+        Self::for_spec(&named, secrets)
+    }
+
+    /// The model `named` says, with its API key from `secrets` (`<secret>/<key>` → value).
+    pub fn for_spec(
+        named: &Named<'_>,
+        secrets: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, String> {
         use contextos_crds::agent::ModelProvider;
-        let spec = &bundle.agent_spec.model;
+        let Named {
+            agent, field, spec, ..
+        } = named;
         match spec.provider {
             ModelProvider::Scripted => {
-                let script = bundle.model_script.as_deref().ok_or_else(|| {
-                    format!("agent {}: spec.model.scriptRef was not resolved", bundle.agent)
-                })?;
+                let script = named
+                    .script
+                    .ok_or_else(|| format!("agent {agent}: {field}.scriptRef was not resolved"))?;
                 scripted::ScriptedModel::parse(&spec.model, script)
                     .map(Self::Scripted)
                     .map_err(|e| e.to_string())
@@ -220,16 +250,17 @@ impl Model {
                 let endpoint = spec
                     .endpoint
                     .as_deref()
-                    .ok_or_else(|| format!("agent {}: spec.model.endpoint is required", bundle.agent))?;
-                let api_key = match &spec.secret_ref {
-                    Some(key) => {
-                        let id = format!("{}/{}", key.name, key.key);
-                        Some(secrets.get(&id).cloned().ok_or_else(|| {
-                            format!("agent {}: spec.model.secretRef needs secret {id}", bundle.agent)
-                        })?)
-                    }
-                    None => None,
-                };
+                    .ok_or_else(|| format!("agent {agent}: {field}.endpoint is required"))?;
+                let api_key =
+                    match &spec.secret_ref {
+                        Some(key) => {
+                            let id = format!("{}/{}", key.name, key.key);
+                            Some(secrets.get(&id).cloned().ok_or_else(|| {
+                                format!("agent {agent}: {field}.secretRef needs secret {id}")
+                            })?)
+                        }
+                        None => None,
+                    };
                 let timeout = std::time::Duration::from_secs(120);
                 Ok(Self::OpenAi(openai::OpenAiCompatible::new(
                     endpoint, api_key, timeout,

@@ -178,5 +178,6 @@ pub fn parse_turn(text: &str) -> Result<ModelTurn, String> {
         completion_tokens: usage("completion_tokens"),
         cached_prompt_tokens: usage("prompt_tokens_details/cached_tokens"),
         dropped_tool_calls: 0,
+        route: None,
     })
 }

@@ -126,6 +126,7 @@ impl ScriptedModel {
             completion_tokens: (scripted.content.len() / 4) as u64 + 1,
             cached_prompt_tokens: 0,
             dropped_tool_calls: 0,
+            route: None,
         })
     }
 }

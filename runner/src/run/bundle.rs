@@ -52,6 +52,12 @@ pub struct RunBundle {
     /// prices): each model turn's cost is recorded at it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_price: Option<crate::pricing::PinnedPrice>,
+    /// The scripts of the scripted models `spec.routing` names, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routed_scripts: BTreeMap<String, String>,
+    /// The prices of the models `spec.routing` names when the run started, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routed_prices: BTreeMap<String, crate::pricing::PinnedPrice>,
 }
 
 /// A ContextPack spec and its name.
@@ -211,15 +217,39 @@ const PERSONAL_PARTS: [(&str, &str); 4] = [
 ];
 
 impl RunBundle {
-    /// What `turn` cost at the run's pinned price.
+    /// What `turn` cost at the pinned price of the model that answered it.
     pub fn turn_cost(&self, turn: &crate::model::ModelTurn) -> Option<crate::pricing::TurnCost> {
-        self.model_price.as_ref().map(|p| {
+        let price = match turn.route.as_ref().map(|r| r.answered_by.as_str()) {
+            None | Some(contextos_crds::model_routing::PRIMARY) => self.model_price.as_ref(),
+            Some(name) => self.routed_prices.get(name),
+        };
+        price.map(|p| {
             p.cost(
                 turn.prompt_tokens,
                 turn.cached_prompt_tokens,
                 turn.completion_tokens,
             )
         })
+    }
+
+    /// The price of the Agent's dearest model (its own, or one its routing names) for a turn of
+    /// `prompt` and `completion` tokens: what a turn may cost at most, whichever answers.
+    pub fn dearest_price(&self, prompt: u64, completion: u64) -> Option<&crate::pricing::PinnedPrice> {
+        self.model_price
+            .iter()
+            .chain(self.routed_prices.values())
+            .max_by_key(|p| p.cost(prompt, 0, completion).nanos)
+    }
+
+    /// The name at its endpoint of the model that answered `turn`.
+    pub fn model_of(&self, turn: &crate::model::ModelTurn) -> String {
+        let primary = &self.agent_spec.model;
+        match (&self.agent_spec.routing, &turn.route) {
+            (Some(routing), Some(route)) => routing
+                .model(primary, &route.answered_by)
+                .map_or_else(|| primary.model.clone(), |m| m.model.clone()),
+            _ => primary.model.clone(),
+        }
     }
 
     /// The bundle's canonical JSON: what is stored (as a blob) with the record.

@@ -221,7 +221,7 @@ pub struct Harness<'s, S> {
     pub(super) bundle: RunBundle,
     pub(super) gateway: ToolGateway,
     /// The model asked for turns; `None` when they come through the gateway service.
-    pub(super) model: Option<Model>,
+    pub(super) model: Option<crate::model::routing::Models>,
     /// In a cluster: the gateway service that makes every call, model turn and record write
     /// for this run (see [`Harness::through_gateway`]).
     pub(super) remote: Option<&'s GatewayClient>,
@@ -292,7 +292,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             key,
             bundle,
             gateway,
-            model: Some(model),
+            model: Some(crate::model::routing::Models::single(model)),
             remote: None,
             validators,
             tools,
@@ -302,6 +302,13 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             resolutions: Vec::new(),
             subject,
         })
+    }
+
+    /// Asks `models` (the Agent's own and those its routing names) instead of the one model it
+    /// was made with.
+    pub fn with_models(mut self, models: crate::model::routing::Models) -> Self {
+        self.model = Some(models);
+        self
     }
 
     /// Runs under a RunContext the operator issued (a runner pod) instead of issuing one with
@@ -858,8 +865,25 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 Some(tail) => remote.model_with(&request, state.step, tail).await,
                 None => remote.model(&request, state.step).await,
             },
-            (None, Some(model)) => {
-                let mut turn = model.complete(&request, state.step).await?;
+            (None, Some(models)) => {
+                let budget = self.bundle_budget();
+                let riskiest_called = state
+                    .calls
+                    .iter()
+                    .filter_map(|c| self.bundle.agent_spec.tools.iter().find(|t| t.name == c.tool))
+                    .map(|t| t.risk)
+                    .max();
+                let facts = crate::model::routing::RouteFacts {
+                    step: state.step,
+                    max_steps: budget.max_steps,
+                    riskiest_called,
+                    tokens_used: state.usage.tokens,
+                    max_tokens: budget.max_tokens,
+                };
+                let mut turn = models
+                    .complete(&request, state.step, &facts)
+                    .await
+                    .map_err(|(e, _)| e)?;
                 turn.cap_tool_calls(self.bundle_budget().max_tool_calls_per_turn);
                 Ok(turn)
             }
@@ -935,7 +959,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         if !reused && self.remote.is_none() {
             recorder.stage(EntryBody::ModelTurn {
                 step: state.step,
-                model: self.bundle.agent_spec.model.model.clone(),
+                model: self.bundle.model_of(turn),
                 response: serde_json::to_value(turn).unwrap_or(Value::Null),
                 prompt_tokens: turn.prompt_tokens,
                 completion_tokens: turn.completion_tokens,

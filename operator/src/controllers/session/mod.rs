@@ -567,10 +567,19 @@ async fn resolve_bundle(
         None => None,
     };
     // Pinned now: the run, its resume and its replays cost what the model cost when it started.
-    let model_price = match super::agent::model_price(ctx, &agent_spec).await? {
-        Ok(price) => price,
+    let prices = match super::agent::model_price(ctx, &agent_spec).await? {
+        Ok(prices) => prices,
         Err(invalid) => return Ok(Err(invalid)),
     };
+    // The scripts of the scripted models routing names, as the Agent's own is read.
+    let mut routed_scripts = BTreeMap::new();
+    for routed in agent_spec.routing.iter().flat_map(|r| r.models.iter()) {
+        if let Some(key) = &routed.model.script_ref
+            && let Some(script) = config_map_key(&config_maps, &key.name, &key.key).await?
+        {
+            routed_scripts.insert(routed.name.clone(), script);
+        }
+    }
     Ok(Ok(RunBundle {
         tenant: namespace,
         session: session.name_any(),
@@ -585,7 +594,9 @@ async fn resolve_bundle(
         session_labels: session.labels().clone(),
         agent_labels,
         ontology,
-        model_price,
+        model_price: prices.primary,
+        routed_scripts,
+        routed_prices: prices.routed,
     }))
 }
 

@@ -149,7 +149,8 @@ type RunSlots = HashMap<(String, String), (Arc<RunSlot>, i64)>;
 struct RunSlot {
     bundle: RunBundle,
     gateway: ToolGateway,
-    model: Model,
+    /// The Agent's model, and those its routing names.
+    models: crate::model::routing::Models,
     /// What this replica has read of the run's record. Requests of one run are handled one at
     /// a time in a replica (a run is sequential), holding this lock.
     log: tokio::sync::Mutex<RunLog>,
@@ -836,11 +837,14 @@ where
             Some(route) => gateway.with_capabilities(route),
             None => gateway,
         };
-        let model = self.governed_model(&bundle, &secrets)?;
+        let models = crate::model::routing::Models::for_bundle(&bundle, &secrets, |model, spec| {
+            self.governed(model, spec).map_err(|Refusal(_, _, why)| why)
+        })
+        .map_err(bad)?;
         Ok(RunSlot {
             bundle,
             gateway,
-            model,
+            models,
             log: tokio::sync::Mutex::new(RunLog::default()),
         })
     }
@@ -851,9 +855,17 @@ where
         bundle: &RunBundle,
         secrets: &BTreeMap<String, String>,
     ) -> Result<Model, Refusal> {
-        Ok(match Model::for_bundle(bundle, secrets).map_err(bad)? {
+        self.governed(
+            Model::for_bundle(bundle, secrets).map_err(bad)?,
+            &bundle.agent_spec.model,
+        )
+    }
+
+    /// `model` (as `spec` says it), reached only through this service's egress rules.
+    fn governed(&self, model: Model, spec: &contextos_crds::agent::ModelSpec) -> Result<Model, Refusal> {
+        Ok(match model {
             Model::OpenAi(model) => {
-                if let Some(endpoint) = &bundle.agent_spec.model.endpoint {
+                if let Some(endpoint) = &spec.endpoint {
                     self.egress.check_url(endpoint).map_err(forbidden)?;
                 }
                 Model::OpenAi(model.with_client(self.egress.client()))
@@ -878,6 +890,12 @@ where
                 http.into_iter().chain(hook)
             })
             .chain(agent.model.secret_ref.clone())
+            .chain(
+                agent
+                    .routing
+                    .iter()
+                    .flat_map(|r| r.models.iter().filter_map(|m| m.model.secret_ref.clone())),
+            )
             .collect();
         self.secret_values(tenant, refs).await
     }

@@ -1059,7 +1059,7 @@ where
             }
         };
         let cost = slot.bundle.turn_cost(&turn);
-        let model = &slot.bundle.agent_spec.model.model;
+        let model = slot.bundle.model_of(&turn);
         recorder.stage(EntryBody::ModelTurn {
             step: request.step,
             model: model.clone(),
@@ -1082,7 +1082,7 @@ where
             self.spend.record(
                 caller.tenant.as_str(),
                 &slot.bundle.agent,
-                model,
+                &model,
                 &counted,
                 cost.as_ref(),
             );
@@ -1188,7 +1188,8 @@ where
         // in the run's quotas before the model is asked.
         let quota_key = format!("{}/turn/{step}/{owner}", caller.run_id());
         let most_out = u64::from(model_request.max_output_tokens.unwrap_or(0));
-        let price = slot.bundle.model_price.as_ref();
+        // Routed, the turn may be answered by any of the Agent's models: it holds the dearest.
+        let price = slot.bundle.dearest_price(prompt_estimate, most_out);
         let demand = crate::quota::book::Demand {
             call: &quota_key,
             owner,
@@ -1209,7 +1210,14 @@ where
         )
         .await
         .map_err(super::quotas::refusal)?;
-        let completed = slot.model.complete(&model_request, step).await;
+        let facts = crate::model::routing::RouteFacts {
+            step,
+            max_steps: budget.max_steps,
+            riskiest_called: ledger.riskiest_called,
+            tokens_used: ledger.tokens,
+            max_tokens: budget.max_tokens,
+        };
+        let completed = slot.models.complete(&model_request, step, &facts).await;
         if completed.is_err() {
             // Not answered: nothing was spent (a provider charges for answers).
             self.settle_in_quotas(
@@ -1221,11 +1229,27 @@ where
             )
             .await;
         }
-        let mut turn = completed.map_err(|e| match e {
+        let mut turn = completed.map_err(|(e, route)| match e {
             ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => {
                 Refusal(StatusCode::UNPROCESSABLE_ENTITY, "model_script", e.to_string())
             }
-            other => Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", other.to_string()),
+            other => {
+                // Every model routing allowed failed: each one's failure, in the order tried.
+                let tried = route
+                    .map(|r| {
+                        r.failed
+                            .iter()
+                            .map(|f| format!("{}: {}", f.model, f.error))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+                    .filter(|t| !t.is_empty());
+                let message = match tried {
+                    Some(tried) => format!("no routed model answered ({tried})"),
+                    None => other.to_string(),
+                };
+                Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", message)
+            }
         })?;
         // Its usage is as `Model::complete` accounts it: an estimate when the model reports
         // none, never nothing.

@@ -157,6 +157,7 @@ mod tests {
             completion_tokens: completion,
             cached_prompt_tokens: cached,
             dropped_tool_calls: 0,
+            route: None,
         };
         let usd = |nanos| TurnCost {
             currency: "USD".into(),
@@ -197,6 +198,7 @@ mod tests {
             completion_tokens: 1,
             cached_prompt_tokens: 0,
             dropped_tool_calls: 0,
+            route: None,
         };
         for i in 0..MAX_SERIES + 5 {
             metrics.record("shop", "a", &format!("model-{i}"), &turn, None);

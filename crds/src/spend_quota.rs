@@ -120,9 +120,10 @@ pub struct WindowLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub tool_calls: Option<u64>,
-    /// Sessions started in the window; the next waits `Pending`.
+    /// Sessions started in the window; the next waits `Pending`. At most 2000 (each start is
+    /// kept in the quota's status while it counts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 100000))]
+    #[schemars(range(min = 0, max = 2000))]
     pub sessions: Option<u32>,
 }
 

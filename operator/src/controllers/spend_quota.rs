@@ -155,7 +155,8 @@ fn kept_starts(quota: &SpendQuota, mut starts: Vec<SessionStart>, now: Timestamp
     starts
 }
 
-/// The Sessions of `namespace` the quotas see: the one starting, and those running now.
+/// The Sessions of `namespace` running now (with a live runner pod, or Running), and the
+/// labels of its Agents.
 async fn facts(
     ctx: &Context,
     namespace: &str,
@@ -168,12 +169,30 @@ async fn facts(
             .into_iter()
             .map(|a| (a.name_any(), a.labels().clone()))
             .collect();
+    // Running is having a runner pod that has not ended — whatever the Session's status says
+    // yet (its pod is made before its status is written, and that write may fail).
+    let selector = format!("{}=runner", contextos_crds::labels::ROLE);
+    let live: std::collections::BTreeSet<String> =
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(ctx.client.clone(), namespace)
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| {
+                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                !matches!(phase, Some("Succeeded" | "Failed"))
+            })
+            .filter_map(|p| p.labels().get(contextos_crds::labels::SESSION).cloned())
+            .collect();
     let running = Api::<Session>::namespaced(ctx.client.clone(), namespace)
         .list(&ListParams::default())
         .await?
         .items
         .into_iter()
-        .filter(|s| s.status.as_ref().and_then(|st| st.phase) == Some(SessionPhase::Running))
+        .filter(|s| {
+            s.status.as_ref().and_then(|st| st.phase) == Some(SessionPhase::Running)
+                || live.contains(&s.name_any())
+        })
         .map(|s| SessionFacts {
             agent_labels: agents.get(&s.spec.agent_ref.name).cloned().unwrap_or_default(),
             name: s.name_any(),
@@ -196,11 +215,21 @@ async fn quotas_of(ctx: &Context, namespace: &str) -> Result<Vec<SpendQuota>> {
     }
 }
 
+/// Whether any SpendQuota of `namespace` limits Sessions (most namespaces have none: their
+/// starts need no lock).
+pub async fn limits_sessions(ctx: &Context, namespace: &str) -> Result<bool> {
+    Ok(quotas_of(ctx, namespace)
+        .await?
+        .iter()
+        .any(|q| q.spec.concurrent_sessions.is_some() || q.spec.limits.iter().any(|l| l.sessions.is_some())))
+}
+
 /// Decides whether `session` may start now; if it may and this is its `first` start, counts
 /// it in the quotas' `sessions` limits before saying so. The caller holds the namespace's start
 /// lock until the Session is running (see [`Context::start_lock`]).
 pub async fn admit_start(ctx: &Context, session: &Session, first: bool) -> Result<Result<(), QuotaWait>> {
     let namespace = session.namespace().unwrap_or_default();
+    // Read again under the lock: the starts counted are the last start's too.
     let quotas = quotas_of(ctx, &namespace).await?;
     if quotas.is_empty() {
         return Ok(Ok(()));
@@ -323,15 +352,15 @@ pub async fn reconcile_spend_quota(quota: Arc<SpendQuota>, ctx: Arc<Context>) ->
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let priced = match Api::<PriceList>::all(ctx.client.clone())
-        .list_metadata(&ListParams::default().limit(1))
+    let currencies: Vec<String> = match Api::<PriceList>::all(ctx.client.clone())
+        .list(&ListParams::default())
         .await
     {
-        Ok(list) => !list.items.is_empty(),
-        Err(kube::Error::Api(e)) if e.code == 404 => false,
+        Ok(list) => list.items.into_iter().map(|l| l.spec.currency).collect(),
+        Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    let ready = readiness(&quota, priced);
+    let ready = readiness(&quota, &currencies);
     {
         // Starts are decided under the namespace's lock: the count written here is theirs too.
         let lock = ctx.start_lock(&namespace);
@@ -362,18 +391,23 @@ pub async fn reconcile_spend_quota(quota: Arc<SpendQuota>, ctx: Arc<Context>) ->
     Ok(Action::requeue(RECOUNT_EVERY))
 }
 
-/// The Ready condition a quota earns (pure): `priced` is whether the cluster prices models.
-fn readiness(quota: &SpendQuota, priced: bool) -> Wanted {
+/// The Ready condition a quota earns (pure): `currencies` are those the cluster's PriceLists
+/// price in.
+fn readiness(quota: &SpendQuota, currencies: &[String]) -> Wanted {
     let active = match ActiveQuota::compile(quota) {
         Ok(active) => active,
         Err(e) => return Wanted::new(conditions::READY, false, reason::INVALID_SPEC, e),
     };
-    if active.currency.is_some() && !priced {
+    if let Some(currency) = &active.currency
+        && !currencies.contains(currency)
+    {
         return Wanted::new(
             conditions::READY,
             false,
             reason::PRICE_MISSING,
-            "spec.limits: spend is counted at PriceList prices and this cluster has no PriceList, so every model call this quota selects is refused; create a PriceList (examples/pricing/pricelist.yaml) or remove the spend limits",
+            format!(
+                "spec.limits: spend is counted at PriceList prices and no PriceList prices in {currency}, so every model call this quota selects is refused; create one (examples/pricing/pricelist.yaml) or remove the spend limits"
+            ),
         );
     }
     let mut limits: Vec<String> = active
@@ -544,8 +578,12 @@ mod tests {
             "limits:\n- window: day\n  spend: {amount: \"5\", currency: USD}",
             &[],
         );
-        assert_eq!(readiness(&spend, false).reason, reason::PRICE_MISSING);
-        let ready = readiness(&spend, true);
+        assert_eq!(readiness(&spend, &[]).reason, reason::PRICE_MISSING);
+        assert_eq!(
+            readiness(&spend, &["EUR".to_owned()]).reason,
+            reason::PRICE_MISSING
+        );
+        let ready = readiness(&spend, &["USD".to_owned()]);
         assert!(ready.status, "{}", ready.message);
         assert_eq!(ready.message, "enforced: 5.00 spend per day");
     }

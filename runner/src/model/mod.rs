@@ -100,13 +100,24 @@ fn is_zero_u64(value: &u64) -> bool {
 
 impl ModelTurn {
     /// The turn's usage as it is charged: a model that reports none is charged an estimate
-    /// (≈ 4 bytes a token), never nothing; cached tokens are at most the prompt's, and
+    /// (≈ 4 bytes a token), never nothing, and one that reports less than half the estimate (8
+    /// bytes a token and more: no real tokenizer) is charged half of it — an endpoint cannot
+    /// make its turns cheap by saying so. Cached tokens are at most the prompt's, and
     /// completion tokens at most what the request allowed.
     pub fn accounted(mut self, request: &ModelRequest) -> Self {
+        let written: usize = self.content.len()
+            + self
+                .tool_calls
+                .iter()
+                .map(|c| c.tool.len() + c.arguments.to_string().len())
+                .sum::<usize>();
+        let (prompt, completion) = (estimated_tokens(request), (written as u64).div_ceil(4));
         if self.prompt_tokens == 0 && self.completion_tokens == 0 {
-            self.prompt_tokens = estimated_tokens(request);
-            self.completion_tokens = (self.content.len() as u64).div_ceil(4);
+            self.prompt_tokens = prompt;
+            self.completion_tokens = completion;
         }
+        self.prompt_tokens = self.prompt_tokens.max(prompt / 2);
+        self.completion_tokens = self.completion_tokens.max(completion / 2);
         self.cached_prompt_tokens = self.cached_prompt_tokens.min(self.prompt_tokens);
         if let Some(most) = request.max_output_tokens {
             self.completion_tokens = self.completion_tokens.min(u64::from(most));
@@ -133,6 +144,10 @@ impl ModelTurn {
 pub enum ModelError {
     #[error("model endpoint {endpoint} cannot be reached: {detail}")]
     Unreachable { endpoint: String, detail: String },
+    /// The request may have reached the endpoint, but no whole answer came back (a timeout while
+    /// the model generates, a connection dropped mid-answer): it may have cost.
+    #[error("model endpoint {endpoint} did not finish answering: {detail}")]
+    Interrupted { endpoint: String, detail: String },
     #[error("model endpoint {endpoint} answered HTTP {status}: {body}")]
     Status {
         endpoint: String,
@@ -180,6 +195,14 @@ pub struct Named<'a> {
     pub script: Option<&'a str>,
 }
 
+impl ModelError {
+    /// Whether the request may have been worked on although no usable answer came back (cut
+    /// off, or answered unreadably): a provider may charge for it.
+    pub fn may_have_cost(&self) -> bool {
+        matches!(self, Self::Interrupted { .. } | Self::Malformed { .. })
+    }
+}
+
 /// The model a run asks.
 #[derive(Clone, Debug)]
 pub enum Model {
@@ -193,6 +216,16 @@ pub enum Model {
 /// What a request's prompt will cost, estimated before asking (≈ 4 bytes a token): a model
 /// that reports no usage is charged this, never nothing.
 pub fn estimated_tokens(request: &ModelRequest) -> u64 {
+    prompt_bytes(request).div_ceil(4)
+}
+
+/// The most tokens `request`'s prompt can be: no tokenizer makes more tokens than bytes (what a
+/// quota holds for a prompt, however the text tokenizes).
+pub fn most_prompt_tokens(request: &ModelRequest) -> u64 {
+    prompt_bytes(request)
+}
+
+fn prompt_bytes(request: &ModelRequest) -> u64 {
     let bytes: usize = request
         .messages
         .iter()
@@ -209,7 +242,7 @@ pub fn estimated_tokens(request: &ModelRequest) -> u64 {
             .iter()
             .map(|t| t.description.len() + t.parameters.to_string().len())
             .sum::<usize>();
-    (bytes as u64).div_ceil(4)
+    bytes as u64
 }
 
 impl Model {

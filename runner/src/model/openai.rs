@@ -61,9 +61,20 @@ impl OpenAiCompatible {
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key);
         }
-        let response = call.send().await.map_err(|e| ModelError::Unreachable {
-            endpoint: self.endpoint.clone(),
-            detail: e.to_string(),
+        let response = call.send().await.map_err(|e| {
+            // Not connected: the request never reached the endpoint. Otherwise it may have been
+            // sent and worked on (a timeout while the model generates): it may cost.
+            if e.is_connect() || e.is_builder() {
+                ModelError::Unreachable {
+                    endpoint: self.endpoint.clone(),
+                    detail: e.to_string(),
+                }
+            } else {
+                ModelError::Interrupted {
+                    endpoint: self.endpoint.clone(),
+                    detail: e.to_string(),
+                }
+            }
         })?;
         let status = response.status().as_u16();
         let text = self.read_bounded(response).await?;
@@ -86,7 +97,7 @@ impl OpenAiCompatible {
     /// before the excess is held in memory.
     async fn read_bounded(&self, mut response: reqwest::Response) -> Result<String, ModelError> {
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| ModelError::Unreachable {
+        while let Some(chunk) = response.chunk().await.map_err(|e| ModelError::Interrupted {
             endpoint: self.endpoint.clone(),
             detail: e.to_string(),
         })? {

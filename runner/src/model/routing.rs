@@ -57,6 +57,10 @@ impl RouteFacts {
 pub struct Failed {
     pub model: String,
     pub error: String,
+    /// The request may have been worked on (cut off, or answered unreadably): it may have
+    /// cost.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub may_have_cost: bool,
 }
 
 /// How a turn was routed: the model the rules chose and why, the models that failed before one
@@ -124,7 +128,10 @@ pub fn order(routing: &ModelRouting, chosen: &str) -> Vec<String> {
 fn provider_failed(error: &ModelError) -> bool {
     matches!(
         error,
-        ModelError::Unreachable { .. } | ModelError::Status { .. } | ModelError::Malformed { .. }
+        ModelError::Unreachable { .. }
+            | ModelError::Interrupted { .. }
+            | ModelError::Status { .. }
+            | ModelError::Malformed { .. }
     )
 }
 
@@ -265,6 +272,7 @@ impl Models {
                 route.failed.push(Failed {
                     model: name,
                     error: format!("its breaker is open for {} s more", left.as_secs().max(1)),
+                    may_have_cost: false,
                 });
                 continue;
             }
@@ -275,6 +283,7 @@ impl Models {
                     route.failed.push(Failed {
                         model: name,
                         error: "not among the run's models".into(),
+                        may_have_cost: false,
                     });
                     continue;
                 };
@@ -303,6 +312,7 @@ impl Models {
                     route.failed.push(Failed {
                         model: name,
                         error: error.to_string(),
+                        may_have_cost: error.may_have_cost(),
                     });
                     last_error = Some(error);
                 }

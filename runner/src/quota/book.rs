@@ -70,6 +70,11 @@ pub struct Announcement {
     pub crossing: Crossing,
 }
 
+/// Whether `quota` limits something `amounts` holds.
+fn counts(quota: &ActiveQuota, amounts: &Amounts) -> bool {
+    quota.limits.iter().any(|l| amounts.get(l.resource) > 0)
+}
+
 /// What `demand` takes from `quota`: its money only if the quota counts money in its currency.
 fn share(quota: &ActiveQuota, amounts: &Amounts, currency: Option<&str>) -> Amounts {
     let counts_money = quota.currency.is_some() && quota.currency.as_deref() == currency;
@@ -131,9 +136,17 @@ pub async fn hold<B: MemoryBackend>(
     durability: Durability,
     now: i64,
 ) -> Result<(), QuotaRefusal> {
+    // Only the quotas limiting something the call takes hold it (a tool call holds nothing in
+    // a quota of tokens and money): no row grows with calls it does not count.
+    let quotas: Vec<&ActiveQuota> = quotas
+        .iter()
+        .copied()
+        .filter(|q| counts(q, &demand.amounts) || (demand.model_turn && q.currency.is_some()))
+        .collect();
     if quotas.is_empty() {
         return Ok(());
     }
+    let quotas = quotas.as_slice();
     quotas.iter().try_for_each(|q| priced(q, demand))?;
     let keys = ledger_keys(tenant, quotas);
     let owned: Vec<ActiveQuota> = quotas.iter().map(|q| (*q).clone()).collect();
@@ -150,18 +163,37 @@ pub async fn hold<B: MemoryBackend>(
                 Ok(ledgers) => ledgers,
                 Err(e) => return (Vec::new(), Err(QuotaRefusal::Unavailable(e.to_string()))),
             };
+            // Every full quota is found: one that refuses outranks one that waits.
+            let mut refused: Option<QuotaRefusal> = None;
             for (quota, ledger) in owned.iter().zip(ledgers.iter_mut()) {
                 ledger.expire(&quota.limits, now);
                 let share = share(quota, &amounts, currency.as_deref());
+                if !ledger.has_room_for(&call) {
+                    let crowded = QuotaRefusal::Unavailable(format!(
+                        "SpendQuota {} holds {} calls in flight, as many as it keeps; try again when some end",
+                        quota.name,
+                        super::ledger::MAX_HOLDS
+                    ));
+                    return (Vec::new(), Err(crowded));
+                }
                 if let Err(full) = ledger.admit(&quota.limits, &call, &share, now) {
-                    let refused = QuotaRefusal::Full {
-                        quota: quota.name.clone(),
-                        full,
-                        wait: quota.when_full == WhenWindowFull::Wait,
-                    };
-                    return (Vec::new(), Err(refused));
+                    let wait = quota.when_full == WhenWindowFull::Wait;
+                    let outranks = refused
+                        .as_ref()
+                        .is_none_or(|r| matches!(r, QuotaRefusal::Full { wait: true, .. }) && !wait);
+                    if outranks {
+                        refused = Some(QuotaRefusal::Full {
+                            quota: quota.name.clone(),
+                            full,
+                            wait,
+                        });
+                    }
+                    continue;
                 }
                 ledger.hold(&call, &owner, share, now + HOLD_MS);
+            }
+            if let Some(refused) = refused {
+                return (Vec::new(), Err(refused));
             }
             let puts = rows
                 .iter()
@@ -212,15 +244,18 @@ pub async fn settle<B: MemoryBackend>(
             let mut announced = Vec::new();
             let mut changed = false;
             for (quota, ledger) in owned.iter().zip(ledgers.iter_mut()) {
-                changed |= ledger.expire(&quota.limits, now);
+                let before = ledger.clone();
+                ledger.expire(&quota.limits, now);
                 let share = share(quota, &cost, currency.as_deref());
-                changed |= ledger.settle(&quota.windows(), &call, &owner, &share, now);
+                ledger.settle(&quota.windows(), &call, &owner, &share, now);
                 announced.extend(ledger.crossings(&quota.limits, now).into_iter().map(|crossing| {
                     Announcement {
                         quota: quota.name.clone(),
                         crossing,
                     }
                 }));
+                // Thresholds announced or forgotten are kept too.
+                changed |= *ledger != before;
             }
             if !changed {
                 return (Vec::new(), Ok(Vec::new()));

@@ -128,6 +128,10 @@ struct Hold {
     owners: Vec<String>,
 }
 
+/// Calls a ledger holds for at most: past it, a new call waits (or is refused) until some end —
+/// a bound on the row every change rewrites.
+pub const MAX_HOLDS: usize = 2048;
+
 /// Requests one hold remembers as its owners at most (more are not told apart: the hold then
 /// ends only when spent or when its time is up).
 const MAX_OWNERS: usize = 8;
@@ -256,6 +260,11 @@ impl Ledger {
             .min()
             .unwrap_or(width)
             .max(1_000)
+    }
+
+    /// Whether a new call may hold here (see [`MAX_HOLDS`]).
+    pub fn has_room_for(&self, call: &str) -> bool {
+        self.holds.len() < MAX_HOLDS || self.holds.iter().any(|h| h.call == call)
     }
 
     /// `call` holds `amounts` until `until` for request `owner` (a call held already keeps one

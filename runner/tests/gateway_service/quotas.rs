@@ -253,11 +253,9 @@ async fn a_quota_that_waits_holds_the_call_until_the_limit_allows_it() {
         rig.tenants.set_quotas("shop", vec![waiting(3)]);
     };
     let (report, ()) = tokio::join!(run, raise);
+    // It ran on once the limit allowed (its output is the validators' to judge).
     assert!(
-        matches!(
-            report.outcome,
-            RunOutcome::Completed { .. } | RunOutcome::Failed { .. }
-        ),
+        !matches!(&report.outcome, RunOutcome::Failed { reason, .. } if reason == "QuotaExceeded"),
         "{:?}",
         report.outcome
     );
@@ -327,4 +325,65 @@ async fn spend_stops_within_one_turns_cost_of_its_limit_and_an_unpriced_model_is
         spent - last < limit,
         "the last turn was admitted below the limit, and none after it: {costs:?}"
     );
+}
+
+/// A model endpoint that takes the request and hangs up without answering (as one cut off
+/// while it generates).
+async fn hanging_up_endpoint() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            use tokio::io::AsyncReadExt as _;
+            let mut request = vec![0u8; 64 * 1024];
+            let _ = socket.read(&mut request).await;
+            drop(socket);
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_turn_cut_off_after_it_was_sent_spends_what_it_held_and_asking_again_is_never_free() {
+    use contextos_runner::quota::{ActiveQuota, book};
+    let rig = rig().await;
+    let quota = spend_quota("tenant", "limits:\n- window: day\n  tokens: 1000000000\n");
+    rig.tenants.set_quotas("shop", vec![quota.clone()]);
+    let mut bundle = rig.bundle.clone();
+    bundle.agent_spec.model = serde_yaml::from_str(&format!(
+        "provider: openai_compatible\nmodel: gpt-cut-off\nendpoint: {}\nmaxOutputTokens: 500\n",
+        hanging_up_endpoint().await
+    ))
+    .expect("model");
+    bundle.model_script = None;
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    let request = ModelRequest {
+        model: "m".into(),
+        messages: vec![Message::new(Role::User, "write a very long essay")],
+        tools: vec![],
+        max_output_tokens: None,
+    };
+    let active = ActiveQuota::compile(&quota).expect("quota");
+    let used = || async {
+        book::usage(
+            &*rig.store,
+            &rig.tenant(),
+            &active,
+            contextos_runner::records::recorder::now_ms(),
+        )
+        .await
+        .expect("usage")[0]
+            .1
+    };
+    let mut spent = Vec::new();
+    for _ in 0..3 {
+        client.model(&request, 1).await.expect_err("no answer");
+        spent.push(used().await);
+    }
+    // Each attempt spent its hold: the prompt at a token a byte and the whole output limit.
+    assert!(spent[0] >= 500, "{spent:?}");
+    assert_eq!(spent[1], 2 * spent[0], "{spent:?}");
+    assert_eq!(spent[2], 3 * spent[0], "{spent:?}");
 }

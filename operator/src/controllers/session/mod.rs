@@ -96,15 +96,25 @@ async fn run(
         } => {
             let (pod_bundle, sandbox) =
                 pinned.ok_or_else(|| Error::Run("an attempt starts only from a pinned bundle".into()))?;
-            // Decided and made under the namespace's lock, so the next start counts this one.
-            let lock = ctx.start_lock(&session.namespace().unwrap_or_default());
-            let _held = lock.lock().await;
-            let first = attempt == 1 && resumed_for.is_none() && after_crash.is_none();
-            if let Err(wait) = super::spend_quota::admit_start(ctx, session, first).await? {
-                let update = Update::phase(SessionPhase::Pending, reason::QUOTA_WAIT, wait.message);
-                write_status(ctx, session, update).await?;
-                return Ok(Action::requeue(super::spend_quota::WAIT_RECHECK));
-            }
+            // Where quotas limit Sessions, a start is decided and made under the namespace's
+            // lock, so the next start counts this one. A start that finds the lock taken comes
+            // back shortly instead of holding a worker every other tenant needs.
+            let namespace = session.namespace().unwrap_or_default();
+            let lock = ctx.start_lock(&namespace);
+            let _held = if super::spend_quota::limits_sessions(ctx, &namespace).await? {
+                let Ok(held) = lock.try_lock() else {
+                    return Ok(Action::requeue(std::time::Duration::from_millis(500)));
+                };
+                let first = attempt == 1 && resumed_for.is_none() && after_crash.is_none();
+                if let Err(wait) = super::spend_quota::admit_start(ctx, session, first).await? {
+                    let update = Update::phase(SessionPhase::Pending, reason::QUOTA_WAIT, wait.message);
+                    write_status(ctx, session, update).await?;
+                    return Ok(Action::requeue(super::spend_quota::WAIT_RECHECK));
+                }
+                Some(held)
+            } else {
+                None
+            };
             start_attempt(
                 ctx,
                 session,

@@ -638,7 +638,12 @@ where
         let calls_before = slot.gateway.calls_made(caller.run_id());
         // A call new to the record holds its share of the run's quotas before anything is
         // decided; one already on record (asked again) was counted when it was made.
-        let quota_key = format!("{}/call/{}", caller.run_id(), request.envelope.call_id);
+        // Keyed as the gateway knows a call again — by its idempotency key — and bounded.
+        let quota_key = {
+            use sha2::Digest as _;
+            let key = sha2::Sha256::digest(request.envelope.idempotency_key.as_bytes());
+            format!("{}/call/{}", caller.run_id(), hex::encode(&key[..16]))
+        };
         let owner = super::quotas::request_owner();
         let mut held = None;
         let mut quota_refusal = None;
@@ -1189,13 +1194,16 @@ where
         let quota_key = format!("{}/turn/{step}/{owner}", caller.run_id());
         let most_out = u64::from(model_request.max_output_tokens.unwrap_or(0));
         // Routed, the turn may be answered by any of the Agent's models: it holds the dearest.
-        let price = slot.bundle.dearest_price(prompt_estimate, most_out);
+        // The prompt is held at the most tokens it can be (a byte each), not the estimate: text
+        // that tokenizes densely cannot let calls in flight pass a limit.
+        let most_in = crate::model::most_prompt_tokens(&model_request);
+        let price = slot.bundle.dearest_price(most_in, most_out);
         let demand = crate::quota::book::Demand {
             call: &quota_key,
             owner,
             amounts: crate::quota::Amounts {
-                tokens: prompt_estimate.saturating_add(most_out),
-                nanos: price.map_or(0, |p| p.cost(prompt_estimate, 0, most_out).nanos.0),
+                tokens: most_in.saturating_add(most_out),
+                nanos: price.map_or(0, |p| p.cost(most_in, 0, most_out).nanos.0),
                 calls: 0,
             },
             currency: price.map(|p| p.currency.as_str()),
@@ -1218,14 +1226,25 @@ where
             max_tokens: budget.max_tokens,
         };
         let completed = slot.models.complete(&model_request, step, &facts).await;
-        if completed.is_err() {
-            // Not answered: nothing was spent (a provider charges for answers).
+        if let Err((error, route)) = &completed {
+            // Refused or never sent (every model routing tried said so): nothing was spent.
+            // Cut off or unreadable — a model timed out generating, say — it may have cost
+            // what it could: the hold is spent, so asking again and again is never free.
+            let costly = error.may_have_cost()
+                || route
+                    .as_ref()
+                    .is_some_and(|r| r.failed.iter().any(|f| f.may_have_cost));
+            let spent = if costly {
+                demand.amounts
+            } else {
+                crate::quota::Amounts::default()
+            };
             self.settle_in_quotas(
                 &caller.tenant,
                 quotas,
                 (&quota_key, owner),
-                &crate::quota::Amounts::default(),
-                None,
+                &spent,
+                demand.currency,
             )
             .await;
         }

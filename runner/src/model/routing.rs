@@ -143,7 +143,9 @@ impl Breakers {
     fn open_for(&self, model: &str, now: Instant) -> Option<Duration> {
         let breakers = self.0.lock().ok()?;
         let (_, until) = breakers.get(model)?;
-        until.and_then(|until| until.checked_duration_since(now))
+        until
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|left| !left.is_zero())
     }
 
     fn failed(&self, model: &str, failures: u32, open: Duration, now: Instant) {

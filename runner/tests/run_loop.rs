@@ -765,6 +765,82 @@ fn each_model_turn_is_costed_at_the_price_the_run_pinned_and_spend_is_summed_by_
 }
 
 #[test]
+fn replaying_a_routing_candidate_reports_the_turns_it_moves_and_their_cost() {
+    let dir = quickstart_copy();
+    std::fs::copy(
+        Quickstart::examples().join("../pricing/pricelist.yaml"),
+        dir.path().join("pricelist.yaml"),
+    )
+    .expect("copy the PriceList");
+    let q = Quickstart::with_files(&[], dir.path().to_owned());
+    q.drive(None);
+    // The same Agent, routing every turn to a model a tenth of the price.
+    let agent = std::fs::read_to_string(dir.path().join("agent.yaml")).expect("agent");
+    let routed = agent.replacen(
+        "  contextPackRef:",
+        "  routing:\n    models:\n      - name: cheap\n        model: {provider: scripted, model: cheap-script, scriptRef: {name: quickstart-script, key: script.json}}\n    rules:\n      - use: cheap\n  contextPackRef:",
+        1,
+    );
+    assert_ne!(routed, agent, "the routing is added");
+    let candidate = tempfile::tempdir().expect("tempdir");
+    let agent_file = candidate.path().join("agent.yaml");
+    std::fs::write(&agent_file, routed).expect("write");
+    let prices = candidate.path().join("prices.yaml");
+    std::fs::write(
+        &prices,
+        "apiVersion: contextos.dev/v1alpha1\nkind: PriceList\nmetadata: {name: cheap}\nspec:\n  currency: USD\n  models:\n    - {provider: scripted, model: cheap-script, inputPerMillion: \"0.25\", outputPerMillion: \"1.00\"}\n    - {provider: scripted, model: quickstart-script, inputPerMillion: \"2.50\", outputPerMillion: \"10.00\"}\n",
+    )
+    .expect("write");
+    let (agent_file, prices) = (
+        agent_file.to_str().expect("utf-8"),
+        prices.to_str().expect("utf-8"),
+    );
+    let played = q.cli(&[
+        "replay",
+        "--session",
+        "checkout-5xx",
+        "--candidate",
+        agent_file,
+        "--candidate",
+        prices,
+        "--output",
+        "json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&played.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} {}", played.stdout, played.stderr));
+    let routing = &report["routing"];
+    let turns = routing["turns"].as_u64().expect("turns");
+    assert!(turns >= 5, "{report:#}");
+    assert_eq!(
+        routing["rerouted"], turns,
+        "every turn to the cheap model: {report:#}"
+    );
+    let recorded = routing["recordedNanos"]["USD"].as_u64().expect("recorded cost");
+    let candidate = routing["candidateNanos"]["USD"].as_u64().expect("candidate cost");
+    // A tenth of the price for the same tokens (each turn rounded to a nano-dollar).
+    assert!(
+        candidate.abs_diff(recorded / 10) <= turns,
+        "{recorded} → {candidate}"
+    );
+    let text = q.cli(&[
+        "replay",
+        "--session",
+        "checkout-5xx",
+        "--candidate",
+        agent_file,
+        "--candidate",
+        prices,
+    ]);
+    assert!(
+        text.stdout.contains(&format!(
+            "model routing: {turns} of {turns} turn(s) to another model; cost as recorded"
+        )),
+        "{}",
+        text.stdout
+    );
+}
+
+#[test]
 fn autotune_tightens_a_pack_sources_cap_only_as_far_as_the_model_still_reads_what_it_acts_on() {
     // The quickstart, with a model that follows the runbook only when it reads the runbook's
     // last line; without it, it answers at once and resolves nothing.

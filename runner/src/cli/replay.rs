@@ -245,12 +245,37 @@ fn candidate(paths: &[PathBuf]) -> anyhow::Result<Candidate> {
     if policies.is_empty() && packs.is_empty() && ontology.is_none() && agents.is_empty() {
         bail!("the candidate files hold no Policy, ContextPack, Agent or Ontology");
     }
+    // The candidate Agent's models as the candidate files' PriceLists price them (a routing
+    // change is judged on its cost too).
+    let mut prices = std::collections::BTreeMap::new();
+    let lists = set.price_lists()?;
+    if let Some(agent) = agents.last().filter(|_| !lists.is_empty()) {
+        let named = std::iter::once((
+            contextos_crds::model_routing::PRIMARY.to_owned(),
+            &agent.spec.model,
+        ))
+        .chain(
+            agent
+                .spec
+                .routing
+                .iter()
+                .flat_map(|r| r.models.iter().map(|m| (m.name.clone(), &m.model))),
+        );
+        for (name, model) in named {
+            let price = contextos_runner::pricing::price_for(&lists, model)
+                .map_err(|e| anyhow::anyhow!("candidate Agent {}: model {name}: {e}", agent.name))?;
+            if let Some(price) = price {
+                prices.insert(name, price);
+            }
+        }
+    }
     Ok(Candidate {
         policies,
         context_pack: packs.pop(),
         composition: None,
         agent: agents.pop(),
         ontology,
+        prices,
     })
 }
 

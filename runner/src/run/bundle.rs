@@ -128,6 +128,9 @@ pub struct Candidate {
     pub agent: Option<NamedAgent>,
     /// The namespace's Ontology as it would be.
     pub ontology: Option<OntologySpec>,
+    /// The prices of the candidate Agent's models, by routing name (`primary` for its own), as
+    /// the candidate's files price them; a model not here is priced as its runs pinned it.
+    pub prices: BTreeMap<String, crate::pricing::PinnedPrice>,
 }
 
 /// A candidate that does not fit the bundle.

@@ -13,6 +13,7 @@ pub mod gate;
 pub mod pod;
 pub mod reexecute;
 pub mod replay;
+pub mod routing_effect;
 mod service_tail;
 pub mod state;
 pub mod validate;

@@ -328,6 +328,10 @@ pub struct RunReplay {
     /// Why the run was judged otherwise than asked (its decisions replayed, not re-executed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Where the run or the candidate routes model turns: the turns the candidate would send
+    /// elsewhere, and the run's cost at its prices for the same tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<super::routing_effect::RoutingEffect>,
 }
 
 /// Compares a recorded trace with its replay (pure).
@@ -607,7 +611,32 @@ pub async fn replay_run_as<S: RecordStore>(
         )),
         _ => None,
     };
+    // Priced as the candidate's files price its models, else as the run pinned them.
+    let price = |name: &str| -> Option<crate::pricing::PinnedPrice> {
+        if let Some(price) = candidate.prices.get(name) {
+            return Some(price.clone());
+        }
+        let original_bundle = &original.bundle;
+        let spec = bundle
+            .agent_spec
+            .routing
+            .as_ref()
+            .and_then(|r| r.model(&bundle.agent_spec.model, name))
+            .unwrap_or(&bundle.agent_spec.model);
+        if *spec == original_bundle.agent_spec.model {
+            return original_bundle.model_price.clone();
+        }
+        original_bundle
+            .agent_spec
+            .routing
+            .iter()
+            .flat_map(|r| r.models.iter())
+            .find(|m| m.model == *spec)
+            .and_then(|m| original_bundle.routed_prices.get(&m.name).cloned())
+    };
+    let routing = super::routing_effect::routing_effect(&entries, &bundle, &price);
     Ok(RunReplay {
+        routing,
         run_id: run_id.to_owned(),
         session: original.bundle.session.clone(),
         agent: original.bundle.agent.clone(),
@@ -850,6 +879,9 @@ pub struct ReplaySummary {
     /// When the runs were re-executed: the figures over all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reexecution: Option<ReexecutionReport>,
+    /// Where runs or the candidate route model turns: the effect over all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<super::routing_effect::RoutingEffect>,
     /// Why the replay stopped before its sample was done (it fails).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
@@ -907,6 +939,14 @@ impl ReplaySummary {
             passed,
             skipped,
             reexecution: None,
+            routing: replays.iter().filter_map(|r| r.routing.as_ref()).fold(
+                None,
+                |total: Option<super::routing_effect::RoutingEffect>, r| {
+                    let mut total = total.unwrap_or_default();
+                    total.add(r);
+                    Some(total)
+                },
+            ),
             stopped: None,
             replays,
         }
@@ -983,6 +1023,9 @@ impl ReplaySummary {
         }
         if let Some(r) = &self.reexecution {
             out.push_str(&format!("all runs {}\n", r.line()));
+        }
+        if let Some(r) = &self.routing {
+            out.push_str(&format!("{}\n", r.line()));
         }
         if let Some(why) = &self.stopped {
             out.push_str(&format!("stopped: {why}\n"));
@@ -1324,6 +1367,7 @@ mod tests {
             erased: None,
             reexecution: None,
             note: None,
+            routing: None,
         }
     }
 

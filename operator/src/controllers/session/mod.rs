@@ -583,11 +583,23 @@ async fn resolve_bundle(
     };
     // The scripts of the scripted models routing names, as the Agent's own is read.
     let mut routed_scripts = BTreeMap::new();
-    for routed in agent_spec.routing.iter().flat_map(|r| r.models.iter()) {
-        if let Some(key) = &routed.model.script_ref
-            && let Some(script) = config_map_key(&config_maps, &key.name, &key.key).await?
-        {
-            routed_scripts.insert(routed.name.clone(), script);
+    for (i, routed) in agent_spec.routing.iter().flat_map(|r| r.models.iter().enumerate()) {
+        let Some(key) = &routed.model.script_ref else {
+            continue;
+        };
+        match config_map_key(&config_maps, &key.name, &key.key).await? {
+            Some(script) => {
+                routed_scripts.insert(routed.name.clone(), script);
+            }
+            None => {
+                return Ok(Err(Invalid::new(
+                    reason::REFERENCE_NOT_READY,
+                    format!(
+                        "spec.routing.models[{i}].model.scriptRef: ConfigMap {} has no key {}",
+                        key.name, key.key
+                    ),
+                )));
+            }
         }
     }
     Ok(Ok(RunBundle {

@@ -583,7 +583,11 @@ async fn resolve_bundle(
     };
     // The scripts of the scripted models routing names, as the Agent's own is read.
     let mut routed_scripts = BTreeMap::new();
-    for (i, routed) in agent_spec.routing.iter().flat_map(|r| r.models.iter().enumerate()) {
+    for (i, routed) in agent_spec
+        .routing
+        .iter()
+        .flat_map(|r| r.models.iter().enumerate())
+    {
         let Some(key) = &routed.model.script_ref else {
             continue;
         };

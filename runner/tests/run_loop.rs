@@ -678,6 +678,17 @@ fn the_digest_says_what_the_agents_did_in_text_json_and_one_html_page() {
 }
 
 /// The quickstart's files, to change before a run.
+/// [`quickstart_copy`] with the example PriceList beside it.
+fn priced_quickstart_copy() -> tempfile::TempDir {
+    let dir = quickstart_copy();
+    std::fs::copy(
+        Quickstart::examples().join("../pricing/pricelist.yaml"),
+        dir.path().join("pricelist.yaml"),
+    )
+    .expect("copy the PriceList");
+    dir
+}
+
 fn quickstart_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     for entry in std::fs::read_dir(Quickstart::examples()).expect("examples") {
@@ -691,12 +702,7 @@ fn quickstart_copy() -> tempfile::TempDir {
 
 #[test]
 fn each_model_turn_is_costed_at_the_price_the_run_pinned_and_spend_is_summed_by_agent_model_and_team() {
-    let dir = quickstart_copy();
-    std::fs::copy(
-        Quickstart::examples().join("../pricing/pricelist.yaml"),
-        dir.path().join("pricelist.yaml"),
-    )
-    .expect("copy the PriceList");
+    let dir = priced_quickstart_copy();
     let session = dir.path().join("session.yaml");
     let text = std::fs::read_to_string(&session).expect("session");
     std::fs::write(
@@ -766,12 +772,7 @@ fn each_model_turn_is_costed_at_the_price_the_run_pinned_and_spend_is_summed_by_
 
 #[test]
 fn replaying_a_routing_candidate_reports_the_turns_it_moves_and_their_cost() {
-    let dir = quickstart_copy();
-    std::fs::copy(
-        Quickstart::examples().join("../pricing/pricelist.yaml"),
-        dir.path().join("pricelist.yaml"),
-    )
-    .expect("copy the PriceList");
+    let dir = priced_quickstart_copy();
     let q = Quickstart::with_files(&[], dir.path().to_owned());
     q.drive(None);
     // The same Agent, routing every turn to a model a tenth of the price.

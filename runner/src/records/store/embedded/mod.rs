@@ -275,12 +275,7 @@ impl EmbeddedStore {
         {
             let mut memory = txn.open_table(MEMORY).map_err(backend)?;
             for write in writes {
-                let mut current = Vec::new();
-                for key in write.guard.keys() {
-                    current.push(memory.get(key).map_err(backend)?.map(|v| v.value().to_vec()));
-                }
-                let current: Vec<_> = current.iter().map(Option::as_deref).collect();
-                let holds = write.guard.holds(&current);
+                let holds = guard_holds(&memory, &write.guard)?;
                 applied.push(holds);
                 if !holds {
                     continue;
@@ -509,6 +504,20 @@ impl RecordStore for EmbeddedStore {
     }
 }
 
+/// Whether `guard` holds over the memory table as `memory` has it now (after the writes of its
+/// transaction so far).
+fn guard_holds(
+    memory: &redb::Table<'_, &[u8], &[u8]>,
+    guard: &crate::memory::backend::Guard,
+) -> Result<bool> {
+    let mut current = Vec::new();
+    for key in guard.keys() {
+        current.push(memory.get(key).map_err(backend)?.map(|v| v.value().to_vec()));
+    }
+    let current: Vec<_> = current.iter().map(Option::as_deref).collect();
+    Ok(guard.holds(&current))
+}
+
 /// Writes `puts` in `txn`: the one place rows are stored, for new transactions and for the log's
 /// replay alike.
 fn apply(txn: &WriteTransaction, puts: &[Put]) -> Result<()> {
@@ -717,14 +726,7 @@ impl MemoryBackend for EmbeddedStore {
             {
                 let mut memory = txn.open_table(MEMORY).map_err(backend)?;
                 for write in writes {
-                    let holds = {
-                        let mut current = Vec::new();
-                        for key in write.guard.keys() {
-                            current.push(memory.get(key).map_err(backend)?.map(|v| v.value().to_vec()));
-                        }
-                        let current: Vec<_> = current.iter().map(Option::as_deref).collect();
-                        write.guard.holds(&current)
-                    };
+                    let holds = guard_holds(&memory, &write.guard)?;
                     applied.push(holds);
                     if !holds {
                         continue;

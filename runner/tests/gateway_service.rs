@@ -85,16 +85,17 @@ async fn rig_with(egress: EgressGuard) -> Rig {
 
 /// A rig whose ops-tools server runs with `tool_args` (e.g. `--slow PATH=MILLIS`).
 async fn rig_with_tools(egress: EgressGuard, tool_args: &[&str]) -> Rig {
-    rig_with_options(egress, tool_args, None, None).await
+    rig_with_options(egress, tool_args, None, None, None).await
 }
 
-/// A rig whose services reach capability pods through `capabilities`, if any, and let a run
-/// write `max_run_bytes` (default otherwise).
+/// A rig whose services reach capability pods through `capabilities`, if any, let a run
+/// write `max_run_bytes` and work on `turns` requests at once (defaults otherwise).
 async fn rig_with_options(
     egress: EgressGuard,
     tool_args: &[&str],
     capabilities: Option<Arc<dyn CapabilityResolver>>,
     max_run_bytes: Option<u64>,
+    turns: Option<usize>,
 ) -> Rig {
     let tools = OpsTools::start(tool_args);
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
@@ -169,6 +170,9 @@ async fn rig_with_options(
         }
         if let Some(bytes) = max_run_bytes {
             service = service.with_max_run_bytes(bytes);
+        }
+        if turns.is_some() {
+            service = service.with_fair_turns(turns);
         }
         let service = service.with_egress(egress.clone()).with_endpoint_overrides(vec![
             (
@@ -1722,7 +1726,7 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
         key,
         asked: Default::default(),
     });
-    let rig = rig_with_options(EgressGuard::default(), &[], Some(resolver.clone()), None).await;
+    let rig = rig_with_options(EgressGuard::default(), &[], Some(resolver.clone()), None, None).await;
     let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     start_run(client.records(), &bundle, &context).await;
@@ -1802,6 +1806,62 @@ async fn a_tenant_whose_calls_hang_takes_only_its_own_share_of_a_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_its_tool_or_its_run_holds_no_turn_another_tenant_waits_for() {
+    // One request worked on at a time at each replica. The tenant's first call waits 2 s for
+    // its tool, its second waits for the run the first holds: neither may keep the only turn.
+    let tool = ["--slow", "/hooks/status=2000"];
+    let rig = rig_with_options(EgressGuard::default(), &tool, None, None, Some(1)).await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &rig.bundle, &context).await;
+    let header = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&context).expect("json"))
+    };
+    let http = contextos_runner::http::client();
+    let tail = client.current_tail().await.expect("the run's head");
+    let call = |i: usize| {
+        let request = contextos_runner::gateway::remote::CallRequest {
+            envelope: status_update(&context, i),
+            state: Default::default(),
+            tail: tail.clone(),
+        };
+        http.post(format!("{}/v1/run/calls", rig.url))
+            .bearer_auth("token-run-1")
+            .header(RUN_CONTEXT_HEADER, header.clone())
+            .json(&request)
+            .send()
+    };
+    let first = tokio::spawn(call(1));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let second = tokio::spawn(call(2));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Another tenant's request is worked on while both wait (it is refused for its own reasons).
+    // (Bounded: requests that hold turns while waiting on each other would wait forever.)
+    let bound = std::time::Duration::from_secs(30);
+    let other = http
+        .get(format!("{}/v1/run/head?run={RUN}", rig.url))
+        .bearer_auth("token-bank")
+        .header(RUN_CONTEXT_HEADER, header.clone())
+        .timeout(bound)
+        .send()
+        .await
+        .expect("the other tenant was answered");
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "the other tenant was answered only after the hanging calls"
+    );
+    assert_ne!(other.status().as_u16(), 503, "{:?}", other.text().await);
+    for call in [first, second] {
+        tokio::time::timeout(bound, call)
+            .await
+            .expect("the tenant's calls were answered: no request keeps a turn another of its run needs")
+            .expect("task")
+            .expect("answered");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_writes_no_more_to_the_store_than_its_quota() {
     // Room for the bundle and a few entries: the quickstart's run needs more.
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
@@ -1810,7 +1870,7 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
         .bundle("shop", None)
         .expect("bundle");
     let quota = bundle.canonical_bytes().len() as u64 + 8 * 1024;
-    let rig = rig_with_options(EgressGuard::default(), &[], None, Some(quota)).await;
+    let rig = rig_with_options(EgressGuard::default(), &[], None, Some(quota), None).await;
     let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     let harness =

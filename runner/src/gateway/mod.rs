@@ -10,6 +10,7 @@ pub mod capabilities;
 pub mod consent_objects;
 pub mod egress;
 pub mod envelope;
+pub mod fair;
 pub mod feedback_objects;
 pub mod identity;
 pub mod intents;
@@ -951,10 +952,12 @@ impl ToolGateway {
         let mut attempts = 0;
         let outcome = loop {
             attempts += 1;
-            let outcome = self.attempt(call, tool).await;
+            // The tool's time, and the pause before asking again, are spent out of the
+            // request's turn at a gateway replica (the tool is not the replica's work).
+            let outcome = fair::away(self.attempt(call, tool)).await;
             match &outcome {
                 Err(e) if e.is_retryable() && attempts < max_attempts => {
-                    tokio::time::sleep(backoff(initial, attempts)).await;
+                    fair::away(tokio::time::sleep(backoff(initial, attempts))).await;
                 }
                 _ => break outcome,
             }

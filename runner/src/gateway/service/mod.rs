@@ -91,10 +91,30 @@ pub const DEFAULT_MAX_RUN_BYTES: u64 = 256 << 20;
 /// Runs whose gateway is kept built at most; the least recently used is dropped first.
 const MAX_CACHED_RUNS: usize = 256;
 
-/// One of a tenant's in-flight slots at this replica, held while its request is served.
+/// Requests one replica works on at once per core: the others wait in line for a turn, in
+/// rotation by tenant (see [`crate::gateway::fair`]). A few per core keep the cores busy while
+/// some requests wait for a flush.
+const TURNS_PER_CORE: usize = 2;
+
+/// One of a tenant's in-flight slots at this replica, and its turn, held while its request is
+/// served (by the handler and by any task carrying the request on).
 #[derive(Clone, Debug)]
 pub(super) struct TenantSlot {
     _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    turn: Option<Arc<crate::gateway::fair::TurnHandle>>,
+}
+
+impl TenantSlot {
+    /// Runs `work` for the request this slot was taken for, in its turn.
+    pub(super) async fn carry<F: std::future::Future>(
+        held: Option<axum::Extension<Self>>,
+        work: F,
+    ) -> F::Output {
+        match held.as_ref().and_then(|slot| slot.turn.clone()) {
+            Some(turn) => turn.scope(work).await,
+            None => work.await,
+        }
+    }
 }
 
 /// The service's shared state.
@@ -120,6 +140,9 @@ pub struct GatewayService<S, A, T> {
     capabilities: Option<Arc<dyn CapabilityResolver>>,
     /// Each tenant's share of the requests in flight.
     tenant_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Turns for the requests worked on at once, handed round the tenants (`None`: every
+    /// admitted request is worked on at once — the fairness benchmark's baseline).
+    turns: Option<Arc<crate::gateway::fair::FairTurns>>,
     /// The replay gates this replica is running: (Job, tenant).
     gates: Mutex<Vec<(String, String)>>,
     /// What the model turns it recorded cost (served on the metrics listener only).
@@ -280,6 +303,9 @@ where
             egress: EgressGuard::default(),
             capabilities: None,
             tenant_slots: Mutex::new(HashMap::new()),
+            turns: Some(crate::gateway::fair::FairTurns::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()) * TURNS_PER_CORE,
+            )),
             gates: Mutex::new(Vec::new()),
             spend: Arc::default(),
             max_run_bytes: DEFAULT_MAX_RUN_BYTES,
@@ -293,6 +319,14 @@ where
     /// (default [`DEFAULT_MAX_RUN_BYTES`]).
     pub fn with_max_run_bytes(mut self, bytes: u64) -> Self {
         self.max_run_bytes = bytes;
+        self
+    }
+
+    /// Works on `capacity` requests at once, handed round the tenants in turn (default: a few
+    /// per core), or — `None` — on every admitted request at once: the fairness benchmark's
+    /// baseline.
+    pub fn with_fair_turns(mut self, capacity: Option<usize>) -> Self {
+        self.turns = capacity.map(crate::gateway::fair::FairTurns::new);
         self
     }
 
@@ -485,13 +519,39 @@ where
             ))
             .into_response();
         };
+        // The body is read before the request waits for a turn: a caller that sends slowly
+        // holds only its own slot, never a turn others wait for.
+        let (parts, body) = request.into_parts();
+        let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
+            Ok(body) => body,
+            Err(e) => {
+                return Refusal(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_unreadable",
+                    format!(
+                        "the request body could not be read in full (at most {MAX_REQUEST_BYTES} bytes): {e}"
+                    ),
+                )
+                .into_response();
+            }
+        };
+        let turn = match &service.turns {
+            Some(turns) => Some(crate::gateway::fair::TurnHandle::new(
+                turns.clone(),
+                &tenant,
+                turns.take(&tenant).await,
+            )),
+            None => None,
+        };
         // A handler that goes on after its caller has gone (a call being carried through)
-        // keeps the slot: a caller cannot free its share by hanging up.
-        let mut request = request;
-        request.extensions_mut().insert(TenantSlot {
+        // keeps the slot and the turn: a caller cannot free its share by hanging up.
+        let mut request = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
+        let slot = TenantSlot {
             _permit: Arc::new(slot),
-        });
-        next.run(request).await
+            turn,
+        };
+        request.extensions_mut().insert(slot.clone());
+        TenantSlot::carry(Some(axum::Extension(slot)), next.run(request)).await
     }
 
     /// One of `tenant`'s in-flight slots, if it has one free.

@@ -160,7 +160,9 @@ where
             tenant: tenant.clone(),
         });
         let gating = crate::run::gate::run_gate(&service.store, &tenant, order, &candidate, models, now_ms());
-        let gate = match tokio::time::timeout(GATE_DEADLINE, gating).await {
+        // A gate runs for minutes and is bounded by its own limit (a few per replica): it takes
+        // no turn from the requests of runs while it does.
+        let gate = match crate::gateway::fair::away(tokio::time::timeout(GATE_DEADLINE, gating)).await {
             Ok(gate) => {
                 let gate = gate.map_err(unavailable)?;
                 if let Some(r) = &gate.reexecution {

@@ -87,7 +87,7 @@ where
             Some(text) => Some(Hash::parse(text).ok_or_else(|| bad("expected_head is not a hash"))?),
         };
         let slot = service.slot(&caller, &request.entries).await?;
-        let mut log = slot.log.lock().await;
+        let mut log = crate::gateway::fair::away(slot.log.lock()).await;
         log.refresh(&service.store, &caller.tenant, caller.run_id(), &slot.gateway)
             .await
             .map_err(unavailable)?;
@@ -582,8 +582,7 @@ where
         carried.follows_from(tracing::Span::current());
         let task = tokio::spawn(
             async move {
-                let _held = held;
-                service.decide_and_execute(&caller, &slot, request, answer).await;
+                TenantSlot::carry(held, service.decide_and_execute(&caller, &slot, request, answer)).await;
             }
             .instrument(carried),
         );
@@ -605,9 +604,9 @@ where
         answer: tokio::sync::oneshot::Sender<Reply>,
     ) {
         let request_call_id = request.envelope.call_id.clone();
-        let mut log = slot
-            .log
-            .lock()
+        // Another request of the run may hold the log while it waits for its tool: this one
+        // waits out of its turn (holding turns while waiting on each other could take them all).
+        let mut log = crate::gateway::fair::away(slot.log.lock())
             .instrument(tracing::debug_span!("gateway.log_lock"))
             .await;
         let mut recorder = match self
@@ -919,8 +918,7 @@ where
         // As for calls: what was offered is recorded even if the runner went away meanwhile.
         let (answer, answered) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
-            let _held = held;
-            service.recall_sources(&caller, &slot, request, answer).await;
+            TenantSlot::carry(held, service.recall_sources(&caller, &slot, request, answer)).await;
         });
         answered_by(answered, task).await
     }
@@ -936,7 +934,7 @@ where
         request: RecallCall,
         answer: tokio::sync::oneshot::Sender<Reply>,
     ) {
-        let mut log = slot.log.lock().await;
+        let mut log = crate::gateway::fair::away(slot.log.lock()).await;
         let mut recorder = match self
             .continue_run(
                 caller,
@@ -1006,8 +1004,7 @@ where
         // tenant's slot is held until then.
         let (answer, answered) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
-            let _held = held;
-            service.ask_model(&caller, &slot, request, answer).await;
+            TenantSlot::carry(held, service.ask_model(&caller, &slot, request, answer)).await;
         });
         answered_by(answered, task).await
     }
@@ -1021,7 +1018,7 @@ where
         request: ModelCall,
         answer: tokio::sync::oneshot::Sender<Reply>,
     ) {
-        let mut log = slot.log.lock().await;
+        let mut log = crate::gateway::fair::away(slot.log.lock()).await;
         let mut recorder = match self.turn_recorder(caller, slot, &mut log, &request).await {
             Ok(recorder) => recorder,
             Err(refusal) => {
@@ -1225,7 +1222,8 @@ where
             tokens_used: ledger.tokens,
             max_tokens: budget.max_tokens,
         };
-        let completed = slot.models.complete(&model_request, step, &facts).await;
+        // The model's time is spent out of the request's turn.
+        let completed = crate::gateway::fair::away(slot.models.complete(&model_request, step, &facts)).await;
         if let Err((error, route)) = &completed {
             // Refused or never sent (every model routing tried said so): nothing was spent.
             // Cut off or unreadable — a model timed out generating, say — it may have cost

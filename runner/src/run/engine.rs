@@ -717,12 +717,18 @@ impl<'s, S: RecordStore> Harness<'s, S> {
     ) -> Result<RunReport, RunError> {
         let message: String = error.to_string().chars().take(1024).collect();
         recorder.discard_staged();
-        recorder.stage(EntryBody::Failed {
-            reason: reason.into(),
-            message: message.clone(),
-        });
-        if recorder.flush().await.is_err() {
-            return Err(error);
+        if self.remote.is_some() && reason == crate::quota::EXCEEDED {
+            // The gateway that refused ended the run on record itself: the runner writes
+            // nothing more (it would be refused), and reads the head for its report.
+            let _ = recorder.sync().await;
+        } else {
+            recorder.stage(EntryBody::Failed {
+                reason: reason.into(),
+                message: message.clone(),
+            });
+            if recorder.flush().await.is_err() {
+                return Err(error);
+            }
         }
         let outcome = RunOutcome::Failed {
             reason: reason.into(),
@@ -923,6 +929,12 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => "ModelScriptExhausted",
             ModelError::NotRecorded { .. } => "ReplayExhausted",
             ModelError::TokenBudget { .. } => "TokenBudgetExhausted",
+            // The gateway that refused ended the run on record itself.
+            ModelError::QuotaExceeded { .. } if self.remote.is_some() => {
+                return self
+                    .ended_by_quota(recorder, error.into(), crate::quota::EXCEEDED, state)
+                    .await;
+            }
             ModelError::QuotaExceeded { .. } => crate::quota::EXCEEDED,
             _ if matches!(self.mode, Mode::Replay { .. }) => "ReplayExhausted",
             _ => {

@@ -280,7 +280,15 @@ async fn spend_stops_within_one_turns_cost_of_its_limit_and_an_unpriced_model_is
     let (reason, message) = failed_with(&report);
     assert_eq!(reason, "QuotaExceeded");
     assert!(message.contains("has no price"), "{message}");
-    assert_eq!(results(&bodies_of(&rig, RUN).await), 0);
+    let bodies = bodies_of(&rig, RUN).await;
+    assert_eq!(results(&bodies), 0);
+    // The gateway ended the run on record (the runner writes nothing after a quota's refusal).
+    assert!(
+        matches!(bodies.last(), Some(EntryBody::Failed { reason, message })
+            if reason == "QuotaExceeded" && message.contains("has no price")),
+        "{:?}",
+        bodies.last()
+    );
     // Priced at 1 USD per million tokens either way.
     let mut priced = other_session(&bundle, &[]);
     priced.model_price = Some(PinnedPrice {
@@ -386,4 +394,50 @@ async fn a_model_turn_cut_off_after_it_was_sent_spends_what_it_held_and_asking_a
     assert!(spent[0] >= 500, "{spent:?}");
     assert_eq!(spent[1], 2 * spent[0], "{spent:?}");
     assert_eq!(spent[2], 3 * spent[0], "{spent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_ignores_a_quotas_refusal_is_served_nothing_more_the_run_ended_on_record() {
+    let rig = rig().await;
+    rig.tenants.set_quotas(
+        "shop",
+        vec![spend_quota("tenant", "limits:\n- window: hour\n  toolCalls: 1\n")],
+    );
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &rig.bundle, &context).await;
+    let call = |i: usize| {
+        let mut call = search(&context);
+        call.call_id = format!("{i}.0");
+        call.idempotency_key = format!("search-{i}");
+        call
+    };
+    let first = client
+        .call(&call(1), &Default::default())
+        .await
+        .expect("answered");
+    assert!(matches!(first, CallOutcome::Executed(_)), "{first:?}");
+    let second = client
+        .call(&call(2), &Default::default())
+        .await
+        .expect("answered");
+    assert!(
+        matches!(&second, CallOutcome::Denied { rule, .. } if rule == "quota/tenant"),
+        "{second:?}"
+    );
+    // Written by the gateway, after the refusal: the run's end, naming the quota.
+    let bodies = bodies_of(&rig, RUN).await;
+    assert!(
+        matches!(bodies.last(), Some(EntryBody::Failed { reason, message })
+            if reason == "QuotaExceeded" && message.contains("SpendQuota tenant")),
+        "{:?}",
+        bodies.last()
+    );
+    // A runner that goes on as if nothing happened (a hostile one) is refused: the run ended.
+    let third = client.call(&call(3), &Default::default()).await;
+    assert!(
+        matches!(&third, Err(e) if e.to_string().contains("the run has ended")),
+        "{third:?}"
+    );
+    assert_eq!(results(&bodies_of(&rig, RUN).await), 1);
 }

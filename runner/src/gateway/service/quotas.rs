@@ -32,9 +32,10 @@ const REPORT_EVERY: Duration = Duration::from_secs(5);
 /// Namespaces whose quotas are kept at most.
 const MAX_CACHED: usize = 4096;
 
-/// The refusal code of a call a quota refuses for good: the runner ends its run
-/// `QuotaExceeded`.
-pub const QUOTA_EXCEEDED_CODE: &str = "quota_exceeded";
+/// The refusal code of a call a quota refuses for good: the gateway has ended the run
+/// `QuotaExceeded` on record. (Not the store's `quota_exceeded`, which is about the bytes a run
+/// writes and ends it `StoreQuotaExceeded`.)
+pub const QUOTA_EXCEEDED_CODE: &str = "spend_quota_exceeded";
 /// The refusal code of a call a quota holds (`whenWindowFull: Wait`): the runner asks again
 /// later.
 pub const QUOTA_WAIT_CODE: &str = "quota_wait";

@@ -684,6 +684,10 @@ where
                 }
             }
         }
+        // A SpendQuota that refuses a call ends the run on record (after the refusal).
+        let quota_end = quota_refusal
+            .as_ref()
+            .map(|refused| ended_by_quota(&refused.to_string()));
         let outcome = if let Some(refused) = quota_refusal {
             slot.gateway
                 .refuse_for_quota(&request.envelope, &mut recorder, &refused)
@@ -739,10 +743,16 @@ where
                 return;
             }
         };
-        let early = matches!(
-            outcome,
-            crate::gateway::CallOutcome::Executed(_) | crate::gateway::CallOutcome::Denied { .. }
-        );
+        // A run ended here is answered once its end is durable.
+        let ends_run = quota_end.is_some();
+        if let Some(end) = quota_end {
+            recorder.stage(end);
+        }
+        let early = !ends_run
+            && matches!(
+                outcome,
+                crate::gateway::CallOutcome::Executed(_) | crate::gateway::CallOutcome::Denied { .. }
+            );
         let reply = |head| with_head(Json(&outcome).into_response(), head);
         let written = self
             .write_and_answer(caller, &mut log, recorder, answer, early, reply)
@@ -1055,6 +1065,15 @@ where
             .await
         {
             Ok(turn) => turn,
+            // A SpendQuota refused the turn for good: the run ends here, on record, written by
+            // the gateway — whatever the runner reports, nothing more of the run is served.
+            Err(refusal) if refusal.1 == super::quotas::QUOTA_EXCEEDED_CODE => {
+                recorder.stage(ended_by_quota(&refusal.2));
+                let reply = move |head| with_head(refusal.into_response(), head);
+                self.write_and_answer(caller, &mut log, recorder, answer, false, reply)
+                    .await;
+                return;
+            }
             Err(refusal) => {
                 let _ = answer.send(Err(refusal));
                 return;
@@ -1276,6 +1295,15 @@ where
 }
 
 /// The answer a request's task gave; if it ended without one (it panicked), a refusal.
+/// The entry by which the gateway ends a run a SpendQuota refused (`QuotaExceeded`, naming the
+/// quota and its window as the refusal does).
+fn ended_by_quota(why: &str) -> EntryBody {
+    EntryBody::Failed {
+        reason: crate::quota::EXCEEDED.into(),
+        message: why.chars().take(1024).collect(),
+    }
+}
+
 async fn answered_by(
     answered: tokio::sync::oneshot::Receiver<Reply>,
     task: tokio::task::JoinHandle<()>,

@@ -6,9 +6,10 @@
 use anyhow::{Result, ensure};
 use contextos_crds::{Agent, Session, SpendQuota, session::SessionPhase};
 use contextos_kind_tests::{Check, TestEnv, TestNamespace, operator_env, wait_for_object};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
-    Api,
-    api::{Patch, PatchParams},
+    Api, ResourceExt as _,
+    api::{ListParams, Patch, PatchParams},
 };
 use serde_json::json;
 
@@ -69,13 +70,39 @@ async fn a_session_past_the_concurrency_quota_waits_pending_until_the_running_on
             .patch(name, &PatchParams::default(), &Patch::Merge(&approval))
             .await?;
     }
+    // Watched until both succeed: never two runner containers running at once, as the API
+    // server shows the pods (what the operator decides on).
+    let pods: Api<Pod> = ns.api();
+    let runner_pods = ListParams::default().labels(&format!("{}=runner", contextos_crds::labels::ROLE));
     let mut seen_wait = None;
+    let mut most_running = 0;
     let deadline = std::time::Instant::now() + TIMEOUT;
-    while seen_wait.is_none() && std::time::Instant::now() < deadline {
+    while std::time::Instant::now() < deadline {
+        let running: std::collections::BTreeSet<String> = pods
+            .list(&runner_pods)
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                    })
+            })
+            .filter_map(|p| p.labels().get(contextos_crds::labels::SESSION).cloned())
+            .collect();
+        ensure!(
+            running.len() <= 1,
+            "two Sessions ran at once under concurrentSessions 1: {running:?}"
+        );
+        most_running = most_running.max(running.len());
         for name in ["first", "second"] {
             let status = sessions.get(name).await?.status.unwrap_or_default();
             let ready = condition(&status.conditions, "Ready");
-            if ready.contains("QuotaWait") {
+            if seen_wait.is_none() && ready.contains("QuotaWait") {
                 seen_wait = Some((name, status.phase, ready));
             }
         }
@@ -88,6 +115,7 @@ async fn a_session_past_the_concurrency_quota_waits_pending_until_the_running_on
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    ensure!(most_running == 1, "a runner was seen running");
     let (waiting, phase, ready) =
         seen_wait.ok_or_else(|| anyhow::anyhow!("neither Session waited for the quota"))?;
     ensure!(

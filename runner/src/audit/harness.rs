@@ -136,15 +136,18 @@ impl Harness {
             kind.as_str(),
             "Agent" | "Policy" | "ContextPack" | "SandboxProfile" | "Session" | "Ontology" | "Consent"
         );
-        // Kinds the audit reads as others: what people say of runs, and prices.
-        let kept = matches!(kind.as_str(), "Feedback" | "Proposal" | "PriceList");
+        // Kinds the audit reads as others: what people say of runs, prices and quotas.
+        let kept = matches!(
+            kind.as_str(),
+            "Feedback" | "Proposal" | "PriceList" | "SpendQuota"
+        );
         if api_version.starts_with("contextos.dev/") && (api_version != API_VERSION || !(ours || kept)) {
             // A typo in the group's version or kind would otherwise pass as "not ours".
             let (field, problem) = if api_version == API_VERSION {
                 (
                     "kind",
                     format!(
-                        "{kind:?} is not a ContextOS kind (Agent, Policy, ContextPack, SandboxProfile, Session, Ontology, Consent, Feedback, Proposal, PriceList)"
+                        "{kind:?} is not a ContextOS kind (Agent, Policy, ContextPack, SandboxProfile, Session, Ontology, Consent, Feedback, Proposal, PriceList, SpendQuota)"
                     ),
                 )
             } else {

@@ -121,7 +121,7 @@ pub(super) const RULES: &[(Rule, Check)] = &[
         Rule {
             id: RuleId("agent/unpriced-model"),
             severity: Severity::High,
-            title: "a model no PriceList prices, in a cluster that prices models",
+            title: "a model, or a model turns are routed to, that no PriceList prices, in a cluster that prices models",
             why: "the Agent is Ready=False (PriceMissing) and none of its Sessions start: once a cluster has PriceLists, a call is never free by omission (two lists pricing the model differently count too)",
             fix: "price the model (provider, model name and endpoint) in one PriceList's `spec.models`",
         },
@@ -348,6 +348,18 @@ fn unpriced_models(harness: &Harness, sink: &mut Sink<'_>) {
     for agent in &harness.agents {
         if let Err(e) = crate::pricing::price_for(&lists, &agent.spec.model) {
             sink.report(agent, spec(&["model"]), e.to_string());
+        }
+        // Every model a turn may be routed to is priced too (a fallback is no free call).
+        let routed = agent
+            .spec
+            .routing
+            .iter()
+            .flat_map(|r| r.models.iter().enumerate());
+        for (i, routed) in routed {
+            if let Err(e) = crate::pricing::price_for(&lists, &routed.model) {
+                let field = spec(&["routing", "models"]).index(i).key("model");
+                sink.report(agent, field, format!("routed model {}: {e}", routed.name));
+            }
         }
     }
 }

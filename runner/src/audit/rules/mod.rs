@@ -12,6 +12,7 @@ mod records;
 mod sandbox;
 mod schema;
 mod session;
+mod spend;
 mod tool;
 
 use super::{
@@ -34,6 +35,7 @@ pub fn catalogue() -> impl Iterator<Item = &'static (Rule, Check)> {
         policy::RULES,
         sandbox::RULES,
         session::RULES,
+        spend::RULES,
         install::RULES,
         records::RULES,
         live::RULES,

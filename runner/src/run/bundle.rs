@@ -222,17 +222,26 @@ const PERSONAL_PARTS: [(&str, &str); 4] = [
 impl RunBundle {
     /// What `turn` cost at the pinned price of the model that answered it.
     pub fn turn_cost(&self, turn: &crate::model::ModelTurn) -> Option<crate::pricing::TurnCost> {
-        let price = match turn.route.as_ref().map(|r| r.answered_by.as_str()) {
-            None | Some(contextos_crds::model_routing::PRIMARY) => self.model_price.as_ref(),
-            Some(name) => self.routed_prices.get(name),
-        };
-        price.map(|p| {
+        let answered_by = turn
+            .route
+            .as_ref()
+            .map_or(contextos_crds::model_routing::PRIMARY, |r| r.answered_by.as_str());
+        self.price_of_route(answered_by).map(|p| {
             p.cost(
                 turn.prompt_tokens,
                 turn.cached_prompt_tokens,
                 turn.completion_tokens,
             )
         })
+    }
+
+    /// The pinned price of the model routing names `name` (`primary`: the Agent's own model).
+    pub fn price_of_route(&self, name: &str) -> Option<&crate::pricing::PinnedPrice> {
+        if name == contextos_crds::model_routing::PRIMARY {
+            self.model_price.as_ref()
+        } else {
+            self.routed_prices.get(name)
+        }
     }
 
     /// The price of the Agent's dearest model (its own, or one its routing names) for a turn of

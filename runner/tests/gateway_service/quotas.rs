@@ -441,3 +441,60 @@ async fn a_runner_that_ignores_a_quotas_refusal_is_served_nothing_more_the_run_e
     );
     assert_eq!(results(&bodies_of(&rig, RUN).await), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_cut_off_before_the_fallback_answered_is_charged_beside_the_answer() {
+    use contextos_runner::quota::{ActiveQuota, book};
+    let rig = rig().await;
+    let quota = spend_quota("tenant", "limits:\n- window: day\n  tokens: 1000000000\n");
+    rig.tenants.set_quotas("shop", vec![quota.clone()]);
+    let mut bundle = rig.bundle.clone();
+    // The Agent's own model hangs up mid-turn; a scripted backup answers.
+    bundle.agent_spec.model = serde_yaml::from_str(&format!(
+        "provider: openai_compatible\nmodel: gpt-cut-off\nendpoint: {}\nmaxOutputTokens: 500\n",
+        hanging_up_endpoint().await
+    ))
+    .expect("model");
+    bundle.model_script = None;
+    bundle.agent_spec.routing = Some(
+        serde_yaml::from_str(
+            "models:\n- name: backup\n  model: {provider: scripted, model: backup-script, scriptRef: {name: scripts, key: backup}}\nfallback: [backup]\n",
+        )
+        .expect("routing"),
+    );
+    bundle.routed_scripts.insert(
+        "backup".into(),
+        serde_json::json!({"turns": [{"content": "the backup's answer"}]}).to_string(),
+    );
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    let request = ModelRequest {
+        model: "m".into(),
+        messages: vec![Message::new(Role::User, "write a very long essay")],
+        tools: vec![],
+        max_output_tokens: None,
+    };
+    let turn = client.model(&request, 1).await.expect("the backup answered");
+    let route = turn.route.clone().expect("routed");
+    assert_eq!(route.answered_by, "backup");
+    assert!(route.failed[0].may_have_cost, "{route:?}");
+    let active = ActiveQuota::compile(&quota).expect("quota");
+    let used = book::usage(
+        &*rig.store,
+        &rig.tenant(),
+        &active,
+        contextos_runner::records::recorder::now_ms(),
+    )
+    .await
+    .expect("usage")[0]
+        .1;
+    // The answer's tokens, and the cut-off attempt as it was held: its prompt at a token a byte
+    // and its whole output limit.
+    let held = contextos_runner::model::most_prompt_tokens(&request) + 500;
+    assert_eq!(
+        used,
+        turn.prompt_tokens + turn.completion_tokens + held,
+        "{turn:?}"
+    );
+}

@@ -1053,7 +1053,7 @@ where
         };
         // Each request that asks the model spends: its hold is its own.
         let owner = super::quotas::request_owner();
-        let turn = match self
+        let (turn, cut_off) = match self
             .model_turn(
                 caller,
                 slot,
@@ -1064,7 +1064,7 @@ where
             )
             .await
         {
-            Ok(turn) => turn,
+            Ok(answered) => answered,
             // A SpendQuota refused the turn for good: the run ends here, on record, written by
             // the gateway — whatever the runner reports, nothing more of the run is served.
             Err(refusal) if refusal.1 == super::quotas::QUOTA_EXCEEDED_CODE => {
@@ -1096,7 +1096,7 @@ where
             .await;
         // The model answered: what it cost is spent, on record or not (asked again, it costs
         // again).
-        self.settle_turn(caller, slot, &quotas, (request.step, &owner), &counted)
+        self.settle_turn(caller, slot, &quotas, (request.step, &owner), &counted, cut_off)
             .await;
         // Counted once on record: a turn whose write failed is asked for again, and counted then.
         if log.ledger.turns.contains_key(&request.step) {
@@ -1110,7 +1110,8 @@ where
         }
     }
 
-    /// Ends a model turn's quota holds with what it cost.
+    /// Ends a model turn's quota holds with what it cost, and what models cut off before it
+    /// answered are charged (`cut_off`).
     async fn settle_turn(
         self: &Arc<Self>,
         caller: &Caller,
@@ -1118,11 +1119,18 @@ where
         quotas: &super::quotas::RunQuotas,
         (step, owner): (u32, &str),
         turn: &crate::model::ModelTurn,
+        cut_off: crate::quota::Amounts,
     ) {
         let cost = slot.bundle.turn_cost(turn);
         let spent = crate::quota::Amounts {
-            tokens: turn.prompt_tokens.saturating_add(turn.completion_tokens),
-            nanos: cost.as_ref().map_or(0, |c| c.nanos.0),
+            tokens: turn
+                .prompt_tokens
+                .saturating_add(turn.completion_tokens)
+                .saturating_add(cut_off.tokens),
+            nanos: cost
+                .as_ref()
+                .map_or(0, |c| c.nanos.0)
+                .saturating_add(cut_off.nanos),
             calls: 0,
         };
         let key = format!("{}/turn/{step}/{owner}", caller.run_id());
@@ -1152,7 +1160,8 @@ where
         Ok(recorder)
     }
 
-    /// The model's turn for `step`, within the run's budget as the record has it.
+    /// The model's turn for `step`, within the run's budget as the record has it, and what
+    /// models cut off before it answered are charged.
     async fn model_turn(
         self: &Arc<Self>,
         caller: &Caller,
@@ -1161,7 +1170,7 @@ where
         (request, step): (crate::model::ModelRequest, u32),
         quotas: &super::quotas::RunQuotas,
         owner: &str,
-    ) -> Result<crate::model::ModelTurn, Refusal> {
+    ) -> Result<(crate::model::ModelTurn, crate::quota::Amounts), Refusal> {
         let ledger = &log.ledger;
         if step != ledger.steps.saturating_add(1) {
             return Err(bad(format!(
@@ -1290,11 +1299,30 @@ where
         // Its usage is as `Model::complete` accounts it: an estimate when the model reports
         // none, never nothing.
         turn.cap_tool_calls(budget.max_tool_calls_per_turn);
-        Ok(turn)
+        // Models routing tried first that were cut off mid-turn may have cost what they could:
+        // each is charged as it was held (its prompt at a token a byte and its whole output
+        // limit), at its own price, beside what the answer cost.
+        let mut cut_off = crate::quota::Amounts::default();
+        let currency = slot.bundle.turn_cost(&turn).map(|c| c.currency);
+        for failed in turn
+            .route
+            .iter()
+            .flat_map(|r| &r.failed)
+            .filter(|f| f.may_have_cost)
+        {
+            cut_off.tokens = cut_off.tokens.saturating_add(most_in.saturating_add(most_out));
+            if let Some(price) = slot.bundle.price_of_route(&failed.model)
+                && currency.as_deref().is_none_or(|c| c == price.currency)
+            {
+                cut_off.nanos = cut_off
+                    .nanos
+                    .saturating_add(price.cost(most_in, 0, most_out).nanos.0);
+            }
+        }
+        Ok((turn, cut_off))
     }
 }
 
-/// The answer a request's task gave; if it ended without one (it panicked), a refusal.
 /// The entry by which the gateway ends a run a SpendQuota refused (`QuotaExceeded`, naming the
 /// quota and its window as the refusal does).
 fn ended_by_quota(why: &str) -> EntryBody {
@@ -1304,6 +1332,7 @@ fn ended_by_quota(why: &str) -> EntryBody {
     }
 }
 
+/// The answer a request's task gave; if it ended without one (it panicked), a refusal.
 async fn answered_by(
     answered: tokio::sync::oneshot::Receiver<Reply>,
     task: tokio::task::JoinHandle<()>,

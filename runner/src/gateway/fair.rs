@@ -52,29 +52,40 @@ impl Line {
         free
     }
 
-    /// Puts a request of `tenant` in its tenant's line.
+    /// Puts a request of `tenant` in its tenant's line. A tenant is in the rotation once, for
+    /// as long as it has a line (whoever in it has given up).
     fn enqueue(&mut self, tenant: &str, waiter: oneshot::Sender<()>) {
-        let line = self.waiting.entry(tenant.to_owned()).or_default();
-        // Requests whose callers gave up are dropped from the line as it is joined.
-        line.retain(|w| !w.is_closed());
-        if line.is_empty() {
-            self.rotation.push_back(tenant.to_owned());
+        match self.waiting.get_mut(tenant) {
+            Some(line) => {
+                // Requests whose callers gave up are dropped from the line as it is joined.
+                line.retain(|w| !w.is_closed());
+                line.push_back(waiter);
+            }
+            None => {
+                self.waiting.insert(tenant.to_owned(), VecDeque::from([waiter]));
+                self.rotation.push_back(tenant.to_owned());
+            }
         }
-        line.push_back(waiter);
     }
 
-    /// The request that gets a turn just ended: the first of the next tenant in rotation, who
-    /// then goes to the back if it has more waiting. `None` if nobody waits.
+    /// The request that gets a turn just ended: the first still waiting of the next tenant in
+    /// rotation, who then goes to the back if it has more waiting. `None` if nobody waits.
     fn next_waiter(&mut self) -> Option<oneshot::Sender<()>> {
-        let tenant = self.rotation.pop_front()?;
-        let line = self.waiting.get_mut(&tenant)?;
-        let waiter = line.pop_front();
-        if line.is_empty() {
-            self.waiting.remove(&tenant);
-        } else {
-            self.rotation.push_back(tenant);
+        while let Some(tenant) = self.rotation.pop_front() {
+            let Some(line) = self.waiting.get_mut(&tenant) else {
+                continue;
+            };
+            let waiter = std::iter::from_fn(|| line.pop_front()).find(|w| !w.is_closed());
+            if line.is_empty() {
+                self.waiting.remove(&tenant);
+            } else {
+                self.rotation.push_back(tenant);
+            }
+            if waiter.is_some() {
+                return waiter;
+            }
         }
-        waiter
+        None
     }
 }
 
@@ -89,25 +100,27 @@ impl FairTurns {
 
     /// Waits for a turn for a request of `tenant`.
     pub async fn take(self: &Arc<Self>, tenant: &str) -> Turn {
-        let waiting = {
-            let mut line = self.line.lock().unwrap_or_else(|e| e.into_inner());
-            if line.take_free(self.capacity) {
+        loop {
+            let waiting = {
+                let mut line = self.line.lock().unwrap_or_else(|e| e.into_inner());
+                if line.take_free(self.capacity) {
+                    return Turn { turns: self.clone() };
+                }
+                let (given, waiting) = oneshot::channel();
+                line.enqueue(tenant, given);
+                waiting
+            };
+            let mut waiter = Waiter {
+                turns: self.clone(),
+                waiting,
+                granted: false,
+            };
+            if (&mut waiter.waiting).await.is_ok() {
+                waiter.granted = true;
                 return Turn { turns: self.clone() };
             }
-            let (given, waiting) = oneshot::channel();
-            line.enqueue(tenant, given);
-            waiting
-        };
-        let mut waiter = Waiter {
-            turns: self.clone(),
-            waiting,
-            granted: false,
-        };
-        // The sender is only dropped unsent after it was closed, by this waiter's own drop.
-        if (&mut waiter.waiting).await.is_ok() {
-            waiter.granted = true;
+            // Dropped unsent (only if the line dropped it): in line again.
         }
-        Turn { turns: self.clone() }
     }
 
     /// Hands an ended turn to the next request waiting, or frees it.
@@ -191,7 +204,8 @@ impl TurnHandle {
     async fn away<F: Future>(&self, wait: F) -> F::Output {
         let stepped_out = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(turn) = stepped_out else {
-            // Another task of the request already stepped out: it takes the turn back.
+            // Another task of the request already stepped out and takes the turn back; this
+            // one goes on without a turn only after waiting (tasks of one request share one).
             return wait.await;
         };
         drop(turn);
@@ -253,14 +267,29 @@ mod tests {
     }
 
     #[test]
-    fn requests_whose_callers_left_are_dropped_from_the_line() {
+    fn requests_whose_callers_left_are_dropped_from_the_line_and_the_tenant_is_in_rotation_once() {
         let mut line = Line::default();
-        let (given, waiting) = waiter();
-        line.enqueue("a", given);
-        drop(waiting);
-        let (given, _waiting) = waiter();
+        for _ in 0..5 {
+            let (given, waiting) = waiter();
+            line.enqueue("a", given);
+            drop(waiting);
+        }
+        let (given, mut a) = waiter();
         line.enqueue("a", given);
         assert_eq!(line.waiting["a"].len(), 1);
+        assert_eq!(line.rotation, ["a"]);
+        // A line of callers who all left gives the turn to the next tenant that has one.
+        let (given, gone) = waiter();
+        line.enqueue("b", given);
+        drop(gone);
+        let (given, mut c) = waiter();
+        line.enqueue("c", given);
+        line.next_waiter().expect("a").send(()).expect("a waits");
+        assert!(a.try_recv().is_ok());
+        line.next_waiter().expect("c").send(()).expect("c waits");
+        assert!(c.try_recv().is_ok());
+        assert!(line.next_waiter().is_none());
+        assert!(line.rotation.is_empty() && line.waiting.is_empty());
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! Session's approvals, which admission checked when a human wrote them, and which controller
 //! owns a calling pod (a replay Job's pods read records, nothing else does).
 
+use crate::gateway::fair::away;
 use std::{
     collections::HashMap,
     future::Future,
@@ -137,8 +138,9 @@ impl KubeTenants {
 
 impl TenantView for KubeTenants {
     async fn secret(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, TenantError> {
-        let secret = Api::<Secret>::namespaced(self.client.clone(), namespace)
-            .get_opt(name)
+        // Every read of the API server here is waited for out of the request's turn at a
+        // gateway replica (the API server queues a tenant's reads per namespace).
+        let secret = away(Api::<Secret>::namespaced(self.client.clone(), namespace).get_opt(name))
             .await
             .map_err(|e| TenantError::Unavailable(format!("reading Secret {namespace}/{name}: {e}")))?;
         let Some(secret) = secret else {
@@ -153,8 +155,7 @@ impl TenantView for KubeTenants {
     }
 
     async fn pod_controller(&self, namespace: &str, pod: &str) -> Result<Option<(String, String)>, String> {
-        let found = Api::<Pod>::namespaced(self.client.clone(), namespace)
-            .get_opt(pod)
+        let found = away(Api::<Pod>::namespaced(self.client.clone(), namespace).get_opt(pod))
             .await
             .map_err(|e| format!("reading Pod {namespace}/{pod}: {e}"))?;
         Ok(found.and_then(|p| {
@@ -167,8 +168,7 @@ impl TenantView for KubeTenants {
     }
 
     async fn decisions(&self, namespace: &str, session: &str) -> Result<SessionDecisions, String> {
-        let found = Api::<Session>::namespaced(self.client.clone(), namespace)
-            .get_opt(session)
+        let found = away(Api::<Session>::namespaced(self.client.clone(), namespace).get_opt(session))
             .await
             .map_err(|e| format!("reading Session {namespace}/{session}: {e}"))?;
         Ok(found
@@ -180,10 +180,8 @@ impl TenantView for KubeTenants {
     }
 
     async fn spend_quotas(&self, namespace: &str) -> Result<Vec<SpendQuota>, String> {
-        match Api::<SpendQuota>::namespaced(self.client.clone(), namespace)
-            .list(&kube::api::ListParams::default())
-            .await
-        {
+        let api = Api::<SpendQuota>::namespaced(self.client.clone(), namespace);
+        match away(api.list(&kube::api::ListParams::default())).await {
             Ok(list) => Ok(list.items),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
             Err(e) => Err(format!("listing the SpendQuotas of {namespace}: {e}")),
@@ -206,15 +204,14 @@ impl TenantView for KubeTenants {
             },
         });
         // Its own field manager: the operator owns the status's Session fields and conditions.
-        let written = api
-            .patch_status(
-                quota,
-                &kube::api::PatchParams::apply("contextos.dev/gateway").force(),
-                &kube::api::Patch::Apply(&patch),
-            )
-            .await
-            .map_err(|e| format!("writing the status of SpendQuota {namespace}/{quota}: {e}"))?;
-        self.publish_quota_events(&written, &report.events).await;
+        let written = away(api.patch_status(
+            quota,
+            &kube::api::PatchParams::apply("contextos.dev/gateway").force(),
+            &kube::api::Patch::Apply(&patch),
+        ))
+        .await
+        .map_err(|e| format!("writing the status of SpendQuota {namespace}/{quota}: {e}"))?;
+        away(self.publish_quota_events(&written, &report.events)).await;
         Ok(())
     }
 }

@@ -194,7 +194,7 @@ pub trait MemoryBackend: Send + Sync {
                 let mut byte = [0u8; 1];
                 let jitter = getrandom::fill(&mut byte).map_or(0, |()| u64::from(byte[0] % 4));
                 let pause = u64::from(attempt.min(10)) + jitter;
-                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                crate::gateway::fair::away(tokio::time::sleep(std::time::Duration::from_millis(pause))).await;
             }
             Err(StoreError::Backend(format!(
                 "other writers kept changing the rows; tried {UPDATE_ATTEMPTS} times"

@@ -454,7 +454,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                     }
                     // Writers that collided would collide again in lockstep; a random pause
                     // lets one of them through.
-                    tokio::time::sleep(rechain_pause(attempt)).await;
+                    crate::gateway::fair::away(tokio::time::sleep(rechain_pause(attempt))).await;
                 }
                 Err(e) => {
                     // Keep the bodies so a caller that retries after a transient error loses nothing.
@@ -629,7 +629,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                 });
             }
             let pause = std::time::Duration::from_millis(50);
-            tokio::time::sleep(pause).await;
+            crate::gateway::fair::away(tokio::time::sleep(pause)).await;
             waited += pause;
             head = self
                 .store

@@ -79,8 +79,15 @@ fn bearer(headers: &HeaderMap) -> &str {
         .unwrap_or_default()
 }
 
-/// Requests handled at once by one replica (more wait in line).
+/// Requests being identified at once by one replica (more wait in line): what bounds the token
+/// reviews a flood of strangers can cause.
+const MAX_IDENTIFYING: usize = 1024;
+/// Requests of identified callers one replica holds at once, whatever their tenant (more are
+/// answered 503, which runners retry): memory for their bodies and their tasks.
 const MAX_IN_FLIGHT: usize = 256;
+/// How long a caller may take to send a request's body: a slow sender holds one of its
+/// tenant's slots and of the replica's, so it is cut off.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Requests of one tenant handled at once by one replica (more are answered 503, which runners
 /// retry): a tenant whose calls hang — a tool that never answers — cannot take every slot.
 const MAX_IN_FLIGHT_PER_TENANT: usize = 64;
@@ -101,6 +108,7 @@ const TURNS_PER_CORE: usize = 2;
 #[derive(Clone, Debug)]
 pub(super) struct TenantSlot {
     _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    _replica: Arc<tokio::sync::OwnedSemaphorePermit>,
     turn: Option<Arc<crate::gateway::fair::TurnHandle>>,
 }
 
@@ -140,6 +148,8 @@ pub struct GatewayService<S, A, T> {
     capabilities: Option<Arc<dyn CapabilityResolver>>,
     /// Each tenant's share of the requests in flight.
     tenant_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// The replica's requests in flight, every tenant's together.
+    in_flight: Arc<tokio::sync::Semaphore>,
     /// Turns for the requests worked on at once, handed round the tenants (`None`: every
     /// admitted request is worked on at once — the fairness benchmark's baseline).
     turns: Option<Arc<crate::gateway::fair::FairTurns>>,
@@ -303,6 +313,7 @@ where
             egress: EgressGuard::default(),
             capabilities: None,
             tenant_slots: Mutex::new(HashMap::new()),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             turns: Some(crate::gateway::fair::FairTurns::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()) * TURNS_PER_CORE,
             )),
@@ -475,7 +486,7 @@ where
             ))
             // One bound shared by every route (health checks are outside it, so a busy replica
             // still answers its probes).
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_IN_FLIGHT));
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_IDENTIFYING));
         Router::new()
             .merge(authenticated)
             .route("/v1/tenants/{tenant}/record-key", get(Self::record_key))
@@ -519,12 +530,30 @@ where
             ))
             .into_response();
         };
-        // The body is read before the request waits for a turn: a caller that sends slowly
-        // holds only its own slot, never a turn others wait for.
+        let Ok(replica) = service.in_flight.clone().try_acquire_owned() else {
+            return unavailable(format!(
+                "this gateway replica has {MAX_IN_FLIGHT} requests in flight; try again"
+            ))
+            .into_response();
+        };
+        // The body is read before the request waits for a turn, and within a bound: a caller
+        // that sends slowly holds its slots for that long at most, and never a turn.
         let (parts, body) = request.into_parts();
-        let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
-            Ok(body) => body,
-            Err(e) => {
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, MAX_REQUEST_BYTES));
+        let body = match read.await {
+            Ok(Ok(body)) => body,
+            Err(_) => {
+                return Refusal(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_too_slow",
+                    format!(
+                        "the request body was not sent within {} s",
+                        BODY_READ_TIMEOUT.as_secs()
+                    ),
+                )
+                .into_response();
+            }
+            Ok(Err(e)) => {
                 return Refusal(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_unreadable",
@@ -548,6 +577,7 @@ where
         let mut request = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
         let slot = TenantSlot {
             _permit: Arc::new(slot),
+            _replica: Arc::new(replica),
             turn,
         };
         request.extensions_mut().insert(slot.clone());

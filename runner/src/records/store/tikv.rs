@@ -482,7 +482,8 @@ impl MemoryBackend for TikvStore {
             // Writers that conflicted together should not all come back together.
             let mut jitter = [0u8; 2];
             let jitter = getrandom::fill(&mut jitter).map_or(0, |()| u16::from_le_bytes(jitter));
-            tokio::time::sleep(backoff + backoff.mul_f64(f64::from(jitter) / f64::from(u16::MAX))).await;
+            let pause = backoff + backoff.mul_f64(f64::from(jitter) / f64::from(u16::MAX));
+            crate::gateway::fair::away(tokio::time::sleep(pause)).await;
             backoff = (backoff * 2).min(Duration::from_millis(200));
         }
         Err(backend(format!(

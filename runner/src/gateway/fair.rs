@@ -220,6 +220,9 @@ impl TurnHandle {
 /// current request's turn, and takes a turn again (in line with the others) when it is done.
 /// Outside a turn (local runs, tests of the gateway alone) it only waits.
 pub async fn away<F: Future>(wait: F) -> F::Output {
+    // On the heap: wrapped round deep futures (a tool call, a store write), it would otherwise
+    // add their size to every caller's state on the stack.
+    let wait = Box::pin(wait);
     match TURN.try_with(Arc::clone) {
         Ok(handle) => handle.away(wait).await,
         Err(_) => wait.await,

@@ -118,6 +118,8 @@ impl TenantSlot {
         held: Option<axum::Extension<Self>>,
         work: F,
     ) -> F::Output {
+        // On the heap: a request's whole handling is a deep future.
+        let work = Box::pin(work);
         match held.as_ref().and_then(|slot| slot.turn.clone()) {
             Some(turn) => turn.scope(work).await,
             None => work.await,

@@ -244,106 +244,124 @@ impl TikvStore {
     }
 }
 
+// Each operation is network round trips to TiKV, where the work is done: at a gateway replica
+// it is waited for out of the request's turn (`fair::away`).
 impl RecordStore for TikvStore {
     async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
-        self.try_append(tenant.as_str(), &batch).await
+        crate::gateway::fair::away(async move { self.try_append(tenant.as_str(), &batch).await }).await
     }
 
     async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>> {
-        validate_id("run", run_id)?;
-        self.current_head(tenant.as_str(), run_id).await
+        crate::gateway::fair::away(async move {
+            validate_id("run", run_id)?;
+            self.current_head(tenant.as_str(), run_id).await
+        })
+        .await
     }
 
     async fn read_chain(&self, tenant: &TenantId, run_id: &str, from_seq: u64) -> Result<Vec<StoredEntry>> {
-        validate_id("run", run_id)?;
-        let t = tenant.as_str();
-        let prefix = keys::entries_prefix(t, run_id);
-        let pairs = self
-            .scan_all(keys::entry(t, run_id, from_seq), keys::prefix_end(&prefix))
-            .await?;
-        pairs
-            .into_iter()
-            .map(|(key, value)| {
-                let seq_bytes: [u8; 8] = key[prefix.len()..].try_into().map_err(|_| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    problem: "entry key has no 8-byte sequence number".into(),
-                })?;
-                let seq = u64::from_be_bytes(seq_bytes);
-                StoredEntry::from_value_bytes(seq, &value).ok_or_else(|| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    problem: "value shorter than a hash".into(),
+        crate::gateway::fair::away(async move {
+            validate_id("run", run_id)?;
+            let t = tenant.as_str();
+            let prefix = keys::entries_prefix(t, run_id);
+            let pairs = self
+                .scan_all(keys::entry(t, run_id, from_seq), keys::prefix_end(&prefix))
+                .await?;
+            pairs
+                .into_iter()
+                .map(|(key, value)| {
+                    let seq_bytes: [u8; 8] =
+                        key[prefix.len()..].try_into().map_err(|_| StoreError::Corrupt {
+                            key: String::from_utf8_lossy(&key).into_owned(),
+                            problem: "entry key has no 8-byte sequence number".into(),
+                        })?;
+                    let seq = u64::from_be_bytes(seq_bytes);
+                    StoredEntry::from_value_bytes(seq, &value).ok_or_else(|| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        problem: "value shorter than a hash".into(),
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 
     async fn list_runs(&self, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
-        let t = tenant.as_str();
-        let start = keys::by_time(t, filter.since_ms.unwrap_or(i64::MIN), "");
-        let end = match filter.until_ms {
-            Some(until) => keys::by_time(t, until, ""),
-            None => keys::prefix_end(&keys::by_time_prefix(t)),
-        };
-        let index = self.scan_all(start, end).await?;
-        let time_prefix_len = keys::by_time_prefix(t).len() + 8;
-        let mut out = Vec::new();
-        for (key, _) in index.into_iter().rev() {
-            let run = String::from_utf8_lossy(&key[time_prefix_len..]).into_owned();
-            let summary_key = keys::summary(t, &run);
-            let Some(value) = self.get(summary_key.clone()).await? else {
-                continue;
+        crate::gateway::fair::away(async move {
+            let t = tenant.as_str();
+            let start = keys::by_time(t, filter.since_ms.unwrap_or(i64::MIN), "");
+            let end = match filter.until_ms {
+                Some(until) => keys::by_time(t, until, ""),
+                None => keys::prefix_end(&keys::by_time_prefix(t)),
             };
-            let summary: RunSummary = decode_json(&value, &summary_key)?;
-            if filter.matches(&summary) {
-                out.push(summary);
-                if filter.limit.is_some_and(|limit| out.len() >= limit) {
-                    break;
+            let index = self.scan_all(start, end).await?;
+            let time_prefix_len = keys::by_time_prefix(t).len() + 8;
+            let mut out = Vec::new();
+            for (key, _) in index.into_iter().rev() {
+                let run = String::from_utf8_lossy(&key[time_prefix_len..]).into_owned();
+                let summary_key = keys::summary(t, &run);
+                let Some(value) = self.get(summary_key.clone()).await? else {
+                    continue;
+                };
+                let summary: RunSummary = decode_json(&value, &summary_key)?;
+                if filter.matches(&summary) {
+                    out.push(summary);
+                    if filter.limit.is_some_and(|limit| out.len() >= limit) {
+                        break;
+                    }
                 }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 
     async fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> Result<Hash> {
-        let hash = Hash::of(&bytes);
-        let key = keys::blob(tenant.as_str(), &hash);
-        let mut txn = self.begin().await?;
-        let exists = match txn.key_exists(key.clone()).await {
-            Ok(exists) => exists,
-            Err(e) => {
+        crate::gateway::fair::away(async move {
+            let hash = Hash::of(&bytes);
+            let key = keys::blob(tenant.as_str(), &hash);
+            let mut txn = self.begin().await?;
+            let exists = match txn.key_exists(key.clone()).await {
+                Ok(exists) => exists,
+                Err(e) => {
+                    txn.rollback().await.map_err(backend)?;
+                    return Err(backend(e));
+                }
+            };
+            if exists {
+                txn.rollback().await.map_err(backend)?;
+                return Ok(hash);
+            }
+            if let Err(e) = txn.put(key.clone(), bytes).await {
                 txn.rollback().await.map_err(backend)?;
                 return Err(backend(e));
             }
-        };
-        if exists {
-            txn.rollback().await.map_err(backend)?;
-            return Ok(hash);
-        }
-        if let Err(e) = txn.put(key.clone(), bytes).await {
-            txn.rollback().await.map_err(backend)?;
-            return Err(backend(e));
-        }
-        if let Err(e) = txn.commit().await {
-            // Content-addressed: a concurrent writer of the same blob wrote the same bytes.
-            if self.get(key).await?.is_some() {
-                return Ok(hash);
+            if let Err(e) = txn.commit().await {
+                // Content-addressed: a concurrent writer of the same blob wrote the same bytes.
+                if self.get(key).await?.is_some() {
+                    return Ok(hash);
+                }
+                return Err(backend(e));
             }
-            return Err(backend(e));
-        }
-        Ok(hash)
+            Ok(hash)
+        })
+        .await
     }
 
     async fn get_blob(&self, tenant: &TenantId, hash: &Hash) -> Result<Option<Vec<u8>>> {
-        self.get(keys::blob(tenant.as_str(), hash)).await
+        crate::gateway::fair::away(async move { self.get(keys::blob(tenant.as_str(), hash)).await }).await
     }
 
     async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {
-        validate_id("session", session_id)?;
-        let key = keys::checkpoint(tenant.as_str(), session_id);
-        match self.get(key.clone()).await? {
-            Some(v) => Ok(Some(decode_json(&v, &key)?)),
-            None => Ok(None),
-        }
+        crate::gateway::fair::away(async move {
+            validate_id("session", session_id)?;
+            let key = keys::checkpoint(tenant.as_str(), session_id);
+            match self.get(key.clone()).await? {
+                Some(v) => Ok(Some(decode_json(&v, &key)?)),
+                None => Ok(None),
+            }
+        })
+        .await
     }
 }
 
@@ -411,15 +429,18 @@ impl MemoryBackend for TikvStore {
     }
 
     async fn memory_get(&self, tenant: &TenantId, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>> {
-        keys.iter().try_for_each(|key| check_key(tenant, key))?;
-        let mut txn = self.begin().await?;
-        let found = txn.batch_get(keys.clone()).await;
-        txn.rollback().await.map_err(backend)?;
-        let mut found: std::collections::HashMap<Vec<u8>, Vec<u8>> = found
-            .map_err(backend)?
-            .map(|kv| (Vec::from(kv.0), kv.1))
-            .collect();
-        Ok(keys.iter().map(|key| found.remove(key)).collect())
+        crate::gateway::fair::away(async move {
+            keys.iter().try_for_each(|key| check_key(tenant, key))?;
+            let mut txn = self.begin().await?;
+            let found = txn.batch_get(keys.clone()).await;
+            txn.rollback().await.map_err(backend)?;
+            let mut found: std::collections::HashMap<Vec<u8>, Vec<u8>> = found
+                .map_err(backend)?
+                .map(|kv| (Vec::from(kv.0), kv.1))
+                .collect();
+            Ok(keys.iter().map(|key| found.remove(key)).collect())
+        })
+        .await
     }
 
     async fn memory_scan(
@@ -429,12 +450,15 @@ impl MemoryBackend for TikvStore {
         end: Vec<u8>,
         limit: usize,
     ) -> Result<Pairs> {
-        check_range(tenant, &start, &end)?;
-        let mut txn = self.begin().await?;
-        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-        let page = txn.scan(range(start, end), limit).await;
-        txn.rollback().await.map_err(backend)?;
-        Ok(page.map_err(backend)?.map(|kv| (Vec::from(kv.0), kv.1)).collect())
+        crate::gateway::fair::away(async move {
+            check_range(tenant, &start, &end)?;
+            let mut txn = self.begin().await?;
+            let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+            let page = txn.scan(range(start, end), limit).await;
+            txn.rollback().await.map_err(backend)?;
+            Ok(page.map_err(backend)?.map(|kv| (Vec::from(kv.0), kv.1)).collect())
+        })
+        .await
     }
 
     async fn memory_snapshot(
@@ -445,50 +469,56 @@ impl MemoryBackend for TikvStore {
         end: Vec<u8>,
         limit: usize,
     ) -> Result<(Vec<Option<Vec<u8>>>, Pairs)> {
-        keys.iter().try_for_each(|key| check_key(tenant, key))?;
-        check_range(tenant, &start, &end)?;
-        // One transaction: both reads at its start timestamp.
-        let mut txn = self.begin().await?;
-        let read: Result<_> = async {
-            let mut found: std::collections::HashMap<Vec<u8>, Vec<u8>> = txn
-                .batch_get(keys.clone())
-                .await
-                .map_err(backend)?
-                .map(|kv| (Vec::from(kv.0), kv.1))
-                .collect();
-            let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-            let pairs: Pairs = txn
-                .scan(range(start, end), limit)
-                .await
-                .map_err(backend)?
-                .map(|kv| (Vec::from(kv.0), kv.1))
-                .collect();
-            Ok((keys.iter().map(|key| found.remove(key)).collect(), pairs))
-        }
-        .await;
-        txn.rollback().await.map_err(backend)?;
-        read
+        crate::gateway::fair::away(async move {
+            keys.iter().try_for_each(|key| check_key(tenant, key))?;
+            check_range(tenant, &start, &end)?;
+            // One transaction: both reads at its start timestamp.
+            let mut txn = self.begin().await?;
+            let read: Result<_> = async {
+                let mut found: std::collections::HashMap<Vec<u8>, Vec<u8>> = txn
+                    .batch_get(keys.clone())
+                    .await
+                    .map_err(backend)?
+                    .map(|kv| (Vec::from(kv.0), kv.1))
+                    .collect();
+                let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+                let pairs: Pairs = txn
+                    .scan(range(start, end), limit)
+                    .await
+                    .map_err(backend)?
+                    .map(|kv| (Vec::from(kv.0), kv.1))
+                    .collect();
+                Ok((keys.iter().map(|key| found.remove(key)).collect(), pairs))
+            }
+            .await;
+            txn.rollback().await.map_err(backend)?;
+            read
+        })
+        .await
     }
 
     async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
-        check_writes(tenant, &writes)?;
-        let mut backoff = MEMORY_WRITE_BACKOFF;
-        for _ in 0..MEMORY_WRITE_ATTEMPTS {
-            // A retried write re-reads its guard: one that landed although its acknowledgement
-            // was lost finds the guard no longer holds, and changes nothing twice.
-            if let Some(applied) = self.try_memory_write(&writes).await? {
-                return Ok(applied);
+        crate::gateway::fair::away(async move {
+            check_writes(tenant, &writes)?;
+            let mut backoff = MEMORY_WRITE_BACKOFF;
+            for _ in 0..MEMORY_WRITE_ATTEMPTS {
+                // A retried write re-reads its guard: one that landed although its acknowledgement
+                // was lost finds the guard no longer holds, and changes nothing twice.
+                if let Some(applied) = self.try_memory_write(&writes).await? {
+                    return Ok(applied);
+                }
+                // Writers that conflicted together should not all come back together.
+                let mut jitter = [0u8; 2];
+                let jitter = getrandom::fill(&mut jitter).map_or(0, |()| u16::from_le_bytes(jitter));
+                let pause = backoff + backoff.mul_f64(f64::from(jitter) / f64::from(u16::MAX));
+                crate::gateway::fair::away(tokio::time::sleep(pause)).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
             }
-            // Writers that conflicted together should not all come back together.
-            let mut jitter = [0u8; 2];
-            let jitter = getrandom::fill(&mut jitter).map_or(0, |()| u16::from_le_bytes(jitter));
-            let pause = backoff + backoff.mul_f64(f64::from(jitter) / f64::from(u16::MAX));
-            crate::gateway::fair::away(tokio::time::sleep(pause)).await;
-            backoff = (backoff * 2).min(Duration::from_millis(200));
-        }
-        Err(backend(format!(
-            "a memory write conflicted with other writers {MEMORY_WRITE_ATTEMPTS} times; try again"
-        )))
+            Err(backend(format!(
+                "a memory write conflicted with other writers {MEMORY_WRITE_ATTEMPTS} times; try again"
+            )))
+        })
+        .await
     }
 }
 

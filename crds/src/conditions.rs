@@ -59,7 +59,7 @@ pub mod reason {
     /// A tool uses an adapter this release cannot run (A2A).
     pub const ADAPTER_UNAVAILABLE: &str = "AdapterUnavailable";
     /// The cluster prices models (it has a PriceList) and none prices the Agent's, or two
-    /// price it differently: its calls would be free or ambiguous.
+    /// price it (or one of its paid tools) differently: its calls would be free or ambiguous.
     pub const PRICE_MISSING: &str = "PriceMissing";
     /// A Session override would loosen the Agent's budget or safety mode.
     pub const OVERRIDE_LOOSENS: &str = "OverrideLoosens";

@@ -204,7 +204,8 @@ fn a_price_list_takes_decimal_rates_in_one_iso_currency() {
     refused_at("/spec/models/0/inputPerMillion", serde_json::json!("0.15 USD"));
     refused_at("/spec/models/0/outputPerMillion", serde_json::json!("-1"));
     refused_at("/spec/models/0/cachedInputPerMillion", serde_json::json!("1e-3"));
-    refused_at("/spec/models", serde_json::json!([]));
+    refused_at("/spec/tools/0/perCall", serde_json::json!("free"));
+    refused_at("/spec/tools/0/urlPrefix", serde_json::json!("ops-tools/runbooks"));
     // An endpoint a price can never match (a scripted model has none), or one no client would
     // be configured with, is refused rather than left to price nothing.
     let cel_refused = |index: usize, field: &str, value: Value, message: &str| {
@@ -229,5 +230,30 @@ fn a_price_list_takes_decimal_rates_in_one_iso_currency() {
         "endpoint",
         serde_json::json!("https://api.openai.com/v1?key=x"),
         "no query, fragment or credentials",
+    );
+    // A tool price by a URL no tool could be compared with, or a list that prices nothing.
+    let refused_with = |bad: Value, message: &str| {
+        let refusals = admit(&bad, None);
+        assert!(
+            refusals
+                .iter()
+                .any(|r| matches!(r, Refusal::Cel { message: m, .. } if m.contains(message))),
+            "{message}: {refusals:?}"
+        );
+    };
+    let mut bad = list.clone();
+    bad["spec"]["tools"][0]["urlPrefix"] = serde_json::json!("https://user@api.search.example/v1");
+    refused_with(bad, "urlPrefix is a scheme, host and path");
+    let mut empty = list.clone();
+    empty["spec"]["models"] = serde_json::json!([]);
+    empty["spec"]["tools"] = serde_json::json!([]);
+    refused_with(empty, "a PriceList prices nothing");
+    // Tools alone are a price list.
+    let mut tools_only = list.clone();
+    tools_only["spec"].as_object_mut().expect("spec").remove("models");
+    assert!(
+        admit(&tools_only, None).is_empty(),
+        "{:?}",
+        admit(&tools_only, None)
     );
 }

@@ -41,6 +41,7 @@ pub fn run_bundle(session: &Session) -> RunBundle {
         agent_labels: Default::default(),
         routed_scripts: Default::default(),
         routed_prices: Default::default(),
+        tool_prices: Default::default(),
         ontology: None,
         model_price: None,
     }

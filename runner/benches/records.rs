@@ -45,6 +45,7 @@ fn body(i: u64) -> EntryBody {
         error: None,
         attempts: 1,
         truncated: false,
+        cost: None,
     })
 }
 

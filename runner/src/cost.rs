@@ -1,6 +1,8 @@
 //! Spend over a window, read from the records: each model turn's tokens and the cost recorded
-//! with it, summed by agent, model or a Session label (a team), per currency. Turns recorded
-//! without a price (no PriceList then, or a scripted model) are counted as unpriced tokens.
+//! with it, and each priced tool call's cost, summed by agent, model, tool or a Session label
+//! (a team), per currency. Turns recorded without a price (no PriceList then, or a scripted
+//! model) are counted as unpriced tokens. A tool call answered again from the record (asked
+//! again after a crash) is counted once, by its idempotency key, as the quotas count it.
 
 use std::collections::BTreeMap;
 
@@ -15,21 +17,25 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum By {
     Agent,
+    /// The model of each turn; priced tool calls as [`TOOL_CALLS`].
     Model,
+    /// The tool of each priced call; model turns as [`MODEL_TURNS`].
+    Tool,
     /// A Session label's value (`team`, `environment`, …); runs without it are `(none)`.
     Label(String),
 }
 
 impl By {
-    /// `agent`, `model` or `label=<key>`.
+    /// `agent`, `model`, `tool` or `label=<key>`.
     pub fn parse(text: &str) -> Result<Self, String> {
         match text {
             "agent" => Ok(Self::Agent),
             "model" => Ok(Self::Model),
+            "tool" => Ok(Self::Tool),
             _ => match text.strip_prefix("label=") {
                 Some(key) if !key.is_empty() => Ok(Self::Label(key.to_owned())),
                 _ => Err(format!(
-                    "--by {text:?}: say agent, model or label=<key> (e.g. label=team)"
+                    "--by {text:?}: say agent, model, tool or label=<key> (e.g. label=team)"
                 )),
             },
         }
@@ -39,10 +45,16 @@ impl By {
         match self {
             Self::Agent => "agent".into(),
             Self::Model => "model".into(),
+            Self::Tool => "tool".into(),
             Self::Label(key) => format!("label {key}"),
         }
     }
 }
+
+/// The group of priced tool calls when spend is summed by model.
+pub const TOOL_CALLS: &str = "(tool calls)";
+/// The group of model turns when spend is summed by tool.
+pub const MODEL_TURNS: &str = "(model turns)";
 
 /// The spend of one group.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -53,7 +65,9 @@ pub struct Spend {
     pub prompt_tokens: u64,
     pub cached_prompt_tokens: u64,
     pub completion_tokens: u64,
-    /// By currency, in nano-units (10⁻⁹ of the currency).
+    /// Calls to priced tools that were carried out.
+    pub priced_tool_calls: u64,
+    /// By currency, in nano-units (10⁻⁹ of the currency): turns and priced tool calls.
     #[serde(rename = "costNanos")]
     pub cost: BTreeMap<String, Nanos>,
     /// Tokens of turns recorded without a price.
@@ -70,6 +84,7 @@ impl Spend {
             .cached_prompt_tokens
             .saturating_add(other.cached_prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
+        self.priced_tool_calls = self.priced_tool_calls.saturating_add(other.priced_tool_calls);
         self.unpriced_tokens = self.unpriced_tokens.saturating_add(other.unpriced_tokens);
         for (currency, amount) in &other.cost {
             let sum = self.cost.entry(currency.clone()).or_default();
@@ -126,22 +141,60 @@ impl Report {
         entries: &[RecordEntry],
     ) {
         let mut per_group: BTreeMap<String, Spend> = BTreeMap::new();
+        let run_group = || match by {
+            By::Label(key) => labels.get(key).cloned().unwrap_or_else(|| "(none)".into()),
+            _ => agent.to_owned(),
+        };
+        // Calls by id, to count each priced call once by its idempotency key.
+        let mut calls: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+        let mut charged: std::collections::BTreeSet<&str> = Default::default();
         for entry in entries {
-            let EntryBody::ModelTurn {
-                model,
-                prompt_tokens,
-                completion_tokens,
-                cached_prompt_tokens,
-                cost,
-                ..
-            } = &entry.body
-            else {
-                continue;
+            let (model, prompt_tokens, completion_tokens, cached_prompt_tokens, cost) = match &entry.body {
+                EntryBody::ToolCallRequested(call) => {
+                    calls.insert(&call.call_id, (&call.idempotency_key, &call.tool));
+                    continue;
+                }
+                EntryBody::ToolResult(result) => {
+                    let Some(cost) = &result.cost else { continue };
+                    let Some((key, tool)) = calls.get(result.call_id.as_str()) else {
+                        continue;
+                    };
+                    if !charged.insert(key) {
+                        continue;
+                    }
+                    let group = match by {
+                        By::Model => TOOL_CALLS.to_owned(),
+                        By::Tool => (*tool).to_owned(),
+                        _ => run_group(),
+                    };
+                    let call = Spend {
+                        priced_tool_calls: 1,
+                        cost: BTreeMap::from([(cost.currency.clone(), cost.nanos)]),
+                        ..Spend::default()
+                    };
+                    per_group.entry(group).or_default().add(&call);
+                    continue;
+                }
+                EntryBody::ModelTurn {
+                    model,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_prompt_tokens,
+                    cost,
+                    ..
+                } => (
+                    model,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_prompt_tokens,
+                    cost,
+                ),
+                _ => continue,
             };
             let key = match by {
-                By::Agent => agent.to_owned(),
                 By::Model => model.clone(),
-                By::Label(key) => labels.get(key).cloned().unwrap_or_else(|| "(none)".into()),
+                By::Tool => MODEL_TURNS.to_owned(),
+                _ => run_group(),
             };
             let turn = Spend {
                 turns: 1,
@@ -154,6 +207,7 @@ impl Report {
                     None => prompt_tokens.saturating_add(*completion_tokens),
                 },
                 runs: 0,
+                priced_tool_calls: 0,
             };
             per_group.entry(key).or_default().add(&turn);
         }
@@ -184,6 +238,7 @@ impl Report {
             "cached".into(),
             "completion".into(),
             "unpriced".into(),
+            "tool calls".into(),
             "cost".into(),
         ]];
         let row = |name: &str, s: &Spend| {
@@ -195,12 +250,13 @@ impl Report {
                 s.cached_prompt_tokens.to_string(),
                 s.completion_tokens.to_string(),
                 s.unpriced_tokens.to_string(),
+                s.priced_tool_calls.to_string(),
                 s.cost_text(),
             ]
         };
         rows.extend(self.groups.iter().map(|(name, s)| row(name, s)));
         rows.push(row("total", &self.total));
-        let widths: Vec<usize> = (0..8)
+        let widths: Vec<usize> = (0..9)
             .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
             .collect();
         for r in &rows {
@@ -221,6 +277,9 @@ impl Report {
         }
         if self.total.unpriced_tokens > 0 {
             out.push_str("unpriced: tokens of turns recorded without a price (no PriceList then, or a scripted model no list prices)\n");
+        }
+        if self.total.priced_tool_calls > 0 {
+            out.push_str("tool calls: calls to tools a PriceList prices per call, carried out (their cost is in the cost column)\n");
         }
         out
     }

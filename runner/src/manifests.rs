@@ -271,6 +271,8 @@ impl ManifestSet {
         }
         let model_price = crate::pricing::price_for(&self.price_lists()?, &agent_spec.model)
             .map_err(|e| agent.error("spec.model", e.to_string()))?;
+        let tool_prices = crate::pricing::tool_prices(&self.price_lists()?, &agent_spec.tools)
+            .map_err(|e| agent.error("spec.tools", e.to_string()))?;
         let model_script = match (&agent_spec.model.provider, &agent_spec.model.script_ref) {
             (ModelProvider::Scripted, Some(key)) => {
                 Some(self.config_map_key(agent, "spec.model.scriptRef", key)?)
@@ -322,6 +324,7 @@ impl ManifestSet {
             model_price,
             routed_scripts,
             routed_prices,
+            tool_prices,
         })
     }
 

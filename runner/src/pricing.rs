@@ -1,13 +1,14 @@
-//! What model calls cost. A run's model price is looked up in the cluster's PriceLists when the
-//! run starts and pinned in its bundle, so the run, its resume and its replays cost the same
-//! whatever the lists say later; each model turn's cost is computed from its token counts and
-//! recorded with it. Amounts are whole nano-units of a currency (10⁻⁹), so sums never drift.
+//! What model calls and paid tools cost. A run's prices are looked up in the cluster's
+//! PriceLists when the run starts and pinned in its bundle, so the run, its resume and its
+//! replays cost the same whatever the lists say later; each model turn's cost is computed from
+//! its token counts, and each priced tool call costs its price, recorded with it. Amounts are
+//! whole nano-units of a currency (10⁻⁹), so sums never drift.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use contextos_crds::{
     PriceListSpec,
-    agent::{ModelProvider, ModelSpec},
+    agent::{ModelProvider, ModelSpec, Tool},
 };
 use serde::{Deserialize, Serialize};
 
@@ -68,7 +69,26 @@ pub struct PinnedPrice {
     pub cached_input_per_million: Nanos,
 }
 
-/// What one model turn cost.
+/// A tool's price per call as a run pins it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PinnedToolPrice {
+    pub price_list: String,
+    pub currency: String,
+    pub per_call: Nanos,
+}
+
+impl PinnedToolPrice {
+    /// What one call costs.
+    pub fn cost(&self) -> TurnCost {
+        TurnCost {
+            currency: self.currency.clone(),
+            nanos: self.per_call,
+        }
+    }
+}
+
+/// What one model turn, or one tool call, cost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TurnCost {
     pub currency: String,
@@ -110,9 +130,19 @@ pub enum PriceError {
         first: String,
         second: String,
     },
-    #[error("PriceList {list}: spec.models[{index}].{field}: {problem}")]
+    #[error(
+        "tool {tool:?} ({url}) is priced differently by {first} and {second}, with prefixes as long as each other: keep one price, or make one prefix longer"
+    )]
+    ToolConflict {
+        tool: String,
+        url: String,
+        first: String,
+        second: String,
+    },
+    #[error("PriceList {list}: spec.{section}[{index}].{field}: {problem}")]
     Invalid {
         list: String,
+        section: &'static str,
         index: usize,
         field: &'static str,
         problem: String,
@@ -173,6 +203,7 @@ pub fn price_for(
             let rate = |field: &'static str, text: &str| {
                 Nanos::parse(text).map_err(|problem| PriceError::Invalid {
                     list: name.clone(),
+                    section: "models",
                     index,
                     field,
                     problem,
@@ -238,6 +269,136 @@ pub fn price_for(
     Ok(Some(first))
 }
 
+/// A URL as an HTTP client reaches it, for prices: scheme, host (lowercase, without a trailing
+/// dot), port (the default written or not) and the path's segments percent-decoded — so a tool
+/// written `https://API.example:443/v%31/x` is priced as `https://api.example/v1/x` is. `None`
+/// for what is not such a URL.
+fn reached(text: &str) -> Option<(String, String, u16, Vec<String>)> {
+    let url = url::Url::parse(text).ok()?;
+    let host = url.host_str()?.trim_end_matches('.').to_ascii_lowercase();
+    let segments = url
+        .path_segments()
+        .map(|segments| {
+            segments
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    percent_encoding::percent_decode_str(s)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((
+        url.scheme().to_owned(),
+        host,
+        url.port_or_known_default()?,
+        segments,
+    ))
+}
+
+/// The URL a tool's adapter reaches, and the name its MCP server knows it by (MCP tools only).
+fn tool_target(tool: &Tool) -> Option<(&str, Option<&str>)> {
+    let adapter = &tool.adapter;
+    if let Some(http) = &adapter.http {
+        return Some((&http.url, None));
+    }
+    if let Some(hook) = &adapter.webhook {
+        return Some((&hook.url, None));
+    }
+    if let Some(a2a) = &adapter.a2a {
+        return Some((&a2a.url, None));
+    }
+    let mcp = adapter.mcp.as_ref()?;
+    Some((
+        mcp.url.as_deref()?,
+        Some(mcp.tool.as_deref().unwrap_or(&tool.name)),
+    ))
+}
+
+/// The per-call prices of `tools` in `lists`, by tool name: for each tool, the price whose URL
+/// prefix matches the most segments of the URL it reaches (one naming its MCP tool wins over
+/// one that does not). A tool no price covers is not in the map: its calls cost nothing in
+/// money. Two prices as specific as each other that differ are refused.
+pub fn tool_prices(
+    lists: &[(String, PriceListSpec)],
+    tools: &[Tool],
+) -> Result<BTreeMap<String, PinnedToolPrice>, PriceError> {
+    let mut prices = BTreeMap::new();
+    for tool in tools {
+        let Some((url, mcp_tool)) = tool_target(tool) else {
+            continue;
+        };
+        let Some((scheme, host, port, path)) = reached(url) else {
+            continue;
+        };
+        // (segments matched, names the MCP tool), and the price.
+        let mut found: Vec<((usize, bool), PinnedToolPrice)> = Vec::new();
+        for (name, list) in lists {
+            for (index, entry) in list.tools.iter().enumerate() {
+                let Some((p_scheme, p_host, p_port, prefix)) = reached(&entry.url_prefix) else {
+                    return Err(PriceError::Invalid {
+                        list: name.clone(),
+                        section: "tools",
+                        index,
+                        field: "urlPrefix",
+                        problem: format!("{:?} is not an http(s) URL", entry.url_prefix),
+                    });
+                };
+                let same_server = (p_scheme, p_host, p_port) == (scheme.clone(), host.clone(), port);
+                if !same_server || !path.starts_with(&prefix) {
+                    continue;
+                }
+                let names_tool = match (&entry.mcp_tool, mcp_tool) {
+                    (None, _) => false,
+                    (Some(wanted), Some(called)) if wanted == called => true,
+                    (Some(_), _) => continue,
+                };
+                let per_call = Nanos::parse(&entry.per_call).map_err(|problem| PriceError::Invalid {
+                    list: name.clone(),
+                    section: "tools",
+                    index,
+                    field: "perCall",
+                    problem,
+                })?;
+                found.push((
+                    (prefix.len(), names_tool),
+                    PinnedToolPrice {
+                        price_list: name.clone(),
+                        currency: list.currency.clone(),
+                        per_call,
+                    },
+                ));
+            }
+        }
+        let Some(best) = found.iter().map(|(rank, _)| *rank).max() else {
+            continue;
+        };
+        let mut candidates = found
+            .into_iter()
+            .filter(|(rank, _)| *rank == best)
+            .map(|(_, p)| p);
+        let Some(first) = candidates.next() else {
+            continue;
+        };
+        let rates = |p: &PinnedToolPrice| (p.currency.clone(), p.per_call);
+        if let Some(other) = candidates.find(|p| rates(p) != rates(&first)) {
+            let second = match first.price_list == other.price_list {
+                true => "another of its entries".to_owned(),
+                false => format!("PriceList {}", other.price_list),
+            };
+            return Err(PriceError::ToolConflict {
+                tool: tool.name.clone(),
+                url: url.to_owned(),
+                first: format!("PriceList {}", first.price_list),
+                second,
+            });
+        }
+        prices.insert(tool.name.clone(), first);
+    }
+    Ok(prices)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +448,7 @@ mod tests {
             PriceListSpec {
                 currency: currency.into(),
                 models,
+                tools: vec![],
             },
         )
     }
@@ -406,6 +568,145 @@ mod tests {
             invalid
                 .to_string()
                 .starts_with("PriceList broken: spec.models[0].outputPerMillion"),
+            "{invalid}"
+        );
+    }
+
+    fn tool(name: &str, adapter: &str) -> Tool {
+        serde_yaml::from_str(&format!(
+            "name: {name}\ndescription: d\nrisk: read_only\nkind: observe\nadapter: {adapter}\n"
+        ))
+        .expect("tool")
+    }
+
+    fn priced_tools(entries: &[(&str, Option<&str>, &str)]) -> PriceListSpec {
+        PriceListSpec {
+            currency: "USD".into(),
+            models: vec![],
+            tools: entries
+                .iter()
+                .map(
+                    |(prefix, mcp_tool, per_call)| contextos_crds::price_list::ToolPrice {
+                        url_prefix: (*prefix).into(),
+                        mcp_tool: mcp_tool.map(str::to_owned),
+                        per_call: (*per_call).into(),
+                    },
+                )
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_tool_is_priced_by_the_longest_prefix_of_the_url_it_reaches_however_it_is_written() {
+        let lists = [(
+            "tools".to_owned(),
+            priced_tools(&[
+                ("https://api.search.example/v1", None, "0.005"),
+                ("https://api.search.example/v1/premium/", None, "0.05"),
+                ("https://mcp.example", None, "0.001"),
+                ("https://mcp.example/mcp", Some("search"), "0.01"),
+            ]),
+        )];
+        let cases = [
+            (
+                "{http: {url: 'https://api.search.example/v1/search'}}",
+                Some("0.005"),
+            ),
+            // The same server and path written otherwise is priced the same.
+            (
+                "{http: {url: 'https://API.Search.Example.:443/v1/search'}}",
+                Some("0.005"),
+            ),
+            (
+                "{http: {url: 'https://api.search.example/v%31/search'}}",
+                Some("0.005"),
+            ),
+            (
+                "{http: {url: 'https://api.search.example/x/../v1/search'}}",
+                Some("0.005"),
+            ),
+            (
+                "{webhook: {url: 'https://api.search.example/v1/premium/go', secretRef: {name: s, key: k}}}",
+                Some("0.05"),
+            ),
+            // Segments match whole; another scheme or port is another server.
+            ("{http: {url: 'https://api.search.example/v10/search'}}", None),
+            ("{http: {url: 'http://api.search.example/v1/search'}}", None),
+            ("{http: {url: 'https://api.search.example:8443/v1/search'}}", None),
+            ("{http: {url: 'https://search.example/v1/search'}}", None),
+            // An MCP server's tool by its server-side name; the server's other tools by the host.
+            ("{mcp: {url: 'https://mcp.example/mcp'}}", Some("0.01")),
+            (
+                "{mcp: {url: 'https://mcp.example/mcp', tool: lookup}}",
+                Some("0.001"),
+            ),
+            ("{mcp: {command: [server]}}", None),
+            ("{memory: {operation: recall}}", None),
+        ];
+        for (adapter, wanted) in cases {
+            let tools = [tool("search", adapter)];
+            let prices = tool_prices(&lists, &tools).expect("priced");
+            assert_eq!(
+                prices.get("search").map(|p| p.per_call),
+                wanted.map(|w| Nanos::parse(w).expect("amount")),
+                "{adapter}"
+            );
+        }
+        let pinned = &tool_prices(&lists, &[tool("search", cases[0].0)]).expect("priced")["search"];
+        assert_eq!(
+            (
+                pinned.price_list.as_str(),
+                pinned.cost().currency.as_str(),
+                pinned.cost().nanos
+            ),
+            ("tools", "USD", Nanos(5_000_000))
+        );
+    }
+
+    #[test]
+    fn tool_prices_that_conflict_or_do_not_parse_are_refused_naming_the_entry() {
+        let search = [tool(
+            "search",
+            "{http: {url: 'https://api.search.example/v1/search'}}",
+        )];
+        let two = [
+            (
+                "a".to_owned(),
+                priced_tools(&[("https://api.search.example/v1", None, "0.005")]),
+            ),
+            (
+                "b".to_owned(),
+                priced_tools(&[("https://api.search.example/v1/", None, "0.006")]),
+            ),
+        ];
+        let conflict = tool_prices(&two, &search).expect_err("two prices");
+        assert!(
+            conflict
+                .to_string()
+                .starts_with("tool \"search\" (https://api.search.example/v1/search) is priced differently by PriceList a and PriceList b"),
+            "{conflict}"
+        );
+        // A longer prefix settles it.
+        let settled = [
+            two[0].clone(),
+            (
+                "b".to_owned(),
+                priced_tools(&[("https://api.search.example/v1/search", None, "0.006")]),
+            ),
+        ];
+        assert_eq!(
+            tool_prices(&settled, &search).expect("priced")["search"].per_call,
+            Nanos(6_000_000)
+        );
+        let broken = [(
+            "broken".to_owned(),
+            priced_tools(&[("https://api.search.example", None, "free")]),
+        )];
+        let invalid = tool_prices(&broken, &search).expect_err("invalid");
+        assert!(
+            invalid
+                .to_string()
+                .starts_with("PriceList broken: spec.tools[0].perCall"),
             "{invalid}"
         );
     }

@@ -64,6 +64,7 @@ async fn write_run(data_dir: &Path) {
         error: None,
         attempts: 1,
         truncated: false,
+        cost: None,
     }));
     rec.stage(EntryBody::DeadLettered {
         call_id: "c3".into(),

@@ -733,10 +733,13 @@ fn each_model_turn_is_costed_at_the_price_the_run_pinned_and_spend_is_summed_by_
     );
     assert!(turns >= 5 && prompt > 0 && completion > 0, "{report:#}");
     assert_eq!(total["unpricedTokens"], 0, "every turn was priced: {report:#}");
+    // The runbook search is priced per call: each search the run made costs 0.002.
+    let searches = tokens("pricedToolCalls");
+    assert!(searches >= 1, "{report:#}");
     // At 2.50 per million prompt tokens and 10.00 per million completion tokens, each turn
-    // rounded to the nearest nano-dollar.
+    // rounded to the nearest nano-dollar, and 0.002 a search.
     let cost = total["costNanos"]["USD"].as_u64().expect("a USD cost");
-    let exact = prompt * 2_500 + completion * 10_000;
+    let exact = prompt * 2_500 + completion * 10_000 + searches * 2_000_000;
     assert!(
         cost.abs_diff(exact) <= turns,
         "{cost} vs {exact} over {turns} turns"
@@ -756,6 +759,15 @@ fn each_model_turn_is_costed_at_the_price_the_run_pinned_and_spend_is_summed_by_
         "{}",
         by_model.stdout
     );
+    // By tool: the searches under their tool, the turns together.
+    let by_tool = q.cli(&["cost", "--since", "1d", "--by", "tool", "--format", "json"]);
+    let tools: serde_json::Value = serde_json::from_str(&by_tool.stdout).expect("JSON");
+    assert_eq!(
+        tools["groups"]["search_runbooks"]["costNanos"]["USD"],
+        searches * 2_000_000,
+        "{tools:#}"
+    );
+    assert_eq!(tools["groups"]["(model turns)"]["turns"], turns, "{tools:#}");
     let by_team = q.cli(&["cost", "--since", "1d", "--by", "label=team", "--format", "json"]);
     let teams: serde_json::Value = serde_json::from_str(&by_team.stdout).expect("JSON");
     assert_eq!(
@@ -764,7 +776,7 @@ fn each_model_turn_is_costed_at_the_price_the_run_pinned_and_spend_is_summed_by_
     );
     let wrong = q.cli(&["cost", "--by", "colour"]);
     assert!(
-        wrong.code != Some(0) && wrong.stderr.contains("say agent, model or label=<key>"),
+        wrong.code != Some(0) && wrong.stderr.contains("say agent, model, tool or label=<key>"),
         "{}",
         wrong.stderr
     );

@@ -357,15 +357,19 @@ async fn fairness_is_in_force(env: &TestEnv) -> Result<()> {
     bail!("ContextOS's FlowSchemas are not in force after 30 s: {last}")
 }
 
-/// The gateway replicas' metrics listeners count the quickstart's turns and spend (summed over
-/// the replicas, as Prometheus would).
+/// The gateway replicas' metrics listeners count the quickstart's turns and spend, and its
+/// priced tool calls' spend (summed over the replicas, as Prometheus would).
 async fn spend_in_the_gateways_metrics(env: &TestEnv, tenant: &TestNamespace) -> Result<()> {
     let pods = Api::<Pod>::namespaced(env.client(), SYSTEM)
         .list(&kube::api::ListParams::default().labels("app.kubernetes.io/name=contextos-gateway"))
         .await?;
-    let (mut turns, mut spend) = (0u64, 0f64);
+    let (mut turns, mut spend, mut searches) = (0u64, 0f64, 0f64);
     let labels = format!(
         "tenant=\"{}\",agent=\"oncall-assistant\",model=\"quickstart-script\"",
+        tenant.name()
+    );
+    let search = format!(
+        "tenant=\"{}\",agent=\"oncall-assistant\",tool=\"search_runbooks\"",
         tenant.name()
     );
     for pod in pods.items {
@@ -382,10 +386,14 @@ async fn spend_in_the_gateways_metrics(env: &TestEnv, tenant: &TestNamespace) ->
         spend += value(&format!(
             "contextos_model_spend_total{{{labels},currency=\"USD\"}}"
         ));
+        // The runbook search is priced per call by the example PriceList's `tools`.
+        searches += value(&format!(
+            "contextos_tool_spend_total{{{search},currency=\"USD\"}}"
+        ));
     }
     ensure!(
-        turns >= 5 && spend > 0.0,
-        "the gateways counted {turns} quickstart turns costing {spend} USD"
+        turns >= 5 && spend > 0.0 && searches >= 0.002,
+        "the gateways counted {turns} quickstart turns costing {spend} USD, and runbook searches costing {searches} USD"
     );
     Ok(())
 }

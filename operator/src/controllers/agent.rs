@@ -429,8 +429,8 @@ fn not_ready(
     )
 }
 
-/// The price of the Agent's model in the cluster's PriceLists (none: the cluster prices no
-/// models, or a scripted model none prices), or why it cannot be had.
+/// The prices of the Agent's models and paid tools in the cluster's PriceLists (no model price:
+/// the cluster prices no models, or a scripted model none prices), or why they cannot be had.
 pub async fn model_price(ctx: &Context, spec: &AgentSpec) -> Result<Result<ModelPrices, Invalid>> {
     let listed = match Api::<PriceList>::all(ctx.client.clone())
         .list(&Default::default())
@@ -449,15 +449,19 @@ pub async fn model_price(ctx: &Context, spec: &AgentSpec) -> Result<Result<Model
     Ok(prices_of(&lists, spec))
 }
 
-/// The prices of an Agent's models (its own, and those its routing names), pinned by a run.
+/// The prices of an Agent's models (its own, and those its routing names) and of its paid
+/// tools, pinned by a run.
 #[derive(Clone, Debug, Default)]
 pub struct ModelPrices {
     pub primary: Option<contextos_runner::pricing::PinnedPrice>,
     /// By routing name.
     pub routed: std::collections::BTreeMap<String, contextos_runner::pricing::PinnedPrice>,
+    /// The per-call prices of its paid tools, by tool name.
+    pub tools: std::collections::BTreeMap<String, contextos_runner::pricing::PinnedToolPrice>,
 }
 
-/// The prices of `spec`'s models in `lists`, or the model none (or two) price (pure).
+/// The prices of `spec`'s models and tools in `lists`, or the model none (or two) price, or the
+/// tool two price alike (pure).
 fn prices_of(
     lists: &[(String, contextos_crds::PriceListSpec)],
     spec: &AgentSpec,
@@ -469,6 +473,8 @@ fn prices_of(
     let mut prices = ModelPrices {
         primary: price(&spec.model, "spec.model")?,
         routed: Default::default(),
+        tools: contextos_runner::pricing::tool_prices(lists, &spec.tools)
+            .map_err(|e| Invalid::new(reason::PRICE_MISSING, format!("spec.tools: {e}")))?,
     };
     for (i, routed) in spec.routing.iter().flat_map(|r| r.models.iter().enumerate()) {
         if let Some(p) = price(&routed.model, &format!("spec.routing.models[{i}].model"))? {

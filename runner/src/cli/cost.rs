@@ -1,5 +1,6 @@
-//! `contextos cost`: a tenant's model spend over a window, read from its records (locally, or
-//! through the gateway with a records reader's identity), by agent, model or a Session label.
+//! `contextos cost`: a tenant's spend (model turns and priced tool calls) over a window, read
+//! from its records (locally, or through the gateway with a records reader's identity), by
+//! agent, model, tool or a Session label.
 
 use std::process::ExitCode;
 
@@ -18,7 +19,7 @@ pub struct CostArgs {
     /// The window (e.g. 24h, 7d, 30d).
     #[arg(long, default_value = "7d")]
     since: String,
-    /// Sum by `agent`, `model`, or `label=<key>` (a Session label, such as label=team).
+    /// Sum by `agent`, `model`, `tool`, or `label=<key>` (a Session label, such as label=team).
     #[arg(long, default_value = "agent")]
     by: String,
     /// Only this Agent's runs.

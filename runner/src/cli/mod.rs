@@ -104,8 +104,9 @@ enum Command {
     /// why, what recurs, proposals with their replay verdicts, what was promoted (text, JSON or
     /// one self-contained HTML page).
     Digest(digest::DigestArgs),
-    /// Model spend over a window, from the records: tokens and cost (at the prices the runs
-    /// pinned from the cluster's PriceLists) by agent, model or a Session label such as team.
+    /// Spend over a window, from the records: model tokens, priced tool calls and their cost
+    /// (at the prices the runs pinned from the cluster's PriceLists) by agent, model, tool or a
+    /// Session label such as team.
     Cost(cost::CostArgs),
     /// Tool declarations from what a tool server offers.
     #[command(subcommand)]

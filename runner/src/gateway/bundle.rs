@@ -29,6 +29,9 @@ pub struct GatewayBundle {
     /// The tenant's entity types (its Ontology), as the run pinned them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ontology: Option<OntologySpec>,
+    /// The per-call prices of its paid tools, as the run pinned them, by tool name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tool_prices: BTreeMap<String, crate::pricing::PinnedToolPrice>,
 }
 
 /// A policy spec and the name its rules are reported under.
@@ -59,6 +62,7 @@ impl GatewayBundle {
         let mut tools = Vec::with_capacity(self.spec.tools.len());
         for spec in &self.spec.tools {
             let mut tool = CatalogTool::new(spec.clone())?;
+            tool.price = self.tool_prices.get(&spec.name).cloned();
             if !with_secrets {
                 tools.push(tool);
                 continue;

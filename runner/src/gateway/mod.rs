@@ -104,6 +104,8 @@ pub struct CatalogTool {
     schema: Option<jsonschema::Validator>,
     pub bearer_token: Option<String>,
     pub hmac_key: Option<Vec<u8>>,
+    /// Its price per call, as the run pinned it (none: its calls cost nothing in money).
+    pub price: Option<crate::pricing::PinnedToolPrice>,
 }
 
 impl CatalogTool {
@@ -126,6 +128,7 @@ impl CatalogTool {
             schema,
             bearer_token: None,
             hmac_key: None,
+            price: None,
         })
     }
 }
@@ -962,6 +965,8 @@ impl ToolGateway {
                 _ => break outcome,
             }
         };
+        // A priced tool's call costs its price once it was sent, whatever it answered.
+        let cost = tool.price.as_ref().map(crate::pricing::PinnedToolPrice::cost);
         let result = match outcome {
             Ok(response) => ToolResultRecord {
                 call_id: call.call_id.clone(),
@@ -970,6 +975,7 @@ impl ToolGateway {
                 error: None,
                 attempts,
                 truncated: response.truncated,
+                cost,
             },
             Err(error) => {
                 recorder.stage(EntryBody::DeadLettered {
@@ -986,6 +992,7 @@ impl ToolGateway {
                     error: Some(error.to_string()),
                     attempts,
                     truncated: false,
+                    cost,
                 }
             }
         };
@@ -1058,6 +1065,7 @@ impl ToolGateway {
                     error: None,
                     attempts: 1,
                     truncated: false,
+                    cost: None,
                 }
             }
             Err(e) => ToolResultRecord {
@@ -1067,6 +1075,7 @@ impl ToolGateway {
                 error: Some(e.to_string()),
                 attempts: 1,
                 truncated: false,
+                cost: None,
             },
         };
         self.settle_result(call, result, recorder)
@@ -1124,6 +1133,7 @@ impl ToolGateway {
             }),
             attempts: 0,
             truncated: false,
+            cost: None,
         }
     }
 
@@ -1237,6 +1247,7 @@ fn resolved_result(call_id: &str, resolution: &contextos_crds::session::Resoluti
             error: None,
             attempts: 0,
             truncated: false,
+            cost: None,
         },
         ResolvedOutcome::DidNotAct => ToolResultRecord {
             call_id: call_id.to_owned(),
@@ -1253,6 +1264,7 @@ fn resolved_result(call_id: &str, resolution: &contextos_crds::session::Resoluti
             )),
             attempts: 0,
             truncated: false,
+            cost: None,
         },
     }
 }

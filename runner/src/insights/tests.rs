@@ -109,6 +109,7 @@ fn result(id: &str) -> EntryBody {
         error: None,
         attempts: 1,
         truncated: false,
+        cost: None,
     })
 }
 

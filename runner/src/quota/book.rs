@@ -29,9 +29,10 @@ pub struct Demand<'a> {
     /// The request carrying it (a runner may send one call to two replicas at once).
     pub owner: &'a str,
     pub amounts: Amounts,
-    /// What `amounts.nanos` is in; none for a model without a price.
+    /// What `amounts.nanos` is in; none for a model or tool without a price.
     pub currency: Option<&'a str>,
-    /// Whether it is a model turn (which a spend limit needs priced).
+    /// Whether it is a model turn: its amounts are the most it may cost (and a spend limit
+    /// needs it priced). Otherwise (a tool call) they are what it costs, and must fit whole.
     pub model_turn: bool,
 }
 
@@ -89,12 +90,16 @@ fn priced(quota: &ActiveQuota, demand: &Demand<'_>) -> Result<(), QuotaRefusal> 
     let Some(wanted) = &quota.currency else {
         return Ok(());
     };
-    if !demand.model_turn {
-        return Ok(());
-    }
+    let what = if demand.model_turn {
+        "the run's model"
+    } else {
+        "the tool"
+    };
     let reason = match demand.currency {
+        // A tool no PriceList prices costs nothing in money (its calls count as calls).
+        None if !demand.model_turn => return Ok(()),
         None => "the run's model has no price (add it to a PriceList)".to_owned(),
-        Some(c) if c != wanted => format!("counts it in {wanted}, but the run's model is priced in {c}"),
+        Some(c) if c != wanted => format!("counts it in {wanted}, but {what} is priced in {c}"),
         Some(_) => return Ok(()),
     };
     Err(QuotaRefusal::Unpriced {
@@ -150,11 +155,12 @@ pub async fn hold<B: MemoryBackend>(
     quotas.iter().try_for_each(|q| priced(q, demand))?;
     let keys = ledger_keys(tenant, quotas);
     let owned: Vec<ActiveQuota> = quotas.iter().map(|q| (*q).clone()).collect();
-    let (call, owner, amounts, currency) = (
+    let (call, owner, amounts, currency, exact) = (
         demand.call.to_owned(),
         demand.owner.to_owned(),
         demand.amounts,
         demand.currency.map(str::to_owned),
+        !demand.model_turn,
     );
     let rows = keys.clone();
     backend
@@ -176,7 +182,7 @@ pub async fn hold<B: MemoryBackend>(
                     ));
                     return (Vec::new(), Err(crowded));
                 }
-                if let Err(full) = ledger.admit(&quota.limits, &call, &share, now) {
+                if let Err(full) = ledger.admit(&quota.limits, &call, &share, exact, now) {
                     let wait = quota.when_full == WhenWindowFull::Wait;
                     let outranks = refused
                         .as_ref()

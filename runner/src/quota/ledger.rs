@@ -15,9 +15,10 @@
 //! in full once its time is up: spend is never lost, only at worst over-counted for that call.
 //!
 //! **How far a limit can be passed.** A counted limit (tool calls) is exact: a call is admitted
-//! only if it fits. A metered limit (tokens, money) admits a call while spent plus held is
-//! below it, so the last call admitted may end past it by at most its own cost; the calls after
-//! it are refused. With calls in flight on several replicas the same holds: each admission
+//! only if it fits. So is any limit for a call whose cost is known before it is made (a tool
+//! call: one call, at its tool's price). A metered limit (tokens, money) admits a call whose
+//! cost is only bounded (a model turn) while spent plus held is below it, so the last turn
+//! admitted may end past it by at most its own cost; the calls after it are refused. With calls in flight on several replicas the same holds: each admission
 //! sees the holds of the others.
 
 use contextos_crds::spend_quota::QuotaWindow;
@@ -211,7 +212,16 @@ impl Ledger {
 
     /// Whether a call taking at most `demand` fits every limit at `now` (the first that it does
     /// not fit, if any). The call's own hold, if it holds already, does not count against it.
-    pub fn admit(&self, limits: &[Limit], call: &str, demand: &Amounts, now: i64) -> Result<(), Full> {
+    /// `exact`: `demand` is what the call costs, known before it is made, so it must fit whole
+    /// in metered limits too.
+    pub fn admit(
+        &self,
+        limits: &[Limit],
+        call: &str,
+        demand: &Amounts,
+        exact: bool,
+        now: i64,
+    ) -> Result<(), Full> {
         let own = self
             .holds
             .iter()
@@ -227,7 +237,7 @@ impl Ledger {
                 .used(limit.window, now)
                 .get(limit.resource)
                 .saturating_sub(own.get(limit.resource));
-            let fits = if limit.resource.metered() {
+            let fits = if limit.resource.metered() && !exact {
                 used < limit.max
             } else {
                 used.saturating_add(asked) <= limit.max
@@ -461,15 +471,21 @@ mod tests {
         let mut ledger = Ledger::default();
         for i in 0..3 {
             let call = format!("c{i}");
-            assert_eq!(ledger.admit(&limits, &call, &calls(1), T0), Ok(()), "call {i}");
+            assert_eq!(
+                ledger.admit(&limits, &call, &calls(1), false, T0),
+                Ok(()),
+                "call {i}"
+            );
             ledger.hold(&call, "r", calls(1), T0 + 60_000);
         }
         // Three in flight: the fourth does not fit, though none has ended.
-        let full = ledger.admit(&limits, "c3", &calls(1), T0).expect_err("full");
+        let full = ledger
+            .admit(&limits, "c3", &calls(1), false, T0)
+            .expect_err("full");
         assert_eq!((full.used, full.limit.max), (3, 3));
         // One is denied after all (released): the fourth fits.
         assert!(ledger.settle(&[QuotaWindow::Hour], "c0", "r", &Amounts::default(), T0));
-        assert_eq!(ledger.admit(&limits, "c3", &calls(1), T0), Ok(()));
+        assert_eq!(ledger.admit(&limits, "c3", &calls(1), false, T0), Ok(()));
     }
 
     #[test]
@@ -479,7 +495,7 @@ mod tests {
         let mut ledger = Ledger::default();
         ledger.hold("c", "r1", calls(1), T0 + 60_000);
         // The same call again (a retried request): its own hold does not count against it.
-        assert_eq!(ledger.admit(&limits, "c", &calls(1), T0), Ok(()));
+        assert_eq!(ledger.admit(&limits, "c", &calls(1), false, T0), Ok(()));
         ledger.hold("c", "r2", calls(1), T0 + 60_000);
         assert_eq!(ledger.used(QuotaWindow::Hour, T0), calls(1));
         // The request that lost the race lets go; the call stays held for the one carrying it.
@@ -505,13 +521,37 @@ mod tests {
         ledger.hold("t1", "r", tokens(400), T0 + 60_000);
         ledger.settle(&windows, "t1", "r", &tokens(900), T0);
         // 900 of 1000: a turn that may take 500 is admitted (the limit is not reached yet) …
-        assert_eq!(ledger.admit(&limits, "t2", &tokens(500), T0), Ok(()));
+        assert_eq!(ledger.admit(&limits, "t2", &tokens(500), false, T0), Ok(()));
         ledger.hold("t2", "r", tokens(500), T0 + 60_000);
         // … and while it holds, nothing else is.
-        assert!(ledger.admit(&limits, "t3", &tokens(1), T0).is_err());
+        assert!(ledger.admit(&limits, "t3", &tokens(1), false, T0).is_err());
         ledger.settle(&windows, "t2", "r", &tokens(300), T0);
         assert_eq!(ledger.used(QuotaWindow::Hour, T0).tokens, 1_200);
-        assert!(ledger.admit(&limits, "t3", &tokens(1), T0).is_err());
+        assert!(ledger.admit(&limits, "t3", &tokens(1), false, T0).is_err());
+    }
+
+    #[test]
+    fn a_call_whose_cost_is_known_before_must_fit_a_metered_limit_whole() {
+        let windows = [QuotaWindow::Hour];
+        let limits = [limit(Resource::Spend, 25)];
+        let money = |nanos| Amounts {
+            nanos,
+            ..Amounts::default()
+        };
+        let mut ledger = Ledger::default();
+        for call in ["a", "b"] {
+            assert_eq!(ledger.admit(&limits, call, &money(10), true, T0), Ok(()));
+            ledger.hold(call, "r", money(10), T0 + 60_000);
+            ledger.settle(&windows, call, "r", &money(10), T0);
+        }
+        // 20 of 25: a priced call of 10 would pass the limit and is refused before it is made;
+        // a model turn that may cost 10 is still admitted (it may cost less).
+        let full = ledger
+            .admit(&limits, "c", &money(10), true, T0)
+            .expect_err("past the limit");
+        assert_eq!(full.used, 20);
+        assert_eq!(ledger.admit(&limits, "c", &money(5), true, T0), Ok(()));
+        assert_eq!(ledger.admit(&limits, "c", &money(10), false, T0), Ok(()));
     }
 
     #[test]
@@ -525,14 +565,17 @@ mod tests {
         let bucket_end = T0 - T0.rem_euclid(width) + width;
         // Still counted an hour later, until its bucket is wholly out of the window.
         let full = ledger
-            .admit(&limits, "d", &calls(1), bucket_end + HOUR - 1)
+            .admit(&limits, "d", &calls(1), false, bucket_end + HOUR - 1)
             .expect_err("counted");
         assert_eq!(full.retry_after_ms, 1_000, "at least a second");
         let full = ledger
-            .admit(&limits, "d", &calls(1), T0 + 1)
+            .admit(&limits, "d", &calls(1), false, T0 + 1)
             .expect_err("counted");
         assert_eq!(full.retry_after_ms, bucket_end + HOUR - (T0 + 1));
-        assert_eq!(ledger.admit(&limits, "d", &calls(1), bucket_end + HOUR), Ok(()));
+        assert_eq!(
+            ledger.admit(&limits, "d", &calls(1), false, bucket_end + HOUR),
+            Ok(())
+        );
         // And dropped from the row once gone.
         assert!(ledger.expire(&limits, bucket_end + HOUR));
         assert_eq!(ledger, Ledger::default());

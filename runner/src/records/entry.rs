@@ -123,6 +123,10 @@ pub struct ToolResultRecord {
     pub attempts: u32,
     #[serde(default)]
     pub truncated: bool,
+    /// What the call cost, at the price its tool had when the run started (none: the tool has
+    /// no price). Charged once a call was sent, whatever it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<crate::pricing::TurnCost>,
 }
 
 /// The critic's verdict after a step.

@@ -172,10 +172,14 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
             let status = if r.ok { "ok" } else { "failed" };
             let error = r.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default();
             let cut = if r.truncated { " [response truncated]" } else { "" };
+            let cost = r
+                .cost
+                .as_ref()
+                .map_or_else(String::new, |c| format!(", {} {}", c.nanos, c.currency));
             (
                 "tool",
                 format!(
-                    "{status} after {} attempt(s){cut}: {}{error}",
+                    "{status} after {} attempt(s){cost}{cut}: {}{error}",
                     r.attempts,
                     excerpt(&r.output)
                 ),

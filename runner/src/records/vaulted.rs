@@ -260,6 +260,7 @@ mod tests {
             error: Some("ann@example.com bounced".into()),
             attempts: 1,
             truncated: false,
+            cost: None,
         })
     }
 

@@ -58,6 +58,10 @@ pub struct RunBundle {
     /// The prices of the models `spec.routing` names when the run started, by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub routed_prices: BTreeMap<String, crate::pricing::PinnedPrice>,
+    /// The per-call prices of the Agent's paid tools when the run started, by tool name (a tool
+    /// not here costs nothing in money).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tool_prices: BTreeMap<String, crate::pricing::PinnedToolPrice>,
 }
 
 /// A ContextPack spec and its name.
@@ -363,6 +367,7 @@ impl RunBundle {
             policies: self.policies.clone(),
             secrets,
             ontology: self.ontology.clone(),
+            tool_prices: self.tool_prices.clone(),
         }
     }
 

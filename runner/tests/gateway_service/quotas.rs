@@ -5,7 +5,7 @@
 
 use contextos_crds::{SpendQuota, SpendQuotaSpec};
 use contextos_runner::{
-    pricing::{Nanos, PinnedPrice},
+    pricing::{Nanos, PinnedPrice, PinnedToolPrice},
     run::RunReport,
 };
 
@@ -497,4 +497,104 @@ async fn a_model_cut_off_before_the_fallback_answered_is_charged_beside_the_answ
         turn.prompt_tokens + turn.completion_tokens + held,
         "{turn:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_priced_tools_calls_are_charged_at_their_pinned_price_and_stop_at_the_money_limit() {
+    let rig = rig().await;
+    rig.tenants.set_quotas(
+        "shop",
+        vec![spend_quota(
+            "money",
+            "limits:\n- window: hour\n  spend: {amount: \"0.025\", currency: USD}\n",
+        )],
+    );
+    let free = PinnedPrice {
+        price_list: "test".into(),
+        currency: "USD".into(),
+        input_per_million: Nanos(0),
+        output_per_million: Nanos(0),
+        cached_input_per_million: Nanos(0),
+    };
+    let tool_price = |currency: &str| PinnedToolPrice {
+        price_list: "tools".into(),
+        currency: currency.into(),
+        per_call: Nanos::parse("0.01").expect("price"),
+    };
+    // The model costs nothing; each status check costs 0.01 USD.
+    let mut bundle = runaway(&rig.bundle);
+    bundle.model_price = Some(free.clone());
+    bundle
+        .tool_prices
+        .insert("get_service_status".into(), tool_price("USD"));
+    let report = run_through(&rig, &rig.url, "token-run-1", "checkout-5xx-run-1", RUN, &bundle).await;
+    let (reason, message) = failed_with(&report);
+    assert_eq!(reason, "QuotaExceeded");
+    assert!(
+        message.contains("SpendQuota money: spend in the last hour is 0.02 of its limit 0.025"),
+        "{message}"
+    );
+    let bodies = bodies_of(&rig, RUN).await;
+    // Two calls fit under 0.025; the third would pass it and is refused before it is made.
+    let costs: Vec<_> = bodies
+        .iter()
+        .filter_map(|b| match b {
+            EntryBody::ToolResult(r) => Some(r.cost.clone()),
+            _ => None,
+        })
+        .collect();
+    let cent = contextos_runner::pricing::TurnCost {
+        currency: "USD".into(),
+        nanos: Nanos(10_000_000),
+    };
+    assert_eq!(
+        costs,
+        vec![Some(cent.clone()), Some(cent)],
+        "each result records its cost"
+    );
+    assert_eq!(
+        quota_refusal(&bodies).expect("refused on record").0,
+        "quota/money"
+    );
+    // The replica's metrics count the two calls and what they cost.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
+        listener,
+        rig.services[0].metrics_router(),
+    )));
+    let metrics = reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.lines().any(|l| l
+            == "contextos_tool_spend_total{tenant=\"shop\",agent=\"oncall-assistant\",tool=\"get_service_status\",currency=\"USD\"} 0.02"),
+        "{metrics}"
+    );
+
+    // A tool priced in another currency than the quota counts cannot be counted: refused, never
+    // made as if free.
+    let mut euros = other_session(&bundle, &[]);
+    euros
+        .tool_prices
+        .insert("get_service_status".into(), tool_price("EUR"));
+    let report = run_through(
+        &rig,
+        &rig.replica,
+        "token-other",
+        "other-run-1",
+        "other-r1",
+        &euros,
+    )
+    .await;
+    let (reason, message) = failed_with(&report);
+    assert_eq!(reason, "QuotaExceeded");
+    assert!(
+        message.contains("counts it in USD, but the tool is priced in EUR"),
+        "{message}"
+    );
+    assert_eq!(results(&bodies_of(&rig, "other-r1").await), 0);
 }

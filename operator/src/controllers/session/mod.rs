@@ -623,6 +623,7 @@ async fn resolve_bundle(
         model_price: prices.primary,
         routed_scripts,
         routed_prices: prices.routed,
+        tool_prices: prices.tools,
     }))
 }
 

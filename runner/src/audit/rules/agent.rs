@@ -127,6 +127,16 @@ pub(super) const RULES: &[(Rule, Check)] = &[
         },
         unpriced_models,
     ),
+    (
+        Rule {
+            id: RuleId("agent/tool-price-conflict"),
+            severity: Severity::High,
+            title: "a tool two PriceList prices cover differently, with URL prefixes as long as each other",
+            why: "the Agent is Ready=False (PriceMissing) and none of its Sessions start: the call's cost would be a guess, and quotas count what it costs",
+            fix: "keep one price for the tool's URL, or make the one that should win a longer prefix",
+        },
+        tool_price_conflicts,
+    ),
 ];
 
 /// A rule (or default) of one Policy that may let a call of `tool` through: the first matching
@@ -362,6 +372,28 @@ fn unpriced_models(harness: &Harness, sink: &mut Sink<'_>) {
             }
         }
     }
+}
+
+fn tool_price_conflicts(harness: &Harness, sink: &mut Sink<'_>) {
+    let lists = price_lists(harness);
+    for agent in &harness.agents {
+        for (i, tool) in agent.spec.tools.iter().enumerate() {
+            if let Err(e) = crate::pricing::tool_prices(&lists, std::slice::from_ref(tool)) {
+                sink.report(agent, spec(&["tools"]).index(i), e.to_string());
+            }
+        }
+    }
+}
+
+/// The PriceLists that read (one that does not is reported by `agent/unpriced-model`).
+fn price_lists(harness: &Harness) -> Vec<(String, contextos_crds::PriceListSpec)> {
+    harness
+        .others_of("PriceList")
+        .filter_map(|list| {
+            let spec = serde_json::from_value(list.spec["spec"].clone()).ok()?;
+            Some((list.id.name.clone(), spec))
+        })
+        .collect()
 }
 
 fn invalid_validators(harness: &Harness, sink: &mut Sink<'_>) {

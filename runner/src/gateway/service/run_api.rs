@@ -656,14 +656,12 @@ where
                     return;
                 }
             };
+            let price = slot.bundle.tool_prices.get(&request.envelope.tool);
             let demand = crate::quota::book::Demand {
                 call: &quota_key,
                 owner: &owner,
-                amounts: crate::quota::Amounts {
-                    calls: 1,
-                    ..Default::default()
-                },
-                currency: None,
+                amounts: call_cost(price),
+                currency: price.map(|p| p.currency.as_str()),
                 model_turn: false,
             };
             // Made durable by the call's go-ahead, which is written before the tool acts.
@@ -720,8 +718,14 @@ where
                 recorder.discard_staged();
                 let _ = answer.send(Err(in_progress(&call_id)));
                 // The replica carrying the call ends its hold (the same key), not this one.
-                self.spent_or_kept(caller, slot, held, (&quota_key, &owner), calls_before)
-                    .await;
+                self.spent_or_kept(
+                    caller,
+                    slot,
+                    held,
+                    (&quota_key, &owner, &request.envelope.tool),
+                    calls_before,
+                )
+                .await;
                 return;
             }
             Ok(outcome) => outcome,
@@ -738,8 +742,14 @@ where
                     e => unavailable(e),
                 };
                 let _ = answer.send(Err(refusal));
-                self.spent_or_kept(caller, slot, held, (&quota_key, &owner), calls_before)
-                    .await;
+                self.spent_or_kept(
+                    caller,
+                    slot,
+                    held,
+                    (&quota_key, &owner, &request.envelope.tool),
+                    calls_before,
+                )
+                .await;
                 return;
             }
         };
@@ -758,6 +768,18 @@ where
             .write_and_answer(caller, &mut log, recorder, answer, early, reply)
             .await;
         let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
+        if made
+            && written
+            && let crate::gateway::CallOutcome::Executed(result) = &outcome
+            && let Some(cost) = &result.cost
+        {
+            self.spend.record_tool_call(
+                caller.tenant.as_str(),
+                &slot.bundle.agent,
+                &request.envelope.tool,
+                cost,
+            );
+        }
         match held {
             // Denied or paused, and on record as such: nothing was spent.
             Some(quotas) if written && !made => {
@@ -771,8 +793,14 @@ where
                 .await;
             }
             held => {
-                self.spent_or_kept(caller, slot, held, (&quota_key, &owner), calls_before)
-                    .await
+                self.spent_or_kept(
+                    caller,
+                    slot,
+                    held,
+                    (&quota_key, &owner, &request.envelope.tool),
+                    calls_before,
+                )
+                .await
             }
         }
     }
@@ -786,16 +814,14 @@ where
         caller: &Caller,
         slot: &RunSlot,
         held: Option<super::quotas::RunQuotas>,
-        key: (&str, &str),
+        (key, owner, tool): (&str, &str, &str),
         calls_before: u32,
     ) {
         let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
         if let Some(quotas) = held.filter(|_| made) {
-            let cost = crate::quota::Amounts {
-                calls: 1,
-                ..Default::default()
-            };
-            self.settle_in_quotas(&caller.tenant, &quotas, key, &cost, None)
+            let price = slot.bundle.tool_prices.get(tool);
+            let currency = price.map(|p| p.currency.as_str());
+            self.settle_in_quotas(&caller.tenant, &quotas, (key, owner), &call_cost(price), currency)
                 .await;
         }
     }
@@ -1320,6 +1346,15 @@ where
             }
         }
         Ok((turn, cut_off))
+    }
+}
+
+/// What one tool call that was carried out spends: a call, and its tool's price if it has one.
+fn call_cost(price: Option<&crate::pricing::PinnedToolPrice>) -> crate::quota::Amounts {
+    crate::quota::Amounts {
+        calls: 1,
+        nanos: price.map_or(0, |p| p.per_call.0),
+        ..Default::default()
     }
 }
 

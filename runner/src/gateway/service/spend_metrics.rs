@@ -1,5 +1,6 @@
 //! What the model turns this replica recorded cost, as Prometheus counters by tenant, agent and
-//! model: turns, tokens by kind, and spend by currency. Served on the gateway's metrics listener
+//! model: turns, tokens by kind, and spend by currency; and what the priced tool calls it
+//! carried out cost, by tenant, agent and tool. Served on the gateway's metrics listener
 //! (never on the port runner pods reach: one tenant must not read another's spend). Each
 //! replica counts its own turns; Prometheus sums the replicas.
 
@@ -25,10 +26,21 @@ struct Counters {
     cost: BTreeMap<String, u64>,
 }
 
+/// Whose priced tool calls a counter counts: (tenant, agent, tool).
+type ToolKey = (String, String, String);
+
+/// Priced tool calls carried out, and what they cost by currency (nano-units).
+#[derive(Clone, Debug, Default)]
+struct ToolCounters {
+    calls: u64,
+    cost: BTreeMap<String, u64>,
+}
+
 /// The replica's spend counters.
 #[derive(Debug, Default)]
 pub struct SpendMetrics {
     counters: Mutex<BTreeMap<Key, Counters>>,
+    tools: Mutex<BTreeMap<ToolKey, ToolCounters>>,
     /// Model tokens replay gates spent re-executing a tenant's runs (not priced).
     gate_tokens: Mutex<BTreeMap<String, u64>>,
 }
@@ -64,6 +76,19 @@ impl SpendMetrics {
             let sum = c.cost.entry(cost.currency.clone()).or_default();
             *sum = sum.saturating_add(cost.nanos.0);
         }
+    }
+
+    /// Counts a priced call of `tenant`'s `agent` to `tool` that was carried out, and its cost.
+    pub fn record_tool_call(&self, tenant: &str, agent: &str, tool: &str, cost: &TurnCost) {
+        let mut tools = self.tools.lock().unwrap_or_else(|e| e.into_inner());
+        let mut key = (tenant.to_owned(), agent.to_owned(), tool.to_owned());
+        if !tools.contains_key(&key) && tools.len() >= MAX_SERIES {
+            key = (tenant.to_owned(), "(other)".into(), "(other)".into());
+        }
+        let c = tools.entry(key).or_default();
+        c.calls = c.calls.saturating_add(1);
+        let sum = c.cost.entry(cost.currency.clone()).or_default();
+        *sum = sum.saturating_add(cost.nanos.0);
     }
 
     /// Counts the model tokens a replay gate of `tenant` spent re-executing its runs.
@@ -130,6 +155,41 @@ impl SpendMetrics {
                 );
             }
         }
+        drop(counters);
+        let tools = self.tools.lock().unwrap_or_else(|e| e.into_inner());
+        let labels = |(tenant, agent, tool): &ToolKey| {
+            format!(
+                "tenant=\"{}\",agent=\"{}\",tool=\"{}\"",
+                escape(tenant),
+                escape(agent),
+                escape(tool)
+            )
+        };
+        out.push_str(
+            "# HELP contextos_priced_tool_calls_total Calls to priced tools the gateway carried out.\n",
+        );
+        out.push_str("# TYPE contextos_priced_tool_calls_total counter\n");
+        for (k, c) in tools.iter() {
+            let _ = writeln!(
+                out,
+                "contextos_priced_tool_calls_total{{{}}} {}",
+                labels(k),
+                c.calls
+            );
+        }
+        out.push_str("# HELP contextos_tool_spend_total What the priced tool calls cost, in units of the currency, at the prices their runs pinned.\n");
+        out.push_str("# TYPE contextos_tool_spend_total counter\n");
+        for (k, c) in tools.iter() {
+            for (currency, nanos) in &c.cost {
+                let _ = writeln!(
+                    out,
+                    "contextos_tool_spend_total{{{},currency=\"{}\"}} {}",
+                    labels(k),
+                    escape(currency),
+                    crate::pricing::Nanos(*nanos)
+                );
+            }
+        }
         out
     }
 }
@@ -178,6 +238,15 @@ mod tests {
         }
         // An unpriced turn is counted, and has no spend line.
         assert!(!text.contains("tenant=\"bank\",agent=\"teller\",model=\"odd\\\"name\",currency"));
+        metrics.record_tool_call("shop", "oncall", "search", &usd(5_000_000));
+        metrics.record_tool_call("shop", "oncall", "search", &usd(5_000_000));
+        let text = metrics.render();
+        for line in [
+            "contextos_priced_tool_calls_total{tenant=\"shop\",agent=\"oncall\",tool=\"search\"} 2",
+            "contextos_tool_spend_total{tenant=\"shop\",agent=\"oncall\",tool=\"search\",currency=\"USD\"} 0.01",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
         metrics.record_gate("shop", 900);
         metrics.record_gate("shop", 100);
         assert!(

@@ -1255,15 +1255,40 @@ async fn memory_is_listed_and_forgotten_only_with_permission() {
     assert!(bad.to_string().contains("Kubernetes object name"), "{bad}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_candidate() {
+/// The reader of replay Job `job` of namespace shop at the service: its read grant, signed by
+/// the operator, orders `gate`.
+fn replay_reader(
+    rig: &Rig,
+    job: &str,
+    gate: Option<contextos_runner::run::gate::GateOrder>,
+) -> contextos_runner::records::store::remote::RemoteStore {
     use contextos_runner::{
         read_grant::{ReadGrant, SignedReadGrant},
         records::store::remote::{Credential, RemoteStore},
-        run::{
-            bundle::spec_digest,
-            gate::{GATE_PATH, GateOrder, GatedKind, SignedGateVerdict},
-        },
+    };
+    let now = contextos_runner::records::recorder::now_ms();
+    let grant = ReadGrant {
+        tenant_id: "shop".into(),
+        job: job.into(),
+        issued_at_ms: now,
+        expires_at_ms: now + 60_000,
+        gate,
+    };
+    let grant = serde_json::to_vec(&SignedReadGrant::sign(grant, &rig.operator)).expect("json");
+    RemoteStore::new(
+        &rig.url,
+        TokenSource::Fixed("token-replay".into()),
+        Credential::Read(grant),
+        "shop",
+    )
+    .expect("store")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_candidate() {
+    use contextos_runner::run::{
+        bundle::spec_digest,
+        gate::{GATE_PATH, GateOrder, GatedKind, SignedGateVerdict},
     };
     let rig = rig().await;
     rig.run_until_approval().await;
@@ -1273,7 +1298,6 @@ async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_can
         "metadata": {"name": policy.name}, "spec": policy.spec,
     });
     let job = "replay-policy-guardrails-0123456789";
-    let now = contextos_runner::records::recorder::now_ms();
     let order = GateOrder {
         kind: GatedKind::Policy,
         name: policy.name.clone(),
@@ -1281,23 +1305,7 @@ async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_can
         replay: Default::default(),
         expected: Vec::new(),
     };
-    let reader = |gate: Option<GateOrder>| {
-        let grant = ReadGrant {
-            tenant_id: "shop".into(),
-            job: job.into(),
-            issued_at_ms: now,
-            expires_at_ms: now + 60_000,
-            gate,
-        };
-        let grant = serde_json::to_vec(&SignedReadGrant::sign(grant, &rig.operator)).expect("json");
-        RemoteStore::new(
-            &rig.url,
-            TokenSource::Fixed("token-replay".into()),
-            Credential::Read(grant),
-            "shop",
-        )
-        .expect("store")
-    };
+    let reader = |gate: Option<GateOrder>| replay_reader(&rig, job, gate);
     let gated = reader(Some(order.clone()));
     let signed: SignedGateVerdict = gated.post_json(GATE_PATH, &candidate).await.expect("a verdict");
     let verdict = signed

@@ -4,7 +4,7 @@
 //! whatever the model says, not only between runs.
 
 use std::sync::{
-    Arc,
+    Arc, Mutex,
     atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
@@ -14,8 +14,10 @@ use super::{Model, ModelError, ModelRequest, ModelTurn, estimated_tokens};
 #[derive(Clone, Debug, Default)]
 pub struct Meter {
     spent: Arc<AtomicU64>,
-    /// A turn was refused: what is left would not cover its prompt.
+    /// A turn was refused: what is left would not cover its prompt, or a SpendQuota said no.
     refused: Arc<AtomicBool>,
+    /// Why a SpendQuota refused a turn, if one did.
+    quota: Arc<Mutex<Option<String>>>,
     limit: Option<u64>,
 }
 
@@ -24,8 +26,14 @@ impl Meter {
         Self {
             spent: Arc::default(),
             refused: Arc::default(),
+            quota: Arc::default(),
             limit,
         }
+    }
+
+    /// Why a SpendQuota refused a turn, once one has: no more turns are asked for.
+    pub fn refused_by_quota(&self) -> Option<String> {
+        self.quota.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn spent(&self) -> u64 {
@@ -64,7 +72,16 @@ impl Meter {
             request.max_output_tokens = Some(request.max_output_tokens.unwrap_or(left).min(left));
         }
         // Charged as the model reports it, or an estimate when it reports nothing.
-        let turn = Box::pin(model.complete(&request, step)).await?;
+        let turn = match Box::pin(model.complete(&request, step)).await {
+            Ok(turn) => turn,
+            Err(ModelError::QuotaExceeded { detail }) => {
+                // The tenant's quota is spent: every run after this one would be refused too.
+                *self.quota.lock().unwrap_or_else(|e| e.into_inner()) = Some(detail.clone());
+                self.refused.store(true, Ordering::Relaxed);
+                return Err(ModelError::QuotaExceeded { detail });
+            }
+            Err(e) => return Err(e),
+        };
         self.spent.fetch_add(
             turn.prompt_tokens.saturating_add(turn.completion_tokens),
             Ordering::Relaxed,

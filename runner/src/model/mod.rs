@@ -2,6 +2,7 @@
 //! any OpenAI-compatible chat-completions endpoint, a scripted model for demos and tests, and
 //! the replay model that serves a recorded run's turns.
 
+pub mod charged;
 pub mod metered;
 pub mod openai;
 pub mod replay;
@@ -211,6 +212,9 @@ pub enum Model {
     Replay(replay::ReplayModel),
     /// Another model, its spend counted against a limit several runs share.
     Metered(Box<Model>, metered::Meter),
+    /// Another model, its turns charged by someone else (a replay gate's, to the tenant's
+    /// SpendQuotas).
+    Charged(Box<Model>, charged::Charger),
 }
 
 /// What a request's prompt will cost, estimated before asking (≈ 4 bytes a token): a model
@@ -310,6 +314,7 @@ impl Model {
             // A recorded turn is what was recorded.
             Self::Replay(model) => return model.complete(step),
             Self::Metered(inner, meter) => return meter.complete(inner, request, step).await,
+            Self::Charged(inner, charger) => return charger.0.complete(inner, request, step).await,
         };
         Ok(turn.accounted(request))
     }

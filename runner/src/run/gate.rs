@@ -280,6 +280,12 @@ pub async fn run_gate<S: RecordStore>(
     )
     .await?;
     if summary.runs == 0 {
+        // Runs were there but none could be judged (the re-execution's limit, or a quota, was
+        // spent in the first; its model could not be asked): the gate fails, saying why. Only
+        // a gate that found nothing to replay has no history.
+        if let Some(why) = &summary.stopped {
+            return Ok(ReplayGate::refused(why));
+        }
         return Ok(ReplayGate::no_history(&summary.skipped));
     }
     let report = serde_json::to_vec_pretty(&summary).unwrap_or_default();

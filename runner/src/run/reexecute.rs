@@ -76,8 +76,14 @@ impl Reexecution {
         self.samples.clamp(1, MAX_SAMPLES)
     }
 
-    /// Why the re-execution stopped after `runs` runs, once its limit is spent.
+    /// Why the re-execution stopped after `runs` runs, once its limit is spent (or a SpendQuota
+    /// of the tenant refused a turn).
     pub fn over_budget(&self, runs: usize) -> Option<String> {
+        if let Some(quota) = self.meter.refused_by_quota() {
+            return Some(format!(
+                "re-execution stopped after {runs} run(s): {quota}. A replay gate's model turns count against the tenant's SpendQuotas like its runs' turns; the rest were not re-executed and the replay fails (raise the quota, wait for its window, or sample fewer runs or fewer times)"
+            ));
+        }
         let limit = self.meter.limit()?;
         self.meter.exhausted().then(|| {
             format!(

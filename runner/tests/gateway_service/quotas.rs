@@ -598,3 +598,90 @@ async fn a_priced_tools_calls_are_charged_at_their_pinned_price_and_stop_at_the_
     );
     assert_eq!(results(&bodies_of(&rig, "other-r1").await), 0);
 }
+
+/// The tokens `quota` of namespace shop counts in its hour now.
+async fn tokens_used(rig: &Rig, quota: &SpendQuota) -> u64 {
+    let active = contextos_runner::quota::ActiveQuota::compile(quota).expect("compiles");
+    let now = contextos_runner::records::recorder::now_ms();
+    contextos_runner::quota::book::usage(&*rig.store, &rig.tenant(), &active, now)
+        .await
+        .expect("usage")
+        .iter()
+        .find(|(limit, _)| limit.resource == contextos_runner::quota::Resource::Tokens)
+        .map(|(_, used)| *used)
+        .expect("a token limit")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_gates_re_executed_turns_are_the_tenants_spend_and_its_quota_stops_them() {
+    use contextos_runner::run::{
+        bundle::spec_digest,
+        gate::{GATE_PATH, GateOrder, GatedKind, SignedGateVerdict},
+    };
+    let rig = rig().await;
+    // A run to judge: the runaway, ended by the tenant's quota after three calls.
+    let roomy = spend_quota(
+        "tenant",
+        "limits:\n- window: hour\n  tokens: 10000000\n  toolCalls: 3\n",
+    );
+    rig.tenants.set_quotas("shop", vec![roomy.clone()]);
+    let bundle = runaway(&rig.bundle);
+    let report = run_through(&rig, &rig.url, "token-run-1", "checkout-5xx-run-1", RUN, &bundle).await;
+    assert_eq!(failed_with(&report).0, "QuotaExceeded");
+    let before = tokens_used(&rig, &roomy).await;
+    assert!(before > 0);
+
+    // A Policy gate (the same policy) that re-executes each run once.
+    let policy = bundle.policies[0].clone();
+    let candidate = serde_json::json!({
+        "apiVersion": "contextos.dev/v1alpha1", "kind": "Policy",
+        "metadata": {"name": policy.name}, "spec": policy.spec,
+    });
+    let replay = contextos_crds::common::ReplaySpec {
+        reexecute: Some(contextos_crds::common::ReexecuteSpec {
+            samples: 1,
+            max_tokens: None,
+        }),
+        ..Default::default()
+    };
+    let order = GateOrder {
+        kind: GatedKind::Policy,
+        name: policy.name.clone(),
+        candidate_digest: spec_digest(&policy.spec),
+        replay,
+        expected: Vec::new(),
+    };
+    let gate = |job: &'static str| {
+        let reader = replay_reader(&rig, job, Some(order.clone()));
+        let candidate = candidate.clone();
+        let key = rig.keys.for_tenant("shop").public();
+        async move {
+            let signed: SignedGateVerdict = reader.post_json(GATE_PATH, &candidate).await.expect("a verdict");
+            signed.verify(&key).expect("signed").gate.clone()
+        }
+    };
+    let judged = gate("replay-policy-guardrails-0123456789").await;
+    let tokens = judged.reexecution.as_ref().expect("re-executed").tokens;
+    assert!(tokens > 0, "{judged:?}");
+    // Every token the gate's turns took is in the quota's ledger, exactly.
+    let after = tokens_used(&rig, &roomy).await;
+    assert_eq!(after - before, tokens, "the gate's turns are the tenant's spend");
+
+    // With the window full, the gate asks the model nothing and fails, naming the quota.
+    let full = spend_quota(
+        "tenant",
+        &format!("limits:\n- window: hour\n  tokens: {after}\n  toolCalls: 3\n"),
+    );
+    rig.tenants.set_quotas("shop", vec![full.clone()]);
+    // Quotas are read again within 2 s.
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let refused = gate("replay-policy-guardrails-0123456789").await;
+    // Refused, not "no history": a first revision with no history would be promoted.
+    assert!(!refused.passed && !refused.no_history, "{refused:?}");
+    assert!(
+        refused.top.iter().any(|line| line
+            .contains("re-execution stopped after 0 run(s): SpendQuota tenant: tokens in the last hour")),
+        "{refused:?}"
+    );
+    assert_eq!(tokens_used(&rig, &full).await, after, "nothing more was spent");
+}

@@ -170,6 +170,115 @@ where
     }
 }
 
+impl<S, A, T> GatewayService<S, A, T>
+where
+    S: RecordStore + MemoryBackend + 'static,
+    A: Send + Sync + 'static,
+    T: TenantView + 'static,
+{
+    /// The quotas of `tenant` a run of `bundle` answers to now (a replay gate re-executing the
+    /// run answers to the same ones).
+    pub(super) async fn quotas_of_bundle(
+        &self,
+        tenant: &TenantId,
+        bundle: &crate::run::bundle::RunBundle,
+    ) -> Result<RunQuotas, Refusal> {
+        let quotas = self.namespace_quotas(tenant.as_str()).await?;
+        Ok(RunQuotas {
+            quotas: applying(&quotas, &bundle.agent_labels, &bundle.session_labels)
+                .into_iter()
+                .cloned()
+                .collect(),
+        })
+    }
+}
+
+/// A replay gate's re-executed model turns, charged like a run's: each holds what it may cost
+/// in the quotas the recorded run answers to before it is sent (priced at the run's pinned
+/// price), and is charged what it cost after. A quota that refuses stops the gate, which then
+/// fails saying so.
+pub(super) struct GateCharge<S, A, T> {
+    pub service: Arc<GatewayService<S, A, T>>,
+    pub tenant: TenantId,
+    pub quotas: RunQuotas,
+    /// The recorded run's model price (re-execution asks only the recorded model).
+    pub price: Option<crate::pricing::PinnedPrice>,
+    /// The model's output limit when a request names none.
+    pub max_output_tokens: Option<u32>,
+}
+
+impl<S, A, T> crate::model::charged::TurnCharge for GateCharge<S, A, T>
+where
+    S: RecordStore + MemoryBackend + 'static,
+    A: Send + Sync + 'static,
+    T: TenantView + 'static,
+{
+    fn complete<'a>(
+        &'a self,
+        model: &'a crate::model::Model,
+        request: &'a crate::model::ModelRequest,
+        step: u32,
+    ) -> crate::model::charged::Charged<'a> {
+        Box::pin(async move {
+            let owner = request_owner();
+            let key = format!("gate/{}", owner);
+            let most_in = crate::model::most_prompt_tokens(request);
+            let most_out = u64::from(request.max_output_tokens.or(self.max_output_tokens).unwrap_or(0));
+            let price = self.price.as_ref();
+            let demand = Demand {
+                call: &key,
+                owner: &owner,
+                amounts: Amounts {
+                    tokens: most_in.saturating_add(most_out),
+                    nanos: price.map_or(0, |p| p.cost(most_in, 0, most_out).nanos.0),
+                    calls: 0,
+                },
+                currency: price.map(|p| p.currency.as_str()),
+                model_turn: true,
+            };
+            self.service
+                .hold_in_quotas(&self.tenant, &self.quotas, &demand, book::Durability::Now)
+                .await
+                .map_err(|refused| crate::model::ModelError::QuotaExceeded {
+                    detail: refused.to_string(),
+                })?;
+            let asked = Box::pin(model.complete(request, step)).await;
+            let spent = match &asked {
+                Ok(turn) => {
+                    let cost = price.map(|p| {
+                        p.cost(
+                            turn.prompt_tokens,
+                            turn.cached_prompt_tokens,
+                            turn.completion_tokens,
+                        )
+                    });
+                    if let Some(cost) = &cost {
+                        self.service.spend.record_gate_spend(self.tenant.as_str(), cost);
+                    }
+                    Amounts {
+                        tokens: turn.prompt_tokens.saturating_add(turn.completion_tokens),
+                        nanos: cost.map_or(0, |c| c.nanos.0),
+                        calls: 0,
+                    }
+                }
+                // Cut off or unreadable, it may have cost what it could: the hold is spent.
+                Err(e) if e.may_have_cost() => demand.amounts,
+                Err(_) => Amounts::default(),
+            };
+            self.service
+                .settle_in_quotas(
+                    &self.tenant,
+                    &self.quotas,
+                    (&key, &owner),
+                    &spent,
+                    demand.currency,
+                )
+                .await;
+            asked
+        })
+    }
+}
+
 /// A quota that cannot be enforced refuses the calls it would count (never lets them through).
 fn quota_broken(why: String) -> Refusal {
     Refusal(StatusCode::TOO_MANY_REQUESTS, QUOTA_EXCEEDED_CODE, why)

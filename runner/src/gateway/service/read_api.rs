@@ -348,8 +348,9 @@ where
 }
 
 /// A gate's re-execution asks each recorded run's own model, as the run did: its key from the
-/// tenant's namespace, its endpoint reached through this service's egress rules. Only the
-/// model's key is read: re-executed tool calls are answered from the record, never made.
+/// tenant's namespace, its endpoint reached through this service's egress rules, its turns
+/// charged to the SpendQuotas the run answers to. Only the model's key is read: re-executed
+/// tool calls are answered from the record, never made.
 struct TenantModels<S, A, T> {
     service: Arc<GatewayService<S, A, T>>,
     tenant: TenantId,
@@ -369,9 +370,23 @@ where
                 .secret_values(&self.tenant, key)
                 .await
                 .map_err(|refusal| refusal.2)?;
-            self.service
+            let model = self
+                .service
                 .governed_model(bundle, &secrets)
-                .map_err(|refusal| refusal.2)
+                .map_err(|refusal| refusal.2)?;
+            // Its turns are the tenant's spend, in the quotas the recorded run answers to.
+            let quotas = self
+                .service
+                .quotas_of_bundle(&self.tenant, bundle)
+                .await
+                .map_err(|refusal| refusal.2)?;
+            Ok(model.charged(Arc::new(super::quotas::GateCharge {
+                service: self.service.clone(),
+                tenant: self.tenant.clone(),
+                quotas,
+                price: bundle.model_price.clone(),
+                max_output_tokens: bundle.agent_spec.model.max_output_tokens,
+            })))
         })
     }
 }

@@ -41,8 +41,10 @@ struct ToolCounters {
 pub struct SpendMetrics {
     counters: Mutex<BTreeMap<Key, Counters>>,
     tools: Mutex<BTreeMap<ToolKey, ToolCounters>>,
-    /// Model tokens replay gates spent re-executing a tenant's runs (not priced).
+    /// Model tokens replay gates spent re-executing a tenant's runs.
     gate_tokens: Mutex<BTreeMap<String, u64>>,
+    /// What those tokens cost, by (tenant, currency), in nano-units.
+    gate_spend: Mutex<BTreeMap<(String, String), u64>>,
 }
 
 /// Series kept before new agents and models of a tenant are counted together as `(other)`:
@@ -98,18 +100,39 @@ impl SpendMetrics {
         *sum = sum.saturating_add(tokens);
     }
 
+    /// Counts what a turn a replay gate of `tenant` re-executed cost, at its run's price.
+    pub fn record_gate_spend(&self, tenant: &str, cost: &TurnCost) {
+        let mut spend = self.gate_spend.lock().unwrap_or_else(|e| e.into_inner());
+        let sum = spend
+            .entry((tenant.to_owned(), cost.currency.clone()))
+            .or_default();
+        *sum = sum.saturating_add(cost.nanos.0);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         {
             let gates = self.gate_tokens.lock().unwrap_or_else(|e| e.into_inner());
-            out.push_str("# HELP contextos_gate_model_tokens_total Model tokens replay gates spent re-executing recorded runs (not priced).\n");
+            out.push_str("# HELP contextos_gate_model_tokens_total Model tokens replay gates spent re-executing recorded runs.\n");
             out.push_str("# TYPE contextos_gate_model_tokens_total counter\n");
             for (tenant, tokens) in gates.iter() {
                 let _ = writeln!(
                     out,
                     "contextos_gate_model_tokens_total{{tenant=\"{}\"}} {tokens}",
                     escape(tenant)
+                );
+            }
+            let spend = self.gate_spend.lock().unwrap_or_else(|e| e.into_inner());
+            out.push_str("# HELP contextos_gate_model_spend_total What the model turns replay gates re-executed cost, in units of the currency, at the prices the runs pinned.\n");
+            out.push_str("# TYPE contextos_gate_model_spend_total counter\n");
+            for ((tenant, currency), nanos) in spend.iter() {
+                let _ = writeln!(
+                    out,
+                    "contextos_gate_model_spend_total{{tenant=\"{}\",currency=\"{}\"}} {}",
+                    escape(tenant),
+                    escape(currency),
+                    crate::pricing::Nanos(*nanos)
                 );
             }
         }

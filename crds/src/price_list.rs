@@ -48,14 +48,22 @@ pub struct PriceListSpec {
     validation = Rule::new("!(self.urlPrefix.contains('?') || self.urlPrefix.contains('#') || self.urlPrefix.contains('@'))").message("urlPrefix is a scheme, host and path: no query, fragment or credentials")
 )]
 pub struct ToolPrice {
-    /// The tools whose URL starts with this: scheme, host (port optional) and a path prefix
-    /// matched whole segment by segment, e.g. `https://api.search.example/v1` prices
-    /// `…/v1/search` but not `…/v10`. The same server written otherwise (case, default port,
-    /// `.` segments) is the same; the longest prefix that matches a tool prices it.
-    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s/]+(/[^\s]*)?$"))]
+    /// The tools whose URL starts with this: host (a port only if it must match; without one,
+    /// either scheme and any port) and a path prefix matched whole segment by segment, e.g.
+    /// `https://api.search.example/v1` prices `…/v1/search` but not `…/v10`. Paths are read
+    /// the widest way a server may take them (percent-decoded, `;` parameters dropped, any
+    /// case), so a spelling some server routes to a priced path is charged; the longest prefix
+    /// that matches a tool prices it.
+    #[schemars(
+        length(min = 1, max = 2048),
+        regex(
+            pattern = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?(/[^\s]*)?$"
+        )
+    )]
     pub url_prefix: String,
     /// Only this tool of an MCP server at that URL (the server's name for it: `adapter.mcp.tool`,
-    /// or the Agent's tool name when that is unset); unset: every call that reaches the URL.
+    /// or the Agent's tool name when that is unset); unset: every call that reaches the URL. A
+    /// price naming the tool wins over one that does not, whatever their prefixes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
     pub mcp_tool: Option<String>,

@@ -206,6 +206,16 @@ fn a_price_list_takes_decimal_rates_in_one_iso_currency() {
     refused_at("/spec/models/0/cachedInputPerMillion", serde_json::json!("1e-3"));
     refused_at("/spec/tools/0/perCall", serde_json::json!("free"));
     refused_at("/spec/tools/0/urlPrefix", serde_json::json!("ops-tools/runbooks"));
+    // A prefix no client could parse would price nothing (and refuse every Agent's prices).
+    refused_at(
+        "/spec/tools/0/urlPrefix",
+        serde_json::json!("https://api.example:99999/v1"),
+    );
+    refused_at("/spec/tools/0/urlPrefix", serde_json::json!("https://[x/v1"));
+    refused_at(
+        "/spec/tools/0/urlPrefix",
+        serde_json::json!("https://user@api.example/v1"),
+    );
     // An endpoint a price can never match (a scripted model has none), or one no client would
     // be configured with, is refused rather than left to price nothing.
     let cel_refused = |index: usize, field: &str, value: Value, message: &str| {
@@ -242,7 +252,7 @@ fn a_price_list_takes_decimal_rates_in_one_iso_currency() {
         );
     };
     let mut bad = list.clone();
-    bad["spec"]["tools"][0]["urlPrefix"] = serde_json::json!("https://user@api.search.example/v1");
+    bad["spec"]["tools"][0]["urlPrefix"] = serde_json::json!("https://api.search.example/v1?key=x");
     refused_with(bad, "urlPrefix is a scheme, host and path");
     let mut empty = list.clone();
     empty["spec"]["models"] = serde_json::json!([]);

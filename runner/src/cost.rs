@@ -2,7 +2,8 @@
 //! with it, and each priced tool call's cost, summed by agent, model, tool or a Session label
 //! (a team), per currency. Turns recorded without a price (no PriceList then, or a scripted
 //! model) are counted as unpriced tokens. A tool call answered again from the record (asked
-//! again after a crash) is counted once, by its idempotency key, as the quotas count it.
+//! again after a crash) records no second cost, so each priced result counts once, as the
+//! quotas count it.
 
 use std::collections::BTreeMap;
 
@@ -145,26 +146,20 @@ impl Report {
             By::Label(key) => labels.get(key).cloned().unwrap_or_else(|| "(none)".into()),
             _ => agent.to_owned(),
         };
-        // Calls by id, to count each priced call once by its idempotency key.
-        let mut calls: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
-        let mut charged: std::collections::BTreeSet<&str> = Default::default();
+        // The tool of each call, by call id.
+        let mut calls: BTreeMap<&str, &str> = BTreeMap::new();
         for entry in entries {
             let (model, prompt_tokens, completion_tokens, cached_prompt_tokens, cost) = match &entry.body {
                 EntryBody::ToolCallRequested(call) => {
-                    calls.insert(&call.call_id, (&call.idempotency_key, &call.tool));
+                    calls.insert(&call.call_id, &call.tool);
                     continue;
                 }
                 EntryBody::ToolResult(result) => {
                     let Some(cost) = &result.cost else { continue };
-                    let Some((key, tool)) = calls.get(result.call_id.as_str()) else {
-                        continue;
-                    };
-                    if !charged.insert(key) {
-                        continue;
-                    }
+                    let tool = calls.get(result.call_id.as_str()).copied().unwrap_or("(unknown)");
                     let group = match by {
                         By::Model => TOOL_CALLS.to_owned(),
-                        By::Tool => (*tool).to_owned(),
+                        By::Tool => tool.to_owned(),
                         _ => run_group(),
                     };
                     let call = Spend {

@@ -186,7 +186,9 @@ pub fn price_for(
     lists: &[(String, PriceListSpec)],
     model: &ModelSpec,
 ) -> Result<Option<PinnedPrice>, PriceError> {
-    if lists.is_empty() {
+    // Only lists that price models make pricing models required (a list of tool prices
+    // alone does not).
+    if lists.iter().all(|(_, list)| list.models.is_empty()) {
         return Ok(None);
     }
     let mut found: Vec<(bool, PinnedPrice)> = Vec::new();
@@ -269,32 +271,58 @@ pub fn price_for(
     Ok(Some(first))
 }
 
-/// A URL as an HTTP client reaches it, for prices: scheme, host (lowercase, without a trailing
-/// dot), port (the default written or not) and the path's segments percent-decoded — so a tool
-/// written `https://API.example:443/v%31/x` is priced as `https://api.example/v1/x` is. `None`
-/// for what is not such a URL.
-fn reached(text: &str) -> Option<(String, String, u16, Vec<String>)> {
+/// A URL as servers may take it, for prices: its host (lowercase, without a trailing dot), its
+/// port if one is written, and its path as segments read the widest way any common server
+/// does — percent-decoded, split again at `/` and `\\`, each segment's `;` parameters dropped,
+/// `.` and `..` resolved, compared in lowercase. So a tool written `https://API.example/v%31/x`,
+/// `…/V1;s=1/x` or `…/v1%2Fx` is priced as `https://api.example/v1/x` is: a spelling some server
+/// routes to a priced path is charged rather than let through free. `None` for what is not an
+/// http(s) URL.
+fn reached(text: &str) -> Option<Reached> {
     let url = url::Url::parse(text).ok()?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return None;
+    }
     let host = url.host_str()?.trim_end_matches('.').to_ascii_lowercase();
-    let segments = url
-        .path_segments()
-        .map(|segments| {
-            segments
-                .filter(|s| !s.is_empty())
-                .map(|s| {
-                    percent_encoding::percent_decode_str(s)
-                        .decode_utf8_lossy()
-                        .into_owned()
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Some((
-        url.scheme().to_owned(),
+    let mut path: Vec<String> = Vec::new();
+    for raw in url.path_segments().into_iter().flatten() {
+        let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        for piece in decoded.split(['/', '\\']) {
+            let segment = piece.split(';').next().unwrap_or_default().to_lowercase();
+            match segment.as_str() {
+                "" | "." => {}
+                ".." => {
+                    path.pop();
+                }
+                _ => path.push(segment),
+            }
+        }
+    }
+    Some(Reached {
         host,
-        url.port_or_known_default()?,
-        segments,
-    ))
+        port: url.port_or_known_default()?,
+        port_written: url.port().is_some(),
+        path,
+    })
+}
+
+/// Where a URL goes, as [`reached`] reads it.
+struct Reached {
+    host: String,
+    port: u16,
+    /// Whether the URL names its port (a price without one covers the host on any port and
+    /// either scheme).
+    port_written: bool,
+    path: Vec<String>,
+}
+
+impl Reached {
+    /// Whether a price for `self` (a URL prefix) covers a tool reaching `tool`.
+    fn covers(&self, tool: &Self) -> bool {
+        self.host == tool.host
+            && (!self.port_written || self.port == tool.port)
+            && tool.path.starts_with(&self.path)
+    }
 }
 
 /// The URL a tool's adapter reaches, and the name its MCP server knows it by (MCP tools only).
@@ -306,9 +334,6 @@ fn tool_target(tool: &Tool) -> Option<(&str, Option<&str>)> {
     if let Some(hook) = &adapter.webhook {
         return Some((&hook.url, None));
     }
-    if let Some(a2a) = &adapter.a2a {
-        return Some((&a2a.url, None));
-    }
     let mcp = adapter.mcp.as_ref()?;
     Some((
         mcp.url.as_deref()?,
@@ -316,9 +341,9 @@ fn tool_target(tool: &Tool) -> Option<(&str, Option<&str>)> {
     ))
 }
 
-/// The per-call prices of `tools` in `lists`, by tool name: for each tool, the price whose URL
-/// prefix matches the most segments of the URL it reaches (one naming its MCP tool wins over
-/// one that does not). A tool no price covers is not in the map: its calls cost nothing in
+/// The per-call prices of `tools` in `lists`, by tool name: for each tool, a price naming its
+/// MCP tool before one that does not, then the one whose URL prefix matches the most segments
+/// of the URL it reaches. A tool no price covers is not in the map: its calls cost nothing in
 /// money. Two prices as specific as each other that differ are refused.
 pub fn tool_prices(
     lists: &[(String, PriceListSpec)],
@@ -329,14 +354,14 @@ pub fn tool_prices(
         let Some((url, mcp_tool)) = tool_target(tool) else {
             continue;
         };
-        let Some((scheme, host, port, path)) = reached(url) else {
+        let Some(target) = reached(url) else {
             continue;
         };
-        // (segments matched, names the MCP tool), and the price.
-        let mut found: Vec<((usize, bool), PinnedToolPrice)> = Vec::new();
+        // (names the MCP tool, segments matched), and the price.
+        let mut found: Vec<((bool, usize), PinnedToolPrice)> = Vec::new();
         for (name, list) in lists {
             for (index, entry) in list.tools.iter().enumerate() {
-                let Some((p_scheme, p_host, p_port, prefix)) = reached(&entry.url_prefix) else {
+                let Some(prefix) = reached(&entry.url_prefix) else {
                     return Err(PriceError::Invalid {
                         list: name.clone(),
                         section: "tools",
@@ -345,8 +370,7 @@ pub fn tool_prices(
                         problem: format!("{:?} is not an http(s) URL", entry.url_prefix),
                     });
                 };
-                let same_server = (p_scheme, p_host, p_port) == (scheme.clone(), host.clone(), port);
-                if !same_server || !path.starts_with(&prefix) {
+                if !prefix.covers(&target) {
                     continue;
                 }
                 let names_tool = match (&entry.mcp_tool, mcp_tool) {
@@ -362,7 +386,7 @@ pub fn tool_prices(
                     problem,
                 })?;
                 found.push((
-                    (prefix.len(), names_tool),
+                    (names_tool, prefix.path.len()),
                     PinnedToolPrice {
                         price_list: name.clone(),
                         currency: list.currency.clone(),
@@ -603,47 +627,53 @@ mod tests {
             priced_tools(&[
                 ("https://api.search.example/v1", None, "0.005"),
                 ("https://api.search.example/v1/premium/", None, "0.05"),
-                ("https://mcp.example", None, "0.001"),
-                ("https://mcp.example/mcp", Some("search"), "0.01"),
+                ("https://mcp.example", Some("search"), "0.01"),
+                ("https://mcp.example/mcp", None, "0.002"),
+                ("https://ports.example:8080", None, "0.002"),
             ]),
         )];
+        let http = |url: &str| format!("{{http: {{url: '{url}'}}}}");
         let cases = [
-            (
-                "{http: {url: 'https://api.search.example/v1/search'}}",
-                Some("0.005"),
-            ),
+            (http("https://api.search.example/v1/search"), Some("0.005")),
             // The same server and path written otherwise is priced the same.
+            (http("https://API.Search.Example.:443/v1/search"), Some("0.005")),
+            (http("https://api.search.example/v%31/search"), Some("0.005")),
+            (http("https://api.search.example/x/../v1/search"), Some("0.005")),
             (
-                "{http: {url: 'https://API.Search.Example.:443/v1/search'}}",
-                Some("0.005"),
-            ),
-            (
-                "{http: {url: 'https://api.search.example/v%31/search'}}",
-                Some("0.005"),
-            ),
-            (
-                "{http: {url: 'https://api.search.example/x/../v1/search'}}",
-                Some("0.005"),
-            ),
-            (
-                "{webhook: {url: 'https://api.search.example/v1/premium/go', secretRef: {name: s, key: k}}}",
+                "{webhook: {url: 'https://api.search.example/v1/premium/go', secretRef: {name: s, key: k}}}"
+                    .to_owned(),
                 Some("0.05"),
             ),
-            // Segments match whole; another scheme or port is another server.
-            ("{http: {url: 'https://api.search.example/v10/search'}}", None),
-            ("{http: {url: 'http://api.search.example/v1/search'}}", None),
-            ("{http: {url: 'https://api.search.example:8443/v1/search'}}", None),
-            ("{http: {url: 'https://search.example/v1/search'}}", None),
-            // An MCP server's tool by its server-side name; the server's other tools by the host.
-            ("{mcp: {url: 'https://mcp.example/mcp'}}", Some("0.01")),
+            // Spellings some server routes to the priced path are charged: an encoded slash or
+            // backslash, path parameters, another case, either scheme when the price names no
+            // port, and `..` hidden in an encoded segment.
+            (http("https://api.search.example/v1%2Fsearch"), Some("0.005")),
+            (http("https://api.search.example/v1%5Csearch"), Some("0.005")),
+            (http("https://api.search.example/v1;s=x/search"), Some("0.005")),
+            (http("https://api.search.example/V1/Search"), Some("0.005")),
+            (http("http://api.search.example/v1/search"), Some("0.005")),
+            (http("https://api.search.example:8443/v1/search"), Some("0.005")),
             (
-                "{mcp: {url: 'https://mcp.example/mcp', tool: lookup}}",
-                Some("0.001"),
+                http("https://api.search.example/v1/x%2F..%2Fpremium/go"),
+                Some("0.05"),
             ),
-            ("{mcp: {command: [server]}}", None),
-            ("{memory: {operation: recall}}", None),
+            // Segments match whole; another host is another server, and so is another port
+            // when the price names one.
+            (http("https://api.search.example/v10/search"), None),
+            (http("https://search.example/v1/search"), None),
+            (http("https://ports.example:8080/v1"), Some("0.002")),
+            (http("https://ports.example:8081/v1"), None),
+            // An MCP server's tool by its server-side name, even under a longer prefix that
+            // names no tool; the server's other tools by the longest prefix.
+            ("{mcp: {url: 'https://mcp.example/mcp'}}".to_owned(), Some("0.01")),
+            (
+                "{mcp: {url: 'https://mcp.example/mcp', tool: lookup}}".to_owned(),
+                Some("0.002"),
+            ),
+            ("{mcp: {command: [server]}}".to_owned(), None),
+            ("{memory: {operation: recall}}".to_owned(), None),
         ];
-        for (adapter, wanted) in cases {
+        for (adapter, wanted) in &cases {
             let tools = [tool("search", adapter)];
             let prices = tool_prices(&lists, &tools).expect("priced");
             assert_eq!(
@@ -652,7 +682,7 @@ mod tests {
                 "{adapter}"
             );
         }
-        let pinned = &tool_prices(&lists, &[tool("search", cases[0].0)]).expect("priced")["search"];
+        let pinned = &tool_prices(&lists, &[tool("search", &cases[0].0)]).expect("priced")["search"];
         assert_eq!(
             (
                 pinned.price_list.as_str(),

@@ -1574,9 +1574,19 @@ async fn a_tool_pointed_at_a_denied_network_is_never_reached() {
         "::1/128".parse().expect("net"),
     ]))
     .await;
-    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    // The status update is a paid call: refused before anything was sent, it costs nothing.
+    let mut bundle = rig.bundle.clone();
+    bundle.tool_prices.insert(
+        "post_status_update".into(),
+        contextos_runner::pricing::PinnedToolPrice {
+            price_list: "tools".into(),
+            currency: "USD".into(),
+            per_call: contextos_runner::pricing::Nanos(1_000_000),
+        },
+    );
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
-    start_run(client.records(), &rig.bundle, &context).await;
+    start_run(client.records(), &bundle, &context).await;
     let status = status_update(&context, 1);
     let outcome = client.call(&status, &Default::default()).await.expect("answered");
     match &outcome {
@@ -1585,7 +1595,8 @@ async fn a_tool_pointed_at_a_denied_network_is_never_reached() {
                 && result
                     .error
                     .as_deref()
-                    .is_some_and(|e| e.contains("destination refused")),
+                    .is_some_and(|e| e.contains("destination refused"))
+                && result.cost.is_none(),
             "{result:?}"
         ),
         other => panic!("the call is refused at its destination, got {other:?}"),

@@ -558,9 +558,10 @@ impl ToolGateway {
         {
             // The same call was decided and executed before (a resubmission after a crash):
             // answer from that execution. Deciding it again would count it twice against the
-            // budgets and ask for an approval that was already used.
+            // budgets and ask for an approval that was already used. It cost nothing again.
             let done = ToolResultRecord {
                 call_id: call.call_id.clone(),
+                cost: None,
                 ..done
             };
             recorder.stage(EntryBody::ToolResult(done.clone()));
@@ -663,7 +664,7 @@ impl ToolGateway {
             {
                 // A human found out whether it acted: that is the call's result, recorded with
                 // who said so. The call is not sent again either way.
-                let result = resolved_result(&started.call_id, resolution);
+                let result = resolved_result(&started.call_id, resolution, tool.price.as_ref());
                 recorder.stage(EntryBody::CallResolved {
                     call_id: started.call_id.clone(),
                     outcome: resolution.outcome,
@@ -953,11 +954,15 @@ impl ToolGateway {
             return self.carry_out_memory(call, memory.operation, recorder).await;
         }
         let mut attempts = 0;
+        let mut sent = false;
         let outcome = loop {
             attempts += 1;
             // The tool's time, and the pause before asking again, are spent out of the
             // request's turn at a gateway replica (the tool is not the replica's work).
             let outcome = fair::away(self.attempt(call, tool)).await;
+            sent |= outcome
+                .as_ref()
+                .map_or_else(AdapterError::may_have_been_sent, |_| true);
             match &outcome {
                 Err(e) if e.is_retryable() && attempts < max_attempts => {
                     fair::away(tokio::time::sleep(backoff(initial, attempts))).await;
@@ -965,8 +970,13 @@ impl ToolGateway {
                 _ => break outcome,
             }
         };
-        // A priced tool's call costs its price once it was sent, whatever it answered.
-        let cost = tool.price.as_ref().map(crate::pricing::PinnedToolPrice::cost);
+        // A priced tool's call costs its price once it may have been sent, whatever it
+        // answered; refused before anything left (circuit open, destination refused), nothing.
+        let cost = tool
+            .price
+            .as_ref()
+            .filter(|_| sent)
+            .map(crate::pricing::PinnedToolPrice::cost);
         let result = match outcome {
             Ok(response) => ToolResultRecord {
                 call_id: call.call_id.clone(),
@@ -1232,7 +1242,12 @@ impl ToolGateway {
 /// One HTTP client for every gateway in the process: building one loads the system's root
 /// certificates, which costs milliseconds, and clones share one connection pool.
 /// The result a human's resolution stands for: what the tool did, as far as they found.
-fn resolved_result(call_id: &str, resolution: &contextos_crds::session::Resolution) -> ToolResultRecord {
+/// A call's result as a person resolved it; one that acted cost its tool's `price`.
+fn resolved_result(
+    call_id: &str,
+    resolution: &contextos_crds::session::Resolution,
+    price: Option<&crate::pricing::PinnedToolPrice>,
+) -> ToolResultRecord {
     use contextos_crds::session::ResolvedOutcome;
     let note = resolution.note.clone().unwrap_or_default();
     match resolution.outcome {
@@ -1247,7 +1262,7 @@ fn resolved_result(call_id: &str, resolution: &contextos_crds::session::Resoluti
             error: None,
             attempts: 0,
             truncated: false,
-            cost: None,
+            cost: price.map(crate::pricing::PinnedToolPrice::cost),
         },
         ResolvedOutcome::DidNotAct => ToolResultRecord {
             call_id: call_id.to_owned(),

@@ -183,7 +183,8 @@ pub async fn hold<B: MemoryBackend>(
                     return (Vec::new(), Err(crowded));
                 }
                 if let Err(full) = ledger.admit(&quota.limits, &call, &share, exact, now) {
-                    let wait = quota.when_full == WhenWindowFull::Wait;
+                    // A call no window will ever have room for is refused, not held for ever.
+                    let wait = quota.when_full == WhenWindowFull::Wait && !full.never_fits;
                     let outranks = refused
                         .as_ref()
                         .is_none_or(|r| matches!(r, QuotaRefusal::Full { wait: true, .. }) && !wait);

@@ -167,6 +167,8 @@ pub struct Full {
     pub used: u64,
     /// When the window will next have given something back (ms from now, at least 1 s).
     pub retry_after_ms: i64,
+    /// The call asks more than the whole limit: no window will ever have room for it.
+    pub never_fits: bool,
 }
 
 /// A limit whose usage crossed a threshold upwards.
@@ -247,6 +249,7 @@ impl Ledger {
                     limit: *limit,
                     used,
                     retry_after_ms: self.next_release(limit.window, now),
+                    never_fits: (exact || !limit.resource.metered()) && asked > limit.max,
                 });
             }
         }
@@ -550,7 +553,13 @@ mod tests {
             .admit(&limits, "c", &money(10), true, T0)
             .expect_err("past the limit");
         assert_eq!(full.used, 20);
+        assert!(!full.never_fits);
         assert_eq!(ledger.admit(&limits, "c", &money(5), true, T0), Ok(()));
+        // A call dearer than the whole limit never fits, however long it waits.
+        let never = ledger
+            .admit(&limits, "d", &money(26), true, T0)
+            .expect_err("too dear");
+        assert!(never.never_fits);
         assert_eq!(ledger.admit(&limits, "c", &money(10), false, T0), Ok(()));
     }
 

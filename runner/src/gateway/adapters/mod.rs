@@ -89,6 +89,16 @@ pub fn unavailable_adapter(tools: &[contextos_crds::agent::Tool]) -> Option<Stri
 }
 
 impl AdapterError {
+    /// Whether the call may have reached the tool: everything but a refusal before anything was
+    /// sent (the circuit open, the destination refused, an adapter not run here). A paid call
+    /// is charged when it may have been.
+    pub fn may_have_been_sent(&self) -> bool {
+        !matches!(
+            self,
+            Self::CircuitOpen(_) | Self::Unsupported(_) | Self::Refused(_)
+        )
+    }
+
     /// Whether trying again may help (network trouble, overload, server errors).
     pub fn is_retryable(&self) -> bool {
         match self {

@@ -203,8 +203,9 @@ pub(super) struct GateCharge<S, A, T> {
     pub quotas: RunQuotas,
     /// The recorded run's model price (re-execution asks only the recorded model).
     pub price: Option<crate::pricing::PinnedPrice>,
-    /// The model's output limit when a request names none.
-    pub max_output_tokens: Option<u32>,
+    /// The output limit a turn is asked with (and holds) when its request names none: the
+    /// model's own, or the recorded run's token budget.
+    pub output_bound: u32,
 }
 
 impl<S, A, T> crate::model::charged::TurnCharge for GateCharge<S, A, T>
@@ -222,8 +223,20 @@ where
         Box::pin(async move {
             let owner = request_owner();
             let key = format!("gate/{}", owner);
+            // Every turn is asked with an output limit, so what it holds bounds what it spends.
+            let bounded;
+            let request = match request.max_output_tokens {
+                Some(_) => request,
+                None => {
+                    bounded = crate::model::ModelRequest {
+                        max_output_tokens: Some(self.output_bound),
+                        ..request.clone()
+                    };
+                    &bounded
+                }
+            };
             let most_in = crate::model::most_prompt_tokens(request);
-            let most_out = u64::from(request.max_output_tokens.or(self.max_output_tokens).unwrap_or(0));
+            let most_out = u64::from(request.max_output_tokens.unwrap_or(self.output_bound));
             let price = self.price.as_ref();
             let demand = Demand {
                 call: &key,

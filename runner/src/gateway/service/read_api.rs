@@ -385,7 +385,11 @@ where
                 tenant: self.tenant.clone(),
                 quotas,
                 price: bundle.model_price.clone(),
-                max_output_tokens: bundle.agent_spec.model.max_output_tokens,
+                output_bound: bundle
+                    .agent_spec
+                    .model
+                    .max_output_tokens
+                    .unwrap_or(u32::try_from(bundle.agent_spec.budget.max_tokens).unwrap_or(u32::MAX)),
             })))
         })
     }

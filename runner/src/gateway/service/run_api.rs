@@ -792,6 +792,22 @@ where
                 )
                 .await;
             }
+            // Made: what its result says it cost (nothing in money if it was refused before
+            // anything was sent), as the record has it.
+            Some(quotas) if made => {
+                let cost = match &outcome {
+                    crate::gateway::CallOutcome::Executed(result) => result.cost.as_ref(),
+                    _ => None,
+                };
+                let spent = crate::quota::Amounts {
+                    calls: 1,
+                    nanos: cost.map_or(0, |c| c.nanos.0),
+                    ..Default::default()
+                };
+                let currency = cost.map(|c| c.currency.as_str());
+                self.settle_in_quotas(&caller.tenant, &quotas, (&quota_key, &owner), &spent, currency)
+                    .await;
+            }
             held => {
                 self.spent_or_kept(
                     caller,
@@ -805,7 +821,8 @@ where
         }
     }
 
-    /// Ends a call's quota holds as spent if this replica reached the tool. Otherwise the hold
+    /// Ends a call's quota holds as spent, at its tool's price, if this replica reached the tool
+    /// (its result unknown: the request failed after it). Otherwise the hold
     /// is kept: the request failed without a recorded outcome, and the same call (the same key)
     /// may be carried by another replica — a runner can send it to two at once — whose
     /// settlement ends it; if none does, it is charged in full when its time is up.

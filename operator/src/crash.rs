@@ -32,6 +32,8 @@ pub enum CrashCause {
     Exited { code: i32 },
     /// Nothing in the pod's status says (deleted, never started, status not written yet).
     Unknown,
+    /// It reported a completion the gateway service did not sign (`why`): not believed.
+    Unverified { why: String },
 }
 
 /// Reads why `pod` ended (pure: no API call).
@@ -96,6 +98,10 @@ impl fmt::Display for CrashCause {
             ),
             Self::Exited { code } => write!(f, "exited with code {code} without a report"),
             Self::Unknown => f.write_str("ended without saying why"),
+            Self::Unverified { why } => write!(
+                f,
+                "reported a completion the gateway service did not attest ({why}); the record decides"
+            ),
         }
     }
 }

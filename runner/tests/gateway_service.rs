@@ -2779,3 +2779,95 @@ async fn a_runner_cannot_keep_its_subjects_data_in_the_clear_or_reach_other_keys
         assert!(!text.contains("ana.lopez"), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_completes_only_with_its_models_answer_and_only_the_gateway_attests_it() {
+    use contextos_runner::gateway::approvals::{Attested as _, CompletedRun};
+    let rig = rig().await;
+    let call_hash = rig.run_until_approval().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    let refused = client.completion().await.expect_err("not completed");
+    assert!(refused.to_string().contains("has not completed"), "{refused}");
+
+    // The model's last answer on record (it asked for the restart).
+    let answer = rig
+        .bodies()
+        .await
+        .iter()
+        .rev()
+        .find_map(|b| match b {
+            EntryBody::ModelTurn { response, .. } => response["content"].as_str().map(str::to_owned),
+            _ => None,
+        })
+        .expect("a model turn");
+    let validators: Vec<String> = rig
+        .bundle
+        .agent_spec
+        .validators
+        .iter()
+        .map(|v| v.name.clone())
+        .collect();
+    // A runner that completes the run itself: with an output the model never gave, or with the
+    // model's answer that the validators refuse, or saying validators passed that did not.
+    for (output, passed, why) in [
+        (
+            r#"{"summary": "all good", "cause": "none"}"#.to_owned(),
+            validators.clone(),
+            "is not the model's answer on record",
+        ),
+        (answer.clone(), validators.clone(), "fails validator"),
+    ] {
+        let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
+            .await
+            .expect("resume");
+        recorder.stage(EntryBody::Completed {
+            output,
+            validators: passed,
+        });
+        let refused = recorder.flush().await.expect_err("refused");
+        assert!(refused.to_string().contains(why), "{why}: {refused}");
+    }
+    assert!(
+        !rig.bodies()
+            .await
+            .iter()
+            .any(|b| matches!(b, EntryBody::Completed { .. })),
+        "no completion was written"
+    );
+
+    // Approved, the run completes as its runner reached it, and the gateway attests exactly that.
+    approve_on_session(&rig, &call_hash, "dana@example.com");
+    let outcome = rig.resume(&[grant(&call_hash, "dana@example.com")]).await;
+    let RunOutcome::Completed { output, .. } = outcome else {
+        panic!("expected a completion, got {outcome:?}");
+    };
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-2");
+    let attested = rig
+        .client("token-run-2", &context)
+        .completion()
+        .await
+        .expect("attested");
+    let key = rig.keys.for_tenant("shop").public();
+    fn statement<'a>(shown: &'a str, digest: &str) -> CompletedRun<'a> {
+        CompletedRun {
+            run_id: RUN,
+            shown_output: shown,
+            output_digest: digest.to_owned(),
+        }
+    }
+    let digest = attested.output_digest.as_str();
+    assert_eq!(attested.output_digest, CompletedRun::digest_of(&output));
+    assert_eq!(
+        attested.shown_output,
+        contextos_runner::run::pod::shown_output(&output)
+    );
+    assert!(statement(&attested.shown_output, digest).verify(&key, &attested.signature));
+    // Another output shown under the same signature is not the gateway's word, nor is the
+    // signature under another tenant's key.
+    assert!(!statement("all good", digest).verify(&key, &attested.signature));
+    assert!(
+        !statement(&attested.shown_output, digest)
+            .verify(&rig.keys.for_tenant("bank").public(), &attested.signature)
+    );
+}

@@ -109,6 +109,23 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     let mut pod_report = PodReport::of(&report);
+    if let RunOutcome::Completed { .. } = &report.outcome {
+        // Without the gateway's word the operator does not believe a completion: an attempt
+        // that cannot get it ends without a report, and the next resumes from the record.
+        let attested = client
+            .completion()
+            .await
+            .context("the gateway service did not attest the run's completion")?;
+        if pod_report.output.as_deref() != Some(attested.shown_output.as_str())
+            || pod_report.output_digest.as_deref() != Some(attested.output_digest.as_str())
+        {
+            anyhow::bail!(
+                "the gateway service attests another output for run {} than this runner reached; the next attempt resumes from the record",
+                context.run_id
+            );
+        }
+        pod_report.completion_attestation = Some(attested.signature);
+    }
     if let Some(checkpoint) = client
         .records()
         .latest_checkpoint(&tenant, &context.session_id)

@@ -50,6 +50,30 @@ impl Attested for UnresolvedReport<'_> {
     const DOMAIN: &'static [u8] = b"contextos-unresolved-call/v1\n";
 }
 
+/// A run that completed, as its record says (the output checked by the gateway when it was
+/// written: the model's last answer, passing every validator). The gateway signs it for the
+/// runner to relay; the operator marks a Session Succeeded, showing the output, only on it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CompletedRun<'a> {
+    pub run_id: &'a str,
+    /// The output as a report shows it (see [`crate::run::pod::shown_output`]).
+    pub shown_output: &'a str,
+    /// `sha256:` of the whole output.
+    pub output_digest: String,
+}
+
+impl CompletedRun<'_> {
+    /// The digest of a whole output.
+    pub fn digest_of(output: &str) -> String {
+        use sha2::Digest as _;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(output.as_bytes())))
+    }
+}
+
+impl Attested for CompletedRun<'_> {
+    const DOMAIN: &'static [u8] = b"contextos-completed-run/v1\n";
+}
+
 /// A statement the gateway signs with the tenant's key for whoever relays it (a runner pod's
 /// report): the operator shows people what it says only if the signature holds.
 pub trait Attested: serde::Serialize + Sized {

@@ -200,6 +200,14 @@ impl GatewayClient {
         }
     }
 
+    /// The service's signed word on how the run completed, for the pod's report (the operator
+    /// believes a completion only with it).
+    pub async fn completion(
+        &self,
+    ) -> Result<crate::gateway::service::completion::CompletionAttestation, RemoteError> {
+        self.records.get_json("/v1/run/completion").await
+    }
+
     /// The run's record, through the service.
     pub fn records(&self) -> &RemoteStore {
         &self.records

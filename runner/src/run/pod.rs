@@ -11,7 +11,10 @@ use super::{
     engine::{RunOutcome, RunReport},
     state::Usage,
 };
-use crate::{gateway::approvals::ApprovalRequest, run_context::SignedRunContext};
+use crate::{
+    gateway::approvals::{ApprovalRequest, CompletedRun},
+    run_context::SignedRunContext,
+};
 
 /// Where a runner pod finds what it is given (volume mounts the operator sets up).
 pub mod paths {
@@ -79,9 +82,16 @@ pub struct PodReport {
     /// Hash of the newest record entry.
     #[serde(default)]
     pub head: Option<String>,
-    /// The accepted output (cut to fit the message).
+    /// The accepted output (cut to fit the message: see [`shown_output`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// `sha256:` of the whole accepted output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_digest: Option<String>,
+    /// The gateway's signature over the completion (a
+    /// [`crate::gateway::approvals::CompletedRun`]): without it a completion is not believed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_attestation: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,6 +140,8 @@ impl PodReport {
             usage: report.usage.clone(),
             head: report.head.map(|h| h.to_hex()),
             output: None,
+            output_digest: None,
+            completion_attestation: None,
             reason: None,
             message: None,
             awaiting: None,
@@ -138,7 +150,8 @@ impl PodReport {
         };
         match &report.outcome {
             RunOutcome::Completed { output, .. } => {
-                out.output = Some(cut(output));
+                out.output = Some(shown_output(output));
+                out.output_digest = Some(CompletedRun::digest_of(output));
             }
             RunOutcome::Failed { reason, message } => {
                 out.reason = Some(reason.clone());
@@ -179,7 +192,8 @@ impl PodReport {
         if size(self) <= MESSAGE_LIMIT {
             return;
         }
-        short(&mut self.output);
+        // The output is shown as the gateway attests it ([`shown_output`] keeps it small
+        // enough): shortening it would void the attestation.
         short(&mut self.message);
         short(&mut self.reason);
         if let Some(awaiting) = &mut self.awaiting {
@@ -190,10 +204,32 @@ impl PodReport {
             awaiting.reason = awaiting.reason.chars().take(160).collect();
         }
         if size(self) > MESSAGE_LIMIT {
-            self.output = Some("(cut; see the record)".into());
             self.message = None;
         }
     }
+}
+
+/// Bytes the output shown in a report may take as JSON (escaping included), so a report with
+/// it always fits a termination message whole.
+const SHOWN_OUTPUT_BYTES: usize = 1200;
+
+/// An output as a report shows it, and the gateway attests it: the whole output if it is short,
+/// otherwise its first part (whole characters, at most [`SHOWN_OUTPUT_BYTES`] as JSON) and `…`.
+pub fn shown_output(output: &str) -> String {
+    let escaped = |c: char| match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    };
+    let mut used = 0;
+    for (i, c) in output.char_indices() {
+        used += escaped(c);
+        // Room is kept for the `…` (3 bytes).
+        if used > SHOWN_OUTPUT_BYTES - 3 {
+            return format!("{}…", &output[..i]);
+        }
+    }
+    output.to_owned()
 }
 
 fn cut(text: &str) -> String {
@@ -226,7 +262,21 @@ mod tests {
             head: None,
             replayed: vec![],
         };
-        let json = serde_json::to_vec(&PodReport::of(&report)).expect("json");
+        let mut pod_report = PodReport::of(&report);
+        // With everything a completion carries: its digest, the gateway's signature, a long run
+        // id and a checkpoint.
+        pod_report.completion_attestation = Some("ab".repeat(64));
+        pod_report.run_id = "r".repeat(256);
+        pod_report.checkpoint = Some((u32::MAX, "cd".repeat(32)));
+        let json = serde_json::to_vec(&pod_report).expect("json");
         assert!(json.len() <= MESSAGE_LIMIT, "{} bytes", json.len());
+        // The output is shown as the gateway attests it: its first part, whole characters.
+        let shown = pod_report.output.as_deref().expect("shown");
+        assert_eq!(shown, shown_output(&"\"\u{1}".repeat(5000)));
+        assert!(shown.ends_with('…') && shown.len() < 600, "{}", shown.len());
+        assert_eq!(shown_output("short"), "short");
+        let wide = "é".repeat(2000);
+        let shown = shown_output(&wide);
+        assert!(shown.ends_with('…') && wide.starts_with(shown.trim_end_matches('…')));
     }
 }

@@ -196,8 +196,20 @@ async fn attempt_pod(pods: &Api<Pod>, session: &Session, attempt: u32) -> Result
 /// What an ended attempt's plan needs beyond its pod: whether the gateway signed what its
 /// report relays for people, or — when it reported nothing — how many attempts crashed.
 async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &mut Ended) -> Result<()> {
+    // A completion the gateway did not sign is no report: the attempt counts as crashed and the
+    // next resumes from the record (a termination message can be written by whoever can write
+    // the pod's files; the gateway's signature cannot).
+    if let Some(report) = &ended.report
+        && report.outcome == ReportedOutcome::Completed
+    {
+        let key = tenant_key(ctx, session).await?;
+        if let Err(why) = completion_attested(report, &key) {
+            ended.report = None;
+            ended.cause = crate::crash::CrashCause::Unverified { why };
+        }
+    }
     match &ended.report {
-        None => ended.crashes = crashed_attempts(pods, session).await?,
+        None => ended.crashes = crashed_attempts(ctx, pods, session).await?,
         Some(report) => {
             ended.attestation = match (report.outcome, &report.awaiting, &report.unresolved) {
                 (ReportedOutcome::AwaitingApproval, Some(awaiting), _) => {
@@ -233,7 +245,37 @@ async fn ensure_children(
 
 /// Attempts of this Session whose pod ended without a report: the crashes the retry bound
 /// counts (attempts started by approvals, and attempts that reported, do not count).
-async fn crashed_attempts(pods: &Api<Pod>, session: &Session) -> Result<u32> {
+/// The key the gateway signs the Session's tenant's statements with; an error (retried) while
+/// the gateway cannot be asked.
+async fn tenant_key(ctx: &Context, session: &Session) -> Result<contextos_runner::keys::PublicKey> {
+    ctx.tenant_keys
+        .get(&ctx.runner.gateway, &session.namespace().unwrap_or_default())
+        .await
+        .map_err(|e| Error::Run(e.to_string()))
+}
+
+/// Whether `report`'s completion is the gateway's word: its signature over the run, the output
+/// as shown and the whole output's digest.
+fn completion_attested(
+    report: &PodReport,
+    key: &contextos_runner::keys::PublicKey,
+) -> std::result::Result<(), String> {
+    let (Some(digest), Some(signature)) = (&report.output_digest, &report.completion_attestation) else {
+        return Err("the report carries no signature of the gateway service".into());
+    };
+    let statement = contextos_runner::gateway::approvals::CompletedRun {
+        run_id: &report.run_id,
+        shown_output: report.output.as_deref().unwrap_or_default(),
+        output_digest: digest.clone(),
+    };
+    if statement.verify(key, signature) {
+        Ok(())
+    } else {
+        Err("its signature does not match the completion the report says".into())
+    }
+}
+
+async fn crashed_attempts(ctx: &Context, pods: &Api<Pod>, session: &Session) -> Result<u32> {
     let pods = pods
         .list(&kube::api::ListParams::default().labels(&format!(
             "{}={}",
@@ -241,13 +283,33 @@ async fn crashed_attempts(pods: &Api<Pod>, session: &Session) -> Result<u32> {
             session.name_any()
         )))
         .await?;
-    let crashed = pods
+    let ended: Vec<Option<PodReport>> = pods
         .items
         .iter()
         .filter(|p| owned_by(p.metadata.owner_references.as_deref(), session))
         .filter(|p| {
             let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            matches!(phase, Some("Failed" | "Succeeded")) && termination_report(p).is_none()
+            matches!(phase, Some("Failed" | "Succeeded"))
+        })
+        .map(termination_report)
+        .collect();
+    // No report, or a completion the gateway did not sign.
+    let unsigned = ended.iter().any(|r| {
+        r.as_ref()
+            .is_some_and(|r| r.outcome == ReportedOutcome::Completed)
+    });
+    let key = match unsigned {
+        true => Some(tenant_key(ctx, session).await?),
+        false => None,
+    };
+    let crashed = ended
+        .iter()
+        .filter(|report| match (report, &key) {
+            (None, _) => true,
+            (Some(r), Some(key)) if r.outcome == ReportedOutcome::Completed => {
+                completion_attested(r, key).is_err()
+            }
+            (Some(_), _) => false,
         })
         .count();
     Ok(u32::try_from(crashed).unwrap_or(u32::MAX))
@@ -759,6 +821,40 @@ mod tests {
             }]},
         }))
         .expect("pod")
+    }
+
+    #[test]
+    fn a_completion_is_believed_only_as_the_gateway_signed_it() {
+        use contextos_runner::{
+            gateway::approvals::{Attested as _, CompletedRun},
+            keys::KeyPair,
+        };
+        let tenant = KeyPair::generate().expect("key");
+        let output = "{\"summary\": \"restarted checkout-api\"}";
+        let signed = CompletedRun {
+            run_id: "r-1",
+            shown_output: output,
+            output_digest: CompletedRun::digest_of(output),
+        }
+        .sign(&tenant);
+        let report = |output: &str, signature: Option<&str>| -> PodReport {
+            serde_json::from_value(json!({
+                "outcome": "completed", "runId": "r-1", "steps": 3,
+                "usage": {"steps": 3, "tokens": 10, "tool_calls": 1, "wall_ms": 10},
+                "output": output, "outputDigest": CompletedRun::digest_of(output),
+                "completionAttestation": signature,
+            }))
+            .expect("report")
+        };
+        let key = tenant.public();
+        assert_eq!(completion_attested(&report(output, Some(&signed)), &key), Ok(()));
+        // Another output (written into the termination message), no signature, or another
+        // tenant's key: not believed.
+        let forged = completion_attested(&report("all good", Some(&signed)), &key);
+        assert!(forged.is_err(), "{forged:?}");
+        assert!(completion_attested(&report(output, None), &key).is_err());
+        let other = KeyPair::generate().expect("key").public();
+        assert!(completion_attested(&report(output, Some(&signed)), &other).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! and model turns are written by the gateway itself, and the gateway alone signs heads — with
 //! the tenant's key, which never leaves this service.
 
+pub mod completion;
 mod consent_api;
 mod context_cache;
 mod memory_api;
@@ -447,6 +448,7 @@ where
             .route("/v1/run/blobs/{hash}", get(Self::get_blob))
             .route("/v1/run/calls", post(Self::call))
             .route("/v1/run/model", post(Self::model))
+            .route("/v1/run/completion", get(Self::completion))
             .route("/v1/run/recall", post(Self::recall))
             .route("/v1/run/key", get(Self::run_key))
             .route("/v1/records/key", get(Self::reader_run_key))

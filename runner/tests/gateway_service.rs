@@ -2808,15 +2808,15 @@ async fn a_run_completes_only_with_its_models_answer_and_only_the_gateway_attest
         .iter()
         .map(|v| v.name.clone())
         .collect();
-    // A runner that completes the run itself: with an output the model never gave, or with the
-    // model's answer that the validators refuse, or saying validators passed that did not.
+    // A runner that completes the run itself: with any output while the model's latest turn
+    // asked for a call (the restart, still waiting for its approval) — its text included.
     for (output, passed, why) in [
         (
             r#"{"summary": "all good", "cause": "none"}"#.to_owned(),
             validators.clone(),
-            "is not the model's answer on record",
+            "is not an answer",
         ),
-        (answer.clone(), validators.clone(), "fails validator"),
+        (answer.clone(), validators.clone(), "is not an answer"),
     ] {
         let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
             .await
@@ -2849,6 +2849,16 @@ async fn a_run_completes_only_with_its_models_answer_and_only_the_gateway_attest
         .await
         .expect("attested");
     let key = rig.keys.for_tenant("shop").public();
+    // Nothing more is written once the run has ended: not another completion.
+    let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
+        .await
+        .expect("resume");
+    recorder.stage(EntryBody::Completed {
+        output: output.clone(),
+        validators: validators.clone(),
+    });
+    let refused = recorder.flush().await.expect_err("the run has ended");
+    assert!(refused.to_string().contains("has ended on record"), "{refused}");
     fn statement<'a>(shown: &'a str, digest: &str) -> CompletedRun<'a> {
         CompletedRun {
             run_id: RUN,
@@ -2870,4 +2880,47 @@ async fn a_run_completes_only_with_its_models_answer_and_only_the_gateway_attest
         !statement(&attested.shown_output, digest)
             .verify(&rig.keys.for_tenant("bank").public(), &attested.signature)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_answer_a_validator_refuses_does_not_complete_the_run() {
+    let rig = rig().await;
+    let mut bundle = rig.bundle.clone();
+    bundle.model_script = Some(r#"{"turns": [{"content": "done."}]}"#.into());
+    bundle.agent_spec.validators =
+        vec![serde_yaml::from_str("name: long-enough\ncel: \"output.size() > 20\"\n").expect("validator")];
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    let request = ModelRequest {
+        model: "m".into(),
+        messages: vec![Message::new(Role::User, "sum it up")],
+        tools: vec![],
+        max_output_tokens: None,
+    };
+    let turn = client.model(&request, 1).await.expect("answered");
+    assert!(turn.tool_calls.is_empty());
+    // The model's own answer, which the Agent's validator refuses: not a completion, whatever
+    // the runner says passed.
+    let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
+        .await
+        .expect("resume");
+    recorder.stage(EntryBody::Completed {
+        output: turn.content.clone(),
+        validators: vec!["long-enough".into()],
+    });
+    let refused = recorder.flush().await.expect_err("refused");
+    assert!(
+        refused.to_string().contains("fails validator long-enough"),
+        "{refused}"
+    );
+    // Failing is the runner's to say.
+    let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
+        .await
+        .expect("resume");
+    recorder.stage(EntryBody::Failed {
+        reason: "ValidatorFailed".into(),
+        message: "the answer is too short".into(),
+    });
+    recorder.flush().await.expect("written");
 }

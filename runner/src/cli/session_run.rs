@@ -112,10 +112,7 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
     if let RunOutcome::Completed { .. } = &report.outcome {
         // Without the gateway's word the operator does not believe a completion: an attempt
         // that cannot get it ends without a report, and the next resumes from the record.
-        let attested = client
-            .completion()
-            .await
-            .context("the gateway service did not attest the run's completion")?;
+        let attested = attested_completion(&client).await?;
         if pod_report.output.as_deref() != Some(attested.shown_output.as_str())
             || pod_report.output_digest.as_deref() != Some(attested.output_digest.as_str())
         {
@@ -148,6 +145,33 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
         }
         RunOutcome::Failed { .. } => ExitCode::from(EXIT_RUN_FAILED),
     })
+}
+
+/// The gateway service's word on the run's completion, asked a few times over about 15 s (a
+/// replica restarting, a moment's overload) before the attempt gives up.
+async fn attested_completion(
+    client: &GatewayClient,
+) -> anyhow::Result<contextos_runner::gateway::service::completion::CompletionAttestation> {
+    let mut pause = std::time::Duration::from_millis(500);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match client.completion().await {
+            Ok(attested) => return Ok(attested),
+            Err(e) if tries < 5 => {
+                eprintln!(
+                    "contextos: the gateway service did not attest the run's completion yet ({e}); asking again"
+                );
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context("the gateway service did not attest the run's completion")
+                );
+            }
+        }
+    }
 }
 
 /// Whether the gateway service refused the run for good (retrying would change nothing),

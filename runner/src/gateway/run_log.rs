@@ -32,10 +32,34 @@ pub struct Ledger {
     pub riskiest_called: Option<contextos_crds::common::ToolRisk>,
     /// The recalls of the run's ContextPack memory sources, made once when it started.
     pub recalled: Vec<RecallRecord>,
+    /// Whether a call was asked for, decided or answered since the latest model turn (a run
+    /// completes only with an answer nothing followed).
+    pub acted_since_turn: bool,
 }
 
 impl Ledger {
+    /// The model's latest turn, if nothing was asked of a tool after it: what a run may complete
+    /// with.
+    pub fn last_answer(&self) -> Option<(u32, &ModelTurn)> {
+        if self.acted_since_turn {
+            return None;
+        }
+        let step = *self.turns.keys().max()?;
+        let turn = self.turns.get(&step)?;
+        turn.tool_calls.is_empty().then_some((step, turn))
+    }
+
     fn fold(&mut self, entry: &RecordEntry) {
+        if matches!(
+            entry.body,
+            EntryBody::ToolCallRequested(_)
+                | EntryBody::PolicyDecision(_)
+                | EntryBody::ApprovalRequested { .. }
+                | EntryBody::ToolResult(_)
+                | EntryBody::DeadLettered { .. }
+        ) {
+            self.acted_since_turn = true;
+        }
         if let EntryBody::ToolCallRequested(call) = &entry.body {
             self.riskiest_called = self.riskiest_called.max(Some(call.risk));
         }
@@ -60,6 +84,7 @@ impl Ledger {
             if let Ok(turn) = serde_json::from_value(response.clone()) {
                 self.turns.insert(*step, turn);
             }
+            self.acted_since_turn = false;
         }
     }
 }

@@ -480,23 +480,28 @@ async fn a_model_cut_off_before_the_fallback_answered_is_charged_beside_the_answ
     assert_eq!(route.answered_by, "backup");
     assert!(route.failed[0].may_have_cost, "{route:?}");
     let active = ActiveQuota::compile(&quota).expect("quota");
-    let used = book::usage(
-        &*rig.store,
-        &rig.tenant(),
-        &active,
-        contextos_runner::records::recorder::now_ms(),
-    )
-    .await
-    .expect("usage")[0]
-        .1;
     // The answer's tokens, and the cut-off attempt as it was held: its prompt at a token a byte
-    // and its whole output limit.
+    // and its whole output limit. The service settles the turn after it answers: read until it
+    // has (bounded), then exactly.
     let held = contextos_runner::model::most_prompt_tokens(&request) + 500;
-    assert_eq!(
-        used,
-        turn.prompt_tokens + turn.completion_tokens + held,
-        "{turn:?}"
-    );
+    let expected = turn.prompt_tokens + turn.completion_tokens + held;
+    let mut used = 0;
+    for _ in 0..100 {
+        used = book::usage(
+            &*rig.store,
+            &rig.tenant(),
+            &active,
+            contextos_runner::records::recorder::now_ms(),
+        )
+        .await
+        .expect("usage")[0]
+            .1;
+        if used == expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(used, expected, "{turn:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

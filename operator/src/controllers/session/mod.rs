@@ -199,11 +199,12 @@ async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &
     // A completion the gateway did not sign is no report: the attempt counts as crashed and the
     // next resumes from the record (a termination message can be written by whoever can write
     // the pod's files; the gateway's signature cannot).
-    if let Some(report) = &ended.report
-        && report.outcome == ReportedOutcome::Completed
-    {
-        let key = tenant_key(ctx, session).await?;
-        if let Err(why) = completion_attested(report, &key) {
+    if let Some(report) = &ended.report {
+        let key = match report.outcome {
+            ReportedOutcome::Completed => Some(tenant_key(ctx, session).await?),
+            _ => None,
+        };
+        if let Err(why) = believed(report, &crate::session_children::run_id(session), key.as_ref()) {
             ended.report = None;
             ended.cause = crate::crash::CrashCause::Unverified { why };
         }
@@ -254,6 +255,27 @@ async fn tenant_key(ctx: &Context, session: &Session) -> Result<contextos_runner
         .map_err(|e| Error::Run(e.to_string()))
 }
 
+/// Whether the operator believes `report` of an attempt of the Session whose run is `run_id`:
+/// a report of another run is not this attempt's (a signed completion of another Session must
+/// not pass for this one's), and a completion must be the gateway's word (`key`: the tenant's).
+fn believed(
+    report: &PodReport,
+    run_id: &str,
+    key: Option<&contextos_runner::keys::PublicKey>,
+) -> std::result::Result<(), String> {
+    if report.run_id != run_id {
+        return Err(format!(
+            "its report is of run {:?}, not of this Session's run {run_id}",
+            report.run_id.chars().take(64).collect::<String>()
+        ));
+    }
+    match (report.outcome, key) {
+        (ReportedOutcome::Completed, Some(key)) => completion_attested(report, key),
+        (ReportedOutcome::Completed, None) => Err("no key to check its completion with".into()),
+        _ => Ok(()),
+    }
+}
+
 /// Whether `report`'s completion is the gateway's word: its signature over the run, the output
 /// as shown and the whole output's digest.
 fn completion_attested(
@@ -293,7 +315,7 @@ async fn crashed_attempts(ctx: &Context, pods: &Api<Pod>, session: &Session) -> 
         })
         .map(termination_report)
         .collect();
-    // No report, or a completion the gateway did not sign.
+    // No report, or one not believed (another run's, a completion the gateway did not sign).
     let unsigned = ended.iter().any(|r| {
         r.as_ref()
             .is_some_and(|r| r.outcome == ReportedOutcome::Completed)
@@ -302,14 +324,12 @@ async fn crashed_attempts(ctx: &Context, pods: &Api<Pod>, session: &Session) -> 
         true => Some(tenant_key(ctx, session).await?),
         false => None,
     };
+    let run_id = crate::session_children::run_id(session);
     let crashed = ended
         .iter()
-        .filter(|report| match (report, &key) {
-            (None, _) => true,
-            (Some(r), Some(key)) if r.outcome == ReportedOutcome::Completed => {
-                completion_attested(r, key).is_err()
-            }
-            (Some(_), _) => false,
+        .filter(|report| match report {
+            None => true,
+            Some(r) => believed(r, &run_id, key.as_ref()).is_err(),
         })
         .count();
     Ok(u32::try_from(crashed).unwrap_or(u32::MAX))
@@ -855,6 +875,19 @@ mod tests {
         assert!(completion_attested(&report(output, None), &key).is_err());
         let other = KeyPair::generate().expect("key").public();
         assert!(completion_attested(&report(output, Some(&signed)), &other).is_err());
+        // A completion signed for another run (another Session's, of the same tenant) is not
+        // this Session's, however well signed.
+        assert_eq!(
+            believed(&report(output, Some(&signed)), "r-1", Some(&key)),
+            Ok(())
+        );
+        let elsewhere = believed(&report(output, Some(&signed)), "r-2", Some(&key));
+        assert!(
+            elsewhere
+                .as_ref()
+                .is_err_and(|why| why.contains("not of this Session's run r-2")),
+            "{elsewhere:?}"
+        );
     }
 
     #[test]

@@ -121,7 +121,11 @@ impl Update {
                 wall_seconds: u32::try_from(report.usage.wall_ms / 1000).unwrap_or(u32::MAX),
             },
             record_head: report.head.clone(),
-            output: report.output.clone(),
+            // Only a completion's output, which the gateway attested (see `observe_end`).
+            output: match report.outcome {
+                contextos_runner::run::pod::ReportedOutcome::Completed => report.output.clone(),
+                _ => None,
+            },
             last_checkpoint: report
                 .checkpoint
                 .as_ref()

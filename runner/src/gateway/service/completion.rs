@@ -1,11 +1,12 @@
 //! How a run completes through the gateway service. A runner writes its own `completed` entry
-//! (it runs the loop), so the service checks it before it is written: the output must be the
-//! model's last answer on record — a turn the service itself asked for and recorded — and pass
-//! every validator of the run's Agent. Then, asked at `/v1/run/completion`, the service signs
+//! (it runs the loop), so the service checks it before it is written: the run has not ended,
+//! the output is the model's latest answer on record — a turn the service itself asked for and
+//! recorded, which asked for no tool, with nothing asked of a tool since — and every validator of
+//! the run's Agent passes it. Then, asked at `/v1/run/completion`, the service signs
 //! what the record says (a [`CompletedRun`]) for the runner to relay in its report: the operator
 //! marks a Session Succeeded, and shows its output, only on that signature. A runner (or anyone
-//! who can write its termination message) cannot make a Session succeed with an output the
-//! model did not give or the validators refuse.
+//! who can write its termination message) cannot make a Session succeed with an output that is
+//! not an answer the gateway recorded, or that a validator refuses, or after its run ended.
 
 use std::sync::Arc;
 
@@ -49,30 +50,22 @@ where
     T: TenantView + 'static,
 {
     /// Whether a runner's `completed` entry (`output`, and the `validators` it says passed) may
-    /// be written for `slot`'s run.
-    pub(super) async fn check_completion(
-        &self,
-        caller: &Caller,
+    /// be written for `slot`'s run, as `log` (read up to the head the runner names) has it: the
+    /// run has not ended, its latest model turn answered without asking for a tool and nothing
+    /// was asked of a tool since, the output is that answer, and every validator passes it.
+    fn check_completion(
+        log: &RunLog,
         slot: &RunSlot,
         output: &str,
         validators: &[String],
     ) -> Result<(), Refusal> {
-        let entries = read_run_from(&self.store, &caller.tenant, caller.run_id(), 0)
-            .await
-            .map_err(unavailable)?;
-        let last = entries.iter().rev().find_map(|(_, e)| match &e.body {
-            EntryBody::ModelTurn { step, response, .. } => Some((*step, response)),
-            _ => None,
-        });
-        let Some((step, response)) = last else {
+        let Some((step, answer)) = log.ledger.last_answer() else {
             return Err(unverified(
-                "the run has no model turn on record: its output can only be a model's answer".into(),
+                "the run's latest model turn on record is not an answer (it asked for tools, or a tool was asked of since, or there is none): a run completes with its model's answer"
+                    .into(),
             ));
         };
-        let answer = serde_json::from_value::<crate::model::ModelTurn>(response.clone())
-            .map(|turn| turn.content)
-            .ok();
-        if answer.as_deref() != Some(output) {
+        if answer.content != output {
             return Err(unverified(format!(
                 "the output is not the model's answer on record (its last turn, step {step}): a run completes with what its model said"
             )));
@@ -96,47 +89,82 @@ where
         Ok(())
     }
 
-    /// Checks every `completed` entry a runner sends (see [`Self::check_completion`]), opened as
-    /// a reader would read it: from its blob, and decrypted in a run about a subject.
-    pub(super) async fn check_completions(
+    /// Checks what a runner's batch says of how its run ended: nothing after an end already on
+    /// record, an end only as the batch's last entry, and a `completed` entry (opened as a
+    /// reader would read it: from its blob, decrypted in a run about a subject) as
+    /// [`Self::check_completion`] says.
+    pub(super) async fn check_ending(
         &self,
         caller: &Caller,
         slot: &RunSlot,
+        log: &RunLog,
         entries: &[(StoredEntry, RecordEntry)],
     ) -> Result<(), Refusal> {
-        for (_, entry) in entries {
-            let mut body = match &entry.body {
-                EntryBody::Completed { .. } => entry.body.clone(),
-                EntryBody::Blob { blob, body_type, .. } if body_type == "completed" => {
-                    let bytes = self
-                        .uploaded(caller, blob, || {
-                            format!("entry {} refers to blob {blob}", entry.seq)
-                        })
-                        .await?;
-                    serde_json::from_slice(&bytes)
-                        .map_err(|e| bad(format!("blob {blob} is not an entry body: {e}")))?
-                }
-                _ => continue,
-            };
-            if entry.vaulted.is_some() {
-                let key = self.subject_run_key(caller).await?;
-                crate::records::vaulted::unlock(&mut body, Some(&key))
-                    .map_err(|e| bad(format!("entry {}: {e}", entry.seq)))?;
-            }
-            if let EntryBody::Completed { output, validators } = &body {
-                self.check_completion(caller, slot, output, validators).await?;
-            }
+        if log.finished() && !entries.is_empty() {
+            return Err(Refusal(
+                StatusCode::CONFLICT,
+                "run_ended",
+                format!(
+                    "run {} has ended on record: nothing more is written to it",
+                    caller.run_id()
+                ),
+            ));
         }
-        Ok(())
+        let ends = |e: &RecordEntry| match &e.body {
+            EntryBody::Blob { body_type, .. } => body_type == "completed" || body_type == "failed",
+            body => matches!(body, EntryBody::Completed { .. } | EntryBody::Failed { .. }),
+        };
+        let last = entries.len().saturating_sub(1);
+        if entries.iter().enumerate().any(|(i, (_, e))| ends(e) && i != last) {
+            return Err(bad(
+                "a run's end (completed, failed) is the last entry of its batch",
+            ));
+        }
+        let Some((_, entry)) = entries.last() else {
+            return Ok(());
+        };
+        let mut body = match &entry.body {
+            EntryBody::Completed { .. } => entry.body.clone(),
+            EntryBody::Blob { blob, body_type, .. } if body_type == "completed" => {
+                let bytes = self
+                    .uploaded(caller, blob, || {
+                        format!("entry {} refers to blob {blob}", entry.seq)
+                    })
+                    .await?;
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| bad(format!("blob {blob} is not an entry body: {e}")))?
+            }
+            _ => return Ok(()),
+        };
+        if entry.vaulted.is_some() {
+            let key = self.subject_run_key(caller).await?;
+            crate::records::vaulted::unlock(&mut body, Some(&key))
+                .map_err(|e| bad(format!("entry {}: {e}", entry.seq)))?;
+        }
+        match &body {
+            EntryBody::Completed { output, validators } => {
+                Self::check_completion(log, slot, output, validators)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// `GET /v1/run/completion`: the service's signature over how the caller's run completed,
     /// as its record says; refused while it has not.
     pub(super) async fn completion(State(service): State<Arc<Self>>, headers: HeaderMap) -> Reply {
         let caller = service.caller(&headers).await?;
-        let entries = read_run_from(&service.store, &caller.tenant, caller.run_id(), 0)
+        // Only the last entry is read: a run ends with one, and nothing is written after it.
+        let head = service
+            .store
+            .head(&caller.tenant, caller.run_id())
             .await
             .map_err(unavailable)?;
+        let entries = match head {
+            Some(head) => read_run_from(&service.store, &caller.tenant, caller.run_id(), head.seq)
+                .await
+                .map_err(unavailable)?,
+            None => Vec::new(),
+        };
         let Some(EntryBody::Completed { output, .. }) = entries.last().map(|(_, e)| &e.body) else {
             return Err(Refusal(
                 StatusCode::CONFLICT,

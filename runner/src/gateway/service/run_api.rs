@@ -94,10 +94,10 @@ where
         if log.head().map(|(_, h)| h) != expected {
             return Err(head_moved(caller.run_id()));
         }
-        // A completion is written only with the model's answer, passing every validator — read
-        // from the record as far as the runner was told (a turn answered before it was durable
-        // is on record by now: the head the runner names is).
-        service.check_completions(&caller, &slot, &entries).await?;
+        // A run's end is written once, last; a completion only with the model's answer passing
+        // every validator — as the record has it up to the head the runner names (a turn
+        // answered before it was durable is on record by now).
+        service.check_ending(&caller, &slot, &log, &entries).await?;
         let incoming: u64 = entries.iter().map(|(e, _)| e.bytes.len() as u64).sum();
         let used = log.bytes().saturating_add(service.blobs_of(&caller));
         // A run over its quota may still say how it ended (a small Failed entry, so its record

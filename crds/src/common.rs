@@ -442,6 +442,30 @@ pub struct ReplaySummary {
     /// What re-executing the sessions took and found, when the gate re-executed them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reexecution: Option<ReexecutionSummary>,
+    /// What an Agent candidate's model routing would change in the sessions, when it routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingChange>,
+}
+
+/// A candidate's model routing replayed over recorded sessions: each recorded turn routed
+/// again by the candidate's rules with the facts the run had then.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingChange {
+    /// Model turns looked at.
+    pub turns: u32,
+    /// Turns the candidate would send to another model than answered them.
+    pub rerouted: u32,
+    /// What the turns cost as recorded, per currency (e.g. `0.0123 USD`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recorded_cost: Vec<String>,
+    /// What the same tokens cost at the candidate's models' prices (an estimate: another model
+    /// would have answered otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidate_cost: Vec<String>,
+    /// Turns that could not be priced on one side.
+    #[serde(default)]
+    pub unpriced_turns: u32,
 }
 
 /// A gate's re-execution in figures.

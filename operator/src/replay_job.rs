@@ -56,6 +56,8 @@ pub struct GateTarget<'a> {
     /// gate's), and the calls its evidence names.
     pub proposal: Option<&'a str>,
     pub expected: &'a [ExpectedChange],
+    /// An Agent candidate's model prices by routing name (see [`GateOrder::prices`]).
+    pub prices: &'a std::collections::BTreeMap<String, contextos_runner::pricing::PinnedPrice>,
 }
 
 /// Automatic attempts at one candidate's gate: an attempt that ends without a verdict
@@ -167,6 +169,7 @@ pub fn read_grant(
                     ..replay.clone()
                 },
                 expected: target.expected.to_vec(),
+                prices: target.prices.clone(),
             }),
         },
         key,
@@ -392,6 +395,21 @@ pub fn summary_of(job: &str, gate: &ReplayGate) -> ReplaySummary {
             refused_calls: r.unrecorded_calls,
             tokens: r.tokens,
         }),
+        routing: gate.routing.as_ref().map(|r| {
+            let money = |nanos: &std::collections::BTreeMap<String, u64>| {
+                nanos
+                    .iter()
+                    .map(|(currency, n)| format!("{} {currency}", contextos_runner::pricing::Nanos(*n)))
+                    .collect()
+            };
+            contextos_crds::common::RoutingChange {
+                turns: r.turns,
+                rerouted: r.rerouted,
+                recorded_cost: money(&r.recorded_nanos),
+                candidate_cost: money(&r.candidate_nanos),
+                unpriced_turns: r.unpriced_turns,
+            }
+        }),
     }
 }
 
@@ -414,8 +432,36 @@ mod tests {
             owner: None,
             proposal: None,
             expected: &[],
+            prices: &NO_PRICES,
         }
     }
+
+    #[test]
+    fn a_routing_candidates_cost_reads_in_the_status() {
+        let gate = ReplayGate {
+            routing: Some(contextos_runner::run::routing_effect::RoutingEffect {
+                turns: 6,
+                rerouted: 6,
+                recorded_nanos: [("USD".to_owned(), 12_000_000)].into(),
+                candidate_nanos: [("USD".to_owned(), 1_200_000)].into(),
+                unpriced_turns: 0,
+            }),
+            ..ReplayGate::no_history(&[])
+        };
+        let routing = summary_of("replay-agent-a-1", &gate).routing.expect("routing");
+        assert_eq!(
+            (
+                routing.turns,
+                routing.rerouted,
+                routing.recorded_cost,
+                routing.candidate_cost
+            ),
+            (6, 6, vec!["0.012 USD".to_owned()], vec!["0.0012 USD".to_owned()])
+        );
+    }
+
+    static NO_PRICES: std::collections::BTreeMap<String, contextos_runner::pricing::PinnedPrice> =
+        std::collections::BTreeMap::new();
 
     fn finished_job(uid: &str) -> Job {
         serde_json::from_value(json!({

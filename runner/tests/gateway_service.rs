@@ -1304,6 +1304,7 @@ async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_can
         candidate_digest: spec_digest(&policy.spec),
         replay: Default::default(),
         expected: Vec::new(),
+        prices: Default::default(),
     };
     let reader = |gate: Option<GateOrder>| replay_reader(&rig, job, gate);
     let gated = reader(Some(order.clone()));

@@ -144,6 +144,7 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
         owner: None,
         proposal: None,
         expected: &[],
+        prices: &Default::default(),
     };
     let planted_name = job_name(&target);
     let forged = json!({

@@ -96,6 +96,11 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
                     spec_digest: spec_digest(&agent.spec),
                     revisions: status.revisions.clone().unwrap_or_default(),
                     conditions: previous.clone(),
+                    // Its gate reports what its model routing would cost at these prices.
+                    prices: model_price(&ctx, &agent.spec)
+                        .await?
+                        .map(|prices| prices.by_route())
+                        .unwrap_or_default(),
                 };
                 let digest = candidate.digest();
                 let step =
@@ -458,6 +463,17 @@ pub struct ModelPrices {
     pub routed: std::collections::BTreeMap<String, contextos_runner::pricing::PinnedPrice>,
     /// The per-call prices of its paid tools, by tool name.
     pub tools: std::collections::BTreeMap<String, contextos_runner::pricing::PinnedToolPrice>,
+}
+
+impl ModelPrices {
+    /// The model prices by routing name (`primary` for the Agent's own model).
+    pub fn by_route(&self) -> std::collections::BTreeMap<String, contextos_runner::pricing::PinnedPrice> {
+        let mut prices = self.routed.clone();
+        if let Some(primary) = &self.primary {
+            prices.insert(contextos_crds::model_routing::PRIMARY.to_owned(), primary.clone());
+        }
+        prices
+    }
 }
 
 /// The prices of `spec`'s models and tools in `lists`, or the model none (or two) price, or the

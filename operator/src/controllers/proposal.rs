@@ -602,6 +602,8 @@ async fn decide(
         owner: proposal.controller_owner_ref(&()),
         proposal: Some(&jobs_of),
         expected: &expected,
+        // A Proposal changes a pack or a policy: no model routing of its own.
+        prices: &Default::default(),
     };
     let replay = made.replay.as_ref().unwrap_or(&target.replay);
     let progress = revisions::replay_attempts(ctx, &made.replayed, &gate, replay).await?;

@@ -144,6 +144,7 @@ pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -
             .as_ref()
             .map(|s| s.conditions.clone())
             .unwrap_or_default(),
+        prices: Default::default(),
     };
     let api = Api::<ContextPack>::namespaced(ctx.client.clone(), &namespace);
     finish(&ctx, &api, pack.as_ref(), &pack.spec, gate, problem).await
@@ -228,6 +229,7 @@ pub async fn reconcile_policy(policy: Arc<Policy>, ctx: Arc<Context>) -> Result<
             .as_ref()
             .map(|s| s.conditions.clone())
             .unwrap_or_default(),
+        prices: Default::default(),
     };
     let api = Api::<Policy>::namespaced(ctx.client.clone(), &namespace);
     finish(&ctx, &api, policy.as_ref(), &policy.spec, gate, problem).await
@@ -283,6 +285,8 @@ pub(super) struct Gated<'a> {
     pub spec_digest: String,
     pub revisions: RevisionStatus,
     pub conditions: Vec<Condition>,
+    /// An Agent candidate's model prices by routing name (empty for a pack or a policy).
+    pub prices: std::collections::BTreeMap<String, contextos_runner::pricing::PinnedPrice>,
 }
 
 impl Gated<'_> {
@@ -493,6 +497,7 @@ where
         owner: object.controller_owner_ref(&()),
         proposal: None,
         expected: &[],
+        prices: &gate.prices,
     };
     let held =
         |reason: &'static str, message: String| Wanted::new(conditions::PROMOTED, false, reason, message);
@@ -664,7 +669,7 @@ pub(super) enum Progress {
     /// The Job of the current attempt runs (or was just created).
     Running(String),
     /// The gateway's verdict, from this Job.
-    Verdict(String, contextos_runner::run::replay::ReplayGate),
+    Verdict(String, Box<contextos_runner::run::replay::ReplayGate>),
     /// No Job could be started: why.
     Refused(String),
     /// Attempt `attempt` ended without a verdict; the next starts after `wait`.
@@ -708,7 +713,7 @@ pub(super) async fn replay_attempts<S: serde::Serialize>(
             .items;
         match replay_job::outcome(target, &job, &pods, &key) {
             JobOutcome::Running => return Ok(Progress::Running(job_name)),
-            JobOutcome::Verdict(gate) => return Ok(Progress::Verdict(job_name, gate)),
+            JobOutcome::Verdict(gate) => return Ok(Progress::Verdict(job_name, Box::new(gate))),
             JobOutcome::Inconclusive { why, finished_at } => {
                 tracing::warn!(namespace = %target.namespace, job = %job_name, %why, "replay attempt without a verdict");
                 if attempt >= replay_job::MAX_ATTEMPTS {

@@ -71,6 +71,12 @@ pub struct GateOrder {
     /// run, are the change it means to make and are shown but not counted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expected: Vec<ExpectedChange>,
+    /// An Agent candidate's model prices, by routing name (`primary` for its own model), as the
+    /// cluster's PriceLists price them when the gate is ordered: what the replay reports the
+    /// candidate's routing would cost (a model no price is given for is priced as the runs
+    /// pinned it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prices: BTreeMap<String, crate::pricing::PinnedPrice>,
 }
 
 /// A recorded call a proposal means to change, as its evidence names it: the entry's position
@@ -202,7 +208,10 @@ impl GateOrder {
                 found: digest,
             });
         }
-        Ok(candidate)
+        Ok(Candidate {
+            prices: self.prices.clone(),
+            ..candidate
+        })
     }
 }
 
@@ -352,7 +361,26 @@ mod tests {
             candidate_digest: spec_digest(&spec),
             replay: ReplaySpec::default(),
             expected: Vec::new(),
+            prices: Default::default(),
         }
+    }
+
+    #[test]
+    fn the_candidate_is_priced_as_the_order_says() {
+        let object = policy();
+        let price = crate::pricing::PinnedPrice {
+            price_list: "usd".into(),
+            currency: "USD".into(),
+            input_per_million: crate::pricing::Nanos(1),
+            output_per_million: crate::pricing::Nanos(2),
+            cached_input_per_million: crate::pricing::Nanos(1),
+        };
+        let order = GateOrder {
+            prices: BTreeMap::from([("cheap".to_owned(), price.clone())]),
+            ..order_for(&object)
+        };
+        let candidate = order.candidate(&object).expect("the ordered candidate");
+        assert_eq!(candidate.prices.get("cheap"), Some(&price));
     }
 
     #[test]
@@ -407,6 +435,7 @@ mod tests {
             candidate_digest: composition.digest(),
             replay: ReplaySpec::default(),
             expected: Vec::new(),
+            prices: Default::default(),
         };
         let object = json!({"kind": "Agent", "metadata": {"name": "ops"}, "spec": composition});
         let candidate = order.candidate(&object).expect("the ordered composition");

@@ -1224,6 +1224,10 @@ pub struct ReplayGate {
     /// When the runs were re-executed: what that took and found.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reexecution: Option<ReexecutionReport>,
+    /// What the candidate's model routing would change in the runs (turns moved to another
+    /// model, their cost as recorded and at the candidate's prices), when it changes any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<super::routing_effect::RoutingEffect>,
 }
 
 impl ReplayGate {
@@ -1265,6 +1269,7 @@ impl ReplayGate {
             top,
             report: None,
             reexecution: summary.reexecution.clone(),
+            routing: summary.routing.clone(),
         }
     }
 
@@ -1295,6 +1300,7 @@ impl ReplayGate {
                 .collect(),
             report: None,
             reexecution: None,
+            routing: None,
         }
     }
 }

@@ -655,6 +655,7 @@ async fn a_replay_gates_re_executed_turns_are_the_tenants_spend_and_its_quota_st
         candidate_digest: spec_digest(&policy.spec),
         replay,
         expected: Vec::new(),
+        prices: Default::default(),
     };
     let gate = |job: &'static str| {
         let reader = replay_reader(&rig, job, Some(order.clone()));

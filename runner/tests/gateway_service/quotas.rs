@@ -96,6 +96,23 @@ fn quota_refusal(bodies: &[EntryBody]) -> Option<(String, String)> {
     })
 }
 
+/// Runs `bundle` as Session `other`'s run (other-r1) through the second replica, which a
+/// SpendQuota must stop: the message it failed with.
+async fn other_run_stopped_by_quota(rig: &Rig, bundle: &RunBundle) -> String {
+    let report = run_through(
+        rig,
+        &rig.replica,
+        "token-other",
+        "other-run-1",
+        "other-r1",
+        bundle,
+    )
+    .await;
+    let (reason, message) = failed_with(&report);
+    assert_eq!(reason, "QuotaExceeded", "{message}");
+    message.to_owned()
+}
+
 fn failed_with(report: &RunReport) -> (&str, &str) {
     match &report.outcome {
         RunOutcome::Failed { reason, message } => (reason.as_str(), message.as_str()),
@@ -298,17 +315,7 @@ async fn spend_stops_within_one_turns_cost_of_its_limit_and_an_unpriced_model_is
         output_per_million: Nanos::parse("1").expect("price"),
         cached_input_per_million: Nanos::parse("1").expect("price"),
     });
-    let report = run_through(
-        &rig,
-        &rig.replica,
-        "token-other",
-        "other-run-1",
-        "other-r1",
-        &priced,
-    )
-    .await;
-    let (reason, message) = failed_with(&report);
-    assert_eq!(reason, "QuotaExceeded");
+    let message = other_run_stopped_by_quota(&rig, &priced).await;
     assert!(
         message.contains("SpendQuota money: spend in the last day"),
         "{message}"
@@ -586,17 +593,7 @@ async fn a_priced_tools_calls_are_charged_at_their_pinned_price_and_stop_at_the_
     euros
         .tool_prices
         .insert("get_service_status".into(), tool_price("EUR"));
-    let report = run_through(
-        &rig,
-        &rig.replica,
-        "token-other",
-        "other-run-1",
-        "other-r1",
-        &euros,
-    )
-    .await;
-    let (reason, message) = failed_with(&report);
-    assert_eq!(reason, "QuotaExceeded");
+    let message = other_run_stopped_by_quota(&rig, &euros).await;
     assert!(
         message.contains("counts it in USD, but the tool is priced in EUR"),
         "{message}"

@@ -109,14 +109,7 @@ where
 {
     /// The quotas `slot`'s run answers to now.
     pub(super) async fn run_quotas(&self, caller: &Caller, slot: &RunSlot) -> Result<RunQuotas, Refusal> {
-        let quotas = self.namespace_quotas(caller.tenant.as_str()).await?;
-        let bundle = &slot.bundle;
-        Ok(RunQuotas {
-            quotas: applying(&quotas, &bundle.agent_labels, &bundle.session_labels)
-                .into_iter()
-                .cloned()
-                .collect(),
-        })
+        self.quotas_of_bundle(&caller.tenant, &slot.bundle).await
     }
 
     async fn namespace_quotas(&self, namespace: &str) -> Result<Arc<[ActiveQuota]>, Refusal> {

@@ -31,7 +31,9 @@ lint:
 ## first), or against a real cluster when CONTEXTOS_TEST_TIKV_PD=<pd host:port> is set. The tests
 ## of `contextos audit --mcp` and `contextos tools import` run against the MCP reference server
 ## from the npm registry (@modelcontextprotocol/server-everything, installed once into
-## ~/.cache/contextos/npm by runner/tests/support/mcp_everything.sh).
+## ~/.cache/contextos/npm by runner/tests/support/mcp_everything.sh). The A2A adapter's tests run
+## against agents served by the official A2A Python SDK (a2a-sdk from PyPI, installed once into
+## ~/.cache/contextos/pypi by runner/tests/support/a2a_peer.sh).
 unit:
 	set -o pipefail; \
 	bin="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
@@ -39,6 +41,8 @@ unit:
 	(cd kind-tests/tikv-testserver && CGO_ENABLED=0 nice -n 10 go test -trimpath -count=1 ./...) || exit 1; \
 	mcp="$$(bash runner/tests/support/mcp_everything.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_MCP_EVERYTHING="$$mcp"; \
+	a2a="$$(bash runner/tests/support/a2a_peer.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_A2A_PYTHON="$$a2a"; \
 	$(CARGO) build -p contextos-runner --examples --locked || exit 1; \
 	$(CARGO) test --workspace --exclude contextos-kind-tests --locked --tests
 

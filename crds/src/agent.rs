@@ -339,6 +339,17 @@ pub struct ToolAdapter {
     pub memory: Option<MemoryAdapter>,
 }
 
+impl ToolAdapter {
+    /// The Secret key whose value the gateway sends as a bearer token, and the URL it goes to.
+    pub fn bearer_secret(&self) -> Option<(&KeyRef, &str)> {
+        match (&self.http, &self.a2a) {
+            (Some(http), _) => http.secret_ref.as_ref().map(|s| (s, http.url.as_str())),
+            (None, Some(a2a)) => a2a.secret_ref.as_ref().map(|s| (s, a2a.url.as_str())),
+            (None, None) => None,
+        }
+    }
+}
+
 /// A memory tool. Its arguments are fixed by the gateway (set no `inputSchema`):
 /// `remember` takes `{text, type, scope}` and proposes a candidate item (risk `local_write`);
 /// `recall` takes `{query, type, scope, maxItems}` and answers with the items the run may see
@@ -433,17 +444,36 @@ pub struct WebhookAdapter {
     pub secret_ref: KeyRef,
 }
 
-/// Another agent reached over A2A.
+/// Another agent reached over A2A (protocol 1.x, JSON-RPC binding). The gateway reads the
+/// remote agent's card at `<url>/.well-known/agent-card.json`, sends the call's arguments as one
+/// message (streamed when the card says it can stream), follows the task to its end, and
+/// cancels it when the tool's timeout passes. A remote task that asks for input pauses the
+/// Session for a person, who is shown the question (`status.unresolvedCall`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct A2aAdapter {
-    /// Base URL of the remote agent.
+    /// Base URL of the remote agent: its card is at `<url>/.well-known/agent-card.json`, and the
+    /// JSON-RPC endpoint the card names must be on the same scheme, host and port.
     #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
     pub url: String,
-    /// Skill to invoke on the remote agent.
+    /// Skill to invoke on the remote agent; it must be one its card lists. Sent in the
+    /// message's metadata (`skill`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
     pub skill: Option<String>,
+    /// The most the remote agent may do on this call's behalf. The tool's own `risk` must be
+    /// at least this (policies judge the call by the worst it can lead to), and a remote agent
+    /// whose card declares a higher ceiling (the `https://contextos.dev/a2a/risk-ceiling/v1`
+    /// extension, as ContextOS agents publish it) is refused before anything is sent.
+    pub risk_ceiling: ToolRisk,
+    /// Largest answer accepted, in bytes (a streamed task's events together); a larger one is
+    /// refused while it is read.
+    #[serde(default = "default_max_response_bytes")]
+    #[schemars(range(min = 1, max = 16_777_216))]
+    pub max_response_bytes: u32,
+    /// Secret key whose value is sent as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<KeyRef>,
 }
 
 /// A Functional State signal: a deterministic per-step pressure measure read by the critic.

@@ -29,7 +29,6 @@ pub fn is_stalled(reason: &str) -> bool {
         INVALID_SPEC,
         INVALID_EXPRESSION,
         EXECUTION_NOT_ALLOWED,
-        ADAPTER_UNAVAILABLE,
         PRICE_MISSING,
         OVERRIDE_LOOSENS,
         RUN_FAILED,
@@ -56,8 +55,6 @@ pub mod reason {
     pub const INVALID_EXPRESSION: &str = "InvalidExpression";
     /// A tool would execute code (a stdio MCP server) that the SandboxProfile does not allow.
     pub const EXECUTION_NOT_ALLOWED: &str = "ExecutionNotAllowed";
-    /// A tool uses an adapter this release cannot run (A2A).
-    pub const ADAPTER_UNAVAILABLE: &str = "AdapterUnavailable";
     /// The cluster prices models (it has a PriceList) and none prices the Agent's, or two
     /// price it (or one of its paid tools) differently: its calls would be free or ambiguous.
     pub const PRICE_MISSING: &str = "PriceMissing";

@@ -137,15 +137,20 @@ pub struct Approval {
     pub reason: Option<String>,
 }
 
-/// A human's finding on one call whose outcome was unknown (`status.unresolvedCall`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+/// A human's finding on one call whose outcome was unknown, or their answer to a remote
+/// agent's question (`status.unresolvedCall`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.outcome != 'answered' || (has(self.note) && size(self.note) > 0)").message("outcome answered sends spec.resolutions[].note to the remote agent as the answer: set note"))]
 pub struct Resolution {
-    /// `status.unresolvedCall.callId` of the call.
+    /// `status.unresolvedCall.callId` of the call (for a remote agent's question, the
+    /// question's id, e.g. `3.0.q1`).
     #[schemars(length(min = 1, max = 64))]
     pub call_id: String,
     /// `acted`: the tool did what was asked (the run goes on as if it answered); `did_not_act`:
-    /// it did not (the run goes on as if the call failed; the agent may ask again).
+    /// it did not (the run goes on as if the call failed; the agent may ask again) — for a
+    /// remote agent's question, the question is declined and the remote task cancelled;
+    /// `answered`: for a remote agent's question only, `note` is sent to it as the answer.
     pub outcome: ResolvedOutcome,
     /// Who found out; must be the user making the change (checked at admission).
     #[schemars(length(min = 1, max = 253))]
@@ -156,12 +161,14 @@ pub struct Resolution {
     pub note: Option<String>,
 }
 
-/// Whether an unresolved call acted.
+/// Whether an unresolved call acted, or the answer to a remote agent's question.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResolvedOutcome {
     Acted,
     DidNotAct,
+    /// A remote agent's question is answered with the resolution's `note`.
+    Answered,
 }
 
 /// An approver's decision.

@@ -246,7 +246,7 @@ impl ManifestSet {
             sandbox_name,
         )?;
         let sandbox_spec: contextos_crds::SandboxProfileSpec = sandbox.spec()?;
-        if let Some(problem) = crate::gateway::adapters::unavailable_adapter(&agent_spec.tools) {
+        if let Some(problem) = crate::gateway::adapters::adapter_problem(&agent_spec.tools) {
             return Err(agent.error("spec.tools", problem));
         }
         if let Some(problem) = crate::memory::desk::memory_problem(&agent_spec) {

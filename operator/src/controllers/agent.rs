@@ -14,7 +14,7 @@ use contextos_crds::{
     conditions::{self, reason},
 };
 use contextos_runner::{
-    gateway::{CatalogTool, adapters::unavailable_adapter, bundle::NamedPolicy},
+    gateway::{CatalogTool, adapters::adapter_problem, bundle::NamedPolicy},
     run::{
         bundle::{Composition, NamedPack, spec_digest},
         execution::execution_refused,
@@ -391,12 +391,12 @@ async fn namespace_ontology(
     })
 }
 
-/// Every adapter must be one this gateway runs, and tool schemas and output validators must
+/// Every adapter must be declared so it can be governed (see `adapter_problem`), and tool schemas and output validators must
 /// compile (pure). Whether a tool may execute code is the SandboxProfile's to say (see
 /// `resolve`): such tools run in capability pods.
 pub fn check_spec(agent: &str, spec: &AgentSpec) -> Result<(), Invalid> {
-    if let Some(problem) = unavailable_adapter(&spec.tools) {
-        return Err(Invalid::new(reason::ADAPTER_UNAVAILABLE, problem));
+    if let Some(problem) = adapter_problem(&spec.tools) {
+        return Err(Invalid::new(reason::INVALID_SPEC, problem));
     }
     if let Some(problem) = contextos_runner::memory::desk::memory_problem(spec) {
         return Err(Invalid::new(reason::INVALID_SPEC, problem));

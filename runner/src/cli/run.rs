@@ -102,11 +102,16 @@ pub struct ResolveArgs {
     #[arg(long = "call")]
     call_id: String,
     /// The tool did what was asked: the run goes on as if it had answered.
-    #[arg(long, conflicts_with = "did_not_act", required_unless_present = "did_not_act")]
+    #[arg(long, conflicts_with_all = ["did_not_act", "answer"], required_unless_present_any = ["did_not_act", "answer"])]
     acted: bool,
-    /// The tool did not act: the run goes on as if the call had failed.
-    #[arg(long)]
+    /// The tool did not act: the run goes on as if the call had failed. For a remote agent's
+    /// question: decline it (its task is cancelled).
+    #[arg(long, conflicts_with = "answer")]
     did_not_act: bool,
+    /// For a remote agent's question (`--call <call>.q<n>`): the answer sent to it, which
+    /// continues its task.
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    answer: Option<String>,
     /// Who found out.
     #[arg(long = "as")]
     resolver: String,
@@ -132,26 +137,39 @@ pub async fn resolve(global: &GlobalArgs, args: ResolveArgs) -> anyhow::Result<E
         );
     }
     let path = decisions_path(global, "resolutions", &tenant, &args.session);
+    let question = unresolved.for_call.is_some();
+    let (outcome, note) = match (&args.answer, args.acted) {
+        (Some(answer), _) if question => (ResolvedOutcome::Answered, Some(answer.clone())),
+        (Some(_), _) => bail!(
+            "call {} asked no question: say whether it acted with --acted or --did-not-act",
+            args.call_id
+        ),
+        (None, true) if question => bail!(
+            "{} is a question of the remote agent of {}: answer it with --answer, or decline it with --did-not-act",
+            args.call_id,
+            unresolved.tool
+        ),
+        (None, true) => (ResolvedOutcome::Acted, args.note.clone()),
+        (None, false) => (ResolvedOutcome::DidNotAct, args.note.clone()),
+    };
     let mut resolutions: Vec<Resolution> = read_decisions(&path)?;
     resolutions.retain(|r| r.call_id != args.call_id);
     resolutions.push(Resolution {
         call_id: args.call_id.clone(),
-        outcome: if args.acted {
-            ResolvedOutcome::Acted
-        } else {
-            ResolvedOutcome::DidNotAct
-        },
+        outcome,
         resolver: args.resolver.clone(),
-        note: args.note.clone(),
+        note,
     });
     write_decisions(&path, &resolutions)?;
+    let what = match outcome {
+        ResolvedOutcome::Acted => "acted",
+        ResolvedOutcome::DidNotAct if question => "is declined",
+        ResolvedOutcome::DidNotAct => "did not act",
+        ResolvedOutcome::Answered => "is answered",
+    };
     println!(
-        "{} found that {} {} {}; continue with `contextos resume {}`",
-        args.resolver,
-        unresolved.tool,
-        unresolved.arguments,
-        if args.acted { "acted" } else { "did not act" },
-        args.session
+        "{}: {} {} {what}; continue with `contextos resume {}`",
+        args.resolver, unresolved.tool, unresolved.arguments, args.session
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -471,6 +489,20 @@ fn finish(global: &GlobalArgs, tenant: &TenantId, report: &RunReport) -> anyhow:
                 report.session,
                 &awaiting.call_hash[..16.min(awaiting.call_hash.len())],
                 report.session
+            );
+            Ok(ExitCode::from(EXIT_AWAITING_APPROVAL))
+        }
+        RunOutcome::AwaitingResolution(unresolved) if unresolved.for_call.is_some() => {
+            println!(
+                "paused: {} {} (call {}): {}",
+                unresolved.tool,
+                unresolved.arguments,
+                unresolved.for_call.as_deref().unwrap_or_default(),
+                unresolved.reason
+            );
+            println!(
+                "  `contextos{data_flag}{tenant_flag} resolve {} --call {} --answer '…' --as <you>` (or --did-not-act to decline), then `contextos{data_flag}{tenant_flag} resume {}`",
+                report.session, unresolved.call_id, report.session
             );
             Ok(ExitCode::from(EXIT_AWAITING_APPROVAL))
         }

@@ -68,7 +68,7 @@ impl GatewayBundle {
                 continue;
             }
             let adapter = &spec.adapter;
-            if let Some(secret) = adapter.http.as_ref().and_then(|h| h.secret_ref.as_ref()) {
+            if let Some((secret, _)) = adapter.bearer_secret() {
                 tool.bearer_token = Some(self.secret(&spec.name, secret)?);
             }
             if let Some(hook) = &adapter.webhook {

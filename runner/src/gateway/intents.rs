@@ -24,6 +24,24 @@ pub struct Started {
     pub call_hash: String,
     /// When its go-ahead was recorded (ms since the epoch).
     pub at_ms: i64,
+    /// Questions its remote agent (A2A) asked so far.
+    pub asked: u32,
+    /// The question its remote agent waits on a person to answer, if it does.
+    pub waiting: Option<Question>,
+}
+
+/// A remote agent's question, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Question {
+    /// `<call id>.q<n>`: what a person's resolution names.
+    pub id: String,
+    pub task: crate::gateway::adapters::a2a::RemoteTask,
+    pub text: String,
+}
+
+/// The id of the `n`-th question (from 1) of call `call_id`.
+pub fn question_id(call_id: &str, n: u32) -> String {
+    format!("{call_id}.q{n}")
 }
 
 /// What to do with a call that started before.
@@ -35,10 +53,16 @@ pub enum Resumption {
     InProgress,
     /// Do not execute it again; why, for the human who resolves it.
     Unknown(String),
+    /// Its remote agent asked a question and waits for a person's answer: nothing ran since,
+    /// wherever the call was carried.
+    AwaitingInput(Question),
 }
 
 /// Decides what to do with `started`, a call of `tool` (pure).
 pub fn resumption(tool: &Tool, started: &Started, now_ms: i64, others_may_run: bool) -> Resumption {
+    if let Some(question) = &started.waiting {
+        return Resumption::AwaitingInput(question.clone());
+    }
     let deadline = started
         .at_ms
         .saturating_add(i64::from(tool.timeout_seconds).saturating_mul(1000))
@@ -80,6 +104,8 @@ impl Intents {
                         call_id: call_id.to_owned(),
                         call_hash: hash,
                         at_ms: entry.at_ms,
+                        asked: 0,
+                        waiting: None,
                     },
                 )
             };
@@ -107,6 +133,28 @@ impl Intents {
                 EntryBody::ToolResult(result) => {
                     if let Some((key, _)) = key_of(&result.call_id) {
                         started.remove(&key);
+                    }
+                }
+                EntryBody::RemoteInputRequired {
+                    call_id,
+                    question_id,
+                    task,
+                    question,
+                } => {
+                    if let Some(call) = key_of(call_id).and_then(|(key, _)| started.get_mut(&key)) {
+                        call.asked += 1;
+                        call.waiting = Some(Question {
+                            id: question_id.clone(),
+                            task: task.clone(),
+                            text: question.clone(),
+                        });
+                    }
+                }
+                // Answered or declined: the answer is on its way (or the task is being
+                // cancelled); what happens after that is the call's, as for any started call.
+                EntryBody::CallResolved { call_id, .. } => {
+                    if let Some(call) = key_of(call_id).and_then(|(key, _)| started.get_mut(&key)) {
+                        call.waiting = None;
                     }
                 }
                 _ => {}
@@ -149,6 +197,8 @@ mod tests {
             call_id: "4.0".into(),
             call_hash: "h".into(),
             at_ms: 1_000,
+            asked: 0,
+            waiting: None,
         };
         let late = 1_000 + 10_000 + GRACE_MS;
         assert_eq!(
@@ -172,5 +222,80 @@ mod tests {
             resumption(&tool("destructive", false), &started, 2_000, false),
             Resumption::Unknown(_)
         ));
+    }
+
+    #[test]
+    fn a_call_waiting_on_a_question_waits_wherever_it_is() {
+        use crate::records::RecordEntry;
+        let task = crate::gateway::adapters::a2a::RemoteTask {
+            task_id: "t".into(),
+            context_id: "c".into(),
+        };
+        let entry = |seq: u64, body: EntryBody| RecordEntry {
+            run_id: "r".into(),
+            seq,
+            prev: None,
+            at_ms: 1_000,
+            body,
+            vaulted: None,
+        };
+        let intents = Intents::default();
+        intents.fold(&[
+            entry(
+                0,
+                EntryBody::ToolCallRequested(crate::records::entry::ToolCallRecord {
+                    call_id: "4.0".into(),
+                    tool: "ask_billing".into(),
+                    risk: ToolRisk::Delegated,
+                    kind: contextos_crds::common::ToolKind::Act,
+                    arguments: serde_json::json!({}),
+                    idempotency_key: "k".into(),
+                    call_hash: "h".into(),
+                }),
+            ),
+            entry(
+                1,
+                EntryBody::PolicyDecision(crate::records::entry::PolicyDecisionRecord {
+                    call_id: "4.0".into(),
+                    effect: PolicyEffect::Allow,
+                    enforced: PolicyEffect::Allow,
+                    rule: "allow".into(),
+                    reason: String::new(),
+                    dry_run: false,
+                }),
+            ),
+            entry(
+                2,
+                EntryBody::RemoteInputRequired {
+                    call_id: "4.0".into(),
+                    question_id: question_id("4.0", 1),
+                    task,
+                    question: "Which region?".into(),
+                },
+            ),
+        ]);
+        let started = intents.started("k").expect("started");
+        assert_eq!(started.asked, 1);
+        let tool = tool("delegated", true);
+        // Even a retryable call, even where a replica may be carrying it: it waits on a person.
+        for others in [false, true] {
+            assert!(matches!(
+                resumption(&tool, &started, 1_500, others),
+                Resumption::AwaitingInput(q) if q.id == "4.0.q1" && q.text == "Which region?"
+            ));
+        }
+        // Once answered, it is a started call like any other (its answer may have been sent).
+        intents.fold(&[entry(
+            3,
+            EntryBody::CallResolved {
+                call_id: "4.0".into(),
+                outcome: contextos_crds::session::ResolvedOutcome::Answered,
+                resolver: "alice".into(),
+                note: Some("EU".into()),
+            },
+        )]);
+        let started = intents.started("k").expect("started");
+        assert_eq!((started.asked, started.waiting.clone()), (1, None));
+        assert_eq!(resumption(&tool, &started, 100_000, false), Resumption::Retry);
     }
 }

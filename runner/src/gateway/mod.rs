@@ -41,7 +41,7 @@ use serde_json::Value;
 use tracing::Instrument as _;
 
 use self::{
-    adapters::{AdapterError, AdapterResponse, CallContext},
+    adapters::{AdapterError, CallContext},
     approvals::{ApprovalBook, Attested as _},
     envelope::CallEnvelope,
     reliability::{CircuitBreakers, backoff},
@@ -68,12 +68,17 @@ pub enum CallOutcome {
     /// Started before an interruption, with no recorded result, and not safe to send again:
     /// a human must find out whether it acted.
     OutcomeUnknown {
+        /// The call, or for a remote agent's question the question's id (`<call>.q<n>`, what a
+        /// person's resolution names).
         call_id: String,
         reason: String,
         /// The gateway service's signature (tenant key) over what it reports (see
         /// [`approvals::UnresolvedReport`]); none in process.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         attestation: Option<String>,
+        /// For a remote agent's question: the call it belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        for_call: Option<String>,
     },
     /// Started moments ago by another executor (a gateway replica) and not finished yet.
     InProgress { call_id: String },
@@ -155,6 +160,7 @@ pub struct ToolGateway {
     agent_approvers: Approvers,
     http: reqwest::Client,
     mcp: adapters::mcp::McpClients,
+    a2a: adapters::a2a::A2aClient,
     breakers: CircuitBreakers,
     approvals: ApprovalBook,
     /// Results by idempotency key: a resubmitted call returns its first result.
@@ -223,6 +229,7 @@ impl ToolGateway {
             agent_approvers,
             http: shared_http_client(),
             mcp: adapters::mcp::McpClients::default(),
+            a2a: adapters::a2a::A2aClient::new(shared_http_client()),
             breakers: CircuitBreakers::new(5, Duration::from_secs(30)),
             approvals: ApprovalBook::default(),
             completed: Mutex::new(HashMap::new()),
@@ -278,6 +285,7 @@ impl ToolGateway {
     pub fn with_egress(mut self, guard: egress::EgressGuard) -> Self {
         self.http = guard.client();
         self.mcp = adapters::mcp::McpClients::new(self.http.clone());
+        self.a2a = adapters::a2a::A2aClient::new(self.http.clone());
         self.egress = Some(guard);
         self
     }
@@ -632,11 +640,10 @@ impl ToolGateway {
                 .instrument(tracing::debug_span!("gateway.go_ahead_write"))
                 .await?;
         }
-        let result = self
-            .execute(call, tool, recorder)
+        Ok(self
+            .execute(call, tool, 0, recorder)
             .instrument(tracing::debug_span!("gateway.execute"))
-            .await;
-        Ok(CallOutcome::Executed(result))
+            .await)
     }
 
     /// A call whose go-ahead is on record without a result (see [`intents`]).
@@ -648,10 +655,10 @@ impl ToolGateway {
         recorder: &mut Recorder<'_, S>,
     ) -> Result<CallOutcome, GatewayError> {
         match intents::resumption(&tool.spec, started, now_ms(), self.shared) {
-            intents::Resumption::Retry => {
-                let result = self.execute(call, tool, recorder).await;
-                Ok(CallOutcome::Executed(result))
-            }
+            intents::Resumption::Retry => Ok(self.execute(call, tool, started.asked, recorder).await),
+            intents::Resumption::AwaitingInput(question) => Ok(self
+                .answer_question(call, tool, started, question, recorder)
+                .await?),
             intents::Resumption::InProgress => {
                 recorder.discard_staged();
                 Ok(CallOutcome::InProgress {
@@ -659,8 +666,10 @@ impl ToolGateway {
                 })
             }
             intents::Resumption::Unknown(_)
-                if let Some(resolution) =
-                    call.resolution.as_ref().filter(|r| r.call_id == started.call_id) =>
+                if let Some(resolution) = call.resolution.as_ref().filter(|r| {
+                    r.call_id == started.call_id
+                        && r.outcome != contextos_crds::session::ResolvedOutcome::Answered
+                }) =>
             {
                 // A human found out whether it acted: that is the call's result, recorded with
                 // who said so. The call is not sent again either way.
@@ -698,6 +707,7 @@ impl ToolGateway {
                     call_id: started.call_id.clone(),
                     reason,
                     attestation,
+                    for_call: None,
                 })
             }
         }
@@ -928,14 +938,28 @@ impl ToolGateway {
         }
     }
 
-    /// Runs the call once per idempotency key, retrying where that is safe.
+    /// Runs the call once per idempotency key, retrying where that is safe. `asked` is how
+    /// many questions its remote agent asked before (a call resumed after one was answered).
     async fn execute<S: RecordStore>(
         &self,
         call: &CallEnvelope,
         tool: &CatalogTool,
+        asked: u32,
         recorder: &mut Recorder<'_, S>,
-    ) -> ToolResultRecord {
+    ) -> CallOutcome {
         self.count(&call.run_context.context.run_id, &call.tool, tool.spec.risk);
+        if self.offline {
+            return CallOutcome::Executed(self.recorded_result(call, recorder));
+        }
+        if let Some(memory) = tool.spec.adapter.memory {
+            return CallOutcome::Executed(self.carry_out_memory(call, memory.operation, recorder).await);
+        }
+        let sent = self.send(call, tool, adapters::a2a::Turn::First).await;
+        self.conclude(call, tool, sent, asked, recorder)
+    }
+
+    /// Sends one turn of a call — retrying where that is safe — and says how it went.
+    async fn send(&self, call: &CallEnvelope, tool: &CatalogTool, turn: adapters::a2a::Turn<'_>) -> Sent {
         let retries_allowed = tool.spec.idempotent || tool.spec.risk == ToolRisk::ReadOnly;
         let max_attempts = match (&tool.spec.retry, retries_allowed) {
             (Some(retry), true) => retry.max_attempts.max(1),
@@ -947,20 +971,14 @@ impl ToolGateway {
                 .as_ref()
                 .map_or(200, |r| u64::from(r.initial_backoff_millis)),
         );
-        if self.offline {
-            return self.recorded_result(call, recorder);
-        }
-        if let Some(memory) = tool.spec.adapter.memory {
-            return self.carry_out_memory(call, memory.operation, recorder).await;
-        }
         let mut attempts = 0;
-        let mut sent = false;
+        let mut may_have_acted = false;
         let outcome = loop {
             attempts += 1;
             // The tool's time, and the pause before asking again, are spent out of the
             // request's turn at a gateway replica (the tool is not the replica's work).
-            let outcome = fair::away(self.attempt(call, tool)).await;
-            sent |= outcome
+            let outcome = fair::away(self.attempt(call, tool, turn)).await;
+            may_have_acted |= outcome
                 .as_ref()
                 .map_or_else(AdapterError::may_have_been_sent, |_| true);
             match &outcome {
@@ -970,15 +988,47 @@ impl ToolGateway {
                 _ => break outcome,
             }
         };
+        Sent {
+            outcome,
+            attempts,
+            may_have_acted,
+        }
+    }
+
+    /// Records how a sent call ended: its result, or its remote agent's question (the call
+    /// then waits for a person; its result comes with the answer).
+    fn conclude<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        tool: &CatalogTool,
+        sent: Sent,
+        asked: u32,
+        recorder: &mut Recorder<'_, S>,
+    ) -> CallOutcome {
         // A priced tool's call costs its price once it may have been sent, whatever it
         // answered; refused before anything left (circuit open, destination refused), nothing.
         let cost = tool
             .price
             .as_ref()
-            .filter(|_| sent)
+            .filter(|_| sent.may_have_acted)
             .map(crate::pricing::PinnedToolPrice::cost);
-        let result = match outcome {
-            Ok(response) => ToolResultRecord {
+        let attempts = sent.attempts;
+        let result = match sent.outcome {
+            Ok(adapters::Reply::Asks(question)) => {
+                let question = intents::Question {
+                    id: intents::question_id(&call.call_id, asked + 1),
+                    task: question.task,
+                    text: question.text,
+                };
+                recorder.stage(EntryBody::RemoteInputRequired {
+                    call_id: call.call_id.clone(),
+                    question_id: question.id.clone(),
+                    task: question.task.clone(),
+                    question: question.text.clone(),
+                });
+                return self.ask_person(call, &question);
+            }
+            Ok(adapters::Reply::Done(response)) => ToolResultRecord {
                 call_id: call.call_id.clone(),
                 ok: true,
                 output: response.body,
@@ -1006,7 +1056,107 @@ impl ToolGateway {
                 }
             }
         };
-        self.settle_result(call, result, recorder)
+        CallOutcome::Executed(self.settle_result(call, result, recorder))
+    }
+
+    /// The pause for a remote agent's question: the person who resolves it is shown the
+    /// question and the call (signed by the gateway service, like any unresolved call).
+    fn ask_person(&self, call: &CallEnvelope, question: &intents::Question) -> CallOutcome {
+        let reason = format!(
+            "the remote agent of {} asks (task {}): {} — answer it with a resolution naming {} with outcome answered and the answer as its note, or decline it with outcome did_not_act (the remote task is then cancelled)",
+            call.tool, question.task.task_id, question.text, question.id
+        );
+        let attestation = self.attesting_key.as_ref().map(|key| {
+            approvals::UnresolvedReport {
+                run_id: &call.run_context.context.run_id,
+                call_id: &question.id,
+                tool: &call.tool,
+                arguments_digest: approvals::ApprovalRequest::digest_of(&call.arguments),
+                reason: &reason,
+            }
+            .sign(key)
+        });
+        CallOutcome::OutcomeUnknown {
+            call_id: question.id.clone(),
+            reason,
+            attestation,
+            for_call: Some(call.call_id.clone()),
+        }
+    }
+
+    /// A call whose remote agent waits on `question`: a person's answer continues its task,
+    /// a refusal cancels it, and without either the Session goes on waiting.
+    async fn answer_question<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        tool: &CatalogTool,
+        started: &intents::Started,
+        question: intents::Question,
+        recorder: &mut Recorder<'_, S>,
+    ) -> Result<CallOutcome, GatewayError> {
+        use contextos_crds::session::ResolvedOutcome;
+        let resolution = call.resolution.as_ref().filter(|r| r.call_id == question.id);
+        let (Some(resolution), Some(a2a)) = (resolution, tool.spec.adapter.a2a.as_ref()) else {
+            return Ok(self.ask_person(call, &question));
+        };
+        let resolved = EntryBody::CallResolved {
+            call_id: started.call_id.clone(),
+            outcome: resolution.outcome,
+            resolver: resolution.resolver.clone(),
+            note: resolution.note.clone(),
+        };
+        match (resolution.outcome, resolution.note.as_deref()) {
+            (ResolvedOutcome::Answered, Some(answer)) if !answer.is_empty() => {
+                // The answer is on record before it is sent: after a crash the call is a
+                // started call whose answer may have gone, never a question to answer twice.
+                recorder.stage(resolved);
+                recorder.flush_exclusive().await?;
+                let turn = adapters::a2a::Turn::Answer {
+                    task: &question.task,
+                    text: answer,
+                    question: started.asked,
+                };
+                let sent = self.send(call, tool, turn).await;
+                Ok(self.conclude(call, tool, sent.acted(), started.asked, recorder))
+            }
+            (ResolvedOutcome::DidNotAct, _) => {
+                let mut remote = a2a.clone();
+                remote.url = self.effective_url(&a2a.url);
+                let allowed = match &self.egress {
+                    Some(guard) => guard.check_resolved(&remote.url).await.is_ok(),
+                    None => true,
+                };
+                let ctx = self.call_context(call, tool);
+                let cancelled = allowed && self.a2a.cancel(&remote, &question.task, &ctx).await;
+                recorder.stage(resolved);
+                let result = ToolResultRecord {
+                    call_id: started.call_id.clone(),
+                    ok: false,
+                    output: Value::Null,
+                    error: Some(format!(
+                        "{} declined the remote agent's question{}; its task {} {}",
+                        resolution.resolver,
+                        resolution
+                            .note
+                            .as_deref()
+                            .map(|n| format!(" ({n})"))
+                            .unwrap_or_default(),
+                        question.task.task_id,
+                        if cancelled {
+                            "was cancelled"
+                        } else {
+                            "could not be cancelled (the remote agent did not confirm)"
+                        }
+                    )),
+                    attempts: 0,
+                    truncated: false,
+                    // The call went out when it first asked.
+                    cost: tool.price.as_ref().map(crate::pricing::PinnedToolPrice::cost),
+                };
+                Ok(CallOutcome::Executed(self.settle_result(call, result, recorder)))
+            }
+            _ => Ok(self.ask_person(call, &question)),
+        }
     }
 
     /// A memory tool's call, carried out in the store the run is recorded to: the candidate
@@ -1147,31 +1297,47 @@ impl ToolGateway {
         }
     }
 
+    /// Headers and limits of one call to `tool`.
+    fn call_context(&self, call: &CallEnvelope, tool: &CatalogTool) -> CallContext {
+        let adapter = &tool.spec.adapter;
+        let context = &call.run_context.context;
+        CallContext {
+            idempotency_key: call.idempotency_key.clone(),
+            traceparent: envelope::traceparent(&context.trace_id, &call.call_id),
+            timeout: Duration::from_secs(u64::from(tool.spec.timeout_seconds)),
+            max_response_bytes: match (&adapter.http, &adapter.mcp, &adapter.a2a) {
+                (Some(http), _, _) => http.max_response_bytes as usize,
+                (None, Some(mcp), _) => mcp.max_response_bytes as usize,
+                (None, None, Some(a2a)) => a2a.max_response_bytes as usize,
+                (None, None, None) => 1 << 20,
+            },
+            bearer_token: tool.bearer_token.clone(),
+            hmac_key: tool.hmac_key.clone(),
+            delegation: adapter.a2a.as_ref().map(|_| adapters::Delegation {
+                tenant: context.tenant_id.clone(),
+                agent: context.agent.name.clone(),
+                run: context.run_id.clone(),
+                user: context.user.as_ref().map(|u| u.subject.clone()),
+            }),
+        }
+    }
+
     async fn attempt(
         &self,
         call: &CallEnvelope,
         tool: &CatalogTool,
-    ) -> Result<AdapterResponse, AdapterError> {
+        turn: adapters::a2a::Turn<'_>,
+    ) -> Result<adapters::Reply, AdapterError> {
         let adapter = &tool.spec.adapter;
-        let ctx = CallContext {
-            idempotency_key: call.idempotency_key.clone(),
-            traceparent: envelope::traceparent(&call.run_context.context.trace_id, &call.call_id),
-            timeout: Duration::from_secs(u64::from(tool.spec.timeout_seconds)),
-            max_response_bytes: match (&adapter.http, &adapter.mcp) {
-                (Some(http), _) => http.max_response_bytes as usize,
-                (None, Some(mcp)) => mcp.max_response_bytes as usize,
-                (None, None) => 1 << 20,
-            },
-            bearer_token: tool.bearer_token.clone(),
-            hmac_key: tool.hmac_key.clone(),
-        };
-        let route = match (&adapter.http, &adapter.webhook, &adapter.mcp) {
-            (Some(http), _, _) => Route::Http(http),
-            (None, Some(hook), _) => Route::Webhook(hook),
-            (None, None, Some(mcp)) => Route::Mcp(mcp),
-            (None, None, None) => {
+        let ctx = self.call_context(call, tool);
+        let route = match (&adapter.http, &adapter.webhook, &adapter.mcp, &adapter.a2a) {
+            (Some(http), _, _, _) => Route::Http(http),
+            (None, Some(hook), _, _) => Route::Webhook(hook),
+            (None, None, Some(mcp), _) => Route::Mcp(mcp),
+            (None, None, None, Some(a2a)) => Route::A2a(a2a),
+            (None, None, None, None) => {
                 return Err(AdapterError::Unsupported(format!(
-                    "tool {} uses the A2A adapter, which this gateway does not run yet",
+                    "tool {} names no adapter this gateway runs",
                     call.tool
                 )));
             }
@@ -1180,6 +1346,7 @@ impl ToolGateway {
             Route::Http(http) => adapters::http::endpoint_of(&http.url),
             Route::Webhook(hook) => adapters::http::endpoint_of(&hook.url),
             Route::Mcp(mcp) => adapters::mcp::server_of(mcp),
+            Route::A2a(a2a) => adapters::http::endpoint_of(&a2a.url),
         };
         if !self.breakers.allow(&endpoint, Instant::now()) {
             return Err(AdapterError::CircuitOpen(endpoint));
@@ -1189,6 +1356,7 @@ impl ToolGateway {
                 Route::Http(http) => Some(self.effective_url(&http.url)),
                 Route::Webhook(hook) => Some(self.effective_url(&hook.url)),
                 Route::Mcp(mcp) => mcp.url.as_ref().map(|u| self.effective_url(u)),
+                Route::A2a(a2a) => Some(self.effective_url(&a2a.url)),
             };
             if let Some(url) = destination {
                 guard.check_resolved(&url).await.map_err(AdapterError::Refused)?;
@@ -1198,17 +1366,29 @@ impl ToolGateway {
         let result = match route {
             Route::Http(http) => {
                 let url = self.effective_url(&http.url);
-                adapters::http::call(&self.http, &url, http.method, args, &ctx, false).await
+                adapters::http::call(&self.http, &url, http.method, args, &ctx, false)
+                    .await
+                    .map(adapters::Reply::Done)
             }
             Route::Webhook(hook) => {
                 let post = contextos_crds::agent::HttpMethod::Post;
                 let url = self.effective_url(&hook.url);
-                adapters::http::call(&self.http, &url, post, args, &ctx, true).await
+                adapters::http::call(&self.http, &url, post, args, &ctx, true)
+                    .await
+                    .map(adapters::Reply::Done)
             }
             Route::Mcp(mcp) => {
                 let mut mcp = mcp.clone();
                 mcp.url = mcp.url.map(|url| self.effective_url(&url));
-                self.mcp.call(&call.tool, &mcp, args, &ctx).await
+                self.mcp
+                    .call(&call.tool, &mcp, args, &ctx)
+                    .await
+                    .map(adapters::Reply::Done)
+            }
+            Route::A2a(a2a) => {
+                let mut a2a = a2a.clone();
+                a2a.url = self.effective_url(&a2a.url);
+                Box::pin(self.a2a.call(&a2a, args, &ctx, turn)).await
             }
         };
         // Only failures that say something about the endpoint's health count against it.
@@ -1264,7 +1444,9 @@ fn resolved_result(
             truncated: false,
             cost: price.map(crate::pricing::PinnedToolPrice::cost),
         },
-        ResolvedOutcome::DidNotAct => ToolResultRecord {
+        // An answer is for a remote agent's question (see `answer_question`); a call that asked
+        // none is never resolved by one, and would read as not having acted.
+        ResolvedOutcome::DidNotAct | ResolvedOutcome::Answered => ToolResultRecord {
             call_id: call_id.to_owned(),
             ok: false,
             output: Value::Null,
@@ -1295,6 +1477,26 @@ enum Route<'a> {
     Http(&'a contextos_crds::agent::HttpAdapter),
     Webhook(&'a contextos_crds::agent::WebhookAdapter),
     Mcp(&'a contextos_crds::agent::McpAdapter),
+    A2a(&'a contextos_crds::agent::A2aAdapter),
+}
+
+/// How sending one turn of a call went.
+struct Sent {
+    outcome: Result<adapters::Reply, AdapterError>,
+    attempts: u32,
+    /// Whether anything may have reached the tool (what a priced call is charged on).
+    may_have_acted: bool,
+}
+
+impl Sent {
+    /// A later turn of a call that already went out: the call has been sent, whatever this
+    /// turn did.
+    fn acted(self) -> Self {
+        Self {
+            may_have_acted: true,
+            ..self
+        }
+    }
 }
 
 fn decision_entry(

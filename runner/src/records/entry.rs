@@ -192,6 +192,16 @@ pub enum EntryBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         note: Option<String>,
     },
+    /// A remote agent (A2A) stopped the call's task to ask for input: the Session waits for a
+    /// person's answer (a resolution naming `question_id`, outcome `answered`), which continues
+    /// the same task; declined (`did_not_act`), the task is cancelled.
+    RemoteInputRequired {
+        call_id: String,
+        /// `<call id>.q<n>`, the n-th question of the call.
+        question_id: String,
+        task: crate::gateway::adapters::a2a::RemoteTask,
+        question: String,
+    },
     /// A human approved it.
     ApprovalGranted {
         call_id: String,
@@ -255,7 +265,8 @@ impl EntryBody {
             Self::ApprovalRequested { call_id, .. }
             | Self::ApprovalGranted { call_id, .. }
             | Self::ApprovalRefused { call_id, .. }
-            | Self::DeadLettered { call_id, .. } => Some(call_id),
+            | Self::DeadLettered { call_id, .. }
+            | Self::RemoteInputRequired { call_id, .. } => Some(call_id),
             _ => None,
         }
     }
@@ -269,6 +280,7 @@ impl EntryBody {
             Self::PolicyDecision(_) => "policy_decision",
             Self::ApprovalRequested { .. } => "approval_requested",
             Self::CallResolved { .. } => "call_resolved",
+            Self::RemoteInputRequired { .. } => "remote_input_required",
             Self::ApprovalGranted { .. } => "approval_granted",
             Self::ApprovalRefused { .. } => "approval_refused",
             Self::ToolResult(_) => "tool_result",

@@ -142,12 +142,28 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
         } => (
             approver_actor(),
             format!(
-                "{resolver} found that call {call_id} {}{}",
+                "{resolver} {}{}",
                 match outcome {
-                    contextos_crds::session::ResolvedOutcome::Acted => "acted",
-                    contextos_crds::session::ResolvedOutcome::DidNotAct => "did not act",
+                    contextos_crds::session::ResolvedOutcome::Acted =>
+                        format!("found that call {call_id} acted"),
+                    contextos_crds::session::ResolvedOutcome::DidNotAct =>
+                        format!("found that call {call_id} did not act"),
+                    contextos_crds::session::ResolvedOutcome::Answered =>
+                        format!("answered the remote agent of call {call_id}"),
                 },
                 note.as_deref().map(|n| format!(": {n}")).unwrap_or_default()
+            ),
+        ),
+        EntryBody::RemoteInputRequired {
+            call_id,
+            question_id,
+            task,
+            question,
+        } => (
+            "gateway",
+            format!(
+                "the remote agent of call {call_id} asks a person ({question_id}, task {}): {question}",
+                task.task_id
             ),
         ),
         EntryBody::ApprovalGranted {

@@ -40,6 +40,9 @@ fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
             ("tool_result.error", MaybeText(&mut result.error)),
         ],
         EntryBody::CallResolved { note, .. } => vec![("call_resolved.note", MaybeText(note))],
+        EntryBody::RemoteInputRequired { question, .. } => {
+            vec![("remote_input_required.question", Text(question))]
+        }
         EntryBody::DeadLettered { error, .. } => vec![("dead_lettered.error", Text(error))],
         EntryBody::Checkpoint { state, .. } => vec![("checkpoint.state", Value(state))],
         EntryBody::Completed { output, .. } => vec![("completed.output", Text(output))],

@@ -89,6 +89,7 @@ impl<S: RecordStore> Harness<'_, S> {
                     call_id,
                     reason,
                     attestation,
+                    for_call,
                 } => {
                     // The call stays pending: a human's resolution answers it next attempt.
                     return Ok(Owned::OutcomeUnknown(UnresolvedCall {
@@ -98,6 +99,7 @@ impl<S: RecordStore> Harness<'_, S> {
                         reason: reason.clone(),
                         attestation: attestation.clone(),
                         arguments_digest: None,
+                        for_call: for_call.clone(),
                     }));
                 }
                 CallOutcome::InProgress { call_id } => {
@@ -179,8 +181,7 @@ impl<S: RecordStore> Harness<'_, S> {
             approval: None,
             resolution: None,
         };
-        if matches!(self.mode, Mode::Live) && state.unresolved.as_ref().is_some_and(|u| u.call_id == call_id)
-        {
+        if matches!(self.mode, Mode::Live) && state.unresolved.as_ref().is_some_and(|u| u.is_for(call_id)) {
             envelope.resolution = decided.resolution.take();
         }
         envelope.approval = match &self.mode {

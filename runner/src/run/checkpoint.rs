@@ -39,7 +39,8 @@ pub struct AwaitingApproval {
 }
 
 /// A call started before an interruption whose result was never recorded, and which the
-/// gateway will not send again: the run waits for a human to say whether it acted.
+/// gateway will not send again: the run waits for a human to say whether it acted. Or a call
+/// whose remote agent (A2A) asked a question: the run waits for a person's answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UnresolvedCall {
     pub call_id: String,
@@ -52,6 +53,17 @@ pub struct UnresolvedCall {
     /// Digest of the full arguments, when a report had to cut them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arguments_digest: Option<String>,
+    /// For a remote agent's question (`call_id` is then the question's id): the call it
+    /// belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_call: Option<String>,
+}
+
+impl UnresolvedCall {
+    /// Whether this waits on call `call_id` (itself, or a question of its remote agent).
+    pub fn is_for(&self, call_id: &str) -> bool {
+        self.for_call.as_deref().unwrap_or(&self.call_id) == call_id
+    }
 }
 
 /// A call of the current step not handled yet.

@@ -15,7 +15,6 @@ use crate::{
         finding::{Rule, RuleId, Severity},
         harness::{Harness, Object},
     },
-    gateway::adapters::unavailable_adapter,
     policy::{CompiledPolicy, compile_policy},
     run::validate,
 };
@@ -109,13 +108,13 @@ pub(super) const RULES: &[(Rule, Check)] = &[
     ),
     (
         Rule {
-            id: RuleId("agent/adapter-unavailable"),
+            id: RuleId("agent/a2a-risk-below-ceiling"),
             severity: Severity::High,
-            title: "a tool whose adapter this release does not run (A2A)",
-            why: "the Agent is refused (Ready=False, AdapterUnavailable) rather than run with a tool that would fail every call",
-            fix: "reach the remote agent through an HTTP or MCP endpoint",
+            title: "an A2A tool whose remote agent may do more than the tool's own risk says",
+            why: "policies judge a call by its tool's risk, so a delegation to an agent that may act destructively would be judged as something milder; the Agent is refused (Ready=False, InvalidSpec)",
+            fix: "raise the tool's risk to at least its adapter.a2a.riskCeiling (and review the policies that match it), or call an agent with a lower ceiling",
         },
-        unavailable_adapters,
+        a2a_below_ceiling,
     ),
     (
         Rule {
@@ -408,23 +407,27 @@ fn invalid_validators(harness: &Harness, sink: &mut Sink<'_>) {
     }
 }
 
-fn unavailable_adapters(harness: &Harness, sink: &mut Sink<'_>) {
+fn a2a_below_ceiling(harness: &Harness, sink: &mut Sink<'_>) {
     for agent in &harness.agents {
-        if unavailable_adapter(&agent.spec.tools).is_none() {
-            continue;
-        }
-        for (i, tool) in agent
-            .spec
-            .tools
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.adapter.a2a.is_some())
-        {
-            sink.report(
-                agent,
-                spec(&["tools"]).index(i).key("adapter").key("a2a"),
-                format!("{}: the A2A adapter is not available in this release", tool.name),
-            );
+        for (i, tool) in agent.spec.tools.iter().enumerate() {
+            if let Some(a2a) = &tool.adapter.a2a
+                && a2a.risk_ceiling > tool.risk
+            {
+                sink.report(
+                    agent,
+                    spec(&["tools"])
+                        .index(i)
+                        .key("adapter")
+                        .key("a2a")
+                        .key("riskCeiling"),
+                    format!(
+                        "{}: its remote agent may act up to {}, the tool is declared {}",
+                        tool.name,
+                        a2a.risk_ceiling.as_str(),
+                        tool.risk.as_str()
+                    ),
+                );
+            }
         }
     }
 }

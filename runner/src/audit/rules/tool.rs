@@ -183,14 +183,18 @@ fn read_only_post(harness: &Harness, sink: &mut Sink<'_>) {
 
 fn secret_over_http(harness: &Harness, sink: &mut Sink<'_>) {
     for (agent, field, tool) in tools(harness) {
-        if let Some(http) = &tool.adapter.http
-            && http.secret_ref.is_some()
-            && plain_http_off_cluster(&http.url)
+        if let Some((_, url)) = tool.adapter.bearer_secret()
+            && plain_http_off_cluster(url)
         {
+            let adapter = if tool.adapter.http.is_some() {
+                "http"
+            } else {
+                "a2a"
+            };
             sink.report(
                 agent,
-                field.key("adapter").key("http").key("url"),
-                format!("{} sends its Secret to {} unencrypted", tool.name, http.url),
+                field.key("adapter").key(adapter).key("url"),
+                format!("{} sends its Secret to {url} unencrypted", tool.name),
             );
         }
     }

@@ -1,6 +1,7 @@
 //! Adapters: how the gateway reaches a tool. Each returns a typed result; none panics on a
 //! misbehaving server.
 
+pub mod a2a;
 pub mod http;
 #[cfg(feature = "mcp")]
 pub mod mcp;
@@ -22,6 +23,27 @@ pub struct CallContext {
     /// Secret values resolved for this tool (bearer token, HMAC key).
     pub bearer_token: Option<String>,
     pub hmac_key: Option<Vec<u8>>,
+    /// Who the call is made for, as a remote agent (A2A) is told.
+    pub delegation: Option<Delegation>,
+}
+
+/// Who a call is made for: the tenant, the agent and its run, and the person who delegated
+/// to it, if any (from the verified RunContext, never from the call's arguments).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Delegation {
+    pub tenant: String,
+    pub agent: String,
+    pub run: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// What a tool answered: its result, or (a remote agent, over A2A) a question for a person
+/// before its task can go on.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    Done(AdapterResponse),
+    Asks(a2a::RemoteQuestion),
 }
 
 /// A tool's answer.
@@ -75,14 +97,20 @@ pub enum AdapterError {
     Refused(String),
 }
 
-/// The first tool whose adapter this release cannot run (A2A), as a message naming the field
-/// and what to do instead. Refused where an Agent is admitted to run, never at call time.
-pub fn unavailable_adapter(tools: &[contextos_crds::agent::Tool]) -> Option<String> {
+/// The first tool whose adapter is declared so that it cannot be run as governed, as a
+/// message naming the field and the fix: an A2A tool whose remote agent may do more than the
+/// tool's own risk says (policies judge a call by its tool's risk). Refused where an Agent is
+/// admitted to run, never at call time.
+pub fn adapter_problem(tools: &[contextos_crds::agent::Tool]) -> Option<String> {
     tools.iter().enumerate().find_map(|(i, tool)| {
-        tool.adapter.a2a.as_ref().map(|_| {
+        let a2a = tool.adapter.a2a.as_ref()?;
+        (a2a.risk_ceiling > tool.risk).then(|| {
             format!(
-                "spec.tools[{i}].adapter.a2a ({}): the A2A adapter is not available in this release; reach the remote agent through an HTTP or MCP endpoint instead",
-                tool.name
+                "spec.tools[{i}].adapter.a2a.riskCeiling ({}): the remote agent may act up to risk {}, above the tool's own risk {}; policies judge a call by its tool's risk, so raise spec.tools[{i}].risk to at least {}",
+                tool.name,
+                a2a.risk_ceiling.as_str(),
+                tool.risk.as_str(),
+                a2a.risk_ceiling.as_str()
             )
         })
     })
@@ -115,22 +143,25 @@ impl AdapterError {
 
 #[cfg(test)]
 mod tests {
-    use super::unavailable_adapter;
+    use super::adapter_problem;
 
     #[test]
-    fn an_a2a_tool_is_refused_naming_its_field() {
+    fn an_a2a_tool_below_its_remote_ceiling_is_refused_naming_its_field() {
         let tools: Vec<contextos_crds::agent::Tool> = serde_json::from_value(serde_json::json!([
             {"name": "search", "description": "d", "risk": "read_only", "kind": "observe",
              "adapter": {"http": {"url": "http://tools/search"}}},
-            {"name": "ask_billing", "description": "d", "risk": "delegated", "kind": "act",
-             "adapter": {"a2a": {"url": "http://billing-agent", "skill": "refund"}}},
+            {"name": "ask_billing", "description": "d", "risk": "network", "kind": "act",
+             "adapter": {"a2a": {"url": "http://billing-agent", "skill": "refund", "riskCeiling": "delegated"}}},
+            {"name": "ask_search", "description": "d", "risk": "delegated", "kind": "act",
+             "adapter": {"a2a": {"url": "http://search-agent", "riskCeiling": "delegated"}}},
         ]))
         .expect("tools");
-        let problem = unavailable_adapter(&tools).expect("refused");
+        let problem = adapter_problem(&tools).expect("refused");
         assert!(
-            problem.starts_with("spec.tools[1].adapter.a2a (ask_billing)"),
+            problem.starts_with("spec.tools[1].adapter.a2a.riskCeiling (ask_billing)"),
             "{problem}"
         );
-        assert_eq!(unavailable_adapter(&tools[..1]), None);
+        assert!(problem.contains("at least delegated"), "{problem}");
+        assert_eq!(adapter_problem(&[tools[0].clone(), tools[2].clone()]), None);
     }
 }

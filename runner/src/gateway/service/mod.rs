@@ -979,9 +979,9 @@ where
             .tools
             .iter()
             .flat_map(|t| {
-                let http = t.adapter.http.as_ref().and_then(|h| h.secret_ref.clone());
+                let bearer = t.adapter.bearer_secret().map(|(s, _)| s.clone());
                 let hook = t.adapter.webhook.as_ref().map(|w| w.secret_ref.clone());
-                http.into_iter().chain(hook)
+                bearer.into_iter().chain(hook)
             })
             .chain(agent.model.secret_ref.clone())
             .chain(

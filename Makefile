@@ -32,8 +32,9 @@ lint:
 ## of `contextos audit --mcp` and `contextos tools import` run against the MCP reference server
 ## from the npm registry (@modelcontextprotocol/server-everything, installed once into
 ## ~/.cache/contextos/npm by runner/tests/support/mcp_everything.sh). The A2A adapter's tests run
-## against agents served by the official A2A Python SDK (a2a-sdk from PyPI, installed once into
-## ~/.cache/contextos/pypi by runner/tests/support/a2a_peer.sh).
+## against agents served by the official A2A SDKs: a2a-sdk from PyPI (installed once into
+## ~/.cache/contextos/pypi by runner/tests/support/a2a_peer.sh) and @a2a-js/sdk from npm
+## (into ~/.cache/contextos/npm by runner/tests/support/a2a_peer_js.sh).
 unit:
 	set -o pipefail; \
 	bin="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
@@ -43,6 +44,8 @@ unit:
 	export CONTEXTOS_MCP_EVERYTHING="$$mcp"; \
 	a2a="$$(bash runner/tests/support/a2a_peer.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_A2A_PYTHON="$$a2a"; \
+	a2a_js="$$(bash runner/tests/support/a2a_peer_js.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_A2A_JS_MODULES="$$a2a_js"; \
 	$(CARGO) build -p contextos-runner --examples --locked || exit 1; \
 	$(CARGO) test --workspace --exclude contextos-kind-tests --locked --tests
 

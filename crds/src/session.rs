@@ -144,7 +144,7 @@ pub struct Approval {
 #[x_kube(validation = Rule::new("self.outcome != 'answered' || (has(self.note) && size(self.note) > 0)").message("outcome answered sends spec.resolutions[].note to the remote agent as the answer: set note"))]
 pub struct Resolution {
     /// `status.unresolvedCall.callId` of the call (for a remote agent's question, the
-    /// question's id, e.g. `3.0.q1`).
+    /// question's id, e.g. `3.0.q1-5f2c9a1e`).
     #[schemars(length(min = 1, max = 64))]
     pub call_id: String,
     /// `acted`: the tool did what was asked (the run goes on as if it answered); `did_not_act`:
@@ -205,7 +205,8 @@ impl SessionPhase {
     }
 }
 
-/// A call started before an interruption whose result was never recorded.
+/// A call started before an interruption whose result was never recorded, or a call whose
+/// remote agent asked a question.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UnresolvedCallStatus {
@@ -215,9 +216,14 @@ pub struct UnresolvedCallStatus {
     /// The call's arguments (JSON, cut at 4 KiB).
     #[serde(default)]
     pub arguments: String,
-    /// Why it was not sent again.
+    /// Why it was not sent again; for a remote agent's question, the question.
     #[serde(default)]
     pub reason: String,
+    /// Set when a remote agent (A2A) asked a question: the call it belongs to. `callId` is
+    /// then the question's id, and a resolution of it is `answered` (the answer in `note`) or
+    /// `did_not_act` (declined) — never `acted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_call: Option<String>,
 }
 
 /// Digests a Session pinned when it started; resumes use the same ones.

@@ -154,9 +154,19 @@ impl Report {
                     calls.insert(&call.call_id, &call.tool);
                     continue;
                 }
-                EntryBody::ToolResult(result) => {
-                    let Some(cost) = &result.cost else { continue };
-                    let tool = calls.get(result.call_id.as_str()).copied().unwrap_or("(unknown)");
+                // A call is charged once: on its result, or on the first question its remote
+                // agent asked (then its result costs nothing more).
+                EntryBody::ToolResult(crate::records::entry::ToolResultRecord {
+                    call_id,
+                    cost: Some(cost),
+                    ..
+                })
+                | EntryBody::RemoteInputRequired {
+                    call_id,
+                    cost: Some(cost),
+                    ..
+                } => {
+                    let tool = calls.get(call_id.as_str()).copied().unwrap_or("(unknown)");
                     let group = match by {
                         By::Model => TOOL_CALLS.to_owned(),
                         By::Tool => tool.to_owned(),

@@ -1,9 +1,10 @@
-//! The A2A adapter against agents served by the official A2A Python SDK (`a2a-sdk` from PyPI,
-//! installed by `runner/tests/support/a2a_peer.sh`; `make unit` sets `CONTEXTOS_A2A_PYTHON`):
-//! a task answered over JSON-RPC and over a stream, a remote question that pauses the call until
-//! a person answers it (twice), a declined question and a timeout that cancel the remote task,
-//! and the card checks that refuse before anything is sent — each also checked in the record
-//! and in what the peer saw.
+//! The A2A adapter against agents served by the official A2A SDKs: Python (`a2a-sdk` from PyPI,
+//! installed by `runner/tests/support/a2a_peer.sh`; `make unit` sets `CONTEXTOS_A2A_PYTHON`) and
+//! JavaScript (`@a2a-js/sdk` from npm, installed by `runner/tests/support/a2a_peer_js.sh`;
+//! `CONTEXTOS_A2A_JS_MODULES`): a task answered over JSON-RPC and over a stream, a remote
+//! question that pauses the call until a person answers it, a declined question and a timeout
+//! that cancel the remote task, and the card checks that refuse before anything is sent — each
+//! also checked in the record and in what the peer saw.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -29,6 +30,16 @@ use contextos_runner::{
 use serde_json::{Value, json};
 
 const PYTHON_ENV: &str = "CONTEXTOS_A2A_PYTHON";
+const JS_MODULES_ENV: &str = "CONTEXTOS_A2A_JS_MODULES";
+
+/// Which SDK serves the peer agents.
+#[derive(Clone, Copy, Debug)]
+enum Sdk {
+    Python,
+    JavaScript,
+}
+
+const BOTH: [Sdk; 2] = [Sdk::Python, Sdk::JavaScript];
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const RUN: &str = "run-a2a";
 
@@ -46,17 +57,32 @@ impl Drop for Peer {
 }
 
 impl Peer {
-    /// Starts the SDK peer, or `None` (the test says it is skipped) without its Python.
-    fn start() -> Option<Self> {
-        let Some(python) = std::env::var_os(PYTHON_ENV) else {
+    /// Starts the peer of `sdk`, or `None` (the test says it is skipped) without the SDK.
+    fn start(sdk: Sdk) -> Option<Self> {
+        let support = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
+        let (env, installer) = match sdk {
+            Sdk::Python => (PYTHON_ENV, "a2a_peer.sh"),
+            Sdk::JavaScript => (JS_MODULES_ENV, "a2a_peer_js.sh"),
+        };
+        let Some(installed) = std::env::var_os(env) else {
             eprintln!(
-                "skipped: {PYTHON_ENV} is not set (`make unit` sets it: bash runner/tests/support/a2a_peer.sh)"
+                "skipped: {env} is not set (`make unit` sets it: bash runner/tests/support/{installer})"
             );
             return None;
         };
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/a2a_peer.py");
-        let mut child = Command::new(python)
-            .arg(script)
+        let mut command = match sdk {
+            Sdk::Python => {
+                let mut python = Command::new(installed);
+                python.arg(support.join("a2a_peer.py"));
+                python
+            }
+            Sdk::JavaScript => {
+                let mut node = Command::new("node");
+                node.arg(support.join("a2a_peer.mjs")).arg(installed);
+                node
+            }
+        };
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -116,7 +142,16 @@ fn tools(base: &str) -> Vec<CatalogTool> {
                 r#"{{name: {name}, description: "the {skill} agent", risk: delegated, kind: act, timeoutSeconds: {timeout},
                    adapter: {{a2a: {{url: "{base}/{path}", skill: {skill}, riskCeiling: delegated{extra}}}}}}}"#
             );
-            CatalogTool::new(serde_yaml::from_str(&yaml).expect("tool")).expect("valid tool")
+            let mut tool = CatalogTool::new(serde_yaml::from_str(&yaml).expect("tool")).expect("valid tool");
+            // The refund agent is a paid API: 0.25 EUR a call.
+            if name.starts_with("refund") {
+                tool.price = Some(contextos_runner::pricing::PinnedToolPrice {
+                    price_list: "partners".into(),
+                    currency: "EUR".into(),
+                    per_call: contextos_runner::pricing::Nanos(250_000_000),
+                });
+            }
+            tool
         })
         .collect()
 }
@@ -140,8 +175,8 @@ struct Harness {
 }
 
 impl Harness {
-    fn new() -> Option<Self> {
-        let peer = Peer::start()?;
+    fn new(sdk: Sdk) -> Option<Self> {
+        let peer = Peer::start(sdk)?;
         let key = KeyPair::from_seed([21; 32]);
         let gateway = gateway(&peer.base, &key);
         let dir = tempfile::tempdir().expect("tempdir");
@@ -310,7 +345,13 @@ fn answer(question: &str, outcome: ResolvedOutcome, note: &str) -> Resolution {
 
 #[tokio::test]
 async fn a_remote_agent_answers_over_json_rpc_and_over_a_stream() {
-    let Some(h) = Harness::new() else { return };
+    for sdk in BOTH {
+        a_remote_agent_answers_over_json_rpc_and_over_a_stream_with(sdk).await;
+    }
+}
+
+async fn a_remote_agent_answers_over_json_rpc_and_over_a_stream_with(sdk: Sdk) {
+    let Some(h) = Harness::new(sdk) else { return };
     let mut rec = h.recorder().await;
     for (call, tool, path, method) in [
         ("1.0", "echo", "/plain/rpc", "SendMessage"),
@@ -318,31 +359,35 @@ async fn a_remote_agent_answers_over_json_rpc_and_over_a_stream() {
     ] {
         let envelope = h.envelope(call, tool, json!({"message": "refund order 7", "order": 7}));
         let result = executed(&h.handle(&mut rec, &envelope).await).clone();
-        assert!(result.ok, "{tool}: {result:?}");
+        assert!(result.ok, "{sdk:?} {tool}: {result:?}");
         assert_eq!(result.output["state"], "completed");
         assert!(
             result.output["text"]
                 .as_str()
                 .unwrap_or_default()
                 .contains("echo: refund order 7"),
-            "{tool}: {}",
+            "{sdk:?} {tool}: {}",
             result.output
         );
         // What the remote agent received: the arguments, the delegation from the verified
         // RunContext, and the call's idempotency key as the message id.
         let received = &result.output["artifacts"][1]["parts"][0]["data"];
-        assert_eq!(received["data"][0]["order"], 7.0, "{tool}: {received}");
+        assert_eq!(
+            received["data"][0]["order"].as_f64(),
+            Some(7.0),
+            "{sdk:?} {tool}: {received}"
+        );
         assert_eq!(
             received["delegation"],
             json!({"tenant": "shop", "agent": "support", "run": RUN, "user": "dana@example.com"}),
-            "{tool}"
+            "{sdk:?} {tool}"
         );
         assert_eq!(received["messageId"], format!("idem-{call}"));
         let methods = h.peer.methods(path).await;
         assert_eq!(
             methods.first().map(String::as_str),
             Some(method),
-            "{tool}: {methods:?}"
+            "{sdk:?} {tool}: {methods:?}"
         );
     }
     for request in h.peer.seen().await {
@@ -366,11 +411,19 @@ async fn a_remote_agent_answers_over_json_rpc_and_over_a_stream() {
 
 #[tokio::test]
 async fn a_remote_question_waits_for_a_person_and_the_answer_continues_the_task() {
-    let Some(h) = Harness::new() else { return };
+    let Some(h) = Harness::new(Sdk::Python) else {
+        return;
+    };
     let mut rec = h.recorder().await;
     let mut call = h.envelope("1.0", "refund", json!({"message": "refund order 7"}));
     let (q1, reason) = asked(&h.handle(&mut rec, &call).await, "1.0");
-    assert_eq!(q1, "1.0.q1");
+    assert!(q1.starts_with("1.0.q1-"), "{q1}");
+    // What to do comes first; the question is quoted after it.
+    assert!(
+        reason.starts_with("the remote agent of refund asks a question")
+            && reason.ends_with("It asks: \"Which region should the refund go to?\""),
+        "{reason}"
+    );
     assert!(
         reason.contains("Which region should the refund go to?"),
         "{reason}"
@@ -392,7 +445,11 @@ async fn a_remote_question_waits_for_a_person_and_the_answer_continues_the_task(
     );
 
     // An answer for a question that is not the one asked is not used.
-    call.resolution = Some(answer("1.0.q7", ResolvedOutcome::Answered, "EU"));
+    call.resolution = Some(answer(
+        &q1.replace(".q1-", ".q7-"),
+        ResolvedOutcome::Answered,
+        "EU",
+    ));
     let stale = resumed
         .handle(&call, &mut rec, &StateFacts::default())
         .await
@@ -406,7 +463,7 @@ async fn a_remote_question_waits_for_a_person_and_the_answer_continues_the_task(
         .await
         .expect("handled");
     let (q2, reason) = asked(&second, "1.0");
-    assert_eq!(q2, "1.0.q2");
+    assert_eq!(q2, q1.replace(".q1-", ".q2-"));
     assert!(reason.contains("Are you sure?"), "{reason}");
 
     // The first answer, presented again, does not answer the second question.
@@ -435,13 +492,22 @@ async fn a_remote_question_waits_for_a_person_and_the_answer_continues_the_task(
     assert_eq!(turns[1]["messageId"], "idem-1.0.a1");
     assert_eq!(turns[2]["messageId"], "idem-1.0.a2");
     assert_eq!(turns[1]["taskId"], turns[2]["taskId"]);
-    let kinds: Vec<&str> = h
-        .entries()
-        .await
+    let entries = h.entries().await;
+    let kinds: Vec<&str> = entries
         .iter()
         .map(|e| e.body.type_name())
         .filter(|t| matches!(*t, "remote_input_required" | "call_resolved" | "tool_result"))
         .collect();
+    // The paid call is charged once, with its first question.
+    let costs: Vec<u64> = entries
+        .iter()
+        .filter_map(|e| match &e.body {
+            EntryBody::RemoteInputRequired { cost, .. } => Some(cost.as_ref().map_or(0, |c| c.nanos.0)),
+            EntryBody::ToolResult(r) => Some(r.cost.as_ref().map_or(0, |c| c.nanos.0)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(costs, [250_000_000, 0, 0]);
     assert_eq!(
         kinds,
         [
@@ -456,7 +522,13 @@ async fn a_remote_question_waits_for_a_person_and_the_answer_continues_the_task(
 
 #[tokio::test]
 async fn a_streamed_task_that_asks_is_a_question_too() {
-    let Some(h) = Harness::new() else { return };
+    for sdk in BOTH {
+        a_streamed_task_that_asks_is_a_question_too_with(sdk).await;
+    }
+}
+
+async fn a_streamed_task_that_asks_is_a_question_too_with(sdk: Sdk) {
+    let Some(h) = Harness::new(sdk) else { return };
     let mut rec = h.recorder().await;
     let mut call = h.envelope("1.0", "refund_stream", json!({"message": "refund order 9"}));
     let (q1, _) = asked(&h.handle(&mut rec, &call).await, "1.0");
@@ -478,7 +550,13 @@ async fn a_streamed_task_that_asks_is_a_question_too() {
 
 #[tokio::test]
 async fn a_declined_question_cancels_the_remote_task() {
-    let Some(h) = Harness::new() else { return };
+    for sdk in BOTH {
+        a_declined_question_cancels_the_remote_task_with(sdk).await;
+    }
+}
+
+async fn a_declined_question_cancels_the_remote_task_with(sdk: Sdk) {
+    let Some(h) = Harness::new(sdk) else { return };
     let mut rec = h.recorder().await;
     let mut call = h.envelope("1.0", "refund", json!({"message": "refund order 7"}));
     let (q1, _) = asked(&h.handle(&mut rec, &call).await, "1.0");
@@ -521,7 +599,13 @@ async fn a_declined_question_cancels_the_remote_task() {
 
 #[tokio::test]
 async fn a_task_still_running_at_the_timeout_is_cancelled() {
-    let Some(h) = Harness::new() else { return };
+    for sdk in BOTH {
+        a_task_still_running_at_the_timeout_is_cancelled_with(sdk).await;
+    }
+}
+
+async fn a_task_still_running_at_the_timeout_is_cancelled_with(sdk: Sdk) {
+    let Some(h) = Harness::new(sdk) else { return };
     let mut rec = h.recorder().await;
     for (call, tool, path) in [
         ("1.0", "slow", "/plain/rpc"),
@@ -536,24 +620,26 @@ async fn a_task_still_running_at_the_timeout_is_cancelled() {
                 .as_deref()
                 .unwrap_or_default()
                 .contains("no answer within 1s"),
-            "{tool}: {result:?}"
+            "{sdk:?} {tool}: {result:?}"
         );
         assert!(
             started.elapsed() < Duration::from_secs(9),
-            "{tool}: bounded by its timeout"
+            "{sdk:?} {tool}: bounded by its timeout"
         );
         let methods = h.peer.methods(path).await;
         assert_eq!(
             methods.last().map(String::as_str),
             Some("CancelTask"),
-            "{tool}: {methods:?}"
+            "{sdk:?} {tool}: {methods:?}"
         );
     }
 }
 
 #[tokio::test]
 async fn what_the_card_does_not_allow_is_refused_before_anything_is_sent() {
-    let Some(h) = Harness::new() else { return };
+    let Some(h) = Harness::new(Sdk::Python) else {
+        return;
+    };
     let mut rec = h.recorder().await;
     for (call, tool, why) in [
         ("1.0", "chargeback", "has no skill chargeback"),
@@ -562,7 +648,7 @@ async fn what_the_card_does_not_allow_is_refused_before_anything_is_sent() {
             "ceiling",
             "up to risk destructive, above the riskCeiling delegated",
         ),
-        ("3.0", "elsewhere", "another origin"),
+        ("3.0", "elsewhere", "not below the adapter's URL"),
     ] {
         let result = executed(&h.handle(&mut rec, &h.envelope(call, tool, json!({}))).await).clone();
         assert!(!result.ok);
@@ -577,7 +663,13 @@ async fn what_the_card_does_not_allow_is_refused_before_anything_is_sent() {
 
 #[tokio::test]
 async fn a_failed_task_and_an_oversized_answer_are_failed_calls() {
-    let Some(h) = Harness::new() else { return };
+    for sdk in BOTH {
+        a_failed_task_and_an_oversized_answer_are_failed_calls_with(sdk).await;
+    }
+}
+
+async fn a_failed_task_and_an_oversized_answer_are_failed_calls_with(sdk: Sdk) {
+    let Some(h) = Harness::new(sdk) else { return };
     let mut rec = h.recorder().await;
     let failed = executed(&h.handle(&mut rec, &h.envelope("1.0", "fail", json!({}))).await).clone();
     let error = failed.error.unwrap_or_default();
@@ -616,7 +708,9 @@ async fn a_failed_task_and_an_oversized_answer_are_failed_calls() {
 /// replay of it decides the same without reaching the remote agent.
 #[test]
 fn a_session_pauses_on_a_remote_question_and_resumes_with_the_answer() {
-    let Some(peer) = Peer::start() else { return };
+    let Some(peer) = Peer::start(Sdk::Python) else {
+        return;
+    };
     let data = tempfile::tempdir().expect("tempdir");
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/a2a");
     let cli = |args: &[&str]| {
@@ -640,17 +734,20 @@ fn a_session_pauses_on_a_remote_question_and_resumes_with_the_answer() {
     let (code, out, err) = cli(&[&["run", "-f", example][..], &access].concat());
     assert_eq!(code, Some(4), "the run pauses on the question\n{out}\n{err}");
     assert!(out.contains("Which region should the refund go to?"), "{out}");
-    assert!(
-        out.contains("--call 1.0.q1"),
-        "the pause says how to answer: {out}"
-    );
+    let question = out
+        .split("--call ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the pause says how to answer")
+        .to_owned();
+    assert!(question.starts_with("1.0.q1-"), "{out}");
 
     // Not an answer to a call that asked nothing, nor a finding that it acted.
     let (code, out, _) = cli(&[
         "resolve",
         "refund-7",
         "--call",
-        "1.0.q1",
+        &question,
         "--acted",
         "--as",
         "dana@example.com",
@@ -660,7 +757,7 @@ fn a_session_pauses_on_a_remote_question_and_resumes_with_the_answer() {
         "resolve",
         "refund-7",
         "--call",
-        "1.0.q1",
+        &question,
         "--answer",
         "EU",
         "--as",
@@ -678,7 +775,7 @@ fn a_session_pauses_on_a_remote_question_and_resumes_with_the_answer() {
         .to_owned();
     let (_, timeline, _) = cli(&["records", "show", &run]);
     assert!(
-        timeline.contains("asks a person (1.0.q1") && timeline.contains("Which region"),
+        timeline.contains(&format!("asks a person ({question}")) && timeline.contains("Which region"),
         "{timeline}"
     );
     assert!(
@@ -702,4 +799,90 @@ fn blocking<T>(future: impl std::future::Future<Output = T>) -> T {
         .build()
         .expect("runtime")
         .block_on(future)
+}
+
+/// A crash after the answer went on record and before the result: the resumed call follows
+/// the remote task — it never sends the first message again — and sends nothing the task
+/// already has.
+#[tokio::test]
+async fn a_call_resumed_after_its_answer_follows_the_task_without_sending_again() {
+    let Some(h) = Harness::new(Sdk::Python) else {
+        return;
+    };
+    let mut rec = h.recorder().await;
+    let mut call = h.envelope("1.0", "refund", json!({"message": "refund order 7"}));
+    let (q1, _) = asked(&h.handle(&mut rec, &call).await, "1.0");
+    call.resolution = Some(answer(&q1, ResolvedOutcome::Answered, "EU"));
+    {
+        // The answer is made durable before it is sent; the result, staged after it, is lost
+        // with the process.
+        let resumed = h.resumed().await;
+        let outcome = resumed
+            .handle_in_run(&call, &mut rec, &StateFacts::default(), &Default::default())
+            .await
+            .expect("handled");
+        assert!(executed(&outcome).ok);
+        rec.discard_staged();
+    }
+    let before = h.peer.seen().await.len();
+    let result = executed(
+        &h.resumed()
+            .await
+            .handle(&call, &mut rec, &StateFacts::default())
+            .await
+            .expect("handled"),
+    )
+    .clone();
+    assert_eq!(result.output["text"], "refund sent to EU", "{result:?}");
+    let after: Vec<String> = h.peer.seen().await[before..]
+        .iter()
+        .map(|r| r["method"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(after, ["GetTask"], "the task was looked at, nothing sent");
+}
+
+/// A runner that sends another call under a call id that already asked gets its own question:
+/// a person's answer to the first is not taken for it.
+#[tokio::test]
+async fn an_answer_never_answers_another_call_under_the_same_call_id() {
+    let Some(h) = Harness::new(Sdk::Python) else {
+        return;
+    };
+    let mut rec = h.recorder().await;
+    let mut first = h.envelope("1.0", "refund", json!({"message": "refund order 7"}));
+    let (q1, _) = asked(&h.handle(&mut rec, &first).await, "1.0");
+    first.resolution = Some(answer(&q1, ResolvedOutcome::Answered, "EU"));
+    let resumed = h.resumed().await;
+    let done = resumed
+        .handle(&first, &mut rec, &StateFacts::default())
+        .await
+        .expect("handled");
+    assert!(executed(&done).ok);
+
+    let mut other = h.envelope(
+        "1.0",
+        "refund",
+        json!({"message": "refund order 8 to my other account"}),
+    );
+    other.idempotency_key = "idem-1.0-again".into();
+    let resumed = h.resumed().await;
+    let asked_again = resumed
+        .handle(&other, &mut rec, &StateFacts::default())
+        .await
+        .expect("handled");
+    let (q_other, _) = asked(&asked_again, "1.0");
+    assert_ne!(q_other, q1);
+    let sent = h.peer.methods("/plain/rpc").await.len();
+    other.resolution = first.resolution.clone();
+    let resumed = h.resumed().await;
+    let still = resumed
+        .handle(&other, &mut rec, &StateFacts::default())
+        .await
+        .expect("handled");
+    assert_eq!(asked(&still, "1.0").0, q_other);
+    assert_eq!(
+        h.peer.methods("/plain/rpc").await.len(),
+        sent,
+        "the old answer was not sent"
+    );
 }

@@ -459,10 +459,66 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         refusal.contains("resolver must be the user making the change (alice@example.com)"),
         "unexpected refusal: {refusal}"
     );
+    // "answered" is for a remote agent's question only: the gateway would not take it here,
+    // and the Session would wait for good.
+    let answered = |call_id: &str, path: &str| {
+        let value =
+            json!({"callId": call_id, "outcome": "answered", "resolver": "alice@example.com", "note": "EU"});
+        let value = if path.ends_with('-') {
+            value
+        } else {
+            json!([value])
+        };
+        json!([{"op": "add", "path": path, "value": value}])
+    };
+    let refusal = session
+        .patch("alice@example.com", &answered("4.0", "/spec/resolutions"), false)
+        .await?
+        .err()
+        .context("alice answered a call that asked no question")?;
+    ensure!(
+        refusal.contains("a remote agent's question (status.unresolvedCall.forCall set) is answered"),
+        "unexpected refusal: {refusal}"
+    );
     session
         .patch("alice@example.com", &finding("4.0", "alice@example.com"), false)
         .await?
         .map_err(|refusal| anyhow::anyhow!("alice's own finding was refused: {refusal}"))?;
+    // A remote agent's question is answered or declined, never found to have acted.
+    set_pending(json!({"status": {"unresolvedCall": {
+        "callId": "6.0.q1-0a1b2c3d", "forCall": "6.0", "tool": "ask_billing", "arguments": "{}",
+        "reason": "the remote agent of ask_billing asks a question",
+    }}}))
+    .await?;
+    let acted = json!([{"op": "add", "path": "/spec/resolutions/-", "value":
+        {"callId": "6.0.q1-0a1b2c3d", "outcome": "acted", "resolver": "alice@example.com"}
+    }]);
+    let refusal = session
+        .patch("alice@example.com", &acted, false)
+        .await?
+        .err()
+        .context("alice found that a question acted")?;
+    ensure!(
+        refusal.contains("is answered (outcome answered, the answer in note) or declined"),
+        "unexpected refusal: {refusal}"
+    );
+    let empty = json!([{"op": "add", "path": "/spec/resolutions/-", "value":
+        {"callId": "6.0.q1-0a1b2c3d", "outcome": "answered", "resolver": "alice@example.com"}
+    }]);
+    let refusal = session
+        .patch("alice@example.com", &empty, false)
+        .await?
+        .err()
+        .context("alice answered with no answer")?;
+    ensure!(refusal.contains("set note"), "unexpected refusal: {refusal}");
+    session
+        .patch(
+            "alice@example.com",
+            &answered("6.0.q1-0a1b2c3d", "/spec/resolutions/-"),
+            false,
+        )
+        .await?
+        .map_err(|refusal| anyhow::anyhow!("alice's answer was refused: {refusal}"))?;
     check_promotion_approvals(env, namespace).await?;
     check_agent_promotion_approvals(env, namespace).await?;
     check_sandbox_images(env, namespace).await?;

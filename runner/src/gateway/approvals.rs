@@ -44,6 +44,10 @@ pub struct UnresolvedReport<'a> {
     /// See [`ApprovalRequest::arguments_digest`].
     pub arguments_digest: String,
     pub reason: &'a str,
+    /// For a remote agent's question (`call_id` is the question's id): the call it belongs
+    /// to. Absent otherwise, so a plain unresolved call signs as it always did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub for_call: Option<&'a str>,
 }
 
 impl Attested for UnresolvedReport<'_> {
@@ -149,6 +153,7 @@ mod tests {
             tool: "restart_deployment",
             arguments_digest: ApprovalRequest::digest_of(&serde_json::json!({"deployment": "api"})),
             reason: "interrupted",
+            for_call: None,
         };
         let signature = report.sign(&key);
         assert!(report.verify(&key.public(), &signature));

@@ -28,6 +28,9 @@ pub struct Started {
     pub asked: u32,
     /// The question its remote agent waits on a person to answer, if it does.
     pub waiting: Option<Question>,
+    /// The question a person answered last, and the answer, once the answer is on record: it
+    /// may or may not have reached the remote agent.
+    pub answered: Option<(Question, String)>,
 }
 
 /// A remote agent's question, as recorded.
@@ -39,9 +42,12 @@ pub struct Question {
     pub text: String,
 }
 
-/// The id of the `n`-th question (from 1) of call `call_id`.
-pub fn question_id(call_id: &str, n: u32) -> String {
-    format!("{call_id}.q{n}")
+/// The id of the `n`-th question (from 1) of call `call_id` whose hash is `call_hash`: a
+/// person's answer names it, and answers nothing else — not another run's call, nor a call
+/// sent later under the same call id.
+pub fn question_id(call_id: &str, call_hash: &str, n: u32) -> String {
+    let short: String = call_hash.chars().take(8).collect();
+    format!("{call_id}.q{n}-{short}")
 }
 
 /// What to do with a call that started before.
@@ -56,17 +62,30 @@ pub enum Resumption {
     /// Its remote agent asked a question and waits for a person's answer: nothing ran since,
     /// wherever the call was carried.
     AwaitingInput(Question),
+    /// A person's answer is on record and may have reached the remote agent: follow its task,
+    /// and send the answer only if the task still waits on that question.
+    FollowAnswer { question: Question, answer: String },
 }
 
 /// Decides what to do with `started`, a call of `tool` (pure).
 pub fn resumption(tool: &Tool, started: &Started, now_ms: i64, others_may_run: bool) -> Resumption {
-    if let Some(question) = &started.waiting {
-        return Resumption::AwaitingInput(question.clone());
-    }
     let deadline = started
         .at_ms
         .saturating_add(i64::from(tool.timeout_seconds).saturating_mul(1000))
         .saturating_add(GRACE_MS);
+    if let Some(question) = &started.waiting {
+        return Resumption::AwaitingInput(question.clone());
+    }
+    if let Some((question, answer)) = &started.answered {
+        // `at_ms` is when the answer went on record: the executor sending it may be at work.
+        if others_may_run && now_ms < deadline {
+            return Resumption::InProgress;
+        }
+        return Resumption::FollowAnswer {
+            question: question.clone(),
+            answer: answer.clone(),
+        };
+    }
     if others_may_run && now_ms < deadline {
         return Resumption::InProgress;
     }
@@ -106,6 +125,7 @@ impl Intents {
                         at_ms: entry.at_ms,
                         asked: 0,
                         waiting: None,
+                        answered: None,
                     },
                 )
             };
@@ -140,6 +160,7 @@ impl Intents {
                     question_id,
                     task,
                     question,
+                    ..
                 } => {
                     if let Some(call) = key_of(call_id).and_then(|(key, _)| started.get_mut(&key)) {
                         call.asked += 1;
@@ -150,11 +171,20 @@ impl Intents {
                         });
                     }
                 }
-                // Answered or declined: the answer is on its way (or the task is being
-                // cancelled); what happens after that is the call's, as for any started call.
-                EntryBody::CallResolved { call_id, .. } => {
-                    if let Some(call) = key_of(call_id).and_then(|(key, _)| started.get_mut(&key)) {
-                        call.waiting = None;
+                // Answered: the answer is on its way, from when it went on record. Declined: the
+                // call's result comes in the same write.
+                EntryBody::CallResolved {
+                    call_id,
+                    outcome,
+                    note,
+                    ..
+                } => {
+                    if let Some(call) = key_of(call_id).and_then(|(key, _)| started.get_mut(&key))
+                        && let Some(question) = call.waiting.take()
+                        && *outcome == contextos_crds::session::ResolvedOutcome::Answered
+                    {
+                        call.answered = Some((question, note.clone().unwrap_or_default()));
+                        call.at_ms = entry.at_ms;
                     }
                 }
                 _ => {}
@@ -199,6 +229,7 @@ mod tests {
             at_ms: 1_000,
             asked: 0,
             waiting: None,
+            answered: None,
         };
         let late = 1_000 + 10_000 + GRACE_MS;
         assert_eq!(
@@ -268,9 +299,10 @@ mod tests {
                 2,
                 EntryBody::RemoteInputRequired {
                     call_id: "4.0".into(),
-                    question_id: question_id("4.0", 1),
+                    question_id: question_id("4.0", "h", 1),
                     task,
                     question: "Which region?".into(),
+                    cost: None,
                 },
             ),
         ]);
@@ -281,11 +313,12 @@ mod tests {
         for others in [false, true] {
             assert!(matches!(
                 resumption(&tool, &started, 1_500, others),
-                Resumption::AwaitingInput(q) if q.id == "4.0.q1" && q.text == "Which region?"
+                Resumption::AwaitingInput(q) if q.id == "4.0.q1-h" && q.text == "Which region?"
             ));
         }
-        // Once answered, it is a started call like any other (its answer may have been sent).
-        intents.fold(&[entry(
+        // Once answered, the answer may have been sent: its task is followed (never the first
+        // message sent again), after the executor sending it had its time.
+        let mut answered = entry(
             3,
             EntryBody::CallResolved {
                 call_id: "4.0".into(),
@@ -293,9 +326,20 @@ mod tests {
                 resolver: "alice".into(),
                 note: Some("EU".into()),
             },
-        )]);
+        );
+        answered.at_ms = 50_000;
+        intents.fold(&[answered]);
         let started = intents.started("k").expect("started");
-        assert_eq!((started.asked, started.waiting.clone()), (1, None));
-        assert_eq!(resumption(&tool, &started, 100_000, false), Resumption::Retry);
+        assert_eq!(
+            (started.asked, started.waiting.clone(), started.at_ms),
+            (1, None, 50_000)
+        );
+        assert_eq!(resumption(&tool, &started, 51_000, true), Resumption::InProgress);
+        for others in [false, true] {
+            assert!(matches!(
+                resumption(&tool, &started, 100_000, others),
+                Resumption::FollowAnswer { question, answer } if question.id == "4.0.q1-h" && answer == "EU"
+            ));
+        }
     }
 }

@@ -79,6 +79,10 @@ pub enum CallOutcome {
         /// For a remote agent's question: the call it belongs to.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         for_call: Option<String>,
+        /// What the call cost, for its first question: a priced call is charged once it went
+        /// out, and a question means it did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost: Option<crate::pricing::TurnCost>,
     },
     /// Started moments ago by another executor (a gateway replica) and not finished yet.
     InProgress { call_id: String },
@@ -94,6 +98,21 @@ pub enum CallOutcome {
         attestation: Option<String>,
     },
 }
+
+impl CallOutcome {
+    /// What this outcome charges: a result's cost, or a first question's.
+    pub fn cost(&self) -> Option<&crate::pricing::TurnCost> {
+        match self {
+            Self::Executed(result) => result.cost.as_ref(),
+            Self::OutcomeUnknown { cost, .. } => cost.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// A call whose remote agent keeps asking is ended after this many questions (its task
+/// cancelled): a Session holds at most 16 resolutions, and people have better things to do.
+pub const MAX_QUESTIONS: u32 = 4;
 
 /// Errors that stop the gateway from deciding at all (the call is not executed).
 #[derive(Debug, thiserror::Error)]
@@ -659,6 +678,19 @@ impl ToolGateway {
             intents::Resumption::AwaitingInput(question) => Ok(self
                 .answer_question(call, tool, started, question, recorder)
                 .await?),
+            intents::Resumption::FollowAnswer { question, answer } => {
+                let turn = adapters::a2a::Turn::Answer {
+                    task: &question.task,
+                    text: &answer,
+                    asked: &question.text,
+                    question: started.asked,
+                    resent: true,
+                };
+                let sent = self.send(call, tool, turn).await;
+                Ok(self
+                    .conclude(call, tool, sent.acted(), started.asked, recorder)
+                    .await)
+            }
             intents::Resumption::InProgress => {
                 recorder.discard_staged();
                 Ok(CallOutcome::InProgress {
@@ -700,6 +732,7 @@ impl ToolGateway {
                         tool: &call.tool,
                         arguments_digest: approvals::ApprovalRequest::digest_of(&call.arguments),
                         reason: &reason,
+                        for_call: None,
                     }
                     .sign(key)
                 });
@@ -708,6 +741,7 @@ impl ToolGateway {
                     reason,
                     attestation,
                     for_call: None,
+                    cost: None,
                 })
             }
         }
@@ -955,7 +989,7 @@ impl ToolGateway {
             return CallOutcome::Executed(self.carry_out_memory(call, memory.operation, recorder).await);
         }
         let sent = self.send(call, tool, adapters::a2a::Turn::First).await;
-        self.conclude(call, tool, sent, asked, recorder)
+        self.conclude(call, tool, sent, asked, recorder).await
     }
 
     /// Sends one turn of a call — retrying where that is safe — and says how it went.
@@ -996,8 +1030,9 @@ impl ToolGateway {
     }
 
     /// Records how a sent call ended: its result, or its remote agent's question (the call
-    /// then waits for a person; its result comes with the answer).
-    fn conclude<S: RecordStore>(
+    /// then waits for a person; its result comes with the answer). `asked` is how many
+    /// questions it asked before.
+    async fn conclude<S: RecordStore>(
         &self,
         call: &CallEnvelope,
         tool: &CatalogTool,
@@ -1007,16 +1042,21 @@ impl ToolGateway {
     ) -> CallOutcome {
         // A priced tool's call costs its price once it may have been sent, whatever it
         // answered; refused before anything left (circuit open, destination refused), nothing.
+        // A call that asked a question was charged with its first one.
         let cost = tool
             .price
             .as_ref()
-            .filter(|_| sent.may_have_acted)
+            .filter(|_| sent.may_have_acted && asked == 0)
             .map(crate::pricing::PinnedToolPrice::cost);
         let attempts = sent.attempts;
-        let result = match sent.outcome {
-            Ok(adapters::Reply::Asks(question)) => {
+        let outcome = match sent.outcome {
+            Ok(adapters::Reply::Asks(question)) if asked < MAX_QUESTIONS => {
                 let question = intents::Question {
-                    id: intents::question_id(&call.call_id, asked + 1),
+                    id: intents::question_id(
+                        &call.call_id,
+                        &call.call_hash(&self.policy_digests()),
+                        asked + 1,
+                    ),
                     task: question.task,
                     text: question.text,
                 };
@@ -1025,10 +1065,28 @@ impl ToolGateway {
                     question_id: question.id.clone(),
                     task: question.task.clone(),
                     question: question.text.clone(),
+                    cost: cost.clone(),
                 });
-                return self.ask_person(call, &question);
+                let mut asking = self.ask_person(call, &question);
+                if let CallOutcome::OutcomeUnknown { cost: charged, .. } = &mut asking {
+                    *charged = cost;
+                }
+                return asking;
             }
-            Ok(adapters::Reply::Done(response)) => ToolResultRecord {
+            Ok(adapters::Reply::Asks(question)) => {
+                let cancelled = self.cancel_remote(call, tool, &question.task).await;
+                Err(AdapterError::ToolFailed(format!(
+                    "the remote agent asked question {} of a call that may ask {MAX_QUESTIONS}; its task {} {}",
+                    asked + 1,
+                    question.task.task_id,
+                    cancelled_or_not(cancelled)
+                )))
+            }
+            Ok(adapters::Reply::Done(response)) => Ok(response),
+            Err(error) => Err(error),
+        };
+        let result = match outcome {
+            Ok(response) => ToolResultRecord {
                 call_id: call.call_id.clone(),
                 ok: true,
                 output: response.body,
@@ -1059,12 +1117,37 @@ impl ToolGateway {
         CallOutcome::Executed(self.settle_result(call, result, recorder))
     }
 
+    /// Asks a remote agent to cancel `task` (where egress allows); whether it confirmed.
+    async fn cancel_remote(
+        &self,
+        call: &CallEnvelope,
+        tool: &CatalogTool,
+        task: &adapters::a2a::RemoteTask,
+    ) -> bool {
+        let Some(a2a) = tool.spec.adapter.a2a.as_ref() else {
+            return false;
+        };
+        let mut remote = a2a.clone();
+        remote.url = self.effective_url(&a2a.url);
+        if let Some(guard) = &self.egress
+            && guard.check_resolved(&remote.url).await.is_err()
+        {
+            return false;
+        }
+        let ctx = self.call_context(call, tool);
+        let rewrite = |url: &str| self.effective_url(url);
+        fair::away(self.a2a.cancel(&remote, &rewrite, task, &ctx)).await
+    }
+
     /// The pause for a remote agent's question: the person who resolves it is shown the
-    /// question and the call (signed by the gateway service, like any unresolved call).
+    /// call and, quoted, the question (signed by the gateway service, like any unresolved
+    /// call). What to do comes first, so nothing the remote agent writes reads as the
+    /// gateway's instructions.
     fn ask_person(&self, call: &CallEnvelope, question: &intents::Question) -> CallOutcome {
+        let task: String = question.task.task_id.chars().take(64).collect();
         let reason = format!(
-            "the remote agent of {} asks (task {}): {} — answer it with a resolution naming {} with outcome answered and the answer as its note, or decline it with outcome did_not_act (the remote task is then cancelled)",
-            call.tool, question.task.task_id, question.text, question.id
+            "the remote agent of {} asks a question (task {task}); answer it with a resolution naming {} with outcome answered and the answer as its note, or decline it with outcome did_not_act (its task is then cancelled). It asks: {:?}",
+            call.tool, question.id, question.text
         );
         let attestation = self.attesting_key.as_ref().map(|key| {
             approvals::UnresolvedReport {
@@ -1073,6 +1156,7 @@ impl ToolGateway {
                 tool: &call.tool,
                 arguments_digest: approvals::ApprovalRequest::digest_of(&call.arguments),
                 reason: &reason,
+                for_call: Some(&call.call_id),
             }
             .sign(key)
         });
@@ -1081,6 +1165,7 @@ impl ToolGateway {
             reason,
             attestation,
             for_call: Some(call.call_id.clone()),
+            cost: None,
         }
     }
 
@@ -1095,8 +1180,7 @@ impl ToolGateway {
         recorder: &mut Recorder<'_, S>,
     ) -> Result<CallOutcome, GatewayError> {
         use contextos_crds::session::ResolvedOutcome;
-        let resolution = call.resolution.as_ref().filter(|r| r.call_id == question.id);
-        let (Some(resolution), Some(a2a)) = (resolution, tool.spec.adapter.a2a.as_ref()) else {
+        let Some(resolution) = call.resolution.as_ref().filter(|r| r.call_id == question.id) else {
             return Ok(self.ask_person(call, &question));
         };
         let resolved = EntryBody::CallResolved {
@@ -1107,27 +1191,24 @@ impl ToolGateway {
         };
         match (resolution.outcome, resolution.note.as_deref()) {
             (ResolvedOutcome::Answered, Some(answer)) if !answer.is_empty() => {
-                // The answer is on record before it is sent: after a crash the call is a
-                // started call whose answer may have gone, never a question to answer twice.
+                // The answer is on record before it is sent: after a crash the call's task is
+                // followed (see `intents::Resumption::FollowAnswer`), never asked again.
                 recorder.stage(resolved);
                 recorder.flush_exclusive().await?;
                 let turn = adapters::a2a::Turn::Answer {
                     task: &question.task,
                     text: answer,
+                    asked: &question.text,
                     question: started.asked,
+                    resent: false,
                 };
                 let sent = self.send(call, tool, turn).await;
-                Ok(self.conclude(call, tool, sent.acted(), started.asked, recorder))
+                Ok(self
+                    .conclude(call, tool, sent.acted(), started.asked, recorder)
+                    .await)
             }
             (ResolvedOutcome::DidNotAct, _) => {
-                let mut remote = a2a.clone();
-                remote.url = self.effective_url(&a2a.url);
-                let allowed = match &self.egress {
-                    Some(guard) => guard.check_resolved(&remote.url).await.is_ok(),
-                    None => true,
-                };
-                let ctx = self.call_context(call, tool);
-                let cancelled = allowed && self.a2a.cancel(&remote, &question.task, &ctx).await;
+                let cancelled = self.cancel_remote(call, tool, &question.task).await;
                 recorder.stage(resolved);
                 let result = ToolResultRecord {
                     call_id: started.call_id.clone(),
@@ -1142,19 +1223,17 @@ impl ToolGateway {
                             .map(|n| format!(" ({n})"))
                             .unwrap_or_default(),
                         question.task.task_id,
-                        if cancelled {
-                            "was cancelled"
-                        } else {
-                            "could not be cancelled (the remote agent did not confirm)"
-                        }
+                        cancelled_or_not(cancelled)
                     )),
                     attempts: 0,
                     truncated: false,
-                    // The call went out when it first asked.
-                    cost: tool.price.as_ref().map(crate::pricing::PinnedToolPrice::cost),
+                    // Charged when it first asked.
+                    cost: None,
                 };
                 Ok(CallOutcome::Executed(self.settle_result(call, result, recorder)))
             }
+            // Admission refuses other findings on a question; one that got through (or an
+            // empty answer) is not an answer: the question stands.
             _ => Ok(self.ask_person(call, &question)),
         }
     }
@@ -1388,7 +1467,8 @@ impl ToolGateway {
             Route::A2a(a2a) => {
                 let mut a2a = a2a.clone();
                 a2a.url = self.effective_url(&a2a.url);
-                Box::pin(self.a2a.call(&a2a, args, &ctx, turn)).await
+                let rewrite = |url: &str| self.effective_url(url);
+                Box::pin(self.a2a.call(&a2a, &rewrite, args, &ctx, turn)).await
             }
         };
         // Only failures that say something about the endpoint's health count against it.
@@ -1463,6 +1543,15 @@ fn resolved_result(
             truncated: false,
             cost: None,
         },
+    }
+}
+
+/// How a cancelled remote task is reported.
+fn cancelled_or_not(cancelled: bool) -> &'static str {
+    if cancelled {
+        "was cancelled"
+    } else {
+        "could not be cancelled (the remote agent did not confirm)"
     }
 }
 

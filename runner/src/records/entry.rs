@@ -201,6 +201,10 @@ pub enum EntryBody {
         question_id: String,
         task: crate::gateway::adapters::a2a::RemoteTask,
         question: String,
+        /// The call's price, with its first question: it went out (its result then costs
+        /// nothing more).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost: Option<crate::pricing::TurnCost>,
     },
     /// A human approved it.
     ApprovalGranted {

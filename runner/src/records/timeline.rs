@@ -159,6 +159,7 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
             question_id,
             task,
             question,
+            ..
         } => (
             "gateway",
             format!(

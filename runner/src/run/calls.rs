@@ -90,6 +90,7 @@ impl<S: RecordStore> Harness<'_, S> {
                     reason,
                     attestation,
                     for_call,
+                    ..
                 } => {
                     // The call stays pending: a human's resolution answers it next attempt.
                     return Ok(Owned::OutcomeUnknown(UnresolvedCall {

@@ -203,6 +203,14 @@ impl PodReport {
             awaiting.arguments = serde_json::Value::String("(cut; see the record)".into());
             awaiting.reason = awaiting.reason.chars().take(160).collect();
         }
+        // Its reason is signed and stays whole (the gateway keeps it short); the arguments
+        // are shown by their digest.
+        if let Some(unresolved) = &mut self.unresolved {
+            if unresolved.arguments_digest.is_none() {
+                unresolved.arguments_digest = Some(ApprovalRequest::digest_of(&unresolved.arguments));
+            }
+            unresolved.arguments = serde_json::Value::String("(cut; see the record)".into());
+        }
         if size(self) > MESSAGE_LIMIT {
             self.message = None;
         }

@@ -774,6 +774,7 @@ async fn attested_unresolved(
             .clone()
             .unwrap_or_else(|| ApprovalRequest::digest_of(&unresolved.arguments)),
         reason: &unresolved.reason,
+        for_call: unresolved.for_call.as_deref(),
     };
     signed_by_gateway(ctx, session, &report, unresolved.attestation.as_deref()).await
 }

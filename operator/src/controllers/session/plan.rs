@@ -280,10 +280,16 @@ fn awaiting_resolution(observed: &Observed, ended: &Ended, report: &PodReport, u
         } else {
             ""
         };
-        format!(
-            "{refusal}the outcome of {} (call {}) is unknown: {}; once you know whether it acted, add {{callId: {}, outcome: acted|did_not_act, resolver: <you>, note: <what you found>}} to spec.resolutions",
-            u.tool, u.call_id, u.reason, u.call_id
-        )
+        match &u.for_call {
+            Some(call) => format!(
+                "{refusal}{} (call {call}) waits on a person: {}; add {{callId: {}, outcome: answered, resolver: <you>, note: <your answer>}} to spec.resolutions, or outcome did_not_act to decline",
+                u.tool, u.reason, u.call_id
+            ),
+            None => format!(
+                "{refusal}the outcome of {} (call {}) is unknown: {}; once you know whether it acted, add {{callId: {}, outcome: acted|did_not_act, resolver: <you>, note: <what you found>}} to spec.resolutions",
+                u.tool, u.call_id, u.reason, u.call_id
+            ),
+        }
     });
     Step::Report {
         update: Box::new(
@@ -388,6 +394,7 @@ fn unresolved_status(unresolved: &UnresolvedCall) -> UnresolvedCallStatus {
         tool: unresolved.tool.clone(),
         arguments: unresolved.arguments.to_string().chars().take(4096).collect(),
         reason: unresolved.reason.clone(),
+        for_call: unresolved.for_call.clone(),
     }
 }
 
@@ -458,6 +465,7 @@ mod tests {
                 tool: "post_status_update".into(),
                 arguments: "{}".into(),
                 reason: "earlier".into(),
+                for_call: None,
             }),
             ..Default::default()
         };

@@ -287,6 +287,7 @@ mod tests {
                         tool: "t".into(),
                         arguments: String::new(),
                         reason: String::new(),
+                        for_call: None,
                     }),
                     ..Default::default()
                 },

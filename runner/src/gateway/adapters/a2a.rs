@@ -45,8 +45,10 @@ const CARD_TTL: Duration = Duration::from_secs(60);
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest remote id (task, context) accepted.
 const ID_MAX_CHARS: usize = 256;
-/// Longest question shown to a person; the rest is cut.
-pub const QUESTION_MAX_CHARS: usize = 2048;
+/// Longest question shown to a person, in bytes; the rest is cut. It travels in the runner's
+/// report inside a signed reason, which cannot be shortened later, so it stays well within a
+/// termination message whatever it is made of.
+pub const QUESTION_MAX_BYTES: usize = 300;
 const FIRST_POLL: Duration = Duration::from_millis(100);
 const LONGEST_POLL: Duration = Duration::from_secs(2);
 
@@ -57,9 +59,15 @@ pub enum Turn<'a> {
     First,
     Answer {
         task: &'a RemoteTask,
+        /// The answer.
         text: &'a str,
+        /// The question it answers, as recorded.
+        asked: &'a str,
         /// Which question of the call this answers (1 for the first), for the message id.
         question: u32,
+        /// The answer may have been sent before (a resumed call): look at the task first, and
+        /// send the answer only if the task still waits on this very question.
+        resent: bool,
     },
 }
 
@@ -74,7 +82,7 @@ pub struct RemoteTask {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteQuestion {
     pub task: RemoteTask,
-    /// What it asks, as text (cut at [`QUESTION_MAX_CHARS`]).
+    /// What it asks, as one line of text (see [`question_text`]).
     pub text: String,
 }
 
@@ -95,76 +103,58 @@ impl A2aClient {
     }
 
     /// Sends one turn of a call to the agent at `adapter.url` (already rewritten by any
-    /// endpoint override) and follows its task until it ends, asks, or `ctx.timeout` passes.
+    /// endpoint override; `rewrite` applies the same override to the endpoint the card names)
+    /// and follows its task until it ends, asks, or `ctx.timeout` passes. Once the task exists,
+    /// a call that fails for any reason cancels it: a failed call must not act later.
     pub async fn call(
         &self,
         adapter: &A2aAdapter,
+        rewrite: &(dyn Fn(&str) -> String + Sync),
         args: &Value,
         ctx: &CallContext,
         turn: Turn<'_>,
     ) -> Result<Reply, AdapterError> {
         let deadline = Instant::now() + ctx.timeout;
         let card = self.card(&adapter.url, ctx).await?;
-        let endpoint = card.check(adapter)?;
-        let message = message(args, ctx, turn, adapter.skill.as_deref());
-        let cap = ctx.max_response_bytes;
+        let endpoint = card.check(adapter, rewrite)?;
         let rpc = Rpc {
             http: &self.http,
             endpoint: &endpoint,
             ctx,
-            cap,
+            cap: ctx.max_response_bytes,
         };
-        let mut progress = Progress::default();
-        let mut budget = cap;
-        if card.streaming {
-            let params = json!({"message": message, "configuration": configuration(false)});
-            rpc.stream(&params, deadline, &mut budget, &mut progress).await?;
-        } else {
-            // Answered as soon as the task exists, so its id is known and it can be cancelled
-            // when the timeout passes; then followed by polling.
-            let params = json!({"message": message, "configuration": configuration(true)});
-            let result = rpc.send("SendMessage", &params, deadline, &mut budget).await?;
-            progress.absorb(&result)?;
+        let mut progress = Progress::for_turn(turn);
+        let sent = rpc
+            .follow(
+                &card,
+                args,
+                adapter.skill.as_deref(),
+                turn,
+                deadline,
+                &mut progress,
+            )
+            .await;
+        if sent.is_err()
+            && let Some(task) = &progress.task_id
+        {
+            self.cancel_task(&endpoint, task, ctx).await;
         }
-        // Followed by polling when the answer came back before the task ended (a stream that
-        // closed early, or an agent that answers at once).
-        let mut pause = FIRST_POLL;
-        loop {
-            if let Some(reply) = progress.settled()? {
-                return Ok(reply);
-            }
-            let Some(task) = progress.task_id.clone() else {
-                return Err(AdapterError::Protocol(
-                    "the remote agent answered with neither a finished task nor a message".into(),
-                ));
-            };
-            if Instant::now() + pause >= deadline {
-                self.cancel_task(&endpoint, &task, ctx).await;
-                return Err(AdapterError::Timeout(ctx.timeout));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(LONGEST_POLL);
-            let result = rpc
-                .send("GetTask", &json!({"id": task}), deadline, &mut budget)
-                .await;
-            match result {
-                Ok(result) => progress.absorb(&json!({"task": result}))?,
-                Err(AdapterError::Timeout(_)) => {
-                    self.cancel_task(&endpoint, &task, ctx).await;
-                    return Err(AdapterError::Timeout(ctx.timeout));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        sent
     }
 
     /// Asks the agent at `adapter.url` to cancel `task` (a person declined its question).
     /// Whether it did is the answer: `false` when it could not be asked or said no.
-    pub async fn cancel(&self, adapter: &A2aAdapter, task: &RemoteTask, ctx: &CallContext) -> bool {
+    pub async fn cancel(
+        &self,
+        adapter: &A2aAdapter,
+        rewrite: &(dyn Fn(&str) -> String + Sync),
+        task: &RemoteTask,
+        ctx: &CallContext,
+    ) -> bool {
         let Ok(card) = self.card(&adapter.url, ctx).await else {
             return false;
         };
-        let Ok(endpoint) = card.check(adapter) else {
+        let Ok(endpoint) = card.check(adapter, rewrite) else {
             return false;
         };
         self.cancel_task(&endpoint, &task.task_id, ctx).await
@@ -177,9 +167,8 @@ impl A2aClient {
             ctx,
             cap: 64 * 1024,
         };
-        let mut budget = 64 * 1024;
         let deadline = Instant::now() + CANCEL_TIMEOUT;
-        rpc.send("CancelTask", &json!({"id": task}), deadline, &mut budget)
+        rpc.send("CancelTask", &json!({"id": task}), None, deadline)
             .await
             .is_ok()
     }
@@ -251,8 +240,13 @@ pub struct Card {
 }
 
 impl Card {
-    /// The endpoint to call, once what the Agent declared holds against the card (pure).
-    pub fn check(&self, adapter: &A2aAdapter) -> Result<String, AdapterError> {
+    /// The endpoint to call, once what the Agent declared holds against the card (pure):
+    /// `rewrite` is the endpoint override the adapter's URL went through.
+    pub fn check(
+        &self,
+        adapter: &A2aAdapter,
+        rewrite: &dyn Fn(&str) -> String,
+    ) -> Result<String, AdapterError> {
         let Some(endpoint) = &self.jsonrpc else {
             return Err(AdapterError::Refused(format!(
                 "the agent at {} offers no JSON-RPC interface of A2A 1.x (it offers: {})",
@@ -264,9 +258,10 @@ impl Card {
                 }
             )));
         };
-        if origin(endpoint) != origin(&self.base) {
+        let endpoint = rewrite(endpoint);
+        if !within(&endpoint, &self.base) {
             return Err(AdapterError::Refused(format!(
-                "the agent card at {} sends calls to {endpoint}, another origin than the adapter's URL; only the URL the Agent names is reached",
+                "the agent card at {} sends calls to {endpoint}, which is not below the adapter's URL (same scheme, host, port and path); only the URL the Agent names is reached",
                 self.base
             )));
         }
@@ -297,7 +292,7 @@ impl Card {
                 adapter.risk_ceiling.as_str()
             )));
         }
-        Ok(endpoint.clone())
+        Ok(endpoint)
     }
 }
 
@@ -402,14 +397,26 @@ impl CardJson {
     }
 }
 
-/// `scheme://host:port` of a URL, for the same-origin check.
-fn origin(url: &str) -> Option<(String, String, u16)> {
-    let url = reqwest::Url::parse(url).ok()?;
-    Some((
-        url.scheme().to_owned(),
-        url.host_str()?.to_ascii_lowercase(),
-        url.port_or_known_default()?,
-    ))
+/// Whether `endpoint` is on `base`'s scheme, host and port, at or below its path, with no
+/// user info (pure).
+fn within(endpoint: &str, base: &str) -> bool {
+    let (Ok(endpoint), Ok(base)) = (reqwest::Url::parse(endpoint), reqwest::Url::parse(base)) else {
+        return false;
+    };
+    let origin = |u: &reqwest::Url| {
+        Some((
+            u.scheme().to_owned(),
+            u.host_str()?.to_ascii_lowercase(),
+            u.port_or_known_default()?,
+        ))
+    };
+    let path = base.path().trim_end_matches('/');
+    let below = endpoint.path() == path || endpoint.path().starts_with(&format!("{path}/"));
+    origin(&endpoint).is_some()
+        && origin(&endpoint) == origin(&base)
+        && endpoint.username().is_empty()
+        && endpoint.password().is_none()
+        && below
 }
 
 fn configuration(return_immediately: bool) -> Value {
@@ -437,20 +444,29 @@ fn message(args: &Value, ctx: &CallContext, turn: Turn<'_>, skill: Option<&str>)
             }
             parts.push(json!({"data": args}));
             json!({
-                "messageId": ctx.idempotency_key,
+                "messageId": message_id(ctx, turn),
                 "role": "ROLE_USER",
                 "parts": parts,
                 "metadata": metadata,
             })
         }
-        Turn::Answer { task, text, question } => json!({
-            "messageId": format!("{}.a{question}", ctx.idempotency_key),
+        Turn::Answer { task, text, .. } => json!({
+            "messageId": message_id(ctx, turn),
             "role": "ROLE_USER",
             "taskId": task.task_id,
             "contextId": task.context_id,
             "parts": [{"text": text}],
             "metadata": metadata,
         }),
+    }
+}
+
+/// The id of a turn's message: the call's idempotency key for its first, and one per answer, so
+/// a turn sent again is the same message.
+fn message_id(ctx: &CallContext, turn: Turn<'_>) -> String {
+    match turn {
+        Turn::First => ctx.idempotency_key.clone(),
+        Turn::Answer { question, .. } => format!("{}.a{question}", ctx.idempotency_key),
     }
 }
 
@@ -463,7 +479,75 @@ struct Rpc<'a> {
 }
 
 impl Rpc<'_> {
-    fn request(&self, method: &str, params: &Value, deadline: Instant) -> reqwest::RequestBuilder {
+    /// Sends `turn` (unless it is an answer the task already has) and follows the task until
+    /// it ends or asks, folding what is heard into `progress`.
+    async fn follow(
+        &self,
+        card: &Card,
+        args: &Value,
+        skill: Option<&str>,
+        turn: Turn<'_>,
+        deadline: Instant,
+        progress: &mut Progress,
+    ) -> Result<Reply, AdapterError> {
+        let mut send = true;
+        if let Turn::Answer {
+            task,
+            asked,
+            resent: true,
+            ..
+        } = turn
+        {
+            // Only a task still waiting on this question lacks the answer.
+            let current = self
+                .send("GetTask", &get_task(&task.task_id), None, deadline)
+                .await?;
+            progress.absorb(&json!({"task": current}))?;
+            send = progress.state == Some(TaskState::InputRequired) && progress.said() == asked;
+        }
+        if send {
+            let message = message(args, self.ctx, turn, skill);
+            let id = message_id(self.ctx, turn);
+            if card.streaming {
+                let params = json!({"message": message, "configuration": configuration(false)});
+                self.stream(&params, &id, deadline, progress).await?;
+            } else {
+                // Answered as soon as the task exists, so its id is known and it can be
+                // cancelled when the timeout passes; then followed by polling.
+                let params = json!({"message": message, "configuration": configuration(true)});
+                let result = self.send("SendMessage", &params, Some(&id), deadline).await?;
+                progress.absorb(&result)?;
+            }
+        }
+        // Followed by polling when the answer came back before the task ended (a stream that
+        // closed early, or an agent that answers at once).
+        let mut pause = FIRST_POLL;
+        loop {
+            if let Some(reply) = progress.settled()? {
+                return Ok(reply);
+            }
+            let Some(task) = progress.task_id.clone() else {
+                return Err(AdapterError::Protocol(
+                    "the remote agent answered with neither a finished task nor a message".into(),
+                ));
+            };
+            if Instant::now() + pause >= deadline {
+                return Err(AdapterError::Timeout(self.ctx.timeout));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LONGEST_POLL);
+            let current = self.send("GetTask", &get_task(&task), None, deadline).await?;
+            progress.absorb(&json!({"task": current}))?;
+        }
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        params: &Value,
+        key: Option<&str>,
+        deadline: Instant,
+    ) -> reqwest::RequestBuilder {
         let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
         let mut request = self
             .http
@@ -475,33 +559,35 @@ impl Rpc<'_> {
             )
             .header("content-type", "application/json")
             .header("a2a-version", PROTOCOL_VERSION)
-            .header("idempotency-key", &self.ctx.idempotency_key)
             .header("traceparent", &self.ctx.traceparent)
             .body(serde_json::to_vec(&body).unwrap_or_default());
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
         if let Some(token) = &self.ctx.bearer_token {
             request = request.bearer_auth(token);
         }
         request
     }
 
-    /// One request and its `result`; `budget` is what is left of the call's byte bound.
+    /// One request and its `result`, its answer bounded by the call's byte cap. `key` is the
+    /// idempotency key of a request that sends a message.
     async fn send(
         &self,
         method: &str,
         params: &Value,
+        key: Option<&str>,
         deadline: Instant,
-        budget: &mut usize,
     ) -> Result<Value, AdapterError> {
         let response = self
-            .request(method, params, deadline)
+            .request(method, params, key, deadline)
             .send()
             .await
             .map_err(|e| classify(self.endpoint, self.ctx, &e))?;
         let status = response.status().as_u16();
-        let bytes = read_bounded(response, *budget, self.endpoint, self.ctx)
+        let bytes = read_bounded(response, self.cap, self.endpoint, self.ctx)
             .await?
             .ok_or_else(|| self.too_large())?;
-        *budget = budget.saturating_sub(bytes.len());
         if !(200..300).contains(&status) {
             return Err(AdapterError::Status {
                 status,
@@ -514,16 +600,16 @@ impl Rpc<'_> {
     }
 
     /// `SendStreamingMessage`, folding each event into `progress` until the task ends, asks,
-    /// or the stream closes.
+    /// or the stream closes; the whole stream is bounded by the call's byte cap.
     async fn stream(
         &self,
         params: &Value,
+        key: &str,
         deadline: Instant,
-        budget: &mut usize,
         progress: &mut Progress,
     ) -> Result<(), AdapterError> {
         let mut response = self
-            .request("SendStreamingMessage", params, deadline)
+            .request("SendStreamingMessage", params, Some(key), deadline)
             .header("accept", "text/event-stream")
             .send()
             .await
@@ -539,6 +625,7 @@ impl Rpc<'_> {
             });
         }
         let mut events = SseEvents::default();
+        let mut budget = self.cap;
         loop {
             let chunk = match response.chunk().await {
                 Ok(Some(chunk)) => chunk,
@@ -548,10 +635,10 @@ impl Rpc<'_> {
                 Err(_) if progress.task_id.is_some() => return Ok(()),
                 Err(e) => return Err(classify(self.endpoint, self.ctx, &e)),
             };
-            if chunk.len() > *budget {
+            if chunk.len() > budget {
                 return Err(self.too_large());
             }
-            *budget -= chunk.len();
+            budget -= chunk.len();
             for data in events.push(&chunk) {
                 let reply: Value = serde_json::from_str(&data).map_err(|e| {
                     AdapterError::Protocol(format!("SendStreamingMessage: an event is not JSON-RPC: {e}"))
@@ -570,6 +657,11 @@ impl Rpc<'_> {
             self.cap
         ))
     }
+}
+
+/// `GetTask`'s parameters: the task without its history (the arguments, again and again).
+fn get_task(task: &str) -> Value {
+    json!({"id": task, "historyLength": 0})
 }
 
 /// The `result` of a JSON-RPC answer, or its error as the adapter's.
@@ -594,13 +686,23 @@ fn result_of(method: &str, mut reply: Value) -> Result<Value, AdapterError> {
 #[derive(Default)]
 struct SseEvents {
     pending: Vec<u8>,
+    /// How much of `pending` is known to hold no event end: each byte is looked at a bounded
+    /// number of times, however the stream is cut into chunks.
+    scanned: usize,
 }
 
 impl SseEvents {
     fn push(&mut self, chunk: &[u8]) -> Vec<String> {
         self.pending.extend_from_slice(chunk);
         let mut out = Vec::new();
-        while let Some((end, gap)) = event_end(&self.pending) {
+        loop {
+            // An end (`\n\n` or `\r\n\r\n`) may have begun up to three bytes before.
+            let from = self.scanned.saturating_sub(3);
+            let Some((end, gap)) = event_end(&self.pending[from..]).map(|(e, g)| (e + from, g)) else {
+                self.scanned = self.pending.len();
+                break;
+            };
+            self.scanned = 0;
             let event: Vec<u8> = self.pending.drain(..end + gap).take(end).collect();
             let text = String::from_utf8_lossy(&event);
             let data: Vec<&str> = text
@@ -681,9 +783,36 @@ struct Progress {
     artifacts: Vec<(String, Value)>,
     /// A plain message answered instead of a task: the whole answer.
     message: Option<Value>,
+    /// The question this turn answers: a task still showing it has not taken the answer in
+    /// yet (a snapshot from before it), and is not asking again.
+    answered: Option<String>,
 }
 
 impl Progress {
+    /// What is known before a turn is sent: for an answer, its task.
+    fn for_turn(turn: Turn<'_>) -> Self {
+        match turn {
+            Turn::First => Self::default(),
+            Turn::Answer { task, asked, .. } => Self {
+                task_id: Some(task.task_id.clone()),
+                context_id: Some(task.context_id.clone()).filter(|c| !c.is_empty()),
+                answered: Some(asked.to_owned()),
+                ..Self::default()
+            },
+        }
+    }
+
+    /// What the latest status says, as a question would be recorded.
+    fn said(&self) -> String {
+        let text = self
+            .status_message
+            .as_ref()
+            .and_then(|m| m.get("parts"))
+            .map(text_of)
+            .unwrap_or_default();
+        question_text(&text)
+    }
+
     /// Folds in one `result`: `{task}`, `{message}`, `{statusUpdate}` or `{artifactUpdate}`.
     fn absorb(&mut self, result: &Value) -> Result<(), AdapterError> {
         if let Some(task) = result.get("task") {
@@ -801,6 +930,7 @@ impl Progress {
             .unwrap_or_default();
         match state {
             TaskState::Running => Ok(None),
+            TaskState::InputRequired if self.answered.as_deref() == Some(self.said().as_str()) => Ok(None),
             TaskState::Completed => {
                 let artifacts: Vec<Value> = self.artifacts.iter().map(|(_, a)| a.clone()).collect();
                 let mut text: Vec<String> = artifacts
@@ -833,7 +963,7 @@ impl Progress {
                 text: if said.is_empty() {
                     "(the remote agent asks for input but says nothing about it)".into()
                 } else {
-                    cut(&said, QUESTION_MAX_CHARS)
+                    question_text(&said)
                 },
             }))),
             TaskState::AuthRequired => Err(AdapterError::ToolFailed(format!(
@@ -872,7 +1002,7 @@ fn text_of(parts: &Value) -> String {
 /// A remote id, refused when it is long or holds control characters (it is shown to people
 /// and written into records).
 fn checked_id(what: &str, id: &str) -> Result<String, AdapterError> {
-    if id.chars().count() > ID_MAX_CHARS || id.chars().any(char::is_control) {
+    if id.chars().count() > ID_MAX_CHARS || id.chars().any(|c| hidden(c) || c.is_whitespace()) {
         return Err(AdapterError::Protocol(format!(
             "the remote agent's {what} id is longer than {ID_MAX_CHARS} characters or holds control characters"
         )));
@@ -880,12 +1010,47 @@ fn checked_id(what: &str, id: &str) -> Result<String, AdapterError> {
     Ok(id.to_owned())
 }
 
-/// At most `max` characters of `text`, control characters but newlines and tabs dropped.
+/// At most `max` characters of `text`, control and invisible formatting characters (which
+/// could make it read as something else) dropped, newlines and tabs kept.
 fn cut(text: &str, max: usize) -> String {
     text.chars()
-        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .filter(|c| !hidden(*c) || *c == '\n' || *c == '\t')
         .take(max)
         .collect()
+}
+
+/// A remote agent's question as a person is shown it: one line, nothing hidden, at most
+/// [`QUESTION_MAX_BYTES`].
+pub fn question_text(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.trim().chars() {
+        let c = if c.is_whitespace() { ' ' } else { c };
+        if hidden(c) || (c == ' ' && out.ends_with(' ')) {
+            continue;
+        }
+        if out.len() + c.len_utf8() > QUESTION_MAX_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Control characters, and the invisible ones that change how text around them reads
+/// (direction overrides, zero-width characters, soft hyphens).
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{FEFF}'
+        )
 }
 
 fn excerpt(bytes: &[u8]) -> String {

@@ -774,8 +774,7 @@ where
         let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
         if made
             && written
-            && let crate::gateway::CallOutcome::Executed(result) = &outcome
-            && let Some(cost) = &result.cost
+            && let Some(cost) = outcome.cost()
         {
             self.spend.record_tool_call(
                 caller.tenant.as_str(),
@@ -799,10 +798,7 @@ where
             // Made: what its result says it cost (nothing in money if it was refused before
             // anything was sent), as the record has it.
             Some(quotas) if made => {
-                let cost = match &outcome {
-                    crate::gateway::CallOutcome::Executed(result) => result.cost.as_ref(),
-                    _ => None,
-                };
+                let cost = outcome.cost();
                 let spent = crate::quota::Amounts {
                     calls: 1,
                     nanos: cost.map_or(0, |c| c.nanos.0),

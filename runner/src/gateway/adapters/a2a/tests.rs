@@ -50,11 +50,11 @@ fn a_card_is_checked_against_what_the_agent_declared() {
     let card = billing_card(json!([]));
     assert!(card.streaming);
     assert_eq!(
-        card.check(&adapter(Some("refund"), ToolRisk::Network))
+        card.check(&adapter(Some("refund"), ToolRisk::Network), &str::to_owned)
             .expect("fits"),
         "http://billing.example:8080/agent/rpc"
     );
-    let missing = card.check(&adapter(Some("chargeback"), ToolRisk::Network));
+    let missing = card.check(&adapter(Some("chargeback"), ToolRisk::Network), &str::to_owned);
     assert!(
         matches!(&missing, Err(AdapterError::Refused(why)) if why.contains("no skill chargeback") && why.contains("refund")),
         "{missing:?}"
@@ -67,14 +67,19 @@ fn a_card_cannot_send_calls_to_another_origin() {
         "http://metadata.internal/rpc",
         "https://billing.example:8080/agent/rpc",
         "http://billing.example:8081/agent/rpc",
+        // The same host and port, but another agent's path, or someone's credentials.
+        "http://billing.example:8080/admin/rpc",
+        "http://billing.example:8080/agentx/rpc",
+        "http://user:pw@billing.example:8080/agent/rpc",
+        "not a url",
     ] {
         let card = card(json!({
             "name": "billing",
             "supportedInterfaces": [{"url": elsewhere, "protocolBinding": "JSONRPC", "protocolVersion": "1.0"}],
         }));
-        let refused = card.check(&adapter(None, ToolRisk::Network));
+        let refused = card.check(&adapter(None, ToolRisk::Network), &str::to_owned);
         assert!(
-            matches!(&refused, Err(AdapterError::Refused(why)) if why.contains("another origin")),
+            matches!(&refused, Err(AdapterError::Refused(why)) if why.contains("not below the adapter's URL")),
             "{elsewhere}: {refused:?}"
         );
     }
@@ -84,7 +89,10 @@ fn a_card_cannot_send_calls_to_another_origin() {
     }))
     .expect("card")
     .into_card("http://billing.example:80/agent");
-    assert!(card.check(&adapter(None, ToolRisk::Network)).is_ok());
+    assert!(
+        card.check(&adapter(None, ToolRisk::Network), &str::to_owned)
+            .is_ok()
+    );
 }
 
 #[test]
@@ -95,7 +103,7 @@ fn only_a_json_rpc_interface_of_protocol_1_is_used() {
             {"url": "http://billing.example:8080/agent/rest", "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"},
         ],
     }));
-    let refused = card.check(&adapter(None, ToolRisk::Network));
+    let refused = card.check(&adapter(None, ToolRisk::Network), &str::to_owned);
     assert!(
         matches!(&refused, Err(AdapterError::Refused(why)) if why.contains("no JSON-RPC interface") && why.contains("HTTP+JSON 1.0")),
         "{refused:?}"
@@ -107,23 +115,23 @@ fn a_remote_ceiling_above_the_declared_one_is_refused() {
     let declares =
         |risk: &str| billing_card(json!([{"uri": RISK_CEILING_EXTENSION, "params": {"maxRisk": risk}}]));
     assert_eq!(declares("destructive").risk_ceiling, Some(ToolRisk::Destructive));
-    let refused = declares("destructive").check(&adapter(None, ToolRisk::Delegated));
+    let refused = declares("destructive").check(&adapter(None, ToolRisk::Delegated), &str::to_owned);
     assert!(
         matches!(&refused, Err(AdapterError::Refused(why)) if why.contains("up to risk destructive") && why.contains("riskCeiling delegated")),
         "{refused:?}"
     );
     assert!(
         declares("delegated")
-            .check(&adapter(None, ToolRisk::Delegated))
+            .check(&adapter(None, ToolRisk::Delegated), &str::to_owned)
             .is_ok()
     );
     assert!(
         declares("read_only")
-            .check(&adapter(None, ToolRisk::Delegated))
+            .check(&adapter(None, ToolRisk::Delegated), &str::to_owned)
             .is_ok()
     );
     // A ceiling that cannot be read is not taken as none.
-    let refused = declares("anything").check(&adapter(None, ToolRisk::Destructive));
+    let refused = declares("anything").check(&adapter(None, ToolRisk::Destructive), &str::to_owned);
     assert!(
         matches!(&refused, Err(AdapterError::Refused(why)) if why.contains("not a ContextOS risk")),
         "{refused:?}"
@@ -131,7 +139,11 @@ fn a_remote_ceiling_above_the_declared_one_is_refused() {
     // Other extensions say nothing about risk.
     let other =
         billing_card(json!([{"uri": "https://example.com/ext", "params": {"maxRisk": "destructive"}}]));
-    assert!(other.check(&adapter(None, ToolRisk::ReadOnly)).is_ok());
+    assert!(
+        other
+            .check(&adapter(None, ToolRisk::ReadOnly), &str::to_owned)
+            .is_ok()
+    );
 }
 
 #[test]
@@ -161,7 +173,9 @@ fn an_answer_continues_the_task_as_a_new_message() {
         Turn::Answer {
             task: &task,
             text: "EU only",
+            asked: "Which region?",
             question: 2,
+            resent: false,
         },
         None,
     );
@@ -273,7 +287,7 @@ fn what_the_remote_says_is_bounded_and_checked() {
         progress.absorb(&json!({"statusUpdate": {"taskId": "t-1", "status": {"state": "TASK_STATE_DANCING"}}})),
         Err(AdapterError::Protocol(why)) if why.contains("unknown state")
     ));
-    let question = "?".repeat(QUESTION_MAX_CHARS * 2);
+    let question = "\u{202E}Which\nregion\u{200B}?\" ".repeat(QUESTION_MAX_BYTES);
     progress
         .absorb(
             &json!({"statusUpdate": {"taskId": "t-1", "status": {"state": "input-required",
@@ -283,7 +297,18 @@ fn what_the_remote_says_is_bounded_and_checked() {
     let Some(Reply::Asks(asked)) = progress.settled().expect("asks") else {
         panic!("no question");
     };
-    assert_eq!(asked.text.chars().count(), QUESTION_MAX_CHARS);
+    assert!(asked.text.len() <= QUESTION_MAX_BYTES, "{}", asked.text.len());
+    assert!(
+        asked.text.starts_with("Which region?\" Which region?"),
+        "{}",
+        asked.text
+    );
+    assert!(
+        !asked
+            .text
+            .chars()
+            .any(|c| c == '\n' || c == '\u{202E}' || c == '\u{200B}')
+    );
 }
 
 #[test]
@@ -297,4 +322,63 @@ fn a_json_rpc_error_names_its_code() {
         error,
         AdapterError::ToolFailed("GetTask: the remote agent answered error -32001: Task not found".into())
     );
+}
+
+#[test]
+fn an_override_applies_to_the_endpoint_the_card_names() {
+    // The card names the in-cluster address; the call goes to the override, as the card did.
+    let card = serde_json::from_value::<CardJson>(json!({
+        "supportedInterfaces": [{"url": "http://billing.shop.svc:9999/agent/rpc", "protocolBinding": "JSONRPC"}],
+    }))
+    .expect("card")
+    .into_card("http://127.0.0.1:4000/agent");
+    let rewrite = |url: &str| url.replace("http://billing.shop.svc:9999", "http://127.0.0.1:4000");
+    let mut local = adapter(None, ToolRisk::Network);
+    local.url = "http://127.0.0.1:4000/agent".into();
+    assert_eq!(
+        card.check(&local, &rewrite).expect("fits"),
+        "http://127.0.0.1:4000/agent/rpc"
+    );
+    assert!(card.check(&local, &str::to_owned).is_err());
+}
+
+#[test]
+fn a_snapshot_still_showing_the_answered_question_is_not_a_new_one() {
+    let task = RemoteTask {
+        task_id: "t-1".into(),
+        context_id: "c-1".into(),
+    };
+    let turn = Turn::Answer {
+        task: &task,
+        text: "EU",
+        asked: "Which region?",
+        question: 1,
+        resent: false,
+    };
+    let mut progress = Progress::for_turn(turn);
+    let asking = |words: &str| {
+        json!({"task": {"id": "t-1", "status": {"state": "TASK_STATE_INPUT_REQUIRED",
+            "message": {"parts": [{"text": words}]}}}})
+    };
+    progress.absorb(&asking("Which  region?")).expect("snapshot");
+    assert_eq!(progress.settled().expect("waits"), None);
+    progress.absorb(&asking("Are you sure?")).expect("asks again");
+    assert!(matches!(progress.settled(), Ok(Some(Reply::Asks(q))) if q.text == "Are you sure?"));
+    // Another task's event is refused: the answer belongs to the task it was given for.
+    assert!(matches!(
+        progress.absorb(&json!({"statusUpdate": {"taskId": "t-9", "status": {"state": "completed"}}})),
+        Err(AdapterError::Protocol(_))
+    ));
+}
+
+#[test]
+fn an_event_cut_into_single_bytes_is_read_once() {
+    let mut events = SseEvents::default();
+    let stream = format!("data: {}\n\n", "x".repeat(10_000));
+    let mut got = Vec::new();
+    for byte in stream.as_bytes() {
+        got.extend(events.push(std::slice::from_ref(byte)));
+        assert!(events.scanned <= events.pending.len());
+    }
+    assert_eq!(got, vec!["x".repeat(10_000)]);
 }

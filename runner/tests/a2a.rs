@@ -134,6 +134,7 @@ fn tools(base: &str) -> Vec<CatalogTool> {
         ("ceiling", "ceiling", "echo", 10, ""),
         ("elsewhere", "elsewhere", "echo", 10, ""),
         ("echo_small", "plain", "echo", 10, ", maxResponseBytes: 200"),
+        ("nag", "plain", "nag", 10, ""),
     ];
     declared
         .iter()
@@ -278,6 +279,7 @@ fn run_context(key: &KeyPair) -> SignedRunContext {
         "ceiling",
         "elsewhere",
         "echo_small",
+        "nag",
     ];
     SignedRunContext::sign(
         RunContext {
@@ -884,5 +886,43 @@ async fn an_answer_never_answers_another_call_under_the_same_call_id() {
         h.peer.methods("/plain/rpc").await.len(),
         sent,
         "the old answer was not sent"
+    );
+}
+
+/// A remote agent that asks after every answer is stopped at the fifth question of one call:
+/// the call fails and its task is cancelled.
+#[tokio::test]
+async fn a_remote_agent_that_keeps_asking_is_stopped() {
+    let Some(h) = Harness::new(Sdk::Python) else {
+        return;
+    };
+    let mut rec = h.recorder().await;
+    let mut call = h.envelope("1.0", "nag", json!({"message": "refund order 7"}));
+    let mut outcome = h.handle(&mut rec, &call).await;
+    for n in 1..=contextos_runner::gateway::MAX_QUESTIONS {
+        let (question, reason) = asked(&outcome, "1.0");
+        assert!(question.starts_with(&format!("1.0.q{n}-")), "{question}");
+        // The same words each time, each in a new status message: each a new question.
+        assert!(reason.ends_with("It asks: \"Are you sure?\""), "{reason}");
+        call.resolution = Some(answer(&question, ResolvedOutcome::Answered, "yes"));
+        outcome = h
+            .resumed()
+            .await
+            .handle(&call, &mut rec, &StateFacts::default())
+            .await
+            .expect("handled");
+    }
+    let stopped = executed(&outcome);
+    assert!(!stopped.ok);
+    let error = stopped.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("a call may ask 4") && error.contains("was cancelled"),
+        "{error}"
+    );
+    let methods = h.peer.methods("/plain/rpc").await;
+    assert_eq!(
+        methods.last().map(String::as_str),
+        Some("CancelTask"),
+        "{methods:?}"
     );
 }

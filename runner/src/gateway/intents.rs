@@ -30,16 +30,23 @@ pub struct Started {
     pub waiting: Option<Question>,
     /// The question a person answered last, and the answer, once the answer is on record: it
     /// may or may not have reached the remote agent.
-    pub answered: Option<(Question, String)>,
+    pub answered: Option<Answer>,
 }
 
 /// A remote agent's question, as recorded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Question {
-    /// `<call id>.q<n>`: what a person's resolution names.
+    /// `<call id>.q<n>-<hash>`: what a person's resolution names.
     pub id: String,
-    pub task: crate::gateway::adapters::a2a::RemoteTask,
+    pub asked: crate::gateway::adapters::a2a::RemoteQuestion,
+}
+
+/// A person's answer to a question, on record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub question: Question,
     pub text: String,
+    pub resolver: String,
 }
 
 /// The id of the `n`-th question (from 1) of call `call_id` whose hash is `call_hash`: a
@@ -64,7 +71,7 @@ pub enum Resumption {
     AwaitingInput(Question),
     /// A person's answer is on record and may have reached the remote agent: follow its task,
     /// and send the answer only if the task still waits on that question.
-    FollowAnswer { question: Question, answer: String },
+    FollowAnswer(Answer),
 }
 
 /// Decides what to do with `started`, a call of `tool` (pure).
@@ -76,15 +83,12 @@ pub fn resumption(tool: &Tool, started: &Started, now_ms: i64, others_may_run: b
     if let Some(question) = &started.waiting {
         return Resumption::AwaitingInput(question.clone());
     }
-    if let Some((question, answer)) = &started.answered {
+    if let Some(answer) = &started.answered {
         // `at_ms` is when the answer went on record: the executor sending it may be at work.
         if others_may_run && now_ms < deadline {
             return Resumption::InProgress;
         }
-        return Resumption::FollowAnswer {
-            question: question.clone(),
-            answer: answer.clone(),
-        };
+        return Resumption::FollowAnswer(answer.clone());
     }
     if others_may_run && now_ms < deadline {
         return Resumption::InProgress;
@@ -105,6 +109,8 @@ pub struct Intents {
     /// Idempotency keys by (run, call id): a decision or result may be read in a later slice
     /// of a record than its request.
     keys: Mutex<HashMap<(String, String), (String, String)>>,
+    /// Questions remote agents asked, by run.
+    questions: Mutex<HashMap<String, u32>>,
 }
 
 impl Intents {
@@ -160,36 +166,63 @@ impl Intents {
                     question_id,
                     task,
                     question,
+                    message_id,
                     ..
                 } => {
+                    if let Ok(mut questions) = self.questions.lock() {
+                        *questions.entry(entry.run_id.clone()).or_default() += 1;
+                    }
                     if let Some(call) = key_of(call_id).and_then(|(key, _)| started.get_mut(&key)) {
                         call.asked += 1;
                         call.waiting = Some(Question {
                             id: question_id.clone(),
-                            task: task.clone(),
-                            text: question.clone(),
+                            asked: crate::gateway::adapters::a2a::RemoteQuestion {
+                                task: task.clone(),
+                                text: question.clone(),
+                                message_id: message_id.clone(),
+                            },
                         });
                     }
                 }
-                // Answered: the answer is on its way, from when it went on record. Declined: the
-                // call's result comes in the same write.
+                // Answered: the answer is on its way, from when it went on record (written again
+                // before it is sent again after an interruption). Declined: the call's result
+                // comes in the same write.
                 EntryBody::CallResolved {
                     call_id,
                     outcome,
                     note,
-                    ..
+                    resolver,
                 } => {
-                    if let Some(call) = key_of(call_id).and_then(|(key, _)| started.get_mut(&key))
-                        && let Some(question) = call.waiting.take()
+                    let Some(call) = key_of(call_id).and_then(|(key, _)| started.get_mut(&key)) else {
+                        continue;
+                    };
+                    let question = call
+                        .waiting
+                        .take()
+                        .or_else(|| call.answered.take().map(|a| a.question));
+                    if let Some(question) = question
                         && *outcome == contextos_crds::session::ResolvedOutcome::Answered
                     {
-                        call.answered = Some((question, note.clone().unwrap_or_default()));
+                        call.answered = Some(Answer {
+                            question,
+                            text: note.clone().unwrap_or_default(),
+                            resolver: resolver.clone(),
+                        });
                         call.at_ms = entry.at_ms;
                     }
                 }
                 _ => {}
             }
         }
+    }
+
+    /// How many questions remote agents asked in run `run_id`.
+    pub fn questions_in(&self, run_id: &str) -> u32 {
+        self.questions
+            .lock()
+            .ok()
+            .and_then(|q| q.get(run_id).copied())
+            .unwrap_or(0)
     }
 
     /// The started call with this idempotency key, if it has no result yet.
@@ -204,6 +237,9 @@ impl Intents {
         }
         if let Ok(mut keys) = self.keys.lock() {
             keys.clear();
+        }
+        if let Ok(mut questions) = self.questions.lock() {
+            questions.clear();
         }
     }
 }
@@ -302,6 +338,7 @@ mod tests {
                     question_id: question_id("4.0", "h", 1),
                     task,
                     question: "Which region?".into(),
+                    message_id: None,
                     cost: None,
                 },
             ),
@@ -313,7 +350,7 @@ mod tests {
         for others in [false, true] {
             assert!(matches!(
                 resumption(&tool, &started, 1_500, others),
-                Resumption::AwaitingInput(q) if q.id == "4.0.q1-h" && q.text == "Which region?"
+                Resumption::AwaitingInput(q) if q.id == "4.0.q1-h" && q.asked.text == "Which region?"
             ));
         }
         // Once answered, the answer may have been sent: its task is followed (never the first
@@ -338,7 +375,7 @@ mod tests {
         for others in [false, true] {
             assert!(matches!(
                 resumption(&tool, &started, 100_000, others),
-                Resumption::FollowAnswer { question, answer } if question.id == "4.0.q1-h" && answer == "EU"
+                Resumption::FollowAnswer(a) if a.question.id == "4.0.q1-h" && a.text == "EU" && a.resolver == "alice"
             ));
         }
     }

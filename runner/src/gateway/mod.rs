@@ -111,8 +111,11 @@ impl CallOutcome {
 }
 
 /// A call whose remote agent keeps asking is ended after this many questions (its task
-/// cancelled): a Session holds at most 16 resolutions, and people have better things to do.
+/// cancelled): people have better things to do.
 pub const MAX_QUESTIONS: u32 = 4;
+/// Questions a run's remote agents may ask in all: a Session holds at most 16 resolutions,
+/// and some must stay free for calls whose outcome is unknown.
+pub const MAX_RUN_QUESTIONS: u32 = 12;
 
 /// Errors that stop the gateway from deciding at all (the call is not executed).
 #[derive(Debug, thiserror::Error)]
@@ -678,11 +681,20 @@ impl ToolGateway {
             intents::Resumption::AwaitingInput(question) => Ok(self
                 .answer_question(call, tool, started, question, recorder)
                 .await?),
-            intents::Resumption::FollowAnswer { question, answer } => {
+            intents::Resumption::FollowAnswer(answer) => {
+                // On record again before anything may be sent again: only one executor follows
+                // (the write fails for the others), and the others wait out its time.
+                recorder.stage(EntryBody::CallResolved {
+                    call_id: started.call_id.clone(),
+                    outcome: contextos_crds::session::ResolvedOutcome::Answered,
+                    resolver: answer.resolver.clone(),
+                    note: Some(answer.text.clone()),
+                });
+                recorder.flush_exclusive().await?;
                 let turn = adapters::a2a::Turn::Answer {
-                    task: &question.task,
-                    text: &answer,
-                    asked: &question.text,
+                    task: &answer.question.asked.task,
+                    text: &answer.text,
+                    asked: &answer.question.asked,
                     question: started.asked,
                     resent: true,
                 };
@@ -1050,21 +1062,24 @@ impl ToolGateway {
             .map(crate::pricing::PinnedToolPrice::cost);
         let attempts = sent.attempts;
         let outcome = match sent.outcome {
-            Ok(adapters::Reply::Asks(question)) if asked < MAX_QUESTIONS => {
+            Ok(adapters::Reply::Asks(question))
+                if asked < MAX_QUESTIONS
+                    && self.intents.questions_in(&call.run_context.context.run_id) < MAX_RUN_QUESTIONS =>
+            {
                 let question = intents::Question {
                     id: intents::question_id(
                         &call.call_id,
                         &call.call_hash(&self.policy_digests()),
                         asked + 1,
                     ),
-                    task: question.task,
-                    text: question.text,
+                    asked: question,
                 };
                 recorder.stage(EntryBody::RemoteInputRequired {
                     call_id: call.call_id.clone(),
                     question_id: question.id.clone(),
-                    task: question.task.clone(),
-                    question: question.text.clone(),
+                    task: question.asked.task.clone(),
+                    question: question.asked.text.clone(),
+                    message_id: question.asked.message_id.clone(),
                     cost: cost.clone(),
                 });
                 let mut asking = self.ask_person(call, &question);
@@ -1076,7 +1091,7 @@ impl ToolGateway {
             Ok(adapters::Reply::Asks(question)) => {
                 let cancelled = self.cancel_remote(call, tool, &question.task).await;
                 Err(AdapterError::ToolFailed(format!(
-                    "the remote agent asked question {} of a call that may ask {MAX_QUESTIONS}; its task {} {}",
+                    "the remote agent asked question {} of this call; a call may ask {MAX_QUESTIONS} and a run {MAX_RUN_QUESTIONS}, so its task {} {}",
                     asked + 1,
                     question.task.task_id,
                     cancelled_or_not(cancelled)
@@ -1144,10 +1159,10 @@ impl ToolGateway {
     /// call). What to do comes first, so nothing the remote agent writes reads as the
     /// gateway's instructions.
     fn ask_person(&self, call: &CallEnvelope, question: &intents::Question) -> CallOutcome {
-        let task: String = question.task.task_id.chars().take(64).collect();
+        let task: String = question.asked.task.task_id.chars().take(64).collect();
         let reason = format!(
             "the remote agent of {} asks a question (task {task}); answer it with a resolution naming {} with outcome answered and the answer as its note, or decline it with outcome did_not_act (its task is then cancelled). It asks: {:?}",
-            call.tool, question.id, question.text
+            call.tool, question.id, question.asked.text
         );
         let attestation = self.attesting_key.as_ref().map(|key| {
             approvals::UnresolvedReport {
@@ -1196,9 +1211,9 @@ impl ToolGateway {
                 recorder.stage(resolved);
                 recorder.flush_exclusive().await?;
                 let turn = adapters::a2a::Turn::Answer {
-                    task: &question.task,
+                    task: &question.asked.task,
                     text: answer,
-                    asked: &question.text,
+                    asked: &question.asked,
                     question: started.asked,
                     resent: false,
                 };
@@ -1208,7 +1223,7 @@ impl ToolGateway {
                     .await)
             }
             (ResolvedOutcome::DidNotAct, _) => {
-                let cancelled = self.cancel_remote(call, tool, &question.task).await;
+                let cancelled = self.cancel_remote(call, tool, &question.asked.task).await;
                 recorder.stage(resolved);
                 let result = ToolResultRecord {
                     call_id: started.call_id.clone(),
@@ -1222,7 +1237,7 @@ impl ToolGateway {
                             .as_deref()
                             .map(|n| format!(" ({n})"))
                             .unwrap_or_default(),
-                        question.task.task_id,
+                        question.asked.task.task_id,
                         cancelled_or_not(cancelled)
                     )),
                     attempts: 0,

@@ -201,6 +201,9 @@ pub enum EntryBody {
         question_id: String,
         task: crate::gateway::adapters::a2a::RemoteTask,
         question: String,
+        /// The id of the remote agent's message that asked it, when it gave one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message_id: Option<String>,
         /// The call's price, with its first question: it went out (its result then costs
         /// nothing more).
         #[serde(default, skip_serializing_if = "Option::is_none")]

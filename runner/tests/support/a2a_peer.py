@@ -11,6 +11,7 @@ request handler, task store and JSON-RPC routes:
 Skills (the message's metadata `skill`): `echo` completes with what it received (text, data,
 delegation) as an artifact; `ask` stops with TASK_STATE_INPUT_REQUIRED and completes with the
 answer (an answer of `again` asks a second question first); `slow` works until cancelled;
+`nag` asks again after every answer (often in the same words, in a new status message);
 `fail` fails. `GET /seen` lists the requests received (method, ids, headers), so a test can
 check what the gateway sent. Prints the port on stdout once it listens.
 """
@@ -54,8 +55,9 @@ class Peer(AgentExecutor):
             await event_queue.enqueue_event(task)
         updater = TaskUpdater(event_queue, task.id, task.context_id)
         metadata = MessageToDict(context.message.metadata) if context.message.metadata else {}
-        # A follow-up message carries no metadata of its own: the skill is the task's.
-        skill = metadata.get("skill") or ("ask" if task.status.state == TaskState.TASK_STATE_INPUT_REQUIRED else "")
+        # A follow-up message carries no metadata of its own: the skill is the task's first.
+        first = task.history[0].metadata if task.history else None
+        skill = metadata.get("skill") or (MessageToDict(first).get("skill", "") if first else "")
         text = "\n".join(p.text for p in context.message.parts if p.HasField("text"))
         data = [MessageToDict(p.data) for p in context.message.parts if p.HasField("data")]
         say = lambda words: new_text_message(words, context_id=task.context_id, task_id=task.id)
@@ -85,6 +87,9 @@ class Peer(AgentExecutor):
             else:
                 await updater.add_artifact([Part(text=f"refund sent to {text}")], name="refund")
                 await updater.complete()
+        elif skill == "nag":
+            # Asks again whatever it is told, with a new status message each time.
+            await updater.requires_input(say("Are you sure?"))
         elif skill == "slow":
             await updater.start_work()
             for _ in range(600):
@@ -102,7 +107,7 @@ class Peer(AgentExecutor):
 def card(name, url, streaming, extensions=()):
     skills = [
         AgentSkill(id=s, name=s, description=f"the {s} skill", tags=["test"])
-        for s in ("echo", "ask", "slow", "fail")
+                for s in ("echo", "ask", "slow", "fail", "nag")
     ]
     return AgentCard(
         name=name,

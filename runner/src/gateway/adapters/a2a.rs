@@ -62,7 +62,7 @@ pub enum Turn<'a> {
         /// The answer.
         text: &'a str,
         /// The question it answers, as recorded.
-        asked: &'a str,
+        asked: &'a RemoteQuestion,
         /// Which question of the call this answers (1 for the first), for the message id.
         question: u32,
         /// The answer may have been sent before (a resumed call): look at the task first, and
@@ -84,7 +84,14 @@ pub struct RemoteQuestion {
     pub task: RemoteTask,
     /// What it asks, as one line of text (see [`question_text`]).
     pub text: String,
+    /// The id of the status message that asked it, when the agent gave one: what tells this
+    /// question from the same words asked again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
 }
+
+/// What a question says when its agent says nothing.
+const SAYS_NOTHING: &str = "(the remote agent asks for input but says nothing about it)";
 
 /// The A2A side of a gateway: one HTTP client (the gateway's, egress-guarded in the service)
 /// and the cards it read.
@@ -134,12 +141,25 @@ impl A2aClient {
                 &mut progress,
             )
             .await;
-        if sent.is_err()
-            && let Some(task) = &progress.task_id
-        {
-            self.cancel_task(&endpoint, task, ctx).await;
+        match (sent, &progress.task_id) {
+            (Err(error), Some(task)) => {
+                let cancelled = self.cancel_task(&endpoint, task, ctx).await;
+                // Its task is gone (or going): sending the turn again would meet a cancelled
+                // task, or start a second one.
+                Err(match error {
+                    error if error.is_retryable() => AdapterError::ToolFailed(format!(
+                        "{error}; its task {task} {}",
+                        if cancelled {
+                            "was cancelled"
+                        } else {
+                            "was asked to cancel"
+                        }
+                    )),
+                    error => error,
+                })
+            }
+            (sent, _) => sent,
         }
-        sent
     }
 
     /// Asks the agent at `adapter.url` to cancel `task` (a person declined its question).
@@ -503,7 +523,7 @@ impl Rpc<'_> {
                 .send("GetTask", &get_task(&task.task_id), None, deadline)
                 .await?;
             progress.absorb(&json!({"task": current}))?;
-            send = progress.state == Some(TaskState::InputRequired) && progress.said() == asked;
+            send = progress.state == Some(TaskState::InputRequired) && progress.shows(asked);
         }
         if send {
             let message = message(args, self.ctx, turn, skill);
@@ -659,9 +679,10 @@ impl Rpc<'_> {
     }
 }
 
-/// `GetTask`'s parameters: the task without its history (the arguments, again and again).
+/// `GetTask`'s parameters: the task with as little history as the agent will leave out (not
+/// all agents read 0 as none).
 fn get_task(task: &str) -> Value {
-    json!({"id": task, "historyLength": 0})
+    json!({"id": task, "historyLength": 1})
 }
 
 /// The `result` of a JSON-RPC answer, or its error as the adapter's.
@@ -683,11 +704,12 @@ fn result_of(method: &str, mut reply: Value) -> Result<Value, AdapterError> {
 }
 
 /// Server-sent events, split as their bytes arrive: the `data` of each complete event.
+/// Each byte is looked at once and the buffer shifted once per chunk, however the stream is
+/// cut and however many events a chunk holds.
 #[derive(Default)]
 struct SseEvents {
     pending: Vec<u8>,
-    /// How much of `pending` is known to hold no event end: each byte is looked at a bounded
-    /// number of times, however the stream is cut into chunks.
+    /// How much of `pending` was looked at.
     scanned: usize,
 }
 
@@ -695,37 +717,42 @@ impl SseEvents {
     fn push(&mut self, chunk: &[u8]) -> Vec<String> {
         self.pending.extend_from_slice(chunk);
         let mut out = Vec::new();
-        loop {
-            // An end (`\n\n` or `\r\n\r\n`) may have begun up to three bytes before.
-            let from = self.scanned.saturating_sub(3);
-            let Some((end, gap)) = event_end(&self.pending[from..]).map(|(e, g)| (e + from, g)) else {
-                self.scanned = self.pending.len();
-                break;
+        let mut start = 0;
+        for at in self.scanned..self.pending.len() {
+            if self.pending[at] != b'\n' {
+                continue;
+            }
+            // An event ends at a blank line: `\n\n` or `\r\n\r\n`.
+            let event = &self.pending[start..=at];
+            let end = if event.ends_with(b"\r\n\r\n") {
+                Some(event.len() - 4)
+            } else if event.ends_with(b"\n\n") {
+                Some(event.len() - 2)
+            } else {
+                None
             };
-            self.scanned = 0;
-            let event: Vec<u8> = self.pending.drain(..end + gap).take(end).collect();
-            let text = String::from_utf8_lossy(&event);
-            let data: Vec<&str> = text
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                .collect();
-            if !data.is_empty() {
-                out.push(data.join("\n"));
+            if let Some(end) = end {
+                if let Some(data) = event_data(&event[..end]) {
+                    out.push(data);
+                }
+                start = at + 1;
             }
         }
+        self.scanned = self.pending.len() - start;
+        self.pending.drain(..start);
         out
     }
 }
 
-/// Where the first event in `bytes` ends, and the length of the blank line ending it.
-fn event_end(bytes: &[u8]) -> Option<(usize, usize)> {
-    let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
+/// The `data` lines of one event, joined; `None` for an event without any (a comment).
+fn event_data(event: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(event);
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    (!data.is_empty()).then(|| data.join("\n"))
 }
 
 /// A task's state, protocol 1.x names (`TASK_STATE_COMPLETED`) or 0.x ones (`completed`).
@@ -785,7 +812,7 @@ struct Progress {
     message: Option<Value>,
     /// The question this turn answers: a task still showing it has not taken the answer in
     /// yet (a snapshot from before it), and is not asking again.
-    answered: Option<String>,
+    answered: Option<RemoteQuestion>,
 }
 
 impl Progress {
@@ -796,10 +823,27 @@ impl Progress {
             Turn::Answer { task, asked, .. } => Self {
                 task_id: Some(task.task_id.clone()),
                 context_id: Some(task.context_id.clone()).filter(|c| !c.is_empty()),
-                answered: Some(asked.to_owned()),
+                answered: Some(asked.clone()),
                 ..Self::default()
             },
         }
+    }
+
+    /// Whether the latest status is `question` still: the same status message when the agent
+    /// names its messages, otherwise the same words.
+    fn shows(&self, question: &RemoteQuestion) -> bool {
+        match (self.status_message_id(), &question.message_id) {
+            (Some(now), Some(then)) => now == *then,
+            _ => {
+                let said = self.said();
+                said == question.text || (said.is_empty() && question.text == SAYS_NOTHING)
+            }
+        }
+    }
+
+    fn status_message_id(&self) -> Option<String> {
+        let id = self.status_message.as_ref()?.get("messageId")?.as_str()?;
+        Some(cut(id, ID_MAX_CHARS)).filter(|id| !id.is_empty())
     }
 
     /// What the latest status says, as a question would be recorded.
@@ -930,7 +974,7 @@ impl Progress {
             .unwrap_or_default();
         match state {
             TaskState::Running => Ok(None),
-            TaskState::InputRequired if self.answered.as_deref() == Some(self.said().as_str()) => Ok(None),
+            TaskState::InputRequired if self.answered.as_ref().is_some_and(|q| self.shows(q)) => Ok(None),
             TaskState::Completed => {
                 let artifacts: Vec<Value> = self.artifacts.iter().map(|(_, a)| a.clone()).collect();
                 let mut text: Vec<String> = artifacts
@@ -961,10 +1005,11 @@ impl Progress {
                     context_id: self.context_id.clone().unwrap_or_default(),
                 },
                 text: if said.is_empty() {
-                    "(the remote agent asks for input but says nothing about it)".into()
+                    SAYS_NOTHING.into()
                 } else {
                     question_text(&said)
                 },
+                message_id: self.status_message_id(),
             }))),
             TaskState::AuthRequired => Err(AdapterError::ToolFailed(format!(
                 "remote task {task} asks for authentication the gateway cannot give{}",
@@ -1050,6 +1095,9 @@ fn hidden(c: char) -> bool {
                 | '\u{2060}'..='\u{2064}'
                 | '\u{2066}'..='\u{2069}'
                 | '\u{FEFF}'
+                | '\u{034F}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{E0000}'..='\u{E007F}'
         )
 }
 

@@ -650,9 +650,10 @@ where
         let owner = super::quotas::request_owner();
         let mut held = None;
         let mut quota_refusal = None;
-        if !slot.gateway.knows_call(&request.envelope.idempotency_key)
-            && calls_before < caller.context.context.budget.max_tool_calls
-        {
+        // A call on record already (resent, or carrying a person's answer) was counted when it
+        // was made: neither the run's call budget nor a quota holds it again.
+        let known = slot.gateway.knows_call(&request.envelope.idempotency_key);
+        if !known && calls_before < caller.context.context.budget.max_tool_calls {
             let quotas = match self.run_quotas(caller, slot).await {
                 Ok(quotas) => quotas,
                 Err(refusal) => {
@@ -694,7 +695,7 @@ where
             slot.gateway
                 .refuse_for_quota(&request.envelope, &mut recorder, &refused)
                 .await
-        } else if calls_before >= caller.context.context.budget.max_tool_calls {
+        } else if !known && calls_before >= caller.context.context.budget.max_tool_calls {
             slot.gateway
                 .refuse_over_budget(&request.envelope, &mut recorder)
                 .await

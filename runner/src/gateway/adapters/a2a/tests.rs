@@ -167,13 +167,18 @@ fn an_answer_continues_the_task_as_a_new_message() {
         task_id: "t-1".into(),
         context_id: "c-1".into(),
     };
+    let asked = RemoteQuestion {
+        task: task.clone(),
+        text: "Which region?".into(),
+        message_id: None,
+    };
     let sent = message(
         &json!({"order": 7}),
         &ctx(),
         Turn::Answer {
             task: &task,
             text: "EU only",
-            asked: "Which region?",
+            asked: &asked,
             question: 2,
             resent: false,
         },
@@ -237,6 +242,7 @@ fn a_task_that_asks_is_a_question_and_one_that_fails_an_error() {
                 context_id: "c-1".into()
             },
             text: "Which region?".into(),
+            message_id: None,
         }))
     );
     let mut failed = Progress::default();
@@ -348,22 +354,68 @@ fn a_snapshot_still_showing_the_answered_question_is_not_a_new_one() {
         task_id: "t-1".into(),
         context_id: "c-1".into(),
     };
+    let asking = |words: &str, id: Option<&str>| {
+        json!({"task": {"id": "t-1", "status": {"state": "TASK_STATE_INPUT_REQUIRED",
+            "message": {"messageId": id, "parts": [{"text": words}]}}}})
+    };
+    // Without message ids, the same words are the same question.
+    let asked = RemoteQuestion {
+        task: task.clone(),
+        text: "Which region?".into(),
+        message_id: None,
+    };
     let turn = Turn::Answer {
         task: &task,
         text: "EU",
-        asked: "Which region?",
+        asked: &asked,
         question: 1,
         resent: false,
     };
     let mut progress = Progress::for_turn(turn);
-    let asking = |words: &str| {
-        json!({"task": {"id": "t-1", "status": {"state": "TASK_STATE_INPUT_REQUIRED",
-            "message": {"parts": [{"text": words}]}}}})
-    };
-    progress.absorb(&asking("Which  region?")).expect("snapshot");
+    progress
+        .absorb(&asking("Which  region?", None))
+        .expect("snapshot");
     assert_eq!(progress.settled().expect("waits"), None);
-    progress.absorb(&asking("Are you sure?")).expect("asks again");
+    progress
+        .absorb(&asking("Are you sure?", None))
+        .expect("asks again");
     assert!(matches!(progress.settled(), Ok(Some(Reply::Asks(q))) if q.text == "Are you sure?"));
+    // With them, the same words in a new message are a new question; a question that said
+    // nothing is recognised too.
+    let named = RemoteQuestion {
+        message_id: Some("m-1".into()),
+        ..asked.clone()
+    };
+    let turn = Turn::Answer {
+        task: &task,
+        text: "EU",
+        asked: &named,
+        question: 1,
+        resent: false,
+    };
+    let mut progress = Progress::for_turn(turn);
+    progress
+        .absorb(&asking("Which region?", Some("m-1")))
+        .expect("snapshot");
+    assert_eq!(progress.settled().expect("waits"), None);
+    progress
+        .absorb(&asking("Which region?", Some("m-2")))
+        .expect("asked again");
+    assert!(matches!(progress.settled(), Ok(Some(Reply::Asks(q))) if q.message_id.as_deref() == Some("m-2")));
+    let silent = RemoteQuestion {
+        text: SAYS_NOTHING.into(),
+        ..asked.clone()
+    };
+    let turn = Turn::Answer {
+        task: &task,
+        text: "EU",
+        asked: &silent,
+        question: 1,
+        resent: false,
+    };
+    let mut progress = Progress::for_turn(turn);
+    progress.absorb(&asking("", None)).expect("snapshot");
+    assert_eq!(progress.settled().expect("waits"), None);
     // Another task's event is refused: the answer belongs to the task it was given for.
     assert!(matches!(
         progress.absorb(&json!({"statusUpdate": {"taskId": "t-9", "status": {"state": "completed"}}})),
@@ -381,4 +433,20 @@ fn an_event_cut_into_single_bytes_is_read_once() {
         assert!(events.scanned <= events.pending.len());
     }
     assert_eq!(got, vec!["x".repeat(10_000)]);
+}
+
+#[test]
+fn many_events_and_comments_in_one_chunk_are_all_read() {
+    let mut events = SseEvents::default();
+    let mut stream = String::new();
+    for i in 0..1_000 {
+        stream.push_str(&format!(":\n\ndata: {i}\r\n\r\n"));
+    }
+    stream.push_str("data: partial");
+    let got = events.push(stream.as_bytes());
+    assert_eq!(got.len(), 1_000);
+    assert_eq!(got[999], "999");
+    assert_eq!(events.pending, b"data: partial");
+    assert_eq!(events.push(b"\n\n"), vec!["partial".to_owned()]);
+    assert!(events.pending.is_empty());
 }

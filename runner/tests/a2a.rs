@@ -240,6 +240,15 @@ impl Harness {
             .collect()
     }
 
+    /// `call` sent again in a new attempt of the run (see [`Harness::resumed`]).
+    async fn resume(&self, rec: &mut Recorder<'_, EmbeddedStore>, call: &CallEnvelope) -> CallOutcome {
+        self.resumed()
+            .await
+            .handle(call, rec, &StateFacts::default())
+            .await
+            .expect("handled")
+    }
+
     /// A new attempt of the run, as after a pause: a gateway that knows the run only from its
     /// record.
     async fn resumed(&self) -> ToolGateway {
@@ -434,11 +443,7 @@ async fn a_remote_question_waits_for_a_person_and_the_answer_continues_the_task(
 
     // Asked again without an answer (a new attempt, or another replica): the same question,
     // and nothing is sent.
-    let resumed = h.resumed().await;
-    let again = resumed
-        .handle(&call, &mut rec, &StateFacts::default())
-        .await
-        .expect("handled");
+    let again = h.resume(&mut rec, &call).await;
     assert_eq!(asked(&again, "1.0").0, q1);
     assert_eq!(
         h.peer.methods("/plain/rpc").await.len(),
@@ -452,38 +457,22 @@ async fn a_remote_question_waits_for_a_person_and_the_answer_continues_the_task(
         ResolvedOutcome::Answered,
         "EU",
     ));
-    let stale = resumed
-        .handle(&call, &mut rec, &StateFacts::default())
-        .await
-        .expect("handled");
+    let stale = h.resume(&mut rec, &call).await;
     assert_eq!(asked(&stale, "1.0").0, q1);
 
     // The answer continues the same task; the remote agent asks once more.
     call.resolution = Some(answer(&q1, ResolvedOutcome::Answered, "again"));
-    let second = resumed
-        .handle(&call, &mut rec, &StateFacts::default())
-        .await
-        .expect("handled");
+    let second = h.resume(&mut rec, &call).await;
     let (q2, reason) = asked(&second, "1.0");
     assert_eq!(q2, q1.replace(".q1-", ".q2-"));
     assert!(reason.contains("Are you sure?"), "{reason}");
 
     // The first answer, presented again, does not answer the second question.
-    let resumed = h.resumed().await;
-    let replayed = resumed
-        .handle(&call, &mut rec, &StateFacts::default())
-        .await
-        .expect("handled");
+    let replayed = h.resume(&mut rec, &call).await;
     assert_eq!(asked(&replayed, "1.0").0, q2);
 
     call.resolution = Some(answer(&q2, ResolvedOutcome::Answered, "EU"));
-    let done = executed(
-        &resumed
-            .handle(&call, &mut rec, &StateFacts::default())
-            .await
-            .expect("handled"),
-    )
-    .clone();
+    let done = executed(&h.resume(&mut rec, &call).await).clone();
     assert!(done.ok, "{done:?}");
     assert_eq!(done.output["text"], "refund sent to EU");
 
@@ -535,14 +524,7 @@ async fn a_streamed_task_that_asks_is_a_question_too_with(sdk: Sdk) {
     let mut call = h.envelope("1.0", "refund_stream", json!({"message": "refund order 9"}));
     let (q1, _) = asked(&h.handle(&mut rec, &call).await, "1.0");
     call.resolution = Some(answer(&q1, ResolvedOutcome::Answered, "US"));
-    let done = executed(
-        &h.resumed()
-            .await
-            .handle(&call, &mut rec, &StateFacts::default())
-            .await
-            .expect("handled"),
-    )
-    .clone();
+    let done = executed(&h.resume(&mut rec, &call).await).clone();
     assert_eq!(done.output["text"], "refund sent to US", "{done:?}");
     assert_eq!(
         h.peer.methods("/stream/rpc").await,
@@ -563,14 +545,7 @@ async fn a_declined_question_cancels_the_remote_task_with(sdk: Sdk) {
     let mut call = h.envelope("1.0", "refund", json!({"message": "refund order 7"}));
     let (q1, _) = asked(&h.handle(&mut rec, &call).await, "1.0");
     call.resolution = Some(answer(&q1, ResolvedOutcome::DidNotAct, "not our customer"));
-    let declined = executed(
-        &h.resumed()
-            .await
-            .handle(&call, &mut rec, &StateFacts::default())
-            .await
-            .expect("handled"),
-    )
-    .clone();
+    let declined = executed(&h.resume(&mut rec, &call).await).clone();
     assert!(!declined.ok);
     let error = declined.error.unwrap_or_default();
     assert!(
@@ -827,14 +802,7 @@ async fn a_call_resumed_after_its_answer_follows_the_task_without_sending_again(
         rec.discard_staged();
     }
     let before = h.peer.seen().await.len();
-    let result = executed(
-        &h.resumed()
-            .await
-            .handle(&call, &mut rec, &StateFacts::default())
-            .await
-            .expect("handled"),
-    )
-    .clone();
+    let result = executed(&h.resume(&mut rec, &call).await).clone();
     assert_eq!(result.output["text"], "refund sent to EU", "{result:?}");
     let after: Vec<String> = h.peer.seen().await[before..]
         .iter()
@@ -854,11 +822,7 @@ async fn an_answer_never_answers_another_call_under_the_same_call_id() {
     let mut first = h.envelope("1.0", "refund", json!({"message": "refund order 7"}));
     let (q1, _) = asked(&h.handle(&mut rec, &first).await, "1.0");
     first.resolution = Some(answer(&q1, ResolvedOutcome::Answered, "EU"));
-    let resumed = h.resumed().await;
-    let done = resumed
-        .handle(&first, &mut rec, &StateFacts::default())
-        .await
-        .expect("handled");
+    let done = h.resume(&mut rec, &first).await;
     assert!(executed(&done).ok);
 
     let mut other = h.envelope(
@@ -867,20 +831,12 @@ async fn an_answer_never_answers_another_call_under_the_same_call_id() {
         json!({"message": "refund order 8 to my other account"}),
     );
     other.idempotency_key = "idem-1.0-again".into();
-    let resumed = h.resumed().await;
-    let asked_again = resumed
-        .handle(&other, &mut rec, &StateFacts::default())
-        .await
-        .expect("handled");
+    let asked_again = h.resume(&mut rec, &other).await;
     let (q_other, _) = asked(&asked_again, "1.0");
     assert_ne!(q_other, q1);
     let sent = h.peer.methods("/plain/rpc").await.len();
     other.resolution = first.resolution.clone();
-    let resumed = h.resumed().await;
-    let still = resumed
-        .handle(&other, &mut rec, &StateFacts::default())
-        .await
-        .expect("handled");
+    let still = h.resume(&mut rec, &other).await;
     assert_eq!(asked(&still, "1.0").0, q_other);
     assert_eq!(
         h.peer.methods("/plain/rpc").await.len(),
@@ -905,12 +861,7 @@ async fn a_remote_agent_that_keeps_asking_is_stopped() {
         // The same words each time, each in a new status message: each a new question.
         assert!(reason.ends_with("It asks: \"Are you sure?\""), "{reason}");
         call.resolution = Some(answer(&question, ResolvedOutcome::Answered, "yes"));
-        outcome = h
-            .resumed()
-            .await
-            .handle(&call, &mut rec, &StateFacts::default())
-            .await
-            .expect("handled");
+        outcome = h.resume(&mut rec, &call).await;
     }
     let stopped = executed(&outcome);
     assert!(!stopped.ok);

@@ -681,27 +681,10 @@ impl ToolGateway {
             intents::Resumption::AwaitingInput(question) => Ok(self
                 .answer_question(call, tool, started, question, recorder)
                 .await?),
+            // Only sent again if the task still waits on the question.
             intents::Resumption::FollowAnswer(answer) => {
-                // On record again before anything may be sent again: only one executor follows
-                // (the write fails for the others), and the others wait out its time.
-                recorder.stage(EntryBody::CallResolved {
-                    call_id: started.call_id.clone(),
-                    outcome: contextos_crds::session::ResolvedOutcome::Answered,
-                    resolver: answer.resolver.clone(),
-                    note: Some(answer.text.clone()),
-                });
-                recorder.flush_exclusive().await?;
-                let turn = adapters::a2a::Turn::Answer {
-                    task: &answer.question.asked.task,
-                    text: &answer.text,
-                    asked: &answer.question.asked,
-                    question: started.asked,
-                    resent: true,
-                };
-                let sent = self.send(call, tool, turn).await;
-                Ok(self
-                    .conclude(call, tool, sent.acted(), started.asked, recorder)
-                    .await)
+                self.deliver_answer(call, tool, started, &answer, true, recorder)
+                    .await
             }
             intents::Resumption::InProgress => {
                 recorder.discard_staged();
@@ -1206,21 +1189,13 @@ impl ToolGateway {
         };
         match (resolution.outcome, resolution.note.as_deref()) {
             (ResolvedOutcome::Answered, Some(answer)) if !answer.is_empty() => {
-                // The answer is on record before it is sent: after a crash the call's task is
-                // followed (see `intents::Resumption::FollowAnswer`), never asked again.
-                recorder.stage(resolved);
-                recorder.flush_exclusive().await?;
-                let turn = adapters::a2a::Turn::Answer {
-                    task: &question.asked.task,
-                    text: answer,
-                    asked: &question.asked,
-                    question: started.asked,
-                    resent: false,
+                let answer = intents::Answer {
+                    question,
+                    text: answer.to_owned(),
+                    resolver: resolution.resolver.clone(),
                 };
-                let sent = self.send(call, tool, turn).await;
-                Ok(self
-                    .conclude(call, tool, sent.acted(), started.asked, recorder)
-                    .await)
+                self.deliver_answer(call, tool, started, &answer, false, recorder)
+                    .await
             }
             (ResolvedOutcome::DidNotAct, _) => {
                 let cancelled = self.cancel_remote(call, tool, &question.asked.task).await;
@@ -1251,6 +1226,40 @@ impl ToolGateway {
             // empty answer) is not an answer: the question stands.
             _ => Ok(self.ask_person(call, &question)),
         }
+    }
+
+    /// Puts a person's answer on record, then sends it and records how the call ended. On
+    /// record first: only one executor sends it (the exclusive write fails for the others,
+    /// who wait out the tool's time), and after a crash the call's task is followed (see
+    /// `intents::Resumption::FollowAnswer`), never asked again. `resent`: the answer may have
+    /// gone before, so it is sent only if the task still waits on its question.
+    async fn deliver_answer<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        tool: &CatalogTool,
+        started: &intents::Started,
+        answer: &intents::Answer,
+        resent: bool,
+        recorder: &mut Recorder<'_, S>,
+    ) -> Result<CallOutcome, GatewayError> {
+        recorder.stage(EntryBody::CallResolved {
+            call_id: started.call_id.clone(),
+            outcome: contextos_crds::session::ResolvedOutcome::Answered,
+            resolver: answer.resolver.clone(),
+            note: Some(answer.text.clone()),
+        });
+        recorder.flush_exclusive().await?;
+        let turn = adapters::a2a::Turn::Answer {
+            task: &answer.question.asked.task,
+            text: &answer.text,
+            asked: &answer.question.asked,
+            question: started.asked,
+            resent,
+        };
+        let sent = self.send(call, tool, turn).await;
+        Ok(self
+            .conclude(call, tool, sent.acted(), started.asked, recorder)
+            .await)
     }
 
     /// A memory tool's call, carried out in the store the run is recorded to: the candidate

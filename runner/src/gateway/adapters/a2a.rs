@@ -848,13 +848,16 @@ impl Progress {
 
     /// What the latest status says, as a question would be recorded.
     fn said(&self) -> String {
-        let text = self
-            .status_message
+        question_text(&self.status_text())
+    }
+
+    /// The text of the latest status message.
+    fn status_text(&self) -> String {
+        self.status_message
             .as_ref()
             .and_then(|m| m.get("parts"))
             .map(text_of)
-            .unwrap_or_default();
-        question_text(&text)
+            .unwrap_or_default()
     }
 
     /// Folds in one `result`: `{task}`, `{message}`, `{statusUpdate}` or `{artifactUpdate}`.
@@ -966,12 +969,7 @@ impl Progress {
         let (Some(state), Some(task)) = (self.state, &self.task_id) else {
             return Ok(None);
         };
-        let said = self
-            .status_message
-            .as_ref()
-            .and_then(|m| m.get("parts"))
-            .map(text_of)
-            .unwrap_or_default();
+        let said = self.status_text();
         match state {
             TaskState::Running => Ok(None),
             TaskState::InputRequired if self.answered.as_ref().is_some_and(|q| self.shows(q)) => Ok(None),

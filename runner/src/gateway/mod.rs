@@ -720,17 +720,7 @@ impl ToolGateway {
                     &reason,
                     false,
                 ));
-                let attestation = self.attesting_key.as_ref().map(|key| {
-                    approvals::UnresolvedReport {
-                        run_id: &call.run_context.context.run_id,
-                        call_id: &started.call_id,
-                        tool: &call.tool,
-                        arguments_digest: approvals::ApprovalRequest::digest_of(&call.arguments),
-                        reason: &reason,
-                        for_call: None,
-                    }
-                    .sign(key)
-                });
+                let attestation = self.sign_unresolved(call, &started.call_id, &reason, None);
                 Ok(CallOutcome::OutcomeUnknown {
                     call_id: started.call_id.clone(),
                     reason,
@@ -1137,6 +1127,29 @@ impl ToolGateway {
         fair::away(self.a2a.cancel(&remote, &rewrite, task, &ctx)).await
     }
 
+    /// The gateway service's signature (tenant key) over what it reports of a call a person
+    /// must resolve — `call_id` (the call, or a question's id), `reason`, and for a question the
+    /// call it belongs to; none in process.
+    fn sign_unresolved(
+        &self,
+        call: &CallEnvelope,
+        call_id: &str,
+        reason: &str,
+        for_call: Option<&str>,
+    ) -> Option<String> {
+        self.attesting_key.as_ref().map(|key| {
+            approvals::UnresolvedReport {
+                run_id: &call.run_context.context.run_id,
+                call_id,
+                tool: &call.tool,
+                arguments_digest: approvals::ApprovalRequest::digest_of(&call.arguments),
+                reason,
+                for_call,
+            }
+            .sign(key)
+        })
+    }
+
     /// The pause for a remote agent's question: the person who resolves it is shown the
     /// call and, quoted, the question (signed by the gateway service, like any unresolved
     /// call). What to do comes first, so nothing the remote agent writes reads as the
@@ -1147,17 +1160,7 @@ impl ToolGateway {
             "the remote agent of {} asks a question (task {task}); answer it with a resolution naming {} with outcome answered and the answer as its note, or decline it with outcome did_not_act (its task is then cancelled). It asks: {:?}",
             call.tool, question.id, question.asked.text
         );
-        let attestation = self.attesting_key.as_ref().map(|key| {
-            approvals::UnresolvedReport {
-                run_id: &call.run_context.context.run_id,
-                call_id: &question.id,
-                tool: &call.tool,
-                arguments_digest: approvals::ApprovalRequest::digest_of(&call.arguments),
-                reason: &reason,
-                for_call: Some(&call.call_id),
-            }
-            .sign(key)
-        });
+        let attestation = self.sign_unresolved(call, &question.id, &reason, Some(&call.call_id));
         CallOutcome::OutcomeUnknown {
             call_id: question.id.clone(),
             reason,

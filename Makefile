@@ -34,7 +34,9 @@ lint:
 ## ~/.cache/contextos/npm by runner/tests/support/mcp_everything.sh). The A2A adapter's tests run
 ## against agents served by the official A2A SDKs: a2a-sdk from PyPI (installed once into
 ## ~/.cache/contextos/pypi by runner/tests/support/a2a_peer.sh) and @a2a-js/sdk from npm
-## (into ~/.cache/contextos/npm by runner/tests/support/a2a_peer_js.sh).
+## (into ~/.cache/contextos/npm by runner/tests/support/a2a_peer_js.sh). The OpenAPI adapter's
+## tests call a FastAPI service that writes its own OpenAPI document (FastAPI from PyPI, into
+## ~/.cache/contextos/pypi by runner/tests/support/openapi_peer.sh).
 unit:
 	set -o pipefail; \
 	bin="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
@@ -46,6 +48,8 @@ unit:
 	export CONTEXTOS_A2A_PYTHON="$$a2a"; \
 	a2a_js="$$(bash runner/tests/support/a2a_peer_js.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_A2A_JS_MODULES="$$a2a_js"; \
+	openapi="$$(bash runner/tests/support/openapi_peer.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_OPENAPI_PYTHON="$$openapi"; \
 	$(CARGO) build -p contextos-runner --examples --locked || exit 1; \
 	$(CARGO) test --workspace --exclude contextos-kind-tests --locked --tests
 

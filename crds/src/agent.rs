@@ -320,11 +320,15 @@ fn default_backoff_millis() -> u32 {
 /// How the gateway reaches a tool. Set exactly one field.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("(has(self.http) ? 1 : 0) + (has(self.mcp) ? 1 : 0) + (has(self.webhook) ? 1 : 0) + (has(self.a2a) ? 1 : 0) + (has(self.memory) ? 1 : 0) == 1").message("set exactly one of adapter.http, adapter.mcp, adapter.webhook, adapter.a2a or adapter.memory"))]
+#[x_kube(validation = Rule::new("(has(self.http) ? 1 : 0) + (has(self.mcp) ? 1 : 0) + (has(self.webhook) ? 1 : 0) + (has(self.a2a) ? 1 : 0) + (has(self.memory) ? 1 : 0) + (has(self.openapi) ? 1 : 0) == 1").message("set exactly one of adapter.http, adapter.openapi, adapter.mcp, adapter.webhook, adapter.a2a or adapter.memory"))]
 pub struct ToolAdapter {
     /// A plain HTTP/OpenAPI endpoint; arguments are sent as the JSON body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpAdapter>,
+    /// An operation of an OpenAPI 3 document: parameters and body mapped from the arguments,
+    /// the answer checked against the document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openapi: Option<OpenApiAdapter>,
     /// A tool served by an MCP server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp: Option<McpAdapter>,
@@ -342,10 +346,11 @@ pub struct ToolAdapter {
 impl ToolAdapter {
     /// The Secret key whose value the gateway sends as a bearer token, and the URL it goes to.
     pub fn bearer_secret(&self) -> Option<(&KeyRef, &str)> {
-        match (&self.http, &self.a2a) {
-            (Some(http), _) => http.secret_ref.as_ref().map(|s| (s, http.url.as_str())),
-            (None, Some(a2a)) => a2a.secret_ref.as_ref().map(|s| (s, a2a.url.as_str())),
-            (None, None) => None,
+        match (&self.http, &self.a2a, &self.openapi) {
+            (Some(http), _, _) => http.secret_ref.as_ref().map(|s| (s, http.url.as_str())),
+            (None, Some(a2a), _) => a2a.secret_ref.as_ref().map(|s| (s, a2a.url.as_str())),
+            (None, None, Some(api)) => api.secret_ref.as_ref().map(|s| (s, api.base_url())),
+            (None, None, None) => None,
         }
     }
 }
@@ -400,6 +405,50 @@ pub struct HttpAdapter {
     /// Secret key whose value is sent as a bearer token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<KeyRef>,
+}
+
+/// A tool bound to one operation of an OpenAPI 3 document (JSON or YAML). The gateway reads the
+/// document (at most 8 MiB, read again after a minute), finds the operation by its
+/// `operationId`, and maps the call's arguments onto it: each path, query and header parameter
+/// is the argument of its name, the JSON request body is the argument `body`; arguments the
+/// operation does not take are refused. The answer is checked against the schema the document
+/// gives for its status. The operation's method bounds the tool's risk: only a GET may be
+/// `read_only`; POST, PUT and PATCH are at least `network`; DELETE is `destructive`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenApiAdapter {
+    /// URL of the OpenAPI 3 document.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub document: String,
+    /// The `operationId` of the operation the tool calls.
+    #[schemars(length(min = 1, max = 256))]
+    pub operation_id: String,
+    /// Base URL of the API, in place of the document's first `servers` entry. Without it, that
+    /// entry (relative to the document's URL) must be on the document's own scheme, host and
+    /// port, so a document cannot send calls, and the tool's credentials, elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub server: Option<String>,
+    /// SHA-256 (64 hex digits) the document must have: a changed document is refused before
+    /// anything is sent, until this is updated (after reviewing what changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub document_sha256: Option<String>,
+    /// Largest answer accepted; a longer one is cut (and not checked), and the cut is recorded.
+    #[serde(default = "default_max_response_bytes")]
+    #[schemars(range(min = 1, max = 16_777_216))]
+    pub max_response_bytes: u32,
+    /// Secret key whose value is sent as a bearer token (to the API, and to the document when
+    /// it is on the API's origin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<KeyRef>,
+}
+
+impl OpenApiAdapter {
+    /// Where the calls go, as far as the declaration says: the `server`, else the document.
+    pub fn base_url(&self) -> &str {
+        self.server.as_deref().unwrap_or(&self.document)
+    }
 }
 
 /// A tool's response cap when `maxResponseBytes` is not set.

@@ -334,6 +334,9 @@ fn tool_target(tool: &Tool) -> Option<(&str, Option<&str>)> {
     if let Some(hook) = &adapter.webhook {
         return Some((&hook.url, None));
     }
+    if let Some(api) = &adapter.openapi {
+        return Some((api.base_url(), None));
+    }
     let mcp = adapter.mcp.as_ref()?;
     Some((
         mcp.url.as_deref()?,

@@ -1,7 +1,9 @@
 //! `contextos tools import --openapi` and `contextos audit --openapi` against the OpenAPI
 //! document a real local HTTP service serves (the quickstart's ops-tools, `/openapi.json`):
 //! importing its operations gives the quickstart's declarations, the quickstart audits clean
-//! against it, and a tool moved off the document (another method, another schema) is reported.
+//! against it, and a tool moved off the document (another method, another schema) is reported;
+//! the same with the operations imported as OpenAPI tools (bound by `operationId`), where a tool
+//! declared below its method is reported too.
 
 #[path = "support/quickstart.rs"]
 #[allow(dead_code)]
@@ -26,8 +28,16 @@ fn the_services_document_imports_the_quickstarts_tools_and_catches_what_moves_of
     let tools = OpsTools::start(&[]);
     let document = format!("{}/openapi.json", tools.url);
 
-    let (code, yaml, stderr) =
-        contextos(&["tools", "import", "--openapi", &document, "--server-url", SERVICE]);
+    let (code, yaml, stderr) = contextos(&[
+        "tools",
+        "import",
+        "--openapi",
+        &document,
+        "--server-url",
+        SERVICE,
+        "--adapter",
+        "http",
+    ]);
     assert_eq!(code, Some(0), "{stderr}");
     let imported: Value = serde_yaml::from_str(&yaml).expect("YAML");
     let imported = imported["tools"].as_array().cloned().expect("tools");
@@ -82,5 +92,89 @@ fn the_services_document_imports_the_quickstarts_tools_and_catches_what_moves_of
         has("openapi/schema-drift", "error_budget's inputSchema differs"),
         "{found:#?}"
     );
+    drop(tools);
+}
+
+#[test]
+fn operations_import_as_openapi_tools_that_audit_clean_until_they_move_off_the_document() {
+    let tools = OpsTools::start(&[]);
+    let document = format!("{}/openapi.json", tools.url);
+    let (code, yaml, stderr) =
+        contextos(&["tools", "import", "--openapi", &document, "--server-url", SERVICE]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let imported: Value = serde_yaml::from_str(&yaml).expect("YAML");
+    let imported = imported["tools"].clone();
+    assert_eq!(imported.as_array().map(Vec::len), Some(4), "{yaml}");
+    for tool in imported.as_array().into_iter().flatten() {
+        let adapter = &tool["adapter"]["openapi"];
+        assert_eq!(adapter["document"], document.as_str(), "{tool}");
+        assert_eq!(adapter["server"], SERVICE, "{tool}");
+        assert_eq!(adapter["operationId"], tool["name"], "{tool}");
+        assert!(tool["adapter"]["http"].is_null(), "{tool}");
+    }
+
+    // An Agent with exactly those tools audits clean against the document.
+    let mut agent: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(Quickstart::examples().join("agent.yaml")).expect("agent.yaml"),
+    )
+    .expect("agent");
+    agent["spec"]["tools"] = imported;
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().display().to_string();
+    let write = |agent: &Value| {
+        std::fs::write(
+            dir.path().join("agent.yaml"),
+            serde_yaml::to_string(agent).expect("yaml"),
+        )
+        .expect("write")
+    };
+    write(&agent);
+    let clean = openapi_findings(&path, &document);
+    assert!(clean.is_empty(), "{clean:#?}");
+
+    // Moved off it: a POST declared read_only, an operation it does not have, another schema.
+    let set = |agent: &mut Value, name: &str, pointer: &str, value: Value| {
+        let tools = agent["spec"]["tools"].as_array_mut().expect("tools");
+        let tool = tools.iter_mut().find(|t| t["name"] == name).expect("a tool");
+        *tool.pointer_mut(pointer).expect("a field") = value;
+    };
+    set(&mut agent, "error_budget", "/risk", Value::from("read_only"));
+    set(
+        &mut agent,
+        "restart_deployment",
+        "/adapter/openapi/operationId",
+        Value::from("restart"),
+    );
+    set(
+        &mut agent,
+        "search_runbooks",
+        "/inputSchema",
+        serde_json::json!({"type": "object", "properties": {"query": {"type": "integer"}}}),
+    );
+    write(&agent);
+    let found = openapi_findings(&path, &document);
+    let has = |rule: &str, text: &str| found.iter().any(|(r, m)| r == rule && m.contains(text));
+    assert!(
+        has(
+            "openapi/risk-below-method",
+            "error_budget declares risk read_only, but operation error_budget is POST"
+        ),
+        "{found:#?}"
+    );
+    assert!(
+        has(
+            "openapi/undocumented-operation",
+            "no operation has operationId \"restart\""
+        ),
+        "{found:#?}"
+    );
+    assert!(
+        has(
+            "openapi/schema-drift",
+            "search_runbooks's inputSchema differs from the arguments operation search_runbooks"
+        ),
+        "{found:#?}"
+    );
+    assert_eq!(found.len(), 3, "{found:#?}");
     drop(tools);
 }

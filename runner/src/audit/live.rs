@@ -126,6 +126,7 @@ pub fn infer(listed: &ServerTool, adapter: &McpAdapter) -> Imported {
             }),
             webhook: None,
             a2a: None,
+            openapi: None,
             memory: None,
         },
         input_schema: Some(listed.input_schema.clone()),

@@ -7,13 +7,15 @@ use std::collections::BTreeMap;
 
 use contextos_crds::{
     agent::{
-        DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT_SECONDS, HttpAdapter, HttpMethod, Tool, ToolAdapter,
+        DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT_SECONDS, HttpAdapter, HttpMethod, OpenApiAdapter, Tool,
+        ToolAdapter,
     },
     common::{ToolKind, ToolRisk},
 };
 use serde_json::{Map, Value, json};
 
 use super::live::{Imported, declared_name};
+use crate::gateway::adapters::openapi::{Binding, minimum_risk};
 
 /// Most bytes of a document read (a URL or a file).
 pub const MAX_DOCUMENT_BYTES: usize = 8 * 1024 * 1024;
@@ -27,6 +29,8 @@ const MAX_INLINED_NODES: usize = 100_000;
 pub struct Operation {
     /// `operationId`, or `<method>_<path>` when it has none.
     pub id: String,
+    /// The `operationId` the document gives (what an OpenAPI tool binds to).
+    pub operation_id: Option<String>,
     pub method: HttpMethod,
     /// The path as the document writes it (`/pets/{id}`).
     pub path: String,
@@ -39,12 +43,13 @@ pub struct Operation {
     pub path_params: Vec<String>,
 }
 
-/// An OpenAPI document: where it came from, its server URL and its operations.
+/// An OpenAPI document: where it came from, its server URL, its operations and its content.
 #[derive(Clone, Debug)]
 pub struct ApiDocument {
     pub source: String,
     pub server: String,
     pub operations: Vec<Operation>,
+    pub content: Value,
 }
 
 impl ApiDocument {
@@ -120,6 +125,7 @@ pub fn parse(source: &str, text: &str, server: Option<&str>) -> Result<ApiDocume
         source: source.to_owned(),
         server,
         operations,
+        content: document,
     })
 }
 
@@ -182,6 +188,7 @@ fn operation_of(
         .map_or_else(|| format!("{key}_{}", path.trim_matches('/')), str::to_owned);
     Ok(Operation {
         id,
+        operation_id: operation["operationId"].as_str().map(str::to_owned),
         method,
         path: path.to_owned(),
         url: format!("{}{path}", server.trim_end_matches('/')),
@@ -192,7 +199,7 @@ fn operation_of(
 }
 
 /// `value`, or what its `$ref` (`#/components/…`) points at.
-fn resolve(document: &Value, value: &Value, depth: usize) -> Result<Value, String> {
+pub(crate) fn resolve(document: &Value, value: &Value, depth: usize) -> Result<Value, String> {
     let Some(reference) = value["$ref"].as_str() else {
         return Ok(value.clone());
     };
@@ -212,7 +219,7 @@ fn resolve(document: &Value, value: &Value, depth: usize) -> Result<Value, Strin
 
 /// A schema with every `$ref` inside it replaced by its target (tools carry self-contained
 /// schemas), within [`MAX_REF_DEPTH`] and [`MAX_INLINED_NODES`].
-fn inline(document: &Value, schema: &Value, depth: usize) -> Result<Value, String> {
+pub(crate) fn inline(document: &Value, schema: &Value, depth: usize) -> Result<Value, String> {
     let mut budget = MAX_INLINED_NODES;
     inline_within(document, schema, depth, &mut budget)
 }
@@ -289,6 +296,7 @@ pub fn infer(operation: &Operation) -> Imported {
             mcp: None,
             webhook: None,
             a2a: None,
+            openapi: None,
             memory: None,
         },
         input_schema: Some(operation.input_schema.clone()),
@@ -298,6 +306,46 @@ pub fn infer(operation: &Operation) -> Imported {
         touches: Vec::new(),
     };
     Imported { tool, review }
+}
+
+/// The OpenAPI tool declaration binding `operation` of `api` (read from its URL; `server`
+/// overrides the API's URL): risk and kind as [`infer`] says, within what the method allows
+/// ([`minimum_risk`]), and the arguments the gateway maps as the input schema. An operation
+/// the gateway could not call is an error saying why.
+pub fn infer_bound(
+    api: &ApiDocument,
+    operation: &Operation,
+    server: Option<&str>,
+) -> Result<Imported, String> {
+    let Some(operation_id) = &operation.operation_id else {
+        return Err(format!(
+            "{} {} has no operationId, which an OpenAPI tool binds to",
+            method_name(operation.method),
+            operation.path
+        ));
+    };
+    let binding = Binding::new(&api.source, &api.content, operation_id, server)?;
+    let Imported { mut tool, review } = infer(operation);
+    tool.risk = tool.risk.max(minimum_risk(operation.method));
+    tool.input_schema = Some(binding.arguments_schema);
+    tool.adapter = ToolAdapter {
+        openapi: Some(OpenApiAdapter {
+            document: api.source.clone(),
+            operation_id: operation_id.clone(),
+            server: server.map(str::to_owned),
+            document_sha256: None,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            secret_ref: None,
+        }),
+        ..tool.adapter
+    };
+    tool.adapter.http = None;
+    // Path parameters are arguments like any other here.
+    let review = review
+        .into_iter()
+        .filter(|line| !line.starts_with("path parameter"))
+        .collect();
+    Ok(Imported { tool, review })
 }
 
 /// `GET`, `POST`, … as HTTP writes them.

@@ -26,6 +26,18 @@ pub struct ImportArgs {
     /// With --openapi: the API's base URL, instead of the document's `servers[0].url`.
     #[arg(long, requires = "openapi")]
     server_url: Option<String>,
+    /// With --openapi: the adapter the tools use. `openapi` (the default for a document read
+    /// from a URL) binds each tool to its operation in the document at that URL; `http` (the
+    /// default for a file) declares each operation's URL and method.
+    #[arg(long = "adapter", value_enum, requires = "openapi")]
+    adapter: Option<ImportAs>,
+}
+
+/// What an imported OpenAPI operation is declared as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportAs {
+    Openapi,
+    Http,
 }
 
 /// Which server: exactly one of an MCP URL, an MCP command and an OpenAPI document.
@@ -76,7 +88,27 @@ async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
                 ids.join(", ")
             );
         }
-        let imported = live::finish(document.operations.iter().map(openapi::infer).collect());
+        let from_url = source.starts_with("http://") || source.starts_with("https://");
+        let bound = match args.adapter {
+            Some(ImportAs::Openapi) if !from_url => anyhow::bail!(
+                "--adapter openapi: an OpenAPI tool names its document by URL, and {source} is a file; serve it over http(s) where the gateway can read it, or use --adapter http"
+            ),
+            Some(ImportAs::Openapi) => true,
+            Some(ImportAs::Http) => false,
+            None => from_url,
+        };
+        let mut listed = Vec::new();
+        for operation in &document.operations {
+            if !bound {
+                listed.push(openapi::infer(operation));
+                continue;
+            }
+            match openapi::infer_bound(&document, operation, args.server_url.as_deref()) {
+                Ok(imported) => listed.push(imported),
+                Err(why) => eprintln!("contextos tools import: left out {}: {why}", operation.id),
+            }
+        }
+        let imported = live::finish(listed);
         print!(
             "{}",
             render(&document.source, "the operations' HTTP methods", &imported)?

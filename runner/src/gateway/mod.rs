@@ -183,6 +183,7 @@ pub struct ToolGateway {
     http: reqwest::Client,
     mcp: adapters::mcp::McpClients,
     a2a: adapters::a2a::A2aClient,
+    openapi: adapters::openapi::OpenApiClient,
     breakers: CircuitBreakers,
     approvals: ApprovalBook,
     /// Results by idempotency key: a resubmitted call returns its first result.
@@ -252,6 +253,7 @@ impl ToolGateway {
             http: shared_http_client(),
             mcp: adapters::mcp::McpClients::default(),
             a2a: adapters::a2a::A2aClient::new(shared_http_client()),
+            openapi: adapters::openapi::OpenApiClient::new(shared_http_client()),
             breakers: CircuitBreakers::new(5, Duration::from_secs(30)),
             approvals: ApprovalBook::default(),
             completed: Mutex::new(HashMap::new()),
@@ -308,6 +310,7 @@ impl ToolGateway {
         self.http = guard.client();
         self.mcp = adapters::mcp::McpClients::new(self.http.clone());
         self.a2a = adapters::a2a::A2aClient::new(self.http.clone());
+        self.openapi = adapters::openapi::OpenApiClient::new(self.http.clone());
         self.egress = Some(guard);
         self
     }
@@ -1411,11 +1414,12 @@ impl ToolGateway {
             idempotency_key: call.idempotency_key.clone(),
             traceparent: envelope::traceparent(&context.trace_id, &call.call_id),
             timeout: Duration::from_secs(u64::from(tool.spec.timeout_seconds)),
-            max_response_bytes: match (&adapter.http, &adapter.mcp, &adapter.a2a) {
-                (Some(http), _, _) => http.max_response_bytes as usize,
-                (None, Some(mcp), _) => mcp.max_response_bytes as usize,
-                (None, None, Some(a2a)) => a2a.max_response_bytes as usize,
-                (None, None, None) => 1 << 20,
+            max_response_bytes: match (&adapter.http, &adapter.mcp, &adapter.a2a, &adapter.openapi) {
+                (Some(http), _, _, _) => http.max_response_bytes as usize,
+                (None, Some(mcp), _, _) => mcp.max_response_bytes as usize,
+                (None, None, Some(a2a), _) => a2a.max_response_bytes as usize,
+                (None, None, None, Some(api)) => api.max_response_bytes as usize,
+                (None, None, None, None) => 1 << 20,
             },
             bearer_token: tool.bearer_token.clone(),
             hmac_key: tool.hmac_key.clone(),
@@ -1436,12 +1440,19 @@ impl ToolGateway {
     ) -> Result<adapters::Reply, AdapterError> {
         let adapter = &tool.spec.adapter;
         let ctx = self.call_context(call, tool);
-        let route = match (&adapter.http, &adapter.webhook, &adapter.mcp, &adapter.a2a) {
-            (Some(http), _, _, _) => Route::Http(http),
-            (None, Some(hook), _, _) => Route::Webhook(hook),
-            (None, None, Some(mcp), _) => Route::Mcp(mcp),
-            (None, None, None, Some(a2a)) => Route::A2a(a2a),
-            (None, None, None, None) => {
+        let route = match (
+            &adapter.http,
+            &adapter.webhook,
+            &adapter.mcp,
+            &adapter.a2a,
+            &adapter.openapi,
+        ) {
+            (Some(http), _, _, _, _) => Route::Http(http),
+            (None, Some(hook), _, _, _) => Route::Webhook(hook),
+            (None, None, Some(mcp), _, _) => Route::Mcp(mcp),
+            (None, None, None, Some(a2a), _) => Route::A2a(a2a),
+            (None, None, None, None, Some(api)) => Route::OpenApi(api),
+            (None, None, None, None, None) => {
                 return Err(AdapterError::Unsupported(format!(
                     "tool {} names no adapter this gateway runs",
                     call.tool
@@ -1453,19 +1464,25 @@ impl ToolGateway {
             Route::Webhook(hook) => adapters::http::endpoint_of(&hook.url),
             Route::Mcp(mcp) => adapters::mcp::server_of(mcp),
             Route::A2a(a2a) => adapters::http::endpoint_of(&a2a.url),
+            Route::OpenApi(api) => adapters::http::endpoint_of(api.base_url()),
         };
         if !self.breakers.allow(&endpoint, Instant::now()) {
             return Err(AdapterError::CircuitOpen(endpoint));
         }
         if let Some(guard) = &self.egress {
-            let destination = match route {
-                Route::Http(http) => Some(self.effective_url(&http.url)),
-                Route::Webhook(hook) => Some(self.effective_url(&hook.url)),
-                Route::Mcp(mcp) => mcp.url.as_ref().map(|u| self.effective_url(u)),
-                Route::A2a(a2a) => Some(self.effective_url(&a2a.url)),
+            let destinations = match route {
+                Route::Http(http) => vec![&http.url],
+                Route::Webhook(hook) => vec![&hook.url],
+                Route::Mcp(mcp) => mcp.url.iter().collect(),
+                Route::A2a(a2a) => vec![&a2a.url],
+                // Calls go to the document's origin, or to the server the Agent names.
+                Route::OpenApi(api) => std::iter::once(&api.document).chain(&api.server).collect(),
             };
-            if let Some(url) = destination {
-                guard.check_resolved(&url).await.map_err(AdapterError::Refused)?;
+            for url in destinations {
+                guard
+                    .check_resolved(&self.effective_url(url))
+                    .await
+                    .map_err(AdapterError::Refused)?;
             }
         }
         let args = &call.arguments;
@@ -1496,6 +1513,13 @@ impl ToolGateway {
                 a2a.url = self.effective_url(&a2a.url);
                 let rewrite = |url: &str| self.effective_url(url);
                 Box::pin(self.a2a.call(&a2a, &rewrite, args, &ctx, turn)).await
+            }
+            Route::OpenApi(api) => {
+                let rewrite = |url: &str| self.effective_url(url);
+                self.openapi
+                    .call(api, &call.tool, tool.spec.risk, &rewrite, args, &ctx)
+                    .await
+                    .map(adapters::Reply::Done)
             }
         };
         // Only failures that say something about the endpoint's health count against it.
@@ -1594,6 +1618,7 @@ enum Route<'a> {
     Webhook(&'a contextos_crds::agent::WebhookAdapter),
     Mcp(&'a contextos_crds::agent::McpAdapter),
     A2a(&'a contextos_crds::agent::A2aAdapter),
+    OpenApi(&'a contextos_crds::agent::OpenApiAdapter),
 }
 
 /// How sending one turn of a call went.

@@ -28,7 +28,10 @@ use contextos_crds::{agent::A2aAdapter, common::ToolRisk};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{AdapterError, AdapterResponse, CallContext, Reply};
+use super::{
+    AdapterError, AdapterResponse, CallContext, Reply,
+    http::{classify, read_bounded},
+};
 
 /// Where an agent publishes its card, below its base URL.
 pub const CARD_PATH: &str = "/.well-known/agent-card.json";
@@ -1101,34 +1104,6 @@ fn hidden(c: char) -> bool {
 
 fn excerpt(bytes: &[u8]) -> String {
     cut(&String::from_utf8_lossy(bytes), 512)
-}
-
-/// The body, or `None` when it is larger than `cap` (reading stops there).
-async fn read_bounded(
-    mut response: reqwest::Response,
-    cap: usize,
-    endpoint: &str,
-    ctx: &CallContext,
-) -> Result<Option<Vec<u8>>, AdapterError> {
-    let mut out = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| classify(endpoint, ctx, &e))? {
-        if out.len() + chunk.len() > cap {
-            return Ok(None);
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(Some(out))
-}
-
-fn classify(endpoint: &str, ctx: &CallContext, e: &reqwest::Error) -> AdapterError {
-    if e.is_timeout() {
-        AdapterError::Timeout(ctx.timeout)
-    } else {
-        AdapterError::Unreachable {
-            endpoint: super::http::endpoint_of(endpoint),
-            detail: e.to_string(),
-        }
-    }
 }
 
 #[cfg(test)]

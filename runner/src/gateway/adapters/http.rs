@@ -106,7 +106,7 @@ pub async fn call(
 }
 
 /// Reads at most `cap` bytes of the body; the rest is dropped and reported as truncated.
-async fn read_capped(
+pub(super) async fn read_capped(
     mut response: reqwest::Response,
     cap: usize,
     endpoint: &str,
@@ -124,15 +124,32 @@ async fn read_capped(
     Ok((out, false))
 }
 
-fn classify(endpoint: &str, ctx: &CallContext, e: &reqwest::Error) -> AdapterError {
+pub(super) fn classify(endpoint: &str, ctx: &CallContext, e: &reqwest::Error) -> AdapterError {
     if e.is_timeout() {
         AdapterError::Timeout(ctx.timeout)
     } else {
         AdapterError::Unreachable {
-            endpoint: endpoint.to_owned(),
+            endpoint: endpoint_of(endpoint),
             detail: e.to_string(),
         }
     }
+}
+
+/// The body, or `None` when it is larger than `cap` (reading stops there).
+pub(super) async fn read_bounded(
+    mut response: reqwest::Response,
+    cap: usize,
+    endpoint: &str,
+    ctx: &CallContext,
+) -> Result<Option<Vec<u8>>, AdapterError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| classify(endpoint, ctx, &e))? {
+        if out.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Some(out))
 }
 
 fn query_pairs(args: &Value) -> Vec<(String, String)> {

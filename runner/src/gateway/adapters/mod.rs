@@ -8,6 +8,7 @@ pub mod mcp;
 #[cfg(not(feature = "mcp"))]
 #[path = "mcp_absent.rs"]
 pub mod mcp;
+pub mod openapi;
 
 use std::time::Duration;
 
@@ -95,6 +96,9 @@ pub enum AdapterError {
     Unsupported(String),
     #[error("destination refused: {0}")]
     Refused(String),
+    /// The call does not fit what the tool's OpenAPI document says (nothing was sent).
+    #[error("the call does not fit its OpenAPI document: {0}")]
+    Mismatch(String),
 }
 
 /// The first tool whose adapter is declared so that it cannot be run as governed, as a
@@ -123,7 +127,7 @@ impl AdapterError {
     pub fn may_have_been_sent(&self) -> bool {
         !matches!(
             self,
-            Self::CircuitOpen(_) | Self::Unsupported(_) | Self::Refused(_)
+            Self::CircuitOpen(_) | Self::Unsupported(_) | Self::Refused(_) | Self::Mismatch(_)
         )
     }
 
@@ -136,7 +140,8 @@ impl AdapterError {
             | Self::ToolFailed(_)
             | Self::Protocol(_)
             | Self::Unsupported(_)
-            | Self::Refused(_) => false,
+            | Self::Refused(_)
+            | Self::Mismatch(_) => false,
         }
     }
 }

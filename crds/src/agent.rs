@@ -427,7 +427,7 @@ pub struct OpenApiAdapter {
     /// entry (relative to the document's URL) must be on the document's own scheme, host and
     /// port, so a document cannot send calls, and the tool's credentials, elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s?#]+$"))]
     pub server: Option<String>,
     /// SHA-256 (64 hex digits) the document must have: a changed document is refused before
     /// anything is sent, until this is updated (after reviewing what changed).

@@ -55,3 +55,12 @@ pub fn client() -> reqwest::Client {
         .build()
         .expect("an HTTP client with default settings builds once the TLS provider is installed")
 }
+
+/// A blocking client (for a thread outside any async runtime, such as the trace exporter's),
+/// with the same TLS setup.
+pub fn blocking_client() -> reqwest::Result<reqwest::blocking::Client> {
+    install_tls_provider();
+    reqwest::blocking::Client::builder()
+        .tls_certs_only(PLATFORM_ROOTS.iter().cloned())
+        .build()
+}

@@ -139,6 +139,15 @@ pub enum PriceError {
         first: String,
         second: String,
     },
+    #[error(
+        "tool {tool:?} calls an operation of an OpenAPI document under {url}, and {price} prices {prefix}, below that: which operation is called is only known once the document is read, so set the tool's adapter.openapi.server to the priced URL, or price the whole API"
+    )]
+    BelowOpenApiReach {
+        tool: String,
+        url: String,
+        price: String,
+        prefix: String,
+    },
     #[error("PriceList {list}: spec.{section}[{index}].{field}: {problem}")]
     Invalid {
         list: String,
@@ -335,13 +344,28 @@ fn tool_target(tool: &Tool) -> Option<(&str, Option<&str>)> {
         return Some((&hook.url, None));
     }
     if let Some(api) = &adapter.openapi {
-        return Some((api.base_url(), None));
+        return Some((openapi_reach(api), None));
     }
     let mcp = adapter.mcp.as_ref()?;
     Some((
         mcp.url.as_deref()?,
         Some(mcp.tool.as_deref().unwrap_or(&tool.name)),
     ))
+}
+
+/// Where an OpenAPI tool's calls may go before its document is read: below the `server` the
+/// Agent names, else anywhere on the document's origin (its servers must be there).
+fn openapi_reach(api: &contextos_crds::agent::OpenApiAdapter) -> &str {
+    match &api.server {
+        Some(server) => server,
+        None => {
+            let after_scheme = api.document.find("://").map_or(0, |i| i + 3);
+            let end = api.document[after_scheme..]
+                .find(['/', '?', '#'])
+                .map_or(api.document.len(), |i| after_scheme + i);
+            &api.document[..end]
+        }
+    }
 }
 
 /// The per-call prices of `tools` in `lists`, by tool name: for each tool, a price naming its
@@ -374,6 +398,16 @@ pub fn tool_prices(
                     });
                 };
                 if !prefix.covers(&target) {
+                    // An OpenAPI tool may reach any path below its reach: a price there must
+                    // not be dodged by declaring the API's URL instead of the operation's.
+                    if tool.adapter.openapi.is_some() && target.covers(&prefix) {
+                        return Err(PriceError::BelowOpenApiReach {
+                            tool: tool.name.clone(),
+                            url: url.to_owned(),
+                            price: format!("PriceList {name}"),
+                            prefix: entry.url_prefix.clone(),
+                        });
+                    }
                     continue;
                 }
                 let names_tool = match (&entry.mcp_tool, mcp_tool) {
@@ -742,5 +776,44 @@ mod tests {
                 .starts_with("PriceList broken: spec.tools[0].perCall"),
             "{invalid}"
         );
+    }
+
+    #[test]
+    fn an_openapi_tool_cannot_dodge_a_price_below_the_url_it_declares() {
+        let lists = [(
+            "pay".to_owned(),
+            priced_tools(&[
+                ("https://pay.example/v1", None, "0.001"),
+                ("https://pay.example/v1/charges", None, "0.30"),
+            ]),
+        )];
+        let openapi = |extra: &str| {
+            tool(
+                "charge",
+                &format!(
+                    "{{openapi: {{document: 'https://pay.example/openapi.json', operationId: createCharge{extra}}}}}"
+                ),
+            )
+        };
+        // Without a server the call may go anywhere on the document's origin.
+        let refused = tool_prices(&lists, &[openapi("")]).expect_err("a price below its reach");
+        assert!(
+            refused
+                .to_string()
+                .contains("PriceList pay prices https://pay.example/v1"),
+            "{refused}"
+        );
+        let refused =
+            tool_prices(&lists, &[openapi(", server: 'https://pay.example/v1'")]).expect_err("below");
+        assert!(
+            refused
+                .to_string()
+                .contains("set the tool's adapter.openapi.server"),
+            "{refused}"
+        );
+        // Named at the priced path, it is charged that price.
+        let priced =
+            tool_prices(&lists, &[openapi(", server: 'https://pay.example/v1/charges'")]).expect("priced");
+        assert_eq!(priced["charge"].per_call, Nanos(300_000_000));
     }
 }

@@ -383,6 +383,7 @@ async fn calls_that_do_not_fit_the_document_are_refused_before_anything_is_sent(
         ("get_ticket", json!({"ticket_id": "7", "admin": true}), "admin"),
         ("get_ticket", json!({"fields": ["title"]}), "ticket_id"),
         ("get_ticket", json!({"ticket_id": ".."}), "`..` segment"),
+        ("get_ticket", json!({"ticket_id": ""}), "is empty"),
         (
             "get_ticket",
             json!({"ticket_id": "7", "x-region": "eu\r\nx-admin: yes"}),

@@ -16,13 +16,11 @@ use serde_json::{Map, Value, json};
 
 use super::live::{Imported, declared_name};
 use crate::gateway::adapters::openapi::{Binding, minimum_risk};
+pub use crate::openapi::method_name;
+use crate::openapi::{inline, resolve};
 
 /// Most bytes of a document read (a URL or a file).
 pub const MAX_DOCUMENT_BYTES: usize = 8 * 1024 * 1024;
-/// Deepest `$ref` chain followed.
-const MAX_REF_DEPTH: usize = 32;
-/// Most schema nodes one operation's arguments inline (references may fan out exponentially).
-const MAX_INLINED_NODES: usize = 100_000;
 
 /// One operation of a document.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,8 +81,8 @@ pub fn parse(source: &str, text: &str, server: Option<&str>) -> Result<ApiDocume
     if text.len() > MAX_DOCUMENT_BYTES {
         return Err(format!("{source}: more than {MAX_DOCUMENT_BYTES} bytes"));
     }
-    let document: Value =
-        serde_yaml::from_str(text).map_err(|e| format!("{source}: not JSON or YAML: {e}"))?;
+    let document =
+        crate::openapi::parse_document(text).map_err(|e| format!("{source}: not JSON or YAML: {e}"))?;
     let version = document["openapi"].as_str().unwrap_or_default();
     if !version.starts_with("3.") {
         return Err(format!(
@@ -198,65 +196,6 @@ fn operation_of(
     })
 }
 
-/// `value`, or what its `$ref` (`#/components/…`) points at.
-pub(crate) fn resolve(document: &Value, value: &Value, depth: usize) -> Result<Value, String> {
-    let Some(reference) = value["$ref"].as_str() else {
-        return Ok(value.clone());
-    };
-    if depth > MAX_REF_DEPTH {
-        return Err(format!(
-            "$ref {reference}: more than {MAX_REF_DEPTH} references deep (a cycle?)"
-        ));
-    }
-    let pointer = reference
-        .strip_prefix('#')
-        .ok_or_else(|| format!("$ref {reference}: only references inside the document are followed"))?;
-    let target = document
-        .pointer(pointer)
-        .ok_or_else(|| format!("$ref {reference}: not in the document"))?;
-    resolve(document, target, depth + 1)
-}
-
-/// A schema with every `$ref` inside it replaced by its target (tools carry self-contained
-/// schemas), within [`MAX_REF_DEPTH`] and [`MAX_INLINED_NODES`].
-pub(crate) fn inline(document: &Value, schema: &Value, depth: usize) -> Result<Value, String> {
-    let mut budget = MAX_INLINED_NODES;
-    inline_within(document, schema, depth, &mut budget)
-}
-
-fn inline_within(
-    document: &Value,
-    schema: &Value,
-    depth: usize,
-    budget: &mut usize,
-) -> Result<Value, String> {
-    *budget = budget
-        .checked_sub(1)
-        .ok_or_else(|| format!("a schema that inlines to more than {MAX_INLINED_NODES} nodes"))?;
-    if depth > MAX_REF_DEPTH * 4 {
-        return Err(format!(
-            "a schema nested more than {} levels deep (a recursive $ref?)",
-            MAX_REF_DEPTH * 4
-        ));
-    }
-    let schema = resolve(document, schema, depth / 4)?;
-    match schema {
-        Value::Object(map) => {
-            let mut out = Map::new();
-            for (key, value) in map {
-                out.insert(key, inline_within(document, &value, depth + 1, budget)?);
-            }
-            Ok(Value::Object(out))
-        }
-        Value::Array(items) => items
-            .iter()
-            .map(|v| inline_within(document, v, depth + 1, budget))
-            .collect::<Result<_, _>>()
-            .map(Value::Array),
-        other => Ok(other),
-    }
-}
-
 /// The HTTP tool declaration `operation` implies:
 /// - GET → read_only, observe, idempotent;
 /// - PUT, PATCH → network, act (PUT idempotent), marked for review (what does it change?);
@@ -346,17 +285,6 @@ pub fn infer_bound(
         .filter(|line| !line.starts_with("path parameter"))
         .collect();
     Ok(Imported { tool, review })
-}
-
-/// `GET`, `POST`, … as HTTP writes them.
-pub fn method_name(method: HttpMethod) -> &'static str {
-    match method {
-        HttpMethod::Get => "GET",
-        HttpMethod::Post => "POST",
-        HttpMethod::Put => "PUT",
-        HttpMethod::Patch => "PATCH",
-        HttpMethod::Delete => "DELETE",
-    }
 }
 
 /// Operation ids that map to one declared name, so an import would declare a tool twice.

@@ -125,6 +125,16 @@ enum Command {
 }
 
 impl Cli {
+    /// The name this process's spans are exported under: the gateway service and a runner pod
+    /// are services of their own; every other command is the `contextos` CLI.
+    pub fn service_name(&self) -> &'static str {
+        match self.command {
+            Command::Gateway(_) => "contextos-gateway",
+            Command::SessionRun(_) => "contextos-runner",
+            _ => "contextos",
+        }
+    }
+
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Run(args) => run::run(&self.global, args).await,

@@ -186,14 +186,15 @@ fn secret_over_http(harness: &Harness, sink: &mut Sink<'_>) {
         if let Some((_, url)) = tool.adapter.bearer_secret()
             && plain_http_off_cluster(url)
         {
-            let adapter = if tool.adapter.http.is_some() {
-                "http"
-            } else {
-                "a2a"
+            let (adapter, key) = match (&tool.adapter.http, &tool.adapter.a2a, &tool.adapter.openapi) {
+                (Some(_), _, _) => ("http", "url"),
+                (None, Some(_), _) => ("a2a", "url"),
+                (None, None, Some(api)) if api.server.is_some() => ("openapi", "server"),
+                _ => ("openapi", "document"),
             };
             sink.report(
                 agent,
-                field.key("adapter").key(adapter).key("url"),
+                field.key("adapter").key(adapter).key(key),
                 format!("{} sends its Secret to {url} unencrypted", tool.name),
             );
         }

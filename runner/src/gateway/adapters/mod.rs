@@ -99,6 +99,9 @@ pub enum AdapterError {
     /// The call does not fit what the tool's OpenAPI document says (nothing was sent).
     #[error("the call does not fit its OpenAPI document: {0}")]
     Mismatch(String),
+    /// The tool's OpenAPI document could not be read (nothing was sent to the API).
+    #[error("the tool's OpenAPI document cannot be read: {detail}")]
+    DocumentUnavailable { detail: String, retryable: bool },
 }
 
 /// The first tool whose adapter is declared so that it cannot be run as governed, as a
@@ -127,7 +130,11 @@ impl AdapterError {
     pub fn may_have_been_sent(&self) -> bool {
         !matches!(
             self,
-            Self::CircuitOpen(_) | Self::Unsupported(_) | Self::Refused(_) | Self::Mismatch(_)
+            Self::CircuitOpen(_)
+                | Self::Unsupported(_)
+                | Self::Refused(_)
+                | Self::Mismatch(_)
+                | Self::DocumentUnavailable { .. }
         )
     }
 
@@ -135,6 +142,7 @@ impl AdapterError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Timeout(_) | Self::Unreachable { .. } => true,
+            Self::DocumentUnavailable { retryable, .. } => *retryable,
             Self::Status { status, .. } => *status == 429 || *status >= 500,
             Self::CircuitOpen(_)
             | Self::ToolFailed(_)

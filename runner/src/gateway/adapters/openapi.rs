@@ -31,13 +31,11 @@ use serde_json::{Map, Value, json};
 use sha2::Digest as _;
 
 use super::{AdapterError, AdapterResponse, CallContext, http};
-use crate::audit::openapi::{inline, method_name, resolve};
+use crate::openapi::{MAX_INLINED_NODES, inline_within, method_name, parse_document, resolve};
 
 /// Most bytes of a document read; a larger one is refused while it is read.
 pub const DOCUMENT_MAX_BYTES: usize = 8 * 1024 * 1024;
 const DOCUMENT_TTL: Duration = Duration::from_secs(60);
-/// Documents kept at once (each with its bound operations).
-const DOCUMENTS_KEPT: usize = 64;
 
 /// What an argument may hold in a path segment as it is: everything else is percent-encoded,
 /// `/`, `?`, `#` and `%` included, so an argument stays inside its segment.
@@ -47,16 +45,18 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Headers the gateway sets itself, or that say how the request is framed: a parameter
-/// naming one is refused (OpenAPI says `Accept`, `Content-Type` and `Authorization` parameters
-/// are ignored; the gateway refuses the operation rather than silently drop an argument).
-const GATEWAY_HEADERS: [&str; 13] = [
+/// Headers the gateway sets itself, that say how the request is framed, that change its method
+/// (which bounds the tool's risk) or that speak for the client's address: a parameter naming
+/// one is refused (OpenAPI says `Accept`, `Content-Type` and `Authorization` parameters are
+/// ignored; the gateway refuses the operation rather than silently drop an argument).
+const GATEWAY_HEADERS: [&str; 20] = [
     "accept",
     "authorization",
     "connection",
     "content-length",
     "content-type",
     "cookie",
+    "forwarded",
     "host",
     "idempotency-key",
     "proxy-authorization",
@@ -64,7 +64,25 @@ const GATEWAY_HEADERS: [&str; 13] = [
     "traceparent",
     "tracestate",
     "transfer-encoding",
+    "upgrade",
+    "x-http-method",
+    "x-http-method-override",
+    "x-method-override",
+    "x-real-ip",
+    "baggage",
 ];
+
+/// Whether a header parameter named `name` would set what the gateway owns (see
+/// [`GATEWAY_HEADERS`]; also every `X-Forwarded-*` and `X-ContextOS-*` header).
+fn gateway_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    GATEWAY_HEADERS.contains(&name.as_str())
+        || name.starts_with("x-forwarded-")
+        || name.starts_with("x-contextos-")
+}
+
+/// Query parameters frameworks read as the request's method.
+const METHOD_OVERRIDE_QUERIES: [&str; 2] = ["_method", "x-http-method-override"];
 
 /// The least risk a tool bound to an operation of `method` may declare. Only a GET is safe
 /// (RFC 9110): every other method changes something outside the sandbox, and DELETE removes it.
@@ -150,9 +168,15 @@ impl Binding {
         let (path, method, item, operation) =
             find(document, operation_id).map_err(|e| format!("{document_url}: {e}"))?;
         let base = base_url(document_url, document, item, operation, server)?;
+        // One budget for every schema of the operation: parameters by the thousand, each
+        // inlining a fan-out of references, must not cost thousands of budgets.
+        let left = std::cell::Cell::new(MAX_INLINED_NODES);
         let schema_of = |schema: &Value| -> Result<Value, String> {
-            let mut inlined = inline(document, schema, 0)
-                .map_err(|e| format!("operation {operation_id} of {document_url}: {e}"))?;
+            let mut budget = left.get();
+            let inlined = inline_within(document, schema, 0, &mut budget);
+            left.set(budget);
+            let mut inlined =
+                inlined.map_err(|e| format!("operation {operation_id} of {document_url}: {e}"))?;
             if legacy {
                 as_json_schema(&mut inlined);
             }
@@ -185,10 +209,16 @@ impl Binding {
                 return refuse("is not in the operation's path");
             }
             if location == Location::Header
-                && (GATEWAY_HEADERS.contains(&name.to_ascii_lowercase().as_str())
-                    || HeaderName::from_bytes(name.as_bytes()).is_err())
+                && (gateway_header(&name) || HeaderName::from_bytes(name.as_bytes()).is_err())
             {
-                return refuse("is a header the gateway sets itself, or not a header name");
+                return refuse(
+                    "is a header the gateway sets itself (or one that changes the method or the client's address), or not a header name",
+                );
+            }
+            if location == Location::Query
+                && METHOD_OVERRIDE_QUERIES.contains(&name.to_ascii_lowercase().as_str())
+            {
+                return refuse("overrides the request's method, which bounds the tool's risk");
             }
             let style = parameter["style"].as_str();
             let default_style = if location == Location::Query {
@@ -362,6 +392,12 @@ impl Binding {
         let mut headers = Vec::new();
         for parameter in &self.parameters {
             let value = &args[parameter.name.as_str()];
+            if parameter.location == Location::Path && (value.is_null() || value.as_str() == Some("")) {
+                return Err(format!(
+                    "argument {} is empty: a path segment of operation {} needs a value",
+                    parameter.name, self.operation_id
+                ));
+            }
             if value.is_null() {
                 continue;
             }
@@ -374,6 +410,12 @@ impl Binding {
             match parameter.location {
                 Location::Path => {
                     let text = texts.join(",");
+                    if text.is_empty() {
+                        return Err(format!(
+                            "argument {} is empty: a path segment of operation {} needs a value",
+                            parameter.name, self.operation_id
+                        ));
+                    }
                     let encoded = utf8_percent_encode(&text, SEGMENT).to_string();
                     path = path.replace(&format!("{{{}}}", parameter.name), &encoded);
                 }
@@ -428,15 +470,26 @@ impl Binding {
         })
     }
 
+    /// The schema the document gives for answers with `status`, if any.
+    fn answer_schema(&self, status: u16) -> Option<&(Answers, jsonschema::Validator)> {
+        self.answers.iter().find(|(answers_to, _)| match answers_to {
+            Answers::Status(s) => *s == status,
+            Answers::Class(c) => *c == status / 100,
+            Answers::Default => true,
+        })
+    }
+
+    /// Whether the document gives a schema for answers with `status` (an answer cut short
+    /// cannot be checked against it, so it is not taken).
+    pub fn describes_answer(&self, status: u16) -> bool {
+        self.answer_schema(status).is_some()
+    }
+
     /// Whether `body`, the answer with `status`, is what the document says it is: the schema of
     /// the exact status, else of its range (`2XX`), else `default`. An answer the document gives
     /// no JSON schema for is not checked.
     pub fn check_answer(&self, status: u16, body: &Value) -> Result<(), String> {
-        let Some((answers_to, validator)) = self.answers.iter().find(|(answers_to, _)| match answers_to {
-            Answers::Status(s) => *s == status,
-            Answers::Class(c) => *c == status / 100,
-            Answers::Default => true,
-        }) else {
+        let Some((answers_to, validator)) = self.answer_schema(status) else {
             return Ok(());
         };
         match validator.iter_errors(body).next() {
@@ -670,34 +723,45 @@ fn as_json_schema(schema: &mut Value) {
 /// the gateway refuses is not bound again on every call.
 type Bound = Arc<Result<Binding, String>>;
 
-/// A document as read: its digest, its content, and the operations bound from it so far.
+/// A document as read: its digest and its content.
 #[derive(Debug)]
 struct Document {
     sha256: String,
     content: Value,
-    /// By operation id and the Agent's `server`.
-    bound: Mutex<HashMap<(String, Option<String>), Bound>>,
 }
 
+/// Documents and operations kept at once.
+const KEPT: usize = 64;
+
 /// The OpenAPI side of a gateway: one HTTP client (the gateway's, egress-guarded in the
-/// service) and the documents it read.
+/// service), the documents it read (by URL and by the credential they were read with: a
+/// server may show each caller its own) and the operations bound from them.
 #[derive(Debug)]
 pub struct OpenApiClient {
     http: reqwest::Client,
-    documents: Mutex<HashMap<String, (Instant, Arc<Document>)>>,
+    documents: Mutex<HashMap<DocumentKey, (Instant, Arc<Document>)>>,
+    bound: Mutex<HashMap<BindingKey, (Instant, Bound)>>,
 }
+
+/// A document read: the URL it was read from, and a digest of the token it was read with.
+type DocumentKey = (String, Option<String>);
+/// An operation bound: the document's digest, its declared URL (servers resolve against it),
+/// the operation id and the Agent's `server`.
+type BindingKey = (String, String, String, Option<String>);
 
 impl OpenApiClient {
     pub fn new(http: reqwest::Client) -> Self {
         Self {
             http,
             documents: Mutex::new(HashMap::new()),
+            bound: Mutex::new(HashMap::new()),
         }
     }
 
     /// Calls the operation `adapter` names for tool `tool` (declared `risk`) with `args`:
     /// `rewrite` is the endpoint override (applied to the document's URL and to the request's,
-    /// after every check is made on the URLs the Agent declared).
+    /// after every check is made on the URLs the Agent declared). Reading the document and the
+    /// call share the tool's timeout.
     pub async fn call(
         &self,
         adapter: &OpenApiAdapter,
@@ -707,6 +771,7 @@ impl OpenApiClient {
         args: &Value,
         ctx: &CallContext,
     ) -> Result<AdapterResponse, AdapterError> {
+        let started = Instant::now();
         let binding = self.binding(adapter, rewrite, ctx).await?;
         let binding = binding
             .as_ref()
@@ -716,12 +781,25 @@ impl OpenApiClient {
             return Err(AdapterError::Mismatch(problem));
         }
         let request = binding.request(args).map_err(AdapterError::Mismatch)?;
+        let Some(left) = ctx
+            .timeout
+            .checked_sub(started.elapsed())
+            .filter(|d| !d.is_zero())
+        else {
+            return Err(AdapterError::DocumentUnavailable {
+                detail: format!(
+                    "reading it took the whole timeout ({:?}); nothing was sent",
+                    ctx.timeout
+                ),
+                retryable: true,
+            });
+        };
         let url = rewrite(&request.url);
         let endpoint = http::endpoint_of(&url);
         let mut builder = self
             .http
             .request(method_of(request.method), &url)
-            .timeout(ctx.timeout)
+            .timeout(left)
             .header("accept", "application/json")
             .header("idempotency-key", &ctx.idempotency_key)
             .header("traceparent", &ctx.traceparent);
@@ -748,7 +826,13 @@ impl OpenApiClient {
             });
         }
         if truncated {
-            // Cut: not the document's shape any more; the record says it was cut.
+            if binding.describes_answer(status) {
+                // A cut answer cannot be checked, and unchecked it would pass for one.
+                return Err(AdapterError::Protocol(format!(
+                    "the answer of operation {} (HTTP {status}) is longer than maxResponseBytes ({}), so it cannot be checked against its document",
+                    binding.operation_id, ctx.max_response_bytes
+                )));
+            }
             return Ok(AdapterResponse {
                 status,
                 body: Value::String(text),
@@ -786,22 +870,24 @@ impl OpenApiClient {
                 adapter.document, document.sha256
             )));
         }
-        let key = (adapter.operation_id.clone(), adapter.server.clone());
-        let mut bound = document
-            .bound
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Ok(bound
-            .entry(key)
-            .or_insert_with(|| {
-                Arc::new(Binding::new(
-                    &adapter.document,
-                    &document.content,
-                    &adapter.operation_id,
-                    adapter.server.as_deref(),
-                ))
-            })
-            .clone())
+        let key = (
+            document.sha256.clone(),
+            adapter.document.clone(),
+            adapter.operation_id.clone(),
+            adapter.server.clone(),
+        );
+        if let Some((_, bound)) = lock(&self.bound).get(&key) {
+            return Ok(bound.clone());
+        }
+        // Bound outside the lock: a large document takes a while, and other calls go on.
+        let bound = Arc::new(Binding::new(
+            &adapter.document,
+            &document.content,
+            &adapter.operation_id,
+            adapter.server.as_deref(),
+        ));
+        keep(&mut lock(&self.bound), key, bound.clone());
+        Ok(bound)
     }
 
     async fn document(
@@ -811,12 +897,27 @@ impl OpenApiClient {
         ctx: &CallContext,
     ) -> Result<Arc<Document>, AdapterError> {
         let url = rewrite(&adapter.document);
-        if let Ok(documents) = self.documents.lock()
-            && let Some((at, document)) = documents.get(&url)
+        // The token is the API's: it goes to the document only on the API's own origin (always,
+        // when the API's URL comes from the document, which must keep to its origin).
+        let api = reqwest::Url::parse(adapter.base_url());
+        let declared = reqwest::Url::parse(&adapter.document);
+        let token = match (&ctx.bearer_token, api, declared) {
+            (Some(token), Ok(api), Ok(declared)) if same_origin(&api, &declared) => Some(token),
+            _ => None,
+        };
+        let key = (
+            url.clone(),
+            token.map(|t| hex::encode(sha2::Sha256::digest(t.as_bytes()))),
+        );
+        if let Some((at, document)) = lock(&self.documents).get(&key)
             && at.elapsed() < DOCUMENT_TTL
         {
             return Ok(document.clone());
         }
+        let unavailable = |error: AdapterError| AdapterError::DocumentUnavailable {
+            retryable: error.is_retryable(),
+            detail: format!("{url}: {error}"),
+        };
         let endpoint = http::endpoint_of(&url);
         let mut request = self
             .http
@@ -824,52 +925,54 @@ impl OpenApiClient {
             .timeout(ctx.timeout)
             .header("accept", "application/json, application/yaml;q=0.9, */*;q=0.1")
             .header("traceparent", &ctx.traceparent);
-        // The token is the API's: it goes to the document only on the API's own origin (always,
-        // when the API's URL comes from the document, which must keep to its origin).
-        let api = reqwest::Url::parse(adapter.base_url());
-        let declared = reqwest::Url::parse(&adapter.document);
-        if let (Some(token), Ok(api), Ok(declared)) = (&ctx.bearer_token, api, declared)
-            && same_origin(&api, &declared)
-        {
+        if let Some(token) = token {
             request = request.bearer_auth(token);
         }
         let response = request
             .send()
             .await
-            .map_err(|e| http::classify(&endpoint, ctx, &e))?;
+            .map_err(|e| unavailable(http::classify(&endpoint, ctx, &e)))?;
         let status = response.status().as_u16();
         let bytes = http::read_bounded(response, DOCUMENT_MAX_BYTES, &endpoint, ctx)
-            .await?
+            .await
+            .map_err(unavailable)?
             .ok_or_else(|| {
-                AdapterError::Protocol(format!(
-                    "the OpenAPI document at {url} is larger than {DOCUMENT_MAX_BYTES} bytes"
-                ))
+                unavailable(AdapterError::Protocol(format!(
+                    "larger than {DOCUMENT_MAX_BYTES} bytes"
+                )))
             })?;
         if !(200..300).contains(&status) {
-            return Err(AdapterError::Status {
+            return Err(unavailable(AdapterError::Status {
                 status,
                 body: String::from_utf8_lossy(&bytes).chars().take(512).collect(),
-            });
+            }));
         }
-        let text = std::str::from_utf8(&bytes).map_err(|_| {
-            AdapterError::Protocol(format!("the OpenAPI document at {url} is not UTF-8 text"))
-        })?;
-        let content: Value = serde_yaml::from_str(text).map_err(|e| {
-            AdapterError::Protocol(format!("the OpenAPI document at {url} is not JSON or YAML: {e}"))
-        })?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| unavailable(AdapterError::Protocol("not UTF-8 text".into())))?;
+        let content = parse_document(text)
+            .map_err(|e| unavailable(AdapterError::Protocol(format!("not JSON or YAML: {e}"))))?;
         let document = Arc::new(Document {
             sha256: hex::encode(sha2::Sha256::digest(&bytes)),
             content,
-            bound: Mutex::new(HashMap::new()),
         });
-        if let Ok(mut documents) = self.documents.lock() {
-            if documents.len() >= DOCUMENTS_KEPT {
-                documents.clear();
-            }
-            documents.insert(url, (Instant::now(), document.clone()));
-        }
+        keep(&mut lock(&self.documents), key, document.clone());
         Ok(document)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Keeps `value` under `key`, dropping the oldest entry when [`KEPT`] are kept already.
+fn keep<K: Clone + Eq + std::hash::Hash, V>(kept: &mut HashMap<K, (Instant, V)>, key: K, value: V) {
+    if kept.len() >= KEPT
+        && !kept.contains_key(&key)
+        && let Some(oldest) = kept.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone())
+    {
+        kept.remove(&oldest);
+    }
+    kept.insert(key, (Instant::now(), value));
 }
 
 fn method_of(method: HttpMethod) -> reqwest::Method {

@@ -98,6 +98,7 @@ fn arguments_the_operation_does_not_take_are_refused_naming_them() {
         (json!({"fields": ["a"]}), "ticket_id"),
         (json!({"ticket_id": ".."}), "`..` segment"),
         (json!({"ticket_id": "."}), "`..` segment"),
+        (json!({"ticket_id": ""}), "is empty"),
         (
             json!({"ticket_id": "7", "x-region": "eu\r\nx-admin: 1"}),
             "cannot be sent as header",
@@ -268,6 +269,30 @@ fn operations_that_cannot_be_called_as_governed_are_refused_with_the_reason() {
         ),
         (
             with(
+                "/paths/~1tickets~1{ticket_id}/get/parameters/1/name",
+                json!("X-HTTP-Method-Override"),
+            ),
+            "get_ticket",
+            "changes the method",
+        ),
+        (
+            with(
+                "/paths/~1tickets~1{ticket_id}/get/parameters/1/name",
+                json!("X-Forwarded-For"),
+            ),
+            "get_ticket",
+            "client's address",
+        ),
+        (
+            with(
+                "/paths/~1tickets~1{ticket_id}/get/parameters/0/name",
+                json!("_method"),
+            ),
+            "get_ticket",
+            "overrides the request's method",
+        ),
+        (
+            with(
                 "/paths/~1tickets~1{ticket_id}/get/parameters/2/required",
                 json!(true),
             ),
@@ -321,4 +346,66 @@ fn operations_that_cannot_be_called_as_governed_are_refused_with_the_reason() {
     let mut head = tickets();
     head["paths"]["/tickets"]["head"] = json!({"operationId": "peek"});
     assert!(refusal(&head, "peek", None).contains("HEAD"));
+}
+
+#[test]
+fn keywords_beside_a_reference_constrain_too() {
+    let mut document = tickets();
+    document["paths"]["/tickets"]["post"]["requestBody"]["content"]["application/json; charset=utf-8"]["schema"] =
+        json!({"$ref": "#/components/schemas/NewTicket", "required": ["title", "owner"]});
+    let create = bind(&document, "create_ticket");
+    let refused = create
+        .request(&json!({"body": {"title": "x"}}))
+        .expect_err("owner is required beside the $ref");
+    assert!(refused.contains("owner"), "{refused}");
+    assert!(
+        create
+            .request(&json!({"body": {"title": "x", "owner": "ops"}}))
+            .is_ok()
+    );
+}
+
+#[test]
+fn one_operation_has_one_inlining_budget() {
+    // A reference that fans out to ~2^15 nodes, and 40 parameters each using it: within one
+    // budget per schema each, far beyond one budget for the operation.
+    let mut schemas = serde_json::Map::new();
+    for i in 0..15 {
+        let next = format!("#/components/schemas/S{}", i + 1);
+        schemas.insert(
+            format!("S{i}"),
+            json!({"properties": {"a": {"$ref": next}, "b": {"$ref": next}}}),
+        );
+    }
+    schemas.insert("S15".into(), json!({"type": "string"}));
+    let parameters: Vec<Value> = (0..40)
+        .map(|i| json!({"name": format!("p{i}"), "in": "query", "schema": {"$ref": "#/components/schemas/S0"}}))
+        .collect();
+    let document = json!({
+        "openapi": "3.1.0",
+        "paths": {"/x": {"get": {"operationId": "x", "parameters": parameters}}},
+        "components": {"schemas": schemas},
+    });
+    assert!(refusal(&document, "x", None).contains("more than 100000 nodes"));
+}
+
+#[test]
+fn yaml_aliases_cannot_blow_a_small_document_up() {
+    // 200,000 values named once and used 25 times: 5 million values from 400 kB, within what
+    // the YAML reader's own repetition limit lets through (100 times the document's events).
+    let mut yaml = format!(
+        "openapi: 3.1.0\nmany: &many [{}]\nuses:\n",
+        vec!["1"; 200_000].join(",")
+    );
+    yaml.push_str(&"  - *many\n".repeat(25));
+    let refused = crate::openapi::parse_document(&yaml).expect_err("5 million values refused");
+    assert!(refused.contains("aliases are expanded"), "{refused}");
+    let small: Value =
+        crate::openapi::parse_document("openapi: 3.0.0\nresponses: {200: {a: &x [1, 2]}, 404: {b: *x}}\n")
+            .expect("a small YAML document");
+    assert_eq!(
+        small["responses"]["404"]["b"],
+        json!([1, 2]),
+        "aliases and numeric keys read"
+    );
 }

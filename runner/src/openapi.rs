@@ -1,0 +1,207 @@
+//! OpenAPI 3 documents as the gateway and the audit read them: references resolved and
+//! schemas inlined within fixed bounds (a document is untrusted input), and methods as HTTP
+//! writes them.
+
+use contextos_crds::agent::HttpMethod;
+use serde_json::{Map, Value, json};
+
+/// Deepest `$ref` chain followed.
+const MAX_REF_DEPTH: usize = 32;
+/// Most schema nodes one operation's arguments inline (references may fan out exponentially).
+pub const MAX_INLINED_NODES: usize = 100_000;
+
+/// `value`, or what its `$ref` (`#/components/…`) points at.
+pub fn resolve(document: &Value, value: &Value, depth: usize) -> Result<Value, String> {
+    let Some(reference) = value["$ref"].as_str() else {
+        return Ok(value.clone());
+    };
+    if depth > MAX_REF_DEPTH {
+        return Err(format!(
+            "$ref {reference}: more than {MAX_REF_DEPTH} references deep (a cycle?)"
+        ));
+    }
+    let pointer = reference
+        .strip_prefix('#')
+        .ok_or_else(|| format!("$ref {reference}: only references inside the document are followed"))?;
+    let target = document
+        .pointer(pointer)
+        .ok_or_else(|| format!("$ref {reference}: not in the document"))?;
+    resolve(document, target, depth + 1)
+}
+
+/// Most values a document may hold once its YAML aliases are expanded: a few kilobytes of
+/// aliases to aliases can otherwise stand for billions of values.
+pub const MAX_DOCUMENT_VALUES: usize = 4_000_000;
+
+/// A document's content: JSON, or YAML within [`MAX_DOCUMENT_VALUES`] (counted as aliases
+/// expand, while it is read).
+pub fn parse_document(text: &str) -> Result<Value, String> {
+    if let Ok(value) = serde_json::from_str(text) {
+        return Ok(value);
+    }
+    let left = std::cell::Cell::new(MAX_DOCUMENT_VALUES);
+    serde::de::DeserializeSeed::deserialize(Bounded { left: &left }, serde_yaml::Deserializer::from_str(text))
+        .map_err(|e| e.to_string())
+}
+
+/// Builds a JSON value from YAML, counting every value against `left`.
+#[derive(Clone, Copy)]
+struct Bounded<'a> {
+    left: &'a std::cell::Cell<usize>,
+}
+
+impl Bounded<'_> {
+    fn take<E: serde::de::Error>(self) -> Result<(), E> {
+        let left = self.left.get().checked_sub(1).ok_or_else(|| {
+            E::custom(format!(
+                "more than {MAX_DOCUMENT_VALUES} values once its aliases are expanded"
+            ))
+        })?;
+        self.left.set(left);
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Bounded<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Bounded<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a YAML value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        self.take()?;
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.take()?;
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.take()?;
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(self)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.take()?;
+        let mut out = Map::new();
+        while let Some(key) = map.next_key_seed(self)? {
+            // YAML keys may be numbers (`200:` in `responses`) or booleans: JSON's are text.
+            let key = match key {
+                Value::String(text) => text,
+                other => other.to_string(),
+            };
+            let value = map.next_value_seed(self)?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// A schema with every `$ref` inside it replaced by its target (tools carry self-contained
+/// schemas), within [`MAX_REF_DEPTH`] and [`MAX_INLINED_NODES`].
+pub fn inline(document: &Value, schema: &Value, depth: usize) -> Result<Value, String> {
+    let mut budget = MAX_INLINED_NODES;
+    inline_within(document, schema, depth, &mut budget)
+}
+
+/// [`inline`] within what is `left` of a budget shared by several schemas (one operation's).
+pub fn inline_within(
+    document: &Value,
+    schema: &Value,
+    depth: usize,
+    left: &mut usize,
+) -> Result<Value, String> {
+    *left = left
+        .checked_sub(1)
+        .ok_or_else(|| format!("schemas that inline to more than {MAX_INLINED_NODES} nodes"))?;
+    if depth > MAX_REF_DEPTH * 4 {
+        return Err(format!(
+            "a schema nested more than {} levels deep (a recursive $ref?)",
+            MAX_REF_DEPTH * 4
+        ));
+    }
+    // Keywords next to a `$ref` (OpenAPI 3.1, JSON Schema 2020-12) constrain too: both hold.
+    if let Some(map) = schema.as_object()
+        && map.contains_key("$ref")
+        && map
+            .keys()
+            .any(|k| !matches!(k.as_str(), "$ref" | "description" | "summary"))
+    {
+        let mut siblings = map.clone();
+        let reference = siblings.remove("$ref").unwrap_or_default();
+        let target = inline_within(document, &json!({"$ref": reference}), depth + 1, left)?;
+        let siblings = inline_within(document, &Value::Object(siblings), depth + 1, left)?;
+        return Ok(json!({"allOf": [target, siblings]}));
+    }
+    let schema = resolve(document, schema, depth / 4)?;
+    let budget = left;
+    match schema {
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (key, value) in map {
+                out.insert(key, inline_within(document, &value, depth + 1, budget)?);
+            }
+            Ok(Value::Object(out))
+        }
+        Value::Array(items) => items
+            .iter()
+            .map(|v| inline_within(document, v, depth + 1, budget))
+            .collect::<Result<_, _>>()
+            .map(Value::Array),
+        other => Ok(other),
+    }
+}
+
+/// `GET`, `POST`, … as HTTP writes them.
+pub fn method_name(method: HttpMethod) -> &'static str {
+    match method {
+        HttpMethod::Get => "GET",
+        HttpMethod::Post => "POST",
+        HttpMethod::Put => "PUT",
+        HttpMethod::Patch => "PATCH",
+        HttpMethod::Delete => "DELETE",
+    }
+}

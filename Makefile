@@ -36,7 +36,9 @@ lint:
 ## ~/.cache/contextos/pypi by runner/tests/support/a2a_peer.sh) and @a2a-js/sdk from npm
 ## (into ~/.cache/contextos/npm by runner/tests/support/a2a_peer_js.sh). The OpenAPI adapter's
 ## tests call a FastAPI service that writes its own OpenAPI document (FastAPI from PyPI, into
-## ~/.cache/contextos/pypi by runner/tests/support/openapi_peer.sh).
+## ~/.cache/contextos/pypi by runner/tests/support/openapi_peer.sh). The tracing test exports to
+## Jaeger (all-in-one, built from its Go module and cached by runner/tests/support/jaeger.sh; a
+## cold build takes ~4 min) and reads the trace back through its query API.
 unit:
 	set -o pipefail; \
 	bin="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
@@ -50,6 +52,8 @@ unit:
 	export CONTEXTOS_A2A_JS_MODULES="$$a2a_js"; \
 	openapi="$$(bash runner/tests/support/openapi_peer.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_OPENAPI_PYTHON="$$openapi"; \
+	jaeger="$$(bash runner/tests/support/jaeger.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_JAEGER_BIN="$$jaeger"; \
 	$(CARGO) build -p contextos-runner --examples --locked || exit 1; \
 	$(CARGO) test --workspace --exclude contextos-kind-tests --locked --tests
 

@@ -176,9 +176,31 @@ impl IntoResponse for ApiError {
 
 type Reply = Result<Json<Value>, ApiError>;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+
     let args = Args::parse();
+    // With OTEL_EXPORTER_OTLP_ENDPOINT set, each request is a span continuing the caller's
+    // trace (its `traceparent`), as a tool server that takes part in tracing does.
+    let (traces, telemetry) = match contextos_runner::telemetry::from_env("ops-tools") {
+        Ok(Some((layer, telemetry))) => (Some(layer), Some(telemetry)),
+        Ok(None) => (None, None),
+        Err(e) => {
+            eprintln!("ops-tools: traces are not exported: {e}");
+            (None, None)
+        }
+    };
+    tracing_subscriber::registry().with(traces).init();
+    let served = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args));
+    // Flushed after the runtime is gone: the exporter blocks.
+    drop(telemetry);
+    served
+}
+
+async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if !args.listen.ip().is_loopback() && !args.in_pod {
         return Err(format!(
             "--listen must be a loopback address, got {} (a pod's own address needs --in-pod)",
@@ -291,7 +313,29 @@ fn router(shared: Arc<Shared>, mcp_config: StreamableHttpServerConfig) -> Router
         .nest_service(MCP_PATH, mcp)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), slow_answers))
+        .layer(middleware::from_fn(traced))
         .with_state(shared)
+}
+
+/// Serves a request in a span that continues the caller's trace (its `traceparent`).
+async fn traced(request: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!(
+        target: contextos_runner::telemetry::TARGET,
+        "ops-tools.request",
+        http.request.method = %request.method(),
+        url.path = %request.uri().path(),
+        otel.kind = "server",
+    );
+    if let Some(parent) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(contextos_runner::telemetry::parse_traceparent)
+    {
+        contextos_runner::telemetry::set_parent(&span, parent);
+    }
+    next.run(request).instrument(span).await
 }
 
 /// Applies `--slow` after the handler ran, so an effect is already done when the caller waits.

@@ -29,6 +29,13 @@ pub const TARGET: &str = "contextos::trace";
 /// The attribute that marks a Session's root span, whose id is rewritten to
 /// [`session_span_id`] on export (the SDK chooses span ids itself).
 const ANCHOR: &str = "contextos.session_root";
+/// The attribute carrying the span that started a Session (from its `traceparent`
+/// annotation), which its root span is a child of on export.
+const CALLER: &str = "contextos.session_caller";
+
+/// The Session annotation naming the trace a Session belongs to (W3C `traceparent`: a CI
+/// pipeline's or a calling service's span), when it should not start its own.
+pub const TRACEPARENT_ANNOTATION: &str = "contextos.dev/traceparent";
 
 /// The id of the root span of the Session whose trace is `trace_id` (deterministic: any
 /// process can parent a run on it without having seen it).
@@ -104,11 +111,35 @@ pub fn set_parent(span: &tracing::Span, parent: Context) {
     let _ = span.set_parent(parent);
 }
 
-/// Marks `span` as the root of its Session's trace (see [`session_span_id`]): it is parented on
-/// the Session's root id only so that it takes the Session's trace id; on export it becomes
-/// that root.
-pub fn mark_session_root(span: &tracing::Span) {
+/// The trace id (hex) of a W3C `traceparent`, if it is a valid one.
+pub fn trace_id_in(traceparent: &str) -> Option<String> {
+    let context = parse_traceparent(traceparent)?;
+    let trace = context.span().span_context().trace_id();
+    Some(trace.to_string())
+}
+
+/// The root span of a Session whose trace is `trace` (see [`session_span_id`]), started by
+/// `caller` (the span of its `traceparent` annotation) if any: created parented on the
+/// Session's root id only so that it takes the Session's trace id; on export it becomes that
+/// root, under `caller`.
+pub fn session_span(tenant: &str, session: &str, trace: TraceId, caller: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: TARGET,
+        "session",
+        contextos.tenant = tenant,
+        contextos.session = session,
+        contextos.outcome = tracing::field::Empty,
+    );
+    set_parent(&span, under_session(trace));
     span.set_attribute(ANCHOR, true);
+    let caller = caller
+        .and_then(parse_traceparent)
+        .map(|c| c.span().span_context().clone())
+        .filter(|c| c.trace_id() == trace);
+    if let Some(caller) = caller {
+        span.set_attribute(CALLER, caller.span_id().to_string());
+    }
+    span
 }
 
 #[cfg(feature = "otlp")]
@@ -132,7 +163,7 @@ mod export {
     };
     use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
 
-    use super::{ANCHOR, TARGET, configured, session_span_id};
+    use super::{ANCHOR, CALLER, TARGET, configured, session_span_id};
 
     /// The exporter, while spans are exported: dropping it flushes what is buffered (bounded by the
     /// exporter's timeout) and stops the export thread.
@@ -221,8 +252,14 @@ mod export {
                     false,
                     old.trace_state().clone(),
                 );
-                span.parent_span_id = SpanId::INVALID;
-                span.parent_span_is_remote = false;
+                let caller = span
+                    .attributes
+                    .iter()
+                    .position(|kv| kv.key.as_str() == CALLER)
+                    .map(|at| span.attributes.remove(at))
+                    .and_then(|kv| SpanId::from_hex(kv.value.as_str().as_ref()).ok());
+                span.parent_span_id = caller.unwrap_or(SpanId::INVALID);
+                span.parent_span_is_remote = caller.is_some();
             }
             self.inner.on_end(span);
         }

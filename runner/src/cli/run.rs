@@ -25,6 +25,7 @@ use contextos_runner::{
     },
     run_context::random_hex,
 };
+use tracing::Instrument as _;
 
 use super::GlobalArgs;
 
@@ -203,11 +204,54 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     let secrets = secrets(&set, &args.access)?;
     let harness = harness(global, &store, key, bundle, secrets, &args.access)?;
     let run_id = format!("{}-{}", harness.bundle().session, random_hex(4));
+    // The Session's trace: the one its `contextos.dev/traceparent` annotation names, or its own.
+    let caller = traceparent_annotation(&set, &harness.bundle().session)?;
+    let trace_id = caller
+        .as_deref()
+        .and_then(contextos_runner::telemetry::trace_id_in)
+        .unwrap_or_else(|| random_hex(16));
+    let session = contextos_runner::telemetry::trace_id_of(&trace_id).map(|trace| {
+        contextos_runner::telemetry::session_span(
+            tenant.as_str(),
+            &harness.bundle().session,
+            trace,
+            caller.as_deref(),
+        )
+    });
     let mut observer = Terminal::default();
-    let report = harness
-        .start(&run_id, &random_hex(16), &mut |p| observer.show(p))
-        .await?;
+    let mut show = |p: &contextos_runner::run::Progress<'_>| observer.show(p);
+    let started = harness.start(&run_id, &trace_id, &mut show);
+    let report = match &session {
+        Some(span) => started.instrument(span.clone()).await?,
+        None => started.await?,
+    };
+    if let Some(span) = session {
+        span.record("contextos.outcome", report.outcome.name());
+    }
     finish(global, &tenant, &report)
+}
+
+/// The Session's `contextos.dev/traceparent` annotation, when it has one; an annotation that
+/// is not a W3C traceparent is an error naming it.
+fn traceparent_annotation(set: &ManifestSet, session: &str) -> anyhow::Result<Option<String>> {
+    use contextos_runner::telemetry::{TRACEPARENT_ANNOTATION, parse_traceparent};
+    let Some(manifest) = set.find("Session", session) else {
+        return Ok(None);
+    };
+    let Some(value) = manifest
+        .value
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(TRACEPARENT_ANNOTATION))
+    else {
+        return Ok(None);
+    };
+    match value.as_str().filter(|v| parse_traceparent(v).is_some()) {
+        Some(traceparent) => Ok(Some(traceparent.to_owned())),
+        None => bail!(
+            "{}: Session {session}: metadata.annotations[{TRACEPARENT_ANNOTATION}]: {value} is not a W3C traceparent (00-<32 hex trace id>-<16 hex span id>-<2 hex flags>); fix it or remove it",
+            manifest.file.display()
+        ),
+    }
 }
 
 pub async fn resume(global: &GlobalArgs, args: ResumeArgs) -> anyhow::Result<ExitCode> {

@@ -567,6 +567,50 @@ impl ToolGateway {
         state: &StateFacts,
         progress: &RunProgress,
     ) -> Result<CallOutcome, GatewayError> {
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "tool.call",
+            contextos.tenant = %self.tenant,
+            contextos.agent = %self.agent,
+            contextos.tool = %call.tool,
+            contextos.call = %call.call_id,
+            contextos.risk = call.risk.as_str(),
+            contextos.kind = call.kind.as_str(),
+            contextos.outcome = tracing::field::Empty,
+            otel.kind = "client",
+        );
+        // The caller's span (the runner's step, in this process or a runner pod), when the
+        // envelope names one; what the tool is told is this call's span.
+        if let Some(parent) = crate::telemetry::parse_traceparent(&call.traceparent) {
+            crate::telemetry::set_parent(&span, parent);
+        }
+        let traced;
+        let call = match crate::telemetry::traceparent_of(&span) {
+            Some(traceparent) => {
+                traced = CallEnvelope {
+                    traceparent,
+                    ..call.clone()
+                };
+                &traced
+            }
+            None => call,
+        };
+                // Boxed: the call's future is deep, and the span's wrapper would make it deeper still
+        // for every caller that awaits it.
+        let outcome = Box::pin(self.handle_untraced(call, recorder, state, progress))
+            .instrument(span.clone())
+            .await;
+        span.record("contextos.outcome", outcome_name(&outcome));
+        outcome
+    }
+
+    async fn handle_untraced<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        recorder: &mut Recorder<'_, S>,
+        state: &StateFacts,
+        progress: &RunProgress,
+    ) -> Result<CallOutcome, GatewayError> {
         if let Some(refusal) = self.admit(call) {
             return self.refuse(call, recorder, refusal.0, refusal.1).await;
         }
@@ -621,8 +665,16 @@ impl ToolGateway {
                 .await;
         }
         let decision = {
-            let _phase = tracing::debug_span!("gateway.decide").entered();
-            self.decide(call, tool, state, progress)
+            let span = tracing::info_span!(
+                target: crate::telemetry::TARGET,
+                "gateway.decision",
+                contextos.effect = tracing::field::Empty,
+                contextos.rule = tracing::field::Empty,
+            );
+            let decision = span.in_scope(|| self.decide(call, tool, state, progress));
+            span.record("contextos.effect", decision.effect.as_str());
+            span.record("contextos.rule", decision.rule.as_str());
+            decision
         };
         for shadow in &decision.dry_run {
             recorder.stage(decision_entry(
@@ -650,7 +702,21 @@ impl ToolGateway {
                 });
             }
             PolicyEffect::RequireApproval => {
-                if let Some(outcome) = self.check_approval(call, &call_hash, &decision, recorder).await? {
+                let span = tracing::info_span!(
+                    target: crate::telemetry::TARGET,
+                    "approval.wait",
+                    contextos.rule = %decision.rule,
+                    contextos.approval = tracing::field::Empty,
+                );
+                let waiting = self
+                    .check_approval(call, &call_hash, &decision, recorder)
+                    .instrument(span.clone())
+                    .await?;
+                span.record(
+                    "contextos.approval",
+                    if waiting.is_some() { "requested" } else { "granted" },
+                );
+                if let Some(outcome) = waiting {
                     return Ok(outcome);
                 }
             }
@@ -1412,7 +1478,12 @@ impl ToolGateway {
         let context = &call.run_context.context;
         CallContext {
             idempotency_key: call.idempotency_key.clone(),
-            traceparent: envelope::traceparent(&context.trace_id, &call.call_id),
+            // The call's span (see `handle_in_run`), or one derived from the call when nothing
+            // is traced: the same for a replayed call.
+            traceparent: match crate::telemetry::parse_traceparent(&call.traceparent) {
+                Some(_) => call.traceparent.clone(),
+                None => envelope::traceparent(&context.trace_id, &call.call_id),
+            },
             timeout: Duration::from_secs(u64::from(tool.spec.timeout_seconds)),
             max_response_bytes: match (&adapter.http, &adapter.mcp, &adapter.a2a, &adapter.openapi) {
                 (Some(http), _, _, _) => http.max_response_bytes as usize,
@@ -1609,6 +1680,19 @@ fn cancelled_or_not(cancelled: bool) -> &'static str {
 fn shared_http_client() -> reqwest::Client {
     static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(crate::http::client);
     CLIENT.clone()
+}
+
+/// A call's outcome as its span names it.
+fn outcome_name(outcome: &Result<CallOutcome, GatewayError>) -> &'static str {
+    match outcome {
+        Ok(CallOutcome::Executed(result)) if result.ok => "executed",
+        Ok(CallOutcome::Executed(_)) => "failed",
+        Ok(CallOutcome::Denied { .. }) => "denied",
+        Ok(CallOutcome::OutcomeUnknown { .. }) => "outcome_unknown",
+        Ok(CallOutcome::InProgress { .. }) => "in_progress",
+        Ok(CallOutcome::NeedsApproval { .. }) => "needs_approval",
+        Err(_) => "error",
+    }
 }
 
 /// Which adapter a call goes through.

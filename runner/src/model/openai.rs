@@ -61,6 +61,9 @@ impl OpenAiCompatible {
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key);
         }
+        if let Some(parent) = crate::telemetry::traceparent_of(&tracing::Span::current()) {
+            call = call.header("traceparent", parent);
+        }
         let response = call.send().await.map_err(|e| {
             // Not connected: the request never reached the endpoint. Otherwise it may have been
             // sent and worked on (a timeout while the model generates): it may cost.

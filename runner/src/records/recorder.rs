@@ -428,12 +428,17 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
 
     /// Appends everything staged in one atomic batch and returns the new signed head.
     pub async fn flush(&mut self) -> Result<SignedHead, RecordError> {
+        let span = append_span(self.staged.len());
+        self.flush_untraced().instrument(span).await
+    }
+
+    async fn flush_untraced(&mut self) -> Result<SignedHead, RecordError> {
         if let Some(e) = self.failed_lock.take() {
             return Err(e.into());
         }
         if !self.chained.is_empty() {
             // Entries someone else chained cannot be re-chained: they go on this head or not at all.
-            return self.flush_exclusive().await;
+            return self.flush_exclusive_untraced().await;
         }
         let staged = std::mem::take(&mut self.staged);
         let bodies = self.offload_blobs(staged).await?;
@@ -474,6 +479,11 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// writer moved the head, the staged entries are dropped and the error returned (what they
     /// said was decided on a state that is gone).
     pub async fn flush_exclusive(&mut self) -> Result<SignedHead, RecordError> {
+        let span = append_span(self.staged.len());
+        self.flush_exclusive_untraced().instrument(span).await
+    }
+
+    async fn flush_exclusive_untraced(&mut self) -> Result<SignedHead, RecordError> {
         let prepared = self
             .prepare()
             .instrument(tracing::debug_span!("record.prepare"))
@@ -870,4 +880,9 @@ fn body_type_of(body: &[u8]) -> String {
     serde_json::from_slice::<Tag>(body)
         .map(|t| t.r#type)
         .unwrap_or_default()
+}
+
+/// The span of one append to a run's record: `entries` staged entries.
+fn append_span(entries: usize) -> tracing::Span {
+    tracing::info_span!(target: crate::telemetry::TARGET, "record.append", contextos.entries = entries)
 }

@@ -177,7 +177,9 @@ impl<S: RecordStore> Harness<'_, S> {
             risk,
             kind,
             idempotency_key: idempotency_key(&signed.context.run_id, call_id, call),
-            traceparent: traceparent(&signed.context.trace_id, call_id),
+            // The step's span when it is traced: the gateway's span for the call is its child.
+            traceparent: crate::telemetry::traceparent_of(&tracing::Span::current())
+                .unwrap_or_else(|| traceparent(&signed.context.trace_id, call_id)),
             run_context: signed.clone(),
             approval: None,
             resolution: None,

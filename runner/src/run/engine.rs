@@ -12,6 +12,8 @@
 
 use std::{collections::HashMap, time::Instant};
 
+use tracing::Instrument as _;
+
 use contextos_crds::{common::ToolKind, session::Resolution};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -55,6 +57,18 @@ pub enum RunOutcome {
     AwaitingApproval(AwaitingApproval),
     /// A call's outcome is unknown; a human says whether it acted (`Session.spec.resolutions`).
     AwaitingResolution(UnresolvedCall),
+}
+
+impl RunOutcome {
+    /// How the run ended or paused, as one word (spans, logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Completed { .. } => "completed",
+            Self::Failed { .. } => "failed",
+            Self::AwaitingApproval(_) => "awaiting_approval",
+            Self::AwaitingResolution(_) => "awaiting_resolution",
+        }
+    }
 }
 
 /// The result of starting or resuming a run.
@@ -347,6 +361,21 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         trace_id: &str,
         observe: Observer<'_>,
     ) -> Result<RunReport, RunError> {
+        let span = self.run_span(run_id, trace_id, false);
+        let report = self
+            .start_untraced(run_id, trace_id, observe)
+            .instrument(span.clone())
+            .await;
+        record_outcome(&span, &report);
+        report
+    }
+
+    async fn start_untraced(
+        &self,
+        run_id: &str,
+        trace_id: &str,
+        observe: Observer<'_>,
+    ) -> Result<RunReport, RunError> {
         let recalls = self
             .bundle
             .context_pack
@@ -417,7 +446,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         recalled: &[RecallRecord],
         observe: Observer<'_>,
     ) -> Result<RunReport, RunError> {
-        let compiled = match self.compile(recalled) {
+        let compiled = match compile_span().in_scope(|| self.compile(recalled)) {
             Ok(compiled) => compiled,
             Err(e) => {
                 let outcome = RunOutcome::Failed {
@@ -638,16 +667,21 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             session: &self.bundle.session,
             resumed: true,
         });
-        self.drive(
-            &mut recorder,
-            &signed,
-            &compiled,
-            recorded.state,
-            Decided { grant, resolution },
-            recorded.turn_in_progress,
-            observe,
-        )
-        .await
+        let span = self.run_span(&run_id, &signed.context.trace_id, true);
+        let report = self
+            .drive(
+                &mut recorder,
+                &signed,
+                &compiled,
+                recorded.state,
+                Decided { grant, resolution },
+                recorded.turn_in_progress,
+                observe,
+            )
+            .instrument(span.clone())
+            .await;
+        record_outcome(&span, &report);
+        report
     }
 
     /// The run's context: the pinned pack, its ConfigMap sources and what its memory sources
@@ -755,23 +789,35 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         // Messages already in a checkpoint (written or staged).
         let mut recorded_messages = state.messages.len();
         loop {
+            let step = tracing::info_span!(
+                target: crate::telemetry::TARGET,
+                "step",
+                contextos.step = state.step + u32::from(state.pending.is_empty()),
+            );
             let result = if state.pending.is_empty() {
                 state.step += 1;
                 let reused = turn_in_progress.is_some();
                 let turn = match turn_in_progress.take() {
                     Some(turn) => turn,
-                    None => match self.next_turn(recorder, compiled, state).await? {
+                    None => match self
+                        .next_turn(recorder, compiled, state)
+                        .instrument(step.clone())
+                        .await?
+                    {
                         Ok(turn) => turn,
                         Err(e) => return self.model_failed(recorder, e, state).await,
                     },
                 };
-                self.take_turn(recorder, state, &turn, reused, observe).await?
+                self.take_turn(recorder, state, &turn, reused, observe)
+                    .instrument(step.clone())
+                    .await?
             } else {
                 Owned::Calls
             };
             let result = match result {
                 Owned::Calls => {
                     self.handle_calls(recorder, signed, state, decided.take(), observe)
+                        .instrument(step.clone())
                         .await?
                 }
                 answer => answer,
@@ -782,7 +828,16 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                     .pause_for_resolution(recorder, unresolved, state.clone(), recorded_messages)
                     .await;
             }
-            let judgement = self.judge(state, &result);
+            let judgement = step.in_scope(|| {
+                let span = tracing::info_span!(
+                    target: crate::telemetry::TARGET,
+                    "critic.verdict",
+                    contextos.verdict = tracing::field::Empty,
+                );
+                let judgement = span.in_scope(|| self.judge(state, &result));
+                span.record("contextos.verdict", format!("{:?}", judgement.verdict).as_str());
+                judgement
+            });
             observe(&Progress::Verdict {
                 step: state.step,
                 verdict: judgement.verdict,
@@ -822,7 +877,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 _ => {}
             }
             if let Some(outcome) = outcome {
-                recorder.flush().await?;
+                recorder.flush().instrument(step.clone()).await?;
                 observe(&Progress::Boundary {
                     step: state.step,
                     after: "checkpoint",
@@ -851,6 +906,45 @@ impl<'s, S: RecordStore> Harness<'s, S> {
 
     /// Asks the model directly, or through the gateway service with the runner's `tail`.
     async fn ask_model(
+        &self,
+        compiled: &CompiledContext,
+        state: &LoopState,
+        tail: Option<crate::gateway::remote::RunnerTail>,
+    ) -> Result<ModelTurn, ModelError> {
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "model.call",
+            gen_ai.request.model = %self.bundle.agent_spec.model.model,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            contextos.outcome = tracing::field::Empty,
+            otel.kind = "client",
+        );
+        let turn = self
+            .ask_model_untraced(compiled, state, tail)
+            .instrument(span.clone())
+            .await;
+        match &turn {
+            Ok(turn) => {
+                span.record("gen_ai.usage.input_tokens", turn.prompt_tokens);
+                span.record("gen_ai.usage.output_tokens", turn.completion_tokens);
+                span.record(
+                    "contextos.outcome",
+                    if turn.tool_calls.is_empty() {
+                        "answer"
+                    } else {
+                        "tool_calls"
+                    },
+                );
+            }
+            Err(_) => {
+                span.record("contextos.outcome", "error");
+            }
+        }
+        turn
+    }
+
+    async fn ask_model_untraced(
         &self,
         compiled: &CompiledContext,
         state: &LoopState,
@@ -1057,6 +1151,26 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         .unwrap_or_else(|_| agent.budget.clone())
     }
 
+    /// The span of one attempt of the Session's run: a child of the Session's root span
+    /// (see `telemetry`), wherever the attempt runs.
+    fn run_span(&self, run_id: &str, trace_id: &str, resumed: bool) -> tracing::Span {
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "run",
+            contextos.tenant = %self.tenant,
+            contextos.agent = %self.bundle.agent,
+            contextos.session = %self.bundle.session,
+            contextos.run = run_id,
+            contextos.resumed = resumed,
+            contextos.replay = self.replay(),
+            contextos.outcome = tracing::field::Empty,
+        );
+        if let Some(trace) = crate::telemetry::trace_id_of(trace_id) {
+            crate::telemetry::set_parent(&span, crate::telemetry::under_session(trace));
+        }
+        span
+    }
+
     fn replay(&self) -> bool {
         matches!(self.mode, Mode::Replay { .. })
     }
@@ -1150,4 +1264,18 @@ fn ending_outcome(judgement: &Judgement, state: &LoopState) -> Option<RunOutcome
         }),
         Ending::Paused => state.awaiting.clone().map(RunOutcome::AwaitingApproval),
     }
+}
+
+/// Names how a run attempt ended on its span.
+fn record_outcome(span: &tracing::Span, report: &Result<RunReport, RunError>) {
+    let outcome = match report {
+        Ok(report) => report.outcome.name(),
+        Err(_) => "error",
+    };
+    span.record("contextos.outcome", outcome);
+}
+
+/// The span of compiling a run's context.
+fn compile_span() -> tracing::Span {
+    tracing::info_span!(target: crate::telemetry::TARGET, "context.compile")
 }

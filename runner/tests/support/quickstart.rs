@@ -38,10 +38,16 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
 
 impl OpsTools {
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// [`OpsTools::start`] with `env` set for the service (e.g. where it exports traces).
+    pub fn start_with_env(extra: &[&str], env: &[(String, String)]) -> Self {
         let binary = example_binary("ops_tools");
         let mut child = Command::new(binary)
             .args(["--hmac-key", HMAC_KEY, "--exit-on-stdin-eof"])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -107,6 +113,8 @@ pub struct Quickstart {
     pub tools: OpsTools,
     /// The manifests run (the quickstart's, or a changed copy).
     pub files: PathBuf,
+    /// Environment every `contextos` invocation gets besides the test's.
+    pub env: Vec<(String, String)>,
 }
 
 impl Quickstart {
@@ -120,6 +128,7 @@ impl Quickstart {
             data: tempfile::tempdir().expect("tempdir"),
             tools: OpsTools::start(tool_args),
             files,
+            env: Vec::new(),
         }
     }
 
@@ -134,7 +143,8 @@ impl Quickstart {
             .arg(self.data.path())
             .args(["--tenant", "shop"])
             .args(args)
-            .env_remove("CONTEXTOS_FAULT_PAUSE_AT_BOUNDARY");
+            .env_remove("CONTEXTOS_FAULT_PAUSE_AT_BOUNDARY")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         command
     }
 

@@ -1,0 +1,362 @@
+//! One trace per Session, read back from a real trace backend: Jaeger (its all-in-one, built
+//! from the `github.com/jaegertracing/jaeger` Go module by `runner/tests/support/jaeger.sh`;
+//! `make unit` sets `CONTEXTOS_JAEGER_BIN`) with in-memory storage and its OTLP receiver, queried
+//! through its HTTP API. The quickstart runs through the `contextos` binary (paused for an
+//! approval, approved, resumed) with its tool service, ops-tools, exporting too: the trace named
+//! by the Session's `contextos.dev/traceparent` annotation holds the Session's root span under
+//! that caller, both attempts' run spans under the root, steps, model calls, critic verdicts,
+//! tool calls with their gateway decisions and approval waits, record appends — and the tool
+//! service's spans under the tool calls that reached it.
+
+#[path = "support/quickstart.rs"]
+#[allow(dead_code)]
+mod quickstart;
+
+use std::{
+    collections::HashMap,
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use quickstart::{OpsTools, Quickstart};
+use serde_json::Value;
+
+const JAEGER_ENV: &str = "CONTEXTOS_JAEGER_BIN";
+/// The trace the Session's annotation names, and the caller's span in it.
+const TRACE_ID: &str = "5b8efff798038103d269b633813fc60c";
+const CALLER_SPAN: &str = "eee19b7ec3c1b174";
+
+/// Jaeger, stopped when the test ends.
+struct Jaeger {
+    child: Child,
+    otlp: String,
+    query: String,
+    _config: tempfile::TempDir,
+}
+
+impl Drop for Jaeger {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Jaeger {
+    /// Starts Jaeger on loopback ports of its own, or `None` (the test says it is skipped)
+    /// without it.
+    fn start() -> Option<Self> {
+        let Some(binary) = std::env::var_os(JAEGER_ENV) else {
+            eprintln!(
+                "skipped: {JAEGER_ENV} is not set (`make unit` sets it: bash runner/tests/support/jaeger.sh)"
+            );
+            return None;
+        };
+        let (otlp, query, query_grpc) = (free_port(), free_port(), free_port());
+        let config = tempfile::tempdir().expect("tempdir");
+        let path = config.path().join("jaeger.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "service:
+  extensions: [jaeger_storage, jaeger_query]
+  pipelines:
+    traces: {{receivers: [otlp], processors: [batch], exporters: [jaeger_storage_exporter]}}
+  telemetry:
+    metrics: {{level: none}}
+    logs: {{level: warn}}
+extensions:
+  jaeger_storage:
+    backends:
+      memory: {{memory: {{max_traces: 1000}}}}
+  jaeger_query:
+    storage: {{traces: memory}}
+    http: {{endpoint: '127.0.0.1:{query}'}}
+    grpc: {{endpoint: '127.0.0.1:{query_grpc}'}}
+receivers:
+  otlp:
+    protocols:
+      http: {{endpoint: '127.0.0.1:{otlp}'}}
+processors:
+  batch: {{timeout: 100ms}}
+exporters:
+  jaeger_storage_exporter: {{trace_storage: memory}}
+"
+            ),
+        )
+        .expect("config");
+        let child = Command::new(binary)
+            .arg(format!("--config=file:{}", path.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("Jaeger starts");
+        let jaeger = Self {
+            child,
+            otlp: format!("http://127.0.0.1:{otlp}"),
+            query: format!("http://127.0.0.1:{query}"),
+            _config: config,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while get(&format!("{}/api/services", jaeger.query)).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "Jaeger's query API did not answer within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(jaeger)
+    }
+
+    /// The trace `id` once it holds spans of every service in `services` and no new span came
+    /// for a second (the exporters flush in batches), within 30 s.
+    fn trace(&self, id: &str, services: &[&str]) -> Trace {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = (0, Instant::now());
+        loop {
+            if let Some(trace) = get(&format!("{}/api/traces/{id}", self.query)).map(|v| Trace::of(&v)) {
+                let complete = services
+                    .iter()
+                    .all(|s| trace.spans.iter().any(|span| span.service == *s));
+                if trace.spans.len() != last.0 {
+                    last = (trace.spans.len(), Instant::now());
+                } else if complete && last.1.elapsed() > Duration::from_secs(1) {
+                    return trace;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "trace {id} incomplete after 30 s: {last:?} spans"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// `GET url` as JSON, `None` until it answers 200.
+fn get(url: &str) -> Option<Value> {
+    let output = Command::new("curl")
+        .args(["-sf", "--max-time", "5", url])
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| serde_json::from_slice(&output.stdout).ok())
+        .flatten()
+}
+
+#[derive(Debug)]
+struct Span {
+    id: String,
+    parent: Option<String>,
+    name: String,
+    service: String,
+    tags: HashMap<String, Value>,
+}
+
+#[derive(Debug)]
+struct Trace {
+    spans: Vec<Span>,
+}
+
+impl Trace {
+    fn of(answer: &Value) -> Self {
+        let trace = &answer["data"][0];
+        let spans = trace["spans"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|span| Span {
+                id: span["spanID"].as_str().unwrap_or_default().to_owned(),
+                parent: span["references"]
+                    .as_array()
+                    .and_then(|r| r.iter().find(|r| r["refType"] == "CHILD_OF"))
+                    .and_then(|r| r["spanID"].as_str())
+                    .map(str::to_owned),
+                name: span["operationName"].as_str().unwrap_or_default().to_owned(),
+                service: trace["processes"][span["processID"].as_str().unwrap_or_default()]["serviceName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                tags: span["tags"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| {
+                        (
+                            t["key"].as_str().unwrap_or_default().to_owned(),
+                            t["value"].clone(),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        Self { spans }
+    }
+
+    fn named(&self, name: &str) -> Vec<&Span> {
+        self.spans.iter().filter(|s| s.name == name).collect()
+    }
+
+    fn by_id(&self, id: &str) -> Option<&Span> {
+        self.spans.iter().find(|s| s.id == id)
+    }
+
+    /// The name of `span`'s parent in the trace.
+    fn parent_name(&self, span: &Span) -> Option<&str> {
+        self.by_id(span.parent.as_deref()?).map(|p| p.name.as_str())
+    }
+}
+
+#[test]
+fn a_session_is_one_trace_from_its_caller_through_runs_gateway_and_tool_service() {
+    let Some(jaeger) = Jaeger::start() else { return };
+    let exporting = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), jaeger.otlp.clone()),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
+    ];
+    // The quickstart's manifests, its Session annotated with the caller's traceparent.
+    let files = tempfile::tempdir().expect("files");
+    for entry in std::fs::read_dir(Quickstart::examples()).expect("quickstart") {
+        let entry = entry.expect("entry");
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), files.path().join(entry.file_name())).expect("copy");
+        }
+    }
+    let session = files.path().join("session.yaml");
+    let text = std::fs::read_to_string(&session).expect("session.yaml");
+    let annotated = text.replacen(
+        "metadata:\n",
+        &format!(
+            "metadata:\n  annotations:\n    contextos.dev/traceparent: 00-{TRACE_ID}-{CALLER_SPAN}-01\n"
+        ),
+        1,
+    );
+    assert_ne!(annotated, text, "session.yaml has metadata");
+    std::fs::write(&session, annotated).expect("write");
+
+    let mut q = Quickstart::with_files(&[], files.path().to_owned());
+    q.tools = OpsTools::start_with_env(&[], &exporting);
+    q.env = exporting;
+    let paused = q.step(false, None);
+    assert_eq!(paused.code, Some(4), "pauses for approval: {paused:?}");
+    q.approve();
+    let done = q.step(true, None);
+    assert_eq!(done.code, Some(0), "{done:?}");
+
+    let trace = jaeger.trace(TRACE_ID, &["contextos", "ops-tools"]);
+    let names: Vec<&str> = trace.spans.iter().map(|s| s.name.as_str()).collect();
+
+    // The Session's root, under the caller's span; both attempts under the root.
+    let roots = trace.named("session");
+    assert_eq!(roots.len(), 1, "{names:?}");
+    let root = roots[0];
+    assert_eq!(root.parent.as_deref(), Some(CALLER_SPAN));
+    assert_eq!(root.tags["contextos.session"], "checkout-5xx");
+    let runs = trace.named("run");
+    assert_eq!(runs.len(), 2, "{names:?}");
+    for run in &runs {
+        assert_eq!(run.parent.as_deref(), Some(root.id.as_str()), "{run:?}");
+        assert_eq!(run.tags["contextos.tenant"], "shop");
+    }
+    assert!(runs.iter().any(|r| r.tags["contextos.resumed"] == true));
+    assert!(
+        runs.iter().any(|r| r.tags["contextos.outcome"] == "completed"),
+        "{runs:?}"
+    );
+    assert!(
+        runs.iter()
+            .any(|r| r.tags["contextos.outcome"] == "awaiting_approval"),
+        "{runs:?}"
+    );
+
+    // Steps under runs; model calls, tool calls and verdicts under steps.
+    for step in trace.named("step") {
+        assert_eq!(trace.parent_name(step), Some("run"), "{step:?}");
+    }
+    for (name, parent) in [
+        ("model.call", "step"),
+        ("critic.verdict", "step"),
+        ("tool.call", "step"),
+        ("gateway.decision", "tool.call"),
+        ("approval.wait", "tool.call"),
+        ("context.compile", "run"),
+    ] {
+        let spans = trace.named(name);
+        assert!(!spans.is_empty(), "no {name} span: {names:?}");
+        for span in spans {
+            assert_eq!(trace.parent_name(span), Some(parent), "{name}: {span:?}");
+        }
+    }
+    assert!(!trace.named("record.append").is_empty(), "{names:?}");
+    let waits: Vec<&Value> = trace
+        .named("approval.wait")
+        .iter()
+        .map(|s| &s.tags["contextos.approval"])
+        .collect();
+    assert!(
+        waits.contains(&&Value::from("requested")) && waits.contains(&&Value::from("granted")),
+        "{waits:?}"
+    );
+    let decisions: Vec<&Value> = trace
+        .named("gateway.decision")
+        .iter()
+        .map(|s| &s.tags["contextos.effect"])
+        .collect();
+    assert!(
+        decisions.contains(&&Value::from("require_approval")),
+        "{decisions:?}"
+    );
+
+    // The tool service continued the trace: each of its spans is under the tool call that
+    // reached it, named by the call's tool.
+    let served = trace.named("ops-tools.request");
+    assert!(!served.is_empty(), "{names:?}");
+    for span in &served {
+        assert_eq!(span.service, "ops-tools");
+        let call = trace
+            .by_id(span.parent.as_deref().unwrap_or_default())
+            .unwrap_or_else(|| panic!("{span:?} has no parent in the trace"));
+        assert_eq!(call.name, "tool.call", "{span:?}");
+        assert_eq!(call.service, "contextos");
+    }
+    let restart = served
+        .iter()
+        .find(|s| s.tags["url.path"] == "/deployments/restart")
+        .expect("the restart reached ops-tools");
+    let call = trace
+        .by_id(restart.parent.as_deref().unwrap_or_default())
+        .expect("its call");
+    assert_eq!(call.tags["contextos.tool"], "restart_deployment");
+    assert_eq!(call.tags["contextos.outcome"], "executed");
+
+    // What the spans say names things, never arguments, answers or people.
+    for span in &trace.spans {
+        for key in span.tags.keys() {
+            assert!(
+                ![
+                    "arguments",
+                    "output",
+                    "prompt",
+                    "content",
+                    "user",
+                    "secret",
+                    "note",
+                    "text"
+                ]
+                .iter()
+                .any(|word| key == word || key.ends_with(&format!(".{word}"))),
+                "{}: {key}",
+                span.name
+            );
+        }
+    }
+}

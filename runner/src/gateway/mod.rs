@@ -595,7 +595,7 @@ impl ToolGateway {
             }
             None => call,
         };
-                // Boxed: the call's future is deep, and the span's wrapper would make it deeper still
+        // Boxed: the call's future is deep, and the span's wrapper would make it deeper still
         // for every caller that awaits it.
         let outcome = Box::pin(self.handle_untraced(call, recorder, state, progress))
             .instrument(span.clone())

@@ -40,7 +40,11 @@ pub fn parse_document(text: &str) -> Result<Value, String> {
         return Ok(value);
     }
     let left = std::cell::Cell::new(MAX_DOCUMENT_VALUES);
-    serde::de::DeserializeSeed::deserialize(Bounded { left: &left }, serde_yaml::Deserializer::from_str(text))
+    let seed = Bounded {
+        left: &left,
+        key: false,
+    };
+    serde::de::DeserializeSeed::deserialize(seed, serde_yaml::Deserializer::from_str(text))
         .map_err(|e| e.to_string())
 }
 
@@ -48,9 +52,20 @@ pub fn parse_document(text: &str) -> Result<Value, String> {
 #[derive(Clone, Copy)]
 struct Bounded<'a> {
     left: &'a std::cell::Cell<usize>,
+    /// A mapping key: a scalar, as JSON's keys are text. (A mapping as a key would be written
+    /// out as text inside its parent's key, escaped once more at every level: twice as long
+    /// each time.)
+    key: bool,
 }
 
 impl Bounded<'_> {
+    fn scalar_key<E: serde::de::Error>(self) -> Result<(), E> {
+        if self.key {
+            return Err(E::custom("a mapping key that is a mapping or a sequence"));
+        }
+        Ok(())
+    }
+
     fn take<E: serde::de::Error>(self) -> Result<(), E> {
         let left = self.left.get().checked_sub(1).ok_or_else(|| {
             E::custom(format!(
@@ -116,6 +131,7 @@ impl<'de> serde::de::Visitor<'de> for Bounded<'_> {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.scalar_key()?;
         self.take()?;
         let mut items = Vec::new();
         while let Some(item) = seq.next_element_seed(self)? {
@@ -125,15 +141,17 @@ impl<'de> serde::de::Visitor<'de> for Bounded<'_> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.scalar_key()?;
         self.take()?;
         let mut out = Map::new();
-        while let Some(key) = map.next_key_seed(self)? {
+        let (key_seed, value_seed) = (Self { key: true, ..self }, Self { key: false, ..self });
+        while let Some(key) = map.next_key_seed(key_seed)? {
             // YAML keys may be numbers (`200:` in `responses`) or booleans: JSON's are text.
             let key = match key {
                 Value::String(text) => text,
                 other => other.to_string(),
             };
-            let value = map.next_value_seed(self)?;
+            let value = map.next_value_seed(value_seed)?;
             out.insert(key, value);
         }
         Ok(Value::Object(out))
@@ -203,5 +221,21 @@ pub fn method_name(method: HttpMethod) -> &'static str {
         HttpMethod::Put => "PUT",
         HttpMethod::Patch => "PATCH",
         HttpMethod::Delete => "DELETE",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_that_are_mappings_are_refused_before_they_cost_anything() {
+        // Each level's key would be the previous level written out and escaped again: 2^n.
+        let nested = format!("a: {}{}", "{".repeat(60), "}".repeat(60));
+        let refused = parse_document(&nested).expect_err("a mapping as a key");
+        assert!(refused.contains("mapping key that is a mapping"), "{refused}");
+        assert!(parse_document("? [1, 2]\n: x\n").is_err());
+        let scalars = parse_document("200: {a: 1}\ntrue: 2\n~: 3\n1.5: 4\n").expect("scalar keys");
+        assert_eq!(scalars, json!({"200": {"a": 1}, "true": 2, "null": 3, "1.5": 4}));
     }
 }

@@ -37,10 +37,18 @@ const CALLER: &str = "contextos.session_caller";
 /// pipeline's or a calling service's span), when it should not start its own.
 pub const TRACEPARENT_ANNOTATION: &str = "contextos.dev/traceparent";
 
-/// The id of the root span of the Session whose trace is `trace_id` (deterministic: any
-/// process can parent a run on it without having seen it).
-pub fn session_span_id(trace_id: TraceId) -> SpanId {
-    let digest = Sha256::digest([b"contextos session ".as_slice(), &trace_id.to_bytes()].concat());
+/// The id of the root span of Session `session` of `tenant`, whose trace is `trace_id`
+/// (deterministic: any process can parent a run on it without having seen it; Sessions that
+/// share a trace — one caller starting several — each have their own).
+pub fn session_span_id(trace_id: TraceId, tenant: &str, session: &str) -> SpanId {
+    let mut hasher = Sha256::new();
+    hasher.update(b"contextos session\0");
+    hasher.update(trace_id.to_bytes());
+    for part in [tenant, session] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
     let mut id = [0u8; 8];
     id.copy_from_slice(&digest[..8]);
     // All zeros is the invalid span id.
@@ -50,15 +58,59 @@ pub fn session_span_id(trace_id: TraceId) -> SpanId {
     SpanId::from_bytes(id)
 }
 
-/// The trace id a RunContext names (32 hex characters), if it is one.
+/// The trace id a RunContext names (32 lowercase hex characters), if it is one.
 pub fn trace_id_of(hex: &str) -> Option<TraceId> {
-    TraceId::from_hex(hex).ok().filter(|id| *id != TraceId::INVALID)
+    (hex.len() == 32 && is_lower_hex(hex))
+        .then(|| TraceId::from_hex(hex).ok())
+        .flatten()
+        .filter(|id| *id != TraceId::INVALID)
 }
 
-/// A context whose parent is the root span of the Session with `trace_id`: what a run span
-/// is parented on.
-pub fn under_session(trace_id: TraceId) -> Context {
-    remote(trace_id, session_span_id(trace_id), true)
+fn is_lower_hex(text: &str) -> bool {
+    text.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether the Session whose trace is `trace_id` is sampled, by the configured sampler
+/// (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`) applied to the trace id: the same answer
+/// in every process, so every attempt of a Session is traced or none is.
+pub fn session_sampled(trace_id: TraceId) -> bool {
+    static RATIO: std::sync::LazyLock<f64> = std::sync::LazyLock::new(|| {
+        let sampler = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default();
+        let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG")
+            .ok()
+            .and_then(|a| a.trim().parse::<f64>().ok())
+            .filter(|r| (0.0..=1.0).contains(r));
+        match sampler.trim() {
+            "always_off" | "parentbased_always_off" => 0.0,
+            "traceidratio" | "parentbased_traceidratio" => arg.unwrap_or(1.0),
+            _ => 1.0,
+        }
+    });
+    ratio_admits(*RATIO, trace_id)
+}
+
+/// The trace-id ratio rule: the trace id's low 63 bits below `ratio` of their range.
+fn ratio_admits(ratio: f64, trace_id: TraceId) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let bytes = trace_id.to_bytes();
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&bytes[8..]);
+    let value = u64::from_be_bytes(low) >> 1;
+    // 2^63 as f64 is exact; the product is within u64 for ratio < 1.
+    (value as f64) < ratio * 9_223_372_036_854_775_808.0
+}
+
+/// A context whose parent is the root span of Session `session` of `tenant` (trace `trace_id`):
+/// what a run span is parented on. Sampled as the Session is ([`session_sampled`]).
+pub fn under_session(trace_id: TraceId, tenant: &str, session: &str) -> Context {
+    remote(
+        trace_id,
+        session_span_id(trace_id, tenant, session),
+        session_sampled(trace_id),
+    )
 }
 
 fn remote(trace_id: TraceId, span_id: SpanId, sampled: bool) -> Context {
@@ -76,34 +128,71 @@ fn remote(trace_id: TraceId, span_id: SpanId, sampled: bool) -> Context {
     ))
 }
 
-/// Parses a W3C `traceparent` (`00-<trace>-<span>-<flags>`) into a remote parent context.
+/// A W3C `traceparent` of version 00 (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase, nothing else)
+/// as a remote parent context; anything else is `None`. Values come from tenants' annotations
+/// and from runner pods: nothing but this exact shape is taken.
 pub fn parse_traceparent(value: &str) -> Option<Context> {
-    let mut parts = value.trim().split('-');
+    let (trace, span, sampled) = parse_parts(value)?;
+    Some(remote(trace, span, sampled))
+}
+
+fn parse_parts(value: &str) -> Option<(TraceId, SpanId, bool)> {
+    let mut parts = value.split('-');
     let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
+    if parts.next().is_some() || version != "00" {
         return None;
     }
     if trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
         return None;
     }
+    if !(is_lower_hex(trace) && is_lower_hex(span) && is_lower_hex(flags)) {
+        return None;
+    }
     let trace = TraceId::from_hex(trace).ok().filter(|t| *t != TraceId::INVALID)?;
     let span = SpanId::from_hex(span).ok().filter(|s| *s != SpanId::INVALID)?;
     let flags = u8::from_str_radix(flags, 16).ok()?;
-    Some(remote(trace, span, flags & 1 == 1))
+    Some((trace, span, flags & 1 == 1))
+}
+
+/// The parent a gateway gives a call of a run whose verified trace is `trace_id`: the span the
+/// runner names in the envelope when it is of that very trace — sampled as the Session is,
+/// whatever the runner's flag says — else the Session's root.
+pub fn call_parent(envelope_traceparent: &str, trace_id: TraceId, tenant: &str, session: &str) -> Context {
+    match parse_parts(envelope_traceparent) {
+        Some((trace, span, _)) if trace == trace_id => remote(trace, span, session_sampled(trace)),
+        _ => under_session(trace_id, tenant, session),
+    }
 }
 
 /// The `traceparent` of `span`, when it is being exported.
 pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
-    let context = span.context();
-    let span_context = context.span().span_context().clone();
+    format_traceparent(&span.context())
+}
+
+/// The `traceparent` of the innermost exported span this task is in (what an outgoing request
+/// carries), whatever spans only the logs record are entered inside it.
+pub fn current_traceparent() -> Option<String> {
+    format_traceparent(&Context::current())
+}
+
+fn format_traceparent(context: &Context) -> Option<String> {
+    let span = context.span();
+    let span_context = span.span_context();
     span_context.is_valid().then(|| {
         format!(
             "00-{}-{}-{:02x}",
             span_context.trace_id(),
             span_context.span_id(),
-            span_context.trace_flags().to_u8()
+            span_context.trace_flags().to_u8() & 1
         )
     })
+}
+
+/// Links `span` to the root of Session `session` of `tenant` (trace `trace`) without making it a
+/// child: what a replay of one of its runs is.
+pub fn link_to_session(span: &tracing::Span, trace: TraceId, tenant: &str, session: &str) {
+    let root = under_session(trace, tenant, session);
+    span.add_link(root.span().span_context().clone());
 }
 
 /// Makes `span` a child of `parent` (a remote context). A span already started keeps its parent.
@@ -130,14 +219,14 @@ pub fn session_span(tenant: &str, session: &str, trace: TraceId, caller: Option<
         contextos.session = session,
         contextos.outcome = tracing::field::Empty,
     );
-    set_parent(&span, under_session(trace));
-    span.set_attribute(ANCHOR, true);
-    let caller = caller
-        .and_then(parse_traceparent)
-        .map(|c| c.span().span_context().clone())
-        .filter(|c| c.trace_id() == trace);
-    if let Some(caller) = caller {
-        span.set_attribute(CALLER, caller.span_id().to_string());
+    let caller = caller.and_then(parse_parts).filter(|(t, _, _)| *t == trace);
+    // Parent-based: a caller's flag decides; otherwise the sampler, as for every attempt.
+    let sampled = caller.map_or_else(|| session_sampled(trace), |(_, _, sampled)| sampled);
+    let root = session_span_id(trace, tenant, session);
+    set_parent(&span, remote(trace, root, sampled));
+    span.set_attribute(ANCHOR, root.to_string());
+    if let Some((_, caller, _)) = caller {
+        span.set_attribute(CALLER, caller.to_string());
     }
     span
 }
@@ -163,7 +252,7 @@ mod export {
     };
     use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
 
-    use super::{ANCHOR, CALLER, TARGET, configured, session_span_id};
+    use super::{ANCHOR, CALLER, TARGET, configured};
 
     /// The exporter, while spans are exported: dropping it flushes what is buffered (bounded by the
     /// exporter's timeout) and stops the export thread.
@@ -242,12 +331,17 @@ mod export {
         }
 
         fn on_end(&self, mut span: SpanData) {
-            if let Some(at) = span.attributes.iter().position(|kv| kv.key.as_str() == ANCHOR) {
-                span.attributes.remove(at);
+            let root = span
+                .attributes
+                .iter()
+                .position(|kv| kv.key.as_str() == ANCHOR)
+                .map(|at| span.attributes.remove(at))
+                .and_then(|kv| SpanId::from_hex(kv.value.as_str().as_ref()).ok());
+            if let Some(root) = root {
                 let old = &span.span_context;
                 span.span_context = SpanContext::new(
                     old.trace_id(),
-                    session_span_id(old.trace_id()),
+                    root,
                     old.trace_flags(),
                     false,
                     old.trace_state().clone(),
@@ -303,18 +397,70 @@ mod tests {
         ] {
             assert!(parse_traceparent(bad).is_none(), "{bad:?}");
         }
-        // A later version may carry more fields.
-        assert!(parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-x").is_some());
+        // Only version 00, lowercase, exactly: these values come from tenants and runner pods.
+        for strict in [
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-x",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nx: y",
+        ] {
+            assert!(parse_traceparent(strict).is_none(), "{strict:?}");
+        }
     }
 
     #[test]
-    fn a_sessions_root_id_depends_on_its_trace_only() {
+    fn a_sessions_root_id_depends_on_its_trace_tenant_and_name() {
         let trace = trace_id_of("4bf92f3577b34da6a3ce929d0e0e4736").expect("trace id");
         let other = trace_id_of("4bf92f3577b34da6a3ce929d0e0e4737").expect("trace id");
-        assert_eq!(session_span_id(trace), session_span_id(trace));
-        assert_ne!(session_span_id(trace), session_span_id(other));
-        assert_ne!(session_span_id(trace), SpanId::INVALID);
+        let root = session_span_id(trace, "shop", "refund-7");
+        assert_eq!(root, session_span_id(trace, "shop", "refund-7"));
+        for (t, tenant, session) in [
+            (other, "shop", "refund-7"),
+            (trace, "shop", "refund-8"),
+            (trace, "shopx", "refund-7"),
+            (trace, "sho", "prefund-7"),
+        ] {
+            assert_ne!(root, session_span_id(t, tenant, session), "{tenant}/{session}");
+        }
+        assert_ne!(root, SpanId::INVALID);
         assert!(trace_id_of("not hex").is_none());
+        assert!(trace_id_of("4BF92F3577B34DA6A3CE929D0E0E4736").is_none());
         assert!(trace_id_of("00000000000000000000000000000000").is_none());
+    }
+
+    #[test]
+    fn a_runner_cannot_move_its_calls_into_another_trace_or_force_sampling() {
+        let trace = trace_id_of("4bf92f3577b34da6a3ce929d0e0e4736").expect("trace id");
+        let parent = |value: &str| {
+            call_parent(value, trace, "shop", "refund-7")
+                .span()
+                .span_context()
+                .clone()
+        };
+        let own = parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(own.span_id().to_string(), "00f067aa0ba902b7");
+        let elsewhere = parent("00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01");
+        assert_eq!(
+            (elsewhere.trace_id(), elsewhere.span_id()),
+            (trace, session_span_id(trace, "shop", "refund-7"))
+        );
+        assert_eq!(
+            parent("garbage").span_id(),
+            session_span_id(trace, "shop", "refund-7")
+        );
+        assert_eq!(
+            parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").is_sampled(),
+            session_sampled(trace),
+            "the runner's flag is not taken"
+        );
+    }
+
+    #[test]
+    fn the_ratio_rule_is_the_trace_ids_low_bits() {
+        let low = TraceId::from_hex("ffffffffffffffff0000000000000001").expect("id");
+        let high = TraceId::from_hex("0000000000000000fffffffffffffffe").expect("id");
+        assert!(ratio_admits(0.5, low) && !ratio_admits(0.5, high));
+        assert!(ratio_admits(1.0, high) && !ratio_admits(0.0, low));
     }
 }

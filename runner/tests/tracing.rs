@@ -278,9 +278,47 @@ fn a_session_is_one_trace_from_its_caller_through_runs_gateway_and_tool_service(
         "{runs:?}"
     );
 
+    // Every span but the root has its parent in the trace: nothing dangles.
+    for span in &trace.spans {
+        if span.id != root.id {
+            let parent = span.parent.as_deref().unwrap_or_default();
+            assert!(
+                trace.by_id(parent).is_some(),
+                "{} ({}) has no parent in the trace",
+                span.name,
+                span.service
+            );
+        }
+    }
     // Steps under runs; model calls, tool calls and verdicts under steps.
     for step in trace.named("step") {
         assert_eq!(trace.parent_name(step), Some("run"), "{step:?}");
+    }
+    // The first attempt asked for the approval, the resumed one was granted it and acted.
+    let attempt_of = |span: &Span| -> String {
+        let mut at = span;
+        while at.name != "run" {
+            at = trace
+                .by_id(at.parent.as_deref().unwrap_or_default())
+                .expect("an ancestor");
+        }
+        at.id.clone()
+    };
+    let first = runs
+        .iter()
+        .find(|r| r.tags["contextos.resumed"] == false)
+        .expect("first attempt");
+    let resumed = runs
+        .iter()
+        .find(|r| r.tags["contextos.resumed"] == true)
+        .expect("resumed attempt");
+    for wait in trace.named("approval.wait") {
+        let expected = if wait.tags["contextos.approval"] == "requested" {
+            &first.id
+        } else {
+            &resumed.id
+        };
+        assert_eq!(&attempt_of(wait), expected, "{wait:?}");
     }
     for (name, parent) in [
         ("model.call", "step"),
@@ -337,6 +375,20 @@ fn a_session_is_one_trace_from_its_caller_through_runs_gateway_and_tool_service(
         .expect("its call");
     assert_eq!(call.tags["contextos.tool"], "restart_deployment");
     assert_eq!(call.tags["contextos.outcome"], "executed");
+
+    // Nothing of this Session went into another trace.
+    let others = get(&format!(
+        "{}/api/traces?service=contextos&limit=20&lookback=1h",
+        jaeger.query
+    ))
+    .expect("a search");
+    let traces: Vec<&str> = others["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["traceID"].as_str())
+        .collect();
+    assert_eq!(traces, vec![TRACE_ID], "the service's traces");
 
     // What the spans say names things, never arguments, answers or people.
     for span in &trace.spans {

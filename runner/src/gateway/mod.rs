@@ -567,33 +567,47 @@ impl ToolGateway {
         state: &StateFacts,
         progress: &RunProgress,
     ) -> Result<CallOutcome, GatewayError> {
+        // The model names the tool: bounded here, whatever it is (the catalog's are ≤ 64).
+        let tool: String = call.tool.chars().take(64).collect();
         let span = tracing::info_span!(
             target: crate::telemetry::TARGET,
             "tool.call",
             contextos.tenant = %self.tenant,
             contextos.agent = %self.agent,
-            contextos.tool = %call.tool,
+            contextos.tool = %tool,
             contextos.call = %call.call_id,
             contextos.risk = call.risk.as_str(),
             contextos.kind = call.kind.as_str(),
             contextos.outcome = tracing::field::Empty,
             otel.kind = "client",
         );
-        // The caller's span (the runner's step, in this process or a runner pod), when the
-        // envelope names one; what the tool is told is this call's span.
-        if let Some(parent) = crate::telemetry::parse_traceparent(&call.traceparent) {
-            crate::telemetry::set_parent(&span, parent);
+        // The caller's span (the runner's step, in this process or a runner pod) when the
+        // envelope names one of the run's own verified trace, else the Session's root; never
+        // the runner's sampling flag. What the tool is told is this call's span — or, when
+        // nothing is exported, one derived from the call — never the runner's string.
+        let verified = self.verify_context(&call.run_context).ok().and_then(|context| {
+            let trace = crate::telemetry::trace_id_of(&context.trace_id)?;
+            Some((
+                trace,
+                context.tenant_id.clone(),
+                context.session_id.clone(),
+                context.trace_id.clone(),
+            ))
+        });
+        if let Some((trace, tenant, session, _)) = &verified {
+            crate::telemetry::set_parent(
+                &span,
+                crate::telemetry::call_parent(&call.traceparent, *trace, tenant, session),
+            );
         }
-        let traced;
-        let call = match crate::telemetry::traceparent_of(&span) {
-            Some(traceparent) => {
-                traced = CallEnvelope {
-                    traceparent,
-                    ..call.clone()
-                };
-                &traced
-            }
-            None => call,
+        let traceparent = match (crate::telemetry::traceparent_of(&span), &verified) {
+            (Some(traced), _) => traced,
+            (None, Some((_, _, _, trace_id))) => envelope::traceparent(trace_id, &call.call_id),
+            (None, None) => envelope::traceparent(&call.run_context.context.trace_id, &call.call_id),
+        };
+        let call = &CallEnvelope {
+            traceparent,
+            ..call.clone()
         };
         // Boxed: the call's future is deep, and the span's wrapper would make it deeper still
         // for every caller that awaits it.
@@ -714,7 +728,11 @@ impl ToolGateway {
                     .await?;
                 span.record(
                     "contextos.approval",
-                    if waiting.is_some() { "requested" } else { "granted" },
+                    match &waiting {
+                        None => "granted",
+                        Some(CallOutcome::NeedsApproval { .. }) => "requested",
+                        Some(_) => "refused",
+                    },
                 );
                 if let Some(outcome) = waiting {
                     return Ok(outcome);
@@ -1480,9 +1498,9 @@ impl ToolGateway {
             idempotency_key: call.idempotency_key.clone(),
             // The call's span (see `handle_in_run`), or one derived from the call when nothing
             // is traced: the same for a replayed call.
-            traceparent: match crate::telemetry::parse_traceparent(&call.traceparent) {
-                Some(_) => call.traceparent.clone(),
-                None => envelope::traceparent(&context.trace_id, &call.call_id),
+            traceparent: match crate::telemetry::trace_id_in(&call.traceparent) {
+                Some(trace) if trace == context.trace_id => call.traceparent.clone(),
+                _ => envelope::traceparent(&context.trace_id, &call.call_id),
             },
             timeout: Duration::from_secs(u64::from(tool.spec.timeout_seconds)),
             max_response_bytes: match (&adapter.http, &adapter.mcp, &adapter.a2a, &adapter.openapi) {

@@ -61,7 +61,7 @@ impl OpenAiCompatible {
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key);
         }
-        if let Some(parent) = crate::telemetry::traceparent_of(&tracing::Span::current()) {
+        if let Some(parent) = crate::telemetry::current_traceparent() {
             call = call.header("traceparent", parent);
         }
         let response = call.send().await.map_err(|e| {

@@ -1165,8 +1165,17 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             contextos.replay = self.replay(),
             contextos.outcome = tracing::field::Empty,
         );
-        if let Some(trace) = crate::telemetry::trace_id_of(trace_id) {
-            crate::telemetry::set_parent(&span, crate::telemetry::under_session(trace));
+        match crate::telemetry::trace_id_of(trace_id) {
+            // A replay (an audit, a release pipeline's gate) is not part of the Session it
+            // replays: its own trace, linked to the original.
+            Some(trace) if self.replay() => {
+                crate::telemetry::link_to_session(&span, trace, self.tenant.as_str(), &self.bundle.session)
+            }
+            Some(trace) => crate::telemetry::set_parent(
+                &span,
+                crate::telemetry::under_session(trace, self.tenant.as_str(), &self.bundle.session),
+            ),
+            None => {}
         }
         span
     }

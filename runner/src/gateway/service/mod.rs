@@ -488,8 +488,6 @@ where
                 self.clone(),
                 Self::identified_first,
             ))
-            // Outermost: the request's span, continuing the caller's trace.
-            .route_layer(axum::middleware::from_fn(traced))
             // One bound shared by every route (health checks are outside it, so a busy replica
             // still answers its probes).
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_IDENTIFYING));
@@ -1075,27 +1073,4 @@ fn head_moved(run_id: &str) -> Refusal {
         "head_moved",
         format!("run {run_id}: the chain moved on; re-read the head and chain again"),
     )
-}
-
-/// Runs a request of the run API in a span that continues the caller's trace (its
-/// `traceparent`, a runner pod's span): what the service does for a run — a tool call, a model
-/// turn, an append — is part of the Session's trace.
-async fn traced(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    use tracing::Instrument as _;
-    let span = tracing::info_span!(
-        target: crate::telemetry::TARGET,
-        "gateway.request",
-        http.request.method = %request.method(),
-        url.path = %request.uri().path(),
-        otel.kind = "server",
-    );
-    if let Some(parent) = request
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::telemetry::parse_traceparent)
-    {
-        crate::telemetry::set_parent(&span, parent);
-    }
-    next.run(request).instrument(span).await
 }

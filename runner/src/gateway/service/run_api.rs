@@ -546,6 +546,7 @@ where
             ("call_id", &request.envelope.call_id),
             ("idempotency_key", &request.envelope.idempotency_key),
             ("traceparent", &request.envelope.traceparent),
+            ("tool", &request.envelope.tool),
         ] {
             if value.len() > MAX_ENVELOPE_FIELD {
                 return Err(bad(format!(

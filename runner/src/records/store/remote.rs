@@ -283,9 +283,7 @@ impl RemoteStore {
             if let Some(timeout) = once {
                 request = request.timeout(timeout);
             }
-            if let Some(parent) = crate::telemetry::traceparent_of(&tracing::Span::current()) {
-                request = request.header("traceparent", parent);
-            }
+
             let response = match request.send().await {
                 Ok(response) => response,
                 Err(e) if once.is_none() || e.is_connect() => {

@@ -131,7 +131,11 @@ pub async fn run(
             proposal_target::<ContextPack>(&p, TargetKind::ContextPack)
         })
         .graceful_shutdown_on(shutdown())
-        .run(revisions::reconcile_context_pack, error_policy, ctx.clone())
+        .run(
+            timed("ContextPack", revisions::reconcile_context_pack),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
 
     let policies = lean_controller(Api::<Policy>::all(client.clone()), watch())
@@ -144,19 +148,31 @@ pub async fn run(
             proposal_target::<Policy>(&p, TargetKind::Policy)
         })
         .graceful_shutdown_on(shutdown())
-        .run(revisions::reconcile_policy, error_policy, ctx.clone())
+        .run(
+            timed("Policy", revisions::reconcile_policy),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
 
     let profiles = lean_controller(Api::<SandboxProfile>::all(client.clone()), watch())
         .with_config(controller_config.clone())
         .graceful_shutdown_on(shutdown())
-        .run(revisions::reconcile_sandbox_profile, error_policy, ctx.clone())
+        .run(
+            timed("SandboxProfile", revisions::reconcile_sandbox_profile),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
 
     let ontologies = lean_controller(Api::<Ontology>::all(client.clone()), watch())
         .with_config(controller_config.clone())
         .graceful_shutdown_on(shutdown())
-        .run(ontology::reconcile_ontology, error_policy, ctx.clone())
+        .run(
+            timed("Ontology", ontology::reconcile_ontology),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
 
     let agents = lean_controller(Api::<Agent>::all(client.clone()), watch());
@@ -216,7 +232,7 @@ pub async fn run(
             proposal_target::<Agent>(&p, TargetKind::Agent)
         })
         .graceful_shutdown_on(shutdown())
-        .run(agent::reconcile_agent, error_policy, ctx.clone())
+        .run(timed("Agent", agent::reconcile_agent), error_policy, ctx.clone())
         .for_each(|_| async {});
 
     // A proposal follows its target: a change makes it stale, a promotion promotes it.
@@ -240,7 +256,11 @@ pub async fn run(
             proposals_for(&for_agent, &o, TargetKind::Agent)
         })
         .graceful_shutdown_on(shutdown())
-        .run(proposal::reconcile_proposal, error_policy, ctx.clone())
+        .run(
+            timed("Proposal", proposal::reconcile_proposal),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
 
     let sessions = lean_controller(Api::<Session>::all(client.clone()), watch());
@@ -267,14 +287,22 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(shutdown())
-        .run(session::reconcile_session, error_policy, ctx.clone())
+        .run(
+            timed("Session", session::reconcile_session),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
 
     // Quotas count the Sessions they limit (starts are decided in the Session controller).
     let quotas = lean_controller(Api::<SpendQuota>::all(client.clone()), watch())
         .with_config(controller_config.clone())
         .graceful_shutdown_on(shutdown())
-        .run(spend_quota::reconcile_spend_quota, error_policy, ctx.clone())
+        .run(
+            timed("SpendQuota", spend_quota::reconcile_spend_quota),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
 
     futures::join!(
@@ -349,4 +377,29 @@ fn referring_agents<K: kube::Resource>(
         .filter(|a| a.namespace() == namespace && refers(a))
         .map(|a| ObjectRef::from_obj(a.as_ref()))
         .collect()
+}
+
+/// `reconcile`, with how long each pass took counted under `kind`.
+fn timed<K, F, Fut>(
+    kind: &'static str,
+    reconcile: F,
+) -> impl FnMut(
+    Arc<K>,
+    Arc<Context>,
+) -> futures::future::BoxFuture<'static, controllers::Result<kube::runtime::controller::Action>>
+where
+    F: Fn(Arc<K>, Arc<Context>) -> Fut,
+    Fut:
+        std::future::Future<Output = controllers::Result<kube::runtime::controller::Action>> + Send + 'static,
+{
+    move |object, ctx| {
+        let started = std::time::Instant::now();
+        let metrics = ctx.metrics.clone();
+        let pass = reconcile(object, ctx);
+        Box::pin(async move {
+            let result = pass.await;
+            metrics.reconciled(kind, started.elapsed());
+            result
+        })
+    }
 }

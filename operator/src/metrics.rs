@@ -1,60 +1,125 @@
-//! Operator metrics, served as Prometheus text on `/metrics`: reconciles and failures by a
-//! low-cardinality label, and runner pods created.
+//! Operator metrics (`prometheus-client`), served as Prometheus text on `/metrics`: reconciles,
+//! their durations and failures by a low-cardinality label (the kind, the error class), and
+//! runner pods created.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
 };
 
-/// Counters shared by every controller.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    error: &'static str,
+}
+
+fn reconcile_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+/// Metrics shared by every controller.
 pub struct Metrics {
-    reconciles: Mutex<BTreeMap<&'static str, u64>>,
-    failures: Mutex<BTreeMap<&'static str, u64>>,
-    runner_pods: AtomicU64,
+    registry: Registry,
+    reconciles: Family<KindLabels, Counter>,
+    durations: Family<KindLabels, Histogram, fn() -> Histogram>,
+    failures: Family<ErrorLabels, Counter>,
+    runner_pods: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let reconciles = Family::<KindLabels, Counter>::default();
+        let durations: Family<KindLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(reconcile_histogram);
+        let failures = Family::<ErrorLabels, Counter>::default();
+        let runner_pods = Counter::default();
+        let mut registry = Registry::with_prefix("contextos");
+        registry.register("reconciles", "Reconciles by kind", reconciles.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took, by kind (whatever it decided)",
+            durations.clone(),
+        );
+        registry.register(
+            "reconcile_failures",
+            "Failed reconciles by error",
+            failures.clone(),
+        );
+        registry.register("runner_pods_created", "Runner pods created", runner_pods.clone());
+        Self {
+            registry,
+            reconciles,
+            durations,
+            failures,
+            runner_pods,
+        }
+    }
 }
 
 impl Metrics {
     pub fn reconcile(&self, kind: &'static str) {
-        if let Ok(mut map) = self.reconciles.lock() {
-            *map.entry(kind).or_default() += 1;
-        }
+        self.reconciles.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    pub fn reconciled(&self, kind: &'static str, took: Duration) {
+        self.durations
+            .get_or_create(&KindLabels { kind })
+            .observe(took.as_secs_f64());
     }
 
     pub fn failure(&self, error: &'static str) {
-        if let Ok(mut map) = self.failures.lock() {
-            *map.entry(error).or_default() += 1;
-        }
+        self.failures.get_or_create(&ErrorLabels { error }).inc();
     }
 
     pub fn runner_pod_created(&self) {
-        self.runner_pods.fetch_add(1, Ordering::Relaxed);
+        self.runner_pods.inc();
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP contextos_reconciles_total Reconciles by kind.\n# TYPE contextos_reconciles_total counter\n");
-        if let Ok(map) = self.reconciles.lock() {
-            for (kind, n) in map.iter() {
-                let _ = writeln!(out, "contextos_reconciles_total{{kind=\"{kind}\"}} {n}");
-            }
-        }
-        out.push_str("# HELP contextos_reconcile_failures_total Failed reconciles by error.\n# TYPE contextos_reconcile_failures_total counter\n");
-        if let Ok(map) = self.failures.lock() {
-            for (error, n) in map.iter() {
-                let _ = writeln!(out, "contextos_reconcile_failures_total{{error=\"{error}\"}} {n}");
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP contextos_runner_pods_created_total Runner pods created.\n# TYPE contextos_runner_pods_created_total counter\ncontextos_runner_pods_created_total {}",
-            self.runner_pods.load(Ordering::Relaxed)
-        );
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconciles_are_counted_and_timed_by_kind() {
+        let metrics = Metrics::default();
+        metrics.reconcile("Session");
+        metrics.reconciled("Session", Duration::from_millis(7));
+        metrics.failure("kube");
+        metrics.runner_pod_created();
+        let text = metrics.render();
+        for line in [
+            "contextos_reconciles_total{kind=\"Session\"} 1",
+            "contextos_reconcile_duration_seconds_count{kind=\"Session\"} 1",
+            "contextos_reconcile_duration_seconds_bucket{le=\"0.01\",kind=\"Session\"} 1",
+            "contextos_reconcile_duration_seconds_bucket{le=\"0.005\",kind=\"Session\"} 0",
+            "contextos_reconcile_failures_total{error=\"kube\"} 1",
+            "contextos_runner_pods_created_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
     }
 }

@@ -88,7 +88,11 @@ async fn check_base(env: &'static TestEnv, install: &Install) -> Result<()> {
             .with_context(|| format!("Deployment {name}"))?;
     }
     let services = Api::<Service>::namespaced(client.clone(), SYSTEM_NAMESPACE);
-    for name in ["contextos-operator-metrics", "contextos-gateway"] {
+    for name in [
+        "contextos-operator-metrics",
+        "contextos-gateway",
+        "contextos-gateway-metrics",
+    ] {
         services
             .get(name)
             .await

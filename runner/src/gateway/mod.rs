@@ -14,6 +14,7 @@ pub mod fair;
 pub mod feedback_objects;
 pub mod identity;
 pub mod intents;
+pub mod metrics;
 pub mod object_chains;
 pub mod readers;
 pub mod reliability;
@@ -685,7 +686,9 @@ impl ToolGateway {
                 contextos.effect = tracing::field::Empty,
                 contextos.rule = tracing::field::Empty,
             );
+            let started = Instant::now();
             let decision = span.in_scope(|| self.decide(call, tool, state, progress));
+            metrics::gateway().decision(decision.effect, started.elapsed());
             span.record("contextos.effect", decision.effect.as_str());
             span.record("contextos.rule", decision.rule.as_str());
             decision
@@ -1171,6 +1174,9 @@ impl ToolGateway {
                 cost,
             },
             Err(error) => {
+                if let Some(adapter) = metrics::adapter_of(&tool.spec.adapter) {
+                    metrics::gateway().dead_letter(adapter);
+                }
                 recorder.stage(EntryBody::DeadLettered {
                     call_id: call.call_id.clone(),
                     tool: call.tool.clone(),
@@ -1521,7 +1527,31 @@ impl ToolGateway {
         }
     }
 
+    /// One attempt of a call, counted in the gateway's metrics by adapter and outcome.
     async fn attempt(
+        &self,
+        call: &CallEnvelope,
+        tool: &CatalogTool,
+        turn: adapters::a2a::Turn<'_>,
+    ) -> Result<adapters::Reply, AdapterError> {
+        let started = Instant::now();
+        let result = self.attempt_unmeasured(call, tool, turn).await;
+        if let Some(adapter) = metrics::adapter_of(&tool.spec.adapter) {
+            let outcome = match &result {
+                Ok(_) => metrics::Outcome::ok,
+                Err(AdapterError::CircuitOpen(_)) => {
+                    metrics::gateway().circuit_refusal(adapter);
+                    metrics::Outcome::refused
+                }
+                Err(error) if !error.may_have_been_sent() => metrics::Outcome::refused,
+                Err(_) => metrics::Outcome::failed,
+            };
+            metrics::gateway().call(adapter, outcome, started.elapsed());
+        }
+        result
+    }
+
+    async fn attempt_unmeasured(
         &self,
         call: &CallEnvelope,
         tool: &CatalogTool,
@@ -1616,7 +1646,15 @@ impl ToolGateway {
             Ok(_) => true,
             Err(e) => !e.is_retryable(),
         };
+        let open = |state| matches!(state, reliability::BreakerState::Open { .. });
+        let was_open = open(self.breakers.state(&endpoint));
         self.breakers.report(&endpoint, healthy, Instant::now());
+        if !was_open
+            && open(self.breakers.state(&endpoint))
+            && let Some(adapter) = metrics::adapter_of(adapter)
+        {
+            metrics::gateway().circuit_opened(adapter);
+        }
         result
     }
 

@@ -429,7 +429,10 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// Appends everything staged in one atomic batch and returns the new signed head.
     pub async fn flush(&mut self) -> Result<SignedHead, RecordError> {
         let span = append_span(self.staged.len());
-        self.flush_untraced().instrument(span).await
+        let started = std::time::Instant::now();
+        let head = self.flush_untraced().instrument(span).await;
+        crate::gateway::metrics::gateway().append(started.elapsed());
+        head
     }
 
     async fn flush_untraced(&mut self) -> Result<SignedHead, RecordError> {
@@ -480,7 +483,10 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// said was decided on a state that is gone).
     pub async fn flush_exclusive(&mut self) -> Result<SignedHead, RecordError> {
         let span = append_span(self.staged.len());
-        self.flush_exclusive_untraced().instrument(span).await
+        let started = std::time::Instant::now();
+        let head = self.flush_exclusive_untraced().instrument(span).await;
+        crate::gateway::metrics::gateway().append(started.elapsed());
+        head
     }
 
     async fn flush_exclusive_untraced(&mut self) -> Result<SignedHead, RecordError> {

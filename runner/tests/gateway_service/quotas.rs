@@ -586,6 +586,25 @@ async fn a_priced_tools_calls_are_charged_at_their_pinned_price_and_stop_at_the_
             == "contextos_tool_spend_total{tenant=\"shop\",agent=\"oncall-assistant\",tool=\"get_service_status\",currency=\"USD\"} 0.02"),
         "{metrics}"
     );
+    // Next to the spend, how the calls went (this process's, at least these two).
+    let count = |series: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("contextos_tool_call_duration_seconds_count{adapter=\"mcp\",outcome=\"ok\"}") >= 2,
+        "{metrics}"
+    );
+    assert!(
+        count("contextos_gateway_decision_duration_seconds_count{effect=\"allow\"}") >= 2,
+        "{metrics}"
+    );
+    assert!(
+        count("contextos_record_append_duration_seconds_count") >= 1,
+        "{metrics}"
+    );
 
     // A tool priced in another currency than the quota counts cannot be counted: refused, never
     // made as if free.

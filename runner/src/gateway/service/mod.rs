@@ -429,10 +429,17 @@ where
     }
 
     /// The metrics listener's routes: `/metrics` (every tenant's spend: never on the port
-    /// runner pods reach).
+    /// runner pods reach; and how this process's decisions, calls, breakers and appends go).
     pub fn metrics_router(&self) -> Router {
         let spend = self.spend.clone();
-        Router::new().route("/metrics", get(move || async move { spend.render() }))
+        Router::new().route(
+            "/metrics",
+            get(move || async move {
+                let mut text = spend.render();
+                text.push_str(&crate::gateway::metrics::gateway().render());
+                text
+            }),
+        )
     }
 
     /// The routes: the run API under `/v1/run/`, tenant public keys, `/healthz`.

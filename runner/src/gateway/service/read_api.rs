@@ -175,6 +175,14 @@ where
                 GATE_DEADLINE.as_secs() / 60
             )),
         };
+        crate::gateway::metrics::gateway().gate(
+            order.kind.api_kind(),
+            match (gate.no_history, gate.passed) {
+                (true, _) => crate::gateway::metrics::GateResult::no_history,
+                (false, true) => crate::gateway::metrics::GateResult::passed,
+                (false, false) => crate::gateway::metrics::GateResult::failed,
+            },
+        );
         let verdict = GateVerdict {
             job: grant.job.clone(),
             kind: order.kind,

@@ -83,7 +83,18 @@ async fn main() -> anyhow::Result<()> {
     let router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
-        .route("/metrics", get(move || async move { served.render() }));
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        contextos_operator::metrics::CONTENT_TYPE,
+                    )],
+                    served.render(),
+                )
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tokio::spawn(async move { axum::serve(listener, router).await });
     let config = OperatorConfig {

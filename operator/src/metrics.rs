@@ -26,6 +26,9 @@ fn reconcile_histogram() -> Histogram {
     ])
 }
 
+/// The exposition's media type.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Metrics shared by every controller.
 pub struct Metrics {
     registry: Registry,
@@ -90,11 +93,11 @@ impl Metrics {
         self.runner_pods.inc();
     }
 
-    /// The Prometheus text exposition.
+    /// The exposition, as OpenMetrics text (see [`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }

@@ -13,6 +13,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
+/// The exposition's media type: OpenMetrics text (every family a counter, histogram or gauge
+/// named without its `_total`, and a closing `# EOF`).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Which adapter a call went through.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -107,7 +111,7 @@ pub struct GatewayMetrics {
     registry: Registry,
     decisions: Histograms<EffectLabels>,
     calls: Histograms<CallLabels>,
-    dead_letters: Family<AdapterLabels, Counter>,
+    dead_letters: Counter,
     circuits_opened: Family<AdapterLabels, Counter>,
     circuit_refusals: Family<AdapterLabels, Counter>,
     appends: Histogram,
@@ -124,7 +128,7 @@ impl Default for GatewayMetrics {
     fn default() -> Self {
         let decisions: Histograms<EffectLabels> = Family::new_with_constructor(decision_histogram);
         let calls: Histograms<CallLabels> = Family::new_with_constructor(latency_histogram);
-        let dead_letters = Family::<AdapterLabels, Counter>::default();
+        let dead_letters = Counter::default();
         let circuits_opened = Family::<AdapterLabels, Counter>::default();
         let circuit_refusals = Family::<AdapterLabels, Counter>::default();
         let appends = latency_histogram();
@@ -142,7 +146,7 @@ impl Default for GatewayMetrics {
         );
         registry.register(
             "tool_dead_letters",
-            "Calls that failed for good after their attempts, by adapter",
+            "Calls that failed for good after their attempts, counted when their dead letter is on record",
             dead_letters.clone(),
         );
         registry.register(
@@ -193,8 +197,10 @@ impl GatewayMetrics {
             .observe(took.as_secs_f64());
     }
 
-    pub fn dead_letter(&self, adapter: Adapter) {
-        self.dead_letters.get_or_create(&AdapterLabels { adapter }).inc();
+    pub fn dead_letters(&self, count: u64) {
+        if count > 0 {
+            self.dead_letters.inc_by(count);
+        }
     }
 
     pub fn circuit_opened(&self, adapter: Adapter) {
@@ -264,7 +270,7 @@ mod tests {
         metrics.call(Adapter::openapi, Outcome::ok, Duration::from_millis(20));
         metrics.call(Adapter::openapi, Outcome::ok, Duration::from_millis(200));
         metrics.call(Adapter::mcp, Outcome::refused, Duration::from_micros(5));
-        metrics.dead_letter(Adapter::a2a);
+        metrics.dead_letters(2);
         metrics.circuit_opened(Adapter::http);
         metrics.circuit_refusal(Adapter::http);
         metrics.append(Duration::from_millis(3));
@@ -277,7 +283,7 @@ mod tests {
             "contextos_tool_call_duration_seconds_bucket{le=\"0.25\",adapter=\"openapi\",outcome=\"ok\"} 2",
             "contextos_tool_call_duration_seconds_count{adapter=\"mcp\",outcome=\"refused\"} 1",
             "contextos_gateway_decision_duration_seconds_count{effect=\"require_approval\"} 1",
-            "contextos_tool_dead_letters_total{adapter=\"a2a\"} 1",
+            "contextos_tool_dead_letters_total 2",
             "contextos_circuits_opened_total{adapter=\"http\"} 1",
             "contextos_circuit_refusals_total{adapter=\"http\"} 1",
             "contextos_record_append_duration_seconds_count 1",

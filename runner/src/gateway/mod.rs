@@ -688,7 +688,10 @@ impl ToolGateway {
             );
             let started = Instant::now();
             let decision = span.in_scope(|| self.decide(call, tool, state, progress));
-            metrics::gateway().decision(decision.effect, started.elapsed());
+            // A replay's decisions (an audit, a gate's candidate) are not the live gateway's.
+            if !self.offline {
+                metrics::gateway().decision(decision.effect, started.elapsed());
+            }
             span.record("contextos.effect", decision.effect.as_str());
             span.record("contextos.rule", decision.rule.as_str());
             decision
@@ -1174,9 +1177,6 @@ impl ToolGateway {
                 cost,
             },
             Err(error) => {
-                if let Some(adapter) = metrics::adapter_of(&tool.spec.adapter) {
-                    metrics::gateway().dead_letter(adapter);
-                }
                 recorder.stage(EntryBody::DeadLettered {
                     call_id: call.call_id.clone(),
                     tool: call.tool.clone(),
@@ -1646,11 +1646,7 @@ impl ToolGateway {
             Ok(_) => true,
             Err(e) => !e.is_retryable(),
         };
-        let open = |state| matches!(state, reliability::BreakerState::Open { .. });
-        let was_open = open(self.breakers.state(&endpoint));
-        self.breakers.report(&endpoint, healthy, Instant::now());
-        if !was_open
-            && open(self.breakers.state(&endpoint))
+        if self.breakers.report(&endpoint, healthy, Instant::now())
             && let Some(adapter) = metrics::adapter_of(adapter)
         {
             metrics::gateway().circuit_opened(adapter);

@@ -69,14 +69,16 @@ impl CircuitBreakers {
         }
     }
 
-    /// Reports the outcome of a call that `allow` let through.
-    pub fn report(&self, endpoint: &str, success: bool, now: Instant) {
+    /// Reports the outcome of a call that `allow` let through; whether it opened the circuit
+    /// (decided under the lock: of concurrent failures at the threshold, one opens it).
+    pub fn report(&self, endpoint: &str, success: bool, now: Instant) -> bool {
         let Ok(mut states) = self.states.lock() else {
-            return;
+            return false;
         };
         let state = states
             .entry(endpoint.to_owned())
             .or_insert(BreakerState::Closed { failures: 0 });
+        let was_open = matches!(*state, BreakerState::Open { .. });
         *state = match (*state, success) {
             (_, true) => BreakerState::Closed { failures: 0 },
             (BreakerState::Closed { failures }, false) if failures + 1 < self.threshold => {
@@ -88,6 +90,7 @@ impl CircuitBreakers {
                 until: now + self.cooldown,
             },
         };
+        !was_open && matches!(*state, BreakerState::Open { .. })
     }
 
     pub fn state(&self, endpoint: &str) -> BreakerState {

@@ -429,10 +429,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// Appends everything staged in one atomic batch and returns the new signed head.
     pub async fn flush(&mut self) -> Result<SignedHead, RecordError> {
         let span = append_span(self.staged.len());
-        let started = std::time::Instant::now();
-        let head = self.flush_untraced().instrument(span).await;
-        crate::gateway::metrics::gateway().append(started.elapsed());
-        head
+        self.flush_untraced().instrument(span).await
     }
 
     async fn flush_untraced(&mut self) -> Result<SignedHead, RecordError> {
@@ -483,10 +480,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// said was decided on a state that is gone).
     pub async fn flush_exclusive(&mut self) -> Result<SignedHead, RecordError> {
         let span = append_span(self.staged.len());
-        let started = std::time::Instant::now();
-        let head = self.flush_exclusive_untraced().instrument(span).await;
-        crate::gateway::metrics::gateway().append(started.elapsed());
-        head
+        self.flush_exclusive_untraced().instrument(span).await
     }
 
     async fn flush_exclusive_untraced(&mut self) -> Result<SignedHead, RecordError> {
@@ -735,7 +729,24 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         let head = batch.head.clone();
         let summary = batch.summary.clone();
         let kept = self.written.is_some().then(|| batch.entries.clone());
-        self.store.append(&self.tenant, batch).await?;
+        // Every write of a run's record comes here: timed, and its dead letters counted once
+        // they are on record (a replay's record, kept in memory, is not the service's).
+        let measured = self.tap.is_none();
+        let dead_letters = if measured {
+            dead_letters_in(&batch.entries)
+        } else {
+            0
+        };
+        let started = std::time::Instant::now();
+        let appended = self.store.append(&self.tenant, batch).await;
+        if measured {
+            let metrics = crate::gateway::metrics::gateway();
+            metrics.append(started.elapsed());
+            if appended.is_ok() {
+                metrics.dead_letters(dead_letters);
+            }
+        }
+        appended?;
         if let (Some(written), Some(kept)) = (&mut self.written, kept) {
             written.extend(kept);
         }
@@ -886,6 +897,18 @@ fn body_type_of(body: &[u8]) -> String {
     serde_json::from_slice::<Tag>(body)
         .map(|t| t.r#type)
         .unwrap_or_default()
+}
+
+/// How many of `entries` are dead letters (entries are decoded only when their bytes name one).
+fn dead_letters_in(entries: &[StoredEntry]) -> u64 {
+    const TAG: &[u8] = b"\"dead_lettered\"";
+    entries
+        .iter()
+        .filter(|e| e.bytes.windows(TAG.len()).any(|w| w == TAG))
+        .filter(|e| {
+            RecordEntry::decode(&e.bytes).is_ok_and(|e| matches!(e.body, EntryBody::DeadLettered { .. }))
+        })
+        .count() as u64
 }
 
 /// The span of one append to a run's record: `entries` staged entries.

@@ -437,7 +437,14 @@ where
             get(move || async move {
                 let mut text = spend.render();
                 text.push_str(&crate::gateway::metrics::gateway().render());
-                text
+                text.push_str("# EOF\n");
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        crate::gateway::metrics::CONTENT_TYPE,
+                    )],
+                    text,
+                )
             }),
         )
     }

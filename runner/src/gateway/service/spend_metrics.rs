@@ -114,8 +114,8 @@ impl SpendMetrics {
         let mut out = String::new();
         {
             let gates = self.gate_tokens.lock().unwrap_or_else(|e| e.into_inner());
-            out.push_str("# HELP contextos_gate_model_tokens_total Model tokens replay gates spent re-executing recorded runs.\n");
-            out.push_str("# TYPE contextos_gate_model_tokens_total counter\n");
+            out.push_str("# HELP contextos_gate_model_tokens Model tokens replay gates spent re-executing recorded runs.\n");
+            out.push_str("# TYPE contextos_gate_model_tokens counter\n");
             for (tenant, tokens) in gates.iter() {
                 let _ = writeln!(
                     out,
@@ -124,8 +124,8 @@ impl SpendMetrics {
                 );
             }
             let spend = self.gate_spend.lock().unwrap_or_else(|e| e.into_inner());
-            out.push_str("# HELP contextos_gate_model_spend_total What the model turns replay gates re-executed cost, in units of the currency, at the prices the runs pinned.\n");
-            out.push_str("# TYPE contextos_gate_model_spend_total counter\n");
+            out.push_str("# HELP contextos_gate_model_spend What the model turns replay gates re-executed cost, in units of the currency, at the prices the runs pinned.\n");
+            out.push_str("# TYPE contextos_gate_model_spend counter\n");
             for ((tenant, currency), nanos) in spend.iter() {
                 let _ = writeln!(
                     out,
@@ -145,13 +145,13 @@ impl SpendMetrics {
                 escape(&k.model)
             )
         };
-        out.push_str("# HELP contextos_model_turns_total Model turns the gateway asked for and recorded.\n");
-        out.push_str("# TYPE contextos_model_turns_total counter\n");
+        out.push_str("# HELP contextos_model_turns Model turns the gateway asked for and recorded.\n");
+        out.push_str("# TYPE contextos_model_turns counter\n");
         for (k, c) in counters.iter() {
             let _ = writeln!(out, "contextos_model_turns_total{{{}}} {}", labels(k), c.turns);
         }
-        out.push_str("# HELP contextos_model_tokens_total Model tokens of the recorded turns, by kind (prompt includes cached_prompt).\n");
-        out.push_str("# TYPE contextos_model_tokens_total counter\n");
+        out.push_str("# HELP contextos_model_tokens Model tokens of the recorded turns, by kind (prompt includes cached_prompt).\n");
+        out.push_str("# TYPE contextos_model_tokens counter\n");
         for (k, c) in counters.iter() {
             for (kind, n) in [
                 ("prompt", c.prompt_tokens),
@@ -165,8 +165,8 @@ impl SpendMetrics {
                 );
             }
         }
-        out.push_str("# HELP contextos_model_spend_total What the recorded turns cost, in units of the currency, at the prices their runs pinned.\n");
-        out.push_str("# TYPE contextos_model_spend_total counter\n");
+        out.push_str("# HELP contextos_model_spend What the recorded turns cost, in units of the currency, at the prices their runs pinned.\n");
+        out.push_str("# TYPE contextos_model_spend counter\n");
         for (k, c) in counters.iter() {
             for (currency, nanos) in &c.cost {
                 let _ = writeln!(
@@ -188,10 +188,8 @@ impl SpendMetrics {
                 escape(tool)
             )
         };
-        out.push_str(
-            "# HELP contextos_priced_tool_calls_total Calls to priced tools the gateway carried out.\n",
-        );
-        out.push_str("# TYPE contextos_priced_tool_calls_total counter\n");
+        out.push_str("# HELP contextos_priced_tool_calls Calls to priced tools the gateway carried out.\n");
+        out.push_str("# TYPE contextos_priced_tool_calls counter\n");
         for (k, c) in tools.iter() {
             let _ = writeln!(
                 out,
@@ -200,8 +198,8 @@ impl SpendMetrics {
                 c.calls
             );
         }
-        out.push_str("# HELP contextos_tool_spend_total What the priced tool calls cost, in units of the currency, at the prices their runs pinned.\n");
-        out.push_str("# TYPE contextos_tool_spend_total counter\n");
+        out.push_str("# HELP contextos_tool_spend What the priced tool calls cost, in units of the currency, at the prices their runs pinned.\n");
+        out.push_str("# TYPE contextos_tool_spend counter\n");
         for (k, c) in tools.iter() {
             for (currency, nanos) in &c.cost {
                 let _ = writeln!(

@@ -66,15 +66,20 @@ unit:
 ## process node instead (pods as host processes; CONTEXTOS_CLUSTER_NODE=real|process chooses)
 ## and the `realnode` and `install` tests are skipped, unless CONTEXTOS_REQUIRE_REALNODE=1 (CI)
 ## makes that a failure. With KUBECONFIG they use that cluster (the operator e2e tests then
-## skip: their runner pods must reach services on this machine).
+## skip: their runner pods must reach services on this machine). The A2A SDKs (see `unit`) call
+## an agent through the e2e gateway's A2A endpoint.
 kind-tests:
 	set -o pipefail; \
 	if [ -z "$${KUBECONFIG:-}" ]; then \
 		bin="$$(bash kind-tests/testenv/build.sh | tail -n1)" || exit 1; \
 		export CONTEXTOS_TESTENV_BIN="$$bin"; \
 	fi; \
-	tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
+		tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_TIKV_TESTSERVER_BIN="$$tikv"; \
+	a2a="$$(bash runner/tests/support/a2a_peer.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_A2A_PYTHON="$$a2a"; \
+	a2a_js="$$(bash runner/tests/support/a2a_peer_js.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_A2A_JS_MODULES="$$a2a_js"; \
 	$(CARGO) build -p contextos-runner -p contextos-operator --bins --examples --locked || exit 1; \
 	$(CARGO) test -p contextos-kind-tests --locked --tests
 

@@ -83,6 +83,55 @@ pub struct AgentSpec {
     /// and a tool with `adapter.memory` is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<AgentMemory>,
+    /// Offers this agent to other agents over A2A, at the gateway service
+    /// (`/a2a/<namespace>/<agent>`, its card below `.well-known/agent-card.json`). Each message
+    /// a caller sends starts a Session of this Agent acting for the caller, who needs the same
+    /// permission as to create that Session themselves (`create` on sessions here). Without it
+    /// the agent is not reachable over A2A.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a2a: Option<AgentA2a>,
+}
+
+/// What an Agent's A2A card tells callers. The card is generated from it and from the Agent:
+/// its name, the JSON-RPC endpoint, streaming, and the highest risk of its tools as the most
+/// it may do on a caller's behalf.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentA2a {
+    /// What the agent does, for callers choosing an agent.
+    #[schemars(length(min = 1, max = 2048))]
+    pub description: String,
+    /// What callers may ask of it, as its card lists them (A2A skills are descriptive: a
+    /// message is one request in words, whichever skill it is meant for).
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(validation = Rule::new("self.all(s, self.exists_one(t, t.id == s.id))").message("a2a.skills lists the same id twice; skill ids must be unique"))]
+    pub skills: Vec<A2aSkill>,
+}
+
+/// One skill of an agent's A2A card.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct A2aSkill {
+    /// Stable id, e.g. `triage-incident`.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    )]
+    pub id: String,
+    /// Its name for people.
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
+    /// What it does.
+    #[schemars(length(min = 1, max = 1024))]
+    pub description: String,
+    /// Keywords.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 64)))]
+    pub tags: Vec<String>,
+    /// Example requests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 512)))]
+    pub examples: Vec<String>,
 }
 
 /// An agent's memory policy. A candidate (a `remember` call) becomes an item only if its type

@@ -80,6 +80,30 @@ impl OperatorEnv {
         }
         Ok(())
     }
+
+    /// The signed RunContext the record of a Session's run starts with (its user is the
+    /// delegating identity).
+    pub async fn recorded_run_context(
+        &self,
+        namespace: &str,
+        run_id: &str,
+    ) -> Result<serde_json::Value, String> {
+        use contextos_runner::records::{EntryBody, TenantId, read_run};
+        let store = TikvStore::connect(self.store.trim_start_matches("tikv://"))
+            .await
+            .map_err(|e| format!("store: {e}"))?;
+        let tenant = TenantId::new(namespace).map_err(|e| e.to_string())?;
+        let entries = read_run(&store, &tenant, run_id)
+            .await
+            .map_err(|e| format!("run {run_id}: {e}"))?;
+        entries
+            .into_iter()
+            .find_map(|(_, entry)| match entry.body {
+                EntryBody::RunStarted { run_context, .. } => Some(run_context),
+                _ => None,
+            })
+            .ok_or_else(|| format!("run {run_id} has no run_started entry"))
+    }
 }
 
 impl std::fmt::Debug for OperatorEnv {
@@ -201,7 +225,11 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
             record_keys.clone(),
             trust,
         )
-        .with_system_namespace(OPERATOR_NAMESPACE);
+        .with_system_namespace(OPERATOR_NAMESPACE)
+        .with_a2a(
+            Arc::new(contextos_runner::gateway::a2a_server::sessions::KubeSessions::new(env.client())),
+            None,
+        );
         let router = Arc::new(service).router();
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {

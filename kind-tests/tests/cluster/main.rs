@@ -8,6 +8,7 @@
 #[allow(dead_code)]
 mod cases;
 
+mod a2a;
 mod admission;
 mod consents;
 mod crds;

@@ -152,7 +152,19 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
         (&["create", "secrets", "-n", "default"], false),
         (&["create", "secrets", "-n", SYSTEM_NAMESPACE], true),
         (&["get", "sessions.contextos.dev", "-n", "default"], true),
-        (&["patch", "sessions.contextos.dev", "-A"], false),
+        // A2A callers' Sessions: started (acting for the caller), followed and cancelled —
+        // never their status, never deleted, never an Agent changed.
+        (&["create", "sessions.contextos.dev", "-n", "default"], true),
+        (&["delegate", "sessions.contextos.dev", "-n", "default"], true),
+        (&["patch", "sessions.contextos.dev", "-A"], true),
+        (
+            &["patch", "sessions.contextos.dev", "--subresource=status", "-A"],
+            false,
+        ),
+        (&["delete", "sessions.contextos.dev", "-A"], false),
+        (&["get", "agents.contextos.dev", "-n", "default"], true),
+        (&["patch", "agents.contextos.dev", "-A"], false),
+        (&["invoke", "agents.contextos.dev", "-A"], false),
         (&["create", "pods", "-A"], false),
         // Consent objects are chained by the gateway, and their status written: nothing more.
         (&["watch", "consents.contextos.dev", "-A"], true),

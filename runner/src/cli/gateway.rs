@@ -49,6 +49,10 @@ pub struct GatewayArgs {
     /// every replica): nothing else belongs there, and it is never backed up with the store.
     #[arg(long, env = "CONTEXTOS_VAULT_NAMESPACE", default_value = "contextos-vault")]
     vault_namespace: String,
+    /// The gateway's URL as A2A callers reach it, e.g. `https://agents.example.com`: the
+    /// endpoint the cards of Agents with `spec.a2a` name. Default: the host each request names.
+    #[arg(long, env = "CONTEXTOS_A2A_PUBLIC_URL")]
+    a2a_public_url: Option<String>,
 }
 
 pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitCode> {
@@ -125,6 +129,10 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         .with_system_namespace(&args.namespace)
         .with_vault_namespace(&args.vault_namespace)
         .with_egress(egress)
+        .with_a2a(
+            Arc::new(contextos_runner::gateway::a2a_server::sessions::KubeSessions::new(client.clone())),
+            args.a2a_public_url,
+        )
         .with_capabilities(Arc::new(KubeCapabilities::new(client)))
         .with_max_run_bytes(args.max_run_bytes),
     );

@@ -146,6 +146,10 @@ impl ReaderAuthority for TokenReviewer {
     async fn may(&self, reader: &Reader, namespace: &str, access: Access) -> Result<bool, AuthError> {
         self.readers.may(reader, namespace, access).await
     }
+
+    async fn may_invoke(&self, reader: &Reader, namespace: &str, agent: &str) -> Result<bool, AuthError> {
+        self.readers.may_invoke(reader, namespace, agent).await
+    }
 }
 
 /// The status and user of a review that authenticated its token (pure).
@@ -232,6 +236,10 @@ impl ReaderAuthority for StaticTokens {
 
     async fn may(&self, reader: &Reader, namespace: &str, access: Access) -> Result<bool, AuthError> {
         self.readers.may(reader, namespace, access).await
+    }
+
+    async fn may_invoke(&self, reader: &Reader, namespace: &str, agent: &str) -> Result<bool, AuthError> {
+        self.readers.may_invoke(reader, namespace, agent).await
     }
 }
 

@@ -3,6 +3,7 @@
 //! handles approvals, and only then executes — once per idempotency key, with retries,
 //! timeouts and a circuit breaker — recording each step in the run's DecisionRecord.
 
+pub mod a2a_server;
 pub mod adapters;
 pub mod approvals;
 pub mod bundle;

@@ -123,6 +123,33 @@ pub trait ReaderAuthority: Send + Sync {
         namespace: &str,
         access: Access,
     ) -> impl std::future::Future<Output = Result<bool, AuthError>> + Send;
+    /// Whether `reader` may start Sessions of Agent `agent` in `namespace` over A2A: RBAC verb
+    /// `invoke` on that agent ([`INVOKE_VERB`] on `agents`, the agent as resource name).
+    fn may_invoke(
+        &self,
+        reader: &Reader,
+        namespace: &str,
+        agent: &str,
+    ) -> impl std::future::Future<Output = Result<bool, AuthError>> + Send;
+}
+
+/// The permission to call an Agent over A2A: this verb on `agents` (group `contextos.dev`),
+/// the Agent as resource name — ClusterRole `contextos-a2a-caller` grants it for every agent,
+/// a Role with `resourceNames` for some.
+pub const INVOKE_VERB: &str = "invoke";
+/// The resource [`INVOKE_VERB`] is on.
+pub const AGENTS_RESOURCE: &str = "agents";
+
+/// The question put to the API server for `reader` invoking `agent` in `namespace` (pure).
+pub fn invoke_review(reader: &Reader, namespace: &str, agent: &str) -> SubjectAccessReview {
+    let mut review = access_review(reader, namespace, Access::ReadRecords);
+    if let Some(attributes) = review.spec.resource_attributes.as_mut() {
+        attributes.verb = Some(INVOKE_VERB.to_owned());
+        attributes.resource = Some(AGENTS_RESOURCE.to_owned());
+        attributes.subresource = None;
+        attributes.name = Some(agent.to_owned());
+    }
+    review
 }
 
 /// A completed TokenReview of a reader's token (pure, so its checks are unit-tested).
@@ -199,6 +226,7 @@ pub struct ApiServerReaders {
     client: Client,
     tokens: Reviews<[u8; 32], Reader>,
     access: Reviews<(Reader, String, Access), bool>,
+    invoke: Reviews<(Reader, String, String), bool>,
 }
 
 impl std::fmt::Debug for ApiServerReaders {
@@ -213,6 +241,7 @@ impl ApiServerReaders {
             client,
             tokens: Reviews::new(),
             access: Reviews::new(),
+            invoke: Reviews::new(),
         }
     }
 }
@@ -257,15 +286,35 @@ impl ReaderAuthority for ApiServerReaders {
         if let Some(allowed) = self.access.get(&key) {
             return Ok(allowed);
         }
-        let reviewed = Api::<SubjectAccessReview>::all(self.client.clone())
-            .create(&PostParams::default(), &access_review(reader, namespace, access))
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        let allowed = reviewed
-            .status
-            .is_some_and(|s| s.allowed && s.denied != Some(true));
+        let allowed = self
+            .review_access(&access_review(reader, namespace, access))
+            .await?;
         self.access.put(key, allowed);
         Ok(allowed)
+    }
+
+    async fn may_invoke(&self, reader: &Reader, namespace: &str, agent: &str) -> Result<bool, AuthError> {
+        let key = (reader.clone(), namespace.to_owned(), agent.to_owned());
+        if let Some(allowed) = self.invoke.get(&key) {
+            return Ok(allowed);
+        }
+        let allowed = self
+            .review_access(&invoke_review(reader, namespace, agent))
+            .await?;
+        self.invoke.put(key, allowed);
+        Ok(allowed)
+    }
+}
+
+impl ApiServerReaders {
+    async fn review_access(&self, review: &SubjectAccessReview) -> Result<bool, AuthError> {
+        let reviewed = Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), review)
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        Ok(reviewed
+            .status
+            .is_some_and(|s| s.allowed && s.denied != Some(true)))
     }
 }
 
@@ -274,6 +323,8 @@ impl ReaderAuthority for ApiServerReaders {
 #[derive(Clone, Debug, Default)]
 pub struct StaticReaders {
     readers: HashMap<String, (Reader, Vec<(String, Access)>)>,
+    /// (username, namespace, agent) each caller may invoke.
+    invokers: Vec<(String, String, String)>,
 }
 
 impl StaticReaders {
@@ -295,6 +346,13 @@ impl StaticReaders {
         self.readers.insert(token.to_owned(), (reader, grants));
         self
     }
+
+    /// `username` may invoke `agent` in `namespace` over A2A.
+    pub fn with_invoke(mut self, username: &str, namespace: &str, agent: &str) -> Self {
+        self.invokers
+            .push((username.to_owned(), namespace.to_owned(), agent.to_owned()));
+        self
+    }
 }
 
 impl ReaderAuthority for StaticReaders {
@@ -313,6 +371,13 @@ impl ReaderAuthority for StaticReaders {
             .readers
             .values()
             .any(|(r, grants)| r == reader && grants.iter().any(|(n, a)| n == namespace && *a == access)))
+    }
+
+    async fn may_invoke(&self, reader: &Reader, namespace: &str, agent: &str) -> Result<bool, AuthError> {
+        Ok(self
+            .invokers
+            .iter()
+            .any(|(u, n, a)| *u == reader.username && n == namespace && a == agent))
     }
 }
 

@@ -9,6 +9,7 @@
 //! and model turns are written by the gateway itself, and the gateway alone signs heads — with
 //! the tenant's key, which never leaves this service.
 
+mod a2a_api;
 pub mod completion;
 mod consent_api;
 mod context_cache;
@@ -169,6 +170,8 @@ pub struct GatewayService<S, A, T> {
     early_answers: bool,
     /// The tenants' SpendQuotas as read, and their reports due.
     quota_desk: quotas::QuotaDesk,
+    /// Agents offered over A2A (none without it).
+    a2a: Option<a2a_api::A2aSettings>,
 }
 
 impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
@@ -326,7 +329,20 @@ where
             early_answers: true,
             blob_bytes: Mutex::new(HashMap::new()),
             quota_desk: Default::default(),
+            a2a: None,
         }
+    }
+
+    /// Serves Agents that opt in (`spec.a2a`) over A2A at `/a2a/<namespace>/<agent>`, their
+    /// tasks being Sessions created and read through `sessions`; `public_url` is the gateway's
+    /// URL as callers reach it (the endpoint the cards name; default: the request's host).
+    pub fn with_a2a(
+        mut self,
+        sessions: Arc<dyn crate::gateway::a2a_server::sessions::AgentSessions>,
+        public_url: Option<String>,
+    ) -> Self {
+        self.a2a = Some(a2a_api::A2aSettings::new(sessions, public_url));
+        self
     }
 
     /// What one run may write to the store: its record's entries and the blobs it uploads
@@ -505,8 +521,17 @@ where
             // One bound shared by every route (health checks are outside it, so a busy replica
             // still answers its probes).
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_IDENTIFYING));
+        // A2A callers are identified by each handler (their requests name no namespace header),
+        // within the endpoint's own bound.
+        let a2a = Router::new()
+            .route("/a2a/{namespace}/{agent}", post(Self::a2a_rpc))
+            .route(
+                "/a2a/{namespace}/{agent}/.well-known/agent-card.json",
+                get(Self::a2a_card),
+            );
         Router::new()
             .merge(authenticated)
+            .merge(a2a)
             .route("/v1/tenants/{tenant}/record-key", get(Self::record_key))
             .route("/healthz", get(|| async { "ok" }))
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
@@ -629,7 +654,7 @@ where
                 AuthError::Missing => Refusal(
                     StatusCode::UNAUTHORIZED,
                     "unauthenticated",
-                    "no bearer token: reading records needs your Kubernetes token (e.g. `kubectl create token`, or your OIDC id-token)".into(),
+                    "no bearer token: the gateway needs your Kubernetes token (e.g. `kubectl create token`, or your OIDC id-token)".into(),
                 ),
                 _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
             })

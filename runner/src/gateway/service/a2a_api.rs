@@ -1,0 +1,574 @@
+//! The A2A endpoint: Agents that opt in (`spec.a2a`) answer other agents at
+//! `/a2a/<namespace>/<agent>`. A caller is a person or workload with a Kubernetes token (the
+//! same tokens as for reading records) whom RBAC lets `invoke` that Agent; each message they
+//! send starts a Session of the Agent acting for them, and its task is that Session as it goes:
+//! waiting for an approval is `input-required`, success is `completed` with the validated output
+//! as the artifact. Everything the run does is governed and recorded as for any Session.
+//!
+//! Nothing here runs an agent: Sessions are created, read and cancelled through the API server
+//! (see [`crate::gateway::a2a_server::sessions`]), where the operator picks them up.
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::body::Bytes;
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use contextos_crds::Session;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+
+use super::{GatewayService, Refusal, bearer, forbidden, unavailable};
+use crate::{
+    gateway::{
+        a2a_server::{
+            sessions::{AgentSessions, DeskError},
+            wire::{self, Method, Request, RpcError, TaskState},
+        },
+        identity::Authenticator,
+        readers::{Reader, ReaderAuthority},
+        tenancy::TenantView,
+    },
+    memory::backend::MemoryBackend,
+    records::{RecordStore, TenantId},
+    telemetry::parse_traceparent,
+};
+
+/// Requests and streams one replica serves A2A callers at once (more are answered 503).
+const MAX_A2A_IN_FLIGHT: usize = 256;
+/// Largest message body.
+const MAX_A2A_BODY_BYTES: usize = 1 << 20;
+/// How long a caller may take to send it.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `SendMessage` waits for its task to end or to wait on a person (then the task is
+/// answered as it is, and the caller follows it with `GetTask`).
+const SEND_WAIT: Duration = Duration::from_secs(60);
+/// How long `CancelTask` waits for the Session to stop before answering.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+/// How long a stream is kept open (then it ends; `SubscribeToTask` goes on following).
+const STREAM_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// A comment sent on a quiet stream, so that proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The A2A endpoint's settings.
+pub(super) struct A2aSettings {
+    pub sessions: Arc<dyn AgentSessions>,
+    /// The gateway's URL as callers reach it (for the endpoint its cards name); without it,
+    /// the request's own `Host` over http.
+    pub public_url: Option<String>,
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl A2aSettings {
+    pub fn new(sessions: Arc<dyn AgentSessions>, public_url: Option<String>) -> Self {
+        Self {
+            sessions,
+            public_url: public_url.map(|u| u.trim_end_matches('/').to_owned()),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_A2A_IN_FLIGHT)),
+        }
+    }
+}
+
+/// An exposed Agent a caller may invoke, found.
+struct Invocation {
+    namespace: String,
+    agent: contextos_crds::Agent,
+    caller: Reader,
+    sessions: Arc<dyn AgentSessions>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<S, A, T> GatewayService<S, A, T>
+where
+    S: RecordStore + MemoryBackend + 'static,
+    A: Authenticator + ReaderAuthority + 'static,
+    T: TenantView + 'static,
+{
+    /// Who calls, whether they may invoke the Agent, and the Agent, if it is exposed — in that
+    /// order, so nobody learns which Agents exist where they may not invoke them.
+    async fn invocation(
+        &self,
+        namespace: &str,
+        agent: &str,
+        headers: &HeaderMap,
+    ) -> Result<Invocation, Refusal> {
+        let Some(settings) = &self.a2a else {
+            return Err(Refusal(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "this gateway does not serve A2A (it runs without the Kubernetes API)".into(),
+            ));
+        };
+        let Ok(permit) = settings.in_flight.clone().try_acquire_owned() else {
+            return Err(unavailable(format!(
+                "this gateway replica serves {MAX_A2A_IN_FLIGHT} A2A requests at once; try again"
+            )));
+        };
+        let tenant = TenantId::new(namespace).map_err(|_| {
+            Refusal(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{namespace:?} is not a namespace"),
+            )
+        })?;
+        if self.is_own(tenant.as_str()) || !is_name(agent) {
+            return Err(Refusal(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("there is no agent {namespace}/{agent} to call"),
+            ));
+        }
+        if bearer(headers).is_empty() {
+            return Err(Refusal(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "no bearer token: calling an agent needs your Kubernetes token (e.g. `kubectl create token <service account> --audience contextos-records`, or your OIDC id-token)".into(),
+            ));
+        }
+        let caller = self.person(headers).await?;
+        let allowed = self.auth.may_invoke(&caller, namespace, agent).await.map_err(|e| {
+            tracing::warn!(error = %e, user = %caller.username, %namespace, %agent, "cannot review an A2A caller");
+            unavailable("the gateway cannot ask the API server whether you may call this agent now; try again")
+        })?;
+        if !allowed {
+            tracing::info!(user = %caller.username, %namespace, %agent, "refused an A2A caller without permission");
+            return Err(forbidden(format!(
+                "user {} may not call agent {agent} in namespace {namespace}: that needs RBAC verb `invoke` on agents.contextos.dev (resourceName {agent}) there, e.g. a RoleBinding to ClusterRole contextos-a2a-caller",
+                caller.username
+            )));
+        }
+        let found = settings.sessions.agent(namespace, agent).await.map_err(|e| {
+            tracing::warn!(error = %e, %namespace, %agent, "cannot read an Agent for an A2A caller");
+            unavailable("the gateway cannot read the agent now; try again")
+        })?;
+        match found {
+            Some(found) if found.spec.a2a.is_some() => Ok(Invocation {
+                namespace: namespace.to_owned(),
+                agent: found,
+                caller,
+                sessions: settings.sessions.clone(),
+                _permit: permit,
+            }),
+            _ => Err(Refusal(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "agent {namespace}/{agent} is not offered over A2A (it does not exist, or its spec.a2a is not set)"
+                ),
+            )),
+        }
+    }
+
+    /// `GET /a2a/<namespace>/<agent>/.well-known/agent-card.json`.
+    pub(super) async fn a2a_card(
+        State(service): State<Arc<Self>>,
+        Path((namespace, agent)): Path<(String, String)>,
+        headers: HeaderMap,
+    ) -> Response {
+        let invocation = match service.invocation(&namespace, &agent, &headers).await {
+            Ok(invocation) => invocation,
+            Err(refusal) => return refusal.into_response(),
+        };
+        let endpoint = service.a2a_endpoint(&headers, &namespace, &agent);
+        match wire::card(&invocation.agent, &endpoint) {
+            Some(card) => Json(card).into_response(),
+            None => StatusCode::NOT_FOUND.into_response(),
+        }
+    }
+
+    /// Where callers send requests for `namespace/agent`.
+    fn a2a_endpoint(&self, headers: &HeaderMap, namespace: &str, agent: &str) -> String {
+        let base = self
+            .a2a
+            .as_ref()
+            .and_then(|s| s.public_url.clone())
+            .unwrap_or_else(|| {
+                let host = headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .filter(|h| {
+                        h.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+                    })
+                    .unwrap_or("localhost");
+                format!("http://{host}")
+            });
+        format!("{base}{}/{namespace}/{agent}", wire::PATH_PREFIX)
+    }
+
+    /// `POST /a2a/<namespace>/<agent>`: one JSON-RPC request.
+    pub(super) async fn a2a_rpc(
+        State(service): State<Arc<Self>>,
+        Path((namespace, agent)): Path<(String, String)>,
+        headers: HeaderMap,
+        body: axum::body::Body,
+    ) -> Response {
+        let invocation = match service.invocation(&namespace, &agent, &headers).await {
+            Ok(invocation) => invocation,
+            Err(refusal) => return refusal.into_response(),
+        };
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, MAX_A2A_BODY_BYTES));
+        let body = match read.await {
+            Ok(Ok(body)) => body,
+            Err(_) => {
+                return Refusal(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_too_slow",
+                    format!(
+                        "the request body was not sent within {} s",
+                        BODY_READ_TIMEOUT.as_secs()
+                    ),
+                )
+                .into_response();
+            }
+            Ok(Err(_)) => {
+                return Refusal(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("an A2A request is at most {MAX_A2A_BODY_BYTES} bytes"),
+                )
+                .into_response();
+            }
+        };
+        let request = match Request::parse(&body) {
+            Ok(request) => request,
+            Err((id, error)) => return Json(wire::error_reply(&id, &error)).into_response(),
+        };
+        if let Some(version) = headers.get("a2a-version").and_then(|v| v.to_str().ok())
+            && !version.trim().is_empty()
+            && version.trim().split('.').next() != Some("1")
+        {
+            let error = RpcError {
+                code: -32009,
+                message: format!("A2A version {version} is not served; this agent speaks 1.0"),
+            };
+            return Json(wire::error_reply(&request.id, &error)).into_response();
+        }
+        let traceparent = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| parse_traceparent(v).is_some())
+            .map(str::to_owned);
+        let streams = matches!(
+            request.method,
+            Method::SendStreamingMessage | Method::SubscribeToTask
+        );
+        // `SendMessage` answers with a task or a message (`{"task": …}`); `GetTask` and
+        // `CancelTask` with the task itself.
+        let wrapped = request.method == Method::SendMessage;
+        let id = request.id.clone();
+        let answered = match request.method {
+            Method::SendMessage | Method::SendStreamingMessage => {
+                send(invocation, &request, traceparent.as_deref()).await
+            }
+            Method::GetTask => own_task(&invocation, &request.params).await.map(Answer::Now),
+            Method::CancelTask => cancel(&invocation, &request.params).await.map(Answer::Now),
+            Method::SubscribeToTask => subscribe(invocation, &request.params).await,
+        };
+        match (answered, streams) {
+            (Ok(Answer::Now(session)), false) => {
+                let task = wire::task(&session);
+                let result = if wrapped { json!({"task": task}) } else { task };
+                Json(wire::result_reply(&id, result)).into_response()
+            }
+            (Ok(Answer::Now(session)), true) => {
+                event_stream(vec![event(&id, json!({"task": wire::task(&session)}))], None)
+            }
+            (Ok(Answer::Follow(invocation, session, ends)), _) => {
+                follow_stream(id, invocation, session, ends)
+            }
+            // A streaming method's error is an event of its stream, as callers read it.
+            (Err(error), true) => event_stream(vec![event_error(&id, &error)], None),
+            (Err(error), false) => Json(wire::error_reply(&id, &error)).into_response(),
+        }
+    }
+}
+
+/// What a request is answered with.
+enum Answer {
+    /// The task as it is.
+    Now(Session),
+    /// A stream of the task from this state on, until `ends` holds for its state.
+    Follow(Invocation, Session, fn(TaskState) -> bool),
+}
+
+/// Whether `name` can be an object's name.
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+fn desk_failure(e: &DeskError) -> RpcError {
+    match e {
+        DeskError::Refused(message) => RpcError::invalid_request(format!(
+            "the Session this message would start was refused: {message}"
+        )),
+        other => {
+            tracing::warn!(error = %other, "an A2A request could not reach the API server");
+            RpcError::internal(
+                "the gateway cannot reach the API server now; send the same message again (it starts the task once)",
+            )
+        }
+    }
+}
+
+/// The caller's own task that `params.id` names.
+async fn own_task(invocation: &Invocation, params: &Value) -> Result<Session, RpcError> {
+    let id = wire::task_id(params)?;
+    task_of(invocation, id).await
+}
+
+async fn task_of(invocation: &Invocation, id: &str) -> Result<Session, RpcError> {
+    let agent = invocation.agent.metadata.name.as_deref().unwrap_or_default();
+    if !is_name(id) {
+        return Err(RpcError::task_not_found(id));
+    }
+    match invocation.sessions.get(&invocation.namespace, id).await {
+        Ok(Some(session))
+            if wire::is_task_of(&session, &invocation.caller) && session.spec.agent_ref.name == agent =>
+        {
+            Ok(session)
+        }
+        // Someone else's Session, or another Agent's, is not there for this caller.
+        Ok(_) => Err(RpcError::task_not_found(id)),
+        Err(e) => Err(desk_failure(&e)),
+    }
+}
+
+/// `SendMessage` and `SendStreamingMessage`: the Session the message starts (or started, when
+/// it is sent again).
+async fn send(
+    invocation: Invocation,
+    request: &Request,
+    traceparent: Option<&str>,
+) -> Result<Answer, RpcError> {
+    let incoming = wire::incoming(&request.params)?;
+    if let Some(task) = &incoming.task_id {
+        let session = task_of(&invocation, task).await?;
+        let state = wire::state(&session);
+        return Err(RpcError::unsupported(if state.is_terminal() {
+            format!(
+                "task {task} has ended ({}); send a new message without taskId to start another",
+                state.wire()
+            )
+        } else {
+            format!(
+                "task {task} takes no further messages: it is a Session of its own, which goes on by itself; when it waits on a person (input-required), an approver decides on Session {}/{task}",
+                invocation.namespace
+            )
+        }));
+    }
+    let agent = invocation.agent.metadata.name.clone().unwrap_or_default();
+    let wanted = wire::session(
+        &invocation.namespace,
+        &agent,
+        &invocation.caller,
+        &incoming,
+        traceparent,
+    )?;
+    let session = match invocation.sessions.create(&wanted).await {
+        Ok(created) => {
+            tracing::info!(
+                namespace = %invocation.namespace,
+                %agent,
+                caller = %invocation.caller.username,
+                session = created.metadata.name.as_deref().unwrap_or_default(),
+                "an A2A message started a Session"
+            );
+            created
+        }
+        Err(DeskError::Exists) => {
+            let name = wanted.metadata.name.as_deref().unwrap_or_default();
+            match invocation.sessions.get(&invocation.namespace, name).await {
+                Ok(Some(existing))
+                    if wire::is_task_of(&existing, &invocation.caller)
+                        && wire::same_request(&existing, &wanted) =>
+                {
+                    existing
+                }
+                Ok(_) => {
+                    return Err(RpcError::invalid_params(format!(
+                        "message id {} was already used for another request; give each new message its own messageId",
+                        incoming.message_id
+                    )));
+                }
+                Err(e) => return Err(desk_failure(&e)),
+            }
+        }
+        Err(e) => return Err(desk_failure(&e)),
+    };
+    match request.method {
+        // The stream of a new task ends where the caller has to wait: its end, or a person.
+        Method::SendStreamingMessage => Ok(Answer::Follow(invocation, session, TaskState::ends_stream)),
+        _ if incoming.return_immediately => Ok(Answer::Now(session)),
+        _ => Ok(Answer::Now(
+            wait(&invocation, session, SEND_WAIT, TaskState::ends_stream).await,
+        )),
+    }
+}
+
+/// `CancelTask`: sets the Session's `spec.cancel`, and answers once it stopped (or after a
+/// while, still stopping).
+async fn cancel(invocation: &Invocation, params: &Value) -> Result<Session, RpcError> {
+    let session = own_task(invocation, params).await?;
+    let state = wire::state(&session);
+    let name = session.metadata.name.clone().unwrap_or_default();
+    if state.is_terminal() {
+        return Err(RpcError::not_cancelable(&name, state));
+    }
+    let cancelled = invocation
+        .sessions
+        .cancel(&invocation.namespace, &name)
+        .await
+        .map_err(|e| desk_failure(&e))?;
+    tracing::info!(namespace = %invocation.namespace, session = %name, caller = %invocation.caller.username, "an A2A caller cancelled its task");
+    Ok(wait(invocation, cancelled, CANCEL_WAIT, TaskState::is_terminal).await)
+}
+
+/// `SubscribeToTask`: a stream of the caller's task until it ends, unless it has (a caller
+/// subscribing to a task waiting on a person waits with it).
+async fn subscribe(invocation: Invocation, params: &Value) -> Result<Answer, RpcError> {
+    let session = own_task(&invocation, params).await?;
+    let state = wire::state(&session);
+    if state.is_terminal() {
+        return Err(RpcError::unsupported(format!(
+            "task {} has ended ({}); GetTask shows its outcome",
+            session.metadata.name.as_deref().unwrap_or_default(),
+            state.wire()
+        )));
+    }
+    Ok(Answer::Follow(invocation, session, TaskState::is_terminal))
+}
+
+/// The Session once `done` holds for its state, or as it is after `within`.
+async fn wait(
+    invocation: &Invocation,
+    mut session: Session,
+    within: Duration,
+    done: fn(TaskState) -> bool,
+) -> Session {
+    if done(wire::state(&session)) {
+        return session;
+    }
+    let name = session.metadata.name.clone().unwrap_or_default();
+    let mut changes = invocation.sessions.changes(&invocation.namespace, &name);
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(next)) = tokio::time::timeout_at(deadline, changes.next()).await {
+        match next {
+            Ok(next) => {
+                session = next;
+                if done(wire::state(&session)) {
+                    break;
+                }
+            }
+            // The watch retries by itself; the caller gets the task as last seen.
+            Err(e) => tracing::debug!(error = %e, "watching an A2A task"),
+        }
+    }
+    session
+}
+
+/// One stream event: a JSON-RPC answer carrying `result`.
+fn event(id: &Value, result: Value) -> Bytes {
+    sse(&wire::result_reply(id, result))
+}
+
+fn event_error(id: &Value, error: &RpcError) -> Bytes {
+    sse(&wire::error_reply(id, error))
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+fn event_stream(first: Vec<Bytes>, rest: Option<tokio::sync::mpsc::Receiver<Bytes>>) -> Response {
+    let head = futures::stream::iter(first.into_iter().map(Ok::<_, Infallible>));
+    let body = match rest {
+        Some(mut rest) => axum::body::Body::from_stream(head.chain(futures::stream::poll_fn(move |cx| {
+            rest.poll_recv(cx).map(|b| b.map(Ok))
+        }))),
+        None => axum::body::Body::from_stream(head),
+    };
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// A stream of the task: the task as it is, then each change of its status (its output before
+/// it completes) until `ends` holds for its state, or [`STREAM_LIFETIME`] passes.
+fn follow_stream(
+    id: Value,
+    invocation: Invocation,
+    session: Session,
+    ends: fn(TaskState) -> bool,
+) -> Response {
+    let first = vec![event(&id, json!({"task": wire::task(&session)}))];
+    if ends(wire::state(&session)) {
+        return event_stream(first, None);
+    }
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let name = session.metadata.name.clone().unwrap_or_default();
+        let mut changes = invocation.sessions.changes(&invocation.namespace, &name);
+        let mut shown = wire::visible(&session);
+        let started = Instant::now();
+        loop {
+            let left = STREAM_LIFETIME.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let next = match tokio::time::timeout(KEEP_ALIVE.min(left), changes.next()).await {
+                Ok(Some(Ok(next))) => next,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "watching an A2A task");
+                    continue;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    // Quiet: a comment keeps proxies from closing the stream, and tells
+                    // whether the caller is still there.
+                    if sender
+                        .send(Bytes::from_static(b": keep-alive\n\n"))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let visible = wire::visible(&next);
+            if visible == shown {
+                continue;
+            }
+            shown = visible;
+            let state = wire::state(&next);
+            if let Some(artifact) = wire::artifact_event(&next)
+                && sender.send(event(&id, artifact)).await.is_err()
+            {
+                break;
+            }
+            if sender.send(event(&id, wire::status_event(&next))).await.is_err() || ends(state) {
+                break;
+            }
+        }
+        drop(invocation);
+    });
+    event_stream(first, Some(receiver))
+}

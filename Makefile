@@ -74,7 +74,7 @@ kind-tests:
 		bin="$$(bash kind-tests/testenv/build.sh | tail -n1)" || exit 1; \
 		export CONTEXTOS_TESTENV_BIN="$$bin"; \
 	fi; \
-		tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
+	tikv="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_TIKV_TESTSERVER_BIN="$$tikv"; \
 	a2a="$$(bash runner/tests/support/a2a_peer.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_A2A_PYTHON="$$a2a"; \

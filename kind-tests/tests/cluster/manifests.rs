@@ -538,7 +538,134 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
     check_promotion_approvals(env, namespace).await?;
     check_agent_promotion_approvals(env, namespace).await?;
     check_sandbox_images(env, namespace).await?;
-    check_session_identity(env, namespace).await
+    check_session_identity(env, namespace).await?;
+    check_a2a_sessions(env, namespace).await
+}
+
+/// Sessions of A2A callers: only the gateway's account marks a Session as one (a tenant cannot
+/// make any Session a caller's task), and it creates and changes nothing else — no Session about
+/// a person, no change but spec.cancel.
+async fn check_a2a_sessions(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    const POLICY: &str = "contextos-a2a-sessions";
+    const GATEWAY: &str = "system:serviceaccount:contextos-system:contextos-gateway";
+    let mut template = yaml_documents(&repo_root().join("examples/quickstart/session.yaml"))?.remove(0);
+    no_operator(&mut template);
+    template["metadata"]["namespace"] = json!(namespace);
+    let dir = tempfile::tempdir().context("create a directory for the Sessions")?;
+    // `kubectl <verb> …` on a Session as `user` (the admin when None): Err holds the refusal.
+    let kubectl = |user: Option<&'static str>, args: Vec<String>| async move {
+        let mut args = args;
+        if let Some(user) = user {
+            args.extend(["--as".to_owned(), user.to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = run(env, &args).await?;
+        anyhow::Ok(if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        })
+    };
+    let create = |name: &str, user: Option<&'static str>, edit: &dyn Fn(&mut Value)| {
+        let mut session = template.clone();
+        session["metadata"]["name"] = json!(name);
+        edit(&mut session);
+        let file = dir.path().join(format!("{name}.json"));
+        let written = std::fs::write(&file, session.to_string());
+        let args = vec![
+            "create".to_owned(),
+            "-f".to_owned(),
+            file.to_string_lossy().into_owned(),
+        ];
+        async move {
+            written?;
+            kubectl(user, args).await
+        }
+    };
+    let patch = |name: &str, user: Option<&'static str>, patch: Value| {
+        let args = vec![
+            "patch".to_owned(),
+            "sessions.contextos.dev".to_owned(),
+            name.to_owned(),
+            "-n".to_owned(),
+            namespace.to_owned(),
+            "--type=merge".to_owned(),
+            "-p".to_owned(),
+            patch.to_string(),
+        ];
+        kubectl(user, args)
+    };
+    // As the gateway writes them: marked (the label keeping the e2e operator away stays), for
+    // the caller, without the quickstart's overrides.
+    let marked = |s: &mut Value| {
+        s["metadata"]["labels"]["contextos.dev/a2a"] = json!("true");
+        s["metadata"]["annotations"] = json!({"contextos.dev/a2a-caller": "partner"});
+        s["spec"]["user"] = json!({"subject": "partner"});
+        if let Some(spec) = s["spec"].as_object_mut() {
+            spec.remove("overrides");
+        }
+    };
+    // A tenant (here the admin) marking a Session as a caller's task: refused.
+    let refusal = wait_for("the A2A policy to refuse a marked Session", TIMEOUT, || async {
+        match create("tenant-marked", None, &marked).await {
+            Ok(Err(refusal)) if refusal.contains(POLICY) => Check::Done(refusal),
+            Ok(Err(refusal)) => Check::NotYet(refusal),
+            Ok(Ok(())) => Check::NotYet("accepted".to_owned()),
+            Err(err) => Check::NotYet(format!("{err:#}")),
+        }
+    })
+    .await?;
+    ensure!(refusal.contains("only the gateway sets them"), "{refusal}");
+    // The gateway: no Session with scopes for its caller (nor about a person, which the
+    // identity policy refuses it first).
+    let scoped = |s: &mut Value| {
+        marked(s);
+        s["spec"]["user"]["scopes"] = json!(["incidents:write"]);
+    };
+    let refusal = create("a2a-scoped", Some(GATEWAY), &scoped)
+        .await?
+        .err()
+        .context("the gateway created a Session with scopes")?;
+    ensure!(refusal.contains(POLICY), "{refusal}");
+    create("a2a-task", Some(GATEWAY), &marked)
+        .await?
+        .map_err(|refusal| anyhow::anyhow!("the gateway's A2A task was refused: {refusal}"))?;
+    // Its marks are the gateway's: a tenant cannot change them, nor mark another Session.
+    let refusal = patch(
+        "a2a-task",
+        None,
+        json!({"metadata": {"annotations": {"contextos.dev/a2a-caller": "mallory"}}}),
+    )
+    .await?
+    .err()
+    .context("a tenant changed whose task it is")?;
+    ensure!(refusal.contains(POLICY), "{refusal}");
+    create("plain", None, &|_| {})
+        .await?
+        .map_err(|refusal| anyhow::anyhow!("an unmarked Session was refused: {refusal}"))?;
+    let refusal = patch(
+        "plain",
+        None,
+        json!({"metadata": {"labels": {"contextos.dev/a2a": "true"}}}),
+    )
+    .await?
+    .err()
+    .context("a tenant made a Session an A2A task")?;
+    ensure!(refusal.contains(POLICY), "{refusal}");
+    // The gateway changes spec.cancel and nothing else.
+    let refusal = patch(
+        "plain",
+        Some(GATEWAY),
+        json!({"metadata": {"labels": {"team": "x"}}}),
+    )
+    .await?
+    .err()
+    .context("the gateway relabelled a Session")?;
+    ensure!(refusal.contains(POLICY), "{refusal}");
+    patch("a2a-task", Some(GATEWAY), json!({"spec": {"cancel": true}}))
+        .await?
+        .map_err(|refusal| anyhow::anyhow!("the gateway's cancel was refused: {refusal}"))?;
+    Ok(())
 }
 
 /// A Session acts for the user who creates it: nobody starts one in someone else's name, in

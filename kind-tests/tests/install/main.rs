@@ -20,6 +20,7 @@
 //! Needs root. Without it the test is skipped with the reason, unless
 //! `CONTEXTOS_REQUIRE_REALNODE=1` (CI) makes that a failure.
 
+mod a2a;
 mod hostile;
 mod improvement;
 mod memory;
@@ -321,6 +322,7 @@ patches:
     eprintln!("the capability's report: {capability}\nthe control's: {control}");
     hostile::judge(&capability, &control)?;
     unpriced_model_is_refused(&tenant).await?;
+    a2a::called_through_the_installed_gateway(env, &tenant).await?;
     tenant.pass();
     memory::remembered_across_sessions(env, &install, &runner_image).await?;
     improvement::proposals_through_the_gate(env, &install, &runner_image).await

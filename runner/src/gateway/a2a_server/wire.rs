@@ -595,8 +595,16 @@ pub fn visible(session: &Session) -> Value {
     task_status(session)
 }
 
-/// The most an Agent may do on a caller's behalf: the highest risk among its tools.
+/// The most an Agent may do on a caller's behalf: the highest risk among its tools — or, while
+/// a changed spec waits for promotion (its runs still use the promoted revision, whose tools
+/// the live spec no longer shows), the highest there is.
 pub fn risk_ceiling(agent: &Agent) -> ToolRisk {
+    let revisions = agent.status.as_ref().and_then(|s| s.revisions.as_ref());
+    let pending = revisions.is_some_and(|r| r.candidate.is_some() && r.candidate != r.promoted);
+    let highest = ToolRisk::ALL[ToolRisk::ALL.len() - 1];
+    if pending {
+        return highest;
+    }
     agent
         .spec
         .tools

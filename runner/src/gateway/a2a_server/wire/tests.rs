@@ -288,6 +288,19 @@ fn the_card_names_the_endpoint_and_the_highest_risk_of_the_agents_tools() {
         card["capabilities"]["extensions"][0]["params"]["maxRisk"],
         highest.as_str()
     );
+    // While a changed spec waits for promotion, what runs is not what the spec shows.
+    let mut pending = agent(true);
+    pending.spec.tools.retain(|t| t.risk == ToolRisk::ReadOnly);
+    pending.status = Some(
+        serde_json::from_value(json!({"revisions": {"candidate": "sha256:b", "promoted": "sha256:a"}}))
+            .expect("status"),
+    );
+    assert_eq!(risk_ceiling(&pending), ToolRisk::Destructive);
+    pending.status = Some(
+        serde_json::from_value(json!({"revisions": {"candidate": "sha256:a", "promoted": "sha256:a"}}))
+            .expect("status"),
+    );
+    assert_eq!(risk_ceiling(&pending), ToolRisk::ReadOnly);
 }
 
 #[test]

@@ -121,12 +121,14 @@ impl Caller {
     }
 }
 
-/// A token of service account `name` for the gateway (audience contextos-records).
-async fn token(accounts: &Api<ServiceAccount>, name: &str) -> Result<String> {
-    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}}))?;
-    accounts.create(&PostParams::default(), &account).await?;
+/// A token of service account `name` (created if need be) for `audience`.
+async fn token_for(accounts: &Api<ServiceAccount>, name: &str, audience: &str) -> Result<String> {
+    if accounts.get_opt(name).await?.is_none() {
+        let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+        accounts.create(&PostParams::default(), &account).await?;
+    }
     let request: TokenRequest = serde_json::from_value(json!({"spec": {
-        "audiences": [contextos_runner::gateway::readers::READER_AUDIENCE],
+        "audiences": [audience],
         "expirationSeconds": 3600,
     }}))?;
     accounts
@@ -234,9 +236,17 @@ async fn the_a2a_sdks_call_a_contextos_agent_through_the_gateway() -> Result<()>
         .create(&PostParams::default(), &binding)
         .await?;
     let accounts = ns.api::<ServiceAccount>();
-    let partner = token(&accounts, "partner").await?;
-    let other = token(&accounts, "other").await?;
-    let stranger = token(&accounts, "stranger").await?;
+    let a2a = contextos_runner::gateway::readers::A2A_AUDIENCE;
+    let partner = token_for(&accounts, "partner", a2a).await?;
+    let other = token_for(&accounts, "other", a2a).await?;
+    let stranger = token_for(&accounts, "stranger", a2a).await?;
+    // The partner's token for reading records: not for calling agents.
+    let reading = token_for(
+        &accounts,
+        "partner",
+        contextos_runner::gateway::readers::READER_AUDIENCE,
+    )
+    .await?;
     let url = format!("{}/a2a/{}/{AGENT}", op.gateway, ns.name());
     let card_url = format!("{url}/.well-known/agent-card.json");
     let http = reqwest::Client::new();
@@ -245,6 +255,10 @@ async fn the_a2a_sdks_call_a_contextos_agent_through_the_gateway() -> Result<()>
     // before anything is read.
     let status = |r: reqwest::Response| r.status().as_u16();
     ensure!(status(http.get(&card_url).send().await?) == 401, "no token");
+    ensure!(
+        status(http.get(&card_url).bearer_auth(&reading).send().await?) == 401,
+        "a token for another audience is refused"
+    );
     ensure!(
         status(http.get(&card_url).bearer_auth(&stranger).send().await?) == 403,
         "a caller without `invoke` is refused"

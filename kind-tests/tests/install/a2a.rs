@@ -39,7 +39,7 @@ pub async fn called_through_the_installed_gateway(env: &TestEnv, tenant: &TestNa
         .create(&PostParams::default(), &binding)
         .await?;
     let request: TokenRequest = serde_json::from_value(json!({"spec": {
-        "audiences": [contextos_runner::gateway::readers::READER_AUDIENCE],
+                "audiences": [contextos_runner::gateway::readers::A2A_AUDIENCE],
         "expirationSeconds": 600,
     }}))?;
     let token = accounts

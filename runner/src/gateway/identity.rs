@@ -150,6 +150,10 @@ impl ReaderAuthority for TokenReviewer {
     async fn may_invoke(&self, reader: &Reader, namespace: &str, agent: &str) -> Result<bool, AuthError> {
         self.readers.may_invoke(reader, namespace, agent).await
     }
+
+    async fn authenticate_a2a_caller(&self, token: &str) -> Result<Reader, AuthError> {
+        self.readers.authenticate_a2a_caller(token).await
+    }
 }
 
 /// The status and user of a review that authenticated its token (pure).
@@ -240,6 +244,10 @@ impl ReaderAuthority for StaticTokens {
 
     async fn may_invoke(&self, reader: &Reader, namespace: &str, agent: &str) -> Result<bool, AuthError> {
         self.readers.may_invoke(reader, namespace, agent).await
+    }
+
+    async fn authenticate_a2a_caller(&self, token: &str) -> Result<Reader, AuthError> {
+        self.readers.authenticate_a2a_caller(token).await
     }
 }
 

@@ -123,6 +123,13 @@ pub trait ReaderAuthority: Send + Sync {
         namespace: &str,
         access: Access,
     ) -> impl std::future::Future<Output = Result<bool, AuthError>> + Send;
+    /// The caller of an Agent over A2A whose token this is: a token for [`A2A_AUDIENCE`] only, so
+    /// that neither a token minted to read records nor one the API server itself would take
+    /// starts runs here.
+    fn authenticate_a2a_caller(
+        &self,
+        token: &str,
+    ) -> impl std::future::Future<Output = Result<Reader, AuthError>> + Send;
     /// Whether `reader` may start Sessions of Agent `agent` in `namespace` over A2A: RBAC verb
     /// `invoke` on that agent ([`INVOKE_VERB`] on `agents`, the agent as resource name).
     fn may_invoke(
@@ -139,6 +146,9 @@ pub trait ReaderAuthority: Send + Sync {
 pub const INVOKE_VERB: &str = "invoke";
 /// The resource [`INVOKE_VERB`] is on.
 pub const AGENTS_RESOURCE: &str = "agents";
+/// The audience of the tokens A2A callers present (`kubectl create token <account> --audience
+/// contextos-a2a`, or a workload's projected token for it): accepted for calling agents only.
+pub const A2A_AUDIENCE: &str = "contextos-a2a";
 
 /// The question put to the API server for `reader` invoking `agent` in `namespace` (pure).
 pub fn invoke_review(reader: &Reader, namespace: &str, agent: &str) -> SubjectAccessReview {
@@ -227,6 +237,7 @@ pub struct ApiServerReaders {
     tokens: Reviews<[u8; 32], Reader>,
     access: Reviews<(Reader, String, Access), bool>,
     invoke: Reviews<(Reader, String, String), bool>,
+    a2a_tokens: Reviews<[u8; 32], Reader>,
 }
 
 impl std::fmt::Debug for ApiServerReaders {
@@ -242,6 +253,7 @@ impl ApiServerReaders {
             tokens: Reviews::new(),
             access: Reviews::new(),
             invoke: Reviews::new(),
+            a2a_tokens: Reviews::new(),
         }
     }
 }
@@ -279,6 +291,23 @@ impl ReaderAuthority for ApiServerReaders {
         };
         self.tokens.put(key, reader.clone());
         Ok(reader)
+    }
+
+    async fn authenticate_a2a_caller(&self, token: &str) -> Result<Reader, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let mut hash = Sha256::new();
+        hash.update(A2A_AUDIENCE.as_bytes());
+        hash.update([0]);
+        hash.update(token.as_bytes());
+        let key: [u8; 32] = hash.finalize().into();
+        if let Some(caller) = self.a2a_tokens.get(&key) {
+            return Ok(caller);
+        }
+        let caller = reader_of(&self.review(token, Some(A2A_AUDIENCE)).await?)?;
+        self.a2a_tokens.put(key, caller.clone());
+        Ok(caller)
     }
 
     async fn may(&self, reader: &Reader, namespace: &str, access: Access) -> Result<bool, AuthError> {
@@ -371,6 +400,10 @@ impl ReaderAuthority for StaticReaders {
             .readers
             .values()
             .any(|(r, grants)| r == reader && grants.iter().any(|(n, a)| n == namespace && *a == access)))
+    }
+
+    async fn authenticate_a2a_caller(&self, token: &str) -> Result<Reader, AuthError> {
+        self.authenticate_reader(token).await
     }
 
     async fn may_invoke(&self, reader: &Reader, namespace: &str, agent: &str) -> Result<bool, AuthError> {

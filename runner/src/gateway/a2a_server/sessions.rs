@@ -10,7 +10,7 @@ use contextos_crds::{Agent, Session};
 use futures::{Stream, StreamExt as _};
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt as _, watcher},
 };
 
@@ -29,7 +29,8 @@ pub enum DeskError {
 }
 
 pub type DeskFuture<'a, T> = Pin<Box<dyn std::future::Future<Output = Result<T, DeskError>> + Send + 'a>>;
-pub type Changes = Pin<Box<dyn Stream<Item = Result<Session, DeskError>> + Send>>;
+/// A Session as it changes: `None` once it is deleted.
+pub type Changes = Pin<Box<dyn Stream<Item = Result<Option<Session>, DeskError>> + Send>>;
 
 /// The Agents and Sessions of tenants, as the A2A endpoint needs them.
 pub trait AgentSessions: Send + Sync {
@@ -39,10 +40,13 @@ pub trait AgentSessions: Send + Sync {
     fn create<'a>(&'a self, session: &'a Session) -> DeskFuture<'a, Session>;
     /// The Session `name` in `namespace`, if it exists.
     fn get<'a>(&'a self, namespace: &'a str, name: &'a str) -> DeskFuture<'a, Option<Session>>;
-    /// Sets `spec.cancel` on the Session.
-    fn cancel<'a>(&'a self, namespace: &'a str, name: &'a str) -> DeskFuture<'a, Session>;
+    /// Sets `spec.cancel` on the Session `name` — only if it is still the one with `uid` (not
+    /// another Session of that name created since).
+    fn cancel<'a>(&'a self, namespace: &'a str, name: &'a str, uid: &'a str) -> DeskFuture<'a, Session>;
     /// The Session as it changes, from now on (its current state first).
     fn changes(&self, namespace: &str, name: &str) -> Changes;
+    /// The Sessions in `namespace` carrying `label` (`key=value`) that have not ended.
+    fn open<'a>(&'a self, namespace: &'a str, label: &'a str) -> DeskFuture<'a, usize>;
 }
 
 /// Field manager of what the gateway writes to Sessions.
@@ -109,26 +113,67 @@ impl AgentSessions for KubeSessions {
         })
     }
 
-    fn cancel<'a>(&'a self, namespace: &'a str, name: &'a str) -> DeskFuture<'a, Session> {
+    fn cancel<'a>(&'a self, namespace: &'a str, name: &'a str, uid: &'a str) -> DeskFuture<'a, Session> {
         Box::pin(async move {
+            // The uid in the patch is a precondition: the API server refuses it for another
+            // Session of the same name.
+            let patch = serde_json::json!({"metadata": {"uid": uid}, "spec": {"cancel": true}});
             Api::<Session>::namespaced(self.client.clone(), namespace)
                 .patch(
                     name,
-                    &PatchParams::apply(MANAGER),
-                    &Patch::Merge(serde_json::json!({"spec": {"cancel": true}})),
+                    &PatchParams {
+                        field_manager: Some(MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &Patch::Merge(patch),
                 )
                 .await
                 .map_err(desk_error)
         })
     }
 
+    fn open<'a>(&'a self, namespace: &'a str, label: &'a str) -> DeskFuture<'a, usize> {
+        Box::pin(async move {
+            let listed = Api::<Session>::namespaced(self.client.clone(), namespace)
+                .list(&ListParams::default().labels(label))
+                .await
+                .map_err(desk_error)?;
+            Ok(listed
+                .items
+                .iter()
+                .filter(|s| {
+                    !s.status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .is_some_and(|p| p.is_terminal())
+                })
+                .count())
+        })
+    }
+
     fn changes(&self, namespace: &str, name: &str) -> Changes {
         let api = Api::<Session>::namespaced(self.client.clone(), namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        // A Session deleted while the watch was being re-listed shows as a list without it.
+        let mut listed = true;
         watcher(api, config)
             .default_backoff()
-            .applied_objects()
-            .map(|event| event.map_err(|e| DeskError::Unavailable(e.to_string())))
+            .filter_map(move |event| {
+                futures::future::ready(match event {
+                    Ok(watcher::Event::Apply(session)) => Some(Ok(Some(session))),
+                    Ok(watcher::Event::InitApply(session)) => {
+                        listed = true;
+                        Some(Ok(Some(session)))
+                    }
+                    Ok(watcher::Event::Delete(_)) => Some(Ok(None)),
+                    Ok(watcher::Event::Init) => {
+                        listed = false;
+                        None
+                    }
+                    Ok(watcher::Event::InitDone) => (!listed).then_some(Ok(None)),
+                    Err(e) => Some(Err(DeskError::Unavailable(e.to_string()))),
+                })
+            })
             .boxed()
     }
 }

@@ -27,6 +27,8 @@ pub const PATH_PREFIX: &str = "/a2a";
 pub const A2A_LABEL: &str = "contextos.dev/a2a";
 /// The A2A caller a Session was started for (also its `spec.user.subject`).
 pub const CALLER_ANNOTATION: &str = "contextos.dev/a2a-caller";
+/// The caller, as a label (a digest of their name): what their open tasks are counted by.
+pub const CALLER_LABEL: &str = "contextos.dev/a2a-caller-id";
 /// The caller's message id that started the Session.
 pub const MESSAGE_ANNOTATION: &str = "contextos.dev/a2a-message-id";
 /// The A2A context the task belongs to.
@@ -40,6 +42,9 @@ const MAX_PARTS: usize = 64;
 const PROMPT_MAX_BYTES: usize = 65536;
 /// Groups a Session's user may have (the Session's `spec.user.groups` bound).
 const MAX_GROUPS: usize = 32;
+/// Largest data part (the run's input), as JSON: a message is one request, not a bulk upload,
+/// and every Session is kept by the API server.
+const DATA_MAX_BYTES: usize = 64 * 1024;
 
 /// A JSON-RPC error of the A2A binding.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -267,6 +272,12 @@ pub fn incoming(params: &Value) -> Result<Incoming, RpcError> {
                     "message.parts[{i}].data must be a JSON object (it becomes the run's input)"
                 )));
             }
+            let size = serde_json::to_vec(value).map_or(usize::MAX, |v| v.len());
+            if size > DATA_MAX_BYTES {
+                return Err(RpcError::invalid_params(format!(
+                    "message.parts[{i}].data is {size} bytes of JSON; at most {DATA_MAX_BYTES} are taken"
+                )));
+            }
             data = Some(value.clone());
         } else {
             return Err(RpcError::content_not_supported(format!(
@@ -285,6 +296,12 @@ pub fn incoming(params: &Value) -> Result<Incoming, RpcError> {
             "the message's text is {} bytes; at most {PROMPT_MAX_BYTES} are taken",
             prompt.len()
         )));
+    }
+    if params
+        .pointer("/configuration/taskPushNotificationConfig")
+        .is_some_and(|c| !c.is_null())
+    {
+        return Err(RpcError::push_not_supported());
     }
     let return_immediately = params
         .pointer("/configuration/returnImmediately")
@@ -364,9 +381,18 @@ pub fn session(
         },
     );
     session.metadata.namespace = Some(namespace.to_owned());
-    session.metadata.labels = Some(BTreeMap::from([(A2A_LABEL.to_owned(), "true".to_owned())]));
+    session.metadata.labels = Some(BTreeMap::from([
+        (A2A_LABEL.to_owned(), "true".to_owned()),
+        (CALLER_LABEL.to_owned(), caller_id(&caller.username)),
+    ]));
     session.metadata.annotations = Some(annotations);
     Ok(session)
+}
+
+/// A caller's name as a label value (a digest: names hold characters labels may not).
+pub fn caller_id(username: &str) -> String {
+    let digest = Sha256::digest(username.as_bytes());
+    digest.iter().take(10).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `session` is a task `caller` started (pure): started over A2A, acting for them. A
@@ -654,7 +680,7 @@ pub fn card(agent: &Agent, endpoint: &str) -> Option<Value> {
         "securitySchemes": {
             "kubernetes": {"httpAuthSecurityScheme": {
                 "scheme": "Bearer",
-                "description": "a Kubernetes token of the caller (audience contextos-records or the API server's); the caller needs RBAC verb invoke on this agent (agents.contextos.dev)",
+                                "description": "a Kubernetes token of the caller for audience contextos-a2a (kubectl create token <account> --audience contextos-a2a); the caller needs RBAC verb invoke on this agent (agents.contextos.dev)",
             }},
         },
         "securityRequirements": [{"schemes": {"kubernetes": {"list": []}}}],

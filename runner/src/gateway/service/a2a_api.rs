@@ -8,11 +8,7 @@
 //! Nothing here runs an agent: Sessions are created, read and cancelled through the API server
 //! (see [`crate::gateway::a2a_server::sessions`]), where the operator picks them up.
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use axum::body::Bytes;
 use axum::{
@@ -32,8 +28,8 @@ use crate::{
             sessions::{AgentSessions, DeskError},
             wire::{self, Method, Request, RpcError, TaskState},
         },
-        identity::Authenticator,
-        readers::{Reader, ReaderAuthority},
+        identity::{AuthError, Authenticator},
+        readers::{A2A_AUDIENCE, Reader, ReaderAuthority},
         tenancy::TenantView,
     },
     memory::backend::MemoryBackend,
@@ -43,6 +39,12 @@ use crate::{
 
 /// Requests and streams one replica serves A2A callers at once (more are answered 503).
 const MAX_A2A_IN_FLIGHT: usize = 256;
+/// Of those, what the callers of one namespace's agents may hold: callers of one tenant cannot
+/// take every other tenant's share.
+const MAX_A2A_PER_NAMESPACE: usize = 32;
+/// Tasks one caller may have going in one namespace at once (more messages are refused until
+/// one ends): every task is a run, a pod and an object the API server keeps.
+const MAX_OPEN_TASKS_PER_CALLER: usize = 16;
 /// Largest message body.
 const MAX_A2A_BODY_BYTES: usize = 1 << 20;
 /// How long a caller may take to send it.
@@ -64,6 +66,8 @@ pub(super) struct A2aSettings {
     /// the request's own `Host` over http.
     pub public_url: Option<String>,
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Each namespace's share of `in_flight`.
+    per_namespace: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl A2aSettings {
@@ -72,8 +76,36 @@ impl A2aSettings {
             sessions,
             public_url: public_url.map(|u| u.trim_end_matches('/').to_owned()),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_A2A_IN_FLIGHT)),
+            per_namespace: Default::default(),
         }
     }
+
+    /// A slot of the replica's and of `namespace`'s, if both have one free.
+    fn slot(&self, namespace: &str) -> Option<Slot> {
+        let shared = {
+            let mut slots = self.per_namespace.lock().ok()?;
+            // Idle namespaces are forgotten now and then (only permitted callers get here).
+            if slots.len() > 4096 {
+                slots.retain(|_, s| s.available_permits() < MAX_A2A_PER_NAMESPACE);
+            }
+            slots
+                .entry(namespace.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_A2A_PER_NAMESPACE)))
+                .clone()
+        };
+        let namespace = shared.try_acquire_owned().ok()?;
+        let replica = self.in_flight.clone().try_acquire_owned().ok()?;
+        Some(Slot {
+            _namespace: namespace,
+            _replica: replica,
+        })
+    }
+}
+
+/// What an A2A request or stream holds while it is served.
+struct Slot {
+    _namespace: tokio::sync::OwnedSemaphorePermit,
+    _replica: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// An exposed Agent a caller may invoke, found.
@@ -82,7 +114,7 @@ struct Invocation {
     agent: contextos_crds::Agent,
     caller: Reader,
     sessions: Arc<dyn AgentSessions>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl<S, A, T> GatewayService<S, A, T>
@@ -106,11 +138,6 @@ where
                 "this gateway does not serve A2A (it runs without the Kubernetes API)".into(),
             ));
         };
-        let Ok(permit) = settings.in_flight.clone().try_acquire_owned() else {
-            return Err(unavailable(format!(
-                "this gateway replica serves {MAX_A2A_IN_FLIGHT} A2A requests at once; try again"
-            )));
-        };
         let tenant = TenantId::new(namespace).map_err(|_| {
             Refusal(
                 StatusCode::NOT_FOUND,
@@ -125,14 +152,23 @@ where
                 format!("there is no agent {namespace}/{agent} to call"),
             ));
         }
-        if bearer(headers).is_empty() {
-            return Err(Refusal(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "no bearer token: calling an agent needs your Kubernetes token (e.g. `kubectl create token <service account> --audience contextos-records`, or your OIDC id-token)".into(),
-            ));
-        }
-        let caller = self.person(headers).await?;
+        let caller = self
+            .auth
+            .authenticate_a2a_caller(bearer(headers))
+            .await
+            .map_err(|e| match e {
+                AuthError::Unavailable(_) => unavailable(&e),
+                AuthError::Missing => Refusal(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    format!("no bearer token: calling an agent needs a Kubernetes token for audience {A2A_AUDIENCE} (e.g. `kubectl create token <service account> --audience {A2A_AUDIENCE}`, or a projected token of your workload)"),
+                ),
+                _ => Refusal(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    format!("{e} (calling an agent needs a Kubernetes token for audience {A2A_AUDIENCE})"),
+                ),
+            })?;
         let allowed = self.auth.may_invoke(&caller, namespace, agent).await.map_err(|e| {
             tracing::warn!(error = %e, user = %caller.username, %namespace, %agent, "cannot review an A2A caller");
             unavailable("the gateway cannot ask the API server whether you may call this agent now; try again")
@@ -148,13 +184,20 @@ where
             tracing::warn!(error = %e, %namespace, %agent, "cannot read an Agent for an A2A caller");
             unavailable("the gateway cannot read the agent now; try again")
         })?;
+        // Only callers who may invoke it get this far, so only they can take the namespace's
+        // share of the replica.
+        let Some(slot) = settings.slot(namespace) else {
+            return Err(unavailable(format!(
+                "this gateway replica serves {MAX_A2A_IN_FLIGHT} A2A requests at once, {MAX_A2A_PER_NAMESPACE} for the agents of namespace {namespace}; try again"
+            )));
+        };
         match found {
             Some(found) if found.spec.a2a.is_some() => Ok(Invocation {
                 namespace: namespace.to_owned(),
                 agent: found,
                 caller,
                 sessions: settings.sessions.clone(),
-                _permit: permit,
+                _slot: slot,
             }),
             _ => Err(Refusal(
                 StatusCode::NOT_FOUND,
@@ -376,7 +419,23 @@ async fn send(
         &incoming,
         traceparent,
     )?;
-    let session = match invocation.sessions.create(&wanted).await {
+    // A caller with many tasks going starts no more (a message sent again still meets its task).
+    let label = format!(
+        "{}={}",
+        wire::CALLER_LABEL,
+        wire::caller_id(&invocation.caller.username)
+    );
+    let open = invocation
+        .sessions
+        .open(&invocation.namespace, &label)
+        .await
+        .map_err(|e| desk_failure(&e))?;
+    let created = if open >= MAX_OPEN_TASKS_PER_CALLER {
+        Err(DeskError::Exists)
+    } else {
+        invocation.sessions.create(&wanted).await
+    };
+    let session = match created {
         Ok(created) => {
             tracing::info!(
                 namespace = %invocation.namespace,
@@ -395,6 +454,12 @@ async fn send(
                         && wire::same_request(&existing, &wanted) =>
                 {
                     existing
+                }
+                Ok(None) if open >= MAX_OPEN_TASKS_PER_CALLER => {
+                    return Err(RpcError::unsupported(format!(
+                        "you have {open} tasks going with the agents of namespace {}; at most {MAX_OPEN_TASKS_PER_CALLER} at once: wait for one to end, or cancel one",
+                        invocation.namespace
+                    )));
                 }
                 Ok(_) => {
                     return Err(RpcError::invalid_params(format!(
@@ -428,7 +493,11 @@ async fn cancel(invocation: &Invocation, params: &Value) -> Result<Session, RpcE
     }
     let cancelled = invocation
         .sessions
-        .cancel(&invocation.namespace, &name)
+        .cancel(
+            &invocation.namespace,
+            &name,
+            session.metadata.uid.as_deref().unwrap_or_default(),
+        )
         .await
         .map_err(|e| desk_failure(&e))?;
     tracing::info!(namespace = %invocation.namespace, session = %name, caller = %invocation.caller.username, "an A2A caller cancelled its task");
@@ -465,12 +534,14 @@ async fn wait(
     let deadline = tokio::time::Instant::now() + within;
     while let Ok(Some(next)) = tokio::time::timeout_at(deadline, changes.next()).await {
         match next {
-            Ok(next) => {
+            Ok(Some(next)) => {
                 session = next;
                 if done(wire::state(&session)) {
                     break;
                 }
             }
+            // Deleted: the caller gets the task as last seen.
+            Ok(None) => break,
             // The watch retries by itself; the caller gets the task as last seen.
             Err(e) => tracing::debug!(error = %e, "watching an A2A task"),
         }
@@ -527,30 +598,35 @@ fn follow_stream(
         let name = session.metadata.name.clone().unwrap_or_default();
         let mut changes = invocation.sessions.changes(&invocation.namespace, &name);
         let mut shown = wire::visible(&session);
-        let started = Instant::now();
+        let lifetime = tokio::time::sleep(STREAM_LIFETIME);
+        tokio::pin!(lifetime);
+        // A comment on its own clock, whatever the Session does: it keeps proxies from closing
+        // a quiet stream, and a caller that has gone is noticed when it cannot be written.
+        let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
         loop {
-            let left = STREAM_LIFETIME.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                break;
-            }
-            let next = match tokio::time::timeout(KEEP_ALIVE.min(left), changes.next()).await {
-                Ok(Some(Ok(next))) => next,
-                Ok(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "watching an A2A task");
-                    continue;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    // Quiet: a comment keeps proxies from closing the stream, and tells
-                    // whether the caller is still there.
-                    if sender
-                        .send(Bytes::from_static(b": keep-alive\n\n"))
-                        .await
-                        .is_err()
-                    {
+            let next = tokio::select! {
+                () = &mut lifetime => break,
+                () = sender.closed() => break,
+                _ = keep_alive.tick() => {
+                    if sender.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
                         break;
                     }
                     continue;
+                }
+                next = changes.next() => next,
+            };
+            let next = match next {
+                Some(Ok(Some(next))) => next,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "watching an A2A task");
+                    continue;
+                }
+                // Deleted (or no longer watched): the task is gone.
+                Some(Ok(None)) | None => {
+                    let _ = sender
+                        .send(event_error(&id, &RpcError::task_not_found(&name)))
+                        .await;
+                    break;
                 }
             };
             let visible = wire::visible(&next);

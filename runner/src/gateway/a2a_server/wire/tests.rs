@@ -91,6 +91,15 @@ fn messages_a_session_cannot_hold_are_refused_with_the_reason() {
         -32602
     );
     assert_eq!(code(params(message(json!([{"data": {"a": 1}}])))), -32602);
+    let bulk = "x".repeat(64 * 1024);
+    assert_eq!(
+        code(params(message(json!([{"text": "x"}, {"data": {"bulk": bulk}}])))),
+        -32602
+    );
+    // Push notifications are not offered: a message asking for them is refused, not ignored.
+    let mut push = params(message(json!([{"text": "x"}])));
+    push["configuration"] = json!({"taskPushNotificationConfig": {"url": "https://example.com/hook"}});
+    assert_eq!(code(push), -32003);
     // More than a prompt holds; more parts than taken; an id with a line break.
     assert_eq!(
         code(params(message(json!([{"text": "x".repeat(65537)}])))),

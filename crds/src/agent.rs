@@ -85,9 +85,9 @@ pub struct AgentSpec {
     pub memory: Option<AgentMemory>,
     /// Offers this agent to other agents over A2A, at the gateway service
     /// (`/a2a/<namespace>/<agent>`, its card below `.well-known/agent-card.json`). Each message
-    /// a caller sends starts a Session of this Agent acting for the caller, who needs the same
-    /// permission as to create that Session themselves (`create` on sessions here). Without it
-    /// the agent is not reachable over A2A.
+    /// a caller sends starts a Session of this Agent acting for the caller, who needs RBAC verb
+    /// `invoke` on this agent (ClusterRole `contextos-a2a-caller`, or a Role naming it) and a
+    /// token for audience `contextos-a2a`. Without it the agent is not reachable over A2A.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub a2a: Option<AgentA2a>,
 }

@@ -19,7 +19,7 @@ use crate::audit::{
 
 /// The admission policies ContextOS's security model depends on (`manifests/admission`), each
 /// with a binding of the same name.
-pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 7] = [
+pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 8] = [
     ("contextos-session-identity", "a Session's user is who created it"),
     (
         "contextos-session-approvals",
@@ -45,12 +45,16 @@ pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 7] = [
         "contextos-proposal-decisions",
         "a proposal reaches its target only by its reviewers' acceptance of a replayed candidate",
     ),
+    (
+        "contextos-a2a-sessions",
+        "the gateway starts and changes only A2A callers' tasks, and only it marks a Session as one",
+    ),
 ];
 const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 
 /// The ClusterRoles whose rights ContextOS never aggregates into `view`/`edit`/`admin`
 /// (`manifests/tenant-roles`), each with what it lets its holder do.
-pub const DELIBERATE_ROLES: [(&str, &str); 8] = [
+pub const DELIBERATE_ROLES: [(&str, &str); 9] = [
     (
         "contextos-records-reader",
         "read every decision record of the namespace",
@@ -79,6 +83,10 @@ pub const DELIBERATE_ROLES: [(&str, &str); 8] = [
     (
         "contextos-session-delegator",
         "start Sessions in other users' names",
+    ),
+    (
+        "contextos-a2a-caller",
+        "start runs of the namespace's agents offered over A2A",
     ),
 ];
 /// Subjects that are everyone (or every workload of a kind), not someone.

@@ -33,6 +33,9 @@ pub const CALLER_LABEL: &str = "contextos.dev/a2a-caller-id";
 pub const MESSAGE_ANNOTATION: &str = "contextos.dev/a2a-message-id";
 /// The A2A context the task belongs to.
 pub const CONTEXT_ANNOTATION: &str = "contextos.dev/a2a-context-id";
+/// The data part of an input-required status naming the call the task waits to be approved:
+/// what tells a caller (ContextOS's A2A adapter among them) that it is not asked anything.
+pub const PENDING_APPROVAL_KEY: &str = "pendingApproval";
 
 /// Longest message id or context id taken from a caller.
 const ID_MAX_CHARS: usize = 128;
@@ -552,7 +555,7 @@ pub fn task_status(session: &Session) -> Value {
         if state == TaskState::InputRequired
             && let Some(pending) = session.status.as_ref().and_then(|s| s.pending_approval.as_ref())
         {
-            parts.push(json!({"data": {"pendingApproval": {
+            parts.push(json!({"data": {PENDING_APPROVAL_KEY: {
                 "tool": pending.tool,
                 "risk": pending.risk.as_str(),
                 "rule": pending.rule,

@@ -819,6 +819,22 @@ struct Progress {
 }
 
 impl Progress {
+    /// Whether the task waits for its own agent's approvers: a ContextOS agent's status says so
+    /// with a `pendingApproval` data part (see [`crate::gateway::a2a_server::wire`]).
+    fn awaits_remote_approvers(&self) -> bool {
+        self.status_message
+            .as_ref()
+            .and_then(|m| m.get("parts"))
+            .and_then(Value::as_array)
+            .is_some_and(|parts| {
+                parts.iter().any(|p| {
+                    p.get("data")
+                        .and_then(|d| d.get(crate::gateway::a2a_server::wire::PENDING_APPROVAL_KEY))
+                        .is_some()
+                })
+            })
+    }
+
     /// What is known before a turn is sent: for an answer, its task.
     fn for_turn(turn: Turn<'_>) -> Self {
         match turn {
@@ -976,6 +992,9 @@ impl Progress {
         match state {
             TaskState::Running => Ok(None),
             TaskState::InputRequired if self.answered.as_ref().is_some_and(|q| self.shows(q)) => Ok(None),
+            // A ContextOS agent waiting for its own approvers asks nothing of this caller: the
+            // task goes on once they decide (or the call's timeout cancels it).
+            TaskState::InputRequired if self.awaits_remote_approvers() => Ok(None),
             TaskState::Completed => {
                 let artifacts: Vec<Value> = self.artifacts.iter().map(|(_, a)| a.clone()).collect();
                 let mut text: Vec<String> = artifacts

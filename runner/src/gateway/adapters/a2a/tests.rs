@@ -318,6 +318,37 @@ fn what_the_remote_says_is_bounded_and_checked() {
 }
 
 #[test]
+fn a_contextos_agent_waiting_for_its_own_approvers_asks_this_caller_nothing() {
+    // As a ContextOS agent's task shows an approval it waits for: followed, not asked about.
+    let mut progress = Progress::default();
+    let waiting = crate::gateway::a2a_server::wire::task_status(&{
+        let mut session: contextos_crds::Session = serde_json::from_value(json!({
+            "apiVersion": "contextos.dev/v1alpha1", "kind": "Session",
+            "metadata": {"name": "a2a-1", "namespace": "shop"},
+            "spec": {"agentRef": {"name": "triage"}, "input": {"prompt": "look"}},
+            "status": {"phase": "AwaitingApproval", "pendingApproval": {
+                "callHash": "c0ffee", "tool": "restart", "risk": "destructive", "arguments": "{}",
+                "rule": "p/r", "reason": "needs a person", "approvers": {"users": ["dana"]}}},
+        }))
+        .expect("session");
+        session.metadata.annotations = None;
+        session
+    });
+    progress
+        .absorb(&json!({"task": {"id": "a2a-1", "status": waiting}}))
+        .expect("task");
+    assert!(progress.settled().expect("settled").is_none(), "still followed");
+    // Any other question is handed to a person.
+    progress
+        .absorb(
+            &json!({"statusUpdate": {"taskId": "a2a-1", "status": {"state": "input-required",
+            "message": {"parts": [{"text": "Which region?"}]}}}}),
+        )
+        .expect("asks");
+    assert!(matches!(progress.settled().expect("asks"), Some(Reply::Asks(_))));
+}
+
+#[test]
 fn a_json_rpc_error_names_its_code() {
     let error = result_of(
         "GetTask",

@@ -68,6 +68,16 @@ pub(super) const RULES: &[(Rule, Check)] = &[
     ),
     (
         Rule {
+            id: RuleId("agent/a2a-exposed-autonomous"),
+            severity: Severity::High,
+            title: "an Agent offered over A2A (`spec.a2a`) that runs autonomous",
+            why: "every caller granted `invoke` starts runs in which the policies alone decide: nobody of the team that owns the agent is asked before it acts on another team's request",
+            fix: "run it `supervised` (approval above local_write), or give its policies `require_approval` for every risk above read_only; grant `invoke` (ClusterRole contextos-a2a-caller, or a Role naming the agent) only to the callers who need it",
+        },
+        a2a_exposed_autonomous,
+    ),
+    (
+        Rule {
             id: RuleId("agent/critic-disabled"),
             severity: Severity::Medium,
             title: "an Agent whose critic may not ask for a revision",
@@ -280,6 +290,20 @@ fn no_validators(harness: &Harness, sink: &mut Sink<'_>) {
                 ),
             );
         }
+    }
+}
+
+fn a2a_exposed_autonomous(harness: &Harness, sink: &mut Sink<'_>) {
+    for agent in harness
+        .agents
+        .iter()
+        .filter(|a| a.spec.a2a.is_some() && a.spec.safety_mode == SafetyMode::Autonomous)
+    {
+        sink.report(
+            agent,
+            spec(&["safetyMode"]),
+            "offered over A2A (spec.a2a) and autonomous: its callers' requests are acted on with no person of the owning team asked",
+        );
     }
 }
 

@@ -66,11 +66,27 @@ pub fn run_id(session: &Session) -> String {
     )
 }
 
-/// The W3C trace id of a Session's run (32 hex characters derived from its uid).
+/// The W3C trace id of a Session's run: the one its `contextos.dev/traceparent` annotation
+/// names (an A2A caller's, an application's), else 32 hex characters derived from its uid.
 pub fn trace_id(session: &Session) -> String {
     use sha2::{Digest as _, Sha256};
+    if let Some(trace) =
+        traceparent_annotation(session).and_then(contextos_runner::telemetry::traceparent_trace_id)
+    {
+        return trace;
+    }
     let uid = session.metadata.uid.as_deref().unwrap_or_default();
     hex::encode(&Sha256::digest(uid.as_bytes())[..16])
+}
+
+/// The Session's `contextos.dev/traceparent` annotation, if it has one.
+pub fn traceparent_annotation(session: &Session) -> Option<&str> {
+    session
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(contextos_runner::telemetry::TRACEPARENT_ANNOTATION)
+        .map(String::as_str)
 }
 
 /// Metadata of a child named `name`: in the Session's namespace, labelled with it (plus
@@ -290,6 +306,24 @@ mod tests {
             gateway_namespace: "contextos-system".into(),
             egress: vec![("10.0.0.5/32".into(), 8480)],
         }
+    }
+
+    #[test]
+    fn a_sessions_trace_is_the_one_its_annotation_names_else_its_own() {
+        let own = trace_id(&session());
+        assert_eq!(own.len(), 32);
+        let mut annotated = session();
+        annotated.metadata.annotations = Some(BTreeMap::from([(
+            contextos_runner::telemetry::TRACEPARENT_ANNOTATION.to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        )]));
+        assert_eq!(trace_id(&annotated), "4bf92f3577b34da6a3ce929d0e0e4736");
+        // Not a traceparent: the Session's own (the controller reports the annotation).
+        annotated.metadata.annotations = Some(BTreeMap::from([(
+            contextos_runner::telemetry::TRACEPARENT_ANNOTATION.to_owned(),
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01".to_owned(),
+        )]));
+        assert_eq!(trace_id(&annotated), own);
     }
 
     #[test]

@@ -154,6 +154,12 @@ fn parse_parts(value: &str) -> Option<(TraceId, SpanId, bool)> {
     Some((trace, span, flags & 1 == 1))
 }
 
+/// The trace id (32 lowercase hex digits) of a strict version-00 `traceparent`, if it is one:
+/// what a Session's `contextos.dev/traceparent` annotation makes its run's trace.
+pub fn traceparent_trace_id(value: &str) -> Option<String> {
+    parse_parts(value).map(|(trace, _, _)| trace.to_string())
+}
+
 /// The parent a gateway gives a call of a run whose verified trace is `trace_id`: the span the
 /// runner names in the envelope when it is of that very trace — sampled as the Session is,
 /// whatever the runner's flag says — else the Session's root.

@@ -396,13 +396,46 @@ async fn the_a2a_sdks_call_a_contextos_agent_through_the_gateway() -> Result<()>
     )
     .await?;
     ensure!(again["result"]["task"]["id"] == py_task.as_str(), "{again}");
+    // The caller's trace is the run's: the trace its traceparent names is the one the run's
+    // RunContext (and so the record and the gateway's spans) carries.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traced: Value = http
+        .post(&url)
+        .bearer_auth(&partner)
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {
+                "message": {"messageId": "traced-1", "role": "ROLE_USER", "parts": [{"text": "look"}]},
+                "configuration": {"returnImmediately": true},
+            }}),
+        )
+        .send()
+        .await?
+        .json()
+        .await?;
+    let traced_task = traced["result"]["task"]["id"]
+        .as_str()
+        .context("task")?
+        .to_owned();
+    let waiting = crate::operator::phase_is(&sessions, &traced_task, SessionPhase::AwaitingApproval).await?;
+    let run = waiting.status.and_then(|s| s.run_id).context("run id")?;
+    let context = op
+        .recorded_run_context(ns.name(), &run)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    ensure!(context.to_string().contains(trace), "{context}");
+    let cancelled = rpc(&http, &url, &partner, "CancelTask", json!({"id": traced_task})).await?;
+    ensure!(
+        cancelled["result"]["status"]["state"] == "TASK_STATE_CANCELED",
+        "{cancelled}"
+    );
     let started = sessions
         .list(&ListParams::default().labels("contextos.dev/a2a=true"))
         .await?
         .items;
     ensure!(
-        started.len() == 4,
-        "four messages, four Sessions: {}",
+        started.len() == 5,
+        "five messages, five Sessions: {}",
         started.len()
     );
 

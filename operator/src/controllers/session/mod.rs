@@ -532,6 +532,17 @@ async fn pinned(
             },
         );
     }
+    if let Some(value) = children::traceparent_annotation(session)
+        && contextos_runner::telemetry::traceparent_trace_id(value).is_none()
+    {
+        return Ok(Err(Invalid::new(
+            reason::INVALID_SPEC,
+            format!(
+                "metadata.annotations[{}]: {value:?} is not a W3C traceparent (00-<32 hex trace id>-<16 hex span id>-<2 hex flags>); fix it or remove it",
+                contextos_runner::telemetry::TRACEPARENT_ANNOTATION
+            ),
+        )));
+    }
     let agents = Api::<Agent>::namespaced(ctx.client.clone(), &namespace);
     let agent_name = &session.spec.agent_ref.name;
     let Some(agent) = agents.get_opt(agent_name).await? else {

@@ -4,7 +4,17 @@
 //! (never on the port runner pods reach: one tenant must not read another's spend). Each
 //! replica counts its own turns; Prometheus sums the replicas.
 
-use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter},
+    registry::Registry,
+};
 
 use crate::{model::ModelTurn, pricing::TurnCost};
 
@@ -36,9 +46,26 @@ struct ToolCounters {
     cost: BTreeMap<String, u64>,
 }
 
-/// The replica's spend counters.
-#[derive(Debug, Default)]
+/// The replica's spend counters, and the registry that encodes them.
+#[derive(Debug)]
 pub struct SpendMetrics {
+    ledger: Arc<Ledger>,
+    registry: Registry,
+}
+
+impl Default for SpendMetrics {
+    fn default() -> Self {
+        let ledger = Arc::new(Ledger::default());
+        let mut registry = Registry::with_prefix("contextos");
+        registry.register_collector(Box::new(ledger.clone()));
+        Self { ledger, registry }
+    }
+}
+
+/// What the replica counted. Kept as exact integers (money in nano-units) and encoded at each
+/// scrape: the series are the tenants' names, bounded here, not families fixed in advance.
+#[derive(Debug, Default)]
+struct Ledger {
     counters: Mutex<BTreeMap<Key, Counters>>,
     tools: Mutex<BTreeMap<ToolKey, ToolCounters>>,
     /// Model tokens replay gates spent re-executing a tenant's runs.
@@ -59,7 +86,7 @@ impl SpendMetrics {
             agent: agent.to_owned(),
             model: model.to_owned(),
         };
-        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counters = self.ledger.counters.lock().unwrap_or_else(|e| e.into_inner());
         let key = if counters.contains_key(&key) || counters.len() < MAX_SERIES {
             key
         } else {
@@ -82,7 +109,7 @@ impl SpendMetrics {
 
     /// Counts a priced call of `tenant`'s `agent` to `tool` that was carried out, and its cost.
     pub fn record_tool_call(&self, tenant: &str, agent: &str, tool: &str, cost: &TurnCost) {
-        let mut tools = self.tools.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tools = self.ledger.tools.lock().unwrap_or_else(|e| e.into_inner());
         let mut key = (tenant.to_owned(), agent.to_owned(), tool.to_owned());
         if !tools.contains_key(&key) && tools.len() >= MAX_SERIES {
             key = (tenant.to_owned(), "(other)".into(), "(other)".into());
@@ -95,132 +122,150 @@ impl SpendMetrics {
 
     /// Counts the model tokens a replay gate of `tenant` spent re-executing its runs.
     pub fn record_gate(&self, tenant: &str, tokens: u64) {
-        let mut gates = self.gate_tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gates = self.ledger.gate_tokens.lock().unwrap_or_else(|e| e.into_inner());
         let sum = gates.entry(tenant.to_owned()).or_default();
         *sum = sum.saturating_add(tokens);
     }
 
     /// Counts what a turn a replay gate of `tenant` re-executed cost, at its run's price.
     pub fn record_gate_spend(&self, tenant: &str, cost: &TurnCost) {
-        let mut spend = self.gate_spend.lock().unwrap_or_else(|e| e.into_inner());
+        let mut spend = self.ledger.gate_spend.lock().unwrap_or_else(|e| e.into_inner());
         let sum = spend
             .entry((tenant.to_owned(), cost.currency.clone()))
             .or_default();
         *sum = sum.saturating_add(cost.nanos.0);
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text of the spend families (without the closing `# EOF`: the metrics
+    /// listener appends the gateway's own families first).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        {
-            let gates = self.gate_tokens.lock().unwrap_or_else(|e| e.into_inner());
-            out.push_str("# HELP contextos_gate_model_tokens Model tokens replay gates spent re-executing recorded runs.\n");
-            out.push_str("# TYPE contextos_gate_model_tokens counter\n");
-            for (tenant, tokens) in gates.iter() {
-                let _ = writeln!(
-                    out,
-                    "contextos_gate_model_tokens_total{{tenant=\"{}\"}} {tokens}",
-                    escape(tenant)
-                );
-            }
-            let spend = self.gate_spend.lock().unwrap_or_else(|e| e.into_inner());
-            out.push_str("# HELP contextos_gate_model_spend What the model turns replay gates re-executed cost, in units of the currency, at the prices the runs pinned.\n");
-            out.push_str("# TYPE contextos_gate_model_spend counter\n");
-            for ((tenant, currency), nanos) in spend.iter() {
-                let _ = writeln!(
-                    out,
-                    "contextos_gate_model_spend_total{{tenant=\"{}\",currency=\"{}\"}} {}",
-                    escape(tenant),
-                    escape(currency),
-                    crate::pricing::Nanos(*nanos)
-                );
-            }
-        }
-        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        let labels = |k: &Key| {
-            format!(
-                "tenant=\"{}\",agent=\"{}\",model=\"{}\"",
-                escape(&k.tenant),
-                escape(&k.agent),
-                escape(&k.model)
-            )
-        };
-        out.push_str("# HELP contextos_model_turns Model turns the gateway asked for and recorded.\n");
-        out.push_str("# TYPE contextos_model_turns counter\n");
-        for (k, c) in counters.iter() {
-            let _ = writeln!(out, "contextos_model_turns_total{{{}}} {}", labels(k), c.turns);
-        }
-        out.push_str("# HELP contextos_model_tokens Model tokens of the recorded turns, by kind (prompt includes cached_prompt).\n");
-        out.push_str("# TYPE contextos_model_tokens counter\n");
-        for (k, c) in counters.iter() {
-            for (kind, n) in [
-                ("prompt", c.prompt_tokens),
-                ("cached_prompt", c.cached_prompt_tokens),
-                ("completion", c.completion_tokens),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "contextos_model_tokens_total{{{},kind=\"{kind}\"}} {n}",
-                    labels(k)
-                );
-            }
-        }
-        out.push_str("# HELP contextos_model_spend What the recorded turns cost, in units of the currency, at the prices their runs pinned.\n");
-        out.push_str("# TYPE contextos_model_spend counter\n");
-        for (k, c) in counters.iter() {
-            for (currency, nanos) in &c.cost {
-                let _ = writeln!(
-                    out,
-                    "contextos_model_spend_total{{{},currency=\"{}\"}} {}",
-                    labels(k),
-                    escape(currency),
-                    crate::pricing::Nanos(*nanos)
-                );
-            }
-        }
-        drop(counters);
-        let tools = self.tools.lock().unwrap_or_else(|e| e.into_inner());
-        let labels = |(tenant, agent, tool): &ToolKey| {
-            format!(
-                "tenant=\"{}\",agent=\"{}\",tool=\"{}\"",
-                escape(tenant),
-                escape(agent),
-                escape(tool)
-            )
-        };
-        out.push_str("# HELP contextos_priced_tool_calls Calls to priced tools the gateway carried out.\n");
-        out.push_str("# TYPE contextos_priced_tool_calls counter\n");
-        for (k, c) in tools.iter() {
-            let _ = writeln!(
-                out,
-                "contextos_priced_tool_calls_total{{{}}} {}",
-                labels(k),
-                c.calls
-            );
-        }
-        out.push_str("# HELP contextos_tool_spend What the priced tool calls cost, in units of the currency, at the prices their runs pinned.\n");
-        out.push_str("# TYPE contextos_tool_spend counter\n");
-        for (k, c) in tools.iter() {
-            for (currency, nanos) in &c.cost {
-                let _ = writeln!(
-                    out,
-                    "contextos_tool_spend_total{{{},currency=\"{}\"}} {}",
-                    labels(k),
-                    escape(currency),
-                    crate::pricing::Nanos(*nanos)
-                );
-            }
-        }
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
         out
     }
 }
 
-/// A label value as the exposition format wants it.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Money in units of its currency, from nano-units (a float, as every sample value is).
+fn money(nanos: u64) -> f64 {
+    // Whole units and the nanos apart, so that amounts below 2^53 nano-units stay exact.
+    (nanos / 1_000_000_000) as f64 + (nanos % 1_000_000_000) as f64 / 1e9
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One counter family: its samples by label set.
+fn family<V>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, V)>,
+) -> Result<(), std::fmt::Error>
+where
+    ConstCounter<V>: prometheus_client::encoding::EncodeMetric,
+{
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Ledger {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        {
+            let gates = self.gate_tokens.lock().unwrap_or_else(|e| e.into_inner());
+            family(
+                &mut encoder,
+                "gate_model_tokens",
+                "Model tokens replay gates spent re-executing recorded runs.",
+                gates
+                    .iter()
+                    .map(|(tenant, tokens)| (vec![("tenant", tenant.clone())], *tokens)),
+            )?;
+            let spend = self.gate_spend.lock().unwrap_or_else(|e| e.into_inner());
+            family(
+                &mut encoder,
+                "gate_model_spend",
+                "What the model turns replay gates re-executed cost, in units of the currency, at the prices the runs pinned.",
+                spend.iter().map(|((tenant, currency), nanos)| {
+                    (
+                        vec![("tenant", tenant.clone()), ("currency", currency.clone())],
+                        money(*nanos),
+                    )
+                }),
+            )?;
+        }
+        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let labels = |k: &Key| -> Labels {
+            vec![
+                ("tenant", k.tenant.clone()),
+                ("agent", k.agent.clone()),
+                ("model", k.model.clone()),
+            ]
+        };
+        family(
+            &mut encoder,
+            "model_turns",
+            "Model turns the gateway asked for and recorded.",
+            counters.iter().map(|(k, c)| (labels(k), c.turns)),
+        )?;
+        family(
+            &mut encoder,
+            "model_tokens",
+            "Model tokens of the recorded turns, by kind (prompt includes cached_prompt).",
+            counters.iter().flat_map(|(k, c)| {
+                [
+                    ("prompt", c.prompt_tokens),
+                    ("cached_prompt", c.cached_prompt_tokens),
+                    ("completion", c.completion_tokens),
+                ]
+                .map(|(kind, n)| {
+                    let mut labels = labels(k);
+                    labels.push(("kind", kind.to_owned()));
+                    (labels, n)
+                })
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "model_spend",
+            "What the recorded turns cost, in units of the currency, at the prices their runs pinned.",
+            counters.iter().flat_map(|(k, c)| {
+                c.cost.iter().map(move |(currency, nanos)| {
+                    let mut labels = labels(k);
+                    labels.push(("currency", currency.clone()));
+                    (labels, money(*nanos))
+                })
+            }),
+        )?;
+        drop(counters);
+        let tools = self.tools.lock().unwrap_or_else(|e| e.into_inner());
+        let labels = |(tenant, agent, tool): &ToolKey| -> Labels {
+            vec![
+                ("tenant", tenant.clone()),
+                ("agent", agent.clone()),
+                ("tool", tool.clone()),
+            ]
+        };
+        family(
+            &mut encoder,
+            "priced_tool_calls",
+            "Calls to priced tools the gateway carried out.",
+            tools.iter().map(|(k, c)| (labels(k), c.calls)),
+        )?;
+        family(
+            &mut encoder,
+            "tool_spend",
+            "What the priced tool calls cost, in units of the currency, at the prices their runs pinned.",
+            tools.iter().flat_map(|(k, c)| {
+                c.cost.iter().map(move |(currency, nanos)| {
+                    let mut labels = labels(k);
+                    labels.push(("currency", currency.clone()));
+                    (labels, money(*nanos))
+                })
+            }),
+        )
+    }
 }
 
 #[cfg(test)]

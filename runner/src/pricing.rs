@@ -346,6 +346,9 @@ fn tool_target(tool: &Tool) -> Option<(&str, Option<&str>)> {
     if let Some(api) = &adapter.openapi {
         return Some((openapi_reach(api), None));
     }
+    if let Some(agent) = &adapter.a2a {
+        return Some((&agent.url, None));
+    }
     let mcp = adapter.mcp.as_ref()?;
     Some((
         mcp.url.as_deref()?,
@@ -708,6 +711,12 @@ mod tests {
                 Some("0.002"),
             ),
             ("{mcp: {command: [server]}}".to_owned(), None),
+            // Another agent, by the URL the tool names (its card and endpoint are below it).
+            (
+                "{a2a: {url: 'https://api.search.example/v1/agents/triage', riskCeiling: network}}"
+                    .to_owned(),
+                Some("0.005"),
+            ),
             ("{memory: {operation: recall}}".to_owned(), None),
         ];
         for (adapter, wanted) in &cases {

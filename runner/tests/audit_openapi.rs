@@ -110,6 +110,13 @@ fn operations_import_as_openapi_tools_that_audit_clean_until_they_move_off_the_d
         assert_eq!(adapter["document"], document.as_str(), "{tool}");
         assert_eq!(adapter["server"], SERVICE, "{tool}");
         assert_eq!(adapter["operationId"], tool["name"], "{tool}");
+        // Pinned to the document read: 64 hex digits.
+        assert!(
+            adapter["documentSha256"]
+                .as_str()
+                .is_some_and(|d| d.len() == 64 && d.chars().all(|c| c.is_ascii_hexdigit())),
+            "{tool}"
+        );
         assert!(tool["adapter"]["http"].is_null(), "{tool}");
     }
 
@@ -151,6 +158,13 @@ fn operations_import_as_openapi_tools_that_audit_clean_until_they_move_off_the_d
         "/inputSchema",
         serde_json::json!({"type": "object", "properties": {"query": {"type": "integer"}}}),
     );
+    // A pin to another version of the document.
+    set(
+        &mut agent,
+        "delete_namespace",
+        "/adapter/openapi/documentSha256",
+        Value::from("0".repeat(64)),
+    );
     write(&agent);
     let found = openapi_findings(&path, &document);
     let has = |rule: &str, text: &str| found.iter().any(|(r, m)| r == rule && m.contains(text));
@@ -175,6 +189,10 @@ fn operations_import_as_openapi_tools_that_audit_clean_until_they_move_off_the_d
         ),
         "{found:#?}"
     );
-    assert_eq!(found.len(), 3, "{found:#?}");
+    assert!(
+        has("openapi/document-changed", "delete_namespace is pinned to"),
+        "{found:#?}"
+    );
+    assert_eq!(found.len(), 4, "{found:#?}");
     drop(tools);
 }

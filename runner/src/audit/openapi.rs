@@ -48,6 +48,8 @@ pub struct ApiDocument {
     pub server: String,
     pub operations: Vec<Operation>,
     pub content: Value,
+    /// The document's SHA-256 (hex), as the gateway computes it of what it reads.
+    pub sha256: String,
 }
 
 impl ApiDocument {
@@ -124,6 +126,7 @@ pub fn parse(source: &str, text: &str, server: Option<&str>) -> Result<ApiDocume
         server,
         operations,
         content: document,
+        sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())),
     })
 }
 
@@ -272,7 +275,9 @@ pub fn infer_bound(
             document: api.source.clone(),
             operation_id: operation_id.clone(),
             server: server.map(str::to_owned),
-            document_sha256: None,
+            // Pinned to the document that was reviewed: a changed document fails the call as
+            // stale until the tools are imported (and reviewed) again.
+            document_sha256: Some(api.sha256.clone()),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             secret_ref: None,
         }),

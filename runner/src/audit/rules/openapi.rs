@@ -48,6 +48,16 @@ pub(super) const RULES: &[(Rule, Check)] = &[
         },
         risk_below_method,
     ),
+    (
+        Rule {
+            id: RuleId("openapi/document-changed"),
+            severity: Severity::High,
+            title: "an OpenAPI tool pinned to a document that has changed since",
+            why: "the gateway reads the document at call time and refuses every call while it differs from `documentSha256`: the tool does not work, and what it calls now was never reviewed",
+            fix: "review the document's changes, then import the tools again (`contextos tools import --openapi`, which pins the document read) or update `documentSha256`",
+        },
+        document_changed,
+    ),
 ];
 
 /// An OpenAPI tool of an Agent whose document was read, and its operation bound from that
@@ -103,6 +113,27 @@ fn risk_below_method(harness: &Harness, sink: &mut Sink<'_>) {
                 bound.agent,
                 spec(&["tools"]).index(bound.index).key("risk"),
                 problem,
+            );
+        }
+    }
+}
+
+fn document_changed(harness: &Harness, sink: &mut Sink<'_>) {
+    for bound in bound_tools(harness) {
+        if let Some(pinned) = &bound.adapter.document_sha256
+            && !pinned.eq_ignore_ascii_case(&bound.api.sha256)
+        {
+            sink.report(
+                bound.agent,
+                spec(&["tools"])
+                    .index(bound.index)
+                    .key("adapter")
+                    .key("openapi")
+                    .key("documentSha256"),
+                format!(
+                    "{} is pinned to {} at {pinned}, which now reads as {}",
+                    bound.tool.name, bound.api.source, bound.api.sha256
+                ),
             );
         }
     }

@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     gateway::{
-        adapters::a2a::{PROTOCOL_VERSION, RISK_CEILING_EXTENSION},
+        adapters::a2a::{PROTOCOL_VERSION, RISK_CEILING_EXTENSION, cut},
         readers::Reader,
     },
     telemetry::TRACEPARENT_ANNOTATION,
@@ -691,11 +691,6 @@ pub fn card(agent: &Agent, endpoint: &str) -> Option<Value> {
         "defaultOutputModes": ["text/plain", "application/json"],
         "skills": skills,
     }))
-}
-
-/// At most `max` characters of `s`.
-fn cut(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
 }
 
 #[cfg(test)]

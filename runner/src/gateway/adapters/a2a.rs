@@ -1077,7 +1077,7 @@ fn checked_id(what: &str, id: &str) -> Result<String, AdapterError> {
 
 /// At most `max` characters of `text`, control and invisible formatting characters (which
 /// could make it read as something else) dropped, newlines and tabs kept.
-fn cut(text: &str, max: usize) -> String {
+pub(crate) fn cut(text: &str, max: usize) -> String {
     text.chars()
         .filter(|c| !hidden(*c) || *c == '\n' || *c == '\t')
         .take(max)

@@ -45,10 +45,8 @@ const MAX_A2A_PER_NAMESPACE: usize = 32;
 /// Tasks one caller may have going in one namespace at once (more messages are refused until
 /// one ends): every task is a run, a pod and an object the API server keeps.
 const MAX_OPEN_TASKS_PER_CALLER: usize = 16;
-/// Largest message body.
+/// Largest message body (read within the service's body timeout).
 const MAX_A2A_BODY_BYTES: usize = 1 << 20;
-/// How long a caller may take to send it.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `SendMessage` waits for its task to end or to wait on a person (then the task is
 /// answered as it is, and the caller follows it with `GetTask`).
 const SEND_WAIT: Duration = Duration::from_secs(60);
@@ -257,28 +255,9 @@ where
             Ok(invocation) => invocation,
             Err(refusal) => return refusal.into_response(),
         };
-        let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, MAX_A2A_BODY_BYTES));
-        let body = match read.await {
-            Ok(Ok(body)) => body,
-            Err(_) => {
-                return Refusal(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_too_slow",
-                    format!(
-                        "the request body was not sent within {} s",
-                        BODY_READ_TIMEOUT.as_secs()
-                    ),
-                )
-                .into_response();
-            }
-            Ok(Err(_)) => {
-                return Refusal(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("an A2A request is at most {MAX_A2A_BODY_BYTES} bytes"),
-                )
-                .into_response();
-            }
+        let body = match super::read_body(body, MAX_A2A_BODY_BYTES).await {
+            Ok(body) => body,
+            Err(refusal) => return refusal.into_response(),
         };
         let request = match Request::parse(&body) {
             Ok(request) => request,

@@ -263,6 +263,27 @@ fn person_access(method: &axum::http::Method, path: &str) -> Option<Access> {
     }
 }
 
+/// A request's body, read within [`BODY_READ_TIMEOUT`] and `max` bytes: a caller that sends
+/// slowly or too much holds what it was given for that long at most.
+async fn read_body(body: axum::body::Body, max: usize) -> Result<axum::body::Bytes, Refusal> {
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(body)) => Ok(body),
+        Err(_) => Err(Refusal(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_too_slow",
+            format!(
+                "the request body was not sent within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        )),
+        Ok(Err(e)) => Err(Refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_unreadable",
+            format!("the request body could not be read in full (at most {max} bytes): {e}"),
+        )),
+    }
+}
+
 /// A write past the run's quota of store bytes.
 fn over_quota(run: &str, used: u64, more: u64, limit: u64) -> Refusal {
     Refusal(
@@ -582,30 +603,9 @@ where
         // The body is read before the request waits for a turn, and within a bound: a caller
         // that sends slowly holds its slots for that long at most, and never a turn.
         let (parts, body) = request.into_parts();
-        let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, MAX_REQUEST_BYTES));
-        let body = match read.await {
-            Ok(Ok(body)) => body,
-            Err(_) => {
-                return Refusal(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_too_slow",
-                    format!(
-                        "the request body was not sent within {} s",
-                        BODY_READ_TIMEOUT.as_secs()
-                    ),
-                )
-                .into_response();
-            }
-            Ok(Err(e)) => {
-                return Refusal(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_unreadable",
-                    format!(
-                        "the request body could not be read in full (at most {MAX_REQUEST_BYTES} bytes): {e}"
-                    ),
-                )
-                .into_response();
-            }
+        let body = match read_body(body, MAX_REQUEST_BYTES).await {
+            Ok(body) => body,
+            Err(refusal) => return refusal.into_response(),
         };
         let turn = match &service.turns {
             Some(turns) => Some(crate::gateway::fair::TurnHandle::new(

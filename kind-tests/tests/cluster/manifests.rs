@@ -662,9 +662,34 @@ async fn check_a2a_sessions(env: &'static TestEnv, namespace: &str) -> Result<()
     .err()
     .context("the gateway relabelled a Session")?;
     ensure!(refusal.contains(POLICY), "{refusal}");
+    // Nor cancels a Session that is not an A2A task, nor gives a task an owner (which the
+    // garbage collector would delete it for).
+    let refusal = patch("plain", Some(GATEWAY), json!({"spec": {"cancel": true}}))
+        .await?
+        .err()
+        .context("the gateway cancelled a Session that is not an A2A task")?;
+    ensure!(refusal.contains(POLICY), "{refusal}");
+    let owned = json!({"metadata": {"ownerReferences": [{
+        "apiVersion": "v1", "kind": "ConfigMap", "name": "gone", "uid": "00000000-0000-0000-0000-000000000000",
+    }]}, "spec": {"cancel": true}});
+    let refusal = patch("a2a-task", Some(GATEWAY), owned)
+        .await?
+        .err()
+        .context("the gateway gave a task an owner")?;
+    ensure!(refusal.contains(POLICY), "{refusal}");
     patch("a2a-task", Some(GATEWAY), json!({"spec": {"cancel": true}}))
         .await?
         .map_err(|refusal| anyhow::anyhow!("the gateway's cancel was refused: {refusal}"))?;
+    // A Session's trace is set when it is created, by whoever creates it, and then stays.
+    let refusal = patch(
+        "plain",
+        None,
+        json!({"metadata": {"annotations": {"contextos.dev/traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}}}),
+    )
+    .await?
+    .err()
+    .context("a Session's trace was set after it was created")?;
+    ensure!(refusal.contains("cannot be set, changed or removed"), "{refusal}");
     Ok(())
 }
 

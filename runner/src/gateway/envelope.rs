@@ -81,7 +81,12 @@ impl CallEnvelope {
 
 /// A `traceparent` for a child span of `trace_id`, with a span id derived from `call_id`
 /// (deterministic, so a replayed call carries the same trace context).
-pub fn traceparent(trace_id: &str, call_id: &str) -> String {
-    let span = hex::encode(&Sha256::digest(call_id.as_bytes())[..8]);
+pub fn traceparent(trace_id: &str, run_id: &str, call_id: &str) -> String {
+    // The run's id too: Sessions may share a trace (one caller's), and their calls' ids repeat.
+    let mut hash = Sha256::new();
+    hash.update(run_id.as_bytes());
+    hash.update([0]);
+    hash.update(call_id.as_bytes());
+    let span = hex::encode(&hash.finalize()[..8]);
     format!("00-{trace_id}-{span}-01")
 }

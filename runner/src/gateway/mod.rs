@@ -604,8 +604,14 @@ impl ToolGateway {
         }
         let traceparent = match (crate::telemetry::traceparent_of(&span), &verified) {
             (Some(traced), _) => traced,
-            (None, Some((_, _, _, trace_id))) => envelope::traceparent(trace_id, &call.call_id),
-            (None, None) => envelope::traceparent(&call.run_context.context.trace_id, &call.call_id),
+            (None, Some((_, _, _, trace_id))) => {
+                envelope::traceparent(trace_id, &call.run_context.context.run_id, &call.call_id)
+            }
+            (None, None) => envelope::traceparent(
+                &call.run_context.context.trace_id,
+                &call.run_context.context.run_id,
+                &call.call_id,
+            ),
         };
         let call = &CallEnvelope {
             traceparent,
@@ -1507,7 +1513,7 @@ impl ToolGateway {
             // is traced: the same for a replayed call.
             traceparent: match crate::telemetry::trace_id_in(&call.traceparent) {
                 Some(trace) if trace == context.trace_id => call.traceparent.clone(),
-                _ => envelope::traceparent(&context.trace_id, &call.call_id),
+                _ => envelope::traceparent(&context.trace_id, &context.run_id, &call.call_id),
             },
             timeout: Duration::from_secs(u64::from(tool.spec.timeout_seconds)),
             max_response_bytes: match (&adapter.http, &adapter.mcp, &adapter.a2a, &adapter.openapi) {

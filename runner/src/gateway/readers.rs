@@ -177,6 +177,20 @@ pub fn reader_of(review: &TokenReview) -> Result<Reader, AuthError> {
     })
 }
 
+/// A completed TokenReview of an A2A caller's token (pure): a reader whose token the API server
+/// says is for [`A2A_AUDIENCE`] — an authenticator that ignores audiences answers with none,
+/// which means the API server's own, and is refused.
+pub fn a2a_caller_of(review: &TokenReview) -> Result<Reader, AuthError> {
+    let caller = reader_of(review)?;
+    let audiences = review.status.as_ref().and_then(|s| s.audiences.as_ref());
+    if !audiences.is_some_and(|a| a.iter().any(|a| a == A2A_AUDIENCE)) {
+        return Err(AuthError::Refused(format!(
+            "the token is not for audience {A2A_AUDIENCE}"
+        )));
+    }
+    Ok(caller)
+}
+
 /// The question put to the API server for `reader`, `namespace` and `access` (pure).
 pub fn access_review(reader: &Reader, namespace: &str, access: Access) -> SubjectAccessReview {
     let (verb, resource, subresource) = access.permission();
@@ -305,7 +319,7 @@ impl ReaderAuthority for ApiServerReaders {
         if let Some(caller) = self.a2a_tokens.get(&key) {
             return Ok(caller);
         }
-        let caller = reader_of(&self.review(token, Some(A2A_AUDIENCE)).await?)?;
+        let caller = a2a_caller_of(&self.review(token, Some(A2A_AUDIENCE)).await?)?;
         self.a2a_tokens.put(key, caller.clone());
         Ok(caller)
     }
@@ -434,6 +448,26 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_a2a_caller_is_one_whose_token_is_for_the_a2a_audience_by_the_api_servers_word() {
+        let mut for_a2a = review(true, Some("system:serviceaccount:partners:caller"));
+        if let Some(status) = for_a2a.status.as_mut() {
+            status.audiences = Some(vec![A2A_AUDIENCE.to_owned()]);
+        }
+        assert_eq!(
+            a2a_caller_of(&for_a2a).expect("caller").username,
+            "system:serviceaccount:partners:caller"
+        );
+        // An authenticator that ignores audiences answers with none: the API server's own.
+        let without = review(true, Some("system:serviceaccount:partners:caller"));
+        assert!(matches!(a2a_caller_of(&without), Err(AuthError::Refused(_))));
+        let mut for_records = without.clone();
+        if let Some(status) = for_records.status.as_mut() {
+            status.audiences = Some(vec![READER_AUDIENCE.to_owned()]);
+        }
+        assert!(matches!(a2a_caller_of(&for_records), Err(AuthError::Refused(_))));
     }
 
     #[test]

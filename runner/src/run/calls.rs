@@ -179,7 +179,7 @@ impl<S: RecordStore> Harness<'_, S> {
             idempotency_key: idempotency_key(&signed.context.run_id, call_id, call),
             // The step's span when it is traced: the gateway's span for the call is its child.
             traceparent: crate::telemetry::current_traceparent()
-                .unwrap_or_else(|| traceparent(&signed.context.trace_id, call_id)),
+                .unwrap_or_else(|| traceparent(&signed.context.trace_id, &signed.context.run_id, call_id)),
             run_context: signed.clone(),
             approval: None,
             resolution: None,

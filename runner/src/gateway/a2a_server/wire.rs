@@ -33,8 +33,11 @@ pub const CALLER_LABEL: &str = "contextos.dev/a2a-caller-id";
 pub const MESSAGE_ANNOTATION: &str = "contextos.dev/a2a-message-id";
 /// The A2A context the task belongs to.
 pub const CONTEXT_ANNOTATION: &str = "contextos.dev/a2a-context-id";
-/// The data part of an input-required status naming the call the task waits to be approved:
-/// what tells a caller (ContextOS's A2A adapter among them) that it is not asked anything.
+/// The key of an input-required status's data part saying who the task waits for — its own
+/// people (`approval`, `resolution` or `person`), never the caller: what tells a caller
+/// (ContextOS's A2A adapter among them) that it is not asked anything.
+pub const AWAITS_KEY: &str = "contextos.dev/awaits";
+/// Beside it, the call waiting to be approved.
 pub const PENDING_APPROVAL_KEY: &str = "pendingApproval";
 
 /// Longest message id or context id taken from a caller.
@@ -545,6 +548,32 @@ fn ids(session: &Session) -> (String, String) {
     (id, context)
 }
 
+/// Who a task waiting on a person waits for, as data (pure): its own people — an approver, or
+/// whoever says whether a call acted — never the caller, who is asked nothing.
+fn awaits(session: &Session, id: &str) -> Value {
+    let namespace = session.metadata.namespace.as_deref().unwrap_or_default();
+    let at = format!("{namespace}/{id}");
+    let status = session.status.as_ref();
+    if let Some(pending) = status.and_then(|s| s.pending_approval.as_ref()) {
+        json!({AWAITS_KEY: "approval", PENDING_APPROVAL_KEY: {
+            "tool": pending.tool,
+            "risk": pending.risk.as_str(),
+            "rule": pending.rule,
+            "reason": pending.reason,
+            "callHash": pending.call_hash,
+            "session": at,
+        }})
+    } else if let Some(unresolved) = status.and_then(|s| s.unresolved_call.as_ref()) {
+        json!({AWAITS_KEY: "resolution", "unresolvedCall": {
+            "tool": unresolved.tool,
+            "callId": unresolved.call_id,
+            "session": at,
+        }})
+    } else {
+        json!({AWAITS_KEY: "person", "session": at})
+    }
+}
+
 /// The task's status object (pure).
 pub fn task_status(session: &Session) -> Value {
     let state = state(session);
@@ -552,17 +581,8 @@ pub fn task_status(session: &Session) -> Value {
     if let Some(text) = status_text(session, state) {
         let (id, context) = ids(session);
         let mut parts = vec![json!({"text": text})];
-        if state == TaskState::InputRequired
-            && let Some(pending) = session.status.as_ref().and_then(|s| s.pending_approval.as_ref())
-        {
-            parts.push(json!({"data": {PENDING_APPROVAL_KEY: {
-                "tool": pending.tool,
-                "risk": pending.risk.as_str(),
-                "rule": pending.rule,
-                "reason": pending.reason,
-                "callHash": pending.call_hash,
-                "session": format!("{}/{}", session.metadata.namespace.as_deref().unwrap_or_default(), id),
-            }}}));
+        if state == TaskState::InputRequired {
+            parts.push(json!({"data": awaits(session, &id)}));
         }
         status["message"] = json!({
             "messageId": format!("{id}.{}", state.wire().trim_start_matches("TASK_STATE_").to_ascii_lowercase()),
@@ -625,11 +645,14 @@ pub fn visible(session: &Session) -> Value {
 }
 
 /// The most an Agent may do on a caller's behalf: the highest risk among its tools — or, while
-/// a changed spec waits for promotion (its runs still use the promoted revision, whose tools
-/// the live spec no longer shows), the highest there is.
+/// a changed spec waits for promotion or for the operator (its runs still use the promoted
+/// revision, whose tools the live spec may no longer show), the highest there is.
 pub fn risk_ceiling(agent: &Agent) -> ToolRisk {
-    let revisions = agent.status.as_ref().and_then(|s| s.revisions.as_ref());
-    let pending = revisions.is_some_and(|r| r.candidate.is_some() && r.candidate != r.promoted);
+    let status = agent.status.as_ref();
+    let revisions = status.and_then(|s| s.revisions.as_ref());
+    // Not yet looked at by the operator: whether it waits for promotion is not known yet.
+    let unseen = status.and_then(|s| s.observed_generation) != agent.metadata.generation;
+    let pending = unseen || revisions.is_some_and(|r| r.candidate.is_some() && r.candidate != r.promoted);
     let highest = ToolRisk::ALL[ToolRisk::ALL.len() - 1];
     if pending {
         return highest;

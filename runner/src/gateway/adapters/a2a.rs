@@ -819,8 +819,9 @@ struct Progress {
 }
 
 impl Progress {
-    /// Whether the task waits for its own agent's approvers: a ContextOS agent's status says so
-    /// with a `pendingApproval` data part (see [`crate::gateway::a2a_server::wire`]).
+    /// Whether the task waits for its own agent's people (an approver, a resolver), not for
+    /// this caller: a ContextOS agent's status says so in a data part (see
+    /// [`crate::gateway::a2a_server::wire::AWAITS_KEY`]).
     fn awaits_remote_approvers(&self) -> bool {
         self.status_message
             .as_ref()
@@ -829,8 +830,8 @@ impl Progress {
             .is_some_and(|parts| {
                 parts.iter().any(|p| {
                     p.get("data")
-                        .and_then(|d| d.get(crate::gateway::a2a_server::wire::PENDING_APPROVAL_KEY))
-                        .is_some()
+                        .and_then(|d| d.get(crate::gateway::a2a_server::wire::AWAITS_KEY))
+                        .is_some_and(Value::is_string)
                 })
             })
     }
@@ -992,7 +993,7 @@ impl Progress {
         match state {
             TaskState::Running => Ok(None),
             TaskState::InputRequired if self.answered.as_ref().is_some_and(|q| self.shows(q)) => Ok(None),
-            // A ContextOS agent waiting for its own approvers asks nothing of this caller: the
+            // A ContextOS agent waiting for its own people asks nothing of this caller: the
             // task goes on once they decide (or the call's timeout cancels it).
             TaskState::InputRequired if self.awaits_remote_approvers() => Ok(None),
             TaskState::Completed => {

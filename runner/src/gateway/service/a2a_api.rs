@@ -42,6 +42,9 @@ const MAX_A2A_IN_FLIGHT: usize = 256;
 /// Of those, what the callers of one namespace's agents may hold: callers of one tenant cannot
 /// take every other tenant's share.
 const MAX_A2A_PER_NAMESPACE: usize = 32;
+/// Of a namespace's share, what one caller may hold: one caller's streams cannot take every
+/// other caller's.
+const MAX_A2A_PER_CALLER: usize = 8;
 /// Tasks one caller may have going in one namespace at once (more messages are refused until
 /// one ends): every task is a run, a pod and an object the API server keeps.
 const MAX_OPEN_TASKS_PER_CALLER: usize = 16;
@@ -66,6 +69,11 @@ pub(super) struct A2aSettings {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// Each namespace's share of `in_flight`.
     per_namespace: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Each (namespace, caller)'s share of its namespace's.
+    per_caller: std::sync::Mutex<std::collections::HashMap<(String, String), Arc<tokio::sync::Semaphore>>>,
+    /// Held by a caller's message while its open tasks are counted and its Session created, so
+    /// that messages sent at once through this replica are counted one after the other.
+    starting: std::sync::Mutex<std::collections::HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl A2aSettings {
@@ -75,33 +83,66 @@ impl A2aSettings {
             public_url: public_url.map(|u| u.trim_end_matches('/').to_owned()),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_A2A_IN_FLIGHT)),
             per_namespace: Default::default(),
+            per_caller: Default::default(),
+            starting: Default::default(),
         }
     }
 
-    /// A slot of the replica's and of `namespace`'s, if both have one free.
-    fn slot(&self, namespace: &str) -> Option<Slot> {
-        let shared = {
-            let mut slots = self.per_namespace.lock().ok()?;
-            // Idle namespaces are forgotten now and then (only permitted callers get here).
-            if slots.len() > 4096 {
-                slots.retain(|_, s| s.available_permits() < MAX_A2A_PER_NAMESPACE);
-            }
-            slots
-                .entry(namespace.to_owned())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_A2A_PER_NAMESPACE)))
-                .clone()
-        };
-        let namespace = shared.try_acquire_owned().ok()?;
+    /// The lock a caller's messages to `namespace` take turns on at this replica.
+    fn starting(&self, namespace: &str, caller: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.len() > 4096 {
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        locks
+            .entry((namespace.to_owned(), caller.to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    /// A slot of the caller's, of `namespace`'s and of the replica's, if each has one free.
+    fn slot(&self, namespace: &str, caller: &str) -> Option<Slot> {
+        let caller = shared_bound(
+            &self.per_caller,
+            (namespace.to_owned(), caller.to_owned()),
+            MAX_A2A_PER_CALLER,
+        )?
+        .try_acquire_owned()
+        .ok()?;
+        let namespace = shared_bound(&self.per_namespace, namespace.to_owned(), MAX_A2A_PER_NAMESPACE)?
+            .try_acquire_owned()
+            .ok()?;
         let replica = self.in_flight.clone().try_acquire_owned().ok()?;
         Some(Slot {
+            _caller: caller,
             _namespace: namespace,
             _replica: replica,
         })
     }
 }
 
+/// The bound of `key` among `bounds`, each `permits` wide (idle ones are forgotten now and then;
+/// only permitted callers get here).
+fn shared_bound<K: std::hash::Hash + Eq>(
+    bounds: &std::sync::Mutex<std::collections::HashMap<K, Arc<tokio::sync::Semaphore>>>,
+    key: K,
+    permits: usize,
+) -> Option<Arc<tokio::sync::Semaphore>> {
+    let mut bounds = bounds.lock().ok()?;
+    if bounds.len() > 4096 {
+        bounds.retain(|_, s| s.available_permits() < permits);
+    }
+    Some(
+        bounds
+            .entry(key)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(permits)))
+            .clone(),
+    )
+}
+
 /// What an A2A request or stream holds while it is served.
 struct Slot {
+    _caller: tokio::sync::OwnedSemaphorePermit,
     _namespace: tokio::sync::OwnedSemaphorePermit,
     _replica: tokio::sync::OwnedSemaphorePermit,
 }
@@ -112,6 +153,8 @@ struct Invocation {
     agent: contextos_crds::Agent,
     caller: Reader,
     sessions: Arc<dyn AgentSessions>,
+    /// What this caller's messages to the namespace take turns on (see [`A2aSettings`]).
+    starting: Arc<tokio::sync::Mutex<()>>,
     _slot: Slot,
 }
 
@@ -184,17 +227,19 @@ where
         })?;
         // Only callers who may invoke it get this far, so only they can take the namespace's
         // share of the replica.
-        let Some(slot) = settings.slot(namespace) else {
+        let Some(slot) = settings.slot(namespace, &caller.username) else {
             return Err(unavailable(format!(
-                "this gateway replica serves {MAX_A2A_IN_FLIGHT} A2A requests at once, {MAX_A2A_PER_NAMESPACE} for the agents of namespace {namespace}; try again"
+                "this gateway replica serves {MAX_A2A_IN_FLIGHT} A2A requests and streams at once, {MAX_A2A_PER_NAMESPACE} for the agents of namespace {namespace}, {MAX_A2A_PER_CALLER} for one caller of them; try again"
             )));
         };
+        let starting = settings.starting(namespace, &caller.username);
         match found {
             Some(found) if found.spec.a2a.is_some() => Ok(Invocation {
                 namespace: namespace.to_owned(),
                 agent: found,
                 caller,
                 sessions: settings.sessions.clone(),
+                starting,
                 _slot: slot,
             }),
             _ => Err(Refusal(
@@ -303,7 +348,8 @@ where
             (Ok(Answer::Now(session)), true) => {
                 event_stream(vec![event(&id, json!({"task": wire::task(&session)}))], None)
             }
-            (Ok(Answer::Follow(invocation, session, ends)), _) => {
+            (Ok(Answer::Follow(state, ends)), _) => {
+                let (invocation, session) = *state;
                 follow_stream(id, invocation, session, ends)
             }
             // A streaming method's error is an event of its stream, as callers read it.
@@ -318,7 +364,7 @@ enum Answer {
     /// The task as it is.
     Now(Session),
     /// A stream of the task from this state on, until `ends` holds for its state.
-    Follow(Invocation, Session, fn(TaskState) -> bool),
+    Follow(Box<(Invocation, Session)>, fn(TaskState) -> bool),
 }
 
 /// Whether `name` can be an object's name.
@@ -399,6 +445,9 @@ async fn send(
         traceparent,
     )?;
     // A caller with many tasks going starts no more (a message sent again still meets its task).
+    // Its messages are counted one after the other at this replica; replicas count apart.
+    let starting = invocation.starting.clone();
+    let counted = starting.lock().await;
     let label = format!(
         "{}={}",
         wire::CALLER_LABEL,
@@ -451,9 +500,13 @@ async fn send(
         }
         Err(e) => return Err(desk_failure(&e)),
     };
+    drop(counted);
     match request.method {
         // The stream of a new task ends where the caller has to wait: its end, or a person.
-        Method::SendStreamingMessage => Ok(Answer::Follow(invocation, session, TaskState::ends_stream)),
+        Method::SendStreamingMessage => Ok(Answer::Follow(
+            Box::new((invocation, session)),
+            TaskState::ends_stream,
+        )),
         _ if incoming.return_immediately => Ok(Answer::Now(session)),
         _ => Ok(Answer::Now(
             wait(&invocation, session, SEND_WAIT, TaskState::ends_stream).await,
@@ -495,7 +548,10 @@ async fn subscribe(invocation: Invocation, params: &Value) -> Result<Answer, Rpc
             state.wire()
         )));
     }
-    Ok(Answer::Follow(invocation, session, TaskState::is_terminal))
+    Ok(Answer::Follow(
+        Box::new((invocation, session)),
+        TaskState::is_terminal,
+    ))
 }
 
 /// The Session once `done` holds for its state, or as it is after `within`.
@@ -560,6 +616,19 @@ fn event_stream(first: Vec<Bytes>, rest: Option<tokio::sync::mpsc::Receiver<Byte
         .into_response()
 }
 
+/// Puts `event` on a stream, unless its caller stops reading it until its lifetime ends (a full
+/// stream waits; a stream is never held past its lifetime): whether it was put.
+async fn deliver(
+    sender: &tokio::sync::mpsc::Sender<Bytes>,
+    event: Bytes,
+    lifetime: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+) -> bool {
+    tokio::select! {
+        sent = sender.send(event) => sent.is_ok(),
+        () = lifetime.as_mut() => false,
+    }
+}
+
 /// A stream of the task: the task as it is, then each change of its status (its output before
 /// it completes) until `ends` holds for its state, or [`STREAM_LIFETIME`] passes.
 fn follow_stream(
@@ -587,7 +656,7 @@ fn follow_stream(
                 () = &mut lifetime => break,
                 () = sender.closed() => break,
                 _ = keep_alive.tick() => {
-                    if sender.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
+                    if !deliver(&sender, Bytes::from_static(b": keep-alive\n\n"), &mut lifetime).await {
                         break;
                     }
                     continue;
@@ -602,9 +671,8 @@ fn follow_stream(
                 }
                 // Deleted (or no longer watched): the task is gone.
                 Some(Ok(None)) | None => {
-                    let _ = sender
-                        .send(event_error(&id, &RpcError::task_not_found(&name)))
-                        .await;
+                    let gone = event_error(&id, &RpcError::task_not_found(&name));
+                    deliver(&sender, gone, &mut lifetime).await;
                     break;
                 }
             };
@@ -615,11 +683,11 @@ fn follow_stream(
             shown = visible;
             let state = wire::state(&next);
             if let Some(artifact) = wire::artifact_event(&next)
-                && sender.send(event(&id, artifact)).await.is_err()
+                && !deliver(&sender, event(&id, artifact), &mut lifetime).await
             {
                 break;
             }
-            if sender.send(event(&id, wire::status_event(&next))).await.is_err() || ends(state) {
+            if !deliver(&sender, event(&id, wire::status_event(&next)), &mut lifetime).await || ends(state) {
                 break;
             }
         }

@@ -543,13 +543,15 @@ where
             // still answers its probes).
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_IDENTIFYING));
         // A2A callers are identified by each handler (their requests name no namespace header),
-        // within the endpoint's own bound.
+        // as many at once as callers of the other routes (more wait in line): the token reviews
+        // strangers cause are bounded; the endpoint's slots are taken once a caller is permitted.
         let a2a = Router::new()
             .route("/a2a/{namespace}/{agent}", post(Self::a2a_rpc))
             .route(
                 "/a2a/{namespace}/{agent}/.well-known/agent-card.json",
                 get(Self::a2a_card),
-            );
+            )
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_IDENTIFYING));
         Router::new()
             .merge(authenticated)
             .merge(a2a)

@@ -153,7 +153,7 @@ impl Run {
             risk: ToolRisk::ReadOnly,
             kind: ToolKind::Observe,
             idempotency_key: format!("{}-{i}", self.context.context.run_id),
-            traceparent: traceparent(TRACE, &call_id),
+            traceparent: traceparent(TRACE, &self.context.context.run_id, &call_id),
             run_context: self.context.clone(),
             approval: None,
             resolution: None,

@@ -263,7 +263,7 @@ fn envelope(context: &SignedRunContext, i: usize) -> CallEnvelope {
         risk: ToolRisk::ReadOnly,
         kind: ToolKind::Observe,
         idempotency_key: format!("{}-{i}", context.context.run_id),
-        traceparent: traceparent(TRACE, &call_id),
+        traceparent: traceparent(TRACE, &context.context.run_id, &call_id),
         run_context: context.clone(),
         approval: None,
         resolution: None,

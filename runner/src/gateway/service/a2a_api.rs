@@ -60,6 +60,11 @@ const STREAM_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// A comment sent on a quiet stream, so that proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// Semaphores by key, made as keys come.
+type Bounds<K> = std::sync::Mutex<std::collections::HashMap<K, Arc<tokio::sync::Semaphore>>>;
+/// What one caller's messages take turns on.
+type Turns = Arc<tokio::sync::Mutex<()>>;
+
 /// The A2A endpoint's settings.
 pub(super) struct A2aSettings {
     pub sessions: Arc<dyn AgentSessions>,
@@ -68,12 +73,12 @@ pub(super) struct A2aSettings {
     pub public_url: Option<String>,
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// Each namespace's share of `in_flight`.
-    per_namespace: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    per_namespace: Bounds<String>,
     /// Each (namespace, caller)'s share of its namespace's.
-    per_caller: std::sync::Mutex<std::collections::HashMap<(String, String), Arc<tokio::sync::Semaphore>>>,
+    per_caller: Bounds<(String, String)>,
     /// Held by a caller's message while its open tasks are counted and its Session created, so
     /// that messages sent at once through this replica are counted one after the other.
-    starting: std::sync::Mutex<std::collections::HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    starting: std::sync::Mutex<std::collections::HashMap<(String, String), Turns>>,
 }
 
 impl A2aSettings {
@@ -89,7 +94,7 @@ impl A2aSettings {
     }
 
     /// The lock a caller's messages to `namespace` take turns on at this replica.
-    fn starting(&self, namespace: &str, caller: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn starting(&self, namespace: &str, caller: &str) -> Turns {
         let mut locks = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         if locks.len() > 4096 {
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);
@@ -124,7 +129,7 @@ impl A2aSettings {
 /// The bound of `key` among `bounds`, each `permits` wide (idle ones are forgotten now and then;
 /// only permitted callers get here).
 fn shared_bound<K: std::hash::Hash + Eq>(
-    bounds: &std::sync::Mutex<std::collections::HashMap<K, Arc<tokio::sync::Semaphore>>>,
+    bounds: &Bounds<K>,
     key: K,
     permits: usize,
 ) -> Option<Arc<tokio::sync::Semaphore>> {
@@ -154,7 +159,7 @@ struct Invocation {
     caller: Reader,
     sessions: Arc<dyn AgentSessions>,
     /// What this caller's messages to the namespace take turns on (see [`A2aSettings`]).
-    starting: Arc<tokio::sync::Mutex<()>>,
+    starting: Turns,
     _slot: Slot,
 }
 
@@ -335,8 +340,12 @@ where
             Method::SendMessage | Method::SendStreamingMessage => {
                 send(invocation, &request, traceparent.as_deref()).await
             }
-            Method::GetTask => own_task(&invocation, &request.params).await.map(Answer::Now),
-            Method::CancelTask => cancel(&invocation, &request.params).await.map(Answer::Now),
+            Method::GetTask => own_task(&invocation, &request.params)
+                .await
+                .map(|s| Answer::Now(Box::new(s))),
+            Method::CancelTask => cancel(&invocation, &request.params)
+                .await
+                .map(|s| Answer::Now(Box::new(s))),
             Method::SubscribeToTask => subscribe(invocation, &request.params).await,
         };
         match (answered, streams) {
@@ -362,7 +371,7 @@ where
 /// What a request is answered with.
 enum Answer {
     /// The task as it is.
-    Now(Session),
+    Now(Box<Session>),
     /// A stream of the task from this state on, until `ends` holds for its state.
     Follow(Box<(Invocation, Session)>, fn(TaskState) -> bool),
 }
@@ -507,10 +516,10 @@ async fn send(
             Box::new((invocation, session)),
             TaskState::ends_stream,
         )),
-        _ if incoming.return_immediately => Ok(Answer::Now(session)),
-        _ => Ok(Answer::Now(
+        _ if incoming.return_immediately => Ok(Answer::Now(Box::new(session))),
+        _ => Ok(Answer::Now(Box::new(
             wait(&invocation, session, SEND_WAIT, TaskState::ends_stream).await,
-        )),
+        ))),
     }
 }
 

@@ -21,14 +21,14 @@ use contextos_crds::Session;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
-use super::{GatewayService, Refusal, bearer, forbidden, unavailable};
+use super::{GatewayService, Refusal, bearer, forbidden, not_authenticated, unavailable};
 use crate::{
     gateway::{
         a2a_server::{
             sessions::{AgentSessions, DeskError},
             wire::{self, Method, Request, RpcError, TaskState},
         },
-        identity::{AuthError, Authenticator},
+        identity::Authenticator,
         readers::{A2A_AUDIENCE, Reader, ReaderAuthority},
         tenancy::TenantView,
     },
@@ -202,18 +202,11 @@ where
             .auth
             .authenticate_a2a_caller(bearer(headers))
             .await
-            .map_err(|e| match e {
-                AuthError::Unavailable(_) => unavailable(&e),
-                AuthError::Missing => Refusal(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthenticated",
-                    format!("no bearer token: calling an agent needs a Kubernetes token for audience {A2A_AUDIENCE} (e.g. `kubectl create token <service account> --audience {A2A_AUDIENCE}`, or a projected token of your workload)"),
-                ),
-                _ => Refusal(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthenticated",
-                    format!("{e} (calling an agent needs a Kubernetes token for audience {A2A_AUDIENCE})"),
-                ),
+            .map_err(|e| {
+                not_authenticated(
+                    e,
+                    &format!("calling an agent needs a Kubernetes token for audience {A2A_AUDIENCE} (e.g. `kubectl create token <service account> --audience {A2A_AUDIENCE}`, or a projected token of your workload)"),
+                )
             })?;
         let allowed = self.auth.may_invoke(&caller, namespace, agent).await.map_err(|e| {
             tracing::warn!(error = %e, user = %caller.username, %namespace, %agent, "cannot review an A2A caller");

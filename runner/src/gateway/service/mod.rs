@@ -284,6 +284,24 @@ async fn read_body(body: axum::body::Body, max: usize) -> Result<axum::body::Byt
     }
 }
 
+/// The refusal of a person or caller whose token the API server did not vouch for; `needs`
+/// says what token it takes.
+fn not_authenticated(e: AuthError, needs: &str) -> Refusal {
+    match e {
+        AuthError::Unavailable(_) => unavailable(&e),
+        AuthError::Missing => Refusal(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            format!("no bearer token: {needs}"),
+        ),
+        _ => Refusal(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            format!("{e} ({needs})"),
+        ),
+    }
+}
+
 /// A write past the run's quota of store bytes.
 fn over_quota(run: &str, used: u64, more: u64, limit: u64) -> Refusal {
     Refusal(
@@ -651,14 +669,11 @@ where
         self.auth
             .authenticate_reader(bearer(headers))
             .await
-            .map_err(|e| match e {
-                AuthError::Unavailable(_) => unavailable(&e),
-                AuthError::Missing => Refusal(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthenticated",
-                    "no bearer token: the gateway needs your Kubernetes token (e.g. `kubectl create token`, or your OIDC id-token)".into(),
-                ),
-                _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
+            .map_err(|e| {
+                not_authenticated(
+                    e,
+                    "the gateway needs your Kubernetes token (e.g. `kubectl create token`, or your OIDC id-token)",
+                )
             })
     }
 

@@ -393,13 +393,73 @@ pub struct ToolAdapter {
 }
 
 impl ToolAdapter {
+    /// The adapter this names (admission lets exactly one field be set; were several, `memory`
+    /// first — the gateway answers a memory tool itself whatever else it names — then the
+    /// order of [`Adapter`]), `None` if none is. Match on it rather than on the fields: a new
+    /// adapter is then a compile error wherever adapters are told apart.
+    pub fn chosen(&self) -> Option<Adapter<'_>> {
+        if let Some(memory) = &self.memory {
+            return Some(Adapter::Memory(memory));
+        }
+        if let Some(http) = &self.http {
+            return Some(Adapter::Http(http));
+        }
+        if let Some(api) = &self.openapi {
+            return Some(Adapter::OpenApi(api));
+        }
+        if let Some(mcp) = &self.mcp {
+            return Some(Adapter::Mcp(mcp));
+        }
+        if let Some(hook) = &self.webhook {
+            return Some(Adapter::Webhook(hook));
+        }
+        self.a2a.as_ref().map(Adapter::A2a)
+    }
+
     /// The Secret key whose value the gateway sends as a bearer token, and the URL it goes to.
     pub fn bearer_secret(&self) -> Option<(&KeyRef, &str)> {
-        match (&self.http, &self.a2a, &self.openapi) {
-            (Some(http), _, _) => http.secret_ref.as_ref().map(|s| (s, http.url.as_str())),
-            (None, Some(a2a), _) => a2a.secret_ref.as_ref().map(|s| (s, a2a.url.as_str())),
-            (None, None, Some(api)) => api.secret_ref.as_ref().map(|s| (s, api.base_url())),
-            (None, None, None) => None,
+        match self.chosen()? {
+            Adapter::Http(http) => http.secret_ref.as_ref().map(|s| (s, http.url.as_str())),
+            Adapter::A2a(a2a) => a2a.secret_ref.as_ref().map(|s| (s, a2a.url.as_str())),
+            Adapter::OpenApi(api) => api.secret_ref.as_ref().map(|s| (s, api.base_url())),
+            // A webhook's Secret signs the call (HMAC); it is never sent.
+            Adapter::Mcp(_) | Adapter::Webhook(_) | Adapter::Memory(_) => None,
+        }
+    }
+}
+
+/// The one adapter of a tool (see [`ToolAdapter::chosen`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Adapter<'a> {
+    Http(&'a HttpAdapter),
+    OpenApi(&'a OpenApiAdapter),
+    Mcp(&'a McpAdapter),
+    Webhook(&'a WebhookAdapter),
+    A2a(&'a A2aAdapter),
+    Memory(&'a MemoryAdapter),
+}
+
+impl<'a> Adapter<'a> {
+    /// Its field's name under `adapter` (`http`, `openapi`, `mcp`, `webhook`, `a2a`, `memory`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Http(_) => "http",
+            Self::OpenApi(_) => "openapi",
+            Self::Mcp(_) => "mcp",
+            Self::Webhook(_) => "webhook",
+            Self::A2a(_) => "a2a",
+            Self::Memory(_) => "memory",
+        }
+    }
+
+    /// The most bytes of an answer the gateway reads, for adapters that say.
+    pub fn max_response_bytes(self) -> Option<u32> {
+        match self {
+            Self::Http(http) => Some(http.max_response_bytes),
+            Self::OpenApi(api) => Some(api.max_response_bytes),
+            Self::Mcp(mcp) => Some(mcp.max_response_bytes),
+            Self::A2a(a2a) => Some(a2a.max_response_bytes),
+            Self::Webhook(_) | Self::Memory(_) => None,
         }
     }
 }

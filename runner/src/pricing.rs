@@ -336,24 +336,19 @@ impl Reached {
 
 /// The URL a tool's adapter reaches, and the name its MCP server knows it by (MCP tools only).
 fn tool_target(tool: &Tool) -> Option<(&str, Option<&str>)> {
-    let adapter = &tool.adapter;
-    if let Some(http) = &adapter.http {
-        return Some((&http.url, None));
+    use contextos_crds::agent::Adapter;
+    match tool.adapter.chosen()? {
+        Adapter::Http(http) => Some((&http.url, None)),
+        Adapter::Webhook(hook) => Some((&hook.url, None)),
+        Adapter::OpenApi(api) => Some((openapi_reach(api), None)),
+        Adapter::A2a(agent) => Some((&agent.url, None)),
+        Adapter::Mcp(mcp) => Some((
+            mcp.url.as_deref()?,
+            Some(mcp.tool.as_deref().unwrap_or(&tool.name)),
+        )),
+        // The gateway's own: no endpoint to price.
+        Adapter::Memory(_) => None,
     }
-    if let Some(hook) = &adapter.webhook {
-        return Some((&hook.url, None));
-    }
-    if let Some(api) = &adapter.openapi {
-        return Some((openapi_reach(api), None));
-    }
-    if let Some(agent) = &adapter.a2a {
-        return Some((&agent.url, None));
-    }
-    let mcp = adapter.mcp.as_ref()?;
-    Some((
-        mcp.url.as_deref()?,
-        Some(mcp.tool.as_deref().unwrap_or(&tool.name)),
-    ))
 }
 
 /// Where an OpenAPI tool's calls may go before its document is read: below the `server` the

@@ -235,18 +235,15 @@ impl GatewayMetrics {
 
 /// The label of a tool's adapter (none for memory tools: the gateway keeps those itself).
 pub fn adapter_of(adapter: &contextos_crds::agent::ToolAdapter) -> Option<Adapter> {
-    Some(if adapter.http.is_some() {
-        Adapter::http
-    } else if adapter.openapi.is_some() {
-        Adapter::openapi
-    } else if adapter.webhook.is_some() {
-        Adapter::webhook
-    } else if adapter.mcp.is_some() {
-        Adapter::mcp
-    } else if adapter.a2a.is_some() {
-        Adapter::a2a
-    } else {
-        return None;
+    use contextos_crds::agent::Adapter as Chosen;
+    Some(match adapter.chosen()? {
+        Chosen::Http(_) => Adapter::http,
+        Chosen::OpenApi(_) => Adapter::openapi,
+        Chosen::Webhook(_) => Adapter::webhook,
+        Chosen::Mcp(_) => Adapter::mcp,
+        Chosen::A2a(_) => Adapter::a2a,
+        // Answered by the gateway itself: not a call to anything.
+        Chosen::Memory(_) => return None,
     })
 }
 

@@ -4,7 +4,7 @@
 
 use contextos_crds::{
     AgentSpec,
-    agent::{HttpMethod, Tool},
+    agent::{Adapter, HttpMethod, Tool},
     common::ToolRisk,
 };
 
@@ -186,12 +186,12 @@ fn secret_over_http(harness: &Harness, sink: &mut Sink<'_>) {
         if let Some((_, url)) = tool.adapter.bearer_secret()
             && plain_http_off_cluster(url)
         {
-            let (adapter, key) = match (&tool.adapter.http, &tool.adapter.a2a, &tool.adapter.openapi) {
-                (Some(_), _, _) => ("http", "url"),
-                (None, Some(_), _) => ("a2a", "url"),
-                (None, None, Some(api)) if api.server.is_some() => ("openapi", "server"),
-                _ => ("openapi", "document"),
+            let key = match tool.adapter.chosen() {
+                Some(Adapter::OpenApi(api)) if api.server.is_some() => "server",
+                Some(Adapter::OpenApi(_)) => "document",
+                _ => "url",
             };
+            let adapter = tool.adapter.chosen().map_or("http", Adapter::name);
             sink.report(
                 agent,
                 field.key("adapter").key(adapter).key(key),
@@ -225,18 +225,14 @@ fn invalid_input_schema(harness: &Harness, sink: &mut Sink<'_>) {
 
 fn large_response_cap(harness: &Harness, sink: &mut Sink<'_>) {
     for (agent, field, tool) in tools(harness) {
-        let caps = [
-            ("http", tool.adapter.http.as_ref().map(|h| h.max_response_bytes)),
-            ("mcp", tool.adapter.mcp.as_ref().map(|m| m.max_response_bytes)),
-        ];
-        for (adapter, cap) in caps {
-            if let Some(cap) = cap.filter(|c| *c > LARGE_RESPONSE_BYTES) {
-                sink.report(
-                    agent,
-                    field.key("adapter").key(adapter).key("maxResponseBytes"),
-                    format!("{} may return {cap} bytes", tool.name),
-                );
-            }
+        if let Some(adapter) = tool.adapter.chosen()
+            && let Some(cap) = adapter.max_response_bytes().filter(|c| *c > LARGE_RESPONSE_BYTES)
+        {
+            sink.report(
+                agent,
+                field.key("adapter").key(adapter.name()).key("maxResponseBytes"),
+                format!("{} may return {cap} bytes", tool.name),
+            );
         }
     }
 }

@@ -14,12 +14,11 @@ use contextos_crds::{
     Agent, PriceList, Session, SpendQuota,
     conditions::{self, reason},
     session::SessionPhase,
-    spend_quota::{QuotaWindow, SessionStart},
+    spend_quota::{QuotaWindow, SessionStart, SpendQuotaStatus, UsageSummary},
 };
 use contextos_runner::quota::ActiveQuota;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Api, ResourceExt as _, api::ListParams, runtime::controller::Action};
-use serde_json::json;
 
 use super::{Context, Result, apply_status, now};
 use crate::conditions::{Wanted, merge};
@@ -327,13 +326,20 @@ async fn write_operator_status(
         .spec
         .concurrent_sessions
         .map(|max| format!("{running}/{max}"));
-    let status = json!({
-        "observedGeneration": quota.metadata.generation,
-        "conditions": conditions,
-        "sessionStarts": starts,
-        "runningSessions": running,
-        "summary": {"sessions": sessions_column, "running": running_column},
-    });
+    // Only the operator's fields: the gateway's (`usage`, `measuredAt`, the summary's spend,
+    // tokens and tool calls) are left out, so server-side apply leaves them to their owner.
+    let status = SpendQuotaStatus {
+        observed_generation: quota.metadata.generation,
+        conditions,
+        session_starts: starts,
+        running_sessions: Some(running),
+        summary: Some(UsageSummary {
+            sessions: sessions_column,
+            running: running_column,
+            ..UsageSummary::default()
+        }),
+        ..SpendQuotaStatus::default()
+    };
     let namespace = quota.namespace().unwrap_or_default();
     apply_status(
         &Api::<SpendQuota>::namespaced(ctx.client.clone(), &namespace),

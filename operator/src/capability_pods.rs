@@ -215,6 +215,7 @@ mod tests {
             gateway: "http://contextos-gateway.contextos-system.svc:8480".into(),
             gateway_namespace: "contextos-system".into(),
             egress: vec![("10.0.0.5/32".into(), 8480)],
+            relay_traces: false,
         };
         let policy = network_policy(&session(), &sandbox(), &settings);
         let spec = policy.spec.expect("spec");

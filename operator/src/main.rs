@@ -68,8 +68,7 @@ fn parse_egress(text: &str) -> Result<(String, u16), String> {
     Ok((cidr.to_owned(), port))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -77,6 +76,29 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    // Each Session's root span is exported when OTEL_EXPORTER_OTLP_ENDPOINT names a collector
+    // (the exporter's client runs on its own thread: made before the runtime, flushed when
+    // dropped after it).
+    let telemetry = match contextos_runner::telemetry::from_env::<tracing_subscriber::Registry>(
+        "contextos-operator",
+        None,
+    ) {
+        Ok(exporting) => exporting.map(|(_, telemetry)| telemetry),
+        Err(e) => {
+            eprintln!("contextos-operator: traces are not exported: {e}");
+            None
+        }
+    };
+    // Runner pods export their spans (through the gateway) when the operator does.
+    let relay_traces = telemetry.is_some();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(operate(args, relay_traces));
+    drop(runtime);
+    drop(telemetry);
+    result
+}
+
+async fn operate(args: Args, relay_traces: bool) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
     let served = metrics.clone();
@@ -103,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             gateway: args.runner_gateway,
             gateway_namespace: args.gateway_namespace,
             egress: args.runner_egress,
+            relay_traces,
         },
         max_crash_attempts: args.max_crash_attempts,
         concurrency: args.concurrency,

@@ -36,6 +36,26 @@ pub struct RunnerSettings {
     /// Extra egress every runner needs, as `cidr:port` (a gateway outside the cluster's pod
     /// network, e.g. in tests).
     pub egress: Vec<(String, u16)>,
+    /// Whether runner pods export their spans, to the gateway's relay (`/v1/run/traces`), the
+    /// only place they reach. Which Sessions are traced is decided where their RunContexts are
+    /// issued (here), and carried in them.
+    pub relay_traces: bool,
+}
+
+/// The runner container's environment pointing its exporter at the gateway's relay.
+fn relay_env(gateway: &str) -> Vec<EnvVar> {
+    let env = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..EnvVar::default()
+    };
+    vec![
+        env(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            format!("{}/v1/run/traces", gateway.trim_end_matches('/')),
+        ),
+        env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf".into()),
+    ]
 }
 
 /// Label of the gateway service's pods (the runner NetworkPolicy's only destination besides DNS).
@@ -228,12 +248,23 @@ pub fn runner_pod(
         image: Some(sandbox.image.clone()),
         // The image's entrypoint is `contextos`.
         args: Some(vec!["session-run".into()]),
-        env: Some(vec![
-            env(GATEWAY_ENV, settings.gateway.clone()),
-            env(RUN_CONTEXT_ENV, run_context_json.to_owned()),
-            env(APPROVALS_ENV, serde_json::to_string(&session.spec.approvals)?),
-            env(RESOLUTIONS_ENV, serde_json::to_string(&session.spec.resolutions)?),
-        ]),
+        env: Some(
+            [
+                env(GATEWAY_ENV, settings.gateway.clone()),
+                env(RUN_CONTEXT_ENV, run_context_json.to_owned()),
+                env(APPROVALS_ENV, serde_json::to_string(&session.spec.approvals)?),
+                env(RESOLUTIONS_ENV, serde_json::to_string(&session.spec.resolutions)?),
+            ]
+            .into_iter()
+            .chain(
+                settings
+                    .relay_traces
+                    .then(|| relay_env(&settings.gateway))
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect(),
+        ),
         resources: Some(ResourceRequirements {
             limits: Some(caps.clone()),
             requests: Some(caps),
@@ -305,6 +336,7 @@ mod tests {
             gateway: "http://contextos-gateway.contextos-system.svc:8480".into(),
             gateway_namespace: "contextos-system".into(),
             egress: vec![("10.0.0.5/32".into(), 8480)],
+            relay_traces: false,
         }
     }
 
@@ -324,6 +356,30 @@ mod tests {
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01".to_owned(),
         )]));
         assert_eq!(trace_id(&annotated), own);
+    }
+
+    #[test]
+    fn a_runner_exports_its_spans_only_to_the_gateways_relay() {
+        let traced = RunnerSettings {
+            relay_traces: true,
+            ..settings()
+        };
+        let pod = runner_pod(&session(), &sandbox(), 1, "{}", &traced).expect("pod");
+        let env: BTreeMap<String, String> = pod.spec.expect("spec").containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"],
+            "http://contextos-gateway.contextos-system.svc:8480/v1/run/traces"
+        );
+        // Whether the Session is traced is its RunContext's to say, not a sampler's here.
+        assert!(!env.keys().any(|k| k.starts_with("OTEL_TRACES_SAMPLER")));
+        // Nothing that names another destination or carries a credential.
+        assert!(!env.contains_key("OTEL_EXPORTER_OTLP_ENDPOINT"));
+        assert!(!env.keys().any(|k| k.contains("HEADERS")));
     }
 
     #[test]

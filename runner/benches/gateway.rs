@@ -86,6 +86,7 @@ fn envelope(key: &KeyPair, i: usize) -> CallEnvelope {
         pod: None,
         bundle_digest: None,
         subject: None,
+        trace_sampled: None,
     };
     CallEnvelope {
         call_id: format!("c{i}"),

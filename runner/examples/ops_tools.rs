@@ -182,7 +182,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     // With OTEL_EXPORTER_OTLP_ENDPOINT set, each request is a span continuing the caller's
     // trace (its `traceparent`), as a tool server that takes part in tracing does.
-    let (traces, telemetry) = match contextos_runner::telemetry::from_env("ops-tools") {
+    let (traces, telemetry) = match contextos_runner::telemetry::from_env("ops-tools", None) {
         Ok(Some((layer, telemetry))) => (Some(layer), Some(telemetry)),
         Ok(None) => (None, None),
         Err(e) => {

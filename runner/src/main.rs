@@ -20,14 +20,15 @@ fn main() -> ExitCode {
     // Spans go to an OpenTelemetry collector when OTEL_EXPORTER_OTLP_ENDPOINT names one; the
     // exporter flushes when `_telemetry` is dropped, after the runtime has stopped.
     #[cfg(feature = "otlp")]
-    let (traces, _telemetry) = match contextos_runner::telemetry::from_env(cli.service_name()) {
-        Ok(Some((layer, telemetry))) => (Some(layer), Some(telemetry)),
-        Ok(None) => (None, None),
-        Err(e) => {
-            eprintln!("contextos: traces are not exported: {e}");
-            (None, None)
-        }
-    };
+    let (traces, _telemetry) =
+        match contextos_runner::telemetry::from_env(cli.service_name(), cli.trace_relay()) {
+            Ok(Some((layer, telemetry))) => (Some(layer), Some(telemetry)),
+            Ok(None) => (None, None),
+            Err(e) => {
+                eprintln!("contextos: traces are not exported: {e}");
+                (None, None)
+            }
+        };
     #[cfg(not(feature = "otlp"))]
     let traces: Option<tracing_subscriber::layer::Identity> = None;
     tracing_subscriber::registry().with(logs).with(traces).init();

@@ -72,6 +72,12 @@ pub struct RunContext {
     /// only subject whose memory the run may recall or keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<crate::consent::SubjectHandle>,
+    /// Whether the Session's trace is exported, decided once by the issuer's sampler (see
+    /// `telemetry::session_sampled`) so that every process serving the run — runner, gateway,
+    /// the relay of the runner's spans — agrees; absent in contexts issued before it was
+    /// carried: each process then applies its own sampler to the trace id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_sampled: Option<bool>,
 }
 
 /// A RunContext with the signature over its canonical JSON.
@@ -202,6 +208,19 @@ impl SignedRunContext {
 }
 
 impl RunContext {
+    /// The Session's trace and whether it is exported, if the context names a valid trace id.
+    pub fn trace(&self) -> Option<crate::telemetry::SessionTrace> {
+        let trace = crate::telemetry::trace_id_of(&self.trace_id)?;
+        Some(crate::telemetry::SessionTrace {
+            trace,
+            tenant: self.tenant_id.clone(),
+            session: self.session_id.clone(),
+            sampled: self
+                .trace_sampled
+                .unwrap_or_else(|| crate::telemetry::session_sampled(trace)),
+        })
+    }
+
     /// Refuses tools the context does not list.
     pub fn check_tool(&self, tool: &str) -> Result<(), RunContextError> {
         if self.allowed_tools.iter().any(|t| t == tool) {
@@ -266,6 +285,7 @@ pub(crate) mod tests {
             pod: None,
             bundle_digest: None,
             subject: None,
+            trace_sampled: None,
         }
     }
 

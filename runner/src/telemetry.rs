@@ -48,14 +48,18 @@ pub fn session_span_id(trace_id: TraceId, tenant: &str, session: &str) -> SpanId
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
     }
+    SpanId::from_bytes(span_id_of(hasher))
+}
+
+/// The first 8 bytes of `hasher`'s digest as a span id (never all zeros: the invalid id).
+fn span_id_of(hasher: Sha256) -> [u8; 8] {
     let digest = hasher.finalize();
     let mut id = [0u8; 8];
     id.copy_from_slice(&digest[..8]);
-    // All zeros is the invalid span id.
     if id == [0; 8] {
         id[7] = 1;
     }
-    SpanId::from_bytes(id)
+    id
 }
 
 /// The trace id a RunContext names (32 lowercase hex characters), if it is one.
@@ -77,10 +81,12 @@ fn is_lower_hex(text: &str) -> bool {
 pub fn session_sampled(trace_id: TraceId) -> bool {
     static RATIO: std::sync::LazyLock<f64> = std::sync::LazyLock::new(|| {
         let sampler = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default();
+        // Outside [0, 1] clamped, as the SDK's sampler does.
         let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG")
             .ok()
             .and_then(|a| a.trim().parse::<f64>().ok())
-            .filter(|r| (0.0..=1.0).contains(r));
+            .filter(|r| !r.is_nan())
+            .map(|r| r.clamp(0.0, 1.0));
         match sampler.trim() {
             "always_off" | "parentbased_always_off" => 0.0,
             "traceidratio" | "parentbased_traceidratio" => arg.unwrap_or(1.0),
@@ -101,16 +107,6 @@ fn ratio_admits(ratio: f64, trace_id: TraceId) -> bool {
     let value = u64::from_be_bytes(low) >> 1;
     // 2^63 as f64 is exact; the product is within u64 for ratio < 1.
     (value as f64) < ratio * 9_223_372_036_854_775_808.0
-}
-
-/// A context whose parent is the root span of Session `session` of `tenant` (trace `trace_id`):
-/// what a run span is parented on. Sampled as the Session is ([`session_sampled`]).
-pub fn under_session(trace_id: TraceId, tenant: &str, session: &str) -> Context {
-    remote(
-        trace_id,
-        session_span_id(trace_id, tenant, session),
-        session_sampled(trace_id),
-    )
 }
 
 fn remote(trace_id: TraceId, span_id: SpanId, sampled: bool) -> Context {
@@ -160,14 +156,61 @@ pub fn traceparent_trace_id(value: &str) -> Option<String> {
     parse_parts(value).map(|(trace, _, _)| trace.to_string())
 }
 
-/// The parent a gateway gives a call of a run whose verified trace is `trace_id`: the span the
-/// runner names in the envelope when it is of that very trace — sampled as the Session is,
-/// whatever the runner's flag says — else the Session's root.
-pub fn call_parent(envelope_traceparent: &str, trace_id: TraceId, tenant: &str, session: &str) -> Context {
-    match parse_parts(envelope_traceparent) {
-        Some((trace, span, _)) if trace == trace_id => remote(trace, span, session_sampled(trace)),
-        _ => under_session(trace_id, tenant, session),
+/// A Session's trace as every process serving one of its runs knows it, from the run's signed
+/// RunContext (`RunContext::trace`): its id, its root, and whether it is exported (decided once,
+/// by the context's issuer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionTrace {
+    pub trace: TraceId,
+    pub tenant: String,
+    pub session: String,
+    pub sampled: bool,
+}
+
+impl SessionTrace {
+    /// The id of the Session's root span.
+    pub fn root(&self) -> SpanId {
+        session_span_id(self.trace, &self.tenant, &self.session)
     }
+
+    /// A context whose parent is the Session's root: what a run span is parented on.
+    pub fn under_root(&self) -> Context {
+        remote(self.trace, self.root(), self.sampled)
+    }
+
+    /// The parent a gateway gives a call (or a model turn) of the run: the span the runner
+    /// names (the envelope's or the request's `traceparent`) when it is of this very trace —
+    /// sampled as the Session is, whatever the runner's flag says — else the Session's root.
+    /// A runner pod's spans reach the collector through the relay under ids mapped for its run
+    /// (`relayed_run`; see [`relayed_span_id`]), and so does the span it names here.
+    pub fn call_parent(&self, runner_traceparent: &str, relayed_run: Option<&str>) -> Context {
+        match parse_parts(runner_traceparent) {
+            Some((trace, span, _)) if trace == self.trace => {
+                let span = match relayed_run {
+                    Some(run) => SpanId::from_bytes(relayed_span_id(self, run, span.to_bytes())),
+                    None => span,
+                };
+                remote(trace, span, self.sampled)
+            }
+            _ => self.under_root(),
+        }
+    }
+}
+
+/// The id a span of run `run`'s runner pod is forwarded under by the gateway's relay (and its
+/// calls are parented on): a pod chooses its spans' ids, so they are mapped through a hash with
+/// the run — it cannot make one the id of a span of the gateway, of another run or of a Session
+/// root, nor hang its spans under them.
+pub fn relayed_span_id(trace: &SessionTrace, run: &str, id: [u8; 8]) -> [u8; 8] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"contextos relayed span\0");
+    hasher.update(trace.trace.to_bytes());
+    for part in [trace.tenant.as_str(), run] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher.update(id);
+    span_id_of(hasher)
 }
 
 /// The `traceparent` of `span`, when it is being exported.
@@ -196,21 +239,13 @@ fn format_traceparent(context: &Context) -> Option<String> {
 
 /// Links `span` to the root of Session `session` of `tenant` (trace `trace`) without making it a
 /// child: what a replay of one of its runs is.
-pub fn link_to_session(span: &tracing::Span, trace: TraceId, tenant: &str, session: &str) {
-    let root = under_session(trace, tenant, session);
-    span.add_link(root.span().span_context().clone());
+pub fn link_to_session(span: &tracing::Span, trace: &SessionTrace) {
+    span.add_link(trace.under_root().span().span_context().clone());
 }
 
 /// Makes `span` a child of `parent` (a remote context). A span already started keeps its parent.
 pub fn set_parent(span: &tracing::Span, parent: Context) {
     let _ = span.set_parent(parent);
-}
-
-/// The trace id (hex) of a W3C `traceparent`, if it is a valid one.
-pub fn trace_id_in(traceparent: &str) -> Option<String> {
-    let context = parse_traceparent(traceparent)?;
-    let trace = context.span().span_context().trace_id();
-    Some(trace.to_string())
 }
 
 /// The root span of a Session whose trace is `trace` (see [`session_span_id`]), started by
@@ -226,8 +261,9 @@ pub fn session_span(tenant: &str, session: &str, trace: TraceId, caller: Option<
         contextos.outcome = tracing::field::Empty,
     );
     let caller = caller.and_then(parse_parts).filter(|(t, _, _)| *t == trace);
-    // Parent-based: a caller's flag decides; otherwise the sampler, as for every attempt.
-    let sampled = caller.map_or_else(|| session_sampled(trace), |(_, _, sampled)| sampled);
+    // The sampler decides, from the trace id, as for every attempt (a caller's flag is not
+    // followed: the processes serving the Session could not all see it).
+    let sampled = session_sampled(trace);
     let root = session_span_id(trace, tenant, session);
     set_parent(&span, remote(trace, root, sampled));
     span.set_attribute(ANCHOR, root.to_string());
@@ -239,6 +275,73 @@ pub fn session_span(tenant: &str, session: &str, trace: TraceId, caller: Option<
 
 #[cfg(feature = "otlp")]
 pub use export::{Telemetry, from_env};
+#[cfg(feature = "otlp")]
+pub mod relay;
+#[cfg(feature = "otlp")]
+pub mod sink;
+
+/// What a runner pod sends with its spans to the gateway's relay (`/v1/run/traces`): the same
+/// credentials as every other request of its run — its projected token, read afresh for each
+/// batch (the kubelet rotates it), and its signed RunContext.
+#[derive(Clone, Debug)]
+pub struct RelayCredentials {
+    pub token_file: std::path::PathBuf,
+    /// The `x-contextos-run-context` header's value (base64 of the signed RunContext's JSON).
+    pub run_context: String,
+}
+
+/// A Session's root span, made when the Session has ended (by the operator, which sees it from
+/// creation to end): its id is [`session_span_id`], so the runs parented on that id while it
+/// ran are its children.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionRoot<'a> {
+    pub tenant: &'a str,
+    pub session: &'a str,
+    pub agent: &'a str,
+    pub trace: TraceId,
+    /// The Session's `contextos.dev/traceparent` annotation: the root is that span's child.
+    pub caller: Option<&'a str>,
+    pub started: std::time::SystemTime,
+    pub ended: std::time::SystemTime,
+    /// The phase it ended in (`Succeeded`, `Failed`, `Cancelled`).
+    pub outcome: &'a str,
+    pub attempts: u32,
+}
+
+/// Exports `root` through this process's tracer provider (nothing happens without one: see
+/// [`from_env`]).
+pub fn export_session_root(root: &SessionRoot<'_>) {
+    use opentelemetry::{
+        KeyValue,
+        trace::{Span as _, SpanKind, Tracer as _},
+    };
+    let tracer = opentelemetry::global::tracer("contextos");
+    let caller = root
+        .caller
+        .and_then(parse_parts)
+        .filter(|(trace, _, _)| *trace == root.trace);
+    // As the RunContexts of its runs were issued (by this process's sampler).
+    let sampled = session_sampled(root.trace);
+    let id = session_span_id(root.trace, root.tenant, root.session);
+    let mut attributes = vec![
+        KeyValue::new("contextos.tenant", root.tenant.to_owned()),
+        KeyValue::new("contextos.session", root.session.to_owned()),
+        KeyValue::new("contextos.agent", root.agent.to_owned()),
+        KeyValue::new("contextos.outcome", root.outcome.to_owned()),
+        KeyValue::new("contextos.attempts", i64::from(root.attempts)),
+        KeyValue::new(ANCHOR, id.to_string()),
+    ];
+    if let Some((_, caller, _)) = caller {
+        attributes.push(KeyValue::new(CALLER, caller.to_string()));
+    }
+    let mut span = tracer
+        .span_builder("session")
+        .with_kind(SpanKind::Internal)
+        .with_start_time(root.started)
+        .with_attributes(attributes)
+        .start_with_context(&tracer, &remote(root.trace, id, sampled));
+    span.end_with_timestamp(root.ended);
+}
 
 /// Whether the environment configures an OTLP trace exporter.
 pub fn configured() -> bool {
@@ -284,6 +387,7 @@ mod export {
     /// (the exporter's HTTP client runs on its own thread).
     pub fn from_env<S>(
         service: &'static str,
+        relay: Option<super::RelayCredentials>,
     ) -> Result<Option<(impl tracing_subscriber::Layer<S>, Telemetry)>, String>
     where
         S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
@@ -294,8 +398,11 @@ mod export {
         if !configured() {
             return Ok(None);
         }
-        let client =
-            crate::http::blocking_client().map_err(|e| format!("the OTLP exporter's HTTP client: {e}"))?;
+        let client = Credentialed {
+            inner: crate::http::blocking_client()
+                .map_err(|e| format!("the OTLP exporter's HTTP client: {e}"))?,
+            relay,
+        };
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
@@ -315,14 +422,54 @@ mod export {
                     .build(),
             )
             .build();
+        // The operator's Session roots are made through the global provider.
+        opentelemetry::global::set_tracer_provider(provider.clone());
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
         let tracer = provider.tracer("contextos");
-        let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(
-            tracing_subscriber::filter::Targets::new().with_target(TARGET, tracing::Level::INFO),
-        );
+        // Only the attributes ContextOS sets: no source locations, threads or timings.
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_filter(
+                tracing_subscriber::filter::Targets::new().with_target(TARGET, tracing::Level::INFO),
+            );
         Ok(Some((layer, Telemetry { provider })))
+    }
+
+    /// The exporter's HTTP client; in a runner pod it presents the run's credentials to the
+    /// gateway's relay with every batch.
+    #[derive(Debug)]
+    struct Credentialed {
+        inner: reqwest::blocking::Client,
+        relay: Option<super::RelayCredentials>,
+    }
+
+    #[async_trait::async_trait]
+    impl opentelemetry_http::HttpClient for Credentialed {
+        async fn send_bytes(
+            &self,
+            mut request: opentelemetry_http::Request<opentelemetry_http::Bytes>,
+        ) -> Result<opentelemetry_http::Response<opentelemetry_http::Bytes>, opentelemetry_http::HttpError>
+        {
+            use reqwest::header::{AUTHORIZATION, HeaderValue};
+            if let Some(relay) = &self.relay {
+                let token = std::fs::read_to_string(&relay.token_file)?;
+                let headers = request.headers_mut();
+                headers.insert(
+                    AUTHORIZATION,
+                    HeaderValue::from_str(&format!("Bearer {}", token.trim()))?,
+                );
+                headers.insert(
+                    crate::records::store::remote::RUN_CONTEXT_HEADER,
+                    HeaderValue::from_str(&relay.run_context)?,
+                );
+            }
+            self.inner.send_bytes(request).await
+        }
     }
 
     /// Gives each Session root span its deterministic id (and no parent) before it is exported.
@@ -438,12 +585,13 @@ mod tests {
     #[test]
     fn a_runner_cannot_move_its_calls_into_another_trace_or_force_sampling() {
         let trace = trace_id_of("4bf92f3577b34da6a3ce929d0e0e4736").expect("trace id");
-        let parent = |value: &str| {
-            call_parent(value, trace, "shop", "refund-7")
-                .span()
-                .span_context()
-                .clone()
+        let session = SessionTrace {
+            trace,
+            tenant: "shop".into(),
+            session: "refund-7".into(),
+            sampled: false,
         };
+        let parent = |value: &str| session.call_parent(value, None).span().span_context().clone();
         let own = parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         assert_eq!(own.span_id().to_string(), "00f067aa0ba902b7");
         let elsewhere = parent("00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01");
@@ -455,11 +603,28 @@ mod tests {
             parent("garbage").span_id(),
             session_span_id(trace, "shop", "refund-7")
         );
-        assert_eq!(
-            parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").is_sampled(),
-            session_sampled(trace),
-            "the runner's flag is not taken"
+        assert!(
+            !parent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").is_sampled(),
+            "the runner's flag is not taken: the Session's decision is"
         );
+        // A relayed runner's span is named by the id the relay forwards it under.
+        let relayed = session
+            .call_parent(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                Some("refund-7-abc"),
+            )
+            .span()
+            .span_context()
+            .span_id();
+        let id = [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7];
+        let mapped = relayed_span_id(&session, "refund-7-abc", id);
+        assert_eq!(relayed.to_bytes(), mapped);
+        assert_ne!(mapped, relayed_span_id(&session, "refund-7-abd", id));
+        let elsewhere = SessionTrace {
+            tenant: "bank".into(),
+            ..session.clone()
+        };
+        assert_ne!(mapped, relayed_span_id(&elsewhere, "refund-7-abc", id));
     }
 
     #[test]

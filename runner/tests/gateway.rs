@@ -237,6 +237,7 @@ fn run_context(key: &KeyPair, tenant: &str, tools: &[&str], expires_in_ms: i64) 
             pod: None,
             bundle_digest: None,
             subject: None,
+            trace_sampled: None,
         },
         key,
     )

@@ -52,6 +52,7 @@ fn run_context(key: &KeyPair) -> SignedRunContext {
             pod: None,
             bundle_digest: None,
             subject: None,
+            trace_sampled: None,
         },
         key,
     )

@@ -8,217 +8,25 @@
 //! tool calls with their gateway decisions and approval waits, record appends — and the tool
 //! service's spans under the tool calls that reached it.
 
+#[path = "support/jaeger.rs"]
+mod jaeger;
 #[path = "support/quickstart.rs"]
 #[allow(dead_code)]
 mod quickstart;
 
-use std::{
-    collections::HashMap,
-    net::TcpListener,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
-
+use jaeger::{Jaeger, Span, get};
 use quickstart::{OpsTools, Quickstart};
 use serde_json::Value;
 
-const JAEGER_ENV: &str = "CONTEXTOS_JAEGER_BIN";
 /// The trace the Session's annotation names, and the caller's span in it.
 const TRACE_ID: &str = "5b8efff798038103d269b633813fc60c";
 const CALLER_SPAN: &str = "eee19b7ec3c1b174";
 
-/// Jaeger, stopped when the test ends.
-struct Jaeger {
-    child: Child,
-    otlp: String,
-    query: String,
-    _config: tempfile::TempDir,
-}
-
-impl Drop for Jaeger {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-impl Jaeger {
-    /// Starts Jaeger on loopback ports of its own, or `None` (the test says it is skipped)
-    /// without it.
-    fn start() -> Option<Self> {
-        let Some(binary) = std::env::var_os(JAEGER_ENV) else {
-            eprintln!(
-                "skipped: {JAEGER_ENV} is not set (`make unit` sets it: bash runner/tests/support/jaeger.sh)"
-            );
-            return None;
-        };
-        let (otlp, query, query_grpc) = (free_port(), free_port(), free_port());
-        let config = tempfile::tempdir().expect("tempdir");
-        let path = config.path().join("jaeger.yaml");
-        std::fs::write(
-            &path,
-            format!(
-                "service:
-  extensions: [jaeger_storage, jaeger_query]
-  pipelines:
-    traces: {{receivers: [otlp], processors: [batch], exporters: [jaeger_storage_exporter]}}
-  telemetry:
-    metrics: {{level: none}}
-    logs: {{level: warn}}
-extensions:
-  jaeger_storage:
-    backends:
-      memory: {{memory: {{max_traces: 1000}}}}
-  jaeger_query:
-    storage: {{traces: memory}}
-    http: {{endpoint: '127.0.0.1:{query}'}}
-    grpc: {{endpoint: '127.0.0.1:{query_grpc}'}}
-receivers:
-  otlp:
-    protocols:
-      http: {{endpoint: '127.0.0.1:{otlp}'}}
-processors:
-  batch: {{timeout: 100ms}}
-exporters:
-  jaeger_storage_exporter: {{trace_storage: memory}}
-"
-            ),
-        )
-        .expect("config");
-        let child = Command::new(binary)
-            .arg(format!("--config=file:{}", path.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("Jaeger starts");
-        let jaeger = Self {
-            child,
-            otlp: format!("http://127.0.0.1:{otlp}"),
-            query: format!("http://127.0.0.1:{query}"),
-            _config: config,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while get(&format!("{}/api/services", jaeger.query)).is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "Jaeger's query API did not answer within 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Some(jaeger)
-    }
-
-    /// The trace `id` once it holds spans of every service in `services` and no new span came
-    /// for a second (the exporters flush in batches), within 30 s.
-    fn trace(&self, id: &str, services: &[&str]) -> Trace {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut last = (0, Instant::now());
-        loop {
-            if let Some(trace) = get(&format!("{}/api/traces/{id}", self.query)).map(|v| Trace::of(&v)) {
-                let complete = services
-                    .iter()
-                    .all(|s| trace.spans.iter().any(|span| span.service == *s));
-                if trace.spans.len() != last.0 {
-                    last = (trace.spans.len(), Instant::now());
-                } else if complete && last.1.elapsed() > Duration::from_secs(1) {
-                    return trace;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "trace {id} incomplete after 30 s: {last:?} spans"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-/// `GET url` as JSON, `None` until it answers 200.
-fn get(url: &str) -> Option<Value> {
-    let output = Command::new("curl")
-        .args(["-sf", "--max-time", "5", url])
-        .output()
-        .ok()?;
-    output
-        .status
-        .success()
-        .then(|| serde_json::from_slice(&output.stdout).ok())
-        .flatten()
-}
-
-#[derive(Debug)]
-struct Span {
-    id: String,
-    parent: Option<String>,
-    name: String,
-    service: String,
-    tags: HashMap<String, Value>,
-}
-
-#[derive(Debug)]
-struct Trace {
-    spans: Vec<Span>,
-}
-
-impl Trace {
-    fn of(answer: &Value) -> Self {
-        let trace = &answer["data"][0];
-        let spans = trace["spans"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|span| Span {
-                id: span["spanID"].as_str().unwrap_or_default().to_owned(),
-                parent: span["references"]
-                    .as_array()
-                    .and_then(|r| r.iter().find(|r| r["refType"] == "CHILD_OF"))
-                    .and_then(|r| r["spanID"].as_str())
-                    .map(str::to_owned),
-                name: span["operationName"].as_str().unwrap_or_default().to_owned(),
-                service: trace["processes"][span["processID"].as_str().unwrap_or_default()]["serviceName"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                tags: span["tags"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|t| {
-                        (
-                            t["key"].as_str().unwrap_or_default().to_owned(),
-                            t["value"].clone(),
-                        )
-                    })
-                    .collect(),
-            })
-            .collect();
-        Self { spans }
-    }
-
-    fn named(&self, name: &str) -> Vec<&Span> {
-        self.spans.iter().filter(|s| s.name == name).collect()
-    }
-
-    fn by_id(&self, id: &str) -> Option<&Span> {
-        self.spans.iter().find(|s| s.id == id)
-    }
-
-    /// The name of `span`'s parent in the trace.
-    fn parent_name(&self, span: &Span) -> Option<&str> {
-        self.by_id(span.parent.as_deref()?).map(|p| p.name.as_str())
-    }
-}
-
 #[test]
 fn a_session_is_one_trace_from_its_caller_through_runs_gateway_and_tool_service() {
-    let Some(jaeger) = Jaeger::start() else { return };
+    let Some(jaeger) = Jaeger::start("127.0.0.1") else {
+        return;
+    };
     let exporting = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), jaeger.otlp.clone()),
         ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),

@@ -24,6 +24,7 @@ mod a2a;
 mod hostile;
 mod improvement;
 mod memory;
+mod traces;
 
 use std::{path::Path, time::Duration};
 
@@ -75,6 +76,18 @@ async fn a_fresh_install_from_the_manifests_runs_the_quickstart_through_the_gate
     let env = TestEnv::real_node().await?;
     let node = env.real().context("real node")?;
     let runner_image = node.name_image(env.runner_image(), RUNNER_REPOSITORY)?;
+    // The trace backend, where pods reach this machine (see traces.rs).
+    let jaeger = traces::jaeger::Jaeger::start(&real_node::NODE_IP.to_string()).with_context(|| {
+        format!(
+            "{} is not set: `make kind-tests` builds Jaeger with runner/tests/support/jaeger.sh",
+            traces::jaeger::JAEGER_ENV
+        )
+    })?;
+    let exporting = traces::exporting_to(&jaeger);
+    let exporting_yaml: String = exporting
+        .iter()
+        .map(|(name, value)| format!("{{name: {name}, value: \"{value}\"}}, "))
+        .collect();
     let operator_image = node.name_image(env.runner_image(), OPERATOR_REPOSITORY)?;
 
     ensure!(
@@ -121,12 +134,26 @@ patches:
       - op: replace
         path: /spec/replicas
         value: 0
-  # Replay Jobs run the runner image, which the operator names by flag or environment.
+    # Replay Jobs run the runner image, which the operator names by flag or environment.
   - target: {{kind: Deployment, name: contextos-operator}}
     patch: |-
       - op: add
         path: /spec/template/spec/containers/0/env/-
         value: {{name: CONTEXTOS_REPLAY_IMAGE, value: "{runner_image}"}}
+  # Traces to the test's Jaeger, as an admin points them at a collector.
+  - target: {{kind: Deployment, name: contextos-operator}}
+    patch: |-
+      - op: add
+        path: /spec/template/spec/containers/0/env/-
+        value: {{name: OTEL_EXPORTER_OTLP_ENDPOINT, value: "{otlp}"}}
+      - op: add
+        path: /spec/template/spec/containers/0/env/-
+        value: {{name: OTEL_BSP_SCHEDULE_DELAY, value: "200"}}
+  - target: {{kind: Deployment, name: contextos-gateway}}
+    patch: |-
+      - op: add
+        path: /spec/template/spec/containers/0/env
+        value: [{exporting_yaml}]
 "#,
             manifests = relative(
                 &install.join("manifests"),
@@ -134,6 +161,7 @@ patches:
             ),
             runner_digest = digest(&runner_image)?,
             operator_digest = digest(&operator_image)?,
+            otlp = jaeger.otlp,
         ),
     )?;
     kubectl(env, &["apply", "--server-side", "-k"], &install.join("manifests")).await?;
@@ -157,7 +185,7 @@ patches:
             &serde_json::from_value(json!({"metadata": {"name": TOOLS_NAMESPACE}}))?,
         )
         .await?;
-    start_ops_tools(env, TOOLS_NAMESPACE, &runner_image).await?;
+    start_ops_tools(env, TOOLS_NAMESPACE, &runner_image, &exporting).await?;
 
     let tenant = TestNamespace::with_labels(
         env,
@@ -271,8 +299,9 @@ patches:
         Ok(done) => done,
         Err(err) => bail!("{err:#}\n{}", reports(env, &tenant).await),
     };
-    let output = done.status.and_then(|s| s.output).unwrap_or_default();
+    let output = done.status.clone().and_then(|s| s.output).unwrap_or_default();
     ensure!(output.contains("checkout-api"), "output {output:?}");
+    traces::one_trace_per_session(jaeger, &done).await?;
 
     // The runner pods held nothing that acts outside their run: no Secret (as a volume, in a
     // projected volume, or as environment), no host path or CSI volume, no store address; they
@@ -875,8 +904,17 @@ async fn available(env: &'static TestEnv, api: &Api<Deployment>, name: &str) -> 
 
 /// The quickstart's tool service: the `ops_tools` example (in the workspace's image) as a pod,
 /// behind Service `ops-tools` on both ports the quickstart's tools name.
-async fn start_ops_tools(env: &'static TestEnv, namespace: &str, image: &str) -> Result<()> {
+async fn start_ops_tools(
+    env: &'static TestEnv,
+    namespace: &str,
+    image: &str,
+    exporting: &[(&str, String)],
+) -> Result<()> {
     let labels = json!({"app": "ops-tools"});
+    let exporting: Vec<serde_json::Value> = exporting
+        .iter()
+        .map(|(name, value)| json!({"name": name, "value": value}))
+        .collect();
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "ops-tools", "labels": labels},
         "spec": {
@@ -886,6 +924,7 @@ async fn start_ops_tools(env: &'static TestEnv, namespace: &str, image: &str) ->
                 "name": "ops-tools",
                 "image": image,
                 "command": ["ops_tools", "--in-pod", "--listen", "0.0.0.0:8080", "--hmac-key", HMAC_KEY],
+                                "env": exporting,
                 "ports": [{"containerPort": 8080}],
                 "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
                 "securityContext": {

@@ -78,6 +78,7 @@ pub fn no_gateway() -> RunnerSettings {
         gateway: "http://gateway.invalid:8480".into(),
         gateway_namespace: "contextos-system".into(),
         egress: Vec::new(),
+        relay_traces: false,
     }
 }
 

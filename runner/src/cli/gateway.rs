@@ -118,24 +118,30 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
             keys.clone(),
         ),
     );
-    let service = Arc::new(
-        GatewayService::new(
-            store,
-            TokenReviewer::new(client.clone()),
-            KubeTenants::new(client.clone()),
-            keys,
-            trust,
-        )
-        .with_system_namespace(&args.namespace)
-        .with_vault_namespace(&args.vault_namespace)
-        .with_egress(egress)
-        .with_a2a(
-            Arc::new(contextos_runner::gateway::a2a_server::sessions::KubeSessions::new(client.clone())),
-            args.a2a_public_url,
-        )
-        .with_capabilities(Arc::new(KubeCapabilities::new(client)))
-        .with_max_run_bytes(args.max_run_bytes),
-    );
+    let service = GatewayService::new(
+        store,
+        TokenReviewer::new(client.clone()),
+        KubeTenants::new(client.clone()),
+        keys,
+        trust,
+    )
+    .with_system_namespace(&args.namespace)
+    .with_vault_namespace(&args.vault_namespace)
+    .with_egress(egress)
+    .with_a2a(
+        Arc::new(contextos_runner::gateway::a2a_server::sessions::KubeSessions::new(client.clone())),
+        args.a2a_public_url,
+    )
+    .with_capabilities(Arc::new(KubeCapabilities::new(client)))
+    .with_max_run_bytes(args.max_run_bytes);
+    // Runner pods' spans reach the collector through this service, when it exports to one.
+    #[cfg(feature = "otlp")]
+    let service =
+        match contextos_runner::telemetry::sink::TraceSink::from_env().map_err(anyhow::Error::msg)? {
+            Some(sink) => service.with_trace_sink(sink),
+            None => service,
+        };
+    let service = Arc::new(service);
     if let Some(address) = args.metrics_listen {
         let metrics = tokio::net::TcpListener::bind(address)
             .await

@@ -135,6 +135,14 @@ impl Cli {
         }
     }
 
+    /// What a runner pod presents to the gateway with its spans (it exports them nowhere else).
+    pub fn trace_relay(&self) -> Option<contextos_runner::telemetry::RelayCredentials> {
+        match &self.command {
+            Command::SessionRun(args) => args.trace_relay(),
+            _ => None,
+        }
+    }
+
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Command::Run(args) => run::run(&self.global, args).await,

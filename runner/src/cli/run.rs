@@ -208,7 +208,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     let caller = traceparent_annotation(&set, &harness.bundle().session)?;
     let trace_id = caller
         .as_deref()
-        .and_then(contextos_runner::telemetry::trace_id_in)
+        .and_then(contextos_runner::telemetry::traceparent_trace_id)
         .unwrap_or_else(|| random_hex(16));
     let session = contextos_runner::telemetry::trace_id_of(&trace_id).map(|trace| {
         contextos_runner::telemetry::session_span(

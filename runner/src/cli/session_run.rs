@@ -48,6 +48,22 @@ pub struct SessionRunArgs {
     termination_log: PathBuf,
 }
 
+impl SessionRunArgs {
+    /// The credentials the pod's spans go to the gateway's relay with: its token and its run's
+    /// RunContext, as every request of the run (`None` without a RunContext: the run then
+    /// fails to start with the reason, and there are no spans to send).
+    pub fn trace_relay(&self) -> Option<contextos_runner::telemetry::RelayCredentials> {
+        use base64::Engine as _;
+        let text = std::env::var(RUN_CONTEXT_ENV).ok()?;
+        let context = run_context_from(&text).ok()?;
+        let json = serde_json::to_vec(&context).ok()?;
+        Some(contextos_runner::telemetry::RelayCredentials {
+            token_file: in_pod(Path::new(&self.token_file)),
+            run_context: base64::engine::general_purpose::STANDARD.encode(json),
+        })
+    }
+}
+
 pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
     let bundle_path = in_pod(&args.bundle_dir.join(BUNDLE_KEY));
     let text =

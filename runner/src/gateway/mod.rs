@@ -208,6 +208,8 @@ pub struct ToolGateway {
     verified: Mutex<HashMap<String, SignedRunContext>>,
     /// Signs the approval requests this gateway hands out (the gateway service: the tenant's key).
     attesting_key: Option<crate::keys::KeyPair>,
+    /// Whether runner spans are relayed (ids mapped per run; see `with_relayed_runner_spans`).
+    relayed_runner_spans: bool,
     /// Where calls may go (the gateway service); `None`: anywhere (a local run).
     egress: Option<egress::EgressGuard>,
     /// Calls started without a recorded result (see [`intents`]).
@@ -267,6 +269,7 @@ impl ToolGateway {
             endpoint_overrides: Vec::new(),
             verified: Mutex::new(HashMap::new()),
             attesting_key: None,
+            relayed_runner_spans: false,
             egress: None,
             intents: intents::Intents::default(),
             shared: false,
@@ -329,6 +332,13 @@ impl ToolGateway {
     pub fn with_capabilities(mut self, route: capabilities::CapabilityRoute) -> Self {
         self.mcp = adapters::mcp::McpClients::new(self.http.clone())
             .with_stdio(adapters::mcp::StdioServers::Capability(route));
+        self
+    }
+
+    /// The runner's spans reach the collector through the gateway service's relay, under ids
+    /// mapped for its run: a call's parent the runner names is mapped the same way.
+    pub fn with_relayed_runner_spans(mut self) -> Self {
+        self.relayed_runner_spans = true;
         self
     }
 
@@ -587,24 +597,17 @@ impl ToolGateway {
         // envelope names one of the run's own verified trace, else the Session's root; never
         // the runner's sampling flag. What the tool is told is this call's span — or, when
         // nothing is exported, one derived from the call — never the runner's string.
-        let verified = self.verify_context(&call.run_context).ok().and_then(|context| {
-            let trace = crate::telemetry::trace_id_of(&context.trace_id)?;
-            Some((
-                trace,
-                context.tenant_id.clone(),
-                context.session_id.clone(),
-                context.trace_id.clone(),
-            ))
-        });
-        if let Some((trace, tenant, session, _)) = &verified {
-            crate::telemetry::set_parent(
-                &span,
-                crate::telemetry::call_parent(&call.traceparent, *trace, tenant, session),
-            );
+        let verified = self
+            .verify_context(&call.run_context)
+            .ok()
+            .and_then(|context| Some((context.trace()?, context.trace_id.clone(), context.run_id.clone())));
+        if let Some((trace, _, run)) = &verified {
+            let relayed = self.relayed_runner_spans.then_some(run.as_str());
+            crate::telemetry::set_parent(&span, trace.call_parent(&call.traceparent, relayed));
         }
         let traceparent = match (crate::telemetry::traceparent_of(&span), &verified) {
             (Some(traced), _) => traced,
-            (None, Some((_, _, _, trace_id))) => {
+            (None, Some((_, trace_id, _))) => {
                 envelope::traceparent(trace_id, &call.run_context.context.run_id, &call.call_id)
             }
             (None, None) => envelope::traceparent(
@@ -1511,18 +1514,16 @@ impl ToolGateway {
             idempotency_key: call.idempotency_key.clone(),
             // The call's span (see `handle_in_run`), or one derived from the call when nothing
             // is traced: the same for a replayed call.
-            traceparent: match crate::telemetry::trace_id_in(&call.traceparent) {
+            traceparent: match crate::telemetry::traceparent_trace_id(&call.traceparent) {
                 Some(trace) if trace == context.trace_id => call.traceparent.clone(),
                 _ => envelope::traceparent(&context.trace_id, &context.run_id, &call.call_id),
             },
             timeout: Duration::from_secs(u64::from(tool.spec.timeout_seconds)),
-            max_response_bytes: match (&adapter.http, &adapter.mcp, &adapter.a2a, &adapter.openapi) {
-                (Some(http), _, _, _) => http.max_response_bytes as usize,
-                (None, Some(mcp), _, _) => mcp.max_response_bytes as usize,
-                (None, None, Some(a2a), _) => a2a.max_response_bytes as usize,
-                (None, None, None, Some(api)) => api.max_response_bytes as usize,
-                (None, None, None, None) => 1 << 20,
-            },
+            max_response_bytes: adapter
+                .chosen()
+                .and_then(contextos_crds::agent::Adapter::max_response_bytes)
+                .unwrap_or(contextos_crds::agent::DEFAULT_MAX_RESPONSE_BYTES)
+                as usize,
             bearer_token: tool.bearer_token.clone(),
             hmac_key: tool.hmac_key.clone(),
             delegation: adapter.a2a.as_ref().map(|_| adapters::Delegation {
@@ -1566,19 +1567,15 @@ impl ToolGateway {
     ) -> Result<adapters::Reply, AdapterError> {
         let adapter = &tool.spec.adapter;
         let ctx = self.call_context(call, tool);
-        let route = match (
-            &adapter.http,
-            &adapter.webhook,
-            &adapter.mcp,
-            &adapter.a2a,
-            &adapter.openapi,
-        ) {
-            (Some(http), _, _, _, _) => Route::Http(http),
-            (None, Some(hook), _, _, _) => Route::Webhook(hook),
-            (None, None, Some(mcp), _, _) => Route::Mcp(mcp),
-            (None, None, None, Some(a2a), _) => Route::A2a(a2a),
-            (None, None, None, None, Some(api)) => Route::OpenApi(api),
-            (None, None, None, None, None) => {
+        use contextos_crds::agent::Adapter;
+        let route = match adapter.chosen() {
+            Some(Adapter::Http(http)) => Route::Http(http),
+            Some(Adapter::Webhook(hook)) => Route::Webhook(hook),
+            Some(Adapter::Mcp(mcp)) => Route::Mcp(mcp),
+            Some(Adapter::A2a(a2a)) => Route::A2a(a2a),
+            Some(Adapter::OpenApi(api)) => Route::OpenApi(api),
+            // Memory tools are the gateway's own: answered before any adapter is reached.
+            Some(Adapter::Memory(_)) | None => {
                 return Err(AdapterError::Unsupported(format!(
                     "tool {} names no adapter this gateway runs",
                     call.tool

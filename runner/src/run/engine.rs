@@ -361,7 +361,18 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         trace_id: &str,
         observe: Observer<'_>,
     ) -> Result<RunReport, RunError> {
-        let span = self.run_span(run_id, trace_id, false);
+        // The issuer's decision when the run was handed a context (a runner pod), else the one
+        // `issue_run_context` makes below (this process's sampler).
+        let trace = match &self.issued {
+            Some(issued) => issued.context.trace(),
+            None => crate::telemetry::trace_id_of(trace_id).map(|trace| crate::telemetry::SessionTrace {
+                trace,
+                tenant: self.tenant.as_str().to_owned(),
+                session: self.bundle.session.clone(),
+                sampled: crate::telemetry::session_sampled(trace),
+            }),
+        };
+        let span = self.run_span(run_id, trace, false);
         let report = self
             .start_untraced(run_id, trace_id, observe)
             .instrument(span.clone())
@@ -667,7 +678,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             session: &self.bundle.session,
             resumed: true,
         });
-        let span = self.run_span(&run_id, &signed.context.trace_id, true);
+        let span = self.run_span(&run_id, signed.context.trace(), true);
         let report = self
             .drive(
                 &mut recorder,
@@ -1153,7 +1164,12 @@ impl<'s, S: RecordStore> Harness<'s, S> {
 
     /// The span of one attempt of the Session's run: a child of the Session's root span
     /// (see `telemetry`), wherever the attempt runs.
-    fn run_span(&self, run_id: &str, trace_id: &str, resumed: bool) -> tracing::Span {
+    fn run_span(
+        &self,
+        run_id: &str,
+        trace: Option<crate::telemetry::SessionTrace>,
+        resumed: bool,
+    ) -> tracing::Span {
         let span = tracing::info_span!(
             target: crate::telemetry::TARGET,
             "run",
@@ -1165,16 +1181,11 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             contextos.replay = self.replay(),
             contextos.outcome = tracing::field::Empty,
         );
-        match crate::telemetry::trace_id_of(trace_id) {
+        match trace {
             // A replay (an audit, a release pipeline's gate) is not part of the Session it
             // replays: its own trace, linked to the original.
-            Some(trace) if self.replay() => {
-                crate::telemetry::link_to_session(&span, trace, self.tenant.as_str(), &self.bundle.session)
-            }
-            Some(trace) => crate::telemetry::set_parent(
-                &span,
-                crate::telemetry::under_session(trace, self.tenant.as_str(), &self.bundle.session),
-            ),
+            Some(trace) if self.replay() => crate::telemetry::link_to_session(&span, &trace),
+            Some(trace) => crate::telemetry::set_parent(&span, trace.under_root()),
             None => {}
         }
         span

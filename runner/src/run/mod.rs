@@ -77,6 +77,11 @@ pub fn issue_run_context(
         pod: pod.map(str::to_owned),
         bundle_digest: Some(bundle.content_digest().to_hex()),
         subject,
+        // Decided here, once, by this process's sampler when it exports traces: the run's every
+        // process follows it. An issuer that exports nothing leaves it to each process's own.
+        trace_sampled: crate::telemetry::configured()
+            .then(|| crate::telemetry::trace_id_of(trace_id).map(crate::telemetry::session_sampled))
+            .flatten(),
     };
     Ok(SignedRunContext::sign(context, key))
 }

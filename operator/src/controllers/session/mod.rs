@@ -811,6 +811,40 @@ async fn signed_by_gateway(
     }
 }
 
+/// Exports the root span of a Session that has ended (its runs' spans are parented on its id
+/// while it runs; see `contextos_runner::telemetry::session_span_id`).
+fn export_session_root(session: &Session, status: &contextos_crds::SessionStatus) {
+    let Some(trace) = contextos_runner::telemetry::trace_id_of(&children::trace_id(session)) else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    let started = status
+        .start_time
+        .as_ref()
+        .or(session.metadata.creation_timestamp.as_ref())
+        .map_or(now, |t| std::time::SystemTime::from(t.0));
+    let ended = status
+        .completion_time
+        .as_ref()
+        .map_or(now, |t| std::time::SystemTime::from(t.0));
+    let outcome = match status.phase {
+        Some(SessionPhase::Succeeded) => "Succeeded",
+        Some(SessionPhase::Cancelled) => "Cancelled",
+        _ => "Failed",
+    };
+    contextos_runner::telemetry::export_session_root(&contextos_runner::telemetry::SessionRoot {
+        tenant: &session.namespace().unwrap_or_default(),
+        session: &session.name_any(),
+        agent: &session.spec.agent_ref.name,
+        trace,
+        caller: children::traceparent_annotation(session),
+        started,
+        ended: ended.max(started),
+        outcome,
+        attempts: status.attempt.unwrap_or(0),
+    });
+}
+
 /// Applies `update` to the Session's status and announces a new Ready condition.
 async fn write_status(ctx: &Context, session: &Session, update: Update) -> Result<()> {
     let current = session.status.clone().unwrap_or_default();
@@ -818,11 +852,12 @@ async fn write_status(ctx: &Context, session: &Session, update: Update) -> Resul
     let announced = update.apply(&mut status, session.metadata.generation, now());
     // A finished Session's capability pods stop with it — before the status says so, because a
     // finished Session is not reconciled again: if stopping fails, the next pass tries again.
-    if status.phase.is_some_and(SessionPhase::is_terminal)
-        && !current.phase.is_some_and(SessionPhase::is_terminal)
-    {
+    let ends = status.phase.is_some_and(SessionPhase::is_terminal)
+        && !current.phase.is_some_and(SessionPhase::is_terminal);
+    if ends {
         stop_capabilities(ctx, session).await?;
     }
+    let ended = ends.then(|| status.clone());
     let status = serde_json::to_value(&status).map_err(|source| Error::Build {
         what: "Session status",
         source,
@@ -832,6 +867,11 @@ async fn write_status(ctx: &Context, session: &Session, update: Update) -> Resul
     // carried on): a pass working from a cache that has not caught up with the previous write
     // must not apply a status without them. It is refused, and the next pass decides again.
     apply_status(&api, session, status).await?;
+    // Once, when the write that ends it was taken (a replica that fails in between leaves the
+    // runs' spans without their root: nothing is exported twice).
+    if let Some(ended) = ended {
+        export_session_root(session, &ended);
+    }
     if let Some(ready) = announced {
         super::announce(ctx, session, &current.conditions, &ready).await;
     }

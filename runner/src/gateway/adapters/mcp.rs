@@ -117,6 +117,21 @@ impl std::fmt::Debug for McpClients {
     }
 }
 
+/// Starts an MCP client session in a task of its own. rmcp runs each session in a task that
+/// keeps the span it was started in (`Span::current()`) for as long as the session lives — kept
+/// open for many calls here — and a call's span held that long would never end, nor be exported
+/// (its children would hang under a parent the trace never gets).
+async fn serve_detached<T, E, A>(transport: T) -> Result<RunningService<RoleClient, ()>, String>
+where
+    T: rmcp::transport::IntoTransport<RoleClient, E, A> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+    A: Send + 'static,
+{
+    tokio::spawn(async move { ().serve(transport).await.map_err(|e| e.to_string()) })
+        .await
+        .map_err(|e| format!("the session's task ended: {e}"))?
+}
+
 /// The server a tool lives on, as the key of its session.
 pub fn server_of(adapter: &McpAdapter) -> String {
     match (&adapter.url, &adapter.command) {
@@ -226,19 +241,19 @@ impl McpClients {
                     .max_sse_event_size(limit)
                     .max_error_response_size(64 * 1024);
                 let transport = StreamableHttpClientTransport::with_client(self.http.clone(), config);
-                (().serve(transport).await, None)
+                (serve_detached(transport).await, None)
             }
             (None, Some(command)) => match &self.stdio {
                 StdioServers::Local { logs } => {
                     let (child, transport) =
                         spawn_local(command, limit, logs.as_deref()).map_err(unreachable)?;
-                    (().serve(transport).await, Some(child))
+                    (serve_detached(transport).await, Some(child))
                 }
                 StdioServers::Capability(route) => {
                     let (read, write) = route.connect(command).await.map_err(unreachable)?;
                     let transport =
                         AsyncRwTransport::<RoleClient, _, _>::new(read, write).with_max_line_length(limit);
-                    (().serve(transport).await, None)
+                    (serve_detached(transport).await, None)
                 }
                 StdioServers::Refused => {
                     return Err(unreachable(

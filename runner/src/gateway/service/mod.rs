@@ -19,6 +19,8 @@ mod read_api;
 mod run_api;
 pub mod spend_metrics;
 mod subject_api;
+#[cfg(feature = "otlp")]
+mod traces_api;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -172,6 +174,9 @@ pub struct GatewayService<S, A, T> {
     quota_desk: quotas::QuotaDesk,
     /// Agents offered over A2A (none without it).
     a2a: Option<a2a_api::A2aSettings>,
+    /// The collector runner pods' spans are relayed to (none: they are refused).
+    #[cfg(feature = "otlp")]
+    traces: Option<Arc<crate::telemetry::sink::TraceSink>>,
 }
 
 impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
@@ -369,7 +374,17 @@ where
             blob_bytes: Mutex::new(HashMap::new()),
             quota_desk: Default::default(),
             a2a: None,
+            #[cfg(feature = "otlp")]
+            traces: None,
         }
+    }
+
+    /// Relays the spans runner pods send to `POST /v1/run/traces` (their own run's, checked) to
+    /// `sink`.
+    #[cfg(feature = "otlp")]
+    pub fn with_trace_sink(mut self, sink: crate::telemetry::sink::TraceSink) -> Self {
+        self.traces = Some(Arc::new(sink));
+        self
     }
 
     /// Serves Agents that opt in (`spec.a2a`) over A2A at `/a2a/<namespace>/<agent>`, their
@@ -508,7 +523,7 @@ where
     pub fn router(self: Arc<Self>) -> Router {
         // Callers are identified from their headers before any body is read, and requests in
         // flight are bounded: an unauthenticated or flooding caller costs little.
-        let authenticated = Router::new()
+        let runs = Router::new()
             .route("/v1/run/append", post(Self::append))
             .route("/v1/run/head", get(Self::head))
             .route("/v1/run/chain", get(Self::chain))
@@ -552,7 +567,10 @@ where
             .route(
                 "/v1/memory/held/{id}",
                 post(Self::memory_approve_held).delete(Self::memory_reject_held),
-            )
+            );
+        #[cfg(feature = "otlp")]
+        let runs = runs.route(traces_api::TRACES_PATH, post(Self::relay_traces));
+        let authenticated = runs
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 Self::identified_first,
@@ -980,6 +998,7 @@ where
             .map_err(|e| bad(format!("agent {}: {e}", bundle.agent)))?
             .with_endpoint_overrides(self.endpoint_overrides.clone())
             .with_attesting_key(self.keys.for_tenant(caller.tenant.as_str()))
+            .with_relayed_runner_spans()
             .with_consent_key(self.keys.for_tenant(caller.tenant.as_str()).public())
             .with_egress(self.egress.clone())
             .shared_with_replicas();

@@ -1055,13 +1055,27 @@ where
         let caller = service.caller(&headers).await?;
         let request: ModelCall = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
         let slot = service.slot(&caller, &request.tail.entries).await?;
+        let span = model_proxy_span(&caller, &slot, &headers, request.step);
         // As for calls: a turn the model gave is recorded even if the runner went away, and the
         // tenant's slot is held until then.
         let (answer, answered) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
-            TenantSlot::carry(held, service.ask_model(&caller, &slot, request, answer)).await;
-        });
-        answered_by(answered, task).await
+        let (recorded, outcome) = (span.clone(), span.clone());
+        let task = tokio::spawn(
+            async move {
+                let asked = service.ask_model(&caller, &slot, request, answer, &recorded);
+                TenantSlot::carry(held, asked).await;
+            }
+            .instrument(span),
+        );
+        let reply = answered_by(answered, task).await;
+        outcome.record(
+            "contextos.outcome",
+            match &reply {
+                Ok(_) => "answered",
+                Err(refusal) => refusal.1,
+            },
+        );
+        reply
     }
 
     /// Asks the run's model for one turn holding the run's log, records it, and answers on
@@ -1072,6 +1086,7 @@ where
         slot: &RunSlot,
         request: ModelCall,
         answer: tokio::sync::oneshot::Sender<Reply>,
+        span: &tracing::Span,
     ) {
         let mut log = crate::gateway::fair::away(slot.log.lock()).await;
         let mut recorder = match self.turn_recorder(caller, slot, &mut log, &request).await {
@@ -1126,6 +1141,9 @@ where
         };
         let cost = slot.bundle.turn_cost(&turn);
         let model = slot.bundle.model_of(&turn);
+        span.record("gen_ai.response.model", model.as_str());
+        span.record("gen_ai.usage.input_tokens", turn.prompt_tokens);
+        span.record("gen_ai.usage.output_tokens", turn.completion_tokens);
         recorder.stage(EntryBody::ModelTurn {
             step: request.step,
             model: model.clone(),
@@ -1366,6 +1384,34 @@ where
         }
         Ok((turn, cut_off))
     }
+}
+
+/// The gateway's span for a model turn it asks for a runner (the model's request carries it):
+/// a child of the runner's `model.call` when the request names one of the run's own trace,
+/// else of the Session's root.
+fn model_proxy_span(caller: &Caller, slot: &RunSlot, headers: &HeaderMap, step: u32) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "model.proxy",
+        contextos.tenant = %caller.tenant,
+        contextos.agent = %slot.bundle.agent,
+        contextos.step = step,
+        gen_ai.request.model = %slot.bundle.agent_spec.model.model,
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        contextos.outcome = tracing::field::Empty,
+        otel.kind = "client",
+    );
+    let context = &caller.context.context;
+    if let Some(trace) = context.trace() {
+        let asked = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        crate::telemetry::set_parent(&span, trace.call_parent(asked, Some(&context.run_id)));
+    }
+    span
 }
 
 /// What one tool call that was carried out spends: a call, and its tool's price if it has one.

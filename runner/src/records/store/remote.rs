@@ -283,6 +283,11 @@ impl RemoteStore {
             if let Some(timeout) = once {
                 request = request.timeout(timeout);
             }
+            // The span asking (a runner's model call, say): what the service's own span for the
+            // request is a child of, when it is of the run's trace.
+            if let Some(traceparent) = crate::telemetry::current_traceparent() {
+                request = request.header("traceparent", traceparent);
+            }
 
             let response = match request.send().await {
                 Ok(response) => response,

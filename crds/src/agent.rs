@@ -33,6 +33,7 @@ use crate::common::{
     printcolumn(name = "Safety", type_ = "string", json_path = ".spec.safetyMode"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[x_kube(validation = Rule::new("!has(self.discovery) || !has(self.discovery.alwaysOffer) || self.discovery.alwaysOffer.all(n, self.tools.exists(t, t.name == n))").message("discovery.alwaysOffer names a tool the agent does not have; list only names from spec.tools"))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
     /// The model that plans and writes answers (named `primary` in `routing`).
@@ -90,6 +91,57 @@ pub struct AgentSpec {
     /// token for audience `contextos-a2a`. Without it the agent is not reachable over A2A.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub a2a: Option<AgentA2a>,
+    /// Offer each model turn only the tools that fit what the run is doing, rather than every
+    /// tool: each tool is scored against the turn's intent (the request, the model's plan so
+    /// far, the last results), and the best are offered within a token budget for tool
+    /// schemas. Tools a policy denies outright are never offered. What each turn was offered,
+    /// with the scores, is recorded, and a replay offers the same. Without it every turn is
+    /// offered every tool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<ToolDiscovery>,
+}
+
+/// How an Agent's tools are chosen for each model turn (see `spec.discovery`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolDiscovery {
+    /// Tools chosen by score per turn (those in `alwaysOffer` come on top).
+    #[serde(default = "default_top_k")]
+    #[schemars(range(min = 1, max = 64))]
+    pub top_k: u32,
+    /// The most tokens of tool names, descriptions and input schemas offered in one turn. The
+    /// always-offered tools are offered whatever they take and count against it; of the others
+    /// a tool that does not fit what is left is left out for smaller ones.
+    #[serde(default = "default_tool_schema_tokens")]
+    #[schemars(range(min = 64, max = 65536))]
+    pub tool_schema_tokens: u32,
+    /// Tools offered on every turn whatever their score (unless a policy denies them
+    /// outright), e.g. the one that hands over to a person.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 64)))]
+    pub always_offer: Vec<String>,
+    /// How tools are scored: `embeddings` (default) by the similarity of sentence embeddings,
+    /// with the embedding model the runner is configured with — BM25 when it has none or it
+    /// fails, which the record says; `bm25` by keywords only.
+    #[serde(default)]
+    pub resolver: DiscoveryResolver,
+}
+
+/// How tools are scored against a turn's intent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryResolver {
+    #[default]
+    Embeddings,
+    Bm25,
+}
+
+fn default_top_k() -> u32 {
+    8
+}
+
+fn default_tool_schema_tokens() -> u32 {
+    4000
 }
 
 /// What an Agent's A2A card tells callers. The card is generated from it and from the Agent:
@@ -323,6 +375,13 @@ pub struct Tool {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub touches: Vec<EntityArgument>,
+    /// Requests this tool serves, in the words of the people and plans that ask for it (e.g.
+    /// "why does the checkout pod keep restarting?"). Tool discovery (`spec.discovery`) matches
+    /// a turn's intent against them as well as against the description; the model never sees
+    /// them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 256)))]
+    pub examples: Vec<String>,
 }
 
 /// Where a call's arguments hold the id of an entity.

@@ -11,6 +11,7 @@ pub mod consent;
 pub mod context;
 pub mod cost;
 pub mod digest;
+pub mod discovery;
 pub mod feedback;
 pub mod gateway;
 pub mod http;

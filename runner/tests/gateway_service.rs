@@ -533,6 +533,78 @@ async fn a_runner_cannot_write_decisions_results_approvals_or_model_turns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_turn_was_offered_names_only_the_agents_tools_and_its_true_denials() {
+    use contextos_runner::discovery::{
+        Scoring,
+        select::{Offer, OfferReason, Selection},
+    };
+    let rig = rig().await;
+    rig.run_until_approval().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    let offer = |tool: &str| Offer {
+        tool: tool.into(),
+        score: 0.5,
+        reason: OfferReason::Ranked,
+    };
+    // The quickstart's policy denies delete_namespace whatever the call.
+    let honest = Selection {
+        offered: vec![offer("search_runbooks"), offer("get_service_status")],
+        denied: vec!["delete_namespace".into()],
+        over_budget: Vec::new(),
+    };
+    let bm25 = Scoring::Bm25 { fallback: None };
+    let cases = [
+        ("honest", bm25.clone(), honest.clone(), None),
+        (
+            "a name that is no tool of the agent",
+            bm25.clone(),
+            Selection {
+                offered: vec![offer("ana.lopez/1980-03-12")],
+                ..honest.clone()
+            },
+            Some("not a tool of the run's Agent"),
+        ),
+        (
+            "a denied tool passed off as merely not chosen",
+            bm25.clone(),
+            Selection {
+                denied: Vec::new(),
+                ..honest.clone()
+            },
+            Some("deny outright"),
+        ),
+        (
+            "embeddings a pod cannot have computed",
+            Scoring::Embeddings {
+                model: "local:free-text-here".into(),
+            },
+            honest,
+            Some("BM25 only"),
+        ),
+    ];
+    for (case, scoring, selection, refusal) in cases {
+        let before = rig.bodies().await.len();
+        let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
+            .await
+            .expect("resume");
+        recorder.stage(EntryBody::ToolsOffered {
+            step: 4,
+            scoring,
+            selection,
+        });
+        match (recorder.flush().await, refusal) {
+            (Ok(_), None) => assert_eq!(rig.bodies().await.len(), before + 1, "{case}"),
+            (Err(refused), Some(expected)) => {
+                assert!(refused.to_string().contains(expected), "{case}: {refused}");
+                assert_eq!(rig.bodies().await.len(), before, "{case}: nothing was written");
+            }
+            (answer, _) => panic!("{case}: {answer:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_pod_a_run_context_was_issued_to_may_use_it() {
     let rig = rig().await;
     rig.run_until_approval().await;

@@ -134,6 +134,7 @@ pub fn infer(listed: &ServerTool, adapter: &McpAdapter) -> Imported {
         retry: None,
         idempotent,
         touches: Vec::new(),
+        examples: Vec::new(),
     };
     Imported { tool, review }
 }

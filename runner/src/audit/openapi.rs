@@ -246,6 +246,7 @@ pub fn infer(operation: &Operation) -> Imported {
         retry: None,
         idempotent,
         touches: Vec::new(),
+        examples: Vec::new(),
     };
     Imported { tool, review }
 }

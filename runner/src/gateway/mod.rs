@@ -301,6 +301,22 @@ impl ToolGateway {
         &self.memory
     }
 
+    /// The tools of the catalog whose every call is denied under `safety` whatever its
+    /// arguments (see [`PolicySet::denies_outright`]): never offered to the model.
+    pub fn denied_outright(
+        &self,
+        safety: contextos_crds::common::SafetyMode,
+    ) -> std::collections::BTreeSet<String> {
+        self.tools
+            .values()
+            .filter(|t| {
+                self.policies
+                    .denies_outright(&t.spec.name, t.spec.risk, t.spec.kind, safety)
+            })
+            .map(|t| t.spec.name.clone())
+            .collect()
+    }
+
     /// Other executors (gateway replicas) may carry calls of the runs this gateway serves: a
     /// recent started call is theirs to finish, not to be judged.
     pub fn shared_with_replicas(mut self) -> Self {

@@ -161,6 +161,41 @@ impl PolicySet {
         self.policies.iter().any(|p| p.condition_variables & 0b001 != 0)
     }
 
+    /// Whether every call of this tool is denied whatever its arguments and whatever the run
+    /// has done: by the run's safety mode, or by an enforcing policy whose rules, read in
+    /// order, reach a deny that no condition can turn (a conditional rule that allows or asks
+    /// may match first, so it stops the reading: the tool may then be allowed). Such a tool
+    /// is never offered to the model (see `crate::discovery`); its calls are denied anyway.
+    pub fn denies_outright(&self, tool: &str, risk: ToolRisk, kind: ToolKind, safety: SafetyMode) -> bool {
+        if safety == SafetyMode::ReadOnly && risk > ToolRisk::ReadOnly {
+            return true;
+        }
+        let denies = |policy: &CompiledPolicy| {
+            // A budget of zero denies every call it counts, before any rule is read.
+            if let Some(budget) = &policy.budget
+                && (budget.max_calls == Some(0)
+                    || budget.max_calls_per_tool == Some(0)
+                    || (risk == ToolRisk::Destructive && budget.max_destructive_calls == Some(0)))
+            {
+                return true;
+            }
+            for rule in policy.rules.iter().filter(|r| r.matches(tool, risk, kind)) {
+                if rule.effect != PolicyEffect::Deny {
+                    return false;
+                }
+                if rule.condition.is_none() {
+                    return true;
+                }
+                // A conditional deny either denies or lets the next rule decide.
+            }
+            policy.default_effect == PolicyEffect::Deny
+        };
+        self.policies
+            .iter()
+            .filter(|p| p.mode == PolicyMode::Enforce)
+            .any(denies)
+    }
+
     /// Decides one call. `fallback_approvers` are the Agent's, used when a rule names none.
     pub fn decide(
         &self,
@@ -332,6 +367,59 @@ mod tests {
 
     use super::*;
     use crate::policy::compile_policy;
+
+    #[test]
+    fn a_tool_is_denied_outright_only_when_no_call_of_it_could_pass() {
+        let spec: contextos_crds::PolicySpec = serde_yaml::from_str(
+            "
+defaultEffect: deny
+rules:
+  - {name: no-deletes, match: {tools: ['delete-*']}, effect: deny, reason: never}
+  - {name: big-scale, match: {tools: ['scale-*']}, effect: deny, reason: too many, condition: 'call.args.replicas > 10'}
+  - {name: scale, match: {tools: ['scale-*']}, effect: allow, reason: fine}
+  - {name: restart, match: {tools: ['restart-*']}, effect: require_approval, reason: ask, condition: 'run.steps > 1'}
+",
+        )
+        .expect("spec");
+        let set = PolicySet {
+            policies: vec![compile_policy("guard", &spec).expect("compiles")],
+        };
+        let denied = |tool: &str, risk: ToolRisk, safety: SafetyMode| {
+            set.denies_outright(tool, risk, ToolKind::Act, safety)
+        };
+        let autonomous = SafetyMode::Autonomous;
+        assert!(denied("delete-namespace", ToolRisk::Destructive, autonomous));
+        assert!(
+            !denied("scale-deployment", ToolRisk::LocalWrite, autonomous),
+            "the deny is conditional"
+        );
+        assert!(
+            !denied("restart-deployment", ToolRisk::LocalWrite, autonomous),
+            "a conditional rule that asks may match first"
+        );
+        assert!(
+            denied("get-logs", ToolRisk::ReadOnly, autonomous),
+            "no rule matches: the default denies"
+        );
+        assert!(denied(
+            "scale-deployment",
+            ToolRisk::LocalWrite,
+            SafetyMode::ReadOnly
+        ));
+        let dry = contextos_crds::PolicySpec {
+            mode: PolicyMode::DryRun,
+            ..spec
+        };
+        let set = PolicySet {
+            policies: vec![compile_policy("guard", &dry).expect("compiles")],
+        };
+        assert!(!set.denies_outright(
+            "delete-namespace",
+            ToolRisk::Destructive,
+            ToolKind::Act,
+            autonomous
+        ));
+    }
 
     fn quickstart() -> (PolicySet, Agent) {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");

@@ -253,6 +253,13 @@ pub enum EntryBody {
     MemoryRecalled(crate::memory::desk::RecallRecord),
     /// A `remember` call's candidate and the decision on it, with its reason.
     MemoryCandidate(crate::memory::desk::CandidateRecord),
+    /// The tools a model turn was offered (an Agent with `spec.discovery`), how they were
+    /// scored, and which were held back: a replay offers the same.
+    ToolsOffered {
+        step: u32,
+        scoring: crate::discovery::Scoring,
+        selection: crate::discovery::select::Selection,
+    },
     /// The body was larger than the inline threshold and is stored as a blob.
     Blob {
         blob: Hash,
@@ -298,6 +305,7 @@ impl EntryBody {
             Self::Failed { .. } => "failed",
             Self::AccessRefused { .. } => "access_refused",
             Self::MemoryRecalled(_) => "memory_recalled",
+            Self::ToolsOffered { .. } => "tools_offered",
             Self::MemoryCandidate(_) => "memory_candidate",
             Self::Blob { .. } => "blob",
         }

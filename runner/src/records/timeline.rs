@@ -72,6 +72,38 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
                 excerpt(response)
             ),
         ),
+        EntryBody::ToolsOffered {
+            step,
+            scoring,
+            selection,
+        } => {
+            let by = match scoring {
+                crate::discovery::Scoring::Embeddings { model } => format!("embeddings ({model})"),
+                crate::discovery::Scoring::Bm25 { fallback: None } => "BM25".into(),
+                crate::discovery::Scoring::Bm25 { fallback: Some(why) } => {
+                    format!("BM25 (no embeddings: {why:?})")
+                }
+            };
+            let offered: Vec<String> = selection
+                .offered
+                .iter()
+                .map(|o| format!("{} {:.2}", o.tool, o.score))
+                .collect();
+            let mut line = format!("step {step}: offered by {by}: {}", offered.join(", "));
+            if !selection.denied.is_empty() {
+                line.push_str(&format!(
+                    "; never offered (denied): {}",
+                    selection.denied.join(", ")
+                ));
+            }
+            if !selection.over_budget.is_empty() {
+                line.push_str(&format!(
+                    "; over the schema budget: {}",
+                    selection.over_budget.join(", ")
+                ));
+            }
+            ("runner", line)
+        }
         EntryBody::MemoryRecalled(recall) => (
             "gateway",
             match (&recall.scope, &recall.note) {

@@ -85,6 +85,8 @@ fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
         | EntryBody::ApprovalRequested { .. }
         | EntryBody::ApprovalGranted { .. }
         | EntryBody::MemoryCandidate(_)
+        // Tool names and scores only (checked by `check_readable_fields`).
+        | EntryBody::ToolsOffered { .. }
         // A blob's body is encrypted before it is moved to the blob.
         | EntryBody::Blob { .. } => Vec::new(),
     }
@@ -221,6 +223,28 @@ pub fn check_readable_fields(body: &EntryBody) -> Result<(), String> {
                 return Err("completed names more than 64 validators".into());
             }
             validators.iter().try_for_each(|v| name("a validator", v))
+        }
+        EntryBody::ToolsOffered {
+            scoring, selection, ..
+        } => {
+            if let crate::discovery::Scoring::Embeddings { model } = scoring {
+                name("an embedding model", model)?;
+            }
+            let tools = selection
+                .offered
+                .iter()
+                .map(|o| &o.tool)
+                .chain(&selection.denied)
+                .chain(&selection.over_budget);
+            let mut count = 0;
+            for tool in tools {
+                count += 1;
+                if count > 256 {
+                    return Err("tools_offered names more than 256 tools".into());
+                }
+                name("a tool", tool)?;
+            }
+            Ok(())
         }
         _ => Ok(()),
     }

@@ -223,6 +223,9 @@ pub enum Mode {
         /// What the original run recalled for its ContextPack memory sources: a replay is given
         /// the same memory, never what the store holds now.
         recalled: Vec<RecallRecord>,
+        /// What each of the original run's turns was offered (an Agent with
+        /// `spec.discovery`), by step: a replay offers the same tools.
+        offered: HashMap<u32, (crate::discovery::Scoring, crate::discovery::select::Selection)>,
     },
 }
 
@@ -250,6 +253,11 @@ pub struct Harness<'s, S> {
     /// The person the Session is about (its `spec.subject`): what the run records about them
     /// is encrypted under the run's key (see `crate::records::vaulted`).
     pub(super) subject: Option<SubjectHandle>,
+    /// Where tool discovery gets embeddings (an Agent with `spec.discovery`); without one,
+    /// tools are scored by BM25.
+    pub(super) embedder: Option<crate::discovery::embedding::Embedder>,
+    /// The run's tools indexed for discovery, once the first turn needs them.
+    pub(super) offering: tokio::sync::OnceCell<super::offer::Offering>,
 }
 
 /// The recalls of a run's ContextPack memory sources on record, in order.
@@ -315,7 +323,15 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             clock: now_ms,
             resolutions: Vec::new(),
             subject,
+            embedder: None,
+            offering: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// Scores tools for discovery with `embedder` (see `spec.discovery`).
+    pub fn with_embedder(mut self, embedder: Option<crate::discovery::embedding::Embedder>) -> Self {
+        self.embedder = embedder;
+        self
     }
 
     /// Asks `models` (the Agent's own and those its routing names) instead of the one model it
@@ -811,7 +827,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 let turn = match turn_in_progress.take() {
                     Some(turn) => turn,
                     None => match self
-                        .next_turn(recorder, compiled, state)
+                        .next_turn(recorder, compiled, state, signed.context.safety_mode)
                         .instrument(step.clone())
                         .await?
                     {
@@ -905,14 +921,63 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         recorder: &mut Recorder<'_, S>,
         compiled: &CompiledContext,
         state: &LoopState,
+        safety: contextos_crds::common::SafetyMode,
     ) -> Result<Result<ModelTurn, ModelError>, RunError> {
+        let tools = self.offer(recorder, state, safety).await;
         let Some(remote) = self.remote else {
-            return Ok(self.ask_model(compiled, state, None).await);
+            return Ok(self.ask_model(compiled, state, tools, None).await);
         };
         let (tail, prepared) = super::service_tail::tail_of(recorder).await?;
-        let turn = self.ask_model(compiled, state, Some(tail)).await;
+        let turn = self.ask_model(compiled, state, tools, Some(tail)).await;
         super::service_tail::after_answer(recorder, prepared, turn.is_ok(), remote.take_head()).await?;
         Ok(turn)
+    }
+
+    /// The tools this turn is offered: every tool, or for an Agent with `spec.discovery` those
+    /// chosen for the turn's intent (staged as `tools_offered`, so the record says what the
+    /// model was shown before it answers) — in a replay, those the original turn was offered.
+    /// A call of a tool not offered is still the policies' to decide: offering is about what
+    /// the model reads, not what it may do.
+    async fn offer(
+        &self,
+        recorder: &mut Recorder<'_, S>,
+        state: &LoopState,
+        safety: contextos_crds::common::SafetyMode,
+    ) -> Vec<ToolSpec> {
+        let Some(spec) = &self.bundle.agent_spec.discovery else {
+            return self.tools.clone();
+        };
+        let recorded = match &self.mode {
+            Mode::Replay { offered, .. } => offered.get(&state.step).cloned(),
+            Mode::Live => None,
+        };
+        let (scoring, selection) = match recorded {
+            Some(recorded) => recorded,
+            None => {
+                let offering = self
+                    .offering
+                    .get_or_init(|| {
+                        let denied = self.gateway.denied_outright(safety);
+                        let tools = super::offer::discoverable(&self.tools, &self.bundle.agent_spec.tools);
+                        async move {
+                            super::offer::Offering::prepare(spec, &tools, denied, self.embedder.as_ref())
+                                .await
+                        }
+                    })
+                    .await;
+                let request = request_text(&self.bundle.session_spec);
+                offering
+                    .choose(&super::offer::intent_of(&request, &state.messages))
+                    .await
+            }
+        };
+        let tools = super::offer::offered_tools(&self.tools, &selection);
+        recorder.stage(EntryBody::ToolsOffered {
+            step: state.step,
+            scoring,
+            selection,
+        });
+        tools
     }
 
     /// Asks the model directly, or through the gateway service with the runner's `tail`.
@@ -920,6 +985,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         &self,
         compiled: &CompiledContext,
         state: &LoopState,
+        tools: Vec<ToolSpec>,
         tail: Option<crate::gateway::remote::RunnerTail>,
     ) -> Result<ModelTurn, ModelError> {
         let span = tracing::info_span!(
@@ -932,7 +998,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             otel.kind = "client",
         );
         let turn = self
-            .ask_model_untraced(compiled, state, tail)
+            .ask_model_untraced(compiled, state, tools, tail)
             .instrument(span.clone())
             .await;
         match &turn {
@@ -959,6 +1025,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         &self,
         compiled: &CompiledContext,
         state: &LoopState,
+        tools: Vec<ToolSpec>,
         tail: Option<crate::gateway::remote::RunnerTail>,
     ) -> Result<ModelTurn, ModelError> {
         let mut messages = Vec::with_capacity(state.messages.len() + 1);
@@ -967,7 +1034,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         let request = ModelRequest {
             model: self.bundle.agent_spec.model.model.clone(),
             messages,
-            tools: self.tools.clone(),
+            tools,
             max_output_tokens: self.bundle.agent_spec.model.max_output_tokens,
         };
         match (self.remote, &self.model) {

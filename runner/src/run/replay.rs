@@ -65,6 +65,9 @@ pub struct DecisionTrace {
     pub calls: Vec<CallPoint>,
     pub verdicts: Vec<VerdictPoint>,
     pub outcome: String,
+    /// The tools each turn was offered, by step (an Agent with `spec.discovery`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub offered: BTreeMap<u32, Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +140,10 @@ impl DecisionTrace {
                         reason: reason.clone(),
                     };
                     verdicts.insert(*step, point);
+                }
+                EntryBody::ToolsOffered { step, selection, .. } => {
+                    let tools = selection.offered.iter().map(|o| o.tool.clone()).collect();
+                    trace.offered.insert(*step, tools);
                 }
                 EntryBody::Completed { output, .. } => trace.outcome = format!("completed: {output}"),
                 EntryBody::Failed { reason, message } => {
@@ -743,6 +750,7 @@ impl RecordedRun {
     fn mode(&self, entries: &[RecordEntry]) -> Mode {
         let mut approvals = HashMap::new();
         let mut wall_ms = HashMap::new();
+        let mut offered = HashMap::new();
         let mut calls: HashMap<&str, (&str, &serde_json::Value)> = HashMap::new();
         for entry in entries {
             match &entry.body {
@@ -764,6 +772,13 @@ impl RecordedRun {
                         wall_ms.insert(*step, state.usage.wall_ms);
                     }
                 }
+                EntryBody::ToolsOffered {
+                    step,
+                    scoring,
+                    selection,
+                } => {
+                    offered.insert(*step, (scoring.clone(), selection.clone()));
+                }
                 _ => {}
             }
         }
@@ -771,6 +786,7 @@ impl RecordedRun {
             approvals,
             wall_ms,
             recalled: super::engine::recalled_in(entries),
+            offered,
         }
     }
 }
@@ -1329,6 +1345,7 @@ mod tests {
             calls,
             verdicts: vec![],
             outcome: "completed: ok".into(),
+            offered: BTreeMap::new(),
         }
     }
 

@@ -28,8 +28,9 @@ fn about_subject(body: &EntryBody, key: &crate::vault::SecretKey) -> Result<(), 
 }
 
 /// The entry bodies a runner writes itself (the rest are the gateway's).
-const RUNNER_WRITES: [&str; 5] = [
+const RUNNER_WRITES: [&str; 6] = [
     "context_compiled",
+    "tools_offered",
     "critic_verdict",
     "checkpoint",
     "completed",
@@ -312,6 +313,28 @@ where
             | EntryBody::Checkpoint { .. }
             | EntryBody::Completed { .. }
             | EntryBody::Failed { .. } => Ok(()),
+            // What the model was shown: only the Agent's tools, the policies' own denials, and
+            // BM25 scores (runner pods hold no embedding model).
+            EntryBody::ToolsOffered {
+                scoring, selection, ..
+            } => {
+                let refuse = |e: String| forbidden(format!("entry {}: {e}", entry.seq));
+                if !matches!(scoring, crate::discovery::Scoring::Bm25 { .. }) {
+                    return Err(refuse(
+                        "a runner pod scores tools by BM25 only: it holds no embedding model".into(),
+                    ));
+                }
+                let slot = self.slot(caller, &[]).await?;
+                let catalog = slot
+                    .bundle
+                    .agent_spec
+                    .tools
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect();
+                let denied = slot.gateway.denied_outright(caller.context.context.safety_mode);
+                selection.check(&catalog, &denied).map_err(refuse)
+            }
             other => Err(forbidden(format!(
                 "a runner may not write {} entries: decisions, results, approvals and model turns are written by the gateway",
                 other.type_name()

@@ -33,7 +33,6 @@ use crate::common::{
     printcolumn(name = "Safety", type_ = "string", json_path = ".spec.safetyMode"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
-#[x_kube(validation = Rule::new("!has(self.discovery) || !has(self.discovery.alwaysOffer) || self.discovery.alwaysOffer.all(n, self.tools.exists(t, t.name == n))").message("discovery.alwaysOffer names a tool the agent does not have; list only names from spec.tools"))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
     /// The model that plans and writes answers (named `primary` in `routing`).
@@ -50,6 +49,15 @@ pub struct AgentSpec {
     pub policy_refs: Vec<LocalRef>,
     /// The SandboxProfile every runner pod of this Agent runs under.
     pub sandbox_profile_ref: LocalRef,
+    /// Skills whose promoted revisions this Agent uses, in order: their tools join `tools`
+    /// (after the Agent's own, under the Agent's policies) and their prompt fragments join the
+    /// context under the pack's budget. A tool name two of them (or the Agent and one) declare,
+    /// or a tool riskier than the SandboxProfile's `maxToolRisk`, leaves the Agent not Ready
+    /// (reason SkillConflict) naming both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.map(s, s.name).all(n, self.exists_one(s, s.name == n))").message("skillRefs lists the same Skill twice; remove the duplicate"))]
+    #[schemars(length(max = 16))]
+    pub skill_refs: Vec<LocalRef>,
     /// The tools this agent may request. Names are unique; each declares its risk and kind.
     /// (One list as a whole: a GitOps source owns all of an Agent's tools.)
     #[serde(default)]
@@ -116,7 +124,8 @@ pub struct ToolDiscovery {
     #[schemars(range(min = 64, max = 65536))]
     pub tool_schema_tokens: u32,
     /// Tools offered on every turn whatever their score (unless a policy denies them
-    /// outright), e.g. the one that hands over to a person.
+    /// outright), e.g. the one that hands over to a person: the Agent's own or its skills'
+    /// (a name that is neither leaves the Agent not Ready).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 64)))]
     pub always_offer: Vec<String>,

@@ -408,12 +408,14 @@ pub enum PromotedBy {
     Members,
     /// A Proposal of it, replayed and accepted by one of its approvers.
     Proposal,
+    /// A Skill revision that passed every scenario of its evaluation suite.
+    Evals,
 }
 
 impl PromotedBy {
     /// Whether a gate (replay or an approver) decided it.
     pub fn gated(self) -> bool {
-        matches!(self, Self::Replay | Self::Bypass | Self::Proposal)
+        matches!(self, Self::Replay | Self::Bypass | Self::Proposal | Self::Evals)
     }
 }
 

@@ -16,6 +16,8 @@ pub const STALLED: &str = "Stalled";
 pub const PROMOTED: &str = "Promoted";
 /// The replay Job for the current candidate revision finished without exceeding its threshold.
 pub const REPLAY_PASSED: &str = "ReplayPassed";
+/// A Skill's candidate revision passed every scenario of its evaluation suite.
+pub const EVALS_PASSED: &str = "EvalsPassed";
 /// A revision passed replay and waits for a listed approver.
 pub const AWAITING_PROMOTION: &str = "AwaitingPromotion";
 /// A Proposal was accepted by a reviewer and its candidate put on the target.
@@ -37,6 +39,7 @@ pub fn is_stalled(reason: &str) -> bool {
         CANCELLED,
         STALE,
         REPLAY_FAILED,
+        EVALS_FAILED,
     ]
     .contains(&reason)
 }
@@ -68,6 +71,16 @@ pub mod reason {
     pub const REPLAY_PASSED: &str = "ReplayPassed";
     /// Replay exceeded the divergence threshold.
     pub const REPLAY_FAILED: &str = "ReplayFailed";
+    /// A Skill's evaluation Job is running its suite.
+    pub const EVALS_RUNNING: &str = "EvalsRunning";
+    /// Every scenario of a Skill's suite passed.
+    pub const EVALS_PASSED: &str = "EvalsPassed";
+    /// A scenario of a Skill's suite failed: the revision is not promoted.
+    pub const EVALS_FAILED: &str = "EvalsFailed";
+    /// A Skill's evaluation ended without a verdict.
+    pub const EVALS_INCONCLUSIVE: &str = "EvalsInconclusive";
+    /// An Agent uses two tools of one name, or a tool its SandboxProfile does not allow.
+    pub const SKILL_CONFLICT: &str = "SkillConflict";
     /// There are no recorded sessions to replay against yet.
     pub const NO_RECORDED_HISTORY: &str = "NoRecordedHistory";
     /// A replay ended without a verdict the gateway vouches for (evicted, past its deadline,

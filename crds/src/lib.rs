@@ -1,6 +1,6 @@
 //! ContextOS API types for the `contextos.dev/v1alpha1` group.
 //!
-//! This crate holds data only: the eleven custom resources (one module per kind), the shared value
+//! This crate holds data only: the twelve custom resources (one module per kind), the shared value
 //! types they are built from, and the names of conditions, reasons and finalizers. It performs no
 //! IO. `operator/` and `runner/` depend on it; it depends on neither.
 //!
@@ -27,6 +27,7 @@ pub mod price_list;
 pub mod proposal;
 pub mod sandbox_profile;
 pub mod session;
+pub mod skill;
 pub mod spend_quota;
 
 pub use agent::{Agent, AgentSpec, AgentStatus};
@@ -39,6 +40,7 @@ pub use price_list::{PriceList, PriceListSpec};
 pub use proposal::{Proposal, ProposalSpec, ProposalStatus};
 pub use sandbox_profile::{SandboxProfile, SandboxProfileSpec, SandboxProfileStatus};
 pub use session::{Session, SessionSpec, SessionStatus};
+pub use skill::{Skill, SkillSpec, SkillStatus};
 pub use spend_quota::{SpendQuota, SpendQuotaSpec, SpendQuotaStatus};
 
 /// API group of every ContextOS resource.
@@ -95,6 +97,7 @@ pub fn all_crds()
         Proposal::crd(),
         SandboxProfile::crd(),
         Session::crd(),
+        Skill::crd(),
         SpendQuota::crd(),
     ]
     .into_iter()

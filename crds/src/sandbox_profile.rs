@@ -76,6 +76,12 @@ pub struct SandboxProfileSpec {
     /// Which tools may execute code inside this sandbox.
     #[serde(default)]
     pub execution: ExecutionSpec,
+    /// The riskiest tool an Agent under this profile may have at all, its own or a skill's
+    /// (read_only, local_write, network, delegated, destructive). Unset: any. An Agent with a
+    /// riskier tool is not Ready (reason SkillConflict for a skill's tool, InvalidSpec for its
+    /// own) and no Session of it starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tool_risk: Option<ToolRisk>,
 }
 
 fn default_deadline() -> u32 {

@@ -166,6 +166,20 @@ fn every_quickstart_object_is_admitted_unchanged() {
             "{file} refused on a no-op update: {refusals:?}"
         );
     }
+    // The Agent as written (its tools in its skills), and each Skill.
+    let agent = support::cases::first_object("agent.yaml");
+    assert!(admit(&agent, None).is_empty(), "agent.yaml as written is refused");
+    let path = support::cases::repo_root().join("examples/quickstart/skills.yaml");
+    let text = std::fs::read_to_string(&path).expect("skills.yaml");
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let skill: Value = serde::Deserialize::deserialize(document).expect("skill");
+        let refusals = admit(&skill, None);
+        assert!(
+            refusals.is_empty(),
+            "{} is refused: {refusals:?}",
+            skill["metadata"]["name"]
+        );
+    }
 }
 
 #[test]

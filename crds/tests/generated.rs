@@ -67,6 +67,7 @@ fn every_example_parses_into_its_typed_struct() {
                 "Proposal" => serde_yaml::from_value::<contextos_crds::Proposal>(value).map(drop),
                 "PriceList" => serde_yaml::from_value::<contextos_crds::PriceList>(value).map(drop),
                 "SpendQuota" => serde_yaml::from_value::<contextos_crds::SpendQuota>(value).map(drop),
+                "Skill" => serde_yaml::from_value::<contextos_crds::Skill>(value).map(drop),
                 "ConfigMap" | "Secret" => Ok(()),
                 other => panic!("{}: unexpected kind {other}", entry.display()),
             };
@@ -85,6 +86,7 @@ fn every_example_parses_into_its_typed_struct() {
         "Proposal",
         "PriceList",
         "SpendQuota",
+        "Skill",
     ] {
         assert!(seen_kinds.contains(kind), "examples have no {kind}");
     }
@@ -94,12 +96,28 @@ fn every_example_parses_into_its_typed_struct() {
 fn quickstart_agent_covers_the_risk_spectrum() {
     let text = fs::read_to_string(repo_root().join("examples/quickstart/agent.yaml")).expect("agent example");
     let agent: Agent = serde_yaml::from_str(&text).expect("agent parses");
-    let risks: BTreeSet<_> = agent.spec.tools.iter().map(|t| t.risk).collect();
+    let text =
+        fs::read_to_string(repo_root().join("examples/quickstart/skills.yaml")).expect("skills example");
+    let mut tools = agent.spec.tools.clone();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let skill: contextos_crds::Skill = serde::Deserialize::deserialize(document).expect("skill parses");
+        assert!(
+            agent
+                .spec
+                .skill_refs
+                .iter()
+                .any(|r| Some(&r.name) == skill.metadata.name.as_ref()),
+            "the quickstart agent does not use skill {:?}",
+            skill.metadata.name
+        );
+        tools.extend(skill.spec.tools);
+    }
+    let risks: BTreeSet<_> = tools.iter().map(|t| t.risk).collect();
     use contextos_crds::common::ToolRisk::*;
     for risk in [ReadOnly, Network, Destructive] {
         assert!(risks.contains(&risk), "quickstart agent has no {risk:?} tool");
     }
-    assert!((4..=6).contains(&agent.spec.tools.len()));
+    assert!((4..=6).contains(&tools.len()));
 }
 
 #[test]

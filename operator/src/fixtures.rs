@@ -28,7 +28,13 @@ pub fn run_bundle(session: &Session) -> RunBundle {
         session: "checkout-5xx".into(),
         session_spec: session.spec.clone(),
         agent: "sre-triage".into(),
-        agent_spec: spec_of(include_str!("../../examples/quickstart/agent.yaml")),
+        // With its skills' tools, as a run has them.
+        agent_spec: contextos_runner::manifests::ManifestSet::load(&[std::path::Path::new(env!(
+            "CARGO_MANIFEST_DIR"
+        ))
+        .join("../examples/quickstart")])
+        .and_then(|set| set.agent_with_skills("oncall-assistant"))
+        .expect("the quickstart agent with its skills"),
         context_pack: NamedPack {
             name: "sre-runbooks".into(),
             spec: spec_of(include_str!("../../examples/quickstart/contextpack.yaml")),
@@ -42,6 +48,7 @@ pub fn run_bundle(session: &Session) -> RunBundle {
         routed_scripts: Default::default(),
         routed_prices: Default::default(),
         tool_prices: Default::default(),
+        skills: Vec::new(),
         ontology: None,
         model_price: None,
     }

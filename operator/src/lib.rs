@@ -19,7 +19,7 @@ pub mod tenant_keys;
 use std::sync::Arc;
 
 use contextos_crds::{
-    Agent, ContextPack, Ontology, Policy, PriceList, Proposal, SandboxProfile, Session, SpendQuota,
+    Agent, ContextPack, Ontology, Policy, PriceList, Proposal, SandboxProfile, Session, Skill, SpendQuota,
     proposal::TargetKind,
 };
 use contextos_runner::key_secrets;
@@ -39,7 +39,7 @@ use kube::{
 };
 
 use crate::{
-    controllers::{Context, agent, error_policy, ontology, proposal, revisions, session, spend_quota},
+    controllers::{Context, agent, error_policy, ontology, proposal, revisions, session, skill, spend_quota},
     metrics::Metrics,
     session_children::RunnerSettings,
 };
@@ -155,6 +155,29 @@ pub async fn run(
         )
         .for_each(|_| async {});
 
+    // A Skill is evaluated again when a Policy its suite runs under is promoted.
+    let skills = lean_controller(Api::<Skill>::all(client.clone()), watch());
+    let skills_by_policy = skills.store();
+    let skills = skills
+        .with_config(controller_config.clone())
+        .owns(
+            Api::<PartialObjectMeta<Job>>::all(client.clone()),
+            watcher::Config::default().labels(contextos_crds::labels::REVISION_OF),
+        )
+        .watches(Api::<Policy>::all(client.clone()), watch(), move |p: Policy| {
+            let namespace = p.namespace();
+            skills_by_policy
+                .state()
+                .into_iter()
+                .filter(|s| s.namespace() == namespace)
+                .filter(|s| s.spec.evals.policy_refs.iter().any(|r| r.name == p.name_any()))
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown())
+        .run(timed("Skill", skill::reconcile_skill), error_policy, ctx.clone())
+        .for_each(|_| async {});
+
     let profiles = lean_controller(Api::<SandboxProfile>::all(client.clone()), watch())
         .with_config(controller_config.clone())
         .graceful_shutdown_on(shutdown())
@@ -176,7 +199,8 @@ pub async fn run(
         .for_each(|_| async {});
 
     let agents = lean_controller(Api::<Agent>::all(client.clone()), watch());
-    let (by_pack, by_policy, by_profile, by_ontology, by_price) = (
+    let (by_pack, by_policy, by_profile, by_ontology, by_price, by_skill) = (
+        agents.store(),
         agents.store(),
         agents.store(),
         agents.store(),
@@ -195,6 +219,11 @@ pub async fn run(
         .watches(Api::<Policy>::all(client.clone()), watch(), move |p: Policy| {
             referring_agents(&by_policy, &p, |a| {
                 a.spec.policy_refs.iter().any(|r| r.name == p.name_any())
+            })
+        })
+        .watches(Api::<Skill>::all(client.clone()), watch(), move |s: Skill| {
+            referring_agents(&by_skill, &s, |a| {
+                a.spec.skill_refs.iter().any(|r| r.name == s.name_any())
             })
         })
         .watches(
@@ -306,7 +335,7 @@ pub async fn run(
         .for_each(|_| async {});
 
     futures::join!(
-        packs, policies, profiles, ontologies, agents, proposals, sessions, quotas
+        packs, policies, skills, profiles, ontologies, agents, proposals, sessions, quotas
     );
     Ok(())
 }

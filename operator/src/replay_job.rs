@@ -75,6 +75,7 @@ pub fn kind_label(kind: GatedKind) -> &'static str {
         GatedKind::Policy => "policy",
         GatedKind::ContextPack => "contextpack",
         GatedKind::Agent => "agent",
+        GatedKind::Skill => "skill",
     }
 }
 

@@ -33,5 +33,6 @@ pub mod records;
 pub mod run;
 pub mod run_context;
 pub mod signals;
+pub mod skills;
 pub mod telemetry;
 pub mod vault;

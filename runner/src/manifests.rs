@@ -154,6 +154,52 @@ impl ManifestSet {
             .collect()
     }
 
+    /// Every Skill among the files (or the one named `only`) as its gate evaluates it: its
+    /// spec, the Policies its suite names (from the files), and what is wrong with the suite.
+    pub fn skill_candidates(
+        &self,
+        only: Option<&str>,
+    ) -> Result<Vec<(String, crate::skills::SkillCandidate)>, ManifestError> {
+        let skills: Vec<&Manifest> = self
+            .objects
+            .iter()
+            .filter(|m| m.kind == "Skill" && only.is_none_or(|name| m.name == name))
+            .collect();
+        if let (Some(name), true) = (only, skills.is_empty()) {
+            return Err(ManifestError {
+                location: "the files given".into(),
+                field: None,
+                problem: format!(
+                    "hold no Skill {name} (Skills in them: {})",
+                    self.names("Skill").join(", ")
+                ),
+            });
+        }
+        let mut out = Vec::new();
+        for skill in skills {
+            let spec: contextos_crds::SkillSpec = skill.spec()?;
+            let mut policies = Vec::new();
+            for (i, reference) in spec.evals.policy_refs.iter().enumerate() {
+                let field = format!("spec.evals.policyRefs[{i}].name");
+                let policy = self.referenced(skill, &field, "Policy", &reference.name)?;
+                policies.push(NamedPolicy {
+                    name: policy.name.clone(),
+                    spec: policy.spec::<PolicySpec>()?,
+                });
+            }
+            let candidate = crate::skills::SkillCandidate {
+                skill: spec,
+                policies,
+            };
+            if let Some(problem) = crate::skills::eval::suite_problem(&candidate) {
+                let (field, problem) = problem.split_once(": ").unwrap_or(("spec.evals", &problem));
+                return Err(skill.error(field, problem));
+            }
+            out.push((skill.name.clone(), candidate));
+        }
+        Ok(out)
+    }
+
     /// Every ContextPack, typed (for candidate files).
     pub fn context_packs(&self) -> Result<Vec<NamedPack>, ManifestError> {
         self.objects
@@ -215,7 +261,7 @@ impl ManifestSet {
         let session_spec: SessionSpec = session.spec()?;
         let agent_name = &session_spec.agent_ref.name;
         let agent = self.referenced(session, "spec.agentRef.name", "Agent", agent_name)?;
-        let agent_spec: AgentSpec = agent.spec()?;
+        let mut agent_spec: AgentSpec = agent.spec()?;
         let pack_name = &agent_spec.context_pack_ref.name;
         let pack = self.referenced(agent, "spec.contextPackRef.name", "ContextPack", pack_name)?;
         let pack_spec: ContextPackSpec = pack.spec()?;
@@ -246,6 +292,15 @@ impl ManifestSet {
             sandbox_name,
         )?;
         let sandbox_spec: contextos_crds::SandboxProfileSpec = sandbox.spec()?;
+        let ceiling = crate::skills::ToolCeiling {
+            profile: sandbox_name,
+            max_risk: sandbox_spec.max_tool_risk,
+        };
+        let (tools, skills) = self.compose_skills(agent, &agent_spec, ceiling)?;
+        agent_spec.tools = tools;
+        if let Some(clash) = crate::skills::fragment_clash(&pack.name, &pack_spec, &skills) {
+            return Err(agent.error(clash.field.clone(), clash.message.clone()));
+        }
         if let Some(problem) = crate::gateway::adapters::adapter_problem(&agent_spec.tools) {
             return Err(agent.error("spec.tools", problem));
         }
@@ -325,7 +380,60 @@ impl ManifestSet {
             routed_scripts,
             routed_prices,
             tool_prices,
+            skills,
         })
+    }
+
+    /// Agent `name`'s spec with its skills' tools after its own, as a run has them (the
+    /// Skills, and its SandboxProfile when the files hold it, from the files).
+    pub fn agent_with_skills(&self, name: &str) -> Result<AgentSpec, ManifestError> {
+        let agent = self.find("Agent", name).ok_or_else(|| ManifestError {
+            location: "the files given".into(),
+            field: None,
+            problem: format!(
+                "hold no Agent {name} (Agents in them: {})",
+                self.names("Agent").join(", ")
+            ),
+        })?;
+        let mut spec: AgentSpec = agent.spec()?;
+        let profile = spec.sandbox_profile_ref.name.clone();
+        let max_risk = match self.find("SandboxProfile", &profile) {
+            Some(sandbox) => {
+                sandbox
+                    .spec::<contextos_crds::SandboxProfileSpec>()?
+                    .max_tool_risk
+            }
+            None => None,
+        };
+        let ceiling = crate::skills::ToolCeiling {
+            profile: &profile,
+            max_risk,
+        };
+        spec.tools = self.compose_skills(agent, &spec, ceiling)?.0;
+        Ok(spec)
+    }
+
+    /// Skills as the files hold them: on one machine there is no promotion gate (a cluster
+    /// runs a skill's promoted revision only; `contextos skill eval` runs its suite).
+    fn compose_skills(
+        &self,
+        agent: &Manifest,
+        spec: &AgentSpec,
+        ceiling: crate::skills::ToolCeiling<'_>,
+    ) -> Result<(Vec<contextos_crds::agent::Tool>, Vec<crate::skills::SkillUse>), ManifestError> {
+        let mut skills = Vec::new();
+        for (i, reference) in spec.skill_refs.iter().enumerate() {
+            let field = format!("spec.skillRefs[{i}].name");
+            let skill = self.referenced(agent, &field, "Skill", &reference.name)?;
+            let spec: contextos_crds::SkillSpec = skill.spec()?;
+            skills.push(crate::skills::NamedSkill {
+                name: skill.name.clone(),
+                digest: spec_digest(&spec),
+                spec,
+            });
+        }
+        crate::skills::compose(spec, &skills, ceiling)
+            .map_err(|c| agent.error(c.field.clone(), c.message.clone()))
     }
 
     /// The PriceLists among the files, by name (cluster-scoped: every file's count).
@@ -488,12 +596,15 @@ mod tests {
     fn a_bad_field_value_is_named_with_its_path() {
         let mut set = quickstart();
         for m in &mut set.objects {
-            if m.kind == "Agent" {
+            if m.kind == "Skill" && m.name == "diagnosis" {
                 m.value["spec"]["tools"][1]["risk"] = Value::String("harmless".into());
             }
         }
         let err = set.bundle("shop", None).expect_err("bad risk");
         assert_eq!(err.field.as_deref(), Some("spec.tools[1].risk"), "{err}");
-        assert!(err.problem.contains("harmless"), "{err}");
+        assert!(
+            err.problem.contains("harmless") && err.location.contains("Skill diagnosis"),
+            "{err}"
+        );
     }
 }

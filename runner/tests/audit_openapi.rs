@@ -41,15 +41,12 @@ fn the_services_document_imports_the_quickstarts_tools_and_catches_what_moves_of
     assert_eq!(code, Some(0), "{stderr}");
     let imported: Value = serde_yaml::from_str(&yaml).expect("YAML");
     let imported = imported["tools"].as_array().cloned().expect("tools");
-    let agent: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(Quickstart::examples().join("agent.yaml")).expect("agent.yaml"),
-    )
-    .expect("agent");
+    let quickstart = quickstart_tools();
     for tool in &imported {
         let name = tool["name"].as_str().expect("name");
-        let declared = agent["spec"]["tools"]
-            .as_array()
-            .and_then(|t| t.iter().find(|d| d["name"] == name))
+        let declared = quickstart
+            .iter()
+            .find(|d| d["name"] == name)
             .unwrap_or_else(|| panic!("the quickstart declares no {name}"));
         assert_eq!(
             tool["adapter"]["http"]["url"], declared["adapter"]["http"]["url"],
@@ -69,8 +66,10 @@ fn the_services_document_imports_the_quickstarts_tools_and_catches_what_moves_of
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().display().to_string();
     // The document names the service by its in-cluster URL, as the files do.
-    let local = std::fs::read_to_string(Quickstart::examples().join("agent.yaml")).expect("agent");
-    std::fs::write(dir.path().join("agent.yaml"), &local).expect("write");
+    for file in ["agent.yaml", "skills.yaml"] {
+        std::fs::copy(Quickstart::examples().join(file), dir.path().join(file)).expect("copy");
+    }
+    let local = std::fs::read_to_string(Quickstart::examples().join("skills.yaml")).expect("skills");
     let clean = openapi_findings(&path, &document);
     assert!(clean.is_empty(), "{clean:#?}");
 
@@ -80,7 +79,8 @@ fn the_services_document_imports_the_quickstarts_tools_and_catches_what_moves_of
         "errorRate: {type: string}",
     );
     assert_ne!(moved, local);
-    std::fs::write(dir.path().join("agent.yaml"), &moved).expect("write");
+    // The tools are the skills': findings point there.
+    std::fs::write(dir.path().join("skills.yaml"), &moved).expect("write");
     let found = openapi_findings(&path, &document);
     let has = |rule: &str, text: &str| found.iter().any(|(r, m)| r == rule && m.contains(text));
     assert!(
@@ -126,6 +126,9 @@ fn operations_import_as_openapi_tools_that_audit_clean_until_they_move_off_the_d
     )
     .expect("agent");
     agent["spec"]["tools"] = imported;
+    if let Some(spec) = agent["spec"].as_object_mut() {
+        spec.remove("skillRefs");
+    }
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().display().to_string();
     let write = |agent: &Value| {
@@ -195,4 +198,15 @@ fn operations_import_as_openapi_tools_that_audit_clean_until_they_move_off_the_d
     );
     assert_eq!(found.len(), 4, "{found:#?}");
     drop(tools);
+}
+
+/// The quickstart agent's tools: those of its skills (`skills.yaml`).
+fn quickstart_tools() -> Vec<Value> {
+    let text = std::fs::read_to_string(Quickstart::examples().join("skills.yaml")).expect("skills.yaml");
+    let mut tools = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let skill: Value = serde::Deserialize::deserialize(document).expect("a skill");
+        tools.extend(skill["spec"]["tools"].as_array().cloned().unwrap_or_default());
+    }
+    tools
 }

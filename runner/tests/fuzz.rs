@@ -261,6 +261,7 @@ fn specs(root: &std::path::Path, fx: &Fixtures) -> Vec<Spec> {
             run: target_crd_specs,
             seeds: [
                 "agent.yaml",
+                "skills.yaml",
                 "policy.yaml",
                 "contextpack.yaml",
                 "sandboxprofile.yaml",
@@ -474,6 +475,13 @@ fn target_crd_specs(input: &[u8], fx: &Fixtures) {
         let _ = contextos_runner::context::compile(&pack.spec, &[], "fuzz", &[]);
     }
     let _ = serde_yaml::from_slice::<SandboxProfile>(input);
+    if let Ok(skill) = serde_yaml::from_slice::<contextos_crds::Skill>(input) {
+        let candidate = contextos_runner::skills::SkillCandidate {
+            skill: skill.spec,
+            policies: fx.bundle.policies.clone(),
+        };
+        let _ = contextos_runner::skills::eval::suite_problem(&candidate);
+    }
 }
 
 /// The audit: a manifest file read with its lines, sorted into a harness, every rule run and the

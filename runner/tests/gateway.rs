@@ -126,6 +126,9 @@ fn catalog(addr: SocketAddr) -> Vec<CatalogTool> {
     let mut agent: Agent =
         serde_yaml::from_str(&std::fs::read_to_string(root.join("agent.yaml")).expect("agent"))
             .expect("agent parses");
+    agent.spec = contextos_runner::manifests::ManifestSet::load(&[root])
+        .and_then(|set| set.agent_with_skills("oncall-assistant"))
+        .expect("the quickstart agent with its skills");
     let base = format!("http://{addr}");
     let extra: Vec<contextos_crds::agent::Tool> = serde_yaml::from_str(&format!(
         r#"

@@ -335,6 +335,7 @@ fn the_audit_of_the_quickstarts_records_finds_what_the_run_did() {
     q.drive(None);
     let files: Vec<String> = [
         "agent.yaml",
+        "skills.yaml",
         "policy.yaml",
         "contextpack.yaml",
         "sandboxprofile.yaml",

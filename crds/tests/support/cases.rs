@@ -66,8 +66,30 @@ pub fn load_cases() -> Vec<AdmissionCase> {
     serde::Deserialize::deserialize(first).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
-/// The single object in `examples/quickstart/<file>`, as JSON.
+/// The single object in `examples/quickstart/<file>`, as JSON. The Agent comes as it would be
+/// written without skills: the tools of its skills (`skills.yaml`) in its own `spec.tools`.
 pub fn quickstart_object(file: &str) -> Value {
+    let mut object = first_object(file);
+    if file == "agent.yaml" {
+        let skills = repo_root().join("examples/quickstart/skills.yaml");
+        let text =
+            std::fs::read_to_string(&skills).unwrap_or_else(|e| panic!("read {}: {e}", skills.display()));
+        let mut tools = Vec::new();
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let skill: Value = serde::Deserialize::deserialize(document)
+                .unwrap_or_else(|e| panic!("parse {}: {e}", skills.display()));
+            tools.extend(skill["spec"]["tools"].as_array().cloned().unwrap_or_default());
+        }
+        object["spec"]["tools"] = Value::Array(tools);
+        if let Some(spec) = object["spec"].as_object_mut() {
+            spec.remove("skillRefs");
+        }
+    }
+    object
+}
+
+/// The first object in `examples/quickstart/<file>`, as JSON.
+pub fn first_object(file: &str) -> Value {
     let path = repo_root().join("examples/quickstart").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     // The first document of the file.

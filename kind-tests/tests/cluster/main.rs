@@ -26,5 +26,6 @@ mod promotion;
 mod quickstart;
 mod quotas;
 mod sandbox_attacks;
+mod skills;
 mod tenant_attacks;
 mod workloads;

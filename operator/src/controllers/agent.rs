@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use contextos_crds::{
-    Agent, AgentSpec, ContextPack, Ontology, Policy, PriceList, SandboxProfile,
+    Agent, AgentSpec, ContextPack, Ontology, Policy, PriceList, SandboxProfile, Skill,
     agent::AgentStatus,
     common::RevisionStatus,
     conditions::{self, reason},
@@ -21,6 +21,7 @@ use contextos_runner::{
         gate::GatedKind,
         validate,
     },
+    skills::{NamedSkill, SkillCandidate, SkillUse, ToolCeiling},
 };
 use kube::{Api, ResourceExt as _, runtime::controller::Action};
 
@@ -36,6 +37,11 @@ use crate::{
 /// What an Agent's references resolved to.
 #[derive(Clone, Debug)]
 pub struct Resolved {
+    /// The Agent's spec with its skills' tools after its own (see
+    /// `contextos_runner::skills::compose`).
+    pub spec: AgentSpec,
+    /// The skills it uses, at their promoted revisions.
+    pub skills: Vec<SkillUse>,
     pub pack: ContextPack,
     /// In `policyRefs` order.
     pub policies: Vec<Policy>,
@@ -61,9 +67,14 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
     let mut promotion_gate = status.promotion_gate.clone();
     let mut promoted_gates = status.promoted_gates.clone();
     let mut digests = (None, Vec::new());
+    // With its skills' once they resolve.
+    let tool_count = match &outcome {
+        Ok(resolved) => resolved.spec.tools.len(),
+        Err(_) => agent.spec.tools.len(),
+    };
     let ready = match outcome {
         Err(p) => Wanted::new(conditions::READY, false, p.reason, p.message.clone()),
-        Ok(resolved) => match composition(&ctx, &namespace, &agent.spec, &resolved).await? {
+        Ok(resolved) => match composition(&ctx, &namespace, &resolved).await? {
             Err(p) => Wanted::new(conditions::READY, false, p.reason, p.message.clone()),
             Ok(candidate) => {
                 let members = members(&resolved);
@@ -131,7 +142,7 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
     let status = AgentStatus {
         conditions: merge(&previous, &wanted, agent.metadata.generation, now()),
         observed_generation: agent.metadata.generation,
-        tool_count: Some(u32::try_from(agent.spec.tools.len()).unwrap_or(u32::MAX)),
+        tool_count: Some(u32::try_from(tool_count).unwrap_or(u32::MAX)),
         context_pack_digest: digests.0,
         policy_digests: digests.1,
         revisions,
@@ -175,7 +186,7 @@ pub async fn candidate_composition(
         gates_in_force,
         &members(&resolved),
     );
-    Ok(composition(ctx, namespace, spec, &resolved)
+    Ok(composition(ctx, namespace, &resolved)
         .await?
         .map(|composition| (composition, gate)))
 }
@@ -221,9 +232,9 @@ fn member<'a>(
 async fn composition(
     ctx: &Context,
     namespace: &str,
-    spec: &AgentSpec,
     resolved: &Resolved,
 ) -> Result<Result<Composition, Invalid>> {
+    let spec = &resolved.spec;
     let not_promoted = |field: &str, kind: &str, name: &str| {
         Invalid::new(
             reason::REFERENCE_NOT_READY,
@@ -265,6 +276,9 @@ async fn composition(
         };
         policies.push(NamedPolicy { name, spec });
     }
+    if let Some(clash) = contextos_runner::skills::fragment_clash(&pack_name, &pack, &resolved.skills) {
+        return Ok(Err(Invalid::new(clash.reason, clash.to_string())));
+    }
     Ok(Ok(Composition::new(
         spec,
         NamedPack {
@@ -273,7 +287,8 @@ async fn composition(
         },
         policies,
     )
-    .with_ontology(resolved.ontology.as_ref().map(|o| o.spec.clone()))))
+    .with_ontology(resolved.ontology.as_ref().map(|o| o.spec.clone()))
+    .with_skills(resolved.skills.clone())))
 }
 
 /// Fetches what the Agent references; `Ok(Err(..))` names the first reference that is missing
@@ -338,6 +353,13 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
             &sandbox_conditions,
         )));
     }
+    let (skills, spec) = match compose_skills(ctx, namespace, spec, sandbox_name, &sandbox.spec).await? {
+        Ok(composed) => composed,
+        Err(invalid) => return Ok(Err(invalid)),
+    };
+    if let Err(invalid) = check_spec("", &spec) {
+        return Ok(Err(invalid));
+    }
     if let Some(problem) = execution_refused(&spec.tools, &sandbox.spec.execution, sandbox_name) {
         return Ok(Err(Invalid::new(reason::EXECUTION_NOT_ALLOWED, problem)));
     }
@@ -348,14 +370,66 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
     if let Some(problem) = compiled.touches_problem(&spec.tools) {
         return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
     }
-    if let Err(invalid) = model_price(ctx, spec).await? {
+    if let Err(invalid) = model_price(ctx, &spec).await? {
         return Ok(Err(invalid));
     }
     Ok(Ok(Resolved {
+        spec,
+        skills,
         pack,
         policies: used,
         ontology,
     }))
+}
+
+/// The promoted revisions of the skills `spec` lists, and `spec` with their tools, or the
+/// first skill missing, not promoted, or in conflict (see `contextos_runner::skills::compose`).
+async fn compose_skills(
+    ctx: &Context,
+    namespace: &str,
+    spec: &AgentSpec,
+    sandbox_name: &str,
+    sandbox: &contextos_crds::SandboxProfileSpec,
+) -> Result<Result<(Vec<SkillUse>, AgentSpec), Invalid>> {
+    let api = Api::<Skill>::namespaced(ctx.client.clone(), namespace);
+    let mut skills = Vec::with_capacity(spec.skill_refs.len());
+    for (i, reference) in spec.skill_refs.iter().enumerate() {
+        let field = format!("spec.skillRefs[{i}].name");
+        let Some(skill) = api.get_opt(&reference.name).await? else {
+            return Ok(Err(missing(&field, "Skill", &reference.name, namespace)));
+        };
+        // The revision in force, whatever candidate waits on its suite.
+        let revisions = skill.status.as_ref().and_then(|s| s.revisions.as_ref());
+        let Some(promoted) = revisions::promoted_spec::<SkillCandidate>(ctx, namespace, revisions).await?
+        else {
+            return Ok(Err(Invalid::new(
+                reason::REFERENCE_NOT_READY,
+                format!(
+                    "{field}: Skill {} has no promoted revision yet (a revision is promoted when its evaluation suite passes); see its Promoted and EvalsPassed conditions",
+                    reference.name
+                ),
+            )));
+        };
+        skills.push(NamedSkill {
+            name: reference.name.clone(),
+            digest: promoted.digest(),
+            spec: promoted.skill,
+        });
+    }
+    let ceiling = ToolCeiling {
+        profile: sandbox_name,
+        max_risk: sandbox.max_tool_risk,
+    };
+    Ok(match contextos_runner::skills::compose(spec, &skills, ceiling) {
+        Ok((tools, uses)) => Ok((
+            uses,
+            AgentSpec {
+                tools,
+                ..spec.clone()
+            },
+        )),
+        Err(conflict) => Err(Invalid::new(conflict.reason, conflict.to_string())),
+    })
 }
 
 /// The namespace's Ontology (none: it declares no entity types) and its compiled types, or why

@@ -8,6 +8,7 @@ pub mod ontology;
 pub mod proposal;
 pub mod revisions;
 pub mod session;
+pub mod skill;
 pub mod spend_quota;
 
 use std::{sync::Arc, time::Duration};

@@ -829,6 +829,8 @@ pub(super) async fn accepted_for(
         GatedKind::Policy => TargetKind::Policy,
         GatedKind::ContextPack => TargetKind::ContextPack,
         GatedKind::Agent => TargetKind::Agent,
+        // No Proposal targets a Skill: only its suite promotes it.
+        GatedKind::Skill => return Ok(None),
     };
     let proposals = Api::<Proposal>::namespaced(ctx.client.clone(), namespace)
         .list(&ListParams::default())

@@ -369,8 +369,8 @@ where
     })
 }
 
-/// Validity, the promotion gate, status and Events for a ContextPack or Policy.
-async fn finish<K, S>(
+/// Validity, the promotion gate, status and Events for a ContextPack, Policy or Skill.
+pub(super) async fn finish<K, S>(
     ctx: &Context,
     api: &Api<K>,
     object: &K,
@@ -464,7 +464,10 @@ where
             .as_ref()
             .and_then(|a| a.get(key).cloned())
     };
-    if annotation(PROMOTE_WITHOUT_REPLAY).as_deref() == Some(digest) {
+    // A Skill is promoted by its suite alone (the annotations' admission rules do not cover
+    // Skills, and nothing else decides what a skill may do).
+    let skill = gate.kind == GatedKind::Skill;
+    if !skill && annotation(PROMOTE_WITHOUT_REPLAY).as_deref() == Some(digest) {
         return Ok(direct(
             PromotedBy::Bypass,
             "promoted without replay by the contextos.dev/promote-without-replay annotation",
@@ -501,6 +504,9 @@ where
     };
     let held =
         |reason: &'static str, message: String| Wanted::new(conditions::PROMOTED, false, reason, message);
+    if skill {
+        return skill_verdict(ctx, spec, &target, promotion, digest, &keep).await;
+    }
     // A Job the operator did not make (planted before it) sends no events to its owner: look
     // again now and then.
     let replaying = |job_name: &str| Verdict {
@@ -661,6 +667,112 @@ where
             ),
             None,
         ),
+    })
+}
+
+/// A Skill candidate's gate: its suite's verdict, from the gateway through the Job (pending,
+/// inconclusive, passed: promoted, failed: held).
+async fn skill_verdict<S: serde::Serialize>(
+    ctx: &Context,
+    spec: &S,
+    target: &GateTarget<'_>,
+    promotion: &PromotionSpec,
+    digest: &str,
+    keep: &str,
+) -> Result<Verdict> {
+    let held =
+        |reason: &'static str, message: String| Wanted::new(conditions::PROMOTED, false, reason, message);
+    let evals = |status: bool, reason: &'static str, message: String| {
+        Some(Wanted::new(conditions::EVALS_PASSED, status, reason, message))
+    };
+    let pending = |requeue, reason: &'static str, held_message: String, message: String| Verdict {
+        requeue,
+        promote: None,
+        promoted: held(reason, held_message),
+        replay: evals(false, reason, message),
+        awaiting: None,
+        summary: None,
+    };
+    let inconclusive = |message: String, requeue| {
+        pending(
+            requeue,
+            reason::EVALS_INCONCLUSIVE,
+            format!("candidate {digest} has no evaluation verdict; {keep}"),
+            message,
+        )
+    };
+    let (job_name, gate) = match replay_attempts(ctx, spec, target, &promotion.replay).await? {
+        Progress::Running(job) => {
+            return Ok(pending(
+                Some(Duration::from_secs(20)),
+                reason::EVALS_RUNNING,
+                format!("candidate {digest} is being evaluated by Job {job}; {keep}"),
+                format!("Job {job} is running the evaluation suite"),
+            ));
+        }
+        Progress::Refused(problem) => return Ok(inconclusive(problem, Some(Duration::from_secs(30)))),
+        Progress::Backoff { attempt, why, wait } => {
+            return Ok(inconclusive(
+                format!(
+                    "attempt {attempt} of {}: {why}; retrying in {}s",
+                    replay_job::MAX_ATTEMPTS,
+                    wait.as_secs()
+                ),
+                Some(wait),
+            ));
+        }
+        Progress::Exhausted { attempts, why } => {
+            let label = replay_job::revision_of(target);
+            return Ok(inconclusive(
+                format!(
+                    "{attempts} evaluation attempts ended without a verdict (last: {why}); delete the Jobs labelled {}={label} to evaluate again",
+                    labels::REVISION_OF
+                ),
+                None,
+            ));
+        }
+        Progress::Verdict(job, gate) => (job, gate),
+    };
+    let summary = Some(replay_job::summary_of(&job_name, &gate));
+    Ok(if gate.passed {
+        Verdict {
+            requeue: None,
+            promote: Some(PromotedBy::Evals),
+            promoted: Wanted::new(
+                conditions::PROMOTED,
+                true,
+                reason::PROMOTED,
+                format!("revision {digest} is in force (its evaluation suite passed)"),
+            ),
+            replay: evals(
+                true,
+                reason::EVALS_PASSED,
+                format!("{} scenario(s), {} check(s): all passed", gate.runs, gate.steps),
+            ),
+            awaiting: None,
+            summary,
+        }
+    } else {
+        Verdict {
+            requeue: None,
+            promote: None,
+            promoted: held(
+                reason::EVALS_FAILED,
+                format!("candidate {digest} failed its evaluation suite; {keep}"),
+            ),
+            replay: evals(
+                false,
+                reason::EVALS_FAILED,
+                format!(
+                    "{} of {} check(s) failed: {}",
+                    gate.divergent_steps,
+                    gate.steps,
+                    gate.top.join("; ")
+                ),
+            ),
+            awaiting: None,
+            summary,
+        }
     })
 }
 

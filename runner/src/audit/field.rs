@@ -43,6 +43,18 @@ impl FieldPath {
         Self(format!("{}[{index}]", self.0))
     }
 
+    /// Under item `i` of list `list` (`spec.tools`): `i` and the rest of the path after it.
+    pub fn under_item(&self, list: &FieldPath) -> Option<(usize, &str)> {
+        let rest = self.0.strip_prefix(list.as_str())?.strip_prefix('[')?;
+        let (index, rest) = rest.split_once(']')?;
+        Some((index.parse().ok()?, rest))
+    }
+
+    /// This path with item `i` of `list` (see [`FieldPath::under_item`]) moved to `to`.
+    pub fn with_item(list: &FieldPath, to: usize, rest: &str) -> Self {
+        Self(format!("{}[{to}]{rest}", list.0))
+    }
+
     pub fn is_root(&self) -> bool {
         self.0.is_empty()
     }

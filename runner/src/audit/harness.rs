@@ -7,6 +7,7 @@ use std::fmt;
 
 use contextos_crds::{
     AgentSpec, ConsentSpec, ContextPackSpec, OntologySpec, PolicySpec, SandboxProfileSpec, SessionSpec,
+    SkillSpec,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -42,9 +43,39 @@ pub struct Object<T> {
     pub id: ObjectRef,
     pub doc: Document,
     pub spec: T,
+    /// An Agent's tools that come from its skills (they follow its own in `spec.tools`, as a
+    /// run has them): a finding about one points at the Skill that declares it.
+    pub borrowed: Vec<BorrowedTools>,
+}
+
+/// `spec.tools[from..from + count]` of an Agent as audited: `spec.tools[0..count]` of a Skill.
+#[derive(Clone, Debug)]
+pub struct BorrowedTools {
+    pub from: usize,
+    pub count: usize,
+    pub skill: ObjectRef,
+    pub doc: Document,
 }
 
 impl<T> Object<T> {
+    /// Where `field` of this object is declared: a borrowed tool's field is its Skill's.
+    pub fn declared_at(&self, field: FieldPath) -> (&ObjectRef, &Document, FieldPath) {
+        let tools = FieldPath::of(&["spec", "tools"]);
+        if let Some((i, rest)) = field.under_item(&tools)
+            && let Some(lent) = self
+                .borrowed
+                .iter()
+                .find(|b| (b.from..b.from + b.count).contains(&i))
+        {
+            return (
+                &lent.skill,
+                &lent.doc,
+                FieldPath::with_item(&tools, i - lent.from, rest),
+            );
+        }
+        (&self.id, &self.doc, field)
+    }
+
     pub fn labels(&self) -> impl Iterator<Item = (&str, &str)> {
         meta_map(&self.doc.value, "labels")
     }
@@ -84,7 +115,9 @@ pub struct Unreadable {
 /// Everything the audit looks at.
 #[derive(Clone, Debug, Default)]
 pub struct Harness {
+    /// Each with its skills' tools after its own (see [`Object::borrowed`]).
     pub agents: Vec<Object<AgentSpec>>,
+    pub skills: Vec<Object<SkillSpec>>,
     pub policies: Vec<Object<PolicySpec>>,
     pub context_packs: Vec<Object<ContextPackSpec>>,
     pub sandbox_profiles: Vec<Object<SandboxProfileSpec>>,
@@ -114,7 +147,31 @@ impl Harness {
         for doc in documents {
             harness.add(doc);
         }
+        harness.lend_skill_tools();
         harness
+    }
+
+    /// Gives each Agent the tools of the skills it lists that the harness holds, as a run has
+    /// them: a destructive tool is audited whether the Agent or a Skill declares it.
+    fn lend_skill_tools(&mut self) {
+        for agent in &mut self.agents {
+            for reference in agent.spec.skill_refs.clone() {
+                let Some(skill) = self
+                    .skills
+                    .iter()
+                    .find(|s| s.id.name == reference.name && s.same_namespace(agent))
+                else {
+                    continue;
+                };
+                agent.borrowed.push(BorrowedTools {
+                    from: agent.spec.tools.len(),
+                    count: skill.spec.tools.len(),
+                    skill: skill.id.clone(),
+                    doc: skill.doc.clone(),
+                });
+                agent.spec.tools.extend(skill.spec.tools.iter().cloned());
+            }
+        }
     }
 
     /// The harness with what the records show.
@@ -134,7 +191,14 @@ impl Harness {
         let api_version = value["apiVersion"].as_str().unwrap_or_default();
         let ours = matches!(
             kind.as_str(),
-            "Agent" | "Policy" | "ContextPack" | "SandboxProfile" | "Session" | "Ontology" | "Consent"
+            "Agent"
+                | "Policy"
+                | "ContextPack"
+                | "SandboxProfile"
+                | "Session"
+                | "Ontology"
+                | "Consent"
+                | "Skill"
         );
         // Kinds the audit reads as others: what people say of runs, prices and quotas.
         let kept = matches!(
@@ -147,7 +211,7 @@ impl Harness {
                 (
                     "kind",
                     format!(
-                        "{kind:?} is not a ContextOS kind (Agent, Policy, ContextPack, SandboxProfile, Session, Ontology, Consent, Feedback, Proposal, PriceList, SpendQuota)"
+                        "{kind:?} is not a ContextOS kind (Agent, Policy, ContextPack, SandboxProfile, Session, Ontology, Consent, Skill, Feedback, Proposal, PriceList, SpendQuota)"
                     ),
                 )
             } else {
@@ -169,6 +233,7 @@ impl Harness {
                 id,
                 spec: doc.value.clone(),
                 doc,
+                borrowed: Vec::new(),
             });
             return;
         }
@@ -179,6 +244,7 @@ impl Harness {
             "SandboxProfile" => typed(id, doc, &mut self.sandbox_profiles, &mut self.unreadable),
             "Ontology" => typed(id, doc, &mut self.ontologies, &mut self.unreadable),
             "Consent" => typed(id, doc, &mut self.consents, &mut self.unreadable),
+            "Skill" => typed(id, doc, &mut self.skills, &mut self.unreadable),
             // Session, the only kind left (`ours` above).
             _ => typed(id, doc, &mut self.sessions, &mut self.unreadable),
         }
@@ -195,6 +261,7 @@ impl Harness {
             .chain(self.sessions.iter().map(|o| (&o.id, &o.doc)))
             .chain(self.ontologies.iter().map(|o| (&o.id, &o.doc)))
             .chain(self.consents.iter().map(|o| (&o.id, &o.doc)))
+            .chain(self.skills.iter().map(|o| (&o.id, &o.doc)))
             .chain(self.others.iter().map(|o| (&o.id, &o.doc)))
             .chain(self.unreadable.iter().map(|o| (&o.id, &o.doc)))
     }
@@ -274,7 +341,12 @@ fn typed<T: DeserializeOwned>(
 ) {
     let spec = doc.value.get("spec").cloned().unwrap_or(Value::Null);
     match serde_path_to_error::deserialize::<_, T>(spec) {
-        Ok(spec) => list.push(Object { id, doc, spec }),
+        Ok(spec) => list.push(Object {
+            id,
+            doc,
+            spec,
+            borrowed: Vec::new(),
+        }),
         Err(error) => {
             let field = field_of(error.path());
             unreadable.push(Unreadable {

@@ -16,6 +16,7 @@ mod records;
 mod replay;
 mod run;
 mod session_run;
+mod skill;
 mod subject;
 mod targets;
 mod tools;
@@ -122,6 +123,9 @@ enum Command {
     /// records still verify), see whether one is, rotate the tenant's key-encryption key.
     #[command(subcommand)]
     Subject(subject::SubjectCommand),
+    /// Skills: run their evaluation suites here, as their promotion gate does in a cluster.
+    #[command(subcommand)]
+    Skill(skill::SkillCommand),
 }
 
 impl Cli {
@@ -167,6 +171,7 @@ impl Cli {
             Command::Consent(command) => consent::run(&self.global, command).await,
             Command::Memory(command) => memory::run(&self.global, command).await,
             Command::Subject(command) => subject::run(&self.global, command).await,
+            Command::Skill(command) => skill::run(command).await,
         }
     }
 }

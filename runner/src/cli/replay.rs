@@ -276,6 +276,7 @@ fn candidate(paths: &[PathBuf]) -> anyhow::Result<Candidate> {
         agent: agents.pop(),
         ontology,
         prices,
+        skill: None,
     })
 }
 

@@ -201,6 +201,9 @@ pub struct ToolGateway {
     counters: Mutex<HashMap<String, RunCounters>>,
     /// Replay mode: never reach a tool; answer only from preloaded results.
     offline: bool,
+    /// A skill's evaluation: calls are answered by the scenario's results (see
+    /// [`ToolGateway::answering_canned`]).
+    canned: Option<Vec<contextos_crds::skill::CannedResult>>,
     /// URL prefix rewrites (`from`, `to`) applied before a tool is reached.
     endpoint_overrides: Vec<(String, String)>,
     /// The last RunContext whose signature verified, per run: a run sends the same context
@@ -266,6 +269,7 @@ impl ToolGateway {
             calls: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
             offline: false,
+            canned: None,
             endpoint_overrides: Vec::new(),
             verified: Mutex::new(HashMap::new()),
             attesting_key: None,
@@ -393,6 +397,15 @@ impl ToolGateway {
     pub fn answering_recorded_calls(mut self) -> Self {
         self.offline = true;
         self.by_content = Some(Mutex::new(HashMap::new()));
+        self
+    }
+
+    /// Offline, answering each call from `results` (a skill's evaluation scenario): the first
+    /// entry for its tool whose arguments, when given, equal the call's; a call none answers
+    /// fails as a tool that is down would.
+    pub fn answering_canned(mut self, results: Vec<contextos_crds::skill::CannedResult>) -> Self {
+        self.offline = true;
+        self.canned = Some(results);
         self
     }
 
@@ -1499,7 +1512,10 @@ impl ToolGateway {
                 call_id: call.call_id.clone(),
                 ..done
             },
-            None => self.unrecorded_result(call),
+            None => match &self.canned {
+                Some(results) => canned_result(results, call),
+                None => self.unrecorded_result(call),
+            },
         };
         recorder.stage(EntryBody::ToolResult(result.clone()));
         result
@@ -1737,6 +1753,40 @@ fn resolved_result(
             truncated: false,
             cost: None,
         },
+    }
+}
+
+/// A skill scenario's answer to `call`: the first result for its tool whose arguments, when
+/// given, are the call's.
+fn canned_result(results: &[contextos_crds::skill::CannedResult], call: &CallEnvelope) -> ToolResultRecord {
+    let found = results.iter().find(|r| {
+        r.tool == call.tool
+            && r.arguments
+                .as_ref()
+                .is_none_or(|wanted| *wanted == call.arguments)
+    });
+    let (ok, output, error) = match found {
+        Some(r) => match &r.error {
+            Some(error) => (false, Value::Null, Some(error.clone())),
+            None => (true, r.output.clone().unwrap_or(Value::Null), None),
+        },
+        None => (
+            false,
+            Value::Null,
+            Some(format!(
+                "the scenario gives no result for this call of {} (add a toolResults entry for it)",
+                call.tool
+            )),
+        ),
+    };
+    ToolResultRecord {
+        call_id: call.call_id.clone(),
+        ok,
+        output,
+        error,
+        attempts: 1,
+        truncated: false,
+        cost: None,
     }
 }
 

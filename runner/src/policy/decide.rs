@@ -426,9 +426,12 @@ rules:
         let policy: Policy =
             serde_yaml::from_str(&std::fs::read_to_string(root.join("policy.yaml")).expect("policy"))
                 .expect("parses");
-        let agent: Agent =
+        let mut agent: Agent =
             serde_yaml::from_str(&std::fs::read_to_string(root.join("agent.yaml")).expect("agent"))
                 .expect("parses");
+        agent.spec = crate::manifests::ManifestSet::load(&[root])
+            .and_then(|set| set.agent_with_skills("oncall-assistant"))
+            .expect("the quickstart agent with its skills");
         let compiled = compile_policy("oncall-guardrails", &policy.spec).expect("compiles");
         (
             PolicySet {

@@ -44,8 +44,13 @@ fn policy() -> PolicySpec {
     spec
 }
 
+/// The quickstart agent with its skills' tools, as a run has them.
 fn agent() -> AgentSpec {
-    quickstart(include_str!("../../../examples/quickstart/agent.yaml"))
+    crate::manifests::ManifestSet::load(&[
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")
+    ])
+    .and_then(|set| set.agent_with_skills("oncall-assistant"))
+    .expect("the quickstart agent with its skills")
 }
 
 fn pack() -> ContextPackSpec {

@@ -62,6 +62,11 @@ pub struct RunBundle {
     /// not here costs nothing in money).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tool_prices: BTreeMap<String, crate::pricing::PinnedToolPrice>,
+    /// The skills the Agent uses, at the revisions the run pinned: their tools are in
+    /// `agent_spec.tools`, their prompt fragments join the pack's sources when the context is
+    /// compiled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skills: Vec<crate::skills::SkillUse>,
 }
 
 /// A ContextPack spec and its name.
@@ -78,8 +83,9 @@ pub struct NamedAgent {
     pub spec: AgentSpec,
 }
 
-/// What an Agent runs, as one revision: its spec and the promoted revisions of the pack and
-/// policies it uses. The operator promotes compositions through the Agent's replay gate, and a
+/// What an Agent runs, as one revision: its spec (its own tools and its skills', see
+/// [`crate::skills::compose`]) and the promoted revisions of the pack, policies and skills it
+/// uses. The operator promotes compositions through the Agent's replay gate, and a
 /// Session pins the promoted one, so pointing an Agent at another Policy, dropping one, or
 /// re-creating one is a candidate like any Policy change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -93,6 +99,10 @@ pub struct Composition {
     /// The namespace's Ontology, when it has one: what a run finds entities with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ontology: Option<OntologySpec>,
+    /// The skills it uses, at their promoted revisions (their tools are in
+    /// `agent_spec.tools`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skills: Vec<crate::skills::SkillUse>,
 }
 
 impl Composition {
@@ -106,7 +116,14 @@ impl Composition {
             context_pack,
             policies,
             ontology: None,
+            skills: Vec::new(),
         }
+    }
+
+    /// The same composition with these skills (their tools already in the spec's).
+    pub fn with_skills(mut self, skills: Vec<crate::skills::SkillUse>) -> Self {
+        self.skills = skills;
+        self
     }
 
     /// The same composition under the namespace's Ontology.
@@ -135,6 +152,8 @@ pub struct Candidate {
     /// The prices of the candidate Agent's models, by routing name (`primary` for its own), as
     /// the candidate's files price them; a model not here is priced as its runs pinned it.
     pub prices: BTreeMap<String, crate::pricing::PinnedPrice>,
+    /// A Skill's candidate (its gate evaluates it; it replaces nothing in a recorded run).
+    pub skill: Option<crate::skills::SkillCandidate>,
 }
 
 /// A candidate that does not fit the bundle.
@@ -162,6 +181,15 @@ pub enum CandidateError {
     /// the Ontology does not compile): such a revision would not become Ready.
     #[error("under the candidate Ontology, agent {agent}: {problem}")]
     Ontology { agent: String, problem: String },
+    /// A candidate Agent lists a skill the recorded run did not use: its tools are unknown here.
+    #[error(
+        "candidate Agent {agent} uses Skill {skill}, which the recorded run did not (it used: {used}); replay with a candidate that uses the run's skills"
+    )]
+    SkillNotRecorded {
+        agent: String,
+        skill: String,
+        used: String,
+    },
 }
 
 /// `sha256:` digest of a spec (canonical JSON): the revision identity of packs and policies.
@@ -379,6 +407,7 @@ impl RunBundle {
             self.context_pack = composition.context_pack.clone();
             self.policies = composition.policies.clone();
             self.ontology = composition.ontology.clone();
+            self.skills = composition.skills.clone();
         }
         if let Some(agent) = &candidate.agent {
             if agent.name != self.agent {
@@ -387,7 +416,40 @@ impl RunBundle {
                     agent: self.agent.clone(),
                 });
             }
-            self.agent_spec = agent.spec.clone();
+            // Its skills' tools as the run had them (a replay has no other source for them).
+            let mut tools = agent.spec.tools.clone();
+            for reference in &agent.spec.skill_refs {
+                let Some(used) = self.skills.iter().find(|s| s.name == reference.name) else {
+                    return Err(CandidateError::SkillNotRecorded {
+                        agent: agent.name.clone(),
+                        skill: reference.name.clone(),
+                        used: self
+                            .skills
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                };
+                tools.extend(
+                    self.agent_spec
+                        .tools
+                        .iter()
+                        .filter(|t| used.tools.contains(&t.name))
+                        .cloned(),
+                );
+            }
+            let skills = self
+                .skills
+                .iter()
+                .filter(|s| agent.spec.skill_refs.iter().any(|r| r.name == s.name))
+                .cloned()
+                .collect();
+            self.agent_spec = AgentSpec {
+                tools,
+                ..agent.spec.clone()
+            };
+            self.skills = skills;
         }
         for policy in &candidate.policies {
             let Some(slot) = self.policies.iter_mut().find(|p| p.name == policy.name) else {

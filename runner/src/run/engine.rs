@@ -722,7 +722,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             })
         }));
         context::compile(
-            &self.bundle.context_pack.spec,
+            &crate::skills::pack_with_fragments(&self.bundle.context_pack.spec, &self.bundle.skills),
             &sources,
             &request_text(&self.bundle.session_spec),
             &[],

@@ -45,6 +45,9 @@ pub enum GatedKind {
     ContextPack,
     /// An Agent's composition (see [`Composition`]).
     Agent,
+    /// A Skill with the policies its suite runs under (see
+    /// [`crate::skills::SkillCandidate`]): its gate runs the evaluation suite, not a replay.
+    Skill,
 }
 
 impl GatedKind {
@@ -54,6 +57,7 @@ impl GatedKind {
             Self::Policy => "Policy",
             Self::ContextPack => "ContextPack",
             Self::Agent => "Agent",
+            Self::Skill => "Skill",
         }
     }
 }
@@ -191,6 +195,17 @@ impl GateOrder {
                     },
                 )
             }
+            GatedKind::Skill => {
+                let skill: crate::skills::SkillCandidate =
+                    serde_json::from_value(spec).map_err(unreadable)?;
+                (
+                    skill.digest(),
+                    Candidate {
+                        skill: Some(skill),
+                        ..Candidate::default()
+                    },
+                )
+            }
             GatedKind::Agent => {
                 let composition: Composition = serde_json::from_value(spec).map_err(unreadable)?;
                 (
@@ -228,6 +243,8 @@ pub fn reexecution_of(kind: GatedKind, replay: &ReplaySpec, proposal: bool) -> O
         (Some(spec), _) => spec.clone(),
         (None, GatedKind::ContextPack | GatedKind::Agent) => default.clone(),
         (None, GatedKind::Policy) => return None,
+        // A skill's gate runs its suite; nothing recorded is re-executed.
+        (_, GatedKind::Skill) => return None,
     };
     match spec.samples {
         0 if proposal && kind == GatedKind::ContextPack => Some(ReexecuteSpec {

@@ -645,6 +645,7 @@ async fn resolve_bundle(
         context_pack,
         policies,
         ontology,
+        skills,
     } = composition;
     let mut sources = BTreeMap::new();
     for source in &context_pack.spec.sources {
@@ -717,6 +718,7 @@ async fn resolve_bundle(
         routed_scripts,
         routed_prices: prices.routed,
         tool_prices: prices.tools,
+        skills,
     }))
 }
 

@@ -88,7 +88,8 @@ pub struct Sink<'r> {
 impl Sink<'_> {
     /// Reports `message` about `field` of `object`.
     pub fn report<T>(&mut self, object: &Object<T>, field: FieldPath, message: impl Into<String>) {
-        self.report_at(&object.id, &object.doc, field, message);
+        let (id, doc, field) = object.declared_at(field);
+        self.report_at(id, doc, field, message);
     }
 
     /// Reports `message` about `field` of the object `id`, read from `doc` (which places it).

@@ -646,13 +646,16 @@ pub fn visible(session: &Session) -> Value {
 
 /// The most an Agent may do on a caller's behalf: the highest risk among its tools — or, while
 /// a changed spec waits for promotion or for the operator (its runs still use the promoted
-/// revision, whose tools the live spec may no longer show), the highest there is.
+/// revision, whose tools the live spec may no longer show), or when it uses skills (whose
+/// tools the Agent object does not show), the highest there is.
 pub fn risk_ceiling(agent: &Agent) -> ToolRisk {
     let status = agent.status.as_ref();
     let revisions = status.and_then(|s| s.revisions.as_ref());
     // Not yet looked at by the operator: whether it waits for promotion is not known yet.
     let unseen = status.and_then(|s| s.observed_generation) != agent.metadata.generation;
-    let pending = unseen || revisions.is_some_and(|r| r.candidate.is_some() && r.candidate != r.promoted);
+    let pending = unseen
+        || revisions.is_some_and(|r| r.candidate.is_some() && r.candidate != r.promoted)
+        || !agent.spec.skill_refs.is_empty();
     let highest = ToolRisk::ALL[ToolRisk::ALL.len() - 1];
     if pending {
         return highest;

@@ -155,6 +155,27 @@ where
             serde_json::from_slice(&body).map_err(|e| bad(format!("the candidate is not JSON: {e}")))?;
         let candidate = order.candidate(&object).map_err(|e| bad(e.to_string()))?;
         let _running = RunningGate::start(&service.gates, &grant.job, tenant.as_str())?;
+        if let Some(skill) = &candidate.skill {
+            // A skill's suite runs here, offline: its verdict is the gateway's like a replay's.
+            let report = crate::skills::eval::evaluate(&order.name, skill).await;
+            crate::gateway::metrics::gateway().gate(
+                order.kind.api_kind(),
+                if report.passed() {
+                    crate::gateway::metrics::GateResult::passed
+                } else {
+                    crate::gateway::metrics::GateResult::failed
+                },
+            );
+            let verdict = GateVerdict {
+                job: grant.job.clone(),
+                kind: order.kind,
+                name: order.name.clone(),
+                candidate_digest: order.candidate_digest.clone(),
+                gate: report.as_gate(),
+            };
+            let signed = SignedGateVerdict::sign(verdict, &service.keys.for_tenant(tenant.as_str()));
+            return Ok(Json(signed).into_response());
+        }
         let models = Arc::new(TenantModels {
             service: service.clone(),
             tenant: tenant.clone(),

@@ -26,6 +26,11 @@ fn agent(exposed: bool) -> Agent {
     ))
     .expect("quickstart agent");
     let mut agent: Agent = serde_yaml::from_str(&text).expect("agent");
+    agent.spec = crate::manifests::ManifestSet::load(&[
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")
+    ])
+    .and_then(|set| set.agent_with_skills("oncall-assistant"))
+    .expect("the quickstart agent with its skills");
     if exposed {
         agent.spec.a2a = Some(serde_json::from_value(json!({
             "description": "Triage of checkout incidents",
@@ -309,6 +314,9 @@ fn the_card_names_the_endpoint_and_the_highest_risk_of_the_agents_tools() {
         serde_json::from_value(json!({"revisions": {"candidate": "sha256:a", "promoted": "sha256:a"}}))
             .expect("status"),
     );
+    // Its skills' tools are not in the Agent object: whatever they are, the highest there is.
+    assert_eq!(risk_ceiling(&pending), ToolRisk::Destructive);
+    pending.spec.skill_refs.clear();
     assert_eq!(risk_ceiling(&pending), ToolRisk::ReadOnly);
 }
 

@@ -159,7 +159,9 @@ fn without_an_embedding_model_tools_are_scored_by_bm25_and_the_record_says_so() 
         .to_owned();
     let shown = q.cli(&["records", "show", &run]);
     assert!(
-        shown.stdout.contains("offered by BM25 (no embeddings: NoModel)"),
+        shown
+            .stdout
+            .contains("offered by BM25 (no embedding model is configured here)"),
         "{}",
         shown.stdout
     );

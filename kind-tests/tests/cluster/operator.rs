@@ -331,10 +331,21 @@ async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()
         .context("the quickstart's Policy")?;
     policy["metadata"]["name"] = json!("stdio-policy");
     apply(&client, ns.name(), &policy).await?;
-    let mut stdio = objects(env, op)?
-        .into_iter()
+    let quickstart = objects(env, op)?;
+    let mut stdio = quickstart
+        .iter()
         .find(|o| o["kind"] == "Agent")
+        .cloned()
         .context("the quickstart's Agent")?;
+    // The diagnosis skill's tools as the Agent's own.
+    stdio["spec"]["tools"] = quickstart
+        .iter()
+        .find(|o| o["kind"] == "Skill" && o["metadata"]["name"] == "diagnosis")
+        .map(|s| s["spec"]["tools"].clone())
+        .context("the quickstart's diagnosis Skill")?;
+    if let Some(spec) = stdio["spec"].as_object_mut() {
+        spec.remove("skillRefs");
+    }
     stdio["metadata"]["name"] = json!("stdio-agent");
     stdio["spec"]["policyRefs"] = json!([{"name": "stdio-policy"}]);
     stdio["spec"]["tools"][1]["adapter"] = json!({"mcp": {"command": ["/bin/sh", "-c", "env"]}});
@@ -375,10 +386,21 @@ async fn entity_types_are_the_namespaces_ontology(
         .context("the quickstart's Policy")?;
     policy["metadata"]["name"] = json!("entity-policy");
     apply(&client, ns.name(), &policy).await?;
-    let mut agent = objects(env, op)?
-        .into_iter()
+    let quickstart = objects(env, op)?;
+    let mut agent = quickstart
+        .iter()
         .find(|o| o["kind"] == "Agent")
+        .cloned()
         .context("the quickstart's Agent")?;
+    // The diagnosis skill's tools as the Agent's own.
+    agent["spec"]["tools"] = quickstart
+        .iter()
+        .find(|o| o["kind"] == "Skill" && o["metadata"]["name"] == "diagnosis")
+        .map(|s| s["spec"]["tools"].clone())
+        .context("the quickstart's diagnosis Skill")?;
+    if let Some(spec) = agent["spec"].as_object_mut() {
+        spec.remove("skillRefs");
+    }
     agent["metadata"]["name"] = json!("entity-agent");
     agent["spec"]["policyRefs"] = json!([{"name": "entity-policy"}]);
     agent["spec"]["tools"][0]["touches"] = json!([{"type": "service", "argument": "/service"}]);

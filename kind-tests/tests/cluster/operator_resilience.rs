@@ -469,8 +469,8 @@ async fn a_gateway_killed_while_a_tool_that_cannot_dedupe_acts_leaves_the_outcom
         let ns = TestNamespace::new(env, "gateway-killed").await?;
         let client = env.client();
         for mut object in objects_for(env, &tools_url)? {
-            if object["kind"] == "Agent" {
-                let tools = object["spec"]["tools"].as_array_mut().context("the Agent's tools")?;
+                        if object["kind"] == "Skill" && object["metadata"]["name"] == "mitigation" {
+                let tools = object["spec"]["tools"].as_array_mut().context("the skill's tools")?;
                 for tool in tools.iter_mut().filter(|t| t["name"] == "restart_deployment") {
                     tool["idempotent"] = json!(false);
                 }

@@ -61,7 +61,7 @@ async fn the_audit_reads_a_namespace_of_the_live_cluster() -> Result<()> {
     let ns = TestNamespace::new(env, "audit").await?;
     let client = env.client();
     for (file, mut object) in quickstart_objects()? {
-        if object["kind"] == "Agent" {
+        if object["kind"] == "Skill" && object["metadata"]["name"] == "diagnosis" {
             // A tool touching a type the namespace's Ontology (below) does not declare.
             object["spec"]["tools"][0]["touches"] =
                 serde_json::json!([{"type": "service", "argument": "/query"}]);
@@ -98,18 +98,26 @@ async fn the_audit_reads_a_namespace_of_the_live_cluster() -> Result<()> {
             .iter()
             .any(|f| f["rule"] == rule && f["object"]["name"] == name && f["file"].is_null())
     };
-    ensure!(has("tool/read-only-post", "oncall-assistant"), "{stdout}");
+    // The skills' tools are audited with the Agent that uses them, and found in the Skill.
+    ensure!(has("tool/read-only-post", "diagnosis"), "{stdout}");
     ensure!(has("install/namespace-not-restricted", ns.name()), "{stdout}");
     // The live Ontology is read: the finding names its types, not a missing Ontology.
     ensure!(
         findings.iter().any(|f| f["rule"] == "agent/unknown-entity-type"
-            && f["object"]["name"] == "oncall-assistant"
+            && f["object"]["name"] == "diagnosis"
             && f["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("its types: incident"))),
         "{stdout}"
     );
-    let contextos_kinds = ["Agent", "Policy", "ContextPack", "SandboxProfile", "Session"];
+    let contextos_kinds = [
+        "Agent",
+        "Policy",
+        "ContextPack",
+        "SandboxProfile",
+        "Session",
+        "Skill",
+    ];
     let foreign: Vec<&serde_json::Value> = findings
         .iter()
         .filter(|f| {

@@ -195,6 +195,8 @@ async fn read_cluster(namespace: Option<&str>, all: bool) -> anyhow::Result<Harn
     values.extend(list(scoped::<ContextPack>(&client, scope)).await?);
     values.extend(list(scoped::<SandboxProfile>(&client, scope)).await?);
     values.extend(list(scoped::<Session>(&client, scope)).await?);
+    // What the Agents' skills bring (their tools are audited with each Agent using them).
+    values.extend(list(scoped::<contextos_crds::Skill>(&client, scope)).await?);
     // What the Agents' entity types are checked against.
     values.extend(list(scoped::<Ontology>(&client, scope)).await?);
     // What the Agents' models are priced by (cluster-scoped).

@@ -217,6 +217,16 @@ pub enum Fallback {
     ToolsNotEmbedded,
 }
 
+impl std::fmt::Display for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NoModel => "no embedding model is configured here",
+            Self::ModelFailed => "the embedding model failed for this turn",
+            Self::ToolsNotEmbedded => "the tools could not be embedded",
+        })
+    }
+}
+
 /// Scores every tool of `index` for `intent`: by embeddings when `embedder` is given and
 /// works, else by BM25 (saying why; `wanted`: the Agent asked for embeddings).
 pub async fn score(

@@ -81,7 +81,7 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
                 crate::discovery::Scoring::Embeddings { model } => format!("embeddings ({model})"),
                 crate::discovery::Scoring::Bm25 { fallback: None } => "BM25".into(),
                 crate::discovery::Scoring::Bm25 { fallback: Some(why) } => {
-                    format!("BM25 (no embeddings: {why:?})")
+                    format!("BM25 ({why})")
                 }
             };
             let offered: Vec<String> = selection

@@ -265,7 +265,4 @@ pub struct SkillStatus {
     /// `sessions` scenarios, `decisions` checks, `divergences` failed checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revisions: Option<RevisionStatus>,
-    /// The version of the promoted revision.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub promoted_version: Option<String>,
 }

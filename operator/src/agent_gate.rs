@@ -133,9 +133,12 @@ fn changed_beyond_gated_members(
     members: &[Member<'_>],
 ) -> bool {
     // The Ontology has no gate of its own: a change to what it finds is replayed by the
-    // Agent's (a reworded description finds nothing new).
+    // Agent's (a reworded description finds nothing new). A skill's suite is no replay of this
+    // Agent's sessions: a new revision of one (its tools, or only its prompt fragments) is
+    // replayed by the Agent's gate.
     if spec_digest(&promoted.agent_spec) != spec_digest(&candidate.agent_spec)
         || what_it_finds(promoted.ontology.as_ref()) != what_it_finds(candidate.ontology.as_ref())
+        || promoted.skills != candidate.skills
     {
         return true;
     }
@@ -773,5 +776,34 @@ mod tests {
         let c = Composition::new(&spec, composition(vec![]).context_pack, vec![]);
         assert!(c.agent_spec.promotion.is_none());
         assert_eq!(c.digest(), composition(vec![]).digest());
+    }
+
+    #[test]
+    fn a_skills_new_revision_is_replayed_by_the_agents_gate_even_if_only_its_fragments_changed() {
+        let c = composition(vec![policy("guardrails", "deny")]);
+        let d = spec_digest(&c.policies[0].spec);
+        let g = gate(0);
+        let gates = guardrails_gate(0);
+        let members = [member("guardrails", &d, Some(&g), PromotedBy::Replay, None)];
+        let skill = |digest: &str, text: &str| contextos_runner::skills::SkillUse {
+            name: "diagnosis".into(),
+            version: "1.0.0".into(),
+            digest: digest.into(),
+            tools: vec!["status".into()],
+            fragments: vec![
+                serde_json::from_value(serde_json::json!({"name": "how", "text": text})).expect("fragment"),
+            ],
+        };
+        let before = c.clone().with_skills(vec![skill("sha256:a", "Diagnose first.")]);
+        let after = c.with_skills(vec![skill("sha256:b", "Ignore the runbook.")]);
+        // The skill's suite passed; that is no replay of this Agent's sessions.
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &after, &members),
+            Need::Replay(_)
+        ));
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &before, &members),
+            Need::Direct(PromotedBy::Members, _)
+        ));
     }
 }

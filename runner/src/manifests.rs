@@ -426,6 +426,7 @@ impl ManifestSet {
             let field = format!("spec.skillRefs[{i}].name");
             let skill = self.referenced(agent, &field, "Skill", &reference.name)?;
             let spec: contextos_crds::SkillSpec = skill.spec()?;
+            // What a run pins, here as in a cluster: the digest of the skill's spec.
             skills.push(crate::skills::NamedSkill {
                 name: skill.name.clone(),
                 digest: spec_digest(&spec),

@@ -187,6 +187,32 @@ fn a_suite_that_checks_nothing_or_names_a_foreign_tool_is_refused_naming_the_fie
 }
 
 #[test]
+fn a_suite_that_never_asks_for_a_destructive_tool_is_refused() {
+    // The restart scenario removed: nothing shows what the policies let the restart do.
+    let dir = quickstart_copy(|name, text| {
+        if name != "skills.yaml" {
+            return text;
+        }
+        let start = text
+            .find("      - name: restart-waits-for-on-call")
+            .expect("the restart scenario");
+        let end = text
+            .find("      - name: never-deletes-a-namespace")
+            .expect("the next scenario");
+        format!("{}{}", &text[..start], &text[end..])
+    });
+    let out = eval(dir.path());
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("Skill mitigation")
+            && out.stderr.contains("spec.tools[1]")
+            && out.stderr.contains("restart_deployment (risk destructive) is asked for in no scenario with safetyMode: autonomous"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
 fn conflicting_skills_leave_the_agent_unrunnable_naming_both_sides() {
     let run = |dir: &tempfile::TempDir| {
         let q = Quickstart::with_files(&[], dir.path().to_owned());

@@ -99,7 +99,7 @@ async fn a_skill_is_promoted_only_when_its_suite_passes_and_agents_run_the_promo
         apply(&client, ns.name(), &object).await?;
     }
     let skills: Api<Skill> = ns.api();
-    let mut first = Vec::new();
+    let mut promoted_first = Vec::new();
     for name in ["diagnosis", "mitigation"] {
         let passed = skill_condition(&skills, name, "EvalsPassed", "True EvalsPassed").await?;
         let summary = passed
@@ -113,10 +113,14 @@ async fn a_skill_is_promoted_only_when_its_suite_passes_and_agents_run_the_promo
             "{name}: {summary:?}"
         );
         let skill = skill_condition(&skills, name, "Promoted", "True").await?;
-        first.push((name.to_owned(), promoted(&skill).context("promoted")?));
+        promoted_first.push(promoted(&skill).context("promoted")?);
     }
-    // The Agent runs both, at the promoted revisions, with their six tools.
-    composed_skills(&ns, |s| s == first.as_slice()).await?;
+    // The Agent runs both, at the promoted revisions (pinned by their specs' digests), with
+    // their six tools.
+    let first = composed_skills(&ns, |s| {
+        s.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>() == ["diagnosis", "mitigation"]
+    })
+    .await?;
     let agent: Agent = ns.api::<Agent>().get("oncall-assistant").await?;
     ensure!(
         agent.status.as_ref().and_then(|s| s.tool_count) == Some(6),
@@ -150,7 +154,7 @@ async fn a_skill_is_promoted_only_when_its_suite_passes_and_agents_run_the_promo
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let held = skills.get("mitigation").await?;
     ensure!(
-        promoted(&held).as_deref() == Some(first[1].1.as_str()),
+        promoted(&held).as_deref() == Some(promoted_first[1].as_str()),
         "the failed candidate is not promoted, annotation or not: {:?}",
         held.status
     );
@@ -175,14 +179,49 @@ async fn a_skill_is_promoted_only_when_its_suite_passes_and_agents_run_the_promo
         |s: &Skill| {
             let now = promoted(s);
             Check::when(
-                now.is_some() && now.as_deref() != Some(first[1].1.as_str()),
+                now.is_some() && now.as_deref() != Some(promoted_first[1].as_str()),
                 || condition(&s.status.clone().unwrap_or_default().conditions, "EvalsPassed"),
             )
         },
     )
     .await?;
-    let second = promoted(&second).context("promoted")?;
-    composed_skills(&ns, |s| s.get(1).is_some_and(|(_, digest)| *digest == second)).await?;
+    ensure!(promoted(&second).is_some(), "promoted");
+    // The Agent's composition changed: it passes the Agent's own gate, which replays its
+    // sessions (a suite is no replay of them). None is recorded here, so it waits for an
+    // approver to promote it without replay.
+    let agents: Api<Agent> = ns.api();
+    let waiting = wait_for_object(
+        &agents,
+        "oncall-assistant",
+        "a new candidate composition",
+        TIMEOUT,
+        |a: &Agent| {
+            let revisions = a
+                .status
+                .as_ref()
+                .and_then(|s| s.revisions.clone())
+                .unwrap_or_default();
+            Check::when(
+                revisions.candidate.is_some() && revisions.candidate != revisions.promoted,
+                || format!("{revisions:?}"),
+            )
+        },
+    )
+    .await?;
+    composed_skills(&ns, |s| s == first.as_slice()).await?;
+    let candidate = waiting
+        .status
+        .and_then(|s| s.revisions)
+        .and_then(|r| r.candidate)
+        .context("a candidate")?;
+    let mut approved = agent_object.clone();
+    approved["metadata"]["annotations"] = json!({"contextos.dev/promote-without-replay": candidate});
+    apply(&client, ns.name(), &approved).await?;
+    let picked = composed_skills(&ns, |s| s.get(1).is_some_and(|(_, digest)| *digest != first[1].1)).await?;
+    ensure!(
+        picked[0] == first[0],
+        "the diagnosis skill is unchanged: {picked:?}"
+    );
 
     // An Agent that declares a tool of a skill's name itself cannot run: both are named.
     let mut conflicted = agent_object.clone();
@@ -192,7 +231,6 @@ async fn a_skill_is_promoted_only_when_its_suite_passes_and_agents_run_the_promo
         "adapter": {"http": {"url": format!("{}/deployments/restart", op.tools_url), "method": "POST"}},
     }]);
     apply(&client, ns.name(), &conflicted).await?;
-    let agents: Api<Agent> = ns.api();
     let refused = wait_for_object(
         &agents,
         "conflicted",

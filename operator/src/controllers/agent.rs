@@ -279,6 +279,19 @@ async fn composition(
     if let Some(clash) = contextos_runner::skills::fragment_clash(&pack_name, &pack, &resolved.skills) {
         return Ok(Err(Invalid::new(clash.reason, clash.to_string())));
     }
+    // The skills' required fragments must fit the pack's budget with its required sources.
+    if !resolved.skills.is_empty() {
+        let with_fragments = contextos_runner::skills::pack_with_fragments(&pack, &resolved.skills);
+        if let Some(problem) = revisions::pack_problem(ctx, namespace, &with_fragments).await? {
+            return Ok(Err(Invalid::new(
+                reason::SKILL_CONFLICT,
+                format!(
+                    "spec.skillRefs: with its skills' prompt fragments, ContextPack {pack_name} (its promoted revision): {}",
+                    problem.message
+                ),
+            )));
+        }
+    }
     Ok(Ok(Composition::new(
         spec,
         NamedPack {
@@ -410,9 +423,11 @@ async fn compose_skills(
                 ),
             )));
         };
+        // What the Agent runs is the skill's spec: a new candidate that differs only in the
+        // suite's Policies changes nothing the Agent runs.
         skills.push(NamedSkill {
             name: reference.name.clone(),
-            digest: promoted.digest(),
+            digest: spec_digest(&promoted.skill),
             spec: promoted.skill,
         });
     }

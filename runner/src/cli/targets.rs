@@ -15,6 +15,8 @@ pub struct Specs {
     pub agents: BTreeMap<String, AgentSpec>,
     pub policies: BTreeMap<String, PolicySpec>,
     pub packs: BTreeMap<String, ContextPackSpec>,
+    /// The tools of each Skill, by skill name (an Agent's calls name its skills' tools too).
+    pub skill_tools: BTreeMap<String, Vec<String>>,
 }
 
 impl Specs {
@@ -53,6 +55,13 @@ impl Specs {
                         serde_json::from_value(spec()).with_context(at)?,
                     );
                 }
+                "Skill" => {
+                    let skill: contextos_crds::SkillSpec = serde_json::from_value(spec()).with_context(at)?;
+                    specs.skill_tools.insert(
+                        object.name.clone(),
+                        skill.tools.into_iter().map(|t| t.name).collect(),
+                    );
+                }
                 _ => {}
             }
         }
@@ -88,6 +97,10 @@ impl Specs {
             agents: specs(&client, namespace, |a: Agent| a.spec).await?,
             policies: specs(&client, namespace, |p: Policy| p.spec).await?,
             packs: specs(&client, namespace, |p: ContextPack| p.spec).await?,
+            skill_tools: specs(&client, namespace, |s: contextos_crds::Skill| {
+                s.spec.tools.into_iter().map(|t| t.name).collect()
+            })
+            .await?,
         })
     }
 
@@ -113,11 +126,19 @@ impl Specs {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let skill_tools = spec
+            .skill_refs
+            .iter()
+            .filter_map(|r| self.skill_tools.get(&r.name))
+            .flatten()
+            .map(String::as_str)
+            .collect();
         Ok(World {
             agent,
             agent_spec: spec,
             pack: (pack_name, pack),
             policies,
+            skill_tools,
         })
     }
 }

@@ -41,9 +41,12 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct World<'a> {
     pub agent: &'a str,
+    /// The Agent's own spec (what a proposal for it patches).
     pub agent_spec: &'a AgentSpec,
     pub pack: (&'a str, &'a ContextPackSpec),
     pub policies: Vec<(&'a str, &'a PolicySpec)>,
+    /// The tools it has from its skills (after its own, as its runs have them).
+    pub skill_tools: Vec<&'a str>,
 }
 
 /// A proposal ready to be written as a Proposal object.
@@ -152,7 +155,7 @@ pub fn compile(insight: &Insight, world: &World<'_>, samples: &[CallSample]) -> 
 }
 
 fn is_tool(world: &World<'_>, name: &str) -> bool {
-    world.agent_spec.tools.iter().any(|t| t.name == name)
+    world.agent_spec.tools.iter().any(|t| t.name == name) || world.skill_tools.contains(&name)
 }
 
 /// A rule that catches the tool's corrected calls: `effect` for them, before the rule that let

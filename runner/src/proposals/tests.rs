@@ -139,6 +139,7 @@ fn compiled(signals: &Signals, kind: InsightKind, policy: &PolicySpec) -> Compil
         agent_spec: &agent,
         pack: ("oncall-pack", &pack),
         policies: vec![("oncall-guardrails", policy)],
+        skill_tools: Vec::new(),
     };
     let insight = synthesize(signals, Thresholds::default())
         .into_iter()

@@ -190,6 +190,10 @@ pub enum CandidateError {
         skill: String,
         used: String,
     },
+    /// A candidate Agent declares a tool one of its skills declares too (a cluster would not
+    /// make it Ready).
+    #[error("candidate Agent {agent} declares tool {tool}, which one of its skills declares too")]
+    ToolTwice { agent: String, tool: String },
 }
 
 /// `sha256:` digest of a spec (canonical JSON): the revision identity of packs and policies.
@@ -438,6 +442,17 @@ impl RunBundle {
                         .filter(|t| used.tools.contains(&t.name))
                         .cloned(),
                 );
+            }
+            if let Some(tool) = tools
+                .iter()
+                .enumerate()
+                .find(|(i, t)| tools[..*i].iter().any(|u| u.name == t.name))
+                .map(|(_, t)| t.name.clone())
+            {
+                return Err(CandidateError::ToolTwice {
+                    agent: agent.name.clone(),
+                    tool,
+                });
             }
             let skills = self
                 .skills

@@ -27,14 +27,39 @@ use crate::{
 /// The tenant a scenario's scratch record is kept under (it never leaves the process).
 const EVAL_TENANT: &str = "skill-eval";
 
-/// The budget of a scenario that sets none.
-fn default_budget() -> contextos_crds::common::RunBudget {
+/// A suite runs inside the shared gateway service for whoever may edit a Skill: what one
+/// scenario may take is bounded here whatever its budget says, and so is the whole suite.
+mod bounds {
+    pub const MAX_STEPS: u32 = 50;
+    pub const MAX_TOOL_CALLS: u32 = 64;
+    pub const MAX_TOOL_CALLS_PER_TURN: u32 = 16;
+    pub const MAX_TOKENS: u64 = 2_000_000;
+    /// A tool answer, as JSON.
+    pub const MAX_RESULT_BYTES: usize = 64 * 1024;
+    /// A script, as JSON.
+    pub const MAX_SCRIPT_BYTES: usize = 256 * 1024;
+    /// The whole suite, every scenario.
+    pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+}
+
+/// The budget of a scenario: its own within [`bounds`], or 12 steps, 60000 tokens, 16 calls.
+fn budget_of(scenario: &EvalScenario) -> contextos_crds::common::RunBudget {
+    let asked = scenario
+        .budget
+        .clone()
+        .unwrap_or(contextos_crds::common::RunBudget {
+            max_steps: 12,
+            max_tokens: 60_000,
+            max_tool_calls: 16,
+            max_wall_seconds: 300,
+            max_tool_calls_per_turn: contextos_crds::common::DEFAULT_MAX_TOOL_CALLS_PER_TURN,
+        });
     contextos_crds::common::RunBudget {
-        max_steps: 12,
-        max_tokens: 60_000,
-        max_tool_calls: 16,
-        max_wall_seconds: 300,
-        max_tool_calls_per_turn: contextos_crds::common::DEFAULT_MAX_TOOL_CALLS_PER_TURN,
+        max_steps: asked.max_steps.min(bounds::MAX_STEPS),
+        max_tokens: asked.max_tokens.min(bounds::MAX_TOKENS),
+        max_tool_calls: asked.max_tool_calls.min(bounds::MAX_TOOL_CALLS),
+        max_tool_calls_per_turn: asked.max_tool_calls_per_turn.min(bounds::MAX_TOOL_CALLS_PER_TURN),
+        ..asked
     }
 }
 
@@ -115,16 +140,39 @@ impl SuiteReport {
     }
 }
 
-/// Runs every scenario of skill `name`'s candidate.
+/// Runs every scenario of skill `name`'s candidate (a suite [`suite_problem`] refuses, or one
+/// past [`bounds::DEADLINE`], fails as a whole).
 pub async fn evaluate(name: &str, candidate: &SkillCandidate) -> SuiteReport {
-    let mut scenarios = Vec::with_capacity(candidate.skill.evals.scenarios.len());
-    for scenario in &candidate.skill.evals.scenarios {
-        scenarios.push(run_scenario(name, candidate, scenario).await);
-    }
-    SuiteReport {
+    let failed = |why: String| SuiteReport {
         skill: name.to_owned(),
         version: candidate.skill.version.clone(),
-        scenarios,
+        scenarios: vec![ScenarioResult {
+            name: "suite".into(),
+            outcome: "not_run".into(),
+            checks: 1,
+            failures: vec![why],
+        }],
+    };
+    if let Some(problem) = suite_problem(candidate) {
+        return failed(problem);
+    }
+    let run = async {
+        let mut scenarios = Vec::with_capacity(candidate.skill.evals.scenarios.len());
+        for scenario in &candidate.skill.evals.scenarios {
+            scenarios.push(run_scenario(name, candidate, scenario).await);
+        }
+        scenarios
+    };
+    match tokio::time::timeout(bounds::DEADLINE, run).await {
+        Ok(scenarios) => SuiteReport {
+            skill: name.to_owned(),
+            version: candidate.skill.version.clone(),
+            scenarios,
+        },
+        Err(_) => failed(format!(
+            "the suite ran longer than {} s and was stopped; fewer or shorter scenarios",
+            bounds::DEADLINE.as_secs()
+        )),
     }
 }
 
@@ -174,7 +222,10 @@ async fn run_scenario(skill: &str, candidate: &SkillCandidate, scenario: &EvalSc
         Err(e) => return could_not_run(scenario, e.to_string()),
     };
     match entries {
-        Ok(bodies) => check(scenario, &report.outcome, report.usage.tokens, &bodies),
+        Ok(bodies) => {
+            let policies: Vec<&str> = candidate.policies.iter().map(|p| p.name.as_str()).collect();
+            check(scenario, &policies, &report.outcome, report.usage.tokens, &bodies)
+        }
         Err(e) => could_not_run(scenario, format!("its record cannot be read: {e}")),
     }
 }
@@ -194,7 +245,7 @@ fn scenario_bundle(
         "policyRefs": candidate.policies.iter().map(|p| json!({"name": p.name})).collect::<Vec<_>>(),
         "sandboxProfileRef": {"name": "skill-eval"},
         "tools": spec.tools,
-        "budget": scenario.budget.clone().unwrap_or_else(default_budget),
+                "budget": budget_of(scenario),
         "safetyMode": scenario.safety_mode,
     }))
     .map_err(|e| format!("the skill's tools do not make an agent: {e}"))?;
@@ -245,14 +296,26 @@ fn scenario_bundle(
 struct CallFate {
     tool: String,
     risk: Option<ToolRisk>,
-    denied: bool,
+    /// Refused by anything (a policy, its budget, a schema, the safety mode).
+    refused: bool,
+    /// Denied by a rule (or the default) of one of the suite's policies.
+    denied_by_policy: bool,
     asked_approval: bool,
     approved: bool,
+    /// Let through and sent (whatever the tool answered).
+    executed: bool,
+    /// Executed, and the tool answered without an error.
     ran: bool,
 }
 
-/// The scenario's checks over its record (pure).
-fn check(scenario: &EvalScenario, outcome: &RunOutcome, tokens: u64, bodies: &[EntryBody]) -> ScenarioResult {
+/// The scenario's checks over its record (pure); `policies`: the suite's, by name.
+fn check(
+    scenario: &EvalScenario,
+    policies: &[&str],
+    outcome: &RunOutcome,
+    tokens: u64,
+    bodies: &[EntryBody],
+) -> ScenarioResult {
     let expect = &scenario.expect;
     let mut calls: Vec<(String, CallFate)> = Vec::new();
     let fate = |calls: &mut Vec<(String, CallFate)>, id: &str| calls.iter().position(|(c, _)| c == id);
@@ -267,12 +330,23 @@ fn check(scenario: &EvalScenario, outcome: &RunOutcome, tokens: u64, bodies: &[E
                 },
             )),
             EntryBody::PolicyDecision(decision) => {
-                if let Some(i) = fate(&mut calls, &decision.call_id) {
-                    match decision.enforced {
-                        PolicyEffect::Deny => calls[i].1.denied = true,
-                        PolicyEffect::RequireApproval => calls[i].1.asked_approval = true,
-                        PolicyEffect::Allow => {}
+                // A call refused before it was taken as a request (an unknown tool, a budget
+                // spent) has its decision only: it counts as a call all the same.
+                let i = fate(&mut calls, &decision.call_id).unwrap_or_else(|| {
+                    calls.push((decision.call_id.clone(), CallFate::default()));
+                    calls.len() - 1
+                });
+                let by_policy = decision
+                    .rule
+                    .split_once('/')
+                    .is_some_and(|(policy, _)| policies.contains(&policy));
+                match decision.enforced {
+                    PolicyEffect::Deny => {
+                        calls[i].1.refused = true;
+                        calls[i].1.denied_by_policy |= by_policy;
                     }
+                    PolicyEffect::RequireApproval => calls[i].1.asked_approval = true,
+                    PolicyEffect::Allow => {}
                 }
             }
             EntryBody::ApprovalRequested { call_id, .. } => {
@@ -287,7 +361,9 @@ fn check(scenario: &EvalScenario, outcome: &RunOutcome, tokens: u64, bodies: &[E
             }
             EntryBody::ToolResult(result) if result.attempts > 0 => {
                 if let Some(i) = fate(&mut calls, &result.call_id) {
-                    calls[i].1.ran = !calls[i].1.denied;
+                    let executed = !calls[i].1.refused;
+                    calls[i].1.executed |= executed;
+                    calls[i].1.ran |= executed && result.ok;
                 }
             }
             _ => {}
@@ -331,8 +407,8 @@ fn check(scenario: &EvalScenario, outcome: &RunOutcome, tokens: u64, bodies: &[E
     }
     for tool in &expect.denied {
         expect_that(
-            calls.iter().any(|c| c.denied && c.tool == *tool),
-            format!("expected a policy to deny a call of {tool}; none was denied"),
+            calls.iter().any(|c| c.denied_by_policy && c.tool == *tool),
+            format!("expected a rule of the suite's policies to deny a call of {tool}; none did"),
         );
     }
     for tool in &expect.approval_requested {
@@ -342,9 +418,10 @@ fn check(scenario: &EvalScenario, outcome: &RunOutcome, tokens: u64, bodies: &[E
         );
     }
     if expect.no_approval_bypass {
+        // Executed at all (an error answer too): what matters is that it was let through.
         let bypassed: Vec<&str> = calls
             .iter()
-            .filter(|c| c.ran && !c.approved && c.risk.is_some_and(|r| r >= ToolRisk::Delegated))
+            .filter(|c| c.executed && !c.approved && c.risk.is_some_and(|r| r >= ToolRisk::Delegated))
             .map(|c| c.tool.as_str())
             .collect();
         expect_that(
@@ -442,12 +519,183 @@ pub fn suite_problem(candidate: &SkillCandidate) -> Option<String> {
                 ));
             }
         }
-        if let Err(e) = ScriptedModel::parse(&scenario.name, &scenario.script.to_string()) {
+        let script = scenario.script.to_string();
+        if script.len() > bounds::MAX_SCRIPT_BYTES {
+            return Some(format!(
+                "{field}.script: {} bytes of JSON, more than a scenario's {}",
+                script.len(),
+                bounds::MAX_SCRIPT_BYTES
+            ));
+        }
+        if let Err(e) = ScriptedModel::parse(&scenario.name, &script) {
             return Some(format!("{field}.script: {e}"));
+        }
+        for (j, result) in scenario.tool_results.iter().enumerate() {
+            let size = result.output.as_ref().map_or(0, |o| o.to_string().len());
+            if size > bounds::MAX_RESULT_BYTES {
+                return Some(format!(
+                    "{field}.toolResults[{j}].output: {size} bytes of JSON, more than a tool answer's {}",
+                    bounds::MAX_RESULT_BYTES
+                ));
+            }
         }
         if let Err(e) = validate::compile("skill-eval", &e.output) {
             return Some(format!("{field}.expect.output: {e}"));
         }
     }
+    // A suite proves what a skill does only with what it can do: each tool that can change
+    // something is asked for in a scenario where the policies alone decide (autonomous).
+    let exercised = |tool: &str| {
+        candidate.skill.evals.scenarios.iter().any(|s| {
+            s.safety_mode == contextos_crds::common::SafetyMode::Autonomous && asks_for(&s.script, tool)
+        })
+    };
+    for (i, tool) in candidate.skill.tools.iter().enumerate() {
+        if tool.risk > ToolRisk::ReadOnly && !exercised(&tool.name) {
+            return Some(format!(
+                "spec.tools[{i}]: {} (risk {}) is asked for in no scenario with safetyMode: autonomous; add one whose script calls it, so the suite shows what the policies let it do",
+                tool.name,
+                tool.risk.as_str()
+            ));
+        }
+    }
     None
+}
+
+/// Whether a scenario's script (any turn, any variant) asks for `tool`.
+fn asks_for(script: &serde_json::Value, tool: &str) -> bool {
+    let turns = script["turns"].as_array().into_iter().flatten().chain(
+        script["variants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|v| v["turns"].as_array().into_iter().flatten()),
+    );
+    turns
+        .flat_map(|t| t["toolCalls"].as_array().into_iter().flatten())
+        .any(|c| c["tool"] == tool)
+}
+
+#[cfg(test)]
+mod tests {
+    use contextos_crds::common::ToolKind;
+
+    use super::*;
+    use crate::records::entry::{PolicyDecisionRecord, ToolCallRecord, ToolResultRecord};
+
+    fn scenario(expect: serde_json::Value) -> EvalScenario {
+        serde_json::from_value(json!({
+            "name": "s", "request": "r", "script": {"turns": [{"content": "done"}]}, "expect": expect,
+        }))
+        .expect("scenario")
+    }
+
+    fn requested(id: &str, tool: &str, risk: ToolRisk) -> EntryBody {
+        EntryBody::ToolCallRequested(ToolCallRecord {
+            call_id: id.into(),
+            tool: tool.into(),
+            risk,
+            kind: ToolKind::Act,
+            arguments: json!({}),
+            idempotency_key: format!("k-{id}"),
+            call_hash: format!("h-{id}"),
+        })
+    }
+
+    fn decided(id: &str, effect: PolicyEffect, rule: &str) -> EntryBody {
+        EntryBody::PolicyDecision(PolicyDecisionRecord {
+            call_id: id.into(),
+            effect,
+            enforced: effect,
+            rule: rule.into(),
+            reason: "because".into(),
+            dry_run: false,
+        })
+    }
+
+    fn answered(id: &str, ok: bool) -> EntryBody {
+        EntryBody::ToolResult(ToolResultRecord {
+            call_id: id.into(),
+            ok,
+            output: json!({}),
+            error: (!ok).then(|| "down".into()),
+            attempts: 1,
+            truncated: false,
+            cost: None,
+        })
+    }
+
+    fn done() -> RunOutcome {
+        RunOutcome::Completed {
+            output: "{}".into(),
+            validators: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_the_suites_policies_deny_and_only_answered_calls_count_as_run() {
+        let bodies = [
+            requested("1", "wipe", ToolRisk::Destructive),
+            decided("1", PolicyEffect::Deny, "schema/wipe"),
+            requested("2", "status", ToolRisk::ReadOnly),
+            decided("2", PolicyEffect::Allow, "guardrails/allow-reads"),
+            answered("2", false),
+            // Refused before it was taken as a request: still a call.
+            decided("3", PolicyEffect::Deny, "budget/max-calls"),
+        ];
+        let result = check(
+            &scenario(json!({"denied": ["wipe"], "called": ["status"], "maxToolCalls": 2})),
+            &["guardrails"],
+            &done(),
+            0,
+            &bodies,
+        );
+        assert_eq!(result.checks, 4, "{result:?}");
+        let failures = result.failures.join("\n");
+        assert!(
+            failures.contains("expected a rule of the suite's policies to deny a call of wipe"),
+            "{failures}"
+        );
+        assert!(failures.contains("expected status to run"), "{failures}");
+        assert!(
+            failures.contains("3 tool calls, more than expect.maxToolCalls 2"),
+            "{failures}"
+        );
+
+        let by_policy = [
+            requested("1", "wipe", ToolRisk::Destructive),
+            decided("1", PolicyEffect::Deny, "guardrails/no-wipes"),
+        ];
+        let result = check(
+            &scenario(json!({"denied": ["wipe"]})),
+            &["guardrails"],
+            &done(),
+            0,
+            &by_policy,
+        );
+        assert!(result.passed(), "{result:?}");
+    }
+
+    #[test]
+    fn a_destructive_call_let_through_without_approval_is_a_bypass_even_if_it_failed() {
+        let bodies = [
+            requested("1", "wipe", ToolRisk::Destructive),
+            decided("1", PolicyEffect::Allow, "guardrails/allow-all"),
+            answered("1", false),
+        ];
+        let result = check(
+            &scenario(json!({"outcome": "completed"})),
+            &["guardrails"],
+            &done(),
+            0,
+            &bodies,
+        );
+        assert!(
+            result
+                .failures
+                .iter()
+                .any(|f| f.contains("wipe ran without a person's approval")),
+            "{result:?}"
+        );
+    }
 }

@@ -22,7 +22,8 @@ use crate::{gateway::bundle::NamedPolicy, run::bundle::spec_digest};
 #[derive(Clone, Debug, PartialEq)]
 pub struct NamedSkill {
     pub name: String,
-    /// The revision's digest (its identity; see [`SkillCandidate::digest`]).
+    /// The digest of its spec (what a run pins; a promotion candidate is identified by
+    /// [`SkillCandidate::digest`], which covers the suite's Policies too).
     pub digest: String,
     pub spec: SkillSpec,
 }

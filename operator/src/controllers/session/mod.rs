@@ -595,6 +595,11 @@ async fn pinned(
             "the Agent's SandboxProfile is gone",
         )));
     };
+    // The profile as it is now confines what was promoted under an earlier one: a tool it no
+    // longer allows (its own or a skill's) keeps every new Session from starting.
+    if let Some(problem) = profile_refuses(&composition.agent_spec.tools, &sandbox) {
+        return Ok(Err(Invalid::new(reason::EXECUTION_NOT_ALLOWED, problem)));
+    }
     let bundle = match resolve_bundle(ctx, session, composition, agent.labels().clone(), &sandbox).await? {
         Ok(bundle) => bundle,
         Err(invalid) => return Ok(Err(invalid)),
@@ -720,6 +725,23 @@ async fn resolve_bundle(
         tool_prices: prices.tools,
         skills,
     }))
+}
+
+/// Why `profile` does not allow the promoted revision's `tools`, if it does not (pure).
+fn profile_refuses(tools: &[contextos_crds::agent::Tool], profile: &SandboxProfile) -> Option<String> {
+    let name = profile.name_any();
+    if let Some(max) = profile.spec.max_tool_risk
+        && let Some(tool) = tools.iter().find(|t| t.risk > max)
+    {
+        return Some(format!(
+            "the Agent's promoted revision has tool {} with risk {}, above SandboxProfile {name}'s maxToolRisk {}; no Session of it starts until a revision without it is promoted",
+            tool.name,
+            tool.risk.as_str(),
+            max.as_str()
+        ));
+    }
+    contextos_runner::run::execution::execution_refused(tools, &profile.spec.execution, &name)
+        .map(|problem| format!("the Agent's promoted revision: {problem}"))
 }
 
 async fn config_map_key(api: &Api<ConfigMap>, name: &str, key: &str) -> Result<Option<String>> {

@@ -50,8 +50,8 @@ pub(super) const RULES: &[(Rule, Check)] = &[
         Rule {
             id: RuleId("agent/missing-reference"),
             severity: Severity::Medium,
-            title: "an Agent naming a Policy, ContextPack or SandboxProfile that is not there",
-            why: "the Agent stays Ready=False and its Sessions do not start; in a repository it may also mean the object lives elsewhere, unreviewed with it",
+            title: "an Agent naming a Policy, ContextPack, SandboxProfile or Skill that is not there",
+            why: "the Agent stays Ready=False and its Sessions do not start; in a repository it may also mean the object lives elsewhere, unreviewed with it — and a missing Skill's tools are not audited at all",
             fix: "add the object next to the Agent, or correct the name",
         },
         missing_references,
@@ -272,6 +272,18 @@ fn missing_references(harness: &Harness, sink: &mut Sink<'_>) {
                 spec(&["sandboxProfileRef"]),
                 format!("SandboxProfile {sandbox} is not in the audited objects"),
             );
+        }
+        for (i, reference) in agent.spec.skill_refs.iter().enumerate() {
+            if harness.find(&harness.skills, agent, &reference.name).is_none() {
+                sink.report(
+                    agent,
+                    spec(&["skillRefs"]).index(i),
+                    format!(
+                        "Skill {} is not in the audited objects: its tools were not audited",
+                        reference.name
+                    ),
+                );
+            }
         }
     }
 }

@@ -34,7 +34,19 @@ where
     /// `sessions/records` there; otherwise a replay Job's pod with its grant ([`Self::granted`]).
     pub(super) async fn reader(&self, headers: &HeaderMap) -> Result<TenantId, Refusal> {
         if !headers.contains_key(READER_NAMESPACE_HEADER) {
-            return Ok(self.granted(headers).await?.0);
+            let (tenant, grant) = self.granted(headers).await?;
+            // A skill's evaluation reads nothing recorded: its grant orders the suite only.
+            if grant
+                .gate
+                .as_ref()
+                .is_some_and(|g| g.kind == crate::run::gate::GatedKind::Skill)
+            {
+                return Err(forbidden(format!(
+                    "the read grant of Job {} orders a skill's evaluation, which reads no records",
+                    grant.job
+                )));
+            }
+            return Ok(tenant);
         }
         let (namespace, person) = self.permitted_person(headers, Access::ReadRecords).await?;
         // The audit trail of people's reads.

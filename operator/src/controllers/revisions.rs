@@ -545,14 +545,7 @@ where
         Progress::Running(job_name) => return Ok(replaying(&job_name)),
         Progress::Refused(problem) => return Ok(inconclusive(problem, Some(Duration::from_secs(30)))),
         Progress::Backoff { attempt, why, wait } => {
-            return Ok(inconclusive(
-                format!(
-                    "attempt {attempt} of {}: {why}; retrying in {}s",
-                    replay_job::MAX_ATTEMPTS,
-                    wait.as_secs()
-                ),
-                Some(wait),
-            ));
+            return Ok(inconclusive(retrying(attempt, &why, wait), Some(wait)));
         }
         Progress::Exhausted { attempts, why } => {
             let label = replay_job::revision_of(&target);
@@ -712,14 +705,7 @@ async fn skill_verdict<S: serde::Serialize>(
         }
         Progress::Refused(problem) => return Ok(inconclusive(problem, Some(Duration::from_secs(30)))),
         Progress::Backoff { attempt, why, wait } => {
-            return Ok(inconclusive(
-                format!(
-                    "attempt {attempt} of {}: {why}; retrying in {}s",
-                    replay_job::MAX_ATTEMPTS,
-                    wait.as_secs()
-                ),
-                Some(wait),
-            ));
+            return Ok(inconclusive(retrying(attempt, &why, wait), Some(wait)));
         }
         Progress::Exhausted { attempts, why } => {
             let label = replay_job::revision_of(target);
@@ -774,6 +760,15 @@ async fn skill_verdict<S: serde::Serialize>(
             summary,
         }
     })
+}
+
+/// What an attempt that ended without a verdict says while the next one waits.
+fn retrying(attempt: u32, why: &str, wait: Duration) -> String {
+    format!(
+        "attempt {attempt} of {}: {why}; retrying in {}s",
+        replay_job::MAX_ATTEMPTS,
+        wait.as_secs()
+    )
 }
 
 /// Where the replay of one candidate stands.

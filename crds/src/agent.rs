@@ -107,6 +107,25 @@ pub struct AgentSpec {
     /// offered every tool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<ToolDiscovery>,
+    /// Shows results of read-only tools to the model once, and by a short alias after that
+    /// (`@status.checkout-api#2`): a result the model already read in full is not pasted into
+    /// the context again, and results older than `fullForSteps` steps are shown by alias only.
+    /// The model reads an alias again with the built-in read-only tool `contextos_deref`.
+    /// Without it every result stays in the context in full, however often it repeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aliases: Option<ReadAliases>,
+}
+
+/// How results of read-only tools are shown by alias (see `spec.aliases`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadAliases {
+    /// For how many steps after it was read a result stays in the context in full; after that
+    /// the model sees its alias and size. Unset: a result stays in full, and only a repeat of a
+    /// result the context already holds is shown by alias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub full_for_steps: Option<u32>,
 }
 
 /// How an Agent's tools are chosen for each model turn (see `spec.discovery`).
@@ -346,6 +365,10 @@ pub struct ModelSpec {
 #[x_kube(validation = Rule::new("!has(self.adapter.memory) || !has(self.inputSchema)").message("a memory tool's arguments are fixed by the gateway: remove inputSchema"))]
 #[x_kube(validation = Rule::new("!has(self.adapter.memory) || self.adapter.memory.operation != 'remember' || self.risk == 'local_write'").message("a remember tool writes the agent's memory: declare risk: local_write"))]
 #[x_kube(validation = Rule::new("!has(self.adapter.memory) || self.adapter.memory.operation != 'recall' || (self.risk == 'read_only' && self.kind == 'recall')").message("a recall tool only reads memory: declare risk: read_only and kind: recall"))]
+#[x_kube(validation = Rule::new("!has(self.cache) || (self.risk == 'read_only' && !has(self.adapter.memory))").message("only a read_only tool's results may be cached, and memory is never cached: remove cache or declare risk: read_only"))]
+#[x_kube(validation = Rule::new("!has(self.cache) || self.kind != 'verify'").message("a verify tool checks what an action did and must read it afresh: remove cache"))]
+#[x_kube(validation = Rule::new("!has(self.cache) || (!has(self.adapter.a2a) && !(has(self.adapter.mcp) && has(self.adapter.mcp.command)))").message("answers of another agent (a2a) or of an MCP server started for each Session (mcp.command) are the Session's own and are never cached: remove cache"))]
+#[x_kube(validation = Rule::new("!self.name.startsWith('contextos_')").message("tool names starting with contextos_ are reserved for built-in tools; rename the tool"))]
 pub struct Tool {
     /// Unique name the model uses to call the tool (lowercase letters, digits, `_` and `-`).
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z][a-z0-9_-]*$"))]
@@ -391,6 +414,25 @@ pub struct Tool {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8), inner(length(min = 1, max = 256)))]
     pub examples: Vec<String>,
+    /// Answers a call from the gateway's cache while the same call (same arguments, same user)
+    /// under the same promoted revisions was answered less than `ttlSeconds` ago, instead of
+    /// reaching the tool again; the record says which call it came from. Only for read_only
+    /// tools that are not `verify`, memory, A2A or a command-started MCP server. A newly
+    /// promoted revision of the Agent, its skills, its ContextPack or a Policy, or a rotated
+    /// secret, starts from an empty cache; a call of the Agent that is not read-only makes
+    /// every cached result stale; runs about a person (`subject`) are never cached. Each
+    /// gateway replica keeps its own cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<ToolCache>,
+}
+
+/// How long a read-only tool's results are reused (see `tools[].cache`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolCache {
+    /// Seconds a result is reused after the tool gave it (at most a day).
+    #[schemars(range(min = 1, max = 86400))]
+    pub ttl_seconds: u32,
 }
 
 /// Where a call's arguments hold the id of an entity.

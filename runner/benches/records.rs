@@ -46,6 +46,7 @@ fn body(i: u64) -> EntryBody {
         attempts: 1,
         truncated: false,
         cost: None,
+        cached: None,
     })
 }
 

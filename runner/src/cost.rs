@@ -159,6 +159,7 @@ impl Report {
                 EntryBody::ToolResult(crate::records::entry::ToolResultRecord {
                     call_id,
                     cost: Some(cost),
+                    cached: None,
                     ..
                 })
                 | EntryBody::RemoteInputRequired {

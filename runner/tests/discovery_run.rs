@@ -117,14 +117,7 @@ fn each_turn_is_offered_its_relevant_allowed_tools_and_a_replay_offers_the_same(
     );
     assert_eq!(offered(&report["replayed"]), recorded);
 
-    let runs = q.cli(&["records", "list"]);
-    let run = runs
-        .stdout
-        .lines()
-        .find_map(|l| l.split_whitespace().find(|w| w.starts_with("checkout-5xx-")))
-        .unwrap_or_else(|| panic!("a run: {}", runs.stdout))
-        .to_owned();
-    let shown = q.cli(&["records", "show", &run]);
+    let shown = q.cli(&["records", "show", &q.newest_run()]);
     assert!(
         shown
             .stdout

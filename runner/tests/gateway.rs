@@ -1145,3 +1145,128 @@ async fn a_restarted_gateway_answers_resubmitted_calls_from_the_record() {
         "the resubmitted call did not reach the tool again"
     );
 }
+
+#[tokio::test]
+async fn a_cached_read_is_reused_only_for_the_same_question_under_the_same_revisions() {
+    let h = Harness::new().await;
+    let tools = || {
+        catalog(h.addr)
+            .into_iter()
+            .map(|mut tool| {
+                if tool.spec.name == "search_runbooks" {
+                    tool.spec.cache = Some(contextos_crds::agent::ToolCache { ttl_seconds: 600 });
+                }
+                tool
+            })
+            .collect::<Vec<_>>()
+    };
+    let cache = Arc::new(contextos_runner::gateway::result_cache::ResultCache::default());
+    let gateway = |revisions: &str| {
+        ToolGateway::new(
+            "shop",
+            "oncall-assistant",
+            h.key.public(),
+            tools(),
+            policies(),
+            Default::default(),
+        )
+        .with_revisions(revisions.to_owned())
+        .with_result_cache(cache.clone())
+    };
+    let (promoted, next) = (gateway("revisions-1"), gateway("revisions-2"));
+    let mut rec = h.recorder().await;
+    let state = StateFacts::default();
+    let query = json!({"query": "5xx"});
+    let ask = async |rec: &mut Recorder<'_, EmbeddedStore>,
+                     g: &ToolGateway,
+                     id: &str,
+                     args: &Value,
+                     user: Option<&str>| {
+        let mut envelope = h.envelope(id, "search_runbooks", args.clone());
+        if let Some(user) = user {
+            let mut context = envelope.run_context.context.clone();
+            context.user = Some(UserDelegation {
+                subject: user.into(),
+                groups: vec![],
+                scopes: vec![],
+            });
+            envelope.run_context = SignedRunContext::sign(context, &h.key);
+        }
+        executed(&g.handle(&envelope, rec, &state).await.expect("handled")).clone()
+    };
+    let first = ask(&mut rec, &promoted, "c1", &query, None).await;
+    assert_eq!((first.cached, h.requests("/search")), (None, 1));
+    let again = ask(&mut rec, &promoted, "c2", &query, None).await;
+    assert_eq!(h.requests("/search"), 1, "the repeat is answered from the cache");
+    let origin = again.cached.expect("the record says it came from the cache");
+    assert_eq!(
+        (origin.run_id.as_str(), origin.call_id.as_str()),
+        ("run-gw", "c1")
+    );
+    assert_eq!(
+        (again.output, again.attempts, again.cost),
+        (first.output, 0, None)
+    );
+
+    ask(&mut rec, &promoted, "c3", &json!({"query": "latency"}), None).await;
+    assert_eq!(h.requests("/search"), 2, "other arguments are another question");
+    let promoted_later = ask(&mut rec, &next, "c4", &query, None).await;
+    assert_eq!(
+        h.requests("/search"),
+        3,
+        "a newly promoted revision starts afresh"
+    );
+    assert_eq!(promoted_later.cached, None);
+    ask(&mut rec, &promoted, "c5", &query, Some("lee@example.com")).await;
+    assert_eq!(
+        h.requests("/search"),
+        4,
+        "one user's answer never reaches another's run"
+    );
+
+    // A call that can change something makes what was read before stale.
+    let update = h.envelope(
+        "c6",
+        "post_status_update",
+        json!({"channel": "#incidents", "severity": "sev3", "text": "investigating"}),
+    );
+    let posted = promoted.handle(&update, &mut rec, &state).await.expect("handled");
+    assert!(executed(&posted).ok, "{posted:?}");
+    let after_write = ask(&mut rec, &promoted, "c7", &query, None).await;
+    assert_eq!(h.requests("/search"), 5, "read afresh after a write");
+    assert_eq!(after_write.cached, None);
+    ask(&mut rec, &promoted, "c8", &query, None).await;
+    assert_eq!(h.requests("/search"), 5, "and cached again");
+
+    // A run about a person is never cached: nothing of theirs outlives the record's keys.
+    let mut about = h.envelope("c9", "search_runbooks", query.clone());
+    let mut context = about.run_context.context.clone();
+    context.subject = Some(contextos_runner::consent::SubjectHandle::new("subj:7f3a").expect("handle"));
+    about.run_context = SignedRunContext::sign(context, &h.key);
+    for id in ["c9", "c10"] {
+        about.call_id = id.into();
+        about.idempotency_key = format!("idem-{id}");
+        let result = executed(&promoted.handle(&about, &mut rec, &state).await.expect("handled")).clone();
+        assert_eq!(result.cached, None);
+    }
+    assert_eq!(
+        h.requests("/search"),
+        7,
+        "both calls about the subject reached the tool"
+    );
+
+    // Every call is still decided: the record holds a decision for each, cached or not.
+    let entries = h.entries().await;
+    let decisions = entries
+        .iter()
+        .filter(|e| matches!(&e.body, EntryBody::PolicyDecision(d) if d.effect == PolicyEffect::Allow))
+        .count();
+    assert_eq!(decisions, 10);
+
+    // Operators see how the cache does (only this test's tools have one in this process).
+    let text = contextos_runner::gateway::metrics::gateway().render();
+    for (series, count) in [("hit", 2), ("miss", 5)] {
+        let line = format!("contextos_tool_cache_lookups_total{{result=\"{series}\"}} {count}");
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
+}

@@ -65,6 +65,7 @@ async fn write_run(data_dir: &Path) {
         attempts: 1,
         truncated: false,
         cost: None,
+        cached: None,
     }));
     rec.stage(EntryBody::DeadLettered {
         call_id: "c3".into(),

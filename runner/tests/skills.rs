@@ -40,27 +40,14 @@ fn eval(files: &Path) -> quickstart::Invocation {
 fn the_quickstart_runs_its_skills_tools_with_their_fragments_in_its_context() {
     let q = Quickstart::new(&[]);
     q.drive(None);
-    let runs = q.cli(&["records", "list"]);
-    let run = runs
-        .stdout
-        .lines()
-        .find_map(|l| l.split_whitespace().find(|w| w.starts_with("checkout-5xx-")))
-        .unwrap_or_else(|| panic!("a run: {}", runs.stdout))
-        .to_owned();
-    let export = q.cli(&["records", "export", &run]);
-    assert_eq!(export.code, Some(0), "{}", export.stderr);
-    let entries: Vec<Value> = export
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let entries: Vec<Value> = q.newest_run_entries();
     let body = |kind: &str| {
         entries
             .iter()
             .filter_map(|e| e.get("entry").unwrap_or(e).get("body"))
             .find(|b| b["type"] == kind)
             .cloned()
-            .unwrap_or_else(|| panic!("no {kind} entry in {}", export.stdout))
+            .unwrap_or_else(|| panic!("no {kind} entry among {} entries", entries.len()))
     };
     // Every fragment was compiled into the context, under the pack's budget.
     let sources: Vec<String> = body("context_compiled")["sources"]

@@ -135,6 +135,7 @@ pub fn infer(listed: &ServerTool, adapter: &McpAdapter) -> Imported {
         idempotent,
         touches: Vec::new(),
         examples: Vec::new(),
+        cache: None,
     };
     Imported { tool, review }
 }

@@ -247,6 +247,7 @@ pub fn infer(operation: &Operation) -> Imported {
         idempotent,
         touches: Vec::new(),
         examples: Vec::new(),
+        cache: None,
     };
     Imported { tool, review }
 }

@@ -667,6 +667,9 @@ impl Terminal {
 
 fn outcome_text(outcome: &CallOutcome) -> String {
     match outcome {
+        CallOutcome::Executed(result) if result.ok && result.cached.is_some() => {
+            format!("cached → {}", one_line(&result.output.to_string(), 90))
+        }
         CallOutcome::Executed(result) if result.ok => {
             format!("executed → {}", one_line(&result.output.to_string(), 90))
         }

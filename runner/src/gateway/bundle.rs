@@ -32,6 +32,10 @@ pub struct GatewayBundle {
     /// The per-call prices of its paid tools, as the run pinned them, by tool name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tool_prices: BTreeMap<String, crate::pricing::PinnedToolPrice>,
+    /// Digest of the ContextPack revision the run pinned (part of what cached results are
+    /// kept under, see [`GatewayBundle::revisions_digest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_pack_digest: Option<String>,
 }
 
 /// A policy spec and the name its rules are reported under.
@@ -42,6 +46,34 @@ pub struct NamedPolicy {
 }
 
 impl GatewayBundle {
+    /// Digest of the promoted revisions calls are governed by — the Agent with its skills'
+    /// tools, its Policies, the ContextPack, the Ontology and prices — and of the credentials
+    /// tools are reached with: a cached result is reused only under the same digest, so a
+    /// promotion or a rotated secret starts afresh. (The digest is a cache key, never shown.)
+    pub fn revisions_digest(&self) -> String {
+        #[derive(Serialize)]
+        struct Revisions<'a> {
+            tenant: &'a str,
+            agent: &'a str,
+            spec: &'a AgentSpec,
+            policies: &'a [NamedPolicy],
+            ontology: &'a Option<OntologySpec>,
+            tool_prices: &'a BTreeMap<String, crate::pricing::PinnedToolPrice>,
+            context_pack: &'a Option<String>,
+            secrets: &'a BTreeMap<String, String>,
+        }
+        crate::run::bundle::spec_digest(&Revisions {
+            tenant: &self.tenant,
+            agent: &self.agent,
+            spec: &self.spec,
+            policies: &self.policies,
+            ontology: &self.ontology,
+            tool_prices: &self.tool_prices,
+            context_pack: &self.context_pack_digest,
+            secrets: &self.secrets,
+        })
+    }
+
     /// Builds the gateway, reporting the first policy or tool that cannot be compiled.
     pub fn build(&self, trusted_key: PublicKey) -> Result<ToolGateway, String> {
         self.assemble(trusted_key, true)
@@ -93,7 +125,8 @@ impl GatewayBundle {
             self.spec.approvers.clone().unwrap_or_default(),
         )
         .with_memory(memory)
-        .with_ontology(ontology))
+        .with_ontology(ontology)
+        .with_revisions(self.revisions_digest()))
     }
 
     fn secret(&self, tool: &str, key: &KeyRef) -> Result<String, String> {
@@ -101,5 +134,57 @@ impl GatewayBundle {
         self.secrets.get(&id).cloned().ok_or_else(|| {
             format!("tool {tool} needs secret {id}, which the bundle does not provide (add it under secrets)")
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle() -> GatewayBundle {
+        let agent =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart/agent.yaml");
+        let text = std::fs::read_to_string(agent).expect("the quickstart agent");
+        let agent: contextos_crds::Agent = serde_yaml::from_str(&text).expect("parses");
+        let mut spec = agent.spec;
+        spec.tools = vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "status", "risk": "read_only", "kind": "observe", "cache": {"ttlSeconds": 60},
+                "adapter": {"http": {"url": "http://tools.example/status"}},
+            }))
+            .expect("tool"),
+        ];
+        GatewayBundle {
+            tenant: "shop".into(),
+            agent: "oncall".into(),
+            spec,
+            policies: Vec::new(),
+            secrets: BTreeMap::new(),
+            ontology: None,
+            tool_prices: BTreeMap::new(),
+            context_pack_digest: Some("sha256:pack-1".into()),
+        }
+    }
+
+    #[test]
+    fn any_promoted_revision_or_rotated_secret_changes_what_cached_results_are_kept_under() {
+        let base = bundle();
+        let digest = base.revisions_digest();
+        let mut secret = bundle();
+        secret.secrets.insert("tokens/status".into(), "s3cret".into());
+        let mut pack = bundle();
+        pack.context_pack_digest = Some("sha256:pack-2".into());
+        let mut tool = bundle();
+        tool.spec.tools[0].description = "Live status.".into();
+        let mut policy = bundle();
+        policy.policies.push(NamedPolicy {
+            name: "guard".into(),
+            spec: serde_json::from_value(serde_json::json!({"rules": []})).expect("policy"),
+        });
+        let mut tenant = bundle();
+        tenant.tenant = "other".into();
+        for changed in [secret, pack, tool, policy, tenant] {
+            assert_ne!(changed.revisions_digest(), digest);
+        }
     }
 }

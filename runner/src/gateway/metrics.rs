@@ -76,6 +76,19 @@ struct AdapterLabels {
     adapter: Adapter,
 }
 
+/// Whether a call of a cached tool was answered from the cache.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CacheLookup {
+    hit,
+    miss,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    result: CacheLookup,
+}
+
 /// What a replay gate said.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -116,6 +129,7 @@ pub struct GatewayMetrics {
     circuit_refusals: Family<AdapterLabels, Counter>,
     appends: Histogram,
     gates: Family<GateLabels, Counter>,
+    cache_lookups: Family<CacheLabels, Counter>,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -133,6 +147,7 @@ impl Default for GatewayMetrics {
         let circuit_refusals = Family::<AdapterLabels, Counter>::default();
         let appends = latency_histogram();
         let gates = Family::<GateLabels, Counter>::default();
+        let cache_lookups = Family::<CacheLabels, Counter>::default();
         let mut registry = Registry::with_prefix("contextos");
         registry.register(
             "gateway_decision_duration_seconds",
@@ -169,6 +184,11 @@ impl Default for GatewayMetrics {
             "Replay gates this gateway ran, by the kind of object gated and what they said",
             gates.clone(),
         );
+        registry.register(
+            "tool_cache_lookups",
+            "Calls of tools with a cache, by whether the gateway answered them from it (hit) or reached the tool (miss)",
+            cache_lookups.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -178,6 +198,7 @@ impl Default for GatewayMetrics {
             circuit_refusals,
             appends,
             gates,
+            cache_lookups,
         }
     }
 }
@@ -217,6 +238,10 @@ impl GatewayMetrics {
 
     pub fn append(&self, took: Duration) {
         self.appends.observe(took.as_secs_f64());
+    }
+
+    pub fn cache_lookup(&self, result: CacheLookup) {
+        self.cache_lookups.get_or_create(&CacheLabels { result }).inc();
     }
 
     pub fn gate(&self, kind: &'static str, result: GateResult) {

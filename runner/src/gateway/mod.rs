@@ -20,6 +20,7 @@ pub mod object_chains;
 pub mod readers;
 pub mod reliability;
 pub mod remote;
+pub mod result_cache;
 pub mod run_log;
 pub mod service;
 pub mod tenancy;
@@ -53,7 +54,7 @@ use crate::{
     policy::{CallFacts, PolicySet, RunFacts, StateFacts},
     records::{
         EntryBody, RecordError, RecordStore, Recorder,
-        entry::{PolicyDecisionRecord, ToolCallRecord, ToolResultRecord},
+        entry::{CachedRead, PolicyDecisionRecord, ToolCallRecord, ToolResultRecord},
         recorder::now_ms,
     },
     run_context::{RunContext, RunContextError, SignedRunContext},
@@ -224,6 +225,15 @@ pub struct ToolGateway {
     memory: crate::memory::desk::MemoryDesk,
     /// The tenant's entity types: what policy conditions read as `call.entities`.
     ontology: std::sync::Arc<crate::ontology::Ontology>,
+    /// Results of read-only tools with a `cache` (see [`result_cache`]); shared by the runs a
+    /// gateway service serves.
+    results: std::sync::Arc<result_cache::ResultCache>,
+    /// Digest of the promoted revisions this gateway governs by: cached results are kept and
+    /// reused under it only.
+    revisions: String,
+    /// Results of the call in hand that may be cached once its result is on record (see
+    /// [`ToolGateway::publish_cached`]): a cached answer always points at a recorded call.
+    unpublished: Mutex<Vec<(result_cache::CacheKey, u64, result_cache::Reused)>>,
 }
 
 /// Runs whose verified RunContext is remembered at most (then the memory starts over).
@@ -279,7 +289,40 @@ impl ToolGateway {
             shared: false,
             memory,
             ontology: std::sync::Arc::default(),
+            results: std::sync::Arc::default(),
+            revisions: String::new(),
+            unpublished: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The results of the last call that are waiting to be cached: kept once the call's result
+    /// is on record (`written`), dropped otherwise.
+    pub fn publish_cached(&self, written: bool) {
+        let pending = self
+            .unpublished
+            .lock()
+            .map(|mut u| std::mem::take(&mut *u))
+            .unwrap_or_default();
+        if written {
+            let writer = self.writer();
+            for (key, generation, reused) in pending {
+                self.results.keep(&writer, key, generation, reused);
+            }
+        }
+    }
+
+    /// Keeps and reuses results of cached read-only tools in `cache` (one per gateway service,
+    /// shared by its runs), under `revisions`: the digest of the promoted revisions the calls
+    /// are governed by (see [`bundle::GatewayBundle::revisions_digest`]).
+    pub fn with_result_cache(mut self, cache: std::sync::Arc<result_cache::ResultCache>) -> Self {
+        self.results = cache;
+        self
+    }
+
+    /// See [`ToolGateway::with_result_cache`].
+    pub fn with_revisions(mut self, revisions: String) -> Self {
+        self.revisions = revisions;
+        self
     }
 
     /// Finds the entities calls touch with `ontology` (the tenant's, pinned by the run).
@@ -591,6 +634,7 @@ impl ToolGateway {
         if recorder.has_staged() {
             recorder.flush().await?;
         }
+        self.publish_cached(true);
         Ok(outcome)
     }
 
@@ -1105,8 +1149,81 @@ impl ToolGateway {
         if let Some(memory) = tool.spec.adapter.memory {
             return CallOutcome::Executed(self.carry_out_memory(call, memory.operation, recorder).await);
         }
+        if let Ok(mut unpublished) = self.unpublished.lock() {
+            unpublished.clear();
+        }
+        let cached = self.cache_key(call, tool);
+        // Only calls of cached tools look (the writer is built for those alone).
+        let reused = cached.as_ref().and_then(|(ttl, key)| {
+            let reused = self.results.fresh(&self.writer(), key, *ttl, now_ms());
+            metrics::gateway().cache_lookup(match reused {
+                Some(_) => metrics::CacheLookup::hit,
+                None => metrics::CacheLookup::miss,
+            });
+            reused
+        });
+        if let Some(reused) = reused {
+            let result = ToolResultRecord {
+                call_id: call.call_id.clone(),
+                ok: true,
+                output: reused.output,
+                error: None,
+                attempts: 0,
+                truncated: reused.truncated,
+                cost: None,
+                cached: Some(reused.origin),
+            };
+            return CallOutcome::Executed(self.settle_result(call, result, recorder));
+        }
+        let generation = cached
+            .as_ref()
+            .map_or(0, |_| self.results.generation(&self.writer()));
         let sent = self.send(call, tool, adapters::a2a::Turn::First).await;
-        self.conclude(call, tool, sent, asked, recorder).await
+        let outcome = self.conclude(call, tool, sent, asked, recorder).await;
+        if let (Some((_, key)), CallOutcome::Executed(result)) = (cached, &outcome)
+            && result.ok
+            && let Ok(mut unpublished) = self.unpublished.lock()
+        {
+            let reused = result_cache::Reused {
+                output: result.output.clone(),
+                truncated: result.truncated,
+                origin: CachedRead {
+                    run_id: call.run_context.context.run_id.clone(),
+                    call_id: call.call_id.clone(),
+                    fetched_at_ms: now_ms(),
+                },
+            };
+            unpublished.push((key, generation, reused));
+        }
+        outcome
+    }
+
+    /// Whose writes make this gateway's cached results stale.
+    fn writer(&self) -> result_cache::Writer {
+        result_cache::Writer {
+            tenant: self.tenant.clone(),
+            agent: self.agent.clone(),
+        }
+    }
+
+    /// For a call of a cached tool, its TTL and what it is the same question as (see
+    /// [`result_cache::CacheKey`]); `None` when its result is not to be cached — the tool has
+    /// no `cache`, or the run is about a person.
+    fn cache_key(&self, call: &CallEnvelope, tool: &CatalogTool) -> Option<(u32, result_cache::CacheKey)> {
+        let cache = tool.spec.cache?;
+        let context = &call.run_context.context;
+        if context.subject.is_some() {
+            return None;
+        }
+        let scope = result_cache::CacheScope {
+            revisions: &self.revisions,
+            tenant: &self.tenant,
+            user: context.user.as_ref().map(|u| u.subject.as_str()),
+        };
+        Some((
+            cache.ttl_seconds,
+            result_cache::CacheKey::of(scope, &call.tool, &call.arguments),
+        ))
     }
 
     /// Sends one turn of a call — retrying where that is safe — and says how it went.
@@ -1122,6 +1239,12 @@ impl ToolGateway {
                 .as_ref()
                 .map_or(200, |r| u64::from(r.initial_backoff_millis)),
         );
+        // A call that can change something makes every cached result of the agent stale: from
+        // before it is sent (a read in flight meanwhile is not kept) and again once it answered.
+        let writes = tool.spec.risk != ToolRisk::ReadOnly;
+        if writes {
+            self.results.wrote(&self.writer());
+        }
         let mut attempts = 0;
         let mut may_have_acted = false;
         let outcome = loop {
@@ -1139,6 +1262,9 @@ impl ToolGateway {
                 _ => break outcome,
             }
         };
+        if writes {
+            self.results.wrote(&self.writer());
+        }
         Sent {
             outcome,
             attempts,
@@ -1214,6 +1340,7 @@ impl ToolGateway {
                 attempts,
                 truncated: response.truncated,
                 cost,
+                cached: None,
             },
             Err(error) => {
                 recorder.stage(EntryBody::DeadLettered {
@@ -1231,6 +1358,7 @@ impl ToolGateway {
                     attempts,
                     truncated: false,
                     cost,
+                    cached: None,
                 }
             }
         };
@@ -1354,6 +1482,7 @@ impl ToolGateway {
                     truncated: false,
                     // Charged when it first asked.
                     cost: None,
+                    cached: None,
                 };
                 Ok(CallOutcome::Executed(self.settle_result(call, result, recorder)))
             }
@@ -1464,6 +1593,7 @@ impl ToolGateway {
                     attempts: 1,
                     truncated: false,
                     cost: None,
+                    cached: None,
                 }
             }
             Err(e) => ToolResultRecord {
@@ -1474,6 +1604,7 @@ impl ToolGateway {
                 attempts: 1,
                 truncated: false,
                 cost: None,
+                cached: None,
             },
         };
         self.settle_result(call, result, recorder)
@@ -1535,6 +1666,7 @@ impl ToolGateway {
             attempts: 0,
             truncated: false,
             cost: None,
+            cached: None,
         }
     }
 
@@ -1733,6 +1865,7 @@ fn resolved_result(
             attempts: 0,
             truncated: false,
             cost: price.map(crate::pricing::PinnedToolPrice::cost),
+            cached: None,
         },
         // An answer is for a remote agent's question (see `answer_question`); a call that asked
         // none is never resolved by one, and would read as not having acted.
@@ -1752,6 +1885,7 @@ fn resolved_result(
             attempts: 0,
             truncated: false,
             cost: None,
+            cached: None,
         },
     }
 }
@@ -1787,6 +1921,7 @@ fn canned_result(results: &[contextos_crds::skill::CannedResult], call: &CallEnv
         attempts: 1,
         truncated: false,
         cost: None,
+        cached: None,
     }
 }
 

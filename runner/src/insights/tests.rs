@@ -110,6 +110,7 @@ fn result(id: &str) -> EntryBody {
         attempts: 1,
         truncated: false,
         cost: None,
+        cached: None,
     })
 }
 

@@ -33,6 +33,10 @@ pub struct Message {
     /// For `tool` messages: the call this result answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// For `tool` messages with a read-only result an Agent shows by alias: its alias (see
+    /// `run::aliases`). The model is sent the rendered form, never this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read: Option<crate::run::aliases::ReadAlias>,
 }
 
 impl Message {
@@ -42,6 +46,7 @@ impl Message {
             content: content.into(),
             tool_calls: Vec::new(),
             tool_call_id: None,
+            read: None,
         }
     }
 }

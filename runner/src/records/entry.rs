@@ -127,6 +127,18 @@ pub struct ToolResultRecord {
     /// no price). Charged once a call was sent, whatever it answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<crate::pricing::TurnCost>,
+    /// Answered from the gateway's cache (a read-only tool's `cache`): the call whose result
+    /// this is. The tool was not reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached: Option<CachedRead>,
+}
+
+/// Where a cached result came from: the call that reached the tool, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedRead {
+    pub run_id: String,
+    pub call_id: String,
+    pub fetched_at_ms: i64,
 }
 
 /// The critic's verdict after a step.

@@ -217,6 +217,16 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
                 short(call_hash)
             ),
         ),
+        EntryBody::ToolResult(r) if r.cached.is_some() => {
+            let from = r.cached.as_ref().map_or_else(String::new, |c| {
+                format!("call {} of run {}", c.call_id, short(&c.run_id))
+            });
+            let cut = if r.truncated { " [response truncated]" } else { "" };
+            (
+                "tool",
+                format!("ok from the cache ({from}){cut}: {}", excerpt(&r.output)),
+            )
+        }
         EntryBody::ToolResult(r) => {
             let status = if r.ok { "ok" } else { "failed" };
             let error = r.error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default();

@@ -288,6 +288,7 @@ mod tests {
             attempts: 1,
             truncated: false,
             cost: None,
+            cached: None,
         })
     }
 

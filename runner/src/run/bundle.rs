@@ -400,6 +400,7 @@ impl RunBundle {
             secrets,
             ontology: self.ontology.clone(),
             tool_prices: self.tool_prices.clone(),
+            context_pack_digest: Some(spec_digest(&self.context_pack.spec)),
         }
     }
 

@@ -10,6 +10,7 @@ use contextos_crds::{
 use sha2::{Digest as _, Sha256};
 
 use super::{
+    aliases,
     checkpoint::{AwaitingApproval, LoopState, UnresolvedCall},
     engine::{Decided, Harness, Mode, Observer, Owned, Progress, RunError},
     input_value, service_tail,
@@ -40,6 +41,25 @@ impl<S: RecordStore> Harness<'_, S> {
         observe: Observer<'_>,
     ) -> Result<Owned, RunError> {
         while let Some(pending) = state.pending.first().cloned() {
+            if let Some(shown) = &self.bundle.agent_spec.aliases
+                && pending.call.tool == aliases::DEREF_TOOL
+            {
+                // The run's own conversation answers: no tool, no gateway, nothing to record
+                // but the message (checkpoints carry it, and a replay answers it the same).
+                let (read, reply) = aliases::answer_dereference(
+                    &state.messages,
+                    &pending.call.arguments,
+                    shown.full_for_steps,
+                    state.step,
+                    signed.context.budget.max_tool_calls,
+                );
+                let mut message = Message::new(Role::Tool, reply);
+                message.tool_call_id = Some(pending.call.id.clone());
+                message.read = read;
+                state.messages.push(message);
+                state.pending.remove(0);
+                continue;
+            }
             let call_id = format!("{}.{}", state.step, pending.index);
             let envelope = self.envelope(signed, &call_id, &pending.call, &mut decided, state);
             state.awaiting = None;
@@ -68,6 +88,7 @@ impl<S: RecordStore> Harness<'_, S> {
                 if recorder.has_staged() {
                     recorder.flush().await?;
                 }
+                self.gateway.publish_cached(true);
                 outcome
             };
             observe(&Progress::Call {
@@ -75,6 +96,7 @@ impl<S: RecordStore> Harness<'_, S> {
                 tool: &envelope.tool,
                 outcome: &outcome,
             });
+            let mut read = None;
             let (fate, reply) = match &outcome {
                 CallOutcome::Executed(result) => {
                     state.usage.tool_calls += 1;
@@ -83,7 +105,17 @@ impl<S: RecordStore> Harness<'_, S> {
                     } else {
                         CallFate::Failed
                     };
-                    (fate, result_message(result))
+                    let reply = result_message(result);
+                    if result.ok && self.shows_by_alias(&envelope.tool) {
+                        read = aliases::name_result(
+                            &state.messages,
+                            &envelope.tool,
+                            &envelope.arguments,
+                            &reply,
+                            state.step,
+                        );
+                    }
+                    (fate, reply)
                 }
                 CallOutcome::OutcomeUnknown {
                     call_id,
@@ -149,6 +181,7 @@ impl<S: RecordStore> Harness<'_, S> {
             state.note_call(&call_id, &envelope, fate);
             let mut message = Message::new(Role::Tool, reply);
             message.tool_call_id = Some(pending.call.id.clone());
+            message.read = read;
             state.messages.push(message);
             state.pending.remove(0);
             observe(&Progress::Boundary {
@@ -157,6 +190,18 @@ impl<S: RecordStore> Harness<'_, S> {
             });
         }
         Ok(Owned::Calls)
+    }
+
+    /// Whether results of `tool` are shown by alias: the Agent asks for it and the tool only
+    /// reads.
+    fn shows_by_alias(&self, tool: &str) -> bool {
+        self.bundle.agent_spec.aliases.is_some()
+            && self
+                .bundle
+                .agent_spec
+                .tools
+                .iter()
+                .any(|t| t.name == tool && t.risk == ToolRisk::ReadOnly)
     }
 
     fn envelope(

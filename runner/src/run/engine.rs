@@ -944,6 +944,20 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         state: &LoopState,
         safety: contextos_crds::common::SafetyMode,
     ) -> Vec<ToolSpec> {
+        let mut tools = self.offer_catalog(recorder, state, safety).await;
+        if self.bundle.agent_spec.aliases.is_some() {
+            tools.push(super::aliases::deref_tool());
+        }
+        tools
+    }
+
+    /// The Agent's own tools this turn is offered (see [`Harness::offer`]).
+    async fn offer_catalog(
+        &self,
+        recorder: &mut Recorder<'_, S>,
+        state: &LoopState,
+        safety: contextos_crds::common::SafetyMode,
+    ) -> Vec<ToolSpec> {
         let Some(spec) = &self.bundle.agent_spec.discovery else {
             return self.tools.clone();
         };
@@ -1030,7 +1044,14 @@ impl<'s, S: RecordStore> Harness<'s, S> {
     ) -> Result<ModelTurn, ModelError> {
         let mut messages = Vec::with_capacity(state.messages.len() + 1);
         messages.push(Message::new(Role::System, compiled.text.clone()));
-        messages.extend(state.messages.iter().cloned());
+        match &self.bundle.agent_spec.aliases {
+            Some(aliases) => messages.extend(super::aliases::render(
+                &state.messages,
+                aliases.full_for_steps,
+                state.step,
+            )),
+            None => messages.extend(state.messages.iter().cloned()),
+        }
         let request = ModelRequest {
             model: self.bundle.agent_spec.model.model.clone(),
             messages,

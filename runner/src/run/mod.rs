@@ -3,6 +3,7 @@
 //! and a checkpoint after every step — and the replay that re-executes a recorded run under the
 //! same or a candidate Policy/ContextPack.
 
+pub mod aliases;
 pub mod bundle;
 mod calls;
 pub mod checkpoint;

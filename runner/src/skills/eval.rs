@@ -622,6 +622,7 @@ mod tests {
             attempts: 1,
             truncated: false,
             cost: None,
+            cached: None,
         })
     }
 

@@ -91,6 +91,13 @@ pub fn compose(
 ) -> Result<(Vec<Tool>, Vec<SkillUse>), Conflict> {
     let too_risky = |tool: &Tool| ceiling.max_risk.filter(|max| tool.risk > *max);
     for (i, tool) in agent.tools.iter().enumerate() {
+        if let Some((part, problem)) = tool_problem(tool) {
+            return Err(Conflict {
+                reason: reason::INVALID_SPEC,
+                field: format!("spec.tools[{i}].{part}"),
+                message: problem,
+            });
+        }
         if let Some(max) = too_risky(tool) {
             return Err(Conflict {
                 reason: reason::INVALID_SPEC,
@@ -117,6 +124,13 @@ pub fn compose(
         let field = format!("spec.skillRefs[{i}]");
         let label = format!("Skill {} (version {})", skill.name, skill.spec.version);
         for tool in &skill.spec.tools {
+            if let Some((_, problem)) = tool_problem(tool) {
+                return Err(Conflict {
+                    reason: reason::SKILL_CONFLICT,
+                    field,
+                    message: format!("{label}: {problem}"),
+                });
+            }
             if let Some((_, owner)) = owners.iter().find(|(name, _)| *name == tool.name) {
                 return Err(Conflict {
                     reason: reason::SKILL_CONFLICT,
@@ -167,6 +181,47 @@ pub fn compose(
         }
     }
     Ok((tools, uses))
+}
+
+/// What the API server's rules refuse in a tool and a run must refuse too (files given to
+/// `contextos run` are not admitted by an API server): a cache on a tool that is not read-only
+/// or reads memory, and a name reserved for built-in tools — with the field at fault.
+fn tool_problem(tool: &Tool) -> Option<(&'static str, String)> {
+    if tool.cache.is_some() && (tool.risk != ToolRisk::ReadOnly || tool.adapter.memory.is_some()) {
+        return Some((
+            "cache",
+            format!(
+                "tool {}: only a read_only tool's results may be cached, and memory is never cached: remove cache or declare risk: read_only",
+                tool.name
+            ),
+        ));
+    }
+    if tool.cache.is_some() && tool.kind == contextos_crds::common::ToolKind::Verify {
+        return Some((
+            "cache",
+            format!(
+                "tool {}: a verify tool checks what an action did and must read it afresh: remove cache",
+                tool.name
+            ),
+        ));
+    }
+    let per_session =
+        tool.adapter.a2a.is_some() || tool.adapter.mcp.as_ref().is_some_and(|m| m.command.is_some());
+    if tool.cache.is_some() && per_session {
+        return Some((
+            "cache",
+            format!(
+                "tool {}: answers of another agent (a2a) or of an MCP server started for each Session (mcp.command) are the Session's own and are never cached: remove cache",
+                tool.name
+            ),
+        ));
+    }
+    tool.name.starts_with("contextos_").then(|| {
+        ("name", format!(
+            "tool {}: tool names starting with contextos_ are reserved for built-in tools; rename the tool",
+            tool.name
+        ))
+    })
 }
 
 /// `pack` with the skills' prompt fragments as inline sources after its own (a source of the

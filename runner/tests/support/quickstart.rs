@@ -232,6 +232,29 @@ impl Quickstart {
         probe.stderr[at + marker.len()..].chars().take(64).collect()
     }
 
+    /// The id of the session's newest run, as `contextos records list` shows it.
+    #[allow(dead_code)] // not every test binary reads records
+    pub fn newest_run(&self) -> String {
+        let runs = self.cli(&["records", "list"]);
+        runs.stdout
+            .lines()
+            .find_map(|l| l.split_whitespace().find(|w| w.starts_with("checkout-5xx-")))
+            .unwrap_or_else(|| panic!("a run: {}", runs.stdout))
+            .to_owned()
+    }
+
+    /// The entries of the session's newest run, as `contextos records export` writes them.
+    #[allow(dead_code)] // not every test binary reads records
+    pub fn newest_run_entries(&self) -> Vec<Value> {
+        let export = self.cli(&["records", "export", &self.newest_run()]);
+        assert_eq!(export.code, Some(0), "{}", export.stderr);
+        export
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+
     /// The recorded decision trace of the session's run, via `contextos replay`.
     pub fn recorded_trace(&self) -> Value {
         let out = self.cli(&["replay", "--session", "checkout-5xx", "--output", "json"]);

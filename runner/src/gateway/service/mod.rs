@@ -172,6 +172,9 @@ pub struct GatewayService<S, A, T> {
     early_answers: bool,
     /// The tenants' SpendQuotas as read, and their reports due.
     quota_desk: quotas::QuotaDesk,
+    /// Results of cached read-only tools, shared by every run this replica serves (keyed by
+    /// tenant, promoted revisions, user and subject; see `gateway::result_cache`).
+    results: Arc<crate::gateway::result_cache::ResultCache>,
     /// Agents offered over A2A (none without it).
     a2a: Option<a2a_api::A2aSettings>,
     /// The collector runner pods' spans are relayed to (none: they are refused).
@@ -373,6 +376,7 @@ where
             early_answers: true,
             blob_bytes: Mutex::new(HashMap::new()),
             quota_desk: Default::default(),
+            results: Default::default(),
             a2a: None,
             #[cfg(feature = "otlp")]
             traces: None,
@@ -1001,6 +1005,7 @@ where
             .with_relayed_runner_spans()
             .with_consent_key(self.keys.for_tenant(caller.tenant.as_str()).public())
             .with_egress(self.egress.clone())
+            .with_result_cache(self.results.clone())
             .shared_with_replicas();
         let gateway = match capabilities {
             Some(route) => gateway.with_capabilities(route),

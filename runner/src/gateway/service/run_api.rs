@@ -796,6 +796,7 @@ where
         let written = self
             .write_and_answer(caller, &mut log, recorder, answer, early, reply)
             .await;
+        slot.gateway.publish_cached(written);
         let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
         if made
             && written

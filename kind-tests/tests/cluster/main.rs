@@ -10,6 +10,7 @@ mod cases;
 
 mod a2a;
 mod admission;
+mod aliases;
 mod consents;
 mod crds;
 mod hostile_peers;

@@ -61,6 +61,20 @@ pub async fn policy_condition(api: &Api<Policy>, name: &str, type_: &str, prefix
     )
 }
 
+/// Waits until the quickstart's Agent in `ns` is Ready.
+pub async fn agent_ready(ns: &TestNamespace) -> Result<Agent> {
+    let agents: Api<Agent> = ns.api();
+    Ok(
+        wait_for_object(&agents, "oncall-assistant", "Ready", TIMEOUT, |a: &Agent| {
+            let conditions = a.status.clone().unwrap_or_default().conditions;
+            Check::when(contextos_operator::controllers::is_ready(&conditions), || {
+                condition(&conditions, "Ready")
+            })
+        })
+        .await?,
+    )
+}
+
 pub async fn phase_is(api: &Api<Session>, name: &str, wanted: SessionPhase) -> Result<Session> {
     Ok(
         wait_for_object(api, name, &format!("phase {wanted:?}"), TIMEOUT, |s: &Session| {
@@ -94,14 +108,7 @@ async fn a_session_runs_in_a_restricted_pod_pauses_for_approval_and_succeeds_wit
     for object in objects(env, op)? {
         apply(&client, ns.name(), &object).await?;
     }
-    let agents: Api<Agent> = ns.api();
-    wait_for_object(&agents, "oncall-assistant", "Ready", TIMEOUT, |a: &Agent| {
-        let conditions = a.status.clone().unwrap_or_default().conditions;
-        Check::when(contextos_operator::controllers::is_ready(&conditions), || {
-            condition(&conditions, "Ready")
-        })
-    })
-    .await?;
+    agent_ready(&ns).await?;
 
     apply(&client, ns.name(), &session("checkout")?).await?;
     let sessions: Api<Session> = ns.api();

@@ -4,7 +4,7 @@
 //! Session columns, as `kubectl get spendquota` shows them.
 
 use anyhow::{Result, ensure};
-use contextos_crds::{Agent, Session, SpendQuota, session::SessionPhase};
+use contextos_crds::{Session, SpendQuota, session::SessionPhase};
 use contextos_kind_tests::{Check, TestEnv, TestNamespace, operator_env, wait_for_object};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::{
     objects::apply,
-    operator::{TIMEOUT, condition, objects_for, phase_is, session},
+    operator::{TIMEOUT, agent_ready, condition, objects_for, phase_is, session},
 };
 
 #[tokio::test]
@@ -40,14 +40,7 @@ async fn a_session_past_the_concurrency_quota_waits_pending_until_the_running_on
         },
     });
     apply(&client, ns.name(), &quota).await?;
-    let agents: Api<Agent> = ns.api();
-    wait_for_object(&agents, "oncall-assistant", "Ready", TIMEOUT, |a: &Agent| {
-        let conditions = a.status.clone().unwrap_or_default().conditions;
-        Check::when(contextos_operator::controllers::is_ready(&conditions), || {
-            condition(&conditions, "Ready")
-        })
-    })
-    .await?;
+    agent_ready(&ns).await?;
     // One after the other: each runs until its restart waits for approval (a Session waiting
     // for a human holds no pod, and counts against no concurrency limit).
     let sessions: Api<Session> = ns.api();

@@ -22,8 +22,12 @@ use contextos_runner::{
     },
     model::ToolSpec,
 };
+use embedding_model::model_dir;
 use serde::Deserialize;
 use serde_json::json;
+
+#[path = "../tests/support/embedding_model.rs"]
+mod embedding_model;
 
 #[derive(Deserialize)]
 struct LabelledTool {
@@ -156,6 +160,7 @@ fn latency(
     let sample = intents.iter().step_by(intents.len().div_ceil(200).max(1));
     let mut semantic_ms = Vec::new();
     let mut keyword_ms = Vec::new();
+    let mut embedding_ms = Vec::new();
     let mut offered_tokens = 0u64;
     for intent in sample {
         let started = Instant::now();
@@ -173,6 +178,9 @@ fn latency(
             .filter(|c| chosen.offers(c.name))
             .map(|c| u64::from(c.schema_tokens))
             .sum::<u64>();
+        let started = Instant::now();
+        let _ = runtime.block_on(embedder.embed(std::slice::from_ref(&intent.intent)));
+        embedding_ms.push(started.elapsed().as_secs_f64() * 1e3);
         let started = Instant::now();
         let scores = index.keyword_scores(&intent.intent);
         let _ = select(&index.candidates(&scores), &none, &none, limits);
@@ -199,6 +207,12 @@ fn latency(
         "  embeddings + BM25/10   p50 {:.2} ms  p95 {:.2} ms   target p50 ≤ 5 ms",
         percentile(&mut semantic_ms, 0.5),
         percentile(&mut semantic_ms, 0.95)
+    );
+    println!(
+        "    of which the intent's embedding  p50 {:.2} ms  p95 {:.2} ms ({} core(s))",
+        percentile(&mut embedding_ms, 0.5),
+        percentile(&mut embedding_ms, 0.95),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
         "  tool schema tokens per turn: whole catalog {catalog}, offered (top 8 within 4,000) {} on average",
@@ -253,23 +267,4 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> T {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// CONTEXTOS_EMBEDDING_MODEL, or the model the fetch script caches (fetched now if need be).
-fn model_dir() -> PathBuf {
-    if let Some(dir) = contextos_runner::discovery::minilm::configured_dir() {
-        return dir;
-    }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("bash runs");
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }

@@ -12,28 +12,84 @@ mod quickstart;
 
 use std::path::PathBuf;
 
+#[path = "support/embedding_model.rs"]
+mod embedding_model;
+
+use embedding_model::model_dir;
 use quickstart::Quickstart;
 use serde_json::Value;
 
-/// The model's directory: CONTEXTOS_EMBEDDING_MODEL, or fetched (once) by the script.
-fn model_dir() -> String {
-    if let Some(dir) = std::env::var("CONTEXTOS_EMBEDDING_MODEL")
-        .ok()
-        .filter(|d| !d.is_empty())
-    {
-        return dir;
+/// The in-process encoder and tokenizer give what ONNX Runtime gives for the same model: the
+/// similarities between these texts as `onnxruntime` 1.23 computed them from the exported
+/// graph (mean over the last hidden state, unit length), to four decimals.
+#[test]
+fn the_in_process_model_embeds_as_onnx_runtime_does() {
+    let model = contextos_runner::discovery::minilm::MiniLm::load(&model_dir()).expect("the model loads");
+    let texts = [
+        "The cat sits outside",
+        "A man is playing guitar",
+        "restart the checkout deployment",
+        "get pod logs for the payments service in namespace prod",
+        "What is the weather like today?",
+        "Zweitausend Bäume — naïve café!",
+        "Someone plays the guitar",
+        "redeploy the checkout service",
+    ];
+    let embeddings: Vec<_> = texts.iter().map(|t| model.embed(t).expect("embeds")).collect();
+    let expected = [
+        (0, 1, 0.03633),
+        (0, 2, -0.02904),
+        (0, 3, 0.01584),
+        (0, 4, 0.10159),
+        (0, 5, 0.06187),
+        (1, 2, 0.00921),
+        (1, 3, -0.01275),
+        (1, 4, 0.0038),
+        (1, 5, -0.11666),
+        (2, 3, 0.11223),
+        (2, 4, 0.01413),
+        (2, 5, 0.02851),
+        (3, 4, -0.0149),
+        (3, 5, 0.03176),
+        (4, 5, 0.09732),
+        (6, 1, 0.82389),
+        (6, 0, 0.10102),
+        (6, 3, -0.04844),
+        (7, 2, 0.62079),
+        (7, 3, 0.2636),
+        (7, 4, -0.06134),
+    ];
+    for (a, b, similarity) in expected {
+        let got = embeddings[a].similarity(&embeddings[b]);
+        assert!(
+            (got - similarity).abs() < 1e-4,
+            "{:?} and {:?}: {got}, ONNX Runtime {similarity}",
+            texts[a],
+            texts[b]
+        );
     }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .output()
-        .expect("bash");
-    assert!(
-        out.status.success(),
-        "fetching the model failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    for e in &embeddings {
+        assert!((e.similarity(e) - 1.0).abs() < 1e-5, "unit length");
+    }
+    // The vectors themselves, not only their angles: the first components of two of them.
+    let basis = |i: usize| {
+        let mut v = vec![0.0; embeddings[0].width()];
+        v[i] = 1.0;
+        contextos_runner::discovery::embedding::Embedding::normalized(v)
+    };
+    for (text, first) in [
+        (2, [0.09643, -0.06474, -0.00765, -0.04225]),
+        (7, [-0.00539, -0.03792, -0.06844, -0.06924]),
+    ] {
+        for (i, value) in first.into_iter().enumerate() {
+            let got = embeddings[text].similarity(&basis(i));
+            assert!(
+                (got - value).abs() < 1e-4,
+                "{:?}[{i}]: {got}, ONNX Runtime {value}",
+                texts[text]
+            );
+        }
+    }
 }
 
 /// The quickstart's manifests with `discovery` (YAML, indented under `spec`) added to the Agent.
@@ -85,7 +141,10 @@ fn offered(trace: &Value) -> Vec<(u32, Vec<String>)> {
 fn each_turn_is_offered_its_relevant_allowed_tools_and_a_replay_offers_the_same() {
     let (_dir, files) = quickstart_with("  discovery:\n    topK: 2\n    alwaysOffer: [post_status_update]\n");
     let mut q = Quickstart::with_files(&[], files);
-    q.env.push(("CONTEXTOS_EMBEDDING_MODEL".into(), model_dir()));
+    q.env.push((
+        "CONTEXTOS_EMBEDDING_MODEL".into(),
+        model_dir().display().to_string(),
+    ));
     q.drive(None);
 
     let report = replay(&q);

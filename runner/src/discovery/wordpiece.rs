@@ -76,6 +76,12 @@ impl WordPiece {
         })
     }
 
+    /// The largest id this tokenizer gives: the model must have an embedding for it.
+    pub fn largest_id(&self) -> usize {
+        let largest = self.vocab.values().copied().max().unwrap_or(0);
+        largest.max(self.cls).max(self.sep).max(self.unk) as usize
+    }
+
     /// The ids of `text` as the model reads it: `[CLS]`, at most `max_len - 2` pieces, `[SEP]`.
     pub fn encode(&self, text: &str, max_len: usize) -> Vec<u32> {
         let room = max_len.saturating_sub(2);

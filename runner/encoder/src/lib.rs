@@ -1,0 +1,14 @@
+//! A BERT-family sentence encoder (all-MiniLM-L6-v2 and its kind) evaluated in-process: the
+//! weights of the model's ONNX export (`onnx`), the architecture written out (`bert`), and the
+//! dense projections that are nearly all of its work (`dense`).
+//!
+//! It is a crate of its own so that its kernels are optimised in every build profile (see the
+//! workspace's `[profile.dev.package.contextos-encoder]`): unoptimised, one text takes a second
+//! instead of milliseconds.
+
+mod bert;
+mod dense;
+mod onnx;
+
+pub use bert::Encoder;
+pub use onnx::OnnxError;

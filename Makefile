@@ -75,6 +75,7 @@ unit:
 ## skip: their runner pods must reach services on this machine). The A2A SDKs (see `unit`) call
 ## an agent through the e2e gateway's A2A endpoint. The install test reads the quickstart's trace
 ## back from Jaeger (see `unit`), across the installed operator, gateway, runner pods and tools.
+## The e2e gateway embeds for runner pods' tool discovery with all-MiniLM-L6-v2 (see `unit`).
 kind-tests:
 	set -o pipefail; \
 	if [ -z "$${KUBECONFIG:-}" ]; then \
@@ -89,6 +90,8 @@ kind-tests:
 	export CONTEXTOS_A2A_JS_MODULES="$$a2a_js"; \
 	jaeger="$$(bash runner/tests/support/jaeger.sh | tail -n1)" || exit 1; \
 	export CONTEXTOS_JAEGER_BIN="$$jaeger"; \
+	model="$$(bash runner/models/all-minilm-l6-v2.sh | tail -n1)" || exit 1; \
+	export CONTEXTOS_EMBEDDING_MODEL="$$model"; \
 	$(CARGO) build -p contextos-runner -p contextos-operator --bins --examples --locked || exit 1; \
 	$(CARGO) test -p contextos-kind-tests --locked --tests
 

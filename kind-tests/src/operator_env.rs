@@ -226,6 +226,8 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
             trust,
         )
         .with_system_namespace(OPERATOR_NAMESPACE)
+        // Runner pods' tool discovery embeds with the model CONTEXTOS_EMBEDDING_MODEL names.
+        .with_embedder(contextos_runner::discovery::configured_embedder())
         .with_a2a(
             Arc::new(contextos_runner::gateway::a2a_server::sessions::KubeSessions::new(env.client())),
             None,

@@ -46,6 +46,10 @@ mod quotas;
 #[path = "gateway_service/routing.rs"]
 mod routing;
 
+/// Embeddings the service serves runner pods' tool discovery.
+#[path = "gateway_service/embeddings.rs"]
+mod embeddings;
+
 const RUN: &str = "checkout-5xx-r1";
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
@@ -85,18 +89,39 @@ async fn rig_with(egress: EgressGuard) -> Rig {
 
 /// A rig whose ops-tools server runs with `tool_args` (e.g. `--slow PATH=MILLIS`).
 async fn rig_with_tools(egress: EgressGuard, tool_args: &[&str]) -> Rig {
-    rig_with_options(egress, tool_args, None, None, None).await
+    rig_with_options(RigOptions {
+        egress,
+        tool_args,
+        ..RigOptions::default()
+    })
+    .await
 }
 
-/// A rig whose services reach capability pods through `capabilities`, if any, let a run
-/// write `max_run_bytes` and work on `turns` requests at once (defaults otherwise).
-async fn rig_with_options(
+/// How a rig's services differ from the defaults.
+#[derive(Default)]
+struct RigOptions<'a> {
     egress: EgressGuard,
-    tool_args: &[&str],
+    /// The ops-tools server's arguments.
+    tool_args: &'a [&'a str],
+    /// How the services reach capability pods.
     capabilities: Option<Arc<dyn CapabilityResolver>>,
+    /// What a run may write.
     max_run_bytes: Option<u64>,
+    /// Requests worked on at once.
     turns: Option<usize>,
-) -> Rig {
+    /// What runner pods' discovery embeds with.
+    embedder: Option<contextos_runner::discovery::embedding::Embedder>,
+}
+
+async fn rig_with_options(options: RigOptions<'_>) -> Rig {
+    let RigOptions {
+        egress,
+        tool_args,
+        capabilities,
+        max_run_bytes,
+        turns,
+        embedder,
+    } = options;
     let tools = OpsTools::start(tool_args);
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
     let bundle = ManifestSet::load(&[examples])
@@ -174,16 +199,19 @@ async fn rig_with_options(
         if turns.is_some() {
             service = service.with_fair_turns(turns);
         }
-        let service = service.with_egress(egress.clone()).with_endpoint_overrides(vec![
-            (
-                "http://ops-tools.shop-platform.svc:8080".into(),
-                tools.url.clone(),
-            ),
-            (
-                "http://ops-tools.shop-platform.svc:8081".into(),
-                tools.url.clone(),
-            ),
-        ]);
+        let service = service
+            .with_embedder(embedder.clone())
+            .with_egress(egress.clone())
+            .with_endpoint_overrides(vec![
+                (
+                    "http://ops-tools.shop-platform.svc:8080".into(),
+                    tools.url.clone(),
+                ),
+                (
+                    "http://ops-tools.shop-platform.svc:8081".into(),
+                    tools.url.clone(),
+                ),
+            ]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         urls.push(format!("http://{}", listener.local_addr().expect("addr")));
         let service = Arc::new(service);
@@ -580,7 +608,7 @@ async fn what_a_turn_was_offered_names_only_the_agents_tools_and_its_true_denial
                 model: "local:free-text-here".into(),
             },
             honest,
-            Some("BM25 only"),
+            Some("does not discover by them"),
         ),
     ];
     for (case, scoring, selection, refusal) in cases {
@@ -1818,7 +1846,11 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
         key,
         asked: Default::default(),
     });
-    let rig = rig_with_options(EgressGuard::default(), &[], Some(resolver.clone()), None, None).await;
+    let rig = rig_with_options(RigOptions {
+        capabilities: Some(resolver.clone()),
+        ..RigOptions::default()
+    })
+    .await;
     let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     start_run(client.records(), &bundle, &context).await;
@@ -1902,7 +1934,12 @@ async fn a_request_waiting_for_its_tool_or_its_run_holds_no_turn_another_tenant_
     // One request worked on at a time at each replica. The tenant's first call waits 2 s for
     // its tool, its second waits for the run the first holds: neither may keep the only turn.
     let tool = ["--slow", "/hooks/status=2000"];
-    let rig = rig_with_options(EgressGuard::default(), &tool, None, None, Some(1)).await;
+    let rig = rig_with_options(RigOptions {
+        tool_args: &tool,
+        turns: Some(1),
+        ..RigOptions::default()
+    })
+    .await;
     let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     start_run(client.records(), &rig.bundle, &context).await;
@@ -1962,7 +1999,11 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
         .bundle("shop", None)
         .expect("bundle");
     let quota = bundle.canonical_bytes().len() as u64 + 8 * 1024;
-    let rig = rig_with_options(EgressGuard::default(), &[], None, Some(quota), None).await;
+    let rig = rig_with_options(RigOptions {
+        max_run_bytes: Some(quota),
+        ..RigOptions::default()
+    })
+    .await;
     let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     let harness =

@@ -13,6 +13,7 @@ mod admission;
 mod aliases;
 mod consents;
 mod crds;
+mod discovery;
 mod hostile_peers;
 mod jobs;
 mod manifests;

@@ -133,7 +133,10 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         args.a2a_public_url,
     )
     .with_capabilities(Arc::new(KubeCapabilities::new(client)))
-    .with_max_run_bytes(args.max_run_bytes);
+    .with_max_run_bytes(args.max_run_bytes)
+    // Runner pods' tool discovery embeds with what this process is configured with (a model
+    // directory or an endpoint and its key, which never reach a pod).
+    .with_embedder(contextos_runner::discovery::configured_embedder());
     // Runner pods' spans reach the collector through this service, when it exports to one.
     #[cfg(feature = "otlp")]
     let service =

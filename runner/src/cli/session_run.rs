@@ -92,8 +92,10 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
     // Batches are sealed in transit with a throw-away key: the service re-signs every head with
     // the tenant's key, which never leaves it.
     let transit = KeyPair::generate()?;
+    let embedder = gateway_embedder(&client, &bundle).await;
     let harness = Harness::through_gateway(&client, transit, bundle, run_context)?
-        .with_resolutions(resolutions_from_env()?);
+        .with_resolutions(resolutions_from_env()?)
+        .with_embedder(embedder);
     let mut terminal = Terminal::default();
     let outcome = if resuming {
         harness.resume(&approvals, &mut |p| terminal.show(p)).await
@@ -161,6 +163,34 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
         }
         RunOutcome::Failed { .. } => ExitCode::from(EXIT_RUN_FAILED),
     })
+}
+
+/// For an Agent that discovers its tools by embeddings, the gateway service's (a pod holds no
+/// model); none if the service has none or cannot say — the run then scores by BM25 and records
+/// why.
+async fn gateway_embedder(
+    client: &GatewayClient,
+    bundle: &contextos_runner::run::bundle::RunBundle,
+) -> Option<contextos_runner::discovery::embedding::Embedder> {
+    use contextos_crds::agent::DiscoveryResolver;
+    use contextos_runner::discovery::embedding::{Embedder, GatewayEmbeddings};
+    let wants = bundle
+        .agent_spec
+        .discovery
+        .as_ref()
+        .is_some_and(|d| d.resolver == DiscoveryResolver::Embeddings);
+    if !wants {
+        return None;
+    }
+    match GatewayEmbeddings::ask(client.records()).await {
+        Ok(served) => served.map(Embedder::Gateway),
+        Err(error) => {
+            eprintln!(
+                "contextos: the gateway service did not say which embeddings it serves ({error}); tools are scored by BM25"
+            );
+            None
+        }
+    }
 }
 
 /// The gateway service's word on the run's completion, asked a few times over about 15 s (a

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 #[cfg(feature = "local-embeddings")]
@@ -37,6 +37,10 @@ impl Embedding {
 
     pub fn width(&self) -> usize {
         self.0.len()
+    }
+
+    pub fn values(&self) -> &[f32] {
+        &self.0
     }
 }
 
@@ -70,6 +74,9 @@ pub enum Embedder {
     Local(Arc<MiniLm>),
     /// An OpenAI-compatible endpoint (production).
     Remote(RemoteEmbeddings),
+    /// The gateway service's embedder, asked by a runner pod for its run (the pod holds no
+    /// model and no endpoint credential).
+    Gateway(GatewayEmbeddings),
 }
 
 impl Embedder {
@@ -79,6 +86,7 @@ impl Embedder {
             #[cfg(feature = "local-embeddings")]
             Self::Local(model) => model.id().to_owned(),
             Self::Remote(remote) => format!("openai:{}", remote.model),
+            Self::Gateway(gateway) => gateway.model.clone(),
         }
     }
 
@@ -95,7 +103,137 @@ impl Embedder {
                     .map_err(|e| EmbeddingError::Inference(e.to_string()))?
             }
             Self::Remote(remote) => remote.embed(texts).await,
+            Self::Gateway(gateway) => gateway.embed(texts).await,
         }
+    }
+}
+
+/// Where a runner pod asks the gateway service for embeddings: `GET` names the service's model
+/// (or none), `POST` embeds texts for the caller's run (see `gateway::service::embeddings_api`).
+pub const GATEWAY_EMBEDDINGS_PATH: &str = "/v1/run/embeddings";
+
+/// The most texts a runner sends the gateway in one request (the service refuses more).
+pub const GATEWAY_BATCH: usize = 64;
+
+/// The longest text the gateway embeds; a runner sends the start of a longer one (an in-process
+/// model reads the first 128 word pieces anyway).
+pub const GATEWAY_MAX_TEXT_BYTES: usize = 16 << 10;
+
+/// `GET` [`GATEWAY_EMBEDDINGS_PATH`]: the model the service embeds with, if any.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewayModel {
+    pub model: Option<String>,
+}
+
+/// `POST` [`GATEWAY_EMBEDDINGS_PATH`]: texts to embed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewayEmbedRequest {
+    pub input: Vec<String>,
+}
+
+/// The answer to a [`GatewayEmbedRequest`]: the model that embedded them and one vector per
+/// text, in the request's order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewayEmbedAnswer {
+    pub model: String,
+    pub embeddings: Vec<Vec<f32>>,
+}
+
+/// A runner pod's client of its gateway service's embeddings, for its own run.
+#[derive(Clone, Debug)]
+pub struct GatewayEmbeddings {
+    records: crate::records::store::remote::RemoteStore,
+    /// The service's model, as it named it when asked: answers from another model (a replica
+    /// configured differently) are refused, so one run's vectors are never mixed.
+    model: String,
+}
+
+impl GatewayEmbeddings {
+    /// The gateway's embeddings for the run `records` is scoped to, if the service has a model.
+    pub async fn ask(
+        records: &crate::records::store::remote::RemoteStore,
+    ) -> Result<Option<Self>, EmbeddingError> {
+        let answer: GatewayModel = records
+            .get_json(GATEWAY_EMBEDDINGS_PATH)
+            .await
+            .map_err(|e| gateway_unreachable(records, e))?;
+        Ok(answer.model.map(|model| Self {
+            records: records.clone(),
+            model,
+        }))
+    }
+
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Embedding>, EmbeddingError> {
+        let mut all = Vec::with_capacity(texts.len());
+        for batch in texts.chunks(GATEWAY_BATCH) {
+            let request = GatewayEmbedRequest {
+                input: batch
+                    .iter()
+                    .map(|t| {
+                        let mut end = t.len().min(GATEWAY_MAX_TEXT_BYTES);
+                        while !t.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        t[..end].to_owned()
+                    })
+                    .collect(),
+            };
+            let answer: GatewayEmbedAnswer = self
+                .records
+                .post_json(GATEWAY_EMBEDDINGS_PATH, &request)
+                .await
+                .map_err(|e| gateway_unreachable(&self.records, e))?;
+            let malformed = |detail: String| EmbeddingError::Malformed {
+                endpoint: self.records.base().to_owned(),
+                detail,
+            };
+            if answer.model != self.model {
+                return Err(malformed(format!(
+                    "embedded by {} where this run embeds with {}",
+                    answer.model, self.model
+                )));
+            }
+            if answer.embeddings.len() != batch.len() {
+                return Err(malformed(format!(
+                    "{} embeddings for {} texts",
+                    answer.embeddings.len(),
+                    batch.len()
+                )));
+            }
+            all.extend(answer.embeddings.into_iter().map(Embedding::normalized));
+        }
+        if all.windows(2).any(|w| w[0].width() != w[1].width())
+            || all
+                .first()
+                .is_some_and(|e| e.width() == 0 || e.width() > MAX_WIDTH)
+        {
+            return Err(EmbeddingError::Malformed {
+                endpoint: self.records.base().to_owned(),
+                detail: format!("embeddings must all have one width of 1 to {MAX_WIDTH} dimensions"),
+            });
+        }
+        Ok(all)
+    }
+}
+
+/// What a request to the gateway's embeddings came to, as an [`EmbeddingError`].
+fn gateway_unreachable(
+    records: &crate::records::store::remote::RemoteStore,
+    error: crate::records::store::remote::RemoteError,
+) -> EmbeddingError {
+    use crate::records::store::remote::RemoteError;
+    let endpoint = format!("{}{GATEWAY_EMBEDDINGS_PATH}", records.base());
+    match error {
+        RemoteError::Refused { status, error, .. } => EmbeddingError::Status {
+            endpoint,
+            status,
+            body: error,
+        },
+        RemoteError::Malformed(detail) => EmbeddingError::Malformed { endpoint, detail },
+        other => EmbeddingError::Unreachable {
+            endpoint,
+            detail: other.to_string(),
+        },
     }
 }
 

@@ -13,6 +13,7 @@ mod a2a_api;
 pub mod completion;
 mod consent_api;
 mod context_cache;
+mod embeddings_api;
 mod memory_api;
 pub mod quotas;
 mod read_api;
@@ -177,6 +178,8 @@ pub struct GatewayService<S, A, T> {
     results: Arc<crate::gateway::result_cache::ResultCache>,
     /// Agents offered over A2A (none without it).
     a2a: Option<a2a_api::A2aSettings>,
+    /// What runner pods' tool discovery embeds with (none: their runs score by BM25).
+    embeddings: Option<Arc<embeddings_api::EmbeddingDesk>>,
     /// The collector runner pods' spans are relayed to (none: they are refused).
     #[cfg(feature = "otlp")]
     traces: Option<Arc<crate::telemetry::sink::TraceSink>>,
@@ -378,9 +381,19 @@ where
             quota_desk: Default::default(),
             results: Default::default(),
             a2a: None,
+            embeddings: None,
             #[cfg(feature = "otlp")]
             traces: None,
         }
+    }
+
+    /// Embeds for runner pods' tool discovery with `embedder` (see `embeddings_api`); `None`
+    /// (or the gateway's own embeddings, which would ask this service) serves none.
+    pub fn with_embedder(mut self, embedder: Option<crate::discovery::embedding::Embedder>) -> Self {
+        self.embeddings = embedder
+            .and_then(embeddings_api::EmbeddingDesk::new)
+            .map(Arc::new);
+        self
     }
 
     /// Relays the spans runner pods send to `POST /v1/run/traces` (their own run's, checked) to
@@ -538,6 +551,10 @@ where
             .route("/v1/run/model", post(Self::model))
             .route("/v1/run/completion", get(Self::completion))
             .route("/v1/run/recall", post(Self::recall))
+            .route(
+                crate::discovery::embedding::GATEWAY_EMBEDDINGS_PATH,
+                get(Self::embeddings_model).post(Self::embeddings),
+            )
             .route("/v1/run/key", get(Self::run_key))
             .route("/v1/records/key", get(Self::reader_run_key))
             .route(SUBJECT_ERASE_PATH, post(Self::subject_erase))

@@ -314,17 +314,36 @@ where
             | EntryBody::Completed { .. }
             | EntryBody::Failed { .. } => Ok(()),
             // What the model was shown: only the Agent's tools, the policies' own denials, and
-            // BM25 scores (runner pods hold no embedding model).
+            // scores by BM25 or by the embeddings this service serves (runner pods hold no
+            // embedding model of their own).
             EntryBody::ToolsOffered {
                 scoring, selection, ..
             } => {
                 let refuse = |e: String| forbidden(format!("entry {}: {e}", entry.seq));
-                if !matches!(scoring, crate::discovery::Scoring::Bm25 { .. }) {
+                let slot = self.slot(caller, &[]).await?;
+                let discovers_by_embeddings = slot
+                    .bundle
+                    .agent_spec
+                    .discovery
+                    .as_ref()
+                    .is_some_and(|d| d.resolver == contextos_crds::agent::DiscoveryResolver::Embeddings);
+                if matches!(scoring, crate::discovery::Scoring::Embeddings { .. }) && !discovers_by_embeddings
+                {
                     return Err(refuse(
-                        "a runner pod scores tools by BM25 only: it holds no embedding model".into(),
+                        "tools scored by embeddings for a run whose Agent does not discover by them (spec.discovery.resolver)".into(),
                     ));
                 }
-                let slot = self.slot(caller, &[]).await?;
+                if let crate::discovery::Scoring::Embeddings { model } = scoring
+                    && self.embeddings.as_ref().is_none_or(|desk| desk.model() != model)
+                {
+                    return Err(refuse(match &self.embeddings {
+                        Some(desk) => format!(
+                            "tools scored by embeddings of {model}: this gateway serves {}, and a runner pod holds no model of its own",
+                            desk.model()
+                        ),
+                        None => "a runner pod scores tools by BM25 only here: this gateway serves no embeddings and the pod holds no model".into(),
+                                        }));
+                }
                 let catalog = slot
                     .bundle
                     .agent_spec

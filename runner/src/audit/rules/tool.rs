@@ -23,6 +23,8 @@ use crate::{
 const LARGE_RESPONSE_BYTES: u32 = 4 * 1024 * 1024;
 /// Calls that may take longer than this hold a run (and an approval slot) for minutes.
 const LONG_TIMEOUT_SECONDS: u32 = 300;
+/// A cached answer older than this is rarely what an incident needs.
+const LONG_CACHE_SECONDS: u32 = 900;
 
 pub(super) const RULES: &[(Rule, Check)] = &[
     (
@@ -104,6 +106,16 @@ pub(super) const RULES: &[(Rule, Check)] = &[
             fix: "lower `timeoutSeconds`; long work belongs in a job the tool starts and another tool polls",
         },
         long_timeout,
+    ),
+    (
+        Rule {
+            id: RuleId("tool/cache-long-ttl"),
+            severity: Severity::Low,
+            title: "a read-only tool's answers reused for more than 15 minutes",
+            why: "the gateway forgets a cached answer when this Agent writes, a revision is promoted or a Secret rotates — not when anyone else changes what the tool reads; until the TTL passes the model reads an answer that may no longer hold",
+            fix: "lower `cache.ttlSeconds` to how stale an answer may be",
+        },
+        long_cache,
     ),
     (
         Rule {
@@ -244,6 +256,20 @@ fn long_timeout(harness: &Harness, sink: &mut Sink<'_>) {
                 agent,
                 field.key("timeoutSeconds"),
                 format!("{} may take {} s per attempt", tool.name, tool.timeout_seconds),
+            );
+        }
+    }
+}
+
+fn long_cache(harness: &Harness, sink: &mut Sink<'_>) {
+    for (agent, field, tool) in tools(harness) {
+        if let Some(cache) = &tool.cache
+            && cache.ttl_seconds > LONG_CACHE_SECONDS
+        {
+            sink.report(
+                agent,
+                field.key("cache").key("ttlSeconds"),
+                format!("{}'s answers are reused for {} s", tool.name, cache.ttl_seconds),
             );
         }
     }

@@ -5,17 +5,15 @@
 //! Why not a general matrix product: with so few rows, a general one spends most of its time
 //! re-packing the weights on every call (reading and writing all 40 MB of them per text).
 //! Here they are packed once, at load, into panels of [`PANEL`] output columns, each panel's
-//! rows contiguous: one pass over a panel computes those columns for [`ROWS`] token rows at a
-//! time, and the next rows find the panel in cache (24 KiB for a 384-wide input, in L1; 96 KiB
-//! for the 1,536-wide one, in L2).
+//! rows contiguous: one pass over a panel computes those columns for a block of token rows (8
+//! with AVX-512, 4 with AVX2), whose inputs are laid out input by input beforehand, and the
+//! next block finds the panel in cache (24 KiB for a 384-wide input, in L1; 96 KiB for the
+//! 1,536-wide one, in L2).
 
 use pulp::{Arch, Simd, WithSimd};
 
 /// Output columns per panel: one AVX-512 vector, two AVX2 vectors.
 const PANEL: usize = 16;
-/// Token rows computed together: 4 × 16 accumulators fit AVX2's 16 registers with room for the
-/// weights and the broadcast input.
-const ROWS: usize = 4;
 
 /// A projection with its weights packed for [`Dense::apply`].
 #[derive(Debug)]
@@ -131,8 +129,9 @@ impl Dense {
 }
 
 /// Products at least this large (multiply-adds) are split over cores: below it, starting a
-/// thread costs more than it saves.
-const SPLIT_ABOVE: usize = 1 << 20;
+/// thread costs more than it saves (measured: a text of 16 word pieces, whose largest product
+/// is 9.4 M, is faster on one core; one of 24 is faster on two).
+const SPLIT_ABOVE: usize = 12 << 20;
 /// At most this many cores work on one product.
 const MAX_WORKERS: usize = 4;
 
@@ -166,52 +165,70 @@ impl WithSimd for Project<'_> {
             out,
             stride,
         } = self;
-        let (inputs, outputs) = (dense.inputs, dense.outputs);
         let lanes = S::F32_LANES;
         if !PANEL.is_multiple_of(lanes) || PANEL / lanes > 4 {
             return scalar(dense, x, panels, out, stride);
         }
-        let vectors = PANEL / lanes;
-        let zeros = vec![0.0; inputs];
-        let tokens = x.len() / inputs;
-        let offset = panels.start * PANEL;
-        for p in panels {
-            let panel = &dense.panels[p * inputs * PANEL..(p + 1) * inputs * PANEL];
-            let first = p * PANEL;
-            let width = PANEL.min(outputs - first);
-            for block in (0..tokens).step_by(ROWS) {
-                // Rows past the last token read zeros and are not stored.
-                let rows: [&[f32]; ROWS] = std::array::from_fn(|r| {
-                    let t = block + r;
-                    if t < tokens {
-                        &x[t * inputs..(t + 1) * inputs]
-                    } else {
-                        &zeros[..]
-                    }
-                });
-                let mut acc = [[simd.splat_f32s(0.0); 4]; ROWS];
-                for (i, packed) in panel.chunks_exact(PANEL).enumerate() {
-                    let (w, _) = S::as_simd_f32s(packed);
-                    for (r, row) in rows.iter().enumerate() {
-                        let v = simd.splat_f32s(row[i]);
-                        for (a, w) in acc[r].iter_mut().zip(w).take(vectors) {
-                            *a = simd.mul_add_e_f32s(v, *w, *a);
-                        }
+        match PANEL / lanes {
+            1 => project::<S, 1, 8>(simd, dense, x, panels, out, stride),
+            2 => project::<S, 2, 4>(simd, dense, x, panels, out, stride),
+            _ => project::<S, 4, 2>(simd, dense, x, panels, out, stride),
+        }
+    }
+}
+
+/// The columns of `panels` for every token row of `x`, `R` rows at a time, each panel column
+/// group `V` vectors wide: `V × R` accumulators (eight, as many as keep two FMA units busy
+/// through their latency, and fit the registers with the weights and the broadcast input).
+#[inline(always)]
+fn project<S: Simd, const V: usize, const R: usize>(
+    simd: S,
+    dense: &Dense,
+    x: &[f32],
+    panels: std::ops::Range<usize>,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let (inputs, outputs) = (dense.inputs, dense.outputs);
+    let tokens = x.len() / inputs;
+    // The token rows by blocks of `R`, each block input-major (`R` values per input, the rows
+    // past the last token zero), so the kernel reads its inputs in order.
+    let blocks = tokens.div_ceil(R);
+    let mut transposed = vec![0.0f32; blocks * inputs * R];
+    for (t, row) in x.chunks_exact(inputs).enumerate() {
+        let block = &mut transposed[(t / R) * inputs * R..(t / R + 1) * inputs * R];
+        for (i, value) in row.iter().enumerate() {
+            block[i * R + t % R] = *value;
+        }
+    }
+    let offset = panels.start * PANEL;
+    for p in panels {
+        let panel = &dense.panels[p * inputs * PANEL..(p + 1) * inputs * PANEL];
+        let (weights, _) = S::as_simd_f32s(panel);
+        let first = p * PANEL;
+        let width = PANEL.min(outputs - first);
+        for (b, block) in transposed.chunks_exact(inputs * R).enumerate() {
+            let mut acc = [[simd.splat_f32s(0.0); V]; R];
+            for (w, xs) in weights.chunks_exact(V).zip(block.chunks_exact(R)) {
+                for r in 0..R {
+                    let v = simd.splat_f32s(xs[r]);
+                    for k in 0..V {
+                        acc[r][k] = simd.mul_add_e_f32s(v, w[k], acc[r][k]);
                     }
                 }
-                for (r, acc) in acc.iter().enumerate() {
-                    let t = block + r;
-                    if t >= tokens {
-                        break;
-                    }
-                    let mut lane_values = [0.0f32; PANEL];
-                    let (stored, _) = S::as_mut_simd_f32s(&mut lane_values);
-                    stored.copy_from_slice(&acc[..vectors]);
-                    let start = t * stride + first - offset;
-                    let target = &mut out[start..start + width];
-                    for ((o, v), b) in target.iter_mut().zip(lane_values).zip(&dense.bias[first..]) {
-                        *o = v + b;
-                    }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let t = b * R + r;
+                if t >= tokens {
+                    break;
+                }
+                let mut lane_values = [0.0f32; PANEL];
+                let (stored, _) = S::as_mut_simd_f32s(&mut lane_values);
+                stored.copy_from_slice(acc);
+                let start = t * stride + first - offset;
+                let target = &mut out[start..start + width];
+                for ((o, v), b) in target.iter_mut().zip(lane_values).zip(&dense.bias[first..]) {
+                    *o = v + b;
                 }
             }
         }
@@ -285,6 +302,28 @@ mod tests {
             let mut whole = vec![0.0; tokens * outputs];
             scalar(&dense, &x, 0..outputs.div_ceil(PANEL), &mut whole, outputs);
             results.push(("scalar", whole));
+            // Each vector width this CPU has, whichever `dispatch` would choose.
+            let with = |simd: &dyn Fn(Project<'_>)| {
+                let mut out = vec![0.0; tokens * outputs];
+                simd(Project {
+                    dense: &dense,
+                    x: &x,
+                    panels: 0..outputs.div_ceil(PANEL),
+                    out: &mut out,
+                    stride: outputs,
+                });
+                out
+            };
+            results.push(("no vectors", with(&|op| Simd::vectorize(pulp::Scalar::new(), op))));
+            #[cfg(target_arch = "x86_64")]
+            {
+                if let Some(avx2) = pulp::x86::V3::try_new() {
+                    results.push(("AVX2", with(&|op| Simd::vectorize(avx2, op))));
+                }
+                if let Some(avx512) = pulp::x86::V4::try_new() {
+                    results.push(("AVX-512", with(&|op| Simd::vectorize(avx512, op))));
+                }
+            }
             for (name, got) in results {
                 assert_eq!(got.len(), want.len());
                 for (g, e) in got.iter().zip(&want) {

@@ -341,12 +341,9 @@ fn harness<'s>(
         contextos_runner::model::routing::Models::for_bundle(&bundle, &secrets, |model, _| Ok(model))
             .map_err(|e| anyhow::anyhow!("{e}; pass --secret <secret>/<key>=... for a model key"))?;
     // The model is loaded (about a second) only for an Agent that scores its tools with it.
-    let embedder = bundle
-        .agent_spec
-        .discovery
-        .as_ref()
-        .filter(|d| d.resolver == contextos_crds::agent::DiscoveryResolver::Embeddings)
-        .and_then(|_| contextos_runner::discovery::configured_embedder());
+    let embedder = contextos_runner::discovery::by_embeddings(&bundle.agent_spec)
+        .then(contextos_runner::discovery::configured_embedder)
+        .flatten();
     Ok(Harness::new(store, key, bundle, gateway, model)?
         .with_models(models)
         .with_embedder(embedder))

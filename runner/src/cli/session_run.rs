@@ -172,13 +172,8 @@ async fn gateway_embedder(
     client: &GatewayClient,
     bundle: &contextos_runner::run::bundle::RunBundle,
 ) -> Option<contextos_runner::discovery::embedding::Embedder> {
-    use contextos_crds::agent::DiscoveryResolver;
     use contextos_runner::discovery::embedding::{Embedder, GatewayEmbeddings};
-    let wants = bundle
-        .agent_spec
-        .discovery
-        .as_ref()
-        .is_some_and(|d| d.resolver == DiscoveryResolver::Embeddings);
+    let wants = contextos_runner::discovery::by_embeddings(&bundle.agent_spec);
     if !wants {
         return None;
     }

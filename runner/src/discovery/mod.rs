@@ -307,6 +307,15 @@ impl IndexCache {
     }
 }
 
+/// Whether `agent` scores its tools by embeddings (`spec.discovery.resolver`), so its runs need
+/// an embedder.
+pub fn by_embeddings(agent: &contextos_crds::AgentSpec) -> bool {
+    agent
+        .discovery
+        .as_ref()
+        .is_some_and(|d| d.resolver == contextos_crds::agent::DiscoveryResolver::Embeddings)
+}
+
 /// The embedder this process is configured with, loaded once: an OpenAI-compatible endpoint
 /// (`CONTEXTOS_EMBEDDINGS_URL`, the API base; `CONTEXTOS_EMBEDDINGS_MODEL`, default
 /// `text-embedding-3-small`; `CONTEXTOS_EMBEDDINGS_API_KEY`), else the model in the directory

@@ -34,6 +34,31 @@ async fn embedding_rig() -> (Rig, String) {
     (rig, id)
 }
 
+/// What a runner writing that turn 1 was offered `get_service_status` by `model`'s embeddings
+/// is told: why the service refused it.
+async fn claim_scored_by(rig: &Rig, client: &GatewayClient, model: &str) -> String {
+    let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
+        .await
+        .expect("resume");
+    recorder.stage(EntryBody::ToolsOffered {
+        step: 1,
+        scoring: Scoring::Embeddings { model: model.into() },
+        selection: Selection {
+            offered: vec![Offer {
+                tool: "get_service_status".into(),
+                score: 0.9,
+                reason: OfferReason::Ranked,
+            }],
+            denied: vec!["delete_namespace".into()],
+            over_budget: Vec::new(),
+        },
+    });
+    match recorder.flush().await {
+        Ok(_) => panic!("the service wrote an offer scored by {model}"),
+        Err(refused) => refused.to_string(),
+    }
+}
+
 /// The quickstart bundle with `spec.discovery` scoring by embeddings.
 fn discovering(bundle: &RunBundle) -> RunBundle {
     let mut bundle = bundle.clone();
@@ -155,20 +180,8 @@ async fn embeddings_go_only_to_a_discovering_run_and_only_as_many_as_it_needs() 
 
     // Nor does a run whose Agent does not discover by embeddings get an offer on record that
     // claims it did.
-    let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
-        .await
-        .expect("resume");
-    recorder.stage(EntryBody::ToolsOffered {
-        step: 1,
-        scoring: Scoring::Embeddings { model },
-        selection: Selection {
-            offered: Vec::new(),
-            denied: vec!["delete_namespace".into()],
-            over_budget: Vec::new(),
-        },
-    });
-    let refused = recorder.flush().await.expect_err("not a discovering run");
-    assert!(refused.to_string().contains("does not discover"), "{refused}");
+    let refused = claim_scored_by(&rig, &client, &model).await;
+    assert!(refused.contains("does not discover"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,29 +253,9 @@ async fn a_discovering_run_gets_its_catalog_and_an_intent_a_step_and_no_more() {
     assert_eq!(again.embeddings, answer.embeddings);
 
     // An offer claimed to be scored by another model is not written.
-    let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
-        .await
-        .expect("resume");
-    recorder.stage(EntryBody::ToolsOffered {
-        step: 1,
-        scoring: Scoring::Embeddings {
-            model: "openai:text-embedding-3-large".into(),
-        },
-        selection: Selection {
-            offered: vec![Offer {
-                tool: "get_service_status".into(),
-                score: 0.9,
-                reason: OfferReason::Ranked,
-            }],
-            denied: vec!["delete_namespace".into()],
-            over_budget: Vec::new(),
-        },
-    });
-    let refused = recorder.flush().await.expect_err("another model's scores");
+    let refused = claim_scored_by(&rig, &client, "openai:text-embedding-3-large").await;
     assert!(
-        refused
-            .to_string()
-            .contains(&format!("this gateway serves {model}")),
+        refused.contains(&format!("this gateway serves {model}")),
         "{refused}"
     );
 }
@@ -294,20 +287,6 @@ async fn a_gateway_without_a_model_embeds_nothing_and_takes_no_offer_scored_by_o
         }
         other => panic!("{other:?}"),
     }
-    let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
-        .await
-        .expect("resume");
-    recorder.stage(EntryBody::ToolsOffered {
-        step: 1,
-        scoring: Scoring::Embeddings {
-            model: "local:all-minilm-l6-v2/1.19.0-beta29:759c3cd2b7fe".into(),
-        },
-        selection: Selection {
-            offered: Vec::new(),
-            denied: vec!["delete_namespace".into()],
-            over_budget: Vec::new(),
-        },
-    });
-    let refused = recorder.flush().await.expect_err("no model here");
-    assert!(refused.to_string().contains("BM25 only"), "{refused}");
+    let refused = claim_scored_by(&rig, &client, "local:all-minilm-l6-v2/1.19.0-beta29:759c3cd2b7fe").await;
+    assert!(refused.contains("BM25 only"), "{refused}");
 }

@@ -242,12 +242,7 @@ where
             )));
         }
         let slot = service.slot(&caller, &[]).await?;
-        let wants = slot
-            .bundle
-            .agent_spec
-            .discovery
-            .as_ref()
-            .is_some_and(|d| d.resolver == contextos_crds::agent::DiscoveryResolver::Embeddings);
+        let wants = crate::discovery::by_embeddings(&slot.bundle.agent_spec);
         if !wants {
             return Err(refused(
                 "the run's Agent does not discover its tools by embeddings (spec.discovery.resolver)",

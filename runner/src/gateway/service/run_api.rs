@@ -321,12 +321,7 @@ where
             } => {
                 let refuse = |e: String| forbidden(format!("entry {}: {e}", entry.seq));
                 let slot = self.slot(caller, &[]).await?;
-                let discovers_by_embeddings = slot
-                    .bundle
-                    .agent_spec
-                    .discovery
-                    .as_ref()
-                    .is_some_and(|d| d.resolver == contextos_crds::agent::DiscoveryResolver::Embeddings);
+                let discovers_by_embeddings = crate::discovery::by_embeddings(&slot.bundle.agent_spec);
                 if matches!(scoring, crate::discovery::Scoring::Embeddings { .. }) && !discovers_by_embeddings
                 {
                     return Err(refuse(

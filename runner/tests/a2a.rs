@@ -680,10 +680,11 @@ async fn a_failed_task_and_an_oversized_answer_are_failed_calls_with(sdk: Sdk) {
     assert_eq!(dead_letters, 2);
 }
 
-/// `examples/a2a` through the `contextos` binary: the run pauses on the billing agent's
-/// question, names it, a person answers it with `contextos resolve --answer`, the run resumes
-/// and completes with the remote task's result; the record shows question and answer, and a
-/// replay of it decides the same without reaching the remote agent.
+/// `examples/a2a` through the `contextos` binary: the delegation waits for a support lead's
+/// approval, then the run pauses on the billing agent's question, names it, a person answers it
+/// with `contextos resolve --answer`, the run resumes and completes with the remote task's
+/// result; the record shows question and answer, and a replay of it decides the same without
+/// reaching the remote agent.
 #[test]
 fn a_session_pauses_on_a_remote_question_and_resumes_with_the_answer() {
     let Some(peer) = Peer::start(Sdk::Python) else {
@@ -710,6 +711,29 @@ fn a_session_pauses_on_a_remote_question_and_resumes_with_the_answer() {
     let access = ["--endpoint-override", override_.as_str()];
 
     let (code, out, err) = cli(&[&["run", "-f", example][..], &access].concat());
+    assert_eq!(code, Some(4), "the delegation waits for approval\n{out}\n{err}");
+    assert_eq!(
+        blocking(peer.methods("/plain/rpc")).len(),
+        0,
+        "nothing reaches the billing agent before a lead approves"
+    );
+    let call_hash = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("call hash: "))
+        .expect("the pause names the call")
+        .to_owned();
+    let (code, out, err) = cli(&[
+        "approve",
+        "refund-7",
+        "--call",
+        &call_hash,
+        "--as",
+        "lee@example.com",
+        "--group",
+        "support-leads",
+    ]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let (code, out, err) = cli(&[&["resume", "refund-7"][..], &access].concat());
     assert_eq!(code, Some(4), "the run pauses on the question\n{out}\n{err}");
     assert!(out.contains("Which region should the refund go to?"), "{out}");
     let question = out

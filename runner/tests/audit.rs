@@ -218,13 +218,33 @@ fn every_rule_has_a_fixture_that_makes_exactly_its_findings() {
 }
 
 #[test]
-fn the_quickstart_has_no_high_finding() {
-    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
-    let report = audit::audit(&Harness::from_documents(
-        source::load(&[quickstart]).expect("quickstart"),
-        false,
-    ));
-    assert!(!report.fails(Severity::High), "{}", report.text());
+fn the_quickstart_and_every_example_have_no_high_finding() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let quickstart = examples.join("quickstart");
+    let mut audited = 0;
+    for entry in std::fs::read_dir(&examples).expect("examples") {
+        let dir = entry.expect("entry").path();
+        if !dir.is_dir() {
+            continue;
+        }
+        // An example that adds to the quickstart (prices, quotas) is audited with it.
+        let mut paths = vec![dir.clone()];
+        if dir != quickstart && !dir.join("agent.yaml").exists() {
+            paths.push(quickstart.clone());
+        }
+        let report = audit::audit(&Harness::from_documents(
+            source::load(&paths).expect("the example loads"),
+            false,
+        ));
+        assert!(
+            !report.fails(Severity::High),
+            "{}:\n{}",
+            dir.display(),
+            report.text()
+        );
+        audited += 1;
+    }
+    assert!(audited >= 5, "{audited} examples");
 }
 
 #[test]

@@ -18,6 +18,12 @@ const PANEL: usize = 16;
 /// A projection with its weights packed for [`Dense::apply`].
 #[derive(Debug)]
 pub struct Dense {
+    /// Shared with the helper threads a product is split over.
+    weights: std::sync::Arc<Weights>,
+}
+
+#[derive(Debug)]
+struct Weights {
     inputs: usize,
     outputs: usize,
     /// `outputs / PANEL` panels (rounded up, the last zero-padded), each `inputs × PANEL`.
@@ -45,74 +51,91 @@ impl Dense {
             }
         }
         Some(Self {
-            inputs,
-            outputs,
-            panels,
-            bias,
+            weights: std::sync::Arc::new(Weights {
+                inputs,
+                outputs,
+                panels,
+                bias,
+            }),
         })
     }
 
     pub fn outputs(&self) -> usize {
-        self.outputs
+        self.weights.outputs
     }
 
     /// `x · W + b` for `x` of `tokens × inputs` (row-major), as `tokens × outputs`. A large
     /// enough product is split by panels over the machine's cores (at most [`MAX_WORKERS`]).
     pub fn apply(&self, x: &[f32]) -> Vec<f32> {
-        let work = x.len().saturating_mul(self.outputs);
-        let workers = if work < SPLIT_ABOVE { 1 } else { cores() };
+        let work = x.len().saturating_mul(self.weights.outputs);
+        let workers = if work < SPLIT_ABOVE {
+            1
+        } else {
+            1 + super::pool::pool().helpers()
+        };
         self.apply_on(x, workers)
     }
 
-    /// [`Dense::apply`] on at most `workers` threads.
+    /// [`Dense::apply`] over at most `workers` threads (this one and the pool's helpers).
     fn apply_on(&self, x: &[f32], workers: usize) -> Vec<f32> {
-        let tokens = x.len() / self.inputs;
-        let x = &x[..tokens * self.inputs];
-        let panels = self.outputs.div_ceil(PANEL);
+        let weights = &self.weights;
+        let tokens = x.len() / weights.inputs;
+        let x = &x[..tokens * weights.inputs];
+        let panels = weights.outputs.div_ceil(PANEL);
         let workers = workers.clamp(1, panels);
         if workers == 1 {
-            let mut out = vec![0.0; tokens * self.outputs];
-            self.project(x, 0..panels, &mut out, self.outputs);
+            let mut out = vec![0.0; tokens * weights.outputs];
+            weights.project(x, 0..panels, &mut out, weights.outputs);
             return out;
         }
         // Each worker fills its own columns (whole panels) of a buffer of its own; the buffers
-        // are then laid side by side.
+        // are then laid side by side. The helpers get their own copy of the (small) input.
         let per_worker = panels.div_ceil(workers);
-        let parts: Vec<(std::ops::Range<usize>, Vec<f32>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..panels)
-                .step_by(per_worker)
-                .skip(1)
-                .map(|start| {
-                    let range = start..(start + per_worker).min(panels);
-                    scope.spawn(move || self.part(x, range))
-                })
-                .collect();
-            let mut parts = vec![self.part(x, 0..per_worker.min(panels))];
-            // A worker that panicked (a bug) takes the caller down, as it would have alone.
-            parts.extend(
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))),
-            );
-            parts
-        });
-        let mut out = vec![0.0; tokens * self.outputs];
+        let shared: std::sync::Arc<[f32]> = x.into();
+        let asked: Vec<_> = (per_worker..panels)
+            .step_by(per_worker)
+            .map(|start| {
+                let range = start..(start + per_worker).min(panels);
+                let (weights, x) = (weights.clone(), shared.clone());
+                let job_range = range.clone();
+                (
+                    range,
+                    super::pool::pool().run(move || weights.part(&x, job_range)),
+                )
+            })
+            .collect();
+        let mut parts = vec![(
+            0..per_worker.min(panels),
+            weights.part(x, 0..per_worker.min(panels)),
+        )];
+        for (range, answer) in asked {
+            // No answer (the job panicked, or no helper ran): this thread computes it, and a bug
+            // panics here as it would have there.
+            let part = answer.recv().unwrap_or_else(|_| weights.part(x, range.clone()));
+            parts.push((range, part));
+        }
+        let mut out = vec![0.0; tokens * weights.outputs];
         for (range, part) in parts {
             let first = range.start * PANEL;
-            let width = (range.end * PANEL).min(self.outputs) - first;
-            for (target, source) in out.chunks_exact_mut(self.outputs).zip(part.chunks_exact(width)) {
+            let width = (range.end * PANEL).min(weights.outputs) - first;
+            for (target, source) in out
+                .chunks_exact_mut(weights.outputs)
+                .zip(part.chunks_exact(width))
+            {
                 target[first..first + width].copy_from_slice(source);
             }
         }
         out
     }
+}
 
+impl Weights {
     /// The columns of `panels` for every token, as `tokens × (their width)`.
-    fn part(&self, x: &[f32], panels: std::ops::Range<usize>) -> (std::ops::Range<usize>, Vec<f32>) {
+    fn part(&self, x: &[f32], panels: std::ops::Range<usize>) -> Vec<f32> {
         let width = (panels.end * PANEL).min(self.outputs) - panels.start * PANEL;
         let mut out = vec![0.0; x.len() / self.inputs * width];
-        self.project(x, panels.clone(), &mut out, width);
-        (panels, out)
+        self.project(x, panels, &mut out, width);
+        out
     }
 
     /// Computes the columns of `panels` into `out`, whose rows are `stride` wide and start at
@@ -128,15 +151,15 @@ impl Dense {
     }
 }
 
-/// Products at least this large (multiply-adds) are split over cores: below it, starting a
-/// thread costs more than it saves (measured: a text of 16 word pieces, whose largest product
-/// is 9.4 M, is faster on one core; one of 24 is faster on two).
-const SPLIT_ABOVE: usize = 12 << 20;
+/// Products at least this large (multiply-adds) are split over cores: below it, handing work
+/// to a helper costs more than it saves (measured on two cores: a text of 16 word pieces embeds
+/// in 3.8 ms split above 3 M, 4.0 ms above 0.5 M or 1 M, 4.6 ms on one core).
+const SPLIT_ABOVE: usize = 3 << 20;
 /// At most this many cores work on one product.
 const MAX_WORKERS: usize = 4;
 
 /// The cores one product is split over (asked once: the answer reads cgroup files).
-fn cores() -> usize {
+pub(crate) fn cores() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CORES.get_or_init(|| {
         std::thread::available_parallelism()
@@ -146,7 +169,7 @@ fn cores() -> usize {
 }
 
 struct Project<'a> {
-    dense: &'a Dense,
+    dense: &'a Weights,
     x: &'a [f32],
     panels: std::ops::Range<usize>,
     out: &'a mut [f32],
@@ -183,7 +206,7 @@ impl WithSimd for Project<'_> {
 #[inline(always)]
 fn project<S: Simd, const V: usize, const R: usize>(
     simd: S,
-    dense: &Dense,
+    dense: &Weights,
     x: &[f32],
     panels: std::ops::Range<usize>,
     out: &mut [f32],
@@ -236,7 +259,7 @@ fn project<S: Simd, const V: usize, const R: usize>(
 }
 
 /// The same product without SIMD, for targets `pulp` has no vectors for.
-fn scalar(dense: &Dense, x: &[f32], panels: std::ops::Range<usize>, out: &mut [f32], stride: usize) {
+fn scalar(dense: &Weights, x: &[f32], panels: std::ops::Range<usize>, out: &mut [f32], stride: usize) {
     let (inputs, outputs) = (dense.inputs, dense.outputs);
     let offset = panels.start * PANEL;
     for (row, target) in x.chunks_exact(inputs).zip(out.chunks_exact_mut(stride)) {
@@ -300,13 +323,19 @@ mod tests {
                 results.push(("split over workers", dense.apply_on(&x, workers)));
             }
             let mut whole = vec![0.0; tokens * outputs];
-            scalar(&dense, &x, 0..outputs.div_ceil(PANEL), &mut whole, outputs);
+            scalar(
+                &dense.weights,
+                &x,
+                0..outputs.div_ceil(PANEL),
+                &mut whole,
+                outputs,
+            );
             results.push(("scalar", whole));
             // Each vector width this CPU has, whichever `dispatch` would choose.
             let with = |simd: &dyn Fn(Project<'_>)| {
                 let mut out = vec![0.0; tokens * outputs];
                 simd(Project {
-                    dense: &dense,
+                    dense: &dense.weights,
                     x: &x,
                     panels: 0..outputs.div_ceil(PANEL),
                     out: &mut out,
@@ -339,8 +368,11 @@ mod tests {
                 let width = outputs - PANEL;
                 let panels = 1..outputs.div_ceil(PANEL);
                 let mut scalar_part = vec![0.0; tokens * width];
-                scalar(&dense, &x, panels.clone(), &mut scalar_part, width);
-                for (name, part) in [("part", dense.part(&x, panels).1), ("scalar part", scalar_part)] {
+                scalar(&dense.weights, &x, panels.clone(), &mut scalar_part, width);
+                for (name, part) in [
+                    ("part", dense.weights.part(&x, panels)),
+                    ("scalar part", scalar_part),
+                ] {
                     for (row, expected) in part.chunks_exact(width).zip(want.chunks_exact(outputs)) {
                         for (g, e) in row.iter().zip(&expected[PANEL..]) {
                             assert!(

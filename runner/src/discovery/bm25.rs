@@ -10,8 +10,9 @@ const B: f32 = 0.75;
 /// An index over a fixed list of documents.
 #[derive(Debug, Clone)]
 pub struct Bm25Index {
-    /// Per document, its terms and their counts.
-    docs: Vec<HashMap<String, u32>>,
+    /// Per term, the documents holding it and how often (an inverted index: a query touches
+    /// only the documents that share one of its terms).
+    postings: HashMap<String, Vec<(usize, f32)>>,
     lengths: Vec<f32>,
     average_length: f32,
     /// Inverse document frequency of each term seen.
@@ -51,8 +52,14 @@ impl Bm25Index {
                 (term.to_owned(), ((n - df + 0.5) / (df + 0.5) + 1.0).ln())
             })
             .collect();
+        let mut postings: HashMap<String, Vec<(usize, f32)>> = HashMap::new();
+        for (d, doc) in docs.into_iter().enumerate() {
+            for (term, count) in doc {
+                postings.entry(term).or_default().push((d, count as f32));
+            }
+        }
         Self {
-            docs,
+            postings,
             lengths,
             average_length,
             idf,
@@ -64,20 +71,17 @@ impl Bm25Index {
         let mut query_terms = terms(query);
         query_terms.sort_unstable();
         query_terms.dedup();
-        self.docs
-            .iter()
-            .zip(&self.lengths)
-            .map(|(doc, length)| {
-                query_terms
-                    .iter()
-                    .filter_map(|term| Some((self.idf.get(term)?, *doc.get(term)? as f32)))
-                    .map(|(idf, tf)| {
-                        let norm = K1 * (1.0 - B + B * length / self.average_length);
-                        idf * tf * (K1 + 1.0) / (tf + norm)
-                    })
-                    .sum()
-            })
-            .collect()
+        let mut scores = vec![0.0f32; self.lengths.len()];
+        for term in &query_terms {
+            let (Some(idf), Some(postings)) = (self.idf.get(term), self.postings.get(term)) else {
+                continue;
+            };
+            for &(doc, tf) in postings {
+                let norm = K1 * (1.0 - B + B * self.lengths[doc] / self.average_length);
+                scores[doc] += idf * tf * (K1 + 1.0) / (tf + norm);
+            }
+        }
+        scores
     }
 }
 

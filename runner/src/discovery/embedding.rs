@@ -32,7 +32,22 @@ impl Embedding {
         if self.0.len() != other.0.len() {
             return 0.0;
         }
-        self.0.iter().zip(&other.0).map(|(a, b)| a * b).sum()
+        // Summed in eight lanes, which the compiler vectorises (a sum in order it cannot): a
+        // resolution scores every tool text of a catalog.
+        let mut lanes = [0.0f32; 8];
+        let (mine, theirs) = (self.0.chunks_exact(8), other.0.chunks_exact(8));
+        let tail: f32 = mine
+            .remainder()
+            .iter()
+            .zip(theirs.remainder())
+            .map(|(a, b)| a * b)
+            .sum();
+        for (a, b) in mine.zip(theirs) {
+            for k in 0..8 {
+                lanes[k] += a[k] * b[k];
+            }
+        }
+        lanes.iter().sum::<f32>() + tail
     }
 
     pub fn width(&self) -> usize {

@@ -152,8 +152,8 @@ impl Weights {
 }
 
 /// Products at least this large (multiply-adds) are split over cores: below it, handing work
-/// to a helper costs more than it saves (measured on two cores: a text of 16 word pieces embeds
-/// in 3.8 ms split above 3 M, 4.0 ms above 0.5 M or 1 M, 4.6 ms on one core).
+/// to a helper costs more than it saves (measured on two cores: a text of 18 word pieces embeds
+/// in 4.1 ms split above 3 M, 4.2 ms above 1 M or 2 M, 4.5 ms above 6 M, 5.1 ms on one core).
 const SPLIT_ABOVE: usize = 3 << 20;
 /// At most this many cores work on one product.
 const MAX_WORKERS: usize = 4;
@@ -203,6 +203,9 @@ impl WithSimd for Project<'_> {
 /// The columns of `panels` for every token row of `x`, `R` rows at a time, each panel column
 /// group `V` vectors wide: `V × R` accumulators (eight, as many as keep two FMA units busy
 /// through their latency, and fit the registers with the weights and the broadcast input).
+/// The rows past the last block of `R` are a block of their own, as few rows as fit them
+/// (1, 2, 4…) with the inputs spread over more accumulator chains: a text of 17 word pieces
+/// costs 17 rows of work, not 24.
 #[inline(always)]
 fn project<S: Simd, const V: usize, const R: usize>(
     simd: S,
@@ -214,48 +217,109 @@ fn project<S: Simd, const V: usize, const R: usize>(
 ) {
     let (inputs, outputs) = (dense.inputs, dense.outputs);
     let tokens = x.len() / inputs;
-    // The token rows by blocks of `R`, each block input-major (`R` values per input, the rows
-    // past the last token zero), so the kernel reads its inputs in order.
-    let blocks = tokens.div_ceil(R);
-    let mut transposed = vec![0.0f32; blocks * inputs * R];
+    let (whole, tail) = (tokens / R, tokens % R);
+    // Rows of the tail block: a power of two, so that it divides the eight accumulators.
+    let tail_rows = if tail == 0 { 0 } else { tail.next_power_of_two() };
+    // The token rows by blocks (`R` rows each, then the tail's), each block input-major (its
+    // rows' values per input, the rows past the last token zero), so a kernel reads its inputs
+    // in order.
+    let mut transposed = vec![0.0f32; whole * inputs * R + inputs * tail_rows];
     for (t, row) in x.chunks_exact(inputs).enumerate() {
-        let block = &mut transposed[(t / R) * inputs * R..(t / R + 1) * inputs * R];
+        let (start, rows, r) = if t < whole * R {
+            ((t / R) * inputs * R, R, t % R)
+        } else {
+            (whole * inputs * R, tail_rows, t - whole * R)
+        };
         for (i, value) in row.iter().enumerate() {
-            block[i * R + t % R] = *value;
+            transposed[start + i * rows + r] = *value;
         }
     }
+    let (blocks, tail_block) = transposed.split_at(whole * inputs * R);
     let offset = panels.start * PANEL;
     for p in panels {
         let panel = &dense.panels[p * inputs * PANEL..(p + 1) * inputs * PANEL];
         let (weights, _) = S::as_simd_f32s(panel);
         let first = p * PANEL;
-        let width = PANEL.min(outputs - first);
-        for (b, block) in transposed.chunks_exact(inputs * R).enumerate() {
-            let mut acc = [[simd.splat_f32s(0.0); V]; R];
-            for (w, xs) in weights.chunks_exact(V).zip(block.chunks_exact(R)) {
-                for r in 0..R {
-                    let v = simd.splat_f32s(xs[r]);
-                    for k in 0..V {
-                        acc[r][k] = simd.mul_add_e_f32s(v, w[k], acc[r][k]);
-                    }
-                }
+        let mut write = |t: usize, acc: &[S::f32s; V]| {
+            let width = PANEL.min(outputs - first);
+            let mut lane_values = [0.0f32; PANEL];
+            let (stored, _) = S::as_mut_simd_f32s(&mut lane_values);
+            stored.copy_from_slice(acc);
+            let start = t * stride + first - offset;
+            let target = &mut out[start..start + width];
+            for ((o, v), b) in target.iter_mut().zip(lane_values).zip(&dense.bias[first..]) {
+                *o = v + b;
             }
+        };
+        for (b, block) in blocks.chunks_exact(inputs * R).enumerate() {
+            let acc = kernel::<S, V, R, 1>(simd, weights, block);
             for (r, acc) in acc.iter().enumerate() {
-                let t = b * R + r;
-                if t >= tokens {
-                    break;
-                }
-                let mut lane_values = [0.0f32; PANEL];
-                let (stored, _) = S::as_mut_simd_f32s(&mut lane_values);
-                stored.copy_from_slice(acc);
-                let start = t * stride + first - offset;
-                let target = &mut out[start..start + width];
-                for ((o, v), b) in target.iter_mut().zip(lane_values).zip(&dense.bias[first..]) {
-                    *o = v + b;
+                write(b * R + r, acc);
+            }
+        }
+        if tail == 0 {
+            continue;
+        }
+        // As many chains as make eight accumulators with the tail's rows (`V × rows × chains`).
+        let mut tail_out = |rows: &[[S::f32s; V]]| {
+            for (r, acc) in rows.iter().take(tail).enumerate() {
+                write(whole * R + r, acc);
+            }
+        };
+        match (V, tail_rows) {
+            (_, rows) if rows == R => tail_out(&kernel::<S, V, R, 1>(simd, weights, tail_block)),
+            (1, 1) => tail_out(&kernel::<S, V, 1, 8>(simd, weights, tail_block)),
+            (1, 2) => tail_out(&kernel::<S, V, 2, 4>(simd, weights, tail_block)),
+            (1, 4) => tail_out(&kernel::<S, V, 4, 2>(simd, weights, tail_block)),
+            (2, 1) => tail_out(&kernel::<S, V, 1, 4>(simd, weights, tail_block)),
+            (2, 2) => tail_out(&kernel::<S, V, 2, 2>(simd, weights, tail_block)),
+            (_, 1) => tail_out(&kernel::<S, V, 1, 2>(simd, weights, tail_block)),
+            _ => unreachable!("a tail is fewer rows than a block of {R}"),
+        }
+    }
+}
+
+/// One block of `R` token rows (`xs`: `R` values per input) times a panel (`weights`: `V`
+/// vectors per input), the inputs spread round-robin over `C` chains of accumulators summed at
+/// the end (more chains, more independent multiply-adds in flight when the rows are few).
+#[inline(always)]
+fn kernel<S: Simd, const V: usize, const R: usize, const C: usize>(
+    simd: S,
+    weights: &[S::f32s],
+    xs: &[f32],
+) -> [[S::f32s; V]; R] {
+    let mut acc = [[[simd.splat_f32s(0.0); V]; R]; C];
+    let inputs = xs.len() / R;
+    let grouped = inputs / C * C;
+    let (w_grouped, w_rest) = weights.split_at(grouped * V);
+    let (x_grouped, x_rest) = xs.split_at(grouped * R);
+    for (w, x) in w_grouped.chunks_exact(V * C).zip(x_grouped.chunks_exact(R * C)) {
+        for c in 0..C {
+            for r in 0..R {
+                let v = simd.splat_f32s(x[c * R + r]);
+                for k in 0..V {
+                    acc[c][r][k] = simd.mul_add_e_f32s(v, w[c * V + k], acc[c][r][k]);
                 }
             }
         }
     }
+    for (w, x) in w_rest.chunks_exact(V).zip(x_rest.chunks_exact(R)) {
+        for r in 0..R {
+            let v = simd.splat_f32s(x[r]);
+            for k in 0..V {
+                acc[0][r][k] = simd.mul_add_e_f32s(v, w[k], acc[0][r][k]);
+            }
+        }
+    }
+    let mut sum = acc[0];
+    for chain in &acc[1..] {
+        for (rows, more) in sum.iter_mut().zip(chain) {
+            for (s, m) in rows.iter_mut().zip(more) {
+                *s = simd.add_f32s(*s, *m);
+            }
+        }
+    }
+    sum
 }
 
 /// The same product without SIMD, for targets `pulp` has no vectors for.
@@ -303,8 +367,11 @@ mod tests {
         // row block, and a product large enough to be split over cores, included.
         for (tokens, inputs, outputs) in [
             (1, 1, 1),
+            (2, 19, 20),
             (3, 5, 17),
             (4, 16, 16),
+            (6, 10, 33),
+            (7, 24, 16),
             (9, 33, 40),
             (16, 64, 48),
             (17, 256, 300),

@@ -217,4 +217,55 @@ fn without_an_embedding_model_tools_are_scored_by_bm25_and_the_record_says_so() 
         "{}",
         shown.stdout
     );
+
+    // A candidate policy that denies outright a tool the first turn was offered: the replay
+    // offers what was recorded less that tool, and says so (a report, not counted: what it
+    // changes is judged by the calls).
+    let victim = recorded[0].1[0].clone();
+    let policy = std::fs::read_to_string(q.files.join("policy.yaml")).expect("policy");
+    let marker = r#"tools: ["delete_namespace", "delete_*"]"#;
+    assert!(policy.contains(marker), "the quickstart policy changed");
+    let stricter = q.files.join("candidate-policy.yaml");
+    std::fs::write(
+        &stricter,
+        policy.replace(
+            marker,
+            &format!(r#"tools: ["delete_namespace", "delete_*", "{victim}"]"#),
+        ),
+    )
+    .expect("write");
+    let out = q.cli(&[
+        "replay",
+        "--session",
+        "checkout-5xx",
+        "--candidate",
+        &stricter.display().to_string(),
+        "--max-divergence-percent",
+        "100",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.code, Some(0), "replay: {}{}", out.stdout, out.stderr);
+    let report: Value = serde_json::from_str(&out.stdout).expect("replay JSON");
+    let replayed = &report["replays"][0];
+    let changes: Vec<&Value> = replayed["divergences"]
+        .as_array()
+        .expect("divergences")
+        .iter()
+        .filter(|d| d["kind"] == "offer_changed")
+        .collect();
+    let offered_victim = recorded
+        .iter()
+        .filter(|(_, tools)| tools.contains(&victim))
+        .count();
+    assert_eq!(changes.len(), offered_victim, "{replayed:#}");
+    assert_eq!(changes[0]["step"], recorded[0].0);
+    let detail = changes[0]["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains(&format!("no longer offered: {victim}")),
+        "{detail}"
+    );
+    for (step, tools) in offered(&replayed["replayed"]) {
+        assert!(!tools.contains(&victim), "step {step}: {tools:?}");
+    }
 }

@@ -61,6 +61,11 @@ impl Selection {
         self.offered.iter().any(|o| o.tool == tool)
     }
 
+    /// The names of the tools offered.
+    pub fn offered_names(&self) -> std::collections::BTreeSet<String> {
+        self.offered.iter().map(|o| o.tool.clone()).collect()
+    }
+
     /// Checks a selection someone else made (a runner pod's, before the gateway records it)
     /// against the run's catalog: every tool named is one of `catalog`, none twice, scores
     /// finite and bounded, and the tools held back as denied exactly those the policies deny

@@ -35,6 +35,9 @@ pub struct Ledger {
     /// Whether a call was asked for, decided or answered since the latest model turn (a run
     /// completes only with an answer nothing followed).
     pub acted_since_turn: bool,
+    /// The tools each turn was offered, by step (an Agent with `spec.discovery`; the latest
+    /// offer of a step counts).
+    pub offered: HashMap<u32, std::collections::BTreeSet<String>>,
 }
 
 impl Ledger {
@@ -59,6 +62,9 @@ impl Ledger {
                 | EntryBody::DeadLettered { .. }
         ) {
             self.acted_since_turn = true;
+        }
+        if let EntryBody::ToolsOffered { step, selection, .. } = &entry.body {
+            self.offered.insert(*step, selection.offered_names());
         }
         if let EntryBody::ToolCallRequested(call) = &entry.body {
             self.riskiest_called = self.riskiest_called.max(Some(call.risk));

@@ -294,20 +294,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                 problem: e.to_string(),
             })?;
         let validators = validate::compile(&bundle.agent, &bundle.agent_spec.validators)?;
-        let tools = bundle
-            .agent_spec
-            .tools
-            .iter()
-            .map(|t| ToolSpec {
-                name: t.name.clone(),
-                description: t.description.clone(),
-                parameters: match (&t.adapter.memory, &t.input_schema) {
-                    (Some(memory), _) => crate::memory::desk::tool_schema(memory.operation),
-                    (None, Some(schema)) => schema.clone(),
-                    (None, None) => serde_json::json!({"type": "object"}),
-                },
-            })
-            .collect();
+        let tools = super::offer::agent_tools(&bundle.agent_spec);
         Ok(Self {
             store,
             tenant,
@@ -966,7 +953,13 @@ impl<'s, S: RecordStore> Harness<'s, S> {
             Mode::Live => None,
         };
         let (scoring, selection) = match recorded {
-            Some(recorded) => recorded,
+            // What the original turn was offered, as far as this bundle still has those tools
+            // and allows them (what differs shows in the replay as an OfferChanged report).
+            Some((scoring, selection)) => {
+                let catalog = self.tools.iter().map(|t| t.name.as_str()).collect();
+                let denied = self.gateway.denied_outright(safety);
+                (scoring, super::offer::as_replayed(selection, &catalog, &denied))
+            }
             None => {
                 let offering = self
                     .offering

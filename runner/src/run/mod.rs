@@ -11,7 +11,7 @@ pub mod critic;
 pub mod engine;
 pub mod execution;
 pub mod gate;
-mod offer;
+pub mod offer;
 pub mod pod;
 pub mod reexecute;
 pub mod replay;

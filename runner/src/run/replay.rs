@@ -256,12 +256,17 @@ pub enum DivergenceKind {
     /// A dryRun policy would decide a call differently than what was enforced (a report; it
     /// does not count against the gate, since dryRun enforces nothing).
     WouldChange,
+    /// A turn would be shown other tools (the candidate no longer has, or now denies outright,
+    /// a tool the turn was offered, or discovers tools where the run did not, or the reverse).
+    /// A report: the recorded model's turns are replayed as they were, so what it changes shows
+    /// as divergences of its own (a call now denied, say), which count.
+    OfferChanged,
 }
 
 impl DivergenceKind {
     /// Whether it counts against a replay gate.
     pub fn counts(self) -> bool {
-        self != Self::WouldChange
+        !matches!(self, Self::WouldChange | Self::OfferChanged)
     }
 }
 
@@ -430,6 +435,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             });
         }
     }
+    out.extend(offer_changes(&recorded.offered, &replayed.offered));
     if recorded.outcome != replayed.outcome {
         out.push(Divergence {
             kind: DivergenceKind::OutcomeChanged,
@@ -443,6 +449,73 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
         });
     }
     out.sort_by(|a, b| a.step.cmp(&b.step).then(a.kind.cmp(&b.kind)));
+    out
+}
+
+/// The turns offered other tools in the replay. A step only one side reached is not compared
+/// (the run went another way, which other divergences say), unless one side offered every tool
+/// throughout (discovery turned on or off).
+fn offer_changes(
+    recorded: &BTreeMap<u32, Vec<String>>,
+    replayed: &BTreeMap<u32, Vec<String>>,
+) -> Vec<Divergence> {
+    const EVERY_TOOL: &str = "every tool (no spec.discovery)";
+    let listed = |tools: &[String]| tools.join(", ");
+    let steps: BTreeSet<u32> = recorded.keys().chain(replayed.keys()).copied().collect();
+    let mut out = Vec::new();
+    for step in steps {
+        let (before, after) = (recorded.get(&step), replayed.get(&step));
+        let (recorded_text, replayed_text, detail) = match (before, after) {
+            (Some(before), Some(after)) if before == after => continue,
+            (Some(before), Some(after)) => {
+                let gone: Vec<&str> = before
+                    .iter()
+                    .filter(|t| !after.contains(t))
+                    .map(String::as_str)
+                    .collect();
+                let new: Vec<&str> = after
+                    .iter()
+                    .filter(|t| !before.contains(t))
+                    .map(String::as_str)
+                    .collect();
+                let detail = match (gone.is_empty(), new.is_empty()) {
+                    (false, true) => format!(
+                        "no longer offered: {} (the candidate does not have them, or denies them outright)",
+                        gone.join(", ")
+                    ),
+                    (true, false) => format!("newly offered: {}", new.join(", ")),
+                    (false, false) => format!(
+                        "no longer offered: {}; newly offered: {}",
+                        gone.join(", "),
+                        new.join(", ")
+                    ),
+                    (true, true) => "the same tools in another order".to_owned(),
+                };
+                (listed(before), listed(after), detail)
+            }
+            (Some(before), None) if replayed.is_empty() => (
+                listed(before),
+                EVERY_TOOL.to_owned(),
+                "the candidate does not discover tools: every turn is shown the whole catalog".to_owned(),
+            ),
+            (None, Some(after)) if recorded.is_empty() => (
+                EVERY_TOOL.to_owned(),
+                listed(after),
+                "the candidate discovers tools: the turn is shown only those chosen for it".to_owned(),
+            ),
+            _ => continue,
+        };
+        out.push(Divergence {
+            kind: DivergenceKind::OfferChanged,
+            step,
+            tool: None,
+            recorded: recorded_text,
+            replayed: replayed_text,
+            detail,
+            intended: false,
+            call_id: None,
+        });
+    }
     out
 }
 
@@ -1086,6 +1159,7 @@ fn kind_text(kind: DivergenceKind) -> &'static str {
         DivergenceKind::VerdictChanged => "verdict changed",
         DivergenceKind::OutcomeChanged => "outcome changed",
         DivergenceKind::WouldChange => "a dryRun policy would change it",
+        DivergenceKind::OfferChanged => "offered other tools",
     }
 }
 
@@ -1347,6 +1421,47 @@ mod tests {
             outcome: "completed: ok".into(),
             offered: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_turn_shown_other_tools_is_reported_and_does_not_count() {
+        let offered = |steps: &[(u32, &[&str])]| -> BTreeMap<u32, Vec<String>> {
+            steps
+                .iter()
+                .map(|(step, tools)| (*step, tools.iter().map(|t| (*t).to_owned()).collect()))
+                .collect()
+        };
+        let with = |steps: &[(u32, &[&str])]| DecisionTrace {
+            offered: offered(steps),
+            ..trace(vec![])
+        };
+        let recorded = with(&[(1, &["escalate", "get-logs"]), (2, &["get-logs", "restart"])]);
+        assert!(compare(&recorded, &recorded.clone()).is_empty());
+        // Step 2 loses restart; the replay ends before step 3 of a longer record.
+        let longer = with(&[
+            (1, &["escalate", "get-logs"]),
+            (2, &["get-logs", "restart"]),
+            (3, &["escalate"]),
+        ]);
+        let replayed = with(&[(1, &["escalate", "get-logs"]), (2, &["get-logs"])]);
+        let divergences = compare(&longer, &replayed);
+        assert_eq!(divergences.len(), 1, "{divergences:?}");
+        let changed = &divergences[0];
+        assert_eq!((changed.kind, changed.step), (DivergenceKind::OfferChanged, 2));
+        assert_eq!(changed.replayed, "get-logs");
+        assert!(
+            changed.detail.contains("no longer offered: restart"),
+            "{}",
+            changed.detail
+        );
+        assert!(
+            !changed.kind.counts(),
+            "a report: what it changes counts as its own divergence"
+        );
+        // Discovery turned off: every recorded turn is shown the whole catalog instead.
+        let undiscovered = compare(&recorded, &trace(vec![]));
+        assert_eq!(undiscovered.len(), 2);
+        assert!(undiscovered.iter().all(|d| d.replayed.starts_with("every tool")));
     }
 
     #[test]

@@ -82,7 +82,7 @@ where
     pub(super) async fn append(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
         let caller = service.caller(&headers).await?;
         let request: AppendRequest = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
-        let entries = service.runner_entries(&caller, &request.entries).await?;
+        let (entries, _) = service.runner_entries(&caller, &request.entries).await?;
         let expected = match &request.expected_head {
             None => None,
             Some(text) => Some(Hash::parse(text).ok_or_else(|| bad("expected_head is not a hash"))?),
@@ -145,8 +145,9 @@ where
         &self,
         caller: &Caller,
         wire: &[WireEntry],
-    ) -> Result<Vec<(StoredEntry, RecordEntry)>, Refusal> {
+    ) -> Result<(Vec<(StoredEntry, RecordEntry)>, Vec<EntryBody>), Refusal> {
         let mut entries = Vec::with_capacity(wire.len());
+        let mut bodies = Vec::with_capacity(wire.len());
         // A run about a subject: what its runner records about them must be encrypted under
         // the run's key, and every entry marked as about them (erasure must reach all of it).
         let subject = caller.context.context.subject.as_ref();
@@ -170,10 +171,10 @@ where
                     subject.map_or_else(|| "no one".to_owned(), ToString::to_string)
                 )));
             }
-            self.check_runner_body(caller, &entry, key.as_ref()).await?;
+            bodies.push(self.check_runner_body(caller, &entry, key.as_ref()).await?);
             entries.push((stored, entry));
         }
-        Ok(entries)
+        Ok((entries, bodies))
     }
 
     /// Takes in what a call or model request says of the runner's record ([`RunnerTail`]): the
@@ -186,11 +187,11 @@ where
         log: &RunLog,
         recorder: &mut Recorder<'_, S>,
         tail: &RunnerTail,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Vec<EntryBody>, Refusal> {
         let told = tail
             .told_head()
             .ok_or_else(|| bad("tail.head must be <seq>.<hash> of the newest entry the runner knows"))?;
-        let entries = self.runner_entries(caller, &tail.entries).await?;
+        let (entries, bodies) = self.runner_entries(caller, &tail.entries).await?;
         // A run ends with its own append: nothing may be decided after an end in the same batch.
         let ends = |e: &RecordEntry| match &e.body {
             EntryBody::Blob { body_type, .. } => body_type == "completed" || body_type == "failed",
@@ -203,14 +204,15 @@ where
         }
         if log.head() == Some(told) {
             if entries.is_empty() {
-                return Ok(());
+                return Ok(bodies);
             }
             let incoming: u64 = entries.iter().map(|(e, _)| e.bytes.len() as u64).sum();
             let used = log.bytes().saturating_add(self.blobs_of(caller));
             if used.saturating_add(incoming) > self.max_run_bytes {
                 return Err(over_quota(caller.run_id(), used, incoming, self.max_run_bytes));
             }
-            return recorder.stage_chained(entries).map_err(|e| bad(e.to_string()));
+            recorder.stage_chained(entries).map_err(|e| bad(e.to_string()))?;
+            return Ok(bodies);
         }
         // Behind the head: fine if what the runner was told is on record, and so is what it sends.
         let on_record = self
@@ -237,17 +239,18 @@ where
         if !entries.is_empty() && !written {
             return Err(head_moved(caller.run_id()));
         }
-        Ok(())
+        Ok(bodies)
     }
 
     /// Which entries a runner may write: only what the runner alone can know. A run's start must
     /// carry exactly the RunContext the caller presented and the bundle that context pins.
+    /// Answers the body checked (a body stored as a blob, read).
     pub(super) async fn check_runner_body(
         &self,
         caller: &Caller,
         entry: &RecordEntry,
         key: Option<&crate::vault::SecretKey>,
-    ) -> Result<(), Refusal> {
+    ) -> Result<EntryBody, Refusal> {
         let body = match &entry.body {
             EntryBody::Blob { blob, body_type, .. } => {
                 let bytes = self
@@ -274,7 +277,20 @@ where
         if let Some(key) = key {
             about_subject(&body, key).map_err(|e| forbidden(format!("entry {}: {e}", entry.seq)))?;
         }
-        match &body {
+        self.check_runner_kind(caller, entry.seq, &body, key).await?;
+        Ok(body)
+    }
+
+    /// Whether a runner may write `body` (entry `seq` of its run, about a subject if `key` is
+    /// theirs), and whether what it says holds.
+    async fn check_runner_kind(
+        &self,
+        caller: &Caller,
+        seq: u64,
+        body: &EntryBody,
+        key: Option<&crate::vault::SecretKey>,
+    ) -> Result<(), Refusal> {
+        match body {
             EntryBody::RunStarted {
                 session_id,
                 agent,
@@ -295,7 +311,7 @@ where
                     }
                     (stored, _) => stored.is_some() && *stored == pinned_bundle,
                 };
-                let matches = entry.seq == 0
+                let matches = seq == 0
                     && presented.as_ref() == Some(run_context)
                     && *session_id == context.session_id
                     && *agent == context.agent.name
@@ -319,7 +335,7 @@ where
             EntryBody::ToolsOffered {
                 scoring, selection, ..
             } => {
-                let refuse = |e: String| forbidden(format!("entry {}: {e}", entry.seq));
+                let refuse = |e: String| forbidden(format!("entry {}: {e}", seq));
                 let slot = self.slot(caller, &[]).await?;
                 let discovers_by_embeddings = crate::discovery::by_embeddings(&slot.bundle.agent_spec);
                 if matches!(scoring, crate::discovery::Scoring::Embeddings { .. }) && !discovers_by_embeddings
@@ -1257,7 +1273,8 @@ where
                 request.tail.told_head(),
             )
             .await?;
-        self.take_tail(caller, log, &mut recorder, &request.tail).await?;
+        let sent = self.take_tail(caller, log, &mut recorder, &request.tail).await?;
+        check_shown_tools(slot, &log.ledger, &sent, request)?;
         Ok(recorder)
     }
 
@@ -1495,6 +1512,45 @@ fn with_head(mut response: axum::response::Response, head: Option<(u64, Hash)>) 
 }
 
 /// A rough token count of a request (≈ 4 bytes a token), for budgeting before the model answers.
+/// What a runner shows its model for a turn must be what the record says the turn was offered
+/// (see [`crate::run::offer::check_shown`]); for an Agent with `spec.discovery`, the turn's
+/// `tools_offered` entry, sent with the request (`sent`) or already on record.
+fn check_shown_tools(
+    slot: &RunSlot,
+    ledger: &crate::gateway::run_log::Ledger,
+    sent: &[EntryBody],
+    request: &ModelCall,
+) -> Result<(), Refusal> {
+    let agent = &slot.bundle.agent_spec;
+    let step = request.step;
+    let offered = match agent.discovery {
+        None => None,
+        Some(_) => {
+            let in_request = sent.iter().rev().find_map(|body| match body {
+                EntryBody::ToolsOffered {
+                    step: offered_at,
+                    selection,
+                    ..
+                } if *offered_at == step => Some(selection.offered_names()),
+                _ => None,
+            });
+            let offered = in_request.or_else(|| ledger.offered.get(&step).cloned());
+            Some(offered.ok_or_else(|| {
+                forbidden(format!(
+                    "model turn {step}: the Agent discovers its tools (spec.discovery) and no tools_offered entry for this step is sent or on record; a runner records what a turn is offered before asking the model"
+                ))
+            })?)
+        }
+    };
+    crate::run::offer::check_shown(
+        &request.request.tools,
+        &crate::run::offer::agent_tools(agent),
+        offered.as_ref(),
+        agent.aliases.is_some(),
+    )
+    .map_err(|e| forbidden(format!("model turn {step}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::subject_run_identifiers;

@@ -215,6 +215,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         None
     };
     let startups = watch_startups(pods.clone(), contextos_crds::labels::SESSION);
+    let cpu_at_burst = CpuTimes::now(gateway_pid);
     let started = Instant::now();
     futures::stream::iter(0..sessions_count)
         .map(|i| {
@@ -245,7 +246,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         Duration::from_secs(600),
         || async {
             let seen = startups.lock().map(|s| s.clone()).unwrap_or_default();
-            let started_count = seen.values().filter(|(_, s)| s.is_some()).count();
+            let started_count = seen.values().filter(|s| s.started()).count();
             if started_count >= sessions_count {
                 Check::Done(seen)
             } else {
@@ -255,6 +256,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     )
     .await?;
     let startup = StartupFigures::of(&all_started, started);
+    let cpu_at_started = CpuTimes::now(gateway_pid);
     let sessions: Api<Session> = ns.api();
     wait_for("every Session succeeded", Duration::from_secs(1800), || async {
         let list = sessions.list(&ListParams::default()).await;
@@ -276,6 +278,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     })
     .await?;
     let done_at = started.elapsed();
+    let cpu_at_done = CpuTimes::now(gateway_pid);
     let sessions_rss = rss_kib(pid)?;
 
     let policy_template: Value = serde_yaml::from_str(&std::fs::read_to_string(
@@ -368,9 +371,17 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
         "  pod start-up, created → started        {}   (Kubernetes' SLO: p99 ≤ 5 s)",
         startup.latencies()
     );
+    println!("{}", startup.phase_lines());
     println!(
         "  every Session succeeded                {:>8.1} s",
         done_at.as_secs_f64()
+    );
+    println!(
+        "  CPU seconds by process (with the children it reaped), Sessions created → every container started → every Session succeeded:"
+    );
+    println!(
+        "{}",
+        CpuTimes::table(&cpu_at_burst, &cpu_at_started, &cpu_at_done)
     );
     if let Some(baseline) = &baseline {
         println!(
@@ -385,6 +396,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
             "  pod start-up, created → started        {}",
             baseline.latencies()
         );
+        println!("{}", baseline.phase_lines());
     }
     println!("operator memory (RSS of the contextos-operator process)");
     println!(
@@ -411,9 +423,114 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     Ok(())
 }
 
-/// For each runner pod: when a watch first saw it, and when it first saw its container started
-/// (running, or already ended).
-type Startups = Arc<Mutex<HashMap<String, (Instant, Option<Instant>)>>>;
+/// CPU time of every process on the machine by command name (user and system, with the
+/// children each has reaped: `runc` and the CNI plugins count under containerd, an exited
+/// container under its shim), and the machine's busy time, at one moment. The gateway, whose
+/// command is the same binary's as the runners', is counted apart.
+struct CpuTimes {
+    by_command: HashMap<String, f64>,
+    busy: f64,
+}
+
+impl CpuTimes {
+    /// Clock ticks a second in `/proc` (USER_HZ, 100 on Linux for x86-64 and ARM64).
+    const TICKS: f64 = 100.0;
+
+    fn now(gateway_pid: u32) -> Self {
+        let mut by_command: HashMap<String, f64> = HashMap::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state …`: the command may hold spaces and parentheses.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            // utime, stime, cutime, cstime are fields 14–17 of the line; 12–15 after `state`'s.
+            let ticks: f64 = fields
+                .get(11..15)
+                .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+                .unwrap_or(0.0);
+            let command = if pid == gateway_pid {
+                "contextos (gateway)".to_owned()
+            } else {
+                stat[open + 1..close].to_owned()
+            };
+            *by_command.entry(command).or_default() += ticks / Self::TICKS;
+        }
+        let busy = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let cpu: Vec<f64> = s
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal: all but idle and iowait.
+                let total: f64 = cpu.iter().take(8).sum();
+                Some((total - cpu.get(3)? - cpu.get(4)?) / Self::TICKS)
+            })
+            .unwrap_or(0.0);
+        Self { by_command, busy }
+    }
+
+    /// The processes that used at least half a second in either window, most first, and the
+    /// machine's busy time in each.
+    fn table(start: &Self, middle: &Self, end: &Self) -> String {
+        let used = |from: &Self, to: &Self, command: &str| {
+            (to.by_command.get(command).copied().unwrap_or(0.0)
+                - from.by_command.get(command).copied().unwrap_or(0.0))
+            .max(0.0)
+        };
+        let mut rows: Vec<(String, f64, f64)> = end
+            .by_command
+            .keys()
+            .chain(middle.by_command.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|c| (c.clone(), used(start, middle, c), used(middle, end, c)))
+            .filter(|(_, a, b)| *a >= 0.5 || *b >= 0.5)
+            .collect();
+        rows.sort_by(|a, b| (b.1 + b.2).total_cmp(&(a.1 + a.2)));
+        let mut lines: Vec<String> = rows
+            .iter()
+            .map(|(c, a, b)| format!("    {c:<28}{a:>8.1} s {b:>8.1} s"))
+            .collect();
+        lines.push(format!(
+            "    {:<28}{:>8.1} s {:>8.1} s",
+            "the machine, busy",
+            middle.busy - start.busy,
+            end.busy - middle.busy
+        ));
+        lines.join("\n")
+    }
+}
+
+/// What a watch saw of one pod's start-up, and when: created (first seen), bound to the node,
+/// its container started (running, or already ended). (The kubelet reports the pod's address
+/// and its container's start in one status update, so the sandbox's share cannot be told apart
+/// from here.)
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    created: Instant,
+    scheduled: Option<Instant>,
+    started: Option<Instant>,
+}
+
+impl Seen {
+    fn started(&self) -> bool {
+        self.started.is_some()
+    }
+}
+
+/// Per pod of a burst, by name.
+type Startups = Arc<Mutex<HashMap<String, Seen>>>;
 
 /// Fills [`Startups`] from a watch of the pods matching `selector`, until the process ends.
 fn watch_startups(pods: Api<Pod>, selector: &str) -> Startups {
@@ -425,9 +542,9 @@ fn watch_startups(pods: Api<Pod>, selector: &str) -> Startups {
         while let Some(event) = stream.next().await {
             let Ok(pod) = event else { continue };
             let now = Instant::now();
-            let container_started = pod
-                .status
-                .as_ref()
+            let status = pod.status.as_ref();
+            let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+            let container_started = status
                 .and_then(|s| s.container_statuses.as_ref())
                 .is_some_and(|c| {
                     c.iter().any(|c| {
@@ -437,9 +554,18 @@ fn watch_startups(pods: Api<Pod>, selector: &str) -> Startups {
                     })
                 });
             let Ok(mut seen) = record.lock() else { return };
-            let entry = seen.entry(pod.name_any()).or_insert((now, None));
-            if container_started && entry.1.is_none() {
-                entry.1 = Some(now);
+            let entry = seen.entry(pod.name_any()).or_insert(Seen {
+                created: now,
+                scheduled: None,
+                started: None,
+            });
+            for (happened, at) in [
+                (scheduled, &mut entry.scheduled),
+                (container_started, &mut entry.started),
+            ] {
+                if happened && at.is_none() {
+                    *at = Some(now);
+                }
             }
         }
     });
@@ -452,43 +578,79 @@ struct StartupFigures {
     all_started: Duration,
     /// Each pod's created → started, sorted.
     latencies: Vec<Duration>,
+    /// Each pod's phases, sorted apiece: created → bound to the node (the scheduler), bound →
+    /// container started (the kubelet, containerd, runc and CNI).
+    phases: [Vec<Duration>; 2],
 }
 
 impl StartupFigures {
-    fn of(seen: &HashMap<String, (Instant, Option<Instant>)>, burst_started: Instant) -> Self {
+    fn of(seen: &HashMap<String, Seen>, burst_started: Instant) -> Self {
         let all_started = seen
             .values()
-            .filter_map(|(_, s)| *s)
+            .filter_map(|s| s.started)
             .max()
             .map_or(Duration::ZERO, |last| {
                 last.saturating_duration_since(burst_started)
             });
-        let mut latencies: Vec<Duration> = seen
-            .values()
-            .filter_map(|(seen, s)| s.map(|s| s.saturating_duration_since(*seen)))
-            .collect();
-        latencies.sort();
+        let between = |from: Option<Instant>, to: Option<Instant>| Some(to?.saturating_duration_since(from?));
+        let sorted = |mut values: Vec<Duration>| {
+            values.sort();
+            values
+        };
+        let latencies = sorted(
+            seen.values()
+                .filter_map(|s| between(Some(s.created), s.started))
+                .collect(),
+        );
+        let phases = [
+            sorted(
+                seen.values()
+                    .filter_map(|s| between(Some(s.created), s.scheduled))
+                    .collect(),
+            ),
+            sorted(
+                seen.values()
+                    .filter_map(|s| between(s.scheduled, s.started))
+                    .collect(),
+            ),
+        ];
         Self {
             all_started,
             latencies,
+            phases,
         }
     }
 
-    fn percentile(&self, p: usize) -> Duration {
-        self.latencies
-            .get((self.latencies.len() * p / 100).min(self.latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
+    fn latencies(&self) -> String {
+        spread(&self.latencies)
     }
 
-    fn latencies(&self) -> String {
-        format!(
-            "p50 {:.2} s, p99 {:.2} s, max {:.2} s",
-            self.percentile(50).as_secs_f64(),
-            self.percentile(99).as_secs_f64(),
-            self.latencies.last().copied().unwrap_or_default().as_secs_f64()
-        )
+    /// The phase lines, indented under the start-up line.
+    fn phase_lines(&self) -> String {
+        ["created → bound to the node", "bound → container started"]
+            .iter()
+            .zip(&self.phases)
+            .map(|(name, values)| format!("    {name:<35}{}", spread(values)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
+}
+
+/// p50, p99 and the largest of sorted `values`.
+fn spread(values: &[Duration]) -> String {
+    let at = |p: usize| {
+        values
+            .get((values.len() * p / 100).min(values.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    format!(
+        "p50 {:.2} s, p99 {:.2} s, max {:.2} s",
+        at(50),
+        at(99),
+        values.last().copied().unwrap_or_default().as_secs_f64()
+    )
 }
 
 /// The node's own share of pod start-up, as a baseline for the runner pods: `count` busybox pods
@@ -524,7 +686,7 @@ async fn plain_pods(env: &TestEnv, pods: &Api<Pod>, count: usize) -> Result<Star
         Duration::from_secs(600),
         || async {
             let seen = startups.lock().map(|s| s.clone()).unwrap_or_default();
-            let started_count = seen.values().filter(|(_, s)| s.is_some()).count();
+            let started_count = seen.values().filter(|s| s.started()).count();
             if started_count >= count {
                 Check::Done(seen)
             } else {

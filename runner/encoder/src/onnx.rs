@@ -169,16 +169,9 @@ fn read_tensor(bytes: &[u8]) -> Result<(String, Option<Stored>), OnnxError> {
         .ok_or_else(|| OnnxError::new(format!("tensor {name:?} is too large")))?;
     let stored = match data_type {
         FLOAT => {
-            if !raw.len().is_multiple_of(4) {
-                return Err(OnnxError::new(format!(
-                    "tensor {name:?}'s data is not whole floats"
-                )));
-            }
             if !raw.is_empty() {
-                floats = raw
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
+                floats = little_endian(raw, f32::from_le_bytes)
+                    .ok_or_else(|| OnnxError::new(format!("tensor {name:?}'s data is not whole floats")))?;
             }
             if floats.len() != count {
                 return Err(OnnxError::new(format!(
@@ -189,22 +182,27 @@ fn read_tensor(bytes: &[u8]) -> Result<(String, Option<Stored>), OnnxError> {
             Some(Stored::Floats(Tensor { dims, values: floats }))
         }
         INT64 => {
-            if !raw.len().is_multiple_of(8) {
-                return Err(OnnxError::new(format!(
-                    "tensor {name:?}'s data is not whole integers"
-                )));
-            }
             if !raw.is_empty() {
-                ints = raw
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-                    .collect();
+                ints = little_endian(raw, i64::from_le_bytes)
+                    .ok_or_else(|| OnnxError::new(format!("tensor {name:?}'s data is not whole integers")))?;
             }
             Some(Stored::Ints(ints))
         }
         _ => None,
     };
     Ok((name, stored))
+}
+
+/// `raw` read as little-endian values of `N` bytes each; `None` if it is not whole values.
+fn little_endian<T, const N: usize>(raw: &[u8], from: fn([u8; N]) -> T) -> Option<Vec<T>> {
+    if !raw.len().is_multiple_of(N) {
+        return None;
+    }
+    Some(
+        raw.chunks_exact(N)
+            .map(|bytes| from(bytes.try_into().unwrap_or([0; N])))
+            .collect(),
+    )
 }
 
 /// One field's value on the wire.

@@ -425,8 +425,10 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
 
 /// CPU time of every process on the machine by command name (user and system, with the
 /// children each has reaped: `runc` and the CNI plugins count under containerd, an exited
-/// container under its shim), and the machine's busy time, at one moment. The gateway, whose
-/// command is the same binary's as the runners', is counted apart.
+/// container under its shim), the pods' containers (the node's `kubepods` cgroup, exited ones
+/// included), and the machine's busy time, at one moment. The gateway, whose command is the
+/// same binary's as the runners', is counted apart; init is counted without the orphans it
+/// reaps (the shims of removed pods, whose containers the pods' line already holds).
 struct CpuTimes {
     by_command: HashMap<String, f64>,
     busy: f64,
@@ -451,8 +453,9 @@ impl CpuTimes {
             };
             let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
             // utime, stime, cutime, cstime are fields 14–17 of the line; 12–15 after `state`'s.
+            let own_and_reaped = if pid == 1 { 11..13 } else { 11..15 };
             let ticks: f64 = fields
-                .get(11..15)
+                .get(own_and_reaped)
                 .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
                 .unwrap_or(0.0);
             let command = if pid == gateway_pid {
@@ -461,6 +464,14 @@ impl CpuTimes {
                 stat[open + 1..close].to_owned()
             };
             *by_command.entry(command).or_default() += ticks / Self::TICKS;
+        }
+        let root = std::env::var("REALNODE_CGROUP_ROOT").unwrap_or_else(|_| "/contextos-realnode".into());
+        if let Some(nanos) =
+            std::fs::read_to_string(format!("/sys/fs/cgroup/cpuacct{root}/kubepods/cpuacct.usage"))
+                .ok()
+                .and_then(|n| n.trim().parse::<f64>().ok())
+        {
+            by_command.insert("pods' containers (kubepods)".into(), nanos / 1e9);
         }
         let busy = std::fs::read_to_string("/proc/stat")
             .ok()

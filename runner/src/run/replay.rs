@@ -68,6 +68,10 @@ pub struct DecisionTrace {
     /// The tools each turn was offered, by step (an Agent with `spec.discovery`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub offered: BTreeMap<u32, Vec<String>>,
+    /// Whether the run's Agent discovers its tools (`spec.discovery`), as its bundle says
+    /// (set by whoever holds the bundle; records of runs from before discovery have no offers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discovers: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -435,7 +439,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             });
         }
     }
-    out.extend(offer_changes(&recorded.offered, &replayed.offered));
+    out.extend(offer_changes(recorded, replayed));
     if recorded.outcome != replayed.outcome {
         out.push(Divergence {
             kind: DivergenceKind::OutcomeChanged,
@@ -452,66 +456,72 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
     out
 }
 
-/// The turns offered other tools in the replay. A step only one side reached is not compared
-/// (the run went another way, which other divergences say), unless one side offered every tool
-/// throughout (discovery turned on or off).
-fn offer_changes(
-    recorded: &BTreeMap<u32, Vec<String>>,
-    replayed: &BTreeMap<u32, Vec<String>>,
-) -> Vec<Divergence> {
-    const EVERY_TOOL: &str = "every tool (no spec.discovery)";
-    let listed = |tools: &[String]| tools.join(", ");
-    let steps: BTreeSet<u32> = recorded.keys().chain(replayed.keys()).copied().collect();
+/// The turns offered other tools in the replay: where both runs discover tools, each step both
+/// reached whose offers differ (a step only one reached is not compared: the run went another
+/// way, which other divergences say); where one discovers and the other does not, one report
+/// for the run.
+fn offer_changes(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Divergence> {
+    const EVERY_TOOL: &str = "every tool, every turn";
+    const CHOSEN: &str = "the tools chosen for each turn (spec.discovery)";
+    let whole_run = |recorded: &str, replayed: &str, detail: &str| Divergence {
+        kind: DivergenceKind::OfferChanged,
+        step: 0,
+        tool: None,
+        recorded: recorded.to_owned(),
+        replayed: replayed.to_owned(),
+        detail: detail.to_owned(),
+        intended: false,
+        call_id: None,
+    };
+    match (recorded.discovers, replayed.discovers) {
+        (true, false) if !recorded.offered.is_empty() => {
+            return vec![whole_run(
+                CHOSEN,
+                EVERY_TOOL,
+                "the candidate does not discover tools: every turn is shown the whole catalog",
+            )];
+        }
+        (false, true) if !replayed.offered.is_empty() => {
+            return vec![whole_run(
+                EVERY_TOOL,
+                CHOSEN,
+                "the candidate discovers tools: each turn is shown only those chosen for it",
+            )];
+        }
+        _ => {}
+    }
     let mut out = Vec::new();
-    for step in steps {
-        let (before, after) = (recorded.get(&step), replayed.get(&step));
-        let (recorded_text, replayed_text, detail) = match (before, after) {
-            (Some(before), Some(after)) if before == after => continue,
-            (Some(before), Some(after)) => {
-                let gone: Vec<&str> = before
-                    .iter()
-                    .filter(|t| !after.contains(t))
-                    .map(String::as_str)
-                    .collect();
-                let new: Vec<&str> = after
-                    .iter()
-                    .filter(|t| !before.contains(t))
-                    .map(String::as_str)
-                    .collect();
-                let detail = match (gone.is_empty(), new.is_empty()) {
-                    (false, true) => format!(
-                        "no longer offered: {} (the candidate does not have them, or denies them outright)",
-                        gone.join(", ")
-                    ),
-                    (true, false) => format!("newly offered: {}", new.join(", ")),
-                    (false, false) => format!(
-                        "no longer offered: {}; newly offered: {}",
-                        gone.join(", "),
-                        new.join(", ")
-                    ),
-                    (true, true) => "the same tools in another order".to_owned(),
-                };
-                (listed(before), listed(after), detail)
-            }
-            (Some(before), None) if replayed.is_empty() => (
-                listed(before),
-                EVERY_TOOL.to_owned(),
-                "the candidate does not discover tools: every turn is shown the whole catalog".to_owned(),
-            ),
-            (None, Some(after)) if recorded.is_empty() => (
-                EVERY_TOOL.to_owned(),
-                listed(after),
-                "the candidate discovers tools: the turn is shown only those chosen for it".to_owned(),
-            ),
-            _ => continue,
+    for (step, before) in &recorded.offered {
+        let Some(after) = replayed.offered.get(step) else {
+            continue;
         };
+        if before == after {
+            continue;
+        }
+        let missing = |from: &[String], in_: &[String]| -> Vec<String> {
+            from.iter().filter(|t| !in_.contains(t)).cloned().collect()
+        };
+        let (gone, new) = (missing(before, after), missing(after, before));
+        let mut detail = Vec::new();
+        if !gone.is_empty() {
+            detail.push(format!(
+                "no longer offered: {} (the candidate does not have them, or denies them outright)",
+                gone.join(", ")
+            ));
+        }
+        if !new.is_empty() {
+            detail.push(format!("newly offered: {}", new.join(", ")));
+        }
+        if detail.is_empty() {
+            detail.push("the same tools in another order".to_owned());
+        }
         out.push(Divergence {
             kind: DivergenceKind::OfferChanged,
-            step,
+            step: *step,
             tool: None,
-            recorded: recorded_text,
-            replayed: replayed_text,
-            detail,
+            recorded: before.join(", "),
+            replayed: after.join(", "),
+            detail: detail.join("; "),
             intended: false,
             call_id: None,
         });
@@ -641,6 +651,7 @@ pub async fn replay_run_as<S: RecordStore>(
         None => None,
     };
     let mut recorded = DecisionTrace::of(&entries);
+    recorded.discovers = original.bundle.agent_spec.discovery.is_some();
     let samples = reexecute.map_or(1, Reexecution::samples);
     let mut worst: Option<(DecisionTrace, Vec<Divergence>)> = None;
     let mut reexecution = ReexecutionReport {
@@ -655,7 +666,8 @@ pub async fn replay_run_as<S: RecordStore>(
         if reexecute.is_some_and(|r| r.meter.exhausted()) {
             return Err(ReplayError::SpendLimit(run_id.to_owned()));
         }
-        let (replayed, unrecorded) = pass?;
+        let (mut replayed, unrecorded) = pass?;
+        replayed.discovers = bundle.agent_spec.discovery.is_some();
         let divergences = compare(&recorded, &replayed);
         reexecution.samples += 1;
         reexecution.tokens = reexecution
@@ -1078,6 +1090,13 @@ impl ReplaySummary {
                     && !replay.divergences.iter().any(Divergence::counts)
                 {
                     format!("changes only as intended ({} step(s))", replay.intended_steps())
+                                } else if !replay.divergences.iter().any(Divergence::counts)
+                    && replay
+                        .divergences
+                        .iter()
+                        .any(|d| d.kind == DivergenceKind::OfferChanged)
+                {
+                    "same decisions (turns offered other tools)".to_owned()
                 } else if !replay.divergences.iter().any(Divergence::counts) {
                     "same decisions (reasons differ)".to_owned()
                 } else {
@@ -1420,6 +1439,7 @@ mod tests {
             verdicts: vec![],
             outcome: "completed: ok".into(),
             offered: BTreeMap::new(),
+            discovers: false,
         }
     }
 
@@ -1433,6 +1453,7 @@ mod tests {
         };
         let with = |steps: &[(u32, &[&str])]| DecisionTrace {
             offered: offered(steps),
+            discovers: true,
             ..trace(vec![])
         };
         let recorded = with(&[(1, &["escalate", "get-logs"]), (2, &["get-logs", "restart"])]);
@@ -1458,10 +1479,20 @@ mod tests {
             !changed.kind.counts(),
             "a report: what it changes counts as its own divergence"
         );
-        // Discovery turned off: every recorded turn is shown the whole catalog instead.
+        // A replay that ends before its first offer is not a change of what turns are shown.
+        let cut_short = with(&[]);
+        assert!(compare(&recorded, &cut_short).is_empty());
+        // Discovery turned off: one report for the run, whose turns are shown the whole catalog.
         let undiscovered = compare(&recorded, &trace(vec![]));
-        assert_eq!(undiscovered.len(), 2);
-        assert!(undiscovered.iter().all(|d| d.replayed.starts_with("every tool")));
+        assert_eq!(undiscovered.len(), 1, "{undiscovered:?}");
+        assert_eq!(undiscovered[0].step, 0);
+        assert!(undiscovered[0].replayed.starts_with("every tool"));
+        // A record from before offers were recorded, replayed under its own discovery: nothing.
+        let before_offers = DecisionTrace {
+            discovers: true,
+            ..trace(vec![])
+        };
+        assert!(compare(&before_offers, &recorded).is_empty());
     }
 
     #[test]

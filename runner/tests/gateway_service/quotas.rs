@@ -377,7 +377,7 @@ async fn a_model_turn_cut_off_after_it_was_sent_spends_what_it_held_and_asking_a
     let request = ModelRequest {
         model: "m".into(),
         messages: vec![Message::new(Role::User, "write a very long essay")],
-        tools: vec![],
+        tools: agent_tools(&bundle.agent_spec),
         max_output_tokens: None,
     };
     let active = ActiveQuota::compile(&quota).expect("quota");
@@ -479,7 +479,7 @@ async fn a_model_cut_off_before_the_fallback_answered_is_charged_beside_the_answ
     let request = ModelRequest {
         model: "m".into(),
         messages: vec![Message::new(Role::User, "write a very long essay")],
-        tools: vec![],
+        tools: agent_tools(&bundle.agent_spec),
         max_output_tokens: None,
     };
     let turn = client.model(&request, 1).await.expect("the backup answered");

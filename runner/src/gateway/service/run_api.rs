@@ -82,7 +82,7 @@ where
     pub(super) async fn append(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
         let caller = service.caller(&headers).await?;
         let request: AppendRequest = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
-        let (entries, _) = service.runner_entries(&caller, &request.entries).await?;
+        let (entries, bodies) = service.runner_entries(&caller, &request.entries).await?;
         let expected = match &request.expected_head {
             None => None,
             Some(text) => Some(Hash::parse(text).ok_or_else(|| bad("expected_head is not a hash"))?),
@@ -95,6 +95,7 @@ where
         if log.head().map(|(_, h)| h) != expected {
             return Err(head_moved(caller.run_id()));
         }
+        check_offer_steps(&log.ledger, &bodies)?;
         // A run's end is written once, last; a completion only with the model's answer passing
         // every validator — as the record has it up to the head the runner names (a turn
         // answered before it was durable is on record by now).
@@ -211,6 +212,7 @@ where
             if used.saturating_add(incoming) > self.max_run_bytes {
                 return Err(over_quota(caller.run_id(), used, incoming, self.max_run_bytes));
             }
+            check_offer_steps(&log.ledger, &bodies)?;
             recorder.stage_chained(entries).map_err(|e| bad(e.to_string()))?;
             return Ok(bodies);
         }
@@ -239,7 +241,9 @@ where
         if !entries.is_empty() && !written {
             return Err(head_moved(caller.run_id()));
         }
-        Ok(bodies)
+        // Already on record, and so in the ledger: what the request goes by is what the record
+        // holds now, not what this runner once sent.
+        Ok(Vec::new())
     }
 
     /// Which entries a runner may write: only what the runner alone can know. A run's start must
@@ -1511,7 +1515,23 @@ fn with_head(mut response: axum::response::Response, head: Option<(u64, Hash)>) 
     response
 }
 
-/// A rough token count of a request (≈ 4 bytes a token), for budgeting before the model answers.
+/// A runner records what a turn is offered before asking the model for it: an offer names the
+/// run's next step (one past its latest model turn on record), so what an answered turn was
+/// shown can never be rewritten after it.
+fn check_offer_steps(ledger: &crate::gateway::run_log::Ledger, bodies: &[EntryBody]) -> Result<(), Refusal> {
+    let next = ledger.steps.saturating_add(1);
+    for body in bodies {
+        if let EntryBody::ToolsOffered { step, .. } = body
+            && *step != next
+        {
+            return Err(forbidden(format!(
+                "tools_offered for step {step}: the run's next model turn is step {next}, and a turn's offer is recorded before the turn, never after"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What a runner shows its model for a turn must be what the record says the turn was offered
 /// (see [`crate::run::offer::check_shown`]); for an Agent with `spec.discovery`, the turn's
 /// `tools_offered` entry, sent with the request (`sent`) or already on record.

@@ -72,9 +72,11 @@ pub fn pod_name(session: &str, attempt: u32) -> String {
     format!("{session}-run-{attempt}")
 }
 
-pub fn network_policy_name(session: &str) -> String {
-    format!("{session}-runner")
-}
+/// The NetworkPolicy every runner pod of a namespace is under. One per namespace, not one per
+/// Session: its rules are the same for every Session, and with a policy per Session the node's
+/// policy enforcer rebuilt its rules for all of them at each new pod (kube-router used 88 of the
+/// 420 CPU seconds 200 runner pods took to start, README "Scale benchmark").
+pub const RUNNER_NETWORK_POLICY: &str = "contextos-runners";
 
 /// The run id of a Session: stable across attempts, unique across Sessions of the same name.
 pub fn run_id(session: &Session) -> String {
@@ -297,18 +299,20 @@ pub fn runner_pod(
     })
 }
 
-/// No ingress at all; egress only to the cluster DNS pods and the gateway service's pods. The
-/// profile's allowlist is for the Session's capability pods: a runner reaches tools and models
-/// only through the gateway.
-pub fn network_policy(session: &Session, settings: &RunnerSettings) -> NetworkPolicy {
-    let name = session.metadata.name.as_deref().unwrap_or_default();
+/// The runner pods of `namespace`: no ingress at all; egress only to the cluster DNS pods and the
+/// gateway service's pods. The profile's allowlist is for a Session's capability pods: a runner
+/// reaches tools and models only through the gateway. Owned by no Session (it outlives each);
+/// applied before every runner pod, so a deleted one comes back before the next pod starts.
+pub fn network_policy(namespace: &str, settings: &RunnerSettings) -> NetworkPolicy {
     NetworkPolicy {
-        metadata: metadata(session, network_policy_name(name), []),
+        metadata: ObjectMeta {
+            name: Some(RUNNER_NETWORK_POLICY.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([(labels::ROLE.to_owned(), "runner".to_owned())])),
+            ..ObjectMeta::default()
+        },
         spec: Some(NetworkPolicySpec {
-            pod_selector: Some(pod_parts::selector([
-                (labels::SESSION, name),
-                (labels::ROLE, "runner"),
-            ])),
+            pod_selector: Some(pod_parts::selector([(labels::ROLE, "runner")])),
             policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
             ingress: Some(Vec::new()),
             egress: Some(pod_parts::gateway_egress(settings)),
@@ -472,8 +476,15 @@ mod tests {
 
     #[test]
     fn the_network_policy_denies_ingress_and_allows_only_dns_pods_and_the_gateway() {
-        let policy = network_policy(&session(), &settings());
+        let policy = network_policy("team-a", &settings());
+        assert_eq!(policy.metadata.owner_references, None, "no one Session's");
         let spec = policy.spec.expect("spec");
+        let selected = spec.pod_selector.as_ref().and_then(|s| s.match_labels.clone());
+        assert_eq!(
+            selected,
+            Some(BTreeMap::from([(labels::ROLE.to_owned(), "runner".to_owned())])),
+            "every runner pod of the namespace, and only runner pods"
+        );
         assert_eq!(spec.ingress, Some(vec![]));
         let egress = spec.egress.expect("egress");
         assert_eq!(

@@ -272,10 +272,7 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
 
     // The runner under the operator's NetworkPolicy.
     let sandbox = support::quickstart_sandbox()?;
-    let mut session: contextos_crds::Session = serde_json::from_value(support::session("policed")?)?;
-    session.metadata.namespace = Some(tenant.name().to_owned());
-    let mut policy: NetworkPolicy = session_children::network_policy(&session, &settings);
-    policy.metadata.owner_references = None;
+    let policy: NetworkPolicy = session_children::network_policy(tenant.name(), &settings);
     Api::<NetworkPolicy>::namespaced(env.client(), tenant.name())
         .create(&PostParams::default(), &policy)
         .await?;

@@ -5,6 +5,7 @@
 use anyhow::{Context as _, Result, ensure};
 use contextos_crds::{Agent, Session, session::SessionPhase};
 use contextos_kind_tests::{Check, wait_for_object};
+use contextos_operator::session_children;
 use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
 use kube::{
     Api,
@@ -103,7 +104,11 @@ async fn the_quickstart_session_succeeds_in_a_real_pod_that_reaches_only_the_gat
     // The policy kube-router enforces for this pod is the operator's: it selects the pod and
     // denies all ingress (network.rs shows such a policy enforced).
     let policies: Api<NetworkPolicy> = ns.api();
-    let policy = policies.get("checkout-runner").await?.spec.unwrap_or_default();
+    let policy = policies
+        .get(session_children::RUNNER_NETWORK_POLICY)
+        .await?
+        .spec
+        .unwrap_or_default();
     let labels = first.metadata.labels.clone().unwrap_or_default();
     let selected = policy
         .pod_selector

@@ -226,8 +226,8 @@ async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &
     Ok(())
 }
 
-/// The Session's NetworkPolicy and its capability pods, applied on every pass before the
-/// attempt's pod is looked at (the runner's first call may need them).
+/// The namespace's runner NetworkPolicy and the Session's capability pods, applied on every
+/// pass before the attempt's pod is looked at (the runner's first call may need them).
 async fn ensure_children(
     ctx: &Context,
     session: &Session,
@@ -235,12 +235,9 @@ async fn ensure_children(
     sandbox: &SandboxProfileSpec,
     pods: &Api<Pod>,
 ) -> Result<()> {
-    let policy = children::network_policy(session, &ctx.runner);
-    apply(
-        &Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default()),
-        &policy,
-    )
-    .await?;
+    let namespace = session.namespace().unwrap_or_default();
+    let policy = children::network_policy(&namespace, &ctx.runner);
+    apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
     start_capabilities(ctx, session, pod_bundle, sandbox, pods).await
 }
 

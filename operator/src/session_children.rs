@@ -1,6 +1,6 @@
 //! What a Session owns, built from pinned specs (pure; the Session controller applies them):
-//! the immutable run bundle ConfigMap, one runner Pod per attempt with its SandboxProfile
-//! applied, and the NetworkPolicy that confines it. A runner pod holds no credential, key or
+//! the immutable run bundle ConfigMap and one runner Pod per attempt with its SandboxProfile
+//! applied; and the namespace's runner NetworkPolicy that confines every such pod. A runner pod holds no credential, key or
 //! store address: it reaches the gateway service with a projected token, and nothing else.
 
 use std::collections::BTreeMap;

@@ -327,6 +327,15 @@ impl Rig {
             .map(|(_, e)| e.body)
             .collect()
     }
+
+    /// How many model turns the run's record holds.
+    async fn model_turns(&self) -> usize {
+        self.bodies()
+            .await
+            .iter()
+            .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
+            .count()
+    }
 }
 
 /// Starts run [`RUN`] as its runner would: the bundle uploaded, then `run_started`.
@@ -851,13 +860,6 @@ async fn a_runner_shows_its_model_only_the_agents_tools_as_defined_and_as_offere
         tools,
         max_output_tokens: None,
     };
-    let turns = || async {
-        rig.bodies()
-            .await
-            .iter()
-            .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
-            .count()
-    };
     let refused = |answer: Result<_, ModelError>, why: &str| {
         let error = answer.expect_err(why).to_string();
         assert!(error.contains(why), "{error}");
@@ -913,12 +915,12 @@ async fn a_runner_shows_its_model_only_the_agents_tools_as_defined_and_as_offere
     ] {
         refused(client.model(&asking(tools), 1).await, why);
     }
-    assert_eq!(turns().await, 0, "the model was asked nothing");
+    assert_eq!(rig.model_turns().await, 0, "the model was asked nothing");
     client
         .model(&asking(vec![named("get_service_status")]), 1)
         .await
         .expect("what was offered may be shown");
-    assert_eq!(turns().await, 1);
+    assert_eq!(rig.model_turns().await, 1);
     // Once the turn is answered, what it was offered cannot be rewritten (say, to pretend
     // a tool it called was never shown to it).
     let rewritten = record(offer(1, "search_runbooks"))
@@ -987,19 +989,12 @@ async fn the_gateway_counts_model_tokens_and_asks_once_per_step() {
     let early = client.model(&request, 1).await;
     assert!(early.is_err(), "{early:?}");
     start_run(client.records(), &bundle, &context).await;
-    let turns = || async {
-        rig.bodies()
-            .await
-            .iter()
-            .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
-            .count()
-    };
     let first = client.model(&request, 1).await.expect("step 1");
     // Asked again for step 1 (a runner that crashed before reading the answer): the same turn,
     // from the record; the model is not asked twice.
     let again = client.model(&request, 1).await.expect("step 1 again");
     assert_eq!(first, again);
-    assert_eq!(turns().await, 1);
+    assert_eq!(rig.model_turns().await, 1);
     // A step that skips ahead is refused; steps go on until the tokens are spent.
     assert!(client.model(&request, 3).await.is_err());
     let mut step = 2;

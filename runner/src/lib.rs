@@ -4,6 +4,10 @@
 
 pub use contextos_crds as crds;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[cfg(feature = "audit")]
 pub mod audit;
 pub mod capability;

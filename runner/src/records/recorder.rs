@@ -50,6 +50,17 @@ pub enum RecordError {
     Lost { run_id: String, known: u64, found: u64 },
 }
 
+/// When a write must be durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flush {
+    /// Before the write returns.
+    Now,
+    /// With the store's next flush (see [`RecordStore::append_flushed_soon`]): for a batch
+    /// whose head was already given to a runner, which proves on its next request that the
+    /// record still holds it.
+    Soon,
+}
+
 /// A batch chained and sealed but not written yet: its head is known before it is durable, so
 /// the gateway service can answer with it while the write is under way (see
 /// [`Recorder::prepare`]).
@@ -445,7 +456,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         for attempt in 0..MAX_RECHAINS {
             let batch = self.build_batch(&bodies);
             let written: Vec<Hash> = batch.entries.iter().map(|e| e.hash).collect();
-            match self.append_sealed(batch).await {
+            match self.append_sealed(batch, Flush::Now).await {
                 Ok(head) => return Ok(head),
                 Err(RecordError::Store(StoreError::HeadMoved { .. })) => {
                     let appended = self.catch_up().await?;
@@ -539,7 +550,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// Writes a prepared batch on the head it was chained onto, or not at all (a go-ahead is
     /// written only on top of what was read), and moves this recorder past it.
     pub async fn commit(&mut self, prepared: Prepared) -> Result<SignedHead, RecordError> {
-        self.append_sealed(prepared.batch)
+        self.append_sealed(prepared.batch, Flush::Now)
             .instrument(tracing::debug_span!("record.store_append"))
             .await
     }
@@ -549,10 +560,16 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     /// chained elsewhere in the batch are dropped (they cannot move). What the bodies record (a
     /// call's result, a model turn and the tokens it cost) matters more than the head someone
     /// was told, who then finds that head missing and reads the record again.
-    pub async fn commit_or_rechain(&mut self, prepared: Prepared) -> Result<SignedHead, RecordError> {
+    /// `flush` says when the batch must be durable; a batch chained again is durable before
+    /// this returns.
+    pub async fn commit_or_rechain(
+        &mut self,
+        prepared: Prepared,
+        flush: Flush,
+    ) -> Result<SignedHead, RecordError> {
         let Prepared { batch, own, .. } = prepared;
         let appended = self
-            .append_sealed(batch)
+            .append_sealed(batch, flush)
             .instrument(tracing::debug_span!("record.store_append"))
             .await;
         match appended {
@@ -725,7 +742,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     }
 
     /// Appends a sealed batch and moves this recorder past it.
-    async fn append_sealed(&mut self, batch: AppendBatch) -> Result<SignedHead, RecordError> {
+    async fn append_sealed(&mut self, batch: AppendBatch, flush: Flush) -> Result<SignedHead, RecordError> {
         let head = batch.head.clone();
         let summary = batch.summary.clone();
         let kept = self.written.is_some().then(|| batch.entries.clone());
@@ -738,7 +755,10 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             0
         };
         let started = std::time::Instant::now();
-        let appended = self.store.append(&self.tenant, batch).await;
+        let appended = match flush {
+            Flush::Now => self.store.append(&self.tenant, batch).await,
+            Flush::Soon => self.store.append_flushed_soon(&self.tenant, batch).await,
+        };
         if measured {
             let metrics = crate::gateway::metrics::gateway();
             metrics.append(started.elapsed());

@@ -16,7 +16,10 @@ use tracing::Instrument as _;
 use super::*;
 use crate::{
     gateway::remote::RunnerTail,
-    records::store::remote::{HEAD_HEADER, head_header_value},
+    records::{
+        recorder::Flush,
+        store::remote::{HEAD_HEADER, head_header_value},
+    },
 };
 
 /// An entry body of a run about a subject as a runner may send it: every field that says what
@@ -929,16 +932,20 @@ where
             }
         };
         let (mut answer, mut reply) = (Some(answer), Some(reply));
+        // Answered before it is written, it need not be durable before the next flush either:
+        // the runner's next request proves the record holds what it was told.
+        let mut flush = Flush::Now;
         if early
             && self.early_answers
             && let Some(prepared) = &prepared
             && let (Some(answer), Some(reply)) = (answer.take(), reply.take())
         {
             let _ = answer.send(Ok(reply(Some(prepared.head()))));
+            flush = Flush::Soon;
         }
         let written = match prepared {
             Some(prepared) => recorder
-                .commit_or_rechain(prepared)
+                .commit_or_rechain(prepared, flush)
                 .instrument(tracing::debug_span!("gateway.write"))
                 .await
                 .map(|_| ())

@@ -209,6 +209,10 @@ impl RecordStore for AnyStore {
     async fn append(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
         forward!(self, s => s.append(tenant, batch))
     }
+    async fn append_flushed_soon(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
+        forward!(self, s => s.append_flushed_soon(tenant, batch))
+    }
+
     async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>> {
         forward!(self, s => s.head(tenant, run_id))
     }

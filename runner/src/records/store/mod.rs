@@ -25,6 +25,11 @@ use crate::{
     vault::{KeyUse, SecretKey, Vault, VaultError},
 };
 
+/// How long an entry written by [`RecordStore::append_flushed_soon`] may wait for a flush when
+/// no durable write comes first: long enough that a runner's next request (a fraction of a
+/// millisecond later) flushes it with its own, short enough that a crash seldom finds one.
+pub const FLUSHED_WITHIN: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// A tenant: the Kubernetes namespace a run belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -226,6 +231,22 @@ pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
     /// Appends a batch if the run's head is still `batch.expected_head`.
     fn append(&self, tenant: &TenantId, batch: AppendBatch) -> impl Future<Output = Result<()>> + Send;
 
+    /// [`Self::append`], seen by every reader once it returns, but durable only with the
+    /// store's next flush (at the latest [`FLUSHED_WITHIN`] later) instead of before it returns.
+    /// Only for entries whose loss is noticed: the result of a call the gateway service already
+    /// answered with (the runner's next request names the head it was told, and is refused if
+    /// the record lost it; the call's go-ahead, durable before the tool acted, then says its
+    /// outcome is unknown). The next durable write of any run, usually the same runner's next
+    /// go-ahead, flushes it, so a call costs one flush instead of two. Stores whose every write
+    /// is durable (TiKV) just append.
+    fn append_flushed_soon(
+        &self,
+        tenant: &TenantId,
+        batch: AppendBatch,
+    ) -> impl Future<Output = Result<()>> + Send {
+        self.append(tenant, batch)
+    }
+
     /// The signed head of a run, if it exists.
     fn head(
         &self,
@@ -335,6 +356,14 @@ pub fn check_batch(batch: &AppendBatch, current: Option<&SignedHead>) -> Result<
 impl<S: RecordStore> RecordStore for std::sync::Arc<S> {
     fn append(&self, tenant: &TenantId, batch: AppendBatch) -> impl Future<Output = Result<()>> + Send {
         (**self).append(tenant, batch)
+    }
+
+    fn append_flushed_soon(
+        &self,
+        tenant: &TenantId,
+        batch: AppendBatch,
+    ) -> impl Future<Output = Result<()>> + Send {
+        (**self).append_flushed_soon(tenant, batch)
     }
 
     fn head(

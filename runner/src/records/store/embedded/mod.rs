@@ -1,6 +1,7 @@
 //! The embedded record store: a redb file (pure Rust, ACID, copy-on-write B-trees) and its
 //! write-ahead log (see [`wal`]). Each append is one redb write transaction, committed without
-//! a flush of its own and made durable by its frame in the log before `append` returns; redb
+//! a flush of its own and made durable by its frame in the log before `append` returns (or, for
+//! [`RecordStore::append_flushed_soon`], with the log's next flush); redb
 //! allows one writer at a time, which is what makes the head check and the write atomic.
 //!
 //! Only one process opens the store (redb locks the file), so a commit is seen by this
@@ -16,8 +17,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 
 use self::wal::{Put, Wal};
 use super::{
-    AppendBatch, Checkpoint, RecordStore, Result, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
-    check_batch, validate_id,
+    AppendBatch, Checkpoint, FLUSHED_WITHIN, RecordStore, Result, RunFilter, RunSummary, SignedHead,
+    StoreError, TenantId, check_batch, validate_id,
 };
 use crate::{
     memory::backend::{
@@ -209,6 +210,18 @@ impl EmbeddedStore {
         wal: &Wal,
         decide: impl FnOnce(&WriteTransaction) -> Result<Vec<Put>>,
     ) -> Result<()> {
+        let position = Self::commit_logged(db, wal, decide)?;
+        let _phase = tracing::debug_span!("store.flush").entered();
+        wal.sync_to(position).map_err(backend)
+    }
+
+    /// Commits `puts` (decided inside `txn`) with their frame in the log, not yet flushed, and
+    /// returns the log position to flush to before anyone is told they are durable.
+    fn commit_logged(
+        db: &Database,
+        wal: &Wal,
+        decide: impl FnOnce(&WriteTransaction) -> Result<Vec<Put>>,
+    ) -> Result<u64> {
         let mut writer = {
             let _phase = tracing::debug_span!("store.writer_lock").entered();
             wal.writer().map_err(backend)?
@@ -221,9 +234,7 @@ impl EmbeddedStore {
             // Nothing to write (the blob is stored already) — but perhaps by a writer still
             // waiting for its flush: answer only once that is durable too.
             drop(txn);
-            let written = wal.written();
-            drop(writer);
-            return wal.sync_to(written).map_err(backend);
+            return Ok(wal.written());
         }
         apply(&txn, &puts)?;
         drop(phase);
@@ -241,9 +252,21 @@ impl EmbeddedStore {
             return Err(backend(e));
         }
         Self::fold_if_due(db, &mut writer)?;
-        drop(writer);
-        let _phase = tracing::debug_span!("store.flush").entered();
-        wal.sync_to(position).map_err(backend)
+        Ok(position)
+    }
+
+    /// Flushes the log up to `position` after [`FLUSHED_WITHIN`], unless a flush covered it
+    /// first (then this finds nothing to do).
+    fn flush_soon(&self, position: u64) {
+        let files = self.files.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(FLUSHED_WITHIN).await;
+            if files.wal.synced_past(position) {
+                return;
+            }
+            // A failed flush marks the log failed and says so; nothing is left to answer here.
+            let _ = tokio::task::spawn_blocking(move || files.wal.sync_to(position)).await;
+        });
     }
 
     /// Once the log is long enough: one durable redb commit holds every frame so far (all
@@ -304,8 +327,10 @@ impl EmbeddedStore {
         Ok(applied)
     }
 
-    fn append_blocking(db: &Database, wal: &Wal, tenant: &TenantId, batch: &AppendBatch) -> Result<()> {
-        Self::commit(db, wal, |txn| {
+    /// Commits `batch` with its frame in the log, not yet flushed; returns the log position
+    /// that makes it durable.
+    fn append_logged(db: &Database, wal: &Wal, tenant: &TenantId, batch: &AppendBatch) -> Result<u64> {
+        Self::commit_logged(db, wal, |txn| {
             let t = tenant.as_str();
             let run = batch.run_id.as_str();
             let current = {
@@ -394,11 +419,26 @@ impl RecordStore for EmbeddedStore {
         let ends = self.ends.clone();
         let tenant = tenant.clone();
         self.blocking(move |db, wal| {
-            Self::append_blocking(db, wal, &tenant, &batch)?;
+            let position = Self::append_logged(db, wal, &tenant, &batch)?;
             ends.appended(tenant.as_str(), &batch.run_id, batch.head.seq);
-            Ok(())
+            let _phase = tracing::debug_span!("store.flush").entered();
+            wal.sync_to(position).map_err(backend)
         })
         .await
+    }
+
+    async fn append_flushed_soon(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
+        let ends = self.ends.clone();
+        let tenant = tenant.clone();
+        let position = self
+            .blocking(move |db, wal| {
+                let position = Self::append_logged(db, wal, &tenant, &batch)?;
+                ends.appended(tenant.as_str(), &batch.run_id, batch.head.seq);
+                Ok(position)
+            })
+            .await?;
+        self.flush_soon(position);
+        Ok(())
     }
 
     async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>> {
@@ -762,5 +802,80 @@ impl MemoryBackend for EmbeddedStore {
             Ok(applied)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        keys::KeyPair,
+        records::{EntryBody, PinnedDigests, Recorder, RunStart, recorder::Flush},
+    };
+
+    fn start(run_id: &str) -> RunStart {
+        RunStart {
+            run_id: run_id.into(),
+            session_id: "session".into(),
+            agent: "agent".into(),
+            run_context: serde_json::json!({"run_id": run_id}),
+            pinned: PinnedDigests {
+                context_pack: "sha256:pack".into(),
+                policies: vec![],
+                sandbox_profile: None,
+            },
+            bundle: None,
+        }
+    }
+
+    fn note(step: u32) -> EntryBody {
+        EntryBody::Checkpoint {
+            step,
+            state: serde_json::json!({"step": step}),
+        }
+    }
+
+    /// An entry written to be flushed soon is read at once, is not flushed by its own write,
+    /// and is on disk after `FLUSHED_WITHIN` — or as soon as any durable write follows it.
+    #[tokio::test]
+    async fn an_entry_flushed_soon_is_seen_at_once_and_durable_shortly_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("open");
+        let tenant = TenantId::new("shop").expect("tenant");
+        let key = KeyPair::from_seed([7; 32]);
+        let wal = &store.files.wal;
+
+        for (run, then_durable) in [("alone", false), ("followed", true)] {
+            let mut recorder = Recorder::start(&store, tenant.clone(), key.clone(), start(run))
+                .await
+                .expect("start");
+            recorder.stage(note(1));
+            let prepared = recorder.prepare().await.expect("prepare").expect("staged");
+            let head = prepared.head();
+            recorder
+                .commit_or_rechain(prepared, Flush::Soon)
+                .await
+                .expect("written");
+            let position = wal.written();
+            let stored = store.head(&tenant, run).await.expect("head").expect("run");
+            assert_eq!((stored.seq, stored.hash), head, "readers see it at once");
+            assert!(
+                !wal.synced_past(position),
+                "its own write does not wait for a flush"
+            );
+            if then_durable {
+                recorder.record(note(2)).await.expect("durable write");
+                assert!(
+                    wal.synced_past(position),
+                    "a durable write flushes what came before it"
+                );
+            } else {
+                tokio::time::sleep(FLUSHED_WITHIN * 10).await;
+                assert!(
+                    wal.synced_past(position),
+                    "flushed within FLUSHED_WITHIN of its write"
+                );
+            }
+        }
     }
 }

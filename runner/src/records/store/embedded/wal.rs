@@ -230,6 +230,11 @@ impl Wal {
         self.check()
     }
 
+    /// Whether everything appended up to `position` is on disk already.
+    pub(super) fn synced_past(&self, position: u64) -> bool {
+        self.synced.load(Ordering::Acquire) >= position
+    }
+
     /// Everything appended so far (a position for [`Wal::sync_to`]).
     pub(super) fn written(&self) -> u64 {
         self.written.load(Ordering::Acquire)

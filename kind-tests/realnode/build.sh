@@ -16,6 +16,9 @@
 #   bin/coredns                                            coredns/: CoreDNS v1.15.0 with the cluster-DNS plugins only
 #   images/pause.tar, images/busybox.tar, images/coredns.tar  OCI archives for `ctr -n k8s.io images import`
 #   bin/kube-router                                        only with REALNODE_KUBE_ROUTER=1
+#   bin/runsc, bin/containerd-shim-runsc-v1                gVisor $GVISOR_VERSION (the module's Go-only branch; static,
+#                                                          cgo off: runsc re-executes itself inside its chroot)
+#   bin/runsc-wrapper                                      runc-wrapper again, in front of runsc
 # Debian packages (installed with apt-get when missing): runc, containernetworking-plugins,
 # busybox-static, iptables, ipset, conntrack, nftables (nft: stop.sh drops the empty tables iptables-nft made),
 # openssl (start.sh checks the node certificate's subject), curl and jq (start.sh asks the apiserver).
@@ -29,6 +32,8 @@ cd "$here"
 
 CONTAINERD_VERSION=v2.3.7
 KUBE_ROUTER_VERSION=v2.1.0
+# gVisor publishes no semver tags: this is the pseudo-version of a commit of its `go` branch.
+GVISOR_VERSION=v0.0.0-20260905035102-160fafc42237
 PAUSE_REF=localhost/contextos/pause:1
 BUSYBOX_REF=localhost/contextos/busybox:1.35.0
 COREDNS_REF=localhost/contextos/coredns:1.15.0
@@ -60,7 +65,7 @@ fi
 go_version="$(go env GOVERSION)"
 key="$(
 	{
-		echo "$go_version $(go env GOOS)/$(go env GOARCH) containerd=$CONTAINERD_VERSION"
+				echo "$go_version $(go env GOOS)/$(go env GOARCH) containerd=$CONTAINERD_VERSION gvisor=$GVISOR_VERSION"
 		echo "$PAUSE_REF $BUSYBOX_REF $COREDNS_REF"
 		dpkg-query -W -f='${Package} ${Version}\n' busybox-static
 		cat build.sh kube/go.mod kube/go.sum tools/go.mod coredns/go.mod coredns/go.sum
@@ -108,6 +113,31 @@ if [[ ! -x "$out/bin/containerd" || ! -x "$out/bin/containerd-shim-runc-v2" || !
 	rmdir "$tmpbin"
 	log "built containerd in $((SECONDS - t0)) s"
 fi
+
+# --- gVisor: the node's second runtime (handler runsc, RuntimeClass gvisor) ---------------
+# The shim lowers its own oom_score_adj to -999 and gives up when it cannot; this VM withholds
+# CAP_SYS_RESOURCE, which that needs (the same reason as runc-wrapper). So it is built from a
+# copy of the module with that one constant at 0 (the score it inherits); nothing else changes.
+if [[ ! -x "$out/bin/runsc" || ! -x "$out/bin/containerd-shim-runsc-v1" ]]; then
+	t0=$SECONDS
+	log "building gVisor $GVISOR_VERSION (runsc and its containerd shim)"
+	module="$(cd "$here/tools" && go mod download -json "gvisor.dev/gvisor@$GVISOR_VERSION" |
+		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+	[[ -d "$module" ]] || { log "cannot download gvisor.dev/gvisor@$GVISOR_VERSION"; exit 1; }
+	src="$(mktemp -d "$out/.gvisor.XXXXXX")"
+	cp -r "$module/." "$src/"
+	chmod -R u+w "$src"
+	manager="$src/pkg/shim/v1/manager.go"
+	sed -i 's/^\toomScoreMax = -999$/\toomScoreMax = 0/' "$manager"
+	grep -q '^.oomScoreMax = 0$' "$manager" || { log "gVisor's shim no longer sets oomScoreMax = -999 in $manager: look again"; exit 1; }
+	(cd "$src" && nice -n 10 go build -trimpath -buildvcs=false -ldflags "-s -w" -o "$out/bin/.runsc.tmp" ./runsc >&2 &&
+		nice -n 10 go build -trimpath -buildvcs=false -ldflags "-s -w" -o "$out/bin/.shim.tmp" ./shim >&2)
+	mv -f "$out/bin/.runsc.tmp" "$out/bin/runsc"
+	mv -f "$out/bin/.shim.tmp" "$out/bin/containerd-shim-runsc-v1"
+	rm -rf "$src"
+	log "built gVisor in $((SECONDS - t0)) s"
+fi
+build_go runsc-wrapper tools -ldflags "-s -w -X main.realRunc=$out/bin/runsc" ./runc-wrapper
 
 # --- kubelet / kube-proxy v1.36.3 ---------------------------------------------
 kube_version="$(sed -n 's#^[[:space:]]*k8s.io/kubernetes \(v[0-9][0-9.]*\)$#\1#p' kube/go.mod | head -n1)"

@@ -123,6 +123,15 @@ for h in /sys/fs/cgroup/*/; do
 done
 
 # --- containerd ---------------------------------------------------------------------
+# runsc's settings for the gVisor shim: runsc behind runc-wrapper (the same clamp of the
+# kubelet's negative oomScoreAdj), the systrap platform (no KVM needed), its state under
+# WORKDIR so that stop.sh finds it.
+cat >"$W/containerd/runsc.toml" <<EOF
+binary_name = "$B/bin/runsc-wrapper"
+root = "$W/containerd/runsc"
+[runsc_config]
+  platform = "systrap"
+EOF
 cat >"$W/containerd/config.toml" <<EOF
 version = 3
 root = "$W/containerd/root"
@@ -155,9 +164,16 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.tracing.processor
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-        BinaryName = "$B/bin/runc-wrapper"
+                BinaryName = "$B/bin/runc-wrapper"
         Root = "$W/containerd/runc"
         SystemdCgroup = false
+    # gVisor: the RuntimeClass gvisor names this handler. Its shim (containerd-shim-runsc-v1,
+    # found on containerd's PATH) reads runsc's settings from ConfigPath.
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc]
+      runtime_type = "io.containerd.runsc.v1"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc.options]
+        TypeUrl = "io.containerd.runsc.v1.options"
+        ConfigPath = "$W/containerd/runsc.toml"
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["/usr/lib/cni"]
     conf_dir = "$W/cni/net.d"
@@ -523,6 +539,14 @@ if [[ "${REALNODE_SCHEDULER:-0}" == 1 ]]; then
 	start_daemon kube-scheduler "$B/bin/kube-scheduler" --kubeconfig="$ADMIN_KUBECONFIG" \
 		--leader-elect=false --secure-port=0 --v=1
 fi
+
+# The node's second runtime, for pods that ask for a kernel of their own (gVisor's).
+apply /apis/node.k8s.io/v1/runtimeclasses/gvisor <<YAML
+apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata: {name: gvisor}
+handler: runsc
+YAML
 
 if [[ "${REALNODE_DNS:-0}" == 1 ]]; then
 	t0=$(date +%s.%N)

@@ -109,7 +109,7 @@ log "containerd stopped"
 for p in /proc/[0-9]*; do
 	cmd="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)" || continue
 	case "$cmd" in
-	*containerd-shim-runc-v2*"-address $SOCK "*)
+		*containerd-shim-runc-v2*"-address $SOCK "* | *containerd-shim-runsc-v1*"-address $SOCK "*)
 		log "killing left-over shim ${p#/proc/}"
 		kill -KILL "${p#/proc/}" 2>/dev/null
 		;;

@@ -212,3 +212,62 @@ async fn the_kubelet_ends_a_runner_at_its_deadline() -> Result<()> {
     tenant.pass();
     Ok(())
 }
+
+/// What a pod sees of the kernel it runs on, and two of the runner's confinements.
+const KERNEL_PROBE: &str = r#"
+echo kernel=$(cat /proc/sys/kernel/osrelease)
+echo uid=$(id -u)
+touch /var/tmp/probe 2>/dev/null && echo rootwrite=allowed || echo rootwrite=refused
+"#;
+
+/// A SandboxProfile that names the node's gVisor RuntimeClass puts its runner pod on gVisor's
+/// kernel (runsc, systrap platform), still non-root on a read-only root; the same pod without
+/// it runs on the host's kernel.
+#[tokio::test]
+async fn a_runner_pod_under_the_gvisor_runtime_class_runs_on_the_gvisor_kernel() -> Result<()> {
+    let Some(env) = support::env().await? else {
+        return Ok(());
+    };
+    let tenant = support::tenant(env, "real-gvisor").await?;
+    let settings = support::no_gateway();
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+        .trim()
+        .to_owned();
+
+    let mut sandbox = support::quickstart_sandbox()?;
+    sandbox.runtime_class_name = Some("gvisor".into());
+    let pod = support::probe_pod(tenant.name(), "gvisor", &sandbox, &settings, KERNEL_PROBE)?;
+    let runtime_class = pod.spec.as_ref().and_then(|s| s.runtime_class_name.clone());
+    ensure!(
+        runtime_class.as_deref() == Some("gvisor"),
+        "the operator writes the profile's runtime class into the pod: {runtime_class:?}"
+    );
+    let sandboxed = support::run_probe(env, tenant.name(), pod).await?;
+    ensure!(
+        sandboxed.get("kernel")?.contains("gvisor") && sandboxed.get("kernel")? != host_kernel,
+        "under RuntimeClass gvisor the runner sees gVisor's kernel, not the host's {host_kernel}: {sandboxed:?}"
+    );
+    ensure!(
+        sandboxed.get("uid")? != "0" && sandboxed.get("rootwrite")? == "refused",
+        "non-root on a read-only root under gVisor too: {sandboxed:?}"
+    );
+
+    let plain = support::run_probe(
+        env,
+        tenant.name(),
+        support::probe_pod(
+            tenant.name(),
+            "runc",
+            &support::quickstart_sandbox()?,
+            &settings,
+            KERNEL_PROBE,
+        )?,
+    )
+    .await?;
+    ensure!(
+        plain.get("kernel")? == host_kernel,
+        "without a runtime class the runner runs on the host's kernel {host_kernel}: {plain:?}"
+    );
+    tenant.pass();
+    Ok(())
+}

@@ -40,13 +40,32 @@ async fn phase_is(api: &Api<Session>, name: &str, wanted: SessionPhase) -> Resul
 
 #[tokio::test]
 async fn the_quickstart_session_succeeds_in_a_real_pod_that_reaches_only_the_gateway() -> Result<()> {
+    quickstart_in_a_real_pod("real-quickstart", None).await
+}
+
+/// The same Session with its SandboxProfile naming the node's gVisor RuntimeClass: the runner
+/// runs on gVisor's kernel (sandbox.rs shows what a pod under it sees) and reaches the gateway
+/// through gVisor's own network stack, under the same NetworkPolicy.
+#[tokio::test]
+async fn the_quickstart_session_succeeds_in_a_real_pod_under_gvisor() -> Result<()> {
+    quickstart_in_a_real_pod("real-gvisor-quickstart", Some("gvisor")).await
+}
+
+/// Runs the quickstart Session to its approval and on to success in a real runner pod, under
+/// the runtime class `runtime_class` if one is given, and checks the pod and its policy.
+async fn quickstart_in_a_real_pod(namespace: &str, runtime_class: Option<&str>) -> Result<()> {
     let Some(env) = support::env().await? else {
         return Ok(());
     };
     let op = support::operator(env).await?;
-    let ns = support::tenant(env, "real-quickstart").await?;
+    let ns = support::tenant(env, namespace).await?;
     let client = env.client();
-    for object in support::quickstart(env, op)? {
+    for mut object in support::quickstart(env, op)? {
+        if let Some(class) = runtime_class
+            && object["kind"] == "SandboxProfile"
+        {
+            object["spec"]["runtimeClassName"] = json!(class);
+        }
         apply(&client, ns.name(), &object).await?;
     }
     let agents: Api<Agent> = ns.api();
@@ -75,6 +94,11 @@ async fn the_quickstart_session_succeeds_in_a_real_pod_that_reaches_only_the_gat
         spec.node_name.as_deref() == Some(node.name()),
         "scheduled to {:?}",
         spec.node_name
+    );
+    ensure!(
+        spec.runtime_class_name.as_deref() == runtime_class,
+        "runtime class {:?}, the profile's {runtime_class:?}",
+        spec.runtime_class_name
     );
     ensure!(
         spec.containers.first().and_then(|c| c.image.as_deref()) == Some(env.runner_image()),

@@ -4,6 +4,8 @@
 // CAP_SYS_RESOURCE: writing a negative oom_score_adj fails, and the kubelet
 // asks for -998 on every pod sandbox (runc then dies with "can't get final
 // child's PID from pipe: EOF"). Every other call is passed through unchanged.
+// Built a second time (runsc-wrapper) in front of gVisor's runsc, whose CLI is runc's, for the
+// same reason.
 package main
 
 import (

@@ -65,7 +65,7 @@ fi
 go_version="$(go env GOVERSION)"
 key="$(
 	{
-				echo "$go_version $(go env GOOS)/$(go env GOARCH) containerd=$CONTAINERD_VERSION gvisor=$GVISOR_VERSION"
+		echo "$go_version $(go env GOOS)/$(go env GOARCH) containerd=$CONTAINERD_VERSION gvisor=$GVISOR_VERSION"
 		echo "$PAUSE_REF $BUSYBOX_REF $COREDNS_REF"
 		dpkg-query -W -f='${Package} ${Version}\n' busybox-static
 		cat build.sh kube/go.mod kube/go.sum tools/go.mod coredns/go.mod coredns/go.sum
@@ -124,7 +124,8 @@ if [[ ! -x "$out/bin/runsc" || ! -x "$out/bin/containerd-shim-runsc-v1" ]]; then
 	module="$(cd "$here/tools" && go mod download -json "gvisor.dev/gvisor@$GVISOR_VERSION" |
 		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
 	[[ -d "$module" ]] || { log "cannot download gvisor.dev/gvisor@$GVISOR_VERSION"; exit 1; }
-	src="$(mktemp -d "$out/.gvisor.XXXXXX")"
+		src="$(mktemp -d "$out/.gvisor.XXXXXX")"
+	trap 'rm -rf "$src" "$out/bin/.runsc.tmp" "$out/bin/.shim.tmp"' EXIT
 	cp -r "$module/." "$src/"
 	chmod -R u+w "$src"
 	manager="$src/pkg/shim/v1/manager.go"
@@ -134,10 +135,12 @@ if [[ ! -x "$out/bin/runsc" || ! -x "$out/bin/containerd-shim-runsc-v1" ]]; then
 		nice -n 10 go build -trimpath -buildvcs=false -ldflags "-s -w" -o "$out/bin/.shim.tmp" ./shim >&2)
 	mv -f "$out/bin/.runsc.tmp" "$out/bin/runsc"
 	mv -f "$out/bin/.shim.tmp" "$out/bin/containerd-shim-runsc-v1"
-	rm -rf "$src"
+		rm -rf "$src"
+	trap - EXIT
 	log "built gVisor in $((SECONDS - t0)) s"
 fi
-build_go runsc-wrapper tools -ldflags "-s -w -X main.realRunc=$out/bin/runsc" ./runc-wrapper
+# A name without a slash is looked for next to the wrapper (the cache directory may move).
+build_go runsc-wrapper tools -ldflags "-s -w -X main.realRunc=runsc" ./runc-wrapper
 
 # --- kubelet / kube-proxy v1.36.3 ---------------------------------------------
 kube_version="$(sed -n 's#^[[:space:]]*k8s.io/kubernetes \(v[0-9][0-9.]*\)$#\1#p' kube/go.mod | head -n1)"

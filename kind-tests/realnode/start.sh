@@ -164,7 +164,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.tracing.processor
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-                BinaryName = "$B/bin/runc-wrapper"
+        BinaryName = "$B/bin/runc-wrapper"
         Root = "$W/containerd/runc"
         SystemdCgroup = false
     # gVisor: the RuntimeClass gvisor names this handler. Its shim (containerd-shim-runsc-v1,
@@ -541,6 +541,7 @@ if [[ "${REALNODE_SCHEDULER:-0}" == 1 ]]; then
 fi
 
 # The node's second runtime, for pods that ask for a kernel of their own (gVisor's).
+[[ -x "$B/bin/runsc" && -x "$B/bin/containerd-shim-runsc-v1" ]] || die "gVisor not built: bash $here/build.sh"
 apply /apis/node.k8s.io/v1/runtimeclasses/gvisor <<YAML
 apiVersion: node.k8s.io/v1
 kind: RuntimeClass

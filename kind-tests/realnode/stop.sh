@@ -109,11 +109,17 @@ log "containerd stopped"
 for p in /proc/[0-9]*; do
 	cmd="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)" || continue
 	case "$cmd" in
-		*containerd-shim-runc-v2*"-address $SOCK "* | *containerd-shim-runsc-v1*"-address $SOCK "*)
+	*containerd-shim-runc-v2*"-address $SOCK "* | *containerd-shim-runsc-v1*"-address $SOCK "*)
 		log "killing left-over shim ${p#/proc/}"
 		kill -KILL "${p#/proc/}" 2>/dev/null
 		;;
 	esac
+	# gVisor's sandboxes and gofers run in their pod's cgroups (swept below); a runsc the
+	# shim itself ran (create, wait) does not.
+	if [[ "$(readlink "$p/exe" 2>/dev/null)" == "$(readlink -f "$B")/bin/runsc" ]]; then
+		log "killing left-over runsc ${p#/proc/}"
+		kill -KILL "${p#/proc/}" 2>/dev/null
+	fi
 done
 
 # Container processes still in our cgroup trees (e.g. after a crash).

@@ -288,6 +288,22 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
     let runner_ip = running(env, tenant.name(), runner).await?;
     let policed = output(env, tenant.name(), &runner_name, "outbound=done").await?;
 
+    // The same runner on gVisor (RuntimeClass gvisor): its own network stack, the same veth,
+    // the same policy.
+    let mut on_gvisor = sandbox.clone();
+    on_gvisor.runtime_class_name = Some("gvisor".into());
+    let runner = support::probe_pod(
+        tenant.name(),
+        "policed-gvisor",
+        &on_gvisor,
+        &settings,
+        &runner_probe(&targets, true),
+    )?;
+    let gvisor_name = runner.metadata.name.clone().context("name")?;
+    support::ensure_bundle(env, tenant.name(), &runner).await?;
+    running(env, tenant.name(), runner).await?;
+    let policed_gvisor = output(env, tenant.name(), &gvisor_name, "outbound=done").await?;
+
     // The same probe with no policy.
     let control = support::probe_pod(
         unpoliced.name(),
@@ -301,7 +317,8 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
     let control_ip = running(env, unpoliced.name(), control).await?;
     let open = output(env, unpoliced.name(), &control_name, "outbound=done").await?;
 
-    let report = format!("under the policy: {policed:?}\nwithout it: {open:?}");
+    let report =
+        format!("under the policy: {policed:?}\non gVisor: {policed_gvisor:?}\nwithout it: {open:?}");
     for (key, policed_wants) in [
         ("victim", "no"),
         ("dns", "yes"),
@@ -314,6 +331,10 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
         ensure!(
             value(&policed, key) == policed_wants,
             "runner {key}: expected {policed_wants}\n{report}"
+        );
+        ensure!(
+            value(&policed_gvisor, key) == policed_wants,
+            "runner on gVisor {key}: expected {policed_wants}\n{report}"
         );
         ensure!(
             value(&open, key) == "yes",

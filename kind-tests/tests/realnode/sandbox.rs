@@ -251,6 +251,19 @@ async fn a_runner_pod_under_the_gvisor_runtime_class_runs_on_the_gvisor_kernel()
         sandboxed.get("uid")? != "0" && sandboxed.get("rootwrite")? == "refused",
         "non-root on a read-only root under gVisor too: {sandboxed:?}"
     );
+    // What refuses the write is the read-only root, which gVisor keeps: with a writable root
+    // (gVisor's own overlay) the same write succeeds.
+    let mut writable = support::probe_pod(tenant.name(), "gvisor-rw", &sandbox, &settings, KERNEL_PROBE)?;
+    for container in writable.spec.iter_mut().flat_map(|s| s.containers.iter_mut()) {
+        if let Some(context) = container.security_context.as_mut() {
+            context.read_only_root_filesystem = Some(false);
+        }
+    }
+    let writable = support::run_probe(env, tenant.name(), writable).await?;
+    ensure!(
+        writable.get("kernel")?.contains("gvisor") && writable.get("rootwrite")? == "allowed",
+        "under gVisor with a writable root the write succeeds: {writable:?}"
+    );
 
     let plain = support::run_probe(
         env,

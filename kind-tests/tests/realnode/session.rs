@@ -43,9 +43,10 @@ async fn the_quickstart_session_succeeds_in_a_real_pod_that_reaches_only_the_gat
     quickstart_in_a_real_pod("real-quickstart", None).await
 }
 
-/// The same Session with its SandboxProfile naming the node's gVisor RuntimeClass: the runner
-/// runs on gVisor's kernel (sandbox.rs shows what a pod under it sees) and reaches the gateway
-/// through gVisor's own network stack, under the same NetworkPolicy.
+/// The same Session with its SandboxProfile naming the node's gVisor RuntimeClass: its runner
+/// pod asks for it (sandbox.rs shows that a pod asking for it runs on gVisor's kernel), and the
+/// runner reaches the gateway through gVisor's own network stack (network.rs shows the
+/// NetworkPolicy holding a runner on gVisor as it holds one on runc).
 #[tokio::test]
 async fn the_quickstart_session_succeeds_in_a_real_pod_under_gvisor() -> Result<()> {
     quickstart_in_a_real_pod("real-gvisor-quickstart", Some("gvisor")).await

@@ -17,7 +17,8 @@ import (
 	"syscall"
 )
 
-// realRunc can be changed with -ldflags "-X main.realRunc=/path".
+// realRunc can be changed with -ldflags "-X main.realRunc=/path"; a name without a slash is
+// looked for in the wrapper's own directory.
 var realRunc = "/usr/sbin/runc"
 
 // runc's global flags that take a value (runc 1.1).
@@ -31,9 +32,18 @@ func main() {
 		fmt.Fprintf(os.Stderr, "runc-wrapper: %v\n", err)
 		os.Exit(1)
 	}
-	argv := append([]string{realRunc}, args...)
-	err := syscall.Exec(realRunc, argv, os.Environ())
-	fmt.Fprintf(os.Stderr, "runc-wrapper: exec %s: %v\n", realRunc, err)
+	real := realRunc
+	if !strings.Contains(real, "/") {
+		self, err := os.Executable()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "runc-wrapper: cannot find its own directory: %v\n", err)
+			os.Exit(127)
+		}
+		real = filepath.Join(filepath.Dir(self), real)
+	}
+	argv := append([]string{real}, args...)
+	err := syscall.Exec(real, argv, os.Environ())
+	fmt.Fprintf(os.Stderr, "runc-wrapper: exec %s: %v\n", real, err)
 	os.Exit(127)
 }
 

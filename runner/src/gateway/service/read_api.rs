@@ -46,11 +46,14 @@ where
                     grant.job
                 )));
             }
+            // What a reader is shown is durable: no head a crash could still take back.
+            self.store.flush_pending().await.map_err(unavailable)?;
             return Ok(tenant);
         }
         let (namespace, person) = self.permitted_person(headers, Access::ReadRecords).await?;
         // The audit trail of people's reads.
         tracing::info!(user = %person.username, %namespace, "records read");
+        self.store.flush_pending().await.map_err(unavailable)?;
         Ok(namespace)
     }
 

@@ -212,6 +212,9 @@ impl RecordStore for AnyStore {
     async fn append_flushed_soon(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
         forward!(self, s => s.append_flushed_soon(tenant, batch))
     }
+    async fn flush_pending(&self) -> Result<()> {
+        forward!(self, s => s.flush_pending())
+    }
 
     async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>> {
         forward!(self, s => s.head(tenant, run_id))

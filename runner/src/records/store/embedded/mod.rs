@@ -5,7 +5,9 @@
 //! allows one writer at a time, which is what makes the head check and the write atomic.
 //!
 //! Only one process opens the store (redb locks the file), so a commit is seen by this
-//! process's readers as soon as it is made, a flush later than it is acknowledged. Nothing in
+//! process's readers as soon as it is made, a flush before it is acknowledged as durable (an
+//! entry written to be flushed soon: up to [`FLUSHED_WITHIN`] later). What the gateway service
+//! shows a reader outside the run is flushed first ([`RecordStore::flush_pending`]). Nothing in
 //! ContextOS reads a run while its own append is in flight: the gateway serialises each run's
 //! requests.
 
@@ -56,6 +58,8 @@ struct RunRow {
 pub struct EmbeddedStore {
     files: Arc<Files>,
     ends: Arc<RunEnds>,
+    /// How long an entry written to be flushed soon waits for a flush ([`FLUSHED_WITHIN`]).
+    flush_delay: std::time::Duration,
     /// Where the identity vault's key rings are (never in the store file: see
     /// `crate::vault::kek`).
     rings: crate::vault::kek::KeyRings,
@@ -174,8 +178,17 @@ impl EmbeddedStore {
         Ok(Self {
             files: Arc::new(Files { db, wal }),
             ends: Arc::default(),
+            flush_delay: FLUSHED_WITHIN,
             rings: crate::vault::kek::KeyRings::Dir(crate::vault::kek::KeyDir::default_location()),
         })
+    }
+
+    /// Waits `delay` instead of [`FLUSHED_WITHIN`] before flushing what was written to be
+    /// flushed soon.
+    #[cfg(test)]
+    fn with_flush_delay(mut self, delay: std::time::Duration) -> Self {
+        self.flush_delay = delay;
+        self
     }
 
     /// Keeps the identity vault's key rings in `rings` instead of the default place.
@@ -258,9 +271,15 @@ impl EmbeddedStore {
     /// Flushes the log up to `position` after [`FLUSHED_WITHIN`], unless a flush covered it
     /// first (then this finds nothing to do).
     fn flush_soon(&self, position: u64) {
-        let files = self.files.clone();
+        // Not a strong reference: a store closed meanwhile must not stay open (locked) for it.
+        let files = Arc::downgrade(&self.files);
+        let delay = self.flush_delay;
         tokio::spawn(async move {
-            tokio::time::sleep(FLUSHED_WITHIN).await;
+            tokio::time::sleep(delay).await;
+            // Closed: its close flushed the log and folded it into the database.
+            let Some(files) = files.upgrade() else {
+                return;
+            };
             if files.wal.synced_past(position) {
                 return;
             }
@@ -425,6 +444,15 @@ impl RecordStore for EmbeddedStore {
             wal.sync_to(position).map_err(backend)
         })
         .await
+    }
+
+    async fn flush_pending(&self) -> Result<()> {
+        let wal = &self.files.wal;
+        if wal.synced_past(wal.written()) {
+            return wal.check().map_err(backend);
+        }
+        self.blocking(|_, wal| wal.sync_to(wal.written()).map_err(backend))
+            .await
     }
 
     async fn append_flushed_soon(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {
@@ -835,47 +863,68 @@ mod tests {
         }
     }
 
-    /// An entry written to be flushed soon is read at once, is not flushed by its own write,
-    /// and is on disk after `FLUSHED_WITHIN` — or as soon as any durable write follows it.
+    /// Writes checkpoint 1 of a new run `run` to be flushed soon; returns the log position that
+    /// makes it durable, checked before anything yields to the flush timer (the test runtime
+    /// has one thread): its own write did not flush it.
+    async fn soon<'s>(store: &'s EmbeddedStore, run: &str) -> (Recorder<'s, EmbeddedStore>, u64) {
+        let tenant = TenantId::new("shop").expect("tenant");
+        let mut recorder = Recorder::start(store, tenant.clone(), KeyPair::from_seed([7; 32]), start(run))
+            .await
+            .expect("start");
+        recorder.stage(note(1));
+        let prepared = recorder.prepare().await.expect("prepare").expect("staged");
+        let head = prepared.head();
+        recorder
+            .commit_or_rechain(prepared, Flush::Soon)
+            .await
+            .expect("written");
+        let wal = &store.files.wal;
+        let position = wal.written();
+        assert!(
+            !wal.synced_past(position),
+            "its own write does not wait for a flush"
+        );
+        let stored = store.head(&tenant, run).await.expect("head").expect("run");
+        assert_eq!((stored.seq, stored.hash), head, "readers see it at once");
+        (recorder, position)
+    }
+
+    /// An entry written to be flushed soon is seen at once and is on disk within the delay, or
+    /// as soon as a durable write follows it or a reader outside the run is served.
     #[tokio::test]
     async fn an_entry_flushed_soon_is_seen_at_once_and_durable_shortly_after() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("open");
-        let tenant = TenantId::new("shop").expect("tenant");
-        let key = KeyPair::from_seed([7; 32]);
-        let wal = &store.files.wal;
+        let open = |name: &str, delay| {
+            EmbeddedStore::open(&dir.path().join(name))
+                .expect("open")
+                .with_flush_delay(delay)
+        };
 
-        for (run, then_durable) in [("alone", false), ("followed", true)] {
-            let mut recorder = Recorder::start(&store, tenant.clone(), key.clone(), start(run))
-                .await
-                .expect("start");
-            recorder.stage(note(1));
-            let prepared = recorder.prepare().await.expect("prepare").expect("staged");
-            let head = prepared.head();
-            recorder
-                .commit_or_rechain(prepared, Flush::Soon)
-                .await
-                .expect("written");
-            let position = wal.written();
-            let stored = store.head(&tenant, run).await.expect("head").expect("run");
-            assert_eq!((stored.seq, stored.hash), head, "readers see it at once");
-            assert!(
-                !wal.synced_past(position),
-                "its own write does not wait for a flush"
-            );
-            if then_durable {
-                recorder.record(note(2)).await.expect("durable write");
-                assert!(
-                    wal.synced_past(position),
-                    "a durable write flushes what came before it"
-                );
-            } else {
-                tokio::time::sleep(FLUSHED_WITHIN * 10).await;
-                assert!(
-                    wal.synced_past(position),
-                    "flushed within FLUSHED_WITHIN of its write"
-                );
-            }
+        // Alone: the timer flushes it.
+        let store = open("alone.redb", FLUSHED_WITHIN);
+        let (_, position) = soon(&store, "alone").await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !store.files.wal.synced_past(position) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(FLUSHED_WITHIN).await;
         }
+        assert!(store.files.wal.synced_past(position), "flushed by its timer");
+
+        // With a timer that would not fire during the test, what flushes it is what follows.
+        let never = std::time::Duration::from_secs(3600);
+        let store = open("followed.redb", never);
+        let (mut recorder, position) = soon(&store, "followed").await;
+        recorder.record(note(2)).await.expect("durable write");
+        assert!(
+            store.files.wal.synced_past(position),
+            "a durable write flushes what came before it"
+        );
+
+        let store = open("read.redb", never);
+        let (_, position) = soon(&store, "read").await;
+        store.flush_pending().await.expect("flushed for a reader");
+        assert!(
+            store.files.wal.synced_past(position),
+            "flushed before a reader is served"
+        );
     }
 }

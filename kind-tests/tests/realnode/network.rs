@@ -7,6 +7,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, ensure};
+use contextos_crds::sandbox_profile::SandboxProfileSpec;
 use contextos_kind_tests::{
     Check, TestEnv, operator_env,
     real_node::{BUSYBOX_IMAGE, COREDNS_IMAGE, NODE_IP},
@@ -191,6 +192,32 @@ exec httpd -f -p 8080 -h /etc
     )
 }
 
+/// Runs the runner's probe ([`runner_probe`]) in the runner pod of Session `session` under
+/// `sandbox`, and returns the pod's name and address and what it printed once it tried every
+/// target.
+async fn reach_probe(
+    env: &'static TestEnv,
+    namespace: &str,
+    session: &str,
+    sandbox: &SandboxProfileSpec,
+    settings: &RunnerSettings,
+    targets: &Targets,
+    await_policy: bool,
+) -> Result<(String, Ipv4Addr, Vec<(String, String)>)> {
+    let runner = support::probe_pod(
+        namespace,
+        session,
+        sandbox,
+        settings,
+        &runner_probe(targets, await_policy),
+    )?;
+    let name = runner.metadata.name.clone().context("name")?;
+    support::ensure_bundle(env, namespace, &runner).await?;
+    let ip = running(env, namespace, runner).await?;
+    let printed = output(env, namespace, &name, "outbound=done").await?;
+    Ok((name, ip, printed))
+}
+
 /// A pod in `namespace` that tries to reach `target`:8080 once and prints `ingress=yes|no`.
 async fn ingress_from(
     env: &'static TestEnv,
@@ -276,46 +303,33 @@ async fn a_runner_reaches_only_dns_pods_and_the_gateway_and_nothing_reaches_it()
     Api::<NetworkPolicy>::namespaced(env.client(), tenant.name())
         .create(&PostParams::default(), &policy)
         .await?;
-    let runner = support::probe_pod(
-        tenant.name(),
-        "policed",
-        &sandbox,
-        &settings,
-        &runner_probe(&targets, true),
-    )?;
-    let runner_name = runner.metadata.name.clone().context("name")?;
-    support::ensure_bundle(env, tenant.name(), &runner).await?;
-    let runner_ip = running(env, tenant.name(), runner).await?;
-    let policed = output(env, tenant.name(), &runner_name, "outbound=done").await?;
-
+    let (runner_name, runner_ip, policed) =
+        reach_probe(env, tenant.name(), "policed", &sandbox, &settings, &targets, true).await?;
     // The same runner on gVisor (RuntimeClass gvisor): its own network stack, the same veth,
     // the same policy.
     let mut on_gvisor = sandbox.clone();
     on_gvisor.runtime_class_name = Some("gvisor".into());
-    let runner = support::probe_pod(
+    let (_, _, policed_gvisor) = reach_probe(
+        env,
         tenant.name(),
         "policed-gvisor",
         &on_gvisor,
         &settings,
-        &runner_probe(&targets, true),
-    )?;
-    let gvisor_name = runner.metadata.name.clone().context("name")?;
-    support::ensure_bundle(env, tenant.name(), &runner).await?;
-    running(env, tenant.name(), runner).await?;
-    let policed_gvisor = output(env, tenant.name(), &gvisor_name, "outbound=done").await?;
-
+        &targets,
+        true,
+    )
+    .await?;
     // The same probe with no policy.
-    let control = support::probe_pod(
+    let (control_name, control_ip, open) = reach_probe(
+        env,
         unpoliced.name(),
         "open",
         &sandbox,
         &settings,
-        &runner_probe(&targets, false),
-    )?;
-    let control_name = control.metadata.name.clone().context("name")?;
-    support::ensure_bundle(env, unpoliced.name(), &control).await?;
-    let control_ip = running(env, unpoliced.name(), control).await?;
-    let open = output(env, unpoliced.name(), &control_name, "outbound=done").await?;
+        &targets,
+        false,
+    )
+    .await?;
 
     let report =
         format!("under the policy: {policed:?}\non gVisor: {policed_gvisor:?}\nwithout it: {open:?}");

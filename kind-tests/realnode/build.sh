@@ -124,7 +124,7 @@ if [[ ! -x "$out/bin/runsc" || ! -x "$out/bin/containerd-shim-runsc-v1" ]]; then
 	module="$(cd "$here/tools" && go mod download -json "gvisor.dev/gvisor@$GVISOR_VERSION" |
 		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
 	[[ -d "$module" ]] || { log "cannot download gvisor.dev/gvisor@$GVISOR_VERSION"; exit 1; }
-		src="$(mktemp -d "$out/.gvisor.XXXXXX")"
+	src="$(mktemp -d "$out/.gvisor.XXXXXX")"
 	trap 'rm -rf "$src" "$out/bin/.runsc.tmp" "$out/bin/.shim.tmp"' EXIT
 	cp -r "$module/." "$src/"
 	chmod -R u+w "$src"
@@ -135,7 +135,7 @@ if [[ ! -x "$out/bin/runsc" || ! -x "$out/bin/containerd-shim-runsc-v1" ]]; then
 		nice -n 10 go build -trimpath -buildvcs=false -ldflags "-s -w" -o "$out/bin/.shim.tmp" ./shim >&2)
 	mv -f "$out/bin/.runsc.tmp" "$out/bin/runsc"
 	mv -f "$out/bin/.shim.tmp" "$out/bin/containerd-shim-runsc-v1"
-		rm -rf "$src"
+	rm -rf "$src"
 	trap - EXIT
 	log "built gVisor in $((SECONDS - t0)) s"
 fi

@@ -106,6 +106,7 @@ log "containerd stopped"
 
 # Shims outlive containerd: stop those serving this containerd (matched by
 # their -address argument, killed by pid).
+runsc="$(readlink -f "$B")/bin/runsc"
 for p in /proc/[0-9]*; do
 	cmd="$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null)" || continue
 	case "$cmd" in
@@ -116,7 +117,7 @@ for p in /proc/[0-9]*; do
 	esac
 	# gVisor's sandboxes and gofers run in their pod's cgroups (swept below); a runsc the
 	# shim itself ran (create, wait) does not.
-	if [[ "$(readlink "$p/exe" 2>/dev/null)" == "$(readlink -f "$B")/bin/runsc" ]]; then
+	if [[ "$(readlink "$p/exe" 2>/dev/null)" == "$runsc" ]]; then
 		log "killing left-over runsc ${p#/proc/}"
 		kill -KILL "${p#/proc/}" 2>/dev/null
 	fi

@@ -1,7 +1,8 @@
 //! What a Session owns, built from pinned specs (pure; the Session controller applies them):
 //! the immutable run bundle ConfigMap and one runner Pod per attempt with its SandboxProfile
-//! applied; and the namespace's runner NetworkPolicy that confines every such pod. A runner pod holds no credential, key or
-//! store address: it reaches the gateway service with a projected token, and nothing else.
+//! applied; and the namespace's runner NetworkPolicy that confines every such pod. A runner pod
+//! holds no credential, key or store address: it reaches the gateway service with a projected
+//! token, and nothing else.
 
 use std::collections::BTreeMap;
 

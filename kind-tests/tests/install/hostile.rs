@@ -300,7 +300,7 @@ pub async fn control(
     record_api: &str,
 ) -> Result<Value> {
     let pod: Pod = serde_json::from_value(json!({
-                // Labelled as an A2A caller (the gateway's policy lets it knock; a runner label would put
+        // Labelled as an A2A caller (the gateway's policy lets it knock; a runner label would put
         // it under the namespace's runner policy) and as the gateway itself (which a tenant may
         // write on its own pods: the capability's policy must not care).
         "metadata": {"name": "hostile-control", "labels": {

@@ -176,7 +176,7 @@ impl Default for GatewayMetrics {
         );
         registry.register(
             "record_append_duration_seconds",
-                        "Time one append of entries to a run's record took: until durable, or for an entry already answered with (made durable by the next flush) until committed",
+            "Time one append of entries to a run's record took: until durable, or for an entry already answered with (made durable by the next flush) until committed",
             appends.clone(),
         );
         registry.register(

@@ -215,7 +215,6 @@ impl RecordStore for AnyStore {
     async fn flush_pending(&self) -> Result<()> {
         forward!(self, s => s.flush_pending())
     }
-
     async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>> {
         forward!(self, s => s.head(tenant, run_id))
     }

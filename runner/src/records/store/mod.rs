@@ -233,10 +233,10 @@ pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
 
     /// [`Self::append`], seen by every reader once it returns, but durable only with the
     /// store's next flush (at the latest [`FLUSHED_WITHIN`] later) instead of before it returns.
-    /// Only for entries whose loss is noticed: the result of a call the gateway service already
-    /// answered with (the runner's next request names the head it was told, and is refused if
-    /// the record lost it; the call's go-ahead, durable before the tool acted, then says its
-    /// outcome is unknown). The next durable write of any run, usually the same runner's next
+    /// Only for entries whose loss is noticed: a call's result or a model turn the gateway
+    /// service already answered with (the runner's next request names the head it was told, and
+    /// is refused if the record lost it; a call's go-ahead, durable before the tool acted, then
+    /// says its outcome is unknown). The next durable write of any run, usually the same runner's next
     /// go-ahead, flushes it, so a call costs one flush instead of two. Stores whose every write
     /// is durable (TiKV) just append.
     fn append_flushed_soon(

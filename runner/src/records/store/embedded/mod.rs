@@ -268,8 +268,8 @@ impl EmbeddedStore {
         Ok(position)
     }
 
-    /// Flushes the log up to `position` after [`FLUSHED_WITHIN`], unless a flush covered it
-    /// first (then this finds nothing to do).
+    /// Flushes the log up to `position` after the store's delay ([`FLUSHED_WITHIN`]), unless a
+    /// flush covered it first (then this finds nothing to do).
     fn flush_soon(&self, position: u64) {
         // Not a strong reference: a store closed meanwhile must not stay open (locked) for it.
         let files = Arc::downgrade(&self.files);
@@ -346,10 +346,16 @@ impl EmbeddedStore {
         Ok(applied)
     }
 
-    /// Commits `batch` with its frame in the log, not yet flushed; returns the log position
-    /// that makes it durable.
-    fn append_logged(db: &Database, wal: &Wal, tenant: &TenantId, batch: &AppendBatch) -> Result<u64> {
-        Self::commit_logged(db, wal, |txn| {
+    /// Commits `batch` with its frame in the log, not yet flushed, and notes the run's new end;
+    /// returns the log position that makes it durable.
+    fn append_logged(
+        db: &Database,
+        wal: &Wal,
+        ends: &RunEnds,
+        tenant: &TenantId,
+        batch: &AppendBatch,
+    ) -> Result<u64> {
+        let position = Self::commit_logged(db, wal, |txn| {
             let t = tenant.as_str();
             let run = batch.run_id.as_str();
             let current = {
@@ -394,7 +400,9 @@ impl EmbeddedStore {
                 });
             }
             Ok(puts)
-        })
+        })?;
+        ends.appended(tenant.as_str(), &batch.run_id, batch.head.seq);
+        Ok(position)
     }
 
     fn list_blocking(db: &Database, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
@@ -438,8 +446,7 @@ impl RecordStore for EmbeddedStore {
         let ends = self.ends.clone();
         let tenant = tenant.clone();
         self.blocking(move |db, wal| {
-            let position = Self::append_logged(db, wal, &tenant, &batch)?;
-            ends.appended(tenant.as_str(), &batch.run_id, batch.head.seq);
+            let position = Self::append_logged(db, wal, &ends, &tenant, &batch)?;
             let _phase = tracing::debug_span!("store.flush").entered();
             wal.sync_to(position).map_err(backend)
         })
@@ -459,11 +466,7 @@ impl RecordStore for EmbeddedStore {
         let ends = self.ends.clone();
         let tenant = tenant.clone();
         let position = self
-            .blocking(move |db, wal| {
-                let position = Self::append_logged(db, wal, &tenant, &batch)?;
-                ends.appended(tenant.as_str(), &batch.run_id, batch.head.seq);
-                Ok(position)
-            })
+            .blocking(move |db, wal| Self::append_logged(db, wal, &ends, &tenant, &batch))
             .await?;
         self.flush_soon(position);
         Ok(())

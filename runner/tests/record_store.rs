@@ -13,6 +13,7 @@ use std::{
 
 use contextos_runner::{
     keys::KeyPair,
+    memory::backend::{Change, Guard, MemoryBackend as _, Write},
     records::{
         EmbeddedStore, EntryBody, Hash, PinnedDigests, RecordStore, Recorder, RunFilter, RunStart,
         StoreError, StoredEntry, TenantId,
@@ -578,6 +579,93 @@ async fn child_loop<S: RecordStore>(store: &S, t: TenantId, run: &str, blob_byte
             println!("ACK {} {}", entry.seq, entry.hash.to_hex());
         }
     }
+}
+
+/// A memory write's changes, removals included, survive a crash that leaves the store's log to
+/// be replayed: the log replays what each write left, in order, so an older row written
+/// through the log never comes back over a newer change (which a durable database commit
+/// outside the log would not stop).
+#[tokio::test]
+async fn embedded_memory_writes_survive_sigkill_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("records.redb");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            "crash_child_writes_memory_then_waits",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_STORE_ENV, format!("embedded:{}", path.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("piped stdout");
+    // (The test harness may print the test's name on the same line first.)
+    let written = BufReader::new(stdout)
+        .lines()
+        .any(|line| line.expect("child output").ends_with("WRITTEN"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    assert!(!child.wait().expect("wait").success(), "the child was killed");
+    assert!(written, "the child wrote its rows before it was killed");
+    let store = EmbeddedStore::open(&path).expect("reopen after crash");
+    let t = TenantId::new("crash-tests").expect("tenant");
+    let got = store
+        .memory_get(&t, vec![MEMORY_REMOVED.to_vec(), MEMORY_COUNTED.to_vec()])
+        .await
+        .expect("read");
+    assert_eq!(
+        got[0], None,
+        "a removed row stays removed after the log is replayed"
+    );
+    assert_eq!(
+        got[1],
+        Some(2u64.to_be_bytes().to_vec()),
+        "a counted row keeps its last count"
+    );
+}
+
+const MEMORY_REMOVED: &[u8] = b"cx/crash-tests/m/removed";
+const MEMORY_COUNTED: &[u8] = b"cx/crash-tests/m/counted";
+
+/// The child of `embedded_memory_writes_survive_sigkill_in_order`: writes a row to be flushed
+/// with the next write, counts another, removes the first and counts again — each durable —
+/// then says so and waits to be killed, never closing the store (a close folds the log).
+#[tokio::test]
+#[ignore = "child process of a crash-safety test; started by it with --ignored --exact"]
+async fn crash_child_writes_memory_then_waits() {
+    let Ok(spec) = std::env::var(CHILD_STORE_ENV) else {
+        panic!("run only by the crash-safety tests ({CHILD_STORE_ENV} unset)");
+    };
+    let path = spec.strip_prefix("embedded:").expect("an embedded store");
+    let store = EmbeddedStore::open(std::path::Path::new(path)).expect("open");
+    let t = TenantId::new("crash-tests").expect("tenant");
+    let write = |change| Write {
+        guard: Guard::All(Vec::new()),
+        changes: vec![change],
+    };
+    store
+        .memory_write_unflushed(
+            &t,
+            vec![write(Change::Put(MEMORY_REMOVED.to_vec(), b"old".to_vec()))],
+        )
+        .await
+        .expect("put");
+    for change in [
+        Change::Count(MEMORY_COUNTED.to_vec(), 1),
+        Change::Delete(MEMORY_REMOVED.to_vec()),
+        Change::Count(MEMORY_COUNTED.to_vec(), 1),
+    ] {
+        store.memory_write(&t, vec![write(change)]).await.expect("write");
+    }
+    println!("WRITTEN");
+    tokio::time::sleep(Duration::from_secs(600)).await;
 }
 
 // ---------------------------------------------------------------- backends

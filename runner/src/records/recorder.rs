@@ -389,6 +389,11 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         self.head
     }
 
+    /// Whether the run recorded its outcome (completed or failed): nothing follows it.
+    pub fn finished(&self) -> bool {
+        self.summary.outcome != "running"
+    }
+
     /// For a replay's throw-away record: heads from now on are not signed, and every staged
     /// body is also kept in memory for [`Recorder::take_tapped`].
     pub fn for_replay(mut self) -> Self {

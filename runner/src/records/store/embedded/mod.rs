@@ -306,9 +306,13 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    /// Memory writes of puts only, committed and logged without waiting for a flush (see
-    /// [`MemoryBackend::memory_write_unflushed`]).
-    fn memory_write_logged(db: &Database, wal: &Wal, writes: Vec<Write>) -> Result<Vec<bool>> {
+    /// Memory writes committed with their frame in the log, not yet flushed. The frame holds
+    /// what each applied change left (the row's value, or its removal), so replaying it gives
+    /// the same rows whatever was there before. Returns which writes applied and the log
+    /// position to flush to before any of it is called durable (when nothing applied, the
+    /// position of everything written so far: the guards may have read rows still waiting
+    /// for their flush).
+    fn memory_write_logged(db: &Database, wal: &Wal, writes: Vec<Write>) -> Result<(Vec<bool>, u64)> {
         let mut writer = wal.writer().map_err(backend)?;
         let mut txn = db.begin_write().map_err(backend)?;
         txn.set_durability(redb::Durability::None).map_err(backend)?;
@@ -323,27 +327,42 @@ impl EmbeddedStore {
                     continue;
                 }
                 for change in write.changes {
-                    let Change::Put(key, value) = change else {
-                        return Err(StoreError::Refused(
-                            "a memory write left to the next flush holds puts only".into(),
-                        ));
+                    let (key, value) = match change {
+                        Change::Put(key, value) => (key, Some(value)),
+                        Change::Delete(key) => (key, None),
+                        Change::Count(key, delta) => {
+                            let current = memory
+                                .get(key.as_slice())
+                                .map_err(backend)?
+                                .map(|v| v.value().to_vec());
+                            let value = counted(current.as_deref(), delta);
+                            (key, value)
+                        }
                     };
-                    memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
-                    puts.push(Put::Memory { key, value });
+                    match value {
+                        Some(value) => {
+                            memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
+                            puts.push(Put::Memory { key, value });
+                        }
+                        None => {
+                            memory.remove(key.as_slice()).map_err(backend)?;
+                            puts.push(Put::MemoryRemoved { key });
+                        }
+                    }
                 }
             }
         }
         if puts.is_empty() {
-            return Ok(applied);
+            return Ok((applied, wal.written()));
         }
         // Frame first: if it cannot be written, the transaction is dropped (aborted) unseen.
-        writer.append(&puts).map_err(backend)?;
+        let position = writer.append(&puts).map_err(backend)?;
         if let Err(e) = txn.commit() {
             writer.poison("a transaction whose log frame was written did not commit");
             return Err(backend(e));
         }
         Self::fold_if_due(db, &mut writer)?;
-        Ok(applied)
+        Ok((applied, position))
     }
 
     /// Commits `batch` with its frame in the log, not yet flushed, and notes the run's new end;
@@ -635,6 +654,10 @@ fn apply(txn: &WriteTransaction, puts: &[Put]) -> Result<()> {
                 let mut table = txn.open_table(MEMORY).map_err(backend)?;
                 table.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
             }
+            Put::MemoryRemoved { key } => {
+                let mut table = txn.open_table(MEMORY).map_err(backend)?;
+                table.remove(key.as_slice()).map_err(backend)?;
+            }
         }
     }
     Ok(())
@@ -785,51 +808,18 @@ impl MemoryBackend for EmbeddedStore {
 
     async fn memory_write_unflushed(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
         check_writes(tenant, &writes)?;
-        self.blocking(move |db, wal| Self::memory_write_logged(db, wal, writes))
+        self.blocking(move |db, wal| Self::memory_write_logged(db, wal, writes).map(|(applied, _)| applied))
             .await
     }
 
+    /// Logged like every other write, then flushed: a durable redb commit of its own would also
+    /// make durable the unflushed transactions before it, which the log, replayed after a crash,
+    /// would then take back only in part (see the log's module).
     async fn memory_write(&self, tenant: &TenantId, writes: Vec<Write>) -> Result<Vec<bool>> {
         check_writes(tenant, &writes)?;
-        self.blocking(move |db, _| {
-            let txn = db.begin_write().map_err(backend)?;
-            let mut applied = Vec::with_capacity(writes.len());
-            {
-                let mut memory = txn.open_table(MEMORY).map_err(backend)?;
-                for write in writes {
-                    let holds = guard_holds(&memory, &write.guard)?;
-                    applied.push(holds);
-                    if !holds {
-                        continue;
-                    }
-                    for change in write.changes {
-                        match change {
-                            Change::Put(key, value) => {
-                                memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
-                            }
-                            Change::Delete(key) => {
-                                memory.remove(key.as_slice()).map_err(backend)?;
-                            }
-                            Change::Count(key, delta) => {
-                                let current = memory
-                                    .get(key.as_slice())
-                                    .map_err(backend)?
-                                    .map(|v| v.value().to_vec());
-                                match counted(current.as_deref(), delta) {
-                                    Some(value) => {
-                                        memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?
-                                    }
-                                    None => memory.remove(key.as_slice()).map_err(backend)?,
-                                };
-                            }
-                        }
-                    }
-                }
-            }
-            if applied.iter().any(|a| *a) {
-                // Durable before it is acknowledged (redb's default for a commit).
-                txn.commit().map_err(backend)?;
-            }
+        self.blocking(move |db, wal| {
+            let (applied, position) = Self::memory_write_logged(db, wal, writes)?;
+            wal.sync_to(position).map_err(backend)?;
             Ok(applied)
         })
         .await

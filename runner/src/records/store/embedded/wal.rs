@@ -19,8 +19,14 @@
 //! something shaped like a frame) can never pass for a frame of a later epoch, whatever the
 //! offsets, because their author cannot know that epoch's salt.
 //!
+//! Every write transaction of the store goes through the log, the memory table's included: a
+//! durable redb commit of rows the log does not hold would be undone by replaying an older frame
+//! of the same rows, and would make durable the unflushed transactions before it, which the log
+//! then replays only in part.
+//!
 //! File: `header := "CTXOSWAL" | version u32 | 0 u32 | epoch u64 | salt u64`, then
 //! `frame := length u32 | crc32(body) u32 | body`, `body := epoch u64 | salt u64 | puts u32 | put*`.
+//! Version 3 added the memory row's removal (a put of kind 6); a version 2 log is read the same.
 
 use std::{
     fs::File,
@@ -34,7 +40,9 @@ use std::{
 };
 
 const MAGIC: &[u8; 8] = b"CTXOSWAL";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
+/// Logs of this older version are read too (they hold a subset of this version's puts).
+const READS_VERSION: u32 = 2;
 const HEADER_LEN: u64 = 32;
 const FRAME_HEAD_LEN: usize = 8;
 /// The largest transaction the log takes (far above any blob a run may store; a frame's length
@@ -74,9 +82,10 @@ pub(super) enum Put {
         session: String,
         value: Vec<u8>,
     },
-    /// `memory[key] = value` (a memory row written to be durable with the next flush, see
-    /// `MemoryBackend::memory_write_unflushed`).
+    /// `memory[key] = value`.
     Memory { key: Vec<u8>, value: Vec<u8> },
+    /// `memory[key]` removed.
+    MemoryRemoved { key: Vec<u8> },
 }
 
 /// Why the log cannot be used.
@@ -351,7 +360,8 @@ fn parse_header(bytes: &[u8]) -> Option<Epoch> {
     if bytes.len() < HEADER_LEN as usize || &bytes[..8] != MAGIC {
         return None;
     }
-    if u32::from_le_bytes(bytes[8..12].try_into().ok()?) != VERSION {
+    let version = u32::from_le_bytes(bytes[8..12].try_into().ok()?);
+    if version != VERSION && version != READS_VERSION {
         return None;
     }
     Some(Epoch {
@@ -421,6 +431,7 @@ impl Put {
                 value,
             } => tenant.len() + session.len() + value.len() + 24,
             Self::Memory { key, value } => key.len() + value.len() + 16,
+            Self::MemoryRemoved { key } => key.len() + 8,
         }
     }
 
@@ -473,6 +484,10 @@ impl Put {
                 bytes(out, key);
                 bytes(out, value);
             }
+            Self::MemoryRemoved { key } => {
+                out.push(6);
+                bytes(out, key);
+            }
         }
     }
 }
@@ -510,8 +525,9 @@ impl Reader<'_> {
 
     fn puts(&mut self) -> Option<Vec<Put>> {
         let count = self.u32()? as usize;
-        // Each put takes at least 9 bytes: a count larger than the body could hold is garbage.
-        if count > self.0.len() / 9 {
+        // Each put takes at least 5 bytes (a removal of an empty key): a count larger than the
+        // body could hold is garbage.
+        if count > self.0.len() / 5 {
             return None;
         }
         let mut puts = Vec::with_capacity(count);
@@ -542,6 +558,7 @@ impl Reader<'_> {
                     key: self.bytes()?,
                     value: self.bytes()?,
                 },
+                6 => Put::MemoryRemoved { key: self.bytes()? },
                 _ => return None,
             };
             puts.push(put);
@@ -581,6 +598,9 @@ mod tests {
                 key: format!("cx/shop/m/u/tenant/{n}").into_bytes(),
                 value: b"{\"h\":[]}".to_vec(),
             },
+            Put::MemoryRemoved {
+                key: format!("cx/shop/m/u/tenant/{n}/old").into_bytes(),
+            },
         ]
     }
 
@@ -601,6 +621,33 @@ mod tests {
         drop(wal);
         let (_, frames) = Wal::open(&path).expect("reopen");
         assert_eq!(frames, (0..3).map(puts).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_log_of_the_previous_version_is_read_and_its_next_epoch_is_of_this_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let (wal, _) = Wal::open(&path).expect("create");
+        let old = vec![puts(0)[..5].to_vec()];
+        let at = wal.writer().expect("writer").append(&old[0]).expect("append");
+        wal.sync_to(at).expect("sync");
+        drop(wal);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+        file.write_all_at(&READS_VERSION.to_le_bytes(), 8)
+            .expect("version 2");
+        let (wal, frames) = Wal::open(&path).expect("reopen");
+        assert_eq!(frames, old);
+        wal.writer().expect("writer").fold().expect("fold");
+        let mut header = [0u8; 12];
+        std::fs::File::open(&path)
+            .expect("open")
+            .read_exact(&mut header)
+            .expect("header");
+        assert_eq!(header[8..12], VERSION.to_le_bytes());
+        // Any other version is not read as a log.
+        file.write_all_at(&(VERSION + 1).to_le_bytes(), 8)
+            .expect("version 4");
+        assert!(matches!(Wal::open(&path), Err(WalError::Foreign { .. })));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::common::{
     doc = "An AI agent: a model, a set of typed tools, and the context, policies and sandbox that govern every run. Runs are started by creating a Session that references the Agent.",
     namespaced,
     cel,
+    validation = Rule::new("self.metadata.name.size() <= 57").message("an Agent's name is at most 57 characters: agent.<name> labels its revision snapshots and replay Jobs (a label value is at most 63); shorten metadata.name"),
     status = "AgentStatus",
     shortname = "agent",
     category = "contextos",

@@ -16,6 +16,7 @@ use crate::common::{KeyRef, MemoryScope, MemoryType, PromotionSpec, RevisionStat
     doc = "Instructions and knowledge sources an Agent's runs draw on. Each spec change is a candidate revision; runs use the promoted revision.",
     namespaced,
     cel,
+    validation = Rule::new("self.metadata.name.size() <= 51").message("a ContextPack's name is at most 51 characters: contextpack.<name> labels its revision snapshots and replay Jobs (a label value is at most 63); shorten metadata.name"),
     status = "ContextPackStatus",
     shortname = "cpack",
     category = "contextos",

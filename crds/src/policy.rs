@@ -16,6 +16,7 @@ use crate::common::{Approvers, PromotionSpec, RevisionStatus, ToolKind, ToolRisk
     doc = "Ordered rules deciding, for every tool call, whether it is allowed, denied or needs a human approval. The first matching rule decides; `defaultEffect` applies when none matches.",
     namespaced,
     cel,
+    validation = Rule::new("self.metadata.name.size() <= 56").message("a Policy's name is at most 56 characters: policy.<name> labels its revision snapshots and replay Jobs (a label value is at most 63); shorten metadata.name"),
     status = "PolicyStatus",
     shortname = "cpol",
     category = "contextos",

@@ -17,6 +17,7 @@ use crate::common::{Approvers, BudgetOverride, LocalRef, SafetyMode, ToolRisk, f
     doc = "One run of an Agent. The spec is immutable once created, except that approvers append to `approvals` and anyone allowed to update the Session may set `cancel: true`.",
     namespaced,
     cel,
+    validation = Rule::new("self.metadata.name.size() <= 63").message("a Session's name is at most 63 characters: it labels the Session's runner pods (a label value is at most 63); shorten metadata.name"),
     status = "SessionStatus",
     shortname = "sess",
     category = "contextos",

@@ -22,6 +22,7 @@ use crate::{
     doc = "A reusable capability: typed tools, the prompt fragments that teach a model to use them, and an evaluation suite. A revision is promoted only when every scenario of its suite passes (run as a Job, like a replay gate); Agents that list it in spec.skillRefs run its promoted revision.",
     namespaced,
     cel,
+    validation = Rule::new("self.metadata.name.size() <= 57").message("a Skill's name is at most 57 characters: skill.<name> labels its revision snapshots and evaluation Jobs (a label value is at most 63); shorten metadata.name"),
     status = "SkillStatus",
     shortname = "skill",
     category = "contextos",

@@ -282,9 +282,15 @@ fn serve(
             identity("noisy", &format!("noisy-pod-{i}")),
         );
     }
-    let tenants = StaticTenants::default()
+    // Every run is a run of the quickstart Session, each in its own pod.
+    let session = bundle("quiet").session;
+    let mut tenants = StaticTenants::default()
         .with_secret("quiet", "ops-tools-webhook", "hmac-key", "k")
-        .with_secret("noisy", "ops-tools-webhook", "hmac-key", "k");
+        .with_secret("noisy", "ops-tools-webhook", "hmac-key", "k")
+        .with_controller("quiet", "quiet-pod", "Session", &session);
+    for i in 0..NOISY_RUNS {
+        tenants = tenants.with_controller("noisy", &format!("noisy-pod-{i}"), "Session", &session);
+    }
     let store = EmbeddedStore::open(&dir.join(file)).expect("store");
     let service = GatewayService::new(
         store,

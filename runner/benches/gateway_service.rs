@@ -485,7 +485,9 @@ fn main() {
         };
         let serve = |file: &str, early: bool, quotas: bool| {
             let store = EmbeddedStore::open(&dir.path().join(file)).expect("store");
-            let tenants = StaticTenants::default().with_secret("bench", "ops-tools-webhook", "hmac-key", "k");
+            let tenants = StaticTenants::default()
+                .with_secret("bench", "ops-tools-webhook", "hmac-key", "k")
+                .with_controller("bench", "bench-run-1", "Session", &bundle().session);
             if quotas {
                 tenants.set_quotas("bench", spend_quotas());
             }

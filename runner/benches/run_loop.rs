@@ -173,7 +173,8 @@ async fn gateway_service(dir: &Path, operator: &KeyPair, early_answers: bool) ->
     let service = GatewayService::new(
         store,
         StaticTokens::default().with("bench-token", pod),
-        StaticTenants::default(),
+        // The run is the quickstart Session's, in its runner pod.
+        StaticTenants::default().with_controller("bench", "bench-run-1", "Session", "checkout-5xx"),
         TenantKeys::new(&KeyPair::from_seed([5; 32])),
         operator.public(),
     );

@@ -132,6 +132,7 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
     let tenants = StaticTenants::default()
         .with_secret("shop", "ops-tools-webhook", "hmac-key", HMAC_KEY)
         .with_controller("shop", "checkout-5xx-run-1", "Session", "checkout-5xx")
+        .with_pod_uid("shop", "checkout-5xx-run-1", "uid-checkout-5xx-run-1")
         .with_controller("shop", "checkout-5xx-run-2", "Session", "checkout-5xx")
         .with_controller("shop", "other-run-1", "Session", "other")
         .with_controller(
@@ -143,6 +144,16 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
     let tokens = StaticTokens::default()
         .with("token-run-1", pod("shop", "checkout-5xx-run-1"))
         .with("token-run-2", pod("shop", "checkout-5xx-run-2"))
+        // Another pod created under a runner pod's name (its token is that pod's), and a pod
+        // no Session controls.
+        .with(
+            "token-imposter",
+            PodIdentity {
+                pod_uid: "uid-imposter".into(),
+                ..pod("shop", "checkout-5xx-run-1")
+            },
+        )
+        .with("token-uncontrolled", pod("shop", "checkout-5xx-run-9"))
         .with("token-other", pod("shop", "other-run-1"))
         .with("token-bank", pod("bank", "checkout-5xx-run-1"))
         .with("token-system", pod("contextos-system", "checkout-5xx-run-1"))
@@ -272,6 +283,7 @@ impl Rig {
                         &awaiting.arguments,
                     ),
                     rule: &awaiting.rule,
+                    reason: &awaiting.reason,
                     approvers: &awaiting.approvers,
                 };
                 let signature = awaiting.attestation.as_deref().expect("attested");
@@ -570,6 +582,44 @@ async fn a_runner_cannot_write_decisions_results_approvals_or_model_turns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critic_verdict_judges_a_model_turn_on_record() {
+    let rig = rig().await;
+    rig.run_until_approval().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    let turns = rig
+        .bodies()
+        .await
+        .iter()
+        .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
+        .count() as u32;
+    let verdict = |step| EntryBody::CriticVerdict {
+        step,
+        verdict: contextos_runner::records::entry::Verdict::Continue,
+        reason: "judged".into(),
+        functional_state: serde_json::Value::Null,
+    };
+    let write = |body| async {
+        let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
+            .await
+            .expect("resume");
+        recorder.stage(body);
+        recorder.flush().await
+    };
+    // Replay counts a run's steps by its verdicts: a step no turn had would weigh them.
+    for step in [0, turns + 1, 1_000_000_000] {
+        let refused = write(verdict(step)).await.expect_err("refused");
+        assert!(
+            refused.to_string().contains("critic_verdict for step"),
+            "{step}: {refused}"
+        );
+    }
+    write(verdict(turns))
+        .await
+        .expect("a verdict on the latest turn is written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_turn_was_offered_names_only_the_agents_tools_and_its_true_denials() {
     use contextos_runner::discovery::{
         Scoring,
@@ -692,10 +742,38 @@ async fn only_the_pod_a_run_context_was_issued_to_may_use_it() {
         1,
         "recorded in the caller's own run"
     );
+    // … ten times a minute at most: a pod sending forged requests in a loop grows neither the
+    // record nor the replica's work without bound. Each is refused all the same.
+    for _ in 0..30 {
+        assert_eq!(
+            status(head(Some("token-run-2"), &context, RUN).await.expect("send")),
+            403
+        );
+    }
+    assert_eq!(refusals(rig.bodies().await), 10, "recorded ten times this minute");
     assert_eq!(
         status(head(Some("token-bank"), &context, RUN).await.expect("send")),
         403,
         "a pod of another tenant presenting this tenant's RunContext"
+    );
+    // The runner pod deleted and another created under its name with the copied context: the
+    // API server's token is the new pod's, whose uid is not the runner pod's.
+    assert_eq!(
+        status(head(Some("token-imposter"), &context, RUN).await.expect("send")),
+        403,
+        "another pod under the runner pod's name"
+    );
+    // A context issued to a pod no Session controls (the operator makes every runner pod its
+    // Session's; a tenant cannot, see the admission policy contextos-runner-pods).
+    let uncontrolled = rig.context(&rig.bundle, "checkout-5xx-run-9");
+    assert_eq!(
+        status(
+            head(Some("token-uncontrolled"), &uncontrolled, RUN)
+                .await
+                .expect("send")
+        ),
+        403,
+        "a pod its Session does not control"
     );
     // … and a pod of another tenant leaves nothing in the run it named.
     let foreign = rig
@@ -1849,6 +1927,19 @@ async fn a_call_resent_to_another_replica_while_it_acts_is_not_executed_twice() 
     for outcome in [&taken, &resent] {
         assert!(matches!(outcome, CallOutcome::Executed(r) if r.ok), "{outcome:?}");
     }
+    // Once the call has completed, another call under its key is refused at either replica:
+    // the completed call's result is not its result, and no decision of its own was made.
+    // (Each from a client that starts from the record: the two above were told heads that
+    // the other replica's writes have moved past.)
+    for url in [&rig.url, &rig.replica] {
+        let replica =
+            GatewayClient::new(url, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
+        let refused = replica.call(&other, &Default::default()).await.expect("answered");
+        assert!(
+            matches!(&refused, CallOutcome::Denied { rule, .. } if rule == "gateway/idempotency-key-reused"),
+            "{refused:?}"
+        );
+    }
     let requests = rig.tools.effects()["requests"].as_u64().expect("requests");
     assert_eq!(requests, 1, "one request reached the tool");
 }
@@ -2109,6 +2200,13 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
     .await;
     let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
+    // Blobs count too: one larger than the quota is refused.
+    let blob = client
+        .records()
+        .put_blob(&rig.tenant(), vec![7; quota as usize + 1])
+        .await
+        .expect_err("over the quota");
+    assert!(blob.to_string().contains("--max-run-bytes"), "{blob}");
     let harness =
         Harness::through_gateway(&client, transit(), rig.bundle.clone(), context.clone()).expect("harness");
     let report = harness
@@ -2139,13 +2237,13 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
         written + bundle_bytes <= quota + 16 * 1024,
         "{written} bytes of record and a {bundle_bytes}-byte bundle past a quota of {quota}"
     );
-    // Blobs count too: past the quota, an upload is refused.
+    // And a run that ended stores nothing more, however small.
     let blob = client
         .records()
-        .put_blob(&rig.tenant(), vec![7; quota as usize])
+        .put_blob(&rig.tenant(), vec![7; 16])
         .await
-        .expect_err("over the quota");
-    assert!(blob.to_string().contains("--max-run-bytes"), "{blob}");
+        .expect_err("after the run's end");
+    assert!(blob.to_string().contains("has ended"), "{blob}");
 }
 
 /// A store that, once armed, fails the next write holding a call's result — as a replica that

@@ -538,6 +538,7 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
     check_promotion_approvals(env, namespace).await?;
     check_agent_promotion_approvals(env, namespace).await?;
     check_sandbox_images(env, namespace).await?;
+    check_runner_pod_owners(env, namespace).await?;
     check_session_identity(env, namespace).await?;
     check_a2a_sessions(env, namespace).await
 }
@@ -972,6 +973,110 @@ async fn check_sandbox_images(env: &'static TestEnv, namespace: &str) -> Result<
     })
     .await;
     refused?;
+    Ok(())
+}
+
+/// Only the operator makes a pod a Session's runner pod (the gateway lets a pod act for a run
+/// only if the run's Session controls it): a tenant's pod claiming a Session as its owner is
+/// refused, and so is adding a Session to the owners of a pod the tenant made; the same pod
+/// without the claim, and the claim made by the operator's account, are admitted.
+async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    let client = env.client();
+    let tenant = "mallory@example.com";
+    grant(
+        &client,
+        namespace,
+        "mallory-runs-pods",
+        PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["pods".to_owned()]),
+            verbs: vec!["get".to_owned(), "create".to_owned(), "patch".to_owned()],
+            ..Default::default()
+        },
+        &[tenant],
+    )
+    .await?;
+    let session = json!([{
+        "apiVersion": "contextos.dev/v1alpha1", "kind": "Session", "name": "victim",
+        "uid": "6f1c8a52-0000-4000-8000-000000000001", "controller": true,
+    }]);
+    // Bound to no node (nothing runs it), and within the restricted Pod Security profile.
+    let pod = |name: &str, owners: &Value| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "ownerReferences": owners},
+            "spec": {
+                "nodeName": "nowhere",
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{
+                    "name": "c", "image": env.busybox_image(),
+                    "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+                }],
+            },
+        })
+    };
+    let dir = tempfile::tempdir()?;
+    let file = |name: &str, value: &Value| -> Result<String> {
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, value.to_string())?;
+        Ok(path.to_string_lossy().into_owned())
+    };
+    let claimed = file("claimed", &pod("victim-run-1", &session))?;
+    let refusal = "only the ContextOS operator makes a pod a Session's runner pod";
+    wait_for(
+        "the runner-pods policy to refuse a tenant's pod owned by a Session",
+        TIMEOUT,
+        || async {
+            let args = ["create", "-f", &claimed, "--as", tenant, "--dry-run=server"];
+            match run(env, &args).await {
+                Ok(output) if !output.status.success() => {
+                    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+                    Check::when(stderr.contains(refusal), || stderr.clone())
+                }
+                Ok(_) => Check::NotYet("admitted".to_owned()),
+                Err(err) => Check::NotYet(format!("{err:#}")),
+            }
+        },
+    )
+    .await?;
+    // The same pod owned by nothing is the tenant's to make …
+    let plain = file("plain", &pod("plain", &json!([])))?;
+    succeed(env, &["create", "-f", &plain, "--as", tenant]).await?;
+    // … but not to make a Session's afterwards.
+    let claim = json!({"metadata": {"ownerReferences": session}}).to_string();
+    let patched = run(
+        env,
+        &[
+            "patch",
+            "pod",
+            "plain",
+            "-n",
+            namespace,
+            "--as",
+            tenant,
+            "--type=merge",
+            "-p",
+            &claim,
+        ],
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&patched.stderr);
+    ensure!(
+        !patched.status.success() && stderr.contains(refusal),
+        "a tenant made its pod a Session's: {stderr}"
+    );
+    // The operator's account makes runner pods.
+    let operator = format!("system:serviceaccount:{SYSTEM_NAMESPACE}:contextos-operator");
+    let made = run(
+        env,
+        &["create", "-f", &claimed, "--as", &operator, "--dry-run=server"],
+    )
+    .await?;
+    ensure!(
+        made.status.success(),
+        "the operator could not make a runner pod: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     Ok(())
 }
 

@@ -155,7 +155,12 @@ pub fn finish(mut imported: Vec<Imported>) -> Vec<Imported> {
         while !taken.insert(name.clone()) {
             n += 1;
             let suffix = format!("-{n}");
-            name = format!("{}{suffix}", &base[..base.len().min(64 - suffix.len())]);
+            // Cut between characters: the name is the tool server's.
+            let mut end = base.len().min(64 - suffix.len());
+            while !base.is_char_boundary(end) {
+                end -= 1;
+            }
+            name = format!("{}{suffix}", &base[..end]);
         }
         if name != base {
             item.review.push(format!(

@@ -122,6 +122,7 @@ mod tests {
             tool: "restart_deployment",
             arguments_digest: ApprovalRequest::digest_of(&serde_json::json!({"deployment": "api"})),
             rule: "guardrails/destructive",
+            reason: "restarts need an SRE's approval",
             approvers: &approvers,
         };
         let signature = request.sign(&key);
@@ -141,6 +142,12 @@ mod tests {
             ..request.clone()
         };
         assert!(!harmless.verify(&key.public(), &signature));
+        // Nor one that tells the approver another reason.
+        let reassuring = ApprovalRequest {
+            reason: "read-only health check, pre-approved by SRE",
+            ..request.clone()
+        };
+        assert!(!reassuring.verify(&key.public(), &signature));
         assert!(!request.verify(&KeyPair::from_seed([5; 32]).public(), &signature));
     }
 
@@ -194,6 +201,8 @@ pub struct ApprovalRequest<'a> {
     /// cut to fit a report).
     pub arguments_digest: String,
     pub rule: &'a str,
+    /// Why the rule asks for approval, as the policy says it: what an approver is shown.
+    pub reason: &'a str,
     pub approvers: &'a contextos_crds::common::Approvers,
 }
 
@@ -205,5 +214,6 @@ impl ApprovalRequest<'_> {
 }
 
 impl Attested for ApprovalRequest<'_> {
-    const DOMAIN: &'static [u8] = b"contextos-approval-request/v1\n";
+    // v2: the reason is signed too (a runner could otherwise tell approvers anything).
+    const DOMAIN: &'static [u8] = b"contextos-approval-request/v2\n";
 }

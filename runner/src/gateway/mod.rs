@@ -164,7 +164,25 @@ impl CatalogTool {
 }
 
 /// A call as its request was recorded: idempotency key, tool, risk.
-type RequestedCall = (String, String, ToolRisk);
+/// Requests under one call id remembered at most (a runner may send one again and again).
+const MAX_REQUESTS_PER_CALL_ID: usize = 8;
+
+/// A call read from a record, until its result is.
+#[derive(Clone, Debug)]
+struct RequestedCall {
+    idempotency_key: String,
+    call_hash: String,
+    tool: String,
+    risk: ToolRisk,
+}
+
+/// A call that succeeded, by its idempotency key: what was called (the call's hash) and what it
+/// returned. A call sent again under the key is answered from it only if it is the same call.
+#[derive(Clone, Debug)]
+struct Completed {
+    call_hash: String,
+    result: ToolResultRecord,
+}
 
 /// Per-run counters the policies' budgets read.
 #[derive(Clone, Debug, Default)]
@@ -190,7 +208,7 @@ pub struct ToolGateway {
     breakers: CircuitBreakers,
     approvals: ApprovalBook,
     /// Results by idempotency key: a resubmitted call returns its first result.
-    completed: Mutex<HashMap<String, ToolResultRecord>>,
+    completed: Mutex<HashMap<String, Completed>>,
     /// A re-execution's recorded results by what was called (tool and arguments), wherever
     /// in the run it was: a re-executed model may make the same call at another step.
     by_content: Option<Mutex<HashMap<String, std::collections::VecDeque<ToolResultRecord>>>>,
@@ -198,7 +216,7 @@ pub struct ToolGateway {
     unrecorded: std::sync::Arc<std::sync::atomic::AtomicU32>,
     /// Calls read from records, by (run, call id): idempotency key, tool, risk (a result may be
     /// read in a later slice of a record than its request).
-    calls: Mutex<HashMap<(String, String), RequestedCall>>,
+    calls: Mutex<HashMap<(String, String), Vec<RequestedCall>>>,
     counters: Mutex<HashMap<String, RunCounters>>,
     /// Replay mode: never reach a tool; answer only from preloaded results.
     offline: bool,
@@ -477,7 +495,8 @@ impl ToolGateway {
     /// Loads the results a recorded run got, by idempotency key, without the budget counters
     /// or used approvals (a replay recounts those itself).
     pub fn preload_results(&self, entries: &[crate::records::RecordEntry]) {
-        let mut keys: HashMap<&str, (&str, String)> = HashMap::new();
+        // By call id, the requests not refused, latest last (see `restore`).
+        let mut keys: HashMap<&str, Vec<(&str, &str, String)>> = HashMap::new();
         let Ok(mut completed) = self.completed.lock() else {
             return;
         };
@@ -486,13 +505,27 @@ impl ToolGateway {
             match &entry.body {
                 EntryBody::ToolCallRequested(call) => {
                     let content = Self::content_key(&call.tool, call.risk, call.kind, &call.arguments);
-                    keys.insert(&call.call_id, (&call.idempotency_key, content));
+                    keys.entry(&call.call_id).or_default().push((
+                        &call.idempotency_key,
+                        &call.call_hash,
+                        content,
+                    ));
+                }
+                EntryBody::PolicyDecision(decision)
+                    if decision.enforced == PolicyEffect::Deny && !decision.dry_run =>
+                {
+                    if let Some(asked) = keys.get_mut(decision.call_id.as_str()) {
+                        asked.pop();
+                    }
                 }
                 EntryBody::ToolResult(result) => {
-                    if let Some((key, content)) = keys.get(result.call_id.as_str()) {
-                        completed
-                            .entry((*key).to_owned())
-                            .or_insert_with(|| result.clone());
+                    if let Some((key, call_hash, content)) =
+                        keys.get(result.call_id.as_str()).and_then(|asked| asked.last())
+                    {
+                        completed.entry((*key).to_owned()).or_insert_with(|| Completed {
+                            call_hash: (*call_hash).to_owned(),
+                            result: result.clone(),
+                        });
                         // The same call made again gets the next recorded result, in order.
                         if let Some(by_content) = by_content.as_mut() {
                             by_content
@@ -523,31 +556,60 @@ impl ToolGateway {
             match &entry.body {
                 EntryBody::ToolCallRequested(call) => {
                     if let Ok(mut calls) = self.calls.lock() {
-                        let requested = (call.idempotency_key.clone(), call.tool.clone(), call.risk);
-                        calls.insert((entry.run_id.clone(), call.call_id.clone()), requested);
+                        let requested = RequestedCall {
+                            idempotency_key: call.idempotency_key.clone(),
+                            call_hash: call.call_hash.clone(),
+                            tool: call.tool.clone(),
+                            risk: call.risk,
+                        };
+                        // A call id may be asked again with another call (refused, see below):
+                        // the requests not refused are kept, latest last.
+                        let asked = calls
+                            .entry((entry.run_id.clone(), call.call_id.clone()))
+                            .or_default();
+                        if asked.len() >= MAX_REQUESTS_PER_CALL_ID {
+                            asked.remove(0);
+                        }
+                        asked.push(requested);
+                    }
+                }
+                // A request refused gets no result: the result that follows under its call id
+                // is an earlier request's.
+                EntryBody::PolicyDecision(decision)
+                    if decision.enforced == PolicyEffect::Deny && !decision.dry_run =>
+                {
+                    if let Ok(mut calls) = self.calls.lock()
+                        && let Some(asked) = calls.get_mut(&(entry.run_id.clone(), decision.call_id.clone()))
+                    {
+                        asked.pop();
                     }
                 }
                 EntryBody::ApprovalGranted { call_hash, .. } => self.approvals.restore([call_hash.clone()]),
                 EntryBody::ToolResult(result) => {
                     // The request may have been read in an earlier slice of the record.
-                    let requested = self
-                        .calls
-                        .lock()
-                        .ok()
-                        .and_then(|c| c.get(&(entry.run_id.clone(), result.call_id.clone())).cloned());
-                    let Some((key, tool, risk)) = requested else {
+                    let requested = self.calls.lock().ok().and_then(|c| {
+                        c.get(&(entry.run_id.clone(), result.call_id.clone()))
+                            .and_then(|asked| asked.last().cloned())
+                    });
+                    let Some(requested) = requested else {
                         continue;
                     };
                     // A call answered again from its first result (resent after a crash or to
                     // another replica) is one call, counted once.
-                    if self.completed_result(&key).is_some() {
+                    if self.completed_result(&requested.idempotency_key).is_some() {
                         continue;
                     }
-                    self.count(&entry.run_id, &tool, risk);
+                    self.count(&entry.run_id, &requested.tool, requested.risk);
                     if result.ok
                         && let Ok(mut completed) = self.completed.lock()
                     {
-                        completed.insert(key, result.clone());
+                        completed.insert(
+                            requested.idempotency_key,
+                            Completed {
+                                call_hash: requested.call_hash,
+                                result: result.clone(),
+                            },
+                        );
                     }
                 }
                 _ => {}
@@ -731,13 +793,24 @@ impl ToolGateway {
         if !self.offline
             && let Some(done) = self.completed_result(&call.idempotency_key)
         {
+            if done.call_hash != call_hash {
+                // Another call under a completed call's key: its result is not this call's, and
+                // the key is never a way around this call's own decision.
+                let reason = format!(
+                    "idempotency key {} belongs to call {}, which completed with another tool or other arguments",
+                    call.idempotency_key, done.result.call_id
+                );
+                return self
+                    .refuse(call, recorder, "gateway/idempotency-key-reused".into(), reason)
+                    .await;
+            }
             // The same call was decided and executed before (a resubmission after a crash):
             // answer from that execution. Deciding it again would count it twice against the
             // budgets and ask for an approval that was already used. It cost nothing again.
             let done = ToolResultRecord {
                 call_id: call.call_id.clone(),
                 cost: None,
-                ..done
+                ..done.result
             };
             recorder.stage(EntryBody::ToolResult(done.clone()));
             return Ok(CallOutcome::Executed(done));
@@ -1017,7 +1090,7 @@ impl ToolGateway {
             .decide(&facts, &run, state, context.safety_mode, &self.agent_approvers)
     }
 
-    fn completed_result(&self, idempotency_key: &str) -> Option<ToolResultRecord> {
+    fn completed_result(&self, idempotency_key: &str) -> Option<Completed> {
         self.completed
             .lock()
             .ok()
@@ -1057,6 +1130,7 @@ impl ToolGateway {
                 tool: &call.tool,
                 arguments_digest: approvals::ApprovalRequest::digest_of(&call.arguments),
                 rule: &decision.rule,
+                reason: &decision.reason,
                 approvers: &decision.approvers,
             }
             .sign(key)
@@ -1622,7 +1696,13 @@ impl ToolGateway {
         if result.ok
             && let Ok(mut completed) = self.completed.lock()
         {
-            completed.insert(call.idempotency_key.clone(), result.clone());
+            completed.insert(
+                call.idempotency_key.clone(),
+                Completed {
+                    call_hash: call.call_hash(&self.policy_digests()),
+                    result: result.clone(),
+                },
+            );
         }
         result
     }
@@ -1638,7 +1718,10 @@ impl ToolGateway {
             let key = Self::content_key(&call.tool, call.risk, call.kind, &call.arguments);
             by_content.get_mut(&key)?.pop_front()
         };
-        let result = match self.completed_result(&call.idempotency_key).or_else(same_call) {
+        let recorded = self
+            .completed_result(&call.idempotency_key)
+            .map(|done| done.result);
+        let result = match recorded.or_else(same_call) {
             Some(done) => ToolResultRecord {
                 call_id: call.call_id.clone(),
                 ..done

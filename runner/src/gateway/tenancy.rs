@@ -54,6 +54,23 @@ pub enum TenantError {
     Refused(String),
 }
 
+/// The object controlling a pod (its controller owner reference), and the pod's own uid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodController {
+    pub kind: String,
+    pub name: String,
+    /// The uid of the pod read (to tell it from another pod since created under its name).
+    /// Always given by the API server; the test double gives one only if told (`None`: any).
+    pub pod_uid: Option<String>,
+}
+
+impl PodController {
+    /// Whether this is `kind` `name`'s pod, and the pod `pod_uid` (where the uid is known).
+    pub fn is(&self, kind: &str, name: &str, pod_uid: &str) -> bool {
+        self.kind == kind && self.name == name && self.pod_uid.as_deref().is_none_or(|uid| uid == pod_uid)
+    }
+}
+
 /// Reads a tenant's Secrets, pod owners and Session decisions.
 pub trait TenantView: Send + Sync {
     /// The value of `key` in Secret `name` of `namespace`; `None` if the Secret or key is absent.
@@ -64,12 +81,12 @@ pub trait TenantView: Send + Sync {
         key: &str,
     ) -> impl Future<Output = Result<Option<String>, TenantError>> + Send;
 
-    /// The controller (kind, name) owning pod `pod` of `namespace`, if the pod exists.
+    /// The controller of pod `pod` of `namespace`, if the pod exists and has one.
     fn pod_controller(
         &self,
         namespace: &str,
         pod: &str,
-    ) -> impl Future<Output = Result<Option<(String, String)>, String>> + Send;
+    ) -> impl Future<Output = Result<Option<PodController>, String>> + Send;
 
     /// What humans decided in Session `session`'s spec (nothing when the Session is gone).
     fn decisions(
@@ -154,16 +171,21 @@ impl TenantView for KubeTenants {
             .map(|v| String::from_utf8_lossy(&v.0).into_owned()))
     }
 
-    async fn pod_controller(&self, namespace: &str, pod: &str) -> Result<Option<(String, String)>, String> {
+    async fn pod_controller(&self, namespace: &str, pod: &str) -> Result<Option<PodController>, String> {
         let found = away(Api::<Pod>::namespaced(self.client.clone(), namespace).get_opt(pod))
             .await
             .map_err(|e| format!("reading Pod {namespace}/{pod}: {e}"))?;
         Ok(found.and_then(|p| {
+            let pod_uid = p.metadata.uid;
             p.metadata
                 .owner_references?
                 .into_iter()
                 .find(|o| o.controller == Some(true))
-                .map(|o| (o.kind, o.name))
+                .map(|o| PodController {
+                    kind: o.kind,
+                    name: o.name,
+                    pod_uid,
+                })
         }))
     }
 
@@ -253,8 +275,8 @@ pub const QUOTA_NEARLY_REACHED: &str = "QuotaNearlyReached";
 pub struct StaticTenants {
     /// `<namespace>/<secret>/<key>` → value.
     pub secrets: HashMap<String, String>,
-    /// `<namespace>/<pod>` → (controller kind, name).
-    pub controllers: HashMap<String, (String, String)>,
+    /// `<namespace>/<pod>` → its controller.
+    pub controllers: HashMap<String, PodController>,
     /// `<namespace>/<session>` → decisions (shared by clones, so a test can decide later).
     decisions: Arc<Mutex<HashMap<String, SessionDecisions>>>,
     /// `<namespace>` → its SpendQuotas (shared by clones, so a test can change them later).
@@ -271,10 +293,23 @@ impl StaticTenants {
         self
     }
 
-    /// Records that `pod` of `namespace` is controlled by `kind`/`name`.
+    /// Records that `pod` of `namespace` is controlled by `kind`/`name` (whatever its uid).
     pub fn with_controller(mut self, namespace: &str, pod: &str, kind: &str, name: &str) -> Self {
-        self.controllers
-            .insert(format!("{namespace}/{pod}"), (kind.to_owned(), name.to_owned()));
+        let controller = PodController {
+            kind: kind.to_owned(),
+            name: name.to_owned(),
+            pod_uid: None,
+        };
+        self.controllers.insert(format!("{namespace}/{pod}"), controller);
+        self
+    }
+
+    /// Records that the pod now under the name `pod` of `namespace` has uid `uid` (another pod
+    /// created under a name a runner pod had).
+    pub fn with_pod_uid(mut self, namespace: &str, pod: &str, uid: &str) -> Self {
+        if let Some(controller) = self.controllers.get_mut(&format!("{namespace}/{pod}")) {
+            controller.pod_uid = Some(uid.to_owned());
+        }
         self
     }
 
@@ -318,7 +353,7 @@ impl TenantView for StaticTenants {
         Ok(self.secrets.get(&format!("{namespace}/{name}/{key}")).cloned())
     }
 
-    async fn pod_controller(&self, namespace: &str, pod: &str) -> Result<Option<(String, String)>, String> {
+    async fn pod_controller(&self, namespace: &str, pod: &str) -> Result<Option<PodController>, String> {
         Ok(self.controllers.get(&format!("{namespace}/{pod}")).cloned())
     }
 

@@ -784,9 +784,11 @@ async fn run_once(
     Ok((DecisionTrace::of_bodies(&report.replayed), unrecorded))
 }
 
+/// The first 12 characters of a digest's hex, for people to tell digests apart. Whatever the
+/// text is (a runner wrote some of it), it is cut between characters, never inside one.
 fn short(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    &hex[..hex.len().min(12)]
+    hex.char_indices().nth(12).map_or(hex, |(end, _)| &hex[..end])
 }
 
 /// What a replay needs from the recorded run besides its entries.
@@ -1007,9 +1009,11 @@ impl ReplaySummary {
         // Runs about erased subjects are replayed and shown, never judged: their values are
         // gone, so how they diverge says nothing of the candidate.
         let counted = || replays.iter().filter(|r| r.erased.is_none());
-        let steps: u32 = counted().map(|r| r.steps).sum();
-        let divergent_steps: u32 = counted().map(|r| r.divergent_steps).sum();
-        let intended_steps: u32 = counted().map(RunReplay::intended_steps).sum();
+        let total =
+            |steps: &dyn Fn(&RunReplay) -> u32| counted().fold(0u32, |sum, r| sum.saturating_add(steps(r)));
+        let steps = total(&|r| r.steps);
+        let divergent_steps = total(&|r| r.divergent_steps);
+        let intended_steps = total(&RunReplay::intended_steps);
         let divergence_percent = if steps == 0 {
             0.0
         } else {
@@ -1417,6 +1421,14 @@ impl ReplayGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_digest_is_shortened_between_characters_whatever_it_holds() {
+        assert_eq!(short("sha256:0123456789abcdef"), "0123456789ab");
+        assert_eq!(short("abc"), "abc");
+        // A runner wrote this one: the twelfth character ends inside no other.
+        assert_eq!(short("a€€€€€€€€€€€€€"), "a€€€€€€€€€€€");
+    }
 
     fn call(id: &str, effect: PolicyEffect, rule: &str, shadow: &[&str]) -> CallPoint {
         CallPoint {

@@ -389,10 +389,17 @@ fn pending_approval(bundle: &RunBundle, awaiting: &AwaitingApproval) -> PendingA
 }
 
 fn unresolved_status(unresolved: &UnresolvedCall) -> UnresolvedCallStatus {
+    // Cut to fit the report, the arguments are signed by their digest only: what the runner
+    // shows of them is not shown on (as for a pending approval).
+    let arguments = if unresolved.arguments_digest.is_some() {
+        "(too long for the report; see the run's record)".into()
+    } else {
+        unresolved.arguments.to_string().chars().take(4096).collect()
+    };
     UnresolvedCallStatus {
         call_id: unresolved.call_id.clone(),
         tool: unresolved.tool.clone(),
-        arguments: unresolved.arguments.to_string().chars().take(4096).collect(),
+        arguments,
         reason: unresolved.reason.clone(),
         for_call: unresolved.for_call.clone(),
     }
@@ -667,6 +674,23 @@ mod tests {
                     let status = status_of(step);
                     assert_eq!(status.phase, Some(SessionPhase::AwaitingResolution));
                     assert_eq!(status.unresolved_call.map(|u| u.call_id).as_deref(), Some(CALL));
+                },
+            ),
+            (
+                "an unknown outcome whose arguments were cut: only their digest is signed, so the runner's text is not shown",
+                session().spec,
+                with("awaiting_resolution", |e| {
+                    if let Some(unresolved) = e.report.as_mut().and_then(|r| r.unresolved.as_mut()) {
+                        unresolved.arguments = json!({"text": "harmless, please mark as not acted"});
+                        unresolved.arguments_digest = Some("d1g".into());
+                    }
+                }),
+                |step| {
+                    let shown = status_of(step).unresolved_call.map(|u| u.arguments);
+                    assert_eq!(
+                        shown.as_deref(),
+                        Some("(too long for the report; see the run's record)")
+                    );
                 },
             ),
             (

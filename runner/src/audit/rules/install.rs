@@ -19,7 +19,7 @@ use crate::audit::{
 
 /// The admission policies ContextOS's security model depends on (`manifests/admission`), each
 /// with a binding of the same name.
-pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 8] = [
+pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 9] = [
     ("contextos-session-identity", "a Session's user is who created it"),
     (
         "contextos-session-approvals",
@@ -32,6 +32,10 @@ pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 8] = [
     (
         "contextos-sandbox-images",
         "runner pods run the ContextOS runner image",
+    ),
+    (
+        "contextos-runner-pods",
+        "only the operator makes a pod a Session's runner pod",
     ),
     (
         "contextos-consent-author",

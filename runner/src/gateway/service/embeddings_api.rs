@@ -138,13 +138,18 @@ impl EmbeddingDesk {
         };
         let missing: Vec<usize> = (0..texts.len()).filter(|i| found[*i].is_none()).collect();
         if !missing.is_empty() {
-            let _turn = self
-                .working
-                .acquire()
-                .await
-                .map_err(|e| crate::discovery::embedding::EmbeddingError::Inference(e.to_string()))?;
             let asked: Vec<String> = missing.iter().map(|i| texts[*i].clone()).collect();
-            let made = self.embedder.embed(&asked).await?;
+            // Waited for out of the request's turn, like a tool: a tenant queueing texts behind
+            // the replica's embedding workers holds back no other tenant's requests.
+            let made = crate::gateway::fair::away(async {
+                let _worker = self
+                    .working
+                    .acquire()
+                    .await
+                    .map_err(|e| crate::discovery::embedding::EmbeddingError::Inference(e.to_string()))?;
+                self.embedder.embed(&asked).await
+            })
+            .await?;
             let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
             for (i, vector) in missing.into_iter().zip(made) {
                 let vector = Arc::new(vector.values().to_vec());

@@ -102,6 +102,12 @@ const MAX_REQUEST_BYTES: usize = 8 << 20;
 pub const DEFAULT_MAX_RUN_BYTES: u64 = 256 << 20;
 /// Runs whose gateway is kept built at most; the least recently used is dropped first.
 const MAX_CACHED_RUNS: usize = 256;
+/// A pod's refusals recorded in its run per minute, at most.
+const REFUSALS_RECORDED_PER_MINUTE: u32 = 10;
+/// Pods whose refusals are counted at once before those of past minutes are forgotten.
+const MAX_PODS_REFUSED: usize = 4096;
+/// Runner pods remembered as their Session's (then forgotten all at once, and asked again).
+const MAX_RUNNER_PODS_KNOWN: usize = 16_384;
 
 /// Requests one replica works on at once per core: the others wait in line for a turn, in
 /// rotation by tenant (see [`crate::gateway::fair`]). A few per core keep the cores busy while
@@ -168,6 +174,11 @@ pub struct GatewayService<S, A, T> {
     max_run_bytes: u64,
     /// Bytes of blobs each run uploaded through this replica, by (tenant, run).
     blob_bytes: Mutex<HashMap<(String, String), u64>>,
+    /// Refusals recorded per pod in the current minute, by (namespace, pod): when the minute
+    /// began, and how many (see [`GatewayService::record_refusal`]).
+    refusals_recorded: Mutex<HashMap<(String, String), (i64, u32)>>,
+    /// Runner pods found controlled by their Session: (namespace, pod uid, Session).
+    runner_pods: Mutex<std::collections::HashSet<(String, String, String)>>,
     /// Whether a call or model turn is answered while its entries are written (the runner's
     /// next request proves they were), or only once they are durable.
     early_answers: bool,
@@ -204,6 +215,18 @@ struct RunSlot {
     /// What this replica has read of the run's record. Requests of one run are handled one at
     /// a time in a replica (a run is sequential), holding this lock.
     log: tokio::sync::Mutex<RunLog>,
+    /// The blobs the run's chain refers to, as far as read (see [`BlobsReferred`]).
+    blobs: tokio::sync::Mutex<BlobsReferred>,
+}
+
+/// The blobs a run's chain refers to, read entry by entry as the chain grows: whether a blob is
+/// the run's own is answered without reading the whole chain again, so asking for blobs a run
+/// does not have costs the replica next to nothing.
+#[derive(Default)]
+struct BlobsReferred {
+    /// The first entry not read yet.
+    next: u64,
+    hashes: std::collections::HashSet<Hash>,
 }
 
 /// A verified caller: a runner pod and the RunContext issued to it.
@@ -378,6 +401,8 @@ where
             max_run_bytes: DEFAULT_MAX_RUN_BYTES,
             early_answers: true,
             blob_bytes: Mutex::new(HashMap::new()),
+            refusals_recorded: Mutex::new(HashMap::new()),
+            runner_pods: Mutex::new(Default::default()),
             quota_desk: Default::default(),
             results: Default::default(),
             a2a: None,
@@ -438,8 +463,9 @@ where
         self
     }
 
-    /// Counts `bytes` of blobs against the run's quota, if they fit; the run's blob bytes so far.
-    fn charge_blob(&self, caller: &Caller, bytes: u64) -> Result<u64, Refusal> {
+    /// Counts `bytes` of blobs against the run's quota, if they fit beside the blobs counted
+    /// before and the `recorded` bytes of its chain; the run's blob bytes so far.
+    fn charge_blob(&self, caller: &Caller, recorded: u64, bytes: u64) -> Result<u64, Refusal> {
         let mut counts = self
             .blob_bytes
             .lock()
@@ -453,8 +479,13 @@ where
             .entry((caller.tenant.as_str().to_owned(), caller.run_id().to_owned()))
             .or_default();
         let after = used.saturating_add(bytes);
-        if after > self.max_run_bytes {
-            return Err(over_quota(caller.run_id(), *used, bytes, self.max_run_bytes));
+        if after.saturating_add(recorded) > self.max_run_bytes {
+            return Err(over_quota(
+                caller.run_id(),
+                used.saturating_add(recorded),
+                bytes,
+                self.max_run_bytes,
+            ));
         }
         *used = after;
         Ok(after)
@@ -747,6 +778,10 @@ where
             let _phase = tracing::debug_span!("gateway.check_context").entered();
             self.check_context(headers, &identity)
         };
+        let checked = match checked {
+            Ok(caller) => self.check_runner_pod(caller).await,
+            refused => refused,
+        };
         match checked {
             Ok(caller) => Ok(caller),
             Err(refusal) => {
@@ -759,21 +794,29 @@ where
     }
 
     /// Records a refusal in the caller's own run — the latest run of the Session whose pod it
-    /// is — never in the run it named. Best effort: a pod that is no Session's has no run.
+    /// is — never in the run it named. Best effort: a pod that is no Session's has no run; a
+    /// run that ended records nothing more; and a pod's refusals are recorded
+    /// [`REFUSALS_RECORDED_PER_MINUTE`] times a minute at most (each costs a read of the pod,
+    /// the run's chain and a durable write: a pod sending forged requests in a loop must not
+    /// grow a record, or a replica's work, without bound). All are refused just the same.
     pub(super) async fn record_refusal(&self, identity: &PodIdentity, why: &str) {
         let Ok(tenant) = TenantId::new(identity.namespace.clone()) else {
             return;
         };
-        let Ok(Some((kind, session))) = self
+        if !self.may_record_refusal(identity) {
+            return;
+        }
+        let Ok(Some(controller)) = self
             .tenants
             .pod_controller(&identity.namespace, &identity.pod)
             .await
         else {
             return;
         };
-        if kind != "Session" {
+        if !controller.is("Session", &controller.name, &identity.pod_uid) {
             return;
         }
+        let session = controller.name;
         let Ok(Some(checkpoint)) = self.store.latest_checkpoint(&tenant, &session).await else {
             return;
         };
@@ -781,6 +824,9 @@ where
         let Ok(mut recorder) = Recorder::resume(&self.store, tenant, key, &checkpoint.run_id).await else {
             return;
         };
+        if recorder.finished() {
+            return;
+        }
         recorder.stage(EntryBody::AccessRefused {
             caller: format!("pod {}/{}", identity.namespace, identity.pod),
             reason: why.chars().take(1024).collect(),
@@ -788,6 +834,73 @@ where
         if let Err(error) = recorder.flush().await {
             tracing::warn!(%error, run_id = %checkpoint.run_id, "cannot record a refusal");
         }
+    }
+
+    /// A pod acts for a run only if its Session controls it: the pod the RunContext names may
+    /// have been deleted and another created under its name (the token identifies that one),
+    /// and only the operator can make a pod a Session's (admission policy
+    /// `contextos-runner-pods`). Asked of the API server once per pod (by uid) and Session.
+    async fn check_runner_pod(&self, caller: Caller) -> Result<Caller, Refusal> {
+        let identity = &caller.identity;
+        let session = &caller.context.context.session_id;
+        let key = (
+            identity.namespace.clone(),
+            identity.pod_uid.clone(),
+            session.clone(),
+        );
+        if self.runner_pods.lock().is_ok_and(|pods| pods.contains(&key)) {
+            return Ok(caller);
+        }
+        let controller = self
+            .tenants
+            .pod_controller(&identity.namespace, &identity.pod)
+            .await
+            .map_err(unavailable)?;
+        match controller {
+            Some(controller) if controller.is("Session", session, &identity.pod_uid) => {
+                if let Ok(mut pods) = self.runner_pods.lock() {
+                    if pods.len() >= MAX_RUNNER_PODS_KNOWN {
+                        pods.clear();
+                    }
+                    pods.insert(key);
+                }
+                Ok(caller)
+            }
+            controller => {
+                let found = match controller {
+                    Some(c) if c.pod_uid.as_deref().is_some_and(|uid| uid != identity.pod_uid) => {
+                        "another pod, created since under its name".to_owned()
+                    }
+                    Some(c) => format!("controlled by {} {}", c.kind, c.name),
+                    None => "controlled by nothing".to_owned(),
+                };
+                tracing::warn!(namespace = %identity.namespace, pod = %identity.pod, %session,
+                    "refused a RunContext presented by a pod its Session does not control");
+                Err(forbidden(format!(
+                    "pod {}/{} is not Session {session}'s runner pod ({found}); only the operator makes one",
+                    identity.namespace, identity.pod
+                )))
+            }
+        }
+    }
+
+    /// Whether one more of `identity`'s refusals may be recorded this minute (and counts it).
+    fn may_record_refusal(&self, identity: &PodIdentity) -> bool {
+        let Ok(mut recorded) = self.refusals_recorded.lock() else {
+            return false;
+        };
+        let now = now_ms();
+        if recorded.len() >= MAX_PODS_REFUSED {
+            recorded.retain(|_, (since, _)| now - *since < 60_000);
+        }
+        let counted = recorded
+            .entry((identity.namespace.clone(), identity.pod.clone()))
+            .or_insert((now, 0));
+        if now - counted.0 >= 60_000 {
+            *counted = (now, 0);
+        }
+        counted.1 += 1;
+        counted.1 <= REFUSALS_RECORDED_PER_MINUTE
     }
 
     /// Checks that the RunContext in `headers` was issued to `identity`.
@@ -1037,6 +1150,7 @@ where
             gateway,
             models,
             log: tokio::sync::Mutex::new(RunLog::default()),
+            blobs: tokio::sync::Mutex::new(BlobsReferred::default()),
         })
     }
 

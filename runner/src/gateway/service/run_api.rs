@@ -518,7 +518,31 @@ where
     pub(super) async fn put_blob(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
         let caller = service.caller(&headers).await?;
         service.check_subject_blob(&caller, &body).await?;
-        service.charge_blob(&caller, body.len() as u64)?;
+        // Once the run started, a blob counts with its record against the run's quota, and a
+        // run that ended stores nothing more. (Before, the runner uploads its bundle.)
+        let started = service
+            .store
+            .head(&caller.tenant, caller.run_id())
+            .await
+            .map_err(unavailable)?
+            .is_some();
+        let recorded = if started {
+            let slot = service.slot(&caller, &[]).await?;
+            let mut log = crate::gateway::fair::away(slot.log.lock()).await;
+            log.refresh(&service.store, &caller.tenant, caller.run_id(), &slot.gateway)
+                .await
+                .map_err(unavailable)?;
+            if log.finished() {
+                return Err(forbidden(format!(
+                    "run {} has ended: it stores no more blobs",
+                    caller.run_id()
+                )));
+            }
+            log.bytes()
+        } else {
+            0
+        };
+        service.charge_blob(&caller, recorded, body.len() as u64)?;
         let hash = service
             .store
             .put_blob(&caller.tenant, body.to_vec())
@@ -565,17 +589,28 @@ where
         }
     }
 
-    /// Whether the caller's own chain refers to blob `hash`.
+    /// Whether the caller's own chain refers to blob `hash`: each entry is read once per replica
+    /// (the run's [`super::BlobsReferred`]), however often the runner asks.
     async fn chain_refers_to(&self, caller: &Caller, hash: &Hash) -> Result<bool, Refusal> {
-        let chain = self
+        let slot = self.slot(caller, &[]).await?;
+        let mut referred = crate::gateway::fair::away(slot.blobs.lock()).await;
+        if referred.hashes.contains(hash) {
+            return Ok(true);
+        }
+        let tail = self
             .store
-            .read_chain(&caller.tenant, caller.run_id(), 0)
+            .read_chain(&caller.tenant, caller.run_id(), referred.next)
             .await
             .map_err(unavailable)?;
-        Ok(chain.iter().any(|stored| {
-            RecordEntry::decode(&stored.bytes)
-                .is_ok_and(|e| matches!(e.body, EntryBody::Blob { blob, .. } if blob == *hash))
-        }))
+        for stored in tail {
+            if let Ok(entry) = RecordEntry::decode(&stored.bytes)
+                && let EntryBody::Blob { blob, .. } = entry.body
+            {
+                referred.hashes.insert(blob);
+            }
+            referred.next = stored.seq + 1;
+        }
+        Ok(referred.hashes.contains(hash))
     }
 
     pub(super) async fn call(
@@ -1522,18 +1557,27 @@ fn with_head(mut response: axum::response::Response, head: Option<(u64, Hash)>) 
     response
 }
 
-/// A runner records what a turn is offered before asking the model for it: an offer names the
-/// run's next step (one past its latest model turn on record), so what an answered turn was
-/// shown can never be rewritten after it.
+/// The steps a runner's entries name must be the record's. A runner records what a turn is
+/// offered before asking the model for it: an offer names the run's next step (one past its
+/// latest model turn on record), so what an answered turn was shown can never be rewritten
+/// after it. A critic's verdict judges a turn on record (replay counts a run's steps by its
+/// verdicts, so a made-up step would weigh how far a candidate diverges).
 fn check_offer_steps(ledger: &crate::gateway::run_log::Ledger, bodies: &[EntryBody]) -> Result<(), Refusal> {
     let next = ledger.steps.saturating_add(1);
     for body in bodies {
-        if let EntryBody::ToolsOffered { step, .. } = body
-            && *step != next
-        {
-            return Err(forbidden(format!(
-                "tools_offered for step {step}: the run's next model turn is step {next}, and a turn's offer is recorded before the turn, never after"
-            )));
+        match body {
+            EntryBody::ToolsOffered { step, .. } if *step != next => {
+                return Err(forbidden(format!(
+                    "tools_offered for step {step}: the run's next model turn is step {next}, and a turn's offer is recorded before the turn, never after"
+                )));
+            }
+            EntryBody::CriticVerdict { step, .. } if *step == 0 || *step > ledger.steps => {
+                return Err(forbidden(format!(
+                    "critic_verdict for step {step}: the run's model turns on record are steps 1 to {}, and a verdict judges one of them",
+                    ledger.steps
+                )));
+            }
+            _ => {}
         }
     }
     Ok(())

@@ -134,6 +134,13 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
         .with_controller("shop", "checkout-5xx-run-1", "Session", "checkout-5xx")
         .with_pod_uid("shop", "checkout-5xx-run-1", "uid-checkout-5xx-run-1")
         .with_controller("shop", "checkout-5xx-run-2", "Session", "checkout-5xx")
+        .with_owner(
+            "shop",
+            "checkout-5xx-run-8",
+            "example.com/v1",
+            "Session",
+            "checkout-5xx",
+        )
         .with_controller("shop", "other-run-1", "Session", "other")
         .with_controller(
             "shop",
@@ -154,6 +161,7 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
             },
         )
         .with("token-uncontrolled", pod("shop", "checkout-5xx-run-9"))
+        .with("token-other-group", pod("shop", "checkout-5xx-run-8"))
         .with("token-other", pod("shop", "other-run-1"))
         .with("token-bank", pod("bank", "checkout-5xx-run-1"))
         .with("token-system", pod("contextos-system", "checkout-5xx-run-1"))
@@ -774,6 +782,17 @@ async fn only_the_pod_a_run_context_was_issued_to_may_use_it() {
         ),
         403,
         "a pod its Session does not control"
+    );
+    // Nor one whose owner is a Session of another API group.
+    let other_group = rig.context(&rig.bundle, "checkout-5xx-run-8");
+    assert_eq!(
+        status(
+            head(Some("token-other-group"), &other_group, RUN)
+                .await
+                .expect("send")
+        ),
+        403,
+        "a pod a Session of another group controls"
     );
     // … and a pod of another tenant leaves nothing in the run it named.
     let foreign = rig

@@ -1065,17 +1065,57 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         !patched.status.success() && stderr.contains(refusal),
         "a tenant made its pod a Session's: {stderr}"
     );
-    // The operator's account makes runner pods.
-    let operator = format!("system:serviceaccount:{SYSTEM_NAMESPACE}:contextos-operator");
+    // Nor a Session of another API group (the gateway believes no such owner either).
+    let elsewhere = json!([{
+        "apiVersion": "example.com/v1", "kind": "Session", "name": "victim",
+        "uid": "6f1c8a52-0000-4000-8000-000000000002", "controller": true,
+    }]);
+    let elsewhere = file("elsewhere", &pod("victim-run-2", &elsewhere))?;
     let made = run(
         env,
-        &["create", "-f", &claimed, "--as", &operator, "--dry-run=server"],
+        &["create", "-f", &elsewhere, "--as", tenant, "--dry-run=server"],
     )
     .await?;
+    let stderr = String::from_utf8_lossy(&made.stderr);
+    ensure!(
+        !made.status.success() && stderr.contains(refusal),
+        "a tenant's pod claiming a Session of another group was admitted: {stderr}"
+    );
+    // The operator's account makes runner pods …
+    let operator = format!("system:serviceaccount:{SYSTEM_NAMESPACE}:contextos-operator");
+    let made = run(env, &["create", "-f", &claimed, "--as", &operator]).await?;
     ensure!(
         made.status.success(),
         "the operator could not make a runner pod: {}",
         String::from_utf8_lossy(&made.stderr)
+    );
+    // … which are not the tenant's to change: another image would run in the runner pod, with
+    // its token.
+    let swap = json!([{
+        "op": "replace", "path": "/spec/containers/0/image",
+        "value": "registry.example.com/tenant/anything:1",
+    }])
+    .to_string();
+    let patched = run(
+        env,
+        &[
+            "patch",
+            "pod",
+            "victim-run-1",
+            "-n",
+            namespace,
+            "--as",
+            tenant,
+            "--type=json",
+            "-p",
+            &swap,
+        ],
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&patched.stderr);
+    ensure!(
+        !patched.status.success() && stderr.contains(refusal),
+        "a tenant changed a runner pod's image: {stderr}"
     );
     Ok(())
 }

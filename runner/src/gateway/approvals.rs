@@ -148,6 +148,12 @@ mod tests {
             ..request.clone()
         };
         assert!(!reassuring.verify(&key.public(), &signature));
+        // A long reason is signed as shown, which a report cut to fit keeps.
+        let long = "x".repeat(1000);
+        let shown = ApprovalRequest::shown_reason(&long);
+        assert_eq!(shown.chars().count(), 161);
+        assert_eq!(ApprovalRequest::shown_reason(&shown), shown);
+        assert_eq!(ApprovalRequest::shown_reason("short"), "short");
         assert!(!request.verify(&KeyPair::from_seed([5; 32]).public(), &signature));
     }
 
@@ -201,12 +207,29 @@ pub struct ApprovalRequest<'a> {
     /// cut to fit a report).
     pub arguments_digest: String,
     pub rule: &'a str,
-    /// Why the rule asks for approval, as the policy says it: what an approver is shown.
+    /// Why the rule asks for approval, as the policy says it and an approver is shown it
+    /// ([`ApprovalRequest::shown_reason`]).
     pub reason: &'a str,
     pub approvers: &'a contextos_crds::common::Approvers,
 }
 
+/// Characters of a rule's reason an approver is shown whole (see [`ApprovalRequest::shown_reason`]).
+const SHOWN_REASON_CHARS: usize = 160;
+
 impl ApprovalRequest<'_> {
+    /// A rule's reason as an approver is shown it, and as the gateway signs it: whole up to
+    /// 161 characters, otherwise its first 160 and `…` — what a runner's report keeps when it
+    /// must be cut to fit, so a cut report still verifies (and a reason shown twice is the
+    /// same: the shown form is its own).
+    pub fn shown_reason(reason: &str) -> String {
+        if reason.chars().nth(SHOWN_REASON_CHARS + 1).is_none() {
+            return reason.to_owned();
+        }
+        let mut shown: String = reason.chars().take(SHOWN_REASON_CHARS).collect();
+        shown.push('…');
+        shown
+    }
+
     /// The digest of `arguments` as [`ApprovalRequest::arguments_digest`] holds it.
     pub fn digest_of(arguments: &serde_json::Value) -> String {
         crate::records::Hash::of(&crate::records::canonical::to_canonical_bytes(arguments)).to_hex()

@@ -167,6 +167,69 @@ impl CatalogTool {
 /// Requests under one call id remembered at most (a runner may send one again and again).
 const MAX_REQUESTS_PER_CALL_ID: usize = 8;
 
+/// The requests a record holds under one call id, latest last, each with whether a decision let
+/// it through — so that a result read later is matched to the request it answers. A runner
+/// chooses call ids and may send one again with another call (to another replica, while the
+/// first is carried out); the request that gets a result is the latest one not refused.
+/// A request and its decision are written in one batch, so nothing comes between them.
+#[derive(Clone, Debug)]
+struct Asked<T>(Vec<(T, bool)>);
+
+impl<T> Default for Asked<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T> Asked<T> {
+    fn requested(&mut self, request: T) {
+        if self.0.len() >= MAX_REQUESTS_PER_CALL_ID {
+            self.0.remove(0);
+        }
+        self.0.push((request, false));
+    }
+
+    /// A decision (a dry run's aside) about the latest request: let through, it waits for its
+    /// result; denied, it gets none; held for an approval, it waits for one ([`Self::approved`])
+    /// or pauses the run ([`Self::paused`]). A decision with no undecided request before it — a
+    /// refusal made before the request was recorded — is about none of them.
+    fn decided(&mut self, enforced: PolicyEffect) {
+        match enforced {
+            PolicyEffect::Allow => self.let_through(),
+            PolicyEffect::Deny => self.ended(),
+            PolicyEffect::RequireApproval => {}
+        }
+    }
+
+    /// The latest request was approved: it waits for its result.
+    fn approved(&mut self) {
+        self.let_through();
+    }
+
+    /// The run paused for an approval of the latest request: it gets no result (the call is
+    /// requested again when the run resumes).
+    fn paused(&mut self) {
+        self.ended();
+    }
+
+    fn let_through(&mut self) {
+        if let Some((_, decided)) = self.0.last_mut() {
+            *decided = true;
+        }
+    }
+
+    fn ended(&mut self) {
+        if self.0.last().is_some_and(|(_, decided)| !*decided) {
+            self.0.pop();
+        }
+    }
+
+    /// The request a result under this call id answers.
+    fn answered(&self) -> Option<&T> {
+        self.0.last().map(|(request, _)| request)
+    }
+}
+
 /// A call read from a record, until its result is.
 #[derive(Clone, Debug)]
 struct RequestedCall {
@@ -216,7 +279,7 @@ pub struct ToolGateway {
     unrecorded: std::sync::Arc<std::sync::atomic::AtomicU32>,
     /// Calls read from records, by (run, call id): idempotency key, tool, risk (a result may be
     /// read in a later slice of a record than its request).
-    calls: Mutex<HashMap<(String, String), Vec<RequestedCall>>>,
+    calls: Mutex<HashMap<(String, String), Asked<RequestedCall>>>,
     counters: Mutex<HashMap<String, RunCounters>>,
     /// Replay mode: never reach a tool; answer only from preloaded results.
     offline: bool,
@@ -495,8 +558,8 @@ impl ToolGateway {
     /// Loads the results a recorded run got, by idempotency key, without the budget counters
     /// or used approvals (a replay recounts those itself).
     pub fn preload_results(&self, entries: &[crate::records::RecordEntry]) {
-        // By call id, the requests not refused, latest last (see `restore`).
-        let mut keys: HashMap<&str, Vec<(&str, &str, String)>> = HashMap::new();
+        // By call id, what was requested (see `Asked`).
+        let mut keys: HashMap<&str, Asked<(&str, &str, String)>> = HashMap::new();
         let Ok(mut completed) = self.completed.lock() else {
             return;
         };
@@ -505,22 +568,30 @@ impl ToolGateway {
             match &entry.body {
                 EntryBody::ToolCallRequested(call) => {
                     let content = Self::content_key(&call.tool, call.risk, call.kind, &call.arguments);
-                    keys.entry(&call.call_id).or_default().push((
+                    keys.entry(&call.call_id).or_default().requested((
                         &call.idempotency_key,
                         &call.call_hash,
                         content,
                     ));
                 }
-                EntryBody::PolicyDecision(decision)
-                    if decision.enforced == PolicyEffect::Deny && !decision.dry_run =>
-                {
+                EntryBody::PolicyDecision(decision) if !decision.dry_run => {
                     if let Some(asked) = keys.get_mut(decision.call_id.as_str()) {
-                        asked.pop();
+                        asked.decided(decision.enforced);
+                    }
+                }
+                EntryBody::ApprovalGranted { call_id, .. } => {
+                    if let Some(asked) = keys.get_mut(call_id.as_str()) {
+                        asked.approved();
+                    }
+                }
+                EntryBody::ApprovalRequested { call_id, .. } => {
+                    if let Some(asked) = keys.get_mut(call_id.as_str()) {
+                        asked.paused();
                     }
                 }
                 EntryBody::ToolResult(result) => {
                     if let Some((key, call_hash, content)) =
-                        keys.get(result.call_id.as_str()).and_then(|asked| asked.last())
+                        keys.get(result.call_id.as_str()).and_then(Asked::answered)
                     {
                         completed.entry((*key).to_owned()).or_insert_with(|| Completed {
                             call_hash: (*call_hash).to_owned(),
@@ -562,34 +633,41 @@ impl ToolGateway {
                             tool: call.tool.clone(),
                             risk: call.risk,
                         };
-                        // A call id may be asked again with another call (refused, see below):
-                        // the requests not refused are kept, latest last.
-                        let asked = calls
+                        calls
                             .entry((entry.run_id.clone(), call.call_id.clone()))
-                            .or_default();
-                        if asked.len() >= MAX_REQUESTS_PER_CALL_ID {
-                            asked.remove(0);
-                        }
-                        asked.push(requested);
+                            .or_default()
+                            .requested(requested);
                     }
                 }
-                // A request refused gets no result: the result that follows under its call id
-                // is an earlier request's.
-                EntryBody::PolicyDecision(decision)
-                    if decision.enforced == PolicyEffect::Deny && !decision.dry_run =>
-                {
+                EntryBody::PolicyDecision(decision) if !decision.dry_run => {
                     if let Ok(mut calls) = self.calls.lock()
                         && let Some(asked) = calls.get_mut(&(entry.run_id.clone(), decision.call_id.clone()))
                     {
-                        asked.pop();
+                        asked.decided(decision.enforced);
                     }
                 }
-                EntryBody::ApprovalGranted { call_hash, .. } => self.approvals.restore([call_hash.clone()]),
+                EntryBody::ApprovalRequested { call_id, .. } => {
+                    if let Ok(mut calls) = self.calls.lock()
+                        && let Some(asked) = calls.get_mut(&(entry.run_id.clone(), call_id.clone()))
+                    {
+                        asked.paused();
+                    }
+                }
+                EntryBody::ApprovalGranted {
+                    call_id, call_hash, ..
+                } => {
+                    self.approvals.restore([call_hash.clone()]);
+                    if let Ok(mut calls) = self.calls.lock()
+                        && let Some(asked) = calls.get_mut(&(entry.run_id.clone(), call_id.clone()))
+                    {
+                        asked.approved();
+                    }
+                }
                 EntryBody::ToolResult(result) => {
                     // The request may have been read in an earlier slice of the record.
                     let requested = self.calls.lock().ok().and_then(|c| {
                         c.get(&(entry.run_id.clone(), result.call_id.clone()))
-                            .and_then(|asked| asked.last().cloned())
+                            .and_then(|asked| asked.answered().cloned())
                     });
                     let Some(requested) = requested else {
                         continue;
@@ -1122,6 +1200,7 @@ impl ToolGateway {
         decision: &crate::policy::Decision,
         recorder: &mut Recorder<'_, S>,
     ) -> Result<Option<CallOutcome>, GatewayError> {
+        let reason = approvals::ApprovalRequest::shown_reason(&decision.reason);
         let attestation = self.attesting_key.as_ref().map(|key| {
             approvals::ApprovalRequest {
                 run_id: &call.run_context.context.run_id,
@@ -1130,7 +1209,7 @@ impl ToolGateway {
                 tool: &call.tool,
                 arguments_digest: approvals::ApprovalRequest::digest_of(&call.arguments),
                 rule: &decision.rule,
-                reason: &decision.reason,
+                reason: &reason,
                 approvers: &decision.approvers,
             }
             .sign(key)
@@ -2096,4 +2175,34 @@ fn schema_problem(tool: &CatalogTool, args: &Value) -> Option<String> {
         "{field} of tool {} violates its inputSchema: {error}",
         tool.spec.name
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Asked, PolicyEffect};
+
+    #[test]
+    fn a_result_answers_the_latest_request_let_through_under_its_call_id() {
+        let mut asked = Asked::default();
+        asked.requested("k1");
+        asked.decided(PolicyEffect::Allow);
+        // Another call sent under the call id while k1 is carried out, and refused.
+        asked.requested("k2");
+        asked.decided(PolicyEffect::Deny);
+        // A refusal recorded with no request of its own (an unknown tool, say).
+        asked.decided(PolicyEffect::Deny);
+        // Another held for an approval, and the run paused for it.
+        asked.requested("k3");
+        asked.decided(PolicyEffect::RequireApproval);
+        asked.paused();
+        assert_eq!(asked.answered(), Some(&"k1"), "k1's result is k1's");
+        // Resumed and approved, k3 is carried out: the result that follows is its.
+        asked.requested("k3");
+        asked.decided(PolicyEffect::RequireApproval);
+        asked.approved();
+        assert_eq!(asked.answered(), Some(&"k3"));
+        // A request answered from a completed call's result has no decision of its own.
+        asked.requested("k1");
+        assert_eq!(asked.answered(), Some(&"k1"));
+    }
 }

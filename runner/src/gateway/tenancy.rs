@@ -57,6 +57,8 @@ pub enum TenantError {
 /// The object controlling a pod (its controller owner reference), and the pod's own uid.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodController {
+    /// The owner's `apiVersion` (`group/version`, or `version` for the core group).
+    pub api_version: String,
     pub kind: String,
     pub name: String,
     /// The uid of the pod read (to tell it from another pod since created under its name).
@@ -65,9 +67,15 @@ pub struct PodController {
 }
 
 impl PodController {
-    /// Whether this is `kind` `name`'s pod, and the pod `pod_uid` (where the uid is known).
-    pub fn is(&self, kind: &str, name: &str, pod_uid: &str) -> bool {
-        self.kind == kind && self.name == name && self.pod_uid.as_deref().is_none_or(|uid| uid == pod_uid)
+    /// Whether this is the pod `pod_uid` (where the uid is known), controlled by `kind` `name`
+    /// of API group `group` — the group too: an owner reference may name any `apiVersion`, and
+    /// a `Session` of another group is not ContextOS's.
+    pub fn is(&self, group: &str, kind: &str, name: &str, pod_uid: &str) -> bool {
+        let owner_group = self.api_version.rsplit_once('/').map_or("", |(group, _)| group);
+        owner_group == group
+            && self.kind == kind
+            && self.name == name
+            && self.pod_uid.as_deref().is_none_or(|uid| uid == pod_uid)
     }
 }
 
@@ -176,12 +184,14 @@ impl TenantView for KubeTenants {
             .await
             .map_err(|e| format!("reading Pod {namespace}/{pod}: {e}"))?;
         Ok(found.and_then(|p| {
-            let pod_uid = p.metadata.uid;
+            // The API server gives every pod a uid; one without would match no caller.
+            let pod_uid = Some(p.metadata.uid.unwrap_or_default());
             p.metadata
                 .owner_references?
                 .into_iter()
                 .find(|o| o.controller == Some(true))
                 .map(|o| PodController {
+                    api_version: o.api_version,
                     kind: o.kind,
                     name: o.name,
                     pod_uid,
@@ -293,9 +303,28 @@ impl StaticTenants {
         self
     }
 
-    /// Records that `pod` of `namespace` is controlled by `kind`/`name` (whatever its uid).
-    pub fn with_controller(mut self, namespace: &str, pod: &str, kind: &str, name: &str) -> Self {
+    /// Records that `pod` of `namespace` is controlled by `kind`/`name` (whatever its uid) —
+    /// a Session of contextos.dev, a Job of batch, anything else of a group of its own.
+    pub fn with_controller(self, namespace: &str, pod: &str, kind: &str, name: &str) -> Self {
+        let api_version = match kind {
+            "Session" => "contextos.dev/v1alpha1",
+            "Job" => "batch/v1",
+            _ => "example.com/v1",
+        };
+        self.with_owner(namespace, pod, api_version, kind, name)
+    }
+
+    /// Records that `pod` of `namespace` is controlled by `kind`/`name` of `api_version`.
+    pub fn with_owner(
+        mut self,
+        namespace: &str,
+        pod: &str,
+        api_version: &str,
+        kind: &str,
+        name: &str,
+    ) -> Self {
         let controller = PodController {
+            api_version: api_version.to_owned(),
             kind: kind.to_owned(),
             name: name.to_owned(),
             pod_uid: None,

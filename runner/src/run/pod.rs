@@ -201,7 +201,8 @@ impl PodReport {
                 awaiting.arguments_digest = Some(ApprovalRequest::digest_of(&awaiting.arguments));
             }
             awaiting.arguments = serde_json::Value::String("(cut; see the record)".into());
-            awaiting.reason = awaiting.reason.chars().take(160).collect();
+            // As the gateway signed it (a reason longer is signed in this form).
+            awaiting.reason = ApprovalRequest::shown_reason(&awaiting.reason);
         }
         // Its reason is signed and stays whole (the gateway keeps it short); the arguments
         // are shown by their digest.

@@ -785,7 +785,7 @@ async fn attested(
             .clone()
             .unwrap_or_else(|| ApprovalRequest::digest_of(&awaiting.arguments)),
         rule: &awaiting.rule,
-        reason: &awaiting.reason,
+        reason: &ApprovalRequest::shown_reason(&awaiting.reason),
         approvers: &awaiting.approvers,
     };
     signed_by_gateway(ctx, session, &request, awaiting.attestation.as_deref()).await

@@ -10,10 +10,13 @@ use contextos_crds::{
     conditions::reason,
     session::{PendingApproval, SessionPhase, UnresolvedCallStatus},
 };
-use contextos_runner::run::{
-    bundle::RunBundle,
-    checkpoint::{AwaitingApproval, UnresolvedCall},
-    pod::{PodReport, ReportedOutcome},
+use contextos_runner::{
+    gateway::approvals::ApprovalRequest,
+    run::{
+        bundle::RunBundle,
+        checkpoint::{AwaitingApproval, UnresolvedCall},
+        pod::{PodReport, ReportedOutcome},
+    },
 };
 use k8s_openapi::jiff::Timestamp;
 
@@ -231,7 +234,10 @@ fn awaiting_approval(observed: &Observed, ended: &Ended, report: &PodReport, upd
         };
         format!(
             "{refusal}{} needs approval ({}): {}; add {{callHash: {}, decision: approve|reject, approver: <you>}} to spec.approvals",
-            a.tool, a.rule, a.reason, a.call_hash
+            a.tool,
+            a.rule,
+            ApprovalRequest::shown_reason(&a.reason),
+            a.call_hash
         )
     });
     Step::Report {
@@ -383,7 +389,8 @@ fn pending_approval(bundle: &RunBundle, awaiting: &AwaitingApproval) -> PendingA
         risk,
         arguments,
         rule: awaiting.rule.clone(),
-        reason: awaiting.reason.clone(),
+        // What the gateway signed: text past it is the runner's.
+        reason: ApprovalRequest::shown_reason(&awaiting.reason),
         approvers: awaiting.approvers.clone(),
     }
 }

@@ -106,8 +106,18 @@ const MAX_CACHED_RUNS: usize = 256;
 const REFUSALS_RECORDED_PER_MINUTE: u32 = 10;
 /// Pods whose refusals are counted at once before those of past minutes are forgotten.
 const MAX_PODS_REFUSED: usize = 4096;
-/// Runner pods remembered as their Session's (then forgotten all at once, and asked again).
+/// Pods remembered as their Session's runner pods or not (past this, those expired are dropped).
 const MAX_RUNNER_PODS_KNOWN: usize = 16_384;
+/// How long a pod found to be its Session's runner pod is believed to be one, and a pod found
+/// not to be believed not to be.
+const RUNNER_POD_KEPT_MS: i64 = 10 * 60_000;
+const NOT_A_RUNNER_POD_KEPT_MS: i64 = 60_000;
+/// Blobs of one run the gateway keeps track of, at most: a body is moved to a blob only past
+/// 16 KiB, so a run within its store quota (256 MiB by default) refers to 16,384 at most;
+/// a runner that writes many tiny ones is not served those past this.
+const MAX_BLOBS_REFERRED: usize = 65_536;
+/// The API group of the Session that controls a runner pod.
+const SESSION_GROUP: &str = "contextos.dev";
 
 /// Requests one replica works on at once per core: the others wait in line for a turn, in
 /// rotation by tenant (see [`crate::gateway::fair`]). A few per core keep the cores busy while
@@ -177,8 +187,8 @@ pub struct GatewayService<S, A, T> {
     /// Refusals recorded per pod in the current minute, by (namespace, pod): when the minute
     /// began, and how many (see [`GatewayService::record_refusal`]).
     refusals_recorded: Mutex<HashMap<(String, String), (i64, u32)>>,
-    /// Runner pods found controlled by their Session: (namespace, pod uid, Session).
-    runner_pods: Mutex<std::collections::HashSet<(String, String, String)>>,
+    /// Whether pods were found controlled by their Session.
+    runner_pods: Mutex<RunnerPods>,
     /// Whether a call or model turn is answered while its entries are written (the runner's
     /// next request proves they were), or only once they are durable.
     early_answers: bool,
@@ -201,6 +211,10 @@ impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
         f.debug_struct("GatewayService").finish_non_exhaustive()
     }
 }
+
+/// Whether pods were found controlled by their Session, by (namespace, pod uid, Session), and
+/// until when that is believed.
+type RunnerPods = HashMap<(String, String, String), (bool, i64)>;
 
 /// Built runs by (tenant, run id), with when each was last used.
 type RunSlots = HashMap<(String, String), (Arc<RunSlot>, i64)>;
@@ -813,7 +827,7 @@ where
         else {
             return;
         };
-        if !controller.is("Session", &controller.name, &identity.pod_uid) {
+        if !controller.is(SESSION_GROUP, "Session", &controller.name, &identity.pod_uid) {
             return;
         }
         let session = controller.name;
@@ -848,40 +862,61 @@ where
             identity.pod_uid.clone(),
             session.clone(),
         );
-        if self.runner_pods.lock().is_ok_and(|pods| pods.contains(&key)) {
-            return Ok(caller);
+        let refused = |found: &str| {
+            forbidden(format!(
+                "pod {}/{} is not Session {session}'s runner pod ({found}); only the operator makes one",
+                identity.namespace, identity.pod
+            ))
+        };
+        // What the API server said lately, either way: a pod sending forged requests in a loop
+        // costs it one read a minute.
+        let now = now_ms();
+        let known = self
+            .runner_pods
+            .lock()
+            .ok()
+            .and_then(|pods| pods.get(&key).copied())
+            .filter(|(_, until)| now < *until);
+        match known {
+            Some((true, _)) => return Ok(caller),
+            Some((false, _)) => return Err(refused("as read lately")),
+            None => {}
         }
         let controller = self
             .tenants
             .pod_controller(&identity.namespace, &identity.pod)
             .await
             .map_err(unavailable)?;
-        match controller {
-            Some(controller) if controller.is("Session", session, &identity.pod_uid) => {
-                if let Ok(mut pods) = self.runner_pods.lock() {
-                    if pods.len() >= MAX_RUNNER_PODS_KNOWN {
-                        pods.clear();
-                    }
-                    pods.insert(key);
+        let runner = controller
+            .as_ref()
+            .is_some_and(|c| c.is(SESSION_GROUP, "Session", session, &identity.pod_uid));
+        if let Ok(mut pods) = self.runner_pods.lock() {
+            if pods.len() >= MAX_RUNNER_PODS_KNOWN {
+                pods.retain(|_, (_, until)| now < *until);
+                if pods.len() >= MAX_RUNNER_PODS_KNOWN {
+                    pods.clear();
                 }
-                Ok(caller)
             }
-            controller => {
-                let found = match controller {
-                    Some(c) if c.pod_uid.as_deref().is_some_and(|uid| uid != identity.pod_uid) => {
-                        "another pod, created since under its name".to_owned()
-                    }
-                    Some(c) => format!("controlled by {} {}", c.kind, c.name),
-                    None => "controlled by nothing".to_owned(),
-                };
-                tracing::warn!(namespace = %identity.namespace, pod = %identity.pod, %session,
-                    "refused a RunContext presented by a pod its Session does not control");
-                Err(forbidden(format!(
-                    "pod {}/{} is not Session {session}'s runner pod ({found}); only the operator makes one",
-                    identity.namespace, identity.pod
-                )))
-            }
+            let kept = if runner {
+                RUNNER_POD_KEPT_MS
+            } else {
+                NOT_A_RUNNER_POD_KEPT_MS
+            };
+            pods.insert(key, (runner, now + kept));
         }
+        if runner {
+            return Ok(caller);
+        }
+        let found = match controller {
+            Some(c) if c.pod_uid.as_deref().is_some_and(|uid| uid != identity.pod_uid) => {
+                "another pod, created since under its name".to_owned()
+            }
+            Some(c) => format!("controlled by {} {} ({})", c.kind, c.name, c.api_version),
+            None => "controlled by nothing".to_owned(),
+        };
+        tracing::warn!(namespace = %identity.namespace, pod = %identity.pod, %session,
+            "refused a RunContext presented by a pod its Session does not control");
+        Err(refused(&found))
     }
 
     /// Whether one more of `identity`'s refusals may be recorded this minute (and counts it).

@@ -136,7 +136,7 @@ where
             .pod_controller(&identity.namespace, &identity.pod)
             .await
             .map_err(unavailable)?;
-        if !controller.is_some_and(|c| c.is("Job", &grant.job, &identity.pod_uid)) {
+        if !controller.is_some_and(|c| c.is("batch", "Job", &grant.job, &identity.pod_uid)) {
             tracing::warn!(namespace = %identity.namespace, pod = %identity.pod, job = %grant.job,
                 "refused a read grant presented by a pod its Job does not own");
             let why = format!(

@@ -605,6 +605,7 @@ where
         for stored in tail {
             if let Ok(entry) = RecordEntry::decode(&stored.bytes)
                 && let EntryBody::Blob { blob, .. } = entry.body
+                && referred.hashes.len() < super::MAX_BLOBS_REFERRED
             {
                 referred.hashes.insert(blob);
             }

@@ -778,6 +778,14 @@ impl MemoryBackend for EmbeddedStore {
                 }
                 let (puts, answer) = update(&values);
                 if puts.is_empty() {
+                    // An answer from rows read, some perhaps still waiting for their flush:
+                    // given as durable, only once they are.
+                    drop(memory);
+                    drop(txn);
+                    drop(writer);
+                    if durability == Durability::Now {
+                        wal.sync_to(wal.written()).map_err(backend)?;
+                    }
                     return Ok(answer);
                 }
                 let mut logged = Vec::with_capacity(puts.len());

@@ -27,6 +27,9 @@
 //! File: `header := "CTXOSWAL" | version u32 | 0 u32 | epoch u64 | salt u64`, then
 //! `frame := length u32 | crc32(body) u32 | body`, `body := epoch u64 | salt u64 | puts u32 | put*`.
 //! Version 3 added the memory row's removal (a put of kind 6); a version 2 log is read the same.
+//! Every new epoch is written as version 3, so a build that reads only version 2 refuses the log
+//! even after a clean close: to go back to one, remove the `.wal` file after a clean close (its
+//! frames are all in the database then).
 
 use std::{
     fs::File,

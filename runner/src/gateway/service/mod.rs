@@ -853,7 +853,8 @@ where
     /// A pod acts for a run only if its Session controls it: the pod the RunContext names may
     /// have been deleted and another created under its name (the token identifies that one),
     /// and only the operator can make a pod a Session's (admission policy
-    /// `contextos-runner-pods`). Asked of the API server once per pod (by uid) and Session.
+    /// `contextos-runner-pods`). The API server's answer is remembered per pod (by uid) and
+    /// Session: ten minutes for a runner pod, one for a pod that is not.
     async fn check_runner_pod(&self, caller: Caller) -> Result<Caller, Refusal> {
         let identity = &caller.identity;
         let session = &caller.context.context.session_id;
@@ -934,7 +935,7 @@ where
         if now - counted.0 >= 60_000 {
             *counted = (now, 0);
         }
-        counted.1 += 1;
+        counted.1 = counted.1.saturating_add(1);
         counted.1 <= REFUSALS_RECORDED_PER_MINUTE
     }
 

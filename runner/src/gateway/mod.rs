@@ -163,7 +163,6 @@ impl CatalogTool {
     }
 }
 
-/// A call as its request was recorded: idempotency key, tool, risk.
 /// Requests under one call id remembered at most (a runner may send one again and again).
 const MAX_REQUESTS_PER_CALL_ID: usize = 8;
 
@@ -189,27 +188,34 @@ impl<T> Asked<T> {
         self.0.push((request, false));
     }
 
-    /// A decision (a dry run's aside) about the latest request: let through, it waits for its
-    /// result; denied, it gets none; held for an approval, it waits for one ([`Self::approved`])
-    /// or pauses the run ([`Self::paused`]). A decision with no undecided request before it — a
-    /// refusal made before the request was recorded — is about none of them.
-    fn decided(&mut self, enforced: PolicyEffect) {
-        match enforced {
-            PolicyEffect::Allow => self.let_through(),
-            PolicyEffect::Deny => self.ended(),
-            PolicyEffect::RequireApproval => {}
+    /// The call id of an entry that says what became of a request (see [`Self::follow`]).
+    fn followed(body: &EntryBody) -> Option<&str> {
+        match body {
+            EntryBody::PolicyDecision(decision) if !decision.dry_run => Some(&decision.call_id),
+            EntryBody::ApprovalRequested { call_id, .. } | EntryBody::ApprovalGranted { call_id, .. } => {
+                Some(call_id)
+            }
+            _ => None,
         }
     }
 
-    /// The latest request was approved: it waits for its result.
-    fn approved(&mut self) {
-        self.let_through();
-    }
-
-    /// The run paused for an approval of the latest request: it gets no result (the call is
-    /// requested again when the run resumes).
-    fn paused(&mut self) {
-        self.ended();
+    /// What `body` (one [`Self::followed`] names this call id) says of the latest request. A
+    /// decision (a dry run's aside): let through, it waits for its result; denied, it gets
+    /// none; held for an approval, it is approved (then waits for its result) or the run
+    /// pauses for one (it gets none: the call is requested again when the run resumes). A
+    /// decision with no undecided request before it — a refusal made before the request was
+    /// recorded — is about none of them.
+    fn follow(&mut self, body: &EntryBody) {
+        match body {
+            EntryBody::PolicyDecision(decision) => match decision.enforced {
+                PolicyEffect::Allow => self.let_through(),
+                PolicyEffect::Deny => self.ended(),
+                PolicyEffect::RequireApproval => {}
+            },
+            EntryBody::ApprovalGranted { .. } => self.let_through(),
+            EntryBody::ApprovalRequested { .. } => self.ended(),
+            _ => {}
+        }
     }
 
     fn let_through(&mut self) {
@@ -277,8 +283,8 @@ pub struct ToolGateway {
     by_content: Option<Mutex<HashMap<String, std::collections::VecDeque<ToolResultRecord>>>>,
     /// Calls a re-execution answered as not executed.
     unrecorded: std::sync::Arc<std::sync::atomic::AtomicU32>,
-    /// Calls read from records, by (run, call id): idempotency key, tool, risk (a result may be
-    /// read in a later slice of a record than its request).
+    /// Calls read from records, by (run, call id) (a result may be read in a later slice of a
+    /// record than its request).
     calls: Mutex<HashMap<(String, String), Asked<RequestedCall>>>,
     counters: Mutex<HashMap<String, RunCounters>>,
     /// Replay mode: never reach a tool; answer only from preloaded results.
@@ -574,19 +580,9 @@ impl ToolGateway {
                         content,
                     ));
                 }
-                EntryBody::PolicyDecision(decision) if !decision.dry_run => {
-                    if let Some(asked) = keys.get_mut(decision.call_id.as_str()) {
-                        asked.decided(decision.enforced);
-                    }
-                }
-                EntryBody::ApprovalGranted { call_id, .. } => {
-                    if let Some(asked) = keys.get_mut(call_id.as_str()) {
-                        asked.approved();
-                    }
-                }
-                EntryBody::ApprovalRequested { call_id, .. } => {
-                    if let Some(asked) = keys.get_mut(call_id.as_str()) {
-                        asked.paused();
+                body if let Some(call_id) = Asked::<()>::followed(body) => {
+                    if let Some(asked) = keys.get_mut(call_id) {
+                        asked.follow(body);
                     }
                 }
                 EntryBody::ToolResult(result) => {
@@ -639,28 +635,14 @@ impl ToolGateway {
                             .requested(requested);
                     }
                 }
-                EntryBody::PolicyDecision(decision) if !decision.dry_run => {
-                    if let Ok(mut calls) = self.calls.lock()
-                        && let Some(asked) = calls.get_mut(&(entry.run_id.clone(), decision.call_id.clone()))
-                    {
-                        asked.decided(decision.enforced);
+                body if let Some(call_id) = Asked::<()>::followed(body) => {
+                    if let EntryBody::ApprovalGranted { call_hash, .. } = body {
+                        self.approvals.restore([call_hash.clone()]);
                     }
-                }
-                EntryBody::ApprovalRequested { call_id, .. } => {
                     if let Ok(mut calls) = self.calls.lock()
-                        && let Some(asked) = calls.get_mut(&(entry.run_id.clone(), call_id.clone()))
+                        && let Some(asked) = calls.get_mut(&(entry.run_id.clone(), call_id.to_owned()))
                     {
-                        asked.paused();
-                    }
-                }
-                EntryBody::ApprovalGranted {
-                    call_id, call_hash, ..
-                } => {
-                    self.approvals.restore([call_hash.clone()]);
-                    if let Ok(mut calls) = self.calls.lock()
-                        && let Some(asked) = calls.get_mut(&(entry.run_id.clone(), call_id.clone()))
-                    {
-                        asked.approved();
+                        asked.follow(body);
                     }
                 }
                 EntryBody::ToolResult(result) => {
@@ -990,7 +972,7 @@ impl ToolGateway {
                 .await?;
         }
         Ok(self
-            .execute(call, tool, 0, recorder)
+            .execute(call, &call_hash, tool, 0, recorder)
             .instrument(tracing::debug_span!("gateway.execute"))
             .await)
     }
@@ -1004,7 +986,9 @@ impl ToolGateway {
         recorder: &mut Recorder<'_, S>,
     ) -> Result<CallOutcome, GatewayError> {
         match intents::resumption(&tool.spec, started, now_ms(), self.shared) {
-            intents::Resumption::Retry => Ok(self.execute(call, tool, started.asked, recorder).await),
+            intents::Resumption::Retry => Ok(self
+                .execute(call, &started.call_hash, tool, started.asked, recorder)
+                .await),
             intents::Resumption::AwaitingInput(question) => Ok(self
                 .answer_question(call, tool, started, question, recorder)
                 .await?),
@@ -1291,6 +1275,7 @@ impl ToolGateway {
     async fn execute<S: RecordStore>(
         &self,
         call: &CallEnvelope,
+        call_hash: &str,
         tool: &CatalogTool,
         asked: u32,
         recorder: &mut Recorder<'_, S>,
@@ -1300,7 +1285,10 @@ impl ToolGateway {
             return CallOutcome::Executed(self.recorded_result(call, recorder));
         }
         if let Some(memory) = tool.spec.adapter.memory {
-            return CallOutcome::Executed(self.carry_out_memory(call, memory.operation, recorder).await);
+            return CallOutcome::Executed(
+                self.carry_out_memory(call, call_hash, memory.operation, recorder)
+                    .await,
+            );
         }
         if let Ok(mut unpublished) = self.unpublished.lock() {
             unpublished.clear();
@@ -1326,13 +1314,13 @@ impl ToolGateway {
                 cost: None,
                 cached: Some(reused.origin),
             };
-            return CallOutcome::Executed(self.settle_result(call, result, recorder));
+            return CallOutcome::Executed(self.settle_result(call, call_hash, result, recorder));
         }
         let generation = cached
             .as_ref()
             .map_or(0, |_| self.results.generation(&self.writer()));
         let sent = self.send(call, tool, adapters::a2a::Turn::First).await;
-        let outcome = self.conclude(call, tool, sent, asked, recorder).await;
+        let outcome = self.conclude(call, call_hash, tool, sent, asked, recorder).await;
         if let (Some((_, key)), CallOutcome::Executed(result)) = (cached, &outcome)
             && result.ok
             && let Ok(mut unpublished) = self.unpublished.lock()
@@ -1431,6 +1419,7 @@ impl ToolGateway {
     async fn conclude<S: RecordStore>(
         &self,
         call: &CallEnvelope,
+        call_hash: &str,
         tool: &CatalogTool,
         sent: Sent,
         asked: u32,
@@ -1515,7 +1504,7 @@ impl ToolGateway {
                 }
             }
         };
-        CallOutcome::Executed(self.settle_result(call, result, recorder))
+        CallOutcome::Executed(self.settle_result(call, call_hash, result, recorder))
     }
 
     /// Asks a remote agent to cancel `task` (where egress allows); whether it confirmed.
@@ -1637,7 +1626,12 @@ impl ToolGateway {
                     cost: None,
                     cached: None,
                 };
-                Ok(CallOutcome::Executed(self.settle_result(call, result, recorder)))
+                Ok(CallOutcome::Executed(self.settle_result(
+                    call,
+                    &started.call_hash,
+                    result,
+                    recorder,
+                )))
             }
             // Admission refuses other findings on a question; one that got through (or an
             // empty answer) is not an answer: the question stands.
@@ -1675,7 +1669,14 @@ impl ToolGateway {
         };
         let sent = self.send(call, tool, turn).await;
         Ok(self
-            .conclude(call, tool, sent.acted(), started.asked, recorder)
+            .conclude(
+                call,
+                &started.call_hash,
+                tool,
+                sent.acted(),
+                started.asked,
+                recorder,
+            )
             .await)
     }
 
@@ -1685,6 +1686,7 @@ impl ToolGateway {
     async fn carry_out_memory<S: RecordStore>(
         &self,
         call: &CallEnvelope,
+        call_hash: &str,
         operation: contextos_crds::agent::MemoryOperation,
         recorder: &mut Recorder<'_, S>,
     ) -> ToolResultRecord {
@@ -1760,7 +1762,7 @@ impl ToolGateway {
                 cached: None,
             },
         };
-        self.settle_result(call, result, recorder)
+        self.settle_result(call, call_hash, result, recorder)
     }
 
     /// Records an executed call's result, and remembers a success by its idempotency key (a
@@ -1768,6 +1770,7 @@ impl ToolGateway {
     fn settle_result<S: RecordStore>(
         &self,
         call: &CallEnvelope,
+        call_hash: &str,
         result: ToolResultRecord,
         recorder: &mut Recorder<'_, S>,
     ) -> ToolResultRecord {
@@ -1778,7 +1781,7 @@ impl ToolGateway {
             completed.insert(
                 call.idempotency_key.clone(),
                 Completed {
-                    call_hash: call.call_hash(&self.policy_digests()),
+                    call_hash: call_hash.to_owned(),
                     result: result.clone(),
                 },
             );
@@ -2179,27 +2182,59 @@ fn schema_problem(tool: &CatalogTool, args: &Value) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Asked, PolicyEffect};
+    use super::{Asked, EntryBody, PolicyEffect};
+    use crate::records::entry::PolicyDecisionRecord;
+
+    fn decided(enforced: PolicyEffect) -> EntryBody {
+        EntryBody::PolicyDecision(PolicyDecisionRecord {
+            call_id: "1.0".into(),
+            effect: enforced,
+            enforced,
+            rule: "p/r".into(),
+            reason: "because".into(),
+            dry_run: false,
+        })
+    }
+
+    fn paused() -> EntryBody {
+        EntryBody::ApprovalRequested {
+            call_id: "1.0".into(),
+            call_hash: "h".into(),
+            approvers: vec![],
+        }
+    }
+
+    fn approved() -> EntryBody {
+        EntryBody::ApprovalGranted {
+            call_id: "1.0".into(),
+            call_hash: "h".into(),
+            approver: "dana@example.com".into(),
+        }
+    }
 
     #[test]
     fn a_result_answers_the_latest_request_let_through_under_its_call_id() {
         let mut asked = Asked::default();
+        let follow = |asked: &mut Asked<&str>, body: EntryBody| {
+            assert_eq!(Asked::<()>::followed(&body), Some("1.0"));
+            asked.follow(&body);
+        };
         asked.requested("k1");
-        asked.decided(PolicyEffect::Allow);
+        follow(&mut asked, decided(PolicyEffect::Allow));
         // Another call sent under the call id while k1 is carried out, and refused.
         asked.requested("k2");
-        asked.decided(PolicyEffect::Deny);
+        follow(&mut asked, decided(PolicyEffect::Deny));
         // A refusal recorded with no request of its own (an unknown tool, say).
-        asked.decided(PolicyEffect::Deny);
+        follow(&mut asked, decided(PolicyEffect::Deny));
         // Another held for an approval, and the run paused for it.
         asked.requested("k3");
-        asked.decided(PolicyEffect::RequireApproval);
-        asked.paused();
+        follow(&mut asked, decided(PolicyEffect::RequireApproval));
+        follow(&mut asked, paused());
         assert_eq!(asked.answered(), Some(&"k1"), "k1's result is k1's");
         // Resumed and approved, k3 is carried out: the result that follows is its.
         asked.requested("k3");
-        asked.decided(PolicyEffect::RequireApproval);
-        asked.approved();
+        follow(&mut asked, decided(PolicyEffect::RequireApproval));
+        follow(&mut asked, approved());
         assert_eq!(asked.answered(), Some(&"k3"));
         // A request answered from a completed call's result has no decision of its own.
         asked.requested("k1");

@@ -98,7 +98,7 @@ where
         if log.head().map(|(_, h)| h) != expected {
             return Err(head_moved(caller.run_id()));
         }
-        check_offer_steps(&log.ledger, &bodies)?;
+        check_entry_steps(&log.ledger, &bodies)?;
         // A run's end is written once, last; a completion only with the model's answer passing
         // every validator — as the record has it up to the head the runner names (a turn
         // answered before it was durable is on record by now).
@@ -215,7 +215,7 @@ where
             if used.saturating_add(incoming) > self.max_run_bytes {
                 return Err(over_quota(caller.run_id(), used, incoming, self.max_run_bytes));
             }
-            check_offer_steps(&log.ledger, &bodies)?;
+            check_entry_steps(&log.ledger, &bodies)?;
             recorder.stage_chained(entries).map_err(|e| bad(e.to_string()))?;
             return Ok(bodies);
         }
@@ -1563,7 +1563,7 @@ fn with_head(mut response: axum::response::Response, head: Option<(u64, Hash)>) 
 /// latest model turn on record), so what an answered turn was shown can never be rewritten
 /// after it. A critic's verdict judges a turn on record (replay counts a run's steps by its
 /// verdicts, so a made-up step would weigh how far a candidate diverges).
-fn check_offer_steps(ledger: &crate::gateway::run_log::Ledger, bodies: &[EntryBody]) -> Result<(), Refusal> {
+fn check_entry_steps(ledger: &crate::gateway::run_log::Ledger, bodies: &[EntryBody]) -> Result<(), Refusal> {
     let next = ledger.steps.saturating_add(1);
     for body in bodies {
         match body {

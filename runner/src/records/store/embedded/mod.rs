@@ -251,10 +251,21 @@ impl EmbeddedStore {
         }
         apply(&txn, &puts)?;
         drop(phase);
-        // Frame first: if it cannot be written, the transaction is dropped (aborted) unseen.
+        Self::commit_after_frame(db, &mut writer, txn, &puts)
+    }
+
+    /// Appends `puts` (already written in `txn`) to the log as one frame and then commits
+    /// `txn`, folding the log if it is due; returns the log position that makes them durable.
+    /// Frame first: one that cannot be written leaves the transaction aborted, unseen.
+    fn commit_after_frame(
+        db: &Database,
+        writer: &mut wal::Writer<'_>,
+        txn: WriteTransaction,
+        puts: &[Put],
+    ) -> Result<u64> {
         let position = {
             let _phase = tracing::debug_span!("store.log_frame").entered();
-            writer.append(&puts).map_err(backend)?
+            writer.append(puts).map_err(backend)?
         };
         let committed = {
             let _phase = tracing::debug_span!("store.redb_commit").entered();
@@ -264,7 +275,7 @@ impl EmbeddedStore {
             writer.poison("a transaction whose log frame was written did not commit");
             return Err(backend(e));
         }
-        Self::fold_if_due(db, &mut writer)?;
+        Self::fold_if_due(db, writer)?;
         Ok(position)
     }
 
@@ -355,13 +366,7 @@ impl EmbeddedStore {
         if puts.is_empty() {
             return Ok((applied, wal.written()));
         }
-        // Frame first: if it cannot be written, the transaction is dropped (aborted) unseen.
-        let position = writer.append(&puts).map_err(backend)?;
-        if let Err(e) = txn.commit() {
-            writer.poison("a transaction whose log frame was written did not commit");
-            return Err(backend(e));
-        }
-        Self::fold_if_due(db, &mut writer)?;
+        let position = Self::commit_after_frame(db, &mut writer, txn, &puts)?;
         Ok((applied, position))
     }
 
@@ -794,17 +799,10 @@ impl MemoryBackend for EmbeddedStore {
                     memory.insert(key.as_slice(), value.as_slice()).map_err(backend)?;
                     logged.push(Put::Memory { key, value });
                 }
-                // Frame first: if it cannot be written, the transaction is dropped (aborted)
-                // unseen.
-                let position = writer.append(&logged).map_err(backend)?;
-                (answer, position)
+                (answer, logged)
             };
-            let (answer, position) = answer;
-            if let Err(e) = txn.commit() {
-                writer.poison("a transaction whose log frame was written did not commit");
-                return Err(backend(e));
-            }
-            Self::fold_if_due(db, &mut writer)?;
+            let (answer, logged) = answer;
+            let position = Self::commit_after_frame(db, &mut writer, txn, &logged)?;
             drop(writer);
             if durability == Durability::Now {
                 wal.sync_to(position).map_err(backend)?;

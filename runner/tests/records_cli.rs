@@ -212,3 +212,73 @@ async fn write_fresh_and_check_wrong_key(other_key: &str) {
         "{out}"
     );
 }
+
+/// The embedded store's blobs table, opened directly to simulate tampering on disk.
+const BLOBS: TableDefinition<(&str, &[u8; 32]), &[u8]> = TableDefinition::new("blobs");
+
+/// The bundle a run recorded is what a replay re-runs it under: altering it on disk fails
+/// verification, and reading it returns an error, never the altered bytes.
+#[tokio::test]
+async fn an_altered_run_bundle_fails_verification_and_is_not_read() {
+    use contextos_runner::records::RecordStore as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tenant = TenantId::new("shop").expect("tenant");
+    let bundle = {
+        let key = KeyPair::load_or_create(&dir.path().join("keys/signing.key")).expect("key");
+        let store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("store");
+        let bundle = store
+            .put_blob(
+                &tenant,
+                br#"{"policies":[{"name":"oncall-guardrails"}]}"#.to_vec(),
+            )
+            .await
+            .expect("bundle");
+        let start = RunStart {
+            run_id: "run-bundled".into(),
+            session_id: "checkout-5xx".into(),
+            agent: "oncall-assistant".into(),
+            run_context: json!({"tenant_id": "shop"}),
+            pinned: PinnedDigests::default(),
+            bundle: Some(bundle),
+        };
+        let mut rec = Recorder::start(&store, tenant.clone(), key, start)
+            .await
+            .expect("start");
+        rec.stage(EntryBody::Completed {
+            output: "{}".into(),
+            validators: Vec::new(),
+        });
+        rec.flush().await.expect("flush");
+        bundle
+    };
+    let (ok, out, _) = contextos(dir.path(), &["records", "verify", "--all"]);
+    assert!(ok, "an intact run verifies: {out}");
+    // Opened again, the store folds its log into the database: what is altered below stays.
+    drop(EmbeddedStore::open(&dir.path().join("records.redb")).expect("store"));
+    {
+        let db = redb::Database::create(dir.path().join("records.redb")).expect("open raw");
+        let txn = db.begin_write().expect("write");
+        {
+            let mut blobs = txn.open_table(BLOBS).expect("table");
+            blobs
+                .insert(("shop", &bundle.0), br#"{"policies":[]}"#.as_slice())
+                .expect("put");
+        }
+        txn.commit().expect("commit");
+    }
+    let (ok, out, _) = contextos(dir.path(), &["records", "verify", "--all"]);
+    assert!(!ok, "verification must fail: {out}");
+    assert!(
+        out.contains(&format!(
+            "blob {} referenced by entry 0 was altered",
+            bundle.to_hex()
+        )),
+        "{out}"
+    );
+    let store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("store");
+    let read = store.get_blob(&tenant, &bundle).await;
+    assert!(
+        matches!(read, Err(contextos_runner::records::StoreError::Corrupt { .. })),
+        "{read:?}"
+    );
+}

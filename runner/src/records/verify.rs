@@ -1,6 +1,7 @@
 //! Verification of a stored chain: every entry's bytes match its hash, every entry links to the
 //! one before it, the signed head points at the last entry and carries a valid signature, and
-//! every blob an entry references is present and intact. The first problem found is reported
+//! every blob an entry references (an offloaded entry's, the run's bundle) is present and
+//! intact. The first problem found is reported
 //! with the entry it concerns.
 
 use serde::Deserialize;
@@ -125,13 +126,20 @@ pub fn verify_entries(
                 prev_seq: expected.saturating_sub(1),
             });
         }
-        if entry.bytes.windows(14).any(|w| w == br#""type":"blob""#) {
+        // Only the entries that can name a blob are decoded whole: an offloaded entry, and the
+        // run's start (the bundle a replay re-runs the run under).
+        let names = |marker: &[u8]| entry.bytes.windows(marker.len()).any(|w| w == marker);
+        if names(br#""type":"blob""#) || names(br#""type":"run_started""#) {
             let full = RecordEntry::decode(&entry.bytes).map_err(|e| VerifyError::Unreadable {
                 seq: entry.seq,
                 problem: e.to_string(),
             })?;
-            if let EntryBody::Blob { blob, .. } = full.body {
-                blobs.push((entry.seq, blob));
+            match full.body {
+                EntryBody::Blob { blob, .. } => blobs.push((entry.seq, blob)),
+                EntryBody::RunStarted {
+                    bundle: Some(bundle), ..
+                } => blobs.push((entry.seq, bundle)),
+                _ => {}
             }
         }
         prev = Some(entry.hash);
@@ -182,20 +190,28 @@ pub async fn verify_run<S: RecordStore>(
     let entries = store.read_chain(tenant, run_id, 0).await?;
     let verified = verify_entries(tenant, run_id, &entries, &head, key)?;
     for (seq, hash) in &verified.blobs {
-        match store.get_blob(tenant, hash).await? {
-            None => {
+        match store.get_blob(tenant, hash).await {
+            Ok(None) => {
                 return Err(VerifyError::MissingBlob {
                     seq: *seq,
                     hash: hash.to_hex(),
                 });
             }
-            Some(bytes) if Hash::of(&bytes) != *hash => {
+            Ok(Some(bytes)) if Hash::of(&bytes) != *hash => {
                 return Err(VerifyError::BlobMismatch {
                     seq: *seq,
                     hash: hash.to_hex(),
                 });
             }
-            Some(_) => {}
+            Ok(Some(_)) => {}
+            // The store refuses to return altered bytes.
+            Err(StoreError::Corrupt { .. }) => {
+                return Err(VerifyError::BlobMismatch {
+                    seq: *seq,
+                    hash: hash.to_hex(),
+                });
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(verified)

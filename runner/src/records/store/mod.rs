@@ -112,6 +112,18 @@ pub fn validate_id(what: &'static str, id: &str) -> Result<(), StoreError> {
     }
 }
 
+/// `bytes` read under blob `hash`, if they are that blob.
+pub(crate) fn intact_blob(hash: &Hash, bytes: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    if Hash::of(&bytes) == *hash {
+        Ok(bytes)
+    } else {
+        Err(StoreError::Corrupt {
+            key: format!("blob {hash}"),
+            problem: "the stored bytes have another hash: they were altered".into(),
+        })
+    }
+}
+
 /// The newest entry of a chain and the signature over it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedHead {
@@ -280,7 +292,9 @@ pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
     /// Stores `bytes` under their SHA-256 (idempotent) and returns the hash.
     fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> impl Future<Output = Result<Hash>> + Send;
 
-    /// The blob with this hash, if present.
+    /// The blob with this hash, if present; bytes stored under it that have another hash are
+    /// [`StoreError::Corrupt`], never returned (a write that bypassed the gateway could have
+    /// put them there).
     fn get_blob(
         &self,
         tenant: &TenantId,

@@ -349,7 +349,11 @@ impl RecordStore for TikvStore {
     }
 
     async fn get_blob(&self, tenant: &TenantId, hash: &Hash) -> Result<Option<Vec<u8>>> {
-        crate::gateway::fair::away(async move { self.get(keys::blob(tenant.as_str(), hash)).await }).await
+        crate::gateway::fair::away(async move {
+            let bytes = self.get(keys::blob(tenant.as_str(), hash)).await?;
+            bytes.map(|bytes| super::intact_blob(hash, bytes)).transpose()
+        })
+        .await
     }
 
     async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {

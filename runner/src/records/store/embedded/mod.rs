@@ -572,10 +572,11 @@ impl RecordStore for EmbeddedStore {
         self.blocking(move |db, _| {
             let txn = db.begin_read().map_err(backend)?;
             let blobs = txn.open_table(BLOBS).map_err(backend)?;
-            Ok(blobs
+            let bytes = blobs
                 .get((tenant.as_str(), &hash.0))
                 .map_err(backend)?
-                .map(|v| v.value().to_vec()))
+                .map(|v| v.value().to_vec());
+            bytes.map(|bytes| super::intact_blob(&hash, bytes)).transpose()
         })
         .await
     }

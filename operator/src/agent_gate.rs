@@ -135,10 +135,12 @@ fn changed_beyond_gated_members(
     // The Ontology has no gate of its own: a change to what it finds is replayed by the
     // Agent's (a reworded description finds nothing new). A skill's suite is no replay of this
     // Agent's sessions: a new revision of one (its tools, or only its prompt fragments) is
-    // replayed by the Agent's gate.
+    // replayed by the Agent's gate, and so is an edit to a model's script.
     if spec_digest(&promoted.agent_spec) != spec_digest(&candidate.agent_spec)
         || what_it_finds(promoted.ontology.as_ref()) != what_it_finds(candidate.ontology.as_ref())
         || promoted.skills != candidate.skills
+        || promoted.model_script != candidate.model_script
+        || promoted.routed_scripts != candidate.routed_scripts
     {
         return true;
     }
@@ -146,7 +148,7 @@ fn changed_beyond_gated_members(
         std::iter::once((
             GatedKind::ContextPack,
             c.context_pack.name.clone(),
-            spec_digest(&c.context_pack.spec),
+            c.context_pack.digest(),
         ))
         .chain(
             c.policies
@@ -408,13 +410,13 @@ mod tests {
     }
 
     fn composition(policies: Vec<NamedPolicy>) -> Composition {
-        let pack = NamedPack {
-            name: "ops".into(),
-            spec: serde_json::from_value::<ContextPackSpec>(
+        let pack = NamedPack::new(
+            "ops",
+            serde_json::from_value::<ContextPackSpec>(
                 serde_json::json!({"instructions": "help", "tokenBudget": 1000}),
             )
             .expect("pack"),
-        };
+        );
         Composition::new(&agent_spec(), pack, policies)
     }
 
@@ -593,6 +595,37 @@ mod tests {
         ));
     }
 
+    /// A model script has no gate of its own: an edit to its ConfigMap is replayed by the
+    /// Agent's gate even when every member was replayed by its own.
+    #[test]
+    fn a_model_script_edit_is_replayed_under_the_agents_gate() {
+        let g = gate(0);
+        let gates = guardrails_gate(0);
+        let mut before = composition(vec![policy("guardrails", "deny")]);
+        before.model_script = Some("{\"turns\": []}".into());
+        let d = spec_digest(&before.policies[0].spec);
+        let members = [member("guardrails", &d, Some(&g), PromotedBy::Replay, None)];
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &before.clone(), &members),
+            Need::Direct(..)
+        ));
+        let mut edited = before.clone();
+        edited.model_script = Some("{\"turns\": [{\"content\": \"delete it all\"}]}".into());
+        assert_ne!(edited.digest(), before.digest());
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &edited, &members),
+            Need::Replay(_)
+        ));
+        let mut routed = before.clone();
+        routed
+            .routed_scripts
+            .insert("cheap".into(), "{\"turns\": []}".into());
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &routed, &members),
+            Need::Replay(_)
+        ));
+    }
+
     /// The Ontology has no gate of its own: removing the id pattern a deny rule depends on is a
     /// change the Agent's gate replays, even when every policy was replayed by its own.
     #[test]
@@ -651,8 +684,8 @@ mod tests {
         let before = composition(vec![policy("guardrails", "deny")]);
         let mut after = before.clone();
         after.context_pack.spec.instructions = "Act fast; diagnose later.".into();
-        let old = spec_digest(&before.context_pack.spec);
-        let new = spec_digest(&after.context_pack.spec);
+        let old = before.context_pack.digest();
+        let new = after.context_pack.digest();
         let pack = |promotion| Member {
             kind: GatedKind::ContextPack,
             name: "ops",

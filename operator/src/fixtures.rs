@@ -35,10 +35,10 @@ pub fn run_bundle(session: &Session) -> RunBundle {
         .join("../examples/quickstart")])
         .and_then(|set| set.agent_with_skills("oncall-assistant"))
         .expect("the quickstart agent with its skills"),
-        context_pack: NamedPack {
-            name: "sre-runbooks".into(),
-            spec: spec_of(include_str!("../../examples/quickstart/contextpack.yaml")),
-        },
+        context_pack: NamedPack::new(
+            "sre-runbooks",
+            spec_of(include_str!("../../examples/quickstart/contextpack.yaml")),
+        ),
         sources: Default::default(),
         policies: Vec::new(),
         sandbox_profile_digest: None,

@@ -199,7 +199,8 @@ pub async fn run(
         .for_each(|_| async {});
 
     let agents = lean_controller(Api::<Agent>::all(client.clone()), watch());
-    let (by_pack, by_policy, by_profile, by_ontology, by_price, by_skill) = (
+    let (by_pack, by_policy, by_profile, by_ontology, by_price, by_skill, by_script) = (
+        agents.store(),
         agents.store(),
         agents.store(),
         agents.store(),
@@ -232,6 +233,24 @@ pub async fn run(
             move |p: SandboxProfile| {
                 referring_agents(&by_profile, &p, |a| {
                     a.spec.sandbox_profile_ref.name == p.name_any()
+                })
+            },
+        )
+        // A model script is part of the composition: its ConfigMap's change is a candidate.
+        .watches(
+            Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
+            watch(),
+            move |cm: PartialObjectMeta<ConfigMap>| {
+                let name = cm.name_any();
+                referring_agents(&by_script, &cm, |a| {
+                    std::iter::once(&a.spec.model)
+                        .chain(
+                            a.spec
+                                .routing
+                                .iter()
+                                .flat_map(|r| r.models.iter().map(|m| &m.model)),
+                        )
+                        .any(|m| m.script_ref.as_ref().is_some_and(|r| r.name == name))
                 })
             },
         )

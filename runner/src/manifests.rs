@@ -205,12 +205,7 @@ impl ManifestSet {
         self.objects
             .iter()
             .filter(|m| m.kind == "ContextPack")
-            .map(|m| {
-                Ok(NamedPack {
-                    name: m.name.clone(),
-                    spec: m.spec()?,
-                })
-            })
+            .map(|m| Ok(NamedPack::new(m.name.clone(), m.spec()?)))
             .collect()
     }
 
@@ -268,11 +263,11 @@ impl ManifestSet {
         if let Some(problem) = crate::memory::desk::source_problem(&pack_spec) {
             return Err(pack.error("spec.sources", problem));
         }
-        let mut sources = BTreeMap::new();
+        let mut contents = BTreeMap::new();
         for (i, source) in pack_spec.sources.iter().enumerate() {
             if let Some(key) = &source.config_map_ref {
                 let field = format!("spec.sources[{i}].configMapRef");
-                sources.insert(source.name.clone(), self.config_map_key(pack, &field, key)?);
+                contents.insert(source.name.clone(), self.config_map_key(pack, &field, key)?);
             }
         }
         let mut policies = Vec::new();
@@ -360,8 +355,9 @@ impl ManifestSet {
             context_pack: NamedPack {
                 name: pack.name.clone(),
                 spec: pack_spec,
+                contents,
             },
-            sources,
+            sources: BTreeMap::new(),
             policies,
             sandbox_profile_digest: Some(spec_digest(&sandbox_spec)),
             model_script,
@@ -570,7 +566,7 @@ mod tests {
         assert_eq!(bundle.session, "checkout-5xx");
         assert_eq!(bundle.agent, "oncall-assistant");
         assert_eq!(bundle.policies.len(), 1);
-        assert!(bundle.sources["checkout-runbook"].contains("elevated 5xx"));
+        assert!(bundle.pack_contents()["checkout-runbook"].contains("elevated 5xx"));
         assert!(
             bundle
                 .model_script

@@ -5,7 +5,7 @@
 //! References can only name objects in the Agent's own namespace (they carry no namespace), so
 //! one tenant can never point at another's objects.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use contextos_crds::{
     Agent, AgentSpec, ContextPack, Ontology, Policy, PriceList, SandboxProfile, Skill,
@@ -16,13 +16,14 @@ use contextos_crds::{
 use contextos_runner::{
     gateway::{CatalogTool, adapters::adapter_problem, bundle::NamedPolicy},
     run::{
-        bundle::{Composition, NamedPack, spec_digest},
+        bundle::{Composition, PackRevision, spec_digest},
         execution::execution_refused,
         gate::GatedKind,
         validate,
     },
     skills::{NamedSkill, SkillCandidate, SkillUse, ToolCeiling},
 };
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{Api, ResourceExt as _, runtime::controller::Action};
 
 use super::{
@@ -79,7 +80,7 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
             Ok(candidate) => {
                 let members = members(&resolved);
                 digests = (
-                    Some(spec_digest(&candidate.context_pack.spec)),
+                    Some(candidate.context_pack.digest()),
                     candidate.policies.iter().map(|p| spec_digest(&p.spec)).collect(),
                 );
                 let promoted =
@@ -243,7 +244,7 @@ async fn composition(
     };
     let pack_name = resolved.pack.name_any();
     let pack_revisions = resolved.pack.status.as_ref().and_then(|s| s.revisions.as_ref());
-    let Some(pack) = revisions::promoted_spec(ctx, namespace, pack_revisions).await? else {
+    let Some(pack) = revisions::promoted_spec::<PackRevision>(ctx, namespace, pack_revisions).await? else {
         return Ok(Err(not_promoted(
             "spec.contextPackRef.name",
             "ContextPack",
@@ -257,7 +258,8 @@ async fn composition(
         .as_ref()
         .and_then(|o| contextos_runner::ontology::Ontology::compile(&o.spec).ok())
         .unwrap_or_default();
-    if let Some(problem) = ontology.sources_problem(&pack) {
+    let pack = pack.named(pack_name.clone());
+    if let Some(problem) = ontology.sources_problem(&pack.spec) {
         return Ok(Err(Invalid::new(
             reason::INVALID_SPEC,
             format!("spec.contextPackRef.name: ContextPack {pack_name} (its promoted revision): {problem}"),
@@ -276,13 +278,13 @@ async fn composition(
         };
         policies.push(NamedPolicy { name, spec });
     }
-    if let Some(clash) = contextos_runner::skills::fragment_clash(&pack_name, &pack, &resolved.skills) {
+    if let Some(clash) = contextos_runner::skills::fragment_clash(&pack_name, &pack.spec, &resolved.skills) {
         return Ok(Err(Invalid::new(clash.reason, clash.to_string())));
     }
     // The skills' required fragments must fit the pack's budget with its required sources.
     if !resolved.skills.is_empty() {
-        let with_fragments = contextos_runner::skills::pack_with_fragments(&pack, &resolved.skills);
-        if let Some(problem) = revisions::pack_problem(ctx, namespace, &with_fragments).await? {
+        let with_fragments = contextos_runner::skills::pack_with_fragments(&pack.spec, &resolved.skills);
+        if let Some(problem) = revisions::revision_problem(&with_fragments, &pack.contents) {
             return Ok(Err(Invalid::new(
                 reason::SKILL_CONFLICT,
                 format!(
@@ -292,16 +294,64 @@ async fn composition(
             )));
         }
     }
-    Ok(Ok(Composition::new(
-        spec,
-        NamedPack {
-            name: pack_name,
-            spec: pack,
+    let (model_script, routed_scripts) = match model_scripts(ctx, namespace, spec).await? {
+        Ok(scripts) => scripts,
+        Err(invalid) => return Ok(Err(invalid)),
+    };
+    Ok(Ok(Composition::new(spec, pack, policies)
+        .with_ontology(resolved.ontology.as_ref().map(|o| o.spec.clone()))
+        .with_skills(resolved.skills.clone())
+        .with_scripts(model_script, routed_scripts)))
+}
+
+/// The scripts `spec`'s models name by `scriptRef` (its own, and each one `spec.routing`
+/// names, by routing name), read now from their ConfigMaps: a composition holds them, so an
+/// edit to one is a candidate for the Agent's gate, never what a new Session reads unpromoted.
+/// `Ok(Err(..))` names a script that is missing.
+async fn model_scripts(
+    ctx: &Context,
+    namespace: &str,
+    spec: &AgentSpec,
+) -> Result<Result<(Option<String>, BTreeMap<String, String>), Invalid>> {
+    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace);
+    let read = async |field: String,
+                      key: &contextos_crds::common::KeyRef|
+           -> Result<Result<String, Invalid>> {
+        let script = config_maps
+            .get_opt(&key.name)
+            .await?
+            .and_then(|cm| cm.data)
+            .and_then(|mut d| d.remove(&key.key));
+        Ok(script.ok_or_else(|| {
+            Invalid::new(
+                reason::REFERENCE_NOT_FOUND,
+                format!(
+                    "{field}: ConfigMap {} with key {} does not exist in namespace {namespace}; create it or fix the reference",
+                    key.name, key.key
+                ),
+            )
+        }))
+    };
+    let model_script = match &spec.model.script_ref {
+        Some(key) => match read("spec.model.scriptRef".into(), key).await? {
+            Ok(script) => Some(script),
+            Err(invalid) => return Ok(Err(invalid)),
         },
-        policies,
-    )
-    .with_ontology(resolved.ontology.as_ref().map(|o| o.spec.clone()))
-    .with_skills(resolved.skills.clone())))
+        None => None,
+    };
+    let mut routed = BTreeMap::new();
+    for (i, model) in spec.routing.iter().flat_map(|r| r.models.iter().enumerate()) {
+        let Some(key) = &model.model.script_ref else {
+            continue;
+        };
+        match read(format!("spec.routing.models[{i}].model.scriptRef"), key).await? {
+            Ok(script) => {
+                routed.insert(model.name.clone(), script);
+            }
+            Err(invalid) => return Ok(Err(invalid)),
+        }
+    }
+    Ok(Ok((model_script, routed)))
 }
 
 /// Fetches what the Agent references; `Ok(Err(..))` names the first reference that is missing

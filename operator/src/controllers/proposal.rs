@@ -294,20 +294,24 @@ async fn candidate(
                     Ok(p) => p,
                     Err(e) => return invalid(e.to_string()),
                 };
-            if let Some(problem) = revisions::pack_problem(ctx, namespace, &patched.spec).await? {
-                return Ok(Err(Invalid::new(
-                    problem.reason,
-                    format!("the patched ContextPack: {}", problem.message),
-                )));
-            }
+            // Its revision with what the pack's ConfigMap sources hold now: an edit to one
+            // later makes the pack another candidate than the one reviewed.
+            let revision = match revisions::resolve_pack(ctx, namespace, &patched.spec).await? {
+                Ok(revision) => revision,
+                Err(problem) => {
+                    return Ok(Err(Invalid::new(
+                        problem.reason,
+                        format!("the patched ContextPack: {}", problem.message),
+                    )));
+                }
+            };
             let value = serde_json::to_value(&patched.spec).map_err(build)?;
-            let digest = spec_digest(&patched.spec);
             Candidate {
-                spec: value.clone(),
-                spec_digest: digest.clone(),
+                spec_digest: spec_digest(&patched.spec),
+                spec: value,
                 changes: patched.changes,
-                replayed: value,
-                digest,
+                replayed: serde_json::to_value(&revision).map_err(build)?,
+                digest: revision.digest(),
                 kind: GatedKind::ContextPack,
                 replay: None,
             }

@@ -1,8 +1,9 @@
-//! ContextPack, Policy and SandboxProfile: each spec gets a digest; packs and policies get an
-//! immutable revision snapshot (a ControllerRevision) and, until replay-gated promotion lands,
-//! the new revision is promoted directly. A Policy whose CEL does not compile, or a pack whose
-//! ConfigMap source is missing or whose required sources do not fit its budget, is
-//! `Ready=False` with the field to fix.
+//! ContextPack, Policy and SandboxProfile: each revision gets a digest; packs and policies get
+//! an immutable revision snapshot (a ControllerRevision) once their promotion gate promotes
+//! them. A pack's revision is its spec and what its ConfigMap sources hold: editing one of
+//! those ConfigMaps makes a candidate like editing the spec. A Policy whose CEL does not
+//! compile, or a pack whose ConfigMap source is missing or whose required sources do not fit
+//! its budget, is `Ready=False` with the field to fix.
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,7 +16,10 @@ use contextos_crds::{
 use contextos_runner::{
     context::{self, ResolvedSource},
     policy::compile_policy,
-    run::{bundle::spec_digest, gate::GatedKind},
+    run::{
+        bundle::{PackRevision, spec_digest},
+        gate::GatedKind,
+    },
 };
 use k8s_openapi::{
     api::{
@@ -126,7 +130,16 @@ pub(super) async fn promoted_spec<T: serde::de::DeserializeOwned + serde::Serial
 pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile("ContextPack");
     let namespace = pack.namespace().unwrap_or_default();
-    let problem = pack_problem(&ctx, &namespace, &pack.spec).await?;
+    let (revision, problem) = match resolve_pack(&ctx, &namespace, &pack.spec).await? {
+        Ok(revision) => (revision, None),
+        Err(problem) => (
+            PackRevision {
+                spec: pack.spec.clone(),
+                source_contents: Default::default(),
+            },
+            Some(problem),
+        ),
+    };
     let gate = Gated {
         kind: GatedKind::ContextPack,
         promotion: pack.spec.promotion.as_ref(),
@@ -147,19 +160,26 @@ pub async fn reconcile_context_pack(pack: Arc<ContextPack>, ctx: Arc<Context>) -
         prices: Default::default(),
     };
     let api = Api::<ContextPack>::namespaced(ctx.client.clone(), &namespace);
-    finish(&ctx, &api, pack.as_ref(), &pack.spec, gate, problem).await
+    finish(&ctx, &api, pack.as_ref(), &revision, gate, problem).await
 }
 
-/// What is wrong with a ContextPack's spec in `namespace`: a ConfigMap source that is missing,
-/// a memory source that cannot be, required sources that do not fit the budget.
-pub(super) async fn pack_problem(
+/// At most this many bytes of ConfigMap contents in one pack revision: the revision is kept
+/// whole in its snapshot, in the Agents' compositions and in each Session's bundle, each of
+/// them one Kubernetes object (about 1 MiB at most).
+pub const MAX_SOURCE_CONTENTS: usize = 512 * 1024;
+
+/// The revision of a ContextPack's `spec` in `namespace`: the spec with what its ConfigMap
+/// sources hold now. `Ok(Err(..))` names what is wrong: a ConfigMap source that is missing,
+/// contents too large to be kept, a memory source that cannot be, required sources that do not
+/// fit the budget.
+pub(super) async fn resolve_pack(
     ctx: &Context,
     namespace: &str,
     spec: &ContextPackSpec,
-) -> Result<Option<Invalid>> {
+) -> Result<Result<PackRevision, Invalid>> {
     let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), namespace);
-    let mut resolved = Vec::new();
-    let mut problem = None;
+    let mut contents = std::collections::BTreeMap::new();
+    let mut total = 0usize;
     for (i, source) in spec.sources.iter().enumerate() {
         let Some(key) = &source.config_map_ref else {
             continue;
@@ -168,39 +188,59 @@ pub(super) async fn pack_problem(
             .get_opt(&key.name)
             .await?
             .and_then(|cm| cm.data.and_then(|d| d.get(&key.key).cloned()));
-        match content {
-            Some(content) => resolved.push(ResolvedSource {
-                name: source.name.clone(),
-                content,
-            }),
-            None => {
-                problem = Some(Invalid::new(
-                    reason::REFERENCE_NOT_FOUND,
-                    format!(
-                        "spec.sources[{i}].configMapRef: ConfigMap {} with key {} does not exist in namespace {namespace}; create it or fix the reference",
-                        key.name, key.key
-                    ),
-                ));
-                break;
-            }
+        let Some(content) = content else {
+            return Ok(Err(Invalid::new(
+                reason::REFERENCE_NOT_FOUND,
+                format!(
+                    "spec.sources[{i}].configMapRef: ConfigMap {} with key {} does not exist in namespace {namespace}; create it or fix the reference",
+                    key.name, key.key
+                ),
+            )));
+        };
+        total = total.saturating_add(content.len());
+        if total > MAX_SOURCE_CONTENTS {
+            return Ok(Err(Invalid::new(
+                reason::INVALID_SPEC,
+                format!(
+                    "spec.sources[{i}].configMapRef: with ConfigMap {} key {}, the pack's ConfigMap sources hold more than {} KiB; a pack revision keeps them whole, so split the pack or shorten the sources",
+                    key.name,
+                    key.key,
+                    MAX_SOURCE_CONTENTS / 1024
+                ),
+            )));
         }
+        contents.insert(source.name.clone(), content);
     }
-    if problem.is_none() {
-        problem = contextos_runner::memory::desk::source_problem(spec)
-            .map(|why| Invalid::new(reason::INVALID_SPEC, why));
-    }
-    if problem.is_none() {
-        problem = fits(spec, &resolved);
-    }
-    Ok(problem)
+    Ok(match revision_problem(spec, &contents) {
+        Some(problem) => Err(problem),
+        None => Ok(PackRevision {
+            spec: spec.clone(),
+            source_contents: contents,
+        }),
+    })
 }
 
-/// Required sources must fit the budget with the instructions (an empty request stands in).
-fn fits(spec: &ContextPackSpec, resolved: &[ResolvedSource]) -> Option<Invalid> {
-    if context::certainly_fits(spec, resolved) {
+/// What is wrong with a pack `spec` whose ConfigMap sources hold `contents` (pure): a memory
+/// source that cannot be, required sources that do not fit the budget with the instructions
+/// (an empty request stands in).
+pub(super) fn revision_problem(
+    spec: &ContextPackSpec,
+    contents: &std::collections::BTreeMap<String, String>,
+) -> Option<Invalid> {
+    if let Some(why) = contextos_runner::memory::desk::source_problem(spec) {
+        return Some(Invalid::new(reason::INVALID_SPEC, why));
+    }
+    let resolved: Vec<ResolvedSource> = contents
+        .iter()
+        .map(|(name, content)| ResolvedSource {
+            name: name.clone(),
+            content: content.clone(),
+        })
+        .collect();
+    if context::certainly_fits(spec, &resolved) {
         return None;
     }
-    context::compile(spec, resolved, "", &[])
+    context::compile(spec, &resolved, "", &[])
         .err()
         .map(|e| Invalid::new(reason::INVALID_SPEC, e.to_string()))
 }

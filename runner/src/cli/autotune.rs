@@ -58,10 +58,10 @@ pub async fn run(global: &GlobalArgs, args: AutotuneArgs) -> anyhow::Result<Exit
         .get(&args.agent)
         .with_context(|| format!("Agent {} is not among the objects read", args.agent))?;
     let pack_name = &spec.context_pack_ref.name;
-    let pack = specs.packs.get(pack_name).map(|spec| NamedPack {
-        name: pack_name.clone(),
-        spec: spec.clone(),
-    });
+    let pack = specs
+        .packs
+        .get(pack_name)
+        .map(|spec| NamedPack::new(pack_name.clone(), spec.clone()));
     if args.source.is_some() && args.knob != Knob::SourceMaxTokens {
         anyhow::bail!(
             "--source names the source of --knob source-max-tokens; the knob is {:?}",

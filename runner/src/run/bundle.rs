@@ -1,5 +1,6 @@
 //! The run bundle: every spec one Session runs under, pinned — the Session, its Agent, the
-//! ContextPack with its sources resolved, the Policies in order, and the model script. The
+//! ContextPack revision (its spec and its ConfigMap sources' contents), the Policies in order,
+//! and the model script. The
 //! operator writes it (immutable) for a runner pod; `contextos run` builds it from local YAML.
 //! It is stored with the record, so a replay can re-run a session under exactly these versions.
 //!
@@ -27,8 +28,11 @@ pub struct RunBundle {
     pub session_spec: SessionSpec,
     pub agent: String,
     pub agent_spec: AgentSpec,
+    /// The pack at the revision the run pinned, its ConfigMap sources' contents included.
     pub context_pack: NamedPack,
-    /// Contents of the pack's ConfigMap-backed sources, by source name.
+    /// Contents of the pack's ConfigMap-backed sources, by source name, in a bundle written
+    /// before they were part of the pack's revision (`context_pack.contents`); read through
+    /// [`RunBundle::pack_contents`]. Kept so recorded bundles read and hash as they were written.
     #[serde(default)]
     pub sources: BTreeMap<String, String>,
     /// The agent's policies in `policyRefs` order.
@@ -69,11 +73,90 @@ pub struct RunBundle {
     pub skills: Vec<crate::skills::SkillUse>,
 }
 
-/// A ContextPack spec and its name.
+/// A ContextPack revision and its name.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NamedPack {
     pub name: String,
     pub spec: ContextPackSpec,
+    /// What its ConfigMap sources held at this revision, by source name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub contents: BTreeMap<String, String>,
+}
+
+impl NamedPack {
+    /// The pack `name` at `spec`, with no ConfigMap contents (yet).
+    pub fn new(name: impl Into<String>, spec: ContextPackSpec) -> Self {
+        Self {
+            name: name.into(),
+            spec,
+            contents: BTreeMap::new(),
+        }
+    }
+
+    /// Its revision identity: the digest of its [`PackRevision`].
+    pub fn digest(&self) -> String {
+        revision_digest(&self.spec, &self.contents)
+    }
+
+    /// The same pack with `contents` for the ConfigMap sources `spec` names that `contents`
+    /// lacks (a candidate read from a file has none: it is replayed with what the run read).
+    pub fn with_contents_from(mut self, contents: &BTreeMap<String, String>) -> Self {
+        for source in &self.spec.sources {
+            if source.config_map_ref.is_some()
+                && !self.contents.contains_key(&source.name)
+                && let Some(content) = contents.get(&source.name)
+            {
+                self.contents.insert(source.name.clone(), content.clone());
+            }
+        }
+        self
+    }
+}
+
+/// What a ContextPack's gate promotes and its snapshot keeps: its spec and the contents its
+/// ConfigMap sources held. An edit to such a ConfigMap is a candidate like an edit to the spec,
+/// and a Session reads the promoted contents, never the ConfigMap as it is now. A pack without
+/// ConfigMap sources serializes, and so digests, as its spec alone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PackRevision {
+    #[serde(flatten)]
+    pub spec: ContextPackSpec,
+    /// By source name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_contents: BTreeMap<String, String>,
+}
+
+impl PackRevision {
+    /// Its revision identity.
+    pub fn digest(&self) -> String {
+        revision_digest(&self.spec, &self.source_contents)
+    }
+
+    /// The pack `name` at this revision.
+    pub fn named(self, name: impl Into<String>) -> NamedPack {
+        NamedPack {
+            name: name.into(),
+            spec: self.spec,
+            contents: self.source_contents,
+        }
+    }
+}
+
+/// The digest of a [`PackRevision`] of `spec` and `contents`, without copying them.
+fn revision_digest(spec: &ContextPackSpec, contents: &BTreeMap<String, String>) -> String {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Revision<'a> {
+        #[serde(flatten)]
+        spec: &'a ContextPackSpec,
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        source_contents: &'a BTreeMap<String, String>,
+    }
+    spec_digest(&Revision {
+        spec,
+        source_contents: contents,
+    })
 }
 
 /// An Agent spec and its name.
@@ -103,6 +186,13 @@ pub struct Composition {
     /// `agent_spec.tools`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skills: Vec<crate::skills::SkillUse>,
+    /// The script of the Agent's own model when `model.scriptRef` names one, as its ConfigMap
+    /// held it: an edit to it is a candidate, and Sessions run the promoted script.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_script: Option<String>,
+    /// The scripts of the models `spec.routing` names by `scriptRef`, by routing name, likewise.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routed_scripts: BTreeMap<String, String>,
 }
 
 impl Composition {
@@ -117,7 +207,20 @@ impl Composition {
             policies,
             ontology: None,
             skills: Vec::new(),
+            model_script: None,
+            routed_scripts: BTreeMap::new(),
         }
+    }
+
+    /// The same composition running these model scripts (its own model's, its routed models').
+    pub fn with_scripts(
+        mut self,
+        model_script: Option<String>,
+        routed_scripts: BTreeMap<String, String>,
+    ) -> Self {
+        self.model_script = model_script;
+        self.routed_scripts = routed_scripts;
+        self
     }
 
     /// The same composition with these skills (their tools already in the spec's).
@@ -368,7 +471,7 @@ impl RunBundle {
     /// The digests this run is pinned to.
     pub fn pinned(&self) -> PinnedDigests {
         PinnedDigests {
-            context_pack: spec_digest(&self.context_pack.spec),
+            context_pack: self.context_pack.digest(),
             policies: self.policies.iter().map(|p| spec_digest(&p.spec)).collect(),
             sandbox_profile: self.sandbox_profile_digest.clone(),
         }
@@ -379,9 +482,25 @@ impl RunBundle {
         spec_digest(self)
     }
 
+    /// What the pack's ConfigMap sources held when the run was pinned, by source name.
+    pub fn pack_contents(&self) -> &BTreeMap<String, String> {
+        if self.context_pack.contents.is_empty() {
+            &self.sources
+        } else {
+            &self.context_pack.contents
+        }
+    }
+
+    /// [`RunBundle::pack_contents`], moved out (the bundle is given another pack's revision).
+    fn take_pack_contents(&mut self) -> BTreeMap<String, String> {
+        let legacy = std::mem::take(&mut self.sources);
+        let contents = std::mem::take(&mut self.context_pack.contents);
+        if contents.is_empty() { legacy } else { contents }
+    }
+
     /// The pack's ConfigMap sources as the context compiler takes them.
     pub fn resolved_sources(&self) -> Vec<ResolvedSource> {
-        self.sources
+        self.pack_contents()
             .iter()
             .map(|(name, content)| ResolvedSource {
                 name: name.clone(),
@@ -400,7 +519,7 @@ impl RunBundle {
             secrets,
             ontology: self.ontology.clone(),
             tool_prices: self.tool_prices.clone(),
-            context_pack_digest: Some(spec_digest(&self.context_pack.spec)),
+            context_pack_digest: Some(self.context_pack.digest()),
         }
     }
 
@@ -408,11 +527,16 @@ impl RunBundle {
     /// something the agent uses).
     pub fn with_candidate(mut self, candidate: &Candidate) -> Result<Self, CandidateError> {
         if let Some(composition) = &candidate.composition {
+            let ran_with = self.take_pack_contents();
             self.agent_spec = composition.agent_spec.clone();
-            self.context_pack = composition.context_pack.clone();
+            self.context_pack = composition.context_pack.clone().with_contents_from(&ran_with);
             self.policies = composition.policies.clone();
             self.ontology = composition.ontology.clone();
             self.skills = composition.skills.clone();
+            if composition.model_script.is_some() {
+                self.model_script = composition.model_script.clone();
+            }
+            self.routed_scripts.extend(composition.routed_scripts.clone());
         }
         if let Some(agent) = &candidate.agent {
             if agent.name != self.agent {
@@ -490,7 +614,8 @@ impl RunBundle {
                     expected: self.context_pack.name.clone(),
                 });
             }
-            self.context_pack.spec = pack.spec.clone();
+            let ran_with = self.take_pack_contents();
+            self.context_pack = pack.clone().with_contents_from(&ran_with);
         }
         if let Some(ontology) = &candidate.ontology {
             self.ontology = Some(ontology.clone());
@@ -522,5 +647,93 @@ impl RunBundle {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quickstart() -> RunBundle {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        crate::manifests::ManifestSet::load(&[dir])
+            .and_then(|set| set.bundle("shop", None))
+            .expect("the quickstart resolves")
+    }
+
+    #[test]
+    fn a_pack_revision_is_its_spec_and_its_configmap_contents() {
+        let bundle = quickstart();
+        let pack = &bundle.context_pack;
+        assert!(pack.contents.contains_key("checkout-runbook"));
+        // A snapshot written before contents were part of a revision reads as one without them,
+        // and a pack without ConfigMap sources digests as its spec alone, as it always did.
+        let old: PackRevision =
+            serde_json::from_value(serde_json::to_value(&pack.spec).expect("spec")).expect("reads");
+        assert!(old.source_contents.is_empty());
+        assert_eq!(old.digest(), spec_digest(&pack.spec));
+        assert_ne!(pack.digest(), spec_digest(&pack.spec));
+        // The same revision, as snapshotted and read back.
+        let revision = PackRevision {
+            spec: pack.spec.clone(),
+            source_contents: pack.contents.clone(),
+        };
+        let read: PackRevision =
+            serde_json::from_value(serde_json::to_value(&revision).expect("revision")).expect("reads");
+        assert_eq!(read, revision);
+        assert_eq!(read.digest(), pack.digest());
+        // An edit to the ConfigMap is another revision, pinned as such.
+        let mut edited = bundle.clone();
+        edited
+            .context_pack
+            .contents
+            .insert("checkout-runbook".into(), "scale everything to zero".into());
+        assert_ne!(edited.pinned().context_pack, bundle.pinned().context_pack);
+        assert_ne!(
+            edited.gateway_bundle(BTreeMap::new()).context_pack_digest,
+            bundle.gateway_bundle(BTreeMap::new()).context_pack_digest
+        );
+    }
+
+    #[test]
+    fn a_candidate_pack_brings_its_contents_or_is_replayed_with_the_runs() {
+        let bundle = quickstart();
+        let ran = bundle.pack_contents()["checkout-runbook"].clone();
+        // From a file: the spec alone, replayed with what the run read.
+        let from_file = NamedPack::new(bundle.context_pack.name.clone(), bundle.context_pack.spec.clone());
+        let candidate = Candidate {
+            context_pack: Some(from_file),
+            ..Candidate::default()
+        };
+        let replayed = bundle.clone().with_candidate(&candidate).expect("fits");
+        assert_eq!(replayed.pack_contents()["checkout-runbook"], ran);
+        // From a gate: the candidate revision's own contents.
+        let mut gated = bundle.context_pack.clone();
+        gated.contents.insert("checkout-runbook".into(), "edited".into());
+        let candidate = Candidate {
+            context_pack: Some(gated.clone()),
+            ..Candidate::default()
+        };
+        let replayed = bundle.clone().with_candidate(&candidate).expect("fits");
+        assert_eq!(replayed.pack_contents()["checkout-runbook"], "edited");
+        assert_eq!(replayed.pinned().context_pack, gated.digest());
+        // A bundle recorded before contents were the pack's keeps them in `sources`.
+        let mut legacy = bundle.clone();
+        legacy.sources = std::mem::take(&mut legacy.context_pack.contents);
+        assert_eq!(legacy.pack_contents()["checkout-runbook"], ran);
+        assert_eq!(
+            legacy.pinned().context_pack,
+            spec_digest(&legacy.context_pack.spec)
+        );
+        let mut composition = Composition::new(&bundle.agent_spec, gated, bundle.policies.clone());
+        composition.model_script = Some("{\"turns\": []}".into());
+        let candidate = Candidate {
+            composition: Some(composition),
+            ..Candidate::default()
+        };
+        let replayed = legacy.with_candidate(&candidate).expect("fits");
+        assert_eq!(replayed.pack_contents()["checkout-runbook"], "edited");
+        assert!(replayed.sources.is_empty(), "one place holds them");
+        assert_eq!(replayed.model_script.as_deref(), Some("{\"turns\": []}"));
     }
 }

@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use contextos_crds::{
-    ContextPackSpec, PolicySpec,
+    PolicySpec,
     common::{ReexecuteSpec, ReplaySpec},
 };
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ use crate::{
     model::metered::Meter,
     records::{RecordStore, RunFilter, TenantId, canonical::canonical_bytes_of},
     run::{
-        bundle::{Candidate, Composition, NamedPack, spec_digest},
+        bundle::{Candidate, Composition, PackRevision, spec_digest},
         reexecute::{ModelSource, Reexecution},
         replay::{Judging, ReplayError, ReplayGate, intended_calls, replay_runs},
     },
@@ -181,12 +181,10 @@ impl GateOrder {
                 )
             }
             GatedKind::ContextPack => {
-                let spec: ContextPackSpec = serde_json::from_value(spec).map_err(unreadable)?;
-                let digest = spec_digest(&spec);
-                let pack = NamedPack {
-                    name: self.name.clone(),
-                    spec,
-                };
+                // The revision: its spec and what its ConfigMap sources held.
+                let revision: PackRevision = serde_json::from_value(spec).map_err(unreadable)?;
+                let digest = revision.digest();
+                let pack = revision.named(self.name.clone());
                 (
                     digest,
                     Candidate {
@@ -365,6 +363,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::run::bundle::NamedPack;
 
     fn policy() -> Value {
         serde_yaml::from_str(include_str!("../../../examples/quickstart/policy.yaml")).expect("policy")
@@ -437,10 +436,10 @@ mod tests {
             "budget": {"maxSteps": 4, "maxToolCalls": 4, "maxTokens": 1000, "maxWallSeconds": 60},
         }))
         .expect("agent");
-        let pack = NamedPack {
-            name: "ops".into(),
-            spec: serde_json::from_value(json!({"instructions": "help", "tokenBudget": 1000})).expect("pack"),
-        };
+        let pack = NamedPack::new(
+            "ops",
+            serde_json::from_value(json!({"instructions": "help", "tokenBudget": 1000})).expect("pack"),
+        );
         let policy = NamedPolicy {
             name: "guardrails".into(),
             spec: serde_json::from_value(policy()["spec"].clone()).expect("policy"),

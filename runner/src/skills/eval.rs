@@ -272,10 +272,7 @@ fn scenario_bundle(
         session_spec,
         agent: format!("skill-{skill}"),
         agent_spec,
-        context_pack: NamedPack {
-            name: format!("skill-{skill}"),
-            spec: pack_with_fragments(&pack, &uses),
-        },
+        context_pack: NamedPack::new(format!("skill-{skill}"), pack_with_fragments(&pack, &uses)),
         sources: BTreeMap::new(),
         policies: candidate.policies.clone(),
         sandbox_profile_digest: None,

@@ -631,8 +631,8 @@ fn owned_by(
         .any(|o| o.kind == "Session" && Some(o.uid.as_str()) == uid)
 }
 
-/// The run bundle of the Agent's promoted composition, with its pack's sources and the model
-/// script read now.
+/// The run bundle of the Agent's promoted composition: its pack's ConfigMap contents and its
+/// model scripts are the composition's, as promoted, never read from the ConfigMaps now.
 async fn resolve_bundle(
     ctx: &Context,
     session: &Session,
@@ -641,67 +641,29 @@ async fn resolve_bundle(
     sandbox: &SandboxProfile,
 ) -> Result<Result<RunBundle, Invalid>> {
     let namespace = session.namespace().unwrap_or_default();
-    let config_maps = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace);
+    if let Some(missing) = unpinned_content(&composition) {
+        return Ok(Err(Invalid::new(
+            reason::REFERENCE_NOT_READY,
+            format!(
+                "spec.agentRef.name: the promoted revision of Agent {} does not hold {missing}: it was promoted by an operator that read it when a Session started; a Session starts once the Agent's revision with it is promoted (see its Promoted condition)",
+                session.spec.agent_ref.name
+            ),
+        )));
+    }
     let Composition {
         agent_spec,
         context_pack,
         policies,
         ontology,
         skills,
+        model_script,
+        routed_scripts,
     } = composition;
-    let mut sources = BTreeMap::new();
-    for source in &context_pack.spec.sources {
-        if let Some(key) = &source.config_map_ref {
-            match config_map_key(&config_maps, &key.name, &key.key).await? {
-                Some(content) => {
-                    sources.insert(source.name.clone(), content);
-                }
-                None => {
-                    return Ok(Err(Invalid::new(
-                        reason::REFERENCE_NOT_READY,
-                        format!(
-                            "ContextPack {}: ConfigMap {} has no key {}",
-                            context_pack.name, key.name, key.key
-                        ),
-                    )));
-                }
-            }
-        }
-    }
-    let model_script = match &agent_spec.model.script_ref {
-        Some(key) => config_map_key(&config_maps, &key.name, &key.key).await?,
-        None => None,
-    };
     // Pinned now: the run, its resume and its replays cost what the model cost when it started.
     let prices = match super::agent::model_price(ctx, &agent_spec).await? {
         Ok(prices) => prices,
         Err(invalid) => return Ok(Err(invalid)),
     };
-    // The scripts of the scripted models routing names, as the Agent's own is read.
-    let mut routed_scripts = BTreeMap::new();
-    for (i, routed) in agent_spec
-        .routing
-        .iter()
-        .flat_map(|r| r.models.iter().enumerate())
-    {
-        let Some(key) = &routed.model.script_ref else {
-            continue;
-        };
-        match config_map_key(&config_maps, &key.name, &key.key).await? {
-            Some(script) => {
-                routed_scripts.insert(routed.name.clone(), script);
-            }
-            None => {
-                return Ok(Err(Invalid::new(
-                    reason::REFERENCE_NOT_READY,
-                    format!(
-                        "spec.routing.models[{i}].model.scriptRef: ConfigMap {} has no key {}",
-                        key.name, key.key
-                    ),
-                )));
-            }
-        }
-    }
     Ok(Ok(RunBundle {
         tenant: namespace,
         session: session.name_any(),
@@ -709,7 +671,7 @@ async fn resolve_bundle(
         agent: session.spec.agent_ref.name.clone(),
         agent_spec,
         context_pack,
-        sources,
+        sources: BTreeMap::new(),
         policies,
         sandbox_profile_digest: Some(spec_digest(&sandbox.spec)),
         model_script,
@@ -741,12 +703,30 @@ fn profile_refuses(tools: &[contextos_crds::agent::Tool], profile: &SandboxProfi
         .map(|problem| format!("the Agent's promoted revision: {problem}"))
 }
 
-async fn config_map_key(api: &Api<ConfigMap>, name: &str, key: &str) -> Result<Option<String>> {
-    Ok(api
-        .get_opt(name)
-        .await?
-        .and_then(|cm| cm.data)
-        .and_then(|d| d.get(key).cloned()))
+/// What a promoted `composition` names but does not hold (pure): a ConfigMap source's contents
+/// or a model script. Compositions promoted before they held them name them only.
+fn unpinned_content(composition: &Composition) -> Option<String> {
+    let pack = &composition.context_pack;
+    if let Some(source) = pack
+        .spec
+        .sources
+        .iter()
+        .find(|s| s.config_map_ref.is_some() && !pack.contents.contains_key(&s.name))
+    {
+        return Some(format!(
+            "the contents of ContextPack {}'s source {}",
+            pack.name, source.name
+        ));
+    }
+    let spec = &composition.agent_spec;
+    if spec.model.script_ref.is_some() && composition.model_script.is_none() {
+        return Some("its model's script (spec.model.scriptRef)".into());
+    }
+    spec.routing
+        .iter()
+        .flat_map(|r| r.models.iter())
+        .find(|m| m.model.script_ref.is_some() && !composition.routed_scripts.contains_key(&m.name))
+        .map(|m| format!("the script of routed model {}", m.name))
 }
 
 fn termination_report(pod: &Pod) -> Option<PodReport> {
@@ -915,6 +895,25 @@ mod tests {
             }]},
         }))
         .expect("pod")
+    }
+
+    /// A composition promoted before it held its pack's ConfigMap contents and its scripts
+    /// starts no Session: the ConfigMaps as they are now are never read in their place.
+    #[test]
+    fn a_composition_without_the_contents_it_names_is_not_run() {
+        let bundle = crate::fixtures::run_bundle(&crate::fixtures::session());
+        let mut composition = Composition::new(&bundle.agent_spec, bundle.context_pack.clone(), Vec::new());
+        let missing = unpinned_content(&composition).expect("the runbook's contents are missing");
+        assert!(missing.contains("source checkout-runbook"), "{missing}");
+        composition
+            .context_pack
+            .contents
+            .insert("checkout-runbook".into(), "# runbook".into());
+        // The quickstart's model is scripted.
+        assert!(composition.agent_spec.model.script_ref.is_some());
+        assert!(unpinned_content(&composition).is_some_and(|m| m.contains("spec.model.scriptRef")));
+        composition.model_script = Some("{}".into());
+        assert_eq!(unpinned_content(&composition), None);
     }
 
     #[test]

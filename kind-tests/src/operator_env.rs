@@ -260,6 +260,7 @@ pub fn runner_settings(gateway: &str) -> RunnerSettings {
     RunnerSettings {
         gateway: gateway.to_owned(),
         gateway_namespace: OPERATOR_NAMESPACE.to_owned(),
+        gateway_account: "contextos-gateway".to_owned(),
         egress: vec![(format!("{host}/32"), port.parse().unwrap_or(80))],
         relay_traces: false,
     }

@@ -214,6 +214,7 @@ mod tests {
         let settings = RunnerSettings {
             gateway: "http://contextos-gateway.contextos-system.svc:8480".into(),
             gateway_namespace: "contextos-system".into(),
+            gateway_account: "contextos-gateway".into(),
             egress: vec![("10.0.0.5/32".into(), 8480)],
             relay_traces: false,
         };

@@ -9,6 +9,7 @@ pub mod controllers;
 pub mod crash;
 #[cfg(test)]
 mod fixtures;
+pub mod gateway_access;
 pub mod leader;
 pub mod metrics;
 pub mod pod_parts;

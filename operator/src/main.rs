@@ -26,6 +26,15 @@ struct Args {
     /// Namespace of the gateway service's pods (runner pods may reach only them, and DNS).
     #[arg(long, env = "CONTEXTOS_GATEWAY_NAMESPACE", default_value = "contextos-system")]
     gateway_namespace: String,
+    /// The gateway's service account in that namespace: in each namespace with an Agent, the
+    /// operator binds ClusterRole contextos-gateway-agent-secrets to it (the gateway reads
+    /// Secrets nowhere else). Empty: bind it by hand where it may read.
+    #[arg(
+        long,
+        env = "CONTEXTOS_GATEWAY_SERVICE_ACCOUNT",
+        default_value = "contextos-gateway"
+    )]
+    gateway_service_account: String,
     /// Egress every runner pod is allowed besides the gateway's pods and DNS, as `cidr:port`;
     /// repeatable (for a gateway outside the pod network).
     #[arg(long = "runner-egress", value_parser = parse_egress)]
@@ -124,6 +133,7 @@ async fn operate(args: Args, relay_traces: bool) -> anyhow::Result<()> {
         runner: RunnerSettings {
             gateway: args.runner_gateway,
             gateway_namespace: args.gateway_namespace,
+            gateway_account: args.gateway_service_account,
             egress: args.runner_egress,
             relay_traces,
         },

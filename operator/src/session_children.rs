@@ -34,6 +34,9 @@ pub struct RunnerSettings {
     pub gateway: String,
     /// Namespace of the gateway pods (the NetworkPolicy lets runners reach only them).
     pub gateway_namespace: String,
+    /// The gateway's service account there, which the operator lets read Secrets in each
+    /// namespace with an Agent (see [`crate::gateway_access`]); empty: an admin binds it.
+    pub gateway_account: String,
     /// Extra egress every runner needs, as `cidr:port` (a gateway outside the cluster's pod
     /// network, e.g. in tests).
     pub egress: Vec<(String, u16)>,
@@ -340,6 +343,7 @@ mod tests {
         RunnerSettings {
             gateway: "http://contextos-gateway.contextos-system.svc:8480".into(),
             gateway_namespace: "contextos-system".into(),
+            gateway_account: "contextos-gateway".into(),
             egress: vec![("10.0.0.5/32".into(), 8480)],
             relay_traces: false,
         }

@@ -147,10 +147,21 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
     let gateway_expectations: &[(&[&str], bool)] = &[
         (&["create", "tokenreviews.authentication.k8s.io"], true),
         (&["create", "subjectaccessreviews.authorization.k8s.io"], true),
-        (&["get", "secrets", "-n", "default"], true),
+        // Secrets only where the operator bound it (namespaces with an Agent; none here), and
+        // in its own namespace only its own key: never the operator's signing key.
+        (&["get", "secrets", "-n", "default"], false),
+        (&["get", "secrets", "-n", "kube-system"], false),
         (&["list", "secrets", "-A"], false),
         (&["create", "secrets", "-n", "default"], false),
         (&["create", "secrets", "-n", SYSTEM_NAMESPACE], true),
+        (
+            &["get", "secrets/contextos-record-keys", "-n", SYSTEM_NAMESPACE],
+            true,
+        ),
+        (
+            &["get", "secrets/contextos-signing-key", "-n", SYSTEM_NAMESPACE],
+            false,
+        ),
         (&["get", "sessions.contextos.dev", "-n", "default"], true),
         // A2A callers' Sessions: started (acting for the caller), followed and cancelled —
         // never their status, never deleted, never an Agent changed.
@@ -195,6 +206,34 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
         // Tenants' Secrets are the gateway's to read, never the operator's.
         (&["get", "secrets", "-n", "default"], false),
         (&["create", "secrets", "-n", SYSTEM_NAMESPACE], true),
+        // It binds the gateway's Secret reading where Agents are, and can bind nothing else.
+        (
+            &[
+                "bind",
+                "clusterroles.rbac.authorization.k8s.io/contextos-gateway-agent-secrets",
+            ],
+            true,
+        ),
+        (&["bind", "clusterroles.rbac.authorization.k8s.io/admin"], false),
+        (&["escalate", "clusterroles.rbac.authorization.k8s.io"], false),
+        (
+            &[
+                "patch",
+                "rolebindings.rbac.authorization.k8s.io/contextos-gateway-agent-secrets",
+                "-n",
+                "default",
+            ],
+            true,
+        ),
+        (
+            &[
+                "patch",
+                "rolebindings.rbac.authorization.k8s.io/admins",
+                "-n",
+                "default",
+            ],
+            false,
+        ),
     ];
     check_can_i(env, &operator, expectations).await
 }

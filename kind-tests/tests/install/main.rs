@@ -301,6 +301,7 @@ patches:
     };
     let output = done.status.clone().and_then(|s| s.output).unwrap_or_default();
     ensure!(output.contains("checkout-api"), "output {output:?}");
+    gateway_reads_secrets_only_where_agents_are(env, &tenant).await?;
     traces::one_trace_per_session(jaeger, &done).await?;
 
     // The runner pods held nothing that acts outside their run: no Secret (as a volume, in a
@@ -485,6 +486,35 @@ async fn webhook_secret(tenant: &TestNamespace) -> Result<()> {
         .api::<Secret>()
         .create(&PostParams::default(), &secret)
         .await?;
+    Ok(())
+}
+
+/// The gateway read the webhook's key (the run's calls were signed with it) through the binding
+/// the operator made in the tenant's namespace; it may read no Secret where no Agent is, nor the
+/// operator's signing key.
+async fn gateway_reads_secrets_only_where_agents_are(env: &TestEnv, tenant: &TestNamespace) -> Result<()> {
+    let gateway = format!("system:serviceaccount:{SYSTEM}:contextos-gateway");
+    let checks: [(&str, &str, bool); 4] = [
+        ("secrets/ops-tools-webhook", tenant.name(), true),
+        ("secrets", TOOLS_NAMESPACE, false),
+        ("secrets", "kube-system", false),
+        ("secrets/contextos-signing-key", SYSTEM, false),
+    ];
+    for (resource, namespace, allowed) in checks {
+        let answer = env
+            .kubectl()
+            .args([
+                "auth", "can-i", "get", resource, "-n", namespace, "--as", &gateway,
+            ])
+            .output()
+            .await?;
+        let yes = String::from_utf8_lossy(&answer.stdout).trim() == "yes";
+        ensure!(
+            yes == allowed,
+            "the gateway {} get {resource} in {namespace}",
+            if yes { "may" } else { "may not" }
+        );
+    }
     Ok(())
 }
 

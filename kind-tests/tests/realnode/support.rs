@@ -77,6 +77,7 @@ pub fn no_gateway() -> RunnerSettings {
     RunnerSettings {
         gateway: "http://gateway.invalid:8480".into(),
         gateway_namespace: "contextos-system".into(),
+        gateway_account: String::new(),
         egress: Vec::new(),
         relay_traces: false,
     }

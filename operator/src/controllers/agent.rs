@@ -55,6 +55,8 @@ pub struct Resolved {
 pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile("Agent");
     let namespace = agent.namespace().unwrap_or_default();
+    // Its tools' and model's Secrets are read by the gateway, at call time, in this namespace.
+    crate::gateway_access::ensure(&ctx, &namespace).await?;
     // What is wrong in the spec itself is reported before anything it references.
     let outcome = match check_spec(&agent.name_any(), &agent.spec) {
         Ok(()) => resolve(&ctx, &namespace, &agent.spec).await?,

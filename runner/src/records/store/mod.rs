@@ -119,7 +119,7 @@ pub(crate) fn intact_blob(hash: &Hash, bytes: Vec<u8>) -> Result<Vec<u8>, StoreE
     } else {
         Err(StoreError::Corrupt {
             key: format!("blob {hash}"),
-            problem: "the stored bytes have another hash: they were altered".into(),
+            problem: "the bytes read have another hash: they were altered".into(),
         })
     }
 }

@@ -590,11 +590,7 @@ impl RecordStore for RemoteStore {
             .send(reqwest::Method::GET, &self.path(&format!("/blobs/{hash}")), None)
             .await
         {
-            Ok((bytes, _)) if Hash::of(&bytes) == *hash => Ok(Some(bytes)),
-            Ok(_) => Err(StoreError::Corrupt {
-                key: format!("blob {hash}"),
-                problem: "the gateway returned bytes with another hash".into(),
-            }),
+            Ok((bytes, _)) => super::intact_blob(hash, bytes).map(Some),
             Err(RemoteError::Refused { status: 404, .. }) => Ok(None),
             Err(e) => Err(store_error(e, "-")),
         }

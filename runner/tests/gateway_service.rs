@@ -147,7 +147,16 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
             "replay-policy-guardrails-0123456789-x7k2p",
             "Job",
             "replay-policy-guardrails-0123456789",
-        );
+        )
+        // A tenant's pod naming the replay Job as its owner, without the replay label (which
+        // admission lets only the job controller give such a pod).
+        .with_controller(
+            "shop",
+            "copied-replay-pod",
+            "Job",
+            "replay-policy-guardrails-0123456789",
+        )
+        .with_role("shop", "copied-replay-pod", None);
     let tokens = StaticTokens::default()
         .with("token-run-1", pod("shop", "checkout-5xx-run-1"))
         .with("token-run-2", pod("shop", "checkout-5xx-run-2"))
@@ -170,6 +179,7 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
             "token-replay",
             pod("shop", "replay-policy-guardrails-0123456789-x7k2p"),
         )
+        .with("token-copied-replay", pod("shop", "copied-replay-pod"))
         .with_reader("token-auditor", "audra@example.com", &["shop"])
         .with_reader("token-bank-auditor", "bert@example.com", &["bank"])
         .with_person(
@@ -1236,6 +1246,14 @@ async fn only_a_replay_jobs_own_pods_read_the_tenants_records_with_its_grant() {
     // The runner pod (controlled by its Session, not the Job) presenting a genuine grant.
     let runner = reader("token-run-1", grant("shop", &rig.operator));
     let refused = runner
+        .list_runs(&rig.tenant(), &filter)
+        .await
+        .expect_err("refused");
+    assert!(refused.to_string().contains("not one"), "{refused}");
+    // A pod the tenant made with the Job as its owner, presenting the grant copied from the
+    // Job's spec: not a replay pod.
+    let copied = reader("token-copied-replay", grant("shop", &rig.operator));
+    let refused = copied
         .list_runs(&rig.tenant(), &filter)
         .await
         .expect_err("refused");

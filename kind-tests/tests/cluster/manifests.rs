@@ -578,6 +578,7 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
     check_agent_promotion_approvals(env, namespace).await?;
     check_sandbox_images(env, namespace).await?;
     check_runner_pod_owners(env, namespace).await?;
+    check_replay_pod_owners(env, namespace).await?;
     check_session_identity(env, namespace).await?;
     check_a2a_sessions(env, namespace).await
 }
@@ -1155,6 +1156,108 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
     ensure!(
         !patched.status.success() && stderr.contains(refusal),
         "a tenant changed a runner pod's image: {stderr}"
+    );
+    Ok(())
+}
+
+/// Only the job controller makes a pod a replay Job's (the gateway honours a Job's read grant
+/// only from a pod labelled contextos.dev/role=replay that the Job controls): a tenant's
+/// labelled pod claiming a Job as its owner is refused, and so is adding such an owner to a
+/// labelled pod; the job controller's account is admitted.
+async fn check_replay_pod_owners(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    // Pods are the tenant's to make and patch (granted in check_runner_pod_owners).
+    let tenant = "mallory@example.com";
+    let job = json!([{
+        "apiVersion": "batch/v1", "kind": "Job", "name": "replay-policy-guardrails-0123456789",
+        "uid": "6f1c8a52-0000-4000-8000-000000000003", "controller": true,
+    }]);
+    let replay = json!({"contextos.dev/role": "replay"});
+    // Bound to no node (nothing runs it), and within the restricted Pod Security profile.
+    let pod = |name: &str, owners: &Value, labels: &Value| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "ownerReferences": owners, "labels": labels},
+            "spec": {
+                "nodeName": "nowhere",
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{
+                    "name": "c", "image": env.busybox_image(),
+                    "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+                }],
+            },
+        })
+    };
+    let dir = tempfile::tempdir()?;
+    let file = |name: &str, value: &Value| -> Result<String> {
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, value.to_string())?;
+        Ok(path.to_string_lossy().into_owned())
+    };
+    let claimed = file("claimed", &pod("replay-copy", &job, &replay))?;
+    let refusal = "only the job controller makes a pod a replay Job's pod";
+    wait_for(
+        "the replay-pods policy to refuse a tenant's replay pod owned by a Job",
+        TIMEOUT,
+        || async {
+            let args = ["create", "-f", &claimed, "--as", tenant, "--dry-run=server"];
+            match run(env, &args).await {
+                Ok(output) if !output.status.success() => {
+                    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+                    Check::when(stderr.contains(refusal), || stderr.clone())
+                }
+                Ok(_) => Check::NotYet("admitted".to_owned()),
+                Err(err) => Check::NotYet(format!("{err:#}")),
+            }
+        },
+    )
+    .await?;
+    // A labelled pod owned by nothing, and a Job-owned pod without the label (made only as a
+    // dry run: the garbage collector removes a pod whose owner does not exist), are the
+    // tenant's to make; the gateway honours no grant from either …
+    let owned = file("owned", &pod("owned", &job, &json!({})))?;
+    succeed(env, &["create", "-f", &owned, "--as", tenant, "--dry-run=server"]).await?;
+    let labelled = file("labelled", &pod("labelled", &json!([]), &replay))?;
+    succeed(env, &["create", "-f", &labelled, "--as", tenant]).await?;
+    // … but the labelled one is not the tenant's to make a replay Job's pod afterwards.
+    let claim = json!({"metadata": {"ownerReferences": job}}).to_string();
+    let patched = run(
+        env,
+        &[
+            "patch",
+            "pod",
+            "labelled",
+            "-n",
+            namespace,
+            "--as",
+            tenant,
+            "--type=merge",
+            "-p",
+            &claim,
+        ],
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&patched.stderr);
+    ensure!(
+        !patched.status.success() && stderr.contains(refusal),
+        "a tenant made its labelled pod a replay Job's: {stderr}"
+    );
+    // The job controller's account makes them.
+    let made = run(
+        env,
+        &[
+            "create",
+            "-f",
+            &claimed,
+            "--as",
+            "system:serviceaccount:kube-system:job-controller",
+            "--dry-run=server",
+        ],
+    )
+    .await?;
+    ensure!(
+        made.status.success(),
+        "the job controller could not make a replay pod: {}",
+        String::from_utf8_lossy(&made.stderr)
     );
     Ok(())
 }

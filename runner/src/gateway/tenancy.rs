@@ -64,6 +64,9 @@ pub struct PodController {
     /// The uid of the pod read (to tell it from another pod since created under its name).
     /// Always given by the API server; the test double gives one only if told (`None`: any).
     pub pod_uid: Option<String>,
+    /// The pod's `contextos.dev/role` label (`replay` on a replay Job's pods, which only the
+    /// job controller may make such: admission policy contextos-replay-pods).
+    pub role: Option<String>,
 }
 
 impl PodController {
@@ -183,9 +186,14 @@ impl TenantView for KubeTenants {
         let found = away(Api::<Pod>::namespaced(self.client.clone(), namespace).get_opt(pod))
             .await
             .map_err(|e| format!("reading Pod {namespace}/{pod}: {e}"))?;
-        Ok(found.and_then(|p| {
+        Ok(found.and_then(|mut p| {
             // The API server gives every pod a uid; one without would match no caller.
             let pod_uid = Some(p.metadata.uid.unwrap_or_default());
+            let role = p
+                .metadata
+                .labels
+                .as_mut()
+                .and_then(|l| l.remove(contextos_crds::labels::ROLE));
             p.metadata
                 .owner_references?
                 .into_iter()
@@ -195,6 +203,7 @@ impl TenantView for KubeTenants {
                     kind: o.kind,
                     name: o.name,
                     pod_uid,
+                    role,
                 })
         }))
     }
@@ -304,14 +313,25 @@ impl StaticTenants {
     }
 
     /// Records that `pod` of `namespace` is controlled by `kind`/`name` (whatever its uid) —
-    /// a Session of contextos.dev, a Job of batch, anything else of a group of its own.
+    /// a Session of contextos.dev, a Job of batch (a replay pod, labelled so), anything else of
+    /// a group of its own.
     pub fn with_controller(self, namespace: &str, pod: &str, kind: &str, name: &str) -> Self {
         let api_version = match kind {
             "Session" => "contextos.dev/v1alpha1",
             "Job" => "batch/v1",
             _ => "example.com/v1",
         };
+        let role = (kind == "Job").then_some("replay");
         self.with_owner(namespace, pod, api_version, kind, name)
+            .with_role(namespace, pod, role)
+    }
+
+    /// Records the `contextos.dev/role` label of `pod` (`None`: it has none).
+    pub fn with_role(mut self, namespace: &str, pod: &str, role: Option<&str>) -> Self {
+        if let Some(controller) = self.controllers.get_mut(&format!("{namespace}/{pod}")) {
+            controller.role = role.map(str::to_owned);
+        }
+        self
     }
 
     /// Records that `pod` of `namespace` is controlled by `kind`/`name` of `api_version`.
@@ -328,6 +348,7 @@ impl StaticTenants {
             kind: kind.to_owned(),
             name: name.to_owned(),
             pod_uid: None,
+            role: None,
         };
         self.controllers.insert(format!("{namespace}/{pod}"), controller);
         self

@@ -19,7 +19,7 @@ use crate::audit::{
 
 /// The admission policies ContextOS's security model depends on (`manifests/admission`), each
 /// with a binding of the same name.
-pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 9] = [
+pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 10] = [
     ("contextos-session-identity", "a Session's user is who created it"),
     (
         "contextos-session-approvals",
@@ -36,6 +36,10 @@ pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 9] = [
     (
         "contextos-runner-pods",
         "only the operator makes a pod a Session's runner pod",
+    ),
+    (
+        "contextos-replay-pods",
+        "only the job controller makes a pod a replay Job's, whose read grant the gateway honours",
     ),
     (
         "contextos-consent-author",

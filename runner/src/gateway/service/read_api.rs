@@ -136,7 +136,12 @@ where
             .pod_controller(&identity.namespace, &identity.pod)
             .await
             .map_err(unavailable)?;
-        if !controller.is_some_and(|c| c.is("batch", "Job", &grant.job, &identity.pod_uid)) {
+        // Labelled a replay pod too: only the job controller makes a Job's pod one (admission
+        // policy contextos-replay-pods), while anyone who may create pods can name a Job as
+        // their pod's owner.
+        if !controller.is_some_and(|c| {
+            c.is("batch", "Job", &grant.job, &identity.pod_uid) && c.role.as_deref() == Some("replay")
+        }) {
             tracing::warn!(namespace = %identity.namespace, pod = %identity.pod, job = %grant.job,
                 "refused a read grant presented by a pod its Job does not own");
             let why = format!(

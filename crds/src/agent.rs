@@ -385,7 +385,11 @@ pub struct Tool {
     /// How the gateway reaches the tool. Exactly one adapter is set.
     pub adapter: ToolAdapter,
     /// JSON Schema the call's arguments must satisfy; checked by the gateway before sending.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::free_form::bounded"
+    )]
     #[schemars(schema_with = "free_form_object")]
     pub input_schema: Option<serde_json::Value>,
     /// Seconds one attempt may take.
@@ -797,7 +801,11 @@ pub struct OutputValidator {
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z][a-z0-9_-]*$"))]
     pub name: String,
     /// JSON Schema the output (parsed as JSON) must satisfy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::free_form::bounded"
+    )]
     #[schemars(schema_with = "free_form_object")]
     pub json_schema: Option<serde_json::Value>,
     /// CEL expression over `output` (string) and `json` (parsed output, if JSON) that must be true.

@@ -20,6 +20,7 @@ pub mod conditions;
 pub mod consent;
 pub mod context_pack;
 pub mod feedback;
+pub mod free_form;
 pub mod model_routing;
 pub mod ontology;
 pub mod policy;

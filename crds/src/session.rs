@@ -85,7 +85,11 @@ pub struct SessionInput {
     #[schemars(length(min = 1, max = 65536))]
     pub prompt: String,
     /// Structured input available to tools and policies as `run.input`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::free_form::bounded"
+    )]
     #[schemars(schema_with = "free_form_object")]
     pub data: Option<serde_json::Value>,
 }

@@ -139,12 +139,17 @@ pub struct EvalScenario {
     #[schemars(length(min = 1, max = 8192))]
     pub request: String,
     /// Structured input, as a Session's `input.data` (policies read it as `run.input`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::free_form::bounded"
+    )]
     #[schemars(schema_with = "free_form_object")]
     pub data: Option<serde_json::Value>,
     /// The model's turns, as a scripted model plays them (`{"turns": [{"content": …,
     /// "toolCalls": [{"tool": …, "arguments": {…}}]}]}`): a scripted model, or turns copied
     /// from a recorded run (`contextos records show --output json`).
+    #[serde(deserialize_with = "crate::free_form::bounded_required")]
     #[schemars(schema_with = "free_form_object")]
     pub script: serde_json::Value,
     /// What the skill's tools answer. A call is answered by the first entry for its tool whose
@@ -171,11 +176,19 @@ pub struct CannedResult {
     #[schemars(length(min = 1, max = 64))]
     pub tool: String,
     /// Answer only calls with exactly these arguments (default: any call of the tool).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::free_form::bounded"
+    )]
     #[schemars(schema_with = "free_form_object")]
     pub arguments: Option<serde_json::Value>,
     /// The tool's output.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::free_form::bounded"
+    )]
     #[schemars(schema_with = "free_form_object")]
     pub output: Option<serde_json::Value>,
     /// The tool fails with this error instead.

@@ -36,7 +36,7 @@ impl Manifest {
     /// The typed `spec`, or an error naming the offending field.
     fn spec<T: DeserializeOwned>(&self) -> Result<T, ManifestError> {
         let spec = self.value.get("spec").cloned().unwrap_or(Value::Null);
-        serde_path_to_error::deserialize(spec).map_err(|e| {
+        let decoded = serde_path_to_error::deserialize(spec).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." {
                 "spec".to_owned()
@@ -44,7 +44,32 @@ impl Manifest {
                 format!("spec.{path}")
             };
             self.error(field, e.into_inner().to_string())
-        })
+        })?;
+        // Free-form fields nested past the bound read as a marker (see
+        // contextos_crds::free_form): refused here as the operator refuses them.
+        if let Some(problem) = self.nested_too_deep() {
+            let (field, problem) = problem.split_once(": ").unwrap_or(("spec", &problem));
+            return Err(self.error(field, problem));
+        }
+        Ok(decoded)
+    }
+
+    /// The first free-form field of a Session, Agent or Skill nested too deep, as a problem.
+    fn nested_too_deep(&self) -> Option<String> {
+        use contextos_crds::free_form;
+        let spec = self.value.get("spec").cloned().unwrap_or(Value::Null);
+        match self.kind.as_str() {
+            "Session" => serde_json::from_value(spec)
+                .ok()
+                .and_then(|s| free_form::session_problem(&s)),
+            "Agent" => serde_json::from_value(spec)
+                .ok()
+                .and_then(|s| free_form::agent_problem(&s)),
+            "Skill" => serde_json::from_value(spec)
+                .ok()
+                .and_then(|s| free_form::skill_problem(&s)),
+            _ => None,
+        }
     }
 
     fn error(&self, field: impl Into<String>, problem: impl Into<String>) -> ManifestError {
@@ -574,6 +599,23 @@ mod tests {
                 .is_some_and(|s| s.contains("turns"))
         );
         assert!(bundle.pinned().context_pack.starts_with("sha256:"));
+    }
+
+    #[test]
+    fn input_nested_too_deep_is_refused_naming_the_field() {
+        let mut set = quickstart();
+        let mut data = serde_json::json!(1);
+        for _ in 0..=contextos_crds::free_form::MAX_DEPTH {
+            data = serde_json::json!([data]);
+        }
+        for m in &mut set.objects {
+            if m.kind == "Session" {
+                m.value["spec"]["input"]["data"] = data.clone();
+            }
+        }
+        let err = set.bundle("shop", None).expect_err("refused");
+        assert_eq!(err.field.as_deref(), Some("spec.input.data"), "{err}");
+        assert!(err.problem.contains("flatten"), "{err}");
     }
 
     #[test]

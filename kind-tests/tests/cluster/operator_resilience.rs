@@ -2,7 +2,9 @@
 //! holder stops renewing; a runner pod killed while a tool acts is replaced and resumes without
 //! a second effect; an operator killed and restarted 20 times mid-reconcile leaves exactly one
 //! pod per attempt and no orphans; a Session's status decided from an out-of-date copy does not
-//! overwrite a newer one, nor an Agent's decided for a deleted object its re-created successor; and a namespace cannot resolve another namespace's objects nor read
+//! overwrite a newer one, nor an Agent's decided for a deleted object its re-created successor; an
+//! operator started beside a Session nested past a JSON decoder's limit still lists Sessions and
+//! runs every other tenant's; and a namespace cannot resolve another namespace's objects nor read
 //! its records.
 
 use std::time::Duration;
@@ -685,5 +687,104 @@ where
         &Patch::Apply(&patch),
     )
     .await?;
+    Ok(())
+}
+
+/// A value nested `depth` deep: `{"a": [{"a": [ … ]}]}`.
+fn nested(depth: usize) -> Value {
+    let mut value = json!("deep");
+    for i in 0..depth {
+        value = if i % 2 == 0 {
+            json!([value])
+        } else {
+            json!({"a": value})
+        };
+    }
+    value
+}
+
+/// Free-form JSON (a Session's input data, a tool's schema) is the tenant's to shape, and the
+/// API server stores it nested far deeper than a JSON decoder's default limit (128). An operator
+/// that starts lists every Session first: were one such Session to fail the whole list, the
+/// operator would never get past it, and no tenant's Session would run again. This operator
+/// starts with one present; it refuses that one alone, naming the field, and runs another
+/// tenant's.
+#[tokio::test]
+async fn an_operator_started_beside_a_session_nested_too_deep_runs_every_other_session() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
+        return Ok(());
+    };
+    let label = json!({CHAOS_LABEL: "deep-json"});
+    let hostile = TestNamespace::new(env, "tenant-deep-json").await?;
+    let mut deep = session("deep")?;
+    deep["metadata"]["labels"] = label.clone();
+    deep["spec"]["input"]["data"] = json!({"nested": nested(300)});
+    // Through kubectl: the API server answers with the object, as deep (past a plain JSON
+    // decoder's limit, as the test's generic client is).
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), deep.to_string())?;
+    let created = env
+        .kubectl()
+        .args(["create", "-n", hostile.name(), "-o", "name", "-f"])
+        .arg(file.path())
+        .output()
+        .await?;
+    ensure!(
+        created.status.success(),
+        "the API server refused the deep Session: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let other = TestNamespace::new(env, "tenant-beside-deep").await?;
+    let client = env.client();
+    for mut object in objects_for(env, &op.tools_url)? {
+        if object["kind"] == "ConfigMap" && object["metadata"]["name"] == "quickstart-script" {
+            object["data"]["script.json"] = json!(QUICK_SCRIPT);
+        }
+        operator_env::add_labels(&mut object, &label);
+        apply(&client, other.name(), &object).await?;
+    }
+    let mut beside = session("beside")?;
+    beside["metadata"]["labels"] = label.clone();
+    apply(&client, other.name(), &beside).await?;
+    let config = OperatorConfig {
+        namespace: OPERATOR_NAMESPACE.into(),
+        runner: operator_env::runner_settings(&op.gateway),
+        max_crash_attempts: 3,
+        concurrency: 4,
+        replay_image: env.runner_image().to_owned(),
+        selector: Some(format!("{CHAOS_LABEL}=deep-json")),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let operator = tokio::spawn(async move {
+        let _ = contextos_operator::run(client, config, Default::default(), stopped).await;
+    });
+    let result = async {
+        phase_is(&other.api(), "beside", SessionPhase::Succeeded).await?;
+        let sessions: Api<Session> = hostile.api();
+        wait_for_object(
+            &sessions,
+            "deep",
+            "refused, naming the field",
+            TIMEOUT,
+            |s: &Session| {
+                let ready = condition(&s.status.clone().unwrap_or_default().conditions, "Ready");
+                Check::when(
+                    ready.starts_with("False InvalidSpec")
+                        && ready.contains("spec.input.data: nests more than 32"),
+                    || ready.clone(),
+                )
+            },
+        )
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = stop.send(true);
+    let _ = operator.await;
+    result?;
+    other.pass();
+    hostile.pass();
     Ok(())
 }

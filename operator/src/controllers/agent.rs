@@ -536,6 +536,9 @@ async fn namespace_ontology(
 /// compile (pure). Whether a tool may execute code is the SandboxProfile's to say (see
 /// `resolve`): such tools run in capability pods.
 pub fn check_spec(agent: &str, spec: &AgentSpec) -> Result<(), Invalid> {
+    if let Some(problem) = contextos_crds::free_form::agent_problem(spec) {
+        return Err(Invalid::new(reason::INVALID_SPEC, problem));
+    }
     if let Some(problem) = adapter_problem(&spec.tools) {
         return Err(Invalid::new(reason::INVALID_SPEC, problem));
     }

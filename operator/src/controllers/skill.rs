@@ -54,6 +54,9 @@ pub async fn reconcile_skill(skill: Arc<Skill>, ctx: Arc<Context>) -> Result<Act
 /// what keeps it from being evaluated.
 async fn candidate(ctx: &Context, namespace: &str, skill: &Skill) -> Result<Result<SkillCandidate, Invalid>> {
     let spec = &skill.spec;
+    if let Some(problem) = contextos_crds::free_form::skill_problem(spec) {
+        return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
+    }
     if let Some(problem) = adapter_problem(&spec.tools) {
         return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
     }

@@ -529,6 +529,9 @@ async fn pinned(
             },
         );
     }
+    if let Some(problem) = contextos_crds::free_form::session_problem(&session.spec) {
+        return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
+    }
     if let Some(value) = children::traceparent_annotation(session)
         && contextos_runner::telemetry::traceparent_trace_id(value).is_none()
     {

@@ -278,8 +278,11 @@ mod tests {
             session("deep", &format!(r#"{{"a": {}}}"#, nested(300))),
             session("plain", r#"{"a": 1}"#),
         );
-        let list: kube::core::ObjectList<crate::Session> = serde_json::from_str(&text).expect("the list reads");
-        assert!(session_problem(&list.items[0].spec).is_some_and(|p| p.starts_with("spec.input.data: nests")));
+        let list: kube::core::ObjectList<crate::Session> =
+            serde_json::from_str(&text).expect("the list reads");
+        assert!(
+            session_problem(&list.items[0].spec).is_some_and(|p| p.starts_with("spec.input.data: nests"))
+        );
         assert_eq!(session_problem(&list.items[1].spec), None);
         assert!(serde_json::from_str::<kube::core::ObjectList<kube::core::DynamicObject>>(&text).is_err());
     }

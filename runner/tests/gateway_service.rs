@@ -2285,12 +2285,14 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
 
 /// A store that, once armed, fails the next write holding a call's result — as a replica that
 /// answered a call and died before its result was durable looks to everyone after it — or,
-/// given a delay, makes that write take that long.
+/// given a delay, makes that write take that long (`turn_delay_ms`: the next write holding a
+/// model turn).
 #[derive(Default)]
 struct LosesAResult {
     inner: ScratchStore,
     armed: std::sync::atomic::AtomicBool,
     delay_ms: std::sync::atomic::AtomicU64,
+    turn_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Memory as the scratch store keeps it (this store loses only results).
@@ -2354,6 +2356,14 @@ impl RecordStore for LosesAResult {
         }
         if holds_result {
             let delay = self.delay_ms.swap(0, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        let holds_turn = batch.entries.iter().any(|e| {
+            contextos_runner::records::RecordEntry::decode(&e.bytes)
+                .is_ok_and(|e| matches!(e.body, EntryBody::ModelTurn { .. }))
+        });
+        if holds_turn {
+            let delay = self.turn_delay_ms.swap(0, std::sync::atomic::Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
         self.inner.append(tenant, batch).await
@@ -2587,6 +2597,64 @@ async fn a_runner_that_moves_to_another_replica_before_its_result_is_written_is_
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_asked_of_two_replicas_at_once_has_one_answer_on_record() {
+    // The runner asks replica A for step 1, which answers while its turn is written, slowly;
+    // the same step reaches replica B, which finds no turn on record yet and asks the model
+    // too. B's turn is written first: A's is then dropped, not chained after it, so the record
+    // holds one answer for the step, and asking again gets that one.
+    let store = Arc::new(LosesAResult::default());
+    let operator = KeyPair::from_seed([11; 32]);
+    let (replica_a, _tools_a) = service_over(store.clone(), &operator).await;
+    let (replica_b, _tools_b) = service_over(store.clone(), &operator).await;
+    let (bundle, context) = quickstart_run(&operator);
+    let token = || TokenSource::Fixed("token-run-1".into());
+    let at_a = GatewayClient::new(&replica_a, token(), &context).expect("client");
+    let at_b = GatewayClient::new(&replica_b, token(), &context).expect("client");
+    start_run(at_a.records(), &bundle, &context).await;
+    let request = ModelRequest {
+        model: String::new(),
+        messages: vec![Message::new(Role::User, "what is wrong with checkout-api?")],
+        tools: agent_tools(&bundle.agent_spec),
+        max_output_tokens: None,
+    };
+    let told = at_a.current_tail().await.expect("tail");
+    store
+        .turn_delay_ms
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let from_a = at_a
+        .model_with(&request, 1, told.clone())
+        .await
+        .expect("A answers");
+    let from_b = at_b.model_with(&request, 1, told).await.expect("B answers");
+    let tenant = TenantId::new("shop").expect("tenant");
+    let turns = || async {
+        read_run(&*store, &tenant, RUN)
+            .await
+            .expect("record")
+            .into_iter()
+            .filter(|(_, e)| matches!(e.body, EntryBody::ModelTurn { step: 1, .. }))
+            .count()
+    };
+    // A's write waits out its delay, then meets B's turn.
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    assert_eq!(turns().await, 1, "one answer on record for step 1");
+    let again = at_b
+        .model_with(&request, 1, at_b.current_tail().await.expect("tail"))
+        .await
+        .expect("asked again");
+    assert_eq!(again, from_b, "asked again, the step's answer on record");
+    assert_eq!(from_a, from_b, "the scripted model answers both alike");
+    assert_eq!(turns().await, 1);
+    let shop = TenantKeys::new(&KeyPair::from_seed([12; 32]))
+        .for_tenant("shop")
+        .public();
+    verify_run(&*store, &tenant, RUN, &shop)
+        .await
+        .map(|_| ())
+        .unwrap_or_else(|e| panic!("the chain verifies: {e}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,6 +48,10 @@ pub enum RecordError {
         "run {run_id}: the record ends at entry {found}, before entry {known} this writer was told is written (a gateway replica failed before making it durable); end this attempt and resume from the record"
     )]
     Lost { run_id: String, known: u64, found: u64 },
+    #[error(
+        "run {run_id}: another writer recorded the model's turn for step {step} first; this one is not recorded (read the record's)"
+    )]
+    TurnRecorded { run_id: String, step: u32 },
 }
 
 /// When a write must be durable.
@@ -132,6 +136,14 @@ struct Staged {
     at_ms: i64,
     body: Vec<u8>,
     effect: SummaryEffect,
+}
+
+/// What other writers appended since this recorder's head: their hashes, and the steps of the
+/// model turns among them.
+#[derive(Debug, Default)]
+struct CaughtUp {
+    hashes: Vec<Hash>,
+    turns: Vec<u32>,
 }
 
 /// What a body changes in the run summary.
@@ -449,6 +461,13 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     }
 
     async fn flush_untraced(&mut self) -> Result<SignedHead, RecordError> {
+        self.flush_unless_recorded(None).await
+    }
+
+    /// [`Recorder::flush`]; with `turn`, the staged bodies hold the model's turn for that step,
+    /// and are dropped rather than chained again if another writer recorded that step's turn
+    /// first ([`RecordError::TurnRecorded`]): one step has one answer on record.
+    async fn flush_unless_recorded(&mut self, turn: Option<u32>) -> Result<SignedHead, RecordError> {
         if let Some(e) = self.failed_lock.take() {
             return Err(e.into());
         }
@@ -468,10 +487,18 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                     // A remote store may have written the batch and lost its answer: when the
                     // chain now continues with exactly this batch, it is written — re-chaining
                     // it would record everything twice.
-                    if appended == written
+                    if appended.hashes == written
                         && let Some(stored) = self.store.head(&self.tenant, &self.summary.run_id).await?
                     {
                         return Ok(stored);
+                    }
+                    if let Some(step) = turn
+                        && appended.turns.contains(&step)
+                    {
+                        return Err(RecordError::TurnRecorded {
+                            run_id: self.summary.run_id.clone(),
+                            step,
+                        });
                     }
                     // Writers that collided would collide again in lockstep; a random pause
                     // lets one of them through.
@@ -572,6 +599,18 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         prepared: Prepared,
         flush: Flush,
     ) -> Result<SignedHead, RecordError> {
+        self.commit_or_rechain_turn(prepared, flush, None).await
+    }
+
+    /// [`Recorder::commit_or_rechain`] for a batch holding the model's turn for step `turn`:
+    /// not chained again if another writer recorded that step's turn meanwhile (two gateway
+    /// replicas asked for one step at once), [`RecordError::TurnRecorded`] instead.
+    pub async fn commit_or_rechain_turn(
+        &mut self,
+        prepared: Prepared,
+        flush: Flush,
+        turn: Option<u32>,
+    ) -> Result<SignedHead, RecordError> {
         let Prepared { batch, own, .. } = prepared;
         let appended = self
             .append_sealed(batch, flush)
@@ -581,7 +620,8 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             Err(RecordError::Store(StoreError::HeadMoved { .. })) if !own.is_empty() => {
                 self.chained.clear();
                 self.staged = own;
-                self.flush().await
+                let span = append_span(self.staged.len());
+                self.flush_unless_recorded(turn).instrument(span).await
             }
             result => result,
         }
@@ -634,7 +674,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
 
     /// Re-reads the head after another writer appended, folding what it wrote into the summary;
     /// returns the hashes of the entries it found.
-    async fn catch_up(&mut self) -> Result<Vec<Hash>, RecordError> {
+    async fn catch_up(&mut self) -> Result<CaughtUp, RecordError> {
         let run_id = self.summary.run_id.clone();
         let Some(head) = self.store.head(&self.tenant, &run_id).await? else {
             return Err(RecordError::UnknownRun {
@@ -673,19 +713,37 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                 })?;
         }
         let from = self.head.map_or(0, |(seq, _)| seq + 1);
-        let mut appended = Vec::new();
+        let mut appended = CaughtUp::default();
         let others = self.store.read_chain(&self.tenant, &run_id, from).await?;
         if !others.is_empty() {
             self.written = None;
         }
         for entry in others {
-            appended.push(entry.hash);
+            appended.hashes.push(entry.hash);
             if let Ok(e) = RecordEntry::decode(&entry.bytes) {
                 SummaryEffect::of(&e.body).apply(&mut self.summary);
+                if let Some(step) = self.turn_step(&e.body).await {
+                    appended.turns.push(step);
+                }
             }
         }
         self.advance(&head);
         Ok(appended)
+    }
+
+    /// The step of a model turn (one stored as a blob is read for it).
+    async fn turn_step(&self, body: &EntryBody) -> Option<u32> {
+        match body {
+            EntryBody::ModelTurn { step, .. } => Some(*step),
+            EntryBody::Blob { blob, body_type, .. } if body_type == "model_turn" => {
+                let bytes = self.store.get_blob(&self.tenant, blob).await.ok()??;
+                match serde_json::from_slice(&bytes).ok()? {
+                    EntryBody::ModelTurn { step, .. } => Some(step),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
     }
 
     /// Appends entries someone else chained (a runner submitting its own entries to the gateway

@@ -867,7 +867,7 @@ where
             );
         let reply = |head| with_head(Json(&outcome).into_response(), head);
         let written = self
-            .write_and_answer(caller, &mut log, recorder, answer, early, reply)
+            .write_and_answer(caller, &mut log, recorder, answer, Answering::early(early), reply)
             .await;
         slot.gateway.publish_cached(written);
         let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
@@ -943,16 +943,16 @@ where
     }
 
     /// Writes what `recorder` staged for a request and answers it with `reply` and the run's new
-    /// head: before the write is durable if `early`, otherwise after. An early answer whose write
-    /// then fails leaves the log stale, and the runner that heard it is refused next time.
-    /// Whether the entries were written.
+    /// head: before the write is durable if `answering` is early, otherwise after. An early
+    /// answer whose write then fails leaves the log stale, and the runner that heard it is
+    /// refused next time. Whether the entries were written.
     async fn write_and_answer(
         &self,
         caller: &Caller,
         log: &mut RunLog,
         mut recorder: Recorder<'_, S>,
         answer: tokio::sync::oneshot::Sender<Reply>,
-        early: bool,
+        answering: Answering,
         reply: impl FnOnce(Option<(u64, Hash)>) -> Response,
     ) -> bool {
         let prepared = match recorder
@@ -971,7 +971,7 @@ where
         // Answered before it is written, it need not be durable before the next flush either:
         // the runner's next request proves the record holds what it was told.
         let mut flush = Flush::Now;
-        if early
+        if answering.is_early()
             && self.early_answers
             && let Some(prepared) = &prepared
             && let (Some(answer), Some(reply)) = (answer.take(), reply.take())
@@ -981,7 +981,7 @@ where
         }
         let written = match prepared {
             Some(prepared) => recorder
-                .commit_or_rechain(prepared, flush)
+                .commit_or_rechain_turn(prepared, flush, answering.turn())
                 .instrument(tracing::debug_span!("gateway.write"))
                 .await
                 .map(|_| ())
@@ -1143,7 +1143,7 @@ where
             log.ledger.recalled.clone()
         };
         let reply = move |head| with_head(Json(&records).into_response(), head);
-        self.write_and_answer(caller, &mut log, recorder, answer, false, reply)
+        self.write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
             .await;
     }
 
@@ -1201,7 +1201,7 @@ where
         // is answered from the record: the model is never asked twice for one step.
         if let Some(turn) = log.ledger.turns.get(&request.step).cloned() {
             let reply = move |head| with_head(Json(&turn).into_response(), head);
-            self.write_and_answer(caller, &mut log, recorder, answer, false, reply)
+            self.write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
                 .await;
             return;
         }
@@ -1231,7 +1231,7 @@ where
             Err(refusal) if refusal.1 == super::quotas::QUOTA_EXCEEDED_CODE => {
                 recorder.stage(ended_by_quota(&refusal.2));
                 let reply = move |head| with_head(refusal.into_response(), head);
-                self.write_and_answer(caller, &mut log, recorder, answer, false, reply)
+                self.write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
                     .await;
                 return;
             }
@@ -1256,8 +1256,15 @@ where
         });
         let counted = turn.clone();
         let reply = move |head| with_head(Json(&turn).into_response(), head);
-        self.write_and_answer(caller, &mut log, recorder, answer, true, reply)
-            .await;
+        self.write_and_answer(
+            caller,
+            &mut log,
+            recorder,
+            answer,
+            Answering::EarlyTurn(request.step),
+            reply,
+        )
+        .await;
         // The model answered: what it cost is spent, on record or not (asked again, it costs
         // again).
         self.settle_turn(caller, slot, &quotas, (request.step, &owner), &counted, cut_off)
@@ -1545,6 +1552,36 @@ async fn answered_by(
             Err(e) => format!("the request's task failed: {e}"),
             Ok(()) => "the request's task ended without an answer".to_owned(),
         })),
+    }
+}
+
+/// When a request is answered, relative to the write of its entries.
+#[derive(Clone, Copy, Debug)]
+enum Answering {
+    /// Once the write is durable.
+    Late,
+    /// As soon as the entries are chained and sealed.
+    Early,
+    /// Early, for entries holding the model's turn for this step: dropped rather than chained
+    /// again if another replica recorded that step's turn first, so one step has one answer on
+    /// record (the runner that heard this one is refused next time, as after a lost write).
+    EarlyTurn(u32),
+}
+
+impl Answering {
+    fn early(early: bool) -> Self {
+        if early { Self::Early } else { Self::Late }
+    }
+
+    fn is_early(self) -> bool {
+        !matches!(self, Self::Late)
+    }
+
+    fn turn(self) -> Option<u32> {
+        match self {
+            Self::EarlyTurn(step) => Some(step),
+            _ => None,
+        }
     }
 }
 

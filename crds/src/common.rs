@@ -351,11 +351,16 @@ pub struct PromotionSpec {
     pub approvers: Option<Approvers>,
 }
 
-/// A free-form JSON object (kept verbatim by the API server).
+/// A free-form JSON object (kept verbatim by the API server), and one unit to server-side apply:
+/// the API server then records who set the field, not each field inside it. Were it tracked
+/// field by field, its record (`metadata.managedFields`) would nest as deep as the object, and
+/// an object nested past a JSON decoder's limit would fail every list of its kind in the
+/// metadata, before the field's own bound (see [`crate::free_form`]) is reached.
 pub fn free_form_object(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,
+        "x-kubernetes-map-type": "atomic",
     })
 }
 

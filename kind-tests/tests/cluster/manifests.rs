@@ -1160,31 +1160,46 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
     Ok(())
 }
 
-/// Only the job controller makes a pod a replay Job's (the gateway honours a Job's read grant
-/// only from a pod labelled contextos.dev/role=replay that the Job controls): a tenant's
-/// labelled pod claiming a Job as its owner is refused, and so is adding such an owner to a
-/// labelled pod; the job controller's account is admitted.
+/// Only the operator makes a replay Job and only the job controller a replay pod (the gateway
+/// honours a Job's read grant only from a pod labelled contextos.dev/role=replay that the Job
+/// controls): a tenant's labelled pod is refused, owned by a Job or not (the job controller
+/// would adopt an orphan matching its selector), and so is the label given to a pod later and a
+/// tenant's Job whose pods carry it; the job controller's and the operator's accounts are
+/// admitted.
 async fn check_replay_pod_owners(env: &'static TestEnv, namespace: &str) -> Result<()> {
-    // Pods are the tenant's to make and patch (granted in check_runner_pod_owners).
+    let client = env.client();
+    // Pods are the tenant's to make and patch (granted in check_runner_pod_owners); Jobs too.
     let tenant = "mallory@example.com";
+    grant(
+        &client,
+        namespace,
+        "mallory-runs-jobs",
+        PolicyRule {
+            api_groups: Some(vec!["batch".to_owned()]),
+            resources: Some(vec!["jobs".to_owned()]),
+            verbs: vec!["get".to_owned(), "create".to_owned(), "delete".to_owned()],
+            ..Default::default()
+        },
+        &[tenant],
+    )
+    .await?;
     let job = json!([{
         "apiVersion": "batch/v1", "kind": "Job", "name": "replay-policy-guardrails-0123456789",
         "uid": "6f1c8a52-0000-4000-8000-000000000003", "controller": true,
     }]);
     let replay = json!({"contextos.dev/role": "replay"});
+    let container = json!({
+        "name": "c", "image": env.busybox_image(),
+        "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+    });
+    let security =
+        json!({"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}});
     // Bound to no node (nothing runs it), and within the restricted Pod Security profile.
     let pod = |name: &str, owners: &Value, labels: &Value| {
         json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "ownerReferences": owners, "labels": labels},
-            "spec": {
-                "nodeName": "nowhere",
-                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
-                "containers": [{
-                    "name": "c", "image": env.busybox_image(),
-                    "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
-                }],
-            },
+            "spec": {"nodeName": "nowhere", "securityContext": security, "containers": [container]},
         })
     };
     let dir = tempfile::tempdir()?;
@@ -1193,55 +1208,66 @@ async fn check_replay_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         std::fs::write(&path, value.to_string())?;
         Ok(path.to_string_lossy().into_owned())
     };
+    let refused = |output: &std::process::Output, needle: &str| {
+        !output.status.success() && String::from_utf8_lossy(&output.stderr).contains(needle)
+    };
+    let pod_refusal = "only the job controller makes a replay Job's pod";
     let claimed = file("claimed", &pod("replay-copy", &job, &replay))?;
-    let refusal = "only the job controller makes a pod a replay Job's pod";
     wait_for(
         "the replay-pods policy to refuse a tenant's replay pod owned by a Job",
         TIMEOUT,
         || async {
             let args = ["create", "-f", &claimed, "--as", tenant, "--dry-run=server"];
             match run(env, &args).await {
-                Ok(output) if !output.status.success() => {
-                    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-                    Check::when(stderr.contains(refusal), || stderr.clone())
-                }
-                Ok(_) => Check::NotYet("admitted".to_owned()),
+                Ok(output) if refused(&output, pod_refusal) => Check::Done(()),
+                Ok(output) => Check::NotYet(String::from_utf8_lossy(&output.stderr).into_owned()),
                 Err(err) => Check::NotYet(format!("{err:#}")),
             }
         },
     )
     .await?;
-    // A labelled pod owned by nothing, and a Job-owned pod without the label (made only as a
-    // dry run: the garbage collector removes a pod whose owner does not exist), are the
-    // tenant's to make; the gateway honours no grant from either …
+    // Nor without an owner (the job controller adopts a pod its selector matches) …
+    let orphan = file("orphan", &pod("replay-orphan", &json!([]), &replay))?;
+    let made = run(
+        env,
+        &["create", "-f", &orphan, "--as", tenant, "--dry-run=server"],
+    )
+    .await?;
+    ensure!(
+        refused(&made, pod_refusal),
+        "a tenant made a labelled pod: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    // … nor by labelling a pod afterwards; a Job-owned pod without the label is the tenant's to
+    // make (the gateway honours no grant from it; made as a dry run, as the garbage collector
+    // removes a pod whose owner does not exist).
     let owned = file("owned", &pod("owned", &job, &json!({})))?;
     succeed(env, &["create", "-f", &owned, "--as", tenant, "--dry-run=server"]).await?;
-    let labelled = file("labelled", &pod("labelled", &json!([]), &replay))?;
-    succeed(env, &["create", "-f", &labelled, "--as", tenant]).await?;
-    // … but the labelled one is not the tenant's to make a replay Job's pod afterwards.
-    let claim = json!({"metadata": {"ownerReferences": job}}).to_string();
+    let plain = file("unlabelled", &pod("unlabelled", &json!([]), &json!({})))?;
+    succeed(env, &["create", "-f", &plain, "--as", tenant]).await?;
+    let label = json!({"metadata": {"labels": replay}}).to_string();
     let patched = run(
         env,
         &[
             "patch",
             "pod",
-            "labelled",
+            "unlabelled",
             "-n",
             namespace,
             "--as",
             tenant,
             "--type=merge",
             "-p",
-            &claim,
+            &label,
         ],
     )
     .await?;
-    let stderr = String::from_utf8_lossy(&patched.stderr);
     ensure!(
-        !patched.status.success() && stderr.contains(refusal),
-        "a tenant made its labelled pod a replay Job's: {stderr}"
+        refused(&patched, pod_refusal),
+        "a tenant labelled its pod a replay pod: {}",
+        String::from_utf8_lossy(&patched.stderr)
     );
-    // The job controller's account makes them.
+    // The job controller's account makes replay pods.
     let made = run(
         env,
         &[
@@ -1257,6 +1283,38 @@ async fn check_replay_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
     ensure!(
         made.status.success(),
         "the job controller could not make a replay pod: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    // A tenant's Job under a replay Job's name (the operator's deleted), with the copied grant:
+    // refused; the operator's account makes it.
+    let replay_job = json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "replay-policy-guardrails-0123456789", "namespace": namespace},
+        "spec": {"template": {
+            "metadata": {"labels": replay},
+            "spec": {"restartPolicy": "Never", "securityContext": security, "containers": [container]},
+        }},
+    });
+    let replay_job = file("replay-job", &replay_job)?;
+    let made = run(
+        env,
+        &["create", "-f", &replay_job, "--as", tenant, "--dry-run=server"],
+    )
+    .await?;
+    ensure!(
+        refused(&made, "only the ContextOS operator makes a replay Job"),
+        "a tenant made a replay Job: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let operator = format!("system:serviceaccount:{SYSTEM_NAMESPACE}:contextos-operator");
+    let made = run(
+        env,
+        &["create", "-f", &replay_job, "--as", &operator, "--dry-run=server"],
+    )
+    .await?;
+    ensure!(
+        made.status.success(),
+        "the operator could not make a replay Job: {}",
         String::from_utf8_lossy(&made.stderr)
     );
     Ok(())

@@ -19,7 +19,7 @@ use crate::audit::{
 
 /// The admission policies ContextOS's security model depends on (`manifests/admission`), each
 /// with a binding of the same name.
-pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 10] = [
+pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 11] = [
     ("contextos-session-identity", "a Session's user is who created it"),
     (
         "contextos-session-approvals",
@@ -40,6 +40,10 @@ pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 10] = [
     (
         "contextos-replay-pods",
         "only the job controller makes a pod a replay Job's, whose read grant the gateway honours",
+    ),
+    (
+        "contextos-replay-jobs",
+        "only the operator makes a replay Job, whose read grant its pods carry",
     ),
     (
         "contextos-consent-author",

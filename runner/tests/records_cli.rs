@@ -217,9 +217,16 @@ async fn write_fresh_and_check_wrong_key(other_key: &str) {
 const BLOBS: TableDefinition<(&str, &[u8; 32]), &[u8]> = TableDefinition::new("blobs");
 
 /// The bundle a run recorded is what a replay re-runs it under: altering it on disk fails
-/// verification, and reading it returns an error, never the altered bytes.
+/// verification, and reading it returns an error, never the altered bytes — also when the run's
+/// start is too large for an entry and is stored as a blob itself.
 #[tokio::test]
 async fn an_altered_run_bundle_fails_verification_and_is_not_read() {
+    for padding in [0, 40_000] {
+        altered_bundle_is_caught(padding).await;
+    }
+}
+
+async fn altered_bundle_is_caught(padding: usize) {
     use contextos_runner::records::RecordStore as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let tenant = TenantId::new("shop").expect("tenant");
@@ -237,7 +244,7 @@ async fn an_altered_run_bundle_fails_verification_and_is_not_read() {
             run_id: "run-bundled".into(),
             session_id: "checkout-5xx".into(),
             agent: "oncall-assistant".into(),
-            run_context: json!({"tenant_id": "shop"}),
+            run_context: json!({"tenant_id": "shop", "padding": "x".repeat(padding)}),
             pinned: PinnedDigests::default(),
             bundle: Some(bundle),
         };

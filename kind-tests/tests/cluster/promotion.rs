@@ -647,27 +647,35 @@ async fn an_edited_configmap_source_is_a_candidate_and_sessions_keep_the_promote
         "the approved revision's contents are read"
     );
 
-    // A model script is the Agent's revision too: editing its ConfigMap makes a candidate,
-    // held like any other while the revision in force stays.
-    let script: Value = serde_json::from_str(QUICK_SCRIPT)?;
+    // A model script is the Agent's revision too: editing its ConfigMap makes a candidate, which
+    // the Agent's gate re-executes playing the edited script — one that reads the status before
+    // the runbook decides differently from the recorded sessions, and fails — while the revision
+    // in force stays.
+    let mut script: Value = serde_json::from_str(QUICK_SCRIPT)?;
+    if let Some(turns) = script["turns"].as_array_mut() {
+        turns.swap(0, 1);
+    }
     config_maps
         .patch(
             "quickstart-script",
             &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"script.json": serde_json::to_string_pretty(&script)?}})),
+            &Patch::Merge(json!({"data": {"script.json": script.to_string()}})),
         )
         .await?;
     wait_for_object(
         &agents,
         "oncall-assistant",
-        "a candidate for the edited script",
+        "the edited script's candidate failing its replay",
         TIMEOUT,
         |a: &Agent| {
-            let revisions = a.status.clone().and_then(|s| s.revisions).unwrap_or_default();
+            let status = a.status.clone().unwrap_or_default();
+            let revisions = status.revisions.clone().unwrap_or_default();
+            let replay = condition(&status.conditions, "ReplayPassed");
             Check::when(
                 revisions.candidate.as_deref().is_some_and(|c| c != composition)
-                    && revisions.promoted.as_deref() == Some(composition.as_str()),
-                || format!("{revisions:?}"),
+                    && revisions.promoted.as_deref() == Some(composition.as_str())
+                    && replay.starts_with("False ReplayFailed"),
+                || format!("{replay}; {revisions:?}"),
             )
         },
     )

@@ -300,11 +300,35 @@ async fn composition(
         Ok(scripts) => scripts,
         Err(invalid) => return Ok(Err(invalid)),
     };
-    Ok(Ok(Composition::new(spec, pack, policies)
+    let composition = Composition::new(spec, pack, policies)
         .with_ontology(resolved.ontology.as_ref().map(|o| o.spec.clone()))
         .with_skills(resolved.skills.clone())
-        .with_scripts(model_script, routed_scripts)))
+        .with_scripts(model_script, routed_scripts);
+    Ok(match too_large(&composition) {
+        Some(problem) => Err(problem),
+        None => Ok(composition),
+    })
 }
+
+/// Why `composition` is too large to be kept whole, if it is (pure).
+fn too_large(composition: &Composition) -> Option<Invalid> {
+    let size = serde_json::to_vec(composition).map_or(usize::MAX, |json| json.len());
+    (size > MAX_COMPOSITION_BYTES).then(|| {
+        Invalid::new(
+            reason::INVALID_SPEC,
+            format!(
+                "spec: what the Agent runs (its spec, its skills, its pack's revision with the contents of its ConfigMap sources, its model scripts) takes {} KiB, more than the {} KiB a revision may; shorten the model scripts or the pack's sources",
+                size / 1024,
+                MAX_COMPOSITION_BYTES / 1024
+            ),
+        )
+    })
+}
+
+/// At most this many bytes of an Agent's composition (as JSON): it is kept whole in its revision
+/// snapshot, in a replay Job's candidate ConfigMap and in each Session's bundle ConfigMap, which
+/// holds at most 1 MiB with the Session's own spec beside it.
+pub const MAX_COMPOSITION_BYTES: usize = 768 * 1024;
 
 /// The scripts `spec`'s models name by `scriptRef` (its own, and each one `spec.routing`
 /// names, by routing name), read now from their ConfigMaps: a composition holds them, so an
@@ -642,4 +666,25 @@ fn prices_of(
         }
     }
     Ok(prices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A composition is kept whole in objects of 1 MiB at most: one whose model script alone is
+    /// larger is refused, naming what to shorten, instead of every Session failing to start.
+    #[test]
+    fn a_composition_too_large_to_keep_is_refused() {
+        let bundle = crate::fixtures::run_bundle(&crate::fixtures::session());
+        let composition = Composition::new(&bundle.agent_spec, bundle.context_pack.clone(), Vec::new());
+        assert!(too_large(&composition).is_none());
+        let large = composition.with_scripts(Some("\"".repeat(MAX_COMPOSITION_BYTES / 2)), BTreeMap::new());
+        let problem = too_large(&large).expect("refused");
+        assert!(
+            problem.message.contains("shorten the model scripts"),
+            "{}",
+            problem.message
+        );
+    }
 }

@@ -722,7 +722,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             appended.hashes.push(entry.hash);
             if let Ok(e) = RecordEntry::decode(&entry.bytes) {
                 SummaryEffect::of(&e.body).apply(&mut self.summary);
-                if let Some(step) = self.turn_step(&e.body).await {
+                if let Some(step) = self.turn_step(&e.body).await? {
                     appended.turns.push(step);
                 }
             }
@@ -731,18 +731,27 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         Ok(appended)
     }
 
-    /// The step of a model turn (one stored as a blob is read for it).
-    async fn turn_step(&self, body: &EntryBody) -> Option<u32> {
+    /// The step of a model turn (one stored as a blob is read for it: a turn whose step cannot
+    /// be read is an error, never taken for another entry).
+    async fn turn_step(&self, body: &EntryBody) -> Result<Option<u32>, RecordError> {
         match body {
-            EntryBody::ModelTurn { step, .. } => Some(*step),
+            EntryBody::ModelTurn { step, .. } => Ok(Some(*step)),
             EntryBody::Blob { blob, body_type, .. } if body_type == "model_turn" => {
-                let bytes = self.store.get_blob(&self.tenant, blob).await.ok()??;
-                match serde_json::from_slice(&bytes).ok()? {
-                    EntryBody::ModelTurn { step, .. } => Some(step),
-                    _ => None,
+                let unreadable = |problem: String| StoreError::Corrupt {
+                    key: format!("blob {blob}"),
+                    problem,
+                };
+                let bytes = self
+                    .store
+                    .get_blob(&self.tenant, blob)
+                    .await?
+                    .ok_or_else(|| unreadable("a model turn's blob is missing".into()))?;
+                match serde_json::from_slice(&bytes) {
+                    Ok(EntryBody::ModelTurn { step, .. }) => Ok(Some(step)),
+                    _ => Err(unreadable("a model turn's blob holds no model turn".into()).into()),
                 }
             }
-            _ => None,
+            _ => Ok(None),
         }
     }
 

@@ -636,16 +636,25 @@ pub async fn replay_run_as<S: RecordStore>(
         other => (other, None),
     };
     // The recorded model, asked as the run asked it: a candidate does not choose where the model
-    // key and the recorded results go, nor which model an endpoint routes them to.
+    // key and the recorded results go, nor which model an endpoint routes them to. A scripted
+    // model's script reaches nothing and is that model: the candidate's is played (an edit to
+    // it is what the Agent's gate judges).
     let model = match reexecute {
         Some(r) => {
-            bundle.model_script = original.bundle.model_script.clone();
-            let model = r.models.model_for(&original.bundle).await.map_err(|problem| {
-                ReplayError::ModelUnavailable {
-                    run_id: run_id.to_owned(),
-                    problem,
-                }
-            })?;
+            let mut asked = original.bundle.clone();
+            if bundle.model_script.is_some() {
+                asked.model_script = bundle.model_script.clone();
+            }
+            asked.routed_scripts.extend(bundle.routed_scripts.clone());
+            bundle.model_script = asked.model_script.clone();
+            let model =
+                r.models
+                    .model_for(&asked)
+                    .await
+                    .map_err(|problem| ReplayError::ModelUnavailable {
+                        run_id: run_id.to_owned(),
+                        problem,
+                    })?;
             Some(r.meter.metering(model))
         }
         None => None,

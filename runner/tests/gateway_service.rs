@@ -2549,20 +2549,50 @@ async fn a_runner_told_a_result_the_service_then_lost_cannot_act_on_it() {
         .expect("a writer that read the record may write on it");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_runner_that_moves_to_another_replica_before_its_result_is_written_is_served_once_it_is() {
-    // Replica A answers a call while its result is written, slowly; the runner's next call
-    // reaches replica B first. B does not hold the head the runner was told yet: the runner
-    // asks again until it does, and the record has both calls in order.
+/// Two gateway replicas over one store, with run [`RUN`] started through replica A, and the
+/// runner's client at each.
+struct TwoReplicas {
+    store: Arc<LosesAResult>,
+    at_a: GatewayClient,
+    at_b: GatewayClient,
+    bundle: RunBundle,
+    context: SignedRunContext,
+    _tools: (OpsTools, OpsTools),
+}
+
+async fn two_replicas() -> TwoReplicas {
     let store = Arc::new(LosesAResult::default());
     let operator = KeyPair::from_seed([11; 32]);
-    let (replica_a, _tools_a) = service_over(store.clone(), &operator).await;
-    let (replica_b, _tools_b) = service_over(store.clone(), &operator).await;
+    let (replica_a, tools_a) = service_over(store.clone(), &operator).await;
+    let (replica_b, tools_b) = service_over(store.clone(), &operator).await;
     let (bundle, context) = quickstart_run(&operator);
     let token = || TokenSource::Fixed("token-run-1".into());
     let at_a = GatewayClient::new(&replica_a, token(), &context).expect("client");
     let at_b = GatewayClient::new(&replica_b, token(), &context).expect("client");
     start_run(at_a.records(), &bundle, &context).await;
+    TwoReplicas {
+        store,
+        at_a,
+        at_b,
+        bundle,
+        context,
+        _tools: (tools_a, tools_b),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_moves_to_another_replica_before_its_result_is_written_is_served_once_it_is() {
+    // Replica A answers a call while its result is written, slowly; the runner's next call
+    // reaches replica B first. B does not hold the head the runner was told yet: the runner
+    // asks again until it does, and the record has both calls in order.
+    let TwoReplicas {
+        store,
+        at_a,
+        at_b,
+        bundle: _,
+        context,
+        _tools,
+    } = two_replicas().await;
 
     store.delay_ms.store(400, std::sync::atomic::Ordering::SeqCst);
     let first = at_a.call(&status_update(&context, 1), &Default::default()).await;
@@ -2605,15 +2635,14 @@ async fn a_step_asked_of_two_replicas_at_once_has_one_answer_on_record() {
     // the same step reaches replica B, which finds no turn on record yet and asks the model
     // too. B's turn is written first: A's is then dropped, not chained after it, so the record
     // holds one answer for the step, and asking again gets that one.
-    let store = Arc::new(LosesAResult::default());
-    let operator = KeyPair::from_seed([11; 32]);
-    let (replica_a, _tools_a) = service_over(store.clone(), &operator).await;
-    let (replica_b, _tools_b) = service_over(store.clone(), &operator).await;
-    let (bundle, context) = quickstart_run(&operator);
-    let token = || TokenSource::Fixed("token-run-1".into());
-    let at_a = GatewayClient::new(&replica_a, token(), &context).expect("client");
-    let at_b = GatewayClient::new(&replica_b, token(), &context).expect("client");
-    start_run(at_a.records(), &bundle, &context).await;
+    let TwoReplicas {
+        store,
+        at_a,
+        at_b,
+        bundle,
+        context: _,
+        _tools,
+    } = two_replicas().await;
     let request = ModelRequest {
         model: String::new(),
         messages: vec![Message::new(Role::User, "what is wrong with checkout-api?")],

@@ -1040,27 +1040,9 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         "apiVersion": "contextos.dev/v1alpha1", "kind": "Session", "name": "victim",
         "uid": "6f1c8a52-0000-4000-8000-000000000001", "controller": true,
     }]);
-    // Bound to no node (nothing runs it), and within the restricted Pod Security profile.
-    let pod = |name: &str, owners: &Value| {
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "ownerReferences": owners},
-            "spec": {
-                "nodeName": "nowhere",
-                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
-                "containers": [{
-                    "name": "c", "image": env.busybox_image(),
-                    "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
-                }],
-            },
-        })
-    };
+    let pod = |name: &str, owners: &Value| tenant_pod(env, namespace, name, owners, &json!({}));
     let dir = tempfile::tempdir()?;
-    let file = |name: &str, value: &Value| -> Result<String> {
-        let path = dir.path().join(format!("{name}.json"));
-        std::fs::write(&path, value.to_string())?;
-        Ok(path.to_string_lossy().into_owned())
-    };
+    let file = |name: &str, value: &Value| json_file(dir.path(), name, value);
     let claimed = file("claimed", &pod("victim-run-1", &session))?;
     let refusal = "only the ContextOS operator makes a pod a Session's runner pod";
     wait_for(
@@ -1160,6 +1142,30 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
     Ok(())
 }
 
+/// A pod a tenant could write, with these owners and labels: bound to no node (nothing runs it),
+/// and within the restricted Pod Security profile.
+fn tenant_pod(env: &TestEnv, namespace: &str, name: &str, owners: &Value, labels: &Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "ownerReferences": owners, "labels": labels},
+        "spec": {
+            "nodeName": "nowhere",
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "c", "image": env.busybox_image(),
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    })
+}
+
+/// `value` written as JSON to `<dir>/<name>.json` (for `kubectl create -f`), and that path.
+fn json_file(dir: &std::path::Path, name: &str, value: &Value) -> Result<String> {
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, value.to_string())?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
 /// Only the operator makes a replay Job and only the job controller a replay pod (the gateway
 /// honours a Job's read grant only from a pod labelled contextos.dev/role=replay that the Job
 /// controls): a tenant's labelled pod is refused, owned by a Job or not (the job controller
@@ -1188,26 +1194,9 @@ async fn check_replay_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         "uid": "6f1c8a52-0000-4000-8000-000000000003", "controller": true,
     }]);
     let replay = json!({"contextos.dev/role": "replay"});
-    let container = json!({
-        "name": "c", "image": env.busybox_image(),
-        "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
-    });
-    let security =
-        json!({"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}});
-    // Bound to no node (nothing runs it), and within the restricted Pod Security profile.
-    let pod = |name: &str, owners: &Value, labels: &Value| {
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "ownerReferences": owners, "labels": labels},
-            "spec": {"nodeName": "nowhere", "securityContext": security, "containers": [container]},
-        })
-    };
+    let pod = |name: &str, owners: &Value, labels: &Value| tenant_pod(env, namespace, name, owners, labels);
     let dir = tempfile::tempdir()?;
-    let file = |name: &str, value: &Value| -> Result<String> {
-        let path = dir.path().join(format!("{name}.json"));
-        std::fs::write(&path, value.to_string())?;
-        Ok(path.to_string_lossy().into_owned())
-    };
+    let file = |name: &str, value: &Value| json_file(dir.path(), name, value);
     let refused = |output: &std::process::Output, needle: &str| {
         !output.status.success() && String::from_utf8_lossy(&output.stderr).contains(needle)
     };
@@ -1292,7 +1281,11 @@ async fn check_replay_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         "metadata": {"name": "replay-policy-guardrails-0123456789", "namespace": namespace},
         "spec": {"template": {
             "metadata": {"labels": replay},
-            "spec": {"restartPolicy": "Never", "securityContext": security, "containers": [container]},
+            "spec": {
+                "restartPolicy": "Never",
+                "securityContext": pod("template", &json!([]), &json!({}))["spec"]["securityContext"],
+                "containers": pod("template", &json!([]), &json!({}))["spec"]["containers"],
+            },
         }},
     });
     let replay_job = file("replay-job", &replay_job)?;

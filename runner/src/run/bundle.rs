@@ -1,7 +1,7 @@
 //! The run bundle: every spec one Session runs under, pinned — the Session, its Agent, the
 //! ContextPack revision (its spec and its ConfigMap sources' contents), the Policies in order,
-//! and the model script. The
-//! operator writes it (immutable) for a runner pod; `contextos run` builds it from local YAML.
+//! and the model script. The operator writes it (immutable) for a runner pod; `contextos run`
+//! builds it from local YAML.
 //! It is stored with the record, so a replay can re-run a session under exactly these versions.
 //!
 //! Secret values are never part of a bundle: they are resolved separately and never recorded.

@@ -230,13 +230,7 @@ pub(super) fn revision_problem(
     if let Some(why) = contextos_runner::memory::desk::source_problem(spec) {
         return Some(Invalid::new(reason::INVALID_SPEC, why));
     }
-    let resolved: Vec<ResolvedSource> = contents
-        .iter()
-        .map(|(name, content)| ResolvedSource {
-            name: name.clone(),
-            content: content.clone(),
-        })
-        .collect();
+    let resolved = ResolvedSource::all(contents);
     if context::certainly_fits(spec, &resolved) {
         return None;
     }

@@ -16,6 +16,19 @@ pub struct ResolvedSource {
     pub content: String,
 }
 
+impl ResolvedSource {
+    /// Each of `contents` (by source name) as the compiler takes it.
+    pub fn all(contents: &std::collections::BTreeMap<String, String>) -> Vec<Self> {
+        contents
+            .iter()
+            .map(|(name, content)| Self {
+                name: name.clone(),
+                content: content.clone(),
+            })
+            .collect()
+    }
+}
+
 /// The compiled context.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompiledContext {

@@ -500,13 +500,7 @@ impl RunBundle {
 
     /// The pack's ConfigMap sources as the context compiler takes them.
     pub fn resolved_sources(&self) -> Vec<ResolvedSource> {
-        self.pack_contents()
-            .iter()
-            .map(|(name, content)| ResolvedSource {
-                name: name.clone(),
-                content: content.clone(),
-            })
-            .collect()
+        ResolvedSource::all(self.pack_contents())
     }
 
     /// The gateway's view: tools, policies, and the secret values adapters need.

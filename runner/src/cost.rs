@@ -73,6 +73,14 @@ pub struct Spend {
     pub cost: BTreeMap<String, Nanos>,
     /// Tokens of turns recorded without a price.
     pub unpriced_tokens: u64,
+    /// Tokens models were paid for that no turn on record holds (answers dropped, models cut
+    /// off after they were asked); their cost is in `cost`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unanswered_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Spend {
@@ -87,6 +95,7 @@ impl Spend {
         self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
         self.priced_tool_calls = self.priced_tool_calls.saturating_add(other.priced_tool_calls);
         self.unpriced_tokens = self.unpriced_tokens.saturating_add(other.unpriced_tokens);
+        self.unanswered_tokens = self.unanswered_tokens.saturating_add(other.unanswered_tokens);
         for (currency, amount) in &other.cost {
             let sum = self.cost.entry(currency.clone()).or_default();
             *sum = *sum + *amount;
@@ -154,6 +163,22 @@ impl Report {
                     calls.insert(&call.call_id, &call.tool);
                     continue;
                 }
+                EntryBody::ModelSpend {
+                    model, tokens, cost, ..
+                } => {
+                    let key = match by {
+                        By::Model => model.clone(),
+                        By::Tool => MODEL_TURNS.to_owned(),
+                        _ => run_group(),
+                    };
+                    let paid = Spend {
+                        unanswered_tokens: *tokens,
+                        cost: cost.iter().map(|c| (c.currency.clone(), c.nanos)).collect(),
+                        ..Spend::default()
+                    };
+                    per_group.entry(key).or_default().add(&paid);
+                    continue;
+                }
                 // A call is charged once: on its result, or on the first question its remote
                 // agent asked (then its result costs nothing more).
                 EntryBody::ToolResult(crate::records::entry::ToolResultRecord {
@@ -214,6 +239,7 @@ impl Report {
                 },
                 runs: 0,
                 priced_tool_calls: 0,
+                unanswered_tokens: 0,
             };
             per_group.entry(key).or_default().add(&turn);
         }
@@ -284,9 +310,81 @@ impl Report {
         if self.total.unpriced_tokens > 0 {
             out.push_str("unpriced: tokens of turns recorded without a price (no PriceList then, or a scripted model no list prices)\n");
         }
+        if self.total.unanswered_tokens > 0 {
+            out.push_str(&format!(
+                "unanswered: {} tokens models were paid for that no turn on record holds (an answer dropped because another gateway replica recorded the step first, or a model cut off after it was asked); their cost is in the cost column\n",
+                self.total.unanswered_tokens
+            ));
+        }
         if self.total.priced_tool_calls > 0 {
             out.push_str("tool calls: calls to tools a PriceList prices per call, carried out (their cost is in the cost column)\n");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{pricing::TurnCost, records::entry::UnansweredSpend};
+
+    fn entry(seq: u64, body: EntryBody) -> RecordEntry {
+        RecordEntry {
+            run_id: "run-1".into(),
+            seq,
+            prev: None,
+            at_ms: 0,
+            body,
+            vaulted: None,
+        }
+    }
+
+    fn usd(nanos: u64) -> Option<TurnCost> {
+        Some(TurnCost {
+            currency: "USD".into(),
+            nanos: Nanos(nanos),
+        })
+    }
+
+    #[test]
+    fn tokens_paid_for_that_no_turn_holds_are_spend_of_their_model() {
+        let entries = [
+            entry(
+                0,
+                EntryBody::ModelSpend {
+                    step: 1,
+                    model: "gpt-x".into(),
+                    tokens: 900,
+                    reason: UnansweredSpend::CutOff,
+                    cost: usd(4_000),
+                },
+            ),
+            entry(
+                1,
+                EntryBody::ModelTurn {
+                    step: 1,
+                    model: "gpt-x".into(),
+                    response: serde_json::json!({"content": "ok"}),
+                    prompt_tokens: 100,
+                    completion_tokens: 20,
+                    cached_prompt_tokens: 0,
+                    cost: usd(600),
+                },
+            ),
+        ];
+        let mut report = Report::new("shop", "1d", &By::Model);
+        report.add_run(&By::Model, "sre", &BTreeMap::new(), &entries);
+        let spend = &report.groups["gpt-x"];
+        assert_eq!(
+            (spend.turns, spend.prompt_tokens, spend.unanswered_tokens),
+            (1, 100, 900)
+        );
+        assert_eq!(spend.cost["USD"], Nanos(4_600), "both paid for");
+        assert_eq!(report.total.unanswered_tokens, 900);
+        assert!(
+            report.text().contains("unanswered: 900 tokens"),
+            "{}",
+            report.text()
+        );
     }
 }

@@ -22,7 +22,8 @@ use crate::{
 };
 
 /// What the record says a run has used: model steps and tokens (counted from the model turns
-/// the gateway itself recorded), and the turn of the latest step.
+/// the gateway itself recorded, and the tokens it paid for that no turn holds), and the turn
+/// of the latest step.
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
     pub steps: u32,
@@ -73,6 +74,10 @@ impl Ledger {
             && recall.source.is_some()
         {
             self.recalled.push(recall.clone());
+        }
+        // Tokens paid for that no turn holds count as a turn's do: asking twice is never free.
+        if let EntryBody::ModelSpend { tokens, .. } = &entry.body {
+            self.tokens = self.tokens.saturating_add(*tokens);
         }
         if let EntryBody::ModelTurn {
             step,

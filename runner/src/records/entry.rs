@@ -151,6 +151,27 @@ pub enum Verdict {
     Escalate,
 }
 
+/// Why a model was paid for tokens that no model turn on record holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnansweredSpend {
+    /// The step was asked of two gateway replicas at once and the other's answer was recorded
+    /// first: this one was dropped (one step has one answer on record), its tokens were not.
+    TurnDropped,
+    /// The model was cut off after the request was sent (it timed out generating, say), so it
+    /// may have cost what it could: the prompt at a token a byte and the whole output limit.
+    CutOff,
+}
+
+impl std::fmt::Display for UnansweredSpend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::TurnDropped => "an answer dropped: another gateway replica recorded the step's turn first",
+            Self::CutOff => "cut off after it was asked, charged as held",
+        })
+    }
+}
+
 /// What one entry says. Every variant is a fact about the run at that point.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -183,6 +204,20 @@ pub enum EntryBody {
         #[serde(default, skip_serializing_if = "is_zero")]
         cached_prompt_tokens: u64,
         /// What the turn cost, at the price the run pinned (none: the run had no price).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cost: Option<crate::pricing::TurnCost>,
+    },
+    /// Tokens a model was paid for on this run that no model turn on record holds, written by
+    /// the gateway: they count against the run's `maxTokens` as a turn's do, so asking twice
+    /// is never free (see [`UnansweredSpend`]).
+    ModelSpend {
+        /// The step the model was asked for.
+        step: u32,
+        /// The model paid.
+        model: String,
+        tokens: u64,
+        reason: UnansweredSpend,
+        /// What it cost, at the price the run pinned for that model (none: no price).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cost: Option<crate::pricing::TurnCost>,
     },
@@ -302,6 +337,7 @@ impl EntryBody {
             Self::RunStarted { .. } => "run_started",
             Self::ContextCompiled { .. } => "context_compiled",
             Self::ModelTurn { .. } => "model_turn",
+            Self::ModelSpend { .. } => "model_spend",
             Self::ToolCallRequested(_) => "tool_call_requested",
             Self::PolicyDecision(_) => "policy_decision",
             Self::ApprovalRequested { .. } => "approval_requested",

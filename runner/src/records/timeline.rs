@@ -72,6 +72,20 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
                 excerpt(response)
             ),
         ),
+        EntryBody::ModelSpend {
+            step,
+            model,
+            tokens,
+            reason,
+            cost,
+        } => (
+            "gateway",
+            format!(
+                "step {step}: {model} paid for {tokens} tokens no turn holds ({reason}{})",
+                cost.as_ref()
+                    .map_or_else(String::new, |c| format!("; {} {}", c.nanos, c.currency)),
+            ),
+        ),
         EntryBody::ToolsOffered {
             step,
             scoring,

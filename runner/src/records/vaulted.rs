@@ -87,6 +87,8 @@ fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
         | EntryBody::MemoryCandidate(_)
         // Tool names and scores only (checked by `check_readable_fields`).
         | EntryBody::ToolsOffered { .. }
+        // A model's name and counts, written by the gateway.
+        | EntryBody::ModelSpend { .. }
         // A blob's body is encrypted before it is moved to the blob.
         | EntryBody::Blob { .. } => Vec::new(),
     }

@@ -394,13 +394,21 @@ impl RunBundle {
 
     /// The name at its endpoint of the model that answered `turn`.
     pub fn model_of(&self, turn: &crate::model::ModelTurn) -> String {
-        let primary = &self.agent_spec.model;
-        match (&self.agent_spec.routing, &turn.route) {
-            (Some(routing), Some(route)) => routing
-                .model(primary, &route.answered_by)
-                .map_or_else(|| primary.model.clone(), |m| m.model.clone()),
-            _ => primary.model.clone(),
+        match &turn.route {
+            Some(route) => self.model_routed_as(&route.answered_by),
+            None => self.agent_spec.model.model.clone(),
         }
+    }
+
+    /// The name at its endpoint of the model routing names `name` (`primary`, or a name routing
+    /// does not know: the Agent's own model).
+    pub fn model_routed_as(&self, name: &str) -> String {
+        let primary = &self.agent_spec.model;
+        self.agent_spec
+            .routing
+            .as_ref()
+            .and_then(|routing| routing.model(primary, name))
+            .map_or_else(|| primary.model.clone(), |m| m.model.clone())
     }
 
     /// The bundle's canonical JSON: what is stored (as a blob) with the record.

@@ -121,11 +121,21 @@ pub fn routing_effect(
                 _ => None,
             })
             .max();
+        // Tokens paid for that no turn holds, recorded before this step's turn, had counted
+        // (as the gateway's budget counts them), except this step's own cut-off models.
+        let unanswered: u64 = entries
+            .iter()
+            .take_while(|e| !matches!(&e.body, EntryBody::ModelTurn { step: s, .. } if *s == step))
+            .filter_map(|e| match &e.body {
+                EntryBody::ModelSpend { step: s, tokens, .. } if *s != step => Some(*tokens),
+                _ => None,
+            })
+            .fold(0u64, u64::saturating_add);
         let facts = RouteFacts {
             step,
             max_steps: budget.max_steps,
             riskiest_called,
-            tokens_used,
+            tokens_used: tokens_used.saturating_add(unanswered),
             max_tokens: budget.max_tokens,
         };
         tokens_used = tokens_used.saturating_add(turn.prompt_tokens.saturating_add(turn.completion_tokens));

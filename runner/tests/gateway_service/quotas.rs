@@ -6,6 +6,7 @@
 use contextos_crds::{SpendQuota, SpendQuotaSpec};
 use contextos_runner::{
     pricing::{Nanos, PinnedPrice, PinnedToolPrice},
+    records::entry::UnansweredSpend,
     run::RunReport,
 };
 
@@ -401,6 +402,74 @@ async fn a_model_turn_cut_off_after_it_was_sent_spends_what_it_held_and_asking_a
     assert!(spent[0] >= 500, "{spent:?}");
     assert_eq!(spent[1], 2 * spent[0], "{spent:?}");
     assert_eq!(spent[2], 3 * spent[0], "{spent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_cut_off_again_and_again_spends_the_runs_own_token_budget_without_any_quota() {
+    // No SpendQuota: the run's maxTokens alone must stop a runner that asks a model which
+    // keeps being cut off mid-turn (each attempt may have cost its whole hold). Before, such
+    // attempts were charged to quotas only, and a run without one could ask without end.
+    let rig = rig().await;
+    let mut bundle = rig.bundle.clone();
+    bundle.agent_spec.model = serde_yaml::from_str(&format!(
+        "provider: openai_compatible\nmodel: gpt-cut-off\nendpoint: {}\nmaxOutputTokens: 500\n",
+        hanging_up_endpoint().await
+    ))
+    .expect("model");
+    bundle.model_script = None;
+    let request = ModelRequest {
+        model: "m".into(),
+        messages: vec![Message::new(Role::User, "write a very long essay")],
+        tools: agent_tools(&bundle.agent_spec),
+        max_output_tokens: None,
+    };
+    let held = contextos_runner::model::most_prompt_tokens(&request) + 500;
+    let estimate = contextos_runner::model::estimated_tokens(&request);
+    // Room for three attempts held in full, not a fourth.
+    bundle.agent_spec.budget.max_tokens = 2 * held + estimate + 500;
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    // (The client itself asks again after a model failed: count attempts on the record.)
+    let mut refusals = Vec::new();
+    for _ in 0..10 {
+        let refusal = client
+            .model(&request, 1)
+            .await
+            .expect_err("no answer")
+            .to_string();
+        let over_budget = refusal.contains("tokens and this prompt needs");
+        refusals.push(refusal);
+        if over_budget {
+            break;
+        }
+    }
+    assert!(
+        refusals.last().is_some_and(|r| r.contains("token budget")),
+        "the run's budget ends the attempts: {refusals:#?}"
+    );
+    let spends: Vec<(u32, String, u64, UnansweredSpend)> = bodies_of(&rig, RUN)
+        .await
+        .into_iter()
+        .filter_map(|body| match body {
+            EntryBody::ModelSpend {
+                step,
+                model,
+                tokens,
+                reason,
+                ..
+            } => Some((step, model, tokens, reason)),
+            _ => None,
+        })
+        .collect();
+    let one = (1, "gpt-cut-off".to_owned(), held, UnansweredSpend::CutOff);
+    assert_eq!(spends, vec![one.clone(), one.clone(), one], "{refusals:#?}");
+    let shop = TenantKeys::new(&KeyPair::from_seed([12; 32]))
+        .for_tenant("shop")
+        .public();
+    verify_run(&*rig.store, &rig.tenant(), RUN, &shop)
+        .await
+        .unwrap_or_else(|e| panic!("the chain verifies: {e}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,8 @@ use super::*;
 use crate::{
     gateway::remote::RunnerTail,
     records::{
+        RecordError,
+        entry::UnansweredSpend,
         recorder::Flush,
         store::remote::{HEAD_HEADER, head_header_value},
     },
@@ -868,7 +870,8 @@ where
         let reply = |head| with_head(Json(&outcome).into_response(), head);
         let written = self
             .write_and_answer(caller, &mut log, recorder, answer, Answering::early(early), reply)
-            .await;
+            .await
+            == Written::Yes;
         slot.gateway.publish_cached(written);
         let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
         if made
@@ -954,7 +957,7 @@ where
         answer: tokio::sync::oneshot::Sender<Reply>,
         answering: Answering,
         reply: impl FnOnce(Option<(u64, Hash)>) -> Response,
-    ) -> bool {
+    ) -> Written {
         let prepared = match recorder
             .prepare()
             .instrument(tracing::debug_span!("gateway.prepare"))
@@ -964,7 +967,7 @@ where
             Err(e) => {
                 log.mark_stale();
                 let _ = answer.send(Err(unavailable(e)));
-                return false;
+                return Written::No;
             }
         };
         let (mut answer, mut reply) = (Some(answer), Some(reply));
@@ -979,13 +982,17 @@ where
             let _ = answer.send(Ok(reply(Some(prepared.head()))));
             flush = Flush::Soon;
         }
+        let mut turn_taken = false;
         let written = match prepared {
             Some(prepared) => recorder
                 .commit_or_rechain_turn(prepared, flush, answering.turn())
                 .instrument(tracing::debug_span!("gateway.write"))
                 .await
                 .map(|_| ())
-                .map_err(unavailable),
+                .map_err(|e| {
+                    turn_taken = matches!(e, RecordError::TurnRecorded { .. });
+                    unavailable(e)
+                }),
             None => Ok(()),
         };
         let settled = match written {
@@ -1000,7 +1007,11 @@ where
             // Written or not, what this replica folded in no longer matches the record.
             log.mark_stale();
         }
-        let written = settled.is_ok();
+        let written = match settled {
+            Ok(()) => Written::Yes,
+            Err(_) if turn_taken => Written::TurnTaken,
+            Err(_) => Written::No,
+        };
         match (answer, reply) {
             (Some(answer), Some(reply)) => {
                 let _ = answer.send(settled.map(|()| reply(log.exact_head())));
@@ -1214,39 +1225,47 @@ where
         };
         // Each request that asks the model spends: its hold is its own.
         let owner = super::quotas::request_owner();
+        let step = request.step;
         let (turn, cut_off) = match self
-            .model_turn(
-                caller,
-                slot,
-                &log,
-                (request.request, request.step),
-                &quotas,
-                &owner,
-            )
+            .model_turn(caller, slot, &log, (request.request, step), &quotas, &owner)
             .await
         {
             Ok(answered) => answered,
             // A SpendQuota refused the turn for good: the run ends here, on record, written by
             // the gateway — whatever the runner reports, nothing more of the run is served.
-            Err(refusal) if refusal.1 == super::quotas::QUOTA_EXCEEDED_CODE => {
+            Err((refusal, _)) if refusal.1 == super::quotas::QUOTA_EXCEEDED_CODE => {
                 recorder.stage(ended_by_quota(&refusal.2));
                 let reply = move |head| with_head(refusal.into_response(), head);
                 self.write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
                     .await;
                 return;
             }
-            Err(refusal) => {
+            Err((refusal, paid)) if paid.is_empty() => {
                 let _ = answer.send(Err(refusal));
                 return;
             }
+            // No model answered, but one was paid: on record before the refusal is heard, so a
+            // runner asking again and again spends its own budget.
+            Err((refusal, paid)) => {
+                for spend in &paid {
+                    recorder.stage(spend.entry(step, UnansweredSpend::CutOff));
+                }
+                let reply = move |head| with_head(refusal.into_response(), head);
+                self.write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
+                    .await;
+                return;
+            }
         };
+        for spend in &cut_off {
+            recorder.stage(spend.entry(step, UnansweredSpend::CutOff));
+        }
         let cost = slot.bundle.turn_cost(&turn);
         let model = slot.bundle.model_of(&turn);
         span.record("gen_ai.response.model", model.as_str());
         span.record("gen_ai.usage.input_tokens", turn.prompt_tokens);
         span.record("gen_ai.usage.output_tokens", turn.completion_tokens);
         recorder.stage(EntryBody::ModelTurn {
-            step: request.step,
+            step,
             model: model.clone(),
             response: serde_json::to_value(&turn).unwrap_or_default(),
             prompt_tokens: turn.prompt_tokens,
@@ -1256,21 +1275,34 @@ where
         });
         let counted = turn.clone();
         let reply = move |head| with_head(Json(&turn).into_response(), head);
-        self.write_and_answer(
-            caller,
-            &mut log,
-            recorder,
-            answer,
-            Answering::EarlyTurn(request.step),
-            reply,
-        )
-        .await;
+        let written = self
+            .write_and_answer(
+                caller,
+                &mut log,
+                recorder,
+                answer,
+                Answering::EarlyTurn(step),
+                reply,
+            )
+            .await;
+        if written == Written::TurnTaken {
+            // Another replica recorded this step's answer first and this one was dropped with
+            // what it staged; what the model was paid for it is recorded all the same.
+            let paid = cut_off
+                .iter()
+                .map(|spend| spend.entry(step, UnansweredSpend::CutOff))
+                .chain(
+                    [Unanswered::dropped(&slot.bundle, &counted).entry(step, UnansweredSpend::TurnDropped)],
+                )
+                .collect();
+            self.record_dropped(caller, slot, &mut log, step, paid).await;
+        }
         // The model answered: what it cost is spent, on record or not (asked again, it costs
         // again).
-        self.settle_turn(caller, slot, &quotas, (request.step, &owner), &counted, cut_off)
+        self.settle_turn(caller, slot, &quotas, (step, &owner), &counted, &cut_off)
             .await;
         // Counted once on record: a turn whose write failed is asked for again, and counted then.
-        if log.ledger.turns.contains_key(&request.step) {
+        if log.ledger.turns.contains_key(&step) {
             self.spend.record(
                 caller.tenant.as_str(),
                 &slot.bundle.agent,
@@ -1278,6 +1310,41 @@ where
                 &counted,
                 cost.as_ref(),
             );
+        }
+    }
+
+    /// Records what the model was paid for a turn another replica's answer replaced (`paid`:
+    /// the dropped answer, and models cut off before it), after that answer. Best effort: if
+    /// the run ended meanwhile or the store fails, the quotas still hold the charge.
+    async fn record_dropped(
+        &self,
+        caller: &Caller,
+        slot: &RunSlot,
+        log: &mut RunLog,
+        step: u32,
+        paid: Vec<EntryBody>,
+    ) {
+        let mut recorder = match self
+            .continue_run(caller, slot, log, "nothing more is recorded", None)
+            .await
+        {
+            Ok(recorder) => recorder,
+            Err(Refusal(_, _, why)) => {
+                tracing::warn!(run_id = caller.run_id(), step, %why, "a dropped turn's spend is not recorded");
+                return;
+            }
+        };
+        for entry in paid {
+            recorder.stage(entry);
+        }
+        let written = recorder.flush().await;
+        let settled = match written {
+            Ok(_) => self.settle(caller, log, recorder.written()).await,
+            Err(e) => Err(unavailable(e)),
+        };
+        if let Err(Refusal(_, _, why)) = settled {
+            log.mark_stale();
+            tracing::warn!(run_id = caller.run_id(), step, %why, "a dropped turn's spend is not recorded");
         }
     }
 
@@ -1290,9 +1357,10 @@ where
         quotas: &super::quotas::RunQuotas,
         (step, owner): (u32, &str),
         turn: &crate::model::ModelTurn,
-        cut_off: crate::quota::Amounts,
+        cut_off: &[Unanswered],
     ) {
         let cost = slot.bundle.turn_cost(turn);
+        let cut_off = Unanswered::amounts(cut_off, cost.as_ref().map(|c| c.currency.as_str()));
         let spent = crate::quota::Amounts {
             tokens: turn
                 .prompt_tokens
@@ -1332,8 +1400,9 @@ where
         Ok(recorder)
     }
 
-    /// The model's turn for `step`, within the run's budget as the record has it, and what
-    /// models cut off before it answered are charged.
+    /// The model's turn for `step`, within the run's budget as the record has it, with what
+    /// models cut off before one answered were paid for; refused, with what models cut off
+    /// were paid for (each [`Unanswered`] is recorded and charged).
     async fn model_turn(
         self: &Arc<Self>,
         caller: &Caller,
@@ -1342,28 +1411,29 @@ where
         (request, step): (crate::model::ModelRequest, u32),
         quotas: &super::quotas::RunQuotas,
         owner: &str,
-    ) -> Result<(crate::model::ModelTurn, crate::quota::Amounts), Refusal> {
+    ) -> Result<(crate::model::ModelTurn, Vec<Unanswered>), (Refusal, Vec<Unanswered>)> {
+        let refused = |refusal: Refusal| (refusal, Vec::new());
         let ledger = &log.ledger;
         if step != ledger.steps.saturating_add(1) {
-            return Err(bad(format!(
+            return Err(refused(bad(format!(
                 "step {step} does not follow the recorded step {}",
                 ledger.steps
-            )));
+            ))));
         }
         let budget = &caller.context.context.budget;
         if step > budget.max_steps {
-            return Err(Refusal(
+            return Err(refused(Refusal(
                 StatusCode::TOO_MANY_REQUESTS,
                 "step_budget",
                 format!("run {} may take {} steps", caller.run_id(), budget.max_steps),
-            ));
+            )));
         }
         // What the prompt will cost, estimated before asking (≈ 4 bytes a token), so one request
         // cannot overshoot the budget by the size of its prompt.
         let prompt_estimate = crate::model::estimated_tokens(&request);
         let spent = ledger.tokens.saturating_add(prompt_estimate);
         if spent >= budget.max_tokens {
-            return Err(Refusal(
+            return Err(refused(Refusal(
                 StatusCode::TOO_MANY_REQUESTS,
                 "token_budget",
                 format!(
@@ -1372,7 +1442,7 @@ where
                     ledger.tokens,
                     budget.max_tokens
                 ),
-            ));
+            )));
         }
         let mut model_request = request;
         // The model, its limits and its credentials are the Agent's, not the runner's to choose.
@@ -1414,7 +1484,7 @@ where
             crate::quota::book::Durability::Now,
         )
         .await
-        .map_err(super::quotas::refusal)?;
+        .map_err(|e| refused(super::quotas::refusal(e)))?;
         let facts = crate::model::routing::RouteFacts {
             step,
             max_steps: budget.max_steps,
@@ -1424,19 +1494,32 @@ where
         };
         // The model's time is spent out of the request's turn.
         let completed = crate::gateway::fair::away(slot.models.complete(&model_request, step, &facts)).await;
-        if let Err((error, route)) = &completed {
-            // Refused or never sent (every model routing tried said so): nothing was spent.
-            // Cut off or unreadable — a model timed out generating, say — it may have cost
-            // what it could: the hold is spent, so asking again and again is never free.
-            let costly = error.may_have_cost()
-                || route
-                    .as_ref()
-                    .is_some_and(|r| r.failed.iter().any(|f| f.may_have_cost));
-            let spent = if costly {
-                demand.amounts
-            } else {
-                crate::quota::Amounts::default()
-            };
+        // Models cut off or answering unreadably — one timed out generating, say — may have
+        // cost what they could: each is charged as the turn was held (its prompt at a token a
+        // byte and its whole output limit), at its own price, whether another answered or not.
+        let cut_off = |failed: &[crate::model::routing::Failed]| -> Vec<Unanswered> {
+            failed
+                .iter()
+                .filter(|f| f.may_have_cost)
+                .map(|f| Unanswered::held(&slot.bundle, &f.model, most_in, most_out))
+                .collect()
+        };
+        let unanswered = match &completed {
+            Ok(turn) => cut_off(turn.route.as_ref().map_or(&[], |r| r.failed.as_slice())),
+            Err((_, Some(route))) => cut_off(&route.failed),
+            Err((error, None)) if error.may_have_cost() => vec![Unanswered::held(
+                &slot.bundle,
+                contextos_crds::model_routing::PRIMARY,
+                most_in,
+                most_out,
+            )],
+            // Refused or never sent: nothing was spent.
+            Err(_) => Vec::new(),
+        };
+        if completed.is_err() {
+            // Spent, the hold is settled at what was paid, so asking again and again is never
+            // free (in the quotas here, in the run's own budget by the entries recorded).
+            let spent = Unanswered::amounts(&unanswered, demand.currency);
             self.settle_in_quotas(
                 &caller.tenant,
                 quotas,
@@ -1446,52 +1529,100 @@ where
             )
             .await;
         }
-        let mut turn = completed.map_err(|(e, route)| match e {
-            ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => {
-                Refusal(StatusCode::UNPROCESSABLE_ENTITY, "model_script", e.to_string())
-            }
-            other => {
-                // Every model routing allowed failed: each one's failure, in the order tried.
-                let tried = route
-                    .map(|r| {
-                        r.failed
-                            .iter()
-                            .map(|f| format!("{}: {}", f.model, f.error))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    })
-                    .filter(|t| !t.is_empty());
-                let message = match tried {
-                    Some(tried) => format!("no routed model answered ({tried})"),
-                    None => other.to_string(),
-                };
-                Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", message)
-            }
-        })?;
+        let mut turn = match completed {
+            Ok(turn) => turn,
+            Err((error, route)) => return Err((failed_turn(error, route), unanswered)),
+        };
         // Its usage is as `Model::complete` accounts it: an estimate when the model reports
         // none, never nothing.
         turn.cap_tool_calls(budget.max_tool_calls_per_turn);
-        // Models routing tried first that were cut off mid-turn may have cost what they could:
-        // each is charged as it was held (its prompt at a token a byte and its whole output
-        // limit), at its own price, beside what the answer cost.
-        let mut cut_off = crate::quota::Amounts::default();
-        let currency = slot.bundle.turn_cost(&turn).map(|c| c.currency);
-        for failed in turn
-            .route
-            .iter()
-            .flat_map(|r| &r.failed)
-            .filter(|f| f.may_have_cost)
-        {
-            cut_off.tokens = cut_off.tokens.saturating_add(most_in.saturating_add(most_out));
-            if let Some(price) = slot.bundle.price_of_route(&failed.model)
-                && currency.as_deref().is_none_or(|c| c == price.currency)
+        Ok((turn, unanswered))
+    }
+}
+
+/// The refusal for a turn no model answered.
+fn failed_turn(error: ModelError, route: Option<crate::model::routing::Route>) -> Refusal {
+    match error {
+        ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => Refusal(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "model_script",
+            error.to_string(),
+        ),
+        other => {
+            // Every model routing allowed failed: each one's failure, in the order tried.
+            let tried = route
+                .map(|r| {
+                    r.failed
+                        .iter()
+                        .map(|f| format!("{}: {}", f.model, f.error))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .filter(|t| !t.is_empty());
+            let message = match tried {
+                Some(tried) => format!("no routed model answered ({tried})"),
+                None => other.to_string(),
+            };
+            Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", message)
+        }
+    }
+}
+
+/// Tokens a model was paid for that no answer on record holds: recorded as
+/// [`EntryBody::ModelSpend`] (the run's `maxTokens` counts them) and charged in the quotas.
+#[derive(Clone, Debug)]
+struct Unanswered {
+    /// The model at its endpoint.
+    model: String,
+    tokens: u64,
+    cost: Option<crate::pricing::TurnCost>,
+}
+
+impl Unanswered {
+    /// A model (`route`: its name in the Agent's routing, `primary` for its own) cut off after
+    /// it was sent: charged as the turn was held, at that model's price.
+    fn held(bundle: &RunBundle, route: &str, most_in: u64, most_out: u64) -> Self {
+        Self {
+            model: bundle.model_routed_as(route),
+            tokens: most_in.saturating_add(most_out),
+            cost: bundle
+                .price_of_route(route)
+                .map(|price| price.cost(most_in, 0, most_out)),
+        }
+    }
+
+    /// An answer that was paid for and dropped (another replica recorded the step first).
+    fn dropped(bundle: &RunBundle, turn: &crate::model::ModelTurn) -> Self {
+        Self {
+            model: bundle.model_of(turn),
+            tokens: turn.prompt_tokens.saturating_add(turn.completion_tokens),
+            cost: bundle.turn_cost(turn),
+        }
+    }
+
+    fn entry(&self, step: u32, reason: crate::records::entry::UnansweredSpend) -> EntryBody {
+        EntryBody::ModelSpend {
+            step,
+            model: self.model.clone(),
+            tokens: self.tokens,
+            reason,
+            cost: self.cost.clone(),
+        }
+    }
+
+    /// What `spends` charge a quota that counts money in `currency` (costs in another currency
+    /// count their tokens only, as a turn's do).
+    fn amounts(spends: &[Self], currency: Option<&str>) -> crate::quota::Amounts {
+        let mut amounts = crate::quota::Amounts::default();
+        for spend in spends {
+            amounts.tokens = amounts.tokens.saturating_add(spend.tokens);
+            if let Some(cost) = &spend.cost
+                && currency.is_none_or(|c| c == cost.currency)
             {
-                cut_off.nanos = cut_off
-                    .nanos
-                    .saturating_add(price.cost(most_in, 0, most_out).nanos.0);
+                amounts.nanos = amounts.nanos.saturating_add(cost.nanos.0);
             }
         }
-        Ok((turn, cut_off))
+        amounts
     }
 }
 
@@ -1553,6 +1684,15 @@ async fn answered_by(
             Ok(()) => "the request's task ended without an answer".to_owned(),
         })),
     }
+}
+
+/// Whether a request's entries were written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Written {
+    Yes,
+    No,
+    /// Not: they held the model's turn for a step another replica recorded first.
+    TurnTaken,
 }
 
 /// When a request is answered, relative to the write of its entries.

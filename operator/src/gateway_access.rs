@@ -1,17 +1,31 @@
 //! Where the gateway service may read Secrets: only in namespaces that have an Agent. The
 //! gateway's own ClusterRole reads no Secret; for each namespace an Agent is in, the operator
 //! binds ClusterRole [`AGENT_SECRETS_ROLE`] (get Secrets) to the gateway's service account
-//! there. So the gateway never reads contextos-system (the operator's RunContext-signing key),
-//! kube-system, or any namespace of other software, and the operator needs `bind` on that one
-//! role rather than any right to read Secrets itself.
+//! there, and removes the binding once the namespace's last Agent is gone. So the gateway never
+//! reads contextos-system (the operator's RunContext-signing key), kube-system, or any
+//! namespace of other software or that stopped running agents, and the operator needs `bind`
+//! on that one role rather than any right to read Secrets itself.
 
+use std::{sync::Arc, time::Duration};
+
+use contextos_crds::Agent;
+use futures::StreamExt as _;
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
-use kube::{Api, api::ObjectMeta};
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::{DeleteParams, ListParams, ObjectMeta, PartialObjectMeta, Preconditions},
+    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
+};
 
 use crate::{
     controllers::{Context, Result, apply},
     session_children::RunnerSettings,
 };
+
+/// How often a namespace's binding is checked again while Agents are there: the deletion of its
+/// last Agent is normally seen at once; this bounds how long one the watch missed (the operator
+/// was down, its watch restarted) leaves the gateway reading the namespace's Secrets.
+const RECHECK: Duration = Duration::from_secs(600);
 
 /// The ClusterRole bound in each namespace with an Agent, and the RoleBinding's name there.
 pub const AGENT_SECRETS_ROLE: &str = "contextos-gateway-agent-secrets";
@@ -24,7 +38,7 @@ pub fn binding(namespace: &str, settings: &RunnerSettings) -> RoleBinding {
             name: Some(AGENT_SECRETS_ROLE.into()),
             namespace: Some(namespace.into()),
             labels: Some(
-                [("app.kubernetes.io/part-of".to_owned(), "contextos".to_owned())]
+                [(PART_OF.0.to_owned(), PART_OF.1.to_owned())]
                     .into_iter()
                     .collect(),
             ),
@@ -64,9 +78,111 @@ pub async fn ensure(ctx: &Context, namespace: &str) -> Result<()> {
     }
 }
 
+/// The operator's bindings, each reconciled when an Agent is deleted (in its namespace) and
+/// every [`RECHECK`] (see [`reconcile_binding`]). Watched by metadata, by name: the operator may
+/// list and watch no other RoleBinding.
+pub fn controller(client: &Client) -> Controller<PartialObjectMeta<RoleBinding>> {
+    let ours = watcher::Config::default()
+        .fields(&format!("metadata.name={AGENT_SECRETS_ROLE}"))
+        .labels(&format!("{}={}", PART_OF.0, PART_OF.1));
+    let agents = Api::<PartialObjectMeta<Agent>>::all(client.clone());
+    let deleted_agents = watcher(agents, Default::default()).filter_map(|event| {
+        std::future::ready(match event {
+            Ok(watcher::Event::Delete(agent)) => Some(Ok(agent)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+    });
+    Controller::new(Api::<PartialObjectMeta<RoleBinding>>::all(client.clone()), ours).watches_stream(
+        deleted_agents,
+        |agent: PartialObjectMeta<Agent>| {
+            agent
+                .namespace()
+                .map(|namespace| ObjectRef::new(AGENT_SECRETS_ROLE).within(&namespace))
+        },
+    )
+}
+
+/// What becomes of a namespace's binding (pure): kept while an Agent is there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Keep,
+    Remove,
+}
+
+impl Access {
+    pub fn for_namespace_with(agents: usize) -> Self {
+        if agents > 0 { Self::Keep } else { Self::Remove }
+    }
+}
+
+/// Removes `binding` once its namespace has no Agent. Counted from the API server (any Agent,
+/// also those another operator's selector takes), not from a cache that may not have seen the
+/// latest one. An Agent created while it is removed has its own reconcile bind the namespace
+/// again; one whose reconcile ran before the removal is seen by the second count, which binds
+/// it again here.
+pub async fn reconcile_binding(
+    binding: Arc<PartialObjectMeta<RoleBinding>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    let Some(namespace) = binding.namespace() else {
+        return Ok(Action::await_change());
+    };
+    if Access::for_namespace_with(agents_in(&ctx.client, &namespace).await?) == Access::Keep {
+        return Ok(Action::requeue(RECHECK));
+    }
+    let api = Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace);
+    // Only the binding that was read: one made again meanwhile has another uid.
+    let only_this = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: binding.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(AGENT_SECRETS_ROLE, &only_this).await {
+        Ok(_) => {
+            tracing::info!(%namespace, "the namespace's last Agent is gone: the gateway no longer reads its Secrets")
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    if Access::for_namespace_with(agents_in(&ctx.client, &namespace).await?) == Access::Keep {
+        ensure(&ctx, &namespace).await?;
+    }
+    Ok(Action::await_change())
+}
+
+/// How many Agents `namespace` has (0 or 1: one is enough to know).
+async fn agents_in(client: &Client, namespace: &str) -> Result<usize> {
+    let agents = Api::<Agent>::namespaced(client.clone(), namespace)
+        .list_metadata(&ListParams::default().limit(1))
+        .await?;
+    Ok(agents.items.len())
+}
+
+/// The label every binding the operator makes carries (its controller selects by it).
+const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "contextos");
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespace_keeps_the_binding_while_it_has_an_agent() {
+        assert_eq!(Access::for_namespace_with(1), Access::Keep);
+        assert_eq!(Access::for_namespace_with(0), Access::Remove);
+    }
+
+    #[test]
+    fn the_binding_carries_the_label_its_controller_selects() {
+        let settings = RunnerSettings::default();
+        let binding = binding("shop", &settings);
+        assert_eq!(
+            binding.labels().get(PART_OF.0).map(String::as_str),
+            Some(PART_OF.1)
+        );
+    }
 
     #[test]
     fn the_binding_grants_the_gateway_the_agent_secrets_role_in_that_namespace_only() {

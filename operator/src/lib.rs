@@ -354,8 +354,25 @@ pub async fn run(
         )
         .for_each(|_| async {});
 
+    // The gateway stops reading a namespace's Secrets once its last Agent is gone.
+    let bindings = async {
+        if config.runner.gateway_account.is_empty() {
+            return;
+        }
+        crate::gateway_access::controller(&client)
+            .with_config(controller_config.clone())
+            .graceful_shutdown_on(shutdown())
+            .run(
+                timed("RoleBinding", crate::gateway_access::reconcile_binding),
+                error_policy,
+                ctx.clone(),
+            )
+            .for_each(|_| async {})
+            .await;
+    };
+
     futures::join!(
-        packs, policies, skills, profiles, ontologies, agents, proposals, sessions, quotas
+        packs, policies, skills, profiles, ontologies, agents, proposals, sessions, quotas, bindings
     );
     Ok(())
 }

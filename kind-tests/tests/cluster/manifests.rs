@@ -234,8 +234,36 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
             ],
             false,
         ),
+        // It removes that binding with a namespace's last Agent: it watches that name alone.
+        (
+            &[
+                "watch",
+                "rolebindings.rbac.authorization.k8s.io/contextos-gateway-agent-secrets",
+                "-A",
+            ],
+            true,
+        ),
+        (&["list", "rolebindings.rbac.authorization.k8s.io", "-A"], false),
     ];
-    check_can_i(env, &operator, expectations).await
+    check_can_i(env, &operator, expectations).await?;
+    // What its binding controller asks, asked as the operator: only with the name selected.
+    let mut as_operator = vec!["get", "rolebindings", "-A", "--as", &operator];
+    succeed(
+        env,
+        &[
+            as_operator.as_slice(),
+            &["--field-selector=metadata.name=contextos-gateway-agent-secrets"],
+        ]
+        .concat(),
+    )
+    .await?;
+    as_operator.push("--field-selector=metadata.name=admins");
+    let refused = run(env, &as_operator).await?;
+    ensure!(
+        !refused.status.success(),
+        "the operator may list RoleBindings other than contextos-gateway-agent-secrets"
+    );
+    Ok(())
 }
 
 /// Asks the API server, as `account`, about each request and compares with what is expected.

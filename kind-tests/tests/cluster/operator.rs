@@ -462,3 +462,50 @@ async fn entity_types_are_the_namespaces_ontology(
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_gateway_reads_a_namespaces_secrets_only_while_an_agent_is_there() -> Result<()> {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: needs a local node (KUBECONFIG is set)");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "operator-access").await?;
+    let client = env.client();
+    let agent = objects(env, op)?
+        .into_iter()
+        .find(|o| o["kind"] == "Agent")
+        .context("the quickstart has an Agent")?;
+    let mut second = agent.clone();
+    second["metadata"]["name"] = json!("second-assistant");
+    let bindings: Api<RoleBinding> = ns.api();
+    let binding = contextos_operator::gateway_access::AGENT_SECRETS_ROLE;
+    let bound = || async { Ok::<_, anyhow::Error>(bindings.get_opt(binding).await?.is_some()) };
+    let until = |wanted: bool, what: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while bound().await? != wanted {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{what} within {TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    apply(&client, ns.name(), &agent).await?;
+    apply(&client, ns.name(), &second).await?;
+    until(true, "the namespace's Agents bind the gateway's Secret reading").await?;
+    let agents: Api<Agent> = ns.api();
+    agents.delete("oncall-assistant", &Default::default()).await?;
+    // The binding controller is woken by the deletion; another Agent is there, so it stays.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        bound().await?,
+        "the binding went with one Agent while another is there"
+    );
+    agents.delete("second-assistant", &Default::default()).await?;
+    until(false, "the binding goes with the namespace's last Agent").await?;
+    apply(&client, ns.name(), &agent).await?;
+    until(true, "a new Agent binds it again").await
+}

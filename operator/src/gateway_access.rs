@@ -147,10 +147,29 @@ pub async fn reconcile_binding(
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
         Err(e) => return Err(e.into()),
     }
-    if Access::for_namespace_with(agents_in(&ctx.client, &namespace).await?) == Access::Keep {
-        ensure(&ctx, &namespace).await?;
+    // Retried here, not by requeueing: the binding is gone from the cache, and a requeue of
+    // it would find nothing to reconcile.
+    let mut tries = 0;
+    loop {
+        let again = match agents_in(&ctx.client, &namespace).await {
+            Ok(agents) if Access::for_namespace_with(agents) == Access::Keep => {
+                ensure(&ctx, &namespace).await
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match again {
+            Ok(()) => return Ok(Action::await_change()),
+            Err(e) if tries >= 4 => {
+                tracing::error!(%namespace, error = %e, "cannot check whether an Agent came while the gateway's binding was removed; an Agent's next change binds it again");
+                return Err(e);
+            }
+            Err(_) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(250 << tries)).await;
+            }
+        }
     }
-    Ok(Action::await_change())
 }
 
 /// How many Agents `namespace` has (0 or 1: one is enough to know).

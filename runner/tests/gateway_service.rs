@@ -2670,46 +2670,57 @@ async fn a_step_asked_of_two_replicas_at_once_has_one_answer_on_record() {
     // A's write waits out its delay, then meets B's turn.
     tokio::time::sleep(std::time::Duration::from_millis(900)).await;
     assert_eq!(turns().await, 1, "one answer on record for step 1");
-    // The answer A dropped was paid for: its tokens are on record after B's turn, and count
-    // against the run's maxTokens (a runner cannot double its budget by asking both replicas).
-    let spends = || async {
-        read_run(&*store, &tenant, RUN)
+    // The answer A dropped was paid for: A counts it against the run's maxTokens (a runner
+    // cannot double its budget by asking both replicas), and writes it with the run's next
+    // turn there, after the runner's own entries.
+    let next = at_a
+        .model_with(&request, 2, at_b.current_tail().await.expect("tail"))
+        .await
+        .expect("step 2 at A");
+    // (Answered while it is written, slowly: wait for it.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let bodies = loop {
+        let bodies: Vec<EntryBody> = read_run(&*store, &tenant, RUN)
             .await
             .expect("record")
             .into_iter()
-            .filter_map(|(_, e)| match e.body {
-                EntryBody::ModelSpend {
-                    step, tokens, reason, ..
-                } => Some((step, tokens, reason)),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while spends().await.is_empty() && std::time::Instant::now() < deadline {
+            .map(|(_, e)| e.body)
+            .collect();
+        let second = bodies
+            .iter()
+            .any(|b| matches!(b, EntryBody::ModelTurn { step: 2, .. }));
+        if second || std::time::Instant::now() > deadline {
+            break bodies;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        spends().await,
-        [(
-            1,
-            from_a.prompt_tokens + from_a.completion_tokens,
-            contextos_runner::records::entry::UnansweredSpend::TurnDropped
-        )]
-    );
-    let bodies: Vec<EntryBody> = read_run(&*store, &tenant, RUN)
-        .await
-        .expect("record")
-        .into_iter()
-        .map(|(_, e)| e.body)
+    };
+    let model_entries: Vec<(&str, u32, u64)> = bodies
+        .iter()
+        .filter_map(|b| match b {
+            EntryBody::ModelTurn {
+                step,
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => Some(("turn", *step, prompt_tokens + completion_tokens)),
+            EntryBody::ModelSpend {
+                step,
+                tokens,
+                reason: contextos_runner::records::entry::UnansweredSpend::TurnDropped,
+                ..
+            } => Some(("dropped", *step, *tokens)),
+            EntryBody::ModelSpend { .. } => Some(("other spend", 0, 0)),
+            _ => None,
+        })
         .collect();
-    let turn_at = bodies
-        .iter()
-        .position(|b| matches!(b, EntryBody::ModelTurn { .. }));
-    let spend_at = bodies
-        .iter()
-        .position(|b| matches!(b, EntryBody::ModelSpend { .. }));
-    assert!(turn_at < spend_at, "{bodies:?}");
+    assert_eq!(
+        model_entries,
+        [
+            ("turn", 1, from_b.prompt_tokens + from_b.completion_tokens),
+            ("dropped", 1, from_a.prompt_tokens + from_a.completion_tokens),
+            ("turn", 2, next.prompt_tokens + next.completion_tokens),
+        ]
+    );
     let again = at_b
         .model_with(&request, 1, at_b.current_tail().await.expect("tail"))
         .await

@@ -112,6 +112,11 @@ pub struct RunLog {
     bytes: u64,
     /// For a run about a subject: who, and the run's key (read once, from the vault).
     vault: Option<(SubjectHandle, SecretKey)>,
+    /// `model_spend` entries for tokens this replica paid a model for that no turn on record
+    /// holds, not written yet: they go on record with the run's next model turn here (after
+    /// the runner's own entries, so a runner is never told a head that moved under it), and
+    /// count against its budget until then. Kept when the log is read again.
+    unrecorded: Vec<EntryBody>,
 }
 
 impl RunLog {
@@ -263,8 +268,33 @@ impl RunLog {
     }
 
     fn start_over(&mut self, gateway: &ToolGateway, run_id: &str) {
+        let unrecorded = std::mem::take(&mut self.unrecorded);
         *self = Self::default();
+        self.unrecorded = unrecorded;
         gateway.forget_run(run_id);
+    }
+
+    /// Keeps `model_spend` entries to write with the run's next model turn (see
+    /// [`RunLog::take_unrecorded`]).
+    pub fn hold_unrecorded(&mut self, entries: impl IntoIterator<Item = EntryBody>) {
+        self.unrecorded.extend(entries);
+    }
+
+    /// The `model_spend` entries held, to stage; held again if their write fails.
+    pub fn take_unrecorded(&mut self) -> Vec<EntryBody> {
+        std::mem::take(&mut self.unrecorded)
+    }
+
+    /// The tokens the run has used: the ledger's, and what this replica paid for that is not
+    /// on record yet.
+    pub fn tokens_used(&self) -> u64 {
+        self.unrecorded
+            .iter()
+            .filter_map(|entry| match entry {
+                EntryBody::ModelSpend { tokens, .. } => Some(*tokens),
+                _ => None,
+            })
+            .fold(self.ledger.tokens, u64::saturating_add)
     }
 
     /// The entries after the head read last, as stored (each with its size); `None` if they

@@ -159,7 +159,8 @@ pub enum UnansweredSpend {
     /// first: this one was dropped (one step has one answer on record), its tokens were not.
     TurnDropped,
     /// The model was cut off after the request was sent (it timed out generating, say), so it
-    /// may have cost what it could: the prompt at a token a byte and the whole output limit.
+    /// may have cost what it could: counted at the prompt as estimated and the output limit of
+    /// the model's own spec, if it sets one.
     CutOff,
 }
 
@@ -167,7 +168,7 @@ impl std::fmt::Display for UnansweredSpend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::TurnDropped => "an answer dropped: another gateway replica recorded the step's turn first",
-            Self::CutOff => "cut off after it was asked, charged as held",
+            Self::CutOff => "cut off after it was asked",
         })
     }
 }

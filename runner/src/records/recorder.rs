@@ -485,9 +485,9 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                 Err(RecordError::Store(StoreError::HeadMoved { .. })) => {
                     let appended = self.catch_up().await?;
                     // A remote store may have written the batch and lost its answer: when the
-                    // chain now continues with exactly this batch, it is written — re-chaining
-                    // it would record everything twice.
-                    if appended.hashes == written
+                    // chain now continues with exactly this batch (whatever followed it since),
+                    // it is written — re-chaining it would record everything twice.
+                    if appended.hashes.starts_with(&written)
                         && let Some(stored) = self.store.head(&self.tenant, &self.summary.run_id).await?
                     {
                         return Ok(stored);

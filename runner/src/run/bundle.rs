@@ -403,12 +403,18 @@ impl RunBundle {
     /// The name at its endpoint of the model routing names `name` (`primary`, or a name routing
     /// does not know: the Agent's own model).
     pub fn model_routed_as(&self, name: &str) -> String {
+        self.model_spec_routed_as(name).model.clone()
+    }
+
+    /// The model routing names `name` (`primary`, or a name routing does not know: the
+    /// Agent's own model).
+    pub fn model_spec_routed_as(&self, name: &str) -> &contextos_crds::agent::ModelSpec {
         let primary = &self.agent_spec.model;
         self.agent_spec
             .routing
             .as_ref()
             .and_then(|routing| routing.model(primary, name))
-            .map_or_else(|| primary.model.clone(), |m| m.model.clone())
+            .unwrap_or(primary)
     }
 
     /// The bundle's canonical JSON: what is stored (as a blob) with the record.

@@ -122,12 +122,13 @@ pub fn routing_effect(
             })
             .max();
         // Tokens paid for that no turn holds, recorded before this step's turn, had counted
-        // (as the gateway's budget counts them), except this step's own cut-off models.
+        // as the gateway's budget counts them (the models cut off before the turn answered
+        // are recorded after it).
         let unanswered: u64 = entries
             .iter()
             .take_while(|e| !matches!(&e.body, EntryBody::ModelTurn { step: s, .. } if *s == step))
             .filter_map(|e| match &e.body {
-                EntryBody::ModelSpend { step: s, tokens, .. } if *s != step => Some(*tokens),
+                EntryBody::ModelSpend { tokens, .. } => Some(*tokens),
                 _ => None,
             })
             .fold(0u64, u64::saturating_add);

@@ -404,11 +404,44 @@ async fn a_model_turn_cut_off_after_it_was_sent_spends_what_it_held_and_asking_a
     assert_eq!(spent[2], 3 * spent[0], "{spent:?}");
 }
 
+/// A model endpoint that hangs up on the first `cut_offs` requests, then answers each with a
+/// short completion reporting 10 + 5 tokens.
+async fn answering_after(cut_offs: usize) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut seen = 0;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut request = vec![0u8; 256 * 1024];
+            let _ = socket.read(&mut request).await;
+            seen += 1;
+            if seen <= cut_offs {
+                continue;
+            }
+            let body = serde_json::json!({
+                "id": "c", "object": "chat.completion", "model": "gpt-flaky",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "done"}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            })
+            .to_string();
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+    });
+    url
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_cut_off_again_and_again_spends_the_runs_own_token_budget_without_any_quota() {
     // No SpendQuota: the run's maxTokens alone must stop a runner that asks a model which
-    // keeps being cut off mid-turn (each attempt may have cost its whole hold). Before, such
-    // attempts were charged to quotas only, and a run without one could ask without end.
+    // keeps being cut off mid-turn. Before, such attempts were charged to quotas only, and a
+    // run without one could ask without end. Each counts its prompt as estimated and the
+    // model's own output limit.
     let rig = rig().await;
     let mut bundle = rig.bundle.clone();
     bundle.agent_spec.model = serde_yaml::from_str(&format!(
@@ -423,14 +456,14 @@ async fn a_model_cut_off_again_and_again_spends_the_runs_own_token_budget_withou
         tools: agent_tools(&bundle.agent_spec),
         max_output_tokens: None,
     };
-    let held = contextos_runner::model::most_prompt_tokens(&request) + 500;
     let estimate = contextos_runner::model::estimated_tokens(&request);
-    // Room for three attempts held in full, not a fourth.
-    bundle.agent_spec.budget.max_tokens = 2 * held + estimate + 500;
+    let attempt = estimate + 500;
+    // Room for three attempts, not a fourth.
+    bundle.agent_spec.budget.max_tokens = 3 * attempt + estimate - 1;
     let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     start_run(client.records(), &bundle, &context).await;
-    // (The client itself asks again after a model failed: count attempts on the record.)
+    // (The client itself asks again after a model failed: count attempts by what they used.)
     let mut refusals = Vec::new();
     for _ in 0..10 {
         let refusal = client
@@ -444,26 +477,68 @@ async fn a_model_cut_off_again_and_again_spends_the_runs_own_token_budget_withou
             break;
         }
     }
+    let used = format!("has used {} of its", 3 * attempt);
     assert!(
-        refusals.last().is_some_and(|r| r.contains("token budget")),
-        "the run's budget ends the attempts: {refusals:#?}"
+        refusals.last().is_some_and(|r| r.contains(&used)),
+        "three attempts, then the run's budget: {refusals:#?}"
     );
-    let spends: Vec<(u32, String, u64, UnansweredSpend)> = bodies_of(&rig, RUN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_cut_off_go_on_record_with_the_runs_next_turn() {
+    // Written when they happened, the gateway's entries would move the head under a runner
+    // whose own entries are still on their way: they wait for the next turn, and go after
+    // what the runner sends with it.
+    let rig = rig().await;
+    let mut bundle = rig.bundle.clone();
+    bundle.agent_spec.model = serde_yaml::from_str(&format!(
+        "provider: openai_compatible\nmodel: gpt-flaky\nendpoint: {}\nmaxOutputTokens: 500\n",
+        answering_after(2).await
+    ))
+    .expect("model");
+    bundle.model_script = None;
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    let request = ModelRequest {
+        model: "m".into(),
+        messages: vec![Message::new(Role::User, "what is wrong with checkout-api?")],
+        tools: agent_tools(&bundle.agent_spec),
+        max_output_tokens: None,
+    };
+    // Two attempts cut off, then answered (the client asks again by itself, or the test does).
+    let mut answered = None;
+    for _ in 0..3 {
+        if let Ok(turn) = client.model(&request, 1).await {
+            answered = Some(turn);
+            break;
+        }
+    }
+    let turn = answered.expect("answered after two cut-offs");
+    assert_eq!(turn.content, "done");
+    let estimate = contextos_runner::model::estimated_tokens(&request);
+    let kinds: Vec<(&str, u64)> = bodies_of(&rig, RUN)
         .await
-        .into_iter()
-        .filter_map(|body| match body {
+        .iter()
+        .filter_map(|b| match b {
             EntryBody::ModelSpend {
-                step,
-                model,
                 tokens,
-                reason,
+                reason: UnansweredSpend::CutOff,
+                model,
                 ..
-            } => Some((step, model, tokens, reason)),
+            } if model == "gpt-flaky" => Some(("cut off", *tokens)),
+            EntryBody::ModelTurn { .. } => Some(("turn", 0)),
             _ => None,
         })
         .collect();
-    let one = (1, "gpt-cut-off".to_owned(), held, UnansweredSpend::CutOff);
-    assert_eq!(spends, vec![one.clone(), one.clone(), one], "{refusals:#?}");
+    assert_eq!(
+        kinds,
+        [
+            ("cut off", estimate + 500),
+            ("cut off", estimate + 500),
+            ("turn", 0)
+        ]
+    );
     let shop = TenantKeys::new(&KeyPair::from_seed([12; 32]))
         .for_tenant("shop")
         .public();
@@ -578,6 +653,20 @@ async fn a_model_cut_off_before_the_fallback_answered_is_charged_beside_the_answ
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(used, expected, "{turn:?}");
+    // On record after the turn the backup gave: the primary cut off, counted against the
+    // run's budget at its prompt as estimated and its own output limit.
+    let estimate = contextos_runner::model::estimated_tokens(&request);
+    let bodies = bodies_of(&rig, RUN).await;
+    let after_turn: Vec<&EntryBody> = bodies
+        .iter()
+        .skip_while(|b| !matches!(b, EntryBody::ModelTurn { .. }))
+        .skip(1)
+        .collect();
+    assert!(
+        matches!(after_turn.as_slice(), [EntryBody::ModelSpend { model, tokens, reason: UnansweredSpend::CutOff, .. }]
+            if model == "gpt-cut-off" && *tokens == estimate + 500),
+        "{after_turn:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

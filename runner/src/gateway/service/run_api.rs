@@ -1234,30 +1234,33 @@ where
             // A SpendQuota refused the turn for good: the run ends here, on record, written by
             // the gateway — whatever the runner reports, nothing more of the run is served.
             Err((refusal, _)) if refusal.1 == super::quotas::QUOTA_EXCEEDED_CODE => {
+                for entry in log.take_unrecorded() {
+                    recorder.stage(entry);
+                }
                 recorder.stage(ended_by_quota(&refusal.2));
                 let reply = move |head| with_head(refusal.into_response(), head);
                 self.write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
                     .await;
                 return;
             }
-            Err((refusal, paid)) if paid.is_empty() => {
+            // No model answered. One that was paid for counts against the run's budget from
+            // now on, and goes on record with the run's next turn: written now, it would move
+            // the head under a runner whose own entries are not on record yet.
+            Err((refusal, paid)) => {
+                log.hold_unrecorded(
+                    paid.iter()
+                        .map(|spend| spend.entry(step, UnansweredSpend::CutOff)),
+                );
                 let _ = answer.send(Err(refusal));
                 return;
             }
-            // No model answered, but one was paid: on record before the refusal is heard, so a
-            // runner asking again and again spends its own budget.
-            Err((refusal, paid)) => {
-                for spend in &paid {
-                    recorder.stage(spend.entry(step, UnansweredSpend::CutOff));
-                }
-                let reply = move |head| with_head(refusal.into_response(), head);
-                self.write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
-                    .await;
-                return;
-            }
         };
-        for spend in &cut_off {
-            recorder.stage(spend.entry(step, UnansweredSpend::CutOff));
+        // After the runner's entries: what this replica paid for before (see `RunLog`), the
+        // turn, then the models cut off before it answered (routing chose the turn's model
+        // counting the former, not the latter; a replay's routing effect reads them so).
+        let held = log.take_unrecorded();
+        for entry in &held {
+            recorder.stage(entry.clone());
         }
         let cost = slot.bundle.turn_cost(&turn);
         let model = slot.bundle.model_of(&turn);
@@ -1273,6 +1276,13 @@ where
             cached_prompt_tokens: turn.cached_prompt_tokens,
             cost: cost.clone(),
         });
+        let cut_off_entries: Vec<EntryBody> = cut_off
+            .iter()
+            .map(|spend| spend.entry(step, UnansweredSpend::CutOff))
+            .collect();
+        for entry in &cut_off_entries {
+            recorder.stage(entry.clone());
+        }
         let counted = turn.clone();
         let reply = move |head| with_head(Json(&turn).into_response(), head);
         let written = self
@@ -1285,17 +1295,14 @@ where
                 reply,
             )
             .await;
-        if written == Written::TurnTaken {
-            // Another replica recorded this step's answer first and this one was dropped with
-            // what it staged; what the model was paid for it is recorded all the same.
-            let paid = cut_off
-                .iter()
-                .map(|spend| spend.entry(step, UnansweredSpend::CutOff))
-                .chain(
-                    [Unanswered::dropped(&slot.bundle, &counted).entry(step, UnansweredSpend::TurnDropped)],
-                )
-                .collect();
-            self.record_dropped(caller, slot, &mut log, step, paid).await;
+        if written != Written::Yes {
+            // Not on record: what was paid for is held for the next turn. An answer dropped
+            // because another replica recorded the step's turn first was paid for too (a turn
+            // whose write failed otherwise is asked for again, and counted then).
+            let dropped = (written == Written::TurnTaken).then(|| {
+                Unanswered::dropped(&slot.bundle, &counted).entry(step, UnansweredSpend::TurnDropped)
+            });
+            log.hold_unrecorded(held.into_iter().chain(cut_off_entries).chain(dropped));
         }
         // The model answered: what it cost is spent, on record or not (asked again, it costs
         // again).
@@ -1310,41 +1317,6 @@ where
                 &counted,
                 cost.as_ref(),
             );
-        }
-    }
-
-    /// Records what the model was paid for a turn another replica's answer replaced (`paid`:
-    /// the dropped answer, and models cut off before it), after that answer. Best effort: if
-    /// the run ended meanwhile or the store fails, the quotas still hold the charge.
-    async fn record_dropped(
-        &self,
-        caller: &Caller,
-        slot: &RunSlot,
-        log: &mut RunLog,
-        step: u32,
-        paid: Vec<EntryBody>,
-    ) {
-        let mut recorder = match self
-            .continue_run(caller, slot, log, "nothing more is recorded", None)
-            .await
-        {
-            Ok(recorder) => recorder,
-            Err(Refusal(_, _, why)) => {
-                tracing::warn!(run_id = caller.run_id(), step, %why, "a dropped turn's spend is not recorded");
-                return;
-            }
-        };
-        for entry in paid {
-            recorder.stage(entry);
-        }
-        let written = recorder.flush().await;
-        let settled = match written {
-            Ok(_) => self.settle(caller, log, recorder.written()).await,
-            Err(e) => Err(unavailable(e)),
-        };
-        if let Err(Refusal(_, _, why)) = settled {
-            log.mark_stale();
-            tracing::warn!(run_id = caller.run_id(), step, %why, "a dropped turn's spend is not recorded");
         }
     }
 
@@ -1431,15 +1403,15 @@ where
         // What the prompt will cost, estimated before asking (≈ 4 bytes a token), so one request
         // cannot overshoot the budget by the size of its prompt.
         let prompt_estimate = crate::model::estimated_tokens(&request);
-        let spent = ledger.tokens.saturating_add(prompt_estimate);
+        let used = log.tokens_used();
+        let spent = used.saturating_add(prompt_estimate);
         if spent >= budget.max_tokens {
             return Err(refused(Refusal(
                 StatusCode::TOO_MANY_REQUESTS,
                 "token_budget",
                 format!(
-                    "run {} has used {} of its {} tokens and this prompt needs about {prompt_estimate} more",
+                    "run {} has used {used} of its {} tokens and this prompt needs about {prompt_estimate} more",
                     caller.run_id(),
-                    ledger.tokens,
                     budget.max_tokens
                 ),
             )));
@@ -1489,36 +1461,39 @@ where
             step,
             max_steps: budget.max_steps,
             riskiest_called: ledger.riskiest_called,
-            tokens_used: ledger.tokens,
+            tokens_used: used,
             max_tokens: budget.max_tokens,
         };
         // The model's time is spent out of the request's turn.
         let completed = crate::gateway::fair::away(slot.models.complete(&model_request, step, &facts)).await;
         // Models cut off or answering unreadably — one timed out generating, say — may have
-        // cost what they could: each is charged as the turn was held (its prompt at a token a
-        // byte and its whole output limit), at its own price, whether another answered or not.
+        // cost what they could, whether another answered or not (see `Unanswered::cut_off`).
+        let asked = Asked {
+            most_in,
+            most_out,
+            prompt_estimate,
+        };
         let cut_off = |failed: &[crate::model::routing::Failed]| -> Vec<Unanswered> {
             failed
                 .iter()
                 .filter(|f| f.may_have_cost)
-                .map(|f| Unanswered::held(&slot.bundle, &f.model, most_in, most_out))
+                .map(|f| Unanswered::cut_off(&slot.bundle, &f.model, asked))
                 .collect()
         };
         let unanswered = match &completed {
             Ok(turn) => cut_off(turn.route.as_ref().map_or(&[], |r| r.failed.as_slice())),
             Err((_, Some(route))) => cut_off(&route.failed),
-            Err((error, None)) if error.may_have_cost() => vec![Unanswered::held(
+            Err((error, None)) if error.may_have_cost() => vec![Unanswered::cut_off(
                 &slot.bundle,
                 contextos_crds::model_routing::PRIMARY,
-                most_in,
-                most_out,
+                asked,
             )],
             // Refused or never sent: nothing was spent.
             Err(_) => Vec::new(),
         };
         if completed.is_err() {
-            // Spent, the hold is settled at what was paid, so asking again and again is never
-            // free (in the quotas here, in the run's own budget by the entries recorded).
+            // Spent, the hold is settled at what may have been paid, so asking again and again
+            // is never free (in the quotas here, in the run's own budget by `model_spend`).
             let spent = Unanswered::amounts(&unanswered, demand.currency);
             self.settle_in_quotas(
                 &caller.tenant,
@@ -1568,35 +1543,63 @@ fn failed_turn(error: ModelError, route: Option<crate::model::routing::Route>) -
     }
 }
 
+/// What a model turn was asked with: its prompt at most (a token a byte) and as estimated
+/// (about four bytes a token), and its output limit.
+#[derive(Clone, Copy, Debug)]
+struct Asked {
+    most_in: u64,
+    most_out: u64,
+    prompt_estimate: u64,
+}
+
 /// Tokens a model was paid for that no answer on record holds: recorded as
-/// [`EntryBody::ModelSpend`] (the run's `maxTokens` counts them) and charged in the quotas.
+/// [`EntryBody::ModelSpend`] (the run's `maxTokens` counts `tokens`), and what the quotas are
+/// charged for them (`held`).
 #[derive(Clone, Debug)]
 struct Unanswered {
     /// The model at its endpoint.
     model: String,
     tokens: u64,
     cost: Option<crate::pricing::TurnCost>,
+    held: u64,
+    held_cost: Option<crate::pricing::TurnCost>,
 }
 
 impl Unanswered {
     /// A model (`route`: its name in the Agent's routing, `primary` for its own) cut off after
-    /// it was sent: charged as the turn was held, at that model's price.
-    fn held(bundle: &RunBundle, route: &str, most_in: u64, most_out: u64) -> Self {
+    /// it was sent, which may have cost what it could. The quotas, which guard money, are
+    /// charged as the turn was held: the prompt at a token a byte and the whole output limit.
+    /// The run's budget counts the prompt as estimated and the output limit the model's own
+    /// spec sets (`maxOutputTokens`); without one, the limit sent is the rest of the run's
+    /// budget, and counting it would end a run at its first timeout.
+    fn cut_off(bundle: &RunBundle, route: &str, asked: Asked) -> Self {
+        let own_limit = bundle
+            .model_spec_routed_as(route)
+            .max_output_tokens
+            .map(u64::from);
+        let held_out = own_limit.map_or(asked.most_out, |limit| limit.min(asked.most_out));
+        let counted_out = own_limit.map_or(0, |limit| limit.min(asked.most_out));
+        let price = bundle.price_of_route(route);
         Self {
             model: bundle.model_routed_as(route),
-            tokens: most_in.saturating_add(most_out),
-            cost: bundle
-                .price_of_route(route)
-                .map(|price| price.cost(most_in, 0, most_out)),
+            tokens: asked.prompt_estimate.saturating_add(counted_out),
+            cost: price.map(|p| p.cost(asked.prompt_estimate, 0, counted_out)),
+            held: asked.most_in.saturating_add(held_out),
+            held_cost: price.map(|p| p.cost(asked.most_in, 0, held_out)),
         }
     }
 
-    /// An answer that was paid for and dropped (another replica recorded the step first).
+    /// An answer that was paid for and dropped (another replica recorded the step first): what
+    /// the model reported.
     fn dropped(bundle: &RunBundle, turn: &crate::model::ModelTurn) -> Self {
+        let tokens = turn.prompt_tokens.saturating_add(turn.completion_tokens);
+        let cost = bundle.turn_cost(turn);
         Self {
             model: bundle.model_of(turn),
-            tokens: turn.prompt_tokens.saturating_add(turn.completion_tokens),
-            cost: bundle.turn_cost(turn),
+            tokens,
+            cost: cost.clone(),
+            held: tokens,
+            held_cost: cost,
         }
     }
 
@@ -1615,8 +1618,8 @@ impl Unanswered {
     fn amounts(spends: &[Self], currency: Option<&str>) -> crate::quota::Amounts {
         let mut amounts = crate::quota::Amounts::default();
         for spend in spends {
-            amounts.tokens = amounts.tokens.saturating_add(spend.tokens);
-            if let Some(cost) = &spend.cost
+            amounts.tokens = amounts.tokens.saturating_add(spend.held);
+            if let Some(cost) = &spend.held_cost
                 && currency.is_none_or(|c| c == cost.currency)
             {
                 amounts.nanos = amounts.nanos.saturating_add(cost.nanos.0);

@@ -359,28 +359,39 @@ async fn hanging_up_endpoint() -> String {
     url
 }
 
+/// `bundle` asking the OpenAI-compatible endpoint at `endpoint` as model `model`, with an
+/// output limit of 500 tokens and no script.
+fn at_endpoint(bundle: &RunBundle, model: &str, endpoint: &str) -> RunBundle {
+    let mut bundle = bundle.clone();
+    bundle.agent_spec.model = serde_yaml::from_str(&format!(
+        "provider: openai_compatible\nmodel: {model}\nendpoint: {endpoint}\nmaxOutputTokens: 500\n"
+    ))
+    .expect("model");
+    bundle.model_script = None;
+    bundle
+}
+
+/// A runner's request for a turn of `bundle`'s Agent asking `question`.
+fn asking(bundle: &RunBundle, question: &str) -> ModelRequest {
+    ModelRequest {
+        model: "m".into(),
+        messages: vec![Message::new(Role::User, question)],
+        tools: agent_tools(&bundle.agent_spec),
+        max_output_tokens: None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_turn_cut_off_after_it_was_sent_spends_what_it_held_and_asking_again_is_never_free() {
     use contextos_runner::quota::{ActiveQuota, book};
     let rig = rig().await;
     let quota = spend_quota("tenant", "limits:\n- window: day\n  tokens: 1000000000\n");
     rig.tenants.set_quotas("shop", vec![quota.clone()]);
-    let mut bundle = rig.bundle.clone();
-    bundle.agent_spec.model = serde_yaml::from_str(&format!(
-        "provider: openai_compatible\nmodel: gpt-cut-off\nendpoint: {}\nmaxOutputTokens: 500\n",
-        hanging_up_endpoint().await
-    ))
-    .expect("model");
-    bundle.model_script = None;
+    let bundle = at_endpoint(&rig.bundle, "gpt-cut-off", &hanging_up_endpoint().await);
     let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     start_run(client.records(), &bundle, &context).await;
-    let request = ModelRequest {
-        model: "m".into(),
-        messages: vec![Message::new(Role::User, "write a very long essay")],
-        tools: agent_tools(&bundle.agent_spec),
-        max_output_tokens: None,
-    };
+    let request = asking(&bundle, "write a very long essay");
     let active = ActiveQuota::compile(&quota).expect("quota");
     let used = || async {
         book::usage(
@@ -443,19 +454,8 @@ async fn a_model_cut_off_again_and_again_spends_the_runs_own_token_budget_withou
     // run without one could ask without end. Each counts its prompt as estimated and the
     // model's own output limit.
     let rig = rig().await;
-    let mut bundle = rig.bundle.clone();
-    bundle.agent_spec.model = serde_yaml::from_str(&format!(
-        "provider: openai_compatible\nmodel: gpt-cut-off\nendpoint: {}\nmaxOutputTokens: 500\n",
-        hanging_up_endpoint().await
-    ))
-    .expect("model");
-    bundle.model_script = None;
-    let request = ModelRequest {
-        model: "m".into(),
-        messages: vec![Message::new(Role::User, "write a very long essay")],
-        tools: agent_tools(&bundle.agent_spec),
-        max_output_tokens: None,
-    };
+    let mut bundle = at_endpoint(&rig.bundle, "gpt-cut-off", &hanging_up_endpoint().await);
+    let request = asking(&bundle, "write a very long essay");
     let estimate = contextos_runner::model::estimated_tokens(&request);
     let attempt = estimate + 500;
     // Room for three attempts, not a fourth.
@@ -490,22 +490,11 @@ async fn models_cut_off_go_on_record_with_the_runs_next_turn() {
     // whose own entries are still on their way: they wait for the next turn, and go after
     // what the runner sends with it.
     let rig = rig().await;
-    let mut bundle = rig.bundle.clone();
-    bundle.agent_spec.model = serde_yaml::from_str(&format!(
-        "provider: openai_compatible\nmodel: gpt-flaky\nendpoint: {}\nmaxOutputTokens: 500\n",
-        answering_after(2).await
-    ))
-    .expect("model");
-    bundle.model_script = None;
+    let bundle = at_endpoint(&rig.bundle, "gpt-flaky", &answering_after(2).await);
     let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     start_run(client.records(), &bundle, &context).await;
-    let request = ModelRequest {
-        model: "m".into(),
-        messages: vec![Message::new(Role::User, "what is wrong with checkout-api?")],
-        tools: agent_tools(&bundle.agent_spec),
-        max_output_tokens: None,
-    };
+    let request = asking(&bundle, "what is wrong with checkout-api?");
     // Two attempts cut off, then answered (the client asks again by itself, or the test does).
     let mut answered = None;
     for _ in 0..3 {
@@ -599,14 +588,8 @@ async fn a_model_cut_off_before_the_fallback_answered_is_charged_beside_the_answ
     let rig = rig().await;
     let quota = spend_quota("tenant", "limits:\n- window: day\n  tokens: 1000000000\n");
     rig.tenants.set_quotas("shop", vec![quota.clone()]);
-    let mut bundle = rig.bundle.clone();
     // The Agent's own model hangs up mid-turn; a scripted backup answers.
-    bundle.agent_spec.model = serde_yaml::from_str(&format!(
-        "provider: openai_compatible\nmodel: gpt-cut-off\nendpoint: {}\nmaxOutputTokens: 500\n",
-        hanging_up_endpoint().await
-    ))
-    .expect("model");
-    bundle.model_script = None;
+    let mut bundle = at_endpoint(&rig.bundle, "gpt-cut-off", &hanging_up_endpoint().await);
     bundle.agent_spec.routing = Some(
         serde_yaml::from_str(
             "models:\n- name: backup\n  model: {provider: scripted, model: backup-script, scriptRef: {name: scripts, key: backup}}\nfallback: [backup]\n",
@@ -620,12 +603,7 @@ async fn a_model_cut_off_before_the_fallback_answered_is_charged_beside_the_answ
     let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
     start_run(client.records(), &bundle, &context).await;
-    let request = ModelRequest {
-        model: "m".into(),
-        messages: vec![Message::new(Role::User, "write a very long essay")],
-        tools: agent_tools(&bundle.agent_spec),
-        max_output_tokens: None,
-    };
+    let request = asking(&bundle, "write a very long essay");
     let turn = client.model(&request, 1).await.expect("the backup answered");
     let route = turn.route.clone().expect("routed");
     assert_eq!(route.answered_by, "backup");

@@ -359,6 +359,22 @@ async fn hanging_up_endpoint() -> String {
     url
 }
 
+/// What `service`'s metrics listener serves.
+async fn scrape(service: &Service) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
+        listener,
+        service.metrics_router(),
+    )));
+    reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text")
+}
+
 /// `bundle` asking the OpenAI-compatible endpoint at `endpoint` as model `model`, with an
 /// output limit of 500 tokens and no script.
 fn at_endpoint(bundle: &RunBundle, model: &str, endpoint: &str) -> RunBundle {
@@ -527,6 +543,16 @@ async fn models_cut_off_go_on_record_with_the_runs_next_turn() {
             ("cut off", estimate + 500),
             ("turn", 0)
         ]
+    );
+    // Once on record, the replica's metrics count them, a kind of tokens of their own.
+    let unanswered = format!(
+        "contextos_model_tokens_total{{tenant=\"shop\",agent=\"oncall-assistant\",model=\"gpt-flaky\",kind=\"unanswered\"}} {}",
+        2 * (estimate + 500)
+    );
+    let metrics = scrape(&rig.services[0]).await;
+    assert!(
+        metrics.lines().any(|l| l == unanswered),
+        "{unanswered} missing from:\n{metrics}"
     );
     let shop = TenantKeys::new(&KeyPair::from_seed([12; 32]))
         .for_tenant("shop")
@@ -705,18 +731,7 @@ async fn a_priced_tools_calls_are_charged_at_their_pinned_price_and_stop_at_the_
         "quota/money"
     );
     // The replica's metrics count the two calls and what they cost.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
-        listener,
-        rig.services[0].metrics_router(),
-    )));
-    let metrics = reqwest::get(format!("http://{address}/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let metrics = scrape(&rig.services[0]).await;
     assert!(
         metrics.lines().any(|l| l
             == "contextos_tool_spend_total{tenant=\"shop\",agent=\"oncall-assistant\",tool=\"get_service_status\",currency=\"USD\"} 0.02"),

@@ -1234,13 +1234,18 @@ where
             // A SpendQuota refused the turn for good: the run ends here, on record, written by
             // the gateway — whatever the runner reports, nothing more of the run is served.
             Err((refusal, _)) if refusal.1 == super::quotas::QUOTA_EXCEEDED_CODE => {
-                for entry in log.take_unrecorded() {
-                    recorder.stage(entry);
+                let held = log.take_unrecorded();
+                for entry in &held {
+                    recorder.stage(entry.clone());
                 }
                 recorder.stage(ended_by_quota(&refusal.2));
                 let reply = move |head| with_head(refusal.into_response(), head);
-                self.write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
+                let written = self
+                    .write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
                     .await;
+                if written == Written::Yes {
+                    self.count_unanswered(caller, slot, &held);
+                }
                 return;
             }
             // No model answered. One that was paid for counts against the run's budget from
@@ -1295,7 +1300,10 @@ where
                 reply,
             )
             .await;
-        if written != Written::Yes {
+        if written == Written::Yes {
+            self.count_unanswered(caller, slot, &held);
+            self.count_unanswered(caller, slot, &cut_off_entries);
+        } else {
             // Not on record: what was paid for is held for the next turn. An answer dropped
             // because another replica recorded the step's turn first was paid for too (a turn
             // whose write failed otherwise is asked for again, and counted then).
@@ -1317,6 +1325,24 @@ where
                 &counted,
                 cost.as_ref(),
             );
+        }
+    }
+
+    /// Counts the `model_spend` entries among `written` (now on record) in the spend metrics.
+    fn count_unanswered(&self, caller: &Caller, slot: &RunSlot, written: &[EntryBody]) {
+        for entry in written {
+            if let EntryBody::ModelSpend {
+                model, tokens, cost, ..
+            } = entry
+            {
+                self.spend.record_unanswered(
+                    caller.tenant.as_str(),
+                    &slot.bundle.agent,
+                    model,
+                    *tokens,
+                    cost.as_ref(),
+                );
+            }
         }
     }
 

@@ -32,6 +32,8 @@ struct Counters {
     prompt_tokens: u64,
     cached_prompt_tokens: u64,
     completion_tokens: u64,
+    /// Tokens paid for that no recorded turn holds (`model_spend` entries).
+    unanswered_tokens: u64,
     /// Nano-units, by currency.
     cost: BTreeMap<String, u64>,
 }
@@ -81,6 +83,37 @@ const MAX_SERIES: usize = 10_000;
 impl SpendMetrics {
     /// Counts a recorded turn of `tenant`'s `agent` with `model`, and what it cost.
     pub fn record(&self, tenant: &str, agent: &str, model: &str, turn: &ModelTurn, cost: Option<&TurnCost>) {
+        self.count(tenant, agent, model, cost, |c| {
+            c.turns += 1;
+            c.prompt_tokens = c.prompt_tokens.saturating_add(turn.prompt_tokens);
+            c.cached_prompt_tokens = c.cached_prompt_tokens.saturating_add(turn.cached_prompt_tokens);
+            c.completion_tokens = c.completion_tokens.saturating_add(turn.completion_tokens);
+        });
+    }
+
+    /// Counts `tokens` of `model` that `tenant`'s `agent` paid for and no recorded turn holds (a
+    /// recorded `model_spend` entry), and what they cost.
+    pub fn record_unanswered(
+        &self,
+        tenant: &str,
+        agent: &str,
+        model: &str,
+        tokens: u64,
+        cost: Option<&TurnCost>,
+    ) {
+        self.count(tenant, agent, model, cost, |c| {
+            c.unanswered_tokens = c.unanswered_tokens.saturating_add(tokens);
+        });
+    }
+
+    fn count(
+        &self,
+        tenant: &str,
+        agent: &str,
+        model: &str,
+        cost: Option<&TurnCost>,
+        add: impl FnOnce(&mut Counters),
+    ) {
         let key = Key {
             tenant: tenant.to_owned(),
             agent: agent.to_owned(),
@@ -97,10 +130,7 @@ impl SpendMetrics {
             }
         };
         let c = counters.entry(key).or_default();
-        c.turns += 1;
-        c.prompt_tokens = c.prompt_tokens.saturating_add(turn.prompt_tokens);
-        c.cached_prompt_tokens = c.cached_prompt_tokens.saturating_add(turn.cached_prompt_tokens);
-        c.completion_tokens = c.completion_tokens.saturating_add(turn.completion_tokens);
+        add(c);
         if let Some(cost) = cost {
             let sum = c.cost.entry(cost.currency.clone()).or_default();
             *sum = sum.saturating_add(cost.nanos.0);
@@ -212,12 +242,13 @@ impl Collector for Ledger {
         family(
             &mut encoder,
             "model_tokens",
-            "Model tokens of the recorded turns, by kind (prompt includes cached_prompt).",
+            "Model tokens of the recorded turns, by kind (prompt includes cached_prompt), and tokens paid for that no recorded turn holds (unanswered: answers dropped, models cut off).",
             counters.iter().flat_map(|(k, c)| {
                 [
                     ("prompt", c.prompt_tokens),
                     ("cached_prompt", c.cached_prompt_tokens),
                     ("completion", c.completion_tokens),
+                    ("unanswered", c.unanswered_tokens),
                 ]
                 .map(|(kind, n)| {
                     let mut labels = labels(k);
@@ -229,7 +260,7 @@ impl Collector for Ledger {
         family(
             &mut encoder,
             "model_spend",
-            "What the recorded turns cost, in units of the currency, at the prices their runs pinned.",
+            "What the recorded turns and unanswered tokens cost, in units of the currency, at the prices their runs pinned.",
             counters.iter().flat_map(|(k, c)| {
                 c.cost.iter().map(move |(currency, nanos)| {
                     let mut labels = labels(k);
@@ -304,6 +335,16 @@ mod tests {
         }
         // An unpriced turn is counted, and has no spend line.
         assert!(!text.contains("tenant=\"bank\",agent=\"teller\",model=\"odd\\\"name\",currency"));
+        // Tokens paid for that no turn holds: a kind of their own, their cost in the model's.
+        metrics.record_unanswered("shop", "oncall", "gpt", 600, Some(&usd(3_000_000)));
+        let text = metrics.render();
+        for line in [
+            "contextos_model_turns_total{tenant=\"shop\",agent=\"oncall\",model=\"gpt\"} 2",
+            "contextos_model_tokens_total{tenant=\"shop\",agent=\"oncall\",model=\"gpt\",kind=\"unanswered\"} 600",
+            "contextos_model_spend_total{tenant=\"shop\",agent=\"oncall\",model=\"gpt\",currency=\"USD\"} 0.005",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
         metrics.record_tool_call("shop", "oncall", "search", &usd(5_000_000));
         metrics.record_tool_call("shop", "oncall", "search", &usd(5_000_000));
         let text = metrics.render();

@@ -151,14 +151,7 @@ pub async fn reconcile_binding(
     // it would find nothing to reconcile.
     let mut tries = 0;
     loop {
-        let again = match agents_in(&ctx.client, &namespace).await {
-            Ok(agents) if Access::for_namespace_with(agents) == Access::Keep => {
-                ensure(&ctx, &namespace).await
-            }
-            Ok(_) => Ok(()),
-            Err(e) => Err(e),
-        };
-        match again {
+        match rebind_if_an_agent_came(&ctx, &namespace).await {
             Ok(()) => return Ok(Action::await_change()),
             Err(e) if tries >= 4 => {
                 tracing::error!(%namespace, error = %e, "cannot check whether an Agent came while the gateway's binding was removed; an Agent's next change binds it again");
@@ -170,6 +163,14 @@ pub async fn reconcile_binding(
             }
         }
     }
+}
+
+/// Binds `namespace` again if an Agent is there now.
+async fn rebind_if_an_agent_came(ctx: &Context, namespace: &str) -> Result<()> {
+    if Access::for_namespace_with(agents_in(&ctx.client, namespace).await?) == Access::Keep {
+        ensure(ctx, namespace).await?;
+    }
+    Ok(())
 }
 
 /// How many Agents `namespace` has (0 or 1: one is enough to know).

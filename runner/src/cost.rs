@@ -155,28 +155,21 @@ impl Report {
             By::Label(key) => labels.get(key).cloned().unwrap_or_else(|| "(none)".into()),
             _ => agent.to_owned(),
         };
+        // Model turns and what models were paid for beyond them: by model, or one group.
+        let model_group = |model: &str| match by {
+            By::Model => model.to_owned(),
+            By::Tool => MODEL_TURNS.to_owned(),
+            _ => run_group(),
+        };
+        let priced = |cost: &Option<crate::pricing::TurnCost>| -> BTreeMap<String, Nanos> {
+            cost.iter().map(|c| (c.currency.clone(), c.nanos)).collect()
+        };
         // The tool of each call, by call id.
         let mut calls: BTreeMap<&str, &str> = BTreeMap::new();
         for entry in entries {
-            let (model, prompt_tokens, completion_tokens, cached_prompt_tokens, cost) = match &entry.body {
+            let (group, spend) = match &entry.body {
                 EntryBody::ToolCallRequested(call) => {
                     calls.insert(&call.call_id, &call.tool);
-                    continue;
-                }
-                EntryBody::ModelSpend {
-                    model, tokens, cost, ..
-                } => {
-                    let key = match by {
-                        By::Model => model.clone(),
-                        By::Tool => MODEL_TURNS.to_owned(),
-                        _ => run_group(),
-                    };
-                    let paid = Spend {
-                        unanswered_tokens: *tokens,
-                        cost: cost.iter().map(|c| (c.currency.clone(), c.nanos)).collect(),
-                        ..Spend::default()
-                    };
-                    per_group.entry(key).or_default().add(&paid);
                     continue;
                 }
                 // A call is charged once: on its result, or on the first question its remote
@@ -203,8 +196,7 @@ impl Report {
                         cost: BTreeMap::from([(cost.currency.clone(), cost.nanos)]),
                         ..Spend::default()
                     };
-                    per_group.entry(group).or_default().add(&call);
-                    continue;
+                    (group, call)
                 }
                 EntryBody::ModelTurn {
                     model,
@@ -213,35 +205,34 @@ impl Report {
                     cached_prompt_tokens,
                     cost,
                     ..
-                } => (
-                    model,
-                    prompt_tokens,
-                    completion_tokens,
-                    cached_prompt_tokens,
-                    cost,
-                ),
+                } => {
+                    let turn = Spend {
+                        turns: 1,
+                        prompt_tokens: *prompt_tokens,
+                        cached_prompt_tokens: *cached_prompt_tokens,
+                        completion_tokens: *completion_tokens,
+                        cost: priced(cost),
+                        unpriced_tokens: match cost {
+                            Some(_) => 0,
+                            None => prompt_tokens.saturating_add(*completion_tokens),
+                        },
+                        ..Spend::default()
+                    };
+                    (model_group(model), turn)
+                }
+                EntryBody::ModelSpend {
+                    model, tokens, cost, ..
+                } => {
+                    let paid = Spend {
+                        unanswered_tokens: *tokens,
+                        cost: priced(cost),
+                        ..Spend::default()
+                    };
+                    (model_group(model), paid)
+                }
                 _ => continue,
             };
-            let key = match by {
-                By::Model => model.clone(),
-                By::Tool => MODEL_TURNS.to_owned(),
-                _ => run_group(),
-            };
-            let turn = Spend {
-                turns: 1,
-                prompt_tokens: *prompt_tokens,
-                cached_prompt_tokens: *cached_prompt_tokens,
-                completion_tokens: *completion_tokens,
-                cost: cost.iter().map(|c| (c.currency.clone(), c.nanos)).collect(),
-                unpriced_tokens: match cost {
-                    Some(_) => 0,
-                    None => prompt_tokens.saturating_add(*completion_tokens),
-                },
-                runs: 0,
-                priced_tool_calls: 0,
-                unanswered_tokens: 0,
-            };
-            per_group.entry(key).or_default().add(&turn);
+            per_group.entry(group).or_default().add(&spend);
         }
         if !per_group.is_empty() {
             self.total.runs += 1;

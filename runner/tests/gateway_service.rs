@@ -2518,12 +2518,7 @@ async fn a_runner_told_a_result_the_service_then_lost_cannot_act_on_it() {
 
     // The record: the first call's go-ahead, no result — in doubt, as after a crash — and no
     // second call.
-    let bodies: Vec<EntryBody> = read_run(&*store, &tenant, RUN)
-        .await
-        .expect("record")
-        .into_iter()
-        .map(|(_, e)| e.body)
-        .collect();
+    let bodies = run_bodies(&*store).await;
     assert!(
         bodies
             .iter()
@@ -2558,6 +2553,17 @@ struct TwoReplicas {
     bundle: RunBundle,
     context: SignedRunContext,
     _tools: (OpsTools, OpsTools),
+}
+
+/// The bodies of the shop's run `RUN` in `store`, as they are now.
+async fn run_bodies<S: RecordStore>(store: &S) -> Vec<EntryBody> {
+    let tenant = TenantId::new("shop").expect("tenant");
+    read_run(store, &tenant, RUN)
+        .await
+        .expect("record")
+        .into_iter()
+        .map(|(_, e)| e.body)
+        .collect()
 }
 
 async fn two_replicas() -> TwoReplicas {
@@ -2660,11 +2666,10 @@ async fn a_step_asked_of_two_replicas_at_once_has_one_answer_on_record() {
     let from_b = at_b.model_with(&request, 1, told).await.expect("B answers");
     let tenant = TenantId::new("shop").expect("tenant");
     let turns = || async {
-        read_run(&*store, &tenant, RUN)
+        run_bodies(&*store)
             .await
-            .expect("record")
             .into_iter()
-            .filter(|(_, e)| matches!(e.body, EntryBody::ModelTurn { step: 1, .. }))
+            .filter(|b| matches!(b, EntryBody::ModelTurn { step: 1, .. }))
             .count()
     };
     // A's write waits out its delay, then meets B's turn.
@@ -2680,12 +2685,7 @@ async fn a_step_asked_of_two_replicas_at_once_has_one_answer_on_record() {
     // (Answered while it is written, slowly: wait for it.)
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let bodies = loop {
-        let bodies: Vec<EntryBody> = read_run(&*store, &tenant, RUN)
-            .await
-            .expect("record")
-            .into_iter()
-            .map(|(_, e)| e.body)
-            .collect();
+        let bodies = run_bodies(&*store).await;
         let second = bodies
             .iter()
             .any(|b| matches!(b, EntryBody::ModelTurn { step: 2, .. }));

@@ -433,7 +433,7 @@ async fn connect(kind: NodeKind) -> Result<(Config, Client, Backend, Duration), 
         return Ok((config, client, Backend::RealNode { plane, node }, startup));
     }
     let node_config = ProcessNodeConfig::new(PROCESS_NODE_NAME, &plane.dir.join("node"))?;
-    let node = ProcessNode::start(client.clone(), node_config).await?;
+    let node = ProcessNode::start(&config, node_config).await?;
     let startup = plane.startup;
     Ok((config, client, Backend::Local { plane, node }, startup))
 }

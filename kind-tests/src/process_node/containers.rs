@@ -76,7 +76,7 @@ impl Supervisor {
     /// Reads the ConfigMaps, Secrets and tokens the pod refers to, then plans volumes and every
     /// container.
     pub(super) async fn plan_pod(&mut self) -> Result<(), PlanError> {
-        let lookups = fetch_lookups(&self.shared.client, &self.pod).await?;
+        let lookups = fetch_lookups(&self.shared.client, &self.shared.as_node, &self.pod).await?;
         let pod = self.pod.clone();
         let facts = PodFacts {
             pod: &pod,
@@ -191,7 +191,9 @@ impl Supervisor {
     }
 }
 
-async fn fetch_lookups(client: &Client, pod: &Pod) -> Result<Lookups, ConfigError> {
+/// What the pod's volumes and variables name: ConfigMaps and Secrets read with `client`,
+/// service-account tokens asked for with `as_node` (the node's own identity).
+async fn fetch_lookups(client: &Client, as_node: &Client, pod: &Pod) -> Result<Lookups, ConfigError> {
     let refs = references(pod);
     let namespace = pod.namespace().unwrap_or_default();
     let mut lookups = Lookups::default();
@@ -215,7 +217,7 @@ async fn fetch_lookups(client: &Client, pod: &Pod) -> Result<Lookups, ConfigErro
         }
     }
     for key in refs.tokens {
-        let token = request_token(client, pod, &namespace, &key).await?;
+        let token = request_token(as_node, pod, &namespace, &key).await?;
         lookups.tokens.insert(key, token);
     }
     Ok(lookups)

@@ -112,11 +112,18 @@ pub enum NodeError {
     },
     #[error(transparent)]
     ImageMap(images::ImageMapSyntaxError),
+    #[error("cannot make the process node's API client: {0}")]
+    Client(#[source] kube::Error),
 }
 
 /// State shared by the pod loop and every pod supervisor.
 pub(crate) struct NodeShared {
     pub client: Client,
+    /// The same API server as this node (user `system:node:<name>`, group `system:nodes`): what
+    /// a kubelet asks for pods' service-account tokens with. The Node authorizer lets it have
+    /// tokens only for pods bound to this node, and only a node gets one for the gateway's
+    /// audience (admission policy contextos-gateway-tokens).
+    pub as_node: Client,
     pub node_name: String,
     pub host_ip: String,
     pub images: ImageMap,
@@ -151,7 +158,15 @@ pub struct ProcessNode {
 
 impl ProcessNode {
     /// Registers the Node and starts the heartbeat and pod loops on the current Tokio runtime.
-    pub async fn start(client: Client, config: ProcessNodeConfig) -> Result<Self, NodeError> {
+    /// `cluster` is an administrator's configuration: the node acts with it, except that it asks
+    /// for pods' tokens as the node itself (impersonated), as a kubelet does.
+    pub async fn start(cluster: &kube::Config, config: ProcessNodeConfig) -> Result<Self, NodeError> {
+        let client = Client::try_from(cluster.clone()).map_err(NodeError::Client)?;
+        let mut node = cluster.clone();
+        node.auth_info.impersonate = Some(format!("system:node:{}", config.node_name));
+        node.auth_info.impersonate_groups =
+            Some(vec!["system:nodes".to_owned(), "system:authenticated".to_owned()]);
+        let as_node = Client::try_from(node).map_err(NodeError::Client)?;
         let dirs = NodeDirs::create(&config.dir).map_err(|source| NodeError::Dir {
             dir: config.dir.clone(),
             source,
@@ -177,6 +192,7 @@ impl ProcessNode {
                 },
             ),
             client: client.clone(),
+            as_node,
             node_name: config.node_name.clone(),
             host_ip: config.host_ip.clone(),
             images: config.images.clone(),

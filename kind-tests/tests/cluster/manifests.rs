@@ -607,6 +607,8 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
     check_sandbox_images(env, namespace).await?;
     check_runner_pod_owners(env, namespace).await?;
     check_replay_pod_owners(env, namespace).await?;
+    check_pod_exec(env, namespace).await?;
+    check_gateway_tokens(env, namespace).await?;
     check_session_identity(env, namespace).await?;
     check_a2a_sessions(env, namespace).await
 }
@@ -1166,6 +1168,183 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
     ensure!(
         !patched.status.success() && stderr.contains(refusal),
         "a tenant changed a runner pod's image: {stderr}"
+    );
+    Ok(())
+}
+
+/// No one but a cluster admin (or whoever holds `exec` on `sessions/runner`) runs a command in,
+/// or attaches to, a runner pod's `runner` container or a replay pod's `replay` container — a
+/// command there could read the pod's gateway token — though a tenant holds `pods/exec` and
+/// `pods/attach` as Kubernetes' `edit` role grants them; the tenant's other pods and containers
+/// are theirs to exec into. The pods are bound to no node: admission decides before the API
+/// server reaches a node, so what is not refused fails later, with another error.
+async fn check_pod_exec(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    let client = env.client();
+    let tenant = "mallory@example.com";
+    let trusted = "carol@example.com";
+    let exec_rule = PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec![
+            "pods".to_owned(),
+            "pods/exec".to_owned(),
+            "pods/attach".to_owned(),
+        ]),
+        verbs: vec!["get".to_owned(), "create".to_owned()],
+        ..Default::default()
+    };
+    grant(
+        &client,
+        namespace,
+        "edit-like-exec",
+        exec_rule,
+        &[tenant, trusted],
+    )
+    .await?;
+    let runner_exec = PolicyRule {
+        api_groups: Some(vec!["contextos.dev".to_owned()]),
+        resources: Some(vec!["sessions/runner".to_owned()]),
+        verbs: vec!["exec".to_owned()],
+        ..Default::default()
+    };
+    grant(&client, namespace, "trusted-runner-exec", runner_exec, &[trusted]).await?;
+    let dir = tempfile::tempdir()?;
+    let pod_with = |name: &str, container: &str| -> Result<String> {
+        let mut pod = tenant_pod(env, namespace, name, &json!([]), &json!({}));
+        pod["spec"]["containers"][0]["name"] = json!(container);
+        json_file(dir.path(), name, &pod)
+    };
+    for (name, container) in [
+        ("exec-run-1", "runner"),
+        ("replay-agent-exec-0123456789-x7k2p", "replay"),
+        ("mine-run-2", "app"),
+    ] {
+        succeed(env, &["create", "-f", &pod_with(name, container)?]).await?;
+    }
+    let refusal = "is a ContextOS runner or replay pod";
+    let exec = |user: &'static str, pod: &'static str, container: Option<&'static str>| async move {
+        let mut args = vec!["exec", "-n", namespace, pod, "--as", user];
+        if let Some(container) = container {
+            args.extend(["-c", container]);
+        }
+        args.extend(["--", "true"]);
+        let output = run(env, &args).await?;
+        anyhow::Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    wait_for(
+        "the exec policy to refuse exec into a runner pod",
+        TIMEOUT,
+        || async {
+            match exec(tenant, "exec-run-1", None).await {
+                Ok(stderr) => Check::when(stderr.contains(refusal), || stderr.clone()),
+                Err(err) => Check::NotYet(format!("{err:#}")),
+            }
+        },
+    )
+    .await?;
+    for (pod, container) in [
+        ("exec-run-1", Some("runner")),
+        ("replay-agent-exec-0123456789-x7k2p", None),
+        ("replay-agent-exec-0123456789-x7k2p", Some("replay")),
+    ] {
+        let stderr = exec(tenant, pod, container).await?;
+        ensure!(
+            stderr.contains(refusal),
+            "exec into {pod} {container:?} was not refused: {stderr}"
+        );
+    }
+    // Attach, asked for directly (kubectl attach waits for a running pod first).
+    let empty = json_file(dir.path(), "empty", &json!({}))?;
+    let attach =
+        format!("/api/v1/namespaces/{namespace}/pods/exec-run-1/attach?container=runner&stdout=true");
+    let attached = run(env, &["create", "--raw", &attach, "-f", &empty, "--as", tenant]).await?;
+    let stderr = String::from_utf8_lossy(&attached.stderr);
+    ensure!(
+        stderr.contains(refusal),
+        "attach to a runner pod was not refused: {stderr}"
+    );
+    // The tenant's own pods, another container, and the trusted user pass admission (and fail at
+    // the node, which does not exist).
+    for (user, pod, container) in [
+        (tenant, "mine-run-2", None),
+        (tenant, "plain", None),
+        (tenant, "exec-run-1", Some("other")),
+        (trusted, "exec-run-1", None),
+    ] {
+        let stderr = exec(user, pod, container).await?;
+        ensure!(
+            !stderr.contains(refusal) && !stderr.contains("forbidden"),
+            "{user}'s exec into {pod} {container:?} was refused: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+/// No one but a node gets a token for the gateway's audience (bound to a runner pod it would
+/// act as that pod): a tenant who may create `serviceaccounts/token`, as Kubernetes' `edit` role
+/// grants, is refused, and so is a cluster admin; other audiences are the tenant's; a node is
+/// given one.
+async fn check_gateway_tokens(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    let client = env.client();
+    let tenant = "mallory@example.com";
+    let tokens = PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec!["serviceaccounts/token".to_owned()]),
+        verbs: vec!["create".to_owned()],
+        ..Default::default()
+    };
+    grant(&client, namespace, "edit-like-tokens", tokens, &[tenant]).await?;
+    let audience = contextos_runner::gateway::identity::GATEWAY_AUDIENCE;
+    let refusal = "only a node's kubelet gets a token for audience contextos-gateway";
+    let token = |audience: &'static str, identity: &'static [&'static str]| async move {
+        let mut args = vec![
+            "create",
+            "token",
+            "default",
+            "-n",
+            namespace,
+            "--audience",
+            audience,
+        ];
+        args.extend_from_slice(identity);
+        run(env, &args).await
+    };
+    wait_for("the token policy to refuse a tenant", TIMEOUT, || async {
+        match token(audience, &["--as", "mallory@example.com"]).await {
+            Ok(output) if !output.status.success() => {
+                let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+                Check::when(stderr.contains(refusal), || stderr.clone())
+            }
+            Ok(_) => Check::NotYet("a token was given".to_owned()),
+            Err(err) => Check::NotYet(format!("{err:#}")),
+        }
+    })
+    .await?;
+    let admin = token(audience, &[]).await?;
+    let stderr = String::from_utf8_lossy(&admin.stderr);
+    ensure!(
+        !admin.status.success() && stderr.contains(refusal),
+        "a cluster admin was given a gateway token: {stderr}"
+    );
+    let other = token("example.com/other", &["--as", "mallory@example.com"]).await?;
+    ensure!(
+        other.status.success(),
+        "a tenant's token for another audience was refused: {}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    // A node (here a cluster admin in the nodes' group, so that no pod need be bound to it).
+    const NODE: [&str; 6] = [
+        "--as",
+        "system:node:example",
+        "--as-group",
+        "system:nodes",
+        "--as-group",
+        "system:masters",
+    ];
+    let given = token(audience, &NODE).await?;
+    ensure!(
+        given.status.success(),
+        "a node was refused a gateway token: {}",
+        String::from_utf8_lossy(&given.stderr)
     );
     Ok(())
 }

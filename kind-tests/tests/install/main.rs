@@ -558,7 +558,39 @@ async fn verify_through_the_gateway(
         }
     };
     let token = token_for(contextos_runner::gateway::readers::READER_AUDIENCE).await?;
-    let runner_audience = token_for(contextos_runner::gateway::identity::GATEWAY_AUDIENCE).await?;
+    // A token for the runners' audience is a node's only (admission policy
+    // contextos-gateway-tokens refuses it to the admin this test acts as), so it is minted as one.
+    let runner_audience = env
+        .kubectl()
+        .args([
+            "create",
+            "token",
+            "auditor",
+            "-n",
+            audit.name(),
+            "--duration",
+            "10m",
+        ])
+        .args([
+            "--audience",
+            contextos_runner::gateway::identity::GATEWAY_AUDIENCE,
+        ])
+        .args([
+            "--as",
+            "system:node:example",
+            "--as-group",
+            "system:nodes",
+            "--as-group",
+            "system:masters",
+        ])
+        .output()
+        .await?;
+    ensure!(
+        runner_audience.status.success(),
+        "kubectl create token as a node: {}",
+        said(&runner_audience)
+    );
+    let runner_audience = String::from_utf8_lossy(&runner_audience.stdout).trim().to_owned();
 
     let (mut forward, local) = gateway_port_forward(env).await?;
     let published = http_get(&local, &format!("/v1/tenants/{}/record-key", tenant.name())).await?;

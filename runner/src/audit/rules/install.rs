@@ -19,7 +19,7 @@ use crate::audit::{
 
 /// The admission policies ContextOS's security model depends on (`manifests/admission`), each
 /// with a binding of the same name.
-pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 11] = [
+pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 13] = [
     ("contextos-session-identity", "a Session's user is who created it"),
     (
         "contextos-session-approvals",
@@ -40,6 +40,14 @@ pub const TRUST_ADMISSION_POLICIES: [(&str, &str); 11] = [
     (
         "contextos-replay-pods",
         "only the job controller makes a pod a replay Job's, whose read grant the gateway honours",
+    ),
+    (
+        "contextos-pod-exec",
+        "no one but cluster admins runs a command in a runner or replay pod, whose token it holds",
+    ),
+    (
+        "contextos-gateway-tokens",
+        "only a node's kubelet gets a token for the gateway's audience",
     ),
     (
         "contextos-replay-jobs",

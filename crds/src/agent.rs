@@ -21,6 +21,7 @@ use crate::common::{
     namespaced,
     cel,
     validation = Rule::new("self.metadata.name.size() <= 57").message("an Agent's name is at most 57 characters: agent.<name> labels its revision snapshots and replay Jobs (a label value is at most 63); shorten metadata.name"),
+    validation = Rule::new("!has(self.spec.promotion) || !has(self.spec.promotion.replay) || !has(self.spec.promotion.replay.selector) || ((!has(self.spec.promotion.replay.selector.agents) || size(self.spec.promotion.replay.selector.agents) == 0) && (!has(self.spec.promotion.replay.selector.matchLabels) || size(self.spec.promotion.replay.selector.matchLabels) == 0))").message("spec.promotion.replay.selector: an Agent's gate replays every recent session of this Agent, so it takes no selector; remove it (a selector narrows the gate of a Policy or ContextPack)"),
     status = "AgentStatus",
     shortname = "agent",
     category = "contextos",
@@ -44,7 +45,8 @@ pub struct AgentSpec {
     pub routing: Option<crate::model_routing::ModelRouting>,
     /// The ContextPack whose promoted revision supplies instructions and sources.
     pub context_pack_ref: LocalRef,
-    /// Policies checked for every tool call, in order; the first rule that matches decides.
+    /// Policies checked for every tool call: each decides by its own rules, and the strictest
+    /// verdict of an enforced policy stands (deny over approval over allow).
     #[x_kube(validation = Rule::new("self.map(p, p.name).all(n, self.exists_one(p, p.name == n))").message("policyRefs lists the same Policy twice; remove the duplicate"))]
     #[schemars(length(min = 1, max = 16))]
     pub policy_refs: Vec<LocalRef>,
@@ -334,7 +336,9 @@ pub enum ModelProvider {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.provider != 'openai_compatible' || has(self.endpoint)").message("model.endpoint is required when model.provider is openai_compatible (for example https://api.openai.com/v1)").reason(Reason::FieldValueRequired),
-    validation = Rule::new("self.provider != 'scripted' || has(self.scriptRef)").message("model.scriptRef is required when model.provider is scripted (a ConfigMap key holding the scripted responses)").reason(Reason::FieldValueRequired)
+    validation = Rule::new("self.provider != 'scripted' || has(self.scriptRef)").message("model.scriptRef is required when model.provider is scripted (a ConfigMap key holding the scripted responses)").reason(Reason::FieldValueRequired),
+    validation = Rule::new("self.provider == 'scripted' || !has(self.scriptRef)").message("model.scriptRef is read only when model.provider is scripted; remove it"),
+    validation = Rule::new("self.provider != 'scripted' || (!has(self.endpoint) && !has(self.secretRef))").message("a scripted model reaches no endpoint: remove model.endpoint and model.secretRef")
 )]
 pub struct ModelSpec {
     /// Which API to speak: `openai_compatible` or `scripted`.

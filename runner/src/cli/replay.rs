@@ -31,7 +31,7 @@ enum Output {
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
     /// Replay this run.
-    #[arg(long, conflicts_with_all = ["session", "sample"])]
+    #[arg(long, conflicts_with_all = ["session", "sample", "agents", "since", "selector"])]
     run: Option<String>,
     /// Replay the latest finished run of this Session.
     #[arg(long, conflicts_with = "sample")]
@@ -39,10 +39,10 @@ pub struct ReplayArgs {
     /// Replay up to this many recent finished runs (newest first).
     #[arg(long)]
     sample: Option<usize>,
-    /// With --sample: only runs of these Agents (repeatable).
+    /// With --sample or --session: only runs of these Agents (repeatable).
     #[arg(long = "agent")]
     agents: Vec<String>,
-    /// With --sample: only runs started within this long ago: e.g. 30m, 12h, 7d.
+    /// With --sample or --session: only runs started within this long ago: e.g. 30m, 12h, 7d.
     #[arg(long)]
     since: Option<String>,
     /// With --sample or --session: only runs whose Session had these labels, `key=value[,…]`.

@@ -34,7 +34,8 @@ pub const EXIT_AWAITING_APPROVAL: u8 = 4;
 /// Exit code of a run that ended without an accepted output (recorded as failed).
 pub const EXIT_RUN_FAILED: u8 = 5;
 
-/// How calls reach tools and models from this machine.
+/// How calls reach tools from this machine (models are reached at their Agent's
+/// `model.endpoint`, with the key `--secret` gives).
 #[derive(Debug, Args)]
 pub struct ToolAccess {
     /// Secret value for `<secret>/<key>` (as a Secret would hold it), e.g.
@@ -42,7 +43,7 @@ pub struct ToolAccess {
     /// in the `-f` files are used too.
     #[arg(long = "secret", value_name = "SECRET/KEY=VALUE")]
     secrets: Vec<String>,
-    /// Send calls for URLs starting with FROM to TO instead, e.g.
+    /// Send tool calls for URLs starting with FROM to TO instead, e.g.
     /// `http://ops-tools.shop-platform.svc:8080=http://127.0.0.1:8080`, to run against local
     /// stand-ins of in-cluster services.
     #[arg(long = "endpoint-override", value_name = "FROM=TO")]
@@ -116,8 +117,9 @@ pub struct ResolveArgs {
     /// Who found out.
     #[arg(long = "as")]
     resolver: String,
-    /// What was found (shown to the agent and recorded).
-    #[arg(long)]
+    /// What was found (shown to the agent and recorded). An answer (`--answer`) is its own
+    /// note.
+    #[arg(long, conflicts_with = "answer")]
     note: Option<String>,
 }
 

@@ -1264,6 +1264,67 @@ async fn only_a_replay_jobs_own_pods_read_the_tenants_records_with_its_grant() {
     assert!(runner.put_blob(&rig.tenant(), b"x".to_vec()).await.is_err());
 }
 
+/// A long run is read back whole, a page at a time: no answer of the service holds more than
+/// `CHAIN_PAGE` entries, whatever the reader asks for (a run may hold hundreds of MiB, and 64
+/// readers at once each holding all of it would take the replica down with every tenant's
+/// calls), and the reader asks again from the entry after the last until a page comes back
+/// short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_run_is_read_back_whole_a_page_at_a_time() {
+    use contextos_runner::records::{
+        RunStart,
+        store::remote::{CHAIN_PAGE, Credential, RemoteStore},
+    };
+    let rig = rig().await;
+    let tenant = rig.tenant();
+    let start = RunStart {
+        run_id: "long-r1".into(),
+        session_id: "long".into(),
+        agent: rig.bundle.agent.clone(),
+        run_context: serde_json::json!({}),
+        pinned: rig.bundle.pinned(),
+        bundle: None,
+    };
+    let mut recorder = Recorder::begin(&*rig.store, tenant.clone(), transit(), start).expect("recorder");
+    for step in 0..(2 * CHAIN_PAGE as u32 + 7) {
+        recorder.stage(EntryBody::Checkpoint {
+            step,
+            state: serde_json::json!({}),
+        });
+    }
+    recorder.flush().await.expect("written");
+    let stored = rig.store.read_chain(&tenant, "long-r1", 0).await.expect("stored");
+    assert_eq!(stored.len(), 2 * CHAIN_PAGE + 8);
+
+    let auditor = RemoteStore::new(
+        &rig.url,
+        TokenSource::Fixed("token-auditor".into()),
+        Credential::Reader {
+            namespace: "shop".into(),
+        },
+        "shop",
+    )
+    .expect("store");
+    let read = auditor.read_chain(&tenant, "long-r1", 0).await.expect("read");
+    assert_eq!(read, stored, "the whole chain, in order");
+    let from = auditor.read_chain(&tenant, "long-r1", 300).await.expect("read");
+    assert_eq!(from, stored[300..]);
+    // Asked for everything at once, the service answers one page.
+    let answer = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/records/chain?run=long-r1&from=0&limit=100000",
+            rig.url
+        ))
+        .bearer_auth("token-auditor")
+        .header("x-contextos-namespace", "shop")
+        .send()
+        .await
+        .expect("answered");
+    assert!(answer.status().is_success(), "{}", answer.status());
+    let page: Vec<serde_json::Value> = answer.json().await.expect("json");
+    assert_eq!(page.len(), CHAIN_PAGE);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_reads_and_verifies_only_the_namespaces_the_api_server_lets_them_and_writes_nothing() {
     use contextos_runner::records::{

@@ -102,6 +102,20 @@ async fn append_read_and_list<S: RecordStore>(store: &S) {
     assert!(matches!(decoded[0].body, EntryBody::RunStarted { .. }));
     assert!(matches!(decoded[6].body, EntryBody::Completed { .. }));
     assert_eq!(store.read_chain(&t, &run, 5).await.expect("tail").len(), 2);
+    // A page: at most `limit` entries from where it is asked, the chain's end when short.
+    let page = store.read_chain_page(&t, &run, 2, 3).await.expect("page");
+    assert_eq!(page, chain[2..5]);
+    assert_eq!(
+        store.read_chain_page(&t, &run, 5, 3).await.expect("last page"),
+        chain[5..]
+    );
+    assert!(
+        store
+            .read_chain_page(&t, &run, 7, 3)
+            .await
+            .expect("past the end")
+            .is_empty()
+    );
     let verified = verify_run(store, &t, &run, &key().public())
         .await
         .expect("verifies");
@@ -805,6 +819,12 @@ async fn tikv_store_works_across_region_boundaries() {
         .await
         .expect("read from the middle");
     assert_eq!((tail.len(), tail[0].seq), (151, 150));
+    // A page across a region boundary holds exactly what was asked for.
+    let page = store
+        .read_chain_page(&t, run, 95, 10)
+        .await
+        .expect("page across regions");
+    assert_eq!(page, chain[95..105]);
     let verified = verify_run(&store, &t, run, &key().public())
         .await
         .expect("verifies");

@@ -67,7 +67,8 @@ use crate::{
         EntryBody, Hash, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId,
         recorder::now_ms,
         store::remote::{
-            AppendRequest, Problem, READ_GRANT_HEADER, READER_NAMESPACE_HEADER, RUN_CONTEXT_HEADER, WireEntry,
+            AppendRequest, CHAIN_PAGE, Problem, READ_GRANT_HEADER, READER_NAMESPACE_HEADER,
+            RUN_CONTEXT_HEADER, WireEntry,
         },
     },
     run::bundle::RunBundle,
@@ -366,6 +367,16 @@ struct RunQuery {
     run: String,
     #[serde(default)]
     from: u64,
+    /// Entries wanted from `from` on: at most [`CHAIN_PAGE`], which is also what none asks for.
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+impl RunQuery {
+    /// How many entries of the chain one answer holds.
+    fn page(&self) -> usize {
+        self.limit.unwrap_or(CHAIN_PAGE).clamp(1, CHAIN_PAGE)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -274,7 +274,7 @@ where
         let tenant = service.reader(&headers).await?;
         let chain = service
             .store
-            .read_chain(&tenant, &q.run, q.from)
+            .read_chain_page(&tenant, &q.run, q.from, q.page())
             .await
             .map_err(unavailable)?;
         Ok(Json(chain.iter().map(WireEntry::of).collect::<Vec<_>>()).into_response())

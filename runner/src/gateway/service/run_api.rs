@@ -490,7 +490,7 @@ where
         Self::own_run(&caller, &q.run)?;
         let chain = service
             .store
-            .read_chain(&caller.tenant, &q.run, q.from)
+            .read_chain_page(&caller.tenant, &q.run, q.from, q.page())
             .await
             .map_err(unavailable)?;
         let wire: Vec<WireEntry> = chain.iter().map(WireEntry::of).collect();

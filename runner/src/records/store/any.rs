@@ -221,6 +221,15 @@ impl RecordStore for AnyStore {
     async fn read_chain(&self, tenant: &TenantId, run_id: &str, from_seq: u64) -> Result<Vec<StoredEntry>> {
         forward!(self, s => s.read_chain(tenant, run_id, from_seq))
     }
+    async fn read_chain_page(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>> {
+        forward!(self, s => s.read_chain_page(tenant, run_id, from_seq, limit))
+    }
     async fn list_runs(&self, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
         forward!(self, s => s.list_runs(tenant, filter))
     }

@@ -282,6 +282,23 @@ pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
         from_seq: u64,
     ) -> impl Future<Output = Result<Vec<StoredEntry>>> + Send;
 
+    /// At most `limit` entries of a run from `from_seq` on, in order: what the gateway service
+    /// reads for one request from outside, so that no request holds a whole run in memory
+    /// (a run may hold hundreds of MiB). Fewer than `limit` means the chain ends there.
+    fn read_chain_page(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<StoredEntry>>> + Send {
+        async move {
+            let mut entries = self.read_chain(tenant, run_id, from_seq).await?;
+            entries.truncate(limit);
+            Ok(entries)
+        }
+    }
+
     /// Summaries of runs matching `filter`, newest first.
     fn list_runs(
         &self,
@@ -407,6 +424,16 @@ impl<S: RecordStore> RecordStore for std::sync::Arc<S> {
         from_seq: u64,
     ) -> impl Future<Output = Result<Vec<StoredEntry>>> + Send {
         (**self).read_chain(tenant, run_id, from_seq)
+    }
+
+    fn read_chain_page(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<StoredEntry>>> + Send {
+        (**self).read_chain_page(tenant, run_id, from_seq, limit)
     }
 
     fn list_runs(

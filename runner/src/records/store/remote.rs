@@ -42,6 +42,10 @@ pub const TOKEN_FILE_ENV: &str = "CONTEXTOS_GATEWAY_TOKEN_FILE";
 pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/contextos/gateway-token";
 /// Largest response read (a long run's chain); larger answers are refused.
 const MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// Most entries the gateway service answers one chain request with (entries hold at most
+/// 16 KiB inline, larger bodies are blobs): a few MiB an answer, however long the run; a
+/// reader asks again from the entry after the last until a page comes back short.
+pub const CHAIN_PAGE: usize = 256;
 /// Attempts per request when the service cannot be reached (another replica may answer).
 const ATTEMPTS: u32 = 6;
 
@@ -542,8 +546,42 @@ impl RecordStore for RemoteStore {
         from_seq: u64,
     ) -> Result<Vec<StoredEntry>, StoreError> {
         self.check_tenant(tenant)?;
+        let mut entries = Vec::new();
+        let mut from = from_seq;
+        loop {
+            let page = self.read_chain_page(tenant, run_id, from, CHAIN_PAGE).await?;
+            let short = page.len() < CHAIN_PAGE;
+            match page.last() {
+                // Each page must go on from where the last ended: a service that answered
+                // another part of the chain is an error, not a shorter record.
+                Some(last) if page.first().is_some_and(|first| first.seq != from) || last.seq < from => {
+                    return Err(StoreError::Backend(format!(
+                        "run {run_id}: the gateway answered entries from {} when asked from {from}",
+                        page[0].seq
+                    )));
+                }
+                Some(last) => from = last.seq.saturating_add(1),
+                None => break,
+            }
+            entries.extend(page);
+            if short {
+                break;
+            }
+        }
+        Ok(entries)
+    }
+
+    async fn read_chain_page(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        self.check_tenant(tenant)?;
+        let limit = limit.min(CHAIN_PAGE);
         let wire: Vec<WireEntry> = self
-            .get_json(&self.path(&format!("/chain?run={}&from={from_seq}", q(run_id))))
+            .get_json(&self.path(&format!("/chain?run={}&from={from_seq}&limit={limit}", q(run_id))))
             .await
             .map_err(|e| store_error(e, run_id))?;
         wire.iter()

@@ -98,6 +98,26 @@ impl RecordStore for ScratchStore {
         })
     }
 
+    async fn read_chain_page(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>> {
+        validate_id("run", run_id)?;
+        self.with(tenant, |t| {
+            Ok(t.runs.get(run_id).map_or_else(Vec::new, |r| {
+                r.entries
+                    .iter()
+                    .filter(|e| e.seq >= from_seq)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }))
+        })
+    }
+
     async fn list_runs(&self, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
         self.with(tenant, |t| {
             let since = filter.since_ms.unwrap_or(i64::MIN);

@@ -158,18 +158,33 @@ impl TikvStore {
 
     /// Scans `[start, end)` in pages, forwards.
     async fn scan_all(&self, start: Vec<u8>, end: Vec<u8>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan_at_most(start, end, usize::MAX).await
+    }
+
+    /// The first `limit` pairs of `[start, end)`, scanned in pages, forwards.
+    async fn scan_at_most(
+        &self,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut txn = self.begin().await?;
         let mut out = Vec::new();
         let mut from = start;
         loop {
-            let page = match txn.scan(range(from.clone(), end.clone()), SCAN_PAGE).await {
+            let wanted =
+                u32::try_from(limit.saturating_sub(out.len())).map_or(SCAN_PAGE, |n| n.min(SCAN_PAGE));
+            if wanted == 0 {
+                break;
+            }
+            let page = match txn.scan(range(from.clone(), end.clone()), wanted).await {
                 Ok(page) => page.map(|kv| (Vec::from(kv.0), kv.1)).collect::<Vec<_>>(),
                 Err(e) => {
                     txn.rollback().await.map_err(backend)?;
                     return Err(backend(e));
                 }
             };
-            let full = page.len() == SCAN_PAGE as usize;
+            let full = page.len() == wanted as usize;
             if let Some((last, _)) = page.last() {
                 from = last.clone();
                 from.push(0);
@@ -260,12 +275,22 @@ impl RecordStore for TikvStore {
     }
 
     async fn read_chain(&self, tenant: &TenantId, run_id: &str, from_seq: u64) -> Result<Vec<StoredEntry>> {
+        self.read_chain_page(tenant, run_id, from_seq, usize::MAX).await
+    }
+
+    async fn read_chain_page(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>> {
         crate::gateway::fair::away(async move {
             validate_id("run", run_id)?;
             let t = tenant.as_str();
             let prefix = keys::entries_prefix(t, run_id);
             let pairs = self
-                .scan_all(keys::entry(t, run_id, from_seq), keys::prefix_end(&prefix))
+                .scan_at_most(keys::entry(t, run_id, from_seq), keys::prefix_end(&prefix), limit)
                 .await?;
             pairs
                 .into_iter()

@@ -515,6 +515,16 @@ impl RecordStore for EmbeddedStore {
     }
 
     async fn read_chain(&self, tenant: &TenantId, run_id: &str, from_seq: u64) -> Result<Vec<StoredEntry>> {
+        self.read_chain_page(tenant, run_id, from_seq, usize::MAX).await
+    }
+
+    async fn read_chain_page(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>> {
         validate_id("run", run_id)?;
         if self.ends.past_end(tenant.as_str(), run_id, from_seq) {
             return Ok(Vec::new());
@@ -528,6 +538,7 @@ impl RecordStore for EmbeddedStore {
             for item in entries
                 .range((t, run, from_seq)..(t, run, RUN_ROW))
                 .map_err(backend)?
+                .take(limit)
             {
                 let (key, value) = item.map_err(backend)?;
                 let seq = key.value().2;

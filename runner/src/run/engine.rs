@@ -803,6 +803,10 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         // Messages already in a checkpoint (written or staged).
         let mut recorded_messages = state.messages.len();
         loop {
+            // A run that never waits on anything (a scripted model over an in-memory store: a
+            // skill's evaluation, inside the shared gateway service) still gives its thread back
+            // once a step, so that others on it go on and its deadline can fire.
+            tokio::task::yield_now().await;
             let step = tracing::info_span!(
                 target: crate::telemetry::TARGET,
                 "step",

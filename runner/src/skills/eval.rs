@@ -630,6 +630,34 @@ mod tests {
         }
     }
 
+    /// A suite runs inside the shared gateway service: though nothing in it ever waits (a
+    /// scripted model, an in-memory store), it gives its thread back every step, so the other
+    /// requests on that thread go on and its deadline can stop it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_suite_gives_its_thread_back_every_step_so_its_deadline_can_stop_it() {
+        let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let set = crate::manifests::ManifestSet::load(&[quickstart]).expect("the quickstart");
+        let (name, mut candidate) = set
+            .skill_candidates(Some("diagnosis"))
+            .expect("its skills")
+            .remove(0);
+        let first = candidate.skill.evals.scenarios[0].clone();
+        candidate.skill.evals.scenarios = (0..32)
+            .map(|i| EvalScenario {
+                name: format!("s{i}"),
+                ..first.clone()
+            })
+            .collect();
+        let cut =
+            tokio::time::timeout(std::time::Duration::from_millis(1), evaluate(&name, &candidate)).await;
+        assert!(
+            cut.is_err(),
+            "32 scenarios ran to their end without giving the thread back"
+        );
+        // Run whole, the same suite passes: the yield changes nothing of what it finds.
+        assert!(evaluate(&name, &candidate).await.passed());
+    }
+
     #[test]
     fn only_the_suites_policies_deny_and_only_answered_calls_count_as_run() {
         let bodies = [

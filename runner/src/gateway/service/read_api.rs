@@ -177,7 +177,9 @@ where
         let _running = RunningGate::start(&service.gates, &grant.job, tenant.as_str())?;
         if let Some(skill) = &candidate.skill {
             // A skill's suite runs here, offline: its verdict is the gateway's like a replay's.
-            let report = crate::skills::eval::evaluate(&order.name, skill).await;
+            // Bounded by its own deadline and the gates a replica runs, it takes no turn from
+            // the requests of runs (and gives its thread back every step).
+            let report = crate::gateway::fair::away(crate::skills::eval::evaluate(&order.name, skill)).await;
             crate::gateway::metrics::gateway().gate(
                 order.kind.api_kind(),
                 if report.passed() {

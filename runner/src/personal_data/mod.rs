@@ -264,11 +264,23 @@ impl Classifier {
 
     /// The personal data in `text`. Where two detectors claim overlapping text, the one with a
     /// check (card, IBAN, government ID) or the longer match wins, and each piece is reported
-    /// once.
+    /// once. The text is also read in its plain form (see [`plain_form`]): a card number written
+    /// with tabs, full-width digits or zero-width spaces between its groups is still a card —
+    /// its categories count, its pieces are reported where they are in `text` only.
     pub fn classify(&self, text: &str) -> Result<Classification, ClassifyError> {
         if text.len() > MAX_TEXT_BYTES {
             return Err(ClassifyError::TooLarge(text.len()));
         }
+        let mut classification = self.classify_as_written(text);
+        if let Some(plain) = plain_form(text) {
+            let more = self.classify_as_written(&plain);
+            classification.categories.extend(more.categories);
+        }
+        Ok(classification)
+    }
+
+    /// [`Self::classify`] of the text exactly as it is written.
+    fn classify_as_written(&self, text: &str) -> Classification {
         let built = &*BUILT_IN;
         let mut found: Vec<(u8, Finding)> = Vec::new();
         let mut categories = BTreeSet::new();
@@ -301,6 +313,16 @@ impl Classifier {
                 add(rank, category, piece.clone());
                 Some(piece)
             });
+            // IBANs and NI numbers are written in either case; in capitals their pieces are
+            // where they are in `text` (ASCII capitals take the same bytes).
+            if lowercase_lettered_shape(bytes) {
+                let upper = text.to_ascii_uppercase();
+                built.lettered.scan(&upper, |shape, span| {
+                    let (rank, category, piece) = BuiltIn::lettered(&upper, shape, span)?;
+                    add(rank, category, piece.clone());
+                    Some(piece)
+                });
+            }
             for m in built.international_phone.find_iter(text) {
                 if is_phone(m.as_str(), 8..=15) {
                     add(1, Category::Phone, m.range());
@@ -341,8 +363,80 @@ impl Classifier {
         }
         let mut findings = without_overlaps(found);
         findings.truncate(MAX_FINDINGS);
-        Ok(Classification { findings, categories })
+        Classification { findings, categories }
     }
+}
+
+/// `text` as a reader (or a model) takes it in, when that differs from how it is written:
+/// compatibility forms folded (NFKC: full-width digits and `＠` become ASCII, a no-break space a
+/// space), invisible format characters dropped (zero-width spaces and joiners, soft hyphens,
+/// direction marks), and every run of whitespace one space (as recalled memory is rendered). At
+/// most [`MAX_TEXT_BYTES`] of it (folding can lengthen a text). ASCII text with single spaces
+/// only is its own plain form: nothing is computed for it.
+fn plain_form(text: &str) -> Option<String> {
+    use unicode_normalization::UnicodeNormalization as _;
+    let bytes = text.as_bytes();
+    let as_read = bytes
+        .iter()
+        .all(|b| b.is_ascii() && (*b == b' ' || !b.is_ascii_whitespace()))
+        && !bytes.windows(2).any(|w| w == b"  ");
+    if as_read {
+        return None;
+    }
+    let mut plain = String::with_capacity(text.len());
+    let mut space = false;
+    for c in text.nfkc() {
+        if is_format(c) {
+            continue;
+        }
+        if c.is_whitespace() {
+            space = true;
+            continue;
+        }
+        if space {
+            plain.push(' ');
+            space = false;
+        }
+        if plain.len() + c.len_utf8() > MAX_TEXT_BYTES {
+            break;
+        }
+        plain.push(c);
+    }
+    (plain != text).then_some(plain)
+}
+
+/// Whether `text` has two letters, one of them lowercase, then (after a space perhaps) a digit:
+/// how a lettered shape (IBAN, NI number) starts when it is not written in capitals.
+fn lowercase_lettered_shape(text: &[u8]) -> bool {
+    text.windows(4).any(|w| {
+        w[0].is_ascii_alphabetic()
+            && w[1].is_ascii_alphabetic()
+            && (w[0].is_ascii_lowercase() || w[1].is_ascii_lowercase())
+            && (w[2].is_ascii_digit() || (w[2] == b' ' && w[3].is_ascii_digit()))
+    })
+}
+
+/// Characters that show nothing (Unicode's format characters that text is written with).
+fn is_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{17B4}'
+            | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }
 
 /// Keeps, of pieces that overlap, the one of higher rank (then the longer, then the first).
@@ -379,6 +473,49 @@ mod tests {
             .into_iter()
             .map(|f| (f.category.to_string(), &text[f.span]))
             .collect()
+    }
+
+    /// What a model can write so that a reader (or the model itself, when it is recalled) sees
+    /// personal data the detectors would miss as written: whitespace other than a space between
+    /// groups, invisible characters inside them, full-width forms, lowercase, dots.
+    #[test]
+    fn personal_data_written_to_slip_past_the_detectors_is_found_in_its_plain_form() {
+        let classifier = Classifier::built_in();
+        let categories = |text: &str| {
+            classifier
+                .classify(text)
+                .expect("classified")
+                .categories()
+                .into_iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+        };
+        for (text, category) in [
+            ("card 4111\t1111\t1111\t1111", "payment-card"),
+            ("card 4111\n1111\n1111\n1111", "payment-card"),
+            ("card 4111\u{a0}1111\u{a0}1111\u{a0}1111", "payment-card"),
+            ("card 4111\u{200b}1111\u{200b}1111\u{200b}1111", "payment-card"),
+            ("card 4\u{ad}111 1111 1111 1111", "payment-card"),
+            (
+                "card \u{ff14}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11}",
+                "payment-card",
+            ),
+            ("card 4111.1111.1111.1111", "payment-card"),
+            ("write to jane\u{ff20}example.com", "email"),
+            ("iban gb82 west 1234 5698 7654 32", "iban"),
+            ("ni ab 12 34 56 c", "government-id"),
+        ] {
+            let found = categories(text);
+            assert!(found.iter().any(|c| c == category), "{text:?}: {found:?}");
+        }
+        // Operational text stays what it was.
+        for text in [
+            "deploy v1.2.3 to eu-west-1 at 10:30",
+            "order 12345\t678 shipped",
+            "build 2026.12.06.1",
+        ] {
+            assert!(categories(text).is_empty(), "{text:?}: {:?}", categories(text));
+        }
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub(super) static BUILT_IN: LazyLock<BuiltIn> = LazyLock::new(|| {
         international_phone: re(r"\+[0-9][0-9 ().-]{6,22}[0-9](?-u:\b)"),
         ipv6: re(r"(?i)[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}"),
         numeric: Shapes::new(&[
-            (Numeric::Card, r"(?-u:\b)[0-9](?:[ -]?[0-9]){12,18}(?-u:\b)"),
+            (Numeric::Card, r"(?-u:\b)[0-9](?:[ .-]?[0-9]){12,18}(?-u:\b)"),
             (Numeric::Ssn, r"(?-u:\b)[0-9]{3}[ -][0-9]{2}[ -][0-9]{4}(?-u:\b)"),
             (Numeric::Ipv4, r"(?-u:\b)(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?-u:\b)"),
             (

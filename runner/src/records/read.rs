@@ -107,7 +107,18 @@ pub async fn read_stored_from<S: RecordStore>(
     run_id: &str,
     from_seq: u64,
 ) -> Result<Vec<(Hash, RecordEntry)>, ReadError> {
-    let chain = store.read_chain(tenant, run_id, from_seq).await?;
+    read_stored_page(store, tenant, run_id, from_seq, usize::MAX).await
+}
+
+/// [`read_stored_from`], at most `limit` entries.
+pub async fn read_stored_page<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    run_id: &str,
+    from_seq: u64,
+    limit: usize,
+) -> Result<Vec<(Hash, RecordEntry)>, ReadError> {
+    let chain = store.read_chain_page(tenant, run_id, from_seq, limit).await?;
     let unreadable = |seq: u64, problem: String| ReadError::Unreadable {
         run_id: run_id.to_owned(),
         seq,

@@ -111,7 +111,8 @@ async fn unrecorded<S: RecordStore>(
         )));
     }
     for e in expected {
-        let entries = match crate::records::read::read_stored_from(store, tenant, &e.run_id, e.seq).await {
+        // The one entry it names, not the run from there on.
+        let entries = match crate::records::read::read_stored_page(store, tenant, &e.run_id, e.seq, 1).await {
             Ok(entries) => entries,
             Err(crate::records::read::ReadError::Store(error)) => return Err(error.into()),
             Err(_) => Vec::new(),

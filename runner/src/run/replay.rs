@@ -272,6 +272,14 @@ impl DivergenceKind {
     pub fn counts(self) -> bool {
         !matches!(self, Self::WouldChange | Self::OfferChanged)
     }
+
+    /// Whether it is a call decided otherwise.
+    pub fn is_decision(self) -> bool {
+        matches!(
+            self,
+            Self::NewlyDenied | Self::NewlyNeedsApproval | Self::NewlyAllowed | Self::DecisionChanged
+        )
+    }
 }
 
 /// One difference between the recorded run and its replay.
@@ -900,8 +908,12 @@ fn divergent_steps(divergences: &[Divergence]) -> u32 {
 impl RunReplay {
     /// Marks what a proposal means to change in this run as intended, and counts the rest: if
     /// the run's first divergence is a changed decision on one of `calls` (the calls its
-    /// evidence names), that divergence and everything after it in the run (the run's own
-    /// outcome included) are the change's consequences; otherwise nothing is excused.
+    /// evidence names), that divergence and what follows from it in the run (calls no longer
+    /// reached or made anew, the run's own outcome) are the change's consequences; otherwise
+    /// nothing is excused. A later changed decision on a call the evidence does not name is
+    /// the candidate's own doing, not a consequence (a replay decides each recorded call
+    /// anew), and counts: else naming the first changed call of each run would excuse a
+    /// patch's every other effect.
     pub fn mark_intended(&mut self, calls: &BTreeSet<String>) {
         let first = self
             .divergences
@@ -909,19 +921,13 @@ impl RunReplay {
             .filter(|d| d.counts())
             .min_by_key(|d| if d.step == 0 { u32::MAX } else { d.step });
         let Some(first) = first else { return };
-        let decision = matches!(
-            first.kind,
-            DivergenceKind::NewlyDenied
-                | DivergenceKind::NewlyNeedsApproval
-                | DivergenceKind::NewlyAllowed
-                | DivergenceKind::DecisionChanged
-        );
-        if !decision || !first.call_id.as_ref().is_some_and(|c| calls.contains(c)) {
+        if !first.kind.is_decision() || !first.call_id.as_ref().is_some_and(|c| calls.contains(c)) {
             return;
         }
         let from = first.step;
         for d in &mut self.divergences {
-            if d.kind.counts() && (d.step == 0 || d.step >= from) {
+            let named = d.call_id.as_ref().is_some_and(|c| calls.contains(c));
+            if d.kind.counts() && (d.step == 0 || d.step >= from) && (named || !d.kind.is_decision()) {
                 d.intended = true;
             }
         }
@@ -1575,7 +1581,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_change_that_starts_at_the_named_call_is_excused_and_then_all_of_it() {
+    fn only_a_change_that_starts_at_the_named_call_is_excused_with_what_follows_from_it() {
         let calls: BTreeSet<String> = ["2.0".to_owned()].into();
         let run = |divergences: Vec<Divergence>| {
             let mut r = replayed("r", 4, 0);
@@ -1606,6 +1612,15 @@ mod tests {
         let mut unnamed = run(vec![divergence(DivergenceKind::NewlyDenied, 2, Some("2.1"))]);
         unnamed.mark_intended(&calls);
         assert_eq!(unnamed.intended_steps(), 0);
+        // After the named call, another call decided otherwise is the candidate's own doing (a
+        // rule removed lets it through): it counts, though what follows is excused.
+        let mut beyond = run(vec![
+            divergence(DivergenceKind::NewlyNeedsApproval, 2, Some("2.0")),
+            divergence(DivergenceKind::NewlyAllowed, 3, Some("3.0")),
+            divergence(DivergenceKind::CallNotReached, 4, Some("4.0")),
+        ]);
+        beyond.mark_intended(&calls);
+        assert_eq!((beyond.divergent_steps, beyond.intended_steps()), (1, 2));
     }
 
     #[test]

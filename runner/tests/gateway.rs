@@ -1146,6 +1146,55 @@ async fn a_restarted_gateway_answers_resubmitted_calls_from_the_record() {
     );
 }
 
+/// A rule can ask for a scope the Session's user was granted (`spec.user.scopes`, carried by
+/// the signed RunContext): the gateway decides on the scopes of the run it acts for.
+#[tokio::test]
+async fn a_rule_reads_the_scopes_the_sessions_user_was_granted() {
+    let h = Harness::new().await;
+    let spec: contextos_crds::PolicySpec = serde_yaml::from_str(
+        "rules: [{name: status-scope, condition: \"call.tool == 'post_status_update' && !('statuspage:write' in run.scopes)\", effect: deny, reason: posting needs the statuspage:write scope}]\ndefaultEffect: allow",
+    )
+    .expect("spec");
+    let gateway = ToolGateway::new(
+        "shop",
+        "oncall-assistant",
+        h.key.public(),
+        catalog(h.addr),
+        PolicySet {
+            policies: vec![compile_policy("scopes", &spec).expect("compiles")],
+        },
+        Default::default(),
+    );
+    let mut rec = h.recorder().await;
+    let state = StateFacts::default();
+    let post = |id: &str, scopes: &[&str]| {
+        let mut envelope = h.envelope(
+            id,
+            "post_status_update",
+            json!({"channel": "#incidents", "severity": "sev3", "text": "investigating"}),
+        );
+        let mut context = envelope.run_context.context.clone();
+        if let Some(user) = context.user.as_mut() {
+            user.scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
+        }
+        envelope.run_context = SignedRunContext::sign(context, &h.key);
+        envelope
+    };
+    let refused = gateway
+        .handle(&post("s1", &[]), &mut rec, &state)
+        .await
+        .expect("handled");
+    assert!(
+        matches!(&refused, CallOutcome::Denied { rule, .. } if rule == "scopes/status-scope"),
+        "{refused:?}"
+    );
+    let granted = gateway
+        .handle(&post("s2", &["statuspage:write"]), &mut rec, &state)
+        .await
+        .expect("handled");
+    assert!(executed(&granted).ok, "{granted:?}");
+}
+
 #[tokio::test]
 async fn a_cached_read_is_reused_only_for_the_same_question_under_the_same_revisions() {
     let h = Harness::new().await;

@@ -1114,6 +1114,11 @@ impl ToolGateway {
                 .as_ref()
                 .map(|u| u.groups.clone())
                 .unwrap_or_default(),
+            scopes: context
+                .user
+                .as_ref()
+                .map(|u| u.scopes.clone())
+                .unwrap_or_default(),
             safety_mode: context.safety_mode.as_str().into(),
             tool_calls: counters.calls,
             calls_of_tool: counters.per_tool.get(&call.tool).copied().unwrap_or(0),

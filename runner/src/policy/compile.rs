@@ -150,7 +150,7 @@ pub fn compile_condition(source: &str) -> Result<Condition, String> {
         .collect();
     if !unknown.is_empty() {
         return Err(format!(
-            "condition uses unknown variable(s) {}; available: call (tool, risk, kind, args), run (tenant, agent, user, groups, safetyMode, toolCalls, steps, tokens, input), state (budget, loop, evidence, gate, conflict)",
+            "condition uses unknown variable(s) {}; available: call (tool, risk, kind, args, entities, entityTypes), run (tenant, agent, user, groups, scopes, safetyMode, toolCalls, callsOfTool, destructiveCalls, steps, tokens, input), state (budget, loop, evidence, gate, conflict)",
             unknown.join(", ")
         ));
     }

@@ -29,6 +29,9 @@ pub struct RunFacts {
     pub agent: String,
     pub user: String,
     pub groups: Vec<String>,
+    /// The scopes the Session's user was granted for this run (`spec.user.scopes`, each one
+    /// the Session's creator may `use`, admission checks).
+    pub scopes: Vec<String>,
     pub safety_mode: String,
     /// Calls decided before this one.
     pub tool_calls: u32,
@@ -722,6 +725,43 @@ rules:
         );
         assert_eq!(d.effect, PolicyEffect::Deny);
         assert!(d.reason.contains("could not be evaluated"), "{}", d.reason);
+    }
+
+    /// A rule can ask for a scope the Session's user was granted (`spec.user.scopes`).
+    #[test]
+    fn conditions_read_the_scopes_the_user_was_granted() {
+        let spec: contextos_crds::PolicySpec = serde_yaml::from_str(
+            "rules: [{name: refunds, condition: \"call.tool == 'refund' && !('payments:write' in run.scopes)\", effect: deny, reason: refunds need the payments:write scope}]\ndefaultEffect: allow",
+        )
+        .expect("spec");
+        let set = PolicySet {
+            policies: vec![compile_policy("p", &spec).expect("compiles")],
+        };
+        let args = json!({});
+        let call = CallFacts {
+            tool: "refund",
+            risk: ToolRisk::Network,
+            kind: ToolKind::Act,
+            args: &args,
+            entities: &crate::ontology::CallEntities::default(),
+        };
+        let decide = |scopes: &[&str]| {
+            let run = RunFacts {
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                ..RunFacts::default()
+            };
+            set.decide(
+                &call,
+                &run,
+                &StateFacts::default(),
+                SafetyMode::Autonomous,
+                &Approvers::default(),
+            )
+            .effect
+        };
+        assert_eq!(decide(&[]), PolicyEffect::Deny);
+        assert_eq!(decide(&["payments:read"]), PolicyEffect::Deny);
+        assert_eq!(decide(&["payments:read", "payments:write"]), PolicyEffect::Allow);
     }
 
     /// A policy keeps agents away from a kind of entity whatever tool reaches it and however

@@ -450,9 +450,23 @@ fn grant(call_hash: &str, approver: &str) -> ApprovalGrant {
 async fn a_session_runs_through_the_gateway_service_and_verifies_with_the_tenant_key() {
     let rig = rig().await;
     let call_hash = rig.run_until_approval().await;
-    // A human approves on the Session; the runner's attempt 2 presents the same decision.
-    approve_on_session(&rig, &call_hash, "dana@example.com");
-    let outcome = rig.resume(&[grant(&call_hash, "dana@example.com")]).await;
+    // A human approves on the Session, with a note; the runner's attempt 2 presents the same
+    // decision with a note of its own.
+    rig.tenants.approve(
+        "shop",
+        "checkout-5xx",
+        Approval {
+            call_hash: call_hash.clone(),
+            decision: ApprovalDecision::Approve,
+            approver: "dana@example.com".into(),
+            reason: Some("checked the rollout with the owning team".into()),
+        },
+    );
+    let presented = ApprovalGrant {
+        reason: Some("the runner's own words".into()),
+        ..grant(&call_hash, "dana@example.com")
+    };
+    let outcome = rig.resume(&[presented]).await;
     assert!(matches!(outcome, RunOutcome::Completed { .. }), "{outcome:?}");
     // The run ended: no replica keeps its gateway built.
     assert!(rig.services.iter().all(|s| s.cached_runs() == 0));
@@ -466,10 +480,15 @@ async fn a_session_runs_through_the_gateway_service_and_verifies_with_the_tenant
         assert!(verify_run(&*rig.store, &rig.tenant(), RUN, &wrong).await.is_err());
     }
     let bodies = rig.bodies().await;
-    let approved = bodies
-        .iter()
-        .any(|b| matches!(b, EntryBody::ApprovalGranted { approver, .. } if approver == "dana@example.com"));
-    assert!(approved, "the approval is recorded with its approver");
+    let approved = bodies.iter().any(|b| {
+        matches!(b, EntryBody::ApprovalGranted { approver, reason, .. }
+            if approver == "dana@example.com"
+                && reason.as_deref() == Some("checked the rollout with the owning team"))
+    });
+    assert!(
+        approved,
+        "the approval is recorded with its approver and the approver's note"
+    );
     let turns = bodies
         .iter()
         .filter(|b| matches!(b, EntryBody::ModelTurn { .. }))
@@ -508,6 +527,7 @@ async fn a_runner_cannot_write_decisions_results_approvals_or_model_turns() {
             call_id: "4.0".into(),
             call_hash: "0".repeat(64),
             approver: "dana@example.com".into(),
+            reason: None,
         },
         EntryBody::ModelTurn {
             step: 9,

@@ -1254,6 +1254,7 @@ impl ToolGateway {
                     call_id: call.call_id.clone(),
                     call_hash: call_hash.to_owned(),
                     approver: grant.approver.clone(),
+                    reason: grant.reason.clone(),
                 });
                 Ok(None)
             }
@@ -2214,6 +2215,7 @@ mod tests {
             call_id: "1.0".into(),
             call_hash: "h".into(),
             approver: "dana@example.com".into(),
+            reason: None,
         }
     }
 

@@ -44,6 +44,7 @@ fn granted(id: &str) -> EntryBody {
         call_id: id.into(),
         call_hash: format!("h-{id}"),
         approver: "lee".into(),
+        reason: None,
     }
 }
 

@@ -291,6 +291,7 @@ fn approvals_and_dry_run_compile_to_changes_of_the_rule_that_decided() {
                 call_id: id.into(),
                 call_hash: format!("h-{id}"),
                 approver: "lee".into(),
+                reason: None,
             }
         } else {
             EntryBody::ApprovalRefused {

@@ -262,6 +262,9 @@ pub enum EntryBody {
         call_id: String,
         call_hash: String,
         approver: String,
+        /// The approver's note (`spec.approvals[].reason`), when they gave one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// A human refused it, or an approval did not match the call.
     ApprovalRefused {

@@ -214,10 +214,16 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
             ),
         ),
         EntryBody::ApprovalGranted {
-            approver, call_hash, ..
+            approver,
+            call_hash,
+            reason,
+            ..
         } => (
             approver_actor(),
-            format!("{approver} approved call {}", short(call_hash)),
+            match reason {
+                Some(reason) => format!("{approver} approved call {}: {reason}", short(call_hash)),
+                None => format!("{approver} approved call {}", short(call_hash)),
+            },
         ),
         EntryBody::ApprovalRefused {
             approver,

@@ -61,6 +61,7 @@ fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
             vec![("policy_decision.reason", Text(&mut decision.reason))]
         }
         EntryBody::ApprovalRefused { reason, .. } => vec![("approval_refused.reason", Text(reason))],
+        EntryBody::ApprovalGranted { reason, .. } => vec![("approval_granted.reason", MaybeText(reason))],
         // Why a request was refused may quote what the request said.
         EntryBody::AccessRefused { reason, .. } => vec![("access_refused.reason", Text(reason))],
         EntryBody::ContextCompiled { sources, .. } => sources
@@ -83,7 +84,6 @@ fn fields(body: &mut EntryBody) -> Vec<(&'static str, Field<'_>)> {
         }
         EntryBody::RunStarted { .. }
         | EntryBody::ApprovalRequested { .. }
-        | EntryBody::ApprovalGranted { .. }
         | EntryBody::MemoryCandidate(_)
         // Tool names and scores only (checked by `check_readable_fields`).
         | EntryBody::ToolsOffered { .. }

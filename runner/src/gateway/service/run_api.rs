@@ -1064,10 +1064,23 @@ where
             .decisions(caller.tenant.as_str(), &caller.context.context.session_id)
             .await
             .map_err(unavailable)?;
-        let approval = approval.filter(|grant| {
-            decisions.approvals.iter().any(|a| {
-                a.call_hash == grant.call_hash && a.decision == grant.decision && a.approver == grant.approver
-            })
+        // The Session's decision as the human wrote it: the runner's copy picks it, and its
+        // note (recorded with the decision) is theirs, not the runner's.
+        let approval = approval.and_then(|grant| {
+            decisions
+                .approvals
+                .iter()
+                .find(|a| {
+                    a.call_hash == grant.call_hash
+                        && a.decision == grant.decision
+                        && a.approver == grant.approver
+                })
+                .map(|a| crate::gateway::envelope::ApprovalGrant {
+                    call_hash: a.call_hash.clone(),
+                    decision: a.decision,
+                    approver: a.approver.clone(),
+                    reason: a.reason.clone(),
+                })
         });
         let resolution = resolution.filter(|r| decisions.resolutions.contains(r));
         Ok((approval, resolution))

@@ -279,6 +279,9 @@ impl ManifestSet {
     pub fn bundle(&self, tenant: &str, session: Option<&str>) -> Result<RunBundle, ManifestError> {
         let session = self.session(session)?;
         let session_spec: SessionSpec = session.spec()?;
+        if let Some((field, problem)) = local_session_problem(&session_spec) {
+            return Err(session.error(field, problem));
+        }
         let agent_name = &session_spec.agent_ref.name;
         let agent = self.referenced(session, "spec.agentRef.name", "Agent", agent_name)?;
         let mut agent_spec: AgentSpec = agent.spec()?;
@@ -576,6 +579,29 @@ fn is_manifest(path: &Path) -> bool {
     !kustomization && matches!(extension, "yaml" | "yml" | "json")
 }
 
+/// A Session field the cluster acts on that a local run would not: people decide on a local
+/// run with `contextos approve`, `contextos resolve` and Ctrl-C, not by editing the file.
+fn local_session_problem(spec: &SessionSpec) -> Option<(&'static str, &'static str)> {
+    if spec.cancel {
+        Some((
+            "spec.cancel",
+            "a local run is not started cancelled: remove spec.cancel (stop a local run with Ctrl-C)",
+        ))
+    } else if !spec.approvals.is_empty() {
+        Some((
+            "spec.approvals",
+            "a local run takes approvals from `contextos approve <session> --call <id> --as <you>`, not from the file: remove spec.approvals",
+        ))
+    } else if !spec.resolutions.is_empty() {
+        Some((
+            "spec.resolutions",
+            "a local run takes findings from `contextos resolve <session> --call <id> --as <you>`, not from the file: remove spec.resolutions",
+        ))
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,6 +642,39 @@ mod tests {
         let err = set.bundle("shop", None).expect_err("refused");
         assert_eq!(err.field.as_deref(), Some("spec.input.data"), "{err}");
         assert!(err.problem.contains("flatten"), "{err}");
+    }
+
+    /// What the cluster acts on in a Session (cancel, approvals, findings) is refused in a
+    /// local run, which would otherwise ignore it, naming the field and the command to use.
+    #[test]
+    fn a_sessions_cluster_decisions_are_refused_in_a_local_run_naming_the_field() {
+        for (field, value, command) in [
+            ("cancel", serde_json::json!(true), "Ctrl-C"),
+            (
+                "approvals",
+                serde_json::json!([{"callHash": "ab", "decision": "approve", "approver": "dana@example.com"}]),
+                "contextos approve",
+            ),
+            (
+                "resolutions",
+                serde_json::json!([{"callId": "4.0", "outcome": "acted", "resolver": "dana@example.com"}]),
+                "contextos resolve",
+            ),
+        ] {
+            let mut set = quickstart();
+            for m in &mut set.objects {
+                if m.kind == "Session" {
+                    m.value["spec"][field] = value.clone();
+                }
+            }
+            let err = set.bundle("shop", None).expect_err("refused");
+            assert_eq!(
+                err.field.as_deref(),
+                Some(format!("spec.{field}").as_str()),
+                "{err}"
+            );
+            assert!(err.problem.contains(command), "{err}");
+        }
     }
 
     #[test]

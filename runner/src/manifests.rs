@@ -488,6 +488,27 @@ impl ManifestSet {
         }
     }
 
+    /// The SpendQuotas in the files that select the run of Session `session` (by its Agent's
+    /// labels and its own), by location. They are enforced by the gateway service in a
+    /// cluster; a local run is not held to them.
+    pub fn quotas_selecting(&self, session: Option<&str>) -> Result<Vec<String>, ManifestError> {
+        let session = self.session(session)?;
+        let spec: SessionSpec = session.spec()?;
+        let agent = self.referenced(session, "spec.agentRef.name", "Agent", &spec.agent_ref.name)?;
+        let labels = |m: &Manifest| -> BTreeMap<String, String> {
+            serde_json::from_value(m.value["metadata"]["labels"].clone()).unwrap_or_default()
+        };
+        let mut selecting = Vec::new();
+        for quota in self.objects.iter().filter(|m| m.kind == "SpendQuota") {
+            let object = contextos_crds::SpendQuota::new(&quota.name, quota.spec()?);
+            let active = crate::quota::ActiveQuota::compile(&object).map_err(|e| quota.error("spec", e))?;
+            if active.selects(&labels(agent), &labels(session)) {
+                selecting.push(quota.location());
+            }
+        }
+        Ok(selecting)
+    }
+
     fn session(&self, name: Option<&str>) -> Result<&Manifest, ManifestError> {
         let sessions: Vec<&Manifest> = self.objects.iter().filter(|m| m.kind == "Session").collect();
         let nowhere = |problem: String| ManifestError {
@@ -642,6 +663,44 @@ mod tests {
         let err = set.bundle("shop", None).expect_err("refused");
         assert_eq!(err.field.as_deref(), Some("spec.input.data"), "{err}");
         assert!(err.problem.contains("flatten"), "{err}");
+    }
+
+    /// A SpendQuota in the files is found when it selects the run, by the Agent's labels and the
+    /// Session's, and not otherwise.
+    #[test]
+    fn the_spend_quotas_that_select_a_run_are_found() {
+        let quota = |name: &str, selector: serde_json::Value| Manifest {
+            file: PathBuf::from("quota.yaml"),
+            kind: "SpendQuota".into(),
+            name: name.into(),
+            value: serde_json::json!({
+                "apiVersion": "contextos.dev/v1alpha1", "kind": "SpendQuota",
+                "metadata": {"name": name},
+                "spec": {
+                    "agentSelector": selector,
+                    "limits": [{"window": "day", "toolCalls": 100}],
+                },
+            }),
+        };
+        let mut set = quickstart();
+        assert!(set.quotas_selecting(None).expect("read").is_empty());
+        let agent_labels = set
+            .objects
+            .iter()
+            .find(|m| m.kind == "Agent")
+            .map(|m| m.value["metadata"]["labels"].clone())
+            .expect("the quickstart agent");
+        set.objects.push(quota(
+            "elsewhere",
+            serde_json::json!({"matchLabels": {"team": "nobody"}}),
+        ));
+        assert!(set.quotas_selecting(None).expect("read").is_empty());
+        set.objects.push(quota("everyone", serde_json::Value::Null));
+        assert_eq!(
+            set.quotas_selecting(None).expect("read"),
+            vec!["quota.yaml: SpendQuota everyone".to_owned()],
+            "a quota without selectors selects every run (the agent's labels: {agent_labels})"
+        );
     }
 
     /// What the cluster acts on in a Session (cancel, approvals, findings) is refused in a

@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// Which Session to run, when the files hold several.
     #[arg(long)]
     session: Option<String>,
+    /// Run although a SpendQuota in the files selects this run: quotas are enforced by the
+    /// gateway service in a cluster, and a local run is not held to them.
+    #[arg(long)]
+    without_quotas: bool,
     #[command(flatten)]
     access: ToolAccess,
 }
@@ -181,6 +185,13 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode>
     let tenant = global.tenant()?;
     let set = ManifestSet::load(&args.files)?;
     let bundle = set.bundle(tenant.as_str(), args.session.as_deref())?;
+    let quotas = set.quotas_selecting(args.session.as_deref())?;
+    if !quotas.is_empty() && !args.without_quotas {
+        bail!(
+            "{}: selects this run, but SpendQuotas are enforced by the gateway service in a cluster and a local run is not held to them; leave the SpendQuota out of -f, or pass --without-quotas to run without it",
+            quotas.join("; ")
+        );
+    }
     let store = global.open_store().await?;
     if let Some(run) = store
         .list_runs(

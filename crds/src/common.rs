@@ -166,7 +166,9 @@ pub struct RunBudget {
     /// Maximum tool calls (allowed or not) over the whole run.
     #[schemars(range(min = 1, max = 10_000))]
     pub max_tool_calls: u32,
-    /// Maximum wall-clock seconds, including time spent waiting for approvals.
+    /// Maximum wall-clock seconds the run spends running, over all its attempts (checked
+    /// between steps). Time paused for an approval or a person's finding does not count; a
+    /// runner pod's own deadline is its SandboxProfile's `activeDeadlineSeconds`.
     #[schemars(range(min = 1, max = 604_800))]
     pub max_wall_seconds: u32,
     /// Maximum tool calls one model turn may ask for; calls past it are dropped (and the drop

@@ -39,4 +39,5 @@ pub mod run_context;
 pub mod signals;
 pub mod skills;
 pub mod telemetry;
+pub mod text;
 pub mod vault;

@@ -386,7 +386,7 @@ fn plain_form(text: &str) -> Option<String> {
     let mut plain = String::with_capacity(text.len());
     let mut space = false;
     for c in text.nfkc() {
-        if is_format(c) {
+        if crate::text::is_invisible(c) {
             continue;
         }
         if c.is_whitespace() {
@@ -414,29 +414,6 @@ fn lowercase_lettered_shape(text: &[u8]) -> bool {
             && (w[0].is_ascii_lowercase() || w[1].is_ascii_lowercase())
             && (w[2].is_ascii_digit() || (w[2] == b' ' && w[3].is_ascii_digit()))
     })
-}
-
-/// Characters that show nothing (Unicode's format characters that text is written with).
-fn is_format(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{034F}'
-            | '\u{061C}'
-            | '\u{115F}'
-            | '\u{1160}'
-            | '\u{17B4}'
-            | '\u{17B5}'
-            | '\u{180B}'..='\u{180F}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{3164}'
-            | '\u{FE00}'..='\u{FE0F}'
-            | '\u{FEFF}'
-            | '\u{FFA0}'
-            | '\u{FFF9}'..='\u{FFFB}'
-    )
 }
 
 /// Keeps, of pieces that overlap, the one of higher rank (then the longer, then the first).

@@ -233,12 +233,13 @@ pub fn incoming(params: &Value) -> Result<Incoming, RpcError> {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if s.is_empty() => Ok(None),
             Some(Value::String(s))
-                if s.chars().count() <= ID_MAX_CHARS && !s.chars().any(char::is_control) =>
+                if s.chars().count() <= ID_MAX_CHARS
+                    && !s.chars().any(|c| c.is_control() || crate::text::is_invisible(c)) =>
             {
                 Ok(Some(s.clone()))
             }
             Some(_) => Err(RpcError::invalid_params(format!(
-                "message.{field} must be a string of at most {ID_MAX_CHARS} printable characters"
+                "message.{field} must be a string of at most {ID_MAX_CHARS} printable characters (no control or invisible ones)"
             ))),
         }
     };

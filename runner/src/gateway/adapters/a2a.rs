@@ -1105,21 +1105,7 @@ pub fn question_text(text: &str) -> String {
 /// Control characters, and the invisible ones that change how text around them reads
 /// (direction overrides, zero-width characters, soft hyphens).
 fn hidden(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{00AD}'
-                | '\u{061C}'
-                | '\u{180E}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{202A}'..='\u{202E}'
-                | '\u{2060}'..='\u{2064}'
-                | '\u{2066}'..='\u{2069}'
-                | '\u{FEFF}'
-                | '\u{034F}'
-                | '\u{FE00}'..='\u{FE0F}'
-                | '\u{E0000}'..='\u{E007F}'
-        )
+    c.is_control() || crate::text::is_invisible(c)
 }
 
 fn excerpt(bytes: &[u8]) -> String {

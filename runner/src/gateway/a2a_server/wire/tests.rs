@@ -118,6 +118,15 @@ fn messages_a_session_cannot_hold_are_refused_with_the_reason() {
         )),
         -32602
     );
+    // Nor ids that read otherwise than they are (a direction override, a zero-width space):
+    // they end up in the Session's annotations, which people read.
+    for id in ["task-\u{202E}1kcab", "ta\u{200B}sk-1"] {
+        for field in ["messageId", "contextId"] {
+            let mut message = json!({"messageId": "m", "role": "ROLE_USER", "parts": [{"text": "x"}]});
+            message[field] = json!(id);
+            assert_eq!(code(params(message)), -32602, "{field} {id:?}");
+        }
+    }
 }
 
 #[test]

@@ -347,6 +347,11 @@ pub struct Candidate {
     pub scope: MemoryScope,
     /// The person it is about, if any.
     pub subject: Option<SubjectHandle>,
+    /// Proposed by a run that acts for a caller from outside the namespace (an A2A task): kept
+    /// in the Agent's or the tenant's scope, what it says would be recalled by every other
+    /// caller's runs (a caller could plant instructions there, or read back what an earlier
+    /// caller left), so it waits for a person's review whatever `review` says.
+    pub outside_caller: bool,
 }
 
 /// What becomes of a candidate, with the reason that goes on record.
@@ -454,6 +459,12 @@ impl MemoryPolicy {
             )
         };
         match self.review {
+            _ if candidate.outside_caller && scope != MemoryScope::Subject => Promotion::Hold {
+                reason: format!(
+                    "{consented}; the run acts for a caller from outside the namespace, and what it keeps in {} scope is recalled by other callers' runs: a person reviews it first",
+                    name(&scope)
+                ),
+            },
             Review::Auto => Promotion::Promote { reason: consented },
             Review::Required => Promotion::Hold {
                 reason: format!("{consented}; the memory policy requires a person's review"),
@@ -527,6 +538,7 @@ mod tests {
             memory_type,
             scope,
             subject,
+            outside_caller: false,
         }
     }
 
@@ -770,6 +782,42 @@ mod tests {
                 &granted,
                 "hold",
                 "requires a person's review",
+            ),
+            (
+                "shared memory, for a caller from outside",
+                &auto,
+                Candidate {
+                    outside_caller: true,
+                    ..candidate(MemoryType::Procedure, MemoryScope::Agent, None)
+                },
+                &plain,
+                &none,
+                "hold",
+                "acts for a caller from outside the namespace",
+            ),
+            (
+                "the subject's own memory, for a caller from outside",
+                &auto,
+                Candidate {
+                    outside_caller: true,
+                    ..fact(Some(subject()))
+                },
+                &pii,
+                &granted,
+                "promote",
+                "covered by consent",
+            ),
+            (
+                "what is dropped stays dropped, for a caller from outside",
+                &auto,
+                Candidate {
+                    outside_caller: true,
+                    ..candidate(MemoryType::Procedure, MemoryScope::Agent, None)
+                },
+                &pii,
+                &none,
+                "drop",
+                "holds personal data",
             ),
         ];
         for (label, policy, candidate, found, consents, outcome, says) in cases {

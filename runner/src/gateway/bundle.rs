@@ -36,6 +36,11 @@ pub struct GatewayBundle {
     /// kept under, see [`GatewayBundle::revisions_digest`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_pack_digest: Option<String>,
+    /// The run acts for a caller from outside the namespace (an A2A task): what it would keep
+    /// in the Agent's or the tenant's memory, which other callers' runs recall, waits for a
+    /// person's review.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outside_caller: bool,
 }
 
 /// A policy spec and the name its rules are reported under.
@@ -115,7 +120,8 @@ impl GatewayBundle {
             None => Ontology::default(),
         });
         let memory = MemoryDesk::new(&self.agent, self.spec.memory.as_ref(), trusted_key)?
-            .with_ontology(ontology.clone());
+            .with_ontology(ontology.clone())
+            .for_outside_caller(self.outside_caller);
         Ok(ToolGateway::new(
             &self.tenant,
             &self.agent,
@@ -163,6 +169,7 @@ mod tests {
             ontology: None,
             tool_prices: BTreeMap::new(),
             context_pack_digest: Some("sha256:pack-1".into()),
+            outside_caller: false,
         }
     }
 

@@ -47,6 +47,8 @@ pub struct MemoryDesk {
     classifier: Arc<Classifier>,
     /// The tenant's entity types: found in what is kept, filtered on in recalls.
     ontology: Arc<Ontology>,
+    /// The run acts for a caller from outside the namespace (see [`Candidate::outside_caller`]).
+    outside_caller: bool,
 }
 
 /// What a recall asks for, before it is bound to a run's scopes.
@@ -334,7 +336,15 @@ impl MemoryDesk {
             consent_key,
             classifier,
             ontology: Arc::default(),
+            outside_caller: false,
         })
+    }
+
+    /// The same rules, for a run that acts for a caller from outside the namespace (an A2A
+    /// task) when `outside` (see [`Candidate::outside_caller`]).
+    pub fn for_outside_caller(mut self, outside: bool) -> Self {
+        self.outside_caller = outside;
+        self
     }
 
     /// The same rules, with entities found and filtered on by `ontology` (the tenant's).
@@ -591,6 +601,7 @@ impl MemoryDesk {
             memory_type: args.memory_type,
             scope: args.scope,
             subject: run.subject.clone(),
+            outside_caller: self.outside_caller,
         };
         record.decision = policy.decide(&candidate, &found, &ledger, at_ms);
         let (hold, scope) = match (&record.decision, scope) {

@@ -528,6 +528,11 @@ impl RunBundle {
             ontology: self.ontology.clone(),
             tool_prices: self.tool_prices.clone(),
             context_pack_digest: Some(self.context_pack.digest()),
+            // The label only the gateway service gives a Session it starts for an A2A caller
+            // (admission policy contextos-a2a-sessions), pinned with the run.
+            outside_caller: self
+                .session_labels
+                .contains_key(crate::gateway::a2a_server::wire::CALLER_LABEL),
         }
     }
 
@@ -667,6 +672,19 @@ mod tests {
         crate::manifests::ManifestSet::load(&[dir])
             .and_then(|set| set.bundle("shop", None))
             .expect("the quickstart resolves")
+    }
+
+    /// A run of a Session the gateway started for an A2A caller (the label only it may give)
+    /// governs its memory as one acting for a caller from outside; any other run does not.
+    #[test]
+    fn a_run_for_an_a2a_caller_governs_its_memory_as_one_for_an_outside_caller() {
+        let mut bundle = quickstart();
+        assert!(!bundle.gateway_bundle(BTreeMap::new()).outside_caller);
+        bundle.session_labels.insert(
+            crate::gateway::a2a_server::wire::CALLER_LABEL.into(),
+            "c-0123456789abcdef".into(),
+        );
+        assert!(bundle.gateway_bundle(BTreeMap::new()).outside_caller);
     }
 
     #[test]

@@ -532,7 +532,7 @@ impl RunBundle {
             // (admission policy contextos-a2a-sessions), pinned with the run.
             outside_caller: self
                 .session_labels
-                .contains_key(crate::gateway::a2a_server::wire::CALLER_LABEL),
+                .contains_key(crate::gateway::a2a_server::wire::A2A_LABEL),
         }
     }
 
@@ -680,10 +680,9 @@ mod tests {
     fn a_run_for_an_a2a_caller_governs_its_memory_as_one_for_an_outside_caller() {
         let mut bundle = quickstart();
         assert!(!bundle.gateway_bundle(BTreeMap::new()).outside_caller);
-        bundle.session_labels.insert(
-            crate::gateway::a2a_server::wire::CALLER_LABEL.into(),
-            "c-0123456789abcdef".into(),
-        );
+        bundle
+            .session_labels
+            .insert(crate::gateway::a2a_server::wire::A2A_LABEL.into(), "true".into());
         assert!(bundle.gateway_bundle(BTreeMap::new()).outside_caller);
     }
 

@@ -105,6 +105,54 @@ impl Selection {
         }
         Ok(())
     }
+
+    /// Checks that a selection someone else made has the shape the Agent's discovery gives
+    /// one: every always-offered tool of `catalog` not `denied` offered as such (a hostile
+    /// runner cannot hide the tool that hands over to a person), nothing else offered as
+    /// always-offered, and at most `top_k` tools chosen by score.
+    pub fn check_shape(
+        &self,
+        catalog: &BTreeSet<&str>,
+        denied: &BTreeSet<String>,
+        always: &BTreeSet<&str>,
+        top_k: u32,
+    ) -> Result<(), String> {
+        if let Some(missing) = always
+            .iter()
+            .filter(|t| catalog.contains(*t) && !denied.contains(**t))
+            .find(|t| {
+                !self
+                    .offered
+                    .iter()
+                    .any(|o| o.tool == **t && o.reason == OfferReason::Always)
+            })
+        {
+            return Err(format!(
+                "tools_offered leaves out {missing}, which the Agent offers on every turn (spec.discovery.alwaysOffer)"
+            ));
+        }
+        if let Some(claimed) = self
+            .offered
+            .iter()
+            .find(|o| o.reason == OfferReason::Always && !always.contains(o.tool.as_str()))
+        {
+            return Err(format!(
+                "tools_offered offers {} as always offered, which spec.discovery.alwaysOffer does not name",
+                claimed.tool
+            ));
+        }
+        let ranked = self
+            .offered
+            .iter()
+            .filter(|o| o.reason == OfferReason::Ranked)
+            .count();
+        if ranked > top_k as usize {
+            return Err(format!(
+                "tools_offered offers {ranked} tools by score, more than spec.discovery.topK ({top_k})"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// No resolver scores beyond this (cosine similarities are within [-1, 1], BM25 scores of
@@ -216,6 +264,43 @@ mod tests {
         assert!(
             wild.check(&catalog, &denied)
                 .is_err_and(|e| e.contains("out of range"))
+        );
+    }
+
+    /// A selection a runner made has the discovery's shape: the always-offered tool it may not
+    /// hide, nothing passed off as always offered, no more tools by score than topK.
+    #[test]
+    fn a_selection_made_elsewhere_offers_the_always_offered_tools_and_at_most_top_k() {
+        let limits = Limits {
+            top_k: 2,
+            schema_tokens: 10_000,
+        };
+        let denied = set(&["delete-namespace"]);
+        let always = set(&["escalate"]);
+        let always_names: BTreeSet<&str> = always.iter().map(String::as_str).collect();
+        let catalog: BTreeSet<&str> = candidates().iter().map(|c| c.name).collect();
+        let chosen = select(&candidates(), &always, &denied, limits);
+        let shape = |s: &Selection| s.check_shape(&catalog, &denied, &always_names, limits.top_k);
+        assert_eq!(shape(&chosen), Ok(()));
+        let mut hidden = chosen.clone();
+        hidden.offered.retain(|o| o.tool != "escalate");
+        assert!(shape(&hidden).is_err_and(|e| e.contains("leaves out escalate")));
+        let mut passed_off = chosen.clone();
+        passed_off.offered[1].reason = OfferReason::Always;
+        assert!(shape(&passed_off).is_err_and(|e| e.contains("does not name")));
+        let mut more = chosen.clone();
+        more.offered.push(Offer {
+            tool: "list-invoices".into(),
+            score: 0.1,
+            reason: OfferReason::Ranked,
+        });
+        assert!(shape(&more).is_err_and(|e| e.contains("more than spec.discovery.topK")));
+        // An always-offered tool a policy denies outright is not offered, and need not be.
+        let strict = set(&["escalate"]);
+        let without = select(&candidates(), &always, &strict, limits);
+        assert_eq!(
+            without.check_shape(&catalog, &strict, &always_names, limits.top_k),
+            Ok(())
         );
     }
 

@@ -372,7 +372,16 @@ where
                     .map(|t| t.name.as_str())
                     .collect();
                 let denied = slot.gateway.denied_outright(caller.context.context.safety_mode);
-                selection.check(&catalog, &denied).map_err(refuse)
+                selection.check(&catalog, &denied).map_err(refuse)?;
+                match &slot.bundle.agent_spec.discovery {
+                    Some(discovery) => {
+                        let always = discovery.always_offer.iter().map(String::as_str).collect();
+                        selection
+                            .check_shape(&catalog, &denied, &always, discovery.top_k)
+                            .map_err(refuse)
+                    }
+                    None => Ok(()),
+                }
             }
             other => Err(forbidden(format!(
                 "a runner may not write {} entries: decisions, results, approvals and model turns are written by the gateway",

@@ -30,7 +30,8 @@ use crate::records::{canonical::to_canonical_bytes, entry::CachedRead};
 const TENANT_ENTRIES: usize = 1024;
 /// Bytes of results (canonical JSON) one tenant keeps at most.
 const TENANT_BYTES: usize = 8 * 1024 * 1024;
-/// Bytes of results kept at most in all; past it the cache starts over.
+/// Bytes of results kept at most in all; past it the oldest results of the tenant keeping the
+/// most go first (one busy tenant never empties the others' shelves).
 const MAX_BYTES: usize = 64 * 1024 * 1024;
 /// A result larger than this is never kept: it would push out many small ones.
 const MAX_ENTRY_BYTES: usize = 256 * 1024;
@@ -160,10 +161,7 @@ impl ResultCache {
         if inner.generations.get(writer).copied().unwrap_or(0) != generation {
             return;
         }
-        if inner.bytes + bytes > MAX_BYTES {
-            inner.shelves.clear();
-            inner.bytes = 0;
-        }
+        while inner.bytes + bytes > MAX_BYTES && inner.evict_from_the_largest() {}
         inner.forget(&writer.tenant, &key);
         let seq = inner.next_seq;
         inner.next_seq += 1;
@@ -221,6 +219,27 @@ impl Inner {
     fn forget(&mut self, tenant: &str, key: &CacheKey) {
         let freed = self.shelves.get_mut(tenant).map_or(0, |s| s.remove(key));
         self.bytes -= freed;
+    }
+
+    /// Forgets the oldest result of the tenant that keeps the most bytes; false when nothing
+    /// is kept.
+    fn evict_from_the_largest(&mut self) -> bool {
+        let Some(shelf) = self
+            .shelves
+            .values_mut()
+            .filter(|s| s.bytes > 0)
+            .max_by_key(|s| s.bytes)
+        else {
+            return false;
+        };
+        while let Some((oldest, seq)) = shelf.order.pop_front() {
+            if shelf.entries.get(&oldest).is_some_and(|k| k.seq == seq) {
+                let freed = shelf.remove(&oldest);
+                self.bytes -= freed;
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -362,6 +381,40 @@ mod tests {
             cache.fresh(&team, &key, 60, 0),
             None,
             "an oversized result is not kept"
+        );
+    }
+
+    /// Past the bound of the whole cache, the tenant keeping the most gives up its oldest
+    /// results; the others keep theirs.
+    #[test]
+    fn a_full_cache_forgets_the_largest_tenants_oldest_not_everyones() {
+        let cache = ResultCache::default();
+        let quiet = writer("team-quiet");
+        let kept = CacheKey::of(scope("r1", None), "status", &json!("quiet"));
+        cache.keep(&quiet, kept, 0, reused(json!("x"), 0));
+        // Many tenants fill the cache to its bound with results of 200 KiB.
+        let result = json!("y".repeat(200 * 1024));
+        let busy: Vec<Writer> = (0..12).map(|i| writer(&format!("team-{i}"))).collect();
+        for (t, team) in busy.iter().enumerate() {
+            for i in 0..(TENANT_BYTES / (200 * 1024)) {
+                let key = CacheKey::of(scope("r1", None), "status", &json!([t, i]));
+                cache.keep(team, key, 0, reused(result.clone(), 0));
+            }
+        }
+        let total: usize = cache.inner.lock().expect("lock").bytes;
+        assert!(total <= MAX_BYTES, "{total}");
+        assert!(
+            cache.fresh(&quiet, &kept, 60, 0).is_some(),
+            "a tenant keeping little keeps it"
+        );
+        let last = CacheKey::of(
+            scope("r1", None),
+            "status",
+            &json!([11, TENANT_BYTES / (200 * 1024) - 1]),
+        );
+        assert!(
+            cache.fresh(&busy[11], &last, 60, 0).is_some(),
+            "the newest are kept"
         );
     }
 

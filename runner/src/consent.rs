@@ -373,21 +373,36 @@ impl MemoryPolicy {
         consents: &ConsentLedger,
         now_ms: i64,
     ) -> Promotion {
+        match self.admit(candidate, found, consents, now_ms) {
+            Ok(consented) => self.reviewed(candidate, consented),
+            Err(decided) => decided,
+        }
+    }
+
+    /// Whether the policy and the consents in force let the candidate be kept, before anyone
+    /// reviews it: why (`Ok`), or what becomes of it instead (dropped, or held for a consent).
+    pub fn admit(
+        &self,
+        candidate: &Candidate,
+        found: &Classification,
+        consents: &ConsentLedger,
+        now_ms: i64,
+    ) -> Result<String, Promotion> {
         let (kind, scope) = (candidate.memory_type, candidate.scope);
         if !self.keeps.contains(&(kind, scope)) {
-            return Promotion::Drop {
+            return Err(Promotion::Drop {
                 reason: format!(
                     "the memory policy of agent {} keeps no {} items in {} scope",
                     self.agent,
                     name(&kind),
                     name(&scope)
                 ),
-            };
+            });
         }
         if scope == MemoryScope::Subject && candidate.subject.is_none() {
-            return Promotion::Drop {
+            return Err(Promotion::Drop {
                 reason: "a subject-scoped item names no subject".into(),
-            };
+            });
         }
         // What a run about a person learns is about them until someone decides otherwise: kept
         // elsewhere, it would outlive their erasure.
@@ -395,13 +410,13 @@ impl MemoryPolicy {
             && scope != MemoryScope::Subject
             && self.from_subject_runs == FromSubjectRuns::SubjectOnly
         {
-            return Promotion::Drop {
+            return Err(Promotion::Drop {
                 reason: format!(
                     "this run is about subject {subject}: what it learns is kept only in their scope, where it is erased with them (the Agent's spec.memory.fromSubjectRuns is subjectOnly; allScopes keeps {} items in {} scope, not erased with them)",
                     name(&kind),
                     name(&scope)
                 ),
-            };
+            });
         }
         let categories = found.categories();
         let consented = if categories.is_empty() {
@@ -415,10 +430,10 @@ impl MemoryPolicy {
                             "is about subject {subject}, who has no consent for purpose {} in force now",
                             self.purpose
                         );
-                        return match self.without_consent {
+                        return Err(match self.without_consent {
                             WithoutConsent::Drop => Promotion::Drop { reason },
                             WithoutConsent::Hold => Promotion::Hold { reason },
-                        };
+                        });
                     }
                     format!(
                         "holds no personal data the detectors know, and subject {subject} consents for purpose {}",
@@ -432,13 +447,13 @@ impl MemoryPolicy {
             // agent's or the tenant's memory it could be anyone's (a third party named in a
             // note), and no one consent could cover it.
             let (MemoryScope::Subject, Some(subject)) = (scope, &candidate.subject) else {
-                return Promotion::Drop {
+                return Err(Promotion::Drop {
                     reason: format!(
                         "holds personal data ({}) in {} scope; only subject-scoped items, under their subject's consent, may hold personal data",
                         list(&categories),
                         name(&scope)
                     ),
-                };
+                });
             };
             let missing = consents.uncovered(subject, &self.purpose, &categories, now_ms);
             if !missing.is_empty() {
@@ -447,10 +462,10 @@ impl MemoryPolicy {
                     list(&missing),
                     self.purpose
                 );
-                return match self.without_consent {
+                return Err(match self.without_consent {
                     WithoutConsent::Drop => Promotion::Drop { reason },
                     WithoutConsent::Hold => Promotion::Hold { reason },
-                };
+                });
             }
             format!(
                 "its personal data ({}) is covered by consent of subject {subject} for purpose {}",
@@ -458,11 +473,17 @@ impl MemoryPolicy {
                 self.purpose
             )
         };
+        Ok(consented)
+    }
+
+    /// What review does to a candidate the policy and consents let be kept (`consented` says
+    /// why): kept at once, or held for a person.
+    pub fn reviewed(&self, candidate: &Candidate, consented: String) -> Promotion {
         match self.review {
-            _ if candidate.outside_caller && scope != MemoryScope::Subject => Promotion::Hold {
+            _ if candidate.outside_caller && candidate.scope != MemoryScope::Subject => Promotion::Hold {
                 reason: format!(
                     "{consented}; the run acts for a caller from outside the namespace, and what it keeps in {} scope is recalled by other callers' runs: a person reviews it first",
-                    name(&scope)
+                    name(&candidate.scope)
                 ),
             },
             Review::Auto => Promotion::Promote { reason: consented },

@@ -603,7 +603,14 @@ impl MemoryDesk {
             subject: run.subject.clone(),
             outside_caller: self.outside_caller,
         };
-        record.decision = policy.decide(&candidate, &found, &ledger, at_ms);
+        // Admitted by the policy and the consents in force (else dropped, or held for a
+        // consent), then reviewed: only an item held for a person's review is the same as one
+        // approved before.
+        let admitted = policy.admit(&candidate, &found, &ledger, at_ms);
+        record.decision = match &admitted {
+            Ok(consented) => policy.reviewed(&candidate, consented.clone()),
+            Err(decided) => decided.clone(),
+        };
         let (hold, scope) = match (&record.decision, scope) {
             (Promotion::Drop { .. }, _) | (_, None) => return Ok(record),
             (Promotion::Hold { reason }, Some(scope)) => (Some(reason.clone()), scope),
@@ -629,8 +636,11 @@ impl MemoryDesk {
         };
         let bank = MemoryBank::new(store, &tenant);
         record.item = Some(match hold {
-            Some(_) if let Some(kept) = bank.kept_already(&item, at_ms).await? => {
-                // Approved before: nothing is held again.
+            Some(_)
+                if admitted.is_ok()
+                    && let Some(kept) = bank.kept_already(&item, at_ms).await? =>
+            {
+                // Approved before, and consented to now: nothing is held again.
                 record.decision = Promotion::Promote {
                     reason: format!("the same item is kept already ({kept})"),
                 };
@@ -786,6 +796,69 @@ mod tests {
         let by_call =
             MemoryDesk::recall_ask(&json!({"scope": "agent", "entityType": "incident"})).expect("ask");
         assert_eq!(by_call.entity_type.as_deref(), Some("incident"));
+    }
+
+    /// An item kept before under a consent since revoked is not "kept already" when a run
+    /// proposes it again: the proposal is held for a consent, and the record says so.
+    #[tokio::test]
+    async fn after_a_revocation_the_same_item_again_is_held_for_a_consent_not_called_kept() {
+        use contextos_crds::agent::{AgentMemory, MemoryKeep, WithoutConsent};
+
+        use crate::{
+            consent::ConsentAction, keys::KeyPair, memory::consents::ConsentRequest,
+            records::store::scratch::ScratchStore,
+        };
+        let store = ScratchStore::default();
+        let key = KeyPair::from_seed([5; 32]);
+        let spec = AgentMemory {
+            purpose: "support-history".into(),
+            keep: vec![MemoryKeep {
+                memory_type: MemoryType::Fact,
+                scope: MemoryScope::Subject,
+            }],
+            retain_days: None,
+            review: Default::default(),
+            without_consent: WithoutConsent::Hold,
+            from_subject_runs: Default::default(),
+            patterns: Vec::new(),
+        };
+        let desk = MemoryDesk::new("support-agent", Some(&spec), key.public()).expect("desk");
+        let mut run = crate::run_context::tests::context("shop");
+        run.subject = Some(crate::consent::SubjectHandle::new("cust-7").expect("handle"));
+        run.pinned.context_pack = "sha256:pack".into();
+        let args = json!({"text": "reach them at jane@example.com", "type": "fact", "scope": "subject"});
+        let consent = |action, at_ms| {
+            ConsentRequest {
+                subject: run.subject.clone().expect("subject"),
+                purpose: Purpose::new("support-history").expect("purpose"),
+                action,
+                categories: [Category::Email].into_iter().collect(),
+                evidence: "ticket 12".into(),
+                expires_at_ms: None,
+                request_id: None,
+            }
+            .into_record("privacy@example.com".into(), at_ms)
+        };
+        let book = ConsentBook::new(&store, &TenantId::new("shop").expect("tenant"));
+        book.append(consent(ConsentAction::Grant, 1_000), &key)
+            .await
+            .expect("granted");
+        let kept = desk
+            .remember(&store, &run, "1.0", None, 2_000, &args)
+            .await
+            .expect("decided");
+        assert!(matches!(kept.decision, Promotion::Promote { .. }), "{kept:?}");
+        book.append(consent(ConsentAction::Revoke, 3_000), &key)
+            .await
+            .expect("revoked");
+        let again = desk
+            .remember(&store, &run, "2.0", None, 4_000, &args)
+            .await
+            .expect("decided");
+        assert!(
+            matches!(&again.decision, Promotion::Hold { reason } if reason.contains("no consent")),
+            "{again:?}"
+        );
     }
 
     #[tokio::test]

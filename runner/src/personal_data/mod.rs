@@ -369,34 +369,33 @@ impl Classifier {
 
 /// `text` as a reader (or a model) takes it in, when that differs from how it is written:
 /// compatibility forms folded (NFKC: full-width digits and `＠` become ASCII, a no-break space a
-/// space), invisible format characters dropped (zero-width spaces and joiners, soft hyphens,
-/// direction marks), and every run of whitespace one space (as recalled memory is rendered). At
-/// most [`MAX_TEXT_BYTES`] of it (folding can lengthen a text). ASCII text with single spaces
-/// only is its own plain form: nothing is computed for it.
+/// space), digits of other scripts as ASCII digits, invisible characters (zero-width spaces and
+/// joiners, soft hyphens, direction marks), combining marks and control characters other than
+/// whitespace dropped, and every run of whitespace one space (as recalled memory is rendered).
+/// At most [`MAX_TEXT_BYTES`] of it (folding can lengthen a text). Printable ASCII with single
+/// spaces only is its own plain form: nothing is computed for it.
 fn plain_form(text: &str) -> Option<String> {
     use unicode_normalization::UnicodeNormalization as _;
     let bytes = text.as_bytes();
-    let as_read = bytes
-        .iter()
-        .all(|b| b.is_ascii() && (*b == b' ' || !b.is_ascii_whitespace()))
-        && !bytes.windows(2).any(|w| w == b"  ");
+    let as_read = bytes.iter().all(|b| (0x20..=0x7e).contains(b)) && !bytes.windows(2).any(|w| w == b"  ");
     if as_read {
         return None;
     }
     let mut plain = String::with_capacity(text.len());
     let mut space = false;
     for c in text.nfkc() {
-        if crate::text::is_invisible(c) {
-            continue;
-        }
         if c.is_whitespace() {
             space = true;
+            continue;
+        }
+        if c.is_control() || crate::text::is_invisible(c) || crate::text::is_combining_mark(c) {
             continue;
         }
         if space {
             plain.push(' ');
             space = false;
         }
+        let c = crate::text::ascii_digit(c).unwrap_or(c);
         if plain.len() + c.len_utf8() > MAX_TEXT_BYTES {
             break;
         }
@@ -478,6 +477,17 @@ mod tests {
                 "payment-card",
             ),
             ("card 4111.1111.1111.1111", "payment-card"),
+            ("card 4111\u{b}1111\u{b}1111\u{b}1111", "payment-card"),
+            ("card 4111\u{1b}1111\u{1b}1111\u{1b}1111", "payment-card"),
+            (
+                "card 4\u{332}1\u{332}1\u{332}1\u{332} 1111 1111 1111",
+                "payment-card",
+            ),
+            (
+                "card \u{664}\u{661}\u{661}\u{661} \u{661}\u{661}\u{661}\u{661} \u{661}\u{661}\u{661}\u{661} \u{661}\u{661}\u{661}\u{661}",
+                "payment-card",
+            ),
+            ("card 4111\u{e0100}1111 1111 1111", "payment-card"),
             ("write to jane\u{ff20}example.com", "email"),
             ("iban gb82 west 1234 5698 7654 32", "iban"),
             ("ni ab 12 34 56 c", "government-id"),

@@ -249,6 +249,19 @@ impl PolicySet {
     }
 }
 
+/// The limits of a Policy's `budget` a call can run into, as its refusal's rule names them
+/// (`<policy>/budget.<limit>`).
+const BUDGET_LIMITS: [&str; 3] = ["maxCalls", "maxCallsPerTool", "maxDestructiveCalls"];
+
+/// Whether `rule` is a Policy's budget refusing a call (not a rule a tenant named alike).
+pub fn is_budget_refusal(effect: PolicyEffect, rule: &str) -> bool {
+    effect == PolicyEffect::Deny
+        && rule
+            .split_once('/')
+            .and_then(|(_, limit)| limit.strip_prefix("budget."))
+            .is_some_and(|limit| BUDGET_LIMITS.contains(&limit))
+}
+
 fn budget_verdict(policy: &CompiledPolicy, call: &CallFacts<'_>, run: &RunFacts) -> Option<Verdict> {
     let budget = policy.budget.as_ref()?;
     let exceeded = |limit: &str, max: u32, used: u32| Verdict {

@@ -550,7 +550,11 @@ fn call_divergence(call: &CallPoint, again: &CallPoint) -> Divergence {
             call_id: Some(call.call_id.clone()),
         };
     }
-    let kind = if again.rule.contains("budget.") && !call.rule.contains("budget.") {
+    // A budget refusal is a consequence of what came before in the run, not the candidate
+    // deciding this call otherwise — only a Policy's own budget refusal, not a rule named alike.
+    use crate::policy::decide::is_budget_refusal;
+    let kind = if is_budget_refusal(again.effect, &again.rule) && !is_budget_refusal(call.effect, &call.rule)
+    {
         DivergenceKind::BudgetOverrun
     } else {
         match (call.effect, again.effect) {
@@ -1577,6 +1581,37 @@ mod tests {
             detail: String::new(),
             intended: false,
             call_id: call.map(str::to_owned),
+        }
+    }
+
+    /// A call its Policy's budget now refuses is a budget overrun (a consequence of the calls
+    /// before it); a call a rule merely named like a budget now lets through is not.
+    #[test]
+    fn only_a_policys_own_budget_refusal_is_a_budget_overrun() {
+        let point = |effect, rule: &str| CallPoint {
+            call_id: "3.0".into(),
+            step: 3,
+            tool: "refund".into(),
+            arguments: "{}".into(),
+            effect,
+            rule: rule.into(),
+            shadow: Vec::new(),
+            approved: false,
+            executed: effect == PolicyEffect::Allow,
+        };
+        let recorded = point(PolicyEffect::Deny, "payments/no-refunds");
+        let overrun = call_divergence(
+            &point(PolicyEffect::Allow, "payments/default"),
+            &point(PolicyEffect::Deny, "payments/budget.maxCalls"),
+        );
+        assert_eq!(overrun.kind, DivergenceKind::BudgetOverrun);
+        for (effect, rule) in [
+            (PolicyEffect::Allow, "budget.guard/allow-refunds"),
+            (PolicyEffect::Allow, "payments/budget.maxCalls"),
+            (PolicyEffect::Allow, "payments/budget.refunds"),
+        ] {
+            let changed = call_divergence(&recorded, &point(effect, rule));
+            assert_eq!(changed.kind, DivergenceKind::NewlyAllowed, "{rule}");
         }
     }
 

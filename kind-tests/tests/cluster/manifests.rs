@@ -969,6 +969,38 @@ async fn check_session_identity(env: &'static TestEnv, namespace: &str) -> Resul
         &["bob@example.com"],
     )
     .await?;
+    // … but passes on only scopes it may use itself: Policies grant calls by them.
+    let refusal = wait_for(
+        "a delegating pipeline to be refused a scope it was not granted",
+        TIMEOUT,
+        || async {
+            match create("pipeline-for-dana", dana(), Value::Null, "bob@example.com", &[]).await {
+                Ok(Err(refusal)) if refusal.contains("spec.user.scopes") => Check::Done(refusal),
+                Ok(Err(refusal)) => Check::NotYet(refusal),
+                Ok(Ok(())) => Check::NotYet("admitted with a scope bob may not use".to_owned()),
+                Err(err) => Check::NotYet(format!("{err:#}")),
+            }
+        },
+    )
+    .await?;
+    ensure!(
+        refusal.contains("you (bob@example.com) may not use all of incidents:write"),
+        "unexpected refusal: {refusal}"
+    );
+    grant(
+        &client,
+        namespace,
+        "pipeline-scope",
+        PolicyRule {
+            api_groups: Some(vec!["contextos.dev".to_owned()]),
+            resources: Some(vec!["scopes".to_owned()]),
+            resource_names: Some(vec!["incidents:write".to_owned()]),
+            verbs: vec!["use".to_owned()],
+            ..Default::default()
+        },
+        &["bob@example.com"],
+    )
+    .await?;
     wait_for(
         "a delegating pipeline's Session for dana to be admitted",
         TIMEOUT,

@@ -1363,6 +1363,21 @@ async fn check_gateway_tokens(env: &'static TestEnv, namespace: &str) -> Result<
         "a tenant's token for another audience was refused: {}",
         String::from_utf8_lossy(&other.stderr)
     );
+    // Someone an identity provider puts in a group named like the nodes' is no node.
+    const IN_NODES_GROUP: [&str; 6] = [
+        "--as",
+        "mallory@example.com",
+        "--as-group",
+        "system:nodes",
+        "--as-group",
+        "system:masters",
+    ];
+    let grouped = token(audience, &IN_NODES_GROUP).await?;
+    let stderr = String::from_utf8_lossy(&grouped.stderr);
+    ensure!(
+        !grouped.status.success() && stderr.contains(refusal),
+        "a user in a group named system:nodes was given a gateway token: {stderr}"
+    );
     // A node (here a cluster admin in the nodes' group, so that no pod need be bound to it).
     const NODE: [&str; 6] = [
         "--as",

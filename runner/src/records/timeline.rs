@@ -221,7 +221,11 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
         } => (
             approver_actor(),
             match reason {
-                Some(reason) => format!("{approver} approved call {}: {reason}", short(call_hash)),
+                Some(reason) => format!(
+                    "{approver} approved call {}: {}",
+                    short(call_hash),
+                    cut_text(reason)
+                ),
                 None => format!("{approver} approved call {}", short(call_hash)),
             },
         ),
@@ -310,9 +314,24 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
     }
 }
 
-/// One timeline line: `#seq  HH:MM:SS.mmm  actor  type  text`.
+/// One timeline line: `#seq  HH:MM:SS.mmm  actor  type  text`. What a field says is shown with
+/// its control and invisible characters escaped (`\n`, `\u{202e}`): whoever wrote it (an
+/// approver's note, a tool's error, a model's output) cannot make one entry read as several,
+/// nor turn text around.
 pub fn line(entry: &RecordEntry) -> String {
     let (actor, text) = describe(&entry.body);
+    let text: String = text
+        .chars()
+        .flat_map(|c| {
+            let hidden = c.is_control() || crate::text::is_invisible(c);
+            let escaped: Vec<char> = if hidden {
+                c.escape_debug().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect();
     let time = jiff::Timestamp::from_millisecond(entry.at_ms)
         .map(|t| t.strftime("%H:%M:%S%.3f").to_string())
         .unwrap_or_else(|_| entry.at_ms.to_string());
@@ -376,5 +395,30 @@ mod tests {
             validators: vec![],
         };
         assert!(describe(&body).1.chars().count() < 300);
+    }
+
+    /// An approver's note (or any field) cannot forge timeline lines or turn text around.
+    #[test]
+    fn a_note_with_line_breaks_and_direction_marks_stays_on_its_own_line() {
+        let entry = RecordEntry {
+            run_id: "r".into(),
+            seq: 7,
+            at_ms: 0,
+            prev: None,
+            vaulted: None,
+            body: EntryBody::ApprovalGranted {
+                call_id: "4.0".into(),
+                call_hash: "ab".repeat(32),
+                approver: "dana@example.com".into(),
+                reason: Some(
+                    "ok\n#8    00:00:00.000  approver approval_granted  mallory approved\u{202e}".into(),
+                ),
+            },
+        };
+        let shown = line(&entry);
+        assert_eq!(shown.lines().count(), 1, "{shown}");
+        assert!(shown.contains("ok\\n#8"), "{shown}");
+        assert!(shown.contains("\\u{202e}"), "{shown}");
+        assert!(!shown.contains('\u{202e}'), "{shown}");
     }
 }

@@ -1106,7 +1106,7 @@ where
             Some(_) => {
                 let on_record = self
                     .store
-                    .read_chain(&caller.tenant, caller.run_id(), 0)
+                    .read_chain_page(&caller.tenant, caller.run_id(), 0, 1)
                     .await
                     .map_err(unavailable)?
                     .into_iter()

@@ -222,9 +222,15 @@ where
             return Ok(bodies);
         }
         // Behind the head: fine if what the runner was told is on record, and so is what it sends.
+        // The entry it was told and as many after it as it sends, not the run from there on.
         let on_record = self
             .store
-            .read_chain(&caller.tenant, caller.run_id(), told.0)
+            .read_chain_page(
+                &caller.tenant,
+                caller.run_id(),
+                told.0,
+                entries.len().saturating_add(1),
+            )
             .await
             .map_err(unavailable)?;
         if on_record.first().map(|e| e.hash) != Some(told.1) {
@@ -608,19 +614,28 @@ where
         if referred.hashes.contains(hash) {
             return Ok(true);
         }
-        let tail = self
-            .store
-            .read_chain(&caller.tenant, caller.run_id(), referred.next)
-            .await
-            .map_err(unavailable)?;
-        for stored in tail {
-            if let Ok(entry) = RecordEntry::decode(&stored.bytes)
-                && let EntryBody::Blob { blob, .. } = entry.body
-                && referred.hashes.len() < super::MAX_BLOBS_REFERRED
-            {
-                referred.hashes.insert(blob);
+        // A page at a time: the run's entries are not all held at once.
+        loop {
+            let page = self
+                .store
+                .read_chain_page(&caller.tenant, caller.run_id(), referred.next, CHAIN_PAGE)
+                .await
+                .map_err(unavailable)?;
+            let Some(last) = page.last().map(|stored| stored.seq) else {
+                break;
+            };
+            for stored in &page {
+                if let Ok(entry) = RecordEntry::decode(&stored.bytes)
+                    && let EntryBody::Blob { blob, .. } = entry.body
+                    && referred.hashes.len() < super::MAX_BLOBS_REFERRED
+                {
+                    referred.hashes.insert(blob);
+                }
             }
-            referred.next = stored.seq + 1;
+            referred.next = last + 1;
+            if referred.hashes.contains(hash) || page.len() < CHAIN_PAGE {
+                break;
+            }
         }
         Ok(referred.hashes.contains(hash))
     }

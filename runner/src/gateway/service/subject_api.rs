@@ -137,7 +137,7 @@ where
         }
         let first = service
             .store
-            .read_chain(&tenant, &q.run, 0)
+            .read_chain_page(&tenant, &q.run, 0, 1)
             .await
             .map_err(unavailable)?
             .into_iter()

@@ -46,6 +46,9 @@ const MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// 16 KiB inline, larger bodies are blobs): a few MiB an answer, however long the run; a
 /// reader asks again from the entry after the last until a page comes back short.
 pub const CHAIN_PAGE: usize = 256;
+/// The most bytes of entries one chain read takes in (a run writes at most 256 MiB unless its
+/// gateway allows more): past it the answer is refused rather than held.
+const MAX_CHAIN_BYTES: usize = 1 << 30;
 /// Attempts per request when the service cannot be reached (another replica may answer).
 const ATTEMPTS: u32 = 6;
 
@@ -548,25 +551,38 @@ impl RecordStore for RemoteStore {
         self.check_tenant(tenant)?;
         let mut entries = Vec::new();
         let mut from = from_seq;
+        let mut bytes = 0usize;
+        // Until a page comes back empty: a service answering fewer entries a page than asked
+        // (an older or differently bounded replica) ends nothing early.
         loop {
             let page = self.read_chain_page(tenant, run_id, from, CHAIN_PAGE).await?;
-            let short = page.len() < CHAIN_PAGE;
-            match page.last() {
-                // Each page must go on from where the last ended: a service that answered
-                // another part of the chain is an error, not a shorter record.
-                Some(last) if page.first().is_some_and(|first| first.seq != from) || last.seq < from => {
-                    return Err(StoreError::Backend(format!(
-                        "run {run_id}: the gateway answered entries from {} when asked from {from}",
-                        page[0].seq
-                    )));
-                }
-                Some(last) => from = last.seq.saturating_add(1),
-                None => break,
-            }
-            entries.extend(page);
-            if short {
+            if page.is_empty() {
                 break;
             }
+            // Each entry must be the next one: a service that answered another part of the
+            // chain, or skipped or repeated an entry, is an error, not a shorter record.
+            if let Some((i, entry)) = page
+                .iter()
+                .enumerate()
+                .find(|(i, entry)| Some(entry.seq) != from.checked_add(*i as u64))
+            {
+                return Err(StoreError::Backend(format!(
+                    "run {run_id}: the gateway answered entry {} where entry {} was due",
+                    entry.seq,
+                    from.saturating_add(i as u64)
+                )));
+            }
+            bytes = page
+                .iter()
+                .fold(bytes, |sum, e| sum.saturating_add(e.bytes.len()));
+            if bytes > MAX_CHAIN_BYTES {
+                return Err(StoreError::Backend(format!(
+                    "run {run_id}: its chain holds more than {} MiB, more than any run may write",
+                    MAX_CHAIN_BYTES >> 20
+                )));
+            }
+            from = from.saturating_add(page.len() as u64);
+            entries.extend(page);
         }
         Ok(entries)
     }

@@ -688,15 +688,35 @@ async fn check_a2a_sessions(env: &'static TestEnv, namespace: &str) -> Result<()
     .await?;
     ensure!(refusal.contains("only the gateway sets them"), "{refusal}");
     // The gateway: no Session with scopes for its caller (nor about a person, which the
-    // identity policy refuses it first).
+    // identity policy refuses it first) — even with a scope it may use, which the identity
+    // policy would let through.
+    grant(
+        &env.client(),
+        namespace,
+        "gateway-may-use-a-scope",
+        PolicyRule {
+            api_groups: Some(vec!["contextos.dev".to_owned()]),
+            resources: Some(vec!["scopes".to_owned()]),
+            resource_names: Some(vec!["incidents:write".to_owned()]),
+            verbs: vec!["use".to_owned()],
+            ..Default::default()
+        },
+        &[GATEWAY],
+    )
+    .await?;
     let scoped = |s: &mut Value| {
         marked(s);
         s["spec"]["user"]["scopes"] = json!(["incidents:write"]);
     };
-    let refusal = create("a2a-scoped", Some(GATEWAY), &scoped)
-        .await?
-        .err()
-        .context("the gateway created a Session with scopes")?;
+    let refusal = wait_for("the A2A policy to refuse a caller's scopes", TIMEOUT, || async {
+        match create("a2a-scoped", Some(GATEWAY), &scoped).await {
+            Ok(Err(refusal)) if refusal.contains(POLICY) => Check::Done(refusal),
+            Ok(Err(refusal)) => Check::NotYet(refusal),
+            Ok(Ok(())) => Check::NotYet("the gateway created a Session with scopes".to_owned()),
+            Err(err) => Check::NotYet(format!("{err:#}")),
+        }
+    })
+    .await?;
     ensure!(refusal.contains(POLICY), "{refusal}");
     create("a2a-task", Some(GATEWAY), &marked)
         .await?

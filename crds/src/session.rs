@@ -19,6 +19,9 @@ use crate::common::{Approvers, BudgetOverride, LocalRef, SafetyMode, ToolRisk, f
     cel,
     validation = Rule::new("self.metadata.name.size() <= 63").message("a Session's name is at most 63 characters: it labels the Session's runner pods (a label value is at most 63); shorten metadata.name"),
     status = "SessionStatus",
+    // Listed by phase on the API server (`--field-selector status.phase!=Succeeded`): the
+    // gateway counts an A2A caller's open tasks without reading the ended ones.
+    selectable = ".status.phase",
     shortname = "sess",
     category = "contextos",
     printcolumn(name = "Agent", type_ = "string", json_path = ".spec.agentRef.name"),

@@ -170,6 +170,56 @@ async fn rpc(http: &reqwest::Client, url: &str, token: &str, method: &str, param
         .await?)
 }
 
+/// A caller's open tasks are counted on the API server, by phase (the Session CRD's selectable
+/// `status.phase`): a caller who started and ended many tasks is not read back in full at each
+/// message, and only the tasks still going count.
+#[tokio::test]
+async fn a_callers_open_tasks_are_counted_by_phase_on_the_api_server() -> Result<()> {
+    use contextos_runner::gateway::a2a_server::sessions::{AgentSessions as _, KubeSessions};
+    let env = TestEnv::shared().await?;
+    let ns = TestNamespace::new(env, "a2a-open").await?;
+    let sessions: Api<Session> = ns.api();
+    let label = "contextos.dev/a2a-caller-id=c-open-count";
+    let phases = [
+        None,
+        Some("Running"),
+        Some("AwaitingApproval"),
+        Some("Succeeded"),
+        Some("Failed"),
+        Some("Cancelled"),
+        Some("Succeeded"),
+    ];
+    for (i, phase) in phases.iter().enumerate() {
+        let name = format!("task-{i}");
+        let session: Session = serde_json::from_value(json!({
+            "apiVersion": "contextos.dev/v1alpha1", "kind": "Session",
+            "metadata": {"name": name, "labels": {
+                // No operator of this suite runs it: the test writes its phase itself.
+                contextos_kind_tests::operator_env::CHAOS_LABEL: "a2a-open-count",
+                "contextos.dev/a2a-caller-id": "c-open-count",
+            }},
+            "spec": {"agentRef": {"name": AGENT}, "input": {"prompt": "look"}},
+        }))?;
+        sessions.create(&PostParams::default(), &session).await?;
+        if let Some(phase) = phase {
+            let status = json!({"status": {"phase": phase}});
+            sessions
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                .await?;
+        }
+    }
+    let open = KubeSessions::new(env.client())
+        .open(ns.name(), label)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    ensure!(
+        open == 3,
+        "{open} open tasks counted, not 3 (one new, one running, one waiting)"
+    );
+    ns.pass();
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_a2a_sdks_call_a_contextos_agent_through_the_gateway() -> Result<()> {
     let env = TestEnv::shared().await?;

@@ -49,6 +49,13 @@ pub trait AgentSessions: Send + Sync {
     fn open<'a>(&'a self, namespace: &'a str, label: &'a str) -> DeskFuture<'a, usize>;
 }
 
+/// The field selector of Sessions that have not ended (`status.phase` is a selectable field of
+/// the Session CRD).
+const OPEN_PHASES: &str = "status.phase!=Succeeded,status.phase!=Failed,status.phase!=Cancelled";
+/// Open tasks counted at most: past the limit a caller may have, the exact count does not
+/// matter.
+const OPEN_COUNTED_AT_MOST: u32 = 64;
+
 /// Field manager of what the gateway writes to Sessions.
 const MANAGER: &str = "contextos-gateway";
 
@@ -134,20 +141,18 @@ impl AgentSessions for KubeSessions {
 
     fn open<'a>(&'a self, namespace: &'a str, label: &'a str) -> DeskFuture<'a, usize> {
         Box::pin(async move {
+            // Only the Sessions that have not ended, selected by the API server (a caller who
+            // started and cancelled thousands of tasks is not read back in full each time), and
+            // no more than the count needs.
+            let open = ListParams::default()
+                .labels(label)
+                .fields(OPEN_PHASES)
+                .limit(OPEN_COUNTED_AT_MOST);
             let listed = Api::<Session>::namespaced(self.client.clone(), namespace)
-                .list(&ListParams::default().labels(label))
+                .list(&open)
                 .await
                 .map_err(desk_error)?;
-            Ok(listed
-                .items
-                .iter()
-                .filter(|s| {
-                    !s.status
-                        .as_ref()
-                        .and_then(|s| s.phase)
-                        .is_some_and(|p| p.is_terminal())
-                })
-                .count())
+            Ok(listed.items.len())
         })
     }
 

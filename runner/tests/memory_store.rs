@@ -1362,6 +1362,42 @@ async fn scratch_store_keeps_memory_by_the_contract() {
     suite(&ScratchStore::new()).await;
 }
 
+/// A recall whose every match is refused after its check (say, a subject's items after a
+/// revocation) stops once it has checked `MAX_CHECKED_BYTES` of text, and says so, rather than
+/// classify thousands of items for nothing.
+#[tokio::test]
+async fn a_recall_of_items_all_refused_stops_at_its_bound_of_checked_text() {
+    use contextos_runner::memory::bank::{MAX_CHECKED_BYTES, Stop};
+    let store = ScratchStore::new();
+    let t = tenant("checked");
+    let bank = MemoryBank::new(&store, &t);
+    let text = "aa ".repeat(contextos_runner::memory::MAX_TEXT / 3 - 4);
+    let count = MAX_CHECKED_BYTES / text.len() + 64;
+    let items: Vec<MemoryItem> = (0..count)
+        .map(|i| {
+            let mut each = item(agent("sre-agent"), MemoryType::Fact, &text, i as i64);
+            each.text.push_str(&format!("{i}"));
+            each
+        })
+        .collect();
+    for batch in items.chunks(contextos_runner::memory::bank::MAX_KEEP_BATCH) {
+        bank.keep_all(batch).await.expect("kept");
+    }
+    let refused = bank
+        .recall(&query(agent("sre-agent"), None, "", 10), |_| {
+            Err("no consent in force".into())
+        })
+        .await
+        .expect("recall");
+    assert_eq!(refused.stop, Stop::ExaminedLimit);
+    assert!(refused.offered.is_empty());
+    assert!(
+        refused.excluded_total < count,
+        "{} of {count} items were checked",
+        refused.excluded_total
+    );
+}
+
 #[tokio::test]
 async fn a_subjects_history_full_of_grants_still_takes_revocations() {
     a_full_history_still_takes_revocations(&ScratchStore::new()).await;

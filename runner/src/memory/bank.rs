@@ -21,6 +21,10 @@ use crate::{
 /// The most index rows one recall reads before it stops (and says so): a query whose every
 /// word is common, with most matches refused by the check, still ends quickly.
 pub const MAX_EXAMINED: usize = 5_000;
+/// The most bytes of item text one recall checks (classifies and judges against consent)
+/// before it stops (and says so): items all refused after their check — a subject's after a
+/// revocation, say — cost a recall no more than this, however large each is.
+pub const MAX_CHECKED_BYTES: usize = 4 << 20;
 /// The most exclusions a recall lists (the rest are counted).
 pub const MAX_LISTED_EXCLUSIONS: usize = 100;
 /// The most items one write keeps.
@@ -45,7 +49,8 @@ pub enum Stop {
     Filled,
     /// It read every item that matches.
     Exhausted,
-    /// It read [`MAX_EXAMINED`] index rows; older matches were not looked at.
+    /// It read [`MAX_EXAMINED`] index rows, or checked [`MAX_CHECKED_BYTES`] of items; older
+    /// matches were not looked at.
     ExaminedLimit,
 }
 
@@ -438,6 +443,8 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
             )));
         }
         let words = words(&query.text, MAX_QUERY_TERMS);
+        // Bytes of item text checked so far (see MAX_CHECKED_BYTES).
+        let mut checked = 0usize;
         let mut recalled = Recalled {
             offered: Vec::new(),
             excluded: Vec::new(),
@@ -524,6 +531,11 @@ impl<'s, S: MemoryBackend> MemoryBank<'s, S> {
                     exclude(&mut recalled, *id, format!("corrupt: {error}"));
                     continue;
                 }
+                if checked > MAX_CHECKED_BYTES {
+                    recalled.stop = Stop::ExaminedLimit;
+                    return Ok(recalled);
+                }
+                checked += item.text.len();
                 match admit(&item) {
                     Ok(()) => recalled.offered.push((*id, item)),
                     Err(reason) => exclude(&mut recalled, *id, reason),

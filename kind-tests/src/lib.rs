@@ -27,5 +27,16 @@ pub use env::{EnvError, TestEnv};
 pub use namespace::TestNamespace;
 pub use wait::{Check, WaitError, wait_for, wait_for_deletion, wait_for_object};
 
+/// `kubectl` arguments that act as a node (a cluster admin in the nodes' group too, so that no
+/// pod need be bound to it): what may have a token for the gateway's audience.
+pub const AS_A_NODE: [&str; 6] = [
+    "--as",
+    "system:node:example",
+    "--as-group",
+    "system:nodes",
+    "--as-group",
+    "system:masters",
+];
+
 /// Field manager of the harness's server-side applies.
 pub const FIELD_MANAGER: &str = "contextos.dev/kind-tests";

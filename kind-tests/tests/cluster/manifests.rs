@@ -690,17 +690,11 @@ async fn check_a2a_sessions(env: &'static TestEnv, namespace: &str) -> Result<()
     // The gateway: no Session with scopes for its caller (nor about a person, which the
     // identity policy refuses it first) — even with a scope it may use, which the identity
     // policy would let through.
-    grant(
+    grant_scope(
         &env.client(),
         namespace,
         "gateway-may-use-a-scope",
-        PolicyRule {
-            api_groups: Some(vec!["contextos.dev".to_owned()]),
-            resources: Some(vec!["scopes".to_owned()]),
-            resource_names: Some(vec!["incidents:write".to_owned()]),
-            verbs: vec!["use".to_owned()],
-            ..Default::default()
-        },
+        "incidents:write",
         &[GATEWAY],
     )
     .await?;
@@ -870,17 +864,11 @@ async fn check_session_identity(env: &'static TestEnv, namespace: &str) -> Resul
         refusal.contains("spec.user.scopes: you (alice@example.com) may not use all of incidents:write"),
         "unexpected refusal: {refusal}"
     );
-    grant(
+    grant_scope(
         &client,
         namespace,
         "scope-incidents-write",
-        PolicyRule {
-            api_groups: Some(vec!["contextos.dev".to_owned()]),
-            resources: Some(vec!["scopes".to_owned()]),
-            resource_names: Some(vec!["incidents:write".to_owned()]),
-            verbs: vec!["use".to_owned()],
-            ..Default::default()
-        },
+        "incidents:write",
         &["alice@example.com"],
     )
     .await?;
@@ -1007,17 +995,11 @@ async fn check_session_identity(env: &'static TestEnv, namespace: &str) -> Resul
         refusal.contains("you (bob@example.com) may not use all of incidents:write"),
         "unexpected refusal: {refusal}"
     );
-    grant(
+    grant_scope(
         &client,
         namespace,
         "pipeline-scope",
-        PolicyRule {
-            api_groups: Some(vec!["contextos.dev".to_owned()]),
-            resources: Some(vec!["scopes".to_owned()]),
-            resource_names: Some(vec!["incidents:write".to_owned()]),
-            verbs: vec!["use".to_owned()],
-            ..Default::default()
-        },
+        "incidents:write",
         &["bob@example.com"],
     )
     .await?;
@@ -1034,6 +1016,24 @@ async fn check_session_identity(env: &'static TestEnv, namespace: &str) -> Resul
     )
     .await?;
     Ok(())
+}
+
+/// Lets `users` use scope `scope` in `namespace` (RBAC verb `use` on scopes.contextos.dev).
+async fn grant_scope(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    scope: &str,
+    users: &[&str],
+) -> Result<()> {
+    let rule = PolicyRule {
+        api_groups: Some(vec!["contextos.dev".to_owned()]),
+        resources: Some(vec!["scopes".to_owned()]),
+        resource_names: Some(vec![scope.to_owned()]),
+        verbs: vec!["use".to_owned()],
+        ..Default::default()
+    };
+    grant(client, namespace, name, rule, users).await
 }
 
 /// A Role with `rule`, bound to `users`, in `namespace`.
@@ -1398,16 +1398,7 @@ async fn check_gateway_tokens(env: &'static TestEnv, namespace: &str) -> Result<
         !grouped.status.success() && stderr.contains(refusal),
         "a user in a group named system:nodes was given a gateway token: {stderr}"
     );
-    // A node (here a cluster admin in the nodes' group, so that no pod need be bound to it).
-    const NODE: [&str; 6] = [
-        "--as",
-        "system:node:example",
-        "--as-group",
-        "system:nodes",
-        "--as-group",
-        "system:masters",
-    ];
-    let given = token(audience, &NODE).await?;
+    let given = token(audience, &contextos_kind_tests::AS_A_NODE).await?;
     ensure!(
         given.status.success(),
         "a node was refused a gateway token: {}",

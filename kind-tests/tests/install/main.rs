@@ -575,14 +575,7 @@ async fn verify_through_the_gateway(
             "--audience",
             contextos_runner::gateway::identity::GATEWAY_AUDIENCE,
         ])
-        .args([
-            "--as",
-            "system:node:example",
-            "--as-group",
-            "system:nodes",
-            "--as-group",
-            "system:masters",
-        ])
+        .args(contextos_kind_tests::AS_A_NODE)
         .output()
         .await?;
     ensure!(

@@ -44,7 +44,7 @@ pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/contextos/gateway-token";
 const MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// Most entries the gateway service answers one chain request with (entries hold at most
 /// 16 KiB inline, larger bodies are blobs): a few MiB an answer, however long the run; a
-/// reader asks again from the entry after the last until a page comes back short.
+/// reader asks again from the entry after the last until a page comes back empty.
 pub const CHAIN_PAGE: usize = 256;
 /// The most bytes of entries one chain read takes in (a run writes at most 256 MiB unless its
 /// gateway allows more): past it the answer is refused rather than held.

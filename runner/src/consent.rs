@@ -236,14 +236,34 @@ struct Standing {
     until_ms: Option<i64>,
 }
 
-/// What is in force, folded from records in the order they were appended.
+impl Standing {
+    /// Whether a record made at `at_ms` (a revocation or not) replaces this one: the later
+    /// decision does, whichever was appended first — a grant held back while the store was away
+    /// (a Consent object chained late) never undoes a revocation made after it. Made at the same
+    /// millisecond, a revocation wins over a grant; two of a kind, the one appended later.
+    fn replaced_by(&self, at_ms: i64, revokes: bool) -> bool {
+        at_ms > self.from_ms || (at_ms == self.from_ms && (revokes || self.granted))
+    }
+}
+
+/// One subject's consents for one purpose: the newest record about each category, and when
+/// every category was last revoked at once.
+#[derive(Clone, Debug, Default)]
+struct Consents {
+    categories: BTreeMap<Category, Standing>,
+    revoked_all: Option<Standing>,
+}
+
+/// What is in force, folded from a subject's records by when each was made (the API server's
+/// time for a Consent object, the gateway's for one recorded through it), not by when it was
+/// appended: see [`Standing::replaced_by`].
 #[derive(Clone, Debug, Default)]
 pub struct ConsentLedger {
-    standing: BTreeMap<(SubjectHandle, Purpose), BTreeMap<Category, Standing>>,
+    standing: BTreeMap<(SubjectHandle, Purpose), Consents>,
 }
 
 impl ConsentLedger {
-    /// Folds `records`, oldest first.
+    /// Folds `records`, in the order they were appended.
     pub fn from_records<'a>(records: impl IntoIterator<Item = &'a ConsentRecord>) -> Self {
         let mut ledger = Self::default();
         for record in records {
@@ -252,41 +272,41 @@ impl ConsentLedger {
         ledger
     }
 
-    /// Folds one more record (the newest).
+    /// Folds one more record (the last appended).
     pub fn apply(&mut self, record: &ConsentRecord) {
-        let standing = self
+        let consents = self
             .standing
             .entry((record.subject.clone(), record.purpose.clone()))
             .or_default();
-        match record.action {
-            ConsentAction::Grant => {
-                for category in &record.categories {
-                    standing.insert(
-                        category.clone(),
-                        Standing {
-                            granted: true,
-                            from_ms: record.at_ms,
-                            until_ms: record.expires_at_ms,
-                        },
-                    );
+        let revokes = record.action == ConsentAction::Revoke;
+        let standing = Standing {
+            granted: !revokes,
+            from_ms: record.at_ms,
+            until_ms: if revokes { None } else { record.expires_at_ms },
+        };
+        if revokes && record.categories.is_empty() {
+            for value in consents.categories.values_mut() {
+                if value.replaced_by(record.at_ms, true) {
+                    *value = standing.clone();
                 }
             }
-            ConsentAction::Revoke if record.categories.is_empty() => {
-                for value in standing.values_mut() {
-                    value.granted = false;
-                }
+            if consents
+                .revoked_all
+                .as_ref()
+                .is_none_or(|all| all.replaced_by(record.at_ms, true))
+            {
+                consents.revoked_all = Some(standing);
             }
-            ConsentAction::Revoke => {
-                for category in &record.categories {
-                    standing.insert(
-                        category.clone(),
-                        Standing {
-                            granted: false,
-                            from_ms: record.at_ms,
-                            until_ms: None,
-                        },
-                    );
-                }
+            return;
+        }
+        for category in &record.categories {
+            // A category never named before still answers to an earlier revocation of all.
+            let current = consents
+                .categories
+                .get(category)
+                .or(consents.revoked_all.as_ref());
+            if current.is_none_or(|current| current.replaced_by(record.at_ms, revokes)) {
+                consents.categories.insert(category.clone(), standing.clone());
             }
         }
     }
@@ -296,7 +316,7 @@ impl ConsentLedger {
         self.standing
             .get(&(subject.clone(), purpose.clone()))
             .into_iter()
-            .flatten()
+            .flat_map(|consents| &consents.categories)
             .filter(|(_, s)| s.granted && s.from_ms <= now_ms && s.until_ms.is_none_or(|u| now_ms < u))
             .map(|(category, _)| category.clone())
             .collect()
@@ -315,9 +335,11 @@ impl ConsentLedger {
         wanted
             .iter()
             .filter(|category| {
-                !standing.and_then(|s| s.get(*category)).is_some_and(|s| {
-                    s.granted && s.from_ms <= now_ms && s.until_ms.is_none_or(|u| now_ms < u)
-                })
+                !standing
+                    .and_then(|s| s.categories.get(*category))
+                    .is_some_and(|s| {
+                        s.granted && s.from_ms <= now_ms && s.until_ms.is_none_or(|u| now_ms < u)
+                    })
             })
             .cloned()
             .collect()
@@ -568,7 +590,7 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_record_about_a_category_decides_whatever_the_times_say() {
+    fn the_latest_decision_about_a_category_is_in_force_whatever_order_it_was_appended_in() {
         let email: BTreeSet<Category> = [Category::Email].into_iter().collect();
         let both: BTreeSet<Category> = [Category::Email, Category::Phone].into_iter().collect();
         let grant = record(
@@ -578,6 +600,9 @@ mod tests {
         );
         let revoke_phone = record(ConsentAction::Revoke, &[Category::Phone], 11 * HOUR);
         let revoke_all = record(ConsentAction::Revoke, &[], 12 * HOUR);
+        let regrant = record(ConsentAction::Grant, &[Category::Email], 13 * HOUR);
+        let grant_phone_early = record(ConsentAction::Grant, &[Category::Phone], 11 * HOUR);
+        let revoke_at_grant = record(ConsentAction::Revoke, &[], 10 * HOUR);
         let cases: Vec<(&str, Vec<&ConsentRecord>, i64, BTreeSet<Category>)> = vec![
             ("no record", vec![], 11 * HOUR, both.clone()),
             ("granted", vec![&grant], 11 * HOUR, BTreeSet::new()),
@@ -589,11 +614,42 @@ mod tests {
                 [Category::Phone].into_iter().collect(),
             ),
             ("all revoked", vec![&grant, &revoke_all], 13 * HOUR, both.clone()),
-            // Appended after the revocation, even if stamped earlier: the grant is the newest.
+            // A grant chained late (the store was away) after a revocation made later: the
+            // revocation stands.
             (
-                "granted again",
+                "grant appended late",
                 vec![&revoke_all, &grant],
                 13 * HOUR,
+                both.clone(),
+            ),
+            (
+                "one revocation appended late",
+                vec![&revoke_phone, &grant],
+                13 * HOUR,
+                [Category::Phone].into_iter().collect(),
+            ),
+            (
+                "granted again after all were revoked",
+                vec![&grant, &revoke_all, &regrant],
+                14 * HOUR,
+                [Category::Phone].into_iter().collect(),
+            ),
+            (
+                "a category first named after all were revoked, granted earlier",
+                vec![&revoke_all, &grant_phone_early],
+                13 * HOUR,
+                both.clone(),
+            ),
+            (
+                "granted and revoked in the same millisecond",
+                vec![&revoke_at_grant, &grant],
+                11 * HOUR,
+                both.clone(),
+            ),
+            (
+                "renewed in the same millisecond",
+                vec![&grant, &grant],
+                11 * HOUR,
                 BTreeSet::new(),
             ),
         ];

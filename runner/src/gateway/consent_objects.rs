@@ -1,8 +1,9 @@
 //! Consent objects — the `Consent` kind, applied with `kubectl` or from Git — chained into their
 //! subjects' consent histories (see [`super::object_chains`]): each is appended to its
-//! subject's chain in that namespace's store, signed with the tenant's key, so a revocation
-//! applied after a grant is the newer record. Withdrawing consent is a new Consent with
-//! `action: revoke`.
+//! subject's chain in that namespace's store, signed with the tenant's key, and dated by the API
+//! server (its creation time): what is in force is the latest decision by that date, so an object
+//! chained late, while the store was away, never undoes a revocation made after it. Withdrawing
+//! consent is a new Consent with `action: revoke`.
 
 use std::sync::Arc;
 

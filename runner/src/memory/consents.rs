@@ -164,7 +164,7 @@ impl History<ConsentRecord> {
         self.verify(&CONSENT, tenant, subject.as_str(), key)
     }
 
-    /// What is in force, folded from the records in the order they were appended.
+    /// What is in force: the latest decision about each category (see [`ConsentLedger`]).
     pub fn ledger(&self) -> ConsentLedger {
         ConsentLedger::from_records(self.links.iter().map(|link| &link.record))
     }

@@ -50,6 +50,10 @@ mod routing;
 #[path = "gateway_service/embeddings.rs"]
 mod embeddings;
 
+/// Callers whose tokens the API server refuses.
+#[path = "gateway_service/refused_tokens.rs"]
+mod refused_tokens;
+
 const RUN: &str = "checkout-5xx-r1";
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 

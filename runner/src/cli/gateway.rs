@@ -169,10 +169,16 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         "contextos gateway: serving runner pods"
     );
     eprintln!("contextos gateway: serving on http://{}", listener.local_addr()?);
-    axum::serve(listener, service.router())
-        .with_graceful_shutdown(contextos_runner::signals::shutdown())
-        .await
-        .context("gateway server failed")?;
+    // With each connection's address: a caller's refused tokens spend its own allowance.
+    axum::serve(
+        listener,
+        service
+            .router()
+            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(contextos_runner::signals::shutdown())
+    .await
+    .context("gateway server failed")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -54,6 +54,10 @@ pub enum AuthError {
     NotAPod(String),
     #[error("the token could not be reviewed (API server unreachable?): {0}")]
     Unavailable(String),
+    #[error(
+        "too many tokens from your address were refused lately: this one is not reviewed; try again in {0} s"
+    )]
+    Throttled(u64),
 }
 
 /// Turns a bearer token into a verified pod identity.
@@ -212,6 +216,8 @@ pub fn identity_of(review: &TokenReview, audience: &str) -> Result<PodIdentity, 
 pub struct StaticTokens {
     tokens: HashMap<String, PodIdentity>,
     readers: StaticReaders,
+    /// Tokens looked up (each stands for one TokenReview), by every clone together.
+    reviews: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl StaticTokens {
@@ -231,10 +237,20 @@ impl StaticTokens {
         self.readers = self.readers.with_access(token, username, grants);
         self
     }
+
+    /// How many tokens were looked up: the TokenReviews a real API server would have been asked.
+    pub fn reviews(&self) -> usize {
+        self.reviews.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn reviewed(&self) {
+        self.reviews.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl ReaderAuthority for StaticTokens {
     async fn authenticate_reader(&self, token: &str) -> Result<Reader, AuthError> {
+        self.reviewed();
         self.readers.authenticate_reader(token).await
     }
 
@@ -247,6 +263,7 @@ impl ReaderAuthority for StaticTokens {
     }
 
     async fn authenticate_a2a_caller(&self, token: &str) -> Result<Reader, AuthError> {
+        self.reviewed();
         self.readers.authenticate_a2a_caller(token).await
     }
 }
@@ -256,6 +273,7 @@ impl Authenticator for StaticTokens {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
+        self.reviewed();
         self.tokens
             .get(token)
             .cloned()

@@ -18,6 +18,7 @@ pub mod intents;
 pub mod metrics;
 pub mod object_chains;
 pub mod readers;
+pub mod refused_tokens;
 pub mod reliability;
 pub mod remote;
 pub mod result_cache;

@@ -198,9 +198,9 @@ where
                 format!("there is no agent {namespace}/{agent} to call"),
             ));
         }
+        let token = bearer(headers);
         let caller = self
-            .auth
-            .authenticate_a2a_caller(bearer(headers))
+            .reviewed(A2A_AUDIENCE, token, self.auth.authenticate_a2a_caller(token))
             .await
             .map_err(|e| {
                 not_authenticated(

@@ -46,7 +46,7 @@ use super::{
     ToolGateway,
     capabilities::{CapabilityResolver, CapabilityRoute},
     egress::EgressGuard,
-    identity::{AuthError, Authenticator, PodIdentity},
+    identity::{AuthError, Authenticator, GATEWAY_AUDIENCE, PodIdentity},
     readers::{Access, ReaderAuthority},
     remote::{CallRequest, HEAD_PENDING, ModelCall, RecallCall},
     run_log::RunLog,
@@ -188,6 +188,9 @@ pub struct GatewayService<S, A, T> {
     /// Refusals recorded per pod in the current minute, by (namespace, pod): when the minute
     /// began, and how many (see [`GatewayService::record_refusal`]).
     refusals_recorded: Mutex<HashMap<(String, String), (i64, u32)>>,
+    /// Tokens the API server refused lately, and how many more each address may have refused
+    /// before its new tokens wait (see `gateway::refused_tokens`).
+    refused_tokens: crate::gateway::refused_tokens::RefusedTokens,
     /// Whether pods were found controlled by their Session.
     runner_pods: Mutex<RunnerPods>,
     /// Whether a call or model turn is answered while its entries are written (the runner's
@@ -287,6 +290,11 @@ fn unavailable(message: impl std::fmt::Display) -> Refusal {
     )
 }
 
+/// A caller whose address had too many tokens refused lately.
+fn throttled(e: &AuthError) -> Refusal {
+    Refusal(StatusCode::TOO_MANY_REQUESTS, "throttled", e.to_string())
+}
+
 type Reply = Result<Response, Refusal>;
 
 /// What a person's request asks to do, by its method and path; `None` for what a person may
@@ -338,6 +346,7 @@ async fn read_body(body: axum::body::Body, max: usize) -> Result<axum::body::Byt
 fn not_authenticated(e: AuthError, needs: &str) -> Refusal {
     match e {
         AuthError::Unavailable(_) => unavailable(&e),
+        AuthError::Throttled(_) => throttled(&e),
         AuthError::Missing => Refusal(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
@@ -427,6 +436,7 @@ where
             early_answers: true,
             blob_bytes: Mutex::new(HashMap::new()),
             refusals_recorded: Mutex::new(HashMap::new()),
+            refused_tokens: Default::default(),
             runner_pods: Mutex::new(Default::default()),
             quota_desk: Default::default(),
             results: Default::default(),
@@ -671,7 +681,51 @@ where
             .route("/v1/tenants/{tenant}/record-key", get(Self::record_key))
             .route("/healthz", get(|| async { "ok" }))
             .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+            .layer(axum::middleware::from_fn(Self::from_its_address))
             .with_state(self)
+    }
+
+    /// Handles a request as coming from its connection's address, where the server was started
+    /// with connect info (`into_make_service_with_connect_info`): whose allowance of refused
+    /// tokens it spends.
+    async fn from_its_address(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+        let source = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip());
+        crate::gateway::refused_tokens::from(source, next.run(request)).await
+    }
+
+    /// `review` of `token` for `audience`, unless the token was refused lately (the same answer,
+    /// without asking the API server again) or this address has had too many refused lately.
+    async fn reviewed<R>(
+        &self,
+        audience: &str,
+        token: &str,
+        review: impl std::future::Future<Output = Result<R, AuthError>>,
+    ) -> Result<R, AuthError> {
+        use crate::gateway::refused_tokens::{Admission, Outcome, RefusedTokens};
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let key = RefusedTokens::key(audience, token);
+        match self.refused_tokens.admit(&key) {
+            Admission::Review => {}
+            Admission::Refused(why) => return Err(AuthError::Refused(why)),
+            Admission::Throttled { retry_after } => {
+                return Err(AuthError::Throttled(retry_after.as_secs().max(1)));
+            }
+        }
+        let reviewed = review.await;
+        match &reviewed {
+            Ok(_) => self.refused_tokens.record(key, Outcome::Accepted),
+            Err(AuthError::Refused(why)) => self.refused_tokens.record(key, Outcome::Refused(why.clone())),
+            Err(e @ AuthError::NotAPod(_)) => {
+                self.refused_tokens.record(key, Outcome::Refused(e.to_string()))
+            }
+            Err(_) => {}
+        }
+        reviewed
     }
 
     /// Refuses a request before its body is read unless its token identifies a pod, or — a
@@ -761,8 +815,8 @@ where
     /// A reader with their own Kubernetes identity (not a runner pod's token), as the API server
     /// vouches for them.
     async fn person(&self, headers: &HeaderMap) -> Result<crate::gateway::readers::Reader, Refusal> {
-        self.auth
-            .authenticate_reader(bearer(headers))
+        let token = bearer(headers);
+        self.reviewed("reader", token, self.auth.authenticate_reader(token))
             .await
             .map_err(|e| {
                 not_authenticated(
@@ -774,12 +828,13 @@ where
 
     /// The calling pod, as the API server vouches for it.
     async fn identify(&self, headers: &HeaderMap) -> Result<PodIdentity, Refusal> {
+        let token = bearer(headers);
         let identity = self
-            .auth
-            .authenticate(bearer(headers))
+            .reviewed(GATEWAY_AUDIENCE, token, self.auth.authenticate(token))
             .await
             .map_err(|e| match e {
                 AuthError::Unavailable(_) => unavailable(&e),
+                AuthError::Throttled(_) => throttled(&e),
                 _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
             })?;
         // Runs never live in ContextOS's own namespaces, where its keys are: nothing there is

@@ -326,8 +326,10 @@ impl RemoteStore {
             if status.is_success() {
                 return Ok((bytes, head));
             }
-            // A replica going away answers 502/503 through the Service; try another.
-            if once.is_none() && matches!(status.as_u16(), 502..=504) {
+            // A replica going away answers 502/503 through the Service; try another. 429: this
+            // address had too many tokens refused lately (a neighbour sharing it, say), and
+            // its allowance refills within a second.
+            if once.is_none() && matches!(status.as_u16(), 429 | 502..=504) {
                 last = Some(format!("HTTP {status}"));
                 continue;
             }

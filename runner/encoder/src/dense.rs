@@ -111,7 +111,8 @@ impl Dense {
         for (range, answer) in asked {
             // No answer (the job panicked, or no helper ran): this thread computes it, and a bug
             // panics here as it would have there.
-            let part = answer.recv().unwrap_or_else(|_| weights.part(x, range.clone()));
+            let part =
+                super::pool::spin_then_wait(&answer).unwrap_or_else(|_| weights.part(x, range.clone()));
             parts.push((range, part));
         }
         let mut out = vec![0.0; tokens * weights.outputs];
@@ -153,7 +154,9 @@ impl Weights {
 
 /// Products at least this large (multiply-adds) are split over cores: below it, handing work
 /// to a helper costs more than it saves (measured on two cores: a text of 18 word pieces embeds
-/// in 4.1 ms split above 3 M, 4.2 ms above 1 M or 2 M, 4.5 ms above 6 M, 5.1 ms on one core).
+/// in 4.1 ms split above 3 M, 4.2 ms above 1 M or 2 M, 4.5 ms above 6 M, 5.1 ms on one core;
+/// with helpers that spin between products, see `pool::SPIN`, 1 M, 2 M and 3 M all embed the
+/// benchmark's intents in 3.5–3.8 ms p50 on another two-core machine).
 const SPLIT_ABOVE: usize = 3 << 20;
 /// At most this many cores work on one product.
 const MAX_WORKERS: usize = 4;

@@ -4,7 +4,8 @@
 //! A consent record grants or revokes, for one subject (a pseudonymous handle, never a raw
 //! identifier) and one purpose, some categories of personal data. Records are never edited: a
 //! revocation is a new record, and what is in force is read from all of them in the order they
-//! were appended — the newest record about a category wins, whatever times the records carry.
+//! were appended — a revocation always counts, a grant counts against a revocation only if it
+//! was made after it (so one chained late never undoes it).
 //! Everything here is pure: the records come from the caller (read fresh from the store, so a
 //! revocation appended before a recall is always seen by it), and nothing is written.
 
@@ -237,12 +238,20 @@ struct Standing {
 }
 
 impl Standing {
-    /// Whether a record made at `at_ms` (a revocation or not) replaces this one: the later
-    /// decision does, whichever was appended first — a grant held back while the store was away
-    /// (a Consent object chained late) never undoes a revocation made after it. Made at the same
-    /// millisecond, a revocation wins over a grant; two of a kind, the one appended later.
+    /// Whether a record made at `at_ms`, appended after this one, replaces it. A revocation
+    /// always does: none is ever lost, whatever its time says (a Consent object's is the API
+    /// server's, to the second; a record made through the gateway has its replica's clock). A
+    /// grant replaces a revocation only if it was made strictly later — so a grant held back
+    /// while the store was away (a Consent object chained late) never undoes a revocation made
+    /// after it — and another grant if made no earlier. Where clocks or the second's rounding
+    /// leave it unclear, the revocation stands: the person can grant again.
     fn replaced_by(&self, at_ms: i64, revokes: bool) -> bool {
-        at_ms > self.from_ms || (at_ms == self.from_ms && (revokes || self.granted))
+        revokes
+            || if self.granted {
+                at_ms >= self.from_ms
+            } else {
+                at_ms > self.from_ms
+            }
     }
 }
 
@@ -254,9 +263,9 @@ struct Consents {
     revoked_all: Option<Standing>,
 }
 
-/// What is in force, folded from a subject's records by when each was made (the API server's
-/// time for a Consent object, the gateway's for one recorded through it), not by when it was
-/// appended: see [`Standing::replaced_by`].
+/// What is in force, folded from a subject's records in the order they were appended, a grant
+/// counting against a revocation only if made after it (the API server's time for a Consent
+/// object, the gateway's for one recorded through it): see [`Standing::replaced_by`].
 #[derive(Clone, Debug, Default)]
 pub struct ConsentLedger {
     standing: BTreeMap<(SubjectHandle, Purpose), Consents>,
@@ -286,17 +295,9 @@ impl ConsentLedger {
         };
         if revokes && record.categories.is_empty() {
             for value in consents.categories.values_mut() {
-                if value.replaced_by(record.at_ms, true) {
-                    *value = standing.clone();
-                }
+                *value = standing.clone();
             }
-            if consents
-                .revoked_all
-                .as_ref()
-                .is_none_or(|all| all.replaced_by(record.at_ms, true))
-            {
-                consents.revoked_all = Some(standing);
-            }
+            consents.revoked_all = Some(standing);
             return;
         }
         for category in &record.categories {
@@ -644,6 +645,12 @@ mod tests {
                 "granted and revoked in the same millisecond",
                 vec![&revoke_at_grant, &grant],
                 11 * HOUR,
+                both.clone(),
+            ),
+            (
+                "revoked through a replica whose clock is behind the grant's",
+                vec![&regrant, &revoke_all],
+                14 * HOUR,
                 both.clone(),
             ),
             (

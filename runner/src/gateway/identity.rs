@@ -55,7 +55,7 @@ pub enum AuthError {
     #[error("the token could not be reviewed (API server unreachable?): {0}")]
     Unavailable(String),
     #[error(
-        "too many tokens from your address were refused lately: this one is not reviewed; try again in {0} s"
+        "too many tokens from your address are being reviewed or were refused lately: this one was not reviewed; try again in {0} s"
     )]
     Throttled(u64),
 }

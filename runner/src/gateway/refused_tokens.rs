@@ -3,12 +3,18 @@
 //! Every token the gateway has not seen costs a TokenReview (two for a person's), made with the
 //! gateway's own identity. A caller sending made-up tokens in a loop would otherwise have the
 //! gateway load the API server for it — and the API server's fairness would then hold back the
-//! gateway's other requests (its access reviews, the Secrets it reads), for every tenant. So
-//! the outcome of each review is remembered briefly (a refused token sent again is refused
-//! without asking again), and each caller's address may have only so many tokens refused: past
-//! its allowance, a token this replica has not accepted lately is refused without a review
-//! until the allowance refills. A token accepted lately still passes. One allowance for all
-//! addresses together bounds what many callers at once can cost.
+//! gateway's other requests (its access reviews, the Secrets it reads), for every tenant. So:
+//!
+//! - the outcome of each review is remembered briefly: a refused token sent again is refused
+//!   without asking again;
+//! - each caller's address has an allowance of reviews in the making and refused: a review
+//!   takes one before it is asked (so a burst of requests at once cannot all pass), and gives it
+//!   back if the token is accepted. Past its allowance, a token this replica has not accepted
+//!   lately is refused without a review until the allowance refills; one accepted lately still
+//!   passes;
+//! - addresses that had a token refused lately also share one allowance, which bounds what many
+//!   of them together cost. An address with no refusal lately is not held to it, so callers
+//!   refusing tokens cannot shut out new runner pods or people elsewhere.
 //!
 //! The address is the connection's peer. Behind a proxy every caller has the proxy's, and so
 //! shares one allowance (runner pods reach the gateway directly, each from its own address).
@@ -23,15 +29,17 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 
-/// How long an outcome is remembered (as long as the reviews themselves are cached).
+/// How long an outcome is remembered (as long as the reviews themselves are cached), and how
+/// long an address counts as one that had a token refused.
 const REMEMBERED: Duration = Duration::from_secs(30);
 /// Outcomes remembered at most (then the expired go; if none has, the refusals go: they are
 /// only a saving).
 const MAX_REMEMBERED: usize = 8192;
-/// Refusals one address may cause at once, and how fast its allowance refills.
+/// Reviews one address may have in the making or refused at once, and how fast its allowance
+/// refills.
 const PER_SOURCE: Allowance = Allowance::full(20.0, 1.0);
-/// Refusals all addresses together may cause at once, and how fast that refills.
-const EVERYONE: Allowance = Allowance::full(200.0, 20.0);
+/// The same for all addresses that had a token refused lately, together.
+const REFUSING: Allowance = Allowance::full(200.0, 20.0);
 /// Addresses tracked at most; past that, addresses new to the gateway share one allowance.
 const MAX_SOURCES: usize = 4096;
 
@@ -48,32 +56,63 @@ pub async fn from<F: Future>(source: Option<IpAddr>, work: F) -> F::Output {
     }
 }
 
-/// What the API server answered for a token, as far as the allowance cares.
+/// What the API server answered for a token, as far as the allowances care.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// Accepted: what the review took is given back.
     Accepted,
     /// Refused, and why (said again to whoever sends the token again).
     Refused(String),
+    /// No answer (the API server unreachable or overloaded): what the review took is kept,
+    /// since asking cost the API server all the same, and nothing is remembered.
+    Unanswered,
+}
+
+/// What a review took from the allowances, given back if its token is accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    source: bool,
+    refusing: bool,
 }
 
 /// Whether a token may be reviewed now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Admission {
-    /// Accepted lately, or new and within the allowance: review it (the reviewer's own cache
-    /// answers for one accepted lately).
-    Review,
+    /// Accepted lately (nothing taken: the reviewer's own cache answers), or new and within the
+    /// allowances: review it, then [`RefusedTokens::record`] the outcome with what was taken.
+    Review(Taken),
     /// Refused lately: the same answer, without asking again.
     Refused(String),
-    /// New, and its address (or everyone) has had too many tokens refused lately.
+    /// New, and its address (or the refusing addresses together) has had too many tokens
+    /// refused or in review lately.
     Throttled { retry_after: Duration },
+}
+
+/// One address: its allowance, and when it last had a token refused.
+#[derive(Clone, Copy, Debug)]
+struct Source {
+    allowance: Allowance,
+    refused_at: Option<Instant>,
+}
+
+impl Source {
+    const NEW: Self = Self {
+        allowance: PER_SOURCE,
+        refused_at: None,
+    };
+
+    fn refused_lately(&self, now: Instant) -> bool {
+        self.refused_at
+            .is_some_and(|at| now.saturating_duration_since(at) < REMEMBERED)
+    }
 }
 
 /// The outcomes remembered and the allowances left, shared by the gateway's requests.
 #[derive(Debug)]
 pub struct RefusedTokens {
     outcomes: Mutex<HashMap<[u8; 32], (Outcome, Instant)>>,
-    sources: Mutex<HashMap<Option<IpAddr>, Allowance>>,
-    everyone: Mutex<Allowance>,
+    sources: Mutex<HashMap<Option<IpAddr>, Source>>,
+    refusing: Mutex<Allowance>,
 }
 
 impl Default for RefusedTokens {
@@ -81,7 +120,7 @@ impl Default for RefusedTokens {
         Self {
             outcomes: Mutex::default(),
             sources: Mutex::default(),
-            everyone: Mutex::new(EVERYONE),
+            refusing: Mutex::new(REFUSING),
         }
     }
 }
@@ -101,9 +140,9 @@ impl RefusedTokens {
         self.admit_at(current_source(), key, Instant::now())
     }
 
-    /// Remembers what the review of `key` answered; a refusal spends the allowances.
-    pub fn record(&self, key: [u8; 32], outcome: Outcome) {
-        self.record_at(current_source(), key, outcome, Instant::now());
+    /// Remembers what the review of `key` answered, giving back what it took if it was accepted.
+    pub fn record(&self, key: [u8; 32], outcome: Outcome, taken: Taken) {
+        self.record_at(current_source(), key, outcome, taken, Instant::now());
     }
 
     fn admit_at(&self, source: Option<IpAddr>, key: &[u8; 32], now: Instant) -> Admission {
@@ -114,37 +153,64 @@ impl RefusedTokens {
                 .map(|(outcome, _)| outcome.clone())
         });
         match remembered {
-            Some(Outcome::Accepted) => return Admission::Review,
+            Some(Outcome::Accepted) => return Admission::Review(Taken::default()),
             Some(Outcome::Refused(why)) => return Admission::Refused(why),
-            None => {}
+            Some(Outcome::Unanswered) | None => {}
         }
-        let waits = [
-            self.sources
-                .lock()
-                .ok()
-                .and_then(|mut sources| source_allowance(&mut sources, source, now).wait(now)),
-            self.everyone.lock().ok().and_then(|mut all| all.wait(now)),
-        ];
-        match waits.into_iter().flatten().max() {
-            Some(retry_after) => Admission::Throttled { retry_after },
-            None => Admission::Review,
+        let Ok(mut sources) = self.sources.lock() else {
+            return Admission::Review(Taken::default());
+        };
+        let entry = source_entry(&mut sources, source, now);
+        if let Some(retry_after) = entry.allowance.take(now) {
+            return Admission::Throttled { retry_after };
+        }
+        if !entry.refused_lately(now) {
+            return Admission::Review(Taken {
+                source: true,
+                refusing: false,
+            });
+        }
+        match self.refusing.lock().map(|mut all| all.take(now)) {
+            Ok(Some(retry_after)) => {
+                entry.allowance.give_back();
+                Admission::Throttled { retry_after }
+            }
+            _ => Admission::Review(Taken {
+                source: true,
+                refusing: true,
+            }),
         }
     }
 
-    fn record_at(&self, source: Option<IpAddr>, key: [u8; 32], outcome: Outcome, now: Instant) {
-        if matches!(outcome, Outcome::Refused(_)) {
-            if let Ok(mut sources) = self.sources.lock() {
-                source_allowance(&mut sources, source, now).spend(now);
+    fn record_at(&self, source: Option<IpAddr>, key: [u8; 32], outcome: Outcome, taken: Taken, now: Instant) {
+        match outcome {
+            Outcome::Accepted => {
+                if taken.source
+                    && let Ok(mut sources) = self.sources.lock()
+                {
+                    source_entry(&mut sources, source, now).allowance.give_back();
+                }
+                if taken.refusing
+                    && let Ok(mut all) = self.refusing.lock()
+                {
+                    all.give_back();
+                }
             }
-            if let Ok(mut all) = self.everyone.lock() {
-                all.spend(now);
+            Outcome::Refused(_) => {
+                if let Ok(mut sources) = self.sources.lock() {
+                    source_entry(&mut sources, source, now).refused_at = Some(now);
+                }
             }
+            Outcome::Unanswered => return,
         }
         if let Ok(mut outcomes) = self.outcomes.lock() {
             if outcomes.len() >= MAX_REMEMBERED {
                 outcomes.retain(|_, (_, at)| now.duration_since(*at) < REMEMBERED);
                 if outcomes.len() >= MAX_REMEMBERED {
                     outcomes.retain(|_, (o, _)| *o == Outcome::Accepted);
+                }
+                if outcomes.len() >= MAX_REMEMBERED {
+                    outcomes.clear();
                 }
             }
             outcomes.insert(key, (outcome, now));
@@ -156,15 +222,16 @@ fn current_source() -> Option<IpAddr> {
     SOURCE.try_with(|source| *source).ok()
 }
 
-/// `source`'s allowance; a new address past [`MAX_SOURCES`] shares the unknown address's.
-fn source_allowance(
-    sources: &mut HashMap<Option<IpAddr>, Allowance>,
+/// `source`'s entry; a new address past [`MAX_SOURCES`] shares the unknown address's.
+fn source_entry(
+    sources: &mut HashMap<Option<IpAddr>, Source>,
     source: Option<IpAddr>,
     now: Instant,
-) -> &mut Allowance {
+) -> &mut Source {
     let source = if sources.len() >= MAX_SOURCES && !sources.contains_key(&source) {
-        // Addresses whose allowance has refilled are no different from new ones.
-        sources.retain(|_, allowance| !allowance.is_full(now));
+        // Addresses whose allowance has refilled and that refused nothing lately are no
+        // different from new ones.
+        sources.retain(|_, s| !s.allowance.is_full(now) || s.refused_lately(now));
         if sources.len() >= MAX_SOURCES {
             None
         } else {
@@ -173,10 +240,11 @@ fn source_allowance(
     } else {
         source
     };
-    sources.entry(source).or_insert(PER_SOURCE)
+    sources.entry(source).or_insert(Source::NEW)
 }
 
-/// A token bucket: refusals that may still be caused, refilled at a steady rate.
+/// A token bucket: reviews that may still be in the making or refused, refilled at a steady
+/// rate.
 #[derive(Clone, Copy, Debug)]
 struct Allowance {
     left: f64,
@@ -203,15 +271,18 @@ impl Allowance {
         self.at = Some(now);
     }
 
-    /// How long until one more refusal is allowed (`None`: it is now).
-    fn wait(&mut self, now: Instant) -> Option<Duration> {
+    /// Takes one, or says how long until there is one.
+    fn take(&mut self, now: Instant) -> Option<Duration> {
         self.refill(now);
-        (self.left < 1.0).then(|| Duration::from_secs_f64((1.0 - self.left) / self.per_second))
+        if self.left < 1.0 {
+            return Some(Duration::from_secs_f64((1.0 - self.left) / self.per_second));
+        }
+        self.left -= 1.0;
+        None
     }
 
-    fn spend(&mut self, now: Instant) {
-        self.refill(now);
-        self.left = (self.left - 1.0).max(0.0);
+    fn give_back(&mut self) {
+        self.left = (self.left + 1.0).min(self.burst);
     }
 
     fn is_full(&self, now: Instant) -> bool {
@@ -225,45 +296,83 @@ impl Allowance {
 mod tests {
     use super::*;
 
-    fn address(last: u8) -> Option<IpAddr> {
-        Some(IpAddr::from([10, 0, 0, last]))
+    fn address(a: u8, b: u8) -> Option<IpAddr> {
+        Some(IpAddr::from([10, 0, a, b]))
     }
 
     fn token(n: usize) -> [u8; 32] {
         RefusedTokens::key("contextos-gateway", &format!("made-up-{n}"))
     }
 
+    fn refused() -> Outcome {
+        Outcome::Refused("no".into())
+    }
+
+    /// Asks for `n` new tokens from `source` at once (none answered yet); those admitted.
+    fn at_once(
+        tokens: &RefusedTokens,
+        source: Option<IpAddr>,
+        first: usize,
+        n: usize,
+        now: Instant,
+    ) -> Vec<(usize, Taken)> {
+        (first..first + n)
+            .filter_map(|i| match tokens.admit_at(source, &token(i), now) {
+                Admission::Review(taken) => Some((i, taken)),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn an_address_that_keeps_sending_refused_tokens_is_throttled_and_refills() {
+    fn an_address_has_at_most_its_allowance_of_reviews_in_the_making_and_refused() {
         let tokens = RefusedTokens::default();
         let start = Instant::now();
         let burst = PER_SOURCE.burst as usize;
-        for n in 0..burst {
-            assert_eq!(
-                tokens.admit_at(address(1), &token(n), start),
-                Admission::Review,
-                "{n}"
-            );
-            tokens.record_at(address(1), token(n), Outcome::Refused("no".into()), start);
+        // A hundred at once: only the allowance is admitted, though none was refused yet.
+        let admitted = at_once(&tokens, address(0, 1), 0, 100, start);
+        assert_eq!(admitted.len(), burst);
+        for (i, taken) in admitted {
+            tokens.record_at(address(0, 1), token(i), refused(), taken, start);
         }
-        let Admission::Throttled { retry_after } = tokens.admit_at(address(1), &token(burst), start) else {
-            panic!(
-                "the {}th refused token from one address is still reviewed",
-                burst + 1
-            );
+        let Admission::Throttled { retry_after } = tokens.admit_at(address(0, 1), &token(100), start) else {
+            panic!("a refused token past the allowance is still reviewed");
         };
         assert_eq!(retry_after, Duration::from_secs(1));
         // Another address is not held back by this one.
-        assert_eq!(
-            tokens.admit_at(address(2), &token(burst), start),
-            Admission::Review
-        );
+        assert!(matches!(
+            tokens.admit_at(address(0, 2), &token(100), start),
+            Admission::Review(_)
+        ));
         // A second later the address has one more.
         let later = start + Duration::from_secs(1);
-        assert_eq!(
-            tokens.admit_at(address(1), &token(burst), later),
-            Admission::Review
-        );
+        assert!(matches!(
+            tokens.admit_at(address(0, 1), &token(100), later),
+            Admission::Review(_)
+        ));
+    }
+
+    #[test]
+    fn accepted_tokens_give_back_what_their_review_took() {
+        let tokens = RefusedTokens::default();
+        let now = Instant::now();
+        for i in 0..100 {
+            let Admission::Review(taken) = tokens.admit_at(address(0, 1), &token(i), now) else {
+                panic!("token {i} of an address whose tokens are all accepted is held back");
+            };
+            tokens.record_at(address(0, 1), token(i), Outcome::Accepted, taken, now);
+        }
+        // Unanswered reviews keep what they took.
+        for i in 100..100 + PER_SOURCE.burst as usize {
+            let Admission::Review(taken) = tokens.admit_at(address(0, 1), &token(i), now) else {
+                panic!("held back before the allowance was spent");
+            };
+            tokens.record_at(address(0, 1), token(i), Outcome::Unanswered, taken, now);
+        }
+        assert!(matches!(
+            tokens.admit_at(address(0, 1), &token(999), now),
+            Admission::Throttled { .. }
+        ));
     }
 
     #[test]
@@ -271,38 +380,55 @@ mod tests {
         let tokens = RefusedTokens::default();
         let now = Instant::now();
         let good = RefusedTokens::key("contextos-gateway", "good");
-        tokens.record_at(address(1), good, Outcome::Accepted, now);
-        tokens.record_at(address(1), token(0), Outcome::Refused("expired".into()), now);
-        assert_eq!(
-            tokens.admit_at(address(1), &token(0), now),
-            Admission::Refused("expired".into())
-        );
-        for n in 1..=PER_SOURCE.burst as usize {
-            tokens.record_at(address(1), token(n), Outcome::Refused("no".into()), now);
+        tokens.record_at(address(0, 1), good, Outcome::Accepted, Taken::default(), now);
+        for (i, taken) in at_once(&tokens, address(0, 1), 0, 100, now) {
+            tokens.record_at(
+                address(0, 1),
+                token(i),
+                Outcome::Refused(format!("expired {i}")),
+                taken,
+                now,
+            );
         }
+        assert_eq!(
+            tokens.admit_at(address(0, 1), &token(0), now),
+            Admission::Refused("expired 0".into())
+        );
         assert!(matches!(
-            tokens.admit_at(address(1), &token(999), now),
+            tokens.admit_at(address(0, 1), &token(999), now),
             Admission::Throttled { .. }
         ));
-        assert_eq!(tokens.admit_at(address(1), &good, now), Admission::Review);
+        assert_eq!(
+            tokens.admit_at(address(0, 1), &good, now),
+            Admission::Review(Taken::default())
+        );
         // Remembered only briefly: then the token is reviewed again.
         let later = now + REMEMBERED + Duration::from_secs(PER_SOURCE.burst as u64);
-        assert_eq!(tokens.admit_at(address(1), &token(0), later), Admission::Review);
+        assert!(matches!(
+            tokens.admit_at(address(0, 1), &token(0), later),
+            Admission::Review(_)
+        ));
     }
 
     #[test]
-    fn many_addresses_together_are_bounded_by_one_allowance() {
+    fn refusing_addresses_together_are_bounded_and_others_are_not_held_to_it() {
         let tokens = RefusedTokens::default();
-        let now = Instant::now();
-        let mut reviewed = 0;
-        for n in 0..1_000 {
-            let source = Some(IpAddr::from([10, 1, (n / 250) as u8, (n % 250) as u8]));
-            if tokens.admit_at(source, &token(n), now) == Admission::Review {
-                reviewed += 1;
-                tokens.record_at(source, token(n), Outcome::Refused("no".into()), now);
+        let start = Instant::now();
+        // Forty addresses each have their tokens refused.
+        for a in 0..40 {
+            for (i, taken) in at_once(&tokens, address(1, a), usize::from(a) * 100, 100, start) {
+                tokens.record_at(address(1, a), token(i), refused(), taken, start);
             }
         }
-        assert_eq!(reviewed, EVERYONE.burst as usize);
+        // Twenty seconds on, each has refilled its own allowance, but together they have only
+        // the refusing addresses' one.
+        let later = start + Duration::from_secs(20);
+        let admitted: usize = (0..40)
+            .map(|a| at_once(&tokens, address(1, a), 10_000 + usize::from(a) * 100, 100, later).len())
+            .sum();
+        assert_eq!(admitted, REFUSING.burst as usize);
+        // An address that refused nothing is not held to it: a new pod's token is reviewed.
+        assert_eq!(at_once(&tokens, address(2, 1), 50_000, 5, later).len(), 5);
     }
 
     #[test]

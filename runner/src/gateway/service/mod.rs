@@ -292,7 +292,11 @@ fn unavailable(message: impl std::fmt::Display) -> Refusal {
 
 /// A caller whose address had too many tokens refused lately.
 fn throttled(e: &AuthError) -> Refusal {
-    Refusal(StatusCode::TOO_MANY_REQUESTS, "throttled", e.to_string())
+    Refusal(
+        StatusCode::TOO_MANY_REQUESTS,
+        crate::records::store::remote::THROTTLED,
+        e.to_string(),
+    )
 }
 
 type Reply = Result<Response, Refusal>;
@@ -709,22 +713,21 @@ where
             return Err(AuthError::Missing);
         }
         let key = RefusedTokens::key(audience, token);
-        match self.refused_tokens.admit(&key) {
-            Admission::Review => {}
+        let taken = match self.refused_tokens.admit(&key) {
+            Admission::Review(taken) => taken,
             Admission::Refused(why) => return Err(AuthError::Refused(why)),
             Admission::Throttled { retry_after } => {
-                return Err(AuthError::Throttled(retry_after.as_secs().max(1)));
+                return Err(AuthError::Throttled(retry_after.as_secs_f64().ceil() as u64));
             }
-        }
+        };
         let reviewed = review.await;
-        match &reviewed {
-            Ok(_) => self.refused_tokens.record(key, Outcome::Accepted),
-            Err(AuthError::Refused(why)) => self.refused_tokens.record(key, Outcome::Refused(why.clone())),
-            Err(e @ AuthError::NotAPod(_)) => {
-                self.refused_tokens.record(key, Outcome::Refused(e.to_string()))
-            }
-            Err(_) => {}
-        }
+        let outcome = match &reviewed {
+            Ok(_) => Outcome::Accepted,
+            Err(AuthError::Refused(why)) => Outcome::Refused(why.clone()),
+            Err(e @ AuthError::NotAPod(_)) => Outcome::Refused(e.to_string()),
+            Err(_) => Outcome::Unanswered,
+        };
+        self.refused_tokens.record(key, outcome, taken);
         reviewed
     }
 

@@ -52,6 +52,10 @@ const MAX_CHAIN_BYTES: usize = 1 << 30;
 /// Attempts per request when the service cannot be reached (another replica may answer).
 const ATTEMPTS: u32 = 6;
 
+/// The code of a refusal made without looking at the caller's token, because its address had
+/// too many tokens refused lately (`gateway::refused_tokens`): asked again, it may be answered.
+pub const THROTTLED: &str = "throttled";
+
 /// One sealed entry on the wire.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WireEntry {
@@ -326,10 +330,8 @@ impl RemoteStore {
             if status.is_success() {
                 return Ok((bytes, head));
             }
-            // A replica going away answers 502/503 through the Service; try another. 429: this
-            // address had too many tokens refused lately (a neighbour sharing it, say), and
-            // its allowance refills within a second.
-            if once.is_none() && matches!(status.as_u16(), 429 | 502..=504) {
+            // A replica going away answers 502/503 through the Service; try another.
+            if once.is_none() && matches!(status.as_u16(), 502..=504) {
                 last = Some(format!("HTTP {status}"));
                 continue;
             }
@@ -337,6 +339,13 @@ impl RemoteStore {
                 error: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
                 code: "unknown".into(),
             });
+            // This address had too many tokens refused lately (a neighbour sharing it, say):
+            // its token was not looked at, and the allowance refills within a second. Other
+            // 429s (quotas, budgets) are answers, not to be asked again.
+            if once.is_none() && status.as_u16() == 429 && problem.code == THROTTLED {
+                last = Some(problem.error);
+                continue;
+            }
             return Err(RemoteError::Refused {
                 code: problem.code,
                 error: problem.error,

@@ -4,8 +4,9 @@
 //! A consent record grants or revokes, for one subject (a pseudonymous handle, never a raw
 //! identifier) and one purpose, some categories of personal data. Records are never edited: a
 //! revocation is a new record, and what is in force is read from all of them in the order they
-//! were appended — a revocation always counts, a grant counts against a revocation only if it
-//! was made after it (so one chained late never undoes it).
+//! were appended — a revocation always counts, and a grant counts against a revocation only if
+//! it was made after it or both are Consent objects (chained in the order the API server
+//! accepted them), so a grant chained late never undoes a revocation.
 //! Everything here is pure: the records come from the caller (read fresh from the store, so a
 //! revocation appended before a recall is always seen by it), and nothing is written.
 
@@ -235,26 +236,32 @@ struct Standing {
     granted: bool,
     from_ms: i64,
     until_ms: Option<i64>,
+    /// Whether it stands for a Consent object (chained in the order the API server accepted
+    /// the objects).
+    object: bool,
 }
 
 impl Standing {
-    /// Whether a record made at `at_ms`, appended after this one, replaces it. A revocation
-    /// always does: none is ever lost, whatever its time says (a Consent object's is the API
-    /// server's, to the second; a record made through the gateway has its replica's clock). A
-    /// grant replaces a revocation only if it was made strictly later — so a grant held back
-    /// while the store was away (a Consent object chained late) never undoes a revocation made
-    /// after it — and another grant if made no earlier. Where clocks or the second's rounding
-    /// leave it unclear, the revocation stands: the person can grant again.
-    fn replaced_by(&self, at_ms: i64, revokes: bool) -> bool {
-        revokes
-            || if self.granted {
-                at_ms >= self.from_ms
-            } else {
-                at_ms > self.from_ms
-            }
+    /// Whether `next`, appended after this one, replaces it. A revocation always does: none is
+    /// ever lost, whatever its time says (a record made through the gateway has its replica's
+    /// clock). Between two Consent objects the order they were appended in is the order the
+    /// API server accepted them, so the later one does. Otherwise a grant replaces a revocation
+    /// only if it was made strictly later — so a grant held back while the store was away (a
+    /// Consent object chained late, dated by the API server to the second) never undoes a
+    /// revocation made through the gateway after it — and another grant if made no earlier.
+    /// Where clocks or the second's rounding leave it unclear, the revocation stands: the
+    /// person can grant again.
+    fn replaced_by(&self, next: &Standing) -> bool {
+        if !next.granted || (self.object && next.object) {
+            return true;
+        }
+        if self.granted {
+            next.from_ms >= self.from_ms
+        } else {
+            next.from_ms > self.from_ms
+        }
     }
 }
-
 /// One subject's consents for one purpose: the newest record about each category, and when
 /// every category was last revoked at once.
 #[derive(Clone, Debug, Default)]
@@ -264,8 +271,9 @@ struct Consents {
 }
 
 /// What is in force, folded from a subject's records in the order they were appended, a grant
-/// counting against a revocation only if made after it (the API server's time for a Consent
-/// object, the gateway's for one recorded through it): see [`Standing::replaced_by`].
+/// counting against a revocation only if made after it (the gateway's time for one recorded
+/// through it, the API server's for a Consent object) or both are objects: see
+/// [`Standing::replaced_by`].
 #[derive(Clone, Debug, Default)]
 pub struct ConsentLedger {
     standing: BTreeMap<(SubjectHandle, Purpose), Consents>,
@@ -292,6 +300,10 @@ impl ConsentLedger {
             granted: !revokes,
             from_ms: record.at_ms,
             until_ms: if revokes { None } else { record.expires_at_ms },
+            object: record
+                .request_id
+                .as_deref()
+                .is_some_and(|id| id.starts_with(crate::gateway::object_chains::OBJECT_REQUEST_PREFIX)),
         };
         if revokes && record.categories.is_empty() {
             for value in consents.categories.values_mut() {
@@ -306,7 +318,7 @@ impl ConsentLedger {
                 .categories
                 .get(category)
                 .or(consents.revoked_all.as_ref());
-            if current.is_none_or(|current| current.replaced_by(record.at_ms, revokes)) {
+            if current.is_none_or(|current| current.replaced_by(&standing)) {
                 consents.categories.insert(category.clone(), standing.clone());
             }
         }
@@ -602,8 +614,20 @@ mod tests {
         let revoke_phone = record(ConsentAction::Revoke, &[Category::Phone], 11 * HOUR);
         let revoke_all = record(ConsentAction::Revoke, &[], 12 * HOUR);
         let regrant = record(ConsentAction::Grant, &[Category::Email], 13 * HOUR);
+        let revoke_phone_noon = record(ConsentAction::Revoke, &[Category::Phone], 12 * HOUR);
         let grant_phone_early = record(ConsentAction::Grant, &[Category::Phone], 11 * HOUR);
         let revoke_at_grant = record(ConsentAction::Revoke, &[], 10 * HOUR);
+        // Two Consent objects in the same second: chained in the order the API server took them.
+        let object = |action, categories: &[Category], id: &str| ConsentRecord {
+            request_id: Some(format!("object.{id}")),
+            ..record(action, categories, 12 * HOUR)
+        };
+        let object_revoke = object(ConsentAction::Revoke, &[Category::Phone], "1");
+        let object_grant = object(ConsentAction::Grant, &[Category::Phone], "2");
+        let object_grant_late = ConsentRecord {
+            at_ms: 11 * HOUR,
+            ..object(ConsentAction::Grant, &[Category::Phone], "3")
+        };
         let cases: Vec<(&str, Vec<&ConsentRecord>, i64, BTreeSet<Category>)> = vec![
             ("no record", vec![], 11 * HOUR, both.clone()),
             ("granted", vec![&grant], 11 * HOUR, BTreeSet::new()),
@@ -652,6 +676,18 @@ mod tests {
                 vec![&regrant, &revoke_all],
                 14 * HOUR,
                 both.clone(),
+            ),
+            (
+                "objects revoking then granting in the same second",
+                vec![&object_revoke, &object_grant],
+                13 * HOUR,
+                [Category::Email].into_iter().collect(),
+            ),
+            (
+                "an object granting chained late after a revocation through the gateway",
+                vec![&revoke_phone_noon, &object_grant_late],
+                13 * HOUR,
+                [Category::Email, Category::Phone].into_iter().collect(),
             ),
             (
                 "renewed in the same millisecond",

@@ -19,7 +19,10 @@ use k8s_openapi::api::{
 use kube::{Api, Client, api::PostParams};
 use sha2::{Digest as _, Sha256};
 
-use super::identity::{AuthError, authenticated};
+use super::{
+    allowance::Allowance,
+    identity::{AuthError, authenticated},
+};
 
 /// The permission a reader needs in a namespace: `get` on this subresource of Sessions.
 pub const RECORDS_GROUP: &str = "contextos.dev";
@@ -38,6 +41,13 @@ pub const READER_AUDIENCE: &str = "contextos-records";
 const REVIEW_TTL: Duration = Duration::from_secs(10);
 /// Reviews remembered at most (then the memory starts over).
 const REVIEW_CACHE: usize = 4096;
+/// Access reviews one person may have in the making or denied at once, and how fast that
+/// refills. A person with a valid token naming namespace after namespace (or agent after agent)
+/// would otherwise have the gateway ask the API server about each; answers that allow give
+/// theirs back, so someone reading what they may read is never held back.
+const ACCESS_REVIEWS: Allowance = Allowance::full(50.0, 5.0);
+/// People whose access reviews are counted at most; past that, the rest share one allowance.
+const MAX_PEOPLE: usize = 4096;
 
 /// A reader, as the API server vouches for them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -245,6 +255,46 @@ impl<K: std::hash::Hash + Eq, V: Clone> Reviews<K, V> {
     }
 }
 
+/// Each person's allowance of access reviews (see [`ACCESS_REVIEWS`]).
+#[derive(Default)]
+struct AccessAllowances {
+    people: Mutex<HashMap<String, Allowance>>,
+}
+
+impl AccessAllowances {
+    /// Takes one of `person`'s, or says how long until there is one.
+    fn take(&self, person: &str, now: Instant) -> Result<(), Duration> {
+        let Ok(mut people) = self.people.lock() else {
+            return Ok(());
+        };
+        match Self::entry(&mut people, person, now).take(now) {
+            Some(wait) => Err(wait),
+            None => Ok(()),
+        }
+    }
+
+    fn give_back(&self, person: &str, now: Instant) {
+        if let Ok(mut people) = self.people.lock() {
+            Self::entry(&mut people, person, now).give_back();
+        }
+    }
+
+    fn entry<'a>(
+        people: &'a mut HashMap<String, Allowance>,
+        person: &str,
+        now: Instant,
+    ) -> &'a mut Allowance {
+        let key = if people.len() >= MAX_PEOPLE && !people.contains_key(person) {
+            // People whose allowance has refilled are no different from new ones.
+            people.retain(|_, allowance| !allowance.is_full(now));
+            if people.len() >= MAX_PEOPLE { "" } else { person }
+        } else {
+            person
+        };
+        people.entry(key.to_owned()).or_insert(ACCESS_REVIEWS)
+    }
+}
+
 /// The API server's TokenReview and SubjectAccessReview, each remembered briefly.
 pub struct ApiServerReaders {
     client: Client,
@@ -252,6 +302,7 @@ pub struct ApiServerReaders {
     access: Reviews<(Reader, String, Access), bool>,
     invoke: Reviews<(Reader, String, String), bool>,
     a2a_tokens: Reviews<[u8; 32], Reader>,
+    allowances: AccessAllowances,
 }
 
 impl std::fmt::Debug for ApiServerReaders {
@@ -268,6 +319,7 @@ impl ApiServerReaders {
             access: Reviews::new(),
             invoke: Reviews::new(),
             a2a_tokens: Reviews::new(),
+            allowances: AccessAllowances::default(),
         }
     }
 }
@@ -330,7 +382,7 @@ impl ReaderAuthority for ApiServerReaders {
             return Ok(allowed);
         }
         let allowed = self
-            .review_access(&access_review(reader, namespace, access))
+            .review_within_allowance(reader, &access_review(reader, namespace, access))
             .await?;
         self.access.put(key, allowed);
         Ok(allowed)
@@ -342,7 +394,7 @@ impl ReaderAuthority for ApiServerReaders {
             return Ok(allowed);
         }
         let allowed = self
-            .review_access(&invoke_review(reader, namespace, agent))
+            .review_within_allowance(reader, &invoke_review(reader, namespace, agent))
             .await?;
         self.invoke.put(key, allowed);
         Ok(allowed)
@@ -350,6 +402,23 @@ impl ReaderAuthority for ApiServerReaders {
 }
 
 impl ApiServerReaders {
+    /// [`ApiServerReaders::review_access`], within `reader`'s allowance of reviews that do not
+    /// allow (taken before asking, given back if the answer allows).
+    async fn review_within_allowance(
+        &self,
+        reader: &Reader,
+        review: &SubjectAccessReview,
+    ) -> Result<bool, AuthError> {
+        self.allowances
+            .take(&reader.username, Instant::now())
+            .map_err(|wait| AuthError::Throttled(wait.as_secs_f64().ceil() as u64))?;
+        let allowed = self.review_access(review).await;
+        if matches!(allowed, Ok(true)) {
+            self.allowances.give_back(&reader.username, Instant::now());
+        }
+        allowed
+    }
+
     async fn review_access(&self, review: &SubjectAccessReview) -> Result<bool, AuthError> {
         let reviewed = Api::<SubjectAccessReview>::all(self.client.clone())
             .create(&PostParams::default(), review)
@@ -433,6 +502,88 @@ mod tests {
     use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
 
     use super::*;
+
+    /// An API server answering only SubjectAccessReviews — allowed in namespaces named `ok-…`,
+    /// denied elsewhere — and counting them; the readers asking it.
+    async fn readers_asking_a_counting_api_server()
+    -> (ApiServerReaders, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::{Arc, atomic::AtomicUsize, atomic::Ordering};
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
+        let answer = move |axum::Json(mut review): axum::Json<serde_json::Value>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let namespace = review["spec"]["resourceAttributes"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            review["status"] = serde_json::json!({"allowed": namespace.starts_with("ok-")});
+            async move { axum::Json(review) }
+        };
+        let app = axum::Router::new().route(
+            "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+            axum::routing::post(answer),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let config = kube::Config::new(url.parse().expect("url"));
+        let client = Client::try_from(config).expect("client");
+        (ApiServerReaders::new(client), asked)
+    }
+
+    fn person(name: &str) -> Reader {
+        Reader {
+            username: name.to_owned(),
+            uid: String::new(),
+            groups: Vec::new(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_person_naming_namespace_after_namespace_causes_a_bounded_number_of_access_reviews() {
+        use std::sync::atomic::Ordering;
+        let (readers, asked) = readers_asking_a_counting_api_server().await;
+        let mallory = person("mallory@example.com");
+        let mut throttled = 0;
+        for n in 0..200 {
+            match readers
+                .may(&mallory, &format!("team-{n}"), Access::ReadRecords)
+                .await
+            {
+                Ok(false) => {}
+                Err(AuthError::Throttled(_)) => throttled += 1,
+                other => panic!("namespace team-{n}: {other:?}"),
+            }
+        }
+        let burst = ACCESS_REVIEWS.burst() as usize;
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            burst,
+            "reviews asked of the API server"
+        );
+        assert_eq!(throttled, 200 - burst);
+        // Agents to invoke share the allowance.
+        assert!(matches!(
+            readers.may_invoke(&mallory, "team-999", "sre-agent").await,
+            Err(AuthError::Throttled(_))
+        ));
+        // Another person is not held back, and answers that allow give theirs back: someone
+        // reading what they may read is never throttled.
+        let audra = person("audra@example.com");
+        for n in 0..200 {
+            assert!(
+                matches!(
+                    readers.may(&audra, &format!("ok-{n}"), Access::ReadRecords).await,
+                    Ok(true)
+                ),
+                "namespace ok-{n}"
+            );
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), burst + 200);
+    }
 
     fn review(authenticated: bool, user: Option<&str>) -> TokenReview {
         TokenReview {

@@ -29,6 +29,8 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 
+use super::allowance::Allowance;
+
 /// How long an outcome is remembered (as long as the reviews themselves are cached), and how
 /// long an address counts as one that had a token refused.
 const REMEMBERED: Duration = Duration::from_secs(30);
@@ -243,55 +245,6 @@ fn source_entry(
     sources.entry(source).or_insert(Source::NEW)
 }
 
-/// A token bucket: reviews that may still be in the making or refused, refilled at a steady
-/// rate.
-#[derive(Clone, Copy, Debug)]
-struct Allowance {
-    left: f64,
-    burst: f64,
-    per_second: f64,
-    at: Option<Instant>,
-}
-
-impl Allowance {
-    const fn full(burst: f64, per_second: f64) -> Self {
-        Self {
-            left: burst,
-            burst,
-            per_second,
-            at: None,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        if let Some(at) = self.at {
-            let grown = now.saturating_duration_since(at).as_secs_f64() * self.per_second;
-            self.left = (self.left + grown).min(self.burst);
-        }
-        self.at = Some(now);
-    }
-
-    /// Takes one, or says how long until there is one.
-    fn take(&mut self, now: Instant) -> Option<Duration> {
-        self.refill(now);
-        if self.left < 1.0 {
-            return Some(Duration::from_secs_f64((1.0 - self.left) / self.per_second));
-        }
-        self.left -= 1.0;
-        None
-    }
-
-    fn give_back(&mut self) {
-        self.left = (self.left + 1.0).min(self.burst);
-    }
-
-    fn is_full(&self, now: Instant) -> bool {
-        let mut copy = *self;
-        copy.refill(now);
-        copy.left >= copy.burst
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,7 +281,7 @@ mod tests {
     fn an_address_has_at_most_its_allowance_of_reviews_in_the_making_and_refused() {
         let tokens = RefusedTokens::default();
         let start = Instant::now();
-        let burst = PER_SOURCE.burst as usize;
+        let burst = PER_SOURCE.burst() as usize;
         // A hundred at once: only the allowance is admitted, though none was refused yet.
         let admitted = at_once(&tokens, address(0, 1), 0, 100, start);
         assert_eq!(admitted.len(), burst);
@@ -363,7 +316,7 @@ mod tests {
             tokens.record_at(address(0, 1), token(i), Outcome::Accepted, taken, now);
         }
         // Unanswered reviews keep what they took.
-        for i in 100..100 + PER_SOURCE.burst as usize {
+        for i in 100..100 + PER_SOURCE.burst() as usize {
             let Admission::Review(taken) = tokens.admit_at(address(0, 1), &token(i), now) else {
                 panic!("held back before the allowance was spent");
             };
@@ -403,7 +356,7 @@ mod tests {
             Admission::Review(Taken::default())
         );
         // Remembered only briefly: then the token is reviewed again.
-        let later = now + REMEMBERED + Duration::from_secs(PER_SOURCE.burst as u64);
+        let later = now + REMEMBERED + Duration::from_secs(PER_SOURCE.burst() as u64);
         assert!(matches!(
             tokens.admit_at(address(0, 1), &token(0), later),
             Admission::Review(_)
@@ -426,7 +379,7 @@ mod tests {
         let admitted: usize = (0..40)
             .map(|a| at_once(&tokens, address(1, a), 10_000 + usize::from(a) * 100, 100, later).len())
             .sum();
-        assert_eq!(admitted, REFUSING.burst as usize);
+        assert_eq!(admitted, REFUSING.burst() as usize);
         // An address that refused nothing is not held to it: a new pod's token is reviewed.
         assert_eq!(at_once(&tokens, address(2, 1), 50_000, 5, later).len(), 5);
     }

@@ -209,6 +209,9 @@ where
                 )
             })?;
         let allowed = self.auth.may_invoke(&caller, namespace, agent).await.map_err(|e| {
+            if let crate::gateway::identity::AuthError::Throttled(_) = e {
+                return super::throttled(&e);
+            }
             tracing::warn!(error = %e, user = %caller.username, %namespace, %agent, "cannot review an A2A caller");
             unavailable("the gateway cannot ask the API server whether you may call this agent now; try again")
         })?;

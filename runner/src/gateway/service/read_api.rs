@@ -82,6 +82,9 @@ where
         }
         let person = self.person(headers).await?;
         let allowed = self.auth.may(&person, namespace.as_str(), access).await.map_err(|e| {
+            if let AuthError::Throttled(_) = e {
+                return super::throttled(&e);
+            }
             // The API server's own answer stays in the gateway's log.
             tracing::warn!(error = %e, user = %person.username, %namespace, ?access, "cannot review a person's request");
             Refusal(

@@ -624,6 +624,7 @@ mod tests {
         };
         let object_revoke = object(ConsentAction::Revoke, &[Category::Phone], "1");
         let object_grant = object(ConsentAction::Grant, &[Category::Phone], "2");
+        let object_revoke_all = object(ConsentAction::Revoke, &[], "4");
         let object_grant_late = ConsentRecord {
             at_ms: 11 * HOUR,
             ..object(ConsentAction::Grant, &[Category::Phone], "3")
@@ -688,6 +689,24 @@ mod tests {
                 vec![&revoke_phone_noon, &object_grant_late],
                 13 * HOUR,
                 [Category::Email, Category::Phone].into_iter().collect(),
+            ),
+            (
+                "objects: a blanket revocation, then a grant of a category not named before",
+                vec![&object_revoke_all, &object_grant],
+                13 * HOUR,
+                [Category::Email].into_iter().collect(),
+            ),
+            (
+                "an object granting in the second of a blanket revocation through the gateway",
+                vec![&revoke_all, &object_grant],
+                13 * HOUR,
+                both.clone(),
+            ),
+            (
+                "a grant through the gateway after an object's blanket revocation",
+                vec![&object_revoke_all, &regrant],
+                14 * HOUR,
+                [Category::Phone].into_iter().collect(),
             ),
             (
                 "renewed in the same millisecond",

@@ -1,9 +1,10 @@
 //! Consent objects — the `Consent` kind, applied with `kubectl` or from Git — chained into their
 //! subjects' consent histories (see [`super::object_chains`]): each is appended to its
 //! subject's chain in that namespace's store, signed with the tenant's key, and dated by the API
-//! server (its creation time): what is in force is the latest decision by that date, so an object
-//! chained late, while the store was away, never undoes a revocation made after it. Withdrawing
-//! consent is a new Consent with `action: revoke`.
+//! server (its creation time). Between objects, the later chained counts; against a record made
+//! through the gateway a grant counts only if dated after it (see `consent::ConsentLedger`), so
+//! an object chained late, while the store was away, never undoes a revocation made after it.
+//! Withdrawing consent is a new Consent with `action: revoke`.
 
 use std::sync::Arc;
 
@@ -69,6 +70,13 @@ pub fn record_of(consent: &Consent) -> Result<ConsentRecord, String> {
 }
 
 impl ChainedObject for Consent {
+    fn within_second(&self) -> u8 {
+        match self.spec.action {
+            ObjectAction::Grant => 0,
+            ObjectAction::Revoke => 1,
+        }
+    }
+
     fn decided(&self) -> bool {
         self.status
             .as_ref()

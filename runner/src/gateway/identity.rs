@@ -58,6 +58,10 @@ pub enum AuthError {
         "too many tokens from your address are being reviewed or were refused lately: this one was not reviewed; try again in {0} s"
     )]
     Throttled(u64),
+    #[error(
+        "you asked about too many namespaces or agents you may not use lately: this one was not looked at; try again in {0} s"
+    )]
+    AccessThrottled(u64),
 }
 
 /// Turns a bearer token into a verified pod identity.

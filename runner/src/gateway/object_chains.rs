@@ -2,8 +2,10 @@
 //! chain in the record store: Consents (a subject's consent history) and Feedback (a run's
 //! corrections). Every replica watches them in every namespace and appends each new one once
 //! (its uid is the request id, so the chain holds it once however many replicas try), then says
-//! so on its status (`Recorded`, and `Ready` for `kubectl wait` and kstatus). Objects listed at
-//! start are appended in the order the API server accepted them. Their specs never change
+//! so on its status (`Recorded`, and `Ready` for `kubectl wait` and kstatus). Objects watched
+//! are appended in the order the API server accepted them; objects listed at start (or after
+//! the watch was lost) by their creation time, which is to the second (see
+//! [`ChainedObject::within_second`]). Their specs never change
 //! (admission refuses it), and deleting one does not undo what it recorded.
 
 use std::{fmt::Debug, future::Future, sync::Arc, time::Duration};
@@ -52,6 +54,13 @@ pub trait ChainedObject:
     + Sync
     + 'static
 {
+    /// Where it goes among objects created in the same second, when a listing is chained (the
+    /// API server dates objects to the second, and lists them by name): lower first. A Consent
+    /// revocation goes after grants, so where the order is unclear the revocation stands.
+    fn within_second(&self) -> u8 {
+        0
+    }
+
     /// Whether its status already says what became of it (appended, or refused for good: its
     /// spec cannot change, so neither can the answer). Only a hint: appending it again finds
     /// its record by request id and appends nothing.
@@ -107,11 +116,13 @@ pub async fn chain_objects<K: ChainedObject, S: RecordStore>(
             Ok(watcher::Event::InitApply(object)) => listed.push(object),
             Ok(watcher::Event::InitDone) => {
                 let mut batch = std::mem::take(&mut listed);
-                // The API server lists by name; what was accepted first is chained first.
+                // The API server lists by name; what was accepted first is chained first (to the
+                // second: within one, as `within_second` says, then by name).
                 batch.sort_by(|a, b| {
                     a.meta()
                         .creation_timestamp
                         .cmp(&b.meta().creation_timestamp)
+                        .then_with(|| a.within_second().cmp(&b.within_second()))
                         .then_with(|| a.meta().namespace.cmp(&b.meta().namespace))
                         .then_with(|| a.name_any().cmp(&b.name_any()))
                 });

@@ -46,6 +46,12 @@ const REVIEW_CACHE: usize = 4096;
 /// would otherwise have the gateway ask the API server about each; answers that allow give
 /// theirs back, so someone reading what they may read is never held back.
 const ACCESS_REVIEWS: Allowance = Allowance::full(50.0, 5.0);
+/// The same for all people who had an access review denied lately, together: many identities
+/// (service accounts are cheap to make) cost the API server no more than this. People with no
+/// denial lately are not held to it.
+const DENIED_PEOPLE: Allowance = Allowance::full(500.0, 50.0);
+/// How long a person counts as one who had an access review denied.
+const DENIED_LATELY: Duration = Duration::from_secs(30);
 /// People whose access reviews are counted at most; past that, the rest share one allowance.
 const MAX_PEOPLE: usize = 4096;
 
@@ -255,43 +261,111 @@ impl<K: std::hash::Hash + Eq, V: Clone> Reviews<K, V> {
     }
 }
 
-/// Each person's allowance of access reviews (see [`ACCESS_REVIEWS`]).
-#[derive(Default)]
+/// Each person's allowance of access reviews (see [`ACCESS_REVIEWS`]), and the one people who
+/// had a review denied lately share (see [`DENIED_PEOPLE`]).
 struct AccessAllowances {
-    people: Mutex<HashMap<String, Allowance>>,
+    people: Mutex<HashMap<String, Person>>,
+    denied: Mutex<Allowance>,
+}
+
+/// One person's allowance, and when they last had an access review denied.
+#[derive(Clone, Copy, Debug)]
+struct Person {
+    allowance: Allowance,
+    denied_at: Option<Instant>,
+}
+
+impl Person {
+    fn denied_lately(&self, now: Instant) -> bool {
+        self.denied_at
+            .is_some_and(|at| now.saturating_duration_since(at) < DENIED_LATELY)
+    }
+}
+
+/// What a review took, given back if its answer allows.
+#[derive(Debug)]
+struct TakenReview {
+    /// Whose allowance it was taken from (the shared one's key past [`MAX_PEOPLE`]).
+    key: String,
+    denied: bool,
+}
+
+impl Default for AccessAllowances {
+    fn default() -> Self {
+        Self {
+            people: Mutex::default(),
+            denied: Mutex::new(DENIED_PEOPLE),
+        }
+    }
 }
 
 impl AccessAllowances {
-    /// Takes one of `person`'s, or says how long until there is one.
-    fn take(&self, person: &str, now: Instant) -> Result<(), Duration> {
+    /// Takes one of `person`'s (and of the shared one, if they had a review denied lately), or
+    /// says how long until there is one.
+    fn take(&self, person: &str, now: Instant) -> Result<TakenReview, Duration> {
         let Ok(mut people) = self.people.lock() else {
-            return Ok(());
+            return Ok(TakenReview {
+                key: person.to_owned(),
+                denied: false,
+            });
         };
-        match Self::entry(&mut people, person, now).take(now) {
-            Some(wait) => Err(wait),
-            None => Ok(()),
+        let (key, entry) = Self::entry(&mut people, person, now);
+        if let Some(wait) = entry.allowance.take(now) {
+            return Err(wait);
+        }
+        if !entry.denied_lately(now) {
+            return Ok(TakenReview { key, denied: false });
+        }
+        match self.denied.lock().map(|mut shared| shared.take(now)) {
+            Ok(Some(wait)) => {
+                entry.allowance.give_back();
+                Err(wait)
+            }
+            _ => Ok(TakenReview { key, denied: true }),
         }
     }
 
-    fn give_back(&self, person: &str, now: Instant) {
-        if let Ok(mut people) = self.people.lock() {
-            Self::entry(&mut people, person, now).give_back();
+    /// After the review `taken`: an answer that allows gives back what it took, a denial marks
+    /// the person as denied lately (no answer keeps what it took: asking cost all the same).
+    fn after(&self, taken: &TakenReview, allowed: Option<bool>, now: Instant) {
+        let Ok(mut people) = self.people.lock() else {
+            return;
+        };
+        let Some(entry) = people.get_mut(&taken.key) else {
+            return;
+        };
+        match allowed {
+            Some(true) => {
+                entry.allowance.give_back();
+                if taken.denied
+                    && let Ok(mut shared) = self.denied.lock()
+                {
+                    shared.give_back();
+                }
+            }
+            Some(false) => entry.denied_at = Some(now),
+            None => {}
         }
     }
 
     fn entry<'a>(
-        people: &'a mut HashMap<String, Allowance>,
+        people: &'a mut HashMap<String, Person>,
         person: &str,
         now: Instant,
-    ) -> &'a mut Allowance {
+    ) -> (String, &'a mut Person) {
         let key = if people.len() >= MAX_PEOPLE && !people.contains_key(person) {
-            // People whose allowance has refilled are no different from new ones.
-            people.retain(|_, allowance| !allowance.is_full(now));
+            // People whose allowance has refilled and who were denied nothing lately are no
+            // different from new ones.
+            people.retain(|_, p| !p.allowance.is_full(now) || p.denied_lately(now));
             if people.len() >= MAX_PEOPLE { "" } else { person }
         } else {
             person
         };
-        people.entry(key.to_owned()).or_insert(ACCESS_REVIEWS)
+        let entry = people.entry(key.to_owned()).or_insert(Person {
+            allowance: ACCESS_REVIEWS,
+            denied_at: None,
+        });
+        (key.to_owned(), entry)
     }
 }
 
@@ -403,19 +477,19 @@ impl ReaderAuthority for ApiServerReaders {
 
 impl ApiServerReaders {
     /// [`ApiServerReaders::review_access`], within `reader`'s allowance of reviews that do not
-    /// allow (taken before asking, given back if the answer allows).
+    /// allow (taken before asking, given back if the answer allows; see [`AccessAllowances`]).
     async fn review_within_allowance(
         &self,
         reader: &Reader,
         review: &SubjectAccessReview,
     ) -> Result<bool, AuthError> {
-        self.allowances
+        let taken = self
+            .allowances
             .take(&reader.username, Instant::now())
-            .map_err(|wait| AuthError::Throttled(wait.as_secs_f64().ceil() as u64))?;
+            .map_err(|wait| AuthError::AccessThrottled(wait.as_secs_f64().ceil() as u64))?;
         let allowed = self.review_access(review).await;
-        if matches!(allowed, Ok(true)) {
-            self.allowances.give_back(&reader.username, Instant::now());
-        }
+        self.allowances
+            .after(&taken, allowed.as_ref().ok().copied(), Instant::now());
         allowed
     }
 
@@ -547,6 +621,7 @@ mod tests {
         use std::sync::atomic::Ordering;
         let (readers, asked) = readers_asking_a_counting_api_server().await;
         let mallory = person("mallory@example.com");
+        let started = Instant::now();
         let mut throttled = 0;
         for n in 0..200 {
             match readers
@@ -554,22 +629,30 @@ mod tests {
                 .await
             {
                 Ok(false) => {}
-                Err(AuthError::Throttled(_)) => throttled += 1,
+                Err(AuthError::AccessThrottled(_)) => throttled += 1,
                 other => panic!("namespace team-{n}: {other:?}"),
             }
         }
+        // What refilled while they were asked (five a second) may have been asked too.
         let burst = ACCESS_REVIEWS.burst() as usize;
-        assert_eq!(
-            asked.load(Ordering::SeqCst),
-            burst,
-            "reviews asked of the API server"
+        let refilled = (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+        let denied = asked.load(Ordering::SeqCst);
+        assert!(
+            (burst..=burst + refilled).contains(&denied),
+            "{denied} reviews asked of the API server for 200 namespaces"
         );
-        assert_eq!(throttled, 200 - burst);
+        assert_eq!(throttled, 200 - denied);
         // Agents to invoke share the allowance.
-        assert!(matches!(
-            readers.may_invoke(&mallory, "team-999", "sre-agent").await,
-            Err(AuthError::Throttled(_))
-        ));
+        let mut invoked = 0;
+        while !matches!(
+            readers
+                .may_invoke(&mallory, "team-999", &format!("agent-{invoked}"))
+                .await,
+            Err(AuthError::AccessThrottled(_))
+        ) {
+            invoked += 1;
+            assert!(invoked < 10, "may_invoke is not held to the allowance");
+        }
         // Another person is not held back, and answers that allow give theirs back: someone
         // reading what they may read is never throttled.
         let audra = person("audra@example.com");
@@ -582,7 +665,31 @@ mod tests {
                 "namespace ok-{n}"
             );
         }
-        assert_eq!(asked.load(Ordering::SeqCst), burst + 200);
+        assert_eq!(asked.load(Ordering::SeqCst), denied + invoked + 200);
+    }
+
+    #[test]
+    fn people_denied_lately_share_one_allowance_and_others_are_not_held_to_it() {
+        let allowances = AccessAllowances::default();
+        let now = Instant::now();
+        let who = |n: usize| format!("system:serviceaccount:mallory:sa-{n}");
+        // Forty identities each have one review denied: now they are people denied lately.
+        for n in 0..40 {
+            let taken = allowances.take(&who(n), now).expect("a first review");
+            allowances.after(&taken, Some(false), now);
+        }
+        // Each has 49 of its own left, but together they have the shared allowance.
+        let mut reviewed = 0;
+        for n in 0..40 {
+            while let Ok(taken) = allowances.take(&who(n), now) {
+                allowances.after(&taken, Some(false), now);
+                reviewed += 1;
+            }
+        }
+        assert_eq!(reviewed, DENIED_PEOPLE.burst() as usize);
+        // Someone denied nothing lately is not held to it.
+        let taken = allowances.take("audra@example.com", now).expect("not held back");
+        allowances.after(&taken, Some(true), now);
     }
 
     fn review(authenticated: bool, user: Option<&str>) -> TokenReview {

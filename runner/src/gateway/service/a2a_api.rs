@@ -209,7 +209,7 @@ where
                 )
             })?;
         let allowed = self.auth.may_invoke(&caller, namespace, agent).await.map_err(|e| {
-            if let crate::gateway::identity::AuthError::Throttled(_) = e {
+            if let crate::gateway::identity::AuthError::AccessThrottled(_) = e {
                 return super::throttled(&e);
             }
             tracing::warn!(error = %e, user = %caller.username, %namespace, %agent, "cannot review an A2A caller");

@@ -350,7 +350,7 @@ async fn read_body(body: axum::body::Body, max: usize) -> Result<axum::body::Byt
 fn not_authenticated(e: AuthError, needs: &str) -> Refusal {
     match e {
         AuthError::Unavailable(_) => unavailable(&e),
-        AuthError::Throttled(_) => throttled(&e),
+        AuthError::Throttled(_) | AuthError::AccessThrottled(_) => throttled(&e),
         AuthError::Missing => Refusal(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",

@@ -82,7 +82,7 @@ where
         }
         let person = self.person(headers).await?;
         let allowed = self.auth.may(&person, namespace.as_str(), access).await.map_err(|e| {
-            if let AuthError::Throttled(_) = e {
+            if let AuthError::AccessThrottled(_) = e {
                 return super::throttled(&e);
             }
             // The API server's own answer stays in the gateway's log.

@@ -52,8 +52,9 @@ const MAX_CHAIN_BYTES: usize = 1 << 30;
 /// Attempts per request when the service cannot be reached (another replica may answer).
 const ATTEMPTS: u32 = 6;
 
-/// The code of a refusal made without looking at the caller's token, because its address had
-/// too many tokens refused lately (`gateway::refused_tokens`): asked again, it may be answered.
+/// The code of a refusal made before the caller's request was looked at — its address had too
+/// many tokens refused lately (`gateway::refused_tokens`), or the person too many access
+/// reviews denied (`gateway::readers`): asked again a little later, it may be answered.
 pub const THROTTLED: &str = "throttled";
 
 /// One sealed entry on the wire.
@@ -339,10 +340,11 @@ impl RemoteStore {
                 error: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
                 code: "unknown".into(),
             });
-            // This address had too many tokens refused lately (a neighbour sharing it, say):
-            // its token was not looked at, and the allowance refills within a second. Other
-            // 429s (quotas, budgets) are answers, not to be asked again.
-            if once.is_none() && status.as_u16() == 429 && problem.code == THROTTLED {
+            // Throttled before the request was looked at (a neighbour sharing this address, say),
+            // and the allowance refills within a second: asked again, but the last refusal is
+            // said as it is. Other 429s (quotas, budgets) are answers, not to be asked again.
+            if once.is_none() && status.as_u16() == 429 && problem.code == THROTTLED && attempt + 1 < ATTEMPTS
+            {
                 last = Some(problem.error);
                 continue;
             }

@@ -290,7 +290,8 @@ fn unavailable(message: impl std::fmt::Display) -> Refusal {
     )
 }
 
-/// A caller whose address had too many tokens refused lately.
+/// A request refused before it was looked at: its address had too many tokens refused lately,
+/// or its person too many access reviews denied.
 fn throttled(e: &AuthError) -> Refusal {
     Refusal(
         StatusCode::TOO_MANY_REQUESTS,

@@ -261,7 +261,13 @@ impl Standing {
             next.from_ms > self.from_ms
         }
     }
+
+    /// Whether it grants at `now_ms`: a grant, made by then, not expired.
+    fn grants_at(&self, now_ms: i64) -> bool {
+        self.granted && self.from_ms <= now_ms && self.until_ms.is_none_or(|u| now_ms < u)
+    }
 }
+
 /// One subject's consents for one purpose: the newest record about each category, and when
 /// every category was last revoked at once.
 #[derive(Clone, Debug, Default)]
@@ -330,7 +336,7 @@ impl ConsentLedger {
             .get(&(subject.clone(), purpose.clone()))
             .into_iter()
             .flat_map(|consents| &consents.categories)
-            .filter(|(_, s)| s.granted && s.from_ms <= now_ms && s.until_ms.is_none_or(|u| now_ms < u))
+            .filter(|(_, s)| s.grants_at(now_ms))
             .map(|(category, _)| category.clone())
             .collect()
     }
@@ -350,9 +356,7 @@ impl ConsentLedger {
             .filter(|category| {
                 !standing
                     .and_then(|s| s.categories.get(*category))
-                    .is_some_and(|s| {
-                        s.granted && s.from_ms <= now_ms && s.until_ms.is_none_or(|u| now_ms < u)
-                    })
+                    .is_some_and(|s| s.grants_at(now_ms))
             })
             .cloned()
             .collect()
@@ -603,7 +607,7 @@ mod tests {
     }
 
     #[test]
-    fn the_latest_decision_about_a_category_is_in_force_whatever_order_it_was_appended_in() {
+    fn a_revocation_always_counts_and_a_grant_only_if_made_after_it_or_both_are_objects() {
         let email: BTreeSet<Category> = [Category::Email].into_iter().collect();
         let both: BTreeSet<Category> = [Category::Email, Category::Phone].into_iter().collect();
         let grant = record(
@@ -649,7 +653,7 @@ mod tests {
                 both.clone(),
             ),
             (
-                "one revocation appended late",
+                "a grant appended after a later revocation of one category",
                 vec![&revoke_phone, &grant],
                 13 * HOUR,
                 [Category::Phone].into_iter().collect(),

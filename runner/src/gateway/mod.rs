@@ -5,7 +5,7 @@
 
 pub mod a2a_server;
 pub mod adapters;
-mod allowance;
+pub mod allowance;
 pub mod approvals;
 pub mod bundle;
 pub mod capabilities;

@@ -5,8 +5,8 @@
 //! so on its status (`Recorded`, and `Ready` for `kubectl wait` and kstatus). Objects watched
 //! are appended in the order the API server accepted them; objects listed at start (or after
 //! the watch was lost) by their creation time, which is to the second (see
-//! [`ChainedObject::within_second`]). Their specs never change
-//! (admission refuses it), and deleting one does not undo what it recorded.
+//! [`ChainedObject::within_second`]). Their specs never change (admission refuses it), and
+//! deleting one does not undo what it recorded.
 
 use std::{fmt::Debug, future::Future, sync::Arc, time::Duration};
 

@@ -20,7 +20,7 @@ use kube::{Api, Client, api::PostParams};
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    allowance::Allowance,
+    allowance::{Allowance, Allowances, Went},
     identity::{AuthError, authenticated},
 };
 
@@ -261,112 +261,10 @@ impl<K: std::hash::Hash + Eq, V: Clone> Reviews<K, V> {
     }
 }
 
-/// Each person's allowance of access reviews (see [`ACCESS_REVIEWS`]), and the one people who
-/// had a review denied lately share (see [`DENIED_PEOPLE`]).
-struct AccessAllowances {
-    people: Mutex<HashMap<String, Person>>,
-    denied: Mutex<Allowance>,
-}
-
-/// One person's allowance, and when they last had an access review denied.
-#[derive(Clone, Copy, Debug)]
-struct Person {
-    allowance: Allowance,
-    denied_at: Option<Instant>,
-}
-
-impl Person {
-    fn denied_lately(&self, now: Instant) -> bool {
-        self.denied_at
-            .is_some_and(|at| now.saturating_duration_since(at) < DENIED_LATELY)
-    }
-}
-
-/// What a review took, given back if its answer allows.
-#[derive(Debug)]
-struct TakenReview {
-    /// Whose allowance it was taken from (the shared one's key past [`MAX_PEOPLE`]).
-    key: String,
-    denied: bool,
-}
-
-impl Default for AccessAllowances {
-    fn default() -> Self {
-        Self {
-            people: Mutex::default(),
-            denied: Mutex::new(DENIED_PEOPLE),
-        }
-    }
-}
-
-impl AccessAllowances {
-    /// Takes one of `person`'s (and of the shared one, if they had a review denied lately), or
-    /// says how long until there is one.
-    fn take(&self, person: &str, now: Instant) -> Result<TakenReview, Duration> {
-        let Ok(mut people) = self.people.lock() else {
-            return Ok(TakenReview {
-                key: person.to_owned(),
-                denied: false,
-            });
-        };
-        let (key, entry) = Self::entry(&mut people, person, now);
-        if let Some(wait) = entry.allowance.take(now) {
-            return Err(wait);
-        }
-        if !entry.denied_lately(now) {
-            return Ok(TakenReview { key, denied: false });
-        }
-        match self.denied.lock().map(|mut shared| shared.take(now)) {
-            Ok(Some(wait)) => {
-                entry.allowance.give_back();
-                Err(wait)
-            }
-            _ => Ok(TakenReview { key, denied: true }),
-        }
-    }
-
-    /// After the review `taken`: an answer that allows gives back what it took, a denial marks
-    /// the person as denied lately (no answer keeps what it took: asking cost all the same).
-    fn after(&self, taken: &TakenReview, allowed: Option<bool>, now: Instant) {
-        let Ok(mut people) = self.people.lock() else {
-            return;
-        };
-        let Some(entry) = people.get_mut(&taken.key) else {
-            return;
-        };
-        match allowed {
-            Some(true) => {
-                entry.allowance.give_back();
-                if taken.denied
-                    && let Ok(mut shared) = self.denied.lock()
-                {
-                    shared.give_back();
-                }
-            }
-            Some(false) => entry.denied_at = Some(now),
-            None => {}
-        }
-    }
-
-    fn entry<'a>(
-        people: &'a mut HashMap<String, Person>,
-        person: &str,
-        now: Instant,
-    ) -> (String, &'a mut Person) {
-        let key = if people.len() >= MAX_PEOPLE && !people.contains_key(person) {
-            // People whose allowance has refilled and who were denied nothing lately are no
-            // different from new ones.
-            people.retain(|_, p| !p.allowance.is_full(now) || p.denied_lately(now));
-            if people.len() >= MAX_PEOPLE { "" } else { person }
-        } else {
-            person
-        };
-        let entry = people.entry(key.to_owned()).or_insert(Person {
-            allowance: ACCESS_REVIEWS,
-            denied_at: None,
-        });
-        (key.to_owned(), entry)
-    }
+/// Each person's allowance of access reviews ([`ACCESS_REVIEWS`]) and the one people denied
+/// lately share ([`DENIED_PEOPLE`]).
+fn access_allowances() -> Allowances<String> {
+    Allowances::new(ACCESS_REVIEWS, DENIED_PEOPLE, DENIED_LATELY, MAX_PEOPLE)
 }
 
 /// The API server's TokenReview and SubjectAccessReview, each remembered briefly.
@@ -376,7 +274,8 @@ pub struct ApiServerReaders {
     access: Reviews<(Reader, String, Access), bool>,
     invoke: Reviews<(Reader, String, String), bool>,
     a2a_tokens: Reviews<[u8; 32], Reader>,
-    allowances: AccessAllowances,
+    /// Each person's allowance of access reviews, and the one people denied lately share.
+    allowances: Allowances<String>,
 }
 
 impl std::fmt::Debug for ApiServerReaders {
@@ -393,7 +292,7 @@ impl ApiServerReaders {
             access: Reviews::new(),
             invoke: Reviews::new(),
             a2a_tokens: Reviews::new(),
-            allowances: AccessAllowances::default(),
+            allowances: access_allowances(),
         }
     }
 }
@@ -477,7 +376,7 @@ impl ReaderAuthority for ApiServerReaders {
 
 impl ApiServerReaders {
     /// [`ApiServerReaders::review_access`], within `reader`'s allowance of reviews that do not
-    /// allow (taken before asking, given back if the answer allows; see [`AccessAllowances`]).
+    /// allow (taken before asking, given back if the answer allows; see [`ACCESS_REVIEWS`]).
     async fn review_within_allowance(
         &self,
         reader: &Reader,
@@ -485,11 +384,15 @@ impl ApiServerReaders {
     ) -> Result<bool, AuthError> {
         let taken = self
             .allowances
-            .take(&reader.username, Instant::now())
+            .take(Some(reader.username.clone()), Instant::now())
             .map_err(|wait| AuthError::AccessThrottled(wait.as_secs_f64().ceil() as u64))?;
         let allowed = self.review_access(review).await;
-        self.allowances
-            .after(&taken, allowed.as_ref().ok().copied(), Instant::now());
+        let went = match allowed {
+            Ok(true) => Went::Well,
+            Ok(false) => Went::Badly,
+            Err(_) => Went::Unanswered,
+        };
+        self.allowances.after(&taken, went, Instant::now());
         allowed
     }
 
@@ -670,26 +573,28 @@ mod tests {
 
     #[test]
     fn people_denied_lately_share_one_allowance_and_others_are_not_held_to_it() {
-        let allowances = AccessAllowances::default();
+        let allowances = access_allowances();
         let now = Instant::now();
         let who = |n: usize| format!("system:serviceaccount:mallory:sa-{n}");
         // Forty identities each have one review denied: now they are people denied lately.
         for n in 0..40 {
-            let taken = allowances.take(&who(n), now).expect("a first review");
-            allowances.after(&taken, Some(false), now);
+            let taken = allowances.take(Some(who(n)), now).expect("a first review");
+            allowances.after(&taken, Went::Badly, now);
         }
         // Each has 49 of its own left, but together they have the shared allowance.
         let mut reviewed = 0;
         for n in 0..40 {
-            while let Ok(taken) = allowances.take(&who(n), now) {
-                allowances.after(&taken, Some(false), now);
+            while let Ok(taken) = allowances.take(Some(who(n)), now) {
+                allowances.after(&taken, Went::Badly, now);
                 reviewed += 1;
             }
         }
         assert_eq!(reviewed, DENIED_PEOPLE.burst() as usize);
         // Someone denied nothing lately is not held to it.
-        let taken = allowances.take("audra@example.com", now).expect("not held back");
-        allowances.after(&taken, Some(true), now);
+        let taken = allowances
+            .take(Some("audra@example.com".to_owned()), now)
+            .expect("not held back");
+        allowances.after(&taken, Went::Well, now);
     }
 
     fn review(authenticated: bool, user: Option<&str>) -> TokenReview {

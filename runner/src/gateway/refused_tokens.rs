@@ -29,7 +29,7 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 
-use super::allowance::Allowance;
+use super::allowance::{Allowance, Allowances, Taken as TakenFrom, Went};
 
 /// How long an outcome is remembered (as long as the reviews themselves are cached), and how
 /// long an address counts as one that had a token refused.
@@ -70,12 +70,9 @@ pub enum Outcome {
     Unanswered,
 }
 
-/// What a review took from the allowances, given back if its token is accepted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Taken {
-    source: bool,
-    refusing: bool,
-}
+/// What a review took from the allowances (`None`: nothing, the token was accepted lately),
+/// given back if its token is accepted.
+pub type Taken = Option<TakenFrom<IpAddr>>;
 
 /// Whether a token may be reviewed now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,39 +87,19 @@ pub enum Admission {
     Throttled { retry_after: Duration },
 }
 
-/// One address: its allowance, and when it last had a token refused.
-#[derive(Clone, Copy, Debug)]
-struct Source {
-    allowance: Allowance,
-    refused_at: Option<Instant>,
-}
-
-impl Source {
-    const NEW: Self = Self {
-        allowance: PER_SOURCE,
-        refused_at: None,
-    };
-
-    fn refused_lately(&self, now: Instant) -> bool {
-        self.refused_at
-            .is_some_and(|at| now.saturating_duration_since(at) < REMEMBERED)
-    }
-}
-
 /// The outcomes remembered and the allowances left, shared by the gateway's requests.
 #[derive(Debug)]
 pub struct RefusedTokens {
     outcomes: Mutex<HashMap<[u8; 32], (Outcome, Instant)>>,
-    sources: Mutex<HashMap<Option<IpAddr>, Source>>,
-    refusing: Mutex<Allowance>,
+    /// Each address's allowance, and the refusing addresses' shared one.
+    sources: Allowances<IpAddr>,
 }
 
 impl Default for RefusedTokens {
     fn default() -> Self {
         Self {
             outcomes: Mutex::default(),
-            sources: Mutex::default(),
-            refusing: Mutex::new(REFUSING),
+            sources: Allowances::new(PER_SOURCE, REFUSING, REMEMBERED, MAX_SOURCES),
         }
     }
 }
@@ -144,7 +121,7 @@ impl RefusedTokens {
 
     /// Remembers what the review of `key` answered, giving back what it took if it was accepted.
     pub fn record(&self, key: [u8; 32], outcome: Outcome, taken: Taken) {
-        self.record_at(current_source(), key, outcome, taken, Instant::now());
+        self.record_at(key, outcome, taken, Instant::now());
     }
 
     fn admit_at(&self, source: Option<IpAddr>, key: &[u8; 32], now: Instant) -> Admission {
@@ -155,55 +132,26 @@ impl RefusedTokens {
                 .map(|(outcome, _)| outcome.clone())
         });
         match remembered {
-            Some(Outcome::Accepted) => return Admission::Review(Taken::default()),
-            Some(Outcome::Refused(why)) => return Admission::Refused(why),
-            Some(Outcome::Unanswered) | None => {}
-        }
-        let Ok(mut sources) = self.sources.lock() else {
-            return Admission::Review(Taken::default());
-        };
-        let entry = source_entry(&mut sources, source, now);
-        if let Some(retry_after) = entry.allowance.take(now) {
-            return Admission::Throttled { retry_after };
-        }
-        if !entry.refused_lately(now) {
-            return Admission::Review(Taken {
-                source: true,
-                refusing: false,
-            });
-        }
-        match self.refusing.lock().map(|mut all| all.take(now)) {
-            Ok(Some(retry_after)) => {
-                entry.allowance.give_back();
-                Admission::Throttled { retry_after }
-            }
-            _ => Admission::Review(Taken {
-                source: true,
-                refusing: true,
-            }),
+            Some(Outcome::Accepted) => Admission::Review(None),
+            Some(Outcome::Refused(why)) => Admission::Refused(why),
+            Some(Outcome::Unanswered) | None => match self.sources.take(source, now) {
+                Ok(taken) => Admission::Review(Some(taken)),
+                Err(retry_after) => Admission::Throttled { retry_after },
+            },
         }
     }
 
-    fn record_at(&self, source: Option<IpAddr>, key: [u8; 32], outcome: Outcome, taken: Taken, now: Instant) {
-        match outcome {
-            Outcome::Accepted => {
-                if taken.source
-                    && let Ok(mut sources) = self.sources.lock()
-                {
-                    source_entry(&mut sources, source, now).allowance.give_back();
-                }
-                if taken.refusing
-                    && let Ok(mut all) = self.refusing.lock()
-                {
-                    all.give_back();
-                }
-            }
-            Outcome::Refused(_) => {
-                if let Ok(mut sources) = self.sources.lock() {
-                    source_entry(&mut sources, source, now).refused_at = Some(now);
-                }
-            }
-            Outcome::Unanswered => return,
+    fn record_at(&self, key: [u8; 32], outcome: Outcome, taken: Taken, now: Instant) {
+        let went = match outcome {
+            Outcome::Accepted => Went::Well,
+            Outcome::Refused(_) => Went::Badly,
+            Outcome::Unanswered => Went::Unanswered,
+        };
+        if let Some(taken) = &taken {
+            self.sources.after(taken, went, now);
+        }
+        if went == Went::Unanswered {
+            return;
         }
         if let Ok(mut outcomes) = self.outcomes.lock() {
             if outcomes.len() >= MAX_REMEMBERED {
@@ -222,27 +170,6 @@ impl RefusedTokens {
 
 fn current_source() -> Option<IpAddr> {
     SOURCE.try_with(|source| *source).ok()
-}
-
-/// `source`'s entry; a new address past [`MAX_SOURCES`] shares the unknown address's.
-fn source_entry(
-    sources: &mut HashMap<Option<IpAddr>, Source>,
-    source: Option<IpAddr>,
-    now: Instant,
-) -> &mut Source {
-    let source = if sources.len() >= MAX_SOURCES && !sources.contains_key(&source) {
-        // Addresses whose allowance has refilled and that refused nothing lately are no
-        // different from new ones.
-        sources.retain(|_, s| !s.allowance.is_full(now) || s.refused_lately(now));
-        if sources.len() >= MAX_SOURCES {
-            None
-        } else {
-            source
-        }
-    } else {
-        source
-    };
-    sources.entry(source).or_insert(Source::NEW)
 }
 
 #[cfg(test)]
@@ -286,7 +213,7 @@ mod tests {
         let admitted = at_once(&tokens, address(0, 1), 0, 100, start);
         assert_eq!(admitted.len(), burst);
         for (i, taken) in admitted {
-            tokens.record_at(address(0, 1), token(i), refused(), taken, start);
+            tokens.record_at(token(i), refused(), taken, start);
         }
         let Admission::Throttled { retry_after } = tokens.admit_at(address(0, 1), &token(100), start) else {
             panic!("a refused token past the allowance is still reviewed");
@@ -313,14 +240,14 @@ mod tests {
             let Admission::Review(taken) = tokens.admit_at(address(0, 1), &token(i), now) else {
                 panic!("token {i} of an address whose tokens are all accepted is held back");
             };
-            tokens.record_at(address(0, 1), token(i), Outcome::Accepted, taken, now);
+            tokens.record_at(token(i), Outcome::Accepted, taken, now);
         }
         // Unanswered reviews keep what they took.
         for i in 100..100 + PER_SOURCE.burst() as usize {
             let Admission::Review(taken) = tokens.admit_at(address(0, 1), &token(i), now) else {
                 panic!("held back before the allowance was spent");
             };
-            tokens.record_at(address(0, 1), token(i), Outcome::Unanswered, taken, now);
+            tokens.record_at(token(i), Outcome::Unanswered, taken, now);
         }
         assert!(matches!(
             tokens.admit_at(address(0, 1), &token(999), now),
@@ -333,15 +260,9 @@ mod tests {
         let tokens = RefusedTokens::default();
         let now = Instant::now();
         let good = RefusedTokens::key("contextos-gateway", "good");
-        tokens.record_at(address(0, 1), good, Outcome::Accepted, Taken::default(), now);
+        tokens.record_at(good, Outcome::Accepted, None, now);
         for (i, taken) in at_once(&tokens, address(0, 1), 0, 100, now) {
-            tokens.record_at(
-                address(0, 1),
-                token(i),
-                Outcome::Refused(format!("expired {i}")),
-                taken,
-                now,
-            );
+            tokens.record_at(token(i), Outcome::Refused(format!("expired {i}")), taken, now);
         }
         assert_eq!(
             tokens.admit_at(address(0, 1), &token(0), now),
@@ -353,7 +274,7 @@ mod tests {
         ));
         assert_eq!(
             tokens.admit_at(address(0, 1), &good, now),
-            Admission::Review(Taken::default())
+            Admission::Review(None)
         );
         // Remembered only briefly: then the token is reviewed again.
         let later = now + REMEMBERED + Duration::from_secs(PER_SOURCE.burst() as u64);
@@ -370,7 +291,7 @@ mod tests {
         // Forty addresses each have their tokens refused.
         for a in 0..40 {
             for (i, taken) in at_once(&tokens, address(1, a), usize::from(a) * 100, 100, start) {
-                tokens.record_at(address(1, a), token(i), refused(), taken, start);
+                tokens.record_at(token(i), refused(), taken, start);
             }
         }
         // Twenty seconds on, each has refilled its own allowance, but together they have only

@@ -351,16 +351,13 @@ fn prompt_tokens(body: &Value) -> u64 {
     let bpe = contextos_runner::context::tokenizer();
     let mut tokens = 0;
     for message in body["messages"].as_array().into_iter().flatten() {
-        tokens += bpe
-            .encode_ordinary(message["content"].as_str().unwrap_or(""))
-            .len() as u64
-            + 4;
+        tokens += bpe.count(message["content"].as_str().unwrap_or("")) as u64 + 4;
         if let Some(calls) = message.get("tool_calls") {
-            tokens += bpe.encode_ordinary(&calls.to_string()).len() as u64;
+            tokens += bpe.count(&calls.to_string()) as u64;
         }
     }
     if let Some(tools) = body.get("tools") {
-        tokens += bpe.encode_ordinary(&tools.to_string()).len() as u64;
+        tokens += bpe.count(&tools.to_string()) as u64;
     }
     tokens
 }

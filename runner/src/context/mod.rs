@@ -4,8 +4,8 @@
 //! dropped, and why, is reported so it can be recorded.
 
 use contextos_crds::context_pack::{ContextPackSpec, SourceKind};
+use contextos_tokenizer::Tokenizer;
 use sha2::{Digest as _, Sha256};
-use tiktoken_rs::CoreBPE;
 
 use crate::records::entry::SourceNote;
 
@@ -65,8 +65,8 @@ pub enum CompileError {
 const BYTES_PER_TOKEN_CEILING: usize = 16;
 
 /// The tokenizer all budgets are counted with.
-pub fn tokenizer() -> &'static CoreBPE {
-    tiktoken_rs::o200k_base_singleton()
+pub fn tokenizer() -> &'static Tokenizer {
+    Tokenizer::o200k()
 }
 
 /// Compiles `pack` with `sources` (by name) for `request`, recalled `memory` included as
@@ -211,12 +211,12 @@ struct Section {
     total_hint: u64,
 }
 
-fn count(bpe: &CoreBPE, text: &str) -> u64 {
-    bpe.encode_ordinary(text).len() as u64
+fn count(bpe: &Tokenizer, text: &str) -> u64 {
+    bpe.count(text) as u64
 }
 
 /// The longest prefix of `content` that fits in `cap` tokens.
-fn fit(bpe: &CoreBPE, content: &str, cap: u64) -> Section {
+fn fit(bpe: &Tokenizer, content: &str, cap: u64) -> Section {
     let window = usize::try_from(cap)
         .unwrap_or(usize::MAX)
         .saturating_mul(BYTES_PER_TOKEN_CEILING)
@@ -226,7 +226,7 @@ fn fit(bpe: &CoreBPE, content: &str, cap: u64) -> Section {
     } else {
         content
     };
-    let tokens = bpe.encode_ordinary(examined);
+    let tokens = bpe.encode(examined);
     let whole = examined.len() == content.len();
     if whole && tokens.len() as u64 <= cap {
         return Section {
@@ -248,7 +248,7 @@ fn fit(bpe: &CoreBPE, content: &str, cap: u64) -> Section {
     // Back off until the kept tokens decode to whole characters.
     let mut keep = usize::try_from(cap).unwrap_or(usize::MAX).min(tokens.len());
     while keep > 0 {
-        if let Ok(bytes) = bpe.decode_bytes(&tokens[..keep])
+        if let Some(bytes) = bpe.decode(&tokens[..keep])
             && let Ok(text) = String::from_utf8(bytes)
         {
             return Section {

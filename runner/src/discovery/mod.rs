@@ -89,7 +89,7 @@ pub fn schema_tokens(tool: &ToolSpec) -> u32 {
         "name": tool.name, "description": tool.description, "parameters": tool.parameters,
     })
     .to_string();
-    let tokens = crate::context::tokenizer().encode_ordinary(&text).len();
+    let tokens = crate::context::tokenizer().count(&text);
     u32::try_from(tokens).unwrap_or(u32::MAX)
 }
 

@@ -80,7 +80,7 @@ pub fn name_result(
         return None;
     }
     let question = question_of(tool, arguments);
-    let tokens = crate::context::tokenizer().encode_ordinary(content).len() as u64;
+    let tokens = crate::context::tokenizer().count(content) as u64;
     let reads = messages.iter().filter_map(|m| m.read.as_ref().map(|r| (r, m)));
     let mut prefix = format!("@{tool}.{}#", label_of(arguments, &question));
     if let Some((same, _)) = reads

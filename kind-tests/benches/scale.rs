@@ -216,6 +216,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     };
     let startups = watch_startups(pods.clone(), contextos_crds::labels::SESSION);
     let cpu_at_burst = CpuTimes::now(gateway_pid);
+    let api_at_burst = ApiRequests::now(client).await;
     let started = Instant::now();
     futures::stream::iter(0..sessions_count)
         .map(|i| {
@@ -257,6 +258,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     .await?;
     let startup = StartupFigures::of(&all_started, started);
     let cpu_at_started = CpuTimes::now(gateway_pid);
+    let api_at_started = ApiRequests::now(client).await;
     let sessions: Api<Session> = ns.api();
     wait_for("every Session succeeded", Duration::from_secs(1800), || async {
         let list = sessions.list(&ListParams::default()).await;
@@ -279,6 +281,7 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     .await?;
     let done_at = started.elapsed();
     let cpu_at_done = CpuTimes::now(gateway_pid);
+    let api_at_done = ApiRequests::now(client).await;
     let sessions_rss = rss_kib(pid)?;
 
     let policy_template: Value = serde_yaml::from_str(&std::fs::read_to_string(
@@ -382,6 +385,13 @@ async fn measure(env: &'static TestEnv, client: &Client, tools_url: &str, pids: 
     println!(
         "{}",
         CpuTimes::table(&cpu_at_burst, &cpu_at_started, &cpu_at_done)
+    );
+    println!(
+        "  API requests served, by verb and resource (the API server's own count), same windows, per Session:"
+    );
+    println!(
+        "{}",
+        ApiRequests::table(&api_at_burst, &api_at_started, &api_at_done, sessions_count)
     );
     if let Some(baseline) = &baseline {
         println!(
@@ -518,6 +528,87 @@ impl CpuTimes {
             "the machine, busy",
             middle.busy - start.busy,
             end.busy - middle.busy
+        ));
+        lines.join("\n")
+    }
+}
+
+/// Requests the API server served, by `verb resource[/subresource]`, summed over its
+/// `apiserver_request_total` series (every response code): who asks for what shows in which
+/// resources are asked for (pods/status: the kubelet; sessions/status: the operator; tokenreviews:
+/// the gateway; …).
+#[derive(Default)]
+struct ApiRequests(HashMap<String, f64>);
+
+impl ApiRequests {
+    /// The rows shown: the largest in either window.
+    const ROWS: usize = 16;
+
+    async fn now(client: &Client) -> Self {
+        let request = http::Request::get("/metrics").body(Vec::new());
+        match request {
+            Ok(request) => match client.request_text(request).await {
+                Ok(text) => Self::parse(&text),
+                Err(e) => {
+                    eprintln!("scale: the API server's metrics could not be read: {e}");
+                    Self::default()
+                }
+            },
+            Err(_) => Self::default(),
+        }
+    }
+
+    fn parse(text: &str) -> Self {
+        let mut by_kind: HashMap<String, f64> = HashMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split("\",")
+                    .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_owned())
+                    .unwrap_or_default()
+            };
+            let subresource = label("subresource");
+            let kind = if subresource.is_empty() {
+                format!("{} {}", label("verb"), label("resource"))
+            } else {
+                format!("{} {}/{subresource}", label("verb"), label("resource"))
+            };
+            *by_kind.entry(kind).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+        Self(by_kind)
+    }
+
+    fn table(start: &Self, middle: &Self, end: &Self, sessions: usize) -> String {
+        let served = |from: &Self, to: &Self, kind: &str| {
+            (to.0.get(kind).copied().unwrap_or(0.0) - from.0.get(kind).copied().unwrap_or(0.0)).max(0.0)
+        };
+        let mut rows: Vec<(String, f64, f64)> = end
+            .0
+            .keys()
+            .map(|k| (k.clone(), served(start, middle, k), served(middle, end, k)))
+            .filter(|(_, a, b)| *a + *b > 0.0)
+            .collect();
+        rows.sort_by(|a, b| (b.1 + b.2).total_cmp(&(a.1 + a.2)));
+        let per = |n: f64| n / sessions.max(1) as f64;
+        let mut lines: Vec<String> = rows
+            .iter()
+            .take(Self::ROWS)
+            .map(|(k, a, b)| format!("    {k:<40}{:>8.2} {:>8.2}", per(*a), per(*b)))
+            .collect();
+        let (all_a, all_b) = rows.iter().fold((0.0, 0.0), |(x, y), (_, a, b)| (x + a, y + b));
+        lines.push(format!(
+            "    {:<40}{:>8.2} {:>8.2}   ({} kinds)",
+            "every request",
+            per(all_a),
+            per(all_b),
+            rows.len()
         ));
         lines.join("\n")
     }

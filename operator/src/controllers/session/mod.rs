@@ -61,7 +61,8 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         Ok(pinned) => pinned,
         Err(invalid) => return run(&ctx, &session, None, plan::held(&invalid)).await,
     };
-    ensure_children(&ctx, &session, &pod_bundle, &sandbox, &pods).await?;
+    // Before the attempt's pod is looked at: the runner's first call may need them.
+    start_capabilities(&ctx, &session, &pod_bundle, &sandbox, &pods).await?;
     let mut pod = attempt_pod(&pods, &session, attempt).await?;
     if let AttemptPod::Ended(ended) = &mut pod {
         observe_end(&ctx, &session, &pods, ended).await?;
@@ -224,21 +225,6 @@ async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &
         }
     }
     Ok(())
-}
-
-/// The namespace's runner NetworkPolicy and the Session's capability pods, applied on every
-/// pass before the attempt's pod is looked at (the runner's first call may need them).
-async fn ensure_children(
-    ctx: &Context,
-    session: &Session,
-    pod_bundle: &PodBundle,
-    sandbox: &SandboxProfileSpec,
-    pods: &Api<Pod>,
-) -> Result<()> {
-    let namespace = session.namespace().unwrap_or_default();
-    let policy = children::network_policy(&namespace, &ctx.runner);
-    apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
-    start_capabilities(ctx, session, pod_bundle, sandbox, pods).await
 }
 
 /// Attempts of this Session whose pod ended without a report: the crashes the retry bound
@@ -449,6 +435,11 @@ async fn start_attempt(
         pod.annotations_mut()
             .insert(annotations::RESUMED_FOR.to_owned(), hash.to_owned());
     }
+    // The namespace's runner NetworkPolicy, applied before every runner pod (not on every pass:
+    // a pod's status changes bring a Session back half a dozen times while it starts): a
+    // deleted or edited one is back before the next runner pod exists.
+    let policy = children::network_policy(&namespace, &ctx.runner);
+    apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
     // A pod's spec is immutable and each attempt's RunContext is fresh, so the pod is created
     // once: if a concurrent reconcile (or an earlier pass whose status write was lost) created
     // it, that pod is the attempt.
@@ -861,6 +852,11 @@ async fn write_status(ctx: &Context, session: &Session, update: Update) -> Resul
         && !current.phase.is_some_and(SessionPhase::is_terminal);
     if ends {
         stop_capabilities(ctx, session).await?;
+    }
+    if status == current {
+        // Nothing to say: each write would bring the Session back for another pass (its own
+        // watch sees every status write), and costs the API server a server-side apply.
+        return Ok(());
     }
     let ended = ends.then(|| status.clone());
     let status = serde_json::to_value(&status).map_err(|source| Error::Build {

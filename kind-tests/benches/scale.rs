@@ -536,7 +536,8 @@ impl CpuTimes {
 /// Requests the API server served, by `verb resource[/subresource]`, summed over its
 /// `apiserver_request_total` series (every response code): who asks for what shows in which
 /// resources are asked for (pods/status: the kubelet; sessions/status: the operator; tokenreviews:
-/// the gateway; …).
+/// the gateway; …). The bench's own requests are counted too: its polls (LIST pods, LIST
+/// sessions) and these reads of the metrics.
 #[derive(Default)]
 struct ApiRequests(HashMap<String, f64>);
 

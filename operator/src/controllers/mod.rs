@@ -46,6 +46,39 @@ pub struct Context {
     /// One lock per namespace, held while a Session's start is decided and made (see
     /// [`spend_quota`]).
     pub start_locks: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// The runner NetworkPolicies this process applied (see [`RunnerPolicies`]).
+    pub runner_policies: Arc<RunnerPolicies>,
+}
+
+/// What this process last applied as each namespace's runner NetworkPolicy, as a hash of the
+/// policy. A Session's pass applies the policy only when it is not recorded here (after a
+/// restart, or an upgrade that changed it); the operator's watch of the policies forgets a
+/// namespace whenever its policy changes or goes, so an edited or deleted one is applied again
+/// by the next pass there — and every runner pod is preceded by an apply whatever this says.
+#[derive(Debug, Default)]
+pub struct RunnerPolicies(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+impl RunnerPolicies {
+    /// Whether `policy` is what this process last applied in `namespace`.
+    pub fn applied(&self, namespace: &str, policy: u64) -> bool {
+        self.0
+            .lock()
+            .map(|applied| applied.get(namespace) == Some(&policy))
+            .unwrap_or(false)
+    }
+
+    pub fn record(&self, namespace: &str, policy: u64) {
+        if let Ok(mut applied) = self.0.lock() {
+            applied.insert(namespace.to_owned(), policy);
+        }
+    }
+
+    /// The namespace's policy changed or went: the next pass there applies it again.
+    pub fn forget(&self, namespace: &str) {
+        if let Ok(mut applied) = self.0.lock() {
+            applied.remove(namespace);
+        }
+    }
 }
 
 impl Context {

@@ -43,11 +43,11 @@ fn main() {
     println!("resident memory kept by one tokenizer (MiB):");
     println!(
         "  tiktoken-rs o200k_base (baseline)  {:>6.1}",
-        mib(after_reference - after_ours)
+        mib(after_reference.saturating_sub(after_ours))
     );
     println!(
         "  contextos-tokenizer                {:>6.1}",
-        mib(after_ours - before)
+        mib(after_ours.saturating_sub(before))
     );
 
     let runs = 30;

@@ -1,9 +1,10 @@
 //! The `o200k_base` byte-pair tokenizer: the unit every ContextPack budget, tool schema and
 //! cached result is counted in. It gives the same tokens as OpenAI's tiktoken (checked token for
 //! token in this crate's tests) but starts in milliseconds: its 199,998 tokens are read from a
-//! compact table compiled into the binary (`o200k_base.table`, see `TABLE.md`) into one map of
-//! borrowed byte strings, instead of decoding the published text file into three owned copies
-//! (≈ 100 ms and ≈ 46 MiB, which every runner pod, replay Job and CLI call paid when it started).
+//! compact table compiled into the binary (`o200k_base.table`, see `TABLE.md`) as byte strings
+//! borrowed from it (a list by rank and a map back), instead of decoding the published text file
+//! into three owned copies (≈ 100–190 ms and ≈ 43 MiB kept, which every runner pod, replay Job
+//! and CLI call paid when it started; `benches/load.rs` measures both).
 //!
 //! It is a crate of its own so that it is optimised in every build profile (see the workspace's
 //! `[profile.dev.package.contextos-tokenizer]`): the debug binaries the tests run start runners
@@ -145,6 +146,33 @@ mod tests {
             assert_eq!(bpe.count(text), tokens.len());
             assert_eq!(bpe.decode(&tokens).as_deref(), Some(text.as_bytes()), "{text:?}");
         }
+    }
+
+    #[test]
+    fn a_pattern_out_of_backtracking_counts_by_character_and_still_round_trips() {
+        // The same tokenizer with a pattern allowed no backtracking at all: the look-ahead
+        // branch fails on the first run of spaces, and the rest is cut at every character.
+        let o200k = Tokenizer::o200k();
+        let starved = Tokenizer {
+            ranks: o200k.ranks.clone(),
+            tokens: o200k.tokens.clone(),
+            pieces: fancy_regex::RegexBuilder::new(O200K_PIECES)
+                .backtrack_limit(1)
+                .build()
+                .expect("the pattern builds"),
+        };
+        let text = "plan:   scale the checkout-api   up, then   check";
+        let tokens = starved.encode(text);
+        assert_eq!(starved.decode(&tokens).as_deref(), Some(text.as_bytes()));
+        assert!(
+            tokens.len() > o200k.count(text),
+            "cut at every character past the failure"
+        );
+        assert_eq!(
+            starved.encode(text),
+            tokens,
+            "the same text is counted the same way again"
+        );
     }
 
     #[test]

@@ -61,6 +61,7 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         Ok(pinned) => pinned,
         Err(invalid) => return run(&ctx, &session, None, plan::held(&invalid)).await,
     };
+    runner_policy(&ctx, &session.namespace().unwrap_or_default(), false).await?;
     // Before the attempt's pod is looked at: the runner's first call may need them.
     start_capabilities(&ctx, &session, &pod_bundle, &sandbox, &pods).await?;
     let mut pod = attempt_pod(&pods, &session, attempt).await?;
@@ -318,6 +319,26 @@ async fn crashed_attempts(ctx: &Context, pods: &Api<Pod>, session: &Session) -> 
     Ok(u32::try_from(crashed).unwrap_or(u32::MAX))
 }
 
+/// Applies the namespace's runner NetworkPolicy unless this process applied the same one there
+/// and has not seen it change since (`always`: whatever was applied; before every runner pod).
+/// Not on every pass: each would be a server-side apply, and wake the NetworkPolicy enforcer.
+async fn runner_policy(ctx: &Context, namespace: &str, always: bool) -> Result<()> {
+    let policy = children::network_policy(namespace, &ctx.runner);
+    let digest = {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&policy)
+            .unwrap_or_default()
+            .hash(&mut hasher);
+        hasher.finish()
+    };
+    if always || !ctx.runner_policies.applied(namespace, digest) {
+        apply(&Api::namespaced(ctx.client.clone(), namespace), &policy).await?;
+        ctx.runner_policies.record(namespace, digest);
+    }
+    Ok(())
+}
+
 /// Creates the capability pods of the Session's command-started MCP servers that do not exist
 /// (before the runner's first call needs them), and the NetworkPolicy confining them.
 async fn start_capabilities(
@@ -435,11 +456,8 @@ async fn start_attempt(
         pod.annotations_mut()
             .insert(annotations::RESUMED_FOR.to_owned(), hash.to_owned());
     }
-    // The namespace's runner NetworkPolicy, applied before every runner pod (not on every pass:
-    // a pod's status changes bring a Session back half a dozen times while it starts): a
-    // deleted or edited one is back before the next runner pod exists.
-    let policy = children::network_policy(&namespace, &ctx.runner);
-    apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
+    // Whatever this process applied before: a policy deleted since is back before the pod is.
+    runner_policy(ctx, &namespace, true).await?;
     // A pod's spec is immutable and each attempt's RunContext is fresh, so the pod is created
     // once: if a concurrent reconcile (or an earlier pass whose status write was lost) created
     // it, that pod is the attempt.

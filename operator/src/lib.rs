@@ -26,7 +26,7 @@ use contextos_crds::{
 };
 use contextos_runner::key_secrets;
 use futures::StreamExt as _;
-use k8s_openapi::api::{batch::v1::Job, core::v1::ConfigMap, networking::v1::NetworkPolicy};
+use k8s_openapi::api::{batch::v1::Job, core::v1::ConfigMap};
 use kube::{
     Api, Client, Resource, ResourceExt as _,
     core::PartialObjectMeta,
@@ -313,42 +313,10 @@ pub async fn run(
 
     let sessions = lean_controller(Api::<Session>::all(client.clone()), watch());
     let session_store = sessions.store();
-    let live_sessions = {
-        let store = session_store.clone();
-        move |namespace: Option<String>| {
-            store
-                .state()
-                .into_iter()
-                .filter(|s| s.namespace() == namespace)
-                .filter(|s| {
-                    !s.status
-                        .as_ref()
-                        .and_then(|st| st.phase)
-                        .is_some_and(|p| p.is_terminal())
-                })
-                .map(|s| ObjectRef::from_obj(s.as_ref()))
-                .collect::<Vec<_>>()
-        }
-    };
-    let runner_policies = ctx.runner_policies.clone();
     let sessions = sessions
         .with_config(controller_config.clone())
         // Runner and capability pods, heard of only when what a Session waits on changes.
         .owns_stream(pod_turns::turns(&client, contextos_crds::labels::SESSION))
-        // A namespace's runner NetworkPolicy edited or deleted: its live Sessions apply it again.
-        .watches(
-            Api::<PartialObjectMeta<NetworkPolicy>>::all(client.clone()),
-            watcher::Config::default().labels(&format!("{}=runner", contextos_crds::labels::ROLE)),
-            move |policy: PartialObjectMeta<NetworkPolicy>| {
-                if policy.name_any() != session_children::RUNNER_NETWORK_POLICY {
-                    return Vec::new();
-                }
-                if let Some(namespace) = policy.namespace() {
-                    runner_policies.forget(&namespace);
-                }
-                live_sessions(policy.namespace())
-            },
-        )
         .watches(Api::<Agent>::all(client.clone()), watch(), move |a: Agent| {
             let (namespace, name) = (a.namespace(), a.name_any());
             session_store

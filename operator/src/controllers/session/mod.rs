@@ -319,9 +319,9 @@ async fn crashed_attempts(ctx: &Context, pods: &Api<Pod>, session: &Session) -> 
     Ok(u32::try_from(crashed).unwrap_or(u32::MAX))
 }
 
-/// Applies the namespace's runner NetworkPolicy unless this process applied the same one there
-/// and has not seen it change since (`always`: whatever was applied; before every runner pod).
-/// Not on every pass: each would be a server-side apply, and wake the NetworkPolicy enforcer.
+/// Applies the namespace's runner NetworkPolicy unless this process already applied the same
+/// one there (`always`: whatever was applied; before every runner pod). Not on every pass: each
+/// would be a server-side apply, and wake the NetworkPolicy enforcer.
 async fn runner_policy(ctx: &Context, namespace: &str, always: bool) -> Result<()> {
     let policy = children::network_policy(namespace, &ctx.runner);
     let digest = {

@@ -27,7 +27,11 @@ pub const PATH_PREFIX: &str = "/a2a";
 pub const A2A_LABEL: &str = "contextos.dev/a2a";
 /// The A2A caller a Session was started for (also its `spec.user.subject`).
 pub const CALLER_ANNOTATION: &str = "contextos.dev/a2a-caller";
-/// The caller, as a label (a digest of their name): what their open tasks are counted by.
+/// The caller's uid as the API server's TokenReview gave it (empty for callers it gives none):
+/// a service account deleted and created again under the same name is someone else, and sees
+/// none of the earlier one's tasks.
+pub const CALLER_UID_ANNOTATION: &str = "contextos.dev/a2a-caller-uid";
+/// The caller, as a label (a digest of their name and uid): what their open tasks are counted by.
 pub const CALLER_LABEL: &str = "contextos.dev/a2a-caller-id";
 /// The caller's message id that started the Session.
 pub const MESSAGE_ANNOTATION: &str = "contextos.dev/a2a-message-id";
@@ -325,10 +329,11 @@ pub fn incoming(params: &Value) -> Result<Incoming, RpcError> {
 }
 
 /// The name of the Session a caller's message starts: the same message (by id) from the same
-/// caller to the same agent is the same Session, so a resent message starts nothing new.
-pub fn session_name(namespace: &str, agent: &str, caller: &str, message_id: &str) -> String {
+/// caller (by name and uid) to the same agent is the same Session, so a resent message starts
+/// nothing new.
+pub fn session_name(namespace: &str, agent: &str, caller: &Reader, message_id: &str) -> String {
     let mut hash = Sha256::new();
-    for part in [namespace, agent, caller, message_id] {
+    for part in [namespace, agent, &caller.username, &caller.uid, message_id] {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
     }
@@ -353,9 +358,10 @@ pub fn session(
             caller.groups.len()
         )));
     }
-    let name = session_name(namespace, agent, &caller.username, &incoming.message_id);
+    let name = session_name(namespace, agent, caller, &incoming.message_id);
     let mut annotations = BTreeMap::from([
         (CALLER_ANNOTATION.to_owned(), caller.username.clone()),
+        (CALLER_UID_ANNOTATION.to_owned(), caller.uid.clone()),
         (MESSAGE_ANNOTATION.to_owned(), incoming.message_id.clone()),
         (
             CONTEXT_ANNOTATION.to_owned(),
@@ -390,21 +396,29 @@ pub fn session(
     session.metadata.namespace = Some(namespace.to_owned());
     session.metadata.labels = Some(BTreeMap::from([
         (A2A_LABEL.to_owned(), "true".to_owned()),
-        (CALLER_LABEL.to_owned(), caller_id(&caller.username)),
+        (CALLER_LABEL.to_owned(), caller_id(caller)),
     ]));
     session.metadata.annotations = Some(annotations);
     Ok(session)
 }
 
-/// A caller's name as a label value (a digest: names hold characters labels may not).
-pub fn caller_id(username: &str) -> String {
-    let digest = Sha256::digest(username.as_bytes());
+/// A caller as a label value: a digest of their name and uid (names hold characters labels
+/// may not).
+pub fn caller_id(caller: &Reader) -> String {
+    let mut hash = Sha256::new();
+    for part in [&caller.username, &caller.uid] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    let digest = hash.finalize();
     digest.iter().take(10).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `session` is a task `caller` started (pure): started over A2A, acting for them. A
 /// Session's user cannot change after creation, and is the API server's word on who created it
-/// (or who a delegate created it for), so nobody else's tasks are ever shown or cancelled.
+/// (or who a delegate created it for); its caller uid is the gateway's alone to write
+/// (admission policy contextos-a2a-sessions). So nobody else's tasks are ever shown or
+/// cancelled — nor, to an account made again under an old one's name, the old one's.
 pub fn is_task_of(session: &Session, caller: &Reader) -> bool {
     let a2a = session
         .metadata
@@ -412,11 +426,18 @@ pub fn is_task_of(session: &Session, caller: &Reader) -> bool {
         .as_ref()
         .and_then(|l| l.get(A2A_LABEL))
         .is_some_and(|v| v == "true");
-    a2a && session
-        .spec
-        .user
+    let uid = session
+        .metadata
+        .annotations
         .as_ref()
-        .is_some_and(|u| u.subject == caller.username)
+        .and_then(|a| a.get(CALLER_UID_ANNOTATION))
+        .map_or("", String::as_str);
+    a2a && uid == caller.uid
+        && session
+            .spec
+            .user
+            .as_ref()
+            .is_some_and(|u| u.subject == caller.username)
 }
 
 /// Whether a resent message meets the Session it started, unchanged (pure).

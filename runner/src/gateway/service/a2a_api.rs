@@ -453,11 +453,7 @@ async fn send(
     // Its messages are counted one after the other at this replica; replicas count apart.
     let starting = invocation.starting.clone();
     let counted = starting.lock().await;
-    let label = format!(
-        "{}={}",
-        wire::CALLER_LABEL,
-        wire::caller_id(&invocation.caller.username)
-    );
+    let label = format!("{}={}", wire::CALLER_LABEL, wire::caller_id(&invocation.caller));
     let open = invocation
         .sessions
         .open(&invocation.namespace, &label)

@@ -152,6 +152,36 @@ fn the_session_acts_for_the_caller_and_a_resent_message_is_the_same_session() {
 }
 
 #[test]
+fn an_account_made_again_under_an_old_name_is_another_caller() {
+    let incoming = incoming(&params(message(json!([{"text": "look"}])))).expect("read");
+    let with_uid = |uid: &str| Reader {
+        uid: uid.into(),
+        ..caller("system:serviceaccount:partner:bot")
+    };
+    let (old, new) = (with_uid("3f0c-old"), with_uid("9a1d-new"));
+    let task = session("shop", "triage", &old, &incoming, None).expect("session");
+    assert!(is_task_of(&task, &old));
+    // The new account, sending the old one's message id, meets none of its tasks: not by
+    // name, not by lookup, not in its count of open tasks.
+    assert!(
+        !is_task_of(&task, &new),
+        "the old account's task is not the new one's"
+    );
+    let theirs = session("shop", "triage", &new, &incoming, None).expect("session");
+    assert_ne!(task.metadata.name, theirs.metadata.name);
+    assert_ne!(caller_id(&old), caller_id(&new));
+    // A task whose uid mark is gone is nobody's with a uid.
+    let mut unmarked = task.clone();
+    unmarked
+        .metadata
+        .annotations
+        .as_mut()
+        .expect("annotations")
+        .remove(CALLER_UID_ANNOTATION);
+    assert!(!is_task_of(&unmarked, &old));
+}
+
+#[test]
 fn a_session_not_started_over_a2a_is_nobodys_task() {
     let incoming = incoming(&params(message(json!([{"text": "look"}])))).expect("read");
     let mut applied = session("shop", "triage", &caller("alice"), &incoming, None).expect("session");

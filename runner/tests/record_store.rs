@@ -695,6 +695,57 @@ async fn embedded_store_passes_the_conformance_suite() {
     blobs(&store).await;
 }
 
+/// The same suite on a multi-threaded runtime, where the store works in place on the calling
+/// worker (as in the gateway service) instead of on a blocking thread; and writers racing from
+/// tasks on both workers, of which exactly one extends the head each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_passes_the_conformance_suite_on_a_multi_threaded_runtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("open");
+    append_read_and_list(&store).await;
+    fork_refusal(&store).await;
+    tenant_isolation(&store).await;
+    checkpoints(&store).await;
+    blobs(&store).await;
+
+    let t = tenant("race");
+    let run = unique("run");
+    Recorder::start(&store, t.clone(), key(), start(&run, "s", "a"))
+        .await
+        .expect("start");
+    let started = store.head(&t, &run).await.expect("head").expect("exists").seq;
+    for round in 0..20 {
+        let current = store.head(&t, &run).await.expect("head").expect("exists");
+        let writers: Vec<_> = (0..4)
+            .map(|writer| {
+                let (store, t) = (store.clone(), t.clone());
+                let batch = raw_batch(&t, &run, &current, &format!("round-{round}-writer-{writer}"));
+                tokio::spawn(async move { store.append(&t, batch).await })
+            })
+            .collect();
+        let mut wins = 0;
+        for writer in writers {
+            match writer.await.expect("writer task") {
+                Ok(()) => wins += 1,
+                Err(StoreError::HeadMoved { .. }) => {}
+                Err(other) => panic!("a losing writer is told the head moved, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            wins, 1,
+            "round {round}: exactly one racing writer extends the head"
+        );
+    }
+    assert_eq!(
+        store.head(&t, &run).await.expect("head").expect("exists").seq,
+        started + 20,
+        "one entry a round"
+    );
+    verify_run(&store, &t, &run, &key().public())
+        .await
+        .expect("the raced chain verifies");
+}
+
 #[tokio::test]
 async fn scratch_store_passes_the_conformance_suite() {
     let store = contextos_runner::records::ScratchStore::new();

@@ -360,8 +360,13 @@ pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
 /// Checks that a batch links up internally and to its expected head before any backend writes
 /// it. Shared by every backend so they refuse the same batches.
 pub fn check_batch(batch: &AppendBatch, current: Option<&SignedHead>) -> Result<()> {
+    check_batch_at(batch, current.map(|h| (h.seq, h.hash)))
+}
+
+/// [`check_batch`] against the run's current end (last sequence number and hash), if it has one.
+pub fn check_batch_at(batch: &AppendBatch, current: Option<(u64, Hash)>) -> Result<()> {
     validate_id("run", &batch.run_id)?;
-    let current_hash = current.map(|h| h.hash);
+    let current_hash = current.map(|(_, hash)| hash);
     if current_hash != batch.expected_head {
         return Err(StoreError::HeadMoved {
             run_id: batch.run_id.clone(),
@@ -376,7 +381,7 @@ pub fn check_batch(batch: &AppendBatch, current: Option<&SignedHead>) -> Result<
     let Some(last) = batch.entries.last() else {
         return Err(bad("the batch is empty".into()));
     };
-    let first_seq = current.map_or(0, |h| h.seq + 1);
+    let first_seq = current.map_or(0, |(seq, _)| seq + 1);
     for (expected_seq, entry) in (first_seq..).zip(&batch.entries) {
         if entry.seq != expected_seq {
             return Err(bad(format!(

@@ -71,6 +71,23 @@ async fn an_address_sending_made_up_tokens_costs_the_api_server_a_bounded_number
     assert_eq!(statuses.get(&429), Some(&80), "{statuses:?}");
     let (status, code) = head("made-up-101".into()).await;
     assert_eq!((status, code.as_str()), (429, "throttled"));
+    // And says when to ask again, as HTTP does (the allowance refills one a second).
+    let throttled = http
+        .get(format!("{url}/v1/run/head?run={RUN}"))
+        .bearer_auth("made-up-102")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(throttled.status().as_u16(), 429);
+    let retry_after = throttled
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(
+        retry_after.is_some_and(|seconds| (1..=30).contains(&seconds)),
+        "Retry-After in seconds: {retry_after:?}"
+    );
 
     // Sent again, a refused token is refused without another review.
     let reviews = tokens.reviews();

@@ -178,21 +178,21 @@ where
         headers: &HeaderMap,
     ) -> Result<Invocation, Refusal> {
         let Some(settings) = &self.a2a else {
-            return Err(Refusal(
+            return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 "this gateway does not serve A2A (it runs without the Kubernetes API)".into(),
             ));
         };
         let tenant = TenantId::new(namespace).map_err(|_| {
-            Refusal(
+            Refusal::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("{namespace:?} is not a namespace"),
             )
         })?;
         if self.is_own(tenant.as_str()) || !is_name(agent) {
-            return Err(Refusal(
+            return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("there is no agent {namespace}/{agent} to call"),
@@ -243,7 +243,7 @@ where
                 starting,
                 _slot: slot,
             }),
-            _ => Err(Refusal(
+            _ => Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!(

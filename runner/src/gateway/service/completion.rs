@@ -40,7 +40,7 @@ pub struct CompletionAttestation {
 }
 
 fn unverified(why: String) -> Refusal {
-    Refusal(StatusCode::UNPROCESSABLE_ENTITY, COMPLETION_UNVERIFIED, why)
+    Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, COMPLETION_UNVERIFIED, why)
 }
 
 impl<S, A, T> GatewayService<S, A, T>
@@ -101,7 +101,7 @@ where
         entries: &[(StoredEntry, RecordEntry)],
     ) -> Result<(), Refusal> {
         if log.finished() && !entries.is_empty() {
-            return Err(Refusal(
+            return Err(Refusal::new(
                 StatusCode::CONFLICT,
                 "run_ended",
                 format!(
@@ -166,7 +166,7 @@ where
             None => Vec::new(),
         };
         let Some(EntryBody::Completed { output, .. }) = entries.last().map(|(_, e)| &e.body) else {
-            return Err(Refusal(
+            return Err(Refusal::new(
                 StatusCode::CONFLICT,
                 "not_completed",
                 format!("run {} has not completed on record", caller.run_id()),

@@ -45,7 +45,7 @@ pub(super) fn refusal(error: MemoryError) -> Refusal {
         }
         MemoryError::Store(StoreError::Corrupt { .. }) => {
             tracing::error!(%error, "the store holds a corrupt value");
-            Refusal(
+            Refusal::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "corrupt",
                 format!("{error}; it is not served until it is repaired"),
@@ -60,7 +60,7 @@ pub(super) fn refusal(error: MemoryError) -> Refusal {
 /// A vault error as the caller sees it: an erased subject is a conflict they can act on.
 pub(super) fn vault_refusal(error: crate::vault::VaultError) -> Refusal {
     match error {
-        crate::vault::VaultError::Erased { .. } => Refusal(
+        crate::vault::VaultError::Erased { .. } => Refusal::new(
             StatusCode::CONFLICT,
             crate::records::store::remote::SUBJECT_ERASED,
             error.to_string(),

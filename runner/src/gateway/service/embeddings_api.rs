@@ -202,7 +202,7 @@ fn allowance(bundle: &crate::run::bundle::RunBundle) -> usize {
 }
 
 fn refused(message: impl Into<String>) -> Refusal {
-    Refusal(StatusCode::FORBIDDEN, EMBEDDINGS_REFUSED, message.into())
+    Refusal::new(StatusCode::FORBIDDEN, EMBEDDINGS_REFUSED, message.into())
 }
 
 impl<S, A, T> GatewayService<S, A, T>

@@ -260,30 +260,60 @@ impl Caller {
     }
 }
 
-/// A refused request: status, machine-readable code, message for a human.
+/// A refused request: status, machine-readable code, message for a human, and — when asking
+/// again later will do — after how long (`Retry-After`).
 #[derive(Debug)]
-struct Refusal(StatusCode, &'static str, String);
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<std::time::Duration>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: String) -> Self {
+        Self {
+            status,
+            code,
+            message,
+            retry_after: None,
+        }
+    }
+
+    /// Says the request may be asked again after `wait` (in whole seconds, at least one).
+    fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+}
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let problem = Problem {
-            error: self.2,
-            code: self.1.to_owned(),
+            error: self.message,
+            code: self.code.to_owned(),
         };
-        (self.0, Json(problem)).into_response()
+        let mut response = (self.status, Json(problem)).into_response();
+        if let Some(wait) = self.retry_after {
+            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
 fn bad(message: impl Into<String>) -> Refusal {
-    Refusal(StatusCode::BAD_REQUEST, "bad_request", message.into())
+    Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message.into())
 }
 
 fn forbidden(message: impl Into<String>) -> Refusal {
-    Refusal(StatusCode::FORBIDDEN, "forbidden", message.into())
+    Refusal::new(StatusCode::FORBIDDEN, "forbidden", message.into())
 }
 
 fn unavailable(message: impl std::fmt::Display) -> Refusal {
-    Refusal(
+    Refusal::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
         message.to_string(),
@@ -293,11 +323,17 @@ fn unavailable(message: impl std::fmt::Display) -> Refusal {
 /// A request refused before it was looked at: its address had too many tokens refused lately,
 /// or its person too many access reviews denied.
 fn throttled(e: &AuthError) -> Refusal {
-    Refusal(
+    let refusal = Refusal::new(
         StatusCode::TOO_MANY_REQUESTS,
         crate::records::store::remote::THROTTLED,
         e.to_string(),
-    )
+    );
+    match e {
+        AuthError::Throttled(seconds) | AuthError::AccessThrottled(seconds) => {
+            refusal.retry_after(std::time::Duration::from_secs(*seconds))
+        }
+        _ => refusal,
+    }
 }
 
 type Reply = Result<Response, Refusal>;
@@ -330,7 +366,7 @@ fn person_access(method: &axum::http::Method, path: &str) -> Option<Access> {
 async fn read_body(body: axum::body::Body, max: usize) -> Result<axum::body::Bytes, Refusal> {
     match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, max)).await {
         Ok(Ok(body)) => Ok(body),
-        Err(_) => Err(Refusal(
+        Err(_) => Err(Refusal::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_too_slow",
             format!(
@@ -338,7 +374,7 @@ async fn read_body(body: axum::body::Body, max: usize) -> Result<axum::body::Byt
                 BODY_READ_TIMEOUT.as_secs()
             ),
         )),
-        Ok(Err(e)) => Err(Refusal(
+        Ok(Err(e)) => Err(Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_unreadable",
             format!("the request body could not be read in full (at most {max} bytes): {e}"),
@@ -352,12 +388,12 @@ fn not_authenticated(e: AuthError, needs: &str) -> Refusal {
     match e {
         AuthError::Unavailable(_) => unavailable(&e),
         AuthError::Throttled(_) | AuthError::AccessThrottled(_) => throttled(&e),
-        AuthError::Missing => Refusal(
+        AuthError::Missing => Refusal::new(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
             format!("no bearer token: {needs}"),
         ),
-        _ => Refusal(
+        _ => Refusal::new(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
             format!("{e} ({needs})"),
@@ -367,7 +403,7 @@ fn not_authenticated(e: AuthError, needs: &str) -> Refusal {
 
 /// A write past the run's quota of store bytes.
 fn over_quota(run: &str, used: u64, more: u64, limit: u64) -> Refusal {
-    Refusal(
+    Refusal::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         crate::records::store::remote::QUOTA_EXCEEDED,
         format!(
@@ -839,7 +875,7 @@ where
             .map_err(|e| match e {
                 AuthError::Unavailable(_) => unavailable(&e),
                 AuthError::Throttled(_) => throttled(&e),
-                _ => Refusal(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
+                _ => Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()),
             })?;
         // Runs never live in ContextOS's own namespaces, where its keys are: nothing there is
         // served as a tenant.
@@ -869,8 +905,8 @@ where
         match checked {
             Ok(caller) => Ok(caller),
             Err(refusal) => {
-                if refusal.0 == StatusCode::FORBIDDEN {
-                    self.record_refusal(&identity, &refusal.2).await;
+                if refusal.status == StatusCode::FORBIDDEN {
+                    self.record_refusal(&identity, &refusal.message).await;
                 }
                 Err(refusal)
             }
@@ -1248,7 +1284,7 @@ where
             None => gateway,
         };
         let models = crate::model::routing::Models::for_bundle(&bundle, &secrets, |model, spec| {
-            self.governed(model, spec).map_err(|Refusal(_, _, why)| why)
+            self.governed(model, spec).map_err(|refusal| refusal.message)
         })
         .map_err(bad)?;
         Ok(RunSlot {
@@ -1359,7 +1395,7 @@ where
                 .await
                 .map_err(unavailable)?;
             if behind(log) {
-                return Err(Refusal(
+                return Err(Refusal::new(
                     StatusCode::CONFLICT,
                     HEAD_PENDING,
                     format!(
@@ -1385,7 +1421,7 @@ where
 }
 
 fn head_moved(run_id: &str) -> Refusal {
-    Refusal(
+    Refusal::new(
         StatusCode::CONFLICT,
         "head_moved",
         format!("run {run_id}: the chain moved on; re-read the head and chain again"),

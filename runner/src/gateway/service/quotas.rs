@@ -87,12 +87,12 @@ impl RunQuotas {
 /// How a quota's refusal is answered: held calls are asked again, refused ones end the run.
 pub(super) fn refusal(refused: QuotaRefusal) -> Refusal {
     match &refused {
-        QuotaRefusal::Full { wait: true, .. } => Refusal(
+        QuotaRefusal::Full { wait: true, .. } => Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
             QUOTA_WAIT_CODE,
             format!("{refused}; the call waits until the window allows it"),
         ),
-        QuotaRefusal::Full { .. } | QuotaRefusal::Unpriced { .. } => Refusal(
+        QuotaRefusal::Full { .. } | QuotaRefusal::Unpriced { .. } => Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
             QUOTA_EXCEEDED_CODE,
             refused.to_string(),
@@ -287,7 +287,7 @@ where
 
 /// A quota that cannot be enforced refuses the calls it would count (never lets them through).
 fn quota_broken(why: String) -> Refusal {
-    Refusal(StatusCode::TOO_MANY_REQUESTS, QUOTA_EXCEEDED_CODE, why)
+    Refusal::new(StatusCode::TOO_MANY_REQUESTS, QUOTA_EXCEEDED_CODE, why)
 }
 
 impl<S, A, T> GatewayService<S, A, T>

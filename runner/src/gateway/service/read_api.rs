@@ -87,7 +87,7 @@ where
             }
             // The API server's own answer stays in the gateway's log.
             tracing::warn!(error = %e, user = %person.username, %namespace, ?access, "cannot review a person's request");
-            Refusal(
+            Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "the gateway cannot ask the API server whether you may do this now; try again".into(),
@@ -329,7 +329,7 @@ where
             .map_err(unavailable)?
         {
             Some(bytes) => Ok(bytes.into_response()),
-            None => Err(Refusal(
+            None => Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no blob {hash}"),
@@ -353,7 +353,7 @@ fn feedback_refusal(error: crate::feedback::FeedbackError) -> Refusal {
     match error {
         FeedbackError::Invalid(message) => bad(message),
         FeedbackError::Read(e @ crate::records::read::ReadError::NotFound { .. }) => {
-            Refusal(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            Refusal::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
         }
         FeedbackError::Read(e) => unavailable(e),
         FeedbackError::Memory(e) => super::consent_api::refusal(e),
@@ -423,17 +423,17 @@ where
                 .service
                 .secret_values(&self.tenant, key)
                 .await
-                .map_err(|refusal| refusal.2)?;
+                .map_err(|refusal| refusal.message)?;
             let model = self
                 .service
                 .governed_model(bundle, &secrets)
-                .map_err(|refusal| refusal.2)?;
+                .map_err(|refusal| refusal.message)?;
             // Its turns are the tenant's spend, in the quotas the recorded run answers to.
             let quotas = self
                 .service
                 .quotas_of_bundle(&self.tenant, bundle)
                 .await
-                .map_err(|refusal| refusal.2)?;
+                .map_err(|refusal| refusal.message)?;
             Ok(model.charged(Arc::new(super::quotas::GateCharge {
                 service: self.service.clone(),
                 tenant: self.tenant.clone(),
@@ -461,9 +461,9 @@ struct RunningGate<'a> {
 impl<'a> RunningGate<'a> {
     fn start(gates: &'a Mutex<Vec<(String, String)>>, job: &str, tenant: &str) -> Result<Self, Refusal> {
         let mut running = gates.lock().unwrap_or_else(|e| e.into_inner());
-        let busy = |why: String| Refusal(StatusCode::TOO_MANY_REQUESTS, "gates_busy", why);
+        let busy = |why: String| Refusal::new(StatusCode::TOO_MANY_REQUESTS, "gates_busy", why);
         if running.iter().any(|(j, t)| j == job && t == tenant) {
-            return Err(Refusal(
+            return Err(Refusal::new(
                 StatusCode::CONFLICT,
                 "gate_running",
                 format!(
@@ -507,12 +507,12 @@ mod tests {
         let again = RunningGate::start(&gates, "replay-a", "shop")
             .err()
             .expect("the same Job again");
-        assert_eq!(again.0, StatusCode::CONFLICT);
+        assert_eq!(again.status, StatusCode::CONFLICT);
         let _second = RunningGate::start(&gates, "replay-b", "shop").expect("second");
         let third = RunningGate::start(&gates, "replay-c", "shop")
             .err()
             .expect("a third of the tenant");
-        assert_eq!(third.0, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS);
         // Another tenant is not held up by this one.
         let other = RunningGate::start(&gates, "replay-a", "bank").expect("another tenant, a Job alike");
         drop(other);

@@ -234,7 +234,7 @@ where
             .await
             .map_err(unavailable)?;
         if on_record.first().map(|e| e.hash) != Some(told.1) {
-            return Err(Refusal(
+            return Err(Refusal::new(
                 StatusCode::CONFLICT,
                 crate::gateway::remote::HEAD_UNRECORDED,
                 format!(
@@ -585,7 +585,7 @@ where
             .and_then(Hash::parse);
         let own = pinned == Some(hash) || service.chain_refers_to(&caller, &hash).await?;
         if !own {
-            return Err(Refusal(
+            return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("run {} has no blob {hash}", caller.run_id()),
@@ -598,7 +598,7 @@ where
             .map_err(unavailable)?
         {
             Some(bytes) => Ok(bytes.into_response()),
-            None => Err(Refusal(
+            None => Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no blob {hash}"),
@@ -834,7 +834,7 @@ where
                 .await
         };
         let in_progress = |call: &str| {
-            Refusal(
+            Refusal::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "call_in_progress",
                 format!("call {call} is being carried out by another replica; ask again shortly"),
@@ -1041,7 +1041,7 @@ where
                 let _ = answer.send(settled.map(|()| reply(log.exact_head())));
             }
             _ => {
-                if let Err(Refusal(_, _, error)) = settled {
+                if let Err(Refusal { message: error, .. }) = settled {
                     tracing::warn!(
                         run_id = caller.run_id(),
                         %error,
@@ -1221,7 +1221,7 @@ where
             "contextos.outcome",
             match &reply {
                 Ok(_) => "answered",
-                Err(refusal) => refusal.1,
+                Err(refusal) => refusal.code,
             },
         );
         reply
@@ -1270,12 +1270,12 @@ where
             Ok(answered) => answered,
             // A SpendQuota refused the turn for good: the run ends here, on record, written by
             // the gateway — whatever the runner reports, nothing more of the run is served.
-            Err((refusal, _)) if refusal.1 == super::quotas::QUOTA_EXCEEDED_CODE => {
+            Err((refusal, _)) if refusal.code == super::quotas::QUOTA_EXCEEDED_CODE => {
                 let held = log.take_unrecorded();
                 for entry in &held {
                     recorder.stage(entry.clone());
                 }
-                recorder.stage(ended_by_quota(&refusal.2));
+                recorder.stage(ended_by_quota(&refusal.message));
                 let reply = move |head| with_head(refusal.into_response(), head);
                 let written = self
                     .write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
@@ -1457,7 +1457,7 @@ where
         }
         let budget = &caller.context.context.budget;
         if step > budget.max_steps {
-            return Err(refused(Refusal(
+            return Err(refused(Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "step_budget",
                 format!("run {} may take {} steps", caller.run_id(), budget.max_steps),
@@ -1469,7 +1469,7 @@ where
         let used = log.tokens_used();
         let spent = used.saturating_add(prompt_estimate);
         if spent >= budget.max_tokens {
-            return Err(refused(Refusal(
+            return Err(refused(Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "token_budget",
                 format!(
@@ -1581,7 +1581,7 @@ where
 /// The refusal for a turn no model answered.
 fn failed_turn(error: ModelError, route: Option<crate::model::routing::Route>) -> Refusal {
     match error {
-        ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => Refusal(
+        ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => Refusal::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "model_script",
             error.to_string(),
@@ -1601,7 +1601,7 @@ fn failed_turn(error: ModelError, route: Option<crate::model::routing::Route>) -
                 Some(tried) => format!("no routed model answered ({tried})"),
                 None => other.to_string(),
             };
-            Refusal(StatusCode::BAD_GATEWAY, "model_unavailable", message)
+            Refusal::new(StatusCode::BAD_GATEWAY, "model_unavailable", message)
         }
     }
 }

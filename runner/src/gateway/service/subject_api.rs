@@ -143,7 +143,7 @@ where
             .into_iter()
             .next()
             .ok_or_else(|| {
-                Refusal(
+                Refusal::new(
                     StatusCode::NOT_FOUND,
                     "not_found",
                     format!("no run {} in namespace {tenant}", q.run),

@@ -43,7 +43,7 @@ where
     ) -> Reply {
         let caller = service.caller(&headers).await?;
         let Some(sink) = service.traces.clone() else {
-            return Err(Refusal(
+            return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "traces_not_collected",
                 "this gateway exports no traces (OTEL_EXPORTER_OTLP_ENDPOINT is not set on it), so it relays none: set it on the gateway, or unset it on the operator so runner pods stop sending spans".into(),
@@ -55,7 +55,7 @@ where
             .and_then(|v| v.split(';').next())
             .is_some_and(|v| v.trim().eq_ignore_ascii_case(PROTOBUF));
         if !protobuf {
-            return Err(Refusal(
+            return Err(Refusal::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 format!("spans are relayed as OTLP/HTTP with protobuf (Content-Type: {PROTOBUF})"),

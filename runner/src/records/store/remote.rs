@@ -51,6 +51,9 @@ pub const CHAIN_PAGE: usize = 256;
 const MAX_CHAIN_BYTES: usize = 1 << 30;
 /// Attempts per request when the service cannot be reached (another replica may answer).
 const ATTEMPTS: u32 = 6;
+/// The longest a throttled request waits when the service says to (`Retry-After`) before it
+/// is sent again: a runner's attempt has a deadline of its own.
+const MAX_TOLD_WAIT: Duration = Duration::from_secs(5);
 
 /// The code of a refusal made before the caller's request was looked at — its address had too
 /// many tokens refused lately (`gateway::refused_tokens`), or the person too many access
@@ -277,9 +280,12 @@ impl RemoteStore {
     ) -> Result<(Vec<u8>, Option<(u64, Hash)>), RemoteError> {
         let url = format!("{}{path}", self.base);
         let mut last = None;
+        // What the service said to wait before asking again (`Retry-After` on a throttled answer).
+        let mut told_to_wait = Duration::ZERO;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
+                let backoff = Duration::from_millis(100 << attempt.min(5));
+                tokio::time::sleep(backoff.max(std::mem::take(&mut told_to_wait))).await;
             }
             let token = self.token.read().map_err(RemoteError::Token)?;
             let mut request = self
@@ -315,6 +321,12 @@ impl RemoteStore {
                 }
             };
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|seconds| Duration::from_secs(seconds).min(MAX_TOLD_WAIT));
             let head = response
                 .headers()
                 .get(HEAD_HEADER)
@@ -346,6 +358,7 @@ impl RemoteStore {
             if once.is_none() && status.as_u16() == 429 && problem.code == THROTTLED && attempt + 1 < ATTEMPTS
             {
                 last = Some(problem.error);
+                told_to_wait = retry_after.unwrap_or_default();
                 continue;
             }
             return Err(RemoteError::Refused {
@@ -672,5 +685,74 @@ impl RecordStore for RemoteStore {
         self.get_json(&self.path(&format!("/checkpoint?session={}", q(session_id))))
             .await
             .map_err(|e| store_error(e, "-"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        time::Instant,
+    };
+
+    use axum::{http::StatusCode, response::IntoResponse};
+
+    use super::*;
+
+    /// A throttled request is sent again no sooner than the service said (`Retry-After`; the
+    /// client's own backoff before a second attempt is 200 ms), and then answered.
+    #[tokio::test]
+    async fn a_throttled_request_waits_as_long_as_it_was_told() {
+        let asked: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let router = axum::Router::new().route(
+            "/v1/records/runs",
+            axum::routing::get({
+                let asked = asked.clone();
+                move || async move {
+                    let first = {
+                        let mut asked = asked.lock().expect("lock");
+                        asked.push(Instant::now());
+                        asked.len() == 1
+                    };
+                    if first {
+                        let problem = Problem {
+                            error: "too many refused tokens from this address".into(),
+                            code: THROTTLED.into(),
+                        };
+                        (
+                            StatusCode::TOO_MANY_REQUESTS,
+                            [(reqwest::header::RETRY_AFTER, "1")],
+                            axum::Json(problem),
+                        )
+                            .into_response()
+                    } else {
+                        axum::Json(serde_json::json!({"runs": []})).into_response()
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        let store = RemoteStore::new(
+            &url,
+            TokenSource::Fixed("token".into()),
+            Credential::Reader {
+                namespace: "shop".into(),
+            },
+            "shop",
+        )
+        .expect("client");
+        let answer: serde_json::Value = store.get_json("/v1/records/runs").await.expect("answered");
+        assert_eq!(answer, serde_json::json!({"runs": []}));
+        let asked = asked.lock().expect("lock").clone();
+        assert_eq!(asked.len(), 2, "asked again once");
+        assert!(
+            asked[1] - asked[0] >= Duration::from_secs(1),
+            "waited {:?}, told 1 s",
+            asked[1] - asked[0]
+        );
     }
 }

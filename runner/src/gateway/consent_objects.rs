@@ -89,11 +89,28 @@ impl ChainedObject for Consent {
             (Err(problem), _) => refused(self, "InvalidConsent", problem),
             (_, Err(e)) => refused(self, "InvalidNamespace", e.to_string()),
             (Ok(record), Ok(tenant)) => {
-                match ConsentBook::new(store, &tenant)
-                    .append(record, &keys.for_tenant(&namespace))
-                    .await
-                {
-                    Ok(link) => recorded(self, &link),
+                let key = keys.for_tenant(&namespace);
+                let book = ConsentBook::new(store, &tenant);
+                match book.append(record.clone(), &key).await {
+                    Ok(link) => {
+                        // A grant chained late may count for nothing: a revocation made through
+                        // the gateway after this object was created stands. Said, not hidden.
+                        let standing = match record.action {
+                            ConsentAction::Grant => book
+                                .history(&record.subject, &key.public())
+                                .await
+                                .map(|history| {
+                                    GrantStanding::of(
+                                        &record,
+                                        &history.ledger(),
+                                        jiff::Timestamp::now().as_millisecond(),
+                                    )
+                                })
+                                .ok(),
+                            ConsentAction::Revoke => None,
+                        };
+                        recorded(self, &link, standing)
+                    }
                     // The store is away (TiKV restarting, say): this object waits.
                     Err(MemoryError::Store(e @ StoreError::Backend(_))) => {
                         return Chaining::Wait(e.to_string());
@@ -112,17 +129,60 @@ pub async fn chain_consent_objects<S: RecordStore>(client: kube::Client, store: 
     chain_objects::<Consent, S>(client, store, keys).await;
 }
 
-fn recorded(consent: &Consent, link: &ConsentLink) -> ConsentStatus {
-    ConsentStatus {
-        conditions: conditions(
-            consent.metadata.generation,
-            true,
-            "Chained",
+/// Whether a grant, once chained, is what stands for each of its categories.
+#[derive(Debug, PartialEq, Eq)]
+enum GrantStanding {
+    /// Every category it names is granted now.
+    InForce,
+    /// It has expired already.
+    Expired,
+    /// These categories are not granted now: a revocation dated after the grant stands.
+    Overruled(std::collections::BTreeSet<Category>),
+}
+
+impl GrantStanding {
+    /// Where `grant` stands in `ledger` (its subject's history, the grant included) at `now_ms`.
+    fn of(grant: &ConsentRecord, ledger: &crate::consent::ConsentLedger, now_ms: i64) -> Self {
+        if grant.expires_at_ms.is_some_and(|until| until <= now_ms) {
+            return Self::Expired;
+        }
+        let wanted = grant.categories.clone();
+        let uncovered = ledger.uncovered(&grant.subject, &grant.purpose, &wanted, now_ms);
+        if uncovered.is_empty() {
+            Self::InForce
+        } else {
+            Self::Overruled(uncovered)
+        }
+    }
+}
+
+/// `standing`: where a grant stands once chained (`None` for a revocation, or when the history
+/// could not be read back to say).
+fn recorded(consent: &Consent, link: &ConsentLink, standing: Option<GrantStanding>) -> ConsentStatus {
+    let chained = format!(
+        "link {} of subject {}'s consent history",
+        link.seq, link.record.subject
+    );
+    let (reason, message) = match standing {
+        None | Some(GrantStanding::InForce) => ("Chained", chained),
+        Some(GrantStanding::Expired) => (
+            "ChainedExpired",
+            format!("{chained}; it grants nothing: spec.expiresAt has passed"),
+        ),
+        Some(GrantStanding::Overruled(categories)) => (
+            "ChainedOverruled",
             format!(
-                "link {} of subject {}'s consent history",
-                link.seq, link.record.subject
+                "{chained}; it grants nothing for {}: a revocation dated after this object's creation stands (recorded while this object waited to be chained); to grant them now, apply a new Consent",
+                categories
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ),
+    };
+    ConsentStatus {
+        conditions: conditions(consent.metadata.generation, true, reason, message),
         observed_generation: consent.metadata.generation,
         link: Some(ConsentLinkRef {
             seq: link.seq,
@@ -164,6 +224,58 @@ mod tests {
         consent.metadata.creation_timestamp =
             Some(Time(jiff::Timestamp::from_second(1_800_000_000).expect("time")));
         consent
+    }
+
+    /// A grant object chained after a later-dated revocation made through the gateway (the
+    /// store was away when it was created) is said to grant nothing, naming what; an expired
+    /// one too; one that stands is in force.
+    #[test]
+    fn a_chained_grant_says_whether_it_is_in_force() {
+        let grant = record_of(&consent(&["email", "phone"])).expect("record");
+        let now = grant.at_ms + 60_000;
+        let mut revocation = grant.clone();
+        revocation.action = ConsentAction::Revoke;
+        revocation.categories = ["email".parse().expect("category")].into();
+        revocation.at_ms = grant.at_ms + 1_000;
+        revocation.request_id = Some("gateway-request-1".into());
+        // Appended in that order: the revocation, then the object that waited.
+        let ledger = crate::consent::ConsentLedger::from_records([&revocation, &grant]);
+        assert_eq!(
+            GrantStanding::of(&grant, &ledger, now),
+            GrantStanding::Overruled(["email".parse().expect("category")].into())
+        );
+        let ledger = crate::consent::ConsentLedger::from_records([&grant]);
+        assert_eq!(GrantStanding::of(&grant, &ledger, now), GrantStanding::InForce);
+        let mut expired = grant.clone();
+        expired.expires_at_ms = Some(grant.at_ms + 30_000);
+        let ledger = crate::consent::ConsentLedger::from_records([&expired]);
+        assert_eq!(GrantStanding::of(&expired, &ledger, now), GrantStanding::Expired);
+
+        let link = ConsentLink {
+            seq: 4,
+            prev: None,
+            hash: crate::records::Hash::of(b"link"),
+            record: grant.clone(),
+        };
+        let status = recorded(
+            &consent(&["email", "phone"]),
+            &link,
+            Some(GrantStanding::Overruled(
+                ["email".parse().expect("category")].into(),
+            )),
+        );
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready");
+        assert_eq!(ready.reason, "ChainedOverruled");
+        assert!(
+            ready.message.contains("grants nothing for email")
+                && ready.message.contains("apply a new Consent"),
+            "{}",
+            ready.message
+        );
     }
 
     #[test]

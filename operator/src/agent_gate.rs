@@ -72,10 +72,18 @@ pub fn decide(
 ) -> Need {
     let gate = effective_gate(agent, own, in_force.gates, members);
     let Some(promoted) = in_force.composition else {
-        // A first composition may be an Agent deleted and created again: its recorded sessions
-        // decide, under a gate or the strictest default (no history promotes it). So does one
-        // whose promoted snapshot is gone: there is nothing to compare it with.
-        return Need::Replay(gate.unwrap_or_else(|| strict_default(agent)));
+        // A first composition may be an Agent deleted and created again — its status, and the
+        // gates in force there, gone with it: its recorded sessions decide, under the strictest
+        // default, tightened by any gate it has now but never loosened by one (a gate of its
+        // own written with the new spec would otherwise be all that judged it). No history
+        // promotes it. So does one whose promoted snapshot is gone: there is nothing to compare
+        // it with.
+        let mut strictest = strict_default(agent);
+        if let Some(gate) = &gate {
+            tighten(&mut strictest, gate);
+            strictest.replay.selector = gate.replay.selector.clone();
+        }
+        return Need::Replay(strictest);
     };
     let Some(gate) = gate else {
         return Need::Direct(
@@ -222,17 +230,7 @@ pub fn effective_gate(
     let mut gate = first.clone();
     gate.replay.selector.match_labels.clear();
     for (_, other) in rest {
-        gate.replay.max_divergence_percent = gate
-            .replay
-            .max_divergence_percent
-            .min(other.replay.max_divergence_percent);
-        gate.replay.sample_size = gate.replay.sample_size.max(other.replay.sample_size);
-        gate.replay.window_hours = gate.replay.window_hours.max(other.replay.window_hours);
-        gate.replay.reexecute = more_samples(gate.replay.reexecute.take(), other.replay.reexecute.clone());
-        if other.mode == PromotionMode::Manual {
-            gate.mode = PromotionMode::Manual;
-        }
-        gate.approvers = union(gate.approvers.as_ref(), other.approvers.as_ref());
+        tighten(&mut gate, other);
     }
     // The Agent's gate replays the Agent's sessions, whatever the others selected.
     gate.replay.selector = ReplaySelector {
@@ -240,6 +238,22 @@ pub fn effective_gate(
         match_labels: Default::default(),
     };
     Some(gate)
+}
+
+/// Makes `gate` at least as strict as `other`: the lower divergence, the larger sample and
+/// window, re-execution that samples more, manual if either is, both gates' approvers.
+fn tighten(gate: &mut PromotionSpec, other: &PromotionSpec) {
+    gate.replay.max_divergence_percent = gate
+        .replay
+        .max_divergence_percent
+        .min(other.replay.max_divergence_percent);
+    gate.replay.sample_size = gate.replay.sample_size.max(other.replay.sample_size);
+    gate.replay.window_hours = gate.replay.window_hours.max(other.replay.window_hours);
+    gate.replay.reexecute = more_samples(gate.replay.reexecute.take(), other.replay.reexecute.clone());
+    if other.mode == PromotionMode::Manual {
+        gate.mode = PromotionMode::Manual;
+    }
+    gate.approvers = union(gate.approvers.as_ref(), other.approvers.as_ref());
 }
 
 /// The re-execution that samples more, of two gates' (unset is what an Agent's gate does
@@ -482,6 +496,35 @@ mod tests {
         };
         assert_eq!(gate.replay.max_divergence_percent, 0);
         assert_eq!(gate.replay.selector.agents, vec!["ops".to_owned()]);
+    }
+
+    #[test]
+    fn a_first_composition_with_a_lax_gate_of_its_own_is_replayed_at_least_as_strictly_as_the_default() {
+        // An Agent deleted (its gates in force gone with its status) and created again with a
+        // gate that lets anything through: the default still judges it.
+        let c = composition(vec![policy("guardrails", "deny")]);
+        let d = spec_digest(&c.policies[0].spec);
+        let members = [member("guardrails", &d, None, PromotedBy::Ungated, None)];
+        let mut lax = gate(100);
+        lax.replay.sample_size = 1;
+        lax.replay.window_hours = 1;
+        let Need::Replay(judged) = decide("ops", Some(&lax), InForce::default(), &c, &members) else {
+            panic!("a first composition must be replayed");
+        };
+        let default = PromotionSpec::default();
+        assert_eq!(judged.replay.max_divergence_percent, 0);
+        assert_eq!(judged.replay.sample_size, default.replay.sample_size);
+        assert_eq!(judged.replay.window_hours, default.replay.window_hours);
+        assert_eq!(judged.replay.selector.agents, vec!["ops".to_owned()]);
+        // A stricter gate of its own still tightens it.
+        let mut manual = gate(0);
+        manual.mode = PromotionMode::Manual;
+        manual.replay.sample_size = default.replay.sample_size + 10;
+        let Need::Replay(judged) = decide("ops", Some(&manual), InForce::default(), &c, &members) else {
+            panic!("a first composition must be replayed");
+        };
+        assert_eq!(judged.mode, PromotionMode::Manual);
+        assert_eq!(judged.replay.sample_size, default.replay.sample_size + 10);
     }
 
     #[test]

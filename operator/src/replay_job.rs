@@ -327,8 +327,18 @@ pub fn outcome(target: &GateTarget<'_>, job: &Job, pods: &[Pod], key: &PublicKey
     }
     let job_name = job.metadata.name.clone().unwrap_or_default();
     let uid = job.metadata.uid.as_deref();
+    // Only the job controller makes pods labelled as replay pods (admission policy
+    // contextos-replay-pods); anyone may make an unlabelled pod naming the Job as its
+    // controller, and have it report first.
     let messages: Vec<(String, i32)> = pods
         .iter()
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(labels::ROLE))
+                .is_some_and(|role| role == "replay")
+        })
         .filter(|p| {
             p.metadata
                 .owner_references
@@ -474,7 +484,7 @@ mod tests {
 
     fn pod(owner_uid: &str, message: &str) -> Pod {
         serde_json::from_value(json!({
-            "metadata": {"name": "p", "ownerReferences": [{
+            "metadata": {"name": "p", "labels": {"contextos.dev/role": "replay"}, "ownerReferences": [{
                 "apiVersion": "batch/v1", "kind": "Job", "name": job_name(&target()),
                 "uid": owner_uid, "controller": true}]},
             "status": {"containerStatuses": [{
@@ -525,6 +535,15 @@ mod tests {
         assert!(matches!(
             outcome(&target(), &job, &[pod("job-uid", &elsewhere)], &key),
             JobOutcome::Inconclusive { .. }
+        ));
+        // A pod of the tenant's naming the Job as its controller but not labelled as a replay
+        // pod (which only the job controller may make) — here with the genuine verdict of an
+        // earlier run of the same Job name, or a forged one to hide a failure — is not heard.
+        let mut unlabelled = pod("job-uid", &signed(&job_name(&target()), true, &tenant));
+        unlabelled.metadata.labels = None;
+        assert!(matches!(
+            outcome(&target(), &job, &[unlabelled, pod("job-uid", &genuine)], &key),
+            JobOutcome::Verdict(ref g) if !g.passed
         ));
         // A plain report, as an older runner wrote, is no verdict either.
         assert!(matches!(

@@ -89,6 +89,9 @@ pub mod reason {
     /// An object at a name the operator uses for its own children was not made by the operator
     /// (a planted or altered child); it is never used.
     pub const UNTRUSTED_CHILD: &str = "UntrustedChild";
+    /// A started Session's pinned run bundle is gone: what it runs cannot be pinned again
+    /// mid-run, so it goes no further.
+    pub const BUNDLE_LOST: &str = "BundleLost";
     /// A Session waits for its runner pod or is being run.
     pub const RUNNING: &str = "Running";
     /// A Session's run waits for a human to approve a call.

@@ -91,6 +91,31 @@ async fn a_tenant_cannot_plant_a_sessions_run_bundle() -> Result<()> {
             .contains_key("contextos.dev/seal"),
         "the operator's bundle carries no seal"
     );
+
+    // Once the run started, that bundle is what it runs: deleted, it is not pinned again from
+    // the Agent's revisions (later attempts would run under other revisions than the record
+    // and status say). The Session ends, naming it. (A label change brings it back: Sessions
+    // do not watch ConfigMaps.)
+    config_maps
+        .delete("planted-bundle", &DeleteParams::default())
+        .await?;
+    sessions
+        .patch(
+            "planted",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"nudge": "1"}}})),
+        )
+        .await?;
+    let ended = phase_is(&sessions, "planted", SessionPhase::Failed).await?;
+    let ready = condition(&ended.status.unwrap_or_default().conditions, "Ready");
+    ensure!(
+        ready.contains("BundleLost") && ready.contains("ConfigMap planted-bundle"),
+        "the Session does not say its bundle was lost: {ready}"
+    );
+    ensure!(
+        config_maps.get_opt("planted-bundle").await?.is_none(),
+        "the operator pinned the Session's revisions again"
+    );
     ns.pass();
     Ok(())
 }

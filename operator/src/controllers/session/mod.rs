@@ -538,6 +538,18 @@ async fn pinned(
             },
         );
     }
+    // A run that started was pinned to that bundle: pinned again from the Agent's revisions
+    // now, its later attempts would run under other revisions than its record and status
+    // say. Whoever deleted it ended the run.
+    if let Some(run) = session.status.as_ref().and_then(|s| s.run_id.as_deref()) {
+        return Ok(Err(Invalid::new(
+            reason::BUNDLE_LOST,
+            format!(
+                "ConfigMap {}, the run bundle run {run} was pinned to, was deleted; a Session's revisions cannot change while it runs, so it goes no further (start another Session)",
+                children::bundle_name(&session.name_any())
+            ),
+        )));
+    }
     if let Some(problem) = contextos_crds::free_form::session_problem(&session.spec) {
         return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
     }

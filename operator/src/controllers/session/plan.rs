@@ -103,7 +103,8 @@ pub enum Step {
 pub fn held(invalid: &Invalid) -> Step {
     // An override that loosens the agent's limits can never become valid: the spec is
     // immutable. Anything else (a missing or unready reference) may be fixed later.
-    let phase = if invalid.reason == reason::OVERRIDE_LOOSENS {
+    // Nor can a started run's lost bundle come back.
+    let phase = if invalid.reason == reason::OVERRIDE_LOOSENS || invalid.reason == reason::BUNDLE_LOST {
         SessionPhase::Failed
     } else {
         SessionPhase::Pending

@@ -83,12 +83,22 @@ impl Turns {
 
     fn applied(&mut self, pod: Pod) -> Option<Pod> {
         let turn = turn(&pod, &self.keys);
+        // Only the controlling owner is kept (a Session's, for its own pods; the API server
+        // allows one): anyone may label a pod of theirs as a Session's and give it thousands of
+        // other owners, which kept for every such pod would fill this process.
+        let controller = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|owner| owner.controller == Some(true))
+            .cloned();
         let known = Pod {
             metadata: ObjectMeta {
                 name: pod.metadata.name.clone(),
                 namespace: pod.metadata.namespace.clone(),
                 uid: pod.metadata.uid.clone(),
-                owner_references: pod.metadata.owner_references.clone(),
+                owner_references: controller.map(|owner| vec![owner]),
                 ..ObjectMeta::default()
             },
             ..Pod::default()
@@ -177,6 +187,31 @@ mod tests {
             "2026-12-06T10:00:05Z".parse().expect("a time"),
         ));
         assert_ne!(turn(&running), turn(&deleting));
+    }
+
+    #[test]
+    fn of_a_pods_owners_only_its_controller_is_kept() {
+        let mut turns = Turns::default();
+        let mut crowded = pod("c", json!({"phase": "Running"}));
+        let owner = |i: usize, controller: bool| {
+            serde_json::from_value(
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "name": format!("o-{i}"),
+                "uid": format!("uid-{i}"), "controller": controller}),
+            )
+            .expect("an owner reference")
+        };
+        let mut owners: Vec<_> = (0..10_000).map(|i| owner(i, false)).collect();
+        owners.push(owner(10_000, true));
+        crowded.metadata.owner_references = Some(owners);
+        turns.heard(Ok(watcher::Event::Apply(crowded)));
+        let kept = turns
+            .passed
+            .get("c")
+            .and_then(|(_, p)| p.metadata.owner_references.clone());
+        assert_eq!(
+            kept.map(|o| o.into_iter().map(|o| o.name).collect::<Vec<_>>()),
+            Some(vec!["o-10000".to_owned()])
+        );
     }
 
     fn names(passed: Vec<Result<Pod, watcher::Error>>) -> Vec<String> {

@@ -1125,7 +1125,11 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
     let pod = |name: &str, owners: &Value| tenant_pod(env, namespace, name, owners, &json!({}));
     let dir = tempfile::tempdir()?;
     let file = |name: &str, value: &Value| json_file(dir.path(), name, value);
-    let claimed = file("claimed", &pod("victim-run-1", &session))?;
+    let marks = json!({"contextos.dev/role": "runner", "contextos.dev/session": "victim"});
+    let claimed = file(
+        "claimed",
+        &tenant_pod(env, namespace, "victim-run-1", &session, &marks),
+    )?;
     let refusal = "only the ContextOS operator makes a pod a Session's runner pod";
     wait_for(
         "the runner-pods policy to refuse a tenant's pod owned by a Session",
@@ -1220,6 +1224,49 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
     ensure!(
         !patched.status.success() && stderr.contains(refusal),
         "a tenant changed a runner pod's image: {stderr}"
+    );
+    // Nor its marks: without its role label the runner NetworkPolicy would no longer select it
+    // (its egress open), without its Session label its crashes would not count.
+    let merge = |patch: Value| {
+        let patch = patch.to_string();
+        let args: Vec<String> = [
+            "patch",
+            "pod",
+            "victim-run-1",
+            "-n",
+            namespace,
+            "--as",
+            tenant,
+            "--type=merge",
+            "-p",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([patch])
+        .collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(env, &args).await
+        }
+    };
+    for marks in [
+        json!({"metadata": {"labels": {"contextos.dev/role": null}}}),
+        json!({"metadata": {"labels": {"contextos.dev/session": "another"}}}),
+        json!({"metadata": {"annotations": {"contextos.dev/resumed-for": "sha256:0"}}}),
+    ] {
+        let patched = merge(marks.clone()).await?;
+        let stderr = String::from_utf8_lossy(&patched.stderr);
+        ensure!(
+            !patched.status.success() && stderr.contains(refusal),
+            "a tenant changed a runner pod's marks ({marks}): {stderr}"
+        );
+    }
+    // Labels of its own are the tenant's.
+    let labelled = merge(json!({"metadata": {"labels": {"team": "payments"}}})).await?;
+    ensure!(
+        labelled.status.success(),
+        "a tenant could not label a runner pod with a label of its own: {}",
+        String::from_utf8_lossy(&labelled.stderr)
     );
     Ok(())
 }

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{agent::ModelSpec, common::ToolRisk};
 
+/// The most fallbacks `spec.routing.fallback` names (its schema's `maxItems`): a turn is asked
+/// of at most this many models after the chosen one.
+pub const MAX_FALLBACKS: usize = 8;
+
 /// The name `spec.model` is routed to by.
 pub const PRIMARY: &str = "primary";
 
@@ -34,7 +38,7 @@ pub struct ModelRouting {
     /// Models tried in this order when the chosen one fails (an error, a timeout, its breaker
     /// open), each at most once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8), inner(length(min = 1, max = 63)))]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 63)))] // MAX_FALLBACKS
     pub fallback: Vec<String>,
     /// When a model is skipped after failing.
     #[serde(default)]
@@ -137,5 +141,19 @@ impl ModelRouting {
             return Some(primary);
         }
         self.models.iter().find(|m| m.name == name).map(|m| &m.model)
+    }
+}
+
+#[cfg(test)]
+mod max_fallbacks {
+    #[test]
+    fn the_schema_admits_max_fallbacks_and_no_more() {
+        let schema = serde_json::to_value(schemars::schema_for!(super::ModelRouting)).expect("schema");
+        assert_eq!(
+            schema
+                .pointer("/properties/fallback/maxItems")
+                .and_then(serde_json::Value::as_u64),
+            Some(super::MAX_FALLBACKS as u64)
+        );
     }
 }

@@ -222,6 +222,9 @@ pub enum Model {
     Charged(Box<Model>, charged::Charger),
 }
 
+/// How long one model endpoint is given to answer a turn.
+pub const MODEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// What a request's prompt will cost, estimated before asking (≈ 4 bytes a token): a model
 /// that reports no usage is charged this, never nothing.
 pub fn estimated_tokens(request: &ModelRequest) -> u64 {
@@ -234,23 +237,21 @@ pub fn most_prompt_tokens(request: &ModelRequest) -> u64 {
     prompt_bytes(request)
 }
 
+/// Every byte of text the endpoint is sent counts — the runner writes all of it: the messages'
+/// contents, their calls' ids, tools and arguments, the ids tool results answer, and the
+/// tools' names, descriptions and schemas.
 fn prompt_bytes(request: &ModelRequest) -> u64 {
-    let bytes: usize = request
-        .messages
-        .iter()
-        .map(|m| {
-            m.content.len()
-                + m.tool_calls
-                    .iter()
-                    .map(|c| c.arguments.to_string().len())
-                    .sum::<usize>()
-        })
-        .sum::<usize>()
-        + request
-            .tools
-            .iter()
-            .map(|t| t.description.len() + t.parameters.to_string().len())
-            .sum::<usize>();
+    let message = |m: &Message| {
+        m.content.len()
+            + m.tool_call_id.as_ref().map_or(0, String::len)
+            + m.tool_calls
+                .iter()
+                .map(|c| c.id.len() + c.tool.len() + c.arguments.to_string().len())
+                .sum::<usize>()
+    };
+    let tool = |t: &ToolSpec| t.name.len() + t.description.len() + t.parameters.to_string().len();
+    let bytes =
+        request.messages.iter().map(message).sum::<usize>() + request.tools.iter().map(tool).sum::<usize>();
     bytes as u64
 }
 
@@ -303,7 +304,7 @@ impl Model {
                         }
                         None => None,
                     };
-                let timeout = std::time::Duration::from_secs(120);
+                let timeout = MODEL_TIMEOUT;
                 Ok(Self::OpenAi(openai::OpenAiCompatible::new(
                     endpoint, api_key, timeout,
                 )))
@@ -322,5 +323,43 @@ impl Model {
             Self::Charged(inner, charger) => return charger.0.complete(inner, request, step).await,
         };
         Ok(turn.accounted(request))
+    }
+}
+
+#[cfg(test)]
+mod prompt_size {
+    use super::*;
+
+    /// Text hidden in the fields beside a message's content — a call's id, the id a result
+    /// answers, a tool's name — is sent to the model and billed: it counts.
+    #[test]
+    fn every_string_sent_counts_toward_the_prompt() {
+        let padded = "x".repeat(1 << 20);
+        let request = |message: Message| ModelRequest {
+            model: "m".into(),
+            messages: vec![message],
+            tools: Vec::new(),
+            max_output_tokens: None,
+        };
+        let answer = Message {
+            role: Role::Tool,
+            content: String::new(),
+            tool_calls: Vec::new(),
+            tool_call_id: Some(padded.clone()),
+            read: None,
+        };
+        assert!(estimated_tokens(&request(answer)) >= 250_000);
+        let call = Message {
+            role: Role::Assistant,
+            content: String::new(),
+            tool_calls: vec![ToolCallRequest {
+                id: padded.clone(),
+                tool: padded.clone(),
+                arguments: serde_json::json!({}),
+            }],
+            tool_call_id: None,
+            read: None,
+        };
+        assert!(most_prompt_tokens(&request(call)) >= 2 << 20);
     }
 }

@@ -16,9 +16,23 @@ use crate::{
     records::{StoreError, TenantId},
 };
 
-/// How long a call may hold before its hold is charged in full (its replica is taken to be
-/// gone): longer than any model turn or tool call takes.
+/// How long a tool call may hold before its hold is charged in full (its replica is taken to
+/// be gone). A tool call holds exactly what it costs, so a hold that ends before a slow call
+/// (retried at its longest timeout) settles charges the same.
 pub const HOLD_MS: i64 = 15 * 60 * 1000;
+
+/// How long a model turn may hold: longer than a routed turn can take — the chosen model and
+/// every fallback (at most [`contextos_crds::model_routing::MAX_FALLBACKS`]) each given
+/// [`crate::model::MODEL_TIMEOUT`] — so the turn's settlement finds its hold, whatever the
+/// models cut off cost beside the answer (a hold charged in full when its time is up is all
+/// that is ever charged of it).
+pub const TURN_HOLD_MS: i64 = 30 * 60 * 1000;
+
+const _: () = assert!(
+    (TURN_HOLD_MS as u128)
+        > (1 + contextos_crds::model_routing::MAX_FALLBACKS as u128)
+            * crate::model::MODEL_TIMEOUT.as_millis()
+);
 
 /// What a call may cost at most, and in which currency its money is.
 #[derive(Clone, Debug)]
@@ -130,6 +144,31 @@ fn decode_all(keys: &[Vec<u8>], values: &[Option<Vec<u8>>]) -> Result<Vec<Ledger
         .collect()
 }
 
+/// Whether every quota of `quotas` that limits money can count a model turn answered by any
+/// model priced in one of `currencies` (a routed Agent's models may be priced apart): a turn
+/// answered in another currency would be charged nothing against the limit.
+pub fn one_currency(
+    quotas: &[&ActiveQuota],
+    currencies: &std::collections::BTreeSet<&str>,
+) -> Result<(), QuotaRefusal> {
+    for quota in quotas {
+        let Some(wanted) = quota.currency.as_deref() else {
+            continue;
+        };
+        let others: Vec<&str> = currencies.iter().copied().filter(|c| *c != wanted).collect();
+        if !others.is_empty() {
+            return Err(QuotaRefusal::Unpriced {
+                quota: quota.name.clone(),
+                reason: format!(
+                    "counts it in {wanted}, but the Agent's models (spec.model and spec.routing) are priced in {} too: route only to models priced in {wanted}",
+                    others.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Admits `demand` against every quota of `quotas` and holds it there — or, if one is full,
 /// holds nothing anywhere and says which. One change of every ledger involved: two replicas
 /// never both admit the call that fills a limit.
@@ -197,7 +236,7 @@ pub async fn hold<B: MemoryBackend>(
                     }
                     continue;
                 }
-                ledger.hold(&call, &owner, share, now + HOLD_MS);
+                ledger.hold(&call, &owner, share, now + if exact { HOLD_MS } else { TURN_HOLD_MS });
             }
             if let Some(refused) = refused {
                 return (Vec::new(), Err(refused));
@@ -304,5 +343,38 @@ impl QuotaRefusal {
             Self::Full { quota, .. } | Self::Unpriced { quota, .. } => Some(quota),
             Self::Unavailable(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use contextos_crds::{SpendQuota, SpendQuotaSpec};
+
+    use super::*;
+
+    fn quota(yaml: &str) -> ActiveQuota {
+        let spec: SpendQuotaSpec = serde_yaml::from_str(yaml).expect("spec");
+        let mut object = SpendQuota::new("tenant", spec);
+        object.metadata.uid = Some("u-1".into());
+        ActiveQuota::compile(&object).expect("quota")
+    }
+
+    #[test]
+    fn a_money_limit_refuses_an_agent_whose_models_are_priced_in_another_currency_too() {
+        let usd = quota("limits:\n- window: hour\n  spend: {amount: \"5\", currency: USD}\n");
+        let calls = quota("limits:\n- window: hour\n  toolCalls: 7\n");
+        let one = ["USD"].into();
+        assert!(one_currency(&[&usd, &calls], &one).is_ok());
+        // Routed to a model priced in EUR beside the USD one: a turn it answers would count
+        // nothing against the USD limit.
+        let mixed = ["EUR", "USD"].into();
+        let refused = one_currency(&[&usd], &mixed).expect_err("refused");
+        assert!(
+            matches!(&refused, QuotaRefusal::Unpriced { quota, .. } if quota == "tenant"),
+            "{refused:?}"
+        );
+        assert!(refused.to_string().contains("priced in EUR too"), "{refused}");
+        // A quota of calls or tokens only counts no money: any currency will do.
+        assert!(one_currency(&[&calls], &mixed).is_ok());
     }
 }

@@ -383,6 +383,15 @@ impl RunBundle {
         }
     }
 
+    /// The currencies the Agent's models (its own and those its routing names) are priced in.
+    pub fn model_currencies(&self) -> std::collections::BTreeSet<&str> {
+        self.model_price
+            .iter()
+            .chain(self.routed_prices.values())
+            .map(|p| p.currency.as_str())
+            .collect()
+    }
+
     /// The price of the Agent's dearest model (its own, or one its routing names) for a turn of
     /// `prompt` and `completion` tokens: what a turn may cost at most, whichever answers.
     pub fn dearest_price(&self, prompt: u64, completion: u64) -> Option<&crate::pricing::PinnedPrice> {

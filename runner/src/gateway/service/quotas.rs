@@ -79,7 +79,7 @@ pub struct RunQuotas {
 }
 
 impl RunQuotas {
-    fn all(&self) -> Vec<&ActiveQuota> {
+    pub(super) fn all(&self) -> Vec<&ActiveQuota> {
         self.quotas.iter().collect()
     }
 }
@@ -87,11 +87,14 @@ impl RunQuotas {
 /// How a quota's refusal is answered: held calls are asked again, refused ones end the run.
 pub(super) fn refusal(refused: QuotaRefusal) -> Refusal {
     match &refused {
-        QuotaRefusal::Full { wait: true, .. } => Refusal::new(
+        QuotaRefusal::Full { wait: true, full, .. } => Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
             QUOTA_WAIT_CODE,
             format!("{refused}; the call waits until the window allows it"),
-        ),
+        )
+        .retry_after(std::time::Duration::from_millis(
+            u64::try_from(full.retry_after_ms).unwrap_or(1_000),
+        )),
         QuotaRefusal::Full { .. } | QuotaRefusal::Unpriced { .. } => Refusal::new(
             StatusCode::TOO_MANY_REQUESTS,
             QUOTA_EXCEEDED_CODE,

@@ -846,7 +846,7 @@ where
                 recorder.discard_staged();
                 let _ = answer.send(Err(in_progress(&call_id)));
                 // The replica carrying the call ends its hold (the same key), not this one.
-                self.spent_or_kept(
+                self.spent_or_released(
                     caller,
                     slot,
                     held,
@@ -870,7 +870,7 @@ where
                     e => unavailable(e),
                 };
                 let _ = answer.send(Err(refusal));
-                self.spent_or_kept(
+                self.spent_or_released(
                     caller,
                     slot,
                     held,
@@ -935,7 +935,7 @@ where
                     .await;
             }
             held => {
-                self.spent_or_kept(
+                self.spent_or_released(
                     caller,
                     slot,
                     held,
@@ -948,11 +948,13 @@ where
     }
 
     /// Ends a call's quota holds as spent, at its tool's price, if this replica reached the tool
-    /// (its result unknown: the request failed after it). Otherwise the hold
-    /// is kept: the request failed without a recorded outcome, and the same call (the same key)
-    /// may be carried by another replica — a runner can send it to two at once — whose
-    /// settlement ends it; if none does, it is charged in full when its time is up.
-    async fn spent_or_kept(
+    /// (its result unknown: the request failed after it). Otherwise this request lets go of its
+    /// part: nothing was sent, and the same call (the same key) carried by another replica — a
+    /// runner can send it to two at once — holds on its own, so its hold stays until it settles.
+    /// (Kept, a request that lost a race with another of the run's requests would be charged
+    /// in full when its time was up, and a runner losing races on purpose could fill its
+    /// namespace's quotas with calls never made.)
+    async fn spent_or_released(
         self: &Arc<Self>,
         caller: &Caller,
         slot: &RunSlot,
@@ -961,11 +963,23 @@ where
         calls_before: u32,
     ) {
         let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
-        if let Some(quotas) = held.filter(|_| made) {
+        let Some(quotas) = held else {
+            return;
+        };
+        if made {
             let price = slot.bundle.tool_prices.get(tool);
             let currency = price.map(|p| p.currency.as_str());
             self.settle_in_quotas(&caller.tenant, &quotas, (key, owner), &call_cost(price), currency)
                 .await;
+        } else {
+            self.settle_in_quotas(
+                &caller.tenant,
+                &quotas,
+                (key, owner),
+                &crate::quota::Amounts::default(),
+                None,
+            )
+            .await;
         }
     }
 
@@ -1499,6 +1513,8 @@ where
         // The prompt is held at the most tokens it can be (a byte each), not the estimate: text
         // that tokenizes densely cannot let calls in flight pass a limit.
         let most_in = crate::model::most_prompt_tokens(&model_request);
+        crate::quota::book::one_currency(&quotas.all(), &slot.bundle.model_currencies())
+            .map_err(|e| refused(super::quotas::refusal(e)))?;
         let price = slot.bundle.dearest_price(most_in, most_out);
         let demand = crate::quota::book::Demand {
             call: &quota_key,

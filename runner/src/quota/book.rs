@@ -222,8 +222,10 @@ pub async fn hold<B: MemoryBackend>(
                     return (Vec::new(), Err(crowded));
                 }
                 if let Err(full) = ledger.admit(&quota.limits, &call, &share, exact, now) {
-                    // A call no window will ever have room for is refused, not held for ever.
-                    let wait = quota.when_full == WhenWindowFull::Wait && !full.never_fits;
+                    // A call no window will ever have room for is refused, not held for ever;
+                    // one that only calls in flight stand in the way of waits for them, whatever
+                    // the quota says of a full window (they may spend less than they hold).
+                    let wait = !full.never_fits && (quota.when_full == WhenWindowFull::Wait || full.held_back);
                     let outranks = refused
                         .as_ref()
                         .is_none_or(|r| matches!(r, QuotaRefusal::Full { wait: true, .. }) && !wait);

@@ -169,6 +169,10 @@ pub struct Full {
     pub retry_after_ms: i64,
     /// The call asks more than the whole limit: no window will ever have room for it.
     pub never_fits: bool,
+    /// It would fit what was spent: only other calls in flight hold the rest, and they may
+    /// spend less than they hold (a model turn holds its whole output limit). Such a call
+    /// waits for them rather than being refused.
+    pub held_back: bool,
 }
 
 /// A limit whose usage crossed a threshold upwards.
@@ -235,21 +239,25 @@ impl Ledger {
             if asked == 0 {
                 continue;
             }
+            let fits = |used: u64| {
+                if limit.resource.metered() && !exact {
+                    used < limit.max
+                } else {
+                    used.saturating_add(asked) <= limit.max
+                }
+            };
             let used = self
                 .used(limit.window, now)
                 .get(limit.resource)
                 .saturating_sub(own.get(limit.resource));
-            let fits = if limit.resource.metered() && !exact {
-                used < limit.max
-            } else {
-                used.saturating_add(asked) <= limit.max
-            };
-            if !fits {
+            if !fits(used) {
+                let spent = self.spent(limit.window, now).get(limit.resource);
                 return Err(Full {
                     limit: *limit,
                     used,
                     retry_after_ms: self.next_release(limit.window, now),
                     never_fits: (exact || !limit.resource.metered()) && asked > limit.max,
+                    held_back: fits(spent),
                 });
             }
         }
@@ -458,6 +466,32 @@ mod tests {
             tokens: n,
             ..Amounts::default()
         }
+    }
+
+    #[test]
+    fn a_call_that_fits_what_was_spent_is_held_back_by_calls_in_flight_not_refused() {
+        let limits = [limit(Resource::Tokens, 1_000)];
+        let mut ledger = Ledger::default();
+        // A model turn in flight holds far more than the whole limit (its output limit).
+        ledger.hold("run-a/turn/1", "r1", tokens(1_000_000), T0 + HOUR);
+        let full = ledger
+            .admit(&limits, "run-b/call/1", &tokens(10), true, T0)
+            .expect_err("the hold fills the limit");
+        assert!(full.held_back, "only the hold stands in the way: {full:?}");
+        // Once it settles at what it spent, the call fits.
+        ledger.settle(&[QuotaWindow::Hour], "run-a/turn/1", "r1", &tokens(300), T0);
+        assert!(
+            ledger
+                .admit(&limits, "run-b/call/1", &tokens(10), true, T0)
+                .is_ok()
+        );
+        // Spent to the limit, a call is refused, not held back.
+        ledger.hold("run-a/turn/2", "r1", tokens(700), T0 + HOUR);
+        ledger.settle(&[QuotaWindow::Hour], "run-a/turn/2", "r1", &tokens(700), T0);
+        let full = ledger
+            .admit(&limits, "run-b/call/2", &tokens(10), true, T0)
+            .expect_err("spent");
+        assert!(!full.held_back, "{full:?}");
     }
 
     fn limit(resource: Resource, max: u64) -> Limit {

@@ -79,6 +79,22 @@ struct Ledger {
 /// Series kept before new agents and models of a tenant are counted together as `(other)`:
 /// names are the tenants' to choose, and a scrape must stay small.
 const MAX_SERIES: usize = 10_000;
+/// Series one tenant's names may take of them: one tenant naming agents and models by the
+/// thousand runs into its own bound, not everyone's.
+const MAX_SERIES_PER_TENANT: usize = 1_000;
+
+/// Whether a new series may be added to `series` for the tenant of `first` (the least key
+/// of that tenant: keys order by tenant first), or its names are counted as `(other)`.
+fn room_for<K: Ord, V>(series: &BTreeMap<K, V>, first: &K, tenant_of: impl Fn(&K) -> &str) -> bool {
+    let tenant = tenant_of(first);
+    series.len() < MAX_SERIES
+        && series
+            .range(first..)
+            .take_while(|(k, _)| tenant_of(k) == tenant)
+            .take(MAX_SERIES_PER_TENANT)
+            .count()
+            < MAX_SERIES_PER_TENANT
+}
 
 impl SpendMetrics {
     /// Counts a recorded turn of `tenant`'s `agent` with `model`, and what it cost.
@@ -120,7 +136,16 @@ impl SpendMetrics {
             model: model.to_owned(),
         };
         let mut counters = self.ledger.counters.lock().unwrap_or_else(|e| e.into_inner());
-        let key = if counters.contains_key(&key) || counters.len() < MAX_SERIES {
+        let key = if counters.contains_key(&key)
+            || room_for(
+                &counters,
+                &Key {
+                    tenant: tenant.to_owned(),
+                    agent: String::new(),
+                    model: String::new(),
+                },
+                |k| k.tenant.as_str(),
+            ) {
             key
         } else {
             Key {
@@ -141,7 +166,11 @@ impl SpendMetrics {
     pub fn record_tool_call(&self, tenant: &str, agent: &str, tool: &str, cost: &TurnCost) {
         let mut tools = self.ledger.tools.lock().unwrap_or_else(|e| e.into_inner());
         let mut key = (tenant.to_owned(), agent.to_owned(), tool.to_owned());
-        if !tools.contains_key(&key) && tools.len() >= MAX_SERIES {
+        if !tools.contains_key(&key)
+            && !room_for(&tools, &(tenant.to_owned(), String::new(), String::new()), |k| {
+                k.0.as_str()
+            })
+        {
             key = (tenant.to_owned(), "(other)".into(), "(other)".into());
         }
         let c = tools.entry(key).or_default();
@@ -376,7 +405,7 @@ mod tests {
             dropped_tool_calls: 0,
             route: None,
         };
-        for i in 0..MAX_SERIES + 5 {
+        for i in 0..MAX_SERIES_PER_TENANT + 5 {
             metrics.record("shop", "a", &format!("model-{i}"), &turn, None);
         }
         let text = metrics.render();
@@ -384,9 +413,17 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("contextos_model_turns_total{"))
             .count();
-        assert_eq!(series, MAX_SERIES + 1);
+        assert_eq!(series, MAX_SERIES_PER_TENANT + 1);
         assert!(text.lines().any(
             |l| l == "contextos_model_turns_total{tenant=\"shop\",agent=\"(other)\",model=\"(other)\"} 5"
         ));
+        // Another tenant's names are still its own: one tenant fills its bound only.
+        metrics.record("bank", "teller", "m", &turn, None);
+        assert!(
+            metrics
+                .render()
+                .lines()
+                .any(|l| l == "contextos_model_turns_total{tenant=\"bank\",agent=\"teller\",model=\"m\"} 1")
+        );
     }
 }

@@ -78,12 +78,7 @@ pub fn decide(
         // own written with the new spec would otherwise be all that judged it). No history
         // promotes it. So does one whose promoted snapshot is gone: there is nothing to compare
         // it with.
-        let mut strictest = strict_default(agent);
-        if let Some(gate) = &gate {
-            tighten(&mut strictest, gate);
-            strictest.replay.selector = gate.replay.selector.clone();
-        }
-        return Need::Replay(strictest);
+        return Need::Replay(at_least_default(agent, gate));
     };
     let Some(gate) = gate else {
         return Need::Direct(
@@ -121,7 +116,23 @@ pub fn replay_gate(
     gates_in_force: &[MemberGate],
     members: &[Member<'_>],
 ) -> PromotionSpec {
-    effective_gate(agent, own, gates_in_force, members).unwrap_or_else(|| strict_default(agent))
+    let gate = effective_gate(agent, own, gates_in_force, members);
+    if gates_in_force.is_empty() {
+        // Nothing in force: the Agent may be new, or deleted and made again with a gate of
+        // its own written for the occasion (see `decide`).
+        return at_least_default(agent, gate);
+    }
+    gate.unwrap_or_else(|| strict_default(agent))
+}
+
+/// The strict default, tightened by `gate` if there is one, never loosened.
+fn at_least_default(agent: &str, gate: Option<PromotionSpec>) -> PromotionSpec {
+    let mut strictest = strict_default(agent);
+    if let Some(gate) = &gate {
+        tighten(&mut strictest, gate);
+        strictest.replay.selector = gate.replay.selector.clone();
+    }
+    strictest
 }
 
 /// Zero divergence over the Agent's recent sessions, automatic.
@@ -512,6 +523,10 @@ mod tests {
             panic!("a first composition must be replayed");
         };
         let default = PromotionSpec::default();
+        // A Proposal's replay of an Agent with no gate in force is judged alike.
+        let proposed = replay_gate("ops", Some(&lax), &[], &members);
+        assert_eq!(proposed.replay.max_divergence_percent, 0);
+        assert_eq!(proposed.replay.sample_size, default.replay.sample_size);
         assert_eq!(judged.replay.max_divergence_percent, 0);
         assert_eq!(judged.replay.sample_size, default.replay.sample_size);
         assert_eq!(judged.replay.window_hours, default.replay.window_hours);

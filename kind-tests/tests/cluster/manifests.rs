@@ -1250,6 +1250,9 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         }
     };
     for marks in [
+        // Nor may it take the Session owner away first, after which the pod would no longer be
+        // a runner pod to admission, its spec and marks anyone's.
+        json!({"metadata": {"ownerReferences": null}}),
         json!({"metadata": {"labels": {"contextos.dev/role": null}}}),
         json!({"metadata": {"labels": {"contextos.dev/session": "another"}}}),
         json!({"metadata": {"annotations": {"contextos.dev/resumed-for": "sha256:0"}}}),

@@ -95,19 +95,28 @@ impl ChainedObject for Consent {
                     Ok(link) => {
                         // A grant chained late may count for nothing: a revocation made through
                         // the gateway after this object was created stands. Said, not hidden.
+                        // Read back whole, so bounded: a tenant chaining grant after grant for one
+                        // subject must not cost the watcher every tenant shares a history read each.
                         let standing = match record.action {
-                            ConsentAction::Grant => book
-                                .history(&record.subject, &key.public())
-                                .await
-                                .map(|history| {
-                                    GrantStanding::of(
+                            ConsentAction::Revoke => None,
+                            ConsentAction::Grant if link.seq >= MAX_CHECKED_HISTORY => {
+                                Some(GrantStanding::Unknown(format!(
+                                    "the subject's history has {} links, more than are read back to check",
+                                    link.seq + 1
+                                )))
+                            }
+                            ConsentAction::Grant => {
+                                Some(match book.history(&record.subject, &key.public()).await {
+                                    Ok(history) => GrantStanding::of(
                                         &record,
                                         &history.ledger(),
                                         jiff::Timestamp::now().as_millisecond(),
-                                    )
+                                    ),
+                                    Err(e) => GrantStanding::Unknown(format!(
+                                        "the history could not be read back: {e}"
+                                    )),
                                 })
-                                .ok(),
-                            ConsentAction::Revoke => None,
+                            }
                         };
                         recorded(self, &link, standing)
                     }
@@ -129,7 +138,11 @@ pub async fn chain_consent_objects<S: RecordStore>(client: kube::Client, store: 
     chain_objects::<Consent, S>(client, store, keys).await;
 }
 
-/// Whether a grant, once chained, is what stands for each of its categories.
+/// Histories longer than this are not read back to say where a grant chained into them stands.
+const MAX_CHECKED_HISTORY: u64 = 1_000;
+
+/// Whether a grant, once chained, is what stands for each of its categories (as of then: a
+/// grant that expires later is not marked again).
 #[derive(Debug, PartialEq, Eq)]
 enum GrantStanding {
     /// Every category it names is granted now.
@@ -138,6 +151,8 @@ enum GrantStanding {
     Expired,
     /// These categories are not granted now: a revocation dated after the grant stands.
     Overruled(std::collections::BTreeSet<Category>),
+    /// Not checked, and why.
+    Unknown(String),
 }
 
 impl GrantStanding {
@@ -165,6 +180,12 @@ fn recorded(consent: &Consent, link: &ConsentLink, standing: Option<GrantStandin
     );
     let (reason, message) = match standing {
         None | Some(GrantStanding::InForce) => ("Chained", chained),
+        Some(GrantStanding::Unknown(why)) => (
+            "Chained",
+            format!(
+                "{chained}; whether it is in force was not checked ({why}): `contextos consent show` says"
+            ),
+        ),
         Some(GrantStanding::Expired) => (
             "ChainedExpired",
             format!("{chained}; it grants nothing: spec.expiresAt has passed"),

@@ -48,7 +48,9 @@ use crate::{capability_pods, session_children as children};
 pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile("Session");
     let phase = session.status.as_ref().and_then(|s| s.phase);
-    if phase.is_some_and(SessionPhase::is_terminal) {
+    // A Session being deleted (its children go first, its bundle among them) is left to the
+    // garbage collector: nothing is started, pinned or reported for it.
+    if phase.is_some_and(SessionPhase::is_terminal) || session.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     let attempt = session.status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
@@ -530,7 +532,7 @@ async fn pinned(
                     Err(Invalid::new(
                         reason::UNTRUSTED_CHILD,
                         format!(
-                            "ConfigMap {} is not the run bundle the operator wrote for this Session ({why}); it is not used. Delete it and the operator pins the Agent's revisions again",
+                            "ConfigMap {} is not the run bundle the operator wrote for this Session ({why}); it is not used. Delete it and the operator pins the Agent's revisions again (if the run had not started: a started run whose bundle is gone ends)",
                             existing.name_any()
                         ),
                     ))

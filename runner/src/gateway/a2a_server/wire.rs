@@ -329,11 +329,13 @@ pub fn incoming(params: &Value) -> Result<Incoming, RpcError> {
 }
 
 /// The name of the Session a caller's message starts: the same message (by id) from the same
-/// caller (by name and uid) to the same agent is the same Session, so a resent message starts
-/// nothing new.
+/// caller to the same agent is the same Session, so a resent message starts nothing new. (By
+/// name only, as before uids were kept: a message resent across that change still meets its
+/// task. An account made again under an old name that sends an old message id meets a task
+/// that is not its own, and is told the id was used.)
 pub fn session_name(namespace: &str, agent: &str, caller: &Reader, message_id: &str) -> String {
     let mut hash = Sha256::new();
-    for part in [namespace, agent, &caller.username, &caller.uid, message_id] {
+    for part in [namespace, agent, caller.username.as_str(), message_id] {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
     }
@@ -426,13 +428,14 @@ pub fn is_task_of(session: &Session, caller: &Reader) -> bool {
         .as_ref()
         .and_then(|l| l.get(A2A_LABEL))
         .is_some_and(|v| v == "true");
+    // A task made before callers' uids were kept has no uid mark (nobody but the gateway
+    // writes or removes the marks): its caller is known by name only.
     let uid = session
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(CALLER_UID_ANNOTATION))
-        .map_or("", String::as_str);
-    a2a && uid == caller.uid
+        .and_then(|a| a.get(CALLER_UID_ANNOTATION));
+    a2a && uid.is_none_or(|uid| *uid == caller.uid)
         && session
             .spec
             .user

@@ -684,15 +684,20 @@ async fn crash_child_writes_memory_then_waits() {
 
 // ---------------------------------------------------------------- backends
 
+/// The whole suite on one store.
+async fn conformance<S: RecordStore>(store: &S) {
+    append_read_and_list(store).await;
+    fork_refusal(store).await;
+    tenant_isolation(store).await;
+    checkpoints(store).await;
+    blobs(store).await;
+}
+
 #[tokio::test]
 async fn embedded_store_passes_the_conformance_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("open");
-    append_read_and_list(&store).await;
-    fork_refusal(&store).await;
-    tenant_isolation(&store).await;
-    checkpoints(&store).await;
-    blobs(&store).await;
+    conformance(&store).await;
 }
 
 /// The same suite on a multi-threaded runtime, where the store works in place on the calling
@@ -702,11 +707,7 @@ async fn embedded_store_passes_the_conformance_suite() {
 async fn embedded_store_passes_the_conformance_suite_on_a_multi_threaded_runtime() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = EmbeddedStore::open(&dir.path().join("records.redb")).expect("open");
-    append_read_and_list(&store).await;
-    fork_refusal(&store).await;
-    tenant_isolation(&store).await;
-    checkpoints(&store).await;
-    blobs(&store).await;
+    conformance(&store).await;
 
     let t = tenant("race");
     let run = unique("run");
@@ -749,11 +750,7 @@ async fn embedded_store_passes_the_conformance_suite_on_a_multi_threaded_runtime
 #[tokio::test]
 async fn scratch_store_passes_the_conformance_suite() {
     let store = contextos_runner::records::ScratchStore::new();
-    append_read_and_list(&store).await;
-    fork_refusal(&store).await;
-    tenant_isolation(&store).await;
-    checkpoints(&store).await;
-    blobs(&store).await;
+    conformance(&store).await;
 }
 
 #[tokio::test]
@@ -794,11 +791,7 @@ async fn tikv_store_passes_the_conformance_suite() {
         }
     };
     let store = TikvStore::connect(&pd).await.expect("connect to PD");
-    append_read_and_list(&store).await;
-    fork_refusal(&store).await;
-    tenant_isolation(&store).await;
-    checkpoints(&store).await;
-    blobs(&store).await;
+    conformance(&store).await;
     let spec = format!("tikv:{pd}");
     crash_safety(&spec, async || TikvStore::connect(&pd).await.expect("reconnect")).await;
 }

@@ -1251,7 +1251,9 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
     };
     for marks in [
         // Nor may it take the Session owner away first, after which the pod would no longer be
-        // a runner pod to admission, its spec and marks anyone's.
+        // a runner pod to admission, its spec and marks anyone's. (By now this pod, whose
+        // Session does not exist, is being deleted by the garbage collector and waits for a
+        // node that never confirms it: a pod going is no exception.)
         json!({"metadata": {"ownerReferences": null}}),
         json!({"metadata": {"labels": {"contextos.dev/role": null}}}),
         json!({"metadata": {"labels": {"contextos.dev/session": "another"}}}),

@@ -1197,38 +1197,8 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         "the operator could not make a runner pod: {}",
         String::from_utf8_lossy(&made.stderr)
     );
-    // … which are not the tenant's to change: another image would run in the runner pod, with
-    // its token.
-    let swap = json!([{
-        "op": "replace", "path": "/spec/containers/0/image",
-        "value": "registry.example.com/tenant/anything:1",
-    }])
-    .to_string();
-    let patched = run(
-        env,
-        &[
-            "patch",
-            "pod",
-            "victim-run-1",
-            "-n",
-            namespace,
-            "--as",
-            tenant,
-            "--type=json",
-            "-p",
-            &swap,
-        ],
-    )
-    .await?;
-    let stderr = String::from_utf8_lossy(&patched.stderr);
-    ensure!(
-        !patched.status.success() && stderr.contains(refusal),
-        "a tenant changed a runner pod's image: {stderr}"
-    );
-    // Nor its marks: without its role label the runner NetworkPolicy would no longer select it
-    // (its egress open), without its Session label its crashes would not count.
-    let merge = |patch: Value| {
-        let patch = patch.to_string();
+    // … which are not the tenant's to change, as the tenant patches it (`--type` json or merge).
+    let patch_runner = |kind: &str, patch: Value| {
         let args: Vec<String> = [
             "patch",
             "pod",
@@ -1237,18 +1207,30 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
             namespace,
             "--as",
             tenant,
-            "--type=merge",
+            &format!("--type={kind}"),
             "-p",
+            &patch.to_string(),
         ]
-        .into_iter()
         .map(str::to_owned)
-        .chain([patch])
-        .collect();
+        .into();
         async move {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             run(env, &args).await
         }
     };
+    // Another image would run in the runner pod, with its token.
+    let swap = json!([{
+        "op": "replace", "path": "/spec/containers/0/image",
+        "value": "registry.example.com/tenant/anything:1",
+    }]);
+    let patched = patch_runner("json", swap).await?;
+    let stderr = String::from_utf8_lossy(&patched.stderr);
+    ensure!(
+        !patched.status.success() && stderr.contains(refusal),
+        "a tenant changed a runner pod's image: {stderr}"
+    );
+    // Nor its marks: without its role label the runner NetworkPolicy would no longer select it
+    // (its egress open), without its Session label its crashes would not count.
     for marks in [
         // Nor may it take the Session owner away first, after which the pod would no longer be
         // a runner pod to admission, its spec and marks anyone's. (By now this pod, whose
@@ -1259,7 +1241,7 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         json!({"metadata": {"labels": {"contextos.dev/session": "another"}}}),
         json!({"metadata": {"annotations": {"contextos.dev/resumed-for": "sha256:0"}}}),
     ] {
-        let patched = merge(marks.clone()).await?;
+        let patched = patch_runner("merge", marks.clone()).await?;
         let stderr = String::from_utf8_lossy(&patched.stderr);
         ensure!(
             !patched.status.success() && stderr.contains(refusal),
@@ -1267,7 +1249,7 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         );
     }
     // Labels of its own are the tenant's.
-    let labelled = merge(json!({"metadata": {"labels": {"team": "payments"}}})).await?;
+    let labelled = patch_runner("merge", json!({"metadata": {"labels": {"team": "payments"}}})).await?;
     ensure!(
         labelled.status.success(),
         "a tenant could not label a runner pod with a label of its own: {}",

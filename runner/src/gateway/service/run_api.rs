@@ -845,7 +845,7 @@ where
                 // Nothing of this request is written; the runner asks again with the same tail.
                 recorder.discard_staged();
                 let _ = answer.send(Err(in_progress(&call_id)));
-                // The replica carrying the call ends its hold (the same key), not this one.
+                // This request lets go of its part; the replica carrying the call settles it.
                 self.spent_or_released(
                     caller,
                     slot,
@@ -962,25 +962,17 @@ where
         (key, owner, tool): (&str, &str, &str),
         calls_before: u32,
     ) {
-        let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
         let Some(quotas) = held else {
             return;
         };
-        if made {
+        let (spent, currency) = if slot.gateway.calls_made(caller.run_id()) > calls_before {
             let price = slot.bundle.tool_prices.get(tool);
-            let currency = price.map(|p| p.currency.as_str());
-            self.settle_in_quotas(&caller.tenant, &quotas, (key, owner), &call_cost(price), currency)
-                .await;
+            (call_cost(price), price.map(|p| p.currency.as_str()))
         } else {
-            self.settle_in_quotas(
-                &caller.tenant,
-                &quotas,
-                (key, owner),
-                &crate::quota::Amounts::default(),
-                None,
-            )
+            (crate::quota::Amounts::default(), None)
+        };
+        self.settle_in_quotas(&caller.tenant, &quotas, (key, owner), &spent, currency)
             .await;
-        }
     }
 
     /// Writes what `recorder` staged for a request and answers it with `reply` and the run's new

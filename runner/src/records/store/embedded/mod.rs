@@ -245,12 +245,12 @@ impl EmbeddedStore {
 
     /// Commits `puts` (decided inside `txn`) with their frame in the log, not yet flushed, and
     /// returns the log position to flush to before anyone is told they are durable.
-    /// `committed` runs once the transaction committed, before the next writer may start.
+    /// `after_commit` runs once the transaction committed, before the next writer may start.
     fn commit_logged(
         db: &Database,
         wal: &Wal,
         decide: impl FnOnce(&WriteTransaction) -> Result<Vec<Put>>,
-        committed: impl FnOnce(),
+        after_commit: impl FnOnce(),
     ) -> Result<u64> {
         let mut writer = {
             let _phase = tracing::debug_span!("store.writer_lock").entered();
@@ -268,11 +268,11 @@ impl EmbeddedStore {
         }
         apply(&txn, &puts)?;
         drop(phase);
-        Self::commit_after_frame(db, &mut writer, txn, &puts, committed)
+        Self::commit_after_frame(db, &mut writer, txn, &puts, after_commit)
     }
 
     /// Appends `puts` (already written in `txn`) to the log as one frame and then commits
-    /// `txn` (then runs `committed`), folding the log if it is due; returns the log position
+    /// `txn` (then runs `after_commit`), folding the log if it is due; returns the log position
     /// that makes them durable. Frame first: one that cannot be written leaves the transaction
     /// aborted, unseen.
     fn commit_after_frame(

@@ -93,30 +93,9 @@ impl ChainedObject for Consent {
                 let book = ConsentBook::new(store, &tenant);
                 match book.append(record.clone(), &key).await {
                     Ok(link) => {
-                        // A grant chained late may count for nothing: a revocation made through
-                        // the gateway after this object was created stands. Said, not hidden.
-                        // Read back whole, so bounded: a tenant chaining grant after grant for one
-                        // subject must not cost the watcher every tenant shares a history read each.
                         let standing = match record.action {
+                            ConsentAction::Grant => Some(grant_standing(&book, &record, &link, &key).await),
                             ConsentAction::Revoke => None,
-                            ConsentAction::Grant if link.seq >= MAX_CHECKED_HISTORY => {
-                                Some(GrantStanding::Unknown(format!(
-                                    "the subject's history has {} links, more than are read back to check",
-                                    link.seq + 1
-                                )))
-                            }
-                            ConsentAction::Grant => {
-                                Some(match book.history(&record.subject, &key.public()).await {
-                                    Ok(history) => GrantStanding::of(
-                                        &record,
-                                        &history.ledger(),
-                                        jiff::Timestamp::now().as_millisecond(),
-                                    ),
-                                    Err(e) => GrantStanding::Unknown(format!(
-                                        "the history could not be read back: {e}"
-                                    )),
-                                })
-                            }
                         };
                         recorded(self, &link, standing)
                     }
@@ -136,6 +115,28 @@ impl ChainedObject for Consent {
 /// gateway runs.
 pub async fn chain_consent_objects<S: RecordStore>(client: kube::Client, store: Arc<S>, keys: TenantKeys) {
     chain_objects::<Consent, S>(client, store, keys).await;
+}
+
+/// Where `grant`, just chained as `link`, stands: a grant chained late may count for nothing
+/// (a revocation made through the gateway after the object was created stands) — said, not
+/// hidden. The history is read back whole, so only when short: a tenant chaining grant after
+/// grant for one subject must not cost the watcher every tenant shares a history read each.
+async fn grant_standing<S: RecordStore>(
+    book: &ConsentBook<'_, S>,
+    grant: &ConsentRecord,
+    link: &ConsentLink,
+    key: &crate::keys::KeyPair,
+) -> GrantStanding {
+    if link.seq >= MAX_CHECKED_HISTORY {
+        return GrantStanding::Unknown(format!(
+            "the subject's history has {} links, more than are read back to check",
+            link.seq + 1
+        ));
+    }
+    match book.history(&grant.subject, &key.public()).await {
+        Ok(history) => GrantStanding::of(grant, &history.ledger(), jiff::Timestamp::now().as_millisecond()),
+        Err(e) => GrantStanding::Unknown(format!("the history could not be read back: {e}")),
+    }
 }
 
 /// Histories longer than this are not read back to say where a grant chained into them stands.

@@ -616,11 +616,6 @@ where
             );
             let approved = annotation(APPROVE_PROMOTION).as_deref() == Some(digest);
             if promotion.mode == PromotionMode::Automatic || approved {
-                // The verdict is used up: a later return to this candidate — after others were
-                // promoted and ran — replays again against what runs then, instead of being
-                // promoted on this Job's pass. Deleted before the promotion is written: a write
-                // that fails costs one replay more, never a verdict used twice.
-                forget_job(ctx, target.namespace, &job_name).await?;
                 verdict(
                     Some(PromotedBy::Replay),
                     in_force(format!("revision {digest} is in force (replay passed)")),
@@ -799,18 +794,6 @@ async fn skill_verdict<S: serde::Serialize>(
             summary,
         }
     })
-}
-
-/// Deletes replay Job `name` and its pods (gone already is fine).
-async fn forget_job(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
-    match Api::<Job>::namespaced(ctx.client.clone(), namespace)
-        .delete(name, &kube::api::DeleteParams::background())
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// What an attempt that ended without a verdict says while the next one waits.

@@ -394,6 +394,28 @@ pub struct RevisionStatus {
     /// The revision in force before it: what its replay gate compared against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promoted_from: Option<String>,
+    /// Serial number of `candidate`: one more each time the candidate changes, to any digest
+    /// (one the object had before too). A replay Job's order names it, and only a verdict
+    /// ordered for the candidate of now counts — not one of an earlier time the object had
+    /// the same spec, replayed against what ran then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_serial: Option<u64>,
+}
+
+impl RevisionStatus {
+    /// These revisions with `digest` as the candidate: its serial one more if that is a change.
+    pub fn with_candidate(&self, digest: &str) -> Self {
+        let serial = self.candidate_serial.unwrap_or(0);
+        Self {
+            candidate_serial: Some(if self.candidate.as_deref() == Some(digest) {
+                serial
+            } else {
+                serial + 1
+            }),
+            candidate: Some(digest.to_owned()),
+            ..self.clone()
+        }
+    }
 }
 
 /// How a revision came to be in force.
@@ -489,4 +511,29 @@ pub struct ReexecutionSummary {
     pub refused_calls: u32,
     /// Model tokens the re-execution spent (the gate's cost).
     pub tokens: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RevisionStatus;
+
+    #[test]
+    fn a_candidates_serial_moves_on_each_change_even_back_to_an_earlier_spec() {
+        let first = RevisionStatus::default().with_candidate("sha256:a");
+        assert_eq!(first.candidate_serial, Some(1));
+        // Looked at again, the same candidate keeps its serial.
+        assert_eq!(first.with_candidate("sha256:a").candidate_serial, Some(1));
+        let other = first.with_candidate("sha256:b");
+        let back = other.with_candidate("sha256:a");
+        assert_eq!(
+            (other.candidate_serial, back.candidate_serial),
+            (Some(2), Some(3))
+        );
+        // Status written before serials were kept: its candidate counts as serial 0.
+        let older = RevisionStatus {
+            candidate: Some("sha256:a".into()),
+            ..RevisionStatus::default()
+        };
+        assert_eq!(older.with_candidate("sha256:a").candidate_serial, Some(0));
+    }
 }

@@ -15,7 +15,7 @@ use contextos_runner::{
     read_grant::{READ_GRANT_ENV, ReadGrant, SignedReadGrant},
     records::store::remote::TOKEN_FILE_ENV,
     run::{
-        gate::{ExpectedChange, GateOrder, GatedKind, SignedGateVerdict, reexecution_of},
+        gate::{ExpectedChange, GateOrder, GateRound, GatedKind, SignedGateVerdict, reexecution_of},
         pod::paths,
         replay::ReplayGate,
     },
@@ -58,6 +58,8 @@ pub struct GateTarget<'a> {
     pub expected: &'a [ExpectedChange],
     /// An Agent candidate's model prices by routing name (see [`GateOrder::prices`]).
     pub prices: &'a std::collections::BTreeMap<String, contextos_runner::pricing::PinnedPrice>,
+    /// Which round of the object's gate this is: a Job's order and verdict count only for it.
+    pub round: GateRound,
 }
 
 /// Automatic attempts at one candidate's gate: an attempt that ends without a verdict
@@ -171,6 +173,7 @@ pub fn read_grant(
                 },
                 expected: target.expected.to_vec(),
                 prices: target.prices.clone(),
+                round: Some(target.round.clone()),
             }),
         },
         key,
@@ -295,6 +298,47 @@ pub fn network_policy(target: &GateTarget<'_>, settings: &RunnerSettings) -> Net
     }
 }
 
+/// Why `job`, at one of `target`'s attempt names, is not this round's, if it is not: its pod's
+/// read grant must be one the operator signed (`operator`) ordering exactly this gate —
+/// candidate and round. A Job left from an earlier round (the object had this candidate
+/// before, then others) would report a verdict on what ran then; one planted at the name
+/// before the operator carries no grant of its own, or an old one copied.
+pub fn not_this_round(target: &GateTarget<'_>, job: &Job, operator: &PublicKey) -> Option<String> {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let grant = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .into_iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.env.iter().flatten())
+        .find(|e| e.name == READ_GRANT_ENV)
+        .and_then(|e| e.value.as_deref())
+        .and_then(|v| serde_json::from_str::<SignedReadGrant>(v).ok());
+    let Some(grant) = grant.as_ref().and_then(|g| g.signed_by(operator)) else {
+        return Some(format!("Job {name} carries no read grant the operator signed"));
+    };
+    let ordered = grant.gate.as_ref();
+    let this_gate = grant.job == name
+        && grant.tenant_id == target.namespace
+        && ordered.is_some_and(|o| {
+            o.kind == target.kind && o.name == target.name && o.candidate_digest == target.digest
+        });
+    if !this_gate {
+        return Some(format!("Job {name} was ordered for another gate"));
+    }
+    match ordered.and_then(|o| o.round.as_ref()) {
+        Some(round) if *round == target.round => None,
+        Some(round) if round.uid == target.round.uid => Some(format!(
+            "Job {name} replays this candidate for round {} of the gate (now round {}), against what ran then",
+            round.serial, target.round.serial
+        )),
+        _ => Some(format!(
+            "Job {name} was ordered for an object of this name since deleted, or before rounds were kept"
+        )),
+    }
+}
+
 /// How a replay Job stands.
 #[derive(Clone, Debug, PartialEq)]
 pub enum JobOutcome {
@@ -375,6 +419,8 @@ pub fn outcome(target: &GateTarget<'_>, job: &Job, pods: &[Pod], key: &PublicKey
     match signed.verify(key) {
         Some(v)
             if v.job == job_name
+                && Some(v.job_uid.as_str()) == uid
+                && v.round.as_ref() == Some(&target.round)
                 && v.kind == target.kind
                 && v.name == target.name
                 && v.candidate_digest == target.digest =>
@@ -382,7 +428,7 @@ pub fn outcome(target: &GateTarget<'_>, job: &Job, pods: &[Pod], key: &PublicKey
             JobOutcome::Verdict(v.gate.clone())
         }
         Some(_) => inconclusive(format!(
-            "Job {job_name} reported a verdict of another Job or candidate; it is ignored"
+            "Job {job_name} reported a verdict of another Job, round or candidate; it is ignored"
         )),
         None => inconclusive(format!(
             "Job {job_name} reported a verdict the gateway did not sign; it is ignored"
@@ -444,6 +490,14 @@ mod tests {
             proposal: None,
             expected: &[],
             prices: &NO_PRICES,
+            round: round(7),
+        }
+    }
+
+    fn round(serial: u64) -> GateRound {
+        GateRound {
+            uid: "policy-uid".into(),
+            serial,
         }
     }
 
@@ -496,11 +550,17 @@ mod tests {
     }
 
     fn signed(job: &str, passed: bool, key: &KeyPair) -> String {
+        signed_for(job, "job-uid", round(7), passed, key)
+    }
+
+    fn signed_for(job: &str, job_uid: &str, round: GateRound, passed: bool, key: &KeyPair) -> String {
         let mut gate = ReplayGate::no_history(&[]);
         gate.no_history = false;
         gate.passed = passed;
         let verdict = GateVerdict {
             job: job.into(),
+            job_uid: job_uid.into(),
+            round: Some(round),
             kind: GatedKind::Policy,
             name: "guardrails".into(),
             candidate_digest: DIGEST.into(),
@@ -545,11 +605,75 @@ mod tests {
             outcome(&target(), &job, &[unlabelled, pod("job-uid", &genuine)], &key),
             JobOutcome::Verdict(ref g) if !g.passed
         ));
+        // A genuine verdict of this Job's name and candidate, but of an earlier round (the
+        // policy had this spec before, then others), or of a Job since deleted and made again
+        // under the name (say, the tenant's, its pod printing what the old one reported).
+        let name = job_name(&target());
+        for (uid, round) in [("job-uid", round(6)), ("old-job-uid", round(7))] {
+            let carried = signed_for(&name, uid, round, true, &tenant);
+            assert!(matches!(
+                outcome(&target(), &job, &[pod("job-uid", &carried)], &key),
+                JobOutcome::Inconclusive { ref why, .. } if why.contains("round")
+            ));
+        }
         // A plain report, as an older runner wrote, is no verdict either.
         assert!(matches!(
             outcome(&target(), &job, &[pod("job-uid", r#"{"passed":true}"#)], &key),
             JobOutcome::Inconclusive { .. }
         ));
+    }
+
+    #[test]
+    fn only_a_job_the_operator_ordered_for_this_round_is_the_rounds() {
+        let operator = KeyPair::from_seed([9; 32]);
+        let settings = RunnerSettings::default();
+        let made = |target: &GateTarget<'_>, key: &KeyPair| {
+            let grant = read_grant(target, &ReplaySpec::default(), 1, key, 1_000);
+            job(target, 1, "runner:test", &settings, &grant).expect("job")
+        };
+        let now = target();
+        assert_eq!(
+            not_this_round(&now, &made(&now, &operator), &operator.public()),
+            None
+        );
+        // The Job of an earlier round of the same candidate, kept since (a pass promoted it,
+        // other specs came, then this one again).
+        let earlier = GateTarget {
+            round: round(6),
+            ..target()
+        };
+        let why = not_this_round(&now, &made(&earlier, &operator), &operator.public());
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("round 6 of the gate (now round 7)")),
+            "{why:?}"
+        );
+        // The same object's name, made again since (another uid).
+        let other_object = GateTarget {
+            round: GateRound {
+                uid: "another-uid".into(),
+                serial: 7,
+            },
+            ..target()
+        };
+        assert!(not_this_round(&now, &made(&other_object, &operator), &operator.public()).is_some());
+        // A Job planted at the name with a grant of its own signing, or none at all.
+        let planted = made(&now, &KeyPair::from_seed([1; 32]));
+        assert!(not_this_round(&now, &planted, &operator.public()).is_some());
+        let mut bare = made(&now, &operator);
+        if let Some(spec) = bare.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+            spec.containers[0].env = None;
+        }
+        assert!(not_this_round(&now, &bare, &operator.public()).is_some());
+        // The operator's genuine grant of another candidate, copied into a Job at this name.
+        let other_candidate = GateTarget {
+            digest: "sha256:fedcba9876543210",
+            ..target()
+        };
+        let mut copied = made(&now, &operator);
+        let foreign = made(&other_candidate, &operator);
+        copied.spec.as_mut().expect("spec").template = foreign.spec.expect("spec").template;
+        assert!(not_this_round(&now, &copied, &operator.public()).is_some());
     }
 
     #[test]

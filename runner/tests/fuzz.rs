@@ -187,6 +187,11 @@ fn specs(root: &std::path::Path, fx: &Fixtures) -> Vec<Spec> {
     let verdict = SignedGateVerdict::sign(
         GateVerdict {
             job: "replay-policy-p-0123456789".into(),
+            job_uid: "0d4c6a1e-5b7f-4c39-9e2a-7f1b2c3d4e5f".into(),
+            round: Some(contextos_runner::run::gate::GateRound {
+                uid: "6e1f2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b".into(),
+                serial: 3,
+            }),
             kind: GatedKind::Policy,
             name: "p".into(),
             candidate_digest: "sha256:00".into(),

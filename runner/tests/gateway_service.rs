@@ -1691,7 +1691,7 @@ fn replay_reader(
 async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_candidate() {
     use contextos_runner::run::{
         bundle::spec_digest,
-        gate::{GATE_PATH, GateOrder, GatedKind, SignedGateVerdict},
+        gate::{GATE_PATH, GateOrder, GateRound, GatedKind, SignedGateVerdict},
     };
     let rig = rig().await;
     rig.run_until_approval().await;
@@ -1708,6 +1708,10 @@ async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_can
         replay: Default::default(),
         expected: Vec::new(),
         prices: Default::default(),
+        round: Some(GateRound {
+            uid: "uid-guardrails".into(),
+            serial: 4,
+        }),
     };
     let reader = |gate: Option<GateOrder>| replay_reader(&rig, job, gate);
     let gated = reader(Some(order.clone()));
@@ -1718,6 +1722,12 @@ async fn a_replay_gate_is_the_gateways_signed_verdict_on_exactly_the_ordered_can
     assert_eq!(
         (verdict.job.as_str(), verdict.candidate_digest.as_str()),
         (job, order.candidate_digest.as_str())
+    );
+    // It names the round its order named, and the Job the asking pod is of (by uid, as the
+    // gateway read the pod's controller: the test double's `uid-<name>`).
+    assert_eq!(
+        (verdict.round.as_ref(), verdict.job_uid.as_str()),
+        (order.round.as_ref(), format!("uid-{job}").as_str())
     );
     // The run still waits for approval: nothing finished to replay, and the verdict says so.
     assert!(verdict.gate.no_history, "{verdict:?}");

@@ -241,6 +241,40 @@ async fn a_policy_change_is_promoted_only_if_replaying_recorded_sessions_passes(
         code == Some(0) && text.contains("→ PASS"),
         "promote status passes: {code:?}\n{text}"
     );
+
+    // Back to the strict spec: its Job of before replayed it against what ran then, with
+    // another revision in force. It is replaced, and only this round's verdict is read.
+    let strict_digest = kept.candidate.clone().context("the strict candidate's digest")?;
+    let strict_serial = kept.candidate_serial.unwrap_or(0);
+    let old_uid = jobs.get(&job).await?.metadata.uid;
+    apply(&client, ns.name(), &strict).await?;
+    let replayed = wait_for_object(
+        &policies,
+        "oncall-guardrails",
+        "the strict candidate replayed again",
+        TIMEOUT,
+        |p: &Policy| {
+            let status = p.status.clone().unwrap_or_default();
+            let revisions = status.revisions.clone().unwrap_or_default();
+            let text = condition(&status.conditions, "ReplayPassed");
+            Check::when(
+                revisions.candidate.as_ref() == Some(&strict_digest)
+                    && text.starts_with("False ReplayFailed"),
+                || format!("{text}; {revisions:?}"),
+            )
+        },
+    )
+    .await?;
+    let now = replayed.status.and_then(|s| s.revisions).unwrap_or_default();
+    ensure!(
+        now.candidate_serial > Some(strict_serial + 1),
+        "a new round: {now:?} after serial {strict_serial}"
+    );
+    let new_uid = jobs.get(&job).await?.metadata.uid;
+    ensure!(
+        new_uid != old_uid,
+        "the strict spec's earlier Job ({old_uid:?}) was read again instead of replaced"
+    );
     ns.pass();
     Ok(())
 }

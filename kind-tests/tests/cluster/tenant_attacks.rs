@@ -123,13 +123,17 @@ async fn a_tenant_cannot_plant_a_sessions_run_bundle() -> Result<()> {
 /// The tenant plants the replay Job the operator will create for a candidate (its name follows
 /// from the candidate's digest), whose pod reports a passing verdict, then commits a Policy
 /// change that the recorded sessions would fail. The forged report must not promote it: the
-/// attempt is inconclusive, the operator's next attempt gets the gateway's verdict, and the
-/// gate fails as it should.
+/// planted Job carries no order of the operator's for this round of the gate, so it is
+/// replaced by the operator's own, which gets the gateway's verdict, and the gate fails as it
+/// should.
 #[tokio::test]
 async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
     use contextos_crds::Policy;
     use contextos_operator::replay_job::{GateTarget, attempt_job_name, job_name};
-    use contextos_runner::run::{bundle::spec_digest, gate::GatedKind};
+    use contextos_runner::run::{
+        bundle::spec_digest,
+        gate::{GateRound, GatedKind},
+    };
     use k8s_openapi::api::batch::v1::Job;
     use kube::api::{Patch, PatchParams};
 
@@ -170,6 +174,11 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
         proposal: None,
         expected: &[],
         prices: &Default::default(),
+        // Only names are made of it here.
+        round: GateRound {
+            uid: String::new(),
+            serial: 0,
+        },
     };
     let planted_name = job_name(&target);
     let forged = json!({
@@ -194,6 +203,8 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
         }}},
     });
     apply(&client, ns.name(), &planted).await?;
+    let jobs: Api<Job> = ns.api();
+    let planted_uid = jobs.get(&planted_name).await?.metadata.uid;
     apply(&client, ns.name(), &strict).await?;
 
     let failed = policy_condition(
@@ -209,15 +220,18 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
         "the forged verdict promoted the change: {revisions:?}"
     );
     let summary = revisions.replay.context("the replay summary")?;
-    let genuine = attempt_job_name(&target, 2);
     ensure!(
-        summary.job.as_deref() == Some(genuine.as_str()) && summary.divergences > 0,
-        "the verdict is not the operator's second attempt's: {summary:?}"
+        summary.job.as_deref() == Some(planted_name.as_str()) && summary.divergences > 0,
+        "the verdict is not the operator's first attempt's: {summary:?}"
     );
-    let jobs: Api<Job> = ns.api();
+    let operators = jobs.get(&planted_name).await?.metadata.uid;
     ensure!(
-        jobs.get_opt(&planted_name).await?.is_some(),
-        "the planted Job is kept for people to inspect"
+        operators != planted_uid,
+        "the verdict was read from the planted Job"
+    );
+    ensure!(
+        jobs.get_opt(&attempt_job_name(&target, 2)).await?.is_none(),
+        "no second attempt was needed"
     );
     ns.pass();
     Ok(())

@@ -608,6 +608,11 @@ async fn decide(
         expected: &expected,
         // A Proposal changes a pack or a policy: no model routing of its own.
         prices: &Default::default(),
+        // What it changes cannot change (admission): one round, the object's own.
+        round: contextos_runner::run::gate::GateRound {
+            uid: uid.clone(),
+            serial: 0,
+        },
     };
     let replay = made.replay.as_ref().unwrap_or(&target.replay);
     let progress = revisions::replay_attempts(ctx, &made.replayed, &gate, replay).await?;

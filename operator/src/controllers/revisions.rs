@@ -18,7 +18,7 @@ use contextos_runner::{
     policy::compile_policy,
     run::{
         bundle::{PackRevision, spec_digest},
-        gate::GatedKind,
+        gate::{GateRound, GatedKind},
     },
 };
 use k8s_openapi::{
@@ -361,11 +361,12 @@ where
     K: kube::Resource<DynamicType = ()>,
     S: serde::Serialize,
 {
-    let mut revisions = RevisionStatus {
-        candidate: Some(digest.to_owned()),
-        ..gate.revisions.clone()
+    let mut revisions = gate.revisions.with_candidate(digest);
+    let round = GateRound {
+        uid: object.meta().uid.clone().unwrap_or_default(),
+        serial: revisions.candidate_serial.unwrap_or(0),
     };
-    let verdict = gate_candidate(ctx, object, spec, gate, digest).await?;
+    let verdict = gate_candidate(ctx, object, spec, gate, digest, round).await?;
     let mut wanted = Vec::new();
     if let Some(by) = verdict.promote {
         let kind = replay_job::kind_label(gate.kind);
@@ -427,11 +428,7 @@ where
         wanted.extend(step.wanted);
         (step.revisions, step.requeue)
     } else {
-        let revisions = RevisionStatus {
-            candidate: Some(digest.clone()),
-            ..gate.revisions.clone()
-        };
-        (revisions, None)
+        (gate.revisions.with_candidate(&digest), None)
     };
     let status = json!({
         "conditions": merge(&gate.conditions, &wanted, object.meta().generation, now()),
@@ -443,13 +440,15 @@ where
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
-/// The promotion decision for the object's current spec (digest `digest`).
+/// The promotion decision for the object's current spec (digest `digest`), in `round` of its
+/// gate.
 async fn gate_candidate<K, S>(
     ctx: &Context,
     object: &K,
     spec: &S,
     gate: &Gated<'_>,
     digest: &str,
+    round: GateRound,
 ) -> Result<Verdict>
 where
     K: kube::Resource<DynamicType = ()>,
@@ -535,6 +534,7 @@ where
         proposal: None,
         expected: &[],
         prices: &gate.prices,
+        round,
     };
     let held =
         |reason: &'static str, message: String| Wanted::new(conditions::PROMOTED, false, reason, message);
@@ -843,6 +843,25 @@ pub(super) async fn replay_attempts<S: serde::Serialize>(
             }
             return Ok(Progress::Running(job_name));
         };
+        if let Some(why) = replay_job::not_this_round(target, &job, &ctx.key.public()) {
+            // Deleted (this very Job, by uid: not one made since) and made again by a later
+            // pass, with this round's order.
+            tracing::warn!(namespace = %target.namespace, job = %job_name, %why, "replacing a replay Job");
+            let delete = kube::api::DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    uid: job.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..kube::api::DeleteParams::background()
+            };
+            match jobs.delete(&job_name, &delete).await {
+                Ok(_) => {}
+                // Gone already, or replaced since.
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            return Ok(Progress::Running(job_name));
+        }
         let key = ctx
             .tenant_keys
             .get(&ctx.runner.gateway, target.namespace)
@@ -924,7 +943,8 @@ async fn start_replay<S: serde::Serialize>(
     )
     .await?;
     // A Job already at this name (a concurrent pass made it, or a tenant planted it) is read
-    // like any other: only the gateway's signed verdict counts.
+    // like any other: one not ordered for this round is replaced, and only the gateway's
+    // signed verdict counts.
     let _ = create_once(
         &Api::<Job>::namespaced(ctx.client.clone(), target.namespace),
         &job,

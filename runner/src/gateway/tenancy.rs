@@ -61,6 +61,9 @@ pub struct PodController {
     pub api_version: String,
     pub kind: String,
     pub name: String,
+    /// The owner's uid (a replay Job's verdict names it: one made again under the name is
+    /// another Job). The test double gives `uid-<name>`.
+    pub owner_uid: String,
     /// The uid of the pod read (to tell it from another pod since created under its name).
     /// Always given by the API server; the test double gives one only if told (`None`: any).
     pub pod_uid: Option<String>,
@@ -202,6 +205,7 @@ impl TenantView for KubeTenants {
                     api_version: o.api_version,
                     kind: o.kind,
                     name: o.name,
+                    owner_uid: o.uid,
                     pod_uid,
                     role,
                 })
@@ -347,6 +351,7 @@ impl StaticTenants {
             api_version: api_version.to_owned(),
             kind: kind.to_owned(),
             name: name.to_owned(),
+            owner_uid: format!("uid-{name}"),
             pod_uid: None,
             role: None,
         };

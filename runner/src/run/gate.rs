@@ -81,6 +81,21 @@ pub struct GateOrder {
     /// pinned it).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub prices: BTreeMap<String, crate::pricing::PinnedPrice>,
+    /// Which round of the object's gate this is (echoed in the verdict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<GateRound>,
+}
+
+/// One round of an object's gate: the object (by uid, so one deleted and made again under its
+/// name starts afresh) and its candidate's serial number (`status.revisions.candidateSerial`;
+/// a Proposal, whose candidate cannot change, has one round). The same candidate digest ordered again later — after the object
+/// had others — is another round, replayed against what ran since: the verdict of the earlier
+/// one does not count for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GateRound {
+    pub uid: String,
+    pub serial: u64,
 }
 
 /// A recorded call a proposal means to change, as its evidence names it: the entry's position
@@ -326,6 +341,13 @@ pub async fn run_gate<S: RecordStore>(
 pub struct GateVerdict {
     /// The replay Job whose read grant ordered it.
     pub job: String,
+    /// The uid of the Job whose pod asked, as the gateway read the pod's controller: a verdict
+    /// of a Job since deleted and made again under the name is not the new Job's.
+    #[serde(default)]
+    pub job_uid: String,
+    /// The round its order named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<GateRound>,
     pub kind: GatedKind,
     pub name: String,
     pub candidate_digest: String,
@@ -339,8 +361,15 @@ pub struct SignedGateVerdict {
     pub signature: String,
 }
 
+/// The kubelet keeps at most 4096 bytes of a termination message, where a replay Job's pod
+/// carries the signed verdict; a verdict cut there would be no verdict at all.
+pub const VERDICT_BYTES: usize = 3800;
+
 impl SignedGateVerdict {
-    pub fn sign(verdict: GateVerdict, key: &KeyPair) -> Self {
+    /// Signs `verdict`, its divergence lines shortened first if it would not fit
+    /// [`VERDICT_BYTES`] (the full report is a blob of its own, named in it).
+    pub fn sign(mut verdict: GateVerdict, key: &KeyPair) -> Self {
+        fit(&mut verdict);
         let signature = key.sign_hex(&signing_bytes(&verdict));
         Self { verdict, signature }
     }
@@ -350,6 +379,29 @@ impl SignedGateVerdict {
         key.verify_hex(&signing_bytes(&self.verdict), &self.signature)
             .then_some(&self.verdict)
     }
+}
+
+/// Shortens the divergence lines (escaping can make a line several times longer than its
+/// characters), then drops them from the last, until the signed verdict fits [`VERDICT_BYTES`].
+/// What else a verdict holds is short: numbers, names and digests.
+fn fit(verdict: &mut GateVerdict) {
+    let size = |verdict: &GateVerdict| {
+        let signed = SignedGateVerdict {
+            verdict: verdict.clone(),
+            // As it will be: an Ed25519 signature in hex.
+            signature: "0".repeat(128),
+        };
+        serde_json::to_vec(&signed).map_or(usize::MAX, |b| b.len())
+    };
+    if size(verdict) <= VERDICT_BYTES {
+        return;
+    }
+    for line in &mut verdict.gate.top {
+        if line.chars().count() > 120 {
+            *line = line.chars().take(120).collect::<String>() + "…";
+        }
+    }
+    while size(verdict) > VERDICT_BYTES && verdict.gate.top.pop().is_some() {}
 }
 
 fn signing_bytes(verdict: &GateVerdict) -> Vec<u8> {
@@ -379,6 +431,7 @@ mod tests {
             replay: ReplaySpec::default(),
             expected: Vec::new(),
             prices: Default::default(),
+            round: None,
         }
     }
 
@@ -453,6 +506,7 @@ mod tests {
             replay: ReplaySpec::default(),
             expected: Vec::new(),
             prices: Default::default(),
+            round: None,
         };
         let object = json!({"kind": "Agent", "metadata": {"name": "ops"}, "spec": composition});
         let candidate = order.candidate(&object).expect("the ordered composition");
@@ -500,6 +554,11 @@ mod tests {
         let key = KeyPair::from_seed([3; 32]);
         let verdict = GateVerdict {
             job: "replay-policy-p-0123456789".into(),
+            job_uid: "uid-1".into(),
+            round: Some(GateRound {
+                uid: "uid-p".into(),
+                serial: 2,
+            }),
             kind: GatedKind::Policy,
             name: "p".into(),
             candidate_digest: "sha256:01".into(),
@@ -514,7 +573,49 @@ mod tests {
         let mut forged = read.clone();
         forged.verdict.gate.passed = true;
         assert!(forged.verify(&key.public()).is_none());
+        // Nor may a verdict be moved to another round of the gate, or another Job.
+        let mut moved = read.clone();
+        moved.verdict.round = Some(GateRound {
+            uid: "uid-p".into(),
+            serial: 3,
+        });
+        assert!(moved.verify(&key.public()).is_none());
+        let mut moved = read.clone();
+        moved.verdict.job_uid = "uid-2".into();
+        assert!(moved.verify(&key.public()).is_none());
         let other_tenant = KeyPair::from_seed([4; 32]);
         assert!(read.verify(&other_tenant.public()).is_none());
+    }
+
+    #[test]
+    fn a_signed_verdict_always_fits_a_termination_message() {
+        let key = KeyPair::from_seed([3; 32]);
+        // Recorded text is anyone's: quotes and control characters escape to 2 and 6 bytes,
+        // wide characters take 4; five lines of 300 characters each.
+        for fill in ['"', '\u{1}', '😀', 'a'] {
+            let mut gate = ReplayGate::no_history(&[]);
+            gate.no_history = false;
+            gate.top = vec![fill.to_string().repeat(300); 5];
+            let verdict = GateVerdict {
+                job: "replay-policy-p-0123456789".into(),
+                job_uid: "0d4c6a1e-5b7f-4c39-9e2a-7f1b2c3d4e5f".into(),
+                round: Some(GateRound {
+                    uid: "6e1f2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b".into(),
+                    serial: u64::MAX,
+                }),
+                kind: GatedKind::Policy,
+                name: "p".repeat(253),
+                candidate_digest: format!("sha256:{}", "0".repeat(64)),
+                gate,
+            };
+            let signed = SignedGateVerdict::sign(verdict, &key);
+            let bytes = serde_json::to_vec(&signed).expect("json").len();
+            assert!(bytes <= VERDICT_BYTES, "{fill:?}: {bytes} bytes");
+            assert!(signed.verify(&key.public()).is_some());
+            assert!(
+                !signed.verdict.gate.top.is_empty(),
+                "{fill:?}: some lines are kept"
+            );
+        }
     }
 }

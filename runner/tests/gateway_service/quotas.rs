@@ -823,6 +823,7 @@ async fn a_replay_gates_re_executed_turns_are_the_tenants_spend_and_its_quota_st
         replay,
         expected: Vec::new(),
         prices: Default::default(),
+        round: None,
     };
     let gate = |job: &'static str| {
         let reader = replay_reader(&rig, job, Some(order.clone()));

@@ -34,7 +34,7 @@ where
     /// `sessions/records` there; otherwise a replay Job's pod with its grant ([`Self::granted`]).
     pub(super) async fn reader(&self, headers: &HeaderMap) -> Result<TenantId, Refusal> {
         if !headers.contains_key(READER_NAMESPACE_HEADER) {
-            let (tenant, grant) = self.granted(headers).await?;
+            let (tenant, grant, _) = self.granted(headers).await?;
             // A skill's evaluation reads nothing recorded: its grant orders the suite only.
             if grant
                 .gate
@@ -114,8 +114,8 @@ where
         Ok((namespace, person))
     }
 
-    /// [`Self::reader`], and the grant the reader presented.
-    async fn granted(&self, headers: &HeaderMap) -> Result<(TenantId, ReadGrant), Refusal> {
+    /// [`Self::reader`], the grant the reader presented, and the uid of the Job its pod is of.
+    async fn granted(&self, headers: &HeaderMap) -> Result<(TenantId, ReadGrant, String), Refusal> {
         let identity = self.identify(headers).await?;
         let grant = headers
             .get(READ_GRANT_HEADER)
@@ -142,9 +142,12 @@ where
         // Labelled a replay pod too: only the job controller makes a Job's pod one (admission
         // policy contextos-replay-pods), while anyone who may create pods can name a Job as
         // their pod's owner.
-        if !controller.is_some_and(|c| {
-            c.is("batch", "Job", &grant.job, &identity.pod_uid) && c.role.as_deref() == Some("replay")
-        }) {
+        let Some(job_uid) = controller
+            .filter(|c| {
+                c.is("batch", "Job", &grant.job, &identity.pod_uid) && c.role.as_deref() == Some("replay")
+            })
+            .map(|c| c.owner_uid)
+        else {
             tracing::warn!(namespace = %identity.namespace, pod = %identity.pod, job = %grant.job,
                 "refused a read grant presented by a pod its Job does not own");
             let why = format!(
@@ -153,10 +156,10 @@ where
             );
             self.record_refusal(&identity, &why).await;
             return Err(forbidden(why));
-        }
+        };
         let grant = grant.clone();
         let tenant = TenantId::new(identity.namespace).map_err(|e| bad(e.to_string()))?;
-        Ok((tenant, grant))
+        Ok((tenant, grant, job_uid))
     }
 
     /// A replay Job's gate: the candidate it posts must be the one its grant orders (by
@@ -167,7 +170,7 @@ where
         headers: HeaderMap,
         body: Bytes,
     ) -> Reply {
-        let (tenant, grant) = service.granted(&headers).await?;
+        let (tenant, grant, job_uid) = service.granted(&headers).await?;
         let order = grant.gate.as_ref().ok_or_else(|| {
             forbidden(format!(
                 "the read grant of Job {} orders no replay gate",
@@ -193,6 +196,8 @@ where
             );
             let verdict = GateVerdict {
                 job: grant.job.clone(),
+                job_uid,
+                round: order.round.clone(),
                 kind: order.kind,
                 name: order.name.clone(),
                 candidate_digest: order.candidate_digest.clone(),
@@ -231,6 +236,8 @@ where
         );
         let verdict = GateVerdict {
             job: grant.job.clone(),
+            job_uid,
+            round: order.round.clone(),
             kind: order.kind,
             name: order.name.clone(),
             candidate_digest: order.candidate_digest.clone(),
@@ -306,7 +313,7 @@ where
     ) -> Reply {
         // Only a replay Job stores (its report); a reader's POST never gets here (refused in
         // `identified_first`).
-        let (tenant, _) = service.granted(&headers).await?;
+        let (tenant, _, _) = service.granted(&headers).await?;
         let hash = service
             .store
             .put_blob(&tenant, body.to_vec())

@@ -473,6 +473,10 @@ pub struct ProposalStatus {
     /// Divergences at the evidence (the intended effect), not counted against the replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intended_divergences: Option<u32>,
+    /// The replay's round: one more each time the proposal went Stale (its target changed) or
+    /// Invalid, so that a replay from before counts no more when the target comes back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u64>,
     /// Who may decide: the target's promotion approvers (frozen once a decision is made: the
     /// target's gate honours it only while they are still the target's). Empty: holders of
     /// the `promote` verb on the target's resource.

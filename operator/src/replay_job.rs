@@ -60,6 +60,10 @@ pub struct GateTarget<'a> {
     pub prices: &'a std::collections::BTreeMap<String, contextos_runner::pricing::PinnedPrice>,
     /// Which round of the object's gate this is: a Job's order and verdict count only for it.
     pub round: GateRound,
+    /// Whether the object's status holds `round` already: a Job is ordered only for a round
+    /// on record, so that a round never ordered twice for different candidates (a status write
+    /// that failed after its Job was made would otherwise leave its number free).
+    pub round_saved: bool,
 }
 
 /// Automatic attempts at one candidate's gate: an attempt that ends without a verdict
@@ -82,14 +86,31 @@ pub fn kind_label(kind: GatedKind) -> &'static str {
 }
 
 /// Deterministic name of the candidate's ConfigMap and of its first Job; later attempts add
-/// `-a<n>`.
+/// `-a<n>`. A name cut to fit ends in a few characters of the object's uid: two objects whose
+/// names begin alike never share a gate's Jobs.
 pub fn job_name(target: &GateTarget<'_>) -> String {
+    const WHOLE: usize = 48;
     let hex = target.digest.strip_prefix("sha256:").unwrap_or(target.digest);
     let mut name = match target.proposal {
-        Some(proposal) => format!("proposal-{proposal}"),
+        // Named after the Proposal's uid already.
+        Some(proposal) => {
+            let mut name = format!("proposal-{proposal}");
+            name.truncate(WHOLE);
+            name
+        }
         None => format!("replay-{}-{}", kind_label(target.kind), target.name),
     };
-    name.truncate(48);
+    if name.len() > WHOLE {
+        let uid: String = target
+            .round
+            .uid
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(6)
+            .collect();
+        name.truncate(WHOLE - 1 - uid.len());
+        name = format!("{}-{uid}", name.trim_end_matches(['-', '.']));
+    }
     format!("{name}-{}", &hex[..hex.len().min(10)])
 }
 
@@ -162,22 +183,27 @@ pub fn read_grant(
             job: attempt_job_name(target, attempt),
             issued_at_ms: now_ms,
             expires_at_ms: now_ms + GRANT_SECONDS * 1000,
-            gate: Some(GateOrder {
-                kind: target.kind,
-                name: target.name.to_owned(),
-                candidate_digest: target.digest.to_owned(),
-                // The gateway takes the order literally: whether to re-execute is decided here.
-                replay: ReplaySpec {
-                    reexecute: reexecution_of(target.kind, replay, target.proposal.is_some()),
-                    ..replay.clone()
-                },
-                expected: target.expected.to_vec(),
-                prices: target.prices.clone(),
-                round: Some(target.round.clone()),
-            }),
+            gate: Some(order(target, replay)),
         },
         key,
     )
+}
+
+/// The gate `target`'s Jobs order, sampled and judged as `replay` says.
+fn order(target: &GateTarget<'_>, replay: &ReplaySpec) -> GateOrder {
+    GateOrder {
+        kind: target.kind,
+        name: target.name.to_owned(),
+        candidate_digest: target.digest.to_owned(),
+        // The gateway takes the order literally: whether to re-execute is decided here.
+        replay: ReplaySpec {
+            reexecute: reexecution_of(target.kind, replay, target.proposal.is_some()),
+            ..replay.clone()
+        },
+        expected: target.expected.to_vec(),
+        prices: target.prices.clone(),
+        round: Some(target.round.clone()),
+    }
 }
 
 /// The replay Job: it reads the tenant's records through the gateway service with its pod's
@@ -298,17 +324,31 @@ pub fn network_policy(target: &GateTarget<'_>, settings: &RunnerSettings) -> Net
     }
 }
 
-/// Why `job`, at one of `target`'s attempt names, is not this round's, if it is not: its pod's
-/// read grant must be one the operator signed (`operator`) ordering exactly this gate —
-/// candidate and round. A Job left from an earlier round (the object had this candidate
-/// before, then others) would report a verdict on what ran then; one planted at the name
-/// before the operator carries no grant of its own, or an old one copied.
-pub fn not_this_round(target: &GateTarget<'_>, job: &Job, operator: &PublicKey) -> Option<String> {
+/// Why `job`, at one of `target`'s attempt names, is not this round's, if it is not: it must
+/// make replay pods, and its pod's read grant must be one the operator signed (`operator`)
+/// ordering exactly this gate now — candidate, round, sampling and thresholds (`replay`), the
+/// evidence and the prices. A Job left from an earlier round (the object had this candidate
+/// before, then others) would report a verdict on what ran then; one ordered before the gate
+/// was tightened, a verdict under the looser one; one planted at the name carries no grant of
+/// its own, or a copied one on pods the gateway does not hear.
+pub fn not_this_round(
+    target: &GateTarget<'_>,
+    replay: &ReplaySpec,
+    job: &Job,
+    operator: &PublicKey,
+) -> Option<String> {
     let name = job.metadata.name.clone().unwrap_or_default();
-    let grant = job
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
+    let template = job.spec.as_ref().map(|s| &s.template);
+    let replay_pods = template
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.labels.as_ref())
+        .and_then(|l| l.get(labels::ROLE))
+        .is_some_and(|role| role == "replay");
+    if !replay_pods {
+        return Some(format!("Job {name} does not make replay pods"));
+    }
+    let grant = template
+        .and_then(|t| t.spec.as_ref())
         .into_iter()
         .flat_map(|s| &s.containers)
         .flat_map(|c| c.env.iter().flatten())
@@ -318,24 +358,30 @@ pub fn not_this_round(target: &GateTarget<'_>, job: &Job, operator: &PublicKey) 
     let Some(grant) = grant.as_ref().and_then(|g| g.signed_by(operator)) else {
         return Some(format!("Job {name} carries no read grant the operator signed"));
     };
-    let ordered = grant.gate.as_ref();
-    let this_gate = grant.job == name
-        && grant.tenant_id == target.namespace
-        && ordered.is_some_and(|o| {
-            o.kind == target.kind && o.name == target.name && o.candidate_digest == target.digest
-        });
-    if !this_gate {
-        return Some(format!("Job {name} was ordered for another gate"));
-    }
-    match ordered.and_then(|o| o.round.as_ref()) {
-        Some(round) if *round == target.round => None,
-        Some(round) if round.uid == target.round.uid => Some(format!(
-            "Job {name} replays this candidate for round {} of the gate (now round {}), against what ran then",
-            round.serial, target.round.serial
+    let now = order(target, replay);
+    let ordered = grant
+        .gate
+        .as_ref()
+        .filter(|_| grant.job == name && grant.tenant_id == target.namespace);
+    match ordered {
+        Some(ordered) if *ordered == now => None,
+        Some(GateOrder {
+            round: Some(round),
+            candidate_digest,
+            ..
+        }) if *candidate_digest == now.candidate_digest
+            && round.uid == target.round.uid
+            && *round != target.round =>
+        {
+            Some(format!(
+                "Job {name} replays this candidate for round {} of the gate (now round {}), against what ran then",
+                round.serial, target.round.serial
+            ))
+        }
+        Some(_) => Some(format!(
+            "Job {name} was ordered for another gate, an object of this name since deleted, or under other settings (sampling, thresholds, prices) than the gate's now"
         )),
-        _ => Some(format!(
-            "Job {name} was ordered for an object of this name since deleted, or before rounds were kept"
-        )),
+        None => Some(format!("Job {name} carries no read grant for this gate")),
     }
 }
 
@@ -427,6 +473,9 @@ pub fn outcome(target: &GateTarget<'_>, job: &Job, pods: &[Pod], key: &PublicKey
         {
             JobOutcome::Verdict(v.gate.clone())
         }
+        Some(v) if v.round.is_none() => inconclusive(format!(
+            "Job {job_name} reported a verdict of a gateway service older than the operator (it names no gate round): upgrade the gateway to the operator's release"
+        )),
         Some(_) => inconclusive(format!(
             "Job {job_name} reported a verdict of another Job, round or candidate; it is ignored"
         )),
@@ -491,6 +540,7 @@ mod tests {
             expected: &[],
             prices: &NO_PRICES,
             round: round(7),
+            round_saved: true,
         }
     }
 
@@ -631,11 +681,32 @@ mod tests {
             let grant = read_grant(target, &ReplaySpec::default(), 1, key, 1_000);
             job(target, 1, "runner:test", &settings, &grant).expect("job")
         };
+        let replay = ReplaySpec::default();
+        let not_this_round =
+            |target: &GateTarget<'_>, job: &Job, key: &PublicKey| not_this_round(target, &replay, job, key);
         let now = target();
         assert_eq!(
             not_this_round(&now, &made(&now, &operator), &operator.public()),
             None
         );
+        // Ordered before the gate was tightened (an Agent's spec.promotion is no part of its
+        // composition's digest).
+        let stricter = ReplaySpec {
+            max_divergence_percent: 0,
+            sample_size: 50,
+            ..ReplaySpec::default()
+        };
+        assert!(super::not_this_round(&now, &stricter, &made(&now, &operator), &operator.public()).is_some());
+        // Made without the replay pods' label (its pods' grants the gateway does not honour).
+        let mut unlabelled = made(&now, &operator);
+        if let Some(meta) = unlabelled
+            .spec
+            .as_mut()
+            .and_then(|s| s.template.metadata.as_mut())
+        {
+            meta.labels = None;
+        }
+        assert!(not_this_round(&now, &unlabelled, &operator.public()).is_some());
         // The Job of an earlier round of the same candidate, kept since (a pass promoted it,
         // other specs came, then this one again).
         let earlier = GateTarget {
@@ -687,5 +758,19 @@ mod tests {
         assert_ne!(first, third);
         assert!(third.len() <= 63, "{third}");
         assert!(third.starts_with(&first));
+        // Another object whose name begins alike, with the same candidate: a Job of its own
+        // (each would otherwise take the other's for a Job of another gate, and replace it).
+        let alike = GateTarget {
+            name: "a-policy-with-a-name-that-is-as-long-as-kubernetes-allows-for-others",
+            round: GateRound {
+                uid: "0f9e8d7c-6b5a".into(),
+                serial: 7,
+            },
+            ..target()
+        };
+        assert_ne!(job_name(&long), job_name(&alike));
+        assert!(attempt_job_name(&alike, MAX_ATTEMPTS).len() <= 63);
+        // A short name stays as it is.
+        assert_eq!(job_name(&target()), "replay-policy-guardrails-0123456789");
     }
 }

@@ -179,6 +179,7 @@ async fn a_tenant_cannot_pass_a_replay_gate_with_a_planted_job() -> Result<()> {
             uid: String::new(),
             serial: 0,
         },
+        round_saved: true,
     };
     let planted_name = job_name(&target);
     let forged = json!({

@@ -393,6 +393,18 @@ impl Step {
     }
 }
 
+/// The replay round a Proposal's status holds after a pass that leaves it in `phase`: one more
+/// on going Stale or Invalid — its target changed or went, and may come back after other runs,
+/// when a replay from before counts no more — the same otherwise.
+fn round_after(previous: &ProposalStatus, phase: ProposalPhase) -> Option<u64> {
+    match phase {
+        ProposalPhase::Stale | ProposalPhase::Invalid if previous.phase != Some(phase) => {
+            Some(previous.round.unwrap_or(0) + 1)
+        }
+        _ => previous.round,
+    }
+}
+
 /// Reconciles a Proposal.
 pub async fn reconcile_proposal(proposal: Arc<Proposal>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile("Proposal");
@@ -433,6 +445,7 @@ pub async fn reconcile_proposal(proposal: Arc<Proposal>, ctx: Arc<Context>) -> R
         changes: step.changes,
         replay: step.replay,
         intended_divergences: step.intended,
+        round: round_after(&previous, step.phase),
         // Frozen once decided: the target's gate honours the decision only while these are
         // still the target's approvers.
         reviewers: if proposal.spec.decision.is_some() {
@@ -608,11 +621,13 @@ async fn decide(
         expected: &expected,
         // A Proposal changes a pack or a policy: no model routing of its own.
         prices: &Default::default(),
-        // What it changes cannot change (admission): one round, the object's own.
+        // What it changes cannot change (admission), but its target can move away and back:
+        // the round its status holds, one more each time it went Stale or Invalid.
         round: contextos_runner::run::gate::GateRound {
             uid: uid.clone(),
-            serial: 0,
+            serial: previous.round.unwrap_or(0),
         },
+        round_saved: true,
     };
     let replay = made.replay.as_ref().unwrap_or(&target.replay);
     let progress = revisions::replay_attempts(ctx, &made.replayed, &gate, replay).await?;
@@ -633,6 +648,11 @@ async fn decide(
         requeue: None,
     };
     let verdict = match progress {
+        // Never: a Proposal's round is the one its status holds.
+        revisions::Progress::Saving => {
+            step.requeue = Some(Duration::from_secs(5));
+            return Ok(step);
+        }
         revisions::Progress::Running(job) => {
             step.others.push(replay_condition(
                 false,
@@ -872,4 +892,42 @@ pub(super) async fn accepted_for(
                 replay: status.replay.clone(),
             })
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use contextos_crds::proposal::{ProposalPhase, ProposalStatus};
+
+    use super::round_after;
+
+    #[test]
+    fn a_proposals_round_moves_on_each_time_its_target_moved_away() {
+        let at = |phase, round| ProposalStatus {
+            phase: Some(phase),
+            round,
+            ..ProposalStatus::default()
+        };
+        assert_eq!(
+            round_after(&ProposalStatus::default(), ProposalPhase::Replaying),
+            None
+        );
+        assert_eq!(
+            round_after(&at(ProposalPhase::Replaying, None), ProposalPhase::Stale),
+            Some(1)
+        );
+        // Once per time away, however many passes it stays so.
+        assert_eq!(
+            round_after(&at(ProposalPhase::Stale, Some(1)), ProposalPhase::Stale),
+            Some(1)
+        );
+        // Back: the replay runs again in the new round.
+        assert_eq!(
+            round_after(&at(ProposalPhase::Stale, Some(1)), ProposalPhase::Replaying),
+            Some(1)
+        );
+        assert_eq!(
+            round_after(&at(ProposalPhase::Stale, Some(1)), ProposalPhase::Invalid),
+            Some(2)
+        );
+    }
 }

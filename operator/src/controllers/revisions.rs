@@ -366,7 +366,9 @@ where
         uid: object.meta().uid.clone().unwrap_or_default(),
         serial: revisions.candidate_serial.unwrap_or(0),
     };
-    let verdict = gate_candidate(ctx, object, spec, gate, digest, round).await?;
+    let saved =
+        gate.revisions.candidate.as_deref() == Some(digest) && gate.revisions.candidate_serial.is_some();
+    let verdict = gate_candidate(ctx, object, spec, gate, digest, (round, saved)).await?;
     let mut wanted = Vec::new();
     if let Some(by) = verdict.promote {
         let kind = replay_job::kind_label(gate.kind);
@@ -441,14 +443,14 @@ where
 }
 
 /// The promotion decision for the object's current spec (digest `digest`), in `round` of its
-/// gate.
+/// gate (and whether the object's status holds that round already).
 async fn gate_candidate<K, S>(
     ctx: &Context,
     object: &K,
     spec: &S,
     gate: &Gated<'_>,
     digest: &str,
-    round: GateRound,
+    (round, round_saved): (GateRound, bool),
 ) -> Result<Verdict>
 where
     K: kube::Resource<DynamicType = ()>,
@@ -535,6 +537,7 @@ where
         expected: &[],
         prices: &gate.prices,
         round,
+        round_saved,
     };
     let held =
         |reason: &'static str, message: String| Wanted::new(conditions::PROMOTED, false, reason, message);
@@ -577,6 +580,9 @@ where
     };
     let (job_name, gate_result) = match replay_attempts(ctx, spec, &target, &promotion.replay).await? {
         Progress::Running(job_name) => return Ok(replaying(&job_name)),
+        Progress::Saving => {
+            return Ok(inconclusive(SAVING_ROUND.to_owned(), Some(SAVING_RECHECK)));
+        }
         Progress::Refused(problem) => return Ok(inconclusive(problem, Some(Duration::from_secs(30)))),
         Progress::Backoff { attempt, why, wait } => {
             return Ok(inconclusive(retrying(attempt, &why, wait), Some(wait)));
@@ -729,6 +735,7 @@ async fn skill_verdict<S: serde::Serialize>(
         )
     };
     let (job_name, gate) = match replay_attempts(ctx, spec, target, &promotion.replay).await? {
+        Progress::Saving => return Ok(inconclusive(SAVING_ROUND.to_owned(), Some(SAVING_RECHECK))),
         Progress::Running(job) => {
             return Ok(pending(
                 Some(Duration::from_secs(20)),
@@ -805,8 +812,16 @@ fn retrying(attempt: u32, why: &str, wait: Duration) -> String {
     )
 }
 
+/// What a gate says while its round is written to the object's status, before its first Job.
+const SAVING_ROUND: &str = "the gate's round is being written to status.revisions.candidateSerial before its Job is made; if this stays, the installed CRDs predate the operator: apply manifests/crds";
+/// Look again this soon (the status write itself brings the object back sooner).
+const SAVING_RECHECK: Duration = Duration::from_secs(5);
+
 /// Where the replay of one candidate stands.
 pub(super) enum Progress {
+    /// No Job yet: the round is not on record in the object's status (see
+    /// [`GateTarget::round_saved`]); the status write brings the object back.
+    Saving,
     /// The Job of the current attempt runs (or was just created).
     Running(String),
     /// The gateway's verdict, from this Job.
@@ -838,12 +853,15 @@ pub(super) async fn replay_attempts<S: serde::Serialize>(
     loop {
         let job_name = replay_job::attempt_job_name(target, attempt);
         let Some(job) = jobs.get_opt(&job_name).await? else {
+            if !target.round_saved {
+                return Ok(Progress::Saving);
+            }
             if let Some(problem) = start_replay(ctx, spec, target, replay, attempt).await? {
                 return Ok(Progress::Refused(problem));
             }
             return Ok(Progress::Running(job_name));
         };
-        if let Some(why) = replay_job::not_this_round(target, &job, &ctx.key.public()) {
+        if let Some(why) = replay_job::not_this_round(target, replay, &job, &ctx.key.public()) {
             // Deleted (this very Job, by uid: not one made since) and made again by a later
             // pass, with this round's order.
             tracing::warn!(namespace = %target.namespace, job = %job_name, %why, "replacing a replay Job");

@@ -402,6 +402,11 @@ fn fit(verdict: &mut GateVerdict) {
         }
     }
     while size(verdict) > VERDICT_BYTES && verdict.gate.top.pop().is_some() {}
+    if size(verdict) > VERDICT_BYTES {
+        // What is left is names, digests and numbers: never this long as the operator makes
+        // them. Signed as it is; the operator will say the pod reported no whole verdict.
+        tracing::warn!(job = %verdict.job, bytes = size(verdict), "a gate verdict does not fit a termination message");
+    }
 }
 
 fn signing_bytes(verdict: &GateVerdict) -> Vec<u8> {

@@ -312,10 +312,11 @@ pub struct SessionStatus {
     /// Revisions pinned at start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<PinnedRevisions>,
-    /// Steps completed.
+    /// Steps completed, as the gateway signed them from the record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<u32>,
-    /// Budget used so far.
+    /// Budget used so far: steps, tokens and tool calls as the gateway signed them from the
+    /// record; wall time as the runner measured it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_used: Option<BudgetUsage>,
     /// The call waiting for approval, while phase is AwaitingApproval.
@@ -324,10 +325,11 @@ pub struct SessionStatus {
     /// The call whose outcome is unknown, while phase is AwaitingResolution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unresolved_call: Option<UnresolvedCallStatus>,
-    /// The last checkpoint.
+    /// The last checkpoint, as the gateway signed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<CheckpointRef>,
-    /// Hash of the newest DecisionRecord entry.
+    /// Hash of the newest DecisionRecord entry, as the gateway signed it: what the run's chain
+    /// is checked against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_head: Option<String>,
     /// The accepted output (cut at 32 KiB; the full output is in the record).

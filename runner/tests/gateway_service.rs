@@ -3375,6 +3375,68 @@ async fn a_runner_cannot_keep_its_subjects_data_in_the_clear_or_reach_other_keys
     }
 }
 
+/// The gateway signs how far a run got, as its record says, for the runner's report whatever
+/// the outcome (here a run waiting for approval): the head the store holds, the steps, tokens
+/// and tool calls on record. The operator shows a Session's progress only from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_progress_is_signed_as_its_record_says() {
+    let rig = rig().await;
+    rig.run_until_approval().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let signed = rig
+        .client("token-run-1", &context)
+        .progress()
+        .await
+        .expect("progress");
+    let progress = signed
+        .verify(&rig.keys.for_tenant("shop").public())
+        .expect("signed with the tenant's key")
+        .clone();
+    assert!(signed.verify(&rig.keys.for_tenant("bank").public()).is_none());
+    let bodies = rig.bodies().await;
+    let head = rig
+        .store
+        .head(&rig.tenant(), RUN)
+        .await
+        .expect("head")
+        .map(|h| h.hash.to_hex());
+    let steps = bodies
+        .iter()
+        .filter_map(|b| match b {
+            EntryBody::ModelTurn { step, .. } => Some(*step),
+            _ => None,
+        })
+        .max();
+    let tokens: u64 = bodies
+        .iter()
+        .map(|b| match b {
+            EntryBody::ModelTurn {
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => prompt_tokens + completion_tokens,
+            EntryBody::ModelSpend { tokens, .. } => *tokens,
+            _ => 0,
+        })
+        .sum();
+    let results = bodies
+        .iter()
+        .filter(|b| matches!(b, EntryBody::ToolResult(_)))
+        .count();
+    assert_eq!(
+        (
+            progress.run_id.as_str(),
+            progress.head.clone(),
+            Some(progress.steps),
+            progress.tokens,
+            progress.tool_calls as usize
+        ),
+        (RUN, head, steps, tokens, results),
+        "{progress:?}"
+    );
+    assert!(progress.tokens > 0 && results > 0, "{progress:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_completes_only_with_its_models_answer_and_only_the_gateway_attests_it() {
     use contextos_runner::gateway::approvals::{Attested as _, CompletedRun};

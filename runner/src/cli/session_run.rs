@@ -141,12 +141,17 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
         }
         pod_report.completion_attestation = Some(attested.signature);
     }
-    if let Some(checkpoint) = client
-        .records()
-        .latest_checkpoint(&tenant, &context.session_id)
-        .await?
-    {
-        pod_report.checkpoint = Some((checkpoint.step, checkpoint.entry_hash.to_hex()));
+    // How far the run got, in the gateway's words: the operator shows a Session's progress
+    // only from them. Without them (the service cannot say now) the report still says how the
+    // attempt ended, and the Session keeps the progress it showed.
+    match client.progress().await {
+        Ok(signed) => {
+            pod_report.checkpoint = signed.progress.checkpoint.clone();
+            pod_report.progress = Some(signed);
+        }
+        Err(e) => eprintln!(
+            "contextos: the gateway service did not sign the run's progress ({e}); the report goes without it"
+        ),
     }
     let message = serde_json::to_vec(&pod_report)?;
     let log = in_pod(&args.termination_log);

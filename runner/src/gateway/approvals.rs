@@ -78,6 +78,53 @@ impl Attested for CompletedRun<'_> {
     const DOMAIN: &'static [u8] = b"contextos-completed-run/v1\n";
 }
 
+/// How far a run got, as its record says. The gateway signs it for the runner to relay in its
+/// report, whatever the outcome; the operator shows a Session's steps, usage, record head and
+/// checkpoint only from it (a runner's own figures are its word, and people check a run's
+/// chain against the head a Session shows).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunProgress {
+    pub run_id: String,
+    /// Hash (hex) of the newest entry on record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+    /// The latest step a model turn on record answered.
+    pub steps: u32,
+    /// Tokens on record: the model turns' and those paid for that no turn holds.
+    pub tokens: u64,
+    /// Tool calls made, as the gateway counts them against the run's budget.
+    pub tool_calls: u32,
+    /// The run's latest checkpoint: (step, hash (hex) of its entry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<(u32, String)>,
+}
+
+impl Attested for RunProgress {
+    const DOMAIN: &'static [u8] = b"contextos-run-progress/v1\n";
+}
+
+/// A [`RunProgress`] and the gateway's signature over it with the tenant's key.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SignedRunProgress {
+    pub progress: RunProgress,
+    pub signature: String,
+}
+
+impl SignedRunProgress {
+    pub fn sign(progress: RunProgress, key: &crate::keys::KeyPair) -> Self {
+        let signature = progress.sign(key);
+        Self { progress, signature }
+    }
+
+    /// The progress, if `key` (the tenant's) signed it.
+    pub fn verify(&self, key: &crate::keys::PublicKey) -> Option<&RunProgress> {
+        self.progress
+            .verify(key, &self.signature)
+            .then_some(&self.progress)
+    }
+}
+
 /// A statement the gateway signs with the tenant's key for whoever relays it (a runner pod's
 /// report): the operator shows people what it says only if the signature holds.
 pub trait Attested: serde::Serialize + Sized {

@@ -208,6 +208,12 @@ impl GatewayClient {
         self.records.get_json("/v1/run/completion").await
     }
 
+    /// The service's signed word on how far the run got, for the pod's report (the operator
+    /// shows a Session's progress only from it).
+    pub async fn progress(&self) -> Result<crate::gateway::approvals::SignedRunProgress, RemoteError> {
+        self.records.get_json("/v1/run/progress").await
+    }
+
     /// The run's record, through the service.
     pub fn records(&self) -> &RemoteStore {
         &self.records

@@ -104,6 +104,10 @@ pub struct PodReport {
     /// The latest checkpoint the next attempt would resume from: (step, entry hash).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<(u32, String)>,
+    /// How far the run got, as the gateway signed it: the operator shows a Session's steps,
+    /// usage, record head and checkpoint only from it (the fields above are the runner's word).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::gateway::approvals::SignedRunProgress>,
 }
 
 /// How an attempt ended, in its report. An attempt that reports nothing (or something else)
@@ -147,6 +151,7 @@ impl PodReport {
             awaiting: None,
             unresolved: None,
             checkpoint: None,
+            progress: None,
         };
         match &report.outcome {
             RunOutcome::Completed { output, .. } => {
@@ -277,6 +282,18 @@ mod tests {
         pod_report.completion_attestation = Some("ab".repeat(64));
         pod_report.run_id = "r".repeat(256);
         pod_report.checkpoint = Some((u32::MAX, "cd".repeat(32)));
+        // And the gateway's signed progress.
+        pod_report.progress = Some(crate::gateway::approvals::SignedRunProgress {
+            progress: crate::gateway::approvals::RunProgress {
+                run_id: "r".repeat(256),
+                head: Some("ef".repeat(32)),
+                steps: u32::MAX,
+                tokens: u64::MAX,
+                tool_calls: u32::MAX,
+                checkpoint: Some((u32::MAX, "cd".repeat(32))),
+            },
+            signature: "ab".repeat(64),
+        });
         let json = serde_json::to_vec(&pod_report).expect("json");
         assert!(json.len() <= MESSAGE_LIMIT, "{} bytes", json.len());
         // The output is shown as the gateway attests it: its first part, whole characters.

@@ -181,6 +181,7 @@ async fn attempt_pod(pods: &Api<Pod>, session: &Session, attempt: u32) -> Result
         name,
         report: termination_report(&pod),
         attestation: None,
+        progress: None,
         // What the attempt was started for (a decision or a finding), as its pod says.
         resumed_for: pod.annotations().get(annotations::RESUMED_FOR).cloned(),
         finished_at: pod
@@ -204,13 +205,15 @@ async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &
     // next resumes from the record (a termination message can be written by whoever can write
     // the pod's files; the gateway's signature cannot).
     if let Some(report) = &ended.report {
-        let key = match report.outcome {
-            ReportedOutcome::Completed => Some(tenant_key(ctx, session).await?),
-            _ => None,
+        let key = match report.outcome == ReportedOutcome::Completed || report.progress.is_some() {
+            true => Some(tenant_key(ctx, session).await?),
+            false => None,
         };
         if let Err(why) = believed(report, &crate::session_children::run_id(session), key.as_ref()) {
             ended.report = None;
             ended.cause = crate::crash::CrashCause::Unverified { why };
+        } else if let Some(key) = &key {
+            ended.progress = attested_progress(report, key);
         }
     }
     match &ended.report {
@@ -260,6 +263,22 @@ fn believed(
         (ReportedOutcome::Completed, None) => Err("no key to check its completion with".into()),
         _ => Ok(()),
     }
+}
+
+/// How far `report`'s run got, if the gateway signed what the report relays of it for that run
+/// (`report`'s run is the Session's: see [`believed`]). Anything else — no signature, another
+/// key's, another run's, figures edited after signing — shows nothing: the Session keeps the
+/// progress it showed.
+fn attested_progress(
+    report: &PodReport,
+    key: &contextos_runner::keys::PublicKey,
+) -> Option<contextos_runner::gateway::approvals::RunProgress> {
+    let signed = report.progress.as_ref()?;
+    let progress = signed.verify(key).filter(|p| p.run_id == report.run_id);
+    if progress.is_none() {
+        tracing::warn!(run = %report.run_id, "a runner's report relays progress the gateway did not sign for its run; none of it is shown");
+    }
+    progress.cloned()
 }
 
 /// Whether `report`'s completion is the gateway's word: its signature over the run, the output
@@ -992,6 +1011,61 @@ mod tests {
                 .is_err_and(|why| why.contains("not of this Session's run r-2")),
             "{elsewhere:?}"
         );
+    }
+
+    #[test]
+    fn progress_is_shown_only_as_the_gateway_signed_it_for_the_run() {
+        use contextos_runner::{
+            gateway::approvals::{RunProgress, SignedRunProgress},
+            keys::KeyPair,
+        };
+        let tenant = KeyPair::generate().expect("key");
+        let progress = |run: &str| RunProgress {
+            run_id: run.into(),
+            head: Some("ab".repeat(32)),
+            steps: 4,
+            tokens: 900,
+            tool_calls: 3,
+            checkpoint: Some((3, "cd".repeat(32))),
+        };
+        let report = |signed: Option<SignedRunProgress>| -> PodReport {
+            let mut report: PodReport = serde_json::from_value(json!({
+                "outcome": "failed", "runId": "r-1", "steps": 1,
+                "usage": {"steps": 1, "tokens": 10, "tool_calls": 1, "wall_ms": 10},
+                "head": "00",
+            }))
+            .expect("report");
+            report.progress = signed;
+            report
+        };
+        let key = tenant.public();
+        let genuine = SignedRunProgress::sign(progress("r-1"), &tenant);
+        assert_eq!(
+            attested_progress(&report(Some(genuine.clone())), &key),
+            Some(progress("r-1"))
+        );
+        // None relayed; another tenant's signature; another run's (same tenant); figures
+        // edited after signing (a head that hides the run's last entries, fewer tokens).
+        let mut edited = genuine.clone();
+        edited.progress.head = Some("00".repeat(32));
+        let mut fewer = genuine.clone();
+        fewer.progress.tokens = 1;
+        for signed in [
+            None,
+            Some(SignedRunProgress::sign(
+                progress("r-1"),
+                &KeyPair::generate().expect("key"),
+            )),
+            Some(SignedRunProgress::sign(progress("r-2"), &tenant)),
+            Some(edited),
+            Some(fewer),
+        ] {
+            assert_eq!(
+                attested_progress(&report(signed.clone()), &key),
+                None,
+                "{signed:?}"
+            );
+        }
     }
 
     #[test]

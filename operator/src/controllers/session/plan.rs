@@ -20,6 +20,8 @@ use contextos_runner::{
 };
 use k8s_openapi::jiff::Timestamp;
 
+use contextos_runner::gateway::approvals::RunProgress;
+
 use super::status::Update;
 use crate::{controllers::Invalid, crash::CrashCause};
 
@@ -66,6 +68,9 @@ pub struct Ended {
     /// Whether the gateway signed what the report relays for people (the approval request, or
     /// the call whose outcome is unknown), when it relays one; the error says why not.
     pub attestation: Option<Result<(), String>>,
+    /// How far the run got, as the gateway signed it for this run (the report's relay,
+    /// verified); `None` when the report carries none that verifies.
+    pub progress: Option<RunProgress>,
     /// The annotation saying which decision or finding this attempt was started for.
     pub resumed_for: Option<String>,
     pub finished_at: Option<Timestamp>,
@@ -162,7 +167,9 @@ fn after(observed: &Observed, ended: &Ended) -> Step {
     let Some(report) = &ended.report else {
         return after_crash(observed, ended);
     };
-    let update = Update::default().attempt(observed.attempt).report(report);
+    let update = Update::default()
+        .attempt(observed.attempt)
+        .report(report, ended.progress.as_ref());
     let done = |update: Update| Step::Report {
         update: Box::new(update.completed()),
         recheck: None,
@@ -452,6 +459,7 @@ mod tests {
             name: "checkout-5xx-run-2".into(),
             report,
             attestation: Some(Ok(())),
+            progress: None,
             resumed_for: None,
             finished_at: Some(at(1_000)),
             cause: CrashCause::Unknown,
@@ -575,9 +583,18 @@ mod tests {
                 },
             ),
             (
-                "completed: Succeeded and Ready, with its output and progress",
+                "completed: Succeeded and Ready, with its output and progress (as the gateway signed it)",
                 session().spec,
-                with("completed", |_| {}),
+                with("completed", |e| {
+                    e.progress = Some(RunProgress {
+                        run_id: "r-1".into(),
+                        head: Some("abc".into()),
+                        steps: 3,
+                        tokens: 40,
+                        tool_calls: 2,
+                        checkpoint: None,
+                    });
+                }),
                 |step| {
                     let status = status_of(step);
                     assert_eq!(status.phase, Some(SessionPhase::Succeeded));

@@ -8,7 +8,7 @@ use contextos_crds::{
         UnresolvedCallStatus,
     },
 };
-use contextos_runner::run::pod::PodReport;
+use contextos_runner::{gateway::approvals::RunProgress, run::pod::PodReport};
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 
 use crate::conditions::{Wanted, merge};
@@ -45,13 +45,21 @@ pub struct Update {
     completed: bool,
 }
 
-/// What a runner's report says about the run so far.
+/// What an ended attempt says about the run so far.
 #[derive(Clone, Debug)]
 struct Progress {
+    /// How far it got, as the gateway signed it.
+    attested: Option<Attested>,
+    /// A completion's output, which the gateway attested (see `observe_end`).
+    output: Option<String>,
+}
+
+/// The progress fields the gateway's signature covers.
+#[derive(Clone, Debug)]
+struct Attested {
     steps: u32,
     budget_used: BudgetUsage,
     record_head: Option<String>,
-    output: Option<String>,
     last_checkpoint: Option<CheckpointRef>,
 }
 
@@ -110,29 +118,31 @@ impl Update {
         self
     }
 
-    pub fn report(mut self, report: &PodReport) -> Self {
+    /// What `report` says of the run, its progress only as the gateway signed it (`progress`,
+    /// verified for this run): a runner's own figures are its word, and people check a run's
+    /// chain against the head its Session shows. The wall time is the runner's measure (the
+    /// gateway bounds it by the RunContext's expiry).
+    pub fn report(mut self, report: &PodReport, progress: Option<&RunProgress>) -> Self {
         self.run_id = Some(report.run_id.clone());
         self.progress = Some(Progress {
-            steps: report.steps,
-            budget_used: BudgetUsage {
-                steps: report.usage.steps,
-                tokens: report.usage.tokens,
-                tool_calls: report.usage.tool_calls,
-                wall_seconds: u32::try_from(report.usage.wall_ms / 1000).unwrap_or(u32::MAX),
-            },
-            record_head: report.head.clone(),
-            // Only a completion's output, which the gateway attested (see `observe_end`).
+            attested: progress.map(|p| Attested {
+                steps: p.steps,
+                budget_used: BudgetUsage {
+                    steps: p.steps,
+                    tokens: p.tokens,
+                    tool_calls: p.tool_calls,
+                    wall_seconds: u32::try_from(report.usage.wall_ms / 1000).unwrap_or(u32::MAX),
+                },
+                record_head: p.head.clone(),
+                last_checkpoint: p.checkpoint.as_ref().map(|(step, entry_hash)| CheckpointRef {
+                    step: *step,
+                    entry_hash: entry_hash.clone(),
+                }),
+            }),
             output: match report.outcome {
                 contextos_runner::run::pod::ReportedOutcome::Completed => report.output.clone(),
                 _ => None,
             },
-            last_checkpoint: report
-                .checkpoint
-                .as_ref()
-                .map(|(step, entry_hash)| CheckpointRef {
-                    step: *step,
-                    entry_hash: entry_hash.clone(),
-                }),
         });
         self
     }
@@ -159,17 +169,19 @@ impl Update {
         self.pending.apply_to(&mut status.pending_approval);
         self.unresolved.apply_to(&mut status.unresolved_call);
         if let Some(progress) = self.progress {
-            status.steps = Some(progress.steps);
-            status.budget_used = Some(progress.budget_used);
-            // A report without them leaves what an earlier attempt reported.
-            if progress.record_head.is_some() {
-                status.record_head = progress.record_head;
+            // A report without them leaves what an earlier attempt showed.
+            if let Some(attested) = progress.attested {
+                status.steps = Some(attested.steps);
+                status.budget_used = Some(attested.budget_used);
+                if attested.record_head.is_some() {
+                    status.record_head = attested.record_head;
+                }
+                if attested.last_checkpoint.is_some() {
+                    status.last_checkpoint = attested.last_checkpoint;
+                }
             }
             if progress.output.is_some() {
                 status.output = progress.output;
-            }
-            if progress.last_checkpoint.is_some() {
-                status.last_checkpoint = progress.last_checkpoint;
             }
         }
         let mut announced = None;
@@ -197,14 +209,25 @@ mod tests {
 
     use super::*;
 
-    fn report(head: Option<&str>, checkpoint: Option<u32>) -> PodReport {
+    /// A report whose own figures (the runner's word) differ from the gateway's.
+    fn report() -> PodReport {
         serde_json::from_value(json!({
-            "outcome": "completed", "runId": "r-1", "steps": 3,
-            "usage": {"steps": 3, "tokens": 120, "tool_calls": 2, "wall_ms": 4500},
-            "head": head, "output": null,
-            "checkpoint": checkpoint.map(|step| json!([step, format!("h{step}")])),
+            "outcome": "completed", "runId": "r-1", "steps": 99,
+            "usage": {"steps": 99, "tokens": 1, "tool_calls": 0, "wall_ms": 4500},
+            "head": "forged", "output": null, "checkpoint": [9, "forged"],
         }))
         .expect("report")
+    }
+
+    fn progress(head: Option<&str>, checkpoint: Option<u32>) -> RunProgress {
+        RunProgress {
+            run_id: "r-1".into(),
+            head: head.map(str::to_owned),
+            steps: 3,
+            tokens: 120,
+            tool_calls: 2,
+            checkpoint: checkpoint.map(|step| (step, format!("h{step}"))),
+        }
     }
 
     fn pending(hash: &str) -> PendingApproval {
@@ -238,9 +261,9 @@ mod tests {
         let running = || Update::phase(SessionPhase::Running, reason::RUNNING, "pod started");
         let rows: Vec<(&str, SessionStatus, Update, Check)> = vec![
             (
-                "a report sets progress, budget, head and checkpoint",
+                "a report sets progress, budget, head and checkpoint as the gateway signed them",
                 SessionStatus::default(),
-                Update::default().report(&report(Some("abc"), Some(2))),
+                Update::default().report(&report(), Some(&progress(Some("abc"), Some(2)))),
                 |s, announced| {
                     assert_eq!(s.run_id.as_deref(), Some("r-1"));
                     assert_eq!(s.steps, Some(3));
@@ -272,10 +295,27 @@ mod tests {
                     }),
                     ..Default::default()
                 },
-                Update::default().report(&report(None, None)),
+                Update::default().report(&report(), Some(&progress(None, None))),
                 |s, _| {
                     assert_eq!(s.record_head.as_deref(), Some("old"));
                     assert_eq!(s.last_checkpoint.as_ref().map(|c| c.step), Some(1));
+                },
+            ),
+            (
+                "a report without the gateway's signed progress shows none of its own figures",
+                SessionStatus {
+                    steps: Some(2),
+                    record_head: Some("old".into()),
+                    ..Default::default()
+                },
+                Update::default().report(&report(), None),
+                |s, _| {
+                    assert_eq!(s.run_id.as_deref(), Some("r-1"));
+                    assert_eq!(
+                        (s.steps, s.record_head.as_deref(), s.budget_used.as_ref()),
+                        (Some(2), Some("old"), None)
+                    );
+                    assert!(s.last_checkpoint.is_none());
                 },
             ),
             (

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::{
-    gateway::approvals::{Attested as _, CompletedRun},
+    gateway::approvals::{Attested as _, CompletedRun, RunProgress, SignedRunProgress},
     records::read::read_run_from,
     run::pod::shown_output,
 };
@@ -147,6 +147,37 @@ where
             }
             _ => Ok(()),
         }
+    }
+
+    /// `GET /v1/run/progress`: the service's signature over how far the caller's run got, as
+    /// its record says, for the pod's report whatever the outcome.
+    pub(super) async fn progress(State(service): State<Arc<Self>>, headers: HeaderMap) -> Reply {
+        let caller = service.caller(&headers).await?;
+        let slot = service.slot(&caller, &[]).await?;
+        let (head, steps, tokens) = {
+            let mut log = crate::gateway::fair::away(slot.log.lock()).await;
+            log.refresh(&service.store, &caller.tenant, caller.run_id(), &slot.gateway)
+                .await
+                .map_err(unavailable)?;
+            (log.head(), log.ledger.steps, log.ledger.tokens)
+        };
+        let checkpoint = service
+            .store
+            .latest_checkpoint(&caller.tenant, &caller.context.context.session_id)
+            .await
+            .map_err(unavailable)?
+            .filter(|c| c.run_id == caller.run_id());
+        let progress = RunProgress {
+            run_id: caller.run_id().to_owned(),
+            head: head.map(|(_, hash)| hash.to_hex()),
+            steps,
+            tokens,
+            // Folded from the record by the refresh above.
+            tool_calls: slot.gateway.calls_made(caller.run_id()),
+            checkpoint: checkpoint.map(|c| (c.step, c.entry_hash.to_hex())),
+        };
+        let key = service.keys.for_tenant(caller.tenant.as_str());
+        Ok(Json(SignedRunProgress::sign(progress, &key)).into_response())
     }
 
     /// `GET /v1/run/completion`: the service's signature over how the caller's run completed,

@@ -657,6 +657,7 @@ where
             .route("/v1/run/calls", post(Self::call))
             .route("/v1/run/model", post(Self::model))
             .route("/v1/run/completion", get(Self::completion))
+            .route("/v1/run/progress", get(Self::progress))
             .route("/v1/run/recall", post(Self::recall))
             .route(
                 crate::discovery::embedding::GATEWAY_EMBEDDINGS_PATH,

@@ -3435,6 +3435,11 @@ async fn a_runs_progress_is_signed_as_its_record_says() {
         "{progress:?}"
     );
     assert!(progress.tokens > 0 && results > 0, "{progress:?}");
+    // Of the pod that asked, and of a run that has not ended (it waits for an approval).
+    assert_eq!(
+        (progress.pod.as_str(), progress.pod_uid.as_str(), progress.ended),
+        ("checkout-5xx-run-1", "uid-checkout-5xx-run-1", false)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -397,11 +397,12 @@ impl Step {
 /// on going Stale or Invalid — its target changed or went, and may come back after other runs,
 /// when a replay from before counts no more — the same otherwise.
 fn round_after(previous: &ProposalStatus, phase: ProposalPhase) -> Option<u64> {
-    match phase {
-        ProposalPhase::Stale | ProposalPhase::Invalid if previous.phase != Some(phase) => {
-            Some(previous.round.unwrap_or(0) + 1)
-        }
-        _ => previous.round,
+    let away = |phase| matches!(phase, ProposalPhase::Stale | ProposalPhase::Invalid);
+    match (previous.round, previous.phase) {
+        // Went away before rounds were kept: its replay from before counts no more either.
+        (None, Some(before)) if away(before) => Some(1),
+        (round, _) if away(phase) && previous.phase != Some(phase) => Some(round.unwrap_or(0) + 1),
+        (round, _) => round,
     }
 }
 
@@ -928,6 +929,11 @@ mod tests {
         assert_eq!(
             round_after(&at(ProposalPhase::Stale, Some(1)), ProposalPhase::Invalid),
             Some(2)
+        );
+        // Stale before rounds were kept.
+        assert_eq!(
+            round_after(&at(ProposalPhase::Stale, None), ProposalPhase::Replaying),
+            Some(1)
         );
     }
 }

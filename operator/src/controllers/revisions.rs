@@ -581,7 +581,22 @@ where
     let (job_name, gate_result) = match replay_attempts(ctx, spec, &target, &promotion.replay).await? {
         Progress::Running(job_name) => return Ok(replaying(&job_name)),
         Progress::Saving => {
-            return Ok(inconclusive(SAVING_ROUND.to_owned(), Some(SAVING_RECHECK)));
+            return Ok(Verdict {
+                requeue: Some(SAVING_RECHECK),
+                promote: None,
+                promoted: held(
+                    reason::REPLAY_PENDING,
+                    format!("candidate {digest} is about to be replayed; {keep}"),
+                ),
+                replay: Some(Wanted::new(
+                    conditions::REPLAY_PASSED,
+                    false,
+                    reason::REPLAY_PENDING,
+                    SAVING_ROUND,
+                )),
+                awaiting: None,
+                summary: None,
+            });
         }
         Progress::Refused(problem) => return Ok(inconclusive(problem, Some(Duration::from_secs(30)))),
         Progress::Backoff { attempt, why, wait } => {
@@ -735,7 +750,14 @@ async fn skill_verdict<S: serde::Serialize>(
         )
     };
     let (job_name, gate) = match replay_attempts(ctx, spec, target, &promotion.replay).await? {
-        Progress::Saving => return Ok(inconclusive(SAVING_ROUND.to_owned(), Some(SAVING_RECHECK))),
+        Progress::Saving => {
+            return Ok(pending(
+                Some(SAVING_RECHECK),
+                reason::EVALS_RUNNING,
+                format!("candidate {digest} is about to be evaluated; {keep}"),
+                SAVING_ROUND.to_owned(),
+            ));
+        }
         Progress::Running(job) => {
             return Ok(pending(
                 Some(Duration::from_secs(20)),
@@ -813,7 +835,7 @@ fn retrying(attempt: u32, why: &str, wait: Duration) -> String {
 }
 
 /// What a gate says while its round is written to the object's status, before its first Job.
-const SAVING_ROUND: &str = "the gate's round is being written to status.revisions.candidateSerial before its Job is made; if this stays, the installed CRDs predate the operator: apply manifests/crds";
+const SAVING_ROUND: &str = "the gate's round is written to status.revisions.candidateSerial before its Job is made (if this stays, the installed CRDs predate the operator: apply manifests/crds)";
 /// Look again this soon (the status write itself brings the object back sooner).
 const SAVING_RECHECK: Duration = Duration::from_secs(5);
 

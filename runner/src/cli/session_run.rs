@@ -146,8 +146,8 @@ pub async fn run(args: SessionRunArgs) -> anyhow::Result<ExitCode> {
     // attempt ended, and the Session keeps the progress it showed.
     match client.progress().await {
         Ok(signed) => {
-            pod_report.checkpoint = signed.progress.checkpoint.clone();
             pod_report.progress = Some(signed);
+            pod_report.fit();
         }
         Err(e) => eprintln!(
             "contextos: the gateway service did not sign the run's progress ({e}); the report goes without it"

@@ -86,6 +86,13 @@ impl Attested for CompletedRun<'_> {
 #[serde(rename_all = "camelCase")]
 pub struct RunProgress {
     pub run_id: String,
+    /// The runner pod that asked (name and uid): the attempt whose report relays it. A
+    /// progress asked by an earlier attempt is not this one's.
+    pub pod: String,
+    pub pod_uid: String,
+    /// Whether the run's record had ended (completed or failed) when it was signed: nothing is
+    /// written after an end, so an ended run's progress is its last.
+    pub ended: bool,
     /// Hash (hex) of the newest entry on record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<String>,

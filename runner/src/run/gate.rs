@@ -88,7 +88,7 @@ pub struct GateOrder {
 
 /// One round of an object's gate: the object (by uid, so one deleted and made again under its
 /// name starts afresh) and its candidate's serial number (`status.revisions.candidateSerial`;
-/// a Proposal, whose candidate cannot change, has one round). The same candidate digest ordered again later — after the object
+/// a Proposal's `status.round`, one more each time it went Stale or Invalid). The same candidate digest ordered again later — after the object
 /// had others — is another round, replayed against what ran since: the verdict of the earlier
 /// one does not count for it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

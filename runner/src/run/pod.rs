@@ -186,8 +186,9 @@ impl PodReport {
     }
 
     /// Shrinks the free-text parts until the JSON fits a termination message (escaping can
-    /// make text several times longer than its characters).
-    fn fit(&mut self) {
+    /// make text several times longer than its characters); again after the gateway's signed
+    /// progress is added.
+    pub fn fit(&mut self) {
         let size = |r: &Self| serde_json::to_vec(r).map_or(usize::MAX, |v| v.len());
         let short = |text: &mut Option<String>| {
             if let Some(t) = text {
@@ -263,6 +264,44 @@ mod tests {
     use crate::run::engine::RunOutcome;
 
     #[test]
+    fn a_failure_with_the_gateways_progress_fits_a_termination_message() {
+        let report = RunReport {
+            run_id: "r".repeat(256),
+            session: "s".into(),
+            // Just within the limit alone (quotes escape to two bytes each).
+            outcome: RunOutcome::Failed {
+                reason: "\"".repeat(400),
+                message: "\"".repeat(2000),
+            },
+            steps: 3,
+            usage: Usage::default(),
+            head: None,
+            replayed: vec![],
+        };
+        let mut pod_report = PodReport::of(&report);
+        let alone = serde_json::to_vec(&pod_report).expect("json").len();
+        assert!(alone > 3000 && alone <= MESSAGE_LIMIT, "{alone} bytes");
+        pod_report.progress = Some(crate::gateway::approvals::SignedRunProgress {
+            progress: crate::gateway::approvals::RunProgress {
+                run_id: "r".repeat(256),
+                pod: "p".repeat(253),
+                pod_uid: "0d4c6a1e-5b7f-4c39-9e2a-7f1b2c3d4e5f".into(),
+                ended: true,
+                head: Some("ef".repeat(32)),
+                steps: u32::MAX,
+                tokens: u64::MAX,
+                tool_calls: u32::MAX,
+                checkpoint: Some((u32::MAX, "cd".repeat(32))),
+            },
+            signature: "ab".repeat(64),
+        });
+        pod_report.fit();
+        let json = serde_json::to_vec(&pod_report).expect("json");
+        assert!(json.len() <= MESSAGE_LIMIT, "{} bytes", json.len());
+        assert!(pod_report.progress.is_some(), "the signed progress is kept whole");
+    }
+
+    #[test]
     fn a_report_always_fits_a_termination_message() {
         let report = RunReport {
             run_id: "r".into(),
@@ -286,6 +325,9 @@ mod tests {
         pod_report.progress = Some(crate::gateway::approvals::SignedRunProgress {
             progress: crate::gateway::approvals::RunProgress {
                 run_id: "r".repeat(256),
+                pod: "p".repeat(253),
+                pod_uid: "0d4c6a1e-5b7f-4c39-9e2a-7f1b2c3d4e5f".into(),
+                ended: true,
                 head: Some("ef".repeat(32)),
                 steps: u32::MAX,
                 tokens: u64::MAX,

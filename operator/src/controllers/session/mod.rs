@@ -179,6 +179,7 @@ async fn attempt_pod(pods: &Api<Pod>, session: &Session, attempt: u32) -> Result
     }
     Ok(AttemptPod::Ended(Box::new(Ended {
         name,
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
         report: termination_report(&pod),
         attestation: None,
         progress: None,
@@ -213,7 +214,7 @@ async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &
             ended.report = None;
             ended.cause = crate::crash::CrashCause::Unverified { why };
         } else if let Some(key) = &key {
-            ended.progress = attested_progress(report, key);
+            ended.progress = attested_progress(report, key, (&ended.name, &ended.uid));
         }
     }
     match &ended.report {
@@ -266,15 +267,23 @@ fn believed(
 }
 
 /// How far `report`'s run got, if the gateway signed what the report relays of it for that run
-/// (`report`'s run is the Session's: see [`believed`]). Anything else — no signature, another
-/// key's, another run's, figures edited after signing — shows nothing: the Session keeps the
-/// progress it showed.
+/// (`report`'s run is the Session's: see [`believed`]), asked by the attempt's own pod (`pod`:
+/// name and uid) — and, for a completion, once the run had ended, so it is the run's last
+/// word. Anything else — no signature, another key's, another run's or attempt's, figures
+/// edited after signing, one asked before the end it reports — shows nothing: the Session
+/// keeps the progress it showed. (An attempt that did not end the run can still relay one it
+/// asked earlier in the attempt; the run's end, or its next attempt, shows the record's.)
 fn attested_progress(
     report: &PodReport,
     key: &contextos_runner::keys::PublicKey,
+    pod: (&str, &str),
 ) -> Option<contextos_runner::gateway::approvals::RunProgress> {
     let signed = report.progress.as_ref()?;
-    let progress = signed.verify(key).filter(|p| p.run_id == report.run_id);
+    let progress = signed.verify(key).filter(|p| {
+        p.run_id == report.run_id
+            && (p.pod.as_str(), p.pod_uid.as_str()) == pod
+            && (p.ended || report.outcome != ReportedOutcome::Completed)
+    });
     if progress.is_none() {
         tracing::warn!(run = %report.run_id, "a runner's report relays progress the gateway did not sign for its run; none of it is shown");
     }
@@ -1022,6 +1031,9 @@ mod tests {
         let tenant = KeyPair::generate().expect("key");
         let progress = |run: &str| RunProgress {
             run_id: run.into(),
+            pod: "s-run-2".into(),
+            pod_uid: "uid-2".into(),
+            ended: false,
             head: Some("ab".repeat(32)),
             steps: 4,
             tokens: 900,
@@ -1039,11 +1051,37 @@ mod tests {
             report
         };
         let key = tenant.public();
+        let attested_progress = |report: &PodReport, key: &contextos_runner::keys::PublicKey| {
+            attested_progress(report, key, ("s-run-2", "uid-2"))
+        };
         let genuine = SignedRunProgress::sign(progress("r-1"), &tenant);
         assert_eq!(
             attested_progress(&report(Some(genuine.clone())), &key),
             Some(progress("r-1"))
         );
+        // Asked by an earlier attempt's pod (kept, and relayed again).
+        let earlier = SignedRunProgress::sign(
+            RunProgress {
+                pod: "s-run-1".into(),
+                pod_uid: "uid-1".into(),
+                ..progress("r-1")
+            },
+            &tenant,
+        );
+        assert_eq!(attested_progress(&report(Some(earlier)), &key), None);
+        // A completion relaying a progress asked before the run ended (which would show a head
+        // short of its end); the one asked after the end is believed.
+        let mut completed = report(Some(genuine.clone()));
+        completed.outcome = ReportedOutcome::Completed;
+        assert_eq!(attested_progress(&completed, &key), None);
+        completed.progress = Some(SignedRunProgress::sign(
+            RunProgress {
+                ended: true,
+                ..progress("r-1")
+            },
+            &tenant,
+        ));
+        assert!(attested_progress(&completed, &key).is_some());
         // None relayed; another tenant's signature; another run's (same tenant); figures
         // edited after signing (a head that hides the run's last entries, fewer tokens).
         let mut edited = genuine.clone();

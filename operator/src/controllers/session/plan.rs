@@ -63,6 +63,8 @@ pub enum AttemptPod {
 #[derive(Debug)]
 pub struct Ended {
     pub name: String,
+    /// The pod's uid (a signed progress names the pod that asked).
+    pub uid: String,
     /// Its termination message, if that is a whole report.
     pub report: Option<PodReport>,
     /// Whether the gateway signed what the report relays for people (the approval request, or
@@ -457,6 +459,7 @@ mod tests {
     fn ended(report: Option<PodReport>) -> Ended {
         Ended {
             name: "checkout-5xx-run-2".into(),
+            uid: "uid-2".into(),
             report,
             attestation: Some(Ok(())),
             progress: None,
@@ -588,6 +591,9 @@ mod tests {
                 with("completed", |e| {
                     e.progress = Some(RunProgress {
                         run_id: "r-1".into(),
+                        pod: "checkout-5xx-run-2".into(),
+                        pod_uid: "uid-2".into(),
+                        ended: true,
                         head: Some("abc".into()),
                         steps: 3,
                         tokens: 40,

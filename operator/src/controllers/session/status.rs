@@ -169,8 +169,9 @@ impl Update {
         self.pending.apply_to(&mut status.pending_approval);
         self.unresolved.apply_to(&mut status.unresolved_call);
         if let Some(progress) = self.progress {
-            // A report without them leaves what an earlier attempt showed.
-            if let Some(attested) = progress.attested {
+            // A report without them leaves what an earlier attempt showed; so does one behind
+            // it (a record only grows).
+            if let Some(attested) = progress.attested.filter(|a| a.steps >= status.steps.unwrap_or(0)) {
                 status.steps = Some(attested.steps);
                 status.budget_used = Some(attested.budget_used);
                 if attested.record_head.is_some() {
@@ -222,6 +223,9 @@ mod tests {
     fn progress(head: Option<&str>, checkpoint: Option<u32>) -> RunProgress {
         RunProgress {
             run_id: "r-1".into(),
+            pod: "checkout-5xx-run-2".into(),
+            pod_uid: "uid-2".into(),
+            ended: false,
             head: head.map(str::to_owned),
             steps: 3,
             tokens: 120,
@@ -299,6 +303,18 @@ mod tests {
                 |s, _| {
                     assert_eq!(s.record_head.as_deref(), Some("old"));
                     assert_eq!(s.last_checkpoint.as_ref().map(|c| c.step), Some(1));
+                },
+            ),
+            (
+                "a signed progress behind what the Session shows changes nothing",
+                SessionStatus {
+                    steps: Some(5),
+                    record_head: Some("later".into()),
+                    ..Default::default()
+                },
+                Update::default().report(&report(), Some(&progress(Some("earlier"), None))),
+                |s, _| {
+                    assert_eq!((s.steps, s.record_head.as_deref()), (Some(5), Some("later")));
                 },
             ),
             (

@@ -153,13 +153,15 @@ where
     /// its record says, for the pod's report whatever the outcome.
     pub(super) async fn progress(State(service): State<Arc<Self>>, headers: HeaderMap) -> Reply {
         let caller = service.caller(&headers).await?;
+        // What is signed is durable: no head a crash could still take back.
+        service.store.flush_pending().await.map_err(unavailable)?;
         let slot = service.slot(&caller, &[]).await?;
-        let (head, steps, tokens) = {
+        let (head, steps, tokens, ended) = {
             let mut log = crate::gateway::fair::away(slot.log.lock()).await;
             log.refresh(&service.store, &caller.tenant, caller.run_id(), &slot.gateway)
                 .await
                 .map_err(unavailable)?;
-            (log.head(), log.ledger.steps, log.ledger.tokens)
+            (log.head(), log.ledger.steps, log.tokens_used(), log.finished())
         };
         let checkpoint = service
             .store
@@ -169,6 +171,9 @@ where
             .filter(|c| c.run_id == caller.run_id());
         let progress = RunProgress {
             run_id: caller.run_id().to_owned(),
+            pod: caller.identity.pod.clone(),
+            pod_uid: caller.identity.pod_uid.clone(),
+            ended,
             head: head.map(|(_, hash)| hash.to_hex()),
             steps,
             tokens,
@@ -176,6 +181,10 @@ where
             tool_calls: slot.gateway.calls_made(caller.run_id()),
             checkpoint: checkpoint.map(|c| (c.step, c.entry_hash.to_hex())),
         };
+        if ended {
+            // Asked once a run ended, as its report is written: not kept for what never comes.
+            service.forget_slot(&caller);
+        }
         let key = service.keys.for_tenant(caller.tenant.as_str());
         Ok(Json(SignedRunProgress::sign(progress, &key)).into_response())
     }

@@ -38,6 +38,17 @@ pub const HEAD_UNRECORDED: &str = "head_unrecorded";
 const PENDING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 /// The longest pause between asking again for a request a SpendQuota holds back.
 const QUOTA_WAIT_MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(15);
+/// The shortest such pause.
+const QUOTA_WAIT_MIN_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How long to wait before asking again for a request a SpendQuota holds back: what the service
+/// said (`Retry-After`: when the window frees enough, or a hold in flight ends) if it said,
+/// else the backoff; within [`QUOTA_WAIT_MIN_PAUSE`] and [`QUOTA_WAIT_MAX_PAUSE`] (a window
+/// ending in an hour is asked about again meanwhile: a hold released early frees it sooner).
+fn quota_pause(told: Option<std::time::Duration>, backoff: std::time::Duration) -> std::time::Duration {
+    told.unwrap_or(backoff)
+        .clamp(QUOTA_WAIT_MIN_PAUSE, QUOTA_WAIT_MAX_PAUSE)
+}
 
 /// `POST /v1/run/calls`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -169,17 +180,21 @@ impl GatewayClient {
     ) -> Result<(T, Option<(u64, Hash)>), RemoteError> {
         let give_up = std::time::Instant::now() + PENDING_PATIENCE;
         let mut pause = std::time::Duration::from_millis(20);
-        let mut quota_pause = std::time::Duration::from_millis(500);
+        let mut backoff = QUOTA_WAIT_MIN_PAUSE;
         loop {
             match self.records.post_json_headed(path, body).await {
                 // A SpendQuota holds the request until its window allows it: asked again, for as
                 // long as it takes (the Session's deadline bounds the pod).
-                Err(RemoteError::Refused { code, error, .. })
-                    if code == crate::gateway::service::quotas::QUOTA_WAIT_CODE =>
-                {
-                    tracing::info!(%error, "waiting for a SpendQuota's window");
-                    tokio::time::sleep(quota_pause).await;
-                    quota_pause = (quota_pause * 2).min(QUOTA_WAIT_MAX_PAUSE);
+                Err(RemoteError::Refused {
+                    code,
+                    error,
+                    retry_after,
+                    ..
+                }) if code == crate::gateway::service::quotas::QUOTA_WAIT_CODE => {
+                    let pause = quota_pause(retry_after, backoff);
+                    tracing::info!(%error, wait_ms = pause.as_millis() as u64, "waiting for a SpendQuota's window");
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(QUOTA_WAIT_MAX_PAUSE);
                 }
                 Err(RemoteError::Refused { code, .. }) if code == HEAD_PENDING => {
                     if std::time::Instant::now() >= give_up {
@@ -190,6 +205,7 @@ impl GatewayClient {
                                 PENDING_PATIENCE.as_secs()
                             ),
                             status: 409,
+                            retry_after: None,
                         });
                     }
                     tokio::time::sleep(pause).await;
@@ -319,5 +335,37 @@ impl GatewayClient {
                 detail: other.to_string(),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::quota_pause;
+
+    #[test]
+    fn a_held_back_request_waits_as_the_service_says_within_bounds() {
+        let backoff = Duration::from_secs(2);
+        // Told: as told, not the backoff (sooner or later than it).
+        assert_eq!(
+            quota_pause(Some(Duration::from_secs(1)), backoff),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            quota_pause(Some(Duration::from_secs(7)), backoff),
+            Duration::from_secs(7)
+        );
+        // A window ending in an hour is asked about again within 15 s; never at once.
+        assert_eq!(
+            quota_pause(Some(Duration::from_secs(3600)), backoff),
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            quota_pause(Some(Duration::ZERO), backoff),
+            Duration::from_millis(500)
+        );
+        // Not told: the backoff.
+        assert_eq!(quota_pause(None, backoff), backoff);
     }
 }

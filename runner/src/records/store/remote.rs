@@ -159,6 +159,8 @@ pub enum RemoteError {
         code: String,
         error: String,
         status: u16,
+        /// How long the service said to wait before asking again (`Retry-After`), if it said.
+        retry_after: Option<Duration>,
     },
     #[error("the gateway service sent an answer that cannot be read: {0}")]
     Malformed(String),
@@ -321,12 +323,12 @@ impl RemoteStore {
                 }
             };
             let status = response.status();
-            let retry_after = response
+            let told = response
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(|seconds| Duration::from_secs(seconds).min(MAX_TOLD_WAIT));
+                .map(Duration::from_secs);
             let head = response
                 .headers()
                 .get(HEAD_HEADER)
@@ -358,13 +360,14 @@ impl RemoteStore {
             if once.is_none() && status.as_u16() == 429 && problem.code == THROTTLED && attempt + 1 < ATTEMPTS
             {
                 last = Some(problem.error);
-                told_to_wait = retry_after.unwrap_or_default();
+                told_to_wait = told.unwrap_or_default().min(MAX_TOLD_WAIT);
                 continue;
             }
             return Err(RemoteError::Refused {
                 code: problem.code,
                 error: problem.error,
                 status: status.as_u16(),
+                retry_after: told,
             });
         }
         Err(RemoteError::Unreachable {

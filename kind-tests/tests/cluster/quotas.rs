@@ -21,13 +21,18 @@ use crate::{
 #[tokio::test]
 async fn a_session_past_the_concurrency_quota_waits_pending_until_the_running_one_ends() -> Result<()> {
     let env = TestEnv::shared().await?;
-    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+    let Some(_op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
         eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     };
+    // The approved restart answers after 1.5 s: the first resumed run is still running when
+    // the second's start, which found the first's start under way, looks again (500 ms later).
+    // With answers in milliseconds the first had ended by then, and nothing waited.
+    let (_tools, tools_url) = operator_env::start_tools_with(&["--slow", "/deployments/restart=1500"])
+        .map_err(anyhow::Error::msg)?;
     let ns = TestNamespace::new(env, "quotas").await?;
     let client = env.client();
-    for object in objects_for(env, &op.tools_url)? {
+    for object in objects_for(env, &tools_url)? {
         apply(&client, ns.name(), &object).await?;
     }
     let quota = json!({

@@ -263,6 +263,24 @@ mod tests {
     use super::*;
     use crate::run::engine::RunOutcome;
 
+    /// The gateway's signed progress at its longest.
+    fn largest_progress() -> crate::gateway::approvals::SignedRunProgress {
+        crate::gateway::approvals::SignedRunProgress {
+            progress: crate::gateway::approvals::RunProgress {
+                run_id: "r".repeat(256),
+                pod: "p".repeat(253),
+                pod_uid: "0d4c6a1e-5b7f-4c39-9e2a-7f1b2c3d4e5f".into(),
+                ended: true,
+                head: Some("ef".repeat(32)),
+                steps: u32::MAX,
+                tokens: u64::MAX,
+                tool_calls: u32::MAX,
+                checkpoint: Some((u32::MAX, "cd".repeat(32))),
+            },
+            signature: "ab".repeat(64),
+        }
+    }
+
     #[test]
     fn a_failure_with_the_gateways_progress_fits_a_termination_message() {
         let report = RunReport {
@@ -281,20 +299,7 @@ mod tests {
         let mut pod_report = PodReport::of(&report);
         let alone = serde_json::to_vec(&pod_report).expect("json").len();
         assert!(alone > 3000 && alone <= MESSAGE_LIMIT, "{alone} bytes");
-        pod_report.progress = Some(crate::gateway::approvals::SignedRunProgress {
-            progress: crate::gateway::approvals::RunProgress {
-                run_id: "r".repeat(256),
-                pod: "p".repeat(253),
-                pod_uid: "0d4c6a1e-5b7f-4c39-9e2a-7f1b2c3d4e5f".into(),
-                ended: true,
-                head: Some("ef".repeat(32)),
-                steps: u32::MAX,
-                tokens: u64::MAX,
-                tool_calls: u32::MAX,
-                checkpoint: Some((u32::MAX, "cd".repeat(32))),
-            },
-            signature: "ab".repeat(64),
-        });
+        pod_report.progress = Some(largest_progress());
         pod_report.fit();
         let json = serde_json::to_vec(&pod_report).expect("json");
         assert!(json.len() <= MESSAGE_LIMIT, "{} bytes", json.len());
@@ -322,20 +327,7 @@ mod tests {
         pod_report.run_id = "r".repeat(256);
         pod_report.checkpoint = Some((u32::MAX, "cd".repeat(32)));
         // And the gateway's signed progress.
-        pod_report.progress = Some(crate::gateway::approvals::SignedRunProgress {
-            progress: crate::gateway::approvals::RunProgress {
-                run_id: "r".repeat(256),
-                pod: "p".repeat(253),
-                pod_uid: "0d4c6a1e-5b7f-4c39-9e2a-7f1b2c3d4e5f".into(),
-                ended: true,
-                head: Some("ef".repeat(32)),
-                steps: u32::MAX,
-                tokens: u64::MAX,
-                tool_calls: u32::MAX,
-                checkpoint: Some((u32::MAX, "cd".repeat(32))),
-            },
-            signature: "ab".repeat(64),
-        });
+        pod_report.progress = Some(largest_progress());
         let json = serde_json::to_vec(&pod_report).expect("json");
         assert!(json.len() <= MESSAGE_LIMIT, "{} bytes", json.len());
         // The output is shown as the gateway attests it: its first part, whole characters.

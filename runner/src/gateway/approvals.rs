@@ -87,11 +87,15 @@ impl Attested for CompletedRun<'_> {
 pub struct RunProgress {
     pub run_id: String,
     /// The runner pod that asked (name and uid): the attempt whose report relays it. A
-    /// progress asked by an earlier attempt is not this one's.
+    /// progress asked by an earlier attempt is not this one's. (Defaults only so that a report
+    /// relaying an older form still reads; its signature does not verify.)
+    #[serde(default)]
     pub pod: String,
+    #[serde(default)]
     pub pod_uid: String,
     /// Whether the run's record had ended (completed or failed) when it was signed: nothing is
     /// written after an end, so an ended run's progress is its last.
+    #[serde(default)]
     pub ended: bool,
     /// Hash (hex) of the newest entry on record.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -169,9 +169,10 @@ impl Update {
         self.pending.apply_to(&mut status.pending_approval);
         self.unresolved.apply_to(&mut status.unresolved_call);
         if let Some(progress) = self.progress {
-            // A report without them leaves what an earlier attempt showed; so does one behind
-            // it (a record only grows).
-            if let Some(attested) = progress.attested.filter(|a| a.steps >= status.steps.unwrap_or(0)) {
+            // A report without them leaves what an earlier attempt showed. (One signed for this
+            // attempt's pod is never behind what an earlier attempt's showed: the record only
+            // grows. Figures an older operator took from a runner are replaced.)
+            if let Some(attested) = progress.attested {
                 status.steps = Some(attested.steps);
                 status.budget_used = Some(attested.budget_used);
                 if attested.record_head.is_some() {
@@ -306,15 +307,15 @@ mod tests {
                 },
             ),
             (
-                "a signed progress behind what the Session shows changes nothing",
+                "a signed progress replaces figures an older operator took from a runner",
                 SessionStatus {
-                    steps: Some(5),
-                    record_head: Some("later".into()),
+                    steps: Some(u32::MAX),
+                    record_head: Some("forged".into()),
                     ..Default::default()
                 },
-                Update::default().report(&report(), Some(&progress(Some("earlier"), None))),
+                Update::default().report(&report(), Some(&progress(Some("abc"), None))),
                 |s, _| {
-                    assert_eq!((s.steps, s.record_head.as_deref()), (Some(5), Some("later")));
+                    assert_eq!((s.steps, s.record_head.as_deref()), (Some(3), Some("abc")));
                 },
             ),
             (

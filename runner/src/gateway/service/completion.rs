@@ -153,8 +153,6 @@ where
     /// its record says, for the pod's report whatever the outcome.
     pub(super) async fn progress(State(service): State<Arc<Self>>, headers: HeaderMap) -> Reply {
         let caller = service.caller(&headers).await?;
-        // What is signed is durable: no head a crash could still take back.
-        service.store.flush_pending().await.map_err(unavailable)?;
         let slot = service.slot(&caller, &[]).await?;
         let (head, steps, tokens, ended) = {
             let mut log = crate::gateway::fair::away(slot.log.lock()).await;
@@ -163,6 +161,9 @@ where
                 .map_err(unavailable)?;
             (log.head(), log.ledger.steps, log.tokens_used(), log.finished())
         };
+        // What is signed is durable: no head a crash could still take back (flushed after the
+        // read, which may have seen entries written a moment ago).
+        service.store.flush_pending().await.map_err(unavailable)?;
         let checkpoint = service
             .store
             .latest_checkpoint(&caller.tenant, &caller.context.context.session_id)

@@ -92,12 +92,8 @@ pub fn job_name(target: &GateTarget<'_>) -> String {
     const WHOLE: usize = 48;
     let hex = target.digest.strip_prefix("sha256:").unwrap_or(target.digest);
     let mut name = match target.proposal {
-        // Named after the Proposal's uid already.
-        Some(proposal) => {
-            let mut name = format!("proposal-{proposal}");
-            name.truncate(WHOLE);
-            name
-        }
+        // Named after the Proposal's uid already, within the length.
+        Some(proposal) => format!("proposal-{proposal}"),
         None => format!("replay-{}-{}", kind_label(target.kind), target.name),
     };
     if name.len() > WHOLE {

@@ -101,11 +101,9 @@ pub struct PodReport {
     /// The call whose outcome is unknown (outcome `awaiting_resolution`; arguments cut).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unresolved: Option<UnresolvedCall>,
-    /// The latest checkpoint the next attempt would resume from: (step, entry hash).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<(u32, String)>,
-    /// How far the run got, as the gateway signed it: the operator shows a Session's steps,
-    /// usage, record head and checkpoint only from it (the fields above are the runner's word).
+    /// How far the run got, as the gateway signed it (the latest checkpoint too): the operator
+    /// shows a Session's steps, usage, record head and checkpoint only from it (`steps`, `usage`
+    /// and `head` above are the runner's word; only its wall time is shown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<crate::gateway::approvals::SignedRunProgress>,
 }
@@ -150,7 +148,6 @@ impl PodReport {
             message: None,
             awaiting: None,
             unresolved: None,
-            checkpoint: None,
             progress: None,
         };
         match &report.outcome {
@@ -321,11 +318,10 @@ mod tests {
             replayed: vec![],
         };
         let mut pod_report = PodReport::of(&report);
-        // With everything a completion carries: its digest, the gateway's signature, a long run
-        // id and a checkpoint.
+        // With everything a completion carries: its digest, the gateway's signature and a long
+        // run id.
         pod_report.completion_attestation = Some("ab".repeat(64));
         pod_report.run_id = "r".repeat(256);
-        pod_report.checkpoint = Some((u32::MAX, "cd".repeat(32)));
         // And the gateway's signed progress.
         pod_report.progress = Some(largest_progress());
         let json = serde_json::to_vec(&pod_report).expect("json");

@@ -206,9 +206,10 @@ async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &
     // next resumes from the record (a termination message can be written by whoever can write
     // the pod's files; the gateway's signature cannot).
     if let Some(report) = &ended.report {
-        let key = match report.outcome == ReportedOutcome::Completed || report.progress.is_some() {
-            true => Some(tenant_key(ctx, session).await?),
-            false => None,
+        let key = if report.outcome == ReportedOutcome::Completed || report.progress.is_some() {
+            Some(tenant_key(ctx, session).await?)
+        } else {
+            None
         };
         if let Err(why) = believed(report, &crate::session_children::run_id(session), key.as_ref()) {
             ended.report = None;

@@ -18,7 +18,7 @@ use contextos_operator::{OperatorConfig, metrics::Metrics, session_children::Run
 use contextos_runner::{
     gateway::{identity::TokenReviewer, service::GatewayService, tenancy::KubeTenants},
     key_secrets,
-    keys::{KeyPair, TenantKeys},
+    keys::TenantKeys,
     records::store::tikv::TikvStore,
     vault::{kek::KeyRings, secret_rings::SecretRings},
 };
@@ -163,7 +163,6 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
             .local_addr()
             .map_err(|e| format!("gateway address: {e}"))?
     );
-    let record_keys = TenantKeys::new(&KeyPair::generate().map_err(|e| e.to_string())?);
     let config = OperatorConfig {
         namespace: OPERATOR_NAMESPACE.into(),
         runner: runner_settings(&gateway),
@@ -173,7 +172,7 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
         // Objects of the restart test belong to that test's own operator.
         selector: Some(format!("!{CHAOS_LABEL}")),
     };
-    runtime.block_on(async {
+    let record_keys = runtime.block_on(async {
         let client = env.client();
         let namespace: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": OPERATOR_NAMESPACE}
@@ -197,6 +196,16 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
         });
         // The gateway trusts the RunContext key the operator publishes when it starts.
         let trust = wait_for_operator_key(&env.client()).await?;
+        // Its master key from the Secret, as the service keeps it (the chaos tests' gateway
+        // processes use the same), and its certifier published where the operator reads it.
+        let master =
+            key_secrets::ensure_key(&env.client(), OPERATOR_NAMESPACE, key_secrets::RECORD_MASTER_KEY)
+                .await
+                .map_err(|e| e.to_string())?;
+        let record_keys = TenantKeys::new(&master);
+        key_secrets::publish_record_certifier(&env.client(), OPERATOR_NAMESPACE, &record_keys.certifier())
+            .await
+            .map_err(|e| format!("publish the record-key certifier: {e}"))?;
         // The vault's key rings in Secrets, as the gateway service keeps them.
         for name in [VAULT_NAMESPACE] {
             let namespace: Namespace =
@@ -238,7 +247,7 @@ fn start(env: &'static TestEnv) -> Result<OperatorEnv, String> {
                 eprintln!("e2e gateway stopped: {e}");
             }
         });
-        Ok::<(), String>(())
+        Ok::<TenantKeys, String>(record_keys)
     })?;
     Ok(OperatorEnv {
         store,

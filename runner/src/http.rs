@@ -56,6 +56,19 @@ pub fn client() -> reqwest::Client {
         .expect("an HTTP client with default settings builds once the TLS provider is installed")
 }
 
+/// A response body, read up to `cap` bytes: `None` once it passes them (reading stops there, so
+/// a peer that sends more never has the excess held in memory).
+pub async fn read_capped(mut response: reqwest::Response, cap: usize) -> reqwest::Result<Option<Vec<u8>>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len().saturating_add(chunk.len()) > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
 /// A blocking client (for a thread outside any async runtime, such as the trace exporter's),
 /// with the same TLS setup.
 pub fn blocking_client() -> reqwest::Result<reqwest::blocking::Client> {

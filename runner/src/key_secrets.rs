@@ -33,6 +33,13 @@ pub const RECORD_MASTER_KEY: KeySecret = KeySecret {
 pub const PUBLIC_KEYS_CONFIG_MAP: &str = "contextos-public-keys";
 /// Key of the RunContext public key (hex) in [`PUBLIC_KEYS_CONFIG_MAP`].
 pub const RUN_CONTEXT_PUBLIC_KEY: &str = "run-context.pub";
+/// Key of the gateway's record-key certifier (hex) in [`PUBLIC_KEYS_CONFIG_MAP`]: what vouches
+/// for each tenant's record key (see [`crate::keys::TenantKeys::certifier`]).
+pub const RECORD_CERTIFIER_PUBLIC_KEY: &str = "record-certifier.pub";
+
+/// The field manager the gateway service writes its part of [`PUBLIC_KEYS_CONFIG_MAP`] as (the
+/// operator's apply, as [`contextos_crds::FIELD_MANAGER`], then leaves it alone).
+const GATEWAY_FIELD_MANAGER: &str = "contextos-gateway";
 
 /// Why the key could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -105,19 +112,55 @@ pub async fn publish_run_context_key(
     namespace: &str,
     key: &KeyPair,
 ) -> Result<(), kube::Error> {
+    publish(
+        client,
+        namespace,
+        contextos_crds::FIELD_MANAGER,
+        RUN_CONTEXT_PUBLIC_KEY,
+        key,
+    )
+    .await
+}
+
+/// Publishes the gateway's record-key certifier in [`PUBLIC_KEYS_CONFIG_MAP`], which the operator
+/// made (the gateway may patch that one ConfigMap, not create one).
+pub async fn publish_record_certifier(
+    client: &Client,
+    namespace: &str,
+    key: &KeyPair,
+) -> Result<(), kube::Error> {
+    publish(
+        client,
+        namespace,
+        GATEWAY_FIELD_MANAGER,
+        RECORD_CERTIFIER_PUBLIC_KEY,
+        key,
+    )
+    .await
+}
+
+/// Applies `entry` = the public half of `key` as `manager`, which owns that entry alone: each
+/// writer's apply leaves the other's entries in place.
+async fn publish(
+    client: &Client,
+    namespace: &str,
+    manager: &str,
+    entry: &str,
+    key: &KeyPair,
+) -> Result<(), kube::Error> {
     use k8s_openapi::api::core::v1::ConfigMap;
     let config_map: ConfigMap = serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": PUBLIC_KEYS_CONFIG_MAP, "namespace": namespace,
                      "labels": {"app.kubernetes.io/part-of": "contextos"}},
-        "data": {RUN_CONTEXT_PUBLIC_KEY: key.public().to_hex()},
+        "data": {entry: key.public().to_hex()},
     }))
     .map_err(kube::Error::SerdeError)?;
     Api::<ConfigMap>::namespaced(client.clone(), namespace)
         .patch(
             PUBLIC_KEYS_CONFIG_MAP,
-            &kube::api::PatchParams::apply(contextos_crds::FIELD_MANAGER).force(),
+            &kube::api::PatchParams::apply(manager).force(),
             &kube::api::Patch::Apply(&config_map),
         )
         .await
@@ -129,12 +172,28 @@ pub async fn published_run_context_key(
     client: &Client,
     namespace: &str,
 ) -> Result<Option<crate::keys::PublicKey>, kube::Error> {
+    published(client, namespace, RUN_CONTEXT_PUBLIC_KEY).await
+}
+
+/// The gateway's published record-key certifier, if it has published one.
+pub async fn published_record_certifier(
+    client: &Client,
+    namespace: &str,
+) -> Result<Option<crate::keys::PublicKey>, kube::Error> {
+    published(client, namespace, RECORD_CERTIFIER_PUBLIC_KEY).await
+}
+
+async fn published(
+    client: &Client,
+    namespace: &str,
+    entry: &str,
+) -> Result<Option<crate::keys::PublicKey>, kube::Error> {
     use k8s_openapi::api::core::v1::ConfigMap;
     let found = Api::<ConfigMap>::namespaced(client.clone(), namespace)
         .get_opt(PUBLIC_KEYS_CONFIG_MAP)
         .await?;
     Ok(found
         .and_then(|c| c.data)
-        .and_then(|d| d.get(RUN_CONTEXT_PUBLIC_KEY).cloned())
+        .and_then(|d| d.get(entry).cloned())
         .and_then(|hex| crate::keys::PublicKey::from_hex(&hex).ok()))
 }

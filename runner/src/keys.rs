@@ -166,18 +166,55 @@ impl TenantKeys {
 
     /// The key that signs `tenant`'s record heads.
     pub fn for_tenant(&self, tenant: &str) -> KeyPair {
+        self.derive(b"contextos-tenant-record-key/v1\n", tenant.as_bytes())
+    }
+
+    /// The key that vouches for every tenant's record key (see [`TenantKeys::certificate`]). Its
+    /// public half is published where only the platform writes (ConfigMap
+    /// `contextos-public-keys`), so whoever reads a tenant's key over a channel it cannot trust
+    /// (the gateway's plain-HTTP Service) can still tell it is the gateway's. Derived under a
+    /// label of its own: it signs nothing a tenant key signs, and no tenant name derives it.
+    pub fn certifier(&self) -> KeyPair {
+        self.derive(b"contextos-record-key-certifier/v1\n", b"")
+    }
+
+    /// The certifier's signature (hex) saying that `tenant`'s record key is the one derived here.
+    pub fn certificate(&self, tenant: &str) -> String {
+        self.certifier()
+            .sign_hex(&certificate_message(tenant, &self.for_tenant(tenant).public()))
+    }
+
+    fn derive(&self, label: &[u8], input: &[u8]) -> KeyPair {
         use hmac::{KeyInit as _, Mac as _};
         let mut mac = match hmac::Hmac::<Sha256>::new_from_slice(&self.master) {
             Ok(mac) => mac,
             // HMAC takes keys of any length; a 32-byte key cannot be refused.
             Err(_) => return KeyPair::from_seed(self.master),
         };
-        mac.update(b"contextos-tenant-record-key/v1\n");
-        mac.update(tenant.as_bytes());
+        mac.update(label);
+        mac.update(input);
         let mut seed = [0u8; 32];
         seed.copy_from_slice(&mac.finalize().into_bytes()[..32]);
         KeyPair::from_seed(seed)
     }
+}
+
+impl PublicKey {
+    /// Whether this key, as a record-key certifier, signed `certificate` for `key` as `tenant`'s
+    /// record key.
+    pub fn certifies(&self, tenant: &str, key: &PublicKey, certificate: &str) -> bool {
+        self.verify_hex(&certificate_message(tenant, key), certificate)
+    }
+}
+
+/// What a tenant-key certificate signs: the tenant's name and its key, under a label no other
+/// signed statement starts with.
+fn certificate_message(tenant: &str, key: &PublicKey) -> Vec<u8> {
+    format!(
+        "contextos-tenant-record-key-certificate/v1\n{tenant}\n{}",
+        key.to_hex()
+    )
+    .into_bytes()
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -236,6 +273,31 @@ mod tests {
             keys.for_tenant("shop").key_id(),
             other_master.for_tenant("shop").key_id()
         );
+    }
+
+    #[test]
+    fn a_certificate_vouches_for_one_tenants_key_only() {
+        let keys = TenantKeys::new(&KeyPair::from_seed([3; 32]));
+        let certifier = keys.certifier().public();
+        let shop = keys.for_tenant("shop").public();
+        let bank = keys.for_tenant("bank").public();
+        let certificate = keys.certificate("shop");
+        assert!(certifier.certifies("shop", &shop, &certificate));
+        // Not another tenant's key, nor this key under another tenant's name.
+        assert!(!certifier.certifies("shop", &bank, &certificate));
+        assert!(!certifier.certifies("bank", &shop, &certificate));
+        // Not a key someone made up, nor another master's certificate.
+        let forged = KeyPair::from_seed([9; 32]);
+        let other = TenantKeys::new(&KeyPair::from_seed([4; 32]));
+        assert!(!certifier.certifies("shop", &forged.public(), &forged.sign_hex(b"shop")));
+        assert!(!certifier.certifies(
+            "shop",
+            &other.for_tenant("shop").public(),
+            &other.certificate("shop")
+        ));
+        // The certifier is none of the tenant keys, and the master seed is not used as it is.
+        assert_ne!(keys.certifier().public(), keys.for_tenant("").public());
+        assert_ne!(keys.certifier().public(), KeyPair::from_seed([3; 32]).public());
     }
 
     #[test]

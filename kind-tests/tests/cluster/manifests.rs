@@ -162,6 +162,23 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
             &["get", "secrets/contextos-signing-key", "-n", SYSTEM_NAMESPACE],
             false,
         ),
+        // Its own entry in the ConfigMap of published keys (the record-key certifier): no other
+        // ConfigMap, and none anywhere else.
+        (
+            &[
+                "patch",
+                "configmaps/contextos-public-keys",
+                "-n",
+                SYSTEM_NAMESPACE,
+            ],
+            true,
+        ),
+        (
+            &["patch", "configmaps/contextos-pack", "-n", SYSTEM_NAMESPACE],
+            false,
+        ),
+        (&["create", "configmaps", "-n", SYSTEM_NAMESPACE], false),
+        (&["patch", "configmaps", "-n", "default"], false),
         (&["get", "sessions.contextos.dev", "-n", "default"], true),
         // A2A callers' Sessions: started (acting for the caller), followed and cancelled —
         // never their status, never deleted, never an Agent changed.

@@ -904,7 +904,7 @@ pub(super) async fn replay_attempts<S: serde::Serialize>(
         }
         let key = ctx
             .tenant_keys
-            .get(&ctx.runner.gateway, target.namespace)
+            .get(&ctx.client, &ctx.runner.gateway, target.namespace)
             .await
             .map_err(|e| Error::Run(e.to_string()))?;
         let pods = Api::<Pod>::namespaced(ctx.client.clone(), target.namespace)

@@ -103,6 +103,11 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         });
     }
     let keys = TenantKeys::new(&master);
+    tokio::spawn(publish_certifier(
+        client.clone(),
+        args.namespace.clone(),
+        keys.certifier(),
+    ));
     // Consents applied as objects join their subjects' histories, chained by every replica
     // (each object once).
     tokio::spawn(contextos_runner::gateway::consent_objects::chain_consent_objects(
@@ -208,6 +213,38 @@ async fn deny_store_nodes(egress: &EgressGuard, endpoints: &str) -> anyhow::Resu
         }
     }
     Err(last.map_or_else(|| anyhow::anyhow!("no PD endpoint given"), anyhow::Error::from))
+}
+
+/// Publishes the key that vouches for each tenant's record key, which the operator checks every
+/// key it fetches from this service against, and again every ten minutes (the ConfigMap is the
+/// operator's: it may come after this gateway, or be made again).
+async fn publish_certifier(
+    client: kube::Client,
+    namespace: String,
+    certifier: contextos_runner::keys::KeyPair,
+) {
+    let mut published = false;
+    loop {
+        match key_secrets::publish_record_certifier(&client, &namespace, &certifier).await {
+            Ok(()) if !published => {
+                tracing::info!(key = %certifier.key_id(), "record-key certifier published");
+                published = true;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "cannot publish the record-key certifier in ConfigMap {namespace}/{} (made by the operator; \
+                     this gateway's Role must allow `patch` on it): until it is, the operator cannot \
+                     check tenant keys and relays no approval, completion or verdict",
+                    key_secrets::PUBLIC_KEYS_CONFIG_MAP
+                );
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
 }
 
 /// The operator publishes its key when it starts; a gateway started first waits for it.

@@ -98,20 +98,17 @@ impl OpenAiCompatible {
 impl OpenAiCompatible {
     /// The body, read up to [`MAX_RESPONSE_BYTES`]: an endpoint that sends more is refused
     /// before the excess is held in memory.
-    async fn read_bounded(&self, mut response: reqwest::Response) -> Result<String, ModelError> {
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| ModelError::Interrupted {
-            endpoint: self.endpoint.clone(),
-            detail: e.to_string(),
-        })? {
-            if body.len().saturating_add(chunk.len()) > MAX_RESPONSE_BYTES {
-                return Err(ModelError::Malformed {
-                    endpoint: self.endpoint.clone(),
-                    detail: format!("the answer is longer than {MAX_RESPONSE_BYTES} bytes"),
-                });
-            }
-            body.extend_from_slice(&chunk);
-        }
+    async fn read_bounded(&self, response: reqwest::Response) -> Result<String, ModelError> {
+        let body = crate::http::read_capped(response, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|e| ModelError::Interrupted {
+                endpoint: self.endpoint.clone(),
+                detail: e.to_string(),
+            })?
+            .ok_or_else(|| ModelError::Malformed {
+                endpoint: self.endpoint.clone(),
+                detail: format!("the answer is longer than {MAX_RESPONSE_BYTES} bytes"),
+            })?;
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 }

@@ -241,7 +241,11 @@ async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &
 /// the gateway cannot be asked.
 async fn tenant_key(ctx: &Context, session: &Session) -> Result<contextos_runner::keys::PublicKey> {
     ctx.tenant_keys
-        .get(&ctx.runner.gateway, &session.namespace().unwrap_or_default())
+        .get(
+            &ctx.client,
+            &ctx.runner.gateway,
+            &session.namespace().unwrap_or_default(),
+        )
         .await
         .map_err(|e| Error::Run(e.to_string()))
 }
@@ -858,7 +862,11 @@ async fn signed_by_gateway(
     let signature = signature.ok_or("the gateway service did not sign it")?;
     let key = ctx
         .tenant_keys
-        .get(&ctx.runner.gateway, &session.namespace().unwrap_or_default())
+        .get(
+            &ctx.client,
+            &ctx.runner.gateway,
+            &session.namespace().unwrap_or_default(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     if statement.verify(&key, signature) {

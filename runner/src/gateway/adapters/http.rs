@@ -137,19 +137,14 @@ pub(super) fn classify(endpoint: &str, ctx: &CallContext, e: &reqwest::Error) ->
 
 /// The body, or `None` when it is larger than `cap` (reading stops there).
 pub(super) async fn read_bounded(
-    mut response: reqwest::Response,
+    response: reqwest::Response,
     cap: usize,
     endpoint: &str,
     ctx: &CallContext,
 ) -> Result<Option<Vec<u8>>, AdapterError> {
-    let mut out = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| classify(endpoint, ctx, &e))? {
-        if out.len() + chunk.len() > cap {
-            return Ok(None);
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(Some(out))
+    crate::http::read_capped(response, cap)
+        .await
+        .map_err(|e| classify(endpoint, ctx, &e))
 }
 
 fn query_pairs(args: &Value) -> Vec<(String, String)> {

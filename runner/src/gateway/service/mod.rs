@@ -1127,7 +1127,17 @@ where
     async fn record_key(State(service): State<Arc<Self>>, Path(tenant): Path<String>) -> Reply {
         let tenant = TenantId::new(tenant).map_err(|e| bad(e.to_string()))?;
         let key = service.tenant_public_key(tenant.as_str());
-        Ok(Json(json!({"tenant": tenant, "publicKey": key.to_hex(), "keyId": key.key_id()})).into_response())
+        // The certifier's word for it, since this answer crosses a plain-HTTP Service: the
+        // operator checks it against the certifier published in `contextos-public-keys`.
+        let certificate = service.keys.certificate(tenant.as_str());
+        Ok(Json(json!({
+            "tenant": tenant,
+            "publicKey": key.to_hex(),
+            "keyId": key.key_id(),
+            "certificate": certificate,
+            "certifierKeyId": service.keys.certifier().key_id(),
+        }))
+        .into_response())
     }
 
     /// The run's governed state, built once per replica from the bundle its RunContext pins.

@@ -389,15 +389,11 @@ impl RemoteStore {
 }
 
 /// Reads a response body, refusing it once it passes [`MAX_RESPONSE_BYTES`].
-async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
-        if out.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(format!("the answer is larger than {MAX_RESPONSE_BYTES} bytes"));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
+async fn read_bounded(response: reqwest::Response) -> Result<Vec<u8>, String> {
+    crate::http::read_capped(response, MAX_RESPONSE_BYTES)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("the answer is larger than {MAX_RESPONSE_BYTES} bytes"))
 }
 
 /// The code the gateway service answers a request to keep something about an erased subject

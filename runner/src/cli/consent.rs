@@ -231,16 +231,18 @@ impl About {
 /// The key the gateway publishes for `tenant` (what its consent heads are signed with).
 async fn published_key(remote: &RemoteStore, tenant: &TenantId) -> anyhow::Result<PublicKey> {
     let url = format!("{}/v1/tenants/{tenant}/record-key", remote.base());
-    let published: serde_json::Value = contextos_runner::http::client_builder()
+    let response = contextos_runner::http::client_builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()?
         .get(&url)
         .send()
         .await
         .with_context(|| format!("fetching the namespace's published key from {url}"))?
-        .error_for_status()?
-        .json()
-        .await?;
+        .error_for_status()?;
+    let body = contextos_runner::http::read_capped(response, 4096)
+        .await?
+        .with_context(|| format!("{url} answered more than 4 KiB: not a record key"))?;
+    let published: serde_json::Value = serde_json::from_slice(&body).with_context(|| format!("{url} answered no JSON"))?;
     let hex = published["publicKey"]
         .as_str()
         .with_context(|| format!("{url} names no publicKey; pass --public-key"))?;

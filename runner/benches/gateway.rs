@@ -84,6 +84,7 @@ fn envelope(key: &KeyPair, i: usize) -> CallEnvelope {
         issued_at_ms: now,
         expires_at_ms: now + 3_600_000,
         pod: None,
+        session_uid: None,
         bundle_digest: None,
         subject: None,
         trace_sampled: None,

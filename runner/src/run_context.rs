@@ -64,6 +64,12 @@ pub struct RunContext {
     /// caller whose verified workload identity is that pod in `tenant_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The uid of the Session whose runner pod [`RunContext::pod`] is (in a cluster): the gateway
+    /// serves the context only to a pod that Session controls. A Session deleted and made again
+    /// under its name is another object, and its pods — named as the earlier one's were — act
+    /// for none of the earlier one's runs. Absent in contexts issued before it was carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_uid: Option<String>,
     /// Content hash (hex SHA-256 of its canonical JSON) of the run bundle the issuer pinned: the
     /// gateway governs the run by that bundle and no other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -283,6 +289,7 @@ pub(crate) mod tests {
             issued_at_ms: 1_000,
             expires_at_ms: 61_000,
             pod: None,
+            session_uid: None,
             bundle_digest: None,
             subject: None,
             trace_sampled: None,

@@ -238,6 +238,7 @@ fn run_context(key: &KeyPair, tenant: &str, tools: &[&str], expires_in_ms: i64) 
             issued_at_ms: now,
             expires_at_ms: now + expires_in_ms,
             pod: None,
+            session_uid: None,
             bundle_digest: None,
             subject: None,
             trace_sampled: None,

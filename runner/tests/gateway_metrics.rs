@@ -50,6 +50,7 @@ fn run_context(key: &KeyPair) -> SignedRunContext {
             issued_at_ms: now,
             expires_at_ms: now + 600_000,
             pod: None,
+            session_uid: None,
             bundle_digest: None,
             subject: None,
             trace_sampled: None,

@@ -33,7 +33,9 @@ use contextos_runner::{
     records::{
         EntryBody, RecordStore, Recorder, TenantId, read_run, store::scratch::ScratchStore, verify_run,
     },
-    run::{Harness, RunOutcome, bundle::RunBundle, issue_run_context, offer::agent_tools},
+    run::{
+        Harness, RunOutcome, bundle::RunBundle, issue_run_context, issue_runner_context, offer::agent_tools,
+    },
     run_context::SignedRunContext,
 };
 use quickstart::{HMAC_KEY, OpsTools};
@@ -269,9 +271,12 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
 }
 
 impl Rig {
+    /// What the operator issues to `pod` of the bundle's Session (whose uid, in the test
+    /// double, is `uid-<name>`).
     fn context(&self, bundle: &RunBundle, pod: &str) -> SignedRunContext {
         let now = contextos_runner::records::recorder::now_ms();
-        issue_run_context(bundle, RUN, TRACE, Some(pod), &self.operator, now).expect("context")
+        let session_uid = format!("uid-{}", bundle.session);
+        issue_runner_context(bundle, RUN, TRACE, pod, &session_uid, &self.operator, now).expect("context")
     }
 
     fn client(&self, token: &str, context: &SignedRunContext) -> GatewayClient {
@@ -804,6 +809,29 @@ async fn only_the_pod_a_run_context_was_issued_to_may_use_it() {
         status(head(Some("token-imposter"), &context, RUN).await.expect("send")),
         403,
         "another pod under the runner pod's name"
+    );
+    // The Session deleted and made again under its name (by another person of the tenant): its
+    // pods are named as the earlier one's were, and the earlier one's context, copied from a
+    // pod or a record, names that pod — but the Session that controls it is not the one the
+    // context was issued for, whose user, budget and run it would act as.
+    let now = contextos_runner::records::recorder::now_ms();
+    let earlier_session = issue_runner_context(
+        &rig.bundle,
+        RUN,
+        TRACE,
+        "checkout-5xx-run-1",
+        "uid-of-the-deleted-session",
+        &rig.operator,
+        now,
+    )
+    .expect("context");
+    let answer = head(Some("token-run-1"), &earlier_session, RUN)
+        .await
+        .expect("send");
+    assert_eq!(
+        status(answer),
+        403,
+        "a context of the Session deleted before this one"
     );
     // A context issued to a pod no Session controls (the operator makes every runner pod its
     // Session's; a tenant cannot, see the admission policy contextos-runner-pods).

@@ -242,7 +242,8 @@ async fn published_key(remote: &RemoteStore, tenant: &TenantId) -> anyhow::Resul
     let body = contextos_runner::http::read_capped(response, 4096)
         .await?
         .with_context(|| format!("{url} answered more than 4 KiB: not a record key"))?;
-    let published: serde_json::Value = serde_json::from_slice(&body).with_context(|| format!("{url} answered no JSON"))?;
+    let published: serde_json::Value =
+        serde_json::from_slice(&body).with_context(|| format!("{url} answered no JSON"))?;
     let hex = published["publicKey"]
         .as_str()
         .with_context(|| format!("{url} names no publicKey; pass --public-key"))?;

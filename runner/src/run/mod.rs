@@ -50,6 +50,33 @@ pub fn issue_run_context(
     key: &KeyPair,
     now_ms: i64,
 ) -> Result<SignedRunContext, OverrideError> {
+    let context = run_context(bundle, run_id, trace_id, pod, now_ms)?;
+    Ok(SignedRunContext::sign(context, key))
+}
+
+/// [`issue_run_context`] for runner pod `pod` of the Session whose uid is `session_uid` (what the
+/// operator issues): the gateway serves it only to a pod that very Session controls.
+pub fn issue_runner_context(
+    bundle: &RunBundle,
+    run_id: &str,
+    trace_id: &str,
+    pod: &str,
+    session_uid: &str,
+    key: &KeyPair,
+    now_ms: i64,
+) -> Result<SignedRunContext, OverrideError> {
+    let mut context = run_context(bundle, run_id, trace_id, Some(pod), now_ms)?;
+    context.session_uid = Some(session_uid.to_owned());
+    Ok(SignedRunContext::sign(context, key))
+}
+
+fn run_context(
+    bundle: &RunBundle,
+    run_id: &str,
+    trace_id: &str,
+    pod: Option<&str>,
+    now_ms: i64,
+) -> Result<RunContext, OverrideError> {
     let agent = &bundle.agent_spec;
     let (budget, safety_mode) = effective_limits(
         &agent.budget,
@@ -77,6 +104,7 @@ pub fn issue_run_context(
         issued_at_ms: now_ms,
         expires_at_ms,
         pod: pod.map(str::to_owned),
+        session_uid: None,
         bundle_digest: Some(bundle.content_digest().to_hex()),
         subject,
         // Decided here, once, by this process's sampler when it exports traces: the run's every
@@ -85,7 +113,7 @@ pub fn issue_run_context(
             .then(|| crate::telemetry::trace_id_of(trace_id).map(crate::telemetry::session_sampled))
             .flatten(),
     };
-    Ok(SignedRunContext::sign(context, key))
+    Ok(context)
 }
 
 /// A recorded RunContext re-signed for a new attempt (after a crash or an approval): same run,

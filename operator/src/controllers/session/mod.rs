@@ -23,7 +23,7 @@ use contextos_runner::{
     gateway::approvals::{ApprovalRequest, Attested, UnresolvedReport},
     run::{
         bundle::{Composition, RunBundle, spec_digest},
-        issue_run_context,
+        issue_runner_context,
         pod::{PodBundle, PodReport, ReportedOutcome},
     },
 };
@@ -467,11 +467,12 @@ async fn start_attempt(
 ) -> Result<()> {
     let namespace = session.namespace().unwrap_or_default();
     let pod_name = children::pod_name(&session.name_any(), attempt);
-    let signed = issue_run_context(
+    let signed = issue_runner_context(
         &pod_bundle.bundle,
         &children::run_id(session),
         &children::trace_id(session),
-        Some(&pod_name),
+        &pod_name,
+        session.metadata.uid.as_deref().unwrap_or_default(),
         &ctx.key,
         now().as_millisecond(),
     )

@@ -216,9 +216,9 @@ impl<S, A, T> std::fmt::Debug for GatewayService<S, A, T> {
     }
 }
 
-/// Whether pods were found controlled by their Session, by (namespace, pod uid, Session), and
-/// until when that is believed.
-type RunnerPods = HashMap<(String, String, String), (bool, i64)>;
+/// Whether pods were found controlled by their Session, by (namespace, pod uid, Session, the
+/// Session's uid as the context names it), and until when that is believed.
+type RunnerPods = HashMap<(String, String, String, Option<String>), (bool, i64)>;
 
 /// Built runs by (tenant, run id), with when each was last used.
 type RunSlots = HashMap<(String, String), (Arc<RunSlot>, i64)>;
@@ -960,15 +960,20 @@ where
     /// A pod acts for a run only if its Session controls it: the pod the RunContext names may
     /// have been deleted and another created under its name (the token identifies that one),
     /// and only the operator can make a pod a Session's (admission policy
-    /// `contextos-runner-pods`). The API server's answer is remembered per pod (by uid) and
-    /// Session: ten minutes for a runner pod, one for a pod that is not.
+    /// `contextos-runner-pods`). The Session must be the very one the context was issued for
+    /// (by uid, where the context names one): a Session deleted and made again under its name
+    /// has pods named as the earlier one's, which must not act for its runs. The API server's
+    /// answer is remembered per pod (by uid) and Session: ten minutes for a runner pod, one for a
+    /// pod that is not.
     async fn check_runner_pod(&self, caller: Caller) -> Result<Caller, Refusal> {
         let identity = &caller.identity;
         let session = &caller.context.context.session_id;
+        let session_uid = caller.context.context.session_uid.clone();
         let key = (
             identity.namespace.clone(),
             identity.pod_uid.clone(),
             session.clone(),
+            session_uid.clone(),
         );
         let refused = |found: &str| {
             forbidden(format!(
@@ -995,9 +1000,10 @@ where
             .pod_controller(&identity.namespace, &identity.pod)
             .await
             .map_err(unavailable)?;
-        let runner = controller
-            .as_ref()
-            .is_some_and(|c| c.is(SESSION_GROUP, "Session", session, &identity.pod_uid));
+        let runner = controller.as_ref().is_some_and(|c| {
+            c.is(SESSION_GROUP, "Session", session, &identity.pod_uid)
+                && session_uid.as_deref().is_none_or(|uid| c.owner_uid == uid)
+        });
         if let Ok(mut pods) = self.runner_pods.lock() {
             if pods.len() >= MAX_RUNNER_PODS_KNOWN {
                 pods.retain(|_, (_, until)| now < *until);
@@ -1019,6 +1025,11 @@ where
             Some(c) if c.pod_uid.as_deref().is_some_and(|uid| uid != identity.pod_uid) => {
                 "another pod, created since under its name".to_owned()
             }
+            Some(c) if session_uid.as_deref().is_some_and(|uid| c.owner_uid != uid) => format!(
+                "controlled by another Session {session} (uid {}), made since under the name of the one \
+                 the RunContext was issued for",
+                c.owner_uid
+            ),
             Some(c) => format!("controlled by {} {} ({})", c.kind, c.name, c.api_version),
             None => "controlled by nothing".to_owned(),
         };

@@ -395,6 +395,8 @@ impl GatewayProcess {
                 OPERATOR_NAMESPACE,
                 "--trust-key",
                 trust,
+                // Its tools (ops-tools) listen on this machine's loopback.
+                "--allow-loopback-destinations",
             ])
             .args(["--listen", &format!("{}:{port}", env.host_address())])
             .stdin(std::process::Stdio::null())

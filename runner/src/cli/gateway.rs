@@ -41,6 +41,20 @@ pub struct GatewayArgs {
     /// range; repeatable. Link-local addresses and the record store's endpoints are always denied.
     #[arg(long = "deny-destination", value_name = "CIDR")]
     deny_destinations: Vec<ipnet::IpNet>,
+    /// This gateway's own addresses (its pod's IPs, from the downward API's `status.podIPs`):
+    /// no tool or model is reached there, nor on loopback, where the gateway's own listeners
+    /// answer (its metrics, with every tenant's spend) and no NetworkPolicy sees the traffic.
+    #[arg(
+        long = "own-address",
+        value_name = "IP",
+        env = "CONTEXTOS_POD_IPS",
+        value_delimiter = ','
+    )]
+    own_addresses: Vec<std::net::IpAddr>,
+    /// Lets tools and models be reached on this machine's loopback: only for a gateway that runs
+    /// on one machine with its tools (never in a cluster, where loopback is the gateway's own pod).
+    #[arg(long)]
+    allow_loopback_destinations: bool,
     /// What one run may write to the record store, in bytes: its record's entries and the blobs
     /// it uploads. Writes past it are refused (413), and the run fails saying so.
     #[arg(long, env = "CONTEXTOS_MAX_RUN_BYTES", default_value_t = contextos_runner::gateway::service::DEFAULT_MAX_RUN_BYTES)]
@@ -64,7 +78,13 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         Some(hex) => PublicKey::from_hex(hex)?,
         None => wait_for_operator_key(&client, &args.namespace).await?,
     };
-    let egress = EgressGuard::new(args.deny_destinations.clone());
+    let own = args.own_addresses.iter().map(|ip| ipnet::IpNet::from(*ip));
+    let egress = EgressGuard::new(args.deny_destinations.iter().copied().chain(own).collect());
+    let egress = if args.allow_loopback_destinations {
+        egress
+    } else {
+        egress.denying_own_host()
+    };
     // The store's own endpoints: an Agent's tool must never be pointed at them.
     if let Ok(StoreLocation::Tikv(endpoints)) = global.store_location() {
         for endpoint in endpoints.split(',') {

@@ -4,7 +4,9 @@
 //! to: the addresses a name resolves to are filtered by a resolver the HTTP client uses (so a
 //! name that resolves elsewhere on the next lookup gains nothing), IP literals are checked before
 //! sending, and redirects are not followed. Denied always: link-local addresses (instance
-//! metadata); denied by configuration: the record store's addresses and any listed network.
+//! metadata); denied by the gateway service: its own host (loopback, the unspecified addresses
+//! and its pod's addresses, where its metrics listener answers with every tenant's spend);
+//! denied by configuration: the record store's addresses and any listed network.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -16,6 +18,10 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// Networks no tool or model is reached in, whatever the configuration.
 const ALWAYS_DENIED: [&str; 3] = ["169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128"];
+
+/// The machine's own host as seen from itself: loopback, and the unspecified addresses, which a
+/// connection on Linux takes to mean loopback too.
+const OWN_HOST: [&str; 4] = ["127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128"];
 
 /// `ip`, or the IPv4 address an IPv4-mapped IPv6 address carries (denied networks are IPv4).
 fn unmapped(ip: IpAddr) -> IpAddr {
@@ -45,6 +51,18 @@ impl EgressGuard {
         Self {
             denied: Arc::new(RwLock::new(denied)),
         }
+    }
+
+    /// Also denies this machine's own host as it sees itself — loopback and the unspecified
+    /// addresses —, as the gateway service does unless it runs on one machine with its tools:
+    /// everything listening beside it (its metrics port, with every tenant's spend, its own API)
+    /// is otherwise one tool URL away, and no NetworkPolicy sees a pod reach itself. (Its pod's
+    /// own addresses are listed with the denied networks.)
+    pub fn denying_own_host(self) -> Self {
+        if let Ok(mut denied) = self.denied.write() {
+            denied.extend(OWN_HOST.iter().filter_map(|n| n.parse::<IpNet>().ok()));
+        }
+        self
     }
 
     /// Denies every address `host` resolves to now (e.g. the record store's PD endpoints).
@@ -135,7 +153,7 @@ impl EgressGuard {
 
 fn refusal(what: &str, ip: IpAddr) -> String {
     format!(
-        "{what} leads to {ip}, where the gateway sends nothing (the record store, instance metadata or a network the platform denied)"
+        "{what} leads to {ip}, where the gateway sends nothing (the record store, instance metadata, the gateway's own host or a network the platform denied)"
     )
 }
 
@@ -187,5 +205,43 @@ mod tests {
         );
         assert!(guard.check_url("http://[::ffff:a9fe:a9fe]/").is_err());
         assert!(guard.check_url("http://tools.example.com/x").is_ok());
+        // Loopback stays open where nothing asked otherwise (`contextos run`: the user's own
+        // tools on their machine).
+        assert!(guard.allows("127.0.0.1".parse().expect("ip")));
+    }
+
+    #[tokio::test]
+    async fn the_gateway_services_own_host_is_denied_in_every_form() {
+        let pod_ip: IpAddr = "10.244.0.17".parse().expect("ip");
+        let guard = EgressGuard::new(vec![IpNet::from(pod_ip)]).denying_own_host();
+        for ip in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "::ffff:127.0.0.1",
+            "10.244.0.17",
+        ] {
+            assert!(!guard.allows(ip.parse().expect("ip")), "{ip} allowed");
+        }
+        for url in [
+            "http://127.0.0.1:9090/metrics",
+            "http://[::1]:9090/metrics",
+            "http://0.0.0.0:9090/metrics",
+            "http://[::ffff:127.0.0.1]:9090/metrics",
+            "http://10.244.0.17:9090/metrics",
+        ] {
+            assert!(guard.check_url(url).is_err(), "{url} allowed");
+        }
+        // A name that resolves there is refused when resolved.
+        assert!(
+            guard
+                .check_resolved("http://localhost:9090/metrics")
+                .await
+                .is_err()
+        );
+        assert!(guard.allows("10.244.0.18".parse().expect("ip")), "another pod");
+        assert!(guard.allows("93.184.216.34".parse().expect("ip")));
     }
 }

@@ -2406,13 +2406,31 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
 /// A store that, once armed, fails the next write holding a call's result — as a replica that
 /// answered a call and died before its result was durable looks to everyone after it — or,
 /// given a delay, makes that write take that long (`turn_delay_ms`: the next write holding a
-/// model turn).
+/// model turn). It counts the entries it hands out (`entries_read`).
 #[derive(Default)]
 struct LosesAResult {
     inner: ScratchStore,
     armed: std::sync::atomic::AtomicBool,
     delay_ms: std::sync::atomic::AtomicU64,
     turn_delay_ms: std::sync::atomic::AtomicU64,
+    entries_read: std::sync::atomic::AtomicU64,
+}
+
+impl LosesAResult {
+    fn handed_out(
+        &self,
+        read: Result<
+            Vec<contextos_runner::records::StoredEntry>,
+            contextos_runner::records::store::StoreError,
+        >,
+    ) -> Result<Vec<contextos_runner::records::StoredEntry>, contextos_runner::records::store::StoreError>
+    {
+        if let Ok(entries) = &read {
+            self.entries_read
+                .fetch_add(entries.len() as u64, std::sync::atomic::Ordering::SeqCst);
+        }
+        read
+    }
 }
 
 /// Memory as the scratch store keeps it (this store loses only results).
@@ -2505,7 +2523,27 @@ impl RecordStore for LosesAResult {
         from_seq: u64,
     ) -> Result<Vec<contextos_runner::records::StoredEntry>, contextos_runner::records::store::StoreError>
     {
-        self.inner.read_chain(tenant, run_id, from_seq).await
+        self.handed_out(self.inner.read_chain(tenant, run_id, from_seq).await)
+    }
+    async fn read_chain_page(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<contextos_runner::records::StoredEntry>, contextos_runner::records::store::StoreError>
+    {
+        self.handed_out(self.inner.read_chain_page(tenant, run_id, from_seq, limit).await)
+    }
+    async fn run_summary(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+    ) -> Result<
+        Option<contextos_runner::records::store::RunSummary>,
+        contextos_runner::records::store::StoreError,
+    > {
+        self.inner.run_summary(tenant, run_id).await
     }
     async fn list_runs(
         &self,
@@ -2578,6 +2616,78 @@ fn quickstart_run(operator: &KeyPair) -> (RunBundle, SignedRunContext) {
     let context =
         issue_run_context(&bundle, RUN, TRACE, Some("checkout-5xx-run-1"), operator, now).expect("context");
     (bundle, context)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_recorded_without_reading_the_run_whole() {
+    // A pod may fill its own record (up to its quota: hundreds of MiB) and then send requests
+    // with a forged context, each refused and recorded in its run — which must not be read
+    // whole to add that entry, or a few at once exhaust the replica's memory.
+    let store = Arc::new(LosesAResult::default());
+    let operator = KeyPair::from_seed([11; 32]);
+    let (url, _tools) = service_over(store.clone(), &operator).await;
+    let (bundle, context) = quickstart_run(&operator);
+    let client =
+        GatewayClient::new(&url, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
+    start_run(client.records(), &bundle, &context).await;
+    for step in 1..=5 {
+        let outcome = client
+            .call(&status_update(&context, step), &Default::default())
+            .await;
+        assert!(
+            matches!(&outcome, Ok(CallOutcome::Executed(r)) if r.ok),
+            "{outcome:?}"
+        );
+    }
+    let tenant = TenantId::new("shop").expect("tenant");
+    // A checkpoint: how the gateway finds the pod's run (the Session's latest).
+    let mut recorder = Recorder::resume(client.records(), tenant.clone(), transit(), RUN)
+        .await
+        .expect("resume");
+    recorder.stage(EntryBody::Checkpoint {
+        step: 5,
+        state: serde_json::json!({}),
+    });
+    recorder.flush().await.expect("checkpoint");
+    let entries = store
+        .inner
+        .head(&tenant, RUN)
+        .await
+        .expect("head")
+        .expect("run")
+        .seq
+        + 1;
+    let mut forged = context.clone();
+    forged.context.budget.max_steps += 1;
+    let header = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&forged).expect("json"))
+    };
+    let before = store.entries_read.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..5 {
+        let answer = contextos_runner::http::client()
+            .get(format!("{url}/v1/run/head?run={RUN}"))
+            .header(RUN_CONTEXT_HEADER, &header)
+            .bearer_auth("token-run-1")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(answer.status().as_u16(), 403, "a forged context");
+    }
+    let read = store.entries_read.load(std::sync::atomic::Ordering::SeqCst) - before;
+    let chain = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
+    let refusals = chain
+        .iter()
+        .filter(|e| {
+            contextos_runner::records::RecordEntry::decode(&e.bytes)
+                .is_ok_and(|e| matches!(e.body, EntryBody::AccessRefused { .. }))
+        })
+        .count();
+    assert_eq!(refusals, 5, "each refusal recorded in the run");
+    assert!(
+        read <= 5,
+        "{read} entries read to record 5 refusals in a run of {entries}: one (its first) each at most"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

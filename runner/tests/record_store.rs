@@ -120,6 +120,18 @@ async fn append_read_and_list<S: RecordStore>(store: &S) {
         .await
         .expect("verifies");
     assert_eq!(verified.entries, 7);
+    // The summary kept beside the head, read without the entries: what the chain says.
+    let kept = store.run_summary(&t, &run).await.expect("summary").expect("kept");
+    assert_eq!(
+        (kept.outcome.as_str(), kept.entries, kept.head),
+        ("completed", 7, verified.head)
+    );
+    assert_eq!(store.run_summary(&t, "no-such-run").await.expect("summary"), None);
+    assert_eq!(
+        store.run_summary(&tenant("other"), &run).await.expect("summary"),
+        None,
+        "another tenant's"
+    );
 
     // A second run of another agent, started later.
     let run2 = unique("run");

@@ -323,9 +323,12 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             tenant: tenant.to_string(),
             run_id: run_id.to_owned(),
         };
-        let head = store.head(&tenant, run_id).await?.ok_or_else(unknown)?;
-        let chain = store.read_chain(&tenant, run_id, 0).await?;
-        let first = chain.first().ok_or_else(unknown)?;
+        let first = store
+            .read_chain_page(&tenant, run_id, 0, 1)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(unknown)?;
         let decoded = RecordEntry::decode(&first.bytes).map_err(|e| RecordError::Undecodable {
             run_id: run_id.into(),
             seq: 0,
@@ -341,20 +344,27 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                 problem: "the first entry is not run_started".into(),
             });
         };
-        let mut summary = RunSummary {
-            run_id: run_id.into(),
-            session_id,
-            agent,
-            started_at_ms: decoded.at_ms,
-            outcome: "running".into(),
-            entries: head.seq + 1,
-            head: head.hash,
-        };
-        for entry in &chain {
-            if let Ok(e) = RecordEntry::decode(&entry.bytes) {
-                SummaryEffect::of(&e.body).apply(&mut summary);
+        // The summary the store keeps beside the head, where it keeps one: a run may hold
+        // hundreds of MiB, and whoever resumes it to add an entry (the gateway recording a
+        // refusal) must not hold them all. Otherwise it is worked out page by page.
+        let summary = match store.run_summary(&tenant, run_id).await? {
+            Some(kept) if kept.entries > 0 => kept,
+            _ => {
+                let head = store.head(&tenant, run_id).await?.ok_or_else(unknown)?;
+                let mut summary = RunSummary {
+                    run_id: run_id.into(),
+                    session_id,
+                    agent,
+                    started_at_ms: decoded.at_ms,
+                    outcome: "running".into(),
+                    entries: head.seq + 1,
+                    head: head.hash,
+                };
+                Self::summarise(store, &tenant, run_id, head.seq, &mut summary).await?;
+                summary
             }
-        }
+        };
+        let head = (summary.entries - 1, summary.head);
         // A run about a subject goes on being recorded under its key (refused once they are
         // erased: nothing more is kept about them).
         let vault = match decoded.vaulted {
@@ -364,11 +374,37 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             }
             None => None,
         };
-        let recorder = Self::with_state(store, tenant, key, summary, Some((head.seq, head.hash)));
+        let recorder = Self::with_state(store, tenant, key, summary, Some(head));
         Ok(match vault {
             Some((subject, key)) => recorder.vaulted(subject, key),
             None => recorder,
         })
+    }
+
+    /// Applies what each entry up to `last` changes in the summary, reading the chain a page at
+    /// a time.
+    async fn summarise(
+        store: &S,
+        tenant: &TenantId,
+        run_id: &str,
+        last: u64,
+        summary: &mut RunSummary,
+    ) -> Result<(), RecordError> {
+        const PAGE: usize = 64;
+        let mut from = 0;
+        while from <= last {
+            let page = store.read_chain_page(tenant, run_id, from, PAGE).await?;
+            for entry in page.iter().take_while(|e| e.seq <= last) {
+                if let Ok(e) = RecordEntry::decode(&entry.bytes) {
+                    SummaryEffect::of(&e.body).apply(summary);
+                }
+            }
+            match page.last() {
+                Some(entry) if page.len() == PAGE => from = entry.seq + 1,
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     /// Uses a fixed clock (for byte-identical records in tests and replays).

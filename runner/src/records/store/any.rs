@@ -233,6 +233,9 @@ impl RecordStore for AnyStore {
     async fn list_runs(&self, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
         forward!(self, s => s.list_runs(tenant, filter))
     }
+    async fn run_summary(&self, tenant: &TenantId, run_id: &str) -> Result<Option<RunSummary>> {
+        forward!(self, s => s.run_summary(tenant, run_id))
+    }
     async fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> Result<Hash> {
         forward!(self, s => s.put_blob(tenant, bytes))
     }

@@ -306,6 +306,18 @@ pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
         filter: &RunFilter,
     ) -> impl Future<Output = Result<Vec<RunSummary>>> + Send;
 
+    /// The summary the store keeps beside run `run_id`'s head (its outcome, entries and head),
+    /// read without its entries; `None` when the run is unknown or the store keeps none to read
+    /// this way (a client of the gateway service): the caller reads the chain instead.
+    fn run_summary(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+    ) -> impl Future<Output = Result<Option<RunSummary>>> + Send {
+        let _ = (tenant, run_id);
+        async { Ok(None) }
+    }
+
     /// Stores `bytes` under their SHA-256 (idempotent) and returns the hash.
     fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> impl Future<Output = Result<Hash>> + Send;
 
@@ -447,6 +459,14 @@ impl<S: RecordStore> RecordStore for std::sync::Arc<S> {
         filter: &RunFilter,
     ) -> impl Future<Output = Result<Vec<RunSummary>>> + Send {
         (**self).list_runs(tenant, filter)
+    }
+
+    fn run_summary(
+        &self,
+        tenant: &TenantId,
+        run_id: &str,
+    ) -> impl Future<Output = Result<Option<RunSummary>>> + Send {
+        (**self).run_summary(tenant, run_id)
     }
 
     fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> impl Future<Output = Result<Hash>> + Send {

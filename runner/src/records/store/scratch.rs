@@ -155,6 +155,11 @@ impl RecordStore for ScratchStore {
         validate_id("session", session_id)?;
         self.with(tenant, |t| Ok(t.checkpoints.get(session_id).cloned()))
     }
+
+    async fn run_summary(&self, tenant: &TenantId, run_id: &str) -> Result<Option<RunSummary>> {
+        validate_id("run", run_id)?;
+        self.with(tenant, |t| Ok(t.runs.get(run_id).map(|r| r.summary.clone())))
+    }
 }
 
 impl ScratchStore {

@@ -381,6 +381,18 @@ impl RecordStore for TikvStore {
         .await
     }
 
+    async fn run_summary(&self, tenant: &TenantId, run_id: &str) -> Result<Option<RunSummary>> {
+        crate::gateway::fair::away(async move {
+            validate_id("run", run_id)?;
+            let key = keys::summary(tenant.as_str(), run_id);
+            match self.get(key.clone()).await? {
+                Some(value) => Ok(Some(decode_json(&value, &key)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
     async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {
         crate::gateway::fair::away(async move {
             validate_id("session", session_id)?;

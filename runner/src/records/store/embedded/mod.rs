@@ -620,6 +620,24 @@ impl RecordStore for EmbeddedStore {
         .await
     }
 
+    async fn run_summary(&self, tenant: &TenantId, run_id: &str) -> Result<Option<RunSummary>> {
+        validate_id("run", run_id)?;
+        let (tenant, run_id) = (tenant.clone(), run_id.to_owned());
+        self.blocking(move |db, _| {
+            let txn = db.begin_read().map_err(backend)?;
+            let entries = txn.open_table(ENTRIES).map_err(backend)?;
+            let key = format!("runs/{tenant}/{run_id}");
+            match entries
+                .get((tenant.as_str(), run_id.as_str(), RUN_ROW))
+                .map_err(backend)?
+            {
+                Some(v) => Ok(Some(decode_json::<RunRow>(v.value(), key)?.summary)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
     async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {
         validate_id("session", session_id)?;
         let (tenant, session_id) = (tenant.clone(), session_id.to_owned());

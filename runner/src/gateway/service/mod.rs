@@ -10,6 +10,7 @@
 //! the tenant's key, which never leaves this service.
 
 mod a2a_api;
+mod blob_charges;
 pub mod completion;
 mod consent_api;
 mod context_cache;
@@ -184,7 +185,7 @@ pub struct GatewayService<S, A, T> {
     /// What one run may write to the store.
     max_run_bytes: u64,
     /// Bytes of blobs each run uploaded through this replica, by (tenant, run).
-    blob_bytes: Mutex<HashMap<(String, String), u64>>,
+    blob_bytes: Mutex<blob_charges::BlobCharges>,
     /// Refusals recorded per pod in the current minute, by (namespace, pod): when the minute
     /// began, and how many (see [`GatewayService::record_refusal`]).
     refusals_recorded: Mutex<HashMap<(String, String), (i64, u32)>>,
@@ -475,7 +476,7 @@ where
             spend: Arc::default(),
             max_run_bytes: DEFAULT_MAX_RUN_BYTES,
             early_answers: true,
-            blob_bytes: Mutex::new(HashMap::new()),
+            blob_bytes: Mutex::new(Default::default()),
             refusals_recorded: Mutex::new(HashMap::new()),
             refused_tokens: Default::default(),
             runner_pods: Mutex::new(Default::default()),
@@ -542,42 +543,24 @@ where
     /// Counts `bytes` of blobs against the run's quota, if they fit beside the blobs counted
     /// before and the `recorded` bytes of its chain; the run's blob bytes so far.
     fn charge_blob(&self, caller: &Caller, recorded: u64, bytes: u64) -> Result<u64, Refusal> {
-        let mut counts = self
-            .blob_bytes
+        self.blob_bytes
             .lock()
-            .map_err(|_| unavailable("blob accounting is unavailable"))?;
-        // Runs are many and short: the accounting of old ones is dropped now and then (a run
-        // whose count is dropped may upload its quota again through this replica).
-        if counts.len() > 4 * MAX_CACHED_RUNS {
-            counts.clear();
-        }
-        let used = counts
-            .entry((caller.tenant.as_str().to_owned(), caller.run_id().to_owned()))
-            .or_default();
-        let after = used.saturating_add(bytes);
-        if after.saturating_add(recorded) > self.max_run_bytes {
-            return Err(over_quota(
+            .map_err(|_| unavailable("blob accounting is unavailable"))?
+            .charge(
+                caller.tenant.as_str(),
                 caller.run_id(),
-                used.saturating_add(recorded),
+                recorded,
                 bytes,
                 self.max_run_bytes,
-            ));
-        }
-        *used = after;
-        Ok(after)
+            )
+            .map_err(|over| over_quota(caller.run_id(), over.used, bytes, self.max_run_bytes))
     }
 
     /// The run's blob bytes so far at this replica.
     fn blobs_of(&self, caller: &Caller) -> u64 {
         self.blob_bytes
             .lock()
-            .ok()
-            .and_then(|counts| {
-                counts
-                    .get(&(caller.tenant.as_str().to_owned(), caller.run_id().to_owned()))
-                    .copied()
-            })
-            .unwrap_or(0)
+            .map_or(0, |charges| charges.of(caller.tenant.as_str(), caller.run_id()))
     }
 
     /// Reaches the command-started MCP servers of runs in their capability pods, found by

@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Approvers, BudgetOverride, LocalRef, SafetyMode, ToolRisk, free_form_object};
 
+/// The approvals a Session holds (`spec.approvals`): a run asks for this many at most, and a
+/// call that would need one more is denied (rule `session/approvals`) rather than left waiting
+/// for a decision the Session has no room for.
+pub const MAX_APPROVALS: usize = 64;
+
 /// Desired state of a Session.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
@@ -64,10 +69,12 @@ pub struct SessionSpec {
     /// Tighter limits than the Agent's for this Session only; loosening is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overrides: Option<SessionOverrides>,
-    /// Decisions on calls that needed approval, each bound to one call's hash.
+    /// Decisions on calls that needed approval, each bound to one call's hash (at most 64: a
+    /// run asks for no more; a call that would need one more is denied, rule
+    /// `session/approvals`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["callHash".into()]))]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = MAX_APPROVALS))]
     pub approvals: Vec<Approval>,
     /// What humans found out about calls whose outcome was unknown (started before an
     /// interruption, no result recorded, not safe to send again), each bound to one call.

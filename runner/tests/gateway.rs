@@ -1147,6 +1147,75 @@ async fn a_restarted_gateway_answers_resubmitted_calls_from_the_record() {
     );
 }
 
+/// A Session holds 64 approvals: a run asks for no more, and a call that would need one more is
+/// denied, recorded as such, rather than left waiting for a decision nobody could write.
+#[tokio::test]
+async fn a_run_asks_no_more_approvals_than_its_session_can_hold() {
+    use contextos_crds::session::MAX_APPROVALS;
+    let h = Harness::new().await;
+    let mut rec = h.recorder().await;
+    let state = StateFacts::default();
+    let restart = |n: usize| {
+        h.envelope(
+            &format!("r{n}"),
+            "restart_deployment",
+            json!({"namespace": "shop", "deployment": "checkout-api"}),
+        )
+    };
+    for n in 0..MAX_APPROVALS {
+        let outcome = h
+            .gateway
+            .handle(&restart(n), &mut rec, &state)
+            .await
+            .expect("handled");
+        assert!(
+            matches!(outcome, CallOutcome::NeedsApproval { .. }),
+            "{n}: {outcome:?}"
+        );
+    }
+    // A call already asked about still waits for its decision…
+    let again = h
+        .gateway
+        .handle(&restart(0), &mut rec, &state)
+        .await
+        .expect("handled");
+    assert!(matches!(again, CallOutcome::NeedsApproval { .. }), "{again:?}");
+    // … and one more is denied, and never reaches the tool.
+    let more = h
+        .gateway
+        .handle(&restart(MAX_APPROVALS), &mut rec, &state)
+        .await
+        .expect("handled");
+    assert!(
+        matches!(&more, CallOutcome::Denied { rule, .. } if rule == "session/approvals"),
+        "{more:?}"
+    );
+    assert_eq!(h.requests("/restart"), 0);
+    // A gateway restored from the record (another replica, a restart) knows it as well.
+    let restored = ToolGateway::new(
+        "shop",
+        "oncall-assistant",
+        h.key.public(),
+        catalog(h.addr),
+        policies(),
+        Default::default(),
+    );
+    restored.restore(&h.entries().await);
+    let more = restored
+        .handle(&restart(MAX_APPROVALS + 1), &mut rec, &state)
+        .await
+        .expect("handled");
+    assert!(
+        matches!(&more, CallOutcome::Denied { rule, .. } if rule == "session/approvals"),
+        "{more:?}"
+    );
+    let asked = restored
+        .handle(&restart(3), &mut rec, &state)
+        .await
+        .expect("handled");
+    assert!(matches!(asked, CallOutcome::NeedsApproval { .. }), "{asked:?}");
+}
+
 /// A rule can ask for a scope the Session's user was granted (`spec.user.scopes`, carried by
 /// the signed RunContext): the gateway decides on the scopes of the run it acts for.
 #[tokio::test]

@@ -31,7 +31,7 @@ pub mod tenancy;
 pub const UNRECORDED_CALL: &str = "re-execution: the recorded run never made this call, so it is not executed; only recorded calls are answered";
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -40,7 +40,7 @@ use contextos_crds::{
     agent::Tool,
     common::{Approvers, ToolRisk},
     policy::PolicyEffect,
-    session::ApprovalDecision,
+    session::{ApprovalDecision, MAX_APPROVALS},
 };
 use serde_json::Value;
 use tracing::Instrument as _;
@@ -255,12 +255,13 @@ struct Completed {
     result: ToolResultRecord,
 }
 
-/// Per-run counters the policies' budgets read.
+/// Per-run counters the policies' budgets read, and the calls the run asked approval for.
 #[derive(Clone, Debug, Default)]
 struct RunCounters {
     calls: u32,
     per_tool: HashMap<String, u32>,
     destructive: u32,
+    approvals_asked: HashSet<String>,
 }
 
 /// The gateway for one agent in one tenant.
@@ -641,6 +642,9 @@ impl ToolGateway {
                     if let EntryBody::ApprovalGranted { call_hash, .. } = body {
                         self.approvals.restore([call_hash.clone()]);
                     }
+                    if let EntryBody::ApprovalRequested { call_hash, .. } = body {
+                        self.note_approval_asked(&entry.run_id, call_hash);
+                    }
                     if let Ok(mut calls) = self.calls.lock()
                         && let Some(asked) = calls.get_mut(&(entry.run_id.clone(), call_id.to_owned()))
                     {
@@ -914,6 +918,7 @@ impl ToolGateway {
             span.record("contextos.rule", decision.rule.as_str());
             decision
         };
+        let decision = self.within_room_for_approvals(call, &call_hash, decision);
         for shadow in &decision.dry_run {
             recorder.stage(decision_entry(
                 call,
@@ -1174,6 +1179,45 @@ impl ToolGateway {
             .unwrap_or_default()
     }
 
+    /// `decision`, or — when it holds the call for an approval the run has no room left to ask
+    /// (its Session holds [`MAX_APPROVALS`] decisions, and this call is not among those asked) —
+    /// a denial saying so: a call left waiting for a decision nobody can write would stop the
+    /// Session for good.
+    fn within_room_for_approvals(
+        &self,
+        call: &CallEnvelope,
+        call_hash: &str,
+        decision: crate::policy::Decision,
+    ) -> crate::policy::Decision {
+        if decision.effect != PolicyEffect::RequireApproval || call.approval.is_some() {
+            return decision;
+        }
+        let asked = self
+            .counters_for(&call.run_context.context.run_id)
+            .approvals_asked;
+        if asked.len() < MAX_APPROVALS || asked.contains(call_hash) {
+            return decision;
+        }
+        crate::policy::Decision {
+            effect: PolicyEffect::Deny,
+            rule: "session/approvals".into(),
+            reason: format!(
+                "the run has asked for {MAX_APPROVALS} approvals, all its Session can hold \
+                 (spec.approvals); a call that needs one more is denied (rule {} wanted an \
+                 approval): start a new Session to go on",
+                decision.rule
+            ),
+            ..decision
+        }
+    }
+
+    fn note_approval_asked(&self, run_id: &str, call_hash: &str) {
+        if let Ok(mut counters) = self.counters.lock() {
+            let run = counters.entry(run_id.to_owned()).or_default();
+            run.approvals_asked.insert(call_hash.to_owned());
+        }
+    }
+
     fn count(&self, run_id: &str, tool: &str, risk: ToolRisk) {
         if let Ok(mut counters) = self.counters.lock() {
             let run = counters.entry(run_id.to_owned()).or_default();
@@ -1220,6 +1264,7 @@ impl ToolGateway {
                 call_hash: call_hash.to_owned(),
                 approvers,
             });
+            self.note_approval_asked(&call.run_context.context.run_id, call_hash);
             return Ok(Some(needs));
         };
         // Group membership is the API server's word, checked by admission when the decision was

@@ -107,6 +107,10 @@ pub mod reason {
     /// A Session waits to start: a SpendQuota's Session limit is reached (the message names
     /// the quota and the limit).
     pub const QUOTA_WAIT: &str = "QuotaWait";
+    /// The API server refused a Session's runner pod (the message quotes it: a ResourceQuota,
+    /// Pod Security admission, a limit range); the Session stays Pending and is tried again
+    /// every 30 seconds.
+    pub const POD_REJECTED: &str = "PodRejected";
     /// A Session's run was refused a call by a SpendQuota (the message names it and its
     /// window).
     pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pod_parts;
 pub mod pod_turns;
 pub mod replay_job;
+pub mod sandbox_values;
 pub mod session_children;
 pub mod tenant_keys;
 

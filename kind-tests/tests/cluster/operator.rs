@@ -378,6 +378,172 @@ async fn invalid_objects_are_not_ready_and_say_which_field_to_fix() -> Result<()
     Ok(())
 }
 
+/// A SandboxProfile whose values no runner pod could be made with, or whose RuntimeClass does
+/// not exist, is Ready=False naming the field (and its Agent waits on it); a runner pod the API
+/// server refuses (here a ResourceQuota allowing no pod) is said on its Session, which starts
+/// once the pod is allowed.
+#[tokio::test]
+async fn a_sandbox_no_pod_can_have_is_not_ready_and_a_refused_runner_pod_is_said_on_its_session() -> Result<()>
+{
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: needs a local node (KUBECONFIG is set)");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "operator-sandbox-values").await?;
+    let client = env.client();
+    let quickstart = objects(env, op)?;
+    let profile = quickstart
+        .iter()
+        .find(|o| o["kind"] == "SandboxProfile")
+        .cloned()
+        .context("the quickstart's SandboxProfile")?;
+    for object in &quickstart {
+        let mut object = object.clone();
+        if object["kind"] == "SandboxProfile" {
+            object["spec"]["resources"]["memory"] = json!("-1");
+        }
+        apply(&client, ns.name(), &object).await?;
+    }
+    let profiles: Api<contextos_crds::SandboxProfile> = ns.api();
+    let name = profile["metadata"]["name"]
+        .as_str()
+        .context("profile name")?
+        .to_owned();
+    let not_ready = |prefix: &'static str| {
+        let (profiles, name) = (profiles.clone(), name.clone());
+        async move {
+            wait_for_object(
+                &profiles,
+                &name,
+                prefix,
+                TIMEOUT,
+                |p: &contextos_crds::SandboxProfile| {
+                    let text = condition(&p.status.clone().unwrap_or_default().conditions, "Ready");
+                    Check::when(text.starts_with(prefix), || text.clone())
+                },
+            )
+            .await
+        }
+    };
+    not_ready("False InvalidSpec spec.resources.memory: \"-1\" is negative").await?;
+    let agents: Api<Agent> = ns.api();
+    wait_for_object(
+        &agents,
+        "oncall-assistant",
+        "waiting on its profile",
+        TIMEOUT,
+        |a: &Agent| {
+            let text = condition(&a.status.clone().unwrap_or_default().conditions, "Ready");
+            Check::when(
+                text.starts_with("False ReferenceNotReady spec.sandboxProfileRef.name"),
+                || text.clone(),
+            )
+        },
+    )
+    .await?;
+    let mut missing_class = profile.clone();
+    missing_class["spec"]["runtimeClassName"] = json!("no-such-runtime");
+    apply(&client, ns.name(), &missing_class).await?;
+    not_ready("False InvalidSpec spec.runtimeClassName: RuntimeClass no-such-runtime does not exist").await?;
+    apply(&client, ns.name(), &profile).await?;
+    agent_ready(&ns).await?;
+
+    // No pod may be made in the namespace (an admission policy of the test's own, as a platform
+    // might have): the Session says why it does not start.
+    let policy_name = format!("no-pods-{}", ns.name());
+    let policy = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": policy_name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"],
+            }]},
+            "validations": [{"expression": "false", "message": "no pods in this namespace (test policy)"}],
+        },
+    });
+    let binding = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": policy_name},
+        "spec": {
+            "policyName": policy_name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name()}}},
+        },
+    });
+    let policies =
+        Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy>::all(client.clone());
+    let bindings = Api::<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding>::all(
+        client.clone(),
+    );
+    policies
+        .create(&Default::default(), &serde_json::from_value(policy)?)
+        .await?;
+    bindings
+        .create(&Default::default(), &serde_json::from_value(binding)?)
+        .await?;
+    // The policy takes effect once the API server has loaded it: wait until it refuses a pod
+    // (asked as a dry run).
+    let probe: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "policy-probe"},
+        "spec": {"containers": [{"name": "probe", "image": "busybox"}]},
+    }))?;
+    let pods: Api<Pod> = ns.api();
+    let dry_run = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        match pods.create(&dry_run, &probe).await {
+            Err(kube::Error::Api(e)) if e.code == 403 || e.code == 422 => break,
+            answer if std::time::Instant::now() > deadline => {
+                anyhow::bail!("the policy never refused a pod: {:?}", answer.map(|_| "created"))
+            }
+            _ => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+    apply(&client, ns.name(), &session("refused")?).await?;
+    let sessions: Api<Session> = ns.api();
+    wait_for_object(
+        &sessions,
+        "refused",
+        "Pending, its pod refused",
+        TIMEOUT,
+        |s: &Session| {
+            let status = s.status.clone().unwrap_or_default();
+            let text = condition(&status.conditions, "Ready");
+            Check::when(
+                status.phase == Some(SessionPhase::Pending)
+                    && text.contains("PodRejected the API server refused runner pod refused-run-1")
+                    && text.contains("no pods in this namespace"),
+                || format!("{:?} {text}", status.phase),
+            )
+        },
+    )
+    .await?;
+    bindings.delete(&policy_name, &Default::default()).await?;
+    policies.delete(&policy_name, &Default::default()).await?;
+    wait_for_object(
+        &sessions,
+        "refused",
+        "started once allowed",
+        TIMEOUT,
+        |s: &Session| {
+            let status = s.status.clone().unwrap_or_default();
+            Check::when(status.phase.is_some_and(|p| p != SessionPhase::Pending), || {
+                format!("{:?} {}", status.phase, condition(&status.conditions, "Ready"))
+            })
+        },
+    )
+    .await?;
+    ns.pass();
+    Ok(())
+}
+
 /// A tool that touches an entity type the namespace does not declare leaves its Agent
 /// Ready=False naming the field; an Ontology that does not compile is Ready=False naming its
 /// field, one named otherwise is refused at admission; the fixed Ontology makes the Agent Ready.

@@ -269,7 +269,9 @@ pub async fn reconcile_policy(policy: Arc<Policy>, ctx: Arc<Context>) -> Result<
     finish(&ctx, &api, policy.as_ref(), &policy.spec, gate, problem).await
 }
 
-/// Reconciles a SandboxProfile: its digest, and Ready (admission already checked the spec).
+/// Reconciles a SandboxProfile: its digest, and Ready — False when a value would have the API
+/// server refuse its runner pods (admission checked the schema; see `sandbox_values`) or its
+/// RuntimeClass does not exist (looked at again every minute).
 pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconcile("SandboxProfile");
     let namespace = profile.namespace().unwrap_or_default();
@@ -278,12 +280,14 @@ pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Co
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let ready = [Wanted::new(
-        conditions::READY,
-        true,
-        reason::RESOLVED,
-        "the profile is valid",
-    )];
+    let problem = match crate::sandbox_values::problem(&profile.spec) {
+        Some(problem) => Some(problem),
+        None => missing_runtime_class(&ctx, profile.spec.runtime_class_name.as_deref()).await?,
+    };
+    let ready = [match &problem {
+        Some(problem) => Wanted::new(conditions::READY, false, reason::INVALID_SPEC, problem.clone()),
+        None => Wanted::new(conditions::READY, true, reason::RESOLVED, "the profile is valid"),
+    }];
     let status = json!({
         "conditions": merge(&previous, &ready, profile.metadata.generation, now()),
         "observedGeneration": profile.metadata.generation,
@@ -295,7 +299,30 @@ pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Co
         status,
     )
     .await?;
-    Ok(Action::await_change())
+    Ok(match problem {
+        // A RuntimeClass may be installed after the profile that names it.
+        Some(_) if profile.spec.runtime_class_name.is_some() => Action::requeue(Duration::from_secs(60)),
+        _ => Action::await_change(),
+    })
+}
+
+/// Why `name` cannot be the runner pods' RuntimeClass: none of that name exists. (An operator
+/// not allowed to read RuntimeClasses, as installed before it checked them, leaves it to the
+/// API server.)
+async fn missing_runtime_class(ctx: &Context, name: Option<&str>) -> Result<Option<String>> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let classes = Api::<k8s_openapi::api::node::v1::RuntimeClass>::all(ctx.client.clone());
+    match classes.get_opt(name).await {
+        Ok(Some(_)) => Ok(None),
+        Ok(None) => Ok(Some(format!(
+            "spec.runtimeClassName: RuntimeClass {name} does not exist in this cluster, and runner \
+             pods naming it are refused; install it (e.g. gVisor's runsc) or remove the field"
+        ))),
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Wait before the second attempt at a gate whose first ended without a verdict (doubling).

@@ -128,8 +128,7 @@ async fn run(
                 resumed_for.as_deref(),
                 after_crash.as_deref(),
             )
-            .await?;
-            Ok(Action::await_change())
+            .await
         }
         Step::Report { update, recheck } => {
             write_status(ctx, session, *update).await?;
@@ -455,7 +454,10 @@ async fn stop_capabilities(ctx: &Context, session: &Session) -> Result<()> {
     Ok(())
 }
 
-/// Issues a fresh RunContext and applies the attempt's pod.
+/// How long a Session whose runner pod the API server refused waits before it is tried again.
+const POD_REJECTED_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Issues a fresh RunContext and applies the attempt's pod; what to do next.
 async fn start_attempt(
     ctx: &Context,
     session: &Session,
@@ -464,7 +466,7 @@ async fn start_attempt(
     attempt: u32,
     resumed_for: Option<&str>,
     after_crash: Option<&str>,
-) -> Result<()> {
+) -> Result<Action> {
     let namespace = session.namespace().unwrap_or_default();
     let pod_name = children::pod_name(&session.name_any(), attempt);
     let signed = issue_runner_context(
@@ -503,6 +505,24 @@ async fn start_attempt(
     {
         Ok(_) => ctx.metrics.runner_pod_created(),
         Err(kube::Error::Api(e)) if e.code == 409 => {}
+        // Refused by admission or validation (a ResourceQuota, Pod Security, a LimitRange, a
+        // value the profile's schema let through): said on the Session, which a person can act
+        // on, rather than only in this process's log at every retry.
+        Err(kube::Error::Api(e))
+            if e.code == 422 || (e.code == 403 && !e.message.contains("being terminated")) =>
+        {
+            let message: String = e.message.chars().take(1024).collect();
+            let update = Update::phase(
+                SessionPhase::Pending,
+                reason::POD_REJECTED,
+                format!(
+                    "the API server refused runner pod {pod_name}: {message} (tried again every {} s)",
+                    POD_REJECTED_RECHECK.as_secs()
+                ),
+            );
+            write_status(ctx, session, update).await?;
+            return Ok(Action::requeue(POD_REJECTED_RECHECK));
+        }
         Err(e) => return Err(e.into()),
     }
     let pinned = PinnedRevisions {
@@ -522,7 +542,8 @@ async fn start_attempt(
     .pinned(pinned)
     .run_id(children::run_id(session))
     .clear_pending();
-    write_status(ctx, session, update).await
+    write_status(ctx, session, update).await?;
+    Ok(Action::await_change())
 }
 
 /// The Session's pinned bundle: read from its ConfigMap when the run already started (pins

@@ -137,6 +137,28 @@ pub fn metadata<'a>(
 }
 
 /// The immutable bundle: the pinned specs the Session runs, sealed by the operator.
+/// The most a ConfigMap may hold (the API server refuses more): a run bundle, the Agent's
+/// composition and the Session's spec together, must fit.
+pub const MAX_BUNDLE_BYTES: usize = 1 << 20;
+
+/// Why the bundle in `config_map` cannot be written: it is larger than a ConfigMap may be. Says
+/// how much of it is the Session's own spec, the part its author can shorten.
+pub fn bundle_too_large(config_map: &ConfigMap, session: &Session) -> Option<String> {
+    let size: usize = config_map.data.iter().flatten().map(|(_, v)| v.len()).sum();
+    if size <= MAX_BUNDLE_BYTES {
+        return None;
+    }
+    let own = serde_json::to_string(&session.spec).map_or(0, |s| s.len());
+    Some(format!(
+        "spec.input: the run bundle (the Agent's promoted composition with this Session's spec, \
+         {} KiB of it) is {} KiB, more than the {} KiB a ConfigMap holds; shorten spec.input.data \
+         or spec.input.prompt (or pass large inputs through a tool)",
+        own.div_ceil(1024),
+        size.div_ceil(1024),
+        MAX_BUNDLE_BYTES / 1024
+    ))
+}
+
 pub fn bundle_config_map(
     session: &Session,
     pod_bundle: &PodBundle,
@@ -436,6 +458,24 @@ mod tests {
             bundle: run_bundle(session),
             sandbox: Some(sandbox()),
         }
+    }
+
+    #[test]
+    fn a_bundle_a_configmap_cannot_hold_is_the_sessions_input_to_shorten() {
+        let key = KeyPair::from_seed([7; 32]);
+        let mut session = session();
+        let fits = bundle_config_map(&session, &pod_bundle(&session), &key).expect("bundle");
+        assert_eq!(bundle_too_large(&fits, &session), None);
+        // Structured input the API server takes in a Session (an object may be 1.5 MiB) but not
+        // in a ConfigMap.
+        session.spec.input.data = Some(serde_json::json!({"log": "x".repeat(1_100_000)}));
+        let large = bundle_config_map(&session, &pod_bundle(&session), &key).expect("bundle");
+        let problem = bundle_too_large(&large, &session).expect("too large");
+        assert!(problem.starts_with("spec.input: the run bundle"), "{problem}");
+        assert!(
+            problem.contains("more than the 1024 KiB a ConfigMap holds"),
+            "{problem}"
+        );
     }
 
     #[test]

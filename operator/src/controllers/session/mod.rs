@@ -691,6 +691,9 @@ async fn pinned(
             what: "bundle ConfigMap",
             source,
         })?;
+    if let Some(problem) = children::bundle_too_large(&config_map, session) {
+        return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
+    }
     // Created once and immutable: a concurrent reconcile that created it first wins, and the
     // run keeps the pins it started with.
     match config_maps.create(&PostParams::default(), &config_map).await {

@@ -575,6 +575,9 @@ pub fn check_spec(agent: &str, spec: &AgentSpec) -> Result<(), Invalid> {
     }
     validate::compile(agent, &spec.validators)
         .map_err(|e| Invalid::new(reason::INVALID_EXPRESSION, e.to_string()))?;
+    if let Some(problem) = contextos_runner::policy::decide::unapprovable(spec, spec.safety_mode) {
+        return Err(Invalid::new(reason::INVALID_SPEC, problem));
+    }
     Ok(())
 }
 

@@ -376,6 +376,34 @@ fn apply_safety_mode(verdict: Verdict, risk: ToolRisk, safety: SafetyMode) -> Ve
     }
 }
 
+/// Why runs of an Agent with `spec` under `safety` would wait for good: a tool whose allowed
+/// calls supervised mode holds for a person's approval (risk above local_write), while the
+/// Agent names nobody who may give one — its `spec.approvers`, which every rule without
+/// approvers of its own falls back to, is empty. (Calls a rule holds with approvers of its own
+/// are decided by them; the others are not.)
+pub fn unapprovable(spec: &contextos_crds::AgentSpec, safety: SafetyMode) -> Option<String> {
+    let nobody = spec
+        .approvers
+        .as_ref()
+        .is_none_or(|a| a.users.is_empty() && a.groups.is_empty());
+    if safety != SafetyMode::Supervised || !nobody {
+        return None;
+    }
+    let (i, tool) = spec
+        .tools
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.risk > ToolRisk::LocalWrite)?;
+    Some(format!(
+        "spec.approvers: under safetyMode supervised (the default) every allowed call of \
+         spec.tools[{i}] ({}, risk {}) waits for a person's approval, and the Agent names nobody \
+         who may give it; list spec.approvers (users or groups), set safetyMode: autonomous \
+         (its policies still decide every call), or lower the tool's risk",
+        tool.name,
+        tool.risk.as_str()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use contextos_crds::{Agent, Policy};
@@ -846,5 +874,38 @@ touches: [{type: customer-db, argument: /database}, {type: service, argument: /s
             auto,
         );
         assert_eq!((d.effect, d.rule.as_str()), (PolicyEffect::Allow, "p/default"));
+    }
+
+    #[test]
+    fn a_supervised_agent_with_calls_to_approve_must_name_who_may_approve() {
+        let quickstart =
+            crate::manifests::ManifestSet::load(&[
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")
+            ])
+            .and_then(|set| set.agent_with_skills("oncall-assistant"))
+            .expect("the quickstart agent");
+        // As shipped: approvers listed.
+        assert_eq!(unapprovable(&quickstart, SafetyMode::Supervised), None);
+        let mut nobody = quickstart.clone();
+        nobody.approvers = None;
+        let problem = unapprovable(&nobody, SafetyMode::Supervised).expect("refused");
+        assert!(
+            problem.starts_with("spec.approvers: under safetyMode supervised"),
+            "{problem}"
+        );
+        assert!(
+            problem.contains("risk network") || problem.contains("risk destructive"),
+            "{problem}"
+        );
+        nobody.approvers = Some(Approvers::default());
+        assert!(
+            unapprovable(&nobody, SafetyMode::Supervised).is_some(),
+            "an empty list is nobody"
+        );
+        // Autonomous or read-only runs hold no call for supervision; read-only tools never wait.
+        assert_eq!(unapprovable(&nobody, SafetyMode::Autonomous), None);
+        assert_eq!(unapprovable(&nobody, SafetyMode::ReadOnly), None);
+        nobody.tools.retain(|t| t.risk <= ToolRisk::LocalWrite);
+        assert_eq!(unapprovable(&nobody, SafetyMode::Supervised), None);
     }
 }

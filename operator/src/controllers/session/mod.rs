@@ -660,12 +660,24 @@ async fn pinned(
     let sandbox = Api::<SandboxProfile>::namespaced(ctx.client.clone(), &namespace)
         .get_opt(&composition.agent_spec.sandbox_profile_ref.name)
         .await?;
-    if let Err(e) = contextos_runner::run_context::effective_limits(
+    match contextos_runner::run_context::effective_limits(
         &composition.agent_spec.budget,
         composition.agent_spec.safety_mode,
         session.spec.overrides.as_ref(),
     ) {
-        return Ok(Err(Invalid::new(reason::OVERRIDE_LOOSENS, e.to_string())));
+        Err(e) => return Ok(Err(Invalid::new(reason::OVERRIDE_LOOSENS, e.to_string()))),
+        // A Session that makes its run supervised where nobody may approve would wait for good.
+        Ok((_, safety)) if safety != composition.agent_spec.safety_mode => {
+            if let Some(problem) =
+                contextos_runner::policy::decide::unapprovable(&composition.agent_spec, safety)
+            {
+                return Ok(Err(Invalid::new(
+                    reason::INVALID_SPEC,
+                    format!("spec.overrides.safetyMode: Agent {agent_name}'s {problem}"),
+                )));
+            }
+        }
+        Ok(_) => {}
     }
     let Some(sandbox) = sandbox else {
         return Ok(Err(Invalid::new(

@@ -111,7 +111,7 @@ pub(super) const RULES: &[(Rule, Check)] = &[
             id: RuleId("policy/approval-without-approvers"),
             severity: Severity::Medium,
             title: "a require_approval rule nobody can approve",
-            why: "neither the rule nor an Agent using it names approvers, so every such call waits until the Session's deadline",
+            why: "neither the rule nor an Agent using it names approvers, so every such call waits for good (its Session stays AwaitingApproval until cancelled)",
             fix: "name `approvers` on the rule or `spec.approvers` on the Agent",
         },
         approvals_without_approvers,

@@ -475,9 +475,9 @@ pub struct RetrySpec {
     /// Attempts in total, including the first.
     #[schemars(range(min = 1, max = 10))]
     pub max_attempts: u32,
-    /// Delay before the first retry; doubles each time, with jitter.
+    /// Delay before the first retry; doubles each time, up to 30 s, with jitter.
     #[serde(default = "default_backoff_millis")]
-    #[schemars(range(min = 10, max = 60_000))]
+    #[schemars(range(min = 10, max = 30_000))]
     pub initial_backoff_millis: u32,
 }
 
@@ -490,7 +490,8 @@ fn default_backoff_millis() -> u32 {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.http) ? 1 : 0) + (has(self.mcp) ? 1 : 0) + (has(self.webhook) ? 1 : 0) + (has(self.a2a) ? 1 : 0) + (has(self.memory) ? 1 : 0) + (has(self.openapi) ? 1 : 0) == 1").message("set exactly one of adapter.http, adapter.openapi, adapter.mcp, adapter.webhook, adapter.a2a or adapter.memory"))]
 pub struct ToolAdapter {
-    /// A plain HTTP/OpenAPI endpoint; arguments are sent as the JSON body.
+    /// A plain HTTP endpoint; arguments are sent as the JSON body, or for GET and DELETE as
+    /// query parameters (one per field: the tool's inputSchema must then be an object).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpAdapter>,
     /// An operation of an OpenAPI 3 document: parameters and body mapped from the arguments,
@@ -777,7 +778,9 @@ pub struct CriticSpec {
     #[serde(default = "default_max_revisions")]
     #[schemars(range(min = 0, max = 10))]
     pub max_revisions: u32,
-    /// Signals that make the critic escalate to a human instead of continuing.
+    /// Signals that make the critic escalate to a person instead of continuing: the run ends
+    /// `Failed` with reason `Escalated` and the signal's notes, for a person to look at (and
+    /// start again), whatever `maxRevisions` says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 5))]
     pub escalate_on: Vec<FunctionalSignal>,

@@ -257,8 +257,9 @@ pub struct ReplaySelector {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 253)))]
     pub agents: Vec<String>,
-    /// Only sessions whose labels contain all of these.
+    /// Only sessions whose labels contain all of these (at most 16).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
     pub match_labels: std::collections::BTreeMap<String, String>,
 }
 
@@ -277,8 +278,8 @@ pub struct ReplaySpec {
     /// Which sessions qualify.
     #[serde(default)]
     pub selector: ReplaySelector,
-    /// The gate fails when more than this percentage of replayed decisions diverge.
-    /// 0 means any divergence fails the gate.
+    /// The gate fails when more than this percentage of the replayed steps diverge — over all
+    /// the sessions replayed, or in any one of them. 0 means any divergence fails the gate.
     #[serde(default)]
     #[schemars(range(min = 0, max = 100))]
     pub max_divergence_percent: u32,
@@ -308,7 +309,9 @@ impl Default for ReplaySpec {
 #[serde(rename_all = "camelCase")]
 pub struct ReexecuteSpec {
     /// How many times each recorded session is re-executed, to bound the model's
-    /// nondeterminism (the sample that diverges most is judged). 0 turns re-execution off.
+    /// nondeterminism (the sample that diverges most is judged). 0 turns re-execution off —
+    /// except for a Proposal's candidate of a ContextPack, which is a change to what the model
+    /// is told and is always re-executed (3 samples).
     #[schemars(range(min = 0, max = 20))]
     pub samples: u32,
     /// The most model tokens one gate may spend re-executing, counted turn by turn: once they

@@ -158,7 +158,8 @@ pub struct EvalScenario {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub tool_results: Vec<CannedResult>,
-    /// The run's limits (default: 12 steps, 60000 tokens, 16 tool calls, 300 s).
+    /// The run's limits (default: 12 steps, 60000 tokens, 16 tool calls, 60 s; at most 50 steps,
+    /// 2000000 tokens, 64 tool calls, 16 a turn and 60 s — the suite's whole minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<RunBudget>,
     /// The run's autonomy, as an Agent's `safetyMode` (default: supervised).

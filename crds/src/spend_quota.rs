@@ -65,8 +65,9 @@ pub struct SpendQuotaSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QuotaSelector {
-    /// Labels and the values they must have.
-    #[schemars(length(min = 1, max = 16))]
+    /// Labels and the values they must have (1 to 16; an empty selector would select every
+    /// run, which a quota without a selector already does).
+    #[schemars(extend("minProperties" = 1, "maxProperties" = 16))]
     pub match_labels: BTreeMap<String, String>,
 }
 

@@ -42,7 +42,8 @@ mod bounds {
     pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 }
 
-/// The budget of a scenario: its own within [`bounds`], or 12 steps, 60000 tokens, 16 calls.
+/// The budget of a scenario: its own within [`bounds`] (a larger one is refused, see
+/// [`budget_problem`]), or 12 steps, 60000 tokens, 16 calls, 60 s.
 fn budget_of(scenario: &EvalScenario) -> contextos_crds::common::RunBudget {
     let asked = scenario
         .budget
@@ -51,7 +52,7 @@ fn budget_of(scenario: &EvalScenario) -> contextos_crds::common::RunBudget {
             max_steps: 12,
             max_tokens: 60_000,
             max_tool_calls: 16,
-            max_wall_seconds: 300,
+            max_wall_seconds: 60,
             max_tool_calls_per_turn: contextos_crds::common::DEFAULT_MAX_TOOL_CALLS_PER_TURN,
         });
     contextos_crds::common::RunBudget {
@@ -61,6 +62,41 @@ fn budget_of(scenario: &EvalScenario) -> contextos_crds::common::RunBudget {
         max_tool_calls_per_turn: asked.max_tool_calls_per_turn.min(bounds::MAX_TOOL_CALLS_PER_TURN),
         ..asked
     }
+}
+
+/// Why `budget` asks more than a scenario may take (see [`bounds`]): said rather than cut, so a
+/// suite's author is not surprised by a scenario that runs out. A scenario has the suite's
+/// minute in all, whatever its `maxWallSeconds`.
+fn budget_problem(budget: &contextos_crds::common::RunBudget) -> Option<String> {
+    let limits = [
+        (
+            "maxSteps",
+            u64::from(budget.max_steps),
+            u64::from(bounds::MAX_STEPS),
+        ),
+        ("maxTokens", budget.max_tokens, bounds::MAX_TOKENS),
+        (
+            "maxToolCalls",
+            u64::from(budget.max_tool_calls),
+            u64::from(bounds::MAX_TOOL_CALLS),
+        ),
+        (
+            "maxToolCallsPerTurn",
+            u64::from(budget.max_tool_calls_per_turn),
+            u64::from(bounds::MAX_TOOL_CALLS_PER_TURN),
+        ),
+        (
+            "maxWallSeconds",
+            u64::from(budget.max_wall_seconds),
+            bounds::DEADLINE.as_secs(),
+        ),
+    ];
+    limits
+        .into_iter()
+        .find(|(_, asked, most)| asked > most)
+        .map(|(field, asked, most)| {
+            format!("{field}: {asked}, more than the {most} an evaluation scenario may take; lower it")
+        })
 }
 
 /// One scenario's result.
@@ -516,6 +552,9 @@ pub fn suite_problem(candidate: &SkillCandidate) -> Option<String> {
                 ));
             }
         }
+        if let Some(problem) = scenario.budget.as_ref().and_then(budget_problem) {
+            return Some(format!("{field}.budget.{problem}"));
+        }
         let script = scenario.script.to_string();
         if script.len() > bounds::MAX_SCRIPT_BYTES {
             return Some(format!(
@@ -656,6 +695,34 @@ mod tests {
         );
         // Run whole, the same suite passes: the yield changes nothing of what it finds.
         assert!(evaluate(&name, &candidate).await.passed());
+    }
+
+    #[test]
+    fn a_scenario_asking_more_than_an_evaluation_may_take_is_refused_not_cut() {
+        let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let set = crate::manifests::ManifestSet::load(&[quickstart]).expect("the quickstart");
+        let (_, mut candidate) = set
+            .skill_candidates(Some("diagnosis"))
+            .expect("its skills")
+            .remove(0);
+        assert_eq!(suite_problem(&candidate), None);
+        let budget = |steps: u32, wall: u32| contextos_crds::common::RunBudget {
+            max_steps: steps,
+            max_tokens: 60_000,
+            max_tool_calls: 16,
+            max_wall_seconds: wall,
+            max_tool_calls_per_turn: 16,
+        };
+        candidate.skill.evals.scenarios[0].budget = Some(budget(50, 60));
+        assert_eq!(suite_problem(&candidate), None, "at the bounds");
+        candidate.skill.evals.scenarios[0].budget = Some(budget(51, 60));
+        let problem = suite_problem(&candidate).expect("refused");
+        assert_eq!(
+            problem,
+            "spec.evals.scenarios[0].budget.maxSteps: 51, more than the 50 an evaluation scenario may take; lower it"
+        );
+        candidate.skill.evals.scenarios[0].budget = Some(budget(12, 300));
+        assert!(suite_problem(&candidate).is_some_and(|p| p.contains("budget.maxWallSeconds: 300")));
     }
 
     #[test]

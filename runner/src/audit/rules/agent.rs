@@ -81,7 +81,7 @@ pub(super) const RULES: &[(Rule, Check)] = &[
             id: RuleId("agent/critic-disabled"),
             severity: Severity::Medium,
             title: "an Agent whose critic may not ask for a revision",
-            why: "with `critic.maxRevisions: 0` a failed output check ends the run instead of letting the model correct itself, and critic escalations never happen",
+            why: "with `critic.maxRevisions: 0` a failed output check ends the run instead of letting the model correct itself",
             fix: "leave `spec.critic.maxRevisions` at its default (2) or set it above 0",
         },
         critic_disabled,

@@ -109,17 +109,45 @@ pub enum AdapterError {
 /// tool's own risk says (policies judge a call by its tool's risk). Refused where an Agent is
 /// admitted to run, never at call time.
 pub fn adapter_problem(tools: &[contextos_crds::agent::Tool]) -> Option<String> {
-    tools.iter().enumerate().find_map(|(i, tool)| {
-        let a2a = tool.adapter.a2a.as_ref()?;
-        (a2a.risk_ceiling > tool.risk).then(|| {
-            format!(
-                "spec.tools[{i}].adapter.a2a.riskCeiling ({}): the remote agent may act up to risk {}, above the tool's own risk {}; policies judge a call by its tool's risk, so raise spec.tools[{i}].risk to at least {}",
-                tool.name,
-                a2a.risk_ceiling.as_str(),
-                tool.risk.as_str(),
-                a2a.risk_ceiling.as_str()
-            )
-        })
+    tools
+        .iter()
+        .enumerate()
+        .find_map(|(i, tool)| a2a_problem(i, tool).or_else(|| query_problem(i, tool)))
+}
+
+/// An HTTP tool sent with GET or DELETE carries its arguments as query parameters, one per
+/// field of an object: arguments of another type would be sent as nothing at all.
+fn query_problem(i: usize, tool: &contextos_crds::agent::Tool) -> Option<String> {
+    use contextos_crds::agent::HttpMethod;
+    let http = tool.adapter.http.as_ref()?;
+    let declared = tool.input_schema.as_ref()?.get("type")?;
+    let in_query = matches!(http.method, HttpMethod::Get | HttpMethod::Delete);
+    (in_query && declared != "object").then(|| {
+        format!(
+            "spec.tools[{i}].inputSchema ({}): a {} call sends its arguments as query parameters, \
+             one per field of an object, but the schema's type is {declared}; make it an object \
+             (`type: object` with properties) or use POST",
+            tool.name,
+            if http.method == HttpMethod::Get {
+                "GET"
+            } else {
+                "DELETE"
+            },
+        )
+    })
+}
+
+/// A remote agent allowed to act above its tool's own risk would be judged by the lower one.
+fn a2a_problem(i: usize, tool: &contextos_crds::agent::Tool) -> Option<String> {
+    let a2a = tool.adapter.a2a.as_ref()?;
+    (a2a.risk_ceiling > tool.risk).then(|| {
+        format!(
+            "spec.tools[{i}].adapter.a2a.riskCeiling ({}): the remote agent may act up to risk {}, above the tool's own risk {}; policies judge a call by its tool's risk, so raise spec.tools[{i}].risk to at least {}",
+            tool.name,
+            a2a.risk_ceiling.as_str(),
+            tool.risk.as_str(),
+            a2a.risk_ceiling.as_str()
+        )
     })
 }
 
@@ -176,5 +204,27 @@ mod tests {
         );
         assert!(problem.contains("at least delegated"), "{problem}");
         assert_eq!(adapter_problem(&[tools[0].clone(), tools[2].clone()]), None);
+    }
+
+    #[test]
+    fn a_get_or_delete_tool_takes_its_arguments_as_an_object() {
+        let tool = |method: &str, schema: serde_json::Value| -> contextos_crds::agent::Tool {
+            serde_json::from_value(serde_json::json!(
+                {"name": "lookup", "description": "d", "risk": "read_only", "kind": "observe",
+                 "adapter": {"http": {"url": "http://tools/lookup", "method": method}},
+                 "inputSchema": schema}
+            ))
+            .expect("tool")
+        };
+        let array = serde_json::json!({"type": "array", "items": {"type": "string"}});
+        let object = serde_json::json!({"type": "object", "properties": {"id": {"type": "string"}}});
+        let problem = adapter_problem(&[tool("GET", array.clone())]).expect("refused");
+        assert!(
+            problem.starts_with("spec.tools[0].inputSchema (lookup): a GET call"),
+            "{problem}"
+        );
+        assert!(adapter_problem(&[tool("DELETE", serde_json::json!({"type": "string"}))]).is_some());
+        assert_eq!(adapter_problem(&[tool("GET", object)]), None);
+        assert_eq!(adapter_problem(&[tool("POST", array)]), None, "sent as the body");
     }
 }

@@ -76,6 +76,8 @@ pub async fn run(
     let key = key_secrets::ensure_key(&client, &config.namespace, key_secrets::RUN_CONTEXT_KEY).await?;
     // The gateway service verifies RunContexts with the public half.
     key_secrets::publish_run_context_key(&client, &config.namespace, &key).await?;
+    // Where the gateway publishes the certifier of tenants' record keys (see `tenant_keys`).
+    key_secrets::make_gateway_keys_config_map(&client, &config.namespace).await?;
     let reporter = kube::runtime::events::Reporter {
         controller: "contextos-operator".into(),
         instance: std::env::var("POD_NAME").ok(),

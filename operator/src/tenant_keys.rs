@@ -3,7 +3,7 @@
 //! from the gateway (approval requests, completions, progress, replay verdicts) before it acts on
 //! it. That answer crosses the gateway's plain-HTTP Service, so a key is taken only with the
 //! certificate of the gateway's record-key certifier, whose public half the gateway publishes
-//! through the API server (ConfigMap `contextos-public-keys` in the operator's namespace, which
+//! through the API server (ConfigMap `contextos-gateway-keys` in the operator's namespace, which
 //! no tenant can write): whoever answers in the gateway's place cannot hand the operator a key
 //! of their own. Keys never change for a tenant, so each is fetched once.
 
@@ -98,7 +98,7 @@ impl TenantKeys {
                 format!(
                     "cannot read ConfigMap {}/{}: {e}",
                     self.namespace,
-                    key_secrets::PUBLIC_KEYS_CONFIG_MAP
+                    key_secrets::GATEWAY_KEYS_CONFIG_MAP
                 )
             })?;
         let key = found.ok_or_else(|| {
@@ -107,7 +107,7 @@ impl TenantKeys {
                  {}/{}) to check tenant keys with: is it running, and may it patch that ConfigMap?",
                 key_secrets::RECORD_CERTIFIER_PUBLIC_KEY,
                 self.namespace,
-                key_secrets::PUBLIC_KEYS_CONFIG_MAP
+                key_secrets::GATEWAY_KEYS_CONFIG_MAP
             )
         })?;
         if let Ok(mut certifier) = self.certifier.lock() {
@@ -132,7 +132,7 @@ fn vouched(body: &[u8], tenant: &str, certifier: &PublicKey) -> Result<PublicKey
             "the key it names ({}) is not vouched for by the record-key certifier published in \
              ConfigMap {}: whatever answered is not the gateway service",
             key.key_id(),
-            key_secrets::PUBLIC_KEYS_CONFIG_MAP
+            key_secrets::GATEWAY_KEYS_CONFIG_MAP
         ))
     }
 }

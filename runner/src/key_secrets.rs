@@ -33,12 +33,17 @@ pub const RECORD_MASTER_KEY: KeySecret = KeySecret {
 pub const PUBLIC_KEYS_CONFIG_MAP: &str = "contextos-public-keys";
 /// Key of the RunContext public key (hex) in [`PUBLIC_KEYS_CONFIG_MAP`].
 pub const RUN_CONTEXT_PUBLIC_KEY: &str = "run-context.pub";
-/// Key of the gateway's record-key certifier (hex) in [`PUBLIC_KEYS_CONFIG_MAP`]: what vouches
+/// ConfigMap (in the same namespace) where the gateway service publishes the public half of its
+/// record-key certifier. Apart from [`PUBLIC_KEYS_CONFIG_MAP`], so that the gateway, which may
+/// patch this one, cannot touch the key it trusts RunContexts by. The operator makes it (empty)
+/// when it starts: the gateway may patch it, not create ConfigMaps.
+pub const GATEWAY_KEYS_CONFIG_MAP: &str = "contextos-gateway-keys";
+/// Key of the gateway's record-key certifier (hex) in [`GATEWAY_KEYS_CONFIG_MAP`]: what vouches
 /// for each tenant's record key (see [`crate::keys::TenantKeys::certifier`]).
 pub const RECORD_CERTIFIER_PUBLIC_KEY: &str = "record-certifier.pub";
 
-/// The field manager the gateway service writes its part of [`PUBLIC_KEYS_CONFIG_MAP`] as (the
-/// operator's apply, as [`contextos_crds::FIELD_MANAGER`], then leaves it alone).
+/// The field manager the gateway service writes [`GATEWAY_KEYS_CONFIG_MAP`]'s data as (the
+/// operator's apply, as [`contextos_crds::FIELD_MANAGER`], owns only the object's metadata).
 const GATEWAY_FIELD_MANAGER: &str = "contextos-gateway";
 
 /// Why the key could not be had.
@@ -112,54 +117,71 @@ pub async fn publish_run_context_key(
     namespace: &str,
     key: &KeyPair,
 ) -> Result<(), kube::Error> {
-    publish(
+    let entry = (RUN_CONTEXT_PUBLIC_KEY, key);
+    apply(
         client,
         namespace,
+        PUBLIC_KEYS_CONFIG_MAP,
         contextos_crds::FIELD_MANAGER,
-        RUN_CONTEXT_PUBLIC_KEY,
-        key,
+        Some(entry),
     )
     .await
 }
 
-/// Publishes the gateway's record-key certifier in [`PUBLIC_KEYS_CONFIG_MAP`], which the operator
-/// made (the gateway may patch that one ConfigMap, not create one).
+/// Makes [`GATEWAY_KEYS_CONFIG_MAP`] (the operator's part: the object, not its data).
+pub async fn make_gateway_keys_config_map(client: &Client, namespace: &str) -> Result<(), kube::Error> {
+    apply(
+        client,
+        namespace,
+        GATEWAY_KEYS_CONFIG_MAP,
+        contextos_crds::FIELD_MANAGER,
+        None,
+    )
+    .await
+}
+
+/// Publishes the gateway's record-key certifier in [`GATEWAY_KEYS_CONFIG_MAP`], which the
+/// operator made (the gateway may patch that one ConfigMap, not create one).
 pub async fn publish_record_certifier(
     client: &Client,
     namespace: &str,
     key: &KeyPair,
 ) -> Result<(), kube::Error> {
-    publish(
+    let entry = (RECORD_CERTIFIER_PUBLIC_KEY, key);
+    apply(
         client,
         namespace,
+        GATEWAY_KEYS_CONFIG_MAP,
         GATEWAY_FIELD_MANAGER,
-        RECORD_CERTIFIER_PUBLIC_KEY,
-        key,
+        Some(entry),
     )
     .await
 }
 
-/// Applies `entry` = the public half of `key` as `manager`, which owns that entry alone: each
-/// writer's apply leaves the other's entries in place.
-async fn publish(
+/// Applies ConfigMap `name` as `manager`, with `entry` (a data key and the key pair whose public
+/// half it holds) if given: each manager owns only what it applies, so each writer's apply
+/// leaves the other's in place.
+async fn apply(
     client: &Client,
     namespace: &str,
+    name: &str,
     manager: &str,
-    entry: &str,
-    key: &KeyPair,
+    entry: Option<(&str, &KeyPair)>,
 ) -> Result<(), kube::Error> {
     use k8s_openapi::api::core::v1::ConfigMap;
-    let config_map: ConfigMap = serde_json::from_value(json!({
+    let mut config_map = json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": PUBLIC_KEYS_CONFIG_MAP, "namespace": namespace,
+        "metadata": {"name": name, "namespace": namespace,
                      "labels": {"app.kubernetes.io/part-of": "contextos"}},
-        "data": {entry: key.public().to_hex()},
-    }))
-    .map_err(kube::Error::SerdeError)?;
+    });
+    if let Some((key, pair)) = entry {
+        config_map["data"] = json!({key: pair.public().to_hex()});
+    }
+    let config_map: ConfigMap = serde_json::from_value(config_map).map_err(kube::Error::SerdeError)?;
     Api::<ConfigMap>::namespaced(client.clone(), namespace)
         .patch(
-            PUBLIC_KEYS_CONFIG_MAP,
+            name,
             &kube::api::PatchParams::apply(manager).force(),
             &kube::api::Patch::Apply(&config_map),
         )
@@ -172,7 +194,7 @@ pub async fn published_run_context_key(
     client: &Client,
     namespace: &str,
 ) -> Result<Option<crate::keys::PublicKey>, kube::Error> {
-    published(client, namespace, RUN_CONTEXT_PUBLIC_KEY).await
+    published(client, namespace, PUBLIC_KEYS_CONFIG_MAP, RUN_CONTEXT_PUBLIC_KEY).await
 }
 
 /// The gateway's published record-key certifier, if it has published one.
@@ -180,17 +202,24 @@ pub async fn published_record_certifier(
     client: &Client,
     namespace: &str,
 ) -> Result<Option<crate::keys::PublicKey>, kube::Error> {
-    published(client, namespace, RECORD_CERTIFIER_PUBLIC_KEY).await
+    published(
+        client,
+        namespace,
+        GATEWAY_KEYS_CONFIG_MAP,
+        RECORD_CERTIFIER_PUBLIC_KEY,
+    )
+    .await
 }
 
 async fn published(
     client: &Client,
     namespace: &str,
+    name: &str,
     entry: &str,
 ) -> Result<Option<crate::keys::PublicKey>, kube::Error> {
     use k8s_openapi::api::core::v1::ConfigMap;
     let found = Api::<ConfigMap>::namespaced(client.clone(), namespace)
-        .get_opt(PUBLIC_KEYS_CONFIG_MAP)
+        .get_opt(name)
         .await?;
     Ok(found
         .and_then(|c| c.data)

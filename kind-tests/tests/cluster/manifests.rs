@@ -162,8 +162,17 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
             &["get", "secrets/contextos-signing-key", "-n", SYSTEM_NAMESPACE],
             false,
         ),
-        // Its own entry in the ConfigMap of published keys (the record-key certifier): no other
-        // ConfigMap, and none anywhere else.
+        // The ConfigMap it publishes its record-key certifier in: not the one holding the key
+        // it trusts RunContexts by, no other, and none anywhere else.
+        (
+            &[
+                "patch",
+                "configmaps/contextos-gateway-keys",
+                "-n",
+                SYSTEM_NAMESPACE,
+            ],
+            true,
+        ),
         (
             &[
                 "patch",
@@ -171,7 +180,7 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
                 "-n",
                 SYSTEM_NAMESPACE,
             ],
-            true,
+            false,
         ),
         (
             &["patch", "configmaps/contextos-pack", "-n", SYSTEM_NAMESPACE],

@@ -452,6 +452,16 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
     if let Some(problem) = execution_refused(&spec.tools, &sandbox.spec.execution, sandbox_name) {
         return Ok(Err(Invalid::new(reason::EXECUTION_NOT_ALLOWED, problem)));
     }
+    let named: Vec<NamedPolicy> = used
+        .iter()
+        .map(|p| NamedPolicy {
+            name: p.name_any(),
+            spec: p.spec.clone(),
+        })
+        .collect();
+    if let Some(problem) = contextos_runner::policy::decide::unapprovable(&spec, spec.safety_mode, &named) {
+        return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
+    }
     let (ontology, compiled) = match namespace_ontology(ctx, namespace).await? {
         Ok(found) => found,
         Err(invalid) => return Ok(Err(invalid)),
@@ -575,9 +585,6 @@ pub fn check_spec(agent: &str, spec: &AgentSpec) -> Result<(), Invalid> {
     }
     validate::compile(agent, &spec.validators)
         .map_err(|e| Invalid::new(reason::INVALID_EXPRESSION, e.to_string()))?;
-    if let Some(problem) = contextos_runner::policy::decide::unapprovable(spec, spec.safety_mode) {
-        return Err(Invalid::new(reason::INVALID_SPEC, problem));
-    }
     Ok(())
 }
 

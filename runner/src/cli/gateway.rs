@@ -51,6 +51,16 @@ pub struct GatewayArgs {
         value_delimiter = ','
     )]
     own_addresses: Vec<std::net::IpAddr>,
+    /// This gateway's own Services whose addresses no tool or model is reached at (resolved as
+    /// `<name>.<namespace>.svc` at start; a name that does not resolve is skipped): its metrics,
+    /// with every tenant's spend, would be one tool URL away through the Service. (Its API
+    /// Service stays reachable: agents it offers over A2A are called there.)
+    #[arg(
+        long = "own-service",
+        value_name = "NAME",
+        default_value = "contextos-gateway-metrics"
+    )]
+    own_services: Vec<String>,
     /// Lets tools and models be reached on this machine's loopback: only for a gateway that runs
     /// on one machine with its tools (never in a cluster, where loopback is the gateway's own pod).
     #[arg(long)]
@@ -78,13 +88,14 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         Some(hex) => PublicKey::from_hex(hex)?,
         None => wait_for_operator_key(&client, &args.namespace).await?,
     };
-    let own = args.own_addresses.iter().map(|ip| ipnet::IpNet::from(*ip));
-    let egress = EgressGuard::new(args.deny_destinations.iter().copied().chain(own).collect());
-    let egress = if args.allow_loopback_destinations {
-        egress
-    } else {
-        egress.denying_own_host()
-    };
+    let egress = egress_guard(&args);
+    for service in &args.own_services {
+        let host = format!("{service}.{}.svc", args.namespace);
+        match egress.deny_host(&host, 80).await {
+            Ok(()) => tracing::info!(%host, "tools may not reach this gateway's own Service"),
+            Err(e) => tracing::debug!(%host, error = %e, "own Service not resolved (outside a cluster?)"),
+        }
+    }
     // The store's own endpoints: an Agent's tool must never be pointed at them.
     if let Ok(StoreLocation::Tikv(endpoints)) = global.store_location() {
         for endpoint in endpoints.split(',') {
@@ -257,13 +268,26 @@ async fn publish_certifier(
                     "cannot publish the record-key certifier in ConfigMap {namespace}/{} (made by the operator; \
                      this gateway's Role must allow `patch` on it): until it is, the operator cannot \
                      check tenant keys and relays no approval, completion or verdict",
-                    key_secrets::PUBLIC_KEYS_CONFIG_MAP
+                    key_secrets::GATEWAY_KEYS_CONFIG_MAP
                 );
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 continue;
             }
         }
         tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+}
+
+/// Where tools and models may go, as the arguments say: besides what is always denied, the
+/// listed networks, this gateway's own addresses, and — unless it runs on one machine with its
+/// tools — loopback. (The store's and its own Services' addresses are added once resolved.)
+fn egress_guard(args: &GatewayArgs) -> EgressGuard {
+    let own = args.own_addresses.iter().map(|ip| ipnet::IpNet::from(*ip));
+    let egress = EgressGuard::new(args.deny_destinations.iter().copied().chain(own).collect());
+    if args.allow_loopback_destinations {
+        egress
+    } else {
+        egress.denying_own_host()
     }
 }
 
@@ -282,5 +306,48 @@ async fn wait_for_operator_key(client: &kube::Client, namespace: &str) -> anyhow
             announced = true;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: GatewayArgs,
+    }
+
+    fn guard(args: &[&str]) -> EgressGuard {
+        let command = Command::try_parse_from(std::iter::once("gateway").chain(args.iter().copied()))
+            .expect("arguments");
+        egress_guard(&command.args)
+    }
+
+    #[test]
+    fn the_gateway_denies_its_own_host_unless_it_runs_with_its_tools_on_one_machine() {
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().expect("ip");
+        let cluster = guard(&["--own-address", "10.244.0.17,fd00::17"]);
+        for denied in [
+            "127.0.0.1",
+            "::1",
+            "0.0.0.0",
+            "10.244.0.17",
+            "fd00::17",
+            "169.254.169.254",
+        ] {
+            assert!(!cluster.allows(ip(denied)), "{denied} allowed");
+        }
+        assert!(cluster.allows(ip("10.244.0.18")));
+        let one_machine = guard(&["--allow-loopback-destinations", "--own-address", "10.244.0.17"]);
+        assert!(one_machine.allows(ip("127.0.0.1")));
+        assert!(
+            !one_machine.allows(ip("10.244.0.17")),
+            "its own pod's address all the same"
+        );
+        assert!(!one_machine.allows(ip("169.254.169.254")));
     }
 }

@@ -147,6 +147,8 @@ pub struct QuotaSummary {
 pub struct SessionDecisions {
     pub approvals: Vec<Approval>,
     pub resolutions: Vec<Resolution>,
+    /// The uid of the Session they were read from (the test double gives none).
+    pub session_uid: Option<String>,
 }
 
 /// The API server, with the gateway's own service account (`get` on Secrets and Sessions).
@@ -220,6 +222,7 @@ impl TenantView for KubeTenants {
             .map(|s| SessionDecisions {
                 approvals: s.spec.approvals,
                 resolutions: s.spec.resolutions,
+                session_uid: s.metadata.uid,
             })
             .unwrap_or_default())
     }

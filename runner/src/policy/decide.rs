@@ -199,6 +199,27 @@ impl PolicySet {
             .any(denies)
     }
 
+    /// Whether some call of this tool may be allowed by every enforcing policy (safety mode
+    /// aside): in each, read in order, a rule that matches it and allows comes before any rule
+    /// that matches it unconditionally and does not, or none does and the default allows.
+    pub fn may_allow(&self, tool: &str, risk: ToolRisk, kind: ToolKind) -> bool {
+        let allows = |policy: &CompiledPolicy| {
+            for rule in policy.rules.iter().filter(|r| r.matches(tool, risk, kind)) {
+                if rule.effect == PolicyEffect::Allow {
+                    return true;
+                }
+                if rule.condition.is_none() {
+                    return false;
+                }
+            }
+            policy.default_effect == PolicyEffect::Allow
+        };
+        self.policies
+            .iter()
+            .filter(|p| p.mode == PolicyMode::Enforce)
+            .all(allows)
+    }
+
     /// Decides one call. `fallback_approvers` are the Agent's, used when a rule names none.
     pub fn decide(
         &self,
@@ -376,12 +397,16 @@ fn apply_safety_mode(verdict: Verdict, risk: ToolRisk, safety: SafetyMode) -> Ve
     }
 }
 
-/// Why runs of an Agent with `spec` under `safety` would wait for good: a tool whose allowed
-/// calls supervised mode holds for a person's approval (risk above local_write), while the
-/// Agent names nobody who may give one — its `spec.approvers`, which every rule without
-/// approvers of its own falls back to, is empty. (Calls a rule holds with approvers of its own
-/// are decided by them; the others are not.)
-pub fn unapprovable(spec: &contextos_crds::AgentSpec, safety: SafetyMode) -> Option<String> {
+/// Why runs of an Agent with `spec` and `policies` under `safety` would wait for good: a tool
+/// whose calls the policies may allow, which supervised mode then holds for a person's approval
+/// (risk above local_write), while the Agent names nobody who may give one — its
+/// `spec.approvers`, which such a hold falls back to, is empty. (Calls every policy denies, or
+/// holds under a rule naming approvers of its own, wait for nobody.)
+pub fn unapprovable(
+    spec: &contextos_crds::AgentSpec,
+    safety: SafetyMode,
+    policies: &[crate::gateway::bundle::NamedPolicy],
+) -> Option<String> {
     let nobody = spec
         .approvers
         .as_ref()
@@ -389,16 +414,23 @@ pub fn unapprovable(spec: &contextos_crds::AgentSpec, safety: SafetyMode) -> Opt
     if safety != SafetyMode::Supervised || !nobody {
         return None;
     }
-    let (i, tool) = spec
-        .tools
-        .iter()
-        .enumerate()
-        .find(|(_, t)| t.risk > ToolRisk::LocalWrite)?;
+    let set = PolicySet {
+        // A Policy that does not compile is not Ready, and its Agent waits on it anyway.
+        policies: policies
+            .iter()
+            .filter_map(|p| super::compile_policy(&p.name, &p.spec).ok())
+            .collect(),
+    };
+    let (i, tool) = spec.tools.iter().enumerate().find(|(_, t)| {
+        t.risk > ToolRisk::LocalWrite
+            && !set.denies_outright(&t.name, t.risk, t.kind, safety)
+            && set.may_allow(&t.name, t.risk, t.kind)
+    })?;
     Some(format!(
-        "spec.approvers: under safetyMode supervised (the default) every allowed call of \
-         spec.tools[{i}] ({}, risk {}) waits for a person's approval, and the Agent names nobody \
-         who may give it; list spec.approvers (users or groups), set safetyMode: autonomous \
-         (its policies still decide every call), or lower the tool's risk",
+        "spec.approvers: under safetyMode supervised (the default) every call of spec.tools[{i}] \
+         ({}, risk {}) that its policies allow waits for a person's approval, and the Agent names \
+         nobody who may give it; list spec.approvers (users or groups), set safetyMode: \
+         autonomous (its policies still decide every call), or lower the tool's risk",
         tool.name,
         tool.risk.as_str()
     ))
@@ -878,34 +910,68 @@ touches: [{type: customer-db, argument: /database}, {type: service, argument: /s
 
     #[test]
     fn a_supervised_agent_with_calls_to_approve_must_name_who_may_approve() {
-        let quickstart =
-            crate::manifests::ManifestSet::load(&[
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")
-            ])
-            .and_then(|set| set.agent_with_skills("oncall-assistant"))
+        let set = crate::manifests::ManifestSet::load(&[
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")
+        ])
+        .expect("the quickstart");
+        let quickstart = set
+            .agent_with_skills("oncall-assistant")
             .expect("the quickstart agent");
+        let policy = |default: &str, rules: serde_json::Value| crate::gateway::bundle::NamedPolicy {
+            name: "guard".into(),
+            spec: serde_json::from_value(serde_json::json!({"defaultEffect": default, "rules": rules}))
+                .expect("policy"),
+        };
+        let allow_all = [policy("allow", serde_json::json!([]))];
         // As shipped: approvers listed.
-        assert_eq!(unapprovable(&quickstart, SafetyMode::Supervised), None);
+        assert_eq!(
+            unapprovable(&quickstart, SafetyMode::Supervised, &allow_all),
+            None
+        );
         let mut nobody = quickstart.clone();
         nobody.approvers = None;
-        let problem = unapprovable(&nobody, SafetyMode::Supervised).expect("refused");
+        let problem = unapprovable(&nobody, SafetyMode::Supervised, &allow_all).expect("refused");
         assert!(
             problem.starts_with("spec.approvers: under safetyMode supervised"),
             "{problem}"
         );
-        assert!(
-            problem.contains("risk network") || problem.contains("risk destructive"),
-            "{problem}"
-        );
         nobody.approvers = Some(Approvers::default());
         assert!(
-            unapprovable(&nobody, SafetyMode::Supervised).is_some(),
+            unapprovable(&nobody, SafetyMode::Supervised, &allow_all).is_some(),
             "an empty list is nobody"
         );
+        // No policy at all allows everything.
+        assert!(unapprovable(&nobody, SafetyMode::Supervised, &[]).is_some());
+        // Policies that deny those tools, or hold them under rules naming approvers, leave
+        // nothing waiting for nobody.
+        let denied = [policy(
+            "deny",
+            serde_json::json!([
+                {"name": "reads", "match": {"risks": ["read_only", "local_write"]}, "effect": "allow", "reason": "r"},
+            ]),
+        )];
+        assert_eq!(unapprovable(&nobody, SafetyMode::Supervised, &denied), None);
+        let held = [policy(
+            "allow",
+            serde_json::json!([
+                {"name": "held", "match": {"risks": ["network", "delegated", "destructive"]}, "effect": "require_approval",
+                 "reason": "r", "approvers": {"groups": ["sre-oncall"]}},
+            ]),
+        )];
+        assert_eq!(unapprovable(&nobody, SafetyMode::Supervised, &held), None);
+        // A rule that holds only some calls (a condition) leaves the others allowed.
+        let some = [policy(
+            "allow",
+            serde_json::json!([
+                {"name": "sev1", "match": {"risks": ["network", "delegated", "destructive"]}, "condition": "call.args.severity == 'sev1'",
+                 "effect": "require_approval", "reason": "r", "approvers": {"groups": ["sre-oncall"]}},
+            ]),
+        )];
+        assert!(unapprovable(&nobody, SafetyMode::Supervised, &some).is_some());
         // Autonomous or read-only runs hold no call for supervision; read-only tools never wait.
-        assert_eq!(unapprovable(&nobody, SafetyMode::Autonomous), None);
-        assert_eq!(unapprovable(&nobody, SafetyMode::ReadOnly), None);
+        assert_eq!(unapprovable(&nobody, SafetyMode::Autonomous, &allow_all), None);
+        assert_eq!(unapprovable(&nobody, SafetyMode::ReadOnly, &allow_all), None);
         nobody.tools.retain(|t| t.risk <= ToolRisk::LocalWrite);
-        assert_eq!(unapprovable(&nobody, SafetyMode::Supervised), None);
+        assert_eq!(unapprovable(&nobody, SafetyMode::Supervised, &allow_all), None);
     }
 }

@@ -399,9 +399,10 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                     SummaryEffect::of(&e.body).apply(summary);
                 }
             }
+            // A page may be shorter than asked (a store's own bound): only an empty one ends it.
             match page.last() {
-                Some(entry) if page.len() == PAGE => from = entry.seq + 1,
-                _ => break,
+                Some(entry) => from = entry.seq + 1,
+                None => break,
             }
         }
         Ok(())

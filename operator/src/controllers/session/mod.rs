@@ -668,9 +668,11 @@ async fn pinned(
         Err(e) => return Ok(Err(Invalid::new(reason::OVERRIDE_LOOSENS, e.to_string()))),
         // A Session that makes its run supervised where nobody may approve would wait for good.
         Ok((_, safety)) if safety != composition.agent_spec.safety_mode => {
-            if let Some(problem) =
-                contextos_runner::policy::decide::unapprovable(&composition.agent_spec, safety)
-            {
+            if let Some(problem) = contextos_runner::policy::decide::unapprovable(
+                &composition.agent_spec,
+                safety,
+                &composition.policies,
+            ) {
                 return Ok(Err(Invalid::new(
                     reason::INVALID_SPEC,
                     format!("spec.overrides.safetyMode: Agent {agent_name}'s {problem}"),

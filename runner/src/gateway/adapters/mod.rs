@@ -122,7 +122,11 @@ fn query_problem(i: usize, tool: &contextos_crds::agent::Tool) -> Option<String>
     let http = tool.adapter.http.as_ref()?;
     let declared = tool.input_schema.as_ref()?.get("type")?;
     let in_query = matches!(http.method, HttpMethod::Get | HttpMethod::Delete);
-    (in_query && declared != "object").then(|| {
+    let object = declared == "object"
+        || declared
+            .as_array()
+            .is_some_and(|types| types.iter().any(|t| t == "object"));
+    (in_query && !object).then(|| {
         format!(
             "spec.tools[{i}].inputSchema ({}): a {} call sends its arguments as query parameters, \
              one per field of an object, but the schema's type is {declared}; make it an object \

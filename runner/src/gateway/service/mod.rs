@@ -1008,11 +1008,16 @@ where
             Some(c) if c.pod_uid.as_deref().is_some_and(|uid| uid != identity.pod_uid) => {
                 "another pod, created since under its name".to_owned()
             }
-            Some(c) if session_uid.as_deref().is_some_and(|uid| c.owner_uid != uid) => format!(
-                "controlled by another Session {session} (uid {}), made since under the name of the one \
+            Some(c)
+                if c.is(SESSION_GROUP, "Session", session, &identity.pod_uid)
+                    && session_uid.as_deref().is_some_and(|uid| c.owner_uid != uid) =>
+            {
+                format!(
+                    "controlled by another Session {session} (uid {}), made since under the name of the one \
                  the RunContext was issued for",
-                c.owner_uid
-            ),
+                    c.owner_uid
+                )
+            }
             Some(c) => format!("controlled by {} {} ({})", c.kind, c.name, c.api_version),
             None => "controlled by nothing".to_owned(),
         };

@@ -1089,11 +1089,18 @@ where
         if approval.is_none() && resolution.is_none() {
             return Ok((None, None));
         }
-        let decisions = self
+        let mut decisions = self
             .tenants
             .decisions(caller.tenant.as_str(), &caller.context.context.session_id)
             .await
             .map_err(unavailable)?;
+        // A Session made again under the run's Session's name decides nothing for it (its pod
+        // may still be running while the earlier Session's are collected).
+        if let (Some(issued), Some(found)) = (&caller.context.context.session_uid, &decisions.session_uid)
+            && issued != found
+        {
+            decisions = crate::gateway::tenancy::SessionDecisions::default();
+        }
         // The Session's decision as the human wrote it: the runner's copy picks it, and its
         // note (recorded with the decision) is theirs, not the runner's.
         let approval = approval.and_then(|grant| {

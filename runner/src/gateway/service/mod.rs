@@ -1109,25 +1109,27 @@ where
         })
     }
 
-    /// A runner reads and writes only the run its RunContext names.
-    fn own_run(caller: &Caller, run: &str) -> Result<(), Refusal> {
+    /// A runner reads and writes only the run its RunContext names; asking for another is
+    /// refused and recorded in the caller's own run, as a forged context is.
+    async fn own_run(&self, caller: &Caller, run: &str) -> Result<(), Refusal> {
         if run == caller.run_id() {
-            Ok(())
-        } else {
-            Err(forbidden(format!(
-                "pod {}/{} acts for run {}, not run {run}",
-                caller.identity.namespace,
-                caller.identity.pod,
-                caller.run_id()
-            )))
+            return Ok(());
         }
+        let refusal = forbidden(format!(
+            "pod {}/{} acts for run {}, not run {run}",
+            caller.identity.namespace,
+            caller.identity.pod,
+            caller.run_id()
+        ));
+        self.record_refusal(&caller.identity, &refusal.message).await;
+        Err(refusal)
     }
 
     async fn record_key(State(service): State<Arc<Self>>, Path(tenant): Path<String>) -> Reply {
         let tenant = TenantId::new(tenant).map_err(|e| bad(e.to_string()))?;
         let key = service.tenant_public_key(tenant.as_str());
         // The certifier's word for it, since this answer crosses a plain-HTTP Service: the
-        // operator checks it against the certifier published in `contextos-public-keys`.
+        // operator checks it against the certifier published in `contextos-gateway-keys`.
         let certificate = service.keys.certificate(tenant.as_str());
         Ok(Json(json!({
             "tenant": tenant,

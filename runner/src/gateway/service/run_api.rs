@@ -165,7 +165,7 @@ where
             let stored = wire.decode().map_err(bad)?;
             let entry = RecordEntry::decode(&stored.bytes)
                 .map_err(|err| bad(format!("entry {}: {err}", stored.seq)))?;
-            Self::own_run(caller, &entry.run_id)?;
+            self.own_run(caller, &entry.run_id).await?;
             // Only the canonical encoding: the bytes hashed are the bytes every verifier decodes.
             if entry.encode() != stored.bytes {
                 return Err(bad(format!("entry {} is not in canonical form", entry.seq)));
@@ -487,7 +487,7 @@ where
         Query(q): Query<RunQuery>,
     ) -> Reply {
         let caller = service.caller(&headers).await?;
-        Self::own_run(&caller, &q.run)?;
+        service.own_run(&caller, &q.run).await?;
         let head = service
             .store
             .head(&caller.tenant, &q.run)
@@ -502,7 +502,7 @@ where
         Query(q): Query<RunQuery>,
     ) -> Reply {
         let caller = service.caller(&headers).await?;
-        Self::own_run(&caller, &q.run)?;
+        service.own_run(&caller, &q.run).await?;
         let chain = service
             .store
             .read_chain_page(&caller.tenant, &q.run, q.from, q.page())

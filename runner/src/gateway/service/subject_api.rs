@@ -107,7 +107,7 @@ where
         Query(q): Query<KeyQuery>,
     ) -> Reply {
         let caller = service.caller(&headers).await?;
-        Self::own_run(&caller, &q.run)?;
+        service.own_run(&caller, &q.run).await?;
         let subject = q.subject()?;
         if caller.context.context.subject.as_ref() != Some(&subject) {
             return Err(forbidden(

@@ -146,6 +146,25 @@ fn wal_path(path: &Path) -> std::path::PathBuf {
 }
 
 impl EmbeddedStore {
+    /// The run's row: its signed head and summary, kept together.
+    async fn run_row(&self, tenant: &TenantId, run_id: &str) -> Result<Option<RunRow>> {
+        validate_id("run", run_id)?;
+        let (tenant, run_id) = (tenant.clone(), run_id.to_owned());
+        self.blocking(move |db, _| {
+            let txn = db.begin_read().map_err(backend)?;
+            let entries = txn.open_table(ENTRIES).map_err(backend)?;
+            let key = format!("runs/{tenant}/{run_id}");
+            match entries
+                .get((tenant.as_str(), run_id.as_str(), RUN_ROW))
+                .map_err(backend)?
+            {
+                Some(v) => Ok(Some(decode_json::<RunRow>(v.value(), key)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
     /// Opens (or creates) the store at `path`, replaying its log. Only one process may have it
     /// open at a time.
     pub fn open(path: &Path) -> Result<Self> {
@@ -525,21 +544,7 @@ impl RecordStore for EmbeddedStore {
     }
 
     async fn head(&self, tenant: &TenantId, run_id: &str) -> Result<Option<SignedHead>> {
-        validate_id("run", run_id)?;
-        let (tenant, run_id) = (tenant.clone(), run_id.to_owned());
-        self.blocking(move |db, _| {
-            let txn = db.begin_read().map_err(backend)?;
-            let entries = txn.open_table(ENTRIES).map_err(backend)?;
-            let key = format!("runs/{tenant}/{run_id}");
-            match entries
-                .get((tenant.as_str(), run_id.as_str(), RUN_ROW))
-                .map_err(backend)?
-            {
-                Some(v) => Ok(Some(decode_json::<RunRow>(v.value(), key)?.head)),
-                None => Ok(None),
-            }
-        })
-        .await
+        Ok(self.run_row(tenant, run_id).await?.map(|row| row.head))
     }
 
     async fn read_chain(&self, tenant: &TenantId, run_id: &str, from_seq: u64) -> Result<Vec<StoredEntry>> {
@@ -621,21 +626,7 @@ impl RecordStore for EmbeddedStore {
     }
 
     async fn run_summary(&self, tenant: &TenantId, run_id: &str) -> Result<Option<RunSummary>> {
-        validate_id("run", run_id)?;
-        let (tenant, run_id) = (tenant.clone(), run_id.to_owned());
-        self.blocking(move |db, _| {
-            let txn = db.begin_read().map_err(backend)?;
-            let entries = txn.open_table(ENTRIES).map_err(backend)?;
-            let key = format!("runs/{tenant}/{run_id}");
-            match entries
-                .get((tenant.as_str(), run_id.as_str(), RUN_ROW))
-                .map_err(backend)?
-            {
-                Some(v) => Ok(Some(decode_json::<RunRow>(v.value(), key)?.summary)),
-                None => Ok(None),
-            }
-        })
-        .await
+        Ok(self.run_row(tenant, run_id).await?.map(|row| row.summary))
     }
 
     async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {

@@ -9,11 +9,10 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use contextos_runner::{key_secrets, keys::PublicKey};
-use serde::Deserialize;
-
-/// The longest record-key answer read (a few hundred bytes are expected).
-const MAX_ANSWER_BYTES: usize = 4096;
+use contextos_runner::{
+    key_secrets::{self, PublishedTenantKey},
+    keys::PublicKey,
+};
 
 /// Fetched keys by namespace, and the certifier they were checked with.
 #[derive(Debug)]
@@ -31,15 +30,6 @@ pub struct TenantKeyError {
     tenant: String,
     gateway: String,
     detail: String,
-}
-
-/// The gateway's answer, as far as it is read.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RecordKeyAnswer {
-    public_key: String,
-    #[serde(default)]
-    certificate: Option<String>,
 }
 
 impl TenantKeys {
@@ -68,19 +58,10 @@ impl TenantKeys {
             detail,
         };
         let certifier = self.certifier(client).await.map_err(error)?;
-        let url = format!("{}/v1/tenants/{tenant}/record-key", gateway.trim_end_matches('/'));
-        let response = contextos_runner::http::client()
-            .get(&url)
-            .timeout(Duration::from_secs(10))
-            .send()
+        let published = key_secrets::fetch_tenant_key(gateway, tenant, Duration::from_secs(10))
             .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| error(e.to_string()))?;
-        let body = contextos_runner::http::read_capped(response, MAX_ANSWER_BYTES)
-            .await
-            .map_err(|e| error(e.to_string()))?
-            .ok_or_else(|| error(format!("the answer is longer than {MAX_ANSWER_BYTES} bytes")))?;
-        let key = vouched(&body, tenant, &certifier).map_err(error)?;
+            .map_err(error)?;
+        let key = vouched(published, tenant, &certifier).map_err(error)?;
         if let Ok(mut known) = self.known.lock() {
             known.insert(tenant.to_owned(), key);
         }
@@ -117,13 +98,10 @@ impl TenantKeys {
     }
 }
 
-/// The key `body` names for `tenant`, if `certifier` vouches for it as that tenant's.
-fn vouched(body: &[u8], tenant: &str, certifier: &PublicKey) -> Result<PublicKey, String> {
-    let answer: RecordKeyAnswer =
-        serde_json::from_slice(body).map_err(|e| format!("the answer is not a record key: {e}"))?;
-    let key = PublicKey::from_hex(&answer.public_key).map_err(|e| e.to_string())?;
-    let certificate = answer
-        .certificate
+/// The key the gateway published for `tenant`, if `certifier` vouches for it as that tenant's.
+fn vouched(published: PublishedTenantKey, tenant: &str, certifier: &PublicKey) -> Result<PublicKey, String> {
+    let PublishedTenantKey { key, certificate } = published;
+    let certificate = certificate
         .ok_or("the answer carries no certificate (a gateway older than this operator? upgrade it)")?;
     if certifier.certifies(tenant, &key, &certificate) {
         Ok(key)
@@ -144,6 +122,11 @@ mod tests {
 
     use super::*;
 
+    /// What `get` does with an answer's body.
+    fn taken(body: &[u8], tenant: &str, certifier: &PublicKey) -> Result<PublicKey, String> {
+        vouched(PublishedTenantKey::parse(body)?, tenant, certifier)
+    }
+
     fn answer(key: &PublicKey, certificate: Option<String>) -> Vec<u8> {
         json!({"tenant": "shop", "publicKey": key.to_hex(), "certificate": certificate})
             .to_string()
@@ -156,7 +139,7 @@ mod tests {
         let certifier = gateway.certifier().public();
         let key = gateway.for_tenant("shop").public();
         let body = answer(&key, Some(gateway.certificate("shop")));
-        assert_eq!(vouched(&body, "shop", &certifier), Ok(key));
+        assert_eq!(taken(&body, "shop", &certifier), Ok(key));
     }
 
     #[test]
@@ -191,7 +174,7 @@ mod tests {
         ];
         for body in refused {
             assert!(
-                vouched(&body, "shop", &certifier).is_err(),
+                taken(&body, "shop", &certifier).is_err(),
                 "taken: {}",
                 String::from_utf8_lossy(&body)
             );

@@ -1,7 +1,9 @@
 //! Keys kept in Secrets of `contextos-system`: the operator's RunContext-signing key and the
 //! gateway service's master record key. Each is generated once, if absent, and never replaced
 //! (replacing one would invalidate every RunContext in flight, or every tenant's published
-//! record key); a second replica racing to create it reads the winner's.
+//! record key); a second replica racing to create it reads the winner's. Their public halves as
+//! published: in ConfigMaps of that namespace, and each tenant's record key by the gateway
+//! service ([`fetch_tenant_key`]).
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client, api::PostParams};
@@ -225,4 +227,60 @@ async fn published(
         .and_then(|c| c.data)
         .and_then(|d| d.get(entry).cloned())
         .and_then(|hex| crate::keys::PublicKey::from_hex(&hex).ok()))
+}
+
+/// The longest answer of the gateway's record-key endpoint read (a few hundred bytes are
+/// expected).
+const MAX_TENANT_KEY_ANSWER_BYTES: usize = 4096;
+
+/// A tenant's record key as the gateway service publishes it, with the record-key certifier's
+/// certificate for it (none from a gateway older than certificates): to be checked with
+/// [`crate::keys::PublicKey::certifies`] before it is believed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PublishedTenantKey {
+    pub key: crate::keys::PublicKey,
+    pub certificate: Option<String>,
+}
+
+impl PublishedTenantKey {
+    /// Reads the endpoint's answer (`{"publicKey": <hex>, "certificate": <hex>, …}`).
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Answer {
+            public_key: String,
+            #[serde(default)]
+            certificate: Option<String>,
+        }
+        let answer: Answer =
+            serde_json::from_slice(body).map_err(|e| format!("the answer is not a record key: {e}"))?;
+        Ok(Self {
+            key: crate::keys::PublicKey::from_hex(&answer.public_key).map_err(|e| e.to_string())?,
+            certificate: answer.certificate,
+        })
+    }
+}
+
+/// `tenant`'s record key as the gateway service at `gateway` publishes it
+/// (`GET /v1/tenants/<tenant>/record-key`), its answer read bounded.
+pub async fn fetch_tenant_key(
+    gateway: &str,
+    tenant: &str,
+    timeout: std::time::Duration,
+) -> Result<PublishedTenantKey, String> {
+    let url = format!("{}/v1/tenants/{tenant}/record-key", gateway.trim_end_matches('/'));
+    let response = crate::http::client()
+        .get(&url)
+        .timeout(timeout)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| format!("{url}: {e}"))?;
+    let body = crate::http::read_capped(response, MAX_TENANT_KEY_ANSWER_BYTES)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .ok_or_else(|| {
+            format!("{url} answered more than {MAX_TENANT_KEY_ANSWER_BYTES} bytes: not a record key")
+        })?;
+    PublishedTenantKey::parse(&body).map_err(|e| format!("{url}: {e}"))
 }

@@ -280,9 +280,13 @@ pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Co
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let problem = match crate::sandbox_values::problem(&profile.spec) {
-        Some(problem) => Some(problem),
-        None => missing_runtime_class(&ctx, profile.spec.runtime_class_name.as_deref()).await?,
+    let (problem, class_missing) = match crate::sandbox_values::problem(&profile.spec) {
+        Some(problem) => (Some(problem), false),
+        None => {
+            let missing = missing_runtime_class(&ctx, profile.spec.runtime_class_name.as_deref()).await?;
+            let class_missing = missing.is_some();
+            (missing, class_missing)
+        }
     };
     let ready = [match &problem {
         Some(problem) => Wanted::new(conditions::READY, false, reason::INVALID_SPEC, problem.clone()),
@@ -299,10 +303,12 @@ pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Co
         status,
     )
     .await?;
-    Ok(match problem {
-        // A RuntimeClass may be installed after the profile that names it.
-        Some(_) if profile.spec.runtime_class_name.is_some() => Action::requeue(Duration::from_secs(60)),
-        _ => Action::await_change(),
+    // A RuntimeClass may be installed after the profile that names it; a bad value changes only
+    // with the profile.
+    Ok(if class_missing {
+        Action::requeue(Duration::from_secs(60))
+    } else {
+        Action::await_change()
     })
 }
 

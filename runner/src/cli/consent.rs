@@ -230,24 +230,14 @@ impl About {
 
 /// The key the gateway publishes for `tenant` (what its consent heads are signed with).
 async fn published_key(remote: &RemoteStore, tenant: &TenantId) -> anyhow::Result<PublicKey> {
-    let url = format!("{}/v1/tenants/{tenant}/record-key", remote.base());
-    let response = contextos_runner::http::client_builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()?
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("fetching the namespace's published key from {url}"))?
-        .error_for_status()?;
-    let body = contextos_runner::http::read_capped(response, 4096)
-        .await?
-        .with_context(|| format!("{url} answered more than 4 KiB: not a record key"))?;
-    let published: serde_json::Value =
-        serde_json::from_slice(&body).with_context(|| format!("{url} answered no JSON"))?;
-    let hex = published["publicKey"]
-        .as_str()
-        .with_context(|| format!("{url} names no publicKey; pass --public-key"))?;
-    Ok(PublicKey::from_hex(hex)?)
+    let published = contextos_runner::key_secrets::fetch_tenant_key(
+        remote.base(),
+        tenant.as_str(),
+        std::time::Duration::from_secs(30),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("fetching the namespace's published key: {e}; or pass --public-key"))?;
+    Ok(published.key)
 }
 
 fn print_history(history: &ConsentHistory, now_ms: i64) {

@@ -516,7 +516,9 @@ async fn start_attempt(
                 SessionPhase::Pending,
                 reason::POD_REJECTED,
                 format!(
-                    "the API server refused runner pod {pod_name}: {message} (tried again every {} s)",
+                    "the API server refused runner pod {pod_name}: {message} (fix what refused it — the \
+                     SandboxProfile's values, the namespace's quota or limits, an admission policy; \
+                     tried again every {} s)",
                     POD_REJECTED_RECHECK.as_secs()
                 ),
             );

@@ -377,7 +377,16 @@ impl Rig {
     }
 }
 
-/// Starts run [`RUN`] as its runner would: the bundle uploaded, then `run_started`.
+/// `bundle` as Session `other`'s (pod other-run-1), labelled `labels`.
+fn other_session(bundle: &RunBundle, labels: &[(&str, &str)]) -> RunBundle {
+    let mut other = bundle.clone();
+    other.session = "other".into();
+    other.session_spec.agent_ref.name = other.agent.clone();
+    other.session_labels = labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+    other
+}
+
+/// Starts the run `context` names as its runner would: the bundle uploaded, then `run_started`.
 async fn start_run(
     records: &contextos_runner::records::store::remote::RemoteStore,
     bundle: &RunBundle,
@@ -400,7 +409,7 @@ async fn try_start_run(
         .await
         .expect("bundle");
     let start = contextos_runner::records::RunStart {
-        run_id: RUN.into(),
+        run_id: context.context.run_id.clone(),
         session_id: bundle.session.clone(),
         agent: bundle.agent.clone(),
         run_context: serde_json::to_value(context).expect("json"),
@@ -523,6 +532,78 @@ async fn an_approval_the_session_does_not_hold_is_ignored() {
         !paths.iter().any(|p| p == "/deployments/restart"),
         "no restart: {paths:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_names_only_blobs_it_uploaded_itself() {
+    use contextos_runner::records::{Hash, RecordEntry};
+    let rig = rig().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &rig.bundle, &context).await;
+    // Run 1 records a body larger than the inline limit: a blob it uploads, then names.
+    let large = EntryBody::ContextCompiled {
+        digest: "what run 1 was shown ".repeat(2_000),
+        tokens: 1,
+        budget: 1,
+        sources: Vec::new(),
+    };
+    let mut recorder = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
+        .await
+        .expect("resume");
+    recorder.stage(large.clone());
+    recorder.flush().await.expect("a blob of its own");
+    let (blob, size) = rig
+        .store
+        .read_chain(&rig.tenant(), RUN, 0)
+        .await
+        .expect("chain")
+        .iter()
+        .find_map(|stored| match RecordEntry::decode(&stored.bytes).ok()?.body {
+            EntryBody::Blob { blob, size, .. } => Some((blob, size)),
+            _ => None,
+        })
+        .expect("the large body went to a blob");
+
+    // Run other-r1 of another Session of the tenant, told the hash (or guessing the bytes).
+    let other = other_session(&rig.bundle, &[]);
+    let now = contextos_runner::records::recorder::now_ms();
+    let other_context = issue_run_context(&other, "other-r1", TRACE, Some("other-run-1"), &rig.operator, now)
+        .expect("context");
+    let other_client = GatewayClient::new(&rig.url, TokenSource::Fixed("token-other".into()), &other_context)
+        .expect("client");
+    start_run(other_client.records(), &other, &other_context).await;
+    let name = |hash: Hash| EntryBody::Blob {
+        blob: hash,
+        size,
+        body_type: "context_compiled".into(),
+    };
+    let resume = || Recorder::resume(other_client.records(), rig.tenant(), transit(), "other-r1");
+    // Naming run 1's blob is refused exactly as naming one nobody uploaded: the refusal does
+    // not tell that it exists.
+    let mut refusals = Vec::new();
+    for hash in [blob, Hash::of(b"bytes nobody uploaded")] {
+        let mut recorder = resume().await.expect("resume");
+        recorder.stage(name(hash));
+        let refused = recorder.flush().await.expect_err("another run's blob");
+        refusals.push(refused.to_string().replace(&hash.to_string(), "<hash>"));
+    }
+    assert!(refusals[0].contains("did not upload"), "{}", refusals[0]);
+    assert_eq!(refusals[0], refusals[1], "the refusal tells the blob exists");
+    let read = other_client.records().get_blob(&rig.tenant(), &blob).await;
+    assert!(read.expect("answered").is_none(), "another run's blob was read");
+    // The same bytes uploaded by other-r1 itself are its own to name and read.
+    let own = other_client
+        .records()
+        .put_blob(&rig.tenant(), large.encode())
+        .await
+        .expect("uploaded");
+    assert_eq!(own, blob, "content-addressed");
+    let mut recorder = resume().await.expect("resume");
+    recorder.stage(name(own));
+    recorder.flush().await.expect("a blob it uploaded");
+    let read = other_client.records().get_blob(&rig.tenant(), &own).await;
+    assert!(read.expect("answered").is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,8 @@
 //!
 //! (Subjects' consent chains are beside them: `c/`, `h/`, `r/`, `s/`, see
 //! [`super::consents`]; their wrapped data keys, `v/`, see `crate::vault`; and the tenant's
-//! SpendQuota ledgers, `u/<quota>/<uid>`, see `crate::quota`.)
+//! SpendQuota ledgers, `u/<quota>/<uid>`, see `crate::quota`; and which run uploaded which
+//! blob, `b/<run><blob>`, see [`run_blob`].)
 //!
 //! `<newest>` is `u64::MAX − promoted-at ms`, big-endian, so ascending key order is newest
 //! first; `<id>` and `<term>` are 32 raw bytes. Scopes and type names hold no `/`.
@@ -45,6 +46,17 @@ pub fn item(tenant: &TenantId, id: &ItemId) -> Vec<u8> {
 /// afresh), see `crate::quota`.
 pub fn quota_ledger(tenant: &TenantId, name: &str, uid: &str) -> Vec<u8> {
     format!("{}u/{name}/{uid}", base(tenant)).into_bytes()
+}
+
+/// That run `run_id` uploaded blob `blob` (`b/<run><blob>`, the run id as its SHA-256, so
+/// every mark has one length and none is a prefix of another): a runner's entries may name only
+/// blobs its own run uploaded. Blobs are content-addressed per tenant, so without the mark a
+/// hash learned elsewhere would read another run's blob, or tell whether it exists.
+pub fn run_blob(tenant: &TenantId, run_id: &str, blob: &Hash) -> Vec<u8> {
+    let mut key = format!("{}b/", base(tenant)).into_bytes();
+    key.extend_from_slice(&Hash::of(run_id.as_bytes()).0);
+    key.extend_from_slice(&blob.0);
+    key
 }
 
 /// A subject's wrapped data key in the identity vault (`v/d/<subject>`, see `crate::vault`).

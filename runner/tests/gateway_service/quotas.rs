@@ -42,15 +42,6 @@ fn runaway(bundle: &RunBundle) -> RunBundle {
     bundle
 }
 
-/// `bundle` as Session `other`'s (pod other-run-1), labelled `labels`.
-fn other_session(bundle: &RunBundle, labels: &[(&str, &str)]) -> RunBundle {
-    let mut other = bundle.clone();
-    other.session = "other".into();
-    other.session_spec.agent_ref.name = other.agent.clone();
-    other.session_labels = labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
-    other
-}
-
 /// Runs `bundle` as run `run_id` of pod `pod` (token `token`) through the service at `url`.
 async fn run_through(
     rig: &Rig,

@@ -127,7 +127,7 @@ where
             EntryBody::Completed { .. } => entry.body.clone(),
             EntryBody::Blob { blob, body_type, .. } if body_type == "completed" => {
                 let bytes = self
-                    .uploaded(caller, blob, || {
+                    .uploaded(caller, blob, run_api::NamedBy::Runner, || {
                         format!("entry {} refers to blob {blob}", entry.seq)
                     })
                     .await?;

@@ -1220,6 +1220,11 @@ where
                     .next()
                     .map(|stored| stored.bytes);
                 let sent_first = sent.iter().filter_map(|w| w.decode().ok()).find(|s| s.seq == 0);
+                let named_by = if on_record.is_some() {
+                    run_api::NamedBy::Record
+                } else {
+                    run_api::NamedBy::Runner
+                };
                 let mut first = on_record
                     .or(sent_first.map(|s| s.bytes))
                     .and_then(|bytes| RecordEntry::decode(&bytes).ok())
@@ -1229,7 +1234,7 @@ where
                     && body_type == "run_started"
                 {
                     let bytes = self
-                        .uploaded(caller, blob, || format!("run_started's blob {blob}"))
+                        .uploaded(caller, blob, named_by, || format!("run_started's blob {blob}"))
                         .await?;
                     first = serde_json::from_slice(&bytes).ok();
                 }
@@ -1240,7 +1245,7 @@ where
                     return Err(bad("the run has not started: send its run_started entry first"));
                 };
                 let key = self.subject_run_key(caller).await?;
-                let bundle = self.stored_bundle(caller, &stored, &key).await?;
+                let bundle = self.stored_bundle(caller, &stored, named_by, &key).await?;
                 if bundle.content_digest() != digest {
                     return Err(forbidden(format!(
                         "the run's stored bundle {stored} is not the bundle {digest} its RunContext pins"

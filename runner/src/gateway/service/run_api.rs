@@ -24,6 +24,16 @@ use crate::{
     },
 };
 
+/// What names a blob the service reads for a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum NamedBy {
+    /// What the runner sends now: only a blob its own run uploaded.
+    Runner,
+    /// An entry already on the run's record, checked when it was written (a run that began
+    /// under a gateway that kept no upload marks resumes).
+    Record,
+}
+
 /// An entry body of a run about a subject as a runner may send it: every field that says what
 /// the run learned encrypted under the run's `key`, and what stays readable only codes, names
 /// and digests.
@@ -269,7 +279,7 @@ where
         let body = match &entry.body {
             EntryBody::Blob { blob, body_type, .. } => {
                 let bytes = self
-                    .uploaded(caller, blob, || {
+                    .uploaded(caller, blob, NamedBy::Runner, || {
                         format!("entry {} refers to blob {blob}", entry.seq)
                     })
                     .await?;
@@ -321,7 +331,9 @@ where
                 // open to the bundle pinned.
                 let bundle_pinned = match (bundle, key) {
                     (Some(stored), Some(key)) => {
-                        self.stored_bundle(caller, stored, key).await?.content_digest()
+                        self.stored_bundle(caller, stored, NamedBy::Runner, key)
+                            .await?
+                            .content_digest()
                             == pinned_bundle.unwrap_or(Hash([0; 32]))
                     }
                     (stored, _) => stored.is_some() && *stored == pinned_bundle,
@@ -453,19 +465,42 @@ where
             .map_err(super::consent_api::vault_refusal)
     }
 
-    /// The blob `hash` of the caller's tenant; `what` names what refers to it, for the refusal
-    /// when it was not uploaded.
+    /// The blob `hash` the caller's run uploaded (or, `named_by` its record, any blob of its
+    /// tenant); `what` names what refers to it, for the refusal. A blob another run uploaded is
+    /// refused as one never uploaded, before the store is asked for it: a hash learned elsewhere
+    /// neither reads the blob nor tells whether it exists.
     pub(super) async fn uploaded(
         &self,
         caller: &Caller,
         hash: &Hash,
+        named_by: NamedBy,
         what: impl FnOnce() -> String,
     ) -> Result<Vec<u8>, Refusal> {
+        let refused = move || {
+            bad(format!(
+                "{}, which this run did not upload; upload it first",
+                what()
+            ))
+        };
+        if named_by == NamedBy::Runner && !self.run_uploaded(caller, hash).await? {
+            return Err(refused());
+        }
         self.store
             .get_blob(&caller.tenant, hash)
             .await
             .map_err(unavailable)?
-            .ok_or_else(|| bad(format!("{}, which was not uploaded; upload it first", what())))
+            .ok_or_else(refused)
+    }
+
+    /// Whether the caller's run uploaded blob `hash` (see [`crate::memory::keys::run_blob`]).
+    async fn run_uploaded(&self, caller: &Caller, hash: &Hash) -> Result<bool, Refusal> {
+        let mark = crate::memory::keys::run_blob(&caller.tenant, caller.run_id(), hash);
+        let values = self
+            .store
+            .memory_get(&caller.tenant, vec![mark])
+            .await
+            .map_err(unavailable)?;
+        Ok(values.first().is_some_and(Option::is_some))
     }
 
     /// The bundle a run about a subject stored (blob `stored`), opened with the run's `key`.
@@ -473,10 +508,11 @@ where
         &self,
         caller: &Caller,
         stored: &Hash,
+        named_by: NamedBy,
         key: &crate::vault::SecretKey,
     ) -> Result<RunBundle, Refusal> {
         let bytes = self
-            .uploaded(caller, stored, || format!("the run's bundle {stored}"))
+            .uploaded(caller, stored, named_by, || format!("the run's bundle {stored}"))
             .await?;
         RunBundle::from_stored(&bytes, Some(key)).map_err(|e| bad(format!("the run's bundle {stored}: {e}")))
     }
@@ -560,6 +596,20 @@ where
             0
         };
         service.charge_blob(&caller, recorded, body.len() as u64)?;
+        // The run's mark first: the blob's own write makes it durable with it (and a store
+        // whose every write is durable has it already), so no blob answered as stored lacks it.
+        let mark = crate::memory::keys::run_blob(&caller.tenant, caller.run_id(), &Hash::of(&body));
+        service
+            .store
+            .memory_write_unflushed(
+                &caller.tenant,
+                vec![crate::memory::backend::Write {
+                    guard: crate::memory::backend::Guard::All(Vec::new()),
+                    changes: vec![crate::memory::backend::Change::Put(mark, b"1".to_vec())],
+                }],
+            )
+            .await
+            .map_err(unavailable)?;
         let hash = service
             .store
             .put_blob(&caller.tenant, body.to_vec())

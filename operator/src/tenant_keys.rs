@@ -9,10 +9,7 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use contextos_runner::{
-    key_secrets::{self, PublishedTenantKey},
-    keys::PublicKey,
-};
+use contextos_runner::{key_secrets, keys::PublicKey};
 
 /// Fetched keys by namespace, and the certifier they were checked with.
 #[derive(Debug)]
@@ -61,7 +58,7 @@ impl TenantKeys {
         let published = key_secrets::fetch_tenant_key(gateway, tenant, Duration::from_secs(10))
             .await
             .map_err(error)?;
-        let key = vouched(published, tenant, &certifier).map_err(error)?;
+        let key = published.vouched(tenant, &certifier).map_err(error)?;
         if let Ok(mut known) = self.known.lock() {
             known.insert(tenant.to_owned(), key);
         }
@@ -98,33 +95,19 @@ impl TenantKeys {
     }
 }
 
-/// The key the gateway published for `tenant`, if `certifier` vouches for it as that tenant's.
-fn vouched(published: PublishedTenantKey, tenant: &str, certifier: &PublicKey) -> Result<PublicKey, String> {
-    let PublishedTenantKey { key, certificate } = published;
-    let certificate = certificate
-        .ok_or("the answer carries no certificate (a gateway older than this operator? upgrade it)")?;
-    if certifier.certifies(tenant, &key, &certificate) {
-        Ok(key)
-    } else {
-        Err(format!(
-            "the key it names ({}) is not vouched for by the record-key certifier published in \
-             ConfigMap {}: whatever answered is not the gateway service",
-            key.key_id(),
-            key_secrets::GATEWAY_KEYS_CONFIG_MAP
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use contextos_runner::keys::{KeyPair, TenantKeys as Derived};
+    use contextos_runner::{
+        key_secrets::PublishedTenantKey,
+        keys::{KeyPair, TenantKeys as Derived},
+    };
     use serde_json::json;
 
     use super::*;
 
     /// What `get` does with an answer's body.
     fn taken(body: &[u8], tenant: &str, certifier: &PublicKey) -> Result<PublicKey, String> {
-        vouched(PublishedTenantKey::parse(body)?, tenant, certifier)
+        PublishedTenantKey::parse(body)?.vouched(tenant, certifier)
     }
 
     fn answer(key: &PublicKey, certificate: Option<String>) -> Vec<u8> {

@@ -259,6 +259,28 @@ impl PublishedTenantKey {
             certificate: answer.certificate,
         })
     }
+
+    /// The key, if `certifier` (the gateway's record-key certifier, as published in
+    /// [`GATEWAY_KEYS_CONFIG_MAP`]) vouches for it as `tenant`'s.
+    pub fn vouched(
+        self,
+        tenant: &str,
+        certifier: &crate::keys::PublicKey,
+    ) -> Result<crate::keys::PublicKey, String> {
+        let Self { key, certificate } = self;
+        let certificate = certificate
+            .ok_or("the answer carries no certificate (a gateway older than this release? upgrade it)")?;
+        if certifier.certifies(tenant, &key, &certificate) {
+            Ok(key)
+        } else {
+            Err(format!(
+                "the key it names ({}) is not vouched for by record-key certifier {} (published in \
+                 ConfigMap {GATEWAY_KEYS_CONFIG_MAP}): whatever answered is not that gateway service",
+                key.key_id(),
+                certifier.key_id(),
+            ))
+        }
+    }
 }
 
 /// `tenant`'s record key as the gateway service at `gateway` publishes it

@@ -41,7 +41,7 @@ use contextos_kind_tests::{
 use k8s_openapi::api::{
     apps::v1::Deployment,
     authentication::v1::TokenRequest,
-    core::v1::{Namespace, Pod, Secret, Service, ServiceAccount},
+    core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount},
     rbac::v1::RoleBinding,
 };
 use kube::{
@@ -801,7 +801,17 @@ async fn record_consent_through_the_gateway(
         granted.starts_with("granted: subject subj:7f3a link 0 "),
         "{granted}"
     );
-    let shown = consent(&["show", "subj:7f3a"]).output().await?;
+    // Shown with the namespace's key checked against the certifier the gateway published
+    // through the API server; a key some other certifier vouches for is not believed.
+    let certifier = Api::<ConfigMap>::namespaced(tenant.env().client(), SYSTEM)
+        .get("contextos-gateway-keys")
+        .await?
+        .data
+        .and_then(|data| data.get("record-certifier.pub").cloned())
+        .context("the gateway published no record-key certifier")?;
+    let shown = consent(&["show", "subj:7f3a", "--certifier", &certifier])
+        .output()
+        .await?;
     let author = format!("system:serviceaccount:{}:auditor", audit.name());
     ensure!(
         shown.status.success()
@@ -810,6 +820,17 @@ async fn record_consent_through_the_gateway(
             && said(&shown).contains("chain verified: 1 record,"),
         "the consent history does not show the grant in the auditor's name: {}",
         said(&shown)
+    );
+    let another = contextos_runner::keys::KeyPair::from_seed([7; 32])
+        .public()
+        .to_hex();
+    let doubted = consent(&["show", "subj:7f3a", "--certifier", &another])
+        .output()
+        .await?;
+    ensure!(
+        !doubted.status.success() && said(&doubted).contains("is not vouched for by record-key certifier"),
+        "a key another certifier does not vouch for was believed: {}",
+        said(&doubted)
     );
 
     // Recording consent is not reading memory: listing a subject's items takes its own binding.

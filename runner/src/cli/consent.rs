@@ -58,6 +58,12 @@ pub enum ConsentCommand {
         /// key, or through the gateway the key it publishes for the namespace.
         #[arg(long, env = "CONTEXTOS_RECORD_PUBLIC_KEY")]
         public_key: Option<String>,
+        /// The gateway's record-key certifier (hex), to check the key the gateway publishes for
+        /// the namespace against: `kubectl get configmap contextos-gateway-keys -n
+        /// contextos-system -o jsonpath='{.data.record-certifier\.pub}'`. Without it (and
+        /// without --public-key) the key is taken on the word of whatever answers at --store.
+        #[arg(long, env = "CONTEXTOS_RECORD_CERTIFIER", conflicts_with = "public_key")]
+        certifier: Option<String>,
     },
 }
 
@@ -119,13 +125,18 @@ impl Book<'_> {
         tenant: &TenantId,
         subject: &SubjectHandle,
         public_key: Option<&str>,
+        certifier: Option<&str>,
     ) -> anyhow::Result<ConsentHistory> {
         Ok(match self {
             Self::Local(book) => book.history(subject, &global.verifying_key(public_key)?).await?,
             Self::Gateway(remote) => {
+                let certifier = certifier
+                    .map(PublicKey::from_hex)
+                    .transpose()
+                    .context("--certifier")?;
                 let key = match public_key {
                     Some(hex) => PublicKey::from_hex(hex)?,
-                    None => published_key(remote.0, tenant).await?,
+                    None => published_key(remote.0, tenant, certifier.as_ref()).await?,
                 };
                 remote.history(tenant, subject, &key).await?
             }
@@ -186,10 +197,20 @@ pub async fn run(global: &GlobalArgs, command: ConsentCommand) -> anyhow::Result
                 println!("{subject}");
             }
         }
-        ConsentCommand::Show { subject, public_key } => {
+        ConsentCommand::Show {
+            subject,
+            public_key,
+            certifier,
+        } => {
             let subject = SubjectHandle::new(&subject).context("subject")?;
             let history = book
-                .history(global, &tenant, &subject, public_key.as_deref())
+                .history(
+                    global,
+                    &tenant,
+                    &subject,
+                    public_key.as_deref(),
+                    certifier.as_deref(),
+                )
                 .await?;
             if history.links.is_empty() {
                 bail!("subject {subject} has no consent records in tenant {tenant}");
@@ -228,8 +249,14 @@ impl About {
     }
 }
 
-/// The key the gateway publishes for `tenant` (what its consent heads are signed with).
-async fn published_key(remote: &RemoteStore, tenant: &TenantId) -> anyhow::Result<PublicKey> {
+/// The key the gateway publishes for `tenant` (what its consent heads are signed with), checked
+/// against `certifier` when given: over a channel someone else answers on, an unchecked key
+/// would verify a history that someone wrote.
+async fn published_key(
+    remote: &RemoteStore,
+    tenant: &TenantId,
+    certifier: Option<&PublicKey>,
+) -> anyhow::Result<PublicKey> {
     let published = contextos_runner::key_secrets::fetch_tenant_key(
         remote.base(),
         tenant.as_str(),
@@ -237,7 +264,18 @@ async fn published_key(remote: &RemoteStore, tenant: &TenantId) -> anyhow::Resul
     )
     .await
     .map_err(|e| anyhow::anyhow!("fetching the namespace's published key: {e}; or pass --public-key"))?;
-    Ok(published.key)
+    match certifier {
+        Some(certifier) => published
+            .vouched(tenant.as_str(), certifier)
+            .map_err(|e| anyhow::anyhow!("the namespace's key from {}: {e}", remote.base())),
+        None => {
+            eprintln!(
+                "note: namespace {tenant}'s key was taken from {} unchecked; pass --certifier to check it",
+                remote.base()
+            );
+            Ok(published.key)
+        }
+    }
 }
 
 fn print_history(history: &ConsentHistory, now_ms: i64) {

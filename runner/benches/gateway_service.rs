@@ -15,11 +15,15 @@
 //! A governed call makes two durable writes: the go-ahead before the tool acts, and the result.
 //! The service answers while the result is being written (the runner's next request proves it
 //! was); a second service over its own store answers only once the result is durable, as the
-//! service did before — the same calls go to both, interleaved. The run also times, on the
-//! same disk, one flush of a small write (what the disk itself costs) and one durable append to
-//! an embedded store (a redb transaction and its log frame, flushed). One flush plus one
-//! loopback HTTP round trip (the direct call) is what no implementation that writes the
-//! go-ahead before the tool acts can go below here.
+//! service did before — the same calls go to both, interleaved. The call is a read-only tool's,
+//! which the service asks while the go-ahead is flushed (answering once it is durable); a
+//! fourth service asks it only once its go-ahead is durable, as it asks tools that act. The
+//! run also times, on the same disk, one flush of a small write (what the disk itself costs)
+//! and one durable append to an embedded store (a redb transaction and its log frame,
+//! flushed). One flush plus one loopback HTTP round trip (the direct call) is what no
+//! implementation that makes the go-ahead durable before the tool acts can go below here; for
+//! a read asked while its go-ahead is flushed, one round trip and what of the flush the tool's
+//! own time does not cover.
 
 use std::{path::PathBuf, sync::Arc, time::Instant};
 
@@ -214,6 +218,8 @@ struct Rig {
     with_quotas: String,
     /// The same service answering only once the result is durable.
     after_writes: String,
+    /// The same service asking a read-only tool only once its go-ahead is durable.
+    reads_after_go_ahead: String,
     operator: KeyPair,
     bundle: RunBundle,
 }
@@ -277,6 +283,7 @@ struct Samples {
     governed: Vec<f64>,
     after_writes: Vec<f64>,
     with_quotas: Vec<f64>,
+    reads_after_go_ahead: Vec<f64>,
 }
 
 /// Times `calls` governed calls of one run at each service and as many direct calls, interleaved.
@@ -291,6 +298,7 @@ async fn measure(
     let (client, context) = rig.start(&rig.url, run_id).await;
     let (baseline, baseline_context) = rig.start(&rig.after_writes, run_id).await;
     let (quoted, quoted_context) = rig.start(&rig.with_quotas, run_id).await;
+    let (flushed_first, flushed_first_context) = rig.start(&rig.reads_after_go_ahead, run_id).await;
     for i in 0..calls {
         let e = envelope(&context, i);
         let t = Instant::now();
@@ -326,6 +334,17 @@ async fn measure(
         let t = Instant::now();
         let outcome = quoted.call(&e, &StateFacts::default()).await.expect("governed");
         samples.with_quotas.push(t.elapsed().as_secs_f64() * 1e6);
+        assert!(
+            matches!(outcome, CallOutcome::Executed(ref r) if r.ok),
+            "{outcome:?}"
+        );
+        let e = envelope(&flushed_first_context, i);
+        let t = Instant::now();
+        let outcome = flushed_first
+            .call(&e, &StateFacts::default())
+            .await
+            .expect("governed");
+        samples.reads_after_go_ahead.push(t.elapsed().as_secs_f64() * 1e6);
         assert!(
             matches!(outcome, CallOutcome::Executed(ref r) if r.ok),
             "{outcome:?}"
@@ -442,14 +461,20 @@ fn report(label: &str, samples: &mut Samples, append: f64, flush: f64) {
         percentile(&mut samples.with_quotas, 0.5),
         percentile(&mut samples.with_quotas, 0.99),
     );
+    let (r50, r99) = (
+        percentile(&mut samples.reads_after_go_ahead, 0.5),
+        percentile(&mut samples.reads_after_go_ahead, 0.99),
+    );
     println!("{label} — {} calls each", samples.direct.len());
     println!("  direct HTTP call to the tool          p50 {d50:>8.0} µs   p99 {d99:>8.0} µs   (baseline)");
     println!("  service answering once all is durable p50 {w50:>8.0} µs   p99 {w99:>8.0} µs   (baseline)");
+    println!("  service asking after the go-ahead     p50 {r50:>8.0} µs   p99 {r99:>8.0} µs   (baseline)");
     println!("  service answering while it writes     p50 {g50:>8.0} µs   p99 {g99:>8.0} µs");
     println!(
-        "  added by the gateway service          p50 {:>8.0} µs   (target ≤ 300 µs; answering after the writes: {:.0} µs)",
+        "  added by the gateway service          p50 {:>8.0} µs   (target ≤ 300 µs; answering after the writes: {:.0} µs; asking after the go-ahead: {:.0} µs)",
         g50 - d50,
-        w50 - d50
+        w50 - d50,
+        r50 - d50
     );
     println!(
         "  … of which one durable append         p50 {append:>8.0} µs   (measured alone; the rest: {:.0} µs)",
@@ -464,6 +489,10 @@ fn report(label: &str, samples: &mut Samples, append: f64, flush: f64) {
     println!(
         "  floor of the added time               p50 {:>8.0} µs   (one flush alone + one more round trip)",
         flush + d50
+    );
+    println!(
+        "  … for a read asked while it flushes   p50 {:>8.0} µs   (one more round trip + what of the flush the tool's time does not cover)",
+        d50 + (flush - d50).max(0.0)
     );
 }
 
@@ -483,7 +512,7 @@ fn main() {
             pod_uid: "uid".into(),
             username: "system:serviceaccount:bench:default".into(),
         };
-        let serve = |file: &str, early: bool, quotas: bool| {
+        let serve = |file: &str, early: bool, quotas: bool, reads_after_go_ahead: bool| {
             let store = EmbeddedStore::open(&dir.path().join(file)).expect("store");
             let tenants = StaticTenants::default()
                 .with_secret("bench", "ops-tools-webhook", "hmac-key", "k")
@@ -507,6 +536,11 @@ fn main() {
             } else {
                 service.with_answers_after_writes()
             };
+            let service = if reads_after_go_ahead {
+                service.with_reads_after_their_go_ahead()
+            } else {
+                service
+            };
             let router = Arc::new(service).router();
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             listener.set_nonblocking(true).expect("nonblocking");
@@ -515,13 +549,15 @@ fn main() {
             tokio::spawn(async move { axum::serve(listener, router).await });
             url
         };
-        let url = serve("records.redb", true, false);
-        let after_writes = serve("baseline.redb", false, false);
-        let with_quotas = serve("quotas.redb", true, true);
+        let url = serve("records.redb", true, false, false);
+        let after_writes = serve("baseline.redb", false, false, false);
+        let with_quotas = serve("quotas.redb", true, true, false);
+        let reads_after_go_ahead = serve("reads-after.redb", true, false, true);
         let rig = Rig {
             url,
             with_quotas,
             after_writes,
+            reads_after_go_ahead,
             operator,
             bundle: bundle(),
         };
@@ -557,6 +593,7 @@ fn main() {
             governed: samples.governed.split_off(late),
             after_writes: samples.after_writes.split_off(late),
             with_quotas: samples.with_quotas.split_off(late),
+            reads_after_go_ahead: samples.reads_after_go_ahead.split_off(late),
         };
         report(
             "one run of 1,000 calls: the first 900",

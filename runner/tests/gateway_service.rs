@@ -2488,6 +2488,11 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
 /// answered a call and died before its result was durable looks to everyone after it — or,
 /// given a delay, makes that write take that long (`turn_delay_ms`: the next write holding a
 /// model turn). It counts the entries it hands out (`entries_read`).
+///
+/// It also keeps what an embedded store's flushes would make durable: a write appended to be
+/// flushed soon is `unflushed` until the next flush or durable append; `flushes` counts the
+/// flushes done. While `flush_held`, a flush waits (at most 5 s) until `tool_asked`; once
+/// `flush_fails` is armed, the next flush fails.
 #[derive(Default)]
 struct LosesAResult {
     inner: ScratchStore,
@@ -2495,9 +2500,44 @@ struct LosesAResult {
     delay_ms: std::sync::atomic::AtomicU64,
     turn_delay_ms: std::sync::atomic::AtomicU64,
     entries_read: std::sync::atomic::AtomicU64,
+    unflushed: std::sync::atomic::AtomicBool,
+    flushes: std::sync::atomic::AtomicU64,
+    flush_held: std::sync::atomic::AtomicBool,
+    flush_fails: std::sync::atomic::AtomicBool,
+    tool_asked: std::sync::atomic::AtomicBool,
 }
 
 impl LosesAResult {
+    /// Writes `batch` as this store does (losing or delaying it when told to).
+    async fn write(
+        &self,
+        tenant: &TenantId,
+        batch: contextos_runner::records::store::AppendBatch,
+    ) -> Result<(), contextos_runner::records::store::StoreError> {
+        let holds_result = batch.entries.iter().any(|e| {
+            contextos_runner::records::RecordEntry::decode(&e.bytes)
+                .is_ok_and(|e| matches!(e.body, EntryBody::ToolResult(_)))
+        });
+        if holds_result && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(contextos_runner::records::store::StoreError::Backend(
+                "the disk went away".into(),
+            ));
+        }
+        if holds_result {
+            let delay = self.delay_ms.swap(0, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        let holds_turn = batch.entries.iter().any(|e| {
+            contextos_runner::records::RecordEntry::decode(&e.bytes)
+                .is_ok_and(|e| matches!(e.body, EntryBody::ModelTurn { .. }))
+        });
+        if holds_turn {
+            let delay = self.turn_delay_ms.swap(0, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        self.inner.append(tenant, batch).await
+    }
+
     fn handed_out(
         &self,
         read: Result<
@@ -2564,28 +2604,38 @@ impl RecordStore for LosesAResult {
         tenant: &TenantId,
         batch: contextos_runner::records::store::AppendBatch,
     ) -> Result<(), contextos_runner::records::store::StoreError> {
-        let holds_result = batch.entries.iter().any(|e| {
-            contextos_runner::records::RecordEntry::decode(&e.bytes)
-                .is_ok_and(|e| matches!(e.body, EntryBody::ToolResult(_)))
-        });
-        if holds_result && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        self.write(tenant, batch).await?;
+        // A durable append flushes every write before it.
+        self.unflushed.store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    async fn append_flushed_soon(
+        &self,
+        tenant: &TenantId,
+        batch: contextos_runner::records::store::AppendBatch,
+    ) -> Result<(), contextos_runner::records::store::StoreError> {
+        self.write(tenant, batch).await?;
+        self.unflushed.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    async fn flush_pending(&self) -> Result<(), contextos_runner::records::store::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.flush_held.load(SeqCst) {
+            for _ in 0..500 {
+                if self.tool_asked.load(SeqCst) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        if self.flush_fails.swap(false, SeqCst) {
             return Err(contextos_runner::records::store::StoreError::Backend(
                 "the disk went away".into(),
             ));
         }
-        if holds_result {
-            let delay = self.delay_ms.swap(0, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
-        }
-        let holds_turn = batch.entries.iter().any(|e| {
-            contextos_runner::records::RecordEntry::decode(&e.bytes)
-                .is_ok_and(|e| matches!(e.body, EntryBody::ModelTurn { .. }))
-        });
-        if holds_turn {
-            let delay = self.turn_delay_ms.swap(0, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
-        }
-        self.inner.append(tenant, batch).await
+        self.unflushed.store(false, SeqCst);
+        self.flushes.fetch_add(1, SeqCst);
+        Ok(())
     }
     async fn head(
         &self,
@@ -2663,6 +2713,13 @@ impl RecordStore for LosesAResult {
 /// A gateway service over `store` with the quickstart's tenant; its URL and the tools.
 async fn service_over(store: Arc<LosesAResult>, operator: &KeyPair) -> (String, OpsTools) {
     let tools = OpsTools::start(&[]);
+    let url = service_with_tools(store, operator, &tools.url).await;
+    (url, tools)
+}
+
+/// A gateway service over `store` with the quickstart's tenant, whose tools (ops-tools' port
+/// 8080) answer at `tools`; its URL.
+async fn service_with_tools(store: Arc<LosesAResult>, operator: &KeyPair, tools: &str) -> String {
     let tenants = StaticTenants::default()
         .with_secret("shop", "ops-tools-webhook", "hmac-key", HMAC_KEY)
         .with_controller("shop", "checkout-5xx-run-1", "Session", "checkout-5xx");
@@ -2675,7 +2732,7 @@ async fn service_over(store: Arc<LosesAResult>, operator: &KeyPair) -> (String, 
     )
     .with_endpoint_overrides(vec![(
         "http://ops-tools.shop-platform.svc:8080".into(),
-        tools.url.clone(),
+        tools.to_owned(),
     )]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -2683,7 +2740,145 @@ async fn service_over(store: Arc<LosesAResult>, operator: &KeyPair) -> (String, 
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
-    (url, tools)
+    url
+}
+
+/// A request a [`noting_tools`] server answered: its path, and whether its store held a write
+/// not yet flushed, and how many flushes it had done, when it was asked.
+#[derive(Debug)]
+struct Asked {
+    path: String,
+    unflushed: bool,
+    flushes: u64,
+}
+
+/// A tool server answering every request `{"ok": true}`, noting each (see [`Asked`]) and telling
+/// `store` it was asked; its URL and what it noted.
+async fn noting_tools(store: Arc<LosesAResult>) -> (String, Arc<std::sync::Mutex<Vec<Asked>>>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let noted = asked.clone();
+    let router = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (store, noted) = (store.clone(), noted.clone());
+        async move {
+            noted.lock().expect("noted").push(Asked {
+                path: uri.path().to_owned(),
+                unflushed: store.unflushed.load(SeqCst),
+                flushes: store.flushes.load(SeqCst),
+            });
+            store.tool_asked.store(true, SeqCst);
+            axum::Json(serde_json::json!({"ok": true}))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (url, asked)
+}
+
+/// A call of the read-only `error_budget` tool, call `i` of step `i` (its own arguments: no two
+/// are one cached read).
+fn error_budget(context: &SignedRunContext, i: usize) -> contextos_runner::gateway::envelope::CallEnvelope {
+    contextos_runner::gateway::envelope::CallEnvelope {
+        call_id: format!("{i}.0"),
+        tool: "error_budget".into(),
+        arguments: serde_json::json!({"errorRate": i as f64 / 100.0, "slo": 0.999}),
+        risk: contextos_crds::common::ToolRisk::ReadOnly,
+        kind: contextos_crds::common::ToolKind::ThinkSupport,
+        idempotency_key: format!("budget-{i}"),
+        ..status_update(context, i)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_tool_is_asked_while_its_go_ahead_is_flushed_and_answered_once_it_is_durable() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let store = Arc::new(LosesAResult::default());
+    let (tools, asked) = noting_tools(store.clone()).await;
+    let operator = KeyPair::from_seed([11; 32]);
+    let url = service_with_tools(store.clone(), &operator, &tools).await;
+    let (mut bundle, _) = quickstart_run(&operator);
+    // A call started without a result may be another replica's at work until its timeout
+    // (and a grace) has passed: short here, so the failed flush below is soon retried.
+    for tool in &mut bundle.agent_spec.tools {
+        if tool.name == "error_budget" {
+            tool.timeout_seconds = 1;
+        }
+    }
+    let now = contextos_runner::records::recorder::now_ms();
+    let context =
+        issue_run_context(&bundle, RUN, TRACE, Some("checkout-5xx-run-1"), &operator, now).expect("context");
+    let client =
+        GatewayClient::new(&url, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
+    start_run(client.records(), &bundle, &context).await;
+    let executed = |outcome: &Result<CallOutcome, _>| matches!(outcome, Ok(CallOutcome::Executed(r)) if r.ok);
+
+    // A tool that acts is asked only once its go-ahead is durable.
+    let acted = client
+        .call(&status_update(&context, 1), &Default::default())
+        .await;
+    assert!(executed(&acted), "{acted:?}");
+    // A read-only tool is asked while its go-ahead is flushed. (The flush here waits until the
+    // tool is asked: a gateway that flushed first would ask it with nothing left unflushed.)
+    store.tool_asked.store(false, SeqCst);
+    store.flush_held.store(true, SeqCst);
+    let read = client.call(&error_budget(&context, 2), &Default::default()).await;
+    store.flush_held.store(false, SeqCst);
+    assert!(executed(&read), "{read:?}");
+    let flushes_when_answered = store.flushes.load(SeqCst);
+    {
+        let asked = asked.lock().expect("asked");
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        assert!(
+            asked[0].path == "/hooks/status" && !asked[0].unflushed,
+            "a tool that acts was asked before its go-ahead was durable: {asked:?}"
+        );
+        assert!(
+            asked[1].path == "/slo/error-budget" && asked[1].unflushed,
+            "the read-only tool was asked only after its go-ahead's flush: {asked:?}"
+        );
+        assert!(
+            flushes_when_answered > asked[1].flushes,
+            "answered before the go-ahead was durable: {asked:?}"
+        );
+    }
+
+    // The flush fails: nobody is told that answer. Asked again, the call (its go-ahead on
+    // record without a result) is carried out again, and recorded once.
+    store.flush_fails.store(true, SeqCst);
+    let mut outcome = client.call(&error_budget(&context, 3), &Default::default()).await;
+    if !executed(&outcome) {
+        outcome = client.call(&error_budget(&context, 3), &Default::default()).await;
+    }
+    assert!(executed(&outcome), "{outcome:?}");
+    let reads = asked
+        .lock()
+        .expect("asked")
+        .iter()
+        .filter(|a| a.path == "/slo/error-budget")
+        .count();
+    assert_eq!(
+        reads, 3,
+        "call 3's first answer was given although its go-ahead was not durable"
+    );
+    // (Its result is written while the runner is answered.)
+    let tenant = TenantId::new("shop").expect("tenant");
+    let mut results = 0;
+    for _ in 0..100 {
+        results = read_run(&store.inner, &tenant, RUN)
+            .await
+            .expect("record")
+            .into_iter()
+            .filter(|(_, e)| matches!(&e.body, EntryBody::ToolResult(r) if r.call_id == "3.0"))
+            .count();
+        if results > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    assert_eq!(results, 1, "call 3's results on record");
 }
 
 /// The quickstart's bundle and a RunContext `operator` issued for [`RUN`] to pod run-1.

@@ -292,6 +292,9 @@ pub struct ToolGateway {
     counters: Mutex<HashMap<String, RunCounters>>,
     /// Replay mode: never reach a tool; answer only from preloaded results.
     offline: bool,
+    /// Read-only tools are asked only once their go-ahead is durable, as tools that act are,
+    /// instead of while it is flushed (see [`asked_while_flushing`]): the benchmarks' baseline.
+    reads_after_go_ahead: bool,
     /// A skill's evaluation: calls are answered by the scenario's results (see
     /// [`ToolGateway::answering_canned`]).
     canned: Option<Vec<contextos_crds::skill::CannedResult>>,
@@ -369,6 +372,7 @@ impl ToolGateway {
             calls: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
             offline: false,
+            reads_after_go_ahead: false,
             canned: None,
             endpoint_overrides: Vec::new(),
             verified: Mutex::new(HashMap::new()),
@@ -492,6 +496,13 @@ impl ToolGateway {
     /// mapped for its run: a call's parent the runner names is mapped the same way.
     pub fn with_relayed_runner_spans(mut self) -> Self {
         self.relayed_runner_spans = true;
+        self
+    }
+
+    /// Asks read-only tools only once their go-ahead is durable, as tools that act are: the
+    /// benchmarks' baseline.
+    pub fn with_reads_after_their_go_ahead(mut self) -> Self {
+        self.reads_after_go_ahead = true;
         self
     }
 
@@ -973,6 +984,24 @@ impl ToolGateway {
         // crash the record shows the call may have acted, and it is never decided again. Written
         // only on top of what was read — if anyone else wrote meanwhile, nothing is executed.
         if !self.offline {
+            if !self.reads_after_go_ahead && asked_while_flushing(&tool.spec) {
+                recorder
+                    .commit_flushed_soon()
+                    .instrument(tracing::debug_span!("gateway.go_ahead_write"))
+                    .await?;
+                let store = recorder.store();
+                let (flushed, outcome) = tokio::join!(
+                    store
+                        .flush_pending()
+                        .instrument(tracing::debug_span!("gateway.go_ahead_flush")),
+                    self.execute(call, &call_hash, tool, 0, recorder)
+                        .instrument(tracing::debug_span!("gateway.execute")),
+                );
+                // The answer waits for the flush: nobody is told a result whose go-ahead a crash
+                // could still take back.
+                flushed.map_err(crate::records::RecordError::from)?;
+                return Ok(outcome);
+            }
             recorder
                 .flush_exclusive()
                 .instrument(tracing::debug_span!("gateway.go_ahead_write"))
@@ -2199,6 +2228,21 @@ impl Sent {
     }
 }
 
+/// Whether a call of `tool` may be asked while its go-ahead is being made durable (and answered
+/// only once it is), instead of after. A read-only tool reached over HTTP, OpenAPI or MCP
+/// changes nothing: if a crash takes the go-ahead back, the call is decided again and the tool
+/// asked again, as a retry of a read-only tool may be anyway, and nobody was told the first
+/// answer. Not a webhook or an A2A agent (an A2A task, once made, is followed from the
+/// record), nor the gateway's own memory tools (they write to the store themselves).
+fn asked_while_flushing(tool: &Tool) -> bool {
+    use contextos_crds::agent::Adapter;
+    tool.risk == ToolRisk::ReadOnly
+        && matches!(
+            tool.adapter.chosen(),
+            Some(Adapter::Http(_) | Adapter::OpenApi(_) | Adapter::Mcp(_))
+        )
+}
+
 fn decision_entry(
     call: &CallEnvelope,
     effect: PolicyEffect,
@@ -2237,6 +2281,42 @@ fn schema_problem(tool: &CatalogTool, args: &Value) -> Option<String> {
 mod tests {
     use super::{Asked, EntryBody, PolicyEffect};
     use crate::records::entry::PolicyDecisionRecord;
+
+    #[test]
+    fn only_read_only_tools_over_http_openapi_or_mcp_are_asked_while_their_go_ahead_is_flushed() {
+        let tool = |risk: &str, adapter: &str| -> contextos_crds::agent::Tool {
+            serde_yaml::from_str(&format!(
+                "{{name: t, description: d, risk: {risk}, kind: observe, adapter: {adapter}}}"
+            ))
+            .expect("tool")
+        };
+        let http = "{http: {url: 'http://tools:8080/x'}}";
+        let openapi = "{openapi: {document: 'http://tools:8080/openapi.json', operationId: get}}";
+        let mcp = "{mcp: {url: 'http://tools:8081/mcp', tool: x}}";
+        for adapter in [http, openapi, mcp] {
+            assert!(
+                super::asked_while_flushing(&tool("read_only", adapter)),
+                "{adapter}"
+            );
+            // Anything that may change the world waits for its go-ahead to be durable.
+            for risk in ["local_write", "network", "destructive"] {
+                assert!(
+                    !super::asked_while_flushing(&tool(risk, adapter)),
+                    "{risk} {adapter}"
+                );
+            }
+        }
+        for adapter in [
+            "{webhook: {url: 'http://tools:8080/hook', secretRef: {name: s, key: k}}}",
+            "{a2a: {url: 'http://agent:9999/', riskCeiling: read_only}}",
+            "{memory: {operation: recall}}",
+        ] {
+            assert!(
+                !super::asked_while_flushing(&tool("read_only", adapter)),
+                "{adapter}"
+            );
+        }
+    }
 
     fn decided(enforced: PolicyEffect) -> EntryBody {
         EntryBody::PolicyDecision(PolicyDecisionRecord {

@@ -581,6 +581,20 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         }
     }
 
+    /// [`Recorder::flush_exclusive`], but durable only with the store's next flush
+    /// ([`RecordStore::flush_pending`]) instead of before it returns: seen by every reader at
+    /// once, and written only on the head it was chained onto (if anyone else wrote meanwhile,
+    /// [`StoreError::HeadMoved`] and nothing is written). For a read-only tool's go-ahead, made
+    /// durable while the tool is asked.
+    pub async fn commit_flushed_soon(&mut self) -> Result<(), RecordError> {
+        if let Some(prepared) = self.prepare().await? {
+            self.append_sealed(prepared.batch, Flush::Soon)
+                .instrument(tracing::debug_span!("record.store_append"))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Chains and seals everything staged onto the current head without writing it (large
     /// bodies are stored as blobs first); `None` if nothing is staged. [`Recorder::commit`]
     /// writes it; until then this recorder's head stays where it was.

@@ -197,6 +197,9 @@ pub struct GatewayService<S, A, T> {
     /// Whether a call or model turn is answered while its entries are written (the runner's
     /// next request proves they were), or only once they are durable.
     early_answers: bool,
+    /// Whether read-only tools are asked only once their go-ahead is durable (see
+    /// [`crate::gateway::ToolGateway::with_reads_after_their_go_ahead`]).
+    reads_after_go_ahead: bool,
     /// The tenants' SpendQuotas as read, and their reports due.
     quota_desk: quotas::QuotaDesk,
     /// Results of cached read-only tools, shared by every run this replica serves (keyed by
@@ -476,6 +479,7 @@ where
             spend: Arc::default(),
             max_run_bytes: DEFAULT_MAX_RUN_BYTES,
             early_answers: true,
+            reads_after_go_ahead: false,
             blob_bytes: Mutex::new(Default::default()),
             refusals_recorded: Mutex::new(HashMap::new()),
             refused_tokens: Default::default(),
@@ -537,6 +541,13 @@ where
     /// than by default (see `run_api::write_and_answer`): the benchmarks' baseline.
     pub fn with_answers_after_writes(mut self) -> Self {
         self.early_answers = false;
+        self
+    }
+
+    /// Asks read-only tools only once their go-ahead is durable, as tools that act are, instead
+    /// of while it is flushed: the benchmarks' baseline.
+    pub fn with_reads_after_their_go_ahead(mut self) -> Self {
+        self.reads_after_go_ahead = true;
         self
     }
 
@@ -1296,6 +1307,11 @@ where
             .with_egress(self.egress.clone())
             .with_result_cache(self.results.clone())
             .shared_with_replicas();
+        let gateway = if self.reads_after_go_ahead {
+            gateway.with_reads_after_their_go_ahead()
+        } else {
+            gateway
+        };
         let gateway = match capabilities {
             Some(route) => gateway.with_capabilities(route),
             None => gateway,

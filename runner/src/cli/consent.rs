@@ -61,8 +61,9 @@ pub enum ConsentCommand {
         /// The gateway's record-key certifier (hex), to check the key the gateway publishes for
         /// the namespace against: `kubectl get configmap contextos-gateway-keys -n
         /// contextos-system -o jsonpath='{.data.record-certifier\.pub}'`. Without it (and
-        /// without --public-key) the key is taken on the word of whatever answers at --store.
-        #[arg(long, env = "CONTEXTOS_RECORD_CERTIFIER", conflicts_with = "public_key")]
+        /// without --public-key, which is used as it is when given) the key is taken on the
+        /// word of whatever answers at --store.
+        #[arg(long, env = "CONTEXTOS_RECORD_CERTIFIER")]
         certifier: Option<String>,
     },
 }
@@ -128,6 +129,10 @@ impl Book<'_> {
         certifier: Option<&str>,
     ) -> anyhow::Result<ConsentHistory> {
         Ok(match self {
+            Self::Local(_) if certifier.is_some() => bail!(
+                "--certifier checks the key a gateway publishes; a local store's history is verified \
+                 with the data directory's key or --public-key"
+            ),
             Self::Local(book) => book.history(subject, &global.verifying_key(public_key)?).await?,
             Self::Gateway(remote) => {
                 let certifier = certifier

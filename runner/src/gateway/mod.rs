@@ -983,8 +983,9 @@ impl ToolGateway {
         // The go-ahead (and the approval it used) is durable before the tool acts: after a
         // crash the record shows the call may have acted, and it is never decided again. Written
         // only on top of what was read — if anyone else wrote meanwhile, nothing is executed.
+        // A read asked while its go-ahead is flushed is answered only once it is durable.
         if !self.offline {
-            if !self.reads_after_go_ahead && asked_while_flushing(&tool.spec) {
+            if !self.reads_after_go_ahead && asked_while_flushing(&tool.spec, &call.run_context.context) {
                 recorder
                     .commit_flushed_soon()
                     .instrument(tracing::debug_span!("gateway.go_ahead_write"))
@@ -2228,15 +2229,20 @@ impl Sent {
     }
 }
 
-/// Whether a call of `tool` may be asked while its go-ahead is being made durable (and answered
-/// only once it is), instead of after. A read-only tool reached over HTTP, OpenAPI or MCP
-/// changes nothing: if a crash takes the go-ahead back, the call is decided again and the tool
-/// asked again, as a retry of a read-only tool may be anyway, and nobody was told the first
-/// answer. Not a webhook or an A2A agent (an A2A task, once made, is followed from the
-/// record), nor the gateway's own memory tools (they write to the store themselves).
-fn asked_while_flushing(tool: &Tool) -> bool {
-    use contextos_crds::agent::Adapter;
+/// Whether a call of `tool` in the run `context` describes may be asked while its go-ahead is
+/// being made durable (and answered only once it is), instead of after. A read-only tool
+/// reached over HTTP, OpenAPI or MCP changes nothing: if a crash takes the go-ahead back, the
+/// call is decided again and the tool asked again, as a retry of a read-only tool may be
+/// anyway, and nobody was told the first answer. Not a tool of kind `act` (whatever its
+/// declared risk), a webhook or an A2A agent (an A2A task, once made, is followed from the
+/// record), nor the gateway's own memory tools (they write to the store themselves); and not
+/// in a run about a person, whose data in the arguments must not reach a tool with no durable
+/// record that it did.
+fn asked_while_flushing(tool: &Tool, context: &RunContext) -> bool {
+    use contextos_crds::{agent::Adapter, common::ToolKind};
     tool.risk == ToolRisk::ReadOnly
+        && tool.kind != ToolKind::Act
+        && context.subject.is_none()
         && matches!(
             tool.adapter.chosen(),
             Some(Adapter::Http(_) | Adapter::OpenApi(_) | Adapter::Mcp(_))
@@ -2290,20 +2296,46 @@ mod tests {
             ))
             .expect("tool")
         };
+        let bundle =
+            crate::manifests::ManifestSet::load(&[
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart")
+            ])
+            .expect("quickstart")
+            .bundle("shop", None)
+            .expect("bundle");
+        let operator = crate::keys::KeyPair::from_seed([1; 32]);
+        let run = crate::run::issue_run_context(
+            &bundle,
+            "r",
+            "0af7651916cd43dd8448eb211c80319c",
+            None,
+            &operator,
+            0,
+        )
+        .expect("context")
+        .context;
+        let about_someone = crate::run_context::RunContext {
+            subject: Some(crate::consent::SubjectHandle::new("subj:7f3a").expect("handle")),
+            ..run.clone()
+        };
+        let asked_while_flushing =
+            |tool: &contextos_crds::agent::Tool| super::asked_while_flushing(tool, &run);
         let http = "{http: {url: 'http://tools:8080/x'}}";
         let openapi = "{openapi: {document: 'http://tools:8080/openapi.json', operationId: get}}";
         let mcp = "{mcp: {url: 'http://tools:8081/mcp', tool: x}}";
         for adapter in [http, openapi, mcp] {
-            assert!(
-                super::asked_while_flushing(&tool("read_only", adapter)),
-                "{adapter}"
-            );
+            let read = tool("read_only", adapter);
+            assert!(asked_while_flushing(&read), "{adapter}");
+            // Not in a run about a person, nor for a tool that says it acts.
+            assert!(!super::asked_while_flushing(&read, &about_someone), "{adapter}");
+            let acting = contextos_crds::agent::Tool {
+                kind: contextos_crds::common::ToolKind::Act,
+                ..read
+            };
+            assert!(!asked_while_flushing(&acting), "{adapter}");
             // Anything that may change the world waits for its go-ahead to be durable.
             for risk in ["local_write", "network", "destructive"] {
-                assert!(
-                    !super::asked_while_flushing(&tool(risk, adapter)),
-                    "{risk} {adapter}"
-                );
+                assert!(!asked_while_flushing(&tool(risk, adapter)), "{risk} {adapter}");
             }
         }
         for adapter in [
@@ -2311,10 +2343,7 @@ mod tests {
             "{a2a: {url: 'http://agent:9999/', riskCeiling: read_only}}",
             "{memory: {operation: recall}}",
         ] {
-            assert!(
-                !super::asked_while_flushing(&tool("read_only", adapter)),
-                "{adapter}"
-            );
+            assert!(!asked_while_flushing(&tool("read_only", adapter)), "{adapter}");
         }
     }
 

@@ -911,6 +911,9 @@ where
                 // What this replica remembers may be ahead of the record (an approval used, a
                 // call counted, with nothing written): the record decides again next time.
                 log.mark_stale();
+                // A read asked while its go-ahead failed to flush: its result is on no record,
+                // and no other run may be answered with it from the cache.
+                slot.gateway.publish_cached(false);
                 let refusal = match error {
                     // Someone wrote to the run between reading it and recording this call's
                     // go-ahead (another replica taking the same call): nothing was executed.

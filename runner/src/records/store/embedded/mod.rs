@@ -524,13 +524,18 @@ impl RecordStore for EmbeddedStore {
         .await
     }
 
+    /// On a blocking thread, never in place: its caller may have other work to go on with
+    /// meanwhile (the gateway asks a read-only tool while the tool's go-ahead is flushed).
     async fn flush_pending(&self) -> Result<()> {
         let wal = &self.files.wal;
         if wal.synced_past(wal.written()) {
             return wal.check().map_err(backend);
         }
-        self.blocking(|_, wal| wal.sync_to(wal.written()).map_err(backend))
+        wal.check().map_err(backend)?;
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || files.wal.sync_to(files.wal.written()).map_err(backend))
             .await
+            .map_err(backend)?
     }
 
     async fn append_flushed_soon(&self, tenant: &TenantId, batch: AppendBatch) -> Result<()> {

@@ -2981,6 +2981,24 @@ async fn a_refusal_is_recorded_without_reading_the_run_whole() {
         }),
         "the request for another run is on record"
     );
+    // So is a request whose header holds no RunContext at all.
+    let garbled = contextos_runner::http::client()
+        .get(format!("{url}/v1/run/head?run={RUN}"))
+        .header(RUN_CONTEXT_HEADER, "not a context")
+        .bearer_auth("token-run-1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(garbled.status().as_u16(), 400, "no context");
+    let recorded = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
+    assert!(
+        recorded.iter().any(|e| {
+            contextos_runner::records::RecordEntry::decode(&e.bytes).is_ok_and(|e| {
+                matches!(&e.body, EntryBody::AccessRefused { reason, .. } if reason.contains("does not hold a signed RunContext"))
+            })
+        }),
+        "the request without a context is on record"
+    );
     assert!(
         read <= 5,
         "{read} entries read to record 5 refusals in a run of {entries}: one (its first) each at most"

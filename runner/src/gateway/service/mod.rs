@@ -308,6 +308,10 @@ impl IntoResponse for Refusal {
     }
 }
 
+/// The code of a refusal of a pod's request whose RunContext header is missing or holds no
+/// signed RunContext: recorded in the pod's run, as a forged context is.
+const NOT_A_RUN_CONTEXT: &str = "not_a_run_context";
+
 fn bad(message: impl Into<String>) -> Refusal {
     Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message.into())
 }
@@ -900,7 +904,7 @@ where
         match checked {
             Ok(caller) => Ok(caller),
             Err(refusal) => {
-                if refusal.status == StatusCode::FORBIDDEN {
+                if refusal.status == StatusCode::FORBIDDEN || refusal.code == NOT_A_RUN_CONTEXT {
                     self.record_refusal(&identity, &refusal.message).await;
                 }
                 Err(refusal)
@@ -1059,9 +1063,11 @@ where
     /// Checks that the RunContext in `headers` was issued to `identity`.
     fn check_context(&self, headers: &HeaderMap, identity: &PodIdentity) -> Result<Caller, Refusal> {
         let not_a_context = || {
-            bad(format!(
-                "header {RUN_CONTEXT_HEADER} does not hold a signed RunContext"
-            ))
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                NOT_A_RUN_CONTEXT,
+                format!("header {RUN_CONTEXT_HEADER} does not hold a signed RunContext"),
+            )
         };
         let header = headers
             .get(RUN_CONTEXT_HEADER)

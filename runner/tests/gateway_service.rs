@@ -2960,45 +2960,44 @@ async fn a_refusal_is_recorded_without_reading_the_run_whole() {
         })
         .count();
     assert_eq!(refusals, 5, "each refusal recorded in the run");
-    // A request with the pod's own context naming another run is refused, and recorded too.
-    let other = contextos_runner::http::client()
-        .get(format!("{url}/v1/run/chain?run=someone-elses-run"))
-        .header(RUN_CONTEXT_HEADER, {
-            use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&context).expect("json"))
-        })
-        .bearer_auth("token-run-1")
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(other.status().as_u16(), 403, "another run");
-    let recorded = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
-    assert!(
-        recorded.iter().any(|e| {
-            contextos_runner::records::RecordEntry::decode(&e.bytes).is_ok_and(|e| {
-                matches!(&e.body, EntryBody::AccessRefused { reason, .. } if reason.contains("not run someone-elses-run"))
-            })
-        }),
-        "the request for another run is on record"
-    );
-    // So is a request whose header holds no RunContext at all.
-    let garbled = contextos_runner::http::client()
-        .get(format!("{url}/v1/run/head?run={RUN}"))
-        .header(RUN_CONTEXT_HEADER, "not a context")
-        .bearer_auth("token-run-1")
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(garbled.status().as_u16(), 400, "no context");
-    let recorded = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
-    assert!(
-        recorded.iter().any(|e| {
-            contextos_runner::records::RecordEntry::decode(&e.bytes).is_ok_and(|e| {
-                matches!(&e.body, EntryBody::AccessRefused { reason, .. } if reason.contains("does not hold a signed RunContext"))
-            })
-        }),
-        "the request without a context is on record"
-    );
+    // A request with the pod's own context naming another run is refused, and recorded too;
+    // so is a request whose header holds no RunContext at all.
+    let own_context = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&context).expect("json"))
+    };
+    for (path, header, status, recorded_as) in [
+        (
+            "chain?run=someone-elses-run",
+            own_context.as_str(),
+            403,
+            "not run someone-elses-run",
+        ),
+        (
+            &format!("head?run={RUN}"),
+            "not a context",
+            400,
+            "does not hold a signed RunContext",
+        ),
+    ] {
+        let answer = contextos_runner::http::client()
+            .get(format!("{url}/v1/run/{path}"))
+            .header(RUN_CONTEXT_HEADER, header)
+            .bearer_auth("token-run-1")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(answer.status().as_u16(), status, "{path}");
+        let recorded = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
+        assert!(
+            recorded.iter().any(|e| {
+                contextos_runner::records::RecordEntry::decode(&e.bytes).is_ok_and(|e| {
+                    matches!(&e.body, EntryBody::AccessRefused { reason, .. } if reason.contains(recorded_as))
+                })
+            }),
+            "the refusal of {path} is not on record"
+        );
+    }
     assert!(
         read <= 5,
         "{read} entries read to record 5 refusals in a run of {entries}: one (its first) each at most"

@@ -2778,16 +2778,16 @@ async fn noting_tools(store: Arc<LosesAResult>) -> (String, Arc<std::sync::Mutex
     (url, asked)
 }
 
-/// A call of the read-only `error_budget` tool, call `i` of step `i` (its own arguments: no two
-/// are one cached read).
-fn error_budget(context: &SignedRunContext, i: usize) -> contextos_runner::gateway::envelope::CallEnvelope {
+/// A call of the read-only `search_runbooks` tool (an HTTP GET), call `i` of step `i` (its own
+/// arguments: no two are one cached read).
+fn runbook_search(context: &SignedRunContext, i: usize) -> contextos_runner::gateway::envelope::CallEnvelope {
     contextos_runner::gateway::envelope::CallEnvelope {
         call_id: format!("{i}.0"),
-        tool: "error_budget".into(),
-        arguments: serde_json::json!({"errorRate": i as f64 / 100.0, "slo": 0.999}),
+        tool: "search_runbooks".into(),
+        arguments: serde_json::json!({"query": format!("checkout 5xx ({i})")}),
         risk: contextos_crds::common::ToolRisk::ReadOnly,
-        kind: contextos_crds::common::ToolKind::ThinkSupport,
-        idempotency_key: format!("budget-{i}"),
+        kind: contextos_crds::common::ToolKind::Observe,
+        idempotency_key: format!("search-{i}"),
         ..status_update(context, i)
     }
 }
@@ -2803,7 +2803,7 @@ async fn a_read_only_tool_is_asked_while_its_go_ahead_is_flushed_and_answered_on
     // A call started without a result may be another replica's at work until its timeout
     // (and a grace) has passed: short here, so the failed flush below is soon retried.
     for tool in &mut bundle.agent_spec.tools {
-        if tool.name == "error_budget" {
+        if tool.name == "search_runbooks" {
             tool.timeout_seconds = 1;
         }
     }
@@ -2824,7 +2824,9 @@ async fn a_read_only_tool_is_asked_while_its_go_ahead_is_flushed_and_answered_on
     // tool is asked: a gateway that flushed first would ask it with nothing left unflushed.)
     store.tool_asked.store(false, SeqCst);
     store.flush_held.store(true, SeqCst);
-    let read = client.call(&error_budget(&context, 2), &Default::default()).await;
+    let read = client
+        .call(&runbook_search(&context, 2), &Default::default())
+        .await;
     store.flush_held.store(false, SeqCst);
     assert!(executed(&read), "{read:?}");
     let flushes_when_answered = store.flushes.load(SeqCst);
@@ -2836,7 +2838,7 @@ async fn a_read_only_tool_is_asked_while_its_go_ahead_is_flushed_and_answered_on
             "a tool that acts was asked before its go-ahead was durable: {asked:?}"
         );
         assert!(
-            asked[1].path == "/slo/error-budget" && asked[1].unflushed,
+            asked[1].path == "/runbooks/search" && asked[1].unflushed,
             "the read-only tool was asked only after its go-ahead's flush: {asked:?}"
         );
         assert!(
@@ -2845,19 +2847,26 @@ async fn a_read_only_tool_is_asked_while_its_go_ahead_is_flushed_and_answered_on
         );
     }
 
-    // The flush fails: nobody is told that answer. Asked again, the call (its go-ahead on
-    // record without a result) is carried out again, and recorded once.
+    // The flush fails once the tool was asked: nobody is told that answer. Asked again, the
+    // call (its go-ahead on record without a result) is carried out again, and recorded once.
+    store.tool_asked.store(false, SeqCst);
+    store.flush_held.store(true, SeqCst);
     store.flush_fails.store(true, SeqCst);
-    let mut outcome = client.call(&error_budget(&context, 3), &Default::default()).await;
+    let mut outcome = client
+        .call(&runbook_search(&context, 3), &Default::default())
+        .await;
+    store.flush_held.store(false, SeqCst);
     if !executed(&outcome) {
-        outcome = client.call(&error_budget(&context, 3), &Default::default()).await;
+        outcome = client
+            .call(&runbook_search(&context, 3), &Default::default())
+            .await;
     }
     assert!(executed(&outcome), "{outcome:?}");
     let reads = asked
         .lock()
         .expect("asked")
         .iter()
-        .filter(|a| a.path == "/slo/error-budget")
+        .filter(|a| a.path == "/runbooks/search")
         .count();
     assert_eq!(
         reads, 3,

@@ -128,20 +128,31 @@ impl Book<'_> {
         public_key: Option<&str>,
         certifier: Option<&str>,
     ) -> anyhow::Result<ConsentHistory> {
+        // A certifier vouches only for a key a gateway publishes: said when it has nothing to
+        // check (CONTEXTOS_RECORD_CERTIFIER may be set for every command).
+        let unused = |why: &str| {
+            if certifier.is_some() {
+                eprintln!("note: --certifier is not used: {why}");
+            }
+        };
         Ok(match self {
-            Self::Local(_) if certifier.is_some() => bail!(
-                "--certifier checks the key a gateway publishes; a local store's history is verified \
-                 with the data directory's key or --public-key"
-            ),
-            Self::Local(book) => book.history(subject, &global.verifying_key(public_key)?).await?,
+            Self::Local(book) => {
+                unused("a local store's history is verified with the data directory's key or --public-key");
+                book.history(subject, &global.verifying_key(public_key)?).await?
+            }
             Self::Gateway(remote) => {
-                let certifier = certifier
-                    .map(PublicKey::from_hex)
-                    .transpose()
-                    .context("--certifier")?;
                 let key = match public_key {
-                    Some(hex) => PublicKey::from_hex(hex)?,
-                    None => published_key(remote.0, tenant, certifier.as_ref()).await?,
+                    Some(hex) => {
+                        unused("--public-key names the key");
+                        PublicKey::from_hex(hex)?
+                    }
+                    None => {
+                        let certifier = certifier
+                            .map(PublicKey::from_hex)
+                            .transpose()
+                            .context("--certifier")?;
+                        published_key(remote.0, tenant, certifier.as_ref()).await?
+                    }
                 };
                 remote.history(tenant, subject, &key).await?
             }

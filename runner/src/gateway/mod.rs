@@ -985,22 +985,34 @@ impl ToolGateway {
         // only on top of what was read — if anyone else wrote meanwhile, nothing is executed.
         // A read asked while its go-ahead is flushed is answered only once it is durable.
         if !self.offline {
-            if !self.reads_after_go_ahead && asked_while_flushing(&tool.spec, &call.run_context.context) {
+            if !self.reads_after_go_ahead
+                && asked_while_flushing(&tool.spec, tool.price.as_ref(), &call.run_context.context)
+            {
                 recorder
                     .commit_flushed_soon()
                     .instrument(tracing::debug_span!("gateway.go_ahead_write"))
                     .await?;
                 let store = recorder.store();
-                let (flushed, outcome) = tokio::join!(
-                    store
-                        .flush_pending()
-                        .instrument(tracing::debug_span!("gateway.go_ahead_flush")),
-                    self.execute(call, &call_hash, tool, 0, recorder)
-                        .instrument(tracing::debug_span!("gateway.execute")),
-                );
+                let flush = store
+                    .flush_pending()
+                    .instrument(tracing::debug_span!("gateway.go_ahead_flush"));
+                let execute = self
+                    .execute(call, &call_hash, tool, 0, recorder)
+                    .instrument(tracing::debug_span!("gateway.execute"));
+                tokio::pin!(flush, execute);
                 // The answer waits for the flush: nobody is told a result whose go-ahead a crash
-                // could still take back.
-                flushed.map_err(crate::records::RecordError::from)?;
+                // could still take back. A flush that fails ends the call there (what the tool
+                // answers would be told to no one).
+                let outcome = tokio::select! {
+                    flushed = &mut flush => {
+                        flushed.map_err(crate::records::RecordError::from)?;
+                        execute.await
+                    }
+                    outcome = &mut execute => {
+                        flush.await.map_err(crate::records::RecordError::from)?;
+                        outcome
+                    }
+                };
                 return Ok(outcome);
             }
             recorder
@@ -2229,24 +2241,36 @@ impl Sent {
     }
 }
 
-/// Whether a call of `tool` in the run `context` describes may be asked while its go-ahead is
-/// being made durable (and answered only once it is), instead of after. A read-only tool
-/// reached over HTTP, OpenAPI or MCP changes nothing: if a crash takes the go-ahead back, the
-/// call is decided again and the tool asked again, as a retry of a read-only tool may be
-/// anyway, and nobody was told the first answer. Not a tool of kind `act` (whatever its
-/// declared risk), a webhook or an A2A agent (an A2A task, once made, is followed from the
-/// record), nor the gateway's own memory tools (they write to the store themselves); and not
-/// in a run about a person, whose data in the arguments must not reach a tool with no durable
-/// record that it did.
-fn asked_while_flushing(tool: &Tool, context: &RunContext) -> bool {
-    use contextos_crds::{agent::Adapter, common::ToolKind};
-    tool.risk == ToolRisk::ReadOnly
+/// Whether a call of `tool` (priced `price`) in the run `context` describes may be asked while
+/// its go-ahead is being made durable (and answered only once it is), instead of after. A
+/// read-only GET changes nothing: if a crash takes the go-ahead back, the call is decided again
+/// and the tool asked again, as a retry of a read-only tool may be anyway, and nobody was told
+/// the first answer. Only what the gateway can see is a read: an HTTP tool's GET, or an OpenAPI
+/// operation (admission lets only a GET be `read_only`) — not a POST said to be read-only, nor
+/// an MCP tool, whose effects only its server knows; not a tool of kind `act` whatever its
+/// declared risk, a webhook, an A2A agent (a task, once made, is followed from the record) or
+/// the gateway's memory tools. Not a priced tool: its hold in the SpendQuotas is made durable
+/// by the go-ahead, and a call paid for must be counted. And not in a run about a person, whose
+/// data in the arguments must not reach a tool with no durable record that it did.
+fn asked_while_flushing(
+    tool: &Tool,
+    price: Option<&crate::pricing::PinnedToolPrice>,
+    context: &RunContext,
+) -> bool {
+    use contextos_crds::{
+        agent::{Adapter, HttpMethod},
+        common::ToolKind,
+    };
+    let reads = match tool.adapter.chosen() {
+        Some(Adapter::Http(http)) => http.method == HttpMethod::Get,
+        Some(Adapter::OpenApi(_)) => true,
+        _ => false,
+    };
+    reads
+        && tool.risk == ToolRisk::ReadOnly
         && tool.kind != ToolKind::Act
+        && price.is_none()
         && context.subject.is_none()
-        && matches!(
-            tool.adapter.chosen(),
-            Some(Adapter::Http(_) | Adapter::OpenApi(_) | Adapter::Mcp(_))
-        )
 }
 
 fn decision_entry(
@@ -2319,15 +2343,26 @@ mod tests {
             ..run.clone()
         };
         let asked_while_flushing =
-            |tool: &contextos_crds::agent::Tool| super::asked_while_flushing(tool, &run);
-        let http = "{http: {url: 'http://tools:8080/x'}}";
+            |tool: &contextos_crds::agent::Tool| super::asked_while_flushing(tool, None, &run);
+        let http = "{http: {url: 'http://tools:8080/x', method: GET}}";
         let openapi = "{openapi: {document: 'http://tools:8080/openapi.json', operationId: get}}";
-        let mcp = "{mcp: {url: 'http://tools:8081/mcp', tool: x}}";
-        for adapter in [http, openapi, mcp] {
+        let price = crate::pricing::PinnedToolPrice {
+            price_list: "tools".into(),
+            currency: "USD".into(),
+            per_call: crate::pricing::Nanos(1_000),
+        };
+        for adapter in [http, openapi] {
             let read = tool("read_only", adapter);
             assert!(asked_while_flushing(&read), "{adapter}");
-            // Not in a run about a person, nor for a tool that says it acts.
-            assert!(!super::asked_while_flushing(&read, &about_someone), "{adapter}");
+            // Not in a run about a person, nor priced, nor for a tool that says it acts.
+            assert!(
+                !super::asked_while_flushing(&read, None, &about_someone),
+                "{adapter}"
+            );
+            assert!(
+                !super::asked_while_flushing(&read, Some(&price), &run),
+                "{adapter}"
+            );
             let acting = contextos_crds::agent::Tool {
                 kind: contextos_crds::common::ToolKind::Act,
                 ..read
@@ -2339,6 +2374,9 @@ mod tests {
             }
         }
         for adapter in [
+            // A POST said to read, and an MCP tool: only the tool knows what they do.
+            "{http: {url: 'http://tools:8080/x', method: POST}}",
+            "{mcp: {url: 'http://tools:8081/mcp', tool: x}}",
             "{webhook: {url: 'http://tools:8080/hook', secretRef: {name: s, key: k}}}",
             "{a2a: {url: 'http://agent:9999/', riskCeiling: read_only}}",
             "{memory: {operation: recall}}",

@@ -248,9 +248,10 @@ pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
     /// Only for entries whose loss is noticed: a call's result or a model turn the gateway
     /// service already answered with (the runner's next request names the head it was told, and
     /// is refused if the record lost it; a call's go-ahead, durable before the tool acted, then
-    /// says its outcome is unknown). The next durable write of any run, usually the same runner's next
-    /// go-ahead, flushes it, so a call costs one flush instead of two. Stores whose every write
-    /// is durable (TiKV) just append.
+    /// says its outcome is unknown), or a read's go-ahead flushed with
+    /// [`Self::flush_pending`] while the tool is asked, before anyone is answered. The next
+    /// durable write of any run, usually the same runner's next go-ahead, flushes it, so a call
+    /// costs one flush instead of two. Stores whose every write is durable (TiKV) just append.
     fn append_flushed_soon(
         &self,
         tenant: &TenantId,

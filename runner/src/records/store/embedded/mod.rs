@@ -7,9 +7,9 @@
 //! Only one process opens the store (redb locks the file), so a commit is seen by this
 //! process's readers as soon as it is made, a flush before it is acknowledged as durable (an
 //! entry written to be flushed soon: up to [`FLUSHED_WITHIN`] later). What the gateway service
-//! shows a reader outside the run is flushed first ([`RecordStore::flush_pending`]). Nothing in
-//! ContextOS reads a run while its own append is in flight: the gateway serialises each run's
-//! requests.
+//! shows a reader outside the run is flushed first ([`RecordStore::flush_pending`]). The
+//! gateway serialises each run's writes; what reads a run beside them (its runner's own head
+//! and chain, a refusal being recorded, a reader) sees each append whole or not at all.
 
 mod wal;
 

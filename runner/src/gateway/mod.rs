@@ -780,7 +780,8 @@ impl ToolGateway {
     /// [`ToolGateway::handle`] for a call made by the run loop, which knows the run's progress.
     ///
     /// What must be durable before the tool acts (the go-ahead and the approval it used) is
-    /// written before it acts; what is recorded after that (the result, or the refusal, for a
+    /// written before it acts — for a read the gateway can see to be one, while it is asked, and
+    /// before its answer is returned (see [`asked_while_flushing`]); what is recorded after that (the result, or the refusal, for a
     /// call that did not act) is left staged, for the caller to write before anything depends
     /// on it — the run loop at once, the gateway service while its answer is on its way (see
     /// `service::run_api`).
@@ -2313,7 +2314,7 @@ mod tests {
     use crate::records::entry::PolicyDecisionRecord;
 
     #[test]
-    fn only_read_only_tools_over_http_openapi_or_mcp_are_asked_while_their_go_ahead_is_flushed() {
+    fn only_unpriced_reads_the_gateway_can_see_are_asked_while_their_go_ahead_is_flushed() {
         let tool = |risk: &str, adapter: &str| -> contextos_crds::agent::Tool {
             serde_yaml::from_str(&format!(
                 "{{name: t, description: d, risk: {risk}, kind: observe, adapter: {adapter}}}"

@@ -842,7 +842,9 @@ where
                 currency: price.map(|p| p.currency.as_str()),
                 model_turn: false,
             };
-            // Made durable by the call's go-ahead, which is written before the tool acts.
+            // Made durable by the call's go-ahead, which is written before the tool acts (for an
+            // unpriced read asked while its go-ahead is flushed: before it is answered; a crash
+            // in between takes back both, and the read, asked again, is counted once).
             let durability = crate::quota::book::Durability::WithNextRecord;
             match self
                 .hold_in_quotas(&caller.tenant, &quotas, &demand, durability)

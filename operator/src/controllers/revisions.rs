@@ -280,14 +280,15 @@ pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Co
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let (problem, class_missing) = match crate::sandbox_values::problem(&profile.spec) {
-        Some(problem) => (Some(problem), false),
-        None => {
-            let missing = missing_runtime_class(&ctx, profile.spec.runtime_class_name.as_deref()).await?;
-            let class_missing = missing.is_some();
-            (missing, class_missing)
-        }
+    let bad_value = crate::sandbox_values::problem(&profile.spec);
+    let class_missing = match bad_value {
+        Some(_) => None,
+        None => missing_runtime_class(&ctx, profile.spec.runtime_class_name.as_deref()).await?,
     };
+    // A RuntimeClass may be installed after the profile that names it; a bad value changes only
+    // with the profile.
+    let look_again = class_missing.is_some();
+    let problem = bad_value.or(class_missing);
     let ready = [match &problem {
         Some(problem) => Wanted::new(conditions::READY, false, reason::INVALID_SPEC, problem.clone()),
         None => Wanted::new(conditions::READY, true, reason::RESOLVED, "the profile is valid"),
@@ -303,9 +304,7 @@ pub async fn reconcile_sandbox_profile(profile: Arc<SandboxProfile>, ctx: Arc<Co
         status,
     )
     .await?;
-    // A RuntimeClass may be installed after the profile that names it; a bad value changes only
-    // with the profile.
-    Ok(if class_missing {
+    Ok(if look_again {
         Action::requeue(Duration::from_secs(60))
     } else {
         Action::await_change()

@@ -2492,7 +2492,9 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
 /// It also keeps what an embedded store's flushes would make durable: a write appended to be
 /// flushed soon is `unflushed` until the next flush or durable append; `flushes` counts the
 /// flushes done. While `flush_held`, a flush waits (at most 5 s) until `tool_asked`; once
-/// `flush_fails` is armed, the next flush fails.
+/// `flush_fails` is armed, the next flush fails. Once `written_before_read` is armed, the next
+/// read finds a write committed just before it and not yet flushed (as another request's
+/// would be): it leaves the store `unflushed`.
 #[derive(Default)]
 struct LosesAResult {
     inner: ScratchStore,
@@ -2505,6 +2507,7 @@ struct LosesAResult {
     flush_held: std::sync::atomic::AtomicBool,
     flush_fails: std::sync::atomic::AtomicBool,
     tool_asked: std::sync::atomic::AtomicBool,
+    written_before_read: std::sync::atomic::AtomicBool,
 }
 
 impl LosesAResult {
@@ -2536,6 +2539,14 @@ impl LosesAResult {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
         self.inner.append(tenant, batch).await
+    }
+
+    /// A read begins: see `written_before_read`.
+    fn reading(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.written_before_read.swap(false, SeqCst) {
+            self.unflushed.store(true, SeqCst);
+        }
     }
 
     fn handed_out(
@@ -2645,6 +2656,7 @@ impl RecordStore for LosesAResult {
         Option<contextos_runner::records::store::SignedHead>,
         contextos_runner::records::store::StoreError,
     > {
+        self.reading();
         self.inner.head(tenant, run_id).await
     }
     async fn read_chain(
@@ -2654,6 +2666,7 @@ impl RecordStore for LosesAResult {
         from_seq: u64,
     ) -> Result<Vec<contextos_runner::records::StoredEntry>, contextos_runner::records::store::StoreError>
     {
+        self.reading();
         self.handed_out(self.inner.read_chain(tenant, run_id, from_seq).await)
     }
     async fn read_chain_page(
@@ -2664,6 +2677,7 @@ impl RecordStore for LosesAResult {
         limit: usize,
     ) -> Result<Vec<contextos_runner::records::StoredEntry>, contextos_runner::records::store::StoreError>
     {
+        self.reading();
         self.handed_out(self.inner.read_chain_page(tenant, run_id, from_seq, limit).await)
     }
     async fn run_summary(
@@ -2682,6 +2696,7 @@ impl RecordStore for LosesAResult {
         filter: &contextos_runner::records::store::RunFilter,
     ) -> Result<Vec<contextos_runner::records::store::RunSummary>, contextos_runner::records::store::StoreError>
     {
+        self.reading();
         self.inner.list_runs(tenant, filter).await
     }
     async fn put_blob(
@@ -2696,6 +2711,7 @@ impl RecordStore for LosesAResult {
         tenant: &TenantId,
         hash: &contextos_runner::records::Hash,
     ) -> Result<Option<Vec<u8>>, contextos_runner::records::store::StoreError> {
+        self.reading();
         self.inner.get_blob(tenant, hash).await
     }
     async fn latest_checkpoint(
@@ -2706,6 +2722,7 @@ impl RecordStore for LosesAResult {
         Option<contextos_runner::records::store::Checkpoint>,
         contextos_runner::records::store::StoreError,
     > {
+        self.reading();
         self.inner.latest_checkpoint(tenant, session_id).await
     }
 }
@@ -2725,7 +2742,9 @@ async fn service_with_tools(store: Arc<LosesAResult>, operator: &KeyPair, tools:
         .with_controller("shop", "checkout-5xx-run-1", "Session", "checkout-5xx");
     let service = GatewayService::new(
         store,
-        StaticTokens::default().with("token-run-1", pod("shop", "checkout-5xx-run-1")),
+        StaticTokens::default()
+            .with("token-run-1", pod("shop", "checkout-5xx-run-1"))
+            .with_reader("token-auditor", "audra@example.com", &["shop"]),
         tenants,
         TenantKeys::new(&KeyPair::from_seed([12; 32])),
         operator.public(),
@@ -2790,6 +2809,80 @@ fn runbook_search(context: &SignedRunContext, i: usize) -> contextos_runner::gat
         idempotency_key: format!("search-{i}"),
         ..status_update(context, i)
     }
+}
+
+/// A reader outside the run is answered only once what it was shown is durable: a write
+/// committed just before its read and not yet flushed (another request's, on any replica) is
+/// flushed before the answer, whichever way the reader reads — else a crash could take back
+/// what an auditor or a replay Job was shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_is_answered_only_once_what_it_was_shown_is_durable() {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    use contextos_runner::records::store::remote::{Credential, RemoteStore};
+    let store = Arc::new(LosesAResult::default());
+    let operator = KeyPair::from_seed([11; 32]);
+    let (url, _tools) = service_over(store.clone(), &operator).await;
+    let (bundle, _) = quickstart_run(&operator);
+    let now = contextos_runner::records::recorder::now_ms();
+    let context =
+        issue_run_context(&bundle, RUN, TRACE, Some("checkout-5xx-run-1"), &operator, now).expect("context");
+    let client =
+        GatewayClient::new(&url, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
+    start_run(client.records(), &bundle, &context).await;
+    let called = client
+        .call(&status_update(&context, 1), &Default::default())
+        .await;
+    assert!(matches!(called, Ok(CallOutcome::Executed(_))), "{called:?}");
+    let auditor = RemoteStore::new(
+        &url,
+        TokenSource::Fixed("token-auditor".into()),
+        Credential::Reader {
+            namespace: "shop".into(),
+        },
+        "shop",
+    )
+    .expect("store");
+    let tenant = TenantId::new("shop").expect("tenant");
+    let shown_durable = |read: &str| {
+        assert!(
+            !store.unflushed.load(SeqCst),
+            "{read}: the reader was answered while a write its read saw was not durable"
+        );
+    };
+
+    store.written_before_read.store(true, SeqCst);
+    // One page, one request (the whole chain is read until a page comes back empty).
+    let chain = auditor
+        .read_chain_page(&tenant, RUN, 0, 100)
+        .await
+        .expect("chain");
+    assert!(chain.len() >= 3, "{} entries", chain.len());
+    shown_durable("the chain");
+    store.written_before_read.store(true, SeqCst);
+    let head = auditor.head(&tenant, RUN).await.expect("head");
+    assert!(head.is_some());
+    shown_durable("the head");
+    store.written_before_read.store(true, SeqCst);
+    let runs = auditor
+        .list_runs(&tenant, &contextos_runner::records::RunFilter::default())
+        .await
+        .expect("runs");
+    assert_eq!(runs.len(), 1);
+    shown_durable("the runs");
+    store.written_before_read.store(true, SeqCst);
+    auditor
+        .latest_checkpoint(&tenant, &context.context.session_id)
+        .await
+        .expect("checkpoint");
+    shown_durable("the checkpoint");
+    store.written_before_read.store(true, SeqCst);
+    let blob = auditor
+        .get_blob(&tenant, &contextos_runner::records::Hash::of(b"nothing stored"))
+        .await
+        .expect("blob");
+    assert!(blob.is_none());
+    shown_durable("a blob");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,15 +46,21 @@ where
                     grant.job
                 )));
             }
-            // What a reader is shown is durable: no head a crash could still take back.
-            self.store.flush_pending().await.map_err(unavailable)?;
             return Ok(tenant);
         }
         let (namespace, person) = self.permitted_person(headers, Access::ReadRecords).await?;
         // The audit trail of people's reads.
         tracing::info!(user = %person.username, %namespace, "records read");
-        self.store.flush_pending().await.map_err(unavailable)?;
         Ok(namespace)
+    }
+
+    /// `read`, once everything the store was given is durable: a reader outside the run is
+    /// never shown an entry or a head a crash could still take back. Flushed after the read,
+    /// not before it: a write committed between a flush and the read (another run's result
+    /// written after its answer, a go-ahead whose flush is under way) would be shown undurable.
+    pub(super) async fn durable<R>(&self, read: R) -> Result<R, Refusal> {
+        self.store.flush_pending().await.map_err(unavailable)?;
+        Ok(read)
     }
 
     /// The namespace a person names in [`READER_NAMESPACE_HEADER`] and the person, if the API
@@ -265,7 +271,7 @@ where
             .list_runs(&tenant, &filter)
             .await
             .map_err(unavailable)?;
-        Ok(Json(runs).into_response())
+        Ok(Json(service.durable(runs).await?).into_response())
     }
 
     pub(super) async fn reader_head(
@@ -275,7 +281,7 @@ where
     ) -> Reply {
         let tenant = service.reader(&headers).await?;
         let head = service.store.head(&tenant, &q.run).await.map_err(unavailable)?;
-        Ok(Json(head).into_response())
+        Ok(Json(service.durable(head).await?).into_response())
     }
 
     pub(super) async fn reader_chain(
@@ -289,6 +295,7 @@ where
             .read_chain_page(&tenant, &q.run, q.from, q.page())
             .await
             .map_err(unavailable)?;
+        let chain = service.durable(chain).await?;
         Ok(Json(chain.iter().map(WireEntry::of).collect::<Vec<_>>()).into_response())
     }
 
@@ -303,7 +310,7 @@ where
             .latest_checkpoint(&tenant, &q.session)
             .await
             .map_err(unavailable)?;
-        Ok(Json(checkpoint).into_response())
+        Ok(Json(service.durable(checkpoint).await?).into_response())
     }
 
     pub(super) async fn reader_put_blob(
@@ -329,12 +336,12 @@ where
     ) -> Reply {
         let tenant = service.reader(&headers).await?;
         let hash = Hash::parse(&hash).ok_or_else(|| bad("not a blob hash"))?;
-        match service
+        let blob = service
             .store
             .get_blob(&tenant, &hash)
             .await
-            .map_err(unavailable)?
-        {
+            .map_err(unavailable)?;
+        match service.durable(blob).await? {
             Some(bytes) => Ok(bytes.into_response()),
             None => Err(Refusal::new(
                 StatusCode::NOT_FOUND,
@@ -387,7 +394,7 @@ where
             .runs(limit)
             .await
             .map_err(feedback_refusal)?;
-        Ok(Json(runs).into_response())
+        Ok(Json(service.durable(runs).await?).into_response())
     }
 
     /// One run's corrections, verified with the tenant's key (a run about a person's opened
@@ -404,7 +411,7 @@ where
             .await
             .map_err(feedback_refusal)?;
         let records: Vec<_> = history.links.into_iter().map(|l| l.record).collect();
-        Ok(Json(records).into_response())
+        Ok(Json(service.durable(records).await?).into_response())
     }
 }
 

@@ -316,6 +316,11 @@ pub struct SessionStatus {
     /// Runner pod attempt (1 for the first pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// Attempts that ended without a report (crashed, killed, out of memory, past their
+    /// deadline): what the operator's `--max-crash-attempts` bounds. Counted here as each
+    /// attempt ends, so deleting an ended attempt's pod does not take its crash back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crashed_attempts: Option<u32>,
     /// Revisions pinned at start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<PinnedRevisions>,

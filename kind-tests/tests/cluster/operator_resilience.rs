@@ -363,6 +363,90 @@ async fn runner_attempts_that_crash_are_retried_up_to_the_bound() -> Result<()> 
     result
 }
 
+/// A tenant who deletes each crashed attempt's pod once the next attempt started (tenants may
+/// delete pods in their namespace) does not take the crashes back: the Session still fails
+/// after the operator's bound, three attempts, with the count in its status.
+#[tokio::test]
+async fn deleting_crashed_pods_does_not_reset_the_retry_bound() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    if operator_env::shared(env)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .is_none()
+    {
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
+        return Ok(());
+    }
+    // As above: every attempt errors out before it can report.
+    let (mut tools, tools_url) = operator_env::start_tools_with(&[]).map_err(anyhow::Error::msg)?;
+    let result = async {
+        let ns = TestNamespace::new(env, "operator-crash-reset").await?;
+        let client = env.client();
+        for mut object in objects_for(env, &tools_url)? {
+            if object["kind"] == "Agent" {
+                object["spec"]["model"] =
+                    json!({"provider": "openai_compatible", "endpoint": "http://127.0.0.1:9/v1", "model": "gpt-test"});
+            }
+            apply(&client, ns.name(), &object).await?;
+        }
+        apply(&client, ns.name(), &session("resetting")?).await?;
+        let sessions: Api<Session> = ns.api();
+        let pods: Api<Pod> = ns.api();
+        // The tenant: each ended pod of an attempt before the current one is deleted.
+        let deleter = {
+            let (sessions, pods) = (sessions.clone(), pods.clone());
+            tokio::spawn(async move {
+                let mut deleted = std::collections::BTreeSet::new();
+                loop {
+                    let status = sessions.get("resetting").await.ok().and_then(|s| s.status);
+                    let current = status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
+                    if status.and_then(|s| s.phase).is_some_and(SessionPhase::is_terminal) {
+                        return deleted;
+                    }
+                    for attempt in 1..current {
+                        let name = format!("resetting-run-{attempt}");
+                        if !deleted.contains(&name) && pods.delete(&name, &Default::default()).await.is_ok() {
+                            deleted.insert(name);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+        };
+        let failed = phase_is(&sessions, "resetting", SessionPhase::Failed).await;
+        deleter.abort();
+        let failed = failed?;
+        let status = failed.status.unwrap_or_default();
+        let ready = condition(&status.conditions, "Ready");
+        ensure!(
+            ready.starts_with("False AttemptsExhausted 3 runner attempts"),
+            "{ready}"
+        );
+        ensure!(
+            (status.attempt, status.crashed_attempts) == (Some(3), Some(3)),
+            "attempt {:?}, crashed {:?}",
+            status.attempt,
+            status.crashed_attempts
+        );
+        let left: Vec<String> = pods
+            .list(&ListParams::default().labels(contextos_crds::labels::SESSION))
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        ensure!(
+            left == ["resetting-run-3"],
+            "the first two attempts' pods deleted, the last left: {left:?}"
+        );
+        ns.pass();
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    let _ = tools.kill();
+    result
+}
+
 /// A `contextos gateway` process, started (and started again) on one port of the address pods
 /// reach this machine at.
 struct GatewayProcess {

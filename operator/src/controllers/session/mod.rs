@@ -35,7 +35,7 @@ use kube::{
 };
 
 use self::{
-    plan::{AttemptPod, Ended, Observed, Step},
+    plan::{AfterCrash, AttemptPod, Ended, Observed, Step},
     status::Update,
 };
 use super::{
@@ -126,7 +126,7 @@ async fn run(
                 sandbox,
                 attempt,
                 resumed_for.as_deref(),
-                after_crash.as_deref(),
+                after_crash.as_ref(),
             )
             .await
         }
@@ -218,7 +218,18 @@ async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &
         }
     }
     match &ended.report {
-        None => ended.crashes = crashed_attempts(ctx, pods, session).await?,
+        // Counted in the status as attempts end, where a tenant cannot take one back by
+        // deleting its pod; counted from the pods too, for crashes from before the status
+        // counted them.
+        None => {
+            let counted = session
+                .status
+                .as_ref()
+                .and_then(|s| s.crashed_attempts)
+                .unwrap_or(0)
+                .saturating_add(1);
+            ended.crashes = counted.max(crashed_attempts(ctx, pods, session).await?);
+        }
         Some(report) => {
             ended.attestation = match (report.outcome, &report.awaiting, &report.unresolved) {
                 (ReportedOutcome::AwaitingApproval, Some(awaiting), _) => {
@@ -234,8 +245,6 @@ async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &
     Ok(())
 }
 
-/// Attempts of this Session whose pod ended without a report: the crashes the retry bound
-/// counts (attempts started by approvals, and attempts that reported, do not count).
 /// The key the gateway signs the Session's tenant's statements with; an error (retried) while
 /// the gateway cannot be asked.
 async fn tenant_key(ctx: &Context, session: &Session) -> Result<contextos_runner::keys::PublicKey> {
@@ -315,6 +324,9 @@ fn completion_attested(
     }
 }
 
+/// Attempts of this Session whose pod is still there and ended without a report: the crashes
+/// the retry bound counts (attempts started by approvals, and attempts that reported, do not
+/// count). A tenant can delete pods: the status's count is the one that holds.
 async fn crashed_attempts(ctx: &Context, pods: &Api<Pod>, session: &Session) -> Result<u32> {
     let pods = pods
         .list(&kube::api::ListParams::default().labels(&format!(
@@ -465,7 +477,7 @@ async fn start_attempt(
     sandbox: &SandboxProfileSpec,
     attempt: u32,
     resumed_for: Option<&str>,
-    after_crash: Option<&str>,
+    after_crash: Option<&AfterCrash>,
 ) -> Result<Action> {
     let namespace = session.namespace().unwrap_or_default();
     let pod_name = children::pod_name(&session.name_any(), attempt);
@@ -536,7 +548,7 @@ async fn start_attempt(
         SessionPhase::Running,
         reason::RUNNING,
         match after_crash {
-            Some(crashed) => format!("runner pod {} started ({crashed})", pod.name_any()),
+            Some(crashed) => format!("runner pod {} started ({})", pod.name_any(), crashed.why),
             None => format!("runner pod {} started", pod.name_any()),
         },
     )
@@ -544,6 +556,10 @@ async fn start_attempt(
     .pinned(pinned)
     .run_id(children::run_id(session))
     .clear_pending();
+    let update = match after_crash {
+        Some(crashed) => update.crashed_attempts(crashed.crashes),
+        None => update,
+    };
     write_status(ctx, session, update).await?;
     Ok(Action::await_change())
 }

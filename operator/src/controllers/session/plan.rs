@@ -78,7 +78,14 @@ pub struct Ended {
     pub finished_at: Option<Timestamp>,
     pub cause: CrashCause,
     /// Attempts of the Session that ended without a report, this one included; counted only
-    /// when this one has none.
+    /// when this one has none (see `observe_end`).
+    pub crashes: u32,
+}
+
+/// The attempt before a new one crashed: why, and how many have crashed so far.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AfterCrash {
+    pub why: String,
     pub crashes: u32,
 }
 
@@ -93,7 +100,7 @@ pub enum Step {
         /// The decision (call hash) or finding (`resolution/<call id>`) it is started for.
         resumed_for: Option<String>,
         /// Why the previous attempt ended, when it crashed.
-        after_crash: Option<String>,
+        after_crash: Option<AfterCrash>,
     },
     /// Write the status, then wait for a change (or look again after `recheck`).
     Report {
@@ -339,6 +346,7 @@ fn after_crash(observed: &Observed, ended: &Ended) -> Step {
             update: Box::new(
                 Update::default()
                     .attempt(observed.attempt)
+                    .crashed_attempts(ended.crashes)
                     .with_phase(
                         SessionPhase::Failed,
                         reason::ATTEMPTS_EXHAUSTED,
@@ -362,7 +370,10 @@ fn after_crash(observed: &Observed, ended: &Ended) -> Step {
     Step::Start {
         attempt: observed.attempt + 1,
         resumed_for: None,
-        after_crash: Some(format!("{ended_how}; resuming from the last checkpoint")),
+        after_crash: Some(AfterCrash {
+            why: format!("{ended_how}; resuming from the last checkpoint"),
+            crashes: ended.crashes,
+        }),
     }
 }
 
@@ -777,7 +788,7 @@ mod tests {
                     let Step::Start {
                         attempt: 3,
                         resumed_for: None,
-                        after_crash: Some(why),
+                        after_crash: Some(AfterCrash { why, crashes: 1 }),
                     } = step
                     else {
                         panic!("{step:?}");

@@ -37,6 +37,7 @@ impl<T> Change<T> {
 pub struct Update {
     phase: Option<(SessionPhase, &'static str, String)>,
     attempt: Option<u32>,
+    crashed_attempts: Option<u32>,
     pinned: Option<PinnedRevisions>,
     run_id: Option<String>,
     pending: Change<PendingApproval>,
@@ -80,6 +81,12 @@ impl Update {
 
     pub fn attempt(mut self, attempt: u32) -> Self {
         self.attempt = Some(attempt);
+        self
+    }
+
+    /// How many attempts have crashed so far (it only grows: see `SessionStatus`).
+    pub fn crashed_attempts(mut self, crashes: u32) -> Self {
+        self.crashed_attempts = Some(crashes);
         self
     }
 
@@ -159,6 +166,9 @@ impl Update {
         let previous = status.conditions.clone();
         if let Some(attempt) = self.attempt {
             status.attempt = Some(attempt);
+        }
+        if let Some(crashes) = self.crashed_attempts {
+            status.crashed_attempts = Some(crashes.max(status.crashed_attempts.unwrap_or(0)));
         }
         if let Some(pinned) = self.pinned {
             status.pinned = Some(pinned);
@@ -359,6 +369,17 @@ mod tests {
                     assert_eq!(s.phase, Some(SessionPhase::Running));
                     assert_eq!(ready(s), Some(("False", reason::RUNNING)));
                     assert!(announced.is_some());
+                },
+            ),
+            (
+                "the crash count is written with the attempt after a crash, and never falls",
+                SessionStatus {
+                    crashed_attempts: Some(2),
+                    ..Default::default()
+                },
+                running().attempt(4).crashed_attempts(1),
+                |s, _| {
+                    assert_eq!((s.attempt, s.crashed_attempts), (Some(4), Some(2)));
                 },
             ),
             (

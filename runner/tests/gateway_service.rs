@@ -3106,6 +3106,81 @@ async fn a_refusal_is_recorded_without_reading_the_run_whole() {
     );
 }
 
+/// A pod's refusal is recorded only in a run of the Session that controls it: the latest run
+/// under its Session's name may be an earlier Session's of that name (deleted and made again),
+/// whose record must not take a later Session's pod's refusals (nor the other way round).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_recorded_only_in_a_run_of_the_session_controlling_the_pod() {
+    use contextos_runner::records::RunStart;
+    let store = Arc::new(LosesAResult::default());
+    let operator = KeyPair::from_seed([11; 32]);
+    let (url, _tools) = service_over(store.clone(), &operator).await;
+    let (bundle, context) = quickstart_run(&operator);
+    let tenant = TenantId::new("shop").expect("tenant");
+    // A run of Session checkout-5xx as the given uid, with a checkpoint: the Session's latest.
+    let run_of = |run_id: &str, session_uid: &str| {
+        let start = RunStart {
+            run_id: run_id.into(),
+            session_id: context.context.session_id.clone(),
+            agent: bundle.agent.clone(),
+            run_context: serde_json::json!({"context": {"session_uid": session_uid}}),
+            pinned: bundle.pinned(),
+            bundle: None,
+        };
+        let store = store.clone();
+        let tenant = tenant.clone();
+        async move {
+            let mut recorder = Recorder::begin(&*store, tenant, transit(), start).expect("recorder");
+            recorder.stage(EntryBody::Checkpoint {
+                step: 0,
+                state: serde_json::json!({}),
+            });
+            recorder.flush().await.expect("written");
+        }
+    };
+    let forged = {
+        use base64::Engine as _;
+        let mut forged = context.clone();
+        forged.context.budget.max_steps += 1;
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&forged).expect("json"))
+    };
+    let refused_in = |run_id: &'static str| {
+        let (store, tenant, url, forged) = (store.clone(), tenant.clone(), url.clone(), forged.clone());
+        async move {
+            let answer = contextos_runner::http::client()
+                .get(format!("{url}/v1/run/head?run={RUN}"))
+                .header(RUN_CONTEXT_HEADER, &forged)
+                .bearer_auth("token-run-1")
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(answer.status().as_u16(), 403, "a forged context");
+            let chain = store.inner.read_chain(&tenant, run_id, 0).await.expect("chain");
+            chain
+                .iter()
+                .filter(|e| {
+                    contextos_runner::records::RecordEntry::decode(&e.bytes)
+                        .is_ok_and(|e| matches!(e.body, EntryBody::AccessRefused { .. }))
+                })
+                .count()
+        }
+    };
+    // The pod is controlled by Session checkout-5xx as `uid-checkout-5xx` (the test double's).
+    run_of("earlier-run", "uid-earlier").await;
+    assert_eq!(
+        refused_in("earlier-run").await,
+        0,
+        "another Session's run took the pod's refusal"
+    );
+    run_of("current-run", "uid-checkout-5xx").await;
+    assert_eq!(
+        refused_in("current-run").await,
+        1,
+        "its own Session's run records it"
+    );
+    assert_eq!(refused_in("earlier-run").await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_told_a_result_the_service_then_lost_cannot_act_on_it() {
     // The service answers a call while its result is being written. If that write fails, the

@@ -128,6 +128,18 @@ pub struct Recorder<'s, S> {
     vault: Option<(SubjectHandle, SecretKey)>,
     /// A body that could not be encrypted when staged: the next flush fails with it.
     failed_lock: Option<crate::vault::VaultError>,
+    /// The uid of the Session the run was started for, as its `run_started` entry's RunContext
+    /// says (none for a run started outside a cluster, or before contexts carried it).
+    session_uid: Option<String>,
+}
+
+/// The Session uid a `run_started` entry's `run_context` (a signed RunContext) names.
+fn session_uid_of(run_context: &Value) -> Option<String> {
+    run_context
+        .get("context")?
+        .get("session_uid")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// A body waiting to be chained: encoded once, at staging time.
@@ -213,6 +225,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             head: Hash([0; 32]),
         };
         let mut recorder = Self::with_state(store, tenant, key, summary, None);
+        recorder.session_uid = session_uid_of(&start.run_context);
         recorder.stage(EntryBody::RunStarted {
             session_id: start.session_id,
             agent: start.agent,
@@ -232,7 +245,10 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         run_started: &RecordEntry,
     ) -> Result<Self, RecordError> {
         let EntryBody::RunStarted {
-            session_id, agent, ..
+            session_id,
+            agent,
+            run_context,
+            ..
         } = &run_started.body
         else {
             return Err(RecordError::Store(StoreError::BadBatch {
@@ -251,7 +267,9 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             entries: 0,
             head: Hash([0; 32]),
         };
-        Ok(Self::with_state(store, tenant, key, summary, None))
+        let mut recorder = Self::with_state(store, tenant, key, summary, None);
+        recorder.session_uid = session_uid_of(run_context);
+        Ok(recorder)
     }
 
     /// Continues a run whose summary and head the caller already knows (it read them before,
@@ -284,6 +302,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             written: None,
             vault: None,
             failed_lock: None,
+            session_uid: None,
         }
     }
 
@@ -292,6 +311,12 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     pub fn vaulted(mut self, subject: SubjectHandle, key: SecretKey) -> Self {
         self.vault = Some((subject, key));
         self
+    }
+
+    /// The uid of the Session the run was started for, as its first entry says (known to a
+    /// recorder that began or resumed the run).
+    pub fn session_uid(&self) -> Option<&str> {
+        self.session_uid.as_deref()
     }
 
     /// The subject this recorder's entries are encrypted for, if any.
@@ -335,7 +360,10 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             problem: e.to_string(),
         })?;
         let EntryBody::RunStarted {
-            session_id, agent, ..
+            session_id,
+            agent,
+            run_context,
+            ..
         } = decoded.body
         else {
             return Err(RecordError::Undecodable {
@@ -374,7 +402,8 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             }
             None => None,
         };
-        let recorder = Self::with_state(store, tenant, key, summary, Some(head));
+        let mut recorder = Self::with_state(store, tenant, key, summary, Some(head));
+        recorder.session_uid = session_uid_of(&run_context);
         Ok(match vault {
             Some((subject, key)) => recorder.vaulted(subject, key),
             None => recorder,

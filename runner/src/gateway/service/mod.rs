@@ -943,7 +943,14 @@ where
         let Ok(mut recorder) = Recorder::resume(&self.store, tenant, key, &checkpoint.run_id).await else {
             return;
         };
-        if recorder.finished() {
+        // The latest run under the Session's name may be an earlier Session's of that name
+        // (deleted and made again while the earlier one's pods are still being collected): a
+        // pod's refusal goes only into a run of the very Session that controls it.
+        if recorder.finished()
+            || recorder
+                .session_uid()
+                .is_some_and(|uid| uid != controller.owner_uid)
+        {
             return;
         }
         recorder.stage(EntryBody::AccessRefused {

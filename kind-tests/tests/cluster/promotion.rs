@@ -508,6 +508,72 @@ async fn without_history_a_candidate_waits_for_an_explicit_bypass_and_manual_mod
     Ok(())
 }
 
+/// An Agent is held to the Policy revisions its runs get: a Policy edit that is not promoted
+/// (here it denies status updates) does not make a supervised Agent with nobody to approve
+/// valid, while the promoted revision still lets status updates through to wait for a person
+/// nobody named — a run would wait for good.
+#[tokio::test]
+async fn an_agent_is_checked_against_the_policy_revisions_its_runs_get() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: replay pods need a local node (KUBECONFIG is set)");
+        return Ok(());
+    };
+    let ns = TestNamespace::new(env, "promotion-approvable").await?;
+    let client = env.client();
+    let policy = install(env, ns.name(), &op.tools_url, |object| {
+        if object["kind"] == "Policy" {
+            object["spec"]["promotion"]["mode"] = json!("manual");
+            object["spec"]["promotion"]["approvers"] = json!({"groups": ["sre-leads"]});
+        }
+    })
+    .await?;
+    crate::operator::agent_ready(&ns).await?;
+    let policies: Api<Policy> = ns.api();
+    let promoted = promoted_guardrails(&policies).await?;
+    // The edit waits: nothing recorded to replay, and nobody bypassed the gate.
+    let mut edited = policy.clone();
+    edited["spec"]["rules"].as_array_mut().context("rules")?.insert(
+        0,
+        json!({"name": "no-status-updates", "match": {"tools": ["post_status_update"]},
+                   "effect": "deny", "reason": "Not yet."}),
+    );
+    apply(&client, ns.name(), &edited).await?;
+    policy_condition(
+        &policies,
+        "oncall-guardrails",
+        "ReplayPassed",
+        "False NoRecordedHistory",
+    )
+    .await?;
+    ensure!(
+        promoted_guardrails(&policies).await? == promoted,
+        "the edit is not promoted"
+    );
+    // Supervised, nobody to approve: under the promoted revision status updates wait for one.
+    let agents: Api<Agent> = ns.api();
+    let patch = json!({"spec": {"safetyMode": "supervised", "approvers": null}});
+    agents
+        .patch("oncall-assistant", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    wait_for_object(
+        &agents,
+        "oncall-assistant",
+        "not Ready, naming spec.approvers",
+        TIMEOUT,
+        |a: &Agent| {
+            let ready = condition(&a.status.clone().unwrap_or_default().conditions, "Ready");
+            Check::when(
+                ready.starts_with("False InvalidSpec spec.approvers") && ready.contains("post_status_update"),
+                || ready.clone(),
+            )
+        },
+    )
+    .await?;
+    ns.pass();
+    Ok(())
+}
+
 /// The text of Session `name`'s pinned run bundle, as the operator sealed it.
 async fn bundle_text(client: &kube::Client, namespace: &str, name: &str) -> Result<String> {
     let bundle = Api::<ConfigMap>::namespaced(client.clone(), namespace)

@@ -280,6 +280,11 @@ async fn composition(
         };
         policies.push(NamedPolicy { name, spec });
     }
+    // Against the Policies' promoted revisions, which its runs get, not the Policies as edited:
+    // a rule an unpromoted revision adds or drops changes nothing for a run yet.
+    if let Some(problem) = contextos_runner::policy::decide::unapprovable(spec, spec.safety_mode, &policies) {
+        return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
+    }
     if let Some(clash) = contextos_runner::skills::fragment_clash(&pack_name, &pack.spec, &resolved.skills) {
         return Ok(Err(Invalid::new(clash.reason, clash.to_string())));
     }
@@ -451,16 +456,6 @@ pub async fn resolve(ctx: &Context, namespace: &str, spec: &AgentSpec) -> Result
     }
     if let Some(problem) = execution_refused(&spec.tools, &sandbox.spec.execution, sandbox_name) {
         return Ok(Err(Invalid::new(reason::EXECUTION_NOT_ALLOWED, problem)));
-    }
-    let named: Vec<NamedPolicy> = used
-        .iter()
-        .map(|p| NamedPolicy {
-            name: p.name_any(),
-            spec: p.spec.clone(),
-        })
-        .collect();
-    if let Some(problem) = contextos_runner::policy::decide::unapprovable(&spec, spec.safety_mode, &named) {
-        return Ok(Err(Invalid::new(reason::INVALID_SPEC, problem)));
     }
     let (ontology, compiled) = match namespace_ontology(ctx, namespace).await? {
         Ok(found) => found,

@@ -84,11 +84,9 @@ pub const RUNNER_NETWORK_POLICY: &str = "contextos-runners";
 
 /// The run id of a Session: stable across attempts, unique across Sessions of the same name.
 pub fn run_id(session: &Session) -> String {
-    let uid = session.metadata.uid.as_deref().unwrap_or_default();
-    let short: String = uid.chars().filter(char::is_ascii_alphanumeric).take(8).collect();
-    format!(
-        "{}-{short}",
-        session.metadata.name.as_deref().unwrap_or("session")
+    contextos_runner::run::session_run_id(
+        session.metadata.name.as_deref().unwrap_or("session"),
+        session.metadata.uid.as_deref().unwrap_or_default(),
     )
 }
 

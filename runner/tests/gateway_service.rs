@@ -56,7 +56,9 @@ mod embeddings;
 #[path = "gateway_service/refused_tokens.rs"]
 mod refused_tokens;
 
-const RUN: &str = "checkout-5xx-r1";
+/// The run of Session checkout-5xx (uid `uid-checkout-5xx`, the test double's), named as the
+/// operator names it (`contextos_runner::run::session_run_id`).
+const RUN: &str = "checkout-5xx-uidcheck";
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 /// A gateway service on loopback with its store, tenants and the operator's key.
@@ -2834,6 +2836,20 @@ async fn a_reader_is_answered_only_once_what_it_was_shown_is_durable() {
         .call(&status_update(&context, 1), &Default::default())
         .await;
     assert!(matches!(called, Ok(CallOutcome::Executed(_))), "{called:?}");
+    let tenant = TenantId::new("shop").expect("tenant");
+    // The result is written after the answer: once it is on record it is flushed here, so the
+    // only write not yet durable below is the one each read finds.
+    for _ in 0..500 {
+        let chain = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
+        if chain.iter().any(|e| {
+            contextos_runner::records::RecordEntry::decode(&e.bytes)
+                .is_ok_and(|e| matches!(e.body, EntryBody::ToolResult(_)))
+        }) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    store.flush_pending().await.expect("flushed");
     let auditor = RemoteStore::new(
         &url,
         TokenSource::Fixed("token-auditor".into()),
@@ -2843,7 +2859,6 @@ async fn a_reader_is_answered_only_once_what_it_was_shown_is_durable() {
         "shop",
     )
     .expect("store");
-    let tenant = TenantId::new("shop").expect("tenant");
     let shown_durable = |read: &str| {
         assert!(
             !store.unflushed.load(SeqCst),
@@ -3018,7 +3033,7 @@ async fn a_refusal_is_recorded_without_reading_the_run_whole() {
         );
     }
     let tenant = TenantId::new("shop").expect("tenant");
-    // A checkpoint: how the gateway finds the pod's run (the Session's latest).
+    // A checkpoint (the gateway finds the pod's run by its Session, not by checkpoints).
     let mut recorder = Recorder::resume(client.records(), tenant.clone(), transit(), RUN)
         .await
         .expect("resume");
@@ -3106,79 +3121,78 @@ async fn a_refusal_is_recorded_without_reading_the_run_whole() {
     );
 }
 
-/// A pod's refusal is recorded only in a run of the Session that controls it: the latest run
-/// under its Session's name may be an earlier Session's of that name (deleted and made again),
-/// whose record must not take a later Session's pod's refusals (nor the other way round).
+/// A pod's refusal is recorded in the run of the very Session that controls it, found by that
+/// Session's name and uid: not in an earlier Session's run of the same name (deleted and made
+/// again), even when that run holds the newest checkpoint, and whether or not its own runner
+/// wrote a checkpoint (a hostile runner writes none).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusal_is_recorded_only_in_a_run_of_the_session_controlling_the_pod() {
+async fn a_refusal_is_recorded_only_in_the_run_of_the_session_controlling_the_pod() {
     use contextos_runner::records::RunStart;
     let store = Arc::new(LosesAResult::default());
     let operator = KeyPair::from_seed([11; 32]);
     let (url, _tools) = service_over(store.clone(), &operator).await;
     let (bundle, context) = quickstart_run(&operator);
+    let client =
+        GatewayClient::new(&url, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
+    start_run(client.records(), &bundle, &context).await;
     let tenant = TenantId::new("shop").expect("tenant");
-    // A run of Session checkout-5xx as the given uid, with a checkpoint: the Session's latest.
-    let run_of = |run_id: &str, session_uid: &str| {
-        let start = RunStart {
-            run_id: run_id.into(),
-            session_id: context.context.session_id.clone(),
-            agent: bundle.agent.clone(),
-            run_context: serde_json::json!({"context": {"session_uid": session_uid}}),
-            pinned: bundle.pinned(),
-            bundle: None,
-        };
-        let store = store.clone();
-        let tenant = tenant.clone();
-        async move {
-            let mut recorder = Recorder::begin(&*store, tenant, transit(), start).expect("recorder");
-            recorder.stage(EntryBody::Checkpoint {
-                step: 0,
-                state: serde_json::json!({}),
-            });
-            recorder.flush().await.expect("written");
-        }
+    // An earlier Session checkout-5xx's run, with the Session name's newest checkpoint.
+    let earlier = contextos_runner::run::session_run_id("checkout-5xx", "uid-earlier");
+    let start = RunStart {
+        run_id: earlier.clone(),
+        session_id: context.context.session_id.clone(),
+        agent: bundle.agent.clone(),
+        run_context: serde_json::json!({"context": {"session_uid": "uid-earlier"}}),
+        pinned: bundle.pinned(),
+        bundle: None,
     };
+    let mut recorder = Recorder::begin(&*store, tenant.clone(), transit(), start).expect("recorder");
+    recorder.stage(EntryBody::Checkpoint {
+        step: 0,
+        state: serde_json::json!({}),
+    });
+    recorder.flush().await.expect("written");
+    let newest = store
+        .inner
+        .latest_checkpoint(&tenant, &context.context.session_id)
+        .await
+        .expect("checkpoint")
+        .expect("one");
+    assert_eq!(
+        newest.run_id, earlier,
+        "the earlier Session's run holds the newest checkpoint"
+    );
+
     let forged = {
         use base64::Engine as _;
         let mut forged = context.clone();
         forged.context.budget.max_steps += 1;
         base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&forged).expect("json"))
     };
-    let refused_in = |run_id: &'static str| {
-        let (store, tenant, url, forged) = (store.clone(), tenant.clone(), url.clone(), forged.clone());
-        async move {
-            let answer = contextos_runner::http::client()
-                .get(format!("{url}/v1/run/head?run={RUN}"))
-                .header(RUN_CONTEXT_HEADER, &forged)
-                .bearer_auth("token-run-1")
-                .send()
-                .await
-                .expect("send");
-            assert_eq!(answer.status().as_u16(), 403, "a forged context");
-            let chain = store.inner.read_chain(&tenant, run_id, 0).await.expect("chain");
-            chain
-                .iter()
-                .filter(|e| {
-                    contextos_runner::records::RecordEntry::decode(&e.bytes)
-                        .is_ok_and(|e| matches!(e.body, EntryBody::AccessRefused { .. }))
-                })
-                .count()
-        }
+    let answer = contextos_runner::http::client()
+        .get(format!("{url}/v1/run/head?run={RUN}"))
+        .header(RUN_CONTEXT_HEADER, &forged)
+        .bearer_auth("token-run-1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(answer.status().as_u16(), 403, "a forged context");
+    let refusals_in = |chain: Vec<contextos_runner::records::StoredEntry>| {
+        chain
+            .iter()
+            .filter(|e| {
+                contextos_runner::records::RecordEntry::decode(&e.bytes)
+                    .is_ok_and(|e| matches!(e.body, EntryBody::AccessRefused { .. }))
+            })
+            .count()
     };
-    // The pod is controlled by Session checkout-5xx as `uid-checkout-5xx` (the test double's).
-    run_of("earlier-run", "uid-earlier").await;
+    let own = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
+    let other = store.inner.read_chain(&tenant, &earlier, 0).await.expect("chain");
     assert_eq!(
-        refused_in("earlier-run").await,
-        0,
-        "another Session's run took the pod's refusal"
+        (refusals_in(own), refusals_in(other)),
+        (1, 0),
+        "refusals in the pod's own Session's run and in the earlier Session's"
     );
-    run_of("current-run", "uid-checkout-5xx").await;
-    assert_eq!(
-        refused_in("current-run").await,
-        1,
-        "its own Session's run records it"
-    );
-    assert_eq!(refused_in("earlier-run").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

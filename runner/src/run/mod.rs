@@ -54,6 +54,14 @@ pub fn issue_run_context(
     Ok(SignedRunContext::sign(context, key))
 }
 
+/// The run id of Session `name` whose uid is `uid`, as the operator names its run: stable
+/// across attempts, another for a Session made again under the same name. The gateway finds a
+/// runner pod's run from its controlling Session by it.
+pub fn session_run_id(name: &str, uid: &str) -> String {
+    let short: String = uid.chars().filter(char::is_ascii_alphanumeric).take(8).collect();
+    format!("{name}-{short}")
+}
+
 /// [`issue_run_context`] for runner pod `pod` of the Session whose uid is `session_uid` (what the
 /// operator issues): the gateway serves it only to a pod that very Session controls.
 pub fn issue_runner_context(

@@ -912,9 +912,11 @@ where
         }
     }
 
-    /// Records a refusal in the caller's own run — the latest run of the Session whose pod it
-    /// is — never in the run it named. Best effort: a pod that is no Session's has no run; a
-    /// run that ended records nothing more; and a pod's refusals are recorded
+    /// Records a refusal in the caller's own run — the run of the very Session whose pod it is
+    /// (by the Session's name and uid, as the operator names its run; never by the run the
+    /// request named, nor by the checkpoints its runner chose to write) — never in another.
+    /// Best effort: a pod that is no Session's has no run; a run not started yet, or one that
+    /// ended, records nothing; and a pod's refusals are recorded
     /// [`REFUSALS_RECORDED_PER_MINUTE`] times a minute at most (each costs a read of the pod,
     /// the run's chain and a durable write: a pod sending forged requests in a loop must not
     /// grow a record, or a replica's work, without bound). All are refused just the same.
@@ -935,17 +937,13 @@ where
         if !controller.is(SESSION_GROUP, "Session", &controller.name, &identity.pod_uid) {
             return;
         }
-        let session = controller.name;
-        let Ok(Some(checkpoint)) = self.store.latest_checkpoint(&tenant, &session).await else {
-            return;
-        };
+        let run_id = crate::run::session_run_id(&controller.name, &controller.owner_uid);
         let key = self.keys.for_tenant(tenant.as_str());
-        let Ok(mut recorder) = Recorder::resume(&self.store, tenant, key, &checkpoint.run_id).await else {
+        let Ok(mut recorder) = Recorder::resume(&self.store, tenant, key, &run_id).await else {
             return;
         };
-        // The latest run under the Session's name may be an earlier Session's of that name
-        // (deleted and made again while the earlier one's pods are still being collected): a
-        // pod's refusal goes only into a run of the very Session that controls it.
+        // The run id holds only the start of the Session's uid: the run must say it is that
+        // Session's (a Session of the same name made again is another).
         if recorder.finished()
             || recorder
                 .session_uid()
@@ -958,7 +956,7 @@ where
             reason: why.chars().take(1024).collect(),
         });
         if let Err(error) = recorder.flush().await {
-            tracing::warn!(%error, run_id = %checkpoint.run_id, "cannot record a refusal");
+            tracing::warn!(%error, %run_id, "cannot record a refusal");
         }
     }
 

@@ -210,7 +210,7 @@ where
                 gate: report.as_gate(),
             };
             let signed = SignedGateVerdict::sign(verdict, &service.keys.for_tenant(tenant.as_str()));
-            return Ok(Json(signed).into_response());
+            return Ok(Json(service.durable(signed).await?).into_response());
         }
         let models = Arc::new(TenantModels {
             service: service.clone(),
@@ -249,8 +249,9 @@ where
             candidate_digest: order.candidate_digest.clone(),
             gate,
         };
+        // Signed from the records it read: those are durable before the verdict leaves.
         let signed = SignedGateVerdict::sign(verdict, &service.keys.for_tenant(tenant.as_str()));
-        Ok(Json(signed).into_response())
+        Ok(Json(service.durable(signed).await?).into_response())
     }
 
     pub(super) async fn reader_runs(

@@ -1460,6 +1460,101 @@ async fn a_long_run_is_read_back_whole_a_page_at_a_time() {
     assert_eq!(page.len(), CHAIN_PAGE);
 }
 
+/// Sends a request's head (and `body`, not necessarily all the head declares) on a connection of
+/// its own to the service at `url`; the connection, still open.
+async fn sent(url: &str, head: &str, body: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let address = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let head = format!("{head}Host: {address}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(body).await.expect("write");
+    stream
+}
+
+/// The start of the answer on `stream` (its status line first), within 10 s.
+async fn answer_on(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut buffer = vec![0u8; 512];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buffer))
+        .await
+        .expect("answered within 10 s")
+        .expect("read");
+    String::from_utf8_lossy(&buffer[..read]).into_owned()
+}
+
+/// A namespace's request bodies are accounted before they are read: its pods holding two of the
+/// largest open take its share, and a third is refused at once (503) — while its requests
+/// without a body, and another namespace's, go on. (Without the budget one namespace could have
+/// 64 bodies of 8 MiB held at once, a replica's whole memory.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_holds_at_most_its_share_of_request_bodies_at_once() {
+    let rig = rig().await;
+    let large = |token: &str| {
+        format!(
+            "POST /v1/run/blobs HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n",
+            8 << 20
+        )
+    };
+    // Two of the largest, a KiB of each sent, the rest held back.
+    let held = [
+        sent(&rig.url, &large("token-run-1"), &[0; 1024]).await,
+        sent(&rig.url, &large("token-run-2"), &[0; 1024]).await,
+    ];
+    let refused =
+        |answer: &str| answer.starts_with("HTTP/1.1 503") && answer.contains("request bodies in flight");
+    let mut third = String::new();
+    for _ in 0..100 {
+        third = answer_on(&mut sent(&rig.url, &large("token-run-1"), &[]).await).await;
+        if refused(&third) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(refused(&third), "a third body of the namespace: {third}");
+    // A request without a body still gets in (refused for its missing RunContext, not for bytes).
+    let bodiless = answer_on(
+        &mut sent(
+            &rig.url,
+            &format!("GET /v1/run/head?run={RUN} HTTP/1.1\r\nAuthorization: Bearer token-run-1\r\n"),
+            &[],
+        )
+        .await,
+    )
+    .await;
+    assert!(bodiless.starts_with("HTTP/1.1 400"), "{bodiless}");
+    // Another namespace's large body is read (and refused for what it is, not for bytes).
+    let other = answer_on(
+        &mut sent(
+            &rig.url,
+            "POST /v1/run/blobs HTTP/1.1\r\nAuthorization: Bearer token-bank\r\nContent-Type: application/octet-stream\r\nContent-Length: 16\r\n",
+            &[0; 16],
+        )
+        .await,
+    )
+    .await;
+    assert!(!other.starts_with("HTTP/1.1 503"), "{other}");
+    // Once the held bodies' callers hang up, the namespace's bytes are back.
+    drop(held);
+    let mut again = String::new();
+    for _ in 0..100 {
+        again = answer_on(
+            &mut sent(
+                &rig.url,
+                "POST /v1/run/blobs HTTP/1.1\r\nAuthorization: Bearer token-run-1\r\nContent-Type: application/octet-stream\r\nContent-Length: 16\r\n",
+                &[0; 16],
+            )
+            .await,
+        )
+        .await;
+        if !again.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!again.starts_with("HTTP/1.1 503"), "{again}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_reads_and_verifies_only_the_namespaces_the_api_server_lets_them_and_writes_nothing() {
     use contextos_runner::records::{

@@ -11,6 +11,7 @@
 
 mod a2a_api;
 mod blob_charges;
+mod body_budget;
 pub mod completion;
 mod consent_api;
 mod context_cache;
@@ -98,6 +99,11 @@ const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 /// Requests of one tenant handled at once by one replica (more are answered 503, which runners
 /// retry): a tenant whose calls hang — a tool that never answers — cannot take every slot.
 const MAX_IN_FLIGHT_PER_TENANT: usize = 64;
+/// Bytes of request bodies one replica holds at once (see `body_budget`): eight of the largest.
+const MAX_BUFFERED_BYTES: usize = 8 * MAX_REQUEST_BYTES;
+/// Bytes of request bodies of one tenant a replica holds at once: two of the largest, while
+/// the small requests runs mostly make (a call, a few entries) go on side by side.
+const MAX_BUFFERED_PER_TENANT: usize = 2 * MAX_REQUEST_BYTES;
 /// Largest request body (a batch of entries or a blob).
 const MAX_REQUEST_BYTES: usize = 8 << 20;
 /// What one run may write to the store by default (its record's entries, and blobs it uploads).
@@ -133,6 +139,7 @@ pub(super) struct TenantSlot {
     _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
     _replica: Arc<tokio::sync::OwnedSemaphorePermit>,
     turn: Option<Arc<crate::gateway::fair::TurnHandle>>,
+    _body: Arc<body_budget::BodyBytes>,
 }
 
 impl TenantSlot {
@@ -173,6 +180,8 @@ pub struct GatewayService<S, A, T> {
     capabilities: Option<Arc<dyn CapabilityResolver>>,
     /// Each tenant's share of the requests in flight.
     tenant_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Bytes of request bodies held, in all and per tenant.
+    bodies: body_budget::BodyBudget,
     /// The replica's requests in flight, every tenant's together.
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Turns for the requests worked on at once, handed round the tenants (`None`: every
@@ -475,6 +484,7 @@ where
             egress: EgressGuard::default(),
             capabilities: None,
             tenant_slots: Mutex::new(HashMap::new()),
+            bodies: body_budget::BodyBudget::new(MAX_BUFFERED_BYTES, MAX_BUFFERED_PER_TENANT),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             turns: Some(crate::gateway::fair::FairTurns::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()) * TURNS_PER_CORE,
@@ -808,9 +818,43 @@ where
             ))
             .into_response();
         };
+        // Its body's bytes are accounted before a byte of it is read: by the length it declares,
+        // or the most a body may be when it declares none.
+        let (parts, body) = request.into_parts();
+        let declared = axum::body::HttpBody::size_hint(&body);
+        if declared.lower() > MAX_REQUEST_BYTES as u64 {
+            return Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_unreadable",
+                format!(
+                    "the request body declares {} bytes; at most {MAX_REQUEST_BYTES} are read",
+                    declared.lower()
+                ),
+            )
+            .into_response();
+        }
+        let bytes = declared.upper().map_or(MAX_REQUEST_BYTES, |n| {
+            usize::try_from(n).unwrap_or(MAX_REQUEST_BYTES)
+        });
+        let held = match service.bodies.take(&tenant, bytes) {
+            Ok(held) => held,
+            Err(body_budget::Exhausted::Tenant) => {
+                return unavailable(format!(
+                    "namespace {tenant} has {} MiB of request bodies in flight at this gateway replica; try again",
+                    MAX_BUFFERED_PER_TENANT >> 20
+                ))
+                .into_response();
+            }
+            Err(body_budget::Exhausted::Replica) => {
+                return unavailable(format!(
+                    "this gateway replica holds {} MiB of request bodies; try again",
+                    MAX_BUFFERED_BYTES >> 20
+                ))
+                .into_response();
+            }
+        };
         // The body is read before the request waits for a turn, and within a bound: a caller
         // that sends slowly holds its slots for that long at most, and never a turn.
-        let (parts, body) = request.into_parts();
         let body = match read_body(body, MAX_REQUEST_BYTES).await {
             Ok(body) => body,
             Err(refusal) => return refusal.into_response(),
@@ -830,6 +874,7 @@ where
             _permit: Arc::new(slot),
             _replica: Arc::new(replica),
             turn,
+            _body: Arc::new(held),
         };
         request.extensions_mut().insert(slot.clone());
         TenantSlot::carry(Some(axum::Extension(slot)), next.run(request)).await

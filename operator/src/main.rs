@@ -127,7 +127,12 @@ async fn operate(args: Args, relay_traces: bool) -> anyhow::Result<()> {
             }),
         );
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(contextos_runner::serve::serve(
+        listener,
+        router,
+        contextos_runner::serve::Limits::default(),
+        std::future::pending(),
+    ));
     let config = OperatorConfig {
         namespace: args.namespace,
         runner: RunnerSettings {

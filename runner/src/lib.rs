@@ -36,6 +36,7 @@ pub mod read_grant;
 pub mod records;
 pub mod run;
 pub mod run_context;
+pub mod serve;
 pub mod signals;
 pub mod skills;
 pub mod telemetry;

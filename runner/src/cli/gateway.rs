@@ -188,9 +188,13 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         tracing::info!(listen = %metrics.local_addr()?, "contextos gateway: serving /metrics");
         let router = service.metrics_router();
         tokio::spawn(async move {
-            let served = axum::serve(metrics, router)
-                .with_graceful_shutdown(contextos_runner::signals::shutdown())
-                .await;
+            let served = contextos_runner::serve::serve(
+                metrics,
+                router,
+                contextos_runner::serve::Limits::default(),
+                contextos_runner::signals::shutdown(),
+            )
+            .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "the metrics listener failed");
             }
@@ -205,14 +209,14 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
         "contextos gateway: serving runner pods"
     );
     eprintln!("contextos gateway: serving on http://{}", listener.local_addr()?);
-    // With each connection's address: a caller's refused tokens spend its own allowance.
-    axum::serve(
+    // Each request carries its connection's address: a caller's refused tokens spend its own
+    // allowance.
+    contextos_runner::serve::serve(
         listener,
-        service
-            .router()
-            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        service.router(),
+        contextos_runner::serve::Limits::default(),
+        contextos_runner::signals::shutdown(),
     )
-    .with_graceful_shutdown(contextos_runner::signals::shutdown())
     .await
     .context("gateway server failed")?;
     Ok(ExitCode::SUCCESS)

@@ -317,10 +317,14 @@ pub struct SessionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
     /// Attempts that ended without a report (crashed, killed, out of memory, past their
-    /// deadline): what the operator's `--max-crash-attempts` bounds. Counted here as each
-    /// attempt ends, so deleting an ended attempt's pod does not take its crash back.
+    /// deadline): what the operator's `--max-crash-attempts` bounds. Counted here once the
+    /// operator has seen an attempt's pod end, before it waits out the backoff, so deleting
+    /// the pod does not take the crash back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crashed_attempts: Option<u32>,
+    /// The last attempt counted in `crashedAttempts` (each is counted once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_crashed_attempt: Option<u32>,
     /// Revisions pinned at start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<PinnedRevisions>,

@@ -363,9 +363,10 @@ async fn runner_attempts_that_crash_are_retried_up_to_the_bound() -> Result<()> 
     result
 }
 
-/// A tenant who deletes each crashed attempt's pod once the next attempt started (tenants may
-/// delete pods in their namespace) does not take the crashes back: the Session still fails
-/// after the operator's bound, three attempts, with the count in its status.
+/// A tenant who deletes each crashed attempt's pod (tenants may delete pods in their namespace)
+/// — as soon as its crash is counted, before the backoff is over — does not take the crashes
+/// back: the Session still fails after the operator's bound, three attempts, with the count in
+/// its status.
 #[tokio::test]
 async fn deleting_crashed_pods_does_not_reset_the_retry_bound() -> Result<()> {
     let env = TestEnv::shared().await?;
@@ -392,7 +393,8 @@ async fn deleting_crashed_pods_does_not_reset_the_retry_bound() -> Result<()> {
         apply(&client, ns.name(), &session("resetting")?).await?;
         let sessions: Api<Session> = ns.api();
         let pods: Api<Pod> = ns.api();
-        // The tenant: each ended pod of an attempt before the current one is deleted.
+        // The tenant: each attempt's pod is deleted once its crash is counted (or the next
+        // attempt started).
         let deleter = {
             let (sessions, pods) = (sessions.clone(), pods.clone());
             tokio::spawn(async move {
@@ -400,10 +402,13 @@ async fn deleting_crashed_pods_does_not_reset_the_retry_bound() -> Result<()> {
                 loop {
                     let status = sessions.get("resetting").await.ok().and_then(|s| s.status);
                     let current = status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
+                    let counted = status.as_ref().and_then(|s| s.last_crashed_attempt).unwrap_or(0);
                     if status.and_then(|s| s.phase).is_some_and(SessionPhase::is_terminal) {
                         return deleted;
                     }
-                    for attempt in 1..current {
+                    // Earlier attempts' pods, and the current one's once its crash is counted.
+                    let last = if counted == current { current } else { current - 1 };
+                    for attempt in 1..=last {
                         let name = format!("resetting-run-{attempt}");
                         if !deleted.contains(&name) && pods.delete(&name, &Default::default()).await.is_ok() {
                             deleted.insert(name);

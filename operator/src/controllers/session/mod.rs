@@ -68,7 +68,7 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
     start_capabilities(&ctx, &session, &pod_bundle, &sandbox, &pods).await?;
     let mut pod = attempt_pod(&pods, &session, attempt).await?;
     if let AttemptPod::Ended(ended) = &mut pod {
-        observe_end(&ctx, &session, &pods, ended).await?;
+        observe_end(&ctx, &session, &pods, attempt, ended).await?;
     }
     let step = plan::plan(&Observed {
         session: &session,
@@ -195,12 +195,19 @@ async fn attempt_pod(pods: &Api<Pod>, session: &Session, attempt: u32) -> Result
             .map(|t| t.0),
         cause: crate::crash::crash_cause(&pod),
         crashes: 0,
+        crash_counted: false,
     })))
 }
 
 /// What an ended attempt's plan needs beyond its pod: whether the gateway signed what its
 /// report relays for people, or — when it reported nothing — how many attempts crashed.
-async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &mut Ended) -> Result<()> {
+async fn observe_end(
+    ctx: &Context,
+    session: &Session,
+    pods: &Api<Pod>,
+    attempt: u32,
+    ended: &mut Ended,
+) -> Result<()> {
     // A completion the gateway did not sign is no report: the attempt counts as crashed and the
     // next resumes from the record (a termination message can be written by whoever can write
     // the pod's files; the gateway's signature cannot).
@@ -218,16 +225,17 @@ async fn observe_end(ctx: &Context, session: &Session, pods: &Api<Pod>, ended: &
         }
     }
     match &ended.report {
-        // Counted in the status as attempts end, where a tenant cannot take one back by
-        // deleting its pod; counted from the pods too, for crashes from before the status
-        // counted them.
+        // Counted in the status once seen (where a tenant cannot take one back by deleting
+        // its pod), each attempt once; counted from the pods too, for crashes from before the
+        // status counted them.
         None => {
-            let counted = session
-                .status
-                .as_ref()
-                .and_then(|s| s.crashed_attempts)
-                .unwrap_or(0)
-                .saturating_add(1);
+            let status = session.status.as_ref();
+            ended.crash_counted = status.and_then(|s| s.last_crashed_attempt) == Some(attempt);
+            let recorded = status.and_then(|s| s.crashed_attempts).unwrap_or(0);
+            let counted = match ended.crash_counted {
+                true => recorded,
+                false => recorded.saturating_add(1),
+            };
             ended.crashes = counted.max(crashed_attempts(ctx, pods, session).await?);
         }
         Some(report) => {
@@ -557,7 +565,7 @@ async fn start_attempt(
     .run_id(children::run_id(session))
     .clear_pending();
     let update = match after_crash {
-        Some(crashed) => update.crashed_attempts(crashed.crashes),
+        Some(crashed) => update.crashed_attempts(crashed.crashes, attempt - 1),
         None => update,
     };
     write_status(ctx, session, update).await?;

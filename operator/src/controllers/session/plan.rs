@@ -19,6 +19,7 @@ use contextos_runner::{
     },
 };
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt as _;
 
 use contextos_runner::gateway::approvals::RunProgress;
 
@@ -80,6 +81,8 @@ pub struct Ended {
     /// Attempts of the Session that ended without a report, this one included; counted only
     /// when this one has none (see `observe_end`).
     pub crashes: u32,
+    /// Whether the Session's status already counts this attempt's crash.
+    pub crash_counted: bool,
 }
 
 /// The attempt before a new one crashed: why, and how many have crashed so far.
@@ -150,11 +153,7 @@ pub fn cancelled(pod: &AttemptPod) -> Step {
 /// The step for a pinned Session that is neither finished nor cancelled.
 pub fn plan(observed: &Observed) -> Step {
     match observed.pod {
-        AttemptPod::Missing => Step::Start {
-            attempt: observed.attempt,
-            resumed_for: None,
-            after_crash: None,
-        },
+        AttemptPod::Missing => missing(observed),
         AttemptPod::Foreign { name } => Step::WaitForForeignPod { name: name.clone() },
         AttemptPod::Live { name, phase } => Step::Report {
             update: Box::new(
@@ -168,6 +167,35 @@ pub fn plan(observed: &Observed) -> Step {
             recheck: None,
         },
         AttemptPod::Ended(ended) => after(observed, ended),
+    }
+}
+
+/// The attempt's pod is not there: it is started — unless its crash was counted already (the
+/// pod was deleted after it ended without a report), when the next attempt starts, or the
+/// Session fails if that was the last one allowed. A pod deleted before the operator saw it
+/// end is started again, as a pod taken away from a drained node is.
+fn missing(observed: &Observed) -> Step {
+    let status = observed.session.status.as_ref();
+    if status.and_then(|s| s.last_crashed_attempt) != Some(observed.attempt) {
+        return Step::Start {
+            attempt: observed.attempt,
+            resumed_for: None,
+            after_crash: None,
+        };
+    }
+    let crashes = status.and_then(|s| s.crashed_attempts).unwrap_or(1);
+    let name = crate::session_children::pod_name(&observed.session.name_any(), observed.attempt);
+    let ended_how = format!("pod {name} ended without a report and was deleted");
+    if crashes >= observed.max_crash_attempts {
+        return exhausted(observed, crashes, &ended_how);
+    }
+    Step::Start {
+        attempt: observed.attempt + 1,
+        resumed_for: None,
+        after_crash: Some(AfterCrash {
+            why: format!("{ended_how}; resuming from the last checkpoint"),
+            crashes,
+        }),
     }
 }
 
@@ -342,25 +370,21 @@ fn unshowable(update: Update, phase: SessionPhase, why: &'static str, message: S
 fn after_crash(observed: &Observed, ended: &Ended) -> Step {
     let ended_how = format!("pod {} {}", ended.name, ended.cause);
     if ended.crashes >= observed.max_crash_attempts {
+        return exhausted(observed, ended.crashes, &ended_how);
+    }
+    let backoff = crash_backoff(ended.crashes);
+    // Counted before anything else (the backoff, a quota's wait, a refused pod): from then on
+    // deleting the pod does not take the crash back.
+    if !ended.crash_counted {
         return Step::Report {
             update: Box::new(
                 Update::default()
                     .attempt(observed.attempt)
-                    .crashed_attempts(ended.crashes)
-                    .with_phase(
-                        SessionPhase::Failed,
-                        reason::ATTEMPTS_EXHAUSTED,
-                        format!(
-                            "{} runner attempts ended without a result; the last: {ended_how}; see its events and logs",
-                            ended.crashes
-                        ),
-                    )
-                    .completed(),
+                    .crashed_attempts(ended.crashes, observed.attempt),
             ),
-            recheck: None,
+            recheck: Some(backoff),
         };
     }
-    let backoff = crash_backoff(ended.crashes);
     let waited = ended
         .finished_at
         .is_none_or(|t| observed.now.duration_since(t).as_secs() >= backoff.as_secs() as i64);
@@ -374,6 +398,26 @@ fn after_crash(observed: &Observed, ended: &Ended) -> Step {
             why: format!("{ended_how}; resuming from the last checkpoint"),
             crashes: ended.crashes,
         }),
+    }
+}
+
+/// The Session fails: `crashes` attempts ended without a result, the last as `ended_how` says.
+fn exhausted(observed: &Observed, crashes: u32, ended_how: &str) -> Step {
+    Step::Report {
+        update: Box::new(
+            Update::default()
+                .attempt(observed.attempt)
+                .crashed_attempts(crashes, observed.attempt)
+                .with_phase(
+                    SessionPhase::Failed,
+                    reason::ATTEMPTS_EXHAUSTED,
+                    format!(
+                        "{crashes} runner attempts ended without a result; the last: {ended_how}; see its events and logs"
+                    ),
+                )
+                .completed(),
+        ),
+        recheck: None,
     }
 }
 
@@ -478,6 +522,7 @@ mod tests {
             finished_at: Some(at(1_000)),
             cause: CrashCause::Unknown,
             crashes: 0,
+            crash_counted: false,
         }
     }
 
@@ -545,6 +590,7 @@ mod tests {
         let crashed = |crashes: u32, finished: i64| {
             let mut e = ended(None);
             e.crashes = crashes;
+            e.crash_counted = true;
             e.finished_at = Some(at(finished));
             e.cause = CrashCause::Unknown;
             AttemptPod::Ended(Box::new(e))
@@ -801,6 +847,26 @@ mod tests {
                 },
             ),
             (
+                "crashed, not counted yet: the count is written before the backoff",
+                session().spec,
+                {
+                    let mut e = ended(None);
+                    e.crashes = 1;
+                    AttemptPod::Ended(Box::new(e))
+                },
+                |step| {
+                    assert!(
+                        matches!(step, Step::Report { recheck: Some(d), .. } if *d == Duration::from_secs(2)),
+                        "{step:?}"
+                    );
+                    let status = status_of(step);
+                    assert_eq!(
+                        (status.crashed_attempts, status.last_crashed_attempt),
+                        (Some(1), Some(2))
+                    );
+                },
+            ),
+            (
                 "crashed three times, 5 s ago: wait out the 8 s backoff",
                 session().spec,
                 crashed(3, 1_995),
@@ -842,6 +908,56 @@ mod tests {
             eprintln!("{name}: {step:?}");
             check(&step);
         }
+    }
+
+    #[test]
+    fn a_crashed_pod_deleted_after_its_crash_was_counted_starts_the_next_attempt() {
+        let bundle = run_bundle(&session());
+        let next = |session: &Session| {
+            plan(&Observed {
+                session,
+                bundle: &bundle,
+                attempt: 2,
+                pod: &AttemptPod::Missing,
+                max_crash_attempts: 4,
+                now: at(2_000),
+            })
+        };
+        // Not seen to end: started again, as a pod taken from a drained node is.
+        let mut session = session();
+        assert!(
+            matches!(
+                next(&session),
+                Step::Start {
+                    attempt: 2,
+                    after_crash: None,
+                    ..
+                }
+            ),
+            "{:?}",
+            next(&session)
+        );
+        // Its crash counted, then the pod deleted: the next attempt, the count carried on.
+        session.status = Some(SessionStatus {
+            attempt: Some(2),
+            crashed_attempts: Some(1),
+            last_crashed_attempt: Some(2),
+            ..Default::default()
+        });
+        let Step::Start {
+            attempt: 3,
+            after_crash: Some(AfterCrash { why, crashes: 1 }),
+            ..
+        } = next(&session)
+        else {
+            panic!("{:?}", next(&session));
+        };
+        assert!(why.contains("was deleted"), "{why}");
+        // And when that was the last attempt allowed: Failed.
+        session.status.as_mut().expect("status").crashed_attempts = Some(4);
+        let failed = status_of(&next(&session));
+        assert_eq!(failed.phase, Some(SessionPhase::Failed));
+        assert_eq!(ready(&failed).1, reason::ATTEMPTS_EXHAUSTED);
     }
 
     #[test]

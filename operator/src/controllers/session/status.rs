@@ -37,7 +37,7 @@ impl<T> Change<T> {
 pub struct Update {
     phase: Option<(SessionPhase, &'static str, String)>,
     attempt: Option<u32>,
-    crashed_attempts: Option<u32>,
+    crashed_attempts: Option<(u32, u32)>,
     pinned: Option<PinnedRevisions>,
     run_id: Option<String>,
     pending: Change<PendingApproval>,
@@ -84,9 +84,10 @@ impl Update {
         self
     }
 
-    /// How many attempts have crashed so far (it only grows: see `SessionStatus`).
-    pub fn crashed_attempts(mut self, crashes: u32) -> Self {
-        self.crashed_attempts = Some(crashes);
+    /// How many attempts have crashed so far, `attempt` the last of them (the count only grows:
+    /// see `SessionStatus`).
+    pub fn crashed_attempts(mut self, crashes: u32, attempt: u32) -> Self {
+        self.crashed_attempts = Some((crashes, attempt));
         self
     }
 
@@ -167,8 +168,9 @@ impl Update {
         if let Some(attempt) = self.attempt {
             status.attempt = Some(attempt);
         }
-        if let Some(crashes) = self.crashed_attempts {
+        if let Some((crashes, attempt)) = self.crashed_attempts {
             status.crashed_attempts = Some(crashes.max(status.crashed_attempts.unwrap_or(0)));
+            status.last_crashed_attempt = Some(attempt.max(status.last_crashed_attempt.unwrap_or(0)));
         }
         if let Some(pinned) = self.pinned {
             status.pinned = Some(pinned);
@@ -372,14 +374,18 @@ mod tests {
                 },
             ),
             (
-                "the crash count is written with the attempt after a crash, and never falls",
+                "the crash count and its last attempt never fall",
                 SessionStatus {
                     crashed_attempts: Some(2),
+                    last_crashed_attempt: Some(3),
                     ..Default::default()
                 },
-                running().attempt(4).crashed_attempts(1),
+                running().attempt(4).crashed_attempts(1, 2),
                 |s, _| {
-                    assert_eq!((s.attempt, s.crashed_attempts), (Some(4), Some(2)));
+                    assert_eq!(
+                        (s.attempt, s.crashed_attempts, s.last_crashed_attempt),
+                        (Some(4), Some(2), Some(3))
+                    );
                 },
             ),
             (

@@ -1460,6 +1460,37 @@ async fn a_long_run_is_read_back_whole_a_page_at_a_time() {
     assert_eq!(page.len(), CHAIN_PAGE);
 }
 
+/// A tenant's record key is published to anyone (it is public), the same answer each time, and
+/// none for ContextOS's own namespaces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_record_key_is_published_and_contextos_own_namespaces_have_none() {
+    let rig = rig().await;
+    let ask = |tenant: &str| {
+        let url = format!("{}/v1/tenants/{tenant}/record-key", rig.url);
+        async move {
+            contextos_runner::http::client()
+                .get(url)
+                .send()
+                .await
+                .expect("answered")
+        }
+    };
+    let first: serde_json::Value = ask("shop").await.json().await.expect("json");
+    let again: serde_json::Value = ask("shop").await.json().await.expect("json");
+    assert_eq!(first, again);
+    assert_eq!(
+        first["publicKey"],
+        serde_json::json!(rig.keys.for_tenant("shop").public().to_hex())
+    );
+    assert_ne!(
+        first["publicKey"],
+        ask("bank").await.json::<serde_json::Value>().await.expect("json")["publicKey"]
+    );
+    for own in ["contextos-system", "contextos-vault"] {
+        assert_eq!(ask(own).await.status().as_u16(), 403, "{own}");
+    }
+}
+
 /// Sends a request's head (and `body`, not necessarily all the head declares) on a connection of
 /// its own to the service at `url`; the connection, still open.
 async fn sent(url: &str, head: &str, body: &[u8]) -> tokio::net::TcpStream {

@@ -99,6 +99,8 @@ const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 /// Requests of one tenant handled at once by one replica (more are answered 503, which runners
 /// retry): a tenant whose calls hang — a tool that never answers — cannot take every slot.
 const MAX_IN_FLIGHT_PER_TENANT: usize = 64;
+/// Tenants whose record-key answers a replica keeps.
+const MAX_RECORD_KEYS_KEPT: usize = 4096;
 /// Bytes of request bodies one replica holds at once (see `body_budget`): eight of the largest.
 const MAX_BUFFERED_BYTES: usize = 8 * MAX_REQUEST_BYTES;
 /// Bytes of request bodies of one tenant a replica holds at once: two of the largest, while
@@ -182,6 +184,8 @@ pub struct GatewayService<S, A, T> {
     tenant_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     /// Bytes of request bodies held, in all and per tenant.
     bodies: body_budget::BodyBudget,
+    /// Answers of `/v1/tenants/{tenant}/record-key` made so far, by tenant.
+    record_keys: Mutex<HashMap<String, serde_json::Value>>,
     /// The replica's requests in flight, every tenant's together.
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Turns for the requests worked on at once, handed round the tenants (`None`: every
@@ -485,6 +489,7 @@ where
             capabilities: None,
             tenant_slots: Mutex::new(HashMap::new()),
             bodies: body_budget::BodyBudget::new(MAX_BUFFERED_BYTES, MAX_BUFFERED_PER_TENANT),
+            record_keys: Mutex::new(HashMap::new()),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             turns: Some(crate::gateway::fair::FairTurns::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()) * TURNS_PER_CORE,
@@ -1192,20 +1197,43 @@ where
         Err(refusal)
     }
 
+    /// A tenant's public record key, with the certifier's signature over it. Anyone may ask
+    /// (it is public), so each answer is made once and kept: a caller asking in a loop costs a
+    /// map lookup, not a key derivation and a signature.
     async fn record_key(State(service): State<Arc<Self>>, Path(tenant): Path<String>) -> Reply {
         let tenant = TenantId::new(tenant).map_err(|e| bad(e.to_string()))?;
+        if service.is_own(tenant.as_str()) {
+            return Err(forbidden(format!(
+                "namespace {tenant} is ContextOS's own; it has no record key"
+            )));
+        }
+        if let Some(answer) = service
+            .record_keys
+            .lock()
+            .ok()
+            .and_then(|keys| keys.get(tenant.as_str()).cloned())
+        {
+            return Ok(Json(answer).into_response());
+        }
         let key = service.tenant_public_key(tenant.as_str());
         // The certifier's word for it, since this answer crosses a plain-HTTP Service: the
         // operator checks it against the certifier published in `contextos-gateway-keys`.
         let certificate = service.keys.certificate(tenant.as_str());
-        Ok(Json(json!({
+        let answer = json!({
             "tenant": tenant,
             "publicKey": key.to_hex(),
             "keyId": key.key_id(),
             "certificate": certificate,
             "certifierKeyId": service.keys.certifier().key_id(),
-        }))
-        .into_response())
+        });
+        if let Ok(mut keys) = service.record_keys.lock() {
+            // Namespace names are anyone's to make up: the map is emptied rather than grown.
+            if keys.len() >= MAX_RECORD_KEYS_KEPT {
+                keys.clear();
+            }
+            keys.insert(tenant.to_string(), answer.clone());
+        }
+        Ok(Json(answer).into_response())
     }
 
     /// The run's governed state, built once per replica from the bundle its RunContext pins.

@@ -7,13 +7,17 @@
 //!
 //! Bounded, since the work is the replica's CPU or its provider's bill: only a run whose Agent
 //! asks for embeddings is served; a request holds at most [`GATEWAY_BATCH`] texts of at most
-//! [`GATEWAY_MAX_TEXT_BYTES`]; a run has at most as many distinct texts embedded as its discovery
-//! needs — each of its tools' texts and an intent a step, twice over — and asking again for a
-//! text it had costs nothing (an attempt that starts again indexes the same catalog); one
-//! request embeds at a time per replica (the encoder splits its work over the cores). Each
-//! replica counts on its own, for its last [`MAX_COUNTED_RUNS`] runs: with N replicas a run may
-//! have N times its share. Vectors are kept per tenant and text (one tenant's timing never tells
-//! what another embedded), so a catalog is embedded once per replica, not once per run.
+//! [`GATEWAY_MAX_TEXT_BYTES`]; a run has at most as many texts embedded for it as its discovery
+//! needs — each of its tools' texts and an intent a step, twice over — counting each text the
+//! replica embeds for it: asking again for a text the replica still keeps costs nothing (an
+//! attempt that starts again indexes the same catalog), while one no longer kept is embedded,
+//! and counted, again — so asking for the same texts over and over, after other runs pushed
+//! them out, spends the run's share like new ones. One request embeds at a time per replica (the
+//! encoder splits its work over the cores), and a request waits at most [`EMBEDDING_WAIT`] for
+//! its turn (then the turn is scored by BM25). Each replica counts on its own, for its last
+//! [`MAX_COUNTED_RUNS`] runs: with N replicas a run may have N times its share. Vectors are kept
+//! per tenant and text (one tenant's timing never tells what another embedded), so a catalog is
+//! embedded once per replica, not once per run.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -30,6 +34,9 @@ use crate::discovery::embedding::{
 
 /// Requests embedding at once on one replica.
 const EMBEDDING_WORKERS: usize = 1;
+/// How long a request waits for an embedding worker: one run keeping them busy delays another
+/// run's turn at most this long (that turn is then scored by BM25).
+const EMBEDDING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Vectors kept per replica (about 6 MB at 384 dimensions).
 const MAX_KEPT_VECTORS: usize = 4096;
 /// Runs whose texts are counted per replica (the oldest forgotten first).
@@ -45,15 +52,15 @@ pub struct EmbeddingDesk {
     model: String,
     working: tokio::sync::Semaphore,
     kept: Mutex<Kept>,
-    /// The distinct texts each run had embedded, for the last [`MAX_COUNTED_RUNS`] runs.
+    /// The texts embedded for each run, for the last [`MAX_COUNTED_RUNS`] runs.
     used: Mutex<RunTexts>,
 }
 
-/// The distinct texts each run had embedded (the first 8 bytes of their digests), by (tenant,
-/// run), and the runs in the order they came.
+/// How many texts the replica embedded for each run, by (tenant, run), and the runs in the
+/// order they came.
 #[derive(Debug, Default)]
 struct RunTexts {
-    by_run: HashMap<(String, String), HashSet<u64>>,
+    by_run: HashMap<(String, String), usize>,
     order: VecDeque<(String, String)>,
 }
 
@@ -84,9 +91,19 @@ impl EmbeddingDesk {
         &self.model
     }
 
-    /// Counts the texts of `digests` the run has not had yet against its `allowance`: those
-    /// newly counted (to give back if they cannot be embedded), or `None` if they would pass it.
-    fn reserve(&self, run: &(String, String), digests: &[[u8; 32]], allowance: usize) -> Option<Vec<u64>> {
+    /// How many distinct texts of `digests` the replica does not keep: what embedding them
+    /// costs.
+    fn unkept(&self, digests: &[[u8; 32]]) -> usize {
+        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        digests
+            .iter()
+            .filter(|d| !kept.vectors.contains_key(*d))
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    /// Counts `texts` more embedded for the run against its `allowance`, if they fit in it.
+    fn reserve(&self, run: &(String, String), texts: usize, allowance: usize) -> bool {
         let mut guard = self.used.lock().unwrap_or_else(|p| p.into_inner());
         let RunTexts {
             by_run: counts,
@@ -100,27 +117,32 @@ impl EmbeddingDesk {
             }
             order.push_back(run.clone());
         }
-        let had = counts.entry(run.clone()).or_default();
-        let new: Vec<u64> = digests
-            .iter()
-            .map(short)
-            .filter(|d| !had.contains(d))
-            .collect::<HashSet<u64>>()
-            .into_iter()
-            .collect();
-        if had.len() + new.len() > allowance {
-            return None;
+        let made = counts.entry(run.clone()).or_default();
+        if made.saturating_add(texts) > allowance {
+            return false;
         }
-        had.extend(&new);
-        Some(new)
+        *made += texts;
+        true
     }
 
     /// Gives back texts [`EmbeddingDesk::reserve`] counted.
-    fn release(&self, run: &(String, String), reserved: &[u64]) {
+    fn release(&self, run: &(String, String), texts: usize) {
         let mut guard = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(had) = guard.by_run.get_mut(run) {
-            for digest in reserved {
-                had.remove(digest);
+        if let Some(made) = guard.by_run.get_mut(run) {
+            *made = made.saturating_sub(texts);
+        }
+    }
+
+    /// Keeps `vector` as the one of the text whose digest is `digest`, forgetting the oldest
+    /// past [`MAX_KEPT_VECTORS`].
+    fn keep(&self, digest: [u8; 32], vector: Arc<Vec<f32>>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.vectors.insert(digest, vector).is_none() {
+            kept.order.push_back(digest);
+        }
+        while kept.order.len() > MAX_KEPT_VECTORS {
+            if let Some(oldest) = kept.order.pop_front() {
+                kept.vectors.remove(&oldest);
             }
         }
     }
@@ -142,25 +164,21 @@ impl EmbeddingDesk {
             // Waited for out of the request's turn, like a tool: a tenant queueing texts behind
             // the replica's embedding workers holds back no other tenant's requests.
             let made = crate::gateway::fair::away(async {
-                let _worker = self
-                    .working
-                    .acquire()
+                let _worker = tokio::time::timeout(EMBEDDING_WAIT, self.working.acquire())
                     .await
+                    .map_err(|_| {
+                        crate::discovery::embedding::EmbeddingError::Inference(format!(
+                            "no embedding worker free within {} s",
+                            EMBEDDING_WAIT.as_secs()
+                        ))
+                    })?
                     .map_err(|e| crate::discovery::embedding::EmbeddingError::Inference(e.to_string()))?;
                 self.embedder.embed(&asked).await
             })
             .await?;
-            let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
             for (i, vector) in missing.into_iter().zip(made) {
                 let vector = Arc::new(vector.values().to_vec());
-                if kept.vectors.insert(digests[i], vector.clone()).is_none() {
-                    kept.order.push_back(digests[i]);
-                }
-                while kept.order.len() > MAX_KEPT_VECTORS {
-                    if let Some(oldest) = kept.order.pop_front() {
-                        kept.vectors.remove(&oldest);
-                    }
-                }
+                self.keep(digests[i], vector.clone());
                 found[i] = Some(vector);
             }
         }
@@ -186,15 +204,8 @@ fn digest(tenant: &str, text: &str) -> [u8; 32] {
     hash.finalize().into()
 }
 
-/// The first 8 bytes of a digest: enough to tell a run's few thousand texts apart.
-fn short(digest: &[u8; 32]) -> u64 {
-    u64::from_le_bytes([
-        digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
-    ])
-}
-
-/// The distinct texts a run's discovery may have embedded: each of its tools' texts (document
-/// and examples) and an intent a step, twice over.
+/// The texts a run's discovery may have embedded: each of its tools' texts (document and
+/// examples) and an intent a step, twice over.
 fn allowance(bundle: &crate::run::bundle::RunBundle) -> usize {
     let spec = &bundle.agent_spec;
     let catalog: usize = spec.tools.iter().map(|t| 1 + t.examples.len()).sum();
@@ -256,15 +267,16 @@ where
         let run = (caller.tenant.to_string(), caller.run_id().to_owned());
         let digests: Vec<[u8; 32]> = request.input.iter().map(|t| digest(&run.0, t)).collect();
         let allowed = allowance(&slot.bundle);
-        let Some(reserved) = desk.reserve(&run, &digests, allowed) else {
+        let reserved = desk.unkept(&digests);
+        if !desk.reserve(&run, reserved, allowed) {
             return Err(refused(format!(
                 "the run has had the {allowed} embeddings its discovery needs (its tools' texts and an intent a step, twice over)"
             )));
-        };
+        }
         let vectors = match desk.embed(&request.input, &digests).await {
             Ok(vectors) => vectors,
             Err(error) => {
-                desk.release(&run, &reserved);
+                desk.release(&run, reserved);
                 // The detail may name the provider's endpoint and repeat its answer: logged
                 // here, not told to the pod.
                 tracing::warn!(%error, tenant = %run.0, run = %run.1, "embedding for a runner pod failed");
@@ -278,5 +290,48 @@ where
             embeddings: vectors.iter().map(|v| v.as_ref().clone()).collect(),
         })
         .into_response())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desk() -> EmbeddingDesk {
+        let endpoint = crate::discovery::embedding::RemoteEmbeddings::new(
+            "http://127.0.0.1:9/v1",
+            "test-model",
+            None,
+            std::time::Duration::from_secs(1),
+        );
+        EmbeddingDesk::new(Embedder::Remote(endpoint)).expect("a desk")
+    }
+
+    #[test]
+    fn a_run_is_charged_each_text_embedded_for_it_and_a_kept_one_costs_nothing() {
+        let desk = desk();
+        let run = ("shop".to_owned(), "r1".to_owned());
+        let d = |text: &str| digest("shop", text);
+        // Distinct texts not kept: each counted once.
+        assert_eq!(desk.unkept(&[d("a"), d("b"), d("a")]), 2);
+        assert!(desk.reserve(&run, 2, 3));
+        desk.keep(d("a"), Arc::new(vec![1.0]));
+        desk.keep(d("b"), Arc::new(vec![2.0]));
+        // Asked again while kept: free.
+        assert_eq!(desk.unkept(&[d("a"), d("b")]), 0);
+        assert!(desk.reserve(&run, 0, 3));
+        // Pushed out by other texts, the same text costs again: a run cannot have its share
+        // embedded over and over by asking for texts the replica no longer keeps.
+        for i in 0..MAX_KEPT_VECTORS {
+            desk.keep(digest("bank", &i.to_string()), Arc::new(vec![0.0]));
+        }
+        assert_eq!(desk.unkept(&[d("a"), d("b")]), 2);
+        assert!(!desk.reserve(&run, 2, 3), "past the run's share");
+        assert!(desk.reserve(&run, 1, 3), "what is left of it");
+        // What could not be embedded is given back.
+        desk.release(&run, 1);
+        assert!(desk.reserve(&run, 1, 3));
+        // Another run has its own share.
+        assert!(desk.reserve(&("shop".to_owned(), "r2".to_owned()), 3, 3));
     }
 }

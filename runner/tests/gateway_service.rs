@@ -188,6 +188,9 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
             pod("shop", "replay-policy-guardrails-0123456789-x7k2p"),
         )
         .with("token-copied-replay", pod("shop", "copied-replay-pod"))
+        .with("token-third", pod("third", "work-run-1"))
+        .with("token-fourth", pod("fourth", "work-run-1"))
+        .with("token-fifth", pod("fifth", "work-run-1"))
         .with_reader("token-auditor", "audra@example.com", &["shop"])
         .with_reader("token-bank-auditor", "bert@example.com", &["bank"])
         .with_person(
@@ -2439,6 +2442,47 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
         asked,
         [("shop".to_owned(), "checkout-5xx".to_owned(), server.to_string())]
     );
+}
+
+/// Three namespaces holding their whole share of a replica (64 requests each, bodies sent
+/// slowly) leave its last 64 slots to namespaces with little going on: a fourth gets 8 in and is
+/// refused past them, while a fifth still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_holding_their_whole_share_leave_room_for_others() {
+    let rig = rig().await;
+    let slow = |token: &str| {
+        format!(
+            "POST /v1/run/append HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+        )
+    };
+    let mut held = Vec::new();
+    for token in ["token-run-1", "token-bank", "token-third"] {
+        for _ in 0..64 {
+            held.push(sent(&rig.url, &slow(token), b"{").await);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    for _ in 0..8 {
+        held.push(sent(&rig.url, &slow("token-fourth"), b"{").await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let ninth = answer_on(&mut sent(&rig.url, &slow("token-fourth"), b"{").await).await;
+    assert!(
+        ninth.starts_with("HTTP/1.1 503") && ninth.contains("slots are kept for namespaces"),
+        "{ninth}"
+    );
+    // A namespace with nothing in flight is heard (and refused for its missing RunContext).
+    let fifth = answer_on(
+        &mut sent(
+            &rig.url,
+            &format!("GET /v1/run/head?run={RUN} HTTP/1.1\r\nAuthorization: Bearer token-fifth\r\n"),
+            &[],
+        )
+        .await,
+    )
+    .await;
+    assert!(fifth.starts_with("HTTP/1.1 400"), "{fifth}");
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

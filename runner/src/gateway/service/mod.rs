@@ -99,6 +99,13 @@ const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 /// Requests of one tenant handled at once by one replica (more are answered 503, which runners
 /// retry): a tenant whose calls hang — a tool that never answers — cannot take every slot.
 const MAX_IN_FLIGHT_PER_TENANT: usize = 64;
+/// The last slots of a replica's [`MAX_IN_FLIGHT`], kept for tenants with at most
+/// [`SMALL_SHARE`] requests in flight: however many tenants hold their whole share, one with
+/// little going on still gets in (three tenants holding 64 each leave 64 slots, for eight more
+/// tenants at least).
+const RESERVED_SLOTS: usize = 64;
+/// What a tenant may hold of a replica's [`RESERVED_SLOTS`].
+const SMALL_SHARE: usize = 8;
 /// Tenants whose record-key answers a replica keeps.
 const MAX_RECORD_KEYS_KEPT: usize = 4096;
 /// Bytes of request bodies one replica holds at once (see `body_budget`): eight of the largest.
@@ -811,12 +818,19 @@ where
             Ok(tenant) => tenant,
             Err(refusal) => return refusal.into_response(),
         };
-        let Some(slot) = service.tenant_slot(&tenant) else {
+        let Some((slot, held)) = service.tenant_slot(&tenant) else {
             return unavailable(format!(
                 "namespace {tenant} has {MAX_IN_FLIGHT_PER_TENANT} requests in flight at this gateway replica; try again"
             ))
             .into_response();
         };
+        if held > SMALL_SHARE && service.in_flight.available_permits() <= RESERVED_SLOTS {
+            return unavailable(format!(
+                "this gateway replica's last {RESERVED_SLOTS} slots are kept for namespaces with at most \
+                 {SMALL_SHARE} requests in flight, and namespace {tenant} has {held}; try again"
+            ))
+            .into_response();
+        }
         let Ok(replica) = service.in_flight.clone().try_acquire_owned() else {
             return unavailable(format!(
                 "this gateway replica has {MAX_IN_FLIGHT} requests in flight; try again"
@@ -885,8 +899,8 @@ where
         TenantSlot::carry(Some(axum::Extension(slot)), next.run(request)).await
     }
 
-    /// One of `tenant`'s in-flight slots, if it has one free.
-    fn tenant_slot(&self, tenant: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    /// One of `tenant`'s in-flight slots, if it has one free, and how many it holds with it.
+    fn tenant_slot(&self, tenant: &str) -> Option<(tokio::sync::OwnedSemaphorePermit, usize)> {
         let semaphore = {
             let mut slots = self.tenant_slots.lock().ok()?;
             // Idle tenants are forgotten now and then (only authenticated namespaces get here).
@@ -898,7 +912,8 @@ where
                 .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT_PER_TENANT)))
                 .clone()
         };
-        semaphore.try_acquire_owned().ok()
+        let permit = semaphore.clone().try_acquire_owned().ok()?;
+        Some((permit, MAX_IN_FLIGHT_PER_TENANT - semaphore.available_permits()))
     }
 
     /// A reader with their own Kubernetes identity (not a runner pod's token), as the API server

@@ -1378,6 +1378,23 @@ async fn only_a_replay_jobs_own_pods_read_the_tenants_records_with_its_grant() {
     job.put_blob(&rig.tenant(), b"report".to_vec())
         .await
         .expect("report stored");
+    // What a Job stores is bounded (64 MiB a Job, per replica): the ninth upload of 8 MiB less
+    // a little passes it.
+    let refused = {
+        let mut stored = 0;
+        loop {
+            let bytes = vec![stored as u8; (8 << 20) - 1024];
+            match job.put_blob(&rig.tenant(), bytes).await {
+                Ok(_) => stored += 1,
+                Err(refused) => break (stored, refused.to_string()),
+            }
+            assert!(stored <= 8, "{stored} uploads of 8 MiB stored");
+        }
+    };
+    assert!(
+        refused.0 == 8 && refused.1.contains("a Job stores at most"),
+        "{refused:?}"
+    );
     // A grant for another tenant, presented by this tenant's Job pod.
     let elsewhere = reader("token-replay", grant("bank", &rig.operator));
     assert!(elsewhere.list_runs(&rig.tenant(), &filter).await.is_err());

@@ -321,7 +321,32 @@ where
     ) -> Reply {
         // Only a replay Job stores (its report); a reader's POST never gets here (refused in
         // `identified_first`).
-        let (tenant, _, _) = service.granted(&headers).await?;
+        let (tenant, grant, job_uid) = service.granted(&headers).await?;
+        // Charged to the Job (by uid: a Job made again under its name is another), as a run's
+        // blobs are to the run: a Job's pods store at most `MAX_JOB_BLOB_BYTES`.
+        let charged = service
+            .blob_bytes
+            .lock()
+            .map_err(|_| unavailable("the blob charges are unavailable"))?
+            .charge(
+                tenant.as_str(),
+                &format!("job/{job_uid}"),
+                0,
+                body.len() as u64,
+                MAX_JOB_BLOB_BYTES,
+            );
+        if let Err(over) = charged {
+            return Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                crate::records::store::remote::QUOTA_EXCEEDED,
+                format!(
+                    "replay Job {} has stored {} bytes and this upload adds {}; a Job stores at most {MAX_JOB_BLOB_BYTES}",
+                    grant.job,
+                    over.used,
+                    body.len()
+                ),
+            ));
+        }
         let hash = service
             .store
             .put_blob(&tenant, body.to_vec())
@@ -352,6 +377,10 @@ where
         }
     }
 }
+
+/// What a replay Job's pods may store through one replica (their report): far more than any
+/// report of a gate's sample, far less than a tenant's store.
+const MAX_JOB_BLOB_BYTES: u64 = 64 << 20;
 
 /// A limit on a listing.
 #[derive(Debug, Deserialize)]

@@ -19,6 +19,9 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 const MAX_FORWARDS: usize = 16;
 /// Forwards in flight at once for one tenant, per replica.
 const MAX_TENANT_FORWARDS: usize = 4;
+/// The last forwards of a replica's [`MAX_FORWARDS`], kept for tenants with none in flight:
+/// three tenants holding their whole share leave room for four more.
+const RESERVED_FORWARDS: usize = 4;
 /// How long one forward may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs whose relayed spans are counted at once, per replica (the oldest counts are forgotten
@@ -165,9 +168,8 @@ impl TraceSink {
             .tenants
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if tenants
-            .get(tenant)
-            .is_some_and(|count| *count >= MAX_TENANT_FORWARDS)
+        let held = tenants.get(tenant).copied().unwrap_or(0);
+        if held >= MAX_TENANT_FORWARDS || (held > 0 && self.forwards.available_permits() <= RESERVED_FORWARDS)
         {
             return None;
         }
@@ -270,6 +272,31 @@ fn percent_decoded(text: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenants_holding_their_whole_share_of_forwards_leave_room_for_others() {
+        let sink = Arc::new(TraceSink::to(
+            "http://127.0.0.1:9/v1/traces".into(),
+            HeaderMap::new(),
+        ));
+        let mut held = Vec::new();
+        for tenant in ["a", "b", "c"] {
+            for _ in 0..MAX_TENANT_FORWARDS {
+                held.push(sink.turn(tenant).expect("within the tenant's share"));
+            }
+            assert!(sink.turn(tenant).is_none(), "past {tenant}'s share");
+        }
+        // 12 of 16 taken: the last four go to tenants with nothing in flight, one each.
+        held.push(sink.turn("d").expect("a tenant with none in flight"));
+        assert!(sink.turn("d").is_none(), "d has one, and the rest is kept");
+        for tenant in ["e", "f", "g"] {
+            held.push(sink.turn(tenant).expect("another with none in flight"));
+        }
+        assert!(sink.turn("h").is_none(), "the replica's are all taken");
+        // A forward done gives its place back.
+        held.pop();
+        assert!(sink.turn("h").is_some());
+    }
 
     #[test]
     fn collector_headers_are_read_as_the_specification_writes_them() {

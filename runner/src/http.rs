@@ -44,13 +44,9 @@ pub fn install_tls_provider() {
 }
 
 /// A client builder with the TLS provider and the platform's roots (or none, see above) in place.
-/// Idle connections are kept 20 s: less than ContextOS's servers keep them open (`crate::serve`),
-/// so a request is rarely sent on a connection the server is closing.
 pub fn client_builder() -> reqwest::ClientBuilder {
     install_tls_provider();
-    reqwest::Client::builder()
-        .tls_certs_only(PLATFORM_ROOTS.iter().cloned())
-        .pool_idle_timeout(std::time::Duration::from_secs(20))
+    reqwest::Client::builder().tls_certs_only(PLATFORM_ROOTS.iter().cloned())
 }
 
 /// A client with default settings.

@@ -301,11 +301,26 @@ where
             Ok(invocation) => invocation,
             Err(refusal) => return refusal.into_response(),
         };
+        // Charged to the namespace it is sent to, as its pods' bodies are, while it is read
+        // and parsed.
+        let declared = axum::body::HttpBody::size_hint(&body);
+        let bytes = declared
+            .upper()
+            .map_or(MAX_A2A_BODY_BYTES, |n| {
+                usize::try_from(n).unwrap_or(MAX_A2A_BODY_BYTES)
+            })
+            .min(MAX_A2A_BODY_BYTES);
+        let held = match service.bodies.take(&namespace, bytes) {
+            Ok(held) => held,
+            Err(exhausted) => return super::bodies_refused(&namespace, exhausted).into_response(),
+        };
         let body = match super::read_body(body, MAX_A2A_BODY_BYTES).await {
             Ok(body) => body,
             Err(refusal) => return refusal.into_response(),
         };
-        let request = match Request::parse(&body) {
+        let parsed = Request::parse(&body);
+        drop((body, held));
+        let request = match parsed {
             Ok(request) => request,
             Err((id, error)) => return Json(wire::error_reply(&id, &error)).into_response(),
         };

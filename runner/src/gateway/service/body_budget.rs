@@ -3,7 +3,9 @@
 //! requests of one tenant with the largest body each would be 512 MiB, a replica's whole memory
 //! limit, and one crashed replica drops every tenant's calls in flight. A request's body is
 //! accounted before it is read — by the length it declares, or the most a body may be when it
-//! declares none — and the bytes stay taken until the request has been handled.
+//! declares none — and the bytes stay taken until the request has been handled. The last bytes
+//! of a replica's budget are kept for tenants holding little: tenants that hold their whole
+//! share cannot shut every other out.
 
 use std::{
     collections::HashMap,
@@ -21,6 +23,9 @@ pub(super) struct BodyBudget {
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Units one tenant may hold.
     per_tenant: u32,
+    /// The replica's last units, kept for tenants holding at most `small` units.
+    reserved: u32,
+    small: u32,
 }
 
 /// Bytes of a body taken from the budget, given back when dropped.
@@ -34,16 +39,26 @@ pub(super) struct BodyBytes {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Exhausted {
     Tenant,
+    /// Only the replica's reserve is left, and the tenant holds more than a small share.
+    Reserved,
     Replica,
 }
 
 impl BodyBudget {
-    /// A budget of `replica_bytes` in all and `tenant_bytes` for each tenant.
-    pub(super) fn new(replica_bytes: usize, tenant_bytes: usize) -> Self {
+    /// A budget of `replica_bytes` in all and `tenant_bytes` for each tenant, the replica's last
+    /// `reserved_bytes` for tenants holding at most `small_bytes`.
+    pub(super) fn new(
+        replica_bytes: usize,
+        tenant_bytes: usize,
+        reserved_bytes: usize,
+        small_bytes: usize,
+    ) -> Self {
         Self {
             replica: Arc::new(Semaphore::new(units(replica_bytes) as usize)),
             tenants: Mutex::new(HashMap::new()),
             per_tenant: units(tenant_bytes),
+            reserved: units(reserved_bytes),
+            small: units(small_bytes),
         }
     }
 
@@ -64,8 +79,14 @@ impl BodyBudget {
                 .clone()
         };
         let tenant = semaphore
+            .clone()
             .try_acquire_many_owned(needed)
             .map_err(|_| Exhausted::Tenant)?;
+        let held = self.per_tenant as usize - semaphore.available_permits();
+        let left = self.replica.available_permits().saturating_sub(needed as usize);
+        if needed > 0 && left < self.reserved as usize && held > self.small as usize {
+            return Err(Exhausted::Reserved);
+        }
         let replica = self
             .replica
             .clone()
@@ -87,10 +108,11 @@ fn units(bytes: usize) -> u32 {
 mod tests {
     use super::*;
 
+    const MIB: usize = 1 << 20;
+
     #[test]
     fn a_tenant_holds_its_share_and_the_replica_its_whole() {
-        const MIB: usize = 1 << 20;
-        let budget = BodyBudget::new(4 * MIB, 2 * MIB);
+        let budget = BodyBudget::new(4 * MIB, 2 * MIB, 0, 0);
         let first = budget.take("shop", MIB).expect("within the tenant's share");
         let second = budget.take("shop", MIB).expect("the rest of it");
         assert_eq!(budget.take("shop", 1).err(), Some(Exhausted::Tenant));
@@ -104,5 +126,27 @@ mod tests {
         assert!(budget.take("shop", MIB).is_ok());
         drop((second, other));
         assert!(budget.take("ops", 2 * MIB).is_ok());
+    }
+
+    #[test]
+    fn tenants_holding_their_whole_share_leave_the_reserve_to_small_bodies() {
+        // 8 MiB in all, 4 per tenant, the last 2 for tenants holding at most 256 KiB.
+        let budget = BodyBudget::new(8 * MIB, 4 * MIB, 2 * MIB, MIB / 4);
+        let first = budget.take("a", 4 * MIB).expect("a's share");
+        let second = budget.take("b", 2 * MIB).expect("down to the reserve");
+        // b would hold more than a small share out of the reserve; c's small body fits.
+        assert_eq!(budget.take("b", MIB).err(), Some(Exhausted::Reserved));
+        let small = budget.take("c", MIB / 4).expect("a small body");
+        assert_eq!(
+            budget.take("c", MIB / 4).err(),
+            Some(Exhausted::Reserved),
+            "c's small share is taken"
+        );
+        assert!(budget.take("d", MIB / 4).is_ok(), "another small one");
+        drop((first, second, small));
+        assert!(
+            budget.take("b", 4 * MIB).is_ok(),
+            "the reserve is only for what is left"
+        );
     }
 }

@@ -44,6 +44,8 @@ const MAX_COUNTED_RUNS: usize = 1024;
 
 /// The code of a refusal: the run may not have (more) embeddings.
 const EMBEDDINGS_REFUSED: &str = "embeddings_refused";
+/// The code of an answer: the embedding model was busy for [`EMBEDDING_WAIT`].
+const EMBEDDINGS_BUSY: &str = "embeddings_busy";
 
 /// A replica's embedder and what it has made.
 #[derive(Debug)]
@@ -148,51 +150,65 @@ impl EmbeddingDesk {
     }
 
     /// The vectors of `texts` (whose digests for `tenant` are `digests`), made (at most
-    /// [`EMBEDDING_WORKERS`] requests at once) for those not kept.
+    /// [`EMBEDDING_WORKERS`] requests at once) for those not kept — each distinct text once,
+    /// however often a request repeats it, as [`EmbeddingDesk::unkept`] counts them.
     async fn embed(
         &self,
         texts: &[String],
         digests: &[[u8; 32]],
-    ) -> Result<Vec<Arc<Vec<f32>>>, crate::discovery::embedding::EmbeddingError> {
+    ) -> Result<Vec<Arc<Vec<f32>>>, EmbedFailure> {
         let mut found: Vec<Option<Arc<Vec<f32>>>> = {
             let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
             digests.iter().map(|d| kept.vectors.get(d).cloned()).collect()
         };
-        let missing: Vec<usize> = (0..texts.len()).filter(|i| found[*i].is_none()).collect();
+        // The first position of each distinct text not kept.
+        let mut seen = HashSet::new();
+        let missing: Vec<usize> = (0..texts.len())
+            .filter(|i| found[*i].is_none() && seen.insert(digests[*i]))
+            .collect();
         if !missing.is_empty() {
             let asked: Vec<String> = missing.iter().map(|i| texts[*i].clone()).collect();
             // Waited for out of the request's turn, like a tool: a tenant queueing texts behind
             // the replica's embedding workers holds back no other tenant's requests.
             let made = crate::gateway::fair::away(async {
-                let _worker = tokio::time::timeout(EMBEDDING_WAIT, self.working.acquire())
-                    .await
-                    .map_err(|_| {
-                        crate::discovery::embedding::EmbeddingError::Inference(format!(
-                            "no embedding worker free within {} s",
-                            EMBEDDING_WAIT.as_secs()
-                        ))
-                    })?
-                    .map_err(|e| crate::discovery::embedding::EmbeddingError::Inference(e.to_string()))?;
-                self.embedder.embed(&asked).await
+                let Ok(Ok(_worker)) = tokio::time::timeout(EMBEDDING_WAIT, self.working.acquire()).await
+                else {
+                    return Err(EmbedFailure::Busy);
+                };
+                self.embedder.embed(&asked).await.map_err(EmbedFailure::Failed)
             })
             .await?;
+            let mut made_for: HashMap<[u8; 32], Arc<Vec<f32>>> = HashMap::new();
             for (i, vector) in missing.into_iter().zip(made) {
                 let vector = Arc::new(vector.values().to_vec());
                 self.keep(digests[i], vector.clone());
-                found[i] = Some(vector);
+                made_for.insert(digests[i], vector);
+            }
+            for (i, slot) in found.iter_mut().enumerate() {
+                if slot.is_none() {
+                    *slot = made_for.get(&digests[i]).cloned();
+                }
             }
         }
         found
             .into_iter()
             .map(|v| {
                 v.ok_or_else(|| {
-                    crate::discovery::embedding::EmbeddingError::Inference(
+                    EmbedFailure::Failed(crate::discovery::embedding::EmbeddingError::Inference(
                         "the embedder answered fewer vectors than asked".into(),
-                    )
+                    ))
                 })
             })
             .collect()
     }
+}
+
+/// Why texts were not embedded.
+#[derive(Debug)]
+enum EmbedFailure {
+    /// No worker was free within [`EMBEDDING_WAIT`].
+    Busy,
+    Failed(crate::discovery::embedding::EmbeddingError),
 }
 
 /// Where `text` is kept for `tenant`: the digest of both.
@@ -275,7 +291,20 @@ where
         }
         let vectors = match desk.embed(&request.input, &digests).await {
             Ok(vectors) => vectors,
-            Err(error) => {
+            // Answered at once, and not asked again by the runner (a 503 would be, joining the
+            // queue again): it scores by BM25 what it could not have embedded.
+            Err(EmbedFailure::Busy) => {
+                desk.release(&run, reserved);
+                return Err(Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    EMBEDDINGS_BUSY,
+                    format!(
+                        "the gateway's embedding model was busy for {} s; the turn is scored by BM25",
+                        EMBEDDING_WAIT.as_secs()
+                    ),
+                ));
+            }
+            Err(EmbedFailure::Failed(error)) => {
                 desk.release(&run, reserved);
                 // The detail may name the provider's endpoint and repeat its answer: logged
                 // here, not told to the pod.

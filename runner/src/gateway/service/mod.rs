@@ -113,6 +113,12 @@ const MAX_BUFFERED_BYTES: usize = 8 * MAX_REQUEST_BYTES;
 /// Bytes of request bodies of one tenant a replica holds at once: two of the largest, while
 /// the small requests runs mostly make (a call, a few entries) go on side by side.
 const MAX_BUFFERED_PER_TENANT: usize = 2 * MAX_REQUEST_BYTES;
+/// The last bytes of [`MAX_BUFFERED_BYTES`], kept for tenants holding at most
+/// [`SMALL_BUFFER_SHARE`]: tenants holding their whole share leave room for the small requests
+/// of sixteen others.
+const RESERVED_BUFFER_BYTES: usize = 2 * MAX_REQUEST_BYTES;
+/// What a tenant may hold of [`RESERVED_BUFFER_BYTES`].
+const SMALL_BUFFER_SHARE: usize = 1 << 20;
 /// Largest request body (a batch of entries or a blob).
 const MAX_REQUEST_BYTES: usize = 8 << 20;
 /// What one run may write to the store by default (its record's entries, and blobs it uploads).
@@ -410,6 +416,26 @@ async fn read_body(body: axum::body::Body, max: usize) -> Result<axum::body::Byt
     }
 }
 
+/// The refusal of a body of `tenant`'s that does not fit in the replica's budget now.
+fn bodies_refused(tenant: &str, exhausted: body_budget::Exhausted) -> Refusal {
+    unavailable(match exhausted {
+        body_budget::Exhausted::Tenant => format!(
+            "namespace {tenant} has {} MiB of request bodies in flight at this gateway replica; try again",
+            MAX_BUFFERED_PER_TENANT >> 20
+        ),
+        body_budget::Exhausted::Reserved => format!(
+            "this gateway replica's last {} MiB for request bodies are kept for namespaces with at \
+             most {} KiB in flight, and namespace {tenant} has more; try again",
+            RESERVED_BUFFER_BYTES >> 20,
+            SMALL_BUFFER_SHARE >> 10
+        ),
+        body_budget::Exhausted::Replica => format!(
+            "this gateway replica holds {} MiB of request bodies; try again",
+            MAX_BUFFERED_BYTES >> 20
+        ),
+    })
+}
+
 /// The refusal of a person or caller whose token the API server did not vouch for; `needs`
 /// says what token it takes.
 fn not_authenticated(e: AuthError, needs: &str) -> Refusal {
@@ -495,7 +521,12 @@ where
             egress: EgressGuard::default(),
             capabilities: None,
             tenant_slots: Mutex::new(HashMap::new()),
-            bodies: body_budget::BodyBudget::new(MAX_BUFFERED_BYTES, MAX_BUFFERED_PER_TENANT),
+            bodies: body_budget::BodyBudget::new(
+                MAX_BUFFERED_BYTES,
+                MAX_BUFFERED_PER_TENANT,
+                RESERVED_BUFFER_BYTES,
+                SMALL_BUFFER_SHARE,
+            ),
             record_keys: Mutex::new(HashMap::new()),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             turns: Some(crate::gateway::fair::FairTurns::new(
@@ -857,20 +888,7 @@ where
         });
         let held = match service.bodies.take(&tenant, bytes) {
             Ok(held) => held,
-            Err(body_budget::Exhausted::Tenant) => {
-                return unavailable(format!(
-                    "namespace {tenant} has {} MiB of request bodies in flight at this gateway replica; try again",
-                    MAX_BUFFERED_PER_TENANT >> 20
-                ))
-                .into_response();
-            }
-            Err(body_budget::Exhausted::Replica) => {
-                return unavailable(format!(
-                    "this gateway replica holds {} MiB of request bodies; try again",
-                    MAX_BUFFERED_BYTES >> 20
-                ))
-                .into_response();
-            }
+            Err(exhausted) => return bodies_refused(&tenant, exhausted).into_response(),
         };
         // The body is read before the request waits for a turn, and within a bound: a caller
         // that sends slowly holds its slots for that long at most, and never a turn.

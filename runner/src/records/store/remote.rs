@@ -192,6 +192,9 @@ impl RemoteStore {
             base: base.trim_end_matches('/').to_owned(),
             http: crate::http::client_builder()
                 .timeout(Duration::from_secs(300))
+                // Less than the gateway keeps an idle connection open (`crate::serve`), so a
+                // request is rarely sent on one it is closing.
+                .pool_idle_timeout(Duration::from_secs(20))
                 .build()
                 .map_err(|e| RemoteError::Malformed(e.to_string()))?,
             token,

@@ -45,6 +45,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections held at once from one address.
     pub max_per_peer: usize,
+    /// Whether connections from the loopback are held to [`Limits::max_connections`] only: in a
+    /// cluster only the process's own pod connects from there, on a test node every pod does.
+    pub loopback_unlimited: bool,
     /// How long a shutdown waits for the requests under way.
     pub drain: Duration,
 }
@@ -59,6 +62,7 @@ impl Default for Limits {
             max_buffer: 64 << 10,
             max_connections: 8192,
             max_per_peer: 256,
+            loopback_unlimited: true,
             // Within Kubernetes' 30 s grace before it kills the pod.
             drain: Duration::from_secs(25),
         }
@@ -93,7 +97,11 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         // Over a limit: closed at once, before a byte is read.
-        let Some(from_peer) = PeerConnection::open(&peers, peer.ip(), limits.max_per_peer) else {
+        let per_peer = match limits.loopback_unlimited && peer.ip().is_loopback() {
+            true => limits.max_connections,
+            false => limits.max_per_peer,
+        };
+        let Some(from_peer) = PeerConnection::open(&peers, peer.ip(), per_peer) else {
             drop(stream);
             continue;
         };
@@ -354,6 +362,7 @@ mod tests {
         let address = started(Limits {
             head_timeout: Duration::from_secs(60),
             max_per_peer: 2,
+            loopback_unlimited: false,
             ..Limits::default()
         })
         .await;

@@ -3391,6 +3391,61 @@ async fn a_refusal_is_recorded_only_in_the_run_of_the_session_controlling_the_po
     );
 }
 
+/// The run id holds only the start of the Session's uid: a run under the very id the pod's
+/// Session's would have, started for another Session whose uid begins the same, takes none of
+/// the pod's refusals (its first entry names that other Session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_not_recorded_in_a_run_whose_session_uid_only_begins_the_same() {
+    use contextos_runner::records::RunStart;
+    let store = Arc::new(LosesAResult::default());
+    let operator = KeyPair::from_seed([11; 32]);
+    let (url, _tools) = service_over(store.clone(), &operator).await;
+    let (bundle, context) = quickstart_run(&operator);
+    let tenant = TenantId::new("shop").expect("tenant");
+    // `uid-checkout-old` begins as the pod's Session's `uid-checkout-5xx` does: the same run id.
+    assert_eq!(
+        contextos_runner::run::session_run_id("checkout-5xx", "uid-checkout-old"),
+        RUN
+    );
+    let start = RunStart {
+        run_id: RUN.into(),
+        session_id: context.context.session_id.clone(),
+        agent: bundle.agent.clone(),
+        run_context: serde_json::json!({"context": {"session_uid": "uid-checkout-old"}}),
+        pinned: bundle.pinned(),
+        bundle: None,
+    };
+    let mut recorder = Recorder::begin(&*store, tenant.clone(), transit(), start).expect("recorder");
+    recorder.stage(EntryBody::Checkpoint {
+        step: 0,
+        state: serde_json::json!({}),
+    });
+    recorder.flush().await.expect("written");
+    let forged = {
+        use base64::Engine as _;
+        let mut forged = context.clone();
+        forged.context.budget.max_steps += 1;
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&forged).expect("json"))
+    };
+    let answer = contextos_runner::http::client()
+        .get(format!("{url}/v1/run/head?run={RUN}"))
+        .header(RUN_CONTEXT_HEADER, &forged)
+        .bearer_auth("token-run-1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(answer.status().as_u16(), 403, "a forged context");
+    let chain = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
+    let refusals = chain
+        .iter()
+        .filter(|e| {
+            contextos_runner::records::RecordEntry::decode(&e.bytes)
+                .is_ok_and(|e| matches!(e.body, EntryBody::AccessRefused { .. }))
+        })
+        .count();
+    assert_eq!(refusals, 0, "another Session's run took the pod's refusal");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_told_a_result_the_service_then_lost_cannot_act_on_it() {
     // The service answers a call while its result is being written. If that write fails, the

@@ -248,8 +248,9 @@ async fn a_discovering_run_gets_its_catalog_and_an_intent_a_step_and_no_more() {
             .contains(&format!("the {allowance} embeddings")),
         "{refusal}"
     );
-    // Asking again for texts the run had (an attempt that starts again) costs nothing.
-    let again = post(first).await.expect("texts the run had");
+    // Asking again for texts the replica still keeps (an attempt that starts again) costs
+    // nothing.
+    let again = post(first).await.expect("texts the replica still keeps");
     assert_eq!(again.embeddings, answer.embeddings);
 
     // An offer claimed to be scored by another model is not written.

@@ -85,7 +85,7 @@ pub struct Ended {
     pub crash_counted: bool,
 }
 
-/// The attempt before a new one crashed: why, and how many have crashed so far.
+/// Why the previous attempt ended (it crashed), and how many attempts have crashed so far.
 #[derive(Debug, PartialEq, Eq)]
 pub struct AfterCrash {
     pub why: String,

@@ -84,8 +84,8 @@ impl Update {
         self
     }
 
-    /// How many attempts have crashed so far, `attempt` the last of them (the count only grows:
-    /// see `SessionStatus`).
+    /// How many attempts have crashed so far, `attempt` the last of them (neither ever falls:
+    /// see [`Update::apply`]).
     pub fn crashed_attempts(mut self, crashes: u32, attempt: u32) -> Self {
         self.crashed_attempts = Some((crashes, attempt));
         self

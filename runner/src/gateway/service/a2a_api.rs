@@ -303,16 +303,10 @@ where
         };
         // Charged to the namespace it is sent to, as its pods' bodies are, while it is read
         // and parsed.
-        let declared = axum::body::HttpBody::size_hint(&body);
-        let bytes = declared
-            .upper()
-            .map_or(MAX_A2A_BODY_BYTES, |n| {
-                usize::try_from(n).unwrap_or(MAX_A2A_BODY_BYTES)
-            })
-            .min(MAX_A2A_BODY_BYTES);
+        let bytes = super::declared_bytes(&body, MAX_A2A_BODY_BYTES);
         let held = match service.bodies.take(&namespace, bytes) {
             Ok(held) => held,
-            Err(exhausted) => return super::bodies_refused(&namespace, exhausted).into_response(),
+            Err(exhausted) => return super::bodies_refused(&namespace, bytes, exhausted).into_response(),
         };
         let body = match super::read_body(body, MAX_A2A_BODY_BYTES).await {
             Ok(body) => body,

@@ -1,5 +1,6 @@
 //! The blob bytes each run uploaded through this replica, charged against its store quota
-//! beside its record's own bytes. A run's count is kept while the run uploads: only the runs
+//! beside its record's own bytes — and each replay Job's (under `job/<uid>`, against the Job's
+//! own bound), counted and forgotten as a run's are. A run's count is kept while the run uploads: only the runs
 //! that uploaded least recently are forgotten, and only once [`CAPACITY`] runs are counted, so
 //! a run gets its quota again only after that many other runs uploaded here since its own last
 //! upload — each of which had a quota of its own to fill anyway. (Before, every count was

@@ -14,7 +14,8 @@
 //! and counted, again — so asking for the same texts over and over, after other runs pushed
 //! them out, spends the run's share like new ones. One request embeds at a time per replica (the
 //! encoder splits its work over the cores), and a request waits at most [`EMBEDDING_WAIT`] for
-//! its turn (then the turn is scored by BM25). Each replica counts on its own, for its last
+//! its turn (then the runner scores by BM25 what it could not have embedded: the whole attempt,
+//! when that was its catalog). Each replica counts on its own, for its last
 //! [`MAX_COUNTED_RUNS`] runs: with N replicas a run may have N times its share. Vectors are kept
 //! per tenant and text (one tenant's timing never tells what another embedded), so a catalog is
 //! embedded once per replica, not once per run.
@@ -286,7 +287,7 @@ where
         let reserved = desk.unkept(&digests);
         if !desk.reserve(&run, reserved, allowed) {
             return Err(refused(format!(
-                "the run has had the {allowed} embeddings its discovery needs (its tools' texts and an intent a step, twice over)"
+                "the run has had the {allowed} embeddings its discovery needs (its tools' texts and an intent a step, twice over; a text this replica no longer keeps counts again)"
             )));
         }
         let vectors = match desk.embed(&request.input, &digests).await {
@@ -299,7 +300,7 @@ where
                     StatusCode::TOO_MANY_REQUESTS,
                     EMBEDDINGS_BUSY,
                     format!(
-                        "the gateway's embedding model was busy for {} s; the turn is scored by BM25",
+                        "the gateway's embedding model was busy for {} s; what was not embedded is scored by BM25",
                         EMBEDDING_WAIT.as_secs()
                     ),
                 ));
@@ -310,7 +311,7 @@ where
                 // here, not told to the pod.
                 tracing::warn!(%error, tenant = %run.0, run = %run.1, "embedding for a runner pod failed");
                 return Err(unavailable(
-                    "the gateway's embedding model failed; the turn is scored by BM25",
+                    "the gateway's embedding model failed; what was not embedded is scored by BM25",
                 ));
             }
         };

@@ -110,8 +110,8 @@ const SMALL_SHARE: usize = 8;
 const MAX_RECORD_KEYS_KEPT: usize = 4096;
 /// Bytes of request bodies one replica holds at once (see `body_budget`): eight of the largest.
 const MAX_BUFFERED_BYTES: usize = 8 * MAX_REQUEST_BYTES;
-/// Bytes of request bodies of one tenant a replica holds at once: two of the largest, while
-/// the small requests runs mostly make (a call, a few entries) go on side by side.
+/// Bytes of request bodies of one tenant a replica holds at once: two of the largest (one
+/// large upload leaves 8 MiB for the run's small requests: a call, a few entries).
 const MAX_BUFFERED_PER_TENANT: usize = 2 * MAX_REQUEST_BYTES;
 /// The last bytes of [`MAX_BUFFERED_BYTES`], kept for tenants holding at most
 /// [`SMALL_BUFFER_SHARE`]: tenants holding their whole share leave room for the small requests
@@ -416,21 +416,39 @@ async fn read_body(body: axum::body::Body, max: usize) -> Result<axum::body::Byt
     }
 }
 
-/// The refusal of a body of `tenant`'s that does not fit in the replica's budget now.
-fn bodies_refused(tenant: &str, exhausted: body_budget::Exhausted) -> Refusal {
+/// How many bytes a request's `body` is counted as: its declared length, or `max` (the most it
+/// may be) when it declares none.
+fn declared_bytes(body: &axum::body::Body, max: usize) -> usize {
+    axum::body::HttpBody::size_hint(body)
+        .upper()
+        .map_or(max, |n| usize::try_from(n).unwrap_or(max))
+        .min(max)
+}
+
+/// The refusal of a body of `tenant`'s, counted as `bytes`, that does not fit in the replica's
+/// budget now.
+fn bodies_refused(tenant: &str, bytes: usize, exhausted: body_budget::Exhausted) -> Refusal {
+    let counted = format!(
+        "counted as {:.1} MiB; a body without Content-Length counts as {} MiB",
+        bytes as f64 / (1 << 20) as f64,
+        MAX_REQUEST_BYTES >> 20
+    );
     unavailable(match exhausted {
         body_budget::Exhausted::Tenant => format!(
-            "namespace {tenant} has {} MiB of request bodies in flight at this gateway replica; try again",
+            "with this request's body ({counted}), namespace {tenant}'s request bodies in flight at this \
+             gateway replica would pass its {} MiB; try again",
             MAX_BUFFERED_PER_TENANT >> 20
         ),
         body_budget::Exhausted::Reserved => format!(
-            "this gateway replica's last {} MiB for request bodies are kept for namespaces with at \
-             most {} KiB in flight, and namespace {tenant} has more; try again",
+            "this gateway replica's last {} MiB for request bodies are kept for namespaces holding at \
+             most {} MiB, and with this request's body ({counted}) namespace {tenant} would hold more; \
+             try again",
             RESERVED_BUFFER_BYTES >> 20,
-            SMALL_BUFFER_SHARE >> 10
+            SMALL_BUFFER_SHARE >> 20
         ),
         body_budget::Exhausted::Replica => format!(
-            "this gateway replica holds {} MiB of request bodies; try again",
+            "this gateway replica holds {} MiB of request bodies, and this one ({counted}) does not fit; \
+             try again",
             MAX_BUFFERED_BYTES >> 20
         ),
     })
@@ -858,7 +876,8 @@ where
         if held > SMALL_SHARE && service.in_flight.available_permits() <= RESERVED_SLOTS {
             return unavailable(format!(
                 "this gateway replica's last {RESERVED_SLOTS} slots are kept for namespaces with at most \
-                 {SMALL_SHARE} requests in flight, and namespace {tenant} has {held}; try again"
+                 {SMALL_SHARE} requests in flight, and namespace {tenant} has {} besides this one; try again",
+                held - 1
             ))
             .into_response();
         }
@@ -883,12 +902,10 @@ where
             )
             .into_response();
         }
-        let bytes = declared.upper().map_or(MAX_REQUEST_BYTES, |n| {
-            usize::try_from(n).unwrap_or(MAX_REQUEST_BYTES)
-        });
+        let bytes = declared_bytes(&body, MAX_REQUEST_BYTES);
         let held = match service.bodies.take(&tenant, bytes) {
             Ok(held) => held,
-            Err(exhausted) => return bodies_refused(&tenant, exhausted).into_response(),
+            Err(exhausted) => return bodies_refused(&tenant, bytes, exhausted).into_response(),
         };
         // The body is read before the request waits for a turn, and within a bound: a caller
         // that sends slowly holds its slots for that long at most, and never a turn.

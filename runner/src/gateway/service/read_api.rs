@@ -57,7 +57,8 @@ where
     /// `read`, once everything the store was given is durable: a reader outside the run is
     /// never shown an entry or a head a crash could still take back. Flushed after the read,
     /// not before it: a write committed between a flush and the read (another run's result
-    /// written after its answer, a go-ahead whose flush is under way) would be shown undurable.
+    /// written after its answer, a go-ahead whose flush is under way) would be shown before it
+    /// is durable.
     pub(super) async fn durable<R>(&self, read: R) -> Result<R, Refusal> {
         self.store.flush_pending().await.map_err(unavailable)?;
         Ok(read)
@@ -209,8 +210,9 @@ where
                 candidate_digest: order.candidate_digest.clone(),
                 gate: report.as_gate(),
             };
+            // A skill's evaluation read nothing recorded: nothing to make durable first.
             let signed = SignedGateVerdict::sign(verdict, &service.keys.for_tenant(tenant.as_str()));
-            return Ok(Json(service.durable(signed).await?).into_response());
+            return Ok(Json(signed).into_response());
         }
         let models = Arc::new(TenantModels {
             service: service.clone(),
@@ -340,10 +342,12 @@ where
                 StatusCode::PAYLOAD_TOO_LARGE,
                 crate::records::store::remote::QUOTA_EXCEEDED,
                 format!(
-                    "replay Job {} has stored {} bytes and this upload adds {}; a Job stores at most {MAX_JOB_BLOB_BYTES}",
+                    "replay Job {} has stored {} bytes through this gateway replica and this upload adds {}; \
+                     a Job stores at most {} MiB (its report) per replica",
                     grant.job,
                     over.used,
-                    body.len()
+                    body.len(),
+                    MAX_JOB_BLOB_BYTES >> 20
                 ),
             ));
         }

@@ -278,6 +278,24 @@ mod tests {
         address
     }
 
+    /// Asserts a new connection to `address` is served within about a second (a place given
+    /// back is seen by the server a moment after the client lets go).
+    async fn served_again(address: SocketAddr) {
+        let mut answered = None;
+        for _ in 0..50 {
+            let mut next = tokio::net::TcpStream::connect(address).await.expect("connect");
+            let _ = next
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            answered = until_closed(&mut next).await;
+            if answered.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 200")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("not served again: {answered:?}");
+    }
+
     /// What the server sends on `stream` until it closes it, if it does within 5 s.
     async fn until_closed(stream: &mut tokio::net::TcpStream) -> Option<String> {
         let mut answer = Vec::new();
@@ -339,22 +357,7 @@ mod tests {
         assert_eq!(until_closed(&mut third).await.as_deref(), Some(""));
         // Once one goes, a new connection is served.
         drop(held.pop());
-        let mut answered = None;
-        for _ in 0..50 {
-            let mut next = tokio::net::TcpStream::connect(address).await.expect("connect");
-            let _ = next
-                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await;
-            answered = until_closed(&mut next).await;
-            if answered.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 200")) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(
-            answered.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 200")),
-            "{answered:?}"
-        );
+        served_again(address).await;
     }
 
     #[tokio::test]
@@ -377,22 +380,7 @@ mod tests {
             "past the address's share"
         );
         drop(held);
-        let mut answered = None;
-        for _ in 0..50 {
-            let mut next = tokio::net::TcpStream::connect(address).await.expect("connect");
-            let _ = next
-                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await;
-            answered = until_closed(&mut next).await;
-            if answered.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 200")) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(
-            answered.as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 200")),
-            "{answered:?}"
-        );
+        served_again(address).await;
     }
 
     #[tokio::test]

@@ -1534,6 +1534,13 @@ async fn answer_on(stream: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&buffer[..read]).into_owned()
 }
 
+/// The answer to a GET of the run's head with `token` and no RunContext (a request without a
+/// body, refused for the context it lacks).
+async fn head_without_context(url: &str, token: &str) -> String {
+    let head = format!("GET /v1/run/head?run={RUN} HTTP/1.1\r\nAuthorization: Bearer {token}\r\n");
+    answer_on(&mut sent(url, &head, &[]).await).await
+}
+
 /// A namespace's request bodies are accounted before they are read: its pods holding two of the
 /// largest open take its share, and a third is refused at once (503) — while its requests
 /// without a body, and another namespace's, go on. (Without the budget one namespace could have
@@ -1573,15 +1580,7 @@ async fn a_namespace_holds_at_most_its_share_of_request_bodies_at_once() {
         "one body refused, two held: {answers:?}"
     );
     // A request without a body still gets in (refused for its missing RunContext, not for bytes).
-    let bodiless = answer_on(
-        &mut sent(
-            &rig.url,
-            &format!("GET /v1/run/head?run={RUN} HTTP/1.1\r\nAuthorization: Bearer token-run-1\r\n"),
-            &[],
-        )
-        .await,
-    )
-    .await;
+    let bodiless = head_without_context(&rig.url, "token-run-1").await;
     assert!(bodiless.starts_with("HTTP/1.1 400"), "{bodiless}");
     // Another namespace's large body is read (and refused for what it is, not for bytes).
     let other = answer_on(
@@ -2489,15 +2488,7 @@ async fn namespaces_holding_their_whole_share_leave_room_for_others() {
         "{ninth}"
     );
     // A namespace with nothing in flight is heard (and refused for its missing RunContext).
-    let fifth = answer_on(
-        &mut sent(
-            &rig.url,
-            &format!("GET /v1/run/head?run={RUN} HTTP/1.1\r\nAuthorization: Bearer token-fifth\r\n"),
-            &[],
-        )
-        .await,
-    )
-    .await;
+    let fifth = head_without_context(&rig.url, "token-fifth").await;
     assert!(fifth.starts_with("HTTP/1.1 400"), "{fifth}");
     drop(held);
 }
@@ -3207,6 +3198,36 @@ fn quickstart_run(operator: &KeyPair) -> (RunBundle, SignedRunContext) {
     (bundle, context)
 }
 
+/// Pod `checkout-5xx-run-1` asks for its run's head with `context` made up (a step more): the
+/// gateway refuses it (asserted) and records the refusal where it records it.
+async fn forged_head_request(url: &str, context: &SignedRunContext) {
+    let header = {
+        use base64::Engine as _;
+        let mut forged = context.clone();
+        forged.context.budget.max_steps += 1;
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&forged).expect("json"))
+    };
+    let answer = contextos_runner::http::client()
+        .get(format!("{url}/v1/run/head?run={RUN}"))
+        .header(RUN_CONTEXT_HEADER, &header)
+        .bearer_auth("token-run-1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(answer.status().as_u16(), 403, "a forged context");
+}
+
+/// How many refusals `chain` records.
+fn refusals_in(chain: &[contextos_runner::records::StoredEntry]) -> usize {
+    chain
+        .iter()
+        .filter(|e| {
+            contextos_runner::records::RecordEntry::decode(&e.bytes)
+                .is_ok_and(|e| matches!(e.body, EntryBody::AccessRefused { .. }))
+        })
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_is_recorded_without_reading_the_run_whole() {
     // A pod may fill its own record (up to its quota: hundreds of MiB) and then send requests
@@ -3246,33 +3267,13 @@ async fn a_refusal_is_recorded_without_reading_the_run_whole() {
         .expect("run")
         .seq
         + 1;
-    let mut forged = context.clone();
-    forged.context.budget.max_steps += 1;
-    let header = {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&forged).expect("json"))
-    };
     let before = store.entries_read.load(std::sync::atomic::Ordering::SeqCst);
     for _ in 0..5 {
-        let answer = contextos_runner::http::client()
-            .get(format!("{url}/v1/run/head?run={RUN}"))
-            .header(RUN_CONTEXT_HEADER, &header)
-            .bearer_auth("token-run-1")
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(answer.status().as_u16(), 403, "a forged context");
+        forged_head_request(&url, &context).await;
     }
     let read = store.entries_read.load(std::sync::atomic::Ordering::SeqCst) - before;
     let chain = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
-    let refusals = chain
-        .iter()
-        .filter(|e| {
-            contextos_runner::records::RecordEntry::decode(&e.bytes)
-                .is_ok_and(|e| matches!(e.body, EntryBody::AccessRefused { .. }))
-        })
-        .count();
-    assert_eq!(refusals, 5, "each refusal recorded in the run");
+    assert_eq!(refusals_in(&chain), 5, "each refusal recorded in the run");
     // A request with the pod's own context naming another run is refused, and recorded too;
     // so is a request whose header holds no RunContext at all.
     let own_context = {
@@ -3359,33 +3360,11 @@ async fn a_refusal_is_recorded_only_in_the_run_of_the_session_controlling_the_po
         "the earlier Session's run holds the newest checkpoint"
     );
 
-    let forged = {
-        use base64::Engine as _;
-        let mut forged = context.clone();
-        forged.context.budget.max_steps += 1;
-        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&forged).expect("json"))
-    };
-    let answer = contextos_runner::http::client()
-        .get(format!("{url}/v1/run/head?run={RUN}"))
-        .header(RUN_CONTEXT_HEADER, &forged)
-        .bearer_auth("token-run-1")
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(answer.status().as_u16(), 403, "a forged context");
-    let refusals_in = |chain: Vec<contextos_runner::records::StoredEntry>| {
-        chain
-            .iter()
-            .filter(|e| {
-                contextos_runner::records::RecordEntry::decode(&e.bytes)
-                    .is_ok_and(|e| matches!(e.body, EntryBody::AccessRefused { .. }))
-            })
-            .count()
-    };
+    forged_head_request(&url, &context).await;
     let own = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
     let other = store.inner.read_chain(&tenant, &earlier, 0).await.expect("chain");
     assert_eq!(
-        (refusals_in(own), refusals_in(other)),
+        (refusals_in(&own), refusals_in(&other)),
         (1, 0),
         "refusals in the pod's own Session's run and in the earlier Session's"
     );
@@ -3421,29 +3400,13 @@ async fn a_refusal_is_not_recorded_in_a_run_whose_session_uid_only_begins_the_sa
         state: serde_json::json!({}),
     });
     recorder.flush().await.expect("written");
-    let forged = {
-        use base64::Engine as _;
-        let mut forged = context.clone();
-        forged.context.budget.max_steps += 1;
-        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&forged).expect("json"))
-    };
-    let answer = contextos_runner::http::client()
-        .get(format!("{url}/v1/run/head?run={RUN}"))
-        .header(RUN_CONTEXT_HEADER, &forged)
-        .bearer_auth("token-run-1")
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(answer.status().as_u16(), 403, "a forged context");
+    forged_head_request(&url, &context).await;
     let chain = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
-    let refusals = chain
-        .iter()
-        .filter(|e| {
-            contextos_runner::records::RecordEntry::decode(&e.bytes)
-                .is_ok_and(|e| matches!(e.body, EntryBody::AccessRefused { .. }))
-        })
-        .count();
-    assert_eq!(refusals, 0, "another Session's run took the pod's refusal");
+    assert_eq!(
+        refusals_in(&chain),
+        0,
+        "another Session's run took the pod's refusal"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -313,6 +313,27 @@ async fn reqwest_json(url: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// A namespace `prefix`-… with the quickstart (its tools at `tools_url`) whose Agent's model
+/// endpoint refuses connections, and Session `name` of it: every attempt errors out before it
+/// can report, which the operator treats like a crash.
+async fn crashing_session(
+    env: &'static TestEnv,
+    prefix: &str,
+    tools_url: &str,
+    name: &str,
+) -> Result<TestNamespace> {
+    let ns = TestNamespace::new(env, prefix).await?;
+    let client = env.client();
+    for mut object in objects_for(env, tools_url)? {
+        if object["kind"] == "Agent" {
+            object["spec"]["model"] = json!({"provider": "openai_compatible", "endpoint": "http://127.0.0.1:9/v1", "model": "gpt-test"});
+        }
+        apply(&client, ns.name(), &object).await?;
+    }
+    apply(&client, ns.name(), &session(name)?).await?;
+    Ok(ns)
+}
+
 #[tokio::test]
 async fn runner_attempts_that_crash_are_retried_up_to_the_bound() -> Result<()> {
     let env = TestEnv::shared().await?;
@@ -324,20 +345,9 @@ async fn runner_attempts_that_crash_are_retried_up_to_the_bound() -> Result<()> 
         eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     }
-    // The agent's model endpoint refuses connections: every attempt errors out before it can
-    // report, which the operator treats like a crash.
     let (mut tools, tools_url) = operator_env::start_tools_with(&[]).map_err(anyhow::Error::msg)?;
     let result = async {
-        let ns = TestNamespace::new(env, "operator-crashes").await?;
-        let client = env.client();
-        for mut object in objects_for(env, &tools_url)? {
-            if object["kind"] == "Agent" {
-                object["spec"]["model"] =
-                    json!({"provider": "openai_compatible", "endpoint": "http://127.0.0.1:9/v1", "model": "gpt-test"});
-            }
-            apply(&client, ns.name(), &object).await?;
-        }
-        apply(&client, ns.name(), &session("crashing")?).await?;
+        let ns = crashing_session(env, "operator-crashes", &tools_url, "crashing").await?;
         let sessions: Api<Session> = ns.api();
         let failed = phase_is(&sessions, "crashing", SessionPhase::Failed).await?;
         let status = failed.status.unwrap_or_default();
@@ -378,19 +388,9 @@ async fn deleting_crashed_pods_does_not_reset_the_retry_bound() -> Result<()> {
         eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
         return Ok(());
     }
-    // As above: every attempt errors out before it can report.
     let (mut tools, tools_url) = operator_env::start_tools_with(&[]).map_err(anyhow::Error::msg)?;
     let result = async {
-        let ns = TestNamespace::new(env, "operator-crash-reset").await?;
-        let client = env.client();
-        for mut object in objects_for(env, &tools_url)? {
-            if object["kind"] == "Agent" {
-                object["spec"]["model"] =
-                    json!({"provider": "openai_compatible", "endpoint": "http://127.0.0.1:9/v1", "model": "gpt-test"});
-            }
-            apply(&client, ns.name(), &object).await?;
-        }
-        apply(&client, ns.name(), &session("resetting")?).await?;
+        let ns = crashing_session(env, "operator-crash-reset", &tools_url, "resetting").await?;
         let sessions: Api<Session> = ns.api();
         let pods: Api<Pod> = ns.api();
         // The tenant: each attempt's pod is deleted once its crash is counted (or the next
@@ -403,7 +403,10 @@ async fn deleting_crashed_pods_does_not_reset_the_retry_bound() -> Result<()> {
                     let status = sessions.get("resetting").await.ok().and_then(|s| s.status);
                     let current = status.as_ref().and_then(|s| s.attempt).unwrap_or(1);
                     let counted = status.as_ref().and_then(|s| s.last_crashed_attempt).unwrap_or(0);
-                    if status.and_then(|s| s.phase).is_some_and(SessionPhase::is_terminal) {
+                    if status
+                        .and_then(|s| s.phase)
+                        .is_some_and(SessionPhase::is_terminal)
+                    {
                         return deleted;
                     }
                     // Earlier attempts' pods, and the current one's once its crash is counted.

@@ -73,6 +73,14 @@ pub async fn install(
     Ok(policy)
 }
 
+/// Makes the Policy among the quickstart's objects promoted by hand, by group `sre-leads`.
+fn manual_promotion(object: &mut Value) {
+    if object["kind"] == "Policy" {
+        object["spec"]["promotion"]["mode"] = json!("manual");
+        object["spec"]["promotion"]["approvers"] = json!({"groups": ["sre-leads"]});
+    }
+}
+
 async fn revisions(api: &Api<Policy>) -> Result<contextos_crds::common::RevisionStatus> {
     api.get("oncall-guardrails")
         .await?
@@ -403,13 +411,7 @@ async fn without_history_a_candidate_waits_for_an_explicit_bypass_and_manual_mod
     };
     let ns = TestNamespace::new(env, "promotion-manual").await?;
     let client = env.client();
-    let policy = install(env, ns.name(), &op.tools_url, |object| {
-        if object["kind"] == "Policy" {
-            object["spec"]["promotion"]["mode"] = json!("manual");
-            object["spec"]["promotion"]["approvers"] = json!({"groups": ["sre-leads"]});
-        }
-    })
-    .await?;
+    let policy = install(env, ns.name(), &op.tools_url, manual_promotion).await?;
     let policies: Api<Policy> = ns.api();
     let first = wait_for_object(
         &policies,
@@ -521,13 +523,7 @@ async fn an_agent_is_checked_against_the_policy_revisions_its_runs_get() -> Resu
     };
     let ns = TestNamespace::new(env, "promotion-approvable").await?;
     let client = env.client();
-    let policy = install(env, ns.name(), &op.tools_url, |object| {
-        if object["kind"] == "Policy" {
-            object["spec"]["promotion"]["mode"] = json!("manual");
-            object["spec"]["promotion"]["approvers"] = json!({"groups": ["sre-leads"]});
-        }
-    })
-    .await?;
+    let policy = install(env, ns.name(), &op.tools_url, manual_promotion).await?;
     crate::operator::agent_ready(&ns).await?;
     let policies: Api<Policy> = ns.api();
     let promoted = promoted_guardrails(&policies).await?;

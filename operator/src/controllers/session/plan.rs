@@ -189,6 +189,12 @@ fn missing(observed: &Observed) -> Step {
     if crashes >= observed.max_crash_attempts {
         return exhausted(observed, crashes, &ended_how);
     }
+    after_crashes(observed, crashes, &ended_how)
+}
+
+/// The attempt after this one, which ended as `ended_how` said, `crashes` attempts having
+/// crashed: it resumes from the last checkpoint.
+fn after_crashes(observed: &Observed, crashes: u32, ended_how: &str) -> Step {
     Step::Start {
         attempt: observed.attempt + 1,
         resumed_for: None,
@@ -391,14 +397,7 @@ fn after_crash(observed: &Observed, ended: &Ended) -> Step {
     if !waited {
         return Step::Wait(backoff);
     }
-    Step::Start {
-        attempt: observed.attempt + 1,
-        resumed_for: None,
-        after_crash: Some(AfterCrash {
-            why: format!("{ended_how}; resuming from the last checkpoint"),
-            crashes: ended.crashes,
-        }),
-    }
+    after_crashes(observed, ended.crashes, &ended_how)
 }
 
 /// The Session fails: `crashes` attempts ended without a result, the last as `ended_how` says.

@@ -3217,6 +3217,32 @@ async fn forged_head_request(url: &str, context: &SignedRunContext) {
     assert_eq!(answer.status().as_u16(), 403, "a forged context");
 }
 
+/// Writes run `run_id` of `context`'s Session as the Session whose uid is `session_uid` would
+/// have started it, with a checkpoint: the Session name's newest.
+async fn run_of_session(
+    store: &LosesAResult,
+    bundle: &RunBundle,
+    context: &SignedRunContext,
+    run_id: &str,
+    session_uid: &str,
+) {
+    let start = contextos_runner::records::RunStart {
+        run_id: run_id.into(),
+        session_id: context.context.session_id.clone(),
+        agent: bundle.agent.clone(),
+        run_context: serde_json::json!({"context": {"session_uid": session_uid}}),
+        pinned: bundle.pinned(),
+        bundle: None,
+    };
+    let tenant = TenantId::new("shop").expect("tenant");
+    let mut recorder = Recorder::begin(store, tenant, transit(), start).expect("recorder");
+    recorder.stage(EntryBody::Checkpoint {
+        step: 0,
+        state: serde_json::json!({}),
+    });
+    recorder.flush().await.expect("written");
+}
+
 /// How many refusals `chain` records.
 fn refusals_in(chain: &[contextos_runner::records::StoredEntry]) -> usize {
     chain
@@ -3324,7 +3350,6 @@ async fn a_refusal_is_recorded_without_reading_the_run_whole() {
 /// wrote a checkpoint (a hostile runner writes none).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_is_recorded_only_in_the_run_of_the_session_controlling_the_pod() {
-    use contextos_runner::records::RunStart;
     let store = Arc::new(LosesAResult::default());
     let operator = KeyPair::from_seed([11; 32]);
     let (url, _tools) = service_over(store.clone(), &operator).await;
@@ -3335,20 +3360,7 @@ async fn a_refusal_is_recorded_only_in_the_run_of_the_session_controlling_the_po
     let tenant = TenantId::new("shop").expect("tenant");
     // An earlier Session checkout-5xx's run, with the Session name's newest checkpoint.
     let earlier = contextos_runner::run::session_run_id("checkout-5xx", "uid-earlier");
-    let start = RunStart {
-        run_id: earlier.clone(),
-        session_id: context.context.session_id.clone(),
-        agent: bundle.agent.clone(),
-        run_context: serde_json::json!({"context": {"session_uid": "uid-earlier"}}),
-        pinned: bundle.pinned(),
-        bundle: None,
-    };
-    let mut recorder = Recorder::begin(&*store, tenant.clone(), transit(), start).expect("recorder");
-    recorder.stage(EntryBody::Checkpoint {
-        step: 0,
-        state: serde_json::json!({}),
-    });
-    recorder.flush().await.expect("written");
+    run_of_session(&store, &bundle, &context, &earlier, "uid-earlier").await;
     let newest = store
         .inner
         .latest_checkpoint(&tenant, &context.context.session_id)
@@ -3375,7 +3387,6 @@ async fn a_refusal_is_recorded_only_in_the_run_of_the_session_controlling_the_po
 /// the pod's refusals (its first entry names that other Session).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_is_not_recorded_in_a_run_whose_session_uid_only_begins_the_same() {
-    use contextos_runner::records::RunStart;
     let store = Arc::new(LosesAResult::default());
     let operator = KeyPair::from_seed([11; 32]);
     let (url, _tools) = service_over(store.clone(), &operator).await;
@@ -3386,20 +3397,7 @@ async fn a_refusal_is_not_recorded_in_a_run_whose_session_uid_only_begins_the_sa
         contextos_runner::run::session_run_id("checkout-5xx", "uid-checkout-old"),
         RUN
     );
-    let start = RunStart {
-        run_id: RUN.into(),
-        session_id: context.context.session_id.clone(),
-        agent: bundle.agent.clone(),
-        run_context: serde_json::json!({"context": {"session_uid": "uid-checkout-old"}}),
-        pinned: bundle.pinned(),
-        bundle: None,
-    };
-    let mut recorder = Recorder::begin(&*store, tenant.clone(), transit(), start).expect("recorder");
-    recorder.stage(EntryBody::Checkpoint {
-        step: 0,
-        state: serde_json::json!({}),
-    });
-    recorder.flush().await.expect("written");
+    run_of_session(&store, &bundle, &context, RUN, "uid-checkout-old").await;
     forged_head_request(&url, &context).await;
     let chain = store.inner.read_chain(&tenant, RUN, 0).await.expect("chain");
     assert_eq!(

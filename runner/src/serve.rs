@@ -55,9 +55,11 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            // Longer than the gateway's clients keep idle connections (20 s, `RemoteStore`), so
-            // one rarely sends on a connection the server is closing.
-            head_timeout: Duration::from_secs(30),
+            // Longer than the gateway's own clients keep idle connections (20 s, `RemoteStore`)
+            // and than a scraper's usual interval (15–60 s), so a kept-alive connection is
+            // rarely closed just as a request is sent on it; a slow head holds a place this long
+            // at most, within the limits on connections below.
+            head_timeout: Duration::from_secs(75),
             write_timeout: Duration::from_secs(30),
             max_buffer: 64 << 10,
             max_connections: 8192,

@@ -25,6 +25,7 @@ pub mod remote;
 pub mod result_cache;
 pub mod run_log;
 pub mod service;
+pub(crate) mod shares;
 pub mod tenancy;
 
 /// What a re-executed run is told of a call its recorded run never made: it is not executed.

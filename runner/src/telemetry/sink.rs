@@ -16,12 +16,12 @@ use prost_otlp::Message as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 /// Forwards in flight at once, per replica.
-const MAX_FORWARDS: usize = 16;
+const MAX_FORWARDS: u32 = 16;
 /// Forwards in flight at once for one tenant, per replica.
-const MAX_TENANT_FORWARDS: usize = 4;
+const MAX_TENANT_FORWARDS: u32 = 4;
 /// The last forwards of a replica's [`MAX_FORWARDS`], kept for tenants with none in flight:
 /// three tenants holding their whole share leave room for four more.
-const RESERVED_FORWARDS: usize = 4;
+const RESERVED_FORWARDS: u32 = 4;
 /// How long one forward may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs whose relayed spans are counted at once, per replica (the oldest counts are forgotten
@@ -38,8 +38,8 @@ pub struct TraceSink {
     shown: String,
     headers: HeaderMap,
     client: reqwest::Client,
-    forwards: Arc<tokio::sync::Semaphore>,
-    tenants: Mutex<HashMap<String, usize>>,
+    /// Forwards in flight, in all and per tenant.
+    forwards: crate::gateway::shares::Shares,
     /// Spans relayed per (tenant, run), and the order runs were first counted in.
     spent: Mutex<SpentByRun>,
     failures: Mutex<(Option<Instant>, u64)>,
@@ -65,25 +65,7 @@ struct SpentByRun {
 /// A place in the forwards in flight, for one tenant's batch (given back when dropped).
 #[derive(Debug)]
 pub struct Turn {
-    sink: Arc<TraceSink>,
-    tenant: String,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        let mut tenants = self
-            .sink
-            .tenants
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = tenants.get_mut(&self.tenant) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                tenants.remove(&self.tenant);
-            }
-        }
-    }
+    _share: crate::gateway::shares::Share,
 }
 
 impl TraceSink {
@@ -132,8 +114,13 @@ impl TraceSink {
             shown,
             headers,
             client: crate::http::client(),
-            forwards: Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS)),
-            tenants: Mutex::new(HashMap::new()),
+            // A tenant with none in flight may take one of the reserve.
+            forwards: crate::gateway::shares::Shares::new(
+                MAX_FORWARDS,
+                MAX_TENANT_FORWARDS,
+                RESERVED_FORWARDS,
+                1,
+            ),
             spent: Mutex::new(Default::default()),
             failures: Mutex::new((None, 0)),
         }
@@ -163,23 +150,9 @@ impl TraceSink {
     }
 
     /// A place for one of `tenant`'s batches, if the replica and the tenant have one free.
-    pub fn turn(self: &Arc<Self>, tenant: &str) -> Option<Turn> {
-        let mut tenants = self
-            .tenants
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let held = tenants.get(tenant).copied().unwrap_or(0);
-        if held >= MAX_TENANT_FORWARDS || (held > 0 && self.forwards.available_permits() <= RESERVED_FORWARDS)
-        {
-            return None;
-        }
-        let permit = self.forwards.clone().try_acquire_owned().ok()?;
-        *tenants.entry(tenant.to_owned()).or_default() += 1;
-        Some(Turn {
-            sink: self.clone(),
-            tenant: tenant.to_owned(),
-            _permit: permit,
-        })
+    pub fn turn(&self, tenant: &str) -> Option<Turn> {
+        let share = self.forwards.take(tenant, 1).ok()?;
+        Some(Turn { _share: share })
     }
 
     /// Sends `request` to the collector in the background, holding `turn` until it is done.

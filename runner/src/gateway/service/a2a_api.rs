@@ -304,7 +304,10 @@ where
         // Charged to the namespace it is sent to, as its pods' bodies are, while it is read
         // and parsed.
         let bytes = super::declared_bytes(&body, MAX_A2A_BODY_BYTES);
-        let held = match service.bodies.take(&namespace, bytes) {
+        let held = match service
+            .bodies
+            .take(&namespace, crate::gateway::shares::kib(bytes))
+        {
             Ok(held) => held,
             Err(exhausted) => return super::bodies_refused(&namespace, bytes, exhausted).into_response(),
         };

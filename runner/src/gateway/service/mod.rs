@@ -11,7 +11,6 @@
 
 mod a2a_api;
 mod blob_charges;
-mod body_budget;
 pub mod completion;
 mod consent_api;
 mod context_cache;
@@ -52,6 +51,7 @@ use super::{
     readers::{Access, ReaderAuthority},
     remote::{CallRequest, HEAD_PENDING, ModelCall, RecallCall},
     run_log::RunLog,
+    shares,
     tenancy::{TenantError, TenantView},
 };
 use crate::{
@@ -108,7 +108,7 @@ const RESERVED_SLOTS: usize = 64;
 const SMALL_SHARE: usize = 8;
 /// Tenants whose record-key answers a replica keeps.
 const MAX_RECORD_KEYS_KEPT: usize = 4096;
-/// Bytes of request bodies one replica holds at once (see `body_budget`): eight of the largest.
+/// Bytes of request bodies one replica holds at once (see `shares`): eight of the largest.
 const MAX_BUFFERED_BYTES: usize = 8 * MAX_REQUEST_BYTES;
 /// Bytes of request bodies of one tenant a replica holds at once: two of the largest (one
 /// large upload leaves 8 MiB for the run's small requests: a call, a few entries).
@@ -151,10 +151,9 @@ const TURNS_PER_CORE: usize = 2;
 /// served (by the handler and by any task carrying the request on).
 #[derive(Clone, Debug)]
 pub(super) struct TenantSlot {
-    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
-    _replica: Arc<tokio::sync::OwnedSemaphorePermit>,
+    _slot: Arc<shares::Share>,
     turn: Option<Arc<crate::gateway::fair::TurnHandle>>,
-    _body: Arc<body_budget::BodyBytes>,
+    _body: Arc<shares::Share>,
 }
 
 impl TenantSlot {
@@ -193,14 +192,12 @@ pub struct GatewayService<S, A, T> {
     egress: EgressGuard,
     /// Finds runs' capability pods; without it, Agents with command-started tools are refused.
     capabilities: Option<Arc<dyn CapabilityResolver>>,
-    /// Each tenant's share of the requests in flight.
-    tenant_slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
-    /// Bytes of request bodies held, in all and per tenant.
-    bodies: body_budget::BodyBudget,
+    /// Requests in flight, in all and per tenant.
+    slots: shares::Shares,
+    /// KiB of request bodies held, in all and per tenant.
+    bodies: shares::Shares,
     /// Answers of `/v1/tenants/{tenant}/record-key` made so far, by tenant.
     record_keys: Mutex<HashMap<String, serde_json::Value>>,
-    /// The replica's requests in flight, every tenant's together.
-    in_flight: Arc<tokio::sync::Semaphore>,
     /// Turns for the requests worked on at once, handed round the tenants (`None`: every
     /// admitted request is worked on at once — the fairness benchmark's baseline).
     turns: Option<Arc<crate::gateway::fair::FairTurns>>,
@@ -427,26 +424,26 @@ fn declared_bytes(body: &axum::body::Body, max: usize) -> usize {
 
 /// The refusal of a body of `tenant`'s, counted as `bytes`, that does not fit in the replica's
 /// budget now.
-fn bodies_refused(tenant: &str, bytes: usize, exhausted: body_budget::Exhausted) -> Refusal {
+fn bodies_refused(tenant: &str, bytes: usize, exhausted: shares::Exhausted) -> Refusal {
     let counted = format!(
         "counted as {:.1} MiB; a body without Content-Length counts as {} MiB",
         bytes as f64 / (1 << 20) as f64,
         MAX_REQUEST_BYTES >> 20
     );
     unavailable(match exhausted {
-        body_budget::Exhausted::Tenant => format!(
+        shares::Exhausted::Tenant => format!(
             "with this request's body ({counted}), namespace {tenant}'s request bodies in flight at this \
              gateway replica would pass its {} MiB; try again",
             MAX_BUFFERED_PER_TENANT >> 20
         ),
-        body_budget::Exhausted::Reserved => format!(
+        shares::Exhausted::Reserved => format!(
             "this gateway replica's last {} MiB for request bodies are kept for namespaces holding at \
              most {} MiB, and with this request's body ({counted}) namespace {tenant} would hold more; \
              try again",
             RESERVED_BUFFER_BYTES >> 20,
             SMALL_BUFFER_SHARE >> 20
         ),
-        body_budget::Exhausted::Replica => format!(
+        shares::Exhausted::Replica => format!(
             "this gateway replica holds {} MiB of request bodies, and this one ({counted}) does not fit; \
              try again",
             MAX_BUFFERED_BYTES >> 20
@@ -538,15 +535,19 @@ where
             vault_namespace: "contextos-vault".into(),
             egress: EgressGuard::default(),
             capabilities: None,
-            tenant_slots: Mutex::new(HashMap::new()),
-            bodies: body_budget::BodyBudget::new(
-                MAX_BUFFERED_BYTES,
-                MAX_BUFFERED_PER_TENANT,
-                RESERVED_BUFFER_BYTES,
-                SMALL_BUFFER_SHARE,
+            slots: shares::Shares::new(
+                MAX_IN_FLIGHT as u32,
+                MAX_IN_FLIGHT_PER_TENANT as u32,
+                RESERVED_SLOTS as u32,
+                SMALL_SHARE as u32,
+            ),
+            bodies: shares::Shares::new(
+                shares::kib(MAX_BUFFERED_BYTES),
+                shares::kib(MAX_BUFFERED_PER_TENANT),
+                shares::kib(RESERVED_BUFFER_BYTES),
+                shares::kib(SMALL_BUFFER_SHARE),
             ),
             record_keys: Mutex::new(HashMap::new()),
-            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             turns: Some(crate::gateway::fair::FairTurns::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()) * TURNS_PER_CORE,
             )),
@@ -867,25 +868,21 @@ where
             Ok(tenant) => tenant,
             Err(refusal) => return refusal.into_response(),
         };
-        let Some((slot, held)) = service.tenant_slot(&tenant) else {
-            return unavailable(format!(
-                "namespace {tenant} has {MAX_IN_FLIGHT_PER_TENANT} requests in flight at this gateway replica; try again"
-            ))
-            .into_response();
-        };
-        if held > SMALL_SHARE && service.in_flight.available_permits() <= RESERVED_SLOTS {
-            return unavailable(format!(
-                "this gateway replica's last {RESERVED_SLOTS} slots are kept for namespaces with at most \
-                 {SMALL_SHARE} requests in flight, and namespace {tenant} has {} besides this one; try again",
-                held - 1
-            ))
-            .into_response();
-        }
-        let Ok(replica) = service.in_flight.clone().try_acquire_owned() else {
-            return unavailable(format!(
-                "this gateway replica has {MAX_IN_FLIGHT} requests in flight; try again"
-            ))
-            .into_response();
+        let slot = match service.slots.take(&tenant, 1) {
+            Ok(slot) => slot,
+            Err(exhausted) => return unavailable(match exhausted {
+                shares::Exhausted::Tenant => format!(
+                    "namespace {tenant} has {MAX_IN_FLIGHT_PER_TENANT} requests in flight at this gateway replica; try again"
+                ),
+                shares::Exhausted::Reserved => format!(
+                    "this gateway replica's last {RESERVED_SLOTS} slots are kept for namespaces with at most \
+                     {SMALL_SHARE} requests in flight, and namespace {tenant} has {SMALL_SHARE} or more; try again"
+                ),
+                shares::Exhausted::Replica => format!(
+                    "this gateway replica has {MAX_IN_FLIGHT} requests in flight; try again"
+                ),
+            })
+            .into_response(),
         };
         // Its body's bytes are accounted before a byte of it is read: by the length it declares,
         // or the most a body may be when it declares none.
@@ -903,7 +900,7 @@ where
             .into_response();
         }
         let bytes = declared_bytes(&body, MAX_REQUEST_BYTES);
-        let held = match service.bodies.take(&tenant, bytes) {
+        let held = match service.bodies.take(&tenant, shares::kib(bytes)) {
             Ok(held) => held,
             Err(exhausted) => return bodies_refused(&tenant, bytes, exhausted).into_response(),
         };
@@ -925,30 +922,12 @@ where
         // keeps the slot and the turn: a caller cannot free its share by hanging up.
         let mut request = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
         let slot = TenantSlot {
-            _permit: Arc::new(slot),
-            _replica: Arc::new(replica),
+            _slot: Arc::new(slot),
             turn,
             _body: Arc::new(held),
         };
         request.extensions_mut().insert(slot.clone());
         TenantSlot::carry(Some(axum::Extension(slot)), next.run(request)).await
-    }
-
-    /// One of `tenant`'s in-flight slots, if it has one free, and how many it holds with it.
-    fn tenant_slot(&self, tenant: &str) -> Option<(tokio::sync::OwnedSemaphorePermit, usize)> {
-        let semaphore = {
-            let mut slots = self.tenant_slots.lock().ok()?;
-            // Idle tenants are forgotten now and then (only authenticated namespaces get here).
-            if slots.len() > 4096 {
-                slots.retain(|_, s| s.available_permits() < MAX_IN_FLIGHT_PER_TENANT);
-            }
-            slots
-                .entry(tenant.to_owned())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT_PER_TENANT)))
-                .clone()
-        };
-        let permit = semaphore.clone().try_acquire_owned().ok()?;
-        Some((permit, MAX_IN_FLIGHT_PER_TENANT - semaphore.available_permits()))
     }
 
     /// A reader with their own Kubernetes identity (not a runner pod's token), as the API server

@@ -20,6 +20,7 @@ pub mod feedback;
 pub mod gateway;
 pub mod http;
 pub mod insights;
+pub mod json_schema;
 pub mod key_secrets;
 pub mod keys;
 pub mod manifests;

@@ -151,7 +151,7 @@ impl CatalogTool {
         }
         let schema =
             match &spec.input_schema {
-                Some(s) => Some(jsonschema::validator_for(s).map_err(|e| {
+                Some(s) => Some(crate::json_schema::compile(s).map_err(|e| {
                     format!("tool {}: inputSchema is not a valid JSON Schema: {e}", spec.name)
                 })?),
                 None => None,

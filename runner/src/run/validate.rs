@@ -52,7 +52,7 @@ pub fn compile(
             };
             let check = match (&v.json_schema, &v.cel) {
                 (Some(schema), None) => Check::Schema(Box::new(
-                    jsonschema::validator_for(schema)
+                    crate::json_schema::compile(schema)
                         .map_err(|e| error(format!("jsonSchema is not a valid JSON Schema: {e}")))?,
                 )),
                 (None, Some(source)) => {

@@ -312,7 +312,7 @@ impl Binding {
             "required": required,
             "additionalProperties": false,
         });
-        let arguments = jsonschema::validator_for(&arguments_schema).map_err(|e| {
+        let arguments = crate::json_schema::compile(&arguments_schema).map_err(|e| {
             format!("operation {operation_id}: its parameters' schemas are not valid JSON Schema: {e}")
         })?;
 
@@ -333,7 +333,7 @@ impl Binding {
             else {
                 continue;
             };
-            let validator = jsonschema::validator_for(&schema_of(schema)?).map_err(|e| {
+            let validator = crate::json_schema::compile(&schema_of(schema)?).map_err(|e| {
                 format!(
                     "operation {operation_id}: the schema of response {status} is not valid JSON Schema: {e}"
                 )

@@ -26,6 +26,7 @@ pub mod result_cache;
 pub mod run_log;
 pub mod service;
 pub(crate) mod shares;
+pub(crate) mod shelves;
 pub mod tenancy;
 
 /// What a re-executed run is told of a call its recorded run never made: it is not executed.

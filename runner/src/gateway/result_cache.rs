@@ -13,26 +13,29 @@
 //! on, and only results of the current generation are reused. Writes made elsewhere (another
 //! agent, another replica, the world) are bounded by the TTL alone.
 //!
-//! The cache only saves a trip: it is bounded per tenant and as a whole, and a miss is always
-//! safe.
+//! The cache only saves a trip: it is bounded per tenant and as a whole (see
+//! [`super::shelves`]: a busy tenant evicts only its own), and a miss is always safe.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Mutex,
-};
+use std::{collections::HashMap, sync::Mutex};
 
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
+use super::shelves::{Bounds, Shelves};
 use crate::records::{canonical::to_canonical_bytes, entry::CachedRead};
 
 /// Results one tenant keeps at most.
 const TENANT_ENTRIES: usize = 1024;
 /// Bytes of results (canonical JSON) one tenant keeps at most.
 const TENANT_BYTES: usize = 8 * 1024 * 1024;
-/// Bytes of results kept at most in all; past it the oldest results of the tenant keeping the
-/// most go first (one busy tenant never empties the others' shelves).
+/// Bytes of results kept at most in all; past it the least recently used results of the tenant
+/// keeping the most go first (one busy tenant never empties the others' shelves).
 const MAX_BYTES: usize = 64 * 1024 * 1024;
+const BOUNDS: Bounds = Bounds {
+    tenant_entries: TENANT_ENTRIES,
+    tenant_weight: TENANT_BYTES,
+    total_weight: MAX_BYTES,
+};
 /// A result larger than this is never kept: it would push out many small ones.
 const MAX_ENTRY_BYTES: usize = 256 * 1024;
 
@@ -82,34 +85,32 @@ pub struct Reused {
 #[derive(Debug)]
 struct Kept {
     reused: Reused,
-    bytes: usize,
     /// The writer's generation when the call that fetched it was sent.
     generation: u64,
-    /// Which insertion this is (the eviction queue may still hold older ones of the key).
-    seq: u64,
 }
 
-/// One tenant's results.
-#[derive(Debug, Default)]
-struct Shelf {
-    entries: HashMap<CacheKey, Kept>,
-    /// Keys in the order they were stored, oldest first.
-    order: VecDeque<(CacheKey, u64)>,
-    bytes: usize,
-}
-
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
-    shelves: HashMap<String, Shelf>,
+    /// Results by tenant, weighed in bytes of canonical JSON.
+    shelves: Shelves<CacheKey, Kept>,
     generations: HashMap<Writer, u64>,
-    bytes: usize,
-    next_seq: u64,
 }
 
 /// The cache of one gateway process, shared by the runs it serves.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ResultCache {
     inner: Mutex<Inner>,
+}
+
+impl Default for ResultCache {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                shelves: Shelves::new(BOUNDS),
+                generations: HashMap::new(),
+            }),
+        }
+    }
 }
 
 /// Whether a result fetched at `fetched_at_ms` may still be reused at `now_ms`. A clock that
@@ -125,11 +126,11 @@ impl ResultCache {
     pub fn fresh(&self, writer: &Writer, key: &CacheKey, ttl_seconds: u32, now_ms: i64) -> Option<Reused> {
         let mut inner = self.inner.lock().ok()?;
         let generation = inner.generations.get(writer).copied().unwrap_or(0);
-        let kept = inner.shelves.get(&writer.tenant)?.entries.get(key)?;
+        let kept = inner.shelves.get(&writer.tenant, key)?;
         if kept.generation == generation && is_fresh(kept.reused.origin.fetched_at_ms, ttl_seconds, now_ms) {
             return Some(kept.reused.clone());
         }
-        inner.forget(&writer.tenant, key);
+        inner.shelves.remove(&writer.tenant, key);
         None
     }
 
@@ -161,85 +162,14 @@ impl ResultCache {
         if inner.generations.get(writer).copied().unwrap_or(0) != generation {
             return;
         }
-        while inner.bytes + bytes > MAX_BYTES && inner.evict_from_the_largest() {}
-        inner.forget(&writer.tenant, &key);
-        let seq = inner.next_seq;
-        inner.next_seq += 1;
-        inner.bytes += bytes;
-        let shelf = inner.shelves.entry(writer.tenant.clone()).or_default();
-        shelf.bytes += bytes;
-        shelf.order.push_back((key, seq));
-        shelf.entries.insert(
-            key,
-            Kept {
-                reused,
-                bytes,
-                generation,
-                seq,
-            },
-        );
-        let mut freed = 0;
-        while shelf.entries.len() > TENANT_ENTRIES || shelf.bytes > TENANT_BYTES {
-            let Some((oldest, seq)) = shelf.order.pop_front() else {
-                break;
-            };
-            if shelf.entries.get(&oldest).is_some_and(|k| k.seq == seq) {
-                freed += shelf.remove(&oldest);
-            }
-        }
-        inner.bytes -= freed;
+        inner
+            .shelves
+            .insert(&writer.tenant, key, Kept { reused, generation }, bytes);
     }
 
     /// Results `tenant` keeps now.
     pub fn len(&self, tenant: &str) -> usize {
-        self.inner
-            .lock()
-            .map_or(0, |i| i.shelves.get(tenant).map_or(0, |s| s.entries.len()))
-    }
-}
-
-impl Shelf {
-    /// Removes `key`, returning the bytes it held.
-    fn remove(&mut self, key: &CacheKey) -> usize {
-        let Some(kept) = self.entries.remove(key) else {
-            return 0;
-        };
-        self.bytes -= kept.bytes;
-        // The queue keeps its stale pair until it reaches the front; bound it all the same.
-        if self.order.len() > 2 * TENANT_ENTRIES {
-            let entries = &self.entries;
-            self.order
-                .retain(|(key, seq)| entries.get(key).is_some_and(|k| k.seq == *seq));
-        }
-        kept.bytes
-    }
-}
-
-impl Inner {
-    fn forget(&mut self, tenant: &str, key: &CacheKey) {
-        let freed = self.shelves.get_mut(tenant).map_or(0, |s| s.remove(key));
-        self.bytes -= freed;
-    }
-
-    /// Forgets the oldest result of the tenant that keeps the most bytes; false when nothing
-    /// is kept.
-    fn evict_from_the_largest(&mut self) -> bool {
-        let Some(shelf) = self
-            .shelves
-            .values_mut()
-            .filter(|s| s.bytes > 0)
-            .max_by_key(|s| s.bytes)
-        else {
-            return false;
-        };
-        while let Some((oldest, seq)) = shelf.order.pop_front() {
-            if shelf.entries.get(&oldest).is_some_and(|k| k.seq == seq) {
-                let freed = shelf.remove(&oldest);
-                self.bytes -= freed;
-                return true;
-            }
-        }
-        false
+        self.inner.lock().map_or(0, |i| i.shelves.len(tenant))
     }
 }
 
@@ -401,7 +331,7 @@ mod tests {
                 cache.keep(team, key, 0, reused(result.clone(), 0));
             }
         }
-        let total: usize = cache.inner.lock().expect("lock").bytes;
+        let total: usize = cache.inner.lock().expect("lock").shelves.weight();
         assert!(total <= MAX_BYTES, "{total}");
         assert!(
             cache.fresh(&quiet, &kept, 60, 0).is_some(),

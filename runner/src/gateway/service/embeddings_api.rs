@@ -13,12 +13,16 @@
 //! attempt that starts again indexes the same catalog), while one no longer kept is embedded,
 //! and counted, again — so asking for the same texts over and over, after other runs pushed
 //! them out, spends the run's share like new ones. One request embeds at a time per replica (the
-//! encoder splits its work over the cores), and a request waits at most [`EMBEDDING_WAIT`] for
-//! its turn (then the runner scores by BM25 what it could not have embedded: the whole attempt,
-//! when that was its catalog). Each replica counts on its own, for its last
-//! [`MAX_COUNTED_RUNS`] runs: with N replicas a run may have N times its share. Vectors are kept
-//! per tenant and text (one tenant's timing never tells what another embedded), so a catalog is
-//! embedded once per replica, not once per run.
+//! encoder splits its work over the cores); requests waiting for it are served a tenant at a
+//! time in rotation, so a tenant with many waiting delays another's by about one of its own;
+//! and a request waits at most [`EMBEDDING_WAIT`] for its turn (then the runner scores by BM25
+//! what it could not have embedded: the whole attempt, when that was its catalog). Each
+//! replica counts on its own, for its last [`MAX_COUNTED_RUNS`] runs: with N replicas a run
+//! may have N times its share. Vectors are kept per tenant and text (one tenant's timing never
+//! tells what another embedded), so a catalog is embedded once per replica, not once per run;
+//! when the replica keeps all it may, the tenant keeping the most forgets its least recently
+//! used — a tenant embedding text after text pushes out only its own (see
+//! [`crate::gateway::shelves`]), not the catalogs other tenants' runs were charged for.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -29,8 +33,15 @@ use axum::{Json, body::Bytes, extract::State, http::HeaderMap, response::IntoRes
 use sha2::{Digest as _, Sha256};
 
 use super::*;
-use crate::discovery::embedding::{
-    Embedder, GATEWAY_BATCH, GATEWAY_MAX_TEXT_BYTES, GatewayEmbedAnswer, GatewayEmbedRequest, GatewayModel,
+use crate::{
+    discovery::embedding::{
+        Embedder, GATEWAY_BATCH, GATEWAY_MAX_TEXT_BYTES, GatewayEmbedAnswer, GatewayEmbedRequest,
+        GatewayModel,
+    },
+    gateway::{
+        fair::FairTurns,
+        shelves::{Bounds, Shelves},
+    },
 };
 
 /// Requests embedding at once on one replica.
@@ -38,8 +49,13 @@ const EMBEDDING_WORKERS: usize = 1;
 /// How long a request waits for an embedding worker: one run keeping them busy delays another
 /// run's turn at most this long (that turn is then scored by BM25).
 const EMBEDDING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Vectors kept per replica (about 6 MB at 384 dimensions).
+/// Vectors kept per replica (about 6 MB at 384 dimensions), by one tenant or many.
 const MAX_KEPT_VECTORS: usize = 4096;
+const KEPT_BOUNDS: Bounds = Bounds {
+    tenant_entries: MAX_KEPT_VECTORS,
+    tenant_weight: MAX_KEPT_VECTORS,
+    total_weight: MAX_KEPT_VECTORS,
+};
 /// Runs whose texts are counted per replica (the oldest forgotten first).
 const MAX_COUNTED_RUNS: usize = 1024;
 
@@ -53,8 +69,10 @@ const EMBEDDINGS_BUSY: &str = "embeddings_busy";
 pub struct EmbeddingDesk {
     embedder: Embedder,
     model: String,
-    working: tokio::sync::Semaphore,
-    kept: Mutex<Kept>,
+    /// Turns at the embedder, taken a tenant at a time.
+    working: Arc<FairTurns>,
+    /// Vectors made, by tenant and the digest of tenant and text; each weighs 1.
+    kept: Mutex<Shelves<[u8; 32], Arc<Vec<f32>>>>,
     /// The texts embedded for each run, for the last [`MAX_COUNTED_RUNS`] runs.
     used: Mutex<RunTexts>,
 }
@@ -67,12 +85,6 @@ struct RunTexts {
     order: VecDeque<(String, String)>,
 }
 
-#[derive(Debug, Default)]
-struct Kept {
-    vectors: HashMap<[u8; 32], Arc<Vec<f32>>>,
-    order: VecDeque<[u8; 32]>,
-}
-
 impl EmbeddingDesk {
     /// A desk embedding with `embedder` (a model in this process or an endpoint; never the
     /// gateway's own, which would ask itself).
@@ -83,8 +95,8 @@ impl EmbeddingDesk {
         Some(Self {
             model: embedder.id(),
             embedder,
-            working: tokio::sync::Semaphore::new(EMBEDDING_WORKERS),
-            kept: Mutex::default(),
+            working: FairTurns::new(EMBEDDING_WORKERS),
+            kept: Mutex::new(Shelves::new(KEPT_BOUNDS)),
             used: Mutex::default(),
         })
     }
@@ -94,13 +106,13 @@ impl EmbeddingDesk {
         &self.model
     }
 
-    /// How many distinct texts of `digests` the replica does not keep: what embedding them
-    /// costs.
-    fn unkept(&self, digests: &[[u8; 32]]) -> usize {
+    /// How many distinct texts of `digests` the replica does not keep for `tenant`: what
+    /// embedding them costs.
+    fn unkept(&self, tenant: &str, digests: &[[u8; 32]]) -> usize {
         let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
         digests
             .iter()
-            .filter(|d| !kept.vectors.contains_key(*d))
+            .filter(|d| kept.peek(tenant, d).is_none())
             .collect::<HashSet<_>>()
             .len()
     }
@@ -136,31 +148,26 @@ impl EmbeddingDesk {
         }
     }
 
-    /// Keeps `vector` as the one of the text whose digest is `digest`, forgetting the oldest
-    /// past [`MAX_KEPT_VECTORS`].
-    fn keep(&self, digest: [u8; 32], vector: Arc<Vec<f32>>) {
+    /// Keeps `vector` for `tenant` as the one of the text whose digest is `digest`, making
+    /// room as [`KEPT_BOUNDS`] require.
+    fn keep(&self, tenant: &str, digest: [u8; 32], vector: Arc<Vec<f32>>) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.vectors.insert(digest, vector).is_none() {
-            kept.order.push_back(digest);
-        }
-        while kept.order.len() > MAX_KEPT_VECTORS {
-            if let Some(oldest) = kept.order.pop_front() {
-                kept.vectors.remove(&oldest);
-            }
-        }
+        kept.insert(tenant, digest, vector, 1);
     }
 
     /// The vectors of `texts` (whose digests for `tenant` are `digests`), made (at most
-    /// [`EMBEDDING_WORKERS`] requests at once) for those not kept — each distinct text once,
-    /// however often a request repeats it, as [`EmbeddingDesk::unkept`] counts them.
+    /// [`EMBEDDING_WORKERS`] requests at once, tenants in rotation) for those not kept — each
+    /// distinct text once, however often a request repeats it, as [`EmbeddingDesk::unkept`]
+    /// counts them.
     async fn embed(
         &self,
+        tenant: &str,
         texts: &[String],
         digests: &[[u8; 32]],
     ) -> Result<Vec<Arc<Vec<f32>>>, EmbedFailure> {
         let mut found: Vec<Option<Arc<Vec<f32>>>> = {
-            let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-            digests.iter().map(|d| kept.vectors.get(d).cloned()).collect()
+            let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+            digests.iter().map(|d| kept.get(tenant, d).cloned()).collect()
         };
         // The first position of each distinct text not kept.
         let mut seen = HashSet::new();
@@ -172,8 +179,7 @@ impl EmbeddingDesk {
             // Waited for out of the request's turn, like a tool: a tenant queueing texts behind
             // the replica's embedding workers holds back no other tenant's requests.
             let made = crate::gateway::fair::away(async {
-                let Ok(Ok(_worker)) = tokio::time::timeout(EMBEDDING_WAIT, self.working.acquire()).await
-                else {
+                let Ok(_turn) = tokio::time::timeout(EMBEDDING_WAIT, self.working.take(tenant)).await else {
                     return Err(EmbedFailure::Busy);
                 };
                 self.embedder.embed(&asked).await.map_err(EmbedFailure::Failed)
@@ -182,7 +188,7 @@ impl EmbeddingDesk {
             let mut made_for: HashMap<[u8; 32], Arc<Vec<f32>>> = HashMap::new();
             for (i, vector) in missing.into_iter().zip(made) {
                 let vector = Arc::new(vector.values().to_vec());
-                self.keep(digests[i], vector.clone());
+                self.keep(tenant, digests[i], vector.clone());
                 made_for.insert(digests[i], vector);
             }
             for (i, slot) in found.iter_mut().enumerate() {
@@ -284,13 +290,13 @@ where
         let run = (caller.tenant.to_string(), caller.run_id().to_owned());
         let digests: Vec<[u8; 32]> = request.input.iter().map(|t| digest(&run.0, t)).collect();
         let allowed = allowance(&slot.bundle);
-        let reserved = desk.unkept(&digests);
+        let reserved = desk.unkept(&run.0, &digests);
         if !desk.reserve(&run, reserved, allowed) {
             return Err(refused(format!(
                 "the run has had the {allowed} embeddings its discovery needs (its tools' texts and an intent a step, twice over; a text this replica no longer keeps counts again)"
             )));
         }
-        let vectors = match desk.embed(&request.input, &digests).await {
+        let vectors = match desk.embed(&run.0, &request.input, &digests).await {
             Ok(vectors) => vectors,
             // Answered at once, and not asked again by the runner (a 503 would be, joining the
             // queue again): it scores by BM25 what it could not have embedded.
@@ -343,19 +349,19 @@ mod tests {
         let run = ("shop".to_owned(), "r1".to_owned());
         let d = |text: &str| digest("shop", text);
         // Distinct texts not kept: each counted once.
-        assert_eq!(desk.unkept(&[d("a"), d("b"), d("a")]), 2);
+        assert_eq!(desk.unkept("shop", &[d("a"), d("b"), d("a")]), 2);
         assert!(desk.reserve(&run, 2, 3));
-        desk.keep(d("a"), Arc::new(vec![1.0]));
-        desk.keep(d("b"), Arc::new(vec![2.0]));
+        desk.keep("shop", d("a"), Arc::new(vec![1.0]));
+        desk.keep("shop", d("b"), Arc::new(vec![2.0]));
         // Asked again while kept: free.
-        assert_eq!(desk.unkept(&[d("a"), d("b")]), 0);
+        assert_eq!(desk.unkept("shop", &[d("a"), d("b")]), 0);
         assert!(desk.reserve(&run, 0, 3));
         // Pushed out by other texts, the same text costs again: a run cannot have its share
         // embedded over and over by asking for texts the replica no longer keeps.
         for i in 0..MAX_KEPT_VECTORS {
-            desk.keep(digest("bank", &i.to_string()), Arc::new(vec![0.0]));
+            desk.keep("shop", d(&i.to_string()), Arc::new(vec![0.0]));
         }
-        assert_eq!(desk.unkept(&[d("a"), d("b")]), 2);
+        assert_eq!(desk.unkept("shop", &[d("a"), d("b")]), 2);
         assert!(!desk.reserve(&run, 2, 3), "past the run's share");
         assert!(desk.reserve(&run, 1, 3), "what is left of it");
         // What could not be embedded is given back.
@@ -363,5 +369,114 @@ mod tests {
         assert!(desk.reserve(&run, 1, 3));
         // Another run has its own share.
         assert!(desk.reserve(&("shop".to_owned(), "r2".to_owned()), 3, 3));
+    }
+
+    /// A tenant embedding text after text (within its runs' shares, over many runs) fills the
+    /// replica's vectors; it must not push out the catalog another tenant's runs were charged
+    /// for, which would make them pay for it again until their share ran out.
+    #[tokio::test]
+    async fn a_tenant_embedding_text_after_text_pushes_out_only_its_own() {
+        let desk = desk();
+        let mine = [digest("shop", "get_status"), digest("shop", "restart")];
+        for d in mine {
+            desk.keep("shop", d, Arc::new(vec![1.0]));
+        }
+        for i in 0..2 * MAX_KEPT_VECTORS {
+            desk.keep("bank", digest("bank", &i.to_string()), Arc::new(vec![0.0]));
+        }
+        assert_eq!(desk.unkept("shop", &mine), 0, "shop's catalog is still kept");
+        assert_eq!(
+            desk.unkept(
+                "bank",
+                &[
+                    digest("bank", "0"),
+                    digest("bank", &(2 * MAX_KEPT_VECTORS - 1).to_string())
+                ]
+            ),
+            1,
+            "bank forgot its own oldest"
+        );
+        // Served from what is kept, without asking the embedder (here one that cannot answer).
+        let texts = ["get_status".to_owned(), "restart".to_owned()];
+        let vectors = desk.embed("shop", &texts, &mine).await.expect("kept vectors");
+        assert_eq!(vectors.len(), 2);
+    }
+
+    /// An endpoint answering one request at a time, slowly, that notes whose text it was asked.
+    async fn slow_endpoint() -> (String, Arc<Mutex<Vec<String>>>) {
+        use axum::{Router, routing::post};
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let noted = asked.clone();
+        let app = Router::new().route(
+            "/v1/embeddings",
+            post(move |Json(body): Json<serde_json::Value>| {
+                let noted = noted.clone();
+                async move {
+                    let texts: Vec<String> =
+                        serde_json::from_value(body["input"].clone()).unwrap_or_default();
+                    noted.lock().expect("lock").extend(texts.iter().cloned());
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    let data: Vec<_> = (0..texts.len())
+                        .map(|i| serde_json::json!({"index": i, "embedding": [1.0, 0.0]}))
+                        .collect();
+                    Json(serde_json::json!({ "data": data }))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/v1", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, asked)
+    }
+
+    /// Requests waiting for the embedder are served a tenant at a time: a tenant that queued
+    /// many delays another's request by about one of its own, not by all of them.
+    #[tokio::test]
+    async fn a_tenant_queueing_many_texts_delays_another_by_one_request() {
+        let (url, asked) = slow_endpoint().await;
+        let endpoint = crate::discovery::embedding::RemoteEmbeddings::new(
+            &url,
+            "test-model",
+            None,
+            std::time::Duration::from_secs(10),
+        );
+        let desk = Arc::new(EmbeddingDesk::new(Embedder::Remote(endpoint)).expect("a desk"));
+        let ask = |tenant: &'static str, text: String| {
+            let desk = desk.clone();
+            tokio::spawn(async move {
+                let texts = [text];
+                let digests = [digest(tenant, &texts[0])];
+                desk.embed(tenant, &texts, &digests).await.map(|_| ())
+            })
+        };
+        // Until the embedder's turns are (working, waiting), or a test that fails, not hangs.
+        let until = |counts: (usize, usize)| {
+            let desk = desk.clone();
+            async move {
+                let waited = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    while desk.working.counts() != counts {
+                        tokio::task::yield_now().await;
+                    }
+                });
+                waited.await.expect("the requests queued in time");
+            }
+        };
+        let mut busy = Vec::new();
+        for i in 0..6 {
+            busy.push(ask("bank", format!("bank-{i}")));
+            // Each in line before the next, so the order they queued in is known.
+            until((1, i)).await;
+        }
+        let quiet = ask("shop", "shop-0".to_owned());
+        until((1, 6)).await;
+        quiet.await.expect("task").expect("embedded");
+        for request in busy {
+            request.await.expect("task").expect("embedded");
+        }
+        let asked = asked.lock().expect("lock").clone();
+        let at = asked.iter().position(|t| t == "shop-0").expect("shop asked");
+        // Behind the one being embedded when it came, and the one of bank's already next in
+        // the rotation; in one line (first come, first served) it would have waited for all six.
+        assert!(at <= 2, "shop's request waited behind {at} of bank's: {asked:?}");
     }
 }

@@ -279,14 +279,16 @@ impl Ontology {
             let known = &self.types[self.patterned[matched]];
             let Some(find) = &known.find else { continue };
             for m in find.find_iter(text) {
+                // The type counts wherever its pattern matches, inside a longer word too: a
+                // rule on the type cannot be stepped around by what is written around an id
+                // (`xCUST-123456` or `CUST-123456-` reach a lenient search all the same).
+                types.insert(known.name.clone());
                 let before = text[..m.start()].chars().next_back();
                 let after = text[m.end()..].chars().next();
+                // The id itself is listed only as a whole word, and only if it can be one.
                 if before.is_some_and(is_id_char) || after.is_some_and(is_id_char) {
                     continue;
                 }
-                // The type counts whatever the id is like: a rule on the type cannot be stepped
-                // around by a longer id. The id itself is listed only if it can be one.
-                types.insert(known.name.clone());
                 let entity = EntityRef {
                     entity_type: known.name.clone(),
                     id: clip(m.as_str()),
@@ -591,6 +593,22 @@ mod tests {
         assert_eq!(found.types.len(), 1, "the type is seen");
         assert_eq!(found.entities.len(), 1);
         assert_eq!(found.entities[0].id.len(), MAX_ID_BYTES, "the id is cut");
+    }
+
+    /// A policy condition on `call.entityTypes` cannot be stepped around by writing an id
+    /// inside a longer word: a lenient search finds `INC-1234` in `xINC-1234` all the same.
+    #[test]
+    fn an_id_inside_a_longer_word_counts_its_type_but_is_not_listed() {
+        let o = ontology();
+        for written in ["xINC-1234", "INC-1234-", "INC-1234x", "see_INC-1234"] {
+            let found = o.of_call(&[], &json!({"q": written}));
+            assert_eq!(
+                found.types.iter().map(EntityTypeName::as_str).collect::<Vec<_>>(),
+                ["incident"],
+                "{written}"
+            );
+            assert!(found.entities.is_empty(), "{written}: not an id of its own");
+        }
     }
 
     #[test]

@@ -257,8 +257,11 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
         let service = Arc::new(service);
         services.push(service.clone());
         let router = service.router();
+        // The listener `contextos gateway` serves on, with its limits.
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            let _ =
+                contextos_runner::serve::serve(listener, router, Default::default(), std::future::pending())
+                    .await;
         });
     }
     let replica = urls.pop().expect("second replica");
@@ -2946,7 +2949,8 @@ async fn service_with_tools(store: Arc<LosesAResult>, operator: &KeyPair, tools:
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let router = Arc::new(service).router();
     tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        let _ = contextos_runner::serve::serve(listener, router, Default::default(), std::future::pending())
+            .await;
     });
     url
 }
@@ -3742,7 +3746,8 @@ async fn memory_service(
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let router = Arc::new(service).router();
     tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        let _ = contextos_runner::serve::serve(listener, router, Default::default(), std::future::pending())
+            .await;
     });
     url
 }

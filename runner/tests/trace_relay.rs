@@ -128,7 +128,8 @@ async fn service(sink: Option<TraceSink>, operator: &KeyPair) -> String {
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let router = Arc::new(service).router();
     tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        let _ = contextos_runner::serve::serve(listener, router, Default::default(), std::future::pending())
+            .await;
     });
     url
 }

@@ -20,11 +20,11 @@ async fn service() -> (String, StaticTokens) {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let router = Arc::new(service)
-        .router()
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // The listener `contextos gateway` serves on: it gives each request its caller's address.
+    let router = Arc::new(service).router();
     tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        let _ = contextos_runner::serve::serve(listener, router, Default::default(), std::future::pending())
+            .await;
     });
     (url, tokens)
 }

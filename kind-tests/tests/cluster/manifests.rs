@@ -218,7 +218,9 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
             &["patch", "sessions.contextos.dev", "--subresource=status", "-A"],
             true,
         ),
-        (&["update", "sessions.contextos.dev", "-A"], true),
+        // It writes the status of Sessions, never their spec.
+        (&["update", "sessions.contextos.dev", "-A"], false),
+        (&["patch", "sessions.contextos.dev", "-A"], false),
         (&["create", "pods", "-A"], true),
         (&["delete", "jobs.batch", "-A"], true),
         (
@@ -630,6 +632,7 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
         .map_err(|refusal| anyhow::anyhow!("alice's answer was refused: {refusal}"))?;
     check_promotion_approvals(env, namespace).await?;
     check_agent_promotion_approvals(env, namespace).await?;
+    check_status_writers(env, namespace).await?;
     check_sandbox_images(env, namespace).await?;
     check_runner_pod_owners(env, namespace).await?;
     check_replay_pod_owners(env, namespace).await?;
@@ -1100,6 +1103,69 @@ async fn grant(client: &Client, namespace: &str, name: &str, rule: PolicyRule, u
     Ok(())
 }
 
+/// Status is the operator's word: a tenant holding every right in its namespace (`*` on `*`,
+/// as cluster-admin bound by a RoleBinding gives) still cannot mark a candidate promoted, nor
+/// write any other status; the operator's account can.
+async fn check_status_writers(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    let client = env.client();
+    let everything = PolicyRule {
+        api_groups: Some(vec!["*".to_owned()]),
+        resources: Some(vec!["*".to_owned()]),
+        verbs: vec!["*".to_owned()],
+        ..Default::default()
+    };
+    let admin = "nadia@example.com";
+    grant(&client, namespace, "namespace-admin", everything, &[admin]).await?;
+    let promoted =
+        json!({"status": {"revisions": {"promoted": format!("sha256:{}", "0".repeat(64))}}}).to_string();
+    let patch = |kind: &'static str, name: &'static str, user: &'static str| {
+        let promoted = promoted.clone();
+        async move {
+            let args = [
+                "patch",
+                kind,
+                name,
+                "-n",
+                namespace,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &promoted,
+                "--as",
+                user,
+                "--dry-run=server",
+            ];
+            let out = run(env, &args).await?;
+            anyhow::Ok(if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+            })
+        }
+    };
+    for (kind, name) in [
+        ("agents.contextos.dev", "oncall-assistant"),
+        ("policies.contextos.dev", "oncall-guardrails"),
+    ] {
+        // Refused by the policy, not by RBAC (which lets her write anything in the namespace,
+        // once her binding reaches the API server's cache).
+        wait_for("a tenant's status write refused", TIMEOUT, || async {
+            match patch(kind, name, admin).await {
+                Ok(Err(e)) if e.contains("is written by the ContextOS operator only") => Check::Done(()),
+                Ok(Err(e)) => Check::NotYet(e),
+                Ok(Ok(())) => Check::NotYet(format!("{kind} {name}: {admin}'s status write was accepted")),
+                Err(e) => Check::NotYet(format!("{e:#}")),
+            }
+        })
+        .await?;
+        let operator = "system:serviceaccount:contextos-system:contextos-operator";
+        patch(kind, name, operator)
+            .await?
+            .map_err(|e| anyhow::anyhow!("the operator's status write of {kind} {name} was refused: {e}"))?;
+    }
+    Ok(())
+}
+
 /// A SandboxProfile may only name the ContextOS runner image.
 async fn check_sandbox_images(env: &'static TestEnv, namespace: &str) -> Result<()> {
     let client = env.client();
@@ -1137,7 +1203,7 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         "mallory-runs-pods",
         PolicyRule {
             api_groups: Some(vec![String::new()]),
-            resources: Some(vec!["pods".to_owned()]),
+            resources: Some(vec!["pods".to_owned(), "pods/status".to_owned()]),
             verbs: vec!["get".to_owned(), "create".to_owned(), "patch".to_owned()],
             ..Default::default()
         },
@@ -1274,6 +1340,31 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
             "a tenant changed a runner pod's marks ({marks}): {stderr}"
         );
     }
+    // Nor through the pod's status, where the API server keeps the spec and owners but takes
+    // labels and annotations as they come.
+    let unmarked = json!({"metadata": {"labels": {"contextos.dev/role": null}}}).to_string();
+    let patched = run(
+        env,
+        &[
+            "patch",
+            "pod",
+            "victim-run-1",
+            "-n",
+            namespace,
+            "--as",
+            tenant,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &unmarked,
+        ],
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&patched.stderr);
+    ensure!(
+        !patched.status.success() && stderr.contains(refusal),
+        "a tenant changed a runner pod's marks through its status: {stderr}"
+    );
     // Labels of its own are the tenant's.
     let labelled = patch_runner("merge", json!({"metadata": {"labels": {"team": "payments"}}})).await?;
     ensure!(

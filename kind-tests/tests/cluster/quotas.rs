@@ -161,3 +161,98 @@ async fn a_session_past_the_concurrency_quota_waits_pending_until_the_running_on
     ns.pass();
     Ok(())
 }
+
+/// Capability pods (an MCP server the Agent starts from a command) run beside a runner pod
+/// only: a Session its quota keeps waiting holds none — so waiting Sessions cannot run a
+/// tenant's commands, nor use up a namespace's ResourceQuota that running ones need — and one
+/// waiting for a person holds none either.
+#[tokio::test]
+async fn a_session_waiting_for_its_quota_or_a_person_holds_no_capability_pod() -> Result<()> {
+    let env = TestEnv::shared().await?;
+    let Some(_op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
+        eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
+        return Ok(());
+    };
+    let (_tools, tools_url) = operator_env::start_tools_with(&[]).map_err(anyhow::Error::msg)?;
+    let ns = TestNamespace::new(env, "quota-capabilities").await?;
+    let client = env.client();
+    for mut object in objects_for(env, &tools_url)? {
+        match object["kind"].as_str() {
+            Some("SandboxProfile") => {
+                object["spec"]["execution"] = json!({"allowedTools": ["probe_*"], "maxRisk": "read_only"});
+            }
+            Some("Agent") => {
+                let tool = json!({
+                    "name": "probe_sandbox",
+                    "description": "Looks around the sandbox.",
+                    "risk": "read_only",
+                    "kind": "observe",
+                    "idempotent": true,
+                    "adapter": {"mcp": {"command": ["hostile_mcp"]}},
+                    "inputSchema": {"type": "object"},
+                });
+                match object["spec"]["tools"].as_array_mut() {
+                    Some(tools) => tools.push(tool),
+                    None => object["spec"]["tools"] = json!([tool]),
+                }
+            }
+            _ => {}
+        }
+        apply(&client, ns.name(), &object).await?;
+    }
+    // No Session may start until the quota is raised.
+    let mut quota = json!({
+        "apiVersion": "contextos.dev/v1alpha1",
+        "kind": "SpendQuota",
+        "metadata": {"name": "tenant"},
+        "spec": {"concurrentSessions": 0},
+    });
+    apply(&client, ns.name(), &quota).await?;
+    agent_ready(&ns).await?;
+    apply(&client, ns.name(), &session("held")?).await?;
+    let sessions: Api<Session> = ns.api();
+    wait_for_object(&sessions, "held", "QuotaWait", TIMEOUT, |s: &Session| {
+        let ready = condition(&s.status.clone().unwrap_or_default().conditions, "Ready");
+        Check::when(ready.contains("QuotaWait"), || ready.clone())
+    })
+    .await?;
+    let pods: Api<Pod> = ns.api();
+    let capabilities = ListParams::default().labels(&format!(
+        "{}=held,{}={}",
+        contextos_crds::labels::SESSION,
+        contextos_crds::labels::ROLE,
+        contextos_runner::capability::ROLE
+    ));
+    let held = pods.list_metadata(&capabilities).await?.items;
+    ensure!(
+        held.is_empty(),
+        "a Session waiting for its quota holds capability pods: {:?}",
+        held.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+    );
+    // Let it run: it starts (its capability pod made just before its runner pod), and runs
+    // until the restart waits for a person, who has not decided yet.
+    quota["spec"]["concurrentSessions"] = json!(1);
+    apply(&client, ns.name(), &quota).await?;
+    phase_is(&sessions, "held", SessionPhase::AwaitingApproval).await?;
+    let attempts = sessions.get("held").await?.status.and_then(|s| s.attempt);
+    ensure!(attempts == Some(1), "one attempt ran: {attempts:?}");
+    contextos_kind_tests::wait_for(
+        "no capability pod while waiting for a person",
+        TIMEOUT,
+        || async {
+            match pods.list_metadata(&capabilities).await {
+                Ok(list) if list.items.iter().all(|p| p.metadata.deletion_timestamp.is_some()) => {
+                    Check::Done(())
+                }
+                Ok(list) => Check::NotYet(format!(
+                    "capability pods {:?}",
+                    list.items.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+                )),
+                Err(e) => Check::NotYet(e.to_string()),
+            }
+        },
+    )
+    .await?;
+    ns.pass();
+    Ok(())
+}

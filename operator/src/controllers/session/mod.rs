@@ -64,9 +64,14 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         Err(invalid) => return run(&ctx, &session, None, plan::held(&invalid)).await,
     };
     runner_policy(&ctx, &session.namespace().unwrap_or_default(), false).await?;
-    // Before the attempt's pod is looked at: the runner's first call may need them.
-    start_capabilities(&ctx, &session, &pod_bundle, &sandbox, &pods).await?;
     let mut pod = attempt_pod(&pods, &session, attempt).await?;
+    // Capability pods run beside a runner pod: made once its start is admitted (see `run`),
+    // kept up while it lives (one its deadline ended is made again), stopped while the
+    // Session waits for a person — never held by a Session its quota keeps waiting.
+    let capabilities = !capability::servers(&pod_bundle.bundle.agent_spec.tools).is_empty();
+    if capabilities && matches!(pod, AttemptPod::Live { .. }) {
+        start_capabilities(&ctx, &session, &pod_bundle, &sandbox, &pods).await?;
+    }
     if let AttemptPod::Ended(ended) = &mut pod {
         observe_end(&ctx, &session, &pods, attempt, ended).await?;
     }
@@ -78,6 +83,9 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         max_crash_attempts: ctx.max_crash_attempts,
         now: now(),
     });
+    if capabilities && step.waits_for_a_person() {
+        stop_capabilities(&ctx, &session).await?;
+    }
     run(&ctx, &session, Some((&pod_bundle, &sandbox)), step).await
 }
 
@@ -111,6 +119,10 @@ async fn run(
                 };
                 let first = attempt == 1 && resumed_for.is_none() && after_crash.is_none();
                 if let Err(wait) = super::spend_quota::admit_start(ctx, session, first).await? {
+                    // A resumed attempt's capability pods, if an earlier pass kept them.
+                    if !capability::servers(&pod_bundle.bundle.agent_spec.tools).is_empty() {
+                        stop_capabilities(ctx, session).await?;
+                    }
                     let update = Update::phase(SessionPhase::Pending, reason::QUOTA_WAIT, wait.message);
                     write_status(ctx, session, update).await?;
                     return Ok(Action::requeue(super::spend_quota::WAIT_RECHECK));
@@ -119,6 +131,10 @@ async fn run(
             } else {
                 None
             };
+            // Before the runner pod: its first call may need them (the gateway waits for them
+            // a while, too).
+            let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
+            start_capabilities(ctx, session, pod_bundle, sandbox, &pods).await?;
             start_attempt(
                 ctx,
                 session,

@@ -116,6 +116,20 @@ pub enum Step {
     Cancel { stop: Option<String> },
 }
 
+impl Step {
+    /// Whether the Session waits for a person from this step on (an approval, or whether a
+    /// call acted): no runner pod runs meanwhile, and none of its capability pods either.
+    pub fn waits_for_a_person(&self) -> bool {
+        match self {
+            Self::Report { update, .. } => matches!(
+                update.new_phase(),
+                Some(SessionPhase::AwaitingApproval | SessionPhase::AwaitingResolution)
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// The step for a Session whose run bundle cannot be pinned.
 pub fn held(invalid: &Invalid) -> Step {
     // An override that loosens the agent's limits can never become valid: the spec is
@@ -271,11 +285,7 @@ fn awaiting_approval(observed: &Observed, ended: &Ended, report: &PodReport, upd
         && decided
         && !refused
     {
-        return Step::Start {
-            attempt: observed.attempt + 1,
-            resumed_for: Some(a.call_hash.clone()),
-            after_crash: None,
-        };
+        return resumed(observed, update, a.call_hash.clone());
     }
     let message = awaiting.map_or_else(String::new, |a| {
         let refusal = if refused {
@@ -324,12 +334,11 @@ fn awaiting_resolution(observed: &Observed, ended: &Ended, report: &PodReport, u
     // An attempt started for this very finding that waits for it again: the gateway did not
     // accept it (see the record); another attempt would loop.
     let refused = marker.is_some() && ended.resumed_for == marker;
-    if resolved && !refused {
-        return Step::Start {
-            attempt: observed.attempt + 1,
-            resumed_for: marker,
-            after_crash: None,
-        };
+    if resolved
+        && !refused
+        && let Some(marker) = marker
+    {
+        return resumed(observed, update, marker);
     }
     let message = unresolved.map_or_else(String::new, |u| {
         let refusal = if refused {
@@ -417,6 +426,42 @@ fn exhausted(observed: &Observed, crashes: u32, ended_how: &str) -> Step {
                 .completed(),
         ),
         recheck: None,
+    }
+}
+
+/// The next attempt, started for a decision a person gave (a call hash, or
+/// `resolution/<call id>`) — unless the Session has had as many attempts as its decisions and
+/// crashes allow: its first, one per approval or finding in its spec, one per crash allowed.
+/// The gateway signs what a runner relays, but a runner keeps those signatures: relaying two
+/// decided calls in turn, each attempt for the other one's, would start attempts without end.
+fn resumed(observed: &Observed, update: Update, decision: String) -> Step {
+    let spec = &observed.session.spec;
+    let decisions = u32::try_from(spec.approvals.len() + spec.resolutions.len()).unwrap_or(u32::MAX);
+    let allowed = decisions
+        .saturating_add(observed.max_crash_attempts)
+        .saturating_add(1);
+    if observed.attempt >= allowed {
+        return Step::Report {
+            update: Box::new(
+                update
+                    .with_phase(
+                        SessionPhase::Failed,
+                        reason::ATTEMPTS_EXHAUSTED,
+                        format!(
+                            "attempt {} would be more than the Session's {decisions} decision(s) and {} crash(es) allow: its runner asked again for decisions already acted on",
+                            observed.attempt + 1,
+                            observed.max_crash_attempts
+                        ),
+                    )
+                    .completed(),
+            ),
+            recheck: None,
+        };
+    }
+    Step::Start {
+        attempt: observed.attempt + 1,
+        resumed_for: Some(decision),
+        after_crash: None,
     }
 }
 
@@ -634,6 +679,7 @@ mod tests {
                     phase: "Pending".into(),
                 },
                 |step| {
+                    assert!(!step.waits_for_a_person(), "its capability pods stay up");
                     let status = status_of(step);
                     assert_eq!(status.phase, Some(SessionPhase::Running));
                     assert_eq!(status.attempt, Some(2));
@@ -684,6 +730,7 @@ mod tests {
                 session().spec,
                 with("awaiting_approval", |_| {}),
                 |step| {
+                    assert!(step.waits_for_a_person(), "its capability pods are stopped");
                     let status = status_of(step);
                     assert_eq!(status.phase, Some(SessionPhase::AwaitingApproval));
                     let pending = status.pending_approval.clone().expect("pending");
@@ -907,6 +954,42 @@ mod tests {
             eprintln!("{name}: {step:?}");
             check(&step);
         }
+    }
+
+    /// A runner keeps the gateway's signatures of what it relayed: relaying two decided calls
+    /// in turn would start attempts without end. A Session has at most its first attempt, one
+    /// per decision in its spec and one per crash allowed.
+    #[test]
+    fn decisions_relayed_again_and_again_do_not_start_attempts_without_end() {
+        let bundle = run_bundle(&session());
+        let mut session = session();
+        session.spec = approved_by("dana@example.com");
+        let pod = AttemptPod::Ended(Box::new(ended(Some(report("awaiting_approval")))));
+        let at_attempt = |attempt: u32| {
+            plan(&Observed {
+                session: &session,
+                bundle: &bundle,
+                attempt,
+                pod: &pod,
+                max_crash_attempts: 4,
+                now: at(2_000),
+            })
+        };
+        // One decision and four crashes allowed: attempts 2 to 6 may follow the first.
+        assert!(
+            matches!(at_attempt(5), Step::Start { attempt: 6, .. }),
+            "{:?}",
+            at_attempt(5)
+        );
+        let step = at_attempt(6);
+        let status = status_of(&step);
+        assert_eq!(status.phase, Some(SessionPhase::Failed));
+        let (_, why, message) = ready(&status);
+        assert_eq!(why, reason::ATTEMPTS_EXHAUSTED);
+        assert!(
+            message.contains("asked again for decisions already acted on"),
+            "{message}"
+        );
     }
 
     #[test]

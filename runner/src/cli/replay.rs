@@ -10,7 +10,10 @@ use contextos_runner::{
     records::{RecordStore as _, RunFilter, store::any::AnyStore},
     run::{
         bundle::Candidate,
-        gate::{GATE_DEADLINE, GATE_PATH, SignedGateVerdict},
+        gate::{
+            BUSY_PATIENCE, GATE_DEADLINE, GATE_PATH, SignedGateVerdict, asked_until_started,
+            jittered_busy_pause,
+        },
         replay::{Judging, Reexecution, ReplayError, ReplayGate, ReplaySummary, replay_run_as, replay_runs},
     },
 };
@@ -91,14 +94,21 @@ pub async fn gate(global: &GlobalArgs, args: GateArgs) -> anyhow::Result<ExitCod
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let object: serde_json::Value =
         serde_yaml::from_str(&text).with_context(|| format!("{} is not a manifest", path.display()))?;
-    // The gateway bounds a gate by GATE_DEADLINE; the answer is waited for a little longer.
-    let signed: SignedGateVerdict = gateway
-        .post_json_once(
-            GATE_PATH,
-            &object,
-            GATE_DEADLINE + std::time::Duration::from_secs(120),
-        )
-        .await?;
+    // The gateway bounds a gate by GATE_DEADLINE; the answer is waited for a little longer. A
+    // gateway whose gates are all busy is asked again (this pod ends once, and an end without a
+    // verdict spends one of the gate's attempts).
+    let signed: SignedGateVerdict = asked_until_started(
+        || {
+            gateway.post_json_once(
+                GATE_PATH,
+                &object,
+                GATE_DEADLINE + std::time::Duration::from_secs(120),
+            )
+        },
+        BUSY_PATIENCE,
+        jittered_busy_pause,
+    )
+    .await?;
     let gate = &signed.verdict.gate;
     let path = in_pod(&args.summary);
     std::fs::write(&path, serde_json::to_vec(&signed)?)

@@ -37,6 +37,62 @@ pub const GATE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20
 pub const GATES_PER_TENANT: usize = 2;
 pub const GATES_PER_REPLICA: usize = 8;
 
+/// The code of a gate the gateway does not start now: the tenant's or the replica's gates are
+/// all running.
+pub const GATES_BUSY: &str = "gates_busy";
+/// The code of a gate whose Job's gate already runs (started by an earlier request of its pod).
+pub const GATE_RUNNING: &str = "gate_running";
+
+/// How long a replay Job's pod keeps asking a gateway whose gates are busy: the Job's 30
+/// minutes less the gate's own [`GATE_DEADLINE`] and the 2 minutes its answer is waited for
+/// beyond it. A Job's pod ends once, and an ended pod without a verdict spends one of the
+/// gate's few attempts: busy gates (another tenant's long replays) must not spend them.
+pub const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(8 * 60);
+
+/// The pause before asking a busy gateway again, the `retry`th time (from 0): 5 s, doubling
+/// to a minute, and up to a fifth more by `jitter` (0–255), so gates refused together do not
+/// all come back together.
+pub fn busy_pause(retry: u32, jitter: u8) -> std::time::Duration {
+    let base = std::time::Duration::from_secs(5 << retry.min(4)).min(std::time::Duration::from_secs(60));
+    base + base * u32::from(jitter) / (5 * 255)
+}
+
+/// [`busy_pause`] with a random jitter.
+pub fn jittered_busy_pause(retry: u32) -> std::time::Duration {
+    let mut jitter = [0u8];
+    let _ = getrandom::fill(&mut jitter);
+    busy_pause(retry, jitter[0])
+}
+
+/// Asks with `ask` until the gateway answers other than that its gates are busy, pausing
+/// `pause(retry)` in between, or until `patience` has passed — then the last refusal is the
+/// answer.
+pub async fn asked_until_started<T, F, Fut>(
+    mut ask: F,
+    patience: std::time::Duration,
+    pause: impl Fn(u32) -> std::time::Duration,
+) -> Result<T, crate::records::store::remote::RemoteError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::records::store::remote::RemoteError>>,
+{
+    use crate::records::store::remote::RemoteError;
+    let until = tokio::time::Instant::now() + patience;
+    for retry in 0.. {
+        match ask().await {
+            Err(RemoteError::Refused { code, error, .. })
+                if (code == GATES_BUSY || code == GATE_RUNNING) && tokio::time::Instant::now() < until =>
+            {
+                let pause = pause(retry).min(until - tokio::time::Instant::now());
+                tracing::warn!(%error, pause_s = pause.as_secs(), "the gateway did not start the gate yet; asking again");
+                tokio::time::sleep(pause).await;
+            }
+            answered => return answered,
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 /// What kind of object a candidate revision is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -425,6 +481,68 @@ mod tests {
 
     fn policy() -> Value {
         serde_yaml::from_str(include_str!("../../../examples/quickstart/policy.yaml")).expect("policy")
+    }
+
+    #[test]
+    fn a_busy_gateway_is_asked_again_later_and_later_not_all_at_once() {
+        let s = std::time::Duration::from_secs;
+        assert_eq!(busy_pause(0, 0), s(5));
+        assert_eq!(busy_pause(1, 0), s(10));
+        assert_eq!(busy_pause(3, 0), s(40));
+        assert_eq!(busy_pause(4, 0), s(60));
+        assert_eq!(busy_pause(40, 0), s(60));
+        assert_eq!(busy_pause(4, 255), s(72), "at most a fifth more");
+    }
+
+    fn busy(code: &str) -> crate::records::store::remote::RemoteError {
+        crate::records::store::remote::RemoteError::Refused {
+            code: code.into(),
+            error: "busy".into(),
+            status: 429,
+            retry_after: None,
+        }
+    }
+
+    /// A Job's pod ends once: a gateway whose gates are taken by others must not make it end
+    /// without a verdict (each such end spends one of the gate's attempts).
+    #[tokio::test]
+    async fn a_gate_refused_while_gates_are_busy_is_asked_again_until_it_starts() {
+        use crate::records::store::remote::RemoteError;
+        let ms = std::time::Duration::from_millis;
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let answer = asked_until_started(
+            || async {
+                match asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                    0 => Err(busy(GATES_BUSY)),
+                    1 => Err(busy(GATE_RUNNING)),
+                    _ => Ok("verdict"),
+                }
+            },
+            BUSY_PATIENCE,
+            |_| ms(1),
+        )
+        .await;
+        assert_eq!(answer.expect("started"), "verdict");
+        assert_eq!(asked.into_inner(), 3);
+        // Any other refusal is the answer at once.
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let other = asked_until_started(
+            || async {
+                asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Err::<(), _>(busy("forbidden"))
+            },
+            BUSY_PATIENCE,
+            |_| ms(1),
+        )
+        .await;
+        assert!(matches!(other, Err(RemoteError::Refused { code, .. }) if code == "forbidden"));
+        assert_eq!(asked.into_inner(), 1);
+        // Busy for longer than its patience: the last refusal is the answer.
+        let started = tokio::time::Instant::now();
+        let gave_up =
+            asked_until_started(|| async { Err::<(), _>(busy(GATES_BUSY)) }, ms(50), |_| ms(5)).await;
+        assert!(matches!(gave_up, Err(RemoteError::Refused { code, .. }) if code == GATES_BUSY));
+        assert!(started.elapsed() >= ms(50));
     }
 
     fn order_for(object: &Value) -> GateOrder {

@@ -18,7 +18,10 @@ use super::*;
 use crate::{
     read_grant::ReadGrant,
     run::{
-        gate::{GATE_DEADLINE, GATES_PER_REPLICA, GATES_PER_TENANT, GateVerdict, SignedGateVerdict},
+        gate::{
+            GATE_DEADLINE, GATE_RUNNING, GATES_BUSY, GATES_PER_REPLICA, GATES_PER_TENANT, GateVerdict,
+            SignedGateVerdict,
+        },
         replay::ReplayGate,
     },
 };
@@ -509,11 +512,11 @@ struct RunningGate<'a> {
 impl<'a> RunningGate<'a> {
     fn start(gates: &'a Mutex<Vec<(String, String)>>, job: &str, tenant: &str) -> Result<Self, Refusal> {
         let mut running = gates.lock().unwrap_or_else(|e| e.into_inner());
-        let busy = |why: String| Refusal::new(StatusCode::TOO_MANY_REQUESTS, "gates_busy", why);
+        let busy = |why: String| Refusal::new(StatusCode::TOO_MANY_REQUESTS, GATES_BUSY, why);
         if running.iter().any(|(j, t)| j == job && t == tenant) {
             return Err(Refusal::new(
                 StatusCode::CONFLICT,
-                "gate_running",
+                GATE_RUNNING,
                 format!(
                     "the gate of Job {job} is already running; its answer goes to the request that started it"
                 ),
@@ -521,12 +524,12 @@ impl<'a> RunningGate<'a> {
         }
         if running.iter().filter(|(_, t)| t == tenant).count() >= GATES_PER_TENANT {
             return Err(busy(format!(
-                "namespace {tenant} already has {GATES_PER_TENANT} replay gates running on this replica; the Job is retried"
+                "namespace {tenant} already has {GATES_PER_TENANT} replay gates running on this replica; the Job's pod asks again shortly"
             )));
         }
         if running.len() >= GATES_PER_REPLICA {
             return Err(busy(format!(
-                "{GATES_PER_REPLICA} replay gates are running on this replica; the Job is retried"
+                "{GATES_PER_REPLICA} replay gates are running on this replica; the Job's pod asks again shortly"
             )));
         }
         let entry = (job.to_owned(), tenant.to_owned());

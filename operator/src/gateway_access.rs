@@ -58,10 +58,23 @@ pub fn binding(namespace: &str, settings: &RunnerSettings) -> RoleBinding {
     }
 }
 
+/// Why Agents cannot run in `namespace` (pure): it is the gateway's own (the operator's and
+/// the gateway's keys are there) or the cluster's, where the gateway must never read Secrets
+/// — whoever may create an Agent there.
+pub fn refused_namespace(namespace: &str, settings: &RunnerSettings) -> Option<String> {
+    const CLUSTER: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+    (namespace == settings.gateway_namespace || CLUSTER.contains(&namespace)).then(|| {
+        format!(
+            "Agents do not run in namespace {namespace}: the gateway would be given the Secrets there (ContextOS's own keys, or the cluster's); create the Agent in a tenant namespace"
+        )
+    })
+}
+
 /// Lets the gateway read the Secrets of `namespace`, which has an Agent (applied on every
-/// reconcile of one, so a binding removed by hand comes back with the next change).
+/// reconcile of one, so a binding removed by hand comes back with the next change). Never in
+/// a namespace [`refused_namespace`] names.
 pub async fn ensure(ctx: &Context, namespace: &str) -> Result<()> {
-    if ctx.runner.gateway_account.is_empty() {
+    if ctx.runner.gateway_account.is_empty() || refused_namespace(namespace, &ctx.runner).is_some() {
         return Ok(());
     }
     let api = Api::<RoleBinding>::namespaced(ctx.client.clone(), namespace);
@@ -192,6 +205,27 @@ mod tests {
     fn a_namespace_keeps_the_binding_while_it_has_an_agent() {
         assert_eq!(Access::for_namespace_with(1), Access::Keep);
         assert_eq!(Access::for_namespace_with(0), Access::Remove);
+    }
+
+    #[test]
+    fn the_gateway_is_never_given_the_secrets_of_its_own_namespace_or_the_clusters() {
+        let settings = RunnerSettings {
+            gateway_namespace: "contextos-system".into(),
+            ..RunnerSettings::default()
+        };
+        for namespace in [
+            "contextos-system",
+            "kube-system",
+            "kube-public",
+            "kube-node-lease",
+        ] {
+            let why = refused_namespace(namespace, &settings).expect(namespace);
+            assert!(
+                why.contains(namespace) && why.contains("tenant namespace"),
+                "{why}"
+            );
+        }
+        assert_eq!(refused_namespace("shop", &settings), None);
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub async fn run(
         tenant_keys: Arc::new(tenant_keys::TenantKeys::published_in(config.namespace.clone())),
         start_locks: Default::default(),
         runner_policies: Default::default(),
+        retries: Default::default(),
     });
     let selector = config.selector.clone();
     let watch = move || match &selector {
@@ -445,7 +446,8 @@ fn referring_agents<K: kube::Resource>(
         .collect()
 }
 
-/// `reconcile`, with how long each pass took counted under `kind`.
+/// `reconcile`, with how long each pass took counted under `kind`, and an object's failures
+/// forgotten once a pass succeeds (see [`controllers::retries`]).
 fn timed<K, F, Fut>(
     kind: &'static str,
     reconcile: F,
@@ -454,6 +456,7 @@ fn timed<K, F, Fut>(
     Arc<Context>,
 ) -> futures::future::BoxFuture<'static, controllers::Result<kube::runtime::controller::Action>>
 where
+    K: kube::Resource<DynamicType = ()>,
     F: Fn(Arc<K>, Arc<Context>) -> Fut,
     Fut:
         std::future::Future<Output = controllers::Result<kube::runtime::controller::Action>> + Send + 'static,
@@ -461,10 +464,15 @@ where
     move |object, ctx| {
         let started = std::time::Instant::now();
         let metrics = ctx.metrics.clone();
+        let retries = ctx.retries.clone();
+        let key = controllers::retries::key(object.as_ref());
         let pass = reconcile(object, ctx);
         Box::pin(async move {
             let result = pass.await;
             metrics.reconciled(kind, started.elapsed());
+            if result.is_ok() {
+                retries.succeeded(&key);
+            }
             result
         })
     }

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod ontology;
 pub mod proposal;
+pub mod retries;
 pub mod revisions;
 pub mod session;
 pub mod skill;
@@ -48,6 +49,8 @@ pub struct Context {
     pub start_locks: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     /// The runner NetworkPolicies this process applied (see [`RunnerPolicies`]).
     pub runner_policies: Arc<RunnerPolicies>,
+    /// Consecutive failures of each object, which space its retries out.
+    pub retries: Arc<retries::Retries>,
 }
 
 /// What this process last applied as each namespace's runner NetworkPolicy, as a hash of the
@@ -140,8 +143,9 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Transient failures are retried with a short backoff; each is counted. A namespace being
-/// deleted refuses new objects for good: its objects are going away, so nothing is retried.
+/// Transient failures are retried, each object's consecutive failures further apart (see
+/// [`retries`]); each is counted. A namespace being deleted refuses new objects for good: its
+/// objects are going away, so nothing is retried.
 pub fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
 where
     K: Resource<DynamicType = ()>,
@@ -158,8 +162,9 @@ where
         return Action::requeue(Duration::from_millis(200));
     }
     ctx.metrics.failure(error.metric_label());
-    tracing::warn!(%kind, %namespace, %name, %error, "reconcile failed; retrying in 5 s");
-    Action::requeue(Duration::from_secs(5))
+    let wait = ctx.retries.failed(retries::key(object.as_ref()));
+    tracing::warn!(%kind, %namespace, %name, %error, retry_in_s = wait.as_secs(), "reconcile failed");
+    Action::requeue(wait)
 }
 
 /// A problem with an object that only a change to it (or what it references) can fix.

@@ -732,8 +732,13 @@ async fn decide(
         true,
         reason::REPLAY_PASSED,
         format!(
-            "{} recorded session(s): {} step(s) change as the evidence says, {} other(s) diverge ({:.1}%, at most {:.1}%)",
-            gate.runs, gate.intended_steps, gate.divergent_steps, gate.divergence_percent, gate.max_divergence_percent
+            "{} recorded session(s): {} step(s) change as the evidence says{}, {} other(s) diverge ({:.1}%, at most {:.1}%)",
+            gate.runs,
+            gate.intended_steps,
+            loosened(gate.intended_allowed),
+            gate.divergent_steps,
+            gate.divergence_percent,
+            gate.max_divergence_percent
         ),
     ));
     let Some(decision) = accepted else {
@@ -820,6 +825,18 @@ fn ready_message(status: &ProposalStatus) -> String {
         .find(|c| c.type_ == conditions::READY)
         .map(|c| c.message.clone())
         .unwrap_or_default()
+}
+
+/// What a reviewer is told of the calls the evidence excuses that are now let through (pure):
+/// the evidence is the proposer's own choice of calls, checked against the record but not
+/// against what the insight claims of them.
+fn loosened(allowed: u32) -> String {
+    match allowed {
+        0 => String::new(),
+        n => format!(
+            " (the proposer's evidence excuses them; {n} of them let a call through that was denied or held for approval)"
+        ),
+    }
 }
 
 fn replay_condition(passed: bool, why: &'static str, message: String) -> Wanted {

@@ -1338,6 +1338,11 @@ pub struct ReplayGate {
     /// Steps a proposal's evidence says it means to change (not counted).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub intended_steps: u32,
+    /// Of the calls decided otherwise as the evidence says, those the candidate lets through
+    /// that were denied or held for approval: the evidence is the proposer's word, so a
+    /// reviewer is told how much of what it excuses loosens the harness.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub intended_allowed: u32,
     pub divergence_percent: f64,
     pub max_divergence_percent: f64,
     /// The run that diverged most and its own percentage.
@@ -1393,6 +1398,14 @@ impl ReplayGate {
             steps: summary.steps,
             divergent_steps: summary.divergent_steps,
             intended_steps: summary.intended_steps,
+            intended_allowed: summary
+                .replays
+                .iter()
+                .flat_map(|r| &r.divergences)
+                .filter(|d| d.intended && d.kind == DivergenceKind::NewlyAllowed)
+                .count()
+                .try_into()
+                .unwrap_or(u32::MAX),
             divergence_percent: summary.divergence_percent,
             max_divergence_percent: summary.max_divergence_percent,
             worst_run: summary.worst_run.clone(),
@@ -1420,6 +1433,7 @@ impl ReplayGate {
             steps: 0,
             divergent_steps: 0,
             intended_steps: 0,
+            intended_allowed: 0,
             divergence_percent: 0.0,
             max_divergence_percent: 0.0,
             worst_run: None,
@@ -1656,6 +1670,27 @@ mod tests {
         ]);
         beyond.mark_intended(&calls);
         assert_eq!((beyond.divergent_steps, beyond.intended_steps()), (1, 2));
+    }
+
+    /// The evidence is the proposer's: a gate that excuses calls now let through says how
+    /// many, so a loosening proposal does not read as a harmless one.
+    #[test]
+    fn a_gate_says_how_many_excused_calls_are_now_let_through() {
+        let calls: BTreeSet<String> = ["2.0".to_owned()].into();
+        let mut loosened = replayed("r", 4, 0);
+        loosened.divergences = vec![
+            divergence(DivergenceKind::NewlyAllowed, 2, Some("2.0")),
+            divergence(DivergenceKind::NewCall, 3, Some("3.0")),
+        ];
+        loosened.divergent_steps = divergent_steps(&loosened.divergences);
+        loosened.mark_intended(&calls);
+        let mut tightened = replayed("t", 4, 0);
+        tightened.divergences = vec![divergence(DivergenceKind::NewlyDenied, 2, Some("2.0"))];
+        tightened.divergent_steps = divergent_steps(&tightened.divergences);
+        tightened.mark_intended(&calls);
+        let gate = ReplayGate::of(&ReplaySummary::new(vec![loosened, tightened], Vec::new(), 0.0));
+        assert!(gate.passed);
+        assert_eq!((gate.intended_steps, gate.intended_allowed), (3, 1));
     }
 
     #[test]

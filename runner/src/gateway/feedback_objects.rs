@@ -59,16 +59,18 @@ impl ChainedObject for Feedback {
             .await
         {
             // A Session made after the Feedback (deleted and created again meanwhile) is not
-            // the one its author corrected.
+            // the one its author corrected; nor, since creation times count whole seconds, one
+            // made in the same second (a Session that ran before its Feedback was written was
+            // made seconds before it at least).
             Ok(Some(found))
                 if found.metadata.creation_timestamp.as_ref().map(|t| t.0)
-                    > self.metadata.creation_timestamp.as_ref().map(|t| t.0) =>
+                    >= self.metadata.creation_timestamp.as_ref().map(|t| t.0) =>
             {
                 return done(refused(
                     self,
                     "SessionReplaced",
                     format!(
-                        "spec.sessionRef: Session {session} was created after this Feedback: it is not the run that was corrected"
+                        "spec.sessionRef: Session {session} was created after this Feedback (or in the same second): it is not the run that was corrected"
                     ),
                 ));
             }

@@ -162,12 +162,11 @@ async fn a_session_past_the_concurrency_quota_waits_pending_until_the_running_on
     Ok(())
 }
 
-/// Capability pods (an MCP server the Agent starts from a command) run beside a runner pod
-/// only: a Session its quota keeps waiting holds none — so waiting Sessions cannot run a
-/// tenant's commands, nor use up a namespace's ResourceQuota that running ones need — and one
-/// waiting for a person holds none either.
+/// Capability pods (an MCP server the Agent starts from a command) are made once an attempt's
+/// start is admitted: a Session its quota keeps waiting holds none — so waiting Sessions cannot
+/// run a tenant's commands, nor use up a namespace's ResourceQuota that running ones need.
 #[tokio::test]
-async fn a_session_waiting_for_its_quota_or_a_person_holds_no_capability_pod() -> Result<()> {
+async fn a_session_waiting_for_its_quota_holds_no_capability_pod() -> Result<()> {
     let env = TestEnv::shared().await?;
     let Some(_op) = operator_env::shared(env).await.map_err(anyhow::Error::msg)? else {
         eprintln!("skipped: runner pods need a local node (KUBECONFIG is set)");
@@ -229,29 +228,26 @@ async fn a_session_waiting_for_its_quota_or_a_person_holds_no_capability_pod() -
         "a Session waiting for its quota holds capability pods: {:?}",
         held.iter().map(|p| p.name_any()).collect::<Vec<_>>()
     );
-    // Let it run: it starts (its capability pod made just before its runner pod), and runs
-    // until the restart waits for a person, who has not decided yet.
+    // Let it start: its capability pod is made just before its runner pod. (This suite's
+    // gateway reaches no capability pods, and refuses the run at its start, saying so.)
     quota["spec"]["concurrentSessions"] = json!(1);
     apply(&client, ns.name(), &quota).await?;
-    phase_is(&sessions, "held", SessionPhase::AwaitingApproval).await?;
-    let attempts = sessions.get("held").await?.status.and_then(|s| s.attempt);
-    ensure!(attempts == Some(1), "one attempt ran: {attempts:?}");
-    contextos_kind_tests::wait_for(
-        "no capability pod while waiting for a person",
-        TIMEOUT,
-        || async {
-            match pods.list_metadata(&capabilities).await {
-                Ok(list) if list.items.iter().all(|p| p.metadata.deletion_timestamp.is_some()) => {
-                    Check::Done(())
-                }
-                Ok(list) => Check::NotYet(format!(
-                    "capability pods {:?}",
-                    list.items.iter().map(|p| p.name_any()).collect::<Vec<_>>()
-                )),
-                Err(e) => Check::NotYet(e.to_string()),
-            }
-        },
-    )
+    let failed = phase_is(&sessions, "held", SessionPhase::Failed).await?;
+    let ready = condition(&failed.status.unwrap_or_default().conditions, "Ready");
+    ensure!(
+        ready.contains("GatewayRefused") && ready.contains("reaches no capability pods"),
+        "{ready}"
+    );
+    contextos_kind_tests::wait_for("no capability pod once the Session ended", TIMEOUT, || async {
+        match pods.list_metadata(&capabilities).await {
+            Ok(list) if list.items.iter().all(|p| p.metadata.deletion_timestamp.is_some()) => Check::Done(()),
+            Ok(list) => Check::NotYet(format!(
+                "capability pods {:?}",
+                list.items.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+            )),
+            Err(e) => Check::NotYet(e.to_string()),
+        }
+    })
     .await?;
     ns.pass();
     Ok(())

@@ -65,11 +65,10 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
     };
     runner_policy(&ctx, &session.namespace().unwrap_or_default(), false).await?;
     let mut pod = attempt_pod(&pods, &session, attempt).await?;
-    // Capability pods run beside a runner pod: made once its start is admitted (see `run`),
-    // kept up while it lives (one its deadline ended is made again), stopped while the
-    // Session waits for a person — never held by a Session its quota keeps waiting.
-    let capabilities = !capability::servers(&pod_bundle.bundle.agent_spec.tools).is_empty();
-    if capabilities && matches!(pod, AttemptPod::Live { .. }) {
+    // Capability pods are made once an attempt's start is admitted (see `run`), and kept up
+    // while its runner pod lives (one its deadline ended is made again): never held by a
+    // Session its quota keeps waiting.
+    if matches!(pod, AttemptPod::Live { .. }) {
         start_capabilities(&ctx, &session, &pod_bundle, &sandbox, &pods).await?;
     }
     if let AttemptPod::Ended(ended) = &mut pod {
@@ -83,9 +82,6 @@ pub async fn reconcile_session(session: Arc<Session>, ctx: Arc<Context>) -> Resu
         max_crash_attempts: ctx.max_crash_attempts,
         now: now(),
     });
-    if capabilities && step.waits_for_a_person() {
-        stop_capabilities(&ctx, &session).await?;
-    }
     run(&ctx, &session, Some((&pod_bundle, &sandbox)), step).await
 }
 

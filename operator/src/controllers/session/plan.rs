@@ -116,20 +116,6 @@ pub enum Step {
     Cancel { stop: Option<String> },
 }
 
-impl Step {
-    /// Whether the Session waits for a person from this step on (an approval, or whether a
-    /// call acted): no runner pod runs meanwhile, and none of its capability pods either.
-    pub fn waits_for_a_person(&self) -> bool {
-        match self {
-            Self::Report { update, .. } => matches!(
-                update.new_phase(),
-                Some(SessionPhase::AwaitingApproval | SessionPhase::AwaitingResolution)
-            ),
-            _ => false,
-        }
-    }
-}
-
 /// The step for a Session whose run bundle cannot be pinned.
 pub fn held(invalid: &Invalid) -> Step {
     // An override that loosens the agent's limits can never become valid: the spec is
@@ -679,7 +665,6 @@ mod tests {
                     phase: "Pending".into(),
                 },
                 |step| {
-                    assert!(!step.waits_for_a_person(), "its capability pods stay up");
                     let status = status_of(step);
                     assert_eq!(status.phase, Some(SessionPhase::Running));
                     assert_eq!(status.attempt, Some(2));
@@ -730,7 +715,6 @@ mod tests {
                 session().spec,
                 with("awaiting_approval", |_| {}),
                 |step| {
-                    assert!(step.waits_for_a_person(), "its capability pods are stopped");
                     let status = status_of(step);
                     assert_eq!(status.phase, Some(SessionPhase::AwaitingApproval));
                     let pending = status.pending_approval.clone().expect("pending");

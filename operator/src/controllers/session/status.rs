@@ -79,11 +79,6 @@ impl Update {
         self
     }
 
-    /// The phase this update writes, if it writes one.
-    pub fn new_phase(&self) -> Option<SessionPhase> {
-        self.phase.as_ref().map(|(phase, _, _)| *phase)
-    }
-
     pub fn attempt(mut self, attempt: u32) -> Self {
         self.attempt = Some(attempt);
         self

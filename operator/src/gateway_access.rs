@@ -58,12 +58,13 @@ pub fn binding(namespace: &str, settings: &RunnerSettings) -> RoleBinding {
     }
 }
 
-/// Why Agents cannot run in `namespace` (pure): it is the gateway's own (the operator's and
-/// the gateway's keys are there) or the cluster's, where the gateway must never read Secrets
-/// — whoever may create an Agent there.
-pub fn refused_namespace(namespace: &str, settings: &RunnerSettings) -> Option<String> {
+/// Why Agents cannot run in `namespace` (pure): it is one of ContextOS's own (`own`: the
+/// operator's, where its RunContext-signing key is, and the gateway's, where the record keys
+/// are) or the cluster's, where the gateway must never read Secrets — whoever may create an
+/// Agent there.
+pub fn refused_namespace(namespace: &str, own: [&str; 2]) -> Option<String> {
     const CLUSTER: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
-    (namespace == settings.gateway_namespace || CLUSTER.contains(&namespace)).then(|| {
+    (own.contains(&namespace) || CLUSTER.contains(&namespace)).then(|| {
         format!(
             "Agents do not run in namespace {namespace}: the gateway would be given the Secrets there (ContextOS's own keys, or the cluster's); create the Agent in a tenant namespace"
         )
@@ -74,7 +75,7 @@ pub fn refused_namespace(namespace: &str, settings: &RunnerSettings) -> Option<S
 /// reconcile of one, so a binding removed by hand comes back with the next change). Never in
 /// a namespace [`refused_namespace`] names.
 pub async fn ensure(ctx: &Context, namespace: &str) -> Result<()> {
-    if ctx.runner.gateway_account.is_empty() || refused_namespace(namespace, &ctx.runner).is_some() {
+    if ctx.runner.gateway_account.is_empty() || refused_namespace(namespace, ctx.own_namespaces()).is_some() {
         return Ok(());
     }
     let api = Api::<RoleBinding>::namespaced(ctx.client.clone(), namespace);
@@ -116,7 +117,8 @@ pub fn controller(client: &Client) -> Controller<PartialObjectMeta<RoleBinding>>
     )
 }
 
-/// What becomes of a namespace's binding (pure): kept while an Agent is there.
+/// What becomes of a namespace's binding (pure): kept while an Agent is there — never in a
+/// namespace Agents may not run in (one made before they were refused there goes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     Keep,
@@ -124,8 +126,12 @@ pub enum Access {
 }
 
 impl Access {
-    pub fn for_namespace_with(agents: usize) -> Self {
-        if agents > 0 { Self::Keep } else { Self::Remove }
+    pub fn for_namespace_with(agents: usize, refused: bool) -> Self {
+        if agents > 0 && !refused {
+            Self::Keep
+        } else {
+            Self::Remove
+        }
     }
 }
 
@@ -141,7 +147,8 @@ pub async fn reconcile_binding(
     let Some(namespace) = binding.namespace() else {
         return Ok(Action::await_change());
     };
-    if Access::for_namespace_with(agents_in(&ctx.client, &namespace).await?) == Access::Keep {
+    let refused = refused_namespace(&namespace, ctx.own_namespaces()).is_some();
+    if Access::for_namespace_with(agents_in(&ctx.client, &namespace).await?, refused) == Access::Keep {
         return Ok(Action::requeue(RECHECK));
     }
     let api = Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace);
@@ -154,6 +161,9 @@ pub async fn reconcile_binding(
         ..DeleteParams::default()
     };
     match api.delete(AGENT_SECRETS_ROLE, &only_this).await {
+        Ok(_) if refused => {
+            tracing::warn!(%namespace, "Agents do not run in this namespace: the gateway no longer reads its Secrets")
+        }
         Ok(_) => {
             tracing::info!(%namespace, "the namespace's last Agent is gone: the gateway no longer reads its Secrets")
         }
@@ -180,7 +190,8 @@ pub async fn reconcile_binding(
 
 /// Binds `namespace` again if an Agent is there now.
 async fn rebind_if_an_agent_came(ctx: &Context, namespace: &str) -> Result<()> {
-    if Access::for_namespace_with(agents_in(&ctx.client, namespace).await?) == Access::Keep {
+    if Access::for_namespace_with(agents_in(&ctx.client, namespace).await?, false) == Access::Keep {
+        // (`ensure` binds no namespace Agents may not run in.)
         ensure(ctx, namespace).await?;
     }
     Ok(())
@@ -203,29 +214,32 @@ mod tests {
 
     #[test]
     fn a_namespace_keeps_the_binding_while_it_has_an_agent() {
-        assert_eq!(Access::for_namespace_with(1), Access::Keep);
-        assert_eq!(Access::for_namespace_with(0), Access::Remove);
+        assert_eq!(Access::for_namespace_with(1, false), Access::Keep);
+        assert_eq!(Access::for_namespace_with(0, false), Access::Remove);
+        assert_eq!(
+            Access::for_namespace_with(1, true),
+            Access::Remove,
+            "a binding made before Agents were refused there goes"
+        );
     }
 
     #[test]
     fn the_gateway_is_never_given_the_secrets_of_its_own_namespace_or_the_clusters() {
-        let settings = RunnerSettings {
-            gateway_namespace: "contextos-system".into(),
-            ..RunnerSettings::default()
-        };
+        let own = ["contextos-operator", "contextos-gateway"];
         for namespace in [
-            "contextos-system",
+            "contextos-operator",
+            "contextos-gateway",
             "kube-system",
             "kube-public",
             "kube-node-lease",
         ] {
-            let why = refused_namespace(namespace, &settings).expect(namespace);
+            let why = refused_namespace(namespace, own).expect(namespace);
             assert!(
                 why.contains(namespace) && why.contains("tenant namespace"),
                 "{why}"
             );
         }
-        assert_eq!(refused_namespace("shop", &settings), None);
+        assert_eq!(refused_namespace("shop", own), None);
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub async fn run(
         metrics,
         recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
         replay_image: config.replay_image.clone(),
+        namespace: config.namespace.clone(),
         tenant_keys: Arc::new(tenant_keys::TenantKeys::published_in(config.namespace.clone())),
         start_locks: Default::default(),
         runner_policies: Default::default(),

@@ -58,10 +58,11 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
     // Its tools' and model's Secrets are read by the gateway, at call time, in this namespace.
     crate::gateway_access::ensure(&ctx, &namespace).await?;
     // What is wrong in the spec itself is reported before anything it references.
-    let outcome = match crate::gateway_access::refused_namespace(&namespace, &ctx.runner).map_or_else(
-        || check_spec(&agent.name_any(), &agent.spec),
-        |why| Err(Invalid::new(reason::INVALID_SPEC, why)),
-    ) {
+    let outcome = match crate::gateway_access::refused_namespace(&namespace, ctx.own_namespaces())
+        .map_or_else(
+            || check_spec(&agent.name_any(), &agent.spec),
+            |why| Err(Invalid::new(reason::INVALID_SPEC, why)),
+        ) {
         Ok(()) => resolve(&ctx, &namespace, &agent.spec).await?,
         Err(invalid) => Err(invalid),
     };

@@ -42,6 +42,8 @@ pub struct Context {
     pub recorder: kube::runtime::events::Recorder,
     /// Image of replay Jobs (the runner image: its entrypoint is `contextos`).
     pub replay_image: String,
+    /// The operator's own namespace (its RunContext-signing key, its Lease).
+    pub namespace: String,
     /// Tenants' public record keys, fetched from the gateway service.
     pub tenant_keys: Arc<crate::tenant_keys::TenantKeys>,
     /// One lock per namespace, held while a Session's start is decided and made (see
@@ -51,6 +53,13 @@ pub struct Context {
     pub runner_policies: Arc<RunnerPolicies>,
     /// Consecutive failures of each object, which space its retries out.
     pub retries: Arc<retries::Retries>,
+}
+
+impl Context {
+    /// ContextOS's own namespaces: the operator's and the gateway's.
+    pub fn own_namespaces(&self) -> [&str; 2] {
+        [self.namespace.as_str(), self.runner.gateway_namespace.as_str()]
+    }
 }
 
 /// What this process last applied as each namespace's runner NetworkPolicy, as a hash of the

@@ -735,7 +735,7 @@ async fn decide(
             "{} recorded session(s): {} step(s) change as the evidence says{}, {} other(s) diverge ({:.1}%, at most {:.1}%)",
             gate.runs,
             gate.intended_steps,
-            loosened(gate.intended_allowed),
+            loosened(gate.intended_loosening),
             gate.divergent_steps,
             gate.divergence_percent,
             gate.max_divergence_percent
@@ -827,14 +827,14 @@ fn ready_message(status: &ProposalStatus) -> String {
         .unwrap_or_default()
 }
 
-/// What a reviewer is told of the calls the evidence excuses that are now let through (pure):
-/// the evidence is the proposer's own choice of calls, checked against the record but not
-/// against what the insight claims of them.
-fn loosened(allowed: u32) -> String {
-    match allowed {
+/// What a reviewer is told of the changes the evidence excuses that open what the recorded
+/// runs kept shut (pure): the evidence is the proposer's own choice of calls, checked against
+/// the record but not against what the insight claims of them.
+fn loosened(opened: u32) -> String {
+    match opened {
         0 => String::new(),
         n => format!(
-            " (the proposer's evidence excuses them; {n} of them let a call through that was denied or held for approval)"
+            " (the proposer's evidence excuses them; {n} of them let through, or hold for approval instead of denying, what the recorded runs did not)"
         ),
     }
 }

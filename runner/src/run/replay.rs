@@ -297,6 +297,11 @@ pub struct Divergence {
     /// run): shown, not counted against the gate.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub intended: bool,
+    /// The candidate opens what the recorded run kept shut: a call let through that was denied
+    /// or held for approval, a denied call now held for approval, a call allowed that the run
+    /// did not make.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub loosens: bool,
     /// The call whose decision changed, for a decision's divergence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call_id: Option<String>,
@@ -370,6 +375,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             replayed: "does not compile".into(),
             detail: replayed.outcome.clone(),
             intended: false,
+            loosens: false,
             call_id: None,
         });
     }
@@ -385,6 +391,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                 replayed: "not made".into(),
                 detail: "the replayed run ended or went another way before this call".into(),
                 intended: false,
+                loosens: false,
                 call_id: Some(call.call_id.clone()),
             }),
             Some(again) if again.effect != call.effect || (again.tool != call.tool) => {
@@ -408,6 +415,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                     replayed: format!("dryRun {shadow}"),
                     detail: "a dryRun policy would decide this call differently; nothing is enforced".into(),
                     intended: false,
+                    loosens: false,
                     call_id: Some(call.call_id.clone()),
                 });
             }
@@ -427,6 +435,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             replayed: call.effect.as_str().into(),
             detail: format!("decided by {}", call.rule),
             intended: false,
+            loosens: call.effect == PolicyEffect::Allow,
             call_id: Some(call.call_id.clone()),
         });
     }
@@ -443,6 +452,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                 replayed: again.map_or("no step".into(), |v| verdict_name(v.verdict).into()),
                 detail: again.map_or_else(|| "the replayed run ended earlier".into(), |v| v.reason.clone()),
                 intended: false,
+                loosens: false,
                 call_id: None,
             });
         }
@@ -457,6 +467,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             replayed: replayed.outcome.clone(),
             detail: "the run would end differently".into(),
             intended: false,
+            loosens: false,
             call_id: None,
         });
     }
@@ -479,6 +490,7 @@ fn offer_changes(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Dive
         replayed: replayed.to_owned(),
         detail: detail.to_owned(),
         intended: false,
+        loosens: false,
         call_id: None,
     };
     match (recorded.discovers, replayed.discovers) {
@@ -531,6 +543,7 @@ fn offer_changes(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Dive
             replayed: after.join(", "),
             detail: detail.join("; "),
             intended: false,
+            loosens: false,
             call_id: None,
         });
     }
@@ -547,6 +560,7 @@ fn call_divergence(call: &CallPoint, again: &CallPoint) -> Divergence {
             replayed: format!("{} {} ({})", again.tool, again.effect.as_str(), again.rule),
             detail: format!("arguments {}", again.arguments),
             intended: false,
+            loosens: again.effect == PolicyEffect::Allow,
             call_id: Some(call.call_id.clone()),
         };
     }
@@ -572,7 +586,17 @@ fn call_divergence(call: &CallPoint, again: &CallPoint) -> Divergence {
         replayed: format!("{} ({})", again.effect.as_str(), again.rule),
         detail: format!("arguments {}", call.arguments),
         intended: false,
+        loosens: openness(again.effect) > openness(call.effect),
         call_id: Some(call.call_id.clone()),
+    }
+}
+
+/// How far an effect lets a call go: denied, held for a person, run.
+fn openness(effect: PolicyEffect) -> u8 {
+    match effect {
+        PolicyEffect::Deny => 0,
+        PolicyEffect::RequireApproval => 1,
+        PolicyEffect::Allow => 2,
     }
 }
 
@@ -1338,11 +1362,11 @@ pub struct ReplayGate {
     /// Steps a proposal's evidence says it means to change (not counted).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub intended_steps: u32,
-    /// Of the calls decided otherwise as the evidence says, those the candidate lets through
-    /// that were denied or held for approval: the evidence is the proposer's word, so a
-    /// reviewer is told how much of what it excuses loosens the harness.
+    /// Of the changes the evidence excuses, those that open what the recorded runs kept shut
+    /// (see [`Divergence::loosens`]): the evidence is the proposer's word, so a reviewer is
+    /// told how much of what it excuses loosens the harness.
     #[serde(default, skip_serializing_if = "is_zero")]
-    pub intended_allowed: u32,
+    pub intended_loosening: u32,
     pub divergence_percent: f64,
     pub max_divergence_percent: f64,
     /// The run that diverged most and its own percentage.
@@ -1398,11 +1422,11 @@ impl ReplayGate {
             steps: summary.steps,
             divergent_steps: summary.divergent_steps,
             intended_steps: summary.intended_steps,
-            intended_allowed: summary
+            intended_loosening: summary
                 .replays
                 .iter()
                 .flat_map(|r| &r.divergences)
-                .filter(|d| d.intended && d.kind == DivergenceKind::NewlyAllowed)
+                .filter(|d| d.intended && d.loosens)
                 .count()
                 .try_into()
                 .unwrap_or(u32::MAX),
@@ -1433,7 +1457,7 @@ impl ReplayGate {
             steps: 0,
             divergent_steps: 0,
             intended_steps: 0,
-            intended_allowed: 0,
+            intended_loosening: 0,
             divergence_percent: 0.0,
             max_divergence_percent: 0.0,
             worst_run: None,
@@ -1594,6 +1618,7 @@ mod tests {
             replayed: "require_approval".into(),
             detail: String::new(),
             intended: false,
+            loosens: false,
             call_id: call.map(str::to_owned),
         }
     }
@@ -1672,15 +1697,19 @@ mod tests {
         assert_eq!((beyond.divergent_steps, beyond.intended_steps()), (1, 2));
     }
 
-    /// The evidence is the proposer's: a gate that excuses calls now let through says how
-    /// many, so a loosening proposal does not read as a harmless one.
+    /// The evidence is the proposer's: a gate that excuses changes opening what the runs kept
+    /// shut says how many, so a loosening proposal does not read as a harmless one.
     #[test]
     fn a_gate_says_how_many_excused_calls_are_now_let_through() {
         let calls: BTreeSet<String> = ["2.0".to_owned()].into();
         let mut loosened = replayed("r", 4, 0);
+        let opened = |kind, step, call| Divergence {
+            loosens: true,
+            ..divergence(kind, step, Some(call))
+        };
         loosened.divergences = vec![
-            divergence(DivergenceKind::NewlyAllowed, 2, Some("2.0")),
-            divergence(DivergenceKind::NewCall, 3, Some("3.0")),
+            opened(DivergenceKind::NewlyAllowed, 2, "2.0"),
+            opened(DivergenceKind::NewCall, 3, "3.0"),
         ];
         loosened.divergent_steps = divergent_steps(&loosened.divergences);
         loosened.mark_intended(&calls);
@@ -1690,7 +1719,7 @@ mod tests {
         tightened.mark_intended(&calls);
         let gate = ReplayGate::of(&ReplaySummary::new(vec![loosened, tightened], Vec::new(), 0.0));
         assert!(gate.passed);
-        assert_eq!((gate.intended_steps, gate.intended_allowed), (3, 1));
+        assert_eq!((gate.intended_steps, gate.intended_loosening), (3, 2));
     }
 
     #[test]

@@ -159,7 +159,7 @@ impl SuiteReport {
             steps: checks,
             divergent_steps: failed,
             intended_steps: 0,
-            intended_allowed: 0,
+            intended_loosening: 0,
             divergence_percent: if checks == 0 {
                 0.0
             } else {

@@ -130,7 +130,9 @@ async fn run(
             // Before the runner pod: its first call may need them (the gateway waits for them
             // a while, too).
             let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
-            start_capabilities(ctx, session, pod_bundle, sandbox, &pods).await?;
+            if !start_capabilities(ctx, session, pod_bundle, sandbox, &pods).await? {
+                return Ok(Action::requeue(std::time::Duration::from_secs(2)));
+            }
             start_attempt(
                 ctx,
                 session,
@@ -407,17 +409,21 @@ async fn runner_policy(ctx: &Context, namespace: &str, always: bool) -> Result<(
 
 /// Creates the capability pods of the Session's command-started MCP servers that do not exist
 /// (before the runner's first call needs them), and the NetworkPolicy confining them.
+/// Makes the Session's capability pods that are missing, and removes those that ended (their
+/// deadline passed while the Session waited, say). Whether every one is there and not going
+/// away: a runner pod is started only then, so its first call finds its servers.
 async fn start_capabilities(
     ctx: &Context,
     session: &Session,
     pod_bundle: &PodBundle,
     sandbox: &SandboxProfileSpec,
     pods: &Api<Pod>,
-) -> Result<()> {
+) -> Result<bool> {
     let servers = capability::servers(&pod_bundle.bundle.agent_spec.tools);
     if servers.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
+    let mut all_there = true;
     let namespace = session.namespace().unwrap_or_default();
     let policy = capability_pods::network_policy(session, sandbox, &ctx.runner);
     apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
@@ -437,12 +443,15 @@ async fn start_capabilities(
                     .and_then(|s| s.phase.as_deref())
                     .is_some_and(|p| p == "Failed" || p == "Succeeded") =>
             {
+                all_there = false;
                 match pods.delete(&name, &DeleteParams::default()).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
                     Err(e) => return Err(e.into()),
                 }
             }
+            // Going away (deleted above on an earlier pass): made again once it is gone.
+            Some(existing) if existing.metadata.deletion_timestamp.is_some() => all_there = false,
             Some(_) => {}
             None => {
                 // Each pod gets a key of its own, made when the pod is.
@@ -456,7 +465,7 @@ async fn start_capabilities(
             }
         }
     }
-    Ok(())
+    Ok(all_there)
 }
 
 /// Deletes the Session's capability pods (the Session keeps its record; nothing calls them

@@ -44,10 +44,12 @@ pub const GATES_BUSY: &str = "gates_busy";
 pub const GATE_RUNNING: &str = "gate_running";
 
 /// How long a replay Job's pod keeps asking a gateway whose gates are busy: the Job's 30
-/// minutes less the gate's own [`GATE_DEADLINE`] and the 2 minutes its answer is waited for
-/// beyond it. A Job's pod ends once, and an ended pod without a verdict spends one of the
-/// gate's few attempts: busy gates (another tenant's long replays) must not spend them.
-pub const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(8 * 60);
+/// minutes less the gate's own [`GATE_DEADLINE`], the 2 minutes its answer is waited for
+/// beyond it, and 3 for the pod to start (on a busy node it took that long). A Job's pod ends
+/// once, and an ended pod without a verdict spends one of the gate's few attempts: busy gates
+/// (another tenant's long replays) must not spend them, nor a gate started too late to end
+/// before its Job's deadline.
+pub const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 
 /// The pause before asking a busy gateway again, the `retry`th time (from 0): 5 s, doubling
 /// to a minute, and up to a fifth more by `jitter` (0–255), so gates refused together do not

@@ -11,8 +11,8 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 const FIRST: Duration = Duration::from_secs(5);
 /// The longest wait.
 const LONGEST: Duration = Duration::from_secs(60);
-/// Objects whose failures are counted at most; past it every count starts again (objects that
-/// failed and were then deleted are not otherwise forgotten).
+/// Objects whose failures are counted at most; past it one count is forgotten for each new
+/// object (objects that failed and were then deleted are not otherwise forgotten).
 const MAX_COUNTED: usize = 65_536;
 
 /// An object: its kind, namespace and name.
@@ -43,8 +43,11 @@ impl Retries {
     /// Counts a failure of `object`; how long to wait before trying it again.
     pub fn failed(&self, object: ObjectKey) -> Duration {
         let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if counts.len() >= MAX_COUNTED && !counts.contains_key(&object) {
-            counts.clear();
+        if counts.len() >= MAX_COUNTED
+            && !counts.contains_key(&object)
+            && let Some(forgotten) = counts.keys().next().cloned()
+        {
+            counts.remove(&forgotten);
         }
         let failures = counts.entry(object).or_default();
         *failures = failures.saturating_add(1);

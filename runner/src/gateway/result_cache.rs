@@ -14,7 +14,8 @@
 //! agent, another replica, the world) are bounded by the TTL alone.
 //!
 //! The cache only saves a trip: it is bounded per tenant and as a whole (see
-//! [`super::shelves`]: a busy tenant evicts only its own), and a miss is always safe.
+//! [`super::shelves`]: a busy tenant evicts its own once it keeps the most), and a miss is
+//! always safe.
 
 use std::{collections::HashMap, sync::Mutex};
 

@@ -21,8 +21,9 @@
 //! may have N times its share. Vectors are kept per tenant and text (one tenant's timing never
 //! tells what another embedded), so a catalog is embedded once per replica, not once per run;
 //! when the replica keeps all it may, the tenant keeping the most forgets its least recently
-//! used — a tenant embedding text after text pushes out only its own (see
-//! [`crate::gateway::shelves`]), not the catalogs other tenants' runs were charged for.
+//! used — a tenant embedding text after text pushes out its own once it keeps more than
+//! another (see [`crate::gateway::shelves`]), not the catalog of a tenant keeping no more than
+//! an equal share.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},

@@ -331,6 +331,21 @@ pub const QUICK_SCRIPT: &str = r#"{"turns": [
   {"content": "{\"summary\": \"checkout-api 5xx is elevated after the 14:02 deploy; escalating to on-call.\", \"actions\": [], \"resolved\": false}"}
 ]}"#;
 
+/// A read-only tool served by an MCP server the Agent starts from a command (`hostile_mcp`, in
+/// the workspace's image): in a cluster it runs in the Session's capability pod, which the
+/// SandboxProfile must allow (`execution.allowedTools` naming `probe_*`).
+pub fn capability_probe_tool() -> serde_json::Value {
+    serde_json::json!({
+        "name": "probe_sandbox",
+        "description": "Looks around the sandbox.",
+        "risk": "read_only",
+        "kind": "observe",
+        "idempotent": true,
+        "adapter": {"mcp": {"command": ["hostile_mcp"]}},
+        "inputSchema": {"type": "object"},
+    })
+}
+
 /// The quickstart's Session (`examples/quickstart/session.yaml`), named `name`.
 pub fn quickstart_session(name: &str) -> Result<serde_json::Value, String> {
     let path = crate::env::repo_root().join("examples/quickstart/session.yaml");

@@ -1306,8 +1306,9 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
         "the operator could not make a runner pod: {}",
         String::from_utf8_lossy(&made.stderr)
     );
-    // … which are not the tenant's to change, as the tenant patches it (`--type` json or merge).
-    let patch_runner = |kind: &str, patch: Value| {
+    // … which are not the tenant's to change, as the tenant patches it (`--type` json or merge),
+    // itself or its status.
+    let patch_runner_at = |kind: &str, patch: Value, subresource: &str| {
         let args: Vec<String> = [
             "patch",
             "pod",
@@ -1319,14 +1320,18 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
             &format!("--type={kind}"),
             "-p",
             &patch.to_string(),
+            &format!("--subresource={subresource}"),
         ]
+        .into_iter()
+        .filter(|a| *a != "--subresource=")
         .map(str::to_owned)
-        .into();
+        .collect();
         async move {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             run(env, &args).await
         }
     };
+    let patch_runner = |kind: &str, patch: Value| patch_runner_at(kind, patch, "");
     // Another image would run in the runner pod, with its token.
     let swap = json!([{
         "op": "replace", "path": "/spec/containers/0/image",
@@ -1359,24 +1364,8 @@ async fn check_runner_pod_owners(env: &'static TestEnv, namespace: &str) -> Resu
     }
     // Nor through the pod's status, where the API server keeps the spec and owners but takes
     // labels and annotations as they come.
-    let unmarked = json!({"metadata": {"labels": {"contextos.dev/role": null}}}).to_string();
-    let patched = run(
-        env,
-        &[
-            "patch",
-            "pod",
-            "victim-run-1",
-            "-n",
-            namespace,
-            "--as",
-            tenant,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &unmarked,
-        ],
-    )
-    .await?;
+    let unmarked = json!({"metadata": {"labels": {"contextos.dev/role": null}}});
+    let patched = patch_runner_at("merge", unmarked, "status").await?;
     let stderr = String::from_utf8_lossy(&patched.stderr);
     ensure!(
         !patched.status.success() && stderr.contains(refusal),

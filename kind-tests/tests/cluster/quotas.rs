@@ -181,15 +181,7 @@ async fn a_session_waiting_for_its_quota_holds_no_capability_pod() -> Result<()>
                 object["spec"]["execution"] = json!({"allowedTools": ["probe_*"], "maxRisk": "read_only"});
             }
             Some("Agent") => {
-                let tool = json!({
-                    "name": "probe_sandbox",
-                    "description": "Looks around the sandbox.",
-                    "risk": "read_only",
-                    "kind": "observe",
-                    "idempotent": true,
-                    "adapter": {"mcp": {"command": ["hostile_mcp"]}},
-                    "inputSchema": {"type": "object"},
-                });
+                let tool = operator_env::capability_probe_tool();
                 match object["spec"]["tools"].as_array_mut() {
                     Some(tools) => tools.push(tool),
                     None => object["spec"]["tools"] = json!([tool]),

@@ -174,15 +174,7 @@ pub async fn start(tenant: &TestNamespace, targets: &Targets, record_api: &str) 
     spec["model"]["scriptRef"]["name"] = json!("hostile-script");
     spec["validators"] = json!([]);
     let mut tools = spec["tools"].as_array().cloned().unwrap_or_default();
-    tools.push(json!({
-        "name": "probe_sandbox",
-        "description": "Looks around the sandbox.",
-        "risk": "read_only",
-        "kind": "observe",
-        "idempotent": true,
-        "adapter": {"mcp": {"command": ["hostile_mcp"]}},
-        "inputSchema": {"type": "object"},
-    }));
+    tools.push(contextos_kind_tests::operator_env::capability_probe_tool());
     spec["tools"] = json!(tools);
     create::<Agent>(
         tenant,

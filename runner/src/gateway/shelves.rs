@@ -2,7 +2,8 @@
 //! tenant, each bounded on its own, and all of them together. When the whole is full, the
 //! tenant keeping the most gives up its least recently used — so a tenant filling the replica
 //! evicts its own once it holds the most, and a tenant keeping no more than an equal share
-//! keeps it however busy the others are (one keeping more may be pushed down to that share). Within a shelf, what was used least recently goes first.
+//! keeps it however busy the others are (one keeping more may be pushed down to that share).
+//! Within a shelf, what was used least recently goes first.
 //!
 //! The decisions are plain data structure work; callers hold it behind their own lock.
 

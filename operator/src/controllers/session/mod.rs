@@ -407,11 +407,10 @@ async fn runner_policy(ctx: &Context, namespace: &str, always: bool) -> Result<(
     Ok(())
 }
 
-/// Creates the capability pods of the Session's command-started MCP servers that do not exist
-/// (before the runner's first call needs them), and the NetworkPolicy confining them.
-/// Makes the Session's capability pods that are missing, and removes those that ended (their
-/// deadline passed while the Session waited, say). Whether every one is there and not going
-/// away: a runner pod is started only then, so its first call finds its servers.
+/// Makes the capability pods of the Session's command-started MCP servers that are missing,
+/// and the NetworkPolicy confining them, and removes those that ended (their deadline passed
+/// while the Session waited, say). Whether every one is there and not going away: an attempt's
+/// runner pod is started only then, so its first call finds its servers.
 async fn start_capabilities(
     ctx: &Context,
     session: &Session,

@@ -834,7 +834,7 @@ fn loosened(opened: u32) -> String {
     match opened {
         0 => String::new(),
         n => format!(
-            " (the proposer's evidence excuses them; {n} of them let through, or hold for approval instead of denying, what the recorded runs did not)"
+            " (the proposer's evidence excuses them; {n} of them let through, or hold for approval instead of denying, or let go on, what the recorded runs did not)"
         ),
     }
 }

@@ -298,7 +298,7 @@ mod tests {
         assert_eq!(cache.fresh(&team, &first, 60, 0), None);
         assert!(
             cache.fresh(&other, &theirs, 60, 0).is_some(),
-            "a busy tenant evicts only its own"
+            "a busy tenant evicts its own (it keeps the most)"
         );
         assert_eq!(
             cache.fresh(&team, &theirs, 60, 0),

@@ -298,8 +298,8 @@ pub struct Divergence {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub intended: bool,
     /// The candidate opens what the recorded run kept shut: a call let through that was denied
-    /// or held for approval, a denied call now held for approval, a call allowed that the run
-    /// did not make.
+    /// or held for approval, a denied call now held for approval, a call allowed or held that
+    /// the run did not make, a critic that halted or escalated the run now letting it go on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub loosens: bool,
     /// The call whose decision changed, for a decision's divergence.
@@ -435,7 +435,7 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
             replayed: call.effect.as_str().into(),
             detail: format!("decided by {}", call.rule),
             intended: false,
-            loosens: call.effect == PolicyEffect::Allow,
+            loosens: call.effect != PolicyEffect::Deny,
             call_id: Some(call.call_id.clone()),
         });
     }
@@ -452,7 +452,8 @@ pub fn compare(recorded: &DecisionTrace, replayed: &DecisionTrace) -> Vec<Diverg
                 replayed: again.map_or("no step".into(), |v| verdict_name(v.verdict).into()),
                 detail: again.map_or_else(|| "the replayed run ended earlier".into(), |v| v.reason.clone()),
                 intended: false,
-                loosens: false,
+                loosens: matches!(verdict.verdict, Verdict::Halt | Verdict::Escalate)
+                    && again.is_some_and(|v| matches!(v.verdict, Verdict::Continue | Verdict::Revise)),
                 call_id: None,
             });
         }
@@ -560,7 +561,7 @@ fn call_divergence(call: &CallPoint, again: &CallPoint) -> Divergence {
             replayed: format!("{} {} ({})", again.tool, again.effect.as_str(), again.rule),
             detail: format!("arguments {}", again.arguments),
             intended: false,
-            loosens: again.effect == PolicyEffect::Allow,
+            loosens: again.effect != PolicyEffect::Deny,
             call_id: Some(call.call_id.clone()),
         };
     }
@@ -1651,6 +1652,34 @@ mod tests {
         ] {
             let changed = call_divergence(&recorded, &point(effect, rule));
             assert_eq!(changed.kind, DivergenceKind::NewlyAllowed, "{rule}");
+        }
+    }
+
+    /// What a reviewer is told opens the harness: an effect that lets a call go further.
+    #[test]
+    fn a_decision_loosens_when_it_lets_a_call_go_further_than_recorded() {
+        use PolicyEffect::{Allow, Deny, RequireApproval};
+        let point = |effect| CallPoint {
+            call_id: "3.0".into(),
+            step: 3,
+            tool: "refund".into(),
+            arguments: "{}".into(),
+            effect,
+            rule: "payments/refunds".into(),
+            shadow: Vec::new(),
+            approved: false,
+            executed: effect == Allow,
+        };
+        for (recorded, replayed, loosens) in [
+            (Deny, Allow, true),
+            (Deny, RequireApproval, true),
+            (RequireApproval, Allow, true),
+            (Allow, Deny, false),
+            (Allow, RequireApproval, false),
+            (RequireApproval, Deny, false),
+        ] {
+            let change = call_divergence(&point(recorded), &point(replayed));
+            assert_eq!(change.loosens, loosens, "{recorded:?} → {replayed:?}");
         }
     }
 

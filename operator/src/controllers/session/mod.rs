@@ -131,7 +131,11 @@ async fn run(
             // a while, too).
             let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
             if !start_capabilities(ctx, session, pod_bundle, sandbox, &pods).await? {
-                return Ok(Action::requeue(std::time::Duration::from_secs(2)));
+                // Retried as a failure is, further apart each time: a pod that never goes (a
+                // finalizer someone added) costs a pass a minute.
+                return Err(Error::Run(format!(
+                    "attempt {attempt} waits for the Session's ended capability pods to be gone, to start them again before its runner pod"
+                )));
             }
             start_attempt(
                 ctx,
@@ -449,8 +453,25 @@ async fn start_capabilities(
                     Err(e) => return Err(e.into()),
                 }
             }
-            // Going away (deleted above on an earlier pass): made again once it is gone.
-            Some(existing) if existing.metadata.deletion_timestamp.is_some() => all_there = false,
+            // Going away (deleted above on an earlier pass): made again once it is gone. One
+            // still there long after its grace period (its node is gone) is removed at once.
+            Some(existing) if existing.metadata.deletion_timestamp.is_some() => {
+                all_there = false;
+                let since = existing.metadata.deletion_timestamp.as_ref().map(|t| t.0);
+                if since.is_some_and(|t| {
+                    now().duration_since(t) > k8s_openapi::jiff::SignedDuration::from_secs(30)
+                }) {
+                    let at_once = DeleteParams {
+                        grace_period_seconds: Some(0),
+                        ..DeleteParams::default()
+                    };
+                    match pods.delete(&name, &at_once).await {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(e)) if e.code == 404 => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
             Some(_) => {}
             None => {
                 // Each pod gets a key of its own, made when the pod is.

@@ -1,9 +1,9 @@
 //! A replica's shares of something every tenant draws on — requests in flight, bytes of request
-//! bodies held, trace batches being forwarded — in all and per tenant, taken without waiting and given back when dropped. The
-//! replica's last units are kept for tenants holding little, so tenants that hold their whole
-//! share cannot shut every other out. (Request slots bound how many requests are handled, body
-//! bytes how large they are: 64 requests of one tenant with the largest body each would be
-//! 512 MiB, a replica's whole memory limit.)
+//! bodies held, trace batches being forwarded — in all and per tenant, taken without waiting
+//! and given back when dropped. The replica's last units are kept for tenants holding little,
+//! so tenants that hold their whole share cannot shut every other out. (Request slots bound how
+//! many requests are handled, body bytes how large they are: 64 requests of one tenant with
+//! the largest body each would be 512 MiB, a replica's whole memory limit.)
 
 use std::{
     collections::HashMap,
@@ -57,7 +57,7 @@ impl Shares {
     /// (nothing waits: a caller told to try again later holds nothing meanwhile).
     pub(crate) fn take(&self, tenant: &str, needed: u32) -> Result<Share, Exhausted> {
         let semaphore = {
-            let mut tenants = self.tenants.lock().map_err(|_| Exhausted::Replica)?;
+            let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
             // Tenants holding nothing are forgotten now and then.
             if tenants.len() > 4096 {
                 let whole = self.per_tenant as usize;

@@ -1,9 +1,10 @@
 //! The blob bytes each run uploaded through this replica, charged against its store quota
 //! beside its record's own bytes — and each replay Job's (under `job/<uid>`, against the Job's
-//! own bound), counted and forgotten as a run's are. A run's count is kept while the run uploads: only the runs
-//! that uploaded least recently are forgotten, and only once [`CAPACITY`] runs are counted, so
-//! a run gets its quota again only after that many other runs uploaded here since its own last
-//! upload — each of which had a quota of its own to fill anyway. (Before, every count was
+//! own bound), counted and forgotten as a run's are. A run's count is kept while the run
+//! uploads: only the runs that uploaded least recently are forgotten, and only once
+//! [`CAPACITY`] runs are counted, so a run gets its quota again only after that many other runs
+//! uploaded here since its own last upload — each of which had a quota of its own to fill
+//! anyway. (Before, every count was
 //! dropped once 1,024 runs had been counted: a run could keep uploading its quota again.)
 
 use std::collections::HashMap;

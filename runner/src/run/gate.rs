@@ -68,7 +68,7 @@ pub fn jittered_busy_pause(retry: u32) -> std::time::Duration {
 
 /// Asks with `ask` until the gateway answers other than that its gates are busy, pausing
 /// `pause(retry)` in between, or until `patience` has passed — then the last refusal is the
-/// answer.
+/// answer, saying that this pod stopped asking (the gateway's own text says to ask again).
 pub async fn asked_until_started<T, F, Fut>(
     mut ask: F,
     patience: std::time::Duration,
@@ -88,6 +88,22 @@ where
                 let pause = pause(retry).min(until - tokio::time::Instant::now());
                 tracing::warn!(%error, pause_s = pause.as_secs(), "the gateway did not start the gate yet; asking again");
                 tokio::time::sleep(pause).await;
+            }
+            Err(RemoteError::Refused {
+                code,
+                error,
+                status,
+                retry_after,
+            }) if code == GATES_BUSY || code == GATE_RUNNING => {
+                return Err(RemoteError::Refused {
+                    error: format!(
+                        "{error} — this pod asked for {} s and stopped asking: the gate did not start in time for this Job's deadline",
+                        patience.as_secs()
+                    ),
+                    code,
+                    status,
+                    retry_after,
+                });
             }
             answered => return answered,
         }
@@ -543,7 +559,10 @@ mod tests {
         let started = tokio::time::Instant::now();
         let gave_up =
             asked_until_started(|| async { Err::<(), _>(busy(GATES_BUSY)) }, ms(50), |_| ms(5)).await;
-        assert!(matches!(gave_up, Err(RemoteError::Refused { code, .. }) if code == GATES_BUSY));
+        assert!(
+            matches!(&gave_up, Err(RemoteError::Refused { code, error, .. }) if code == GATES_BUSY && error.contains("stopped asking")),
+            "{gave_up:?}"
+        );
         assert!(started.elapsed() >= ms(50));
     }
 

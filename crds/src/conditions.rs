@@ -111,6 +111,10 @@ pub mod reason {
     /// Pod Security admission, a limit range); the Session stays Pending and is tried again
     /// every 30 seconds.
     pub const POD_REJECTED: &str = "PodRejected";
+    /// A Session's attempt waits for its ended capability pods to be gone, to make them again
+    /// before its runner pod (the message names them; one that stays is usually held by a
+    /// finalizer, or by a node that is gone).
+    pub const CAPABILITY_PODS_WAIT: &str = "CapabilityPodsWait";
     /// A Session's run was refused a call by a SpendQuota (the message names it and its
     /// window).
     pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";

@@ -130,12 +130,21 @@ async fn run(
             // Before the runner pod: its first call may need them (the gateway waits for them
             // a while, too).
             let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace);
-            if !start_capabilities(ctx, session, pod_bundle, sandbox, &pods).await? {
-                // Retried as a failure is, further apart each time: a pod that never goes (a
-                // finalizer someone added) costs a pass a minute.
-                return Err(Error::Run(format!(
-                    "attempt {attempt} waits for the Session's ended capability pods to be gone, to start them again before its runner pod"
-                )));
+            let replacing = start_capabilities(ctx, session, pod_bundle, sandbox, &pods).await?;
+            if !replacing.is_empty() {
+                // Said on the Session (a pod that never goes — a finalizer someone added — is
+                // for a person to see), and retried as a failure is, further apart each time.
+                let message = format!(
+                    "attempt {attempt} waits for its ended capability pods {} to be gone, to make them again before its runner pod; one that stays past its grace period is held by a finalizer or a lost node",
+                    replacing.join(", ")
+                );
+                let update = Update::phase(
+                    SessionPhase::Pending,
+                    reason::CAPABILITY_PODS_WAIT,
+                    message.clone(),
+                );
+                write_status(ctx, session, update).await?;
+                return Err(Error::Run(message));
             }
             start_attempt(
                 ctx,
@@ -413,20 +422,21 @@ async fn runner_policy(ctx: &Context, namespace: &str, always: bool) -> Result<(
 
 /// Makes the capability pods of the Session's command-started MCP servers that are missing,
 /// and the NetworkPolicy confining them, and removes those that ended (their deadline passed
-/// while the Session waited, say). Whether every one is there and not going away: an attempt's
-/// runner pod is started only then, so its first call finds its servers.
+/// while the Session waited, say). The pods still going away, to be made again (none: every
+/// one is there): an attempt's runner pod is started only once none is, so its first call
+/// finds its servers.
 async fn start_capabilities(
     ctx: &Context,
     session: &Session,
     pod_bundle: &PodBundle,
     sandbox: &SandboxProfileSpec,
     pods: &Api<Pod>,
-) -> Result<bool> {
+) -> Result<Vec<String>> {
     let servers = capability::servers(&pod_bundle.bundle.agent_spec.tools);
     if servers.is_empty() {
-        return Ok(true);
+        return Ok(Vec::new());
     }
-    let mut all_there = true;
+    let mut replacing = Vec::new();
     let namespace = session.namespace().unwrap_or_default();
     let policy = capability_pods::network_policy(session, sandbox, &ctx.runner);
     apply(&Api::namespaced(ctx.client.clone(), &namespace), &policy).await?;
@@ -446,7 +456,7 @@ async fn start_capabilities(
                     .and_then(|s| s.phase.as_deref())
                     .is_some_and(|p| p == "Failed" || p == "Succeeded") =>
             {
-                all_there = false;
+                replacing.push(name.clone());
                 match pods.delete(&name, &DeleteParams::default()).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -456,7 +466,7 @@ async fn start_capabilities(
             // Going away (deleted above on an earlier pass): made again once it is gone. One
             // still there long after its grace period (its node is gone) is removed at once.
             Some(existing) if existing.metadata.deletion_timestamp.is_some() => {
-                all_there = false;
+                replacing.push(name.clone());
                 let since = existing.metadata.deletion_timestamp.as_ref().map(|t| t.0);
                 if since.is_some_and(|t| {
                     now().duration_since(t) > k8s_openapi::jiff::SignedDuration::from_secs(30)
@@ -485,7 +495,7 @@ async fn start_capabilities(
             }
         }
     }
-    Ok(all_there)
+    Ok(replacing)
 }
 
 /// Deletes the Session's capability pods (the Session keeps its record; nothing calls them

@@ -502,9 +502,11 @@ pub fn state(session: &Session) -> TaskState {
     }
 }
 
-/// What the task's status message says, if anything (pure): who it waits on and where they
-/// decide, or why it failed. The waiting call's arguments are not shown: they may hold what
-/// the agent read with the tenant's tools.
+/// What the task's status message says, if anything (pure): that it waits on a person and
+/// where they decide, or why it failed. Neither the waiting call's arguments (they may hold
+/// what the agent read with the tenant's tools) nor the rule, its reason or its approvers are
+/// shown: they are the tenant's policy, and a caller told "amounts over 500 need finance"
+/// learns to send 499s — the caller is granted `invoke`, not a reading of the Policies.
 fn status_text(session: &Session, state: TaskState) -> Option<String> {
     let status = session.status.as_ref()?;
     let namespace = session.metadata.namespace.as_deref().unwrap_or_default();
@@ -512,24 +514,10 @@ fn status_text(session: &Session, state: TaskState) -> Option<String> {
     match state {
         TaskState::InputRequired => {
             if let Some(pending) = &status.pending_approval {
-                let approvers = pending
-                    .approvers
-                    .users
-                    .iter()
-                    .map(|u| format!("user {u}"))
-                    .chain(pending.approvers.groups.iter().map(|g| format!("group {g}")))
-                    .collect::<Vec<_>>();
                 Some(format!(
-                    "waiting for a person to approve the call of tool {} (risk {}), which {} requires: {}. {} decides on Session {namespace}/{name} (spec.approvals, callHash {}); this task goes on by itself once they do.",
+                    "waiting for a person to approve the call of tool {} (risk {}), which the agent's policy holds for approval; one of its approvers decides on Session {namespace}/{name} (spec.approvals, callHash {}); this task goes on by itself once they do.",
                     pending.tool,
                     pending.risk.as_str(),
-                    pending.rule,
-                    pending.reason.trim_end_matches('.'),
-                    if approvers.is_empty() {
-                        "One of its approvers".to_owned()
-                    } else {
-                        format!("One of {}", approvers.join(", "))
-                    },
                     pending.call_hash
                 ))
             } else if let Some(unresolved) = &status.unresolved_call {
@@ -583,8 +571,6 @@ fn awaits(session: &Session, id: &str) -> Value {
         json!({AWAITS_KEY: "approval", PENDING_APPROVAL_KEY: {
             "tool": pending.tool,
             "risk": pending.risk.as_str(),
-            "rule": pending.rule,
-            "reason": pending.reason,
             "callHash": pending.call_hash,
             "session": at,
         }})

@@ -37,8 +37,15 @@ use crate::common::LocalRef;
     validation = Rule::new(r"!self.givenBy.matches('[\x00-\x1f\x7f]')").message("spec.givenBy holds a control character")
 )]
 pub struct FeedbackSpec {
-    /// The Session whose run it corrects (its latest run: `status.runId`).
+    /// The Session whose run it corrects: its latest run (`status.runId`), or `runId`.
     pub session_ref: LocalRef,
+    /// The run it corrects, pinned (`status.runId` of the Session when it ran; `contextos
+    /// records list` shows them): it must be a run of `sessionRef`, which may be gone or made
+    /// again since. Unset: the Session's latest run when the gateway chains this, refused if
+    /// the Session was made again after this Feedback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub run_id: Option<String>,
     /// The entry it is about, by position (`contextos records show <run>` prints them); its
     /// hash and call are taken from the verified record.
     #[serde(default, skip_serializing_if = "Option::is_none")]

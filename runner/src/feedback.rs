@@ -98,6 +98,10 @@ impl ChainRecord for FeedbackRecord {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FeedbackRequest {
     pub run_id: String,
+    /// The Session the run must be of, if the giver names one (a Feedback object does): a
+    /// correction meant for one Session's run is never chained to another's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
     /// The position of the entry it is about (`contextos records show <run>` prints them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry: Option<u64>,
@@ -201,6 +205,14 @@ impl<'s, S: RecordStore> FeedbackBook<'s, S> {
                 )));
             }
         };
+        if let Some(expected) = request.session.as_deref()
+            && expected != session_id
+        {
+            return Err(FeedbackError::Invalid(format!(
+                "run {} is a run of Session {session_id}, not of {expected}",
+                request.run_id
+            )));
+        }
         let entry = match request.entry {
             None => None,
             Some(seq) => Some(about(&entries, seq).ok_or_else(|| {

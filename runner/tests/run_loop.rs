@@ -480,10 +480,32 @@ fn insights_over_the_quickstarts_records_point_at_what_the_run_did() {
         "x",
     ]);
     assert!(beyond.stderr.contains("has no entry 9999"), "{}", beyond.stderr);
+    // A correction meant for another Session's run is not chained to this one.
+    let elsewhere = q.cli(&[
+        "feedback",
+        "give",
+        run,
+        "--session",
+        "checkout-5xx-tomorrow",
+        "--label",
+        "wrong-tool",
+        "--correction",
+        "x",
+    ]);
+    assert_ne!(elsewhere.code, Some(0));
+    assert!(
+        elsewhere
+            .stderr
+            .contains("is a run of Session checkout-5xx, not of checkout-5xx-tomorrow"),
+        "{}",
+        elsewhere.stderr
+    );
     let given = q.cli(&[
         "feedback",
         "give",
         run,
+        "--session",
+        "checkout-5xx",
         "--label",
         "should-have-asked",
         "--entry",

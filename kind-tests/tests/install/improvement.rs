@@ -142,23 +142,7 @@ patches:
     );
     let feedbacks: Api<Feedback> = tenant.api();
     for name in ["prod-5xx-1-restart", "prod-5xx-2-restart"] {
-        // Settled: chained, or refused for good.
-        let settled = wait_for_object(
-            &feedbacks,
-            name,
-            "chained by the gateway",
-            TIMEOUT,
-            |f: &Feedback| {
-                let status = f.status.clone().unwrap_or_default();
-                let recorded = status.conditions.iter().find(|c| c.type_ == "Recorded");
-                Check::when(
-                    recorded.is_some_and(|c| c.status == "True" || c.reason != "StoreUnavailable"),
-                    || format!("{recorded:?}"),
-                )
-            },
-        )
-        .await?;
-        let status = settled.status.unwrap_or_default();
+        let status = settled(&feedbacks, name).await?.status.unwrap_or_default();
         ensure!(
             status
                 .conditions
@@ -168,6 +152,49 @@ patches:
             status.conditions
         );
     }
+
+    // A correction pinning a run (`spec.runId`) is chained only to a run of its Session: one
+    // naming prod-5xx-1's run under prod-5xx-2 is refused, naming the Session the run is of.
+    let first_run = sessions
+        .get("prod-5xx-1")
+        .await?
+        .status
+        .and_then(|s| s.run_id)
+        .context("prod-5xx-1's run id")?;
+    let misfiled = dir.join("misfiled-feedback.yaml");
+    std::fs::write(
+        &misfiled,
+        serde_yaml::to_string(&json!({
+            "apiVersion": "contextos.dev/v1alpha1",
+            "kind": "Feedback",
+            "metadata": {"name": "prod-5xx-2-misfiled"},
+            "spec": {
+                "sessionRef": {"name": "prod-5xx-2"},
+                "runId": first_run,
+                "label": "should-have-asked",
+                "correction": "Filed under the wrong Session.",
+                "givenBy": LEAD,
+            },
+        }))?,
+    )?;
+    let given = as_user(env, tenant, LEAD, &[], &["create", "-f"], &misfiled).await?;
+    ensure!(
+        given.status.success(),
+        "the pinned Feedback was refused: {}",
+        said(&given)
+    );
+    let misfiled = settled(&feedbacks, "prod-5xx-2-misfiled").await?;
+    let status = misfiled.status.unwrap_or_default();
+    ensure!(
+        status.run_id.is_none()
+            && status.conditions.iter().any(|c| c.type_ == "Recorded"
+                && c.status == "False"
+                && c.message.contains(&format!(
+                    "{first_run} is a run of Session prod-5xx-1, not of prod-5xx-2"
+                ))),
+        "a Feedback pinning another Session's run was not refused: {:?}",
+        status.conditions
+    );
 
     // An auditor drafts the proposal from the records and corrections (through the gateway) and
     // the specs in the cluster.
@@ -516,4 +543,24 @@ fn yaml_documents(path: &Path) -> Result<Vec<Value>> {
     serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).map_err(anyhow::Error::from))
         .collect()
+}
+
+/// Feedback `name` once the gateway settled it: chained, or refused for good.
+async fn settled(feedbacks: &Api<Feedback>, name: &str) -> Result<Feedback> {
+    let settled = wait_for_object(
+        feedbacks,
+        name,
+        "settled by the gateway",
+        TIMEOUT,
+        |f: &Feedback| {
+            let status = f.status.clone().unwrap_or_default();
+            let recorded = status.conditions.iter().find(|c| c.type_ == "Recorded");
+            Check::when(
+                recorded.is_some_and(|c| c.status == "True" || c.reason != "StoreUnavailable"),
+                || format!("{recorded:?}"),
+            )
+        },
+    )
+    .await?;
+    Ok(settled)
 }

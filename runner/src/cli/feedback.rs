@@ -37,6 +37,9 @@ pub enum FeedbackCommand {
         /// Who gives it (default: the local user).
         #[arg(long)]
         by: Option<String>,
+        /// The Session the run must be of (refused if it is another's).
+        #[arg(long)]
+        session: Option<String>,
     },
     /// The corrections of one run, or of every run that has some, verified.
     List {
@@ -73,6 +76,7 @@ pub async fn run(global: &GlobalArgs, command: FeedbackCommand) -> anyhow::Resul
             correction,
             entry,
             by,
+            session,
         } => {
             let label: FeedbackLabel = label.parse().map_err(anyhow::Error::msg).context("--label")?;
             let key_path = global.key_path();
@@ -80,6 +84,7 @@ pub async fn run(global: &GlobalArgs, command: FeedbackCommand) -> anyhow::Resul
                 .with_context(|| format!("the signing key {}", key_path.display()))?;
             let request = FeedbackRequest {
                 run_id: run,
+                session,
                 entry,
                 label,
                 correction,

@@ -1,6 +1,7 @@
 //! Feedback objects — the `Feedback` kind, applied with `kubectl` or from Git — chained into
-//! the corrections of the run they are about (see [`super::object_chains`]): the Session's
-//! latest run (`status.runId`), with the entry they name checked against its verified record,
+//! the corrections of the run they are about (see [`super::object_chains`]): the run they pin
+//! (`spec.runId`, which must be of their Session) or the Session's latest run
+//! (`status.runId`), with the entry they name checked against its verified record,
 //! signed with the tenant's key, and named as given by `spec.givenBy` (admission policy
 //! `contextos-feedback-author` makes that the user who created the object) at the time the API
 //! server accepted it.
@@ -19,7 +20,8 @@ use crate::{
     records::{RecordStore, StoreError, TenantId, read::ReadError},
 };
 
-/// The correction a Feedback object stands for, on run `run_id`, or what is wrong with it.
+/// The correction a Feedback object stands for, on run `run_id` (which must be a run of its
+/// `sessionRef`), or what is wrong with it.
 pub fn request_of(feedback: &Feedback, run_id: String) -> Result<(FeedbackRequest, i64), String> {
     let uid = feedback
         .metadata
@@ -35,6 +37,7 @@ pub fn request_of(feedback: &Feedback, run_id: String) -> Result<(FeedbackReques
     Ok((
         FeedbackRequest {
             run_id,
+            session: Some(spec.session_ref.name.clone()),
             entry: spec.entry,
             label: spec.label,
             correction: spec.correction.clone(),
@@ -54,46 +57,15 @@ impl ChainedObject for Feedback {
     async fn chain<S: RecordStore>(&self, client: &kube::Client, store: &S, keys: &TenantKeys) -> Chaining {
         let namespace = self.namespace().unwrap_or_default();
         let session = &self.spec.session_ref.name;
-        let run_id = match Api::<Session>::namespaced(client.clone(), &namespace)
-            .get_opt(session)
-            .await
-        {
-            // A Session made after the Feedback (deleted and created again meanwhile) is not
-            // the one its author corrected; nor, since creation times count whole seconds, one
-            // made in the same second (a Session that ran before its Feedback was written was
-            // made seconds before it at least).
-            Ok(Some(found))
-                if found.metadata.creation_timestamp.as_ref().map(|t| t.0)
-                    >= self.metadata.creation_timestamp.as_ref().map(|t| t.0) =>
-            {
-                return done(refused(
-                    self,
-                    "SessionReplaced",
-                    format!(
-                        "spec.sessionRef: Session {session} was created after this Feedback (or in the same second): it is not the run that was corrected"
-                    ),
-                ));
+        // A pinned run is the one its author corrected, whatever became of its Session since
+        // (`give` checks that it is a run of that Session).
+        let run_id = if let Some(pinned) = &self.spec.run_id {
+            pinned.clone()
+        } else {
+            match latest_run(self, client, &namespace, session).await {
+                Ok(run_id) => run_id,
+                Err(chaining) => return chaining,
             }
-            Ok(Some(found)) => match found.status.and_then(|s| s.run_id) {
-                Some(run_id) => run_id,
-                None => {
-                    return done(refused(
-                        self,
-                        "NotRun",
-                        format!(
-                            "spec.sessionRef: Session {session} has not run yet; give feedback once it has"
-                        ),
-                    ));
-                }
-            },
-            Ok(None) => {
-                return done(refused(
-                    self,
-                    "SessionNotFound",
-                    format!("spec.sessionRef: there is no Session {session} in namespace {namespace}"),
-                ));
-            }
-            Err(e) => return Chaining::Wait(format!("reading Session {session}: {e}")),
         };
         // The object's text stays in the cluster as written, where erasing a person cannot
         // reach it: personal data has no place in it.
@@ -131,6 +103,51 @@ impl ChainedObject for Feedback {
             ) => Chaining::Wait(e.to_string()),
             Err(e) => done(refused(self, "NotRecorded", e.to_string())),
         }
+    }
+}
+
+/// The latest run of Session `session` (`status.runId`), for a Feedback that pins none — or
+/// what to do with the Feedback instead.
+async fn latest_run(
+    feedback: &Feedback,
+    client: &kube::Client,
+    namespace: &str,
+    session: &str,
+) -> Result<String, Chaining> {
+    let refuse = |reason: &str, problem: String| Err(done(refused(feedback, reason, problem)));
+    match Api::<Session>::namespaced(client.clone(), namespace)
+        .get_opt(session)
+        .await
+    {
+        // A Session made after the Feedback (deleted and created again meanwhile) is not the
+        // one its author corrected; nor, since creation times count whole seconds, one made in
+        // the same second (a Session that ran before its Feedback was written was made seconds
+        // before it at least). A Feedback pinning `runId` is not asked this.
+        Ok(Some(found))
+            if found.metadata.creation_timestamp.as_ref().map(|t| t.0)
+                >= feedback.metadata.creation_timestamp.as_ref().map(|t| t.0) =>
+        {
+            refuse(
+                "SessionReplaced",
+                format!(
+                    "spec.sessionRef: Session {session} was created after this Feedback (or in the same second): it is not the run that was corrected; name that run in spec.runId"
+                ),
+            )
+        }
+        Ok(Some(found)) => match found.status.and_then(|s| s.run_id) {
+            Some(run_id) => Ok(run_id),
+            None => refuse(
+                "NotRun",
+                format!("spec.sessionRef: Session {session} has not run yet; give feedback once it has"),
+            ),
+        },
+        Ok(None) => refuse(
+            "SessionNotFound",
+            format!(
+                "spec.sessionRef: there is no Session {session} in namespace {namespace}; for a run of a Session since deleted, name the run in spec.runId"
+            ),
+        ),
+        Err(e) => Err(Chaining::Wait(format!("reading Session {session}: {e}"))),
     }
 }
 

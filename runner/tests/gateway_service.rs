@@ -115,6 +115,8 @@ struct RigOptions<'a> {
     capabilities: Option<Arc<dyn CapabilityResolver>>,
     /// What a run may write.
     max_run_bytes: Option<u64>,
+    /// What a tenant may keep (measured again at every write).
+    max_tenant_store_bytes: Option<u64>,
     /// Requests worked on at once.
     turns: Option<usize>,
     /// What runner pods' discovery embeds with.
@@ -127,6 +129,7 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
         tool_args,
         capabilities,
         max_run_bytes,
+        max_tenant_store_bytes,
         turns,
         embedder,
     } = options;
@@ -235,6 +238,11 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
         }
         if let Some(bytes) = max_run_bytes {
             service = service.with_max_run_bytes(bytes);
+        }
+        if let Some(bytes) = max_tenant_store_bytes {
+            service = service
+                .with_max_tenant_store_bytes(bytes)
+                .with_tenant_bytes_remeasured_every(std::time::Duration::ZERO);
         }
         if turns.is_some() {
             service = service.with_fair_turns(turns);
@@ -2674,6 +2682,73 @@ async fn a_run_writes_no_more_to_the_store_than_its_quota() {
         .await
         .expect_err("after the run's end");
     assert!(blob.to_string().contains("has ended"), "{blob}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_keeps_no_more_in_the_store_than_its_bound() {
+    let rig = rig_with_options(RigOptions {
+        max_tenant_store_bytes: Some(1 << 30),
+        ..RigOptions::default()
+    })
+    .await;
+    let call_hash = rig.run_until_approval().await;
+    // What the run keeps is counted with its summary: its record (as of the gateway's last
+    // write) — and the bundle the runner uploaded, by its blob's mark.
+    let summary = rig
+        .store
+        .run_summary(&rig.tenant(), RUN)
+        .await
+        .expect("read")
+        .expect("a summary");
+    let written: u64 = read_run(&*rig.store, &rig.tenant(), RUN)
+        .await
+        .expect("the record")
+        .iter()
+        .map(|(_, e)| e.encode().len() as u64)
+        .sum();
+    assert!(
+        summary.bytes > 0 && summary.bytes <= written,
+        "counted {} bytes of a {written}-byte record",
+        summary.bytes
+    );
+    // A cluster admin bounds the namespace below what it keeps now (the record counted, and
+    // the bundle): the run goes no further, and its record says why (its closing entry is let
+    // through).
+    let bound = summary.bytes;
+    rig.tenants.set_store_bound("shop", Some(&bound.to_string()));
+    let results = |bodies: &[EntryBody]| {
+        bodies
+            .iter()
+            .filter(|b| matches!(b, EntryBody::ToolResult(_)))
+            .count()
+    };
+    let before = results(&rig.bodies().await);
+    rig.tenants.approve(
+        "shop",
+        "checkout-5xx",
+        Approval {
+            call_hash: call_hash.clone(),
+            decision: ApprovalDecision::Approve,
+            approver: "dana@example.com".into(),
+            reason: None,
+        },
+    );
+    let outcome = rig.resume(&[grant(&call_hash, "dana@example.com")]).await;
+    let RunOutcome::Failed { reason, message } = &outcome else {
+        panic!("the run ends on its tenant's bound: {outcome:?}");
+    };
+    assert_eq!(reason, "StoreQuotaExceeded");
+    assert!(
+        message.contains("contextos.dev/max-store-bytes") && message.contains(&format!("at most {bound}")),
+        "{message}"
+    );
+    let bodies = rig.bodies().await;
+    assert!(
+        matches!(bodies.last(), Some(EntryBody::Failed { reason, .. }) if reason == "StoreQuotaExceeded"),
+        "the record ends with the run's failure: {:?}",
+        bodies.last().map(EntryBody::type_name)
+    );
+    assert_eq!(results(&bodies), before, "no call was made past the bound");
 }
 
 /// A store that, once armed, fails the next write holding a call's result — as a replica that

@@ -217,6 +217,7 @@ fn raw_batch(t: &TenantId, run: &str, prev: &SignedHead, marker: &str) -> Append
         outcome: "failed".into(),
         entries: sealed.seq + 1,
         head: sealed.hash,
+        bytes: 0,
     };
     AppendBatch {
         run_id: run.into(),

@@ -211,6 +211,10 @@ async fn check_rbac(env: &TestEnv) -> Result<()> {
         ),
         (&["patch", "consents.contextos.dev", "-A"], false),
         (&["delete", "consents.contextos.dev", "-A"], false),
+        // A namespace's store bound is read from its annotation, which it never writes.
+        (&["get", "namespaces/default"], true),
+        (&["list", "namespaces"], false),
+        (&["patch", "namespaces/default"], false),
     ];
     check_can_i(env, &gateway, gateway_expectations).await?;
     let expectations: &[(&[&str], bool)] = &[

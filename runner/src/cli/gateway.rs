@@ -69,6 +69,13 @@ pub struct GatewayArgs {
     /// it uploads. Writes past it are refused (413), and the run fails saying so.
     #[arg(long, env = "CONTEXTOS_MAX_RUN_BYTES", default_value_t = contextos_runner::gateway::service::DEFAULT_MAX_RUN_BYTES)]
     max_run_bytes: u64,
+    /// What one namespace's runs may keep in the record store, in bytes, all told (their
+    /// records and the blobs they uploaded), so that one tenant cannot fill the disk every
+    /// tenant's records are on; a namespace's `contextos.dev/max-store-bytes` annotation (a
+    /// size such as `50Gi`, set by a cluster admin) replaces it for that namespace. Writes
+    /// past it are refused (507) and the run fails saying so. 0: no bound.
+    #[arg(long, env = "CONTEXTOS_MAX_TENANT_STORE_BYTES", default_value_t = contextos_runner::gateway::service::DEFAULT_MAX_TENANT_STORE_BYTES)]
+    max_tenant_store_bytes: u64,
     /// Namespace whose Secrets hold the identity vault's key rings (one per tenant, shared by
     /// every replica): nothing else belongs there, and it is never backed up with the store.
     #[arg(long, env = "CONTEXTOS_VAULT_NAMESPACE", default_value = "contextos-vault")]
@@ -170,6 +177,7 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<ExitC
     )
     .with_capabilities(Arc::new(KubeCapabilities::new(client)))
     .with_max_run_bytes(args.max_run_bytes)
+    .with_max_tenant_store_bytes(args.max_tenant_store_bytes)
     // Runner pods' tool discovery embeds with what this process is configured with (a model
     // directory or an endpoint and its key, which never reach a pod).
     .with_embedder(contextos_runner::discovery::configured_embedder());

@@ -2,7 +2,8 @@
 //! caller's own namespace (the tenant it was verified to be): the Secrets a run's tools and
 //! model reference, read when the run's gateway is built (never handed to the runner), the
 //! Session's approvals, which admission checked when a human wrote them, and which controller
-//! owns a calling pod (a replay Job's pods read records, nothing else does).
+//! owns a calling pod (a replay Job's pods read records, nothing else does) — and, of the
+//! caller's Namespace itself, its bound on what it keeps in the record store.
 
 use crate::gateway::fair::away;
 use std::{
@@ -15,7 +16,7 @@ use contextos_crds::{
     Session, SpendQuota,
     session::{Approval, Resolution},
 };
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::{Api, Client, Resource};
 
 /// The label a Secret carries when its owner lets Agents use it: an Agent may name any Secret of
@@ -119,6 +120,10 @@ pub trait TenantView: Send + Sync {
         quota: &str,
         report: QuotaReport,
     ) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// The namespace's own bound on what it keeps in the record store, as its annotation
+    /// `contextos.dev/max-store-bytes` says it (unread), if it has one.
+    fn store_bound(&self, namespace: &str) -> impl Future<Output = Result<Option<String>, String>> + Send;
 }
 
 /// What the gateway writes into a SpendQuota: usage against its limits, and the thresholds
@@ -170,6 +175,18 @@ impl KubeTenants {
 }
 
 impl TenantView for KubeTenants {
+    async fn store_bound(&self, namespace: &str) -> Result<Option<String>, String> {
+        let found = away(Api::<Namespace>::all(self.client.clone()).get_opt(namespace))
+            .await
+            .map_err(|e| format!("reading Namespace {namespace}: {e}"))?;
+        Ok(found.and_then(|mut n| {
+            n.metadata
+                .annotations
+                .as_mut()
+                .and_then(|a| a.remove(crate::gateway::service::tenant_bytes::STORE_BOUND_ANNOTATION))
+        }))
+    }
+
     async fn secret(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, TenantError> {
         // Every read of the API server here is waited for out of the request's turn at a
         // gateway replica (the API server queues a tenant's reads per namespace).
@@ -309,6 +326,8 @@ pub struct StaticTenants {
     quotas: Arc<Mutex<HashMap<String, Vec<SpendQuota>>>>,
     /// Every report written, `(namespace, quota, report)`, in order.
     reports: Arc<Mutex<Vec<(String, String, QuotaReport)>>>,
+    /// `<namespace>` → its store bound annotation (shared by clones, so a test can set it later).
+    store_bounds: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl StaticTenants {
@@ -389,6 +408,16 @@ impl StaticTenants {
         }
     }
 
+    /// Sets (or, with `None`, removes) the store bound annotation of `namespace`.
+    pub fn set_store_bound(&self, namespace: &str, bound: Option<&str>) {
+        if let Ok(mut all) = self.store_bounds.lock() {
+            match bound {
+                Some(bound) => all.insert(namespace.to_owned(), bound.to_owned()),
+                None => all.remove(namespace),
+            };
+        }
+    }
+
     /// The reports written so far.
     pub fn quota_reports(&self) -> Vec<(String, String, QuotaReport)> {
         self.reports.lock().map(|r| r.clone()).unwrap_or_default()
@@ -407,6 +436,15 @@ impl StaticTenants {
 }
 
 impl TenantView for StaticTenants {
+    async fn store_bound(&self, namespace: &str) -> Result<Option<String>, String> {
+        Ok(self
+            .store_bounds
+            .lock()
+            .map_err(|_| "poisoned".to_owned())?
+            .get(namespace)
+            .cloned())
+    }
+
     async fn secret(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, TenantError> {
         Ok(self.secrets.get(&format!("{namespace}/{name}/{key}")).cloned())
     }

@@ -53,10 +53,26 @@ pub fn quota_ledger(tenant: &TenantId, name: &str, uid: &str) -> Vec<u8> {
 /// blobs its own run uploaded. Blobs are content-addressed per tenant, so without the mark a
 /// hash learned elsewhere would read another run's blob, or tell whether it exists.
 pub fn run_blob(tenant: &TenantId, run_id: &str, blob: &Hash) -> Vec<u8> {
-    let mut key = format!("{}b/", base(tenant)).into_bytes();
+    let mut key = run_blobs_prefix(tenant);
     key.extend_from_slice(&Hash::of(run_id.as_bytes()).0);
     key.extend_from_slice(&blob.0);
     key
+}
+
+/// Where every [`run_blob`] mark of `tenant` is.
+pub fn run_blobs_prefix(tenant: &TenantId) -> Vec<u8> {
+    format!("{}b/", base(tenant)).into_bytes()
+}
+
+/// A [`run_blob`] mark's value: the blob's size, so what a tenant's runners uploaded can be
+/// summed.
+pub fn run_blob_mark(size: u64) -> Vec<u8> {
+    size.to_be_bytes().to_vec()
+}
+
+/// The size a [`run_blob`] mark holds (0 for marks written before they held one).
+pub fn run_blob_size(mark: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(mark).map_or(0, u64::from_be_bytes)
 }
 
 /// A subject's wrapped data key in the identity vault (`v/d/<subject>`, see `crate::vault`).

@@ -223,6 +223,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             outcome: "running".into(),
             entries: 0,
             head: Hash([0; 32]),
+            bytes: 0,
         };
         let mut recorder = Self::with_state(store, tenant, key, summary, None);
         recorder.session_uid = session_uid_of(&start.run_context);
@@ -266,6 +267,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             outcome: "running".into(),
             entries: 0,
             head: Hash([0; 32]),
+            bytes: 0,
         };
         let mut recorder = Self::with_state(store, tenant, key, summary, None);
         recorder.session_uid = session_uid_of(run_context);
@@ -387,6 +389,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                     outcome: "running".into(),
                     entries: head.seq + 1,
                     head: head.hash,
+                    bytes: 0,
                 };
                 Self::summarise(store, &tenant, run_id, head.seq, &mut summary).await?;
                 summary
@@ -712,6 +715,13 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
     pub fn delivered(&mut self, prepared: Prepared) {
         self.summary = prepared.batch.summary;
         self.advance(&prepared.batch.head);
+    }
+
+    /// Counts `bytes` as what the run keeps in the store (the gateway service's count against
+    /// the run's quota, its record and its blobs): written with the run's summary at its next
+    /// append, where the tenant's bound reads it. Never lowers what was counted.
+    pub fn count_stored_bytes(&mut self, bytes: u64) {
+        self.summary.bytes = self.summary.bytes.max(bytes);
     }
 
     /// Drops what is staged (a decision that will not be written).
@@ -1041,6 +1051,7 @@ pub fn fold_into_summary(summary: &mut Option<RunSummary>, hash: Hash, entry: &R
             outcome: "running".into(),
             entries: 0,
             head: hash,
+            bytes: 0,
         });
     }
     if let Some(summary) = summary {

@@ -21,6 +21,7 @@ mod read_api;
 mod run_api;
 pub mod spend_metrics;
 mod subject_api;
+pub mod tenant_bytes;
 #[cfg(feature = "otlp")]
 mod traces_api;
 
@@ -123,6 +124,7 @@ const SMALL_BUFFER_SHARE: usize = 1 << 20;
 const MAX_REQUEST_BYTES: usize = 8 << 20;
 /// What one run may write to the store by default (its record's entries, and blobs it uploads).
 pub const DEFAULT_MAX_RUN_BYTES: u64 = 256 << 20;
+pub use tenant_bytes::DEFAULT_MAX_TENANT_STORE_BYTES;
 /// Runs whose gateway is kept built at most; the least recently used is dropped first.
 const MAX_CACHED_RUNS: usize = 256;
 /// A pod's refusals recorded in its run per minute, at most.
@@ -207,6 +209,8 @@ pub struct GatewayService<S, A, T> {
     spend: Arc<spend_metrics::SpendMetrics>,
     /// What one run may write to the store.
     max_run_bytes: u64,
+    /// What each tenant keeps in the store, against its bound.
+    tenant_bytes: tenant_bytes::TenantBytes,
     /// Bytes of blobs each run uploaded through this replica, by (tenant, run).
     blob_bytes: Mutex<blob_charges::BlobCharges>,
     /// Refusals recorded per pod in the current minute, by (namespace, pod): when the minute
@@ -470,6 +474,15 @@ fn not_authenticated(e: AuthError, needs: &str) -> Refusal {
     }
 }
 
+/// A write a tenant's store bound has no room for (see [`tenant_bytes`]).
+fn over_tenant_bound(over: &tenant_bytes::Over) -> Refusal {
+    Refusal::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        crate::records::store::remote::QUOTA_EXCEEDED,
+        over.to_string(),
+    )
+}
+
 /// A write past the run's quota of store bytes.
 fn over_quota(run: &str, used: u64, more: u64, limit: u64) -> Refusal {
     Refusal::new(
@@ -554,6 +567,7 @@ where
             gates: Mutex::new(Vec::new()),
             spend: Arc::default(),
             max_run_bytes: DEFAULT_MAX_RUN_BYTES,
+            tenant_bytes: tenant_bytes::TenantBytes::new(DEFAULT_MAX_TENANT_STORE_BYTES),
             early_answers: true,
             reads_after_go_ahead: false,
             blob_bytes: Mutex::new(Default::default()),
@@ -603,6 +617,71 @@ where
     pub fn with_max_run_bytes(mut self, bytes: u64) -> Self {
         self.max_run_bytes = bytes;
         self
+    }
+
+    /// What one tenant's runs may keep in the store, all told, where its namespace sets no
+    /// bound of its own (default [`DEFAULT_MAX_TENANT_STORE_BYTES`]; 0: none). See
+    /// [`tenant_bytes`].
+    pub fn with_max_tenant_store_bytes(mut self, bytes: u64) -> Self {
+        self.tenant_bytes = tenant_bytes::TenantBytes::new(bytes);
+        self
+    }
+
+    /// Reads what tenants keep from the store again after `every` (tests; default
+    /// [`tenant_bytes::REMEASURE`]).
+    pub fn with_tenant_bytes_remeasured_every(mut self, every: std::time::Duration) -> Self {
+        self.tenant_bytes =
+            tenant_bytes::TenantBytes::new(self.tenant_bytes.gateway_bound()).remeasured_every(every);
+        self
+    }
+
+    /// Lets `incoming` bytes of `tenant` into the store if its bound has room for them (see
+    /// [`tenant_bytes`]), after measuring what it keeps when the last measurement is stale.
+    async fn tenant_room(&self, tenant: &TenantId, incoming: u64) -> Result<(), Refusal> {
+        use tenant_bytes::Bound;
+        if !self.tenant_bytes.fresh(tenant.as_str()) {
+            let bound = match self.tenants.store_bound(tenant.as_str()).await {
+                Ok(annotation) => Bound::of(annotation.as_deref(), self.tenant_bytes.gateway_bound()),
+                // The API server is away: the bound read last, or nothing is let through.
+                Err(why) => self
+                    .tenant_bytes
+                    .last_bound(tenant.as_str())
+                    .ok_or_else(|| unavailable(why))?,
+            };
+            let kept = if bound == Bound::Unbounded {
+                0
+            } else {
+                self.kept_by(tenant).await.map_err(unavailable)?
+            };
+            self.tenant_bytes.measured(tenant.as_str(), kept, bound);
+        }
+        self.tenant_bytes
+            .take(tenant.as_str(), incoming)
+            .map_err(|over| over_tenant_bound(&over))
+    }
+
+    /// What `tenant` keeps in the store: its runs' records as counted, and the blobs its
+    /// runners uploaded (a blob two runs uploaded counts twice).
+    async fn kept_by(&self, tenant: &TenantId) -> Result<u64, crate::records::StoreError> {
+        const PAGE: usize = 1024;
+        let mut kept = self.store.recorded_bytes(tenant).await?;
+        let start = crate::memory::keys::run_blobs_prefix(tenant);
+        let end = crate::records::store::prefix_end(&start);
+        let mut from = start;
+        loop {
+            let page = self.store.memory_scan(tenant, from, end.clone(), PAGE).await?;
+            for (_, mark) in &page {
+                kept = kept.saturating_add(crate::memory::keys::run_blob_size(mark));
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == PAGE => {
+                    // The next key after `last`.
+                    from = last.clone();
+                    from.push(0);
+                }
+                _ => return Ok(kept),
+            }
+        }
     }
 
     /// Works on `capacity` requests at once, handed round the tenants in turn (default: a few
@@ -1560,9 +1639,13 @@ where
         if used >= self.max_run_bytes {
             return Err(over_quota(caller.run_id(), used, 0, self.max_run_bytes));
         }
+        self.tenant_room(&caller.tenant, 0).await?;
         let key = self.keys.for_tenant(caller.tenant.as_str());
-        log.recorder(&self.store, &caller.tenant, key)
-            .ok_or_else(|| bad("the run has not started; its runner writes run_started first"))
+        let mut recorder = log
+            .recorder(&self.store, &caller.tenant, key)
+            .ok_or_else(|| bad("the run has not started; its runner writes run_started first"))?;
+        recorder.count_stored_bytes(log.bytes());
+        Ok(recorder)
     }
 }
 

@@ -126,6 +126,9 @@ where
         if !ending && used.saturating_add(incoming) > service.max_run_bytes {
             return Err(over_quota(caller.run_id(), used, incoming, service.max_run_bytes));
         }
+        if !ending {
+            service.tenant_room(&caller.tenant, incoming).await?;
+        }
         let key = service.keys.for_tenant(caller.tenant.as_str());
         let mut recorder = match log.recorder(&service.store, &caller.tenant, key.clone()) {
             Some(recorder) => recorder,
@@ -136,6 +139,7 @@ where
                     .keeping_written()
             }
         };
+        recorder.count_stored_bytes(log.bytes().saturating_add(incoming));
         let head = match recorder.append_chained(entries).await {
             Ok(head) => head,
             Err(crate::records::RecordError::Store(crate::records::StoreError::HeadMoved { .. })) => {
@@ -227,6 +231,8 @@ where
             if used.saturating_add(incoming) > self.max_run_bytes {
                 return Err(over_quota(caller.run_id(), used, incoming, self.max_run_bytes));
             }
+            self.tenant_room(&caller.tenant, incoming).await?;
+            recorder.count_stored_bytes(log.bytes().saturating_add(incoming));
             check_entry_steps(&log.ledger, &bodies)?;
             recorder.stage_chained(entries).map_err(|e| bad(e.to_string()))?;
             return Ok(bodies);
@@ -595,6 +601,7 @@ where
         } else {
             0
         };
+        service.tenant_room(&caller.tenant, body.len() as u64).await?;
         service.charge_blob(&caller, recorded, body.len() as u64)?;
         // The run's mark first: the blob's own write makes it durable with it (and a store
         // whose every write is durable has it already), so no blob answered as stored lacks it.
@@ -605,7 +612,10 @@ where
                 &caller.tenant,
                 vec![crate::memory::backend::Write {
                     guard: crate::memory::backend::Guard::All(Vec::new()),
-                    changes: vec![crate::memory::backend::Change::Put(mark, b"1".to_vec())],
+                    changes: vec![crate::memory::backend::Change::Put(
+                        mark,
+                        crate::memory::keys::run_blob_mark(body.len() as u64),
+                    )],
                 }],
             )
             .await

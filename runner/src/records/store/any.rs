@@ -236,6 +236,9 @@ impl RecordStore for AnyStore {
     async fn run_summary(&self, tenant: &TenantId, run_id: &str) -> Result<Option<RunSummary>> {
         forward!(self, s => s.run_summary(tenant, run_id))
     }
+    async fn recorded_bytes(&self, tenant: &TenantId) -> Result<u64> {
+        forward!(self, s => s.recorded_bytes(tenant))
+    }
     async fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> Result<Hash> {
         forward!(self, s => s.put_blob(tenant, bytes))
     }

@@ -154,6 +154,12 @@ pub struct RunSummary {
     pub outcome: String,
     pub entries: u64,
     pub head: Hash,
+    /// What the run keeps in the store as the gateway service counted it against the run's
+    /// quota when it last wrote: its entries and the blobs it uploaded (0 for runs no gateway
+    /// service wrote, and for those written before it was counted). The sum over a tenant's
+    /// runs is what its bound (`--max-tenant-store-bytes`) is checked against.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// Which runs to list.
@@ -306,6 +312,14 @@ pub trait RecordStore: crate::memory::backend::MemoryBackend + Send + Sync {
         tenant: &TenantId,
         filter: &RunFilter,
     ) -> impl Future<Output = Result<Vec<RunSummary>>> + Send;
+
+    /// What the tenant's runs' records hold, as counted ([`RunSummary::bytes`]).
+    fn recorded_bytes(&self, tenant: &TenantId) -> impl Future<Output = Result<u64>> + Send {
+        async move {
+            let runs = self.list_runs(tenant, &RunFilter::default()).await?;
+            Ok(runs.iter().fold(0u64, |sum, run| sum.saturating_add(run.bytes)))
+        }
+    }
 
     /// The summary the store keeps beside run `run_id`'s head (its outcome, entries and head),
     /// read without its entries; `None` when the run is unknown or the store keeps none to read
@@ -468,6 +482,10 @@ impl<S: RecordStore> RecordStore for std::sync::Arc<S> {
         run_id: &str,
     ) -> impl Future<Output = Result<Option<RunSummary>>> + Send {
         (**self).run_summary(tenant, run_id)
+    }
+
+    fn recorded_bytes(&self, tenant: &TenantId) -> impl Future<Output = Result<u64>> + Send {
+        (**self).recorded_bytes(tenant)
     }
 
     fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> impl Future<Output = Result<Hash>> + Send {

@@ -57,6 +57,9 @@ mod keys {
     pub fn summary(tenant: &str, run: &str) -> Vec<u8> {
         format!("cx/{tenant}/r/{run}").into_bytes()
     }
+    pub fn summaries_prefix(tenant: &str) -> Vec<u8> {
+        format!("cx/{tenant}/r/").into_bytes()
+    }
     pub fn entries_prefix(tenant: &str, run: &str) -> Vec<u8> {
         format!("cx/{tenant}/e/{run}/").into_bytes()
     }
@@ -389,6 +392,21 @@ impl RecordStore for TikvStore {
                 Some(value) => Ok(Some(decode_json(&value, &key)?)),
                 None => Ok(None),
             }
+        })
+        .await
+    }
+
+    async fn recorded_bytes(&self, tenant: &TenantId) -> Result<u64> {
+        crate::gateway::fair::away(async move {
+            // One scan of the tenant's run summaries, not a read per run.
+            let prefix = keys::summaries_prefix(tenant.as_str());
+            let end = keys::prefix_end(&prefix);
+            let mut total = 0u64;
+            for (key, value) in self.scan_all(prefix, end).await? {
+                let summary: RunSummary = decode_json(&value, &key)?;
+                total = total.saturating_add(summary.bytes);
+            }
+            Ok(total)
         })
         .await
     }

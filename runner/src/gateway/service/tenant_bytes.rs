@@ -1,0 +1,296 @@
+//! The bound on what one tenant keeps in the record store every tenant shares: one namespace's
+//! runs cannot fill the disk the others' records are on. Each run is bounded on its own
+//! (`--max-run-bytes`), but records are kept, so a tenant starting run after run would grow
+//! without end. A tenant's bound is the gateway's `--max-tenant-store-bytes`, or its
+//! namespace's `contextos.dev/max-store-bytes` annotation, which only a cluster admin writes
+//! (a namespace is cluster-scoped): a tenant cannot raise its own.
+//!
+//! What a tenant keeps is measured from the store — each run's count as its quota had it when
+//! the gateway last wrote it (`RunSummary::bytes`), and each blob a runner uploaded (its mark
+//! holds the size) — at most every [`REMEASURE`] per replica; in between, this replica adds
+//! what it lets through. Replicas count apart, so a tenant may pass its bound by what the
+//! others let through within one such interval.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// The namespace annotation that sets its tenant's bound (a size: `500Mi`, `20Gi`, bytes).
+pub const STORE_BOUND_ANNOTATION: &str = "contextos.dev/max-store-bytes";
+/// The gateway's bound when it is not given one (`--max-tenant-store-bytes`).
+pub const DEFAULT_MAX_TENANT_STORE_BYTES: u64 = 16 << 30;
+/// How long a measurement is used before the store is read again.
+pub const REMEASURE: Duration = Duration::from_secs(30);
+/// Tenants whose measurement a replica keeps; past that, the stalest is forgotten (and read
+/// again when its tenant writes).
+const MAX_TENANTS: usize = 65_536;
+
+/// A tenant's bound, and where it comes from (the message a refused write gets names it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// No bound (`--max-tenant-store-bytes 0` and no annotation).
+    Unbounded,
+    /// The gateway's `--max-tenant-store-bytes`.
+    Gateway(u64),
+    /// The namespace's annotation.
+    Namespace(u64),
+    /// The namespace's annotation is not a size: nothing more is written until a cluster admin
+    /// fixes it (a bound nobody can read is not silently replaced by another).
+    Invalid(String),
+}
+
+impl Bound {
+    /// The bound of a tenant whose namespace says `annotation` (if anything), where the
+    /// gateway's own is `gateway` (0: none).
+    pub fn of(annotation: Option<&str>, gateway: u64) -> Self {
+        match annotation {
+            Some(text) => match parse_size(text) {
+                Ok(bytes) => Self::Namespace(bytes),
+                Err(why) => Self::Invalid(format!("{STORE_BOUND_ANNOTATION}: {text:?} {why}")),
+            },
+            None if gateway == 0 => Self::Unbounded,
+            None => Self::Gateway(gateway),
+        }
+    }
+}
+
+/// A write a tenant's bound does not leave room for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Over {
+    /// What the tenant keeps, as far as this replica knows.
+    pub kept: u64,
+    pub incoming: u64,
+    pub bound: Bound,
+}
+
+impl std::fmt::Display for Over {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (limit, from) = match &self.bound {
+            Bound::Invalid(why) => {
+                return write!(
+                    f,
+                    "the namespace's bound on what it keeps in the record store cannot be read ({why}); a cluster admin sets it to a size such as 20Gi, or removes it"
+                );
+            }
+            Bound::Unbounded => return write!(f, "the tenant has no bound"),
+            Bound::Gateway(limit) => (limit, "the gateway's --max-tenant-store-bytes"),
+            Bound::Namespace(limit) => (limit, "the namespace's contextos.dev/max-store-bytes annotation"),
+        };
+        write!(
+            f,
+            "the namespace's runs keep {} bytes in the record store and this write adds {}; it may keep at most {limit} ({from}, which a cluster admin sets)",
+            self.kept, self.incoming
+        )
+    }
+}
+
+/// Whether `incoming` bytes fit beside `kept` under `bound` (pure).
+pub fn room(kept: u64, incoming: u64, bound: &Bound) -> Result<(), Over> {
+    let fits = match bound {
+        Bound::Unbounded => true,
+        Bound::Gateway(limit) | Bound::Namespace(limit) => kept.saturating_add(incoming) <= *limit,
+        Bound::Invalid(_) => false,
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(Over {
+            kept,
+            incoming,
+            bound: bound.clone(),
+        })
+    }
+}
+
+/// A size as Kubernetes writes quantities of bytes: digits, optionally followed by `Ki`, `Mi`,
+/// `Gi`, `Ti`, `Pi` (powers of 1024) or `k`, `M`, `G`, `T`, `P` (powers of 1000).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| {
+        "is not a size: write whole bytes, or a number followed by Ki, Mi, Gi, Ti, k, M, G or T".to_owned()
+    })?;
+    let factor: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        other => return Err(format!("has unit {other:?}: use Ki, Mi, Gi, Ti, k, M, G or T")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| "is larger than any disk".to_owned())
+}
+
+/// What this replica knows of one tenant.
+#[derive(Clone, Debug)]
+struct Seen {
+    /// Measured in the store.
+    measured: u64,
+    /// Let through here since.
+    added: u64,
+    bound: Bound,
+    at: Instant,
+}
+
+/// Every tenant's measurement at this replica.
+#[derive(Debug)]
+pub struct TenantBytes {
+    /// The gateway's bound (0: none).
+    gateway: u64,
+    remeasure: Duration,
+    seen: Mutex<HashMap<String, Seen>>,
+}
+
+impl TenantBytes {
+    pub fn new(gateway: u64) -> Self {
+        Self {
+            gateway,
+            remeasure: REMEASURE,
+            seen: Mutex::default(),
+        }
+    }
+
+    /// Measures again after `every` instead of [`REMEASURE`] (tests).
+    pub fn remeasured_every(mut self, every: Duration) -> Self {
+        self.remeasure = every;
+        self
+    }
+
+    /// The gateway's bound (0: none).
+    pub fn gateway_bound(&self) -> u64 {
+        self.gateway
+    }
+
+    /// Whether `tenant` was measured within the last interval.
+    pub fn fresh(&self, tenant: &str) -> bool {
+        self.seen
+            .lock()
+            .ok()
+            .and_then(|seen| seen.get(tenant).map(|s| s.at.elapsed() < self.remeasure))
+            .unwrap_or(false)
+    }
+
+    /// The bound last read for `tenant`, if any (kept when its namespace cannot be read).
+    pub fn last_bound(&self, tenant: &str) -> Option<Bound> {
+        self.seen
+            .lock()
+            .ok()
+            .and_then(|seen| seen.get(tenant).map(|s| s.bound.clone()))
+    }
+
+    /// Keeps what was just measured of `tenant` (what this replica let through before is in
+    /// it, or is being written: it is not counted again).
+    pub fn measured(&self, tenant: &str, bytes: u64, bound: Bound) {
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        if !seen.contains_key(tenant) && seen.len() >= MAX_TENANTS {
+            let stalest = seen.iter().min_by_key(|(_, s)| s.at).map(|(t, _)| t.clone());
+            if let Some(stalest) = stalest {
+                seen.remove(&stalest);
+            }
+        }
+        seen.insert(
+            tenant.to_owned(),
+            Seen {
+                measured: bytes,
+                added: 0,
+                bound,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    /// Lets `incoming` bytes of `tenant` through if its bound has room for them (and counts
+    /// them); a tenant not measured yet has none.
+    pub fn take(&self, tenant: &str, incoming: u64) -> Result<(), Over> {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(known) = seen.get_mut(tenant) else {
+            return Err(Over {
+                kept: 0,
+                incoming,
+                bound: Bound::Invalid("not measured yet".into()),
+            });
+        };
+        room(known.measured.saturating_add(known.added), incoming, &known.bound)?;
+        known.added = known.added.saturating_add(incoming);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_read_as_kubernetes_writes_them() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("500Mi"), Ok(500 << 20));
+        assert_eq!(parse_size(" 20Gi "), Ok(20 << 30));
+        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_size("3k"), Ok(3_000));
+        for wrong in ["", "Gi", "20 Gi", "20GB", "1.5Gi", "-1", "20gi", "99999999999Pi"] {
+            assert!(parse_size(wrong).is_err(), "{wrong:?} was read as a size");
+        }
+    }
+
+    #[test]
+    fn a_namespace_annotation_wins_over_the_gateway_and_one_nobody_can_read_admits_nothing() {
+        assert_eq!(Bound::of(None, 0), Bound::Unbounded);
+        assert_eq!(Bound::of(None, 100), Bound::Gateway(100));
+        assert_eq!(Bound::of(Some("1Ki"), 100), Bound::Namespace(1024));
+        let invalid = Bound::of(Some("lots"), 100);
+        assert!(
+            matches!(&invalid, Bound::Invalid(why) if why.contains("lots")),
+            "{invalid:?}"
+        );
+        assert!(room(0, 1, &invalid).is_err());
+        assert!(room(u64::MAX, 1, &Bound::Unbounded).is_ok());
+        assert!(room(90, 10, &Bound::Gateway(100)).is_ok());
+        let over = room(90, 11, &Bound::Namespace(100)).expect_err("over");
+        assert!(
+            over.to_string().contains("contextos.dev/max-store-bytes"),
+            "{over}"
+        );
+        assert!(over.to_string().contains("keep 90 bytes"), "{over}");
+    }
+
+    #[test]
+    fn what_a_replica_lets_through_counts_until_the_store_is_measured_again() {
+        let bytes = TenantBytes::new(100);
+        assert!(!bytes.fresh("shop"));
+        assert!(
+            bytes.take("shop", 1).is_err(),
+            "a tenant not measured has no room yet"
+        );
+        bytes.measured("shop", 60, Bound::Gateway(100));
+        assert!(bytes.fresh("shop"));
+        bytes.take("shop", 30).expect("room for 30");
+        let over = bytes.take("shop", 20).expect_err("60 + 30 + 20 > 100");
+        assert_eq!(over.kept, 90);
+        // Another tenant's writes are its own.
+        bytes.measured("bank", 0, Bound::Gateway(100));
+        bytes.take("bank", 100).expect("bank's own room");
+        // Measured again (what was let through is now in the store).
+        bytes.measured("shop", 90, Bound::Gateway(100));
+        bytes.take("shop", 10).expect("room for 10");
+        assert!(bytes.take("shop", 1).is_err());
+        let stale = TenantBytes::new(100).remeasured_every(Duration::ZERO);
+        stale.measured("shop", 0, Bound::Gateway(100));
+        assert!(!stale.fresh("shop"), "measured again at once");
+    }
+}

@@ -698,10 +698,27 @@ async fn crash_child_writes_memory_then_waits() {
 // ---------------------------------------------------------------- backends
 
 /// The whole suite on one store.
+/// What each run keeps, as its writer counted it, is kept with its summary and summed per
+/// tenant (a tenant's store bound reads it), never lowered by a later write counting less.
+async fn recorded_bytes<S: RecordStore>(store: &S) {
+    let (a, b) = (tenant("bytes-a"), tenant("bytes-b"));
+    for (t, run, counted) in [(&a, "run-1", 1_000), (&a, "run-2", 500), (&b, "run-1", 7)] {
+        let mut rec = Recorder::begin(store, t.clone(), key(), start(run, "s", "agent")).expect("begin");
+        rec.count_stored_bytes(counted);
+        rec.record(verdict(1)).await.expect("written");
+        rec.count_stored_bytes(1);
+        rec.record(verdict(2)).await.expect("written");
+    }
+    assert_eq!(store.recorded_bytes(&a).await.expect("a"), 1_500);
+    assert_eq!(store.recorded_bytes(&b).await.expect("b"), 7);
+    assert_eq!(store.recorded_bytes(&tenant("bytes-none")).await.expect("none"), 0);
+}
+
 async fn conformance<S: RecordStore>(store: &S) {
     append_read_and_list(store).await;
     fork_refusal(store).await;
     tenant_isolation(store).await;
+    recorded_bytes(store).await;
     checkpoints(store).await;
     blobs(store).await;
 }

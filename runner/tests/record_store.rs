@@ -711,7 +711,10 @@ async fn recorded_bytes<S: RecordStore>(store: &S) {
     }
     assert_eq!(store.recorded_bytes(&a).await.expect("a"), 1_500);
     assert_eq!(store.recorded_bytes(&b).await.expect("b"), 7);
-    assert_eq!(store.recorded_bytes(&tenant("bytes-none")).await.expect("none"), 0);
+    assert_eq!(
+        store.recorded_bytes(&tenant("bytes-none")).await.expect("none"),
+        0
+    );
 }
 
 async fn conformance<S: RecordStore>(store: &S) {

@@ -660,18 +660,25 @@ where
             .map_err(|over| over_tenant_bound(&over))
     }
 
-    /// What `tenant` keeps in the store: its runs' records as counted, and the blobs its
-    /// runners uploaded (a blob two runs uploaded counts twice).
+    /// What `tenant` keeps in the store: its runs' records as counted, the blobs its runners
+    /// uploaded (a blob two runs uploaded counts twice), and its memory — items, consent and
+    /// correction chains, as their keys and values.
     async fn kept_by(&self, tenant: &TenantId) -> Result<u64, crate::records::StoreError> {
         const PAGE: usize = 1024;
         let mut kept = self.store.recorded_bytes(tenant).await?;
-        let start = crate::memory::keys::run_blobs_prefix(tenant);
+        let blobs = crate::memory::keys::run_blobs_prefix(tenant);
+        let start = crate::memory::keys::tenant_prefix(tenant);
         let end = crate::records::store::prefix_end(&start);
         let mut from = start;
         loop {
             let page = self.store.memory_scan(tenant, from, end.clone(), PAGE).await?;
-            for (_, mark) in &page {
-                kept = kept.saturating_add(crate::memory::keys::run_blob_size(mark));
+            for (key, value) in &page {
+                let size = if key.starts_with(&blobs) {
+                    crate::memory::keys::run_blob_size(value)
+                } else {
+                    (key.len() + value.len()) as u64
+                };
+                kept = kept.saturating_add(size);
             }
             match page.last() {
                 Some((last, _)) if page.len() == PAGE => {

@@ -6,9 +6,10 @@
 //! (a namespace is cluster-scoped): a tenant cannot raise its own.
 //!
 //! What a tenant keeps is measured from the store — each run's count as its quota had it when
-//! the gateway last wrote it (`RunSummary::bytes`), and each blob a runner uploaded (its mark
-//! holds the size) — at most every [`REMEASURE`] per replica; in between, this replica adds
-//! what it lets through. Replicas count apart, so a tenant may pass its bound by what the
+//! the gateway last wrote it (`RunSummary::bytes`), each blob a runner uploaded (its mark
+//! holds the size), and its memory (items, consent and correction chains) — at most every
+//! [`REMEASURE`] per replica; in between, this replica adds what it lets through. Memory is
+//! written in runs (whose writes are checked first) and by the objects people apply. Replicas count apart, so a tenant may pass its bound by what the
 //! others let through within one such interval.
 
 use std::{

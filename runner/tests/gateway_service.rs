@@ -550,6 +550,81 @@ async fn an_approval_the_session_does_not_hold_is_ignored() {
     );
 }
 
+/// A run's start time orders the namespace's runs (listings by time, the sum its store bound
+/// reads): a runner saying its run started at the end of time is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_starts_when_it_is_recorded() {
+    use contextos_runner::records::{
+        Hash, RecordEntry, RunSummary, StoredEntry,
+        store::{AppendBatch, SignedHead},
+    };
+    let rig = rig().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    let records = client.records();
+    let bundle = records
+        .put_blob(&rig.tenant(), rig.bundle.canonical_bytes())
+        .await
+        .expect("bundle");
+    let started_at = |at_ms: i64| {
+        let entry = RecordEntry {
+            run_id: RUN.into(),
+            seq: 0,
+            prev: None,
+            at_ms,
+            body: EntryBody::RunStarted {
+                session_id: rig.bundle.session.clone(),
+                agent: rig.bundle.agent.clone(),
+                run_context: serde_json::to_value(&context).expect("json"),
+                pinned: rig.bundle.pinned(),
+                bundle: Some(bundle),
+            },
+            vaulted: None,
+        };
+        let sealed = StoredEntry::seal(&entry);
+        AppendBatch {
+            run_id: RUN.into(),
+            expected_head: None,
+            head: SignedHead {
+                seq: 0,
+                hash: sealed.hash,
+                key_id: String::new(),
+                signature: String::new(),
+            },
+            summary: RunSummary {
+                run_id: RUN.into(),
+                session_id: rig.bundle.session.clone(),
+                agent: rig.bundle.agent.clone(),
+                started_at_ms: at_ms,
+                outcome: "running".into(),
+                entries: 1,
+                head: Hash([0; 32]),
+                bytes: 0,
+            },
+            entries: vec![sealed],
+            checkpoint: None,
+        }
+    };
+    let refused = records
+        .append(&rig.tenant(), started_at(i64::MAX))
+        .await
+        .expect_err("a run started at the end of time");
+    assert!(
+        refused
+            .to_string()
+            .contains("more than an hour from the gateway's clock"),
+        "{refused}"
+    );
+    assert!(rig.store.head(&rig.tenant(), RUN).await.expect("read").is_none());
+    records
+        .append(
+            &rig.tenant(),
+            started_at(contextos_runner::records::recorder::now_ms()),
+        )
+        .await
+        .expect("a run started now");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_names_only_blobs_it_uploaded_itself() {
     use contextos_runner::records::{Hash, RecordEntry};
@@ -2692,8 +2767,8 @@ async fn a_tenant_keeps_no_more_in_the_store_than_its_bound() {
     })
     .await;
     let call_hash = rig.run_until_approval().await;
-    // What the run keeps is counted with its summary: its record (as of the gateway's last
-    // write) — and the bundle the runner uploaded, by its blob's mark.
+    // What the run keeps is counted with its summary: its whole record — and the bundle the
+    // runner uploaded, by its blob's mark.
     let summary = rig
         .store
         .run_summary(&rig.tenant(), RUN)
@@ -2707,7 +2782,7 @@ async fn a_tenant_keeps_no_more_in_the_store_than_its_bound() {
         .map(|(_, e)| e.encode().len() as u64)
         .sum();
     assert!(
-        summary.bytes > 0 && summary.bytes <= written,
+        summary.bytes >= written,
         "counted {} bytes of a {written}-byte record",
         summary.bytes
     );

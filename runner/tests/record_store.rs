@@ -697,26 +697,36 @@ async fn crash_child_writes_memory_then_waits() {
 
 // ---------------------------------------------------------------- backends
 
-/// The whole suite on one store.
-/// What each run keeps, as its writer counted it, is kept with its summary and summed per
-/// tenant (a tenant's store bound reads it), never lowered by a later write counting less.
+/// What each run keeps — what its writer counted before, and every batch it wrote since — is
+/// kept with its summary and summed per tenant (a tenant's store bound reads it), never lowered
+/// by a later count of less.
 async fn recorded_bytes<S: RecordStore>(store: &S) {
     let (a, b) = (tenant("bytes-a"), tenant("bytes-b"));
+    let mut expected = std::collections::HashMap::<&TenantId, u64>::new();
     for (t, run, counted) in [(&a, "run-1", 1_000), (&a, "run-2", 500), (&b, "run-1", 7)] {
         let mut rec = Recorder::begin(store, t.clone(), key(), start(run, "s", "agent")).expect("begin");
         rec.count_stored_bytes(counted);
         rec.record(verdict(1)).await.expect("written");
         rec.count_stored_bytes(1);
         rec.record(verdict(2)).await.expect("written");
+        let chain: u64 = store
+            .read_chain(t, run, 0)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.bytes.len() as u64)
+            .sum();
+        *expected.entry(t).or_default() += counted + chain;
     }
-    assert_eq!(store.recorded_bytes(&a).await.expect("a"), 1_500);
-    assert_eq!(store.recorded_bytes(&b).await.expect("b"), 7);
+    assert_eq!(store.recorded_bytes(&a).await.expect("a"), expected[&a]);
+    assert_eq!(store.recorded_bytes(&b).await.expect("b"), expected[&b]);
     assert_eq!(
         store.recorded_bytes(&tenant("bytes-none")).await.expect("none"),
         0
     );
 }
 
+/// The whole suite on one store.
 async fn conformance<S: RecordStore>(store: &S) {
     append_read_and_list(store).await;
     fork_refusal(store).await;

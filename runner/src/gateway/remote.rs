@@ -326,6 +326,11 @@ impl GatewayClient {
             {
                 ModelError::QuotaExceeded { detail: error }
             }
+            RemoteError::Refused { code, error, .. }
+                if code == crate::records::store::remote::QUOTA_EXCEEDED =>
+            {
+                ModelError::StoreQuotaExceeded { detail: error }
+            }
             RemoteError::Refused { code, error, .. } if code == "model_script" => ModelError::BadScript {
                 script: "the agent's script (at the gateway service)".into(),
                 detail: error,

@@ -175,6 +175,10 @@ pub enum ModelError {
     /// A SpendQuota refused the turn (the message names it and its window).
     #[error("{detail}")]
     QuotaExceeded { detail: String },
+    /// The gateway service refused to write the turn: the run, or its namespace, keeps as much
+    /// in the record store as it may (the message says which bound).
+    #[error("{detail}")]
+    StoreQuotaExceeded { detail: String },
     #[error(
         "{spent} model tokens spent of a limit of {limit} shared by several runs; no more turns are asked for"
     )]

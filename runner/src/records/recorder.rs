@@ -148,6 +148,8 @@ struct Staged {
     at_ms: i64,
     body: Vec<u8>,
     effect: SummaryEffect,
+    /// The size of the blob the body was moved to (0: it was not).
+    blob_bytes: u64,
 }
 
 /// What other writers appended since this recorder's head: their hashes, and the steps of the
@@ -514,6 +516,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             at_ms: (self.clock)(),
             body: encoded,
             effect,
+            blob_bytes: 0,
         });
     }
 
@@ -648,7 +651,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         }
         let effects = sealed.iter().map(|(_, effect)| *effect).collect();
         Ok(Some(Prepared {
-            batch: self.seal(sealed),
+            batch: self.seal(sealed, offloaded(&bodies)),
             effects,
             own: bodies,
         }))
@@ -717,9 +720,10 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         self.advance(&prepared.batch.head);
     }
 
-    /// Counts `bytes` as what the run keeps in the store (the gateway service's count against
-    /// the run's quota, its record and its blobs): written with the run's summary at its next
-    /// append, where the tenant's bound reads it. Never lowers what was counted.
+    /// Counts `bytes` as what the run kept in the store before what this recorder writes next
+    /// (the gateway service's count of its record as read): written with the run's summary,
+    /// each batch adding its own entries and the blobs their bodies moved to, where the
+    /// tenant's bound reads it. Never lowers what was counted.
     pub fn count_stored_bytes(&mut self, bytes: u64) {
         self.summary.bytes = self.summary.bytes.max(bytes);
     }
@@ -957,6 +961,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
                 at_ms: item.at_ms,
                 body: reference.encode(),
                 effect: item.effect,
+                blob_bytes: size,
             });
         }
         Ok(out)
@@ -971,7 +976,7 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             prev = Some((entry.seq, entry.hash));
             sealed.push((entry, item.effect));
         }
-        self.seal(sealed)
+        self.seal(sealed, offloaded(bodies))
     }
 
     /// `item` as the entry after `prev`.
@@ -990,10 +995,13 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         StoredEntry::from_bytes(seq, bytes)
     }
 
-    /// The batch appending `entries` (already chained onto this recorder's head): the summary
-    /// they lead to, the checkpoint among them, and the head signature.
-    fn seal(&self, entries: Vec<(StoredEntry, SummaryEffect)>) -> AppendBatch {
+    /// The batch appending `entries` (already chained onto this recorder's head, their large
+    /// bodies moved to blobs of `offloaded` bytes): the summary they lead to — counting what
+    /// they keep in the store — the checkpoint among them, and the head signature.
+    fn seal(&self, entries: Vec<(StoredEntry, SummaryEffect)>, offloaded: u64) -> AppendBatch {
         let mut summary = self.summary.clone();
+        let written: u64 = entries.iter().map(|(e, _)| e.bytes.len() as u64).sum();
+        summary.bytes = summary.bytes.saturating_add(written).saturating_add(offloaded);
         let mut checkpoint = None;
         let mut last = self.head;
         let mut stored = Vec::with_capacity(entries.len());
@@ -1034,6 +1042,11 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
             checkpoint,
         }
     }
+}
+
+/// The bytes of the blobs `bodies` were moved to.
+fn offloaded(bodies: &[Staged]) -> u64 {
+    bodies.iter().map(|b| b.blob_bytes).sum()
 }
 
 /// Folds one entry into a run's summary (what a reader that follows a chain keeps, to continue

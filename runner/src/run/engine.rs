@@ -196,11 +196,13 @@ impl RunError {
     }
 
     /// Whether the gateway service refused a write because the run has written as much to the
-    /// store as it may (`--max-run-bytes`).
+    /// store as it may (`--max-run-bytes`), or its namespace keeps as much as it may
+    /// (`--max-tenant-store-bytes`).
     pub fn is_store_quota(&self) -> bool {
         let quota = |e: &StoreError| matches!(e, StoreError::QuotaExceeded(_));
         match self {
             Self::Store(e) | Self::Record(RecordError::Store(e)) => quota(e),
+            Self::Model(ModelError::StoreQuotaExceeded { .. }) => true,
             Self::Remote(crate::gateway::remote::RemoteError::Refused { code, .. }) => {
                 code == crate::records::store::remote::QUOTA_EXCEEDED
             }
@@ -1126,6 +1128,12 @@ impl<'s, S: RecordStore> Harness<'s, S> {
                     .await;
             }
             ModelError::QuotaExceeded { .. } => crate::quota::EXCEEDED,
+            // Past the store's bound only a closing entry is let through.
+            ModelError::StoreQuotaExceeded { .. } => {
+                return self
+                    .ended_by_quota(recorder, error.into(), "StoreQuotaExceeded", state)
+                    .await;
+            }
             _ if matches!(self.mode, Mode::Replay { .. }) => "ReplayExhausted",
             _ => {
                 // Keep the last step's checkpoint: the attempt is retried from it.

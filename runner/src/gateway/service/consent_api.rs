@@ -102,6 +102,8 @@ where
             )));
         }
         let record = request.into_record(person.username.clone(), now_ms());
+        let size = serde_json::to_vec(&record).map_or(0, |bytes| bytes.len() as u64);
+        service.tenant_room(&tenant, size).await?;
         let key = service.keys.for_tenant(tenant.as_str());
         let link = ConsentBook::new(&service.store, &tenant)
             .append(record, &key)

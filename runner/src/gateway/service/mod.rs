@@ -638,26 +638,43 @@ where
     /// Lets `incoming` bytes of `tenant` into the store if its bound has room for them (see
     /// [`tenant_bytes`]), after measuring what it keeps when the last measurement is stale.
     async fn tenant_room(&self, tenant: &TenantId, incoming: u64) -> Result<(), Refusal> {
-        use tenant_bytes::Bound;
-        if !self.tenant_bytes.fresh(tenant.as_str()) {
-            let bound = match self.tenants.store_bound(tenant.as_str()).await {
-                Ok(annotation) => Bound::of(annotation.as_deref(), self.tenant_bytes.gateway_bound()),
-                // The API server is away: the bound read last, or nothing is let through.
-                Err(why) => self
-                    .tenant_bytes
-                    .last_bound(tenant.as_str())
-                    .ok_or_else(|| unavailable(why))?,
-            };
-            let kept = if bound == Bound::Unbounded {
-                0
-            } else {
-                self.kept_by(tenant).await.map_err(unavailable)?
-            };
-            self.tenant_bytes.measured(tenant.as_str(), kept, bound);
+        if self.tenant_bytes.due(tenant.as_str()) == tenant_bytes::Due::Measure {
+            match self.measure_tenant(tenant).await {
+                Ok((kept, bound)) => self.tenant_bytes.measured(tenant.as_str(), kept, bound),
+                Err(e) => {
+                    self.tenant_bytes.unclaim(tenant.as_str());
+                    return Err(unavailable(e));
+                }
+            }
         }
         self.tenant_bytes
             .take(tenant.as_str(), incoming)
             .map_err(|over| over_tenant_bound(&over))
+    }
+
+    /// What `tenant` keeps, and its bound.
+    async fn measure_tenant(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<(u64, tenant_bytes::Bound), crate::records::StoreError> {
+        use tenant_bytes::Bound;
+        let gateway = self.tenant_bytes.gateway_bound();
+        let bound = match self.tenants.store_bound(tenant.as_str()).await {
+            Ok(annotation) => Bound::of(annotation.as_deref(), gateway),
+            // The API server is away: the bound read last, else the gateway's own.
+            Err(why) => {
+                tracing::warn!(%tenant, %why, "the namespace's store bound could not be read");
+                self.tenant_bytes
+                    .last_bound(tenant.as_str())
+                    .unwrap_or_else(|| Bound::of(None, gateway))
+            }
+        };
+        let kept = if bound == Bound::Unbounded {
+            0
+        } else {
+            self.kept_by(tenant).await?
+        };
+        Ok((kept, bound))
     }
 
     /// What `tenant` keeps in the store: its runs' records as counted, the blobs its runners

@@ -327,6 +327,7 @@ where
         // Only a replay Job stores (its report); a reader's POST never gets here (refused in
         // `identified_first`).
         let (tenant, grant, job_uid) = service.granted(&headers).await?;
+        service.tenant_room(&tenant, body.len() as u64).await?;
         // Charged to the Job (by uid: a Job made again under its name is another), as a run's
         // blobs are to the run: a Job's pods store at most `MAX_JOB_BLOB_BYTES`.
         let charged = service

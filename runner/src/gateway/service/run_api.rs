@@ -85,6 +85,8 @@ const SUBJECT_BLOB: &str = "a run about a subject uploads only its bundle as sto
 
 /// The most bytes of an envelope's identifiers (call id, idempotency key, traceparent).
 const MAX_ENVELOPE_FIELD: usize = 256;
+/// How far a runner's `run_started` time may be from the gateway's clock.
+const START_SKEW_MS: u64 = 60 * 60 * 1000;
 /// The most bytes a run's closing entry may take once the run is over its quota.
 const ENDING_BYTES: u64 = 16 * 1024;
 
@@ -139,7 +141,7 @@ where
                     .keeping_written()
             }
         };
-        recorder.count_stored_bytes(log.bytes().saturating_add(incoming));
+        recorder.count_stored_bytes(log.bytes());
         let head = match recorder.append_chained(entries).await {
             Ok(head) => head,
             Err(crate::records::RecordError::Store(crate::records::StoreError::HeadMoved { .. })) => {
@@ -232,7 +234,7 @@ where
                 return Err(over_quota(caller.run_id(), used, incoming, self.max_run_bytes));
             }
             self.tenant_room(&caller.tenant, incoming).await?;
-            recorder.count_stored_bytes(log.bytes().saturating_add(incoming));
+            recorder.count_stored_bytes(log.bytes());
             check_entry_steps(&log.ledger, &bodies)?;
             recorder.stage_chained(entries).map_err(|e| bad(e.to_string()))?;
             return Ok(bodies);
@@ -307,6 +309,18 @@ where
         };
         if let Some(key) = key {
             about_subject(&body, key).map_err(|e| forbidden(format!("entry {}: {e}", entry.seq)))?;
+        }
+        // A run's start time orders it among the tenant's runs (listing by time, and the sum a
+        // tenant's store bound reads): it is now, give or take clocks, not any time a runner
+        // chooses.
+        if matches!(body, EntryBody::RunStarted { .. }) {
+            let now = crate::records::recorder::now_ms();
+            if entry.at_ms.abs_diff(now) > START_SKEW_MS {
+                return Err(bad(format!(
+                    "entry {}: run_started says {} ms since the epoch, more than an hour from the gateway's clock ({now}): a run starts when it is recorded",
+                    entry.seq, entry.at_ms
+                )));
+            }
         }
         self.check_runner_kind(caller, entry.seq, &body, key).await?;
         Ok(body)

@@ -142,6 +142,21 @@ struct Seen {
     added: u64,
     bound: Bound,
     at: Instant,
+    /// Since when a request has been measuring it again (the others use this measurement
+    /// meanwhile: one scan at a time per tenant).
+    measuring: Option<Instant>,
+}
+
+/// Whether a request measures its tenant before writing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Measured within the interval: write against it.
+    Fresh,
+    /// This request measures (then [`TenantBytes::measured`], or [`TenantBytes::unclaim`] if
+    /// it could not).
+    Measure,
+    /// Another request is measuring: write against the last measurement.
+    Measuring,
 }
 
 /// Every tenant's measurement at this replica.
@@ -173,13 +188,37 @@ impl TenantBytes {
         self.gateway
     }
 
-    /// Whether `tenant` was measured within the last interval.
-    pub fn fresh(&self, tenant: &str) -> bool {
-        self.seen
+    /// Whether a request writing for `tenant` measures it first. A tenant never measured here
+    /// is measured by every request that finds it so (they all wait for a figure); after that
+    /// by one at a time — a claim older than two intervals (its request was dropped) is taken
+    /// over.
+    pub fn due(&self, tenant: &str) -> Due {
+        let mut seen = self
+            .seen
             .lock()
-            .ok()
-            .and_then(|seen| seen.get(tenant).map(|s| s.at.elapsed() < self.remeasure))
-            .unwrap_or(false)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(known) = seen.get_mut(tenant) else {
+            return Due::Measure;
+        };
+        if known.at.elapsed() < self.remeasure {
+            return Due::Fresh;
+        }
+        match known.measuring {
+            Some(since) if since.elapsed() < 2 * self.remeasure.max(Duration::from_secs(1)) => Due::Measuring,
+            _ => {
+                known.measuring = Some(Instant::now());
+                Due::Measure
+            }
+        }
+    }
+
+    /// Gives up a claim to measure `tenant` (the store or the API server could not be read).
+    pub fn unclaim(&self, tenant: &str) {
+        if let Ok(mut seen) = self.seen.lock()
+            && let Some(known) = seen.get_mut(tenant)
+        {
+            known.measuring = None;
+        }
     }
 
     /// The bound last read for `tenant`, if any (kept when its namespace cannot be read).
@@ -209,6 +248,7 @@ impl TenantBytes {
                 added: 0,
                 bound,
                 at: Instant::now(),
+                measuring: None,
             },
         );
     }
@@ -273,13 +313,13 @@ mod tests {
     #[test]
     fn what_a_replica_lets_through_counts_until_the_store_is_measured_again() {
         let bytes = TenantBytes::new(100);
-        assert!(!bytes.fresh("shop"));
+        assert_eq!(bytes.due("shop"), Due::Measure);
         assert!(
             bytes.take("shop", 1).is_err(),
             "a tenant not measured has no room yet"
         );
         bytes.measured("shop", 60, Bound::Gateway(100));
-        assert!(bytes.fresh("shop"));
+        assert_eq!(bytes.due("shop"), Due::Fresh);
         bytes.take("shop", 30).expect("room for 30");
         let over = bytes.take("shop", 20).expect_err("60 + 30 + 20 > 100");
         assert_eq!(over.kept, 90);
@@ -292,6 +332,14 @@ mod tests {
         assert!(bytes.take("shop", 1).is_err());
         let stale = TenantBytes::new(100).remeasured_every(Duration::ZERO);
         stale.measured("shop", 0, Bound::Gateway(100));
-        assert!(!stale.fresh("shop"), "measured again at once");
+        // One request measures again; the others write against the last figure meanwhile.
+        assert_eq!(stale.due("shop"), Due::Measure);
+        assert_eq!(stale.due("shop"), Due::Measuring);
+        stale.take("shop", 100).expect("the last figure");
+        // A measurement that failed lets the next request try.
+        stale.unclaim("shop");
+        assert_eq!(stale.due("shop"), Due::Measure);
+        stale.measured("shop", 50, Bound::Gateway(100));
+        assert_eq!(stale.due("shop"), Due::Measure, "measured again at once");
     }
 }

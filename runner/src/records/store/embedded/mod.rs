@@ -476,6 +476,28 @@ impl EmbeddedStore {
         })
     }
 
+    /// The sum of the tenant's runs' counted bytes: every run of its time index, whatever start
+    /// time its record gives (a listing's time range ends before `i64::MAX`).
+    fn recorded_bytes_blocking(db: &Database, tenant: &TenantId) -> Result<u64> {
+        let t = tenant.as_str();
+        let txn = db.begin_read().map_err(backend)?;
+        let by_time = txn.open_table(RUNS_BY_TIME).map_err(backend)?;
+        let entries = txn.open_table(ENTRIES).map_err(backend)?;
+        let mut total = 0u64;
+        for item in by_time.range((t, i64::MIN, "")..).map_err(backend)? {
+            let (key, _) = item.map_err(backend)?;
+            let (owner, _, run) = key.value();
+            if owner != t {
+                break;
+            }
+            if let Some(value) = entries.get((t, run, RUN_ROW)).map_err(backend)? {
+                let row = decode_json::<RunRow>(value.value(), format!("runs/{t}/{run}"))?;
+                total = total.saturating_add(row.summary.bytes);
+            }
+        }
+        Ok(total)
+    }
+
     fn list_blocking(db: &Database, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>> {
         let t = tenant.as_str();
         let txn = db.begin_read().map_err(backend)?;
@@ -632,6 +654,12 @@ impl RecordStore for EmbeddedStore {
 
     async fn run_summary(&self, tenant: &TenantId, run_id: &str) -> Result<Option<RunSummary>> {
         Ok(self.run_row(tenant, run_id).await?.map(|row| row.summary))
+    }
+
+    async fn recorded_bytes(&self, tenant: &TenantId) -> Result<u64> {
+        let tenant = tenant.clone();
+        self.blocking(move |db, _| Self::recorded_bytes_blocking(db, &tenant))
+            .await
     }
 
     async fn latest_checkpoint(&self, tenant: &TenantId, session_id: &str) -> Result<Option<Checkpoint>> {

@@ -637,6 +637,7 @@ async fn check_approvals(env: &'static TestEnv, namespace: &str) -> Result<()> {
     check_promotion_approvals(env, namespace).await?;
     check_agent_promotion_approvals(env, namespace).await?;
     check_status_writers(env, namespace).await?;
+    check_store_bounds(env, namespace).await?;
     check_sandbox_images(env, namespace).await?;
     check_runner_pod_owners(env, namespace).await?;
     check_replay_pod_owners(env, namespace).await?;
@@ -1184,6 +1185,101 @@ async fn check_status_writers(env: &'static TestEnv, namespace: &str) -> Result<
         .patch_status("oncall-assistant", &params, &Patch::Merge(&promoted))
         .await
         .context("the operator's status write was refused")?;
+    Ok(())
+}
+
+/// A namespace's store bound is the cluster admin's: a tenant allowed to edit its own Namespace
+/// (as a tenancy controller may let it) cannot set or raise it, and a value the gateway could
+/// not read is refused at admission.
+async fn check_store_bounds(env: &'static TestEnv, namespace: &str) -> Result<()> {
+    let client = env.client();
+    let editor = "tara@example.com";
+    let name = format!("contextos-test-namespace-editor-{namespace}");
+    let role = ClusterRole {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["namespaces".to_owned()]),
+            resource_names: Some(vec![namespace.to_owned()]),
+            verbs: vec!["get".to_owned(), "patch".to_owned(), "update".to_owned()],
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let binding = ClusterRoleBinding {
+        metadata: role.metadata.clone(),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "ClusterRole".to_owned(),
+            name: name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "User".to_owned(),
+            name: editor.to_owned(),
+            ..Default::default()
+        }]),
+    };
+    Api::<ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &role)
+        .await?;
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let annotate = |value: &'static str, user: Option<&'static str>| async move {
+        let setting = format!("contextos.dev/max-store-bytes={value}");
+        let mut args = vec![
+            "annotate",
+            "namespace",
+            namespace,
+            setting.as_str(),
+            "--overwrite",
+            "--dry-run=server",
+        ];
+        if let Some(user) = user {
+            args.extend(["--as", user]);
+        }
+        let out = run(env, &args).await?;
+        anyhow::Ok(if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        })
+    };
+    // Refused by the policy, not by RBAC (which lets her patch her Namespace once her binding
+    // reaches the API server's cache).
+    let checked = wait_for("a tenant's store bound refused", TIMEOUT, || async {
+        match annotate("1Ti", Some(editor)).await {
+            Ok(Err(e)) if e.contains("is set by a cluster admin") => Check::Done(()),
+            Ok(Err(e)) => Check::NotYet(e),
+            Ok(Ok(())) => Check::NotYet(format!("{editor} set her own namespace's store bound")),
+            Err(e) => Check::NotYet(format!("{e:#}")),
+        }
+    })
+    .await;
+    let cleaned = async {
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .delete(&name, &Default::default())
+            .await?;
+        Api::<ClusterRole>::all(client.clone())
+            .delete(&name, &Default::default())
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    checked?;
+    cleaned?;
+    // The cluster admin (this test) sets it — to a size only.
+    match annotate("lots", None).await? {
+        Err(e) if e.contains("is not a size") => {}
+        other => bail!("a store bound that is not a size was not refused: {other:?}"),
+    }
+    annotate("50Gi", None)
+        .await?
+        .map_err(|e| anyhow::anyhow!("the cluster admin's store bound was refused: {e}"))?;
     Ok(())
 }
 

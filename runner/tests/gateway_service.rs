@@ -550,6 +550,55 @@ async fn an_approval_the_session_does_not_hold_is_ignored() {
     );
 }
 
+/// A namespace at its store bound records no new consent — but a person withdrawing consent
+/// is always heard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_at_its_store_bound_still_records_a_withdrawn_consent() {
+    use contextos_runner::{
+        consent::{ConsentAction, Purpose, SubjectHandle},
+        memory::consents::{ConsentRequest, RemoteConsents},
+        personal_data::Category,
+        records::store::remote::{Credential, RemoteStore},
+    };
+    let rig = rig_with_options(RigOptions {
+        max_tenant_store_bytes: Some(1 << 30),
+        ..RigOptions::default()
+    })
+    .await;
+    rig.tenants.set_store_bound("shop", Some("0"));
+    let privacy = RemoteStore::new(
+        &rig.url,
+        TokenSource::Fixed("token-privacy".into()),
+        Credential::Reader {
+            namespace: "shop".into(),
+        },
+        "shop",
+    )
+    .expect("store");
+    let grant = ConsentRequest {
+        subject: SubjectHandle::new("subj:7f3a").expect("handle"),
+        purpose: Purpose::new("incident-follow-up").expect("purpose"),
+        action: ConsentAction::Grant,
+        categories: [Category::Phone].into(),
+        evidence: "PRIV-1042".into(),
+        expires_at_ms: None,
+        request_id: None,
+    };
+    let refused = RemoteConsents(&privacy)
+        .append(&grant)
+        .await
+        .expect_err("no room for a grant");
+    assert!(refused.to_string().contains("at most 0"), "{refused}");
+    let revoked = RemoteConsents(&privacy)
+        .append(&ConsentRequest {
+            action: ConsentAction::Revoke,
+            ..grant
+        })
+        .await
+        .expect("a withdrawal is recorded");
+    assert_eq!(revoked.record.action, ConsentAction::Revoke);
+}
+
 /// A run's start time orders the namespace's runs (listings by time, the sum its store bound
 /// reads): a runner saying its run started at the end of time is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -814,6 +814,8 @@ impl<'s, S: RecordStore> Recorder<'s, S> {
         }
         for entry in others {
             appended.hashes.push(entry.hash);
+            // What the other writer wrote is kept too: a batch re-chained after it counts on.
+            self.summary.bytes = self.summary.bytes.saturating_add(entry.bytes.len() as u64);
             if let Ok(e) = RecordEntry::decode(&entry.bytes) {
                 SummaryEffect::of(&e.body).apply(&mut self.summary);
                 if let Some(step) = self.turn_step(&e.body).await? {

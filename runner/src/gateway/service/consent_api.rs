@@ -102,8 +102,12 @@ where
             )));
         }
         let record = request.into_record(person.username.clone(), now_ms());
-        let size = serde_json::to_vec(&record).map_or(0, |bytes| bytes.len() as u64);
-        service.tenant_room(&tenant, size).await?;
+        // A person withdrawing consent is always heard, whatever the namespace keeps: runs must
+        // stop treating the subject as consented.
+        if record.action != crate::consent::ConsentAction::Revoke {
+            let size = serde_json::to_vec(&record).map_or(0, |bytes| bytes.len() as u64);
+            service.tenant_room(&tenant, size).await?;
+        }
         let key = service.keys.for_tenant(tenant.as_str());
         let link = ConsentBook::new(&service.store, &tenant)
             .append(record, &key)

@@ -649,7 +649,13 @@ where
         }
         self.tenant_bytes
             .take(tenant.as_str(), incoming)
-            .map_err(|over| over_tenant_bound(&over))
+            .map_err(|over| match over {
+                Some(over) => over_tenant_bound(&over),
+                // Forgotten since it was measured (many tenants): its next request measures.
+                None => unavailable(format!(
+                    "what namespace {tenant} keeps is being measured; ask again"
+                )),
+            })
     }
 
     /// What `tenant` keeps, and its bound.
@@ -661,12 +667,16 @@ where
         let gateway = self.tenant_bytes.gateway_bound();
         let bound = match self.tenants.store_bound(tenant.as_str()).await {
             Ok(annotation) => Bound::of(annotation.as_deref(), gateway),
-            // The API server is away: the bound read last, else the gateway's own.
+            // The API server is away (or refused: the gateway's RBAC lacks `get` on
+            // namespaces): the bound read last, else nothing is let through — the gateway's
+            // own could be higher than the one the namespace was given.
             Err(why) => {
                 tracing::warn!(%tenant, %why, "the namespace's store bound could not be read");
-                self.tenant_bytes
-                    .last_bound(tenant.as_str())
-                    .unwrap_or_else(|| Bound::of(None, gateway))
+                self.tenant_bytes.last_bound(tenant.as_str()).ok_or_else(|| {
+                    crate::records::StoreError::Backend(format!(
+                        "the store bound of namespace {tenant} cannot be read: {why}"
+                    ))
+                })?
             }
         };
         let kept = if bound == Bound::Unbounded {

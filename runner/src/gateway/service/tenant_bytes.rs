@@ -105,15 +105,22 @@ pub fn room(kept: u64, incoming: u64, bound: &Bound) -> Result<(), Over> {
     }
 }
 
-/// A size as Kubernetes writes quantities of bytes: digits, optionally followed by `Ki`, `Mi`,
-/// `Gi`, `Ti`, `Pi` (powers of 1024) or `k`, `M`, `G`, `T`, `P` (powers of 1000).
+/// A size as Kubernetes writes quantities of bytes: 1–18 digits, optionally followed by `Ki`,
+/// `Mi`, `Gi`, `Ti`, `Pi` (powers of 1024) or `k`, `M`, `G`, `T`, `P` (powers of 1000); one
+/// past what 64 bits hold is as good as unbounded, and taken as the most they hold (admission
+/// policy contextos-store-bounds admits the same).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let number: u64 = digits.parse().map_err(|_| {
-        "is not a size: write whole bytes, or a number followed by Ki, Mi, Gi, Ti, k, M, G or T".to_owned()
-    })?;
+    let number: u64 = digits
+        .parse()
+        .ok()
+        .filter(|_| digits.len() <= 18)
+        .ok_or_else(|| {
+            "is not a size: write 1 to 18 digits, alone or followed by Ki, Mi, Gi, Ti, Pi, k, M, G, T or P"
+                .to_owned()
+        })?;
     let factor: u64 = match unit {
         "" => 1,
         "Ki" => 1 << 10,
@@ -126,11 +133,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "G" => 1_000_000_000,
         "T" => 1_000_000_000_000,
         "P" => 1_000_000_000_000_000,
-        other => return Err(format!("has unit {other:?}: use Ki, Mi, Gi, Ti, k, M, G or T")),
+        other => {
+            return Err(format!(
+                "has unit {other:?}: use Ki, Mi, Gi, Ti, Pi, k, M, G, T or P"
+            ));
+        }
     };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| "is larger than any disk".to_owned())
+    Ok(number.saturating_mul(factor))
 }
 
 /// What this replica knows of one tenant.
@@ -143,8 +152,9 @@ struct Seen {
     bound: Bound,
     at: Instant,
     /// Since when a request has been measuring it again (the others use this measurement
-    /// meanwhile: one scan at a time per tenant).
-    measuring: Option<Instant>,
+    /// meanwhile: one scan at a time per tenant), and what had been let through then (what is
+    /// let through after may not be in the store's figure: it is carried over).
+    measuring: Option<(Instant, u64)>,
 }
 
 /// Whether a request measures its tenant before writing.
@@ -204,9 +214,11 @@ impl TenantBytes {
             return Due::Fresh;
         }
         match known.measuring {
-            Some(since) if since.elapsed() < 2 * self.remeasure.max(Duration::from_secs(1)) => Due::Measuring,
+            Some((since, _)) if since.elapsed() < 2 * self.remeasure.max(Duration::from_secs(1)) => {
+                Due::Measuring
+            }
             _ => {
-                known.measuring = Some(Instant::now());
+                known.measuring = Some((Instant::now(), known.added));
                 Due::Measure
             }
         }
@@ -229,12 +241,17 @@ impl TenantBytes {
             .and_then(|seen| seen.get(tenant).map(|s| s.bound.clone()))
     }
 
-    /// Keeps what was just measured of `tenant` (what this replica let through before is in
-    /// it, or is being written: it is not counted again).
+    /// Keeps what was just measured of `tenant`: what this replica let through before the
+    /// measurement began is in it (or being written), what it let through since is carried
+    /// over.
     pub fn measured(&self, tenant: &str, bytes: u64, bound: Bound) {
         let Ok(mut seen) = self.seen.lock() else {
             return;
         };
+        let since = seen
+            .get(tenant)
+            .and_then(|known| known.measuring.map(|(_, then)| known.added.saturating_sub(then)))
+            .unwrap_or(0);
         if !seen.contains_key(tenant) && seen.len() >= MAX_TENANTS {
             let stalest = seen.iter().min_by_key(|(_, s)| s.at).map(|(t, _)| t.clone());
             if let Some(stalest) = stalest {
@@ -245,7 +262,7 @@ impl TenantBytes {
             tenant.to_owned(),
             Seen {
                 measured: bytes,
-                added: 0,
+                added: since,
                 bound,
                 at: Instant::now(),
                 measuring: None,
@@ -254,20 +271,14 @@ impl TenantBytes {
     }
 
     /// Lets `incoming` bytes of `tenant` through if its bound has room for them (and counts
-    /// them); a tenant not measured yet has none.
-    pub fn take(&self, tenant: &str, incoming: u64) -> Result<(), Over> {
+    /// them). `Err(None)`: the tenant is not measured here (forgotten since: ask again).
+    pub fn take(&self, tenant: &str, incoming: u64) -> Result<(), Option<Over>> {
         let mut seen = self
             .seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(known) = seen.get_mut(tenant) else {
-            return Err(Over {
-                kept: 0,
-                incoming,
-                bound: Bound::Invalid("not measured yet".into()),
-            });
-        };
-        room(known.measured.saturating_add(known.added), incoming, &known.bound)?;
+        let known = seen.get_mut(tenant).ok_or(None)?;
+        room(known.measured.saturating_add(known.added), incoming, &known.bound).map_err(Some)?;
         known.added = known.added.saturating_add(incoming);
         Ok(())
     }
@@ -284,7 +295,21 @@ mod tests {
         assert_eq!(parse_size(" 20Gi "), Ok(20 << 30));
         assert_eq!(parse_size("2G"), Ok(2_000_000_000));
         assert_eq!(parse_size("3k"), Ok(3_000));
-        for wrong in ["", "Gi", "20 Gi", "20GB", "1.5Gi", "-1", "20gi", "99999999999Pi"] {
+        assert_eq!(
+            parse_size("99999999999Pi"),
+            Ok(u64::MAX),
+            "past 64 bits: the most they hold"
+        );
+        for wrong in [
+            "",
+            "Gi",
+            "20 Gi",
+            "20GB",
+            "1.5Gi",
+            "-1",
+            "20gi",
+            "1234567890123456789",
+        ] {
             assert!(parse_size(wrong).is_err(), "{wrong:?} was read as a size");
         }
     }
@@ -314,14 +339,18 @@ mod tests {
     fn what_a_replica_lets_through_counts_until_the_store_is_measured_again() {
         let bytes = TenantBytes::new(100);
         assert_eq!(bytes.due("shop"), Due::Measure);
-        assert!(
-            bytes.take("shop", 1).is_err(),
-            "a tenant not measured has no room yet"
+        assert_eq!(
+            bytes.take("shop", 1),
+            Err(None),
+            "a tenant not measured: ask again"
         );
         bytes.measured("shop", 60, Bound::Gateway(100));
         assert_eq!(bytes.due("shop"), Due::Fresh);
         bytes.take("shop", 30).expect("room for 30");
-        let over = bytes.take("shop", 20).expect_err("60 + 30 + 20 > 100");
+        let over = bytes
+            .take("shop", 20)
+            .expect_err("60 + 30 + 20 > 100")
+            .expect("measured");
         assert_eq!(over.kept, 90);
         // Another tenant's writes are its own.
         bytes.measured("bank", 0, Bound::Gateway(100));
@@ -341,5 +370,17 @@ mod tests {
         assert_eq!(stale.due("shop"), Due::Measure);
         stale.measured("shop", 50, Bound::Gateway(100));
         assert_eq!(stale.due("shop"), Due::Measure, "measured again at once");
+        // What is let through while the store is read may be missing from its figure: carried
+        // over; what was let through before is in it.
+        let carried = TenantBytes::new(100).remeasured_every(Duration::ZERO);
+        carried.measured("shop", 10, Bound::Gateway(100));
+        carried.take("shop", 20).expect("before the measurement");
+        assert_eq!(carried.due("shop"), Due::Measure);
+        carried.take("shop", 30).expect("while it is measured");
+        carried.measured("shop", 30, Bound::Gateway(100));
+        carried
+            .take("shop", 40)
+            .expect("30 measured, 30 carried, 40 more");
+        assert!(carried.take("shop", 1).is_err());
     }
 }

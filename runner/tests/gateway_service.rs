@@ -550,6 +550,41 @@ async fn an_approval_the_session_does_not_hold_is_ignored() {
     );
 }
 
+/// What a namespace's runners uploaded counts against its bound before any entry names it (a
+/// runner uploading blob after blob and never naming them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_blobs_a_namespace_uploaded_count_against_its_store_bound() {
+    let rig = rig_with_options(RigOptions {
+        max_tenant_store_bytes: Some(1 << 30),
+        ..RigOptions::default()
+    })
+    .await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    let uploaded = 64 * 1024;
+    client
+        .records()
+        .put_blob(&rig.tenant(), vec![1; uploaded])
+        .await
+        .expect("room for the first");
+    rig.tenants
+        .set_store_bound("shop", Some(&(uploaded + 100).to_string()));
+    let refused = client
+        .records()
+        .put_blob(&rig.tenant(), vec![2; 101])
+        .await
+        .expect_err("the first blob is kept: no room for 101 bytes more");
+    assert!(
+        refused.to_string().contains(&format!("keep {uploaded} bytes")),
+        "{refused}"
+    );
+    client
+        .records()
+        .put_blob(&rig.tenant(), vec![3; 100])
+        .await
+        .expect("room for 100");
+}
+
 /// A namespace at its store bound records no new consent — but a person withdrawing consent
 /// is always heard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,6 +101,10 @@ impl ChainedObject for Feedback {
                 FeedbackError::Memory(MemoryError::Store(e @ StoreError::Backend(_)))
                 | FeedbackError::Read(ReadError::Store(e @ StoreError::Backend(_))),
             ) => Chaining::Wait(e.to_string()),
+            // Said of the field that chose the run, when the object pinned it.
+            Err(e) if self.spec.run_id.is_some() => {
+                done(refused(self, "NotRecorded", format!("spec.runId: {e}")))
+            }
             Err(e) => done(refused(self, "NotRecorded", e.to_string())),
         }
     }

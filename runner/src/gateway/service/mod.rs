@@ -475,11 +475,11 @@ fn not_authenticated(e: AuthError, needs: &str) -> Refusal {
 }
 
 /// A write a tenant's store bound has no room for (see [`tenant_bytes`]).
-fn over_tenant_bound(over: &tenant_bytes::Over) -> Refusal {
+fn over_tenant_bound(tenant: &TenantId, over: &tenant_bytes::Over) -> Refusal {
     Refusal::new(
         StatusCode::INSUFFICIENT_STORAGE,
         crate::records::store::remote::QUOTA_EXCEEDED,
-        over.to_string(),
+        format!("namespace {tenant}: {over}"),
     )
 }
 
@@ -650,7 +650,7 @@ where
         self.tenant_bytes
             .take(tenant.as_str(), incoming)
             .map_err(|over| match over {
-                Some(over) => over_tenant_bound(&over),
+                Some(over) => over_tenant_bound(tenant, &over),
                 // Forgotten since it was measured (many tenants): its next request measures.
                 None => unavailable(format!(
                     "what namespace {tenant} keeps is being measured; ask again"

@@ -81,7 +81,7 @@ impl std::fmt::Display for Over {
         };
         write!(
             f,
-            "the namespace's runs keep {} bytes in the record store and this write adds {}; it may keep at most {limit} ({from}, which a cluster admin sets)",
+            "its runs keep {} bytes in the record store and this write adds {}; it may keep at most {limit} ({from}, which a cluster admin raises: records are never deleted)",
             self.kept, self.incoming
         )
     }

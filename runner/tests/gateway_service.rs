@@ -781,6 +781,102 @@ async fn a_run_names_only_blobs_it_uploaded_itself() {
     assert!(read.expect("answered").is_some());
 }
 
+/// A call's identifiers go on to tools as HTTP headers: one holding a line break or another
+/// control character is refused at the gateway — not sent, failed on the way, and retried and
+/// charged as a tool that may have acted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_identifier_is_printable_ascii() {
+    let rig = rig().await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &rig.bundle, &context).await;
+    for field in ["call_id", "idempotency_key", "traceparent"] {
+        let mut call = status_update(&context, 1);
+        match field {
+            "call_id" => call.call_id.push('\n'),
+            "idempotency_key" => call.idempotency_key.push_str("\r\nX-Injected: 1"),
+            _ => call.traceparent.push('\u{7f}'),
+        }
+        let refused = client
+            .call(&call, &Default::default())
+            .await
+            .expect_err("a control character");
+        assert!(
+            refused
+                .to_string()
+                .contains(&format!("{field} holds a character other than printable ASCII")),
+            "{refused}"
+        );
+    }
+    let outcome = client
+        .call(&status_update(&context, 1), &Default::default())
+        .await
+        .expect("answered");
+    assert!(
+        matches!(&outcome, CallOutcome::Executed(result) if result.ok),
+        "{outcome:?}"
+    );
+}
+
+/// A blob is read into every batch and every reading of the run that names it: a runner naming
+/// one blob over and over is held to what that reads as. A batch names at most 32 MiB of blobs
+/// (counted before any is read), and each naming counts against the run's bytes before it is
+/// written, as a reader will read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_named_again_counts_again() {
+    let rig = rig_with_options(RigOptions {
+        max_run_bytes: Some(4 << 20),
+        ..RigOptions::default()
+    })
+    .await;
+    let context = rig.context(&rig.bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &rig.bundle, &context).await;
+    let body = EntryBody::ContextCompiled {
+        digest: "x".repeat(1 << 20),
+        tokens: 1,
+        budget: 1,
+        sources: Vec::new(),
+    };
+    let blob = client
+        .records()
+        .put_blob(&rig.tenant(), body.encode())
+        .await
+        .expect("uploaded");
+    let name = EntryBody::Blob {
+        blob,
+        size: body.encode().len() as u64,
+        body_type: "context_compiled".into(),
+    };
+    let resume = || Recorder::resume(client.records(), rig.tenant(), transit(), RUN);
+    // 40 names of a 1 MiB blob in one batch of a few kilobytes: 40 MiB to read.
+    let mut recorder = resume().await.expect("resume");
+    for _ in 0..40 {
+        recorder.stage(name.clone());
+    }
+    let refused = recorder.flush().await.expect_err("40 MiB of blobs in a batch");
+    assert!(refused.to_string().contains("bytes of blobs"), "{refused}");
+    // One name at a time: the upload counts 1 MiB and each naming 1 MiB more.
+    let mut named = 0;
+    let refused = loop {
+        let mut recorder = resume().await.expect("resume");
+        recorder.stage(name.clone());
+        match recorder.flush().await {
+            Ok(_) => named += 1,
+            Err(refused) => break refused,
+        }
+        assert!(
+            named < 8,
+            "a 1 MiB blob named {named} times in a run of at most 4 MiB"
+        );
+    };
+    assert_eq!(
+        named, 2,
+        "1 MiB uploaded and named twice: a third naming passes 4 MiB"
+    );
+    assert!(refused.to_string().contains("at most 4194304"), "{refused}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_cannot_write_decisions_results_approvals_or_model_turns() {
     let rig = rig().await;
@@ -2448,6 +2544,52 @@ async fn a_tool_pointed_at_the_gateways_own_host_is_never_reached() {
         other => panic!("the call is refused at its destination, got {other:?}"),
     }
     assert!(rig.tools.effect_keys().is_empty(), "nothing reached the tool");
+}
+
+/// A replica new to a run reads its record a page at a time: all of it counts (a call on the
+/// first page against the budget) and it ends where the record does (its head is the one the
+/// runner was told, or the next call would be refused as behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_new_to_a_long_run_reads_all_of_it() {
+    let rig = rig().await;
+    let mut bundle = rig.bundle.clone();
+    bundle.agent_spec.budget.max_tool_calls = 2;
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let first = rig.client("token-run-1", &context);
+    let second =
+        GatewayClient::new(&rig.replica, TokenSource::Fixed("token-run-1".into()), &context).expect("client");
+    start_run(first.records(), &bundle, &context).await;
+    let one = first
+        .call(&status_update(&context, 1), &Default::default())
+        .await
+        .expect("answered");
+    assert!(matches!(&one, CallOutcome::Executed(r) if r.ok), "{one:?}");
+    // Three pages of the runner's own entries after it.
+    let mut recorder = Recorder::resume(first.records(), rig.tenant(), transit(), RUN)
+        .await
+        .expect("resume");
+    for i in 0..700 {
+        recorder.stage(EntryBody::ContextCompiled {
+            digest: format!("context {i}"),
+            tokens: 1,
+            budget: 1,
+            sources: Vec::new(),
+        });
+    }
+    recorder.flush().await.expect("written");
+    let two = second
+        .call(&status_update(&context, 2), &Default::default())
+        .await
+        .expect("answered");
+    assert!(matches!(&two, CallOutcome::Executed(r) if r.ok), "{two:?}");
+    let three = second
+        .call(&status_update(&context, 3), &Default::default())
+        .await
+        .expect("answered");
+    assert!(
+        matches!(&three, CallOutcome::Denied { rule, .. } if rule == "run/budget.maxToolCalls"),
+        "{three:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

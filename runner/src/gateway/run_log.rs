@@ -16,10 +16,13 @@ use crate::{
     model::ModelTurn,
     records::{
         EntryBody, Hash, ReadError, RecordEntry, RecordStore, Recorder, StoredEntry, TenantId,
-        read::read_stored_from, recorder::fold_into_summary, store::RunSummary, vaulted,
+        read::read_stored_page, recorder::fold_into_summary, store::RunSummary, vaulted,
     },
     vault::SecretKey,
 };
+
+/// Entries a refresh reads and folds at a time.
+const REFRESH_PAGE: usize = 256;
 
 /// What the record says a run has used: model steps and tokens (counted from the model turns
 /// the gateway itself recorded, and the tokens it paid for that no turn holds), and the turn
@@ -148,7 +151,8 @@ impl RunLog {
     }
 
     /// Reads what was appended since the last look and folds it into the summary, the ledger
-    /// and `gateway`.
+    /// and `gateway`, [`REFRESH_PAGE`] entries at a time (a replica new to a long run does not
+    /// hold all of it at once).
     pub async fn refresh<S: RecordStore>(
         &mut self,
         store: &S,
@@ -159,19 +163,27 @@ impl RunLog {
         if !self.gateway_in_step {
             self.start_over(gateway, run_id);
         }
-        let tail = self.read_tail(store, tenant, run_id).await?;
-        let tail = match tail {
-            Some(tail) => tail,
-            None => {
-                // The tail does not link to what was read before: read everything again.
-                self.start_over(gateway, run_id);
-                self.read_tail(store, tenant, run_id).await?.unwrap_or_default()
+        loop {
+            let page = match self.read_tail(store, tenant, run_id, REFRESH_PAGE).await? {
+                Some(page) => page,
+                None => {
+                    // The tail does not link to what was read before: read everything again
+                    // (from the start, where it links to nothing).
+                    self.start_over(gateway, run_id);
+                    self.read_tail(store, tenant, run_id, REFRESH_PAGE)
+                        .await?
+                        .unwrap_or_default()
+                }
+            };
+            let last = page.len() < REFRESH_PAGE;
+            // Opened first: the run's gateway remembers results as the run saw them.
+            let opened = self.open_all(page, store, tenant, run_id).await?;
+            gateway.restore(opened.iter().map(|(_, e, _)| e));
+            self.fold(&opened);
+            if last {
+                break;
             }
-        };
-        // Opened first: the run's gateway remembers results as the run saw them.
-        let opened = self.open_all(tail, store, tenant, run_id).await?;
-        gateway.restore(opened.iter().map(|(_, e, _)| e));
-        self.fold(&opened);
+        }
         self.gateway_in_step = true;
         Ok(())
     }
@@ -219,7 +231,7 @@ impl RunLog {
             .iter()
             .any(|(_, e, _)| matches!(e.body, EntryBody::Blob { .. }))
         {
-            match self.read_tail(store, tenant, run_id).await? {
+            match self.read_tail(store, tenant, run_id, usize::MAX).await? {
                 Some(read) if read.len() == tail.len() => {
                     let opened = self.open_all(read, store, tenant, run_id).await?;
                     self.fold(&opened);
@@ -297,16 +309,17 @@ impl RunLog {
             .fold(self.ledger.tokens, u64::saturating_add)
     }
 
-    /// The entries after the head read last, as stored (each with its size); `None` if they
-    /// do not link to it.
+    /// The entries after the head read last (at most `limit`), as stored (each with its
+    /// size); `None` if they do not link to it.
     async fn read_tail<S: RecordStore>(
         &self,
         store: &S,
         tenant: &TenantId,
         run_id: &str,
+        limit: usize,
     ) -> Result<Option<Vec<(Hash, RecordEntry, usize)>>, ReadError> {
         let from = self.head.map_or(0, |(seq, _)| seq + 1);
-        let tail = read_stored_from(store, tenant, run_id, from).await?;
+        let tail = read_stored_page(store, tenant, run_id, from, limit).await?;
         let links = match (self.head, tail.first()) {
             (Some((_, hash)), Some((_, first))) => first.prev == Some(hash),
             _ => true,

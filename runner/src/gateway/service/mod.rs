@@ -638,21 +638,14 @@ where
     /// Lets `incoming` bytes of `tenant` into the store if its bound has room for them (see
     /// [`tenant_bytes`]), after measuring what it keeps when the last measurement is stale.
     async fn tenant_room(&self, tenant: &TenantId, incoming: u64) -> Result<(), Refusal> {
-        if self.tenant_bytes.due(tenant.as_str()) == tenant_bytes::Due::Measure {
-            match self.measure_tenant(tenant).await {
-                Ok((kept, bound)) => self.tenant_bytes.measured(tenant.as_str(), kept, bound),
-                Err(e) => {
-                    self.tenant_bytes.unclaim(tenant.as_str());
-                    return Err(unavailable(e));
-                }
-            }
-        }
+        use tenant_bytes::Refused;
         self.tenant_bytes
-            .take(tenant.as_str(), incoming)
-            .map_err(|over| match over {
-                Some(over) => over_tenant_bound(tenant, &over),
-                // Forgotten since it was measured (many tenants): its next request measures.
-                None => unavailable(format!(
+            .room(tenant.as_str(), incoming, || self.measure_tenant(tenant))
+            .await
+            .map_err(|refused| match refused {
+                Refused::Over(over) => over_tenant_bound(tenant, &over),
+                Refused::Unmeasured(e) => unavailable(e),
+                Refused::Forgotten => unavailable(format!(
                     "what namespace {tenant} keeps is being measured; ask again"
                 )),
             })

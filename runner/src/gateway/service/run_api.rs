@@ -89,6 +89,28 @@ const MAX_ENVELOPE_FIELD: usize = 256;
 const START_SKEW_MS: u64 = 60 * 60 * 1000;
 /// The most bytes a run's closing entry may take once the run is over its quota.
 const ENDING_BYTES: u64 = 16 * 1024;
+/// The most entries one batch of a runner's own may hold (a runner sends what it recorded
+/// since its last request: a few).
+const MAX_BATCH_ENTRIES: usize = 4096;
+/// The most bytes a batch's references to blobs may bring in: each blob is read and its body
+/// checked before the batch is written, so this bounds what one request makes a replica hold.
+const MAX_BATCH_INLINED: u64 = 4 * super::MAX_REQUEST_BYTES as u64;
+
+/// What a batch's references to `blobs` add to its run's record as every reader reads it (each
+/// blob in its place, once per reference): counted before they are written, as the run's
+/// bytes count them once they are.
+fn inlined(blobs: &[(Hash, u64)]) -> u64 {
+    blobs.iter().fold(0, |sum, (_, size)| sum.saturating_add(*size))
+}
+
+/// A runner's own entries as it sent them, checked (see [`GatewayService::runner_entries`]).
+struct RunnerBatch {
+    entries: Vec<(StoredEntry, RecordEntry)>,
+    /// Each entry's body (a body stored as a blob, read).
+    bodies: Vec<EntryBody>,
+    /// The blobs the entries refer to, in order, each with its size.
+    blobs: Vec<(Hash, u64)>,
+}
 
 impl<S, A, T> GatewayService<S, A, T>
 where
@@ -99,7 +121,11 @@ where
     pub(super) async fn append(State(service): State<Arc<Self>>, headers: HeaderMap, body: Bytes) -> Reply {
         let caller = service.caller(&headers).await?;
         let request: AppendRequest = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
-        let (entries, bodies) = service.runner_entries(&caller, &request.entries).await?;
+        let RunnerBatch {
+            entries,
+            bodies,
+            blobs,
+        } = service.runner_entries(&caller, &request.entries).await?;
         let expected = match &request.expected_head {
             None => None,
             Some(text) => Some(Hash::parse(text).ok_or_else(|| bad("expected_head is not a hash"))?),
@@ -117,7 +143,11 @@ where
         // every validator — as the record has it up to the head the runner names (a turn
         // answered before it was durable is on record by now).
         service.check_ending(&caller, &slot, &log, &entries).await?;
-        let incoming: u64 = entries.iter().map(|(e, _)| e.bytes.len() as u64).sum();
+        let incoming = entries
+            .iter()
+            .map(|(e, _)| e.bytes.len() as u64)
+            .sum::<u64>()
+            .saturating_add(inlined(&blobs));
         let used = log.bytes().saturating_add(service.blobs_of(&caller));
         // A run over its quota may still say how it ended (a small Failed entry, so its record
         // does not stay "running" for ever).
@@ -161,15 +191,17 @@ where
     }
 
     /// A runner's own entries as it sent them, each with its decoded form, checked: decodable,
-    /// of its own run, in canonical form, and of kinds only a runner writes (see
-    /// [`Self::check_runner_body`]).
-    async fn runner_entries(
-        &self,
-        caller: &Caller,
-        wire: &[WireEntry],
-    ) -> Result<(Vec<(StoredEntry, RecordEntry)>, Vec<EntryBody>), Refusal> {
+    /// of its own run, in canonical form, of kinds only a runner writes (see
+    /// [`Self::check_runner_body`]), and referring to blobs of at most [`MAX_BATCH_INLINED`]
+    /// bytes in all — counted from the sizes their uploads recorded, before any is read.
+    async fn runner_entries(&self, caller: &Caller, wire: &[WireEntry]) -> Result<RunnerBatch, Refusal> {
+        if wire.len() > MAX_BATCH_ENTRIES {
+            return Err(bad(format!(
+                "the batch holds {} entries; send at most {MAX_BATCH_ENTRIES} at once",
+                wire.len()
+            )));
+        }
         let mut entries = Vec::with_capacity(wire.len());
-        let mut bodies = Vec::with_capacity(wire.len());
         // A run about a subject: what its runner records about them must be encrypted under
         // the run's key, and every entry marked as about them (erasure must reach all of it).
         let subject = caller.context.context.subject.as_ref();
@@ -193,10 +225,70 @@ where
                     subject.map_or_else(|| "no one".to_owned(), ToString::to_string)
                 )));
             }
-            bodies.push(self.check_runner_body(caller, &entry, key.as_ref()).await?);
             entries.push((stored, entry));
         }
-        Ok((entries, bodies))
+        let blobs = self.blobs_referred(caller, &entries).await?;
+        let mut bodies = Vec::with_capacity(entries.len());
+        for (_, entry) in &entries {
+            bodies.push(self.check_runner_body(caller, entry, key.as_ref()).await?);
+        }
+        Ok(RunnerBatch {
+            entries,
+            bodies,
+            blobs,
+        })
+    }
+
+    /// The blobs `entries` refer to, each with its size as its upload recorded it (a blob
+    /// uploaded before uploads recorded sizes is read once to learn it); refused when the run
+    /// did not upload one, or when together they come to more than [`MAX_BATCH_INLINED`]
+    /// (a blob referred to twice counts twice: every reader reads it twice).
+    async fn blobs_referred(
+        &self,
+        caller: &Caller,
+        entries: &[(StoredEntry, RecordEntry)],
+    ) -> Result<Vec<(Hash, u64)>, Refusal> {
+        let mut sizes: HashMap<Hash, u64> = HashMap::new();
+        let mut blobs = Vec::new();
+        let mut inlined = 0u64;
+        for (_, entry) in entries {
+            let EntryBody::Blob { blob, .. } = &entry.body else {
+                continue;
+            };
+            let size = match sizes.get(blob) {
+                Some(size) => *size,
+                None => {
+                    let not_uploaded = || {
+                        bad(format!(
+                            "entry {} refers to blob {blob}, which this run did not upload; upload it first",
+                            entry.seq
+                        ))
+                    };
+                    let size = match self.uploaded_size(caller, blob).await? {
+                        None => return Err(not_uploaded()),
+                        Some(0) => self
+                            .store
+                            .get_blob(&caller.tenant, blob)
+                            .await
+                            .map_err(unavailable)?
+                            .ok_or_else(not_uploaded)?
+                            .len() as u64,
+                        Some(size) => size,
+                    };
+                    sizes.insert(*blob, size);
+                    size
+                }
+            };
+            inlined = inlined.saturating_add(size);
+            if inlined > MAX_BATCH_INLINED {
+                return Err(bad(format!(
+                    "the batch's entries refer to more than {MAX_BATCH_INLINED} bytes of blobs (entry {} passes it); send them in smaller batches",
+                    entry.seq
+                )));
+            }
+            blobs.push((*blob, size));
+        }
+        Ok(blobs)
     }
 
     /// Takes in what a call or model request says of the runner's record ([`RunnerTail`]): the
@@ -213,7 +305,11 @@ where
         let told = tail
             .told_head()
             .ok_or_else(|| bad("tail.head must be <seq>.<hash> of the newest entry the runner knows"))?;
-        let (entries, bodies) = self.runner_entries(caller, &tail.entries).await?;
+        let RunnerBatch {
+            entries,
+            bodies,
+            blobs,
+        } = self.runner_entries(caller, &tail.entries).await?;
         // A run ends with its own append: nothing may be decided after an end in the same batch.
         let ends = |e: &RecordEntry| match &e.body {
             EntryBody::Blob { body_type, .. } => body_type == "completed" || body_type == "failed",
@@ -228,7 +324,11 @@ where
             if entries.is_empty() {
                 return Ok(bodies);
             }
-            let incoming: u64 = entries.iter().map(|(e, _)| e.bytes.len() as u64).sum();
+            let incoming = entries
+                .iter()
+                .map(|(e, _)| e.bytes.len() as u64)
+                .sum::<u64>()
+                .saturating_add(inlined(&blobs));
             let used = log.bytes().saturating_add(self.blobs_of(caller));
             if used.saturating_add(incoming) > self.max_run_bytes {
                 return Err(over_quota(caller.run_id(), used, incoming, self.max_run_bytes));
@@ -514,13 +614,23 @@ where
 
     /// Whether the caller's run uploaded blob `hash` (see [`crate::memory::keys::run_blob`]).
     async fn run_uploaded(&self, caller: &Caller, hash: &Hash) -> Result<bool, Refusal> {
+        Ok(self.uploaded_size(caller, hash).await?.is_some())
+    }
+
+    /// The size of blob `hash` as the caller's run uploaded it (0: uploaded before uploads
+    /// recorded sizes), or `None` if it did not.
+    async fn uploaded_size(&self, caller: &Caller, hash: &Hash) -> Result<Option<u64>, Refusal> {
         let mark = crate::memory::keys::run_blob(&caller.tenant, caller.run_id(), hash);
         let values = self
             .store
             .memory_get(&caller.tenant, vec![mark])
             .await
             .map_err(unavailable)?;
-        Ok(values.first().is_some_and(Option::is_some))
+        Ok(values
+            .into_iter()
+            .next()
+            .flatten()
+            .map(|mark| crate::memory::keys::run_blob_size(&mark)))
     }
 
     /// The bundle a run about a subject stored (blob `stored`), opened with the run's `key`.
@@ -748,6 +858,13 @@ where
                 return Err(bad(format!(
                     "{field} has {} bytes; at most {MAX_ENVELOPE_FIELD}",
                     value.len()
+                )));
+            }
+            // Sent on to tools as HTTP headers: a control character would fail the request
+            // before it left, and that would read as a tool that may have acted.
+            if field != "tool" && !value.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(bad(format!(
+                    "{field} holds a character other than printable ASCII (no spaces or control characters)"
                 )));
             }
         }

@@ -14,7 +14,8 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    future::Future,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -160,6 +161,9 @@ struct Seen {
 /// Whether a request measures its tenant before writing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Due {
+    /// Never measured here (or forgotten): there is no figure to write against, so one
+    /// request measures while the others wait for its figure (see [`TenantBytes::room`]).
+    First,
     /// Measured within the interval: write against it.
     Fresh,
     /// This request measures (then [`TenantBytes::measured`], or [`TenantBytes::unclaim`] if
@@ -169,6 +173,17 @@ pub enum Due {
     Measuring,
 }
 
+/// Why a write was not let through.
+#[derive(Debug)]
+pub enum Refused<E> {
+    /// The tenant's bound has no room for it.
+    Over(Over),
+    /// What the tenant keeps could not be measured.
+    Unmeasured(E),
+    /// Forgotten since it was measured (many tenants): its next request measures.
+    Forgotten,
+}
+
 /// Every tenant's measurement at this replica.
 #[derive(Debug)]
 pub struct TenantBytes {
@@ -176,6 +191,11 @@ pub struct TenantBytes {
     gateway: u64,
     remeasure: Duration,
     seen: Mutex<HashMap<String, Seen>>,
+    /// Tenants being measured for the first time here, each with the lock its measuring
+    /// request holds (a gateway just started would otherwise read a busy tenant's whole
+    /// share of the store once per request waiting for a figure). An entry goes when its
+    /// tenant is measured; one that could not be is tried again by the next waiting request.
+    first: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl TenantBytes {
@@ -184,7 +204,14 @@ impl TenantBytes {
             gateway,
             remeasure: REMEASURE,
             seen: Mutex::default(),
+            first: Mutex::default(),
         }
+    }
+
+    /// The measurements, whether or not a thread panicked holding them (each update leaves
+    /// them whole).
+    fn seen(&self) -> MutexGuard<'_, HashMap<String, Seen>> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Measures again after `every` instead of [`REMEASURE`] (tests).
@@ -198,17 +225,52 @@ impl TenantBytes {
         self.gateway
     }
 
-    /// Whether a request writing for `tenant` measures it first. A tenant never measured here
-    /// is measured by every request that finds it so (they all wait for a figure); after that
-    /// by one at a time — a claim older than two intervals (its request was dropped) is taken
-    /// over.
+    /// Lets `incoming` bytes of `tenant` through if its bound has room for them, measuring
+    /// what it keeps first (`measure`: its size in the store and its bound) when this replica
+    /// has no figure for it or the figure is stale. A tenant never measured here is measured
+    /// by one request while the others wait for its figure; a stale one by one request while
+    /// the others write against the last figure.
+    pub async fn room<E, M, F>(&self, tenant: &str, incoming: u64, measure: M) -> Result<(), Refused<E>>
+    where
+        M: FnOnce() -> F,
+        F: Future<Output = Result<(u64, Bound), E>>,
+    {
+        let mut due = self.due(tenant);
+        let mut first = None;
+        if due == Due::First {
+            let gate = Arc::clone(
+                self.first
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(tenant.to_owned())
+                    .or_default(),
+            );
+            first = Some(gate.lock_owned().await);
+            due = self.due(tenant);
+        }
+        if matches!(due, Due::First | Due::Measure) {
+            match measure().await {
+                Ok((kept, bound)) => self.measured(tenant, kept, bound),
+                Err(e) => {
+                    self.unclaim(tenant);
+                    return Err(Refused::Unmeasured(e));
+                }
+            }
+        }
+        drop(first);
+        self.take(tenant, incoming).map_err(|over| match over {
+            Some(over) => Refused::Over(over),
+            None => Refused::Forgotten,
+        })
+    }
+
+    /// Whether a request writing for `tenant` measures it first: a stale figure is measured
+    /// again by one request at a time — a claim older than two intervals (its request was
+    /// dropped) is taken over.
     pub fn due(&self, tenant: &str) -> Due {
-        let mut seen = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = self.seen();
         let Some(known) = seen.get_mut(tenant) else {
-            return Due::Measure;
+            return Due::First;
         };
         if known.at.elapsed() < self.remeasure {
             return Due::Fresh;
@@ -226,28 +288,21 @@ impl TenantBytes {
 
     /// Gives up a claim to measure `tenant` (the store or the API server could not be read).
     pub fn unclaim(&self, tenant: &str) {
-        if let Ok(mut seen) = self.seen.lock()
-            && let Some(known) = seen.get_mut(tenant)
-        {
+        if let Some(known) = self.seen().get_mut(tenant) {
             known.measuring = None;
         }
     }
 
     /// The bound last read for `tenant`, if any (kept when its namespace cannot be read).
     pub fn last_bound(&self, tenant: &str) -> Option<Bound> {
-        self.seen
-            .lock()
-            .ok()
-            .and_then(|seen| seen.get(tenant).map(|s| s.bound.clone()))
+        self.seen().get(tenant).map(|s| s.bound.clone())
     }
 
     /// Keeps what was just measured of `tenant`: what this replica let through before the
     /// measurement began is in it (or being written), what it let through since is carried
     /// over.
     pub fn measured(&self, tenant: &str, bytes: u64, bound: Bound) {
-        let Ok(mut seen) = self.seen.lock() else {
-            return;
-        };
+        let mut seen = self.seen();
         let since = seen
             .get(tenant)
             .and_then(|known| known.measuring.map(|(_, then)| known.added.saturating_sub(then)))
@@ -268,15 +323,17 @@ impl TenantBytes {
                 measuring: None,
             },
         );
+        drop(seen);
+        self.first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(tenant);
     }
 
     /// Lets `incoming` bytes of `tenant` through if its bound has room for them (and counts
     /// them). `Err(None)`: the tenant is not measured here (forgotten since: ask again).
     pub fn take(&self, tenant: &str, incoming: u64) -> Result<(), Option<Over>> {
-        let mut seen = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = self.seen();
         let known = seen.get_mut(tenant).ok_or(None)?;
         room(known.measured.saturating_add(known.added), incoming, &known.bound).map_err(Some)?;
         known.added = known.added.saturating_add(incoming);
@@ -338,7 +395,7 @@ mod tests {
     #[test]
     fn what_a_replica_lets_through_counts_until_the_store_is_measured_again() {
         let bytes = TenantBytes::new(100);
-        assert_eq!(bytes.due("shop"), Due::Measure);
+        assert_eq!(bytes.due("shop"), Due::First);
         assert_eq!(
             bytes.take("shop", 1),
             Err(None),
@@ -382,5 +439,39 @@ mod tests {
             .take("shop", 40)
             .expect("30 measured, 30 carried, 40 more");
         assert!(carried.take("shop", 1).is_err());
+    }
+
+    /// Eight requests of a tenant a replica has no figure for, each measuring it as `fails`
+    /// says (by turn): how many times it was measured, and how many requests were let through.
+    async fn first_requests(fails: &[bool]) -> (usize, usize) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let bytes = TenantBytes::new(100);
+        let measures = AtomicUsize::new(0);
+        let requests = (0..8).map(|_| {
+            bytes.room("shop", 10, || async {
+                let turn = measures.fetch_add(1, Ordering::SeqCst);
+                // The store takes a while: every other request arrives meanwhile.
+                for _ in 0..16 {
+                    tokio::task::yield_now().await;
+                }
+                if fails.get(turn).copied().unwrap_or(false) {
+                    Err("the store is away")
+                } else {
+                    Ok((0, Bound::Gateway(100)))
+                }
+            })
+        });
+        let done = futures::future::join_all(requests).await;
+        (
+            measures.load(Ordering::SeqCst),
+            done.iter().filter(|r| r.is_ok()).count(),
+        )
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_tenant_new_to_a_replica_is_measured_once_while_its_requests_wait() {
+        assert_eq!(first_requests(&[]).await, (1, 8));
+        // A measurement that fails refuses its own request; the next waiting one measures.
+        assert_eq!(first_requests(&[true]).await, (2, 7));
     }
 }

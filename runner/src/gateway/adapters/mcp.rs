@@ -27,6 +27,8 @@ use tokio::sync::Mutex;
 use super::{AdapterError, AdapterResponse, CallContext, ServerTool, ToolHints};
 use crate::gateway::capabilities::CapabilityRoute;
 
+mod ending;
+
 /// Bound of one page of a tool listing (the transport allows [`message_limit`] of it).
 pub const LISTING_CAP: usize = 1024 * 1024;
 /// A server is not trusted to stop paginating: at most this many tools, bytes (all pages, as
@@ -98,10 +100,12 @@ pub enum StdioServers {
     Refused,
 }
 
-/// A client session, and the stdio server process it talks to (killed when dropped).
+/// A client session, and the stdio server process it talks to (killed when dropped) or the
+/// guard that ends its HTTP requests (see [`ending`]).
 struct Session {
     client: Client,
     _process: Option<tokio::process::Child>,
+    _requests: Option<ending::Session>,
 }
 
 impl Default for McpClients {
@@ -127,9 +131,18 @@ where
     E: std::error::Error + Send + Sync + 'static,
     A: Send + 'static,
 {
-    tokio::spawn(async move { ().serve(transport).await.map_err(|e| e.to_string()) })
-        .await
-        .map_err(|e| format!("the session's task ended: {e}"))?
+    /// Ends the task when its caller stops waiting (a call's timeout): a server that takes
+    /// the greeting and never answers would otherwise hold the task and its connection for
+    /// ever, one more with every call.
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let task = tokio::spawn(async move { ().serve(transport).await.map_err(|e| e.to_string()) });
+    let _abort = AbortOnDrop(task.abort_handle());
+    task.await.map_err(|e| format!("the session's task ended: {e}"))?
 }
 
 /// The server a tool lives on, as the key of its session.
@@ -234,13 +247,17 @@ impl McpClients {
             detail,
         };
         let limit = message_limit(cap);
+        let mut requests = None;
         let (client, process) = match (&adapter.url, &adapter.command) {
             (Some(url), _) => {
                 let config = StreamableHttpClientTransportConfig::with_uri(url.as_str())
                     .max_json_response_size(limit)
                     .max_sse_event_size(limit)
                     .max_error_response_size(64 * 1024);
-                let transport = StreamableHttpClientTransport::with_client(self.http.clone(), config);
+                // Held here while connecting: a call that gives up on the greeting ends it.
+                let (http, guard) = ending::client(self.http.clone());
+                requests = Some(guard);
+                let transport = StreamableHttpClientTransport::with_client(http, config);
                 (serve_detached(transport).await, None)
             }
             (None, Some(command)) => match &self.stdio {
@@ -272,6 +289,7 @@ impl McpClients {
         Ok(Session {
             client,
             _process: process,
+            _requests: requests,
         })
     }
 
@@ -414,6 +432,8 @@ fn cut_to_bytes(text: &str, cap: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -423,5 +443,43 @@ mod tests {
         assert_eq!(cut_to_bytes("aéb", 2), "a");
         assert_eq!(cut_to_bytes("aéb", 3), "aé");
         assert_eq!(cut_to_bytes("ab", 10), "ab");
+    }
+
+    /// A server that takes MCP's greeting and never answers: the call ends at its timeout, and
+    /// so does the connection it opened (nothing is left waiting on it).
+    #[tokio::test]
+    async fn a_server_that_never_greets_back_keeps_no_connection() {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let adapter = McpAdapter {
+            url: Some(format!("http://{}/mcp", listener.local_addr().expect("address"))),
+            command: None,
+            tool: None,
+            max_response_bytes: 1 << 20,
+        };
+        let server = tokio::spawn(async move {
+            let (mut connection, _) = listener.accept().await.expect("accept");
+            let mut buffer = vec![0; 64 * 1024];
+            // Reads the greeting and then waits, answering nothing, until the client hangs up.
+            while connection.read(&mut buffer).await.is_ok_and(|n| n > 0) {}
+        });
+        let ctx = CallContext {
+            idempotency_key: "key-1".into(),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            timeout: Duration::from_millis(300),
+            max_response_bytes: 1 << 20,
+            bearer_token: None,
+            hmac_key: None,
+            delegation: None,
+        };
+        let clients = McpClients::new(crate::http::client());
+        let called = clients
+            .call("status", &adapter, &Value::Object(Map::new()), &ctx)
+            .await;
+        assert!(matches!(called, Err(AdapterError::Timeout(_))), "{called:?}");
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the connection to a server that never answered is still open")
+            .expect("server");
     }
 }

@@ -9,11 +9,46 @@ use serde_json::{Map, Value, json};
 const MAX_REF_DEPTH: usize = 32;
 /// Most schema nodes one operation's arguments inline (references may fan out exponentially).
 pub const MAX_INLINED_NODES: usize = 100_000;
+/// Most bytes of text (keys and strings) one operation's arguments inline: a reference costs a
+/// node however long the text it points at, so thousands of references to one long
+/// description would otherwise copy it thousands of times.
+pub const MAX_INLINED_BYTES: usize = 16 << 20;
 
-/// `value`, or what its `$ref` (`#/components/…`) points at.
-pub fn resolve(document: &Value, value: &Value, depth: usize) -> Result<Value, String> {
+/// What is left of the bounds on what one operation's schemas inline.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    nodes: usize,
+    bytes: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            nodes: MAX_INLINED_NODES,
+            bytes: MAX_INLINED_BYTES,
+        }
+    }
+}
+
+impl Budget {
+    fn take(&mut self, nodes: usize, bytes: usize) -> Result<(), String> {
+        self.nodes = self
+            .nodes
+            .checked_sub(nodes)
+            .ok_or_else(|| format!("schemas that inline to more than {MAX_INLINED_NODES} nodes"))?;
+        self.bytes = self
+            .bytes
+            .checked_sub(bytes)
+            .ok_or_else(|| format!("schemas that inline to more than {MAX_INLINED_BYTES} bytes of text"))?;
+        Ok(())
+    }
+}
+
+/// `value`, or what its `$ref` (`#/components/…`) points at (borrowed: resolving copies
+/// nothing).
+pub fn resolve<'a>(document: &'a Value, value: &'a Value, depth: usize) -> Result<&'a Value, String> {
     let Some(reference) = value["$ref"].as_str() else {
-        return Ok(value.clone());
+        return Ok(value);
     };
     if depth > MAX_REF_DEPTH {
         return Err(format!(
@@ -32,14 +67,17 @@ pub fn resolve(document: &Value, value: &Value, depth: usize) -> Result<Value, S
 /// Most values a document may hold once its YAML aliases are expanded: a few kilobytes of
 /// aliases to aliases can otherwise stand for billions of values.
 pub const MAX_DOCUMENT_VALUES: usize = 4_000_000;
+/// Most bytes of text (keys and strings) a document may hold once its YAML aliases are
+/// expanded: an alias of one long string, repeated, costs a value each but copies the string.
+pub const MAX_DOCUMENT_TEXT: usize = 32 << 20;
 
-/// A document's content: JSON, or YAML within [`MAX_DOCUMENT_VALUES`] (counted as aliases
-/// expand, while it is read).
+/// A document's content: JSON, or YAML within [`MAX_DOCUMENT_VALUES`] and
+/// [`MAX_DOCUMENT_TEXT`] (counted as aliases expand, while it is read).
 pub fn parse_document(text: &str) -> Result<Value, String> {
     if let Ok(value) = serde_json::from_str(text) {
         return Ok(value);
     }
-    let left = std::cell::Cell::new(MAX_DOCUMENT_VALUES);
+    let left = std::cell::Cell::new((MAX_DOCUMENT_VALUES, MAX_DOCUMENT_TEXT));
     let seed = Bounded {
         left: &left,
         key: false,
@@ -51,7 +89,8 @@ pub fn parse_document(text: &str) -> Result<Value, String> {
 /// Builds a JSON value from YAML, counting every value against `left`.
 #[derive(Clone, Copy)]
 struct Bounded<'a> {
-    left: &'a std::cell::Cell<usize>,
+    /// Values and bytes of text still allowed.
+    left: &'a std::cell::Cell<(usize, usize)>,
     /// A mapping key: a scalar, as JSON's keys are text. (A mapping as a key would be written
     /// out as text inside its parent's key, escaped once more at every level: twice as long
     /// each time.)
@@ -67,12 +106,23 @@ impl Bounded<'_> {
     }
 
     fn take<E: serde::de::Error>(self) -> Result<(), E> {
-        let left = self.left.get().checked_sub(1).ok_or_else(|| {
+        self.take_text(0)
+    }
+
+    /// Takes a value holding `bytes` of text.
+    fn take_text<E: serde::de::Error>(self, bytes: usize) -> Result<(), E> {
+        let (values, text) = self.left.get();
+        let values = values.checked_sub(1).ok_or_else(|| {
             E::custom(format!(
                 "more than {MAX_DOCUMENT_VALUES} values once its aliases are expanded"
             ))
         })?;
-        self.left.set(left);
+        let text = text.checked_sub(bytes).ok_or_else(|| {
+            E::custom(format!(
+                "more than {MAX_DOCUMENT_TEXT} bytes of text once its aliases are expanded"
+            ))
+        })?;
+        self.left.set((values, text));
         Ok(())
     }
 }
@@ -113,7 +163,7 @@ impl<'de> serde::de::Visitor<'de> for Bounded<'_> {
     }
 
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
-        self.take()?;
+        self.take_text(v.len())?;
         Ok(Value::String(v.to_owned()))
     }
 
@@ -159,10 +209,9 @@ impl<'de> serde::de::Visitor<'de> for Bounded<'_> {
 }
 
 /// A schema with every `$ref` inside it replaced by its target (tools carry self-contained
-/// schemas), within [`MAX_REF_DEPTH`] and [`MAX_INLINED_NODES`].
+/// schemas), within [`MAX_REF_DEPTH`], [`MAX_INLINED_NODES`] and [`MAX_INLINED_BYTES`].
 pub fn inline(document: &Value, schema: &Value, depth: usize) -> Result<Value, String> {
-    let mut budget = MAX_INLINED_NODES;
-    inline_within(document, schema, depth, &mut budget)
+    inline_within(document, schema, depth, &mut Budget::default())
 }
 
 /// [`inline`] within what is `left` of a budget shared by several schemas (one operation's).
@@ -170,11 +219,9 @@ pub fn inline_within(
     document: &Value,
     schema: &Value,
     depth: usize,
-    left: &mut usize,
+    left: &mut Budget,
 ) -> Result<Value, String> {
-    *left = left
-        .checked_sub(1)
-        .ok_or_else(|| format!("schemas that inline to more than {MAX_INLINED_NODES} nodes"))?;
+    left.take(1, 0)?;
     if depth > MAX_REF_DEPTH * 4 {
         return Err(format!(
             "a schema nested more than {} levels deep (a recursive $ref?)",
@@ -200,7 +247,8 @@ pub fn inline_within(
         Value::Object(map) => {
             let mut out = Map::new();
             for (key, value) in map {
-                out.insert(key, inline_within(document, &value, depth + 1, budget)?);
+                budget.take(0, key.len())?;
+                out.insert(key.clone(), inline_within(document, value, depth + 1, budget)?);
             }
             Ok(Value::Object(out))
         }
@@ -209,7 +257,11 @@ pub fn inline_within(
             .map(|v| inline_within(document, v, depth + 1, budget))
             .collect::<Result<_, _>>()
             .map(Value::Array),
-        other => Ok(other),
+        Value::String(text) => {
+            budget.take(0, text.len())?;
+            Ok(schema.clone())
+        }
+        other => Ok(other.clone()),
     }
 }
 
@@ -237,5 +289,35 @@ mod tests {
         assert!(parse_document("? [1, 2]\n: x\n").is_err());
         let scalars = parse_document("200: {a: 1}\ntrue: 2\n~: 3\n1.5: 4\n").expect("scalar keys");
         assert_eq!(scalars, json!({"200": {"a": 1}, "true": 2, "null": 3, "1.5": 4}));
+    }
+
+    #[test]
+    fn an_alias_of_a_long_string_counts_its_text_each_time() {
+        // 1 MiB once, named 40 times: a few hundred bytes of aliases for 40 MiB of text.
+        let document = format!(
+            "long: &x \"{}\"\nmany: [{}]\n",
+            "a".repeat(1 << 20),
+            vec!["*x"; 40].join(", ")
+        );
+        let refused = parse_document(&document).expect_err("40 MiB of text");
+        assert!(refused.contains("bytes of text"), "{refused}");
+        let few = format!("long: &x \"{}\"\nmany: [*x, *x]\n", "a".repeat(1 << 20));
+        assert!(parse_document(&few).is_ok());
+    }
+
+    #[test]
+    fn a_reference_to_a_long_text_counts_its_text_each_time() {
+        let document = json!({"components": {"schemas": {
+            "B": {"description": "d".repeat(1 << 20)},
+            "Many": {"type": "array", "items": vec![json!({"$ref": "#/components/schemas/B"}); 40]},
+        }}});
+        let refused =
+            inline(&document, &json!({"$ref": "#/components/schemas/Many"}), 0).expect_err("40 MiB of text");
+        assert!(refused.contains("bytes of text"), "{refused}");
+        let few = json!({"$ref": "#/components/schemas/B"});
+        assert_eq!(
+            inline(&document, &few, 0).expect("one copy"),
+            document["components"]["schemas"]["B"]
+        );
     }
 }

@@ -31,7 +31,7 @@ use serde_json::{Map, Value, json};
 use sha2::Digest as _;
 
 use super::{AdapterError, AdapterResponse, CallContext, http};
-use crate::openapi::{MAX_INLINED_NODES, inline_within, method_name, parse_document, resolve};
+use crate::openapi::{Budget, inline_within, method_name, parse_document, resolve};
 
 /// Most bytes of a document read; a larger one is refused while it is read.
 pub const DOCUMENT_MAX_BYTES: usize = 8 * 1024 * 1024;
@@ -170,7 +170,7 @@ impl Binding {
         let base = base_url(document_url, document, item, operation, server)?;
         // One budget for every schema of the operation: parameters by the thousand, each
         // inlining a fan-out of references, must not cost thousands of budgets.
-        let left = std::cell::Cell::new(MAX_INLINED_NODES);
+        let left = std::cell::Cell::new(Budget::default());
         let schema_of = |schema: &Value| -> Result<Value, String> {
             let mut budget = left.get();
             let inlined = inline_within(document, schema, 0, &mut budget);
@@ -186,7 +186,9 @@ impl Binding {
         let mut parameters = Vec::new();
         let mut properties = Map::new();
         let mut required = Vec::new();
-        for parameter in declared_parameters(document, item, operation)? {
+        for parameter in declared_parameters(document, item, operation)
+            .map_err(|e| format!("operation {operation_id}: {e}"))?
+        {
             let name = parameter["name"].as_str().unwrap_or_default().to_owned();
             let refuse = |why: &str| {
                 Err(format!(
@@ -572,18 +574,28 @@ fn find<'d>(
     }
 }
 
+/// The most parameters an operation, or its path item, may declare.
+const MAX_PARAMETERS: usize = 1024;
+
 /// The parameters of an operation: its path item's, each replaced by the operation's own of the
 /// same name and location; references resolved.
-fn declared_parameters(document: &Value, item: &Value, operation: &Value) -> Result<Vec<Value>, String> {
-    let resolved = |list: &Value| -> Result<Vec<Value>, String> {
-        list.as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| resolve(document, p, 0))
-            .collect()
+fn declared_parameters<'a>(
+    document: &'a Value,
+    item: &'a Value,
+    operation: &'a Value,
+) -> Result<Vec<&'a Value>, String> {
+    let resolved = |list: &'a Value| -> Result<Vec<&'a Value>, String> {
+        let list = list.as_array().map_or(&[][..], Vec::as_slice);
+        if list.len() > MAX_PARAMETERS {
+            return Err(format!(
+                "{} parameters in one list; at most {MAX_PARAMETERS}",
+                list.len()
+            ));
+        }
+        list.iter().map(|p| resolve(document, p, 0)).collect()
     };
     let own = resolved(&operation["parameters"])?;
-    let mut all: Vec<Value> = resolved(&item["parameters"])?
+    let mut all: Vec<&Value> = resolved(&item["parameters"])?
         .into_iter()
         .filter(|shared| {
             !own.iter()
@@ -865,10 +877,7 @@ impl OpenApiClient {
         if let Some(pinned) = &adapter.document_sha256
             && *pinned != document.sha256
         {
-            return Err(AdapterError::Mismatch(format!(
-                "the document at {} has SHA-256 {}, not the {pinned} the tool pins (adapter.openapi.documentSha256): review what changed, then update the pin",
-                adapter.document, document.sha256
-            )));
+            return Err(pin_mismatch(adapter, &document.sha256));
         }
         let key = (
             document.sha256.clone(),
@@ -879,13 +888,20 @@ impl OpenApiClient {
         if let Some((_, bound)) = lock(&self.bound).get(&key) {
             return Ok(bound.clone());
         }
-        // Bound outside the lock: a large document takes a while, and other calls go on.
-        let bound = Arc::new(Binding::new(
-            &adapter.document,
-            &document.content,
-            &adapter.operation_id,
-            adapter.server.as_deref(),
-        ));
+        // Bound outside the lock and off the threads that serve requests: a large document
+        // takes a while, and other calls go on.
+        let (url, operation, server) = (
+            adapter.document.clone(),
+            adapter.operation_id.clone(),
+            adapter.server.clone(),
+        );
+        let bound = Arc::new(
+            tokio::task::spawn_blocking(move || {
+                Binding::new(&url, &document.content, &operation, server.as_deref())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("binding the operation failed: {e}"))),
+        );
         keep(&mut lock(&self.bound), key, bound.clone());
         Ok(bound)
     }
@@ -947,17 +963,34 @@ impl OpenApiClient {
                 body: String::from_utf8_lossy(&bytes).chars().take(512).collect(),
             }));
         }
-        let text = std::str::from_utf8(&bytes)
+        let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+        // A pinned document that changed is not read at all: reading is where a hostile one
+        // would cost the most.
+        if let Some(pinned) = &adapter.document_sha256
+            && *pinned != sha256
+        {
+            return Err(pin_mismatch(adapter, &sha256));
+        }
+        let text = String::from_utf8(bytes.to_vec())
             .map_err(|_| unavailable(AdapterError::Protocol("not UTF-8 text".into())))?;
-        let content = parse_document(text)
+        // Reading a large YAML document takes a while: off the threads that serve requests.
+        let content = tokio::task::spawn_blocking(move || parse_document(&text))
+            .await
+            .map_err(|e| unavailable(AdapterError::Protocol(format!("reading it failed: {e}"))))?
             .map_err(|e| unavailable(AdapterError::Protocol(format!("not JSON or YAML: {e}"))))?;
-        let document = Arc::new(Document {
-            sha256: hex::encode(sha2::Sha256::digest(&bytes)),
-            content,
-        });
+        let document = Arc::new(Document { sha256, content });
         keep(&mut lock(&self.documents), key, document.clone());
         Ok(document)
     }
+}
+
+/// The document at `adapter`'s URL hashes to `sha256`, not to the tool's pin.
+fn pin_mismatch(adapter: &OpenApiAdapter, sha256: &str) -> AdapterError {
+    AdapterError::Mismatch(format!(
+        "the document at {} has SHA-256 {sha256}, not the {} the tool pins (adapter.openapi.documentSha256): review what changed, then update the pin",
+        adapter.document,
+        adapter.document_sha256.as_deref().unwrap_or_default()
+    ))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -409,3 +409,20 @@ fn yaml_aliases_cannot_blow_a_small_document_up() {
         "aliases and numeric keys read"
     );
 }
+
+#[test]
+fn parameters_are_bounded_however_they_are_referenced() {
+    // Thousands of references to one parameter: each resolves to the same declaration, and a
+    // list this long is refused before its names are compared with the path item's.
+    let parameters = vec![json!({"$ref": "#/components/parameters/P"}); 5_000];
+    let document = json!({
+        "openapi": "3.1.0",
+        "paths": {"/x": {"parameters": parameters, "get": {"operationId": "x", "parameters": parameters}}},
+        "components": {"parameters": {"P": {"name": "p", "in": "query", "schema": {"type": "string"}}}},
+    });
+    let refused = refusal(&document, "x", None);
+    assert!(
+        refused.contains("5000 parameters in one list; at most 1024"),
+        "{refused}"
+    );
+}

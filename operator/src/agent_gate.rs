@@ -205,7 +205,8 @@ fn changed_beyond_gated_members(
 }
 
 /// Whether a member's gate (of a `kind` object, run for a Proposal when `proposal`) replays at
-/// least what the Agent's gate would: this Agent's sessions, no laxer threshold, an approver
+/// least what the Agent's gate would: this Agent's sessions, as many and from as far back, no
+/// laxer threshold, an approver
 /// when the Agent's gate needs one, and for a ContextPack — what the model is told — as many
 /// re-executions (a pack whose own gate turned them off does not shed the Agent's).
 fn covers(
@@ -222,6 +223,7 @@ fn covers(
     selects
         && member.replay.max_divergence_percent <= agent_gate.replay.max_divergence_percent
         && member.replay.sample_size >= agent_gate.replay.sample_size
+        && member.replay.window_hours >= agent_gate.replay.window_hours
         && (kind != GatedKind::ContextPack
             || samples(kind, &member.replay, proposal)
                 >= samples(GatedKind::Agent, &agent_gate.replay, false))
@@ -610,6 +612,21 @@ mod tests {
         )];
         assert!(matches!(
             decide("ops", None, in_force(&before, &gates), &after, &lax_replay),
+            Need::Replay(_)
+        ));
+        // Nor does one that replays only the last hour's sessions where the Agent's replays a
+        // week's (a quiet hour would hold none).
+        let mut recent = gate(0);
+        recent.replay.window_hours = 1;
+        let recent_replay = [member(
+            "guardrails",
+            &new,
+            Some(&recent),
+            PromotedBy::Replay,
+            Some(&old),
+        )];
+        assert!(matches!(
+            decide("ops", None, in_force(&before, &gates), &after, &recent_replay),
             Need::Replay(_)
         ));
         // Replayed against the revision the Agent ran, under a gate as strict: no second replay.

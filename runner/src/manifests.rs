@@ -33,8 +33,19 @@ impl Manifest {
         format!("{}: {} {}", self.file.display(), self.kind, self.name)
     }
 
-    /// The typed `spec`, or an error naming the offending field.
+    /// The typed `spec`, or an error naming the offending field — one the kind does not have
+    /// too: the API server would drop it, so a misspelt setting would govern nothing.
     fn spec<T: DeserializeOwned>(&self) -> Result<T, ManifestError> {
+        if let Some(field) = crate::known_fields::unknown_fields(&self.kind, &self.value).first() {
+            return Err(self.error(
+                field.to_string(),
+                format!(
+                    "is not a field of {}: spell it as `kubectl explain {}` shows, or remove it",
+                    self.kind,
+                    field_in_explain(&self.kind, field)
+                ),
+            ));
+        }
         let spec = self.value.get("spec").cloned().unwrap_or(Value::Null);
         let decoded = serde_path_to_error::deserialize(spec).map_err(|e| {
             let path = e.path().to_string();
@@ -272,6 +283,34 @@ impl ManifestSet {
             }
         }
         Ok(out)
+    }
+
+    /// A Consent among the files, as a refusal saying how to record it instead: a local run
+    /// records no consent from files — consent is a person's decision, not something a run
+    /// brings along (in a cluster the gateway chains the object its `recordedBy` applied).
+    pub fn consent_in_files(&self) -> Option<ManifestError> {
+        let consent = self.objects.iter().find(|m| m.kind == "Consent")?;
+        let spec = &consent.value["spec"];
+        let text = |key: &str| spec[key].as_str().unwrap_or("…").to_owned();
+        let categories = spec["categories"]
+            .as_array()
+            .map(|c| c.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+            .unwrap_or_default();
+        let (verb, categories) = match spec["action"].as_str() {
+            Some("revoke") if categories.is_empty() => ("revoke", String::new()),
+            Some("revoke") => ("revoke", format!(" --categories {categories}")),
+            _ => ("grant", format!(" --categories {categories}")),
+        };
+        Some(ManifestError {
+            location: consent.location(),
+            field: None,
+            problem: format!(
+                "a local run records no consent from the files it is given (consent is a person's decision, not a run's): record it with `contextos consent {verb} --subject {} --purpose {}{categories} --evidence {:?}` and leave this file out of -f (in a cluster, the person named in recordedBy applies it)",
+                text("subject"),
+                text("purpose"),
+                text("evidence"),
+            ),
+        })
     }
 
     /// Resolves Session `session` (or the only Session in the files) into a run bundle, as the
@@ -593,6 +632,19 @@ fn files_of(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     Ok(files)
 }
 
+/// Where `kubectl explain` shows the parent of `field` in `kind` (`policy.spec.rules` for
+/// `spec.rules[0].when`).
+fn field_in_explain(kind: &str, field: &crate::field_path::FieldPath) -> String {
+    let path = field.to_string();
+    let parent = path.rsplit_once('.').map_or("", |(parent, _)| parent);
+    let mut explained = kind.to_ascii_lowercase();
+    for step in parent.split('.').filter(|s| !s.is_empty()) {
+        explained.push('.');
+        explained.push_str(step.split('[').next().unwrap_or(step));
+    }
+    explained
+}
+
 fn is_manifest(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let kustomization = matches!(name, "kustomization.yaml" | "kustomization.yml" | "Kustomization");
@@ -761,6 +813,47 @@ mod tests {
         assert_eq!(err.field.as_deref(), Some("spec.tools[1].risk"), "{err}");
         assert!(
             err.problem.contains("harmless") && err.location.contains("Skill diagnosis"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_consent_among_the_files_is_refused_saying_how_to_record_it() {
+        let mut set = quickstart();
+        assert!(set.consent_in_files().is_none());
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/memory/consent");
+        set.objects
+            .extend(ManifestSet::load(&[dir]).expect("the example's consent").objects);
+        let err = set.consent_in_files().expect("refused");
+        assert!(
+            err.location
+                .ends_with("grant.yaml: Consent cust-7f3a9c-support-history-grant"),
+            "{err}"
+        );
+        assert!(
+            err.problem.contains(
+                "`contextos consent grant --subject cust-7f3a9c --purpose support-history --categories email --evidence \"signed form SUP-88\"`"
+            ),
+            "{err}"
+        );
+    }
+
+    /// A misspelt field would be dropped by the API server, and a local run would silently
+    /// go without what it says: refused, naming it.
+    #[test]
+    fn a_field_the_kind_does_not_have_is_refused_naming_it() {
+        let mut set = quickstart();
+        for m in &mut set.objects {
+            if m.kind == "Policy" {
+                m.value["spec"]["rules"][0]["when"] = Value::String("call.tool == 'x'".into());
+            }
+        }
+        let err = set.bundle("shop", None).expect_err("a misspelt condition");
+        assert_eq!(err.field.as_deref(), Some("spec.rules[0].when"), "{err}");
+        assert!(err.location.contains("Policy oncall-guardrails"), "{err}");
+        assert!(
+            err.problem
+                .contains("is not a field of Policy: spell it as `kubectl explain policy.spec.rules` shows"),
             "{err}"
         );
     }

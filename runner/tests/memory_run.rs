@@ -406,6 +406,10 @@ fn on_tikv_memory_is_kept_and_recalled_only_within_consent() {
 fn example_with_agent(dir: &Path, edit: impl Fn(&str) -> String) {
     for entry in std::fs::read_dir(example()).expect("example") {
         let path = entry.expect("entry").path();
+        if path.is_dir() {
+            // consent/: applied by a person, never read by a run.
+            continue;
+        }
         let text = std::fs::read_to_string(&path).expect("read");
         let text = if path.ends_with("agent.yaml") {
             edit(&text)

@@ -80,7 +80,7 @@ async fn sessions_within_consent(env: &'static TestEnv, tenant: &TestNamespace) 
         .api::<RoleBinding>()
         .create(&PostParams::default(), &binding)
         .await?;
-    let grant = repo_root().join("examples/memory/consent-grant.yaml");
+    let grant = repo_root().join("examples/memory/consent/grant.yaml");
     let forged = apply_consent(env, tenant, &grant, "mallory@example.com").await?;
     ensure!(
         !forged.status.success() && said(&forged).contains("spec.recordedBy: priya@example.com is not you"),

@@ -5,7 +5,8 @@
 //! Agent and renders them for people (text), machines (JSON) and code-scanning UIs (SARIF).
 
 pub mod evidence;
-pub mod field;
+/// Field paths (kept outside the audit: local runs name fields with them too).
+pub use crate::field_path as field;
 pub mod finding;
 pub mod harness;
 pub mod live;

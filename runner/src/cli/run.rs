@@ -184,7 +184,22 @@ pub async fn resolve(global: &GlobalArgs, args: ResolveArgs) -> anyhow::Result<E
 pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<ExitCode> {
     let tenant = global.tenant()?;
     let set = ManifestSet::load(&args.files)?;
+    if let Some(refused) = set.consent_in_files() {
+        return Err(refused.into());
+    }
     let bundle = set.bundle(tenant.as_str(), args.session.as_deref())?;
+    if let Some(tool) = bundle
+        .agent_spec
+        .tools
+        .iter()
+        .find(|t| t.adapter.mcp.as_ref().is_some_and(|mcp| mcp.command.is_some()))
+    {
+        // The profile's pod settings have nothing to apply to here: said, not silently skipped.
+        eprintln!(
+            "note: tool {} starts an MCP server with a command; a local run starts it as a process of this machine with a clean environment, outside any sandbox: its SandboxProfile's pod settings (image, resources, egress, seccompProfile, runAsUser, runtimeClassName, readOnlyRootFilesystem, activeDeadlineSeconds) confine it only in a cluster, in its capability pod",
+            tool.name
+        );
+    }
     let quotas = set.quotas_selecting(args.session.as_deref())?;
     if !quotas.is_empty() && !args.without_quotas {
         bail!(

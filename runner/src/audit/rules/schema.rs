@@ -2,9 +2,7 @@
 //! kind, and fields the kind does not have (the API server drops them without a word, so a
 //! misspelt `when:` for `condition:` silently removes a policy's condition).
 
-use std::{collections::BTreeMap, sync::OnceLock};
-
-use serde_json::Value;
+use std::collections::BTreeMap;
 
 use super::{Check, Sink};
 use crate::audit::{
@@ -99,71 +97,9 @@ fn unknown_fields(harness: &Harness, sink: &mut Sink<'_>) {
         .chain(harness.ontologies.iter().map(|o| (&o.id, &o.doc)))
         .chain(harness.consents.iter().map(|o| (&o.id, &o.doc)));
     for (id, doc) in docs {
-        let Some(schema) = schemas().get(&id.kind) else {
-            continue;
-        };
-        let mut unknown = Vec::new();
-        for (key, value) in doc.value.as_object().into_iter().flatten() {
-            // Type and metadata are Kubernetes' own; status is written by the operator.
-            if matches!(key.as_str(), "apiVersion" | "kind" | "metadata" | "status") {
-                continue;
-            }
-            match schema["properties"].get(key) {
-                Some(child) => walk(value, child, FieldPath::root().key(key), &mut unknown),
-                None => unknown.push(FieldPath::root().key(key)),
-            }
-        }
-        for field in unknown {
+        for field in crate::known_fields::unknown_fields(&id.kind, &doc.value) {
             let message = format!("{field} is not a field of {}", id.kind);
             sink.report_at(id, doc, field, message);
         }
     }
-}
-
-/// Collects the paths under `path` that `schema` does not describe.
-fn walk(value: &Value, schema: &Value, path: FieldPath, unknown: &mut Vec<FieldPath>) {
-    if schema["x-kubernetes-preserve-unknown-fields"] == Value::Bool(true) {
-        return;
-    }
-    match value {
-        Value::Object(map) => {
-            let properties = schema["properties"].as_object();
-            let additional = &schema["additionalProperties"];
-            for (key, child) in map {
-                match properties.and_then(|p| p.get(key)) {
-                    Some(child_schema) => walk(child, child_schema, path.key(key), unknown),
-                    None if additional.is_object() => walk(child, additional, path.key(key), unknown),
-                    None if additional == &Value::Bool(true) || properties.is_none() => {}
-                    None => unknown.push(path.key(key)),
-                }
-            }
-        }
-        Value::Array(items) if schema["items"].is_object() => {
-            for (i, item) in items.iter().enumerate() {
-                walk(item, &schema["items"], path.index(i), unknown);
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Each ContextOS kind's published schema (`openAPIV3Schema`), as the CRDs carry it.
-fn schemas() -> &'static BTreeMap<String, Value> {
-    static SCHEMAS: OnceLock<BTreeMap<String, Value>> = OnceLock::new();
-    SCHEMAS.get_or_init(|| {
-        contextos_crds::all_crds()
-            .into_iter()
-            .filter_map(|crd| {
-                let schema = crd
-                    .spec
-                    .versions
-                    .first()?
-                    .schema
-                    .as_ref()?
-                    .open_api_v3_schema
-                    .as_ref()?;
-                Some((crd.spec.names.kind.clone(), serde_json::to_value(schema).ok()?))
-            })
-            .collect()
-    })
 }

@@ -1,6 +1,6 @@
-//! Where in an object a finding points: a field path as users write it (`spec.rules[2].condition`,
+//! Where in an object a field is: a path as users write it (`spec.rules[2].condition`,
 //! `metadata.labels["pod-security.kubernetes.io/enforce"]`), built step by step so the audit's
-//! rules and the YAML line index spell every path the same way.
+//! rules, the YAML line index and a local run's refusals spell every path the same way.
 
 use std::fmt;
 

@@ -94,7 +94,8 @@ pub struct SessionInput {
     /// The task, in natural language.
     #[schemars(length(min = 1, max = 65536))]
     pub prompt: String,
-    /// Structured input available to tools and policies as `run.input`.
+    /// Structured input: given to the model after the prompt, and to policies as
+    /// `run.input.data` (`run.input.prompt` is the prompt).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",

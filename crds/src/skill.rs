@@ -138,7 +138,7 @@ pub struct EvalScenario {
     /// The request the run starts with (a Session's `input.prompt`).
     #[schemars(length(min = 1, max = 8192))]
     pub request: String,
-    /// Structured input, as a Session's `input.data` (policies read it as `run.input`).
+    /// Structured input, as a Session's `input.data` (policies read it as `run.input.data`).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",

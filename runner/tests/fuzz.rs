@@ -210,7 +210,7 @@ fn specs(root: &std::path::Path, fx: &Fixtures) -> Vec<Spec> {
         "call.risk == 'destructive' && !('sre' in run.groups)",
         "call.args.severity == 'sev1'",
         "call.args.lines.all(l, size(l) < 200) && state.budget == 'ok'",
-        "run.input.priority > 3 || call.tool.startsWith('get_')",
+        "run.input.data.priority > 3 || call.tool.startsWith('get_')",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())

@@ -219,7 +219,7 @@ pub struct Incoming {
     pub task_id: Option<String>,
     /// Its text parts, joined: the Session's prompt.
     pub prompt: String,
-    /// Its data part: the Session's structured input (`run.input`).
+    /// Its data part: the Session's structured input (`run.input.data` to policies).
     pub data: Option<Value>,
     /// Answer as soon as the task exists rather than when it ends or waits.
     pub return_immediately: bool,

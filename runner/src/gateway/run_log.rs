@@ -231,7 +231,7 @@ impl RunLog {
             .iter()
             .any(|(_, e, _)| matches!(e.body, EntryBody::Blob { .. }))
         {
-            match self.read_tail(store, tenant, run_id, usize::MAX).await? {
+            match self.read_tail(store, tenant, run_id, tail.len()).await? {
                 Some(read) if read.len() == tail.len() => {
                     let opened = self.open_all(read, store, tenant, run_id).await?;
                     self.fold(&opened);

@@ -76,11 +76,12 @@ async fn list_pages(client: &Client) -> Result<Vec<rmcp::model::Tool>, String> {
 /// `_meta` key carrying the idempotency key.
 pub const IDEMPOTENCY_META: &str = "dev.contextos/idempotencyKey";
 
-type Client = Arc<RunningService<RoleClient, ()>>;
+/// An open session, shared by the calls using it.
+type Client = Arc<Session>;
 
 /// Open MCP client sessions, by server and response cap.
 pub struct McpClients {
-    clients: Mutex<HashMap<String, Session>>,
+    clients: Mutex<HashMap<String, Client>>,
     /// Where HTTP servers are reached through (the gateway's egress-guarded client).
     http: reqwest::Client,
     /// Where command-started servers run.
@@ -100,12 +101,21 @@ pub enum StdioServers {
     Refused,
 }
 
-/// A client session, and the stdio server process it talks to (killed when dropped) or the
-/// guard that ends its HTTP requests (see [`ending`]).
+/// A client session, and what it lives on: the stdio server process it talks to or the guard
+/// that ends its HTTP requests (see [`ending`]) — killed or dropped once the session is
+/// forgotten and the last call using it is done with it.
 struct Session {
-    client: Client,
+    service: RunningService<RoleClient, ()>,
     _process: Option<tokio::process::Child>,
     _requests: Option<ending::Session>,
+}
+
+impl std::ops::Deref for Session {
+    type Target = RunningService<RoleClient, ()>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.service
+    }
 }
 
 impl Default for McpClients {
@@ -232,16 +242,15 @@ impl McpClients {
     async fn client(&self, adapter: &McpAdapter, cap: usize) -> Result<Client, AdapterError> {
         let key = format!("{}#{cap}", server_of(adapter));
         if let Some(session) = self.clients.lock().await.get(&key) {
-            return Ok(session.client.clone());
+            return Ok(session.clone());
         }
         let session = self.connect(adapter, cap).await?;
         let mut clients = self.clients.lock().await;
         // A concurrent call may have connected meanwhile: keep its session, drop this one.
-        let session = clients.entry(key).or_insert(session);
-        Ok(session.client.clone())
+        Ok(clients.entry(key).or_insert(session).clone())
     }
 
-    async fn connect(&self, adapter: &McpAdapter, cap: usize) -> Result<Session, AdapterError> {
+    async fn connect(&self, adapter: &McpAdapter, cap: usize) -> Result<Client, AdapterError> {
         let unreachable = |detail: String| AdapterError::Unreachable {
             endpoint: server_of(adapter),
             detail,
@@ -285,19 +294,22 @@ impl McpClients {
                 ));
             }
         };
-        let client = Arc::new(client.map_err(|e| unreachable(format!("MCP initialization failed: {e}")))?);
-        Ok(Session {
-            client,
+        let service = client.map_err(|e| unreachable(format!("MCP initialization failed: {e}")))?;
+        Ok(Arc::new(Session {
+            service,
             _process: process,
             _requests: requests,
-        })
+        }))
     }
 
-    async fn forget(&self, adapter: &McpAdapter, cap: usize) {
-        self.clients
-            .lock()
-            .await
-            .remove(&format!("{}#{cap}", server_of(adapter)));
+    /// Forgets the open session of `adapter`'s server — only `failed`, when given: a session
+    /// another call opened since is not the one that failed. Calls still using it go on.
+    async fn forget(&self, adapter: &McpAdapter, cap: usize, failed: Option<&Client>) {
+        let key = format!("{}#{cap}", server_of(adapter));
+        let mut clients = self.clients.lock().await;
+        if failed.is_none_or(|failed| clients.get(&key).is_some_and(|open| Arc::ptr_eq(open, failed))) {
+            clients.remove(&key);
+        }
     }
 
     /// Every tool the server of `adapter` lists (`tools/list`, all pages), for audits and imports;
@@ -320,7 +332,7 @@ impl McpClients {
                 )))
             });
         if listed.is_err() {
-            self.forget(adapter, LISTING_CAP).await;
+            self.forget(adapter, LISTING_CAP, None).await;
         }
         Ok(listed?
             .into_iter()
@@ -377,11 +389,11 @@ impl McpClients {
         let outcome = tokio::time::timeout(ctx.timeout, client.call_tool(params)).await;
         let result = match outcome {
             Err(_) => {
-                self.forget(adapter, cap).await;
+                self.forget(adapter, cap, Some(&client)).await;
                 return Err(AdapterError::Timeout(ctx.timeout));
             }
             Ok(Err(e)) => {
-                self.forget(adapter, cap).await;
+                self.forget(adapter, cap, Some(&client)).await;
                 return Err(AdapterError::Unreachable {
                     endpoint: server_of(adapter),
                     detail: e.to_string(),
@@ -443,6 +455,90 @@ mod tests {
         assert_eq!(cut_to_bytes("aéb", 2), "a");
         assert_eq!(cut_to_bytes("aéb", 3), "aé");
         assert_eq!(cut_to_bytes("ab", 10), "ab");
+    }
+
+    /// An MCP server whose one tool, `sleep`, answers after `ms` milliseconds.
+    #[derive(Clone)]
+    struct Sleeper;
+
+    impl rmcp::ServerHandler for Sleeper {
+        fn get_info(&self) -> rmcp::model::ServerConfig {
+            rmcp::model::ServerConfig::new(rmcp::model::ServerCapabilities::builder().enable_tools().build())
+        }
+
+        async fn call_tool(
+            &self,
+            request: CallToolRequestParams,
+            _: rmcp::service::RequestContext<rmcp::RoleServer>,
+        ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+            let ms = request
+                .arguments
+                .as_ref()
+                .and_then(|a| a.get("ms"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(
+                rmcp::model::CallToolResult::success(vec![ContentBlock::text(format!(
+                    "{{\"slept\": {ms}}}"
+                ))])
+                .into(),
+            )
+        }
+    }
+
+    fn call_context(timeout_ms: u64) -> CallContext {
+        CallContext {
+            idempotency_key: "key-1".into(),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            timeout: Duration::from_millis(timeout_ms),
+            max_response_bytes: 1 << 20,
+            bearer_token: None,
+            hmac_key: None,
+            delegation: None,
+        }
+    }
+
+    /// A call that times out forgets its server's session; a call still using that session
+    /// goes on to its answer, not cut off with it.
+    #[tokio::test]
+    async fn a_call_that_times_out_leaves_the_others_on_its_session_to_finish() {
+        use rmcp::transport::streamable_http_server::{
+            StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+        };
+        let service = StreamableHttpService::new(
+            || Ok(Sleeper),
+            Arc::new(LocalSessionManager::default()),
+            StreamableHttpServerConfig::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let adapter = McpAdapter {
+            url: Some(format!("http://{}/mcp", listener.local_addr().expect("address"))),
+            command: None,
+            tool: Some("sleep".into()),
+            max_response_bytes: 1 << 20,
+        };
+        tokio::spawn(async move {
+            axum::serve(listener, axum::Router::new().nest_service("/mcp", service)).await
+        });
+        let clients = McpClients::new(crate::http::client());
+        let sleep = |ms: u64| serde_json::json!({ "ms": ms });
+        clients
+            .call("sleep", &adapter, &sleep(0), &call_context(10_000))
+            .await
+            .expect("the session opened");
+        let (long_args, long_context) = (sleep(1_500), call_context(10_000));
+        let long = clients.call("sleep", &adapter, &long_args, &long_context);
+        let short = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            clients
+                .call("sleep", &adapter, &sleep(5_000), &call_context(300))
+                .await
+        };
+        let (long, short) = tokio::join!(long, short);
+        assert!(matches!(short, Err(AdapterError::Timeout(_))), "{short:?}");
+        let long = long.expect("the other call on the session answered");
+        assert_eq!(long.body["slept"], 1_500, "{long:?}");
     }
 
     /// A server that takes MCP's greeting and never answers: the call ends at its timeout, and

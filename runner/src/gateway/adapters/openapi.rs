@@ -35,6 +35,11 @@ use crate::openapi::{Budget, inline_within, method_name, parse_document, resolve
 
 /// Most bytes of a document read; a larger one is refused while it is read.
 pub const DOCUMENT_MAX_BYTES: usize = 8 * 1024 * 1024;
+
+/// Documents read, or operations bound, at once in this process: each may take a few hundred
+/// megabytes while it runs (a large YAML document, its schemas inlined), and the calls that
+/// ask for them may be many.
+static READING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 const DOCUMENT_TTL: Duration = Duration::from_secs(60);
 
 /// What an argument may hold in a path segment as it is: everything else is percent-encoded,
@@ -895,8 +900,11 @@ impl OpenApiClient {
             adapter.operation_id.clone(),
             adapter.server.clone(),
         );
+        // Held by the work itself: a caller that gives up does not free it before it ends.
+        let reading = READING.acquire().await;
         let bound = Arc::new(
             tokio::task::spawn_blocking(move || {
+                let _reading = reading;
                 Binding::new(&url, &document.content, &operation, server.as_deref())
             })
             .await
@@ -974,10 +982,14 @@ impl OpenApiClient {
         let text = String::from_utf8(bytes.to_vec())
             .map_err(|_| unavailable(AdapterError::Protocol("not UTF-8 text".into())))?;
         // Reading a large YAML document takes a while: off the threads that serve requests.
-        let content = tokio::task::spawn_blocking(move || parse_document(&text))
-            .await
-            .map_err(|e| unavailable(AdapterError::Protocol(format!("reading it failed: {e}"))))?
-            .map_err(|e| unavailable(AdapterError::Protocol(format!("not JSON or YAML: {e}"))))?;
+        let reading = READING.acquire().await;
+        let content = tokio::task::spawn_blocking(move || {
+            let _reading = reading;
+            parse_document(&text)
+        })
+        .await
+        .map_err(|e| unavailable(AdapterError::Protocol(format!("reading it failed: {e}"))))?
+        .map_err(|e| unavailable(AdapterError::Protocol(format!("not JSON or YAML: {e}"))))?;
         let document = Arc::new(Document { sha256, content });
         keep(&mut lock(&self.documents), key, document.clone());
         Ok(document)

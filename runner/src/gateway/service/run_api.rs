@@ -85,6 +85,8 @@ const SUBJECT_BLOB: &str = "a run about a subject uploads only its bundle as sto
 
 /// The most bytes of an envelope's identifiers (call id, idempotency key, traceparent).
 const MAX_ENVELOPE_FIELD: usize = 256;
+/// Why a runner's `run_started` was refused.
+const RUN_STARTED_FIRST: &str = "run_started must be the first entry and carry the caller's RunContext, its session, agent, pins and bundle";
 /// How far a runner's `run_started` time may be from the gateway's clock.
 const START_SKEW_MS: u64 = 60 * 60 * 1000;
 /// The most bytes a run's closing entry may take once the run is over its quota.
@@ -93,8 +95,9 @@ const ENDING_BYTES: u64 = 16 * 1024;
 /// since its last request: a few).
 const MAX_BATCH_ENTRIES: usize = 4096;
 /// The most bytes a batch's references to blobs may bring in: each blob is read and its body
-/// checked before the batch is written, so this bounds what one request makes a replica hold.
-const MAX_BATCH_INLINED: u64 = 4 * super::MAX_REQUEST_BYTES as u64;
+/// checked before the batch is written, and held until then against the namespace's share of
+/// what a replica holds in flight — beside the request that names them, one largest body.
+const MAX_BATCH_INLINED: u64 = super::MAX_REQUEST_BYTES as u64;
 
 /// What a batch's references to `blobs` add to its run's record as every reader reads it (each
 /// blob in its place, once per reference): counted before they are written, as the run's
@@ -110,6 +113,9 @@ struct RunnerBatch {
     bodies: Vec<EntryBody>,
     /// The blobs the entries refer to, in order, each with its size.
     blobs: Vec<(Hash, u64)>,
+    /// Their bytes, counted against the namespace's share of what the replica holds in flight
+    /// for as long as the batch is.
+    held: Option<crate::gateway::shares::Share>,
 }
 
 impl<S, A, T> GatewayService<S, A, T>
@@ -125,6 +131,7 @@ where
             entries,
             bodies,
             blobs,
+            held: _held,
         } = service.runner_entries(&caller, &request.entries).await?;
         let expected = match &request.expected_head {
             None => None,
@@ -202,6 +209,7 @@ where
             )));
         }
         let mut entries = Vec::with_capacity(wire.len());
+        let mut started = false;
         // A run about a subject: what its runner records about them must be encrypted under
         // the run's key, and every entry marked as about them (erasure must reach all of it).
         let subject = caller.context.context.subject.as_ref();
@@ -225,9 +233,16 @@ where
                     subject.map_or_else(|| "no one".to_owned(), ToString::to_string)
                 )));
             }
+            // One start, first: checked before any bundle it names is read.
+            if matches!(entry.body, EntryBody::RunStarted { .. }) {
+                if entry.seq != 0 || started {
+                    return Err(forbidden(RUN_STARTED_FIRST));
+                }
+                started = true;
+            }
             entries.push((stored, entry));
         }
-        let blobs = self.blobs_referred(caller, &entries).await?;
+        let (blobs, held) = self.blobs_referred(caller, &entries).await?;
         let mut bodies = Vec::with_capacity(entries.len());
         for (_, entry) in &entries {
             bodies.push(self.check_runner_body(caller, entry, key.as_ref()).await?);
@@ -236,18 +251,20 @@ where
             entries,
             bodies,
             blobs,
+            held,
         })
     }
 
     /// The blobs `entries` refer to, each with its size as its upload recorded it (a blob
-    /// uploaded before uploads recorded sizes is read once to learn it); refused when the run
-    /// did not upload one, or when together they come to more than [`MAX_BATCH_INLINED`]
-    /// (a blob referred to twice counts twice: every reader reads it twice).
+    /// uploaded before uploads recorded sizes is read once to learn it), and their bytes held
+    /// against the namespace's share of the replica; refused when the run did not upload one,
+    /// when together they come to more than [`MAX_BATCH_INLINED`] (a blob referred to twice
+    /// counts twice: every reader reads it twice), or when the share has no room for them now.
     async fn blobs_referred(
         &self,
         caller: &Caller,
         entries: &[(StoredEntry, RecordEntry)],
-    ) -> Result<Vec<(Hash, u64)>, Refusal> {
+    ) -> Result<(Vec<(Hash, u64)>, Option<crate::gateway::shares::Share>), Refusal> {
         let mut sizes: HashMap<Hash, u64> = HashMap::new();
         let mut blobs = Vec::new();
         let mut inlined = 0u64;
@@ -288,7 +305,21 @@ where
             }
             blobs.push((*blob, size));
         }
-        Ok(blobs)
+        if inlined == 0 {
+            return Ok((blobs, None));
+        }
+        let bytes = usize::try_from(inlined).unwrap_or(usize::MAX);
+        let held = self
+            .bodies
+            .take(caller.tenant.as_str(), crate::gateway::shares::kib(bytes))
+            .map_err(|_| {
+                unavailable(format!(
+                    "the blobs this batch refers to ({:.1} MiB, read before it is written) do not fit beside what namespace {} holds in flight at this gateway replica now; try again",
+                    inlined as f64 / f64::from(1 << 20),
+                    caller.tenant
+                ))
+            })?;
+        Ok((blobs, Some(held)))
     }
 
     /// Takes in what a call or model request says of the runner's record ([`RunnerTail`]): the
@@ -309,6 +340,7 @@ where
             entries,
             bodies,
             blobs,
+            held: _held,
         } = self.runner_entries(caller, &tail.entries).await?;
         // A run ends with its own append: nothing may be decided after an end in the same batch.
         let ends = |e: &RecordEntry| match &e.body {
@@ -465,9 +497,7 @@ where
                     && *pinned == context.pinned
                     && bundle_pinned;
                 if !matches {
-                    return Err(forbidden(
-                        "run_started must be the first entry and carry the caller's RunContext, its session, agent, pins and bundle",
-                    ));
+                    return Err(forbidden(RUN_STARTED_FIRST));
                 }
                 Ok(())
             }

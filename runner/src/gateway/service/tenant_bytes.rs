@@ -245,7 +245,8 @@ impl TenantBytes {
                     .entry(tenant.to_owned())
                     .or_default(),
             );
-            first = Some(gate.lock_owned().await);
+            // Out of the request's turn: the request measuring needs one to read the store.
+            first = Some(crate::gateway::fair::away(gate.lock_owned()).await);
             due = self.due(tenant);
         }
         if matches!(due, Due::First | Due::Measure) {

@@ -301,12 +301,13 @@ where
             Ok(invocation) => invocation,
             Err(refusal) => return refusal.into_response(),
         };
-        // Charged to the namespace it is sent to, as its pods' bodies are, while it is read
-        // and parsed.
+        // Charged, while it is read and parsed, to a share of the namespace's own beside its
+        // pods': its callers cannot take what the namespace's runners need to be heard (a
+        // namespace name holds no `:`).
         let bytes = super::declared_bytes(&body, MAX_A2A_BODY_BYTES);
         let held = match service
             .bodies
-            .take(&namespace, crate::gateway::shares::kib(bytes))
+            .take(&format!("a2a:{namespace}"), crate::gateway::shares::kib(bytes))
         {
             Ok(held) => held,
             Err(exhausted) => return super::bodies_refused(&namespace, bytes, exhausted).into_response(),

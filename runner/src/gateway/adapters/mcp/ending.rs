@@ -5,9 +5,11 @@
 //! a server that takes a request and never answers would hold that request, its task and its
 //! connection for ever — one more every time a call gives up on it. Every request made through
 //! an [`Ending`] client ends (as a closed transport) once its session's [`Session`] guard is
-//! dropped: when the call that was connecting gives up, or the session is forgotten.
+//! dropped: when the call that was connecting gives up, or the session is forgotten and its
+//! last call is done. Only the session's closing request (its DELETE, sent as it ends) outlives
+//! the guard, for [`CLOSING`] at most.
 
-use std::{collections::HashMap, future::Future, sync::Arc};
+use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
 use futures::stream::BoxStream;
 use reqwest::header::{HeaderName, HeaderValue};
@@ -38,6 +40,9 @@ pub fn client(http: reqwest::Client) -> (Ending, Session) {
 }
 
 type Failed = StreamableHttpError<reqwest::Error>;
+
+/// How long a session's closing request may take.
+const CLOSING: Duration = Duration::from_secs(5);
 
 impl Ending {
     /// `request`, unless the session ends first.
@@ -118,10 +123,16 @@ impl StreamableHttpClient for Ending {
         auth_header: Option<String>,
         custom_headers: HashMap<HeaderName, HeaderValue>,
     ) -> impl Future<Output = Result<(), Failed>> + Send + '_ {
-        self.until_ended(
-            self.http
-                .delete_session(uri, session_id, auth_header, custom_headers),
-        )
+        // Sent as the session ends (its guard may be gone already): a server that never
+        // answers keeps it for a few seconds, not for ever.
+        let closing = self
+            .http
+            .delete_session(uri, session_id, auth_header, custom_headers);
+        async move {
+            tokio::time::timeout(CLOSING, closing)
+                .await
+                .unwrap_or(Err(StreamableHttpError::TransportChannelClosed))
+        }
     }
 
     fn get_stream(

@@ -633,16 +633,16 @@ fn files_of(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 }
 
 /// Where `kubectl explain` shows the parent of `field` in `kind` (`policy.spec.rules` for
-/// `spec.rules[0].when`).
+/// `spec.rules[0].when`): it names fields, not list items or map keys.
 fn field_in_explain(kind: &str, field: &crate::field_path::FieldPath) -> String {
-    let path = field.to_string();
-    let parent = path.rsplit_once('.').map_or("", |(parent, _)| parent);
-    let mut explained = kind.to_ascii_lowercase();
-    for step in parent.split('.').filter(|s| !s.is_empty()) {
-        explained.push('.');
-        explained.push_str(step.split('[').next().unwrap_or(step));
+    let mut parent = field.parent().unwrap_or_default();
+    while parent.as_str().ends_with(']') {
+        parent = parent.parent().unwrap_or_default();
     }
-    explained
+    match parent.is_root() {
+        true => kind.to_ascii_lowercase(),
+        false => format!("{}.{}", kind.to_ascii_lowercase(), parent.as_str()),
+    }
 }
 
 fn is_manifest(path: &Path) -> bool {

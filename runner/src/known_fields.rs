@@ -29,6 +29,11 @@ pub fn unknown_fields(kind: &str, object: &Value) -> Vec<FieldPath> {
     unknown
 }
 
+/// Whether `kind` is one of ContextOS's kinds (one the CRDs define).
+pub fn is_contextos_kind(kind: &str) -> bool {
+    schemas().contains_key(kind)
+}
+
 /// Collects the paths under `path` that `schema` does not describe.
 fn walk(value: &Value, schema: &Value, path: FieldPath, unknown: &mut Vec<FieldPath>) {
     if schema["x-kubernetes-preserve-unknown-fields"] == Value::Bool(true) {

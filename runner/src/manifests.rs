@@ -92,6 +92,41 @@ impl Manifest {
     }
 }
 
+/// Why an object of the files is neither read nor left to others.
+#[derive(Debug, PartialEq, Eq)]
+struct NotRead {
+    field: &'static str,
+    problem: String,
+}
+
+/// Whether a local run reads an object of `kind` written as `api_version`: ContextOS's kinds
+/// and core ConfigMaps and Secrets (what ContextPacks and tools name) are; what belongs to another API (a Deployment, another project's
+/// `Policy`) is left to kubectl. A ContextOS version this release does not serve, or a kind of
+/// its group it does not have, is refused: a typo would otherwise leave the object out
+/// silently (an Agent's Policy unread governs nothing).
+fn read_as_ours(api_version: Option<&str>, kind: &str) -> Result<bool, NotRead> {
+    let served = <contextos_crds::Agent as contextos_crds::kube::Resource>::api_version(&());
+    match api_version {
+        None => Err(NotRead {
+            field: "apiVersion",
+            problem: format!("is missing: ContextOS kinds are {served}, ConfigMaps and Secrets v1"),
+        }),
+        Some(version) if version == served && crate::known_fields::is_contextos_kind(kind) => Ok(true),
+        Some(version) if version == served => Err(NotRead {
+            field: "kind",
+            problem: format!(
+                "{kind:?} is not a ContextOS kind (see `kubectl api-resources --api-group=contextos.dev`)"
+            ),
+        }),
+        Some(version) if version.starts_with("contextos.dev/") => Err(NotRead {
+            field: "apiVersion",
+            problem: format!("{version} is not served; this release serves {served}"),
+        }),
+        Some("v1") => Ok(matches!(kind, "ConfigMap" | "Secret")),
+        Some(_) => Ok(false),
+    }
+}
+
 /// A manifest problem: where, which field, what to do.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub struct ManifestError {
@@ -152,6 +187,17 @@ impl ManifestSet {
                 .and_then(Value::as_str)
                 .map(str::to_owned)
                 .ok_or_else(|| at_file(format!("document {} ({kind}) has no metadata.name", index + 1)))?;
+            match read_as_ours(text_of("apiVersion").as_deref(), &kind) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(problem) => {
+                    return Err(ManifestError {
+                        location: format!("{}: {kind} {name}", file.display()),
+                        field: Some(problem.field.to_owned()),
+                        problem: problem.problem,
+                    });
+                }
+            }
             self.objects.push(Manifest {
                 file: file.to_owned(),
                 kind,
@@ -836,6 +882,55 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// A directory of a GitOps checkout holds other APIs' objects too — another project's
+    /// `Policy` or `Consent` among them: they are left to kubectl, not read as ContextOS's; a
+    /// ContextOS object whose version or kind is misspelt is refused, naming it.
+    #[test]
+    fn only_contextos_objects_are_read_and_a_misspelt_one_is_refused() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        for entry in std::fs::read_dir(&quickstart).expect("the quickstart") {
+            let path = entry.expect("an entry").path();
+            if path.is_dir() {
+                continue;
+            }
+            std::fs::copy(&path, dir.path().join(path.file_name().expect("a name"))).expect("copied");
+        }
+        let others = "apiVersion: kyverno.io/v1\nkind: Policy\nmetadata: {name: require-labels}\n\
+                      spec: {validationFailureAction: Enforce, rules: []}\n---\n\
+                      apiVersion: example.com/v1\nkind: Consent\nmetadata: {name: cookies}\nspec: {}\n---\n\
+                      apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {}\n";
+        std::fs::write(dir.path().join("others.yaml"), others).expect("written");
+        let set = ManifestSet::load(&[dir.path().to_owned()]).expect("others are left out");
+        assert!(set.consent_in_files().is_none(), "another API's Consent is not ContextOS's");
+        let bundle = set.bundle("shop", None).expect("resolves without kyverno's Policy");
+        assert_eq!(bundle.policies.len(), 1);
+
+        for (text, field, says) in [
+            (
+                "apiVersion: contextos.dev/v1beta1\nkind: Policy\nmetadata: {name: p}\nspec: {}\n",
+                "apiVersion",
+                "contextos.dev/v1beta1 is not served; this release serves contextos.dev/v1alpha1",
+            ),
+            (
+                "apiVersion: contextos.dev/v1alpha1\nkind: Polcy\nmetadata: {name: p}\nspec: {}\n",
+                "kind",
+                "\"Polcy\" is not a ContextOS kind",
+            ),
+            (
+                "kind: Policy\nmetadata: {name: p}\nspec: {}\n",
+                "apiVersion",
+                "is missing",
+            ),
+        ] {
+            std::fs::write(dir.path().join("typo.yaml"), text).expect("written");
+            let err = ManifestSet::load(&[dir.path().to_owned()]).expect_err(text);
+            assert_eq!(err.field.as_deref(), Some(field), "{err}");
+            assert!(err.location.ends_with("typo.yaml: Policy p") || err.location.ends_with("typo.yaml: Polcy p"), "{err}");
+            assert!(err.problem.contains(says), "{err}");
+        }
     }
 
     /// A misspelt field would be dropped by the API server, and a local run would silently

@@ -645,6 +645,9 @@ where
             .map_err(|refused| match refused {
                 Refused::Over(over) => over_tenant_bound(tenant, &over),
                 Refused::Unmeasured(e) => unavailable(e),
+                Refused::WaitedInVain => unavailable(format!(
+                    "what namespace {tenant} keeps could not be measured just now; ask again"
+                )),
                 Refused::Forgotten => unavailable(format!(
                     "what namespace {tenant} keeps is being measured; ask again"
                 )),

@@ -180,6 +180,9 @@ pub enum Refused<E> {
     Over(Over),
     /// What the tenant keeps could not be measured.
     Unmeasured(E),
+    /// The first measurement this request waited for failed (it is not tried again by every
+    /// request that waited: while the store is away, each would wait for its own timeout).
+    WaitedInVain,
     /// Forgotten since it was measured (many tenants): its next request measures.
     Forgotten,
 }
@@ -193,9 +196,10 @@ pub struct TenantBytes {
     seen: Mutex<HashMap<String, Seen>>,
     /// Tenants being measured for the first time here, each with the lock its measuring
     /// request holds (a gateway just started would otherwise read a busy tenant's whole
-    /// share of the store once per request waiting for a figure). An entry goes when its
-    /// tenant is measured; one that could not be is tried again by the next waiting request.
-    first: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// share of the store once per request waiting for a figure), holding when the last
+    /// attempt failed. An entry goes when its tenant is measured; one that could not be
+    /// refuses the requests that waited for it and is tried again by the next request.
+    first: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Instant>>>>>,
 }
 
 impl TenantBytes {
@@ -245,8 +249,13 @@ impl TenantBytes {
                     .entry(tenant.to_owned())
                     .or_default(),
             );
+            let asked = Instant::now();
             // Out of the request's turn: the request measuring needs one to read the store.
-            first = Some(crate::gateway::fair::away(gate.lock_owned()).await);
+            let held = crate::gateway::fair::away(gate.lock_owned()).await;
+            if held.is_some_and(|failed| failed >= asked) {
+                return Err(Refused::WaitedInVain);
+            }
+            first = Some(held);
             due = self.due(tenant);
         }
         if matches!(due, Due::First | Due::Measure) {
@@ -254,6 +263,9 @@ impl TenantBytes {
                 Ok((kept, bound)) => self.measured(tenant, kept, bound),
                 Err(e) => {
                     self.unclaim(tenant);
+                    if let Some(held) = first.as_mut() {
+                        **held = Some(Instant::now());
+                    }
                     return Err(Refused::Unmeasured(e));
                 }
             }
@@ -472,7 +484,21 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_tenant_new_to_a_replica_is_measured_once_while_its_requests_wait() {
         assert_eq!(first_requests(&[]).await, (1, 8));
-        // A measurement that fails refuses its own request; the next waiting one measures.
-        assert_eq!(first_requests(&[true]).await, (2, 7));
+        // A measurement that fails refuses its own request and those that waited for it: with
+        // the store away, each would otherwise wait for a timeout of its own, one after another.
+        assert_eq!(first_requests(&[true]).await, (1, 0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_after_a_failed_first_measurement_measures_again() {
+        let bytes = TenantBytes::new(100);
+        let failed = bytes
+            .room("shop", 10, || async { Err::<(u64, Bound), _>("the store is away") })
+            .await;
+        assert!(matches!(failed, Err(Refused::Unmeasured(_))));
+        let measured = bytes
+            .room("shop", 10, || async { Ok::<_, &str>((0, Bound::Gateway(100))) })
+            .await;
+        assert!(measured.is_ok(), "{measured:?}");
     }
 }

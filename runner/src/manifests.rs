@@ -904,8 +904,13 @@ mod tests {
                       apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {}\n";
         std::fs::write(dir.path().join("others.yaml"), others).expect("written");
         let set = ManifestSet::load(&[dir.path().to_owned()]).expect("others are left out");
-        assert!(set.consent_in_files().is_none(), "another API's Consent is not ContextOS's");
-        let bundle = set.bundle("shop", None).expect("resolves without kyverno's Policy");
+        assert!(
+            set.consent_in_files().is_none(),
+            "another API's Consent is not ContextOS's"
+        );
+        let bundle = set
+            .bundle("shop", None)
+            .expect("resolves without kyverno's Policy");
         assert_eq!(bundle.policies.len(), 1);
 
         for (text, field, says) in [
@@ -928,7 +933,10 @@ mod tests {
             std::fs::write(dir.path().join("typo.yaml"), text).expect("written");
             let err = ManifestSet::load(&[dir.path().to_owned()]).expect_err(text);
             assert_eq!(err.field.as_deref(), Some(field), "{err}");
-            assert!(err.location.ends_with("typo.yaml: Policy p") || err.location.ends_with("typo.yaml: Polcy p"), "{err}");
+            assert!(
+                err.location.ends_with("typo.yaml: Policy p") || err.location.ends_with("typo.yaml: Polcy p"),
+                "{err}"
+            );
             assert!(err.problem.contains(says), "{err}");
         }
     }

@@ -726,9 +726,67 @@ async fn recorded_bytes<S: RecordStore>(store: &S) {
     );
 }
 
+/// Seven runs of two agents, listed newest first whatever the backend reads at a time: by
+/// agent with a limit, within a window, and not at all in a window that ends before it starts.
+async fn listing_many_runs<S: RecordStore>(store: &S) {
+    let t = tenant("many");
+    let mut runs = Vec::new();
+    for i in 0..7 {
+        let run = unique(&format!("run{i}"));
+        let agent = if i % 2 == 0 { "even" } else { "odd" };
+        let mut rec =
+            Recorder::begin(store, t.clone(), key(), start(&run, &format!("s{i}"), agent)).expect("begin");
+        rec.record(verdict(1)).await.expect("written");
+        runs.push(run);
+        tokio::time::sleep(Duration::from_millis(3)).await; // distinct start times, not synchronization
+    }
+    let ids = |listed: Vec<contextos_runner::records::RunSummary>| {
+        listed.into_iter().map(|r| r.run_id).collect::<Vec<_>>()
+    };
+    let all = store.list_runs(&t, &RunFilter::default()).await.expect("list");
+    let times: Vec<i64> = all.iter().map(|r| r.started_at_ms).collect();
+    assert_eq!(
+        ids(all),
+        runs.iter().rev().cloned().collect::<Vec<_>>(),
+        "newest first"
+    );
+    let odd = RunFilter {
+        agent: Some("odd".into()),
+        limit: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store.list_runs(&t, &odd).await.expect("list")),
+        vec![runs[5].clone(), runs[3].clone()],
+        "the newest two of one agent"
+    );
+    // times[k] is run 6 - k's: from run 2's start to run 5's (run 5 left out).
+    let window = RunFilter {
+        since_ms: Some(times[4]),
+        until_ms: Some(times[1]),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(store.list_runs(&t, &window).await.expect("list")),
+        vec![runs[4].clone(), runs[3].clone(), runs[2].clone()]
+    );
+    let inverted = RunFilter {
+        since_ms: Some(times[1]),
+        until_ms: Some(times[4]),
+        ..Default::default()
+    };
+    assert!(store.list_runs(&t, &inverted).await.expect("list").is_empty());
+    let none = RunFilter {
+        agent: Some("nobody".into()),
+        ..Default::default()
+    };
+    assert!(store.list_runs(&t, &none).await.expect("list").is_empty());
+}
+
 /// The whole suite on one store.
 async fn conformance<S: RecordStore>(store: &S) {
     append_read_and_list(store).await;
+    listing_many_runs(store).await;
     fork_refusal(store).await;
     tenant_isolation(store).await;
     recorded_bytes(store).await;
@@ -835,6 +893,15 @@ async fn tikv_store_passes_the_conformance_suite() {
     };
     let store = TikvStore::connect(&pd).await.expect("connect to PD");
     conformance(&store).await;
+    // Listings and the bytes a tenant keeps read a page at a time: with pages of two, every
+    // listing above crosses page boundaries.
+    let paged = TikvStore::connect(&pd)
+        .await
+        .expect("connect to PD")
+        .with_scan_page(2);
+    append_read_and_list(&paged).await;
+    listing_many_runs(&paged).await;
+    recorded_bytes(&paged).await;
     let spec = format!("tikv:{pd}");
     crash_safety(&spec, async || TikvStore::connect(&pd).await.expect("reconnect")).await;
 }

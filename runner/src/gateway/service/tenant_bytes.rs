@@ -493,7 +493,9 @@ mod tests {
     async fn a_request_after_a_failed_first_measurement_measures_again() {
         let bytes = TenantBytes::new(100);
         let failed = bytes
-            .room("shop", 10, || async { Err::<(u64, Bound), _>("the store is away") })
+            .room("shop", 10, || async {
+                Err::<(u64, Bound), _>("the store is away")
+            })
             .await;
         assert!(matches!(failed, Err(Refused::Unmeasured(_))));
         let measured = bytes

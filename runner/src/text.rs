@@ -32,6 +32,38 @@ pub fn is_invisible(c: char) -> bool {
     )
 }
 
+/// `text` as a terminal can show it: its control and invisible characters escaped (`\n`,
+/// `\u{1b}`, `\u{202e}`), so what a model, a tool or a tenant wrote cannot move the cursor,
+/// rewrite lines already printed, set the clipboard or the window's title, or turn text around.
+pub fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
+    escaped(text, false)
+}
+
+/// [`for_terminal`], keeping line breaks and tabs: for text shown as a block of its own (a run's
+/// output, a report).
+pub fn for_terminal_keeping_lines(text: &str) -> std::borrow::Cow<'_, str> {
+    escaped(text, true)
+}
+
+fn escaped(text: &str, keep_lines: bool) -> std::borrow::Cow<'_, str> {
+    let hidden = |c: char| (c.is_control() && !(keep_lines && matches!(c, '\n' | '\t'))) || is_invisible(c);
+    if !text.chars().any(hidden) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if !hidden(c) {
+            out.push(c);
+        } else if c.escape_debug().len() > 1 {
+            out.extend(c.escape_debug());
+        } else {
+            // Shown as itself by `escape_debug`, though it shows nothing.
+            out.extend(c.escape_unicode());
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Whether `c` is one of the combining marks any letter or digit can carry (a line under, a
 /// circle around): the generic blocks, not a script's own vowel signs.
 pub fn is_combining_mark(c: char) -> bool {
@@ -68,6 +100,24 @@ pub fn ascii_digit(c: char) -> Option<char> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_terminal_is_shown_escapes_and_invisible_characters_as_text() {
+        let hostile = "step 3 restart_pod: DENIED\u{1b}[1A\u{1b}[2Kexecuted\u{1b}]52;c;aGk=\u{7}\u{9b}2J\r\u{202e}gnp.exe\u{200b}";
+        assert_eq!(
+            for_terminal(hostile),
+            "step 3 restart_pod: DENIED\\u{1b}[1A\\u{1b}[2Kexecuted\\u{1b}]52;c;aGk=\\u{7}\\u{9b}2J\\r\\u{202e}gnp.exe\\u{200b}"
+        );
+        assert_eq!(for_terminal("two\nlines"), "two\\nlines");
+        assert_eq!(
+            for_terminal_keeping_lines("two\n\tlines\u{1b}[2J"),
+            "two\n\tlines\\u{1b}[2J"
+        );
+        assert!(matches!(
+            for_terminal("plain · ünïcode"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn what_shows_nothing_is_invisible_and_what_shows_is_not() {

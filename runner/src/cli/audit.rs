@@ -9,6 +9,7 @@ use contextos_crds::{Agent, ContextPack, Ontology, Policy, SandboxProfile, Sessi
 use contextos_runner::audit::{
     self, Harness, Severity, evidence, report::rules_markdown, rules::install::DELIBERATE_ROLES, source,
 };
+use contextos_runner::text::{for_terminal, for_terminal_keeping_lines};
 use k8s_openapi::{
     api::{
         admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
@@ -136,7 +137,11 @@ pub async fn run(global: &GlobalArgs, args: AuditArgs) -> anyhow::Result<ExitCod
             .await
             .with_context(|| format!("reading the records of tenant {tenant}"))?;
         for (run, why) in &evidence.unreadable {
-            eprintln!("contextos audit: run {run} left out: {why}");
+            eprintln!(
+                "contextos audit: run {} left out: {}",
+                for_terminal(run),
+                for_terminal(&why.to_string())
+            );
         }
         if evidence.truncated {
             eprintln!(
@@ -170,7 +175,7 @@ pub async fn run(global: &GlobalArgs, args: AuditArgs) -> anyhow::Result<ExitCod
     }
     let report = audit::audit(&harness);
     match args.format {
-        Format::Text => print!("{}", report.text()),
+        Format::Text => print!("{}", for_terminal_keeping_lines(&report.text())),
         Format::Json => println!("{}", serde_json::to_string_pretty(&report.json())?),
         Format::Sarif => println!("{}", serde_json::to_string_pretty(&report.sarif())?),
     }

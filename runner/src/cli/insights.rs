@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use contextos_runner::text::for_terminal_keeping_lines;
 use contextos_runner::{
     feedback::{Corrections, FeedbackBook},
     insights::{self, Gathered, Insight, Question, Thresholds, open_questions, synthesize},
@@ -97,8 +98,8 @@ pub async fn run(global: &GlobalArgs, args: InsightsArgs) -> anyhow::Result<Exit
     match args.format {
         Format::Text => print!(
             "{}{}",
-            text(&gathered, &found, &args.window.since),
-            research(&questions)
+            for_terminal_keeping_lines(&text(&gathered, &found, &args.window.since)),
+            for_terminal_keeping_lines(&research(&questions))
         ),
         Format::Json => println!(
             "{}",

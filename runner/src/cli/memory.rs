@@ -254,16 +254,8 @@ fn item_id(text: &str) -> anyhow::Result<ItemId> {
     })
 }
 
-/// `text` with its control characters escaped (`\n`, `\u{1b}`): a text cannot forge the lines
-/// printed after it.
-fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
+/// `text` with its control and invisible characters escaped (`\n`, `\u{1b}`): a text cannot
+/// forge the lines printed after it.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    contextos_runner::text::for_terminal(text)
 }

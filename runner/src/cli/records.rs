@@ -12,6 +12,7 @@ use contextos_runner::records::{
     AnyStore, EntryBody, RecordEntry, RecordStore, RunFilter, RunSummary, TenantId, read_run, timeline,
     verify_run,
 };
+use contextos_runner::text::for_terminal;
 
 use super::GlobalArgs;
 
@@ -169,8 +170,12 @@ pub async fn run(global: &GlobalArgs, command: RecordsCommand) -> anyhow::Result
                         found += 1;
                         writeln!(
                             out,
-                            "run {run} entry #{}: {tool} (call {call_id}, idempotency key {idempotency_key}) failed after {attempts} attempt(s): {error}",
-                            entry.seq
+                            "run {run} entry #{}: {} (call {}, idempotency key {}) failed after {attempts} attempt(s): {}",
+                            entry.seq,
+                            for_terminal(tool),
+                            for_terminal(call_id),
+                            for_terminal(idempotency_key),
+                            for_terminal(error)
                         )?;
                     }
                 }

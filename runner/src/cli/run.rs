@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Args;
 use contextos_crds::session::{ApprovalDecision, Resolution, ResolvedOutcome};
+use contextos_runner::text::{for_terminal, for_terminal_keeping_lines};
 use contextos_runner::{
     gateway::{CallOutcome, envelope::ApprovalGrant},
     keys::KeyPair,
@@ -541,7 +542,7 @@ fn finish(global: &GlobalArgs, tenant: &TenantId, report: &RunReport) -> anyhow:
                 "completed: {totals}; validators passed: {}",
                 validators.join(", ")
             );
-            println!("output: {output}");
+            println!("output: {}", for_terminal_keeping_lines(output));
             println!(
                 "record: run {} — inspect with `contextos{data_flag}{tenant_flag} records show {}`",
                 report.run_id, report.run_id
@@ -549,7 +550,7 @@ fn finish(global: &GlobalArgs, tenant: &TenantId, report: &RunReport) -> anyhow:
             Ok(ExitCode::SUCCESS)
         }
         RunOutcome::Failed { reason, message } => {
-            println!("failed ({reason}): {message}");
+            println!("failed ({}): {}", for_terminal(reason), for_terminal(message));
             println!("record: run {} ({totals})", report.run_id);
             Ok(ExitCode::from(EXIT_RUN_FAILED))
         }
@@ -558,9 +559,12 @@ fn finish(global: &GlobalArgs, tenant: &TenantId, report: &RunReport) -> anyhow:
             approvers.extend(awaiting.approvers.groups.iter().map(|g| format!("group {g}")));
             println!(
                 "paused: {} {} needs approval ({}: {})",
-                awaiting.tool, awaiting.arguments, awaiting.rule, awaiting.reason
+                for_terminal(&awaiting.tool),
+                for_terminal(&awaiting.arguments.to_string()),
+                for_terminal(&awaiting.rule),
+                for_terminal(&awaiting.reason)
             );
-            println!("  approvers: {}", approvers.join(", "));
+            println!("  approvers: {}", for_terminal(&approvers.join(", ")));
             println!("  call hash: {}", awaiting.call_hash);
             println!(
                 "  approve with `contextos{data_flag}{tenant_flag} approve {} --call {} --as <user> [--group <group>]`, then `contextos{data_flag}{tenant_flag} resume {}`",
@@ -573,10 +577,10 @@ fn finish(global: &GlobalArgs, tenant: &TenantId, report: &RunReport) -> anyhow:
         RunOutcome::AwaitingResolution(unresolved) if unresolved.for_call.is_some() => {
             println!(
                 "paused: {} {} (call {}): {}",
-                unresolved.tool,
-                unresolved.arguments,
-                unresolved.for_call.as_deref().unwrap_or_default(),
-                unresolved.reason
+                for_terminal(&unresolved.tool),
+                for_terminal(&unresolved.arguments.to_string()),
+                for_terminal(unresolved.for_call.as_deref().unwrap_or_default()),
+                for_terminal(&unresolved.reason)
             );
             println!(
                 "  `contextos{data_flag}{tenant_flag} resolve {} --call {} --answer '…' --as <you>` (or --did-not-act to decline), then `contextos{data_flag}{tenant_flag} resume {}`",
@@ -587,7 +591,10 @@ fn finish(global: &GlobalArgs, tenant: &TenantId, report: &RunReport) -> anyhow:
         RunOutcome::AwaitingResolution(unresolved) => {
             println!(
                 "paused: the outcome of {} {} (call {}) is unknown: {}",
-                unresolved.tool, unresolved.arguments, unresolved.call_id, unresolved.reason
+                for_terminal(&unresolved.tool),
+                for_terminal(&unresolved.arguments.to_string()),
+                for_terminal(&unresolved.call_id),
+                for_terminal(&unresolved.reason)
             );
             println!(
                 "  after checking, `contextos{data_flag}{tenant_flag} resolve {} --call {} --acted|--did-not-act --as <you> [--note …]`, then `contextos{data_flag}{tenant_flag} resume {}`",
@@ -685,7 +692,8 @@ impl Terminal {
                 return;
             }
         };
-        println!("{line}");
+        // What the model, tools and critic said, as text: never as a terminal's commands.
+        println!("{}", for_terminal(&line));
         let _ = std::io::stdout().flush();
     }
 }

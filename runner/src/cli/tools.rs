@@ -11,6 +11,7 @@ use contextos_runner::audit::{
     live::{self, Imported},
     openapi::{self, ApiDocument, MAX_DOCUMENT_BYTES},
 };
+use contextos_runner::text::for_terminal;
 
 #[derive(Debug, Subcommand)]
 pub enum ToolsCommand {
@@ -105,7 +106,11 @@ async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
             }
             match openapi::infer_bound(&document, operation, args.server_url.as_deref()) {
                 Ok(imported) => listed.push(imported),
-                Err(why) => eprintln!("contextos tools import: left out {}: {why}", operation.id),
+                Err(why) => eprintln!(
+                    "contextos tools import: left out {}: {}",
+                    for_terminal(&operation.id),
+                    for_terminal(&why.to_string())
+                ),
             }
         }
         let imported = live::finish(listed);

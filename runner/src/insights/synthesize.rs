@@ -160,8 +160,10 @@ fn run_insights(agent: &str, s: &AgentSignals, thresholds: Thresholds, out: &mut
             _ => "read the runs' records (contextos records show <run>)",
         };
         let summary = format!(
-            "{} of {} runs of agent {agent} failed with {reason}",
-            tally.runs, s.runs
+            "{} of {} runs of agent {agent} failed with {}",
+            tally.runs,
+            s.runs,
+            crate::text::for_terminal(reason)
         );
         out.push(insight(
             InsightKind::RecurringFailure,
@@ -208,8 +210,9 @@ fn run_insights(agent: &str, s: &AgentSignals, thresholds: Thresholds, out: &mut
         ));
     }
     for (source, tally) in s.sources_cut.iter().filter(|(_, t)| enough(t, thresholds)) {
-        let summary = format!("context source {source} was cut to fit in {} runs", tally.runs);
-        let consider = format!("a larger maxTokens for {source}, a higher priority, or a shorter source");
+        let shown = crate::text::for_terminal(source);
+        let summary = format!("context source {shown} was cut to fit in {} runs", tally.runs);
+        let consider = format!("a larger maxTokens for {shown}, a higher priority, or a shorter source");
         out.push(insight(
             InsightKind::SourceCut,
             agent,

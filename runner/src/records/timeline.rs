@@ -320,18 +320,7 @@ pub fn describe(body: &EntryBody) -> (&'static str, String) {
 /// nor turn text around.
 pub fn line(entry: &RecordEntry) -> String {
     let (actor, text) = describe(&entry.body);
-    let text: String = text
-        .chars()
-        .flat_map(|c| {
-            let hidden = c.is_control() || crate::text::is_invisible(c);
-            let escaped: Vec<char> = if hidden {
-                c.escape_debug().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect();
+    let text = crate::text::for_terminal(&text);
     let time = jiff::Timestamp::from_millisecond(entry.at_ms)
         .map(|t| t.strftime("%H:%M:%S%.3f").to_string())
         .unwrap_or_else(|_| entry.at_ms.to_string());

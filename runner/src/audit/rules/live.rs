@@ -174,7 +174,7 @@ fn undeclared_tools(harness: &Harness, sink: &mut Sink<'_>) {
                     format!(
                         "{} also lists {}, which Agent {} does not declare",
                         server.server(),
-                        listed.name,
+                        crate::text::for_terminal(&listed.name),
                         agent.id.name
                     ),
                 );

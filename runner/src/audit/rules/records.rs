@@ -291,7 +291,12 @@ fn failing_the_same_way(harness: &Harness, sink: &mut Sink<'_>) {
             sink.report(
                 agent,
                 spec(&[]),
-                format!("{} runs failed with {reason}: {}", runs.len(), named(&runs)),
+                format!(
+                    "{} runs failed with {}: {}",
+                    runs.len(),
+                    crate::text::for_terminal(reason),
+                    named(&runs)
+                ),
             );
         }
     }

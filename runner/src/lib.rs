@@ -45,3 +45,4 @@ pub mod skills;
 pub mod telemetry;
 pub mod text;
 pub mod vault;
+pub mod yaml_bounds;

@@ -171,6 +171,7 @@ impl ManifestSet {
             problem,
         };
         let text = std::fs::read_to_string(file).map_err(|e| at_file(format!("cannot be read: {e}")))?;
+        crate::yaml_bounds::check(&text).map_err(at_file)?;
         for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let yaml = serde_yaml::Value::deserialize(document)
                 .map_err(|e| at_file(format!("document {} is not valid YAML: {e}", index + 1)))?;
@@ -939,6 +940,27 @@ mod tests {
             );
             assert!(err.problem.contains(says), "{err}");
         }
+    }
+
+    /// A few kilobytes of YAML aliases standing for millions of values are refused, naming the
+    /// file, before they are built.
+    #[test]
+    fn a_file_whose_aliases_expand_without_end_is_refused() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let values = vec!["0"; 3_000].join(", ");
+        let aliases = vec!["*a"; 3_000].join(", ");
+        let file = dir.path().join("bomb.yaml");
+        std::fs::write(
+            &file,
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: x}}\ndata:\n  a: &a [{values}]\n  b: [{aliases}]\n"),
+        )
+        .expect("written");
+        let err = ManifestSet::load(&[file]).expect_err("refused");
+        assert!(err.location.ends_with("bomb.yaml"), "{err}");
+        assert!(
+            err.problem.contains("once its YAML aliases are expanded"),
+            "{err}"
+        );
     }
 
     /// A misspelt field would be dropped by the API server, and a local run would silently

@@ -14,32 +14,55 @@ pub const MAX_INLINED_NODES: usize = 100_000;
 /// description would otherwise copy it thousands of times.
 pub const MAX_INLINED_BYTES: usize = 16 << 20;
 
-/// What is left of the bounds on what one operation's schemas inline.
+/// How many times one operation's bounds every operation of a document may inline together,
+/// when all are read at once (the audit, `contextos tools import`).
+pub const DOCUMENT_INLINED_OPERATIONS: usize = 8;
+
+/// What is left of the bounds on what schemas inline: one operation's (the default), or a whole
+/// document's.
 #[derive(Clone, Copy, Debug)]
 pub struct Budget {
     nodes: usize,
     bytes: usize,
+    /// What it started from (for the message when it is spent).
+    whole: (usize, usize),
 }
 
 impl Default for Budget {
     fn default() -> Self {
-        Self {
-            nodes: MAX_INLINED_NODES,
-            bytes: MAX_INLINED_BYTES,
-        }
+        Self::of(MAX_INLINED_NODES, MAX_INLINED_BYTES)
     }
 }
 
 impl Budget {
+    fn of(nodes: usize, bytes: usize) -> Self {
+        Self {
+            nodes,
+            bytes,
+            whole: (nodes, bytes),
+        }
+    }
+
+    /// The bound on what every operation of one document inlines together: without it, a
+    /// document of thousands of parameters, each naming one large schema, would inline each
+    /// within its own operation's bound.
+    pub fn for_document() -> Self {
+        Self::of(
+            MAX_INLINED_NODES * DOCUMENT_INLINED_OPERATIONS,
+            MAX_INLINED_BYTES * DOCUMENT_INLINED_OPERATIONS,
+        )
+    }
+
     fn take(&mut self, nodes: usize, bytes: usize) -> Result<(), String> {
+        let (all_nodes, all_bytes) = self.whole;
         self.nodes = self
             .nodes
             .checked_sub(nodes)
-            .ok_or_else(|| format!("schemas that inline to more than {MAX_INLINED_NODES} nodes"))?;
+            .ok_or_else(|| format!("schemas that inline to more than {all_nodes} nodes"))?;
         self.bytes = self
             .bytes
             .checked_sub(bytes)
-            .ok_or_else(|| format!("schemas that inline to more than {MAX_INLINED_BYTES} bytes of text"))?;
+            .ok_or_else(|| format!("schemas that inline to more than {all_bytes} bytes of text"))?;
         Ok(())
     }
 }

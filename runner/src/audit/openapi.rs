@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use super::live::{Imported, declared_name};
 use crate::gateway::adapters::openapi::{Binding, minimum_risk};
 pub use crate::openapi::method_name;
-use crate::openapi::{inline, resolve};
+use crate::openapi::{inline_within, resolve};
 
 /// Most bytes of a document read (a URL or a file).
 pub const MAX_DOCUMENT_BYTES: usize = 8 * 1024 * 1024;
@@ -96,6 +96,8 @@ pub fn parse(source: &str, text: &str, server: Option<&str>) -> Result<ApiDocume
         .or_else(|| document["servers"][0]["url"].as_str().map(str::to_owned))
         .ok_or_else(|| format!("{source}: no servers[0].url; give the API's base URL"))?;
     let mut operations = Vec::new();
+    // One bound for the whole document: every operation's schemas are held at once.
+    let mut budget = crate::openapi::Budget::for_document();
     for (path, item) in document["paths"].as_object().into_iter().flatten() {
         let shared = item["parameters"].as_array().cloned().unwrap_or_default();
         for (key, method) in [
@@ -118,6 +120,7 @@ pub fn parse(source: &str, text: &str, server: Option<&str>) -> Result<ApiDocume
                 key,
                 operation,
                 &parameters,
+                &mut budget,
             )?);
         }
     }
@@ -138,6 +141,7 @@ fn operation_of(
     key: &str,
     operation: &Value,
     parameters: &[Value],
+    budget: &mut crate::openapi::Budget,
 ) -> Result<Operation, String> {
     let mut properties = Map::new();
     let mut required = Vec::new();
@@ -150,7 +154,7 @@ fn operation_of(
                 if parameter["required"] == Value::Bool(true) {
                     required.push(Value::String(name.clone()));
                 }
-                properties.insert(name, inline(document, &parameter["schema"], 0)?);
+                properties.insert(name, inline_within(document, &parameter["schema"], 0, budget)?);
             }
             Some("path") => path_params.push(name),
             _ => {}
@@ -160,10 +164,10 @@ fn operation_of(
     let body = resolve(document, body, 0)?;
     let body_schema = &body["content"]["application/json"]["schema"];
     let input_schema = match (body_schema.is_object(), properties.is_empty()) {
-        (true, true) => inline(document, body_schema, 0)?,
+        (true, true) => inline_within(document, body_schema, 0, budget)?,
         (true, false) => {
             // Query parameters next to a JSON body: one object with both.
-            let mut merged = inline(document, body_schema, 0)?;
+            let mut merged = inline_within(document, body_schema, 0, budget)?;
             if let Some(body_properties) = merged["properties"].as_object_mut() {
                 body_properties.extend(properties);
             }
@@ -393,6 +397,31 @@ paths:
             "{:?}",
             delete.review
         );
+    }
+
+    /// Every operation's schemas are held at once: each parameter naming one large schema
+    /// (within one operation's bound alone) is counted against one bound for the document.
+    #[test]
+    fn a_document_whose_parameters_each_inline_a_large_schema_is_refused() {
+        // A schema of 2^14 nodes, named by 64 parameters of 64 operations: 67 million nodes
+        // inlined if each parameter had a bound of its own.
+        let mut text =
+            String::from("openapi: 3.0.0\nservers: [{url: 'http://a'}]\ncomponents:\n  schemas:\n");
+        for i in 0..14 {
+            text.push_str(&format!("    S{i}: {{properties: {{a: {{$ref: '#/components/schemas/S{n}'}}, b: {{$ref: '#/components/schemas/S{n}'}}}}}}\n", n = i + 1));
+        }
+        text.push_str("    S14: {type: string}\npaths:\n");
+        let parameters: Vec<String> = (0..64)
+            .map(|p| format!("{{name: q{p}, in: query, schema: {{$ref: '#/components/schemas/S0'}}}}"))
+            .collect();
+        for op in 0..64 {
+            text.push_str(&format!(
+                "  /op{op}: {{get: {{operationId: op{op}, parameters: [{}]}}}}\n",
+                parameters.join(", ")
+            ));
+        }
+        let refused = parse("x", &text, None).expect_err("refused");
+        assert!(refused.contains("more than 800000 nodes"), "{refused}");
     }
 
     #[test]

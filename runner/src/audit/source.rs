@@ -230,6 +230,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, SourceError> {
             path: path.to_owned(),
         });
     }
+    crate::yaml_bounds::check(text).map_err(yaml_error)?;
     let mut values = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
         let mut value: serde_yaml::Value =

@@ -1,0 +1,192 @@
+//! What a YAML text may stand for once its aliases are expanded. A few kilobytes of anchors
+//! and aliases to them (`b: [*a, *a, …]` where `a` is itself a list of aliases) stand for
+//! billions of values, and the YAML reader builds every one: a manifest in a shared GitOps
+//! checkout could make `contextos run` or `contextos audit` (in a platform's CI) run out of
+//! memory. Texts are measured first, counting as the aliases expand, and refused past the
+//! bounds before anything is built.
+
+use serde::de::{DeserializeSeed, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
+
+/// Most values the documents of one text may hold once their aliases are expanded.
+pub const MAX_VALUES: usize = 4_000_000;
+/// Most bytes of text (keys and strings) they may hold once expanded: an alias of one long
+/// string, repeated, costs one value each but copies the string each time.
+pub const MAX_TEXT: usize = 64 << 20;
+
+/// `Ok` if every document of `text` holds at most [`MAX_VALUES`] values and [`MAX_TEXT`] bytes
+/// of text once its aliases are expanded (together); otherwise what it passes. A text that is
+/// not YAML passes: its reader says what is wrong with it.
+pub fn check(text: &str) -> Result<(), String> {
+    check_within(text, MAX_VALUES, MAX_TEXT)
+}
+
+fn check_within(text: &str, values: usize, bytes: usize) -> Result<(), String> {
+    let left = std::cell::Cell::new((values, bytes));
+    for document in serde_yaml::Deserializer::from_str(text) {
+        if let Err(e) = (Counted { left: &left }).deserialize(document) {
+            let (values_left, bytes_left) = left.get();
+            if values_left == 0 {
+                return Err(format!(
+                    "it holds more than {values} values once its YAML aliases are expanded"
+                ));
+            }
+            if bytes_left == 0 {
+                return Err(format!(
+                    "it holds more than {} MiB of text once its YAML aliases are expanded",
+                    bytes >> 20
+                ));
+            }
+            // Not YAML: its reader reports that, where it is.
+            let _ = e;
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Walks a document without keeping it, counting every value against `left`.
+#[derive(Clone, Copy)]
+struct Counted<'a> {
+    /// Values and bytes of text still allowed.
+    left: &'a std::cell::Cell<(usize, usize)>,
+}
+
+impl Counted<'_> {
+    fn take<E: serde::de::Error>(self, bytes: usize) -> Result<(), E> {
+        let (values, text) = self.left.get();
+        match (values.checked_sub(1), text.checked_sub(bytes)) {
+            (Some(values), Some(text)) => {
+                self.left.set((values, text));
+                Ok(())
+            }
+            (None, _) => {
+                self.left.set((0, text));
+                Err(E::custom("too many values"))
+            }
+            (_, None) => {
+                self.left.set((values, 0));
+                Err(E::custom("too much text"))
+            }
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Counted<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Counted<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a YAML value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.take(0)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.take(0)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.take(0)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.take(0)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.take(v.len())
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.take(0)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.take(0)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.take(0)?;
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.take(0)?;
+        while map.next_key_seed(self)?.is_some() {
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+
+    /// A tagged value (`!Tag value`): its tag as text, then its value.
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        let ((), variant) = data.variant_seed(self)?;
+        variant.newtype_variant_seed(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A list of 3,000 values, and 3,000 aliases of it: 21 KB standing for 9 million values
+    /// (within the YAML reader's own limit on aliases, which counts aliases, not what they
+    /// expand to).
+    fn alias_bomb() -> String {
+        let values = vec!["0"; 3_000].join(", ");
+        let aliases = vec!["*a"; 3_000].join(", ");
+        format!("a: &a [{values}]\nb: [{aliases}]\n")
+    }
+
+    #[test]
+    fn aliases_that_stand_for_billions_of_values_are_refused_before_they_are_built() {
+        let text = alias_bomb();
+        assert!(text.len() < 24_000);
+        let refused = check(&text).expect_err("refused");
+        assert!(refused.contains("more than 4000000 values"), "{refused}");
+    }
+
+    #[test]
+    fn one_long_string_repeated_counts_its_text_each_time() {
+        let long = "y".repeat(1 << 20);
+        let aliases = vec!["*s"; 80].join(", ");
+        let text = format!("s: &s {long}\nmany: [{aliases}]\n");
+        let refused = check(&text).expect_err("refused");
+        assert!(refused.contains("more than 64 MiB of text"), "{refused}");
+    }
+
+    #[test]
+    fn ordinary_manifests_and_texts_that_are_not_yaml_pass() {
+        let quickstart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        for entry in std::fs::read_dir(quickstart).expect("the quickstart") {
+            let path = entry.expect("an entry").path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).expect("read");
+                assert_eq!(check(&text), Ok(()), "{}", path.display());
+            }
+        }
+        assert_eq!(
+            check("base: &b {x: 1}\nother:\n  <<: *b\n  tagged: !Thing {y: 2}\n"),
+            Ok(())
+        );
+        assert_eq!(check("a: [unclosed"), Ok(()), "left to the reader to report");
+        assert_eq!(
+            check_within("[1, 2, 3]", 3, 10).map_err(|e| e.contains("more than 3")),
+            Err(true)
+        );
+    }
+}

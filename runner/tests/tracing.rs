@@ -50,6 +50,17 @@ fn a_session_is_one_trace_from_its_caller_through_runs_gateway_and_tool_service(
     );
     assert_ne!(annotated, text, "session.yaml has metadata");
     std::fs::write(&session, annotated).expect("write");
+    // A model that names a tool the Agent does not declare, with a person's address for a
+    // name: refused, and never exported as it is.
+    let script = files.path().join("configmaps.yaml");
+    let text = std::fs::read_to_string(&script).expect("configmaps.yaml");
+    let injected = text.replacen(
+        r#"[{"tool": "delete_namespace", "arguments": {"namespace": "checkout-canary"}}]"#,
+        r#"[{"tool": "delete_namespace", "arguments": {"namespace": "checkout-canary"}}, {"tool": "jane.doe@example.com", "arguments": {}}]"#,
+        1,
+    );
+    assert_ne!(injected, text, "the script's third turn");
+    std::fs::write(&script, injected).expect("write");
 
     let mut q = Quickstart::with_files(&[], files.path().to_owned());
     q.tools = OpsTools::start_with_env(&[], &exporting);
@@ -183,6 +194,15 @@ fn a_session_is_one_trace_from_its_caller_through_runs_gateway_and_tool_service(
         .expect("its call");
     assert_eq!(call.tags["contextos.tool"], "restart_deployment");
     assert_eq!(call.tags["contextos.outcome"], "executed");
+    let tools: Vec<&Value> = trace
+        .named("tool.call")
+        .iter()
+        .map(|c| &c.tags["contextos.tool"])
+        .collect();
+    assert!(
+        tools.iter().any(|t| **t == "(undeclared)") && !tools.iter().any(|t| **t == "jane.doe@example.com"),
+        "{tools:?}"
+    );
 
     // Nothing of this Session went into another trace.
     let others = get(&format!(

@@ -794,8 +794,14 @@ impl ToolGateway {
         state: &StateFacts,
         progress: &RunProgress,
     ) -> Result<CallOutcome, GatewayError> {
-        // The model names the tool: bounded here, whatever it is (the catalog's are ≤ 64).
-        let tool: String = call.tool.chars().take(64).collect();
+        // The model names the tool: a name the Agent does not declare is not exported as it
+        // is (a prompt-injected model could otherwise write a person's details into every
+        // trace collector, past the record's erasure).
+        let tool: &str = if self.tools.contains_key(&call.tool) {
+            &call.tool
+        } else {
+            "(undeclared)"
+        };
         let span = tracing::info_span!(
             target: crate::telemetry::TARGET,
             "tool.call",

@@ -170,6 +170,78 @@ fn a_stricter_candidate_policy_fails_the_replay_gate_and_names_the_divergence() 
     );
 }
 
+/// Sessions that make no tool call, started just before a Policy is gated, cannot crowd the
+/// run that would show the change out of the sample: a Policy cannot change them, so they take
+/// no place in it.
+#[test]
+fn runs_without_calls_take_no_place_in_a_policy_gates_sample() {
+    let files = tempfile::tempdir().expect("files");
+    for entry in std::fs::read_dir(Quickstart::examples()).expect("quickstart") {
+        let entry = entry.expect("entry");
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), files.path().join(entry.file_name())).expect("copy");
+        }
+    }
+    let q = Quickstart::with_files(&[], files.path().to_owned());
+    q.drive(None);
+
+    // Then two Sessions of the same Agent whose model answers at once, calling nothing.
+    let configmaps = files.path().join("configmaps.yaml");
+    let text = std::fs::read_to_string(&configmaps).expect("configmaps.yaml");
+    let start = text.find("    {\n      \"turns\"").expect("the script");
+    let answer = r#"    {"turns": [{"content": "{\"summary\": \"nothing to do here, all is well today\", \"actions\": [], \"resolved\": true}"}]}
+"#;
+    std::fs::write(&configmaps, format!("{}{answer}", &text[..start])).expect("write");
+    let session = files.path().join("session.yaml");
+    let text = std::fs::read_to_string(&session).expect("session.yaml");
+    for name in ["hello-1", "hello-2"] {
+        std::fs::write(
+            &session,
+            text.replacen("name: checkout-5xx", &format!("name: {name}"), 1),
+        )
+        .expect("write");
+        // (The critic asks for evidence and the script has no more turns: the run ends, failed,
+        // having called nothing — finished, as a gate's sample takes runs.)
+        let quiet = q.step(false, None);
+        assert!(quiet.stdout.contains("0 tool call(s)"), "{quiet:?}");
+    }
+
+    // Replayed, a run whose model could not answer ends as it did (not "the replay went
+    // further than the original run"): it does not count as diverged in every gate.
+    let same = q.cli(&["replay", "--session", "hello-1"]);
+    assert_eq!(same.code, Some(0), "{}{}", same.stdout, same.stderr);
+    assert!(same.stdout.contains("1 identical, 0 diverged"), "{}", same.stdout);
+
+    // A Policy that lets the agent delete namespaces, replayed on a sample of two.
+    let policy = std::fs::read_to_string(Quickstart::examples().join("policy.yaml")).expect("policy.yaml");
+    let loosened = policy.replacen(
+        "      effect: deny\n      reason: Deleting namespaces",
+        "      effect: allow\n      reason: Deleting namespaces",
+        1,
+    );
+    assert_ne!(loosened, policy);
+    let candidate = files.path().join("candidate-policy.yaml.txt");
+    std::fs::write(&candidate, loosened).expect("write");
+    let out = q.cli(&[
+        "replay",
+        "--sample",
+        "2",
+        "--candidate",
+        &candidate.display().to_string(),
+    ]);
+    assert_eq!(out.code, Some(3), "the gate fails: {}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("delete_namespace: newly allowed"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("2 run(s) made no tool call"),
+        "{}",
+        out.stdout
+    );
+}
+
 #[test]
 fn a_run_killed_at_every_boundary_resumes_to_the_same_decisions_without_duplicate_effects() {
     let reference = Quickstart::new(&[]);

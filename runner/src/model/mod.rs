@@ -193,6 +193,10 @@ pub enum ModelError {
         step: u32,
         recorded: usize,
     },
+    /// Replaying: the recorded run ended here because its model could not answer (its script
+    /// ran out, its token budget or a quota was spent); the replay ends as it did.
+    #[error("{message}")]
+    RecordedEnd { reason: String, message: String },
 }
 
 /// A model of an Agent, as [`Model::for_spec`] builds one: whose it is, the field that says it

@@ -259,6 +259,19 @@ pub struct Candidate {
     pub skill: Option<crate::skills::SkillCandidate>,
 }
 
+impl Candidate {
+    /// Whether all the candidate changes is Policies: what it can change in a run is only how
+    /// its calls are decided.
+    pub fn changes_policies_only(&self) -> bool {
+        !self.policies.is_empty()
+            && self.context_pack.is_none()
+            && self.composition.is_none()
+            && self.agent.is_none()
+            && self.ontology.is_none()
+            && self.skill.is_none()
+    }
+}
+
 /// A candidate that does not fit the bundle.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CandidateError {

@@ -1118,6 +1118,7 @@ impl<'s, S: RecordStore> Harness<'s, S> {
         state: &LoopState,
     ) -> Result<RunReport, RunError> {
         let reason = match &error {
+            ModelError::RecordedEnd { reason, .. } => reason.as_str(),
             ModelError::ScriptExhausted { .. } | ModelError::BadScript { .. } => "ModelScriptExhausted",
             ModelError::NotRecorded { .. } => "ReplayExhausted",
             ModelError::TokenBudget { .. } => "TokenBudgetExhausted",

@@ -1230,6 +1230,11 @@ fn kind_text(kind: DivergenceKind) -> &'static str {
     }
 }
 
+/// Runs of the window examined for each place of a sample (and at least [`MIN_EXAMINED`]): a
+/// gate reads a bounded part of a busy window, never all of it.
+const EXAMINED_PER_PLACE: usize = 20;
+const MIN_EXAMINED: usize = 2_000;
+
 /// Replays the runs `filter` selects (finished runs only; a running run has nothing final to
 /// compare), skipping those the candidate does not apply to.
 pub async fn replay_runs<S: RecordStore>(
@@ -1244,15 +1249,26 @@ pub async fn replay_runs<S: RecordStore>(
     let mut replays = Vec::new();
     let mut skipped = Vec::new();
     // The sample is the newest `limit` runs that can be replayed: running runs, runs of other
-    // Agents or Sessions with other labels, and runs the candidate does not apply to do not
-    // take places in it.
+    // Agents or Sessions with other labels, runs the candidate does not apply to, and — for a
+    // candidate that changes only Policies — runs that made no tool call (which a Policy
+    // cannot change) do not take places in it. Without that last rule, anyone who can start
+    // Sessions could fill the sample with runs that say nothing of a policy change just before
+    // it is gated, and a loosened Policy would pass on them.
+    let wanted = filter.limit.unwrap_or(usize::MAX);
     let listing = RunFilter {
-        limit: None,
+        limit: Some(wanted.saturating_mul(EXAMINED_PER_PLACE).max(MIN_EXAMINED)),
+        agent: filter.agent.clone().or_else(|| match agents {
+            [only] => Some(only.clone()),
+            _ => None,
+        }),
         ..filter.clone()
     };
-    let wanted = filter.limit.unwrap_or(usize::MAX);
+    let policies_only = candidate.changes_policies_only();
+    let mut without_calls = 0usize;
     let mut stopped = None;
-    for run in store.list_runs(tenant, &listing).await? {
+    let listed = store.list_runs(tenant, &listing).await?;
+    let examined_all = listing.limit.is_none_or(|limit| listed.len() < limit);
+    for run in listed {
         if replays.len() >= wanted {
             break;
         }
@@ -1275,6 +1291,14 @@ pub async fn replay_runs<S: RecordStore>(
         )
         .await
         {
+            Ok(replay)
+                if policies_only
+                    && replay.reexecution.is_none()
+                    && replay.recorded.calls.is_empty()
+                    && replay.replayed.calls.is_empty() =>
+            {
+                without_calls += 1;
+            }
             Ok(mut replay) => {
                 if let Some(calls) = judging.intended.get(&replay.run_id) {
                     replay.mark_intended(calls);
@@ -1311,6 +1335,17 @@ pub async fn replay_runs<S: RecordStore>(
             }
             Err(e) => return Err(e),
         }
+    }
+    if without_calls > 0 {
+        skipped.push(format!(
+            "{without_calls} run(s) made no tool call: a Policy cannot change them, so they take no place in the sample"
+        ));
+    }
+    if !examined_all && replays.len() < wanted {
+        skipped.push(format!(
+            "only the newest {} runs of the window were examined",
+            listing.limit.unwrap_or_default()
+        ));
     }
     let summary = ReplaySummary::new(replays, skipped, judging.max_divergence_percent);
     Ok(match &judging.reexecution {

@@ -45,6 +45,11 @@ const MAX_A2A_PER_NAMESPACE: usize = 32;
 /// Of a namespace's share, what one caller may hold: one caller's streams cannot take every
 /// other caller's.
 const MAX_A2A_PER_CALLER: usize = 8;
+/// What the callers from one place may hold across every namespace they call: the service
+/// accounts of one namespace (which its tenant can make as many of as it likes), or one user.
+/// Without it, a tenant's accounts calling agents that many namespaces offer to every
+/// authenticated caller could hold the whole replica.
+const MAX_A2A_PER_ORIGIN: usize = 32;
 /// Tasks one caller may have going in one namespace at once (more messages are refused until
 /// one ends): every task is a run, a pod and an object the API server keeps.
 const MAX_OPEN_TASKS_PER_CALLER: usize = 16;
@@ -71,11 +76,7 @@ pub(super) struct A2aSettings {
     /// The gateway's URL as callers reach it (for the endpoint its cards name); without it,
     /// the request's own `Host` over http.
     pub public_url: Option<String>,
-    pub in_flight: Arc<tokio::sync::Semaphore>,
-    /// Each namespace's share of `in_flight`.
-    per_namespace: Bounds<String>,
-    /// Each (namespace, caller)'s share of its namespace's.
-    per_caller: Bounds<(String, String)>,
+    slots: Slots,
     /// Held by a caller's message while its open tasks are counted and its Session created, so
     /// that messages sent at once through this replica are counted one after the other.
     starting: std::sync::Mutex<std::collections::HashMap<(String, String), Turns>>,
@@ -86,9 +87,7 @@ impl A2aSettings {
         Self {
             sessions,
             public_url: public_url.map(|u| u.trim_end_matches('/').to_owned()),
-            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_A2A_IN_FLIGHT)),
-            per_namespace: Default::default(),
-            per_caller: Default::default(),
+            slots: Slots::default(),
             starting: Default::default(),
         }
     }
@@ -104,25 +103,66 @@ impl A2aSettings {
             .or_default()
             .clone()
     }
+}
 
-    /// A slot of the caller's, of `namespace`'s and of the replica's, if each has one free.
-    fn slot(&self, namespace: &str, caller: &str) -> Option<Slot> {
-        let caller = shared_bound(
+/// What A2A requests and streams hold at this replica: each takes a slot of its caller's in
+/// the namespace it calls, of that namespace's, of its caller's origin and of the replica's.
+struct Slots {
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Each namespace's share of `in_flight`.
+    per_namespace: Bounds<String>,
+    /// Each (namespace, caller)'s share of its namespace's.
+    per_caller: Bounds<(String, String)>,
+    /// Each origin's share of `in_flight` (see [`origin`]).
+    per_origin: Bounds<String>,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Self {
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_A2A_IN_FLIGHT)),
+            per_namespace: Default::default(),
+            per_caller: Default::default(),
+            per_origin: Default::default(),
+        }
+    }
+}
+
+impl Slots {
+    /// A slot for `caller` calling an agent of `namespace`, if every bound it counts against
+    /// has one free.
+    fn take(&self, namespace: &str, caller: &str) -> Option<Slot> {
+        let take = |bound: Option<Arc<tokio::sync::Semaphore>>| bound?.try_acquire_owned().ok();
+        let caller_slot = take(shared_bound(
             &self.per_caller,
             (namespace.to_owned(), caller.to_owned()),
             MAX_A2A_PER_CALLER,
-        )?
-        .try_acquire_owned()
-        .ok()?;
-        let namespace = shared_bound(&self.per_namespace, namespace.to_owned(), MAX_A2A_PER_NAMESPACE)?
-            .try_acquire_owned()
-            .ok()?;
+        ))?;
+        let namespace_slot = take(shared_bound(
+            &self.per_namespace,
+            namespace.to_owned(),
+            MAX_A2A_PER_NAMESPACE,
+        ))?;
+        let origin_slot = take(shared_bound(&self.per_origin, origin(caller), MAX_A2A_PER_ORIGIN))?;
         let replica = self.in_flight.clone().try_acquire_owned().ok()?;
         Some(Slot {
-            _caller: caller,
-            _namespace: namespace,
+            _caller: caller_slot,
+            _namespace: namespace_slot,
+            _origin: origin_slot,
             _replica: replica,
         })
+    }
+}
+
+/// Where a caller comes from: the namespace of a service account (every account of one
+/// namespace is one origin), or the user.
+fn origin(caller: &str) -> String {
+    match caller
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+    {
+        Some((namespace, _)) => format!("namespace {namespace}"),
+        None => format!("user {caller}"),
     }
 }
 
@@ -149,6 +189,7 @@ fn shared_bound<K: std::hash::Hash + Eq>(
 struct Slot {
     _caller: tokio::sync::OwnedSemaphorePermit,
     _namespace: tokio::sync::OwnedSemaphorePermit,
+    _origin: tokio::sync::OwnedSemaphorePermit,
     _replica: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -222,17 +263,18 @@ where
                 caller.username
             )));
         }
+        // Only callers who may invoke it get this far, so only they can take the namespace's
+        // share of the replica; the slot is taken before the Agent is read, so that reading
+        // it is bounded too.
+        let Some(slot) = settings.slots.take(namespace, &caller.username) else {
+            return Err(unavailable(format!(
+                "this gateway replica serves {MAX_A2A_IN_FLIGHT} A2A requests and streams at once, {MAX_A2A_PER_NAMESPACE} for the agents of namespace {namespace}, {MAX_A2A_PER_CALLER} for one caller of them, {MAX_A2A_PER_ORIGIN} for the callers of one namespace's service accounts (or one user) across namespaces; try again"
+            )));
+        };
         let found = settings.sessions.agent(namespace, agent).await.map_err(|e| {
             tracing::warn!(error = %e, %namespace, %agent, "cannot read an Agent for an A2A caller");
             unavailable("the gateway cannot read the agent now; try again")
         })?;
-        // Only callers who may invoke it get this far, so only they can take the namespace's
-        // share of the replica.
-        let Some(slot) = settings.slot(namespace, &caller.username) else {
-            return Err(unavailable(format!(
-                "this gateway replica serves {MAX_A2A_IN_FLIGHT} A2A requests and streams at once, {MAX_A2A_PER_NAMESPACE} for the agents of namespace {namespace}, {MAX_A2A_PER_CALLER} for one caller of them; try again"
-            )));
-        };
         let starting = settings.starting(namespace, &caller.username);
         match found {
             Some(found) if found.spec.a2a.is_some() => Ok(Invocation {
@@ -708,4 +750,51 @@ fn follow_stream(
         drop(invocation);
     });
     event_stream(first, Some(receiver))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tenant's service accounts calling agents that many namespaces offer hold at most their
+    /// origin's share of the replica, however many accounts and namespaces there are.
+    #[test]
+    fn the_service_accounts_of_one_namespace_share_one_origins_slots() {
+        let slots = Slots::default();
+        let mut held = Vec::new();
+        'calls: for account in 0..64 {
+            for namespace in 0..64 {
+                let caller = format!("system:serviceaccount:tenant-a:caller-{account}");
+                match slots.take(&format!("shop-{namespace}"), &caller) {
+                    Some(slot) => held.push(slot),
+                    None => break 'calls,
+                }
+            }
+        }
+        assert_eq!(held.len(), MAX_A2A_PER_ORIGIN);
+        // Another namespace's accounts and a user are served meanwhile.
+        assert!(
+            slots
+                .take("shop-0", "system:serviceaccount:tenant-b:caller")
+                .is_some()
+        );
+        assert!(slots.take("shop-1", "jane@example.com").is_some());
+        drop(held.pop());
+        assert!(
+            slots
+                .take("shop-63", "system:serviceaccount:tenant-a:caller-0")
+                .is_some(),
+            "a slot given back is taken again"
+        );
+    }
+
+    #[test]
+    fn a_callers_origin_is_its_service_accounts_namespace_or_itself() {
+        assert_eq!(origin("system:serviceaccount:shop:billing"), "namespace shop");
+        assert_eq!(origin("jane@example.com"), "user jane@example.com");
+        assert_eq!(
+            origin("system:serviceaccount:broken"),
+            "user system:serviceaccount:broken"
+        );
+    }
 }

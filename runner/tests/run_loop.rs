@@ -170,6 +170,26 @@ fn a_stricter_candidate_policy_fails_the_replay_gate_and_names_the_divergence() 
     );
 }
 
+/// A data directory can come with a checkout: a link left at a name an approval once wrote
+/// through is not followed (the decisions go to a new file, then renamed into place).
+#[test]
+fn an_approval_never_writes_through_a_link_left_in_the_data_directory() {
+    let q = Quickstart::new(&[]);
+    let paused = q.step(false, None);
+    assert_eq!(paused.code, Some(4), "{paused:?}");
+    let victim = q.data.path().join("victim.txt");
+    std::fs::write(&victim, "keep me").expect("write");
+    let approvals = q.data.path().join("approvals/shop");
+    std::fs::create_dir_all(&approvals).expect("dir");
+    std::os::unix::fs::symlink(&victim, approvals.join("checkout-5xx.json.tmp")).expect("link");
+    q.approve();
+    assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep me");
+    let decisions = approvals.join("checkout-5xx.json");
+    assert!(std::fs::symlink_metadata(&decisions).expect("written").is_file());
+    let done = q.step(true, None);
+    assert_eq!(done.code, Some(0), "{done:?}");
+}
+
 /// Sessions that make no tool call, started just before a Policy is gated, cannot crowd the
 /// run that would show the change out of the sample: a Policy cannot change them, so they take
 /// no place in it.

@@ -505,13 +505,30 @@ fn read_decisions<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result
     }
 }
 
-/// Writes atomically (temp file + rename) so a crash never leaves half a file.
+/// Writes atomically (temp file + rename) so a crash never leaves half a file. The temp file
+/// is new (never opened through a link someone left at a name known in advance: a data
+/// directory can come with a checkout), and the rename replaces a link at `path` instead of
+/// writing where it points.
 fn write_decisions<T: serde::Serialize>(path: &Path, decisions: &[T]) -> anyhow::Result<()> {
+    use std::io::Write as _;
     let dir = path.parent().context("the decisions path has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(decisions)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = path.with_extension(format!("json.{}-{nanos}.tmp", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(&serde_json::to_vec_pretty(decisions)?)?;
+            file.sync_all()
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+    }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

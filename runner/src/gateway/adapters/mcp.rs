@@ -194,6 +194,15 @@ fn spawn_local(
                 "mcp-{}.log",
                 crate::capability::ServerDigest::of(command)
             ));
+            // Never appended to through a link (a data directory can come with a checkout, and
+            // the log's name is known in advance).
+            let linked = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+            if linked {
+                return Err(format!(
+                    "{} is a symbolic link; the server's stderr is not written through it (remove it)",
+                    path.display()
+                ));
+            }
             std::fs::create_dir_all(dir)
                 .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&path))
                 .map_err(|e| format!("cannot open {} for the server's stderr: {e}", path.display()))?

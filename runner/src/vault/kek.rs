@@ -313,13 +313,18 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)
 }
 
+/// A new file only its owner reads, at `path` (what a crash left there goes first): never one
+/// opened through a link, which would write key material wherever the link points.
 #[cfg(unix)]
 fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(path)
 }
@@ -332,6 +337,24 @@ fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Key material never goes where a link left at the ring's temporary name points.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_ring_is_never_written_through_a_link() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let keys = KeyDir::new(dir.path().join("keys"));
+        create_private_dir(keys.dir()).expect("dir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").expect("write");
+        std::os::unix::fs::symlink(&victim, keys.dir().join(".shop.json.new")).expect("link");
+        let rings = KeyRings::Dir(keys);
+        rings
+            .create(&TenantId::new("shop").expect("tenant"))
+            .await
+            .expect("made");
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep me");
+    }
 
     #[tokio::test]
     async fn a_ring_is_made_once_kept_and_rotated_and_never_overwritten_by_a_stale_copy() {

@@ -117,7 +117,6 @@ pub fn parse(source: &str, text: &str, server: Option<&str>) -> Result<ApiDocume
                 &server,
                 path,
                 method,
-                key,
                 operation,
                 &parameters,
                 &mut budget,
@@ -138,7 +137,6 @@ fn operation_of(
     server: &str,
     path: &str,
     method: HttpMethod,
-    key: &str,
     operation: &Value,
     parameters: &[Value],
     budget: &mut crate::openapi::Budget,
@@ -188,9 +186,13 @@ fn operation_of(
         .as_str()
         .or_else(|| operation["description"].as_str())
         .unwrap_or_default();
-    let id = operation["operationId"]
-        .as_str()
-        .map_or_else(|| format!("{key}_{}", path.trim_matches('/')), str::to_owned);
+    let id = operation["operationId"].as_str().map_or_else(
+        || {
+            let key = crate::openapi::method_name(method).to_ascii_lowercase();
+            format!("{key}_{}", path.trim_matches('/'))
+        },
+        str::to_owned,
+    );
     Ok(Operation {
         id,
         operation_id: operation["operationId"].as_str().map(str::to_owned),

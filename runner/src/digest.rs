@@ -167,7 +167,12 @@ impl Digest {
         for (name, a) in &self.agents {
             for (reason, (runs, named)) in &a.failed {
                 any = true;
-                let _ = writeln!(out, "  {name}: {reason} in {runs} run(s): {}", named.join(" "));
+                let _ = writeln!(
+                    out,
+                    "  {name}: {} in {runs} run(s): {}",
+                    crate::text::for_terminal(reason),
+                    named.join(" ")
+                );
             }
         }
         if !any {

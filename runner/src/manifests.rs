@@ -118,9 +118,12 @@ fn read_as_ours(api_version: Option<&str>, kind: &str) -> Result<bool, NotRead> 
                 "{kind:?} is not a ContextOS kind (see `kubectl api-resources --api-group=contextos.dev`)"
             ),
         }),
-        Some(version) if version.starts_with("contextos.dev/") => Err(NotRead {
+        // Spelt otherwise (a version this release does not serve, the group in capitals or
+        // with spaces), it is still meant for ContextOS: read as another API's, it would be
+        // left out without a word.
+        Some(version) if version.trim().to_ascii_lowercase().starts_with("contextos.dev/") => Err(NotRead {
             field: "apiVersion",
-            problem: format!("{version} is not served; this release serves {served}"),
+            problem: format!("{version:?} is not served; this release serves {served}"),
         }),
         Some("v1") => Ok(matches!(kind, "ConfigMap" | "Secret")),
         Some(_) => Ok(false),
@@ -156,22 +159,27 @@ impl ManifestSet {
     /// (kustomization files are skipped: they hold no objects).
     pub fn load(paths: &[PathBuf]) -> Result<Self, ManifestError> {
         let mut set = Self::default();
+        let mut expansion = crate::yaml_bounds::Expansion::default();
         for path in paths {
             for file in files_of(path)? {
-                set.read_file(&file)?;
+                set.read_file(&file, &mut expansion)?;
             }
         }
         Ok(set)
     }
 
-    fn read_file(&mut self, file: &Path) -> Result<(), ManifestError> {
+    fn read_file(
+        &mut self,
+        file: &Path,
+        expansion: &mut crate::yaml_bounds::Expansion,
+    ) -> Result<(), ManifestError> {
         let at_file = |problem: String| ManifestError {
             location: file.display().to_string(),
             field: None,
             problem,
         };
         let text = std::fs::read_to_string(file).map_err(|e| at_file(format!("cannot be read: {e}")))?;
-        crate::yaml_bounds::check(&text).map_err(at_file)?;
+        expansion.check(&text).map_err(at_file)?;
         for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let yaml = serde_yaml::Value::deserialize(document)
                 .map_err(|e| at_file(format!("document {} is not valid YAML: {e}", index + 1)))?;
@@ -183,22 +191,22 @@ impl ManifestSet {
             let text_of = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_owned);
             let kind =
                 text_of("kind").ok_or_else(|| at_file(format!("document {} has no kind", index + 1)))?;
-            let name = value
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .ok_or_else(|| at_file(format!("document {} ({kind}) has no metadata.name", index + 1)))?;
+            let named = value.pointer("/metadata/name").and_then(Value::as_str);
             match read_as_ours(text_of("apiVersion").as_deref(), &kind) {
                 Ok(true) => {}
+                // Another API's (a `List`, an object named by `generateName`): kubectl's.
                 Ok(false) => continue,
                 Err(problem) => {
                     return Err(ManifestError {
-                        location: format!("{}: {kind} {name}", file.display()),
+                        location: format!("{}: {kind} {}", file.display(), named.unwrap_or("(no name)")),
                         field: Some(problem.field.to_owned()),
                         problem: problem.problem,
                     });
                 }
             }
+            let name = named
+                .map(str::to_owned)
+                .ok_or_else(|| at_file(format!("document {} ({kind}) has no metadata.name", index + 1)))?;
             self.objects.push(Manifest {
                 file: file.to_owned(),
                 kind,
@@ -902,7 +910,9 @@ mod tests {
         let others = "apiVersion: kyverno.io/v1\nkind: Policy\nmetadata: {name: require-labels}\n\
                       spec: {validationFailureAction: Enforce, rules: []}\n---\n\
                       apiVersion: example.com/v1\nkind: Consent\nmetadata: {name: cookies}\nspec: {}\n---\n\
-                      apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {}\n";
+                      apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {}\n---\n\
+                      apiVersion: v1\nkind: List\nitems: []\n---\n\
+                      apiVersion: batch/v1\nkind: Job\nmetadata: {generateName: migrate-}\nspec: {}\n";
         std::fs::write(dir.path().join("others.yaml"), others).expect("written");
         let set = ManifestSet::load(&[dir.path().to_owned()]).expect("others are left out");
         assert!(
@@ -918,7 +928,12 @@ mod tests {
             (
                 "apiVersion: contextos.dev/v1beta1\nkind: Policy\nmetadata: {name: p}\nspec: {}\n",
                 "apiVersion",
-                "contextos.dev/v1beta1 is not served; this release serves contextos.dev/v1alpha1",
+                "\"contextos.dev/v1beta1\" is not served; this release serves contextos.dev/v1alpha1",
+            ),
+            (
+                "apiVersion: ' ContextOS.dev/v1alpha1'\nkind: Policy\nmetadata: {name: p}\nspec: {}\n",
+                "apiVersion",
+                "\" ContextOS.dev/v1alpha1\" is not served",
             ),
             (
                 "apiVersion: contextos.dev/v1alpha1\nkind: Polcy\nmetadata: {name: p}\nspec: {}\n",

@@ -46,7 +46,12 @@ pub fn for_terminal_keeping_lines(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 fn escaped(text: &str, keep_lines: bool) -> std::borrow::Cow<'_, str> {
-    let hidden = |c: char| (c.is_control() && !(keep_lines && matches!(c, '\n' | '\t'))) || is_invisible(c);
+    // U+2028 and U+2029 end a line for YAML 1.1 readers and some terminals.
+    let hidden = |c: char| {
+        (c.is_control() && !(keep_lines && matches!(c, '\n' | '\t')))
+            || matches!(c, '\u{2028}' | '\u{2029}')
+            || is_invisible(c)
+    };
     if !text.chars().any(hidden) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -109,6 +114,10 @@ mod tests {
             "step 3 restart_pod: DENIED\\u{1b}[1A\\u{1b}[2Kexecuted\\u{1b}]52;c;aGk=\\u{7}\\u{9b}2J\\r\\u{202e}gnp.exe\\u{200b}"
         );
         assert_eq!(for_terminal("two\nlines"), "two\\nlines");
+        assert_eq!(
+            for_terminal("one\u{85}two\u{2028}three\u{2029}"),
+            "one\\u{85}two\\u{2028}three\\u{2029}"
+        );
         assert_eq!(
             for_terminal_keeping_lines("two\n\tlines\u{1b}[2J"),
             "two\n\tlines\\u{1b}[2J"

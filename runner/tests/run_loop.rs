@@ -260,6 +260,24 @@ fn runs_without_calls_take_no_place_in_a_policy_gates_sample() {
         "{}",
         out.stdout
     );
+    // Read no further than the two newest runs, the sample is short of what it asks for while
+    // the window holds more: it does not pass on what is left.
+    let short = q.cli(&[
+        "replay",
+        "--sample",
+        "2",
+        "--examine",
+        "2",
+        "--candidate",
+        &candidate.display().to_string(),
+    ]);
+    assert_ne!(short.code, Some(0), "{}{}", short.stdout, short.stderr);
+    assert!(
+        format!("{}{}", short.stdout, short.stderr).contains("held only 0 of the 2 runs to judge"),
+        "{}{}",
+        short.stdout,
+        short.stderr
+    );
 }
 
 #[test]

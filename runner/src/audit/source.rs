@@ -99,8 +99,9 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Document>, SourceError> {
     }
     let mut documents = Vec::new();
     let mut total = 0u64;
+    let mut expansion = crate::yaml_bounds::Expansion::default();
     for file in files {
-        let (read, bytes) = read_counted(&file)?;
+        let (read, bytes) = read_counted(&file, &mut expansion)?;
         total += bytes;
         if total > MAX_TOTAL_BYTES {
             return Err(SourceError::TooManyBytes);
@@ -168,12 +169,15 @@ fn is_manifest(path: &Path) -> bool {
 
 /// The documents of one file.
 pub fn read(path: &Path) -> Result<Vec<Document>, SourceError> {
-    read_counted(path).map(|(documents, _)| documents)
+    read_counted(path, &mut crate::yaml_bounds::Expansion::default()).map(|(documents, _)| documents)
 }
 
 /// The documents of one file and its size, read through a bound (the size a file claims is not
 /// trusted: `/dev/zero` claims none).
-fn read_counted(path: &Path) -> Result<(Vec<Document>, u64), SourceError> {
+fn read_counted(
+    path: &Path,
+    expansion: &mut crate::yaml_bounds::Expansion,
+) -> Result<(Vec<Document>, u64), SourceError> {
     use std::io::Read as _;
     let io = |source| SourceError::Io {
         path: path.to_owned(),
@@ -196,7 +200,7 @@ fn read_counted(path: &Path) -> Result<(Vec<Document>, u64), SourceError> {
         path: path.to_owned(),
         problem: "not UTF-8 text".to_owned(),
     })?;
-    Ok((parse(path, &text)?, size))
+    Ok((parse_within(path, &text, expansion)?, size))
 }
 
 /// The deepest nesting of flow and block collections, roughly (brackets and indentation), to
@@ -219,8 +223,18 @@ fn too_deep(text: &str) -> bool {
         .any(|line| line.len() - line.trim_start_matches([' ', '-']).len() > MAX_DEPTH * 2)
 }
 
-/// The documents of `text`, read from `path`.
+/// The documents of `text`, read from `path` on its own.
 pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, SourceError> {
+    parse_within(path, text, &mut crate::yaml_bounds::Expansion::default())
+}
+
+/// The documents of `text`, read from `path` as one file of a load that may still `expand` so
+/// far (see [`crate::yaml_bounds`]).
+fn parse_within(
+    path: &Path,
+    text: &str,
+    expansion: &mut crate::yaml_bounds::Expansion,
+) -> Result<Vec<Document>, SourceError> {
     let yaml_error = |problem: String| SourceError::Yaml {
         path: path.to_owned(),
         problem,
@@ -230,7 +244,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, SourceError> {
             path: path.to_owned(),
         });
     }
-    crate::yaml_bounds::check(text).map_err(yaml_error)?;
+    expansion.check(text).map_err(yaml_error)?;
     let mut values = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
         let mut value: serde_yaml::Value =

@@ -60,7 +60,10 @@ pub async fn run(global: &GlobalArgs, args: DigestArgs) -> anyhow::Result<ExitCo
         digest.promotions = Some(promotions(&client, namespace, since_ms).await?);
     }
     match args.format {
-        Format::Text => print!("{}", digest.text()),
+        Format::Text => print!(
+            "{}",
+            contextos_runner::text::for_terminal_keeping_lines(&digest.text())
+        ),
         Format::Json => println!("{}", serde_json::to_string_pretty(&digest)?),
         Format::Html => print!("{}", digest.html()),
     }

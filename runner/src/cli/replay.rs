@@ -42,6 +42,10 @@ pub struct ReplayArgs {
     /// Replay up to this many recent finished runs (newest first).
     #[arg(long)]
     sample: Option<usize>,
+    /// Read at most this many runs of the window to fill the sample (default: 20 a place, at
+    /// least 2,000); a sample left short when the window held more fails.
+    #[arg(long)]
+    examine: Option<usize>,
     /// With --sample or --session: only runs of these Agents (repeatable).
     #[arg(long = "agent")]
     agents: Vec<String>,
@@ -180,6 +184,7 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
             &Judging {
                 max_divergence_percent: args.max_divergence_percent,
                 reexecution,
+                examine_at_most: args.examine,
                 ..Judging::default()
             },
         )
@@ -212,7 +217,11 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<ExitCo
         std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
     }
     match args.output {
-        Output::Text => print!("{}", summary.text()),
+        // Recorded outputs and failure messages are the model's and the tools' words.
+        Output::Text => print!(
+            "{}",
+            contextos_runner::text::for_terminal_keeping_lines(&summary.text())
+        ),
         Output::Json => println!("{json}"),
     }
     Ok(if summary.passed {

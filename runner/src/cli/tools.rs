@@ -155,7 +155,9 @@ pub fn render(server: &str, basis: &str, imported: &[Imported]) -> anyhow::Resul
     );
     for item in imported {
         for line in &item.review {
-            out.push_str(&format!("  # review: {line}\n"));
+            // A comment line: what the document named (a path, a parameter) cannot end it and
+            // start YAML of its own, nor reach the terminal as a command.
+            out.push_str(&format!("  # review: {}\n", for_terminal(line)));
         }
         // JSON, which is YAML too: every string quoted, so no name or value a server chose
         // (`yes`, `on`, `NO`) reads back as a boolean under YAML 1.1 (kubectl's reader).

@@ -390,6 +390,7 @@ pub async fn run_gate<S: RecordStore>(
                     models,
                     meter: Meter::new(r.max_tokens),
                 }),
+            examine_at_most: None,
         },
     )
     .await?;

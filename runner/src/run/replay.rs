@@ -1256,7 +1256,11 @@ pub async fn replay_runs<S: RecordStore>(
     // it is gated, and a loosened Policy would pass on them.
     let wanted = filter.limit.unwrap_or(usize::MAX);
     let listing = RunFilter {
-        limit: Some(wanted.saturating_mul(EXAMINED_PER_PLACE).max(MIN_EXAMINED)),
+        limit: Some(
+            judging
+                .examine_at_most
+                .unwrap_or_else(|| wanted.saturating_mul(EXAMINED_PER_PLACE).max(MIN_EXAMINED)),
+        ),
         agent: filter.agent.clone().or_else(|| match agents {
             [only] => Some(only.clone()),
             _ => None,
@@ -1341,10 +1345,14 @@ pub async fn replay_runs<S: RecordStore>(
             "{without_calls} run(s) made no tool call: a Policy cannot change them, so they take no place in the sample"
         ));
     }
-    if !examined_all && replays.len() < wanted {
-        skipped.push(format!(
-            "only the newest {} runs of the window were examined",
-            listing.limit.unwrap_or_default()
+    if !examined_all && replays.len() < wanted && stopped.is_none() {
+        // More runs than a gate reads, and too few of them to judge: whoever can start
+        // Sessions could otherwise shrink the sample to what they choose by starting enough
+        // others just before a gate. It does not pass on fewer runs than it asks for.
+        stopped = Some(format!(
+            "the newest {} runs of the window held only {} of the {wanted} runs to judge; narrow the window (windowHours) or the selector, or have an approver promote without replay",
+            listing.limit.unwrap_or_default(),
+            replays.len()
         ));
     }
     let summary = ReplaySummary::new(replays, skipped, judging.max_divergence_percent);
@@ -1363,6 +1371,9 @@ pub struct Judging {
     pub intended: BTreeMap<String, BTreeSet<String>>,
     /// Re-execute the runs (ask the model again) instead of playing their model turns.
     pub reexecution: Option<Reexecution>,
+    /// Most runs of the window read to fill the sample (none: [`EXAMINED_PER_PLACE`] a place,
+    /// at least [`MIN_EXAMINED`]).
+    pub examine_at_most: Option<usize>,
 }
 
 /// Whether a recorded run's Session carried every label of `labels`.

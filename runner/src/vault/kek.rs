@@ -281,7 +281,13 @@ impl KeyDir {
         let path = self.file(tenant);
         let io = |e: std::io::Error| VaultError::KeyRing(format!("{}: {e}", path.display()));
         create_private_dir(&self.dir).map_err(io)?;
-        let temporary = self.dir.join(format!(".{tenant}.json.new"));
+        // A name of this write's own: two writers never write into one file.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let temporary = self
+            .dir
+            .join(format!(".{tenant}.json.{}-{nanos}.new", std::process::id()));
         let bytes = serde_json::to_vec_pretty(ring).map_err(|e| VaultError::KeyRing(e.to_string()))?;
         {
             let mut file = private_file(&temporary).map_err(io)?;
@@ -313,15 +319,11 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)
 }
 
-/// A new file only its owner reads, at `path` (what a crash left there goes first): never one
-/// opened through a link, which would write key material wherever the link points.
+/// A new file only its owner reads, at `path`: never one opened through a link, which would
+/// write key material wherever the link points.
 #[cfg(unix)]
 fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -338,21 +340,17 @@ fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
 mod tests {
     use super::*;
 
-    /// Key material never goes where a link left at the ring's temporary name points.
+    /// Key material never goes where a link left in the key directory points: the ring's
+    /// temporary file is always a new one, under a name of its own.
     #[cfg(unix)]
-    #[tokio::test]
-    async fn a_ring_is_never_written_through_a_link() {
+    #[test]
+    fn a_ring_is_never_written_through_a_link() {
         let dir = tempfile::tempdir().expect("a scratch directory");
-        let keys = KeyDir::new(dir.path().join("keys"));
-        create_private_dir(keys.dir()).expect("dir");
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "keep me").expect("write");
-        std::os::unix::fs::symlink(&victim, keys.dir().join(".shop.json.new")).expect("link");
-        let rings = KeyRings::Dir(keys);
-        rings
-            .create(&TenantId::new("shop").expect("tenant"))
-            .await
-            .expect("made");
+        let link = dir.path().join(".shop.json.new");
+        std::os::unix::fs::symlink(&victim, &link).expect("link");
+        assert!(private_file(&link).is_err(), "a link is not opened");
         assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep me");
     }
 

@@ -210,7 +210,11 @@ fn default_effect_decided(harness: &Harness, sink: &mut Sink<'_>) {
             sink.report(
                 policy,
                 spec(&["defaultEffect"]),
-                format!("calls of {tool} fell to the default effect in {}", named(&runs)),
+                format!(
+                    "calls of {} fell to the default effect in {}",
+                    crate::text::for_terminal(tool),
+                    named(&runs)
+                ),
             );
         }
     }
@@ -243,7 +247,8 @@ fn dry_run_would_change(harness: &Harness, sink: &mut Sink<'_>) {
                 policy,
                 spec(&["mode"]),
                 format!(
-                    "enforced, it would {effect} calls of {tool} that were decided more leniently, in {}",
+                    "enforced, it would {effect} calls of {} that were decided more leniently, in {}",
+                    crate::text::for_terminal(tool),
                     named(&runs)
                 ),
             );
@@ -269,7 +274,11 @@ fn dead_lettered(harness: &Harness, sink: &mut Sink<'_>) {
             sink.report(
                 agent,
                 field,
-                format!("calls of {tool} were dead-lettered in {}", named(&runs)),
+                format!(
+                    "calls of {} were dead-lettered in {}",
+                    crate::text::for_terminal(tool),
+                    named(&runs)
+                ),
             );
         }
     }

@@ -170,6 +170,32 @@ pub fn message_limit(cap: usize) -> usize {
     cap.saturating_mul(4).saturating_add(64 * 1024)
 }
 
+/// The log a command-started server's stderr is appended to: never one reached through a link
+/// or shared by a hard link (a data directory can come with a checkout, and the log's name is
+/// known in advance), checked on what was opened.
+fn open_log(dir: &std::path::Path, path: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let refused = |why: &str| {
+        format!(
+            "{} {why}; the server's stderr is not written there (remove it)",
+            path.display()
+        )
+    };
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(refused("is a symbolic link"));
+    }
+    let file = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(path))
+        .map_err(|e| format!("cannot open {} for the server's stderr: {e}", path.display()))?;
+    let opened = file.metadata().map_err(|e| e.to_string())?;
+    let named = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    if !opened.is_file() || opened.nlink() != 1 || (opened.dev(), opened.ino()) != (named.dev(), named.ino())
+    {
+        return Err(refused("is not a file of its own"));
+    }
+    Ok(file)
+}
+
 /// Starts `command` as a child process with a clean environment: the server gets nothing of
 /// this process's (credentials, store addresses, tokens), only a search path; its stderr goes to
 /// its own log in `logs`, nowhere near the caller's output.
@@ -194,19 +220,7 @@ fn spawn_local(
                 "mcp-{}.log",
                 crate::capability::ServerDigest::of(command)
             ));
-            // Never appended to through a link (a data directory can come with a checkout, and
-            // the log's name is known in advance).
-            let linked = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
-            if linked {
-                return Err(format!(
-                    "{} is a symbolic link; the server's stderr is not written through it (remove it)",
-                    path.display()
-                ));
-            }
-            std::fs::create_dir_all(dir)
-                .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&path))
-                .map_err(|e| format!("cannot open {} for the server's stderr: {e}", path.display()))?
-                .into()
+            open_log(dir, &path)?.into()
         }
     };
     let mut child = tokio::process::Command::new(program)

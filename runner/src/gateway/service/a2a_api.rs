@@ -42,8 +42,8 @@ const MAX_A2A_IN_FLIGHT: usize = 256;
 /// Of those, what the callers of one namespace's agents may hold: callers of one tenant cannot
 /// take every other tenant's share.
 const MAX_A2A_PER_NAMESPACE: usize = 32;
-/// Of a namespace's share, what one caller may hold: one caller's streams cannot take every
-/// other caller's.
+/// Of a namespace's share, what one caller may hold — the service accounts of one namespace
+/// count as one caller (see [`origin`]): one caller's streams cannot take every other caller's.
 const MAX_A2A_PER_CALLER: usize = 8;
 /// What the callers from one place may hold across every namespace they call: the service
 /// accounts of one namespace (which its tenant can make as many of as it likes), or one user.
@@ -111,7 +111,7 @@ struct Slots {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Each namespace's share of `in_flight`.
     per_namespace: Bounds<String>,
-    /// Each (namespace, caller)'s share of its namespace's.
+    /// Each (namespace, caller's origin)'s share of its namespace's.
     per_caller: Bounds<(String, String)>,
     /// Each origin's share of `in_flight` (see [`origin`]).
     per_origin: Bounds<String>,
@@ -133,17 +133,20 @@ impl Slots {
     /// has one free.
     fn take(&self, namespace: &str, caller: &str) -> Option<Slot> {
         let take = |bound: Option<Arc<tokio::sync::Semaphore>>| bound?.try_acquire_owned().ok();
+        let origin = origin(caller);
+        // The narrowest first: a caller at its bound takes none of the wider ones, even for a
+        // moment.
         let caller_slot = take(shared_bound(
             &self.per_caller,
-            (namespace.to_owned(), caller.to_owned()),
+            (namespace.to_owned(), origin.clone()),
             MAX_A2A_PER_CALLER,
         ))?;
+        let origin_slot = take(shared_bound(&self.per_origin, origin, MAX_A2A_PER_ORIGIN))?;
         let namespace_slot = take(shared_bound(
             &self.per_namespace,
             namespace.to_owned(),
             MAX_A2A_PER_NAMESPACE,
         ))?;
-        let origin_slot = take(shared_bound(&self.per_origin, origin(caller), MAX_A2A_PER_ORIGIN))?;
         let replica = self.in_flight.clone().try_acquire_owned().ok()?;
         Some(Slot {
             _caller: caller_slot,
@@ -772,6 +775,16 @@ mod tests {
             }
         }
         assert_eq!(held.len(), MAX_A2A_PER_ORIGIN);
+        // In one namespace, a tenant's accounts hold one caller's share however many they are.
+        let many: Vec<Slot> = (0..32)
+            .filter_map(|account| {
+                slots.take(
+                    "victim",
+                    &format!("system:serviceaccount:tenant-c:caller-{account}"),
+                )
+            })
+            .collect();
+        assert_eq!(many.len(), MAX_A2A_PER_CALLER);
         // Another namespace's accounts and a user are served meanwhile.
         assert!(
             slots

@@ -102,49 +102,87 @@ enum Direction {
     Backwards,
 }
 
-/// A range of keys read a page at a time within one snapshot (its transaction), so that what
-/// a scan holds is one page, not the range.
-struct Pages {
-    txn: tikv_client::Transaction,
+/// What [`Pages`] reads of each key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Keys,
+    KeysAndValues,
+}
+
+/// A range of keys read a page at a time as of one moment (a timestamp), each page in a
+/// snapshot of its own: a transaction keeps in its buffer every pair it has read, so one
+/// snapshot for the whole walk would hold the range, not a page.
+struct Pages<'a> {
+    client: &'a TransactionClient,
+    at: tikv_client::Timestamp,
     /// What is left to read: `[from, to)`.
     from: Vec<u8>,
     to: Vec<u8>,
     direction: Direction,
+    read: Read,
     done: bool,
 }
 
-impl Pages {
-    fn new(txn: tikv_client::Transaction, from: Vec<u8>, to: Vec<u8>, direction: Direction) -> Self {
-        Self {
-            txn,
+impl<'a> Pages<'a> {
+    async fn new(
+        client: &'a TransactionClient,
+        (from, to): (Vec<u8>, Vec<u8>),
+        direction: Direction,
+        read: Read,
+    ) -> Result<Self> {
+        Ok(Self {
+            at: client.current_timestamp().await.map_err(backend)?,
+            client,
             from,
             to,
             direction,
+            read,
             done: false,
-        }
+        })
     }
 
-    /// The next (at most) `size` pairs, in the walk's order; `None` once the range is read.
+    /// A snapshot as of the walk's moment, for one page (read-only: dropped, not rolled back).
+    fn snapshot(&self) -> tikv_client::Snapshot {
+        self.client.snapshot(
+            self.at.clone(),
+            TransactionOptions::new_optimistic().drop_check(CheckLevel::None),
+        )
+    }
+
+    /// The next (at most) `size` pairs (values empty when reading keys), in the walk's order;
+    /// `None` once the range is read.
     async fn next(&mut self, size: u32) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>> {
         if self.done || size == 0 || self.from >= self.to {
             return Ok(None);
         }
         let left = range(self.from.clone(), self.to.clone());
+        let mut snapshot = self.snapshot();
         let pair = |kv: tikv_client::KvPair| (Vec::from(kv.0), kv.1);
-        let page: Vec<(Vec<u8>, Vec<u8>)> = match self.direction {
-            Direction::Forwards => self
-                .txn
+        let key = |key: Key| (Vec::from(key), Vec::new());
+        let page: Vec<(Vec<u8>, Vec<u8>)> = match (self.direction, self.read) {
+            (Direction::Forwards, Read::KeysAndValues) => snapshot
                 .scan(left, size)
                 .await
                 .map_err(backend)?
                 .map(pair)
                 .collect(),
-            Direction::Backwards => self
-                .txn
+            (Direction::Backwards, Read::KeysAndValues) => snapshot
                 .scan_reverse(left, size)
                 .await
                 .map_err(backend)?
                 .map(pair)
+                .collect(),
+            (Direction::Forwards, Read::Keys) => snapshot
+                .scan_keys(left, size)
+                .await
+                .map_err(backend)?
+                .map(key)
+                .collect(),
+            (Direction::Backwards, Read::Keys) => snapshot
+                .scan_keys_reverse(left, size)
+                .await
+                .map_err(backend)?
+                .map(key)
                 .collect(),
         };
         self.done = page.len() < size as usize;
@@ -160,9 +198,15 @@ impl Pages {
         Ok((!page.is_empty()).then_some(page))
     }
 
-    /// Ends the snapshot (nothing was written in it).
-    async fn end(mut self) -> Result<()> {
-        self.txn.rollback().await.map_err(backend)
+    /// The values of `keys` as of the walk's moment (in a snapshot of their own).
+    async fn values(&self, keys: Vec<Vec<u8>>) -> Result<std::collections::HashMap<Vec<u8>, Vec<u8>>> {
+        Ok(self
+            .snapshot()
+            .batch_get(keys)
+            .await
+            .map_err(backend)?
+            .map(|kv| (Vec::from(kv.0), kv.1))
+            .collect())
     }
 }
 
@@ -246,21 +290,22 @@ impl TikvStore {
         end: Vec<u8>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut pages = Pages::new(self.begin().await?, start, end, Direction::Forwards);
+        let mut pages = Pages::new(
+            &self.client,
+            (start, end),
+            Direction::Forwards,
+            Read::KeysAndValues,
+        )
+        .await?;
         let mut out = Vec::new();
-        let scanned: Result<()> = async {
-            while out.len() < limit {
-                let wanted = u32::try_from(limit - out.len()).map_or(self.page, |n| n.min(self.page));
-                let Some(page) = pages.next(wanted).await? else {
-                    break;
-                };
-                out.extend(page);
-            }
-            Ok(())
+        while out.len() < limit {
+            let wanted = u32::try_from(limit - out.len()).map_or(self.page, |n| n.min(self.page));
+            let Some(page) = pages.next(wanted).await? else {
+                break;
+            };
+            out.extend(page);
         }
-        .await;
-        pages.end().await?;
-        scanned.map(|()| out)
+        Ok(out)
     }
 
     async fn current_head(&self, tenant: &str, run: &str) -> Result<Option<SignedHead>> {
@@ -392,40 +437,32 @@ impl RecordStore for TikvStore {
             // one request: what a listing holds is its answer and one page, however many runs
             // the tenant has (a listing with a limit stops at it).
             let time_prefix_len = keys::by_time_prefix(t).len() + 8;
-            let mut pages = Pages::new(self.begin().await?, start, end, Direction::Backwards);
+            let mut pages = Pages::new(&self.client, (start, end), Direction::Backwards, Read::Keys).await?;
             let mut out = Vec::new();
-            let listed: Result<()> = async {
-                while let Some(page) = pages.next(self.page).await? {
-                    let wanted: Vec<Vec<u8>> = page
-                        .iter()
-                        .filter_map(|(key, _)| key.get(time_prefix_len..))
-                        .map(|run| keys::summary(t, &String::from_utf8_lossy(run)))
-                        .collect();
-                    let mut found: std::collections::HashMap<Vec<u8>, Vec<u8>> = pages
-                        .txn
-                        .batch_get(wanted.clone())
-                        .await
-                        .map_err(backend)?
-                        .map(|kv| (Vec::from(kv.0), kv.1))
-                        .collect();
-                    for summary_key in wanted {
-                        let Some(value) = found.remove(&summary_key) else {
-                            continue;
-                        };
-                        let summary: RunSummary = decode_json(&value, &summary_key)?;
-                        if filter.matches(&summary) {
-                            out.push(summary);
-                            if filter.limit.is_some_and(|limit| out.len() >= limit) {
-                                return Ok(());
-                            }
+            if filter.limit == Some(0) {
+                return Ok(out);
+            }
+            while let Some(page) = pages.next(self.page).await? {
+                let wanted: Vec<Vec<u8>> = page
+                    .iter()
+                    .filter_map(|(key, _)| key.get(time_prefix_len..))
+                    .map(|run| keys::summary(t, &String::from_utf8_lossy(run)))
+                    .collect();
+                let mut found = pages.values(wanted.clone()).await?;
+                for summary_key in wanted {
+                    let Some(value) = found.remove(&summary_key) else {
+                        continue;
+                    };
+                    let summary: RunSummary = decode_json(&value, &summary_key)?;
+                    if filter.matches(&summary) {
+                        out.push(summary);
+                        if filter.limit.is_some_and(|limit| out.len() >= limit) {
+                            return Ok(out);
                         }
                     }
                 }
-                Ok(())
             }
-            .await;
-            pages.end().await?;
-            listed.map(|()| out)
+            Ok(out)
         })
         .await
     }
@@ -488,20 +525,21 @@ impl RecordStore for TikvStore {
             // summed as it goes, never held whole.
             let prefix = keys::summaries_prefix(tenant.as_str());
             let end = keys::prefix_end(&prefix);
-            let mut pages = Pages::new(self.begin().await?, prefix, end, Direction::Forwards);
+            let mut pages = Pages::new(
+                &self.client,
+                (prefix, end),
+                Direction::Forwards,
+                Read::KeysAndValues,
+            )
+            .await?;
             let mut total = 0u64;
-            let summed: Result<()> = async {
-                while let Some(page) = pages.next(self.page).await? {
-                    for (key, value) in page {
-                        let summary: RunSummary = decode_json(&value, &key)?;
-                        total = total.saturating_add(summary.bytes);
-                    }
+            while let Some(page) = pages.next(self.page).await? {
+                for (key, value) in page {
+                    let summary: RunSummary = decode_json(&value, &key)?;
+                    total = total.saturating_add(summary.bytes);
                 }
-                Ok(())
             }
-            .await;
-            pages.end().await?;
-            summed.map(|()| total)
+            Ok(total)
         })
         .await
     }

@@ -42,7 +42,11 @@ fn main() -> ExitCode {
     match runtime.block_on(cli.run()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("contextos: {e:#}");
+            // An error can carry what a remote answered (a model, a tool, an MCP server).
+            eprintln!(
+                "contextos: {}",
+                contextos_runner::text::for_terminal_keeping_lines(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }

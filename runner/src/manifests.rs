@@ -92,6 +92,22 @@ impl Manifest {
     }
 }
 
+/// Most bytes of one manifest file (as the audit reads them).
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// The text of `file`, read no further than [`MAX_FILE_BYTES`].
+fn read_bounded(file: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!("is larger than {} MiB", MAX_FILE_BYTES >> 20));
+    }
+    String::from_utf8(bytes).map_err(|_| "is not UTF-8 text".to_owned())
+}
+
 /// Why an object of the files is neither read nor left to others.
 #[derive(Debug, PartialEq, Eq)]
 struct NotRead {
@@ -121,9 +137,13 @@ fn read_as_ours(api_version: Option<&str>, kind: &str) -> Result<bool, NotRead> 
         // Spelt otherwise (a version this release does not serve, the group in capitals or
         // with spaces), it is still meant for ContextOS: read as another API's, it would be
         // left out without a word.
-        Some(version) if version.trim().to_ascii_lowercase().starts_with("contextos.dev/") => Err(NotRead {
+        Some(version) if version.trim().to_ascii_lowercase().starts_with("contextos.") => Err(NotRead {
             field: "apiVersion",
             problem: format!("{version:?} is not served; this release serves {served}"),
+        }),
+        Some("v1") if crate::known_fields::is_contextos_kind(kind) => Err(NotRead {
+            field: "apiVersion",
+            problem: format!("v1 has no kind {kind}; ContextOS's are {served}"),
         }),
         Some("v1") => Ok(matches!(kind, "ConfigMap" | "Secret")),
         Some(_) => Ok(false),
@@ -178,7 +198,7 @@ impl ManifestSet {
             field: None,
             problem,
         };
-        let text = std::fs::read_to_string(file).map_err(|e| at_file(format!("cannot be read: {e}")))?;
+        let text = read_bounded(file).map_err(at_file)?;
         expansion.check(&text).map_err(at_file)?;
         for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let yaml = serde_yaml::Value::deserialize(document)
@@ -934,6 +954,11 @@ mod tests {
                 "apiVersion: ' ContextOS.dev/v1alpha1'\nkind: Policy\nmetadata: {name: p}\nspec: {}\n",
                 "apiVersion",
                 "\" ContextOS.dev/v1alpha1\" is not served",
+            ),
+            (
+                "apiVersion: v1\nkind: Policy\nmetadata: {name: p}\nspec: {}\n",
+                "apiVersion",
+                "v1 has no kind Policy",
             ),
             (
                 "apiVersion: contextos.dev/v1alpha1\nkind: Polcy\nmetadata: {name: p}\nspec: {}\n",

@@ -14,23 +14,21 @@ pub const BASE_TEXT: usize = 16 << 20;
 /// at most one value per two bytes, so twice its size leaves room for anchors used a few times,
 /// not for aliases that multiply.
 pub const PER_BYTE_READ: usize = 2;
+/// What a load expands to at most, however much it reads (comments and blank lines earn room
+/// too).
+pub const MAX_LOAD_VALUES: usize = 8_000_000;
+pub const MAX_LOAD_TEXT: usize = 128 << 20;
 
-/// What the texts of one load (the files of one `contextos run -f`, of one audit) may still
-/// expand to: one budget for all of them, so that many files, each within a bound of its own,
-/// cannot add up to what no bound allows.
-#[derive(Debug)]
+/// What the texts of one load (the files of one `contextos run -f`, of one audit) may expand
+/// to: one budget for all of them, so that many files, each within a bound of its own, cannot
+/// add up to what no bound allows.
+#[derive(Debug, Default)]
 pub struct Expansion {
+    /// Bytes of text read so far.
+    read: usize,
+    /// Values and bytes of text the texts read so far expanded to.
     values: usize,
     bytes: usize,
-}
-
-impl Default for Expansion {
-    fn default() -> Self {
-        Self {
-            values: BASE_VALUES,
-            bytes: BASE_TEXT,
-        }
-    }
 }
 
 impl Expansion {
@@ -38,25 +36,33 @@ impl Expansion {
     /// what they hold is counted as spent); otherwise what they pass. A text that is not YAML
     /// passes: its reader says what is wrong with it.
     pub fn check(&mut self, text: &str) -> Result<(), String> {
-        let earned = text.len().saturating_mul(PER_BYTE_READ);
-        let (values, bytes) = (
-            self.values.saturating_add(earned),
-            self.bytes.saturating_add(earned),
+        self.read = self.read.saturating_add(text.len());
+        let earned = self.read.saturating_mul(PER_BYTE_READ);
+        let allowed = (
+            BASE_VALUES.saturating_add(earned).min(MAX_LOAD_VALUES),
+            BASE_TEXT.saturating_add(earned).min(MAX_LOAD_TEXT),
         );
-        let left = std::cell::Cell::new((values, bytes));
+        let left = std::cell::Cell::new((
+            allowed.0.saturating_sub(self.values),
+            allowed.1.saturating_sub(self.bytes),
+        ));
+        let before = left.get();
         let counted = serde_yaml::Deserializer::from_str(text)
             .try_for_each(|document| (Counted { left: &left }).deserialize(document));
-        let (values_left, bytes_left) = left.get();
-        (self.values, self.bytes) = (values_left, bytes_left);
+        let after = left.get();
+        self.values += before.0 - after.0;
+        self.bytes += before.1 - after.1;
         match counted {
             Ok(()) => Ok(()),
-            Err(_) if values_left == 0 => Err(format!(
-                "it holds more than {values} values once its YAML aliases are expanded (what files read so far allow: {BASE_VALUES}, and {PER_BYTE_READ} a byte)"
+            Err(_) if after.0 == 0 => Err(format!(
+                "it holds more than {} values once its YAML aliases are expanded (with the files read before it: {BASE_VALUES}, {PER_BYTE_READ} a byte read, at most {MAX_LOAD_VALUES})",
+                before.0
             )),
-            Err(_) if bytes_left == 0 => Err(format!(
-                "it holds more than {} MiB of text once its YAML aliases are expanded (what files read so far allow: {} MiB, and {PER_BYTE_READ} bytes a byte)",
-                bytes >> 20,
-                BASE_TEXT >> 20
+            Err(_) if after.1 == 0 => Err(format!(
+                "it holds more than {} MiB of text once its YAML aliases are expanded (with the files read before it: {} MiB, {PER_BYTE_READ} bytes a byte read, at most {} MiB)",
+                before.1 >> 20,
+                BASE_TEXT >> 20,
+                MAX_LOAD_TEXT >> 20
             )),
             // Not YAML: its reader reports that, where it is.
             Err(_) => Ok(()),
@@ -199,6 +205,19 @@ mod tests {
             passed, 11,
             "a million values and two a byte read, for all of them"
         );
+    }
+
+    /// Room earned by reading (comments, blank lines) stops at the load's bound.
+    #[test]
+    fn what_reading_earns_stops_at_the_loads_bound() {
+        let padding = format!("# {}\n", "x".repeat(8 << 20));
+        let mut load = Expansion::default();
+        assert_eq!(load.check(&padding), Ok(()));
+        let values = vec!["0"; 3_000].join(", ");
+        let aliases = vec!["*a"; 3_000].join(", ");
+        let bomb = format!("a: &a [{values}]\nb: [{aliases}]\n");
+        let refused = load.check(&bomb).expect_err("past the load's bound");
+        assert!(refused.contains("at most 8000000"), "{refused}");
     }
 
     #[test]

@@ -76,7 +76,10 @@ pub async fn run(global: &GlobalArgs, args: CostArgs) -> anyhow::Result<ExitCode
     }
     match args.format {
         Format::Text => {
-            print!("{}", report.text());
+            print!(
+                "{}",
+                contextos_runner::text::for_terminal_keeping_lines(&report.text())
+            );
             if truncated {
                 println!("(the window holds more than {MAX_RUNS} runs; the newest were read)");
             }

@@ -133,7 +133,7 @@ fn print_links(links: &[Link<FeedbackRecord>]) {
                 entry
                     .tool
                     .as_deref()
-                    .map(|t| format!(" ({t})"))
+                    .map(|t| format!(" ({})", t.escape_debug()))
                     .unwrap_or_default()
             ),
             None => String::new(),

@@ -97,7 +97,17 @@ pub async fn run(command: PromoteCommand) -> anyhow::Result<ExitCode> {
         };
         let waiting = deadline.is_some_and(|d| tokio::time::Instant::now() < d);
         if standing != Standing::Undecided || !waiting {
-            print!("{}", report(kind, &namespace, name, &conditions, &revisions));
+            // Conditions and divergences name recorded calls and their errors.
+            print!(
+                "{}",
+                contextos_runner::text::for_terminal_keeping_lines(&report(
+                    kind,
+                    &namespace,
+                    name,
+                    &conditions,
+                    &revisions
+                ))
+            );
             return Ok(ExitCode::from(match standing {
                 Standing::Promoted => 0,
                 Standing::ReplayFailed => 3,

@@ -70,10 +70,15 @@ fn print_report(report: &eval::SuiteReport) {
         let verdict = if scenario.passed() { "pass" } else { "FAIL" };
         println!(
             "  {verdict} {} ({}, {} check(s))",
-            scenario.name, scenario.outcome, scenario.checks
+            scenario.name,
+            contextos_runner::text::for_terminal(&scenario.outcome.to_string()),
+            scenario.checks
         );
         for failure in &scenario.failures {
-            println!("       {failure}");
+            println!(
+                "       {}",
+                contextos_runner::text::for_terminal(&failure.to_string())
+            );
         }
     }
 }

@@ -15,12 +15,12 @@ pub struct ReplayModel {
     ended: Option<(u32, String, String)>,
 }
 
-/// The reasons a run ends with when its model cannot answer for good, for what the replay
-/// cannot decide again itself (as the engine records them): a script that ran out, quotas
-/// spent by other runs. A token budget is not among them: the replay counts the run's tokens
-/// against the candidate's budget, which may be another.
-const MODEL_ENDINGS: [&str; 3] = [
+/// The reasons a run ends with when its model cannot answer for good (as the engine records
+/// them): a script that ran out; a token budget the gateway found spent before the next turn
+/// (checked there, not by the engine a replay runs); quotas spent by other runs.
+const MODEL_ENDINGS: [&str; 4] = [
     "ModelScriptExhausted",
+    "TokenBudgetExhausted",
     crate::quota::EXCEEDED,
     "StoreQuotaExceeded",
 ];

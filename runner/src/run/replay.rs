@@ -1255,12 +1255,12 @@ pub async fn replay_runs<S: RecordStore>(
     // Sessions could fill the sample with runs that say nothing of a policy change just before
     // it is gated, and a loosened Policy would pass on them.
     let wanted = filter.limit.unwrap_or(usize::MAX);
+    let examined = judging
+        .examine_at_most
+        .unwrap_or_else(|| wanted.saturating_mul(EXAMINED_PER_PLACE).max(MIN_EXAMINED));
+    // One more than is examined: whether the window held more is then known.
     let listing = RunFilter {
-        limit: Some(
-            judging
-                .examine_at_most
-                .unwrap_or_else(|| wanted.saturating_mul(EXAMINED_PER_PLACE).max(MIN_EXAMINED)),
-        ),
+        limit: Some(examined.saturating_add(1)),
         agent: filter.agent.clone().or_else(|| match agents {
             [only] => Some(only.clone()),
             _ => None,
@@ -1271,8 +1271,8 @@ pub async fn replay_runs<S: RecordStore>(
     let mut without_calls = 0usize;
     let mut stopped = None;
     let listed = store.list_runs(tenant, &listing).await?;
-    let examined_all = listing.limit.is_none_or(|limit| listed.len() < limit);
-    for run in listed {
+    let examined_all = listed.len() <= examined;
+    for run in listed.into_iter().take(examined) {
         if replays.len() >= wanted {
             break;
         }
@@ -1350,8 +1350,7 @@ pub async fn replay_runs<S: RecordStore>(
         // Sessions could otherwise shrink the sample to what they choose by starting enough
         // others just before a gate. It does not pass on fewer runs than it asks for.
         stopped = Some(format!(
-            "the newest {} runs of the window held only {} of the {wanted} runs to judge; narrow the window (windowHours) or the selector, or have an approver promote without replay",
-            listing.limit.unwrap_or_default(),
+            "the newest {examined} runs of the window held only {} of the {wanted} runs to judge; narrow the window (windowHours) or the selector, or have an approver promote without replay",
             replays.len()
         ));
     }

@@ -289,12 +289,17 @@ impl KeyDir {
             .dir
             .join(format!(".{tenant}.json.{}-{nanos}.new", std::process::id()));
         let bytes = serde_json::to_vec_pretty(ring).map_err(|e| VaultError::KeyRing(e.to_string()))?;
-        {
-            let mut file = private_file(&temporary).map_err(io)?;
-            file.write_all(&bytes).map_err(io)?;
-            file.sync_all().map_err(io)?;
+        remove_leftovers(&self.dir, tenant);
+        let written = private_file(&temporary).and_then(|mut file| {
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)
+        });
+        if let Err(e) = written {
+            // A copy of the ring left behind would outlive the keys a rotation destroys.
+            let _ = std::fs::remove_file(&temporary);
+            return Err(io(e));
         }
-        std::fs::rename(&temporary, &path).map_err(io)?;
         // The rename is durable only once the directory is.
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -317,6 +322,28 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(not(unix))]
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)
+}
+
+/// Removes the temporary copies of `tenant`'s ring that writes which did not finish (a crash)
+/// left in `dir`, once they are older than any write still going could be: a copy of the ring
+/// would otherwise outlive the keys a rotation destroys.
+fn remove_leftovers(dir: &Path, tenant: &TenantId) {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(60);
+    let prefix = format!(".{tenant}.json.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > STALE));
+        if name.starts_with(&prefix) && name.ends_with(".new") && stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// A new file only its owner reads, at `path`: never one opened through a link, which would
@@ -352,6 +379,31 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &link).expect("link");
         assert!(private_file(&link).is_err(), "a link is not opened");
         assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep me");
+    }
+
+    /// A copy a crashed write left goes with the next write (once no write could still be
+    /// making it): it would otherwise keep keys a rotation destroyed.
+    #[tokio::test]
+    async fn copies_of_a_ring_left_by_a_crash_are_removed() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let keys = KeyDir::new(dir.path());
+        let stale = dir.path().join(".shop.json.1-2.new");
+        let fresh = dir.path().join(".shop.json.3-4.new");
+        for copy in [&stale, &fresh] {
+            std::fs::write(copy, "{\"keys\": []}").expect("write");
+        }
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .and_then(|f| f.set_modified(hour_ago))
+            .expect("aged");
+        KeyRings::Dir(keys)
+            .create(&TenantId::new("shop").expect("tenant"))
+            .await
+            .expect("made");
+        assert!(!stale.exists(), "the crash's copy is gone");
+        assert!(fresh.exists(), "a write that may still be going keeps its file");
     }
 
     #[tokio::test]

@@ -33,6 +33,9 @@ pub const CALLER_ANNOTATION: &str = "contextos.dev/a2a-caller";
 pub const CALLER_UID_ANNOTATION: &str = "contextos.dev/a2a-caller-uid";
 /// The caller, as a label (a digest of their name and uid): what their open tasks are counted by.
 pub const CALLER_LABEL: &str = "contextos.dev/a2a-caller-id";
+/// The label a task carries with its caller's origin (see [`origin_of`]) as a digest: the
+/// tasks of one origin are counted together.
+pub const ORIGIN_LABEL: &str = "contextos.dev/a2a-origin-id";
 /// The caller's message id that started the Session.
 pub const MESSAGE_ANNOTATION: &str = "contextos.dev/a2a-message-id";
 /// The A2A context the task belongs to.
@@ -399,6 +402,7 @@ pub fn session(
     session.metadata.labels = Some(BTreeMap::from([
         (A2A_LABEL.to_owned(), "true".to_owned()),
         (CALLER_LABEL.to_owned(), caller_id(caller)),
+        (ORIGIN_LABEL.to_owned(), origin_id(caller)),
     ]));
     session.metadata.annotations = Some(annotations);
     Ok(session)
@@ -413,6 +417,25 @@ pub fn caller_id(caller: &Reader) -> String {
         hash.update(part.as_bytes());
     }
     let digest = hash.finalize();
+    digest.iter().take(10).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where a caller comes from: the namespace of a service account (every account of one
+/// namespace is one origin: its tenant can make as many as it likes), or the user.
+pub fn origin_of(username: &str) -> String {
+    match username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+    {
+        Some((namespace, _)) => format!("namespace {namespace}"),
+        None => format!("user {username}"),
+    }
+}
+
+/// A caller's origin as a label value (a digest, as [`caller_id`]).
+pub fn origin_id(caller: &Reader) -> String {
+    let origin = origin_of(&caller.username);
+    let digest = Sha256::digest(origin.as_bytes());
     digest.iter().take(10).map(|b| format!("{b:02x}")).collect()
 }
 

@@ -43,14 +43,15 @@ const MAX_A2A_IN_FLIGHT: usize = 256;
 /// take every other tenant's share.
 const MAX_A2A_PER_NAMESPACE: usize = 32;
 /// Of a namespace's share, what one caller may hold — the service accounts of one namespace
-/// count as one caller (see [`origin`]): one caller's streams cannot take every other caller's.
+/// count as one caller (see [`wire::origin_of`]): one caller's streams cannot take every other caller's.
 const MAX_A2A_PER_CALLER: usize = 8;
 /// What the callers from one place may hold across every namespace they call: the service
 /// accounts of one namespace (which its tenant can make as many of as it likes), or one user.
 /// Without it, a tenant's accounts calling agents that many namespaces offer to every
 /// authenticated caller could hold the whole replica.
 const MAX_A2A_PER_ORIGIN: usize = 32;
-/// Tasks one caller may have going in one namespace at once (more messages are refused until
+/// Tasks one caller may have going in one namespace at once — the service accounts of one
+/// namespace count as one caller (see [`wire::origin_of`]) — (more messages are refused until
 /// one ends): every task is a run, a pod and an object the API server keeps.
 const MAX_OPEN_TASKS_PER_CALLER: usize = 16;
 /// Largest message body (read within the service's body timeout).
@@ -92,16 +93,14 @@ impl A2aSettings {
         }
     }
 
-    /// The lock a caller's messages to `namespace` take turns on at this replica.
+    /// The lock the messages of a caller's origin to `namespace` take turns on at this replica.
     fn starting(&self, namespace: &str, caller: &str) -> Turns {
+        let caller = wire::origin_of(caller);
         let mut locks = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         if locks.len() > 4096 {
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);
         }
-        locks
-            .entry((namespace.to_owned(), caller.to_owned()))
-            .or_default()
-            .clone()
+        locks.entry((namespace.to_owned(), caller)).or_default().clone()
     }
 }
 
@@ -113,7 +112,7 @@ struct Slots {
     per_namespace: Bounds<String>,
     /// Each (namespace, caller's origin)'s share of its namespace's.
     per_caller: Bounds<(String, String)>,
-    /// Each origin's share of `in_flight` (see [`origin`]).
+    /// Each origin's share of `in_flight` (see [`wire::origin_of`]).
     per_origin: Bounds<String>,
 }
 
@@ -133,7 +132,7 @@ impl Slots {
     /// has one free.
     fn take(&self, namespace: &str, caller: &str) -> Option<Slot> {
         let take = |bound: Option<Arc<tokio::sync::Semaphore>>| bound?.try_acquire_owned().ok();
-        let origin = origin(caller);
+        let origin = wire::origin_of(caller);
         // The narrowest first: a caller at its bound takes none of the wider ones, even for a
         // moment.
         let caller_slot = take(shared_bound(
@@ -154,18 +153,6 @@ impl Slots {
             _origin: origin_slot,
             _replica: replica,
         })
-    }
-}
-
-/// Where a caller comes from: the namespace of a service account (every account of one
-/// namespace is one origin), or the user.
-fn origin(caller: &str) -> String {
-    match caller
-        .strip_prefix("system:serviceaccount:")
-        .and_then(|rest| rest.split_once(':'))
-    {
-        Some((namespace, _)) => format!("namespace {namespace}"),
-        None => format!("user {caller}"),
     }
 }
 
@@ -511,7 +498,7 @@ async fn send(
     // Its messages are counted one after the other at this replica; replicas count apart.
     let starting = invocation.starting.clone();
     let counted = starting.lock().await;
-    let label = format!("{}={}", wire::CALLER_LABEL, wire::caller_id(&invocation.caller));
+    let label = format!("{}={}", wire::ORIGIN_LABEL, wire::origin_id(&invocation.caller));
     let open = invocation
         .sessions
         .open(&invocation.namespace, &label)
@@ -544,7 +531,7 @@ async fn send(
                 }
                 Ok(None) if open >= MAX_OPEN_TASKS_PER_CALLER => {
                     return Err(RpcError::unsupported(format!(
-                        "you have {open} tasks going with the agents of namespace {}; at most {MAX_OPEN_TASKS_PER_CALLER} at once: wait for one to end, or cancel one",
+                        "you have {open} tasks going with the agents of namespace {} (the service accounts of one namespace count as one caller); at most {MAX_OPEN_TASKS_PER_CALLER} at once: wait for one to end, or cancel one",
                         invocation.namespace
                     )));
                 }
@@ -803,10 +790,11 @@ mod tests {
 
     #[test]
     fn a_callers_origin_is_its_service_accounts_namespace_or_itself() {
-        assert_eq!(origin("system:serviceaccount:shop:billing"), "namespace shop");
-        assert_eq!(origin("jane@example.com"), "user jane@example.com");
+        use wire::origin_of;
+        assert_eq!(origin_of("system:serviceaccount:shop:billing"), "namespace shop");
+        assert_eq!(origin_of("jane@example.com"), "user jane@example.com");
         assert_eq!(
-            origin("system:serviceaccount:broken"),
+            origin_of("system:serviceaccount:broken"),
             "user system:serviceaccount:broken"
         );
     }

@@ -161,9 +161,9 @@ fn an_account_made_again_under_an_old_name_is_another_caller() {
     let (old, new) = (with_uid("3f0c-old"), with_uid("9a1d-new"));
     let task = session("shop", "triage", &old, &incoming, None).expect("session");
     assert!(is_task_of(&task, &old));
-    // The new account meets none of the old one's tasks: not by lookup, not in its count of
-    // open tasks (sending an old message id again, it meets the old task's name and is told
-    // the id was used).
+    // The new account meets none of the old one's tasks by lookup (sending an old message id
+    // again, it meets the old task's name and is told the id was used); its open tasks are
+    // counted with its namespace's other accounts' (below).
     assert!(
         !is_task_of(&task, &new),
         "the old account's task is not the new one's"
@@ -390,4 +390,24 @@ fn requests_are_read_strictly() {
         .expect("read");
     assert_eq!(ok.method, Method::CancelTask);
     assert_eq!(task_id(&ok.params).expect("id"), "a2a-1");
+}
+
+/// The tasks of one namespace's service accounts are counted together: a tenant minting
+/// accounts gets no more tasks in another namespace than one account does.
+#[test]
+fn the_accounts_of_one_namespace_share_an_origin_label() {
+    let incoming = incoming(&params(message(json!([{"text": "look"}])))).expect("read");
+    let origin = |name: &str| {
+        let task = session("shop", "triage", &caller(name), &incoming, None).expect("session");
+        task.metadata.labels.expect("labels")[ORIGIN_LABEL].clone()
+    };
+    assert_eq!(
+        origin("system:serviceaccount:partner:bot-1"),
+        origin("system:serviceaccount:partner:bot-2")
+    );
+    assert_ne!(
+        origin("system:serviceaccount:partner:bot-1"),
+        origin("system:serviceaccount:other:bot-1")
+    );
+    assert_ne!(origin("alice@example.com"), origin("bob@example.com"));
 }

@@ -116,10 +116,11 @@ struct NotRead {
 }
 
 /// Whether a local run reads an object of `kind` written as `api_version`: ContextOS's kinds
-/// and core ConfigMaps and Secrets (what ContextPacks and tools name) are; what belongs to another API (a Deployment, another project's
-/// `Policy`) is left to kubectl. A ContextOS version this release does not serve, or a kind of
-/// its group it does not have, is refused: a typo would otherwise leave the object out
-/// silently (an Agent's Policy unread governs nothing).
+/// and core ConfigMaps and Secrets (what ContextPacks and tools name) are; what belongs to
+/// another API (a Deployment, another project's `Policy`) is left to kubectl. A ContextOS
+/// version this release does not serve, or a kind of its group it does not have, is refused:
+/// a typo would otherwise leave the object out silently (an Agent's Policy unread governs
+/// nothing).
 fn read_as_ours(api_version: Option<&str>, kind: &str) -> Result<bool, NotRead> {
     let served = <contextos_crds::Agent as contextos_crds::kube::Resource>::api_version(&());
     match api_version {

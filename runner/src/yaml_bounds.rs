@@ -55,11 +55,11 @@ impl Expansion {
         match counted {
             Ok(()) => Ok(()),
             Err(_) if after.0 == 0 => Err(format!(
-                "it holds more than {} values once its YAML aliases are expanded (with the files read before it: {BASE_VALUES}, {PER_BYTE_READ} a byte read, at most {MAX_LOAD_VALUES})",
+                "it holds more than {} values once its YAML aliases are expanded (with the files read before it: {BASE_VALUES}, {PER_BYTE_READ} a byte read, at most {MAX_LOAD_VALUES}); write repeated blocks out instead of aliasing them, or read fewer files at once",
                 before.0
             )),
             Err(_) if after.1 == 0 => Err(format!(
-                "it holds more than {} MiB of text once its YAML aliases are expanded (with the files read before it: {} MiB, {PER_BYTE_READ} bytes a byte read, at most {} MiB)",
+                "it holds more than {} MiB of text once its YAML aliases are expanded (with the files read before it: {} MiB, {PER_BYTE_READ} bytes a byte read, at most {} MiB); write repeated blocks out instead of aliasing them, or read fewer files at once",
                 before.1 >> 20,
                 BASE_TEXT >> 20,
                 MAX_LOAD_TEXT >> 20

@@ -171,8 +171,8 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
                     type_name(held.item.memory_type),
                     held.item.scope,
                     held.item.provenance.run_id,
-                    printable(&held.item.text),
-                    printable(&held.reason)
+                    contextos_runner::text::for_terminal(&held.item.text),
+                    contextos_runner::text::for_terminal(&held.reason)
                 );
             }
         }
@@ -252,10 +252,4 @@ fn item_id(text: &str) -> anyhow::Result<ItemId> {
     Hash::parse(text).map(ItemId).with_context(|| {
         format!("{text:?} is no item id (64 hex digits, as `memory list` and `memory held` print)")
     })
-}
-
-/// `text` with its control and invisible characters escaped (`\n`, `\u{1b}`): a text cannot
-/// forge the lines printed after it.
-fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    contextos_runner::text::for_terminal(text)
 }

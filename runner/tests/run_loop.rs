@@ -190,11 +190,12 @@ fn an_approval_never_writes_through_a_link_left_in_the_data_directory() {
     assert_eq!(done.code, Some(0), "{done:?}");
 }
 
-/// Sessions that make no tool call, started just before a Policy is gated, cannot crowd the
-/// run that would show the change out of the sample: a Policy cannot change them, so they take
-/// no place in it.
+/// Sessions that make no tool call, or call only tools a Policy change does not reach, started
+/// just before the change is gated, cannot crowd the run that would show it out of the sample:
+/// the change decides them as recorded, so they take no place in it. A tool the change may
+/// open more widely that no run calls fails the gate; one it only closes does not.
 #[test]
-fn runs_without_calls_take_no_place_in_a_policy_gates_sample() {
+fn runs_a_policy_change_does_not_reach_take_no_place_in_its_gates_sample() {
     let files = tempfile::tempdir().expect("files");
     for entry in std::fs::read_dir(Quickstart::examples()).expect("quickstart") {
         let entry = entry.expect("entry");
@@ -232,6 +233,22 @@ fn runs_without_calls_take_no_place_in_a_policy_gates_sample() {
     assert_eq!(same.code, Some(0), "{}{}", same.stdout, same.stderr);
     assert!(same.stdout.contains("1 identical, 0 diverged"), "{}", same.stdout);
 
+    // And two newest Sessions that only read a runbook.
+    let reads = r#"    {"turns": [{"content": "Reading the runbook.", "toolCalls": [{"tool": "search_runbooks", "arguments": {"query": "checkout-api"}}]}, {"content": "{\"summary\": \"the runbook says to wait, nothing to do today\", \"actions\": [], \"resolved\": true}"}]}
+"#;
+    let current = std::fs::read_to_string(&configmaps).expect("configmaps.yaml");
+    let start = current.find("    {\"turns\"").expect("the script");
+    std::fs::write(&configmaps, format!("{}{reads}", &current[..start])).expect("write");
+    for name in ["reader-1", "reader-2"] {
+        std::fs::write(
+            &session,
+            text.replacen("name: checkout-5xx", &format!("name: {name}"), 1),
+        )
+        .expect("write");
+        let read = q.step(false, None);
+        assert!(read.stdout.contains("1 tool call(s)"), "{read:?}");
+    }
+
     // A Policy that lets the agent delete namespaces, replayed on a sample of two.
     let policy = std::fs::read_to_string(Quickstart::examples().join("policy.yaml")).expect("policy.yaml");
     let loosened = policy.replacen(
@@ -260,6 +277,12 @@ fn runs_without_calls_take_no_place_in_a_policy_gates_sample() {
         "{}",
         out.stdout
     );
+    assert!(
+        out.stdout
+            .contains("2 run(s) call no tool whose rules the candidate changes"),
+        "{}",
+        out.stdout
+    );
     // Read no further than the two newest runs, the sample is short of what it asks for while
     // the window holds more: it does not pass on what is left.
     let short = q.cli(&[
@@ -277,6 +300,57 @@ fn runs_without_calls_take_no_place_in_a_policy_gates_sample() {
         "{}{}",
         short.stdout,
         short.stderr
+    );
+
+    // A rule that lets error_budget through ahead of the others: no run ever called it, so
+    // replay has seen nothing of what the change opens, and the gate does not pass.
+    let rule = "  rules:\n";
+    let opening = policy.replacen(
+        rule,
+        "  rules:\n    - name: budget-math-anytime\n      match:\n        tools: [error_budget]\n      effect: allow\n      reason: Arithmetic.\n",
+        1,
+    );
+    assert_ne!(opening, policy);
+    std::fs::write(&candidate, &opening).expect("write");
+    let unseen = q.cli(&[
+        "replay",
+        "--sample",
+        "2",
+        "--candidate",
+        &candidate.display().to_string(),
+    ]);
+    assert_ne!(unseen.code, Some(0), "{}{}", unseen.stdout, unseen.stderr);
+    assert!(
+        format!("{}{}", unseen.stdout, unseen.stderr)
+            .contains("may decide calls of error_budget more leniently"),
+        "{}{}",
+        unseen.stdout,
+        unseen.stderr
+    );
+    // The same rule denying can only close: nothing fails, and with no run to judge the gate
+    // has no history (as a new Agent's has none: an approver promotes without replay).
+    std::fs::write(
+        &candidate,
+        opening.replacen(
+            "effect: allow\n      reason: Arithmetic.",
+            "effect: deny\n      reason: Arithmetic.",
+            1,
+        ),
+    )
+    .expect("write");
+    let closing = q.cli(&[
+        "replay",
+        "--sample",
+        "2",
+        "--candidate",
+        &candidate.display().to_string(),
+    ]);
+    let said = format!("{}{}", closing.stdout, closing.stderr);
+    assert!(
+        said.contains("no finished run matched")
+            && said.contains("3 run(s) call no tool whose rules the candidate changes")
+            && !said.contains("more leniently"),
+        "{said}"
     );
 }
 

@@ -626,21 +626,7 @@ impl RunBundle {
             };
             self.skills = skills;
         }
-        for policy in &candidate.policies {
-            let Some(slot) = self.policies.iter_mut().find(|p| p.name == policy.name) else {
-                return Err(CandidateError::PolicyNotReferenced {
-                    name: policy.name.clone(),
-                    agent: self.agent.clone(),
-                    refs: self
-                        .policies
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
-            };
-            slot.spec = policy.spec.clone();
-        }
+        self.policies = self.policies_under(candidate)?;
         if let Some(pack) = &candidate.context_pack {
             if pack.name != self.context_pack.name {
                 return Err(CandidateError::PackNotReferenced {
@@ -660,6 +646,28 @@ impl RunBundle {
             self.check_entity_types()?;
         }
         Ok(self)
+    }
+
+    /// The bundle's policies with the candidate's in place of those of the same name (each
+    /// must be one the bundle has: a run is decided only by the policies its Agent names).
+    pub fn policies_under(&self, candidate: &Candidate) -> Result<Vec<NamedPolicy>, CandidateError> {
+        let mut policies = self.policies.clone();
+        for policy in &candidate.policies {
+            let Some(slot) = policies.iter_mut().find(|p| p.name == policy.name) else {
+                return Err(CandidateError::PolicyNotReferenced {
+                    name: policy.name.clone(),
+                    agent: self.agent.clone(),
+                    refs: self
+                        .policies
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            };
+            slot.spec = policy.spec.clone();
+        }
+        Ok(policies)
     }
 
     /// Whether the tools and memory sources name only types of the bundle's Ontology.

@@ -13,6 +13,7 @@ pub mod execution;
 pub mod gate;
 pub mod offer;
 pub mod pod;
+pub mod policy_change;
 pub mod reexecute;
 pub mod replay;
 pub mod routing_effect;

@@ -4,7 +4,10 @@
 //! that no longer fits, a different verdict or outcome. Under the same versions the replayed
 //! decisions are byte-identical to the recorded ones.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use contextos_crds::policy::PolicyEffect;
 use serde::{Deserialize, Serialize};
@@ -14,13 +17,14 @@ use super::{
     bundle::{Candidate, CandidateError, RunBundle},
     checkpoint::CheckpointState,
     engine::{Harness, Mode, RunError},
+    policy_change::{self, Exercise, PolicyChange, ToolShape},
 };
 use crate::{
     keys::KeyPair,
     model::{Model, ModelError, replay::ReplayModel},
     records::{
-        EntryBody, ReadError, RecordEntry, RecordStore, RunFilter, ScratchStore, StoreError, TenantId,
-        canonical::to_canonical_bytes, entry::Verdict, read_run,
+        EntryBody, ReadError, RecordEntry, RecordStore, RunFilter, RunSummary, ScratchStore, StoreError,
+        TenantId, canonical::to_canonical_bytes, entry::Verdict, read_run,
     },
     run_context::SignedRunContext,
 };
@@ -1250,10 +1254,8 @@ pub async fn replay_runs<S: RecordStore>(
     let mut skipped = Vec::new();
     // The sample is the newest `limit` runs that can be replayed: running runs, runs of other
     // Agents or Sessions with other labels, runs the candidate does not apply to, and — for a
-    // candidate that changes only Policies — runs that made no tool call (which a Policy
-    // cannot change) do not take places in it. Without that last rule, anyone who can start
-    // Sessions could fill the sample with runs that say nothing of a policy change just before
-    // it is gated, and a loosened Policy would pass on them.
+    // candidate that changes only Policies — runs that call no tool the change reaches (see
+    // `policy_change`) do not take places in it.
     let wanted = filter.limit.unwrap_or(usize::MAX);
     let examined = judging
         .examine_at_most
@@ -1267,24 +1269,44 @@ pub async fn replay_runs<S: RecordStore>(
         }),
         ..filter.clone()
     };
-    let policies_only = candidate.changes_policies_only();
-    let mut without_calls = 0usize;
-    let mut stopped = None;
     let listed = store.list_runs(tenant, &listing).await?;
     let examined_all = listed.len() <= examined;
-    for run in listed.into_iter().take(examined) {
+    let mut stopped = None;
+    let mut unseen = None;
+    // A Session named by the caller is replayed whatever the change reaches in it.
+    let (queue, chosen) = if candidate.changes_policies_only() && filter.session_id.is_none() {
+        let sample = policy_sample(
+            store,
+            tenant,
+            listed.into_iter().take(examined),
+            agents,
+            labels,
+            candidate,
+            wanted,
+            examined,
+        )
+        .await?;
+        skipped.extend(sample.skipped);
+        unseen = sample.unseen;
+        (sample.judged, true)
+    } else {
+        (listed.into_iter().take(examined).collect(), false)
+    };
+    for run in queue {
         if replays.len() >= wanted {
             break;
         }
-        if !agents.is_empty() && !agents.contains(&run.agent) {
-            continue;
-        }
-        if run.outcome == "running" {
-            skipped.push(format!("run {} is still running", run.run_id));
-            continue;
-        }
-        if !labels.is_empty() && !session_matches(store, tenant, &run.run_id, labels).await? {
-            continue;
+        if !chosen {
+            if !agents.is_empty() && !agents.contains(&run.agent) {
+                continue;
+            }
+            if run.outcome == "running" {
+                skipped.push(format!("run {} is still running", run.run_id));
+                continue;
+            }
+            if !labels.is_empty() && !session_matches(store, tenant, &run.run_id, labels).await? {
+                continue;
+            }
         }
         match replay_run_as(
             store,
@@ -1295,14 +1317,6 @@ pub async fn replay_runs<S: RecordStore>(
         )
         .await
         {
-            Ok(replay)
-                if policies_only
-                    && replay.reexecution.is_none()
-                    && replay.recorded.calls.is_empty()
-                    && replay.replayed.calls.is_empty() =>
-            {
-                without_calls += 1;
-            }
             Ok(mut replay) => {
                 if let Some(calls) = judging.intended.get(&replay.run_id) {
                     replay.mark_intended(calls);
@@ -1340,11 +1354,6 @@ pub async fn replay_runs<S: RecordStore>(
             Err(e) => return Err(e),
         }
     }
-    if without_calls > 0 {
-        skipped.push(format!(
-            "{without_calls} run(s) made no tool call: a Policy cannot change them, so they take no place in the sample"
-        ));
-    }
     if !examined_all && replays.len() < wanted && stopped.is_none() {
         // More runs than a gate reads, and too few of them to judge: whoever can start
         // Sessions could otherwise shrink the sample to what they choose by starting enough
@@ -1355,9 +1364,178 @@ pub async fn replay_runs<S: RecordStore>(
         ));
     }
     let summary = ReplaySummary::new(replays, skipped, judging.max_divergence_percent);
+    let stopped = stopped.or(unseen);
     Ok(match &judging.reexecution {
         Some(r) => summary.reexecuted(r.samples(), stopped),
         None => summary.stopped(stopped),
+    })
+}
+
+/// The sample of a gate whose candidate changes only Policies (see [`policy_change`]).
+struct PolicySample {
+    /// Newest first.
+    judged: Vec<RunSummary>,
+    skipped: Vec<String>,
+    /// Why the gate fails whatever the judged runs show: a tool the change may loosen that no
+    /// judged run calls.
+    unseen: Option<String>,
+}
+
+/// Reads the `runs` a gate examines (newest first) for the tools their calls named, and
+/// chooses among them with [`policy_change::choose`].
+#[allow(clippy::too_many_arguments)]
+async fn policy_sample<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    runs: impl Iterator<Item = RunSummary>,
+    agents: &[String],
+    labels: &BTreeMap<String, String>,
+    candidate: &Candidate,
+    wanted: usize,
+    examined: usize,
+) -> Result<PolicySample, ReplayError> {
+    let mut skipped = Vec::new();
+    let mut without_calls = 0usize;
+    let mut read = Vec::new();
+    // Runs pinned to the same policies and tools share what the change reaches.
+    let mut changes: HashMap<String, Arc<PolicyChange>> = HashMap::new();
+    for run in runs {
+        if !agents.is_empty() && !agents.contains(&run.agent) {
+            continue;
+        }
+        if run.outcome == "running" {
+            skipped.push(format!("run {} is still running", run.run_id));
+            continue;
+        }
+        if !labels.is_empty() && !session_matches(store, tenant, &run.run_id, labels).await? {
+            continue;
+        }
+        let entries: Vec<RecordEntry> = read_run(store, tenant, &run.run_id)
+            .await?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
+        let recorded = match RecordedRun::read(store, tenant, &run.run_id, &entries).await {
+            Ok(recorded) => recorded,
+            Err(e @ ReplayError::NoBundle { .. }) => {
+                skipped.push(e.to_string());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let bundle = &recorded.bundle;
+        let tools: Vec<ToolShape> = bundle
+            .agent_spec
+            .tools
+            .iter()
+            .map(|t| ToolShape {
+                name: t.name.clone(),
+                risk: t.risk,
+                kind: t.kind,
+            })
+            .collect();
+        let called: BTreeSet<String> = entries
+            .iter()
+            .filter_map(|e| match &e.body {
+                EntryBody::ToolCallRequested(call) => Some(&call.tool),
+                _ => None,
+            })
+            .filter(|tool| tools.iter().any(|t| &t.name == *tool))
+            .cloned()
+            .collect();
+        if called.is_empty() {
+            without_calls += 1;
+            continue;
+        }
+        let shapes: Vec<(&str, &str, &str)> = tools
+            .iter()
+            .map(|t| (t.name.as_str(), t.risk.as_str(), t.kind.as_str()))
+            .collect();
+        let key = super::bundle::spec_digest(&(&bundle.policies, shapes));
+        let change = match changes.get(&key) {
+            Some(change) => change.clone(),
+            None => {
+                let under = bundle
+                    .policies_under(candidate)
+                    .map_err(|source| ReplayError::Candidate {
+                        run_id: run.run_id.clone(),
+                        source,
+                    });
+                let under = match under {
+                    Ok(under) => under,
+                    Err(e) => {
+                        skipped.push(e.to_string());
+                        continue;
+                    }
+                };
+                let change = Arc::new(PolicyChange::between(&bundle.policies, &under, &tools));
+                changes.insert(key, change.clone());
+                change
+            }
+        };
+        read.push(Exercise { run, called, change });
+    }
+    let decides_nothing = read.first().is_some_and(|r| r.change.is_empty());
+    let choice = policy_change::choose(read, wanted);
+    if without_calls > 0 {
+        skipped.push(format!(
+            "{without_calls} run(s) made no tool call: a Policy cannot change them, so they take no place in the sample"
+        ));
+    }
+    if choice.unexercised > 0 {
+        skipped.push(format!(
+            "{} run(s) call no tool whose rules the candidate changes: it decides them as recorded, so they take no place in the sample",
+            choice.unexercised
+        ));
+    }
+    if decides_nothing {
+        skipped.push(
+            "the candidate decides no call differently from the policies the newest run ran under (what it changes decides nothing, such as a rule's reason): it is judged on the newest runs that made calls"
+                .to_owned(),
+        );
+    }
+    let names = |tools: &[&str]| {
+        tools
+            .iter()
+            .map(|t| crate::text::for_terminal(t))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let never: Vec<&str> = choice
+        .unseen
+        .iter()
+        .filter(|(_, seen)| !seen)
+        .map(|(t, _)| t.as_str())
+        .collect();
+    let crowded: Vec<&str> = choice
+        .unseen
+        .iter()
+        .filter(|(_, seen)| *seen)
+        .map(|(t, _)| t.as_str())
+        .collect();
+    let unseen = if !never.is_empty() {
+        Some(format!(
+            "the candidate may decide calls of {} more leniently than the policies the runs ran under, and none of the newest {examined} runs of the window calls {}: replay cannot judge that; widen the window (windowHours), or have an approver promote without replay",
+            names(&never),
+            if never.len() == 1 { "it" } else { "them" }
+        ))
+    } else if !crowded.is_empty() {
+        Some(format!(
+            "the candidate may decide calls of {} more leniently than the policies the runs ran under, and the sample of {wanted} has no place left for a run that calls {}: raise the sample size (sampleSize, or --sample)",
+            names(&crowded),
+            if crowded.len() == 1 { "it" } else { "them" }
+        ))
+    } else if choice.budget_unseen {
+        Some(format!(
+            "the candidate raises or removes a tool-call budget, and none of the newest {examined} runs of the window made a call it counts: replay cannot judge that; widen the window (windowHours), or have an approver promote without replay"
+        ))
+    } else {
+        None
+    };
+    Ok(PolicySample {
+        judged: choice.judged,
+        skipped,
+        unseen,
     })
 }
 

@@ -1,0 +1,591 @@
+//! What a candidate that changes only Policies can change in a run, and which runs a replay
+//! gate judges it on.
+//!
+//! A Policy decides each call from the rules that match the call's tool (by name, risk and
+//! kind), the policy's default effect, its mode and its budget. If none of these changed for
+//! any tool a run called, the run is decided exactly as recorded: it says nothing of the
+//! change, and in a gate's sample it would only take the place of a run that does, and dilute
+//! the divergence the change shows. Whoever can start Sessions could otherwise fill the sample
+//! with runs that call harmless tools just before a loosened Policy is gated, and it would
+//! pass. So a Policy gate judges the runs that call a tool the change decides, and fails when a
+//! tool the change may open more widely is called by none of them: replay has then seen nothing
+//! of what matters most.
+//!
+//! Everything here is pure: the replay reads the runs and their pinned policies, this module
+//! says what the change reaches ([`PolicyChange`]) and which runs make the sample
+//! ([`choose`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use contextos_crds::{
+    common::{ToolKind, ToolRisk},
+    policy::{PolicyEffect, PolicyMode, PolicyRule, PolicySpec, ToolCallBudget},
+};
+
+use crate::{
+    gateway::bundle::NamedPolicy,
+    policy::{compile::compile_policy, decide::strictness},
+};
+
+/// How a change reaches the calls of one tool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reach {
+    /// Calls are decided at least as strictly as before: only deny rules were added, a default
+    /// or a budget made stricter, a dryRun policy changed or made to enforce.
+    Tightens,
+    /// Some call may be decided more leniently (or the change cannot be read as tightening).
+    MayLoosen,
+}
+
+/// A tool as policies match it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolShape {
+    pub name: String,
+    pub risk: ToolRisk,
+    pub kind: ToolKind,
+}
+
+/// What a Policy-only candidate changes against the policies one run pinned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyChange {
+    /// The Agent's tools whose decisions the change reaches. (A call of a tool the Agent does
+    /// not declare is refused before any Policy is read.)
+    tools: BTreeMap<String, Reach>,
+    /// A budget changed: it counts every call, so every call is reached.
+    budget: Option<Reach>,
+}
+
+impl PolicyChange {
+    /// What replacing `pinned` by `candidate` (policies matched by name; one absent from
+    /// either side was added or removed) changes for the Agent's `tools`.
+    pub fn between(pinned: &[NamedPolicy], candidate: &[NamedPolicy], tools: &[ToolShape]) -> Self {
+        let mut change = Self::default();
+        let names: BTreeSet<&str> = pinned.iter().chain(candidate).map(|p| p.name.as_str()).collect();
+        let find = |list: &'_ [NamedPolicy], name: &str| {
+            list.iter().find(|p| p.name == name).map(|p| p.spec.clone())
+        };
+        for name in names {
+            let (old, new) = (find(pinned, name), find(candidate, name));
+            if old == new {
+                continue;
+            }
+            let (old, new) = (Shape::of(name, old.as_ref()), Shape::of(name, new.as_ref()));
+            if let Some(reach) = budget_reach(&old, &new) {
+                change.budget = change.budget.max(Some(reach));
+            }
+            for tool in tools {
+                if let Some(reach) = old.reach_to(&new, &tool.name, tool.risk, tool.kind) {
+                    let entry = change.tools.entry(tool.name.clone()).or_insert(reach);
+                    *entry = (*entry).max(reach);
+                }
+            }
+        }
+        change
+    }
+
+    /// Whether the change can decide a call of the Agent's tool `tool` differently.
+    pub fn reaches(&self, tool: &str) -> bool {
+        self.budget.is_some() || self.tools.contains_key(tool)
+    }
+
+    /// Whether the change decides no call differently (it changed only what decides nothing,
+    /// such as a rule's reason or the promotion settings).
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty() && self.budget.is_none()
+    }
+
+    /// The Agent's tools some call of which the change may decide more leniently.
+    pub fn may_loosen(&self) -> BTreeSet<&str> {
+        self.tools
+            .iter()
+            .filter(|(_, reach)| **reach == Reach::MayLoosen)
+            .map(|(tool, _)| tool.as_str())
+            .collect()
+    }
+
+    /// Whether a budget limit was raised or removed (every call may then be allowed more often).
+    pub fn loosens_a_budget(&self) -> bool {
+        self.budget == Some(Reach::MayLoosen)
+    }
+}
+
+/// One policy as it decides: what a change to it is compared by. `None` for a side where the
+/// policy is absent.
+struct Shape {
+    policy: Option<Decides>,
+}
+
+struct Decides {
+    mode: PolicyMode,
+    default_effect: PolicyEffect,
+    budget: Option<ToolCallBudget>,
+    rules: Vec<Matching>,
+}
+
+/// A rule as it decides a call it matches: its name, condition, effect and approvers (its
+/// reason decides nothing; its match is `matcher`, which says whether it applies to a tool —
+/// `None` when the policy does not compile: it is then taken to apply to every tool).
+struct Matching {
+    rule: PolicyRule,
+    matcher: Option<crate::policy::compile::CompiledRule>,
+}
+
+impl Shape {
+    fn of(name: &str, spec: Option<&PolicySpec>) -> Self {
+        let policy = spec.map(|spec| {
+            let compiled = compile_policy(name, spec).ok();
+            let mut matchers = compiled.map(|c| c.rules.into_iter().map(Some).collect::<Vec<_>>());
+            let rules = spec
+                .rules
+                .iter()
+                .enumerate()
+                .map(|(i, rule)| Matching {
+                    rule: PolicyRule {
+                        reason: String::new(),
+                        match_: Default::default(),
+                        ..rule.clone()
+                    },
+                    matcher: matchers
+                        .as_mut()
+                        .and_then(|m| m.get_mut(i).and_then(Option::take)),
+                })
+                .collect();
+            Decides {
+                mode: spec.mode,
+                default_effect: spec.default_effect,
+                budget: spec.budget.clone(),
+                rules,
+            }
+        });
+        Self { policy }
+    }
+
+    /// How replacing this policy by `new` reaches calls of a tool (`None`: not at all).
+    fn reach_to(&self, new: &Shape, tool: &str, risk: ToolRisk, kind: ToolKind) -> Option<Reach> {
+        match (&self.policy, &new.policy) {
+            (None, None) => None,
+            // A policy added: the strictest of every enforcing policy's verdicts applies, so
+            // another can only make calls stricter.
+            (None, Some(_)) => Some(Reach::Tightens),
+            (Some(_), None) => Some(Reach::MayLoosen),
+            (Some(old), Some(new)) => {
+                let (before, after) = (old.chain(tool, risk, kind), new.chain(tool, risk, kind));
+                let same_budget = old.budget == new.budget;
+                if old.mode == new.mode
+                    && old.default_effect == new.default_effect
+                    && before == after
+                    && same_budget
+                {
+                    return None;
+                }
+                Some(match (old.mode, new.mode) {
+                    // A dryRun policy decides nothing that is applied.
+                    (PolicyMode::DryRun, _) => Reach::Tightens,
+                    (PolicyMode::Enforce, PolicyMode::DryRun) => Reach::MayLoosen,
+                    (PolicyMode::Enforce, PolicyMode::Enforce) => {
+                        let stricter_default =
+                            strictness(new.default_effect) >= strictness(old.default_effect);
+                        if stricter_default && only_tightened(&before, &after) {
+                            Reach::Tightens
+                        } else {
+                            Reach::MayLoosen
+                        }
+                    }
+                })
+            }
+        }
+    }
+}
+
+impl Decides {
+    /// The rules that match calls of a tool, in order (all of them if the policy does not
+    /// compile).
+    fn chain(&self, tool: &str, risk: ToolRisk, kind: ToolKind) -> Vec<&PolicyRule> {
+        self.rules
+            .iter()
+            .filter(|m| m.matcher.as_ref().is_none_or(|c| c.matches(tool, risk, kind)))
+            .map(|m| &m.rule)
+            .collect()
+    }
+}
+
+/// Whether `after` is `before` with deny rules inserted and rules made stricter in place: a
+/// call an added deny matches first is denied, and any other is decided by the same rule as
+/// before (the rules ahead of it match the same calls), now at least as strictly.
+fn only_tightened(before: &[&PolicyRule], after: &[&PolicyRule]) -> bool {
+    let mut kept = before.iter().peekable();
+    for rule in after {
+        if kept.peek().is_some_and(|old| at_least_as_strict(old, rule)) {
+            kept.next();
+        } else if rule.effect != PolicyEffect::Deny {
+            return false;
+        }
+    }
+    kept.next().is_none()
+}
+
+/// Whether `new` is `old` (both matching the tool) deciding its calls at least as strictly: the
+/// same name and condition, and the same effect and approvers, or a deny, or approval where it
+/// allowed.
+fn at_least_as_strict(old: &PolicyRule, new: &PolicyRule) -> bool {
+    let same_calls = old.name == new.name && old.condition == new.condition;
+    same_calls
+        && (old == new
+            || new.effect == PolicyEffect::Deny
+            || (old.effect == PolicyEffect::Allow && new.effect == PolicyEffect::RequireApproval))
+}
+
+/// How a change of budgets reaches calls (`None`: the budget is the same).
+fn budget_reach(old: &Shape, new: &Shape) -> Option<Reach> {
+    let budget = |shape: &Shape| shape.policy.as_ref().and_then(|p| p.budget.clone());
+    let enforced = |shape: &Shape| {
+        shape
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.mode == PolicyMode::Enforce)
+    };
+    let (before, after) = (budget(old), budget(new));
+    if before == after && enforced(old) == enforced(new) {
+        return None;
+    }
+    if !enforced(new) {
+        // Not enforced any more (or never): an enforced budget given up may loosen.
+        return (enforced(old) && before.is_some()).then_some(Reach::MayLoosen);
+    }
+    let before = if enforced(old) { before } else { None };
+    // Each limit at most what it was (no limit is the loosest).
+    let within = |new: Option<u32>, old: Option<u32>| match (new, old) {
+        (_, None) => true,
+        (Some(n), Some(o)) => n <= o,
+        (None, Some(_)) => false,
+    };
+    let (a, b) = (after.unwrap_or_default(), before.unwrap_or_default());
+    Some(
+        if within(a.max_calls, b.max_calls)
+            && within(a.max_calls_per_tool, b.max_calls_per_tool)
+            && within(a.max_destructive_calls, b.max_destructive_calls)
+        {
+            Reach::Tightens
+        } else {
+            Reach::MayLoosen
+        },
+    )
+}
+
+/// A run a Policy gate could judge: the tools it called, and what the change reaches in it.
+#[derive(Clone, Debug)]
+pub struct Exercise<R> {
+    pub run: R,
+    /// The Agent's tools its recorded calls named.
+    pub called: BTreeSet<String>,
+    pub change: std::sync::Arc<PolicyChange>,
+}
+
+impl<R> Exercise<R> {
+    /// Whether the change can decide one of its calls differently.
+    pub fn exercises(&self) -> bool {
+        self.called.iter().any(|tool| self.change.reaches(tool))
+    }
+
+    fn calls_loosened(&self, tool: &str) -> bool {
+        self.called.contains(tool) && self.change.may_loosen().contains(tool)
+    }
+}
+
+/// The runs a Policy gate judges, and what it could not see.
+#[derive(Debug)]
+pub struct Choice<R> {
+    /// At most `wanted` runs, newest first.
+    pub judged: Vec<R>,
+    /// Runs that call no tool the change reaches (and made some call).
+    pub unexercised: usize,
+    /// Tools the change may loosen that no judged run calls, and whether some run read did.
+    pub unseen: Vec<(String, bool)>,
+    /// A budget was loosened and no judged run made a call it counts.
+    pub budget_unseen: bool,
+}
+
+/// Chooses the sample of a Policy gate from `runs` (newest first): only runs that call a tool
+/// the change reaches, first for each tool the change may loosen the newest run calling it,
+/// then the newest others, at most `wanted`. What the change may loosen is read against the
+/// policies the newest run pinned (the revision being replaced, as its runs saw it). A change
+/// that decides nothing differently there (a rule's reason edited) is judged on the newest
+/// runs, as any other candidate is: there is nothing to prefer, and nothing to miss.
+pub fn choose<R>(runs: Vec<Exercise<R>>, wanted: usize) -> Choice<R> {
+    if runs.first().is_some_and(|r| r.change.is_empty()) {
+        return Choice {
+            judged: runs.into_iter().take(wanted).map(|r| r.run).collect(),
+            unexercised: 0,
+            unseen: Vec::new(),
+            budget_unseen: false,
+        };
+    }
+    let loosened: BTreeSet<String> = runs
+        .first()
+        .map(|r| r.change.may_loosen().into_iter().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let budget_loosened = runs.first().is_some_and(|r| r.change.loosens_a_budget());
+    let total = runs.len();
+    let exercising: Vec<Exercise<R>> = runs.into_iter().filter(Exercise::exercises).collect();
+    let unexercised = total - exercising.len();
+    let mut take = vec![false; exercising.len()];
+    let mut places = wanted;
+    for tool in &loosened {
+        if places == 0 {
+            break;
+        }
+        if let Some(i) = exercising.iter().position(|r| r.calls_loosened(tool))
+            && !take[i]
+            && !(0..exercising.len()).any(|j| take[j] && exercising[j].calls_loosened(tool))
+        {
+            take[i] = true;
+            places -= 1;
+        }
+    }
+    for flag in take.iter_mut() {
+        if places == 0 {
+            break;
+        }
+        if !*flag {
+            *flag = true;
+            places -= 1;
+        }
+    }
+    let seen_anywhere = |tool: &str| exercising.iter().any(|r| r.calls_loosened(tool));
+    let judged: Vec<&Exercise<R>> = exercising
+        .iter()
+        .zip(&take)
+        .filter(|(_, t)| **t)
+        .map(|(r, _)| r)
+        .collect();
+    let unseen = loosened
+        .iter()
+        .filter(|tool| !judged.iter().any(|r| r.calls_loosened(tool)))
+        .map(|tool| (tool.clone(), seen_anywhere(tool)))
+        .collect();
+    let budget_unseen = budget_loosened && judged.is_empty();
+    Choice {
+        judged: exercising
+            .into_iter()
+            .zip(take)
+            .filter_map(|(r, t)| t.then_some(r.run))
+            .collect(),
+        unexercised,
+        unseen,
+        budget_unseen,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use contextos_crds::policy::RuleMatch;
+
+    use super::*;
+
+    fn rule(name: &str, tools: &[&str], effect: PolicyEffect) -> PolicyRule {
+        PolicyRule {
+            name: name.into(),
+            match_: RuleMatch {
+                tools: tools.iter().map(|t| (*t).to_owned()).collect(),
+                ..RuleMatch::default()
+            },
+            condition: None,
+            effect,
+            reason: format!("{name} exists"),
+            approvers: None,
+        }
+    }
+
+    fn policy(rules: Vec<PolicyRule>) -> NamedPolicy {
+        NamedPolicy {
+            name: "guardrails".into(),
+            spec: PolicySpec {
+                rules,
+                default_effect: PolicyEffect::Deny,
+                mode: PolicyMode::Enforce,
+                budget: None,
+                promotion: None,
+            },
+        }
+    }
+
+    fn tools() -> Vec<ToolShape> {
+        [
+            ("search", ToolRisk::ReadOnly, ToolKind::Observe),
+            ("delete_namespace", ToolRisk::Destructive, ToolKind::Act),
+            ("restart", ToolRisk::Destructive, ToolKind::Act),
+        ]
+        .into_iter()
+        .map(|(name, risk, kind)| ToolShape {
+            name: name.into(),
+            risk,
+            kind,
+        })
+        .collect()
+    }
+
+    fn base() -> Vec<PolicyRule> {
+        vec![
+            rule("no-deletion", &["delete_*"], PolicyEffect::Deny),
+            rule("reads", &["search"], PolicyEffect::Allow),
+            rule("restarts", &["restart"], PolicyEffect::RequireApproval),
+        ]
+    }
+
+    fn changed(after: Vec<PolicyRule>) -> PolicyChange {
+        PolicyChange::between(&[policy(base())], &[policy(after)], &tools())
+    }
+
+    #[test]
+    fn a_loosened_rule_reaches_only_the_tools_it_matches_and_may_loosen_them() {
+        let mut after = base();
+        after[0].effect = PolicyEffect::Allow;
+        let change = changed(after);
+        assert!(change.reaches("delete_namespace"));
+        assert!(!change.reaches("search") && !change.reaches("restart"));
+        assert_eq!(change.may_loosen(), BTreeSet::from(["delete_namespace"]));
+    }
+
+    #[test]
+    fn added_denies_and_a_stricter_budget_only_tighten() {
+        let mut after = base();
+        after.insert(1, rule("no-restarts-on-friday", &["restart"], PolicyEffect::Deny));
+        let change = changed(after);
+        assert!(change.reaches("restart"));
+        assert!(change.may_loosen().is_empty(), "{change:?}");
+
+        // A rule made stricter in place tightens; made more lenient, it does not.
+        let mut after = base();
+        after[1].effect = PolicyEffect::Deny;
+        after[2].effect = PolicyEffect::Deny;
+        assert!(changed(after).may_loosen().is_empty());
+        let mut after = base();
+        after[2].effect = PolicyEffect::Allow;
+        assert_eq!(changed(after).may_loosen(), BTreeSet::from(["restart"]));
+        let mut after = base();
+        after[1].match_.tools.push("restart".into());
+        assert_eq!(changed(after).may_loosen(), BTreeSet::from(["restart"]));
+
+        // An added rule that asks is not a tightening: it can come before a deny.
+        let mut after = base();
+        after.insert(0, rule("ask-first", &["delete_*"], PolicyEffect::RequireApproval));
+        assert_eq!(changed(after).may_loosen(), BTreeSet::from(["delete_namespace"]));
+
+        // A rule removed may loosen; so does a lenient default.
+        let mut after = base();
+        after.remove(2);
+        assert_eq!(changed(after).may_loosen(), BTreeSet::from(["restart"]));
+        let mut lenient = policy(base());
+        lenient.spec.default_effect = PolicyEffect::Allow;
+        let change = PolicyChange::between(&[policy(base())], &[lenient], &tools());
+        assert_eq!(change.may_loosen().len(), 3, "{change:?}");
+
+        let mut limited = policy(base());
+        limited.spec.budget = Some(ToolCallBudget {
+            max_calls: Some(10),
+            ..ToolCallBudget::default()
+        });
+        let mut tighter = limited.clone();
+        tighter.spec.budget = Some(ToolCallBudget {
+            max_calls: Some(5),
+            ..ToolCallBudget::default()
+        });
+        let change = PolicyChange::between(std::slice::from_ref(&limited), &[tighter], &tools());
+        assert!(change.reaches("search") && !change.loosens_a_budget());
+        let change = PolicyChange::between(&[limited], &[policy(base())], &tools());
+        assert!(change.loosens_a_budget(), "a limit removed: {change:?}");
+    }
+
+    #[test]
+    fn what_decides_nothing_reaches_nothing() {
+        let mut after = base();
+        after[1].reason = "reads are safe".into();
+        assert!(changed(after).is_empty());
+        let mut promoted = policy(base());
+        promoted.spec.promotion = Some(Default::default());
+        assert!(PolicyChange::between(&[policy(base())], &[promoted], &tools()).is_empty());
+    }
+
+    #[test]
+    fn a_dry_run_policy_tightens_and_giving_up_enforcement_may_loosen() {
+        let mut dry = policy(base());
+        dry.spec.mode = PolicyMode::DryRun;
+        let enforcing = PolicyChange::between(std::slice::from_ref(&dry), &[policy(base())], &tools());
+        assert!(enforcing.reaches("search") && enforcing.may_loosen().is_empty());
+        let dropped = PolicyChange::between(&[policy(base())], &[dry], &tools());
+        assert_eq!(dropped.may_loosen().len(), 3);
+    }
+
+    fn exercise(id: &str, called: &[&str], change: &Arc<PolicyChange>) -> Exercise<String> {
+        Exercise {
+            run: id.into(),
+            called: called.iter().map(|t| (*t).to_owned()).collect(),
+            change: change.clone(),
+        }
+    }
+
+    #[test]
+    fn runs_that_call_harmless_tools_take_no_place_and_a_loosened_tool_is_judged() {
+        let mut after = base();
+        after[0].effect = PolicyEffect::Allow;
+        after[2].effect = PolicyEffect::Allow;
+        let change = Arc::new(changed(after));
+        // Newest first: a crowd of reads, then restarts, then the one run that deleted.
+        let mut runs: Vec<_> = (0..5)
+            .map(|i| exercise(&format!("read-{i}"), &["search"], &change))
+            .collect();
+        runs.extend((0..3).map(|i| exercise(&format!("restart-{i}"), &["search", "restart"], &change)));
+        runs.push(exercise("deleted", &["delete_namespace"], &change));
+        let choice = choose(runs, 2);
+        assert_eq!(choice.judged, ["restart-0", "deleted"]);
+        assert_eq!(choice.unexercised, 5);
+        assert!(choice.unseen.is_empty() && !choice.budget_unseen);
+    }
+
+    #[test]
+    fn a_change_that_decides_nothing_is_judged_on_the_newest_runs() {
+        let mut after = base();
+        after[0].reason = "never".into();
+        let change = Arc::new(changed(after));
+        let runs = vec![
+            exercise("read-0", &["search"], &change),
+            exercise("read-1", &["search"], &change),
+            exercise("deleted", &["delete_namespace"], &change),
+        ];
+        let choice = choose(runs, 2);
+        assert_eq!(choice.judged, ["read-0", "read-1"]);
+        assert_eq!(choice.unexercised, 0);
+    }
+
+    #[test]
+    fn a_loosened_tool_no_run_calls_is_reported_unseen() {
+        let mut after = base();
+        after[0].effect = PolicyEffect::Allow;
+        after[2].effect = PolicyEffect::Allow;
+        let change = Arc::new(changed(after));
+        let runs = vec![
+            exercise("restart-0", &["restart"], &change),
+            exercise("restart-1", &["restart"], &change),
+        ];
+        let choice = choose(runs, 5);
+        assert_eq!(choice.judged, ["restart-0", "restart-1"]);
+        assert_eq!(choice.unseen, [("delete_namespace".to_owned(), false)]);
+
+        // Seen in a run read, but the sample had no place left for it.
+        let runs = vec![
+            exercise("restart-0", &["restart"], &change),
+            exercise("deleted", &["delete_namespace"], &change),
+        ];
+        let choice = choose(runs, 0);
+        assert!(choice.judged.is_empty());
+        assert_eq!(
+            choice.unseen,
+            [
+                ("delete_namespace".to_owned(), true),
+                ("restart".to_owned(), true)
+            ]
+        );
+    }
+}

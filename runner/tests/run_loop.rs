@@ -283,8 +283,9 @@ fn runs_a_policy_change_does_not_reach_take_no_place_in_its_gates_sample() {
         "{}",
         out.stdout
     );
-    // Read no further than the two newest runs, the sample is short of what it asks for while
-    // the window holds more: it does not pass on what is left.
+    // Read no further than the two newest runs (the readers), the sample holds no run that
+    // calls the tool the change opens, while the window holds more: it does not pass on what
+    // is left.
     let short = q.cli(&[
         "replay",
         "--sample",
@@ -296,48 +297,24 @@ fn runs_a_policy_change_does_not_reach_take_no_place_in_its_gates_sample() {
     ]);
     assert_ne!(short.code, Some(0), "{}{}", short.stdout, short.stderr);
     assert!(
-        format!("{}{}", short.stdout, short.stderr).contains("held only 0 of the 2 runs to judge"),
+        format!("{}{}", short.stdout, short.stderr).contains(
+            "may decide calls of delete_namespace more leniently than the policies the runs ran under, and none of the newest 2 runs of the window calls it"
+        ),
         "{}{}",
         short.stdout,
         short.stderr
     );
 
-    // A rule that lets error_budget through ahead of the others: no run ever called it, so
-    // replay has seen nothing of what the change opens, and the gate does not pass.
-    let rule = "  rules:\n";
-    let opening = policy.replacen(
-        rule,
-        "  rules:\n    - name: budget-math-anytime\n      match:\n        tools: [error_budget]\n      effect: allow\n      reason: Arithmetic.\n",
+    // A rule denying error_budget, which no run ever called, can only close: nothing fails,
+    // and with no run to judge the gate has no history (as a new Agent's has none: an approver
+    // promotes without replay).
+    let closing = policy.replacen(
+        "  rules:\n",
+        "  rules:\n    - name: no-budget-math\n      match:\n        tools: [error_budget]\n      effect: deny\n      reason: Arithmetic.\n",
         1,
     );
-    assert_ne!(opening, policy);
-    std::fs::write(&candidate, &opening).expect("write");
-    let unseen = q.cli(&[
-        "replay",
-        "--sample",
-        "2",
-        "--candidate",
-        &candidate.display().to_string(),
-    ]);
-    assert_ne!(unseen.code, Some(0), "{}{}", unseen.stdout, unseen.stderr);
-    assert!(
-        format!("{}{}", unseen.stdout, unseen.stderr)
-            .contains("may decide calls of error_budget more leniently"),
-        "{}{}",
-        unseen.stdout,
-        unseen.stderr
-    );
-    // The same rule denying can only close: nothing fails, and with no run to judge the gate
-    // has no history (as a new Agent's has none: an approver promotes without replay).
-    std::fs::write(
-        &candidate,
-        opening.replacen(
-            "effect: allow\n      reason: Arithmetic.",
-            "effect: deny\n      reason: Arithmetic.",
-            1,
-        ),
-    )
-    .expect("write");
+    assert_ne!(closing, policy);
+    std::fs::write(&candidate, &closing).expect("write");
     let closing = q.cli(&[
         "replay",
         "--sample",

@@ -231,11 +231,14 @@ impl PolicySet {
     ) -> Decision {
         let mut scope: Option<CelScope> = None;
         let variables = self.policies.iter().fold(0, |acc, p| acc | p.condition_variables);
+        // One scope serves every policy's conditions: it is measured if any of them loops, not
+        // only the first policy to build it (the next one's loop would be checked against 0).
+        let measure = self.policies.iter().any(|p| p.condition_loops);
         let mut enforced: Option<Verdict> = None;
         let mut dry_run = Vec::new();
         for policy in &self.policies {
             let verdict = budget_verdict(policy, call, run)
-                .unwrap_or_else(|| rule_verdict(policy, call, run, state, variables, &mut scope));
+                .unwrap_or_else(|| rule_verdict(policy, call, run, state, (variables, measure), &mut scope));
             match policy.mode {
                 PolicyMode::DryRun => dry_run.push(ShadowDecision {
                     effect: verdict.effect,
@@ -312,7 +315,7 @@ fn rule_verdict(
     call: &CallFacts<'_>,
     run: &RunFacts,
     state: &StateFacts,
-    variables: u8,
+    (variables, measure): (u8, bool),
     scope: &mut Option<CelScope>,
 ) -> Verdict {
     for rule in &policy.rules {
@@ -320,8 +323,7 @@ fn rule_verdict(
             continue;
         }
         if let Some(condition) = &rule.condition {
-            let scope = scope
-                .get_or_insert_with(|| CelScope::new(call, run, state, variables, policy.condition_loops));
+            let scope = scope.get_or_insert_with(|| CelScope::new(call, run, state, variables, measure));
             if condition.cost.loop_nodes > 0
                 && let Err(e) = condition.cost.check(scope.input_bytes)
             {
@@ -665,6 +667,56 @@ rules:
             json!({"lines": flood}),
             &run,
             auto,
+        );
+        assert_eq!(flooded.effect, PolicyEffect::Deny, "{flooded:?}");
+        assert!(flooded.reason.contains("not evaluated"), "{}", flooded.reason);
+    }
+
+    /// The same flood, where another policy's plain condition is read first: the scope they
+    /// share is measured all the same.
+    #[test]
+    fn a_looping_condition_is_bounded_behind_another_policys_plain_one() {
+        let (_, agent) = quickstart();
+        let policy = |yaml: &str, name: &str| {
+            let spec: contextos_crds::PolicySpec = serde_yaml::from_str(yaml).expect("policy");
+            compile_policy(name, &spec).expect("compiles")
+        };
+        let set = PolicySet {
+            policies: vec![
+                policy(
+                    r#"
+defaultEffect: allow
+rules:
+  - name: has-lines
+    match: {tools: ["post_status_update"]}
+    condition: "has(call.args.lines)"
+    effect: allow
+    reason: lines are fine here
+"#,
+                    "first",
+                ),
+                policy(
+                    r#"
+defaultEffect: deny
+rules:
+  - name: small-batches
+    match: {tools: ["post_status_update"]}
+    condition: "call.args.lines.all(l, size(l) < 200)"
+    effect: allow
+    reason: status lines are short
+"#,
+                    "second",
+                ),
+            ],
+        };
+        let flood: Vec<&str> = vec!["x"; 2_000_000];
+        let flooded = decide(
+            &set,
+            &agent,
+            "post_status_update",
+            json!({"lines": flood}),
+            &RunFacts::default(),
+            SafetyMode::Autonomous,
         );
         assert_eq!(flooded.effect, PolicyEffect::Deny, "{flooded:?}");
         assert!(flooded.reason.contains("not evaluated"), "{}", flooded.reason);

@@ -22,10 +22,7 @@ use contextos_crds::{
     policy::{PolicyEffect, PolicyMode, PolicyRule, PolicySpec, ToolCallBudget},
 };
 
-use crate::{
-    gateway::bundle::NamedPolicy,
-    policy::{compile::compile_policy, decide::strictness},
-};
+use crate::{gateway::bundle::NamedPolicy, policy::compile::compile_policy};
 
 /// How a change reaches the calls of one tool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -94,6 +91,11 @@ impl PolicyChange {
         self.tools.is_empty() && self.budget.is_none()
     }
 
+    /// Whether the change may decide some call of the Agent's tool `tool` more leniently.
+    pub fn loosens(&self, tool: &str) -> bool {
+        self.tools.get(tool) == Some(&Reach::MayLoosen)
+    }
+
     /// The Agent's tools some call of which the change may decide more leniently.
     pub fn may_loosen(&self) -> BTreeSet<&str> {
         self.tools
@@ -160,32 +162,28 @@ impl Shape {
         Self { policy }
     }
 
-    /// How replacing this policy by `new` reaches calls of a tool (`None`: not at all).
+    /// How replacing this policy by `new` reaches calls of a tool (`None`: not at all; its
+    /// budget is compared by [`budget_reach`]).
     fn reach_to(&self, new: &Shape, tool: &str, risk: ToolRisk, kind: ToolKind) -> Option<Reach> {
         match (&self.policy, &new.policy) {
             (None, None) => None,
-            // A policy added: the strictest of every enforcing policy's verdicts applies, so
-            // another can only make calls stricter.
-            (None, Some(_)) => Some(Reach::Tightens),
-            (Some(_), None) => Some(Reach::MayLoosen),
+            (Some(old), None) => Some(match old.mode {
+                PolicyMode::DryRun => Reach::Tightens,
+                PolicyMode::Enforce => Reach::MayLoosen,
+            }),
+            (None, Some(new)) => Some(enforcing_another(new.mode, &new.path(tool, risk, kind))),
             (Some(old), Some(new)) => {
-                let (before, after) = (old.chain(tool, risk, kind), new.chain(tool, risk, kind));
-                let same_budget = old.budget == new.budget;
-                if old.mode == new.mode
-                    && old.default_effect == new.default_effect
-                    && before == after
-                    && same_budget
-                {
+                let (before, after) = (old.path(tool, risk, kind), new.path(tool, risk, kind));
+                if old.mode == new.mode && before == after {
                     return None;
                 }
                 Some(match (old.mode, new.mode) {
                     // A dryRun policy decides nothing that is applied.
-                    (PolicyMode::DryRun, _) => Reach::Tightens,
+                    (PolicyMode::DryRun, PolicyMode::DryRun) => Reach::Tightens,
+                    (PolicyMode::DryRun, PolicyMode::Enforce) => enforcing_another(new.mode, &after),
                     (PolicyMode::Enforce, PolicyMode::DryRun) => Reach::MayLoosen,
                     (PolicyMode::Enforce, PolicyMode::Enforce) => {
-                        let stricter_default =
-                            strictness(new.default_effect) >= strictness(old.default_effect);
-                        if stricter_default && only_tightened(&before, &after) {
+                        if only_tightened(&before, &after) {
                             Reach::Tightens
                         } else {
                             Reach::MayLoosen
@@ -197,42 +195,86 @@ impl Shape {
     }
 }
 
-impl Decides {
-    /// The rules that match calls of a tool, in order (all of them if the policy does not
-    /// compile).
-    fn chain(&self, tool: &str, risk: ToolRisk, kind: ToolKind) -> Vec<&PolicyRule> {
-        self.rules
-            .iter()
-            .filter(|m| m.matcher.as_ref().is_none_or(|c| c.matches(tool, risk, kind)))
-            .map(|m| &m.rule)
-            .collect()
+/// How a policy that begins to decide a tool's calls (added, or made to enforce) reaches them.
+/// The strictest enforcing verdict applies, so its denials and allowances cannot loosen; but
+/// of two policies that ask for approval the first in the Agent's order names the approvers,
+/// so one that asks may hand the approval to others.
+fn enforcing_another(mode: PolicyMode, path: &Path<'_>) -> Reach {
+    let asks = path
+        .rules
+        .iter()
+        .any(|r| r.effect == PolicyEffect::RequireApproval)
+        || path.default == Some(PolicyEffect::RequireApproval);
+    if mode == PolicyMode::Enforce && asks {
+        Reach::MayLoosen
+    } else {
+        Reach::Tightens
     }
 }
 
-/// Whether `after` is `before` with deny rules inserted and rules made stricter in place: a
-/// call an added deny matches first is denied, and any other is decided by the same rule as
-/// before (the rules ahead of it match the same calls), now at least as strictly.
-fn only_tightened(before: &[&PolicyRule], after: &[&PolicyRule]) -> bool {
-    let mut kept = before.iter().peekable();
-    for rule in after {
+/// How one policy decides calls of one tool: the rules that can decide them, in order, up to
+/// the first that matches without a condition (the rules after it are never read), and the
+/// default effect if no rule does.
+#[derive(Debug, PartialEq)]
+struct Path<'a> {
+    rules: Vec<&'a PolicyRule>,
+    default: Option<PolicyEffect>,
+}
+
+impl Decides {
+    /// The [`Path`] of a tool's calls (every rule taken to match if the policy does not
+    /// compile).
+    fn path(&self, tool: &str, risk: ToolRisk, kind: ToolKind) -> Path<'_> {
+        let mut rules = Vec::new();
+        for matching in &self.rules {
+            if matching
+                .matcher
+                .as_ref()
+                .is_none_or(|c| c.matches(tool, risk, kind))
+            {
+                rules.push(&matching.rule);
+                if matching.rule.condition.is_none() {
+                    return Path { rules, default: None };
+                }
+            }
+        }
+        Path {
+            rules,
+            default: Some(self.default_effect),
+        }
+    }
+}
+
+/// Whether `after` decides every call at least as strictly as `before`, read as `before` with
+/// deny rules inserted and rules made to deny in place: a call an added deny matches first is
+/// denied, and any other is decided by the same rule as before (the rules ahead of it match
+/// the same calls) or the same default, now at least as strictly. Anything else — a rule made
+/// to ask where it allowed included, since the approvers may then be others — may loosen.
+fn only_tightened(before: &Path<'_>, after: &Path<'_>) -> bool {
+    let mut kept = before.rules.iter().peekable();
+    for rule in &after.rules {
         if kept.peek().is_some_and(|old| at_least_as_strict(old, rule)) {
             kept.next();
         } else if rule.effect != PolicyEffect::Deny {
             return false;
+        } else if rule.condition.is_none() {
+            // An added deny every call reaching it matches: what follows is never read.
+            return true;
         }
     }
     kept.next().is_none()
+        && match (before.default, after.default) {
+            (Some(old), Some(new)) => old == new || new == PolicyEffect::Deny,
+            // Both end at the same rule without a condition.
+            (None, None) => true,
+            _ => false,
+        }
 }
 
 /// Whether `new` is `old` (both matching the tool) deciding its calls at least as strictly: the
-/// same name and condition, and the same effect and approvers, or a deny, or approval where it
-/// allowed.
+/// same name and condition, and the same effect and approvers, or a deny.
 fn at_least_as_strict(old: &PolicyRule, new: &PolicyRule) -> bool {
-    let same_calls = old.name == new.name && old.condition == new.condition;
-    same_calls
-        && (old == new
-            || new.effect == PolicyEffect::Deny
-            || (old.effect == PolicyEffect::Allow && new.effect == PolicyEffect::RequireApproval))
+    old.name == new.name && old.condition == new.condition && (old == new || new.effect == PolicyEffect::Deny)
 }
 
 /// How a change of budgets reaches calls (`None`: the budget is the same).
@@ -278,6 +320,8 @@ pub struct Exercise<R> {
     pub run: R,
     /// The Agent's tools its recorded calls named.
     pub called: BTreeSet<String>,
+    /// Whether a budget refused one of its calls (only such a run shows a budget raised).
+    pub hit_budget: bool,
     pub change: std::sync::Arc<PolicyChange>,
 }
 
@@ -288,7 +332,7 @@ impl<R> Exercise<R> {
     }
 
     fn calls_loosened(&self, tool: &str) -> bool {
-        self.called.contains(tool) && self.change.may_loosen().contains(tool)
+        self.called.contains(tool) && self.change.loosens(tool)
     }
 }
 
@@ -301,46 +345,52 @@ pub struct Choice<R> {
     pub unexercised: usize,
     /// Tools the change may loosen that no judged run calls, and whether some run read did.
     pub unseen: Vec<(String, bool)>,
-    /// A budget was loosened and no judged run made a call it counts.
-    pub budget_unseen: bool,
+    /// A budget was loosened and no judged run ran into one; `Some(true)` if a run read did.
+    pub budget_unseen: Option<bool>,
 }
 
 /// Chooses the sample of a Policy gate from `runs` (newest first): only runs that call a tool
-/// the change reaches, first for each tool the change may loosen the newest run calling it,
-/// then the newest others, at most `wanted`. What the change may loosen is read against the
-/// policies the newest run pinned (the revision being replaced, as its runs saw it). A change
-/// that decides nothing differently there (a rule's reason edited) is judged on the newest
-/// runs, as any other candidate is: there is nothing to prefer, and nothing to miss.
+/// the change reaches — first, for each tool the change may loosen, the newest run calling it
+/// (and for a budget it raises, the newest run a budget refused) — then the newest others, at
+/// most `wanted`. Each run is read against the policies it pinned, so what the change may
+/// loosen is the union over them (runs of several Agents, or of several revisions). A change
+/// that decides nothing differently for any run (a rule's reason edited) is judged on the
+/// newest runs, as any other candidate is: there is nothing to prefer, and nothing to miss.
 pub fn choose<R>(runs: Vec<Exercise<R>>, wanted: usize) -> Choice<R> {
-    if runs.first().is_some_and(|r| r.change.is_empty()) {
+    if runs.iter().all(|r| r.change.is_empty()) {
         return Choice {
             judged: runs.into_iter().take(wanted).map(|r| r.run).collect(),
             unexercised: 0,
             unseen: Vec::new(),
-            budget_unseen: false,
+            budget_unseen: None,
         };
     }
     let loosened: BTreeSet<String> = runs
-        .first()
-        .map(|r| r.change.may_loosen().into_iter().map(str::to_owned).collect())
-        .unwrap_or_default();
-    let budget_loosened = runs.first().is_some_and(|r| r.change.loosens_a_budget());
+        .iter()
+        .flat_map(|r| r.change.may_loosen())
+        .map(str::to_owned)
+        .collect();
+    let budget_loosened = runs.iter().any(|r| r.change.loosens_a_budget());
     let total = runs.len();
     let exercising: Vec<Exercise<R>> = runs.into_iter().filter(Exercise::exercises).collect();
     let unexercised = total - exercising.len();
     let mut take = vec![false; exercising.len()];
     let mut places = wanted;
-    for tool in &loosened {
-        if places == 0 {
-            break;
+    // The newest run showing each thing the change may open, unless one taken shows it.
+    let mut cover = |shows: &dyn Fn(&Exercise<R>) -> bool, take: &mut Vec<bool>| {
+        if places == 0 || exercising.iter().zip(take.iter()).any(|(r, t)| *t && shows(r)) {
+            return;
         }
-        if let Some(i) = exercising.iter().position(|r| r.calls_loosened(tool))
-            && !take[i]
-            && !(0..exercising.len()).any(|j| take[j] && exercising[j].calls_loosened(tool))
-        {
+        if let Some(i) = exercising.iter().position(shows) {
             take[i] = true;
             places -= 1;
         }
+    };
+    for tool in &loosened {
+        cover(&|r| r.calls_loosened(tool), &mut take);
+    }
+    if budget_loosened {
+        cover(&|r| r.hit_budget, &mut take);
     }
     for flag in take.iter_mut() {
         if places == 0 {
@@ -351,7 +401,6 @@ pub fn choose<R>(runs: Vec<Exercise<R>>, wanted: usize) -> Choice<R> {
             places -= 1;
         }
     }
-    let seen_anywhere = |tool: &str| exercising.iter().any(|r| r.calls_loosened(tool));
     let judged: Vec<&Exercise<R>> = exercising
         .iter()
         .zip(&take)
@@ -361,9 +410,10 @@ pub fn choose<R>(runs: Vec<Exercise<R>>, wanted: usize) -> Choice<R> {
     let unseen = loosened
         .iter()
         .filter(|tool| !judged.iter().any(|r| r.calls_loosened(tool)))
-        .map(|tool| (tool.clone(), seen_anywhere(tool)))
+        .map(|tool| (tool.clone(), exercising.iter().any(|r| r.calls_loosened(tool))))
         .collect();
-    let budget_unseen = budget_loosened && judged.is_empty();
+    let budget_unseen = (budget_loosened && !judged.iter().any(|r| r.hit_budget))
+        .then(|| exercising.iter().any(|r| r.hit_budget));
     Choice {
         judged: exercising
             .into_iter()
@@ -416,6 +466,7 @@ mod tests {
             ("search", ToolRisk::ReadOnly, ToolKind::Observe),
             ("delete_namespace", ToolRisk::Destructive, ToolKind::Act),
             ("restart", ToolRisk::Destructive, ToolKind::Act),
+            ("post_update", ToolRisk::Network, ToolKind::Act),
         ]
         .into_iter()
         .map(|(name, risk, kind)| ToolShape {
@@ -480,7 +531,11 @@ mod tests {
         let mut lenient = policy(base());
         lenient.spec.default_effect = PolicyEffect::Allow;
         let change = PolicyChange::between(&[policy(base())], &[lenient], &tools());
-        assert_eq!(change.may_loosen().len(), 3, "{change:?}");
+        assert_eq!(
+            change.may_loosen(),
+            BTreeSet::from(["post_update"]),
+            "only it reaches the default"
+        );
 
         let mut limited = policy(base());
         limited.spec.budget = Some(ToolCallBudget {
@@ -509,19 +564,66 @@ mod tests {
     }
 
     #[test]
+    fn what_a_rule_without_condition_shadows_is_not_reached() {
+        let destructive = |approvers: &str| PolicyRule {
+            match_: RuleMatch {
+                risks: vec![ToolRisk::Destructive],
+                ..RuleMatch::default()
+            },
+            approvers: Some(contextos_crds::common::Approvers {
+                groups: vec![approvers.into()],
+                ..Default::default()
+            }),
+            ..rule("destructive", &[], PolicyEffect::RequireApproval)
+        };
+        let before = policy(vec![
+            rule("no-deletion", &["delete_*"], PolicyEffect::Deny),
+            destructive("sre"),
+        ]);
+        let after = policy(vec![
+            rule("no-deletion", &["delete_*"], PolicyEffect::Deny),
+            destructive("interns"),
+        ]);
+        let change = PolicyChange::between(&[before], &[after], &tools());
+        assert_eq!(change.may_loosen(), BTreeSet::from(["restart"]), "{change:?}");
+    }
+
+    #[test]
+    fn asking_where_it_allowed_may_hand_the_approval_to_others() {
+        let mut after = base();
+        after[1].effect = PolicyEffect::RequireApproval;
+        assert_eq!(changed(after).may_loosen(), BTreeSet::from(["search"]));
+        // Another enforcing policy that asks, too; one that only denies tightens.
+        let mut asking = policy(vec![rule("ask", &["search"], PolicyEffect::RequireApproval)]);
+        asking.name = "second".into();
+        let change = PolicyChange::between(&[policy(base())], &[policy(base()), asking.clone()], &tools());
+        assert!(change.may_loosen().contains("search"), "{change:?}");
+        asking.spec.rules[0].effect = PolicyEffect::Deny;
+        asking.spec.default_effect = PolicyEffect::Allow;
+        let change = PolicyChange::between(&[policy(base())], &[policy(base()), asking], &tools());
+        assert!(
+            change.reaches("search") && change.may_loosen().is_empty(),
+            "{change:?}"
+        );
+    }
+
+    #[test]
     fn a_dry_run_policy_tightens_and_giving_up_enforcement_may_loosen() {
         let mut dry = policy(base());
         dry.spec.mode = PolicyMode::DryRun;
         let enforcing = PolicyChange::between(std::slice::from_ref(&dry), &[policy(base())], &tools());
-        assert!(enforcing.reaches("search") && enforcing.may_loosen().is_empty());
+        // Enforced, its denials and allowances cannot loosen; its approvals may name others.
+        assert!(enforcing.reaches("search"));
+        assert_eq!(enforcing.may_loosen(), BTreeSet::from(["restart"]));
         let dropped = PolicyChange::between(&[policy(base())], &[dry], &tools());
-        assert_eq!(dropped.may_loosen().len(), 3);
+        assert_eq!(dropped.may_loosen().len(), 4);
     }
 
     fn exercise(id: &str, called: &[&str], change: &Arc<PolicyChange>) -> Exercise<String> {
         Exercise {
             run: id.into(),
             called: called.iter().map(|t| (*t).to_owned()).collect(),
+            hit_budget: false,
             change: change.clone(),
         }
     }
@@ -541,7 +643,46 @@ mod tests {
         let choice = choose(runs, 2);
         assert_eq!(choice.judged, ["restart-0", "deleted"]);
         assert_eq!(choice.unexercised, 5);
-        assert!(choice.unseen.is_empty() && !choice.budget_unseen);
+        assert!(choice.unseen.is_empty() && choice.budget_unseen.is_none());
+    }
+
+    #[test]
+    fn what_runs_of_other_agents_pinned_counts_and_a_raised_budget_wants_a_run_it_refused() {
+        let mut after = base();
+        after[0].effect = PolicyEffect::Allow;
+        let deleting = Arc::new(changed(after));
+        let nothing = Arc::new(changed(base()));
+        // The newest run is another Agent's, which the change does not reach.
+        let runs = vec![
+            exercise("other-agent", &["search"], &nothing),
+            exercise("deleted", &["delete_namespace"], &deleting),
+        ];
+        let choice = choose(runs, 1);
+        assert_eq!(choice.judged, ["deleted"]);
+
+        let mut limited = policy(base());
+        limited.spec.budget = Some(ToolCallBudget {
+            max_destructive_calls: Some(1),
+            ..ToolCallBudget::default()
+        });
+        let mut raised = limited.clone();
+        raised.spec.budget = Some(ToolCallBudget {
+            max_destructive_calls: Some(50),
+            ..ToolCallBudget::default()
+        });
+        let change = Arc::new(PolicyChange::between(&[limited], &[raised], &tools()));
+        let mut refused = exercise("refused", &["restart"], &change);
+        refused.hit_budget = true;
+        let runs = vec![
+            exercise("read-0", &["search"], &change),
+            exercise("read-1", &["search"], &change),
+            refused,
+        ];
+        let choice = choose(runs, 2);
+        assert_eq!(choice.judged, ["read-0", "refused"]);
+        assert_eq!(choice.budget_unseen, None);
+        let runs = vec![exercise("read-0", &["search"], &change)];
+        assert_eq!(choose(runs, 2).budget_unseen, Some(false));
     }
 
     #[test]

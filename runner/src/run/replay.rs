@@ -1354,7 +1354,16 @@ pub async fn replay_runs<S: RecordStore>(
             Err(e) => return Err(e),
         }
     }
-    if !examined_all && replays.len() < wanted && stopped.is_none() {
+    // What the sample could not see of a Policy change fails it before a short sample does.
+    stopped = stopped.or(unseen);
+    // A Policy change's sample is short whenever few runs call what it changes; it is held to
+    // having judged one, and to every tool it may loosen (`unseen`).
+    let short = if chosen {
+        replays.is_empty()
+    } else {
+        replays.len() < wanted
+    };
+    if !examined_all && short && stopped.is_none() {
         // More runs than a gate reads, and too few of them to judge: whoever can start
         // Sessions could otherwise shrink the sample to what they choose by starting enough
         // others just before a gate. It does not pass on fewer runs than it asks for.
@@ -1364,7 +1373,6 @@ pub async fn replay_runs<S: RecordStore>(
         ));
     }
     let summary = ReplaySummary::new(replays, skipped, judging.max_divergence_percent);
-    let stopped = stopped.or(unseen);
     Ok(match &judging.reexecution {
         Some(r) => summary.reexecuted(r.samples(), stopped),
         None => summary.stopped(stopped),
@@ -1382,7 +1390,8 @@ struct PolicySample {
 }
 
 /// Reads the `runs` a gate examines (newest first) for the tools their calls named, and
-/// chooses among them with [`policy_change::choose`].
+/// chooses among them with [`policy_change::choose`]. Every examined run is read (its entries
+/// and pinned bundle, not replayed): what the change may loosen is known only once all are.
 #[allow(clippy::too_many_arguments)]
 async fn policy_sample<S: RecordStore>(
     store: &S,
@@ -1394,8 +1403,11 @@ async fn policy_sample<S: RecordStore>(
     wanted: usize,
     examined: usize,
 ) -> Result<PolicySample, ReplayError> {
-    let mut skipped = Vec::new();
+    let mut running = 0usize;
     let mut without_calls = 0usize;
+    let mut erased = 0usize;
+    // Why runs the candidate does not apply to were left out, each said once.
+    let mut not_applying: BTreeMap<String, usize> = BTreeMap::new();
     let mut read = Vec::new();
     // Runs pinned to the same policies and tools share what the change reaches.
     let mut changes: HashMap<String, Arc<PolicyChange>> = HashMap::new();
@@ -1404,7 +1416,7 @@ async fn policy_sample<S: RecordStore>(
             continue;
         }
         if run.outcome == "running" {
-            skipped.push(format!("run {} is still running", run.run_id));
+            running += 1;
             continue;
         }
         if !labels.is_empty() && !session_matches(store, tenant, &run.run_id, labels).await? {
@@ -1417,12 +1429,28 @@ async fn policy_sample<S: RecordStore>(
             .collect();
         let recorded = match RecordedRun::read(store, tenant, &run.run_id, &entries).await {
             Ok(recorded) => recorded,
-            Err(e @ ReplayError::NoBundle { .. }) => {
-                skipped.push(e.to_string());
+            Err(ReplayError::NoBundle { .. }) => {
+                *not_applying
+                    .entry("recorded without its bundle (an older record); it cannot be replayed".into())
+                    .or_default() += 1;
                 continue;
             }
             Err(e) => return Err(e),
         };
+        // A run about a subject erased since is replayed but never judged: it shows nothing.
+        if let Some(subject) = entries.first().and_then(|e| e.vaulted.as_ref())
+            && store
+                .run_key(tenant, &run.run_id, subject, crate::vault::KeyUse::Read)
+                .await
+                .map_err(|e| ReplayError::Unreadable {
+                    run_id: run.run_id.clone(),
+                    problem: e.to_string(),
+                })?
+                .is_none()
+        {
+            erased += 1;
+            continue;
+        }
         let bundle = &recorded.bundle;
         let tools: Vec<ToolShape> = bundle
             .agent_spec
@@ -1434,12 +1462,11 @@ async fn policy_sample<S: RecordStore>(
                 kind: t.kind,
             })
             .collect();
-        let called: BTreeSet<String> = entries
+        let trace = DecisionTrace::of(&entries);
+        let called: BTreeSet<String> = trace
+            .calls
             .iter()
-            .filter_map(|e| match &e.body {
-                EntryBody::ToolCallRequested(call) => Some(&call.tool),
-                _ => None,
-            })
+            .map(|call| &call.tool)
             .filter(|tool| tools.iter().any(|t| &t.name == *tool))
             .cloned()
             .collect();
@@ -1447,6 +1474,10 @@ async fn policy_sample<S: RecordStore>(
             without_calls += 1;
             continue;
         }
+        let hit_budget = trace
+            .calls
+            .iter()
+            .any(|call| crate::policy::decide::is_budget_refusal(call.effect, &call.rule));
         let shapes: Vec<(&str, &str, &str)> = tools
             .iter()
             .map(|t| (t.name.as_str(), t.risk.as_str(), t.kind.as_str()))
@@ -1454,89 +1485,104 @@ async fn policy_sample<S: RecordStore>(
         let key = super::bundle::spec_digest(&(&bundle.policies, shapes));
         let change = match changes.get(&key) {
             Some(change) => change.clone(),
-            None => {
-                let under = bundle
-                    .policies_under(candidate)
-                    .map_err(|source| ReplayError::Candidate {
-                        run_id: run.run_id.clone(),
-                        source,
-                    });
-                let under = match under {
-                    Ok(under) => under,
-                    Err(e) => {
-                        skipped.push(e.to_string());
-                        continue;
-                    }
-                };
-                let change = Arc::new(PolicyChange::between(&bundle.policies, &under, &tools));
-                changes.insert(key, change.clone());
-                change
-            }
+            None => match bundle.policies_under(candidate) {
+                Ok(under) => {
+                    let change = Arc::new(PolicyChange::between(&bundle.policies, &under, &tools));
+                    changes.insert(key, change.clone());
+                    change
+                }
+                Err(e) => {
+                    *not_applying.entry(e.to_string()).or_default() += 1;
+                    continue;
+                }
+            },
         };
-        read.push(Exercise { run, called, change });
+        read.push(Exercise {
+            run,
+            called,
+            hit_budget,
+            change,
+        });
     }
-    let decides_nothing = read.first().is_some_and(|r| r.change.is_empty());
+    let decides_nothing = !read.is_empty() && read.iter().all(|r| r.change.is_empty());
     let choice = policy_change::choose(read, wanted);
-    if without_calls > 0 {
-        skipped.push(format!(
-            "{without_calls} run(s) made no tool call: a Policy cannot change them, so they take no place in the sample"
-        ));
-    }
-    if choice.unexercised > 0 {
-        skipped.push(format!(
-            "{} run(s) call no tool whose rules the candidate changes: it decides them as recorded, so they take no place in the sample",
-            choice.unexercised
-        ));
+    let mut skipped: Vec<String> = not_applying
+        .into_iter()
+        .map(|(why, runs)| format!("{runs} run(s) not replayed: {why}"))
+        .collect();
+    for (count, why) in [
+        (running, "still running"),
+        (
+            without_calls,
+            "made no tool call: a Policy cannot change them, so they take no place in the sample",
+        ),
+        (
+            choice.unexercised,
+            "call no tool whose rules the candidate changes: it decides them as recorded, so they take no place in the sample",
+        ),
+        (
+            erased,
+            "are about subjects erased since: they show nothing of the change, so they take no place in the sample",
+        ),
+    ] {
+        if count > 0 {
+            skipped.push(format!("{count} run(s) {why}"));
+        }
     }
     if decides_nothing {
         skipped.push(
-            "the candidate decides no call differently from the policies the newest run ran under (what it changes decides nothing, such as a rule's reason): it is judged on the newest runs that made calls"
+            "the candidate decides no call differently from the policies the runs ran under (what it changes decides nothing, such as a rule's reason): it is judged on the newest runs that made calls"
                 .to_owned(),
         );
     }
-    let names = |tools: &[&str]| {
-        tools
+    Ok(PolicySample {
+        judged: choice.judged,
+        skipped,
+        unseen: unseen_reason(&choice.unseen, choice.budget_unseen, wanted, examined),
+    })
+}
+
+/// Why a Policy gate fails whatever its judged runs show (see [`policy_change::Choice`]).
+fn unseen_reason(
+    unseen: &[(String, bool)],
+    budget_unseen: Option<bool>,
+    wanted: usize,
+    examined: usize,
+) -> Option<String> {
+    let names = |seen: bool| -> Vec<String> {
+        unseen
             .iter()
-            .map(|t| crate::text::for_terminal(t))
-            .collect::<Vec<_>>()
-            .join(", ")
+            .filter(|(_, s)| *s == seen)
+            .map(|(tool, _)| crate::text::for_terminal(tool).into_owned())
+            .collect()
     };
-    let never: Vec<&str> = choice
-        .unseen
-        .iter()
-        .filter(|(_, seen)| !seen)
-        .map(|(t, _)| t.as_str())
-        .collect();
-    let crowded: Vec<&str> = choice
-        .unseen
-        .iter()
-        .filter(|(_, seen)| *seen)
-        .map(|(t, _)| t.as_str())
-        .collect();
-    let unseen = if !never.is_empty() {
+    let (never, crowded) = (names(false), names(true));
+    let them = |tools: &[String]| if tools.len() == 1 { "it" } else { "them" };
+    if !never.is_empty() {
         Some(format!(
             "the candidate may decide calls of {} more leniently than the policies the runs ran under, and none of the newest {examined} runs of the window calls {}: replay cannot judge that; widen the window (windowHours), or have an approver promote without replay",
-            names(&never),
-            if never.len() == 1 { "it" } else { "them" }
+            never.join(", "),
+            them(&never)
         ))
     } else if !crowded.is_empty() {
         Some(format!(
             "the candidate may decide calls of {} more leniently than the policies the runs ran under, and the sample of {wanted} has no place left for a run that calls {}: raise the sample size (sampleSize, or --sample)",
-            names(&crowded),
-            if crowded.len() == 1 { "it" } else { "them" }
-        ))
-    } else if choice.budget_unseen {
-        Some(format!(
-            "the candidate raises or removes a tool-call budget, and none of the newest {examined} runs of the window made a call it counts: replay cannot judge that; widen the window (windowHours), or have an approver promote without replay"
+            crowded.join(", "),
+            them(&crowded)
         ))
     } else {
-        None
-    };
-    Ok(PolicySample {
-        judged: choice.judged,
-        skipped,
-        unseen,
-    })
+        budget_unseen.map(|seen| {
+            if seen {
+                format!(
+                    "the candidate raises or removes a tool-call budget, and the sample of {wanted} has no place left for a run a budget refused: raise the sample size (sampleSize, or --sample)"
+                )
+            } else {
+                format!(
+                    "the candidate raises or removes a tool-call budget, and no budget refused a call in the newest {examined} runs of the window: replay cannot judge that; widen the window (windowHours), or have an approver promote without replay"
+                )
+            }
+        })
+    }
 }
 
 /// How replays are judged: the threshold, and what a proposal means to change (see

@@ -275,7 +275,7 @@ impl PolicySet {
 
 /// The limits of a Policy's `budget` a call can run into, as its refusal's rule names them
 /// (`<policy>/budget.<limit>`).
-const BUDGET_LIMITS: [&str; 3] = ["maxCalls", "maxCallsPerTool", "maxDestructiveCalls"];
+pub(crate) const BUDGET_LIMITS: [&str; 3] = ["maxCalls", "maxCallsPerTool", "maxDestructiveCalls"];
 
 /// Whether `rule` is a Policy's budget refusing a call (not a rule a tenant named alike).
 pub fn is_budget_refusal(effect: PolicyEffect, rule: &str) -> bool {

@@ -22,7 +22,10 @@ use contextos_crds::{
     policy::{PolicyEffect, PolicyMode, PolicyRule, PolicySpec, ToolCallBudget},
 };
 
-use crate::{gateway::bundle::NamedPolicy, policy::compile::compile_policy};
+use crate::{
+    gateway::bundle::NamedPolicy,
+    policy::{compile::compile_policy, decide::BUDGET_LIMITS},
+};
 
 /// How a change reaches the calls of one tool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -50,6 +53,9 @@ pub struct PolicyChange {
     tools: BTreeMap<String, Reach>,
     /// A budget changed: it counts every call, so every call is reached.
     budget: Option<Reach>,
+    /// The budget limits raised or removed, as a refusal by them is recorded
+    /// (`<policy>/budget.<limit>`): only a run one of them refused shows the change.
+    loosened_limits: BTreeSet<String>,
 }
 
 impl PolicyChange {
@@ -57,6 +63,9 @@ impl PolicyChange {
     /// either side was added or removed) changes for the Agent's `tools`.
     pub fn between(pinned: &[NamedPolicy], candidate: &[NamedPolicy], tools: &[ToolShape]) -> Self {
         let mut change = Self::default();
+        // What every decision's variables are built from, over the policies that changed (the
+        // others are the same on both sides).
+        let (mut reads_before, mut reads_after) = ((0u8, false), (0u8, false));
         let names: BTreeSet<&str> = pinned.iter().chain(candidate).map(|p| p.name.as_str()).collect();
         let find = |list: &'_ [NamedPolicy], name: &str| {
             list.iter().find(|p| p.name == name).map(|p| p.spec.clone())
@@ -67,17 +76,43 @@ impl PolicyChange {
                 continue;
             }
             let (old, new) = (Shape::of(name, old.as_ref()), Shape::of(name, new.as_ref()));
-            if let Some(reach) = budget_reach(&old, &new) {
+            let (changed, loosened) = budget_change(&old, &new);
+            if changed {
+                let reach = if loosened.is_empty() {
+                    Reach::Tightens
+                } else {
+                    Reach::MayLoosen
+                };
                 change.budget = change.budget.max(Some(reach));
+            }
+            change
+                .loosened_limits
+                .extend(loosened.into_iter().map(|limit| format!("{name}/budget.{limit}")));
+            for (reads, shape) in [(&mut reads_before, &old), (&mut reads_after, &new)] {
+                let (variables, loops) = shape.reads();
+                *reads = (reads.0 | variables, reads.1 || loops);
             }
             for tool in tools {
                 if let Some(reach) = old.reach_to(&new, &tool.name, tool.risk, tool.kind) {
-                    let entry = change.tools.entry(tool.name.clone()).or_insert(reach);
-                    *entry = (*entry).max(reach);
+                    change.reach(&tool.name, reach);
                 }
             }
         }
+        // Conditions of every policy share what a decision reads: which variables are built
+        // (whether a call's entities are found at all) and whether their size is measured for
+        // a looping condition's bound. A change to that, even by a rule no call reaches, may
+        // decide any call differently.
+        if reads_before != reads_after {
+            for tool in tools {
+                change.reach(&tool.name, Reach::MayLoosen);
+            }
+        }
         change
+    }
+
+    fn reach(&mut self, tool: &str, reach: Reach) {
+        let entry = self.tools.entry(tool.to_owned()).or_insert(reach);
+        *entry = (*entry).max(reach);
     }
 
     /// Whether the change can decide a call of the Agent's tool `tool` differently.
@@ -107,7 +142,13 @@ impl PolicyChange {
 
     /// Whether a budget limit was raised or removed (every call may then be allowed more often).
     pub fn loosens_a_budget(&self) -> bool {
-        self.budget == Some(Reach::MayLoosen)
+        !self.loosened_limits.is_empty()
+    }
+
+    /// Whether `rule`, as a recorded decision names it, is a budget limit the change raised
+    /// or removed.
+    pub fn loosens_limit(&self, rule: &str) -> bool {
+        self.loosened_limits.contains(rule)
     }
 }
 
@@ -122,6 +163,9 @@ struct Decides {
     default_effect: PolicyEffect,
     budget: Option<ToolCallBudget>,
     rules: Vec<Matching>,
+    /// The variables its conditions read, and whether one loops (all, and yes, if it does not
+    /// compile).
+    reads: (u8, bool),
 }
 
 /// A rule as it decides a call it matches: its name, condition, effect and approvers (its
@@ -136,6 +180,9 @@ impl Shape {
     fn of(name: &str, spec: Option<&PolicySpec>) -> Self {
         let policy = spec.map(|spec| {
             let compiled = compile_policy(name, spec).ok();
+            let reads = compiled
+                .as_ref()
+                .map_or((u8::MAX, true), |c| (c.condition_variables, c.condition_loops));
             let mut matchers = compiled.map(|c| c.rules.into_iter().map(Some).collect::<Vec<_>>());
             let rules = spec
                 .rules
@@ -157,9 +204,15 @@ impl Shape {
                 default_effect: spec.default_effect,
                 budget: spec.budget.clone(),
                 rules,
+                reads,
             }
         });
         Self { policy }
+    }
+
+    /// What its conditions read (see [`Decides::reads`]); nothing if it is absent.
+    fn reads(&self) -> (u8, bool) {
+        self.policy.as_ref().map_or((0, false), |p| p.reads)
     }
 
     /// How replacing this policy by `new` reaches calls of a tool (`None`: not at all; its
@@ -277,41 +330,30 @@ fn at_least_as_strict(old: &PolicyRule, new: &PolicyRule) -> bool {
     old.name == new.name && old.condition == new.condition && (old == new || new.effect == PolicyEffect::Deny)
 }
 
-/// How a change of budgets reaches calls (`None`: the budget is the same).
-fn budget_reach(old: &Shape, new: &Shape) -> Option<Reach> {
-    let budget = |shape: &Shape| shape.policy.as_ref().and_then(|p| p.budget.clone());
-    let enforced = |shape: &Shape| {
-        shape
-            .policy
-            .as_ref()
-            .is_some_and(|p| p.mode == PolicyMode::Enforce)
+/// Whether a policy's enforced budget changed, and which of its limits were raised or removed
+/// (no limit is the loosest; a budget that is not enforced limits nothing).
+fn budget_change(old: &Shape, new: &Shape) -> (bool, Vec<&'static str>) {
+    let limits = |shape: &Shape| -> [Option<u32>; 3] {
+        match shape.policy.as_ref() {
+            Some(p) if p.mode == PolicyMode::Enforce => {
+                let b = p.budget.clone().unwrap_or_default();
+                [b.max_calls, b.max_calls_per_tool, b.max_destructive_calls]
+            }
+            _ => [None; 3],
+        }
     };
-    let (before, after) = (budget(old), budget(new));
-    if before == after && enforced(old) == enforced(new) {
-        return None;
-    }
-    if !enforced(new) {
-        // Not enforced any more (or never): an enforced budget given up may loosen.
-        return (enforced(old) && before.is_some()).then_some(Reach::MayLoosen);
-    }
-    let before = if enforced(old) { before } else { None };
-    // Each limit at most what it was (no limit is the loosest).
-    let within = |new: Option<u32>, old: Option<u32>| match (new, old) {
-        (_, None) => true,
-        (Some(n), Some(o)) => n <= o,
-        (None, Some(_)) => false,
-    };
-    let (a, b) = (after.unwrap_or_default(), before.unwrap_or_default());
-    Some(
-        if within(a.max_calls, b.max_calls)
-            && within(a.max_calls_per_tool, b.max_calls_per_tool)
-            && within(a.max_destructive_calls, b.max_destructive_calls)
-        {
-            Reach::Tightens
-        } else {
-            Reach::MayLoosen
-        },
-    )
+    let (before, after) = (limits(old), limits(new));
+    let loosened = BUDGET_LIMITS
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (old, new))| match (old, new) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(o), Some(n)) => n > o,
+        })
+        .map(|(name, _)| *name)
+        .collect();
+    (before != after, loosened)
 }
 
 /// A run a Policy gate could judge: the tools it called, and what the change reaches in it.
@@ -320,7 +362,8 @@ pub struct Exercise<R> {
     pub run: R,
     /// The Agent's tools its recorded calls named.
     pub called: BTreeSet<String>,
-    /// Whether a budget refused one of its calls (only such a run shows a budget raised).
+    /// Whether a budget limit the change raises or removed refused one of its calls (only
+    /// such a run shows it).
     pub hit_budget: bool,
     pub change: std::sync::Arc<PolicyChange>,
 }
@@ -376,21 +419,31 @@ pub fn choose<R>(runs: Vec<Exercise<R>>, wanted: usize) -> Choice<R> {
     let unexercised = total - exercising.len();
     let mut take = vec![false; exercising.len()];
     let mut places = wanted;
-    // The newest run showing each thing the change may open, unless one taken shows it.
-    let mut cover = |shows: &dyn Fn(&Exercise<R>) -> bool, take: &mut Vec<bool>| {
-        if places == 0 || exercising.iter().zip(take.iter()).any(|(r, t)| *t && shows(r)) {
-            return;
-        }
-        if let Some(i) = exercising.iter().position(shows) {
-            take[i] = true;
-            places -= 1;
-        }
-    };
-    for tool in &loosened {
-        cover(&|r| r.calls_loosened(tool), &mut take);
-    }
+    // What the sample must show: each loosened tool called, a raised budget run into. Runs are
+    // taken while places last, each time the one showing most of what no run taken shows yet
+    // (the newest of those), so a run calling several loosened tools saves places.
+    let mut wants: Vec<Option<&str>> = loosened.iter().map(|t| Some(t.as_str())).collect();
     if budget_loosened {
-        cover(&|r| r.hit_budget, &mut take);
+        wants.push(None);
+    }
+    let shows = |run: &Exercise<R>, want: &Option<&str>| match want {
+        Some(tool) => run.calls_loosened(tool),
+        None => run.hit_budget,
+    };
+    while places > 0 {
+        wants.retain(|want| !exercising.iter().zip(&take).any(|(r, t)| *t && shows(r, want)));
+        let best = exercising
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !take[*i])
+            .map(|(i, r)| (wants.iter().filter(|w| shows(r, w)).count(), i))
+            .filter(|(shown, _)| *shown > 0)
+            .max_by_key(|(shown, i)| (*shown, std::cmp::Reverse(*i)));
+        let Some((_, i)) = best else {
+            break;
+        };
+        take[i] = true;
+        places -= 1;
     }
     for flag in take.iter_mut() {
         if places == 0 {
@@ -671,6 +724,8 @@ mod tests {
             ..ToolCallBudget::default()
         });
         let change = Arc::new(PolicyChange::between(&[limited], &[raised], &tools()));
+        assert!(change.loosens_limit("guardrails/budget.maxDestructiveCalls"));
+        assert!(!change.loosens_limit("guardrails/budget.maxCalls"));
         let mut refused = exercise("refused", &["restart"], &change);
         refused.hit_budget = true;
         let runs = vec![
@@ -683,6 +738,34 @@ mod tests {
         assert_eq!(choice.budget_unseen, None);
         let runs = vec![exercise("read-0", &["search"], &change)];
         assert_eq!(choose(runs, 2).budget_unseen, Some(false));
+    }
+
+    #[test]
+    fn one_run_showing_several_loosened_tools_saves_places() {
+        let mut after = base();
+        after[0].effect = PolicyEffect::Allow;
+        after[2].effect = PolicyEffect::Allow;
+        let change = Arc::new(changed(after));
+        let runs = vec![
+            exercise("deleted", &["delete_namespace"], &change),
+            exercise("both", &["delete_namespace", "restart"], &change),
+        ];
+        let choice = choose(runs, 1);
+        assert_eq!(choice.judged, ["both"]);
+        assert!(choice.unseen.is_empty(), "{:?}", choice.unseen);
+    }
+
+    #[test]
+    fn a_rule_no_call_reaches_that_changes_what_decisions_read_reaches_every_tool() {
+        let mut hidden = base();
+        hidden.push(PolicyRule {
+            condition: Some("run.toolCalls > 3".into()),
+            ..rule("late", &["search"], PolicyEffect::Deny)
+        });
+        // `reads` decides every call of search first: `late` is never read, yet a policy that
+        // reads `run` has every decision build it (and measure it for a looping condition).
+        let change = PolicyChange::between(&[policy(hidden)], &[policy(base())], &tools());
+        assert_eq!(change.may_loosen().len(), 4, "{change:?}");
     }
 
     #[test]

@@ -644,18 +644,7 @@ pub async fn replay_run_as<S: RecordStore>(
         .map(|(_, e)| e)
         .collect();
     let original = RecordedRun::read(store, tenant, run_id, &entries).await?;
-    let erased = match entries.first().and_then(|e| e.vaulted.as_ref()) {
-        Some(subject) => store
-            .run_key(tenant, run_id, subject, crate::vault::KeyUse::Read)
-            .await
-            .map_err(|e| ReplayError::Unreadable {
-                run_id: run_id.to_owned(),
-                problem: e.to_string(),
-            })?
-            .is_none()
-            .then(|| subject.clone()),
-        None => None,
-    };
+    let erased = erased_subject(store, tenant, run_id, &entries).await?;
     let mut bundle = original
         .bundle
         .clone()
@@ -926,6 +915,54 @@ impl RecordedRun {
             offered,
         }
     }
+}
+
+/// The subject a run is about, if it was erased since (its key is gone: the run can be replayed
+/// with its values erased, never judged).
+async fn erased_subject<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    run_id: &str,
+    entries: &[RecordEntry],
+) -> Result<Option<crate::consent::SubjectHandle>, ReplayError> {
+    let Some(subject) = entries.first().and_then(|e| e.vaulted.as_ref()) else {
+        return Ok(None);
+    };
+    let key = store
+        .run_key(tenant, run_id, subject, crate::vault::KeyUse::Read)
+        .await
+        .map_err(|e| ReplayError::Unreadable {
+            run_id: run_id.to_owned(),
+            problem: e.to_string(),
+        })?;
+    Ok(key.is_none().then(|| subject.clone()))
+}
+
+/// Whether a listed run is one a replay of `agents` and `labels` takes.
+enum Selected {
+    Yes,
+    No,
+    /// Not finished: nothing final to compare.
+    Running,
+}
+
+async fn selected<S: RecordStore>(
+    store: &S,
+    tenant: &TenantId,
+    run: &RunSummary,
+    agents: &[String],
+    labels: &BTreeMap<String, String>,
+) -> Result<Selected, ReplayError> {
+    if !agents.is_empty() && !agents.contains(&run.agent) {
+        return Ok(Selected::No);
+    }
+    if run.outcome == "running" {
+        return Ok(Selected::Running);
+    }
+    if !labels.is_empty() && !session_matches(store, tenant, &run.run_id, labels).await? {
+        return Ok(Selected::No);
+    }
+    Ok(Selected::Yes)
 }
 
 /// The steps with a divergence that counts.
@@ -1283,7 +1320,7 @@ pub async fn replay_runs<S: RecordStore>(
             labels,
             candidate,
             wanted,
-            examined,
+            (examined, examined_all),
         )
         .await?;
         skipped.extend(sample.skipped);
@@ -1297,15 +1334,13 @@ pub async fn replay_runs<S: RecordStore>(
             break;
         }
         if !chosen {
-            if !agents.is_empty() && !agents.contains(&run.agent) {
-                continue;
-            }
-            if run.outcome == "running" {
-                skipped.push(format!("run {} is still running", run.run_id));
-                continue;
-            }
-            if !labels.is_empty() && !session_matches(store, tenant, &run.run_id, labels).await? {
-                continue;
+            match selected(store, tenant, &run, agents, labels).await? {
+                Selected::Yes => {}
+                Selected::No => continue,
+                Selected::Running => {
+                    skipped.push(format!("run {} is still running", run.run_id));
+                    continue;
+                }
             }
         }
         match replay_run_as(
@@ -1317,6 +1352,15 @@ pub async fn replay_runs<S: RecordStore>(
         )
         .await
         {
+            // Chosen for what it shows of a Policy change, a run whose subject was erased since
+            // shows nothing: the sample no longer holds what it was chosen to hold.
+            Ok(replay) if chosen && replay.erased.is_some() => {
+                stopped = Some(format!(
+                    "run {} was chosen to judge the change, and its subject was erased while the replay ran; replay again",
+                    replay.run_id
+                ));
+                break;
+            }
             Ok(mut replay) => {
                 if let Some(calls) = judging.intended.get(&replay.run_id) {
                     replay.mark_intended(calls);
@@ -1401,7 +1445,7 @@ async fn policy_sample<S: RecordStore>(
     labels: &BTreeMap<String, String>,
     candidate: &Candidate,
     wanted: usize,
-    examined: usize,
+    (examined, examined_all): (usize, bool),
 ) -> Result<PolicySample, ReplayError> {
     let mut running = 0usize;
     let mut without_calls = 0usize;
@@ -1412,15 +1456,13 @@ async fn policy_sample<S: RecordStore>(
     // Runs pinned to the same policies and tools share what the change reaches.
     let mut changes: HashMap<String, Arc<PolicyChange>> = HashMap::new();
     for run in runs {
-        if !agents.is_empty() && !agents.contains(&run.agent) {
-            continue;
-        }
-        if run.outcome == "running" {
-            running += 1;
-            continue;
-        }
-        if !labels.is_empty() && !session_matches(store, tenant, &run.run_id, labels).await? {
-            continue;
+        match selected(store, tenant, &run, agents, labels).await? {
+            Selected::Yes => {}
+            Selected::No => continue,
+            Selected::Running => {
+                running += 1;
+                continue;
+            }
         }
         let entries: Vec<RecordEntry> = read_run(store, tenant, &run.run_id)
             .await?
@@ -1438,15 +1480,9 @@ async fn policy_sample<S: RecordStore>(
             Err(e) => return Err(e),
         };
         // A run about a subject erased since is replayed but never judged: it shows nothing.
-        if let Some(subject) = entries.first().and_then(|e| e.vaulted.as_ref())
-            && store
-                .run_key(tenant, &run.run_id, subject, crate::vault::KeyUse::Read)
-                .await
-                .map_err(|e| ReplayError::Unreadable {
-                    run_id: run.run_id.clone(),
-                    problem: e.to_string(),
-                })?
-                .is_none()
+        if erased_subject(store, tenant, &run.run_id, &entries)
+            .await?
+            .is_some()
         {
             erased += 1;
             continue;
@@ -1474,10 +1510,6 @@ async fn policy_sample<S: RecordStore>(
             without_calls += 1;
             continue;
         }
-        let hit_budget = trace
-            .calls
-            .iter()
-            .any(|call| crate::policy::decide::is_budget_refusal(call.effect, &call.rule));
         let shapes: Vec<(&str, &str, &str)> = tools
             .iter()
             .map(|t| (t.name.as_str(), t.risk.as_str(), t.kind.as_str()))
@@ -1497,6 +1529,10 @@ async fn policy_sample<S: RecordStore>(
                 }
             },
         };
+        let hit_budget = trace.calls.iter().any(|call| {
+            crate::policy::decide::is_budget_refusal(call.effect, &call.rule)
+                && change.loosens_limit(&call.rule)
+        });
         read.push(Exercise {
             run,
             called,
@@ -1538,7 +1574,12 @@ async fn policy_sample<S: RecordStore>(
     Ok(PolicySample {
         judged: choice.judged,
         skipped,
-        unseen: unseen_reason(&choice.unseen, choice.budget_unseen, wanted, examined),
+        unseen: unseen_reason(
+            &choice.unseen,
+            choice.budget_unseen,
+            wanted,
+            (examined, examined_all),
+        ),
     })
 }
 
@@ -1547,8 +1588,14 @@ fn unseen_reason(
     unseen: &[(String, bool)],
     budget_unseen: Option<bool>,
     wanted: usize,
-    examined: usize,
+    (examined, examined_all): (usize, bool),
 ) -> Option<String> {
+    // Where the window held more than was read, a wider one would be read no further.
+    let more = if examined_all {
+        "widen the window (windowHours)"
+    } else {
+        "read more of the window (contextos replay --examine)"
+    };
     let names = |seen: bool| -> Vec<String> {
         unseen
             .iter()
@@ -1560,7 +1607,7 @@ fn unseen_reason(
     let them = |tools: &[String]| if tools.len() == 1 { "it" } else { "them" };
     if !never.is_empty() {
         Some(format!(
-            "the candidate may decide calls of {} more leniently than the policies the runs ran under, and none of the newest {examined} runs of the window calls {}: replay cannot judge that; widen the window (windowHours), or have an approver promote without replay",
+            "the candidate may decide calls of {} more leniently than the policies the runs ran under, and none of the newest {examined} runs of the window calls {}: replay cannot judge that; {more}, or have an approver promote without replay",
             never.join(", "),
             them(&never)
         ))
@@ -1574,11 +1621,11 @@ fn unseen_reason(
         budget_unseen.map(|seen| {
             if seen {
                 format!(
-                    "the candidate raises or removes a tool-call budget, and the sample of {wanted} has no place left for a run a budget refused: raise the sample size (sampleSize, or --sample)"
+                    "the candidate raises or removes a tool-call budget, and the sample of {wanted} has no place left for a run that ran into a limit it raises: raise the sample size (sampleSize, or --sample)"
                 )
             } else {
                 format!(
-                    "the candidate raises or removes a tool-call budget, and no budget refused a call in the newest {examined} runs of the window: replay cannot judge that; widen the window (windowHours), or have an approver promote without replay"
+                    "the candidate raises or removes a tool-call budget, and none of the newest {examined} runs of the window ran into a limit it raises: replay cannot judge that; {more}, or have an approver promote without replay"
                 )
             }
         })

@@ -30,8 +30,9 @@ use crate::{
 /// How a change reaches the calls of one tool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reach {
-    /// Calls are decided at least as strictly as before: only deny rules were added, a default
-    /// or a budget made stricter, a dryRun policy changed or made to enforce.
+    /// Calls are decided at least as strictly as before: only deny rules were added, rules or a
+    /// default made to deny, a budget lowered, a dryRun policy changed, or a policy that asks
+    /// for no approval added or made to enforce.
     Tightens,
     /// Some call may be decided more leniently (or the change cannot be read as tightening).
     MayLoosen,
@@ -64,7 +65,8 @@ impl PolicyChange {
     pub fn between(pinned: &[NamedPolicy], candidate: &[NamedPolicy], tools: &[ToolShape]) -> Self {
         let mut change = Self::default();
         // What every decision's variables are built from, over the policies that changed (the
-        // others are the same on both sides).
+        // others are the same on both sides; one of them may read the same, so a difference
+        // here may be none over all, which only errs towards judging more).
         let (mut reads_before, mut reads_after) = ((0u8, false), (0u8, false));
         let names: BTreeSet<&str> = pinned.iter().chain(candidate).map(|p| p.name.as_str()).collect();
         let find = |list: &'_ [NamedPolicy], name: &str| {
@@ -388,14 +390,15 @@ pub struct Choice<R> {
     pub unexercised: usize,
     /// Tools the change may loosen that no judged run calls, and whether some run read did.
     pub unseen: Vec<(String, bool)>,
-    /// A budget was loosened and no judged run ran into one; `Some(true)` if a run read did.
+    /// A budget limit was raised and no judged run ran into one it raises; `Some(true)` if a
+    /// run read did.
     pub budget_unseen: Option<bool>,
 }
 
 /// Chooses the sample of a Policy gate from `runs` (newest first): only runs that call a tool
-/// the change reaches — first, for each tool the change may loosen, the newest run calling it
-/// (and for a budget it raises, the newest run a budget refused) — then the newest others, at
-/// most `wanted`. Each run is read against the policies it pinned, so what the change may
+/// the change reaches — first runs that show what the change may loosen (a loosened tool
+/// called, a raised budget limit run into), each time the one showing most of what is not yet
+/// shown — then the newest others, at most `wanted`. Each run is read against the policies it pinned, so what the change may
 /// loosen is the union over them (runs of several Agents, or of several revisions). A change
 /// that decides nothing differently for any run (a rule's reason edited) is judged on the
 /// newest runs, as any other candidate is: there is nothing to prefer, and nothing to miss.
@@ -423,27 +426,39 @@ pub fn choose<R>(runs: Vec<Exercise<R>>, wanted: usize) -> Choice<R> {
     // taken while places last, each time the one showing most of what no run taken shows yet
     // (the newest of those), so a run calling several loosened tools saves places.
     let mut wants: Vec<Option<&str>> = loosened.iter().map(|t| Some(t.as_str())).collect();
+    // (`None`: a raised budget limit run into.)
     if budget_loosened {
         wants.push(None);
     }
-    let shows = |run: &Exercise<R>, want: &Option<&str>| match want {
-        Some(tool) => run.calls_loosened(tool),
-        None => run.hit_budget,
-    };
+    // Per run, which of `wants` it shows (read once: a gate may hold thousands of runs).
+    let shown: Vec<Vec<usize>> = exercising
+        .iter()
+        .map(|run| {
+            (0..wants.len())
+                .filter(|w| match wants[*w] {
+                    Some(tool) => run.calls_loosened(tool),
+                    None => run.hit_budget,
+                })
+                .collect()
+        })
+        .collect();
+    let mut covered = vec![false; wants.len()];
     while places > 0 {
-        wants.retain(|want| !exercising.iter().zip(&take).any(|(r, t)| *t && shows(r, want)));
-        let best = exercising
+        let best = shown
             .iter()
             .enumerate()
             .filter(|(i, _)| !take[*i])
-            .map(|(i, r)| (wants.iter().filter(|w| shows(r, w)).count(), i))
-            .filter(|(shown, _)| *shown > 0)
-            .max_by_key(|(shown, i)| (*shown, std::cmp::Reverse(*i)));
+            .map(|(i, shows)| (shows.iter().filter(|w| !covered[**w]).count(), i))
+            .filter(|(count, _)| *count > 0)
+            .max_by_key(|(count, i)| (*count, std::cmp::Reverse(*i)));
         let Some((_, i)) = best else {
             break;
         };
         take[i] = true;
         places -= 1;
+        for w in &shown[i] {
+            covered[*w] = true;
+        }
     }
     for flag in take.iter_mut() {
         if places == 0 {

@@ -393,6 +393,8 @@ pub struct Choice<R> {
     /// A budget limit was raised and no judged run ran into one it raises; `Some(true)` if a
     /// run read did.
     pub budget_unseen: Option<bool>,
+    /// The change decides no call of any run read differently: the newest runs were taken.
+    pub decides_nothing: bool,
 }
 
 /// Chooses the sample of a Policy gate from `runs` (newest first): only runs that call a tool
@@ -404,11 +406,13 @@ pub struct Choice<R> {
 /// newest runs, as any other candidate is: there is nothing to prefer, and nothing to miss.
 pub fn choose<R>(runs: Vec<Exercise<R>>, wanted: usize) -> Choice<R> {
     if runs.iter().all(|r| r.change.is_empty()) {
+        let decides_nothing = !runs.is_empty();
         return Choice {
             judged: runs.into_iter().take(wanted).map(|r| r.run).collect(),
             unexercised: 0,
             unseen: Vec::new(),
             budget_unseen: None,
+            decides_nothing,
         };
     }
     let loosened: BTreeSet<String> = runs
@@ -491,6 +495,7 @@ pub fn choose<R>(runs: Vec<Exercise<R>>, wanted: usize) -> Choice<R> {
         unexercised,
         unseen,
         budget_unseen,
+        decides_nothing: false,
     }
 }
 

@@ -1540,7 +1540,6 @@ async fn policy_sample<S: RecordStore>(
             change,
         });
     }
-    let decides_nothing = !read.is_empty() && read.iter().all(|r| r.change.is_empty());
     let choice = policy_change::choose(read, wanted);
     let mut skipped: Vec<String> = not_applying
         .into_iter()
@@ -1565,7 +1564,7 @@ async fn policy_sample<S: RecordStore>(
             skipped.push(format!("{count} run(s) {why}"));
         }
     }
-    if decides_nothing {
+    if choice.decides_nothing {
         skipped.push(
             "the candidate decides no call differently from the policies the runs ran under (what it changes decides nothing, such as a rule's reason): it is judged on the newest runs that made calls"
                 .to_owned(),

@@ -1746,6 +1746,71 @@ async fn a_long_run_is_read_back_whole_a_page_at_a_time() {
     assert_eq!(page.len(), CHAIN_PAGE);
 }
 
+/// A listing longer than one answer of the service holds (10,000 runs) is read a page at a
+/// time, whole: what a person lists, verifies (`records verify --all`) or reports on through
+/// the gateway is the store's own listing — never one cut where the service stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_listing_is_read_whole_a_page_at_a_time() {
+    use contextos_runner::records::{
+        RunFilter, RunStart,
+        store::remote::{Credential, RUNS_PAGE, RemoteStore},
+    };
+    let rig = rig().await;
+    let tenant = rig.tenant();
+    let count = 10_300;
+    for i in 0..count {
+        let start = RunStart {
+            run_id: format!("many-{i:05}"),
+            session_id: format!("many-{i}"),
+            agent: if i % 4 == 0 {
+                "triage".into()
+            } else {
+                rig.bundle.agent.clone()
+            },
+            run_context: serde_json::json!({}),
+            pinned: rig.bundle.pinned(),
+            bundle: None,
+        };
+        let mut recorder = Recorder::begin(&*rig.store, tenant.clone(), transit(), start).expect("recorder");
+        recorder.stage(EntryBody::Checkpoint {
+            step: 0,
+            state: serde_json::json!({}),
+        });
+        recorder.flush().await.expect("written");
+    }
+    let auditor = RemoteStore::new(
+        &rig.url,
+        TokenSource::Fixed("token-auditor".into()),
+        Credential::Reader {
+            namespace: "shop".into(),
+        },
+        "shop",
+    )
+    .expect("store");
+    let filters = [
+        RunFilter::default(),
+        RunFilter {
+            limit: Some(RUNS_PAGE + 17),
+            ..RunFilter::default()
+        },
+        RunFilter {
+            agent: Some("triage".into()),
+            ..RunFilter::default()
+        },
+    ];
+    for filter in &filters {
+        let own = rig.store.list_runs(&tenant, filter).await.expect("listed");
+        let through = auditor.list_runs(&tenant, filter).await.expect("listed");
+        assert_eq!(through.len(), own.len(), "{filter:?}");
+        assert!(through == own, "{filter:?}: the same runs in the same order");
+    }
+    let all = auditor
+        .list_runs(&tenant, &RunFilter::default())
+        .await
+        .expect("listed");
+    assert_eq!(all.len(), count);
+}
+
 /// A tenant's record key is published to anyone (it is public), the same answer each time, and
 /// none for ContextOS's own namespaces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -525,8 +525,9 @@ struct RunsQuery {
     limit: Option<usize>,
 }
 
-/// The most runs one listing returns.
-const MAX_LISTED_RUNS: usize = 10_000;
+// The most runs one listing answers; readers ask again for the runs after the last one
+// (`until_ms`), as `RemoteStore` does, a page at a time.
+use crate::records::store::remote::MAX_LISTED_RUNS;
 
 impl<S, A, T> GatewayService<S, A, T>
 where

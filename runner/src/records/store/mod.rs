@@ -11,6 +11,7 @@ pub mod embedded;
 #[cfg(feature = "tikv")]
 pub mod pd_stores;
 pub mod remote;
+mod run_pages;
 pub mod scratch;
 #[cfg(feature = "tikv")]
 pub mod tikv;

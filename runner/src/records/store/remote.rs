@@ -49,6 +49,11 @@ pub const CHAIN_PAGE: usize = 256;
 /// The most bytes of entries one chain read takes in (a run writes at most 256 MiB unless its
 /// gateway allows more): past it the answer is refused rather than held.
 const MAX_CHAIN_BYTES: usize = 1 << 30;
+/// Most runs one listing request asks the service for; a longer listing is read a page at a
+/// time (see `run_pages`).
+pub const RUNS_PAGE: usize = 1_000;
+/// Most runs the service answers one listing request with.
+pub const MAX_LISTED_RUNS: usize = 10_000;
 /// Attempts per request when the service cannot be reached (another replica may answer).
 const ATTEMPTS: u32 = 6;
 /// The longest a throttled request waits when the service says to (`Retry-After`) before it
@@ -257,6 +262,29 @@ impl RemoteStore {
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, RemoteError> {
         let (answer, _) = self.send(reqwest::Method::GET, path, None).await?;
         serde_json::from_slice(&answer).map_err(|e| RemoteError::Malformed(format!("{path}: {e}")))
+    }
+
+    /// One page of a listing: the runs the service answers for `filter`.
+    async fn list_runs_page(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
+        let mut query = Vec::new();
+        if let Some(agent) = &filter.agent {
+            query.push(format!("agent={}", q(agent)));
+        }
+        if let Some(session) = &filter.session_id {
+            query.push(format!("session={}", q(session)));
+        }
+        if let Some(since) = filter.since_ms {
+            query.push(format!("since_ms={since}"));
+        }
+        if let Some(until) = filter.until_ms {
+            query.push(format!("until_ms={until}"));
+        }
+        if let Some(limit) = filter.limit {
+            query.push(format!("limit={limit}"));
+        }
+        self.get_json(&self.path(&format!("/runs?{}", query.join("&"))))
+            .await
+            .map_err(|e| store_error(e, "-"))
     }
 
     fn path(&self, rest: &str) -> String {
@@ -635,25 +663,14 @@ impl RecordStore for RemoteStore {
 
     async fn list_runs(&self, tenant: &TenantId, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         self.check_tenant(tenant)?;
-        let mut query = Vec::new();
-        if let Some(agent) = &filter.agent {
-            query.push(format!("agent={}", q(agent)));
+        // The service answers at most so many runs a request; more are read a page at a time,
+        // so a listing is the store's whole answer, never one cut where the service stopped.
+        let mut pages = super::run_pages::RunPages::new(filter, RUNS_PAGE, MAX_LISTED_RUNS);
+        while let Some(request) = pages.next_request() {
+            let page = self.list_runs_page(&request).await?;
+            pages.take(page).map_err(StoreError::Backend)?;
         }
-        if let Some(session) = &filter.session_id {
-            query.push(format!("session={}", q(session)));
-        }
-        if let Some(since) = filter.since_ms {
-            query.push(format!("since_ms={since}"));
-        }
-        if let Some(until) = filter.until_ms {
-            query.push(format!("until_ms={until}"));
-        }
-        if let Some(limit) = filter.limit {
-            query.push(format!("limit={limit}"));
-        }
-        self.get_json(&self.path(&format!("/runs?{}", query.join("&"))))
-            .await
-            .map_err(|e| store_error(e, "-"))
+        Ok(pages.into_runs())
     }
 
     async fn put_blob(&self, tenant: &TenantId, bytes: Vec<u8>) -> Result<Hash, StoreError> {

@@ -18,7 +18,11 @@ use contextos_crds::{
     session::{Resolution, ResolvedOutcome},
 };
 use contextos_runner::{
-    gateway::{CallOutcome, CatalogTool, ToolGateway, envelope::CallEnvelope},
+    gateway::{
+        CallOutcome, CatalogTool, ToolGateway,
+        envelope::CallEnvelope,
+        session_watch::{Ends, SessionEnded, SessionWatch},
+    },
     keys::KeyPair,
     policy::{PolicySet, StateFacts, compile_policy},
     records::{
@@ -129,6 +133,8 @@ fn tools(base: &str) -> Vec<CatalogTool> {
         ("refund_stream", "stream", "ask", 10, ""),
         ("slow", "plain", "slow", 1, ""),
         ("slow_stream", "stream", "slow", 1, ""),
+        ("slow_long", "plain", "slow", 60, ""),
+        ("slow_long_stream", "stream", "slow", 60, ""),
         ("fail", "stream", "fail", 10, ""),
         ("chargeback", "plain", "chargeback", 10, ""),
         ("ceiling", "ceiling", "echo", 10, ""),
@@ -283,6 +289,8 @@ fn run_context(key: &KeyPair) -> SignedRunContext {
         "refund_stream",
         "slow",
         "slow_stream",
+        "slow_long",
+        "slow_long_stream",
         "fail",
         "chargeback",
         "ceiling",
@@ -612,6 +620,78 @@ async fn a_task_still_running_at_the_timeout_is_cancelled_with(sdk: Sdk) {
             "{sdk:?} {tool}: {methods:?}"
         );
     }
+}
+
+/// Says the run's Session ended (cancelled) once `0` has passed: the gateway service's watch
+/// reads the API server instead.
+#[derive(Debug)]
+struct EndsAfter(Duration);
+
+impl SessionWatch for EndsAfter {
+    fn ended(&self) -> Ends {
+        let after = self.0;
+        Box::pin(async move {
+            tokio::time::sleep(after).await;
+            SessionEnded::Cancelled
+        })
+    }
+}
+
+/// A task the gateway follows is cancelled as soon as the run's Session ends — in a cluster the
+/// runner pod is gone by then, and nothing else would stop the task before its tool's
+/// timeout (a minute here). The call ends failed, saying why, and that is what is recorded.
+#[tokio::test]
+async fn a_task_followed_when_its_session_ends_is_cancelled() {
+    for sdk in BOTH {
+        a_task_followed_when_its_session_ends_is_cancelled_with(sdk).await;
+    }
+}
+
+async fn a_task_followed_when_its_session_ends_is_cancelled_with(sdk: Sdk) {
+    let Some(mut h) = Harness::new(sdk) else { return };
+    h.gateway = gateway(&h.peer.base, &h.key)
+        .with_session_watch(std::sync::Arc::new(EndsAfter(Duration::from_millis(700))));
+    let mut rec = h.recorder().await;
+    for (call, tool, path) in [
+        ("1.0", "slow_long", "/plain/rpc"),
+        ("2.0", "slow_long_stream", "/stream/rpc"),
+    ] {
+        let started = std::time::Instant::now();
+        let result = executed(&h.handle(&mut rec, &h.envelope(call, tool, json!({}))).await).clone();
+        let error = result.error.clone().unwrap_or_default();
+        assert!(
+            !result.ok
+                && error.contains("the run's Session was cancelled")
+                && error.contains("was cancelled"),
+            "{sdk:?} {tool}: {result:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{sdk:?} {tool}: stopped when the Session ended, not at the timeout"
+        );
+        let methods = h.peer.methods(path).await;
+        assert_eq!(
+            methods.last().map(String::as_str),
+            Some("CancelTask"),
+            "{sdk:?} {tool}: {methods:?}"
+        );
+    }
+    let recorded: Vec<String> = h
+        .entries()
+        .await
+        .into_iter()
+        .filter_map(|entry| match entry.body {
+            EntryBody::ToolResult(result) => result.error,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert!(
+        recorded
+            .iter()
+            .all(|e| e.contains("the run's Session was cancelled")),
+        "{recorded:?}"
+    );
 }
 
 #[tokio::test]

@@ -121,6 +121,10 @@ struct RigOptions<'a> {
     turns: Option<usize>,
     /// What runner pods' discovery embeds with.
     embedder: Option<contextos_runner::discovery::embedding::Embedder>,
+    /// How often a followed remote task's Session is read.
+    session_polls: Option<std::time::Duration>,
+    /// How often a standing remote question's run and Session are read.
+    question_polls: Option<std::time::Duration>,
 }
 
 async fn rig_with_options(options: RigOptions<'_>) -> Rig {
@@ -132,6 +136,8 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
         max_tenant_store_bytes,
         turns,
         embedder,
+        session_polls,
+        question_polls,
     } = options;
     let tools = OpsTools::start(tool_args);
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
@@ -246,6 +252,12 @@ async fn rig_with_options(options: RigOptions<'_>) -> Rig {
         }
         if turns.is_some() {
             service = service.with_fair_turns(turns);
+        }
+        if let Some(every) = session_polls {
+            service = service.with_session_polled_every(every);
+        }
+        if let Some(every) = question_polls {
+            service = service.with_questions_polled_every(every);
         }
         let service = service
             .with_embedder(embedder.clone())
@@ -2834,6 +2846,261 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
     assert_eq!(
         asked,
         [("shop".to_owned(), "checkout-5xx".to_owned(), server.to_string())]
+    );
+}
+
+/// The A2A peer served by the Python SDK (`runner/tests/support/a2a_peer.py`), stopped when
+/// dropped; `None` (the test is skipped) without the SDK.
+struct A2aPeer {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Drop for A2aPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl A2aPeer {
+    fn start() -> Option<Self> {
+        use std::io::BufRead as _;
+        let Some(python) = std::env::var_os("CONTEXTOS_A2A_PYTHON") else {
+            eprintln!(
+                "skipped: CONTEXTOS_A2A_PYTHON is not set (`make unit` sets it: bash runner/tests/support/a2a_peer.sh)"
+            );
+            return None;
+        };
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/a2a_peer.py");
+        let mut child = std::process::Command::new(python)
+            .arg(script)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("the A2A peer starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the peer prints its port");
+        let port: u16 = line.trim().parse().expect("a port");
+        Some(Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    /// The JSON-RPC methods the peer received at `path`, in order.
+    async fn methods(&self, path: &str) -> Vec<String> {
+        let seen: Vec<serde_json::Value> = contextos_runner::http::client()
+            .get(format!("{}/seen", self.base))
+            .send()
+            .await
+            .expect("seen")
+            .json()
+            .await
+            .expect("json");
+        seen.iter()
+            .filter(|r| r["path"] == path)
+            .map(|r| r["method"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+/// The quickstart's bundle with `search_runbooks` served by the peer's `/plain` agent with
+/// `skill`, given a minute.
+fn with_a2a_search(bundle: &RunBundle, peer: &A2aPeer, skill: &str) -> RunBundle {
+    let mut bundle = bundle.clone();
+    for tool in &mut bundle.agent_spec.tools {
+        if tool.name == "search_runbooks" {
+            tool.timeout_seconds = 60;
+            tool.adapter = serde_json::from_value(serde_json::json!({"a2a": {
+                "url": format!("{}/plain", peer.base), "skill": skill, "riskCeiling": "read_only"
+            }}))
+            .expect("adapter");
+        }
+    }
+    bundle
+}
+
+/// The Session `checkout-5xx` of the rig, cancelled (`spec.cancel`).
+fn cancel_session(rig: &Rig) {
+    rig.tenants.set_session(
+        "shop",
+        "checkout-5xx",
+        contextos_runner::gateway::tenancy::SessionState::Present {
+            uid: Some("uid-checkout-5xx".into()),
+            cancel: true,
+            finished: None,
+        },
+    );
+}
+
+/// The recorded result of call `call_id` of the rig's run, once it is on record; `None` if it
+/// is not after `within`.
+async fn recorded_result(
+    rig: &Rig,
+    call_id: &str,
+    within: std::time::Duration,
+) -> Option<contextos_runner::records::entry::ToolResultRecord> {
+    let since = std::time::Instant::now();
+    loop {
+        let entries = read_run(&*rig.store, &rig.tenant(), RUN).await.expect("read");
+        let result = entries.into_iter().find_map(|(_, entry)| match entry.body {
+            EntryBody::ToolResult(result) if result.call_id == call_id => Some(result),
+            _ => None,
+        });
+        if result.is_some() || since.elapsed() >= within {
+            return result;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A remote agent's task the service follows for a run is cancelled once the run's Session is
+/// cancelled — though the runner that asked went away (its pod deleted on cancel), which would
+/// otherwise leave the task running until its tool's timeout. The call ends failed and is
+/// recorded so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_task_the_service_follows_is_cancelled_once_its_session_is() {
+    let Some(peer) = A2aPeer::start() else { return };
+    let rig = rig_with_options(RigOptions {
+        session_polls: Some(std::time::Duration::from_millis(100)),
+        ..RigOptions::default()
+    })
+    .await;
+    let bundle = with_a2a_search(&rig.bundle, &peer, "slow");
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    // The runner stops waiting (its pod is deleted), then the Session is cancelled.
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        client.call(&search(&context), &Default::default()),
+    )
+    .await;
+    assert!(
+        waited.is_err(),
+        "the remote task works until it is cancelled: {waited:?}"
+    );
+    cancel_session(&rig);
+    let result = recorded_result(&rig, "1.0", std::time::Duration::from_secs(20))
+        .await
+        .expect("the task was still followed 20 s after its Session was cancelled");
+    let error = result.error.clone().unwrap_or_default();
+    assert!(
+        !result.ok && error.contains("the run's Session was cancelled") && error.contains("was cancelled"),
+        "{result:?}"
+    );
+    let methods = peer.methods("/plain/rpc").await;
+    assert_eq!(
+        methods.last().map(String::as_str),
+        Some("CancelTask"),
+        "{methods:?}"
+    );
+}
+
+/// A remote agent's question answered on the Session continues the very task that asked, when
+/// the next attempt sends the call again to the replica that recorded the question (whose built
+/// gateway learns of the question from the record, not from having asked it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_question_answered_on_the_session_continues_its_task() {
+    use contextos_crds::session::{Resolution, ResolvedOutcome};
+    let Some(peer) = A2aPeer::start() else { return };
+    let rig = rig().await;
+    let bundle = with_a2a_search(&rig.bundle, &peer, "ask");
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    let call = search(&context);
+    let CallOutcome::OutcomeUnknown {
+        call_id: question, ..
+    } = client.call(&call, &Default::default()).await.expect("answered")
+    else {
+        panic!("expected the remote agent's question");
+    };
+    let answer = Resolution {
+        call_id: question,
+        outcome: ResolvedOutcome::Answered,
+        resolver: "dana@example.com".into(),
+        note: Some("EU".into()),
+    };
+    rig.tenants.resolve("shop", "checkout-5xx", answer.clone());
+    let mut resent = call.clone();
+    resent.resolution = Some(answer);
+    let answered = client.call(&resent, &Default::default()).await.expect("answered");
+    let CallOutcome::Executed(result) = answered else {
+        panic!("the answer did not continue the task: {answered:?}");
+    };
+    assert!(
+        result.ok && result.output.to_string().contains("EU"),
+        "{result:?}"
+    );
+    let methods = peer.methods("/plain/rpc").await;
+    let sent = methods.iter().filter(|m| m.as_str() == "SendMessage").count();
+    assert_eq!(
+        sent, 2,
+        "the first message and the answer, to one task: {methods:?}"
+    );
+}
+
+/// A remote agent's question the Session waits on is declined in the run's name, its task
+/// cancelled, once the Session is cancelled: no attempt of the run would come to answer or
+/// decline it, and the remote task would wait for good. Until then it stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_question_is_declined_once_its_session_is_cancelled() {
+    let Some(peer) = A2aPeer::start() else { return };
+    let rig = rig_with_options(RigOptions {
+        question_polls: Some(std::time::Duration::from_millis(100)),
+        ..RigOptions::default()
+    })
+    .await;
+    let bundle = with_a2a_search(&rig.bundle, &peer, "ask");
+    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    let client = rig.client("token-run-1", &context);
+    start_run(client.records(), &bundle, &context).await;
+    match client
+        .call(&search(&context), &Default::default())
+        .await
+        .expect("answered")
+    {
+        CallOutcome::OutcomeUnknown {
+            for_call: Some(_), ..
+        } => {}
+        other => panic!("expected the remote agent's question, got {other:?}"),
+    }
+    // Several looks later, the question stands while the Session does.
+    let standing = recorded_result(&rig, "1.0", std::time::Duration::from_millis(800)).await;
+    assert!(standing.is_none(), "{standing:?}");
+    assert_ne!(
+        peer.methods("/plain/rpc").await.last().map(String::as_str),
+        Some("CancelTask")
+    );
+    cancel_session(&rig);
+    let result = recorded_result(&rig, "1.0", std::time::Duration::from_secs(20))
+        .await
+        .expect("the question still stood 20 s after its Session was cancelled");
+    let error = result.error.clone().unwrap_or_default();
+    assert!(
+        !result.ok
+            && error.contains("contextos-gateway declined the remote agent's question")
+            && error.contains("the run's Session was cancelled")
+            && error.contains("was cancelled"),
+        "{result:?}"
+    );
+    let methods = peer.methods("/plain/rpc").await;
+    assert_eq!(
+        methods.last().map(String::as_str),
+        Some("CancelTask"),
+        "{methods:?}"
+    );
+    let entries = read_run(&*rig.store, &rig.tenant(), RUN).await.expect("read");
+    assert!(
+        entries.iter().any(|(_, entry)| matches!(
+            &entry.body,
+            EntryBody::CallResolved { resolver, .. } if resolver == "contextos-gateway"
+        )),
+        "the decline is on record"
     );
 }
 

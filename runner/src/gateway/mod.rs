@@ -25,6 +25,7 @@ pub mod remote;
 pub mod result_cache;
 pub mod run_log;
 pub mod service;
+pub mod session_watch;
 pub(crate) mod shares;
 pub(crate) mod shelves;
 pub mod tenancy;
@@ -329,6 +330,9 @@ pub struct ToolGateway {
     /// Results of the call in hand that may be cached once its result is on record (see
     /// [`ToolGateway::publish_cached`]): a cached answer always points at a recorded call.
     unpublished: Mutex<Vec<(result_cache::CacheKey, u64, result_cache::Reused)>>,
+    /// The run's Session, watched while a remote agent's task is followed (the gateway
+    /// service's runs; none locally).
+    session_watch: Option<std::sync::Arc<dyn session_watch::SessionWatch>>,
 }
 
 /// Runs whose verified RunContext is remembered at most (then the memory starts over).
@@ -388,6 +392,7 @@ impl ToolGateway {
             results: std::sync::Arc::default(),
             revisions: String::new(),
             unpublished: Mutex::new(Vec::new()),
+            session_watch: None,
         }
     }
 
@@ -505,6 +510,13 @@ impl ToolGateway {
     /// benchmarks' baseline.
     pub fn with_reads_after_their_go_ahead(mut self) -> Self {
         self.reads_after_go_ahead = true;
+        self
+    }
+
+    /// Stops following a remote agent's task, and cancels it, once `watch` says the run's
+    /// Session ended.
+    pub fn with_session_watch(mut self, watch: std::sync::Arc<dyn session_watch::SessionWatch>) -> Self {
+        self.session_watch = Some(watch);
         self
     }
 
@@ -2068,7 +2080,8 @@ impl ToolGateway {
                 let mut a2a = a2a.clone();
                 a2a.url = self.effective_url(&a2a.url);
                 let rewrite = |url: &str| self.effective_url(url);
-                Box::pin(self.a2a.call(&a2a, &rewrite, args, &ctx, turn)).await
+                let until = self.session_watch.as_ref().map(|watch| watch.ended());
+                Box::pin(self.a2a.call(&a2a, &rewrite, args, &ctx, turn, until)).await
             }
             Route::OpenApi(api) => {
                 let rewrite = |url: &str| self.effective_url(url);

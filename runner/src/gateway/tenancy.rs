@@ -6,6 +6,7 @@
 //! caller's Namespace itself, its bound on what it keeps in the record store.
 
 use crate::gateway::fair::away;
+pub use crate::gateway::session_watch::SessionState;
 use std::{
     collections::HashMap,
     future::Future,
@@ -109,6 +110,13 @@ pub trait TenantView: Send + Sync {
         namespace: &str,
         session: &str,
     ) -> impl Future<Output = Result<SessionDecisions, String>> + Send;
+
+    /// Whether Session `session` is there, and whether it says cancel.
+    fn session_state(
+        &self,
+        namespace: &str,
+        session: &str,
+    ) -> impl Future<Output = Result<SessionState, String>> + Send;
 
     /// The SpendQuotas of `namespace` (none where the kind is not installed).
     fn spend_quotas(&self, namespace: &str) -> impl Future<Output = Result<Vec<SpendQuota>, String>> + Send;
@@ -244,6 +252,20 @@ impl TenantView for KubeTenants {
             .unwrap_or_default())
     }
 
+    async fn session_state(&self, namespace: &str, session: &str) -> Result<SessionState, String> {
+        let found = away(Api::<Session>::namespaced(self.client.clone(), namespace).get_opt(session))
+            .await
+            .map_err(|e| format!("reading Session {namespace}/{session}: {e}"))?;
+        Ok(found.map_or(SessionState::Absent, |s| SessionState::Present {
+            uid: s.metadata.uid,
+            cancel: s.spec.cancel,
+            finished: s
+                .status
+                .and_then(|status| status.phase)
+                .filter(|p| p.is_terminal()),
+        }))
+    }
+
     async fn spend_quotas(&self, namespace: &str) -> Result<Vec<SpendQuota>, String> {
         let api = Api::<SpendQuota>::namespaced(self.client.clone(), namespace);
         match away(api.list(&kube::api::ListParams::default())).await {
@@ -328,6 +350,9 @@ pub struct StaticTenants {
     reports: Arc<Mutex<Vec<(String, String, QuotaReport)>>>,
     /// `<namespace>` → its store bound annotation (shared by clones, so a test can set it later).
     store_bounds: Arc<Mutex<HashMap<String, String>>>,
+    /// `<namespace>/<session>` → what the API server would say of it (shared by clones); a
+    /// Session not set is there, without a uid, and not cancelled.
+    sessions: Arc<Mutex<HashMap<String, SessionState>>>,
 }
 
 impl StaticTenants {
@@ -423,6 +448,13 @@ impl StaticTenants {
         self.reports.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// Says what the API server would answer for Session `session` of `namespace`.
+    pub fn set_session(&self, namespace: &str, session: &str, state: SessionState) {
+        if let Ok(mut all) = self.sessions.lock() {
+            all.insert(format!("{namespace}/{session}"), state);
+        }
+    }
+
     /// Appends a resolution to a Session's spec.
     pub fn resolve(&self, namespace: &str, session: &str, resolution: Resolution) {
         if let Ok(mut decisions) = self.decisions.lock() {
@@ -461,6 +493,20 @@ impl TenantView for StaticTenants {
             .get(&format!("{namespace}/{session}"))
             .cloned()
             .unwrap_or_default())
+    }
+
+    async fn session_state(&self, namespace: &str, session: &str) -> Result<SessionState, String> {
+        Ok(self
+            .sessions
+            .lock()
+            .map_err(|_| "the sessions lock is poisoned".to_owned())?
+            .get(&format!("{namespace}/{session}"))
+            .cloned()
+            .unwrap_or(SessionState::Present {
+                uid: None,
+                cancel: false,
+                finished: None,
+            }))
     }
 
     async fn spend_quotas(&self, namespace: &str) -> Result<Vec<SpendQuota>, String> {

@@ -114,8 +114,9 @@ impl A2aClient {
 
     /// Sends one turn of a call to the agent at `adapter.url` (already rewritten by any
     /// endpoint override; `rewrite` applies the same override to the endpoint the card names)
-    /// and follows its task until it ends, asks, or `ctx.timeout` passes. Once the task exists,
-    /// a call that fails for any reason cancels it: a failed call must not act later.
+    /// and follows its task until it ends, asks, `ctx.timeout` passes or `until` resolves (the
+    /// run's Session ended). Once the task exists, a call that fails or is stopped for any
+    /// reason cancels it: a failed call must not act later.
     pub async fn call(
         &self,
         adapter: &A2aAdapter,
@@ -123,6 +124,7 @@ impl A2aClient {
         args: &Value,
         ctx: &CallContext,
         turn: Turn<'_>,
+        until: Option<crate::gateway::session_watch::Ends>,
     ) -> Result<Reply, AdapterError> {
         let deadline = Instant::now() + ctx.timeout;
         let card = self.card(&adapter.url, ctx).await?;
@@ -134,33 +136,44 @@ impl A2aClient {
             cap: ctx.max_response_bytes,
         };
         let mut progress = Progress::for_turn(turn);
-        let sent = rpc
-            .follow(
-                &card,
-                args,
-                adapter.skill.as_deref(),
-                turn,
-                deadline,
-                &mut progress,
-            )
-            .await;
+        let following = rpc.follow(
+            &card,
+            args,
+            adapter.skill.as_deref(),
+            turn,
+            deadline,
+            &mut progress,
+        );
+        let sent = match until {
+            None => following.await,
+            Some(ended) => tokio::select! {
+                sent = following => sent,
+                why = ended => Err(AdapterError::Stopped(why.to_string())),
+            },
+        };
         match (sent, &progress.task_id) {
             (Err(error), Some(task)) => {
                 let cancelled = self.cancel_task(&endpoint, task, ctx).await;
+                let now = if cancelled {
+                    "was cancelled"
+                } else {
+                    "was asked to cancel"
+                };
                 // Its task is gone (or going): sending the turn again would meet a cancelled
                 // task, or start a second one.
                 Err(match error {
-                    error if error.is_retryable() => AdapterError::ToolFailed(format!(
-                        "{error}; its task {task} {}",
-                        if cancelled {
-                            "was cancelled"
-                        } else {
-                            "was asked to cancel"
-                        }
-                    )),
+                    AdapterError::Stopped(why) => {
+                        AdapterError::Stopped(format!("{why}; its task {task} {now}"))
+                    }
+                    error if error.is_retryable() => {
+                        AdapterError::ToolFailed(format!("{error}; its task {task} {now}"))
+                    }
                     error => error,
                 })
             }
+            (Err(AdapterError::Stopped(why)), None) => Err(AdapterError::Stopped(format!(
+                "{why}; the call was stopped before the remote agent named its task"
+            ))),
             (sent, _) => sent,
         }
     }

@@ -102,6 +102,10 @@ pub enum AdapterError {
     /// The tool's OpenAPI document could not be read (nothing was sent to the API).
     #[error("the tool's OpenAPI document cannot be read: {detail}")]
     DocumentUnavailable { detail: String, retryable: bool },
+    /// The call was stopped while it ran: the run's Session ended (see
+    /// `gateway::session_watch`). Never retried.
+    #[error("stopped: {0}")]
+    Stopped(String),
 }
 
 /// The first tool whose adapter is declared so that it cannot be run as governed, as a
@@ -181,7 +185,8 @@ impl AdapterError {
             | Self::Protocol(_)
             | Self::Unsupported(_)
             | Self::Refused(_)
-            | Self::Mismatch(_) => false,
+            | Self::Mismatch(_)
+            | Self::Stopped(_) => false,
         }
     }
 }

@@ -16,9 +16,11 @@ mod consent_api;
 mod context_cache;
 mod embeddings_api;
 mod memory_api;
+mod question_watch;
 pub mod quotas;
 mod read_api;
 mod run_api;
+mod session_polls;
 pub mod spend_metrics;
 mod subject_api;
 pub mod tenant_bytes;
@@ -177,11 +179,17 @@ impl TenantSlot {
 pub struct GatewayService<S, A, T> {
     store: S,
     auth: A,
-    tenants: T,
+    tenants: Arc<T>,
     keys: TenantKeys,
     /// The operator's key: the only signer of RunContexts this service accepts.
     trust: PublicKey,
     runs: Mutex<RunSlots>,
+    /// How often a followed remote task's Session is read (see [`session_polls`]).
+    session_polls: std::time::Duration,
+    /// How often a standing remote question's run and Session are read, and how many
+    /// questions are watched now (see [`question_watch`]).
+    question_polls: std::time::Duration,
+    questions_watched: Arc<std::sync::atomic::AtomicUsize>,
     /// RunContexts whose signature verified.
     verified: Mutex<context_cache::ContextCache>,
     /// URL prefix rewrites for tools (single-machine setups and tests).
@@ -279,6 +287,7 @@ struct BlobsReferred {
 }
 
 /// A verified caller: a runner pod and the RunContext issued to it.
+#[derive(Clone)]
 struct Caller {
     identity: PodIdentity,
     context: SignedRunContext,
@@ -539,10 +548,13 @@ where
         Self {
             store,
             auth,
-            tenants,
+            tenants: Arc::new(tenants),
             keys,
             trust,
             runs: Mutex::new(HashMap::new()),
+            session_polls: session_polls::EVERY,
+            question_polls: question_watch::EVERY,
+            questions_watched: Arc::default(),
             verified: Mutex::new(Default::default()),
             endpoint_overrides: Vec::new(),
             system_namespace: "contextos-system".into(),
@@ -625,6 +637,20 @@ where
     /// [`tenant_bytes`].
     pub fn with_max_tenant_store_bytes(mut self, bytes: u64) -> Self {
         self.tenant_bytes = tenant_bytes::TenantBytes::new(bytes);
+        self
+    }
+
+    /// Reads a followed call's Session every `every` (tests; default
+    /// [`session_polls::EVERY`]).
+    pub fn with_session_polled_every(mut self, every: std::time::Duration) -> Self {
+        self.session_polls = every;
+        self
+    }
+
+    /// Reads a standing remote question's run and Session every `every` (tests; default
+    /// [`question_watch::EVERY`]).
+    pub fn with_questions_polled_every(mut self, every: std::time::Duration) -> Self {
+        self.question_polls = every;
         self
     }
 
@@ -1529,6 +1555,13 @@ where
             .with_consent_key(self.keys.for_tenant(caller.tenant.as_str()).public())
             .with_egress(self.egress.clone())
             .with_result_cache(self.results.clone())
+            .with_session_watch(Arc::new(session_polls::SessionPolls {
+                tenants: self.tenants.clone(),
+                namespace: caller.tenant.to_string(),
+                session: context.session_id.clone(),
+                uid: context.session_uid.clone(),
+                every: self.session_polls,
+            }))
             .shared_with_replicas();
         let gateway = if self.reads_after_go_ahead {
             gateway.with_reads_after_their_go_ahead()

@@ -1123,6 +1123,20 @@ where
             .await
             == Written::Yes;
         slot.gateway.publish_cached(written);
+        if let crate::gateway::CallOutcome::OutcomeUnknown {
+            call_id: question,
+            for_call: Some(_),
+            ..
+        } = &outcome
+        {
+            // The run's gateway learns of a question (that the call started and waits on it)
+            // only from the record: it folds the record in again before the call is sent again.
+            log.mark_stale();
+            // Watched until an attempt takes it over, or declined if the Session ends first.
+            if written && let Some(asked_at) = log.head() {
+                self.watch_question(caller, &request, question, asked_at);
+            }
+        }
         let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
         if made
             && written
@@ -1170,6 +1184,118 @@ where
                 )
                 .await
             }
+        }
+    }
+
+    /// Watches `question` (recorded for `request`'s call, the run's record ending at
+    /// `asked_at`) until an attempt of the run takes it over, and declines it if the run's
+    /// Session ends first (see [`question_watch`]). One task per question, at most
+    /// [`question_watch::MAX_WATCHED`] in this replica.
+    fn watch_question(
+        self: &Arc<Self>,
+        caller: &Caller,
+        request: &CallRequest,
+        question: &str,
+        asked_at: (u64, Hash),
+    ) {
+        use super::question_watch::{MAX_WATCHED, Next, next};
+        use std::sync::atomic::Ordering;
+        let watched = self.questions_watched.clone();
+        if watched.fetch_add(1, Ordering::SeqCst) >= MAX_WATCHED {
+            watched.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(
+                tenant = %caller.tenant, run = caller.run_id(), %question,
+                "{MAX_WATCHED} remote questions are watched here already: this one's task is not cancelled if its Session ends first"
+            );
+            return;
+        }
+        // The service is not kept alive for a question's sake.
+        let service = Arc::downgrade(self);
+        let (caller, question) = (caller.clone(), question.to_owned());
+        let (envelope, state) = (request.envelope.clone(), request.state.clone());
+        let every = self.question_polls;
+        tokio::spawn(async move {
+            let context = &caller.context.context;
+            let ended = loop {
+                tokio::time::sleep(every).await;
+                let Some(service) = service.upgrade() else {
+                    break None;
+                };
+                let head_now = match service.store.head(&caller.tenant, caller.run_id()).await {
+                    Ok(Some(head)) => Some((head.seq, head.hash)),
+                    // No record of the run any more: nothing to decline on.
+                    Ok(None) => break None,
+                    Err(_) => None,
+                };
+                let session = service
+                    .tenants
+                    .session_state(caller.tenant.as_str(), &context.session_id)
+                    .await
+                    .ok();
+                match next(
+                    asked_at,
+                    head_now,
+                    session.as_ref(),
+                    context.session_uid.as_deref(),
+                ) {
+                    Next::Wait => {}
+                    Next::Leave => break None,
+                    Next::Decline(ended) => break Some((service, ended)),
+                }
+            };
+            if let Some((service, ended)) = ended {
+                service
+                    .decline_question(&caller, envelope, state, &question, asked_at, ended)
+                    .await;
+            }
+            watched.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    /// Declines `question` in the run's name, its Session having ended: the call is sent
+    /// again as its next attempt would send it with a person's `did_not_act`, so the gateway
+    /// cancels the remote task and records the call's end exactly as it would then.
+    async fn decline_question(
+        self: &Arc<Self>,
+        caller: &Caller,
+        mut envelope: crate::gateway::envelope::CallEnvelope,
+        state: crate::policy::StateFacts,
+        question: &str,
+        asked_at: (u64, Hash),
+        ended: crate::gateway::session_watch::SessionEnded,
+    ) {
+        let slot = match self.slot(caller, &[]).await {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                tracing::warn!(tenant = %caller.tenant, run = caller.run_id(), %question, error = %refusal.message, "cannot decline the question of a Session that ended");
+                return;
+            }
+        };
+        envelope.approval = None;
+        envelope.resolution = Some(Resolution {
+            call_id: question.to_owned(),
+            outcome: contextos_crds::session::ResolvedOutcome::DidNotAct,
+            resolver: super::question_watch::RESOLVER.to_owned(),
+            note: Some(ended.to_string()),
+        });
+        let request = CallRequest {
+            envelope,
+            state,
+            tail: crate::gateway::remote::RunnerTail {
+                head: crate::records::store::remote::head_header_value(asked_at.0, &asked_at.1),
+                entries: Vec::new(),
+            },
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.decide_and_execute(caller, &slot, request, answer).await;
+        match answered.await {
+            Ok(Ok(_)) => {
+                tracing::info!(tenant = %caller.tenant, run = caller.run_id(), %question, %ended, "declined a remote question: its Session ended")
+            }
+            Ok(Err(refusal)) => {
+                tracing::warn!(tenant = %caller.tenant, run = caller.run_id(), %question, error = %refusal.message, "cannot decline the question of a Session that ended")
+            }
+            Err(_) => {}
         }
     }
 

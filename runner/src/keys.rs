@@ -221,11 +221,7 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
+    let mut file = crate::whole_file::new_file(path, crate::whole_file::Access::OwnerOnly)?;
     file.write_all(contents)?;
     file.sync_all()
 }

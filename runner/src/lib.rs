@@ -45,4 +45,5 @@ pub mod skills;
 pub mod telemetry;
 pub mod text;
 pub mod vault;
+pub mod whole_file;
 pub mod yaml_bounds;

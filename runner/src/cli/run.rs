@@ -510,27 +510,17 @@ fn read_decisions<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result
 /// directory can come with a checkout), and the rename replaces a link at `path` instead of
 /// writing where it points.
 fn write_decisions<T: serde::Serialize>(path: &Path, decisions: &[T]) -> anyhow::Result<()> {
-    use std::io::Write as _;
+    use contextos_runner::whole_file;
     let dir = path.parent().context("the decisions path has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let tmp = path.with_extension(format!("json.{}-{nanos}.tmp", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(&serde_json::to_vec_pretty(decisions)?)?;
-            file.sync_all()
-        });
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = whole_file::temporary_beside(path, &format!("{name}."), ".tmp");
+    let bytes = serde_json::to_vec_pretty(decisions)?;
+    whole_file::replace(path, &temporary, &bytes, whole_file::Access::Shared)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Prints the outcome and picks the exit code.

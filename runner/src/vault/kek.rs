@@ -5,7 +5,7 @@
 //! unwraps — that is what makes an erasure reach backups of the store.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Read as _,
     path::{Path, PathBuf},
 };
 
@@ -13,7 +13,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::{VaultError, cipher::SecretKey};
-use crate::records::TenantId;
+use crate::{records::TenantId, whole_file};
 
 /// The most bytes of a key file (a ring holds one key, two while it rotates).
 const MAX_FILE: u64 = 64 * 1024;
@@ -282,28 +282,12 @@ impl KeyDir {
         let io = |e: std::io::Error| VaultError::KeyRing(format!("{}: {e}", path.display()));
         create_private_dir(&self.dir).map_err(io)?;
         // A name of this write's own: two writers never write into one file.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let temporary = self
-            .dir
-            .join(format!(".{tenant}.json.{}-{nanos}.new", std::process::id()));
+        let temporary = whole_file::temporary_beside(&path, &format!(".{tenant}.json."), ".new");
         let bytes = serde_json::to_vec_pretty(ring).map_err(|e| VaultError::KeyRing(e.to_string()))?;
         remove_leftovers(&self.dir, tenant);
-        let written = private_file(&temporary).and_then(|mut file| {
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, &path)
-        });
-        if let Err(e) = written {
-            // A copy of the ring left behind would outlive the keys a rotation destroys.
-            let _ = std::fs::remove_file(&temporary);
-            return Err(io(e));
-        }
-        // The rename is durable only once the directory is.
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
+        // Never through a link, and no copy left behind: it would outlive the keys a rotation
+        // destroys.
+        whole_file::replace(&path, &temporary, &bytes, whole_file::Access::OwnerOnly).map_err(io)?;
         Ok(bytes)
     }
 }
@@ -346,23 +330,6 @@ fn remove_leftovers(dir: &Path, tenant: &TenantId) {
     }
 }
 
-/// A new file only its owner reads, at `path`: never one opened through a link, which would
-/// write key material wherever the link points.
-#[cfg(unix)]
-fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-}
-
-#[cfg(not(unix))]
-fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::File::create(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,7 +344,10 @@ mod tests {
         std::fs::write(&victim, "keep me").expect("write");
         let link = dir.path().join(".shop.json.new");
         std::os::unix::fs::symlink(&victim, &link).expect("link");
-        assert!(private_file(&link).is_err(), "a link is not opened");
+        assert!(
+            whole_file::new_file(&link, whole_file::Access::OwnerOnly).is_err(),
+            "a link is not opened"
+        );
         assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep me");
     }
 

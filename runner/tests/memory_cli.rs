@@ -51,7 +51,8 @@ async fn a_subjects_memory_is_listed_and_forgotten() {
     };
     let items = [
         item("prefers short summaries", 1_000),
-        item("prefers calls after six\n0000  forged line", 2_000),
+        // A Hangul filler shows as a space that is not one.
+        item("prefers calls after six\n0000  forged line\u{3164}", 2_000),
         item("prefers the phone", 3_000),
     ];
     {
@@ -72,7 +73,7 @@ async fn a_subjects_memory_is_listed_and_forgotten() {
         "{text}"
     );
     assert!(
-        text.contains("after six\\n0000  forged line"),
+        text.contains("after six\\n0000  forged line") && text.contains("forged line\\u{3164}"),
         "an item's text printed raw: {text}"
     );
     let words = contextos(

@@ -11,6 +11,7 @@ use contextos_runner::{
     memory::consents::{ConsentBook, ConsentHistory, ConsentLink, ConsentRequest, RemoteConsents},
     personal_data::Category,
     records::{AnyStore, TenantId, store::remote::RemoteStore},
+    text::for_terminal,
 };
 
 use super::GlobalArgs;
@@ -320,8 +321,8 @@ fn print_history(history: &ConsentHistory, now_ms: i64) {
             "{:<4} {action:<7} {:<24} {categories:<32} {:<28} {}",
             link.seq,
             r.purpose,
-            r.by.escape_debug().to_string(),
-            r.evidence.escape_debug()
+            for_terminal(&r.by).to_string(),
+            for_terminal(&r.evidence)
         );
     }
     let ledger = history.ledger();

@@ -10,6 +10,7 @@ use contextos_runner::{
     keys::KeyPair,
     memory::chain::Link,
     records::{AnyStore, recorder::now_ms},
+    text::for_terminal,
 };
 
 use super::{GlobalArgs, format_ms};
@@ -133,7 +134,7 @@ fn print_links(links: &[Link<FeedbackRecord>]) {
                 entry
                     .tool
                     .as_deref()
-                    .map(|t| format!(" ({})", t.escape_debug()))
+                    .map(|t| format!(" ({})", for_terminal(t)))
                     .unwrap_or_default()
             ),
             None => String::new(),
@@ -143,9 +144,9 @@ fn print_links(links: &[Link<FeedbackRecord>]) {
             "run {}{about}  {}  by {} at {}\n    {}",
             r.run_id,
             r.label,
-            r.by.escape_debug(),
+            for_terminal(&r.by),
             format_ms(r.at_ms),
-            r.correction.escape_debug()
+            for_terminal(&r.correction)
         );
     }
 }

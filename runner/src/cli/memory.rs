@@ -16,6 +16,7 @@ use contextos_runner::{
     },
     ontology::EntityTypeName,
     records::{AnyStore, Hash, recorder::now_ms},
+    text::for_terminal,
 };
 
 use super::GlobalArgs;
@@ -140,10 +141,10 @@ pub async fn run(global: &GlobalArgs, command: MemoryCommand) -> anyhow::Result<
                         String::new()
                     } else {
                         // Escaped like the text: ids are what a model proposed.
-                        format!("  about: {}", entities.join(", ").escape_debug())
+                        format!("  about: {}", for_terminal(&entities.join(", ")))
                     },
                     // Printed escaped: an item's text cannot forge the lines after it.
-                    item.text.escape_debug()
+                    for_terminal(&item.text)
                 );
             }
         }

@@ -781,6 +781,127 @@ async fn listing_many_runs<S: RecordStore>(store: &S) {
         ..Default::default()
     };
     assert!(store.list_runs(&t, &none).await.expect("list").is_empty());
+
+    // Runs that started in one millisecond, listed after a place among them (where a page of
+    // a listing read a page at a time ended): those whose id sorts before it, then the older.
+    let tied = tenant("tied");
+    for (run, started_at_ms) in [
+        ("tie-a", 5_000),
+        ("tie-b", 5_000),
+        ("tie-c", 5_000),
+        ("tie-d", 5_000),
+        ("older", 4_000),
+    ] {
+        store
+            .append(&tied, first_batch(&tied, run, started_at_ms))
+            .await
+            .expect("appended");
+    }
+    let after = |started_at_ms: i64, run: &str| {
+        Some(contextos_runner::records::RunCursor {
+            started_at_ms,
+            run_id: run.into(),
+        })
+    };
+    let listed = async |filter: RunFilter| ids(store.list_runs(&tied, &filter).await.expect("list"));
+    assert_eq!(
+        listed(RunFilter::default()).await,
+        ["tie-d", "tie-c", "tie-b", "tie-a", "older"]
+    );
+    let cases = [
+        (
+            RunFilter {
+                after: after(5_000, "tie-c"),
+                ..Default::default()
+            },
+            vec!["tie-b", "tie-a", "older"],
+        ),
+        (
+            RunFilter {
+                after: after(5_000, "tie-c"),
+                limit: Some(1),
+                ..Default::default()
+            },
+            vec!["tie-b"],
+        ),
+        (
+            RunFilter {
+                after: after(4_000, "older"),
+                ..Default::default()
+            },
+            vec![],
+        ),
+        // The window's end, where it comes before the place.
+        (
+            RunFilter {
+                after: after(5_000, "tie-c"),
+                until_ms: Some(4_500),
+                ..Default::default()
+            },
+            vec!["older"],
+        ),
+        (
+            RunFilter {
+                after: after(6_000, "zzz"),
+                since_ms: Some(4_500),
+                ..Default::default()
+            },
+            vec!["tie-d", "tie-c", "tie-b", "tie-a"],
+        ),
+        (
+            RunFilter {
+                after: after(5_000, "tie-b"),
+                since_ms: Some(4_500),
+                ..Default::default()
+            },
+            vec!["tie-a"],
+        ),
+    ];
+    for (filter, expected) in cases {
+        assert_eq!(listed(filter.clone()).await, expected, "{filter:?}");
+    }
+}
+
+/// The first batch of run `run`, started at `started_at_ms`.
+fn first_batch(t: &TenantId, run: &str, started_at_ms: i64) -> AppendBatch {
+    let entry = RecordEntry {
+        run_id: run.into(),
+        seq: 0,
+        prev: None,
+        at_ms: started_at_ms,
+        body: EntryBody::Failed {
+            reason: "tied".into(),
+            message: String::new(),
+        },
+        vaulted: None,
+    };
+    let sealed = StoredEntry::seal(&entry);
+    let k = key();
+    let message = SignedHead::message(t, run, sealed.seq, &sealed.hash);
+    let head = SignedHead {
+        seq: sealed.seq,
+        hash: sealed.hash,
+        key_id: k.key_id(),
+        signature: k.sign_hex(&message),
+    };
+    let summary = contextos_runner::records::RunSummary {
+        run_id: run.into(),
+        session_id: format!("s-{run}"),
+        agent: "a".into(),
+        started_at_ms,
+        outcome: "failed".into(),
+        entries: 1,
+        head: sealed.hash,
+        bytes: 0,
+    };
+    AppendBatch {
+        run_id: run.into(),
+        expected_head: None,
+        entries: vec![sealed],
+        head,
+        summary,
+        checkpoint: None,
+    }
 }
 
 /// The whole suite on one store.

@@ -93,6 +93,7 @@ pub async fn run(global: &GlobalArgs, command: RecordsCommand) -> anyhow::Result
                 since_ms,
                 until_ms: None,
                 limit: Some(limit),
+                after: None,
             };
             let runs = store.list_runs(&tenant, &filter).await?;
             print_runs(&mut out, &tenant, &runs)?;

@@ -16,7 +16,7 @@ pub use recorder::{RecordError, Recorder, RunStart};
 #[cfg(feature = "embedded")]
 pub use store::embedded::EmbeddedStore;
 pub use store::{
-    RecordStore, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
+    RecordStore, RunCursor, RunFilter, RunSummary, SignedHead, StoreError, TenantId,
     any::{AnyStore, StoreLocation},
     scratch::ScratchStore,
 };

@@ -532,6 +532,9 @@ struct RunsQuery {
     since_ms: Option<i64>,
     until_ms: Option<i64>,
     limit: Option<usize>,
+    /// Where the reader's last page ended (both, or neither).
+    after_ms: Option<i64>,
+    after_run: Option<String>,
 }
 
 // The most runs one listing answers; readers ask again for the runs after the last one

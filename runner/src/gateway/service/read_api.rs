@@ -265,12 +265,28 @@ where
         Query(q): Query<RunsQuery>,
     ) -> Reply {
         let tenant = service.reader(&headers).await?;
+        let after = match (q.after_ms, q.after_run) {
+            (None, None) => None,
+            (Some(started_at_ms), Some(run_id)) => {
+                crate::records::store::validate_id("run", &run_id).map_err(|e| bad(e.to_string()))?;
+                Some(crate::records::RunCursor {
+                    started_at_ms,
+                    run_id,
+                })
+            }
+            _ => {
+                return Err(bad(
+                    "after_ms and after_run go together: where the last page ended",
+                ));
+            }
+        };
         let filter = crate::records::RunFilter {
             agent: q.agent,
             session_id: q.session,
             since_ms: q.since_ms,
             until_ms: q.until_ms,
             limit: Some(q.limit.unwrap_or(MAX_LISTED_RUNS).min(MAX_LISTED_RUNS)),
+            after,
         };
         let runs = service
             .store

@@ -174,6 +174,32 @@ pub struct RunFilter {
     pub until_ms: Option<i64>,
     /// At most this many, newest first.
     pub limit: Option<usize>,
+    /// Only the runs a listing (newest first) holds after this one: where the last page of a
+    /// listing read a page at a time ended.
+    pub after: Option<RunCursor>,
+}
+
+/// A place in a listing of runs, newest first: runs that started earlier come after it, and
+/// of those that started in the same millisecond, those with a run id that sorts before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunCursor {
+    pub started_at_ms: i64,
+    pub run_id: String,
+}
+
+impl RunCursor {
+    /// The place of `run`.
+    pub fn of(run: &RunSummary) -> Self {
+        Self {
+            started_at_ms: run.started_at_ms,
+            run_id: run.run_id.clone(),
+        }
+    }
+
+    /// Whether `run` comes after this place.
+    pub fn precedes(&self, run: &RunSummary) -> bool {
+        (run.started_at_ms, run.run_id.as_str()) < (self.started_at_ms, self.run_id.as_str())
+    }
 }
 
 impl RunFilter {

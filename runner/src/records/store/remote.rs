@@ -52,8 +52,10 @@ const MAX_CHAIN_BYTES: usize = 1 << 30;
 /// Most runs one listing request asks the service for; a longer listing is read a page at a
 /// time (see `run_pages`).
 pub const RUNS_PAGE: usize = 1_000;
-/// Most runs the service answers one listing request with.
+/// Most runs the service answers one listing request with. A page shorter than asked ends a
+/// listing, so a page never asks for more than the service answers.
 pub const MAX_LISTED_RUNS: usize = 10_000;
+const _: () = assert!(RUNS_PAGE <= MAX_LISTED_RUNS);
 /// Attempts per request when the service cannot be reached (another replica may answer).
 const ATTEMPTS: u32 = 6;
 /// The longest a throttled request waits when the service says to (`Retry-After`) before it
@@ -281,6 +283,10 @@ impl RemoteStore {
         }
         if let Some(limit) = filter.limit {
             query.push(format!("limit={limit}"));
+        }
+        if let Some(after) = &filter.after {
+            query.push(format!("after_ms={}", after.started_at_ms));
+            query.push(format!("after_run={}", q(&after.run_id)));
         }
         self.get_json(&self.path(&format!("/runs?{}", query.join("&"))))
             .await
@@ -665,7 +671,7 @@ impl RecordStore for RemoteStore {
         self.check_tenant(tenant)?;
         // The service answers at most so many runs a request; more are read a page at a time,
         // so a listing is the store's whole answer, never one cut where the service stopped.
-        let mut pages = super::run_pages::RunPages::new(filter, RUNS_PAGE, MAX_LISTED_RUNS);
+        let mut pages = super::run_pages::RunPages::new(filter, RUNS_PAGE);
         while let Some(request) = pages.next_request() {
             let page = self.list_runs_page(&request).await?;
             pages.take(page).map_err(StoreError::Backend)?;

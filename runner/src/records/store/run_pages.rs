@@ -1,15 +1,12 @@
 //! A tenant's runs listed a page at a time. The gateway service answers a bounded number of
 //! runs per request, so a reader that wants more (`contextos records verify --all`, a cost
-//! report, a replay gate examining thousands of runs) asks again for the runs that started no
-//! later than the last one it was given — the same millisecond again, since runs that started
-//! together may straddle the page's end, skipping those it already has. A millisecond holding
-//! a whole page of runs is asked for again in larger pages, up to the most one answer holds.
-//! Pure: the requests to send and what each answer adds, so the listing matches what the
-//! store itself would list.
+//! report, a replay gate examining thousands of runs) asks again for the runs after the last
+//! one it was given ([`RunFilter::after`]: the listing's own order, newest first and ties by
+//! run id, so runs that started in the same millisecond are neither lost nor repeated at a
+//! page's end). Pure: the requests to send and what each answer adds, so the listing is what
+//! the store itself would list.
 
-use std::collections::HashSet;
-
-use super::{RunFilter, RunSummary};
+use super::{RunCursor, RunFilter, RunSummary};
 
 /// The listing of one [`RunFilter`], built from pages of at most `page` runs each.
 #[derive(Debug)]
@@ -17,28 +14,21 @@ pub struct RunPages {
     filter: RunFilter,
     /// Most runs the listing holds (the filter's limit).
     wanted: usize,
-    /// Runs asked for a page, and the most one answer may hold.
     page: usize,
-    most: usize,
     runs: Vec<RunSummary>,
-    /// The millisecond the listing has reached (the start of its oldest run), and the runs of
-    /// that millisecond it holds: the next page starts with them again.
-    boundary: Option<(i64, HashSet<String>)>,
-    /// How many runs the next request asks for (kept to tell a short page from a full one).
+    /// How many runs the last request asked for (to tell a short page from a full one).
     asked: usize,
     whole: bool,
 }
 
 impl RunPages {
-    pub fn new(filter: &RunFilter, page: usize, most: usize) -> Self {
+    pub fn new(filter: &RunFilter, page: usize) -> Self {
         let wanted = filter.limit.unwrap_or(usize::MAX);
         Self {
             filter: filter.clone(),
             wanted,
             page: page.max(1),
-            most: most.max(page.max(1)),
             runs: Vec::new(),
-            boundary: None,
             asked: 0,
             whole: wanted == 0,
         }
@@ -49,73 +39,50 @@ impl RunPages {
         if self.whole {
             return None;
         }
-        let repeated = self.boundary.as_ref().map_or(0, |(_, ids)| ids.len());
-        let remaining = self.wanted - self.runs.len();
-        self.asked = self.page.min(remaining.saturating_add(repeated));
+        self.asked = self.page.min(self.wanted - self.runs.len());
         Some(RunFilter {
-            until_ms: self.until(),
             limit: Some(self.asked),
+            after: self.after(),
             ..self.filter.clone()
         })
     }
 
-    /// Where the next page ends: the boundary millisecond again (`until_ms` is exclusive), or
-    /// where the filter's window does.
-    fn until(&self) -> Option<i64> {
-        self.boundary
-            .as_ref()
-            .map(|(ms, _)| ms.saturating_add(1))
-            .or(self.filter.until_ms)
+    /// Where the next page starts: after the last run taken, or where the filter says.
+    fn after(&self) -> Option<RunCursor> {
+        self.runs
+            .last()
+            .map(RunCursor::of)
+            .or_else(|| self.filter.after.clone())
     }
 
-    /// Takes the answer to the last [`RunPages::next_request`]. An answer that cannot be the
-    /// store's (out of order, outside the window asked) is an error, as is a millisecond in
-    /// which more runs started than a page holds: paging by time cannot get past it.
+    /// Takes the answer to the last [`RunPages::next_request`]. An answer the store cannot
+    /// have given — a run out of the listing's order, repeated, outside the window or the
+    /// filter asked for, more runs than asked — is an error, never part of the listing.
     pub fn take(&mut self, page: Vec<RunSummary>) -> Result<(), String> {
+        if page.len() > self.asked {
+            return Err(format!(
+                "the gateway listed {} runs where {} were asked for",
+                page.len(),
+                self.asked
+            ));
+        }
         let short = page.len() < self.asked;
-        let until = self.until().unwrap_or(i64::MAX);
         let since = self.filter.since_ms.unwrap_or(i64::MIN);
-        let mut previous: Option<i64> = None;
-        let mut added = 0;
+        let until = self.filter.until_ms.unwrap_or(i64::MAX);
         for run in page {
-            let started = run.started_at_ms;
-            let expected = started < until
-                && started >= since
-                && previous.is_none_or(|p| started <= p)
+            let expected = run.started_at_ms >= since
+                && run.started_at_ms < until
+                && self.after().is_none_or(|after| after.precedes(&run))
                 && self.filter.matches(&run);
             if !expected {
                 return Err(format!(
-                    "the gateway listed run {} (started at {started} ms) out of order or outside what was asked for",
-                    run.run_id
+                    "the gateway listed run {} (started at {} ms) out of order, again, or outside what was asked for",
+                    run.run_id, run.started_at_ms
                 ));
             }
-            previous = Some(started);
-            if self.runs.len() >= self.wanted {
-                break;
-            }
-            if self.boundary.as_ref().is_some_and(|(ms, _)| *ms != started) {
-                self.boundary = None;
-            }
-            let (_, at_boundary) = self.boundary.get_or_insert_with(|| (started, HashSet::new()));
-            if at_boundary.insert(run.run_id.clone()) {
-                self.runs.push(run);
-                added += 1;
-            }
+            self.runs.push(run);
         }
-        if self.runs.len() >= self.wanted || short {
-            self.whole = true;
-        } else if added == 0 {
-            // A whole page of runs that started in the boundary millisecond: only a larger
-            // page gets past them.
-            if self.page >= self.most {
-                let ms = self.boundary.as_ref().map_or(0, |(ms, _)| *ms);
-                return Err(format!(
-                    "at least {} runs started in the same millisecond ({ms} ms since the epoch), as many as one of the gateway's answers holds: this listing cannot be read through it",
-                    self.most
-                ));
-            }
-            self.page = self.page.saturating_mul(2).min(self.most);
-        }
+        self.whole = short || self.runs.len() >= self.wanted;
         Ok(())
     }
 
@@ -151,6 +118,7 @@ mod tests {
             .filter(|r| {
                 filter.since_ms.is_none_or(|s| r.started_at_ms >= s)
                     && filter.until_ms.is_none_or(|u| r.started_at_ms < u)
+                    && filter.after.as_ref().is_none_or(|after| after.precedes(r))
                     && filter.matches(r)
             })
             .cloned()
@@ -169,9 +137,8 @@ mod tests {
         all: &[RunSummary],
         filter: &RunFilter,
         page: usize,
-        most: usize,
     ) -> Result<(Vec<RunSummary>, usize), String> {
-        let mut pages = RunPages::new(filter, page, most);
+        let mut pages = RunPages::new(filter, page);
         let mut requests = 0;
         while let Some(request) = pages.next_request() {
             requests += 1;
@@ -181,14 +148,17 @@ mod tests {
         Ok((pages.into_runs(), requests))
     }
 
-    /// Runs in clusters that started in the same millisecond, straddling every page end.
+    /// Runs in clusters of seven that started in the same millisecond, straddling page ends,
+    /// and one millisecond in which more runs started than any page holds.
     fn clustered(count: usize) -> Vec<RunSummary> {
-        (0..count)
+        let mut runs: Vec<RunSummary> = (0..count)
             .map(|i| {
                 let agent = if i % 3 == 0 { "triage" } else { "billing" };
                 run(&format!("r{i:05}"), 1_000 + (i / 7) as i64, agent)
             })
-            .collect()
+            .collect();
+        runs.extend((0..40).map(|i| run(&format!("same{i:02}"), 990, "triage")));
+        runs
     }
 
     #[test]
@@ -205,8 +175,15 @@ mod tests {
                 ..RunFilter::default()
             },
             RunFilter {
-                since_ms: Some(1_003),
+                since_ms: Some(990),
                 until_ms: Some(1_030),
+                ..RunFilter::default()
+            },
+            RunFilter {
+                after: Some(RunCursor {
+                    started_at_ms: 1_010,
+                    run_id: "r00073".into(),
+                }),
                 ..RunFilter::default()
             },
             RunFilter {
@@ -215,9 +192,8 @@ mod tests {
             },
         ];
         for filter in &filters {
-            // Clusters of seven a millisecond: pages of fewer than eight grow past them.
             for page in [1, 5, 7, 8, 10, 64, 1_000] {
-                let (listed, _) = paged(&all, filter, page, 1_000).expect("listed");
+                let (listed, _) = paged(&all, filter, page).expect("listed");
                 assert_eq!(
                     listed,
                     store_lists(&all, filter, usize::MAX),
@@ -228,37 +204,18 @@ mod tests {
     }
 
     #[test]
-    fn a_listing_within_one_page_is_one_request() {
+    fn a_listing_asks_only_for_what_it_wants() {
         let all = clustered(250);
-        let (_, requests) = paged(&all, &RunFilter::default(), 1_000, 10_000).expect("listed");
+        let (_, requests) = paged(&all, &RunFilter::default(), 1_000).expect("listed");
         assert_eq!(requests, 1);
         let limited = RunFilter {
             limit: Some(20),
             ..RunFilter::default()
         };
-        let mut pages = RunPages::new(&limited, 1_000, 10_000);
-        assert_eq!(
-            pages.next_request().and_then(|r| r.limit),
-            Some(20),
-            "asks only for what it wants"
-        );
-        let (listed, _) = paged(&all, &limited, 10, 10_000).expect("listed");
-        assert_eq!(listed, store_lists(&all, &limited, usize::MAX));
-    }
-
-    #[test]
-    fn a_millisecond_holding_a_page_is_read_in_larger_pages_and_one_holding_an_answer_is_an_error() {
-        let mut all: Vec<RunSummary> = (0..12).map(|i| run(&format!("same{i:02}"), 5_000, "a")).collect();
-        all.push(run("older", 4_000, "a"));
-        // Pages of 4 grow to 8, then 16, which gets past the twelve.
-        let (listed, _) = paged(&all, &RunFilter::default(), 4, 16).expect("listed");
-        assert_eq!(listed, store_lists(&all, &RunFilter::default(), usize::MAX));
-        // Answers of at most 12 never get past them: an error, not a shorter listing.
-        let error = paged(&all, &RunFilter::default(), 4, 12).expect_err("cannot page past it");
-        assert!(
-            error.contains("at least 12 runs started in the same millisecond"),
-            "{error}"
-        );
+        let mut pages = RunPages::new(&limited, 1_000);
+        assert_eq!(pages.next_request().and_then(|r| r.limit), Some(20));
+        let (listed, requests) = paged(&all, &limited, 10).expect("listed");
+        assert_eq!((listed.len(), requests), (20, 2));
     }
 
     #[test]
@@ -267,31 +224,55 @@ mod tests {
             since_ms: Some(100),
             ..RunFilter::default()
         };
-        let out_of_order = vec![run("a", 200, "x"), run("b", 300, "x")];
-        let too_old = vec![run("a", 50, "x")];
-        for page in [out_of_order, too_old] {
-            let mut pages = RunPages::new(&filter, 10, 10);
+        let refused = |filter: &RunFilter, first: Vec<RunSummary>, second: Vec<RunSummary>| {
+            let mut pages = RunPages::new(filter, 2);
             pages.next_request();
-            assert!(pages.take(page).is_err());
-        }
-        // Past the last page's millisecond.
-        let mut pages = RunPages::new(&RunFilter::default(), 2, 2);
-        pages.next_request();
-        pages
-            .take(vec![run("a", 300, "x"), run("b", 200, "x")])
-            .expect("first page");
-        pages.next_request();
-        assert!(pages.take(vec![run("c", 250, "x")]).is_err());
-        // Another agent's run where one agent was asked for.
-        let mut pages = RunPages::new(
-            &RunFilter {
-                agent: Some("x".into()),
-                ..RunFilter::default()
-            },
-            10,
-            10,
-        );
-        pages.next_request();
-        assert!(pages.take(vec![run("a", 1, "y")]).is_err());
+            match pages.take(first) {
+                Err(_) => true,
+                Ok(()) => {
+                    pages.next_request();
+                    pages.take(second).is_err()
+                }
+            }
+        };
+        // Out of order; tied runs out of order; one run twice; before the window; more than
+        // asked; a page going back past where the last one ended; another agent's run.
+        assert!(refused(
+            &filter,
+            vec![run("a", 200, "x"), run("b", 300, "x")],
+            vec![]
+        ));
+        assert!(refused(
+            &filter,
+            vec![run("a", 200, "x"), run("b", 200, "x")],
+            vec![]
+        ));
+        assert!(refused(
+            &filter,
+            vec![run("a", 200, "x"), run("a", 200, "x")],
+            vec![]
+        ));
+        assert!(refused(&filter, vec![run("a", 50, "x")], vec![]));
+        assert!(refused(
+            &filter,
+            vec![run("c", 300, "x"), run("b", 300, "x"), run("a", 300, "x")],
+            vec![]
+        ));
+        assert!(refused(
+            &filter,
+            vec![run("c", 300, "x"), run("b", 300, "x")],
+            vec![run("d", 300, "x")]
+        ));
+        let one_agent = RunFilter {
+            agent: Some("x".into()),
+            ..RunFilter::default()
+        };
+        assert!(refused(&one_agent, vec![run("a", 1, "y")], vec![]));
+        // The same pages, in order, are taken.
+        assert!(!refused(
+            &filter,
+            vec![run("c", 300, "x"), run("b", 300, "x")],
+            vec![run("a", 300, "x")]
+        ));
     }
 }

@@ -126,7 +126,12 @@ impl RecordStore for ScratchStore {
                 .runs
                 .values()
                 .map(|r| &r.summary)
-                .filter(|s| s.started_at_ms >= since && s.started_at_ms < until && filter.matches(s))
+                .filter(|s| {
+                    s.started_at_ms >= since
+                        && s.started_at_ms < until
+                        && filter.after.as_ref().is_none_or(|after| after.precedes(s))
+                        && filter.matches(s)
+                })
                 .collect();
             // Newest first; ties by run id descending, as the durable backends' time index orders them.
             runs.sort_by(|a, b| {

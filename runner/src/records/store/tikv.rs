@@ -429,6 +429,11 @@ impl RecordStore for TikvStore {
                 Some(until) => keys::by_time(t, until, ""),
                 None => keys::prefix_end(&keys::by_time_prefix(t)),
             };
+            // Or at the cursor, if that comes first.
+            let end = match &filter.after {
+                Some(after) => end.min(keys::by_time(t, after.started_at_ms, &after.run_id)),
+                None => end,
+            };
             if start >= end {
                 // Since after until: nothing started in between.
                 return Ok(Vec::new());

@@ -506,7 +506,17 @@ impl EmbeddedStore {
         let since = filter.since_ms.unwrap_or(i64::MIN);
         let until = filter.until_ms.unwrap_or(i64::MAX);
         let mut out = Vec::new();
-        let range = by_time.range((t, since, "")..(t, until, "")).map_err(backend)?;
+        // The listing ends where `until` does, or at the cursor if that comes first.
+        let end = match &filter.after {
+            Some(after) if (after.started_at_ms, after.run_id.as_str()) < (until, "") => {
+                (t, after.started_at_ms, after.run_id.as_str())
+            }
+            _ => (t, until, ""),
+        };
+        if (since, "") >= (end.1, end.2) {
+            return Ok(Vec::new());
+        }
+        let range = by_time.range((t, since, "")..end).map_err(backend)?;
         for item in range.rev() {
             let (key, _) = item.map_err(backend)?;
             let (_, _, run) = key.value();

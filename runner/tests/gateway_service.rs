@@ -3056,7 +3056,20 @@ async fn a_remote_question_is_declined_once_its_session_is_cancelled() {
     })
     .await;
     let bundle = with_a2a_search(&rig.bundle, &peer, "ask");
-    let context = rig.context(&bundle, "checkout-5xx-run-1");
+    // The attempt's RunContext lapses a few seconds after the question, as one does while a
+    // question waits overnight: declining it is no new decision, and needs none.
+    let wall_ms = i64::from(bundle.agent_spec.budget.max_wall_seconds) * 1000;
+    let issued = contextos_runner::records::recorder::now_ms() - wall_ms - 5 * 60 * 1000 + 4_000;
+    let context = issue_runner_context(
+        &bundle,
+        RUN,
+        TRACE,
+        "checkout-5xx-run-1",
+        "uid-checkout-5xx",
+        &rig.operator,
+        issued,
+    )
+    .expect("context");
     let client = rig.client("token-run-1", &context);
     start_run(client.records(), &bundle, &context).await;
     match client
@@ -3069,6 +3082,16 @@ async fn a_remote_question_is_declined_once_its_session_is_cancelled() {
         } => {}
         other => panic!("expected the remote agent's question, got {other:?}"),
     }
+    // The runner pauses as it does: its checkpoint goes on record after the question (which
+    // still stands).
+    let mut runner = Recorder::resume(client.records(), rig.tenant(), transit(), RUN)
+        .await
+        .expect("the run");
+    runner.stage(EntryBody::Checkpoint {
+        step: 1,
+        state: serde_json::json!({}),
+    });
+    runner.flush().await.expect("the checkpoint is on record");
     // Several looks later, the question stands while the Session does.
     let standing = recorded_result(&rig, "1.0", std::time::Duration::from_millis(800)).await;
     assert!(standing.is_none(), "{standing:?}");
@@ -3076,6 +3099,9 @@ async fn a_remote_question_is_declined_once_its_session_is_cancelled() {
         peer.methods("/plain/rpc").await.last().map(String::as_str),
         Some("CancelTask")
     );
+    while contextos_runner::records::recorder::now_ms() <= context.context.expires_at_ms {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     cancel_session(&rig);
     let result = recorded_result(&rig, "1.0", std::time::Duration::from_secs(20))
         .await

@@ -768,6 +768,44 @@ impl ToolGateway {
         self.completed_result(idempotency_key).is_some() || self.intents.started(idempotency_key).is_some()
     }
 
+    /// Whether the call under `idempotency_key` waits on the remote agent's question
+    /// `question`, as far as this gateway has folded the record in.
+    pub fn waits_on(&self, idempotency_key: &str, question: &str) -> bool {
+        self.intents
+            .started(idempotency_key)
+            .and_then(|started| started.waiting)
+            .is_some_and(|waiting| waiting.id == question)
+    }
+
+    /// Declines, in the run's name, the question `question` that `call` waits on, its Session
+    /// having ended (see `service::question_watch`): the remote task is cancelled and the
+    /// call's end staged as when a person declines — `did_not_act` by `resolver`, `note` saying
+    /// why. Nothing is admitted or decided again: the call was decided when it was made, and
+    /// the RunContext it carried may have expired since. `None` when the call does not wait on
+    /// that question (an attempt of the run took it over).
+    pub async fn decline_standing_question<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        question: &str,
+        resolver: &str,
+        note: &str,
+        recorder: &mut Recorder<'_, S>,
+    ) -> Option<ToolResultRecord> {
+        let started = self.intents.started(&call.idempotency_key)?;
+        let waiting = started.waiting.clone().filter(|waiting| waiting.id == question)?;
+        let tool = self.tools.get(&call.tool)?;
+        let resolution = contextos_crds::session::Resolution {
+            call_id: waiting.id.clone(),
+            outcome: contextos_crds::session::ResolvedOutcome::DidNotAct,
+            resolver: resolver.to_owned(),
+            note: Some(note.to_owned()),
+        };
+        Some(
+            self.decline(call, tool, &started, &waiting, &resolution, recorder)
+                .await,
+        )
+    }
+
     /// Digests of the policies deciding calls, in order.
     pub fn policy_digests(&self) -> Vec<String> {
         self.policies.policies.iter().map(|p| p.digest.clone()).collect()
@@ -1702,12 +1740,6 @@ impl ToolGateway {
         let Some(resolution) = call.resolution.as_ref().filter(|r| r.call_id == question.id) else {
             return Ok(self.ask_person(call, &question));
         };
-        let resolved = EntryBody::CallResolved {
-            call_id: started.call_id.clone(),
-            outcome: resolution.outcome,
-            resolver: resolution.resolver.clone(),
-            note: resolution.note.clone(),
-        };
         match (resolution.outcome, resolution.note.as_deref()) {
             (ResolvedOutcome::Answered, Some(answer)) if !answer.is_empty() => {
                 let answer = intents::Answer {
@@ -1718,41 +1750,56 @@ impl ToolGateway {
                 self.deliver_answer(call, tool, started, &answer, false, recorder)
                     .await
             }
-            (ResolvedOutcome::DidNotAct, _) => {
-                let cancelled = self.cancel_remote(call, tool, &question.asked.task).await;
-                recorder.stage(resolved);
-                let result = ToolResultRecord {
-                    call_id: started.call_id.clone(),
-                    ok: false,
-                    output: Value::Null,
-                    error: Some(format!(
-                        "{} declined the remote agent's question{}; its task {} {}",
-                        resolution.resolver,
-                        resolution
-                            .note
-                            .as_deref()
-                            .map(|n| format!(" ({n})"))
-                            .unwrap_or_default(),
-                        question.asked.task.task_id,
-                        cancelled_or_not(cancelled)
-                    )),
-                    attempts: 0,
-                    truncated: false,
-                    // Charged when it first asked.
-                    cost: None,
-                    cached: None,
-                };
-                Ok(CallOutcome::Executed(self.settle_result(
-                    call,
-                    &started.call_hash,
-                    result,
-                    recorder,
-                )))
-            }
+            (ResolvedOutcome::DidNotAct, _) => Ok(CallOutcome::Executed(
+                self.decline(call, tool, started, &question, resolution, recorder)
+                    .await,
+            )),
             // Admission refuses other findings on a question; one that got through (or an
             // empty answer) is not an answer: the question stands.
             _ => Ok(self.ask_person(call, &question)),
         }
+    }
+
+    /// Declines `question` as `resolution` says (`did_not_act`): its remote task is cancelled
+    /// and the call fails, both on record.
+    async fn decline<S: RecordStore>(
+        &self,
+        call: &CallEnvelope,
+        tool: &CatalogTool,
+        started: &intents::Started,
+        question: &intents::Question,
+        resolution: &contextos_crds::session::Resolution,
+        recorder: &mut Recorder<'_, S>,
+    ) -> ToolResultRecord {
+        let cancelled = self.cancel_remote(call, tool, &question.asked.task).await;
+        recorder.stage(EntryBody::CallResolved {
+            call_id: started.call_id.clone(),
+            outcome: resolution.outcome,
+            resolver: resolution.resolver.clone(),
+            note: resolution.note.clone(),
+        });
+        let result = ToolResultRecord {
+            call_id: started.call_id.clone(),
+            ok: false,
+            output: Value::Null,
+            error: Some(format!(
+                "{} declined the remote agent's question{}; its task {} {}",
+                resolution.resolver,
+                resolution
+                    .note
+                    .as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default(),
+                question.asked.task.task_id,
+                cancelled_or_not(cancelled)
+            )),
+            attempts: 0,
+            truncated: false,
+            // Charged when it first asked.
+            cost: None,
+            cached: None,
+        };
+        self.settle_result(call, &started.call_hash, result, recorder)
     }
 
     /// Puts a person's answer on record, then sends it and records how the call ended. On

@@ -69,6 +69,24 @@ impl SessionState {
     }
 }
 
+/// What successive looks at a run's Session say. A Session is taken to be gone only when two
+/// looks in a row do not find it: one answer of "not found" may be the API server's, for a
+/// moment, about the resource type rather than the object.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sightings {
+    absent_before: bool,
+}
+
+impl Sightings {
+    /// Whether the Session has ended, given what this look found.
+    pub fn look(&mut self, state: &SessionState, issued_uid: Option<&str>) -> Option<SessionEnded> {
+        let absent = *state == SessionState::Absent;
+        let confirmed = !absent || self.absent_before;
+        self.absent_before = absent;
+        if confirmed { state.ended(issued_uid) } else { None }
+    }
+}
+
 /// A future that resolves once the run's Session has ended, saying why.
 pub type Ends = Pin<Box<dyn Future<Output = SessionEnded> + Send>>;
 
@@ -126,5 +144,22 @@ mod tests {
         for (state, issued, expected) in cases {
             assert_eq!(state.ended(issued), expected, "{state:?} issued {issued:?}");
         }
+    }
+
+    #[test]
+    fn a_session_is_gone_only_when_two_looks_in_a_row_do_not_find_it() {
+        let standing = SessionState::Present {
+            uid: None,
+            cancel: false,
+            finished: None,
+        };
+        let mut sightings = Sightings::default();
+        assert_eq!(sightings.look(&SessionState::Absent, None), None);
+        assert_eq!(sightings.look(&standing, None), None);
+        assert_eq!(sightings.look(&SessionState::Absent, None), None);
+        assert_eq!(
+            sightings.look(&SessionState::Absent, None),
+            Some(SessionEnded::Deleted)
+        );
     }
 }

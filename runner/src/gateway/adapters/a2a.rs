@@ -172,7 +172,7 @@ impl A2aClient {
                 })
             }
             (Err(AdapterError::Stopped(why)), None) => Err(AdapterError::Stopped(format!(
-                "{why}; the call was stopped before the remote agent named its task"
+                "{why}; the call was stopped before the remote agent named its task, so a task it made may still run"
             ))),
             (sent, _) => sent,
         }

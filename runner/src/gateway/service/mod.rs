@@ -189,7 +189,7 @@ pub struct GatewayService<S, A, T> {
     /// How often a standing remote question's run and Session are read, and how many
     /// questions are watched now (see [`question_watch`]).
     question_polls: std::time::Duration,
-    questions_watched: Arc<std::sync::atomic::AtomicUsize>,
+    questions_watched: Arc<question_watch::Watched>,
     /// RunContexts whose signature verified.
     verified: Mutex<context_cache::ContextCache>,
     /// URL prefix rewrites for tools (single-machine setups and tests).

@@ -3,59 +3,117 @@
 //! cancelled, deleted, made again under its name or ends otherwise while the question stands,
 //! no attempt of the run will come to answer or decline it, so this replica declines it in
 //! the run's name — the task is cancelled and the call fails, on record, as when a person
-//! declines (`did_not_act`). The question stands while the run's record ends where it ended
-//! once the question was on record: any later write is a new attempt of the run, which takes
-//! the question over (answers it, declines it, or asks again and is watched again).
+//! declines (`did_not_act`). Whether the question still stands is what the record says: the
+//! run's gateway, brought up to the record, still has the call waiting on it (the runner's own
+//! writes after it — its checkpoint as it pauses — leave it standing; an attempt that sends the
+//! call again answers it, declines it or is asked again, and a new question is watched anew).
 //!
 //! Known limit: the watch lives in the replica's memory. A replica that stops (an upgrade, a
 //! crash) leaves the questions it watched unwatched.
 
-use std::time::Duration;
-
-use crate::{
-    gateway::session_watch::{SessionEnded, SessionState},
-    records::Hash,
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
+
+use crate::gateway::session_watch::SessionEnded;
 
 /// How often a standing question's run and Session are read, unless the service was told
 /// otherwise: questions wait for people, so a slow look costs little.
 pub const EVERY: Duration = Duration::from_secs(30);
-/// Questions one replica watches at most (each is one task and two reads a period); past it a
-/// question goes unwatched, and the replica says so in its log.
+/// Questions one replica watches at most, and of one namespace (each is one task holding the
+/// call's identifiers, and a read of the Session and of the run's new entries a period); past
+/// either a question goes unwatched, and the replica says so in its log.
 pub const MAX_WATCHED: usize = 4_096;
+pub const MAX_WATCHED_PER_TENANT: usize = 256;
 /// Who declines a question for a Session that ended, as the record names them.
 pub const RESOLVER: &str = "contextos-gateway";
 
 /// What a look at the run and its Session says to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Next {
-    /// The question stands and the Session wants the run: look again later.
+    /// The question stands and the Session wants the run (or either could not be read): look
+    /// again later.
     Wait,
-    /// The run was written to since: an attempt took the question over.
+    /// The question no longer stands: an attempt took it over, or the run ended.
     Leave,
     /// The Session ended while the question stood: decline it.
     Decline(SessionEnded),
 }
 
-/// What to do, given the run's head when the question was on record (`asked_at`), its head
-/// now (`None`: could not be read), and the Session as the API server answered (`None`: could
-/// not be read). Whatever cannot be read is looked at again later; a run that moved on is left
-/// even when its Session ended — whoever wrote to it has the question now.
-pub fn next(
-    asked_at: (u64, Hash),
-    head_now: Option<(u64, Hash)>,
-    session: Option<&SessionState>,
-    issued_uid: Option<&str>,
-) -> Next {
-    let Some(head_now) = head_now else {
-        return Next::Wait;
-    };
-    if head_now != asked_at {
-        return Next::Leave;
+/// What to do, given whether the question still stands (`None`: the record could not be
+/// read) and whether the Session has ended (`None`: it has not, or could not be read).
+pub fn next(stands: Option<bool>, ended: Option<SessionEnded>) -> Next {
+    match (stands, ended) {
+        (Some(false), _) => Next::Leave,
+        (Some(true), Some(ended)) => Next::Decline(ended),
+        _ => Next::Wait,
     }
-    match session.and_then(|state| state.ended(issued_uid)) {
-        Some(ended) => Next::Decline(ended),
-        None => Next::Wait,
+}
+
+/// The questions this replica watches, by namespace: one watch per question, within the
+/// bounds above.
+#[derive(Debug, Default)]
+pub struct Watched(Mutex<HashMap<String, HashSet<(String, String)>>>);
+
+/// Why a question goes unwatched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotWatched {
+    /// Another watch of this replica has it already.
+    Already,
+    /// The replica, or the namespace, watches as many as it may.
+    Full,
+}
+
+/// A question's place among those watched, given back when dropped.
+#[derive(Debug)]
+pub struct Place {
+    watched: Arc<Watched>,
+    tenant: String,
+    key: (String, String),
+}
+
+impl Watched {
+    /// A place for question `question` of run `run` in namespace `tenant`.
+    pub fn take(self: &Arc<Self>, tenant: &str, run: &str, question: &str) -> Result<Place, NotWatched> {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = all.values().map(HashSet::len).sum();
+        let key = (run.to_owned(), question.to_owned());
+        let of_tenant = all.entry(tenant.to_owned()).or_default();
+        if of_tenant.contains(&key) {
+            return Err(NotWatched::Already);
+        }
+        if total >= MAX_WATCHED || of_tenant.len() >= MAX_WATCHED_PER_TENANT {
+            return Err(NotWatched::Full);
+        }
+        of_tenant.insert(key.clone());
+        Ok(Place {
+            watched: self.clone(),
+            tenant: tenant.to_owned(),
+            key,
+        })
+    }
+
+    /// How many questions are watched now.
+    #[cfg(test)]
+    pub fn count(&self) -> usize {
+        self.0
+            .lock()
+            .map(|all| all.values().map(HashSet::len).sum())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut all = self.watched.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(of_tenant) = all.get_mut(&self.tenant) {
+            of_tenant.remove(&self.key);
+            if of_tenant.is_empty() {
+                all.remove(&self.tenant);
+            }
+        }
     }
 }
 
@@ -64,34 +122,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_standing_question_is_declined_only_once_its_session_ended() {
-        let asked_at = (7, Hash::of(b"seven"));
-        let moved = (8, Hash::of(b"eight"));
-        let standing = SessionState::Present {
-            uid: Some("u1".into()),
-            cancel: false,
-            finished: None,
-        };
-        let cancelled = SessionState::Present {
-            uid: Some("u1".into()),
-            cancel: true,
-            finished: None,
-        };
-        let uid = Some("u1");
-        assert_eq!(next(asked_at, Some(asked_at), Some(&standing), uid), Next::Wait);
+    fn a_question_is_declined_only_while_it_stands_and_once_its_session_ended() {
+        let cancelled = Some(SessionEnded::Cancelled);
+        assert_eq!(next(Some(true), None), Next::Wait);
         assert_eq!(
-            next(asked_at, Some(asked_at), Some(&cancelled), uid),
+            next(Some(true), cancelled),
             Next::Decline(SessionEnded::Cancelled)
         );
+        // Taken over (or the run ended): left, whatever the Session says.
+        assert_eq!(next(Some(false), cancelled), Next::Leave);
+        assert_eq!(next(Some(false), None), Next::Leave);
+        // A record that cannot be read decides nothing.
+        assert_eq!(next(None, cancelled), Next::Wait);
+    }
+
+    #[test]
+    fn one_watch_per_question_within_the_namespaces_share() {
+        let watched = Arc::new(Watched::default());
+        let first = watched.take("shop", "run-1", "1.0.q1").expect("watched");
         assert_eq!(
-            next(asked_at, Some(asked_at), Some(&SessionState::Absent), uid),
-            Next::Decline(SessionEnded::Deleted)
+            watched.take("shop", "run-1", "1.0.q1").err(),
+            Some(NotWatched::Already)
         );
-        // Another attempt wrote to the run: it has the question, cancelled Session or not.
-        assert_eq!(next(asked_at, Some(moved), Some(&cancelled), uid), Next::Leave);
-        assert_eq!(next(asked_at, Some(moved), Some(&standing), uid), Next::Leave);
-        // Nothing unread is taken for an end.
-        assert_eq!(next(asked_at, None, Some(&cancelled), uid), Next::Wait);
-        assert_eq!(next(asked_at, Some(asked_at), None, uid), Next::Wait);
+        let places: Vec<Place> = (1..MAX_WATCHED_PER_TENANT)
+            .map(|i| watched.take("shop", &format!("run-{i}"), "q").expect("room"))
+            .collect();
+        assert_eq!(watched.take("shop", "run-x", "q").err(), Some(NotWatched::Full));
+        // Another namespace still has its share.
+        let other = watched.take("bank", "run-1", "1.0.q1").expect("its own share");
+        assert_eq!(watched.count(), MAX_WATCHED_PER_TENANT + 1);
+        drop(first);
+        drop(places);
+        drop(other);
+        assert_eq!(watched.count(), 0, "every place is given back");
+        assert!(watched.take("shop", "run-1", "1.0.q1").is_ok());
     }
 }

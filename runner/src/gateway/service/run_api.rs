@@ -1129,12 +1129,15 @@ where
             ..
         } = &outcome
         {
-            // The run's gateway learns of a question (that the call started and waits on it)
-            // only from the record: it folds the record in again before the call is sent again.
-            log.mark_stale();
+            // The run's gateway learns of a new question (that the call started and waits on
+            // it) only from the record: it folds the record in again before the call is sent
+            // again. (A question it knows of already, reported again, costs no such read.)
+            if !slot.gateway.waits_on(&request.envelope.idempotency_key, question) {
+                log.mark_stale();
+            }
             // Watched until an attempt takes it over, or declined if the Session ends first.
-            if written && let Some(asked_at) = log.head() {
-                self.watch_question(caller, &request, question, asked_at);
+            if written {
+                self.watch_question(caller, &request.envelope, question);
             }
         }
         let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
@@ -1187,115 +1190,151 @@ where
         }
     }
 
-    /// Watches `question` (recorded for `request`'s call, the run's record ending at
-    /// `asked_at`) until an attempt of the run takes it over, and declines it if the run's
-    /// Session ends first (see [`question_watch`]). One task per question, at most
-    /// [`question_watch::MAX_WATCHED`] in this replica.
+    /// Watches `question`, recorded for `call`, until an attempt of the run takes it over, and
+    /// declines it if the run's Session ends first (see [`question_watch`]). One task per
+    /// question, within [`question_watch::MAX_WATCHED`] and the namespace's share.
     fn watch_question(
         self: &Arc<Self>,
         caller: &Caller,
-        request: &CallRequest,
+        call: &crate::gateway::envelope::CallEnvelope,
         question: &str,
-        asked_at: (u64, Hash),
     ) {
-        use super::question_watch::{MAX_WATCHED, Next, next};
-        use std::sync::atomic::Ordering;
-        let watched = self.questions_watched.clone();
-        if watched.fetch_add(1, Ordering::SeqCst) >= MAX_WATCHED {
-            watched.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(
-                tenant = %caller.tenant, run = caller.run_id(), %question,
-                "{MAX_WATCHED} remote questions are watched here already: this one's task is not cancelled if its Session ends first"
-            );
-            return;
-        }
-        // The service is not kept alive for a question's sake.
-        let service = Arc::downgrade(self);
-        let (caller, question) = (caller.clone(), question.to_owned());
-        let (envelope, state) = (request.envelope.clone(), request.state.clone());
-        let every = self.question_polls;
-        tokio::spawn(async move {
-            let context = &caller.context.context;
-            let ended = loop {
-                tokio::time::sleep(every).await;
-                let Some(service) = service.upgrade() else {
-                    break None;
-                };
-                let head_now = match service.store.head(&caller.tenant, caller.run_id()).await {
-                    Ok(Some(head)) => Some((head.seq, head.hash)),
-                    // No record of the run any more: nothing to decline on.
-                    Ok(None) => break None,
-                    Err(_) => None,
-                };
-                let session = service
-                    .tenants
-                    .session_state(caller.tenant.as_str(), &context.session_id)
-                    .await
-                    .ok();
-                match next(
-                    asked_at,
-                    head_now,
-                    session.as_ref(),
-                    context.session_uid.as_deref(),
-                ) {
-                    Next::Wait => {}
-                    Next::Leave => break None,
-                    Next::Decline(ended) => break Some((service, ended)),
-                }
-            };
-            if let Some((service, ended)) = ended {
-                service
-                    .decline_question(&caller, envelope, state, &question, asked_at, ended)
-                    .await;
-            }
-            watched.fetch_sub(1, Ordering::SeqCst);
-        });
-    }
-
-    /// Declines `question` in the run's name, its Session having ended: the call is sent
-    /// again as its next attempt would send it with a person's `did_not_act`, so the gateway
-    /// cancels the remote task and records the call's end exactly as it would then.
-    async fn decline_question(
-        self: &Arc<Self>,
-        caller: &Caller,
-        mut envelope: crate::gateway::envelope::CallEnvelope,
-        state: crate::policy::StateFacts,
-        question: &str,
-        asked_at: (u64, Hash),
-        ended: crate::gateway::session_watch::SessionEnded,
-    ) {
-        let slot = match self.slot(caller, &[]).await {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                tracing::warn!(tenant = %caller.tenant, run = caller.run_id(), %question, error = %refusal.message, "cannot decline the question of a Session that ended");
+        use super::question_watch::{Next, NotWatched, next};
+        let place = match self
+            .questions_watched
+            .take(caller.tenant.as_str(), caller.run_id(), question)
+        {
+            Ok(place) => place,
+            Err(NotWatched::Already) => return,
+            Err(NotWatched::Full) => {
+                tracing::warn!(
+                    tenant = %caller.tenant, run = caller.run_id(), %question,
+                    "this replica watches as many remote questions as it may (here or in this namespace): this one's task is not cancelled if its Session ends first"
+                );
                 return;
             }
         };
-        envelope.approval = None;
-        envelope.resolution = Some(Resolution {
-            call_id: question.to_owned(),
-            outcome: contextos_crds::session::ResolvedOutcome::DidNotAct,
-            resolver: super::question_watch::RESOLVER.to_owned(),
-            note: Some(ended.to_string()),
-        });
-        let request = CallRequest {
-            envelope,
-            state,
-            tail: crate::gateway::remote::RunnerTail {
-                head: crate::records::store::remote::head_header_value(asked_at.0, &asked_at.1),
-                entries: Vec::new(),
-            },
+        // What declining takes, without the arguments (which may be large).
+        let call = crate::gateway::envelope::CallEnvelope {
+            arguments: serde_json::Value::Null,
+            approval: None,
+            resolution: None,
+            run_context: call.run_context.clone(),
+            call_id: call.call_id.clone(),
+            tool: call.tool.clone(),
+            risk: call.risk,
+            kind: call.kind,
+            idempotency_key: call.idempotency_key.clone(),
+            traceparent: call.traceparent.clone(),
         };
+        // The service is not kept alive for a question's sake.
+        let service = Arc::downgrade(self);
+        let (caller, question) = (caller.clone(), question.to_owned());
+        let every = self.question_polls;
+        tokio::spawn(async move {
+            let _place = place;
+            let context = &caller.context.context;
+            let mut sightings = crate::gateway::session_watch::Sightings::default();
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(service) = service.upgrade() else {
+                    return;
+                };
+                let ended = match service
+                    .tenants
+                    .session_state(caller.tenant.as_str(), &context.session_id)
+                    .await
+                {
+                    Ok(state) => sightings.look(&state, context.session_uid.as_deref()),
+                    Err(_) => None,
+                };
+                let stands = service.question_stands(&caller, &call, &question).await;
+                match next(stands, ended) {
+                    Next::Wait => {}
+                    Next::Leave => return,
+                    Next::Decline(ended) => {
+                        service.decline_question(&caller, &call, &question, ended).await;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Whether `call` of the caller's run still waits on `question`, as the record says now
+    /// (`None`: it could not be read).
+    async fn question_stands(
+        self: &Arc<Self>,
+        caller: &Caller,
+        call: &crate::gateway::envelope::CallEnvelope,
+        question: &str,
+    ) -> Option<bool> {
+        let slot = self.slot(caller, &[]).await.ok()?;
+        let mut log = crate::gateway::fair::away(slot.log.lock()).await;
+        log.refresh(&self.store, &caller.tenant, caller.run_id(), &slot.gateway)
+            .await
+            .ok()?;
+        Some(!log.finished() && slot.gateway.waits_on(&call.idempotency_key, question))
+    }
+
+    /// Declines `question` in the run's name, its Session having ended: the remote task is
+    /// cancelled and the call's end recorded as when a person declines — checked again under
+    /// the run's log, on the record as it is then, so an attempt that took the question over
+    /// meanwhile keeps it.
+    async fn decline_question(
+        self: &Arc<Self>,
+        caller: &Caller,
+        call: &crate::gateway::envelope::CallEnvelope,
+        question: &str,
+        ended: crate::gateway::session_watch::SessionEnded,
+    ) {
+        let fail = |error: &str| {
+            tracing::warn!(tenant = %caller.tenant, run = caller.run_id(), %question, %error, "cannot decline the question of a Session that ended");
+        };
+        let slot = match self.slot(caller, &[]).await {
+            Ok(slot) => slot,
+            Err(refusal) => return fail(&refusal.message),
+        };
+        let mut log = crate::gateway::fair::away(slot.log.lock()).await;
+        if let Err(error) = log
+            .refresh(&self.store, &caller.tenant, caller.run_id(), &slot.gateway)
+            .await
+        {
+            return fail(&error.to_string());
+        }
+        if log.finished() {
+            return;
+        }
+        let key = self.keys.for_tenant(caller.tenant.as_str());
+        let Some(mut recorder) = log.recorder(&self.store, &caller.tenant, key) else {
+            return;
+        };
+        let note = ended.to_string();
+        let Some(result) = slot
+            .gateway
+            .decline_standing_question(
+                call,
+                question,
+                super::question_watch::RESOLVER,
+                &note,
+                &mut recorder,
+            )
+            .await
+        else {
+            // An attempt took it over meanwhile.
+            return;
+        };
+        let outcome = crate::gateway::CallOutcome::Executed(result);
         let (answer, answered) = tokio::sync::oneshot::channel();
-        self.decide_and_execute(caller, &slot, request, answer).await;
+        let reply = |head| with_head(Json(&outcome).into_response(), head);
+        self.write_and_answer(caller, &mut log, recorder, answer, Answering::early(false), reply)
+            .await;
         match answered.await {
             Ok(Ok(_)) => {
-                tracing::info!(tenant = %caller.tenant, run = caller.run_id(), %question, %ended, "declined a remote question: its Session ended")
+                tracing::info!(tenant = %caller.tenant, run = caller.run_id(), %question, %ended, "declined a remote question and cancelled its task: its Session ended")
             }
-            Ok(Err(refusal)) => {
-                tracing::warn!(tenant = %caller.tenant, run = caller.run_id(), %question, error = %refusal.message, "cannot decline the question of a Session that ended")
-            }
-            Err(_) => {}
+            Ok(Err(refusal)) => fail(&refusal.message),
+            Err(_) => fail("the decline was not written"),
         }
     }
 

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use crate::gateway::{
-    session_watch::{Ends, SessionWatch},
+    session_watch::{Ends, SessionWatch, Sightings},
     tenancy::TenantView,
 };
 
@@ -41,11 +41,12 @@ impl<T: TenantView + 'static> SessionWatch for SessionPolls<T> {
             self.every,
         );
         Box::pin(async move {
+            let mut sightings = Sightings::default();
             loop {
                 tokio::time::sleep(every).await;
                 match tenants.session_state(&namespace, &session).await {
                     Ok(state) => {
-                        if let Some(ended) = state.ended(uid.as_deref()) {
+                        if let Some(ended) = sightings.look(&state, uid.as_deref()) {
                             return ended;
                         }
                     }

@@ -3007,7 +3007,11 @@ async fn a_remote_task_the_service_follows_is_cancelled_once_its_session_is() {
 async fn a_remote_question_answered_on_the_session_continues_its_task() {
     use contextos_crds::session::{Resolution, ResolvedOutcome};
     let Some(peer) = A2aPeer::start() else { return };
-    let rig = rig().await;
+    let rig = rig_with_options(RigOptions {
+        question_polls: Some(std::time::Duration::from_millis(100)),
+        ..RigOptions::default()
+    })
+    .await;
     let bundle = with_a2a_search(&rig.bundle, &peer, "ask");
     let context = rig.context(&bundle, "checkout-5xx-run-1");
     let client = rig.client("token-run-1", &context);
@@ -3042,6 +3046,25 @@ async fn a_remote_question_answered_on_the_session_continues_its_task() {
         sent, 2,
         "the first message and the answer, to one task: {methods:?}"
     );
+    // The Session ends later: the question, answered, is not declined, nor its task cancelled.
+    cancel_session(&rig);
+    tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+    let bodies: Vec<EntryBody> = read_run(&*rig.store, &rig.tenant(), RUN)
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|(_, entry)| entry.body)
+        .collect();
+    let results = bodies
+        .iter()
+        .filter(|body| matches!(body, EntryBody::ToolResult(r) if r.call_id == "1.0"))
+        .count();
+    let declined = bodies.iter().any(
+        |body| matches!(body, EntryBody::CallResolved { resolver, .. } if resolver == "contextos-gateway"),
+    );
+    assert!(results == 1 && !declined, "{bodies:?}");
+    let methods = peer.methods("/plain/rpc").await;
+    assert!(!methods.iter().any(|m| m == "CancelTask"), "{methods:?}");
 }
 
 /// A remote agent's question the Session waits on is declined in the run's name, its task

@@ -768,6 +768,13 @@ impl ToolGateway {
         self.completed_result(idempotency_key).is_some() || self.intents.started(idempotency_key).is_some()
     }
 
+    /// Learns from entries this gateway itself wrote which calls started, which remote
+    /// questions they wait on and which ended — what it otherwise learns only by reading the
+    /// record back ([`ToolGateway::restore`]); the rest of what they say it remembers already.
+    pub fn note_written<'e>(&self, entries: impl IntoIterator<Item = &'e crate::records::RecordEntry>) {
+        self.intents.fold(entries);
+    }
+
     /// Whether the call under `idempotency_key` waits on the remote agent's question
     /// `question`, as far as this gateway has folded the record in.
     pub fn waits_on(&self, idempotency_key: &str, question: &str) -> bool {
@@ -782,7 +789,8 @@ impl ToolGateway {
     /// call's end staged as when a person declines — `did_not_act` by `resolver`, `note` saying
     /// why. Nothing is admitted or decided again: the call was decided when it was made, and
     /// the RunContext it carried may have expired since. `None` when the call does not wait on
-    /// that question (an attempt of the run took it over).
+    /// that question (an attempt of the run took it over); an error, with nothing sent, when
+    /// someone wrote to the run since it was read.
     pub async fn decline_standing_question<S: RecordStore>(
         &self,
         call: &CallEnvelope,
@@ -790,20 +798,25 @@ impl ToolGateway {
         resolver: &str,
         note: &str,
         recorder: &mut Recorder<'_, S>,
-    ) -> Option<ToolResultRecord> {
-        let started = self.intents.started(&call.idempotency_key)?;
-        let waiting = started.waiting.clone().filter(|waiting| waiting.id == question)?;
-        let tool = self.tools.get(&call.tool)?;
+    ) -> Result<Option<ToolResultRecord>, GatewayError> {
+        let Some(started) = self.intents.started(&call.idempotency_key) else {
+            return Ok(None);
+        };
+        let Some(waiting) = started.waiting.clone().filter(|waiting| waiting.id == question) else {
+            return Ok(None);
+        };
+        let Some(tool) = self.tools.get(&call.tool) else {
+            return Ok(None);
+        };
         let resolution = contextos_crds::session::Resolution {
             call_id: waiting.id.clone(),
             outcome: contextos_crds::session::ResolvedOutcome::DidNotAct,
             resolver: resolver.to_owned(),
             note: Some(note.to_owned()),
         };
-        Some(
-            self.decline(call, tool, &started, &waiting, &resolution, recorder)
-                .await,
-        )
+        self.decline(call, tool, &started, &waiting, &resolution, recorder)
+            .await
+            .map(Some)
     }
 
     /// Digests of the policies deciding calls, in order.
@@ -1752,7 +1765,7 @@ impl ToolGateway {
             }
             (ResolvedOutcome::DidNotAct, _) => Ok(CallOutcome::Executed(
                 self.decline(call, tool, started, &question, resolution, recorder)
-                    .await,
+                    .await?,
             )),
             // Admission refuses other findings on a question; one that got through (or an
             // empty answer) is not an answer: the question stands.
@@ -1760,8 +1773,10 @@ impl ToolGateway {
         }
     }
 
-    /// Declines `question` as `resolution` says (`did_not_act`): its remote task is cancelled
-    /// and the call fails, both on record.
+    /// Declines `question` as `resolution` says (`did_not_act`): the decline goes on record
+    /// first — only on the record as it was read, so of two executors (a person's attempt, the
+    /// gateway for a Session that ended) one declines and the other cancels nothing — then its
+    /// remote task is cancelled and the call fails.
     async fn decline<S: RecordStore>(
         &self,
         call: &CallEnvelope,
@@ -1770,14 +1785,15 @@ impl ToolGateway {
         question: &intents::Question,
         resolution: &contextos_crds::session::Resolution,
         recorder: &mut Recorder<'_, S>,
-    ) -> ToolResultRecord {
-        let cancelled = self.cancel_remote(call, tool, &question.asked.task).await;
+    ) -> Result<ToolResultRecord, GatewayError> {
         recorder.stage(EntryBody::CallResolved {
             call_id: started.call_id.clone(),
             outcome: resolution.outcome,
             resolver: resolution.resolver.clone(),
             note: resolution.note.clone(),
         });
+        recorder.flush_exclusive().await?;
+        let cancelled = self.cancel_remote(call, tool, &question.asked.task).await;
         let result = ToolResultRecord {
             call_id: started.call_id.clone(),
             ok: false,
@@ -1799,7 +1815,7 @@ impl ToolGateway {
             cost: None,
             cached: None,
         };
-        self.settle_result(call, &started.call_hash, result, recorder)
+        Ok(self.settle_result(call, &started.call_hash, result, recorder))
     }
 
     /// Puts a person's answer on record, then sends it and records how the call ended. On

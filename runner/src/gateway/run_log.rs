@@ -189,7 +189,8 @@ impl RunLog {
     }
 
     /// Folds in the entries this replica just wrote on top of the refreshed head (its gateway
-    /// already remembers their effects), as its recorder kept them — no read of the store,
+    /// already remembers their effects, but for which calls started and what they wait on,
+    /// which it learns here), as its recorder kept them — no read of the store,
     /// unless one of them went to a blob (a large model turn or result, whose body the ledger
     /// and the byte count need): then they are read back, bodies inlined. If anyone else wrote
     /// in between (`written` is `None`, or the entries do not link up), the gateway is rebuilt
@@ -200,6 +201,7 @@ impl RunLog {
         tenant: &TenantId,
         run_id: &str,
         written: Option<&[StoredEntry]>,
+        gateway: &ToolGateway,
     ) -> Result<(), ReadError> {
         let Some(written) = written else {
             self.gateway_in_step = false;
@@ -234,12 +236,14 @@ impl RunLog {
             match self.read_tail(store, tenant, run_id, tail.len()).await? {
                 Some(read) if read.len() == tail.len() => {
                     let opened = self.open_all(read, store, tenant, run_id).await?;
+                    gateway.note_written(opened.iter().map(|(_, e, _)| e));
                     self.fold(&opened);
                 }
                 _ => self.gateway_in_step = false,
             }
             return Ok(());
         }
+        gateway.note_written(tail.iter().map(|(_, e, _)| e));
         // Their bytes as written are their canonical encoding: no need to encode them again.
         for (hash, entry, bytes) in &tail {
             self.fold_one(*hash, entry, *bytes);

@@ -537,8 +537,8 @@ struct RunsQuery {
     after_run: Option<String>,
 }
 
-// The most runs one listing answers; readers ask again for the runs after the last one
-// (`until_ms`), as `RemoteStore` does, a page at a time.
+// The most runs one listing answers; readers ask again for the runs after the last one they
+// were given (`after_ms`, `after_run`), as `RemoteStore` does, a page at a time.
 use crate::records::store::remote::MAX_LISTED_RUNS;
 
 impl<S, A, T> GatewayService<S, A, T>

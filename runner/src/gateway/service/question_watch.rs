@@ -4,9 +4,11 @@
 //! no attempt of the run will come to answer or decline it, so this replica declines it in
 //! the run's name — the task is cancelled and the call fails, on record, as when a person
 //! declines (`did_not_act`). Whether the question still stands is what the record says: the
-//! run's gateway, brought up to the record, still has the call waiting on it (the runner's own
-//! writes after it — its checkpoint as it pauses — leave it standing; an attempt that sends the
-//! call again answers it, declines it or is asked again, and a new question is watched anew).
+//! entries after it, read as they come, a period at a time (the runner's own writes — its
+//! checkpoint as it pauses — leave it standing; the call's answer, its decline, its result, a
+//! new question of it or the run's end do not, and a new question is watched anew). The
+//! decline is checked once more against the record under the run's log, and written only on
+//! the record as it was read, before the task is cancelled.
 //!
 //! Known limit: the watch lives in the replica's memory. A replica that stops (an upgrade, a
 //! crash) leaves the questions it watched unwatched.
@@ -17,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use crate::gateway::session_watch::SessionEnded;
+use crate::{gateway::session_watch::SessionEnded, records::EntryBody};
 
 /// How often a standing question's run and Session are read, unless the service was told
 /// otherwise: questions wait for people, so a slow look costs little.
@@ -29,6 +31,26 @@ pub const MAX_WATCHED: usize = 4_096;
 pub const MAX_WATCHED_PER_TENANT: usize = 256;
 /// Who declines a question for a Session that ended, as the record names them.
 pub const RESOLVER: &str = "contextos-gateway";
+/// Looks in a row that could not read the run's record after which a question is no longer
+/// watched (a run whose record is gone or damaged).
+pub const MAX_UNREAD: u32 = 20;
+
+/// Whether entries recorded after a question (in order) show its call moved on: the call was
+/// answered or declined (`call_resolved`), ended (`tool_result`), asked another question, or
+/// the run ended. Anything else — the runner's checkpoint, other calls — leaves it standing.
+pub fn moves_on(entries: &[&EntryBody], call_id: &str, question: &str) -> bool {
+    entries.iter().any(|body| match body {
+        EntryBody::CallResolved { call_id: id, .. } => id == call_id,
+        EntryBody::ToolResult(result) => result.call_id == call_id,
+        EntryBody::RemoteInputRequired {
+            call_id: id,
+            question_id,
+            ..
+        } => id == call_id && question_id != question,
+        EntryBody::Completed { .. } | EntryBody::Failed { .. } => true,
+        _ => false,
+    })
+}
 
 /// What a look at the run and its Session says to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,14 +102,14 @@ impl Watched {
         let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let total: usize = all.values().map(HashSet::len).sum();
         let key = (run.to_owned(), question.to_owned());
-        let of_tenant = all.entry(tenant.to_owned()).or_default();
-        if of_tenant.contains(&key) {
+        let of_tenant = all.get(tenant).map_or(0, HashSet::len);
+        if all.get(tenant).is_some_and(|watched| watched.contains(&key)) {
             return Err(NotWatched::Already);
         }
-        if total >= MAX_WATCHED || of_tenant.len() >= MAX_WATCHED_PER_TENANT {
+        if total >= MAX_WATCHED || of_tenant >= MAX_WATCHED_PER_TENANT {
             return Err(NotWatched::Full);
         }
-        of_tenant.insert(key.clone());
+        all.entry(tenant.to_owned()).or_default().insert(key.clone());
         Ok(Place {
             watched: self.clone(),
             tenant: tenant.to_owned(),
@@ -134,6 +156,43 @@ mod tests {
         assert_eq!(next(Some(false), None), Next::Leave);
         // A record that cannot be read decides nothing.
         assert_eq!(next(None, cancelled), Next::Wait);
+    }
+
+    #[test]
+    fn a_question_moves_on_only_with_its_own_calls_end_or_the_runs() {
+        use crate::records::entry::ToolResultRecord;
+        let result = |call: &str| {
+            EntryBody::ToolResult(ToolResultRecord {
+                call_id: call.into(),
+                ok: true,
+                output: serde_json::Value::Null,
+                error: None,
+                attempts: 1,
+                truncated: false,
+                cost: None,
+                cached: None,
+            })
+        };
+        let resolved = |call: &str| EntryBody::CallResolved {
+            call_id: call.into(),
+            outcome: contextos_crds::session::ResolvedOutcome::Answered,
+            resolver: "dana@example.com".into(),
+            note: Some("EU".into()),
+        };
+        let checkpoint = EntryBody::Checkpoint {
+            step: 1,
+            state: serde_json::json!({}),
+        };
+        let failed = EntryBody::Failed {
+            reason: "deadline".into(),
+            message: String::new(),
+        };
+        let moves = |bodies: &[&EntryBody]| moves_on(bodies, "1.0", "1.0.q1-ab");
+        assert!(!moves(&[]));
+        assert!(!moves(&[&checkpoint, &result("2.0"), &resolved("2.0")]));
+        assert!(moves(&[&checkpoint, &resolved("1.0")]));
+        assert!(moves(&[&result("1.0")]));
+        assert!(moves(&[&failed]));
     }
 
     #[test]

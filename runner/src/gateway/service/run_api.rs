@@ -189,7 +189,9 @@ where
             }
             Err(e) => return Err(unavailable(e)),
         };
-        service.settle(&caller, &mut log, recorder.written()).await?;
+        service
+            .settle(&caller, &slot.gateway, &mut log, recorder.written())
+            .await?;
         if log.finished() {
             // An ended run is served nothing more: its built gateway need not be kept.
             service.forget_slot(&caller);
@@ -1119,26 +1121,29 @@ where
             );
         let reply = |head| with_head(Json(&outcome).into_response(), head);
         let written = self
-            .write_and_answer(caller, &mut log, recorder, answer, Answering::early(early), reply)
+            .write_and_answer(
+                caller,
+                &slot.gateway,
+                &mut log,
+                recorder,
+                answer,
+                Answering::early(early),
+                reply,
+            )
             .await
             == Written::Yes;
         slot.gateway.publish_cached(written);
-        if let crate::gateway::CallOutcome::OutcomeUnknown {
-            call_id: question,
-            for_call: Some(_),
-            ..
-        } = &outcome
+        // A remote agent's question on record: watched until an attempt takes it over, or
+        // declined if the Session ends first.
+        if written
+            && let crate::gateway::CallOutcome::OutcomeUnknown {
+                call_id: question,
+                for_call: Some(_),
+                ..
+            } = &outcome
+            && let Some((head, _)) = log.head()
         {
-            // The run's gateway learns of a new question (that the call started and waits on
-            // it) only from the record: it folds the record in again before the call is sent
-            // again. (A question it knows of already, reported again, costs no such read.)
-            if !slot.gateway.waits_on(&request.envelope.idempotency_key, question) {
-                log.mark_stale();
-            }
-            // Watched until an attempt takes it over, or declined if the Session ends first.
-            if written {
-                self.watch_question(caller, &request.envelope, question);
-            }
+            self.watch_question(caller, &request.envelope, question, head);
         }
         let made = slot.gateway.calls_made(caller.run_id()) > calls_before;
         if made
@@ -1190,16 +1195,18 @@ where
         }
     }
 
-    /// Watches `question`, recorded for `call`, until an attempt of the run takes it over, and
-    /// declines it if the run's Session ends first (see [`question_watch`]). One task per
-    /// question, within [`question_watch::MAX_WATCHED`] and the namespace's share.
+    /// Watches `question`, recorded for `call` (the run's record ending at entry `seq` then),
+    /// until an attempt of the run takes it over, and declines it if the run's Session ends
+    /// first (see [`question_watch`]). One task per question, within
+    /// [`question_watch::MAX_WATCHED`] and the namespace's share.
     fn watch_question(
         self: &Arc<Self>,
         caller: &Caller,
         call: &crate::gateway::envelope::CallEnvelope,
         question: &str,
+        seq: u64,
     ) {
-        use super::question_watch::{Next, NotWatched, next};
+        use super::question_watch::{MAX_UNREAD, Next, NotWatched, next};
         let place = match self
             .questions_watched
             .take(caller.tenant.as_str(), caller.run_id(), question)
@@ -1235,6 +1242,8 @@ where
             let _place = place;
             let context = &caller.context.context;
             let mut sightings = crate::gateway::session_watch::Sightings::default();
+            // The first entry not read yet, and how many looks in a row could not read on.
+            let (mut from, mut unread) = (seq.saturating_add(1), 0);
             loop {
                 tokio::time::sleep(every).await;
                 let Some(service) = service.upgrade() else {
@@ -1248,8 +1257,30 @@ where
                     Ok(state) => sightings.look(&state, context.session_uid.as_deref()),
                     Err(_) => None,
                 };
-                let stands = service.question_stands(&caller, &call, &question).await;
+                let read =
+                    crate::records::read_run_from(&service.store, &caller.tenant, caller.run_id(), from)
+                        .await;
+                let stands = match read {
+                    Ok(entries) => {
+                        unread = 0;
+                        from = entries.last().map_or(from, |(_, e)| e.seq.saturating_add(1));
+                        let bodies: Vec<&EntryBody> = entries.iter().map(|(_, e)| &e.body).collect();
+                        Some(!super::question_watch::moves_on(
+                            &bodies,
+                            &call.call_id,
+                            &question,
+                        ))
+                    }
+                    Err(_) => {
+                        unread += 1;
+                        None
+                    }
+                };
                 match next(stands, ended) {
+                    Next::Wait if unread >= MAX_UNREAD => {
+                        tracing::warn!(tenant = %caller.tenant, run = caller.run_id(), %question, "the run's record cannot be read: its remote question is no longer watched");
+                        return;
+                    }
                     Next::Wait => {}
                     Next::Leave => return,
                     Next::Decline(ended) => {
@@ -1261,26 +1292,10 @@ where
         });
     }
 
-    /// Whether `call` of the caller's run still waits on `question`, as the record says now
-    /// (`None`: it could not be read).
-    async fn question_stands(
-        self: &Arc<Self>,
-        caller: &Caller,
-        call: &crate::gateway::envelope::CallEnvelope,
-        question: &str,
-    ) -> Option<bool> {
-        let slot = self.slot(caller, &[]).await.ok()?;
-        let mut log = crate::gateway::fair::away(slot.log.lock()).await;
-        log.refresh(&self.store, &caller.tenant, caller.run_id(), &slot.gateway)
-            .await
-            .ok()?;
-        Some(!log.finished() && slot.gateway.waits_on(&call.idempotency_key, question))
-    }
-
-    /// Declines `question` in the run's name, its Session having ended: the remote task is
-    /// cancelled and the call's end recorded as when a person declines — checked again under
-    /// the run's log, on the record as it is then, so an attempt that took the question over
-    /// meanwhile keeps it.
+    /// Declines `question` in the run's name, its Session having ended: the decline goes on
+    /// record first, written only on the record as it was read — so if an attempt wrote to
+    /// the run meanwhile (took the question over), nothing is declined or cancelled — then
+    /// the remote task is cancelled and the call's end recorded, as when a person declines.
     async fn decline_question(
         self: &Arc<Self>,
         caller: &Caller,
@@ -1309,8 +1324,9 @@ where
         let Some(mut recorder) = log.recorder(&self.store, &caller.tenant, key) else {
             return;
         };
+        recorder.count_stored_bytes(log.bytes());
         let note = ended.to_string();
-        let Some(result) = slot
+        let declined = slot
             .gateway
             .decline_standing_question(
                 call,
@@ -1319,22 +1335,37 @@ where
                 &note,
                 &mut recorder,
             )
-            .await
-        else {
-            // An attempt took it over meanwhile.
-            return;
+            .await;
+        let result = match declined {
+            Ok(Some(result)) => result,
+            // The call no longer waits on it: an attempt took it over.
+            Ok(None) => return,
+            Err(error) => {
+                // Someone wrote first (their write wins), or the store failed: nothing was
+                // sent, and what this replica folded in may be behind.
+                log.mark_stale();
+                return fail(&error.to_string());
+            }
         };
         let outcome = crate::gateway::CallOutcome::Executed(result);
         let (answer, answered) = tokio::sync::oneshot::channel();
         let reply = |head| with_head(Json(&outcome).into_response(), head);
-        self.write_and_answer(caller, &mut log, recorder, answer, Answering::early(false), reply)
-            .await;
+        self.write_and_answer(
+            caller,
+            &slot.gateway,
+            &mut log,
+            recorder,
+            answer,
+            Answering::early(false),
+            reply,
+        )
+        .await;
         match answered.await {
             Ok(Ok(_)) => {
                 tracing::info!(tenant = %caller.tenant, run = caller.run_id(), %question, %ended, "declined a remote question and cancelled its task: its Session ended")
             }
             Ok(Err(refusal)) => fail(&refusal.message),
-            Err(_) => fail("the decline was not written"),
+            Err(_) => fail("the call's end was not written"),
         }
     }
 
@@ -1370,9 +1401,11 @@ where
     /// head: before the write is durable if `answering` is early, otherwise after. An early
     /// answer whose write then fails leaves the log stale, and the runner that heard it is
     /// refused next time. Whether the entries were written.
+    #[allow(clippy::too_many_arguments)]
     async fn write_and_answer(
         &self,
         caller: &Caller,
+        gateway: &crate::gateway::ToolGateway,
         log: &mut RunLog,
         mut recorder: Recorder<'_, S>,
         answer: tokio::sync::oneshot::Sender<Reply>,
@@ -1418,7 +1451,7 @@ where
         };
         let settled = match written {
             Ok(()) => {
-                self.settle(caller, log, recorder.written())
+                self.settle(caller, gateway, log, recorder.written())
                     .instrument(tracing::debug_span!("gateway.settle"))
                     .await
             }
@@ -1454,10 +1487,11 @@ where
     async fn settle(
         &self,
         caller: &Caller,
+        gateway: &crate::gateway::ToolGateway,
         log: &mut RunLog,
         written: Option<&[crate::records::StoredEntry]>,
     ) -> Result<(), Refusal> {
-        log.after_write(&self.store, &caller.tenant, caller.run_id(), written)
+        log.after_write(&self.store, &caller.tenant, caller.run_id(), written, gateway)
             .await
             .map_err(unavailable)
     }
@@ -1595,8 +1629,16 @@ where
             log.ledger.recalled.clone()
         };
         let reply = move |head| with_head(Json(&records).into_response(), head);
-        self.write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
-            .await;
+        self.write_and_answer(
+            caller,
+            &slot.gateway,
+            &mut log,
+            recorder,
+            answer,
+            Answering::Late,
+            reply,
+        )
+        .await;
     }
 
     pub(super) async fn model(
@@ -1653,8 +1695,16 @@ where
         // is answered from the record: the model is never asked twice for one step.
         if let Some(turn) = log.ledger.turns.get(&request.step).cloned() {
             let reply = move |head| with_head(Json(&turn).into_response(), head);
-            self.write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
-                .await;
+            self.write_and_answer(
+                caller,
+                &slot.gateway,
+                &mut log,
+                recorder,
+                answer,
+                Answering::Late,
+                reply,
+            )
+            .await;
             return;
         }
         let quotas = match self.run_quotas(caller, slot).await {
@@ -1682,7 +1732,15 @@ where
                 recorder.stage(ended_by_quota(&refusal.message));
                 let reply = move |head| with_head(refusal.into_response(), head);
                 let written = self
-                    .write_and_answer(caller, &mut log, recorder, answer, Answering::Late, reply)
+                    .write_and_answer(
+                        caller,
+                        &slot.gateway,
+                        &mut log,
+                        recorder,
+                        answer,
+                        Answering::Late,
+                        reply,
+                    )
                     .await;
                 if written == Written::Yes {
                     self.count_unanswered(caller, slot, &held);
@@ -1734,6 +1792,7 @@ where
         let written = self
             .write_and_answer(
                 caller,
+                &slot.gateway,
                 &mut log,
                 recorder,
                 answer,

@@ -57,7 +57,8 @@ impl RunPages {
 
     /// Takes the answer to the last [`RunPages::next_request`]. An answer the store cannot
     /// have given — a run out of the listing's order, repeated, outside the window or the
-    /// filter asked for, more runs than asked — is an error, never part of the listing.
+    /// filter asked for, under an id no run can have, more runs than asked — is an error,
+    /// never part of the listing.
     pub fn take(&mut self, page: Vec<RunSummary>) -> Result<(), String> {
         if page.len() > self.asked {
             return Err(format!(
@@ -70,7 +71,8 @@ impl RunPages {
         let since = self.filter.since_ms.unwrap_or(i64::MIN);
         let until = self.filter.until_ms.unwrap_or(i64::MAX);
         for run in page {
-            let expected = run.started_at_ms >= since
+            let expected = super::validate_id("run", &run.run_id).is_ok()
+                && run.started_at_ms >= since
                 && run.started_at_ms < until
                 && self.after().is_none_or(|after| after.precedes(&run))
                 && self.filter.matches(&run);

@@ -6,11 +6,12 @@
 //! that cancel the remote task, and the card checks that refuse before anything is sent — each
 //! also checked in the record and in what the peer saw.
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+#[path = "support/a2a_peers.rs"]
+mod a2a_peers;
+
+use std::{process::Command, time::Duration};
+
+use a2a_peers::{Peer, Sdk};
 
 use contextos_crds::{
     Policy,
@@ -33,96 +34,9 @@ use contextos_runner::{
 };
 use serde_json::{Value, json};
 
-const PYTHON_ENV: &str = "CONTEXTOS_A2A_PYTHON";
-const JS_MODULES_ENV: &str = "CONTEXTOS_A2A_JS_MODULES";
-
-/// Which SDK serves the peer agents.
-#[derive(Clone, Copy, Debug)]
-enum Sdk {
-    Python,
-    JavaScript,
-}
-
 const BOTH: [Sdk; 2] = [Sdk::Python, Sdk::JavaScript];
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const RUN: &str = "run-a2a";
-
-/// The peer process, stopped when the test ends.
-struct Peer {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Peer {
-    /// Starts the peer of `sdk`, or `None` (the test says it is skipped) without the SDK.
-    fn start(sdk: Sdk) -> Option<Self> {
-        let support = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
-        let (env, installer) = match sdk {
-            Sdk::Python => (PYTHON_ENV, "a2a_peer.sh"),
-            Sdk::JavaScript => (JS_MODULES_ENV, "a2a_peer_js.sh"),
-        };
-        let Some(installed) = std::env::var_os(env) else {
-            eprintln!(
-                "skipped: {env} is not set (`make unit` sets it: bash runner/tests/support/{installer})"
-            );
-            return None;
-        };
-        let mut command = match sdk {
-            Sdk::Python => {
-                let mut python = Command::new(installed);
-                python.arg(support.join("a2a_peer.py"));
-                python
-            }
-            Sdk::JavaScript => {
-                let mut node = Command::new("node");
-                node.arg(support.join("a2a_peer.mjs")).arg(installed);
-                node
-            }
-        };
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the A2A peer starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("the peer prints its port");
-        let port: u16 = line.trim().parse().expect("a port");
-        Some(Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        })
-    }
-
-    /// The JSON-RPC requests the peer received, in order.
-    async fn seen(&self) -> Vec<Value> {
-        contextos_runner::http::client()
-            .get(format!("{}/seen", self.base))
-            .send()
-            .await
-            .expect("seen")
-            .json()
-            .await
-            .expect("json")
-    }
-
-    async fn methods(&self, path: &str) -> Vec<String> {
-        self.seen()
-            .await
-            .iter()
-            .filter(|r| r["path"] == path)
-            .map(|r| r["method"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-}
 
 /// The remote agents as tools: `(name, path, skill, timeout, extra adapter fields)`.
 fn tools(base: &str) -> Vec<CatalogTool> {

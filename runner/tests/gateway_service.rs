@@ -11,8 +11,14 @@
 #[allow(dead_code)]
 mod quickstart;
 
+/// The A2A peer agents (only the Python SDK's here; both in `a2a.rs`).
+#[path = "support/a2a_peers.rs"]
+#[allow(dead_code)]
+mod a2a_peers;
+
 use std::{path::PathBuf, sync::Arc};
 
+use a2a_peers::{Peer, Sdk};
 use contextos_crds::session::{Approval, ApprovalDecision};
 use contextos_runner::{
     gateway::{
@@ -2849,67 +2855,9 @@ async fn a_command_started_tool_runs_only_in_its_sessions_capability_pod() {
     );
 }
 
-/// The A2A peer served by the Python SDK (`runner/tests/support/a2a_peer.py`), stopped when
-/// dropped; `None` (the test is skipped) without the SDK.
-struct A2aPeer {
-    child: std::process::Child,
-    base: String,
-}
-
-impl Drop for A2aPeer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl A2aPeer {
-    fn start() -> Option<Self> {
-        use std::io::BufRead as _;
-        let Some(python) = std::env::var_os("CONTEXTOS_A2A_PYTHON") else {
-            eprintln!(
-                "skipped: CONTEXTOS_A2A_PYTHON is not set (`make unit` sets it: bash runner/tests/support/a2a_peer.sh)"
-            );
-            return None;
-        };
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/a2a_peer.py");
-        let mut child = std::process::Command::new(python)
-            .arg(script)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("the A2A peer starts");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("the peer prints its port");
-        let port: u16 = line.trim().parse().expect("a port");
-        Some(Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        })
-    }
-
-    /// The JSON-RPC methods the peer received at `path`, in order.
-    async fn methods(&self, path: &str) -> Vec<String> {
-        let seen: Vec<serde_json::Value> = contextos_runner::http::client()
-            .get(format!("{}/seen", self.base))
-            .send()
-            .await
-            .expect("seen")
-            .json()
-            .await
-            .expect("json");
-        seen.iter()
-            .filter(|r| r["path"] == path)
-            .map(|r| r["method"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-}
-
 /// The quickstart's bundle with `search_runbooks` served by the peer's `/plain` agent with
 /// `skill`, given a minute.
-fn with_a2a_search(bundle: &RunBundle, peer: &A2aPeer, skill: &str) -> RunBundle {
+fn with_a2a_search(bundle: &RunBundle, peer: &Peer, skill: &str) -> RunBundle {
     let mut bundle = bundle.clone();
     for tool in &mut bundle.agent_spec.tools {
         if tool.name == "search_runbooks" {
@@ -2963,7 +2911,9 @@ async fn recorded_result(
 /// recorded so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_task_the_service_follows_is_cancelled_once_its_session_is() {
-    let Some(peer) = A2aPeer::start() else { return };
+    let Some(peer) = Peer::start(Sdk::Python) else {
+        return;
+    };
     let rig = rig_with_options(RigOptions {
         session_polls: Some(std::time::Duration::from_millis(100)),
         ..RigOptions::default()
@@ -3006,7 +2956,9 @@ async fn a_remote_task_the_service_follows_is_cancelled_once_its_session_is() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_question_answered_on_the_session_continues_its_task() {
     use contextos_crds::session::{Resolution, ResolvedOutcome};
-    let Some(peer) = A2aPeer::start() else { return };
+    let Some(peer) = Peer::start(Sdk::Python) else {
+        return;
+    };
     let rig = rig_with_options(RigOptions {
         question_polls: Some(std::time::Duration::from_millis(100)),
         ..RigOptions::default()
@@ -3072,7 +3024,9 @@ async fn a_remote_question_answered_on_the_session_continues_its_task() {
 /// decline it, and the remote task would wait for good. Until then it stands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_question_is_declined_once_its_session_is_cancelled() {
-    let Some(peer) = A2aPeer::start() else { return };
+    let Some(peer) = Peer::start(Sdk::Python) else {
+        return;
+    };
     let rig = rig_with_options(RigOptions {
         question_polls: Some(std::time::Duration::from_millis(100)),
         ..RigOptions::default()

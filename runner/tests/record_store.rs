@@ -200,7 +200,13 @@ fn raw_batch(t: &TenantId, run: &str, prev: &SignedHead, marker: &str) -> Append
         },
         vaulted: None,
     };
-    let sealed = StoredEntry::seal(&entry);
+    sealed_batch(t, &entry, 0)
+}
+
+/// A batch of `entry` alone, extending the entry it names, for a run started at `started_at_ms`.
+fn sealed_batch(t: &TenantId, entry: &RecordEntry, started_at_ms: i64) -> AppendBatch {
+    let run = entry.run_id.as_str();
+    let sealed = StoredEntry::seal(entry);
     let k = key();
     let message = SignedHead::message(t, run, sealed.seq, &sealed.hash);
     let head = SignedHead {
@@ -213,7 +219,7 @@ fn raw_batch(t: &TenantId, run: &str, prev: &SignedHead, marker: &str) -> Append
         run_id: run.into(),
         session_id: "s".into(),
         agent: "a".into(),
-        started_at_ms: 0,
+        started_at_ms,
         outcome: "failed".into(),
         entries: sealed.seq + 1,
         head: sealed.hash,
@@ -221,7 +227,7 @@ fn raw_batch(t: &TenantId, run: &str, prev: &SignedHead, marker: &str) -> Append
     };
     AppendBatch {
         run_id: run.into(),
-        expected_head: Some(prev.hash),
+        expected_head: entry.prev,
         entries: vec![sealed],
         head,
         summary,
@@ -875,33 +881,7 @@ fn first_batch(t: &TenantId, run: &str, started_at_ms: i64) -> AppendBatch {
         },
         vaulted: None,
     };
-    let sealed = StoredEntry::seal(&entry);
-    let k = key();
-    let message = SignedHead::message(t, run, sealed.seq, &sealed.hash);
-    let head = SignedHead {
-        seq: sealed.seq,
-        hash: sealed.hash,
-        key_id: k.key_id(),
-        signature: k.sign_hex(&message),
-    };
-    let summary = contextos_runner::records::RunSummary {
-        run_id: run.into(),
-        session_id: format!("s-{run}"),
-        agent: "a".into(),
-        started_at_ms,
-        outcome: "failed".into(),
-        entries: 1,
-        head: sealed.hash,
-        bytes: 0,
-    };
-    AppendBatch {
-        run_id: run.into(),
-        expected_head: None,
-        entries: vec![sealed],
-        head,
-        summary,
-        checkpoint: None,
-    }
+    sealed_batch(t, &entry, started_at_ms)
 }
 
 /// The whole suite on one store.

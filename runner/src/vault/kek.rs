@@ -334,23 +334,6 @@ fn remove_leftovers(dir: &Path, tenant: &TenantId) {
 mod tests {
     use super::*;
 
-    /// Key material never goes where a link left in the key directory points: the ring's
-    /// temporary file is always a new one, under a name of its own.
-    #[cfg(unix)]
-    #[test]
-    fn a_ring_is_never_written_through_a_link() {
-        let dir = tempfile::tempdir().expect("a scratch directory");
-        let victim = dir.path().join("victim");
-        std::fs::write(&victim, "keep me").expect("write");
-        let link = dir.path().join(".shop.json.new");
-        std::os::unix::fs::symlink(&victim, &link).expect("link");
-        assert!(
-            whole_file::new_file(&link, whole_file::Access::OwnerOnly).is_err(),
-            "a link is not opened"
-        );
-        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep me");
-    }
-
     /// A copy a crashed write left goes with the next write (once no write could still be
     /// making it): it would otherwise keep keys a rotation destroyed.
     #[tokio::test]
